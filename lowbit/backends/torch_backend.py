@@ -1,0 +1,101 @@
+"""The reference backend: lower a Graph to a torch.fx GraphModule that runs on CPU or CUDA.
+
+Each node becomes one ``call_function`` of its op's callable (``lowbit.ir.ops.resolve``), parameters
+become buffers, and device literals baked in at capture (``arange(..., device=cpu)``) are retargeted to the
+device asked for. This is the numerics every other backend must reproduce.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from lowbit.ir.graph import Graph, Value
+from lowbit.ir.ops import resolve
+
+
+class LoweringError(RuntimeError):
+    """A node could not be lowered; the message names the node, op and module."""
+
+
+def _attr_name(name: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    if not base or base[0].isdigit():
+        base = "p_" + base
+    attr, i = base, 1
+    while attr in taken:
+        attr, i = f"{base}_{i}", i + 1
+    taken.add(attr)
+    return attr
+
+
+def lower_to_fx(graph: Graph, device: str | torch.device | None = None) -> torch.fx.GraphModule:
+    """Build a GraphModule computing ``graph``; parameters are moved to ``device`` if given."""
+    dev = torch.device(device) if device is not None else None
+    root = torch.nn.Module()
+    fxg = torch.fx.Graph()
+    env: dict[int, torch.fx.Node] = {}
+    taken: set[str] = set()
+    for v in graph.inputs:
+        env[id(v)] = fxg.placeholder(v.name)
+    for name, v in graph.params.items():
+        if v.data is None:
+            raise LoweringError(f"parameter @{name} has no tensor (IR parsed without weights?)")
+        attr = _attr_name(name, taken)
+        root.register_buffer(attr, v.data.to(dev) if dev is not None else v.data)
+        env[id(v)] = fxg.get_attr(attr)
+
+    def operand(x: Any) -> Any:
+        if isinstance(x, Value):
+            return env[id(x)]
+        if isinstance(x, torch.device) and dev is not None:
+            return dev
+        return x
+
+    for node in graph.nodes:
+        try:
+            fn = resolve(node.op)
+        except KeyError as exc:
+            raise LoweringError(f"node %{node.name} ({node.op}) in module {node.module!r}: {exc}") from exc
+        args, kwargs = pytree.tree_map(operand, (node.args, node.kwargs))
+        out = fxg.create_node("call_function", fn, tuple(args), kwargs, name=node.outputs[0].name)
+        if len(node.outputs) == 1:
+            env[id(node.outputs[0])] = out
+        else:
+            for i, v in enumerate(node.outputs):
+                env[id(v)] = fxg.create_node("call_function", operator.getitem, (out, i), name=v.name)
+    outs = [env[id(v)] for v in graph.outputs]
+    fxg.output(outs[0] if len(outs) == 1 else tuple(outs))
+    gm = torch.fx.GraphModule(root, fxg, class_name="LowbitModule")
+    gm.eval()
+    return gm
+
+
+class TorchCompiled(torch.nn.Module):
+    """A lowered graph as a callable module; ``graph`` is kept so the debugging tools can inspect it."""
+
+    def __init__(self, graph: Graph, device: str | torch.device | None = None) -> None:
+        super().__init__()
+        self.graph = graph
+        self.device = torch.device(device) if device is not None else None
+        self.gm = lower_to_fx(graph, device)
+
+    @torch.no_grad()
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            names = [v.name for v in self.graph.inputs]
+            extra = set(kwargs) - set(names)
+            if extra:
+                raise TypeError(f"unexpected inputs {sorted(extra)}; the graph takes {names}")
+            args = tuple(args) + tuple(kwargs[n] for n in names[len(args):])
+        if len(args) != len(self.graph.inputs):
+            raise TypeError(f"the graph takes {len(self.graph.inputs)} inputs "
+                            f"({', '.join(v.name for v in self.graph.inputs)}), got {len(args)}")
+        if self.device is not None:
+            args = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)
+        return self.gm(*args)

@@ -1,0 +1,296 @@
+"""Capture: ``torch.export`` a model and turn the exported ATen graph into lowbit's IR.
+
+torch.export is the capture path (``torch.fx.symbolic_trace`` fails on HF models); an FX GraphModule or an
+``ExportedProgram`` a user already has is accepted too. Export runs under ``torch.no_grad`` so grad-mode
+wrappers (HF's rotary embedding) do not appear as higher-order ops. When export fails, the error names
+the innermost module that was running and says what the user can do.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import sympy
+import torch
+import torch.fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
+
+from lowbit.ir.graph import Graph, Node, SymType, Symbol, TensorType, Value, ValueType
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured; the message says where and what to try."""
+
+
+_HINTS = [
+    (r"DynamicCache|past_key_values|Cache", "the model returns a KV cache object: call it with use_cache=False "
+     "and return plain tensors (wrap an HF causal LM with lowbit.models.CausalLMLogits)"),
+    (r"data.dependent|GuardOnDataDependentSymNode|Could not guard on data-dependent",
+     "a Python branch depends on tensor values: make it static, or use torch.cond"),
+    (r"Constraints violated|specialized|not in range",
+     "a dimension you marked dynamic is fixed by the model's code: mark it static or widen its range"),
+    (r"Unsupported|unsupported", "an operation torch.export does not support: see the message above"),
+]
+
+
+def _advice(message: str) -> str:
+    for pattern, advice in _HINTS:
+        if re.search(pattern, message):
+            return advice
+    return "see torch.export's message above; capture a smaller submodule to narrow it down"
+
+
+def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+            dynamic_shapes: Any, strict: bool) -> ExportedProgram:
+    """Run torch.export while tracking which module is executing, to name it if export fails."""
+    stack: list[str] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    hooks = []
+
+    def pre(mod: torch.nn.Module, *_: Any) -> None:
+        stack.append(names.get(id(mod), type(mod).__name__))
+
+    def post(mod: torch.nn.Module, *_: Any) -> None:
+        if stack:
+            stack.pop()
+
+    for m in model.modules():
+        hooks.append(m.register_forward_pre_hook(pre))
+        hooks.append(m.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        where = stack[-1] if stack else "(top level)"
+        mod = dict(model.named_modules()).get(where)
+        cls = type(mod).__name__ if mod is not None else type(model).__name__
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: it failed inside module "
+            f"'{where or '(root)'}' ({cls}): {type(exc).__name__}: {first}\n"
+            f"What you can do: {_advice(str(exc))}."
+        ) from exc
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+class _Converter:
+    """ExportedProgram -> Graph, one FX node at a time."""
+
+    def __init__(self, ep: ExportedProgram, prefix: str, example: list[torch.Tensor | Any]) -> None:
+        self.ep = ep
+        self.prefix = prefix
+        self.example = example
+        self.graph = Graph("main")
+        self.env: dict[torch.fx.Node, Any] = {}
+        self.sym_names: dict[sympy.Symbol, sympy.Symbol] = {}
+
+    def strip(self, name: str) -> str:
+        return name[len(self.prefix):] if self.prefix and name.startswith(self.prefix) else name
+
+    # ---- symbols and types ----------------------------------------------------------------------
+    def _collect_symbols(self) -> None:
+        user_phs = [n for n, spec in zip(self._placeholders(), self.ep.graph_signature.input_specs)
+                    if spec.kind == InputKind.USER_INPUT]
+        order: list[sympy.Symbol] = []
+        hints: dict[sympy.Symbol, int] = {}
+        for ph, ex in zip(user_phs, self.example):
+            val = ph.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                continue
+            for i, d in enumerate(val.shape):
+                if isinstance(d, torch.SymInt):
+                    expr = d.node.expr
+                    for s in sorted(expr.free_symbols, key=str):
+                        if s not in order:
+                            order.append(s)
+                    if isinstance(expr, sympy.Symbol) and isinstance(ex, torch.Tensor):
+                        hints[expr] = int(ex.shape[i])
+        for s in self.ep.range_constraints:
+            for fs in sorted(getattr(s, "free_symbols", {s}), key=str):
+                if fs not in order:
+                    order.append(fs)
+        for i, s in enumerate(order):
+            new = sympy.Symbol(f"s{i}", integer=True, positive=True)
+            self.sym_names[s] = new
+            rng = self.ep.range_constraints.get(s)
+            lo = int(rng.lower) if rng is not None and rng.lower.is_finite else None
+            hi = int(rng.upper) if rng is not None and rng.upper.is_finite else None
+            self.graph.symbols[str(new)] = Symbol(str(new), lo, hi, hints.get(s))
+
+    def dim(self, d: Any) -> int | str:
+        if isinstance(d, torch.SymInt):
+            expr = d.node.expr
+            if expr.is_number:
+                return int(expr)
+            return str(expr.xreplace(self.sym_names)).replace(" ", "")
+        return int(d)
+
+    def vtype(self, val: Any) -> ValueType:
+        if isinstance(val, torch.Tensor):
+            return TensorType(val.dtype, tuple(self.dim(d) for d in val.shape))
+        if isinstance(val, torch.SymInt):
+            return SymType(str(self.dim(val)))
+        if isinstance(val, (int, float, bool)):
+            return SymType(str(val))
+        return None
+
+    def _placeholders(self) -> list[torch.fx.Node]:
+        return [n for n in self.ep.graph.nodes if n.op == "placeholder"]
+
+    # ---- conversion -----------------------------------------------------------------------------
+    def module_path(self, fx_node: torch.fx.Node) -> str:
+        stack = fx_node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return ""
+        path = list(stack.values())[-1][0]
+        if path.startswith("_empty") or path.startswith("L['"):
+            return ""
+        return self.strip(path)
+
+    def convert(self) -> Graph:
+        g = self.graph
+        self._collect_symbols()
+        sig = self.ep.graph_signature
+        for ph, spec in zip(self._placeholders(), sig.input_specs):
+            if spec.kind == InputKind.USER_INPUT:
+                self.env[ph] = g.add_input(g.fresh_name(ph.name), self.vtype(ph.meta.get("val")))
+                continue
+            target = spec.target
+            if spec.kind == InputKind.PARAMETER or (spec.kind == InputKind.BUFFER and spec.persistent):
+                data = self.ep.state_dict[target]
+            elif target in self.ep.constants:
+                data = self.ep.constants[target]
+            else:
+                data = self.ep.state_dict[target]
+            if not isinstance(data, torch.Tensor):
+                raise CaptureError(f"input {target!r} of kind {spec.kind.name} is not a tensor ({type(data).__name__})")
+            name = self.strip(target)
+            self.env[ph] = g.params[name] if name in g.params else g.add_param(name, data)
+        for spec in sig.output_specs:
+            if spec.kind not in (OutputKind.USER_OUTPUT,):
+                raise CaptureError(f"the model mutates state during forward ({spec.kind.name} of {spec.target!r}); "
+                                   "lowbit captures pure inference graphs: disable caches and in-place buffer updates")
+        for fx_node in self.ep.graph.nodes:
+            if fx_node.op == "call_function":
+                self._call(fx_node)
+            elif fx_node.op == "output":
+                outs = pytree.tree_leaves(fx_node.args[0])
+                g.outputs = [self.env[o] for o in outs if isinstance(o, torch.fx.Node)]
+            elif fx_node.op == "get_attr":
+                raise CaptureError(f"unexpected get_attr {fx_node.target!r} at {self.module_path(fx_node)!r}: "
+                                   "a higher-order op (cond/map/while) is not supported by lowbit's capture yet")
+        return g
+
+    def _op_name(self, fx_node: torch.fx.Node) -> str:
+        target = fx_node.target
+        if isinstance(target, torch._ops.OpOverload):
+            return str(target)
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            raise CaptureError(
+                f"higher-order op {target.name()} in module {self.module_path(fx_node)!r} is not supported: "
+                "capture under torch.no_grad() and without torch.cond/map, or split the model there")
+        module = getattr(target, "__module__", None) or ""
+        module = {"_operator": "operator"}.get(module, module)
+        name = getattr(target, "__name__", str(target))
+        if module in {"operator", "math", "torch"}:
+            return f"{module}.{name}"
+        raise CaptureError(f"node {fx_node.name} calls {module}.{name}, which lowbit cannot run: "
+                           f"module {self.module_path(fx_node)!r}")
+
+    def _call(self, fx_node: torch.fx.Node) -> None:
+        g = self.graph
+        if fx_node.target is operator.getitem and isinstance(fx_node.args[0], torch.fx.Node):
+            src = self.env[fx_node.args[0]]
+            if isinstance(src, list):
+                self.env[fx_node] = src[fx_node.args[1]]
+                return
+        op = self._op_name(fx_node)
+
+        def arg(x: Any) -> Any:
+            if isinstance(x, torch.fx.Node):
+                v = self.env[x]
+                if isinstance(v, list):
+                    raise CaptureError(f"node {fx_node.name} reads a multi-output value whole")
+                return v
+            if isinstance(x, tuple):
+                return list(x)
+            return x
+
+        args, kwargs = pytree.tree_map(arg, (tuple(fx_node.args), dict(fx_node.kwargs)))
+        val = fx_node.meta.get("val")
+        node = Node(op, tuple(args), kwargs, module=self.module_path(fx_node))
+        if isinstance(val, (list, tuple)):
+            for i, item in enumerate(val):
+                node.add_output(Value(g.fresh_name(f"{fx_node.name}_{i}"), self.vtype(item)))
+                g._names.add(node.outputs[-1].name)
+            self.env[fx_node] = list(node.outputs)
+        else:
+            node.add_output(Value(g.fresh_name(fx_node.name), self.vtype(val)))
+            g._names.add(node.outputs[-1].name)
+            self.env[fx_node] = node.outputs[0]
+        g.append(node)
+
+
+def from_exported(ep: ExportedProgram, *, prefix: str = "", example_inputs: list[Any] | None = None,
+                  raise_ops: bool = True) -> Graph:
+    """Convert an ExportedProgram; ``prefix`` is stripped from module paths and parameter names."""
+    graph = _Converter(ep, prefix, example_inputs or []).convert()
+    from lowbit.passes.dce import eliminate_dead_code
+
+    if raise_ops:
+        from lowbit.ir.raising import raise_graph
+
+        graph.meta["raise_stats"] = raise_graph(graph)
+    eliminate_dead_code(graph)
+    return graph
+
+
+def capture(
+    model: torch.nn.Module | torch.fx.GraphModule | ExportedProgram,
+    example_inputs: tuple[Any, ...] | Mapping[str, Any],
+    dynamic_shapes: Any = None,
+    *,
+    strict: bool = False,
+    raise_ops: bool = True,
+) -> Graph:
+    """Capture ``model`` called on ``example_inputs`` (a tuple of positional args or a dict of kwargs).
+
+    ``dynamic_shapes`` follows torch.export (e.g. ``{"input_ids": {1: Dim("seq", min=2, max=8192)}}``).
+    Wrappers may set ``capture_prefix`` (e.g. ``"model."``) so module paths read as in the wrapped model.
+    """
+    t0 = time.perf_counter()
+    if isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    else:
+        args, kwargs = tuple(example_inputs), {}
+    if isinstance(model, ExportedProgram):
+        ep, prefix = model, ""
+    else:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"capture expects an nn.Module, an fx.GraphModule or an ExportedProgram, "
+                            f"got {type(model).__name__}")
+        training = [n for n, m in model.named_modules()
+                    if m.training and isinstance(m, (torch.nn.Dropout, torch.nn.modules.batchnorm._BatchNorm))]
+        if training:
+            raise CaptureError(f"{type(model).__name__} has modules in training mode ({', '.join(training[:3])}): "
+                               "call .eval() first, or dropout and batch-norm updates would be captured")
+        ep = _export(model, args, kwargs, dynamic_shapes, strict)
+        prefix = getattr(model, "capture_prefix", "")
+    flat_examples = list(args) + list(kwargs.values())
+    t1 = time.perf_counter()
+    graph = from_exported(ep, prefix=prefix, example_inputs=flat_examples, raise_ops=raise_ops)
+    graph.meta.update(
+        export_seconds=round(t1 - t0, 3),
+        convert_seconds=round(time.perf_counter() - t1, 3),
+        aten_nodes=sum(1 for n in ep.graph.nodes if n.op == "call_function"),
+        model_class=type(model).__name__,
+    )
+    return graph

@@ -1,0 +1,343 @@
+"""Read the text form written by ``lowbit.ir.printer`` back into a ``Graph``.
+
+The parser is strict: any line it cannot read raises ``IRParseError`` with the line number and the
+column, so golden-IR fixtures fail loudly rather than parse into something else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lowbit.ir.graph import DTYPES_BY_NAME, Graph, Node, SymType, Symbol, TensorType, Value, ValueType
+from lowbit.ir.printer import ENUM_LITERALS
+
+ENUMS_BY_NAME = {v: k for k, v in ENUM_LITERALS.items()}
+
+
+class IRParseError(ValueError):
+    def __init__(self, msg: str, line_no: int, line: str, col: int = 0) -> None:
+        super().__init__(f"line {line_no}, col {col + 1}: {msg}\n  {line}\n  {' ' * col}^")
+
+
+_TOKEN = re.compile(
+    r"""
+    (?P<ws>\s+)
+  | (?P<comment>\#.*)
+  | (?P<string>"(?:[^"\\]|\\.)*")
+  | (?P<value>%[A-Za-z0-9_]+)
+  | (?P<param>@[A-Za-z0-9_.\-/]+)
+  | (?P<number>-?(?:\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\.\d+(?:[eE][+-]?\d+)?|\d+))
+  | (?P<name>-?[A-Za-z_][A-Za-z0-9_.]*)
+  | (?P<punct>[()\[\],=:{}*+/?-])
+""",
+    re.VERBOSE,
+)
+
+
+@dataclass
+class Tok:
+    kind: str
+    text: str
+    col: int
+
+
+def tokenize(line: str, line_no: int) -> tuple[list[Tok], str | None]:
+    toks: list[Tok] = []
+    comment = None
+    pos = 0
+    while pos < len(line):
+        m = _TOKEN.match(line, pos)
+        if not m:
+            raise IRParseError(f"unexpected character {line[pos]!r}", line_no, line, pos)
+        kind = m.lastgroup or ""
+        if kind == "comment":
+            comment = m.group()[1:].strip()
+        elif kind != "ws":
+            toks.append(Tok(kind, m.group(), pos))
+        pos = m.end()
+    return toks, comment
+
+
+class _Line:
+    """A cursor over one line's tokens."""
+
+    def __init__(self, toks: list[Tok], line_no: int, line: str) -> None:
+        self.toks, self.i, self.line_no, self.line = toks, 0, line_no, line
+
+    def error(self, msg: str) -> IRParseError:
+        col = self.toks[self.i].col if self.i < len(self.toks) else len(self.line)
+        return IRParseError(msg, self.line_no, self.line, col)
+
+    def peek(self, offset: int = 0) -> Tok | None:
+        j = self.i + offset
+        return self.toks[j] if j < len(self.toks) else None
+
+    def next(self) -> Tok:
+        t = self.peek()
+        if t is None:
+            raise self.error("unexpected end of line")
+        self.i += 1
+        return t
+
+    def expect(self, text: str) -> Tok:
+        t = self.peek()
+        if t is None or t.text != text:
+            raise self.error(f"expected {text!r}, found {t.text if t else 'end of line'!r}")
+        self.i += 1
+        return t
+
+    def accept(self, text: str) -> bool:
+        t = self.peek()
+        if t is not None and t.text == text:
+            self.i += 1
+            return True
+        return False
+
+    def done(self) -> None:
+        if self.i != len(self.toks):
+            raise self.error(f"unexpected {self.toks[self.i].text!r}")
+
+
+def _dim(text: str) -> int | str:
+    return int(text) if re.fullmatch(r"-?\d+", text) else text
+
+
+class Parser:
+    def __init__(self, params: Mapping[str, torch.Tensor] | None) -> None:
+        self.weights = params or {}
+        self.graph: Graph | None = None
+        self.values: dict[str, Value] = {}
+
+    # ---- types --------------------------------------------------------------------------------
+    def parse_type(self, c: _Line) -> ValueType:
+        t = c.next()
+        if t.text == "?":
+            return None
+        if t.text == "sym":
+            if c.accept("("):
+                return SymType(self._until(c, ")"))
+            return SymType()
+        if t.text not in DTYPES_BY_NAME:
+            raise c.error(f"unknown dtype {t.text!r} (known: {', '.join(DTYPES_BY_NAME)})")
+        c.expect("[")
+        dims: list[int | str] = []
+        if not c.accept("]"):
+            while True:
+                dims.append(_dim(self._until(c, ",", "]", keep=True)))
+                if c.accept("]"):
+                    break
+                c.expect(",")
+        return TensorType(DTYPES_BY_NAME[t.text], tuple(dims))
+
+    def _until(self, c: _Line, *stops: str, keep: bool = False) -> str:
+        """Join raw tokens up to a stop token at depth 0 (dimension expressions)."""
+        parts, depth = [], 0
+        while True:
+            t = c.peek()
+            if t is None:
+                raise c.error(f"expected one of {stops}")
+            if depth == 0 and t.text in stops:
+                if not keep:
+                    c.next()
+                return "".join(parts)
+            depth += t.text == "("
+            depth -= t.text == ")"
+            parts.append(c.next().text)
+
+    # ---- literals and operands ----------------------------------------------------------------
+    def parse_operand(self, c: _Line) -> Any:
+        t = c.next()
+        if t.kind == "value":
+            name = t.text[1:]
+            if name not in self.values:
+                raise IRParseError(f"use of undefined value %{name}", c.line_no, c.line, t.col)
+            return self.values[name]
+        if t.kind == "param":
+            name = t.text[1:]
+            assert self.graph is not None
+            if name not in self.graph.params:
+                raise IRParseError(f"use of undeclared parameter @{name}", c.line_no, c.line, t.col)
+            return self.graph.params[name]
+        if t.kind == "number":
+            return float(t.text) if re.search(r"[.eE]", t.text) else int(t.text)
+        if t.kind == "string":
+            return json.loads(t.text)
+        if t.text == "[":
+            items = []
+            if not c.accept("]"):
+                while True:
+                    items.append(self.parse_operand(c))
+                    if c.accept("]"):
+                        break
+                    c.expect(",")
+            return items
+        if t.kind == "name":
+            fixed = {"True": True, "False": False, "None": None, "inf": float("inf"), "-inf": float("-inf"),
+                     "nan": float("nan")}
+            if t.text in fixed:
+                return fixed[t.text]
+            if t.text in DTYPES_BY_NAME:
+                return DTYPES_BY_NAME[t.text]
+            if t.text in ENUMS_BY_NAME:
+                return ENUMS_BY_NAME[t.text]
+            if t.text == "device":
+                c.expect("(")
+                s = c.next()
+                c.expect(")")
+                return torch.device(json.loads(s.text))
+        raise IRParseError(f"expected an operand, found {t.text!r}", c.line_no, c.line, t.col)
+
+    # ---- statements ---------------------------------------------------------------------------
+    def parse(self, text: str) -> Graph:
+        lines = text.splitlines()
+        state = "header"
+        for no, raw in enumerate(lines, 1):
+            toks, comment = tokenize(raw, no)
+            if not toks:
+                continue
+            c = _Line(toks, no, raw)
+            head = toks[0].text
+            if state == "header":
+                if head != "graph":
+                    raise c.error("expected 'graph NAME(...) {'")
+                self._header(c)
+                state = "body"
+            elif state == "body":
+                if head == "symbol":
+                    self._symbol(c)
+                elif head == "param":
+                    self._param(c)
+                elif head == "return":
+                    self._return(c)
+                    state = "end"
+                elif toks[0].kind == "value":
+                    self._node(c, comment or "")
+                else:
+                    raise c.error("expected a node, 'symbol', 'param' or 'return'")
+            elif state == "end":
+                c.expect("}")
+                c.done()
+                state = "closed"
+            else:
+                raise c.error("text after the end of the graph")
+        if state != "closed":
+            raise IRParseError("graph not closed with 'return ...' and '}'", len(lines), lines[-1] if lines else "")
+        assert self.graph is not None
+        return self.graph
+
+    def _header(self, c: _Line) -> None:
+        c.expect("graph")
+        self.graph = Graph(c.next().text)
+        c.expect("(")
+        if not c.accept(")"):
+            while True:
+                t = c.next()
+                if t.kind != "value":
+                    raise c.error("expected an input %name")
+                c.expect(":")
+                v = self.graph.add_input(t.text[1:], self.parse_type(c))
+                self.values[v.name] = v
+                if c.accept(")"):
+                    break
+                c.expect(",")
+        c.expect("{")
+        c.done()
+
+    def _symbol(self, c: _Line) -> None:
+        assert self.graph is not None
+        c.expect("symbol")
+        name = c.next().text
+        sym = Symbol(name)
+        if c.accept("in"):
+            c.expect("[")
+            lo = c.next().text
+            c.expect(",")
+            hi = c.next().text
+            c.expect("]")
+            sym.min = None if lo == "?" else int(lo)
+            sym.max = None if hi == "?" else int(hi)
+        if c.accept("hint"):
+            sym.hint = int(c.next().text)
+        c.done()
+        self.graph.symbols[name] = sym
+
+    def _param(self, c: _Line) -> None:
+        assert self.graph is not None
+        c.expect("param")
+        t = c.next()
+        if t.kind != "param":
+            raise c.error("expected @name")
+        c.expect(":")
+        typ = self.parse_type(c)
+        c.done()
+        name = t.text[1:]
+        data = self.weights.get(name)
+        v = self.graph.add_param(name, data, typ)
+        if data is not None and v.type != typ:
+            raise c.error(f"parameter @{name} is declared {typ} but the given tensor is {v.type}")
+
+    def _node(self, c: _Line, module: str) -> None:
+        assert self.graph is not None
+        outs: list[tuple[str, ValueType]] = []
+        while True:
+            t = c.next()
+            if t.kind != "value":
+                raise c.error("expected %name")
+            c.expect(":")
+            outs.append((t.text[1:], self.parse_type(c)))
+            if c.accept("="):
+                break
+            c.expect(",")
+        op = c.next()
+        if op.kind != "name":
+            raise c.error("expected an op name")
+        c.expect("(")
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        if not c.accept(")"):
+            while True:
+                t, t2 = c.peek(), c.peek(1)
+                if t is not None and t.kind == "name" and t2 is not None and t2.text == "=":
+                    c.next()
+                    c.next()
+                    kwargs[t.text] = self.parse_operand(c)
+                else:
+                    if kwargs:
+                        raise c.error("positional operand after a keyword operand")
+                    args.append(self.parse_operand(c))
+                if c.accept(")"):
+                    break
+                c.expect(",")
+        c.done()
+        node = Node(op.text, tuple(args), kwargs, module=module)
+        for name, typ in outs:
+            if name in self.values:
+                raise c.error(f"%{name} is defined twice")
+            v = node.add_output(Value(name, typ))
+            self.values[name] = v
+        self.graph.append(node)
+
+    def _return(self, c: _Line) -> None:
+        assert self.graph is not None
+        c.expect("return")
+        outs = []
+        while c.peek() is not None:
+            v = self.parse_operand(c)
+            if not isinstance(v, Value):
+                raise c.error("return takes values")
+            outs.append(v)
+            if not c.accept(","):
+                break
+        c.done()
+        self.graph.outputs = outs
+
+
+def parse_graph(text: str, params: Mapping[str, torch.Tensor] | None = None) -> Graph:
+    """Parse IR text; ``params`` supplies tensors for the declared parameters (by name)."""
+    return Parser(params).parse(text)

@@ -1,0 +1,90 @@
+"""Stable text form of the IR; ``lowbit.ir.parser`` reads it back (golden-IR tests compare this text).
+
+    graph main(%ids: i64[1,s0]) {
+      symbol s0 in [2, 8192] hint 16
+      param @model.norm.weight: f32[576]
+      %embedding: f32[1,s0,576] = embedding(@lm_head.weight, %ids)  # model.embed_tokens
+      %rms_norm: f32[1,s0,576] = rms_norm(%embedding, @w, eps=1e-05, compute_dtype=f32)  # model.norm
+      return %rms_norm
+    }
+
+Literals: ints, floats (``inf``, ``-inf``, ``nan``), ``True``/``False``/``None``, JSON strings, dtypes by
+short name (``f32``), ``device("cpu")``, memory formats and layouts by name, lists in brackets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import torch
+
+from lowbit.ir.graph import DTYPE_NAMES, Graph, Node, Value
+
+ENUM_LITERALS: dict[Any, str] = {
+    torch.strided: "strided",
+    torch.sparse_coo: "sparse_coo",
+    torch.contiguous_format: "contiguous_format",
+    torch.preserve_format: "preserve_format",
+    torch.channels_last: "channels_last",
+}
+
+
+def format_literal(x: Any) -> str:
+    if isinstance(x, Value):
+        return repr(x)
+    if x is None or isinstance(x, bool):
+        return repr(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return repr(x)
+    if isinstance(x, str):
+        return json.dumps(x)
+    if isinstance(x, torch.dtype):
+        return DTYPE_NAMES[x]
+    if isinstance(x, torch.device):
+        return f'device("{x}")'
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(format_literal(e) for e in x) + "]"
+    for k, name in ENUM_LITERALS.items():
+        if x is k:
+            return name
+    raise TypeError(f"cannot print literal {x!r} of type {type(x).__name__}")
+
+
+def format_node(node: Node) -> str:
+    lhs = ", ".join(f"%{v.name}: {v.type if v.type is not None else '?'}" for v in node.outputs)
+    operands = [format_literal(a) for a in node.args]
+    operands += [f"{k}={format_literal(v)}" for k, v in node.kwargs.items()]
+    text = f"{lhs} = {node.op}({', '.join(operands)})"
+    if node.module:
+        text += f"  # {node.module}"
+    return text
+
+
+def print_graph(graph: Graph, *, filter: str | None = None, params: bool = True) -> str:
+    """Render ``graph`` as text; ``filter`` keeps only nodes whose module path matches the regex."""
+    rx = re.compile(filter) if filter else None
+    ins = ", ".join(f"%{v.name}: {v.type}" for v in graph.inputs)
+    lines = [f"graph {graph.name}({ins}) {{"]
+    for s in graph.symbols.values():
+        rng = f" in [{s.min if s.min is not None else '?'}, {s.max if s.max is not None else '?'}]"
+        hint = f" hint {s.hint}" if s.hint is not None else ""
+        lines.append(f"  symbol {s.name}{rng}{hint}")
+    if params:
+        for name, v in graph.params.items():
+            lines.append(f"  param @{name}: {v.type}")
+    for n in graph.nodes:
+        if rx is not None and not rx.search(n.module):
+            continue
+        lines.append("  " + format_node(n))
+    lines.append("  return " + ", ".join(repr(v) for v in graph.outputs))
+    lines.append("}")
+    return "\n".join(lines) + "\n"

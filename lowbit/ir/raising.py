@@ -1,0 +1,230 @@
+"""Raising: rewrite exported ATen calls into lowbit's semantic ops, as tables of (pattern, rewrite) rows.
+
+Two phases, because a single-op rename must not eat a node that a multi-node pattern still needs:
+``COMPOSITE_RULES`` (rms_norm, rotary) first, then ``SINGLE_OP_RULES``. Every semantic op's reference
+implementation (``lowbit.ir.ops``) makes the same ATen calls in the same order as the nodes it replaces,
+so raising is bit-exact; ``tests/test_capture.py`` checks that on SmolLM2 and MiniLM.
+
+``canonicalize`` first drops what carries no computation: runtime asserts, inference-mode dropout,
+aliases and casts to the dtype a tensor already has.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lowbit.ir.graph import Graph, Node, TensorType, Value
+from lowbit.ir.pattern import Alt, Bindings, Opt, P, Rule, X, apply_rules
+
+ASSERT_OPS = {
+    "aten._assert_tensor_metadata.default",
+    "aten._assert_scalar.default",
+    "aten.sym_constrain_range_for_size.default",
+    "aten.sym_constrain_range.default",
+    "aten._assert_async.msg",
+}
+
+
+def _identity_input(node: Node) -> Value | None:
+    """The input a node merely forwards, if it computes nothing (else None)."""
+    op = node.op
+    if op in {"aten.alias.default", "aten.detach.default", "aten.clone.default", "aten.lift_fresh_copy.default"}:
+        src = node.args[0]
+    elif op == "aten.dropout.default":
+        train = node.arg(2, "train", False)
+        src = node.args[0] if train is False else None
+    elif op in {"aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.to.device"}:
+        src = node.args[0]
+    else:
+        return None
+    if not isinstance(src, Value) or len(node.outputs) != 1:
+        return None
+    out = node.outputs[0]
+    if src.type != out.type or not isinstance(out.type, TensorType):
+        return None
+    return src
+
+
+def canonicalize(graph: Graph) -> dict[str, int]:
+    """Drop asserts and identity ops in one forward sweep with a substitution map."""
+    subst: dict[int, Value] = {}
+    keep: list[Node] = []
+    dropped: dict[str, int] = {}
+    for node in graph.nodes:
+        if subst:
+            node.map_values(lambda v: subst.get(id(v), v))
+        if node.op in ASSERT_OPS and all(not o.type for o in node.outputs):
+            dropped[node.op] = dropped.get(node.op, 0) + 1
+            continue
+        src = _identity_input(node)
+        if src is not None:
+            subst[id(node.outputs[0])] = src
+            dropped[node.op] = dropped.get(node.op, 0) + 1
+            continue
+        keep.append(node)
+    graph.nodes = keep
+    graph.outputs = [subst.get(id(v), v) for v in graph.outputs]
+    return dropped
+
+
+# ---- helpers for rule tables ---------------------------------------------------------------------
+
+def _is_param(x: Any) -> bool:
+    return isinstance(x, Value) and x.is_param
+
+
+def _is_float(x: Any) -> bool:
+    return isinstance(x, float) and not isinstance(x, bool)
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, Value) and isinstance(x.type, TensorType)
+
+
+def _cast(inner: Any, dtype_name: str) -> P:
+    return P("aten.to.dtype", inner, X(dtype_name))
+
+
+def _node(op: str, *args: Any, **kwargs: Any) -> Node:
+    return Node(op, args, kwargs)
+
+
+# ---- composite patterns --------------------------------------------------------------------------
+
+_RMS_X = Opt(lambda i: _cast(i, "compute_dtype"), X("x", _is_tensor))
+_RMS_NORMED = P(
+    "aten.mul.Tensor",
+    _RMS_X,
+    P("aten.rsqrt.default", P("aten.add.Tensor", P("aten.mean.dim", P("aten.pow.Tensor_Scalar", _RMS_X, 2), [-1], True),
+                               X("eps", _is_float))),
+)
+_RMS_OUT = Opt(lambda i: _cast(i, "out_dtype"), _RMS_NORMED)
+RMS_NORM = Alt(P("aten.mul.Tensor", X("w", _is_param), _RMS_OUT), P("aten.mul.Tensor", _RMS_OUT, X("w", _is_param)))
+
+
+def _rewrite_rms_norm(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    x: Value = b["x"]
+    out_t = node.output.type
+    if not isinstance(out_t, TensorType) or x.tensor_type.dtype != out_t.dtype:
+        return None
+    w: Value = b["w"]
+    if w.tensor_type.rank != 1:
+        return None
+    return _node("rms_norm", x, w, eps=b["eps"], compute_dtype=b.get("compute_dtype"))
+
+
+_ROT_X = X("x", _is_tensor)
+ROTARY = P(
+    "aten.add.Tensor",
+    P("aten.mul.Tensor", _ROT_X, X("cos", _is_tensor)),
+    P(
+        "aten.mul.Tensor",
+        P("aten.cat.default",
+          [P("aten.neg.default", P("aten.slice.Tensor", _ROT_X, X("dim"), X("half"), X("end"))),
+           P("aten.slice.Tensor", _ROT_X, X("dim"), 0, X("half"))],
+          -1),
+        X("sin", _is_tensor),
+    ),
+)
+
+
+def _rewrite_rotary(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    t = b["x"].tensor_type
+    head_dim = t.shape[-1]
+    if not isinstance(head_dim, int) or b["dim"] not in (-1, t.rank - 1):
+        return None
+    if b["half"] != head_dim // 2 or head_dim % 2 or b["end"] < head_dim:
+        return None
+    return _node("rotary", b["x"], b["cos"], b["sin"])
+
+
+COMPOSITE_RULES = [
+    Rule("rms_norm", RMS_NORM, _rewrite_rms_norm),
+    Rule("rotary", ROTARY, _rewrite_rotary),
+]
+
+
+# ---- single-op renames ---------------------------------------------------------------------------
+
+def _rename(op: str, n_args: int | None = None, **fixed: Any):
+    """A rewrite that keeps the first ``n_args`` operands and renames the op."""
+
+    def rewrite(graph: Graph, node: Node, b: Bindings) -> Node | None:
+        args = node.args if n_args is None else node.args[:n_args]
+        return Node(op, args, dict(fixed))
+
+    return rewrite
+
+
+def _rewrite_linear(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    bias = node.arg(2, "bias")
+    return _node("linear", node.args[0], node.args[1], *([bias] if bias is not None else []))
+
+
+def _rewrite_layer_norm(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    return _node("layer_norm", node.args[0], node.arg(2, "weight"), node.arg(3, "bias"),
+                 normalized_shape=list(node.args[1]), eps=node.arg(4, "eps", 1e-5))
+
+
+def _rewrite_sdpa(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    if node.arg(4, "dropout_p", 0.0) != 0.0:
+        return None
+    return _node("attention", node.args[0], node.args[1], node.args[2], node.arg(3, "attn_mask"),
+                 scale=node.kwargs.get("scale"), is_causal=node.arg(5, "is_causal", False),
+                 enable_gqa=node.kwargs.get("enable_gqa", False))
+
+
+def _rewrite_softmax(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    if node.op == "aten._softmax.default" and node.args[2]:
+        return None
+    if node.op == "aten.softmax.int" and node.arg(2, "dtype") is not None:
+        return None
+    return _node("softmax", node.args[0], dim=node.args[1])
+
+
+def _rewrite_add(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    a, c = b["a"], b["b"]
+    if a.type != c.type or node.kwargs:  # broadcasting or alpha: stays an ATen add
+        return None
+    for stream, update in ((a, c), (c, a)):
+        if update.producer is not None and update.producer.op == "linear":
+            return _node("residual_add", stream, update)
+    return _node("add", a, c)
+
+
+def _rewrite_gelu(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    return _node("gelu", node.args[0], approximate=node.kwargs.get("approximate", "none"))
+
+
+SINGLE_OP_RULES = [
+    Rule("linear", P("aten.linear.default", X("x", _is_tensor), X("w", _is_tensor), exact_arity=False),
+         _rewrite_linear),
+    Rule("matmul", P(("aten.matmul.default", "aten.bmm.default", "aten.mm.default"), X("a"), X("b")),
+         _rename("matmul", 2)),
+    Rule("embedding", P("aten.embedding.default", X("w", _is_tensor), X("ids", _is_tensor), exact_arity=False),
+         _rename("embedding", 2)),
+    Rule("layer_norm", P("aten.layer_norm.default", X("x", _is_tensor), exact_arity=False), _rewrite_layer_norm),
+    Rule("attention", P("aten.scaled_dot_product_attention.default", X("q"), exact_arity=False), _rewrite_sdpa),
+    Rule("softmax", P(("aten._softmax.default", "aten.softmax.int"), X("x"), exact_arity=False), _rewrite_softmax),
+    Rule("silu", P("aten.silu.default", X("x")), _rename("silu")),
+    Rule("gelu", P("aten.gelu.default", X("x")), _rewrite_gelu),
+    Rule("add", P("aten.add.Tensor", X("a", _is_tensor), X("b", _is_tensor)), _rewrite_add),
+    Rule("mul", P("aten.mul.Tensor", X("a", _is_tensor), X("b", _is_tensor)),
+         lambda g, n, b: _node("mul", b["a"], b["b"]) if b["a"].type == b["b"].type else None),
+    Rule("reshape", P(("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"), X("x"), X("s")),
+         _rename("reshape", 2)),
+    Rule("transpose", P("aten.transpose.int", X("x"), X("d0"), X("d1")), _rename("transpose", 3)),
+    Rule("permute", P("aten.permute.default", X("x"), X("dims")), _rename("permute", 2)),
+]
+
+
+def raise_graph(graph: Graph) -> dict[str, int]:
+    """Canonicalize, then raise composite patterns, then single ops; returns counts per rule."""
+    stats = {f"dropped:{k}": v for k, v in canonicalize(graph).items()}
+    stats.update(apply_rules(graph, COMPOSITE_RULES))
+    from lowbit.passes.dce import eliminate_dead_code
+
+    eliminate_dead_code(graph)
+    stats.update(apply_rules(graph, SINGLE_OP_RULES))
+    return stats
+

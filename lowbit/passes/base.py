@@ -1,0 +1,140 @@
+"""The pass contract: a small object with a name and typed options that rewrites a Graph in place.
+
+Like onnx-ir's and torch.fx's passes, ``run`` returns a ``PassResult`` saying whether anything changed and
+with statistics; a pass never prints (instruments do). Options are pydantic models, so a pipeline string
+``quantize(w=int4,group=64)`` is validated and coerced with messages that name the option.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from lowbit.ir.graph import Graph
+
+
+class PassOptions(BaseModel):
+    """Base of every pass's options: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+@dataclass
+class PassResult:
+    changed: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """Subclass, set ``name`` and ``Options``, implement ``run``. The class docstring is the help text."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[PassOptions]] = PassOptions
+    exact: ClassVar[bool] = False
+    """True where the pass must not change the model's outputs (checked in tests in float64)."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = self.Options(**options)
+
+    def run(self, graph: Graph) -> PassResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, graph: Graph) -> PassResult:
+        return self.run(graph)
+
+    @classmethod
+    def doc(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    def spec(self) -> str:
+        """This pass as pipeline text, with the options that differ from their defaults."""
+        defaults = self.Options()
+        diffs = [
+            f"{k}={_fmt(v)}" for k, v in self.options.model_dump().items() if getattr(defaults, k, None) != v
+        ] if _all_defaulted(self.Options) else [f"{k}={_fmt(v)}" for k, v in self.options.model_dump().items()]
+        return f"{self.name}({','.join(diffs)})" if diffs else self.name
+
+    def __repr__(self) -> str:
+        return f"<pass {self.spec()}>"
+
+
+def _all_defaulted(options: type[PassOptions]) -> bool:
+    return all(not f.is_required() for f in options.model_fields.values())
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ";".join(_fmt(e) for e in v) + "]"
+    if hasattr(v, "value"):
+        return str(v.value)
+    return str(v)
+
+
+class PassError(ValueError):
+    """A pipeline or pass cannot run as asked; the message names the pass, option or node."""
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"pass name {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def closest(name: str, choices: list[str]) -> str:
+    near = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+
+
+def get_pass(name: str) -> type[Pass]:
+    _load_builtin_passes()
+    if name not in REGISTRY:
+        raise PassError(f"unknown pass {name!r}{closest(name, sorted(REGISTRY))} (see `lowbit passes`)")
+    return REGISTRY[name]
+
+
+def all_passes() -> dict[str, type[Pass]]:
+    _load_builtin_passes()
+    return dict(sorted(REGISTRY.items()))
+
+
+_loaded = False
+
+
+def _load_builtin_passes() -> None:
+    """Import every module in lowbit.passes once so their @register_pass decorators run."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+    import pkgutil
+
+    import lowbit.passes as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in {"base", "manager", "pipeline"}:
+            importlib.import_module(f"lowbit.passes.{info.name}")
+
+
+def function_pass(name: str, doc: str, exact: bool = False) -> Callable[[Callable[[Graph], PassResult]], type[Pass]]:
+    """Make an option-less pass from a function ``graph -> PassResult``."""
+
+    def deco(fn: Callable[[Graph], PassResult]) -> type[Pass]:
+        cls = type(fn.__name__.title().replace("_", ""), (Pass,), {
+            "name": name, "__doc__": doc, "exact": exact, "run": lambda self, g: fn(g),
+        })
+        return register_pass(cls)
+
+    return deco
