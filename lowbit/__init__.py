@@ -1,0 +1,16 @@
+"""lowbit: a compiler that makes PyTorch models small and fast with low-bit quantization and sparsity."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from lowbit.api import CompiledModel, CompileReport, compile_model  # noqa: E402
+
+__all__ = ["compile_model", "CompiledModel", "CompileReport", "__version__", "export"]
+
+
+def export(compiled, path, format: str = "onnx", **kwargs):  # type: ignore[no-untyped-def]
+    """Write a compiled model as ONNX (QDQ), ONNX with MatMulNBits, or a TensorRT engine."""
+    from lowbit.export import export as _export
+
+    return _export(compiled, path, format=format, **kwargs)

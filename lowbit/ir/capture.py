@@ -239,6 +239,14 @@ class _Converter:
         g.append(node)
 
 
+def _wrapper_prefix(model: torch.nn.Module) -> str:
+    """A wrapper holding one HF model (``CausalLMLogits.model``) is transparent in module paths."""
+    children = list(model.named_children())
+    if len(children) == 1 and type(children[0][1]).__module__.startswith("transformers."):
+        return children[0][0] + "."
+    return ""
+
+
 def from_exported(ep: ExportedProgram, *, prefix: str = "", example_inputs: list[Any] | None = None,
                   raise_ops: bool = True) -> Graph:
     """Convert an ExportedProgram; ``prefix`` is stripped from module paths and parameter names."""
@@ -283,7 +291,9 @@ def capture(
             raise CaptureError(f"{type(model).__name__} has modules in training mode ({', '.join(training[:3])}): "
                                "call .eval() first, or dropout and batch-norm updates would be captured")
         ep = _export(model, args, kwargs, dynamic_shapes, strict)
-        prefix = getattr(model, "capture_prefix", "")
+        prefix = getattr(model, "capture_prefix", None)
+        if prefix is None:
+            prefix = _wrapper_prefix(model)
     flat_examples = list(args) + list(kwargs.values())
     t1 = time.perf_counter()
     graph = from_exported(ep, prefix=prefix, example_inputs=flat_examples, raise_ops=raise_ops)

@@ -1,0 +1,61 @@
+"""The user cache directory, and writes into it that are all-or-nothing.
+
+Loading SmolLM2 from GGUF, decompressing shipped text and tokenizing a corpus each cost seconds to
+tens of seconds; lowbit keeps the results under one directory so later runs and tests skip that
+work. Every entry is written to a temporary sibling and renamed into place, so a run killed
+half-way never leaves a cache entry that later runs would trust.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["cache_dir", "atomic_dir", "atomic_file"]
+
+
+def cache_dir(*parts: str) -> Path:
+    """`$LOWBIT_CACHE` (or `~/.cache/lowbit`) joined with `parts`, created if missing."""
+    root = os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit"
+    path = Path(root).expanduser().joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; rename it to `final` only if the block succeeds.
+
+    If another process finished the same entry first, its copy is kept and ours is dropped:
+    both were built from the same inputs.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary file path beside `final`; replace `final` with it only if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)

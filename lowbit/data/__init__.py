@@ -1,0 +1,59 @@
+"""Text shipped with lowbit, so evaluation and calibration need nothing outside the package.
+
+Named texts are stored xz-compressed in this package and decompressed once into the user cache
+(`lowbit.cache.cache_dir`); any other name is taken as a path to the user's own text file.
+See README.md in this directory for where the texts come from and their licence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+import os
+from importlib.resources import files
+from pathlib import Path
+
+from lowbit.cache import atomic_file, cache_dir
+
+__all__ = ["TEXTS", "text_path", "read_text"]
+
+# name -> packaged xz file
+TEXTS: dict[str, str] = {
+    # WikiText-2 raw, test split, whole and byte-for-byte (CRLF line ends).
+    "wikitext2-test": "wikitext2_test.raw.xz",
+    # WikiText-2 (tokenized, <unk>) validation split, first ~250 KB cut at a line end: calibration.
+    "wikitext2-valid-calib": "wikitext2_valid_calib.txt.xz",
+}
+
+
+def text_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """Path of a named shipped text (decompressed on first use) or of a user's non-empty text file."""
+    name = str(name_or_path)
+    if name in TEXTS:
+        packed = files(__name__).joinpath(TEXTS[name]).read_bytes()
+        # Keyed by the packed bytes so an upgraded lowbit never reads a stale decompressed copy.
+        target = cache_dir("data", hashlib.sha256(packed).hexdigest()[:16]) / TEXTS[name].removesuffix(".xz")
+        if not target.is_file():
+            with atomic_file(target) as tmp:
+                tmp.write_bytes(lzma.decompress(packed))
+        return target
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"text {name!r}: no such file; give a path to a text file or one of {sorted(TEXTS)}"
+        )
+    if not path.is_file():
+        raise ValueError(f"text {name!r} is not a file; give a path to a text file or one of {sorted(TEXTS)}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"text file {str(path)!r} is empty")
+    return path
+
+
+def read_text(name_or_path: str | os.PathLike[str]) -> str:
+    """The whole text, as is, except that line ends become "\\n" (Python's universal newlines).
+
+    Reading in text mode is part of the evaluation protocol: the WikiText-2 token counts that
+    lowbit checks (301,948 SmolLM2 tokens for the test split) are those of the "\\n" text.
+    """
+    return text_path(name_or_path).read_text(encoding="utf-8")

@@ -1,0 +1,472 @@
+"""Quantize–dequantize semantics: the numbers every lowbit backend must reproduce.
+
+The ops registered here are the QDQ contract of ``docs/design.md``:
+
+    %q  = quantize(%x, %scale, %zero_point, qdtype="int8", axis=-1, block_size=None)
+    %xq = dequantize(%q, %scale, %zero_point, qdtype="int8", axis=-1, block_size=None, out_dtype=f32)
+    %s, %zp = dynamic_qparams(%x, qdtype="int8", granularity="per_token", symmetric=True, axis=-1, block_size=None)
+
+They follow ONNX QuantizeLinear/DequantizeLinear: ``q = saturate(round_half_even(x / scale) + zero_point)``
+and ``x' = (q - zero_point) * scale``; fp8 is ``saturate(cast(x / scale))``. Granularity comes from the scale's
+shape with ``axis``/``block_size`` (per-tensor: 0-d scale; per-axis: 1-d scale of the axis' length; block-wise:
+same rank as ``x`` with ``ceil(len / block_size)`` along ``axis``).
+
+Storage rule for 4 bits and fewer: **every** ``int4``/``uint4``/``int3``/``int2`` tensor that ``quantize``
+produces, or that ``dequantize`` reads, is packed two values per ``uint8`` byte along the last axis (low nibble
+= even index). ``int3`` and ``int2`` use the same 4-bit nibbles (their ranges fit a signed nibble); nothing is
+packed tighter, so a 3-bit or 2-bit weight costs as many bytes as a 4-bit one until a backend defines a denser
+format. Zero points are never packed: they are stored unpacked in the qdtype's container (``int8``/``uint8``).
+
+Everything here is plain torch and runs on ``meta`` tensors too (no data-dependent checks), so the verifier
+can type-check QDQ nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from lowbit.ir.ops import register_op
+
+if TYPE_CHECKING:
+    from lowbit.ir.qscheme import QScheme
+
+__all__ = [
+    "QDType",
+    "QDTYPES",
+    "SCALE_EPS",
+    "Layout",
+    "get_qdtype",
+    "pack_int4",
+    "unpack_int4",
+    "quantize",
+    "dequantize",
+    "dynamic_qparams",
+    "qparams_from_range",
+    "group_view",
+    "scale_shape",
+    "from_groups",
+    "layout_for",
+    "fake_quant",
+    "fake_quant_with",
+]
+
+SCALE_EPS = 1e-12
+"""Smallest scale ever produced: an all-zero group gets this scale (q = 0, so x' = 0 exactly), never 0 or NaN."""
+
+
+@dataclass(frozen=True)
+class QDType:
+    """A quantized number format: its range, the torch dtype that holds one value, and its storage."""
+
+    name: str
+    bits: int
+    qmin: float
+    qmax: float
+    container: torch.dtype
+    is_float: bool = False
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    @property
+    def packed(self) -> bool:
+        """Stored two per byte (uint8) along the last axis."""
+        return not self.is_float and self.bits <= 4
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.packed else self.container
+
+
+QDTYPES: dict[str, QDType] = {
+    q.name: q
+    for q in (
+        QDType("int8", 8, -128, 127, torch.int8),
+        QDType("uint8", 8, 0, 255, torch.uint8),
+        QDType("int4", 4, -8, 7, torch.int8),
+        QDType("uint4", 4, 0, 15, torch.uint8),
+        QDType("int3", 3, -4, 3, torch.int8),
+        QDType("int2", 2, -2, 1, torch.int8),
+        QDType("fp8e4m3", 8, -448.0, 448.0, torch.float8_e4m3fn, is_float=True),
+        QDType("fp8e5m2", 8, -57344.0, 57344.0, torch.float8_e5m2, is_float=True),
+    )
+}
+
+
+def get_qdtype(name: str | QDType) -> QDType:
+    """The QDType named ``name``; an unknown name is an error listing the known ones."""
+    if isinstance(name, QDType):
+        return name
+    try:
+        return QDTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown qdtype {name!r}; known: {', '.join(QDTYPES)}") from None
+
+
+# ---- packing ------------------------------------------------------------------------------------
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit values (int8 in [-8, 7] or uint8 in [0, 15]) two per byte along the last axis.
+
+    Byte ``j`` holds element ``2j`` in its low nibble and ``2j+1`` in its high nibble; signed values are
+    stored as two's-complement nibbles. Also used for int3/int2, whose ranges fit a signed nibble.
+    """
+    if q.dtype not in (torch.int8, torch.uint8):
+        raise TypeError(f"pack_int4 takes int8 or uint8 values, got {q.dtype}")
+    if q.dim() == 0 or q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dimension (two values per byte), got shape {tuple(q.shape)}")
+    u = q.to(torch.uint8) & 0xF  # int8 -> uint8 wraps modulo 256, so & 0xF is the two's-complement nibble
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Inverse of ``pack_int4``: uint8 ``[..., K/2]`` -> int8 (``signed``) or uint8 ``[..., K]``."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_int4 takes packed uint8 bytes, got {packed.dtype}")
+    lo = packed & 0xF
+    hi = packed >> 4
+    q = torch.stack([lo, hi], dim=-1).flatten(-2)
+    if not signed:
+        return q
+    q = q.to(torch.int8)
+    return torch.where(q >= 8, q - 16, q)
+
+
+# ---- granularity: axis / block_size -------------------------------------------------------------
+
+
+def _norm_axis(axis: int, rank: int, what: str) -> int:
+    if not -rank <= axis < rank:
+        raise ValueError(f"{what}: axis {axis} is out of range for a rank-{rank} tensor")
+    return axis % rank
+
+
+def _granularity(x_shape: Sequence[int], scale: torch.Tensor, axis: int | None, block_size: int | None,
+                 what: str) -> Literal["tensor", "axis", "block"]:
+    if scale.dim() == 0 or (scale.numel() == 1 and block_size is None and scale.dim() <= 1):
+        return "tensor"
+    if axis is None:
+        raise ValueError(f"{what}: a scale of shape {tuple(scale.shape)} needs an axis")
+    ax = _norm_axis(axis, len(x_shape), what)
+    if block_size is None:
+        if scale.dim() != 1 or scale.shape[0] != x_shape[ax]:
+            raise ValueError(f"{what}: per-axis scale must be 1-d of length {x_shape[ax]} (axis {axis} of "
+                             f"{tuple(x_shape)}), got {tuple(scale.shape)}")
+        return "axis"
+    if block_size < 1:
+        raise ValueError(f"{what}: block_size must be positive, got {block_size}")
+    want = list(x_shape)
+    want[ax] = -(-x_shape[ax] // block_size)
+    if list(scale.shape) != want:
+        raise ValueError(f"{what}: block-wise scale for x {tuple(x_shape)}, axis {axis}, block_size {block_size} "
+                         f"must have shape {tuple(want)}, got {tuple(scale.shape)}")
+    return "block"
+
+
+def _expand(t: torch.Tensor, x_shape: Sequence[int], kind: str, axis: int | None, block_size: int | None) -> torch.Tensor:
+    """Broadcast a scale/zero point against ``x`` (block-wise: repeat each entry over its block)."""
+    rank = len(x_shape)
+    if kind == "tensor":
+        return t.reshape(())
+    ax = axis % rank  # type: ignore[operator]
+    if kind == "axis":
+        return t.reshape([t.shape[0]] + [1] * (rank - 1 - ax))
+    assert block_size is not None
+    length = x_shape[ax]
+    return t.repeat_interleave(block_size, dim=ax).narrow(ax, 0, length)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a tensor's scales live, in QDQ terms: ``axis=None`` is per-tensor."""
+
+    axis: int | None = None
+    block_size: int | None = None
+
+
+def scale_shape(x_shape: Sequence[int], layout: Layout) -> list[int]:
+    """Shape of the scale that ``layout`` gives a tensor of ``x_shape``."""
+    if layout.axis is None:
+        return []
+    ax = _norm_axis(layout.axis, len(x_shape), "scale_shape")
+    if layout.block_size is None:
+        return [x_shape[ax]]
+    out = list(x_shape)
+    out[ax] = -(-x_shape[ax] // layout.block_size)
+    return out
+
+
+def group_view(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``x`` as ``[groups, elements]``: one row per scale (row order = the scale tensor's flat order).
+
+    Block-wise layouts need the axis to be a multiple of the block (observers see whole groups); the
+    dynamic op handles a ragged last block itself.
+    """
+    if layout.axis is None:
+        return x.reshape(1, -1)
+    ax = _norm_axis(layout.axis, x.dim(), "group_view")
+    if layout.block_size is None:
+        return x.movedim(ax, 0).reshape(x.shape[ax], -1)
+    bs = layout.block_size
+    if x.shape[ax] % bs:
+        raise ValueError(f"group_view: axis {layout.axis} of length {x.shape[ax]} is not a multiple of block {bs}")
+    # move the blocked axis last, split it into [nb, bs]: rows follow the scale's order (axis in place)
+    xm = x.movedim(ax, -1)
+    xm = xm.reshape(*xm.shape[:-1], x.shape[ax] // bs, bs)  # [..., nb, bs] with `..` = other dims in order
+    # the scale has shape x.shape with axis -> nb; its flat order is (dims before ax, nb, dims after ax)
+    nd = xm.dim()
+    perm = list(range(ax)) + [nd - 2] + list(range(ax, nd - 2)) + [nd - 1]
+    return xm.permute(perm).reshape(-1, bs)
+
+
+def from_groups(values: torch.Tensor, x_shape: Sequence[int], layout: Layout) -> torch.Tensor:
+    """Per-group values (``[groups]``, in ``group_view`` row order) shaped as the layout's scale."""
+    return values.reshape(scale_shape(x_shape, layout))
+
+
+# ---- qparams ------------------------------------------------------------------------------------
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, qdtype: str | QDType, symmetric: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point that map ``[lo, hi]`` (per group) onto the qdtype's grid.
+
+    Symmetric: ``scale = max(|lo|, |hi|) / qmax``, no zero point (the most negative code, e.g. -128, is unused,
+    as in ONNX/TensorRT symmetric int8). Asymmetric: the range is widened to include 0 (so 0 is exactly
+    representable and the zero point fits the qdtype), ``scale = (hi - lo) / (qmax - qmin)``,
+    ``zero_point = clamp(round(qmin - lo / scale))``. fp8 is symmetric only. Scales are at least ``SCALE_EPS``.
+    """
+    qd = get_qdtype(qdtype)
+    lo, hi = lo.float(), hi.float()
+    if symmetric or qd.is_float:
+        if qd.is_float and not symmetric:
+            raise ValueError(f"qdtype {qd.name} is symmetric only (ONNX fp8 zero points are 0): set symmetric=True")
+        amax = torch.maximum(lo.abs(), hi.abs())
+        return (amax / qd.qmax).clamp(min=SCALE_EPS), None
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    scale = ((hi - lo) / (qd.qmax - qd.qmin)).clamp(min=SCALE_EPS)
+    zp = torch.round(qd.qmin - lo / scale).clamp(qd.qmin, qd.qmax).to(qd.container)
+    return scale, zp
+
+
+# ---- the ops ------------------------------------------------------------------------------------
+
+
+@register_op("quantize")
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    *,
+    qdtype: str,
+    axis: int | None = -1,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point); <=4-bit results are packed."""
+    qd = get_qdtype(qdtype)
+    what = f"quantize(qdtype={qd.name})"
+    kind = _granularity(x.shape, scale, axis, block_size, what)
+    s = _expand(scale.float(), x.shape, kind, axis, block_size)
+    y = x.float() / s
+    if qd.is_float:
+        if zero_point is not None:
+            raise ValueError(f"{what}: fp8 takes no zero point (pass None)")
+        return y.clamp(qd.qmin, qd.qmax).to(qd.container)
+    q = torch.round(y)
+    if zero_point is not None:
+        if zero_point.shape != scale.shape:
+            raise ValueError(f"{what}: zero point shape {tuple(zero_point.shape)} != scale shape {tuple(scale.shape)}")
+        q = q + _expand(zero_point.float(), x.shape, kind, axis, block_size)
+    q = q.clamp(qd.qmin, qd.qmax).to(qd.container)
+    return pack_int4(q) if qd.packed else q
+
+
+@register_op("dequantize")
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    *,
+    qdtype: str,
+    axis: int | None = -1,
+    block_size: int | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """ONNX DequantizeLinear: (q - zero_point) * scale, computed in float32 then cast to ``out_dtype``."""
+    qd = get_qdtype(qdtype)
+    what = f"dequantize(qdtype={qd.name})"
+    if q.dtype != qd.storage_dtype:
+        raise TypeError(f"{what}: expects {qd.storage_dtype} data"
+                        f"{' (packed two per byte)' if qd.packed else ''}, got {q.dtype}")
+    if qd.packed:
+        q = unpack_int4(q, signed=qd.signed)
+    kind = _granularity(q.shape, scale, axis, block_size, what)
+    y = q.float()
+    if zero_point is not None:
+        if qd.is_float:
+            raise ValueError(f"{what}: fp8 takes no zero point (pass None)")
+        y = y - _expand(zero_point.float(), q.shape, kind, axis, block_size)
+    return (y * _expand(scale.float(), q.shape, kind, axis, block_size)).to(out_dtype)
+
+
+DynamicGranularity = Literal["per_tensor", "per_token", "per_channel", "per_block"]
+
+
+def dynamic_layout(x_shape: Sequence[int], granularity: str, axis: int | None, block_size: int | None) -> Layout:
+    """The quantize/dequantize ``axis``/``block_size`` matching a ``dynamic_qparams`` granularity."""
+    if granularity == "per_tensor":
+        return Layout(None, None)
+    if granularity == "per_token":  # one scale per row of the last axis (or per group of block_size channels)
+        return Layout(-1, block_size if block_size is not None else int(x_shape[-1]))
+    if granularity == "per_channel":  # one scale per index of ``axis``, over every other dim
+        return Layout(-1 if axis is None else axis, None)
+    if granularity == "per_block":  # block-wise along ``axis`` (KIVI keys: axis=seq, block=token group)
+        if axis is None or block_size is None:
+            raise ValueError("dynamic_qparams granularity 'per_block' needs axis and block_size")
+        return Layout(axis, block_size)
+    raise ValueError(f"unknown dynamic granularity {granularity!r}; known: per_tensor, per_token, per_channel, "
+                     "per_block")
+
+
+def _blocked_minmax(x: torch.Tensor, axis: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over blocks of ``block`` along ``axis`` (last block may be partial), shaped like the scale."""
+    xm = x.movedim(axis, -1)
+    length = xm.shape[-1]
+    full = length // block * block
+    los, his = [], []
+    if full:
+        blocks = xm.narrow(-1, 0, full).unflatten(-1, (full // block, block))
+        los.append(blocks.amin(-1))
+        his.append(blocks.amax(-1))
+    if full != length:
+        tail = xm.narrow(-1, full, length - full)
+        los.append(tail.amin(-1, keepdim=True))
+        his.append(tail.amax(-1, keepdim=True))
+    lo = torch.cat(los, -1) if len(los) > 1 else los[0]
+    hi = torch.cat(his, -1) if len(his) > 1 else his[0]
+    return lo.movedim(-1, axis), hi.movedim(-1, axis)
+
+
+@register_op("dynamic_qparams", num_outputs=2)
+def dynamic_qparams(
+    x: torch.Tensor,
+    *,
+    qdtype: str,
+    granularity: str = "per_token",
+    symmetric: bool = True,
+    axis: int | None = -1,
+    block_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of ``x`` from its own min/max (dynamic activation quantization); scales never 0/NaN.
+
+    Granularity, with the matching quantize ``axis``/``block_size`` (see ``dynamic_layout``): ``per_tensor``
+    (0-d scale); ``per_token`` (block-wise along the last axis, one block = the whole row or ``block_size``
+    channels); ``per_channel`` (1-d scale along ``axis``); ``per_block`` (block-wise along ``axis``). The zero
+    point is zeros for symmetric and fp8 qdtypes (same shape as the scale, in the qdtype's container).
+    """
+    qd = get_qdtype(qdtype)
+    layout = dynamic_layout(x.shape, granularity, axis, block_size)
+    xf = x.float()
+    if layout.axis is None:
+        lo, hi = xf.amin(), xf.amax()
+    elif layout.block_size is None:
+        ax = _norm_axis(layout.axis, x.dim(), "dynamic_qparams")
+        dims = [d for d in range(x.dim()) if d != ax]
+        lo, hi = (xf.amin(dims), xf.amax(dims)) if dims else (xf, xf)
+    else:
+        lo, hi = _blocked_minmax(xf, _norm_axis(layout.axis, x.dim(), "dynamic_qparams"), layout.block_size)
+    scale, zp = qparams_from_range(lo, hi, qd, symmetric)
+    if zp is None:
+        zp = torch.zeros_like(scale, dtype=qd.container)
+    return scale, zp
+
+
+# ---- fake quantization (calibration, observers, algorithms) ---------------------------------------
+
+
+Role = Literal["weight", "activation", "key", "value"]
+
+
+def layout_for(scheme: QScheme, shape: Sequence[int], role: Role = "weight") -> Layout:
+    """The QDQ layout a scheme gives a tensor in a role.
+
+    weight ``[N, K]``: per_channel = one scale per output row (``axis=0``); per_group(g) = block-wise along
+    K (``axis=1, block_size=g``). activation ``[..., K]``: per_token = one scale per row (block of K, or of
+    ``group_size`` channels); per_channel = one scale per channel (``axis=-1``). key/value ``[B, H, S, D]``:
+    per_token = one scale per (batch, head, token) over D (or D-groups of ``group_size``); per_channel =
+    one scale per (batch, head, channel) over blocks of ``group_size`` tokens (KIVI keys; ``axis=2``), or
+    one scale per channel shared by all heads and tokens when ``group_size`` is None.
+    """
+    g = scheme.granularity
+    if g == "per_tensor":
+        return Layout(None, None)
+    if role == "weight":
+        if g == "per_channel":
+            return Layout(0, None)
+        if g == "per_group":
+            return Layout(len(shape) - 1, scheme.group_size)
+        raise ValueError(f"granularity {g!r} does not apply to weights (use per_tensor, per_channel, per_group)")
+    if role == "activation":
+        if g in ("per_token", "per_group"):
+            return Layout(-1, scheme.group_size or int(shape[-1]))
+        return Layout(-1, None)
+    if g in ("per_token", "per_group"):
+        return Layout(-1, scheme.group_size or int(shape[-1]))
+    if g == "per_channel":
+        return Layout(2, scheme.group_size) if scheme.group_size else Layout(-1, None)
+    raise ValueError(f"granularity {g!r} does not apply to role {role}")
+
+
+def fake_quant_with(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str,
+                    layout: Layout) -> torch.Tensor:
+    """``dequantize(quantize(x))`` with given qparams, in ``x``'s dtype."""
+    q = quantize(x, scale, zero_point, qdtype=qdtype, axis=layout.axis, block_size=layout.block_size)
+    return dequantize(q, scale, zero_point, qdtype=qdtype, axis=layout.axis, block_size=layout.block_size,
+                      out_dtype=x.dtype)
+
+
+def fake_quant(x: torch.Tensor, scheme: QScheme, role: Role = "weight") -> torch.Tensor:
+    """Quantize then dequantize ``x`` as ``scheme`` says, with qparams from ``x`` itself via the scheme's observer.
+
+    This is what calibration and the weight algorithms use to measure quantization error; the numerics are
+    those of the ``quantize``/``dequantize`` ops.
+    """
+    from lowbit.calibration.observers import make_observer
+
+    layout = layout_for(scheme, x.shape, role)
+    obs = make_observer(scheme.observer, scheme.qdtype, scheme.symmetric, layout)
+    obs.observe(x)
+    scale, zp = obs.qparams(x.shape)
+    return fake_quant_with(x, scale, zp, scheme.qdtype, layout)
+
+
+def ceil_div_dim(d: int | str, b: int) -> int | str:
+    """``ceil(d / b)`` for a static or symbolic dimension (symbolic dims stay sympy-readable text)."""
+    if isinstance(d, int):
+        return -(-d // b)
+    return f"ceiling(({d})/{b})" if not d.isidentifier() else f"ceiling({d}/{b})"
+
+
+def mul_dim(d: int | str, k: int) -> int | str:
+    if isinstance(d, int):
+        return d * k
+    return f"{k}*{d}" if d.isidentifier() else f"{k}*({d})"
+
+
+def bytes_of(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def describe(qdtype: str) -> str:
+    qd = get_qdtype(qdtype)
+    rng = f"[{qd.qmin:g}, {qd.qmax:g}]"
+    store = "packed 2/byte" if qd.packed else str(qd.container).replace("torch.", "")
+    return f"{qd.name}: {qd.bits} bits, range {rng}, stored {store}"
+

@@ -1,0 +1,100 @@
+"""Fold norm gains into the linears that read the norm: the first step of rotation.
+
+RMSNorm(x)·g feeding ``y = W·(...)`` equals ``(W·diag(g))·RMSNorm₁(x)`` with a unit-gain norm; a LayerNorm's
+bias β moves into the linear's bias as ``b + W·β``. Once every norm has unit gain, an orthogonal rotation
+can pass through it (QuaRot/SpinQuant). A norm whose output also feeds anything but a linear's input
+(MiniLM's post-attention LayerNorm feeds the residual stream) cannot be folded: it is listed in the stats
+with the reason, never skipped silently.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from lowbit.ir.graph import Graph, Node, Value
+from lowbit.passes.base import Pass, PassOptions, PassResult, register_pass
+
+NORM_OPS = ("rms_norm", "layer_norm")
+
+
+class FoldNormsOptions(PassOptions):
+    modules: str = ""
+    """Regex on the norm's module path; empty folds every norm that can be folded."""
+
+
+def private_weight(graph: Graph, reader: Node, index: int, users: dict[int, list[Node]], base: str) -> Value:
+    """The param at ``reader.args[index]``, copied under a new name if any other node reads it."""
+    w: Value = reader.args[index]
+    if [n for n in users.get(id(w), []) if n is not reader]:
+        w = graph.add_param(graph.fresh_param_name(base), w.data)
+        args = list(reader.args)
+        args[index] = w
+        reader.args = tuple(args)
+    return w
+
+
+def _cannot_fold(norm: Node, readers: list[Node]) -> str | None:
+    if not readers:
+        return "its output is unused"
+    for r in readers:
+        if r.op != "linear":
+            return f"its output is read by {r.op} (%{r.name})"
+        if r.args[0] is not norm.output:
+            return f"linear %{r.name} reads it as a weight"
+        if not r.args[1].is_param or (len(r.args) > 2 and r.args[2] is not None and not r.args[2].is_param):
+            return f"linear %{r.name} has a computed (not stored) weight or bias"
+    return None
+
+
+@register_pass
+class FoldNorms(Pass):
+    """Fold RMSNorm/LayerNorm gains and biases into the following linears, leaving unit-gain norms."""
+
+    name = "fold-norms"
+    Options = FoldNormsOptions
+    exact = True
+
+    def run(self, graph: Graph) -> PassResult:
+        rx = re.compile(self.options.modules) if self.options.modules else None
+        users = graph.users()
+        folded, skipped = [], []
+        for norm in graph.nodes:
+            if norm.op not in NORM_OPS or (rx is not None and not rx.search(norm.module)):
+                continue
+            gain = norm.arg(1, "weight")
+            beta = norm.arg(2, "bias") if norm.op == "layer_norm" else None
+            if gain is None and beta is None:
+                continue
+            readers = users.get(id(norm.output), [])
+            reason = _cannot_fold(norm, readers)
+            if reason is not None:
+                skipped.append(f"{norm.module or norm.name}: {reason}")
+                continue
+            g = gain.data.to(torch.float64) if gain is not None else None
+            for r in readers:
+                w = private_weight(graph, r, 1, users, f"{r.module}.weight")
+                w64 = w.data.to(torch.float64)
+                if beta is not None:
+                    shift = w64 @ beta.data.to(torch.float64)
+                    b = r.args[2] if len(r.args) > 2 else None
+                    if b is not None:
+                        b = private_weight(graph, r, 2, users, f"{r.module}.bias")
+                        graph.set_param(b.name, (b.data.to(torch.float64) + shift).to(b.data.dtype))
+                    else:
+                        nb = graph.add_param(graph.fresh_param_name(f"{r.module}.bias"), shift.to(w.data.dtype))
+                        r.args = (r.args[0], r.args[1], nb)
+                if g is not None:
+                    graph.set_param(w.name, (w64 * g[None, :]).to(w.data.dtype))
+            args = list(norm.args)
+            args[1] = None
+            if norm.op == "layer_norm":
+                args[2] = None
+            norm.args = tuple(args)
+            folded.append(norm.module or norm.name)
+        if folded:
+            from lowbit.passes.dce import eliminate_dead_code
+
+            eliminate_dead_code(graph)
+        return PassResult(bool(folded), {"folded": len(folded), "not_folded": skipped})

@@ -1,0 +1,293 @@
+"""Pipelines: parse a text spec into passes, run them with verification and instruments.
+
+    PassManager("fold-norms,dce,quantize(w=int4,group=64)", verify_each=True,
+                instruments=[PrintIR(after_change=True)]).run(graph)
+
+Instruments are the hooks the debugging CLI hangs on (MLIR's ``--print-ir-after-all``, pass timing, TVM's
+pass instruments): each is called before and after every pass and may record into the pass's record.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+import time
+import tracemalloc
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+import pydantic
+import torch
+
+from lowbit.ir.graph import Graph
+from lowbit.ir.printer import print_graph
+from lowbit.ir.verifier import VerificationError, verify
+from lowbit.passes.base import Pass, PassError, closest, get_pass
+
+
+# ---- pipeline text -------------------------------------------------------------------------------
+
+def _split_top(text: str, sep: str, where: str) -> list[str]:
+    """Split on ``sep`` outside parentheses, brackets and quotes."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+            if depth < 0:
+                raise PassError(f"unbalanced ')' at column {i + 1} in {where!r}")
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth or quote:
+        raise PassError(f"unclosed {'quote' if quote else 'parenthesis'} in {where!r}")
+    parts.append(text[start:])
+    return parts
+
+
+_ITEM = re.compile(r"^\s*([A-Za-z][\w\-]*)\s*(?:\((.*)\))?\s*$", re.S)
+
+
+def _parse_value(raw: str) -> Any:
+    raw = raw.strip()
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+        return raw[1:-1]
+    if raw.startswith("[") and raw.endswith("]"):
+        inner = raw[1:-1].strip()
+        return [_parse_value(x) for x in re.split(r"[;,]", inner)] if inner else []
+    return raw
+
+
+def parse_pipeline(text: str) -> list[Pass]:
+    """``"a,b(x=1,y=\\"s\\")"`` → ``[A(), B(x=1, y="s")]``; errors name the pass and the option."""
+    if not text or not text.strip():
+        raise PassError("empty pipeline: give pass names separated by commas, e.g. 'fold-norms,dce'")
+    passes = []
+    for item in _split_top(text, ",", text):
+        if not item.strip():
+            raise PassError(f"empty pass name in pipeline {text!r} (two commas in a row?)")
+        m = _ITEM.match(item)
+        if not m:
+            raise PassError(f"cannot read pipeline item {item.strip()!r}: expected NAME or NAME(key=value,...)")
+        name, body = m.group(1), m.group(2)
+        cls = get_pass(name)
+        options: dict[str, Any] = {}
+        if body and body.strip():
+            fields = sorted(cls.Options.model_fields)
+            for opt in _split_top(body, ",", item):
+                if "=" not in opt:
+                    raise PassError(f"pass {name}: option {opt.strip()!r} needs a value (key=value); "
+                                    f"options are: {', '.join(fields) or 'none'}")
+                key, value = opt.split("=", 1)
+                key = key.strip().replace("-", "_")
+                if key not in cls.Options.model_fields:
+                    raise PassError(f"pass {name} has no option {key!r}{closest(key, fields)}; "
+                                    f"options are: {', '.join(fields) or 'none'}")
+                options[key] = _parse_value(value)
+        passes.append(build_pass(cls, options))
+    return passes
+
+
+def build_pass(cls: type[Pass], options: dict[str, Any]) -> Pass:
+    try:
+        return cls(**options)
+    except pydantic.ValidationError as exc:
+        msgs = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(options)"
+            msgs.append(f"option {loc}: {err['msg']} (got {err.get('input')!r})")
+        raise PassError(f"pass {cls.name}: " + "; ".join(msgs)) from None
+
+
+def format_pipeline(passes: Sequence[Pass]) -> str:
+    return ",".join(p.spec() for p in passes)
+
+
+# ---- records and instruments ---------------------------------------------------------------------
+
+@dataclass
+class PassRecord:
+    index: int
+    name: str
+    spec: str
+    changed: bool = False
+    skipped: bool = False
+    seconds: float = 0.0
+    verify_seconds: float = 0.0
+    peak_mb: float = 0.0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+    numeric: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineReport:
+    pipeline: str
+    records: list[PassRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pipeline": self.pipeline, "seconds": round(self.seconds, 3),
+                "passes": [asdict(r) for r in self.records]}
+
+
+class Instrument:
+    """Hooks around each pass. Override what you need."""
+
+    def before_pass(self, record: PassRecord, p: Pass, graph: Graph) -> None:
+        pass
+
+    def after_pass(self, record: PassRecord, p: Pass, graph: Graph) -> None:
+        pass
+
+
+class PrintIR(Instrument):
+    """MLIR-style IR printing: after all passes, after those that changed the IR, after named ones, or diffs."""
+
+    def __init__(self, *, after_all: bool = False, after_change: bool = False, diff: bool = False,
+                 after: Iterable[str] = (), before_first: bool = False, filter: str | None = None,
+                 stream: TextIO | None = None) -> None:
+        self.after_all, self.after_change, self.diff = after_all, after_change, diff
+        self.after = set(after)
+        self.before_first = before_first
+        self.filter = filter
+        self.stream = stream or sys.stdout
+        self._before: str | None = None
+
+    def _text(self, graph: Graph) -> str:
+        return print_graph(graph, filter=self.filter, params=self.filter is None)
+
+    def before_pass(self, record: PassRecord, p: Pass, graph: Graph) -> None:
+        if self.diff:
+            self._before = self._text(graph)
+        if self.before_first and record.index == 0:
+            self.stream.write(f"// ----- IR before {record.spec} -----\n{self._text(graph)}")
+
+    def after_pass(self, record: PassRecord, p: Pass, graph: Graph) -> None:
+        if record.skipped:
+            return
+        if self.diff and self._before is not None:
+            after = self._text(graph)
+            lines = list(difflib.unified_diff(self._before.splitlines(), after.splitlines(),
+                                              f"before {record.spec}", f"after {record.spec}", lineterm="", n=1))
+            self.stream.write("\n".join(lines) + ("\n" if lines else f"// {record.spec}: no change\n"))
+        show = self.after_all or (self.after_change and record.changed) or record.name in self.after
+        if show:
+            self.stream.write(f"// ----- IR after {record.spec} -----\n{self._text(graph)}")
+
+
+class NumericCheck(Instrument):
+    """Run the graph after every pass on real inputs and compare with the float model's outputs.
+
+    Records max/mean abs error, SQNR (dB) and cosine in ``record.numeric``; ``max_sqnr_drop`` turns a bad
+    pass into an error (the bisector and the CLI's ``debug compare`` read these numbers).
+    """
+
+    def __init__(self, inputs: Sequence[Any], reference: torch.Tensor, device: str | None = None) -> None:
+        self.inputs, self.reference, self.device = list(inputs), reference, device
+
+    def after_pass(self, record: PassRecord, p: Pass, graph: Graph) -> None:
+        if record.skipped:
+            return
+        from lowbit.backends.torch_backend import TorchCompiled
+
+        out = TorchCompiled(graph, self.device)(*self.inputs)
+        record.numeric = compare_outputs(self.reference, out)
+
+
+def compare_outputs(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
+    ref64, out64 = ref.detach().double().cpu(), out.detach().double().cpu()
+    err = out64 - ref64
+    sig = float(ref64.pow(2).mean())
+    noise = float(err.pow(2).mean())
+    sqnr = float("inf") if noise == 0 else 10 * torch.log10(torch.tensor(sig / noise)).item()
+    cos = torch.nn.functional.cosine_similarity(ref64.flatten(), out64.flatten(), dim=0).item()
+    return {"max_abs": float(err.abs().max()), "mean_abs": float(err.abs().mean()), "sqnr_db": sqnr, "cosine": cos}
+
+
+class PipelineError(RuntimeError):
+    """A pass failed or left invalid IR; names the pass and carries the IR from before it."""
+
+    def __init__(self, message: str, record: PassRecord, graph_before: Graph | None) -> None:
+        super().__init__(message)
+        self.record = record
+        self.graph_before = graph_before
+
+
+# ---- the manager ---------------------------------------------------------------------------------
+
+class PassManager:
+    """Runs passes in order on a graph, in place; verifies after each one when ``verify_each``.
+
+    ``limit`` runs only the first N passes (LLVM's ``-opt-bisect-limit``); ``keep_before_failure`` keeps a
+    copy of the IR before each pass so a failure can be replayed (``lowbit replay``).
+    """
+
+    def __init__(self, passes: str | Sequence[Pass], *, verify_each: bool = True,
+                 instruments: Sequence[Instrument] = (), limit: int | None = None,
+                 measure_memory: bool = False, keep_before_failure: bool = False) -> None:
+        self.passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
+        self.verify_each = verify_each
+        self.instruments = list(instruments)
+        self.limit = limit
+        self.measure_memory = measure_memory
+        self.keep_before_failure = keep_before_failure
+
+    @property
+    def pipeline(self) -> str:
+        return format_pipeline(self.passes)
+
+    def run(self, graph: Graph) -> PipelineReport:
+        report = PipelineReport(self.pipeline)
+        t_start = time.perf_counter()
+        if self.verify_each:
+            try:
+                verify(graph)
+            except VerificationError as exc:
+                raise PipelineError(f"the input IR is invalid before any pass ran:\n{exc}",
+                                    PassRecord(-1, "(input)", "(input)"), None) from exc
+        for i, p in enumerate(self.passes):
+            rec = PassRecord(i, p.name, p.spec(), nodes_before=len(graph.nodes))
+            report.records.append(rec)
+            if self.limit is not None and i >= self.limit:
+                rec.skipped = True
+                rec.nodes_after = rec.nodes_before
+                continue
+            before = graph.clone() if self.keep_before_failure else None
+            for ins in self.instruments:
+                ins.before_pass(rec, p, graph)
+            if self.measure_memory:
+                tracemalloc.start()
+            t0 = time.perf_counter()
+            try:
+                result = p.run(graph)
+            except PassError as exc:
+                raise PipelineError(f"pass {p.spec()} (#{i}) failed: {exc}", rec, before) from exc
+            except Exception as exc:
+                raise PipelineError(f"pass {p.spec()} (#{i}) failed: {type(exc).__name__}: {exc}", rec, before) from exc
+            finally:
+                rec.seconds = time.perf_counter() - t0
+                if self.measure_memory:
+                    rec.peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
+                    tracemalloc.stop()
+            rec.changed, rec.stats = result.changed, dict(result.stats)
+            rec.nodes_after = len(graph.nodes)
+            if self.verify_each:
+                t1 = time.perf_counter()
+                try:
+                    verify(graph)
+                except VerificationError as exc:
+                    raise PipelineError(f"pass {p.spec()} (#{i}) left invalid IR:\n{exc}", rec, before) from exc
+                rec.verify_seconds = time.perf_counter() - t1
+            for ins in self.instruments:
+                ins.after_pass(rec, p, graph)
+        report.seconds = time.perf_counter() - t_start
+        return report

@@ -1,0 +1,94 @@
+"""Shared fixtures (the real models, loaded once per session) and marker-based skips."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lowbit.models import SentenceEmbedder, load_minilm, load_smollm2
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `slow` tests unless LOWBIT_SLOW=1, and `gpu` tests where CUDA is absent.
+
+    The default suite must finish in minutes on a 2-core CPU; full-split perplexity and
+    benchmarks run only on request.
+    """
+    run_slow = os.environ.get("LOWBIT_SLOW") == "1"
+    skip_slow = pytest.mark.skip(reason="slow: set LOWBIT_SLOW=1 to run")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(SmolLM2-135M-Instruct float32 HF model in eval mode, tokenizer); builds the cache once (~30 s)."""
+    return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def minilm() -> tuple[SentenceEmbedder, object]:
+    """(all-MiniLM-L6-v2 as a SentenceEmbedder in eval mode, tokenizer)."""
+    return load_minilm()
+
+
+# ---- captured IR of the real models (shared by the IR, pass, CLI and backend tests) --------------
+
+SEQ = torch.export.Dim("seq", min=2, max=8192)
+
+
+def smollm2_slice(model: torch.nn.Module, n_layers: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A real SmolLM2 cut to its first ``n_layers`` blocks (final norm and lm_head kept), as CausalLMLogits."""
+    import copy
+
+    from lowbit.models import CausalLMLogits
+
+    m = copy.deepcopy(model).to(dtype)
+    m.model.layers = m.model.layers[:n_layers]
+    m.config.num_hidden_layers = n_layers
+    return CausalLMLogits(m).eval()
+
+
+@pytest.fixture(scope="session")
+def wikitext_ids(smollm2) -> torch.Tensor:
+    """The WikiText-2 test split tokenized with SmolLM2's tokenizer (shape [1, N])."""
+    from lowbit.eval.perplexity import token_ids
+
+    return token_ids("wikitext2-test", smollm2[1]).reshape(1, -1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_graph(smollm2):
+    """The full SmolLM2 captured with a dynamic sequence length (~10 s)."""
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    wrapper = CausalLMLogits(smollm2[0]).eval()
+    return capture(wrapper, (torch.ones(1, 32, dtype=torch.long),), {"input_ids": {1: SEQ}})
+
+
+@pytest.fixture(scope="session")
+def smollm2_slice_f64(smollm2):
+    """(2-layer float64 SmolLM2 slice, its captured graph): for exactness tests."""
+    from lowbit.ir.capture import capture
+
+    wrapper = smollm2_slice(smollm2[0], 2, torch.float64)
+    return wrapper, capture(wrapper, (torch.ones(1, 16, dtype=torch.long),), {"input_ids": {1: SEQ}})
+
+
+@pytest.fixture(scope="session")
+def minilm_graph(minilm):
+    """MiniLM (SentenceEmbedder) captured with dynamic batch and sequence."""
+    from lowbit.ir.capture import capture
+
+    embedder, tok = minilm
+    enc = tok(["a first sentence", "and a second, longer one"], padding=True, return_tensors="pt")
+    batch, seq = torch.export.Dim("batch", min=1, max=256), torch.export.Dim("seq", min=2, max=512)
+    return capture(embedder, (enc["input_ids"], enc["attention_mask"]),
+                   {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})

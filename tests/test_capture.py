@@ -1,0 +1,119 @@
+"""Capture of the real models: what is raised, that nothing is lost, and that lowering is exact."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.ir.capture import CaptureError, capture
+from lowbit.ir.ops import is_semantic
+
+
+def test_smollm2_raised_ops(smollm2_graph):
+    counts = smollm2_graph.op_counts()
+    # 30 blocks: 2 norms each + final norm; q,k,v,o,gate,up,down + lm_head; rotary on q and k.
+    assert counts["rms_norm"] == 61
+    assert counts["linear"] == 30 * 7 + 1
+    assert counts["rotary"] == 60
+    assert counts["attention"] == 30
+    assert counts["residual_add"] == 60
+    assert counts["embedding"] == 1
+    assert not any(op.startswith("aten.linear") or op.startswith("aten.scaled_dot") for op in counts)
+
+
+def test_smollm2_module_paths(smollm2_graph):
+    for node in smollm2_graph.find("linear"):
+        assert re.fullmatch(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head",
+                            node.module), node.module
+    assert {n.module for n in smollm2_graph.find("rms_norm")} >= {"model.norm", "model.layers.29.input_layernorm"}
+    assert "model.layers.0.self_attn.q_proj.weight" in smollm2_graph.params
+
+
+def test_smollm2_lowered_matches_eager_on_wikitext(smollm2, smollm2_graph, wikitext_ids):
+    model = smollm2[0]
+    compiled = TorchCompiled(smollm2_graph)
+    for length in (512, 77):  # two lengths through one dynamic graph
+        ids = wikitext_ids[:, 1000:1000 + length]
+        with torch.no_grad():
+            ref = model(input_ids=ids, use_cache=False).logits
+        out = compiled(ids)
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_float64_lowering_is_exact(smollm2_slice_f64, wikitext_ids):
+    wrapper, graph = smollm2_slice_f64
+    ids = wikitext_ids[:, :128]
+    with torch.no_grad():
+        ref = wrapper(ids)
+    assert ref.dtype == torch.float64
+    assert torch.equal(TorchCompiled(graph)(ids), ref)
+
+
+def test_minilm_capture_matches_eager(minilm, minilm_graph):
+    embedder, tok = minilm
+    counts = minilm_graph.op_counts()
+    assert counts["layer_norm"] == 13 and counts["attention"] == 6
+    assert counts["linear"] == 6 * 6  # q,k,v, attention out, intermediate, output per layer; pooler is dead
+    assert "aten.dropout.default" not in counts
+    sentences = ["The tower is 324 metres tall.", "It was the first structure to reach that height.",
+                 "Short one."]
+    enc = tok(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = embedder(enc["input_ids"], enc["attention_mask"])
+    out = TorchCompiled(minilm_graph)(enc["input_ids"], enc["attention_mask"])
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_every_op_is_runnable_and_generic_ops_are_kept(smollm2_graph):
+    generic = [n for n in smollm2_graph.nodes if not is_semantic(n.op)]
+    assert generic, "the causal-mask construction stays as ATen: nothing is dropped"
+    assert all(n.op.startswith(("aten.", "operator.")) for n in generic)
+
+
+def test_fx_graph_module_is_accepted():
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+    gm = torch.fx.symbolic_trace(mlp)
+    x = torch.randn(3, 8)
+    graph = capture(gm, (x,))
+    assert graph.op_counts() == {"linear": 2, "gelu": 1}
+    assert torch.equal(TorchCompiled(graph)(x), mlp(x))
+
+
+def test_capture_error_names_module_and_advice():
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.proj(x)
+            return y if y.sum() > 0 else -y
+
+    class Outer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = Branchy()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(x) * 2
+
+    with pytest.raises(CaptureError, match=r"inside module 'block' \(Branchy\).*\n.*torch\.cond"):
+        capture(Outer().eval(), (torch.randn(2, 4),))
+
+
+def test_raw_hf_causal_lm_gets_cache_advice(smollm2):
+    from conftest import smollm2_slice
+
+    raw = smollm2_slice(smollm2[0], 1).model  # the HF model itself, which returns a DynamicCache
+    with pytest.raises(CaptureError, match="use_cache=False"):
+        capture(raw, (torch.ones(1, 8, dtype=torch.long),))
+
+
+def test_training_mode_is_refused():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+    with pytest.raises(CaptureError, match="training mode"):
+        capture(net, (torch.randn(1, 4),))

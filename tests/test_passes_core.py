@@ -1,0 +1,192 @@
+"""Core passes (dce, constant-fold, fold-norms), the pipeline parser and the pass manager."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.ir.graph import Graph
+from lowbit.ir.parser import parse_graph
+from lowbit.ir.printer import print_graph
+from lowbit.passes.base import Pass, PassError, PassResult, register_pass
+from lowbit.passes.manager import NumericCheck, PassManager, PipelineError, PrintIR, parse_pipeline
+
+# ---- golden IR: input text, pass, expected text --------------------------------------------------
+
+FOLD_IN = """\
+graph g(%x: f64[1,3,4]) {
+  param @ln.weight: f64[4]
+  param @ln.bias: f64[4]
+  param @q.weight: f64[2,4]
+  param @k.weight: f64[2,4]
+  param @k.bias: f64[2]
+  %n: f64[1,3,4] = layer_norm(%x, @ln.weight, @ln.bias, normalized_shape=[4], eps=1e-05)  # ln
+  %q: f64[1,3,2] = linear(%n, @q.weight)  # q
+  %k: f64[1,3,2] = linear(%n, @k.weight, @k.bias)  # k
+  %o: f64[1,3,2] = add(%q, %k)
+  return %o
+}
+"""
+FOLD_OUT = """\
+graph g(%x: f64[1,3,4]) {
+  param @q.weight: f64[2,4]
+  param @k.weight: f64[2,4]
+  param @k.bias: f64[2]
+  param @q.bias: f64[2]
+  %n: f64[1,3,4] = layer_norm(%x, None, None, normalized_shape=[4], eps=1e-05)  # ln
+  %q: f64[1,3,2] = linear(%n, @q.weight, @q.bias)  # q
+  %k: f64[1,3,2] = linear(%n, @k.weight, @k.bias)  # k
+  %o: f64[1,3,2] = add(%q, %k)
+  return %o
+}
+"""
+
+
+def _weights(text: str) -> dict[str, torch.Tensor]:
+    g = parse_graph(text)
+    gen = torch.Generator().manual_seed(0)
+    return {k: torch.randn(v.type.shape, generator=gen, dtype=v.type.dtype) for k, v in g.params.items()}
+
+
+def test_fold_norms_golden_and_exact():
+    g = parse_graph(FOLD_IN, _weights(FOLD_IN))
+    x = torch.randn(1, 3, 4, dtype=torch.float64)
+    before = TorchCompiled(g)(x)
+    result = PassManager("fold-norms").run(g)
+    assert result.records[0].changed
+    assert print_graph(g) == FOLD_OUT
+    assert torch.allclose(TorchCompiled(g)(x), before, rtol=0, atol=1e-13)
+
+
+DCE_IN = """\
+graph g(%x: f32[4]) {
+  param @unused: f32[4]
+  %a: f32[4] = aten.relu.default(%x)
+  %b: f32[4] = aten.neg.default(%a)
+  %c: f32[4] = aten.exp.default(%x)
+  return %c
+}
+"""
+
+
+def test_dce_golden():
+    g = parse_graph(DCE_IN, {"unused": torch.zeros(4)})
+    rec = PassManager("dce").run(g).records[0]
+    assert rec.stats == {"nodes_removed": 2, "params_removed": 1}
+    assert print_graph(g) == "graph g(%x: f32[4]) {\n  %c: f32[4] = aten.exp.default(%x)\n  return %c\n}\n"
+
+
+CF_IN = """\
+graph g(%x: f32[2,3]) {
+  param @w: f32[3,2]
+  %wt: f32[2,3] = aten.t.default(@w)  # proj
+  %y: f32[2,3] = add(%x, %wt)
+  return %y
+}
+"""
+
+
+def test_constant_fold_golden():
+    w = torch.randn(3, 2)
+    g = parse_graph(CF_IN, {"w": w})
+    PassManager("constant-fold").run(g)
+    assert print_graph(g) == ("graph g(%x: f32[2,3]) {\n  param @const.proj.wt: f32[2,3]\n"
+                              "  %y: f32[2,3] = add(%x, @const.proj.wt)\n  return %y\n}\n")
+    assert torch.equal(g.params["const.proj.wt"].data, w.t())
+
+
+# ---- real models ---------------------------------------------------------------------------------
+
+def test_fold_norms_exact_in_float64_on_smollm2(smollm2_slice_f64, wikitext_ids):
+    wrapper, graph = smollm2_slice_f64
+    g = graph.clone()
+    ids = wikitext_ids[:, 2000:2256]
+    with torch.no_grad():
+        ref = wrapper(ids)
+    emb_before = g.params["lm_head.weight"].data
+    rec = PassManager("fold-norms,dce").run(g).records[0]
+    assert rec.stats["folded"] == 2 * 2 + 1 and rec.stats["not_folded"] == []
+    assert all(n.args[1] is None for n in g.find("rms_norm"))
+    # the tied embedding keeps its weight; lm_head got its own folded copy
+    emb = next(g.find("embedding"))
+    assert emb.args[0].data is emb_before
+    lm_head = next(g.find("linear", "^lm_head$"))
+    assert lm_head.args[1].name != "lm_head.weight"
+    out = TorchCompiled(g)(ids)
+    assert (out - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+
+
+def test_fold_norms_on_minilm_lists_what_it_cannot_fold(minilm_graph):
+    g = minilm_graph.clone()
+    rec = PassManager("fold-norms").run(g).records[0]
+    n_norms = len(list(g.find("layer_norm")))
+    # every LayerNorm feeds the residual stream too: none folds, and each one is reported with why
+    assert rec.stats["folded"] + len(rec.stats["not_folded"]) == n_norms
+    assert all("read by" in reason for reason in rec.stats["not_folded"])
+
+
+def test_pipeline_with_instruments_on_smollm2(smollm2_slice_f64, wikitext_ids):
+    wrapper, graph = smollm2_slice_f64
+    g = graph.clone()
+    ids = wikitext_ids[:, :64]
+    with torch.no_grad():
+        ref = wrapper(ids)
+    buf = io.StringIO()
+    report = PassManager("constant-fold,fold-norms,dce",
+                         instruments=[PrintIR(after_change=True, stream=buf), NumericCheck([ids], ref)]).run(g)
+    text = buf.getvalue()
+    assert "// ----- IR after fold-norms -----" in text and "IR after dce" not in text
+    for rec in report.records:
+        assert rec.numeric["max_abs"] <= 1e-10, rec
+
+
+# ---- pipeline parsing and manager behaviour ------------------------------------------------------
+
+@pytest.mark.parametrize("spec,message", [
+    ("fold-norm", "unknown pass 'fold-norm'; did you mean 'fold-norms'"),
+    ("fold-norms(modulez=x)", "has no option 'modulez'; did you mean 'modules'"),
+    ("dce,,dce", "empty pass name"),
+    ("fold-norms(", "unclosed parenthesis"),
+    ("dce)", "unbalanced ')'"),
+    ("constant-fold(max_elements=abc)", "option max_elements: Input should be a valid integer"),
+    ("constant-fold(max_elements)", "needs a value"),
+    ("", "empty pipeline"),
+])
+def test_bad_pipeline_specs(spec, message):
+    with pytest.raises(PassError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_pipeline(spec)
+
+
+def test_pipeline_spec_round_trips():
+    passes = parse_pipeline("constant-fold(max_elements=10),fold-norms(modules=\"layers\\.1\"),dce")
+    assert [p.spec() for p in passes] == ["constant-fold(max_elements=10)", "fold-norms(modules=layers\\.1)", "dce"]
+
+
+@register_pass
+class _CorruptForTest(Pass):
+    """Test-only pass that breaks the IR (drops the producer of the first linear's input)."""
+
+    name = "test-corrupt"
+
+    def run(self, graph: Graph) -> PassResult:
+        lin = next(graph.find("linear"))
+        graph.remove(lin.args[0].producer)
+        return PassResult(True)
+
+
+def test_verify_each_names_the_pass_that_broke_the_ir(smollm2_slice_f64):
+    g = smollm2_slice_f64[1].clone()
+    with pytest.raises(PipelineError, match=r"pass test-corrupt \(#1\) left invalid IR") as info:
+        PassManager("dce,test-corrupt,dce", keep_before_failure=True).run(g)
+    assert info.value.record.name == "test-corrupt"
+    assert info.value.graph_before is not None and len(info.value.graph_before.nodes) == len(g.nodes) + 1
+
+
+def test_limit_skips_later_passes(smollm2_slice_f64):
+    g = smollm2_slice_f64[1].clone()
+    report = PassManager("fold-norms,dce", limit=0).run(g)
+    assert [r.skipped for r in report.records] == [True, True]
+    assert all(n.args[1] is not None for n in g.find("rms_norm"))
