@@ -71,3 +71,24 @@ def test_duplicate_definition_and_undefined_output(smollm2_graph):
     g.remove(g.outputs[0].producer)
     with pytest.raises(VerificationError, match="graph output .* is not defined"):
         verify(g, types=False)
+
+
+def test_topological_sort_repairs_order_and_dominators(smollm2_slice_f64):
+    from lowbit.ir.analysis import dominators, topological_sort
+
+    g = smollm2_slice_f64[1].clone()
+    i = next(i for i, n in enumerate(g.nodes) if n.op == "linear")
+    g.nodes.insert(0, g.nodes.pop(i))
+    with pytest.raises(VerificationError):
+        verify(g, types=False)
+    assert topological_sort(g)
+    verify(g)
+    idom = dominators(g)
+    # each block's second residual add is dominated by its first: the residual stream runs through it
+    adds = list(g.find("residual_add"))
+    node = adds[1]
+    chain = []
+    while node in idom:
+        node = idom[node]
+        chain.append(node)
+    assert adds[0] in chain
