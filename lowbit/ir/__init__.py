@@ -1,0 +1,12 @@
+"""lowbit's IR: typed SSA graphs captured from torch.export, printable, parsable and verifiable."""
+
+from lowbit.ir.capture import CaptureError, capture, from_exported
+from lowbit.ir.graph import Graph, Node, SymType, TensorType, Value, blocks
+from lowbit.ir.parser import IRParseError, parse_graph
+from lowbit.ir.printer import print_graph
+from lowbit.ir.verifier import VerificationError, verify
+
+__all__ = [
+    "capture", "from_exported", "CaptureError", "Graph", "Node", "Value", "TensorType", "SymType", "blocks",
+    "parse_graph", "IRParseError", "print_graph", "verify", "VerificationError",
+]

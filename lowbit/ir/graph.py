@@ -13,7 +13,6 @@ Design rules that every pass relies on:
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -201,7 +200,7 @@ class Graph:
         self.symbols: dict[str, Symbol] = {}
         self.meta: dict[str, Any] = {}
         self._names: set[str] = set()
-        self._counter = itertools.count()
+        self._next_index: dict[str, int] = {}
 
     # ---- construction -------------------------------------------------------------------------
     def fresh_name(self, base: str) -> str:
@@ -210,8 +209,16 @@ class Graph:
             base = "v" + base
         name = base
         while name in self._names:
-            name = f"{base}_{next(self._counter)}"
+            i = self._next_index.get(base, 1)
+            self._next_index[base] = i + 1
+            name = f"{base}_{i}"
         return name
+
+    def rename(self, value: Value, base: str) -> None:
+        """Give ``value`` a fresh name derived from ``base`` (the old name is released)."""
+        self._names.discard(value.name)
+        value.name = self.fresh_name(base)
+        self._names.add(value.name)
 
     def _claim(self, name: str) -> None:
         if name in self._names:
@@ -392,6 +399,7 @@ class Graph:
         g.symbols = {k: Symbol(s.name, s.min, s.max, s.hint) for k, s in self.symbols.items()}
         g.meta = dict(self.meta)
         g._names = set(self._names)
+        g._next_index = dict(self._next_index)
         vmap: dict[int, Value] = {}
         for v in self.inputs:
             nv = Value(v.name, v.type, kind="input")

@@ -148,6 +148,7 @@ def apply_rules(graph: Graph, rules: list[Rule]) -> dict[str, int]:
                 new.module = node.module
             new.meta.setdefault("raised_from", node.op)
             graph.nodes[i] = new
+            graph.rename(out, new.op)
             counts[rule.name] = counts.get(rule.name, 0) + 1
             break
     return counts
