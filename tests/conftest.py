@@ -40,7 +40,7 @@ def minilm() -> tuple[SentenceEmbedder, object]:
 
 # ---- captured IR of the real models (shared by the IR, pass, CLI and backend tests) --------------
 
-SEQ = torch.export.Dim("seq", min=2, max=8192)
+SEQ = torch.export.Dim.DYNAMIC(min=2, max=8192)
 
 
 def smollm2_slice(model: torch.nn.Module, n_layers: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -89,6 +89,6 @@ def minilm_graph(minilm):
 
     embedder, tok = minilm
     enc = tok(["a first sentence", "and a second, longer one"], padding=True, return_tensors="pt")
-    batch, seq = torch.export.Dim("batch", min=1, max=256), torch.export.Dim("seq", min=2, max=512)
+    batch, seq = torch.export.Dim.DYNAMIC(min=1, max=256), torch.export.Dim.DYNAMIC(min=2, max=512)
     return capture(embedder, (enc["input_ids"], enc["attention_mask"]),
                    {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
