@@ -80,9 +80,10 @@ def _default_example(model: torch.nn.Module, tokenizer: Any) -> tuple[tuple[Any,
     from lowbit.models import CausalLMLogits, SentenceEmbedder
 
     if isinstance(model, CausalLMLogits):
-        ids = torch.arange(1, 65, dtype=torch.long)[None, :] % model.model.config.vocab_size
+        # batch 2 in the example so export does not specialise the batch to 1
+        ids = torch.arange(1, 129, dtype=torch.long).reshape(2, 64) % model.model.config.vocab_size
         max_len = getattr(model.model.config, "max_position_embeddings", 8192)
-        return (ids,), {"input_ids": {1: dynamic_dim(2, max_len)}}
+        return (ids,), {"input_ids": {0: dynamic_dim(1, 1024), 1: dynamic_dim(2, max_len)}}
     if isinstance(model, SentenceEmbedder):
         enc = tokenizer(["lowbit compiles models.", "A second, longer example sentence for capture."],
                         padding=True, return_tensors="pt")
