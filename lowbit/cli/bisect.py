@@ -1,0 +1,219 @@
+"""``lowbit debug bisect``: the first pass that breaks the metric, then the fewest layers inside it that do.
+
+Stage 1 is LLVM's ``-opt-bisect-limit``: run prefixes of the pipeline (``PassManager(limit=k)``) and binary-search
+the first k whose metric exceeds the threshold (assumes the damage, once done, is not undone by a later pass).
+Stage 2 is ``polygraphy debug reduce`` over layers: re-run the culprit pass, on the IR it saw, restricted to
+subsets of blocks (``lowbit.cli.restrict``); halve while one half alone is still bad, then drop single blocks
+while the rest stays bad, which leaves a set where every block is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+from rich.table import Table
+
+from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse, \
+    parse_percent_or_number
+from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_name, run_probe
+from lowbit.cli.restrict import Unit, block_units, how_restricted, restrict
+from lowbit.passes.manager import format_pipeline
+
+
+@dataclass
+class Probe:
+    what: str
+    metric: float
+    bad: bool
+
+
+@dataclass
+class BisectResult:
+    model: str
+    pipeline: str
+    metric: str
+    baseline: float
+    threshold: float
+    full: float
+    culprit_index: int | None = None
+    culprit_pass: str | None = None
+    culprit_layers: list[str] = field(default_factory=list)
+    restricted_spec: str | None = None
+    restricted_metric: float | None = None
+    note: str = ""
+    reproduce: str = ""
+    probes: list[Probe] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Evaluator:
+    """Metric of a graph on fixed inputs, with the float reference output for the encoders' cosine."""
+
+    def __init__(self, metric: str, inputs: EvalInputs, reference: Any) -> None:
+        self.metric, self.inputs, self.reference = metric, inputs, reference
+
+    def __call__(self, graph: Any) -> float:
+        out = run_probe(graph, self.inputs, with_layers=False).output
+        return end_metric(self.metric, self.inputs, out, self.reference)
+
+
+def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: str = "5%", windows: int = 4,
+           seq_len: int = 128, n_sentences: int = 32, log: Callable[[str], None] = lambda s: None) -> BisectResult:
+    t0 = time.perf_counter()
+    amount, relative = parse_percent_or_number(max_increase)
+    passes = parse(text)
+    loaded = load(model_spec)
+    metric = metric_name(loaded.kind, metric)
+    if relative and metric == "cos":
+        fail("--metric cos starts at 0 for the float model: give --max-increase as an absolute amount "
+             "(e.g. 0.01), not a percentage", Exit.USAGE)
+    inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
+    graph0 = capture_model(loaded)
+    reference = run_probe(graph0, inputs, with_layers=False).output
+    evaluate = Evaluator(metric, inputs, reference)
+    baseline = evaluate(graph0)
+    threshold = baseline * (1 + amount) if relative else baseline + amount
+    probes: list[Probe] = []
+
+    def record(what: str, value: float) -> bool:
+        bad = value > threshold
+        probes.append(Probe(what, value, bad))
+        log(f"{what:<70} {metric} {fmt_metric(metric, value)} {'BAD' if bad else 'ok'}")
+        return bad
+
+    def run_prefix(k: int) -> Any:
+        g = graph0.clone()
+        from lowbit.cli.main import run_pipeline
+
+        run_pipeline(g, passes, limit=k, model_spec=model_spec)
+        return g
+
+    log(f"float baseline {metric} {fmt_metric(metric, baseline)}; threshold {fmt_metric(metric, threshold)}")
+    full = evaluate(run_prefix(len(passes)))
+    result = BisectResult(model_spec, format_pipeline(passes), metric, baseline, threshold, full, probes=probes)
+    if not record(f"all {len(passes)} passes", full):
+        result.note = "the whole pipeline stays within the threshold: nothing to bisect"
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    # stage 1: first bad prefix
+    lo, hi = 0, len(passes)  # prefix lo is good (float), prefix hi is bad
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if record(f"first {mid} passes", evaluate(run_prefix(mid))):
+            hi = mid
+        else:
+            lo = mid
+    k = hi - 1
+    culprit = passes[k]
+    result.culprit_index, result.culprit_pass = k, culprit.spec()
+    prefix = format_pipeline(passes[:k])
+
+    # stage 2: layers within the culprit
+    before = run_prefix(k)
+    units = block_units(before)
+    how = how_restricted(culprit)
+    if how is None:
+        result.note = (f"pass {culprit.name} has no 'modules' or 'keep' option, so it cannot be applied to a subset "
+                       "of layers: the culprit is the pass as a whole")
+    elif not units:
+        result.note = "the graph has no repeated blocks (model.layers.N / encoder.layer.N) to bisect over"
+    else:
+        seen: dict[tuple[str, ...], float] = {}
+
+        def bad_with(chosen: list[Unit]) -> bool:
+            key = tuple(u.name for u in chosen)
+            if key not in seen:
+                g = before.clone()
+                from lowbit.cli.main import run_pipeline
+
+                run_pipeline(g, [restrict(culprit, chosen, units)], model_spec=model_spec)
+                seen[key] = evaluate(g)
+                label = ",".join(u.name.rsplit(".", 1)[-1] for u in chosen)
+                return record(f"{culprit.name} on blocks [{label}]", seen[key])
+            return seen[key] > threshold
+
+        if not bad_with(units):
+            result.note = (f"{culprit.name} restricted to all blocks stays within the threshold: the damage comes from "
+                           "nodes outside the blocks (embeddings, final norm, lm_head)")
+        else:
+            chosen = _reduce(units, bad_with)
+            result.culprit_layers = [u.name for u in chosen]
+            result.restricted_spec = restrict(culprit, chosen, units).spec()
+            result.restricted_metric = seen[tuple(u.name for u in chosen)]
+            if how == "keep":
+                result.note = (f"{culprit.name} was restricted through its 'keep' option (other blocks kept float); "
+                               "only the nodes 'keep' governs are restricted")
+    repro_pipeline = ",".join(x for x in (prefix, result.restricted_spec or culprit.spec()) if x)
+    result.reproduce = (f"lowbit debug compare {shlex.quote(model_spec)} --pipeline {shlex.quote(repro_pipeline)}"
+                        + (f" --windows {windows} --seq-len {seq_len}" if metric == "ppl" else
+                           f" --sentences {n_sentences}"))
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _reduce(units: list[Unit], bad: Callable[[list[Unit]], bool]) -> list[Unit]:
+    """A small subset of ``units`` that is still bad (``bad(units)`` is known to hold)."""
+    current = list(units)
+    while len(current) > 1:
+        half = len(current) // 2
+        first, second = current[:half], current[half:]
+        if bad(first):
+            current = first
+        elif bad(second):
+            current = second
+        else:
+            break
+    # blocks that only hurt together: drop one at a time while the rest stays bad (1-minimal)
+    i = 0
+    while len(current) > 1 and i < len(current):
+        trial = current[:i] + current[i + 1:]
+        if bad(trial):
+            current = trial
+        else:
+            i += 1
+    return current
+
+
+def run_bisect(model_spec: str, text: str, *, metric: str, max_increase: str, windows: int, seq_len: int,
+               n_sentences: int, json_out: Path | None) -> None:
+    res = bisect(model_spec, text, metric=metric, max_increase=max_increase, windows=windows, seq_len=seq_len,
+                 n_sentences=n_sentences, log=lambda s: console.print(s, markup=False))
+    table = Table(title=f"bisect {res.model} ({res.metric}, threshold {fmt_metric(res.metric, res.threshold)})",
+                  show_header=False)
+    table.add_row("float baseline", fmt_metric(res.metric, res.baseline))
+    table.add_row("whole pipeline", fmt_metric(res.metric, res.full))
+    if res.culprit_pass is not None:
+        table.add_row("culprit pass", f"#{res.culprit_index} {res.culprit_pass}")
+        if res.culprit_layers:
+            table.add_row("culprit layers", ", ".join(res.culprit_layers))
+            table.add_row("pass on those layers only", f"{res.restricted_spec} → "
+                          f"{fmt_metric(res.metric, res.restricted_metric) if res.restricted_metric else '?'}")
+    table.add_row("evaluations", f"{len(res.probes)} in {res.seconds:.1f} s")
+    if res.note:
+        table.add_row("note", res.note)
+    console.print(table)
+    if res.reproduce and res.culprit_pass is not None:
+        console.print("reproduce with:", markup=False)
+        console.print(f"  {res.reproduce}", markup=False)
+        config = re.search(r"config=([^,)]+)", res.restricted_spec or "")
+        if config and Path(config.group(1)).is_file():  # the restricted QuantConfig, shown so it can be read
+            compact = json.dumps(json.loads(Path(config.group(1)).read_text()), separators=(",", ":"))
+            console.print(f"  where {config.group(1)} is: {compact}", markup=False)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(res.to_dict(), indent=2) + "\n")
+    if res.culprit_pass is None:
+        from lowbit.cli.common import err_console
+
+        err_console.print(res.note)
+        raise typer.Exit(int(Exit.THRESHOLD))

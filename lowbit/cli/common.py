@@ -1,0 +1,285 @@
+"""What every ``lowbit`` command shares: exit codes, error reporting, model loading and capture, pipelines.
+
+The commands are thin: they turn flags into calls of the same functions ``compile_model`` uses
+(``load_model``, ``capture``, ``parse_pipeline``, ``PassManager``), so what the CLI shows is what the API does.
+Loaded models and captured graphs are cached per process, so in-process tests (and ``debug`` commands that
+capture once and run many pipelines) pay for loading only once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+def _width() -> int | None:
+    """Rich falls back to 80 columns when output is piped, which truncates the per-pass tables; use 160 then."""
+    return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+
+
+console = Console(highlight=False, width=_width())
+err_console = Console(stderr=True, highlight=False, width=_width())
+
+
+class Exit(IntEnum):
+    """Exit codes of every ``lowbit`` command (listed in ``lowbit --help``)."""
+
+    OK = 0
+    INTERNAL = 1
+    """An unexpected error (a bug in lowbit): the traceback is printed."""
+    USAGE = 2
+    """Bad flags or arguments, unknown pass/option/recipe/backend (the message names the closest valid ones)."""
+    NOT_FOUND = 3
+    """A model, data or input file does not exist or cannot be read."""
+    PIPELINE = 4
+    """A pass failed or left invalid IR (the message names the pass; ``--reproducer DIR`` saves a replay)."""
+    BACKEND = 5
+    """The backend could not lower or export the compiled graph."""
+    THRESHOLD = 6
+    """``debug bisect``: the full pipeline stays within ``--max-increase`` (nothing to bisect)."""
+
+
+_EXIT_DOCS = {
+    Exit.OK: "success",
+    Exit.INTERNAL: "unexpected internal error (a bug: the traceback is printed)",
+    Exit.USAGE: "bad flags or arguments; unknown pass, option, recipe or backend (closest names suggested)",
+    Exit.NOT_FOUND: "a model, data or input file does not exist or cannot be read",
+    Exit.PIPELINE: "a pass failed or left invalid IR (--reproducer DIR saves a replayable case)",
+    Exit.BACKEND: "the backend could not lower or export the graph",
+    Exit.THRESHOLD: "debug bisect: the whole pipeline stays within --max-increase (nothing to bisect)",
+}
+EXIT_CODES_HELP = "Exit codes: " + "; ".join(f"{int(c)} {d}" for c, d in _EXIT_DOCS.items()) + "."
+
+
+def fail(message: str, code: Exit) -> NoReturn:
+    """Print ``message`` on stderr and exit with ``code``; every expected error goes through here."""
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    raise typer.Exit(int(code))
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+_SLICE = re.compile(r"^(?P<name>.+):(?P<n>\d+)$")
+
+
+@dataclass
+class LoadedModel:
+    """A model as the CLI uses it: the module lowbit captures, its tokenizer and kind, and the spec it came from."""
+
+    spec: str
+    module: Any
+    tokenizer: Any
+    kind: str
+    n_layers: int | None = None
+
+
+_MODELS: dict[str, LoadedModel] = {}
+_GRAPHS: dict[str, Any] = {}
+
+
+def _decoder_layers(module: Any) -> tuple[Any, Any] | None:
+    """(container holding the layer list, config) of a CausalLMLogits or SentenceEmbedder, if recognisable."""
+    inner = getattr(module, "model", None)
+    if inner is not None and hasattr(getattr(inner, "model", None), "layers"):
+        return inner.model, inner.config
+    enc = getattr(module, "encoder", None)
+    if enc is not None and hasattr(getattr(enc, "encoder", None), "layer"):
+        return enc.encoder, enc.config
+    return None
+
+
+def load(spec: str) -> LoadedModel:
+    """Load ``spec`` (``smollm2``, ``minilm``, a path; ``NAME:N`` keeps the first N blocks) once per process.
+
+    ``smollm2:2`` is a real SmolLM2 cut to two decoder layers (final norm and lm_head kept): the debugging
+    commands are exercised on it in seconds. Missing paths exit with code 3, bad specs with 2.
+    """
+    if spec in _MODELS:
+        return _MODELS[spec]
+    from lowbit.models import load_model
+
+    name, n_layers = spec, None
+    m = _SLICE.match(spec)
+    if m and not Path(spec).exists():
+        name, n_layers = m.group("name"), int(m.group("n"))
+        if n_layers < 1:
+            fail(f"model {spec!r}: the layer count after ':' must be at least 1", Exit.USAGE)
+    base = _MODELS.get(name)
+    if base is None:
+        try:
+            module, tokenizer, kind = load_model(name)
+        except FileNotFoundError as exc:
+            fail(str(exc), Exit.NOT_FOUND)
+        except ValueError as exc:
+            fail(str(exc), Exit.USAGE)
+        base = _MODELS[name] = LoadedModel(name, module, tokenizer, kind)
+    if n_layers is None:
+        return base
+    import copy
+
+    found = _decoder_layers(base.module)
+    if found is None:
+        fail(f"model {spec!r}: cannot cut {type(base.module).__name__} to {n_layers} layers "
+             "(no decoder/encoder layer list found)", Exit.USAGE)
+    holder, config = found
+    attr = "layers" if hasattr(holder, "layers") else "layer"
+    total = len(getattr(holder, attr))
+    if n_layers > total:
+        fail(f"model {spec!r}: {name} has only {total} layers", Exit.USAGE)
+    # copy the module tree but share every weight tensor: cutting the copy's layer list must not touch the
+    # cached full model, and duplicating 500 MB of weights would cost seconds
+    memo: dict[int, Any] = {id(t): t for t in base.module.parameters()}
+    memo.update({id(t): t for t in base.module.buffers()})
+    module = copy.deepcopy(base.module, memo)
+    holder, config = _decoder_layers(module)  # type: ignore[misc]
+    setattr(holder, attr, getattr(holder, attr)[:n_layers])
+    config.num_hidden_layers = n_layers
+    sliced = _MODELS[spec] = LoadedModel(spec, module.eval(), base.tokenizer, base.kind, n_layers)
+    return sliced
+
+
+def capture_model(model: LoadedModel) -> Any:
+    """The model's captured IR (a fresh clone each call: passes mutate graphs in place)."""
+    if model.spec not in _GRAPHS:
+        from lowbit.api import _default_example
+        from lowbit.ir.capture import capture
+
+        example, dynamic = _default_example(model.module, model.tokenizer)
+        graph = capture(model.module, example, dynamic)
+        graph.meta["tokenizer"] = model.tokenizer
+        _GRAPHS[model.spec] = graph
+    return _GRAPHS[model.spec].clone()
+
+
+# ---- pipelines ----------------------------------------------------------------------------------
+
+def pipeline_text(pipeline: str | None, recipe: str | None) -> str:
+    """The pipeline text from ``--pipeline`` or ``--recipe``; errors name the closest recipe."""
+    if pipeline and recipe:
+        fail("give either --pipeline or --recipe, not both", Exit.USAGE)
+    if recipe:
+        return recipe_pipeline(recipe)
+    if not pipeline:
+        fail("give --pipeline 'pass,pass(opt=value)' or --recipe NAME (see `lowbit passes`, `lowbit recipes`)",
+             Exit.USAGE)
+    return pipeline
+
+
+def recipes_module() -> Any | None:
+    """``lowbit.recipes`` if it exists in this install, else None (recipes arrive with their own module)."""
+    try:
+        import lowbit.recipes as recipes
+    except ModuleNotFoundError as exc:
+        if exc.name == "lowbit.recipes":
+            return None
+        raise
+    return recipes
+
+
+def recipe_pipeline(name: str) -> str:
+    """The pipeline text of recipe ``name``; an unknown name or a recipe whose passes are missing exits 2."""
+    from lowbit.passes.base import closest
+
+    mod = recipes_module()
+    if mod is None:
+        fail(f"unknown recipe {name!r}: this install has no named recipes (lowbit.recipes is missing); "
+             "give the passes with --pipeline", Exit.USAGE)
+    known = sorted(getattr(mod, "RECIPES", {}))
+    try:
+        text = mod.get_recipe(name)
+    except (KeyError, ValueError) as exc:
+        message = str(exc).strip("'\"")
+        if name not in known and "unknown recipe" not in message:
+            message = f"unknown recipe {name!r}{closest(name, known)}; known: {', '.join(known) or 'none'}"
+        fail(message + " (see `lowbit recipes`)", Exit.USAGE)
+    return text if isinstance(text, str) else getattr(text, "pipeline", str(text))
+
+
+def parse(text: str) -> list[Any]:
+    """Parse pipeline text; a bad pass or option exits 2 with the parser's suggestion."""
+    from lowbit.passes.base import PassError
+    from lowbit.passes.manager import parse_pipeline
+
+    try:
+        return parse_pipeline(text)
+    except PassError as exc:
+        fail(str(exc), Exit.USAGE)
+
+
+# ---- output directories -------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_output_dir(final: Path, force: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``; it becomes ``final`` only if the block finishes.
+
+    A failed or interrupted command never leaves a half-written OUT: readers see the old directory or
+    the complete new one. An existing ``final`` is replaced only after the new one is complete.
+    """
+    final = final.expanduser()
+    if final.exists() and not final.is_dir():
+        fail(f"output {str(final)!r} exists and is not a directory", Exit.USAGE)
+    if final.exists() and not force:
+        fail(f"output directory {str(final)!r} exists (pass --force to replace it)", Exit.USAGE)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        _public_modes(tmp)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.rmdir(old)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public_modes(root: Path) -> None:
+    """mkdtemp/mkstemp create owner-only entries; give outputs the modes a plain write would have."""
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling, so readers never see half a file."""
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(name, 0o666 & ~_umask())
+    os.replace(name, path)
+
+
+def parse_percent_or_number(text: str) -> tuple[float, bool]:
+    """``"5%"`` → (0.05, relative=True); ``"0.3"`` → (0.3, relative=False)."""
+    t = text.strip()
+    try:
+        if t.endswith("%"):
+            return float(t[:-1]) / 100.0, True
+        return float(t), False
+    except ValueError:
+        fail(f"--max-increase {text!r}: give a percentage like 5% or an absolute amount like 0.5", Exit.USAGE)

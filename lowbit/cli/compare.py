@@ -1,0 +1,160 @@
+"""``lowbit debug compare``: what every pass costs, per layer, on real inputs.
+
+The float graph and the graph after each pass run the same WikiText-2 windows (or sentences); each block's
+output is compared with the float one (SQNR, cosine, max/mean abs error) and the end metric is taken from the
+same forward pass. Where other toolkits give one final number, this shows which pass and which layer the
+error comes from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse
+from lowbit.cli.probes import EvalInputs, Probe, end_metric, fmt_metric, layer_stats, make_inputs, metric_name, \
+    run_probe
+from lowbit.passes.manager import Instrument, PassRecord, compare_outputs
+
+
+@dataclass
+class Stage:
+    """The model after one pass (index -1: the float graph before any pass)."""
+
+    index: int
+    spec: str
+    changed: bool
+    seconds: float
+    metric: float
+    output: dict[str, float]
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class CompareResult:
+    model: str
+    pipeline: str
+    inputs: str
+    metric: str
+    stages: list[Stage]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite({"model": self.model, "pipeline": self.pipeline, "inputs": self.inputs, "metric": self.metric,
+                        "seconds": round(self.seconds, 3), "stages": [asdict(s) for s in self.stages]})
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no infinity: an identical layer's SQNR (inf dB) is written as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+class LayerCompare(Instrument):
+    """After every pass, run the graph on the inputs and record per-layer and end-metric differences."""
+
+    def __init__(self, inputs: EvalInputs, reference: Probe, metric: str, progress: Any = None) -> None:
+        self.inputs, self.reference, self.metric = inputs, reference, metric
+        self.stages: list[Stage] = []
+        self.progress = progress
+
+    def after_pass(self, record: PassRecord, p: Any, graph: Any) -> None:
+        if record.skipped:
+            return
+        try:
+            probe = run_probe(graph, self.inputs)
+        except Exception as exc:  # the pass verified but its graph does not run: name the pass, not a frame
+            fail(f"after pass {record.spec} (#{record.index}) the graph does not run on the inputs: "
+                 f"{type(exc).__name__}: {exc}", Exit.BACKEND)
+        self.stages.append(Stage(
+            record.index, record.spec, record.changed, record.seconds,
+            end_metric(self.metric, self.inputs, probe.output, self.reference.output),
+            compare_outputs(self.reference.output, probe.output), layer_stats(self.reference, probe)))
+        if self.progress is not None:
+            self.progress()
+
+
+def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128, n_sentences: int = 32,
+            verify_each: bool = True, reproducer: Path | None = None, progress: bool = True) -> CompareResult:
+    """Capture the model, run the pipeline with a LayerCompare instrument, return every stage's numbers."""
+    from rich.progress import Progress
+
+    from lowbit.cli.main import run_pipeline
+
+    t0 = time.perf_counter()
+    passes = parse(text)
+    loaded = load(model_spec)
+    metric = metric_name(loaded.kind, "auto")
+    inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
+    graph = capture_model(loaded)
+    with Progress(console=console, transient=True, disable=not progress) as bar:
+        task = bar.add_task("float reference", total=len(passes) + 1)
+        ref = run_probe(graph, inputs)
+        bar.advance(task)
+        stages = [Stage(-1, "float", False, 0.0, end_metric(metric, inputs, ref.output, ref.output),
+                        compare_outputs(ref.output, ref.output), layer_stats(ref, ref))]
+        ins = LayerCompare(inputs, ref, metric, progress=lambda: bar.advance(task))
+        run_pipeline(graph, passes, instruments=[ins], verify_each=verify_each, reproducer=reproducer,
+                     model_spec=model_spec)
+    stages += ins.stages
+    return CompareResult(model_spec, ",".join(p.spec() for p in passes), inputs.description, metric, stages,
+                         time.perf_counter() - t0)
+
+
+def _db(x: float) -> str:
+    return "inf" if not math.isfinite(x) else f"{x:.1f}"
+
+
+def summary_table(res: CompareResult) -> Table:
+    name = "perplexity" if res.metric == "ppl" else "1 - emb. cosine"
+    table = Table(title=f"{res.model}: per-pass error on {res.inputs}")
+    for col in ("#", "pass", name, "out SQNR dB", "out cosine", "worst layer", "its SQNR dB", "pass ms"):
+        table.add_column(col, justify="left" if col in ("pass", "worst layer") else "right")
+    for s in res.stages:
+        worst = min(s.layers.items(), key=lambda kv: kv[1]["sqnr_db"], default=None)
+        table.add_row("" if s.index < 0 else str(s.index), s.spec + ("" if s.changed or s.index < 0 else " (no change)"),
+                      fmt_metric(res.metric, s.metric), _db(s.output["sqnr_db"]), f"{s.output['cosine']:.6f}",
+                      worst[0] if worst else "-", _db(worst[1]["sqnr_db"]) if worst else "-",
+                      f"{s.seconds * 1e3:.0f}")
+    return table
+
+
+def layer_table(res: CompareResult) -> Table:
+    """Layers × passes, SQNR in dB: where along depth each pass's error appears."""
+    last = [s for s in res.stages if s.index >= 0]
+    table = Table(title="per-layer SQNR (dB) of the block output after each pass")
+    table.add_column("layer")
+    for s in last:
+        table.add_column(f"#{s.index} {s.spec[:24]}", justify="right")
+    layers = list(res.stages[0].layers)
+    for layer in layers:
+        table.add_row(layer, *[_db(s.layers.get(layer, {}).get("sqnr_db", float("nan"))) for s in last])
+    return table
+
+
+def run_compare(model_spec: str, text: str, *, windows: int, seq_len: int, n_sentences: int,
+                json_out: Path | None, html_out: Path | None, verify_each: bool, reproducer: Path | None) -> None:
+    res = compare(model_spec, text, windows=windows, seq_len=seq_len, n_sentences=n_sentences,
+                  verify_each=verify_each, reproducer=reproducer)
+    console.print(summary_table(res))
+    console.print(layer_table(res))
+    console.print(f"compare took {res.seconds:.1f} s", markup=False)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(res.to_dict(), indent=2) + "\n")
+        console.print(f"wrote {json_out}", markup=False)
+    if html_out is not None:
+        from lowbit.cli.report_html import render_report
+
+        atomic_write_text(html_out, render_report(res.to_dict()))
+        console.print(f"wrote {html_out}", markup=False)

@@ -1,0 +1,275 @@
+"""``lowbit inspect`` and ``lowbit graph``: look at a compiled artefact without running it.
+
+``inspect`` answers "what did compile produce": op counts, which weights are quantized (qdtype, granularity,
+packed bytes), parameter dtypes and sizes, for lowbit IR dumps and ONNX files alike. ``graph`` draws the IR
+grouped by module path, as Graphviz clusters or a JavaScript-free HTML page of nested ``<details>``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from lowbit.cli.common import Exit, atomic_write_text, console, fail
+
+MiB = 2**20
+
+
+def _read_lowbit(path: Path) -> tuple[Any, bool]:
+    from lowbit.cli.artifacts import load_graph
+    from lowbit.ir.parser import IRParseError
+
+    try:
+        return load_graph(path)
+    except IRParseError as exc:
+        fail(f"{str(path)!r} is not valid lowbit IR: {exc}", Exit.USAGE)
+
+
+def _resolve(file: Path) -> tuple[Path, str]:
+    if not file.exists():
+        fail(f"{str(file)!r}: no such file or directory", Exit.NOT_FOUND)
+    if file.is_dir():
+        if (file / "model.lowbit").is_file():
+            return file / "model.lowbit", "lowbit"
+        if (file / "model.onnx").is_file():
+            return file / "model.onnx", "onnx"
+        fail(f"directory {str(file)!r} has no model.lowbit or model.onnx", Exit.NOT_FOUND)
+    if file.suffix == ".onnx":
+        return file, "onnx"
+    if file.suffix in (".lowbit", ".ir", ".txt"):
+        return file, "lowbit"
+    fail(f"{str(file)!r}: expected a .lowbit IR dump, a compile output directory or an .onnx file", Exit.USAGE)
+
+
+def _bytes(v: Any) -> int:
+    if v.data is not None:
+        return v.data.numel() * v.data.element_size()
+    t = v.type
+    try:
+        return t.numel() * (t.dtype.itemsize if hasattr(t.dtype, "itemsize") else 4)
+    except (ValueError, AttributeError):
+        return 0
+
+
+def inspect_file(file: Path, top: int = 20) -> None:
+    path, kind = _resolve(file)
+    if kind == "onnx":
+        return _inspect_onnx(path, top)
+    graph, has_weights = _read_lowbit(path)
+    total = sum(_bytes(v) for v in graph.params.values())
+    console.print(f"{path}: graph {graph.name}, {len(graph.inputs)} inputs "
+                  f"({', '.join(f'{v.name}: {v.type}' for v in graph.inputs)}), {len(graph.nodes)} nodes, "
+                  f"{len(graph.params)} params, {total / MiB:.1f} MiB"
+                  + ("" if has_weights else " (types only: no params.safetensors beside it)"), markup=False)
+    ops = Table(title="ops")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    counts = graph.op_counts()
+    for op, n in list(counts.items())[:top]:
+        ops.add_row(op, str(n))
+    if len(counts) > top:
+        ops.add_row(f"... {len(counts) - top} more", "")
+    console.print(ops)
+
+    q = Table(title="quantized tensors (dequantize nodes)")
+    for col in ("tensor", "qdtype", "granularity", "shape", "bytes"):
+        q.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
+    qcount: Counter[str] = Counter()
+    shown = 0
+    for n in graph.nodes:
+        if n.op != "dequantize":
+            continue
+        src = n.args[0]
+        qd = n.kwargs.get("qdtype", "?")
+        qcount[f"{qd} {'weight' if src.is_param else 'activation'}"] += 1
+        if not src.is_param:
+            continue
+        axis, block = n.kwargs.get("axis"), n.kwargs.get("block_size")
+        scale = n.args[1] if len(n.args) > 1 else None
+        gran = (f"block {block} along axis {axis}" if block else
+                "per-tensor" if scale is not None and getattr(scale.type, "rank", 1) == 0 else f"per-axis {axis}")
+        if shown < top:
+            q.add_row(src.name, str(qd), gran, str(n.output.type), f"{_bytes(src):,}")
+        shown += 1
+    if shown > top:
+        q.add_row(f"... {shown - top} more", "", "", "", "")
+    console.print(q if shown else "no quantized weights")
+    if qcount:
+        console.print("quantize/dequantize pairs: " + ", ".join(f"{k} ×{v}" for k, v in sorted(qcount.items())),
+                      markup=False)
+
+    dt = Table(title="parameters by dtype")
+    for col in ("dtype", "tensors", "MiB"):
+        dt.add_column(col, justify="left" if col == "dtype" else "right")
+    by: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for v in graph.params.values():
+        key = str(v.type).split("[")[0]
+        by[key][0] += 1
+        by[key][1] += _bytes(v)
+    for key, (n, b) in sorted(by.items(), key=lambda kv: -kv[1][1]):
+        dt.add_row(key, str(n), f"{b / MiB:.2f}")
+    console.print(dt)
+
+
+def _inspect_onnx(path: Path, top: int) -> None:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        fail(f"{str(path)!r} is not a readable ONNX file: {exc}", Exit.USAGE)
+    g = model.graph
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import)
+    console.print(f"{path}: ONNX opsets {opsets}, "
+                  f"{len(g.node)} nodes, {len(g.initializer)} initializers, inputs "
+                  f"{[i.name for i in g.input]}, outputs {[o.name for o in g.output]}", markup=False)
+    ops = Table(title="ops")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    counts = Counter((f"{n.domain}::" if n.domain else "") + n.op_type for n in g.node)
+    for op, c in counts.most_common(top):
+        ops.add_row(op, str(c))
+    console.print(ops)
+    by: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    low: list[tuple[str, str, list[int], int]] = []
+    for init in g.initializer:
+        dtype = onnx.TensorProto.DataType.Name(init.data_type)
+        n = 1
+        for d in init.dims:
+            n *= d
+        bits = {"INT4": 4, "UINT4": 4, "INT8": 8, "UINT8": 8, "FLOAT16": 16, "BFLOAT16": 16, "FLOAT": 32,
+                "INT64": 64, "DOUBLE": 64, "INT32": 32, "FLOAT8E4M3FN": 8, "FLOAT8E5M2": 8, "BOOL": 8}.get(dtype, 32)
+        size = (n * bits + 7) // 8
+        by[dtype][0] += 1
+        by[dtype][1] += size
+        if dtype in ("INT4", "UINT4", "INT8", "UINT8", "FLOAT8E4M3FN", "FLOAT8E5M2") and n > 1024:
+            low.append((init.name, dtype, list(init.dims), size))
+    dt = Table(title="initializers by dtype")
+    for col in ("dtype", "tensors", "MiB"):
+        dt.add_column(col, justify="left" if col == "dtype" else "right")
+    for key, (n, b) in sorted(by.items(), key=lambda kv: -kv[1][1]):
+        dt.add_row(key, str(n), f"{b / MiB:.2f}")
+    console.print(dt)
+    if low:
+        q = Table(title="quantized initializers")
+        for col in ("name", "dtype", "dims", "bytes"):
+            q.add_column(col)
+        for name, dtype, dims, size in low[:top]:
+            q.add_row(name, dtype, str(dims), f"{size:,}")
+        console.print(q)
+
+
+# ---- graph drawing ------------------------------------------------------------------------------
+
+def _tree(graph: Any) -> dict[str, Any]:
+    """Nested dict of module path segments; nodes sit under ``""`` at their module's level."""
+    root: dict[str, Any] = {"": []}
+    for n in graph.nodes:
+        cur = root
+        for seg in [s for s in n.module.split(".") if s] if n.module else []:
+            cur = cur.setdefault(seg, {"": []})
+        cur[""].append(n)
+    return root
+
+
+def _count(tree: dict[str, Any]) -> int:
+    return len(tree[""]) + sum(_count(v) for k, v in tree.items() if k)
+
+
+def to_html(graph: Any, title: str) -> str:
+    from lowbit.ir.printer import format_node
+
+    def render(tree: dict[str, Any], path: str, depth: int) -> str:
+        parts = []
+        if tree[""]:
+            parts.append("<pre>" + "\n".join(html.escape(format_node(n)) for n in tree[""]) + "</pre>")
+        for key, sub in tree.items():
+            if not key:
+                continue
+            full = f"{path}.{key}" if path else key
+            ops = Counter(n.op for n in _walk(sub))
+            summary = ", ".join(f"{op}×{c}" for op, c in ops.most_common(4))
+            parts.append(f"<details{' open' if depth < 1 else ''}><summary><b>{html.escape(full)}</b> "
+                         f"<span class=c>({_count(sub)} nodes: {html.escape(summary)})</span></summary>"
+                         f"{render(sub, full, depth + 1)}</details>")
+        return "\n".join(parts)
+
+    body = render(_tree(graph), "", 0)
+    ins = ", ".join(f"%{v.name}: {v.type}" for v in graph.inputs)
+    return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title><style>"
+            "body{font-family:system-ui,sans-serif;margin:20px} details{margin-left:18px;border-left:1px solid #ddd;"
+            "padding-left:6px} summary{cursor:pointer} pre{font-size:12px;margin:4px 0 4px 18px} .c{color:#666}"
+            f"</style></head><body><h1>{html.escape(title)}</h1><p>graph {html.escape(graph.name)}({html.escape(ins)})"
+            f" · {len(graph.nodes)} nodes · {len(graph.params)} params · grouped by module (click to expand)</p>"
+            f"{body}<p>return {html.escape(', '.join(repr(v) for v in graph.outputs))}</p></body></html>\n")
+
+
+def _walk(tree: dict[str, Any]) -> list[Any]:
+    out = list(tree[""])
+    for k, v in tree.items():
+        if k:
+            out += _walk(v)
+    return out
+
+
+def to_dot(graph: Any, title: str) -> str:
+    """Graphviz: one cluster per module path level, nodes labelled by op, edges along values."""
+    ids: dict[int, str] = {}
+    lines = [f'digraph "{title}" {{', "  rankdir=TB; node [shape=box, fontsize=10, style=rounded];"]
+
+    def q(s: str) -> str:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    for i, v in enumerate(graph.inputs):
+        ids[id(v)] = f"in{i}"
+        lines.append(f"  in{i} [label={q(f'%{v.name}: {v.type}')}, shape=ellipse];")
+    counter = [0]
+
+    def emit(tree: dict[str, Any], path: str, indent: str) -> None:
+        for n in tree[""]:
+            nid = f"n{counter[0]}"
+            counter[0] += 1
+            for v in n.outputs:
+                ids[id(v)] = nid
+            lines.append(f"{indent}{nid} [label={q(n.op)[:-1]}\\n%{q(n.name)[1:]}];")
+        for key, sub in tree.items():
+            if not key:
+                continue
+            full = f"{path}.{key}" if path else key
+            lines.append(f"{indent}subgraph {q('cluster_' + full)} {{ label={q(full)}; style=rounded; color=gray;")
+            emit(sub, full, indent + "  ")
+            lines.append(f"{indent}}}")
+
+    emit(_tree(graph), "", "  ")
+    for n in graph.nodes:
+        for v in n.inputs():
+            if id(v) in ids and ids[id(v)] != ids.get(id(n.outputs[0])):
+                lines.append(f"  {ids[id(v)]} -> {ids[id(n.outputs[0])]};")
+    lines.append("  out [label=return, shape=ellipse];")
+    for v in graph.outputs:
+        if id(v) in ids:
+            lines.append(f"  {ids[id(v)]} -> out;")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def draw_graph(file: Path, fmt: str, out: Path | None) -> None:
+    from lowbit.passes.base import closest
+
+    if fmt not in ("dot", "html"):
+        fail(f"--format {fmt!r}{closest(fmt, ['dot', 'html'])}; give dot or html", Exit.USAGE)
+    path, kind = _resolve(file)
+    if kind != "lowbit":
+        fail("lowbit graph draws lowbit IR (.lowbit or a compile output directory); use Netron for ONNX",
+             Exit.USAGE)
+    graph, _ = _read_lowbit(path)
+    title = re.sub(r"\s+", " ", str(path))
+    text = to_dot(graph, title) if fmt == "dot" else to_html(graph, title)
+    target = out or path.with_suffix(f".{fmt}")
+    atomic_write_text(target, text)
+    console.print(f"wrote {target} ({len(graph.nodes)} nodes, format {fmt})", markup=False)

@@ -1,0 +1,531 @@
+"""The ``lowbit`` command: compile a model through a pass pipeline and debug what each pass does to it.
+
+Every command runs the same code as ``compile_model`` (load, capture, ``PassManager``, lower); the debugging
+commands add instruments and real inputs on top. Heavy imports happen inside the commands so ``lowbit
+--help`` and ``lowbit passes`` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from lowbit.cli.common import (
+    EXIT_CODES_HELP,
+    Exit,
+    atomic_output_dir,
+    capture_model,
+    console,
+    err_console,
+    fail,
+    load,
+    parse,
+    pipeline_text,
+    recipes_module,
+)
+
+app = typer.Typer(
+    name="lowbit",
+    help="Quantize PyTorch models through a pass pipeline you can see, check and bisect.",
+    epilog=EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+debug_app = typer.Typer(
+    help="Find which pass and which layer cost accuracy: compare, bisect, sensitivity.",
+    epilog=EXIT_CODES_HELP,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(debug_app, name="debug")
+
+MODEL_HELP = ("smollm2, minilm, an HF model directory or a .gguf file; NAME:N keeps the first N blocks "
+              "(smollm2:2 is a 2-layer SmolLM2)")
+PIPELINE_HELP = "pass pipeline text, e.g. 'fold-norms,dce,quantize(w=int4,group=64)' (see `lowbit passes`)"
+RECIPE_HELP = "a named recipe instead of --pipeline (see `lowbit recipes`)"
+
+
+# ---- passes / recipes ---------------------------------------------------------------------------
+
+def _type_name(annotation: Any) -> str:
+    if getattr(annotation, "__args__", None) or not hasattr(annotation, "__name__"):
+        return str(annotation).replace("typing.", "")
+    return annotation.__name__
+
+
+def option_docs(options_cls: type) -> dict[str, str]:
+    """Each option's attribute docstring (the string literal under it in the Options class), first line.
+
+    Pass options are documented that way in their source; pydantic does not keep those strings, so they are
+    read back from the source for ``lowbit passes NAME``.
+    """
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(options_cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for a, b in zip(body, body[1:]):
+            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+@app.command("passes")
+def passes_cmd(
+    name: Optional[str] = typer.Argument(None, help="show only this pass"),
+) -> None:
+    """List every registered pass: its options with types and defaults, and what it is for."""
+    from lowbit.passes.base import all_passes, closest
+
+    registry = all_passes()
+    if name is not None and name not in registry:
+        fail(f"unknown pass {name!r}{closest(name, sorted(registry))}", Exit.USAGE)
+    table = Table(title="lowbit passes", show_lines=True)
+    table.add_column("pass", style="bold cyan", no_wrap=True)
+    table.add_column("what it does")
+    table.add_column("options (type = default)")
+    for pname, cls in registry.items():
+        if name is not None and pname != name:
+            continue
+        opts = []
+        docs = option_docs(cls.Options) if name is not None else {}
+        for key, f in cls.Options.model_fields.items():
+            default = "required" if f.is_required() else repr(f.default)
+            line = f"{key}: {_type_name(f.annotation)} = {default}"
+            opts.append(Text(line) + (Text(f"\n    {docs[key]}", style="dim") if key in docs else Text("")))
+        exact = Text(" (exact)", style="green") if getattr(cls, "exact", False) else Text("")
+        doc = " ".join((cls.__doc__ or "").split()) if name is not None else cls.doc()
+        table.add_row(pname, Text(doc) + exact, Text("\n").join(opts) if opts else Text("-"))
+    console.print(table)
+
+
+@app.command("recipes")
+def recipes_cmd() -> None:
+    """List the named recipes and the pipeline text each one stands for."""
+    mod = recipes_module()
+    if mod is None:
+        console.print("No named recipes in this install (lowbit.recipes is missing); use --pipeline.")
+        return
+    table = Table(title="lowbit recipes", show_lines=True)
+    table.add_column("recipe", style="bold cyan", no_wrap=True)
+    table.add_column("pipeline")
+    table.add_column("about")
+    table.add_column("status")
+    for rname, entry in sorted(getattr(mod, "RECIPES", {}).items()):
+        text = entry if isinstance(entry, str) else str(getattr(entry, "pipeline", entry))
+        about = "" if isinstance(entry, str) else str(getattr(entry, "doc", "") or "")
+        try:
+            mod.get_recipe(rname)
+            status = Text("ready", style="green")
+        except Exception as exc:  # a recipe waiting for a pass is listed with the reason, not hidden
+            missing = re.search(r"needs pass\(es\) ([\w\-, ]+?), which", str(exc))
+            status = Text(f"needs {missing.group(1)}" if missing else f"unavailable: {exc}", style="yellow")
+        table.add_row(rname, text, about, status)
+    console.print(table)
+
+
+# ---- compile ------------------------------------------------------------------------------------
+
+class _RichStream:
+    """A text stream for ``PrintIR`` that colours unified-diff lines (``+`` green, ``-`` red, ``@@`` cyan)."""
+
+    def __init__(self, colour_diff: bool) -> None:
+        self.colour_diff = colour_diff
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            style = None
+            if self.colour_diff:
+                if line.startswith("+++") or line.startswith("---"):
+                    style = "bold"
+                elif line.startswith("+"):
+                    style = "green"
+                elif line.startswith("-"):
+                    style = "red"
+                elif line.startswith("@@"):
+                    style = "cyan"
+            if line.startswith("// -----"):
+                style = "bold magenta"
+            console.print(line, style=style, markup=False, highlight=False)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def read_overrides(path: Path) -> list[str]:
+    """The ``keep_float`` module globs of an override file written by ``lowbit debug sensitivity``."""
+    if not path.is_file():
+        fail(f"overrides file {str(path)!r}: no such file", Exit.NOT_FOUND)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        fail(f"overrides file {str(path)!r} is not JSON: {exc}", Exit.USAGE)
+    keep = data.get("keep_float") if isinstance(data, dict) else None
+    if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
+        fail(f"overrides file {str(path)!r} needs a 'keep_float' list of module globs", Exit.USAGE)
+    return keep
+
+
+def apply_overrides(passes: list[Any], keep: list[str], graph: Any, path: Path) -> list[Any]:
+    """Keep the override file's modules float in every quantizing pass (one with a QuantConfig or ``keep``).
+
+    Keeping the most damaging layers at higher precision is the mixed-precision decision ``debug sensitivity``
+    recommends.
+    """
+    from lowbit.cli.restrict import keep_float
+
+    out, touched = [], 0
+    for p in passes:
+        q = keep_float(p, keep, graph) if ("keep" in p.Options.model_fields or "config" in p.Options.model_fields) \
+            else None
+        touched += q is not None
+        out.append(q if q is not None else p)
+    if not touched:
+        fail(f"--overrides {str(path)!r}: no pass in the pipeline can keep modules float (quantize can)",
+             Exit.USAGE)
+    return out
+
+
+def run_pipeline(graph: Any, passes: list[Any], *, instruments: list[Any] = (), verify_each: bool = True,
+                 measure_memory: bool = False, reproducer: Path | None = None, model_spec: str = "",
+                 limit: int | None = None) -> Any:
+    """Run a PassManager; a failing pass exits 4 after saving a reproducer when asked."""
+    from lowbit.passes.manager import PassManager, PipelineError
+
+    original = graph.clone() if reproducer is not None else None
+    pm = PassManager(passes, verify_each=verify_each, instruments=list(instruments), limit=limit,
+                     measure_memory=measure_memory, keep_before_failure=reproducer is not None)
+    try:
+        return pm.run(graph)
+    except PipelineError as exc:
+        msg = str(exc)
+        if reproducer is not None:
+            from lowbit.cli.reproducer import write_reproducer
+
+            before = exc.graph_before if exc.graph_before is not None else original
+            start = max(exc.record.index, 0)
+            write_reproducer(reproducer, before, passes, start, msg, model_spec)
+            msg += f"\nreproducer written to {reproducer} (run `lowbit replay {reproducer}`)"
+        elif exc.record.index >= 0:
+            msg += "\n(rerun with --reproducer DIR to save the IR before this pass and replay it)"
+        fail(msg, Exit.PIPELINE)
+
+
+class RssPeak:
+    """Peak resident memory while each pass runs, sampled from /proc every 2 ms.
+
+    ``PassManager(measure_memory=True)`` uses tracemalloc, which sees Python objects but not tensor storage
+    (torch allocates outside Python's allocator), so a pass that copies a 100 MB weight shows 0 MiB there.
+    The RSS high-water mark above the level at the pass's start is what a user running out of memory needs.
+    An instrument by duck typing: ``PassManager`` only calls ``before_pass``/``after_pass``.
+    """
+
+    def __init__(self) -> None:
+        self.peaks: dict[int, float] = {}
+        self._stop: Any = None
+        self._thread: Any = None
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def before_pass(self, record: Any, p: Any, graph: Any) -> None:
+        import threading
+
+        start = self._rss()
+        box = [start]
+        self._stop = threading.Event()
+
+        def sample(stop: Any = self._stop) -> None:
+            while not stop.wait(0.002):
+                box[0] = max(box[0], self._rss())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        self._box, self._start = box, start
+
+    def after_pass(self, record: Any, p: Any, graph: Any) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        self.peaks[record.index] = (max(self._box[0], self._rss()) - self._start) / 2**20
+
+
+def timing_table(report: Any, rss: RssPeak | None = None) -> Table:
+    table = Table(title=f"pass timing ({report.seconds:.2f} s total)")
+    for col in ("#", "pass", "changed", "nodes", "wall ms", "verify ms", "py heap peak MiB", "RSS peak +MiB"):
+        table.add_column(col, justify="right" if col not in ("pass", "changed") else "left")
+    for r in report.records:
+        state = "skipped" if r.skipped else ("yes" if r.changed else "no")
+        peak = rss.peaks.get(r.index) if rss is not None else None
+        table.add_row(str(r.index), r.spec, state, f"{r.nodes_before}→{r.nodes_after}", f"{r.seconds * 1e3:.1f}",
+                      f"{r.verify_seconds * 1e3:.1f}", f"{r.peak_mb:.1f}", "-" if peak is None else f"{peak:.1f}")
+    return table
+
+
+@app.command("compile")
+def compile_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
+    backend: str = typer.Option("torch", "--backend", "-b", help="torch, onnxruntime, tensorrt or triton"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (model.lowbit, "
+                                       "params.safetensors, report.json); replaced only when the run succeeds"),
+    overrides: Optional[Path] = typer.Option(None, "--overrides", help="override file from `lowbit debug "
+                                             "sensitivity` (modules kept float)"),
+    print_ir_after_all: bool = typer.Option(False, "--print-ir-after-all", help="print the IR after every pass"),
+    print_ir_after_change: bool = typer.Option(False, "--print-ir-after-change",
+                                               help="print the IR after each pass that changed it"),
+    print_ir_diff: bool = typer.Option(False, "--print-ir-diff", help="coloured unified diff of the IR per pass"),
+    print_ir_after: list[str] = typer.Option([], "--print-ir-after", help="print the IR after this pass "
+                                             "(repeatable)"),
+    print_ir_before: bool = typer.Option(False, "--print-ir-before", help="print the captured IR first"),
+    filter: Optional[str] = typer.Option(None, "--filter", help="only show nodes whose module path matches this "
+                                         "regex in printed IR"),
+    verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each", help="run the verifier after each "
+                                     "pass"),
+    timing: bool = typer.Option(False, "--timing", help="table of per-pass wall time and peak memory"),
+    reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on failure, save the IR before the "
+                                              "failing pass, the pipeline, inputs and versions here"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no summary"),
+) -> None:
+    """Capture MODEL, run the pipeline over its IR, lower it to BACKEND and write the artefact and a report."""
+    from lowbit.api import BACKENDS, CompileReport, lower
+    from lowbit.passes.base import all_passes, closest
+    from lowbit.passes.manager import PrintIR
+
+    t0 = time.perf_counter()
+    text = pipeline_text(pipeline, recipe)
+    passes = parse(text)
+    if backend not in BACKENDS:
+        fail(f"unknown backend {backend!r}{closest(backend, list(BACKENDS))}; known: {', '.join(BACKENDS)}",
+             Exit.USAGE)
+    registry = all_passes()
+    for name in print_ir_after:
+        if name not in registry:
+            fail(f"--print-ir-after: unknown pass {name!r}{closest(name, sorted(registry))}", Exit.USAGE)
+    if filter is not None:
+        try:
+            re.compile(filter)
+        except re.error as exc:
+            fail(f"--filter {filter!r} is not a valid regex: {exc}", Exit.USAGE)
+    keep = read_overrides(overrides) if overrides is not None else None
+
+    loaded = load(model)
+    graph = capture_model(loaded)
+    if keep is not None:
+        passes = apply_overrides(passes, keep, graph, overrides)
+        console.print(f"overrides {overrides}: keeping {', '.join(keep) or 'nothing'} float -> "
+                      f"{','.join(p.spec() for p in passes)}", markup=False)
+    nodes_before, bytes_before = len(graph.nodes), graph.param_bytes()
+    instruments = []
+    if print_ir_after_all or print_ir_after_change or print_ir_diff or print_ir_after or print_ir_before:
+        instruments.append(PrintIR(after_all=print_ir_after_all, after_change=print_ir_after_change,
+                                   diff=print_ir_diff, after=print_ir_after, before_first=print_ir_before,
+                                   filter=filter, stream=_RichStream(colour_diff=print_ir_diff)))
+    rss = RssPeak() if timing else None
+    if rss is not None:
+        instruments.insert(0, rss)
+    report = run_pipeline(graph, passes, instruments=instruments, verify_each=verify_each, measure_memory=timing,
+                          reproducer=reproducer, model_spec=model)
+    try:
+        runner = lower(graph, backend)
+    except (ImportError, ModuleNotFoundError) as exc:
+        fail(f"backend {backend!r} is not available in this install: {exc}", Exit.BACKEND)
+    except Exception as exc:
+        fail(f"backend {backend!r} could not lower the graph: {type(exc).__name__}: {exc}", Exit.BACKEND)
+
+    from lowbit.ir.ops import is_semantic
+
+    compile_report = CompileReport(
+        capture={k: v for k, v in graph.meta.items() if k != "tokenizer" and _jsonable(v)},
+        pipeline=report, backend=backend, nodes_before=nodes_before, nodes_after=len(graph.nodes),
+        param_bytes_before=bytes_before, param_bytes_after=graph.param_bytes(),
+        generic_ops={k: v for k, v in graph.op_counts().items() if not is_semantic(k)},
+        seconds=time.perf_counter() - t0)
+    if timing:
+        console.print(timing_table(report, rss))
+    if out is not None:
+        _write_compile_output(out, graph, compile_report, runner, backend, model, text)
+    if not quiet:
+        console.print(compile_report.summary(), markup=False)
+        if out is not None:
+            console.print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})", markup=False)
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _write_compile_output(out: Path, graph: Any, report: Any, runner: Any, backend: str, model: str,
+                          text: str) -> None:
+    from lowbit.cli.artifacts import save_graph
+
+    with atomic_output_dir(out) as tmp:
+        save_graph(graph, tmp)
+        data = report.to_dict()
+        data["model"] = model
+        data["pipeline_text"] = text
+        data["files"] = ["model.lowbit", "params.safetensors", "report.json"]
+        if backend == "onnxruntime":
+            onnx_file = _export_onnx(runner, graph, report, tmp / "model.onnx")
+            if onnx_file:
+                data["files"].append("model.onnx")
+        (tmp / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _export_onnx(runner: Any, graph: Any, report: Any, path: Path) -> bool:
+    """Write model.onnx through ``lowbit.export`` when that module exists in this install."""
+    try:
+        from lowbit.export import export
+    except ModuleNotFoundError:
+        err_console.print("note: lowbit.export is not in this install; no model.onnx written")
+        return False
+    from lowbit.api import CompiledModel
+
+    try:
+        export(CompiledModel(runner, graph, report), path, "onnx")
+    except Exception as exc:
+        fail(f"ONNX export failed: {type(exc).__name__}: {exc}", Exit.BACKEND)
+    return path.exists()
+
+
+# ---- replay / inspect / graph -------------------------------------------------------------------
+
+@app.command("replay")
+def replay_cmd(
+    directory: Path = typer.Argument(..., help="a directory written by --reproducer"),
+    verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each"),
+) -> None:
+    """Re-run the failing part of a pipeline on the IR saved by ``--reproducer``; exits 4 if it still fails."""
+    from lowbit.cli.reproducer import replay
+
+    replay(directory, verify_each=verify_each)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    file: Path = typer.Argument(..., help="a .lowbit IR file, a compile output directory, or an .onnx file"),
+    top: int = typer.Option(20, help="show at most this many rows per table"),
+) -> None:
+    """Summarise a compiled artefact: ops, quantized tensors (qdtype, granularity), dtypes and sizes."""
+    from lowbit.cli.inspect import inspect_file
+
+    inspect_file(file, top=top)
+
+
+@app.command("graph")
+def graph_cmd(
+    file: Path = typer.Argument(..., help="a .lowbit IR file or a compile output directory"),
+    format: str = typer.Option("html", "--format", "-f", help="dot or html"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file (default: beside FILE)"),
+) -> None:
+    """Draw the graph grouped by module: Graphviz dot (clusters) or HTML (collapsible, no JavaScript)."""
+    from lowbit.cli.inspect import draw_graph
+
+    draw_graph(file, format, out)
+
+
+# ---- debug --------------------------------------------------------------------------------------
+
+@debug_app.command("compare")
+def compare_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
+    windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows to run"),
+    seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),
+    sentences: int = typer.Option(32, help="encoders: WikiText-2 sentences to embed"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the numbers as JSON here"),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report here"),
+    verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each"),
+    reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on a failing pass, save a replay here"),
+) -> None:
+    """Run real inputs through the float graph and after every pass: per-pass, per-layer error and end metric."""
+    from lowbit.cli.compare import run_compare
+
+    run_compare(model, pipeline_text(pipeline, recipe), windows=windows, seq_len=seq_len, n_sentences=sentences,
+                json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer)
+
+
+@debug_app.command("bisect")
+def bisect_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
+    metric: str = typer.Option("auto", help="ppl (causal LMs), cos (encoders: 1 - embedding cosine) or auto"),
+    max_increase: str = typer.Option("5%", help="allowed metric increase over float: 5% (relative) or 0.01 "
+                                     "(absolute)"),
+    windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows per evaluation"),
+    seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),
+    sentences: int = typer.Option(32, help="encoders: sentences per evaluation"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON here"),
+) -> None:
+    """Find the first pass that pushes the metric past the threshold, then the fewest layers responsible."""
+    from lowbit.cli.bisect import run_bisect
+
+    run_bisect(model, pipeline_text(pipeline, recipe), metric=metric, max_increase=max_increase,
+               windows=windows, seq_len=seq_len, n_sentences=sentences, json_out=json_out)
+
+
+@debug_app.command("sensitivity")
+def sensitivity_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    scheme: str = typer.Option("w4a4", help="w4a4, w8a8, w4 (weights only), ... or quantize options "
+                               "'w=int4,group=64,a=int8'"),
+    group: Optional[int] = typer.Option(None, help="weight group size for wNaM schemes"),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="passes to run before quantize "
+                                           "(e.g. fold-norms)"),
+    granularity: str = typer.Option("block", help="block (one transformer block at a time) or linear"),
+    metric: str = typer.Option("auto", help="ppl, cos or auto"),
+    keep_top: int = typer.Option(1, help="how many of the most damaging units the override file keeps float"),
+    windows: int = typer.Option(4), seq_len: int = typer.Option(128), sentences: int = typer.Option(32),
+    out: Path = typer.Option(Path("sensitivity.json"), "--out", "-o", help="override file for `lowbit compile "
+                             "--overrides`"),
+) -> None:
+    """Quantize one layer at a time, rank layers by metric damage, write an override file compile accepts."""
+    from lowbit.cli.sensitivity import run_sensitivity
+
+    run_sensitivity(model, scheme, group=group, prefix=pipeline, granularity=granularity, metric=metric,
+                    keep_top=keep_top, windows=windows, seq_len=seq_len, n_sentences=sentences, out=out)
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m lowbit.cli.main`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

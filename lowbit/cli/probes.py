@@ -1,0 +1,142 @@
+"""Real inputs, per-block probes and the end metric: what ``debug compare``, ``bisect`` and ``sensitivity`` measure.
+
+A graph is run with the residual stream at the end of every block (``lowbit.ir.graph.blocks``) added to its
+outputs, so one forward pass gives both the per-layer error and the end metric. Blocks are found afresh in
+each graph by module path, so a pass that renames or replaces nodes is still compared layer by layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+import torch
+import torch.nn.functional as F
+
+from lowbit.cli.common import Exit, LoadedModel, fail
+from lowbit.ir.graph import Graph, Value, blocks
+from lowbit.passes.manager import compare_outputs
+
+
+@dataclass
+class EvalInputs:
+    """The real inputs one evaluation uses, and how they were chosen (reported alongside the numbers)."""
+
+    kind: str
+    args: tuple[torch.Tensor, ...]
+    description: str
+
+
+def make_inputs(model: LoadedModel, *, windows: int = 4, seq_len: int = 128, n_sentences: int = 32) -> EvalInputs:
+    """WikiText-2 test windows for causal LMs (as ``lowbit.eval.perplexity`` cuts them), sentences for encoders."""
+    if model.kind == "causal-lm":
+        from lowbit.eval.perplexity import token_ids
+        from lowbit.eval.perplexity import windows as cut
+
+        try:
+            ids = cut(token_ids("wikitext2-test", model.tokenizer), seq_len, windows)
+        except (FileNotFoundError, ValueError) as exc:
+            fail(f"evaluation text: {exc}", Exit.NOT_FOUND if isinstance(exc, FileNotFoundError) else Exit.USAGE)
+        return EvalInputs("causal-lm", (ids,), f"{ids.shape[0]} WikiText-2 test windows × {seq_len} tokens")
+    from lowbit.eval.embedding import load_sentences
+
+    try:
+        sents = load_sentences(n_sentences)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(f"evaluation sentences: {exc}", Exit.NOT_FOUND if isinstance(exc, FileNotFoundError) else Exit.USAGE)
+    enc = model.tokenizer(sents, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    return EvalInputs("encoder", (enc["input_ids"], enc["attention_mask"]),
+                      f"{len(sents)} WikiText-2 test sentences")
+
+
+def block_outputs(graph: Graph) -> list[tuple[str, Value]]:
+    """(block prefix, the value leaving the block) for every block: its residual stream output.
+
+    The value leaving a block is the last one it defines that anything outside the block (or the graph's
+    outputs) reads: the final residual add of a pre-norm decoder layer, the output LayerNorm of BERT's.
+    """
+    users = graph.users()
+    outs = graph.output_ids()
+    result = []
+    for region in blocks(graph):
+        inside = {id(n) for n in region.nodes}
+        leaving = None
+        for n in region.nodes:
+            for v in n.outputs:
+                readers = users.get(id(v), [])
+                if id(v) in outs or any(id(r) not in inside for r in readers):
+                    leaving = v
+        if leaving is not None:
+            result.append((region.prefix, leaving))
+    return result
+
+
+@dataclass
+class Probe:
+    """One forward pass of a graph on the inputs: the final output and each block's output."""
+
+    output: torch.Tensor
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def run_probe(graph: Graph, inputs: EvalInputs, with_layers: bool = True) -> Probe:
+    """Run ``graph`` (not modified) with every block output added to its outputs."""
+    from lowbit.backends.torch_backend import TorchCompiled
+
+    g = graph.clone()
+    probes = block_outputs(g) if with_layers else []
+    n_out = len(g.outputs)
+    g.outputs = list(g.outputs) + [v for _, v in probes]
+    runner = TorchCompiled(g)
+    # SmolLM2 is captured with batch 1 (only the sequence is dynamic): feed such a graph one row at a time
+    static_batch = [v.type.shape[0] == 1 for v in g.inputs if getattr(v.type, "shape", None)]
+    rows = inputs.args[0].shape[0]
+    chunks = [tuple(a[i:i + 1] for a in inputs.args) for i in range(rows)] if any(static_batch) and rows > 1 \
+        else [inputs.args]
+    parts = []
+    with torch.inference_mode():
+        for chunk in chunks:
+            out = runner(*chunk)
+            parts.append(out if isinstance(out, (tuple, list)) else (out,))
+    res = [torch.cat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(len(parts[0]))]
+    return Probe(res[0].detach(), {name: res[n_out + i].detach() for i, (name, _) in enumerate(probes)})
+
+
+def metric_name(kind: str, metric: str) -> str:
+    """Resolve ``auto``; ppl only makes sense for causal LMs and cos for encoders."""
+    if metric == "auto":
+        return "ppl" if kind == "causal-lm" else "cos"
+    if metric not in ("ppl", "cos"):
+        from lowbit.passes.base import closest
+
+        fail(f"unknown metric {metric!r}{closest(metric, ['ppl', 'cos'])}; known: ppl, cos", Exit.USAGE)
+    if metric == "ppl" and kind != "causal-lm":
+        fail("--metric ppl needs a causal LM; encoders use --metric cos (1 - embedding cosine)", Exit.USAGE)
+    if metric == "cos" and kind != "encoder":
+        fail("--metric cos is for sentence encoders; causal LMs use --metric ppl", Exit.USAGE)
+    return metric
+
+
+def end_metric(metric: str, inputs: EvalInputs, output: torch.Tensor, reference: torch.Tensor | None) -> float:
+    """Perplexity of the windows (each predicts tokens 1..L-1, as ``lowbit.eval.perplexity``), or 1 - mean cosine
+    between the embeddings and the float model's."""
+    if metric == "ppl":
+        ids = inputs.args[0]
+        logits = output[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        return math.exp(nll.double().item() / ids[:, 1:].numel())
+    assert reference is not None
+    cos = F.cosine_similarity(output.double(), reference.double(), dim=-1)
+    return float(1.0 - cos.mean().item())
+
+
+def layer_stats(ref: Probe, cand: Probe) -> dict[str, dict[str, float]]:
+    """SQNR, cosine, max/mean abs error of each block output present in both probes."""
+    return {name: compare_outputs(t, cand.layers[name]) for name, t in ref.layers.items() if name in cand.layers
+            and cand.layers[name].shape == t.shape}
+
+
+def fmt_metric(metric: str, value: float) -> str:
+    """Perplexity with 3 decimals (4 significant digits once it is huge, as for a truncated model); cos distance 5."""
+    if metric == "ppl":
+        return f"{value:.3f}" if value < 1e4 else f"{value:.4g}"
+    return f"{0.0 if abs(value) < 5e-6 else value:.5f}"  # 1 - cos of identical outputs rounds to -1e-17

@@ -1,0 +1,113 @@
+"""``lowbit debug sensitivity``: quantize one layer at a time and rank layers by the damage they do alone.
+
+Each unit (a block, or one linear) gets the ``quantize`` pass restricted to it (``lowbit.cli.restrict``) on top of
+the float graph (after an optional prefix such as ``fold-norms``), and the end metric is measured on real inputs.
+The most damaging units are the ones worth keeping at higher precision: the result is an override file that
+``lowbit compile --overrides`` reads (it adds those units to ``quantize``'s ``keep`` list).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress
+from rich.table import Table
+
+from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse
+from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_name, run_probe
+from lowbit.cli.restrict import block_units, how_restricted, linear_units, restrict
+
+OVERRIDES_FORMAT = "lowbit-overrides/1"
+_SCHEME = re.compile(r"^w(?P<w>\d+)(?:a(?P<a>\d+))?$", re.I)
+
+
+def scheme_to_pipeline(scheme: str, group: int | None) -> str:
+    """``w4a4`` → ``quantize(w=int4,a=int4)``; ``a16`` (or no ``a``) keeps activations float; options pass through."""
+    s = scheme.strip()
+    if "=" in s:
+        return f"quantize({s})"
+    m = _SCHEME.match(s)
+    if not m:
+        fail(f"--scheme {scheme!r}: give wNaM (w4a4, w8a8, w4a16, w4) or quantize options like "
+             "'w=int4,group=64,a=int8'", Exit.USAGE)
+    opts = [f"w=int{m.group('w')}"]
+    if group:
+        opts.append(f"group={group}")
+    if m.group("a") and int(m.group("a")) < 16:
+        opts.append(f"a=int{m.group('a')}")
+    return f"quantize({','.join(opts)})"
+
+
+def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefix: str | None = None,
+                granularity: str = "block", metric: str = "auto", windows: int = 4, seq_len: int = 128,
+                n_sentences: int = 32, progress: bool = True) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    qtext = scheme_to_pipeline(scheme, group)
+    (qpass,) = parse(qtext)
+    pre = parse(prefix) if prefix else []
+    if how_restricted(qpass) is None:
+        fail(f"pass {qpass.name} has no 'modules' or 'keep' option: it cannot be applied one layer at a time",
+             Exit.USAGE)
+    if granularity not in ("block", "linear"):
+        fail(f"--granularity {granularity!r}: give block or linear", Exit.USAGE)
+    loaded = load(model_spec)
+    metric = metric_name(loaded.kind, metric)
+    inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
+    graph = capture_model(loaded)
+    reference = run_probe(graph, inputs, with_layers=False).output
+    from lowbit.cli.main import run_pipeline
+
+    if pre:
+        run_pipeline(graph, pre, model_spec=model_spec)
+
+    def score(g: Any) -> float:
+        return end_metric(metric, inputs, run_probe(g, inputs, with_layers=False).output, reference)
+
+    baseline = score(graph)
+    units = block_units(graph) if granularity == "block" else linear_units(graph)
+    if not units:
+        fail("the graph has no blocks (model.layers.N / encoder.layer.N) to quantize one at a time", Exit.USAGE)
+    rows = []
+    with Progress(console=console, transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"{qtext} one {granularity} at a time", total=len(units) + 1)
+        for u in units:
+            g = graph.clone()
+            run_pipeline(g, [restrict(qpass, [u], units)], model_spec=model_spec)
+            value = score(g)
+            rows.append({"module": u.name, "glob": u.glob, "metric": value, "damage": value - baseline})
+            bar.advance(task)
+        g = graph.clone()
+        run_pipeline(g, [qpass], model_spec=model_spec)
+        everything = score(g)
+        bar.advance(task)
+    rows.sort(key=lambda r: -r["damage"])
+    return {"format": OVERRIDES_FORMAT, "model": model_spec, "scheme": scheme, "quantize": qpass.spec(),
+            "prefix": ",".join(p.spec() for p in pre), "granularity": granularity, "metric": metric,
+            "inputs": inputs.description, "baseline": baseline, "all_quantized": everything, "ranking": rows,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def run_sensitivity(model_spec: str, scheme: str, *, group: int | None, prefix: str | None, granularity: str,
+                    metric: str, keep_top: int, windows: int, seq_len: int, n_sentences: int, out: Path) -> None:
+    res = sensitivity(model_spec, scheme, group=group, prefix=prefix, granularity=granularity, metric=metric,
+                      windows=windows, seq_len=seq_len, n_sentences=n_sentences)
+    m = res["metric"]
+    keep = [r["glob"] for r in res["ranking"][:max(0, keep_top)]]
+    res["keep_float"] = keep
+    table = Table(title=f"{res['quantize']} one {granularity} at a time on {res['model']} "
+                  f"(float {m} {fmt_metric(m, res['baseline'])}, all quantized {fmt_metric(m, res['all_quantized'])})")
+    for col in ("rank", granularity, m, "damage", "override"):
+        table.add_column(col, justify="left" if col in (granularity, "override") else "right")
+    for i, r in enumerate(res["ranking"], 1):
+        rel = f" ({r['damage'] / res['baseline']:+.1%})" if res["baseline"] else ""
+        table.add_row(str(i), r["module"], fmt_metric(m, r["metric"]), f"{r['damage']:+.4g}{rel}",
+                      "keep float" if r["glob"] in keep else "")
+    console.print(table)
+    atomic_write_text(out, json.dumps(res, indent=2) + "\n")
+    pipe = ",".join(x for x in (res["prefix"], res["quantize"]) if x)
+    console.print(f"wrote {out} ({res['seconds']:.1f} s); use it with:\n"
+                  f"  lowbit compile {model_spec} --pipeline '{pipe}' --overrides {out} -o OUT", markup=False)

@@ -1,0 +1,319 @@
+"""The ``lowbit`` command on real models: MiniLM and a 2-layer SmolLM2 slice (``smollm2:2``).
+
+Commands run in-process through typer's CliRunner (models are loaded and captured once per process by
+``lowbit.cli.common``), one runs as a real subprocess through the installed console script, and the HTML
+report is rendered by headless Chromium when it is installed. Evaluations use 2 windows × 32 tokens so the
+whole file stays well under two minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lowbit.cli.main import app
+from lowbit.passes.base import Pass, PassError, PassOptions, PassResult, register_pass
+
+SMALL = ["--windows", "2", "--seq-len", "32"]
+QUANT = "fold-norms,dce,quantize(w=int4,group=64,a=int8)"
+
+
+# ---- test-only passes: a planted bug and a pass that crashes ---------------------------------------
+
+class PlantOptions(PassOptions):
+    modules: str = ""
+    """Regex on module paths: the common handle bisect restricts passes with."""
+    layer: int = 1
+    """The block whose down_proj the planted bug wrecks."""
+
+
+@register_pass
+class PlantBad(Pass):
+    """Test only: scales every matched down_proj by 1+1e-6, but block ``layer``'s by -20 (the planted bug)."""
+
+    name = "test-plant-bad"
+    Options = PlantOptions
+
+    def run(self, graph):
+        rx = re.compile(self.options.modules) if self.options.modules else None
+        touched = 0
+        for node in graph.nodes:
+            if node.op == "linear" and node.module.endswith("mlp.down_proj") and (rx is None or rx.search(node.module)):
+                w = node.args[1]
+                bad = node.module.startswith(f"model.layers.{self.options.layer}.")
+                graph.set_param(w.name, w.data * (-20.0 if bad else 1.0 + 1e-6))
+                touched += 1
+        return PassResult(touched > 0, {"touched": touched})
+
+
+@register_pass
+class ScaleAll(Pass):
+    """Test only: a damaging pass with no option to restrict it to some layers."""
+
+    name = "test-scale-all"
+
+    def run(self, graph):
+        for node in graph.nodes:
+            if node.op == "linear" and node.module.endswith("mlp.down_proj"):
+                graph.set_param(node.args[1].name, node.args[1].data * -20.0)
+        return PassResult(True)
+
+
+@register_pass
+class Explode(Pass):
+    """Test only: always fails, to exercise reproducers."""
+
+    name = "test-explode"
+
+    def run(self, graph):
+        raise PassError("pass test-explode: planted failure on purpose")
+
+
+def invoke(*args: str, code: int = 0):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    if res.exit_code != code:
+        if res.exception is not None and not isinstance(res.exception, SystemExit):
+            raise res.exception
+        raise AssertionError(f"exit {res.exit_code} (wanted {code}) for {args}:\n{res.output}")
+    return res
+
+
+# ---- listing and bad input ----------------------------------------------------------------------
+
+def test_passes_lists_options_and_docs():
+    out = invoke("passes").output
+    for name in ("fold-norms", "dce", "constant-fold"):
+        assert name in out
+    assert "modules: str = ''" in out
+    detail = invoke("passes", "fold-norms").output
+    assert "Regex on the norm's module path" in detail  # option docstrings are shown for one pass
+    assert "did you mean 'fold-norms'" in invoke("passes", "fold-norm", code=2).output
+
+
+def test_recipes_listing_or_clear_absence():
+    out = invoke("recipes").output
+    assert "recipe" in out.lower()
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["compile", "minilm", "--pipeline", "fold-norm"], 2, "did you mean 'fold-norms'"),
+    (["compile", "minilm", "--pipeline", "fold-norms(module=x)"], 2, "did you mean 'modules'"),
+    (["compile", "minilm", "--pipeline", "dce", "--backend", "onnxrt"], 2, "did you mean 'onnxruntime'"),
+    (["compile", "minilm", "--recipe", "no-such-recipe"], 2, "recipe"),
+    (["compile", "minilm"], 2, "--pipeline"),
+    (["compile", "/no/such/model", "--pipeline", "dce"], 3, "no such file"),
+    (["compile", "smollm2:0", "--pipeline", "dce"], 2, "at least 1"),
+    (["compile", "minilm", "--pipeline", "dce", "--print-ir-after", "fold-norm"], 2, "did you mean"),
+    (["inspect", "/no/such/file.lowbit"], 3, "no such file"),
+    (["debug", "bisect", "minilm", "--pipeline", "dce", "--metric", "pll"], 2, "did you mean 'ppl'"),
+    (["debug", "bisect", "minilm", "--pipeline", "dce"], 2, "absolute amount"),
+    (["debug", "sensitivity", "minilm", "--scheme", "w4x4"], 2, "give wNaM"),
+])
+def test_bad_input_exit_codes(args, code, needle):
+    assert needle in invoke(*args, code=code).output
+
+
+def test_help_documents_exit_codes():
+    out = " ".join(invoke("--help").output.replace("│", " ").split())
+    assert "Exit codes" in out and "4 a pass failed" in out and "6 debug bisect" in out
+
+
+def test_recipe_to_onnxruntime_then_inspect_in_subprocess(tmp_path):
+    """A recipe compiled for onnxruntime writes model.onnx; the installed console script inspects it."""
+    out = tmp_path / "ort"
+    invoke("compile", "minilm", "--recipe", "w8a8", "--backend", "onnxruntime", "-o", out, "--quiet")
+    assert (out / "model.onnx").is_file()
+    exe = shutil.which("lowbit")
+    cmd = [exe] if exe else [sys.executable, "-m", "lowbit.cli.main"]
+    res = subprocess.run(cmd + ["inspect", str(out / "model.onnx")], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    assert "QuantizeLinear" in res.stdout and "INT8" in res.stdout
+    bad = subprocess.run(cmd + ["inspect", str(tmp_path / "missing.onnx")], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert bad.returncode == 3 and "no such file" in bad.stderr
+
+
+# ---- compile ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compiled_slice(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "slice"
+    res = invoke("compile", "smollm2:2", "--pipeline", QUANT, "-o", out, "--timing",
+                 "--print-ir-after", "quantize", "--filter", r"layers\.1\.mlp\.down_proj")
+    assert "pass timing" in res.output and "RSS peak" in res.output
+    assert "// ----- IR after quantize" in res.output
+    printed = res.output.split("// ----- IR after quantize")[1]
+    assert "model.layers.1.mlp.down_proj" in printed and "model.layers.0.mlp" not in printed  # --filter
+    return out
+
+
+def test_compile_writes_complete_artefact(compiled_slice):
+    from lowbit.backends.torch_backend import TorchCompiled
+    from lowbit.cli.artifacts import load_graph
+    from lowbit.cli.common import load
+
+    assert sorted(p.name for p in compiled_slice.iterdir()) == ["model.lowbit", "params.safetensors", "report.json"]
+    report = json.loads((compiled_slice / "report.json").read_text())
+    assert report["model"] == "smollm2:2" and report["backend"] == "torch"
+    assert [p["name"] for p in report["pipeline"]["passes"]] == ["fold-norms", "dce", "quantize"]
+    assert not list(compiled_slice.parent.glob(".slice.*"))  # no temp dirs left beside OUT
+    graph, has_weights = load_graph(compiled_slice)
+    assert has_weights and graph.op_counts()["dequantize"] >= 14
+    # the artefact computes what a fresh compile of the same slice computes
+    ids = torch.arange(1, 17)[None, :]
+    ref_model = load("smollm2:2").module
+    with torch.no_grad():
+        float_logits = ref_model(ids)
+    out = TorchCompiled(graph)(ids)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), float_logits.flatten(), dim=0)
+    assert 0.98 < cos < 1.0  # quantized (not identical), but close to the float slice
+
+
+def test_compile_minilm_diff_and_failure_leaves_out_untouched(tmp_path):
+    res = invoke("compile", "minilm", "--pipeline", "dce,quantize(w=int8)", "--print-ir-diff", "--filter",
+                 r"encoder\.layer\.0\.attention\.self\.query", "--print-ir-after-change")
+    assert "// ----- IR after quantize(w=int8)" in res.output and "IR after dce" not in res.output
+    assert "// dce: no change" in res.output
+    assert "--- before quantize(w=int8)" in res.output and "+++ after quantize(w=int8)" in res.output
+    assert re.search(r"^\+.*dequantize\(@encoder\.layer\.0\.attention\.self\.query", res.output, re.M)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    repro = tmp_path / "repro"
+    res = invoke("compile", "minilm", "--pipeline", "fold-norms,test-explode,dce", "-o", out,
+                 "--reproducer", repro, "--print-ir-after-all", "--filter", r"^pooler", "--no-verify-each", code=4)
+    assert "// ----- IR after fold-norms" in res.output
+    assert "test-explode" in res.output and "lowbit replay" in res.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # OUT is untouched by the failed run
+    manifest = json.loads((repro / "reproducer.json").read_text())
+    assert manifest["failing_pass"] == "test-explode" and manifest["replay_pipeline"] == "test-explode,dce"
+    assert {"before.lowbit", "before.safetensors", "inputs.pt", "error.txt", "pipeline.txt"} <= \
+        {p.name for p in repro.iterdir()}
+    assert "torch" in manifest["versions"]
+    replayed = invoke("replay", repro, code=4)
+    assert "reproduced" in replayed.output and "planted failure" in replayed.output
+    # the saved IR is the IR after fold-norms (the pass before the failing one ran)
+    assert "layer_norm" in (repro / "before.lowbit").read_text()
+
+
+def test_inspect_and_graph(compiled_slice, tmp_path):
+    res = invoke("inspect", compiled_slice)
+    assert "quantized tensors" in res.output and "int4" in res.output and "int8 activation" in res.output
+    html_file, dot_file = tmp_path / "g.html", tmp_path / "g.dot"
+    invoke("graph", compiled_slice, "--format", "html", "-o", html_file)
+    invoke("graph", compiled_slice / "model.lowbit", "--format", "dot", "-o", dot_file)
+    page = html_file.read_text()
+    assert "<details" in page and "model.layers.1.mlp" in page and "<script" not in page
+    dot = dot_file.read_text()
+    assert dot.startswith("digraph") and 'subgraph "cluster_model.layers.0"' in dot
+    assert "did you mean 'dot'" in invoke("graph", compiled_slice, "--format", "dott", code=2).output
+
+
+# ---- debug compare / bisect / sensitivity --------------------------------------------------------
+
+def test_debug_compare_smollm2_slice(tmp_path):
+    js, page = tmp_path / "cmp.json", tmp_path / "cmp.html"
+    res = invoke("debug", "compare", "smollm2:2", "--pipeline", QUANT, *SMALL, "--json", js, "--html", page)
+    assert "per-layer SQNR" in res.output
+    data = json.loads(js.read_text())
+    stages = {s["spec"]: s for s in data["stages"]}
+    assert list(stages["float"]["layers"]) == ["model.layers.0", "model.layers.1"]
+    assert stages["fold-norms"]["layers"]["model.layers.1"]["sqnr_db"] > 80  # exact pass: float rounding only
+    q = stages["quantize(w=int4,group=64,a=int8)"]
+    assert 5 < q["layers"]["model.layers.1"]["sqnr_db"] < 40 and q["metric"] > stages["float"]["metric"]
+    html_text = page.read_text()
+    assert html_text.count("<svg") == 2 and "http" not in html_text.replace("http://www.w3.org/2000/svg", "")
+
+
+def test_debug_compare_minilm():
+    res = invoke("debug", "compare", "minilm", "--pipeline", "quantize(w=int8,a=int8)", "--sentences", "4")
+    assert "encoder.layer.5" in res.output and "1 - emb. cosine" in res.output
+
+
+def test_debug_bisect_names_planted_pass_and_layer(tmp_path):
+    js = tmp_path / "bisect.json"
+    res = invoke("debug", "bisect", "smollm2:2", "--pipeline", "fold-norms,test-plant-bad,dce", *SMALL,
+                 "--max-increase", "5%", "--json", js)
+    data = json.loads(js.read_text())
+    assert data["culprit_pass"] == "test-plant-bad" and data["culprit_index"] == 1
+    assert data["culprit_layers"] == ["model.layers.1"]
+    assert "reproduce with" in res.output and "test-plant-bad(modules=" in data["reproduce"]
+    # the printed command really reproduces the damage
+    repro_pipeline = re.search(r"--pipeline '([^']+)'", data["reproduce"]).group(1)
+    rerun = tmp_path / "rerun.json"
+    invoke("debug", "compare", "smollm2:2", "--pipeline", repro_pipeline, *SMALL, "--json", rerun)
+    final = json.loads(rerun.read_text())["stages"][-1]["metric"]
+    assert final > data["threshold"]
+
+
+def test_debug_bisect_pass_without_module_option_reports_pass_only():
+    res = invoke("debug", "bisect", "smollm2:2", "--pipeline", "fold-norms,test-scale-all", *SMALL)
+    assert "#1 test-scale-all" in res.output and "no 'modules'" in res.output
+    assert "culprit layers" not in res.output
+
+
+def test_debug_bisect_within_threshold_exits_6():
+    res = invoke("debug", "bisect", "smollm2:2", "--pipeline", "fold-norms,dce", *SMALL, code=6)
+    assert "nothing to bisect" in res.output
+
+
+def test_debug_sensitivity_and_compile_overrides(tmp_path):
+    overrides = tmp_path / "sens.json"
+    invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w4a8", "--group", "64", *SMALL, "-o", overrides)
+    data = json.loads(overrides.read_text())
+    assert data["format"] == "lowbit-overrides/1" and len(data["ranking"]) == 2
+    assert data["ranking"][0]["damage"] >= data["ranking"][1]["damage"]
+    kept = data["keep_float"]
+    assert kept == [data["ranking"][0]["glob"]]
+    out = tmp_path / "mixed"
+    invoke("compile", "smollm2:2", "--pipeline", "quantize(w=int4,group=64,a=int8)", "--overrides", overrides,
+           "-o", out)
+    report = json.loads((out / "report.json").read_text())
+    stats = report["pipeline"]["passes"][0]["stats"]
+    assert stats["weights_quantized"] == 7  # one of the two blocks (7 linears each) kept float
+    text = (out / "model.lowbit").read_text()
+    kept_block = kept[0].rstrip(".*")
+    assert not re.search(rf"dequantize\(@{re.escape(kept_block)}\.", text)
+
+
+# ---- the HTML report in a real browser ----------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+def test_html_report_renders_in_headless_chromium(tmp_path):
+    from lowbit.cli.report_html import render_report
+
+    stages = [{"index": -1, "spec": "float", "changed": False, "seconds": 0.0, "metric": 10.0,
+               "output": {"sqnr_db": None, "cosine": 1.0, "max_abs": 0.0, "mean_abs": 0.0},
+               "layers": {f"model.layers.{i}": {"sqnr_db": None, "cosine": 1.0, "max_abs": 0, "mean_abs": 0}
+                          for i in range(4)}}]
+    for k, base in enumerate((30.0, 12.0)):
+        stages.append({"index": k, "spec": f"pass{k}", "changed": True, "seconds": 0.1, "metric": 11.0 + k,
+                       "output": {"sqnr_db": base, "cosine": 0.99, "max_abs": 1.0, "mean_abs": 0.1},
+                       "layers": {f"model.layers.{i}": {"sqnr_db": base - 2 * i, "cosine": 0.99, "max_abs": 1.0,
+                                                        "mean_abs": 0.1} for i in range(4)}})
+    page = tmp_path / "report.html"
+    page.write_text(render_report({"model": "m", "pipeline": "pass0,pass1", "inputs": "x", "metric": "ppl",
+                                   "seconds": 1.0, "stages": stages}))
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--no-first-run", f"--screenshot={shot}",
+                    "--window-size=1200,900", page.as_uri()], capture_output=True, timeout=90)
+    assert shot.is_file()
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1200, 900)
+    # a blank or text-only page compresses to a few kB; tables, lines and heat-map cells do not
+    assert len(png) > 30_000
