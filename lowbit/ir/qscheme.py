@@ -100,6 +100,8 @@ class KVCacheScheme(BaseModel):
     key: QScheme
     value: QScheme
     window: int = Field(default=0, ge=0)
+    sink: int = Field(default=0, ge=0)
+    """The first ``sink`` tokens stay float for every query (the attention sink's outlier keys/values)."""
     modules: str = "*"
     """Glob over the attention node's module path (``*self_attn``); every matching attention is quantized."""
 
@@ -174,10 +176,12 @@ class QuantConfig(BaseModel):
         return cls.model_validate(data)
 
     def user_patterns(self) -> list[tuple[str, str]]:
-        """(where, pattern) of every pattern the user wrote (defaults excluded): each must match something."""
+        """(where, pattern) of every pattern the user wrote: each must match something.
+
+        The default keep-float patterns are exempt (a model without an ``lm_head`` linear is fine).
+        """
         out = [(f"rules[{i}].pattern", r.pattern) for i, r in enumerate(self.rules)]
-        if "keep_float" in self.model_fields_set:
-            out += [(f"keep_float[{i}]", p) for i, p in enumerate(self.keep_float)]
+        out += [(f"keep_float[{i}]", p) for i, p in enumerate(self.keep_float) if p not in DEFAULT_KEEP_FLOAT]
         return out
 
     def resolve(self, module: str) -> tuple[QScheme | None, QScheme | None]:

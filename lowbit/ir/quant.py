@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -50,8 +50,11 @@ __all__ = [
     "scale_shape",
     "from_groups",
     "layout_for",
+    "dynamic_layout",
     "fake_quant",
     "fake_quant_with",
+    "ceil_div_dim",
+    "mul_dim",
 ]
 
 SCALE_EPS = 1e-12
@@ -169,17 +172,25 @@ def _granularity(x_shape: Sequence[int], scale: torch.Tensor, axis: int | None, 
     return "block"
 
 
-def _expand(t: torch.Tensor, x_shape: Sequence[int], kind: str, axis: int | None, block_size: int | None) -> torch.Tensor:
-    """Broadcast a scale/zero point against ``x`` (block-wise: repeat each entry over its block)."""
-    rank = len(x_shape)
+def _blocked_view(x: torch.Tensor, kind: str, axis: int | None, block_size: int | None
+                  ) -> tuple[torch.Tensor, Any, Any]:
+    """``x`` in a shape its scale broadcasts against, a function undoing that reshape, and one shaping a scale.
+
+    Block-wise with the axis a multiple of the block: ``x`` is viewed as ``[..., nb, bs, ...]`` and the scale
+    as ``[..., nb, 1, ...]`` (nothing materialized); a ragged last block repeats each scale over its block.
+    """
+    rank = x.dim()
     if kind == "tensor":
-        return t.reshape(())
+        return x, lambda y: y, lambda t: t.reshape(())
     ax = axis % rank  # type: ignore[operator]
     if kind == "axis":
-        return t.reshape([t.shape[0]] + [1] * (rank - 1 - ax))
+        return x, lambda y: y, lambda t: t.reshape([t.shape[0]] + [1] * (rank - 1 - ax))
     assert block_size is not None
-    length = x_shape[ax]
-    return t.repeat_interleave(block_size, dim=ax).narrow(ax, 0, length)
+    length = x.shape[ax]
+    if length % block_size == 0:
+        xv = x.unflatten(ax, (length // block_size, block_size))
+        return xv, lambda y: y.flatten(ax, ax + 1), lambda t: t.unsqueeze(ax + 1)
+    return x, lambda y: y, lambda t: t.repeat_interleave(block_size, dim=ax).narrow(ax, 0, length)
 
 
 @dataclass(frozen=True)
@@ -273,18 +284,18 @@ def quantize(
     qd = get_qdtype(qdtype)
     what = f"quantize(qdtype={qd.name})"
     kind = _granularity(x.shape, scale, axis, block_size, what)
-    s = _expand(scale.float(), x.shape, kind, axis, block_size)
-    y = x.float() / s
+    if zero_point is not None and zero_point.shape != scale.shape:
+        raise ValueError(f"{what}: zero point shape {tuple(zero_point.shape)} != scale shape {tuple(scale.shape)}")
+    if qd.is_float and zero_point is not None:
+        raise ValueError(f"{what}: fp8 takes no zero point (pass None)")
+    xv, restore, view = _blocked_view(x, kind, axis, block_size)
+    y = xv.float() / view(scale.float())
     if qd.is_float:
-        if zero_point is not None:
-            raise ValueError(f"{what}: fp8 takes no zero point (pass None)")
-        return y.clamp(qd.qmin, qd.qmax).to(qd.container)
+        return restore(y.clamp(qd.qmin, qd.qmax).to(qd.container))
     q = torch.round(y)
     if zero_point is not None:
-        if zero_point.shape != scale.shape:
-            raise ValueError(f"{what}: zero point shape {tuple(zero_point.shape)} != scale shape {tuple(scale.shape)}")
-        q = q + _expand(zero_point.float(), x.shape, kind, axis, block_size)
-    q = q.clamp(qd.qmin, qd.qmax).to(qd.container)
+        q = q + view(zero_point.float())
+    q = restore(q.clamp(qd.qmin, qd.qmax).to(qd.container))
     return pack_int4(q) if qd.packed else q
 
 
@@ -308,12 +319,13 @@ def dequantize(
     if qd.packed:
         q = unpack_int4(q, signed=qd.signed)
     kind = _granularity(q.shape, scale, axis, block_size, what)
-    y = q.float()
+    if zero_point is not None and qd.is_float:
+        raise ValueError(f"{what}: fp8 takes no zero point (pass None)")
+    qv, restore, view = _blocked_view(q, kind, axis, block_size)
+    y = qv.float()
     if zero_point is not None:
-        if qd.is_float:
-            raise ValueError(f"{what}: fp8 takes no zero point (pass None)")
-        y = y - _expand(zero_point.float(), q.shape, kind, axis, block_size)
-    return (y * _expand(scale.float(), q.shape, kind, axis, block_size)).to(out_dtype)
+        y = y - view(zero_point.float())
+    return restore((y * view(scale.float())).to(out_dtype))
 
 
 DynamicGranularity = Literal["per_tensor", "per_token", "per_channel", "per_block"]
@@ -455,18 +467,7 @@ def ceil_div_dim(d: int | str, b: int) -> int | str:
 
 
 def mul_dim(d: int | str, k: int) -> int | str:
+    """``k * d`` for a static or symbolic dimension (the float-window attention reads 2·S keys)."""
     if isinstance(d, int):
         return d * k
     return f"{k}*{d}" if d.isidentifier() else f"{k}*({d})"
-
-
-def bytes_of(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def describe(qdtype: str) -> str:
-    qd = get_qdtype(qdtype)
-    rng = f"[{qd.qmin:g}, {qd.qmax:g}]"
-    store = "packed 2/byte" if qd.packed else str(qd.container).replace("torch.", "")
-    return f"{qd.name}: {qd.bits} bits, range {rng}, stored {store}"
-

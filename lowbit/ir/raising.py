@@ -35,6 +35,10 @@ def _identity_input(node: Node) -> Value | None:
         src = node.args[0] if train is False else None
     elif op in {"aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.to.device"}:
         src = node.args[0]
+    elif op == "aten.slice.Tensor":
+        # x[:, 0:MAX] keeps everything: identity when it starts at 0 with step 1 and the type is unchanged
+        start, step = node.arg(2, "start", None), node.arg(4, "step", 1)
+        src = node.args[0] if start in (0, None) and step == 1 else None
     else:
         return None
     if not isinstance(src, Value) or len(node.outputs) != 1:

@@ -1,0 +1,106 @@
+"""Saving and loading lowbit's ONNX files: external data past protobuf's 2 GB limit, clear errors on bad files.
+
+A protobuf message cannot exceed 2 GiB, so a model whose initializers come near that is saved with its
+tensors in a side file (``<name>.onnx.data``) that the ``.onnx`` references; ONNX Runtime, TensorRT's
+parser and ``onnx.checker`` (given the path) all follow the reference. Loading checks what a truncated
+or corrupted file breaks — the protobuf parse, the external data's extent, the checker — and says
+which file is bad and how, instead of surfacing a protobuf stack trace.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+"""Initializer bytes above which a model is saved with external data (protobuf's hard limit is 2 GiB)."""
+
+
+class OnnxFileError(ValueError):
+    """An ONNX file (or its external data) is missing, truncated, corrupted or not a valid model."""
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_onnx(model: ir.Model, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
+    """Write ``model`` to ``path``; tensors go to ``<path>.data`` when ``external_data`` (default: if > ~1.8 GB).
+
+    Returns the path. The written model passes ``onnx.checker.check_model(full_check=True)``; run
+    ``check_onnx(path)`` to verify.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = f"{path.name}.data"
+    data_path = path.with_name(data_name)
+    if external_data:
+        ir.save(model, path, external_data=data_name, size_threshold_bytes=1024)
+    else:
+        if data_path.exists():
+            data_path.unlink()  # a stale side file from an earlier external-data save would mislead readers
+        ir.save(model, path)
+    return path
+
+
+def check_onnx(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model, *, full_check: bool = True) -> None:
+    """``onnx.checker.check_model`` with full shape inference; a path is checked in place (external data)."""
+    if isinstance(model, ir.Model):
+        model = ir.serde.serialize_model(model)
+    if isinstance(model, (str, os.PathLike)):
+        onnx.checker.check_model(os.fspath(model), full_check=full_check)
+    else:
+        onnx.checker.check_model(model, full_check=full_check)
+
+
+def load_onnx(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
+    """Read an ONNX file (external tensors stay lazy); bad files raise ``OnnxFileError`` saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxFileError(f"no ONNX file at {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    size = path.stat().st_size
+    if size == 0:
+        raise OnnxFileError(f"{path} is empty (0 bytes): the write was interrupted or the file was truncated")
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeError variants
+        raise OnnxFileError(f"{path} ({size} bytes) is not a readable ONNX model: it is truncated or corrupted "
+                            f"({type(exc).__name__}: {str(exc).strip()[:200]})") from exc
+    if not proto.graph.node and not proto.graph.output:
+        raise OnnxFileError(f"{path} ({size} bytes) parsed to an empty model (no nodes, no outputs): "
+                            "it is truncated or not an ONNX file")
+    _check_external_data(proto, path)
+    if check:
+        try:
+            onnx.checker.check_model(os.fspath(path))
+        except onnx.checker.ValidationError as exc:
+            raise OnnxFileError(f"{path} is not a valid ONNX model (truncated or corrupted?): "
+                                f"{str(exc).strip().splitlines()[0][:300]}") from exc
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    return model
+
+
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Every external tensor's file exists and is long enough for its offset + length."""
+    sizes: dict[str, int] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = path.parent / location
+        if location not in sizes:
+            if not target.is_file():
+                raise OnnxFileError(f"{path} stores tensor {tensor.name!r} in {target}, which is missing: "
+                                    "copy the .data file next to the .onnx file")
+            sizes[location] = target.stat().st_size
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > sizes[location]:
+            raise OnnxFileError(f"external data {target} is truncated: tensor {tensor.name!r} needs bytes up to "
+                                f"{end}, the file has {sizes[location]}")

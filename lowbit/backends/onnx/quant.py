@@ -1,0 +1,511 @@
+"""ONNX lowerings of the QDQ ops (``lowbit.ir.quant``): QuantizeLinear / DequantizeLinear / in-graph qparams.
+
+The IR's ops are ONNX's QuantizeLinear/DequantizeLinear by construction (design.md), so the mapping is
+direct; what differs is storage:
+
+* 4-bit tensors are packed bytes in the IR (``uint8 [N, K/2]``) but typed ``INT4``/``UINT4`` in ONNX,
+  packed two per byte in flat order, low nibble first: for a weight ``[N, K]`` that is the IR's bytes as
+  they are, for its transpose the nibbles are re-paired along N; a Q→DQ pair on activations never
+  materialises the IR's packed form at all (ONNX Runtime keeps INT4 tensors natively).
+* ``int3``/``int2`` values fit a signed nibble, so they are INT4 in ONNX; a quantize to them clips
+  ``x`` to the narrower range first (``round(clip(x, qmin·s, qmax·s) / s)`` equals the IR's
+  ``clip(round(x / s), qmin, qmax)``).
+* Zero points are unpacked containers in the IR; ONNX wants the quantized type itself.
+* Scales are float32 in ONNX whatever the IR stored, because the reference computes in float32, and a
+  one-element per-tensor scale becomes a scalar (ONNX reads a 1-D scale as per-axis).
+
+A linear's weight ``dequantize`` is emitted on a transposed copy of its quantized initializers
+(``[K, N]``: per-channel axis 1, blocks along axis 0), the ``DQ → MatMul`` form ORT fuses and TensorRT's
+explicit-quantization GEMM expects. With ``weight_format="matmulnbits"`` a 4-bit weight-only linear becomes
+one ``com.microsoft::MatMulNBits`` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from lowbit.backends.onnx.context import LoweringContext, NotLowerable, to_onnx_dtype
+from lowbit.backends.onnx.registry import lowering
+from lowbit.backends.onnx.semantic import LINEAR_FORMS, TRANSPOSED_WEIGHT, _only_linear_weight_reads
+from lowbit.ir.graph import Node, TensorType, Value
+from lowbit.ir.quant import SCALE_EPS, QDType, dynamic_layout, get_qdtype, unpack_int4
+
+ONNX_QTYPE: dict[str, ir.DataType] = {
+    "int8": ir.DataType.INT8,
+    "uint8": ir.DataType.UINT8,
+    "int4": ir.DataType.INT4,
+    "uint4": ir.DataType.UINT4,
+    "int3": ir.DataType.INT4,
+    "int2": ir.DataType.INT4,
+    "fp8e4m3": ir.DataType.FLOAT8E4M3FN,
+    "fp8e5m2": ir.DataType.FLOAT8E5M2,
+}
+def _qdtype(node: Node) -> QDType:
+    return get_qdtype(node.kwargs["qdtype"])
+
+
+def _granularity(node: Node, x: Value, scale: Value) -> str:
+    """"tensor", "axis" or "block", as ``lowbit.ir.quant._granularity`` decides it (from declared shapes)."""
+    st = scale.tensor_type
+    block = node.kwargs.get("block_size")
+    if st.rank == 0 or (block is None and st.rank <= 1 and st.shape and st.shape[0] == 1):
+        return "tensor"
+    return "axis" if block is None else "block"
+
+
+def _axis(node: Node, rank: int) -> int:
+    axis = node.kwargs.get("axis", -1)
+    if axis is None:
+        raise NotLowerable("a per-axis or block-wise scale needs an axis")
+    return axis % rank
+
+
+def _qdq_attrs(node: Node, kind: str, rank: int) -> dict[str, Any]:
+    if kind == "tensor":
+        return {}
+    attrs: dict[str, Any] = {"axis": _axis(node, rank)}
+    if kind == "block":
+        attrs["block_size"] = int(node.kwargs["block_size"])
+    return attrs
+
+
+def _scale(ctx: LoweringContext, scale: Value, kind: str) -> ir.Value:
+    """The float32 scale operand; per-tensor scales become 0-d."""
+    if scale.is_param:
+        data = scale.data.float()
+        if kind == "tensor":
+            data = data.reshape(())
+        return ctx.derived(("scale", id(scale), kind), lambda: ctx.const_tensor(scale.name, data))
+    v = ctx.tensor(scale, torch.float32)
+    if kind == "tensor" and scale.tensor_type.rank != 0:
+        v = ctx.op("Reshape", [v, ctx.ints([])])
+    return v
+
+
+def _q_tensor(name: str, values: torch.Tensor, onnx_type: ir.DataType) -> ir.TensorProtocol:
+    """Unpacked quantized values (int8/uint8/fp8 containers) as an ONNX tensor of ``onnx_type``.
+
+    4-bit types are packed here, two per byte in flat (row-major) order, low nibble first — ONNX's layout
+    for INT4/UINT4 initializers — with torch ops rather than element-wise ml_dtypes conversion.
+    """
+    from onnx_ir.tensor_adapters import TorchTensor
+
+    if onnx_type in (ir.DataType.INT4, ir.DataType.UINT4):
+        flat = values.contiguous().reshape(-1).to(torch.uint8) & 0xF
+        if flat.numel() % 2:
+            flat = torch.cat([flat, flat.new_zeros(1)])
+        packed = flat[0::2] | (flat[1::2] << 4)
+        return ir.PackedTensor(packed.numpy(), onnx_type, shape=list(values.shape), name=name)  # flat bytes
+    if onnx_type not in (ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2, ir.DataType.INT8, ir.DataType.UINT8):
+        raise NotLowerable(f"no ONNX storage for quantized type {onnx_type.name}")
+    return TorchTensor(values.contiguous(), name=name)  # the IR's containers are ONNX's types
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes of IR-packed bytes (``[..., K/2]`` → uint8 ``[..., K]``), two's complement kept as is."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+def _weight_values(q: Value, qd: QDType) -> torch.Tensor:
+    """A quantized parameter's values, unpacked (int8/uint8 for ≤4 bits)."""
+    if qd.packed:
+        return unpack_int4(q.data, signed=qd.signed)
+    return q.data
+
+
+def _weight_tensor(name: str, q: Value, qd: QDType, onnx_type: ir.DataType, transpose: bool) -> ir.TensorProtocol:
+    """The ONNX initializer of a quantized weight (optionally transposed), without a float detour.
+
+    ONNX packs INT4/UINT4 two per byte in flat order, low nibble first: for the IR's ``[N, K]`` (packed
+    along K, K even) those are the IR's bytes as they are; for the transpose ``[K, N]`` the pairs run along
+    N, i.e. rows 2j and 2j+1 of the codes.
+    """
+    if not qd.packed:
+        data = q.data.t() if transpose else q.data
+        return _q_tensor(name, data, onnx_type)
+    n, half_k = q.data.shape[-2], q.data.shape[-1]
+    if not transpose:
+        return ir.PackedTensor(q.data.contiguous().reshape(-1).numpy(), onnx_type,
+                               shape=[*q.data.shape[:-1], 2 * half_k], name=name)
+    if n % 2:  # pairs of an odd-width [K, N] straddle rows: pack the flat codes instead
+        return _q_tensor(name, _weight_values(q, qd).t(), onnx_type)
+    codes = _nibbles(q.data)
+    packed_t = (codes[0::2] | (codes[1::2] << 4)).t().contiguous()  # [K, N/2]
+    return ir.PackedTensor(packed_t.reshape(-1).numpy(), onnx_type, shape=[2 * half_k, n], name=name)
+
+
+def _is_zero_by_construction(zp: Value) -> bool:
+    """A zero point that a dynamic_qparams computes as zeros (symmetric or fp8): omit it in ONNX."""
+    p = zp.producer
+    if p is None or p.op != "dynamic_qparams" or p.outputs[1] is not zp:
+        return False
+    return bool(p.kwargs.get("symmetric", True)) or get_qdtype(p.kwargs["qdtype"]).is_float
+
+
+def _zero_point(ctx: LoweringContext, zp: Any, qd: QDType, kind: str, transpose: bool = False) -> ir.Value | None:
+    if zp is None:
+        return None
+    if not isinstance(zp, Value):
+        raise NotLowerable(f"zero point {zp!r} is not a tensor")
+    onnx_type = ONNX_QTYPE[qd.name]
+    if zp.is_param:
+        data = zp.data
+        if qd.is_float:
+            if torch.any(data.float() != 0):
+                raise NotLowerable("fp8 zero points must be zero")
+            return None
+        if kind == "tensor":
+            data = data.reshape(())
+        if transpose:
+            data = data.t()
+        return ctx.derived(("zp", id(zp), kind, transpose),
+                           lambda: ctx.initializer(zp.name, _q_tensor(zp.name, data, onnx_type)))
+    if _is_zero_by_construction(zp):
+        return None
+    v = ctx.cast(ctx.v(zp), ctx.dtype(zp), qd.container)
+    if kind == "tensor" and zp.tensor_type.rank != 0:
+        v = ctx.op("Reshape", [v, ctx.ints([])])
+    if onnx_type in (ir.DataType.INT4, ir.DataType.UINT4):
+        v = ctx.op("Cast", [v], {"to": onnx_type})
+    return v
+
+
+# ---- quantize / dequantize ------------------------------------------------------------------------
+
+@lowering("quantize")
+def _quantize(ctx: LoweringContext, node: Node) -> ir.Value:
+    x, scale = node.args[0], node.args[1]
+    zp = node.args[2] if len(node.args) > 2 else node.kwargs.get("zero_point")
+    qd = _qdtype(node)
+    onnx_type = ONNX_QTYPE[qd.name]
+    kind = _granularity(node, x, scale)
+    rank = ctx.rank(x)
+    out = node.outputs[0]
+    if qd.packed:
+        for user in ctx.users(out):
+            if user.op != "dequantize" or user.args[0] is not out:
+                raise NotLowerable(f"the packed {qd.name} output is read by {user.op} (%{user.name}); "
+                                   "only a dequantize can read a packed quantized tensor in ONNX")
+    s = _scale(ctx, scale, kind)
+    xv = ctx.tensor(x, torch.float32)  # the reference divides in float32
+    if qd.name in ("int3", "int2"):
+        if kind == "block" and (not isinstance(x.tensor_type.shape[_axis(node, rank)], int)
+                                or x.tensor_type.shape[_axis(node, rank)] != node.kwargs["block_size"]):
+            raise NotLowerable(f"{qd.name} activations with block-wise scales smaller than the axis")
+        if kind == "axis":
+            s_b = ctx.op("Reshape", [s, ctx.ints([-1] + [1] * (rank - 1 - _axis(node, rank)))])
+        else:
+            s_b = s
+        xv = ctx.op("Max", [ctx.op("Min", [xv, ctx.op("Mul", [s_b, ctx.const(qd.qmax, torch.float32)])]),
+                            ctx.op("Mul", [s_b, ctx.const(qd.qmin, torch.float32)])])
+    zpv = _zero_point(ctx, zp, qd, kind)
+    attrs = _qdq_attrs(node, kind, rank)
+    if zpv is None and scale.is_param:
+        # a zero point of zeros names the type in the form every ONNX consumer (TensorRT's parser too) reads
+        zpv = ctx.derived(("zp0", id(scale), kind), lambda: ctx.initializer(
+            scale.name + ".zero_point", _q_tensor(scale.name + ".zero_point", torch.zeros(
+                scale.data.reshape(()).shape if kind == "tensor" else scale.data.shape, dtype=qd.container),
+                onnx_type)))
+    elif zpv is None:
+        attrs["output_dtype"] = onnx_type  # computed scales: the zero point would need computing too
+    q = ctx.op("QuantizeLinear", [xv, s] + ([zpv] if zpv is not None else []), attrs)
+    q.dtype = onnx_type
+    if isinstance(x.type, TensorType):
+        q.shape = ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in x.type.shape])
+    return q
+
+
+def _dequantize_param(ctx: LoweringContext, node: Node, *, transpose: bool) -> ir.Value:
+    """DequantizeLinear of a quantized parameter, optionally on its transpose (``[N, K]`` → ``[K, N]``)."""
+    q, scale = node.args[0], node.args[1]
+    zp = node.args[2] if len(node.args) > 2 else node.kwargs.get("zero_point")
+    qd = _qdtype(node)
+    onnx_type = ONNX_QTYPE[qd.name]
+    shape = list(_logical_shape(q, qd))
+    kind = _granularity(node, q, scale)
+    attrs: dict[str, Any] = {}
+    if transpose:
+        if len(shape) != 2:
+            raise NotLowerable(f"a transposed dequantize needs a 2-d weight, got {len(shape)}-d")
+        if kind != "tensor":
+            attrs["axis"] = 1 - _axis(node, 2)
+            if kind == "block":
+                attrs["block_size"] = int(node.kwargs["block_size"])
+        s_data = scale.data.float()
+        s_data = s_data.reshape(()) if kind == "tensor" else (s_data.t() if kind == "block" else s_data)
+        s = ctx.const_tensor(scale.name + (".T" if kind == "block" else ""), s_data.contiguous())
+        zpv = _zero_point(ctx, zp, qd, kind, transpose=(kind == "block"))
+        shape = shape[::-1]
+    else:
+        attrs = _qdq_attrs(node, kind, len(shape))
+        s = _scale(ctx, scale, kind)
+        zpv = _zero_point(ctx, zp, qd, kind)
+    name = q.name + (".T" if transpose else "")
+    lazy = ir.LazyTensor(lambda: _weight_tensor(name, q, qd, onnx_type, transpose), dtype=onnx_type,
+                         shape=ir.Shape(shape), name=name)
+    qv = ctx.initializer(name, lazy)
+    return ctx.op("DequantizeLinear", [qv, s] + ([zpv] if zpv is not None else []), attrs)
+
+
+def _params(node: Node) -> bool:
+    zp = node.args[2] if len(node.args) > 2 else node.kwargs.get("zero_point")
+    return all(isinstance(a, Value) and a.is_param for a in (node.args[0], node.args[1])) and (
+        zp is None or (isinstance(zp, Value) and zp.is_param))
+
+
+@lowering("dequantize")
+def _dequantize(ctx: LoweringContext, node: Node) -> ir.Value:
+    q, scale = node.args[0], node.args[1]
+    zp = node.args[2] if len(node.args) > 2 else node.kwargs.get("zero_point")
+    qd = _qdtype(node)
+    out_dtype = node.kwargs.get("out_dtype", torch.float32)
+    if _params(node):
+        y = _dequantize_param(ctx, node, transpose=False)
+    else:
+        if q.is_param:
+            raise NotLowerable("a quantized parameter with computed scales")
+        kind = _granularity(node, q, scale)
+        rank = ctx.rank(q) if not qd.packed else len(_logical_shape(q, qd))
+        s = _scale(ctx, scale, kind)
+        zpv = _zero_point(ctx, zp, qd, kind)
+        y = ctx.op("DequantizeLinear", [ctx.v(q), s] + ([zpv] if zpv is not None else []),
+                   _qdq_attrs(node, kind, rank))
+    return ctx.cast(y, torch.float32, out_dtype)
+
+
+def _logical_shape(q: Value, qd: QDType) -> tuple[Any, ...]:
+    shape = q.tensor_type.shape
+    if not qd.packed:
+        return shape
+    last = shape[-1]
+    return shape[:-1] + ((last * 2) if isinstance(last, int) else f"2*{last}",)
+
+
+def _transposed_dequantize(ctx: LoweringContext, node: Node) -> ir.Value | None:
+    if not _params(node) or not _only_linear_weight_reads(ctx, node.outputs[0]):
+        return None
+    y = _dequantize_param(ctx, node, transpose=True)
+    return ctx.cast(y, torch.float32, node.kwargs.get("out_dtype", torch.float32))
+
+
+TRANSPOSED_WEIGHT["dequantize"] = _transposed_dequantize
+
+
+# ---- MatMulNBits ----------------------------------------------------------------------------------
+
+def _matmulnbits_block(k: int, kind: str, block_size: int | None) -> int | None:
+    """MatMulNBits' block size for this weight: the IR block, or for per-channel scales a power-of-two
+    block dividing K (every block of a row then carries the row's scale: the same numbers)."""
+    if kind == "block":
+        b = int(block_size)  # type: ignore[arg-type]
+        return b if b >= 16 and b & (b - 1) == 0 else None
+    if kind == "axis":
+        b = 16
+        while k % (b * 2) == 0 and b * 2 <= 256:
+            b *= 2
+        return b if k % b == 0 else None
+    return None
+
+
+def _pack_nibbles(u: torch.Tensor) -> torch.Tensor:
+    """uint8 values in [0, 15], last axis even → bytes, low nibble first."""
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)
+
+
+def _producer(v: Any, op: str) -> Node | None:
+    return v.producer if isinstance(v, Value) and v.producer is not None and v.producer.op == op else None
+
+
+def _matmulnbits_linear(ctx: LoweringContext, linear: Node) -> ir.Value | None:
+    """``linear(x, dequantize(W4))`` as ``com.microsoft::MatMulNBits`` (weight-only, ORT's 4-bit GEMM)."""
+    dq = _producer(linear.args[1], "dequantize")
+    if ctx.options.weight_format != "matmulnbits" or dq is None or not _params(dq):
+        return None
+    qd = _qdtype(dq)
+    if not qd.packed or not _only_linear_weight_reads(ctx, dq.outputs[0]):
+        return None
+    q, scale = dq.args[0], dq.args[1]
+    zp = dq.args[2] if len(dq.args) > 2 else dq.kwargs.get("zero_point")
+    if q.data.dim() != 2:
+        return None
+    codes = _nibbles(q.data)  # two's-complement nibbles for signed types: code ^ 8 = q + 8
+    n, k = codes.shape
+    kind = _granularity(dq, q, scale)
+    if kind == "block" and _axis(dq, 2) != 1:
+        return None
+    if kind == "axis" and _axis(dq, 2) != 0:
+        return None
+    block = _matmulnbits_block(k, kind, dq.kwargs.get("block_size"))
+    if block is None:
+        return None
+    n_blocks = -(-k // block)
+    s = scale.data.float()
+    s = s.reshape(n, 1).expand(n, n_blocks) if kind == "axis" else s.reshape(n, n_blocks)
+    offset = 8 if qd.signed else 0  # MatMulNBits stores unsigned nibbles: q_u = q + 8 for signed values
+    u = codes ^ offset
+    padded = torch.zeros(n, n_blocks * block, dtype=torch.uint8)
+    padded[:, :k] = u
+    blob = _pack_nibbles(padded).reshape(n, n_blocks, block // 2)
+    inputs = [ctx.v(linear.args[0]), ctx.const_tensor(q.name + ".nbits", blob),
+              ctx.const_tensor(scale.name + ".nbits", s.contiguous().reshape(-1))]
+    zp_u: torch.Tensor | None = None
+    if zp is not None:
+        z = zp.data.to(torch.int16)
+        z = z.reshape(n, 1).expand(n, n_blocks) if kind == "axis" else z.reshape(n, n_blocks)
+        zp_u = (z + offset).to(torch.uint8)
+    elif not qd.signed:
+        zp_u = torch.zeros(n, n_blocks, dtype=torch.uint8)  # MatMulNBits' default zero point is 8, ours is 0
+    if zp_u is not None:
+        if n_blocks % 2:
+            zp_u = torch.cat([zp_u, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
+        inputs.append(ctx.const_tensor((zp.name if zp is not None else q.name + ".zp") + ".nbits",
+                                       _pack_nibbles(zp_u).reshape(-1)))
+    attrs = {"K": k, "N": n, "bits": 4, "block_size": block}
+    if ctx.options.accuracy_level:
+        attrs["accuracy_level"] = ctx.options.accuracy_level
+    x_dtype = ctx.dtype(linear.args[0])
+    if x_dtype != torch.float32:
+        return None
+    return ctx.op("MatMulNBits", inputs, attrs, domain="com.microsoft")
+
+
+LINEAR_FORMS.append(_matmulnbits_linear)
+
+
+# ---- integer GEMM ---------------------------------------------------------------------------------
+
+_U8_OFFSET = 128
+
+
+def _zero_free(zp: Any) -> bool:
+    """No zero point, a dynamic one that is zeros by construction, or a parameter of zeros."""
+    if zp is None:
+        return True
+    if not isinstance(zp, Value):
+        return False
+    if zp.is_param:
+        return bool(torch.all(zp.data == 0))
+    return _is_zero_by_construction(zp)
+
+
+def _integer_linear(ctx: LoweringContext, linear: Node) -> ir.Value | None:
+    """``linear(DQ(Q(x)), DQ(W))`` with int8 codes as ``MatMulInteger`` + the scales (see ``integer_matmul``)."""
+    if not ctx.options.integer_matmul:
+        return None
+    x, w = linear.args[0], linear.args[1]
+    dqx, dqw = _producer(x, "dequantize"), _producer(w, "dequantize")
+    if dqx is None or dqw is None or not _params(dqw) or ctx.dtype(x) != torch.float32:
+        return None
+    qx = _producer(dqx.args[0], "quantize")
+    if qx is None or _qdtype(dqx).name != "int8" or _qdtype(dqw).name != "int8" or _qdtype(qx).name != "int8":
+        return None
+    zx = qx.args[2] if len(qx.args) > 2 else qx.kwargs.get("zero_point")
+    zw = dqw.args[2] if len(dqw.args) > 2 else dqw.kwargs.get("zero_point")
+    if not (_zero_free(zx) and _zero_free(zw)) or qx.args[1] is not dqx.args[1]:
+        return None
+    x0, sx = qx.args[0], qx.args[1]
+    kind_x = _granularity(qx, x0, sx)
+    k = x0.tensor_type.shape[-1]
+    if kind_x == "axis" or (kind_x == "block" and (_axis(qx, ctx.rank(x0)) != ctx.rank(x0) - 1
+                                                   or qx.kwargs.get("block_size") != k)):
+        return None  # per-channel or grouped activation scales do not factor out of the sum over K
+    kind_w = _granularity(dqw, dqw.args[0], dqw.args[1])
+    if kind_w == "block" or (kind_w == "axis" and _axis(dqw, 2) != 0):
+        return None
+
+    def codes() -> ir.Value:
+        # QuantizeLinear to uint8 with zero point 128 gives exactly the int8 codes + 128: ORT's fast GEMM is u8·s8
+        s = _scale(ctx, sx, kind_x)
+        zp = ctx.const(np.uint8(_U8_OFFSET), ir.DataType.UINT8)
+        if kind_x == "block":
+            zp = ctx.op("Expand", [zp, ctx.op("Shape", [s])])
+        return ctx.op("QuantizeLinear", [ctx.tensor(x0, torch.float32), s, zp], _qdq_attrs(qx, kind_x, ctx.rank(x0)))
+
+    q_u8 = ctx.derived(("u8-codes", id(qx)), codes)
+    wq = dqw.args[0]
+    n_k = list(_logical_shape(wq, get_qdtype("int8")))
+    w_t = ctx.derived(("i8T", id(wq)), lambda: ctx.initializer(wq.name + ".T", ir.LazyTensor(
+        lambda: _weight_tensor(wq.name + ".T", wq, get_qdtype("int8"), ir.DataType.INT8, True),
+        dtype=ir.DataType.INT8, shape=ir.Shape(n_k[::-1]), name=wq.name + ".T")))
+    acc = ctx.op("MatMulInteger", [q_u8, w_t, ctx.const(np.uint8(_U8_OFFSET), ir.DataType.UINT8)])
+    y = ctx.op("Mul", [ctx.op("Cast", [acc], {"to": ir.DataType.FLOAT}), _scale(ctx, dqx.args[1], kind_x)])
+    return ctx.op("Mul", [y, _scale(ctx, dqw.args[1], kind_w)])
+
+
+LINEAR_FORMS.append(_integer_linear)
+
+
+# ---- dynamic qparams -------------------------------------------------------------------------------
+
+def _blocked_minmax(ctx: LoweringContext, x: ir.Value, rank: int, axis: int, block: int,
+                    length: Any) -> tuple[ir.Value, ir.Value]:
+    """Min and max over blocks of ``block`` along ``axis`` (ragged last block), shaped like the scale."""
+    perm = None
+    if axis != rank - 1:
+        perm = [d for d in range(rank) if d != axis] + [axis]
+        x = ctx.op("Transpose", [x], {"perm": perm})
+    if not (isinstance(length, int) and length % block == 0):
+        # edge-pad the ragged tail: repeating the last element changes no min or max
+        n = ctx.op("Shape", [x], {"start": -1})
+        b = ctx.ints([block])
+        pad = ctx.op("Mod", [ctx.op("Sub", [b, ctx.op("Mod", [n, b])]), b])
+        pads = ctx.op("Concat", [ctx.ints([0] * (2 * rank - 1)), pad], {"axis": 0})
+        x = ctx.op("Pad", [x, pads], {"mode": "edge"})
+    lead = ctx.op("Shape", [x], {"end": -1})
+    grouped = ctx.op("Reshape", [x, ctx.op("Concat", [lead, ctx.ints([-1, block])], {"axis": 0})])
+    lo = ctx.op("ReduceMin", [grouped, ctx.ints([-1])], {"keepdims": 0})
+    hi = ctx.op("ReduceMax", [grouped, ctx.ints([-1])], {"keepdims": 0})
+    if perm is not None:
+        inverse = [perm.index(d) for d in range(rank)]
+        lo, hi = (ctx.op("Transpose", [t], {"perm": inverse}) for t in (lo, hi))
+    return lo, hi
+
+
+@lowering("dynamic_qparams")
+def _dynamic_qparams(ctx: LoweringContext, node: Node) -> list[ir.Value]:
+    x = node.args[0]
+    qd = _qdtype(node)
+    symmetric = bool(node.kwargs.get("symmetric", True))
+    shape = x.tensor_type.shape
+    rank = len(shape)
+    granularity = node.kwargs.get("granularity", "per_token")
+    block_size = node.kwargs.get("block_size")
+    layout = dynamic_layout([d if isinstance(d, int) else -1 for d in shape], granularity,
+                            node.kwargs.get("axis", -1), block_size)
+    xv = ctx.tensor(x, torch.float32)
+    if layout.axis is None:
+        lo = ctx.op("ReduceMin", [xv], {"keepdims": 0})
+        hi = ctx.op("ReduceMax", [xv], {"keepdims": 0})
+    elif layout.block_size is None or (granularity == "per_token" and layout.block_size in (-1, shape[-1])):
+        axis = layout.axis % rank
+        if layout.block_size is None:  # per-channel: reduce every other dim
+            axes = [d for d in range(rank) if d != axis]
+            lo = ctx.op("ReduceMin", [xv, ctx.ints(axes)], {"keepdims": 0}) if axes else xv
+            hi = ctx.op("ReduceMax", [xv, ctx.ints(axes)], {"keepdims": 0}) if axes else xv
+        else:  # per-token over the whole row: one block along the last axis
+            lo = ctx.op("ReduceMin", [xv, ctx.ints([-1])], {"keepdims": 1})
+            hi = ctx.op("ReduceMax", [xv, ctx.ints([-1])], {"keepdims": 1})
+    else:
+        axis = layout.axis % rank
+        lo, hi = _blocked_minmax(ctx, xv, rank, axis, int(layout.block_size), shape[axis])
+    f32 = torch.float32
+    eps = ctx.const(SCALE_EPS, f32)
+    if symmetric or qd.is_float:
+        if qd.is_float and not symmetric:
+            raise NotLowerable(f"{qd.name} is symmetric only")
+        amax = ctx.op("Max", [ctx.op("Abs", [lo]), ctx.op("Abs", [hi])])
+        scale = ctx.op("Max", [ctx.op("Div", [amax, ctx.const(qd.qmax, f32)]), eps])
+        zp = ctx.op("ConstantOfShape", [ctx.op("Shape", [scale])],
+                    {"value": ir.tensor(np.zeros(1, dtype=np.float32).astype(to_onnx_dtype(qd.container).numpy()))})
+        return [scale, zp]
+    zero = ctx.const(0.0, f32)
+    lo = ctx.op("Min", [lo, zero])
+    hi = ctx.op("Max", [hi, zero])
+    scale = ctx.op("Max", [ctx.op("Div", [ctx.op("Sub", [hi, lo]), ctx.const(qd.qmax - qd.qmin, f32)]), eps])
+    zp = ctx.op("Round", [ctx.op("Sub", [ctx.const(qd.qmin, f32), ctx.op("Div", [lo, scale])])])
+    zp = ctx.op("Max", [ctx.op("Min", [zp, ctx.const(qd.qmax, f32)]), ctx.const(qd.qmin, f32)])
+    return [scale, ctx.op("Cast", [zp], {"to": to_onnx_dtype(qd.container)})]

@@ -1,0 +1,254 @@
+"""ONNX lowerings of lowbit's semantic ops (``lowbit.ir.ops``).
+
+Each lowering computes what the op's torch reference computes, in the same dtypes; where the ONNX
+form rounds differently (x/√v instead of x·rsqrt(v), a fused Attention kernel) the difference is
+float rounding only, and the parity tests state the tolerance measured.
+
+Linear weights are pre-transposed to ``[in, out]`` so each linear is a plain ``MatMul(x, Wᵀ)``: the
+form ONNX Runtime's QDQ fusions and TensorRT's explicit-quantization GEMM recognise (a
+``DequantizeLinear → Transpose → MatMul`` chain is not). How a weight is transposed depends on what
+produces it: a float parameter becomes a transposed initializer, a ``dequantize`` of packed weights
+becomes a DequantizeLinear on transposed quantized initializers (``quant.py`` registers that in
+``TRANSPOSED_WEIGHT``), anything else gets a Transpose node.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from lowbit.backends.onnx.context import LoweringContext, NotLowerable, to_onnx_dtype
+from lowbit.backends.onnx.registry import lowering
+from lowbit.ir.graph import Node, Value
+
+_INT64_MAX = 2**63 - 1
+
+TransposedWeightFn = Callable[[LoweringContext, Node], "ir.Value | None"]
+TRANSPOSED_WEIGHT: dict[str, TransposedWeightFn] = {}
+"""Producer op → function giving the ``[in, out]`` weight for a linear reading that producer's output."""
+
+LinearFormFn = Callable[[LoweringContext, Node], "ir.Value | None"]
+LINEAR_FORMS: list[LinearFormFn] = []
+"""Alternative lowerings of a whole linear (MatMulNBits, integer GEMM), tried in order; None declines.
+Each returns the product without the bias."""
+
+
+def _only_linear_weight_reads(ctx: LoweringContext, v: Value) -> bool:
+    return all(u.op == "linear" and u.args[1] is v and all(a is not v for a in u.args[:1] + u.args[2:])
+               for u in ctx.users(v)) and id(v) not in ctx.graph.output_ids()
+
+
+def transposed_weight(ctx: LoweringContext, w: Value) -> ir.Value:
+    """The ``[in, out]`` form of a linear's ``[out, in]`` weight operand."""
+    if w.is_param and _only_linear_weight_reads(ctx, w):
+        return ctx.derived(("wT", id(w)), lambda: ctx.const_tensor(w.name + ".T", w.data.t().contiguous()))
+    producer = w.producer
+    if producer is not None and producer.op in TRANSPOSED_WEIGHT:
+        out = ctx.derived(("wT-producer", id(w)), lambda: _as_node(ctx, producer, TRANSPOSED_WEIGHT[producer.op]))
+        if out is not None:
+            return out
+    # shared with another reader (a tied embedding): one Transpose, which ORT folds or fuses into MatMul
+    return ctx.derived(("wT", id(w)), lambda: ctx.op("Transpose", [ctx.v(w)], {"perm": [1, 0]}))
+
+
+def _as_node(ctx: LoweringContext, node: Node, fn: TransposedWeightFn) -> ir.Value | None:
+    """Run ``fn`` with ``node`` as the current node, so what it emits is named after it (and its module)."""
+    outer, ctx.current = ctx.current, node
+    try:
+        return fn(ctx, node)
+    finally:
+        ctx.current = outer
+
+
+@lowering("linear")
+def _linear(ctx: LoweringContext, node: Node) -> ir.Value:
+    x, w = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if ctx.rank(w) != 2:
+        raise NotLowerable(f"linear weight of rank {ctx.rank(w)}")
+    out = None
+    for form in LINEAR_FORMS:
+        out = form(ctx, node)
+        if out is not None:
+            break
+    if out is None:
+        out = ctx.op("MatMul", [ctx.v(x), transposed_weight(ctx, w)])
+    if bias is not None:
+        out = ctx.op("Add", [out, ctx.v(bias)])
+    return out
+
+
+@lowering("matmul")
+def _matmul(ctx: LoweringContext, node: Node) -> ir.Value:
+    return ctx.op("MatMul", [ctx.v(node.args[0]), ctx.v(node.args[1])])
+
+
+@lowering("embedding")
+def _embedding(ctx: LoweringContext, node: Node) -> ir.Value:
+    weight, ids = node.args[0], node.args[1]
+    return ctx.op("Gather", [ctx.v(weight), ctx.tensor(ids, torch.int64)], {"axis": 0})
+
+
+@lowering("rms_norm")
+def _rms_norm(ctx: LoweringContext, node: Node) -> ir.Value:
+    x = node.args[0]
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    eps = float(node.kwargs["eps"])
+    in_dtype = ctx.dtype(x)
+    compute = node.kwargs.get("compute_dtype") or in_dtype
+    if ctx.options.opset >= 23 and compute == in_dtype:
+        hidden = x.tensor_type.shape[-1]
+        if weight is None and not isinstance(hidden, int):
+            raise NotLowerable("rms_norm without a weight needs a static hidden size")
+        scale = ctx.v(weight) if weight is not None else ctx.const(np.ones(hidden), in_dtype)
+        return ctx.op("RMSNormalization", [ctx.v(x), scale],
+                      {"axis": -1, "epsilon": eps, "stash_type": to_onnx_dtype(compute).value})
+    # The reference: statistics in compute dtype, cast back, then the gain in the input dtype.
+    # Pow→ReduceMean→Add→Sqrt→Div is the chain ORT fuses into SimplifiedLayerNormalization.
+    xc = ctx.tensor(x, compute)
+    var = ctx.op("ReduceMean", [ctx.op("Pow", [xc, ctx.const(2.0, compute)]), ctx.axes([-1])], {"keepdims": 1})
+    y = ctx.op("Div", [xc, ctx.op("Sqrt", [ctx.op("Add", [var, ctx.const(eps, compute)])])])
+    y = ctx.cast(y, compute, in_dtype)
+    if weight is None:
+        return y
+    return ctx.op("Mul", [ctx.tensor(weight, in_dtype), y])
+
+
+@lowering("layer_norm")
+def _layer_norm(ctx: LoweringContext, node: Node) -> ir.Value:
+    x = node.args[0]
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    shape = list(node.kwargs["normalized_shape"])
+    dtype = ctx.dtype(x)
+    scale = ctx.v(weight) if weight is not None else ctx.const(np.ones(shape), dtype)
+    inputs = [ctx.v(x), scale] + ([ctx.v(bias)] if bias is not None else [])
+    return ctx.op("LayerNormalization", inputs, {"axis": -len(shape), "epsilon": float(node.kwargs["eps"])})
+
+
+def _shape_slice(ctx: LoweringContext, v: ir.Value, start: int, end: int) -> ir.Value:
+    return ctx.op("Shape", [v], {"start": start, "end": end})
+
+
+@lowering("attention")
+def _attention(ctx: LoweringContext, node: Node) -> ir.Value:
+    q, k, v = node.args[:3]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("mask")
+    scale = node.kwargs.get("scale")
+    is_causal = bool(node.kwargs.get("is_causal", False))
+    enable_gqa = bool(node.kwargs.get("enable_gqa", False))
+    dtype = ctx.dtype(q)
+    head_dim = q.tensor_type.shape[-1]
+    if scale is None:
+        if not isinstance(head_dim, int):
+            raise NotLowerable("attention without an explicit scale needs a static head dim")
+        scale = 1.0 / math.sqrt(head_dim)
+    if is_causal and mask is not None:
+        raise NotLowerable("attention with both a mask and is_causal (torch rejects it too)")
+    qv, kv, vv = ctx.v(q), ctx.v(k), ctx.v(v)
+    if ctx.options.attention == "onnx":
+        inputs = [qv, kv, vv] + ([ctx.v(mask)] if mask is not None else [])
+        return ctx.op("Attention", inputs, {"scale": float(scale), "is_causal": int(is_causal)})
+    rank = ctx.rank(q)
+    hq, hkv = q.tensor_type.shape[-3], k.tensor_type.shape[-3]
+    if enable_gqa and hq != hkv:
+        if not (isinstance(hq, int) and isinstance(hkv, int)) or hq % hkv:
+            raise NotLowerable(f"grouped-query attention with {hq} query heads and {hkv} key/value heads")
+        kv, vv = (_repeat_heads(ctx, t, hq // hkv, rank) for t in (kv, vv))
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    scores = ctx.op("MatMul", [qv, ctx.op("Transpose", [kv], {"perm": perm})])
+    scores = ctx.op("Mul", [scores, ctx.const(scale, dtype)])
+    if is_causal:
+        l_s = ctx.op("Concat", [_shape_slice(ctx, qv, -2, -1), _shape_slice(ctx, kv, -2, -1)], {"axis": 0})
+        ones = ctx.op("ConstantOfShape", [l_s], {"value": ir.tensor(np.array([True]))})
+        mask_v = ctx.op("Trilu", [ones], {"upper": 0})
+        scores = ctx.op("Where", [mask_v, scores, ctx.const(-np.inf, dtype)])
+    elif mask is not None:
+        if ctx.dtype(mask) == torch.bool:
+            scores = ctx.op("Where", [ctx.v(mask), scores, ctx.const(-np.inf, dtype)])
+        else:
+            scores = ctx.op("Add", [scores, ctx.tensor(mask, dtype)])
+    probs = ctx.op("Softmax", [scores], {"axis": -1})
+    return ctx.op("MatMul", [probs, vv])
+
+
+def _repeat_heads(ctx: LoweringContext, t: ir.Value, rep: int, rank: int) -> ir.Value:
+    """[..., H, S, D] → [..., H·rep, S, D], each head repeated ``rep`` times in place (repeat_interleave)."""
+    head_axis = rank - 3
+    shape = ctx.op("Shape", [t])
+    lead = _shape_slice(ctx, t, 0, head_axis + 1)
+    tail = _shape_slice(ctx, t, head_axis + 1, rank)
+    expanded = ctx.op("Expand", [ctx.op("Unsqueeze", [t, ctx.axes([head_axis + 1])]),
+                                 ctx.op("Concat", [lead, ctx.ints([rep]), tail], {"axis": 0})])
+    heads = ctx.op("Mul", [ctx.op("Gather", [shape, ctx.ints([head_axis])], {"axis": 0}), ctx.ints([rep])])
+    new_shape = ctx.op("Concat", [_shape_slice(ctx, t, 0, head_axis), heads, tail], {"axis": 0})
+    return ctx.op("Reshape", [expanded, new_shape])
+
+
+@lowering("rotary")
+def _rotary(ctx: LoweringContext, node: Node) -> ir.Value:
+    x, cos, sin = node.args[:3]
+    head_dim = x.tensor_type.shape[-1]
+    if not isinstance(head_dim, int) or head_dim % 2:
+        raise NotLowerable(f"rotary needs a static even head dim, got {head_dim}")
+    half = head_dim // 2
+    xv = ctx.v(x)
+    x1 = ctx.op("Slice", [xv, ctx.ints([0]), ctx.ints([half]), ctx.ints([-1])])
+    x2 = ctx.op("Slice", [xv, ctx.ints([half]), ctx.ints([_INT64_MAX]), ctx.ints([-1])])
+    rotated = ctx.op("Concat", [ctx.op("Neg", [x2]), x1], {"axis": -1})
+    return ctx.op("Add", [ctx.op("Mul", [xv, ctx.v(cos)]), ctx.op("Mul", [rotated, ctx.v(sin)])])
+
+
+@lowering("softmax")
+def _softmax(ctx: LoweringContext, node: Node) -> ir.Value:
+    return ctx.op("Softmax", [ctx.v(node.args[0])], {"axis": int(node.kwargs["dim"])})
+
+
+@lowering("silu")
+def _silu(ctx: LoweringContext, node: Node) -> ir.Value:
+    xv = ctx.v(node.args[0])
+    return ctx.op("Mul", [xv, ctx.op("Sigmoid", [xv])])
+
+
+@lowering("gelu")
+def _gelu(ctx: LoweringContext, node: Node) -> ir.Value:
+    return ctx.op("Gelu", [ctx.v(node.args[0])], {"approximate": node.kwargs.get("approximate", "none")})
+
+
+@lowering("add", "residual_add")
+def _add(ctx: LoweringContext, node: Node) -> ir.Value:
+    return ctx.op("Add", [ctx.v(node.args[0]), ctx.v(node.args[1])])
+
+
+@lowering("mul")
+def _mul(ctx: LoweringContext, node: Node) -> ir.Value:
+    return ctx.op("Mul", [ctx.v(node.args[0]), ctx.v(node.args[1])])
+
+
+@lowering("reshape")
+def _reshape(ctx: LoweringContext, node: Node) -> ir.Value:
+    sizes = node.args[1]
+    if any(isinstance(s, int) and s == 0 for s in sizes):
+        raise NotLowerable("a literal 0 in a reshape target means an empty dim in torch but 'copy' in ONNX")
+    return ctx.op("Reshape", [ctx.v(node.args[0]), ctx.shape_vector(sizes)])
+
+
+@lowering("transpose")
+def _transpose(ctx: LoweringContext, node: Node) -> ir.Value:
+    x, d0, d1 = node.args[:3]
+    rank = ctx.rank(x)
+    perm = list(range(rank))
+    a, b = d0 % rank, d1 % rank
+    perm[a], perm[b] = perm[b], perm[a]
+    return ctx.op("Transpose", [ctx.v(x)], {"perm": perm})
+
+
+@lowering("permute")
+def _permute(ctx: LoweringContext, node: Node) -> ir.Value:
+    x, dims = node.args[:2]
+    rank = ctx.rank(x)
+    return ctx.op("Transpose", [ctx.v(x)], {"perm": [d % rank for d in dims]})

@@ -1,0 +1,208 @@
+"""The ONNX Runtime backend: lower the IR to ONNX and run it in an ``InferenceSession``.
+
+``OrtCompiled(graph)`` is called like ``TorchCompiled(graph)`` (positional or keyword inputs by the graph's
+input names; torch tensors in, torch tensors out), so evaluation code does not care which backend runs.
+
+Provider choice: the best one this onnxruntime build has, in the order TensorRT EP, CUDA, CPU (ORT assigns
+each node to the first provider in the list that supports it). Asking for a provider the build lacks
+is not an error: a ``ProviderFallbackWarning`` says what was asked, what is available and what runs
+instead; so is ORT silently dropping a provider it failed to initialise (CUDA libraries missing).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import torch
+
+from lowbit.backends.onnx import LoweringOptions, load_onnx, save_onnx, to_onnx
+from lowbit.backends.onnx.io import EXTERNAL_DATA_THRESHOLD, OnnxFileError, initializer_bytes
+from lowbit.ir.graph import Graph
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+
+_ONNX_TO_TORCH = {
+    "tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+    "tensor(bfloat16)": torch.bfloat16, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
+    "tensor(int8)": torch.int8, "tensor(uint8)": torch.uint8, "tensor(bool)": torch.bool,
+}
+
+
+ORT_LOWERING: dict[str, Any] = {"opset": 23, "attention": "onnx", "integer_matmul": True}
+"""What this backend lowers to unless told otherwise: ORT's fused opset-23 Attention and RMSNormalization
+kernels and the integer-GEMM form of int8 linears — the same numbers as the portable opset-21 QDQ form
+(``lowbit.export(format="onnx")``), and faster on CPU (bench/results/onnx.json)."""
+
+
+class ProviderFallbackWarning(UserWarning):
+    """A requested execution provider is not available; the message says which one runs instead."""
+
+
+def choose_providers(requested: Sequence[str] | None = None, device: str | torch.device | None = None
+                     ) -> list[str]:
+    """Providers to ask ORT for: ``requested`` filtered to the available ones, else the best available.
+
+    ``device="cpu"`` means CPU only; ``"cuda"`` prefers the GPU providers and warns when there are none.
+    """
+    available = ort.get_available_providers()
+    dev = torch.device(device).type if device is not None else None
+    if requested is None:
+        if dev == "cpu":
+            return ["CPUExecutionProvider"]
+        chosen = [p for p in PREFERRED_PROVIDERS if p in available]
+        if dev == "cuda" and not any(p in _GPU_PROVIDERS for p in chosen):
+            warnings.warn(f"device='cuda' asked for, but this onnxruntime build ({ort.__version__}) has no GPU "
+                          f"provider (available: {', '.join(available)}); running on CPUExecutionProvider. "
+                          "Install onnxruntime-gpu for CUDA/TensorRT.", ProviderFallbackWarning, stacklevel=3)
+        return chosen or ["CPUExecutionProvider"]
+    chosen = [p for p in requested if p in available]
+    missing = [p for p in requested if p not in available]
+    if not chosen:
+        chosen = ["CPUExecutionProvider"]
+    if missing:
+        warnings.warn(f"execution provider(s) {', '.join(missing)} not available in this onnxruntime build "
+                      f"({ort.__version__}; available: {', '.join(available)}); falling back to "
+                      f"{', '.join(chosen)}", ProviderFallbackWarning, stacklevel=3)
+    return chosen
+
+
+def session_options(threads: int | None = None, optimization: str = "all",
+                    optimized_model_path: str | None = None, accuracy_level: int = 0) -> ort.SessionOptions:
+    """Session options with graph optimizations on (``"all"``: layout and QDQ fusions included).
+
+    ``accuracy_level`` is what ORT's fusion of ``DequantizeLinear(int4) → MatMul`` into MatMulNBits may
+    use for activations: ORT's default (4) quantizes them to int8 per block, which moves W4A16 logits by
+    ~1% from the reference; 0 keeps float activations, i.e. the numerics of the graph as written.
+    """
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization not in levels:
+        raise ValueError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = levels[optimization]
+    if threads is not None:
+        so.intra_op_num_threads = threads
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = optimized_model_path
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    return so
+
+
+def create_session(model: ir.Model | str | os.PathLike[str], providers: list[str], so: ort.SessionOptions
+                   ) -> ort.InferenceSession:
+    """An InferenceSession from an in-memory model (via a temporary external-data file when > 2 GB) or a path."""
+    if isinstance(model, ir.Model):
+        if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            # protobuf cannot hold > 2 GB in memory: go through a file with external data; ORT has read (or
+            # mapped) it once the session exists, so the directory can go (a mapped file outlives its name)
+            with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as tmp:
+                path = save_onnx(model, Path(tmp) / "model.onnx", external_data=True)
+                return ort.InferenceSession(os.fspath(path), so, providers=providers)
+        return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), so, providers=providers)
+    path = Path(model)
+    load_onnx(path, check=False)  # clear errors for missing/truncated/corrupted files before ORT's own
+    try:
+        return ort.InferenceSession(os.fspath(path), so, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT raises several untyped Fail/InvalidProtobuf errors
+        raise OnnxFileError(f"onnxruntime cannot load {path}: {str(exc).strip()[:300]}") from exc
+
+
+class OrtCompiled(torch.nn.Module):
+    """A graph lowered to ONNX and run by ONNX Runtime; same call interface as ``TorchCompiled``.
+
+    ``lowering`` takes ``LoweringOptions`` fields (``opset``, ``attention``, ``weight_format`` =
+    ``"qdq"`` | ``"matmulnbits"``, ``integer_matmul``; defaults ``ORT_LOWERING``). ``providers`` overrides
+    the automatic choice (missing ones fall back with a warning).
+    """
+
+    def __init__(
+        self,
+        graph: Graph | None = None,
+        device: str | torch.device | None = None,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        optimization: str = "all",
+        model: ir.Model | str | os.PathLike[str] | None = None,
+        **lowering: Any,
+    ) -> None:
+        super().__init__()
+        if (graph is None) == (model is None):
+            raise TypeError("OrtCompiled takes a lowbit Graph or an ONNX model/path (model=...), exactly one")
+        self.graph = graph
+        self.device = torch.device(device) if device is not None else None
+        self.onnx_model: ir.Model | None
+        self.options: LoweringOptions | None
+        if graph is not None:
+            chosen = {**ORT_LOWERING, **lowering}
+            if chosen["opset"] < 23 and "attention" not in lowering:
+                chosen["attention"] = "decompose"  # the Attention op exists from opset 23
+            self.options = LoweringOptions(**chosen)
+            self.onnx_model = to_onnx(graph, self.options)
+            source: ir.Model | str | os.PathLike[str] = self.onnx_model
+        else:
+            if lowering:
+                raise TypeError(f"lowering options {sorted(lowering)} apply only when lowering a Graph")
+            self.options = None
+            self.onnx_model = model if isinstance(model, ir.Model) else None
+            source = model  # type: ignore[assignment]
+        self.requested_providers = choose_providers(providers, device)
+        accuracy = self.options.accuracy_level if self.options is not None else 0
+        self.session = create_session(source, self.requested_providers,
+                                      session_options(threads, optimization, accuracy_level=accuracy))
+        self.providers = self.session.get_providers()
+        dropped = [p for p in self.requested_providers if p not in self.providers]
+        if dropped:
+            warnings.warn(f"onnxruntime could not initialise {', '.join(dropped)} (see its log); running on "
+                          f"{', '.join(self.providers)}", ProviderFallbackWarning, stacklevel=2)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_dtypes = [_ONNX_TO_TORCH.get(i.type) for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], **kwargs: Any) -> OrtCompiled:
+        """Run an ONNX file (lowbit's or anyone's); a missing or damaged file raises ``OnnxFileError``."""
+        return cls(model=path, **kwargs)
+
+    def save(self, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
+        if self.onnx_model is None:
+            raise ValueError("this session was loaded from a file; copy that file instead")
+        return save_onnx(self.onnx_model, path, external_data=external_data)
+
+    @torch.no_grad()
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            extra = set(kwargs) - set(self.input_names)
+            if extra:
+                raise TypeError(f"unexpected inputs {sorted(extra)}; the model takes {self.input_names}")
+            args = tuple(args) + tuple(kwargs[n] for n in self.input_names[len(args):])
+        if len(args) != len(self.input_names):
+            raise TypeError(f"the model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
+                            f"got {len(args)}")
+        out_device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        feeds: dict[str, np.ndarray] = {}
+        for name, dtype, a in zip(self.input_names, self.input_dtypes, args):
+            t = a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
+            if dtype is not None and t.dtype != dtype:
+                t = t.to(dtype)
+            feeds[name] = t.detach().cpu().contiguous().numpy()
+        outs = self.session.run(self.output_names, feeds)
+        tensors = [torch.from_numpy(np.ascontiguousarray(o)).to(out_device) for o in outs]
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+
+OnnxRuntimeCompiled = OrtCompiled

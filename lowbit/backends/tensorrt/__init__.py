@@ -1,0 +1,128 @@
+"""The TensorRT backend: lowbit's QDQ ONNX → a TensorRT engine (explicit quantization), saved, loaded, run.
+
+    from lowbit.backends.tensorrt import TensorRTCompiled, check_tensorrt_qdq
+    check_tensorrt_qdq("model.onnx")          # TensorRT's Q/DQ rules, no TensorRT needed
+    trt_model = TensorRTCompiled(graph)       # lower, check, build (needs tensorrt + a GPU)
+    trt_model.save("model.engine"); TensorRTCompiled.load("model.engine")
+
+Building and running need the ``tensorrt`` package and an NVIDIA GPU; without them ``TensorRTUnavailable``
+says so. The checker and the engine-file integrity checks run anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.backends.tensorrt.engine import (
+    TensorRTBuildError,
+    TensorRTRunner,
+    TensorRTUnavailable,
+    build_engine,
+    import_tensorrt,
+    load_engine,
+    profile_from_symbols,
+    save_engine,
+)
+from lowbit.backends.tensorrt.engine_file import EngineFileError, EngineHeader, read_engine, write_engine
+from lowbit.backends.tensorrt.qdq_rules import RULES, Violation, check_tensorrt_qdq, errors
+from lowbit.ir.graph import Graph
+
+__all__ = [
+    "EngineFileError",
+    "EngineHeader",
+    "RULES",
+    "TensorRTBuildError",
+    "TensorRTCompiled",
+    "TensorRTQDQError",
+    "TensorRTUnavailable",
+    "Violation",
+    "build_engine",
+    "check_tensorrt_qdq",
+    "export_engine",
+    "import_tensorrt",
+    "load_engine",
+    "profile_from_symbols",
+    "read_engine",
+    "save_engine",
+    "write_engine",
+]
+
+
+class TensorRTQDQError(ValueError):
+    """The exported ONNX breaks TensorRT's explicit-quantization rules; ``violations`` lists each."""
+
+    def __init__(self, violations: list[Violation]) -> None:
+        self.violations = violations
+        super().__init__(f"{len(violations)} TensorRT Q/DQ rule violation(s):\n  - "
+                         + "\n  - ".join(str(v) for v in violations))
+
+
+def _checked_onnx(graph: Graph, directory: Path) -> Path:
+    """Lower ``graph`` to TensorRT-friendly QDQ ONNX in ``directory`` and enforce the Q/DQ rules."""
+    from lowbit.backends.onnx import save_onnx, to_onnx
+
+    model = to_onnx(graph, opset=21, weight_format="qdq", attention="decompose")
+    found = check_tensorrt_qdq(model)
+    bad = errors(found)
+    if bad:
+        raise TensorRTQDQError(bad)
+    for v in found:
+        warnings.warn(f"TensorRT Q/DQ: {v}", stacklevel=3)
+    return save_onnx(model, directory / "model.onnx")
+
+
+def export_engine(graph: Graph, path: str | os.PathLike[str], *, onnx_dir: str | os.PathLike[str] | None = None,
+                  **build: Any) -> Path:
+    """Lower, check and build ``graph`` into an engine file at ``path`` (build options: ``build_engine``)."""
+    import_tensorrt()  # fail before the lowering work when TensorRT is absent
+    with tempfile.TemporaryDirectory(prefix="lowbit-trt-") as tmp:
+        onnx_path = _checked_onnx(graph, Path(onnx_dir or tmp))
+        plan, header = build_engine(onnx_path, **build)
+    return save_engine(path, plan, header)
+
+
+class TensorRTCompiled(torch.nn.Module):
+    """A graph built into a TensorRT engine; called like ``TorchCompiled`` (inputs moved to CUDA)."""
+
+    def __init__(self, graph: Graph | None = None, *, engine: str | os.PathLike[str] | None = None,
+                 shapes: Mapping[str, tuple[Any, Any, Any]] | None = None, **build: Any) -> None:
+        super().__init__()
+        if (graph is None) == (engine is None):
+            raise TypeError("TensorRTCompiled takes a lowbit Graph or an engine file (engine=...), exactly one")
+        self.graph = graph
+        if graph is not None:
+            import_tensorrt()
+            with tempfile.TemporaryDirectory(prefix="lowbit-trt-") as tmp:
+                onnx_path = _checked_onnx(graph, Path(tmp))
+                self.plan, self.header = build_engine(onnx_path, shapes=shapes, **build)
+            self.runner = TensorRTRunner(self.plan, self.header)
+        else:
+            self.plan, self.header = read_engine(engine)  # type: ignore[arg-type]
+            self.runner = TensorRTRunner(self.plan, self.header, where=os.fspath(engine))  # type: ignore[arg-type]
+        self.input_names = self.runner.inputs
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TensorRTCompiled:
+        return cls(engine=path)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        if self.header is None:
+            raise ValueError("this engine came from a raw plan file; copy that file instead")
+        return save_engine(path, self.plan, self.header)
+
+    @torch.no_grad()
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            extra = set(kwargs) - set(self.input_names)
+            if extra:
+                raise TypeError(f"unexpected inputs {sorted(extra)}; the engine takes {self.input_names}")
+            args = tuple(args) + tuple(kwargs[n] for n in self.input_names[len(args):])
+        outs = self.runner(*args)
+        return outs[0] if len(outs) == 1 else tuple(outs)

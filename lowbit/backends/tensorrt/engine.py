@@ -1,0 +1,225 @@
+"""Build, save, load and run TensorRT engines from lowbit's QDQ ONNX, with TensorRT's Python API.
+
+Build (``build_engine``): parse the ONNX with ``trt.OnnxParser`` into a **strongly typed** network where
+the TensorRT version has that flag (9.1+; then the Q/DQ nodes alone decide precisions: explicit
+quantization, no INT8/FP16 builder flags), else a weakly typed one with the INT8 flag that explicit
+quantization needs on TensorRT 8. Dynamic dims get one optimization profile, from the IR's symbol
+ranges recorded in the model (``lowbit.symbols``: min / capture hint / max) unless shapes are given.
+A timing cache file is read before and written after the build, so rebuilds skip kernel timing.
+
+Run (``TensorRTRunner``): ``execute_async_v3`` on torch CUDA tensors (no pycuda): inputs are bound by
+address, output shapes come from the context after the input shapes are set.
+
+``tensorrt`` is imported only inside these functions: the rest of lowbit (and the QDQ checker, and the
+engine-file integrity checks) works where it is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+import torch
+
+from lowbit.backends.tensorrt.engine_file import EngineFileError, EngineHeader, read_engine, write_engine
+
+Shape = Sequence[int]
+ProfileShapes = Mapping[str, tuple[Shape, Shape, Shape]]
+
+
+class TensorRTUnavailable(ImportError):
+    """The ``tensorrt`` package (or a CUDA GPU) is not available here."""
+
+
+class TensorRTBuildError(RuntimeError):
+    """TensorRT could not parse the ONNX model or build an engine; the message carries its errors."""
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTUnavailable(
+            "the TensorRT backend needs the 'tensorrt' Python package and an NVIDIA GPU "
+            "(pip install tensorrt, or lowbit[tensorrt]); it is not importable here: "
+            f"{exc}. lowbit.export(..., format='onnx') writes the QDQ ONNX that TensorRT builds from, "
+            "and lowbit.backends.tensorrt.check_tensorrt_qdq validates it without TensorRT.") from exc
+    return trt
+
+
+def _trt_logger(trt: Any) -> Any:
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
+                         max_default: int = 4096) -> dict[str, tuple[list[int], list[int], list[int]]]:
+    """[min, opt, max] shapes per input from the symbols lowbit records (``lowbit.symbols`` metadata)."""
+    symbols = json.loads(model.metadata_props.get("lowbit.symbols", "{}"))
+    profile: dict[str, tuple[list[int], list[int], list[int]]] = {}
+    for value in model.graph.inputs:
+        if value.shape is None:
+            raise TensorRTBuildError(f"input {value.name!r} has no shape: pass shapes= for the profile")
+        lo: list[int] = []
+        mid: list[int] = []
+        hi: list[int] = []
+        for d in value.shape:
+            if isinstance(d, int):
+                lo.append(d)
+                mid.append(d)
+                hi.append(d)
+                continue
+            name = str(d.value) if hasattr(d, "value") else str(d)
+            s = symbols.get(name)
+            if s is None:
+                raise TensorRTBuildError(f"input {value.name!r} has dim {name!r} with no recorded range: "
+                                         "pass shapes={name: (min, opt, max)}")
+            smin = max(1, s.get("min") or 1)
+            smax = s.get("max") or max_default
+            smax = min(smax, max_default)
+            sopt = (opt or {}).get(name) or min(max(s.get("hint") or smin, smin), smax)
+            lo.append(smin)
+            mid.append(sopt)
+            hi.append(smax)
+        profile[value.name] = (lo, mid, hi)
+    return profile
+
+
+def build_engine(
+    onnx_path: str | os.PathLike[str],
+    *,
+    shapes: ProfileShapes | None = None,
+    opt: Mapping[str, int] | None = None,
+    max_dim: int = 4096,
+    workspace_bytes: int = 4 << 30,
+    timing_cache: str | os.PathLike[str] | None = None,
+    strongly_typed: bool = True,
+) -> tuple[bytes, EngineHeader]:
+    """Build a serialized engine (plan bytes) from an ONNX file; returns it with lowbit's header.
+
+    ``shapes`` overrides the optimization profile (input → (min, opt, max)); by default it comes from the
+    model's symbol ranges, with dynamic maxima capped at ``max_dim`` and optima at ``opt`` (symbol → size)
+    or the capture hint.
+    """
+    trt = import_tensorrt()
+    from lowbit.backends.onnx import load_onnx
+
+    onnx_path = Path(onnx_path)
+    model = load_onnx(onnx_path, check=False)
+    logger = _trt_logger(trt)
+    builder = trt.Builder(logger)
+    flags = 0
+    typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    use_strong = strongly_typed and typed_flag is not None
+    if use_strong:
+        flags |= 1 << int(typed_flag)
+    explicit_batch = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
+    if explicit_batch is not None and int(trt.__version__.split(".")[0]) < 10:
+        flags |= 1 << int(explicit_batch)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(os.fspath(onnx_path)):  # follows external data beside the file
+        errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise TensorRTBuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  - " + "\n  - ".join(errs))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if not use_strong:
+        # weakly typed explicit quantization (TensorRT 8.x) needs the INT8 flag; FP16 lets unquantized layers
+        # pick half precision as TensorRT's QAT examples do
+        config.set_flag(trt.BuilderFlag.INT8)
+    profile_shapes = {k: tuple(list(s) for s in v) for k, v in (shapes or {}).items()} or \
+        profile_from_symbols(model, opt, max_dim)
+    profile = builder.create_optimization_profile()
+    for name, (lo, mid, hi) in profile_shapes.items():
+        profile.set_shape(name, lo, mid, hi)
+    config.add_optimization_profile(profile)
+    cache_bytes = b""
+    if timing_cache is not None and Path(timing_cache).is_file():
+        cache_bytes = Path(timing_cache).read_bytes()
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise TensorRTBuildError(f"TensorRT could not build an engine from {onnx_path}; its log above says why "
+                                 "(run lowbit.backends.tensorrt.check_tensorrt_qdq on the model first)")
+    if timing_cache is not None:
+        Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
+        Path(timing_cache).write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    header = EngineHeader(
+        plan_bytes=0, plan_sha256="", tensorrt_version=trt.__version__,
+        inputs=[network.get_input(i).name for i in range(network.num_inputs)],
+        outputs=[network.get_output(i).name for i in range(network.num_outputs)],
+        profile={k: [list(s) for s in v] for k, v in profile_shapes.items()},
+        strongly_typed=use_strong, source=os.fspath(onnx_path),
+    )
+    return bytes(memoryview(plan)), header
+
+
+def save_engine(path: str | os.PathLike[str], plan: bytes, header: EngineHeader) -> Path:
+    from lowbit import __version__
+
+    header.lowbit_version = __version__
+    return write_engine(path, plan, header)
+
+
+class TensorRTRunner:
+    """A deserialized engine and one execution context, called with torch tensors."""
+
+    def __init__(self, plan: bytes, header: EngineHeader | None = None, where: str = "<memory>") -> None:
+        trt = import_tensorrt()
+        if not torch.cuda.is_available():
+            raise TensorRTUnavailable("running a TensorRT engine needs a CUDA GPU; torch sees none")
+        if header is not None and header.tensorrt_version != trt.__version__:
+            raise EngineFileError(f"engine {where} was built by TensorRT {header.tensorrt_version}; this is "
+                                  f"{trt.__version__}. Engines are tied to the TensorRT version: rebuild it")
+        self.trt = trt
+        self.runtime = trt.Runtime(_trt_logger(trt))
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise EngineFileError(f"TensorRT could not deserialize engine {where}: the plan is corrupted, "
+                                  "truncated, or from another TensorRT version or GPU")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != trt.TensorIOMode.INPUT]
+        self.header = header
+
+    def _torch_dtype(self, name: str) -> torch.dtype:
+        pairs = [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16),
+                 ("int32", torch.int32), ("int64", torch.int64), ("int8", torch.int8), ("uint8", torch.uint8),
+                 ("bool", torch.bool)]
+        table = {getattr(self.trt, n): t for n, t in pairs if hasattr(self.trt, n)}  # int64/bf16: TensorRT 9+
+        dtype = self.engine.get_tensor_dtype(name)
+        if dtype not in table:
+            raise TypeError(f"engine tensor {name!r} has TensorRT type {dtype}, which lowbit cannot bind")
+        return table[dtype]
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        if len(args) != len(self.inputs):
+            raise TypeError(f"the engine takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), got {len(args)}")
+        keep = []
+        for name, a in zip(self.inputs, args):
+            t = a.to(device="cuda", dtype=self._torch_dtype(name)).contiguous()
+            keep.append(t)
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        outs = []
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            out = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
+            self.context.set_tensor_address(name, out.data_ptr())
+            outs.append(out)
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed (see its log)")
+        stream.synchronize()
+        return outs
+
+
+def load_engine(path: str | os.PathLike[str]) -> TensorRTRunner:
+    """Load an engine file (lowbit's, integrity-checked, or a raw plan) and make it runnable."""
+    plan, header = read_engine(path)
+    return TensorRTRunner(plan, header, where=os.fspath(path))

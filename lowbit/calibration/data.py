@@ -1,0 +1,59 @@
+"""Calibration data: N sequences of L tokens from any text file, the same ones every run.
+
+The text is read whole (``lowbit.data.read_text``: a shipped text name or any path), tokenized once without
+special tokens (cached, ``lowbit.eval.perplexity.token_ids``) and cut into non-overlapping windows of L
+tokens; N of them are taken evenly spaced through the text, so a calibration set covers the whole file
+rather than its first articles, and depends on nothing but the text, the tokenizer, N and L.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+__all__ = ["calibration_ids", "load_tokenizer", "DEFAULT_CALIBRATION_TEXT"]
+
+DEFAULT_CALIBRATION_TEXT = "wikitext2-valid-calib"
+"""Shipped with lowbit (WikiText-2 validation, first ~250 KB: ~60k SmolLM2 tokens, 117 windows of 512).
+For 128 × 512 tokens give the whole split, e.g. ``../shared/data/wikitext2_valid_tokenized.txt``."""
+
+
+def calibration_ids(text: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase, n: int, seq_len: int
+                    ) -> torch.Tensor:
+    """``[n, seq_len]`` int64 token ids from ``text``; errors say how much text the request needs."""
+    from lowbit.eval.perplexity import token_ids
+
+    if n < 1 or seq_len < 2:
+        raise ValueError(f"calibration needs n >= 1 sequences of seq_len >= 2 tokens, got n={n}, seq_len={seq_len}")
+    ids = token_ids(text, tokenizer)
+    if ids.numel() == 0:
+        raise ValueError(f"calibration text {str(text)!r} has no tokens (empty or whitespace only)")
+    available = ids.numel() // seq_len
+    if available < n:
+        raise ValueError(
+            f"calibration text {str(text)!r} has {ids.numel()} tokens: {available} non-overlapping windows of "
+            f"{seq_len}, but n={n} were asked ({n * seq_len} tokens); use a longer text, fewer sequences or "
+            "shorter ones")
+    starts = (torch.arange(n) * available // n) * seq_len
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """``smollm2`` (the shipped model's tokenizer) or a local Hugging Face tokenizer directory."""
+    if name_or_path == "smollm2":
+        from lowbit.models import load_smollm2_tokenizer
+
+        return load_smollm2_tokenizer()
+    if name_or_path == "minilm":
+        from transformers import AutoTokenizer
+
+        from lowbit.models import minilm_dir
+
+        return AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(name_or_path):
+        raise ValueError(f"tokenizer {name_or_path!r}: give 'smollm2', 'minilm' or a local tokenizer directory")
+    return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)

@@ -1,0 +1,105 @@
+"""Static activation scales: observe linear inputs block by block, then freeze them as QDQ with stored scales.
+
+Runs the calibration engine with the graph's weights (and KV cache) already quantized. In each block the
+observers see the block's linear inputs as the quantized model upstream produces them; then the block gets
+``quantize → dequantize`` with the observed scale (params ``<module>.input_scale`` / ``.input_zero_point``) and
+runs again, so the next block calibrates on activations that went through those static QDQs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, load_tokenizer
+from lowbit.calibration.engine import BlockRun, batches_from_ids, run, split_stages
+from lowbit.calibration.observers import Observer, make_observer
+from lowbit.ir.graph import Graph, Node, TensorType, Value
+from lowbit.ir.qscheme import QScheme
+from lowbit.ir.quant import Layout, get_qdtype, layout_for
+
+__all__ = ["calibrate_static_inputs", "insert_static_qdq"]
+
+
+def insert_static_qdq(graph: Graph, x: Value, readers: list[Node], scheme: QScheme, layout: Layout,
+                      scale: torch.Tensor, zero_point: torch.Tensor | None) -> Node:
+    """Insert ``quantize → dequantize`` of ``x`` with stored qparams before the first reader; rewire readers."""
+    qd = get_qdtype(scheme.qdtype)
+    first = min(readers, key=graph.index)
+    base = first.module or x.name
+    sv = graph.add_param(graph.fresh_param_name(f"{base}.input_scale"), scale.float())
+    zv = graph.add_param(graph.fresh_param_name(f"{base}.input_zero_point"), zero_point) \
+        if zero_point is not None else None
+    t = x.tensor_type
+    qshape = list(t.shape)
+    if qd.packed:
+        qshape[-1] = int(qshape[-1]) // 2
+    kw = {"qdtype": scheme.qdtype, "axis": layout.axis, "block_size": layout.block_size}
+    q = graph.make_node("quantize", [x, sv, zv], dict(kw), name=f"{x.name}_q",
+                        type=TensorType(qd.storage_dtype, tuple(qshape)), module=first.module)
+    dq = graph.make_node("dequantize", [q.output, sv, zv], {**kw, "out_dtype": t.dtype}, name=f"{x.name}_dq",
+                         type=x.type, module=first.module)
+    for n in (q, dq):
+        n.meta["qscheme"] = scheme.short()
+        graph.insert_before(first, n)
+    for r in readers:
+        r.args = (dq.output,) + tuple(r.args[1:])
+    return dq
+
+
+def calibrate_static_inputs(graph: Graph, targets: list[tuple[Node, QScheme]], *,
+                            text: str = DEFAULT_CALIBRATION_TEXT, n: int = 32, seq_len: int = 512,
+                            tokenizer: Any = "smollm2", observer: str | None = None,
+                            ids: torch.Tensor | None = None, progress: bool = True) -> dict[str, Any]:
+    """Give each target linear's input a static QDQ calibrated on ``n × seq_len`` tokens of ``text``.
+
+    ``observer`` overrides the schemes' observer; ``ids`` (``[N, L]``) replaces the text when given.
+    """
+    if ids is None:
+        tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        ids = calibration_ids(text, tok, n, seq_len)
+    groups: dict[tuple[int, QScheme], list[Node]] = {}
+    for node, scheme in targets:
+        groups.setdefault((id(node.args[0]), scheme), []).append(node)
+    by_reader: dict[int, tuple[int, QScheme]] = {id(r): key for key, rs in groups.items() for r in rs}
+    observers: dict[tuple[int, QScheme], Observer] = {}
+    done: set[tuple[int, QScheme]] = set()
+
+    def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
+        key = by_reader.get(id(node))
+        if key is None or key in done or node is not min(groups[key], key=graph.index):
+            return
+        x = args[0]
+        scheme = key[1]
+        if key not in observers:
+            layout = layout_for(scheme, x.shape, "activation")
+            observers[key] = make_observer(observer or scheme.observer, scheme.qdtype, scheme.symmetric, layout)
+        observers[key].observe(x)
+
+    def on_block(ctx: BlockRun) -> bool:
+        changed = False
+        for key, obs in list(observers.items()):
+            if key in done:
+                continue
+            readers = groups[key]
+            x: Value = readers[0].args[0]
+            scheme = key[1]
+            # static layouts are per-tensor or per-channel (last dim): only the channel count matters
+            scale, zp = obs.qparams([1] * (x.tensor_type.rank - 1) + [int(x.tensor_type.shape[-1])])
+            insert_static_qdq(graph, x, readers, scheme, obs.layout, scale, zp)
+            done.add(key)
+            changed = True
+        return changed
+
+    # a target after the last block (a quantized lm_head) is only seen if the suffix (and its logits) runs
+    suffix = [st for st in split_stages(graph) if st.kind == "suffix"]
+    needs_suffix = bool(suffix) and any(id(n) in {id(m) for m in suffix[0].nodes} for n, _ in targets)
+    report = run(graph, batches_from_ids(graph, ids), on_node=on_node, on_block=on_block,
+                 run_suffix=needs_suffix, progress=progress)
+    missing = [groups[k][0] for k in groups if k not in done]
+    if missing:
+        names = ", ".join(f"%{n.name} ({n.module})" for n in missing[:5])
+        raise RuntimeError(f"static activation calibration never reached the input of linear(s) {names}")
+    return {"sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "static_inputs": len(done),
+            "seconds": round(report.seconds, 2), "peak_cached_mb": round(report.peak_cached_bytes / 2**20, 1)}

@@ -1,0 +1,53 @@
+"""The ``awq`` pass: activation-aware scales folded into the preceding ops, output-aware clipping, packed weights.
+
+    awq(w=int4,group=64,sym=false)          scales at every foldable site, clipping search, RTN on that grid
+
+Block by block (``lowbit.calibration.engine``), each group of linears sharing an input gets the per-channel
+scale that minimises its quantized output error (``lowbit.calibration.awq``); the scale is folded exactly into
+the op that produces the input (RMSNorm gain, ``up_proj`` rows for ``down_proj``, ``v_proj`` rows for
+``o_proj``; ``lowbit.calibration.scale_migration``), then each weight group's clipping range is searched and
+the weights are rounded to nearest on it. Linears whose input has no foldable producer keep scale 1 and only
+get the clipping search (the stats list them). The QDQ form is the ``quantize`` pass's, written by its code.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lowbit.ir.graph import Graph
+from lowbit.passes.base import Pass, PassError, PassResult, register_pass
+from lowbit.passes.gptq import SITE_KINDS, WeightCalibrationOptions, _Rounding, calibrate_weights
+
+__all__ = ["AWQ", "AWQOptions"]
+
+
+class AWQOptions(WeightCalibrationOptions):
+    n_grid: int = 20
+    """Grid points for the scale exponent α in [0, 1) and for the clipping factor."""
+    scales: Literal["x", "xw", "both"] = "x"
+    """Scale candidates: mean|x|^α (the paper), AutoAWQ's mean|x|^α / mean|ŵ|^(1-α), or the better of both."""
+    clip: bool = True
+    """Search each group's clipping range by output error (AWQ's auto-clip)."""
+    max_shrink: float = 0.5
+    """Clipping: smallest range tried is (1 - max_shrink) of min-max."""
+    sites: list[str] = list(SITE_KINDS)
+    """Where scales may be folded: norm (RMSNorm/LayerNorm → linears), gated (up_proj → down_proj),
+    attention-v (v_proj → o_proj)."""
+
+
+@register_pass
+class AWQ(Pass):
+    """AWQ: activation-aware per-channel scales (folded into the preceding op) + clipping search, int weights."""
+
+    name = "awq"
+    Options = AWQOptions
+
+    def run(self, graph: Graph) -> PassResult:
+        o: AWQOptions = self.options  # type: ignore[assignment]
+        if o.n_grid < 1:
+            raise PassError(f"pass awq: option n_grid={o.n_grid} must be at least 1")
+        if not 0 <= o.max_shrink < 1:
+            raise PassError(f"pass awq: option max_shrink={o.max_shrink} must be in [0, 1)")
+        r = _Rounding("awq", scale_search=True, clip=o.clip, n_grid=o.n_grid, scales=o.scales,
+                      max_shrink=o.max_shrink, sites=o.sites)
+        return PassResult(True, calibrate_weights(graph, o, r, self.name))

@@ -1,0 +1,629 @@
+"""The ``quantize`` pass: insert quantize/dequantize nodes for linear weights, linear inputs and the KV cache.
+
+Annotation (which linear gets which scheme) is ``lowbit.ir.qscheme.QuantConfig``; this pass is the
+transformation. What it writes is the QDQ contract of ``docs/design.md``:
+
+* **weights**: the float weight param is replaced by packed params ``<w>.qdata`` / ``<w>.scale`` /
+  ``<w>.zero_point`` (no zero point when symmetric) read by a ``dequantize`` node feeding the linear. Scales
+  come from an observer over the weight (round-to-nearest; ``w_obs=mse`` searches the clipping range). The
+  old weight is never modified: a weight other nodes also read (SmolLM2's ``lm_head`` is the embedding) stays
+  as it is for them.
+* **activations**: ``dynamic_qparams → quantize → dequantize`` in front of the linear's input (one chain per
+  input value and scheme, shared by q/k/v projections), or, with ``a_static=true``, a fixed scale found by
+  running calibration data block by block (``lowbit.calibration.engine``) with the weights already quantized.
+* **KV cache**: ``dynamic_qparams → quantize → dequantize`` on the keys after rotary and on the values, at
+  ``[batch, kv_heads, seq, head_dim]`` (before grouped-query expansion: that is what a cache stores).
+  ``kv_window=R`` keeps each query's ``R`` most recent tokens float (KIVI's residual) and ``kv_sink=N`` the
+  first ``N`` tokens (the attention sink, whose keys/values are outliers; IntactKV/KVQuant keep it float):
+  attention then reads the quantized and the float keys/values concatenated along the sequence, with a mask
+  letting query ``t`` see every other token only quantized and those only float, which is exactly what
+  decoding with a quantized cache plus float sink and window computes.
+
+Options are short so pipelines stay readable: ``quantize(w=int4,group=64)``,
+``quantize(w=int8,a=int8)`` (per-channel W8, per-token dynamic A8), ``quantize(w=int8,a=int8,kv=int4)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationError
+
+from lowbit.calibration.observers import make_observer
+from lowbit.ir.graph import Graph, Node, TensorType, Value
+from lowbit.ir.qscheme import (
+    DEFAULT_KEEP_FLOAT,
+    KVCacheScheme,
+    ObserverName,
+    QScheme,
+    QuantConfig,
+    module_matches,
+)
+from lowbit.ir.quant import QDTYPES, Layout, ceil_div_dim, get_qdtype, layout_for, mul_dim, quantize
+from lowbit.passes.base import Pass, PassError, PassOptions, PassResult, register_pass
+
+__all__ = ["InsertQDQ", "InsertQDQOptions", "config_from_options", "quantize_weight", "insert_dynamic_qdq",
+           "quantize_graph", "VIEW_OPS"]
+
+VIEW_OPS = {"reshape", "aten.reshape.default", "aten.view.default", "aten.expand.default",
+            "aten.unsqueeze.default", "aten.clone.default", "aten.contiguous.default"}
+"""Ops that only re-view a KV tensor between where it is computed and where attention reads it (GQA expand)."""
+
+
+def _is_view(node: Node) -> bool:
+    """A view op, or a slice that keeps the whole axis (``x[:, :, None, :]`` exports as ``slice(x, 3, 0, 2**63-1)``)."""
+    if node.op in VIEW_OPS:
+        return True
+    if node.op == "aten.slice.Tensor":
+        start, end, step = node.arg(2, "start", None), node.arg(3, "end", None), node.arg(4, "step", 1)
+        return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2**62)) and step in (1, None)
+    return False
+
+
+class InsertQDQOptions(PassOptions):
+    """Options of ``quantize``; a ``config`` JSON file replaces the w/a/kv options for mixed precision."""
+
+    w: str | None = None
+    """Weight qdtype: int8, uint8, int4, uint4, int3, int2, fp8e4m3, fp8e5m2; unset keeps weights float."""
+    group: int | None = Field(default=None, gt=0)
+    """Weight group size along the input dim (block-wise scales); unset: one scale per output channel."""
+    group_fallback: int | None = Field(default=None, gt=0)
+    """Group size for linears whose input dim ``group`` does not divide (SmolLM2's 576 with group=128)."""
+    sym: bool = True
+    """Symmetric weights (no zero point)."""
+    w_obs: ObserverName = "minmax"
+    """Weight scale observer: minmax (plain RTN) or mse/percentile/histogram (clipping search)."""
+    a: str | None = None
+    """Input-activation qdtype; unset keeps activations float."""
+    a_gran: Literal["per_token", "per_tensor", "per_channel"] = "per_token"
+    a_group: int | None = Field(default=None, gt=0)
+    """Channels per scale within a token (per_token only); unset: one scale per token."""
+    a_sym: bool = True
+    a_static: bool = False
+    """Fixed activation scales from calibration data instead of in-graph dynamic ones."""
+    a_obs: ObserverName = "minmax"
+    """Observer of static activation scales."""
+    kv: str | None = None
+    """KV-cache qdtype (keys after rotary and values); unset keeps the cache float."""
+    k_gran: Literal["per_channel", "per_token", "per_tensor"] = "per_channel"
+    v_gran: Literal["per_channel", "per_token", "per_tensor"] = "per_token"
+    kv_group: int | None = Field(default=32, gt=0)
+    """Keys per_channel: tokens per scale block (KIVI); values per_token: channels per scale. Unset: whole axis."""
+    k_group: int | None = Field(default=None, gt=0)
+    """Overrides kv_group for the keys."""
+    v_group: int | None = Field(default=None, gt=0)
+    """Overrides kv_group for the values."""
+    kv_sym: bool = False
+    kv_window: int = Field(default=0, ge=0)
+    """Most recent tokens each query reads unquantized (KIVI's float residual)."""
+    kv_sink: int = Field(default=0, ge=0)
+    """First tokens kept unquantized (the attention sink)."""
+    keep: list[str] = []
+    """Extra module globs kept float (added to the default lm_head and embeddings)."""
+    config: str | None = None
+    """Path of a JSON ``QuantConfig`` (per-module rules); exclusive with w/a/kv."""
+    calib: str = "wikitext2-valid-calib"
+    """Static activations: calibration text (a shipped text name or any file path)."""
+    calib_n: int = Field(default=32, ge=1)
+    calib_len: int = Field(default=512, ge=2)
+    tokenizer: str = "smollm2"
+    """Static activations: tokenizer for the calibration text (``smollm2`` or a HF tokenizer directory)."""
+
+
+def config_from_options(o: InsertQDQOptions) -> QuantConfig:
+    """The QuantConfig the options describe (or the ``config`` file's)."""
+    if o.config is not None:
+        given = [k for k in ("w", "a", "kv") if getattr(o, k) is not None]
+        if given:
+            raise PassError(f"pass quantize: option config={o.config!r} replaces {', '.join(given)}: give one or "
+                            "the other")
+        cfg = QuantConfig.from_file(o.config)
+        if o.keep:
+            cfg = cfg.model_copy(update={"keep_float": [*cfg.keep_float, *o.keep]})
+        return cfg
+    for qopt, sopt in (("w", "sym"), ("a", "a_sym"), ("kv", "kv_sym")):
+        value = getattr(o, qopt)
+        if value in (None, "none", "float"):
+            continue
+        if value not in QDTYPES:
+            raise PassError(f"pass quantize: option {qopt}={value}: unknown qdtype {value!r}; known: "
+                            f"{', '.join(QDTYPES)} (or none)")
+        if QDTYPES[value].is_float and not getattr(o, sopt):
+            raise PassError(f"pass quantize: option {qopt}={value} is symmetric only (fp8 has no zero point): "
+                            f"set {sopt}=true")
+    try:
+        weight = None if o.w in (None, "none", "float") else QScheme(
+            qdtype=o.w, symmetric=o.sym, granularity="per_group" if o.group else "per_channel",
+            group_size=o.group, observer=o.w_obs)
+        inp = None if o.a in (None, "none", "float") else QScheme(
+            qdtype=o.a, symmetric=o.a_sym, granularity=o.a_gran, group_size=o.a_group,
+            dynamic=not o.a_static, observer=o.a_obs)
+        kv = None
+        if o.kv not in (None, "none", "float"):
+            k_group = (o.k_group or o.kv_group) if o.k_gran != "per_tensor" else None
+            v_group = (o.v_group or o.kv_group) if o.v_gran != "per_tensor" else None
+            kv = KVCacheScheme(
+                key=QScheme(qdtype=o.kv, symmetric=o.kv_sym, granularity=o.k_gran, group_size=k_group, dynamic=True),
+                value=QScheme(qdtype=o.kv, symmetric=o.kv_sym, granularity=o.v_gran, group_size=v_group,
+                              dynamic=True),
+                window=o.kv_window, sink=o.kv_sink)
+    except ValidationError as exc:
+        raise PassError("pass quantize: " + "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                        ) from None
+    return QuantConfig(weight=weight, input=inp, kv=kv, keep_float=[*DEFAULT_KEEP_FLOAT, *o.keep])
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def _common_module(nodes: list[Node]) -> str:
+    parts = [n.module.split(".") for n in nodes if n.module]
+    if not parts:
+        return ""
+    common = []
+    for segs in zip(*parts):
+        if all(s == segs[0] for s in segs):
+            common.append(segs[0])
+        else:
+            break
+    return ".".join(common)
+
+
+def _pow2_divisors(k: int, below: int) -> list[int]:
+    out, g = [], 1
+    while g * 2 <= below and k % (g * 2) == 0:
+        g *= 2
+        out.append(g)
+    return sorted((d for d in out if d >= 16), reverse=True)[:2] or sorted(out, reverse=True)[:2]
+
+
+def _static_dim(t: TensorType, i: int, what: str) -> int:
+    d = t.shape[i]
+    if not isinstance(d, int):
+        raise PassError(f"pass quantize: {what} has a dynamic size {d!r} at dim {i}; it must be static")
+    return d
+
+
+@dataclass
+class WeightPlan:
+    """One linear whose weight gets ``scheme``; ``group`` is the group size actually used (fallback applied)."""
+
+    node: Node
+    scheme: QScheme
+    group: int | None
+
+
+def _check_group(node: Node, w: Value, scheme: QScheme, fallback: int | None) -> int | None:
+    """The group size to use on this linear, or an error naming option, node and dimension."""
+    if scheme.granularity != "per_group":
+        return None
+    g = scheme.group_size
+    assert g is not None
+    n, k = w.tensor_type.shape
+    if k % g == 0:  # type: ignore[operator]
+        return g
+    if fallback is not None and k % fallback == 0:  # type: ignore[operator]
+        return fallback
+    ok = _pow2_divisors(int(k), g)
+    hint = f"use group={' or group='.join(map(str, ok))}" if ok else "use per-channel scales (no group)"
+    extra = (f", or keep group={g} with group_fallback={ok[0]} (group {g} where it divides, {ok[0]} elsewhere)"
+             if ok and fallback is None else "")
+    what = "group_fallback" if fallback is not None else "group"
+    gval = fallback if fallback is not None else g
+    raise PassError(
+        f"pass quantize: option {what}={gval} does not divide the input size {k} of linear %{node.name} "
+        f"(module {node.module!r}, weight @{w.name} [{n}, {k}]): {k} is not a multiple of {gval}; {hint}{extra}")
+
+
+def quantize_weight(w: torch.Tensor, scheme: QScheme, group: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Layout]:
+    """RTN: (qdata, scale, zero point or None, layout) of a weight ``[N, K]`` under ``scheme``."""
+    if group is not None and group != scheme.group_size:
+        scheme = scheme.model_copy(update={"group_size": group})
+    layout = layout_for(scheme, w.shape, "weight")
+    obs = make_observer(scheme.observer, scheme.qdtype, scheme.symmetric, layout)
+    obs.observe(w)
+    scale, zp = obs.qparams(w.shape)
+    q = quantize(w, scale, zp, qdtype=scheme.qdtype, axis=layout.axis, block_size=layout.block_size)
+    return q, scale, zp, layout
+
+
+def _insert_weight_qdq(graph: Graph, node: Node, scheme: QScheme, group: int | None,
+                       users: dict[int, list[Node]]) -> tuple[int, int]:
+    """Replace the linear's weight by packed params + dequantize; returns (float bytes, quantized bytes)."""
+    w: Value = node.args[1]
+    qd = get_qdtype(scheme.qdtype)
+    if qd.packed and w.tensor_type.shape[-1] % 2:  # type: ignore[operator]
+        raise PassError(f"pass quantize: {scheme.qdtype} weights are packed two per byte along the input dim, but "
+                        f"linear %{node.name} (module {node.module!r}) has odd input size {w.tensor_type.shape[-1]}")
+    q, scale, zp, layout = quantize_weight(w.data, scheme, group)
+    base = w.name[:-len(".weight")] if w.name.endswith(".weight") else w.name
+    shared = [u for u in users.get(id(w), []) if u is not node]
+    if shared:  # a tied weight keeps its float tensor for its other readers; our copy gets its own names
+        base = node.module or base
+    qv = graph.add_param(graph.fresh_param_name(f"{base}.weight.qdata"), q)
+    sv = graph.add_param(graph.fresh_param_name(f"{base}.weight.scale"), scale)
+    zv = graph.add_param(graph.fresh_param_name(f"{base}.weight.zero_point"), zp) if zp is not None else None
+    dq = graph.make_node(
+        "dequantize", [qv, sv, zv],
+        {"qdtype": scheme.qdtype, "axis": layout.axis, "block_size": layout.block_size, "out_dtype": w.data.dtype},
+        name=f"{node.name}_wdq", type=w.type, module=node.module)
+    dq.meta["qscheme"] = scheme.short() if group in (None, scheme.group_size) else \
+        scheme.model_copy(update={"group_size": group}).short()
+    graph.insert_before(node, dq)
+    args = list(node.args)
+    args[1] = dq.output
+    node.args = tuple(args)
+    node.meta["qscheme_weight"] = dq.meta["qscheme"]
+    before = w.data.numel() * w.data.element_size()
+    after = sum(t.numel() * t.element_size() for t in (q, scale, zp) if t is not None)
+    if not shared:
+        graph.remove_param(w.name)
+    return before, after
+
+
+def _dynamic_types(x: Value, scheme_qdtype: str, layout: Layout) -> tuple[TensorType, TensorType, TensorType]:
+    """Types of (scale, zero point, q) for a dynamic QDQ of ``x``."""
+    t = x.tensor_type
+    qd = get_qdtype(scheme_qdtype)
+    if layout.axis is None:
+        sshape: tuple[Any, ...] = ()
+    elif layout.block_size is None:
+        sshape = (t.shape[layout.axis],)
+    else:
+        ax = layout.axis % t.rank
+        s = list(t.shape)
+        s[ax] = ceil_div_dim(s[ax], layout.block_size)
+        sshape = tuple(s)
+    qshape = list(t.shape)
+    if qd.packed:
+        last = qshape[-1]
+        if not isinstance(last, int) or last % 2:
+            raise PassError(f"pass quantize: {qd.name} values are packed two per byte along the last dim, which "
+                            f"must be static and even; %{x.name} is {t}")
+        qshape[-1] = last // 2
+    return (TensorType(torch.float32, sshape), TensorType(qd.container, sshape),
+            TensorType(qd.storage_dtype, tuple(qshape)))
+
+
+def insert_dynamic_qdq(graph: Graph, x: Value, scheme: QScheme, layout: Layout, *, before: Node, module: str,
+                       name: str) -> Node:
+    """Insert ``dynamic_qparams → quantize → dequantize`` of ``x`` before ``before``; returns the dequantize node."""
+    qd = get_qdtype(scheme.qdtype)
+    if layout.axis is None:
+        gran, axis, block = "per_tensor", None, None
+    elif layout.block_size is None:
+        gran, axis, block = "per_channel", layout.axis, None
+    elif layout.axis in (-1, x.tensor_type.rank - 1):
+        gran, axis, block = "per_token", -1, layout.block_size
+    else:
+        gran, axis, block = "per_block", layout.axis, layout.block_size
+    st, zt, qt = _dynamic_types(x, scheme.qdtype, layout)
+    qp = graph.make_node("dynamic_qparams", [x], {"qdtype": scheme.qdtype, "granularity": gran,
+                                                  "symmetric": scheme.symmetric, "axis": axis, "block_size": block},
+                         name=f"{name}_scale", types=[st, zt], module=module)
+    zp = None if (scheme.symmetric or qd.is_float) else qp.outputs[1]
+    q = graph.make_node("quantize", [x, qp.outputs[0], zp], {"qdtype": scheme.qdtype, "axis": axis,
+                                                             "block_size": block},
+                        name=f"{name}_q", type=qt, module=module)
+    dq = graph.make_node("dequantize", [q.output, qp.outputs[0], zp],
+                         {"qdtype": scheme.qdtype, "axis": axis, "block_size": block,
+                          "out_dtype": x.tensor_type.dtype},
+                         name=f"{name}_dq", type=x.type, module=module)
+    for n in (qp, q, dq):
+        n.meta["qscheme"] = scheme.short()
+        graph.insert_before(before, n)
+    return dq
+
+
+# ---- KV cache -----------------------------------------------------------------------------------
+
+
+def _tag(node: Node) -> str:
+    """Short base for names of nodes made for an attention node (``sdpa_3_kvmask``)."""
+    return node.name.replace("scaled_dot_product_attention", "sdpa")
+
+
+def _view_chain(v: Value) -> tuple[Value, list[Node]]:
+    """The value a KV operand is a view of, and the view nodes from it to the operand (source first)."""
+    chain: list[Node] = []
+    while v.producer is not None and _is_view(v.producer):
+        chain.append(v.producer)
+        v = v.producer.args[0]
+    return v, list(reversed(chain))
+
+
+def _clone_chain(graph: Graph, chain: list[Node], src: Value, new_src: Value, before: Node, tag: str) -> Value:
+    """Re-run the view nodes of ``chain`` on ``new_src`` instead of ``src``; returns the last output."""
+    cur_old, cur_new = src, new_src
+    for n in chain:
+        args = tuple(cur_new if a is cur_old else a for a in n.args)
+        c = graph.make_node(n.op, args, dict(n.kwargs), name=f"{n.name}_{tag}", type=n.output.type,
+                            module=n.module)
+        graph.insert_before(before, c)
+        cur_old, cur_new = n.output, c.output
+    return cur_new
+
+
+def _kv_layout(scheme: QScheme, src: Value, role: str, node: Node) -> Layout:
+    t = src.tensor_type
+    if t.rank != 4:
+        raise PassError(f"pass quantize: the {role}s read by attention %{node.name} (module {node.module!r}) come "
+                        f"from %{src.name} of type {t}, not [batch, heads, seq, head_dim]")
+    d = _static_dim(t, 3, f"{role} %{src.name} of attention %{node.name}")
+    layout = layout_for(scheme, t.shape, role)  # type: ignore[arg-type]
+    if layout.axis == -1 and layout.block_size is not None and d % layout.block_size:
+        raise PassError(f"pass quantize: option kv_group={layout.block_size} does not divide head_dim {d} of the "
+                        f"{role}s of attention %{node.name} (module {node.module!r})")
+    return layout
+
+
+def _mask_is_causal(graph: Graph, mask: Value) -> bool:
+    """Whether ``mask`` never lets a query read a later token, probed by computing it on a neutral input.
+
+    The mask is built in-graph from the inputs (HF builds causal and padding masks alike from index
+    comparisons), so its nodes are run on all-ones inputs at the capture-time sequence length: a causal mask
+    allows nothing above the diagonal, a padding-only (encoder) mask allows everything.
+    """
+    import sympy
+    from torch.utils import _pytree as pytree
+
+    from lowbit.ir.ops import resolve
+
+    needed: set[int] = {id(mask)}
+    nodes = []
+    for n in reversed(graph.nodes):
+        if any(id(v) in needed for v in n.outputs):
+            nodes.append(n)
+            needed.update(id(v) for v in n.inputs())
+    hints = {name: sym.hint or 8 for name, sym in graph.symbols.items()}
+    env: dict[int, Any] = {}
+    for v in graph.inputs:
+        if id(v) in needed:
+            t = v.tensor_type
+            shape = [d if isinstance(d, int) else int(sympy.sympify(d).subs(hints)) for d in t.shape]
+            env[id(v)] = torch.ones(shape, dtype=t.dtype)
+    try:
+        for n in reversed(nodes):
+            args, kwargs = pytree.tree_map(
+                lambda x: (x.data if x.is_param else env[id(x)]) if isinstance(x, Value) else x, (n.args, n.kwargs))
+            out = resolve(n.op)(*args, **kwargs)
+            for v, o in zip(n.outputs, list(out) if len(n.outputs) > 1 else [out]):
+                env[id(v)] = o
+    except Exception as exc:  # noqa: BLE001 - reported: the caller refuses the window
+        raise PassError(f"pass quantize: cannot tell whether attention mask %{mask.name} is causal: computing it "
+                        f"on a neutral input failed ({type(exc).__name__}: {exc})") from exc
+    m = env[id(mask)]
+    allowed = m if m.dtype == torch.bool else torch.isfinite(m) & (m > torch.finfo(m.dtype).min / 2)
+    s_q, s_k = allowed.shape[-2], allowed.shape[-1]
+    future = torch.ones(s_q, s_k, dtype=torch.bool).triu(1)
+    return not bool((allowed & future).any())
+
+
+def _window_mask(graph: Graph, node: Node, k_src: Value, window: int, sink: int, before: Node) -> Value:
+    """``[..., S, 2S]`` mask: the first half lets query t read the quantized copy of token j when
+    ``t - j >= window and j >= sink``, the second half the float copy of every other token."""
+    q = node.args[0]
+    mask = node.arg(3, "mask")
+    is_causal = bool(node.kwargs.get("is_causal", False))
+    kt = k_src.tensor_type
+    s_len = kt.shape[2]
+    if q.tensor_type.shape[2] != s_len:
+        raise PassError(f"pass quantize: kv_window/kv_sink need self-attention over the whole sequence; attention "
+                        f"%{node.name} has {q.tensor_type.shape[2]} queries and {s_len} keys")
+    if not is_causal and (mask is None or not _mask_is_causal(graph, mask)):
+        raise PassError(f"pass quantize: kv_window/kv_sink keep tokens float by position, which needs causal "
+                        f"attention; attention %{node.name} (module {node.module!r}) lets queries read later "
+                        "tokens (a bidirectional encoder has no KV cache to window)")
+    mod = node.module
+
+    def add(op: str, args: list[Any], kwargs: dict[str, Any] | None, t: Any, name: str) -> Value:
+        n = graph.make_node(op, args, kwargs or {}, name=f"{_tag(node)}_{name}", type=t, module=mod)
+        graph.insert_before(before, n)
+        return n.output
+
+    from lowbit.ir.graph import SymType
+
+    if isinstance(s_len, int):
+        length: Any = s_len
+    else:
+        length = add("aten.sym_size.int", [k_src, 2], None, SymType(str(s_len)), "kvlen")
+    i64, b = torch.int64, torch.bool
+    pos = add("aten.arange.default", [length], {"device": torch.device("cpu"), "pin_memory": False},
+              TensorType(i64, (s_len,)), "kvpos")
+    qi = add("aten.unsqueeze.default", [pos, 1], None, TensorType(i64, (s_len, 1)), "kvqi")
+    kj = add("aten.unsqueeze.default", [pos, 0], None, TensorType(i64, (1, s_len)), "kvkj")
+    dist = add("aten.sub.Tensor", [qi, kj], None, TensorType(i64, (s_len, s_len)), "kvdist")
+    old = add("aten.ge.Scalar", [dist, window], None, TensorType(b, (s_len, s_len)), "kvold")
+    if sink:
+        after_sink = add("aten.ge.Scalar", [kj, sink], None, TensorType(b, (1, s_len)), "kvaftersink")
+        old = add("aten.logical_and.default", [old, after_sink], None, TensorType(b, (s_len, s_len)), "kvoldns")
+    recent = add("aten.logical_not.default", [old], None, TensorType(b, (s_len, s_len)), "kvrecent")
+    if mask is None:  # causal: old tokens are causal already (dist >= window >= 0); float ones need dist >= 0
+        causal = add("aten.ge.Scalar", [dist, 0], None, TensorType(b, (s_len, s_len)), "kvcausal")
+        m_old = old
+        m_new = add("aten.logical_and.default", [causal, recent], None, TensorType(b, (s_len, s_len)), "kvnew")
+        mt = TensorType(b, (s_len, s_len))
+    else:
+        mt0 = mask.tensor_type
+        if mt0.rank < 2 or mt0.shape[-1] != s_len or mt0.shape[-2] != s_len:
+            raise PassError(f"pass quantize: kv_window cannot combine with the mask %{mask.name} {mt0} of attention "
+                            f"%{node.name}: expected [..., {s_len}, {s_len}]")
+        mt = mt0
+        if mt0.dtype == torch.bool:
+            m_old = add("aten.logical_and.default", [mask, old], None, mt, "kvmold")
+            m_new = add("aten.logical_and.default", [mask, recent], None, mt, "kvmnew")
+        else:
+            m_old = add("aten.where.ScalarOther", [old, mask, float("-inf")], None, mt, "kvmold")
+            m_new = add("aten.where.ScalarOther", [recent, mask, float("-inf")], None, mt, "kvmnew")
+    cat_shape = tuple(mt.shape[:-1]) + (mul_dim(s_len, 2),)
+    return add("aten.cat.default", [[m_old, m_new], -1], None, TensorType(mt.dtype, cat_shape), "kvmask")
+
+
+def insert_kv_qdq(graph: Graph, node: Node, kv: KVCacheScheme) -> int:
+    """Quantize the keys (after rotary) and values of one attention node; returns the number of QDQ chains."""
+    args = list(node.args)
+    while len(args) < 4:
+        args.append(node.kwargs.pop("mask", None) if len(args) == 3 else None)
+    sources = []
+    for idx, role, scheme in ((1, "key", kv.key), (2, "value", kv.value)):
+        operand = args[idx]
+        src, chain = _view_chain(operand)
+        layout = _kv_layout(scheme, src, role, node)
+        anchor = chain[0] if chain else node
+        dq = insert_dynamic_qdq(graph, src, scheme, layout, before=anchor, module=node.module,
+                                name=f"{_tag(node)}_{role[0]}")
+        dq.meta["kv"] = role
+        sources.append((idx, src, chain, dq, anchor))
+    if kv.window == 0 and kv.sink == 0:
+        for idx, src, chain, dq, anchor in sources:
+            if chain:
+                chain[0].args = tuple(dq.output if a is src else a for a in chain[0].args)
+            else:
+                args[idx] = dq.output
+    else:
+        for idx, src, chain, dq, anchor in sources:
+            quant_view = _clone_chain(graph, chain, src, dq.output, node, "kvq")
+            t = args[idx].tensor_type
+            cat_t = TensorType(t.dtype, tuple(t.shape[:2]) + (mul_dim(t.shape[2], 2),) + tuple(t.shape[3:]))
+            cat = graph.make_node("aten.cat.default", [[quant_view, args[idx]], 2], {},
+                                  name=f"{_tag(node)}_{'kv'[idx - 1]}cat", type=cat_t, module=node.module)
+            graph.insert_before(node, cat)
+            args[idx] = cat.output
+        args[3] = _window_mask(graph, node, sources[0][1], kv.window, kv.sink, node)
+        node.kwargs["is_causal"] = False
+    node.args = tuple(args)
+    node.meta["qscheme_kv"] = f"k:{kv.key.short()} v:{kv.value.short()} window:{kv.window} sink:{kv.sink}"
+    return 2
+
+
+# ---- the pass -----------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizePlan:
+    """The resolved annotation: what happens to each linear and attention node."""
+
+    weights: list[WeightPlan] = field(default_factory=list)
+    inputs: list[tuple[Node, QScheme]] = field(default_factory=list)
+    attention: list[Node] = field(default_factory=list)
+
+
+def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
+         extra_patterns: Sequence[tuple[str, str]] = ()) -> QuantizePlan:
+    """Resolve ``cfg`` against the graph; every error (bad pattern, group, weight) is raised before any change.
+
+    ``extra_patterns`` are (where, glob) pairs the user wrote outside the config (the ``keep`` option): like
+    the config's own rules, each must match a linear's module.
+    """
+    linears = [n for n in graph.nodes if n.op == "linear"]
+    modules = sorted({n.module for n in linears})
+    for where, pat in list(extra_patterns) + cfg.user_patterns():
+        if not any(module_matches(m, pat) for m in modules):
+            sample = ", ".join(modules[:4]) + (", ..." if len(modules) > 4 else "")
+            raise PassError(f"pass quantize: {where} {pat!r} matches no linear module (linears: {sample})")
+    p = QuantizePlan()
+    for n in linears:
+        ws, xs = cfg.resolve(n.module)
+        if ws is not None:
+            w = n.args[1]
+            if not isinstance(w, Value) or not w.is_param:
+                raise PassError(f"pass quantize: linear %{n.name} (module {n.module!r}) has a computed weight; only "
+                                "stored weights can be quantized (keep it float with keep=...)")
+            if w.tensor_type.rank != 2:
+                raise PassError(f"pass quantize: weight @{w.name} of linear %{n.name} is {w.type}, not [out, in]")
+            p.weights.append(WeightPlan(n, ws, _check_group(n, w, ws, group_fallback)))
+        if xs is not None:
+            x = n.args[0]
+            _static_dim(x.tensor_type, -1, f"input %{x.name} of linear %{n.name}")
+            if xs.granularity == "per_token" and xs.group_size and x.tensor_type.shape[-1] % xs.group_size:
+                raise PassError(f"pass quantize: option a_group={xs.group_size} does not divide the input size "
+                                f"{x.tensor_type.shape[-1]} of linear %{n.name} (module {n.module!r})")
+            if not xs.dynamic and xs.granularity == "per_token":
+                raise PassError("pass quantize: static activation scales cannot be per token (tokens vary at run "
+                                "time): use a_gran=per_tensor or per_channel with a_static=true")
+            p.inputs.append((n, xs))
+    if cfg.kv is not None:
+        p.attention = [n for n in graph.nodes if n.op == "attention" and module_matches(n.module, cfg.kv.modules)]
+        if not p.attention:
+            raise PassError(f"pass quantize: kv modules pattern {cfg.kv.modules!r} matches no attention node "
+                            f"({sum(1 for n in graph.nodes if n.op == 'attention')} attention nodes in the graph)")
+    return p
+
+
+def quantize_graph(graph: Graph, cfg: QuantConfig, *, group_fallback: int | None = None,
+                   calibration: dict[str, Any] | None = None,
+                   extra_patterns: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """Apply ``cfg`` to ``graph`` in place; returns the statistics the pass reports."""
+    p = plan(graph, cfg, group_fallback, extra_patterns)
+    bytes_before = graph.param_bytes()
+    users = graph.users()
+    w_float = w_quant = 0
+    for wp in p.weights:
+        b, a = _insert_weight_qdq(graph, wp.node, wp.scheme, wp.group, users)
+        w_float, w_quant = w_float + b, w_quant + a
+    dynamic = [(n, s) for n, s in p.inputs if s.dynamic]
+    chains: dict[tuple[int, QScheme], Node] = {}
+    groups: dict[tuple[int, QScheme], list[Node]] = {}
+    for n, s in dynamic:
+        groups.setdefault((id(n.args[0]), s), []).append(n)
+    for key, readers in groups.items():
+        x = readers[0].args[0]
+        layout = layout_for(key[1], x.tensor_type.shape, "activation")
+        first = min(readers, key=graph.index)
+        dq = insert_dynamic_qdq(graph, x, key[1], layout, before=first, module=_common_module(readers),
+                                name=x.name)
+        chains[key] = dq
+        for r in readers:
+            r.args = (dq.output,) + tuple(r.args[1:])
+    kv_chains = 0
+    for att in p.attention:
+        kv_chains += insert_kv_qdq(graph, att, cfg.kv)  # type: ignore[arg-type]
+    static = [(n, s) for n, s in p.inputs if not s.dynamic]
+    calib_stats: dict[str, Any] = {}
+    if static:
+        from lowbit.calibration.static import calibrate_static_inputs
+
+        calib_stats = calibrate_static_inputs(graph, static, **(calibration or {}))
+    from lowbit.passes.dce import eliminate_dead_code
+
+    eliminate_dead_code(graph)
+    stats: dict[str, Any] = {
+        "weights_quantized": len(p.weights),
+        "inputs_quantized": len(p.inputs),
+        "activation_qdq_chains": len(chains) + len(static),
+        "kv_qdq_chains": kv_chains,
+        "param_bytes_before": bytes_before,
+        "param_bytes_after": graph.param_bytes(),
+        "quantized_weight_bytes_before": w_float,
+        "quantized_weight_bytes_after": w_quant,
+    }
+    if calib_stats:
+        stats["calibration"] = calib_stats
+    return stats
+
+
+@register_pass
+class InsertQDQ(Pass):
+    """Insert quantize/dequantize nodes: packed RTN weights, dynamic/static input activations, the KV cache."""
+
+    name = "quantize"
+    Options = InsertQDQOptions
+
+    def run(self, graph: Graph) -> PassResult:
+        o = self.options
+        cfg = config_from_options(o)
+        if cfg.is_empty():
+            raise PassError("pass quantize: nothing to quantize: set w=, a= or kv= (e.g. quantize(w=int4,group=64)) "
+                            "or config=path.json")
+        calibration = {"text": o.calib, "n": o.calib_n, "seq_len": o.calib_len, "tokenizer": o.tokenizer,
+                       "observer": o.a_obs}
+        extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
+        stats = quantize_graph(graph, cfg, group_fallback=o.group_fallback, calibration=calibration,
+                               extra_patterns=extra)
+        changed = bool(stats["weights_quantized"] or stats["inputs_quantized"] or stats["kv_qdq_chains"])
+        return PassResult(changed, stats)
+

@@ -1,0 +1,140 @@
+"""The ``smooth-quant`` pass: fold SmoothQuant scales into the model before int8 activation quantization.
+
+    smooth-quant,quantize(w=int8,a=int8)                      the w8a8-sq recipe
+    smooth-quant(alpha=0.6,sites=[norm;gated])                 migration strength and where scales go
+    smooth-quant(search=true)                                  α per site by W8A8 output error on calibration tokens
+
+Statistics (``max|x|`` per input channel, and a token sample when searching α) come from running calibration
+text block by block through ``lowbit.calibration.engine``. Each scale is folded by
+``lowbit.calibration.scale_migration`` — the same code AWQ uses — so the float model is unchanged (exact up to
+float rounding; the engine reuses each block's outputs). Linears kept float (``lm_head``, ``keep=``) are not
+smoothed: their inputs are never quantized, so there is nothing to gain, and SmolLM2's ``lm_head`` is tied to
+the embedding (smoothing it would duplicate 28M parameters).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, load_tokenizer
+from lowbit.calibration.engine import BlockRun, batches_from_ids, run
+from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites
+from lowbit.calibration.smoothquant import search_alpha, smoothquant_scale
+from lowbit.ir.graph import Graph, Node
+from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
+from lowbit.passes.base import Pass, PassError, PassOptions, PassResult, register_pass
+
+__all__ = ["SmoothQuant", "SmoothQuantOptions"]
+
+SITE_KINDS = ("norm", "gated", "attention-v")
+
+
+class SmoothQuantOptions(PassOptions):
+    alpha: float = 0.5
+    """Migration strength: 0 leaves activations alone, 1 moves all of their range into the weights."""
+    search: bool = False
+    """Choose α per site from {0, 0.3, ..., 0.8} by the W8A8 output error on ``samples`` calibration tokens."""
+    sites: list[str] = ["norm", "gated"]
+    """Where scales are folded: norm (RMSNorm/LayerNorm → q/k/v, gate/up), gated (up_proj → down_proj),
+    attention-v (v_proj → o_proj)."""
+    keep: list[str] = []
+    """Extra module globs not smoothed (added to the default lm_head and embeddings)."""
+    samples: int = 4096
+    """Search: tokens kept per site (evenly spread over the calibration batches)."""
+    calib: str = DEFAULT_CALIBRATION_TEXT
+    calib_n: int = 32
+    calib_len: int = 512
+    tokenizer: str = "smollm2"
+    batch_size: int = 8
+    progress: bool = True
+
+
+@dataclass
+class _SiteStats:
+    site: MigrationSite
+    absmax: torch.Tensor | None = None
+    sample: list[torch.Tensor] = field(default_factory=list)
+    done: bool = False
+
+
+@register_pass
+class SmoothQuant(Pass):
+    """SmoothQuant: per-channel scales from activation and weight ranges, folded into norms/linears (exact)."""
+
+    name = "smooth-quant"
+    Options = SmoothQuantOptions
+    exact = True
+
+    def run(self, graph: Graph) -> PassResult:
+        o: SmoothQuantOptions = self.options  # type: ignore[assignment]
+        if not 0.0 <= o.alpha <= 1.0:
+            raise PassError(f"pass smooth-quant: option alpha={o.alpha} must be in [0, 1]")
+        bad = sorted(set(o.sites) - set(SITE_KINDS))
+        if bad:
+            raise PassError(f"pass smooth-quant: option sites: unknown {bad}; known: {', '.join(SITE_KINDS)}")
+        keep = list(DEFAULT_KEEP_FLOAT) + list(o.keep)
+        modules = [n.module for n in graph.nodes if n.op == "linear"]
+        for pat in o.keep:
+            if not any(module_matches(m, pat) for m in modules):
+                raise PassError(f"pass smooth-quant: option keep {pat!r} matches no linear module")
+        sites = [s for s in find_sites(graph, o.sites)
+                 if not any(module_matches(c.module, p) for c in s.consumers for p in keep)]
+        if not sites:
+            raise PassError(f"pass smooth-quant: no place to fold scales ({', '.join(o.sites)}) in this graph")
+        t0 = time.perf_counter()
+        stats_of = {id(s.consumers[0]): _SiteStats(s) for s in sites}
+        per_batch = 1  # tokens sampled per batch and site; set once the batches are known
+        alphas: list[float] = []
+
+        def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
+            ss = stats_of.get(id(node))
+            if ss is None or ss.done:
+                return
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            amax = x.abs().amax(0)
+            ss.absmax = amax if ss.absmax is None else torch.maximum(ss.absmax, amax)
+            if o.search:
+                step = max(1, x.shape[0] // per_batch)
+                ss.sample.append(x[::step][:per_batch].clone())
+
+        def on_block(ctx: BlockRun) -> bool:
+            for ss in stats_of.values():
+                if ss.absmax is None or ss.done:
+                    continue
+                weights = [c.args[1].data for c in ss.site.consumers]
+                if o.search:
+                    alpha, s, _ = search_alpha(torch.cat(ss.sample), ss.absmax, weights, expand=ss.site.expand)
+                else:
+                    alpha, s = o.alpha, smoothquant_scale(ss.absmax, weights, o.alpha, ss.site.expand)
+                apply_scale(graph, ss.site, s)
+                alphas.append(alpha)
+                ss.done, ss.sample = True, []
+            return False  # exact: the block's outputs do not change
+
+        tok = load_tokenizer(o.tokenizer)
+        try:
+            ids = calibration_ids(o.calib, tok, o.calib_n, o.calib_len)
+        except (ValueError, FileNotFoundError) as exc:
+            raise PassError(f"pass smooth-quant: option calib={o.calib!r}: {exc}") from None
+        static_batch = graph.inputs[0].tensor_type.shape[0] if len(graph.inputs) == 1 else None
+        batches = batches_from_ids(graph, ids, static_batch if isinstance(static_batch, int) else o.batch_size)
+        per_batch = max(1, o.samples // len(batches))
+        report = run(graph, batches, on_node=on_node, on_block=on_block, progress=o.progress)
+        missing = [ss.site.name for ss in stats_of.values() if not ss.done]
+        if missing:
+            raise PassError(f"pass smooth-quant: calibration never reached the site(s) {', '.join(missing[:5])}")
+        by_kind: dict[str, int] = {}
+        for s in sites:
+            by_kind[s.kind] = by_kind.get(s.kind, 0) + 1
+        return PassResult(True, {
+            "sites": by_kind,
+            "alpha_mean": round(sum(alphas) / len(alphas), 3),
+            "alpha_search": o.search,
+            "calib_tokens": int(ids.numel()),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "seconds_calibration_engine": round(report.seconds, 2),
+        })

@@ -1,0 +1,433 @@
+"""GPTQ, AWQ, SmoothQuant and scale migration on real SmolLM2 layers with real WikiText-2 activations.
+
+Inputs of layer 3's linears are collected with forward hooks on the HF model (the forward stops after layer 3).
+Calibration uses 16 × 512 tokens of the WikiText-2 validation text; errors are measured on 8 other sequences,
+so "GPTQ beats RTN" means on tokens GPTQ never saw. SmolLM2's shipped weights are Q4_1 (asymmetric, group 32)
+dequantized, so group-32 asymmetric RTN would be lossless: the comparisons use group 64 and per channel.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.calibration.awq import awq_search_clip, awq_search_scale, scaled_hessian
+from lowbit.calibration.gptq import (
+    HessianAccumulator,
+    gptq_quantize,
+    output_error,
+    qdtype_of,
+    rtn_quantize,
+    weight_qparams,
+)
+from lowbit.calibration.scale_migration import divide_norm, divide_rows, gqa_expand_index, multiply_columns
+from lowbit.calibration.smoothquant import int8_output_error, search_alpha, smoothquant_scale
+from lowbit.ir.quant import dequantize, pack_int4
+
+CALIB_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_valid_tokenized.txt"
+LAYER = 3
+N_CAL, N_EVAL, SEQ = 16, 8, 512
+GROUPS = {  # linears sharing one input → that input's name
+    "qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    "o": ["self_attn.o_proj"],
+    "gateup": ["mlp.gate_proj", "mlp.up_proj"],
+    "down": ["mlp.down_proj"],
+}
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def layer3(smollm2):
+    """(float32 weights of layer 3 by module name, calibration inputs, held-out inputs) per input group."""
+    from lowbit.calibration.data import calibration_ids
+
+    model, tok = smollm2
+    if not CALIB_TEXT.is_file():
+        pytest.skip(f"calibration text {CALIB_TEXT} is not on this machine")
+    ids = calibration_ids(CALIB_TEXT, tok, N_CAL + N_EVAL, SEQ)
+    layer = model.model.layers[LAYER]
+    seen: dict[str, list[torch.Tensor]] = {k: [] for k in GROUPS}
+
+    def grab(key):
+        def hook(_mod, args):
+            seen[key].append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
+        return hook
+
+    def stop(*_):
+        raise _Stop
+
+    handles = [layer.get_submodule(names[0]).register_forward_pre_hook(grab(key)) for key, names in GROUPS.items()]
+    handles.append(layer.register_forward_hook(stop))
+    try:
+        with torch.inference_mode():
+            for chunk in ids.split(8):
+                try:
+                    model(input_ids=chunk, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    acts = {k: torch.cat(v) for k, v in seen.items()}
+    cut = N_CAL * SEQ
+    weights = {n: layer.get_submodule(n).weight.detach().clone() for names in GROUPS.values() for n in names}
+    return weights, {k: v[:cut] for k, v in acts.items()}, {k: v[cut:] for k, v in acts.items()}
+
+
+def _hessian(x: torch.Tensor) -> HessianAccumulator:
+    acc = HessianAccumulator(x.shape[1])
+    for chunk in x.split(4096):  # several adds, as calibration batches arrive
+        acc.add(chunk)
+    return acc
+
+
+@pytest.mark.parametrize("key,group", [("qkv", 64), ("qkv", None), ("down", 64), ("down", None)])
+def test_gptq_output_error_below_rtn(layer3, key, group):
+    weights, cal, ev = layer3
+    acc = _hessian(cal[key])
+    for name in GROUPS[key][:1]:
+        w = weights[name]
+        rtn = output_error(ev[key], w, rtn_quantize(w, 4, group, symmetric=False).weight)
+        res = gptq_quantize(w, acc.hessian, 4, group, symmetric=False)
+        gptq = output_error(ev[key], w, res.weight)
+        assert gptq < 0.9 * rtn, f"{name} g={group}: GPTQ {gptq:.4g} vs RTN {rtn:.4g} on held-out tokens"
+        assert res.stats["loss"] > 0 and res.stats["damp"] == 0.01
+
+
+def test_gptq_codes_follow_the_qdq_contract(layer3):
+    """dequantize(pack(qdata)) with the returned scale/zero point is exactly GPTQ's weight (sym and asym)."""
+    weights, cal, _ = layer3
+    w = weights["self_attn.o_proj"]
+    h = _hessian(cal["o"]).hessian
+    for sym, group, act_order in [(False, 64, True), (True, 64, False), (False, None, True), (True, None, False)]:
+        r = gptq_quantize(w, h, 4, group, symmetric=sym, act_order=act_order)
+        qd = qdtype_of(4, sym)
+        assert r.qdata.dtype == torch.int8 and int(r.qdata.min()) >= qd.qmin and int(r.qdata.max()) <= qd.qmax
+        assert (r.zero_point is None) == sym
+        back = dequantize(pack_int4(r.qdata), r.scale, r.zero_point, qdtype="int4", axis=1 if group else 0,
+                          block_size=group)
+        assert torch.equal(back, r.weight), (sym, group, act_order)
+        assert r.scale.shape == ((w.shape[0], w.shape[1] // group) if group else (w.shape[0],))
+
+
+def test_gptq_dead_inputs_and_bad_arguments(layer3):
+    weights, cal, _ = layer3
+    w = weights["self_attn.q_proj"]
+    x = cal["qkv"][:2048].clone()
+    x[:, [5, 77]] = 0.0  # two channels that never fire
+    r = gptq_quantize(w, _hessian(x).hessian, 4, 64)
+    assert r.stats["dead_columns"] == 2 and torch.isfinite(r.weight).all() and (r.scale > 0).all()
+    # a dead column is plain RTN of the original weights (they are kept, not zeroed)
+    rtn = rtn_quantize(w, 4, 64, symmetric=False).weight
+    assert torch.equal(r.weight[:, 5], rtn[:, 5])
+    with pytest.raises(ValueError, match="group_size=100 does not divide the input size 576"):
+        gptq_quantize(w, _hessian(x).hessian, 4, 100)
+    with pytest.raises(ValueError, match="Hessian shape"):
+        gptq_quantize(w, torch.eye(10), 4, 64)
+    # an input that is zero on every token: every column is dead, GPTQ degrades to RTN
+    r0 = gptq_quantize(w, torch.zeros(576, 576), 4, 64)
+    assert r0.stats["dead_columns"] == 576 and torch.equal(r0.weight, rtn)
+    with pytest.raises(ValueError, match="not finite"):
+        gptq_quantize(w, torch.full((576, 576), float("nan")), 4, 64)
+    with pytest.raises(ValueError, match="bits=5"):
+        gptq_quantize(w, torch.eye(576), 5, 64)
+    with pytest.raises(ValueError, match="static_groups"):
+        gptq_quantize(w, torch.eye(576), 4, 64, act_order=True, static_groups=False)
+    with pytest.raises(ValueError, match="no inputs"):
+        HessianAccumulator(576).hessian  # noqa: B018
+
+
+@pytest.mark.parametrize("key,group", [("qkv", 64), ("down", 64), ("gateup", None)])
+def test_awq_output_error_below_rtn(layer3, key, group):
+    weights, cal, ev = layer3
+    acc = _hessian(cal[key])
+    ws = [weights[n] for n in GROUPS[key]]
+    found = awq_search_scale(acc.sum, acc.abs_mean, ws, 4, group, symmetric=False)
+    s = found.scale
+    assert found.error <= found.error_unscaled and torch.isfinite(s).all() and (s > 0).all()
+    hs = scaled_hessian(acc.sum, s)
+    rtn = awq = clipped = 0.0
+    for w in ws:
+        rtn += output_error(ev[key], w, rtn_quantize(w, 4, group, False).weight)
+        awq += output_error(ev[key], w, rtn_quantize(w * s, 4, group, False).weight / s)
+        shrink, _ = awq_search_clip(w * s, hs, 4, group, False)
+        assert shrink.shape == ((w.shape[0], w.shape[1] // group) if group else (w.shape[0],))
+        clipped += output_error(ev[key], w, rtn_quantize(w * s, 4, group, False, shrink=shrink).weight / s)
+    assert awq < rtn, f"{key} g={group}: AWQ {awq:.4g} vs RTN {rtn:.4g}"
+    assert clipped < 0.95 * rtn, f"{key} g={group}: AWQ+clip {clipped:.4g} vs RTN {rtn:.4g}"
+
+
+def test_awq_then_gptq_on_scaled_weights(layer3):
+    """AWQ's scale and clipping as GPTQ's grid: the combination the gptq pass runs with awq=true."""
+    weights, cal, ev = layer3
+    acc = _hessian(cal["down"])
+    w = weights["mlp.down_proj"]
+    s = awq_search_scale(acc.sum, acc.abs_mean, [w], 4, None, False).scale
+    hs = scaled_hessian(acc.hessian, s)
+    shrink, _ = awq_search_clip(w * s, hs, 4, None, False)
+    qp = weight_qparams(w * s, qdtype_of(4, False), False, None, shrink)
+    both = gptq_quantize(w * s, hs, 4, None, False, qparams=qp).weight / s
+    rtn = output_error(ev["down"], w, rtn_quantize(w, 4, None, False).weight)
+    gptq = output_error(ev["down"], w, gptq_quantize(w, acc.hessian, 4, None, False).weight)
+    assert output_error(ev["down"], w, both) < min(rtn, gptq)
+
+
+def test_scale_migration_exact_in_float64(smollm2, layer3):
+    """Fold random scales at all four sites of a real float64 layer 3 (GQA v→o included): same outputs."""
+    model, _ = smollm2
+    layer = copy.deepcopy(model.model.layers[LAYER]).double()
+    rotary = copy.deepcopy(model.model.rotary_emb).double()
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 64, 576, generator=gen, dtype=torch.float64)
+    pos = torch.arange(64)[None]
+    pe = rotary(h, pos)
+    mask = torch.full((64, 64), float("-inf"), dtype=torch.float64).triu(1)[None, None]
+    ref = layer(h, position_embeddings=pe, attention_mask=mask)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+
+    def rand_scale(n):  # spread over two orders of magnitude, like real AWQ/SmoothQuant scales
+        return torch.exp(torch.randn(n, generator=gen, dtype=torch.float64) * 1.2)
+
+    att, mlp = layer.self_attn, layer.mlp
+    with torch.no_grad():
+        s = rand_scale(576)
+        g, _ = divide_norm(layer.input_layernorm.weight, None, s, torch.float64)
+        layer.input_layernorm.weight.copy_(g)
+        for lin in (att.q_proj, att.k_proj, att.v_proj):
+            lin.weight.copy_(multiply_columns(lin.weight, s))
+        s_v = rand_scale(192)
+        att.v_proj.weight.copy_(divide_rows(att.v_proj.weight, None, s_v)[0])
+        att.o_proj.weight.copy_(multiply_columns(att.o_proj.weight, s_v, gqa_expand_index(192, 576, 64)))
+        s = rand_scale(576)
+        layer.post_attention_layernorm.weight.copy_(divide_norm(layer.post_attention_layernorm.weight, None, s,
+                                                                torch.float64)[0])
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight.copy_(multiply_columns(lin.weight, s))
+        s_u = rand_scale(1536)
+        mlp.up_proj.weight.copy_(divide_rows(mlp.up_proj.weight, None, s_u)[0])
+        mlp.down_proj.weight.copy_(multiply_columns(mlp.down_proj.weight, s_u))
+    out = layer(h, position_embeddings=pe, attention_mask=mask)
+    out = out[0] if isinstance(out, tuple) else out
+    rel = float((out - ref).abs().max().detach() / ref.abs().max().detach())
+    assert rel < 1e-12, rel
+    # the float32 weights round-trip too: migration keeps dtypes
+    w32 = layer3[0]["mlp.down_proj"]
+    assert multiply_columns(w32, torch.ones(1536)).dtype == torch.float32
+
+
+def test_smoothquant_reduces_w8a8_error_and_never_makes_bad_scales(layer3):
+    weights, cal, ev = layer3
+    acc = _hessian(cal["qkv"])
+    ws = [weights[n] for n in GROUPS["qkv"]]
+    s = smoothquant_scale(acc.abs_max, ws, alpha=0.5)
+    x = ev["qkv"][:2048]
+    assert int8_output_error(x, ws, s) < int8_output_error(x, ws, torch.ones(576))
+    alpha, s_best, tried = search_alpha(cal["qkv"][:2048], acc.abs_max, ws)
+    assert int8_output_error(x, ws, s_best) <= int8_output_error(x, ws, torch.ones(576))
+    # constant-zero activations and all-zero weight columns: finite, positive scales
+    amax = acc.abs_max.clone()
+    amax[:3] = 0.0
+    w0 = ws[0].clone()
+    w0[:, 3:6] = 0.0
+    s_bad = smoothquant_scale(amax, [w0], alpha=0.5)
+    assert torch.isfinite(s_bad).all() and (s_bad > 0).all() and torch.equal(s_bad[:6], torch.ones(6))
+    with pytest.raises(ValueError, match="alpha"):
+        smoothquant_scale(amax, ws, alpha=1.5)
+
+
+# ---- the passes: golden IR on a tiny graph, numerics on real SmolLM2 blocks ------------------------------
+
+TINY = """\
+graph g(%input_ids: i64[s0,s1]) {
+  symbol s0 in [1, 1024] hint 2
+  symbol s1 in [2, 8192] hint 16
+  param @embed.weight: f32[49152,8]
+  param @layers.0.norm.weight: f32[8]
+  param @layers.0.q.weight: f32[4,8]
+  param @layers.0.k.weight: f32[4,8]
+  param @layers.0.o.weight: f32[8,4]
+  %e: f32[s0,s1,8] = embedding(@embed.weight, %input_ids)  # embed
+  %n: f32[s0,s1,8] = rms_norm(%e, @layers.0.norm.weight, eps=1e-06, compute_dtype=None)  # layers.0.norm
+  %q: f32[s0,s1,4] = linear(%n, @layers.0.q.weight)  # layers.0.q
+  %k: f32[s0,s1,4] = linear(%n, @layers.0.k.weight)  # layers.0.k
+  %m: f32[s0,s1,4] = mul(%q, %k)  # layers.0
+  %o: f32[s0,s1,8] = linear(%m, @layers.0.o.weight)  # layers.0.o
+  return %o
+}
+"""
+TINY_QUANTIZED = """\
+graph g(%input_ids: i64[s0,s1]) {
+  symbol s0 in [1, 1024] hint 2
+  symbol s1 in [2, 8192] hint 16
+  param @embed.weight: f32[49152,8]
+  param @layers.0.norm.weight: f32[8]
+  param @layers.0.q.weight.qdata: u8[4,4]
+  param @layers.0.q.weight.scale: f32[4,2]
+  param @layers.0.q.weight.zero_point: i8[4,2]
+  param @layers.0.k.weight.qdata: u8[4,4]
+  param @layers.0.k.weight.scale: f32[4,2]
+  param @layers.0.k.weight.zero_point: i8[4,2]
+  param @layers.0.o.weight.qdata: u8[8,2]
+  param @layers.0.o.weight.scale: f32[8,1]
+  param @layers.0.o.weight.zero_point: i8[8,1]
+  %e: f32[s0,s1,8] = embedding(@embed.weight, %input_ids)  # embed
+  %n: f32[s0,s1,8] = rms_norm(%e, @layers.0.norm.weight, eps=1e-06, compute_dtype=None)  # layers.0.norm
+  %q_wdq: f32[4,8] = dequantize(@layers.0.q.weight.qdata, @layers.0.q.weight.scale, @layers.0.q.weight.zero_point, qdtype="int4", axis=1, block_size=4, out_dtype=f32)  # layers.0.q
+  %q: f32[s0,s1,4] = linear(%n, %q_wdq)  # layers.0.q
+  %k_wdq: f32[4,8] = dequantize(@layers.0.k.weight.qdata, @layers.0.k.weight.scale, @layers.0.k.weight.zero_point, qdtype="int4", axis=1, block_size=4, out_dtype=f32)  # layers.0.k
+  %k: f32[s0,s1,4] = linear(%n, %k_wdq)  # layers.0.k
+  %m: f32[s0,s1,4] = mul(%q, %k)  # layers.0
+  %o_wdq: f32[8,4] = dequantize(@layers.0.o.weight.qdata, @layers.0.o.weight.scale, @layers.0.o.weight.zero_point, qdtype="int4", axis=1, block_size=4, out_dtype=f32)  # layers.0.o
+  %o: f32[s0,s1,8] = linear(%m, %o_wdq)  # layers.0.o
+  return %o
+}
+"""
+TINY_SMOOTHED = """\
+graph g(%input_ids: i64[s0,s1]) {
+  symbol s0 in [1, 1024] hint 2
+  symbol s1 in [2, 8192] hint 16
+  param @embed.weight: f32[49152,8]
+  param @layers.0.q.weight: f32[4,8]
+  param @layers.0.k.weight: f32[4,8]
+  param @layers.0.o.weight: f32[8,4]
+  param @layers.0.norm.weight: f32[8]
+  %e: f32[s0,s1,8] = embedding(@embed.weight, %input_ids)  # embed
+  %n: f32[s0,s1,8] = rms_norm(%e, @layers.0.norm.weight, eps=1e-06, compute_dtype=None)  # layers.0.norm
+  %q: f32[s0,s1,4] = linear(%n, @layers.0.q.weight)  # layers.0.q
+  %k: f32[s0,s1,4] = linear(%n, @layers.0.k.weight)  # layers.0.k
+  %m: f32[s0,s1,4] = mul(%q, %k)  # layers.0
+  %o: f32[s0,s1,8] = linear(%m, @layers.0.o.weight)  # layers.0.o
+  return %o
+}
+"""
+TINY_CAL = "calib_n=4,calib_len=32,progress=false"
+
+
+def _tiny():
+    from lowbit.ir.parser import parse_graph
+
+    g = parse_graph(TINY)
+    gen = torch.Generator().manual_seed(0)
+    return parse_graph(TINY, {k: torch.randn(v.type.shape, generator=gen) for k, v in g.params.items()})
+
+
+@pytest.mark.parametrize("pipeline", [f"gptq(w=int4,group=4,{TINY_CAL})", f"awq(w=int4,group=4,{TINY_CAL})"])
+def test_weight_passes_golden_ir(pipeline):
+    """GPTQ and AWQ write the quantize pass's QDQ form: packed int4 codes, block-wise scales, zero points."""
+    from lowbit.backends.torch_backend import TorchCompiled
+    from lowbit.ir.printer import print_graph
+    from lowbit.passes.manager import PassManager
+
+    g = _tiny()
+    report = PassManager(pipeline).run(g)
+    assert print_graph(g) == TINY_QUANTIZED
+    stats = report.records[0].stats
+    assert stats["weights_quantized"] == 3 and stats["input_groups"] == 2
+    assert TorchCompiled(g)(torch.randint(0, 49152, (2, 16))).shape == (2, 16, 8)
+
+
+def test_smooth_quant_golden_ir_and_exact():
+    """After fold-norms the norm has no gain: smooth-quant gives it one (1/s); outputs stay the same."""
+    from lowbit.backends.torch_backend import TorchCompiled
+    from lowbit.ir.printer import print_graph
+    from lowbit.passes.manager import PassManager
+
+    g = _tiny()
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = TorchCompiled(g)(ids)
+    report = PassManager(f"fold-norms,smooth-quant(sites=[norm;gated],{TINY_CAL})").run(g)
+    assert print_graph(g) == TINY_SMOOTHED
+    assert report.records[1].stats["sites"] == {"norm": 1, "gated": 1}
+    assert torch.allclose(TorchCompiled(g)(ids), before, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_migration_sites_exact_on_captured_smollm2(smollm2_slice_f64):
+    """find_sites sees every foldable place of a real 2-block SmolLM2 graph; random scales there change nothing."""
+    from lowbit.backends.torch_backend import TorchCompiled
+    from lowbit.calibration.scale_migration import apply_scale, find_sites
+
+    _, graph = smollm2_slice_f64
+    g = graph.clone()
+    sites = find_sites(g)
+    kinds = sorted(s.kind for s in sites)
+    # per block: 2 norms (q/k/v, gate/up), up→down, v→o (GQA: 192 channels → 576 columns). The final norm reads
+    # into lm_head through export's full slices, which are not a linear input: no site there.
+    assert kinds == sorted(["norm"] * 4 + ["gated"] * 2 + ["attention-v"] * 2)
+    assert all(s.expand is not None and s.channels == 192 for s in sites if s.kind == "attention-v")
+    ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(2))
+    before = TorchCompiled(g)(ids)
+    gen = torch.Generator().manual_seed(3)
+    for s in sites:
+        if s.kind == "norm" and any(c.module.endswith("lm_head") for c in s.consumers):
+            continue  # lm_head is tied to the embedding: migrating would copy it, which is legal but large
+        apply_scale(g, s, torch.exp(torch.randn(s.channels, generator=gen, dtype=torch.float64)))
+    after = TorchCompiled(g)(ids)
+    assert float((after - before).abs().max() / before.abs().max()) < 1e-12
+
+
+@pytest.fixture(scope="module")
+def one_block(smollm2):
+    """A real 1-block SmolLM2 (float32, dynamic batch and sequence), captured, two held-out windows, their logits."""
+    from conftest import smollm2_slice
+
+    from lowbit.eval.perplexity import token_ids, windows
+    from lowbit.ir.capture import capture
+
+    wrapper = smollm2_slice(smollm2[0], 1)
+    dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=1024), 1: torch.export.Dim.DYNAMIC(min=2, max=4096)}}
+    graph = capture(wrapper, (torch.ones(2, 16, dtype=torch.long),), dyn)
+    ids = windows(token_ids("wikitext2-test", smollm2[1]), 256, 2)
+    with torch.inference_mode():
+        ref = wrapper(ids)
+    return graph, ids, ref
+
+
+@pytest.mark.parametrize("pipeline,bound", [
+    ("gptq(w=int4,group=64,sym=false,{cal})", 0.8),
+    pytest.param("gptq(w=int4,group=64,sym=false,single_pass=false,{cal})", 0.8, marks=pytest.mark.slow),
+    pytest.param("awq(w=int4,group=64,sym=false,{cal})", 1.0, marks=pytest.mark.slow),
+])
+def test_weight_passes_beat_rtn_on_a_real_block(one_block, pipeline, bound):
+    """On a real SmolLM2 block, the passes' logits are closer to float than RTN's on held-out WikiText-2 test text.
+
+    4096 calibration tokens: GPTQ needs several times the input size (1536 for down_proj) or it fits the
+    calibration set instead of the layer. AWQ's pass is only required to beat RTN (its per-layer margin is
+    tested above).
+    """
+    from lowbit.backends.torch_backend import TorchCompiled
+    from lowbit.passes.manager import PassManager
+
+    graph, ids, ref = one_block
+    cal = f"calib={CALIB_TEXT},calib_n=16,calib_len=256,progress=false"
+    errors = {}
+    for name, pipe in (("rtn", "quantize(w=int4,group=64,sym=false)"), ("alg", pipeline.format(cal=cal))):
+        g = graph.clone()
+        PassManager(pipe).run(g)
+        assert sum(1 for n in g.nodes if n.op == "dequantize") == 7  # lm_head stays float
+        with torch.inference_mode():
+            errors[name] = float((TorchCompiled(g)(ids) - ref).pow(2).mean())
+    assert errors["alg"] < bound * errors["rtn"], errors
+
+
+def test_weight_pass_bad_options(smollm2_slice_f64):
+    from lowbit.passes.base import PassError
+    from lowbit.passes.manager import PassManager, PipelineError
+
+    _, graph = smollm2_slice_f64
+    with pytest.raises(PipelineError, match="group=128 does not divide the input size 576"):
+        PassManager("gptq(w=int4,group=128,calib_n=2,calib_len=16)").run(graph.clone())
+    with pytest.raises(PipelineError, match="fp8e4m3 is a float format"):
+        PassManager("gptq(w=fp8e4m3,calib_n=2,calib_len=16)").run(graph.clone())
+    with pytest.raises(PipelineError, match="keep.*matches no linear"):
+        PassManager("awq(w=int4,keep=[nothing_like_this],calib_n=2,calib_len=16)").run(graph.clone())
+    with pytest.raises(PipelineError, match="calib_n=100000"):
+        PassManager("gptq(w=int4,calib_n=100000,calib_len=512)").run(graph.clone())
+    with pytest.raises(PipelineError, match="sites: unknown"):
+        PassManager("smooth-quant(sites=[bogus],calib_n=2,calib_len=16)").run(graph.clone())
+    assert issubclass(PipelineError, Exception) and issubclass(PassError, ValueError)

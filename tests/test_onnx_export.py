@@ -1,0 +1,207 @@
+"""``lowbit.export`` and loading exported files: formats, golden lowerings of tiny IR graphs, clear errors for
+unknown formats and for missing, truncated or corrupted ONNX files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.backends.onnx import OnnxFileError, load_onnx, lowered_op_types, to_onnx
+from lowbit.backends.onnxruntime_backend import OrtCompiled
+from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.export import load
+from lowbit.ir.parser import parse_graph
+from lowbit.ir.quant import pack_int4
+
+FLOAT_IR = """graph main(%x: f32[1,s0,8]) {
+  symbol s0 in [2, 64] hint 4
+  param @g: f32[8]
+  param @w: f32[4,8]
+  %n: f32[1,s0,8] = rms_norm(%x, @g, eps=1e-06, compute_dtype=None)  # norm
+  %y: f32[1,s0,4] = linear(%n, @w)  # proj
+  return %y
+}
+"""
+
+QUANT_IR = """graph main(%x: f32[1,s0,8]) {
+  symbol s0 in [2, 64] hint 4
+  param @w.qdata: u8[4,4]
+  param @w.scale: f32[4,2]
+  %s: f32[1,s0,1], %zp: i8[1,s0,1] = dynamic_qparams(%x, qdtype="int8", granularity="per_token", symmetric=True, axis=-1, block_size=None)
+  %q: i8[1,s0,8] = quantize(%x, %s, None, qdtype="int8", axis=-1, block_size=8)
+  %xq: f32[1,s0,8] = dequantize(%q, %s, None, qdtype="int8", axis=-1, block_size=8, out_dtype=f32)
+  %w: f32[4,8] = dequantize(@w.qdata, @w.scale, None, qdtype="int4", axis=1, block_size=4, out_dtype=f32)
+  %y: f32[1,s0,4] = linear(%xq, %w)  # proj
+  return %y
+}
+"""
+
+
+def _listing(model) -> list[str]:
+    return [f"{', '.join(o.name for o in n.outputs)} = {n.op_type}({', '.join(i.name for i in n.inputs if i)})"
+            for n in model.graph]
+
+
+def _quant_params() -> dict[str, torch.Tensor]:
+    codes = torch.tensor([[-8, -3, 0, 1, 7, 2, -1, 5]] * 4, dtype=torch.int8)
+    return {"w.qdata": pack_int4(codes), "w.scale": torch.full((4, 2), 0.05)}
+
+
+def test_golden_float_lowering():
+    g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
+    assert _listing(to_onnx(g)) == [
+        "n.Pow1 = Pow(x, const)",
+        "n.ReduceMean2 = ReduceMean(n.Pow1, const_1)",
+        "n.Add3 = Add(n.ReduceMean2, const_2)",
+        "n.Sqrt4 = Sqrt(n.Add3)",
+        "n.Div5 = Div(x, n.Sqrt4)",
+        "n = Mul(g, n.Div5)",
+        "y = MatMul(n, w.T)",  # the [out, in] weight is stored transposed: MatMul reads it directly
+    ]
+
+
+def test_golden_qdq_lowering():
+    g = parse_graph(QUANT_IR, _quant_params())
+    listing = _listing(to_onnx(g))
+    assert listing[-4:] == [
+        "q = QuantizeLinear(x, s)",
+        "xq = DequantizeLinear(q, s)",
+        "w.DequantizeLinear13 = DequantizeLinear(w.qdata.T, w.scale.T)",  # int4 [K, N], blocks along K
+        "y = MatMul(xq, w.DequantizeLinear13)",
+    ], listing
+    model = to_onnx(g)
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name == "w.qdata.T")
+    assert dq.attributes["axis"].as_int() == 0 and dq.attributes["block_size"].as_int() == 4
+    x = torch.randn(1, 5, 8)
+    assert (OrtCompiled(g)(x) - TorchCompiled(g)(x)).abs().max().item() < 1e-5
+
+
+def test_export_formats(tmp_path):
+    g = parse_graph(QUANT_IR, _quant_params())
+    qdq = lowbit.export(g, tmp_path / "m.onnx")
+    nbits = lowbit.export(TorchCompiled(g), tmp_path / "m-nbits.onnx", format="onnx-matmulnbits")
+    assert "com.microsoft::MatMulNBits" not in lowered_op_types(load_onnx(qdq))
+    x = torch.randn(1, 6, 8)
+    ref = TorchCompiled(g)(x)
+    for path in (qdq, nbits):
+        assert (load(path)(x) - ref).abs().max().item() < 1e-5
+
+
+WEIGHT_ONLY_IR = """graph main(%x: f32[1,s0,32]) {
+  symbol s0 in [2, 64] hint 4
+  param @w.qdata: u8[6,16]
+  param @w.scale: f32[6,BLOCKS]
+  %w: f32[6,32] = dequantize(@w.qdata, @w.scale, None, qdtype="int4", axis=1, block_size=BLOCK, out_dtype=f32)
+  %y: f32[1,s0,6] = linear(%x, %w)  # proj
+  return %y
+}
+"""
+
+
+@pytest.mark.parametrize("block, nbits", [(16, True), (8, False)])
+def test_matmulnbits_export_of_weight_only_linear(tmp_path, block, nbits):
+    """MatMulNBits takes power-of-two blocks of 16 or more; other blocks stay QDQ (same numbers)."""
+    text = WEIGHT_ONLY_IR.replace("BLOCKS", str(32 // block)).replace("BLOCK", str(block))
+    codes = torch.randint(-8, 8, (6, 32), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    g = parse_graph(text, {"w.qdata": pack_int4(codes), "w.scale": torch.rand(6, 32 // block) + 0.01})
+    path = lowbit.export(g, tmp_path / "m.onnx", format="onnx-matmulnbits")
+    ops = lowered_op_types(load_onnx(path))
+    assert ("com.microsoft::MatMulNBits" in ops) == nbits and ("DequantizeLinear" in ops) != nbits
+    x = torch.randn(1, 5, 32)
+    assert (load(path)(x) - TorchCompiled(g)(x)).abs().max().item() < 1e-5
+
+
+def test_unknown_format_and_input_are_clear(tmp_path):
+    g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
+    with pytest.raises(ValueError, match="unknown export format 'onnx-matmulbits' \\(did you mean 'onnx-matmulnbits'"):
+        lowbit.export(g, tmp_path / "m.onnx", format="onnx-matmulbits")
+    with pytest.raises(TypeError, match="a lowbit Graph or a compiled model with a .graph, got Linear"):
+        lowbit.export(torch.nn.Linear(2, 2), tmp_path / "m.onnx")
+
+
+@pytest.fixture
+def exported(tmp_path):
+    g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
+    return lowbit.export(g, tmp_path / "m.onnx")
+
+
+def test_truncated_onnx_is_reported(exported):
+    data = exported.read_bytes()
+    exported.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OnnxFileError, match="truncated or corrupted"):
+        load(exported)
+    with pytest.raises(OnnxFileError, match="truncated or corrupted"):
+        OrtCompiled.load(exported)
+
+
+def test_garbage_and_missing_files_are_reported(exported, tmp_path):
+    exported.write_bytes(b"\x00\xff" * 50 + b"not an onnx model")
+    with pytest.raises(OnnxFileError, match="truncated or corrupted"):
+        load_onnx(exported)
+    with pytest.raises(OnnxFileError, match="no ONNX file at"):
+        load(tmp_path / "missing.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(OnnxFileError, match="empty"):
+        load(tmp_path / "empty.onnx")
+
+
+def test_missing_or_truncated_external_data_is_reported(tmp_path):
+    text = FLOAT_IR.replace("f32[4,8]", "f32[64,8]").replace("f32[1,s0,4]", "f32[1,s0,64]")
+    g = parse_graph(text, {"g": torch.ones(8), "w": torch.randn(64, 8)})  # 2 KB: above the inline threshold
+    path = lowbit.export(g, tmp_path / "ext.onnx", external_data=True)
+    side = tmp_path / "ext.onnx.data"
+    data = side.read_bytes()
+    side.write_bytes(data[:-16])
+    with pytest.raises(OnnxFileError, match="external data .* is truncated"):
+        load(path)
+    side.unlink()
+    with pytest.raises(OnnxFileError, match="which is missing: copy the .data file"):
+        load(path)
+
+
+KV_IR = """graph main(%k: f32[1,2,s0,8]) {
+  symbol s0 in [2, 64] hint 10
+  %s: f32[1,2,ceiling(s0/4),8], %zp: QZP[1,2,ceiling(s0/4),8] = dynamic_qparams(%k, qdtype=QDT, granularity="per_block", symmetric=SYM, axis=2, block_size=4)
+  %q: QSTORE = quantize(%k, %s, ZPARG, qdtype=QDT, axis=2, block_size=4)
+  %kq: f32[1,2,s0,8] = dequantize(%q, %s, ZPARG, qdtype=QDT, axis=2, block_size=4, out_dtype=f32)
+  return %kq
+}
+"""
+
+
+@pytest.mark.parametrize("qdtype, symmetric", [("uint4", False), ("int8", True), ("int8", False)])
+def test_kv_style_blocks_along_a_dynamic_axis(qdtype, symmetric):
+    """KIVI keys: one scale per 4 tokens along the (dynamic) sequence, ragged last block, in-graph qparams."""
+    container = {"uint4": "u8", "int8": "i8"}[qdtype]
+    store = "u8[1,2,s0,4]" if qdtype == "uint4" else "i8[1,2,s0,8]"
+    text = (KV_IR.replace("QZP", container).replace("QDT", f'"{qdtype}"').replace("SYM", str(symmetric))
+            .replace("QSTORE", store).replace("ZPARG", "None" if symmetric else "%zp"))
+    g = parse_graph(text)
+    k = torch.randn(1, 2, 10, 8) * torch.linspace(0.5, 3, 8)  # 10 tokens: blocks of 4, 4 and 2
+    ref = TorchCompiled(g)(k)
+    for form in ({"opset": 21}, {}):
+        assert (OrtCompiled(g, **form)(k) - ref).abs().max().item() < 1e-5, form
+
+
+HALF_NORM_IR = """graph main(%x: f16[2,s0,16]) {
+  symbol s0 in [2, 64] hint 3
+  param @g: f16[16]
+  %n: f16[2,s0,16] = rms_norm(%x, @g, eps=1e-05, compute_dtype=f32)  # norm
+  return %n
+}
+"""
+
+
+@pytest.mark.parametrize("opset", [21, 23])
+def test_rms_norm_keeps_the_reference_compute_dtype(opset):
+    """Statistics in float32, cast back, gain applied in float16 — as HF Llama and the reference do."""
+    g = parse_graph(HALF_NORM_IR, {"g": (torch.rand(16) + 0.5).half()})
+    model = to_onnx(g, opset=opset)
+    ops = lowered_op_types(model)
+    assert "RMSNormalization" not in ops and ops["Cast"] == 2  # the casts, not the fused op, keep the order
+    x = (torch.randn(2, 7, 16) * 30).half()
+    out, ref = OrtCompiled(g, opset=opset)(x), TorchCompiled(g)(x)
+    assert out.dtype == torch.float16
+    # x/√v (ONNX) vs x·rsqrt(v) (torch) differ in the last float32 bit, which moves a few halves by one ulp
+    torch.testing.assert_close(out, ref, rtol=2**-10, atol=1e-4)

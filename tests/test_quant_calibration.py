@@ -1,0 +1,217 @@
+"""Calibration data and the block-by-block engine: exact execution, sequential quantized propagation, flat memory."""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoConfig, LlamaForCausalLM
+
+from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.calibration import engine
+from lowbit.calibration.data import calibration_ids
+from lowbit.data import read_text
+from lowbit.ir.capture import capture
+from lowbit.ir.graph import TensorType
+from lowbit.ir.qscheme import QScheme
+from lowbit.ir.quant import fake_quant
+from lowbit.models import CausalLMLogits
+
+SEQ = {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}}
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def test_calibration_ids_from_any_file_are_deterministic(smollm2, tmp_path):
+    _, tok = smollm2
+    path = tmp_path / "my_calib.txt"
+    path.write_text(read_text("wikitext2-valid-calib")[:20000])
+    ids = calibration_ids(str(path), tok, n=6, seq_len=64)
+    assert ids.shape == (6, 64) and ids.dtype == torch.int64
+    assert torch.equal(ids, calibration_ids(path, tok, n=6, seq_len=64))
+    whole = tok(path.read_text(), add_special_tokens=False)["input_ids"]
+    windows = len(whole) // 64
+    assert ids[0].tolist() == whole[:64]  # the first window, then evenly spaced ones
+    assert ids[1].tolist() == whole[(windows // 6) * 64:(windows // 6) * 64 + 64]
+
+
+def test_calibration_data_errors_say_what_is_wrong(smollm2, tmp_path):
+    _, tok = smollm2
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        calibration_ids(empty, tok, 4, 32)
+    short = tmp_path / "short.txt"
+    short.write_text("The quick brown fox jumps over the lazy dog. " * 3)
+    with pytest.raises(ValueError, match=r"has \d+ tokens: 0 non-overlapping windows of 512, but n=4"):
+        calibration_ids(short, tok, 4, 512)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        calibration_ids(tmp_path / "missing.txt", tok, 4, 32)
+    with pytest.raises(ValueError, match="n >= 1"):
+        calibration_ids(short, tok, 0, 32)
+
+
+# ---- engine -------------------------------------------------------------------------------------
+
+
+def _random_llama(layers: int, seed: int = 0) -> torch.nn.Module:
+    """Random weights, SmolLM2-135M's architecture (hidden 576, MLP 1536, 9 heads, 3 KV heads), ``layers`` deep."""
+    from lowbit.models import SMOLLM2_CACHE
+    from lowbit.cache import cache_dir
+
+    cfg = AutoConfig.from_pretrained(cache_dir() / SMOLLM2_CACHE, local_files_only=True)
+    cfg.num_hidden_layers = layers
+    torch.manual_seed(seed)
+    return CausalLMLogits(LlamaForCausalLM(cfg).eval()).eval()
+
+
+@pytest.fixture(scope="module")
+def slice2_graph(smollm2):
+    model, _ = smollm2
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:2]
+    small.config.num_hidden_layers = 2
+    return capture(CausalLMLogits(small).eval(), (torch.randint(0, 49152, (1, 16)),), dynamic_shapes=SEQ)
+
+
+def test_stages_and_exact_execution(slice2_graph):
+    g = slice2_graph
+    stages = engine.split_stages(g)
+    assert [(s.kind, s.name) for s in stages] == [("prefix", "prefix"), ("block", "model.layers.0"),
+                                                  ("block", "model.layers.1"), ("suffix", "suffix")]
+    block0_out = {id(v) for n in stages[1].nodes for v in n.outputs}
+    reads = stages[2].reads()  # block 0's residual stream + the prefix's seq length, cos, sin and mask
+    assert len(reads) == 5 and sum(id(v) in block0_out for v in reads) == 1
+    batches = [(torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    outs: list[torch.Tensor] = []
+    last = g.nodes[-1]
+    report = engine.run(g, batches, on_node=lambda n, a, k, o: outs.append(o[0]) if n is last else None,
+                        run_suffix=True, progress=False)
+    compiled = TorchCompiled(g)
+    assert all(torch.equal(compiled(*b), o) for b, o in zip(batches, outs))
+    assert report.batches == 3 and report.tokens == 72 and report.stages[-1] == "suffix"
+
+
+def _residual(values) -> object:
+    """The residual-stream tensor among a block's inputs ([1, seq, 576])."""
+    return next(v for v in values if isinstance(v.type, TensorType) and v.type.rank == 3 and v.type.shape[-1] == 576)
+
+
+def test_on_block_rewrites_feed_quantized_outputs_to_the_next_block(slice2_graph):
+    """Block i is quantized in on_block; block i+1 must then calibrate on block i's *quantized* outputs."""
+    g = slice2_graph.clone()
+    w8 = QScheme(qdtype="int8")
+    batches = [(torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    seen_inputs: dict[str, list[torch.Tensor]] = {}
+    changed_outputs = []
+
+    def on_block(ctx: engine.BlockRun) -> bool | None:
+        if ctx.stage.kind != "block":
+            return False
+        seen_inputs[ctx.name] = [inp[_residual(inp)] for inp in ctx.inputs]
+        for p in ctx.stage.params():
+            if p.tensor_type.rank == 2:
+                g.set_param(p.name, fake_quant(p.data, w8))
+        now = ctx.run()
+        changed_outputs.append(any(not torch.equal(a[v], b[v]) for a, b in zip(now, ctx.reference) for v in a))
+        return True
+
+    outs: list[torch.Tensor] = []
+    last = g.nodes[-1]
+    engine.run(g, batches, on_block=on_block, run_suffix=True, progress=False,
+               on_node=lambda n, a, k, o: outs.append(o[0]) if n is last else None)
+    assert changed_outputs == [True, True]
+    # after the run every block is quantized: the suffix saw exactly what the quantized graph computes
+    compiled = TorchCompiled(g)
+    assert all(torch.equal(compiled(*b), o) for b, o in zip(batches, outs))
+    # and block 1 was calibrated on block 0's quantized output, not the float one
+    float_run: dict[str, list[torch.Tensor]] = {}
+
+    def record(ctx: engine.BlockRun) -> bool:
+        if ctx.stage.kind == "block":
+            float_run[ctx.name] = [inp[_residual(inp)] for inp in ctx.inputs]
+        return False  # unchanged: the engine reuses the block's first outputs
+
+    engine.run(slice2_graph, batches, progress=False, on_block=record)
+    assert not torch.equal(seen_inputs["model.layers.1"][0], float_run["model.layers.1"][0])
+    assert torch.equal(seen_inputs["model.layers.0"][0], float_run["model.layers.0"][0])
+
+
+def peak_allocated_bytes(fn) -> int:
+    """Peak of live CPU tensor bytes allocated inside ``fn`` (torch profiler memory events, in time order).
+
+    Every allocation and free of the c10 CPU allocator while ``fn`` runs is counted, exactly (not RSS); a
+    tensor allocated before ``fn`` is invisible, including its free.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def _gptq_like_calibration(layers: int, batches: list[tuple[torch.Tensor]]) -> tuple[int, int]:
+    """Hessians XᵀX of every linear input per block (on_node), weights replaced by int8 RTN (on_block).
+
+    Returns (peak bytes minus the weights, weight bytes).
+    """
+    model = _random_llama(layers)
+    g = capture(model, (batches[0][0][:, :16],), dynamic_shapes=SEQ)
+    del model  # the graph now holds the only reference to the weights: replacing one frees the old one
+    gc.collect()  # HF modules hold reference cycles
+    weight_bytes = g.param_bytes()
+    hessians: dict[int, torch.Tensor] = {}
+
+    def on_node(node, args, kwargs, outs):
+        if node.op == "linear" and node.module != "lm_head":
+            x = args[0].reshape(-1, args[0].shape[-1])
+            h = hessians.get(id(node))
+            hessians[id(node)] = x.T @ x if h is None else h + x.T @ x
+
+    def on_block(ctx: engine.BlockRun) -> bool:
+        for node in ctx.nodes():
+            if node.op == "linear" and id(node) in hessians:
+                w = node.args[1]
+                g.set_param(w.name, fake_quant(w.data, QScheme(qdtype="int8")))
+        hessians.clear()
+        return True
+
+    def calibrate() -> None:
+        # the profiler cannot see frees of tensors allocated before it started, so the weights are re-made
+        # inside it: every weight allocation and free is then visible, and the weights are subtracted below
+        for name, v in list(g.params.items()):
+            g.set_param(name, v.data.clone())
+        engine.run(g, batches, on_node=on_node, on_block=on_block, progress=False)
+
+    peak = peak_allocated_bytes(calibrate)
+    assert g.param_bytes() == weight_bytes
+    return peak - weight_bytes, weight_bytes
+
+
+def test_calibration_peak_memory_is_flat_in_depth():
+    """Doubling the depth (2 -> 4 random-weight SmolLM2-architecture layers) must grow the peak < 10%."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 49152, (1, 96), generator=gen),) for _ in range(4)]
+    peak2, w2 = _gptq_like_calibration(2, batches)
+    peak4, w4 = _gptq_like_calibration(4, batches)
+    assert w4 > w2 * 1.2  # the deeper model really has more weights
+    growth = (peak4 - peak2) / peak2
+    print(f"calibration activation peak: 2 layers {peak2 / 2**20:.1f} MiB, 4 layers {peak4 / 2**20:.1f} MiB "
+          f"({growth:+.1%}); weights {w2 / 2**20:.0f} / {w4 / 2**20:.0f} MiB")
+    assert growth < 0.10, (peak2, peak4)
+
+
+def test_engine_errors(slice2_graph):
+    with pytest.raises(engine.CalibrationError, match="no batches"):
+        engine.run(slice2_graph, [], progress=False)
+    with pytest.raises(engine.CalibrationError, match="static batch of 1"):
+        engine.batches_from_ids(slice2_graph, torch.zeros(4, 8, dtype=torch.long), batch_size=2)
+    assert len(engine.batches_from_ids(slice2_graph, torch.zeros(4, 8, dtype=torch.long))) == 4

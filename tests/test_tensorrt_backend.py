@@ -1,0 +1,136 @@
+"""The TensorRT backend: engine files (integrity checks run anywhere), optimization profiles from the IR's
+symbols, and — where ``tensorrt`` imports and a GPU exists — build, save, load and run parity.
+
+``tensorrt`` cannot be installed on lowbit's CI machines (no GPU, not in their package registries), so the
+build/run tests are skipped there; everything TensorRT-independent is tested unconditionally.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+from lowbit.backends.onnx import to_onnx
+from lowbit.backends.tensorrt import (
+    EngineFileError,
+    EngineHeader,
+    TensorRTCompiled,
+    TensorRTUnavailable,
+    profile_from_symbols,
+    read_engine,
+    write_engine,
+)
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+needs_tensorrt = pytest.mark.skipif(
+    not (HAS_TENSORRT and torch.cuda.is_available()),
+    reason="needs the 'tensorrt' package and an NVIDIA GPU: tensorrt is not installable from this machine's "
+           "package registries and there is no GPU here; the engine-file and Q/DQ-rule tests still run")
+SEQ = torch.export.Dim.DYNAMIC(min=2, max=8192)
+
+
+def _header() -> EngineHeader:
+    return EngineHeader(plan_bytes=0, plan_sha256="", tensorrt_version="10.9.0", inputs=["input_ids"],
+                        outputs=["logits"], profile={"input_ids": [[1, 2], [1, 128], [1, 4096]]})
+
+
+def test_engine_file_round_trip(tmp_path):
+    plan = bytes(range(256)) * 64
+    path = write_engine(tmp_path / "m.engine", plan, _header())
+    got, header = read_engine(path)
+    assert got == plan
+    assert header is not None and header.plan_bytes == len(plan) and header.inputs == ["input_ids"]
+    assert header.profile["input_ids"][2] == [1, 4096]
+
+
+def test_truncated_engine_is_reported(tmp_path):
+    path = write_engine(tmp_path / "m.engine", b"x" * 10_000, _header())
+    data = path.read_bytes()
+    path.write_bytes(data[:-1000])
+    with pytest.raises(EngineFileError, match="truncated: the plan should be 10000 bytes, the file holds 9000"):
+        read_engine(path)
+    path.write_bytes(data[:30])
+    with pytest.raises(EngineFileError, match="truncated"):
+        read_engine(path)
+
+
+def test_corrupted_engine_is_reported(tmp_path):
+    path = write_engine(tmp_path / "m.engine", b"x" * 10_000, _header())
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(EngineFileError, match="corrupted: the plan's SHA-256 does not match"):
+        read_engine(path)
+    # the corruption is found before TensorRT is needed
+    with pytest.raises(EngineFileError, match="corrupted"):
+        TensorRTCompiled.load(path)
+
+
+def test_missing_and_empty_engine_files(tmp_path):
+    with pytest.raises(EngineFileError, match="no TensorRT engine file at"):
+        read_engine(tmp_path / "nope.engine")
+    (tmp_path / "empty.engine").write_bytes(b"")
+    with pytest.raises(EngineFileError, match="empty"):
+        read_engine(tmp_path / "empty.engine")
+
+
+def test_raw_plans_from_other_tools_are_passed_through(tmp_path):
+    (tmp_path / "trtexec.plan").write_bytes(b"\x01\x02plan")
+    plan, header = read_engine(tmp_path / "trtexec.plan")
+    assert plan == b"\x01\x02plan" and header is None
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="checks the message shown where tensorrt is missing")
+def test_missing_tensorrt_says_what_to_do(minilm_graph, tmp_path):
+    import lowbit
+
+    with pytest.raises(TensorRTUnavailable, match="needs the 'tensorrt' Python package.*format='onnx'"):
+        lowbit.export(minilm_graph, tmp_path / "m.engine", format="tensorrt")
+    with pytest.raises(TensorRTUnavailable):
+        TensorRTCompiled(minilm_graph)
+
+
+def test_optimization_profile_comes_from_the_symbols(minilm_graph):
+    profile = profile_from_symbols(to_onnx(minilm_graph), max_default=512)
+    # batch s0 in [2, 256] (torch.export reports 2 as the least dynamic size), sequence s1 in [2, 512];
+    # the optimum is the size seen at capture
+    lo, opt, hi = profile["input_ids"]
+    assert lo == [2, 2] and hi == [256, 512] and opt[0] == 2
+    assert profile["attention_mask"] == profile["input_ids"]
+    capped = profile_from_symbols(to_onnx(minilm_graph), max_default=128)
+    assert capped["input_ids"][2] == [128, 128]
+
+
+# ---- with TensorRT ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol_w4(smollm2):
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+    from lowbit.passes.manager import PassManager, parse_pipeline
+
+    m = copy.deepcopy(smollm2[0])
+    m.model.layers = m.model.layers[:2]
+    m.config.num_hidden_layers = 2
+    g = capture(CausalLMLogits(m).eval(), (torch.ones(1, 16, dtype=torch.long),), {"input_ids": {1: SEQ}})
+    PassManager(parse_pipeline("quantize(w=int4,group=64)")).run(g)
+    return g
+
+
+@needs_tensorrt
+def test_tensorrt_engine_matches_reference_and_survives_save_load(smol_w4, wikitext_ids, tmp_path):
+    from lowbit.backends.torch_backend import TorchCompiled
+
+    engine = TensorRTCompiled(smol_w4, opt={"s0": 128}, max_dim=1024, timing_cache=tmp_path / "timing.cache")
+    assert (tmp_path / "timing.cache").stat().st_size > 0
+    ids = wikitext_ids[:, :77]
+    ref = TorchCompiled(smol_w4)(ids)
+    out = engine(ids.cuda()).float().cpu()
+    assert (out - ref).abs().max().item() < 5e-2  # TensorRT picks its own GEMM tactics (TF32 off by default)
+    path = engine.save(tmp_path / "slice.engine")
+    again = TensorRTCompiled.load(path)
+    assert torch.equal(again(ids.cuda()), engine(ids.cuda()))

@@ -1,0 +1,261 @@
+"""Accuracy of lowbit's weight algorithms (RTN, GPTQ, AWQ, SmoothQuant) on SmolLM2-135M, beside a peer quantizer.
+
+    python tools/bench_accuracy.py                       # every row -> bench/results/accuracy.json
+    python tools/bench_accuracy.py --only w4a16-g64      # some schemes (float always runs)
+    python tools/bench_accuracy.py --peer-python .venv-peer/bin/python   # peer rows from another environment
+
+One run, one machine: the float model is captured once (dynamic batch and sequence), every row quantizes a clone
+of that graph with a lowbit pipeline and scores it on the same WikiText-2 windows (``wt2-512x40`` by default), so
+``value / float_value`` compares like with like. Calibration for GPTQ/AWQ is 128 × 512 tokens of the WikiText-2
+validation split (``--calib``), never the test text. Rows are written as they finish (a long run can be read
+while it goes) and merged into an existing file by (scheme, method, variant).
+
+SmolLM2's shipped weights are Q4_1 (asymmetric, block 32) dequantized, so group-32 asymmetric RTN reproduces them
+exactly: weight-only rows use group 64, group 128 (64 where 128 does not divide the input: 576 = 4.5 × 128) and
+per channel.
+
+Peers run in a subprocess (``--peer-python``, default this interpreter): llm-compressor's GPTQModifier and
+torchao's int4 weight-only RTN, on the same float model, calibration tokens and windows. A peer that is not
+installed or fails is recorded as a row with an ``error`` instead of a value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CALIB = "../shared/data/wikitext2_valid_tokenized.txt"
+CAL_N, CAL_LEN = 128, 512
+
+# (scheme, method, variant, pipeline), most wanted first (rows are written as they finish); {cal} becomes the
+# calibration options; a "peer:" method runs in a subprocess under --peer-python.
+ROWS: list[tuple[str, str, str, str | None]] = [
+    ("float", "float", "", None),
+    ("w4a16-g64", "gptq", "act-order, static groups", "gptq(w=int4,group=64,sym=false,{cal})"),
+    ("w4a16-g64", "rtn", "", "quantize(w=int4,group=64,sym=false)"),
+    ("w8a8", "smoothquant", "alpha searched per site", "smooth-quant(search=true,{cal}),quantize(w=int8,a=int8)"),
+    ("w8a8", "rtn", "", "quantize(w=int8,a=int8)"),
+    ("w4a8", "gptq", "smoothquant (alpha search) + gptq g64 + a8",
+     "smooth-quant(search=true,{cal}),gptq(w=int4,group=64,sym=false,{cal}),quantize(a=int8)"),
+    ("w4a8", "rtn", "g64", "quantize(w=int4,group=64,sym=false,a=int8)"),
+    ("w4a16-pc", "gptq", "awq scales + clip + gptq", "gptq(w=int4,sym=false,awq=true,clip=true,{cal})"),
+    ("w4a16-pc", "rtn", "", "quantize(w=int4,sym=false)"),
+    ("w4a16-g64", "peer:torchao-rtn", "", None),
+    ("w4a16-g64", "awq", "scales + clip", "awq(w=int4,group=64,sym=false,{cal})"),
+    ("w4a16-g64", "peer:llm-compressor-gptq", "", None),
+    ("w4a16-g128", "gptq", "g128, g64 where 576", "gptq(w=int4,group=128,group_fallback=64,sym=false,{cal})"),
+    ("w4a16-g128", "rtn", "g128, g64 where 576", "quantize(w=int4,group=128,group_fallback=64,sym=false)"),
+    ("w4a16-pc", "gptq", "clip + gptq", "gptq(w=int4,sym=false,clip=true,{cal})"),
+    ("w4a16-pc", "awq", "scales + clip", "awq(w=int4,sym=false,{cal})"),
+    ("w8a8", "smoothquant", "alpha 0.5, norm+gated sites", "smooth-quant({cal}),quantize(w=int8,a=int8)"),
+    ("w4a16-g128", "awq", "g128, g64 where 576", "awq(w=int4,group=128,group_fallback=64,sym=false,{cal})"),
+]
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _device() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def _load(out: Path) -> dict:
+    if out.is_file():
+        try:
+            return json.loads(out.read_text())
+        except json.JSONDecodeError:
+            pass
+    return {}
+
+
+def _write(out: Path, header: dict, rows: list[dict]) -> None:
+    old = _load(out).get("rows", [])
+    key = lambda r: (r.get("model"), r.get("scheme"), r.get("method"), r.get("variant"), r.get("eval"))  # noqa: E731
+    new_keys = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in new_keys] + rows
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**header, "rows": merged}, indent=1) + "\n")
+
+
+def peer_main(args: argparse.Namespace) -> None:
+    """Subprocess entry: run one peer quantizer on the HF model, print one JSON line."""
+    from lowbit.calibration.data import calibration_ids
+    from lowbit.eval import EVALS, perplexity
+    from lowbit.models import CausalLMLogits, load_smollm2
+
+    model, tok = load_smollm2()
+    t0 = time.perf_counter()
+    if args.peer == "peer:torchao-rtn":
+        import torchao
+        from torchao.quantization import IntxWeightOnlyConfig, quantize_
+        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization.quant_primitives import MappingType
+
+        cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64),
+                                   mapping_type=MappingType.ASYMMETRIC)
+        quantize_(model.model, cfg)  # the decoder's linears; lm_head (tied to the embedding) stays float
+        scheme, variant, version = "w4a16-g64", "IntxWeightOnlyConfig int4 asym PerGroup(64) (RTN)", torchao.__version__
+    elif args.peer == "peer:llm-compressor-gptq":
+        import llmcompressor
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        ids = calibration_ids(args.calib, tok, CAL_N, CAL_LEN)
+        ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+        qscheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+            num_bits=4, type="int", symmetric=False, strategy="group", group_size=64, actorder="static"))
+        recipe = GPTQModifier(config_groups={"group_0": qscheme}, ignore=["lm_head"], dampening_frac=0.01)
+        oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=CAL_LEN, num_calibration_samples=CAL_N)
+        scheme, variant, version = "w4a16-g64", "GPTQModifier int4 asym g64 actorder=static", llmcompressor.__version__
+    else:
+        raise SystemExit(f"unknown peer {args.peer}")
+    quant_s = time.perf_counter() - t0
+    r = perplexity(CausalLMLogits(model).eval(), "wikitext2-test", tokenizer=tok, progress=False,
+                   batch_size=4, **EVALS[args.eval])
+    print("PEER_ROW " + json.dumps({"scheme": scheme, "variant": variant, "value": r.ppl, "pass_seconds": quant_s,
+                                    "seconds": r.seconds, "peer_version": version, "peak_rss_mb": _rss_mb()}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/accuracy.json")
+    ap.add_argument("--eval", default="wt2-512x40")
+    ap.add_argument("--calib", default=CALIB, help="calibration text (default: WikiText-2 validation, whole)")
+    ap.add_argument("--only", default="", help="comma-separated schemes or 'peer' (float always runs)")
+    ap.add_argument("--skip", default="", help="comma-separated 'scheme:method:variant' rows to leave out")
+    ap.add_argument("--match", default="", help="regex on 'scheme:method:variant' selecting rows (float always runs)")
+    ap.add_argument("--calib-n", type=int, default=CAL_N, help="calibration sequences of 512 tokens")
+    ap.add_argument("--peer-python", default=sys.executable, help="interpreter with the peer packages installed")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--peer", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peer:
+        peer_main(args)
+        return
+
+    import lowbit
+    from lowbit.backends.torch_backend import TorchCompiled
+    from lowbit.eval import EVALS, perplexity
+    from lowbit.ir.capture import capture
+    from lowbit.models import load_model
+    from lowbit.passes.manager import PassManager
+
+    out = Path(args.out)
+    model, tok, _ = load_model("smollm2")
+    dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=1024), 1: torch.export.Dim.DYNAMIC(min=2, max=8192)}}
+    t0 = time.perf_counter()
+    graph = capture(model, (torch.randint(0, 49152, (2, 64)),), dyn)
+    capture_s = time.perf_counter() - t0
+    header = {
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.date.today().isoformat(),
+        "device": _device(),
+        "versions": {"lowbit": getattr(lowbit, "__version__", "dev"), "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+        "notes": ("SmolLM2's shipped weights are Q4_1 (asym, block 32) dequantized: group-32 asymmetric RTN is "
+                  "lossless, so weight-only rows use group 64, group 128 (64 where 576 inputs), per channel. "
+                  "GPTQ/AWQ/SmoothQuant calibrate on WikiText-2 validation (sequences x tokens in each row's calib). "
+                  "lm_head (tied to the embedding) stays float in every row, peers included."),
+        "capture_seconds": round(capture_s, 1),
+    }
+    calib_desc = f"{Path(args.calib).name} {args.calib_n}x{CAL_LEN}"
+    cal = f"calib={args.calib},calib_n={args.calib_n},calib_len={CAL_LEN},progress=false"
+    only = {s for s in args.only.split(",") if s}
+    skip = {s for s in args.skip.split(",") if s}
+    rows: list[dict] = []
+    float_value = None
+    for scheme, method, variant, pipe in ROWS:
+        if only and scheme not in only and scheme != "float":
+            continue
+        if f"{scheme}:{method}:{variant}" in skip:
+            continue
+        if args.match and scheme != "float" and not re.search(args.match, f"{scheme}:{method}:{variant}"):
+            continue
+        if method.startswith("peer:"):
+            if not args.no_peers:
+                rows.append(_run_peer(args, method, float_value, header, calib_desc))
+                print(json.dumps(rows[-1]), flush=True)
+                _write(out, header, rows)
+            continue
+        pipeline = pipe.format(cal=cal) if pipe else None
+        g = graph.clone()
+        t1 = time.perf_counter()
+        stats: list[dict] = []
+        try:
+            if pipeline:
+                report = PassManager(pipeline, verify_each=True).run(g)
+                stats = [{"pass": rec.spec.split("(")[0], **rec.stats} for rec in report.records]
+            pass_s = time.perf_counter() - t1
+            r = perplexity(TorchCompiled(g), "wikitext2-test", tokenizer=tok, progress=False, batch_size=4,
+                           **EVALS[args.eval])
+        except Exception as exc:  # one failing row must not lose the others
+            row = {"model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant,
+                   "eval": args.eval, "error": f"{type(exc).__name__}: {str(exc)[:400]}", "pipeline": pipeline}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            _write(out, header, rows)
+            continue
+        if scheme == "float":
+            float_value = r.ppl
+        row = {
+            "model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant, "eval": args.eval,
+            "value": round(r.ppl, 4), "float_value": round(float_value, 4) if float_value else None,
+            "ratio": round(r.ppl / float_value, 4) if float_value else None,
+            "calib": calib_desc if pipeline and ("gptq" in pipeline or "awq" in pipeline or "smooth" in pipeline)
+            else None,
+            "pipeline": pipeline or "", "pass_seconds": round(pass_s, 1), "seconds": round(r.seconds, 1),
+            "peak_rss_mb": round(_rss_mb(), 1), "device": header["device"], "date": header["date"],
+            "pass_stats": stats,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        _write(out, header, rows)
+        del g
+
+
+def _run_peer(args: argparse.Namespace, peer: str, float_value: float | None, header: dict, calib_desc: str) -> dict:
+    """One peer row, from a subprocess of ``--peer-python`` (its packages may pin other library versions)."""
+    t1 = time.perf_counter()
+    cmd = [args.peer_python, __file__, "--peer", peer, "--eval", args.eval, "--calib", args.calib]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEER_ROW ")]
+    row = {"model": "smollm2-135m", "method": peer, "eval": args.eval, "float_value": float_value,
+           "device": header["device"], "date": header["date"], "peer_python": args.peer_python,
+           "wall_seconds": round(time.perf_counter() - t1, 1)}
+    if found:
+        data = json.loads(found[-1][len("PEER_ROW "):])
+        row.update(scheme=data["scheme"], variant=data["variant"], value=round(data["value"], 4),
+                   ratio=round(data["value"] / float_value, 4) if float_value else None,
+                   pass_seconds=round(data["pass_seconds"], 1), seconds=round(data["seconds"], 1),
+                   peer_version=data["peer_version"], peak_rss_mb=round(data["peak_rss_mb"], 1),
+                   calib=calib_desc if "gptq" in peer else None)
+    else:
+        lines = proc.stderr.strip().splitlines() or ["no output"]
+        row.update(scheme="w4a16-g64", variant="", error=lines[-1][:400])
+    return row
+
+
+if __name__ == "__main__":
+    main()
