@@ -79,11 +79,21 @@ def lower_to_fx(graph: Graph, device: str | torch.device | None = None) -> torch
 class TorchCompiled(torch.nn.Module):
     """A lowered graph as a callable module; ``graph`` is kept so the debugging tools can inspect it."""
 
-    def __init__(self, graph: Graph, device: str | torch.device | None = None) -> None:
+    def __init__(self, graph: Graph, device: str | torch.device | None = None, *,
+                 precompute_constants: bool = True) -> None:
+        """``precompute_constants`` evaluates once, at lowering, every node that reads only parameters (the
+        ``dequantize`` of a packed weight, say), so a call does not unpack all weights again; the numbers are
+        the same, ``graph`` keeps the packed form, and memory holds the unpacked copies."""
         super().__init__()
         self.graph = graph
         self.device = torch.device(device) if device is not None else None
-        self.gm = lower_to_fx(graph, device)
+        lowered = graph
+        if precompute_constants:
+            from lowbit.passes.constant_folding import ConstantFolding
+
+            lowered = graph.clone()
+            ConstantFolding(max_elements=1 << 62).run(lowered)
+        self.gm = lower_to_fx(lowered, device)
 
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
