@@ -252,13 +252,21 @@ def main() -> None:
         log(f"parity {parity_eval}: torch reference vs ONNX Runtime for {v.name}")
         ref = perplexity(TorchCompiled(v.reference), "wikitext2-test", seq_len=args.seq,
                          max_windows=args.ref_windows, tokenizer=tok, progress=False)
+        noise: dict[str, Any] = {}
+        if "a=" in v.row.get("pipeline", ""):
+            # the graph's own sensitivity: the same reference with its norm gains moved by ±1 ulp
+            jittered = perplexity(TorchCompiled(ulp_jitter(v.reference)), "wikitext2-test", seq_len=args.seq,
+                                  max_windows=args.ref_windows, tokenizer=tok, progress=False)
+            noise = dict(reference_1ulp_ppl=round(jittered.ppl, 4),
+                         reference_1ulp_rel=round(abs(jittered.ppl - ref.ppl) / ref.ppl, 6))
+            log(f"  reference with norm gains ±1 ulp: {jittered.ppl:.4f}")
         for w in variants:
             if w.reference is v.reference:
                 got = perplexity(w.session, "wikitext2-test", seq_len=args.seq, max_windows=args.ref_windows,
                                  tokenizer=tok, progress=False)
                 wrow = rows[variants.index(w)]
                 wrow.update(parity_eval=parity_eval, reference_ppl=round(ref.ppl, 4), ort_ppl=round(got.ppl, 4),
-                            parity_rel=round(abs(got.ppl - ref.ppl) / ref.ppl, 6))
+                            parity_rel=round(abs(got.ppl - ref.ppl) / ref.ppl, 6), **noise)
                 log(f"  {w.name}: reference {ref.ppl:.4f}, onnxruntime {got.ppl:.4f}")
 
     results = {
@@ -273,7 +281,10 @@ def main() -> None:
                   "is shared: compare rows of this run only); every quantized variant quantizes the same "
                   f"{len(matmuls)} linears (lm_head and the tied embedding float); ONNX opset {args.opset}, "
                   "attention decomposed (MatMul/Softmax) in every file; tensorrt_qdq_errors: violations of "
-                  "TensorRT's explicit-quantization rules (lowbit.backends.tensorrt.check_tensorrt_qdq)"),
+                  "TensorRT's explicit-quantization rules (lowbit.backends.tensorrt.check_tensorrt_qdq); "
+                  "parity_*: ONNX Runtime vs lowbit's torch reference of the same quantized graph on the first "
+                  f"{args.ref_windows} windows; reference_1ulp_*: that reference with its norm gains moved by "
+                  "±1 ulp (how far float rounding alone moves a graph with quantized activations)"),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "rows": rows,
     }
@@ -281,6 +292,21 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {out}")
+
+
+def ulp_jitter(graph: Any, seed: int = 0) -> Any:
+    """A copy of ``graph`` whose norm gains each moved by -1, 0 or +1 ulp (seeded): a float32-rounding-sized
+    change, to measure how far rounding alone moves a quantized graph's perplexity."""
+    g = graph.clone()
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in g.params.items():
+        if name.endswith("norm.weight") and p.data is not None and p.data.is_floating_point():
+            w = p.data
+            step = torch.randint(-1, 2, w.shape, generator=gen)
+            up = torch.nextafter(w, torch.full_like(w, float("inf")))
+            down = torch.nextafter(w, torch.full_like(w, float("-inf")))
+            g.set_param(name, torch.where(step > 0, up, torch.where(step < 0, down, w)))
+    return g
 
 
 def onnx_load_ir(path: Path) -> Any:
