@@ -120,9 +120,8 @@ def lower(graph: Graph, backend: str, device: str | None = None) -> Any:
 
         return TensorRTCompiled(graph)
     if backend == "triton":
-        from lowbit.backends.triton_backend import TritonCompiled
-
-        return TritonCompiled(graph, device)
+        raise NotImplementedError("the Triton backend (fused dequant+matmul kernels) is not built yet: use "
+                                  "backend='torch' (CPU/CUDA reference) or 'onnxruntime' for now")
     raise ValueError(f"unknown backend {backend!r}{closest(backend, list(BACKENDS))}; known: {', '.join(BACKENDS)}")
 
 
