@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PREFERRED = ["model", "scheme", "method", "eval", "value", "float_value", "ratio", "backend", "kernel", "M", "K", "N",
-             "us", "baseline", "baseline_us", "speedup", "latency_ms", "calib", "seconds", "device", "date"]
+PREFERRED = ["model", "scheme", "method", "variant", "eval", "value", "float_value", "ratio", "backend", "format",
+             "kernel", "M", "K", "N", "us", "baseline", "baseline_us", "speedup", "latency_ms", "param_mb", "calib",
+             "seconds", "pipeline"]
+"""Columns shown, in order; other keys stay in the JSON (command lines, byte counts, per-run notes)."""
 
 
 def _fmt(v: object) -> str:
@@ -35,10 +37,9 @@ def table(path: Path) -> str:
     for k in PREFERRED:
         if any(k in r for r in rows):
             keys.append(k)
-    for r in rows:
-        for k in r:
-            if k not in keys and not isinstance(r[k], (dict, list)) and k not in {"peak_rss_mb", "notes"}:
-                keys.append(k)
+    devices = {r.get("device", data.get("device")) for r in rows}
+    if len(devices) > 1:
+        keys.append("device")
     lines = [f"Source: `{path.relative_to(ROOT)}` — `{data.get('command', '')}` ({data.get('date', '')}, "
              f"{data.get('device', 'per row')})", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
