@@ -117,3 +117,18 @@ def test_training_mode_is_refused():
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
     with pytest.raises(CaptureError, match="training mode"):
         capture(net, (torch.randn(1, 4),))
+
+
+def test_unbounded_dynamic_dims_become_symbols_without_a_maximum():
+    """``Dim.DYNAMIC`` with no max has an infinite upper range in torch.export; the symbol keeps max=None."""
+    from lowbit.backends.torch_backend import TorchCompiled
+    from lowbit.ir.capture import capture
+    from lowbit.ir.verifier import verify
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(3, 5, 8)
+    g = capture(model, (x,), {"input": {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}})
+    assert g.symbols and all(s.max is None or s.max > 10**6 for s in g.symbols.values())
+    verify(g)
+    y = torch.randn(7, 2, 8)
+    torch.testing.assert_close(TorchCompiled(g)(y), model(y), rtol=0, atol=1e-6)

@@ -64,11 +64,16 @@ def test_golden_float_lowering():
 def test_golden_qdq_lowering():
     g = parse_graph(QUANT_IR, _quant_params())
     listing = _listing(to_onnx(g))
-    assert listing[-4:] == [
+    assert listing == [
+        # symmetric per-token scale: max|x| in one reduction (not ReduceMin + ReduceMax), no zero point
+        "s.Abs1 = Abs(x)",
+        "s.ReduceMax2 = ReduceMax(s.Abs1, const)",
+        "s.Div3 = Div(s.ReduceMax2, const_2)",
+        "s = Max(s.Div3, const_1)",
         "q = QuantizeLinear(x, s)",
         "xq = DequantizeLinear(q, s)",
-        "w.DequantizeLinear13 = DequantizeLinear(w.qdata.T, w.scale.T)",  # int4 [K, N], blocks along K
-        "y = MatMul(xq, w.DequantizeLinear13)",
+        "w.DequantizeLinear10 = DequantizeLinear(w.qdata.T, w.scale.T)",  # int4 [K, N], blocks along K
+        "y = MatMul(xq, w.DequantizeLinear10)",
     ], listing
     model = to_onnx(g)
     dq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name == "w.qdata.T")

@@ -149,9 +149,14 @@ def test_activation_schemes_agree_with_reference(ort_models, reference, windows,
 def test_w8a8_uses_integer_gemm_in_ort_and_standard_qdq_in_export(quantized, ort_models):
     portable = lowered_op_types(to_onnx(quantized(W8A8_DYN)))
     assert portable.get("QuantizeLinear") == 8 and portable.get("DequantizeLinear") == 8 + 14
-    assert "MatMulInteger" not in portable
-    fast = lowered_op_types(ort_models(W8A8_DYN, "ort-default").onnx_model)
-    assert fast.get("MatMulInteger") == 14 and fast.get("Attention") == 2
+    assert not any("Integer" in op or "::" in op for op in portable)  # standard ONNX ops only
+    model = ort_models(W8A8_DYN, "ort-default").onnx_model
+    fast = lowered_op_types(model)
+    assert fast.get("com.microsoft::MatMulIntegerToFloat") == 14 and fast.get("Attention") == 2
+    # both scales go into the integer GEMM: its a_scale is the per-token scale (max(max|x| / 127, eps)), so no
+    # separate Mul rescales the GEMM's output
+    gemms = [n for n in model.graph if n.op_type == "MatMulIntegerToFloat"]
+    assert all(n.inputs[2].producer() is not None and n.inputs[2].producer().op_type == "Max" for n in gemms)
 
 
 def test_perplexity_matches_reference_within_half_a_percent(quantized, ort_models):

@@ -3,12 +3,18 @@
     python tools/bench_accuracy.py                       # every row -> bench/results/accuracy.json
     python tools/bench_accuracy.py --only w4a16-g64      # some schemes (float always runs)
     python tools/bench_accuracy.py --peer-python .venv-peer/bin/python   # peer rows from another environment
+    python tools/bench_accuracy.py --device cuda --rows sweep.json       # calibrate and score on a GPU, own rows
 
 One run, one machine: the float model is captured once (dynamic batch and sequence), every row quantizes a clone
 of that graph with a lowbit pipeline and scores it on the same WikiText-2 windows (``wt2-512x40`` by default), so
 ``value / float_value`` compares like with like. Calibration for GPTQ/AWQ is 128 × 512 tokens of the WikiText-2
 validation split (``--calib``), never the test text. Rows are written as they finish (a long run can be read
-while it goes) and merged into an existing file by (scheme, method, variant).
+while it goes) and merged into an existing file by (scheme, method, variant, eval, device): rows measured on a GPU
+(``--device cuda``: calibration and evaluation there, ``device`` = the GPU's name) never replace CPU rows.
+
+``--rows FILE.json`` replaces the row table below with a list of ``[scheme, method, variant, pipeline]``; in a
+pipeline ``{cal}`` becomes the calibration options (``{cal_base}``: the same without ``calib_n``, for a row that
+sets its own).
 
 SmolLM2's shipped weights are Q4_1 (asymmetric, block 32) dequantized, so group-32 asymmetric RTN reproduces them
 exactly: weight-only rows use group 64, group 128 (64 where 128 does not divide the input: 576 = 4.5 × 128) and
@@ -42,24 +48,35 @@ CAL_N, CAL_LEN = 128, 512
 # calibration options; a "peer:" method runs in a subprocess under --peer-python.
 ROWS: list[tuple[str, str, str, str | None]] = [
     ("float", "float", "", None),
+    # side by side with the peers, same settings: GPTQ (act-order, static groups, damp 0.01) and RTN, int4 g64 asym
     ("w4a16-g64", "gptq", "act-order, static groups", "gptq(w=int4,group=64,sym=false,{cal})"),
-    ("w4a16-g64", "rtn", "", "quantize(w=int4,group=64,sym=false)"),
-    ("w8a8", "smoothquant", "alpha searched per site", "smooth-quant(search=true,{cal}),quantize(w=int8,a=int8)"),
-    ("w8a8", "rtn", "", "quantize(w=int8,a=int8)"),
-    ("w4a8", "gptq", "smoothquant (alpha search) + gptq g64 + a8",
-     "smooth-quant(search=true,{cal}),gptq(w=int4,group=64,sym=false,{cal}),quantize(a=int8)"),
-    ("w4a8", "rtn", "g64", "quantize(w=int4,group=64,sym=false,a=int8)"),
-    ("w4a16-pc", "gptq", "awq scales + clip + gptq", "gptq(w=int4,sym=false,awq=true,clip=true,{cal})"),
-    ("w4a16-pc", "rtn", "", "quantize(w=int4,sym=false)"),
-    ("w4a16-g64", "peer:torchao-rtn", "", None),
-    ("w4a16-g64", "awq", "scales + clip", "awq(w=int4,group=64,sym=false,{cal})"),
     ("w4a16-g64", "peer:llm-compressor-gptq", "", None),
+    ("w4a16-g64", "rtn", "", "quantize(w=int4,group=64,sym=false)"),
+    ("w4a16-g64", "peer:torchao-rtn", "", None),
+    # lowbit's best per scheme (the recipes use these settings)
+    ("w4a16-g64", "gptq", "awq scales + clip + gptq, damp 0.001, n_grid 40",
+     "gptq(w=int4,group=64,sym=false,awq=true,clip=true,damp=0.001,n_grid=40,{cal})"),
+    ("w8a8", "smoothquant", "alpha searched per site", "smooth-quant(search=true,{cal}),quantize(w=int8,a=int8)"),
+    ("w4a16-pc", "gptq", "awq scales + clip + gptq", "gptq(w=int4,sym=false,awq=true,clip=true,{cal})"),
+    ("w4a8", "gptq", "smoothquant (alpha search) + awq/clip/gptq g64 + a8",
+     "smooth-quant(search=true,{cal}),gptq(w=int4,group=64,sym=false,awq=true,clip=true,{cal}),quantize(a=int8)"),
+    ("w8a8kv4", "smoothquant", "alpha search + w8a8 + kv4 (k per-channel/32 tokens, v per-token, sink 1, window 32)",
+     "smooth-quant(search=true,{cal}),quantize(w=int8,a=int8,kv=int4,kv_group=32,kv_sink=1,kv_window=32)"),
+    ("fp8", "smoothquant", "alpha search + e4m3 W per 64 inputs, A per 64 channels",
+     "smooth-quant(search=true,{cal}),quantize(w=fp8e4m3,group=64,a=fp8e4m3,a_group=64)"),
+    # the rest of the grid
+    ("w8a8", "rtn", "", "quantize(w=int8,a=int8)"),
+    ("w4a8", "rtn", "g64", "quantize(w=int4,group=64,sym=false,a=int8)"),
+    ("w4a16-pc", "rtn", "", "quantize(w=int4,sym=false)"),
+    ("w4a16-g64", "awq", "scales + clip", "awq(w=int4,group=64,sym=false,{cal})"),
     ("w4a16-g128", "gptq", "g128, g64 where 576", "gptq(w=int4,group=128,group_fallback=64,sym=false,{cal})"),
     ("w4a16-g128", "rtn", "g128, g64 where 576", "quantize(w=int4,group=128,group_fallback=64,sym=false)"),
     ("w4a16-pc", "gptq", "clip + gptq", "gptq(w=int4,sym=false,clip=true,{cal})"),
     ("w4a16-pc", "awq", "scales + clip", "awq(w=int4,sym=false,{cal})"),
     ("w8a8", "smoothquant", "alpha 0.5, norm+gated sites", "smooth-quant({cal}),quantize(w=int8,a=int8)"),
     ("w4a16-g128", "awq", "g128, g64 where 576", "awq(w=int4,group=128,group_fallback=64,sym=false,{cal})"),
+    ("w8a8kv4", "rtn", "", "quantize(w=int8,a=int8,kv=int4,kv_group=32,kv_sink=1,kv_window=32)"),
+    ("fp8", "rtn", "", "quantize(w=fp8e4m3,a=fp8e4m3)"),
 ]
 
 
@@ -67,7 +84,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _device() -> str:
+def _device(device: str = "cpu") -> str:
+    if torch.device(device).type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
     model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -90,7 +109,8 @@ def _load(out: Path) -> dict:
 
 def _write(out: Path, header: dict, rows: list[dict]) -> None:
     old = _load(out).get("rows", [])
-    key = lambda r: (r.get("model"), r.get("scheme"), r.get("method"), r.get("variant"), r.get("eval"))  # noqa: E731
+    key = lambda r: (r.get("model"), r.get("scheme"), r.get("method"), r.get("variant"), r.get("eval"),  # noqa: E731
+                     r.get("device"))
     new_keys = {key(r) for r in rows}
     merged = [r for r in old if key(r) not in new_keys] + rows
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +167,9 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated 'scheme:method:variant' rows to leave out")
     ap.add_argument("--match", default="", help="regex on 'scheme:method:variant' selecting rows (float always runs)")
     ap.add_argument("--calib-n", type=int, default=CAL_N, help="calibration sequences of 512 tokens")
+    ap.add_argument("--device", default="cpu", help="where calibration and evaluation run (cuda: on the GPU)")
+    ap.add_argument("--model", default="smollm2", help="the model: smollm2 (shipped) or a path to its .gguf")
+    ap.add_argument("--rows", default="", help="JSON list of [scheme, method, variant, pipeline] replacing ROWS")
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter with the peer packages installed")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--peer", default="", help=argparse.SUPPRESS)
@@ -163,7 +186,8 @@ def main() -> None:
     from lowbit.passes.manager import PassManager
 
     out = Path(args.out)
-    model, tok, _ = load_model("smollm2")
+    device = torch.device(args.device)
+    model, tok, _ = load_model(args.model)
     dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=1024), 1: torch.export.Dim.DYNAMIC(min=2, max=8192)}}
     t0 = time.perf_counter()
     graph = capture(model, (torch.randint(0, 49152, (2, 64)),), dyn)
@@ -171,7 +195,7 @@ def main() -> None:
     header = {
         "command": "python " + " ".join(sys.argv),
         "date": datetime.date.today().isoformat(),
-        "device": _device(),
+        "device": _device(args.device),
         "versions": {"lowbit": getattr(lowbit, "__version__", "dev"), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
         "notes": ("SmolLM2's shipped weights are Q4_1 (asym, block 32) dequantized: group-32 asymmetric RTN is "
@@ -181,12 +205,20 @@ def main() -> None:
         "capture_seconds": round(capture_s, 1),
     }
     calib_desc = f"{Path(args.calib).name} {args.calib_n}x{CAL_LEN}"
-    cal = f"calib={args.calib},calib_n={args.calib_n},calib_len={CAL_LEN},progress=false"
+    cal_base = f"calib={args.calib},calib_len={CAL_LEN},progress=false"
+    if args.model != "smollm2":  # calibration tokenizes with the model's own tokenizer (saved beside its cache)
+        cal_base += f",tokenizer={tok.name_or_path}"
+    if device.type != "cpu":
+        cal_base += f",device={args.device}"
+    cal = f"{cal_base},calib_n={args.calib_n}"
+    table = [tuple(r) for r in json.loads(Path(args.rows).read_text())] if args.rows else ROWS
+    if table[0][0] != "float":
+        table = [("float", "float", "", None), *table]
     only = {s for s in args.only.split(",") if s}
     skip = {s for s in args.skip.split(",") if s}
     rows: list[dict] = []
     float_value = None
-    for scheme, method, variant, pipe in ROWS:
+    for scheme, method, variant, pipe in table:
         if only and scheme not in only and scheme != "float":
             continue
         if f"{scheme}:{method}:{variant}" in skip:
@@ -199,20 +231,25 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
                 _write(out, header, rows)
             continue
-        pipeline = pipe.format(cal=cal) if pipe else None
+        pipeline = pipe.format(cal=cal, cal_base=cal_base) if pipe else None
         g = graph.clone()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t1 = time.perf_counter()
         stats: list[dict] = []
         try:
             if pipeline:
                 report = PassManager(pipeline, verify_each=True).run(g)
                 stats = [{"pass": rec.spec.split("(")[0], **rec.stats} for rec in report.records]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             pass_s = time.perf_counter() - t1
-            r = perplexity(TorchCompiled(g), "wikitext2-test", tokenizer=tok, progress=False, batch_size=4,
-                           **EVALS[args.eval])
+            r = perplexity(TorchCompiled(g, device), "wikitext2-test", tokenizer=tok, progress=False, batch_size=4,
+                           device=device, **EVALS[args.eval])
         except Exception as exc:  # one failing row must not lose the others
             row = {"model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant,
-                   "eval": args.eval, "error": f"{type(exc).__name__}: {str(exc)[:400]}", "pipeline": pipeline}
+                   "eval": args.eval, "error": f"{type(exc).__name__}: {str(exc)[:400]}", "pipeline": pipeline,
+                   "device": header["device"], "date": header["date"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
             _write(out, header, rows)
@@ -223,26 +260,36 @@ def main() -> None:
             "model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant, "eval": args.eval,
             "value": round(r.ppl, 4), "float_value": round(float_value, 4) if float_value else None,
             "ratio": round(r.ppl / float_value, 4) if float_value else None,
-            "calib": calib_desc if pipeline and ("gptq" in pipeline or "awq" in pipeline or "smooth" in pipeline)
-            else None,
+            "calib": _calib_desc(pipeline, calib_desc) if pipeline and
+            ("gptq" in pipeline or "awq" in pipeline or "smooth" in pipeline) else None,
             "pipeline": pipeline or "", "pass_seconds": round(pass_s, 1), "seconds": round(r.seconds, 1),
             "peak_rss_mb": round(_rss_mb(), 1), "device": header["device"], "date": header["date"],
-            "pass_stats": stats,
+            "command": header["command"], "pass_stats": stats,
         }
+        if device.type == "cuda":
+            row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
         _write(out, header, rows)
         del g
 
 
+def _calib_desc(pipeline: str, default: str) -> str:
+    """The calibration set of a row whose pipeline sets its own ``calib_n`` (else the run's)."""
+    found = re.findall(r"calib_n=(\d+)", pipeline)
+    return re.sub(r" \d+x", f" {found[-1]}x", default) if found else default
+
+
 def _run_peer(args: argparse.Namespace, peer: str, float_value: float | None, header: dict, calib_desc: str) -> dict:
     """One peer row, from a subprocess of ``--peer-python`` (its packages may pin other library versions)."""
     t1 = time.perf_counter()
     cmd = [args.peer_python, __file__, "--peer", peer, "--eval", args.eval, "--calib", args.calib]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    repo = str(Path(__file__).resolve().parents[1])  # the peer's interpreter need not have lowbit installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     found = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEER_ROW ")]
     row = {"model": "smollm2-135m", "method": peer, "eval": args.eval, "float_value": float_value,
-           "device": header["device"], "date": header["date"], "peer_python": args.peer_python,
+           "command": header["command"], "device": header["device"], "date": header["date"], "peer_python": args.peer_python,
            "wall_seconds": round(time.perf_counter() - t1, 1)}
     if found:
         data = json.loads(found[-1][len("PEER_ROW "):])

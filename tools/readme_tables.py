@@ -1,8 +1,10 @@
 """Regenerate the README's result tables from ``bench/results/*.json`` (never typed by hand).
 
 Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in README.md, where NAME is
-a results file's stem (``accuracy``, ``onnx``, ...). Usage: ``python tools/readme_tables.py [--check]``;
-``--check`` exits 1 when the README is stale.
+a results file's stem (``accuracy``, ``onnx``, ...). Filters after the name pick rows of a file that holds
+several models or runs: ``<!-- results:accuracy model=minilm-l6 device~cuda -->`` (``=`` exact, ``~``
+substring; all must hold). Usage: ``python tools/readme_tables.py [--check]``; ``--check`` exits 1 when the
+README is stale.
 """
 
 from __future__ import annotations
@@ -14,48 +16,89 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PREFERRED = ["model", "scheme", "method", "variant", "eval", "value", "float_value", "ratio", "backend", "format",
+PREFERRED = ["model", "scheme", "method", "variant", "eval", "value", "float_value", "ratio", "min_cos", "backend", "format",
              "kernel", "M", "K", "N", "us", "baseline", "baseline_us", "speedup", "latency_ms", "param_mb", "calib",
-             "seconds", "pipeline"]
+             "pass_seconds", "seconds", "pipeline"]
 """Columns shown, in order; other keys stay in the JSON (command lines, byte counts, per-run notes)."""
+COLUMNS = {
+    "onnx": ["variant", "scheme", "format", "value", "ppl_ratio", "latency_ms", "latency_ms_min", "file_mb",
+             "parity_rel", "tensorrt_qdq_errors", "tensorrt_qdq_rules", "onnx_ops"],
+}
+"""Per results file: its own columns, in order, instead of ``PREFERRED``."""
+DIGITS = {"onnx": {"value": 4}}
+"""Per results file: decimals for columns whose differences are below ``_fmt``'s 4 significant digits."""
+SORT = {"accuracy": ("model", "eval", "scheme", "value")}
+"""Per results file: row order (value ascending for perplexity, descending for cosine)."""
 
 
 def _fmt(v: object) -> str:
+    if isinstance(v, dict):  # op or rule counts: short names, one cell
+        return ", ".join(f"{str(k).replace('com.microsoft::', 'ms:')} {_fmt(n)}" for k, n in v.items())
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1000 else f"{v:.1f}"
     return "" if v is None else str(v)
 
 
-def table(path: Path) -> str:
+def _sort_key(row: dict, keys: tuple[str, ...]) -> tuple:
+    """Text keys as text; ``value`` best first (lower perplexity, higher cosine), rows without one last."""
+    out: list = []
+    for k in keys:
+        if k == "value":
+            v = row.get("value")
+            better_high = row.get("eval") == "minilm-cos"
+            out.append(float("inf") if not isinstance(v, (int, float)) else (-v if better_high else v))
+        else:
+            out.append(str(row.get(k, "")))
+    return tuple(out)
+
+
+def _keep(row: dict, data: dict, filters: str) -> bool:
+    """Whether ``row`` passes every ``key=value`` / ``key~substring`` filter (``device`` falls back to the file's)."""
+    for f in filters.split():
+        key, op, want = re.match(r"(\w+)([=~])(.*)", f).groups()  # type: ignore[union-attr]
+        have = str(row.get(key, data.get(key, "")))
+        if (op == "=" and have != want) or (op == "~" and want not in have):
+            return False
+    return True
+
+
+def table(path: Path, filters: str = "") -> str:
     data = json.loads(path.read_text())
-    rows = data.get("rows", [])
+    rows = [r for r in data.get("rows", []) if _keep(r, data, filters)]
     for r in rows:
         if "value" in r and isinstance(r.get("float_value"), (int, float)) and r["float_value"] and "ratio" not in r:
             if r.get("eval", "").startswith("wt2"):
                 r["ratio"] = r["value"] / r["float_value"]
     keys: list[str] = []
-    for k in PREFERRED:
+    for k in COLUMNS.get(path.stem, PREFERRED):
         if any(k in r for r in rows):
             keys.append(k)
     devices = {r.get("device", data.get("device")) for r in rows}
     if len(devices) > 1:
         keys.append("device")
-    lines = [f"Source: `{path.relative_to(ROOT)}` — `{data.get('command', '')}` ({data.get('date', '')}, "
-             f"{data.get('device', 'per row')})", "",
+    if path.stem in SORT:
+        rows = sorted(rows, key=lambda r: _sort_key(r, SORT[path.stem]))
+    commands = sorted({r["command"] for r in rows if r.get("command")}) or [data.get("command", "")]
+    dates = sorted({r.get("date", data.get("date", "")) for r in rows})
+    lines = [f"Source: `{path.relative_to(ROOT)}` — " + "; ".join(f"`{c}`" for c in commands)
+             + f" ({', '.join(dates)}, {'; '.join(sorted(d for d in devices if d)) or 'per row'})", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+        digits = DIGITS.get(path.stem, {})
+        lines.append("| " + " | ".join(f"{r[k]:.{digits[k]}f}" if k in digits and isinstance(r.get(k), float)
+                                       else _fmt(r.get(k)) for k in keys) + " |")
     return "\n".join(lines)
 
 
 def render(readme: str) -> str:
     def repl(m: re.Match[str]) -> str:
-        name = m.group(1)
+        name, filters = m.group(1), (m.group(2) or "").strip()
         path = ROOT / "bench" / "results" / f"{name}.json"
-        body = table(path) if path.is_file() else f"(no `bench/results/{name}.json` yet)"
-        return f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->"
+        body = table(path, filters) if path.is_file() else f"(no `bench/results/{name}.json` yet)"
+        opening = f"<!-- results:{name} {filters} -->" if filters else f"<!-- results:{name} -->"
+        return f"{opening}\n{body}\n<!-- /results:{name} -->"
 
-    return re.sub(r"<!-- results:(\w+) -->.*?<!-- /results:\1 -->", repl, readme, flags=re.S)
+    return re.sub(r"<!-- results:(\w+)((?: [\w]+[=~][^ >]+)*) ?-->.*?<!-- /results:\1 -->", repl, readme, flags=re.S)
 
 
 def main() -> int:

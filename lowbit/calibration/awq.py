@@ -96,6 +96,7 @@ def awq_search_scale(
     ``expand`` ties input columns to the producer channels they come from (GQA ``v→o``: column j is channel
     ``expand[j]``): ``s`` then has the producer's length and the consumers use ``s[expand]``. ``loss_fn(s)``
     replaces the layer-output error with a caller's measure (a block's output error, say).
+    The search runs on ``h``'s device (the weights are moved there); the scale is returned there.
     """
     t0 = time.perf_counter()
     k = int(x_abs_mean.numel())
@@ -108,14 +109,16 @@ def awq_search_scale(
     if n_grid < 1:
         raise ValueError(f"AWQ: n_grid must be positive, got {n_grid}")
     qd = qdtype_of(bits, symmetric)
-    w_cat = torch.cat([w.float() for w in weights], 0)
-    x_mean = x_abs_mean.float().clamp(min=0)
+    dev = h.device
+    w_cat = torch.cat([w.float().to(dev) for w in weights], 0)
+    x_mean = x_abs_mean.float().to(dev).clamp(min=0)
     w_mean = _weight_mean(w_cat, group_size)
     if expand is not None:  # pool the tied columns' statistics onto their producer channel
+        expand = expand.to(dev)
         n_ch = int(expand.max()) + 1
-        counts = torch.zeros(n_ch).index_add_(0, expand, torch.ones(k))
-        x_mean = torch.zeros(n_ch).index_add_(0, expand, x_mean) / counts
-        w_mean = torch.zeros(n_ch).index_add_(0, expand, w_mean) / counts
+        counts = torch.zeros(n_ch, device=dev).index_add_(0, expand, torch.ones(k, device=dev))
+        x_mean = torch.zeros(n_ch, device=dev).index_add_(0, expand, x_mean) / counts
+        w_mean = torch.zeros(n_ch, device=dev).index_add_(0, expand, w_mean) / counts
     h32 = h.float()
 
     def layer_error(s: torch.Tensor) -> float:
@@ -164,7 +167,8 @@ def awq_search_clip(
     """Per (row, group) range-shrink factor minimising that group's output error under ``h``.
 
     Returns ``shrink`` shaped like the weight's scale (``[N]`` per channel, ``[N, K/g]`` per group), for
-    ``weight_qparams(w, ..., shrink=shrink)``; factor 1 (plain min-max) is always a candidate.
+    ``weight_qparams(w, ..., shrink=shrink)``; factor 1 (plain min-max) is always a candidate. Runs on ``h``'s
+    device and returns ``shrink`` there.
     """
     t0 = time.perf_counter()
     n, k = w.shape
@@ -176,16 +180,17 @@ def awq_search_clip(
     ng = k // g
     h32 = h.float()
     blocks = torch.stack([h32[j * g:(j + 1) * g, j * g:(j + 1) * g] for j in range(ng)])  # [G, g, g]
-    wf = w.float()
-    best = torch.full((n, ng), float("inf"))
-    best_f = torch.ones(n, ng)
+    dev = h.device
+    wf = w.float().to(dev)
+    best = torch.full((n, ng), float("inf"), device=dev)
+    best_f = torch.ones(n, ng, device=dev)
     base = None
     with single_thread():
         for i in range(max(1, int(round(max_shrink * n_grid)))):
             f = 1.0 - i / n_grid
-            scale, zp = weight_qparams(wf, qd, symmetric, group_size, torch.full((n, ng), f))
+            scale, zp = weight_qparams(wf, qd, symmetric, group_size, torch.full((n, ng), f, device=dev))
             delta = (wf - fake_quantize(wf, scale, zp, qd, group_size)).reshape(n, ng, g)
-            err = torch.empty(n, ng)
+            err = torch.empty(n, ng, device=dev)
             for r0 in range(0, n, rows_per_chunk):
                 d = delta[r0:r0 + rows_per_chunk]  # [rows, G, g]
                 err[r0:r0 + rows_per_chunk] = torch.einsum("rgi,gij,rgj->rg", d, blocks, d)

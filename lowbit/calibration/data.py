@@ -3,17 +3,20 @@
 The text is read whole (``lowbit.data.read_text``: a shipped text name or any path), tokenized once without
 special tokens (cached, ``lowbit.eval.perplexity.token_ids``) and cut into non-overlapping windows of L
 tokens; N of them are taken evenly spaced through the text, so a calibration set covers the whole file
-rather than its first articles, and depends on nothing but the text, the tokenizer, N and L.
+rather than its first articles, and depends on nothing but the text, the tokenizer, N and L. A tokenizer with
+both a CLS and a SEP token (BERT-style encoders such as MiniLM) gets each window as ``[CLS] ... [SEP]`` of L
+tokens in all, the form every input of such a model has (position 0 is always CLS).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["calibration_ids", "load_tokenizer", "DEFAULT_CALIBRATION_TEXT"]
+__all__ = ["calibration_ids", "load_tokenizer", "graph_tokenizer", "DEFAULT_CALIBRATION_TEXT"]
 
 DEFAULT_CALIBRATION_TEXT = "wikitext2-valid-calib"
 """Shipped with lowbit (WikiText-2 validation, first ~250 KB: ~60k SmolLM2 tokens, 117 windows of 512).
@@ -30,6 +33,17 @@ def calibration_ids(text: str | os.PathLike[str], tokenizer: PreTrainedTokenizer
     ids = token_ids(text, tokenizer)
     if ids.numel() == 0:
         raise ValueError(f"calibration text {str(text)!r} has no tokens (empty or whitespace only)")
+    cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    if cls is not None and sep is not None:
+        if seq_len < 3:
+            raise ValueError(f"calibration for a [CLS] ... [SEP] tokenizer needs seq_len >= 3, got {seq_len}")
+        body = calibration_ids_plain(ids, text, n, seq_len - 2)
+        return torch.cat([torch.full((n, 1), cls), body, torch.full((n, 1), sep)], dim=1)
+    return calibration_ids_plain(ids, text, n, seq_len)
+
+
+def calibration_ids_plain(ids: torch.Tensor, text: str | os.PathLike[str], n: int, seq_len: int) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens of ``ids``, evenly spaced."""
     available = ids.numel() // seq_len
     if available < n:
         raise ValueError(
@@ -57,3 +71,12 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if not os.path.isdir(name_or_path):
         raise ValueError(f"tokenizer {name_or_path!r}: give 'smollm2', 'minilm' or a local tokenizer directory")
     return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+
+
+def graph_tokenizer(graph: Any, name: str | None) -> PreTrainedTokenizerBase:
+    """The tokenizer a calibrating pass uses: ``name`` if given, else the one ``compile_model`` captured with the
+    model (``graph.meta["tokenizer"]``: MiniLM's for MiniLM), else SmolLM2's."""
+    if name is not None:
+        return load_tokenizer(name)
+    tok = graph.meta.get("tokenizer") if hasattr(graph, "meta") else None
+    return tok if tok is not None else load_tokenizer("smollm2")

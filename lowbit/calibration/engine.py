@@ -16,6 +16,13 @@ For each block the engine
 3. runs the (now quantized) block again unless ``on_block`` returned ``False``, and hands those outputs to
    the next block: block i+1 calibrates on what a quantized block i really produces.
 
+``device`` runs all of this elsewhere (a GPU) while the graph's params stay where they are: the batches are
+moved there once, a stage reads device copies of its params (made on first read, remade when ``on_block``
+replaced a param with ``graph.set_param``, dropped when the stage ends, so one block's weights are on the
+device at a time), and ``torch.device`` literals baked into node kwargs at capture (``arange(...,
+device=cpu)``) are retargeted as ``TorchCompiled`` does. Hooks therefore see device tensors; whatever they
+write back into the graph must go to the param's own device (``home_device``).
+
 Nodes outside any block that sit between blocks run with the next block. A node that reads a value of a
 later stage is an error naming it (the graph would not be block-sequential).
 """
@@ -35,7 +42,7 @@ from lowbit.ir.graph import Graph, Node, Value, blocks
 from lowbit.ir.ops import resolve
 
 __all__ = ["BLOCK_PATTERN", "Stage", "BlockRun", "CalibrationReport", "NodeHook", "BlockHook", "split_stages",
-           "run", "batches_from_ids", "CalibrationError"]
+           "run", "batches_from_ids", "CalibrationError", "resolve_device", "home_device"]
 
 BLOCK_PATTERN = r"^((?:[A-Za-z_]\w*\.)*?(?:layers|layer|h|blocks)\.\d+)(?=\.|$)"
 """Module-path prefix of a repeated block, with or without a wrapper prefix (``model.layers.3``,
@@ -123,19 +130,73 @@ def split_stages(graph: Graph, pattern: str = BLOCK_PATTERN) -> list[Stage]:
     return [s for s in stages if s.nodes or s.kind == "block"]
 
 
-def _execute(nodes: Sequence[Node], env: dict[Value, Any], on_node: NodeHook | None, keep: set[Value]) -> None:
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` (None stays None: calibrate where the params are); errors say why."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise CalibrationError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...): {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CalibrationError(f"device {device!r}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CalibrationError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def home_device(graph: Graph) -> torch.device:
+    """Where the graph's params live (CPU for a graph without params): where calibration results go back to."""
+    for v in graph.params.values():
+        if isinstance(v.data, torch.Tensor):
+            return v.data.device
+    return torch.device("cpu")
+
+
+class _DeviceParams:
+    """A stage's params as read during calibration: the graph's own tensors, or copies on ``device``.
+
+    A copy is made on first read and remade when ``graph.set_param`` replaced the tensor since (an
+    ``on_block`` that quantizes weights in flight), so what runs is always the graph's current param.
+    """
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.device = device
+        self._copies: dict[int, tuple[Value, torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, v: Value) -> Any:
+        data = v.data
+        if self.device is None or not isinstance(data, torch.Tensor) or data.device == self.device:
+            return data
+        hit = self._copies.get(id(v))
+        if hit is not None and hit[1] is data:
+            return hit[2]
+        copy = data.to(self.device)
+        self._copies[id(v)] = (v, data, copy)
+        return copy
+
+    def operand(self, x: Any) -> Any:
+        """A non-Value operand: device literals follow the calibration device."""
+        if self.device is not None and isinstance(x, torch.device):
+            return self.device
+        return x
+
+
+def _execute(nodes: Sequence[Node], env: dict[Value, Any], on_node: NodeHook | None, keep: set[Value],
+             params: _DeviceParams | None = None) -> None:
     """Run ``nodes`` in order on ``env`` (value -> tensor), freeing each intermediate after its last reader."""
     last_use: dict[int, int] = {}
     for i, n in enumerate(nodes):
         for v in n.inputs():
             last_use[id(v)] = i
     keep_ids = {id(v) for v in keep}
+    params = params or _DeviceParams(None)
 
     def lookup(x: Any) -> Any:
         if not isinstance(x, Value):
-            return x
+            return params.operand(x)
         if x.is_param:
-            return x.data
+            return params.get(x)
         try:
             return env[x]
         except KeyError:
@@ -175,6 +236,13 @@ class BlockRun:
     """Values of this stage that later stages read."""
     reference: list[dict[Value, Any]] = field(default_factory=list)
     """Per batch, the exports as the block produced them before ``on_block`` (its float/unchanged output)."""
+    params: _DeviceParams = field(default_factory=lambda: _DeviceParams(None))
+    """The stage's params as it reads them (device copies when calibrating on another device)."""
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the stage runs (None: where the params are)."""
+        return self.params.device
 
     @property
     def index(self) -> int:
@@ -196,7 +264,7 @@ class BlockRun:
         results = []
         for b in (range(len(self.inputs)) if batches is None else batches):
             env: dict[Value, Any] = dict(self.inputs[b])
-            _execute(nodes, env, on_node, set(want))
+            _execute(nodes, env, on_node, set(want), self.params)
             results.append({v: env[v] for v in want})
         return results
 
@@ -232,16 +300,26 @@ def _nbytes(x: Any) -> int:
 
 
 def batches_from_ids(graph: Graph, ids: torch.Tensor, batch_size: int | None = None) -> list[tuple[torch.Tensor]]:
-    """Split ``[N, L]`` ids into batches the graph accepts (one sequence at a time if it was captured at batch 1)."""
-    if len(graph.inputs) != 1:
-        raise CalibrationError(f"the graph takes {len(graph.inputs)} inputs "
-                               f"({', '.join(v.name for v in graph.inputs)}); build the batches yourself")
+    """Split ``[N, L]`` ids into batches the graph accepts (one sequence at a time if it was captured at batch 1).
+
+    A graph of ``(input_ids, attention_mask)`` (an encoder such as MiniLM) gets an all-ones mask: calibration
+    windows are full-length token runs, with no padding to hide.
+    """
+    names = [v.name for v in graph.inputs]
+    with_mask = len(names) == 2 and "mask" in names[1]
+    if len(names) != 1 and not with_mask:
+        raise CalibrationError(f"the graph takes {len(graph.inputs)} inputs ({', '.join(names)}); calibration "
+                               "from token ids feeds (input_ids) or (input_ids, attention_mask): build the batches "
+                               "yourself")
     t = graph.inputs[0].tensor_type
     static_b = t.shape[0] if isinstance(t.shape[0], int) else None
     if batch_size is None:
         batch_size = static_b or 8
     if static_b is not None and batch_size != static_b:
         raise CalibrationError(f"the graph was captured with a static batch of {static_b}; batch_size={batch_size}")
+    if with_mask:
+        mask_dtype = graph.inputs[1].tensor_type.dtype
+        return [(chunk, torch.ones(chunk.shape, dtype=mask_dtype)) for chunk in ids.split(batch_size)]
     return [(chunk,) for chunk in ids.split(batch_size)]
 
 
@@ -254,13 +332,16 @@ def run(
     run_suffix: bool = False,
     pattern: str = BLOCK_PATTERN,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> CalibrationReport:
     """Calibrate ``graph`` block by block on ``batches`` (each a tuple matching ``graph.inputs``).
 
     ``on_node`` and ``on_block`` are called for every stage, prefix and suffix included (``ctx.stage.kind``
     says which); the suffix runs only with ``run_suffix`` (its output, the logits, is the largest tensor of
-    all and calibration rarely needs it).
+    all and calibration rarely needs it). ``device`` (default: where the params are) is where the stages run
+    and the hooks' tensors live; the graph's params are not moved.
     """
+    dev = resolve_device(device)
     if not batches:
         raise CalibrationError("calibration got no batches (empty calibration set)")
     for b in batches:
@@ -268,7 +349,9 @@ def run(
             raise CalibrationError(f"a batch has {len(b)} tensors but the graph takes {len(graph.inputs)} inputs")
     t0 = time.perf_counter()
     stages = split_stages(graph, pattern)
-    store: list[dict[Value, Any]] = [dict(zip(graph.inputs, b)) for b in batches]
+    store: list[dict[Value, Any]] = [
+        dict(zip(graph.inputs, (t.to(dev) if dev is not None and isinstance(t, torch.Tensor) else t for t in b)))
+        for b in batches]
     tokens = sum(int(b[0].numel()) for b in batches)
     peak = sum(_nbytes(x) for env in store for x in env.values())
     per_stage: dict[str, float] = {}
@@ -284,15 +367,17 @@ def run(
             raise CalibrationError(f"stage {stage.name} reads {', '.join('%' + m for m in missing[:5])} which no "
                                    "earlier stage produced")
         inputs = [{v: env[v] for v in reads} for env in store]
-        ctx = BlockRun(graph, stage, inputs, _exports(graph, stages, stage))
+        ctx = BlockRun(graph, stage, inputs, _exports(graph, stages, stage), params=_DeviceParams(dev))
         outs = ctx.run(on_node=on_node)
         if on_block is not None:
             ctx.reference = outs
             changed = on_block(ctx)
             ctx.reference = []
+            # re-split even when this stage is unchanged: the hook may have edited later stages (a linear of
+            # block i+1 rounded while block i computed its input, as in a post-norm encoder)
+            stages = split_stages(graph, pattern)
+            stage = _find(stages, planned)
             if changed is not False:
-                stages = split_stages(graph, pattern)
-                stage = _find(stages, planned)
                 ctx.stage, ctx.exports = stage, _exports(graph, stages, stage)
                 outs = ctx.run()
         cached = sum(_nbytes(x) for env in store for x in env.values())

@@ -79,16 +79,17 @@ class HessianAccumulator:
     Each batch's product is one float32 GEMM (the cost that matters: 65,536 tokens × K² per linear input),
     taken in row chunks so float32 partial sums stay short, and added into a float64 sum, so the result
     does not drift with the number of batches. Linears that read the same value share one accumulator.
+    The sums live on ``device`` (the inputs' device when calibrating on a GPU; default CPU).
     """
 
-    def __init__(self, features: int, chunk_rows: int = 16384) -> None:
+    def __init__(self, features: int, chunk_rows: int = 16384, device: torch.device | str | None = None) -> None:
         if features < 1:
             raise ValueError(f"HessianAccumulator: features must be positive, got {features}")
         self.features = features
         self.chunk_rows = chunk_rows
-        self.sum = torch.zeros(features, features, dtype=torch.float64)
-        self.abs_sum = torch.zeros(features, dtype=torch.float64)
-        self.abs_max = torch.zeros(features)
+        self.sum = torch.zeros(features, features, dtype=torch.float64, device=device)
+        self.abs_sum = torch.zeros(features, dtype=torch.float64, device=device)
+        self.abs_max = torch.zeros(features, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -98,6 +99,7 @@ class HessianAccumulator:
         x2 = x.detach().reshape(-1, self.features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
+        x2 = x2.to(self.sum.device)
         if not x2.shape[0]:
             return
         half = self.features // 2
@@ -228,7 +230,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     if not math.isfinite(mean_diag) or mean_diag <= 0:
         raise ValueError(f"GPTQ: the Hessian's mean diagonal is {mean_diag}; the calibration inputs are not "
                          "finite")
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     flipped = h.flip(0, 1)
     rel = damp
     for _ in range(6):
@@ -261,6 +263,7 @@ def gptq_quantize(
 
     Returns ``GPTQResult(weight, qdata, scale, zero_point, stats)``; ``stats`` has the GPTQ loss
     ``Σ err²/H⁻¹_jj`` (what the algorithm minimises), the damping used, dead columns and seconds.
+    Everything is computed on ``h``'s device (``w`` and ``qparams`` are moved there) and returned there.
     """
     t0 = time.perf_counter()
     if w.dim() != 2:
@@ -278,22 +281,23 @@ def gptq_quantize(
     if qd.is_float:
         raise ValueError(f"GPTQ: {qd.name} is a float format; GPTQ rounds onto an integer grid")
 
+    dev = h.device
     h = h.to(torch.float64).clone()
-    wf = w.detach().float().clone()
+    wf = w.detach().float().to(dev).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
 
     # Grid: fixed up front (given, per channel, or static groups), or found per group as GPTQ reaches it.
     dynamic_groups = qparams is None and group_size is not None and not act_order
     if qparams is not None:
-        scale, zp = qparams
+        scale, zp = (None if t is None else t.to(dev) for t in qparams)
     elif not dynamic_groups:
         scale, zp = weight_qparams(wf, qd, symmetric, group_size)
     else:
         g = group_size
         assert g is not None
-        scale = torch.empty(n, k // g)
-        zp = torch.empty(n, k // g, dtype=qd.container) if not symmetric else None
+        scale = torch.empty(n, k // g, device=dev)
+        zp = torch.empty(n, k // g, dtype=qd.container, device=dev) if not symmetric else None
 
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
     if perm is not None:
@@ -305,8 +309,8 @@ def gptq_quantize(
 
     # Work on Wᵀ [K, N] so a column of W is a contiguous row.
     wt = wf.t().contiguous()
-    qt = torch.empty(k, n, dtype=qd.container)
-    deq_t = torch.empty(k, n)
+    qt = torch.empty(k, n, dtype=qd.container, device=dev)
+    deq_t = torch.empty(k, n, device=dev)
     if not dynamic_groups:
         s_cols = _expand_cols(scale.float(), n, k, group_size).t()
         z_cols = _expand_cols(zp.float(), n, k, group_size).t() if zp is not None else None
@@ -318,7 +322,7 @@ def gptq_quantize(
     if group_size is not None and dynamic_groups:  # a group must start on a block boundary or inside one block
         block_size = max(group_size, block_size // group_size * group_size)
     qmin, qmax = float(qd.qmin), float(qd.qmax)
-    loss = torch.zeros((), dtype=torch.float64)
+    loss = torch.zeros((), dtype=torch.float64, device=dev)
 
     with single_thread():
         for i1 in range(0, k, block_size):

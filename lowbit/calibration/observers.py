@@ -190,7 +190,7 @@ class MSEObserver(MinMaxObserver):
             data = torch.cat(self.samples, 1)
             keep = max(1, self.max_samples // data.shape[0])
             idx = torch.randperm(data.shape[1], generator=self.gen)[:keep]
-            self.samples = [data[:, idx]]
+            self.samples = [data[:, idx.to(data.device)]]
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = super().range()
@@ -228,11 +228,11 @@ class HistogramObserver(MinMaxObserver):
         if self.counts is None:  # small groups (weights, g64) need no more bins than they have values
             self.bins = min(self.bins, max(16, 1 << (rows.shape[1] - 1).bit_length()))
         lo, width = self._edges(self.lo, self.hi)
-        counts = torch.zeros(rows.shape[0], self.bins)
+        counts = torch.zeros(rows.shape[0], self.bins, device=rows.device)
         if self.counts is not None:  # re-bin the old histogram into the (possibly wider) new range
             assert self.h_lo is not None and self.h_width is not None
             old_lo, old_w = self.h_lo, self.h_width
-            centers = old_lo[:, None] + old_w[:, None] * (torch.arange(self.bins) + 0.5)
+            centers = old_lo[:, None] + old_w[:, None] * (torch.arange(self.bins, device=old_lo.device) + 0.5)
             counts.scatter_add_(1, self._bin(centers, lo, width), self.counts)
         counts.scatter_add_(1, self._bin(rows, lo, width), torch.ones_like(rows))
         self.counts, self.h_lo, self.h_width = counts, lo, width
@@ -240,7 +240,7 @@ class HistogramObserver(MinMaxObserver):
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = super().range()
         assert self.counts is not None and self.h_lo is not None and self.h_width is not None
-        centers = self.h_lo[:, None] + self.h_width[:, None] * (torch.arange(self.bins) + 0.5)
+        centers = self.h_lo[:, None] + self.h_width[:, None] * (torch.arange(self.bins, device=self.h_lo.device) + 0.5)
         counts = self.counts
         qd = self.qd
 

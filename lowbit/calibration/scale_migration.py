@@ -268,9 +268,13 @@ def _private_param(graph: Graph, node: Node, index: int, users: dict[int, list[N
 
 
 def apply_scale(graph: Graph, site: MigrationSite, s: torch.Tensor) -> None:
-    """Divide the site's producer by ``s`` and multiply its consumers' input columns by ``s`` (in place)."""
+    """Divide the site's producer by ``s`` and multiply its consumers' input columns by ``s`` (in place).
+
+    ``s`` may live on another device (a scale found on the GPU): the params keep their own device.
+    """
     if s.dim() != 1 or s.numel() != site.channels:
         raise MigrationError(f"{site.name}: scale has {s.numel()} entries, the producer has {site.channels} channels")
+    s = s.to(site.consumers[0].args[1].data.device)
     users = graph.users()
     p = site.producer
     if site.kind == "norm":

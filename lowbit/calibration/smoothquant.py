@@ -32,6 +32,7 @@ def smoothquant_scale(
     With ``expand`` (GQA ``v→o``: input column j carries producer channel ``expand[j]``), statistics of the
     columns sharing a channel are pooled by max and ``s`` has the producer's length. Channels that never fire
     or whose weights are all zero keep ``s = 1``; scales are clamped to ``≥ min_scale``, never 0 or NaN.
+    ``s`` is computed on ``act_absmax``'s device (the weights are moved there).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"SmoothQuant: alpha must be in [0, 1], got {alpha}")
@@ -42,11 +43,14 @@ def smoothquant_scale(
         if w.dim() != 2 or w.shape[1] != k:
             raise ValueError(f"SmoothQuant: weight of shape {tuple(w.shape)} does not read an input of size {k}")
     a = act_absmax.double().reshape(-1)
-    wmax = torch.stack([w.detach().abs().double().amax(0) for w in weights]).amax(0)
+    dev = a.device
+    wmax = torch.stack([w.detach().to(dev).abs().double().amax(0) for w in weights]).amax(0)
     if expand is not None:
+        expand = expand.to(dev)
         n = int(expand.max()) + 1
-        a = torch.zeros(n, dtype=torch.float64).scatter_reduce(0, expand, a, "amax", include_self=False)
-        wmax = torch.zeros(n, dtype=torch.float64).scatter_reduce(0, expand, wmax, "amax", include_self=False)
+        a = torch.zeros(n, dtype=torch.float64, device=dev).scatter_reduce(0, expand, a, "amax", include_self=False)
+        wmax = torch.zeros(n, dtype=torch.float64, device=dev).scatter_reduce(0, expand, wmax, "amax",
+                                                                                include_self=False)
     s = a.pow(alpha) / wmax.pow(1.0 - alpha)
     ok = (a > 0) & (wmax > 0) & torch.isfinite(s)
     s = torch.where(ok, s, torch.ones_like(s)).clamp(min=min_scale)
@@ -69,12 +73,15 @@ def int8_output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch
     """Summed squared output error of W8A8 (per-channel W, per-token A) linears after smoothing with ``s``.
 
     ``refs`` are the float outputs ``x·Wᵀ`` when the caller already has them (a search over many ``s``).
+    Computed on ``x``'s device.
     """
-    full = s if expand is None else s[expand]
+    s = s.to(x.device)
+    full = s if expand is None else s[expand.to(x.device)]
     xs = x.float() / full
     xq = _int8_per_token(xs)
     err = 0.0
     for i, w in enumerate(weights):
+        w = w.to(x.device)
         ref = refs[i] if refs is not None else x.float() @ w.float().t()
         out = xq @ _int8_per_channel(w.float() * full).t()
         err += float((out - ref).double().pow(2).sum())
@@ -88,13 +95,17 @@ def search_alpha(
     alphas: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
     expand: torch.Tensor | None = None,
 ) -> tuple[float, torch.Tensor, dict[str, float]]:
-    """The α (and its ``s``) with the smallest W8A8 output error on ``x_sample``; α = 0 (no smoothing) competes too."""
+    """The α (and its ``s``) with the smallest W8A8 output error on ``x_sample``; α = 0 (no smoothing) competes too.
+
+    Runs on ``x_sample``'s device; ``s`` is returned there."""
     results: dict[str, float] = {}
+    weights = [w.to(x_sample.device) for w in weights]
+    act_absmax = act_absmax.to(x_sample.device)
     refs = [x_sample.float() @ w.float().t() for w in weights]
     best: tuple[float, float, torch.Tensor] | None = None
     for alpha in (0.0, *alphas):
         s = smoothquant_scale(act_absmax, weights, alpha, expand) if alpha > 0 else \
-            torch.ones(act_absmax.numel() if expand is None else int(expand.max()) + 1)
+            torch.ones(act_absmax.numel() if expand is None else int(expand.max()) + 1, device=x_sample.device)
         err = int8_output_error(x_sample, weights, s, expand, refs)
         results[f"{alpha:g}"] = err
         if best is None or err < best[1]:

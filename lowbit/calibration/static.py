@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, load_tokenizer
-from lowbit.calibration.engine import BlockRun, batches_from_ids, run, split_stages
+from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, graph_tokenizer
+from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages
 from lowbit.calibration.observers import Observer, make_observer
 from lowbit.ir.graph import Graph, Node, TensorType, Value
 from lowbit.ir.qscheme import QScheme
@@ -50,20 +50,23 @@ def insert_static_qdq(graph: Graph, x: Value, readers: list[Node], scheme: QSche
 
 def calibrate_static_inputs(graph: Graph, targets: list[tuple[Node, QScheme]], *,
                             text: str = DEFAULT_CALIBRATION_TEXT, n: int = 32, seq_len: int = 512,
-                            tokenizer: Any = "smollm2", observer: str | None = None,
-                            ids: torch.Tensor | None = None, progress: bool = True) -> dict[str, Any]:
+                            tokenizer: Any = None, observer: str | None = None,
+                            ids: torch.Tensor | None = None, progress: bool = True,
+                            device: str | torch.device | None = None) -> dict[str, Any]:
     """Give each target linear's input a static QDQ calibrated on ``n × seq_len`` tokens of ``text``.
 
-    ``observer`` overrides the schemes' observer; ``ids`` (``[N, L]``) replaces the text when given.
+    ``observer`` overrides the schemes' observer; ``ids`` (``[N, L]``) replaces the text when given. ``device``
+    is where the engine and the observers run; the scales are stored beside the graph's params.
     """
     if ids is None:
-        tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        tok = graph_tokenizer(graph, tokenizer) if tokenizer is None or isinstance(tokenizer, str) else tokenizer
         ids = calibration_ids(text, tok, n, seq_len)
     groups: dict[tuple[int, QScheme], list[Node]] = {}
     for node, scheme in targets:
         groups.setdefault((id(node.args[0]), scheme), []).append(node)
     by_reader: dict[int, tuple[int, QScheme]] = {id(r): key for key, rs in groups.items() for r in rs}
     observers: dict[tuple[int, QScheme], Observer] = {}
+    home = home_device(graph)
     done: set[tuple[int, QScheme]] = set()
 
     def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
@@ -87,7 +90,8 @@ def calibrate_static_inputs(graph: Graph, targets: list[tuple[Node, QScheme]], *
             scheme = key[1]
             # static layouts are per-tensor or per-channel (last dim): only the channel count matters
             scale, zp = obs.qparams([1] * (x.tensor_type.rank - 1) + [int(x.tensor_type.shape[-1])])
-            insert_static_qdq(graph, x, readers, scheme, obs.layout, scale, zp)
+            insert_static_qdq(graph, x, readers, scheme, obs.layout, scale.to(home),
+                              None if zp is None else zp.to(home))
             done.add(key)
             changed = True
         return changed
@@ -96,7 +100,7 @@ def calibrate_static_inputs(graph: Graph, targets: list[tuple[Node, QScheme]], *
     suffix = [st for st in split_stages(graph) if st.kind == "suffix"]
     needs_suffix = bool(suffix) and any(id(n) in {id(m) for m in suffix[0].nodes} for n, _ in targets)
     report = run(graph, batches_from_ids(graph, ids), on_node=on_node, on_block=on_block,
-                 run_suffix=needs_suffix, progress=progress)
+                 run_suffix=needs_suffix, progress=progress, device=device)
     missing = [groups[k][0] for k in groups if k not in done]
     if missing:
         names = ", ".join(f"%{n.name} ({n.module})" for n in missing[:5])

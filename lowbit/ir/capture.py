@@ -24,6 +24,15 @@ from torch.utils import _pytree as pytree
 from lowbit.ir.graph import Graph, Node, SymType, Symbol, TensorType, Value, ValueType
 
 
+
+def _finite_int(bound: Any) -> int | None:
+    """A range bound as an int, or None where it is unbounded (sympy ``oo`` or torch's ``int_oo``)."""
+    try:
+        return int(bound)
+    except (OverflowError, TypeError, ValueError, AttributeError):
+        return None
+
+
 class CaptureError(RuntimeError):
     """The model could not be captured; the message says where and what to try."""
 
@@ -121,8 +130,8 @@ class _Converter:
             new = sympy.Symbol(f"s{i}", integer=True, positive=True)
             self.sym_names[s] = new
             rng = self.ep.range_constraints.get(s)
-            lo = int(rng.lower) if rng is not None and rng.lower.is_finite else None
-            hi = int(rng.upper) if rng is not None and rng.upper.is_finite else None
+            lo = _finite_int(rng.lower) if rng is not None else None
+            hi = _finite_int(rng.upper) if rng is not None else None
             self.graph.symbols[str(new)] = Symbol(str(new), lo, hi, hints.get(s))
 
     def dim(self, d: Any) -> int | str:

@@ -29,8 +29,8 @@ from typing import Any, Literal
 import torch
 
 from lowbit.calibration.awq import awq_search_clip, awq_search_scale, scaled_hessian
-from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, load_tokenizer
-from lowbit.calibration.engine import BlockRun, batches_from_ids, run, split_stages
+from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, graph_tokenizer
+from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages
 from lowbit.calibration.gptq import HessianAccumulator, gptq_quantize, quantize_with, weight_qparams
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites, site_for
 from lowbit.ir.graph import Graph, Node
@@ -38,7 +38,7 @@ from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, ModuleRule, QScheme, QuantConf
 from lowbit.ir.quant import get_qdtype, pack_int4
 from lowbit.passes.base import Pass, PassError, PassOptions, PassResult, register_pass
 from lowbit.passes.fold_norms import private_weight
-from lowbit.passes.insert_qdq import WeightPlan, plan, quantize_graph
+from lowbit.passes.insert_qdq import WeightPlan, calibration_device, plan, quantize_graph
 
 __all__ = ["WeightCalibrationOptions", "GPTQOptions", "GPTQ", "calibrate_weights", "SITE_KINDS"]
 
@@ -63,11 +63,16 @@ class WeightCalibrationOptions(PassOptions):
     calib_n: int = 64
     """Calibration sequences (the shipped text has 117 windows of 512; give a longer file for more)."""
     calib_len: int = 512
-    tokenizer: str = "smollm2"
+    tokenizer: str | None = None
+    """Tokenizer of the calibration text (``smollm2``, ``minilm`` or a HF tokenizer directory); unset: the one
+    ``compile_model`` loaded with the model, else SmolLM2's."""
     batch_size: int = 8
     """Sequences per calibration batch (the engine runs each block on one batch at a time)."""
     progress: bool = True
     """Show the calibration engine's per-block progress bar."""
+    device: str | None = None
+    """Where calibration runs (``cuda``: block runs, Hessians and rounding on the GPU); unset: where the params
+    are. The graph's params stay on their device either way."""
 
 
 class GPTQOptions(WeightCalibrationOptions):
@@ -195,7 +200,9 @@ def _emit(graph: Graph, results: list[_Result], pass_name: str) -> tuple[int, in
 
 
 def _round_group(graph: Graph, g: _Group, r: _Rounding, h: torch.Tensor, st: _Stats) -> list[_Result]:
-    """Quantize the (already scaled) weights of one group; (plan, codes, scale, zero point, dequantized) each."""
+    """Quantize the (already scaled) weights of one group; (plan, codes, scale, zero point, dequantized) each.
+
+    The rounding runs on ``h``'s device (the calibration device); the results go back to each weight's device."""
     t0 = time.perf_counter()
     out = []
     # Linears with one scheme and group share a GPTQ call on their stacked rows (identical to separate calls).
@@ -204,7 +211,7 @@ def _round_group(graph: Graph, g: _Group, r: _Rounding, h: torch.Tensor, st: _St
         buckets.setdefault((wp.scheme, wp.group), []).append(wp)
     for (scheme, group), wps in buckets.items():
         ws = [wp.node.args[1].data for wp in wps]
-        w = torch.cat([x.float() for x in ws], 0)
+        w = torch.cat([x.float() for x in ws], 0).to(h.device)
         qd = get_qdtype(scheme.qdtype)
         qparams = None
         if r.clip:
@@ -221,6 +228,9 @@ def _round_group(graph: Graph, g: _Group, r: _Rounding, h: torch.Tensor, st: _St
         else:
             scale, zp = qparams if qparams is not None else weight_qparams(w, qd, scheme.symmetric, group)
             q, deq = quantize_with(w, scale, zp, qd, group)
+        home = ws[0].device
+        q, scale, deq = q.to(home), scale.to(home), deq.to(home)
+        zp = None if zp is None else zp.to(home)
         row = 0
         for wp, x in zip(wps, ws):
             n = x.shape[0]
@@ -234,6 +244,7 @@ def _round_group(graph: Graph, g: _Group, r: _Rounding, h: torch.Tensor, st: _St
 def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, pass_name: str) -> dict[str, Any]:
     """Run the calibration engine over ``graph`` and quantize every target linear, block by block."""
     t_start = time.perf_counter()
+    device = calibration_device(o.device, pass_name)
     cfg, _ = _config(o, pass_name)
     extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
     try:
@@ -262,7 +273,7 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
 
     def round_in_flight(g: _Group, x: torch.Tensor) -> None:
         """All sequences' input of the group is here and its linears have not run: quantize them now."""
-        acc = HessianAccumulator(int(x.shape[-1]))
+        acc = HessianAccumulator(int(x.shape[-1]), device=x.device)
         acc.add(x)
         g.pending = _round_group(graph, g, r, acc.hessian, st)
         for wp, *_, deq in g.pending:  # the block's run continues with the quantized weights
@@ -282,7 +293,7 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
             return
         x = args[0]  # two-pass (or an input from an earlier stage): statistics now, rounding at the block's end
         if g.acc is None:
-            g.acc = HessianAccumulator(int(x.shape[-1]))
+            g.acc = HessianAccumulator(int(x.shape[-1]), device=x.device)
         g.acc.add(x)
 
     def on_block(ctx: BlockRun) -> bool:
@@ -301,7 +312,7 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
                     g.plans[0].group, g.plans[0].scheme.symmetric, n_grid=r.n_grid,
                     duo={"x": False, "xw": True, "both": None}[r.scales], expand=g.site.expand)
                 apply_scale(graph, g.site, found.scale)
-                full = found.scale if g.site.expand is None else found.scale[g.site.expand]
+                full = found.scale if g.site.expand is None else found.scale[g.site.expand.to(found.scale.device)]
                 h = scaled_hessian(h, full)
                 st.scaled_groups += 1
                 st.alphas.append(found.alpha)
@@ -322,7 +333,7 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
         # Rounded in flight, the block already ran with its quantized weights: its outputs stand.
         return bool(ready)
 
-    tok = load_tokenizer(o.tokenizer)
+    tok = graph_tokenizer(graph, o.tokenizer)
     try:
         ids = calibration_ids(o.calib, tok, o.calib_n, o.calib_len)
     except (ValueError, FileNotFoundError) as exc:
@@ -338,7 +349,7 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
     batch_size = int(ids.shape[0]) if r.single_pass else (static_batch if isinstance(static_batch, int)
                                                           else o.batch_size)
     report = run(graph, batches_from_ids(graph, ids, batch_size), on_node=on_node, on_block=on_block,
-                 run_suffix=any(id(wp.node) in in_suffix for wp in p.weights), progress=o.progress)
+                 run_suffix=any(id(wp.node) in in_suffix for wp in p.weights), progress=o.progress, device=device)
     missing = [g.plans[0].node for g in groups.values() if not g.done]
     if missing:
         names = ", ".join(f"%{n.name} ({n.module})" for n in missing[:5])
@@ -353,6 +364,7 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
         "quantized_weight_bytes_before": st.bytes_before,
         "quantized_weight_bytes_after": st.bytes_after,
         "peak_cached_mb": round(report.peak_cached_bytes / 2**20, 1),
+        "device": str(device or home_device(graph)),
     }
     if r.method == "gptq":
         stats.update(gptq_loss=round(st.gptq_loss, 4), damp_raised=st.damp_raised, dead_columns=st.dead_columns,

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError
 
+from lowbit.calibration.engine import CalibrationError, resolve_device
 from lowbit.calibration.observers import make_observer
 from lowbit.ir.graph import Graph, Node, TensorType, Value
 from lowbit.ir.qscheme import (
@@ -109,8 +110,20 @@ class InsertQDQOptions(PassOptions):
     """Static activations: calibration text (a shipped text name or any file path)."""
     calib_n: int = Field(default=32, ge=1)
     calib_len: int = Field(default=512, ge=2)
-    tokenizer: str = "smollm2"
-    """Static activations: tokenizer for the calibration text (``smollm2`` or a HF tokenizer directory)."""
+    tokenizer: str | None = None
+    """Static activations: tokenizer of the calibration text (``smollm2``, ``minilm`` or a HF tokenizer
+    directory); unset: the one ``compile_model`` loaded with the model, else SmolLM2's."""
+    device: str | None = None
+    """Static activations: where calibration runs (``cuda``); unset: where the params are. Scales stay beside
+    the params either way."""
+
+
+def calibration_device(device: str | None, pass_name: str) -> torch.device | None:
+    """A calibrating pass's ``device`` option as a torch device (None: where the params are), or a PassError."""
+    try:
+        return resolve_device(device)
+    except CalibrationError as exc:
+        raise PassError(f"pass {pass_name}: option device={device!r}: {exc}") from None
 
 
 def config_from_options(o: InsertQDQOptions) -> QuantConfig:
@@ -620,7 +633,7 @@ class InsertQDQ(Pass):
             raise PassError("pass quantize: nothing to quantize: set w=, a= or kv= (e.g. quantize(w=int4,group=64)) "
                             "or config=path.json")
         calibration = {"text": o.calib, "n": o.calib_n, "seq_len": o.calib_len, "tokenizer": o.tokenizer,
-                       "observer": o.a_obs}
+                       "observer": o.a_obs, "device": calibration_device(o.device, self.name)}
         extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
         stats = quantize_graph(graph, cfg, group_fallback=o.group_fallback, calibration=calibration,
                                extra_patterns=extra)

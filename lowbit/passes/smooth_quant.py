@@ -15,18 +15,20 @@ the embedding (smoothing it would duplicate 28M parameters).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, load_tokenizer
+from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, graph_tokenizer
 from lowbit.calibration.engine import BlockRun, batches_from_ids, run
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites
 from lowbit.calibration.smoothquant import search_alpha, smoothquant_scale
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
 from lowbit.passes.base import Pass, PassError, PassOptions, PassResult, register_pass
+from lowbit.passes.insert_qdq import calibration_device
 
 __all__ = ["SmoothQuant", "SmoothQuantOptions"]
 
@@ -43,14 +45,22 @@ class SmoothQuantOptions(PassOptions):
     attention-v (v_proj → o_proj)."""
     keep: list[str] = []
     """Extra module globs not smoothed (added to the default lm_head and embeddings)."""
+    require_sites: bool = True
+    """False: a graph with no place to fold scales (a post-norm encoder such as MiniLM, whose norms also feed
+    the residual) is left as it is, with a warning and ``sites: 0`` in the stats, instead of an error. Recipes
+    set it so that ``w8a8`` runs on any model."""
     samples: int = 4096
     """Search: tokens kept per site (evenly spread over the calibration batches)."""
     calib: str = DEFAULT_CALIBRATION_TEXT
     calib_n: int = 32
     calib_len: int = 512
-    tokenizer: str = "smollm2"
+    tokenizer: str | None = None
+    """Tokenizer of the calibration text (``smollm2``, ``minilm`` or a HF tokenizer directory); unset: the one
+    ``compile_model`` loaded with the model, else SmolLM2's."""
     batch_size: int = 8
     progress: bool = True
+    device: str | None = None
+    """Where calibration runs (``cuda``); unset: where the params are. The folded scales land beside the params."""
 
 
 @dataclass
@@ -71,6 +81,7 @@ class SmoothQuant(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         o: SmoothQuantOptions = self.options  # type: ignore[assignment]
+        device = calibration_device(o.device, self.name)
         if not 0.0 <= o.alpha <= 1.0:
             raise PassError(f"pass smooth-quant: option alpha={o.alpha} must be in [0, 1]")
         bad = sorted(set(o.sites) - set(SITE_KINDS))
@@ -84,7 +95,11 @@ class SmoothQuant(Pass):
         sites = [s for s in find_sites(graph, o.sites)
                  if not any(module_matches(c.module, p) for c in s.consumers for p in keep)]
         if not sites:
-            raise PassError(f"pass smooth-quant: no place to fold scales ({', '.join(o.sites)}) in this graph")
+            message = f"pass smooth-quant: no place to fold scales ({', '.join(o.sites)}) in this graph"
+            if o.require_sites:
+                raise PassError(message + " (require_sites=false leaves such a graph unchanged)")
+            warnings.warn(message + "; left unchanged (require_sites=false)", stacklevel=2)
+            return PassResult(False, {"sites": 0, "skipped": message})
         t0 = time.perf_counter()
         stats_of = {id(s.consumers[0]): _SiteStats(s) for s in sites}
         per_batch = 1  # tokens sampled per batch and site; set once the batches are known
@@ -115,7 +130,7 @@ class SmoothQuant(Pass):
                 ss.done, ss.sample = True, []
             return False  # exact: the block's outputs do not change
 
-        tok = load_tokenizer(o.tokenizer)
+        tok = graph_tokenizer(graph, o.tokenizer)
         try:
             ids = calibration_ids(o.calib, tok, o.calib_n, o.calib_len)
         except (ValueError, FileNotFoundError) as exc:
@@ -123,7 +138,7 @@ class SmoothQuant(Pass):
         static_batch = graph.inputs[0].tensor_type.shape[0] if len(graph.inputs) == 1 else None
         batches = batches_from_ids(graph, ids, static_batch if isinstance(static_batch, int) else o.batch_size)
         per_batch = max(1, o.samples // len(batches))
-        report = run(graph, batches, on_node=on_node, on_block=on_block, progress=o.progress)
+        report = run(graph, batches, on_node=on_node, on_block=on_block, progress=o.progress, device=device)
         missing = [ss.site.name for ss in stats_of.values() if not ss.done]
         if missing:
             raise PassError(f"pass smooth-quant: calibration never reached the site(s) {', '.join(missing[:5])}")

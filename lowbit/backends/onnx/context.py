@@ -65,9 +65,11 @@ class LoweringOptions:
     ``accuracy_level``: MatMulNBits' activation compute type; 0 keeps float activations (exact parity
     with the reference), 4 lets ORT quantize activations to int8 per block (faster, not bit-comparable).
     ``integer_matmul``: a linear between int8 Q/DQ (symmetric, per-tensor or per-token activations,
-    per-channel or per-tensor weights) becomes ``MatMulInteger`` on uint8 codes (q + 128, zero point 128)
-    and int8 weights, then the two scales: the same sum, in integers. ONNX Runtime's CPU GEMM for that is
-    several times faster than float; TensorRT does not take MatMulInteger, so ``"onnx"`` exports keep QDQ.
+    per-channel or per-tensor weights) becomes ``com.microsoft::MatMulIntegerToFloat`` on uint8 codes
+    (q + 128, zero point 128) and int8 weights, with both scales as its inputs (weight scales in the GEMM's
+    epilogue, a per-token activation scale applied in the same kernel): the same sum, in integers.
+    ONNX Runtime's u8·s8 CPU GEMM is several times faster than float; TensorRT takes neither op, so
+    ``"onnx"`` exports keep QDQ.
     """
 
     opset: int = 21

@@ -393,7 +393,7 @@ def _zero_free(zp: Any) -> bool:
 
 
 def _integer_linear(ctx: LoweringContext, linear: Node) -> ir.Value | None:
-    """``linear(DQ(Q(x)), DQ(W))`` with int8 codes as ``MatMulInteger`` + the scales (see ``integer_matmul``)."""
+    """``linear(DQ(Q(x)), DQ(W))`` with int8 codes as an integer GEMM + the scales (see ``integer_matmul``)."""
     if not ctx.options.integer_matmul:
         return None
     x, w = linear.args[0], linear.args[1]
@@ -401,7 +401,11 @@ def _integer_linear(ctx: LoweringContext, linear: Node) -> ir.Value | None:
     if dqx is None or dqw is None or not _params(dqw) or ctx.dtype(x) != torch.float32:
         return None
     qx = _producer(dqx.args[0], "quantize")
-    if qx is None or _qdtype(dqx).name != "int8" or _qdtype(dqw).name != "int8" or _qdtype(qx).name != "int8":
+    if qx is None or _qdtype(dqw).name != "int8":
+        return None
+    if _qdtype(qx).name == "uint8" and _qdtype(dqx).name == "uint8":
+        return _dynamic_u8_linear(ctx, qx, dqx, dqw)
+    if _qdtype(dqx).name != "int8" or _qdtype(qx).name != "int8":
         return None
     zx = qx.args[2] if len(qx.args) > 2 else qx.kwargs.get("zero_point")
     zw = dqw.args[2] if len(dqw.args) > 2 else dqw.kwargs.get("zero_point")
@@ -426,14 +430,52 @@ def _integer_linear(ctx: LoweringContext, linear: Node) -> ir.Value | None:
         return ctx.op("QuantizeLinear", [ctx.tensor(x0, torch.float32), s, zp], _qdq_attrs(qx, kind_x, ctx.rank(x0)))
 
     q_u8 = ctx.derived(("u8-codes", id(qx)), codes)
-    wq = dqw.args[0]
+    w_t = _int8_weight_t(ctx, dqw.args[0])
+    # ORT's MatMulIntegerToFloat applies the weight scales (per column) in the GEMM's epilogue and a per-row
+    # activation scale ([.., S, 1], per token) to its output inside the same kernel — (acc · s_w) · s_x, the
+    # rounding order of the reference's DQ·DQ product; a per-tensor activation scale joins the epilogue
+    return ctx.op("MatMulIntegerToFloat", [q_u8, w_t, _scale(ctx, dqx.args[1], kind_x),
+                                           _scale(ctx, dqw.args[1], kind_w),
+                                           ctx.const(np.uint8(_U8_OFFSET), ir.DataType.UINT8)],
+                  domain="com.microsoft")
+
+
+def _int8_weight_t(ctx: LoweringContext, wq: Value) -> ir.Value:
+    """The transposed ``[K, N]`` INT8 initializer of an int8 weight (one per weight, shared by its readers)."""
     n_k = list(_logical_shape(wq, get_qdtype("int8")))
-    w_t = ctx.derived(("i8T", id(wq)), lambda: ctx.initializer(wq.name + ".T", ir.LazyTensor(
+    return ctx.derived(("i8T", id(wq)), lambda: ctx.initializer(wq.name + ".T", ir.LazyTensor(
         lambda: _weight_tensor(wq.name + ".T", wq, get_qdtype("int8"), ir.DataType.INT8, True),
         dtype=ir.DataType.INT8, shape=ir.Shape(n_k[::-1]), name=wq.name + ".T")))
-    acc = ctx.op("MatMulInteger", [q_u8, w_t, ctx.const(np.uint8(_U8_OFFSET), ir.DataType.UINT8)])
-    y = ctx.op("Mul", [ctx.op("Cast", [acc], {"to": ir.DataType.FLOAT}), _scale(ctx, dqx.args[1], kind_x)])
-    return ctx.op("Mul", [y, _scale(ctx, dqw.args[1], kind_w)])
+
+
+def _dynamic_u8_linear(ctx: LoweringContext, qx: Node, dqx: Node, dqw: Node) -> ir.Value | None:
+    """``linear(DQ(Q(x, s, zp)), DQ(W8))`` where ``s, zp = dynamic_qparams(x, uint8, per_tensor, asymmetric)``:
+    ONNX's ``DynamicQuantizeLinear(x)`` + ``com.microsoft::MatMulIntegerToFloat`` with its scale and zero point.
+
+    DynamicQuantizeLinear is exactly that quantizer: scale = (max(0, max x) - min(0, min x)) / 255,
+    zp = saturate(round(-min(0, min x) / scale)), y = saturate(round(x / scale) + zp), both rounds half to even
+    — ``lowbit.ir.quant.qparams_from_range`` for uint8 asymmetric (``qmin - lo / scale`` with ``qmin = 0``),
+    except for an all-zero tensor, where lowbit's scale is ``SCALE_EPS`` (every code is zp = 0 either way).
+    It is ONNX Runtime's ``quantize_dynamic`` scheme: ORT fuses a DynamicQuantizeLinear read by one GEMM
+    into ``DynamicQuantizeMatMul`` and shares one read by several (q/k/v) among MatMulIntegerToFloats.
+    """
+    x0, sx = qx.args[0], qx.args[1]
+    zx = qx.args[2] if len(qx.args) > 2 else qx.kwargs.get("zero_point")
+    dzx = dqx.args[2] if len(dqx.args) > 2 else dqx.kwargs.get("zero_point")
+    p = _producer(sx, "dynamic_qparams")
+    if (p is None or dqx.args[1] is not sx or zx is None or dzx is not zx or p.outputs[0] is not sx
+            or p.outputs[1] is not zx or p.args[0] is not x0 or _qdtype(p).name != "uint8"
+            or p.kwargs.get("granularity") != "per_tensor" or bool(p.kwargs.get("symmetric", True))
+            or _granularity(qx, x0, sx) != "tensor" or ctx.dtype(x0) != torch.float32):
+        return None
+    zw = dqw.args[2] if len(dqw.args) > 2 else dqw.kwargs.get("zero_point")
+    kind_w = _granularity(dqw, dqw.args[0], dqw.args[1])
+    if not _zero_free(zw) or kind_w == "block" or (kind_w == "axis" and _axis(dqw, 2) != 0):
+        return None
+    y = ctx.derived(("dql", id(p)), lambda: ctx.op("DynamicQuantizeLinear", [ctx.v(x0)], num_outputs=3)[0])
+    _, s, zp = y.producer().outputs
+    return ctx.op("MatMulIntegerToFloat", [y, _int8_weight_t(ctx, dqw.args[0]), s, _scale(ctx, dqw.args[1], kind_w),
+                                           zp], domain="com.microsoft")
 
 
 LINEAR_FORMS.append(_integer_linear)
@@ -477,6 +519,7 @@ def _dynamic_qparams(ctx: LoweringContext, node: Node) -> list[ir.Value]:
     layout = dynamic_layout([d if isinstance(d, int) else -1 for d in shape], granularity,
                             node.kwargs.get("axis", -1), block_size)
     xv = ctx.tensor(x, torch.float32)
+    absmax: ir.Value | None = None
     if layout.axis is None:
         lo = ctx.op("ReduceMin", [xv], {"keepdims": 0})
         hi = ctx.op("ReduceMax", [xv], {"keepdims": 0})
@@ -486,6 +529,8 @@ def _dynamic_qparams(ctx: LoweringContext, node: Node) -> list[ir.Value]:
             axes = [d for d in range(rank) if d != axis]
             lo = ctx.op("ReduceMin", [xv, ctx.ints(axes)], {"keepdims": 0}) if axes else xv
             hi = ctx.op("ReduceMax", [xv, ctx.ints(axes)], {"keepdims": 0}) if axes else xv
+        elif symmetric or qd.is_float:  # per-token, symmetric: max|x| is max(|min|, |max|), in one reduction
+            absmax = ctx.op("ReduceMax", [ctx.op("Abs", [xv]), ctx.ints([-1])], {"keepdims": 1})
         else:  # per-token over the whole row: one block along the last axis
             lo = ctx.op("ReduceMin", [xv, ctx.ints([-1])], {"keepdims": 1})
             hi = ctx.op("ReduceMax", [xv, ctx.ints([-1])], {"keepdims": 1})
@@ -497,7 +542,7 @@ def _dynamic_qparams(ctx: LoweringContext, node: Node) -> list[ir.Value]:
     if symmetric or qd.is_float:
         if qd.is_float and not symmetric:
             raise NotLowerable(f"{qd.name} is symmetric only")
-        amax = ctx.op("Max", [ctx.op("Abs", [lo]), ctx.op("Abs", [hi])])
+        amax = ctx.op("Max", [ctx.op("Abs", [lo]), ctx.op("Abs", [hi])]) if absmax is None else absmax
         scale = ctx.op("Max", [ctx.op("Div", [amax, ctx.const(qd.qmax, f32)]), eps])
         zp = ctx.op("ConstantOfShape", [ctx.op("Shape", [scale])],
                     {"value": ir.tensor(np.zeros(1, dtype=np.float32).astype(to_onnx_dtype(qd.container).numpy()))})
