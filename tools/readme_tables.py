@@ -21,7 +21,7 @@ PREFERRED = ["model", "scheme", "method", "variant", "eval", "value", "float_val
              "pass_seconds", "seconds", "pipeline"]
 """Columns shown, in order; other keys stay in the JSON (command lines, byte counts, per-run notes)."""
 COLUMNS = {
-    "onnx": ["variant", "scheme", "format", "value", "ppl_ratio", "latency_ms", "latency_ms_min", "file_mb",
+    "onnx": ["run", "variant", "scheme", "format", "value", "ppl_ratio", "latency_ms", "latency_ms_min", "file_mb",
              "parity_rel", "tensorrt_qdq_errors", "tensorrt_qdq_rules", "onnx_ops"],
 }
 """Per results file: its own columns, in order, instead of ``PREFERRED``."""
@@ -78,7 +78,7 @@ def table(path: Path, filters: str = "") -> str:
         keys.append("device")
     if path.stem in SORT:
         rows = sorted(rows, key=lambda r: _sort_key(r, SORT[path.stem]))
-    commands = sorted({r["command"] for r in rows if r.get("command")}) or [data.get("command", "")]
+    commands = sorted({r.get("command") or data.get("command", "") for r in rows}) or [data.get("command", "")]
     dates = sorted({r.get("date", data.get("date", "")) for r in rows})
     lines = [f"Source: `{path.relative_to(ROOT)}` — " + "; ".join(f"`{c}`" for c in commands)
              + f" ({', '.join(dates)}, {'; '.join(sorted(d for d in devices if d)) or 'per row'})", "",

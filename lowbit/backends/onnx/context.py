@@ -68,7 +68,11 @@ class LoweringOptions:
     per-channel or per-tensor weights) becomes ``com.microsoft::MatMulIntegerToFloat`` on uint8 codes
     (q + 128, zero point 128) and int8 weights, with both scales as its inputs (weight scales in the GEMM's
     epilogue, a per-token activation scale applied in the same kernel): the same sum, in integers.
-    ONNX Runtime's u8·s8 CPU GEMM is several times faster than float; TensorRT takes neither op, so
+    Per-tensor dynamic asymmetric uint8 activations (``quantize(a=uint8,a_gran=per_tensor,a_sym=false)``,
+    ONNX Runtime ``quantize_dynamic``'s scheme) become ONNX's ``DynamicQuantizeLinear`` — the same scale,
+    zero point and codes as lowbit's ``dynamic_qparams`` — feeding MatMulIntegerToFloat its codes, scale and
+    zero point (ORT fuses a single reader into ``DynamicQuantizeMatMul``).
+    ONNX Runtime's u8·s8 CPU GEMM is several times faster than float; TensorRT takes none of these ops, so
     ``"onnx"`` exports keep QDQ.
     """
 
