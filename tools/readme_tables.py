@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PREFERRED = ["model", "scheme", "method", "variant", "eval", "value", "float_value", "ratio", "min_cos", "backend", "format",
              "kernel", "M", "K", "N", "us", "baseline", "baseline_us", "speedup", "latency_ms", "param_mb", "calib",
-             "pass_seconds", "seconds", "pipeline"]
+             "pass_seconds", "seconds", "cpu_seconds", "load_avg_before", "pipeline"]
 """Columns shown, in order; other keys stay in the JSON (command lines, byte counts, per-run notes)."""
 COLUMNS = {
     "onnx": ["run", "variant", "scheme", "format", "value", "ppl_ratio", "latency_ms", "latency_ms_min", "file_mb",
