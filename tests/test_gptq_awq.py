@@ -431,3 +431,20 @@ def test_weight_pass_bad_options(smollm2_slice_f64):
     with pytest.raises(PipelineError, match="sites: unknown"):
         PassManager("smooth-quant(sites=[bogus],calib_n=2,calib_len=16)").run(graph.clone())
     assert issubclass(PipelineError, Exception) and issubclass(PassError, ValueError)
+
+
+def test_smooth_quant_on_a_post_norm_encoder_errors_or_leaves_it_unchanged(minilm_graph):
+    """MiniLM's LayerNorms also feed the residual: no exact place for SmoothQuant scales. By default the pass
+    says so; with require_sites=false (as the w8a8 recipe runs it) it warns and changes nothing."""
+    from lowbit.ir.printer import print_graph
+    from lowbit.passes.base import PassError
+    from lowbit.passes.smooth_quant import SmoothQuant
+
+    g = minilm_graph.clone()
+    with pytest.raises(PassError, match=r"no place to fold scales .*require_sites=false"):
+        SmoothQuant().run(g)
+    before = print_graph(g)
+    with pytest.warns(UserWarning, match="left unchanged"):
+        result = SmoothQuant(require_sites=False).run(g)
+    assert not result.changed and result.stats["sites"] == 0
+    assert print_graph(g) == before

@@ -250,3 +250,17 @@ def test_gptq_on_post_norm_encoder_beats_rtn_on_real_sentences(minilm, minilm_gr
         cos[name] = embedding_similarity(embedder, TorchCompiled(g), tok, sentences).mean_cos
     assert cos["gptq"] > cos["rtn"] + 0.005, cos
     assert cos["gptq"] > 0.98, cos
+
+
+def test_calibrating_passes_take_the_tokenizer_captured_with_the_model(minilm, minilm_graph, smollm2):
+    """``tokenizer=`` unset: the one compile_model stored in ``graph.meta`` (MiniLM's WordPiece for MiniLM),
+    else SmolLM2's; a name given wins."""
+    from lowbit.calibration.data import graph_tokenizer
+
+    _, minilm_tok = minilm
+    g = minilm_graph.clone()
+    g.meta["tokenizer"] = minilm_tok
+    assert graph_tokenizer(g, None) is minilm_tok
+    assert graph_tokenizer(g, "smollm2").vocab_size == smollm2[1].vocab_size != minilm_tok.vocab_size
+    g.meta.pop("tokenizer")
+    assert graph_tokenizer(g, None).vocab_size == smollm2[1].vocab_size
