@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_io import machine, merge_rows
 
 CALIB = "../shared/data/wikitext2_valid_tokenized.txt"
 CAL_N, CAL_LEN = 128, 512
@@ -82,39 +83,6 @@ ROWS: list[tuple[str, str, str, str | None]] = [
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _device(device: str = "cpu") -> str:
-    if torch.device(device).type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-
-
-def _load(out: Path) -> dict:
-    if out.is_file():
-        try:
-            return json.loads(out.read_text())
-        except json.JSONDecodeError:
-            pass
-    return {}
-
-
-def _write(out: Path, header: dict, rows: list[dict]) -> None:
-    old = _load(out).get("rows", [])
-    key = lambda r: (r.get("model"), r.get("scheme"), r.get("method"), r.get("variant"), r.get("eval"),  # noqa: E731
-                     r.get("device"))
-    new_keys = {key(r) for r in rows}
-    merged = [r for r in old if key(r) not in new_keys] + rows
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**header, "rows": merged}, indent=1) + "\n")
 
 
 def peer_main(args: argparse.Namespace) -> None:
@@ -195,7 +163,7 @@ def main() -> None:
     header = {
         "command": "python " + " ".join(sys.argv),
         "date": datetime.date.today().isoformat(),
-        "device": _device(args.device),
+        "device": machine(args.device),
         "versions": {"lowbit": getattr(lowbit, "__version__", "dev"), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
         "notes": ("SmolLM2's shipped weights are Q4_1 (asym, block 32) dequantized: group-32 asymmetric RTN is "
@@ -229,7 +197,7 @@ def main() -> None:
             if not args.no_peers:
                 rows.append(_run_peer(args, method, float_value, header, calib_desc))
                 print(json.dumps(rows[-1]), flush=True)
-                _write(out, header, rows)
+                merge_rows(out, header, rows)
             continue
         pipeline = pipe.format(cal=cal, cal_base=cal_base) if pipe else None
         g = graph.clone()
@@ -252,7 +220,7 @@ def main() -> None:
                    "device": header["device"], "date": header["date"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            _write(out, header, rows)
+            merge_rows(out, header, rows)
             continue
         if scheme == "float":
             float_value = r.ppl
@@ -270,7 +238,7 @@ def main() -> None:
             row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        _write(out, header, rows)
+        merge_rows(out, header, rows)
         del g
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_io import machine, merge_rows
 
 CALIB = "../shared/data/wikitext2_valid_tokenized.txt"
 
@@ -48,8 +49,7 @@ def main() -> None:
     report = PassManager(pipeline).run(graph)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     stats = report.records[0].stats
-    device = (f"cuda: {torch.cuda.get_device_name()}" if args.device and args.device.startswith("cuda")
-              else f"cpu: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    device = machine(args.device or "cpu")
     row = {"model": "smollm2-135m", "scheme": "w4a16-g64", "method": "gptq", "calib": "128x512",
            "pipeline": pipeline, "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
            "seconds_calibration_engine": round(stats.get("seconds_calibration_engine", 0.0), 1),
@@ -58,13 +58,9 @@ def main() -> None:
            "load_avg_after": round(os.getloadavg()[0], 2),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
            "device": device, "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
-    out = Path(args.out)
-    old = json.loads(out.read_text()) if out.is_file() else {}
-    rows = [r for r in old.get("rows", []) if r.get("device") != device] + [row]
     header = {"command": row["command"], "date": row["date"], "device": "per row",
               "versions": {"lowbit": lowbit.__version__, "torch": torch.__version__, "python": platform.python_version()}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
+    merge_rows(Path(args.out), header, [row], key=("model", "scheme", "method", "device"))
     print(json.dumps(row))
 
 

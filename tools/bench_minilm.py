@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import re
 import resource
 import sys
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_io import machine, merge_rows
 
 CALIB = "../shared/data/wikitext2_valid_tokenized.txt"
 
@@ -49,17 +49,6 @@ ROWS: list[tuple[str, str, str, str | None]] = [
 ]
 
 
-def merge_rows(out: Path, header: dict, rows: list[dict]) -> None:
-    """Add ``rows`` to the results file, replacing rows of the same key; an existing header is kept."""
-    old = json.loads(out.read_text()) if out.is_file() else {}
-    key = lambda r: tuple(r.get(k) for k in ("model", "scheme", "method", "variant", "eval", "device"))  # noqa: E731
-    new_keys = {key(r) for r in rows}
-    merged = [r for r in old.get("rows", []) if key(r) not in new_keys] + rows
-    top = {k: v for k, v in old.items() if k != "rows"} or header
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**top, "rows": merged}, indent=1) + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/accuracy.json")
@@ -82,7 +71,7 @@ def main() -> None:
     example = tok(sentences[:2], padding=True, return_tensors="pt")
     graph = capture(model, (example["input_ids"], example["attention_mask"]), dyn)
     today = datetime.date.today().isoformat()
-    device = f"cpu: {platform.machine()}, {torch.get_num_threads()} threads"
+    device = machine()
     header = {"command": "python " + " ".join(sys.argv), "date": today, "device": device,
               "versions": {"lowbit": lowbit.__version__, "torch": torch.__version__,
                            "transformers": __import__("transformers").__version__}}
@@ -111,7 +100,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("scheme", "method", "variant", "value", "min_cos", "pass_seconds")}),
               flush=True)
-        merge_rows(Path(args.out), header, rows)
+        merge_rows(Path(args.out), header, rows, replace_header=False)
 
 
 if __name__ == "__main__":

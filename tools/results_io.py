@@ -1,0 +1,55 @@
+"""What every benchmark under ``tools/`` writes the same way: the machine's name and row merging into
+``bench/results/*.json`` (format: ../shared/RESULTS.md). Imported by the scripts beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+ROW_KEY = ("model", "scheme", "method", "variant", "eval", "device")
+"""Fields that identify a row: a new row replaces an old one with the same values, other rows are kept."""
+
+
+def machine(device: str | torch.device = "cpu") -> str:
+    """``cuda: <GPU name>`` or ``cpu: <CPU model>, <cores> cores, <threads> threads``: a row's ``device``."""
+    if torch.device(device).type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def load_results(out: Path) -> dict:
+    """The results file's content, or ``{}`` when it is missing or not valid JSON."""
+    if out.is_file():
+        try:
+            return json.loads(out.read_text())
+        except json.JSONDecodeError:
+            pass
+    return {}
+
+
+def merge_rows(out: Path, header: dict, rows: list[dict], key: Sequence[str] = ROW_KEY,
+               replace_header: bool = True) -> None:
+    """Write ``rows`` into ``out``, replacing the rows with the same ``key`` values and keeping the others.
+
+    ``replace_header``: the file's top level becomes ``header`` (the newest run's command and versions);
+    False keeps an existing top level (a run that only adds rows of another model)."""
+    old = load_results(out)
+    ident = lambda r: tuple(r.get(k) for k in key)  # noqa: E731
+    new_keys = {ident(r) for r in rows}
+    merged = [r for r in old.get("rows", []) if ident(r) not in new_keys] + rows
+    top = header if replace_header else ({k: v for k, v in old.items() if k != "rows"} or header)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**top, "rows": merged}, indent=1) + "\n")
