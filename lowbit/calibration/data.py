@@ -11,10 +11,11 @@ tokens in all, the form every input of such a model has (position 0 is always CL
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from lowbit.ir.graph import Graph
 
 __all__ = ["calibration_ids", "load_tokenizer", "graph_tokenizer", "DEFAULT_CALIBRATION_TEXT"]
 
@@ -73,10 +74,10 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
 
 
-def graph_tokenizer(graph: Any, name: str | None) -> PreTrainedTokenizerBase:
+def graph_tokenizer(graph: Graph, name: str | None) -> PreTrainedTokenizerBase:
     """The tokenizer a calibrating pass uses: ``name`` if given, else the one ``compile_model`` captured with the
     model (``graph.meta["tokenizer"]``: MiniLM's for MiniLM), else SmolLM2's."""
     if name is not None:
         return load_tokenizer(name)
-    tok = graph.meta.get("tokenizer") if hasattr(graph, "meta") else None
+    tok = graph.meta.get("tokenizer")
     return tok if tok is not None else load_tokenizer("smollm2")
