@@ -44,6 +44,8 @@ _KV2 = "kv=int2,k_group=32,v_group=16,kv_sink=1,kv_window=64"
 # GPTQ settings chosen on SmolLM2 (bench/results/accuracy.json, GPU rows): AWQ scales and clipping first, then
 # GPTQ with act-order and static groups, light damping
 _GPTQ_G64 = "gptq(w=int4,group=64,sym=false,awq=true,clip=true,damp=0.001,n_grid=40)"
+# AutoRound from AWQ's start: the best group-64 int4 weights measured (H100 rows of accuracy.json)
+_AUTOROUND_G64 = "autoround(w=int4,group=64,sym=false,awq=true,clip=true)"
 
 # Measured ratios quoted below: SmolLM2-135M wt2-512x40 perplexity over float, 128 x 512 calibration tokens
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
@@ -56,9 +58,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "DeepSeek-V3's 1x128 tiles): needs a GEMM that rescales per K-group; SmolLM2 1.005x", ("quantize",)),
     Recipe("w8a8-sq", "smooth-quant," + _W8A8,
            "SmoothQuant with a fixed alpha 0.5, then w8a8; SmolLM2 1.017x", ("smooth-quant", "quantize")),
-    Recipe("fp8", "quantize(w=fp8e4m3,a=fp8e4m3)",
-           "fp8 e4m3 weights per output channel + fp8 e4m3 activations per token (dynamic); SmolLM2 1.038x",
-           ("quantize",)),
+    Recipe("fp8", f"{_SQ},gptq(w=fp8e4m3,group=64),quantize(a=fp8e4m3,a_group=64)",
+           "SmoothQuant, fp8 e4m3 weights by GPTQ onto the fp8 grid (one scale per 64 inputs), fp8 e4m3 activations "
+           "with one scale per 64 channels of each token (dynamic); SmolLM2 1.008x (wt2-2048-full 1.012x)",
+           ("smooth-quant", "gptq", "quantize")),
+    Recipe("fp8-rtn", "quantize(w=fp8e4m3,a=fp8e4m3)",
+           "fp8 e4m3 weights per output channel + fp8 e4m3 activations per token (dynamic), no calibration; "
+           "SmolLM2 1.038x", ("quantize",)),
     Recipe("fp8-block", f"{_SQ},quantize(w=fp8e4m3,group=64,a=fp8e4m3,a_group=64)",
            "SmoothQuant + fp8 e4m3 with one scale per 64 inputs for weights and per 64 channels of each token for "
            "activations (block-scaled FP8); SmolLM2 1.018x", ("smooth-quant", "quantize")),
@@ -75,6 +81,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("w4a8", f"{_SQ},{_GPTQ_G64},quantize(a=int8)",
            "SmoothQuant, then int4 weights (group 64, AWQ + GPTQ), then int8 activations per token (dynamic); "
            "SmolLM2 1.114x", ("smooth-quant", "gptq", "quantize")),
+    Recipe("w4a8-autoround", f"{_SQ},{_AUTOROUND_G64},quantize(a=int8)",
+           "SmoothQuant, int4 group 64 weights by AutoRound (from AWQ's scales and clipping), int8 activations per "
+           "token; a GPU recipe (device=cuda); SmolLM2 1.063x", ("smooth-quant", "autoround", "quantize")),
     Recipe("w4a8-rtn", "quantize(w=int4,group=64,sym=false,a=int8)",
            "int4 weights (asymmetric, group 64, RTN) + int8 activations per token (dynamic); SmolLM2 1.372x",
            ("quantize",)),
@@ -91,6 +100,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("w4a16-gptq", _GPTQ_G64,
            "int4 weights, group 64: AWQ scales and clipping, then GPTQ (act-order, static groups, damp 0.001); "
            "SmolLM2 1.082x (plain GPTQ 1.159x)", ("gptq",)),
+    Recipe("w4a16-autoround", _AUTOROUND_G64,
+           "int4 weights, group 64: AWQ scales and clipping, then AutoRound block tuning (200 signed-gradient steps "
+           "per block against the float model's block output); a GPU recipe: add device=cuda (minutes per block on a "
+           "CPU); SmolLM2 1.050x (wt2-2048-full 1.061x)", ("autoround",)),
     Recipe("w4a16-awq", "awq(w=int4,group=64,sym=false)",
            "AWQ activation-aware scales + clipping search, then int4 group 64 weights (RTN); SmolLM2 1.163x",
            ("awq",)),

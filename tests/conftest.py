@@ -55,6 +55,21 @@ def smollm2_slice(model: torch.nn.Module, n_layers: int, dtype: torch.dtype = to
     return CausalLMLogits(m).eval()
 
 
+def held_out_slice(smollm2: tuple, n_layers: int, n_windows: int) -> tuple:
+    """(captured real SmolLM2 cut to ``n_layers`` blocks — float32, dynamic batch and sequence —, ``n_windows``
+    256-token WikiText-2 test windows, their float logits): the pass tests' real model and held-out data."""
+    from lowbit.eval.perplexity import token_ids, windows
+    from lowbit.ir.capture import capture
+
+    wrapper = smollm2_slice(smollm2[0], n_layers)
+    dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=1024), 1: torch.export.Dim.DYNAMIC(min=2, max=4096)}}
+    graph = capture(wrapper, (torch.ones(2, 16, dtype=torch.long),), dyn)
+    ids = windows(token_ids("wikitext2-test", smollm2[1]), 256, n_windows)
+    with torch.inference_mode():
+        ref = wrapper(ids)
+    return graph, ids, ref
+
+
 @pytest.fixture(scope="session")
 def wikitext_ids(smollm2) -> torch.Tensor:
     """The WikiText-2 test split tokenized with SmolLM2's tokenizer (shape [1, N])."""

@@ -374,18 +374,9 @@ def test_scale_migration_sites_exact_on_captured_smollm2(smollm2_slice_f64):
 @pytest.fixture(scope="module")
 def one_block(smollm2):
     """A real 1-block SmolLM2 (float32, dynamic batch and sequence), captured, two held-out windows, their logits."""
-    from conftest import smollm2_slice
+    from conftest import held_out_slice
 
-    from lowbit.eval.perplexity import token_ids, windows
-    from lowbit.ir.capture import capture
-
-    wrapper = smollm2_slice(smollm2[0], 1)
-    dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=1024), 1: torch.export.Dim.DYNAMIC(min=2, max=4096)}}
-    graph = capture(wrapper, (torch.ones(2, 16, dtype=torch.long),), dyn)
-    ids = windows(token_ids("wikitext2-test", smollm2[1]), 256, 2)
-    with torch.inference_mode():
-        ref = wrapper(ids)
-    return graph, ids, ref
+    return held_out_slice(smollm2, 1, 2)
 
 
 @pytest.mark.parametrize("pipeline,bound", [
@@ -423,7 +414,7 @@ def test_weight_pass_bad_options(smollm2_slice_f64):
     with pytest.raises(PipelineError, match="group=128 does not divide the input size 576"):
         PassManager("gptq(w=int4,group=128,calib_n=2,calib_len=16)").run(graph.clone())
     with pytest.raises(PipelineError, match="fp8e4m3 is a float format"):
-        PassManager("gptq(w=fp8e4m3,calib_n=2,calib_len=16)").run(graph.clone())
+        PassManager("gptq(w=fp8e4m3,sym=false,calib_n=2,calib_len=16)").run(graph.clone())
     with pytest.raises(PipelineError, match="keep.*matches no linear"):
         PassManager("awq(w=int4,keep=[nothing_like_this],calib_n=2,calib_len=16)").run(graph.clone())
     with pytest.raises(PipelineError, match="calib_n=100000"):

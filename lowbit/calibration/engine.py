@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from lowbit.ir.graph import Graph, Node, Value, blocks
 from lowbit.ir.ops import resolve
 
-__all__ = ["BLOCK_PATTERN", "Stage", "BlockRun", "CalibrationReport", "NodeHook", "BlockHook", "split_stages",
+__all__ = ["BLOCK_PATTERN", "Stage", "BlockRun", "CalibrationReport", "NodeHook", "BlockHook", "Replacement", "split_stages",
            "run", "batches_from_ids", "CalibrationError", "resolve_device", "home_device"]
 
 BLOCK_PATTERN = r"^((?:[A-Za-z_]\w*\.)*?(?:layers|layer|h|blocks)\.\d+)(?=\.|$)"
@@ -50,6 +50,10 @@ BLOCK_PATTERN = r"^((?:[A-Za-z_]\w*\.)*?(?:layers|layer|h|blocks)\.\d+)(?=\.|$)"
 
 NodeHook = Callable[[Node, tuple[Any, ...], dict[str, Any], list[Any]], None]
 """``on_node(node, args, kwargs, outputs)``: operands and results as tensors, after the node ran."""
+
+Replacement = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+"""Computes a node's result from its operands instead of the op's reference implementation (a weight
+``dequantize`` made differentiable for block tuning, a fake-quant with a straight-through gradient)."""
 
 
 class CalibrationError(RuntimeError):
@@ -183,8 +187,10 @@ class _DeviceParams:
 
 
 def _execute(nodes: Sequence[Node], env: dict[Value, Any], on_node: NodeHook | None, keep: set[Value],
-             params: _DeviceParams | None = None) -> None:
-    """Run ``nodes`` in order on ``env`` (value -> tensor), freeing each intermediate after its last reader."""
+             params: _DeviceParams | None = None, replace: dict[int, Replacement] | None = None) -> None:
+    """Run ``nodes`` in order on ``env`` (value -> tensor), freeing each intermediate after its last reader.
+
+    ``replace`` maps ``id(node)`` to what computes that node instead of its op."""
     last_use: dict[int, int] = {}
     for i, n in enumerate(nodes):
         for v in n.inputs():
@@ -204,8 +210,9 @@ def _execute(nodes: Sequence[Node], env: dict[Value, Any], on_node: NodeHook | N
 
     for i, n in enumerate(nodes):
         args, kwargs = pytree.tree_map(lookup, (n.args, n.kwargs))
+        fn = replace.get(id(n)) if replace else None
         try:
-            out = resolve(n.op)(*args, **kwargs)
+            out = fn(args, kwargs) if fn is not None else resolve(n.op)(*args, **kwargs)
         except CalibrationError:
             raise
         except Exception as exc:
@@ -257,14 +264,17 @@ class BlockRun:
         return _current_nodes(self.graph, self.stage)
 
     def run(self, on_node: NodeHook | None = None, outputs: Sequence[Value] | None = None,
-            batches: Sequence[int] | None = None) -> list[dict[Value, Any]]:
-        """Execute the stage's current nodes on the cached inputs; returns ``outputs`` (default: exports) per batch."""
+            batches: Sequence[int] | None = None, inputs: Sequence[dict[Value, Any]] | None = None,
+            replace: dict[int, Replacement] | None = None) -> list[dict[Value, Any]]:
+        """Execute the stage's current nodes on the cached inputs (or ``inputs``, per batch); returns ``outputs``
+        (default: exports) per batch. ``replace`` computes some nodes differently (see ``Replacement``)."""
         want = list(outputs) if outputs is not None else self.exports
         nodes = self.nodes()
+        source = self.inputs if inputs is None else inputs
         results = []
-        for b in (range(len(self.inputs)) if batches is None else batches):
-            env: dict[Value, Any] = dict(self.inputs[b])
-            _execute(nodes, env, on_node, set(want), self.params)
+        for b in (range(len(source)) if batches is None else batches):
+            env: dict[Value, Any] = dict(source[b])
+            _execute(nodes, env, on_node, set(want), self.params, replace)
             results.append({v: env[v] for v in want})
         return results
 

@@ -28,6 +28,11 @@ What this file implements, and why:
 Rounding is exactly the QDQ contract (``lowbit.ir.quant``): ``q = clamp(round_half_even(w/s) + zp)``,
 ``w' = (q − zp)·s``, with qparams from ``qparams_from_range`` — so ``dequantize(pack(qdata))`` reproduces the
 returned weight bit for bit.
+
+**FP8** (``fp8e4m3``, ``fp8e5m2``) is the same algorithm on a non-uniform grid: a column rounds as the
+``quantize`` op rounds fp8, ``q = cast(clamp(w/s, ±qmax))`` (round-to-nearest-even onto the format's values),
+``w' = q·s``. fp8 is symmetric only (ONNX fp8 zero points are 0), with the min-max scale ``amax/qmax`` that the
+``quantize`` pass's observer gives — so ``dequantize(qdata)`` (fp8 codes, unpacked) reproduces the weight too.
 """
 
 from __future__ import annotations
@@ -135,13 +140,17 @@ class HessianAccumulator:
 
 
 class GPTQResult(NamedTuple):
-    """``weight`` is the dequantized result; ``qdata`` the integer codes (unpacked, in the qdtype's container)."""
+    """``weight`` is the dequantized result; ``qdata`` the codes, unpacked, in the qdtype's container (integers,
+    or fp8 values for a float qdtype)."""
 
     weight: torch.Tensor
     qdata: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor | None
     stats: dict[str, Any]
+    unrounded: torch.Tensor | None = None
+    """GPTQ: each weight as it was just before being rounded (the error-compensated value, ``[N, K]``), so that
+    ``round(unrounded / scale) + zero_point`` are the codes; block tuning starts from it."""
 
 
 def _check_group(k: int, group_size: int | None) -> None:
@@ -149,14 +158,32 @@ def _check_group(k: int, group_size: int | None) -> None:
         raise ValueError(f"group_size={group_size} does not divide the input size {k} of the weight")
 
 
+def _check_float_symmetric(qd: QDType, symmetric: bool, what: str) -> None:
+    """fp8 has no zero point (ONNX fp8 zero points are 0): an asymmetric fp8 request is a caller's mistake."""
+    if qd.is_float and not symmetric:
+        raise ValueError(f"{what}: {qd.name} is a float format with no zero point (symmetric only): pass "
+                         "symmetric=True")
+
+
+def _round_codes(y: torch.Tensor, qd: QDType) -> torch.Tensor:
+    """``y = w/s`` (plus nothing: no zero point) onto the fp8 grid, as the ``quantize`` op does: clamp, then cast.
+
+    Only for float qdtypes; the result is in the fp8 container. Clamping first matters: e4m3fn has no inf, and
+    a cast of an out-of-range value gives NaN.
+    """
+    return y.clamp(qd.qmin, qd.qmax).to(qd.container)
+
+
 def weight_qparams(w: torch.Tensor, qd: QDType, symmetric: bool, group_size: int | None,
                    shrink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min-max qparams of ``w [N, K]`` in the QDQ layout: ``[N]`` per channel, ``[N, K/g]`` per group.
 
     ``shrink`` (same shape as the scale) multiplies each group's range: a clipping factor from a search.
+    fp8 qdtypes need ``symmetric`` (their zero point is None).
     """
     n, k = w.shape
     _check_group(k, group_size)
+    _check_float_symmetric(qd, symmetric, "weight_qparams")
     g = group_size or k
     rows = w.float().reshape(n, k // g, g)
     lo, hi = rows.amin(-1), rows.amax(-1)
@@ -168,6 +195,11 @@ def weight_qparams(w: torch.Tensor, qd: QDType, symmetric: bool, group_size: int
     return scale, zp
 
 
+def _no_float_zero_point(qd: QDType, zp: torch.Tensor | None) -> None:
+    if zp is not None:
+        raise ValueError(f"{qd.name} takes no zero point (fp8 is symmetric only): pass zero point None")
+
+
 def _expand_cols(t: torch.Tensor, n: int, k: int, group_size: int | None) -> torch.Tensor:
     """A per-channel ``[N]`` or per-group ``[N, K/g]`` qparam as ``[N, K]`` (one value per weight)."""
     if group_size is None:
@@ -177,9 +209,15 @@ def _expand_cols(t: torch.Tensor, n: int, k: int, group_size: int | None) -> tor
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, qd: QDType,
                   group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes in the qdtype's container, dequantized float32) of ``w [N, K]``: the ``quantize`` op's arithmetic."""
+    """(codes in the qdtype's container, dequantized float32) of ``w [N, K]``: the ``quantize`` op's arithmetic.
+
+    fp8 codes are the clamped cast of ``w/s`` (float8 container, unpacked), dequantized as ``q·s``."""
     n, k = w.shape
     s = _expand_cols(scale.float(), n, k, group_size)
+    if qd.is_float:
+        _no_float_zero_point(qd, zp)
+        q8 = _round_codes(w.float() / s, qd)
+        return q8, q8.float() * s
     q = torch.round(w.float() / s)
     if zp is not None:
         z = _expand_cols(zp.float(), n, k, group_size)
@@ -194,6 +232,9 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
     """Only the dequantized float32 weights of ``quantize_with`` (searches need no codes)."""
     n, k = w.shape
     s = _expand_cols(scale.float(), n, k, group_size)
+    if qd.is_float:
+        _no_float_zero_point(qd, zp)
+        return _round_codes(w.float() / s, qd).float().mul_(s)
     q = torch.round(w.float() / s)
     if zp is not None:
         z = _expand_cols(zp.float(), n, k, group_size)
@@ -257,7 +298,8 @@ def gptq_quantize(
 ) -> GPTQResult:
     """GPTQ-quantize ``w [N, K]`` given the Hessian ``h [K, K]`` of its input.
 
-    ``bits`` is 8/4/3/2 (int qdtypes) or a qdtype name; ``group_size`` None means one scale per output
+    ``bits`` is 8/4/3/2 (int qdtypes) or a qdtype name (``fp8e4m3``/``fp8e5m2`` too, with ``symmetric=True``:
+    codes are then fp8 values, rounded as the ``quantize`` op casts); ``group_size`` None means one scale per output
     channel. ``qparams`` (scale, zero point in the QDQ layout) fixes the grid instead of min-max — e.g. the
     clipping AWQ or an MSE observer found; GPTQ then only chooses the codes.
 
@@ -278,8 +320,9 @@ def gptq_quantize(
         raise ValueError("GPTQ: act_order with groups needs static_groups=True: lowbit stores contiguous groups "
                          "along K (block-wise QDQ), not a permuted group index")
     qd = qdtype_of(bits, symmetric)
-    if qd.is_float:
-        raise ValueError(f"GPTQ: {qd.name} is a float format; GPTQ rounds onto an integer grid")
+    _check_float_symmetric(qd, symmetric, "GPTQ")
+    if qd.is_float and qparams is not None and qparams[1] is not None:
+        raise ValueError(f"GPTQ: qparams has a zero point, but {qd.name} takes none (fp8 is symmetric only)")
 
     dev = h.device
     h = h.to(torch.float64).clone()
@@ -307,10 +350,12 @@ def gptq_quantize(
     hinv = u.float()
     del h, u
 
-    # Work on Wᵀ [K, N] so a column of W is a contiguous row.
+    # Work on Wᵀ [K, N] so a column of W is a contiguous row. fp8 codes are kept as their (exact) float32 values
+    # until the end: float8 tensors support little beyond casts.
     wt = wf.t().contiguous()
-    qt = torch.empty(k, n, dtype=qd.container, device=dev)
+    qt = torch.empty(k, n, dtype=torch.float32 if qd.is_float else qd.container, device=dev)
     deq_t = torch.empty(k, n, device=dev)
+    pre_t = torch.empty(k, n, device=dev)
     if not dynamic_groups:
         s_cols = _expand_cols(scale.float(), n, k, group_size).t()
         z_cols = _expand_cols(zp.float(), n, k, group_size).t() if zp is not None else None
@@ -343,14 +388,17 @@ def gptq_quantize(
                 elif not dynamic_groups:
                     s_cur, z_cur = s_cols[col], (z_cols[col] if z_cols is not None else None)
                 wcol = w1[i]
-                q = torch.round(wcol / s_cur)
-                if z_cur is not None:
-                    q = (q + z_cur).clamp_(qmin, qmax)
+                pre_t[col] = wcol
+                if qd.is_float:  # the quantize op's fp8 rounding: clamp, cast (round to nearest even fp8 value)
+                    q = _round_codes(wcol / s_cur, qd).float()
+                    dq = q * s_cur
+                elif z_cur is not None:
+                    q = (torch.round(wcol / s_cur) + z_cur).clamp_(qmin, qmax)
                     dq = (q - z_cur) * s_cur
                 else:
-                    q = q.clamp_(qmin, qmax)
+                    q = torch.round(wcol / s_cur).clamp_(qmin, qmax)
                     dq = q * s_cur
-                qt[col] = q.to(qd.container)
+                qt[col] = q if qd.is_float else q.to(qd.container)
                 deq_t[col] = dq
                 e = (wcol - dq) / h1[i, i]
                 if i + 1 < i2 - i1:
@@ -362,7 +410,9 @@ def gptq_quantize(
 
     if perm is not None:
         inv = torch.argsort(perm)
-        qt, deq_t = qt[inv], deq_t[inv]
+        qt, deq_t, pre_t = qt[inv], deq_t[inv], pre_t[inv]
+    if qd.is_float:
+        qt = qt.to(qd.container)
     stats = {
         "method": "gptq",
         "loss": float(loss),
@@ -371,4 +421,5 @@ def gptq_quantize(
         "act_order": act_order,
         "seconds": time.perf_counter() - t0,
     }
-    return GPTQResult(deq_t.t().contiguous().to(w.dtype), qt.t().contiguous(), scale, zp, stats)
+    return GPTQResult(deq_t.t().contiguous().to(w.dtype), qt.t().contiguous(), scale, zp, stats,
+                      pre_t.t().contiguous())

@@ -37,7 +37,7 @@ class AWQOptions(WeightCalibrationOptions):
 
 @register_pass
 class AWQ(Pass):
-    """AWQ: activation-aware per-channel scales (folded into the preceding op) + clipping search, int weights."""
+    """AWQ: activation-aware per-channel scales (folded into the preceding op) + clipping search, int or fp8 weights."""
 
     name = "awq"
     Options = AWQOptions

@@ -1,7 +1,8 @@
-"""The ``gptq`` pass: GPTQ int weights from block-by-block calibration, emitted as packed QDQ weights.
+"""The ``gptq`` pass: GPTQ int or fp8 weights from block-by-block calibration, emitted as QDQ weights.
 
     gptq(w=int4,group=64,sym=false)                 GPTQ, act-order, static groups
     gptq(w=int4,sym=false,awq=true,clip=true)       AWQ scales + output-aware clipping, then GPTQ on that grid
+    gptq(w=fp8e4m3,group=64)                        GPTQ onto the fp8 grid (symmetric: fp8 has no zero point)
 
 The calibration engine (``lowbit.calibration.engine``) runs the graph block by block; while a block runs,
 the input of every target linear feeds a ``HessianAccumulator`` (one per input value: q/k/v share one). When
@@ -29,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from lowbit.calibration.awq import awq_search_clip, awq_search_scale, scaled_hessian
+from lowbit.calibration.block_tuning import TuneOptions, TuneStats, float_targets, tune_block
 from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, graph_tokenizer
 from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages
 from lowbit.calibration.gptq import HessianAccumulator, gptq_quantize, quantize_with, weight_qparams
@@ -49,13 +51,15 @@ class WeightCalibrationOptions(PassOptions):
     """What to quantize (as the ``quantize`` pass's weight options) and the calibration data."""
 
     w: str = "int4"
-    """Weight qdtype: int8, int4, uint4, int3, int2 (GPTQ and AWQ round onto an integer grid)."""
+    """Weight qdtype: int8, int4, uint4, int3, int2, or fp8e4m3/fp8e5m2 (rounded as ``quantize`` casts fp8)."""
     group: int | None = None
     """Weight group size along the input dim; unset: one scale per output channel."""
     group_fallback: int | None = None
     """Group size for linears whose input size ``group`` does not divide (SmolLM2's 576 with group=128)."""
     sym: bool = False
-    """Symmetric weights (no zero point). Asymmetric is the default: it tracks SmolLM2's Q4_1 weights better."""
+    """Symmetric weights (no zero point). Asymmetric is the default for integer weights: it tracks SmolLM2's Q4_1
+    weights better. fp8 weights are always symmetric (no zero point): left unset, sym means true for them; an
+    explicit sym=false with fp8 is an error."""
     keep: list[str] = []
     """Extra module globs kept float (added to the default lm_head and embeddings)."""
     calib: str = DEFAULT_CALIBRATION_TEXT
@@ -130,6 +134,7 @@ class _Rounding:
     block_size: int = 128
     sites: Sequence[str] = SITE_KINDS
     single_pass: bool = False
+    tune: TuneOptions | None = None
 
 
 @dataclass
@@ -155,11 +160,16 @@ _Result = tuple[WeightPlan, torch.Tensor, torch.Tensor, torch.Tensor | None, tor
 
 
 def _config(o: WeightCalibrationOptions, pass_name: str) -> tuple[QuantConfig, QScheme]:
+    """The quantize pass's annotation for our options. fp8 is symmetric whatever ``sym``'s default says: the
+    default (false) is chosen for int4, and an fp8 user who never wrote ``sym`` asked for nothing asymmetric."""
     try:
+        symmetric = o.sym
         if get_qdtype(o.w).is_float:
-            raise PassError(f"pass {pass_name}: option w={o.w} is a float format; {pass_name} rounds onto an "
-                            "integer grid (use quantize(w=...) for fp8)")
-        scheme = QScheme(qdtype=o.w, symmetric=o.sym, granularity="per_group" if o.group else "per_channel",
+            if "sym" in o.model_fields_set and not o.sym:
+                raise PassError(f"pass {pass_name}: option sym=false: w={o.w} is a float format with no zero point "
+                                "(symmetric only); drop sym or set sym=true")
+            symmetric = True
+        scheme = QScheme(qdtype=o.w, symmetric=symmetric, granularity="per_group" if o.group else "per_channel",
                          group_size=o.group)
     except ValueError as exc:
         if isinstance(exc, PassError):
@@ -188,7 +198,7 @@ def _emit(graph: Graph, results: list[_Result], pass_name: str) -> tuple[int, in
             raise PassError(f"pass {pass_name}: linear %{wp.node.name} ({wp.node.module}) got no weight dequantize")
         qv, sv, zv = dq.args[0], dq.args[1], dq.args[2]
         qd = get_qdtype(dq.kwargs["qdtype"])
-        packed = pack_int4(q) if qd.packed else q.to(qd.storage_dtype)
+        packed = pack_int4(q) if qd.packed else q.to(qd.storage_dtype)  # fp8 codes are fp8 already: a no-op
         for v, t in ((qv, packed), (sv, scale.float()), (zv, zp)):
             if (v is None) != (t is None) or (v is not None and tuple(v.data.shape) != tuple(t.shape)):
                 raise PassError(f"pass {pass_name}: {wp.node.module}: layout mismatch between the quantize pass's "
@@ -199,10 +209,13 @@ def _emit(graph: Graph, results: list[_Result], pass_name: str) -> tuple[int, in
     return stats["quantized_weight_bytes_before"], stats["quantized_weight_bytes_after"]
 
 
-def _round_group(graph: Graph, g: _Group, r: _Rounding, h: torch.Tensor, st: _Stats) -> list[_Result]:
+def _round_group(graph: Graph, g: _Group, r: _Rounding, h: torch.Tensor, st: _Stats,
+                 unrounded: dict[int, torch.Tensor] | None = None) -> list[_Result]:
     """Quantize the (already scaled) weights of one group; (plan, codes, scale, zero point, dequantized) each.
 
-    The rounding runs on ``h``'s device (the calibration device); the results go back to each weight's device."""
+    The rounding runs on ``h``'s device (the calibration device); the results go back to each weight's device.
+    ``unrounded`` receives, per linear node id, the weights the rounding rounded (GPTQ's error-compensated ones),
+    on the calibration device: block tuning starts from them."""
     t0 = time.perf_counter()
     out = []
     # Linears with one scheme and group share a GPTQ call on their stacked rows (identical to separate calls).
@@ -222,12 +235,14 @@ def _round_group(graph: Graph, g: _Group, r: _Rounding, h: torch.Tensor, st: _St
                                 static_groups=r.static_groups, damp=r.damp, block_size=r.block_size,
                                 qparams=qparams)
             q, scale, zp, deq = res.qdata, res.scale, res.zero_point, res.weight
+            pre = res.unrounded
             st.gptq_loss += res.stats["loss"]
             st.damp_raised += int(res.stats["damp"] > r.damp)
             st.dead_columns += res.stats["dead_columns"]
         else:
             scale, zp = qparams if qparams is not None else weight_qparams(w, qd, scheme.symmetric, group)
             q, deq = quantize_with(w, scale, zp, qd, group)
+            pre = w
         home = ws[0].device
         q, scale, deq = q.to(home), scale.to(home), deq.to(home)
         zp = None if zp is None else zp.to(home)
@@ -236,6 +251,8 @@ def _round_group(graph: Graph, g: _Group, r: _Rounding, h: torch.Tensor, st: _St
             n = x.shape[0]
             out.append((wp, q[row:row + n], scale[row:row + n], None if zp is None else zp[row:row + n],
                         deq[row:row + n].to(x.dtype)))
+            if unrounded is not None and pre is not None:
+                unrounded[id(wp.node)] = pre[row:row + n]
             row += n
     st.seconds_round += time.perf_counter() - t0
     return out
@@ -270,6 +287,9 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
     by_input = {g.key: g for g in groups.values()}
     st = _Stats(linears=len(p.weights), groups=len(groups))
     users = graph.users()
+    tune_stats = TuneStats()
+    float_stream: list[dict[Any, Any]] | None = None
+    """Block tuning toward the float model: the float block outputs of the previous block, per batch."""
 
     def round_in_flight(g: _Group, x: torch.Tensor) -> None:
         """All sequences' input of the group is here and its linears have not run: quantize them now."""
@@ -297,8 +317,13 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
         g.acc.add(x)
 
     def on_block(ctx: BlockRun) -> bool:
+        nonlocal float_stream
         flown = [g for g in groups.values() if g.pending]
         ready = [g for g in groups.values() if g.acc is not None and not g.done]
+        targets = None
+        if r.tune is not None and ctx.stage.kind != "prefix":  # before any rounding: the block is still float
+            targets = float_targets(ctx, float_stream if r.tune.target == "float" else None)
+            float_stream = targets if r.tune.target == "float" else None
         if not ready and not flown:
             return False
         hessians: dict[int, torch.Tensor] = {}
@@ -324,12 +349,16 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
         results = [res for g in flown for res in g.pending]
         for g in flown:
             g.pending = []
+        bases: dict[int, torch.Tensor] | None = {} if r.tune is not None else None
         for g in ready:
-            results += _round_group(graph, g, r, hessians[g.key], st)
+            results += _round_group(graph, g, r, hessians[g.key], st, bases)
             g.done, g.acc = True, None
         b, a = _emit(graph, results, pass_name)
         st.bytes_before += b
         st.bytes_after += a
+        if r.tune is not None and targets is not None:
+            dqs = [(wp.node.args[1].producer, (bases or {}).get(id(wp.node))) for wp, *_ in results]
+            tune_block(ctx, [(n, b) for n, b in dqs if n is not None], targets, r.tune, tune_stats, graph)
         # Rounded in flight, the block already ran with its quantized weights: its outputs stand.
         return bool(ready)
 
@@ -369,6 +398,11 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
     if r.method == "gptq":
         stats.update(gptq_loss=round(st.gptq_loss, 4), damp_raised=st.damp_raised, dead_columns=st.dead_columns,
                      single_pass=r.single_pass, groups_in_flight=st.in_flight)
+    if r.tune is not None:
+        stats.update(tuned_blocks=tune_stats.blocks, tuned_blocks_kept=tune_stats.kept,
+                     tune_loss_before=round(tune_stats.loss_before, 6), tune_loss_after=round(tune_stats.loss_after, 6),
+                     tune_codes_changed=round(tune_stats.codes_changed / max(tune_stats.codes_total, 1), 5),
+                     seconds_tuning=round(tune_stats.seconds, 2))
     if r.scale_search:
         stats.update(scaled_groups=st.scaled_groups, unscaled_groups=st.unscaled,
                      seconds_scale_search=round(st.seconds_search, 2),

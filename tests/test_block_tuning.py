@@ -1,0 +1,116 @@
+"""Block tuning (the ``autoround`` pass): exact start, straight-through activations, better held-out logits.
+
+All on a real 1-block SmolLM2 slice with WikiText-2 text: calibration from the validation split, errors on
+windows of the test split the tuning never saw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.calibration.block_tuning import TunedWeight, _replacements
+from lowbit.calibration.engine import BlockRun, _DeviceParams, split_stages
+from lowbit.ir.ops import resolve
+from lowbit.passes.manager import PassManager, PipelineError
+
+CALIB_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_valid_tokenized.txt"
+
+
+@pytest.fixture(scope="module")
+def block1(smollm2):
+    """A real 1-block SmolLM2 (float32, dynamic batch and sequence), four held-out windows and their logits."""
+    from conftest import held_out_slice
+
+    return held_out_slice(smollm2, 1, 4)
+
+
+def _block_ctx(graph, ids):
+    """The block stage of ``graph`` with its inputs computed from ``ids`` (prefix run by hand)."""
+    stages = split_stages(graph)
+    prefix, block = stages[0], stages[1]
+    env = dict(zip(graph.inputs, (ids,)))
+    from lowbit.calibration.engine import _execute
+
+    _execute(prefix.nodes, env, None, set(block.reads()))
+    later = {id(v) for s in stages[2:] for v in s.reads()}
+    exports = [v for n in block.nodes for v in n.outputs if id(v) in later]
+    return BlockRun(graph, block, [{v: env[v] for v in block.reads()}], exports, params=_DeviceParams(None))
+
+
+@pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=64,sym=false)", "quantize(w=int4,sym=true)",
+                                      "quantize(w=uint4,group=32)", "quantize(w=fp8e4m3,group=64)"])
+def test_tuning_starts_exactly_at_the_rounding(block1, pipeline):
+    """At v = 0, λ = 0 every parametrised weight is the dequantize op's output bit for bit, whether its base is
+    the float weight RTN rounded or the dequantized weight itself, and ``final`` writes back the same codes and
+    scale: tuning starts exactly where the rounding left the block."""
+    graph, ids, _ = block1
+    g = graph.clone()
+    PassManager(pipeline).run(g)
+    ctx = _block_ctx(g, ids[:1, :32])
+    dqs = [n for n in ctx.nodes() if n.op == "dequantize" and n.args[0].is_param]
+    assert len(dqs) == 7
+    for dq in dqs:
+        args = [a.data if a is not None else None for a in dq.args]
+        want = resolve("dequantize")(*args, **dq.kwargs)
+        for base in (None, graph.params[f"{dq.module}.weight"].data):
+            t = TunedWeight(dq, ctx, base)
+            assert t.start_mismatch == 0 and t.changed() == 0, dq.module
+            assert torch.equal(t.weight().detach(), want), dq.module
+            codes, scale = t.final()
+            assert codes.view(torch.uint8).equal(dq.args[0].data.view(torch.uint8))
+            assert torch.equal(scale, dq.args[1].data)
+
+
+def test_activation_quantizers_run_straight_through(block1):
+    """In a W8A8 + KV4 block the replaced activation QDQ pairs give the exact forward values and pass gradients."""
+    graph, ids, _ = block1
+    g = graph.clone()
+    PassManager("quantize(w=int8,a=int8,kv=int4)").run(g)
+    ctx = _block_ctx(g, ids[:1, :64])
+    dqs = [n for n in ctx.nodes() if n.op == "dequantize" and n.args[0].is_param]
+    tuned = [TunedWeight(n, ctx) for n in dqs]
+    replace = _replacements(ctx.nodes(), tuned)
+    n_act = sum(1 for n in ctx.nodes() if n.op == "quantize")
+    assert n_act >= 4 and len(replace) == len(dqs) + sum(
+        1 + sum(1 for u in ctx.nodes() if n.output in u.inputs()) for n in ctx.nodes() if n.op == "quantize")
+    plain = ctx.run()[0]
+    with torch.enable_grad():
+        tuned_out = ctx.run(replace=replace)[0]
+        (out,) = tuned_out.values()
+        out.float().pow(2).mean().backward()
+    for v in plain:
+        assert torch.equal(plain[v], tuned_out[v].detach())
+    # gradient reaches the first linears through the activation quantizers
+    assert all(t.v.grad is not None and float(t.v.grad.abs().sum()) > 0 for t in tuned)
+
+
+@pytest.mark.skipif(not CALIB_TEXT.is_file(), reason="calibration text not on this machine")
+def test_autoround_beats_rtn_on_held_out_text(block1):
+    """AutoRound (RTN start, 60 steps) gives logits much closer to float than RTN on held-out WikiText-2 test
+    windows, and the tuned block's calibration loss went down (the stats say the block was kept). Measured:
+    RTN 0.322, GPTQ 0.19–0.20, AutoRound 100 steps 0.167 (mean squared logit error)."""
+    graph, ids, ref = block1
+    cal = f"calib={CALIB_TEXT},calib_n=16,calib_len=256,progress=false"
+    errors, stats = {}, {}
+    for name, pipe in (("rtn", "quantize(w=int4,group=64,sym=false)"),
+                       ("autoround", f"autoround(w=int4,group=64,iters=60,{cal})")):
+        g = graph.clone()
+        report = PassManager(pipe).run(g)
+        stats[name] = report.records[-1].stats
+        with torch.inference_mode():
+            errors[name] = float((TorchCompiled(g)(ids) - ref).pow(2).mean())
+    s = stats["autoround"]
+    assert s["tuned_blocks"] == 1 and s["tuned_blocks_kept"] == 1, s
+    assert s["tune_loss_after"] < 0.6 * s["tune_loss_before"] and 0 < s["tune_codes_changed"] < 0.3, s
+    assert errors["autoround"] < 0.7 * errors["rtn"], errors
+
+
+def test_autoround_bad_options(block1):
+    graph, _, _ = block1
+    for bad in ("iters=0", "lr=0", "max_scale=0.5"):
+        with pytest.raises(PipelineError, match=f"option {bad.split('=')[0]}=.* must be"):
+            PassManager(f"autoround(w=int4,group=64,calib_n=2,calib_len=16,{bad})").run(graph.clone())
