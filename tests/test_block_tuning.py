@@ -13,7 +13,7 @@ import torch
 
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.calibration.block_tuning import TunedWeight, _replacements
-from lowbit.calibration.engine import BlockRun, _DeviceParams, split_stages
+from lowbit.calibration.engine import BlockRun, _DeviceParams, _execute, _exports, split_stages
 from lowbit.ir.ops import resolve
 from lowbit.passes.manager import PassManager, PipelineError
 
@@ -33,12 +33,9 @@ def _block_ctx(graph, ids):
     stages = split_stages(graph)
     prefix, block = stages[0], stages[1]
     env = dict(zip(graph.inputs, (ids,)))
-    from lowbit.calibration.engine import _execute
-
     _execute(prefix.nodes, env, None, set(block.reads()))
-    later = {id(v) for s in stages[2:] for v in s.reads()}
-    exports = [v for n in block.nodes for v in n.outputs if id(v) in later]
-    return BlockRun(graph, block, [{v: env[v] for v in block.reads()}], exports, params=_DeviceParams(None))
+    return BlockRun(graph, block, [{v: env[v] for v in block.reads()}], _exports(graph, stages, block),
+                    params=_DeviceParams(None))
 
 
 @pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=64,sym=false)", "quantize(w=int4,sym=true)",

@@ -54,7 +54,15 @@ ROWS: list[tuple[str, str, str, str | None]] = [
     ("w4a16-g64", "peer:llm-compressor-gptq", "", None),
     ("w4a16-g64", "rtn", "", "quantize(w=int4,group=64,sym=false)"),
     ("w4a16-g64", "peer:torchao-rtn", "", None),
-    # lowbit's best per scheme (the recipes use these settings)
+    # lowbit's best per scheme (the recipes use these settings); the AutoRound rows are GPU rows (--device cuda):
+    # on the 2-core CPU they take minutes per block
+    ("w4a16-g64", "autoround", "awq scales + clip start, 200 steps",
+     "autoround(w=int4,group=64,sym=false,awq=true,clip=true,{cal})"),
+    ("fp8", "gptq", "SQ alpha search + GPTQ fp8 w per 64-group + a per 64-channel group",
+     "smooth-quant(search=true,{cal}),gptq(w=fp8e4m3,group=64,{cal}),quantize(a=fp8e4m3,a_group=64)"),
+    ("w4a8", "autoround", "SQ + AutoRound (awq scales + clip start) w4 g64 + a8",
+     "smooth-quant(search=true,{cal}),autoround(w=int4,group=64,sym=false,awq=true,clip=true,{cal}),quantize(a=int8)"),
+    ("w4a16-pc", "autoround", "rtn start, 200 steps", "autoround(w=int4,sym=false,{cal})"),
     ("w4a16-g64", "gptq", "awq scales + clip + gptq, damp 0.001, n_grid 40",
      "gptq(w=int4,group=64,sym=false,awq=true,clip=true,damp=0.001,n_grid=40,{cal})"),
     ("w8a8", "smoothquant", "alpha searched per site", "smooth-quant(search=true,{cal}),quantize(w=int8,a=int8)"),

@@ -14,11 +14,13 @@ quantized earlier blocks produce; ``target`` is the float block's output on the 
 (``"quantized-input"``). Activation quantizers inside the block (W4A8, KV cache) stay in the loop with a
 straight-through gradient, so weights are tuned against the activations they will really see.
 
-The weights are parametrised around their current dequantized value ``Ŵ = (c − z)·s``: at ``v = 0, λ = 0``
-the block is exactly the rounded one, so tuning only ever refines a rounding, whichever pass made it. The
+The weights are parametrised around what the rounding rounded (``base``: the float weights for RTN, the
+AWQ-scaled ones after AWQ): at ``v = 0, λ = 0`` the block is exactly the rounded one, and under
+straight-through rounding a scale's gradient is its rounding residual. Given only the dequantized weights
+``Ŵ = (c − z)·s`` (no base), only ``v`` is learned: ``Ŵ/s·s = Ŵ`` leaves the scales without a gradient. The
 result is kept only if it lowers the loss over every calibration batch (the stats say when it did not).
 Float formats (fp8) have no uniform grid for ``v`` to step on: their scales are tuned, their codes
-re-rounded from ``Ŵ`` under the new scales.
+re-rounded from the base under the new scales.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from typing import Any, Literal
 import torch
 
 from lowbit.calibration.engine import BlockRun, Replacement
+from lowbit.calibration.gptq import _expand_cols
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.ops import resolve
-from lowbit.ir.quant import QDType, get_qdtype, pack_int4, unpack_int4
+from lowbit.ir.quant import QDType, get_qdtype, stored_codes, unpack_int4
 
 __all__ = ["TuneOptions", "TuneStats", "TunedWeight", "tune_block", "float_targets"]
 
@@ -118,8 +121,9 @@ class TunedWeight:
         """Codes that ``base`` does not round to (0 when the base is the rounding's own input)."""
 
     def _expand(self, t: torch.Tensor | None) -> torch.Tensor:
+        """A ``[N, K/g]`` scale or zero point as ``[N, K]`` (one value per weight)."""
         assert t is not None
-        return t.repeat_interleave(self.group, dim=1) if t.shape[1] != self.shape[1] else t
+        return _expand_cols(t, *self.shape, self.group)
 
     def params(self, scales: bool) -> list[torch.Tensor]:
         return ([] if self.qd.is_float else [self.v]) + ([self.log_scale] if scales and self.learn_scale else [])
@@ -156,8 +160,7 @@ class TunedWeight:
         s = self.scale()
         q = self._codes(self._expand(s)).detach()
         codes = q.to(self.qd.container)
-        stored = pack_int4(codes) if self.qd.packed else codes.to(self.qd.storage_dtype)
-        return stored, s.reshape(self.values[1].data.shape)
+        return stored_codes(codes, self.qd), s.reshape(self.values[1].data.shape)
 
     @torch.no_grad()
     def changed(self) -> int:

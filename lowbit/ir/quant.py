@@ -128,6 +128,12 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return u[..., 0::2] | (u[..., 1::2] << 4)
 
 
+def stored_codes(q: torch.Tensor, qdtype: str | QDType) -> torch.Tensor:
+    """Codes as a weight param stores them: int4 and narrower packed two per byte, others in the storage dtype."""
+    qd = get_qdtype(qdtype)
+    return pack_int4(q) if qd.packed else q.to(qd.storage_dtype)
+
+
 def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
     """Inverse of ``pack_int4``: uint8 ``[..., K/2]`` -> int8 (``signed``) or uint8 ``[..., K]``."""
     if packed.dtype != torch.uint8:

@@ -37,7 +37,7 @@ from lowbit.calibration.gptq import HessianAccumulator, gptq_quantize, quantize_
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites, site_for
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, ModuleRule, QScheme, QuantConfig
-from lowbit.ir.quant import get_qdtype, pack_int4
+from lowbit.ir.quant import get_qdtype, stored_codes
 from lowbit.passes.base import Pass, PassError, PassOptions, PassResult, register_pass
 from lowbit.passes.fold_norms import private_weight
 from lowbit.passes.insert_qdq import WeightPlan, calibration_device, plan, quantize_graph
@@ -198,7 +198,7 @@ def _emit(graph: Graph, results: list[_Result], pass_name: str) -> tuple[int, in
             raise PassError(f"pass {pass_name}: linear %{wp.node.name} ({wp.node.module}) got no weight dequantize")
         qv, sv, zv = dq.args[0], dq.args[1], dq.args[2]
         qd = get_qdtype(dq.kwargs["qdtype"])
-        packed = pack_int4(q) if qd.packed else q.to(qd.storage_dtype)  # fp8 codes are fp8 already: a no-op
+        packed = stored_codes(q, qd)
         for v, t in ((qv, packed), (sv, scale.float()), (zv, zp)):
             if (v is None) != (t is None) or (v is not None and tuple(v.data.shape) != tuple(t.shape)):
                 raise PassError(f"pass {pass_name}: {wp.node.module}: layout mismatch between the quantize pass's "
