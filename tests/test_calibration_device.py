@@ -195,3 +195,17 @@ def test_smooth_quant_and_awq_on_cuda_match_cpu(two_blocks):
     agree = _agreement(_codes(cpu), _codes(gpu))
     print(f"awq: {agree:.5f} of the codes agree")
     assert agree >= AWQ_CODES_AGREE, f"{agree:.5f} of the codes agree"
+
+
+def test_static_activation_scales_do_not_depend_on_the_batching():
+    """``quantize``'s static scales take the calibration options every calibrating pass takes; min-max over all
+    tokens is the same however the sequences are batched (1, or 3 with a ragged last batch, or the default)."""
+    from lowbit.passes.manager import PassManager
+
+    spec = "quantize(w=int8,a=int8,a_static=true,a_gran=per_tensor,calib_n=4,calib_len=32,progress=false{bs})"
+    graphs = [_tiny() for _ in range(3)]
+    for g, bs, n_batches in zip(graphs, ("", ",batch_size=1", ",batch_size=3"), (1, 4, 2)):
+        stats = PassManager(spec.format(bs=bs)).run(g).records[-1].stats
+        assert stats["inputs_quantized"] > 0 and stats["calibration"]["batches"] == n_batches, stats
+    _same_graph(graphs[0], graphs[1])
+    _same_graph(graphs[0], graphs[2])

@@ -143,6 +143,18 @@ def test_gptq_dead_inputs_and_bad_arguments(layer3):
         HessianAccumulator(576).hessian  # noqa: B018
 
 
+def test_first_moment_only_accumulator_matches_full_statistics(layer3):
+    """Without ``XᵀX`` (a plain RTN start) the per-channel statistics are the full accumulator's, bit for bit."""
+    _, cal, _ = layer3
+    full, light = _hessian(cal["qkv"]), HessianAccumulator(cal["qkv"].shape[1], second_moment=False)
+    for chunk in cal["qkv"].split(4096):
+        light.add(chunk)
+    assert light.sum.numel() == 0 and light.rows == full.rows
+    assert torch.equal(light.abs_mean, full.abs_mean) and torch.equal(light.abs_max, full.abs_max)
+    with pytest.raises(ValueError, match="second_moment=False"):
+        light.hessian  # noqa: B018
+
+
 @pytest.mark.parametrize("key,group", [("qkv", 64), ("down", 64), ("gateup", None)])
 def test_awq_output_error_below_rtn(layer3, key, group):
     weights, cal, ev = layer3

@@ -160,6 +160,21 @@ def test_bad_pipeline_specs(spec, message):
         parse_pipeline(spec)
 
 
+@pytest.mark.parametrize("name, own", [("gptq", "damp=0.1"), ("awq", "n_grid=5"), ("autoround", "iters=9"),
+                                       ("smooth-quant", "alpha=0.3"), ("quantize", "w=int8")])
+def test_calibrating_passes_share_one_calibration_option_set(name, own):
+    """Every pass that reads calibration text takes the same options with the same checks, and prints what it
+    does before the data it read."""
+    from lowbit.passes.base import CalibrationOptions, get_pass
+
+    assert issubclass(get_pass(name).Options, CalibrationOptions)
+    for bad in ("calib_n=0", "calib_len=1", "batch_size=0"):
+        with pytest.raises(PassError, match=f"{name}.*option {bad.split('=')[0]}: Input should be greater"):
+            parse_pipeline(f"{name}({bad})")
+    (p,) = parse_pipeline(f"{name}(calib_n=7,{own})")
+    assert p.spec() == f"{name}({own},calib_n=7)"
+
+
 def test_pipeline_spec_round_trips():
     passes = parse_pipeline("constant-fold(max_elements=10),fold-norms(modules=\"layers\\.1\"),dce")
     assert [p.spec() for p in passes] == ["constant-fold(max_elements=10)", "fold-norms(modules=layers\\.1)", "dce"]

@@ -87,12 +87,18 @@ class HessianAccumulator:
     The sums live on ``device`` (the inputs' device when calibrating on a GPU; default CPU).
     """
 
-    def __init__(self, features: int, chunk_rows: int = 16384, device: torch.device | str | None = None) -> None:
+    def __init__(self, features: int, chunk_rows: int = 16384, device: torch.device | str | None = None,
+                 second_moment: bool = True) -> None:
+        """``second_moment=False`` keeps only the per-channel statistics: plain RTN starts (block tuning without
+        AWQ) never read ``XᵀX``, and its GEMM is the dominant cost of a calibration pass on a CPU."""
         if features < 1:
             raise ValueError(f"HessianAccumulator: features must be positive, got {features}")
         self.features = features
         self.chunk_rows = chunk_rows
-        self.sum = torch.zeros(features, features, dtype=torch.float64, device=device)
+        self.second_moment = second_moment
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.sum = torch.zeros(features if second_moment else 0, features if second_moment else 0,
+                               dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(features, dtype=torch.float64, device=device)
         self.abs_max = torch.zeros(features, device=device)
         self.rows = 0
@@ -104,11 +110,11 @@ class HessianAccumulator:
         x2 = x.detach().reshape(-1, self.features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        x2 = x2.to(self.sum.device)
+        x2 = x2.to(self.device)
         if not x2.shape[0]:
             return
         half = self.features // 2
-        for chunk in x2.split(self.chunk_rows):
+        for chunk in x2.split(self.chunk_rows) if self.second_moment else ():
             # Symmetric: the two diagonal blocks and one off-diagonal block, 3/4 of the full product's work
             # (the one GEMM that matters for GPTQ's cost; 30% faster measured at K = 1536).
             a, b = chunk[:, :half], chunk[:, half:]
@@ -130,6 +136,8 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         """``2/n · XᵀX`` in float64 (GPTQ only needs it up to scale; the 2/n matches the paper's loss)."""
         self._need_rows()
+        if not self.second_moment:
+            raise ValueError("HessianAccumulator: built with second_moment=False, so it has no XᵀX")
         return self.sum * (2.0 / self.rows)
 
     @property

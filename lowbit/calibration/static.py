@@ -51,12 +51,13 @@ def insert_static_qdq(graph: Graph, x: Value, readers: list[Node], scheme: QSche
 def calibrate_static_inputs(graph: Graph, targets: list[tuple[Node, QScheme]], *,
                             text: str = DEFAULT_CALIBRATION_TEXT, n: int = 32, seq_len: int = 512,
                             tokenizer: Any = None, observer: str | None = None,
-                            ids: torch.Tensor | None = None, progress: bool = True,
+                            ids: torch.Tensor | None = None, progress: bool = True, batch_size: int | None = None,
                             device: str | torch.device | None = None) -> dict[str, Any]:
     """Give each target linear's input a static QDQ calibrated on ``n × seq_len`` tokens of ``text``.
 
     ``observer`` overrides the schemes' observer; ``ids`` (``[N, L]``) replaces the text when given. ``device``
-    is where the engine and the observers run; the scales are stored beside the graph's params.
+    is where the engine and the observers run; the scales are stored beside the graph's params. ``batch_size``
+    unset: the graph's static batch, else 8 sequences.
     """
     if ids is None:
         tok = graph_tokenizer(graph, tokenizer) if tokenizer is None or isinstance(tokenizer, str) else tokenizer
@@ -99,11 +100,13 @@ def calibrate_static_inputs(graph: Graph, targets: list[tuple[Node, QScheme]], *
     # a target after the last block (a quantized lm_head) is only seen if the suffix (and its logits) runs
     suffix = [st for st in split_stages(graph) if st.kind == "suffix"]
     needs_suffix = bool(suffix) and any(id(n) in {id(m) for m in suffix[0].nodes} for n, _ in targets)
-    report = run(graph, batches_from_ids(graph, ids), on_node=on_node, on_block=on_block,
+    batches = batches_from_ids(graph, ids, batch_size)
+    report = run(graph, batches, on_node=on_node, on_block=on_block,
                  run_suffix=needs_suffix, progress=progress, device=device)
     missing = [groups[k][0] for k in groups if k not in done]
     if missing:
         names = ", ".join(f"%{n.name} ({n.module})" for n in missing[:5])
         raise RuntimeError(f"static activation calibration never reached the input of linear(s) {names}")
-    return {"sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "static_inputs": len(done),
+    return {"sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "batches": len(batches),
+            "static_inputs": len(done),
             "seconds": round(report.seconds, 2), "peak_cached_mb": round(report.peak_cached_bytes / 2**20, 1)}

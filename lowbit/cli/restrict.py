@@ -71,11 +71,7 @@ def how_restricted(p: Any) -> str | None:
 
 def _restricted_config(p: Any, chosen: list[Unit], all_units: list[Unit]) -> str:
     """Write a QuantConfig quantizing only ``chosen`` as ``p``'s options say; returns its path."""
-    import hashlib
-    import json
-
-    from lowbit.cache import atomic_file, cache_dir
-    from lowbit.ir.qscheme import ModuleRule, QuantConfig
+    from lowbit.ir.qscheme import ModuleRule
 
     cfg = _config_from_options(p)(p.options)
     rules = [ModuleRule(pattern=u.glob, weight=cfg.weight, input=cfg.input) for u in chosen

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT
 from lowbit.ir.graph import Graph
 
 
@@ -21,6 +22,28 @@ class PassOptions(BaseModel):
     """Base of every pass's options: unknown keys are errors, values are checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class CalibrationOptions(PassOptions):
+    """The calibration data of a pass that runs text through the model block by block (GPTQ, AWQ, AutoRound,
+    SmoothQuant, static activation scales): one set of names, defaults and checks for all of them."""
+
+    calib: str = DEFAULT_CALIBRATION_TEXT
+    """Calibration text: a shipped text name or any file path."""
+    calib_n: int = Field(default=32, ge=1)
+    """Calibration sequences (the shipped text has 117 windows of 512; give a longer file for more)."""
+    calib_len: int = Field(default=512, ge=2)
+    """Tokens per calibration sequence."""
+    tokenizer: str | None = None
+    """Tokenizer of the calibration text (``smollm2``, ``minilm`` or a HF tokenizer directory); unset: the one
+    ``compile_model`` loaded with the model, else SmolLM2's."""
+    batch_size: int = Field(default=8, ge=1)
+    """Sequences per calibration batch (the engine runs each block on one batch at a time)."""
+    progress: bool = True
+    """Show the calibration engine's per-block progress bar."""
+    device: str | None = None
+    """Where calibration runs (``cuda``: block runs and statistics on the GPU); unset: where the params are.
+    The graph's params, and what the pass computes for them, stay on their device either way."""
 
 
 @dataclass
@@ -53,9 +76,11 @@ class Pass:
     def spec(self) -> str:
         """This pass as pipeline text, with the options that differ from their defaults."""
         defaults = self.Options()
+        # what the pass does first, the calibration data (inherited, so first in pydantic's order) last
+        items = sorted(self.options.model_dump().items(), key=lambda kv: kv[0] in CalibrationOptions.model_fields)
         diffs = [
-            f"{k}={_fmt(v)}" for k, v in self.options.model_dump().items() if getattr(defaults, k, None) != v
-        ] if _all_defaulted(self.Options) else [f"{k}={_fmt(v)}" for k, v in self.options.model_dump().items()]
+            f"{k}={_fmt(v)}" for k, v in items if getattr(defaults, k, None) != v
+        ] if _all_defaulted(self.Options) else [f"{k}={_fmt(v)}" for k, v in items]
         return f"{self.name}({','.join(diffs)})" if diffs else self.name
 
     def __repr__(self) -> str:

@@ -28,17 +28,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from lowbit.calibration.awq import awq_search_clip, awq_search_scale, scaled_hessian
 from lowbit.calibration.block_tuning import TuneOptions, TuneStats, float_targets, tune_block
-from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, graph_tokenizer
+from lowbit.calibration.data import calibration_ids, graph_tokenizer
 from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages
 from lowbit.calibration.gptq import HessianAccumulator, gptq_quantize, quantize_with, weight_qparams
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites, site_for
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, ModuleRule, QScheme, QuantConfig
 from lowbit.ir.quant import get_qdtype, stored_codes
-from lowbit.passes.base import Pass, PassError, PassOptions, PassResult, register_pass
+from lowbit.passes.base import CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.fold_norms import private_weight
 from lowbit.passes.insert_qdq import WeightPlan, calibration_device, plan, quantize_graph
 
@@ -47,14 +48,14 @@ __all__ = ["WeightCalibrationOptions", "GPTQOptions", "GPTQ", "calibrate_weights
 SITE_KINDS = ("norm", "gated", "attention-v")
 
 
-class WeightCalibrationOptions(PassOptions):
+class WeightCalibrationOptions(CalibrationOptions):
     """What to quantize (as the ``quantize`` pass's weight options) and the calibration data."""
 
     w: str = "int4"
     """Weight qdtype: int8, int4, uint4, int3, int2, or fp8e4m3/fp8e5m2 (rounded as ``quantize`` casts fp8)."""
-    group: int | None = None
+    group: int | None = Field(default=None, gt=0)
     """Weight group size along the input dim; unset: one scale per output channel."""
-    group_fallback: int | None = None
+    group_fallback: int | None = Field(default=None, gt=0)
     """Group size for linears whose input size ``group`` does not divide (SmolLM2's 576 with group=128)."""
     sym: bool = False
     """Symmetric weights (no zero point). Asymmetric is the default for integer weights: it tracks SmolLM2's Q4_1
@@ -62,21 +63,8 @@ class WeightCalibrationOptions(PassOptions):
     explicit sym=false with fp8 is an error."""
     keep: list[str] = []
     """Extra module globs kept float (added to the default lm_head and embeddings)."""
-    calib: str = DEFAULT_CALIBRATION_TEXT
-    """Calibration text: a shipped text name or any file path."""
-    calib_n: int = 64
+    calib_n: int = Field(default=64, ge=1)
     """Calibration sequences (the shipped text has 117 windows of 512; give a longer file for more)."""
-    calib_len: int = 512
-    tokenizer: str | None = None
-    """Tokenizer of the calibration text (``smollm2``, ``minilm`` or a HF tokenizer directory); unset: the one
-    ``compile_model`` loaded with the model, else SmolLM2's."""
-    batch_size: int = 8
-    """Sequences per calibration batch (the engine runs each block on one batch at a time)."""
-    progress: bool = True
-    """Show the calibration engine's per-block progress bar."""
-    device: str | None = None
-    """Where calibration runs (``cuda``: block runs, Hessians and rounding on the GPU); unset: where the params
-    are. The graph's params stay on their device either way."""
 
 
 class GPTQOptions(WeightCalibrationOptions):
@@ -135,6 +123,11 @@ class _Rounding:
     sites: Sequence[str] = SITE_KINDS
     single_pass: bool = False
     tune: TuneOptions | None = None
+
+    @property
+    def needs_hessian(self) -> bool:
+        """GPTQ, AWQ's scale search and its clip search read ``XᵀX``; a plain RTN start does not."""
+        return self.method == "gptq" or self.scale_search or self.clip
 
 
 @dataclass
@@ -209,11 +202,12 @@ def _emit(graph: Graph, results: list[_Result], pass_name: str) -> tuple[int, in
     return stats["quantized_weight_bytes_before"], stats["quantized_weight_bytes_after"]
 
 
-def _round_group(graph: Graph, g: _Group, r: _Rounding, h: torch.Tensor, st: _Stats,
+def _round_group(graph: Graph, g: _Group, r: _Rounding, h: torch.Tensor | None, device: torch.device, st: _Stats,
                  unrounded: dict[int, torch.Tensor] | None = None) -> list[_Result]:
     """Quantize the (already scaled) weights of one group; (plan, codes, scale, zero point, dequantized) each.
 
-    The rounding runs on ``h``'s device (the calibration device); the results go back to each weight's device.
+    ``h`` is ``None`` exactly when ``r`` does not need it (a plain RTN start). The rounding runs on ``device``
+    (the calibration device); the results go back to each weight's device.
     ``unrounded`` receives, per linear node id, the weights the rounding rounded (GPTQ's error-compensated ones),
     on the calibration device: block tuning starts from them."""
     t0 = time.perf_counter()
@@ -224,13 +218,15 @@ def _round_group(graph: Graph, g: _Group, r: _Rounding, h: torch.Tensor, st: _St
         buckets.setdefault((wp.scheme, wp.group), []).append(wp)
     for (scheme, group), wps in buckets.items():
         ws = [wp.node.args[1].data for wp in wps]
-        w = torch.cat([x.float() for x in ws], 0).to(h.device)
+        w = torch.cat([x.float() for x in ws], 0).to(device)
         qd = get_qdtype(scheme.qdtype)
         qparams = None
         if r.clip:
+            assert h is not None, "clip search needs the Hessian (r.needs_hessian)"
             shrink, _ = awq_search_clip(w, h, scheme.qdtype, group, scheme.symmetric, r.n_grid, r.max_shrink)
             qparams = weight_qparams(w, qd, scheme.symmetric, group, shrink)
         if r.method == "gptq":
+            assert h is not None, "GPTQ needs the Hessian (r.needs_hessian)"
             res = gptq_quantize(w, h, scheme.qdtype, group, scheme.symmetric, act_order=r.act_order,
                                 static_groups=r.static_groups, damp=r.damp, block_size=r.block_size,
                                 qparams=qparams)
@@ -293,9 +289,9 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
 
     def round_in_flight(g: _Group, x: torch.Tensor) -> None:
         """All sequences' input of the group is here and its linears have not run: quantize them now."""
-        acc = HessianAccumulator(int(x.shape[-1]), device=x.device)
+        acc = HessianAccumulator(int(x.shape[-1]), device=x.device, second_moment=r.needs_hessian)
         acc.add(x)
-        g.pending = _round_group(graph, g, r, acc.hessian, st)
+        g.pending = _round_group(graph, g, r, acc.hessian if r.needs_hessian else None, acc.device, st)
         for wp, *_, deq in g.pending:  # the block's run continues with the quantized weights
             wv = private_weight(graph, wp.node, 1, users, f"{wp.node.module}.weight")
             graph.set_param(wv.name, deq)
@@ -313,7 +309,7 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
             return
         x = args[0]  # two-pass (or an input from an earlier stage): statistics now, rounding at the block's end
         if g.acc is None:
-            g.acc = HessianAccumulator(int(x.shape[-1]), device=x.device)
+            g.acc = HessianAccumulator(int(x.shape[-1]), device=x.device, second_moment=r.needs_hessian)
         g.acc.add(x)
 
     def on_block(ctx: BlockRun) -> bool:
@@ -326,11 +322,11 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
             float_stream = targets if r.tune.target == "float" else None
         if not ready and not flown:
             return False
-        hessians: dict[int, torch.Tensor] = {}
+        hessians: dict[int, torch.Tensor | None] = {}
         t0 = time.perf_counter()
         for g in ready:  # all scales of the block first: v→o and up→down change weights of other groups
             assert g.acc is not None
-            h = g.acc.hessian
+            h = g.acc.hessian if r.needs_hessian else None
             if r.scale_search and g.site is not None:
                 found = awq_search_scale(
                     g.acc.sum, g.acc.abs_mean, [wp.node.args[1].data for wp in g.plans], g.plans[0].scheme.qdtype,
@@ -351,7 +347,8 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
             g.pending = []
         bases: dict[int, torch.Tensor] | None = {} if r.tune is not None else None
         for g in ready:
-            results += _round_group(graph, g, r, hessians[g.key], st, bases)
+            assert g.acc is not None
+            results += _round_group(graph, g, r, hessians[g.key], g.acc.device, st, bases)
             g.done, g.acc = True, None
         b, a = _emit(graph, results, pass_name)
         st.bytes_before += b

@@ -44,7 +44,7 @@ from lowbit.ir.qscheme import (
     module_matches,
 )
 from lowbit.ir.quant import QDTYPES, Layout, ceil_div_dim, get_qdtype, layout_for, mul_dim, quantize
-from lowbit.passes.base import Pass, PassError, PassOptions, PassResult, register_pass
+from lowbit.passes.base import CalibrationOptions, Pass, PassError, PassResult, register_pass
 
 __all__ = ["InsertQDQ", "InsertQDQOptions", "config_from_options", "quantize_weight", "insert_dynamic_qdq",
            "quantize_graph", "VIEW_OPS"]
@@ -64,8 +64,9 @@ def _is_view(node: Node) -> bool:
     return False
 
 
-class InsertQDQOptions(PassOptions):
-    """Options of ``quantize``; a ``config`` JSON file replaces the w/a/kv options for mixed precision."""
+class InsertQDQOptions(CalibrationOptions):
+    """Options of ``quantize``; a ``config`` JSON file replaces the w/a/kv options for mixed precision. The
+    calibration options (``calib``, ``calib_n``, ...) are read by static activation scales (``a_static``) only."""
 
     w: str | None = None
     """Weight qdtype: int8, uint8, int4, uint4, int3, int2, fp8e4m3, fp8e5m2; unset keeps weights float."""
@@ -106,16 +107,6 @@ class InsertQDQOptions(PassOptions):
     """Extra module globs kept float (added to the default lm_head and embeddings)."""
     config: str | None = None
     """Path of a JSON ``QuantConfig`` (per-module rules); exclusive with w/a/kv."""
-    calib: str = "wikitext2-valid-calib"
-    """Static activations: calibration text (a shipped text name or any file path)."""
-    calib_n: int = Field(default=32, ge=1)
-    calib_len: int = Field(default=512, ge=2)
-    tokenizer: str | None = None
-    """Static activations: tokenizer of the calibration text (``smollm2``, ``minilm`` or a HF tokenizer
-    directory); unset: the one ``compile_model`` loaded with the model, else SmolLM2's."""
-    device: str | None = None
-    """Static activations: where calibration runs (``cuda``); unset: where the params are. Scales stay beside
-    the params either way."""
 
 
 def calibration_device(device: str | None, pass_name: str) -> torch.device | None:
@@ -633,7 +624,10 @@ class InsertQDQ(Pass):
             raise PassError("pass quantize: nothing to quantize: set w=, a= or kv= (e.g. quantize(w=int4,group=64)) "
                             "or config=path.json")
         calibration = {"text": o.calib, "n": o.calib_n, "seq_len": o.calib_len, "tokenizer": o.tokenizer,
-                       "observer": o.a_obs, "device": calibration_device(o.device, self.name)}
+                       "observer": o.a_obs, "progress": o.progress,
+                       # a graph captured at a static batch calibrates at that batch unless the user asks otherwise
+                       "batch_size": o.batch_size if "batch_size" in o.model_fields_set else None,
+                       "device": calibration_device(o.device, self.name)}
         extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
         stats = quantize_graph(graph, cfg, group_fallback=o.group_fallback, calibration=calibration,
                                extra_patterns=extra)

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, graph_tokenizer
+from lowbit.calibration.data import calibration_ids, graph_tokenizer
 from lowbit.calibration.engine import BlockRun, batches_from_ids, run
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites
 from lowbit.calibration.smoothquant import search_alpha, smoothquant_scale
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
-from lowbit.passes.base import Pass, PassError, PassOptions, PassResult, register_pass
+from lowbit.passes.base import CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.insert_qdq import calibration_device
 
 __all__ = ["SmoothQuant", "SmoothQuantOptions"]
@@ -35,7 +35,7 @@ __all__ = ["SmoothQuant", "SmoothQuantOptions"]
 SITE_KINDS = ("norm", "gated", "attention-v")
 
 
-class SmoothQuantOptions(PassOptions):
+class SmoothQuantOptions(CalibrationOptions):
     alpha: float = 0.5
     """Migration strength: 0 leaves activations alone, 1 moves all of their range into the weights."""
     search: bool = False
@@ -51,16 +51,6 @@ class SmoothQuantOptions(PassOptions):
     set it so that ``w8a8`` runs on any model."""
     samples: int = 4096
     """Search: tokens kept per site (evenly spread over the calibration batches)."""
-    calib: str = DEFAULT_CALIBRATION_TEXT
-    calib_n: int = 32
-    calib_len: int = 512
-    tokenizer: str | None = None
-    """Tokenizer of the calibration text (``smollm2``, ``minilm`` or a HF tokenizer directory); unset: the one
-    ``compile_model`` loaded with the model, else SmolLM2's."""
-    batch_size: int = 8
-    progress: bool = True
-    device: str | None = None
-    """Where calibration runs (``cuda``); unset: where the params are. The folded scales land beside the params."""
 
 
 @dataclass

@@ -3,7 +3,9 @@
 One run, one machine: the float model and every scheme are captured once, quantized from the same float graph
 and scored on the same 40 windows, so the ratios ``value / float_value`` compare like with like.
 
-    python bench/accuracy_rtn.py --out bench/results/accuracy_rtn_draft.json [--device cuda] [--model PATH.gguf]
+    python tools/bench_rtn.py [--out bench/results/accuracy_rtn_draft.json] [--device cuda] [--model PATH.gguf]
+
+Rows are merged into the results file by (model, scheme, method, variant, eval, device), as the other benchmarks do.
 
 Each row's ``pipeline`` is the exact pass pipeline applied; ``scheme`` follows ../shared/RESULTS.md names, and
 variants of one scheme (observer, symmetry, KV group/window) carry a ``variant`` key.
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_io import machine, merge_rows
 
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.eval import EVALS, perplexity
@@ -79,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    dev_name = machine(device)
     model, tok, kind = load_model(args.model)
     assert kind == "causal-lm"
     if args.tokenizer:
@@ -104,7 +107,6 @@ def main() -> None:
     only = {s for s in args.only.split(",") if s}
     rows = []
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     float_value = None
     import lowbit
 
@@ -153,7 +155,7 @@ def main() -> None:
             row["param_bytes_after"] = stats.get("param_bytes_after")
         rows.append(row)
         print(json.dumps(row), flush=True)
-        out.write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
+        merge_rows(out, header, rows)
         del compiled, g
         if device.type == "cuda":
             torch.cuda.empty_cache()
