@@ -86,6 +86,23 @@ ROWS: list[tuple[str, str, str, str | None]] = [
     ("w4a16-g128", "awq", "g128, g64 where 576", "awq(w=int4,group=128,group_fallback=64,sym=false,{cal})"),
     ("w8a8kv4", "rtn", "", "quantize(w=int8,a=int8,kv=int4,kv_group=32,kv_sink=1,kv_window=32)"),
     ("fp8", "rtn", "", "quantize(w=fp8e4m3,a=fp8e4m3)"),
+    # W4A4 (no rotation yet: the rotation issue's `rotate` pass is what w4a4kv4 waits for) and KV2 on W8A8
+    ("w8a8kv2", "smoothquant", "alpha search + w8a8 + kv2 (k per-channel/32 tokens, v per-token/16, sink 1, window 64)",
+     "smooth-quant(search=true,{cal}),quantize(w=int8,a=int8,kv=int2,k_group=32,v_group=16,kv_sink=1,kv_window=64)"),
+    ("w8a8kv2", "rtn", "",
+     "quantize(w=int8,a=int8,kv=int2,k_group=32,v_group=16,kv_sink=1,kv_window=64)"),
+    ("w4a4", "rtn", "g64 W, per-token A4",
+     "quantize(w=int4,group=64,sym=false,a=int4)"),
+    ("w4a4", "rtn", "g64 W, A4 per 64-channel group of each token",
+     "quantize(w=int4,group=64,sym=false,a=int4,a_group=64)"),
+    ("w4a4", "gptq", "SQ + awq/clip/gptq g64 + A4 per 64 channels",
+     "smooth-quant(search=true,{cal}),gptq(w=int4,group=64,sym=false,awq=true,clip=true,{cal}),"
+     "quantize(a=int4,a_group=64)"),
+    ("w4a4", "autoround", "SQ + A4 per 64 channels first, then AutoRound g64 (activations in the loop)",
+     "smooth-quant(search=true,{cal}),quantize(a=int4,a_group=64),autoround(w=int4,group=64,sym=false,{cal})"),
+    ("w4a4", "autoround", "SQ + AutoRound (awq scales + clip start) g64 + A4 per 64 channels",
+     "smooth-quant(search=true,{cal}),autoround(w=int4,group=64,sym=false,awq=true,clip=true,{cal}),"
+     "quantize(a=int4,a_group=64)"),
 ]
 
 
