@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 from lowbit.ir.graph import Graph, Node, Value, blocks
 from lowbit.ir.ops import resolve
 
-__all__ = ["BLOCK_PATTERN", "Stage", "BlockRun", "CalibrationReport", "NodeHook", "BlockHook", "Replacement", "split_stages",
-           "run", "batches_from_ids", "CalibrationError", "resolve_device", "home_device"]
+__all__ = ["BLOCK_PATTERN", "Stage", "BlockRun", "CalibrationReport", "NodeHook", "BlockHook", "Replacement",
+           "split_stages", "run", "batches_from_ids", "static_batch", "CalibrationError", "resolve_device",
+           "home_device"]
 
 BLOCK_PATTERN = r"^((?:[A-Za-z_]\w*\.)*?(?:layers|layer|h|blocks)\.\d+)(?=\.|$)"
 """Module-path prefix of a repeated block, with or without a wrapper prefix (``model.layers.3``,
@@ -309,6 +310,15 @@ def _nbytes(x: Any) -> int:
     return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
 
 
+def static_batch(graph: Graph) -> int | None:
+    """The batch size ``graph`` was captured with, when its first input's batch dim is static (it can take no
+    other); None when the batch is dynamic."""
+    if not graph.inputs:
+        return None
+    b = graph.inputs[0].tensor_type.shape[0]
+    return b if isinstance(b, int) else None
+
+
 def batches_from_ids(graph: Graph, ids: torch.Tensor, batch_size: int | None = None) -> list[tuple[torch.Tensor]]:
     """Split ``[N, L]`` ids into batches the graph accepts (one sequence at a time if it was captured at batch 1).
 
@@ -321,8 +331,7 @@ def batches_from_ids(graph: Graph, ids: torch.Tensor, batch_size: int | None = N
         raise CalibrationError(f"the graph takes {len(graph.inputs)} inputs ({', '.join(names)}); calibration "
                                "from token ids feeds (input_ids) or (input_ids, attention_mask): build the batches "
                                "yourself")
-    t = graph.inputs[0].tensor_type
-    static_b = t.shape[0] if isinstance(t.shape[0], int) else None
+    static_b = static_batch(graph)
     if batch_size is None:
         batch_size = static_b or 8
     if static_b is not None and batch_size != static_b:

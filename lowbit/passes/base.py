@@ -12,9 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT
+from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, graph_tokenizer
+from lowbit.calibration.engine import CalibrationError, resolve_device, static_batch
 from lowbit.ir.graph import Graph
 
 
@@ -44,6 +46,26 @@ class CalibrationOptions(PassOptions):
     device: str | None = None
     """Where calibration runs (``cuda``: block runs and statistics on the GPU); unset: where the params are.
     The graph's params, and what the pass computes for them, stay on their device either way."""
+
+    def torch_device(self, pass_name: str) -> torch.device | None:
+        """``device`` as a torch device (None: where the params are), or a PassError naming the option."""
+        try:
+            return resolve_device(self.device)
+        except CalibrationError as exc:
+            raise PassError(f"pass {pass_name}: option device={self.device!r}: {exc}") from None
+
+    def token_ids(self, graph: Graph, pass_name: str) -> torch.Tensor:
+        """The ``[calib_n, calib_len]`` calibration windows, tokenized as ``graph``'s model reads text."""
+        tok = graph_tokenizer(graph, self.tokenizer)
+        try:
+            return calibration_ids(self.calib, tok, self.calib_n, self.calib_len)
+        except (ValueError, FileNotFoundError) as exc:
+            raise PassError(f"pass {pass_name}: option calib={self.calib!r}: {exc}") from None
+
+    def batch_size_for(self, graph: Graph) -> int:
+        """``batch_size``, unless ``graph`` was captured with a static batch: it can take no other."""
+        static = static_batch(graph)
+        return static if static is not None else self.batch_size
 
 
 @dataclass

@@ -32,8 +32,7 @@ from pydantic import Field
 
 from lowbit.calibration.awq import awq_search_clip, awq_search_scale, scaled_hessian
 from lowbit.calibration.block_tuning import TuneOptions, TuneStats, float_targets, tune_block
-from lowbit.calibration.data import calibration_ids, graph_tokenizer
-from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages
+from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages, static_batch
 from lowbit.calibration.gptq import HessianAccumulator, gptq_quantize, quantize_with, weight_qparams
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites, site_for
 from lowbit.ir.graph import Graph, Node
@@ -41,7 +40,7 @@ from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, ModuleRule, QScheme, QuantConf
 from lowbit.ir.quant import get_qdtype, stored_codes
 from lowbit.passes.base import CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.fold_norms import private_weight
-from lowbit.passes.insert_qdq import WeightPlan, calibration_device, plan, quantize_graph
+from lowbit.passes.insert_qdq import WeightPlan, plan, quantize_graph
 
 __all__ = ["WeightCalibrationOptions", "GPTQOptions", "GPTQ", "calibrate_weights", "SITE_KINDS"]
 
@@ -257,7 +256,7 @@ def _round_group(graph: Graph, g: _Group, r: _Rounding, h: torch.Tensor | None, 
 def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, pass_name: str) -> dict[str, Any]:
     """Run the calibration engine over ``graph`` and quantize every target linear, block by block."""
     t_start = time.perf_counter()
-    device = calibration_device(o.device, pass_name)
+    device = o.torch_device(pass_name)
     cfg, _ = _config(o, pass_name)
     extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
     try:
@@ -359,21 +358,15 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
         # Rounded in flight, the block already ran with its quantized weights: its outputs stand.
         return bool(ready)
 
-    tok = graph_tokenizer(graph, o.tokenizer)
-    try:
-        ids = calibration_ids(o.calib, tok, o.calib_n, o.calib_len)
-    except (ValueError, FileNotFoundError) as exc:
-        raise PassError(f"pass {pass_name}: option calib={o.calib!r}: {exc}") from None
+    ids = o.token_ids(graph, pass_name)
     suffix = [s for s in split_stages(graph) if s.kind == "suffix"]
     in_suffix = {id(n) for n in suffix[0].nodes} if suffix else set()
     # single pass: every sequence in one batch, so a linear's input is complete before the linear runs; a graph
     # captured with a static batch cannot take that batch, and runs each block twice instead
-    static_batch = graph.inputs[0].tensor_type.shape[0] if len(graph.inputs) == 1 else None
-    if r.single_pass and isinstance(static_batch, int) and static_batch != ids.shape[0]:
+    if r.single_pass and static_batch(graph) not in (None, ids.shape[0]):
         r.single_pass = False
         by_input.clear()
-    batch_size = int(ids.shape[0]) if r.single_pass else (static_batch if isinstance(static_batch, int)
-                                                          else o.batch_size)
+    batch_size = int(ids.shape[0]) if r.single_pass else o.batch_size_for(graph)
     report = run(graph, batches_from_ids(graph, ids, batch_size), on_node=on_node, on_block=on_block,
                  run_suffix=any(id(wp.node) in in_suffix for wp in p.weights), progress=o.progress, device=device)
     missing = [g.plans[0].node for g in groups.values() if not g.done]

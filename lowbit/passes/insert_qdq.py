@@ -32,7 +32,6 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError
 
-from lowbit.calibration.engine import CalibrationError, resolve_device
 from lowbit.calibration.observers import make_observer
 from lowbit.ir.graph import Graph, Node, TensorType, Value
 from lowbit.ir.qscheme import (
@@ -107,14 +106,6 @@ class InsertQDQOptions(CalibrationOptions):
     """Extra module globs kept float (added to the default lm_head and embeddings)."""
     config: str | None = None
     """Path of a JSON ``QuantConfig`` (per-module rules); exclusive with w/a/kv."""
-
-
-def calibration_device(device: str | None, pass_name: str) -> torch.device | None:
-    """A calibrating pass's ``device`` option as a torch device (None: where the params are), or a PassError."""
-    try:
-        return resolve_device(device)
-    except CalibrationError as exc:
-        raise PassError(f"pass {pass_name}: option device={device!r}: {exc}") from None
 
 
 def config_from_options(o: InsertQDQOptions) -> QuantConfig:
@@ -624,10 +615,8 @@ class InsertQDQ(Pass):
             raise PassError("pass quantize: nothing to quantize: set w=, a= or kv= (e.g. quantize(w=int4,group=64)) "
                             "or config=path.json")
         calibration = {"text": o.calib, "n": o.calib_n, "seq_len": o.calib_len, "tokenizer": o.tokenizer,
-                       "observer": o.a_obs, "progress": o.progress,
-                       # a graph captured at a static batch calibrates at that batch unless the user asks otherwise
-                       "batch_size": o.batch_size if "batch_size" in o.model_fields_set else None,
-                       "device": calibration_device(o.device, self.name)}
+                       "observer": o.a_obs, "progress": o.progress, "batch_size": o.batch_size_for(graph),
+                       "device": o.torch_device(self.name)}
         extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
         stats = quantize_graph(graph, cfg, group_fallback=o.group_fallback, calibration=calibration,
                                extra_patterns=extra)

@@ -21,14 +21,12 @@ from typing import Any
 
 import torch
 
-from lowbit.calibration.data import calibration_ids, graph_tokenizer
 from lowbit.calibration.engine import BlockRun, batches_from_ids, run
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites
 from lowbit.calibration.smoothquant import search_alpha, smoothquant_scale
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
 from lowbit.passes.base import CalibrationOptions, Pass, PassError, PassResult, register_pass
-from lowbit.passes.insert_qdq import calibration_device
 
 __all__ = ["SmoothQuant", "SmoothQuantOptions"]
 
@@ -71,7 +69,7 @@ class SmoothQuant(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         o: SmoothQuantOptions = self.options  # type: ignore[assignment]
-        device = calibration_device(o.device, self.name)
+        device = o.torch_device(self.name)
         if not 0.0 <= o.alpha <= 1.0:
             raise PassError(f"pass smooth-quant: option alpha={o.alpha} must be in [0, 1]")
         bad = sorted(set(o.sites) - set(SITE_KINDS))
@@ -120,13 +118,8 @@ class SmoothQuant(Pass):
                 ss.done, ss.sample = True, []
             return False  # exact: the block's outputs do not change
 
-        tok = graph_tokenizer(graph, o.tokenizer)
-        try:
-            ids = calibration_ids(o.calib, tok, o.calib_n, o.calib_len)
-        except (ValueError, FileNotFoundError) as exc:
-            raise PassError(f"pass smooth-quant: option calib={o.calib!r}: {exc}") from None
-        static_batch = graph.inputs[0].tensor_type.shape[0] if len(graph.inputs) == 1 else None
-        batches = batches_from_ids(graph, ids, static_batch if isinstance(static_batch, int) else o.batch_size)
+        ids = o.token_ids(graph, self.name)
+        batches = batches_from_ids(graph, ids, o.batch_size_for(graph))
         per_batch = max(1, o.samples // len(batches))
         report = run(graph, batches, on_node=on_node, on_block=on_block, progress=o.progress, device=device)
         missing = [ss.site.name for ss in stats_of.values() if not ss.done]
