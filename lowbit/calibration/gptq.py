@@ -97,10 +97,10 @@ class HessianAccumulator:
         self.chunk_rows = chunk_rows
         self.second_moment = second_moment
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.sum = torch.zeros(features if second_moment else 0, features if second_moment else 0,
-                               dtype=torch.float64, device=device)
-        self.abs_sum = torch.zeros(features, dtype=torch.float64, device=device)
-        self.abs_max = torch.zeros(features, device=device)
+        k2 = features if second_moment else 0
+        self.sum = torch.zeros(k2, k2, dtype=torch.float64, device=self.device)
+        self.abs_sum = torch.zeros(features, dtype=torch.float64, device=self.device)
+        self.abs_max = torch.zeros(features, device=self.device)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:

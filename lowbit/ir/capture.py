@@ -24,7 +24,6 @@ from torch.utils import _pytree as pytree
 from lowbit.ir.graph import Graph, Node, SymType, Symbol, TensorType, Value, ValueType
 
 
-
 def _finite_int(bound: Any) -> int | None:
     """A range bound as an int, or None where it is unbounded (sympy ``oo`` or torch's ``int_oo``)."""
     try:

@@ -179,7 +179,7 @@ def _zero_point(ctx: LoweringContext, zp: Any, qd: QDType, kind: str, transpose:
 @lowering("quantize")
 def _quantize(ctx: LoweringContext, node: Node) -> ir.Value:
     x, scale = node.args[0], node.args[1]
-    zp = node.args[2] if len(node.args) > 2 else node.kwargs.get("zero_point")
+    zp = node.arg(2, "zero_point")
     qd = _qdtype(node)
     onnx_type = ONNX_QTYPE[qd.name]
     kind = _granularity(node, x, scale)
@@ -222,7 +222,7 @@ def _quantize(ctx: LoweringContext, node: Node) -> ir.Value:
 def _dequantize_param(ctx: LoweringContext, node: Node, *, transpose: bool) -> ir.Value:
     """DequantizeLinear of a quantized parameter, optionally on its transpose (``[N, K]`` → ``[K, N]``)."""
     q, scale = node.args[0], node.args[1]
-    zp = node.args[2] if len(node.args) > 2 else node.kwargs.get("zero_point")
+    zp = node.arg(2, "zero_point")
     qd = _qdtype(node)
     onnx_type = ONNX_QTYPE[qd.name]
     shape = list(_logical_shape(q, qd))
@@ -252,7 +252,7 @@ def _dequantize_param(ctx: LoweringContext, node: Node, *, transpose: bool) -> i
 
 
 def _params(node: Node) -> bool:
-    zp = node.args[2] if len(node.args) > 2 else node.kwargs.get("zero_point")
+    zp = node.arg(2, "zero_point")
     return all(isinstance(a, Value) and a.is_param for a in (node.args[0], node.args[1])) and (
         zp is None or (isinstance(zp, Value) and zp.is_param))
 
@@ -260,7 +260,7 @@ def _params(node: Node) -> bool:
 @lowering("dequantize")
 def _dequantize(ctx: LoweringContext, node: Node) -> ir.Value:
     q, scale = node.args[0], node.args[1]
-    zp = node.args[2] if len(node.args) > 2 else node.kwargs.get("zero_point")
+    zp = node.arg(2, "zero_point")
     qd = _qdtype(node)
     out_dtype = node.kwargs.get("out_dtype", torch.float32)
     if _params(node):
@@ -329,7 +329,7 @@ def _matmulnbits_linear(ctx: LoweringContext, linear: Node) -> ir.Value | None:
     if not qd.packed or not _only_linear_weight_reads(ctx, dq.outputs[0]):
         return None
     q, scale = dq.args[0], dq.args[1]
-    zp = dq.args[2] if len(dq.args) > 2 else dq.kwargs.get("zero_point")
+    zp = dq.arg(2, "zero_point")
     if q.data.dim() != 2:
         return None
     codes = _nibbles(q.data)  # two's-complement nibbles for signed types: code ^ 8 = q + 8
@@ -407,8 +407,8 @@ def _integer_linear(ctx: LoweringContext, linear: Node) -> ir.Value | None:
         return _dynamic_u8_linear(ctx, qx, dqx, dqw)
     if _qdtype(dqx).name != "int8" or _qdtype(qx).name != "int8":
         return None
-    zx = qx.args[2] if len(qx.args) > 2 else qx.kwargs.get("zero_point")
-    zw = dqw.args[2] if len(dqw.args) > 2 else dqw.kwargs.get("zero_point")
+    zx = qx.arg(2, "zero_point")
+    zw = dqw.arg(2, "zero_point")
     if not (_zero_free(zx) and _zero_free(zw)) or qx.args[1] is not dqx.args[1]:
         return None
     x0, sx = qx.args[0], qx.args[1]
@@ -460,15 +460,15 @@ def _dynamic_u8_linear(ctx: LoweringContext, qx: Node, dqx: Node, dqw: Node) -> 
     into ``DynamicQuantizeMatMul`` and shares one read by several (q/k/v) among MatMulIntegerToFloats.
     """
     x0, sx = qx.args[0], qx.args[1]
-    zx = qx.args[2] if len(qx.args) > 2 else qx.kwargs.get("zero_point")
-    dzx = dqx.args[2] if len(dqx.args) > 2 else dqx.kwargs.get("zero_point")
+    zx = qx.arg(2, "zero_point")
+    dzx = dqx.arg(2, "zero_point")
     p = _producer(sx, "dynamic_qparams")
     if (p is None or dqx.args[1] is not sx or zx is None or dzx is not zx or p.outputs[0] is not sx
             or p.outputs[1] is not zx or p.args[0] is not x0 or _qdtype(p).name != "uint8"
             or p.kwargs.get("granularity") != "per_tensor" or bool(p.kwargs.get("symmetric", True))
             or _granularity(qx, x0, sx) != "tensor" or ctx.dtype(x0) != torch.float32):
         return None
-    zw = dqw.args[2] if len(dqw.args) > 2 else dqw.kwargs.get("zero_point")
+    zw = dqw.arg(2, "zero_point")
     kind_w = _granularity(dqw, dqw.args[0], dqw.args[1])
     if not _zero_free(zw) or kind_w == "block" or (kind_w == "axis" and _axis(dqw, 2) != 0):
         return None

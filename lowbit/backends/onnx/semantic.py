@@ -67,7 +67,7 @@ def _as_node(ctx: LoweringContext, node: Node, fn: TransposedWeightFn) -> ir.Val
 @lowering("linear")
 def _linear(ctx: LoweringContext, node: Node) -> ir.Value:
     x, w = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    bias = node.arg(2, "bias")
     if ctx.rank(w) != 2:
         raise NotLowerable(f"linear weight of rank {ctx.rank(w)}")
     out = None
@@ -122,7 +122,7 @@ def _rms_norm(ctx: LoweringContext, node: Node) -> ir.Value:
 def _layer_norm(ctx: LoweringContext, node: Node) -> ir.Value:
     x = node.args[0]
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    bias = node.arg(2, "bias")
     shape = list(node.kwargs["normalized_shape"])
     dtype = ctx.dtype(x)
     scale = ctx.v(weight) if weight is not None else ctx.const(np.ones(shape), dtype)
