@@ -140,6 +140,16 @@ def test_gptq_column_loop_on_cuda_matches_cpu(smollm2):
     torch.testing.assert_close(gpu_h.hessian.cpu(), acc.hessian, rtol=1e-5, atol=1e-6 * float(acc.hessian.abs().max()))
 
 
+def _on_cpu_and_cuda(graph, pass_text: str):
+    """(CPU-calibrated clone, CUDA-calibrated clone, the CUDA run's report) of ``pass_text`` ending in ``)``."""
+    from lowbit.passes.manager import PassManager
+
+    cpu, gpu = graph.clone(), graph.clone()
+    PassManager(pass_text).run(cpu)
+    report = PassManager(pass_text[:-1] + ",device=cuda)").run(gpu)
+    return cpu, gpu, report
+
+
 def _agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return sum(int((a[k] == b[k]).sum()) for k in a) / sum(t.numel() for t in a.values())
 
@@ -151,14 +161,11 @@ def test_gptq_on_cuda_matches_cpu(two_blocks):
     from lowbit.eval.perplexity import token_ids, windows
     from lowbit.ir.printer import print_graph
     from lowbit.models import load_smollm2_tokenizer
-    from lowbit.passes.manager import PassManager
 
     if not CALIB_TEXT.is_file():
         pytest.skip(f"calibration text {CALIB_TEXT} is not on this machine")
     cal = f"calib={CALIB_TEXT},calib_n=16,calib_len=256,progress=false"
-    cpu, gpu = two_blocks.clone(), two_blocks.clone()
-    PassManager(f"gptq(w=int4,group=64,sym=false,{cal})").run(cpu)
-    report = PassManager(f"gptq(w=int4,group=64,sym=false,{cal},device=cuda)").run(gpu)
+    cpu, gpu, report = _on_cpu_and_cuda(two_blocks, f"gptq(w=int4,group=64,sym=false,{cal})")
     assert report.records[0].stats["device"].startswith("cuda")
     assert print_graph(cpu) == print_graph(gpu)
     assert all(v.data.device.type == "cpu" for v in gpu.params.values())
@@ -178,20 +185,14 @@ def test_gptq_on_cuda_matches_cpu(two_blocks):
 @pytest.mark.gpu
 def test_smooth_quant_and_awq_on_cuda_match_cpu(two_blocks):
     """SmoothQuant on CUDA writes the CPU's weights up to float rounding; AWQ's codes mostly agree."""
-    from lowbit.passes.manager import PassManager
-
     if not CALIB_TEXT.is_file():
         pytest.skip(f"calibration text {CALIB_TEXT} is not on this machine")
     cal = f"calib={CALIB_TEXT},calib_n=8,calib_len=256,progress=false"
-    cpu, gpu = two_blocks.clone(), two_blocks.clone()
-    PassManager(f"smooth-quant(search=true,{cal})").run(cpu)
-    PassManager(f"smooth-quant(search=true,{cal},device=cuda)").run(gpu)
+    cpu, gpu, _ = _on_cpu_and_cuda(two_blocks, f"smooth-quant(search=true,{cal})")
     for name, v in cpu.params.items():
         assert gpu.params[name].data.device.type == "cpu"
         torch.testing.assert_close(gpu.params[name].data, v.data, rtol=1e-4, atol=1e-6, msg=name)
-    cpu, gpu = two_blocks.clone(), two_blocks.clone()
-    PassManager(f"awq(w=int4,group=64,sym=false,{cal})").run(cpu)
-    PassManager(f"awq(w=int4,group=64,sym=false,{cal},device=cuda)").run(gpu)
+    cpu, gpu, _ = _on_cpu_and_cuda(two_blocks, f"awq(w=int4,group=64,sym=false,{cal})")
     agree = _agreement(_codes(cpu), _codes(gpu))
     print(f"awq: {agree:.5f} of the codes agree")
     assert agree >= AWQ_CODES_AGREE, f"{agree:.5f} of the codes agree"
