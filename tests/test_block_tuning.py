@@ -6,18 +6,15 @@ windows of the test split the tuning never saw.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import CALIB_TEXT
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.calibration.block_tuning import TunedWeight, _replacements
 from lowbit.calibration.engine import BlockRun, _DeviceParams, _execute, _exports, split_stages
 from lowbit.ir.ops import resolve
 from lowbit.passes.manager import PassManager, PipelineError
-
-CALIB_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_valid_tokenized.txt"
 
 
 @pytest.fixture(scope="module")

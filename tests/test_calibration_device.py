@@ -11,14 +11,12 @@ is checked on one Hessian (codes nearly all agree, same loss), and the pass by i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import CALIB_TEXT
 from lowbit.ir.quant import unpack_int4
 
-CALIB_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_valid_tokenized.txt"
 TINY_CAL = "calib_n=4,calib_len=32,progress=false"
 LOOP_AGREE = 0.995
 """``gptq_quantize`` on CUDA vs CPU, same Hessian: share of identical codes (seen on an H100: 0.99946 for layer 0

@@ -9,11 +9,11 @@ dequantized, so group-32 asymmetric RTN would be lossless: the comparisons use g
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import CALIB_TEXT
 from lowbit.calibration.awq import awq_search_clip, awq_search_scale, scaled_hessian
 from lowbit.calibration.gptq import (
     HessianAccumulator,
@@ -27,7 +27,6 @@ from lowbit.calibration.scale_migration import divide_norm, divide_rows, gqa_exp
 from lowbit.calibration.smoothquant import int8_output_error, search_alpha, smoothquant_scale
 from lowbit.ir.quant import dequantize, pack_int4
 
-CALIB_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_valid_tokenized.txt"
 LAYER = 3
 N_CAL, N_EVAL, SEQ = 16, 8, 512
 GROUPS = {  # linears sharing one input → that input's name
