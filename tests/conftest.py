@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,9 @@ from hypothesis import settings
 
 from lowbit.models import SentenceEmbedder, load_minilm, load_smollm2
 
-CALIB_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_valid_tokenized.txt"
-"""The repo's sibling ``shared/data`` calibration text (WikiText-2 validation); tests that need it skip without."""
+CALIB_TEXT = "wikitext2-valid-calib"
+"""The calibration text the package ships (``lowbit/data``: WikiText-2 validation, first ~250 KB, ~60k SmolLM2
+tokens), by name: every test runs on a fresh clone, with nothing beside the repository."""
 
 # CI must not fail on a draw it never saw before: property tests replay the same examples on every run unless
 # HYPOTHESIS_PROFILE=explore asks for fresh ones (run that locally when changing an invariant).

@@ -82,11 +82,11 @@ def test_activation_quantizers_run_straight_through(block1):
     assert all(t.v.grad is not None and float(t.v.grad.abs().sum()) > 0 for t in tuned)
 
 
-@pytest.mark.skipif(not CALIB_TEXT.is_file(), reason="calibration text not on this machine")
 def test_autoround_beats_rtn_on_held_out_text(block1):
     """AutoRound (RTN start, 60 steps) gives logits much closer to float than RTN on held-out WikiText-2 test
     windows, and the tuned block's calibration loss went down (the stats say the block was kept). Measured:
-    RTN 0.322, GPTQ 0.19–0.20, AutoRound 100 steps 0.167 (mean squared logit error)."""
+    RTN 0.322, GPTQ 0.19–0.20, AutoRound 100 steps 0.167 (mean squared logit error); AutoRound 60 steps on the
+    shipped calibration text 0.183 (tuning loss 0.0318 -> 0.0105, 14% of the codes changed)."""
     graph, ids, ref = block1
     cal = f"calib={CALIB_TEXT},calib_n=16,calib_len=256,progress=false"
     errors, stats = {}, {}
