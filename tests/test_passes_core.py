@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.instruments import NumericCheck
 from lowbit.ir.graph import Graph
 from lowbit.ir.parser import parse_graph
 from lowbit.ir.printer import print_graph
 from lowbit.passes.base import Pass, PassError, PassResult, register_pass
-from lowbit.passes.manager import NumericCheck, PassManager, PipelineError, PrintIR, parse_pipeline
+from lowbit.passes.manager import PassManager, PipelineError, PrintIR, parse_pipeline
 
 # ---- golden IR: input text, pass, expected text --------------------------------------------------
 

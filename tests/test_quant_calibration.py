@@ -13,11 +13,11 @@ from transformers import AutoConfig, LlamaForCausalLM
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.calibration import engine
 from lowbit.calibration.data import calibration_ids
+from lowbit.calibration.observers import fake_quant
 from lowbit.data import read_text
 from lowbit.ir.capture import capture
 from lowbit.ir.graph import TensorType
 from lowbit.ir.qscheme import QScheme
-from lowbit.ir.quant import fake_quant
 from lowbit.models import CausalLMLogits
 
 SEQ = {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}}
@@ -60,8 +60,8 @@ def test_calibration_data_errors_say_what_is_wrong(smollm2, tmp_path):
 
 def _random_llama(layers: int, seed: int = 0) -> torch.nn.Module:
     """Random weights, SmolLM2-135M's architecture (hidden 576, MLP 1536, 9 heads, 3 KV heads), ``layers`` deep."""
-    from lowbit.models import SMOLLM2_CACHE
     from lowbit.cache import cache_dir
+    from lowbit.models import SMOLLM2_CACHE
 
     cfg = AutoConfig.from_pretrained(cache_dir() / SMOLLM2_CACHE, local_files_only=True)
     cfg.num_hidden_layers = layers

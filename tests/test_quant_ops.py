@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lowbit.calibration.observers import fake_quant
 from lowbit.ir.qscheme import KVCacheScheme, QScheme, QuantConfig, module_matches
 from lowbit.ir.quant import (
     QDTYPES,
@@ -16,7 +17,6 @@ from lowbit.ir.quant import (
     dequantize,
     dynamic_layout,
     dynamic_qparams,
-    fake_quant,
     get_qdtype,
     group_view,
     pack_int4,

@@ -1,7 +1,7 @@
 """Calibration data: N sequences of L tokens from any text file, the same ones every run.
 
 The text is read whole (``lowbit.data.read_text``: a shipped text name or any path), tokenized once without
-special tokens (cached, ``lowbit.eval.perplexity.token_ids``) and cut into non-overlapping windows of L
+special tokens (cached, ``lowbit.data.tokens.token_ids``) and cut into non-overlapping windows of L
 tokens; N of them are taken evenly spaced through the text, so a calibration set covers the whole file
 rather than its first articles, and depends on nothing but the text, the tokenizer, N and L. A tokenizer with
 both a CLS and a SEP token (BERT-style encoders such as MiniLM) gets each window as ``[CLS] ... [SEP]`` of L
@@ -15,6 +15,8 @@ import os
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lowbit.data.model_files import load_tokenizer
+from lowbit.data.tokens import token_ids
 from lowbit.ir.graph import Graph
 
 __all__ = ["calibration_ids", "load_tokenizer", "graph_tokenizer", "DEFAULT_CALIBRATION_TEXT"]
@@ -27,8 +29,6 @@ For 128 × 512 tokens give the whole split, e.g. ``../shared/data/wikitext2_vali
 def calibration_ids(text: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase, n: int, seq_len: int
                     ) -> torch.Tensor:
     """``[n, seq_len]`` int64 token ids from ``text``; errors say how much text the request needs."""
-    from lowbit.eval.perplexity import token_ids
-
     if n < 1 or seq_len < 2:
         raise ValueError(f"calibration needs n >= 1 sequences of seq_len >= 2 tokens, got n={n}, seq_len={seq_len}")
     ids = token_ids(text, tokenizer)
@@ -53,25 +53,6 @@ def calibration_ids_plain(ids: torch.Tensor, text: str | os.PathLike[str], n: in
             "shorter ones")
     starts = (torch.arange(n) * available // n) * seq_len
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
-
-
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """``smollm2`` (the shipped model's tokenizer) or a local Hugging Face tokenizer directory."""
-    if name_or_path == "smollm2":
-        from lowbit.models import load_smollm2_tokenizer
-
-        return load_smollm2_tokenizer()
-    if name_or_path == "minilm":
-        from transformers import AutoTokenizer
-
-        from lowbit.models import minilm_dir
-
-        return AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
-    from transformers import AutoTokenizer
-
-    if not os.path.isdir(name_or_path):
-        raise ValueError(f"tokenizer {name_or_path!r}: give 'smollm2', 'minilm' or a local tokenizer directory")
-    return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
 
 
 def graph_tokenizer(graph: Graph, name: str | None) -> PreTrainedTokenizerBase:

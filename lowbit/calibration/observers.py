@@ -20,14 +20,27 @@ shaped for the QDQ ops.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from lowbit.ir.quant import Layout, QDType, from_groups, get_qdtype, group_view, qparams_from_range
+from lowbit.ir.quant import (
+    Layout,
+    QDType,
+    Role,
+    fake_quant_with,
+    from_groups,
+    get_qdtype,
+    group_view,
+    layout_for,
+    qparams_from_range,
+)
+
+if TYPE_CHECKING:
+    from lowbit.ir.qscheme import QScheme
 
 __all__ = ["Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
-           "HistogramObserver", "OBSERVERS", "make_observer", "fake_quant_rows"]
+           "HistogramObserver", "OBSERVERS", "make_observer", "fake_quant_rows", "fake_quant"]
 
 
 def fake_quant_rows(rows: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, qd: QDType) -> torch.Tensor:
@@ -275,3 +288,16 @@ def make_observer(name: str, qdtype: str, symmetric: bool, layout: Layout, **opt
         return cls(qdtype, symmetric, layout, **options)  # type: ignore[call-arg]
     except TypeError as exc:
         raise ValueError(f"observer {name}: bad options {sorted(options)}: {exc}") from exc
+
+
+def fake_quant(x: torch.Tensor, scheme: QScheme, role: Role = "weight") -> torch.Tensor:
+    """Quantize then dequantize ``x`` as ``scheme`` says, with qparams from ``x`` itself via the scheme's observer.
+
+    This is what calibration and the weight algorithms use to measure quantization error; the numerics are
+    those of the ``quantize``/``dequantize`` ops.
+    """
+    layout = layout_for(scheme, x.shape, role)
+    obs = make_observer(scheme.observer, scheme.qdtype, scheme.symmetric, layout)
+    obs.observe(x)
+    scale, zp = obs.qparams(x.shape)
+    return fake_quant_with(x, scale, zp, scheme.qdtype, layout)

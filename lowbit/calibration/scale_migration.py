@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.ir.graph import Graph, Node, Value
+from lowbit.ir.rewrite import private_weight
 
 __all__ = ["divide_norm", "divide_rows", "multiply_columns", "gqa_expand_index", "MigrationSite", "find_sites",
            "site_for", "apply_scale", "MigrationError", "VIEW_OPS"]
@@ -260,13 +261,6 @@ def site_for(graph: Graph, consumers: list[Node], sites: list[MigrationSite] | N
 # ---- transformation ---------------------------------------------------------------------------------------
 
 
-def _private_param(graph: Graph, node: Node, index: int, users: dict[int, list[Node]], base: str) -> Value:
-    """The param at ``node.args[index]``, copied under a fresh name first if another node also reads it."""
-    from lowbit.passes.fold_norms import private_weight
-
-    return private_weight(graph, node, index, users, base)
-
-
 def apply_scale(graph: Graph, site: MigrationSite, s: torch.Tensor) -> None:
     """Divide the site's producer by ``s`` and multiply its consumers' input columns by ``s`` (in place).
 
@@ -285,24 +279,24 @@ def apply_scale(graph: Graph, site: MigrationSite, s: torch.Tensor) -> None:
                                    bias.data if bias is not None else None, s, dtype)
         args = list(p.args) + [None] * max(0, 2 - len(p.args))
         if gain is not None:
-            gv = _private_param(graph, p, 1, users, f"{p.module}.weight")
+            gv = private_weight(graph, p, 1, users, f"{p.module}.weight")
             graph.set_param(gv.name, g_new)
         else:
             args[1] = graph.add_param(graph.fresh_param_name(f"{p.module or p.name}.weight"), g_new)
             p.args = tuple(args)
         if bias is not None and b_new is not None:
-            bv = _private_param(graph, p, 2, users, f"{p.module}.bias")
+            bv = private_weight(graph, p, 2, users, f"{p.module}.bias")
             graph.set_param(bv.name, b_new)
     else:
-        w = _private_param(graph, p, 1, users, f"{p.module}.weight")
+        w = private_weight(graph, p, 1, users, f"{p.module}.weight")
         b = p.args[2] if len(p.args) > 2 else None
         w_new, b_new = divide_rows(w.data, b.data if isinstance(b, Value) else None, s)
         graph.set_param(w.name, w_new)
         if isinstance(b, Value) and b_new is not None:
-            bv = _private_param(graph, p, 2, users, f"{p.module}.bias")
+            bv = private_weight(graph, p, 2, users, f"{p.module}.bias")
             graph.set_param(bv.name, b_new)
         elif b is not None and not isinstance(b, Value):
             raise MigrationError(f"{site.name}: producer %{p.name} has a non-param bias")
     for c in site.consumers:
-        w = _private_param(graph, c, 1, users, f"{c.module}.weight")
+        w = private_weight(graph, c, 1, users, f"{c.module}.weight")
         graph.set_param(w.name, multiply_columns(w.data, s.to(torch.float64), site.expand))

@@ -93,7 +93,7 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
 
     def run_prefix(k: int) -> Any:
         g = graph0.clone()
-        from lowbit.cli.main import run_pipeline
+        from lowbit.cli.pipeline import run_pipeline
 
         run_pipeline(g, passes, limit=k, model_spec=model_spec)
         return g
@@ -135,7 +135,7 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
             key = tuple(u.name for u in chosen)
             if key not in seen:
                 g = before.clone()
-                from lowbit.cli.main import run_pipeline
+                from lowbit.cli.pipeline import run_pipeline
 
                 run_pipeline(g, [restrict(culprit, chosen, units)], model_spec=model_spec)
                 seen[key] = evaluate(g)

@@ -20,7 +20,8 @@ from rich.table import Table
 from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse
 from lowbit.cli.probes import EvalInputs, Probe, end_metric, fmt_metric, layer_stats, make_inputs, metric_name, \
     run_probe
-from lowbit.passes.manager import Instrument, PassRecord, compare_outputs
+from lowbit.instruments import compare_outputs
+from lowbit.passes.manager import Instrument, PassRecord
 
 
 @dataclass
@@ -90,7 +91,7 @@ def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128,
     """Capture the model, run the pipeline with a LayerCompare instrument, return every stage's numbers."""
     from rich.progress import Progress
 
-    from lowbit.cli.main import run_pipeline
+    from lowbit.cli.pipeline import run_pipeline
 
     t0 = time.perf_counter()
     passes = parse(text)

@@ -32,6 +32,7 @@ from lowbit.cli.common import (
     pipeline_text,
     recipes_module,
 )
+from lowbit.cli.pipeline import run_pipeline
 
 app = typer.Typer(
     name="lowbit",
@@ -205,31 +206,6 @@ def apply_overrides(passes: list[Any], keep: list[str], graph: Any, path: Path) 
         fail(f"--overrides {str(path)!r}: no pass in the pipeline can keep modules float (quantize can)",
              Exit.USAGE)
     return out
-
-
-def run_pipeline(graph: Any, passes: list[Any], *, instruments: list[Any] = (), verify_each: bool = True,
-                 measure_memory: bool = False, reproducer: Path | None = None, model_spec: str = "",
-                 limit: int | None = None) -> Any:
-    """Run a PassManager; a failing pass exits 4 after saving a reproducer when asked."""
-    from lowbit.passes.manager import PassManager, PipelineError
-
-    original = graph.clone() if reproducer is not None else None
-    pm = PassManager(passes, verify_each=verify_each, instruments=list(instruments), limit=limit,
-                     measure_memory=measure_memory, keep_before_failure=reproducer is not None)
-    try:
-        return pm.run(graph)
-    except PipelineError as exc:
-        msg = str(exc)
-        if reproducer is not None:
-            from lowbit.cli.reproducer import write_reproducer
-
-            before = exc.graph_before if exc.graph_before is not None else original
-            start = max(exc.record.index, 0)
-            write_reproducer(reproducer, before, passes, start, msg, model_spec)
-            msg += f"\nreproducer written to {reproducer} (run `lowbit replay {reproducer}`)"
-        elif exc.record.index >= 0:
-            msg += "\n(rerun with --reproducer DIR to save the IR before this pass and replay it)"
-        fail(msg, Exit.PIPELINE)
 
 
 class RssPeak:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.cli.common import Exit, LoadedModel, fail
+from lowbit.instruments import compare_outputs
 from lowbit.ir.graph import Graph, Value, blocks
-from lowbit.passes.manager import compare_outputs
 
 
 @dataclass

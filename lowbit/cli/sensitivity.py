@@ -59,7 +59,7 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
     inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
     graph = capture_model(loaded)
     reference = run_probe(graph, inputs, with_layers=False).output
-    from lowbit.cli.main import run_pipeline
+    from lowbit.cli.pipeline import run_pipeline
 
     if pre:
         run_pipeline(graph, pre, model_spec=model_spec)

@@ -9,7 +9,6 @@ For WikiText-2 test and the SmolLM2 tokenizer: 301,948 tokens, 589 windows at 51
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -21,8 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from lowbit.cache import atomic_file, cache_dir
-from lowbit.data import read_text
+from lowbit.data.tokens import token_ids
 
 __all__ = ["PerplexityResult", "EVALS", "perplexity", "run_eval", "token_ids", "windows"]
 
@@ -45,33 +43,6 @@ class PerplexityResult:
     seq_len: int
     seconds: float
     seconds_per_window: float
-
-
-def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash that changes whenever the tokenizer would split text differently."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        described = backend.to_str()
-    else:  # slow (Python) tokenizer: its vocabulary and class stand in for its definition
-        described = f"{type(tokenizer).__qualname__}:{sorted(tokenizer.get_vocab().items())}"
-    return hashlib.sha256(described.encode()).hexdigest()[:16]
-
-
-def token_ids(text: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """All tokens of a text (name or path, see `lowbit.data.text_path`) as 1-D int64, no special tokens.
-
-    Cached in the user cache keyed by the text's and the tokenizer's hashes: tokenizing
-    WikiText-2 takes seconds and every evaluation needs the same ids.
-    """
-    content = read_text(text)
-    key = f"{hashlib.sha256(content.encode()).hexdigest()[:16]}-{_tokenizer_fingerprint(tokenizer)}"
-    cached = cache_dir("tokens") / f"{key}.pt"
-    if cached.is_file():
-        return torch.load(cached, weights_only=True)
-    ids = torch.tensor(tokenizer(content, add_special_tokens=False)["input_ids"], dtype=torch.int64)
-    with atomic_file(cached) as tmp:
-        torch.save(ids, tmp)
-    return ids
 
 
 def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from lowbit.ir.graph import Graph, Node, SymType, Symbol, TensorType, Value, ValueType
+from lowbit.ir.rewrite import eliminate_dead_code
 
 
 def _finite_int(bound: Any) -> int | None:
@@ -259,8 +260,6 @@ def from_exported(ep: ExportedProgram, *, prefix: str = "", example_inputs: list
                   raise_ops: bool = True) -> Graph:
     """Convert an ExportedProgram; ``prefix`` is stripped from module paths and parameter names."""
     graph = _Converter(ep, prefix, example_inputs or []).convert()
-    from lowbit.passes.dce import eliminate_dead_code
-
     if raise_ops:
         from lowbit.ir.raising import raise_graph
 

@@ -204,5 +204,3 @@ def resolve(op: str) -> Callable[..., Any]:
 def is_semantic(op: str) -> bool:
     return op in OPS
 
-
-from lowbit.ir import quant as _quant  # noqa: E402,F401 registers the QDQ ops

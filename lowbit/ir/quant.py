@@ -51,7 +51,6 @@ __all__ = [
     "from_groups",
     "layout_for",
     "dynamic_layout",
-    "fake_quant",
     "fake_quant_with",
     "ceil_div_dim",
     "mul_dim",
@@ -448,21 +447,6 @@ def fake_quant_with(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     q = quantize(x, scale, zero_point, qdtype=qdtype, axis=layout.axis, block_size=layout.block_size)
     return dequantize(q, scale, zero_point, qdtype=qdtype, axis=layout.axis, block_size=layout.block_size,
                       out_dtype=x.dtype)
-
-
-def fake_quant(x: torch.Tensor, scheme: QScheme, role: Role = "weight") -> torch.Tensor:
-    """Quantize then dequantize ``x`` as ``scheme`` says, with qparams from ``x`` itself via the scheme's observer.
-
-    This is what calibration and the weight algorithms use to measure quantization error; the numerics are
-    those of the ``quantize``/``dequantize`` ops.
-    """
-    from lowbit.calibration.observers import make_observer
-
-    layout = layout_for(scheme, x.shape, role)
-    obs = make_observer(scheme.observer, scheme.qdtype, scheme.symmetric, layout)
-    obs.observe(x)
-    scale, zp = obs.qparams(x.shape)
-    return fake_quant_with(x, scale, zp, scheme.qdtype, layout)
 
 
 def ceil_div_dim(d: int | str, b: int) -> int | str:

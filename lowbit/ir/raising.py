@@ -15,6 +15,7 @@ from typing import Any
 
 from lowbit.ir.graph import Graph, Node, TensorType, Value
 from lowbit.ir.pattern import Alt, Bindings, Opt, P, Rule, X, apply_rules
+from lowbit.ir.rewrite import eliminate_dead_code
 
 ASSERT_OPS = {
     "aten._assert_tensor_metadata.default",
@@ -226,8 +227,6 @@ def raise_graph(graph: Graph) -> dict[str, int]:
     """Canonicalize, then raise composite patterns, then single ops; returns counts per rule."""
     stats = {f"dropped:{k}": v for k, v in canonicalize(graph).items()}
     stats.update(apply_rules(graph, COMPOSITE_RULES))
-    from lowbit.passes.dce import eliminate_dead_code
-
     eliminate_dead_code(graph)
     stats.update(apply_rules(graph, SINGLE_OP_RULES))
     return stats

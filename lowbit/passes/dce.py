@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 from lowbit.ir.graph import Graph
+from lowbit.ir.rewrite import eliminate_dead_code
 from lowbit.passes.base import Pass, PassResult, register_pass
 
-
-def eliminate_dead_code(graph: Graph) -> tuple[int, int]:
-    """One backward sweep (nodes are in topological order); returns (nodes removed, params removed)."""
-    live: set[int] = {id(v) for v in graph.outputs}
-    dead: set[int] = set()
-    for node in reversed(graph.nodes):
-        if any(id(v) in live for v in node.outputs):
-            live.update(id(v) for v in node.inputs())
-        else:
-            dead.add(id(node))
-    if dead:
-        graph.remove_nodes(dead)
-    unused = [name for name, v in graph.params.items() if id(v) not in live]
-    for name in unused:
-        graph.remove_param(name)
-    return len(dead), len(unused)
+__all__ = ["DeadCodeElimination", "eliminate_dead_code"]
 
 
 @register_pass

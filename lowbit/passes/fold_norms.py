@@ -13,7 +13,8 @@ import re
 
 import torch
 
-from lowbit.ir.graph import Graph, Node, Value
+from lowbit.ir.graph import Graph, Node
+from lowbit.ir.rewrite import eliminate_dead_code, private_weight
 from lowbit.passes.base import Pass, PassOptions, PassResult, register_pass
 
 NORM_OPS = ("rms_norm", "layer_norm")
@@ -22,17 +23,6 @@ NORM_OPS = ("rms_norm", "layer_norm")
 class FoldNormsOptions(PassOptions):
     modules: str = ""
     """Regex on the norm's module path; empty folds every norm that can be folded."""
-
-
-def private_weight(graph: Graph, reader: Node, index: int, users: dict[int, list[Node]], base: str) -> Value:
-    """The param at ``reader.args[index]``, copied under a new name if any other node reads it."""
-    w: Value = reader.args[index]
-    if [n for n in users.get(id(w), []) if n is not reader]:
-        w = graph.add_param(graph.fresh_param_name(base), w.data)
-        args = list(reader.args)
-        args[index] = w
-        reader.args = tuple(args)
-    return w
 
 
 def _cannot_fold(norm: Node, readers: list[Node]) -> str | None:
@@ -94,7 +84,5 @@ class FoldNorms(Pass):
             norm.args = tuple(args)
             folded.append(norm.module or norm.name)
         if folded:
-            from lowbit.passes.dce import eliminate_dead_code
-
             eliminate_dead_code(graph)
         return PassResult(bool(folded), {"folded": len(folded), "not_folded": skipped})

@@ -38,8 +38,8 @@ from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, ModuleRule, QScheme, QuantConfig
 from lowbit.ir.quant import get_qdtype, stored_codes
+from lowbit.ir.rewrite import private_weight
 from lowbit.passes.base import CalibrationOptions, Pass, PassError, PassResult, register_pass
-from lowbit.passes.fold_norms import private_weight
 from lowbit.passes.insert_qdq import WeightPlan, plan, quantize_graph
 
 __all__ = ["WeightCalibrationOptions", "GPTQOptions", "GPTQ", "calibrate_weights", "SITE_KINDS"]

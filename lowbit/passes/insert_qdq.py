@@ -43,6 +43,7 @@ from lowbit.ir.qscheme import (
     module_matches,
 )
 from lowbit.ir.quant import QDTYPES, Layout, ceil_div_dim, get_qdtype, layout_for, mul_dim, quantize
+from lowbit.ir.rewrite import eliminate_dead_code
 from lowbit.passes.base import CalibrationOptions, Pass, PassError, PassResult, register_pass
 
 __all__ = ["InsertQDQ", "InsertQDQOptions", "config_from_options", "quantize_weight", "insert_dynamic_qdq",
@@ -583,8 +584,6 @@ def quantize_graph(graph: Graph, cfg: QuantConfig, *, group_fallback: int | None
         from lowbit.calibration.static import calibrate_static_inputs
 
         calib_stats = calibrate_static_inputs(graph, static, **(calibration or {}))
-    from lowbit.passes.dce import eliminate_dead_code
-
     eliminate_dead_code(graph)
     stats: dict[str, Any] = {
         "weights_quantized": len(p.weights),

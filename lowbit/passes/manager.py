@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
 import pydantic
-import torch
 
 from lowbit.ir.graph import Graph
 from lowbit.ir.printer import print_graph
@@ -182,35 +181,6 @@ class PrintIR(Instrument):
         show = self.after_all or (self.after_change and record.changed) or record.name in self.after
         if show:
             self.stream.write(f"// ----- IR after {record.spec} -----\n{self._text(graph)}")
-
-
-class NumericCheck(Instrument):
-    """Run the graph after every pass on real inputs and compare with the float model's outputs.
-
-    Records max/mean abs error, SQNR (dB) and cosine in ``record.numeric``; ``max_sqnr_drop`` turns a bad
-    pass into an error (the bisector and the CLI's ``debug compare`` read these numbers).
-    """
-
-    def __init__(self, inputs: Sequence[Any], reference: torch.Tensor, device: str | None = None) -> None:
-        self.inputs, self.reference, self.device = list(inputs), reference, device
-
-    def after_pass(self, record: PassRecord, p: Pass, graph: Graph) -> None:
-        if record.skipped:
-            return
-        from lowbit.backends.torch_backend import TorchCompiled
-
-        out = TorchCompiled(graph, self.device)(*self.inputs)
-        record.numeric = compare_outputs(self.reference, out)
-
-
-def compare_outputs(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
-    ref64, out64 = ref.detach().double().cpu(), out.detach().double().cpu()
-    err = out64 - ref64
-    sig = float(ref64.pow(2).mean())
-    noise = float(err.pow(2).mean())
-    sqnr = float("inf") if noise == 0 else 10 * torch.log10(torch.tensor(sig / noise)).item()
-    cos = torch.nn.functional.cosine_similarity(ref64.flatten(), out64.flatten(), dim=0).item()
-    return {"max_abs": float(err.abs().max()), "mean_abs": float(err.abs().mean()), "sqnr_db": sqnr, "cosine": cos}
 
 
 class PipelineError(RuntimeError):

@@ -156,7 +156,7 @@ def to_onnx(graph: Graph, options: LoweringOptions | None = None, **kwargs: Any)
 
 def _lowbit_version() -> str:
     try:
-        from lowbit import __version__
+        from lowbit.version import __version__
 
         return __version__
     except ImportError:  # pragma: no cover - partial checkouts

@@ -159,7 +159,7 @@ def build_engine(
 
 
 def save_engine(path: str | os.PathLike[str], plan: bytes, header: EngineHeader) -> Path:
-    from lowbit import __version__
+    from lowbit.version import __version__
 
     header.lowbit_version = __version__
     return write_engine(path, plan, header)

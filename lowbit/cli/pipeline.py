@@ -1,0 +1,38 @@
+"""Running a pass pipeline from the command line: the one place a failing pass becomes an exit code.
+
+``compile``, ``debug compare``, ``debug bisect`` and ``debug sensitivity`` all run pipelines through
+``run_pipeline``; it lives apart from ``lowbit.cli.main`` (the commands) so those modules import it without
+importing the command table that imports them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lowbit.cli.common import Exit, fail
+from lowbit.cli.reproducer import write_reproducer
+from lowbit.passes.manager import PassManager, PipelineError, PipelineReport
+
+__all__ = ["run_pipeline"]
+
+
+def run_pipeline(graph: Any, passes: list[Any], *, instruments: list[Any] = (), verify_each: bool = True,
+                 measure_memory: bool = False, reproducer: Path | None = None, model_spec: str = "",
+                 limit: int | None = None) -> PipelineReport:
+    """Run a PassManager; a failing pass exits 4 after saving a reproducer when asked."""
+    original = graph.clone() if reproducer is not None else None
+    pm = PassManager(passes, verify_each=verify_each, instruments=list(instruments), limit=limit,
+                     measure_memory=measure_memory, keep_before_failure=reproducer is not None)
+    try:
+        return pm.run(graph)
+    except PipelineError as exc:
+        msg = str(exc)
+        if reproducer is not None:
+            before = exc.graph_before if exc.graph_before is not None else original
+            start = max(exc.record.index, 0)
+            write_reproducer(reproducer, before, passes, start, msg, model_spec)
+            msg += f"\nreproducer written to {reproducer} (run `lowbit replay {reproducer}`)"
+        elif exc.record.index >= 0:
+            msg += "\n(rerun with --reproducer DIR to save the IR before this pass and replay it)"
+        fail(msg, Exit.PIPELINE)

@@ -1,0 +1,44 @@
+"""Small in-place IR rewrites that every layer needs: dead-code elimination and private parameter copies.
+
+They live in the IR, not in ``lowbit.passes``, because capture and raising (``lowbit.ir``), scale migration
+(``lowbit.calibration``) and the passes all call them, and a layer never imports one above it. The ``dce``
+pass (``lowbit.passes.dce``) is a thin wrapper over ``eliminate_dead_code``.
+"""
+
+from __future__ import annotations
+
+from lowbit.ir.graph import Graph, Node, Value
+
+__all__ = ["eliminate_dead_code", "private_weight"]
+
+
+def eliminate_dead_code(graph: Graph) -> tuple[int, int]:
+    """One backward sweep (nodes are in topological order); returns (nodes removed, params removed)."""
+    live: set[int] = {id(v) for v in graph.outputs}
+    dead: set[int] = set()
+    for node in reversed(graph.nodes):
+        if any(id(v) in live for v in node.outputs):
+            live.update(id(v) for v in node.inputs())
+        else:
+            dead.add(id(node))
+    if dead:
+        graph.remove_nodes(dead)
+    unused = [name for name, v in graph.params.items() if id(v) not in live]
+    for name in unused:
+        graph.remove_param(name)
+    return len(dead), len(unused)
+
+
+def private_weight(graph: Graph, reader: Node, index: int, users: dict[int, list[Node]], base: str) -> Value:
+    """The param at ``reader.args[index]``, copied under a fresh name (``base``) if any other node reads it.
+
+    A rewrite that changes one reader's weight (folding a norm gain, migrating a scale) must not change the
+    same tensor for its other readers (a tied embedding / lm_head, say).
+    """
+    w: Value = reader.args[index]
+    if [n for n in users.get(id(w), []) if n is not reader]:
+        w = graph.add_param(graph.fresh_param_name(base), w.data)
+        args = list(reader.args)
+        args[index] = w
+        reader.args = tuple(args)
+    return w
