@@ -15,37 +15,12 @@ import torch
 from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, graph_tokenizer
 from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages
 from lowbit.calibration.observers import Observer, make_observer
-from lowbit.ir.graph import Graph, Node, TensorType, Value
+from lowbit.ir.graph import Graph, Node, Value
+from lowbit.ir.qdq import write_static_input_qdq
 from lowbit.ir.qscheme import QScheme
-from lowbit.ir.quant import Layout, get_qdtype, layout_for
+from lowbit.ir.quant import layout_for
 
-__all__ = ["calibrate_static_inputs", "insert_static_qdq"]
-
-
-def insert_static_qdq(graph: Graph, x: Value, readers: list[Node], scheme: QScheme, layout: Layout,
-                      scale: torch.Tensor, zero_point: torch.Tensor | None) -> Node:
-    """Insert ``quantize → dequantize`` of ``x`` with stored qparams before the first reader; rewire readers."""
-    qd = get_qdtype(scheme.qdtype)
-    first = min(readers, key=graph.index)
-    base = first.module or x.name
-    sv = graph.add_param(graph.fresh_param_name(f"{base}.input_scale"), scale.float())
-    zv = graph.add_param(graph.fresh_param_name(f"{base}.input_zero_point"), zero_point) \
-        if zero_point is not None else None
-    t = x.tensor_type
-    qshape = list(t.shape)
-    if qd.packed:
-        qshape[-1] = int(qshape[-1]) // 2
-    kw = {"qdtype": scheme.qdtype, "axis": layout.axis, "block_size": layout.block_size}
-    q = graph.make_node("quantize", [x, sv, zv], dict(kw), name=f"{x.name}_q",
-                        type=TensorType(qd.storage_dtype, tuple(qshape)), module=first.module)
-    dq = graph.make_node("dequantize", [q.output, sv, zv], {**kw, "out_dtype": t.dtype}, name=f"{x.name}_dq",
-                         type=x.type, module=first.module)
-    for n in (q, dq):
-        n.meta["qscheme"] = scheme.short()
-        graph.insert_before(first, n)
-    for r in readers:
-        r.args = (dq.output,) + tuple(r.args[1:])
-    return dq
+__all__ = ["calibrate_static_inputs"]
 
 
 def calibrate_static_inputs(graph: Graph, targets: list[tuple[Node, QScheme]], *,
@@ -91,7 +66,7 @@ def calibrate_static_inputs(graph: Graph, targets: list[tuple[Node, QScheme]], *
             scheme = key[1]
             # static layouts are per-tensor or per-channel (last dim): only the channel count matters
             scale, zp = obs.qparams([1] * (x.tensor_type.rank - 1) + [int(x.tensor_type.shape[-1])])
-            insert_static_qdq(graph, x, readers, scheme, obs.layout, scale.to(home),
+            write_static_input_qdq(graph, x, readers, scheme, obs.layout, scale.to(home),
                               None if zp is None else zp.to(home))
             done.add(key)
             changed = True

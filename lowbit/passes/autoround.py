@@ -24,7 +24,7 @@ from typing import Literal
 from lowbit.calibration.block_tuning import TuneOptions
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import Pass, PassError, PassResult, register_pass
-from lowbit.passes.gptq import SITE_KINDS, WeightCalibrationOptions, _Rounding, calibrate_weights
+from lowbit.passes.gptq import SITE_KINDS, WeightCalibrationOptions, rounding, run_weight_calibration
 
 __all__ = ["AutoRound", "AutoRoundOptions"]
 
@@ -68,5 +68,5 @@ class AutoRound(Pass):
                 raise PassError(f"pass autoround: option {opt}={getattr(o, opt)} must be {rule}")
         tune = TuneOptions(iters=o.iters, lr=o.lr, scales=o.scales, max_scale=o.max_scale, target=o.target,
                            seed=o.seed)
-        r = _Rounding("awq", scale_search=o.awq, clip=o.clip, n_grid=o.n_grid, sites=o.sites, tune=tune)
-        return PassResult(True, calibrate_weights(graph, o, r, self.name))
+        r = rounding("awq", self.name, scale_search=o.awq, clip=o.clip, n_grid=o.n_grid, sites=o.sites, tune=tune)
+        return PassResult(True, run_weight_calibration(graph, o, r, self.name))

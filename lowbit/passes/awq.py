@@ -16,7 +16,7 @@ from typing import Literal
 
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import Pass, PassError, PassResult, register_pass
-from lowbit.passes.gptq import SITE_KINDS, WeightCalibrationOptions, _Rounding, calibrate_weights
+from lowbit.passes.gptq import SITE_KINDS, WeightCalibrationOptions, rounding, run_weight_calibration
 
 __all__ = ["AWQ", "AWQOptions"]
 
@@ -48,6 +48,6 @@ class AWQ(Pass):
             raise PassError(f"pass awq: option n_grid={o.n_grid} must be at least 1")
         if not 0 <= o.max_shrink < 1:
             raise PassError(f"pass awq: option max_shrink={o.max_shrink} must be in [0, 1)")
-        r = _Rounding("awq", scale_search=True, clip=o.clip, n_grid=o.n_grid, scales=o.scales,
-                      max_shrink=o.max_shrink, sites=o.sites)
-        return PassResult(True, calibrate_weights(graph, o, r, self.name))
+        r = rounding("awq", self.name, scale_search=True, clip=o.clip, n_grid=o.n_grid, scales=o.scales,
+                     max_shrink=o.max_shrink, sites=o.sites)
+        return PassResult(True, run_weight_calibration(graph, o, r, self.name))

@@ -43,6 +43,7 @@ from lowbit.ir.qscheme import (
     module_matches,
 )
 from lowbit.ir.quant import QDTYPES, Layout, ceil_div_dim, get_qdtype, layout_for, mul_dim, quantize
+from lowbit.ir.qdq import WeightPlan, write_weight_qdq
 from lowbit.ir.rewrite import eliminate_dead_code
 from lowbit.passes.base import CalibrationOptions, Pass, PassError, PassResult, register_pass
 
@@ -183,15 +184,6 @@ def _static_dim(t: TensorType, i: int, what: str) -> int:
     return d
 
 
-@dataclass
-class WeightPlan:
-    """One linear whose weight gets ``scheme``; ``group`` is the group size actually used (fallback applied)."""
-
-    node: Node
-    scheme: QScheme
-    group: int | None
-
-
 def _check_group(node: Node, w: Value, scheme: QScheme, fallback: int | None) -> int | None:
     """The group size to use on this linear, or an error naming option, node and dimension."""
     if scheme.granularity != "per_group":
@@ -235,30 +227,8 @@ def _insert_weight_qdq(graph: Graph, node: Node, scheme: QScheme, group: int | N
     if qd.packed and w.tensor_type.shape[-1] % 2:  # type: ignore[operator]
         raise PassError(f"pass quantize: {scheme.qdtype} weights are packed two per byte along the input dim, but "
                         f"linear %{node.name} (module {node.module!r}) has odd input size {w.tensor_type.shape[-1]}")
-    q, scale, zp, layout = quantize_weight(w.data, scheme, group)
-    base = w.name[:-len(".weight")] if w.name.endswith(".weight") else w.name
-    shared = [u for u in users.get(id(w), []) if u is not node]
-    if shared:  # a tied weight keeps its float tensor for its other readers; our copy gets its own names
-        base = node.module or base
-    qv = graph.add_param(graph.fresh_param_name(f"{base}.weight.qdata"), q)
-    sv = graph.add_param(graph.fresh_param_name(f"{base}.weight.scale"), scale)
-    zv = graph.add_param(graph.fresh_param_name(f"{base}.weight.zero_point"), zp) if zp is not None else None
-    dq = graph.make_node(
-        "dequantize", [qv, sv, zv],
-        {"qdtype": scheme.qdtype, "axis": layout.axis, "block_size": layout.block_size, "out_dtype": w.data.dtype},
-        name=f"{node.name}_wdq", type=w.type, module=node.module)
-    dq.meta["qscheme"] = scheme.short() if group in (None, scheme.group_size) else \
-        scheme.model_copy(update={"group_size": group}).short()
-    graph.insert_before(node, dq)
-    args = list(node.args)
-    args[1] = dq.output
-    node.args = tuple(args)
-    node.meta["qscheme_weight"] = dq.meta["qscheme"]
-    before = w.data.numel() * w.data.element_size()
-    after = sum(t.numel() * t.element_size() for t in (q, scale, zp) if t is not None)
-    if not shared:
-        graph.remove_param(w.name)
-    return before, after
+    q, scale, zp, _ = quantize_weight(w.data, scheme, group)
+    return write_weight_qdq(graph, node, scheme, group, q, scale, zp, users)
 
 
 def _dynamic_types(x: Value, scheme_qdtype: str, layout: Layout) -> tuple[TensorType, TensorType, TensorType]:
