@@ -31,19 +31,6 @@ graph g(%x: f64[1,3,4]) {
   return %o
 }
 """
-FOLD_OUT = """\
-graph g(%x: f64[1,3,4]) {
-  param @q.weight: f64[2,4]
-  param @k.weight: f64[2,4]
-  param @k.bias: f64[2]
-  param @q.bias: f64[2]
-  %n: f64[1,3,4] = layer_norm(%x, None, None, normalized_shape=[4], eps=1e-05)  # ln
-  %q: f64[1,3,2] = linear(%n, @q.weight, @q.bias)  # q
-  %k: f64[1,3,2] = linear(%n, @k.weight, @k.bias)  # k
-  %o: f64[1,3,2] = add(%q, %k)
-  return %o
-}
-"""
 
 
 def _weights(text: str) -> dict[str, torch.Tensor]:
@@ -58,7 +45,7 @@ def test_fold_norms_golden_and_exact():
     before = TorchCompiled(g)(x)
     result = PassManager("fold-norms").run(g)
     assert result.records[0].changed
-    assert print_graph(g) == FOLD_OUT
+    # the IR it leaves: tests/golden/fold_norms.lbir (every line pinned, CHECK-NEXT)
     assert torch.allclose(TorchCompiled(g)(x), before, rtol=0, atol=1e-13)
 
 
@@ -77,7 +64,7 @@ def test_dce_golden():
     g = parse_graph(DCE_IN, {"unused": torch.zeros(4)})
     rec = PassManager("dce").run(g).records[0]
     assert rec.stats == {"nodes_removed": 2, "params_removed": 1}
-    assert print_graph(g) == "graph g(%x: f32[4]) {\n  %c: f32[4] = aten.exp.default(%x)\n  return %c\n}\n"
+    # the IR it leaves: tests/golden/dce.lbir (every line pinned, CHECK-NEXT)
 
 
 CF_IN = """\

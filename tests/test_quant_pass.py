@@ -29,19 +29,6 @@ TINY = """graph main(%x: f32[1,s0,8]) {
 }
 """
 
-TINY_W4G4_A8 = """graph main(%x: f32[1,s0,8]) {
-  symbol s0 in [2, 64] hint 4
-  param @fc.weight.qdata: u8[4,4]
-  param @fc.weight.scale: f32[4,2]
-  param @fc.weight.zero_point: i8[4,2]
-  %y_wdq: f32[4,8] = dequantize(@fc.weight.qdata, @fc.weight.scale, @fc.weight.zero_point, qdtype="int4", axis=1, block_size=4, out_dtype=f32)  # fc
-  %x_scale: f32[1,s0,1], %x_scale_1: i8[1,s0,1] = dynamic_qparams(%x, qdtype="int8", granularity="per_token", symmetric=True, axis=-1, block_size=8)  # fc
-  %x_q: i8[1,s0,8] = quantize(%x, %x_scale, None, qdtype="int8", axis=-1, block_size=8)  # fc
-  %x_dq: f32[1,s0,8] = dequantize(%x_q, %x_scale, None, qdtype="int8", axis=-1, block_size=8, out_dtype=f32)  # fc
-  %y: f32[1,s0,4] = linear(%x_dq, %y_wdq)  # fc
-  return %y
-}
-"""
 
 
 def _tiny() -> Graph:
@@ -52,7 +39,7 @@ def _tiny() -> Graph:
 def test_golden_ir_w4_group4_a8_per_token():
     g = _tiny()
     result = InsertQDQ(w="int4", group=4, sym=False, a="int8").run(g)
-    assert str(g) == TINY_W4G4_A8
+    # the IR it writes: tests/golden/quantize_w4g4_a8.lbir (every line pinned, CHECK-NEXT)
     assert result.changed and result.stats["param_bytes_before"] == 128
     assert result.stats["param_bytes_after"] == 16 + 32 + 8
     verify(g)
