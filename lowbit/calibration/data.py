@@ -23,7 +23,7 @@ __all__ = ["calibration_ids", "load_tokenizer", "graph_tokenizer", "DEFAULT_CALI
 
 DEFAULT_CALIBRATION_TEXT = "wikitext2-valid-calib"
 """Shipped with lowbit (WikiText-2 validation, first ~250 KB: ~60k SmolLM2 tokens, 117 windows of 512).
-For 128 × 512 tokens give the whole split, e.g. ``../shared/data/wikitext2_valid_tokenized.txt``."""
+For 128 × 512 tokens give a longer file of text (the whole WikiText-2 validation split, say)."""
 
 
 def calibration_ids(text: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase, n: int, seq_len: int
