@@ -16,8 +16,15 @@ from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.ir.fusion import QLINEAR_RULES, fuse_qlinear, unfuse_qlinear
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.parser import parse_graph
-from lowbit.ir.pattern import P, PatternMatcher, RewriteLoopError, Rule, X, graph_rewrite
-from lowbit.ir.quant import pack_int4, qlinear
+from lowbit.ir.pattern import (
+    P,
+    PatternMatcher,
+    RewriteLoopError,
+    Rule,
+    X,
+    graph_rewrite,
+)
+from lowbit.ir.quant import qlinear
 from lowbit.ir.verifier import verify
 from lowbit.passes.insert_qdq import InsertQDQ
 from lowbit.passes.manager import PassManager
