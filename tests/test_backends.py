@@ -55,7 +55,7 @@ def test_each_backend_declares_what_it_lowers_and_runs_first():
 def test_registering_a_backend_is_one_call_and_the_driver_runs_its_passes(monkeypatch):
     monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))
     register_backend("fused-torch", "lowbit.backends.torch_backend:lower", passes="fuse-qlinear",
-                     ops=lambda op: op != "dequantize", options=registry.TorchBackendOptions,
+                     options=registry.TorchBackendOptions,
                      summary="a test backend: torch reference over fused qlinear nodes")
     g = _linear_graph()
     plan = plan_compile(parse_pipeline("quantize(w=int4,group=32)"), "fused-torch", {"keep_packed": True})

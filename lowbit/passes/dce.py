@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lowbit.ir.graph import Graph
-from lowbit.passes.base import Pass, PassResult, register_pass
+from lowbit.passes.base import NO_DEAD_NODES, Pass, PassResult, register_pass
 
 
 def eliminate_dead_code(graph: Graph) -> tuple[int, int]:
@@ -29,6 +29,7 @@ class DeadCodeElimination(Pass):
 
     name = "dce"
     exact = True
+    ensures = (NO_DEAD_NODES,)
 
     def run(self, graph: Graph) -> PassResult:
         nodes, params = eliminate_dead_code(graph)
