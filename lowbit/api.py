@@ -1,20 +1,38 @@
-"""``compile_model``: capture a model, run a pipeline (or a named recipe) over its IR, lower it to a backend."""
+"""``compile_model``: capture a model, run a pipeline (or a named recipe) over its IR, lower it to a backend.
+
+``compile_graph`` is the one compile driver: ``compile_model`` and ``lowbit compile`` both call it. It checks
+the backend and the pipeline against each other before anything runs (``plan_compile``: a pass creating an op
+the backend cannot lower is an error before capture and calibration), runs the pipeline and then the passes the
+backend declares it needs (``lowbit.backends.registry``), and lowers.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from lowbit.backends.registry import (
+    BackendError,
+    BackendSpec,
+    all_backends,
+    get_backend,
+)
 from lowbit.ir.capture import capture
 from lowbit.ir.graph import Graph
-from lowbit.passes.base import Pass, PassError, closest
-from lowbit.passes.manager import Instrument, PassManager, PipelineReport, parse_pipeline
+from lowbit.passes.base import Pass, PassError
+from lowbit.passes.manager import (
+    Instrument,
+    PassManager,
+    PipelineReport,
+    parse_pipeline,
+)
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
+BACKENDS = tuple(all_backends())
+"""Backend names registered when lowbit.api was imported (``lowbit.backends.registry.all_backends()`` is live)."""
 
 
 @dataclass
@@ -105,24 +123,81 @@ def resolve_pipeline(pipeline: str | Sequence[Pass] | None, recipe: str | None) 
     return parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
 
 
-def lower(graph: Graph, backend: str, device: str | None = None) -> Any:
-    """Lower ``graph`` to ``backend``; an unknown name lists the known ones."""
-    if backend == "torch":
-        from lowbit.backends.torch_backend import TorchCompiled
+def lower(graph: Graph, backend: str, device: str | None = None, options: Mapping[str, Any] | None = None) -> Any:
+    """Lower ``graph`` to ``backend`` as it is (no backend passes: ``compile_graph`` runs those)."""
+    return get_backend(backend).lower(graph, device, dict(options or {}))
 
-        return TorchCompiled(graph, device)
-    if backend == "onnxruntime":
-        from lowbit.backends.onnxruntime_backend import OrtCompiled
 
-        return OrtCompiled(graph, device=device)
-    if backend == "tensorrt":
-        from lowbit.backends.tensorrt import TensorRTCompiled
+@dataclass(frozen=True)
+class CompilePlan:
+    """What ``compile_graph`` will run, checked before any of it runs."""
 
-        return TensorRTCompiled(graph)
-    if backend == "triton":
-        raise NotImplementedError("the Triton backend (fused dequant+matmul kernels) is not built yet: use "
-                                  "backend='torch' (CPU/CUDA reference) or 'onnxruntime' for now")
-    raise ValueError(f"unknown backend {backend!r}{closest(backend, list(BACKENDS))}; known: {', '.join(BACKENDS)}")
+    passes: list[Pass]
+    backend: BackendSpec
+    backend_passes: list[Pass]
+    backend_options: dict[str, Any]
+
+
+def plan_compile(passes: Sequence[Pass], backend: str,
+                 backend_options: Mapping[str, Any] | None = None) -> CompilePlan:
+    """Check the pipeline against the backend before capture and calibration: the backend exists and is built,
+    its options are valid, and every op a pass declares it creates (``Pass.creates``) is one it lowers."""
+    spec = get_backend(backend)
+    spec.check_built()
+    opts = spec.parse_options(dict(backend_options or {})).model_dump()
+    extra = parse_pipeline(spec.passes) if spec.passes else []
+    gaps = []
+    for p in [*passes, *extra]:
+        for op in getattr(p, "creates", ()):
+            if not spec.lowers(op):
+                gaps.append(f"pass {p.spec()} creates {op!r}")
+    if gaps:
+        raise BackendError(f"backend {spec.name!r} cannot lower what the pipeline creates: {'; '.join(gaps)} "
+                           f"(backends lowering them: {_backends_lowering(gaps) or 'none'})")
+    return CompilePlan(list(passes), spec, extra, opts)
+
+
+def _backends_lowering(gaps: list[str]) -> str:
+    ops = {g.rsplit("creates ", 1)[1].strip("'") for g in gaps}
+    return ", ".join(b.name for b in all_backends().values() if b.built and all(b.lowers(op) for op in ops))
+
+
+RunPasses = Callable[[Graph, list[Pass], Sequence[Instrument]], PipelineReport]
+
+
+def compile_graph(graph: Graph, plan: CompilePlan, *, device: str | None = None, verify: bool = True,
+                  instruments: Sequence[Instrument] = (), run_passes: RunPasses | None = None,
+                  started: float | None = None) -> tuple[Any, CompileReport]:
+    """The compile driver: run the plan's pipeline and the backend's passes over ``graph`` (in place), lower it,
+    and report. ``run_passes`` replaces the plain ``PassManager`` run (the CLI's adds reproducers on failure)."""
+    t0 = started if started is not None else time.perf_counter()
+    nodes_before, bytes_before = len(graph.nodes), graph.param_bytes()
+    passes = [*plan.passes, *plan.backend_passes]
+    if run_passes is None:
+        pipeline_report = PassManager(passes, verify_each=verify, instruments=instruments).run(graph)
+    else:
+        pipeline_report = run_passes(graph, passes, instruments)
+    runner = plan.backend.lower(graph, device, plan.backend_options)
+    from lowbit.ir.ops import is_semantic
+
+    generic: dict[str, int] = {k: v for k, v in graph.op_counts().items() if not is_semantic(k)}
+    report = CompileReport(
+        capture={k: v for k, v in graph.meta.items() if k != "tokenizer" and _jsonable(v)},
+        pipeline=pipeline_report, backend=plan.backend.name, nodes_before=nodes_before,
+        nodes_after=len(graph.nodes), param_bytes_before=bytes_before, param_bytes_after=graph.param_bytes(),
+        generic_ops=generic, seconds=time.perf_counter() - t0,
+    )
+    return runner, report
+
+
+def _jsonable(v: Any) -> bool:
+    import json
+
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def compile_model(
@@ -137,16 +212,18 @@ def compile_model(
     verify: bool = True,
     instruments: Sequence[Instrument] = (),
     tokenizer: Any = None,
+    backend_options: Mapping[str, Any] | None = None,
 ) -> CompiledModel:
     """Capture ``model``, run ``pipeline`` (text like ``"fold-norms,dce"``) or ``recipe``, lower to ``backend``.
 
     ``model`` may be a name or path understood by ``lowbit.models.load_model`` (``"smollm2"``, ``"minilm"``,
-    an HF directory, a ``.gguf`` file). Returns a callable ``CompiledModel`` with ``.graph`` and ``.report``.
+    an HF directory, a ``.gguf`` file). ``backend_options`` are the backend's own (``{"keep_packed": True}`` on
+    torch; ONNX lowering options on onnxruntime). Returns a callable ``CompiledModel`` with ``.graph`` and
+    ``.report``.
     """
     t0 = time.perf_counter()
     passes = resolve_pipeline(pipeline, recipe)  # bad specs fail before the slow capture
-    if backend not in BACKENDS:
-        lower(Graph(), backend)  # raises with suggestions
+    plan = plan_compile(passes, backend, backend_options)  # so does a backend that cannot take the pipeline
     if isinstance(model, str):
         from lowbit.models import load_model
 
@@ -165,16 +242,5 @@ def compile_model(
     graph = capture(model, example_inputs, dynamic_shapes)
     if tokenizer is not None:
         graph.meta["tokenizer"] = tokenizer
-    nodes_before, bytes_before = len(graph.nodes), graph.param_bytes()
-    pipeline_report = PassManager(passes, verify_each=verify, instruments=instruments).run(graph)
-    runner = lower(graph, backend, device)
-    from lowbit.ir.ops import is_semantic
-
-    generic: dict[str, int] = {k: v for k, v in graph.op_counts().items() if not is_semantic(k)}
-    report = CompileReport(
-        capture={k: v for k, v in graph.meta.items() if k != "tokenizer"},
-        pipeline=pipeline_report, backend=backend, nodes_before=nodes_before, nodes_after=len(graph.nodes),
-        param_bytes_before=bytes_before, param_bytes_after=graph.param_bytes(), generic_ops=generic,
-        seconds=time.perf_counter() - t0,
-    )
+    runner, report = compile_graph(graph, plan, device=device, verify=verify, instruments=instruments, started=t0)
     return CompiledModel(runner, graph, report, tokenizer)

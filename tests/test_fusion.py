@@ -16,8 +16,15 @@ from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.ir.fusion import QLINEAR_RULES, fuse_qlinear, unfuse_qlinear
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.parser import parse_graph
-from lowbit.ir.pattern import P, PatternMatcher, RewriteLoopError, Rule, X, graph_rewrite
-from lowbit.ir.quant import pack_int4, qlinear
+from lowbit.ir.pattern import (
+    P,
+    PatternMatcher,
+    RewriteLoopError,
+    Rule,
+    X,
+    graph_rewrite,
+)
+from lowbit.ir.quant import qlinear
 from lowbit.ir.verifier import verify
 from lowbit.passes.insert_qdq import InsertQDQ
 from lowbit.passes.manager import PassManager
@@ -202,3 +209,49 @@ def test_fuse_qlinear_is_bit_identical_on_a_real_slice(slice2, pipeline, form):
     assert stats["by_form"] == {form: 14} and stats["unfused_quantized_linears"] == 0  # 7 linears × 2 layers
     assert not any(n.op in ("dynamic_qparams", "quantize") for n in g.nodes)  # the activation chains are gone
     assert torch.equal(TorchCompiled(g)(ids), ref)
+
+
+# ---- lowering qlinear: torch reference and ONNX ------------------------------------------------------
+
+LINEAR_32 = """graph main(%x: f32[1,s0,32]) {
+  symbol s0 in [2, 64] hint 4
+  param @fc.weight: f32[6,32]
+  param @fc.bias: f32[6]
+  %y: f32[1,s0,6] = linear(%x, @fc.weight, @fc.bias)  # fc
+  return %y
+}
+"""
+
+
+@pytest.mark.parametrize("pipeline, form, fused_ops", [
+    ("quantize(w=int4,group=16,sym=false)", "matmulnbits", {"com.microsoft::MatMulNBits"}),
+    ("quantize(w=int8,a=int8)", "ort-default", {"com.microsoft::MatMulIntegerToFloat"}),
+    ("quantize(w=int8,a=uint8,a_gran=per_tensor,a_sym=false)", "ort-default",
+     {"DynamicQuantizeLinear", "com.microsoft::MatMulIntegerToFloat"}),
+    ("quantize(w=fp8e4m3,a=fp8e4m3)", "ort-default", {"QuantizeLinear", "DequantizeLinear", "MatMul"}),
+    ("quantize(w=int4,group=16,a=int8)", "matmulnbits", {"QuantizeLinear", "DequantizeLinear", "MatMul"}),
+])
+def test_qlinear_lowers_to_onnx_kernels_or_its_qdq_reference(pipeline, form, fused_ops):
+    """A fused graph lowers qlinear to MatMulNBits / MatMulIntegerToFloat where the options and the form allow,
+    else to the QDQ reference; the portable export of a fused graph is standard QDQ, like the unfused one's."""
+    from lowbit.backends.onnx import lowered_op_types, to_onnx
+    from lowbit.backends.onnxruntime_backend import OrtCompiled
+
+    w = torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
+    g = parse_graph(LINEAR_32, {"fc.weight": w, "fc.bias": torch.randn(6)})
+    PassManager(pipeline).run(g)
+    unfused = g.clone()
+    PassManager("fuse-qlinear").run(g)
+    assert [n.op for n in g.nodes] == ["qlinear"]
+    options = {"ort-default": {}, "matmulnbits": {"weight_format": "matmulnbits"}}[form]
+    x = torch.randn(1, 7, 32)
+    ref = TorchCompiled(g)(x)
+    assert torch.equal(ref, TorchCompiled(unfused)(x))  # the torch backend runs qlinear's reference
+    ort = OrtCompiled(g, **options)
+    assert fused_ops <= set(lowered_op_types(ort.onnx_model)), lowered_op_types(ort.onnx_model)
+    # the same kernels whether the graph came fused or the lowering fused a copy of it
+    assert lowered_op_types(OrtCompiled(unfused, **options).onnx_model) == lowered_op_types(ort.onnx_model)
+    torch.testing.assert_close(ort(x), ref, rtol=1e-5, atol=1e-4)
+    portable = lowered_op_types(to_onnx(g))
+    assert not any("::" in op or "Integer" in op for op in portable)
+    assert portable == lowered_op_types(to_onnx(unfused))

@@ -60,10 +60,7 @@ KERNEL_THIRD_PARTY = {"torch", "triton", "numpy"}
 
 # Upward imports that another change of the same issue removes; each names who removes it. A stale entry (the
 # import is gone) is reported as a warning: delete it.
-PENDING: dict[tuple[str, str], str] = {
-    ("lowbit.backends.torch_backend", "lowbit.passes.constant_folding"):
-        "issue 15 item 4 (backend contract): weight materialization moves to lowbit/ir/fold.py",
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 # Cycles allowed on purpose, as sets of modules, with the reason.
 ALLOWED_CYCLES: dict[frozenset[str], str] = {

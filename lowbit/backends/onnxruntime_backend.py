@@ -206,3 +206,8 @@ class OrtCompiled(torch.nn.Module):
 
 
 OnnxRuntimeCompiled = OrtCompiled
+
+
+def lower(graph: Graph, device: str | None = None, **lowering: Any) -> OrtCompiled:
+    """The backend registry's entry point: unset lowering options keep ``ORT_LOWERING``'s."""
+    return OrtCompiled(graph, device=device, **{k: v for k, v in lowering.items() if v is not None})

@@ -15,6 +15,8 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from lowbit.ir.fold import drop_unused_params, fold_constants
+from lowbit.ir.fusion import unfuse_qlinear
 from lowbit.ir.graph import Graph, Value
 from lowbit.ir.ops import resolve
 
@@ -76,23 +78,38 @@ def lower_to_fx(graph: Graph, device: str | torch.device | None = None) -> torch
     return gm
 
 
+def materialize_weights(graph: Graph, *, keep_packed: bool = False) -> Graph:
+    """The graph this backend lowers: a copy with every parameter-only computation evaluated once.
+
+    Default: packed weights are dequantized here (``qlinear`` nodes are first written back as their reference
+    subgraph, so their weight ``dequantize`` folds too): a call runs float linears, and memory holds float
+    weights. ``keep_packed=True`` leaves every ``dequantize`` (and ``qlinear``) in place: the packed weights
+    are what the device holds, dequantized on each call. The numbers are the same either way.
+    """
+    lowered = graph.clone()
+    if keep_packed:
+        fold_constants(lowered, max_elements=1 << 62, skip_ops=frozenset({"dequantize"}))
+    else:
+        unfuse_qlinear(lowered)
+        fold_constants(lowered, max_elements=1 << 62)
+    drop_unused_params(lowered)
+    return lowered
+
+
 class TorchCompiled(torch.nn.Module):
     """A lowered graph as a callable module; ``graph`` is kept so the debugging tools can inspect it."""
 
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *,
-                 precompute_constants: bool = True) -> None:
-        """``precompute_constants`` evaluates once, at lowering, every node that reads only parameters (the
-        ``dequantize`` of a packed weight, say), so a call does not unpack all weights again; the numbers are
-        the same, ``graph`` keeps the packed form, and memory holds the unpacked copies."""
+                 precompute_constants: bool = True, keep_packed: bool = False) -> None:
+        """``precompute_constants`` evaluates once, at lowering, every node that reads only parameters
+        (``materialize_weights``), so a call does not unpack all weights again; the numbers are the same and
+        ``graph`` keeps the packed form. ``keep_packed=True`` keeps the packed weights on the device instead
+        and dequantizes them per call (less memory, more work per call)."""
         super().__init__()
         self.graph = graph
         self.device = torch.device(device) if device is not None else None
-        lowered = graph
-        if precompute_constants:
-            from lowbit.passes.constant_folding import ConstantFolding
-
-            lowered = graph.clone()
-            ConstantFolding(max_elements=1 << 62).run(lowered)
+        self.keep_packed = keep_packed
+        lowered = materialize_weights(graph, keep_packed=keep_packed) if precompute_constants else graph
         self.gm = lower_to_fx(lowered, device)
 
     @torch.no_grad()
@@ -109,3 +126,8 @@ class TorchCompiled(torch.nn.Module):
         if self.device is not None:
             args = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)
         return self.gm(*args)
+
+
+def lower(graph: Graph, device: str | None = None, *, keep_packed: bool = False) -> TorchCompiled:
+    """The backend registry's entry point (``lowbit.backends.registry``)."""
+    return TorchCompiled(graph, device, keep_packed=keep_packed)

@@ -274,6 +274,8 @@ def compile_cmd(
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
     backend: str = typer.Option("torch", "--backend", "-b", help="torch, onnxruntime, tensorrt or triton"),
+    backend_option: list[str] = typer.Option([], "--backend-option", help="KEY=VALUE option of the backend "
+                                             "(repeatable), e.g. keep_packed=true on torch"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (model.lowbit, "
                                        "params.safetensors, report.json); replaced only when the run succeeds"),
     overrides: Optional[Path] = typer.Option(None, "--overrides", help="override file from `lowbit debug "
@@ -295,16 +297,24 @@ def compile_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no summary"),
 ) -> None:
     """Capture MODEL, run the pipeline over its IR, lower it to BACKEND and write the artefact and a report."""
-    from lowbit.api import BACKENDS, CompileReport, lower
+    from lowbit.api import compile_graph, plan_compile
+    from lowbit.backends.registry import BackendError
     from lowbit.passes.base import all_passes, closest
     from lowbit.passes.manager import PrintIR
 
     t0 = time.perf_counter()
     text = pipeline_text(pipeline, recipe)
     passes = parse(text)
-    if backend not in BACKENDS:
-        fail(f"unknown backend {backend!r}{closest(backend, list(BACKENDS))}; known: {', '.join(BACKENDS)}",
-             Exit.USAGE)
+    options: dict[str, str] = {}
+    for item in backend_option:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            fail(f"--backend-option {item!r}: expected KEY=VALUE", Exit.USAGE)
+        options[key.strip()] = value.strip()
+    try:
+        plan = plan_compile(passes, backend, options)
+    except BackendError as exc:
+        fail(str(exc), Exit.USAGE)
     registry = all_passes()
     for name in print_ir_after:
         if name not in registry:
@@ -322,7 +332,7 @@ def compile_cmd(
         passes = apply_overrides(passes, keep, graph, overrides)
         console.print(f"overrides {overrides}: keeping {', '.join(keep) or 'nothing'} float -> "
                       f"{','.join(p.spec() for p in passes)}", markup=False)
-    nodes_before, bytes_before = len(graph.nodes), graph.param_bytes()
+        plan = plan_compile(passes, backend, options)
     instruments = []
     if print_ir_after_all or print_ir_after_change or print_ir_diff or print_ir_after or print_ir_before:
         instruments.append(PrintIR(after_all=print_ir_after_all, after_change=print_ir_after_change,
@@ -331,23 +341,21 @@ def compile_cmd(
     rss = RssPeak() if timing else None
     if rss is not None:
         instruments.insert(0, rss)
-    report = run_pipeline(graph, passes, instruments=instruments, verify_each=verify_each, measure_memory=timing,
-                          reproducer=reproducer, model_spec=model)
+
+    def run_passes(g: Any, ps: list[Any], ins: Any) -> Any:
+        return run_pipeline(g, ps, instruments=list(ins), verify_each=verify_each, measure_memory=timing,
+                            reproducer=reproducer, model_spec=model)
+
     try:
-        runner = lower(graph, backend)
+        runner, compile_report = compile_graph(graph, plan, instruments=instruments, run_passes=run_passes,
+                                               started=t0)
+    except typer.Exit:  # a failing pass: run_pipeline has reported it
+        raise
     except (ImportError, ModuleNotFoundError) as exc:
         fail(f"backend {backend!r} is not available in this install: {exc}", Exit.BACKEND)
     except Exception as exc:
         fail(f"backend {backend!r} could not lower the graph: {type(exc).__name__}: {exc}", Exit.BACKEND)
-
-    from lowbit.ir.ops import is_semantic
-
-    compile_report = CompileReport(
-        capture={k: v for k, v in graph.meta.items() if k != "tokenizer" and _jsonable(v)},
-        pipeline=report, backend=backend, nodes_before=nodes_before, nodes_after=len(graph.nodes),
-        param_bytes_before=bytes_before, param_bytes_after=graph.param_bytes(),
-        generic_ops={k: v for k, v in graph.op_counts().items() if not is_semantic(k)},
-        seconds=time.perf_counter() - t0)
+    report = compile_report.pipeline
     if timing:
         console.print(timing_table(report, rss))
     if out is not None:
@@ -356,14 +364,6 @@ def compile_cmd(
         console.print(compile_report.summary(), markup=False)
         if out is not None:
             console.print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})", markup=False)
-
-
-def _jsonable(v: Any) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def _write_compile_output(out: Path, graph: Any, report: Any, runner: Any, backend: str, model: str,

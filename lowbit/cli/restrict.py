@@ -1,15 +1,16 @@
 """Apply a pass to only some layers: the common handle ``debug bisect`` and ``debug sensitivity`` use.
 
-Passes say which nodes they touch through their options, so restriction is done by rewriting options, and the
+Passes declare their scope through one common option, so restriction is done by rewriting it, and the
 restricted pass prints as ordinary pipeline text (the reproduce command is just a pipeline):
 
-* a ``modules`` option (a regex searched in module paths, as ``fold-norms`` has) is set to the units' regex,
-  combined with any regex it already had;
-* a pass with a ``config`` option holding a ``QuantConfig`` file (``quantize``) gets a config whose rules
-  quantize only the chosen units with the schemes its options describe (written content-addressed under the
-  user cache, so the printed reproduce command keeps working);
-* a ``keep`` option (module globs kept float) gets every *other* unit added;
-* a pass with none of these cannot be restricted, and the tools say so.
+* ``modules`` (``lowbit.passes.base.ScopedOptions``: a regex searched in module paths; ``quantize``, ``gptq``,
+  ``awq``, ``autoround``, ``fold-norms``, ``fuse-qlinear``) is set to the units' regex, combined with any regex
+  it already had;
+* a pass without a scope but with a ``keep`` option (module globs kept float) gets every *other* unit added;
+* a pass with neither cannot be restricted, and the tools say so.
+
+``keep_float`` (``lowbit compile --overrides``) still writes a ``QuantConfig`` for ``quantize``: an override
+file's decision is "keep these float", which is the config's ``keep_float``.
 """
 
 from __future__ import annotations
@@ -58,33 +59,14 @@ def _config_from_options(p: Any) -> Any | None:
 
 
 def how_restricted(p: Any) -> str | None:
-    """``modules``, ``config`` or ``keep``: the option through which ``p`` can be restricted, or None."""
+    """``modules`` (the common scope, ``ScopedOptions``) or ``keep``: the option through which ``p`` can be
+    restricted, or None."""
     fields = type(p).Options.model_fields
     if "modules" in fields:
         return "modules"
-    if "config" in fields and _config_from_options(p) is not None:
-        return "config"
     if "keep" in fields:
         return "keep"
     return None
-
-
-def _restricted_config(p: Any, chosen: list[Unit], all_units: list[Unit]) -> str:
-    """Write a QuantConfig quantizing only ``chosen`` as ``p``'s options say; returns its path."""
-    from lowbit.ir.qscheme import ModuleRule
-
-    cfg = _config_from_options(p)(p.options)
-    rules = [ModuleRule(pattern=u.glob, weight=cfg.weight, input=cfg.input) for u in chosen
-             if cfg.weight is not None or cfg.input is not None]
-    data: dict[str, Any] = {"rules": [r.model_dump(mode="json", exclude_none=True) for r in rules]}
-    if cfg.rules:  # the user's own rules apply inside the chosen units only: keep them, after ours
-        data["rules"] += [r.model_dump(mode="json", exclude_none=True) for r in cfg.rules]
-        data["keep_float"] = list(cfg.keep_float) + [u.glob for u in all_units if u not in chosen]
-    elif "keep_float" in cfg.model_fields_set:
-        data["keep_float"] = list(cfg.keep_float)
-    if cfg.kv is not None and len(chosen) == 1:
-        data["kv"] = cfg.kv.model_copy(update={"modules": chosen[0].glob}).model_dump(mode="json")
-    return _write_config(data)
 
 
 def _write_config(data: dict[str, Any]) -> str:
@@ -112,9 +94,8 @@ def keep_float(p: Any, globs: list[str], graph: Graph) -> Any | None:
     """
     from lowbit.ir.qscheme import module_matches
 
-    how = how_restricted(p)
     opts = p.options.model_dump()
-    if how in ("config", "modules") and "config" in type(p).Options.model_fields and _config_from_options(p):
+    if "config" in type(p).Options.model_fields and _config_from_options(p):
         cfg = _config_from_options(p)(p.options)
         linears = {n.module for n in graph.nodes if n.op == "linear"}
         wanted = list(dict.fromkeys(list(cfg.keep_float) + list(globs)))
@@ -140,9 +121,6 @@ def restrict(p: Any, chosen: list[Unit], all_units: list[Unit]) -> Any | None:
         rx = f"^({names})" if chosen else r"(?!)"
         old = opts.get("modules") or ""
         opts["modules"] = f"(?=.*{old}){rx}" if old else rx
-    elif how == "config":
-        opts = {k: v for k, v in opts.items() if k not in CONFIG_REPLACES}
-        opts["config"] = _restricted_config(p, chosen, all_units)
     else:
         chosen_names = {u.name for u in chosen}
         keep = list(opts.get("keep") or [])

@@ -31,11 +31,28 @@ from typing import Any
 import torch
 
 from lowbit.ir.graph import Graph, Node, TensorType, Value
-from lowbit.ir.pattern import Bindings, P, PatternMatcher, RewriteStats, Rule, X, graph_rewrite
+from lowbit.ir.pattern import (
+    Bindings,
+    P,
+    PatternMatcher,
+    RewriteStats,
+    Rule,
+    X,
+    graph_rewrite,
+)
 from lowbit.ir.quant import activation_axis, ceil_div_dim, get_qdtype
 
-__all__ = ["QLINEAR_RULES", "QLINEAR_MATCHER", "fuse_qlinear", "expand_qlinear", "qlinear_form",
-           "ActivationQuant", "activation_quant", "QLINEAR_KWARGS"]
+__all__ = [
+    "QLINEAR_KWARGS",
+    "QLINEAR_MATCHER",
+    "QLINEAR_RULES",
+    "ActivationQuant",
+    "activation_quant",
+    "expand_qlinear",
+    "fuse_qlinear",
+    "qlinear_form",
+    "unfuse_qlinear",
+]
 
 QLINEAR_KWARGS = ("w_qdtype", "w_axis", "w_block_size", "a_qdtype", "a_granularity", "a_symmetric",
                   "a_block_size", "out_dtype")

@@ -208,13 +208,14 @@ class PatternMatcher:
             return [r for _, r in indexed]
         return [r for _, r in sorted(indexed + self._any, key=lambda ir: ir[0])]
 
-    def sweep(self, graph: Graph, stats: RewriteStats | None = None) -> int:
-        """One forward pass over the nodes; returns the number of rewrites."""
+    def sweep(self, graph: Graph, stats: RewriteStats | None = None,
+              accept: Callable[[Node], bool] | None = None) -> int:
+        """One forward pass over the nodes (those ``accept`` allows); returns the number of rewrites."""
         stats = stats if stats is not None else RewriteStats()
         done = 0
         for i in range(len(graph.nodes)):
             node = graph.nodes[i]
-            if len(node.outputs) != 1:
+            if len(node.outputs) != 1 or (accept is not None and not accept(node)):
                 continue
             for rule in self.candidates(node.op):
                 rs = stats.rules.setdefault(rule.name, RuleStats())
@@ -251,21 +252,22 @@ def _replace(graph: Graph, index: int, node: Node, new: Node, rule: Rule) -> Non
     graph.rename(out, new.op)
 
 
-def graph_rewrite(graph: Graph, matcher: PatternMatcher | Sequence[Rule], *, max_sweeps: int = 32) -> RewriteStats:
+def graph_rewrite(graph: Graph, matcher: PatternMatcher | Sequence[Rule], *, max_sweeps: int = 32,
+                  accept: Callable[[Node], bool] | None = None) -> RewriteStats:
     """Apply ``matcher``'s rules until a whole sweep rewrites nothing (a fixed point), in place.
 
     Each sweep walks the nodes in order, so a rewrite's result is seen by later nodes in the same sweep and by
     every node in the next. A table that is still rewriting after ``max_sweeps`` sweeps loops (a rule
     re-creating what another removes): that is an error naming the rules that fired last, not a hang.
     Interior nodes of a matched pattern stay until dead-code elimination removes them, so a rewrite never has
-    to know whether they have other readers.
+    to know whether they have other readers. ``accept`` limits the nodes rules are tried at (a pass's scope).
     """
     pm = matcher if isinstance(matcher, PatternMatcher) else PatternMatcher(matcher)
     stats = RewriteStats()
     history: list[dict[str, int]] = []
     while True:
         history.append({n: r.rewritten for n, r in stats.rules.items()})
-        done = pm.sweep(graph, stats)
+        done = pm.sweep(graph, stats, accept)
         stats.sweeps += 1
         if not done:
             return stats

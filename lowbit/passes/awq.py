@@ -14,21 +14,23 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from lowbit.ir.graph import Graph
-from lowbit.passes.base import Pass, PassError, PassResult, register_pass
+from lowbit.passes.base import NO_QLINEAR, Pass, PassResult, register_pass
 from lowbit.passes.gptq import SITE_KINDS, WeightCalibrationOptions, rounding, run_weight_calibration
 
 __all__ = ["AWQ", "AWQOptions"]
 
 
 class AWQOptions(WeightCalibrationOptions):
-    n_grid: int = 20
+    n_grid: int = Field(default=20, ge=1)
     """Grid points for the scale exponent α in [0, 1) and for the clipping factor."""
     scales: Literal["x", "xw", "both"] = "x"
     """Scale candidates: mean|x|^α (the paper), AutoAWQ's mean|x|^α / mean|ŵ|^(1-α), or the better of both."""
     clip: bool = True
     """Search each group's clipping range by output error (AWQ's auto-clip)."""
-    max_shrink: float = 0.5
+    max_shrink: float = Field(default=0.5, ge=0, lt=1)
     """Clipping: smallest range tried is (1 - max_shrink) of min-max."""
     sites: list[str] = list(SITE_KINDS)
     """Where scales may be folded: norm (RMSNorm/LayerNorm → linears), gated (up_proj → down_proj),
@@ -41,13 +43,12 @@ class AWQ(Pass):
 
     name = "awq"
     Options = AWQOptions
+    requires = (NO_QLINEAR,)
+    after = ("rotate",)
+    creates = ("dequantize",)
 
     def run(self, graph: Graph) -> PassResult:
         o: AWQOptions = self.options  # type: ignore[assignment]
-        if o.n_grid < 1:
-            raise PassError(f"pass awq: option n_grid={o.n_grid} must be at least 1")
-        if not 0 <= o.max_shrink < 1:
-            raise PassError(f"pass awq: option max_shrink={o.max_shrink} must be in [0, 1)")
         r = rounding("awq", self.name, scale_search=True, clip=o.clip, n_grid=o.n_grid, scales=o.scales,
                      max_shrink=o.max_shrink, sites=o.sites)
         return PassResult(True, run_weight_calibration(graph, o, r, self.name))

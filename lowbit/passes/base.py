@@ -2,18 +2,33 @@
 
 Like onnx-ir's and torch.fx's passes, ``run`` returns a ``PassResult`` saying whether anything changed and
 with statistics; a pass never prints (instruments do). Options are pydantic models, so a pipeline string
-``quantize(w=int4,group=64)`` is validated and coerced with messages that name the option.
+``quantize(w=int4,group=64)`` is validated and coerced with messages that name the option — every range is a
+constraint on the model, so a bad spec fails when it is parsed, not after capture and calibration.
+
+What a pass declares besides (docs/design.md "Pass contract"):
+
+* ``requires`` / ``ensures`` — ``Condition`` objects on the IR before / after ``run`` (onnx-ir's ``requires`` and
+  ``ensures``), checked by the ``PassManager``; a failure names the pass and the nodes.
+* ``after`` — passes that must come before this one when both are in a pipeline (``quantize`` after
+  ``rotate``, ``fuse-qlinear`` after every quantizing pass); checked when the pipeline is parsed.
+* ``creates`` — ops the pass may emit (MLIR's ``dependentDialects``), so a backend that cannot lower one is
+  reported before the pipeline runs (``lowbit.api.plan_compile``).
+* ``exact`` — the pass must not change the model's outputs: checked in float64 on a real model by
+  ``tests/test_pass_contract.py`` for every registered pass that declares it.
+* a ``modules`` scope (``ScopedOptions``) — a regex on module paths limiting what the pass changes, the common
+  handle ``debug bisect`` and ``debug sensitivity`` restrict passes with.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, graph_tokenizer
 from lowbit.calibration.engine import CalibrationError, resolve_device, static_batch
@@ -24,6 +39,26 @@ class PassOptions(BaseModel):
     """Base of every pass's options: unknown keys are errors, values are checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ScopedOptions(PassOptions):
+    """Options of a pass that can be limited to some modules (the ``modules`` scope every such pass honours)."""
+
+    modules: str = ""
+    """Regex searched in module paths: only nodes whose module matches are changed; empty changes every one."""
+
+    @field_validator("modules")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a valid regex: {exc}") from None
+        return v
+
+    def in_scope(self, module: str) -> bool:
+        """Whether a node of ``module`` is inside the scope."""
+        return not self.modules or re.search(self.modules, module) is not None
 
 
 class CalibrationOptions(PassOptions):
@@ -74,6 +109,43 @@ class PassResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Condition:
+    """A property of the IR a pass requires or ensures: ``check(graph)`` lists what violates it, each item naming
+    a node (``%name (op) in module '...'``); empty means it holds."""
+
+    name: str
+    check: Callable[[Graph], list[str]]
+
+    def __call__(self, graph: Graph) -> list[str]:
+        return self.check(graph)
+
+
+def _where(node: Any) -> str:
+    return f"%{node.name} ({node.op})" + (f" in module {node.module!r}" if node.module else "")
+
+
+def no_op(op: str, why: str) -> Condition:
+    """No node of ``op`` is in the graph (``why`` says what the pass would get wrong)."""
+    return Condition(f"no {op} node ({why})", lambda g: [_where(n) for n in g.nodes if n.op == op])
+
+
+def _dead_nodes(graph: Graph) -> list[str]:
+    live = {id(v) for v in graph.outputs}
+    dead = []
+    for node in reversed(graph.nodes):
+        if any(id(v) in live for v in node.outputs):
+            live.update(id(v) for v in node.inputs())
+        else:
+            dead.append(_where(node))
+    return dead[::-1]
+
+
+NO_DEAD_NODES = Condition("no node whose results nothing reads", _dead_nodes)
+NO_QLINEAR = no_op("qlinear", "it rewrites linear nodes and a fused qlinear is already quantized: run fuse-qlinear "
+                   "after it")
+
+
 class Pass:
     """Subclass, set ``name`` and ``Options``, implement ``run``. The class docstring is the help text."""
 
@@ -81,6 +153,14 @@ class Pass:
     Options: ClassVar[type[PassOptions]] = PassOptions
     exact: ClassVar[bool] = False
     """True where the pass must not change the model's outputs (checked in tests in float64)."""
+    requires: ClassVar[tuple[Condition, ...]] = ()
+    """Conditions the IR must meet before ``run`` (checked by the PassManager)."""
+    ensures: ClassVar[tuple[Condition, ...]] = ()
+    """Conditions the IR meets after ``run`` (checked by the PassManager)."""
+    after: ClassVar[tuple[str, ...]] = ()
+    """Passes that must come before this one when both are in a pipeline (checked when it is parsed)."""
+    creates: ClassVar[tuple[str, ...]] = ()
+    """Ops this pass may add to the graph (checked against the backend before the pipeline runs)."""
 
     def __init__(self, **options: Any) -> None:
         self.options = self.Options(**options)
@@ -99,7 +179,9 @@ class Pass:
         """This pass as pipeline text, with the options that differ from their defaults."""
         defaults = self.Options()
         # what the pass does first, the calibration data (inherited, so first in pydantic's order) last
-        items = sorted(self.options.model_dump().items(), key=lambda kv: kv[0] in CalibrationOptions.model_fields)
+        # and the scope just before the data (pydantic puts a mixin's fields first)
+        items = sorted(self.options.model_dump().items(),
+                       key=lambda kv: 2 if kv[0] in CalibrationOptions.model_fields else int(kv[0] == "modules"))
         diffs = [
             f"{k}={_fmt(v)}" for k, v in items if getattr(defaults, k, None) != v
         ] if _all_defaulted(self.Options) else [f"{k}={_fmt(v)}" for k, v in items]
@@ -175,12 +257,14 @@ def _load_builtin_passes() -> None:
             importlib.import_module(f"lowbit.passes.{info.name}")
 
 
-def function_pass(name: str, doc: str, exact: bool = False) -> Callable[[Callable[[Graph], PassResult]], type[Pass]]:
-    """Make an option-less pass from a function ``graph -> PassResult``."""
+def function_pass(name: str, doc: str, exact: bool = False, **contract: Any
+                  ) -> Callable[[Callable[[Graph], PassResult]], type[Pass]]:
+    """Make an option-less pass from a function ``graph -> PassResult``; ``contract`` sets ``requires``,
+    ``ensures``, ``after`` or ``creates``."""
 
     def deco(fn: Callable[[Graph], PassResult]) -> type[Pass]:
         cls = type(fn.__name__.title().replace("_", ""), (Pass,), {
-            "name": name, "__doc__": doc, "exact": exact, "run": lambda self, g: fn(g),
+            "name": name, "__doc__": doc, "exact": exact, "run": lambda self, g: fn(g), **contract,
         })
         return register_pass(cls)
 

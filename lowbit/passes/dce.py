@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lowbit.ir.graph import Graph
 from lowbit.ir.rewrite import eliminate_dead_code
-from lowbit.passes.base import Pass, PassResult, register_pass
+from lowbit.passes.base import NO_DEAD_NODES, Pass, PassResult, register_pass
 
 __all__ = ["DeadCodeElimination", "eliminate_dead_code"]
 
@@ -15,6 +15,7 @@ class DeadCodeElimination(Pass):
 
     name = "dce"
     exact = True
+    ensures = (NO_DEAD_NODES,)
 
     def run(self, graph: Graph) -> PassResult:
         nodes, params = eliminate_dead_code(graph)

@@ -15,12 +15,12 @@ import torch
 
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.rewrite import eliminate_dead_code, private_weight
-from lowbit.passes.base import Pass, PassOptions, PassResult, register_pass
+from lowbit.passes.base import NO_QLINEAR, Pass, PassResult, ScopedOptions, register_pass
 
 NORM_OPS = ("rms_norm", "layer_norm")
 
 
-class FoldNormsOptions(PassOptions):
+class FoldNormsOptions(ScopedOptions):
     modules: str = ""
     """Regex on the norm's module path; empty folds every norm that can be folded."""
 
@@ -45,6 +45,7 @@ class FoldNorms(Pass):
     name = "fold-norms"
     Options = FoldNormsOptions
     exact = True
+    requires = (NO_QLINEAR,)
 
     def run(self, graph: Graph) -> PassResult:
         rx = re.compile(self.options.modules) if self.options.modules else None

@@ -23,20 +23,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lowbit.calibration.weights import SITE_KINDS, Rounding, WeightCalibrationError, calibrate_weights
 from lowbit.ir.graph import Graph
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, QScheme, QuantConfig
 from lowbit.ir.quant import get_qdtype
-from lowbit.passes.base import CalibrationOptions, Pass, PassError, PassResult, register_pass
+from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
 from lowbit.passes.insert_qdq import plan
 
 __all__ = ["WeightCalibrationOptions", "GPTQOptions", "GPTQ", "run_weight_calibration", "rounding", "SITE_KINDS"]
 
 
-class WeightCalibrationOptions(CalibrationOptions):
-    """What to quantize (as the ``quantize`` pass's weight options) and the calibration data."""
+class WeightCalibrationOptions(CalibrationOptions, ScopedOptions):
+    """What to quantize (as the ``quantize`` pass's weight options), where (``modules``) and the calibration
+    data."""
 
     w: str = "int4"
     """Weight qdtype: int8, int4, uint4, int3, int2, or fp8e4m3/fp8e5m2 (rounded as ``quantize`` casts fp8)."""
@@ -59,15 +60,15 @@ class GPTQOptions(WeightCalibrationOptions):
     """Quantize columns in order of decreasing Hessian diagonal."""
     static_groups: bool = True
     """With act_order and groups: each group's grid from the original weights (keeps groups contiguous)."""
-    damp: float = 0.01
+    damp: float = Field(default=0.01, gt=0, lt=1)
     """Diagonal damping, relative to the Hessian's mean diagonal."""
-    block_size: int = 128
+    block_size: int = Field(default=128, ge=1)
     """Columns per lazy-batch update."""
     awq: bool = False
     """Search AWQ scales first and fold them into the preceding ops (norms, up_proj, v_proj)."""
     clip: bool = False
     """Search each group's clipping range by output error (AWQ's auto-clip) and run GPTQ on that grid."""
-    n_grid: int = 20
+    n_grid: int = Field(default=20, ge=1)
     """AWQ: grid points for the scale exponent and for the clipping factor."""
     sites: list[str] = list(SITE_KINDS)
     """AWQ: where scales may be folded (norm, gated, attention-v)."""
@@ -76,6 +77,13 @@ class GPTQOptions(WeightCalibrationOptions):
     so every block runs once (on all sequences as one batch) instead of twice; later linears of the block
     then see the quantized earlier ones (true-sequential GPTQ). Off (or with awq=true): two runs per block,
     ``batch_size`` sequences at a time."""
+
+    @model_validator(mode="after")
+    def _groups_stay_contiguous(self) -> GPTQOptions:
+        if self.act_order and self.group and not self.static_groups and not self.clip:
+            raise ValueError("act_order=true with group needs static_groups=true (lowbit stores "
+                             "contiguous groups along the input dim)")
+        return self
 
 
 def _config(o: WeightCalibrationOptions, pass_name: str) -> tuple[QuantConfig, QScheme]:
@@ -107,7 +115,7 @@ def run_weight_calibration(graph: Graph, o: WeightCalibrationOptions, r: Roundin
     cfg, _ = _config(o, pass_name)
     extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
     try:
-        p = plan(graph, cfg, o.group_fallback, extra)
+        p = plan(graph, cfg, o.group_fallback, extra, scope=o.in_scope)
     except PassError as exc:
         raise PassError(str(exc).replace("pass quantize:", f"pass {pass_name}:", 1)) from None
     if not p.weights:
@@ -134,16 +142,14 @@ class GPTQ(Pass):
 
     name = "gptq"
     Options = GPTQOptions
+    requires = (NO_QLINEAR,)
+    after = ("rotate",)
+    creates = ("dequantize",)
 
     def run(self, graph: Graph) -> PassResult:
         o: GPTQOptions = self.options  # type: ignore[assignment]
-        if not 0 < o.damp < 1:
-            raise PassError(f"pass gptq: option damp={o.damp} must be in (0, 1)")
         r = rounding("gptq", self.name, scale_search=o.awq, clip=o.clip, n_grid=o.n_grid, act_order=o.act_order,
                      static_groups=o.static_groups, damp=o.damp, block_size=o.block_size, sites=o.sites,
                      single_pass=o.single_pass and not o.awq)
-        if o.act_order and o.group and not o.static_groups and not o.clip:
-            raise PassError("pass gptq: act_order=true with group needs static_groups=true (lowbit stores contiguous "
-                            "groups along the input dim)")
         stats = run_weight_calibration(graph, o, r, self.name)
         return PassResult(True, stats)

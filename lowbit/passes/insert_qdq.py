@@ -25,7 +25,7 @@ Options are short so pipelines stay readable: ``quantize(w=int4,group=64)``,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,7 +45,7 @@ from lowbit.ir.qscheme import (
 from lowbit.ir.quant import QDTYPES, Layout, ceil_div_dim, get_qdtype, layout_for, mul_dim, quantize
 from lowbit.ir.qdq import WeightPlan, write_weight_qdq
 from lowbit.ir.rewrite import eliminate_dead_code
-from lowbit.passes.base import CalibrationOptions, Pass, PassError, PassResult, register_pass
+from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
 
 __all__ = ["InsertQDQ", "InsertQDQOptions", "config_from_options", "quantize_weight", "insert_dynamic_qdq",
            "quantize_graph", "VIEW_OPS"]
@@ -65,7 +65,7 @@ def _is_view(node: Node) -> bool:
     return False
 
 
-class InsertQDQOptions(CalibrationOptions):
+class InsertQDQOptions(CalibrationOptions, ScopedOptions):
     """Options of ``quantize``; a ``config`` JSON file replaces the w/a/kv options for mixed precision. The
     calibration options (``calib``, ``calib_n``, ...) are read by static activation scales (``a_static``) only."""
 
@@ -479,13 +479,15 @@ class QuantizePlan:
 
 
 def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
-         extra_patterns: Sequence[tuple[str, str]] = ()) -> QuantizePlan:
+         extra_patterns: Sequence[tuple[str, str]] = (), scope: Callable[[str], bool] | None = None) -> QuantizePlan:
     """Resolve ``cfg`` against the graph; every error (bad pattern, group, weight) is raised before any change.
 
     ``extra_patterns`` are (where, glob) pairs the user wrote outside the config (the ``keep`` option): like
-    the config's own rules, each must match a linear's module.
+    the config's own rules, each must match a linear's module. ``scope`` (the ``modules`` option) limits the
+    linears and attention nodes changed to those whose module it accepts.
     """
     linears = [n for n in graph.nodes if n.op == "linear"]
+    in_scope = scope if scope is not None else (lambda module: True)
     modules = sorted({n.module for n in linears})
     for where, pat in list(extra_patterns) + cfg.user_patterns():
         if not any(module_matches(m, pat) for m in modules):
@@ -493,6 +495,8 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
             raise PassError(f"pass quantize: {where} {pat!r} matches no linear module (linears: {sample})")
     p = QuantizePlan()
     for n in linears:
+        if not in_scope(n.module):
+            continue
         ws, xs = cfg.resolve(n.module)
         if ws is not None:
             w = n.args[1]
@@ -517,14 +521,16 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
         if not p.attention:
             raise PassError(f"pass quantize: kv modules pattern {cfg.kv.modules!r} matches no attention node "
                             f"({sum(1 for n in graph.nodes if n.op == 'attention')} attention nodes in the graph)")
+        p.attention = [n for n in p.attention if in_scope(n.module)]
     return p
 
 
 def quantize_graph(graph: Graph, cfg: QuantConfig, *, group_fallback: int | None = None,
                    calibration: dict[str, Any] | None = None,
-                   extra_patterns: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
-    """Apply ``cfg`` to ``graph`` in place; returns the statistics the pass reports."""
-    p = plan(graph, cfg, group_fallback, extra_patterns)
+                   extra_patterns: Sequence[tuple[str, str]] = (),
+                   scope: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """Apply ``cfg`` to ``graph`` in place (only to modules ``scope`` accepts); returns the pass's statistics."""
+    p = plan(graph, cfg, group_fallback, extra_patterns, scope)
     bytes_before = graph.param_bytes()
     users = graph.users()
     w_float = w_quant = 0
@@ -576,6 +582,12 @@ class InsertQDQ(Pass):
 
     name = "quantize"
     Options = InsertQDQOptions
+    requires = (NO_QLINEAR,)
+    after = ("rotate",)
+    creates = ("dequantize", "quantize", "dynamic_qparams", "aten.cat.default", "aten.arange.default",
+               "aten.unsqueeze.default", "aten.sub.Tensor", "aten.ge.Scalar", "aten.logical_and.default",
+               "aten.logical_not.default", "aten.where.ScalarOther", "aten.sym_size.int")
+    """QDQ ops, and the KV window mask's ATen ops (kv_window/kv_sink)."""
 
     def run(self, graph: Graph) -> PassResult:
         o = self.options
@@ -588,7 +600,7 @@ class InsertQDQ(Pass):
                        "device": o.torch_device(self.name)}
         extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
         stats = quantize_graph(graph, cfg, group_fallback=o.group_fallback, calibration=calibration,
-                               extra_patterns=extra)
+                               extra_patterns=extra, scope=o.in_scope)
         changed = bool(stats["weights_quantized"] or stats["inputs_quantized"] or stats["kv_qdq_chains"])
         return PassResult(changed, stats)
 

@@ -91,18 +91,38 @@ def parse_pipeline(text: str) -> list[Pass]:
                                     f"options are: {', '.join(fields) or 'none'}")
                 options[key] = _parse_value(value)
         passes.append(build_pass(cls, options))
+    check_order(passes)
     return passes
 
 
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
 def build_pass(cls: type[Pass], options: dict[str, Any]) -> Pass:
+    """``cls(**options)``; a bad option is a ``PipelineSpecError`` naming the pass, the option and the rule."""
     try:
         return cls(**options)
     except pydantic.ValidationError as exc:
         msgs = []
         for err in exc.errors():
             loc = ".".join(str(x) for x in err["loc"]) or "(options)"
-            msgs.append(f"option {loc}: {err['msg']} (got {err.get('input')!r})")
-        raise PassError(f"pass {cls.name}: " + "; ".join(msgs)) from None
+            msg = f"option {loc}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
+            bound = next(((op, v) for k, op in _BOUNDS.items() if err["type"] == k
+                          for v in (err.get("ctx") or {}).values()), None)
+            if bound is not None:
+                msg += f"; option {loc}={err.get('input')} must be {bound[0]} {bound[1]}"
+            msgs.append(msg)
+        raise PipelineSpecError(f"pass {cls.name}: " + "; ".join(msgs)) from None
+
+
+def check_order(passes: Sequence[Pass]) -> None:
+    """Every pass comes after the passes it declares it must follow (``Pass.after``), where both are present."""
+    for i, p in enumerate(passes):
+        for j in range(i + 1, len(passes)):
+            if passes[j].name in p.after:
+                raise PipelineSpecError(
+                    f"pass {p.name} (#{i}) must come after {passes[j].name}, which the pipeline runs later "
+                    f"(#{j}): move {passes[j].name} before {p.name} in {format_pipeline(passes)!r}")
 
 
 def format_pipeline(passes: Sequence[Pass]) -> str:
@@ -192,6 +212,14 @@ class PipelineError(RuntimeError):
         self.graph_before = graph_before
 
 
+class PipelineSpecError(PassError, PipelineError):
+    """The pipeline text is wrong (an option out of range, passes out of order): found when it is parsed, before
+    any pass runs. Both a ``PassError`` (a bad spec) and a ``PipelineError`` (this pipeline cannot run)."""
+
+    def __init__(self, message: str) -> None:
+        PipelineError.__init__(self, message, PassRecord(-1, "(pipeline)", "(pipeline)"), None)
+
+
 # ---- the manager ---------------------------------------------------------------------------------
 
 class PassManager:
@@ -205,6 +233,7 @@ class PassManager:
                  instruments: Sequence[Instrument] = (), limit: int | None = None,
                  measure_memory: bool = False, keep_before_failure: bool = False) -> None:
         self.passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
+        check_order(self.passes)
         self.verify_each = verify_each
         self.instruments = list(instruments)
         self.limit = limit
@@ -232,6 +261,7 @@ class PassManager:
                 rec.nodes_after = rec.nodes_before
                 continue
             before = graph.clone() if self.keep_before_failure else None
+            _check_conditions(p, i, "requires", p.requires, graph, rec, before)
             for ins in self.instruments:
                 ins.before_pass(rec, p, graph)
             if self.measure_memory:
@@ -250,6 +280,7 @@ class PassManager:
                     tracemalloc.stop()
             rec.changed, rec.stats = result.changed, dict(result.stats)
             rec.nodes_after = len(graph.nodes)
+            _check_conditions(p, i, "ensures", p.ensures, graph, rec, before)
             if self.verify_each:
                 t1 = time.perf_counter()
                 try:
@@ -261,3 +292,15 @@ class PassManager:
                 ins.after_pass(rec, p, graph)
         report.seconds = time.perf_counter() - t_start
         return report
+
+
+def _check_conditions(p: Pass, index: int, kind: str, conditions: Sequence[Any], graph: Graph, rec: PassRecord,
+                      before: Graph | None) -> None:
+    """Raise a PipelineError naming the pass, the condition and the first offending nodes."""
+    for cond in conditions:
+        problems = cond(graph)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+            when = "before it runs" if kind == "requires" else "after it ran"
+            raise PipelineError(f"pass {p.spec()} (#{index}) {kind} {cond.name}, which does not hold {when}: "
+                                f"{shown}", rec, before)

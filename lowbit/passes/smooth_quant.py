@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from lowbit.calibration.engine import BlockRun, batches_from_ids, run
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites
 from lowbit.calibration.smoothquant import search_alpha, smoothquant_scale
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
-from lowbit.passes.base import CalibrationOptions, Pass, PassError, PassResult, register_pass
+from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 
 __all__ = ["SmoothQuant", "SmoothQuantOptions"]
 
@@ -34,7 +35,7 @@ SITE_KINDS = ("norm", "gated", "attention-v")
 
 
 class SmoothQuantOptions(CalibrationOptions):
-    alpha: float = 0.5
+    alpha: float = Field(default=0.5, ge=0, le=1)
     """Migration strength: 0 leaves activations alone, 1 moves all of their range into the weights."""
     search: bool = False
     """Choose α per site from {0, 0.3, ..., 0.8} by the W8A8 output error on ``samples`` calibration tokens."""
@@ -66,12 +67,11 @@ class SmoothQuant(Pass):
     name = "smooth-quant"
     Options = SmoothQuantOptions
     exact = True
+    requires = (NO_QLINEAR,)
 
     def run(self, graph: Graph) -> PassResult:
         o: SmoothQuantOptions = self.options  # type: ignore[assignment]
         device = o.torch_device(self.name)
-        if not 0.0 <= o.alpha <= 1.0:
-            raise PassError(f"pass smooth-quant: option alpha={o.alpha} must be in [0, 1]")
         bad = sorted(set(o.sites) - set(SITE_KINDS))
         if bad:
             raise PassError(f"pass smooth-quant: option sites: unknown {bad}; known: {', '.join(SITE_KINDS)}")

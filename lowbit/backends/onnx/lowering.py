@@ -60,15 +60,42 @@ def missing_lowerings(graph: Graph) -> dict[str, list[str]]:
     return missing
 
 
+def needs_fusion(options: LoweringOptions) -> bool:
+    """Whether these options lower quantized linears to fused kernels, which read ``qlinear`` nodes: the
+    ``fuse-qlinear`` rewrite (``lowbit.ir.fusion``) then runs on a copy of the graph before lowering."""
+    return options.weight_format == "matmulnbits" or options.integer_matmul
+
+
+def _live(graph: Graph) -> set[int]:
+    """``id`` of every node the outputs depend on (a fusion leaves the QDQ nodes it read for DCE)."""
+    needed = {id(v) for v in graph.outputs}
+    live: set[int] = set()
+    for node in reversed(graph.nodes):
+        if any(id(v) in needed for v in node.outputs):
+            live.add(id(node))
+            needed.update(id(v) for v in node.inputs())
+    return live
+
+
 def to_onnx(graph: Graph, options: LoweringOptions | None = None, **kwargs: Any) -> ir.Model:
     """The ONNX model computing ``graph``; keyword arguments are ``LoweringOptions`` fields.
 
-    Raises ``OnnxLoweringError`` naming every node that cannot be lowered (and every op with no lowering).
+    When the options ask for fused kernels (``needs_fusion``), quantized linears are fused into ``qlinear``
+    nodes on a copy first (``graph`` is not changed); a ``qlinear`` always lowers, to its QDQ reference where
+    no fused kernel applies. Raises ``OnnxLoweringError`` naming every node that cannot be lowered (and every
+    op with no lowering).
     """
     if options is None:
         options = LoweringOptions(**kwargs)
     elif kwargs:
         raise TypeError("pass either options= or keyword options, not both")
+    if needs_fusion(options) and any(n.op == "linear" for n in graph.nodes):
+        from lowbit.ir.fusion import fuse_qlinear
+
+        fused = graph.clone()
+        if fuse_qlinear(fused).rewritten:
+            graph = fused
+    live = _live(graph)
     ctx = LoweringContext(graph, options)
     for v in graph.inputs:
         ctx._names.add(v.name)
@@ -92,6 +119,8 @@ def to_onnx(graph: Graph, options: LoweringOptions | None = None, **kwargs: Any)
     missing_ops: list[str] = []
     bound: set[int] = {id(v) for v in inputs}
     for node in graph.nodes:
+        if id(node) not in live:
+            continue
         ctx.current = node
         fn = LOWERINGS.get(node.op)
         if fn is None:
@@ -172,4 +201,4 @@ def lowered_op_types(model: ir.Model) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-__all__ = ["to_onnx", "missing_lowerings", "lowered_op_types", "OnnxLoweringError", "LoweringOptions"]
+__all__ = ["to_onnx", "needs_fusion", "missing_lowerings", "lowered_op_types", "OnnxLoweringError", "LoweringOptions"]

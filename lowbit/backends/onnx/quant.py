@@ -22,6 +22,7 @@ one ``com.microsoft::MatMulNBits`` instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 
 from lowbit.backends.onnx.context import LoweringContext, NotLowerable, to_onnx_dtype
 from lowbit.backends.onnx.registry import lowering
-from lowbit.backends.onnx.semantic import LINEAR_FORMS, TRANSPOSED_WEIGHT, _only_linear_weight_reads
+from lowbit.backends.onnx.semantic import TRANSPOSED_WEIGHT, _only_linear_weight_reads
 from lowbit.ir.graph import Node, TensorType, Value
 from lowbit.ir.quant import SCALE_EPS, QDType, dynamic_layout, get_qdtype, unpack_int4
 
@@ -295,6 +296,118 @@ def _transposed_dequantize(ctx: LoweringContext, node: Node) -> ir.Value | None:
 TRANSPOSED_WEIGHT["dequantize"] = _transposed_dequantize
 
 
+# ---- qlinear: MatMulNBits, integer GEMM, or its QDQ reference ------------------------------------------
+#
+# Which linears are quantized, and in which form, is decided in the IR (``fuse-qlinear``, lowbit.ir.fusion):
+# this lowering only maps a ``qlinear`` to the best ONNX kernel its options allow. ``to_onnx`` fuses a graph
+# first when those options name a fused kernel (``weight_format="matmulnbits"``, ``integer_matmul``); the
+# portable QDQ form needs no fusion, and a qlinear there lowers as its reference subgraph.
+
+QLinearFormFn = Callable[[LoweringContext, Node, "_QLinearParts"], "ir.Value | None"]
+QLINEAR_FORMS: list[QLinearFormFn] = []
+"""Fused lowerings of a qlinear (MatMulNBits, integer GEMM), tried in order; None declines (the QDQ reference
+is the fallback). Each returns the product without the bias."""
+
+
+class _QLinearParts:
+    """A qlinear's reference subgraph (``lowbit.ir.fusion.expand_qlinear``) as nodes a lowering can read: the
+    weight ``dequantize`` and, if the input is quantized, its ``dynamic_qparams`` (or None: stored scales),
+    ``quantize`` and ``dequantize``. These nodes are not in the graph; their values are bound in ``ctx.env`` as
+    they are lowered, once per input and activation scheme (q/k/v share one chain, as in the unfused graph)."""
+
+    def __init__(self, node: Node) -> None:
+        from lowbit.ir.fusion import expand_qlinear
+        from lowbit.ir.graph import Graph
+
+        scratch = Graph(f"{node.name}.reference")  # fresh names only; never lowered as a graph
+        nodes = expand_qlinear(scratch, node)
+        self.node = node
+        self.wdq = nodes[0]
+        self.qparams = next((n for n in nodes if n.op == "dynamic_qparams"), None)
+        acts = [n for n in nodes[1:-1] if n.op in ("quantize", "dequantize")]
+        self.aq, self.adq = (acts[0], acts[1]) if acts else (None, None)
+        kw = node.kwargs
+        self.act_key = (id(node.args[0]), kw.get("a_qdtype"), kw.get("a_granularity"), kw.get("a_symmetric"),
+                        kw.get("a_block_size"), id(node.arg(5, "a_scale")), id(node.arg(6, "a_zero_point")))
+
+    def lower(self, ctx: LoweringContext, n: Node) -> list[ir.Value]:
+        """Lower one reference node with the op's own lowering and bind its outputs (named after the qlinear)."""
+        from lowbit.backends.onnx.registry import LOWERINGS
+
+        outer, ctx.current = ctx.current, self.node
+        try:
+            result = LOWERINGS[n.op](ctx, n)
+        finally:
+            ctx.current = outer
+        outs = [result] if isinstance(result, ir.Value) else list(result)
+        for v, irv in zip(outs, n.outputs):
+            ctx.env[id(irv)] = v
+            if v.type is None and isinstance(irv.type, TensorType):
+                v.dtype = to_onnx_dtype(irv.type.dtype)
+        return outs
+
+    def act_scale(self, ctx: LoweringContext) -> Value:
+        """The activation scale value (a stored param, or the reference's dynamic_qparams output, lowered once
+        per input and scheme and bound for this qlinear's reference nodes)."""
+        assert self.aq is not None
+        if self.qparams is not None:
+            qp = self.qparams
+            scale = ctx.derived(("qlinear-qparams",) + self.act_key, lambda: self.lower(ctx, qp)[0])
+            zp = ctx.derived(("qlinear-qparams-zp",) + self.act_key, lambda: ctx.env[id(qp.outputs[1])])
+            ctx.env[id(qp.outputs[0])], ctx.env[id(qp.outputs[1])] = scale, zp
+        return self.aq.args[1]
+
+    def input(self, ctx: LoweringContext) -> ir.Value:
+        """The product's input: ``x``, or its quantize → dequantize (once per input and scheme)."""
+        if self.adq is None:
+            return ctx.v(self.node.args[0])
+
+        def chain() -> ir.Value:
+            self.act_scale(ctx)
+            self.lower(ctx, self.aq)
+            return self.lower(ctx, self.adq)[0]
+
+        return ctx.derived(("qlinear-act",) + self.act_key, chain)
+
+
+def _qdq_qlinear(ctx: LoweringContext, node: Node, parts: _QLinearParts) -> ir.Value:
+    """The reference: DequantizeLinear on the transposed quantized weight (``[K, N]``), the input's Q/DQ, MatMul."""
+    wdq = parts.wdq
+    if not _params(wdq):
+        raise NotLowerable("a qlinear whose weight, scale or zero point is computed, not stored")
+    out_dtype = wdq.kwargs.get("out_dtype", torch.float32)
+
+    def weight() -> ir.Value:
+        outer, ctx.current = ctx.current, node
+        try:
+            return ctx.cast(_dequantize_param(ctx, wdq, transpose=True), torch.float32, out_dtype)
+        finally:
+            ctx.current = outer
+
+    w_t = ctx.derived(("qlinear-wT", id(wdq.args[0]), id(wdq.args[1]), id(wdq.arg(2, "zero_point")),
+                       wdq.kwargs.get("qdtype"), wdq.kwargs.get("axis"), wdq.kwargs.get("block_size"), out_dtype),
+                      weight)
+    return ctx.op("MatMul", [parts.input(ctx), w_t])
+
+
+@lowering("qlinear")
+def _qlinear(ctx: LoweringContext, node: Node) -> ir.Value:
+    if ctx.rank(node.args[0]) < 2:
+        raise NotLowerable("a qlinear input of rank < 2")
+    parts = _QLinearParts(node)
+    out = None
+    for form in QLINEAR_FORMS:
+        out = form(ctx, node, parts)
+        if out is not None:
+            break
+    if out is None:
+        out = _qdq_qlinear(ctx, node, parts)
+    bias = node.arg(4, "bias")
+    if bias is not None:
+        out = ctx.op("Add", [out, ctx.v(bias)])
+    return out
+
+
 # ---- MatMulNBits ----------------------------------------------------------------------------------
 
 def _matmulnbits_block(k: int, kind: str, block_size: int | None) -> int | None:
@@ -316,17 +429,13 @@ def _pack_nibbles(u: torch.Tensor) -> torch.Tensor:
     return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)
 
 
-def _producer(v: Any, op: str) -> Node | None:
-    return v.producer if isinstance(v, Value) and v.producer is not None and v.producer.op == op else None
-
-
-def _matmulnbits_linear(ctx: LoweringContext, linear: Node) -> ir.Value | None:
-    """``linear(x, dequantize(W4))`` as ``com.microsoft::MatMulNBits`` (weight-only, ORT's 4-bit GEMM)."""
-    dq = _producer(linear.args[1], "dequantize")
-    if ctx.options.weight_format != "matmulnbits" or dq is None or not _params(dq):
+def _matmulnbits_qlinear(ctx: LoweringContext, node: Node, parts: _QLinearParts) -> ir.Value | None:
+    """A weight-only 4-bit qlinear as ``com.microsoft::MatMulNBits`` (ORT's 4-bit GEMM)."""
+    dq = parts.wdq
+    if ctx.options.weight_format != "matmulnbits" or parts.adq is not None or not _params(dq):
         return None
     qd = _qdtype(dq)
-    if not qd.packed or not _only_linear_weight_reads(ctx, dq.outputs[0]):
+    if not qd.packed:
         return None
     q, scale = dq.args[0], dq.args[1]
     zp = dq.arg(2, "zero_point")
@@ -350,7 +459,7 @@ def _matmulnbits_linear(ctx: LoweringContext, linear: Node) -> ir.Value | None:
     padded = torch.zeros(n, n_blocks * block, dtype=torch.uint8)
     padded[:, :k] = u
     blob = _pack_nibbles(padded).reshape(n, n_blocks, block // 2)
-    inputs = [ctx.v(linear.args[0]), ctx.const_tensor(q.name + ".nbits", blob),
+    inputs = [ctx.v(node.args[0]), ctx.const_tensor(q.name + ".nbits", blob),
               ctx.const_tensor(scale.name + ".nbits", s.contiguous().reshape(-1))]
     zp_u: torch.Tensor | None = None
     if zp is not None:
@@ -367,13 +476,12 @@ def _matmulnbits_linear(ctx: LoweringContext, linear: Node) -> ir.Value | None:
     attrs = {"K": k, "N": n, "bits": 4, "block_size": block}
     if ctx.options.accuracy_level:
         attrs["accuracy_level"] = ctx.options.accuracy_level
-    x_dtype = ctx.dtype(linear.args[0])
-    if x_dtype != torch.float32:
+    if ctx.dtype(node.args[0]) != torch.float32 or dq.kwargs.get("out_dtype", torch.float32) != torch.float32:
         return None
     return ctx.op("MatMulNBits", inputs, attrs, domain="com.microsoft")
 
 
-LINEAR_FORMS.append(_matmulnbits_linear)
+QLINEAR_FORMS.append(_matmulnbits_qlinear)
 
 
 # ---- integer GEMM ---------------------------------------------------------------------------------
@@ -392,26 +500,26 @@ def _zero_free(zp: Any) -> bool:
     return _is_zero_by_construction(zp)
 
 
-def _integer_linear(ctx: LoweringContext, linear: Node) -> ir.Value | None:
-    """``linear(DQ(Q(x)), DQ(W))`` with int8 codes as an integer GEMM + the scales (see ``integer_matmul``)."""
-    if not ctx.options.integer_matmul:
+def _integer_qlinear(ctx: LoweringContext, node: Node, parts: _QLinearParts) -> ir.Value | None:
+    """An int8 qlinear with int8 (or per-tensor asymmetric uint8) activations as an integer GEMM + the scales
+    (see ``LoweringOptions.integer_matmul``)."""
+    if not ctx.options.integer_matmul or parts.aq is None:
         return None
-    x, w = linear.args[0], linear.args[1]
-    dqx, dqw = _producer(x, "dequantize"), _producer(w, "dequantize")
-    if dqx is None or dqw is None or not _params(dqw) or ctx.dtype(x) != torch.float32:
+    qx, dqx, dqw = parts.aq, parts.adq, parts.wdq
+    x0 = node.args[0]
+    if not _params(dqw) or ctx.dtype(x0) != torch.float32 or _qdtype(dqw).name != "int8":
         return None
-    qx = _producer(dqx.args[0], "quantize")
-    if qx is None or _qdtype(dqw).name != "int8":
+    if dqw.kwargs.get("out_dtype", torch.float32) != torch.float32:
         return None
-    if _qdtype(qx).name == "uint8" and _qdtype(dqx).name == "uint8":
-        return _dynamic_u8_linear(ctx, qx, dqx, dqw)
-    if _qdtype(dqx).name != "int8" or _qdtype(qx).name != "int8":
+    if _qdtype(qx).name == "uint8":
+        return _dynamic_u8_qlinear(ctx, node, parts)
+    if _qdtype(qx).name != "int8":
         return None
     zx = qx.arg(2, "zero_point")
     zw = dqw.arg(2, "zero_point")
-    if not (_zero_free(zx) and _zero_free(zw)) or qx.args[1] is not dqx.args[1]:
+    if not (_zero_free(zx) and _zero_free(zw)):
         return None
-    x0, sx = qx.args[0], qx.args[1]
+    sx = qx.args[1]
     kind_x = _granularity(qx, x0, sx)
     k = x0.tensor_type.shape[-1]
     if kind_x == "axis" or (kind_x == "block" and (_axis(qx, ctx.rank(x0)) != ctx.rank(x0) - 1
@@ -420,6 +528,7 @@ def _integer_linear(ctx: LoweringContext, linear: Node) -> ir.Value | None:
     kind_w = _granularity(dqw, dqw.args[0], dqw.args[1])
     if kind_w == "block" or (kind_w == "axis" and _axis(dqw, 2) != 0):
         return None
+    parts.act_scale(ctx)
 
     def codes() -> ir.Value:
         # QuantizeLinear to uint8 with zero point 128 gives exactly the int8 codes + 128: ORT's fast GEMM is u8·s8
@@ -429,7 +538,7 @@ def _integer_linear(ctx: LoweringContext, linear: Node) -> ir.Value | None:
             zp = ctx.op("Expand", [zp, ctx.op("Shape", [s])])
         return ctx.op("QuantizeLinear", [ctx.tensor(x0, torch.float32), s, zp], _qdq_attrs(qx, kind_x, ctx.rank(x0)))
 
-    q_u8 = ctx.derived(("u8-codes", id(qx)), codes)
+    q_u8 = ctx.derived(("u8-codes",) + parts.act_key, codes)
     w_t = _int8_weight_t(ctx, dqw.args[0])
     # ORT's MatMulIntegerToFloat applies the weight scales (per column) in the GEMM's epilogue and a per-row
     # activation scale ([.., S, 1], per token) to its output inside the same kernel — (acc · s_w) · s_x, the
@@ -448,9 +557,10 @@ def _int8_weight_t(ctx: LoweringContext, wq: Value) -> ir.Value:
         dtype=ir.DataType.INT8, shape=ir.Shape(n_k[::-1]), name=wq.name + ".T")))
 
 
-def _dynamic_u8_linear(ctx: LoweringContext, qx: Node, dqx: Node, dqw: Node) -> ir.Value | None:
-    """``linear(DQ(Q(x, s, zp)), DQ(W8))`` where ``s, zp = dynamic_qparams(x, uint8, per_tensor, asymmetric)``:
-    ONNX's ``DynamicQuantizeLinear(x)`` + ``com.microsoft::MatMulIntegerToFloat`` with its scale and zero point.
+def _dynamic_u8_qlinear(ctx: LoweringContext, node: Node, parts: _QLinearParts) -> ir.Value | None:
+    """A qlinear with per-tensor dynamic asymmetric uint8 activations (``a_qdtype="uint8"``,
+    ``a_granularity="per_tensor"``, ``a_symmetric=False``) and int8 weights: ONNX's ``DynamicQuantizeLinear(x)``
+    + ``com.microsoft::MatMulIntegerToFloat`` with its scale and zero point.
 
     DynamicQuantizeLinear is exactly that quantizer: scale = (max(0, max x) - min(0, min x)) / 255,
     zp = saturate(round(-min(0, min x) / scale)), y = saturate(round(x / scale) + zp), both rounds half to even
@@ -459,26 +569,24 @@ def _dynamic_u8_linear(ctx: LoweringContext, qx: Node, dqx: Node, dqw: Node) -> 
     It is ONNX Runtime's ``quantize_dynamic`` scheme: ORT fuses a DynamicQuantizeLinear read by one GEMM
     into ``DynamicQuantizeMatMul`` and shares one read by several (q/k/v) among MatMulIntegerToFloats.
     """
-    x0, sx = qx.args[0], qx.args[1]
-    zx = qx.arg(2, "zero_point")
-    dzx = dqx.arg(2, "zero_point")
-    p = _producer(sx, "dynamic_qparams")
-    if (p is None or dqx.args[1] is not sx or zx is None or dzx is not zx or p.outputs[0] is not sx
-            or p.outputs[1] is not zx or p.args[0] is not x0 or _qdtype(p).name != "uint8"
-            or p.kwargs.get("granularity") != "per_tensor" or bool(p.kwargs.get("symmetric", True))
-            or _granularity(qx, x0, sx) != "tensor" or ctx.dtype(x0) != torch.float32):
+    kw = node.kwargs
+    x0 = node.args[0]
+    if (parts.qparams is None or kw.get("a_granularity") != "per_tensor" or bool(kw.get("a_symmetric", True))
+            or ctx.dtype(x0) != torch.float32):
         return None
+    dqw = parts.wdq
     zw = dqw.arg(2, "zero_point")
     kind_w = _granularity(dqw, dqw.args[0], dqw.args[1])
     if not _zero_free(zw) or kind_w == "block" or (kind_w == "axis" and _axis(dqw, 2) != 0):
         return None
-    y = ctx.derived(("dql", id(p)), lambda: ctx.op("DynamicQuantizeLinear", [ctx.v(x0)], num_outputs=3)[0])
+    y = ctx.derived(("dql",) + parts.act_key,
+                    lambda: ctx.op("DynamicQuantizeLinear", [ctx.v(x0)], num_outputs=3)[0])
     _, s, zp = y.producer().outputs
     return ctx.op("MatMulIntegerToFloat", [y, _int8_weight_t(ctx, dqw.args[0]), s, _scale(ctx, dqw.args[1], kind_w),
                                            zp], domain="com.microsoft")
 
 
-LINEAR_FORMS.append(_integer_linear)
+QLINEAR_FORMS.append(_integer_qlinear)
 
 
 # ---- dynamic qparams -------------------------------------------------------------------------------

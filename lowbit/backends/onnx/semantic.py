@@ -9,7 +9,8 @@ form ONNX Runtime's QDQ fusions and TensorRT's explicit-quantization GEMM recogn
 ``DequantizeLinear → Transpose → MatMul`` chain is not). How a weight is transposed depends on what
 produces it: a float parameter becomes a transposed initializer, a ``dequantize`` of packed weights
 becomes a DequantizeLinear on transposed quantized initializers (``quant.py`` registers that in
-``TRANSPOSED_WEIGHT``), anything else gets a Transpose node.
+``TRANSPOSED_WEIGHT``), anything else gets a Transpose node. Quantized linears with a fused kernel are
+``qlinear`` nodes (``quant.py``), formed in the IR by ``fuse-qlinear``, not rediscovered here.
 """
 
 from __future__ import annotations
@@ -30,12 +31,6 @@ _INT64_MAX = 2**63 - 1
 TransposedWeightFn = Callable[[LoweringContext, Node], "ir.Value | None"]
 TRANSPOSED_WEIGHT: dict[str, TransposedWeightFn] = {}
 """Producer op → function giving the ``[in, out]`` weight for a linear reading that producer's output."""
-
-LinearFormFn = Callable[[LoweringContext, Node], "ir.Value | None"]
-LINEAR_FORMS: list[LinearFormFn] = []
-"""Alternative lowerings of a whole linear (MatMulNBits, integer GEMM), tried in order; None declines.
-Each returns the product without the bias."""
-
 
 def _only_linear_weight_reads(ctx: LoweringContext, v: Value) -> bool:
     return all(u.op == "linear" and u.args[1] is v and all(a is not v for a in u.args[:1] + u.args[2:])
@@ -70,13 +65,9 @@ def _linear(ctx: LoweringContext, node: Node) -> ir.Value:
     bias = node.arg(2, "bias")
     if ctx.rank(w) != 2:
         raise NotLowerable(f"linear weight of rank {ctx.rank(w)}")
-    out = None
-    for form in LINEAR_FORMS:
-        out = form(ctx, node)
-        if out is not None:
-            break
-    if out is None:
-        out = ctx.op("MatMul", [ctx.v(x), transposed_weight(ctx, w)])
+    # a quantized linear's kernel (MatMulNBits, integer GEMM) is chosen for ``qlinear`` (quant.py), which
+    # fuse-qlinear forms in the IR; a linear is a MatMul on its transposed weight, whatever computes that weight
+    out = ctx.op("MatMul", [ctx.v(x), transposed_weight(ctx, w)])
     if bias is not None:
         out = ctx.op("Add", [out, ctx.v(bias)])
     return out

@@ -126,3 +126,8 @@ class TensorRTCompiled(torch.nn.Module):
             args = tuple(args) + tuple(kwargs[n] for n in self.input_names[len(args):])
         outs = self.runner(*args)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def lower(graph: Graph, device: str | None = None) -> TensorRTCompiled:
+    """The backend registry's entry point (TensorRT runs on CUDA whatever ``device`` says)."""
+    return TensorRTCompiled(graph)

@@ -1,0 +1,181 @@
+"""The backend contract: what a backend lowers, what it needs run before lowering, and how to build it.
+
+A backend is one ``register_backend(...)`` call::
+
+    register_backend("onnxruntime", "lowbit.backends.onnxruntime_backend:lower",
+                     summary="ONNX Runtime (CPU/CUDA/TensorRT EPs)", passes="fuse-qlinear",
+                     ops="lowbit.backends.onnx.registry:LOWERINGS", options=OrtBackendOptions)
+
+* ``lower`` — ``"module:function"`` (imported only when the backend is used, so an optional dependency that is
+  missing costs nothing until then) taking ``(graph, device, **options)`` and returning a callable runner.
+  ``None`` declares a backend that is not built yet: asking for it is an error that says what to use instead.
+* ``passes`` — pipeline text the compile driver (``lowbit.api.compile_graph``) runs after the user's pipeline
+  and before lowering, recorded in the report like any pass (ONNX Runtime wants ``fuse-qlinear``: its fused
+  kernels read ``qlinear`` nodes). A backend never imports a pass; it names them here.
+* ``ops`` — the IR ops it lowers: ``"module:NAME"`` of a collection of op names (a lowering table), a callable
+  ``op -> bool``, or None for "every op the IR can run" (the torch reference). The driver checks the ops each
+  pass declares it creates (``Pass.creates``) against this before the pipeline runs — a gap is reported before
+  calibration starts — and the graph's ops after it.
+* ``options`` — a pydantic model of the backend's own options (the torch backend's ``keep_packed``), checked
+  before anything runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "BackendOptions",
+    "BackendSpec",
+    "all_backends",
+    "get_backend",
+    "register_backend",
+]
+
+
+class BackendError(ValueError):
+    """A backend cannot be used as asked (unknown, not built, bad option, an op it does not lower)."""
+
+
+class BackendOptions(BaseModel):
+    """Base of a backend's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    lower_ref: str | None
+    summary: str = ""
+    passes: str = ""
+    ops_ref: str | Callable[[str], bool] | None = None
+    options: type[BackendOptions] = BackendOptions
+    not_built: str = ""
+    _ops_cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def built(self) -> bool:
+        return self.lower_ref is not None
+
+    def check_built(self) -> None:
+        if not self.built:
+            raise BackendError(f"backend {self.name!r} is declared but not built yet: {self.not_built}")
+
+    def parse_options(self, options: dict[str, Any] | None) -> BackendOptions:
+        try:
+            return self.options(**(options or {}))
+        except ValidationError as exc:
+            msgs = [f"option {'.'.join(str(x) for x in e['loc']) or '(options)'}: {e['msg']} "
+                    f"(got {e.get('input')!r})" for e in exc.errors()]
+            fields = ", ".join(sorted(self.options.model_fields)) or "none"
+            raise BackendError(f"backend {self.name}: " + "; ".join(msgs) + f"; options are: {fields}") from None
+
+    def lowers(self, op: str) -> bool:
+        """Whether this backend lowers ``op`` (an IR op name)."""
+        ref = self.ops_ref
+        if ref is None:
+            from lowbit.ir.ops import resolve
+
+            try:
+                resolve(op)
+                return True
+            except KeyError:
+                return False
+        if callable(ref):
+            return bool(ref(op))
+        if "table" not in self._ops_cache:
+            self._ops_cache["table"] = _load(ref)
+        table: Collection[str] = self._ops_cache["table"]
+        return op in table
+
+    def missing(self, ops: Iterable[str]) -> list[str]:
+        """The ops of ``ops`` this backend does not lower, sorted."""
+        return sorted({op for op in ops if not self.lowers(op)})
+
+    def lower(self, graph: Any, device: str | None = None, options: dict[str, Any] | None = None) -> Any:
+        """Build the runner (imports the backend module now)."""
+        self.check_built()
+        opts = self.parse_options(options)
+        fn = _load(self.lower_ref)  # type: ignore[arg-type]
+        return fn(graph, device, **opts.model_dump())
+
+
+def _load(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+BACKENDS: dict[str, BackendSpec] = {}
+
+
+def register_backend(name: str, lower: str | None, *, summary: str = "", passes: str = "",
+                     ops: str | Callable[[str], bool] | None = None, options: type[BackendOptions] = BackendOptions,
+                     not_built: str = "", replace: bool = False) -> BackendSpec:
+    """Declare a backend (see the module docstring); ``replace=True`` lets a later registration win (the Triton
+    backend replacing its not-built declaration)."""
+    if name in BACKENDS and not replace:
+        raise ValueError(f"backend {name!r} registered twice (pass replace=True to redefine it)")
+    if lower is None and not not_built:
+        raise ValueError(f"backend {name!r} has no lower function: say in not_built= what to use instead")
+    spec = BackendSpec(name, lower, summary, passes, ops, options, not_built)
+    BACKENDS[name] = spec
+    return spec
+
+
+def all_backends() -> dict[str, BackendSpec]:
+    return dict(BACKENDS)
+
+
+def get_backend(name: str) -> BackendSpec:
+    """The backend registered as ``name``; an unknown name lists the known ones."""
+    if name not in BACKENDS:
+        import difflib
+
+        near = difflib.get_close_matches(name, list(BACKENDS), n=2, cutoff=0.5)
+        hint = f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
+        raise BackendError(f"unknown backend {name!r}{hint}; known: {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+# ---- the built-in backends ------------------------------------------------------------------------
+
+
+class TorchBackendOptions(BackendOptions):
+    keep_packed: bool = False
+    """Keep packed weights on the device and dequantize them per call (default: dequantize once at lowering)."""
+
+
+class OrtBackendOptions(BackendOptions):
+    opset: int | None = None
+    attention: str | None = None
+    weight_format: str | None = None
+    accuracy_level: int | None = None
+    integer_matmul: bool | None = None
+    """Unset options keep ``ORT_LOWERING``'s choices (opset 23, ONNX Attention, integer GEMM)."""
+
+
+register_backend("torch", "lowbit.backends.torch_backend:lower",
+                 summary="the reference: an FX GraphModule on CPU or CUDA; packed weights dequantized at lowering "
+                         "unless keep_packed", options=TorchBackendOptions)
+register_backend("onnxruntime", "lowbit.backends.onnxruntime_backend:lower",
+                 summary="ONNX Runtime session (MatMulNBits, integer GEMM, QDQ)", passes="fuse-qlinear",
+                 ops="lowbit.backends.onnx.registry:LOWERINGS", options=OrtBackendOptions)
+register_backend("tensorrt", "lowbit.backends.tensorrt:lower",
+                 summary="TensorRT engine from the explicit-quantization (QDQ) ONNX form",
+                 ops="lowbit.backends.onnx.registry:LOWERINGS")
+register_backend("triton", None, ops=lambda op: False,
+                 summary="fused dequantize+matmul Triton kernels over packed weights",
+                 not_built="the Triton backend (fused dequant+matmul kernels) is not built yet: use backend='torch' "
+                           "(the CPU/CUDA reference; keep_packed=True keeps weights packed) or 'onnxruntime' "
+                           "(MatMulNBits / integer GEMM) for now")

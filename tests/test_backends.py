@@ -1,0 +1,94 @@
+"""The backend contract (``lowbit.backends.registry``) and the one compile driver (``lowbit.api.compile_graph``).
+
+A backend declares the ops it lowers and the passes it needs before lowering; the driver checks the pipeline
+against it before capture, runs the backend's passes after the user's, and lowers. The torch reference keeps
+today's behaviour (packed weights dequantized once at lowering) unless ``keep_packed=True``, which keeps the
+packed weights as the module's buffers and dequantizes per call — the same numbers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lowbit.api import compile_graph, compile_model, plan_compile
+from lowbit.backends import registry
+from lowbit.backends.registry import BackendError, get_backend, register_backend
+from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.ir.parser import parse_graph
+from lowbit.passes.manager import PassManager, parse_pipeline
+
+LINEAR = """graph main(%x: f32[1,s0,64]) {
+  symbol s0 in [2, 64] hint 4
+  param @fc.weight: f32[8,64]
+  %y: f32[1,s0,8] = linear(%x, @fc.weight)  # fc
+  return %y
+}
+"""
+
+
+def _linear_graph():
+    return parse_graph(LINEAR, {"fc.weight": torch.randn(8, 64, generator=torch.Generator().manual_seed(0))})
+
+
+def test_triton_is_declared_and_its_error_names_the_backends_to_use():
+    spec = get_backend("triton")
+    assert not spec.built and spec.missing(["qlinear", "linear"]) == ["linear", "qlinear"]
+    # checked before the model is loaded or captured: a name that does not exist as a model is never read
+    with pytest.raises(BackendError, match="not built yet.*backend='torch'.*'onnxruntime'"):
+        compile_model("no-such-model", pipeline="dce", backend="triton")
+    with pytest.raises(BackendError, match="unknown backend 'onnxrt' \\(did you mean 'onnxruntime'\\?\\); known: "
+                                           "torch, onnxruntime, tensorrt, triton"):
+        compile_model("no-such-model", backend="onnxrt")
+    with pytest.raises(BackendError, match="backend torch: option keep_packd: Extra inputs.*options are: keep_packed"):
+        compile_model("no-such-model", backend="torch", backend_options={"keep_packd": True})
+
+
+def test_each_backend_declares_what_it_lowers_and_runs_first():
+    ort, torch_b = get_backend("onnxruntime"), get_backend("torch")
+    assert ort.passes == "fuse-qlinear" and torch_b.passes == ""
+    assert ort.lowers("qlinear") and ort.lowers("rms_norm") and not ort.lowers("aten.not_an_op.default")
+    assert torch_b.lowers("qlinear") and torch_b.lowers("aten.mul.Tensor") and not torch_b.lowers("no_such_op")
+
+
+def test_registering_a_backend_is_one_call_and_the_driver_runs_its_passes(monkeypatch):
+    monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))
+    register_backend("fused-torch", "lowbit.backends.torch_backend:lower", passes="fuse-qlinear",
+                     options=registry.TorchBackendOptions,
+                     summary="a test backend: torch reference over fused qlinear nodes")
+    g = _linear_graph()
+    plan = plan_compile(parse_pipeline("quantize(w=int4,group=32)"), "fused-torch", {"keep_packed": True})
+    runner, report = compile_graph(g, plan)
+    assert [r.name for r in report.pipeline.records] == ["quantize", "fuse-qlinear"]  # the backend's pass last
+    assert report.backend == "fused-torch" and [n.op for n in g.nodes] == ["qlinear"]
+    assert isinstance(runner, TorchCompiled) and runner.keep_packed
+    x = torch.randn(1, 5, 64)
+    unfused = _linear_graph()
+    PassManager("quantize(w=int4,group=32)").run(unfused)
+    assert torch.equal(runner(x), TorchCompiled(unfused)(x))
+
+
+def test_keep_packed_keeps_packed_weights_on_the_device_with_the_same_numbers():
+    g = _linear_graph()
+    PassManager("quantize(w=int4,group=32,sym=false)").run(g)
+    x = torch.randn(1, 6, 64)
+    default, packed = TorchCompiled(g), TorchCompiled(g, keep_packed=True)
+    assert {b.dtype for b in default.gm.buffers()} == {torch.float32}  # today's behaviour: weights unpacked once
+    assert torch.uint8 in {b.dtype for b in packed.gm.buffers()}  # the packed codes are what the module holds
+    held = {name: sum(b.numel() * b.element_size() for b in m.gm.buffers()) for name, m in
+            (("default", default), ("packed", packed))}
+    assert held["packed"] < held["default"] / 3, held  # 4-bit codes + scales vs float32 weights
+    assert torch.equal(default(x), packed(x))
+    PassManager("fuse-qlinear").run(g)  # a fused graph: materialization unfuses, keep_packed runs qlinear
+    assert torch.equal(TorchCompiled(g)(x), packed(x)) and torch.equal(TorchCompiled(g, keep_packed=True)(x),
+                                                                       packed(x))
+
+
+def test_cli_compile_takes_backend_options_through_the_same_driver():
+    from lowbit.cli.main import app
+
+    bad = CliRunner().invoke(app, ["compile", "smollm2:1", "-p", "dce", "--backend-option", "keep_packd=true"])
+    assert bad.exit_code != 0 and "option keep_packd" in bad.output
+    triton = CliRunner().invoke(app, ["compile", "smollm2:1", "-p", "dce", "-b", "triton"])
+    assert triton.exit_code != 0 and "backend='torch'" in triton.output

@@ -1,0 +1,161 @@
+"""Pass contract v2: requires/ensures checked by the PassManager, ``after`` checked when a pipeline is parsed,
+``creates`` checked against the backend before anything runs, option ranges as pydantic constraints, the common
+``modules`` scope, and ``Pass.exact`` read: every registered pass that declares itself exact is run in float64 on
+a real 2-layer SmolLM2 slice and must leave its logits unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.api import compile_model, plan_compile
+from lowbit.backends import registry
+from lowbit.backends.registry import BackendError, register_backend
+from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.cli.restrict import Unit, how_restricted, restrict
+from lowbit.ir.parser import parse_graph
+from lowbit.passes.base import NO_DEAD_NODES, PassError, PassResult, all_passes, function_pass
+from lowbit.passes.manager import PassManager, PipelineError, parse_pipeline
+
+TWO = """graph main(%x: f32[1,s0,16]) {
+  symbol s0 in [2, 64] hint 4
+  param @fc1.weight: f32[16,16]
+  param @fc2.weight: f32[8,16]
+  %h: f32[1,s0,16] = linear(%x, @fc1.weight)  # fc1
+  %y: f32[1,s0,8] = linear(%h, @fc2.weight)  # fc2
+  return %y
+}
+"""
+
+
+def _two():
+    gen = torch.Generator().manual_seed(0)
+    return parse_graph(TWO, {"fc1.weight": torch.randn(16, 16, generator=gen),
+                             "fc2.weight": torch.randn(8, 16, generator=gen)})
+
+
+# ---- requires / ensures / after / creates ------------------------------------------------------------
+
+def test_requires_names_the_pass_and_the_node():
+    g = _two()
+    PassManager("quantize(w=int8),fuse-qlinear").run(g)
+    with pytest.raises(PipelineError, match=r"pass quantize\(w=int8\) \(#0\) requires no qlinear node \(it rewrites "
+                                            r"linear nodes.*run fuse-qlinear after it\).*before it runs: %qlinear "
+                                            r"\(qlinear\) in module 'fc1'; %qlinear_1 \(qlinear\) in module 'fc2'"):
+        PassManager("quantize(w=int8)").run(g)
+
+
+@function_pass("test-leave-dead", "Test only: adds a node nothing reads, but claims it leaves none.",
+               ensures=(NO_DEAD_NODES,))
+def _leave_dead(graph):
+    node = graph.make_node("aten.neg.default", [graph.inputs[0]], type=graph.inputs[0].type, name="orphan")
+    graph.append(node)
+    return PassResult(True)
+
+
+def test_ensures_is_checked_after_the_pass():
+    with pytest.raises(PipelineError, match=r"pass test-leave-dead \(#0\) ensures no node whose results nothing "
+                                            r"reads, which does not hold after it ran: %orphan \(aten.neg.default\)"):
+        PassManager("test-leave-dead").run(_two())
+    g = _two()
+    g.append(g.make_node("aten.neg.default", [g.inputs[0]], type=g.inputs[0].type, name="orphan"))
+    PassManager("dce").run(g)  # dce ensures it, and does
+    assert "orphan" not in str(g)
+
+
+def test_order_constraints_fail_when_the_pipeline_is_parsed():
+    with pytest.raises(PassError, match=r"pass fuse-qlinear \(#0\) must come after gptq, which the pipeline runs "
+                                        r"later \(#1\): move gptq before fuse-qlinear"):
+        parse_pipeline("fuse-qlinear,gptq(w=int4)")
+    with pytest.raises(PipelineError, match="must come after quantize"):  # the same error, whichever is caught
+        PassManager("dce,fuse-qlinear,quantize(w=int8)")
+    assert [p.name for p in parse_pipeline("fold-norms,quantize(w=int8),fuse-qlinear")] == \
+        ["fold-norms", "quantize", "fuse-qlinear"]
+
+
+def test_a_backend_gap_is_reported_before_capture_and_calibration(monkeypatch):
+    monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))
+    register_backend("no-dynamic", "lowbit.backends.torch_backend:lower", ops=lambda op: op != "dynamic_qparams",
+                     summary="test only: a backend without dynamic activation scales")
+    # the model name is never loaded: the gap is found from the pipeline's declarations alone
+    with pytest.raises(BackendError, match=r"backend 'no-dynamic' cannot lower what the pipeline creates: pass "
+                                           r"quantize\(w=int8,a=int8\) creates 'dynamic_qparams' "
+                                           r"\(backends lowering them: torch, onnxruntime, tensorrt\)"):
+        compile_model("no-such-model", pipeline="smooth-quant,quantize(w=int8,a=int8)", backend="no-dynamic")
+    # the backend's own passes are checked too: onnxruntime's fuse-qlinear creates qlinear, which it lowers
+    plan = plan_compile(parse_pipeline("quantize(w=int8,a=int8)"), "onnxruntime")
+    assert [p.name for p in plan.backend_passes] == ["fuse-qlinear"]
+
+
+@pytest.mark.parametrize("spec, rule", [
+    ("gptq(damp=0)", "option damp=0 must be > 0"),
+    ("gptq(group=64,static_groups=false)", "act_order=true with group needs static_groups=true"),
+    ("awq(n_grid=0)", "option n_grid=0 must be >= 1"),
+    ("awq(max_shrink=1)", "option max_shrink=1 must be < 1"),
+    ("autoround(lr=0)", "option lr=0 must be > 0"),
+    ("smooth-quant(alpha=1.5)", "option alpha=1.5 must be <= 1"),
+    ("quantize(w=int8,modules=\"layers[\")", "option modules: not a valid regex"),
+])
+def test_option_ranges_fail_at_parse_time(spec, rule):
+    with pytest.raises(PassError, match=rule.replace("(", r"\(").replace("[", r"\[")):
+        parse_pipeline(spec)
+
+
+# ---- the common modules scope ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("pipeline", ["quantize(w=int8,a=int8,modules=\"^fc2$\")",
+                                      "quantize(w=int8,a=int8),fuse-qlinear(modules=\"^fc2$\")"])
+def test_modules_scope_limits_what_a_pass_changes(pipeline):
+    g = _two()
+    PassManager(pipeline).run(g)
+    changed = {n.module for n in g.nodes if n.op in ("dequantize", "qlinear")}
+    if "fuse" in pipeline:
+        assert [(n.op, n.module) for n in g.nodes if n.op in ("linear", "qlinear")] == [("linear", "fc1"),
+                                                                                       ("qlinear", "fc2")]
+    else:
+        assert changed == {"fc2"} and "fc1.weight" in g.params
+
+
+def test_bisect_and_sensitivity_restrict_passes_through_modules():
+    (q,) = parse_pipeline("quantize(w=int4,group=8)")
+    assert how_restricted(q) == "modules"
+    r = restrict(q, [Unit("fc2", r"^fc2$", "fc2")], [Unit("fc1", r"^fc1$", "fc1"), Unit("fc2", r"^fc2$", "fc2")])
+    assert r.spec() == "quantize(w=int4,group=8,modules=^(fc2$))"
+    g = _two()
+    PassManager([r]).run(g)
+    assert {n.module for n in g.nodes if n.op == "dequantize"} == {"fc2"}
+
+
+# ---- Pass.exact, read: float64 on a real model ---------------------------------------------------
+
+PREPARE = {"fuse-qlinear": "quantize(w=int8,a=int8)"}
+"""Passes that need something to act on: the pipeline run first (its output is the reference)."""
+OPTIONS = {"smooth-quant": "(calib_n=2,calib_len=32,progress=false)"}
+CHANGES = {"fold-norms", "smooth-quant", "fuse-qlinear"}
+"""Exact passes that must change the slice (so the check is not vacuous)."""
+
+
+def _exact_passes() -> list[str]:
+    return sorted(name for name, cls in all_passes().items() if cls.exact and not name.startswith("test-"))
+
+
+def test_every_exact_pass_is_checked():
+    assert {"dce", "constant-fold", "fold-norms", "smooth-quant", "fuse-qlinear"} <= set(_exact_passes())
+
+
+@pytest.mark.parametrize("name", _exact_passes())
+def test_exact_pass_leaves_float64_logits_unchanged(smollm2_slice_f64, smollm2, name):
+    _, graph = smollm2_slice_f64
+    g = graph.clone()
+    if name in PREPARE:
+        PassManager(PREPARE[name]).run(g)
+    ids = smollm2[1]("Exact passes change how a model is written, never what it computes.",
+                     return_tensors="pt").input_ids
+    ref = TorchCompiled(g)(ids)
+    assert ref.dtype == torch.float64
+    report = PassManager(name + OPTIONS.get(name, "")).run(g)
+    out = TorchCompiled(g)(ids)
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel <= 1e-12, (name, rel)
+    if name in CHANGES:
+        assert report.records[0].changed, name
