@@ -15,11 +15,12 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph, Value
 from lowbit.ir.ops import resolve
 
 
-class LoweringError(RuntimeError):
+class LoweringError(LowbitError, RuntimeError):
     """A node could not be lowered; the message names the node, op and module."""
 
 

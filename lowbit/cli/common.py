@@ -217,6 +217,25 @@ def parse(text: str) -> list[Any]:
         fail(str(exc), Exit.USAGE)
 
 
+# ---- artefacts read from disk -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def artifact_errors(path: Path) -> Iterator[None]:
+    """Turn what reading an artefact can refuse (corrupt file, invalid IR, an op or path lowbit will not run
+    from a file) into exit 3 naming the file: the file cannot be read as what it claims to be."""
+    from lowbit.errors import CorruptFileError, UntrustedInputError
+    from lowbit.ir.parser import IRParseError
+
+    try:
+        yield
+    except IRParseError as exc:
+        fail(f"{str(path)!r} is not valid lowbit IR: {exc}", Exit.NOT_FOUND)
+    except (CorruptFileError, UntrustedInputError) as exc:
+        fail(str(exc) if str(path) in str(exc) else f"{str(path)!r}: {exc}", Exit.NOT_FOUND)
+    except OSError as exc:
+        fail(f"{str(path)!r} cannot be read: {exc.strerror or exc}", Exit.NOT_FOUND)
+
+
 # ---- output directories -------------------------------------------------------------------------
 
 @contextlib.contextmanager

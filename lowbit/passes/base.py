@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from lowbit.errors import LowbitError
 from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, graph_tokenizer
 from lowbit.calibration.engine import CalibrationError, resolve_device, static_batch
 from lowbit.ir.graph import Graph
@@ -123,7 +124,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-class PassError(ValueError):
+class PassError(LowbitError, ValueError):
     """A pipeline or pass cannot run as asked; the message names the pass, option or node."""
 
 

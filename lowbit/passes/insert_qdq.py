@@ -363,10 +363,10 @@ def _mask_is_causal(graph: Graph, mask: Value) -> bool:
     comparisons), so its nodes are run on all-ones inputs at the capture-time sequence length: a causal mask
     allows nothing above the diagonal, a padding-only (encoder) mask allows everything.
     """
-    import sympy
     from torch.utils import _pytree as pytree
 
     from lowbit.ir.ops import resolve
+    from lowbit.ir.symexpr import eval_dim
 
     needed: set[int] = {id(mask)}
     nodes = []
@@ -379,7 +379,10 @@ def _mask_is_causal(graph: Graph, mask: Value) -> bool:
     for v in graph.inputs:
         if id(v) in needed:
             t = v.tensor_type
-            shape = [d if isinstance(d, int) else int(sympy.sympify(d).subs(hints)) for d in t.shape]
+            shape = [eval_dim(d, hints) for d in t.shape]
+            if any(d is None for d in shape):
+                raise PassError(f"pass quantize: input %{v.name} has shape {t} with a symbol the graph does not "
+                                "declare; cannot probe attention mask %" + mask.name)
             env[id(v)] = torch.ones(shape, dtype=t.dtype)
     try:
         for n in reversed(nodes):

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import pydantic
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
 from lowbit.ir.printer import print_graph
 from lowbit.ir.verifier import VerificationError, verify
@@ -90,6 +91,9 @@ def parse_pipeline(text: str) -> list[Pass]:
                 if key not in cls.Options.model_fields:
                     raise PassError(f"pass {name} has no option {key!r}{closest(key, fields)}; "
                                     f"options are: {', '.join(fields) or 'none'}")
+                if key in options:
+                    raise PassError(f"pass {name}: option {key!r} is given twice in {item.strip()!r}; give it "
+                                    "once (the last would silently win)")
                 options[key] = _parse_value(value)
         passes.append(build_pass(cls, options))
     return passes
@@ -213,7 +217,7 @@ def compare_outputs(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
     return {"max_abs": float(err.abs().max()), "mean_abs": float(err.abs().mean()), "sqnr_db": sqnr, "cosine": cos}
 
 
-class PipelineError(RuntimeError):
+class PipelineError(LowbitError, RuntimeError):
     """A pass failed or left invalid IR; names the pass and carries the IR from before it."""
 
     def __init__(self, message: str, record: PassRecord, graph_before: Graph | None) -> None:
