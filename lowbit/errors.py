@@ -21,8 +21,8 @@ class UntrustedInputError(LowbitError, ValueError):
 
 class CorruptFileError(LowbitError, ValueError):
     """A file exists but cannot be read as what it claims to be (truncated, wrong format, bad header);
-    the message names the file and what is wrong with it."""
+    the message is the file's name followed by ``what`` ("is truncated ...", "has no weights")."""
 
     def __init__(self, path: object, what: str) -> None:
         self.path = str(path)
-        super().__init__(f"{self.path!r}: {what}")
+        super().__init__(f"{self.path!r} {what}")

@@ -50,7 +50,7 @@ def load_params(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
-        raise CorruptFileError(path, f"not a readable safetensors file (truncated or corrupt?): "
+        raise CorruptFileError(path, f"is not a readable safetensors file (truncated or corrupt?): "
                                      f"{type(exc).__name__}: {exc}") from exc
 
 
