@@ -40,7 +40,7 @@ from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, ModuleRule, QScheme, QuantConf
 from lowbit.ir.quant import get_qdtype, stored_codes
 from lowbit.passes.base import CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.fold_norms import private_weight
-from lowbit.passes.insert_qdq import WeightPlan, plan, quantize_graph
+from lowbit.passes.insert_qdq import NonFinitePolicy, WeightPlan, plan, quantize_graph
 
 __all__ = ["WeightCalibrationOptions", "GPTQOptions", "GPTQ", "calibrate_weights", "SITE_KINDS"]
 
@@ -62,6 +62,9 @@ class WeightCalibrationOptions(CalibrationOptions):
     explicit sym=false with fp8 is an error."""
     keep: list[str] = []
     """Extra module globs kept float (added to the default lm_head and embeddings)."""
+    nonfinite: NonFinitePolicy = "error"
+    """A weight holding NaN/inf: ``error`` refuses naming the parameter and the row; ``keep-float`` leaves that
+    linear float (listed in the stats as ``kept_float_nonfinite``)."""
     calib_n: int = Field(default=64, ge=1)
     """Calibration sequences (the shipped text has 117 windows of 512; give a longer file for more)."""
 
@@ -226,9 +229,13 @@ def _round_group(graph: Graph, g: _Group, r: _Rounding, h: torch.Tensor | None, 
             qparams = weight_qparams(w, qd, scheme.symmetric, group, shrink)
         if r.method == "gptq":
             assert h is not None, "GPTQ needs the Hessian (r.needs_hessian)"
-            res = gptq_quantize(w, h, scheme.qdtype, group, scheme.symmetric, act_order=r.act_order,
-                                static_groups=r.static_groups, damp=r.damp, block_size=r.block_size,
-                                qparams=qparams)
+            try:
+                res = gptq_quantize(w, h, scheme.qdtype, group, scheme.symmetric, act_order=r.act_order,
+                                    static_groups=r.static_groups, damp=r.damp, block_size=r.block_size,
+                                    qparams=qparams)
+            except ValueError as exc:
+                names = ", ".join(f"{wp.node.module or wp.node.name} (@{wp.node.args[1].name})" for wp in wps)
+                raise PassError(f"pass gptq: linear(s) {names}: {exc}") from None
             q, scale, zp, deq = res.qdata, res.scale, res.zero_point, res.weight
             pre = res.unrounded
             st.gptq_loss += res.stats["loss"]
@@ -260,7 +267,7 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
     cfg, _ = _config(o, pass_name)
     extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
     try:
-        p = plan(graph, cfg, o.group_fallback, extra)
+        p = plan(graph, cfg, o.group_fallback, extra, o.nonfinite, pass_name)
     except PassError as exc:
         raise PassError(str(exc).replace("pass quantize:", f"pass {pass_name}:", 1)) from None
     if not p.weights:
@@ -385,6 +392,8 @@ def calibrate_weights(graph: Graph, o: WeightCalibrationOptions, r: _Rounding, p
         "peak_cached_mb": round(report.peak_cached_bytes / 2**20, 1),
         "device": str(device or home_device(graph)),
     }
+    if p.kept_nonfinite:
+        stats["kept_float_nonfinite"] = p.kept_nonfinite
     if r.method == "gptq":
         stats.update(gptq_loss=round(st.gptq_loss, 4), damp_raised=st.damp_raised, dead_columns=st.dead_columns,
                      single_pass=r.single_pass, groups_in_flight=st.in_flight)

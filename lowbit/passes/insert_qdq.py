@@ -63,6 +63,20 @@ def _is_view(node: Node) -> bool:
     return False
 
 
+NonFinitePolicy = Literal["error", "keep-float"]
+
+
+def nonfinite_problem(w: torch.Tensor) -> str | None:
+    """Where ``w`` holds NaN or inf (count, first row and column), or None when every value is finite."""
+    bad = ~torch.isfinite(w)
+    if not bool(bad.any()):
+        return None
+    idx = bad.nonzero()[0].tolist()
+    kinds = [k for k, m in (("nan", torch.isnan(w)), ("inf", torch.isinf(w))) if bool(m.any())]
+    at = f"row {idx[0]}" + (f", column {idx[1]}" if len(idx) > 1 else "")
+    return f"{int(bad.sum())} non-finite value(s) ({'/'.join(kinds)}), the first at {at}"
+
+
 class InsertQDQOptions(CalibrationOptions):
     """Options of ``quantize``; a ``config`` JSON file replaces the w/a/kv options for mixed precision. The
     calibration options (``calib``, ``calib_n``, ...) are read by static activation scales (``a_static``) only."""
@@ -104,6 +118,9 @@ class InsertQDQOptions(CalibrationOptions):
     """First tokens kept unquantized (the attention sink)."""
     keep: list[str] = []
     """Extra module globs kept float (added to the default lm_head and embeddings)."""
+    nonfinite: NonFinitePolicy = "error"
+    """A weight holding NaN/inf: ``error`` refuses naming the parameter and the row; ``keep-float`` leaves that
+    linear float (listed in the stats as ``kept_float_nonfinite``)."""
     config: str | None = None
     """Path of a JSON ``QuantConfig`` (per-module rules); exclusive with w/a/kv."""
 
@@ -508,14 +525,18 @@ class QuantizePlan:
     weights: list[WeightPlan] = field(default_factory=list)
     inputs: list[tuple[Node, QScheme]] = field(default_factory=list)
     attention: list[Node] = field(default_factory=list)
+    kept_nonfinite: list[str] = field(default_factory=list)
+    """Modules left float because their weight holds NaN/inf (``nonfinite="keep-float"``)."""
 
 
 def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
-         extra_patterns: Sequence[tuple[str, str]] = ()) -> QuantizePlan:
+         extra_patterns: Sequence[tuple[str, str]] = (), nonfinite: NonFinitePolicy = "error",
+         pass_name: str = "quantize") -> QuantizePlan:
     """Resolve ``cfg`` against the graph; every error (bad pattern, group, weight) is raised before any change.
 
     ``extra_patterns`` are (where, glob) pairs the user wrote outside the config (the ``keep`` option): like
-    the config's own rules, each must match a linear's module.
+    the config's own rules, each must match a linear's module. A weight with NaN/inf would give NaN scales and
+    an all-NaN model; ``nonfinite`` says whether that refuses the pass or keeps the linear float.
     """
     linears = [n for n in graph.nodes if n.op == "linear"]
     modules = sorted({n.module for n in linears})
@@ -533,6 +554,14 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
                                 "stored weights can be quantized (keep it float with keep=...)")
             if w.tensor_type.rank != 2:
                 raise PassError(f"pass quantize: weight @{w.name} of linear %{n.name} is {w.type}, not [out, in]")
+            problem = nonfinite_problem(w.data) if w.data is not None else None
+            if problem is not None:
+                if nonfinite == "keep-float":
+                    p.kept_nonfinite.append(n.module or n.name)
+                    continue
+                raise PassError(f"pass {pass_name}: weight @{w.name} of linear %{n.name} (module {n.module!r}) has "
+                                f"{problem}; quantizing it would make the model NaN. Fix the checkpoint, or keep "
+                                "that linear float with nonfinite=keep-float (or keep=MODULE)")
             p.weights.append(WeightPlan(n, ws, _check_group(n, w, ws, group_fallback)))
         if xs is not None:
             x = n.args[0]
@@ -554,9 +583,10 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
 
 def quantize_graph(graph: Graph, cfg: QuantConfig, *, group_fallback: int | None = None,
                    calibration: dict[str, Any] | None = None,
-                   extra_patterns: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+                   extra_patterns: Sequence[tuple[str, str]] = (),
+                   nonfinite: NonFinitePolicy = "error") -> dict[str, Any]:
     """Apply ``cfg`` to ``graph`` in place; returns the statistics the pass reports."""
-    p = plan(graph, cfg, group_fallback, extra_patterns)
+    p = plan(graph, cfg, group_fallback, extra_patterns, nonfinite)
     bytes_before = graph.param_bytes()
     users = graph.users()
     w_float = w_quant = 0
@@ -601,6 +631,8 @@ def quantize_graph(graph: Graph, cfg: QuantConfig, *, group_fallback: int | None
     }
     if calib_stats:
         stats["calibration"] = calib_stats
+    if p.kept_nonfinite:
+        stats["kept_float_nonfinite"] = p.kept_nonfinite
     return stats
 
 
@@ -622,7 +654,7 @@ class InsertQDQ(Pass):
                        "device": o.torch_device(self.name)}
         extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
         stats = quantize_graph(graph, cfg, group_fallback=o.group_fallback, calibration=calibration,
-                               extra_patterns=extra)
+                               extra_patterns=extra, nonfinite=o.nonfinite)
         changed = bool(stats["weights_quantized"] or stats["inputs_quantized"] or stats["kv_qdq_chains"])
         return PassResult(changed, stats)
 
