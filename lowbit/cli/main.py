@@ -24,6 +24,7 @@ from lowbit.cli.common import (
     Exit,
     atomic_output_dir,
     capture_model,
+    check_output,
     console,
     err_console,
     fail,
@@ -339,6 +340,8 @@ def compile_cmd(
         except re.error as exc:
             fail(f"--filter {filter!r} is not a valid regex: {exc}", Exit.USAGE)
     keep = read_overrides(overrides) if overrides is not None else None
+    check_output(out, "--out", directory=True)
+    check_output(reproducer, "--reproducer", directory=True)
 
     loaded = load(model)
     graph = capture_model(loaded)
@@ -456,6 +459,7 @@ def graph_cmd(
     """Draw the graph grouped by module: Graphviz dot (clusters) or HTML (collapsible, no JavaScript)."""
     from lowbit.cli.inspect import draw_graph
 
+    check_output(out, "--out", directory=False)
     draw_graph(file, format, out)
 
 
@@ -477,6 +481,9 @@ def compare_cmd(
     """Run real inputs through the float graph and after every pass: per-pass, per-layer error and end metric."""
     from lowbit.cli.compare import run_compare
 
+    check_output(json_out, "--json", directory=False)
+    check_output(html_out, "--html", directory=False)
+    check_output(reproducer, "--reproducer", directory=True)
     run_compare(model, pipeline_text(pipeline, recipe), windows=windows, seq_len=seq_len, n_sentences=sentences,
                 json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer)
 
@@ -497,6 +504,7 @@ def bisect_cmd(
     """Find the first pass that pushes the metric past the threshold, then the fewest layers responsible."""
     from lowbit.cli.bisect import run_bisect
 
+    check_output(json_out, "--json", directory=False)
     run_bisect(model, pipeline_text(pipeline, recipe), metric=metric, max_increase=max_increase,
                windows=windows, seq_len=seq_len, n_sentences=sentences, json_out=json_out)
 
@@ -519,6 +527,7 @@ def sensitivity_cmd(
     """Quantize one layer at a time, rank layers by metric damage, write an override file compile accepts."""
     from lowbit.cli.sensitivity import run_sensitivity
 
+    check_output(out, "--out", directory=False)
     run_sensitivity(model, scheme, group=group, prefix=pipeline, granularity=granularity, metric=metric,
                     keep_top=keep_top, windows=windows, seq_len=seq_len, n_sentences=sentences, out=out)
 

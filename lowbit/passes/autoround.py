@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from lowbit.calibration.block_tuning import TuneOptions
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import Pass, PassError, PassResult, register_pass
@@ -30,14 +32,14 @@ __all__ = ["AutoRound", "AutoRoundOptions"]
 
 
 class AutoRoundOptions(WeightCalibrationOptions):
-    iters: int = 200
+    iters: int = Field(default=200, ge=1)
     """Signed-gradient steps per block, one calibration batch (``batch_size`` sequences) per step."""
-    lr: float | None = None
+    lr: float | None = Field(default=None, gt=0)
     """First step size, decaying linearly to 0 (code steps for the offsets, log-units for the scales); unset:
     1/iters."""
     scales: bool = True
     """Also learn one multiplier per weight scale, within [1/max_scale, max_scale]."""
-    max_scale: float = 1.5
+    max_scale: float = Field(default=1.5, ge=1)
     target: Literal["float", "quantized-input"] = "float"
     """``float``: match the float model's block output on the float model's own input, so a block also learns
     to correct what earlier blocks got wrong; ``quantized-input``: the float block on the quantized input."""
@@ -45,7 +47,7 @@ class AutoRoundOptions(WeightCalibrationOptions):
     """Start from AWQ's activation-aware scales (folded into the preceding ops) instead of plain RTN."""
     clip: bool = False
     """Start from each group's clipping range searched by output error (AWQ's auto-clip)."""
-    n_grid: int = 20
+    n_grid: int = Field(default=20, ge=1)
     """AWQ and clip search: grid points."""
     sites: list[str] = list(SITE_KINDS)
     """AWQ: where scales may be folded (norm, gated, attention-v)."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import Pass, PassError, PassResult, register_pass
 from lowbit.passes.gptq import SITE_KINDS, WeightCalibrationOptions, _Rounding, calibrate_weights
@@ -22,13 +24,13 @@ __all__ = ["AWQ", "AWQOptions"]
 
 
 class AWQOptions(WeightCalibrationOptions):
-    n_grid: int = 20
+    n_grid: int = Field(default=20, ge=1)
     """Grid points for the scale exponent α in [0, 1) and for the clipping factor."""
     scales: Literal["x", "xw", "both"] = "x"
     """Scale candidates: mean|x|^α (the paper), AutoAWQ's mean|x|^α / mean|ŵ|^(1-α), or the better of both."""
     clip: bool = True
     """Search each group's clipping range by output error (AWQ's auto-clip)."""
-    max_shrink: float = 0.5
+    max_shrink: float = Field(default=0.5, ge=0, lt=1)
     """Clipping: smallest range tried is (1 - max_shrink) of min-max."""
     sites: list[str] = list(SITE_KINDS)
     """Where scales may be folded: norm (RMSNorm/LayerNorm → linears), gated (up_proj → down_proj),

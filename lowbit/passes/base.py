@@ -26,6 +26,11 @@ class PassOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
+    def input_files(self) -> list[tuple[str, str]]:
+        """(option, path) of every file the pass will read, checked when the pipeline is parsed (before the
+        model is loaded): a typo in a path must not cost a model load and a capture."""
+        return []
+
 
 class CalibrationOptions(PassOptions):
     """The calibration data of a pass that runs text through the model block by block (GPTQ, AWQ, AutoRound,
@@ -47,6 +52,14 @@ class CalibrationOptions(PassOptions):
     device: str | None = None
     """Where calibration runs (``cuda``: block runs and statistics on the GPU); unset: where the params are.
     The graph's params, and what the pass computes for them, stay on their device either way."""
+
+    def input_files(self) -> list[tuple[str, str]]:
+        from lowbit.data import TEXTS
+
+        files = [] if self.calib in TEXTS else [("calib", self.calib)]
+        if self.tokenizer not in (None, "smollm2", "minilm"):
+            files.append(("tokenizer", self.tokenizer))
+        return files
 
     def torch_device(self, pass_name: str) -> torch.device | None:
         """``device`` as a torch device (None: where the params are), or a PassError naming the option."""
@@ -126,6 +139,11 @@ def _fmt(v: Any) -> str:
 
 class PassError(LowbitError, ValueError):
     """A pipeline or pass cannot run as asked; the message names the pass, option or node."""
+
+
+class PassFileError(PassError):
+    """A file a pass option names (calibration text, tokenizer, quantization config) is missing or unreadable:
+    the CLI exits 3 (a file problem), not 2 (a typo in the pipeline)."""
 
 
 REGISTRY: dict[str, type[Pass]] = {}

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lowbit.calibration.awq import awq_search_clip, awq_search_scale, scaled_hessian
 from lowbit.calibration.block_tuning import TuneOptions, TuneStats, float_targets, tune_block
@@ -68,21 +68,35 @@ class WeightCalibrationOptions(CalibrationOptions):
     calib_n: int = Field(default=64, ge=1)
     """Calibration sequences (the shipped text has 117 windows of 512; give a longer file for more)."""
 
+    @field_validator("w")
+    @classmethod
+    def _known_qdtype(cls, w: str) -> str:
+        get_qdtype(w)  # ValueError naming the known ones
+        return w
+
+    @field_validator("sites", check_fields=False)
+    @classmethod
+    def _known_sites(cls, sites: list[str]) -> list[str]:
+        bad = sorted(set(sites) - set(SITE_KINDS))
+        if bad:
+            raise ValueError(f"unknown site(s) {bad}; known: {', '.join(SITE_KINDS)}")
+        return sites
+
 
 class GPTQOptions(WeightCalibrationOptions):
     act_order: bool = True
     """Quantize columns in order of decreasing Hessian diagonal."""
     static_groups: bool = True
     """With act_order and groups: each group's grid from the original weights (keeps groups contiguous)."""
-    damp: float = 0.01
+    damp: float = Field(default=0.01, gt=0, le=1)
     """Diagonal damping, relative to the Hessian's mean diagonal."""
-    block_size: int = 128
+    block_size: int = Field(default=128, ge=1)
     """Columns per lazy-batch update."""
     awq: bool = False
     """Search AWQ scales first and fold them into the preceding ops (norms, up_proj, v_proj)."""
     clip: bool = False
     """Search each group's clipping range by output error (AWQ's auto-clip) and run GPTQ on that grid."""
-    n_grid: int = 20
+    n_grid: int = Field(default=20, ge=1)
     """AWQ: grid points for the scale exponent and for the clipping factor."""
     sites: list[str] = list(SITE_KINDS)
     """AWQ: where scales may be folded (norm, gated, attention-v)."""

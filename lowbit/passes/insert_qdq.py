@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from lowbit.calibration.observers import make_observer
 from lowbit.ir.graph import Graph, Node, TensorType, Value
@@ -123,6 +123,29 @@ class InsertQDQOptions(CalibrationOptions):
     linear float (listed in the stats as ``kept_float_nonfinite``)."""
     config: str | None = None
     """Path of a JSON ``QuantConfig`` (per-module rules); exclusive with w/a/kv."""
+
+    def input_files(self) -> list[tuple[str, str]]:
+        files = [("config", self.config)] if self.config is not None else []
+        return files + (super().input_files() if self.a_static else [])
+
+    @model_validator(mode="after")
+    def _semantics(self) -> InsertQDQOptions:
+        """qdtype names, fp8 symmetry and the rest of what ``config_from_options`` checks, when the pipeline is
+        parsed: ``quantize(w=int5)`` fails before the model is loaded (the config file is read at run time)."""
+        import os
+
+        from lowbit.passes.base import PassFileError
+
+        if self.config is None:
+            config_from_options(self)
+        elif os.path.isfile(self.config):
+            try:
+                config_from_options(self)
+            except PassError:
+                raise
+            except (ValueError, OSError) as exc:
+                raise PassFileError(f"pass quantize: option config={self.config!r}: {exc}") from None
+        return self
 
 
 def config_from_options(o: InsertQDQOptions) -> QuantConfig:

@@ -96,7 +96,29 @@ def parse_pipeline(text: str) -> list[Pass]:
                                     "once (the last would silently win)")
                 options[key] = _parse_value(value)
         passes.append(build_pass(cls, options))
+    check_input_files(passes)
     return passes
+
+
+def check_input_files(passes: Sequence[Pass]) -> None:
+    """Every file any pass of the pipeline reads exists and is readable, checked before the first pass (and
+    before the model is loaded): ``PassFileError`` names the pass, the option and the path."""
+    import os
+
+    from lowbit.passes.base import PassFileError
+
+    for p in passes:
+        for option, path in p.options.input_files():
+            where = f"pass {p.name}: option {option}={path!r}"
+            full = os.path.expanduser(path)
+            if not os.path.exists(full):
+                raise PassFileError(f"{where}: no such file or directory")
+            if os.path.isfile(full) and not os.access(full, os.R_OK):
+                raise PassFileError(f"{where}: the file is not readable")
+            if option == "tokenizer" and not os.path.isdir(full):
+                raise PassFileError(f"{where}: a tokenizer is 'smollm2', 'minilm' or a tokenizer directory")
+            if option == "calib" and os.path.isdir(full):
+                raise PassFileError(f"{where}: is a directory; give a text file or a .safetensors of token ids")
 
 
 def build_pass(cls: type[Pass], options: dict[str, Any]) -> Pass:
@@ -105,8 +127,12 @@ def build_pass(cls: type[Pass], options: dict[str, Any]) -> Pass:
     except pydantic.ValidationError as exc:
         msgs = []
         for err in exc.errors():
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, PassError):  # a semantic check that already names the pass and option
+                raise type(cause)(str(cause)) from None
             loc = ".".join(str(x) for x in err["loc"]) or "(options)"
-            msgs.append(f"option {loc}: {err['msg']} (got {err.get('input')!r})")
+            msg = err["msg"].removeprefix("Value error, ")
+            msgs.append(f"option {loc}: {msg} (got {err.get('input')!r})")
         raise PassError(f"pass {cls.name}: " + "; ".join(msgs)) from None
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from lowbit.calibration.engine import BlockRun, batches_from_ids, run
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites
@@ -34,7 +35,7 @@ SITE_KINDS = ("norm", "gated", "attention-v")
 
 
 class SmoothQuantOptions(CalibrationOptions):
-    alpha: float = 0.5
+    alpha: float = Field(default=0.5, ge=0, le=1)
     """Migration strength: 0 leaves activations alone, 1 moves all of their range into the weights."""
     search: bool = False
     """Choose α per site from {0, 0.3, ..., 0.8} by the W8A8 output error on ``samples`` calibration tokens."""
@@ -47,7 +48,7 @@ class SmoothQuantOptions(CalibrationOptions):
     """False: a graph with no place to fold scales (a post-norm encoder such as MiniLM, whose norms also feed
     the residual) is left as it is, with a warning and ``sites: 0`` in the stats, instead of an error. Recipes
     set it so that ``w8a8`` runs on any model."""
-    samples: int = 4096
+    samples: int = Field(default=4096, ge=1)
     """Search: tokens kept per site (evenly spread over the calibration batches)."""
 
 
