@@ -75,3 +75,43 @@ def test_probe_refused_before_loading_the_model(tmp_path, no_model_load, args, c
     got, out = run([files.get(a, a) if isinstance(a, str) else a for a in args])
     assert got == int(code), out
     assert fragment in out, out
+
+
+# ---- python -m lowbit ---------------------------------------------------------------------------
+
+MAIN_PROBES = [
+    (["--seq-len", "1"], Exit.USAGE, "--seq-len 1"),
+    (["--windows", "-1"], Exit.USAGE, "--windows -1"),
+    (["--text", "/no/such/text.txt"], Exit.NOT_FOUND, "no such file"),
+    (["--recipe", "nope"], Exit.USAGE, "unknown recipe 'nope'"),
+    (["--recipe", "w4a16-gptq", "--pipeline", "dce"], Exit.USAGE, "not allowed with argument"),
+    (["--pipeline", "quantize(w=int5)"], Exit.USAGE, "unknown qdtype 'int5'"),
+    (["--pipeline", "gptq(calib=/no/calib.txt)"], Exit.NOT_FOUND, "option calib='/no/calib.txt'"),
+    (["--model", "/no/such/model", "--pipeline", "dce"], Exit.NOT_FOUND, "no such file or directory"),
+    (["--model", "smollm2:0", "--pipeline", "dce"], Exit.USAGE, "at least 1"),
+]
+
+
+@pytest.mark.parametrize("argv, code, fragment", MAIN_PROBES, ids=[" ".join(a) for a, _, _ in MAIN_PROBES])
+def test_main_job_probes_exit_with_documented_codes_before_any_float_run(capsys, monkeypatch, argv, code, fragment):
+    from lowbit.__main__ import main
+
+    monkeypatch.setattr("lowbit.eval.perplexity", lambda *a, **k: pytest.fail("perplexity ran"))
+    if "/no/such/model" not in argv and "smollm2:0" not in argv:
+        monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    try:
+        got = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        got = exc.code
+    err = " ".join(capsys.readouterr().err.split())
+    assert got == int(code), err
+    assert fragment in err, err
+
+
+def test_main_job_runs_on_a_slice(capsys):
+    """``--model smollm2:2`` (a slice, as the CLI takes it) runs end to end and prints both perplexities."""
+    from lowbit.__main__ import main
+
+    assert main(["--model", "smollm2:2", "--pipeline", "fold-norms,dce", "--windows", "1", "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2:2 with pipeline 'fold-norms,dce': perplexity" in out and "ratio 1.0000" in out
