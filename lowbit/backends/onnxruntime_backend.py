@@ -26,6 +26,7 @@ import torch
 from lowbit.backends.onnx import LoweringOptions, load_onnx, save_onnx, to_onnx
 from lowbit.backends.onnx.io import EXTERNAL_DATA_THRESHOLD, OnnxFileError, initializer_bytes
 from lowbit.ir.graph import Graph
+from lowbit.ir.signature import InputChecker
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
@@ -172,6 +173,7 @@ class OrtCompiled(torch.nn.Module):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_dtypes = [_ONNX_TO_TORCH.get(i.type) for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.check_inputs = InputChecker(graph) if graph is not None else None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **kwargs: Any) -> OrtCompiled:
@@ -193,6 +195,8 @@ class OrtCompiled(torch.nn.Module):
         if len(args) != len(self.input_names):
             raise TypeError(f"the model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
                             f"got {len(args)}")
+        if self.check_inputs is not None:
+            args = self.check_inputs(args)
         out_device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         feeds: dict[str, np.ndarray] = {}
         for name, dtype, a in zip(self.input_names, self.input_dtypes, args):

@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph, Value
 from lowbit.ir.ops import resolve
+from lowbit.ir.signature import InputChecker
 
 
 class LoweringError(LowbitError, RuntimeError):
@@ -95,6 +96,7 @@ class TorchCompiled(torch.nn.Module):
             lowered = graph.clone()
             ConstantFolding(max_elements=1 << 62).run(lowered)
         self.gm = lower_to_fx(lowered, device)
+        self.check_inputs = InputChecker(graph)
 
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -107,6 +109,7 @@ class TorchCompiled(torch.nn.Module):
         if len(args) != len(self.graph.inputs):
             raise TypeError(f"the graph takes {len(self.graph.inputs)} inputs "
                             f"({', '.join(v.name for v in self.graph.inputs)}), got {len(args)}")
+        args = self.check_inputs(args)
         if self.device is not None:
             args = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)
         return self.gm(*args)
