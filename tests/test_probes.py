@@ -115,3 +115,21 @@ def test_main_job_runs_on_a_slice(capsys):
     assert main(["--model", "smollm2:2", "--pipeline", "fold-norms,dce", "--windows", "1", "--seq-len", "32"]) == 0
     out = capsys.readouterr().out
     assert "smollm2:2 with pipeline 'fold-norms,dce': perplexity" in out and "ratio 1.0000" in out
+
+
+# ---- probes that need the model (they are about the model) ------------------------------------------
+
+AFTER_LOAD = [
+    (["compile", "smollm2:2", "-p", "quantize(w=int4,group=64)", "--overrides", "OVERRIDES"], Exit.USAGE,
+     "keep_float glob 'no.such.module*' matches no linear module"),
+    (["compile", "smollm2:2", "-p", "quantize(w=int4,keep=[no.such.*])"], Exit.PIPELINE,
+     "option keep[0] 'no.such.*' matches no linear module"),
+]
+
+
+@pytest.mark.parametrize("args, code, fragment", AFTER_LOAD, ids=[" ".join(a[:5]) for a, _, _ in AFTER_LOAD])
+def test_probe_silent_no_ops_are_errors(tmp_path, args, code, fragment):
+    files = _files(tmp_path)
+    got, out = run([files.get(a, a) if isinstance(a, str) else a for a in args])
+    assert got == int(code), out
+    assert fragment in out, out

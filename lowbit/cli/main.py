@@ -195,7 +195,15 @@ def apply_overrides(passes: list[Any], keep: list[str], graph: Any, path: Path) 
     recommends.
     """
     from lowbit.cli.restrict import keep_float
+    from lowbit.ir.qscheme import module_matches
+    from lowbit.passes.base import closest
 
+    linears = sorted({n.module for n in graph.nodes if n.op == "linear" and n.module})
+    for glob in keep:
+        if not any(module_matches(m, glob) for m in linears):
+            fail(f"--overrides {str(path)!r}: keep_float glob {glob!r} matches no linear module of this model"
+                 f"{closest(glob, linears)} (linears: {', '.join(linears[:4])}{', ...' if len(linears) > 4 else ''}); "
+                 "was the file written for another model?", Exit.USAGE)
     out, touched = [], 0
     for p in passes:
         q = keep_float(p, keep, graph) if ("keep" in p.Options.model_fields or "config" in p.Options.model_fields) \
