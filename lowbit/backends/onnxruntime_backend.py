@@ -122,6 +122,22 @@ def create_session(model: ir.Model | str | os.PathLike[str], providers: list[str
         raise OnnxFileError(f"onnxruntime cannot load {path}: {str(exc).strip()[:300]}") from exc
 
 
+def accuracy_from_metadata(model: ir.Model) -> int:
+    """The MatMulNBits accuracy level a lowbit export asks for in its metadata (``lowbit.ort_session_config``);
+    0 (exact) for files without it. Only this one entry is read, and only as a level 0-4: a file from someone
+    else must not choose arbitrary session options."""
+    import json
+
+    from lowbit.backends.onnx.lowering import ORT_ACCURACY_LEVEL, ORT_SESSION_CONFIG
+
+    try:
+        entries = json.loads(model.metadata_props.get(ORT_SESSION_CONFIG, "{}"))
+        level = entries.get(ORT_ACCURACY_LEVEL, "0") if isinstance(entries, dict) else "0"
+        return int(level) if str(level) in ("0", "1", "2", "3", "4") else 0
+    except (ValueError, TypeError):
+        return 0
+
+
 class OrtCompiled(torch.nn.Module):
     """A graph lowered to ONNX and run by ONNX Runtime; same call interface as ``TorchCompiled``.
 
@@ -162,7 +178,8 @@ class OrtCompiled(torch.nn.Module):
             self.onnx_model = model if isinstance(model, ir.Model) else None
             source = model  # type: ignore[assignment]
         self.requested_providers = choose_providers(providers, device)
-        accuracy = self.options.accuracy_level if self.options is not None else 0
+        accuracy = self.options.accuracy_level if self.options is not None else \
+            accuracy_from_metadata(model if isinstance(model, ir.Model) else load_onnx(model, check=False))
         self.session = create_session(source, self.requested_providers,
                                       session_options(threads, optimization, accuracy_level=accuracy))
         self.providers = self.session.get_providers()
