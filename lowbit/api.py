@@ -93,6 +93,27 @@ def _default_example(model: torch.nn.Module, tokenizer: Any) -> tuple[tuple[Any,
     raise ValueError(f"no example inputs given for {type(model).__name__}: pass example_inputs=(...)")
 
 
+def own_tokenizer(model: torch.nn.Module) -> Any:
+    """The tokenizer saved beside a Hugging Face model (or the one a lowbit wrapper holds), or None.
+
+    A model loaded with ``from_pretrained(DIR)`` remembers DIR as ``config.name_or_path``; its tokenizer files
+    are usually there. Without this, calibration would tokenize with SmolLM2's vocabulary.
+    """
+    import os
+
+    inner = getattr(model, "model", None) or getattr(model, "encoder", None) or model
+    config = getattr(inner, "config", None) or getattr(model, "config", None)
+    where = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    if not where or not os.path.isdir(str(where)):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def resolve_pipeline(pipeline: str | Sequence[Pass] | None, recipe: str | None) -> list[Pass]:
     if pipeline is not None and recipe is not None:
         raise PassError("give either pipeline= or recipe=, not both")
@@ -137,14 +158,33 @@ def compile_model(
     verify: bool = True,
     instruments: Sequence[Instrument] = (),
     tokenizer: Any = None,
+    calib: str | torch.Tensor | None = None,
 ) -> CompiledModel:
     """Capture ``model``, run ``pipeline`` (text like ``"fold-norms,dce"``) or ``recipe``, lower to ``backend``.
 
     ``model`` may be a name or path understood by ``lowbit.models.load_model`` (``"smollm2"``, ``"minilm"``,
     an HF directory, a ``.gguf`` file). Returns a callable ``CompiledModel`` with ``.graph`` and ``.report``.
+
+    Calibrating passes tokenize their text with ``tokenizer``; unset, with the tokenizer saved beside a Hugging
+    Face model (its ``name_or_path`` directory). ``calib`` (a text name or path, a ``.safetensors`` file of
+    token ids, or a tensor of ids: ``[n, L]`` windows or a 1-D stream) replaces every calibrating pass's data.
     """
     t0 = time.perf_counter()
     passes = resolve_pipeline(pipeline, recipe)  # bad specs fail before the slow capture
+    if calib is not None:
+        from lowbit.passes.base import CalibrationOptions
+        from lowbit.passes.manager import check_input_files
+
+        import pydantic
+
+        for p in passes:
+            if isinstance(p.options, CalibrationOptions):
+                try:
+                    p.options.calib = calib
+                except pydantic.ValidationError as exc:
+                    raise PassError(f"pass {p.name}: calib: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
+                                    ) from None
+        check_input_files(passes)
     if backend not in BACKENDS:
         lower(Graph(), backend)  # raises with suggestions
     if isinstance(model, str):
@@ -154,6 +194,8 @@ def compile_model(
     else:
         from lowbit.models import CausalLMLogits
 
+        if tokenizer is None:
+            tokenizer = own_tokenizer(model)
         if hasattr(model, "lm_head") and hasattr(model, "generation_config"):
             model = CausalLMLogits(model).eval()
     if example_inputs is None:

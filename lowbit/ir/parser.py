@@ -113,6 +113,8 @@ class _Line:
 def _dim(text: str) -> int | str:
     """A static size or a symbolic dimension; the latter must be in ``symexpr``'s grammar (never eval'd)."""
     if re.fullmatch(r"-?\d+", text):
+        if int(text) < 0:
+            raise DimParseError(text, 0, "a size cannot be negative")
         return int(text)
     parse_dim(text)
     return text
@@ -225,34 +227,47 @@ class Parser:
             if not toks:
                 continue
             c = _Line(toks, no, raw)
-            head = toks[0].text
-            if state == "header":
-                if head != "graph":
-                    raise c.error("expected 'graph NAME(...) {'")
-                self._header(c)
-                state = "body"
-            elif state == "body":
-                if head == "symbol":
-                    self._symbol(c)
-                elif head == "param":
-                    self._param(c)
-                elif head == "return":
-                    self._return(c)
-                    state = "end"
-                elif toks[0].kind == "value":
-                    self._node(c, comment or "")
-                else:
-                    raise c.error("expected a node, 'symbol', 'param' or 'return'")
-            elif state == "end":
-                c.expect("}")
-                c.done()
-                state = "closed"
-            else:
-                raise c.error("text after the end of the graph")
+            try:
+                state = self._statement(c, toks, state, comment)
+            except IRParseError:
+                raise
+            except (ValueError, TypeError, KeyError, IndexError, RuntimeError, OverflowError) as exc:
+                # a literal Python or torch refuses (int('x'), a bad escape, device("nope")): still a parse error
+                col = c.toks[min(c.i, len(c.toks)) - 1].col if c.i else 0
+                raise IRParseError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                                   no, raw, col) from None
         if state != "closed":
             raise IRParseError("graph not closed with 'return ...' and '}'", len(lines), lines[-1] if lines else "")
         assert self.graph is not None
         return self.graph
+
+    def _statement(self, c: _Line, toks: list[Tok], state: str, comment: str | None) -> str:
+        """Parse one line in ``state``; returns the next state."""
+        head = toks[0].text
+        if state == "header":
+            if head != "graph":
+                raise c.error("expected 'graph NAME(...) {'")
+            self._header(c)
+            state = "body"
+        elif state == "body":
+            if head == "symbol":
+                self._symbol(c)
+            elif head == "param":
+                self._param(c)
+            elif head == "return":
+                self._return(c)
+                state = "end"
+            elif toks[0].kind == "value":
+                self._node(c, comment or "")
+            else:
+                raise c.error("expected a node, 'symbol', 'param' or 'return'")
+        elif state == "end":
+            c.expect("}")
+            c.done()
+            state = "closed"
+        else:
+            raise c.error("text after the end of the graph")
+        return state
 
     def _header(self, c: _Line) -> None:
         c.expect("graph")

@@ -127,7 +127,11 @@ def check_types(graph: Graph) -> tuple[list[str], VerifyReport]:
     def meta_of(v: Value) -> Any:
         t = v.type
         if isinstance(t, TensorType):
-            return torch.empty([dims(d) for d in t.shape], dtype=t.dtype, device="meta")
+            shape = [dims(d) for d in t.shape]
+            if any(d < 0 for d in shape):
+                problems.append(f"%{v.name} is declared {t}: a dimension is negative or uses an undeclared symbol")
+                return None
+            return torch.empty(shape, dtype=t.dtype, device="meta")
         if isinstance(t, SymType) and t.expr is not None:
             try:
                 return dims.value(t.expr)

@@ -675,6 +675,8 @@ class InsertQDQ(Pass):
         calibration = {"text": o.calib, "n": o.calib_n, "seq_len": o.calib_len, "tokenizer": o.tokenizer,
                        "observer": o.a_obs, "progress": o.progress, "batch_size": o.batch_size_for(graph),
                        "device": o.torch_device(self.name)}
+        if o.a_static or isinstance(o.calib, torch.Tensor):  # token ids checked against the vocabulary
+            calibration["ids"] = o.token_ids(graph, self.name)
         extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
         stats = quantize_graph(graph, cfg, group_fallback=o.group_fallback, calibration=calibration,
                                extra_patterns=extra, nonfinite=o.nonfinite)
