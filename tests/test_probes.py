@@ -133,3 +133,16 @@ def test_probe_silent_no_ops_are_errors(tmp_path, args, code, fragment):
     got, out = run([files.get(a, a) if isinstance(a, str) else a for a in args])
     assert got == int(code), out
     assert fragment in out, out
+
+
+def test_every_probe_code_is_one_lowbit_help_documents(capsys):
+    """``lowbit --help`` is the one source of truth: ``python -m lowbit --help`` prints the same contract, and
+    every code the probe tables expect is in it."""
+    from lowbit.__main__ import main
+    from lowbit.cli.common import EXIT_CODES_HELP
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert " ".join(EXIT_CODES_HELP.split()) in " ".join(capsys.readouterr().out.split())
+    for _, code, _ in BEFORE_LOAD + MAIN_PROBES + AFTER_LOAD:
+        assert f"{int(code)} " in EXIT_CODES_HELP
