@@ -32,14 +32,14 @@ __all__ = ["AutoRound", "AutoRoundOptions"]
 
 
 class AutoRoundOptions(WeightCalibrationOptions):
-    iters: int = Field(default=200, ge=1)
+    iters: int = 200
     """Signed-gradient steps per block, one calibration batch (``batch_size`` sequences) per step."""
-    lr: float | None = Field(default=None, gt=0)
+    lr: float | None = None
     """First step size, decaying linearly to 0 (code steps for the offsets, log-units for the scales); unset:
     1/iters."""
     scales: bool = True
     """Also learn one multiplier per weight scale, within [1/max_scale, max_scale]."""
-    max_scale: float = Field(default=1.5, ge=1)
+    max_scale: float = 1.5
     target: Literal["float", "quantized-input"] = "float"
     """``float``: match the float model's block output on the float model's own input, so a block also learns
     to correct what earlier blocks got wrong; ``quantized-input``: the float block on the quantized input."""

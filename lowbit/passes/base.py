@@ -126,7 +126,12 @@ class Pass:
     """True where the pass must not change the model's outputs (checked in tests in float64)."""
 
     def __init__(self, **options: Any) -> None:
-        self.options = self.Options(**options)
+        import pydantic
+
+        try:
+            self.options = self.Options(**options)
+        except pydantic.ValidationError as exc:
+            raise options_error(self.name, exc) from None
 
     def run(self, graph: Graph) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
@@ -175,6 +180,20 @@ class PassError(LowbitError, ValueError):
 class PassFileError(PassError):
     """A file a pass option names (calibration text, tokenizer, quantization config) is missing or unreadable:
     the CLI exits 3 (a file problem), not 2 (a typo in the pipeline)."""
+
+
+def options_error(pass_name: str, exc: Any) -> PassError:
+    """A pydantic ``ValidationError`` of a pass's options as one ``PassError`` naming the pass and each option; a
+    semantic check that raised a ``PassError`` itself keeps its message (and its type: ``PassFileError``)."""
+    msgs = []
+    for err in exc.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, PassError):
+            return type(cause)(str(cause))
+        loc = ".".join(str(x) for x in err["loc"]) or "(options)"
+        msg = err["msg"].removeprefix("Value error, ")
+        msgs.append(f"option {loc}: {msg} (got {err.get('input')!r})")
+    return PassError(f"pass {pass_name}: " + "; ".join(msgs))
 
 
 REGISTRY: dict[str, type[Pass]] = {}

@@ -18,7 +18,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-import pydantic
 import torch
 
 from lowbit.errors import LowbitError
@@ -122,18 +121,7 @@ def check_input_files(passes: Sequence[Pass]) -> None:
 
 
 def build_pass(cls: type[Pass], options: dict[str, Any]) -> Pass:
-    try:
-        return cls(**options)
-    except pydantic.ValidationError as exc:
-        msgs = []
-        for err in exc.errors():
-            cause = (err.get("ctx") or {}).get("error")
-            if isinstance(cause, PassError):  # a semantic check that already names the pass and option
-                raise type(cause)(str(cause)) from None
-            loc = ".".join(str(x) for x in err["loc"]) or "(options)"
-            msg = err["msg"].removeprefix("Value error, ")
-            msgs.append(f"option {loc}: {msg} (got {err.get('input')!r})")
-        raise PassError(f"pass {cls.name}: " + "; ".join(msgs)) from None
+    return cls(**options)  # Pass.__init__ turns pydantic's errors into a PassError naming the options
 
 
 def format_pipeline(passes: Sequence[Pass]) -> str:
