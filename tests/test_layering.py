@@ -24,6 +24,7 @@ PACKAGE = ROOT / "lowbit"
 LAYER_OF: dict[str, str] = {
     "lowbit.cache": "base",
     "lowbit.version": "base",
+    "lowbit.errors": "base",
     "lowbit.data": "data",
     "lowbit.kernels": "kernels",
     "lowbit.ir": "ir",

@@ -26,6 +26,7 @@ import torch
 from lowbit.backends.onnx import LoweringOptions, load_onnx, save_onnx, to_onnx
 from lowbit.backends.onnx.io import EXTERNAL_DATA_THRESHOLD, OnnxFileError, initializer_bytes
 from lowbit.ir.graph import Graph
+from lowbit.ir.signature import InputChecker
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
@@ -121,6 +122,22 @@ def create_session(model: ir.Model | str | os.PathLike[str], providers: list[str
         raise OnnxFileError(f"onnxruntime cannot load {path}: {str(exc).strip()[:300]}") from exc
 
 
+def accuracy_from_metadata(model: ir.Model) -> int:
+    """The MatMulNBits accuracy level a lowbit export asks for in its metadata (``lowbit.ort_session_config``);
+    0 (exact) for files without it. Only this one entry is read, and only as a level 0-4: a file from someone
+    else must not choose arbitrary session options."""
+    import json
+
+    from lowbit.backends.onnx.lowering import ORT_ACCURACY_LEVEL, ORT_SESSION_CONFIG
+
+    try:
+        entries = json.loads(model.metadata_props.get(ORT_SESSION_CONFIG, "{}"))
+        level = entries.get(ORT_ACCURACY_LEVEL, "0") if isinstance(entries, dict) else "0"
+        return int(level) if str(level) in ("0", "1", "2", "3", "4") else 0
+    except (ValueError, TypeError):
+        return 0
+
+
 class OrtCompiled(torch.nn.Module):
     """A graph lowered to ONNX and run by ONNX Runtime; same call interface as ``TorchCompiled``.
 
@@ -161,7 +178,8 @@ class OrtCompiled(torch.nn.Module):
             self.onnx_model = model if isinstance(model, ir.Model) else None
             source = model  # type: ignore[assignment]
         self.requested_providers = choose_providers(providers, device)
-        accuracy = self.options.accuracy_level if self.options is not None else 0
+        accuracy = self.options.accuracy_level if self.options is not None else \
+            accuracy_from_metadata(model if isinstance(model, ir.Model) else load_onnx(model, check=False))
         self.session = create_session(source, self.requested_providers,
                                       session_options(threads, optimization, accuracy_level=accuracy))
         self.providers = self.session.get_providers()
@@ -172,6 +190,7 @@ class OrtCompiled(torch.nn.Module):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_dtypes = [_ONNX_TO_TORCH.get(i.type) for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.check_inputs = InputChecker(graph) if graph is not None else None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **kwargs: Any) -> OrtCompiled:
@@ -193,6 +212,8 @@ class OrtCompiled(torch.nn.Module):
         if len(args) != len(self.input_names):
             raise TypeError(f"the model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
                             f"got {len(args)}")
+        if self.check_inputs is not None:
+            args = self.check_inputs(args)
         out_device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         feeds: dict[str, np.ndarray] = {}
         for name, dtype, a in zip(self.input_names, self.input_dtypes, args):

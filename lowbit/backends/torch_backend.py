@@ -15,13 +15,15 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from lowbit.errors import LowbitError
 from lowbit.ir.fold import drop_unused_params, fold_constants
 from lowbit.ir.fusion import unfuse_qlinear
 from lowbit.ir.graph import Graph, Value
 from lowbit.ir.ops import resolve
+from lowbit.ir.signature import InputChecker
 
 
-class LoweringError(RuntimeError):
+class LoweringError(LowbitError, RuntimeError):
     """A node could not be lowered; the message names the node, op and module."""
 
 
@@ -111,6 +113,7 @@ class TorchCompiled(torch.nn.Module):
         self.keep_packed = keep_packed
         lowered = materialize_weights(graph, keep_packed=keep_packed) if precompute_constants else graph
         self.gm = lower_to_fx(lowered, device)
+        self.check_inputs = InputChecker(graph)
 
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -123,6 +126,7 @@ class TorchCompiled(torch.nn.Module):
         if len(args) != len(self.graph.inputs):
             raise TypeError(f"the graph takes {len(self.graph.inputs)} inputs "
                             f"({', '.join(v.name for v in self.graph.inputs)}), got {len(args)}")
+        args = self.check_inputs(args)
         if self.device is not None:
             args = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)
         return self.gm(*args)

@@ -19,7 +19,10 @@ from lowbit.data.model_files import load_tokenizer
 from lowbit.data.tokens import token_ids
 from lowbit.ir.graph import Graph
 
-__all__ = ["calibration_ids", "load_tokenizer", "graph_tokenizer", "DEFAULT_CALIBRATION_TEXT"]
+__all__ = ["calibration_ids", "load_tokenizer", "graph_tokenizer", "DEFAULT_CALIBRATION_TEXT", "calibration_tensor",
+           "given_windows", "check_vocabulary", "vocabulary_size", "check_default_tokenizer"]
+
+SMOLLM2_VOCAB = 49152
 
 DEFAULT_CALIBRATION_TEXT = "wikitext2-valid-calib"
 """Shipped with lowbit (WikiText-2 validation, first ~250 KB: ~60k SmolLM2 tokens, 117 windows of 512).
@@ -55,10 +58,83 @@ def calibration_ids_plain(ids: torch.Tensor, text: str | os.PathLike[str], n: in
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
+def calibration_tensor(calib: str | os.PathLike[str] | torch.Tensor) -> torch.Tensor | None:
+    """Token ids given directly: a tensor, or a ``.safetensors`` file holding one tensor (or ``input_ids``);
+    None for a text (name or path)."""
+    if isinstance(calib, torch.Tensor):
+        return calib
+    if not str(calib).endswith(".safetensors"):
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(os.path.expanduser(str(calib)))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"cannot read token ids from {str(calib)!r}: {exc}") from exc
+    if "input_ids" in tensors:
+        return tensors["input_ids"]
+    if len(tensors) != 1:
+        raise ValueError(f"{str(calib)!r} holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:5])}); give one, "
+                         "or name the ids 'input_ids'")
+    return next(iter(tensors.values()))
+
+
+def given_windows(ids: torch.Tensor, n: int, seq_len: int, what: str) -> torch.Tensor:
+    """Calibration windows from given ids: ``[n, L]`` used as they are, a 1-D stream cut into ``n`` windows of
+    ``seq_len`` like a text."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"calibration token ids must be integers, got {ids.dtype}")
+    if ids.dim() == 1:
+        return calibration_ids_plain(ids.to(torch.int64), what, n, seq_len)
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise ValueError(f"calibration token ids must be [n, L] windows (n >= 1, L >= 2) or a 1-D stream, got "
+                         f"shape {tuple(ids.shape)}")
+    return ids.to(torch.int64)
+
+
+def vocabulary_size(graph: Graph) -> int | None:
+    """Rows of the embedding that reads the graph's first input (the ids), if there is one."""
+    if not graph.inputs:
+        return None
+    ids = graph.inputs[0]
+    for node in graph.nodes:
+        if node.op in ("embedding", "aten.embedding.default") and len(node.args) > 1 and node.args[1] is ids:
+            rows = getattr(node.args[0].type, "shape", (None,))[0]
+            return rows if isinstance(rows, int) else None
+    return None
+
+
+def check_vocabulary(ids: torch.Tensor, graph: Graph, source: str) -> None:
+    """Refuse calibration ids the model cannot embed (a tokenizer of another model), naming where they came
+    from: otherwise the mismatch surfaces as an IndexError deep in the embedding, or as silently wrong data."""
+    vocab = vocabulary_size(graph)
+    if vocab is None or not ids.numel():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"{source} produces id {hi if hi >= vocab else lo}, outside the model's vocabulary of "
+                         f"{vocab} (ids 0..{vocab - 1}): the calibration data was tokenized for another model; "
+                         "give the model's own tokenizer (tokenizer=DIR, or compile_model(..., tokenizer=...))")
+
+
 def graph_tokenizer(graph: Graph, name: str | None) -> PreTrainedTokenizerBase:
     """The tokenizer a calibrating pass uses: ``name`` if given, else the one ``compile_model`` captured with the
-    model (``graph.meta["tokenizer"]``: MiniLM's for MiniLM), else SmolLM2's."""
+    model (``graph.meta["tokenizer"]``: the model directory's own, MiniLM's for MiniLM), else SmolLM2's (see
+    ``check_default_tokenizer``)."""
     if name is not None:
         return load_tokenizer(name)
     tok = graph.meta.get("tokenizer")
     return tok if tok is not None else load_tokenizer("smollm2")
+
+
+def check_default_tokenizer(graph: Graph, name: str | None) -> None:
+    """Refuse to fall back to SmolLM2's tokenizer for a model whose vocabulary is not SmolLM2's size: its ids
+    could all be in range for a larger vocabulary and calibrate on garbage without any error."""
+    if name is not None or graph.meta.get("tokenizer") is not None:
+        return
+    vocab = vocabulary_size(graph)
+    if vocab is not None and vocab != SMOLLM2_VOCAB:
+        raise ValueError(f"no tokenizer for this model (its embedding has {vocab} rows; SmolLM2's, the default, "
+                         f"has {SMOLLM2_VOCAB}): give tokenizer=DIR, compile_model(..., tokenizer=...), or token ids "
+                         "(calib=a tensor or a .safetensors of ids)")

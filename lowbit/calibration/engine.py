@@ -38,6 +38,7 @@ import torch
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
+from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph, Node, Value, blocks
 from lowbit.ir.ops import resolve
 
@@ -57,7 +58,7 @@ Replacement = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 ``dequantize`` made differentiable for block tuning, a fake-quant with a straight-through gradient)."""
 
 
-class CalibrationError(RuntimeError):
+class CalibrationError(LowbitError, RuntimeError):
     """The graph cannot be calibrated block by block, or the data does not fit it."""
 
 

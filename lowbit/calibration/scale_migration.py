@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.rewrite import private_weight
 
@@ -36,7 +37,7 @@ __all__ = ["divide_norm", "divide_rows", "multiply_columns", "gqa_expand_index",
            "site_for", "apply_scale", "MigrationError", "VIEW_OPS"]
 
 
-class MigrationError(ValueError):
+class MigrationError(LowbitError, ValueError):
     """A scale cannot be moved where it was asked to go; the message names the node and why."""
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, graph_tokenizer
+from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, check_default_tokenizer, graph_tokenizer
 from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages
 from lowbit.calibration.observers import Observer, make_observer
 from lowbit.ir.graph import Graph, Node, Value
@@ -35,7 +35,11 @@ def calibrate_static_inputs(graph: Graph, targets: list[tuple[Node, QScheme]], *
     unset: the graph's static batch, else 8 sequences.
     """
     if ids is None:
-        tok = graph_tokenizer(graph, tokenizer) if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+        if tokenizer is None or isinstance(tokenizer, str):
+            check_default_tokenizer(graph, tokenizer)
+            tok = graph_tokenizer(graph, tokenizer)
+        else:
+            tok = tokenizer
         ids = calibration_ids(text, tok, n, seq_len)
     groups: dict[tuple[int, QScheme], list[Node]] = {}
     for node, scheme in targets:

@@ -127,7 +127,8 @@ def _emit(graph: Graph, results: list[_Result]) -> tuple[int, int]:
 
 
 def _round_group(graph: Graph, g: _Group, r: Rounding, h: torch.Tensor | None, device: torch.device, st: _Stats,
-                 unrounded: dict[int, torch.Tensor] | None = None) -> list[_Result]:
+                 unrounded: dict[int, torch.Tensor] | None = None, caller: str = "weight calibration"
+                 ) -> list[_Result]:
     """Quantize the (already scaled) weights of one group; (plan, codes, scale, zero point, dequantized) each.
 
     ``h`` is ``None`` exactly when ``r`` does not need it (a plain RTN start). The rounding runs on ``device``
@@ -151,9 +152,13 @@ def _round_group(graph: Graph, g: _Group, r: Rounding, h: torch.Tensor | None, d
             qparams = weight_qparams(w, qd, scheme.symmetric, group, shrink)
         if r.method == "gptq":
             assert h is not None, "GPTQ needs the Hessian (r.needs_hessian)"
-            res = gptq_quantize(w, h, scheme.qdtype, group, scheme.symmetric, act_order=r.act_order,
-                                static_groups=r.static_groups, damp=r.damp, block_size=r.block_size,
-                                qparams=qparams)
+            try:
+                res = gptq_quantize(w, h, scheme.qdtype, group, scheme.symmetric, act_order=r.act_order,
+                                    static_groups=r.static_groups, damp=r.damp, block_size=r.block_size,
+                                    qparams=qparams)
+            except ValueError as exc:  # a non-finite Hessian: name the linears, not "the calibration inputs"
+                names = ", ".join(f"{wp.node.module or wp.node.name} (@{wp.node.args[1].name})" for wp in wps)
+                raise WeightCalibrationError(f"{caller}: linear(s) {names}: {exc}") from None
             q, scale, zp, deq = res.qdata, res.scale, res.zero_point, res.weight
             pre = res.unrounded
             st.gptq_loss += res.stats["loss"]
@@ -214,7 +219,8 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
         """All sequences' input of the group is here and its linears have not run: quantize them now."""
         acc = HessianAccumulator(int(x.shape[-1]), device=x.device, second_moment=r.needs_hessian)
         acc.add(x)
-        g.pending = _round_group(graph, g, r, acc.hessian if r.needs_hessian else None, acc.device, st)
+        g.pending = _round_group(graph, g, r, acc.hessian if r.needs_hessian else None, acc.device, st,
+                                 caller=caller)
         for wp, *_, deq in g.pending:  # the block's run continues with the quantized weights
             wv = private_weight(graph, wp.node, 1, users, f"{wp.node.module}.weight")
             graph.set_param(wv.name, deq)
@@ -271,7 +277,7 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
         bases: dict[int, torch.Tensor] | None = {} if r.tune is not None else None
         for g in ready:
             assert g.acc is not None
-            results += _round_group(graph, g, r, hessians[g.key], g.acc.device, st, bases)
+            results += _round_group(graph, g, r, hessians[g.key], g.acc.device, st, bases, caller=caller)
             g.done, g.acc = True, None
         b, a = _emit(graph, results)
         st.bytes_before += b

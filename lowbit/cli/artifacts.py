@@ -40,13 +40,42 @@ def save_graph(graph: Any, directory: Path, ir_name: str = IR_FILE, params_name:
     save_file(tensors, str(directory / params_name))
 
 
+def load_params(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or corrupt file raises ``CorruptFileError`` naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from lowbit.errors import CorruptFileError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
+        raise CorruptFileError(path, f"is not a readable safetensors file (truncated or corrupt?): "
+                                     f"{type(exc).__name__}: {exc}") from exc
+
+
+def read_graph(ir_path: Path, params_path: Path | None = None) -> Any:
+    """Parse the IR text at ``ir_path`` with the weights of ``params_path`` (or types only when None).
+
+    Raises ``CorruptFileError`` (unreadable text or weights) or ``IRParseError`` (not lowbit IR, or an op or
+    dimension lowbit refuses to run from a file); nothing in the file runs before it has parsed.
+    """
+    from lowbit.errors import CorruptFileError
+    from lowbit.ir.parser import parse_graph
+
+    try:
+        text = Path(ir_path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptFileError(ir_path, f"is not UTF-8 text, so not lowbit IR ({exc})") from exc
+    params = load_params(params_path) if params_path is not None else None
+    return parse_graph(text, params)
+
+
 def load_graph(path: Path) -> tuple[Any, bool]:
     """Parse a ``.lowbit`` file (or a directory holding ``model.lowbit``); returns (graph, has_weights).
 
     Weights come from ``params.safetensors`` beside the IR when present; without it the graph has types only.
     """
-    from lowbit.ir.parser import parse_graph
-
     path = Path(path)
     if path.is_dir():
         path = path / IR_FILE
@@ -54,9 +83,5 @@ def load_graph(path: Path) -> tuple[Any, bool]:
     if path.name != IR_FILE:
         alt = path.with_suffix(".safetensors")
         params_path = alt if alt.is_file() else params_path
-    params = None
-    if params_path.is_file():
-        from safetensors.torch import load_file
-
-        params = load_file(str(params_path))
-    return parse_graph(path.read_text(), params), params is not None
+    has = params_path.is_file()
+    return read_graph(path, params_path if has else None), has

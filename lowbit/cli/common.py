@@ -117,9 +117,11 @@ def load(spec: str) -> LoadedModel:
             fail(f"model {spec!r}: the layer count after ':' must be at least 1", Exit.USAGE)
     base = _MODELS.get(name)
     if base is None:
+        from lowbit.errors import CorruptFileError
+
         try:
             module, tokenizer, kind = load_model(name)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, CorruptFileError) as exc:
             fail(str(exc), Exit.NOT_FOUND)
         except ValueError as exc:
             fail(str(exc), Exit.USAGE)
@@ -208,16 +210,66 @@ def recipe_pipeline(name: str) -> str:
 
 def parse(text: str) -> list[Any]:
     """Parse pipeline text; a bad pass or option exits 2 with the parser's suggestion."""
-    from lowbit.passes.base import PassError
+    from lowbit.passes.base import PassError, PassFileError
     from lowbit.passes.manager import parse_pipeline
 
     try:
         return parse_pipeline(text)
+    except PassFileError as exc:
+        fail(str(exc), Exit.NOT_FOUND)
     except PassError as exc:
         fail(str(exc), Exit.USAGE)
 
 
+# ---- artefacts read from disk -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def artifact_errors(path: Path) -> Iterator[None]:
+    """Turn what reading an artefact can refuse (corrupt file, invalid IR, an op or path lowbit will not run
+    from a file) into exit 3 naming the file: the file cannot be read as what it claims to be."""
+    from lowbit.errors import CorruptFileError, UntrustedInputError
+    from lowbit.ir.parser import IRParseError
+
+    try:
+        yield
+    except IRParseError as exc:
+        fail(f"{str(path)!r} is not valid lowbit IR: {exc}", Exit.NOT_FOUND)
+    except (CorruptFileError, UntrustedInputError) as exc:
+        fail(str(exc) if str(path) in str(exc) else f"{str(path)!r}: {exc}", Exit.NOT_FOUND)
+    except OSError as exc:
+        fail(f"{str(path)!r} cannot be read: {exc.strerror or exc}", Exit.NOT_FOUND)
+
+
 # ---- output directories -------------------------------------------------------------------------
+
+def check_output(path: Path | None, flag: str, *, directory: bool) -> None:
+    """Fail now, before any model is loaded, if ``path`` cannot be written at the end of the command.
+
+    A file where a directory is wanted (or the reverse) is a bad argument (exit 2); a parent that is not a
+    directory, or one lowbit may not create entries in, is a file-system problem (exit 3). Writability is
+    probed by creating and removing a temporary entry, the only test that holds for root, read-only mounts
+    and ACLs alike.
+    """
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if directory and p.exists() and not p.is_dir():
+        fail(f"{flag} {str(p)!r} exists and is not a directory", Exit.USAGE)
+    if not directory and p.is_dir():
+        fail(f"{flag} {str(p)!r} is a directory; give a file path", Exit.USAGE)
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"{flag} {str(p)!r} cannot be written: {str(parent)!r} is not a directory", Exit.NOT_FOUND)
+    try:
+        probe = tempfile.mkdtemp(prefix=".lowbit-probe.", dir=parent)
+        os.rmdir(probe)
+    except OSError as exc:
+        fail(f"{flag} {str(p)!r} cannot be written in {str(parent)!r}: {exc.strerror or exc}", Exit.NOT_FOUND)
+    if p.exists() and not os.access(p, os.W_OK):
+        fail(f"{flag} {str(p)!r} exists and is not writable", Exit.NOT_FOUND)
+
 
 @contextlib.contextmanager
 def atomic_output_dir(final: Path, force: bool = True) -> Iterator[Path]:

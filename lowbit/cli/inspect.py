@@ -22,12 +22,10 @@ MiB = 2**20
 
 def _read_lowbit(path: Path) -> tuple[Any, bool]:
     from lowbit.cli.artifacts import load_graph
-    from lowbit.ir.parser import IRParseError
+    from lowbit.cli.common import artifact_errors
 
-    try:
+    with artifact_errors(path):
         return load_graph(path)
-    except IRParseError as exc:
-        fail(f"{str(path)!r} is not valid lowbit IR: {exc}", Exit.USAGE)
 
 
 def _resolve(file: Path) -> tuple[Path, str]:

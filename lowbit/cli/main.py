@@ -24,6 +24,7 @@ from lowbit.cli.common import (
     Exit,
     atomic_output_dir,
     capture_model,
+    check_output,
     console,
     err_console,
     fail,
@@ -195,7 +196,15 @@ def apply_overrides(passes: list[Any], keep: list[str], graph: Any, path: Path) 
     recommends.
     """
     from lowbit.cli.restrict import keep_float
+    from lowbit.ir.qscheme import module_matches
+    from lowbit.passes.base import closest
 
+    linears = sorted({n.module for n in graph.nodes if n.op == "linear" and n.module})
+    for glob in keep:
+        if not any(module_matches(m, glob) for m in linears):
+            fail(f"--overrides {str(path)!r}: keep_float glob {glob!r} matches no linear module of this model"
+                 f"{closest(glob, linears)} (linears: {', '.join(linears[:4])}{', ...' if len(linears) > 4 else ''}); "
+                 "was the file written for another model?", Exit.USAGE)
     out, touched = [], 0
     for p in passes:
         q = keep_float(p, keep, graph) if ("keep" in p.Options.model_fields or "config" in p.Options.model_fields) \
@@ -325,6 +334,8 @@ def compile_cmd(
         except re.error as exc:
             fail(f"--filter {filter!r} is not a valid regex: {exc}", Exit.USAGE)
     keep = read_overrides(overrides) if overrides is not None else None
+    check_output(out, "--out", directory=True)
+    check_output(reproducer, "--reproducer", directory=True)
 
     loaded = load(model)
     graph = capture_model(loaded)
@@ -432,6 +443,7 @@ def graph_cmd(
     """Draw the graph grouped by module: Graphviz dot (clusters) or HTML (collapsible, no JavaScript)."""
     from lowbit.cli.inspect import draw_graph
 
+    check_output(out, "--out", directory=False)
     draw_graph(file, format, out)
 
 
@@ -453,6 +465,9 @@ def compare_cmd(
     """Run real inputs through the float graph and after every pass: per-pass, per-layer error and end metric."""
     from lowbit.cli.compare import run_compare
 
+    check_output(json_out, "--json", directory=False)
+    check_output(html_out, "--html", directory=False)
+    check_output(reproducer, "--reproducer", directory=True)
     run_compare(model, pipeline_text(pipeline, recipe), windows=windows, seq_len=seq_len, n_sentences=sentences,
                 json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer)
 
@@ -473,6 +488,7 @@ def bisect_cmd(
     """Find the first pass that pushes the metric past the threshold, then the fewest layers responsible."""
     from lowbit.cli.bisect import run_bisect
 
+    check_output(json_out, "--json", directory=False)
     run_bisect(model, pipeline_text(pipeline, recipe), metric=metric, max_increase=max_increase,
                windows=windows, seq_len=seq_len, n_sentences=sentences, json_out=json_out)
 
@@ -495,6 +511,7 @@ def sensitivity_cmd(
     """Quantize one layer at a time, rank layers by metric damage, write an override file compile accepts."""
     from lowbit.cli.sensitivity import run_sensitivity
 
+    check_output(out, "--out", directory=False)
     run_sensitivity(model, scheme, group=group, prefix=pipeline, granularity=granularity, metric=metric,
                     keep_top=keep_top, windows=windows, seq_len=seq_len, n_sentences=sentences, out=out)
 

@@ -72,29 +72,76 @@ def write_reproducer(directory: Path, graph_before: Any, passes: list[Any], star
             "failed on is `before.lowbit` (weights in `before.safetensors`).\n")
 
 
-def replay(directory: Path, verify_each: bool = True) -> None:
-    """Parse the saved IR and run the saved pipeline; exit 4 if it fails again, 0 if it no longer does."""
-    from lowbit.cli.common import parse
-    from lowbit.passes.manager import PassManager, PipelineError
+def confined(directory: Path, name: Any, what: str) -> Path:
+    """``directory / name`` for a manifest entry, refused unless it stays inside ``directory``.
 
-    directory = Path(directory)
+    A reproducer is a directory someone else wrote: its manifest must not point lowbit at ``../../etc/passwd``,
+    an absolute path, or a symlink leading out of the directory.
+    """
+    from lowbit.errors import UntrustedInputError
+
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise UntrustedInputError(f"reproducer {str(directory)!r}: {what} entry {name!r} is not a file name")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise UntrustedInputError(f"reproducer {str(directory)!r}: {what} path {name!r} leaves the reproducer "
+                                  "directory (absolute or '..'); a reproducer only reads its own files")
+    root = directory.resolve()
+    target = (directory / rel).resolve()
+    if target != root and root not in target.parents:
+        raise UntrustedInputError(f"reproducer {str(directory)!r}: {what} path {name!r} resolves to "
+                                  f"{str(target)!r}, outside the reproducer directory (a symlink?)")
+    return target
+
+
+def load_manifest(directory: Path) -> dict[str, Any]:
+    """The reproducer's manifest, checked: JSON object with the entries replay reads (exit 3 otherwise)."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         fail(f"{str(directory)!r} is not a reproducer directory (no {MANIFEST})", Exit.NOT_FOUND)
-    manifest = json.loads(manifest_path.read_text())
-    from lowbit.ir.parser import parse_graph
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        fail(f"{str(manifest_path)!r} is not valid JSON: {exc}", Exit.NOT_FOUND)
+    if not isinstance(manifest, dict):
+        fail(f"{str(manifest_path)!r} must hold a JSON object", Exit.NOT_FOUND)
+    for key in ("ir", "params", "replay_pipeline"):
+        if not isinstance(manifest.get(key), str):
+            fail(f"{str(manifest_path)!r} has no {key!r} entry (a string)", Exit.NOT_FOUND)
+    if not isinstance(manifest.get("versions", {}), dict):
+        manifest["versions"] = {}
+    return manifest
 
-    params_file = directory / manifest["params"]
-    params = None
-    if params_file.is_file():
-        from safetensors.torch import load_file
 
-        params = load_file(str(params_file))
-    graph = parse_graph((directory / manifest["ir"]).read_text(), params)
+def replay(directory: Path, verify_each: bool = True) -> None:
+    """Parse the saved IR and run the saved pipeline; exit 4 if it fails again, 0 if it no longer does.
+
+    Every path is checked to stay inside ``directory`` and the IR is parsed (ops and dimensions refused unless
+    allowlisted) before anything runs.
+    """
+    from lowbit.cli.artifacts import read_graph
+    from lowbit.cli.common import parse
+    from lowbit.errors import UntrustedInputError
+    from lowbit.passes.manager import PassManager, PipelineError
+
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    try:
+        ir_file = confined(directory, manifest["ir"], "ir")
+        params_file = confined(directory, manifest["params"], "params")
+    except UntrustedInputError as exc:
+        fail(str(exc), Exit.NOT_FOUND)
+    if not ir_file.is_file():
+        fail(f"reproducer {str(directory)!r}: IR file {str(ir_file)!r} is missing", Exit.NOT_FOUND)
+    from lowbit.cli.common import artifact_errors
+
+    with artifact_errors(ir_file):
+        graph = read_graph(ir_file, params_file if params_file.is_file() else None)
     passes = parse(manifest["replay_pipeline"])
-    console.print(f"replaying {manifest['replay_pipeline']!r} on {directory / manifest['ir']} "
-                  f"({len(graph.nodes)} nodes); recorded with {manifest['versions'].get('lowbit')} / torch "
-                  f"{manifest['versions'].get('torch')}", markup=False)
+    versions = manifest.get("versions", {})
+    console.print(f"replaying {manifest['replay_pipeline']!r} on {ir_file} "
+                  f"({len(graph.nodes)} nodes); recorded with {versions.get('lowbit')} / torch "
+                  f"{versions.get('torch')}", markup=False)
     try:
         PassManager(passes, verify_each=verify_each).run(graph)
     except PipelineError as exc:

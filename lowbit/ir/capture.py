@@ -21,6 +21,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
+from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph, Node, SymType, Symbol, TensorType, Value, ValueType
 from lowbit.ir.rewrite import eliminate_dead_code
 
@@ -33,7 +34,7 @@ def _finite_int(bound: Any) -> int | None:
         return None
 
 
-class CaptureError(RuntimeError):
+class CaptureError(LowbitError, RuntimeError):
     """The model could not be captured; the message says where and what to try."""
 
 

@@ -6,17 +6,24 @@ reference here that computes *exactly* what the ATen calls it replaces computed 
 order), so raising never changes a single bit of the model's output. Any op string that is not
 registered here is an ATen overload (``aten.mul.Tensor``) or a Python operator on symbolic ints, and
 is run as such.
+
+IR text is read from files other people wrote, and the verifier runs every node (on meta tensors) before any
+pass, so an op name must never reach an arbitrary callable: ``resolve`` answers only for the ops registered
+here (``register_op``, the way to add an op), the ATen overloads in ``allowlist.ATEN_OPS`` (what capture
+and raising emit, see ``tools/aten_allowlist.py``) and the Python functions on symbolic ints in
+``allowlist.PY_FUNCTIONS``. The parser refuses any other name (``check_op``) before a graph exists.
 """
 
 from __future__ import annotations
 
-import importlib
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from lowbit.errors import UntrustedInputError
+from lowbit.ir.allowlist import ATEN_OPS, PY_FUNCTIONS
 
 aten = torch.ops.aten
 
@@ -172,33 +179,40 @@ def permute(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     return aten.permute.default(x, dims)
 
 
-_PY_NAMESPACES = {"operator": operator, "math": importlib.import_module("math"), "torch": torch}
+class UnknownOpError(UntrustedInputError, KeyError):
+    """An op name that is neither registered nor allowlisted (a ``KeyError`` for older callers)."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def check_op(op: str) -> str | None:
+    """Why ``op`` may not run, or None when it is a registered op, an allowlisted ATen overload or an
+    allowlisted Python function."""
+    if op in OPS or op in ATEN_OPS or op in PY_FUNCTIONS:
+        return None
+    if op.startswith("aten.") or op.startswith("torch.ops."):
+        return (f"op {op!r} is not in lowbit's ATen allowlist (the overloads capture emits; "
+                "lowbit.ir.allowlist.ATEN_OPS); register a semantic op with register_op to add one")
+    if op.split(".")[0] in ("operator", "math", "torch"):
+        return f"op {op!r} is not one of the Python functions on symbolic ints lowbit runs (allowlist.PY_FUNCTIONS)"
+    return f"unknown op {op!r}: not a lowbit op ({', '.join(sorted(OPS))}), nor an allowlisted ATen overload"
 
 
 def resolve(op: str) -> Callable[..., Any]:
-    """The callable that runs ``op``: a semantic op, an ATen/other torch.ops overload, or a Python operator."""
+    """The callable that runs ``op``: a registered semantic op, an allowlisted ATen overload or an allowlisted
+    Python function on symbolic ints; anything else raises ``UnknownOpError`` and nothing is looked up."""
     if op in OPS:
         return OPS[op].fn
-    parts = op.split(".")
-    head = parts[0]
-    if head in _PY_NAMESPACES:
-        obj: Any = _PY_NAMESPACES[head]
-        for p in parts[1:]:
-            obj = getattr(obj, p, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return obj
-    elif len(parts) == 3:
-        ns, name, overload = parts
+    if op in PY_FUNCTIONS:
+        return PY_FUNCTIONS[op]
+    if op in ATEN_OPS:
+        _, name, overload = op.split(".")
         try:
-            return getattr(getattr(getattr(torch.ops, ns), name), overload)
-        except (AttributeError, RuntimeError):
-            pass
-    raise KeyError(
-        f"unknown op {op!r}: not a lowbit op ({', '.join(sorted(OPS))}), "
-        "nor a torch.ops overload 'ns.name.overload', nor an operator.* function"
-    )
+            return getattr(getattr(aten, name), overload)
+        except (AttributeError, RuntimeError) as exc:
+            raise UnknownOpError(f"op {op!r} is allowlisted but this torch has no such overload") from exc
+    raise UnknownOpError(check_op(op))
 
 
 def is_semantic(op: str) -> bool:

@@ -14,14 +14,20 @@ from typing import Any
 
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.ir.graph import DTYPES_BY_NAME, Graph, Node, SymType, Symbol, TensorType, Value, ValueType
+from lowbit.ir.ops import check_op
 from lowbit.ir.printer import ENUM_LITERALS
+from lowbit.ir.symexpr import DimParseError, parse_dim, parse_sym_value
 
 ENUMS_BY_NAME = {v: k for k, v in ENUM_LITERALS.items()}
 
 
-class IRParseError(ValueError):
+class IRParseError(LowbitError, ValueError):
+    """IR text that is not lowbit IR, or asks for an op or an expression lowbit does not run from a file."""
+
     def __init__(self, msg: str, line_no: int, line: str, col: int = 0) -> None:
+        self.line_no, self.col = line_no, col
         super().__init__(f"line {line_no}, col {col + 1}: {msg}\n  {line}\n  {' ' * col}^")
 
 
@@ -105,7 +111,13 @@ class _Line:
 
 
 def _dim(text: str) -> int | str:
-    return int(text) if re.fullmatch(r"-?\d+", text) else text
+    """A static size or a symbolic dimension; the latter must be in ``symexpr``'s grammar (never eval'd)."""
+    if re.fullmatch(r"-?\d+", text):
+        if int(text) < 0:
+            raise DimParseError(text, 0, "a size cannot be negative")
+        return int(text)
+    parse_dim(text)
+    return text
 
 
 class Parser:
@@ -121,7 +133,14 @@ class Parser:
             return None
         if t.text == "sym":
             if c.accept("("):
-                return SymType(self._until(c, ")"))
+                start = c.peek()
+                expr = self._until(c, ")")
+                try:
+                    parse_sym_value(expr)
+                except DimParseError as exc:
+                    raise IRParseError(str(exc).splitlines()[0], c.line_no, c.line,
+                                       (start.col if start else 0) + exc.pos) from None
+                return SymType(expr)
             return SymType()
         if t.text not in DTYPES_BY_NAME:
             raise c.error(f"unknown dtype {t.text!r} (known: {', '.join(DTYPES_BY_NAME)})")
@@ -129,7 +148,13 @@ class Parser:
         dims: list[int | str] = []
         if not c.accept("]"):
             while True:
-                dims.append(_dim(self._until(c, ",", "]", keep=True)))
+                start = c.peek()
+                text = self._until(c, ",", "]", keep=True)
+                try:
+                    dims.append(_dim(text))
+                except DimParseError as exc:
+                    raise IRParseError(str(exc).splitlines()[0], c.line_no, c.line,
+                                       (start.col if start else 0) + exc.pos) from None
                 if c.accept("]"):
                     break
                 c.expect(",")
@@ -202,34 +227,47 @@ class Parser:
             if not toks:
                 continue
             c = _Line(toks, no, raw)
-            head = toks[0].text
-            if state == "header":
-                if head != "graph":
-                    raise c.error("expected 'graph NAME(...) {'")
-                self._header(c)
-                state = "body"
-            elif state == "body":
-                if head == "symbol":
-                    self._symbol(c)
-                elif head == "param":
-                    self._param(c)
-                elif head == "return":
-                    self._return(c)
-                    state = "end"
-                elif toks[0].kind == "value":
-                    self._node(c, comment or "")
-                else:
-                    raise c.error("expected a node, 'symbol', 'param' or 'return'")
-            elif state == "end":
-                c.expect("}")
-                c.done()
-                state = "closed"
-            else:
-                raise c.error("text after the end of the graph")
+            try:
+                state = self._statement(c, toks, state, comment)
+            except IRParseError:
+                raise
+            except (ValueError, TypeError, KeyError, IndexError, RuntimeError, OverflowError) as exc:
+                # a literal Python or torch refuses (int('x'), a bad escape, device("nope")): still a parse error
+                col = c.toks[min(c.i, len(c.toks)) - 1].col if c.i else 0
+                raise IRParseError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                                   no, raw, col) from None
         if state != "closed":
             raise IRParseError("graph not closed with 'return ...' and '}'", len(lines), lines[-1] if lines else "")
         assert self.graph is not None
         return self.graph
+
+    def _statement(self, c: _Line, toks: list[Tok], state: str, comment: str | None) -> str:
+        """Parse one line in ``state``; returns the next state."""
+        head = toks[0].text
+        if state == "header":
+            if head != "graph":
+                raise c.error("expected 'graph NAME(...) {'")
+            self._header(c)
+            state = "body"
+        elif state == "body":
+            if head == "symbol":
+                self._symbol(c)
+            elif head == "param":
+                self._param(c)
+            elif head == "return":
+                self._return(c)
+                state = "end"
+            elif toks[0].kind == "value":
+                self._node(c, comment or "")
+            else:
+                raise c.error("expected a node, 'symbol', 'param' or 'return'")
+        elif state == "end":
+            c.expect("}")
+            c.done()
+            state = "closed"
+        else:
+            raise c.error("text after the end of the graph")
+        return state
 
     def _header(self, c: _Line) -> None:
         c.expect("graph")
@@ -299,6 +337,9 @@ class Parser:
         op = c.next()
         if op.kind != "name":
             raise c.error("expected an op name")
+        refused = check_op(op.text)
+        if refused is not None:
+            raise IRParseError(refused, c.line_no, c.line, op.col)
         c.expect("(")
         args: list[Any] = []
         kwargs: dict[str, Any] = {}

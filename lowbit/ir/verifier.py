@@ -14,18 +14,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import sympy
 import torch
 from torch.utils import _pytree as pytree
 
+from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph, Node, SymType, TensorType, Value
 from lowbit.ir.ops import resolve
+from lowbit.ir.symexpr import DimParseError, eval_dim, parse_sym_value
 
 
 _META_UNSUPPORTED = re.compile(r"meta|data.dependent|item\(\)|nonzero", re.IGNORECASE)
 
 
-class VerificationError(ValueError):
+class VerificationError(LowbitError, ValueError):
     """The IR is malformed; the message names each offending node, op and module."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -92,24 +93,29 @@ def check_structure(graph: Graph, *, require_data: bool = True) -> list[str]:
 
 
 class _Dims:
-    """Evaluates symbolic dims with each symbol bound to its hint."""
+    """Evaluates symbolic dims with each symbol bound to its hint (dims are parsed by ``symexpr``, never eval'd)."""
 
     def __init__(self, graph: Graph) -> None:
-        self.env = {}
+        self.env: dict[str, int] = {}
         for i, (name, s) in enumerate(graph.symbols.items()):
-            hint = s.hint if s.hint is not None else (s.min or 2) + 3 + i
-            self.env[sympy.Symbol(name, integer=True, positive=True)] = hint
-            self.env[sympy.Symbol(name)] = hint
+            self.env[name] = s.hint if s.hint is not None else (s.min or 2) + 3 + i
         self._cache: dict[str, int] = {}
 
     def __call__(self, d: int | str) -> int:
         if isinstance(d, int):
             return d
         if d not in self._cache:
-            expr = sympy.sympify(d, locals={str(k): k for k in self.env})
-            val = expr.subs(self.env)
-            self._cache[d] = int(val) if val.is_number else -1
+            val = eval_dim(d, self.env)
+            self._cache[d] = -1 if val is None else val
         return self._cache[d]
+
+    def value(self, expr: str) -> int | float | bool | None:
+        """A ``sym(...)`` value: a literal, or a dimension expression at the hints (None if unbound)."""
+        val = parse_sym_value(expr)
+        if isinstance(val, (int, float, bool)):
+            return val
+        got = self(expr)
+        return None if got == -1 else got
 
 
 def check_types(graph: Graph) -> tuple[list[str], VerifyReport]:
@@ -121,11 +127,15 @@ def check_types(graph: Graph) -> tuple[list[str], VerifyReport]:
     def meta_of(v: Value) -> Any:
         t = v.type
         if isinstance(t, TensorType):
-            return torch.empty([dims(d) for d in t.shape], dtype=t.dtype, device="meta")
+            shape = [dims(d) for d in t.shape]
+            if any(d < 0 for d in shape):
+                problems.append(f"%{v.name} is declared {t}: a dimension is negative or uses an undeclared symbol")
+                return None
+            return torch.empty(shape, dtype=t.dtype, device="meta")
         if isinstance(t, SymType) and t.expr is not None:
             try:
-                return dims(t.expr)
-            except (sympy.SympifyError, TypeError):
+                return dims.value(t.expr)
+            except DimParseError:
                 return None
         return None
 
@@ -177,10 +187,10 @@ def _compare(node: Node, v: Value, got: Any, dims: _Dims) -> list[str]:
                     f"but the op produces {fmt(got.dtype, list(got.shape))}"]
     elif isinstance(t, SymType) and t.expr is not None and isinstance(got, (int, float)) and not isinstance(got, bool):
         try:
-            want_s = dims(t.expr)
-        except (sympy.SympifyError, TypeError):
+            want_s = dims.value(t.expr)
+        except DimParseError:
             return []
-        if want_s != -1 and not math.isclose(float(got), float(want_s)):
+        if want_s is not None and not math.isclose(float(got), float(want_s)):
             return [f"{_where(node)}: %{v.name} is declared {t} (= {want_s}) but the op produces {got}"]
     return []
 

@@ -30,7 +30,16 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, graph_tokenizer
+from lowbit.errors import LowbitError
+from lowbit.calibration.data import (
+    DEFAULT_CALIBRATION_TEXT,
+    calibration_ids,
+    calibration_tensor,
+    check_default_tokenizer,
+    check_vocabulary,
+    given_windows,
+    graph_tokenizer,
+)
 from lowbit.calibration.engine import CalibrationError, resolve_device, static_batch
 from lowbit.ir.graph import Graph
 
@@ -39,6 +48,11 @@ class PassOptions(BaseModel):
     """Base of every pass's options: unknown keys are errors, values are checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    def input_files(self) -> list[tuple[str, str]]:
+        """(option, path) of every file the pass will read, checked when the pipeline is parsed (before the
+        model is loaded): a typo in a path must not cost a model load and a capture."""
+        return []
 
 
 class ScopedOptions(PassOptions):
@@ -65,8 +79,11 @@ class CalibrationOptions(PassOptions):
     """The calibration data of a pass that runs text through the model block by block (GPTQ, AWQ, AutoRound,
     SmoothQuant, static activation scales): one set of names, defaults and checks for all of them."""
 
-    calib: str = DEFAULT_CALIBRATION_TEXT
-    """Calibration text: a shipped text name or any file path."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, arbitrary_types_allowed=True)
+
+    calib: str | torch.Tensor = DEFAULT_CALIBRATION_TEXT
+    """Calibration data: a shipped text name, a text file, a ``.safetensors`` file of token ids, or (Python API)
+    a tensor of token ids — ``[n, L]`` windows used as they are, or a 1-D stream cut like a text."""
     calib_n: int = Field(default=32, ge=1)
     """Calibration sequences (the shipped text has 117 windows of 512; give a longer file for more)."""
     calib_len: int = Field(default=512, ge=2)
@@ -82,6 +99,22 @@ class CalibrationOptions(PassOptions):
     """Where calibration runs (``cuda``: block runs and statistics on the GPU); unset: where the params are.
     The graph's params, and what the pass computes for them, stay on their device either way."""
 
+    @field_validator("calib")
+    @classmethod
+    def _calib_ids(cls, calib: str | torch.Tensor) -> str | torch.Tensor:
+        """A tensor must be integer token ids, ``[n, L]`` windows or a 1-D stream (checked when the pass is built)."""
+        if isinstance(calib, torch.Tensor):
+            given_windows(calib if calib.dim() != 1 else calib[:2], 1, 2, "calib")  # ValueError: dtype or shape
+        return calib
+
+    def input_files(self) -> list[tuple[str, str]]:
+        from lowbit.data import TEXTS
+
+        files = [] if isinstance(self.calib, torch.Tensor) or self.calib in TEXTS else [("calib", self.calib)]
+        if self.tokenizer not in (None, "smollm2", "minilm"):
+            files.append(("tokenizer", self.tokenizer))
+        return files
+
     def torch_device(self, pass_name: str) -> torch.device | None:
         """``device`` as a torch device (None: where the params are), or a PassError naming the option."""
         try:
@@ -90,12 +123,22 @@ class CalibrationOptions(PassOptions):
             raise PassError(f"pass {pass_name}: option device={self.device!r}: {exc}") from None
 
     def token_ids(self, graph: Graph, pass_name: str) -> torch.Tensor:
-        """The ``[calib_n, calib_len]`` calibration windows, tokenized as ``graph``'s model reads text."""
-        tok = graph_tokenizer(graph, self.tokenizer)
+        """The ``[calib_n, calib_len]`` calibration windows, tokenized as ``graph``'s model reads text (or the
+        token ids given), every id checked against the model's vocabulary."""
+        shown = _fmt(self.calib) if isinstance(self.calib, torch.Tensor) else repr(self.calib)
         try:
-            return calibration_ids(self.calib, tok, self.calib_n, self.calib_len)
+            given = calibration_tensor(self.calib)
+            if given is not None:
+                ids, source = given_windows(given, self.calib_n, self.calib_len, shown), "the given token ids"
+            else:
+                check_default_tokenizer(graph, self.tokenizer)
+                tok = graph_tokenizer(graph, self.tokenizer)
+                ids = calibration_ids(self.calib, tok, self.calib_n, self.calib_len)
+                source = f"tokenizer {getattr(tok, 'name_or_path', '') or type(tok).__name__!r}"
+            check_vocabulary(ids, graph, source)
+            return ids
         except (ValueError, FileNotFoundError) as exc:
-            raise PassError(f"pass {pass_name}: option calib={self.calib!r}: {exc}") from None
+            raise PassError(f"pass {pass_name}: option calib={shown}: {exc}") from None
 
     def batch_size_for(self, graph: Graph) -> int:
         """``batch_size``, unless ``graph`` was captured with a static batch: it can take no other."""
@@ -163,7 +206,12 @@ class Pass:
     """Ops this pass may add to the graph (checked against the backend before the pipeline runs)."""
 
     def __init__(self, **options: Any) -> None:
-        self.options = self.Options(**options)
+        import pydantic
+
+        try:
+            self.options = self.Options(**options)
+        except pydantic.ValidationError as exc:
+            raise options_error(self.name, exc) from None
 
     def run(self, graph: Graph) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
@@ -183,7 +231,7 @@ class Pass:
         items = sorted(self.options.model_dump().items(),
                        key=lambda kv: 2 if kv[0] in CalibrationOptions.model_fields else int(kv[0] == "modules"))
         diffs = [
-            f"{k}={_fmt(v)}" for k, v in items if getattr(defaults, k, None) != v
+            f"{k}={_fmt(v)}" for k, v in items if isinstance(v, torch.Tensor) or getattr(defaults, k, None) != v
         ] if _all_defaulted(self.Options) else [f"{k}={_fmt(v)}" for k, v in items]
         return f"{self.name}({','.join(diffs)})" if diffs else self.name
 
@@ -196,6 +244,8 @@ def _all_defaulted(options: type[PassOptions]) -> bool:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, torch.Tensor):  # calibration ids given in Python: shown, not replayable as text
+        return f"<tensor {list(v.shape)} {str(v.dtype).removeprefix('torch.')}>"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (list, tuple)):
@@ -205,8 +255,34 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-class PassError(ValueError):
+class PassError(LowbitError, ValueError):
     """A pipeline or pass cannot run as asked; the message names the pass, option or node."""
+
+
+class PassFileError(PassError):
+    """A file a pass option names (calibration text, tokenizer, quantization config) is missing or unreadable:
+    the CLI exits 3 (a file problem), not 2 (a typo in the pipeline)."""
+
+
+def options_error(pass_name: str, exc: Any) -> PassError:
+    """A pydantic ``ValidationError`` of a pass's options as one ``PassError`` naming the pass and each option; a
+    semantic check that raised a ``PassError`` itself keeps its message (and its type: ``PassFileError``)."""
+    msgs = []
+    for err in exc.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, PassError):
+            return type(cause)(str(cause))
+        loc = ".".join(str(x) for x in err["loc"]) or "(options)"
+        msg = f"option {loc}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
+        bound = next(((op, v) for k, op in _BOUNDS.items() if err["type"] == k
+                      for v in (err.get("ctx") or {}).values()), None)
+        if bound is not None:
+            msg += f"; option {loc}={err.get('input')} must be {bound[0]} {bound[1]}"
+        msgs.append(msg)
+    return PassError(f"pass {pass_name}: " + "; ".join(msgs))
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
 REGISTRY: dict[str, type[Pass]] = {}

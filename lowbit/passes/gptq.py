@@ -23,14 +23,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lowbit.calibration.weights import SITE_KINDS, Rounding, WeightCalibrationError, calibrate_weights
 from lowbit.ir.graph import Graph
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, QScheme, QuantConfig
 from lowbit.ir.quant import get_qdtype
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
-from lowbit.passes.insert_qdq import plan
+from lowbit.passes.insert_qdq import NonFinitePolicy, plan
 
 __all__ = ["WeightCalibrationOptions", "GPTQOptions", "GPTQ", "run_weight_calibration", "rounding", "SITE_KINDS"]
 
@@ -51,8 +51,25 @@ class WeightCalibrationOptions(CalibrationOptions, ScopedOptions):
     explicit sym=false with fp8 is an error."""
     keep: list[str] = []
     """Extra module globs kept float (added to the default lm_head and embeddings)."""
+    nonfinite: NonFinitePolicy = "error"
+    """A weight holding NaN/inf: ``error`` refuses naming the parameter and the row; ``keep-float`` leaves that
+    linear float (listed in the stats as ``kept_float_nonfinite``)."""
     calib_n: int = Field(default=64, ge=1)
     """Calibration sequences (the shipped text has 117 windows of 512; give a longer file for more)."""
+
+    @field_validator("w")
+    @classmethod
+    def _known_qdtype(cls, w: str) -> str:
+        get_qdtype(w)  # ValueError naming the known ones
+        return w
+
+    @field_validator("sites", check_fields=False)
+    @classmethod
+    def _known_sites(cls, sites: list[str]) -> list[str]:
+        bad = sorted(set(sites) - set(SITE_KINDS))
+        if bad:
+            raise ValueError(f"unknown site(s) {bad}; known: {', '.join(SITE_KINDS)}")
+        return sites
 
 
 class GPTQOptions(WeightCalibrationOptions):
@@ -115,17 +132,20 @@ def run_weight_calibration(graph: Graph, o: WeightCalibrationOptions, r: Roundin
     cfg, _ = _config(o, pass_name)
     extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
     try:
-        p = plan(graph, cfg, o.group_fallback, extra, scope=o.in_scope)
+        p = plan(graph, cfg, o.group_fallback, extra, scope=o.in_scope, nonfinite=o.nonfinite, pass_name=pass_name)
     except PassError as exc:
         raise PassError(str(exc).replace("pass quantize:", f"pass {pass_name}:", 1)) from None
     if not p.weights:
         raise PassError(f"pass {pass_name}: no linear to quantize (every linear is kept float)")
     ids = o.token_ids(graph, pass_name)
     try:
-        return calibrate_weights(graph, p.weights, ids, r, batch_size=o.batch_size_for(graph), device=device,
-                                 progress=o.progress, caller=f"pass {pass_name}")
+        stats = calibrate_weights(graph, p.weights, ids, r, batch_size=o.batch_size_for(graph), device=device,
+                                  progress=o.progress, caller=f"pass {pass_name}")
     except WeightCalibrationError as exc:
         raise PassError(str(exc)) from None
+    if p.kept_nonfinite:
+        stats["kept_float_nonfinite"] = p.kept_nonfinite
+    return stats
 
 
 def rounding(method: Literal["gptq", "awq"], pass_name: str, **settings: Any) -> Rounding:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from lowbit.calibration.observers import make_observer
 from lowbit.ir.graph import Graph, Node, TensorType, Value
@@ -63,6 +63,20 @@ def _is_view(node: Node) -> bool:
         start, end, step = node.arg(2, "start", None), node.arg(3, "end", None), node.arg(4, "step", 1)
         return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2**62)) and step in (1, None)
     return False
+
+
+NonFinitePolicy = Literal["error", "keep-float"]
+
+
+def nonfinite_problem(w: torch.Tensor) -> str | None:
+    """Where ``w`` holds NaN or inf (count, first row and column), or None when every value is finite."""
+    bad = ~torch.isfinite(w)
+    if not bool(bad.any()):
+        return None
+    idx = bad.nonzero()[0].tolist()
+    kinds = [k for k, m in (("nan", torch.isnan(w)), ("inf", torch.isinf(w))) if bool(m.any())]
+    at = f"row {idx[0]}" + (f", column {idx[1]}" if len(idx) > 1 else "")
+    return f"{int(bad.sum())} non-finite value(s) ({'/'.join(kinds)}), the first at {at}"
 
 
 class InsertQDQOptions(CalibrationOptions, ScopedOptions):
@@ -106,8 +120,34 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
     """First tokens kept unquantized (the attention sink)."""
     keep: list[str] = []
     """Extra module globs kept float (added to the default lm_head and embeddings)."""
+    nonfinite: NonFinitePolicy = "error"
+    """A weight holding NaN/inf: ``error`` refuses naming the parameter and the row; ``keep-float`` leaves that
+    linear float (listed in the stats as ``kept_float_nonfinite``)."""
     config: str | None = None
     """Path of a JSON ``QuantConfig`` (per-module rules); exclusive with w/a/kv."""
+
+    def input_files(self) -> list[tuple[str, str]]:
+        files = [("config", self.config)] if self.config is not None else []
+        return files + (super().input_files() if self.a_static else [])
+
+    @model_validator(mode="after")
+    def _semantics(self) -> InsertQDQOptions:
+        """qdtype names, fp8 symmetry and the rest of what ``config_from_options`` checks, when the pipeline is
+        parsed: ``quantize(w=int5)`` fails before the model is loaded (the config file is read at run time)."""
+        import os
+
+        from lowbit.passes.base import PassFileError
+
+        if self.config is None:
+            config_from_options(self)
+        elif os.path.isfile(self.config):
+            try:
+                config_from_options(self)
+            except PassError:
+                raise
+            except (ValueError, OSError) as exc:
+                raise PassFileError(f"pass quantize: option config={self.config!r}: {exc}") from None
+        return self
 
 
 def config_from_options(o: InsertQDQOptions) -> QuantConfig:
@@ -334,10 +374,10 @@ def _mask_is_causal(graph: Graph, mask: Value) -> bool:
     comparisons), so its nodes are run on all-ones inputs at the capture-time sequence length: a causal mask
     allows nothing above the diagonal, a padding-only (encoder) mask allows everything.
     """
-    import sympy
     from torch.utils import _pytree as pytree
 
     from lowbit.ir.ops import resolve
+    from lowbit.ir.symexpr import eval_dim
 
     needed: set[int] = {id(mask)}
     nodes = []
@@ -350,7 +390,10 @@ def _mask_is_causal(graph: Graph, mask: Value) -> bool:
     for v in graph.inputs:
         if id(v) in needed:
             t = v.tensor_type
-            shape = [d if isinstance(d, int) else int(sympy.sympify(d).subs(hints)) for d in t.shape]
+            shape = [eval_dim(d, hints) for d in t.shape]
+            if any(d is None for d in shape):
+                raise PassError(f"pass quantize: input %{v.name} has shape {t} with a symbol the graph does not "
+                                "declare; cannot probe attention mask %" + mask.name)
             env[id(v)] = torch.ones(shape, dtype=t.dtype)
     try:
         for n in reversed(nodes):
@@ -476,15 +519,19 @@ class QuantizePlan:
     weights: list[WeightPlan] = field(default_factory=list)
     inputs: list[tuple[Node, QScheme]] = field(default_factory=list)
     attention: list[Node] = field(default_factory=list)
+    kept_nonfinite: list[str] = field(default_factory=list)
+    """Modules left float because their weight holds NaN/inf (``nonfinite="keep-float"``)."""
 
 
 def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
-         extra_patterns: Sequence[tuple[str, str]] = (), scope: Callable[[str], bool] | None = None) -> QuantizePlan:
+         extra_patterns: Sequence[tuple[str, str]] = (), scope: Callable[[str], bool] | None = None,
+         nonfinite: NonFinitePolicy = "error", pass_name: str = "quantize") -> QuantizePlan:
     """Resolve ``cfg`` against the graph; every error (bad pattern, group, weight) is raised before any change.
 
     ``extra_patterns`` are (where, glob) pairs the user wrote outside the config (the ``keep`` option): like
     the config's own rules, each must match a linear's module. ``scope`` (the ``modules`` option) limits the
-    linears and attention nodes changed to those whose module it accepts.
+    linears and attention nodes changed to those whose module it accepts. A weight with NaN/inf would give NaN
+    scales and an all-NaN model; ``nonfinite`` says whether that refuses the pass or keeps the linear float.
     """
     linears = [n for n in graph.nodes if n.op == "linear"]
     in_scope = scope if scope is not None else (lambda module: True)
@@ -505,6 +552,14 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
                                 "stored weights can be quantized (keep it float with keep=...)")
             if w.tensor_type.rank != 2:
                 raise PassError(f"pass quantize: weight @{w.name} of linear %{n.name} is {w.type}, not [out, in]")
+            problem = nonfinite_problem(w.data) if w.data is not None else None
+            if problem is not None:
+                if nonfinite == "keep-float":
+                    p.kept_nonfinite.append(n.module or n.name)
+                    continue
+                raise PassError(f"pass {pass_name}: weight @{w.name} of linear %{n.name} (module {n.module!r}) has "
+                                f"{problem}; quantizing it would make the model NaN. Fix the checkpoint, or keep "
+                                "that linear float with nonfinite=keep-float (or keep=MODULE)")
             p.weights.append(WeightPlan(n, ws, _check_group(n, w, ws, group_fallback)))
         if xs is not None:
             x = n.args[0]
@@ -528,9 +583,10 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
 def quantize_graph(graph: Graph, cfg: QuantConfig, *, group_fallback: int | None = None,
                    calibration: dict[str, Any] | None = None,
                    extra_patterns: Sequence[tuple[str, str]] = (),
-                   scope: Callable[[str], bool] | None = None) -> dict[str, Any]:
+                   scope: Callable[[str], bool] | None = None,
+                   nonfinite: NonFinitePolicy = "error") -> dict[str, Any]:
     """Apply ``cfg`` to ``graph`` in place (only to modules ``scope`` accepts); returns the pass's statistics."""
-    p = plan(graph, cfg, group_fallback, extra_patterns, scope)
+    p = plan(graph, cfg, group_fallback, extra_patterns, scope, nonfinite)
     bytes_before = graph.param_bytes()
     users = graph.users()
     w_float = w_quant = 0
@@ -573,6 +629,8 @@ def quantize_graph(graph: Graph, cfg: QuantConfig, *, group_fallback: int | None
     }
     if calib_stats:
         stats["calibration"] = calib_stats
+    if p.kept_nonfinite:
+        stats["kept_float_nonfinite"] = p.kept_nonfinite
     return stats
 
 
@@ -598,9 +656,11 @@ class InsertQDQ(Pass):
         calibration = {"text": o.calib, "n": o.calib_n, "seq_len": o.calib_len, "tokenizer": o.tokenizer,
                        "observer": o.a_obs, "progress": o.progress, "batch_size": o.batch_size_for(graph),
                        "device": o.torch_device(self.name)}
+        if o.a_static or isinstance(o.calib, torch.Tensor):  # token ids checked against the vocabulary
+            calibration["ids"] = o.token_ids(graph, self.name)
         extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
         stats = quantize_graph(graph, cfg, group_fallback=o.group_fallback, calibration=calibration,
-                               extra_patterns=extra, scope=o.in_scope)
+                               extra_patterns=extra, scope=o.in_scope, nonfinite=o.nonfinite)
         changed = bool(stats["weights_quantized"] or stats["inputs_quantized"] or stats["kv_qdq_chains"])
         return PassResult(changed, stats)
 

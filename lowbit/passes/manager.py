@@ -18,12 +18,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-import pydantic
 
+from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
 from lowbit.ir.printer import print_graph
 from lowbit.ir.verifier import VerificationError, verify
-from lowbit.passes.base import Pass, PassError, closest, get_pass
+from lowbit.passes.base import Pass, PassError, PassFileError, closest, get_pass
 
 
 # ---- pipeline text -------------------------------------------------------------------------------
@@ -89,30 +89,46 @@ def parse_pipeline(text: str) -> list[Pass]:
                 if key not in cls.Options.model_fields:
                     raise PassError(f"pass {name} has no option {key!r}{closest(key, fields)}; "
                                     f"options are: {', '.join(fields) or 'none'}")
+                if key in options:
+                    raise PassError(f"pass {name}: option {key!r} is given twice in {item.strip()!r}; give it "
+                                    "once (the last would silently win)")
                 options[key] = _parse_value(value)
         passes.append(build_pass(cls, options))
     check_order(passes)
+    check_input_files(passes)
     return passes
 
 
-_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+def check_input_files(passes: Sequence[Pass]) -> None:
+    """Every file any pass of the pipeline reads exists and is readable, checked before the first pass (and
+    before the model is loaded): ``PassFileError`` names the pass, the option and the path."""
+    import os
+
+    from lowbit.passes.base import PassFileError
+
+    for p in passes:
+        for option, path in p.options.input_files():
+            where = f"pass {p.name}: option {option}={path!r}"
+            full = os.path.expanduser(path)
+            if not os.path.exists(full):
+                raise PassFileError(f"{where}: no such file or directory")
+            if os.path.isfile(full) and not os.access(full, os.R_OK):
+                raise PassFileError(f"{where}: the file is not readable")
+            if option == "tokenizer" and not os.path.isdir(full):
+                raise PassFileError(f"{where}: a tokenizer is 'smollm2', 'minilm' or a tokenizer directory")
+            if option == "calib" and os.path.isdir(full):
+                raise PassFileError(f"{where}: is a directory; give a text file or a .safetensors of token ids")
 
 
 def build_pass(cls: type[Pass], options: dict[str, Any]) -> Pass:
-    """``cls(**options)``; a bad option is a ``PipelineSpecError`` naming the pass, the option and the rule."""
+    """``cls(**options)``; a bad option is a ``PipelineSpecError`` naming the pass, the option and the rule (a
+    missing file stays a ``PassFileError``: exit 3, not 2)."""
     try:
         return cls(**options)
-    except pydantic.ValidationError as exc:
-        msgs = []
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "(options)"
-            msg = f"option {loc}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
-            bound = next(((op, v) for k, op in _BOUNDS.items() if err["type"] == k
-                          for v in (err.get("ctx") or {}).values()), None)
-            if bound is not None:
-                msg += f"; option {loc}={err.get('input')} must be {bound[0]} {bound[1]}"
-            msgs.append(msg)
-        raise PipelineSpecError(f"pass {cls.name}: " + "; ".join(msgs)) from None
+    except PassFileError:
+        raise
+    except PassError as exc:
+        raise PipelineSpecError(str(exc)) from None
 
 
 def check_order(passes: Sequence[Pass]) -> None:
@@ -203,7 +219,7 @@ class PrintIR(Instrument):
             self.stream.write(f"// ----- IR after {record.spec} -----\n{self._text(graph)}")
 
 
-class PipelineError(RuntimeError):
+class PipelineError(LowbitError, RuntimeError):
     """A pass failed or left invalid IR; names the pass and carries the IR from before it."""
 
     def __init__(self, message: str, record: PassRecord, graph_before: Graph | None) -> None:

@@ -48,7 +48,7 @@ class SmoothQuantOptions(CalibrationOptions):
     """False: a graph with no place to fold scales (a post-norm encoder such as MiniLM, whose norms also feed
     the residual) is left as it is, with a warning and ``sites: 0`` in the stats, instead of an error. Recipes
     set it so that ``w8a8`` runs on any model."""
-    samples: int = 4096
+    samples: int = Field(default=4096, ge=1)
     """Search: tokens kept per site (evenly spread over the calibration batches)."""
 
 

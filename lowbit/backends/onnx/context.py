@@ -22,10 +22,11 @@ import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
 
+from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph, Node, SymType, TensorType, Value
 
 
-class OnnxLoweringError(RuntimeError):
+class OnnxLoweringError(LowbitError, RuntimeError):
     """The graph cannot be lowered to ONNX; ``problems`` lists every node that failed, with op and module."""
 
     def __init__(self, problems: list[str], missing_ops: Sequence[str] = ()) -> None:

@@ -15,11 +15,13 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from lowbit.errors import LowbitError
+
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Initializer bytes above which a model is saved with external data (protobuf's hard limit is 2 GiB)."""
 
 
-class OnnxFileError(ValueError):
+class OnnxFileError(LowbitError, ValueError):
     """An ONNX file (or its external data) is missing, truncated, corrupted or not a valid model."""
 
 

@@ -32,6 +32,7 @@ from lowbit.backends.tensorrt.engine import (
 )
 from lowbit.backends.tensorrt.engine_file import EngineFileError, EngineHeader, read_engine, write_engine
 from lowbit.backends.tensorrt.qdq_rules import RULES, Violation, check_tensorrt_qdq, errors
+from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 
-class TensorRTQDQError(ValueError):
+class TensorRTQDQError(LowbitError, ValueError):
     """The exported ONNX breaks TensorRT's explicit-quantization rules; ``violations`` lists each."""
 
     def __init__(self, violations: list[Violation]) -> None:

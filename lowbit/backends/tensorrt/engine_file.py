@@ -18,12 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowbit.errors import LowbitError
+
 MAGIC = b"LOWBIT-TRT"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<10sHQ")  # magic, format version, header length
 
 
-class EngineFileError(ValueError):
+class EngineFileError(LowbitError, ValueError):
     """A TensorRT engine file is missing, truncated, corrupted, or was built by another TensorRT version."""
 
 

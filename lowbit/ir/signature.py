@@ -1,0 +1,111 @@
+"""Check a call's inputs against what a graph declares, before any backend runs it.
+
+A captured graph states its inputs (``%input_ids: i64[s0,s1]``), the range each symbol was captured for
+(``symbol s1 in [2, 8192]``) and, through its embedding nodes, how many rows an id may index. A call outside
+that contract (3-D ids, an empty sequence, batch 0, an id past the vocabulary, float ids) would otherwise fail
+deep inside attention with a message about some intermediate, or produce garbage; here it fails at the door
+with a message naming the input. Every backend calls ``InputChecker`` so all of them accept and refuse the
+same calls (integer ids of another width are converted, as ONNX Runtime's feeds always were).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.ir.graph import Graph, TensorType
+from lowbit.ir.symexpr import eval_dim
+
+_EMBEDDING_OPS = ("embedding", "aten.embedding.default")
+
+
+class InputError(LowbitError, ValueError):
+    """A call's input does not match the graph's declared input; the message names the input."""
+
+
+def _is_int(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+class InputChecker:
+    """The graph's input contract, computed once; ``__call__`` checks (and converts) one call's inputs."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.names = [v.name for v in graph.inputs]
+        self.types = [v.type for v in graph.inputs]
+        # torch.export reports 2 as the lower bound of a dim declared from 0 or 1 (it reasons about sizes 0 and 1
+        # apart, "0/1 specialization"), yet the graph it traced runs at 1: accept 1, refuse only empty dims
+        self.symbols = {name: (1 if s.min is not None and s.min <= 2 else s.min, s.max)
+                        for name, s in graph.symbols.items()}
+        self.vocab: dict[int, list[tuple[str, int]]] = {}
+        """input index -> (embedding weight name, rows) of every embedding that reads that input directly."""
+        index = {id(v): i for i, v in enumerate(graph.inputs)}
+        for node in graph.nodes:
+            if node.op not in _EMBEDDING_OPS or len(node.args) < 2:
+                continue
+            weight, ids = node.args[0], node.args[1]
+            i = index.get(id(ids))
+            rows = weight.type.shape[0] if isinstance(getattr(weight, "type", None), TensorType) else None
+            if i is not None and isinstance(rows, int):
+                self.vocab.setdefault(i, []).append((weight.name, rows))
+
+    def __call__(self, args: Sequence[Any]) -> tuple[Any, ...]:
+        if len(args) != len(self.names):
+            raise InputError(f"the graph takes {len(self.names)} input(s) ({', '.join(self.names)}), got {len(args)}")
+        out: list[Any] = []
+        bound: dict[str, tuple[int, str, int]] = {}
+        for name, t, a in zip(self.names, self.types, args):
+            if not isinstance(t, TensorType):
+                out.append(a)
+                continue
+            where = f"input %{name} (declared {t})"
+            if not isinstance(a, torch.Tensor):
+                raise InputError(f"{where}: expected a tensor, got {type(a).__name__}")
+            if a.dim() != len(t.shape):
+                raise InputError(f"{where}: expected {len(t.shape)} dims, got {a.dim()} (shape {tuple(a.shape)})")
+            if a.dtype != t.dtype:
+                if not (_is_int(a.dtype) and _is_int(t.dtype)):
+                    raise InputError(f"{where}: expected dtype {t.dtype}, got {a.dtype}")
+                if a.numel() and (int(a.min()) < torch.iinfo(t.dtype).min or int(a.max()) > torch.iinfo(t.dtype).max):
+                    raise InputError(f"{where}: {a.dtype} values do not fit {t.dtype}")
+                a = a.to(t.dtype)
+            for i, (d, n) in enumerate(zip(t.shape, a.shape)):
+                if isinstance(d, int):
+                    if d != n:
+                        raise InputError(f"{where}: dim {i} is {n}, the graph takes exactly {d}")
+                elif d in self.symbols:
+                    lo, hi = self.symbols[d]
+                    if (lo is not None and n < lo) or (hi is not None and n > hi):
+                        raise InputError(f"{where}: dim {i} ({d}) is {n}, outside the range "
+                                         f"[{lo if lo is not None else '?'}, {hi if hi is not None else '?'}] the "
+                                         "graph was captured for")
+                    if d in bound and bound[d][0] != n:
+                        raise InputError(f"{where}: dim {i} ({d}) is {n}, but input %{bound[d][1]} dim {bound[d][2]} "
+                                         f"({d}) is {bound[d][0]}: they must be equal")
+                    bound.setdefault(d, (n, name, i))
+            out.append(a)
+        values = {k: v[0] for k, v in bound.items()}
+        for name, t, a in zip(self.names, self.types, out):
+            if not isinstance(t, TensorType):
+                continue
+            for i, d in enumerate(t.shape):
+                if isinstance(d, str) and d not in self.symbols:
+                    want = eval_dim(d, values)
+                    if want is not None and want != a.shape[i]:
+                        raise InputError(f"input %{name} (declared {t}): dim {i} ({d}) is {a.shape[i]}, the other "
+                                         f"inputs make it {want}")
+        for i, embeddings in self.vocab.items():
+            a = out[i]
+            if not a.numel():
+                continue
+            lo, hi = int(a.min()), int(a.max())
+            for weight, rows in embeddings:
+                if lo < 0 or hi >= rows:
+                    bad = lo if lo < 0 else hi
+                    pos = tuple((a == bad).nonzero()[0].tolist())
+                    raise InputError(f"input %{self.names[i]}: id {bad} at position {pos} is outside the "
+                                     f"vocabulary of embedding @{weight} ({rows} rows: ids 0..{rows - 1})")
+        return tuple(out)

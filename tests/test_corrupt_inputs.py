@@ -1,0 +1,170 @@
+"""Corrupt inputs exit 3 naming the file (never a traceback, never exit 1), and corrupt cache entries are rebuilt.
+
+Every fixture is small and made in tmp_path: a truncated copy of the first bytes of the shipped GGUF, JSON
+garbage, a tiny random Llama, a cut-off safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lowbit.cli.artifacts import save_graph
+from lowbit.cli.main import app
+from lowbit.errors import CorruptFileError
+from lowbit.ir.parser import parse_graph
+
+SAFE = """\
+graph tiny(%x: f32[2,s0,8]) {
+  symbol s0 in [1, 64] hint 4
+  param @proj.weight: f32[16,8]
+  %y: f32[2,s0,16] = linear(%x, @proj.weight)  # proj
+  return %y
+}
+"""
+
+
+def invoke(*args: object, code: int):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, (res.exit_code, res.output, res.exception)
+    return " ".join(res.output.split())
+
+
+def _gguf_prefix(n: int) -> bytes:
+    from lowbit.models import smollm2_gguf_path
+
+    with open(smollm2_gguf_path(), "rb") as fh:
+        return fh.read(n)
+
+
+@pytest.mark.parametrize("name, make, fragment", [
+    ("truncated.gguf", lambda: _gguf_prefix(200_000), "truncated or corrupt GGUF"),
+    ("header.gguf", lambda: _gguf_prefix(4) + b"\xff" * 60 + _gguf_prefix(4096)[64:], "truncated or corrupt GGUF"),
+    ("tiny.gguf", lambda: b"GGUF", "truncated or corrupt GGUF"),
+    ("text.gguf", lambda: b'{"model_type": "llama"}', "is not a GGUF file"),
+])
+def test_corrupt_gguf_exits_3_naming_the_file(tmp_path, monkeypatch, name, make, fragment):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / name
+    path.write_bytes(make())
+    out = invoke("compile", path, "--pipeline", "dce", code=3)
+    assert name in out and fragment in out
+    assert not list((tmp_path / "cache").glob("gguf-*"))  # no half-built cache entry
+
+
+def _tiny_llama_dir(directory: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                               max_position_embeddings=64)
+    cfg.architectures = ["LlamaForCausalLM"]
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("garbage", "config.json' is not valid JSON"),
+    ("not-a-config", "has no 'model_type'"),
+    ("weightless", "no weights"),
+    ("truncated-weights", "model.safetensors' is not a readable safetensors file"),
+])
+def test_corrupt_model_directory_exits_3_naming_the_file(tmp_path, case, fragment):
+    d = _tiny_llama_dir(tmp_path / "model")
+    if case == "garbage":
+        (d / "config.json").write_bytes(b"\x00\xffnot json{")
+    elif case == "not-a-config":
+        (d / "config.json").write_text("[1, 2, 3]")
+    elif case == "weightless":
+        (d / "model.safetensors").unlink()
+    else:
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out = invoke("compile", d, "--pipeline", "dce", code=3)
+    assert fragment in out
+
+
+@pytest.mark.parametrize("command", ["inspect", "graph", "replay"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not-utf8-ir"])
+def test_corrupt_artifacts_exit_3_in_inspect_graph_replay(tmp_path, command, damage):
+    d = tmp_path / "art"
+    d.mkdir()
+    g = parse_graph(SAFE, {"proj.weight": torch.randn(16, 8)})
+    if command == "replay":
+        save_graph(g, d, "before.lowbit", "before.safetensors")
+        (d / "reproducer.json").write_text(json.dumps({"ir": "before.lowbit", "params": "before.safetensors",
+                                                       "replay_pipeline": "dce"}))
+        params, ir = d / "before.safetensors", d / "before.lowbit"
+    else:
+        save_graph(g, d)
+        params, ir = d / "params.safetensors", d / "model.lowbit"
+    if damage == "truncated":
+        params.write_bytes(params.read_bytes()[:-100])
+    elif damage == "garbage":
+        params.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
+    else:
+        ir.write_bytes(b"\xff\xfe\x00graph")
+    out = invoke(command, d, code=3)
+    assert (params.name if damage != "not-utf8-ir" else ir.name) in out
+    assert "safetensors" in out or "UTF-8" in out
+
+
+def test_corrupt_reproducer_manifest_exits_3(tmp_path):
+    (tmp_path / "reproducer.json").write_text("{not json")
+    assert "not valid JSON" in invoke("replay", tmp_path, code=3)
+    (tmp_path / "reproducer.json").write_text('{"ir": 3}')
+    assert "'ir'" in invoke("replay", tmp_path, code=3)
+
+
+def test_corrupt_token_cache_entry_is_rebuilt_with_a_warning(tmp_path, monkeypatch, minilm):
+    from lowbit.eval.perplexity import token_ids
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text("lowbit refuses corrupt files and rebuilds its cache. " * 20)
+    tok = minilm[1]
+    ids = token_ids(text, tok)
+    for entry in (tmp_path / "cache" / "tokens").glob("*.pt"):
+        entry.write_bytes(entry.read_bytes()[:20])
+    with pytest.warns(UserWarning, match="corrupt.*rebuilding"):
+        again = token_ids(text, tok)
+    assert torch.equal(ids, again)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(token_ids(text, tok), ids)  # the rebuilt entry is trusted again
+
+
+def test_corrupt_model_cache_entry_is_rebuilt_with_a_warning(tmp_path, monkeypatch, minilm):
+    """The float cache built from a GGUF: a damaged model.safetensors is removed and rebuilt, not fatal."""
+    from lowbit import models
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    builds = []
+
+    def build(gguf: Path, tmp: Path) -> None:  # stands in for the 25 s GGUF dequantization
+        builds.append(gguf)
+        _tiny_llama_dir(tmp)
+        minilm[1].save_pretrained(tmp)
+
+    monkeypatch.setattr(models, "_build_float_cache", build)
+    monkeypatch.setattr(models, "check_gguf", lambda path: None)
+    gguf = tmp_path / "m.gguf"
+    model, _ = models._load_cached_causal_lm(gguf, "entry", torch.float32)
+    weights = tmp_path / "cache" / "entry" / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="entry.*corrupt.*rebuilding"):
+        again, _ = models._load_cached_causal_lm(gguf, "entry", torch.float32)
+    assert len(builds) == 2 and weights.stat().st_size == size
+    ids = torch.tensor([[1, 2, 3]])
+    assert again(ids).logits.shape == (1, 3, 128)
+
+
+def test_corrupt_file_error_names_the_file():
+    err = CorruptFileError("/x/params.safetensors", "is truncated")
+    assert "/x/params.safetensors" in str(err) and isinstance(err, ValueError)

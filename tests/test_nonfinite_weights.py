@@ -1,0 +1,69 @@
+"""A NaN/inf weight is refused naming the parameter and the row (or, asked for, that linear stays float);
+GPTQ's numerical failures name the linear. On a real 1-layer SmolLM2 slice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.passes.base import PassError
+from lowbit.passes.manager import parse_pipeline
+
+from conftest import smollm2_slice
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def slice_graph(smollm2):
+    from lowbit.ir.capture import capture
+
+    wrapper = smollm2_slice(smollm2[0], 1)
+    graph = capture(wrapper, (torch.ones(2, 16, dtype=torch.long),))
+    graph.meta["tokenizer"] = smollm2[1]
+    return graph
+
+
+def _poisoned(graph, name: str, row: int, col: int, value: float):
+    g = graph.clone()
+    w = g.params[name].data.clone()
+    w[row, col] = value
+    g.set_param(name, w)
+    return g
+
+
+@pytest.mark.parametrize("value, kind", [(float("nan"), "nan"), (float("inf"), "inf")])
+def test_quantize_refuses_a_nonfinite_weight_naming_parameter_and_row(slice_graph, value, kind):
+    g = _poisoned(slice_graph, Q_PROJ, 7, 11, value)
+    with pytest.raises(PassError) as info:
+        parse_pipeline("quantize(w=int4,group=64)")[0].run(g)
+    msg = str(info.value)
+    assert f"@{Q_PROJ}" in msg and "row 7, column 11" in msg and kind in msg and "nonfinite=keep-float" in msg
+    assert not any(n.op == "dequantize" for n in g.nodes)  # refused before any change
+
+
+def test_keep_float_option_leaves_only_that_linear_float(slice_graph):
+    g = _poisoned(slice_graph, Q_PROJ, 0, 0, float("nan"))
+    (p,) = parse_pipeline("quantize(w=int4,group=64,nonfinite=keep-float)")
+    assert p.options.nonfinite == "keep-float"
+    stats = p.run(g).stats
+    assert stats["kept_float_nonfinite"] == ["model.layers.0.self_attn.q_proj"]
+    q = next(n for n in g.nodes if n.op == "linear" and n.module == "model.layers.0.self_attn.q_proj")
+    assert q.args[1].is_param and q.args[1].name == Q_PROJ  # float weight, no dequantize in front
+    assert stats["weights_quantized"] == sum(1 for n in slice_graph.nodes if n.op == "linear") - 2  # lm_head too
+    with pytest.raises(PassError, match="nonfinite"):
+        parse_pipeline("quantize(w=int4,nonfinite=skip)")
+
+
+def test_gptq_refuses_a_nonfinite_weight_and_names_the_linear_on_bad_hessians(slice_graph):
+    g = _poisoned(slice_graph, Q_PROJ, 3, 0, float("nan"))
+    spec = "gptq(w=int4,group=64,calib_n=2,calib_len=32,progress=false)"
+    with pytest.raises(PassError, match=rf"pass gptq: weight @{Q_PROJ}.*row 3"):
+        parse_pipeline(spec)[0].run(g)
+    # a NaN in a float (kept) weight upstream reaches GPTQ as NaN activations: the error names the linears
+    g = slice_graph.clone()
+    norm = g.params["model.layers.0.input_layernorm.weight"].data.clone()
+    norm[5] = float("nan")
+    g.set_param("model.layers.0.input_layernorm.weight", norm)
+    with pytest.raises(PassError, match=r"pass gptq: linear\(s\) model\.layers\.0\.self_attn\.(q|k|v)_proj"):
+        parse_pipeline(spec)[0].run(g)

@@ -1,0 +1,62 @@
+"""Calibrating a user's own model: its directory's tokenizer is used, a tokenizer of another vocabulary is refused
+by name, and token ids can be given directly (a tensor or a .safetensors file). Tiny random Llamas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import lowbit
+from lowbit.passes.base import PassError
+
+GPTQ = "gptq(w=int4,group=32,calib_n=2,calib_len=16,progress=false)"
+
+
+def tiny_llama(vocab: int) -> torch.nn.Module:
+    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                               max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_tokenizer_comes_from_the_model_directory(tmp_path, minilm):
+    tok = minilm[1]
+    tiny_llama(len(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    compiled = lowbit.compile_model(model, pipeline=GPTQ)
+    assert compiled.tokenizer is not None and compiled.tokenizer.name_or_path == str(tmp_path)
+    assert compiled.report.pipeline.records[0].stats["weights_quantized"] == 7
+
+
+def test_a_model_without_its_tokenizer_is_refused_before_calibrating():
+    with pytest.raises(Exception) as info:
+        lowbit.compile_model(tiny_llama(128), pipeline=GPTQ)
+    assert "no tokenizer for this model (its embedding has 128 rows" in str(info.value)
+
+
+def test_a_tokenizer_of_another_vocabulary_is_refused_by_name():
+    with pytest.raises(Exception) as info:
+        lowbit.compile_model(tiny_llama(128), pipeline=GPTQ.replace("progress", "tokenizer=minilm,progress"))
+    msg = str(info.value)
+    assert "outside the model's vocabulary of 128" in msg and "tokenizer" in msg
+
+
+def test_calibration_token_ids_from_a_tensor_or_a_safetensors_file(tmp_path):
+    model = tiny_llama(128)
+    ids = torch.randint(0, 128, (2, 16))
+    compiled = lowbit.compile_model(model, pipeline=GPTQ, calib=ids)
+    stats = compiled.report.pipeline.records[0].stats
+    assert stats["calib_tokens"] == 32 and stats["weights_quantized"] == 7
+    assert "calib=<tensor [2, 16] int64>" in compiled.report.pipeline.records[0].spec
+
+    save_file({"input_ids": torch.randint(0, 128, (500,))}, str(tmp_path / "ids.safetensors"))
+    spec = GPTQ.replace("progress", f"calib={tmp_path / 'ids.safetensors'},progress")
+    assert lowbit.compile_model(model, pipeline=spec).report.pipeline.records[0].stats["calib_tokens"] == 32
+
+    with pytest.raises(Exception, match="the given token ids produces id 300, outside the model's vocabulary of 128"):
+        lowbit.compile_model(model, pipeline=GPTQ, calib=torch.full((2, 16), 300))
+    with pytest.raises(PassError, match="must be integers"):
+        lowbit.compile_model(model, pipeline=GPTQ, calib=torch.rand(2, 16))

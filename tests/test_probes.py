@@ -1,0 +1,148 @@
+"""The probes of issue 16 as a table: each bad input, the exit code ``lowbit --help`` documents for it, and a
+fragment of the message. Rows marked ``before_load`` must fail before any model is loaded (loading raises
+here), so a typo never costs a load, a capture or a GPTQ run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lowbit.cli import common
+from lowbit.cli.common import Exit
+from lowbit.cli.main import app
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model load fails the test: the probe must be refused before."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was found")
+
+    monkeypatch.setattr(common, "_MODELS", {})
+    monkeypatch.setattr("lowbit.models.load_model", refuse)
+
+
+def run(args: list[object]) -> tuple[int, str]:
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res.exit_code, " ".join(res.output.split())
+
+
+def _files(tmp: Path) -> dict[str, Path]:
+    (tmp / "a_file").write_text("x")
+    (tmp / "empty.json").write_text(json.dumps({"keep_float": ["no.such.module*"]}))
+    return {"FILE": tmp / "a_file", "UNDER_FILE": tmp / "a_file" / "out", "OVERRIDES": tmp / "empty.json",
+            "TMP": tmp}
+
+
+BEFORE_LOAD = [
+    # semantic option checks: exit 2 (options)
+    (["compile", "smollm2:2", "-p", "quantize(w=int5)"], Exit.USAGE, "unknown qdtype 'int5'"),
+    (["compile", "smollm2:2", "-p", "gptq(damp=0)"], Exit.USAGE, "option damp: Input should be greater than 0"),
+    (["compile", "smollm2:2", "-p", "gptq(block_size=0)"], Exit.USAGE, "option block_size"),
+    (["compile", "smollm2:2", "-p", "smooth-quant(alpha=1.5)"], Exit.USAGE, "option alpha"),
+    (["compile", "smollm2:2", "-p", "awq(sites=[norm;nope])"], Exit.USAGE, "unknown site(s) ['nope']"),
+    (["compile", "smollm2:2", "-p", "quantize(w=fp8e4m3,sym=false)"], Exit.USAGE, "symmetric only"),
+    (["compile", "smollm2:2", "-p", "quantize(w=int4,w=int8)"], Exit.USAGE, "option 'w' is given twice"),
+    (["compile", "smollm2:2", "-p", "quantize(w=int4,nonfinite=maybe)"], Exit.USAGE, "option nonfinite"),
+    # missing files named by pass options: exit 3 (files), every pass of the pipeline checked
+    (["compile", "smollm2:2", "-p", "fold-norms,gptq(calib=/no/such/text.txt)"], Exit.NOT_FOUND,
+     "pass gptq: option calib='/no/such/text.txt': no such file"),
+    (["compile", "smollm2:2", "-p", "gptq(w=int4),quantize(config=/no/cfg.json)"], Exit.NOT_FOUND,
+     "option config='/no/cfg.json': no such file"),
+    (["compile", "smollm2:2", "-p", "smooth-quant(tokenizer=/no/tok),quantize(w=int8,a=int8)"], Exit.NOT_FOUND,
+     "option tokenizer='/no/tok'"),
+    # output paths: a file where a directory goes is a bad argument, an unwritable place a file problem
+    (["compile", "smollm2:2", "-p", "dce", "--out", "FILE"], Exit.USAGE, "exists and is not a directory"),
+    (["compile", "smollm2:2", "-p", "dce", "--out", "UNDER_FILE"], Exit.NOT_FOUND, "is not a directory"),
+    (["compile", "smollm2:2", "-p", "dce", "--out", "/proc/lowbit-out"], Exit.NOT_FOUND, "cannot be written"),
+    (["compile", "smollm2:2", "-p", "dce", "--reproducer", "FILE"], Exit.USAGE, "--reproducer"),
+    (["debug", "compare", "smollm2:2", "-p", "dce", "--json", "TMP"], Exit.USAGE, "is a directory"),
+    (["debug", "bisect", "smollm2:2", "-p", "dce", "--json", "UNDER_FILE"], Exit.NOT_FOUND, "cannot be written"),
+    (["debug", "sensitivity", "smollm2:2", "--out", "/proc/x.json"], Exit.NOT_FOUND, "cannot be written"),
+    (["graph", "/no/such.lowbit", "--out", "/proc/x.html"], Exit.NOT_FOUND, "cannot be written"),
+]
+
+
+@pytest.mark.parametrize("args, code, fragment", BEFORE_LOAD, ids=[" ".join(a[:4]) for a, _, _ in BEFORE_LOAD])
+def test_probe_refused_before_loading_the_model(tmp_path, no_model_load, args, code, fragment):
+    files = _files(tmp_path)
+    got, out = run([files.get(a, a) if isinstance(a, str) else a for a in args])
+    assert got == int(code), out
+    assert fragment in out, out
+
+
+# ---- python -m lowbit ---------------------------------------------------------------------------
+
+MAIN_PROBES = [
+    (["--seq-len", "1"], Exit.USAGE, "--seq-len 1"),
+    (["--windows", "-1"], Exit.USAGE, "--windows -1"),
+    (["--text", "/no/such/text.txt"], Exit.NOT_FOUND, "no such file"),
+    (["--recipe", "nope"], Exit.USAGE, "unknown recipe 'nope'"),
+    (["--recipe", "w4a16-gptq", "--pipeline", "dce"], Exit.USAGE, "not allowed with argument"),
+    (["--pipeline", "quantize(w=int5)"], Exit.USAGE, "unknown qdtype 'int5'"),
+    (["--pipeline", "gptq(calib=/no/calib.txt)"], Exit.NOT_FOUND, "option calib='/no/calib.txt'"),
+    (["--model", "/no/such/model", "--pipeline", "dce"], Exit.NOT_FOUND, "no such file or directory"),
+    (["--model", "smollm2:0", "--pipeline", "dce"], Exit.USAGE, "at least 1"),
+]
+
+
+@pytest.mark.parametrize("argv, code, fragment", MAIN_PROBES, ids=[" ".join(a) for a, _, _ in MAIN_PROBES])
+def test_main_job_probes_exit_with_documented_codes_before_any_float_run(capsys, monkeypatch, argv, code, fragment):
+    from lowbit.__main__ import main
+
+    monkeypatch.setattr("lowbit.eval.perplexity", lambda *a, **k: pytest.fail("perplexity ran"))
+    if "/no/such/model" not in argv and "smollm2:0" not in argv:
+        monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    try:
+        got = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        got = exc.code
+    err = " ".join(capsys.readouterr().err.split())
+    assert got == int(code), err
+    assert fragment in err, err
+
+
+def test_main_job_runs_on_a_slice(capsys):
+    """``--model smollm2:2`` (a slice, as the CLI takes it) runs end to end and prints both perplexities."""
+    from lowbit.__main__ import main
+
+    assert main(["--model", "smollm2:2", "--pipeline", "fold-norms,dce", "--windows", "1", "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2:2 with pipeline 'fold-norms,dce': perplexity" in out and "ratio 1.0000" in out
+
+
+# ---- probes that need the model (they are about the model) ------------------------------------------
+
+AFTER_LOAD = [
+    (["compile", "smollm2:2", "-p", "quantize(w=int4,group=64)", "--overrides", "OVERRIDES"], Exit.USAGE,
+     "keep_float glob 'no.such.module*' matches no linear module"),
+    (["compile", "smollm2:2", "-p", "quantize(w=int4,keep=[no.such.*])"], Exit.PIPELINE,
+     "option keep[0] 'no.such.*' matches no linear module"),
+]
+
+
+@pytest.mark.parametrize("args, code, fragment", AFTER_LOAD, ids=[" ".join(a[:5]) for a, _, _ in AFTER_LOAD])
+def test_probe_silent_no_ops_are_errors(tmp_path, args, code, fragment):
+    files = _files(tmp_path)
+    got, out = run([files.get(a, a) if isinstance(a, str) else a for a in args])
+    assert got == int(code), out
+    assert fragment in out, out
+
+
+def test_every_probe_code_is_one_lowbit_help_documents(capsys):
+    """``lowbit --help`` is the one source of truth: ``python -m lowbit --help`` prints the same contract, and
+    every code the probe tables expect is in it."""
+    from lowbit.__main__ import main
+    from lowbit.cli.common import EXIT_CODES_HELP
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert " ".join(EXIT_CODES_HELP.split()) in " ".join(capsys.readouterr().out.split())
+    for _, code, _ in BEFORE_LOAD + MAIN_PROBES + AFTER_LOAD:
+        assert f"{int(code)} " in EXIT_CODES_HELP

@@ -1,0 +1,265 @@
+"""Untrusted artefacts never run code: planted ops, dimension expressions and reproducer paths are refused
+before anything executes, through the API and through every CLI command that reads a file.
+
+Each attack writes a marker file if it runs; every test asserts the marker never appears.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lowbit.cli.artifacts import save_graph
+from lowbit.cli.main import app
+from lowbit.errors import LowbitError, UntrustedInputError
+from lowbit.ir.graph import TensorType
+from lowbit.ir.ops import UnknownOpError, check_op, resolve
+from lowbit.ir.parser import IRParseError, parse_graph
+from lowbit.ir.symexpr import DimParseError, eval_dim, parse_dim
+from lowbit.ir.verifier import VerificationError, verify
+
+SAFE = """\
+graph tiny(%x: f32[2,s0,8]) {
+  symbol s0 in [1, 64] hint 4
+  param @proj.weight: f32[16,8]
+  %y: f32[2,s0,16] = linear(%x, @proj.weight)  # proj
+  return %y
+}
+"""
+WEIGHTS = {"proj.weight": torch.randn(16, 8)}
+
+
+def planted_ops(marker: Path) -> dict[str, str]:
+    """IR texts whose one extra node would create ``marker`` (or read a file) if lowbit ran it."""
+    cmd = json.dumps(f"touch {marker}")
+    node = "  %z: ? = {op}({arg})\n  return %y\n"
+    cases = {
+        "torch.os.system": cmd,
+        "builtins.eval": json.dumps(f"__import__('os').system('touch {marker}')"),
+        "os.system": cmd,
+        "torch._C._get_tracing_state": "",
+        "operator.methodcaller": json.dumps("system"),
+        "math.os.system": cmd,
+        "aten.from_file.default": json.dumps(str(marker)),  # a real ATen op that reads files: not allowlisted
+        "torch.ops.aten.add.Tensor": "%x, %x",
+    }
+    return {op: SAFE.replace("  return %y\n", node.format(op=op, arg=arg)) for op, arg in cases.items()}
+
+
+def planted_dims(marker: Path) -> list[str]:
+    """IR texts whose dimension strings would run code under ``sympy.sympify``."""
+    payload = json.dumps(f"import os; os.system('touch {marker}')")
+    return [
+        SAFE.replace("%y: f32[2,s0,16]", f"%y: f32[2,exec({payload}),16]"),
+        SAFE.replace("%x: f32[2,s0,8]", '%x: f32[2,__import__("os"),8]'),
+        SAFE.replace("%x: f32[2,s0,8]", f"%x: f32[2,__import__('os').system('touch {marker}'),8]"),
+        SAFE.replace("  return %y\n", f"  %s: sym(exec({payload})) = aten.sym_size.int(%x, 1)\n  return %y\n"),
+    ]
+
+
+def test_safe_ir_parses_verifies_and_runs():
+    from lowbit.backends.torch_backend import TorchCompiled
+
+    g = parse_graph(SAFE, WEIGHTS)
+    verify(g)
+    x = torch.randn(2, 3, 8)
+    assert torch.equal(TorchCompiled(g)(x), torch.nn.functional.linear(x, WEIGHTS["proj.weight"]))
+
+
+@pytest.mark.parametrize("op", list(planted_ops(Path("m"))))
+def test_parser_refuses_planted_ops_with_line_and_caret(tmp_path, op):
+    marker = tmp_path / "marker"
+    text = planted_ops(marker)[op]
+    with pytest.raises(IRParseError) as info:
+        parse_graph(text, WEIGHTS)
+    msg = str(info.value)
+    assert "line 5" in msg and op in msg and "^" in msg
+    caret_line, src_line = msg.splitlines()[-1], msg.splitlines()[-2]
+    assert src_line[caret_line.index("^"):].startswith(op)  # the caret points at the op name
+    assert isinstance(info.value, LowbitError)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("op", ["torch.os.system", "builtins.eval", "aten.from_file.default", "torch.load",
+                                "operator.attrgetter", "math.__loader__", "prims.device_put.default"])
+def test_resolve_and_verifier_refuse_planted_ops_built_through_the_api(tmp_path, op):
+    """A Graph built in Python (not parsed) is checked again where ops are looked up: resolve, verify, lower."""
+    from lowbit.backends.torch_backend import LoweringError, TorchCompiled
+
+    marker = tmp_path / "marker"
+    assert check_op(op) is not None
+    with pytest.raises(UnknownOpError, match="allowlist|unknown op"):
+        resolve(op)
+    g = parse_graph(SAFE, WEIGHTS)
+    node = g.make_node(op, [f"touch {marker}"], type=None)
+    g.insert_after(g.nodes[-1], node)
+    with pytest.raises(VerificationError, match="unknown op|allowlist"):
+        verify(g)
+    with pytest.raises(LoweringError):
+        TorchCompiled(g)
+    assert not marker.exists()
+
+
+def test_registered_and_allowlisted_ops_resolve():
+    assert resolve("linear") is not None and resolve("quantize") is not None
+    assert resolve("aten.add.Tensor") is torch.ops.aten.add.Tensor
+    assert resolve("operator.floordiv")(7, 2) == 3
+    with pytest.raises(TypeError, match="takes numbers"):
+        resolve("operator.mul")("x" * 8, 10**12)  # a file cannot make lowbit build a huge string
+    assert check_op("aten.add.Tensor") is None and check_op("rms_norm") is None
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_parser_refuses_code_in_dimension_strings(tmp_path, index):
+    marker = tmp_path / "marker"
+    text = planted_dims(marker)[index]
+    with pytest.raises(IRParseError, match="line \\d+"):
+        parse_graph(text, WEIGHTS)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("dim", ["__import__('os').system('touch {m}')", "exec('1')", "s0.__class__", "s0; 1",
+                                 "lambda: 1", "s0 ** 2", "1e9", "s0 // 0", "", "(((s0)", "s0[0]",
+                                 "Max(s0)", "getattr(s0, 'x')"])
+def test_dimension_grammar_refuses_everything_but_arithmetic(tmp_path, dim):
+    marker = tmp_path / "marker"
+    with pytest.raises(DimParseError):
+        parse_dim(dim.format(m=marker))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("dim, value", [("s0", 5), ("2*s0", 10), ("(s1//2)", 3), ("s0+s1-1", 11),
+                                        ("s1 % 4", 3), ("ceiling(s0/2)", 3), ("Max(1, s0-7)", 1),
+                                        ("-s0 + 8", 3), ("FloorDiv(s1, 4)", 1)])
+def test_dimension_grammar_reads_what_capture_prints(dim, value):
+    assert eval_dim(dim, {"s0": 5, "s1": 7}) == value
+    assert eval_dim(dim, {}) is None
+
+
+def test_verifier_and_quantize_probe_refuse_code_in_api_built_dims(tmp_path):
+    """Dims set in Python bypass the parser; the verifier's evaluator is the same grammar."""
+    marker = tmp_path / "marker"
+    g = parse_graph(SAFE, WEIGHTS)
+    g.inputs[0].type = TensorType(torch.float32, (2, f"__import__('os').system('touch {marker}')", 8))
+    with pytest.raises(DimParseError):
+        verify(g)
+    assert not marker.exists()
+
+
+# ---- reproducer paths ---------------------------------------------------------------------------
+
+def _reproducer(tmp_path: Path, ir_text: str = SAFE, **manifest: str) -> Path:
+    d = tmp_path / "repro"
+    d.mkdir()
+    (d / "before.lowbit").write_text(ir_text)
+    from safetensors.torch import save_file
+
+    save_file(WEIGHTS, str(d / "before.safetensors"))
+    data = {"ir": "before.lowbit", "params": "before.safetensors", "replay_pipeline": "dce",
+            "versions": {"lowbit": "0.1.0"}}
+    data.update(manifest)
+    (d / "reproducer.json").write_text(json.dumps(data))
+    return d
+
+
+def invoke(*args: str, code: int):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, (res.exit_code, res.output, res.exception)
+    return res
+
+
+def test_clean_reproducer_replays(tmp_path):
+    assert "no longer reproduces" in invoke("replay", _reproducer(tmp_path), code=0).output
+
+
+@pytest.mark.parametrize("key", ["ir", "params"])
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "sub/../../outside.lowbit"])
+def test_reproducer_paths_are_confined(tmp_path, key, path):
+    from lowbit.cli.reproducer import confined
+
+    d = _reproducer(tmp_path, **{key: path})
+    with pytest.raises(UntrustedInputError, match="leaves the reproducer directory"):
+        confined(d, path, key)
+    out = invoke("replay", d, code=3).output
+    assert "leaves the reproducer directory" in out and key in out
+
+
+def test_reproducer_symlink_out_of_its_directory_is_refused(tmp_path):
+    outside = tmp_path / "secret.lowbit"
+    outside.write_text(SAFE)
+    d = _reproducer(tmp_path, ir="link.lowbit")
+    os.symlink(outside, d / "link.lowbit")
+    assert "outside the reproducer directory" in invoke("replay", d, code=3).output
+
+
+def test_replay_refuses_planted_op_before_running_anything(tmp_path):
+    marker = tmp_path / "marker"
+    d = _reproducer(tmp_path, planted_ops(marker)["torch.os.system"])
+    out = invoke("replay", d, code=3).output
+    assert "torch.os.system" in out and "line 5" in out
+    assert not marker.exists()
+
+
+def test_replay_refuses_planted_dimension(tmp_path):
+    marker = tmp_path / "marker"
+    d = _reproducer(tmp_path, planted_dims(marker)[0])
+    assert "dimension" in invoke("replay", d, code=3).output
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("attack", ["op", "dim"])
+@pytest.mark.parametrize("command", ["inspect", "graph"])
+def test_inspect_and_graph_refuse_planted_model_lowbit(tmp_path, attack, command):
+    marker = tmp_path / "marker"
+    out_dir = tmp_path / "compiled"
+    out_dir.mkdir()
+    save_graph(parse_graph(SAFE, WEIGHTS), out_dir)
+    text = planted_ops(marker)["torch.os.system"] if attack == "op" else planted_dims(marker)[0]
+    (out_dir / "model.lowbit").write_text(text)
+    out = invoke(command, out_dir, code=3).output
+    assert "model.lowbit" in out and "not valid lowbit IR" in out
+    assert not marker.exists() and not (out_dir / "model.html").exists()
+
+
+def test_loading_a_planted_model_lowbit_to_run_it_is_refused(tmp_path):
+    """The path a user takes to run a saved graph: load_graph, then lower to a backend."""
+    from lowbit.cli.artifacts import load_graph
+
+    marker = tmp_path / "marker"
+    save_graph(parse_graph(SAFE, WEIGHTS), tmp_path)
+    (tmp_path / "model.lowbit").write_text(planted_ops(marker)["builtins.eval"])
+    with pytest.raises(IRParseError, match="builtins.eval"):
+        load_graph(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_allowlist_covers_what_capture_emits_on_tiny_random_models(arch, minilm):
+    """The allowlist is a survey (tools/aten_allowlist.py); this re-checks two architectures on every run so a
+    torch upgrade that changes what capture emits fails here, not in a user's `lowbit inspect`."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from lowbit.api import _default_example
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits, SentenceEmbedder
+
+    tok = None
+    if arch == "llama":
+        cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=64)
+        model = CausalLMLogits(AutoModelForCausalLM.from_config(cfg)).eval()
+    else:
+        tok = minilm[1]
+        cfg = AutoConfig.for_model("bert", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, vocab_size=tok.vocab_size, max_position_embeddings=128)
+        model = SentenceEmbedder(AutoModel.from_config(cfg)).eval()
+    example, dynamic = _default_example(model, tok)
+    for raise_ops in (True, False):
+        ops = {n.op for n in capture(model, example, dynamic, raise_ops=raise_ops).nodes}
+        assert {op: check_op(op) for op in ops if check_op(op) is not None} == {}
