@@ -158,6 +158,9 @@ def capture_model(model: LoadedModel) -> Any:
         example, dynamic = _default_example(model.module, model.tokenizer)
         graph = capture(model.module, example, dynamic)
         graph.meta["tokenizer"] = model.tokenizer
+        from lowbit.api import describe_source
+
+        graph.meta["source"] = describe_source(model.module)
         _GRAPHS[model.spec] = graph
     return _GRAPHS[model.spec].clone()
 
