@@ -25,7 +25,7 @@ from typing import Any
 
 from lowbit.checkpoint.files import CheckpointError, atomic_checkpoint_dir, verify_manifest, write_manifest
 
-__all__ = ["save", "load", "FORMATS", "CheckpointError"]
+__all__ = ["save", "load", "FORMATS", "CheckpointError", "write_checkpoint_files"]
 
 FORMATS = ("compressed-tensors", "gptq", "lowbit")
 IR_FILE = "model.lowbit"
@@ -58,19 +58,30 @@ def save(compiled: Any, directory: str | os.PathLike[str], format: str = "compre
     if actorder is None:
         actorder = _gptq_actorder(compiled)
     with atomic_checkpoint_dir(directory, overwrite=overwrite) as tmp:
-        if format == "lowbit":
-            info = _save_lowbit(graph, tmp, tokenizer)
-        elif format == "compressed-tensors":
-            from lowbit.checkpoint.hf import save_compressed_tensors
-
-            info = save_compressed_tensors(graph, tmp, tokenizer=tokenizer, config=config, kind=kind,
-                                           actorder=actorder)
-        else:
-            from lowbit.checkpoint.hf import save_gptq
-
-            info = save_gptq(graph, tmp, tokenizer=tokenizer, config=config, kind=kind)
+        info = write_checkpoint_files(graph, tmp, format, tokenizer=tokenizer, config=config, kind=kind,
+                                      actorder=actorder)
         write_manifest(tmp, format, {"lowbit": info})
     return directory
+
+
+def write_checkpoint_files(graph: Any, directory: Path, format: str, *, tokenizer: Any = None, config: Any = None,
+                           kind: str | None = None, actorder: str | None = None) -> dict[str, Any]:
+    """Write ``graph``'s files for ``format`` into an existing directory (no manifest); returns what was written.
+
+    ``save`` wraps this in a temporary directory and adds the manifest; ``lowbit compile --format`` adds its
+    report first."""
+    if format == "lowbit":
+        return _save_lowbit(graph, directory, tokenizer)
+    if format == "compressed-tensors":
+        from lowbit.checkpoint.hf import save_compressed_tensors
+
+        return save_compressed_tensors(graph, directory, tokenizer=tokenizer, config=config, kind=kind,
+                                       actorder=actorder)
+    if format == "gptq":
+        from lowbit.checkpoint.hf import save_gptq
+
+        return save_gptq(graph, directory, tokenizer=tokenizer, config=config, kind=kind)
+    raise ValueError(f"unknown checkpoint format {format!r}; known: {', '.join(FORMATS)}")
 
 
 def _gptq_actorder(compiled: Any) -> str | None:

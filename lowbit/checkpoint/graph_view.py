@@ -214,6 +214,11 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
             continue
         if node.op in QDQ_OPS:
             continue
+        if node.op in ("embedding", "aten.embedding.default") and f"{node.module}.weight" in hf_keys:
+            table = node.args[0]  # named by module: a tied table may carry the head's name (lm_head.weight)
+            if isinstance(table, Value) and table.is_param:
+                _put(view, f"{node.module}.weight", table.data, node)
+                used.add(table.name)
         for v in node.inputs():
             if v.is_param and v.name not in used:
                 if v.name not in hf_keys:

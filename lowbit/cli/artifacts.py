@@ -47,8 +47,11 @@ def load_graph(path: Path) -> tuple[Any, bool]:
     """
     from lowbit.ir.parser import parse_graph
 
+    from lowbit.checkpoint.files import verify_manifest
+
     path = Path(path)
     if path.is_dir():
+        verify_manifest(path)  # a directory lowbit wrote: its files' SHA-256 first
         path = path / IR_FILE
     params_path = path.with_name(PARAMS_FILE)
     if path.name != IR_FILE:

@@ -24,10 +24,14 @@ def _read_lowbit(path: Path) -> tuple[Any, bool]:
     from lowbit.cli.artifacts import load_graph
     from lowbit.ir.parser import IRParseError
 
+    from lowbit.checkpoint.files import CheckpointError
+
     try:
         return load_graph(path)
     except IRParseError as exc:
         fail(f"{str(path)!r} is not valid lowbit IR: {exc}", Exit.USAGE)
+    except CheckpointError as exc:
+        fail(str(exc), Exit.NOT_FOUND)
 
 
 def _resolve(file: Path) -> tuple[Path, str]:
