@@ -70,8 +70,8 @@ SCHEMES = {
 }
 
 
-@pytest.mark.parametrize("scheme", [pytest.param(s, marks=SLOW) if s in ("w4a16-channel-sym", "w8a16-channel-sym")
-                                    else s for s in SCHEMES])
+@pytest.mark.parametrize("scheme", [pytest.param(s, marks=SLOW) if s in ("w4a16-channel-sym", "w8a16-channel-sym",
+                                                                         "w4a16-g64-sym") else s for s in SCHEMES])
 def test_transformers_loads_compressed_tensors(float_slice, tmp_path, scheme):
     pipeline, fmt, tol = SCHEMES[scheme]
     graph = _compiled(float_slice, pipeline)

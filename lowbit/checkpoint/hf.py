@@ -117,6 +117,11 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
             view.tied_lm_head = True
     missing = [k for k in keys if k not in view.tensors and k.rsplit(".", 1)[0] not in view.quantized
                and not (view.tied_lm_head and tied and k == tied[0])]
+    # linears of the HF model the captured forward never runs (BERT's pooler under a sentence embedder): their
+    # weights are not in the graph, so they are listed as ignored (left float) and recorded as not written
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    view.float_linears.extend(sorted(m for m in linears - set(view.quantized) - set(view.float_linears)
+                                     if any(k.startswith(m + ".") for k in missing)))
     return view, (cfg, missing)
 
 
@@ -496,7 +501,8 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None) -> tupl
     if unexpected:
         raise CheckpointError(f"{directory}: tensors {unexpected[:4]} are not parameters of "
                               f"{type(model).__name__} built from config.json")
-    missing = [k for k in result.missing_keys if not _is_tied_key(model, k)]
+    unused = set((manifest or {}).get("lowbit", {}).get("not_in_graph", []))  # never read by the captured forward
+    missing = [k for k in result.missing_keys if not _is_tied_key(model, k) and k not in unused]
     if missing:
         raise CheckpointError(f"{directory}: the checkpoint has no tensor {missing[0]!r} (and {len(missing) - 1} "
                               "more) that the model built from config.json needs")
