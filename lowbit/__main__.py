@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", default="wikitext2-test", help="evaluation text: a shipped name or a file path")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=40, help="number of windows (0 = the whole text)")
+    parser.add_argument("--save", default="lowbit-checkpoint", help="write a compressed-tensors checkpoint here and "
+                        "run it in transformers ('' skips it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -53,7 +55,28 @@ def main(argv: list[str] | None = None) -> int:
           f"ratio {ppl.ppl / float_ppl.ppl:.4f}) on {ppl.n_windows} windows x {args.seq_len} tokens of {args.text}; "
           f"params {compiled.report.param_bytes_before / 2**20:.1f} -> {compiled.report.param_bytes_after / 2**20:.1f} MiB; "
           f"{time.perf_counter() - t0:.0f} s")
+    if args.save:
+        _save_and_check(compiled, args.save, args.text, tokenizer)
     return 0
+
+
+def _save_and_check(compiled: torch.nn.Module, directory: str, text: str, tokenizer: object) -> None:
+    """Save as compressed-tensors, load it with transformers, compare its logits with lowbit's on one window."""
+    import lowbit
+    from lowbit.checkpoint import CheckpointError
+    from lowbit.checkpoint.hf_check import transformers_logits
+    from lowbit.eval.perplexity import token_ids, windows
+
+    try:
+        out = lowbit.save(compiled, directory, format="compressed-tensors")
+    except CheckpointError as exc:
+        print(f"not saved as compressed-tensors: {exc}")
+        return
+    ids = windows(token_ids(text, tokenizer), 128, 1)
+    ours, theirs = compiled(ids), transformers_logits(out, ids)
+    same = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    print(f"saved {out}/ (compressed-tensors); transformers.AutoModelForCausalLM loads it: max |logit diff| vs lowbit "
+          f"{(ours - theirs).abs().max().item():.3g} on 128 tokens, same next-token argmax {same:.1%}")
 
 
 if __name__ == "__main__":
