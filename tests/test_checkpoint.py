@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import lowbit
 from lowbit.api import describe_source
@@ -271,3 +273,35 @@ def test_gptqmodel_loads_gptq(float_slice, tmp_path):
     out = lowbit.save(graph, tmp_path / "gptq", format="gptq")
     logits = _hf_logits(out, ids, device_map="cpu").float()
     assert (logits - ref).abs().max().item() / ref.abs().max().item() < 1e-3
+
+
+# ---- packing invariants -------------------------------------------------------------------------
+
+
+@given(st.sampled_from(["int4", "uint4", "int8", "uint8", "int2", "int3"]), st.integers(1, 6), st.integers(1, 5),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_codes_survive_compressed_tensors_and_gptq_packing(qdtype, rows8, cols8, asym, seed):
+    """lowbit codes → compressed-tensors' signed codes, packed with its pack_to_int32 → unpacked → lowbit codes is
+    the identity, and so is GPTQ's row packing; (q - zp) is unchanged by the signed shift."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from lowbit.checkpoint.graph_view import QuantWeight
+    from lowbit.checkpoint.hf import _ct_tensors, _from_signed, _pack_rows, _unpack_rows
+    from lowbit.ir.quant import get_qdtype
+
+    qd = get_qdtype(qdtype)
+    g = torch.Generator().manual_seed(seed)
+    n, k = 8 * rows8, 8 * cols8
+    codes = torch.randint(int(qd.qmin), int(qd.qmax) + 1, (n, k), generator=g).to(qd.container)
+    zp = torch.randint(int(qd.qmin), int(qd.qmax) + 1, (n, 1), generator=g).to(qd.container) if asym else None
+    qw = QuantWeight("m", qdtype, codes, torch.rand(n, generator=g) + 0.1, zp, None, torch.float32)
+    t = _ct_tensors(qw, "pack-quantized")
+    q = unpack_from_int32(t["weight_packed"], qd.bits, torch.Size([n, k]))
+    z = unpack_from_int32(t["weight_zero_point"], qd.bits, torch.Size([n, 1]), packed_dim=0) if asym else None
+    back, zback = _from_signed(q, z, qdtype)
+    assert torch.equal(back, codes) and (zp is None or torch.equal(zback, zp))
+    if zp is not None:
+        assert torch.equal(q.int() - z.int(), codes.int() - zp.int())
+    if qd.bits in (4, 8):
+        u = (codes.to(torch.int16) - int(qd.qmin)).t().contiguous()
+        assert torch.equal(_unpack_rows(_pack_rows(u, qd.bits), qd.bits), u.to(torch.int64))
