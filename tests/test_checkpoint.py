@@ -69,11 +69,13 @@ SCHEMES = {
     # lowbit (and vLLM's int8 kernels) by 127: the weights are bit-identical, the activations' scales differ by
     # 127/128, which moves logits by up to ~3% of their range
     "w8a8": ("quantize(w=int8,a=int8)", "int-quantized", 0.05),
+    "fp8-fused-qlinear": ("quantize(w=fp8e4m3,a=fp8e4m3),fuse-qlinear", "float-quantized", 0.0),
 }
 
 
 @pytest.mark.parametrize("scheme", [pytest.param(s, marks=SLOW) if s in ("w4a16-channel-sym", "w8a16-channel-sym",
-                                                                         "w4a16-g64-sym") else s for s in SCHEMES])
+                                                                         "w4a16-g64-sym", "fp8-w-a-per-token")
+                                    else s for s in SCHEMES])
 def test_transformers_loads_compressed_tensors(float_slice, tmp_path, scheme):
     pipeline, fmt, tol = SCHEMES[scheme]
     graph = _compiled(float_slice, pipeline)
@@ -115,7 +117,7 @@ def _assert_same_graph(a, b) -> None:
 
 
 @pytest.mark.parametrize("fmt,pipeline", [
-    ("lowbit", "quantize(w=uint4,group=64,sym=false,a=int8,kv=int4)"),
+    ("lowbit", "quantize(w=uint4,group=64,sym=false,a=int8,kv=int4),fuse-qlinear"),
     ("compressed-tensors", "quantize(w=uint4,group=64,sym=false)"),
     pytest.param("compressed-tensors", "quantize(w=int8,a=int8)", marks=SLOW),
     ("gptq", "quantize(w=int4,group=64)"),

@@ -93,6 +93,11 @@ def _source(graph: Graph) -> tuple[Any, str]:
 
 
 def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
+    if any(n.op == "qlinear" for n in graph.nodes):  # fused: HF formats store the unfused QDQ weights
+        from lowbit.ir.fusion import unfuse_qlinear
+
+        graph = graph.clone()
+        unfuse_qlinear(graph)
     model = skeleton(config, kind)
     keys = _hf_keys(model)
     derived = {n for n, _ in model.named_buffers()} - set(keys)
