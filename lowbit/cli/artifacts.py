@@ -51,8 +51,8 @@ def load_graph(path: Path) -> tuple[Any, bool]:
 
     path = Path(path)
     if path.is_dir():
-        verify_manifest(path)  # a directory lowbit wrote: its files' SHA-256 first
         path = path / IR_FILE
+    verify_manifest(path.parent)  # a directory lowbit wrote: its files' SHA-256 first (no manifest: nothing to check)
     params_path = path.with_name(PARAMS_FILE)
     if path.name != IR_FILE:
         alt = path.with_suffix(".safetensors")
