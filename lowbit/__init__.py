@@ -5,7 +5,7 @@ from __future__ import annotations
 from lowbit.api import CompiledModel, CompileReport, compile_model
 from lowbit.version import __version__
 
-__all__ = ["compile_model", "CompiledModel", "CompileReport", "__version__", "export"]
+__all__ = ["compile_model", "CompiledModel", "CompileReport", "__version__", "export", "save", "load"]
 
 
 def export(compiled, path, format: str = "onnx", **kwargs):  # type: ignore[no-untyped-def]
@@ -13,3 +13,17 @@ def export(compiled, path, format: str = "onnx", **kwargs):  # type: ignore[no-u
     from lowbit.export import export as _export
 
     return _export(compiled, path, format=format, **kwargs)
+
+
+def save(compiled, directory, format: str = "compressed-tensors", **kwargs):  # type: ignore[no-untyped-def]
+    """Write a compiled model as a checkpoint: compressed-tensors (vLLM/SGLang/transformers), gptq, or lowbit."""
+    from lowbit.checkpoint import save as _save
+
+    return _save(compiled, directory, format=format, **kwargs)
+
+
+def load(directory, **kwargs):  # type: ignore[no-untyped-def]
+    """A CompiledModel from a checkpoint directory (compressed-tensors, gptq or lowbit); never unpickles."""
+    from lowbit.checkpoint import load as _load
+
+    return _load(directory, **kwargs)

@@ -132,6 +132,17 @@ def own_tokenizer(model: torch.nn.Module) -> Any:
         return None
 
 
+def describe_source(model: torch.nn.Module) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild the HF model a graph was captured from: its config and wrapper kind."""
+    from lowbit.models import CausalLMLogits, SentenceEmbedder
+
+    if isinstance(model, CausalLMLogits):
+        return {"kind": "causal-lm", "config": model.model.config}
+    if isinstance(model, SentenceEmbedder):
+        return {"kind": "encoder", "config": model.encoder.config, "max_seq_length": model.max_seq_length}
+    return {}
+
+
 def resolve_pipeline(pipeline: str | Sequence[Pass] | None, recipe: str | None) -> list[Pass]:
     if pipeline is not None and recipe is not None:
         raise PassError("give either pipeline= or recipe=, not both")
@@ -203,7 +214,7 @@ def compile_graph(graph: Graph, plan: CompilePlan, *, device: str | None = None,
 
     generic: dict[str, int] = {k: v for k, v in graph.op_counts().items() if not is_semantic(k)}
     report = CompileReport(
-        capture={k: v for k, v in graph.meta.items() if k != "tokenizer" and _jsonable(v)},
+        capture={k: v for k, v in graph.meta.items() if k not in ("tokenizer", "source") and _jsonable(v)},
         pipeline=pipeline_report, backend=plan.backend.name, nodes_before=nodes_before,
         nodes_after=len(graph.nodes), param_bytes_before=bytes_before, param_bytes_after=graph.param_bytes(),
         generic_ops=generic, seconds=time.perf_counter() - t0,
@@ -282,6 +293,7 @@ def compile_model(
     if dynamic_shapes == "auto":
         dynamic_shapes = None
     graph = capture(model, example_inputs, dynamic_shapes)
+    graph.meta["source"] = describe_source(model)
     if tokenizer is not None:
         graph.meta["tokenizer"] = tokenizer
     runner, report = compile_graph(graph, plan, device=device, verify=verify, instruments=instruments, started=t0)

@@ -33,7 +33,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     If another process finished the same entry first, its copy is kept and ours is dropped:
     both were built from the same inputs.
     """
+    from lowbit.checkpoint.files import clean_stale_temporaries
+
     final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(final.parent, final.name)  # left by a run that was killed while writing this entry
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp

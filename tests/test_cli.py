@@ -145,6 +145,29 @@ def test_recipe_to_onnxruntime_then_inspect_in_subprocess(tmp_path):
 
 # ---- compile ------------------------------------------------------------------------------------
 
+def test_compile_format_compressed_tensors_loads_in_transformers(compiled_slice, tmp_path):
+    """--format compressed-tensors writes an HF directory; transformers runs the same W4A8 slice (its int8
+    activation scale is range/128 where lowbit's is range/127, hence cosine, not equality)."""
+    from transformers import AutoModelForCausalLM
+
+    import lowbit
+
+    out = tmp_path / "ct"
+    invoke("compile", "smollm2:2", "--pipeline", QUANT, "-o", out, "--format", "compressed-tensors", "-q")
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["format"] == "pack-quantized" and qcfg["config_groups"]["group_0"]["input_activations"]["dynamic"]
+    assert json.loads((out / "lowbit-manifest.json").read_text())["format"] == "compressed-tensors"
+    ids = torch.arange(1, 33)[None, :]
+    ref = lowbit.load(compiled_slice)(ids)  # the lowbit-format output of the same pipeline
+    hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    with torch.no_grad():
+        got = hf(ids).logits
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.999
+    res = invoke("compile", "smollm2:2", "--pipeline", QUANT, "-o", tmp_path / "g", "--format", "gptq", code=5)
+    assert "quantized input activations" in res.output and not (tmp_path / "g").exists()
+    res = invoke("compile", "smollm2:2", "--pipeline", QUANT, "-o", tmp_path / "x", "--format", "compresed", code=2)
+    assert "compressed-tensors" in res.output
+
 @pytest.fixture(scope="module")
 def compiled_slice(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "slice"
@@ -162,8 +185,11 @@ def test_compile_writes_complete_artefact(compiled_slice):
     from lowbit.cli.artifacts import load_graph
     from lowbit.cli.common import load
 
-    assert sorted(p.name for p in compiled_slice.iterdir()) == ["model.lowbit", "params.safetensors", "report.json"]
+    assert sorted(p.name for p in compiled_slice.iterdir()) == [
+        "chat_template.jinja", "config.json", "lowbit-manifest.json", "model.lowbit", "params.safetensors",
+        "report.json", "tokenizer.json", "tokenizer_config.json"]
     report = json.loads((compiled_slice / "report.json").read_text())
+    assert report["files"] == sorted(p.name for p in compiled_slice.iterdir())
     assert report["model"] == "smollm2:2" and report["backend"] == "torch"
     assert [p["name"] for p in report["pipeline"]["passes"]] == ["fold-norms", "dce", "quantize"]
     assert not list(compiled_slice.parent.glob(".slice.*"))  # no temp dirs left beside OUT

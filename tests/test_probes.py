@@ -108,13 +108,20 @@ def test_main_job_probes_exit_with_documented_codes_before_any_float_run(capsys,
     assert fragment in err, err
 
 
-def test_main_job_runs_on_a_slice(capsys):
-    """``--model smollm2:2`` (a slice, as the CLI takes it) runs end to end and prints both perplexities."""
+def test_main_job_runs_on_a_slice(capsys, tmp_path):
+    """``--model smollm2:2`` (a slice, as the CLI takes it) runs end to end, prints both perplexities, saves a
+    compressed-tensors checkpoint and reports transformers' logits on it."""
     from lowbit.__main__ import main
 
-    assert main(["--model", "smollm2:2", "--pipeline", "fold-norms,dce", "--windows", "1", "--seq-len", "32"]) == 0
+    save = tmp_path / "ckpt"
+    assert main(["--model", "smollm2:2", "--recipe", "w4a16-g64", "--windows", "1", "--seq-len", "32",
+                 "--save", str(save)]) == 0
     out = capsys.readouterr().out
-    assert "smollm2:2 with pipeline 'fold-norms,dce': perplexity" in out and "ratio 1.0000" in out
+    assert "smollm2:2 with recipe w4a16-g64: perplexity" in out
+    assert (save / "config.json").is_file() and (save / "lowbit-manifest.json").is_file()
+    line = next(ln for ln in out.splitlines() if "transformers.AutoModelForCausalLM loads it" in ln)
+    diff = float(line.split("max |logit diff| vs lowbit ")[1].split()[0])
+    assert diff < 1e-3, line
 
 
 # ---- probes that need the model (they are about the model) ------------------------------------------

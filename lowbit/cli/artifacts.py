@@ -76,9 +76,12 @@ def load_graph(path: Path) -> tuple[Any, bool]:
 
     Weights come from ``params.safetensors`` beside the IR when present; without it the graph has types only.
     """
+    from lowbit.checkpoint.files import verify_manifest
+
     path = Path(path)
     if path.is_dir():
         path = path / IR_FILE
+    verify_manifest(path.parent)  # a directory lowbit wrote: its files' SHA-256 first (no manifest: nothing to check)
     params_path = path.with_name(PARAMS_FILE)
     if path.name != IR_FILE:
         alt = path.with_suffix(".safetensors")

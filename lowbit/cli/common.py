@@ -160,6 +160,9 @@ def capture_model(model: LoadedModel) -> Any:
         example, dynamic = _default_example(model.module, model.tokenizer)
         graph = capture(model.module, example, dynamic)
         graph.meta["tokenizer"] = model.tokenizer
+        from lowbit.api import describe_source
+
+        graph.meta["source"] = describe_source(model.module)
         _GRAPHS[model.spec] = graph
     return _GRAPHS[model.spec].clone()
 
@@ -227,6 +230,7 @@ def parse(text: str) -> list[Any]:
 def artifact_errors(path: Path) -> Iterator[None]:
     """Turn what reading an artefact can refuse (corrupt file, invalid IR, an op or path lowbit will not run
     from a file) into exit 3 naming the file: the file cannot be read as what it claims to be."""
+    from lowbit.checkpoint.files import CheckpointError
     from lowbit.errors import CorruptFileError, UntrustedInputError
     from lowbit.ir.parser import IRParseError
 
@@ -234,7 +238,7 @@ def artifact_errors(path: Path) -> Iterator[None]:
         yield
     except IRParseError as exc:
         fail(f"{str(path)!r} is not valid lowbit IR: {exc}", Exit.NOT_FOUND)
-    except (CorruptFileError, UntrustedInputError) as exc:
+    except (CorruptFileError, UntrustedInputError, CheckpointError) as exc:
         fail(str(exc) if str(path) in str(exc) else f"{str(path)!r}: {exc}", Exit.NOT_FOUND)
     except OSError as exc:
         fail(f"{str(path)!r} cannot be read: {exc.strerror or exc}", Exit.NOT_FOUND)

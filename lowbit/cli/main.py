@@ -287,6 +287,9 @@ def compile_cmd(
                                              "(repeatable), e.g. keep_packed=true on torch"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (model.lowbit, "
                                        "params.safetensors, report.json); replaced only when the run succeeds"),
+    fmt: str = typer.Option("lowbit", "--format", "-f", help="what -o holds: lowbit (IR text + safetensors), "
+                            "compressed-tensors (an HF directory vLLM/SGLang/transformers load) or gptq (HF GPTQ "
+                            "layout); each with lowbit-manifest.json (SHA-256 of every file)"),
     overrides: Optional[Path] = typer.Option(None, "--overrides", help="override file from `lowbit debug "
                                              "sensitivity` (modules kept float)"),
     print_ir_after_all: bool = typer.Option(False, "--print-ir-after-all", help="print the IR after every pass"),
@@ -336,6 +339,12 @@ def compile_cmd(
     keep = read_overrides(overrides) if overrides is not None else None
     check_output(out, "--out", directory=True)
     check_output(reproducer, "--reproducer", directory=True)
+    from lowbit.checkpoint import FORMATS
+
+    if fmt not in FORMATS:
+        fail(f"unknown --format {fmt!r}{closest(fmt, list(FORMATS))}; known: {', '.join(FORMATS)}", Exit.USAGE)
+    if fmt != "lowbit" and out is None:
+        fail(f"--format {fmt} writes a checkpoint directory: give -o DIR", Exit.USAGE)
 
     loaded = load(model)
     graph = capture_model(loaded)
@@ -370,7 +379,7 @@ def compile_cmd(
     if timing:
         console.print(timing_table(report, rss))
     if out is not None:
-        _write_compile_output(out, graph, compile_report, runner, backend, model, text)
+        _write_compile_output(out, graph, compile_report, runner, backend, model, text, fmt)
     if not quiet:
         console.print(compile_report.summary(), markup=False)
         if out is not None:
@@ -378,20 +387,24 @@ def compile_cmd(
 
 
 def _write_compile_output(out: Path, graph: Any, report: Any, runner: Any, backend: str, model: str,
-                          text: str) -> None:
-    from lowbit.cli.artifacts import save_graph
+                          text: str, fmt: str = "lowbit") -> None:
+    from lowbit.checkpoint import CheckpointError, write_checkpoint_files
+    from lowbit.checkpoint.files import MANIFEST, clean_stale_temporaries, write_manifest
 
+    clean_stale_temporaries(out.expanduser().parent, out.name)
     with atomic_output_dir(out) as tmp:
-        save_graph(graph, tmp)
+        try:
+            info = write_checkpoint_files(graph, tmp, fmt, tokenizer=graph.meta.get("tokenizer"))
+        except CheckpointError as exc:
+            fail(f"cannot write --format {fmt}: {exc}", Exit.BACKEND)
         data = report.to_dict()
         data["model"] = model
         data["pipeline_text"] = text
-        data["files"] = ["model.lowbit", "params.safetensors", "report.json"]
         if backend == "onnxruntime":
-            onnx_file = _export_onnx(runner, graph, report, tmp / "model.onnx")
-            if onnx_file:
-                data["files"].append("model.onnx")
+            _export_onnx(runner, graph, report, tmp / "model.onnx")
+        data["files"] = sorted([p.name for p in tmp.iterdir()] + ["report.json", MANIFEST])
         (tmp / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        write_manifest(tmp, fmt, {"lowbit": info})
 
 
 def _export_onnx(runner: Any, graph: Any, report: Any, path: Path) -> bool:

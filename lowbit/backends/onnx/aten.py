@@ -367,7 +367,7 @@ def _cat(ctx: LoweringContext, node: Node) -> ir.Value:
     return ctx.op("Concat", [ctx.tensor(t, out) for t in parts], {"axis": b["dim"]})
 
 
-@lowering("aten.split_with_sizes.default", "aten.split.Tensor")
+@lowering("aten.split_with_sizes.default", "aten.split.Tensor", "aten.chunk.default")
 def _split(ctx: LoweringContext, node: Node) -> list[ir.Value]:
     b = bind(node)
     x = b["self"]
@@ -375,12 +375,26 @@ def _split(ctx: LoweringContext, node: Node) -> list[ir.Value]:
     if node.op == "aten.split_with_sizes.default":
         sizes = list(b["split_sizes"])
     else:
-        size = b["split_size"]
         total = x.tensor_type.shape[_norm_dim(b["dim"], x.tensor_type.rank)]
+        # chunk(n) splits into pieces of ceil(total / n) (GPT-NeoX's fused qkv, Phi-3's gate_up)
+        size = b["split_size"] if node.op == "aten.split.Tensor" else (
+            -(-total // b["chunks"]) if isinstance(total, int) else None)
         if not isinstance(total, int) or not isinstance(size, int):
             raise NotLowerable("split of a dynamic dimension")
         sizes = [min(size, total - i * size) for i in range(n)]
     return ctx.op("Split", [ctx.v(x), ctx.shape_vector(sizes)], {"axis": b["dim"]}, num_outputs=n)
+
+
+@lowering("aten.conv2d.default")
+def _conv2d(ctx: LoweringContext, node: Node) -> ir.Value:
+    """2-D convolution (a ViT's patch embedding) as ONNX Conv; ``padding`` as explicit pads."""
+    b = bind(node)
+    pad = list(b["padding"]) if not isinstance(b["padding"], str) else None
+    if pad is None:
+        raise NotLowerable(f"conv2d with padding={b['padding']!r}")
+    inputs = [ctx.v(b["input"]), ctx.v(b["weight"])] + ([ctx.v(b["bias"])] if b["bias"] is not None else [])
+    return ctx.op("Conv", inputs, {"strides": list(b["stride"]), "pads": pad + pad, "dilations": list(b["dilation"]),
+                                   "group": int(b["groups"])})
 
 
 @lowering("aten.gather.default")

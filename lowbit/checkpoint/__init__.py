@@ -1,0 +1,177 @@
+"""``lowbit.save`` / ``lowbit.load``: checkpoints other runtimes load, and lowbit's own, read back without pickle.
+
+Formats (``save(compiled, directory, format=...)``):
+
+* ``"compressed-tensors"`` — an HF model directory (``config.json`` with ``quantization_config``, safetensors
+  shards, tokenizer files) in the layouts of the ``compressed-tensors`` package: what vLLM, SGLang and
+  transformers load. See ``lowbit.checkpoint.hf``.
+* ``"gptq"`` — the HF GPTQ layout (``qweight``/``qzeros``/``scales``/``g_idx``), symmetric int4/int8.
+* ``"lowbit"`` — the IR text (``model.lowbit``) and ``params.safetensors``, exactly the compiled graph, whatever
+  passes ran (rotations, KV quantization, anything no HF format expresses).
+
+Every directory gets ``lowbit-manifest.json`` (versions, and SHA-256 and size of every file, verified by ``load``;
+for HF formats other loaders ignore it). Writes go to a hidden temporary sibling renamed into place at the end,
+so a failed save leaves nothing; temporaries left by killed saves are removed by the next save. ``load`` reads
+JSON and safetensors only — never pickle — and builds a ``CompiledModel`` without the source model: the lowbit
+format parses the IR; the HF formats build the model from ``config.json``, capture it and insert the stored
+quantized weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lowbit.checkpoint.files import CheckpointError, atomic_checkpoint_dir, verify_manifest, write_manifest
+
+__all__ = ["save", "load", "FORMATS", "CheckpointError", "write_checkpoint_files"]
+
+FORMATS = ("compressed-tensors", "gptq", "lowbit")
+IR_FILE = "model.lowbit"
+PARAMS_FILE = "params.safetensors"
+
+
+def _graph_and_tokenizer(compiled: Any) -> tuple[Any, Any]:
+    from lowbit.export import graph_of
+
+    graph = graph_of(compiled)
+    tokenizer = getattr(compiled, "tokenizer", None) or graph.meta.get("tokenizer")
+    return graph, tokenizer
+
+
+def save(compiled: Any, directory: str | os.PathLike[str], format: str = "compressed-tensors", *,
+         overwrite: bool = True, config: Any = None, kind: str | None = None,
+         actorder: str | None = None) -> Path:
+    """Write ``compiled`` (a CompiledModel or Graph) to ``directory`` in ``format``; returns the directory.
+
+    ``config``/``kind`` override the HF config and wrapper (``"causal-lm"``/``"encoder"``) recorded at capture.
+    ``actorder="static"`` marks GPTQ act-order weights (contiguous groups) in compressed-tensors' metadata.
+    """
+    if format not in FORMATS:
+        from lowbit.passes.base import closest
+
+        raise ValueError(f"unknown checkpoint format {format!r}{closest(format, list(FORMATS))}; known: "
+                         f"{', '.join(FORMATS)}")
+    graph, tokenizer = _graph_and_tokenizer(compiled)
+    directory = Path(directory)
+    if actorder is None:
+        actorder = _gptq_actorder(compiled)
+    with atomic_checkpoint_dir(directory, overwrite=overwrite) as tmp:
+        info = write_checkpoint_files(graph, tmp, format, tokenizer=tokenizer, config=config, kind=kind,
+                                      actorder=actorder)
+        write_manifest(tmp, format, {"lowbit": info})
+    return directory
+
+
+def write_checkpoint_files(graph: Any, directory: Path, format: str, *, tokenizer: Any = None, config: Any = None,
+                           kind: str | None = None, actorder: str | None = None) -> dict[str, Any]:
+    """Write ``graph``'s files for ``format`` into an existing directory (no manifest); returns what was written.
+
+    ``save`` wraps this in a temporary directory and adds the manifest; ``lowbit compile --format`` adds its
+    report first."""
+    if format == "lowbit":
+        return _save_lowbit(graph, directory, tokenizer)
+    if format == "compressed-tensors":
+        from lowbit.checkpoint.hf import save_compressed_tensors
+
+        return save_compressed_tensors(graph, directory, tokenizer=tokenizer, config=config, kind=kind,
+                                       actorder=actorder)
+    if format == "gptq":
+        from lowbit.checkpoint.hf import save_gptq
+
+        return save_gptq(graph, directory, tokenizer=tokenizer, config=config, kind=kind)
+    raise ValueError(f"unknown checkpoint format {format!r}; known: {', '.join(FORMATS)}")
+
+
+def _gptq_actorder(compiled: Any) -> str | None:
+    """``"static"`` when the compile ran GPTQ with act-order (lowbit keeps its groups contiguous)."""
+    report = getattr(compiled, "report", None)
+    pipeline = getattr(report, "pipeline", None)
+    for r in getattr(pipeline, "records", []) or []:
+        spec = str(getattr(r, "spec", ""))
+        if spec.startswith("gptq") and "act_order=false" not in spec.replace(" ", "").lower():
+            return "static"
+    return None
+
+
+def _save_lowbit(graph: Any, directory: Path, tokenizer: Any) -> dict[str, Any]:
+    import json
+
+    from lowbit.checkpoint.files import write_safetensors
+    from lowbit.ir.printer import print_graph
+
+    (directory / IR_FILE).write_text(print_graph(graph))
+    write_safetensors({n: v.data for n, v in graph.params.items() if v.data is not None}, directory / PARAMS_FILE)
+    src = graph.meta.get("source") or {}
+    info: dict[str, Any] = {"format": "lowbit", "kind": src.get("kind")}
+    if src.get("config") is not None:
+        d = src["config"].to_dict()
+        d.pop("quantization_config", None)
+        (directory / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
+    if src.get("max_seq_length") is not None:
+        info["max_seq_length"] = src["max_seq_length"]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    return info
+
+
+def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: str | None = None) -> Any:
+    """A ``CompiledModel`` from a directory ``save`` wrote (any format), or a compressed-tensors/GPTQ directory
+    another tool wrote. Files listed in ``lowbit-manifest.json`` are checked against their SHA-256 first."""
+    from lowbit.api import CompiledModel, CompileReport, lower
+    from lowbit.passes.manager import PipelineReport
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    manifest = verify_manifest(directory)
+    fmt = (manifest or {}).get("format")
+    if fmt == "lowbit" or (fmt is None and (directory / IR_FILE).is_file()):
+        graph, tokenizer = _load_lowbit(directory, manifest)
+    else:
+        from lowbit.checkpoint.hf import load_hf_checkpoint
+
+        if not (directory / "config.json").is_file():
+            raise CheckpointError(f"{directory}: neither {IR_FILE} nor config.json: not a checkpoint lowbit reads")
+        graph, tokenizer, _ = load_hf_checkpoint(directory, manifest)
+        fmt = fmt or "hf"
+    runner = lower(graph, backend, device)
+    from lowbit.ir.ops import is_semantic
+
+    report = CompileReport(
+        capture={"loaded_from": str(directory), "format": fmt}, pipeline=PipelineReport(f"(loaded {fmt})"),
+        backend=backend, nodes_before=len(graph.nodes), nodes_after=len(graph.nodes),
+        param_bytes_before=graph.param_bytes(), param_bytes_after=graph.param_bytes(),
+        generic_ops={k: v for k, v in graph.op_counts().items() if not is_semantic(k)})
+    return CompiledModel(runner, graph, report, tokenizer)
+
+
+def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any, Any]:
+    from lowbit.checkpoint.files import read_safetensors
+    from lowbit.ir.parser import parse_graph
+
+    if manifest is None:
+        raise CheckpointError(f"{directory}: a lowbit-format checkpoint needs its lowbit-manifest.json (it holds the "
+                              "files' SHA-256)")
+    ir = directory / IR_FILE
+    if not ir.is_file():
+        raise CheckpointError(f"{directory}: {IR_FILE} is missing")
+    params = read_safetensors(directory / PARAMS_FILE)
+    graph = parse_graph(ir.read_text(), params)
+    tokenizer = None
+    if (directory / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        graph.meta["tokenizer"] = tokenizer
+    info = manifest.get("lowbit", {})
+    if (directory / "config.json").is_file() and info.get("kind"):
+        from transformers import AutoConfig
+
+        src: dict[str, Any] = {"kind": info["kind"],
+                               "config": AutoConfig.from_pretrained(str(directory), local_files_only=True)}
+        if info.get("max_seq_length") is not None:
+            src["max_seq_length"] = info["max_seq_length"]
+        graph.meta["source"] = src
+    return graph, tokenizer

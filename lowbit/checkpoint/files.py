@@ -1,0 +1,207 @@
+"""Checkpoint files: all-or-nothing directory writes, a SHA-256 manifest, and safetensors reads that name what broke.
+
+A checkpoint is written into a hidden temporary sibling (``.NAME.<random>.tmp``) and renamed into place only when
+every file is complete, so an interrupted save never leaves a directory that looks finished; temporaries left by
+a killed process are removed by the next save into the same parent. Every file's SHA-256 goes into
+``lowbit-manifest.json`` with the versions that wrote it; ``load`` verifies the hashes before reading a tensor.
+Weights are read with safetensors only (no pickle); a truncated or corrupt file, or a missing tensor, is a
+``CheckpointError`` naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.errors import LowbitError
+
+__all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
+           "verify_manifest", "read_safetensors", "write_safetensors", "MANIFEST", "sha256_file"]
+
+MANIFEST = "lowbit-manifest.json"
+STALE_SECONDS = 3600.0
+"""A temporary sibling older than this is an interrupted save (no save takes an hour to write its files)."""
+
+
+class CheckpointError(LowbitError, ValueError):
+    """A checkpoint cannot be written or read; the message names the directory, file and tensor."""
+
+
+def clean_stale_temporaries(parent: Path, name: str, older_than: float = STALE_SECONDS) -> list[Path]:
+    """Remove ``.NAME.*.tmp`` / ``.NAME.*.old`` directories in ``parent`` left by saves that were killed."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    now = time.time()
+    for p in parent.glob(f".{name}.*"):
+        if p.suffix not in (".tmp", ".old") or not p.is_dir():
+            continue
+        try:
+            if now - p.stat().st_mtime < older_than:
+                continue  # may belong to a save still running in another process
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+@contextmanager
+def atomic_checkpoint_dir(final: Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``; it replaces ``final`` only if the block finishes."""
+    final = Path(final).expanduser()
+    if final.exists() and not final.is_dir():
+        raise CheckpointError(f"cannot save to {str(final)!r}: it exists and is not a directory")
+    if final.exists() and not overwrite:
+        raise CheckpointError(f"cannot save to {str(final)!r}: the directory exists (pass overwrite=True)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(final.parent, final.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.rmdir(old)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import lowbit
+
+    out = {"lowbit": lowbit.__version__, "torch": torch.__version__}
+    for mod in ("transformers", "safetensors", "compressed_tensors"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            pass
+    return out
+
+
+def write_manifest(directory: Path, fmt: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Hash every file in ``directory`` (recursively) into ``lowbit-manifest.json``."""
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(directory).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    manifest = {"format": fmt, "versions": _versions(), "files": files, **(extra or {})}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def verify_manifest(directory: Path, required: bool = False) -> dict[str, Any] | None:
+    """Check every file the manifest lists against its SHA-256; None when there is no manifest and not ``required``."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        if required:
+            raise CheckpointError(f"{directory}: no {MANIFEST} (a lowbit-format checkpoint always has one)")
+        return None
+    manifest = read_json(path)
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path}: has no 'files' table")
+    for rel, info in files.items():
+        p = (directory / rel).resolve()
+        if directory.resolve() not in p.parents:
+            raise CheckpointError(f"{path}: lists {rel!r}, which is outside the checkpoint directory")
+        if not p.is_file():
+            raise CheckpointError(f"{directory}: file {rel!r} listed in {MANIFEST} is missing")
+        if p.stat().st_size != info.get("bytes"):
+            raise CheckpointError(f"{p}: {p.stat().st_size} bytes, but {MANIFEST} recorded {info.get('bytes')} "
+                                  "(truncated or replaced)")
+        digest = sha256_file(p)
+        if digest != info.get("sha256"):
+            raise CheckpointError(f"{p}: SHA-256 {digest[:16]}… does not match {MANIFEST} "
+                                  f"({str(info.get('sha256'))[:16]}…): the file was modified or corrupted")
+    return manifest
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors.save_file after making every tensor contiguous and unshared (safetensors refuses aliases)."""
+    from safetensors.torch import save_file
+
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    save_file(out, str(path), metadata=metadata)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file; a truncated or corrupt file names itself and the tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file is missing")
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (truncated?)")
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: header says {header_len} bytes but the file has {size - 8} after it "
+                                  "(truncated or not safetensors)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    data_len = size - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        end = (info.get("data_offsets") or [0, 0])[1] if isinstance(info, dict) else None
+        if not isinstance(end, int) or end > data_len:
+            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of the data section, which has "
+                                  f"{data_len} bytes (the file is truncated)")
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                try:
+                    out[name] = f.get_tensor(name)
+                except (SafetensorError, RuntimeError, ValueError) as exc:
+                    raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({exc})") from None
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    return out

@@ -1,0 +1,243 @@
+"""What a compiled graph holds, in Hugging Face terms: each linear's weight (float or QDQ codes), its input
+activation scheme, and every other tensor under the HF parameter name the model's ``state_dict`` uses.
+
+The IR keeps every node's HF module path (``model.layers.3.mlp.down_proj``), so a linear's weight is
+``<module>.weight`` whatever name a pass gave the param (a tied ``lm_head`` copied by ``fold-norms`` reads
+``lm_head.weight``; the quantize pass stores codes as ``<w>.qdata``). A norm whose gain a pass folded away has
+weight None: HF needs a gain, and ones are exact (``1·y == y``). Anything the HF model cannot express — a param
+under a name the HF model does not have (a rotation matrix, a bias added to a bias-free linear), a quantized
+tensor that is not a linear weight — is refused with the node and param named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lowbit.checkpoint.files import CheckpointError
+from lowbit.ir.graph import Graph, Node, Value
+from lowbit.ir.quant import get_qdtype, unpack_int4
+
+__all__ = ["ActScheme", "QuantWeight", "HFView", "hf_view"]
+
+QDQ_OPS = {"quantize", "dequantize", "dynamic_qparams"}
+
+
+@dataclass(frozen=True)
+class ActScheme:
+    """A linear input's quantization: dynamic (scales computed per call) or static (a stored scale)."""
+
+    qdtype: str
+    symmetric: bool
+    strategy: str  # "token", "group", "tensor"
+    group_size: int | None = None
+    dynamic: bool = True
+
+
+@dataclass
+class QuantWeight:
+    """One linear's stored weight: codes unpacked to ``[N, K]`` in lowbit's qdtype, scales ``[N]`` or ``[N, K/g]``."""
+
+    module: str
+    qdtype: str
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    group: int | None
+    out_dtype: torch.dtype
+    act: ActScheme | None = None
+    act_scale: torch.Tensor | None = None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+    def signed_codes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Codes and zero point as signed ints centred on 0 (compressed-tensors' convention): uint4 ``q`` is
+        ``q - 8``, its zero point ``zp - 8``; ``(q - zp)`` and so the dequantized weight are unchanged."""
+        qd = get_qdtype(self.qdtype)
+        if qd.is_float:
+            return self.codes, None
+        off = 0 if qd.signed else 1 << (qd.bits - 1)
+        q = (self.codes.to(torch.int16) - off).to(torch.int8)
+        zp = None if self.zero_point is None else (self.zero_point.to(torch.int16) - off).to(torch.int8)
+        return q, zp
+
+
+@dataclass
+class HFView:
+    """Float tensors by HF name, quantized linears by module, and what no HF name covers."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    quantized: dict[str, QuantWeight] = field(default_factory=dict)
+    float_linears: list[str] = field(default_factory=list)
+    kv: list[Node] = field(default_factory=list)
+    tied_lm_head: bool = False
+
+
+def _param(v: Any, node: Node, what: str) -> torch.Tensor:
+    if not isinstance(v, Value) or not v.is_param or v.data is None:
+        raise CheckpointError(f"node %{node.name} ({node.op}, module {node.module!r}): its {what} is computed "
+                              f"in the graph ({v!r}), not stored; an HF checkpoint can only hold stored tensors")
+    return v.data
+
+
+def _weight(node: Node) -> tuple[torch.Tensor | None, QuantWeight | None]:
+    """The linear's float weight, or its QDQ codes."""
+    w = node.args[1]
+    if isinstance(w, Value) and w.is_param:
+        return w.data, None
+    dq = w.producer if isinstance(w, Value) else None
+    if dq is None or dq.op != "dequantize":
+        raise CheckpointError(f"linear %{node.name} (module {node.module!r}) reads a computed weight "
+                              f"(%{getattr(w, 'name', w)} from {dq.op if dq else '?'}): not expressible as an HF "
+                              "checkpoint")
+    qv, sv, zv = (list(dq.args) + [None, None])[:3]
+    q = _param(qv, dq, "quantized weight")
+    scale = _param(sv, dq, "weight scale")
+    zp = _param(zv, dq, "weight zero point") if zv is not None else None
+    qdtype = dq.kwargs["qdtype"]
+    qd = get_qdtype(qdtype)
+    codes = unpack_int4(q, signed=qd.signed) if qd.packed else q
+    axis, block = dq.kwargs.get("axis"), dq.kwargs.get("block_size")
+    n, k = codes.shape
+    if block is None and axis in (0, -2) and scale.shape == (n,):
+        group = None
+    elif block is not None and axis in (1, -1) and scale.shape == (n, -(-k // block)):
+        if k % block:
+            raise CheckpointError(f"linear %{node.name} (module {node.module!r}): group {block} does not divide "
+                                  f"K={k}; HF formats need whole groups")
+        group = int(block)
+    else:
+        raise CheckpointError(f"linear %{node.name} (module {node.module!r}): weight scale {tuple(scale.shape)} "
+                              f"with axis={axis}, block_size={block} is neither per channel nor per group "
+                              f"(per-tensor weight scales are not written to HF formats)")
+    return None, QuantWeight(node.module, qdtype, codes, scale, zp, group, dq.kwargs.get("out_dtype", torch.float32))
+
+
+def _act(node: Node, k: int) -> tuple[ActScheme | None, torch.Tensor | None]:
+    """The scheme of a dynamic/static QDQ in front of the linear's input, if any."""
+    x = node.args[0]
+    dq = x.producer if isinstance(x, Value) else None
+    if dq is None or dq.op != "dequantize":
+        return None, None
+    q = dq.args[0].producer if isinstance(dq.args[0], Value) else None
+    if q is None or q.op != "quantize":
+        return None, None
+    qdtype = dq.kwargs["qdtype"]
+    scale = dq.args[1]
+    zp = dq.arg(2, "zero_point")
+    if isinstance(scale, Value) and scale.producer is not None and scale.producer.op == "dynamic_qparams":
+        qp = scale.producer
+        gran, block = qp.kwargs.get("granularity"), qp.kwargs.get("block_size")
+        sym = bool(qp.kwargs.get("symmetric", True))
+        if gran == "per_tensor":
+            return ActScheme(qdtype, sym, "tensor"), None
+        if gran == "per_token":
+            if block in (None, k):
+                return ActScheme(qdtype, sym, "token"), None
+            return ActScheme(qdtype, sym, "group", int(block)), None
+        raise CheckpointError(f"linear %{node.name} (module {node.module!r}): dynamic {gran} input quantization "
+                              "has no HF-format equivalent (per_token, per-token groups and per_tensor do)")
+    s = _param(scale, dq, "input scale")
+    if s.numel() != 1:
+        raise CheckpointError(f"linear %{node.name} (module {node.module!r}): static input scale of shape "
+                              f"{tuple(s.shape)}; HF formats store static input scales per tensor only")
+    if zp is not None and isinstance(zp, Value) and zp.is_param and bool((zp.data != 0).any()):
+        raise CheckpointError(f"linear %{node.name} (module {node.module!r}): static asymmetric input scales are "
+                              "not written to HF formats")
+    return ActScheme(qdtype, True, "tensor", dynamic=False), s.reshape(1)
+
+
+def _put(view: HFView, key: str, t: torch.Tensor, node: Node) -> None:
+    old = view.tensors.get(key)
+    if old is not None and old is not t and not (old.shape == t.shape and old.dtype == t.dtype
+                                                 and torch.equal(old, t)):
+        raise CheckpointError(f"HF parameter {key!r} gets two different tensors (the second from node "
+                              f"%{node.name}, {node.op}); the checkpoint cannot hold both")
+    view.tensors[key] = t
+
+
+def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str] = frozenset()) -> HFView:
+    """Map ``graph`` onto the HF parameter names ``hf_keys`` (name → shape) of the model it was captured from.
+
+    ``derived`` are the model's non-persistent buffers (rotary ``inv_freq``): HF recomputes them from the config,
+    so they are not written."""
+    view = HFView()
+    used: set[str] = set(derived)
+    for node in graph.nodes:
+        if node.op == "linear":
+            w, qw = _weight(node)
+            key = f"{node.module}.weight"
+            if key not in hf_keys:
+                raise CheckpointError(f"linear %{node.name} has module path {node.module!r}, but the HF model has no "
+                                      f"parameter {key!r}; cannot name its weight in an HF checkpoint")
+            if qw is not None:
+                qw.act, qw.act_scale = _act(node, qw.codes.shape[1])
+                view.quantized[node.module] = qw
+                used.update(v.name for v in node.args[1].producer.inputs())
+            else:
+                _put(view, key, w, node)
+                view.float_linears.append(node.module)
+                used.add(node.args[1].name)
+                act, _ = _act(node, w.shape[1])
+                if act is not None:
+                    raise CheckpointError(f"linear %{node.name} (module {node.module!r}) has a quantized input but a "
+                                          "float weight; HF formats quantize inputs only with the weight")
+            b = node.arg(2, "bias")
+            if b is not None:
+                bkey = f"{node.module}.bias"
+                if bkey not in hf_keys:
+                    raise CheckpointError(f"linear %{node.name} (module {node.module!r}) has a bias "
+                                          f"(@{getattr(b, 'name', b)}) but the HF model has no {bkey!r} "
+                                          "(a pass such as fold-norms on a LayerNorm added it); not expressible")
+                _put(view, bkey, _param(b, node, "bias"), node)
+                used.add(b.name)
+            continue
+        if node.op in ("rms_norm", "layer_norm"):
+            for idx, name, fill in ((1, "weight", torch.ones), (2, "bias", torch.zeros)):
+                if name == "bias" and node.op == "rms_norm":
+                    continue
+                key = f"{node.module}.{name}"
+                v = node.arg(idx, name)
+                if v is None:
+                    if key in hf_keys:  # folded away: the HF norm needs an identity gain / zero bias
+                        _put(view, key, fill(hf_keys[key], dtype=torch.float32), node)
+                    continue
+                if key not in hf_keys:
+                    raise CheckpointError(f"{node.op} %{node.name} (module {node.module!r}) has a {name} but the HF "
+                                          f"model has no parameter {key!r}")
+                _put(view, key, _param(v, node, name), node)
+                used.add(v.name)
+            continue
+        if node.op in QDQ_OPS:
+            continue
+        if node.op in ("embedding", "aten.embedding.default") and f"{node.module}.weight" in hf_keys:
+            table = node.args[0]  # named by module: a tied table may carry the head's name (lm_head.weight)
+            if isinstance(table, Value) and table.is_param:
+                _put(view, f"{node.module}.weight", table.data, node)
+                used.add(table.name)
+        for v in node.inputs():
+            if v.is_param and v.name not in used:
+                if v.name not in hf_keys:
+                    raise CheckpointError(f"param @{v.name} (read by %{node.name}, {node.op}, module "
+                                          f"{node.module!r}) is not a parameter of the HF model; a pass added it "
+                                          "(e.g. a rotation) and HF formats cannot express it")
+                _put(view, v.name, v.data, node)
+                used.add(v.name)
+    for node in graph.nodes:
+        if node.op == "dequantize" and node.meta.get("kv"):
+            view.kv.append(node)
+    read = {id(v) for n in graph.nodes for v in n.inputs() if v.is_param}
+    for name, v in graph.params.items():
+        if name not in used and name not in view.tensors and id(v) in read:
+            raise CheckpointError(f"param @{name} is read by a quantize/dequantize node that is not a linear's "
+                                  "weight; HF formats cannot express it")
+    for key, t in view.tensors.items():
+        shape = hf_keys.get(key)
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"HF parameter {key!r} has shape {tuple(shape)} in the model's config, but the "
+                                  f"graph holds {tuple(t.shape)}")
+    return view

@@ -1,0 +1,660 @@
+"""Hugging Face checkpoint formats: ``compressed-tensors`` and ``gptq``, written from a graph and read back into one.
+
+compressed-tensors (the format vLLM, SGLang and transformers load; layouts from the ``compressed-tensors``
+package, whose packing helpers are used here):
+
+* ``pack-quantized`` — integer weights (int4/int8, and 2/3-bit), with or without integer input activations:
+  ``weight_packed`` int32 ``[N, ceil(K·b/32)]`` (codes as signed ints + 2^(b-1), packed densely along K),
+  ``weight_scale`` ``[N, 1]`` (channel) or ``[N, K/g]`` (group), ``weight_zero_point`` (asymmetric: signed ints
+  packed along N) and ``weight_shape``.
+* ``int-quantized`` — W8A8: ``weight`` int8 ``[N, K]``, ``weight_scale`` ``[N, 1]``; input activations dynamic
+  per token (``strategy: token``).
+* ``float-quantized`` — FP8 e4m3: ``weight`` float8_e4m3fn, ``weight_scale`` per channel or group.
+
+lowbit's unsigned codes (uint4 with zero points 0..15) are stored as compressed-tensors' signed ones by
+subtracting 2^(b-1) from codes and zero points alike; ``q - zp`` and so every dequantized value are unchanged.
+GPTQ with ``act_order`` keeps contiguous groups (static groups), which is compressed-tensors'
+``actorder: "static"`` and needs no ``g_idx``.
+
+gptq (the AutoGPTQ/GPTQModel v1 layout transformers+optimum read): ``qweight`` int32 ``[K·b/32, N]`` (unsigned
+codes packed along K), ``qzeros`` int32 ``[G, N·b/32]`` holding ``zero - 1`` (the v1 convention), ``scales``
+``[G, N]``, ``g_idx`` int32 ``[K]``; symmetric int4/int8 only (runtimes' fast kernels assume it). Scales are
+written in float32 so a lowbit reload is bit-exact; loaders cast them to their compute dtype.
+
+Reading: the HF model is built from ``config.json`` (weights loaded as float where float, zeros where
+quantized), captured, and the QDQ form is inserted by the ``quantize`` pass's own code with the stored codes,
+scales and zero points put in place of its RTN ones — the same IR a compile produces.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.checkpoint.files import CheckpointError, read_json, read_safetensors, write_safetensors
+from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
+from lowbit.ir.graph import Graph
+from lowbit.ir.quant import get_qdtype, pack_int4
+
+__all__ = ["save_compressed_tensors", "save_gptq", "load_hf_checkpoint", "skeleton", "SHARD_BYTES"]
+
+SHARD_BYTES = 2 * 2**30
+"""Largest safetensors shard (HF's default ``max_shard_size`` is 5 GB; 2 GB keeps single files small)."""
+
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+# ---- the HF model skeleton ----------------------------------------------------------------------
+
+
+def _auto_class(kind: str) -> Any:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+
+
+def skeleton(config: Any, kind: str, device: str = "meta") -> torch.nn.Module:
+    """The HF model ``config`` describes (on ``meta``: shapes only), with the quantization config dropped."""
+    cfg = copy.deepcopy(config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    with torch.device(device):
+        model = _auto_class(kind).from_config(cfg, dtype=torch.float32)
+    return model.eval()
+
+
+def _hf_keys(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _tied(model: torch.nn.Module) -> tuple[str, str] | None:
+    """(output head key, input embedding key) when the HF model ties them."""
+    try:
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if out is None or inp is None or out.weight is not inp.weight:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    return f"{names[id(out)]}.weight", f"{names[id(inp)]}.weight"
+
+
+def _source(graph: Graph) -> tuple[Any, str]:
+    src = graph.meta.get("source") or {}
+    config = src.get("config")
+    if config is None:
+        raise CheckpointError("the graph does not say which Hugging Face model it was captured from (no "
+                              "graph.meta['source']): compile it with lowbit.compile_model or pass config=")
+    return config, src.get("kind", "causal-lm")
+
+
+def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
+    if any(n.op == "qlinear" for n in graph.nodes):  # fused: HF formats store the unfused QDQ weights
+        from lowbit.ir.fusion import unfuse_qlinear
+
+        graph = graph.clone()
+        unfuse_qlinear(graph)
+    model = skeleton(config, kind)
+    keys = _hf_keys(model)
+    derived = {n for n, _ in model.named_buffers()} - set(keys)
+    view = hf_view(graph, keys, derived)
+    cfg = copy.deepcopy(config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    tied = _tied(model)
+    if tied is not None:
+        head, emb = tied
+        if emb not in view.tensors and head in view.tensors and head not in view.quantized:
+            view.tensors[emb] = view.tensors[head]  # capture named the shared tensor after the head
+        head_t = view.tensors.get(head)
+        if head in view.quantized or (head_t is not None and emb in view.tensors
+                                      and not torch.equal(head_t, view.tensors[emb])):
+            # a pass changed or quantized the head alone: the checkpoint unties it
+            cfg.tie_word_embeddings = False
+            if hasattr(cfg, "get_text_config"):
+                cfg.get_text_config().tie_word_embeddings = False
+        else:
+            view.tensors.pop(head, None)
+            view.tied_lm_head = True
+    missing = [k for k in keys if k not in view.tensors and k.rsplit(".", 1)[0] not in view.quantized
+               and not (view.tied_lm_head and tied and k == tied[0])]
+    # linears of the HF model the captured forward never runs (BERT's pooler under a sentence embedder): their
+    # weights are not in the graph, so they are listed as ignored (left float) and recorded as not written
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    view.float_linears.extend(sorted(m for m in linears - set(view.quantized) - set(view.float_linears)
+                                     if any(k.startswith(m + ".") for k in missing)))
+    return view, (cfg, missing)
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], directory: Path) -> list[str]:
+    """``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + the HF index."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        write_safetensors(shards[0], directory / "model.safetensors", meta)
+        return ["model.safetensors"]
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(shard, directory / fname, meta)
+        files.append(fname)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                   indent=2) + "\n")
+    return files
+
+
+def _write_config(cfg: Any, directory: Path, quantization_config: dict[str, Any], tokenizer: Any) -> None:
+    d = cfg.to_dict()
+    d["dtype"] = "float32"
+    d.pop("torch_dtype", None)
+    d["quantization_config"] = quantization_config
+    (directory / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+
+
+# ---- compressed-tensors --------------------------------------------------------------------------
+
+
+def _ct_args(qw: QuantWeight, actorder: str | None) -> dict[str, Any]:
+    qd = get_qdtype(qw.qdtype)
+    if qd.is_float and qw.qdtype != "fp8e4m3":
+        raise CheckpointError(f"linear {qw.module!r}: {qw.qdtype} weights have no compressed-tensors format "
+                              "(fp8e4m3 does)")
+    args: dict[str, Any] = {
+        "num_bits": qd.bits, "type": "float" if qd.is_float else "int", "symmetric": qw.symmetric,
+        "strategy": "group" if qw.group else "channel", "group_size": qw.group, "dynamic": False,
+    }
+    if actorder and qw.group and not qd.is_float:
+        args["actorder"] = actorder
+    return args
+
+
+def _ct_act_args(a: ActScheme, module: str) -> dict[str, Any]:
+    qd = get_qdtype(a.qdtype)
+    if qd.is_float and a.qdtype != "fp8e4m3":
+        raise CheckpointError(f"linear {module!r}: {a.qdtype} activations have no compressed-tensors format")
+    if not qd.is_float and qd.bits != 8:
+        raise CheckpointError(f"linear {module!r}: {a.qdtype} activations: compressed-tensors integer activations "
+                              "are 8-bit here (int4 activations are not a format runtimes load)")
+    if not qd.signed and not qd.is_float:
+        raise CheckpointError(f"linear {module!r}: unsigned ({a.qdtype}) activations have no compressed-tensors "
+                              "format (its integer activations are signed)")
+    return {"num_bits": qd.bits, "type": "float" if qd.is_float else "int", "symmetric": a.symmetric,
+            "strategy": a.strategy, "group_size": a.group_size, "dynamic": a.dynamic}
+
+
+def _ct_format(qw: QuantWeight) -> str:
+    qd = get_qdtype(qw.qdtype)
+    if qd.is_float:
+        return "float-quantized"
+    if qw.act is not None and qd.bits == 8:
+        return "int-quantized"
+    return "pack-quantized"
+
+
+def _ct_tensors(qw: QuantWeight, fmt: str) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    n, k = qw.codes.shape
+    scale = qw.scale.reshape(n, -1).to(torch.float32)
+    out = {"weight_scale": scale}
+    q, zp = qw.signed_codes()
+    if fmt == "float-quantized":
+        out["weight"] = q
+    elif fmt == "int-quantized":
+        out["weight"] = q
+        if zp is not None:
+            out["weight_zero_point"] = zp.reshape(n, -1)
+    else:
+        bits = get_qdtype(qw.qdtype).bits
+        out["weight_packed"] = pack_to_int32(q, bits)
+        out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+        if zp is not None:
+            out["weight_zero_point"] = pack_to_int32(zp.reshape(n, -1), bits, packed_dim=0)
+    if qw.act_scale is not None:
+        out["input_scale"] = qw.act_scale.to(torch.float32)
+    return out
+
+
+def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = None, config: Any = None,
+                            kind: str | None = None, actorder: str | None = None) -> dict[str, Any]:
+    """Write ``graph`` as a compressed-tensors HF directory into ``directory`` (which exists and is empty)."""
+    if config is None:
+        config, kind0 = _source(graph)
+        kind = kind or kind0
+    kind = kind or "causal-lm"
+    view, (cfg, missing) = _prepare(graph, config, kind)
+    if view.kv:
+        raise CheckpointError(
+            f"the graph quantizes the KV cache ({len(view.kv)} key/value QDQ nodes, e.g. %{view.kv[0].name} in "
+            f"{view.kv[0].module!r}); compressed-tensors' kv_cache_scheme holds one static or per-head scale "
+            "per tensor, which lowbit's dynamic per-channel/per-token KV scales are not: save without kv=, or use "
+            "format='lowbit'")
+    if not view.quantized:
+        raise CheckpointError("the graph has no quantized linear: nothing for compressed-tensors to describe "
+                              "(save a float model with format='lowbit' or transformers' save_pretrained)")
+    tensors = dict(view.tensors)
+    groups: dict[str, dict[str, Any]] = {}
+    members: dict[str, list[str]] = {}
+    formats = set()
+    for module, qw in view.quantized.items():
+        fmt = _ct_format(qw)
+        formats.add(fmt)
+        scheme = {"weights": _ct_args(qw, actorder), "input_activations":
+                  _ct_act_args(qw.act, module) if qw.act is not None else None,
+                  "output_activations": None, "format": fmt}
+        key = json.dumps(scheme, sort_keys=True)
+        groups.setdefault(key, scheme)
+        members.setdefault(key, []).append(module)
+        for name, t in _ct_tensors(qw, fmt).items():
+            tensors[f"{module}.{name}"] = t
+    config_groups = {}
+    for i, (key, scheme) in enumerate(groups.items()):
+        targets = ["Linear"] if len(groups) == 1 else [f"re:^{m.replace('.', '[.]')}$" for m in members[key]]
+        config_groups[f"group_{i}"] = {**scheme, "targets": targets}
+    qcfg: dict[str, Any] = {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": sorted(view.float_linears),
+        "kv_cache_scheme": None,
+    }
+    from compressed_tensors.quantization import QuantizationConfig
+
+    try:  # the package's own model validates what we wrote
+        QuantizationConfig.model_validate(qcfg)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise CheckpointError(f"compressed-tensors rejects the quantization_config lowbit built: {exc}") from exc
+    files = _write_shards(tensors, directory)
+    _write_config(cfg, directory, qcfg, tokenizer)
+    return {"format": "compressed-tensors", "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
+            "float_linears": sorted(view.float_linears), "not_in_graph": missing,
+            "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()}}
+
+
+# ---- gptq ---------------------------------------------------------------------------------------
+
+
+def _pack_rows(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``[R, C]`` packed ``32/bits`` rows per int32 (value ``i`` of a word at bits ``i·b``)."""
+    per = 32 // bits
+    r, c = u.shape
+    u = u.to(torch.int64).reshape(r // per, per, c)
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).reshape(1, per, 1)
+    word = (u << shifts).sum(1)
+    return (word - ((word >> 31) << 32)).to(torch.int32)  # two's complement into int32
+
+
+def _unpack_rows(p: torch.Tensor, bits: int) -> torch.Tensor:
+    per = 32 // bits
+    w = p.to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).reshape(1, per, 1)
+    u = (w.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return u.reshape(p.shape[0] * per, p.shape[1])
+
+
+def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: Any = None,
+              kind: str | None = None) -> dict[str, Any]:
+    """Write ``graph`` in the HF GPTQ layout (symmetric int4/int8 weight-only linears)."""
+    if config is None:
+        config, kind0 = _source(graph)
+        kind = kind or kind0
+    kind = kind or "causal-lm"
+    view, (cfg, missing) = _prepare(graph, config, kind)
+    if view.kv:
+        raise CheckpointError(f"the graph quantizes the KV cache (%{view.kv[0].name}); the GPTQ format has no KV "
+                              "scheme: use format='lowbit'")
+    if not view.quantized:
+        raise CheckpointError("the graph has no quantized linear: nothing to write in GPTQ format")
+    tensors = dict(view.tensors)
+    bits_seen, groups_seen = set(), set()
+    for module, qw in view.quantized.items():
+        qd = get_qdtype(qw.qdtype)
+        if qd.is_float or qd.bits not in (4, 8):
+            raise CheckpointError(f"linear {module!r}: {qw.qdtype} weights; the GPTQ format holds int4/int8 only")
+        if not qw.symmetric:
+            raise CheckpointError(f"linear {module!r}: asymmetric weights (zero points); lowbit writes GPTQ "
+                                  "symmetric only, which runtimes' fast kernels assume: quantize with sym=true, or "
+                                  "use format='compressed-tensors' (it stores zero points)")
+        if qw.act is not None:
+            raise CheckpointError(f"linear {module!r}: quantized input activations ({qw.act.qdtype}); the GPTQ "
+                                  "format is weight-only: use format='compressed-tensors'")
+        n, k = qw.codes.shape
+        g = qw.group or k
+        bits = qd.bits
+        bits_seen.add(bits)
+        groups_seen.add(qw.group or -1)
+        off = 1 << (bits - 1)
+        signed, _ = qw.signed_codes()
+        u = (signed.to(torch.int16) + off).t().contiguous()  # [K, N] unsigned
+        if k % (32 // bits) or n % (32 // bits):
+            raise CheckpointError(f"linear {module!r}: [{n}, {k}] is not a multiple of {32 // bits} on both sides, "
+                                  "which GPTQ's int32 packing needs")
+        tensors[f"{module}.qweight"] = _pack_rows(u, bits)
+        n_groups = k // g
+        zeros = torch.full((n_groups, n), off - 1, dtype=torch.int64)  # v1 format stores zero - 1
+        tensors[f"{module}.qzeros"] = _pack_rows(zeros.t().contiguous(), bits).t().contiguous()
+        tensors[f"{module}.scales"] = qw.scale.reshape(n, -1).t().contiguous().to(torch.float32)
+        tensors[f"{module}.g_idx"] = (torch.arange(k, dtype=torch.int32) // g)
+    if len(bits_seen) > 1 or len(groups_seen) > 1:
+        raise CheckpointError(f"the GPTQ format has one bit width and group size per model; the graph mixes bits "
+                              f"{sorted(bits_seen)} and groups {sorted(groups_seen)}: use compressed-tensors")
+    qcfg = {"quant_method": "gptq", "bits": bits_seen.pop(), "group_size": groups_seen.pop(), "desc_act": False,
+            "sym": True, "checkpoint_format": "gptq", "true_sequential": True, "damp_percent": 0.01,
+            "modules_in_block_to_quantize": None}
+    files = _write_shards(tensors, directory)
+    _write_config(cfg, directory, qcfg, tokenizer)
+    return {"format": "gptq", "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
+            "float_linears": sorted(view.float_linears), "not_in_graph": missing,
+            "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()}}
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / SAFE_INDEX
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: has no 'weight_map'")
+        files = sorted(set(weight_map.values()))
+        out: dict[str, torch.Tensor] = {}
+        for f in files:
+            if not (directory / f).is_file():
+                names = [k for k, v in weight_map.items() if v == f]
+                raise CheckpointError(f"{directory}: shard {f!r} is missing ({len(names)} tensors, e.g. "
+                                      f"{names[0]!r}, are listed in it by {SAFE_INDEX})")
+            part = read_safetensors(directory / f)
+            for name, where in weight_map.items():
+                if where == f and name not in part:
+                    raise CheckpointError(f"{directory / f}: tensor {name!r} listed in {SAFE_INDEX} is not in it")
+            out.update(part)
+        return out
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
+            raise CheckpointError(f"{directory}: has only pickle weights (.bin/.pt); lowbit reads safetensors only "
+                                  "(pickle can run code)")
+        raise CheckpointError(f"{directory}: no model.safetensors and no {SAFE_INDEX}")
+    return read_safetensors(single)
+
+
+def _need(tensors: dict[str, torch.Tensor], name: str, directory: Path) -> torch.Tensor:
+    t = tensors.get(name)
+    if t is None:
+        raise CheckpointError(f"{directory}: tensor {name!r} is missing from the checkpoint's safetensors")
+    return t
+
+
+def _lowbit_qdtype(bits: int, symmetric: bool, is_float: bool, hint: str | None) -> str:
+    if is_float:
+        return "fp8e4m3"
+    if hint is not None and get_qdtype(hint).bits == bits:
+        return hint  # what lowbit wrote (uint4 round-trips as uint4)
+    if bits not in (2, 3, 4, 8):
+        raise CheckpointError(f"{bits}-bit integer weights: lowbit has int2/int3/int4/int8")
+    return f"int{bits}"
+
+
+def _from_signed(q: torch.Tensor, zp: torch.Tensor | None, qdtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    qd = get_qdtype(qdtype)
+    if qd.is_float:
+        return q, None
+    off = 0 if qd.signed else 1 << (qd.bits - 1)
+    cont = qd.container
+    q2 = (q.to(torch.int16) + off).to(cont)
+    z2 = None if zp is None else (zp.to(torch.int16) + off).to(cont)
+    return q2, z2
+
+
+def _ct_scheme_of(module: str, groups: dict[str, Any], ignore: list[str]) -> Any:
+    from compressed_tensors.utils.match import match_name
+
+    if any(match_name(module, i) for i in ignore):
+        return None
+    for scheme in groups.values():
+        if any(t == "Linear" or match_name(module, t) for t in scheme.targets):
+            return scheme
+    return None
+
+
+def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None) -> tuple[Graph, Any, str]:
+    """(graph with QDQ weights and activations, tokenizer or None, kind) from a compressed-tensors/GPTQ directory."""
+    from transformers import AutoConfig
+
+    from lowbit.ir.qscheme import ModuleRule, QScheme, QuantConfig
+    from lowbit.passes.insert_qdq import quantize_graph
+
+    cfg_path = directory / "config.json"
+    raw = read_json(cfg_path)
+    qcfg = raw.get("quantization_config")
+    if not isinstance(qcfg, dict):
+        raise CheckpointError(f"{cfg_path}: no quantization_config (a float HF model: load it with "
+                              "lowbit.compile_model instead)")
+    method = qcfg.get("quant_method")
+    if method not in ("compressed-tensors", "gptq"):
+        raise CheckpointError(f"{cfg_path}: quantization_config.quant_method {method!r} is not one lowbit reads "
+                              "(compressed-tensors, gptq)")
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised naming the file
+        raise CheckpointError(f"{cfg_path}: transformers cannot read this config ({type(exc).__name__}: {exc})"
+                              ) from None
+    lb = (manifest or {}).get("lowbit", {})
+    kind = lb.get("kind") or ("causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel"))
+                                                 for a in (config.architectures or [])) else "encoder")
+    hints = lb.get("lowbit_qdtypes", {})
+    tensors = _read_weights(directory)
+    model = skeleton(config, kind, device="cpu")
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    # decide, per linear, whether it is quantized and how
+    plan: dict[str, tuple[QScheme, QScheme | None, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    if method == "compressed-tensors":
+        from compressed_tensors.quantization import QuantizationConfig
+
+        try:
+            parsed = QuantizationConfig.model_validate(qcfg)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{cfg_path}: quantization_config is not valid compressed-tensors: {exc}") from None
+        if parsed.kv_cache_scheme is not None:
+            raise CheckpointError(f"{cfg_path}: kv_cache_scheme is set; lowbit reads compressed-tensors checkpoints "
+                                  "with a float KV cache only")
+        for module in sorted(names):
+            scheme = _ct_scheme_of(module, parsed.config_groups, parsed.ignore or [])
+            if scheme is None or scheme.weights is None:
+                continue
+            plan[module] = _ct_linear(module, scheme, parsed.format, tensors, directory, hints.get(module))
+    else:
+        bits, group = int(qcfg.get("bits", 4)), int(qcfg.get("group_size", -1))
+        if not qcfg.get("sym", True):
+            raise CheckpointError(f"{cfg_path}: asymmetric GPTQ (sym=false); lowbit reads symmetric GPTQ only")
+        for module in sorted(names):
+            if f"{module}.qweight" in tensors:
+                plan[module] = _gptq_linear(module, bits, group, tensors, directory, hints.get(module))
+    if not plan:
+        raise CheckpointError(f"{directory}: the quantization_config matches no linear of "
+                              f"{type(model).__name__}")
+    float_state = {}
+    quant_suffixes = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape", ".input_scale",
+                      ".qweight", ".qzeros", ".scales", ".g_idx")
+    for name, t in tensors.items():
+        mod = name.rsplit(".", 1)[0]
+        if mod in plan and (name.endswith(quant_suffixes) or name == f"{mod}.weight"):
+            continue
+        float_state[name] = t
+    for module in plan:  # placeholders: the real codes replace the RTN of these zeros below
+        float_state[f"{module}.weight"] = torch.zeros(model.get_submodule(module).weight.shape)
+    result = model.load_state_dict(float_state, strict=False)
+    unexpected = [k for k in result.unexpected_keys]
+    if unexpected:
+        raise CheckpointError(f"{directory}: tensors {unexpected[:4]} are not parameters of "
+                              f"{type(model).__name__} built from config.json")
+    unused = set((manifest or {}).get("lowbit", {}).get("not_in_graph", []))  # never read by the captured forward
+    missing = [k for k in result.missing_keys if not _is_tied_key(model, k) and k not in unused]
+    if missing:
+        raise CheckpointError(f"{directory}: the checkpoint has no tensor {missing[0]!r} (and {len(missing) - 1} "
+                              "more) that the model built from config.json needs")
+    graph, tokenizer = _capture(model, kind, directory)
+    rules = [ModuleRule(pattern=_glob_escape(m), weight=p[0], input=p[1]) for m, p in plan.items()]
+    cfg = QuantConfig(rules=rules, keep_float=[])
+    quantize_graph(graph, cfg)
+    _install_codes(graph, plan, directory)
+    return graph, tokenizer, kind
+
+
+def _is_tied_key(model: torch.nn.Module, key: str) -> bool:
+    tied = _tied(model)
+    return tied is not None and key == tied[0]
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tensor], directory: Path,
+               hint: str | None) -> tuple[Any, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from lowbit.ir.qscheme import QScheme
+
+    wa = scheme.weights
+    fmt = scheme.format or fmt
+    if wa.strategy not in ("channel", "group"):
+        raise CheckpointError(f"{directory}: linear {module!r}: weight strategy {wa.strategy!r}; lowbit reads "
+                              "channel and group (block and tensor scales are not lowbit weight layouts)")
+    if getattr(wa, "actorder", None) in ("group", "dynamic"):
+        raise CheckpointError(f"{directory}: linear {module!r}: actorder 'group' (a g_idx permutation); lowbit "
+                              "reads contiguous groups only")
+    is_float = wa.type == "float"
+    qdtype = _lowbit_qdtype(wa.num_bits, wa.symmetric, is_float, hint)
+    scale = _need(tensors, f"{module}.weight_scale", directory).to(torch.float32)
+    zp = None
+    if fmt == "pack-quantized":
+        packed = _need(tensors, f"{module}.weight_packed", directory)
+        shape = _need(tensors, f"{module}.weight_shape", directory).tolist()
+        q = unpack_from_int32(packed, wa.num_bits, torch.Size(shape))
+        if not wa.symmetric:
+            zpk = _need(tensors, f"{module}.weight_zero_point", directory)
+            zp = unpack_from_int32(zpk, wa.num_bits, torch.Size([shape[0], scale.shape[-1]]), packed_dim=0)
+    elif fmt in ("int-quantized", "float-quantized", "naive-quantized"):
+        q = _need(tensors, f"{module}.weight", directory)
+        if not wa.symmetric:
+            zp = _need(tensors, f"{module}.weight_zero_point", directory).to(torch.int8)
+    else:
+        raise CheckpointError(f"{directory}: linear {module!r}: compressed-tensors format {fmt!r} is not one lowbit "
+                              "reads (pack-quantized, int-quantized, float-quantized, naive-quantized)")
+    n, k = q.shape
+    group = wa.group_size if wa.strategy == "group" else None
+    scale = scale.reshape(n) if group is None else scale.reshape(n, k // group)
+    if zp is not None:
+        zp = zp.reshape(scale.shape)
+    q, zp = _from_signed(q, zp, qdtype)
+    ws = QScheme(qdtype=qdtype, symmetric=wa.symmetric, granularity="per_group" if group else "per_channel",
+                 group_size=group)
+    xs = None
+    ia = scheme.input_activations
+    if ia is not None:
+        if not ia.dynamic:
+            raise CheckpointError(f"{directory}: linear {module!r}: static input scales are not read back yet")
+        a_qd = "fp8e4m3" if ia.type == "float" else f"int{ia.num_bits}"
+        gran = {"token": ("per_token", None), "group": ("per_token", ia.group_size),
+                "tensor": ("per_tensor", None)}.get(ia.strategy)
+        if gran is None:
+            raise CheckpointError(f"{directory}: linear {module!r}: dynamic input strategy {ia.strategy!r}")
+        xs = QScheme(qdtype=a_qd, symmetric=ia.symmetric, granularity=gran[0], group_size=gran[1], dynamic=True)
+    return ws, xs, q, scale, zp
+
+
+def _gptq_linear(module: str, bits: int, group: int, tensors: dict[str, torch.Tensor], directory: Path,
+                 hint: str | None) -> tuple[Any, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    from lowbit.ir.qscheme import QScheme
+
+    if bits not in (4, 8):
+        raise CheckpointError(f"{directory}: GPTQ bits={bits}; lowbit reads 4 and 8")
+    qweight = _need(tensors, f"{module}.qweight", directory)
+    qzeros = _need(tensors, f"{module}.qzeros", directory)
+    scales = _need(tensors, f"{module}.scales", directory).to(torch.float32)
+    u = _unpack_rows(qweight, bits)  # [K, N]
+    k, n = u.shape
+    g = k if group == -1 else group
+    g_idx = tensors.get(f"{module}.g_idx")
+    if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(k) // g):
+        raise CheckpointError(f"{directory}: linear {module!r}: g_idx is a permutation (desc_act GPTQ); lowbit "
+                              "reads contiguous groups only")
+    zeros = _unpack_rows(qzeros.t().contiguous(), bits).t() + 1  # v1 stores zero - 1
+    off = 1 << (bits - 1)
+    if not bool((zeros == off).all()):
+        raise CheckpointError(f"{directory}: linear {module!r}: qzeros are not all {off} (asymmetric GPTQ); lowbit "
+                              "reads symmetric GPTQ only")
+    q = (u.t().contiguous() - off).to(torch.int8)
+    qdtype = f"int{bits}"
+    per_channel = group == -1
+    scale = scales.t().contiguous().reshape(n) if per_channel else scales.t().contiguous()
+    ws = QScheme(qdtype=qdtype, symmetric=True, granularity="per_channel" if per_channel else "per_group",
+                 group_size=None if per_channel else g)
+    return ws, None, q, scale, None
+
+
+def _capture(model: torch.nn.Module, kind: str, directory: Path) -> tuple[Graph, Any]:
+    from lowbit.api import _default_example, describe_source
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits, SentenceEmbedder
+
+    tokenizer = None
+    if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    wrapper = CausalLMLogits(model).eval() if kind == "causal-lm" else SentenceEmbedder(model).eval()
+    if kind != "causal-lm" and tokenizer is None:
+        raise CheckpointError(f"{directory}: an encoder checkpoint needs its tokenizer files to build example "
+                              "inputs for capture")
+    example, dyn = _default_example(wrapper, tokenizer)
+    graph = capture(wrapper, example, dyn)
+    graph.meta["source"] = describe_source(wrapper)
+    if tokenizer is not None:
+        graph.meta["tokenizer"] = tokenizer
+    return graph, tokenizer
+
+
+def _install_codes(graph: Graph, plan: dict[str, Any], directory: Path) -> None:
+    """Put the stored codes/scales/zero points in place of the RTN ones ``quantize_graph`` computed."""
+    done = set()
+    for node in graph.nodes:
+        if node.op != "linear" or node.module not in plan:
+            continue
+        dq = node.args[1].producer
+        ws, _, q, scale, zp = plan[node.module]
+        qv, sv, zv = (list(dq.args) + [None, None])[:3]
+        qd = get_qdtype(ws.qdtype)
+        stored = pack_int4(q) if qd.packed else q.to(qd.storage_dtype)
+        for v, t, what in ((qv, stored, "codes"), (sv, scale, "scale"), (zv, zp, "zero point")):
+            if (v is None) != (t is None):
+                raise CheckpointError(f"{directory}: linear {node.module!r}: {what} present on one side only")
+            if v is None:
+                continue
+            if tuple(v.data.shape) != tuple(t.shape) or v.data.dtype != t.dtype:
+                raise CheckpointError(f"{directory}: linear {node.module!r}: stored {what} is "
+                                      f"{t.dtype}{list(t.shape)}, the graph expects {v.data.dtype}{list(v.data.shape)}")
+            graph.set_param(v.name, t)
+        done.add(node.module)
+    left = set(plan) - done
+    if left:
+        raise CheckpointError(f"{directory}: quantized linears {sorted(left)[:3]} were not found in the captured graph")

@@ -1,0 +1,31 @@
+"""Run a saved compressed-tensors/GPTQ checkpoint through transformers, to show (and test) that it loads there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def transformers_logits(directory: str | Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of ``AutoModelForCausalLM.from_pretrained(directory)`` on ``ids`` (CPU).
+
+    Asymmetric pack-quantized checkpoints go through transformers' dequantize-at-load route: its default route
+    does not load any asymmetric pack-quantized checkpoint with compressed-tensors 0.20 (vllm-project/
+    llm-compressor#1618)."""
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    qcfg = json.loads((directory / "config.json").read_text()).get("quantization_config", {})
+    kwargs: dict[str, Any] = {}
+    groups = qcfg.get("config_groups", {}).values()
+    if qcfg.get("quant_method") == "compressed-tensors" and any(
+            not (g.get("weights") or {}).get("symmetric", True) for g in groups):
+        from transformers import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, **kwargs).eval()
+    with torch.no_grad():
+        return model(ids).logits

@@ -1,0 +1,338 @@
+"""Any architecture: every step of a lowbit compile on tiny random-initialised Hugging Face models of the common
+families, each cell of the README's family × step matrix one test.
+
+A cell either works (with a numeric check: capture reproduces the HF model; fold-norms is exact in float64;
+quantized models stay close to float; ONNX Runtime matches the torch reference; transformers loads the
+compressed-tensors checkpoint with the same outputs and lowbit reloads it bit-exactly) or is refused with a
+named reason that ``EXPECTED`` states. Any other exception fails the test. ``tools/arch_matrix.py`` runs these
+tests with ``LOWBIT_ARCH_MATRIX=FILE`` (each outcome is appended there) and writes the README table.
+
+Shapes: GQA ratios 8 (Llama, Qwen3, Granite, Phi-3) and 7 (Mistral, Qwen2), q/k/v biases (Qwen2), q/k norms
+(Qwen3, OLMo 2), sandwich norms and soft-capping (Gemma 2/3), tied (Qwen2, Gemma) and untied embeddings; the
+slow ``qwen2-896`` row has Qwen2-0.5B's 896/4864 sizes. Decoders use SmolLM2's 49152-token vocabulary so the
+shipped calibration text tokenizes for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.api import describe_source
+from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.ir.capture import capture
+from lowbit.models import CausalLMLogits, SentenceEmbedder
+from lowbit.passes.manager import PassManager, parse_pipeline
+
+VOCAB = 49152
+DEC = dict(vocab_size=VOCAB, num_hidden_layers=1, max_position_embeddings=256)
+
+
+def _decoders() -> dict[str, Any]:
+    import transformers as t
+
+    return {
+        "llama": lambda: t.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=8,
+                                       num_key_value_heads=1, tie_word_embeddings=False, **DEC),
+        "mistral": lambda: t.MistralConfig(hidden_size=112, intermediate_size=224, num_attention_heads=7,
+                                           num_key_value_heads=1, head_dim=16, sliding_window=None, **DEC),
+        "qwen2": lambda: t.Qwen2Config(hidden_size=112, intermediate_size=224, num_attention_heads=7,
+                                       num_key_value_heads=1, tie_word_embeddings=True, **DEC),
+        "qwen3": lambda: t.Qwen3Config(hidden_size=64, intermediate_size=128, num_attention_heads=8,
+                                       num_key_value_heads=1, head_dim=16, tie_word_embeddings=False, **DEC),
+        "gemma2": lambda: t.Gemma2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=16, **DEC),
+        "gemma3": lambda: t.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                             num_key_value_heads=2, head_dim=16, **DEC),
+        "phi3": lambda: t.Phi3Config(hidden_size=64, intermediate_size=128, num_attention_heads=8,
+                                     num_key_value_heads=1, pad_token_id=0, **DEC),
+        "olmo2": lambda: t.Olmo2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                       num_key_value_heads=4, **DEC),
+        "gpt-neox": lambda: t.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                            **DEC),
+        "stablelm": lambda: t.StableLmConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                             num_key_value_heads=4, **DEC),
+        "granite": lambda: t.GraniteConfig(hidden_size=64, intermediate_size=128, num_attention_heads=8,
+                                           num_key_value_heads=1, **DEC),
+        "qwen2-896": lambda: t.Qwen2Config(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                                           num_key_value_heads=2, tie_word_embeddings=True, **DEC),
+    }
+
+
+def _encoders() -> dict[str, Any]:
+    import transformers as t
+
+    enc = dict(vocab_size=30522, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=1)
+    return {
+        "bert": lambda: t.BertConfig(**enc),
+        "roberta": lambda: t.RobertaConfig(**enc),
+        "distilbert": lambda: t.DistilBertConfig(vocab_size=30522, dim=64, hidden_dim=128, n_heads=4, n_layers=1),
+        "vit": lambda: t.ViTConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_hidden_layers=1, image_size=32, patch_size=8),
+    }
+
+
+FAMILIES = [*_decoders(), *_encoders()]
+STEPS = ["capture", "fold-norms", "smooth-quant", "quantize", "gptq", "onnx", "compressed-tensors"]
+SLOW_FAMILIES = {"qwen2-896"}
+
+_POST_NORM = "post-norm encoder: the norm's output feeds the residual stream"
+EXPECTED: dict[tuple[str, str], str] = {
+    # (family, step) -> regex of the refusal; cells not listed must work
+    **{(f, "fold-norms"): _POST_NORM for f in ("bert", "roberta", "distilbert")},
+    **{(f, "smooth-quant"): "no place to fold scales" for f in ("bert", "roberta", "distilbert")},
+    **{("vit", s): "pixel" for s in ("smooth-quant", "gptq", "compressed-tensors")},
+    **{(f, "fold-norms"): "Gemma's RMSNorm" for f in ("gemma2", "gemma3")},
+}
+
+
+class Refused(Exception):
+    """A step lowbit declines on this architecture, with the reason it gives."""
+
+
+# ---- building and capturing ---------------------------------------------------------------------
+
+_CACHE: dict[tuple[str, str], Any] = {}
+
+
+class ViTEmbedder(torch.nn.Module):
+    """pixel_values -> last hidden state of a ViT (lowbit has no shipped wrapper for vision models)."""
+
+    def __init__(self, vit: torch.nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vit(pixel_values=pixel_values).last_hidden_state
+
+
+def _minilm_tokenizer() -> Any:
+    from lowbit.models import load_minilm
+
+    if "tok" not in _CACHE:
+        _CACHE["tok"] = load_minilm()[1]
+    return _CACHE["tok"]
+
+
+def _smollm2_tokenizer() -> Any:
+    from lowbit.models import load_smollm2_tokenizer
+
+    if "stok" not in _CACHE:
+        _CACHE["stok"] = load_smollm2_tokenizer()
+    return _CACHE["stok"]
+
+
+def build(family: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any, tuple, Any, Any]:
+    """(wrapper module, tokenizer, example inputs, dynamic shapes, captured graph) of a tiny random model."""
+    key = (family, str(dtype))
+    if key in _CACHE:
+        return _CACHE[key]
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from lowbit.api import _default_example
+
+    torch.manual_seed(0)
+    decoders = _decoders()
+    if family in decoders:
+        cfg = decoders[family]()
+        model = CausalLMLogits(AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()).eval()
+        tok = _smollm2_tokenizer()
+        example, dyn = _default_example(model, tok)
+    elif family == "vit":
+        cfg = _encoders()[family]()
+        model = ViTEmbedder(AutoModel.from_config(cfg, dtype=dtype).eval()).eval()
+        tok = None
+        example = (torch.randn(2, 3, 32, 32, dtype=dtype),)
+        dyn = {"pixel_values": {0: torch.export.Dim.DYNAMIC(min=1, max=64)}}
+    else:
+        cfg = _encoders()[family]()
+        model = SentenceEmbedder(AutoModel.from_config(cfg, dtype=dtype).eval()).eval()
+        tok = _minilm_tokenizer()
+        example, dyn = _default_example(model, tok)
+    graph = capture(model, example, dyn)
+    graph.meta["source"] = describe_source(model)
+    if tok is not None:
+        graph.meta["tokenizer"] = tok
+    _CACHE[key] = (model, tok, example, dyn, graph)
+    return _CACHE[key]
+
+
+def _inputs(family: str, model: torch.nn.Module, tok: Any) -> tuple:
+    """Real text where there is a tokenizer (WikiText-2 for decoders), else a fixed random image batch."""
+    if family == "vit":
+        g = torch.Generator().manual_seed(1)
+        return (torch.randn(3, 3, 32, 32, generator=g),)
+    if isinstance(model, CausalLMLogits):
+        from lowbit.eval.perplexity import token_ids, windows
+
+        return (windows(token_ids("wikitext2-test", tok), 48, 2),)
+    enc = tok(["The tower is 324 metres tall.", "It was the first structure to reach a height of 300 metres."],
+              padding=True, return_tensors="pt")
+    return (enc["input_ids"], enc["attention_mask"])
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> float:
+    err = (a.double() - b.double()).abs().max().item() / max(b.double().abs().max().item(), 1e-12)
+    assert err <= rel, f"relative error {err:.3g} > {rel}"
+    return err
+
+
+CALIB = "calib_n=4,calib_len=32,batch_size=4,progress=false"
+
+
+def _quantized(graph: Any, pipeline: str = "quantize(w=int4,group=16)") -> Any:
+    g = graph.clone()
+    PassManager(parse_pipeline(pipeline)).run(g)
+    return g
+
+
+# ---- the steps ----------------------------------------------------------------------------------
+
+
+def step_capture(family: str) -> None:
+    model, tok, _, _, graph = build(family)
+    x = _inputs(family, model, tok)
+    with torch.no_grad():
+        ref = model(*x)
+    _close(TorchCompiled(graph)(*x), ref, 1e-5)
+
+
+def step_fold_norms(family: str) -> None:
+    model, tok, example, dyn, _ = build(family, torch.float64)
+    graph = build(family, torch.float64)[4].clone()
+    x = _inputs(family, model, tok)
+    x = tuple(t.double() if t.is_floating_point() else t for t in x)
+    result = PassManager(parse_pipeline("fold-norms")).run(graph)
+    stats = result.records[0].stats
+    if not stats.get("folded"):
+        reasons = "; ".join(stats.get("not_folded", [])) or "no norm the pass recognises (rms_norm/layer_norm)"
+        if family.startswith("gemma"):
+            reasons = ("no rms_norm in the graph: Gemma's RMSNorm scales by (1 + weight), which capture's raising "
+                       "table does not match, so there is no gain to fold")
+        if any("residual" in r or "read by" in r for r in stats.get("not_folded", [])):
+            raise Refused(f"{_POST_NORM} ({reasons})")
+        raise Refused(reasons)
+    with torch.no_grad():
+        ref = model(*x)
+    _close(TorchCompiled(graph)(*x), ref, 1e-12)
+
+
+def step_smooth_quant(family: str) -> None:
+    model, tok, _, _, graph = build(family)
+    if tok is None:
+        raise Refused("calibration reads text; a pixel-input model has no calibration data in lowbit")
+    g = _quantized(graph, f"smooth-quant({CALIB}),quantize(w=int8,a=int8)")
+    x = _inputs(family, model, tok)
+    with torch.no_grad():
+        ref = model(*x)
+    cos = torch.nn.functional.cosine_similarity(TorchCompiled(g)(*x).flatten(), ref.flatten(), dim=0).item()
+    assert cos > 0.99, cos
+
+
+def step_quantize(family: str) -> None:
+    model, tok, _, _, graph = build(family)
+    g = _quantized(graph, "quantize(w=int8,a=int8)")
+    x = _inputs(family, model, tok)
+    with torch.no_grad():
+        ref = model(*x)
+    cos = torch.nn.functional.cosine_similarity(TorchCompiled(g)(*x).flatten(), ref.flatten(), dim=0).item()
+    assert cos > 0.99, cos
+    assert sum(1 for n in g.nodes if n.op == "dequantize") >= 4
+
+
+def step_gptq(family: str) -> None:
+    model, tok, _, _, graph = build(family)
+    if tok is None:
+        raise Refused("GPTQ calibrates on text; a pixel-input model has no calibration data in lowbit")
+    g = _quantized(graph, f"gptq(w=int4,group=16,sym=true,{CALIB})")
+    x = _inputs(family, model, tok)
+    assert torch.isfinite(TorchCompiled(g)(*x)).all()
+
+
+def step_onnx(family: str, tmp_path: Any) -> None:
+    from lowbit.backends.onnxruntime_backend import OrtCompiled
+
+    model, tok, _, _, graph = build(family)
+    g = _quantized(graph)
+    x = _inputs(family, model, tok)
+    path = lowbit.export(g, tmp_path / "m.onnx")
+    _close(OrtCompiled.load(path)(*x), TorchCompiled(g)(*x), 1e-4)
+
+
+def step_compressed_tensors(family: str, tmp_path: Any) -> None:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model, tok, _, _, graph = build(family)
+    if tok is None:
+        raise Refused("lowbit records no HF wrapper for a pixel-input model (save needs config= and kind=)")
+    g = _quantized(graph)
+    out = lowbit.save(g, tmp_path / "ct", format="compressed-tensors")
+    x = _inputs(family, model, tok)
+    ref = TorchCompiled(g)(*x)
+    if isinstance(model, CausalLMLogits):
+        hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+        with torch.no_grad():
+            got = hf(*x).logits
+    else:
+        hf = SentenceEmbedder(AutoModel.from_pretrained(str(out), local_files_only=True).eval()).eval()
+        with torch.no_grad():
+            got = hf(*x)
+    _close(got, ref, 1e-5)
+    loaded = lowbit.load(out)
+    assert torch.equal(loaded(*x), ref)
+
+
+def run_step(family: str, step: str, tmp_path: Any) -> str:
+    """'works', or 'refused: <reason>' for a named refusal (Refused, PassError, CheckpointError, CaptureError)."""
+    from lowbit.checkpoint import CheckpointError
+    from lowbit.ir.capture import CaptureError
+    from lowbit.passes.base import PassError
+    from lowbit.passes.manager import PipelineError
+
+    fn = {"capture": step_capture, "fold-norms": step_fold_norms, "smooth-quant": step_smooth_quant,
+          "quantize": step_quantize, "gptq": step_gptq, "onnx": step_onnx,
+          "compressed-tensors": step_compressed_tensors}[step]
+    try:
+        fn(family, tmp_path) if step in ("onnx", "compressed-tensors") else fn(family)
+    except (Refused, PassError, CheckpointError, CaptureError, PipelineError) as exc:
+        return f"refused: {str(exc).splitlines()[0]}"
+    return "works"
+
+
+DEFAULT_SUITE = {"llama", "qwen2", "bert"}
+"""Families whose every step runs in the default suite (GQA 8 untied; GQA 7 with q/k/v biases, tied; a post-norm
+encoder); the others run every step with LOWBIT_SLOW=1 (``tools/arch_matrix.py`` does)."""
+
+
+DEFAULT_CAPTURE = {"gemma2", "phi3", "gpt-neox", "vit"}
+"""Captured in the default suite besides DEFAULT_SUITE: soft-capping, a fused gate_up chunk, fused qkv, conv patches."""
+
+
+def _cells() -> list[Any]:
+    cells = []
+    for family in FAMILIES:
+        for step in STEPS:
+            slow = family in SLOW_FAMILIES or (family not in DEFAULT_SUITE
+                                               and not (step == "capture" and family in DEFAULT_CAPTURE))
+            cells.append(pytest.param(family, step, marks=pytest.mark.slow) if slow else (family, step))
+    return cells
+
+
+@pytest.mark.parametrize("family,step", _cells())
+def test_architecture_step(family, step, tmp_path):
+    outcome = run_step(family, step, tmp_path)
+    sink = os.environ.get("LOWBIT_ARCH_MATRIX")
+    if sink:
+        with open(sink, "a") as f:
+            f.write(json.dumps({"family": family, "step": step, "outcome": outcome}) + "\n")
+    want = EXPECTED.get((family, step))
+    if want is None:
+        assert outcome == "works", f"{family} / {step}: {outcome}"
+    else:
+        assert outcome.startswith("refused: ") and re.search(want, outcome), f"{family} / {step}: {outcome}"
