@@ -1,0 +1,300 @@
+"""W4A16 / W8A16 (and W3/W2, which share the 4-bit storage): weight-only quantized linear on lowbit's layout.
+
+Layout: lowbit's stored form, unchanged (design.md "Packed weights"): 4-bit and narrower codes packed two per
+uint8 along K, low nibble = even index, ``[N, K/2]``; int8/uint8 ``[N, K]``; scale ``[N]`` (per channel) or
+``[N, K/g]``; zero point the scale's shape or None. Why no repack: the bytes of a row are contiguous along K,
+which is what both regimes read (a GEMV streams each weight row once, 16-byte loads along K; the tiled GEMM
+loads a ``[BLOCK_N, BLOCK_K/2]`` byte tile K-contiguous, which is the K-major B operand ``tl.dot`` wants after
+the in-register unpack); the checkpoint's buffers are used as they are (no second copy, no lowering-time
+transform to keep in sync with the ONNX/torch backends).
+
+Numerics = the reference's: each weight is dequantized in fp32 as ``(q - zero_point) * scale`` and rounded to
+the activation dtype (what ``dequantize(..., out_dtype=x.dtype)`` gives), then multiplied with fp32
+accumulation. Results differ from the reference only by accumulation order.
+
+Regimes:
+- M <= 16 (decode): split-K GEMV. Grid (N tiles, K splits, M tiles); partial sums go to an fp32
+  ``[splits, M, N]`` buffer that a second small kernel sums (deterministic, unlike atomics), adds the bias and
+  casts. M = 1 uses a CUDA-core multiply-reduce (no padding of M to a tensor-core tile); 2..16 use ``tl.dot``.
+  The config comes from ``gemv_config`` (a table keyed by M, N, K; ``tools/bench_kernels.py`` sweeps it).
+- M > 16 (prefill): tiled GEMM with the dequantize in the main loop, autotuned over a small config set keyed
+  by (M bucket, N, K, group). For M >= ``DEQUANT_CUBLAS_MIN_M`` the op dequantizes the weight once with a Triton
+  kernel and calls cuBLAS instead, where that was measured faster (bench/results/kernels.json).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from lowbit.kernels._common import check, interpreting, is_pow2, m_bucket, unpack_nibbles
+
+__all__ = ["weight_only_linear", "weight_only_linear_ref", "dequantize_weight", "gemv_config",
+           "DEQUANT_CUBLAS_MIN_M", "PACKED_QDTYPES", "BYTE_QDTYPES"]
+
+PACKED_QDTYPES = {"int4": True, "uint4": False, "int3": True, "int2": True}
+"""Packed qdtypes -> signed: int3/int2 are stored in signed nibbles, so the int4 kernel runs them as they are."""
+BYTE_QDTYPES = {"int8": True, "uint8": False}
+
+DEQUANT_CUBLAS_MIN_M = 1024
+"""From this M on, W4A16 dequantizes to a bf16 weight once and calls cuBLAS (faster than the fused loop there)."""
+
+SPLIT_TARGET_PROGRAMS = 528
+"""Split-K aims at ~4 programs per SM of an H100/H200 (132 SMs) so the weight stream keeps every SM busy."""
+
+
+def weight_only_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                           zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str,
+                           group_size: int) -> torch.Tensor:
+    """Plain torch: ``dequantize(qweight)`` to ``x.dtype`` (lowbit's reference op), then ``F.linear``."""
+    from lowbit.ir.quant import dequantize
+
+    w = dequantize(qweight, scale, zero_point, qdtype=qdtype, axis=1 if group_size else 0,
+                   block_size=group_size or None, out_dtype=x.dtype)
+    return F.linear(x, w, bias)
+
+
+@triton.jit
+def _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, swn, ssn, s_n, z_n,
+                  PACKED: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 dequantized weights ``[BLOCK_N, BLOCK_K]`` for K columns ``k0 .. k0+BLOCK_K`` (masked past ``k_hi``)."""
+    if PACKED:
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        b = tl.load(w_ptr + offs_n[:, None] * swn + offs_b[None, :],
+                    mask=n_ok[:, None] & (offs_b * 2 < k_hi)[None, :], other=0)
+        q = unpack_nibbles(b, SIGNED).to(tl.float32)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :],
+                    mask=n_ok[:, None] & (offs_k < k_hi)[None, :], other=0).to(tl.float32)
+    if GROUP == 0:
+        if HAS_ZP:
+            q = q - z_n[:, None]
+        w = q * s_n[:, None]
+    elif BLOCK_K <= GROUP:
+        g = k0 // GROUP
+        s = tl.load(s_ptr + offs_n * ssn + g, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            z = tl.load(z_ptr + offs_n * ssn + g, mask=n_ok, other=0).to(tl.float32)
+            q = q - z[:, None]
+        w = q * s[:, None]
+    else:
+        NG: tl.constexpr = BLOCK_K // GROUP
+        offs_g = k0 // GROUP + tl.arange(0, NG)
+        g_ok = n_ok[:, None] & (offs_g * GROUP < k_hi)[None, :]
+        s = tl.load(s_ptr + offs_n[:, None] * ssn + offs_g[None, :], mask=g_ok, other=0).to(tl.float32)
+        q3 = tl.reshape(q, (BLOCK_N, NG, GROUP))
+        if HAS_ZP:
+            z = tl.load(z_ptr + offs_n[:, None] * ssn + offs_g[None, :], mask=g_ok, other=0).to(tl.float32)
+            q3 = q3 - z[:, :, None]
+        w = tl.reshape(q3 * s[:, :, None], (BLOCK_N, BLOCK_K))
+    return w
+
+
+@triton.jit
+def _wo_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, K, K_SPLIT, M_KEY,
+               sxm, swn, ssn, som, sos,
+               PACKED: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+               HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    s_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if GROUP == 0:
+        s_n = tl.load(s_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            z_n = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :],
+                    mask=m_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0)
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, swn, ssn, s_n, z_n,
+                          PACKED, SIGNED, GROUP, HAS_ZP, BLOCK_N, BLOCK_K).to(x.dtype)
+        if BLOCK_M == 1:
+            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+        elif UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 operands hold bf16 values exactly
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if PARTIAL:
+        tl.store(o_ptr + pid_k * sos + offs_m[:, None] * som + offs_n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+        tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], acc.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _splitk_reduce(p_ptr, b_ptr, o_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out = sum over splits of the fp32 partials (+ bias), cast: the second half of split-K."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(p_ptr + s * MN + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=ok, other=0).to(tl.float32)
+    tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn,
+                    PACKED: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_ok = offs_n < N
+    s_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if GROUP == 0:
+        s_n = tl.load(s_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            z_n = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+    w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, K, swn, ssn, s_n, z_n,
+                      PACKED, SIGNED, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(o_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(o_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_k < K)[None, :])
+
+
+def _gemm_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ((128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+                                     (128, 64, 64, 4, 4), (64, 64, 128, 4, 3), (128, 256, 64, 8, 3),
+                                     (32, 128, 128, 4, 4))]
+
+
+_wo_kernel_tuned = triton.autotune(configs=_gemm_configs(), key=["M_KEY", "N", "K", "GROUP", "PACKED", "HAS_ZP"])(
+    _wo_kernel)
+
+_GEMV_TABLE: dict[tuple[int, int, int], dict] = {}
+"""Measured best GEMV configs keyed by (M bucket, N, K); ``gemv_config`` falls back to a rule for other shapes."""
+
+
+def gemv_config(m: int, n: int, k: int, group: int) -> dict:
+    """Block sizes, warps, stages and split count for the M <= 16 path."""
+    cfg = _GEMV_TABLE.get((1 if m == 1 else 16, n, k))
+    if cfg is None:
+        bm = 1 if m == 1 else 16
+        cfg = {"BLOCK_M": bm, "BLOCK_N": 32 if bm == 1 else 64, "BLOCK_K": 256 if bm == 1 else 128,
+               "num_warps": 4, "num_stages": 3}
+    cfg = dict(cfg)
+    if "SPLIT_K" not in cfg:
+        n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+        cfg["SPLIT_K"] = max(1, min(SPLIT_TARGET_PROGRAMS // n_tiles, k // (cfg["BLOCK_K"] * 2)))
+    return cfg
+
+
+def _meta(qweight: torch.Tensor, qdtype: str, k: int) -> tuple[bool, bool]:
+    if qdtype in PACKED_QDTYPES:
+        check(qweight.dtype == torch.uint8 and qweight.shape[1] * 2 == k, "weight_only_linear",
+              f"{qdtype} weight must be packed uint8 [N, K/2] with K={k}, got {qweight.dtype} {tuple(qweight.shape)}")
+        return True, PACKED_QDTYPES[qdtype]
+    check(qdtype in BYTE_QDTYPES, "weight_only_linear", f"qdtype {qdtype!r} is not int8/uint8/int4/uint4/int3/int2")
+    check(qweight.shape[1] == k, "weight_only_linear", f"weight {tuple(qweight.shape)} does not match K={k}")
+    return False, BYTE_QDTYPES[qdtype]
+
+
+def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, group, cfg):
+    m, k = x2.shape
+    n = qweight.shape[0]
+    split = cfg["SPLIT_K"]
+    k_split = triton.cdiv(triton.cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split = triton.cdiv(k, k_split)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
+    zp = zero_point if zero_point is not None else scale
+    b = bias if bias is not None else scale
+    ssn = scale.stride(0)
+    meta = dict(PACKED=packed, SIGNED=signed, GROUP=group, HAS_ZP=zero_point is not None, UPCAST=interpreting(),
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split == 1:
+        wrap_triton(_wo_kernel)[grid](x2, qweight, scale, zp, b, out, m, n, k, k_split, m,
+                                      x2.stride(0), qweight.stride(0), ssn, out.stride(0), 0,
+                                      HAS_BIAS=bias is not None, PARTIAL=False, **meta)
+        return out
+    part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+    wrap_triton(_wo_kernel)[grid](x2, qweight, scale, zp, b, part, m, n, k, k_split, m,
+                                  x2.stride(0), qweight.stride(0), ssn, n, m * n,
+                                  HAS_BIAS=False, PARTIAL=True, **meta)
+    block = 1024
+    wrap_triton(_splitk_reduce)[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
+                                                             HAS_BIAS=bias is not None, BLOCK=block)
+    return out
+
+
+def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str,
+                      group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[N, K]`` weight in ``dtype`` (Triton kernel): the large-M path's one-off dequantize."""
+    packed, signed = _meta(qweight, qdtype, k)
+    n = qweight.shape[0]
+    out = torch.empty((n, k), device=qweight.device, dtype=dtype)
+    bn, bk = 32, 128 if group_size == 0 else max(128, group_size)
+    wrap_triton(_dequant_kernel)[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        qweight, scale, zero_point if zero_point is not None else scale, out, n, k, qweight.stride(0),
+        scale.stride(0), PACKED=packed, SIGNED=signed, GROUP=group_size, HAS_ZP=zero_point is not None,
+        BLOCK_N=bn, BLOCK_K=bk)
+    return out
+
+
+def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+             bias: torch.Tensor | None, qdtype: str, group_size: int, path: str) -> torch.Tensor:
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    packed, signed = _meta(qweight, qdtype, k)
+    check(group_size == 0 or (is_pow2(group_size) and group_size >= 16 and k % group_size == 0),
+          "weight_only_linear", f"group {group_size} must be a power of two >= 16 dividing K={k}")
+    check(k % 2 == 0 or not packed, "weight_only_linear", f"K={k} is odd")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if path == "auto":
+        path = "gemv" if m <= 16 else ("dequant" if m >= DEQUANT_CUBLAS_MIN_M and not interpreting() else "gemm")
+    if path == "dequant":
+        w = dequantize_weight(qweight, scale, zero_point, qdtype, group_size, k, x.dtype)
+        return F.linear(x, w, bias)
+    if path == "gemv":
+        _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, group_size,
+                     gemv_config(m, n, k, group_size))
+    else:
+        zp = zero_point if zero_point is not None else scale
+        b = bias if bias is not None else scale
+        args = (x2, qweight, scale, zp, b, out, m, n, k, k, m_bucket(m), x2.stride(0), qweight.stride(0),
+                scale.stride(0), out.stride(0), 0)
+        meta = dict(PACKED=packed, SIGNED=signed, GROUP=group_size, HAS_ZP=zero_point is not None,
+                    HAS_BIAS=bias is not None, PARTIAL=False, UPCAST=interpreting())
+        if interpreting():
+            cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=max(32, min(64, group_size or 64)))
+            grid = (triton.cdiv(n, cfg["BLOCK_N"]), 1, triton.cdiv(m, cfg["BLOCK_M"]))
+            wrap_triton(_wo_kernel)[grid](*args, **meta, **cfg)
+        else:
+            def grid(meta):
+                return (triton.cdiv(n, meta["BLOCK_N"]), 1, triton.cdiv(m, meta["BLOCK_M"]))
+            wrap_triton(_wo_kernel_tuned)[grid](*args, **meta)
+    return out.reshape(*x.shape[:-1], n)
+
+
+@triton_op("lowbit::weight_only_linear", mutates_args=())
+def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                       zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str,
+                       group_size: int, path: str = "auto") -> torch.Tensor:
+    """``x @ dequantize(qweight).T + bias`` with the dequantize fused; ``group_size`` 0 = per channel.
+
+    ``path``: ``auto`` (by M), ``gemv`` (split-K), ``gemm`` (tiled), ``dequant`` (dequantize + cuBLAS)."""
+    return _wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path)
