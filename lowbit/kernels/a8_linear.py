@@ -123,14 +123,14 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
 
 def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4),
-                                     (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (16, 64, 128, 4, 4),
-                                     (16, 128, 256, 4, 3), (64, 64, 64, 4, 4), (256, 128, 128, 8, 3))]
+            for bm, bn, bk, w, s in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 8, 4),
+                                     (64, 128, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 64, 4, 4),
+                                     (64, 64, 64, 4, 4))]
 
 
 def _prune(configs, named_args, **kw):
     """Keep configs whose BLOCK_K fits the scale groups (one scale per K step); shrink small-M tiles."""
-    g = min([v for v in (named_args.get("A_GROUP", kw.get("A_GROUP", 0)), kw.get("W_GROUP", 0)) if v] or [0])
+    g = min([v for v in (named_args.get(a, kw.get(a, 0)) for a in ("A_GROUP", "W_GROUP")) if v] or [0])
     m = named_args["M"]
     out = [c for c in configs if (g == 0 or c.kwargs["BLOCK_K"] <= g) and (m > 64 or c.kwargs["BLOCK_M"] <= 64)]
     if not out:
@@ -143,7 +143,7 @@ def _prune(configs, named_args, **kw):
 
 _a8_kernel_tuned = triton.autotune(configs=_configs(), key=["M_KEY", "N", "K", "A_GROUP", "W_GROUP", "W_PACKED",
                                                             "IS_FP8"],
-                                   prune_configs_by={"early_config_prune": _prune})(_a8_kernel)
+                                   prune_configs_by={"early_config_prune": _prune}, warmup=5, rep=20)(_a8_kernel)
 
 
 def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
