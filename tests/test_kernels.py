@@ -180,3 +180,17 @@ def test_ops_compose_with_torch_compile_and_cuda_graphs():
     for _ in range(3):
         out = graphed(x)
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quant_linear_module_calls_the_ops(device):
+    from lowbit.kernels.modules import QuantLinear
+
+    q, s, z = _quantized_weight(32, 128, "int4", 64, False, device)
+    x = torch.randn(3, 128, device=device).to(torch.bfloat16)
+    mod = QuantLinear(q, s, z, None, "int4", 64)
+    assert _rel(mod(x), weight_only_linear_ref(x, q, s, z, None, "int4", 64)) <= TOL[torch.bfloat16]
+    q8, s8, _ = _quantized_weight(32, 128, "int8", 0, True, device)
+    mod8 = QuantLinear(q8, s8, None, None, "int8", 0, "int8", 0)
+    assert _rel(mod8(x), a8_linear_ref(x, q8, s8, None, None, "int8", 0, "int8", 0)) <= TOL[torch.bfloat16]
+    assert "w=int4/g64" in repr(mod) and "a=int8" in repr(mod8)

@@ -7,6 +7,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 """Activation dtypes the kernels take; anything else is the caller's reference fallback."""
@@ -20,6 +21,16 @@ def interpreting() -> bool:
 def on_kernel_device(t: torch.Tensor) -> bool:
     """A tensor a kernel can read: CUDA, or any device under the interpreter."""
     return t.is_cuda or interpreting()
+
+
+def launcher(t: torch.Tensor, kernel):
+    """``wrap_triton(kernel)`` while torch traces (fake or functional tensors, torch.compile), else ``kernel``.
+
+    Eager calls skip the traceable wrapper: its per-launch Python cost is far above the kernel's run time at
+    decode sizes, and outside a ``triton_op`` it re-ran the autotuner on every call."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling():
+        return kernel
+    return wrap_triton(kernel)
 
 
 def check(cond: bool, op: str, msg: str) -> None:
@@ -55,17 +66,6 @@ def round_half_even(y):
 
 
 @triton.jit
-def unpack_nibbles(b, SIGNED: tl.constexpr):
-    """uint8 bytes ``[R, C]`` -> int32 codes ``[R, 2C]`` (low nibble = even index, lowbit's packing)."""
-    lo = (b & 0xF).to(tl.int32)
-    hi = (b >> 4).to(tl.int32)
-    if SIGNED:  # two's-complement nibble: 8..15 -> -8..-1
-        lo = lo - ((lo & 8) << 1)
-        hi = hi - ((hi & 8) << 1)
-    return tl.interleave(lo, hi)
-
-
-@triton.jit
 def round_to_e4m3(y):
     """fp32 ``y`` (|y| <= 448) rounded half-to-even onto the e4m3 grid, still fp32.
 
@@ -76,3 +76,14 @@ def round_to_e4m3(y):
     e = tl.maximum(e, -6)
     ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
     return round_half_even(y / ulp) * ulp
+
+
+@triton.jit
+def nibbles(b, SIGNED: tl.constexpr):
+    """Low and high nibbles of uint8 ``b`` as int32 codes (low = even K index, high = odd: lowbit's packing)."""
+    lo = (b & 0xF).to(tl.int32)
+    hi = (b >> 4).to(tl.int32)
+    if SIGNED:  # two's-complement nibble: 8..15 -> -8..-1
+        lo = lo - ((lo & 8) << 1)
+        hi = hi - ((hi & 8) << 1)
+    return lo, hi

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from lowbit.kernels._common import check, interpreting, is_pow2, m_bucket, unpack_nibbles
+from lowbit.kernels._common import check, interpreting, is_pow2, launcher, m_bucket, nibbles
 from lowbit.kernels.act_quant import quantize_activation
 
 __all__ = ["a8_linear", "a8_linear_ref", "a8_gemm", "FP8_ROWWISE_SCALED_MM"]
@@ -77,27 +77,39 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
     else:
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * sam + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if W_PACKED:
-            offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            b = tl.load(w_ptr + offs_n[:, None] * swn + offs_b[None, :],
-                        mask=n_ok[:, None] & (offs_b * 2 < K)[None, :], other=0)
-            q = unpack_nibbles(b, W_SIGNED)
+        if GROUPED:
+            base = tl.zeros_like(acc_i)
+        else:
+            base = acc_i
+        if W_PACKED:  # even K columns x low nibbles + odd K columns x high nibbles (no interleave)
+            BH: tl.constexpr = BLOCK_K // 2
+            offs_c = k0 // 2 + tl.arange(0, BH)
+            c_ok = offs_c * 2 < K
+            am = m_ok[:, None] & c_ok[None, :]
+            a_even = tl.load(a_ptr + offs_m[:, None] * sam + 2 * offs_c[None, :], mask=am, other=0.0)
+            a_odd = tl.load(a_ptr + offs_m[:, None] * sam + 2 * offs_c[None, :] + 1, mask=am, other=0.0)
+            b = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0)
+            lo, hi = nibbles(b, W_SIGNED)
             if HAS_WZ:  # BLOCK_K <= W_GROUP: one zero point per row in this step
                 if W_GROUP > 0:
                     zp = tl.load(zw_ptr + offs_n * sswn + k0 // W_GROUP, mask=n_ok, other=0).to(tl.int32)
                 else:
                     zp = tl.load(zw_ptr + offs_n, mask=n_ok, other=0).to(tl.int32)
-                q = q - zp[:, None]
-            w = q.to(tl.int8)
+                lo = lo - zp[:, None]
+                hi = hi - zp[:, None]
+            part = tl.dot(a_even, tl.trans(lo.to(tl.int8)), base, out_dtype=tl.int32)
+            part = tl.dot(a_odd, tl.trans(hi.to(tl.int8)), part, out_dtype=tl.int32)
         else:
-            w = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if IS_FP8:
-            part = tl.dot(a, tl.trans(w))
-        else:
-            part = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            a = tl.load(a_ptr + offs_m[:, None] * sam + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if IS_FP8:
+                part = tl.dot(a, tl.trans(w), base)
+            else:
+                part = tl.dot(a, tl.trans(w), base, out_dtype=tl.int32)
         if GROUPED:
             pf = part.to(tl.float32)
             if A_GROUP > 0:
@@ -108,7 +120,7 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
                 pf = pf * sw[None, :]
             acc += pf
         else:
-            acc_i += part
+            acc_i = part
     if not GROUPED:
         acc = acc_i.to(tl.float32)
     if A_GROUP == 0:
@@ -171,11 +183,11 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
         bk = min(groups) if groups else 64
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(bk, 64))
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
-        wrap_triton(_a8_kernel)[grid](*args, **meta, **cfg)
+        launcher(xq, _a8_kernel)[grid](*args, **meta, **cfg)
     else:
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
-        wrap_triton(_a8_kernel_tuned)[grid](*args, **meta)
+        launcher(xq, _a8_kernel_tuned)[grid](*args, **meta)
     return out
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from lowbit.kernels._common import check, round_half_even, round_to_e4m3
+from lowbit.kernels._common import check, launcher, round_half_even, round_to_e4m3
 
 __all__ = ["quantize_activation", "quantize_activation_ref", "QMAX"]
 
@@ -43,7 +43,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm,
     x = tl.load(x_ptr + row * sxm + offs, mask=ok, other=0.0).to(tl.float32)
     if GROUP == 0:
         amax = tl.max(tl.abs(x), axis=0)
-        s = tl.maximum(tl.math.div_rn(amax, QMAX), 1e-12)
+        s = tl.maximum(tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1e-12)
         tl.store(s_ptr + row * ssm, s)
         y = tl.math.div_rn(x, tl.zeros_like(x) + s)
     else:
@@ -77,7 +77,7 @@ def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[
     if group_size:
         block = max(block, group_size)
     warps = 4 if block <= 4096 else 8
-    wrap_triton(_act_quant_kernel)[(m,)](x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0), QMAX=QMAX[qdtype],
+    launcher(x2, _act_quant_kernel)[(m,)](x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0), QMAX=QMAX[qdtype],
                                          IS_FP8=qdtype == "fp8e4m3", GROUP=group_size, BLOCK_K=block,
                                          num_warps=warps)
     return q, s

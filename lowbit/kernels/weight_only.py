@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from lowbit.kernels._common import check, interpreting, is_pow2, m_bucket, unpack_nibbles
+from lowbit.kernels._common import check, interpreting, is_pow2, launcher, m_bucket, nibbles
 
 __all__ = ["weight_only_linear", "weight_only_linear_ref", "dequantize_weight", "gemv_config",
            "DEQUANT_CUBLAS_MIN_M", "PACKED_QDTYPES", "BYTE_QDTYPES"]
@@ -58,41 +58,46 @@ def weight_only_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.
 
 
 @triton.jit
-def _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, swn, ssn, s_n, z_n,
-                  PACKED: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 dequantized weights ``[BLOCK_N, BLOCK_K]`` for K columns ``k0 .. k0+BLOCK_K`` (masked past ``k_hi``)."""
-    if PACKED:
-        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        b = tl.load(w_ptr + offs_n[:, None] * swn + offs_b[None, :],
-                    mask=n_ok[:, None] & (offs_b * 2 < k_hi)[None, :], other=0)
-        q = unpack_nibbles(b, SIGNED).to(tl.float32)
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        q = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :],
-                    mask=n_ok[:, None] & (offs_k < k_hi)[None, :], other=0).to(tl.float32)
+def _scale_cols(q, s_ptr, z_ptr, offs_n, n_ok, c0, c_hi, ssn, s_n, z_n,
+                GROUP: tl.constexpr, GC: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """fp32 ``(q - zp) * scale`` for code columns ``c0 .. c0+BLOCK_C`` of ``[BLOCK_N, BLOCK_C]``; a scale group
+    spans ``GC`` columns (``GROUP`` 0 = per channel: ``s_n``/``z_n``)."""
+    q = q.to(tl.float32)
     if GROUP == 0:
         if HAS_ZP:
             q = q - z_n[:, None]
         w = q * s_n[:, None]
-    elif BLOCK_K <= GROUP:
-        g = k0 // GROUP
+    elif BLOCK_C <= GC:
+        g = c0 // GC
         s = tl.load(s_ptr + offs_n * ssn + g, mask=n_ok, other=0).to(tl.float32)
         if HAS_ZP:
             z = tl.load(z_ptr + offs_n * ssn + g, mask=n_ok, other=0).to(tl.float32)
             q = q - z[:, None]
         w = q * s[:, None]
     else:
-        NG: tl.constexpr = BLOCK_K // GROUP
-        offs_g = k0 // GROUP + tl.arange(0, NG)
-        g_ok = n_ok[:, None] & (offs_g * GROUP < k_hi)[None, :]
+        NG: tl.constexpr = BLOCK_C // GC
+        offs_g = c0 // GC + tl.arange(0, NG)
+        g_ok = n_ok[:, None] & (offs_g * GC < c_hi)[None, :]
         s = tl.load(s_ptr + offs_n[:, None] * ssn + offs_g[None, :], mask=g_ok, other=0).to(tl.float32)
-        q3 = tl.reshape(q, (BLOCK_N, NG, GROUP))
+        q3 = tl.reshape(q, (BLOCK_N, NG, GC))
         if HAS_ZP:
             z = tl.load(z_ptr + offs_n[:, None] * ssn + offs_g[None, :], mask=g_ok, other=0).to(tl.float32)
             q3 = q3 - z[:, :, None]
-        w = tl.reshape(q3 * s[:, :, None], (BLOCK_N, BLOCK_K))
+        w = tl.reshape(q3 * s[:, :, None], (BLOCK_N, BLOCK_C))
     return w
+
+
+@triton.jit
+def _mac(acc, x, w, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += x @ w.T (fp32 accumulation); M = 1 is a CUDA-core multiply-reduce."""
+    if BLOCK_M == 1:
+        acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+    elif UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 operands hold bf16 values exactly
+        acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc
 
 
 @triton.jit
@@ -101,6 +106,8 @@ def _wo_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, K, K_SPLIT, M_KEY
                PACKED: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
                HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed weights are never interleaved back into K order: the even (low-nibble) and odd (high-nibble)
+    K columns are two half-width products against the activation's even and odd columns."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -118,17 +125,30 @@ def _wo_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, K, K_SPLIT, M_KEY
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :],
-                    mask=m_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, swn, ssn, s_n, z_n,
-                          PACKED, SIGNED, GROUP, HAS_ZP, BLOCK_N, BLOCK_K).to(x.dtype)
-        if BLOCK_M == 1:
-            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
-        elif UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 operands hold bf16 values exactly
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        if PACKED:
+            BH: tl.constexpr = BLOCK_K // 2
+            offs_c = k0 // 2 + tl.arange(0, BH)
+            c_ok = offs_c * 2 < k_hi
+            xm = m_ok[:, None] & c_ok[None, :]
+            x_even = tl.load(x_ptr + offs_m[:, None] * sxm + 2 * offs_c[None, :], mask=xm, other=0.0)
+            x_odd = tl.load(x_ptr + offs_m[:, None] * sxm + 2 * offs_c[None, :] + 1, mask=xm, other=0.0)
+            b = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0)
+            lo, hi = nibbles(b, SIGNED)
+            w_lo = _scale_cols(lo, s_ptr, z_ptr, offs_n, n_ok, k0 // 2, k_hi // 2, ssn, s_n, z_n,
+                               GROUP, GROUP // 2, HAS_ZP, BLOCK_N, BH).to(x_even.dtype)
+            w_hi = _scale_cols(hi, s_ptr, z_ptr, offs_n, n_ok, k0 // 2, k_hi // 2, ssn, s_n, z_n,
+                               GROUP, GROUP // 2, HAS_ZP, BLOCK_N, BH).to(x_even.dtype)
+            acc = _mac(acc, x_even, w_lo, BLOCK_M, UPCAST)
+            acc = _mac(acc, x_odd, w_hi, BLOCK_M, UPCAST)
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_hi
+            x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            q = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+            w = _scale_cols(q, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, ssn, s_n, z_n,
+                            GROUP, GROUP, HAS_ZP, BLOCK_N, BLOCK_K).to(x.dtype)
+            acc = _mac(acc, x, w, BLOCK_M, UPCAST)
     mask = m_ok[:, None] & n_ok[None, :]
     if PARTIAL:
         tl.store(o_ptr + pid_k * sos + offs_m[:, None] * som + offs_n[None, :], acc, mask=mask)
@@ -164,11 +184,25 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn,
         s_n = tl.load(s_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
         if HAS_ZP:
             z_n = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
-    w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, K, swn, ssn, s_n, z_n,
-                      PACKED, SIGNED, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    tl.store(o_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(o_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_k < K)[None, :])
+    if PACKED:
+        BH: tl.constexpr = BLOCK_K // 2
+        offs_c = k0 // 2 + tl.arange(0, BH)
+        c_ok = n_ok[:, None] & (offs_c * 2 < K)[None, :]
+        b = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :], mask=c_ok, other=0)
+        lo, hi = nibbles(b, SIGNED)
+        w_lo = _scale_cols(lo, s_ptr, z_ptr, offs_n, n_ok, k0 // 2, K // 2, ssn, s_n, z_n,
+                           GROUP, GROUP // 2, HAS_ZP, BLOCK_N, BH)
+        w_hi = _scale_cols(hi, s_ptr, z_ptr, offs_n, n_ok, k0 // 2, K // 2, ssn, s_n, z_n,
+                           GROUP, GROUP // 2, HAS_ZP, BLOCK_N, BH)
+        base = o_ptr + offs_n[:, None] * K + 2 * offs_c[None, :]
+        tl.store(base, w_lo.to(o_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(base + 1, w_hi.to(o_ptr.dtype.element_ty), mask=c_ok)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = n_ok[:, None] & (offs_k < K)[None, :]
+        q = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :], mask=k_ok, other=0)
+        w = _scale_cols(q, s_ptr, z_ptr, offs_n, n_ok, k0, K, ssn, s_n, z_n, GROUP, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
+        tl.store(o_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(o_ptr.dtype.element_ty), mask=k_ok)
 
 
 def _gemm_configs() -> list[triton.Config]:
@@ -223,16 +257,16 @@ def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, grou
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split == 1:
-        wrap_triton(_wo_kernel)[grid](x2, qweight, scale, zp, b, out, m, n, k, k_split, m,
+        launcher(x2, _wo_kernel)[grid](x2, qweight, scale, zp, b, out, m, n, k, k_split, m,
                                       x2.stride(0), qweight.stride(0), ssn, out.stride(0), 0,
                                       HAS_BIAS=bias is not None, PARTIAL=False, **meta)
         return out
     part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
-    wrap_triton(_wo_kernel)[grid](x2, qweight, scale, zp, b, part, m, n, k, k_split, m,
+    launcher(x2, _wo_kernel)[grid](x2, qweight, scale, zp, b, part, m, n, k, k_split, m,
                                   x2.stride(0), qweight.stride(0), ssn, n, m * n,
                                   HAS_BIAS=False, PARTIAL=True, **meta)
     block = 1024
-    wrap_triton(_splitk_reduce)[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
+    launcher(x2, _splitk_reduce)[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
                                                              HAS_BIAS=bias is not None, BLOCK=block)
     return out
 
@@ -244,7 +278,7 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, zero_point: to
     n = qweight.shape[0]
     out = torch.empty((n, k), device=qweight.device, dtype=dtype)
     bn, bk = 32, 128 if group_size == 0 else max(128, group_size)
-    wrap_triton(_dequant_kernel)[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+    launcher(qweight, _dequant_kernel)[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         qweight, scale, zero_point if zero_point is not None else scale, out, n, k, qweight.stride(0),
         scale.stride(0), PACKED=packed, SIGNED=signed, GROUP=group_size, HAS_ZP=zero_point is not None,
         BLOCK_N=bn, BLOCK_K=bk)
@@ -282,11 +316,11 @@ def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_p
         if interpreting():
             cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=max(32, min(64, group_size or 64)))
             grid = (triton.cdiv(n, cfg["BLOCK_N"]), 1, triton.cdiv(m, cfg["BLOCK_M"]))
-            wrap_triton(_wo_kernel)[grid](*args, **meta, **cfg)
+            launcher(x2, _wo_kernel)[grid](*args, **meta, **cfg)
         else:
             def grid(meta):
                 return (triton.cdiv(n, meta["BLOCK_N"]), 1, triton.cdiv(m, meta["BLOCK_M"]))
-            wrap_triton(_wo_kernel_tuned)[grid](*args, **meta)
+            launcher(x2, _wo_kernel_tuned)[grid](*args, **meta)
     return out.reshape(*x.shape[:-1], n)
 
 
