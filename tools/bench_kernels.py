@@ -306,6 +306,7 @@ def launch_path(k: int, n: int) -> list[dict]:
     calls = {"cublas_bf16": lambda: F.linear(x, wb),
              f"w4a16_g{g}_asym": lambda: torch.ops.lowbit.weight_only_linear(x, q, s, z, None, "int4", g, "auto"),
              f"w4a16_g{g}_asym_raw_launch": lambda: wo._launch_gemv(x, q, s, z, None, out, True, True, g, cfg),
+             "quantize_activation_op": lambda: torch.ops.lowbit.quantize_activation(x, "int8", 0),
              "w8a8_fused_quant": lambda: torch.ops.lowbit.a8_linear(x, q8, s8, None, None, "int8", 0, "int8", 0,
                                                                     True)}
     reps = 200
@@ -318,20 +319,20 @@ def launch_path(k: int, n: int) -> list[dict]:
             fn()
         torch.cuda.synchronize()
         eager = (time.perf_counter() - t0) / reps * 1e6
-        g = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         s_ = torch.cuda.Stream()
         s_.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s_):
             fn()
         torch.cuda.current_stream().wait_stream(s_)
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(graph):
             for _ in range(20):
                 fn()
-        g.replay()
+        graph.replay()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(20):
-            g.replay()
+            graph.replay()
         torch.cuda.synchronize()
         graphed = (time.perf_counter() - t0) / 400 * 1e6
         rows.append({"kernel": name, "M": 1, "K": k, "N": n, "variant": "launch_path", "eager_wall_us": round(eager, 2),
@@ -374,11 +375,11 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     for k, n in SMALL:
         rows.extend(launch_path(k, n))
-        print("launch path", [(r["kernel"], r["eager_wall_us"], r["cuda_graph_us"]) for r in rows[-4:]], flush=True)
+        print("launch path", [(r["kernel"], r["eager_wall_us"], r["cuda_graph_us"]) for r in rows[-5:]], flush=True)
     flush()
     if args.sweep:
         for m in (1, 16):
-            for k, n in ((4096, 11008), (11008, 4096)):
+            for k, n in ((4096, 11008),):
                 rows.extend(sweep_gemv(m, k, n, bw))
                 print("sweep", rows[-1], flush=True)
                 flush()

@@ -2,8 +2,9 @@
 
 Numerics = ``dynamic_qparams(granularity="per_token", symmetric=True, block_size=g)`` then ``quantize``:
 ``scale = max(amax / qmax, 1e-12)``, int8 ``q = clamp(round_half_even(x / scale), -128, 127)``, fp8
-``q = cast_rtne(clamp(x / scale, -448, 448))``. Divisions are IEEE (``div_rn``), so codes and scales are
-bit-identical to the reference on the GPU. One program reads one row once and writes codes and scales: the
+``q = cast_rtne(clamp(x / scale, -448, 448))``. ``x / scale`` is an IEEE division (``div_rn``); ``amax / qmax``
+follows torch on the tensor's device: IEEE on CPU, ``amax * fp32(1 / qmax)`` on CUDA (PyTorch's CUDA division by a
+scalar multiplies by the reciprocal). Codes and scales are so bit-identical to the reference on either device. One program reads one row once and writes codes and scales: the
 separate-ops version (amax, divide, round, cast) reads the activation three times.
 """
 
@@ -34,23 +35,35 @@ def quantize_activation_ref(x: torch.Tensor, qdtype: str, group_size: int) -> tu
     return q, scale
 
 
+def _cuda_reciprocal(qdtype: str) -> float:
+    """fp32(1 / qmax), as PyTorch's CUDA ``tensor / python_scalar`` computes it before multiplying."""
+    return torch.tensor(1.0, dtype=torch.float32).div(torch.tensor(QMAX[qdtype], dtype=torch.float32)).item()
+
+
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm,
-                      QMAX: tl.constexpr, IS_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+                      QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     ok = offs < K
     x = tl.load(x_ptr + row * sxm + offs, mask=ok, other=0.0).to(tl.float32)
     if GROUP == 0:
         amax = tl.max(tl.abs(x), axis=0)
-        s = tl.maximum(tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1e-12)
+        if RCP != 0.0:
+            s = tl.maximum(amax * RCP, 1e-12)
+        else:
+            s = tl.maximum(tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1e-12)
         tl.store(s_ptr + row * ssm, s)
         y = tl.math.div_rn(x, tl.zeros_like(x) + s)
     else:
         NG: tl.constexpr = BLOCK_K // GROUP
         x3 = tl.reshape(x, (NG, GROUP))
         amax = tl.max(tl.abs(x3), axis=1)
-        s = tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
+        if RCP != 0.0:
+            s = tl.maximum(amax * RCP, 1e-12)
+        else:
+            s = tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
         offs_g = tl.arange(0, NG)
         tl.store(s_ptr + row * ssm + offs_g, s, mask=offs_g * GROUP < K)
         y = tl.reshape(tl.math.div_rn(x3, tl.zeros_like(x3) + s[:, None]), (BLOCK_K,))
@@ -78,6 +91,7 @@ def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[
         block = max(block, group_size)
     warps = 4 if block <= 4096 else 8
     launcher(x2, _act_quant_kernel)[(m,)](x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0), QMAX=QMAX[qdtype],
+                                         RCP=_cuda_reciprocal(qdtype) if x.is_cuda else 0.0,
                                          IS_FP8=qdtype == "fp8e4m3", GROUP=group_size, BLOCK_K=block,
                                          num_warps=warps)
     return q, s
