@@ -29,10 +29,10 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import machine  # noqa: E402
+from results_io import machine
 
-from lowbit.ir.quant import qparams_from_range, quantize  # noqa: E402
-from lowbit.kernels.modules import QuantLinear  # noqa: E402
+from lowbit.ir.quant import qparams_from_range, quantize
+from lowbit.kernels.modules import QuantLinear
 
 SHAPES = ((1, 1), (1, 128), (1, 2048), (16, 1), (16, 128))
 SCHEMES = {  # name -> (w qdtype, w group, symmetric, a qdtype, a group)
@@ -127,14 +127,14 @@ def main() -> None:
                 "gpu_memory_mib": round(mem / 2 ** 20, 1), "linear_bytes_mib": round(packed / 2 ** 20, 1),
                 "linear_bytes_vs_bf16": round(packed / bf16_linear, 3),
                 "path": "HF eager" if scheme is None else "lowbit kernels (QuantLinear), eager"}
-        fwd = lambda ids, m=model: m(ids, use_cache=False).logits  # noqa: E731
+        fwd = lambda ids, m=model: m(ids, use_cache=False).logits
         for b, s in SHAPES:
             rows.append({**base, "variant": "eager", "shape": f"{b}x{s}", "us": round(time_forward(fwd, b, s), 1)})
         flush()
         print(name, [(r["shape"], r["us"]) for r in rows if r["scheme"] == name], base["gpu_memory_mib"], flush=True)
         if time.time() - t_start < args.budget_s and not head8:
             compiled = torch.compile(model, dynamic=True)
-            cf = lambda ids, m=compiled: m(ids, use_cache=False).logits  # noqa: E731
+            cf = lambda ids, m=compiled: m(ids, use_cache=False).logits
             for b, s in SHAPES:
                 try:
                     us = round(time_forward(cf, b, s), 1)

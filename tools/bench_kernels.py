@@ -26,11 +26,11 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import machine  # noqa: E402
+from results_io import machine
 
-from lowbit.ir.quant import qparams_from_range, quantize  # noqa: E402
-from lowbit.kernels import a8_gemm, quantize_activation  # noqa: E402
-from lowbit.kernels import weight_only as wo  # noqa: E402
+from lowbit.ir.quant import qparams_from_range, quantize
+from lowbit.kernels import a8_gemm, quantize_activation
+from lowbit.kernels import weight_only as wo
 
 MS = (1, 16, 128, 2048)
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (576, 1536), (1536, 576), (896, 4864), (4864, 896))
@@ -279,7 +279,7 @@ def sweep_gemv(m: int, k: int, n: int, bw: float) -> list[dict]:
         for split_scale in (0.5, 1, 2):
             c = dict(cfg)
             n_tiles = triton.cdiv(n, c["BLOCK_N"])
-            c["SPLIT_K"] = max(1, min(int(wo.SPLIT_TARGET_PROGRAMS * split_scale) // n_tiles, k // c["BLOCK_K"]))
+            c["SPLIT_K"] = max(1, min(int(wo.SPLIT_TARGET_PROGRAMS[1] // 2 * split_scale) // n_tiles, k // c["BLOCK_K"]))
             try:
                 t = bench_graph([lambda q=q, s=s, z=z, c=c: wo._launch_gemv(x, q, s, z, None, out, True, True, 128, c)
                                  for q, s, z in copies])

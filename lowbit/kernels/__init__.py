@@ -16,7 +16,19 @@ Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (th
 
 from lowbit.kernels.a8_linear import a8_gemm, a8_linear, a8_linear_ref
 from lowbit.kernels.act_quant import quantize_activation, quantize_activation_ref
-from lowbit.kernels.weight_only import dequantize_weight, weight_only_linear, weight_only_linear_ref
+from lowbit.kernels.weight_only import (
+           dequantize_weight,
+           weight_only_linear,
+           weight_only_linear_ref,
+)
 
-__all__ = ["a8_gemm", "a8_linear", "a8_linear_ref", "quantize_activation", "quantize_activation_ref",
-           "dequantize_weight", "weight_only_linear", "weight_only_linear_ref"]
+__all__ = [
+           "a8_gemm",
+           "a8_linear",
+           "a8_linear_ref",
+           "dequantize_weight",
+           "quantize_activation",
+           "quantize_activation_ref",
+           "weight_only_linear",
+           "weight_only_linear_ref",
+]

@@ -39,6 +39,16 @@ def check(cond: bool, op: str, msg: str) -> None:
         raise ValueError(f"lowbit kernel {op}: {msg}")
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (``triton.cdiv`` costs microseconds per call through Triton's jit wrapper)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (host side)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
 def pow2_at_most(n: int, cap: int) -> int:
     """The largest power of two <= min(n, cap) (at least 1)."""
     p = 1
@@ -53,7 +63,7 @@ def is_pow2(n: int) -> bool:
 
 def m_bucket(m: int) -> int:
     """M rounded up to a power of two (>= 16): the autotune key, so one decode or prefill size tunes once."""
-    return max(16, triton.next_power_of_2(m))
+    return max(16, next_pow2(m))
 
 
 @triton.jit
@@ -87,3 +97,10 @@ def nibbles(b, SIGNED: tl.constexpr):
         lo = lo - ((lo & 8) << 1)
         hi = hi - ((hi & 8) << 1)
     return lo, hi
+
+
+@triton.jit
+def unpack_nibbles(b, SIGNED: tl.constexpr):
+    """uint8 bytes ``[R, C]`` -> int32 codes ``[R, 2C]`` in K order (an interleave of the two nibbles)."""
+    lo, hi = nibbles(b, SIGNED)
+    return tl.interleave(lo, hi)

@@ -28,10 +28,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lowbit.kernels._common import check, interpreting, is_pow2, launcher, m_bucket, nibbles
+from lowbit.kernels._common import cdiv, check, interpreting, is_pow2, launcher, m_bucket, unpack_nibbles
 from lowbit.kernels.act_quant import quantize_activation
 
-__all__ = ["a8_linear", "a8_linear_ref", "a8_gemm", "FP8_ROWWISE_SCALED_MM"]
+__all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_linear", "a8_linear_ref"]
 
 FP8_ROWWISE_SCALED_MM = True
 """FP8 per-token x per-channel through ``torch._scaled_mm`` (set from the H200 side-by-side in kernels.json)."""
@@ -81,24 +81,21 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
             base = tl.zeros_like(acc_i)
         else:
             base = acc_i
-        if W_PACKED:  # even K columns x low nibbles + odd K columns x high nibbles (no interleave)
-            BH: tl.constexpr = BLOCK_K // 2
-            offs_c = k0 // 2 + tl.arange(0, BH)
-            c_ok = offs_c * 2 < K
-            am = m_ok[:, None] & c_ok[None, :]
-            a_even = tl.load(a_ptr + offs_m[:, None] * sam + 2 * offs_c[None, :], mask=am, other=0.0)
-            a_odd = tl.load(a_ptr + offs_m[:, None] * sam + 2 * offs_c[None, :] + 1, mask=am, other=0.0)
-            b = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0)
-            lo, hi = nibbles(b, W_SIGNED)
+        if W_PACKED:  # int4 -> int8 in registers, interleaved to K order (even/odd halves measured slower)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + offs_m[:, None] * sam + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :],
+                        other=0.0)
+            offs_c = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            b = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :],
+                        mask=n_ok[:, None] & (offs_c * 2 < K)[None, :], other=0)
+            q = unpack_nibbles(b, W_SIGNED)
             if HAS_WZ:  # BLOCK_K <= W_GROUP: one zero point per row in this step
                 if W_GROUP > 0:
                     zp = tl.load(zw_ptr + offs_n * sswn + k0 // W_GROUP, mask=n_ok, other=0).to(tl.int32)
                 else:
                     zp = tl.load(zw_ptr + offs_n, mask=n_ok, other=0).to(tl.int32)
-                lo = lo - zp[:, None]
-                hi = hi - zp[:, None]
-            part = tl.dot(a_even, tl.trans(lo.to(tl.int8)), base, out_dtype=tl.int32)
-            part = tl.dot(a_odd, tl.trans(hi.to(tl.int8)), part, out_dtype=tl.int32)
+                q = q - zp[:, None]
+            part = tl.dot(a, tl.trans(q.to(tl.int8)), base, out_dtype=tl.int32)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
@@ -182,11 +179,11 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
     if interpreting():
         bk = min(groups) if groups else 64
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(bk, 64))
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
+        grid = (cdiv(n, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"]))
         launcher(xq, _a8_kernel)[grid](*args, **meta, **cfg)
     else:
         def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+            return (cdiv(n, meta["BLOCK_N"]), cdiv(m, meta["BLOCK_M"]))
         launcher(xq, _a8_kernel_tuned)[grid](*args, **meta)
     return out
 

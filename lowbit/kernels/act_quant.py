@@ -15,9 +15,15 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lowbit.kernels._common import check, launcher, round_half_even, round_to_e4m3
+from lowbit.kernels._common import (
+    check,
+    launcher,
+    next_pow2,
+    round_half_even,
+    round_to_e4m3,
+)
 
-__all__ = ["quantize_activation", "quantize_activation_ref", "QMAX"]
+__all__ = ["QMAX", "quantize_activation", "quantize_activation_ref"]
 
 QMAX = {"int8": 127.0, "fp8e4m3": 448.0}
 _STORAGE = {"int8": torch.int8, "fp8e4m3": torch.float8_e4m3fn}
@@ -86,7 +92,7 @@ def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[
     m = x2.shape[0]
     q = torch.empty((m, k), device=x.device, dtype=_STORAGE[qdtype])
     s = torch.empty((m, k // group_size if group_size else 1), device=x.device, dtype=torch.float32)
-    block = triton.next_power_of_2(k)
+    block = next_pow2(k)
     if group_size:
         block = max(block, group_size)
     warps = 4 if block <= 4096 else 8

@@ -30,20 +30,29 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lowbit.kernels._common import check, interpreting, is_pow2, launcher, m_bucket, nibbles
+from lowbit.kernels._common import cdiv, check, interpreting, is_pow2, launcher, m_bucket, nibbles, unpack_nibbles
 
-__all__ = ["weight_only_linear", "weight_only_linear_ref", "dequantize_weight", "gemv_config",
-           "DEQUANT_CUBLAS_MIN_M", "PACKED_QDTYPES", "BYTE_QDTYPES"]
+__all__ = [
+    "BYTE_QDTYPES",
+    "DEQUANT_CUBLAS_MIN_M",
+    "PACKED_QDTYPES",
+    "dequantize_weight",
+    "gemv_config",
+    "weight_only_linear",
+    "weight_only_linear_ref",
+]
 
 PACKED_QDTYPES = {"int4": True, "uint4": False, "int3": True, "int2": True}
 """Packed qdtypes -> signed: int3/int2 are stored in signed nibbles, so the int4 kernel runs them as they are."""
 BYTE_QDTYPES = {"int8": True, "uint8": False}
 
-DEQUANT_CUBLAS_MIN_M = 1024
-"""From this M on, W4A16 dequantizes to a bf16 weight once and calls cuBLAS (faster than the fused loop there)."""
+DEQUANT_CUBLAS_MIN_M = 17
+"""From this M on, the op dequantizes the weight (one Triton kernel) and calls cuBLAS: on the H200 that beat this
+module's tiled GEMM at M = 128 (0.29x vs 0.23x cuBLAS bf16) and M = 2048 (0.85x vs 0.23x), 4096x11008 g128."""
 
-SPLIT_TARGET_PROGRAMS = 528
-"""Split-K aims at ~4 programs per SM of an H100/H200 (132 SMs) so the weight stream keeps every SM busy."""
+SPLIT_TARGET_PROGRAMS = {1: 1056, 16: 264}
+"""Split-K aims at this many programs (M = 1: ~8 per SM of the H200's 132; M = 16 with 128-wide N tiles: ~2):
+the sweep's best split at 4096x11008 (bench/results/kernels.json, ``w4a16_gemv_sweep_best``)."""
 
 
 def weight_only_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -89,6 +98,25 @@ def _scale_cols(q, s_ptr, z_ptr, offs_n, n_ok, c0, c_hi, ssn, s_n, z_n,
 
 
 @triton.jit
+def _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, swn, ssn, s_n, z_n,
+                  PACKED: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 dequantized weights ``[BLOCK_N, BLOCK_K]`` in K order for columns ``k0 .. k0+BLOCK_K`` (masked past
+    ``k_hi``); packed codes are unpacked with an interleave of the two nibbles."""
+    if PACKED:
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        b = tl.load(w_ptr + offs_n[:, None] * swn + offs_b[None, :],
+                    mask=n_ok[:, None] & (offs_b * 2 < k_hi)[None, :], other=0)
+        q = unpack_nibbles(b, SIGNED)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :],
+                    mask=n_ok[:, None] & (offs_k < k_hi)[None, :], other=0)
+    return _scale_cols(q, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, ssn, s_n, z_n, GROUP, GROUP, HAS_ZP, BLOCK_N,
+                       BLOCK_K)
+
+
+@triton.jit
 def _mac(acc, x, w, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
     """acc += x @ w.T (fp32 accumulation); M = 1 is a CUDA-core multiply-reduce."""
     if BLOCK_M == 1:
@@ -104,10 +132,12 @@ def _mac(acc, x, w, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
 def _wo_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, K, K_SPLIT, M_KEY,
                sxm, swn, ssn, som, sos,
                PACKED: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-               HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, UPCAST: tl.constexpr,
+               HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, UPCAST: tl.constexpr, HALVES: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Packed weights are never interleaved back into K order: the even (low-nibble) and odd (high-nibble)
-    K columns are two half-width products against the activation's even and odd columns."""
+    """``HALVES`` (the GEMV): packed weights are not interleaved back into K order; the even (low-nibble) and odd
+    (high-nibble) K columns are two half-width products against the activation's even and odd columns. Without
+    it (the tiled GEMM) the nibbles are interleaved in registers: the stride-2 activation loads that HALVES
+    needs made the tensor-core GEMM ~3x slower on the H200 (bench/results/kernels.json, M = 2048)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -125,7 +155,7 @@ def _wo_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, K, K_SPLIT, M_KEY
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if PACKED:
+        if PACKED and HALVES:
             BH: tl.constexpr = BLOCK_K // 2
             offs_c = k0 // 2 + tl.arange(0, BH)
             c_ok = offs_c * 2 < k_hi
@@ -142,12 +172,10 @@ def _wo_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, K, K_SPLIT, M_KEY
             acc = _mac(acc, x_odd, w_hi, BLOCK_M, UPCAST)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < k_hi
-            x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            q = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-            w = _scale_cols(q, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, ssn, s_n, z_n,
-                            GROUP, GROUP, HAS_ZP, BLOCK_N, BLOCK_K).to(x.dtype)
+            x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :],
+                        mask=m_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0)
+            w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, swn, ssn, s_n, z_n,
+                              PACKED, SIGNED, GROUP, HAS_ZP, BLOCK_N, BLOCK_K).to(x.dtype)
             acc = _mac(acc, x, w, BLOCK_M, UPCAST)
     mask = m_ok[:, None] & n_ok[None, :]
     if PARTIAL:
@@ -175,6 +203,7 @@ def _splitk_reduce(p_ptr, b_ptr, o_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn,
                     PACKED: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The dense weight, K order, contiguous stores (stride-2 stores of the two halves measured ~3x slower)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     n_ok = offs_n < N
@@ -184,25 +213,11 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn,
         s_n = tl.load(s_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
         if HAS_ZP:
             z_n = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
-    if PACKED:
-        BH: tl.constexpr = BLOCK_K // 2
-        offs_c = k0 // 2 + tl.arange(0, BH)
-        c_ok = n_ok[:, None] & (offs_c * 2 < K)[None, :]
-        b = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :], mask=c_ok, other=0)
-        lo, hi = nibbles(b, SIGNED)
-        w_lo = _scale_cols(lo, s_ptr, z_ptr, offs_n, n_ok, k0 // 2, K // 2, ssn, s_n, z_n,
-                           GROUP, GROUP // 2, HAS_ZP, BLOCK_N, BH)
-        w_hi = _scale_cols(hi, s_ptr, z_ptr, offs_n, n_ok, k0 // 2, K // 2, ssn, s_n, z_n,
-                           GROUP, GROUP // 2, HAS_ZP, BLOCK_N, BH)
-        base = o_ptr + offs_n[:, None] * K + 2 * offs_c[None, :]
-        tl.store(base, w_lo.to(o_ptr.dtype.element_ty), mask=c_ok)
-        tl.store(base + 1, w_hi.to(o_ptr.dtype.element_ty), mask=c_ok)
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = n_ok[:, None] & (offs_k < K)[None, :]
-        q = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :], mask=k_ok, other=0)
-        w = _scale_cols(q, s_ptr, z_ptr, offs_n, n_ok, k0, K, ssn, s_n, z_n, GROUP, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
-        tl.store(o_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(o_ptr.dtype.element_ty), mask=k_ok)
+    w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, K, swn, ssn, s_n, z_n,
+                      PACKED, SIGNED, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(o_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(o_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_k < K)[None, :])
 
 
 def _gemm_configs() -> list[triton.Config]:
@@ -215,8 +230,12 @@ _wo_kernel_tuned = triton.autotune(configs=_gemm_configs(), key=["M_KEY", "N", "
                                  warmup=5, rep=20)(
     _wo_kernel)
 
-_GEMV_TABLE: dict[tuple[int, int, int], dict] = {}
-"""Measured best GEMV configs keyed by (M bucket, N, K); ``gemv_config`` falls back to a rule for other shapes."""
+_GEMV_TABLE: dict[tuple[int, int, int], dict] = {
+    (1, 11008, 4096): {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "SPLIT_K": 3},
+    (16, 11008, 4096): {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4,
+                        "SPLIT_K": 3},
+}
+"""Best GEMV configs of the H200 sweep keyed by (M bucket, N, K); ``gemv_config`` falls back to a rule elsewhere."""
 
 
 def gemv_config(m: int, n: int, k: int, group: int) -> dict:
@@ -224,12 +243,13 @@ def gemv_config(m: int, n: int, k: int, group: int) -> dict:
     cfg = _GEMV_TABLE.get((1 if m == 1 else 16, n, k))
     if cfg is None:
         bm = 1 if m == 1 else 16
-        cfg = {"BLOCK_M": bm, "BLOCK_N": 32 if bm == 1 else 64, "BLOCK_K": 256 if bm == 1 else 128,
-               "num_warps": 4, "num_stages": 3}
+        cfg = {"BLOCK_M": bm, "BLOCK_N": 32 if bm == 1 else 128, "BLOCK_K": 256 if bm == 1 else 128,
+               "num_warps": 4, "num_stages": 3 if bm == 1 else 4}
     cfg = dict(cfg)
     if "SPLIT_K" not in cfg:
-        n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
-        cfg["SPLIT_K"] = max(1, min(SPLIT_TARGET_PROGRAMS // n_tiles, k // (cfg["BLOCK_K"] * 2)))
+        n_tiles = cdiv(n, cfg["BLOCK_N"])
+        target = SPLIT_TARGET_PROGRAMS[cfg["BLOCK_M"]]
+        cfg["SPLIT_K"] = max(1, min(target // n_tiles, k // (cfg["BLOCK_K"] * 2)))
     return cfg
 
 
@@ -247,13 +267,14 @@ def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, grou
     m, k = x2.shape
     n = qweight.shape[0]
     split = cfg["SPLIT_K"]
-    k_split = triton.cdiv(triton.cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    split = triton.cdiv(k, k_split)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, triton.cdiv(m, cfg["BLOCK_M"]))
+    k_split = cdiv(cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split = cdiv(k, k_split)
+    grid = (cdiv(n, cfg["BLOCK_N"]), split, cdiv(m, cfg["BLOCK_M"]))
     zp = zero_point if zero_point is not None else scale
     b = bias if bias is not None else scale
     ssn = scale.stride(0)
     meta = dict(PACKED=packed, SIGNED=signed, GROUP=group, HAS_ZP=zero_point is not None, UPCAST=interpreting(),
+                HALVES=True,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split == 1:
@@ -266,7 +287,7 @@ def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, grou
                                   x2.stride(0), qweight.stride(0), ssn, n, m * n,
                                   HAS_BIAS=False, PARTIAL=True, **meta)
     block = 1024
-    launcher(x2, _splitk_reduce)[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
+    launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
                                                              HAS_BIAS=bias is not None, BLOCK=block)
     return out
 
@@ -278,7 +299,7 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, zero_point: to
     n = qweight.shape[0]
     out = torch.empty((n, k), device=qweight.device, dtype=dtype)
     bn, bk = 32, 128 if group_size == 0 else max(128, group_size)
-    launcher(qweight, _dequant_kernel)[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+    launcher(qweight, _dequant_kernel)[(cdiv(n, bn), cdiv(k, bk))](
         qweight, scale, zero_point if zero_point is not None else scale, out, n, k, qweight.stride(0),
         scale.stride(0), PACKED=packed, SIGNED=signed, GROUP=group_size, HAS_ZP=zero_point is not None,
         BLOCK_N=bn, BLOCK_K=bk)
@@ -312,14 +333,14 @@ def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_p
         args = (x2, qweight, scale, zp, b, out, m, n, k, k, m_bucket(m), x2.stride(0), qweight.stride(0),
                 scale.stride(0), out.stride(0), 0)
         meta = dict(PACKED=packed, SIGNED=signed, GROUP=group_size, HAS_ZP=zero_point is not None,
-                    HAS_BIAS=bias is not None, PARTIAL=False, UPCAST=interpreting())
+                    HAS_BIAS=bias is not None, PARTIAL=False, UPCAST=interpreting(), HALVES=False)
         if interpreting():
             cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=max(32, min(64, group_size or 64)))
-            grid = (triton.cdiv(n, cfg["BLOCK_N"]), 1, triton.cdiv(m, cfg["BLOCK_M"]))
+            grid = (cdiv(n, cfg["BLOCK_N"]), 1, cdiv(m, cfg["BLOCK_M"]))
             launcher(x2, _wo_kernel)[grid](*args, **meta, **cfg)
         else:
             def grid(meta):
-                return (triton.cdiv(n, meta["BLOCK_N"]), 1, triton.cdiv(m, meta["BLOCK_M"]))
+                return (cdiv(n, meta["BLOCK_N"]), 1, cdiv(m, meta["BLOCK_M"]))
             launcher(x2, _wo_kernel_tuned)[grid](*args, **meta)
     return out.reshape(*x.shape[:-1], n)
 
