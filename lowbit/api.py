@@ -12,7 +12,12 @@ import torch
 from lowbit.ir.capture import capture
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import Pass, PassError, closest
-from lowbit.passes.manager import Instrument, PassManager, PipelineReport, parse_pipeline
+from lowbit.passes.manager import (
+    Instrument,
+    PassManager,
+    PipelineReport,
+    parse_pipeline,
+)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
 
@@ -40,8 +45,8 @@ class CompileReport:
         }
 
     def summary(self) -> str:
-        lines = [f"captured {self.capture.get('model_class')} in {self.capture.get('export_seconds')} s: "
-                 f"{self.capture.get('aten_nodes')} ATen nodes -> {self.nodes_before} IR nodes"]
+        lines = [(f"captured {self.capture.get('model_class')} in {self.capture.get('export_seconds')} s: "
+                 f"{self.capture.get('aten_nodes')} ATen nodes -> {self.nodes_before} IR nodes")]
         for r in self.pipeline.records:
             state = "skipped" if r.skipped else ("changed" if r.changed else "no change")
             lines.append(f"  {r.spec:<40} {state:<9} {r.seconds * 1000:8.1f} ms  {r.stats}")
@@ -120,8 +125,9 @@ def lower(graph: Graph, backend: str, device: str | None = None) -> Any:
 
         return TensorRTCompiled(graph)
     if backend == "triton":
-        raise NotImplementedError("the Triton backend (fused dequant+matmul kernels) is not built yet: use "
-                                  "backend='torch' (CPU/CUDA reference) or 'onnxruntime' for now")
+        from lowbit.backends.triton_backend import lower as lower_triton
+
+        return lower_triton(graph, device)
     raise ValueError(f"unknown backend {backend!r}{closest(backend, list(BACKENDS))}; known: {', '.join(BACKENDS)}")
 
 

@@ -16,8 +16,16 @@ import pytest
 import torch
 
 from lowbit.ir.quant import dequantize, qparams_from_range, quantize
-from lowbit.kernels import (a8_gemm, a8_linear, a8_linear_ref, dequantize_weight, quantize_activation,
-                            quantize_activation_ref, weight_only_linear, weight_only_linear_ref)
+from lowbit.kernels import (
+    a8_gemm,
+    a8_linear,
+    a8_linear_ref,
+    dequantize_weight,
+    quantize_activation,
+    quantize_activation_ref,
+    weight_only_linear,
+    weight_only_linear_ref,
+)
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERP, reason="CPU runs need TRITON_INTERPRET=1")),

@@ -35,7 +35,7 @@ from lowbit.kernels import weight_only as wo
 MS = (1, 16, 128, 2048)
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (576, 1536), (1536, 576), (896, 4864), (4864, 896))
 SMALL = ((576, 1536), (1536, 576))
-GEMV_SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+GEMV_SWEEP = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s}
               for bm, bn, bk, w, s in ((1, 32, 256, 4, 3), (1, 64, 256, 4, 3), (1, 16, 512, 4, 3), (1, 32, 512, 4, 4),
                                        (1, 64, 128, 4, 4), (16, 64, 128, 4, 3), (16, 32, 256, 4, 3), (16, 128, 128, 4, 4))]
 
@@ -283,7 +283,7 @@ def sweep_gemv(m: int, k: int, n: int, bw: float) -> list[dict]:
             try:
                 t = bench_graph([lambda q=q, s=s, z=z, c=c: wo._launch_gemv(x, q, s, z, None, out, True, True, 128, c)
                                  for q, s, z in copies])
-            except Exception:  # noqa: BLE001 - a config that does not compile is skipped
+            except Exception:  # noqa: BLE001, S112 - a config that does not compile is skipped
                 continue
             if best is None or t < best[0]:
                 best = (t, c)

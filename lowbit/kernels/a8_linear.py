@@ -28,7 +28,15 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lowbit.kernels._common import cdiv, check, interpreting, is_pow2, launcher, m_bucket, unpack_nibbles
+from lowbit.kernels._common import (
+    cdiv,
+    check,
+    interpreting,
+    is_pow2,
+    launcher,
+    m_bucket,
+    unpack_nibbles,
+)
 from lowbit.kernels.act_quant import quantize_activation
 
 __all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_linear", "a8_linear_ref"]
@@ -174,11 +182,11 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
     b = bias if bias is not None else w_scale
     args = (xq, x_scale, qweight, w_scale, wz, b, out, m, n, k, m_bucket(m), xq.stride(0), x_scale.stride(0),
             qweight.stride(0), w_scale.stride(0), out.stride(0))
-    meta = dict(W_PACKED=packed, W_SIGNED=signed, HAS_WZ=w_zero_point is not None, IS_FP8=is_fp8,
-                A_GROUP=a_group, W_GROUP=w_group, HAS_BIAS=bias is not None)
+    meta = {"W_PACKED": packed, "W_SIGNED": signed, "HAS_WZ": w_zero_point is not None, "IS_FP8": is_fp8,
+                "A_GROUP": a_group, "W_GROUP": w_group, "HAS_BIAS": bias is not None}
     if interpreting():
         bk = min(groups) if groups else 64
-        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(bk, 64))
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(bk, 64)}
         grid = (cdiv(n, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"]))
         launcher(xq, _a8_kernel)[grid](*args, **meta, **cfg)
     else:

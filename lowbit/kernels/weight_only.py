@@ -30,7 +30,16 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lowbit.kernels._common import cdiv, check, interpreting, is_pow2, launcher, m_bucket, nibbles, unpack_nibbles
+from lowbit.kernels._common import (
+    cdiv,
+    check,
+    interpreting,
+    is_pow2,
+    launcher,
+    m_bucket,
+    nibbles,
+    unpack_nibbles,
+)
 
 __all__ = [
     "BYTE_QDTYPES",
@@ -273,10 +282,10 @@ def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, grou
     zp = zero_point if zero_point is not None else scale
     b = bias if bias is not None else scale
     ssn = scale.stride(0)
-    meta = dict(PACKED=packed, SIGNED=signed, GROUP=group, HAS_ZP=zero_point is not None, UPCAST=interpreting(),
-                HALVES=True,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    meta = {"PACKED": packed, "SIGNED": signed, "GROUP": group, "HAS_ZP": zero_point is not None, "UPCAST": interpreting(),
+                "HALVES": True,
+                "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
+                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     if split == 1:
         launcher(x2, _wo_kernel)[grid](x2, qweight, scale, zp, b, out, m, n, k, k_split, m,
                                       x2.stride(0), qweight.stride(0), ssn, out.stride(0), 0,
@@ -332,10 +341,10 @@ def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_p
         b = bias if bias is not None else scale
         args = (x2, qweight, scale, zp, b, out, m, n, k, k, m_bucket(m), x2.stride(0), qweight.stride(0),
                 scale.stride(0), out.stride(0), 0)
-        meta = dict(PACKED=packed, SIGNED=signed, GROUP=group_size, HAS_ZP=zero_point is not None,
-                    HAS_BIAS=bias is not None, PARTIAL=False, UPCAST=interpreting(), HALVES=False)
+        meta = {"PACKED": packed, "SIGNED": signed, "GROUP": group_size, "HAS_ZP": zero_point is not None,
+                    "HAS_BIAS": bias is not None, "PARTIAL": False, "UPCAST": interpreting(), "HALVES": False}
         if interpreting():
-            cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=max(32, min(64, group_size or 64)))
+            cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": max(32, min(64, group_size or 64))}
             grid = (cdiv(n, cfg["BLOCK_N"]), 1, cdiv(m, cfg["BLOCK_M"]))
             launcher(x2, _wo_kernel)[grid](*args, **meta, **cfg)
         else:
