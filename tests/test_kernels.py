@@ -202,3 +202,16 @@ def test_quant_linear_module_calls_the_ops(device):
     mod8 = QuantLinear(q8, s8, None, None, "int8", 0, "int8", 0)
     assert _rel(mod8(x), a8_linear_ref(x, q8, s8, None, None, "int8", 0, "int8", 0)) <= TOL[torch.bfloat16]
     assert "w=int4/g64" in repr(mod) and "a=int8" in repr(mod8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype,group", [("int4", 64), ("int8", 0)])
+def test_gemv_with_deferred_reduction_matches_reference(device, qdtype, group):
+    from lowbit.kernels import weight_only as wo
+
+    q, s, z = _quantized_weight(48, 512, qdtype, group, False, device)
+    x = torch.randn(1, 512, device=device).to(torch.bfloat16)
+    out = torch.empty(1, 48, device=device, dtype=torch.bfloat16)
+    cfg = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "DEFER": True, "SPLIT_K": 2}
+    wo._launch_gemv(x, q, s, z, None, out, qdtype in wo.PACKED_QDTYPES, True, group, cfg)
+    assert _rel(out, weight_only_linear_ref(x, q, s, z, None, qdtype, group)) <= TOL[torch.bfloat16]

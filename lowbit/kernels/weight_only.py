@@ -142,11 +142,13 @@ def _wo_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, K, K_SPLIT, M_KEY
                sxm, swn, ssn, som, sos,
                PACKED: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
                HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, UPCAST: tl.constexpr, HALVES: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEFER: tl.constexpr = False):
     """``HALVES`` (the GEMV): packed weights are not interleaved back into K order; the even (low-nibble) and odd
     (high-nibble) K columns are two half-width products against the activation's even and odd columns. Without
     it (the tiled GEMM) the nibbles are interleaved in registers: the stride-2 activation loads that HALVES
-    needs made the tensor-core GEMM ~3x slower on the H200 (bench/results/kernels.json, M = 2048)."""
+    needs made the tensor-core GEMM ~3x slower on the H200 (bench/results/kernels.json, M = 2048).
+    ``DEFER`` (M = 1): accumulate elementwise products in a ``[BLOCK_N, BLOCK_K]`` fp32 tile and reduce over K once
+    after the loop instead of once per step (a sweep candidate; not yet measured)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -161,6 +163,8 @@ def _wo_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, K, K_SPLIT, M_KEY
         if HAS_ZP:
             z_n = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_h = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -177,15 +181,26 @@ def _wo_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, K, K_SPLIT, M_KEY
                                GROUP, GROUP // 2, HAS_ZP, BLOCK_N, BH).to(x_even.dtype)
             w_hi = _scale_cols(hi, s_ptr, z_ptr, offs_n, n_ok, k0 // 2, k_hi // 2, ssn, s_n, z_n,
                                GROUP, GROUP // 2, HAS_ZP, BLOCK_N, BH).to(x_even.dtype)
-            acc = _mac(acc, x_even, w_lo, BLOCK_M, UPCAST)
-            acc = _mac(acc, x_odd, w_hi, BLOCK_M, UPCAST)
+            if DEFER and BLOCK_M == 1:
+                acc_h += x_even.to(tl.float32) * w_lo.to(tl.float32) + x_odd.to(tl.float32) * w_hi.to(tl.float32)
+            else:
+                acc = _mac(acc, x_even, w_lo, BLOCK_M, UPCAST)
+                acc = _mac(acc, x_odd, w_hi, BLOCK_M, UPCAST)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :],
                         mask=m_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0)
             w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, swn, ssn, s_n, z_n,
                               PACKED, SIGNED, GROUP, HAS_ZP, BLOCK_N, BLOCK_K).to(x.dtype)
-            acc = _mac(acc, x, w, BLOCK_M, UPCAST)
+            if DEFER and BLOCK_M == 1:
+                acc_k += x.to(tl.float32) * w.to(tl.float32)
+            else:
+                acc = _mac(acc, x, w, BLOCK_M, UPCAST)
+    if DEFER and BLOCK_M == 1:
+        if PACKED and HALVES:
+            acc = tl.sum(acc_h, axis=1)[None, :]
+        else:
+            acc = tl.sum(acc_k, axis=1)[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if PARTIAL:
         tl.store(o_ptr + pid_k * sos + offs_m[:, None] * som + offs_n[None, :], acc, mask=mask)
