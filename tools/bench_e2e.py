@@ -35,6 +35,11 @@ from lowbit.ir.quant import qparams_from_range, quantize
 from lowbit.kernels.modules import QuantLinear
 
 SHAPES = ((1, 1), (1, 128), (1, 2048), (16, 1), (16, 128))
+PIPELINES = {  # the same schemes as lowbit pipelines, for --backend (compile_model(backend="triton"))
+    "w4a16-g128": "quantize(w=int4,group=128,sym=false)",
+    "w8a8": "quantize(w=int8,a=int8)",
+    "fp8": "quantize(w=fp8e4m3,a=fp8e4m3)",
+}
 SCHEMES = {  # name -> (w qdtype, w group, symmetric, a qdtype, a group)
     "w4a16-g128": ("int4", 128, False, None, 0),
     "w8a8": ("int8", 0, True, "int8", 0),
@@ -96,6 +101,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/e2e.json")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting compiled runs after this long")
+    ap.add_argument("--backend", action="store_true",
+                    help="also run compile_model(backend='triton') rows (capture + quantize + lower, per scheme)")
     args = ap.parse_args()
     t_start = time.time()
     device, date = machine("cuda"), datetime.date.today().isoformat()
@@ -150,7 +157,38 @@ def main() -> None:
                                      and r["variant"] == "torch.compile"], f"{time.time() - t_start:.0f}s", flush=True)
         if scheme is not None:
             del model
+    if args.backend:
+        rows.extend(backend_rows(ref, device, date))
     flush()
+
+
+def backend_rows(ref: torch.nn.Module, device: str, date: str) -> list[dict]:
+    """``compile_model(wrapped HF model, pipeline=..., backend="triton")``: memory and forward µs per scheme."""
+    import lowbit
+    from lowbit.models import CausalLMLogits
+
+    rows = []
+    for name, pipeline in PIPELINES.items():
+        gc.collect()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        base = {"model": "llama-7b-shaped-4l", "scheme": name, "device": device, "date": date,
+                "path": "compile_model(backend='triton')", "pipeline": pipeline}
+        try:
+            compiled = lowbit.compile_model(CausalLMLogits(copy.deepcopy(ref)).eval(),
+                                            (torch.ones(1, 16, dtype=torch.long, device="cuda"),),
+                                            pipeline=pipeline, backend="triton", device="cuda")
+            gc.collect()
+            mem = torch.cuda.memory_allocated() - before
+            report = compiled.runner.report_text() if hasattr(compiled.runner, "report_text") else ""
+            for b, s in SHAPES:
+                rows.append({**base, "variant": "backend", "shape": f"{b}x{s}", "gpu_memory_mib": round(mem / 2 ** 20, 1),
+                             "us": round(time_forward(compiled, b, s), 1), "report": report})
+            print(name, "backend", [(r["shape"], r["us"]) for r in rows[-len(SHAPES):]], flush=True)
+            del compiled
+        except Exception as e:  # noqa: BLE001 - a failing scheme is a row, not a lost run
+            rows.append({**base, "variant": "backend", "error": repr(e)[:400]})
+    return rows
 
 
 if __name__ == "__main__":
