@@ -15,6 +15,8 @@ import os
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install -e '.[dev]' brings it)")
+
 from lowbit.ir.quant import dequantize, qparams_from_range, quantize
 from lowbit.kernels import (
     a8_gemm,

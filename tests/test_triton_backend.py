@@ -13,6 +13,8 @@ import os
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install -e '.[dev]' brings it)")
+
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.backends.triton_backend import NO_CUDA, lower, plan_qlinear
 from lowbit.passes.manager import PassManager
