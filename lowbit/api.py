@@ -58,8 +58,8 @@ class CompileReport:
         }
 
     def summary(self) -> str:
-        lines = [f"captured {self.capture.get('model_class')} in {self.capture.get('export_seconds')} s: "
-                 f"{self.capture.get('aten_nodes')} ATen nodes -> {self.nodes_before} IR nodes"]
+        lines = [(f"captured {self.capture.get('model_class')} in {self.capture.get('export_seconds')} s: "
+                 f"{self.capture.get('aten_nodes')} ATen nodes -> {self.nodes_before} IR nodes")]
         for r in self.pipeline.records:
             state = "skipped" if r.skipped else ("changed" if r.changed else "no change")
             lines.append(f"  {r.spec:<40} {state:<9} {r.seconds * 1000:8.1f} ms  {r.stats}")
@@ -177,6 +177,7 @@ def plan_compile(passes: Sequence[Pass], backend: str,
     spec = get_backend(backend)
     spec.check_built()
     opts = spec.parse_options(dict(backend_options or {})).model_dump()
+    spec.check_available()
     extra = parse_pipeline(spec.passes) if spec.passes else []
     gaps = []
     for p in [*passes, *extra]:

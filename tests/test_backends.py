@@ -32,17 +32,26 @@ def _linear_graph():
     return parse_graph(LINEAR, {"fc.weight": torch.randn(8, 64, generator=torch.Generator().manual_seed(0))})
 
 
-def test_triton_is_declared_and_its_error_names_the_backends_to_use():
-    spec = get_backend("triton")
-    assert not spec.built and spec.missing(["qlinear", "linear"]) == ["linear", "qlinear"]
-    # checked before the model is loaded or captured: a name that does not exist as a model is never read
+def test_a_backend_that_cannot_run_fails_before_the_model_is_read(monkeypatch):
+    # not built: declared with lower=None; its error says what to use instead
+    monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))
+    register_backend("future", None, not_built="use backend='torch' or 'onnxruntime' for now")
+    assert not get_backend("future").built
     with pytest.raises(BackendError, match="not built yet.*backend='torch'.*'onnxruntime'"):
+        compile_model("no-such-model", pipeline="dce", backend="future")
+    # triton without CUDA (and without the interpreter the kernel tests use): checked before the model is loaded
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert get_backend("triton").built and get_backend("triton").passes == "fuse-qlinear"
+    with pytest.raises(BackendError, match="cannot run here: .*CUDA GPU.*backend='torch'.*'onnxruntime'"):
         compile_model("no-such-model", pipeline="dce", backend="triton")
     with pytest.raises(BackendError, match="unknown backend 'onnxrt' \\(did you mean 'onnxruntime'\\?\\); known: "
                                            "torch, onnxruntime, tensorrt, triton"):
         compile_model("no-such-model", backend="onnxrt")
     with pytest.raises(BackendError, match="backend torch: option keep_packd: Extra inputs.*options are: keep_packed"):
         compile_model("no-such-model", backend="torch", backend_options={"keep_packd": True})
+    with pytest.raises(BackendError, match="backend triton: option cuda_graph:.*options are: compile, cuda_graphs"):
+        compile_model("no-such-model", backend="triton", backend_options={"cuda_graph": True})
 
 
 def test_each_backend_declares_what_it_lowers_and_runs_first():
@@ -85,10 +94,12 @@ def test_keep_packed_keeps_packed_weights_on_the_device_with_the_same_numbers():
                                                                        packed(x))
 
 
-def test_cli_compile_takes_backend_options_through_the_same_driver():
+def test_cli_compile_takes_backend_options_through_the_same_driver(monkeypatch):
     from lowbit.cli.main import app
 
     bad = CliRunner().invoke(app, ["compile", "smollm2:1", "-p", "dce", "--backend-option", "keep_packd=true"])
     assert bad.exit_code != 0 and "option keep_packd" in bad.output
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     triton = CliRunner().invoke(app, ["compile", "smollm2:1", "-p", "dce", "-b", "triton"])
-    assert triton.exit_code != 0 and "backend='torch'" in triton.output
+    assert triton.exit_code == 2 and "backend='torch'" in triton.output

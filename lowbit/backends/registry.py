@@ -29,6 +29,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from lowbit.errors import LowbitError
+
 __all__ = [
     "BACKENDS",
     "BackendError",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 
-class BackendError(ValueError):
+class BackendError(LowbitError, ValueError):
     """A backend cannot be used as asked (unknown, not built, bad option, an op it does not lower)."""
 
 
@@ -59,6 +61,8 @@ class BackendSpec:
     ops_ref: str | Callable[[str], bool] | None = None
     options: type[BackendOptions] = BackendOptions
     not_built: str = ""
+    unavailable: Callable[[], str | None] | None = None
+    """Why the backend cannot run on this machine (no CUDA for triton), or None; checked before capture."""
     _ops_cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -68,6 +72,11 @@ class BackendSpec:
     def check_built(self) -> None:
         if not self.built:
             raise BackendError(f"backend {self.name!r} is declared but not built yet: {self.not_built}")
+
+    def check_available(self) -> None:
+        reason = self.unavailable() if self.unavailable is not None else None
+        if reason:
+            raise BackendError(f"backend {self.name!r} cannot run here: {reason}")
 
     def parse_options(self, options: dict[str, Any] | None) -> BackendOptions:
         try:
@@ -103,6 +112,7 @@ class BackendSpec:
     def lower(self, graph: Any, device: str | None = None, options: dict[str, Any] | None = None) -> Any:
         """Build the runner (imports the backend module now)."""
         self.check_built()
+        self.check_available()
         opts = self.parse_options(options)
         fn = _load(self.lower_ref)  # type: ignore[arg-type]
         return fn(graph, device, **opts.model_dump())
@@ -121,14 +131,15 @@ BACKENDS: dict[str, BackendSpec] = {}
 
 def register_backend(name: str, lower: str | None, *, summary: str = "", passes: str = "",
                      ops: str | Callable[[str], bool] | None = None, options: type[BackendOptions] = BackendOptions,
-                     not_built: str = "", replace: bool = False) -> BackendSpec:
+                     not_built: str = "", unavailable: Callable[[], str | None] | None = None,
+                     replace: bool = False) -> BackendSpec:
     """Declare a backend (see the module docstring); ``replace=True`` lets a later registration win (the Triton
     backend replacing its not-built declaration)."""
     if name in BACKENDS and not replace:
         raise ValueError(f"backend {name!r} registered twice (pass replace=True to redefine it)")
     if lower is None and not not_built:
         raise ValueError(f"backend {name!r} has no lower function: say in not_built= what to use instead")
-    spec = BackendSpec(name, lower, summary, passes, ops, options, not_built)
+    spec = BackendSpec(name, lower, summary, passes, ops, options, not_built, unavailable)
     BACKENDS[name] = spec
     return spec
 
@@ -174,8 +185,27 @@ register_backend("onnxruntime", "lowbit.backends.onnxruntime_backend:lower",
 register_backend("tensorrt", "lowbit.backends.tensorrt:lower",
                  summary="TensorRT engine from the explicit-quantization (QDQ) ONNX form",
                  ops="lowbit.backends.onnx.registry:LOWERINGS")
-register_backend("triton", None, ops=lambda op: False,
-                 summary="fused dequantize+matmul Triton kernels over packed weights",
-                 not_built="the Triton backend (fused dequant+matmul kernels) is not built yet: use backend='torch' "
-                           "(the CPU/CUDA reference; keep_packed=True keeps weights packed) or 'onnxruntime' "
-                           "(MatMulNBits / integer GEMM) for now")
+class TritonBackendOptions(BackendOptions):
+    compile: bool = True
+    """Run the lowered module under ``torch.compile`` (the kernels are ``triton_op``s it sees through)."""
+    cuda_graphs: bool = False
+    """``torch.compile(mode="reduce-overhead")``: one CUDA graph per static shape (small calls are host-bound)."""
+
+
+def _triton_unavailable() -> str | None:
+    """No CUDA device and no Triton interpreter (``TRITON_INTERPRET=1``, how the kernels are tested on CPU)."""
+    import os
+
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+        return None
+    return ("lowbit's Triton kernels need a CUDA GPU and none is visible: use backend='torch' (the CPU/CUDA "
+            "reference; keep_packed=True keeps weights packed) or backend='onnxruntime' (MatMulNBits / integer "
+            "GEMM on CPU)")
+
+
+register_backend("triton", "lowbit.backends.triton_backend:lower",
+                 summary="lowbit's Triton kernels (W4A16/W8A16 GEMV, W8A8/W4A8 int8 GEMM, FP8) over packed weights, "
+                         "under torch.compile; other nodes run the torch reference",
+                 passes="fuse-qlinear", options=TritonBackendOptions, unavailable=_triton_unavailable)

@@ -1,0 +1,34 @@
+"""lowbit's GPU kernels: Triton kernels registered as torch custom ops, each with a plain-torch reference.
+
+A leaf package (torch + triton only): backends import it, it imports nothing of lowbit's but the reference
+ops of ``lowbit.ir.quant`` inside the ``*_ref`` functions. Every op is a ``torch.library.triton_op``, so
+``torch.compile`` traces through it (no graph break) and CUDA graphs capture its launches.
+
+- ``torch.ops.lowbit.weight_only_linear``: W4A16 / W8A16 (and int3/int2 in 4-bit storage); split-K GEMV for
+  M <= 16, tiled GEMM above (``weight_only.py``).
+- ``torch.ops.lowbit.quantize_activation``: dynamic per-token / per-group int8 or fp8 quantization in one pass
+  (``act_quant.py``).
+- ``torch.ops.lowbit.a8_linear``: W8A8, W4A8 (int8 tensor-core dot) and FP8 e4m3 (rowwise or 64-blocked scales)
+  with the activation quantization fused into the op (``a8_linear.py``).
+
+Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
+"""
+
+from lowbit.kernels.a8_linear import a8_gemm, a8_linear, a8_linear_ref
+from lowbit.kernels.act_quant import quantize_activation, quantize_activation_ref
+from lowbit.kernels.weight_only import (
+           dequantize_weight,
+           weight_only_linear,
+           weight_only_linear_ref,
+)
+
+__all__ = [
+           "a8_gemm",
+           "a8_linear",
+           "a8_linear_ref",
+           "dequantize_weight",
+           "quantize_activation",
+           "quantize_activation_ref",
+           "weight_only_linear",
+           "weight_only_linear_ref",
+]

@@ -1,0 +1,219 @@
+"""W8A8 / W4A8 (int8 tensor-core dot) and FP8 e4m3 linears with the activation quantization fused in the op.
+
+One op, ``lowbit::a8_linear``, runs two kernels: ``quantize_activation`` (one read of x, codes + scales) and the
+GEMM below, which accumulates exact int32 (or fp32 for fp8) dot products and applies both scales in fp32:
+
+- per-token activation scale and per-channel weight scale: both in the epilogue (``acc * sa[m] * sw[n]``);
+- per-group scales on either side (``w8a8-g64``: activation groups of 64; ``fp8``: weight and activation groups
+  of 64; W4A8: int4 weight groups): the K loop steps one group at a time (BLOCK_K = the smaller group) and
+  adds ``dot * sa[m, g] * sw[n, g]`` to an fp32 accumulator.
+
+Weights are lowbit's stored form: int8 ``[N, K]`` (symmetric), int4 packed ``[N, K/2]`` unpacked to int8 in
+registers (an int4 zero point is subtracted there: ``q - zp`` stays in [-15, 15]), float8_e4m3fn ``[N, K]``.
+``[N, K]`` K-contiguous is the K-major B operand Hopper's int8/fp8 wgmma needs, so no repack either.
+
+FP8 per-token x per-channel can instead run on ``torch._scaled_mm`` (cuBLASLt rowwise); ``FP8_ROWWISE_SCALED_MM``
+says which is the default, chosen from ``tools/bench_kernels.py``'s side-by-side timing.
+
+Numerics vs the reference (activation fake-quant to x.dtype, weight dequantize to x.dtype, bf16 ``linear``):
+the kernel's products are exact and scaled once in fp32, the reference rounds each dequantized operand to bf16
+first, so they agree to bf16 rounding (the tests state the tolerance). The int32 accumulation itself is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from lowbit.kernels._common import (
+    cdiv,
+    check,
+    interpreting,
+    is_pow2,
+    launcher,
+    m_bucket,
+    unpack_nibbles,
+)
+from lowbit.kernels.act_quant import quantize_activation
+
+__all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_linear", "a8_linear_ref"]
+
+FP8_ROWWISE_SCALED_MM = True
+"""FP8 per-token x per-channel through ``torch._scaled_mm`` (set from the H200 side-by-side in kernels.json)."""
+
+W_QDTYPES = {"int8": (False, True), "int4": (True, True), "uint4": (True, False), "fp8e4m3": (False, True)}
+"""Weight qdtype -> (packed, signed)."""
+
+
+def a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor | None,
+                  bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int
+                  ) -> torch.Tensor:
+    """Plain torch, the qlinear reference: activation dynamic_qparams -> quantize -> dequantize (to x.dtype),
+    weight dequantize (to x.dtype), ``F.linear``."""
+    from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
+
+    k = x.shape[-1]
+    bs = a_group or k
+    sa, za = dynamic_qparams(x, qdtype=a_qdtype, granularity="per_token", symmetric=True, axis=-1, block_size=bs)
+    za = None if a_qdtype.startswith("fp8") else za
+    xq = quantize(x, sa, za, qdtype=a_qdtype, axis=-1, block_size=bs)
+    xd = dequantize(xq, sa, za, qdtype=a_qdtype, axis=-1, block_size=bs, out_dtype=x.dtype)
+    w = dequantize(qweight, w_scale, w_zero_point, qdtype=w_qdtype, axis=1 if w_group else 0,
+                   block_size=w_group or None, out_dtype=x.dtype)
+    return F.linear(xd, w, bias)
+
+
+@triton.jit
+def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KEY,
+               sam, ssam, swn, sswn, som,
+               W_PACKED: tl.constexpr, W_SIGNED: tl.constexpr, HAS_WZ: tl.constexpr, IS_FP8: tl.constexpr,
+               A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    GROUPED: tl.constexpr = A_GROUP > 0 or W_GROUP > 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if IS_FP8:
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        if GROUPED:
+            base = tl.zeros_like(acc_i)
+        else:
+            base = acc_i
+        if W_PACKED:  # int4 -> int8 in registers, interleaved to K order (even/odd halves measured slower)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + offs_m[:, None] * sam + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :],
+                        other=0.0)
+            offs_c = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            b = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :],
+                        mask=n_ok[:, None] & (offs_c * 2 < K)[None, :], other=0)
+            q = unpack_nibbles(b, W_SIGNED)
+            if HAS_WZ:  # BLOCK_K <= W_GROUP: one zero point per row in this step
+                if W_GROUP > 0:
+                    zp = tl.load(zw_ptr + offs_n * sswn + k0 // W_GROUP, mask=n_ok, other=0).to(tl.int32)
+                else:
+                    zp = tl.load(zw_ptr + offs_n, mask=n_ok, other=0).to(tl.int32)
+                q = q - zp[:, None]
+            part = tl.dot(a, tl.trans(q.to(tl.int8)), base, out_dtype=tl.int32)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            a = tl.load(a_ptr + offs_m[:, None] * sam + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if IS_FP8:
+                part = tl.dot(a, tl.trans(w), base)
+            else:
+                part = tl.dot(a, tl.trans(w), base, out_dtype=tl.int32)
+        if GROUPED:
+            pf = part.to(tl.float32)
+            if A_GROUP > 0:
+                sa = tl.load(sa_ptr + offs_m * ssam + k0 // A_GROUP, mask=m_ok, other=0)
+                pf = pf * sa[:, None]
+            if W_GROUP > 0:
+                sw = tl.load(sw_ptr + offs_n * sswn + k0 // W_GROUP, mask=n_ok, other=0).to(tl.float32)
+                pf = pf * sw[None, :]
+            acc += pf
+        else:
+            acc_i = part
+    if not GROUPED:
+        acc = acc_i.to(tl.float32)
+    if A_GROUP == 0:
+        acc = acc * tl.load(sa_ptr + offs_m * ssam, mask=m_ok, other=0)[:, None]
+    if W_GROUP == 0:
+        acc = acc * tl.load(sw_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+    tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], acc.to(o_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 8, 4),
+                                     (64, 128, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 64, 4, 4),
+                                     (64, 64, 64, 4, 4))]
+
+
+def _prune(configs, named_args, **kw):
+    """Keep configs whose BLOCK_K fits the scale groups (one scale per K step); shrink small-M tiles."""
+    g = min([v for v in (named_args.get(a, kw.get(a, 0)) for a in ("A_GROUP", "W_GROUP")) if v] or [0])
+    m = named_args["M"]
+    out = [c for c in configs if (g == 0 or c.kwargs["BLOCK_K"] <= g) and (m > 64 or c.kwargs["BLOCK_M"] <= 64)]
+    if not out:
+        out = [triton.Config({"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 128, "BLOCK_K": g},
+                             num_warps=4, num_stages=4),
+               triton.Config({"BLOCK_M": 128 if m > 64 else 64, "BLOCK_N": 128, "BLOCK_K": g},
+                             num_warps=8, num_stages=3)]
+    return out
+
+
+_a8_kernel_tuned = triton.autotune(configs=_configs(), key=["M_KEY", "N", "K", "A_GROUP", "W_GROUP", "W_PACKED",
+                                                            "IS_FP8"],
+                                   prune_configs_by={"early_config_prune": _prune}, warmup=5, rep=20)(_a8_kernel)
+
+
+def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+            w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_group: int,
+            out_dtype: torch.dtype) -> torch.Tensor:
+    """The GEMM half on already-quantized activations ``xq [M, K]`` with scales ``[M, K/a_group or 1]``."""
+    m, k = xq.shape
+    n = qweight.shape[0]
+    packed, signed = W_QDTYPES[w_qdtype]
+    is_fp8 = w_qdtype == "fp8e4m3"
+    check(not is_fp8 or xq.dtype == torch.float8_e4m3fn, "a8_linear", "fp8 weights need fp8 activations")
+    check(is_fp8 or xq.dtype == torch.int8, "a8_linear", f"{w_qdtype} weights need int8 activations")
+    check(w_zero_point is None or packed, "a8_linear", "an int8 weight zero point can leave int8 range: use the "
+          "reference")
+    groups = [g for g in (a_group, w_group) if g]
+    check(all(is_pow2(g) and g >= 32 for g in groups), "a8_linear", f"groups {groups} must be powers of two >= 32")
+    out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
+    wz = w_zero_point if w_zero_point is not None else w_scale
+    b = bias if bias is not None else w_scale
+    args = (xq, x_scale, qweight, w_scale, wz, b, out, m, n, k, m_bucket(m), xq.stride(0), x_scale.stride(0),
+            qweight.stride(0), w_scale.stride(0), out.stride(0))
+    meta = {"W_PACKED": packed, "W_SIGNED": signed, "HAS_WZ": w_zero_point is not None, "IS_FP8": is_fp8,
+                "A_GROUP": a_group, "W_GROUP": w_group, "HAS_BIAS": bias is not None}
+    if interpreting():
+        bk = min(groups) if groups else 64
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(bk, 64)}
+        grid = (cdiv(n, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"]))
+        launcher(xq, _a8_kernel)[grid](*args, **meta, **cfg)
+    else:
+        def grid(meta):
+            return (cdiv(n, meta["BLOCK_N"]), cdiv(m, meta["BLOCK_M"]))
+        launcher(xq, _a8_kernel_tuned)[grid](*args, **meta)
+    return out
+
+
+@triton_op("lowbit::a8_linear", mutates_args=())
+def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor | None,
+              bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
+              use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM) -> torch.Tensor:
+    """Quantize ``x`` per token (or per ``a_group`` channels) and multiply with the quantized weight.
+
+    ``w_group``/``a_group`` 0 = per channel / per token. fp8 per-token x per-channel goes through
+    ``torch._scaled_mm`` when ``use_scaled_mm`` (CUDA only)."""
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    check(w_qdtype in W_QDTYPES, "a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
+    check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), "a8_linear",
+          f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
+    xq, sa = quantize_activation(x, a_qdtype, a_group)
+    if (w_qdtype == "fp8e4m3" and use_scaled_mm and a_group == 0 and w_group == 0 and x.is_cuda
+            and k % 16 == 0 and n % 16 == 0):
+        y = torch._scaled_mm(xq, qweight.t(), scale_a=sa, scale_b=w_scale.float().reshape(1, n), bias=bias,
+                             out_dtype=x.dtype)
+    else:
+        y = a8_gemm(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, x.dtype)
+    return y.reshape(*x.shape[:-1], n)

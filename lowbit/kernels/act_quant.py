@@ -1,0 +1,103 @@
+"""Dynamic symmetric activation quantization (int8 or fp8 e4m3), per token or per group of channels, one pass.
+
+Numerics = ``dynamic_qparams(granularity="per_token", symmetric=True, block_size=g)`` then ``quantize``:
+``scale = max(amax / qmax, 1e-12)``, int8 ``q = clamp(round_half_even(x / scale), -128, 127)``, fp8
+``q = cast_rtne(clamp(x / scale, -448, 448))``. ``x / scale`` is an IEEE division (``div_rn``); ``amax / qmax``
+follows torch on the tensor's device: IEEE on CPU, ``amax * fp32(1 / qmax)`` on CUDA (PyTorch's CUDA division by a
+scalar multiplies by the reciprocal). Codes and scales are so bit-identical to the reference on either device. One program reads one row once and writes codes and scales: the
+separate-ops version (amax, divide, round, cast) reads the activation three times.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from lowbit.kernels._common import (
+    check,
+    launcher,
+    next_pow2,
+    round_half_even,
+    round_to_e4m3,
+)
+
+__all__ = ["QMAX", "quantize_activation", "quantize_activation_ref"]
+
+QMAX = {"int8": 127.0, "fp8e4m3": 448.0}
+_STORAGE = {"int8": torch.int8, "fp8e4m3": torch.float8_e4m3fn}
+
+
+def quantize_activation_ref(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch (lowbit's ops): codes ``[M, K]`` and fp32 scales ``[M, K/g]`` (``[M, 1]`` per token)."""
+    from lowbit.ir.quant import dynamic_qparams, quantize
+
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    bs = group_size or k
+    scale, _ = dynamic_qparams(x2, qdtype=qdtype, granularity="per_token", symmetric=True, axis=-1, block_size=bs)
+    q = quantize(x2, scale, None, qdtype=qdtype, axis=-1, block_size=bs)
+    return q, scale
+
+
+def _cuda_reciprocal(qdtype: str) -> float:
+    """fp32(1 / qmax), as PyTorch's CUDA ``tensor / python_scalar`` computes it before multiplying."""
+    return torch.tensor(1.0, dtype=torch.float32).div(torch.tensor(QMAX[qdtype], dtype=torch.float32)).item()
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm,
+                      QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    ok = offs < K
+    x = tl.load(x_ptr + row * sxm + offs, mask=ok, other=0.0).to(tl.float32)
+    if GROUP == 0:
+        amax = tl.max(tl.abs(x), axis=0)
+        if RCP != 0.0:
+            s = tl.maximum(amax * RCP, 1e-12)
+        else:
+            s = tl.maximum(tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1e-12)
+        tl.store(s_ptr + row * ssm, s)
+        y = tl.math.div_rn(x, tl.zeros_like(x) + s)
+    else:
+        NG: tl.constexpr = BLOCK_K // GROUP
+        x3 = tl.reshape(x, (NG, GROUP))
+        amax = tl.max(tl.abs(x3), axis=1)
+        if RCP != 0.0:
+            s = tl.maximum(amax * RCP, 1e-12)
+        else:
+            s = tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
+        offs_g = tl.arange(0, NG)
+        tl.store(s_ptr + row * ssm + offs_g, s, mask=offs_g * GROUP < K)
+        y = tl.reshape(tl.math.div_rn(x3, tl.zeros_like(x3) + s[:, None]), (BLOCK_K,))
+    if IS_FP8:
+        q = round_to_e4m3(tl.clamp(y, -QMAX, QMAX)).to(tl.float8e4nv)
+    else:
+        q = tl.clamp(round_half_even(y), -128.0, 127.0).to(tl.int8)
+    tl.store(q_ptr + row * sqm + offs, q, mask=ok)
+
+
+@triton_op("lowbit::quantize_activation", mutates_args=())
+def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``[M, K]`` (int8 / float8_e4m3fn) and fp32 scales ``[M, K/g]`` (``[M, 1]`` when ``group_size`` is 0)."""
+    check(qdtype in QMAX, "quantize_activation", f"qdtype {qdtype!r} is not int8 or fp8e4m3")
+    k = x.shape[-1]
+    check(group_size == 0 or k % group_size == 0, "quantize_activation", f"K={k} is not a multiple of {group_size}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    q = torch.empty((m, k), device=x.device, dtype=_STORAGE[qdtype])
+    s = torch.empty((m, k // group_size if group_size else 1), device=x.device, dtype=torch.float32)
+    block = next_pow2(k)
+    if group_size:
+        block = max(block, group_size)
+    warps = 4 if block <= 4096 else 8
+    launcher(x2, _act_quant_kernel)[(m,)](x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0), QMAX=QMAX[qdtype],
+                                         RCP=_cuda_reciprocal(qdtype) if x.is_cuda else 0.0,
+                                         IS_FP8=qdtype == "fp8e4m3", GROUP=group_size, BLOCK_K=block,
+                                         num_warps=warps)
+    return q, s

@@ -1,0 +1,379 @@
+"""W4A16 / W8A16 (and W3/W2, which share the 4-bit storage): weight-only quantized linear on lowbit's layout.
+
+Layout: lowbit's stored form, unchanged (design.md "Packed weights"): 4-bit and narrower codes packed two per
+uint8 along K, low nibble = even index, ``[N, K/2]``; int8/uint8 ``[N, K]``; scale ``[N]`` (per channel) or
+``[N, K/g]``; zero point the scale's shape or None. Why no repack: the bytes of a row are contiguous along K,
+which is what both regimes read (a GEMV streams each weight row once, 16-byte loads along K; the tiled GEMM
+loads a ``[BLOCK_N, BLOCK_K/2]`` byte tile K-contiguous, which is the K-major B operand ``tl.dot`` wants after
+the in-register unpack); the checkpoint's buffers are used as they are (no second copy, no lowering-time
+transform to keep in sync with the ONNX/torch backends).
+
+Numerics = the reference's: each weight is dequantized in fp32 as ``(q - zero_point) * scale`` and rounded to
+the activation dtype (what ``dequantize(..., out_dtype=x.dtype)`` gives), then multiplied with fp32
+accumulation. Results differ from the reference only by accumulation order.
+
+Regimes:
+- M <= 16 (decode): split-K GEMV. Grid (N tiles, K splits, M tiles); partial sums go to an fp32
+  ``[splits, M, N]`` buffer that a second small kernel sums (deterministic, unlike atomics), adds the bias and
+  casts. M = 1 uses a CUDA-core multiply-reduce (no padding of M to a tensor-core tile); 2..16 use ``tl.dot``.
+  The config comes from ``gemv_config`` (a table keyed by M, N, K; ``tools/bench_kernels.py`` sweeps it).
+- M > 16 (prefill): tiled GEMM with the dequantize in the main loop, autotuned over a small config set keyed
+  by (M bucket, N, K, group). For M >= ``DEQUANT_CUBLAS_MIN_M`` the op dequantizes the weight once with a Triton
+  kernel and calls cuBLAS instead, where that was measured faster (bench/results/kernels.json).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from lowbit.kernels._common import (
+    cdiv,
+    check,
+    interpreting,
+    is_pow2,
+    launcher,
+    m_bucket,
+    nibbles,
+    unpack_nibbles,
+)
+
+__all__ = [
+    "BYTE_QDTYPES",
+    "DEQUANT_CUBLAS_MIN_M",
+    "PACKED_QDTYPES",
+    "dequantize_weight",
+    "gemv_config",
+    "weight_only_linear",
+    "weight_only_linear_ref",
+]
+
+PACKED_QDTYPES = {"int4": True, "uint4": False, "int3": True, "int2": True}
+"""Packed qdtypes -> signed: int3/int2 are stored in signed nibbles, so the int4 kernel runs them as they are."""
+BYTE_QDTYPES = {"int8": True, "uint8": False}
+
+DEQUANT_CUBLAS_MIN_M = 17
+"""From this M on, the op dequantizes the weight (one Triton kernel) and calls cuBLAS: on the H200 that beat this
+module's tiled GEMM at M = 128 (0.29x vs 0.23x cuBLAS bf16) and M = 2048 (0.85x vs 0.23x), 4096x11008 g128."""
+
+SPLIT_TARGET_PROGRAMS = {1: 1056, 16: 264}
+"""Split-K aims at this many programs (M = 1: ~8 per SM of the H200's 132; M = 16 with 128-wide N tiles: ~2):
+the sweep's best split at 4096x11008 (bench/results/kernels.json, ``w4a16_gemv_sweep_best``)."""
+
+
+def weight_only_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                           zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str,
+                           group_size: int) -> torch.Tensor:
+    """Plain torch: ``dequantize(qweight)`` to ``x.dtype`` (lowbit's reference op), then ``F.linear``."""
+    from lowbit.ir.quant import dequantize
+
+    w = dequantize(qweight, scale, zero_point, qdtype=qdtype, axis=1 if group_size else 0,
+                   block_size=group_size or None, out_dtype=x.dtype)
+    return F.linear(x, w, bias)
+
+
+@triton.jit
+def _scale_cols(q, s_ptr, z_ptr, offs_n, n_ok, c0, c_hi, ssn, s_n, z_n,
+                GROUP: tl.constexpr, GC: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """fp32 ``(q - zp) * scale`` for code columns ``c0 .. c0+BLOCK_C`` of ``[BLOCK_N, BLOCK_C]``; a scale group
+    spans ``GC`` columns (``GROUP`` 0 = per channel: ``s_n``/``z_n``)."""
+    q = q.to(tl.float32)
+    if GROUP == 0:
+        if HAS_ZP:
+            q = q - z_n[:, None]
+        w = q * s_n[:, None]
+    elif BLOCK_C <= GC:
+        g = c0 // GC
+        s = tl.load(s_ptr + offs_n * ssn + g, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            z = tl.load(z_ptr + offs_n * ssn + g, mask=n_ok, other=0).to(tl.float32)
+            q = q - z[:, None]
+        w = q * s[:, None]
+    else:
+        NG: tl.constexpr = BLOCK_C // GC
+        offs_g = c0 // GC + tl.arange(0, NG)
+        g_ok = n_ok[:, None] & (offs_g * GC < c_hi)[None, :]
+        s = tl.load(s_ptr + offs_n[:, None] * ssn + offs_g[None, :], mask=g_ok, other=0).to(tl.float32)
+        q3 = tl.reshape(q, (BLOCK_N, NG, GC))
+        if HAS_ZP:
+            z = tl.load(z_ptr + offs_n[:, None] * ssn + offs_g[None, :], mask=g_ok, other=0).to(tl.float32)
+            q3 = q3 - z[:, :, None]
+        w = tl.reshape(q3 * s[:, :, None], (BLOCK_N, BLOCK_C))
+    return w
+
+
+@triton.jit
+def _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, swn, ssn, s_n, z_n,
+                  PACKED: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 dequantized weights ``[BLOCK_N, BLOCK_K]`` in K order for columns ``k0 .. k0+BLOCK_K`` (masked past
+    ``k_hi``); packed codes are unpacked with an interleave of the two nibbles."""
+    if PACKED:
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        b = tl.load(w_ptr + offs_n[:, None] * swn + offs_b[None, :],
+                    mask=n_ok[:, None] & (offs_b * 2 < k_hi)[None, :], other=0)
+        q = unpack_nibbles(b, SIGNED)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :],
+                    mask=n_ok[:, None] & (offs_k < k_hi)[None, :], other=0)
+    return _scale_cols(q, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, ssn, s_n, z_n, GROUP, GROUP, HAS_ZP, BLOCK_N,
+                       BLOCK_K)
+
+
+@triton.jit
+def _mac(acc, x, w, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += x @ w.T (fp32 accumulation); M = 1 is a CUDA-core multiply-reduce."""
+    if BLOCK_M == 1:
+        acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+    elif UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 operands hold bf16 values exactly
+        acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def _wo_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, K, K_SPLIT, M_KEY,
+               sxm, swn, ssn, som, sos,
+               PACKED: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+               HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, UPCAST: tl.constexpr, HALVES: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEFER: tl.constexpr = False):
+    """``HALVES`` (the GEMV): packed weights are not interleaved back into K order; the even (low-nibble) and odd
+    (high-nibble) K columns are two half-width products against the activation's even and odd columns. Without
+    it (the tiled GEMM) the nibbles are interleaved in registers: the stride-2 activation loads that HALVES
+    needs made the tensor-core GEMM ~3x slower on the H200 (bench/results/kernels.json, M = 2048).
+    ``DEFER`` (M = 1): accumulate elementwise products in a ``[BLOCK_N, BLOCK_K]`` fp32 tile and reduce over K once
+    after the loop instead of once per step (a sweep candidate; not yet measured)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    s_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if GROUP == 0:
+        s_n = tl.load(s_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            z_n = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_h = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if PACKED and HALVES:
+            BH: tl.constexpr = BLOCK_K // 2
+            offs_c = k0 // 2 + tl.arange(0, BH)
+            c_ok = offs_c * 2 < k_hi
+            xm = m_ok[:, None] & c_ok[None, :]
+            x_even = tl.load(x_ptr + offs_m[:, None] * sxm + 2 * offs_c[None, :], mask=xm, other=0.0)
+            x_odd = tl.load(x_ptr + offs_m[:, None] * sxm + 2 * offs_c[None, :] + 1, mask=xm, other=0.0)
+            b = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0)
+            lo, hi = nibbles(b, SIGNED)
+            w_lo = _scale_cols(lo, s_ptr, z_ptr, offs_n, n_ok, k0 // 2, k_hi // 2, ssn, s_n, z_n,
+                               GROUP, GROUP // 2, HAS_ZP, BLOCK_N, BH).to(x_even.dtype)
+            w_hi = _scale_cols(hi, s_ptr, z_ptr, offs_n, n_ok, k0 // 2, k_hi // 2, ssn, s_n, z_n,
+                               GROUP, GROUP // 2, HAS_ZP, BLOCK_N, BH).to(x_even.dtype)
+            if DEFER and BLOCK_M == 1:
+                acc_h += x_even.to(tl.float32) * w_lo.to(tl.float32) + x_odd.to(tl.float32) * w_hi.to(tl.float32)
+            else:
+                acc = _mac(acc, x_even, w_lo, BLOCK_M, UPCAST)
+                acc = _mac(acc, x_odd, w_hi, BLOCK_M, UPCAST)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :],
+                        mask=m_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0)
+            w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, swn, ssn, s_n, z_n,
+                              PACKED, SIGNED, GROUP, HAS_ZP, BLOCK_N, BLOCK_K).to(x.dtype)
+            if DEFER and BLOCK_M == 1:
+                acc_k += x.to(tl.float32) * w.to(tl.float32)
+            else:
+                acc = _mac(acc, x, w, BLOCK_M, UPCAST)
+    if DEFER and BLOCK_M == 1:
+        if PACKED and HALVES:
+            acc = tl.sum(acc_h, axis=1)[None, :]
+        else:
+            acc = tl.sum(acc_k, axis=1)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if PARTIAL:
+        tl.store(o_ptr + pid_k * sos + offs_m[:, None] * som + offs_n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+        tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], acc.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _splitk_reduce(p_ptr, b_ptr, o_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out = sum over splits of the fp32 partials (+ bias), cast: the second half of split-K."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(p_ptr + s * MN + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=ok, other=0).to(tl.float32)
+    tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn,
+                    PACKED: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The dense weight, K order, contiguous stores (stride-2 stores of the two halves measured ~3x slower)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_ok = offs_n < N
+    s_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if GROUP == 0:
+        s_n = tl.load(s_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            z_n = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+    w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, K, swn, ssn, s_n, z_n,
+                      PACKED, SIGNED, GROUP, HAS_ZP, BLOCK_N, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(o_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(o_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_k < K)[None, :])
+
+
+def _gemm_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ((128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+                                     (128, 256, 64, 8, 3), (32, 128, 128, 4, 4))]
+
+
+_wo_kernel_tuned = triton.autotune(configs=_gemm_configs(), key=["M_KEY", "N", "K", "GROUP", "PACKED", "HAS_ZP"],
+                                 warmup=5, rep=20)(
+    _wo_kernel)
+
+_GEMV_TABLE: dict[tuple[int, int, int], dict] = {
+    (1, 11008, 4096): {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "SPLIT_K": 3},
+    (16, 11008, 4096): {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4,
+                        "SPLIT_K": 3},
+}
+"""Best GEMV configs of the H200 sweep keyed by (M bucket, N, K); ``gemv_config`` falls back to a rule elsewhere."""
+
+
+def gemv_config(m: int, n: int, k: int, group: int) -> dict:
+    """Block sizes, warps, stages and split count for the M <= 16 path."""
+    cfg = _GEMV_TABLE.get((1 if m == 1 else 16, n, k))
+    if cfg is None:
+        bm = 1 if m == 1 else 16
+        cfg = {"BLOCK_M": bm, "BLOCK_N": 32 if bm == 1 else 128, "BLOCK_K": 256 if bm == 1 else 128,
+               "num_warps": 4, "num_stages": 3 if bm == 1 else 4}
+    cfg = dict(cfg)
+    if "SPLIT_K" not in cfg:
+        n_tiles = cdiv(n, cfg["BLOCK_N"])
+        target = SPLIT_TARGET_PROGRAMS[cfg["BLOCK_M"]]
+        cfg["SPLIT_K"] = max(1, min(target // n_tiles, k // (cfg["BLOCK_K"] * 2)))
+    return cfg
+
+
+def _meta(qweight: torch.Tensor, qdtype: str, k: int) -> tuple[bool, bool]:
+    if qdtype in PACKED_QDTYPES:
+        check(qweight.dtype == torch.uint8 and qweight.shape[1] * 2 == k, "weight_only_linear",
+              f"{qdtype} weight must be packed uint8 [N, K/2] with K={k}, got {qweight.dtype} {tuple(qweight.shape)}")
+        return True, PACKED_QDTYPES[qdtype]
+    check(qdtype in BYTE_QDTYPES, "weight_only_linear", f"qdtype {qdtype!r} is not int8/uint8/int4/uint4/int3/int2")
+    check(qweight.shape[1] == k, "weight_only_linear", f"weight {tuple(qweight.shape)} does not match K={k}")
+    return False, BYTE_QDTYPES[qdtype]
+
+
+def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, group, cfg):
+    m, k = x2.shape
+    n = qweight.shape[0]
+    split = cfg["SPLIT_K"]
+    k_split = cdiv(cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split = cdiv(k, k_split)
+    grid = (cdiv(n, cfg["BLOCK_N"]), split, cdiv(m, cfg["BLOCK_M"]))
+    zp = zero_point if zero_point is not None else scale
+    b = bias if bias is not None else scale
+    ssn = scale.stride(0)
+    meta = {"PACKED": packed, "SIGNED": signed, "GROUP": group, "HAS_ZP": zero_point is not None, "UPCAST": interpreting(),
+                "HALVES": True,
+                "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
+                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if split == 1:
+        launcher(x2, _wo_kernel)[grid](x2, qweight, scale, zp, b, out, m, n, k, k_split, m,
+                                      x2.stride(0), qweight.stride(0), ssn, out.stride(0), 0,
+                                      HAS_BIAS=bias is not None, PARTIAL=False, **meta)
+        return out
+    part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+    launcher(x2, _wo_kernel)[grid](x2, qweight, scale, zp, b, part, m, n, k, k_split, m,
+                                  x2.stride(0), qweight.stride(0), ssn, n, m * n,
+                                  HAS_BIAS=False, PARTIAL=True, **meta)
+    block = 1024
+    launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
+                                                             HAS_BIAS=bias is not None, BLOCK=block)
+    return out
+
+
+def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str,
+                      group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[N, K]`` weight in ``dtype`` (Triton kernel): the large-M path's one-off dequantize."""
+    packed, signed = _meta(qweight, qdtype, k)
+    n = qweight.shape[0]
+    out = torch.empty((n, k), device=qweight.device, dtype=dtype)
+    bn, bk = 32, 128 if group_size == 0 else max(128, group_size)
+    launcher(qweight, _dequant_kernel)[(cdiv(n, bn), cdiv(k, bk))](
+        qweight, scale, zero_point if zero_point is not None else scale, out, n, k, qweight.stride(0),
+        scale.stride(0), PACKED=packed, SIGNED=signed, GROUP=group_size, HAS_ZP=zero_point is not None,
+        BLOCK_N=bn, BLOCK_K=bk)
+    return out
+
+
+def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+             bias: torch.Tensor | None, qdtype: str, group_size: int, path: str) -> torch.Tensor:
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    packed, signed = _meta(qweight, qdtype, k)
+    check(group_size == 0 or (is_pow2(group_size) and group_size >= 16 and k % group_size == 0),
+          "weight_only_linear", f"group {group_size} must be a power of two >= 16 dividing K={k}")
+    check(k % 2 == 0 or not packed, "weight_only_linear", f"K={k} is odd")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if path == "auto":
+        path = "gemv" if m <= 16 else ("dequant" if m >= DEQUANT_CUBLAS_MIN_M and not interpreting() else "gemm")
+    if path == "dequant":
+        w = dequantize_weight(qweight, scale, zero_point, qdtype, group_size, k, x.dtype)
+        return F.linear(x, w, bias)
+    if path == "gemv":
+        _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, group_size,
+                     gemv_config(m, n, k, group_size))
+    else:
+        zp = zero_point if zero_point is not None else scale
+        b = bias if bias is not None else scale
+        args = (x2, qweight, scale, zp, b, out, m, n, k, k, m_bucket(m), x2.stride(0), qweight.stride(0),
+                scale.stride(0), out.stride(0), 0)
+        meta = {"PACKED": packed, "SIGNED": signed, "GROUP": group_size, "HAS_ZP": zero_point is not None,
+                    "HAS_BIAS": bias is not None, "PARTIAL": False, "UPCAST": interpreting(), "HALVES": False}
+        if interpreting():
+            cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": max(32, min(64, group_size or 64))}
+            grid = (cdiv(n, cfg["BLOCK_N"]), 1, cdiv(m, cfg["BLOCK_M"]))
+            launcher(x2, _wo_kernel)[grid](*args, **meta, **cfg)
+        else:
+            def grid(meta):
+                return (cdiv(n, meta["BLOCK_N"]), 1, cdiv(m, meta["BLOCK_M"]))
+            launcher(x2, _wo_kernel_tuned)[grid](*args, **meta)
+    return out.reshape(*x.shape[:-1], n)
+
+
+@triton_op("lowbit::weight_only_linear", mutates_args=())
+def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                       zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str,
+                       group_size: int, path: str = "auto") -> torch.Tensor:
+    """``x @ dequantize(qweight).T + bias`` with the dequantize fused; ``group_size`` 0 = per channel.
+
+    ``path``: ``auto`` (by M), ``gemv`` (split-K), ``gemm`` (tiled), ``dequant`` (dequantize + cuBLAS)."""
+    return _wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path)

@@ -1,0 +1,219 @@
+"""lowbit's Triton kernels against their plain-torch references.
+
+On a machine without CUDA the kernels run through Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1); with CUDA the same tests run on the GPU (``cuda`` parameters, marked gpu). Integer paths
+(activation codes and scales, int32 accumulation, the dequantized weight) are checked bit-exactly; float
+accumulation against a stated relative tolerance ‖y − ref‖ / ‖ref‖: bf16 outputs 1e-2 (the reference rounds its
+dequantized operands and output to bf16; the interpreter's fp32 -> bf16 cast truncates instead of rounding to
+nearest even, which roughly doubles that error), fp16 3e-3.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install -e '.[dev]' brings it)")
+
+from lowbit.ir.quant import dequantize, qparams_from_range, quantize
+from lowbit.kernels import (
+    a8_gemm,
+    a8_linear,
+    a8_linear_ref,
+    dequantize_weight,
+    quantize_activation,
+    quantize_activation_ref,
+    weight_only_linear,
+    weight_only_linear_ref,
+)
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERP, reason="CPU runs need TRITON_INTERPRET=1")),
+           pytest.param("cuda", marks=pytest.mark.gpu)]
+TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(y).all()
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _quantized_weight(n: int, k: int, qdtype: str, group: int, symmetric: bool, device: str):
+    """A random weight quantized by lowbit's own ops: (stored codes, scale, zero point)."""
+    w = torch.randn(n, k)
+    if group:
+        wv = w.view(n, k // group, group)
+        scale, zp = qparams_from_range(wv.amin(-1), wv.amax(-1), qdtype, symmetric)
+    else:
+        scale, zp = qparams_from_range(w.amin(-1), w.amax(-1), qdtype, symmetric)
+    q = quantize(w, scale, zp, qdtype=qdtype, axis=1 if group else 0, block_size=group or None)
+    return q.to(device), scale.to(device), None if zp is None else zp.to(device)
+
+
+WO_CASES = [  # qdtype, group, symmetric, activation dtype, M, path
+    ("int4", 128, True, torch.bfloat16, 1, "gemv"),
+    ("int4", 64, False, torch.bfloat16, 5, "gemv"),
+    ("int4", 32, True, torch.float16, 16, "gemv"),
+    ("uint4", 0, False, torch.bfloat16, 1, "gemv"),
+    ("int4", 128, False, torch.bfloat16, 20, "gemm"),
+    ("int4", 0, True, torch.float16, 33, "gemm"),
+    ("int3", 32, True, torch.bfloat16, 2, "gemv"),
+    ("int8", 0, True, torch.bfloat16, 1, "gemv"),
+    ("uint8", 64, False, torch.float16, 18, "gemm"),
+    ("int4", 64, False, torch.bfloat16, 40, "dequant"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype,group,symmetric,dtype,m,path", WO_CASES)
+def test_weight_only_linear_matches_reference(device, qdtype, group, symmetric, dtype, m, path):
+    n, k = 48, 256
+    q, s, z = _quantized_weight(n, k, qdtype, group, symmetric, device)
+    x = torch.randn(m, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype)
+    y = weight_only_linear(x, q, s, z, bias, qdtype, group, path)
+    ref = weight_only_linear_ref(x, q, s, z, bias, qdtype, group)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert _rel(y, ref) <= TOL[dtype], (qdtype, group, path)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_only_linear_keeps_leading_dims_and_no_bias(device):
+    q, s, z = _quantized_weight(40, 128, "int4", 64, False, device)
+    x = torch.randn(2, 3, 128, device=device).to(torch.bfloat16)
+    y = weight_only_linear(x, q, s, z, None, "int4", 64)
+    assert y.shape == (2, 3, 40)
+    assert _rel(y, weight_only_linear_ref(x, q, s, z, None, "int4", 64)) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype,group,symmetric", [("int4", 32, False), ("int4", 0, True), ("uint8", 128, False)])
+def test_dequantize_weight_is_bit_exact(device, qdtype, group, symmetric):
+    # fp16 output: the interpreter's fp32 -> fp16 cast rounds to nearest even like the GPU's (its bf16 cast does not)
+    q, s, z = _quantized_weight(40, 256, qdtype, group, symmetric, device)
+    w = dequantize_weight(q, s, z, qdtype, group, 256, torch.float16)
+    ref = dequantize(q, s, z, qdtype=qdtype, axis=1 if group else 0, block_size=group or None, out_dtype=torch.float16)
+    assert torch.equal(w, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype", ["int8", "fp8e4m3"])
+@pytest.mark.parametrize("group", [0, 32, 64])
+def test_activation_quantization_is_bit_exact(device, qdtype, group):
+    x = (torch.randn(6, 192, device=device) * 4).to(torch.bfloat16)
+    x[1] = 0  # an all-zero token: scale 1e-12, codes 0
+    x[2, :64] *= 100  # one loud group
+    q, s = quantize_activation(x, qdtype, group)
+    q_ref, s_ref = quantize_activation_ref(x, qdtype, group)
+    assert q.dtype == q_ref.dtype and torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_qdtype,w_group,zero_point", [("int8", 0, False), ("int4", 0, False), ("int4", 64, True),
+                                                         ("fp8e4m3", 0, False)])
+def test_a8_gemm_accumulates_exactly(device, w_qdtype, w_group, zero_point):
+    """Unit scales and an fp32 output: the kernel's result is the integer dot product itself."""
+    m, n, k = 20, 40, 256
+    if w_qdtype == "fp8e4m3":  # small integers are exact in e4m3 and their products and sums in fp32
+        xq = torch.randint(-8, 9, (m, k)).float().to(torch.float8_e4m3fn)
+        wq = torch.randint(-8, 9, (n, k)).float().to(torch.float8_e4m3fn)
+        w_int, zp = wq.float(), None
+    elif w_qdtype == "int8":
+        xq = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+        wq = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+        w_int, zp = wq.float(), None
+    else:
+        xq = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+        codes = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+        wq = quantize(codes.float(), torch.ones(()), None, qdtype="int4", axis=None)
+        zp = torch.randint(-8, 8, (n, k // w_group), dtype=torch.int8) if zero_point else None
+        w_int = codes.float() - (zp.float().repeat_interleave(w_group, 1) if zp is not None else 0)
+    ws = torch.ones(n, k // w_group) if w_group else torch.ones(n)
+    xs = torch.ones(m, 1)
+    y = a8_gemm(xq.to(device), xs.to(device), wq.to(device), ws.to(device), None if zp is None else zp.to(device),
+                None, w_qdtype, w_group, 0, torch.float32)
+    assert torch.equal(y.cpu(), (xq.double() @ w_int.double().T).float())
+
+
+A8_CASES = [  # weight qdtype, weight group, symmetric, activation qdtype, activation group, M
+    ("int8", 0, True, "int8", 0, 3),       # w8a8
+    ("int8", 0, True, "int8", 64, 17),     # w8a8-g64
+    ("int4", 64, False, "int8", 0, 2),     # w4a8 (asymmetric int4 g64)
+    ("int4", 0, True, "int8", 0, 20),
+    ("fp8e4m3", 0, True, "fp8e4m3", 0, 4),    # fp8 rowwise
+    ("fp8e4m3", 64, True, "fp8e4m3", 64, 18),  # fp8 block-scaled (recipe fp8)
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_qdtype,w_group,symmetric,a_qdtype,a_group,m", A8_CASES)
+def test_a8_linear_matches_reference(device, w_qdtype, w_group, symmetric, a_qdtype, a_group, m):
+    n, k = 48, 256
+    q, s, z = _quantized_weight(n, k, w_qdtype, w_group, symmetric, device)
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    bias = torch.randn(n, device=device).to(torch.bfloat16)
+    ref = a8_linear_ref(x, q, s, z, bias, w_qdtype, w_group, a_qdtype, a_group)
+    for scaled_mm in ([False, True] if device == "cuda" and w_qdtype == "fp8e4m3" else [False]):
+        y = a8_linear(x, q, s, z, bias, w_qdtype, w_group, a_qdtype, a_group, scaled_mm)
+        assert y.shape == (m, n)
+        assert _rel(y, ref) <= TOL[torch.bfloat16], (w_qdtype, a_group, scaled_mm)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_refuse_shapes_they_do_not_take(device):
+    q, s, z = _quantized_weight(16, 96, "int4", 32, True, device)
+    x = torch.randn(1, 96, device=device).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="weight_only_linear.*group 48"):
+        weight_only_linear(x, q, s.repeat_interleave(2, 1)[:, :2], z, None, "int4", 48)
+    with pytest.raises(ValueError, match="a8_linear"):
+        a8_linear(x, q, s, z, None, "int4", 32, "fp8e4m3", 0)
+
+
+@pytest.mark.gpu
+def test_ops_compose_with_torch_compile_and_cuda_graphs():
+    q, s, z = _quantized_weight(256, 512, "int4", 128, False, "cuda")
+    q8, s8, _ = _quantized_weight(256, 512, "int8", 0, True, "cuda")
+    x = torch.randn(4, 512, device="cuda").to(torch.bfloat16)
+
+    def f(x):
+        h = torch.ops.lowbit.weight_only_linear(x, q, s, z, None, "int4", 128)
+        return torch.ops.lowbit.a8_linear(h[:, :512] if h.shape[1] >= 512 else torch.cat([h, h], 1), q8, s8, None,
+                                          None, "int8", 0, "int8", 0)
+
+    eager = f(x)
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(x), eager)
+    graphed = torch.compile(f, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        out = graphed(x)
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quant_linear_module_calls_the_ops(device):
+    from lowbit.kernels.modules import QuantLinear
+
+    q, s, z = _quantized_weight(32, 128, "int4", 64, False, device)
+    x = torch.randn(3, 128, device=device).to(torch.bfloat16)
+    mod = QuantLinear(q, s, z, None, "int4", 64)
+    assert _rel(mod(x), weight_only_linear_ref(x, q, s, z, None, "int4", 64)) <= TOL[torch.bfloat16]
+    q8, s8, _ = _quantized_weight(32, 128, "int8", 0, True, device)
+    mod8 = QuantLinear(q8, s8, None, None, "int8", 0, "int8", 0)
+    assert _rel(mod8(x), a8_linear_ref(x, q8, s8, None, None, "int8", 0, "int8", 0)) <= TOL[torch.bfloat16]
+    assert "w=int4/g64" in repr(mod) and "a=int8" in repr(mod8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype,group", [("int4", 64), ("int8", 0)])
+def test_gemv_with_deferred_reduction_matches_reference(device, qdtype, group):
+    from lowbit.kernels import weight_only as wo
+
+    q, s, z = _quantized_weight(48, 512, qdtype, group, False, device)
+    x = torch.randn(1, 512, device=device).to(torch.bfloat16)
+    out = torch.empty(1, 48, device=device, dtype=torch.bfloat16)
+    cfg = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "DEFER": True, "SPLIT_K": 2}
+    wo._launch_gemv(x, q, s, z, None, out, qdtype in wo.PACKED_QDTYPES, True, group, cfg)
+    assert _rel(out, weight_only_linear_ref(x, q, s, z, None, qdtype, group)) <= TOL[torch.bfloat16]
