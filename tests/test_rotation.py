@@ -261,3 +261,27 @@ def test_rotate_exact_on_random_llamas(hidden, head_dim, inter, layers, kv_div, 
     assert stats["head_regions"] == layers and stats["writers"] == 2 * layers
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+
+
+# ---- the w4a4kv4 recipe ---------------------------------------------------------------------------
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def test_w4a4kv4_rotation_beats_no_rotation_on_smollm2(smollm2):
+    from conftest import held_out_slice
+
+    from lowbit.recipes import get_recipe
+
+    graph, ids, ref = held_out_slice(smollm2, 2, 1)
+    rotated = graph.clone()
+    PassManager(get_recipe("w4a4kv4-rtn")).run(rotated)
+    kv_src = [n for n in rotated.find("quantize") if n.args[0].producer is not None
+              and n.args[0].producer.op == "hadamard" and n.args[0].producer.args[0].producer.op == "rotary"]
+    assert len(kv_src) == 2  # the KV cache quantizes the rotated keys (one per layer)
+    plain = graph.clone()
+    PassManager(get_recipe("w4a4kv4-rtn").replace("fold-norms,rotate,", "")).run(plain)
+    err_rot, err_plain = _rel_err(TorchCompiled(rotated)(ids), ref), _rel_err(TorchCompiled(plain)(ids), ref)
+    assert err_rot < 0.5 * err_plain, (err_rot, err_plain)
+    assert "gptq" in get_recipe("w4a4kv4") and "rotate" in get_recipe("w4a4kv4")
