@@ -143,6 +143,10 @@ def test_rotate_refuses_before_fold_norms_and_on_layernorm():
     ln = TINY.replace("rms_norm(%r, None, eps=1e-06)", "layer_norm(%r, None, None, normalized_shape=[4], eps=1e-06)")
     with pytest.raises(PipelineError, match=r"%m \(layer_norm, module final_norm\) is a LayerNorm: it subtracts the mean"):
         PassManager("rotate").run(parse_graph(ln, _random_weights(ln)))
+    quantized = parse_graph(TINY, _random_weights(TINY))
+    PassManager("quantize(w=int4)").run(quantized)
+    with pytest.raises(PipelineError, match=r"rotate must run before quantization: linear %u \(module 'up'\)"):
+        PassManager("rotate").run(quantized)
     odd = TINY.replace("f64[10,4]", "f64[10,188]").replace("f64[8,4]", "f64[8,188]").replace(
         "f64[4,8]", "f64[188,8]").replace("f64[1,3,4]", "f64[1,3,188]")
     with pytest.raises(PipelineError, match="residual stream of width 188: no Hadamard construction known for dimension 188"):

@@ -88,6 +88,11 @@ class Rotate(Pass):
             n = gained[0]
             raise PassError(f"pass rotate needs fold-norms first: rms_norm %{n.name} (module {n.module!r}) still has a "
                             f"gain, and RMSNorm is rotation invariant only with unit gain ({len(gained)} such norms)")
+        computed = [n for n in (*res.readers, *res.writers) if not n.args[1].is_param]
+        if computed:
+            n = computed[0]
+            raise PassError(f"pass rotate must run before quantization: linear %{n.name} (module {n.module!r}) reads a "
+                            f"computed weight (%{n.args[1].name}, from {n.args[1].producer.op if n.args[1].producer else '?'})")
         users = graph.users()
         q = rotation_matrix(o.kind, res.dim, o.seed, f"residual stream of width {res.dim}")
         untied = list(regions.tied)
