@@ -114,9 +114,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("w4a4kv4", f"fold-norms,rotate,gptq(w=int4,sym=false),quantize(a=int4,{_KV4_HEAD})",
            "QuaRot-style: fold norms, randomised Hadamard on the residual stream and per head, online Hadamards "
            "before down_proj and on q/k after rotary, GPTQ int4 weights per channel, int4 activations per token, "
-           "int4 KV cache per token per head (asymmetric)", ("fold-norms", "rotate", "gptq", "quantize")),
+           "int4 KV cache per token per head (asymmetric); SmolLM2 2.80x on 8 windows (wt2-512x8, GPTQ on 16x512 "
+           "tokens; 577x without rotation)", ("fold-norms", "rotate", "gptq", "quantize")),
     Recipe("w4a4kv4-rtn", f"fold-norms,rotate,quantize(w=int4,sym=false,a=int4,{_KV4_HEAD})",
-           "w4a4kv4 without calibration (RTN weights)", ("fold-norms", "rotate", "quantize")),
+           "w4a4kv4 without calibration (RTN weights); SmolLM2 9.40x on wt2-512x8 (508x without rotation)", ("fold-norms", "rotate", "quantize")),
 )}
 
 
