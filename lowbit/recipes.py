@@ -40,6 +40,8 @@ _SQ = "smooth-quant(search=true,require_sites=false)"
 # keys per channel over 32-token blocks, values per token, the first token (attention sink) and each query's
 # most recent tokens float.
 _KV4 = "kv=int4,kv_group=32,kv_sink=1,kv_window=32"
+# QuaRot's KV cache: one scale and zero point per token per head (head_dim 64), no float window
+_KV4_HEAD = "kv=int4,k_gran=per_token,v_gran=per_token,kv_group=64"
 _KV2 = "kv=int2,k_group=32,v_group=16,kv_sink=1,kv_window=64"
 # GPTQ settings chosen on SmolLM2 (bench/results/accuracy.json, GPU rows): AWQ scales and clipping first, then
 # GPTQ with act-order and static groups, light damping
@@ -109,9 +111,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("w4a16-awq", "awq(w=int4,group=64,sym=false)",
            "AWQ activation-aware scales + clipping search, then int4 group 64 weights (RTN); SmolLM2 1.163x",
            ("awq",)),
-    Recipe("w4a4kv4", f"fold-norms,rotate,quantize(w=int4,a=int4,{_KV4})",
-           "QuaRot-style: fold norms, Hadamard rotation, int4 weights/activations/KV", ("fold-norms", "rotate",
-                                                                                         "quantize")),
+    Recipe("w4a4kv4", f"fold-norms,rotate,gptq(w=int4,sym=false),quantize(a=int4,{_KV4_HEAD})",
+           "QuaRot-style: fold norms, randomised Hadamard on the residual stream and per head, online Hadamards "
+           "before down_proj and on q/k after rotary, GPTQ int4 weights per channel, int4 activations per token, "
+           "int4 KV cache per token per head (asymmetric); SmolLM2 2.80x on 8 windows (wt2-512x8, GPTQ on 16x512 "
+           "tokens; 577x without rotation)", ("fold-norms", "rotate", "gptq", "quantize")),
+    Recipe("w4a4kv4-rtn", f"fold-norms,rotate,quantize(w=int4,sym=false,a=int4,{_KV4_HEAD})",
+           "w4a4kv4 without calibration (RTN weights); SmolLM2 9.40x on wt2-512x8 (508x without rotation)", ("fold-norms", "rotate", "quantize")),
 )}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import float64_norm_stats
 from lowbit.api import compile_model, plan_compile
 from lowbit.backends import registry
 from lowbit.backends.registry import BackendError, register_backend
@@ -80,7 +81,7 @@ def test_a_backend_gap_is_reported_before_capture_and_calibration(monkeypatch):
     # the model name is never loaded: the gap is found from the pipeline's declarations alone
     with pytest.raises(BackendError, match=r"backend 'no-dynamic' cannot lower what the pipeline creates: pass "
                                            r"quantize\(w=int8,a=int8\) creates 'dynamic_qparams' "
-                                           r"\(backends lowering them: torch, onnxruntime, tensorrt\)"):
+                                           r"\(backends lowering them: torch, onnxruntime, tensorrt, triton\)"):
         compile_model("no-such-model", pipeline="smooth-quant,quantize(w=int8,a=int8)", backend="no-dynamic")
     # the backend's own passes are checked too: onnxruntime's fuse-qlinear creates qlinear, which it lowers
     plan = plan_compile(parse_pipeline("quantize(w=int8,a=int8)"), "onnxruntime")
@@ -128,10 +129,10 @@ def test_bisect_and_sensitivity_restrict_passes_through_modules():
 
 # ---- Pass.exact, read: float64 on a real model ---------------------------------------------------
 
-PREPARE = {"fuse-qlinear": "quantize(w=int8,a=int8)"}
+PREPARE = {"fuse-qlinear": "quantize(w=int8,a=int8)", "rotate": "fold-norms"}
 """Passes that need something to act on: the pipeline run first (its output is the reference)."""
 OPTIONS = {"smooth-quant": "(calib_n=2,calib_len=32,progress=false)"}
-CHANGES = {"fold-norms", "smooth-quant", "fuse-qlinear"}
+CHANGES = {"fold-norms", "smooth-quant", "fuse-qlinear", "rotate"}
 """Exact passes that must change the slice (so the check is not vacuous)."""
 
 
@@ -140,13 +141,13 @@ def _exact_passes() -> list[str]:
 
 
 def test_every_exact_pass_is_checked():
-    assert {"dce", "constant-fold", "fold-norms", "smooth-quant", "fuse-qlinear"} <= set(_exact_passes())
+    assert {"dce", "constant-fold", "fold-norms", "smooth-quant", "fuse-qlinear", "rotate"} <= set(_exact_passes())
 
 
 @pytest.mark.parametrize("name", _exact_passes())
 def test_exact_pass_leaves_float64_logits_unchanged(smollm2_slice_f64, smollm2, name):
     _, graph = smollm2_slice_f64
-    g = graph.clone()
+    g = float64_norm_stats(graph.clone()) if name == "rotate" else graph.clone()
     if name in PREPARE:
         PassManager(PREPARE[name]).run(g)
     ids = smollm2[1]("Exact passes change how a model is written, never what it computes.",

@@ -16,6 +16,7 @@ and raising emit, see ``tools/aten_allowlist.py``) and the Python functions on s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,22 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.shape[-1] // 2
     rotated = aten.cat.default([aten.neg.default(x[..., half:]), x[..., :half]], -1)
     return aten.add.Tensor(aten.mul.Tensor(x, cos), aten.mul.Tensor(rotated, sin))
+
+
+@functools.lru_cache(maxsize=64)
+def _hadamard_const(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    from lowbit.ir.hadamard import hadamard as orthogonal_hadamard
+
+    return orthogonal_hadamard(n, torch.float64).to(device=device, dtype=dtype)
+
+
+@register_op("hadamard")
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """x·H/sqrt(n) along the last axis (n = its size, H from lowbit.ir.hadamard): an online rotation."""
+    n = x.shape[-1]
+    if x.device.type == "meta":
+        return aten.matmul.default(x, torch.empty(n, n, dtype=x.dtype, device="meta"))
+    return aten.matmul.default(x, _hadamard_const(int(n), x.dtype, str(x.device)))
 
 
 @register_op("softmax")

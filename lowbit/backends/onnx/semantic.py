@@ -198,6 +198,24 @@ def _rotary(ctx: LoweringContext, node: Node) -> ir.Value:
     return ctx.op("Add", [ctx.op("Mul", [xv, ctx.v(cos)]), ctx.op("Mul", [rotated, ctx.v(sin)])])
 
 
+@lowering("hadamard")
+def _hadamard(ctx: LoweringContext, node: Node) -> ir.Value:
+    """An online rotation as a MatMul by the constant H/√n (one initializer per size and dtype)."""
+    from lowbit.ir.hadamard import HadamardError, hadamard
+
+    x = node.args[0]
+    n = x.tensor_type.shape[-1]
+    if not isinstance(n, int):
+        raise NotLowerable(f"hadamard needs a static last dim, got {n}")
+    dtype = ctx.dtype(x)
+    try:
+        h = hadamard(n, torch.float64).to(dtype)
+    except HadamardError as exc:
+        raise NotLowerable(str(exc)) from None
+    hv = ctx.derived(("hadamard", n, dtype), lambda: ctx.const_tensor(f"hadamard{n}", h))
+    return ctx.op("MatMul", [ctx.v(x), hv])
+
+
 @lowering("softmax")
 def _softmax(ctx: LoweringContext, node: Node) -> ir.Value:
     return ctx.op("Softmax", [ctx.v(node.args[0])], {"axis": int(node.kwargs["dim"])})

@@ -1,0 +1,257 @@
+"""Where an orthogonal rotation folds exactly into a model's weights, and where one must run online.
+
+An analysis, separate from the ``rotate`` pass that uses it (pruning's channel regions need the same walk):
+
+* **Residual stream** (QuaRot's R1): the values that ``embedding`` writes and ``residual_add`` carries. If the
+  stream is multiplied by an orthogonal Q everywhere (``x → x·Q``) the model is unchanged when the embedding
+  table becomes ``E·Q``, each linear *writing* the stream (``o_proj``, ``down_proj``) becomes ``Qᵀ·W`` (bias
+  ``b·Q``), and each linear *reading* a norm of it (q/k/v, gate/up, lm_head) becomes ``W·Q``: unit-gain RMSNorm
+  is rotation invariant (``‖x·Q‖ = ‖x‖``), which is why norm gains must be folded first. LayerNorm subtracts
+  the mean — ``mean(x·Q) ≠ mean(x)·Q`` — so a stream normalised by LayerNorm is refused with that reason.
+  Anything else that reads the stream (a graph output, an elementwise op) is refused, naming the node.
+* **Per-head V/O** (R2): the values read by ``attention`` are a per-head linear map of ``v_proj``'s output and
+  ``o_proj`` reads the heads concatenated, so a ``head_dim`` rotation R folds as ``v_proj`` rows ``Rᵀ·W_h``
+  and ``o_proj`` columns ``W·(I ⊗ R)``, when the view ops between keep ``head_dim`` as the last axis.
+* **Online sites**: a writer whose input no fold reaches (``down_proj`` reads ``silu(gate)·up``, a product)
+  needs ``x → x·H`` computed at run time, folded as ``W·H`` (R4); queries and keys after rotary need ``q·H``
+  and ``k·H`` (``q·kᵀ`` is unchanged) so the KV cache stores rotated keys (R3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lowbit.ir.graph import Graph, Node, Value
+
+__all__ = ["HeadRegion", "OnlineSite", "ResidualRegion", "RotationRegions", "find_rotation_regions"]
+
+_VIEW_OPS = {"reshape", "transpose", "permute", "aten.reshape.default", "aten.view.default",
+             "aten.expand.default", "aten.unsqueeze.default", "aten.clone.default", "aten.contiguous.default",
+             "aten.transpose.int", "aten.permute.default"}
+
+
+_ADD_OPS = ("residual_add", "add", "aten.add.Tensor")
+"""Sums that carry the stream (an encoder's word + position embeddings is an ``add``)."""
+
+
+@dataclass
+class ResidualRegion:
+    """The residual stream of width ``dim`` and the nodes a rotation of it touches."""
+
+    dim: int
+    embeddings: list[Node] = field(default_factory=list)
+    readers: list[Node] = field(default_factory=list)
+    """Linears reading ``norm(stream)``: rotate their weight's input side (W·Q)."""
+    writers: list[Node] = field(default_factory=list)
+    """Linears whose output is added to the stream: rotate their output side (Qᵀ·W, b·Q)."""
+    norms: list[Node] = field(default_factory=list)
+    adds: list[Node] = field(default_factory=list)
+
+
+@dataclass
+class HeadRegion:
+    """A v_proj → attention → o_proj path that a per-head rotation of size ``head_dim`` folds into."""
+
+    v_proj: Node
+    o_proj: Node
+    attention: Node
+    head_dim: int
+
+
+@dataclass
+class OnlineSite:
+    """Where a rotation must run at inference: ``before`` a linear's input, or ``after`` a rotary output."""
+
+    kind: str
+    """"linear_input" (down_proj: fold H into the weight, run x·H) or "rotary_output" (q/k for the KV cache)."""
+    node: Node
+    dim: int
+
+
+@dataclass
+class RotationRegions:
+    residual: ResidualRegion | None
+    heads: list[HeadRegion]
+    online: list[OnlineSite]
+    refused: list[str]
+    """Why a region is missing: each line names the node, op and module."""
+    tied: list[str]
+    """Params read by the embedding and by another node (a tied lm_head): the rotation must untie them."""
+
+    def summary(self) -> dict[str, object]:
+        r = self.residual
+        return {
+            "residual_dim": r.dim if r else None,
+            "readers": len(r.readers) if r else 0,
+            "writers": len(r.writers) if r else 0,
+            "head_regions": len(self.heads),
+            "online": [f"{s.kind}:{s.node.module or s.node.name}[{s.dim}]" for s in self.online],
+            "refused": list(self.refused),
+            "tied": list(self.tied),
+        }
+
+
+def _where(n: Node) -> str:
+    return f"%{n.name} ({n.op}, module {n.module or '?'})"
+
+
+def _last_dim(v: Value) -> int | None:
+    shape = v.tensor_type.shape
+    return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+
+def _residual(graph: Graph, users: dict[int, list[Node]], refused: list[str]) -> ResidualRegion | None:
+    embeddings = [n for n in graph.nodes if n.op == "embedding"]
+    if not embeddings:
+        refused.append("residual stream: no embedding node starts one")
+        return None
+    dim = _last_dim(embeddings[0].output)
+    region = ResidualRegion(dim=dim or 0, embeddings=embeddings)
+    outputs = graph.output_ids()
+    stream: list[Value] = [e.output for e in embeddings]
+    seen: set[int] = set()
+    ok = True
+    while stream:
+        v = stream.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if _last_dim(v) != dim:
+            refused.append(f"residual stream: %{v.name} has width {_last_dim(v)}, not {dim}")
+            ok = False
+        if id(v) in outputs:
+            refused.append(f"residual stream: %{v.name} is a graph output (a rotation there is not undone)")
+            ok = False
+        for u in users.get(id(v), []):
+            if u.op in _ADD_OPS:
+                if u not in region.adds:
+                    region.adds.append(u)
+                stream.append(u.output)
+                for other in u.args[:2]:
+                    if other is v or id(other) in seen or other.producer is None:
+                        continue
+                    p = other.producer
+                    if p.op in _ADD_OPS or p.op == "embedding":
+                        continue
+                    if p.op != "linear" or len(users.get(id(other), [])) != 1:
+                        refused.append(f"residual stream: {_where(u)} adds {_where(p)}, which is not a linear "
+                                       "read only by this add")
+                        ok = False
+                    elif p not in region.writers:
+                        region.writers.append(p)
+            elif u.op == "rms_norm" and u.args[0] is v:
+                region.norms.append(u)
+                for r in users.get(id(u.output), []):
+                    if r.op != "linear" or r.args[0] is not u.output:
+                        refused.append(f"residual stream: {_where(u)} is read by {_where(r)}, not a linear's input")
+                        ok = False
+                    elif r not in region.readers:
+                        region.readers.append(r)
+            elif u.op == "layer_norm":
+                refused.append(f"residual stream: {_where(u)} is a LayerNorm: it subtracts the mean, and "
+                               "mean(x·Q) != mean(x)·Q, so no rotation folds through it exactly")
+                ok = False
+            else:
+                refused.append(f"residual stream: %{v.name} is read by {_where(u)}, through which a rotation does "
+                               "not fold")
+                ok = False
+    return region if ok else None
+
+
+def _view_source(v: Value, users: dict[int, list[Node]], hd: int) -> tuple[Value, bool]:
+    """Walk back through view ops keeping ``hd`` last; (source, whether every step kept it)."""
+    kept = True
+    while v.producer is not None and v.producer.op in _VIEW_OPS:
+        p = v.producer
+        src = p.args[0]
+        if _last_dim(src) != hd:
+            # the split of [.., H·hd] into [.., H, hd] is the first step after the linear, and only that one
+            kept = kept and p.op in ("reshape", "aten.reshape.default", "aten.view.default") and \
+                src.producer is not None and src.producer.op == "linear" and (_last_dim(src) or 0) % hd == 0
+        if p.op in ("transpose", "aten.transpose.int"):
+            rank = len(p.output.tensor_type.shape)
+            kept = kept and all(d % rank != rank - 1 for d in p.args[1:3])
+        if p.op in ("permute", "aten.permute.default"):
+            dims = p.args[1]
+            kept = kept and dims[-1] % len(dims) == len(dims) - 1
+        v = src
+    return v, kept
+
+
+def _heads(graph: Graph, users: dict[int, list[Node]], refused: list[str]) -> list[HeadRegion]:
+    found = []
+    for att in (n for n in graph.nodes if n.op == "attention"):
+        v_in = att.args[2]
+        hd = _last_dim(v_in)
+        src, kept = _view_source(v_in, users, hd)
+        v_proj = src.producer
+        if v_proj is None or v_proj.op != "linear" or not kept or not v_proj.args[1].is_param:
+            refused.append(f"per-head V/O: the values of {_where(att)} are not a stored-weight linear reshaped "
+                           "to [.., heads, head_dim]")
+            continue
+        if len(users.get(id(v_proj.output), [])) != 1:
+            refused.append(f"per-head V/O: {_where(v_proj)} is read by more than the attention")
+            continue
+        # forward from attention to o_proj through views that merge [.., H, hd] into [.., H·hd] last
+        cur, ok = att.output, True
+        while True:
+            us = users.get(id(cur), [])
+            if len(us) != 1:
+                ok = False
+                break
+            u = us[0]
+            if u.op == "linear" and u.args[0] is cur:
+                break
+            if u.op not in _VIEW_OPS:
+                ok = False
+                break
+            out_last = _last_dim(u.output)
+            if u.op in ("transpose", "aten.transpose.int"):
+                rank = len(u.output.tensor_type.shape)
+                ok = ok and all(d % rank != rank - 1 for d in u.args[1:3])
+            elif out_last != hd:
+                ok = ok and _last_dim(cur) == hd and out_last is not None and out_last % hd == 0
+            cur = u.output
+        o_proj = users[id(cur)][0] if ok else None
+        if o_proj is None or not o_proj.args[1].is_param:
+            refused.append(f"per-head V/O: the output of {_where(att)} does not reach a stored-weight linear through "
+                           "head-merging views")
+            continue
+        found.append(HeadRegion(v_proj=v_proj, o_proj=o_proj, attention=att, head_dim=hd))
+    return found
+
+
+def _rotary_sources(att: Node, users: dict[int, list[Node]]) -> list[Node]:
+    out = []
+    for operand in att.args[:2]:
+        v = operand
+        while v.producer is not None and v.producer.op in _VIEW_OPS:
+            v = v.producer.args[0]
+        if v.producer is not None and v.producer.op == "rotary":
+            out.append(v.producer)
+    return out
+
+
+def find_rotation_regions(graph: Graph) -> RotationRegions:
+    """Every place a rotation folds exactly, every place one must run online, and what is refused and why."""
+    users = graph.users()
+    refused: list[str] = []
+    residual = _residual(graph, users, refused)
+    heads = _heads(graph, users, refused)
+    online: list[OnlineSite] = []
+    o_projs = {id(h.o_proj) for h in heads}
+    if residual is not None:
+        for w in residual.writers:
+            if id(w) not in o_projs:
+                online.append(OnlineSite("linear_input", w, _last_dim(w.args[0]) or 0))
+    for att in (n for n in graph.nodes if n.op == "attention"):
+        for rot in _rotary_sources(att, users):
+            if all(s.node is not rot for s in online):
+                online.append(OnlineSite("rotary_output", rot, _last_dim(rot.output) or 0))
+    tied = []
+    if residual is not None:
+        for e in residual.embeddings:
+            w = e.args[0]
+            if w.is_param and any(u is not e for u in users.get(id(w), [])):
+                tied.append(w.name)
+    return RotationRegions(residual, heads, online, refused, tied)

@@ -1,0 +1,163 @@
+"""Rotation rows (issue 20) on SmolLM2-135M: W4A4KV4 without and with rotation, weight-only and W4A8 with rotation,
+and the fold-norms effect on plain W4 RTN.
+
+    python tools/bench_rotation.py                      # every row -> bench/results/accuracy.json
+    python tools/bench_rotation.py --match quarot       # some rows (float references always run)
+    python tools/bench_rotation.py --eval wt2-512x8     # every row on 8 windows (a quick look)
+
+One run: the float model is captured once; each row runs its pipeline on a clone and is scored on WikiText-2
+test windows of 512 tokens. Rows name their own eval (``wt2-512xN``: the first N windows; the float model is
+scored on the same windows in the same run, and ``ratio`` divides by that): the rows that matter use 40
+windows, the rest fewer, because the CPU is shared. Calibration (GPTQ, SmoothQuant): the shipped WikiText-2
+validation text, ``--calib-n`` × 512 tokens (never the test text). W4A4KV4 = int4 weights, int4 activations per
+token (dynamic, symmetric), int4 KV cache with one scale and zero point per token per head (64 channels).
+Rows record wall time of the passes and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from results_io import machine, merge_rows
+
+KV = "kv=int4,k_gran=per_token,v_gran=per_token,kv_group=64"
+A4 = f"a=int4,{KV}"
+ROT = "fold-norms,rotate"
+MAIN, QUICK = "wt2-512x40", "wt2-512x8"
+
+# (scheme, method, variant, pipeline, eval); {cal} becomes the calibration options
+ROWS: list[tuple[str, str, str, str | None, str]] = [
+    ("w4a4kv4", "rtn", "no rotation; W4 per channel asym", f"quantize(w=int4,sym=false,{A4})", MAIN),
+    ("w4a4kv4", "quarot-rtn", "fold-norms + randomised Hadamard (R1-R4) + RTN W4 per channel",
+     f"{ROT},quantize(w=int4,sym=false,{A4})", MAIN),
+    ("w4a4kv4", "quarot", "fold-norms + randomised Hadamard (R1-R4) + GPTQ W4 per channel",
+     f"{ROT},gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
+    ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", QUICK),
+    # the fold-norms finding: the gains folded into the linears make RTN worse; does the rotation undo it?
+    ("w4a16-pc", "rtn", "plain RTN per channel", "quantize(w=int4,sym=false)", QUICK),
+    ("w4a16-pc", "rtn", "fold-norms then RTN per channel", "fold-norms,quantize(w=int4,sym=false)", QUICK),
+    ("w4a16-pc", "quarot-rtn", "fold-norms + Hadamard then RTN per channel", f"{ROT},quantize(w=int4,sym=false)",
+     QUICK),
+    ("w4a16-g64", "rtn", "plain RTN g64", "quantize(w=int4,group=64,sym=false)", QUICK),
+    ("w4a16-g64", "rtn", "fold-norms then RTN g64", "fold-norms,quantize(w=int4,group=64,sym=false)", QUICK),
+    ("w4a16-g64", "quarot-rtn", "fold-norms + Hadamard then RTN g64", f"{ROT},quantize(w=int4,group=64,sym=false)",
+     QUICK),
+    ("w4a4kv4", "smoothquant", "alpha searched per site; GPTQ W4 per channel",
+     f"smooth-quant(search=true,{{cal}}),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", QUICK),
+    ("w4a4kv4", "quarot-random", "fold-norms + random orthogonal R1/R2, Hadamard R3/R4 + GPTQ W4 per channel",
+     f"fold-norms,rotate(kind=random),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", QUICK),
+    ("w4a4kv4", "quarot-g64", "fold-norms + Hadamard + GPTQ W4 group 64",
+     f"{ROT},gptq(w=int4,group=64,sym=false,{{cal}}),quantize({A4})", QUICK),
+    ("w4a4kv4", "quarot-no-online", "fold-norms + Hadamard R1/R2 only (no online R3/R4) + GPTQ W4 per channel",
+     f"fold-norms,rotate(online=false,qk=false),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", QUICK),
+    ("w4a16-g64", "quarot-gptq", "fold-norms + Hadamard, then GPTQ g64",
+     f"{ROT},gptq(w=int4,group=64,sym=false,{{cal}})", QUICK),
+    ("w4a16-g64", "gptq", "plain GPTQ g64 (same calibration, for comparison)", "gptq(w=int4,group=64,sym=false,{cal})",
+     QUICK),
+    ("w4a16-pc", "quarot-gptq", "fold-norms + Hadamard, then GPTQ per channel", f"{ROT},gptq(w=int4,sym=false,{{cal}})",
+     QUICK),
+    ("w4a16-pc", "gptq", "plain GPTQ per channel (same calibration)", "gptq(w=int4,sym=false,{cal})", QUICK),
+    ("w4a8", "quarot-gptq", "fold-norms + Hadamard + GPTQ g64 + A8 per token",
+     f"{ROT},gptq(w=int4,group=64,sym=false,{{cal}}),quantize(a=int8)", QUICK),
+]
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _eval_kwargs(name: str) -> dict[str, int]:
+    m = re.fullmatch(r"wt2-(\d+)x(\d+)", name)
+    if not m:
+        raise SystemExit(f"eval {name!r}: expected wt2-<seq_len>x<windows>")
+    return {"seq_len": int(m.group(1)), "max_windows": int(m.group(2))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/accuracy.json")
+    ap.add_argument("--eval", default="", help="score every row on this eval instead of the row's own")
+    ap.add_argument("--match", default="", help="regex on 'scheme:method:variant' selecting rows")
+    ap.add_argument("--calib", default="wikitext2-valid-calib", help="calibration text (shipped name or file)")
+    ap.add_argument("--calib-n", type=int, default=32, help="calibration sequences of 512 tokens")
+    ap.add_argument("--dry", action="store_true", help="print rows, write nothing")
+    args = ap.parse_args()
+
+    import lowbit
+    from lowbit.backends.torch_backend import TorchCompiled
+    from lowbit.eval import perplexity
+    from lowbit.ir.capture import capture
+    from lowbit.models import load_model
+    from lowbit.passes.manager import PassManager
+
+    out = Path(args.out)
+    model, tok, _ = load_model("smollm2")
+    dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=1024), 1: torch.export.Dim.DYNAMIC(min=2, max=8192)}}
+    graph = capture(model, (torch.randint(0, 49152, (2, 64)),), dyn)
+    header = {
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.date.today().isoformat(),
+        "device": machine("cpu"),
+        "versions": {"lowbit": getattr(lowbit, "__version__", "dev"), "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+    }
+    cal = f"calib={args.calib},calib_n={args.calib_n},calib_len=512,progress=false"
+    floats: dict[str, float] = {}
+
+    def score(g, ev: str):  # type: ignore[no-untyped-def]
+        return perplexity(TorchCompiled(g), "wikitext2-test", tokenizer=tok, progress=False, batch_size=4,
+                          **_eval_kwargs(ev))
+
+    rows: list[dict] = []
+    for scheme, method, variant, pipe, ev in ROWS:
+        ev = args.eval or ev
+        if args.match and not re.search(args.match, f"{scheme}:{method}:{variant}"):
+            continue
+        if ev not in floats:
+            r = score(graph, ev)
+            floats[ev] = r.ppl
+            rows.append({"model": "smollm2-135m", "scheme": "float", "method": "float", "variant": "", "eval": ev,
+                         "value": round(r.ppl, 4), "float_value": round(r.ppl, 4), "ratio": 1.0, "pipeline": "",
+                         "seconds": round(r.seconds, 1), "device": header["device"], "date": header["date"],
+                         "command": header["command"]})
+            print(rows[-1], flush=True)
+        pipeline = pipe.format(cal=cal) if pipe else None
+        g = graph.clone()
+        t1 = time.perf_counter()
+        try:
+            report = PassManager(pipeline, verify_each=True).run(g)
+            pass_s = time.perf_counter() - t1
+            stats = [{"pass": rec.spec.split("(")[0], **rec.stats} for rec in report.records]
+            r = score(g, ev)
+        except Exception as exc:  # one failing row must not lose the others
+            rows.append({"model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant, "eval": ev,
+                         "error": f"{type(exc).__name__}: {str(exc)[:400]}", "pipeline": pipeline,
+                         "device": header["device"], "date": header["date"], "command": header["command"]})
+            print(rows[-1], flush=True)
+            continue
+        finally:
+            if not args.dry:
+                merge_rows(out, header, rows, replace_header=False)
+        rows.append({
+            "model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant, "eval": ev,
+            "value": round(r.ppl, 4), "float_value": round(floats[ev], 4), "ratio": round(r.ppl / floats[ev], 4),
+            "calib": f"{args.calib} {args.calib_n}x512" if "{cal}" in (pipe or "") else None,
+            "pipeline": pipeline, "pass_seconds": round(pass_s, 1), "seconds": round(r.seconds, 1),
+            "peak_rss_mb": round(_rss_mb(), 1), "device": header["device"], "date": header["date"],
+            "command": header["command"], "pass_stats": stats,
+        })
+        print({k: v for k, v in rows[-1].items() if k not in ("pass_stats", "command")}, flush=True)
+        if not args.dry:
+            merge_rows(out, header, rows, replace_header=False)
+
+
+if __name__ == "__main__":
+    main()
