@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,29 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+STALE_SECONDS = 3600.0
+"""A temporary sibling older than this is an interrupted save (no save takes an hour to write its files)."""
+
+
+def clean_stale_temporaries(parent: Path, name: str, older_than: float = STALE_SECONDS) -> list[Path]:
+    """Remove ``.NAME.*.tmp`` / ``.NAME.*.old`` directories in ``parent`` left by saves that were killed."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    now = time.time()
+    for p in parent.glob(f".{name}.*"):
+        if p.suffix not in (".tmp", ".old") or not p.is_dir():
+            continue
+        try:
+            if now - p.stat().st_mtime < older_than:
+                continue  # may belong to a save still running in another process
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; rename it to `final` only if the block succeeds.
@@ -33,8 +57,6 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     If another process finished the same entry first, its copy is kept and ours is dropped:
     both were built from the same inputs.
     """
-    from lowbit.checkpoint.files import clean_stale_temporaries
-
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(final.parent, final.name)  # left by a run that was killed while writing this entry
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))

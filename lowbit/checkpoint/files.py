@@ -23,37 +23,17 @@ from typing import Any
 
 import torch
 
+from lowbit.cache import STALE_SECONDS, clean_stale_temporaries
 from lowbit.errors import LowbitError
 
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
            "verify_manifest", "read_safetensors", "write_safetensors", "MANIFEST", "sha256_file"]
 
 MANIFEST = "lowbit-manifest.json"
-STALE_SECONDS = 3600.0
-"""A temporary sibling older than this is an interrupted save (no save takes an hour to write its files)."""
 
 
 class CheckpointError(LowbitError, ValueError):
     """A checkpoint cannot be written or read; the message names the directory, file and tensor."""
-
-
-def clean_stale_temporaries(parent: Path, name: str, older_than: float = STALE_SECONDS) -> list[Path]:
-    """Remove ``.NAME.*.tmp`` / ``.NAME.*.old`` directories in ``parent`` left by saves that were killed."""
-    removed = []
-    if not parent.is_dir():
-        return removed
-    now = time.time()
-    for p in parent.glob(f".{name}.*"):
-        if p.suffix not in (".tmp", ".old") or not p.is_dir():
-            continue
-        try:
-            if now - p.stat().st_mtime < older_than:
-                continue  # may belong to a save still running in another process
-        except FileNotFoundError:
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
 
 
 @contextmanager
@@ -91,9 +71,9 @@ def sha256_file(path: Path) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import lowbit
+    from lowbit.version import __version__
 
-    out = {"lowbit": lowbit.__version__, "torch": torch.__version__}
+    out = {"lowbit": __version__, "torch": torch.__version__}
     for mod in ("transformers", "safetensors", "compressed_tensors"):
         try:
             out[mod] = __import__(mod).__version__
