@@ -68,12 +68,15 @@ class _Binding:
     def __init__(self, graph: Graph) -> None:
         self.env: dict[sympy.Symbol, int] = {}
         self.locals: dict[str, sympy.Symbol] = {}
+        used: set[int] = set()
         for i, (name, s) in enumerate(graph.symbols.items()):
             val = _SYMBOL_VALUES[i % len(_SYMBOL_VALUES)] + 100 * (i // len(_SYMBOL_VALUES))
             lo = s.min if s.min is not None else 2
             hi = s.max if s.max is not None else 1 << 30
-            if not lo <= val <= hi:
-                val = max(lo, min(hi, s.hint if s.hint is not None else lo + 3 + i))
+            if not lo <= val <= hi:  # the largest unused prime in range: unlikely to equal a model's static size
+                val = next((c for c in range(hi, lo - 1, -1) if sympy.isprime(c) and c not in used),
+                           s.hint if s.hint is not None else lo)
+            used.add(val)
             sym = sympy.Symbol(name, integer=True, positive=True)
             self.env[sym] = val
             self.env[sympy.Symbol(name)] = val
@@ -247,22 +250,21 @@ def reinfer_shapes(graph: Graph) -> ShapeReport:
             isinstance(old_types.get(id(v)), TensorType) and isinstance(env.get(id(v)), torch.Tensor)
             and list(env[id(v)].shape) != [b(d) for d in old_types[id(v)].shape]
             for v in node.inputs())
-        try:
-            out = _run(node, env)
-            bad = _mismatch(node, out, declared)
-        except Exception as exc:  # noqa: BLE001 - either a literal to rewrite, or reported below
-            out, bad = None, exc
-        if bad is not None and inputs_changed:
-            # the literal was recorded for the old input shape: rewrite it from the declared (old) input types
-            note = _rewrite_literal(node, env, old_types, b)
+        if inputs_changed:
+            # a size literal was recorded for the old input shape: rewrite it from the old input types first (an
+            # expand whose kv-head dim became 1 would otherwise broadcast silently instead of failing)
+            try:
+                note = _rewrite_literal(node, env, old_types, b)
+            except ValueError as exc:
+                raise ShapeError(f"{_where(node)}: {exc}") from None
             if note is not None:
                 report.literals.append(note)
-                try:
-                    out = _run(node, env)
-                    bad = None
-                except Exception as exc:  # noqa: BLE001
-                    bad = exc
-        if isinstance(bad, Exception):
+        try:
+            out = _run(node, env)
+            bad: Any = None
+        except Exception as exc:  # noqa: BLE001 - reported below
+            out, bad = None, exc
+        if bad is not None:
             msg = str(bad).splitlines()[0] if str(bad) else type(bad).__name__
             if isinstance(bad, NotImplementedError) or "meta" in msg.lower():
                 report.unchecked.append(f"{_where(node)}: cannot run on meta tensors ({msg})")
@@ -287,12 +289,3 @@ def reinfer_shapes(graph: Graph) -> ShapeReport:
                 report.retyped.append(f"%{v.name}: {v.type} -> {new_t}")
                 v.type = new_t
     return report
-
-
-def _mismatch(node: Node, out: Any, declared: list[Any]) -> str | None:
-    outs = list(out) if isinstance(out, (tuple, list)) and len(node.outputs) > 1 else [out]
-    for got, want in zip(outs, declared):
-        if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and \
-                (got.shape != want.shape or got.dtype != want.dtype):
-            return f"{list(got.shape)} vs {list(want.shape)}"
-    return None
