@@ -32,23 +32,23 @@ from lowbit.ir.capture import capture
 from lowbit.models import load_model
 from lowbit.passes.manager import PassManager
 
-CAL = "calib_n=64,progress=false"
-CAL_S = "calib_n=32,progress=false"
+CAL = "calib_n=16,progress=false"
+CAL_S = "calib_n=8,progress=false"
 # (scheme, method, variant, pipeline)
 ROWS: list[tuple[str, str, str, str | None]] = [
     ("float", "float", "", None),
-    ("2:4", "magnitude", "", "sparsify(method=magnitude,pattern=2:4)"),
-    ("2:4", "wanda", "", f"sparsify(method=wanda,pattern=2:4,{CAL})"),
     ("2:4", "sparsegpt", "", f"sparsify(method=sparsegpt,pattern=2:4,{CAL})"),
-    ("unstructured-50", "magnitude", "", "sparsify(method=magnitude,sparsity=0.5)"),
-    ("unstructured-50", "wanda", "", f"sparsify(method=wanda,sparsity=0.5,{CAL})"),
+    ("2:4", "wanda", "", f"sparsify(method=wanda,pattern=2:4,{CAL})"),
+    ("2:4", "magnitude", "", "sparsify(method=magnitude,pattern=2:4)"),
+    ("structured-20", "flap", "mlp channels, fluctuation + bias compensation, global allocation",
+     f"prune-mlp(ratio=0.27,score=fluctuation,compensate=true,allocation=global,{CAL_S})"),
     ("unstructured-50", "sparsegpt", "", f"sparsify(method=sparsegpt,sparsity=0.5,{CAL})"),
+    ("unstructured-50", "wanda", "", f"sparsify(method=wanda,sparsity=0.5,{CAL})"),
+    ("unstructured-50", "magnitude", "", "sparsify(method=magnitude,sparsity=0.5)"),
     ("2:4+w4a16", "sparsegpt+gptq", "sparsegpt 2:4, then gptq w4 g64 asym keeping the zeros",
      f"sparsify(method=sparsegpt,pattern=2:4,{CAL}),gptq(w=int4,group=64,sym=false,{CAL})"),
     ("structured-20", "wanda", "mlp channels, global allocation",
      f"prune-mlp(ratio=0.27,allocation=global,{CAL_S})"),
-    ("structured-20", "flap", "mlp channels, fluctuation + bias compensation, global allocation",
-     f"prune-mlp(ratio=0.27,score=fluctuation,compensate=true,allocation=global,{CAL_S})"),
     ("structured-20", "flap", "mlp channels (uniform 25%) + 10% of kv groups (global), fluctuation + compensation",
      f"prune-mlp(ratio=0.25,score=fluctuation,compensate=true,{CAL_S}),"
      f"prune-heads(ratio=0.1,score=fluctuation,compensate=true,allocation=global,{CAL_S})"),

@@ -12,6 +12,7 @@ block with no ``residual_add``, is an error naming it.
 
 from __future__ import annotations
 
+import re
 import time
 
 from pydantic import Field
@@ -27,10 +28,14 @@ __all__ = ["PruneBlocks", "PruneBlocksOptions"]
 
 class PruneBlocksOptions(CalibrationOptions):
     n: int = Field(default=1, ge=0)
-    """How many blocks to remove (the least important by Block Influence); ignored when ``blocks`` is given."""
+    """How many blocks to remove (the least important by Block Influence; at most as many as ``modules``
+    matches); ignored when ``blocks`` is given."""
     blocks: list[str] = []
     """Module paths of the blocks to remove (``model.layers.5``), instead of choosing by importance."""
     calib_n: int = Field(default=16, ge=1)
+    modules: str = ""
+    """Regex searched in block paths: only matching blocks are candidates (empty: all). The debugging tools
+    restrict the pass to some layers through it."""
 
 
 @register_pass
@@ -58,7 +63,10 @@ class PruneBlocks(Pass):
             chosen = []
             if o.n:
                 marks = {}
+                rx = re.compile(o.modules) if o.modules else None
                 for b, rs in residuals.items():
+                    if rx is not None and not rx.search(b):
+                        continue
                     for i, r in enumerate(rs):
                         marks[id(r)] = (b, i == len(rs) - 1)
                 col = collect_input_stats(graph, [], o, self.name, marks)

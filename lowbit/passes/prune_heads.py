@@ -18,6 +18,7 @@ error naming the layer and the number.
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -51,6 +52,9 @@ class PruneHeads(Pass):
         o: PruneHeadsOptions = self.options  # type: ignore[assignment]
         t0 = time.perf_counter()
         sites, skipped = find_attention_sites(graph)
+        if o.modules:
+            rx = re.compile(o.modules)
+            sites = [s for s in sites if rx.search(s.o.module)]
         if not sites:
             raise PassError(f"pass {self.name}: no attention with q/k/v/o linears found "
                             f"({'; '.join(skipped[:3]) or 'no attention op'})")

@@ -23,6 +23,7 @@ After the cut, ``lowbit.ir.shapes.reinfer_shapes`` re-derives every declared typ
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -52,6 +53,9 @@ class StructuredOptions(CalibrationOptions):
     max_layer_ratio: float = Field(default=0.8, ge=0.0, lt=1.0)
     """Global allocation: the most any one layer loses."""
     calib_n: int = Field(default=32, ge=1)
+    modules: str = ""
+    """Regex searched in module paths: only layers whose output projection (``down_proj``/``o_proj``) matches are
+    pruned (empty: all). The debugging tools restrict the pass to some layers through it."""
 
 
 class PruneMLPOptions(StructuredOptions):
@@ -191,6 +195,9 @@ class PruneMLP(Pass):
         o: PruneMLPOptions = self.options  # type: ignore[assignment]
         t0 = time.perf_counter()
         sites, skipped = find_mlp_sites(graph)
+        if o.modules:
+            rx = re.compile(o.modules)
+            sites = [s for s in sites if rx.search(s.down.module)]
         if not sites:
             raise PassError(f"pass {self.name}: no prunable MLP found ({'; '.join(skipped[:3]) or 'no down_proj'})")
         calibrated = o.score != "magnitude" or o.compensate

@@ -14,7 +14,7 @@ dequantizes to exactly 0 (tested).
 
 Wanda and SparseGPT calibrate block by block (``lowbit.calibration.engine``): block i is pruned, re-run, and
 block i+1 is calibrated on what the pruned block i produces (as both papers do). Linears outside the
-repeated blocks (``lm_head``) and modules matching ``keep`` stay dense.
+repeated blocks (``lm_head``) and modules not matching ``modules`` stay dense.
 """
 
 from __future__ import annotations
@@ -44,23 +44,24 @@ class SparsifyOptions(CalibrationOptions):
     """Fraction of each row zeroed (unstructured); ignored with an N:M pattern."""
     pattern: str = "unstructured"
     """``unstructured`` or ``N:M`` (``2:4``: keep 2 of every 4 consecutive weights along the input dim)."""
-    keep: str = ""
-    """Regex on module paths of block linears left dense (``self_attn``, say)."""
+    modules: str = ""
+    """Regex searched in module paths: only block linears matching it are pruned (empty: all of them). The
+    debugging tools restrict the pass to some layers through it (``debug bisect``/``sensitivity``)."""
     damp: float = Field(default=0.01, gt=0.0, lt=1.0)
     """SparseGPT: diagonal damping, relative to the Hessian's mean diagonal."""
     block_size: int = Field(default=128, ge=1)
     """SparseGPT: columns per lazy-batch update (and per mask selection)."""
 
 
-def sparse_linears(graph: Graph, keep: str = "") -> list[Node]:
-    """Linears with a stored weight inside the repeated blocks, minus ``keep``."""
+def sparse_linears(graph: Graph, modules: str = "") -> list[Node]:
+    """Linears with a stored weight inside the repeated blocks whose module path matches ``modules``."""
     rx_block = re.compile(BLOCK_PATTERN)
-    rx_keep = re.compile(keep) if keep else None
+    rx_mod = re.compile(modules) if modules else None
     out = []
     for n in graph.nodes:
         if n.op != "linear" or not rx_block.match(n.module):
             continue
-        if rx_keep is not None and rx_keep.search(n.module):
+        if rx_mod is not None and not rx_mod.search(n.module):
             continue
         if not n.args[1].is_param:
             continue
@@ -82,7 +83,7 @@ class Sparsify(Pass):
             p = parse_pattern(o.pattern, o.sparsity)
         except ValueError as exc:
             raise PassError(f"pass sparsify: option pattern/sparsity: {exc}") from None
-        targets = sparse_linears(graph, o.keep)
+        targets = sparse_linears(graph, o.modules)
         if not targets:
             raise PassError("pass sparsify: no linear inside a repeated block to sparsify")
         for n in targets:
