@@ -254,6 +254,7 @@ def _sparse(graph: Graph) -> Graph:
     return _SPARSE_CACHE[id(graph)]
 
 
+@pytest.mark.slow  # the control of test_quantized_zero_stays_zero's gptq case
 def test_gptq_without_the_mask_fills_zeros_in(slice_f32):
     """The control: GPTQ's error feedback does move pruned zeros when the linear is not marked sparse."""
     graph, _, _ = slice_f32
@@ -307,12 +308,20 @@ def test_pruned_model_exports_to_onnx_and_round_trips_as_text(slice_f32, tmp_pat
     again, has_weights = load_graph(tmp_path)
     assert has_weights
     verify(again)
+    from lowbit.passes.pruning_sites import model_sizes
+
+    assert model_sizes(graph) == {"num_hidden_layers": 2, "layers": ["model.layers.0", "model.layers.1"],
+                                  "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+                                  "head_dim": 64}
+    assert model_sizes(again) == {**model_sizes(graph), "intermediate_size": 1152, "num_attention_heads": 6,
+                                  "num_key_value_heads": 2}
     assert print_graph(again) == print_graph(g)
     assert torch.equal(TorchCompiled(again)(ids[:1, :40]), ref)
 
 
 # ---- the debugging tools on pruning passes --------------------------------------------------------
 
+@pytest.mark.slow  # three CLI runs (~40 s on an idle 2-core CPU)
 def test_debug_tools_on_pruning_passes(tmp_path):
     import json
 

@@ -190,3 +190,25 @@ def slice_linear_cols(graph: Graph, n: Node, keep: torch.Tensor, users: dict[int
 
 def block_residuals(graph: Graph, block: str) -> list[Node]:
     return [n for n in graph.nodes if n.op == "residual_add" and block_of(n.module) == block]
+
+
+def model_sizes(graph: Graph) -> dict[str, object]:
+    """The sizes a model config records, read from the IR itself (so they survive save and reload): blocks,
+    and per block the MLP width and the query/kv head counts. A per-layer list where layers differ (a Hugging
+    Face config holds one number; a pruned model with uneven layers needs a per-layer config), else one int."""
+    mlps, _ = find_mlp_sites(graph)
+    atts, _ = find_attention_sites(graph)
+    layers = sorted({s.block for s in mlps} | {s.block for s in atts}, key=lambda b: [int(x) if x.isdigit() else x
+                                                                                       for x in re.split(r"(\d+)", b)])
+
+    def one_or_list(values: list[int]) -> int | list[int]:
+        return values[0] if values and all(v == values[0] for v in values) else values
+
+    return {
+        "num_hidden_layers": len(layers),
+        "layers": layers,
+        "intermediate_size": one_or_list([s.width for s in mlps]),
+        "num_attention_heads": one_or_list([s.q_heads for s in atts]),
+        "num_key_value_heads": one_or_list([s.kv_heads for s in atts]),
+        "head_dim": one_or_list([s.head_dim for s in atts]),
+    }
