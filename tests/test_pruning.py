@@ -417,3 +417,19 @@ def test_debug_tools_on_pruning_passes(tmp_path):
     data = json.loads(bis.read_text())
     assert data["culprit_pass"] == "prune-mlp(ratio=0.5,score=magnitude)" and data["culprit_layers"]
     assert "prune-mlp(" in data["restricted_spec"] and "modules=" in data["restricted_spec"]
+
+
+def test_refit_columns_reconstructs_removed_channels_by_least_squares():
+    from lowbit.passes.prune_mlp import InputStats, refit_columns
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(5000, 16, generator=gen) @ torch.randn(16, 16, generator=gen) + 0.5).double()
+    w = torch.randn(4, 16, generator=gen, dtype=torch.float64)
+    st = InputStats(x.sum(0), x.pow(2).sum(0), 5000, x.t() @ x)
+    keep = torch.arange(12)
+    wk, b = refit_columns(w, st, keep, 1e-9)
+    y = x @ w.t()
+    naive = (y - x[:, keep] @ w[:, keep].t()).pow(2).mean()
+    assert (y - x[:, keep] @ wk.t() - b).pow(2).mean() < 0.5 * naive  # correlated inputs carry the removed part
+    wk, b = refit_columns(w, st, torch.arange(16), 1e-12)  # nothing removed: the weights come back
+    assert torch.allclose(wk, w, atol=1e-8) and b.abs().max() < 1e-8

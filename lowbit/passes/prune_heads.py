@@ -26,7 +26,7 @@ import torch
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import Pass, PassError, PassResult, register_pass
 from lowbit.passes.prune_mlp import (StructuredOptions, add_bias, allocate, channel_scores, collect_input_stats,
-                                     reinfer)
+                                     refit_columns, reinfer)
 from lowbit.passes.pruning_sites import find_attention_sites, slice_linear_cols, slice_linear_rows
 
 __all__ = ["PruneHeads", "PruneHeadsOptions"]
@@ -58,8 +58,9 @@ class PruneHeads(Pass):
         if not sites:
             raise PassError(f"pass {self.name}: no attention with q/k/v/o linears found "
                             f"({'; '.join(skipped[:3]) or 'no attention op'})")
-        calibrated = o.score != "magnitude" or o.compensate
-        col = collect_input_stats(graph, [s.o for s in sites] if calibrated else [], o, self.name)
+        calibrated = o.score != "magnitude" or o.compensate or o.update
+        col = collect_input_stats(graph, [s.o for s in sites] if calibrated else [], o, self.name,
+                                  second_moment=o.update)
         scores = []
         for s in sites:
             c = channel_scores(s.o.args[1].data, col.inputs.get(id(s.o)), o.score)
@@ -86,7 +87,11 @@ class PruneHeads(Pass):
             drop = sorted(order[:n_rm].tolist())
             keep = sorted(order[n_rm:].tolist())
             qw = s.group_size * s.head_dim
-            if o.compensate:
+            refit = None
+            if o.update:
+                refit = refit_columns(s.o.args[1].data, col.inputs[id(s.o)], _rows(keep, qw), o.damp)
+                add_bias(graph, s.o, refit[1])
+            elif o.compensate:
                 st = col.inputs[id(s.o)]
                 cols = _rows(drop, qw)
                 w = s.o.args[1].data.double()
@@ -95,6 +100,8 @@ class PruneHeads(Pass):
             slice_linear_rows(graph, s.k, _rows(keep, s.head_dim), users)
             slice_linear_rows(graph, s.v, _rows(keep, s.head_dim), users)
             slice_linear_cols(graph, s.o, _rows(keep, qw), users)
+            if refit is not None:
+                graph.set_param(s.o.args[1].name, refit[0].to(s.o.args[1].data.dtype))
             heads[s.block] = [len(keep) * s.group_size, len(keep)]
         from lowbit.passes.dce import eliminate_dead_code
 

@@ -38,7 +38,7 @@ from lowbit.passes.base import CalibrationOptions, Pass, PassError, PassResult, 
 from lowbit.passes.pruning_sites import find_mlp_sites, slice_linear_cols, slice_linear_rows
 
 __all__ = ["PruneMLP", "PruneMLPOptions", "StructuredOptions", "InputStats", "collect_input_stats",
-           "channel_scores", "allocate", "add_bias", "reinfer"]
+           "channel_scores", "allocate", "add_bias", "refit_columns", "reinfer"]
 
 
 class StructuredOptions(CalibrationOptions):
@@ -50,6 +50,12 @@ class StructuredOptions(CalibrationOptions):
     """Same fraction per layer, or one global ranking of per-layer-normalised scores."""
     compensate: bool = False
     """Add the removed units' mean contribution to the output projection's bias (FLAP)."""
+    update: bool = False
+    """Refit the output projection's kept columns and a bias by least squares on the calibration inputs
+    (``W' = W·H[:,keep]·H[keep,keep]⁻¹`` over ``[x, 1]``): what the removed channels carried is rebuilt from the
+    kept ones as far as they are correlated (the OBS/SparseGPT update, for whole channels). Implies ``compensate``."""
+    damp: float = Field(default=0.01, gt=0.0, lt=1.0)
+    """``update``: diagonal damping relative to the mean diagonal of the kept block of ``XᵀX``."""
     max_layer_ratio: float = Field(default=0.8, ge=0.0, lt=1.0)
     """Global allocation: the most any one layer loses."""
     calib_n: int = Field(default=32, ge=1)
@@ -70,6 +76,8 @@ class InputStats:
     sum: torch.Tensor
     sq: torch.Tensor
     rows: int = 0
+    xtx: torch.Tensor | None = None
+    """``Σ xᵀx`` (float64) when the pass refits weights (``update``)."""
 
     @property
     def mean(self) -> torch.Tensor:
@@ -93,7 +101,8 @@ class _Collected:
 
 
 def collect_input_stats(graph: Graph, linears: list[Node], o: CalibrationOptions, pass_name: str,
-                        residual_blocks: dict[int, tuple[str, bool]] | None = None) -> _Collected:
+                        residual_blocks: dict[int, tuple[str, bool]] | None = None,
+                        second_moment: bool = False) -> _Collected:
     """One calibration run of the (unchanged) model: input channel statistics of ``linears``, and, for
     ``residual_blocks`` (``id(residual_add)`` -> (block, is_last)), the block's mean ``1 - cos(in, out)``."""
     want = {id(n) for n in linears}
@@ -110,6 +119,10 @@ def collect_input_stats(graph: Graph, linears: list[Node], o: CalibrationOptions
             st.sum += x.sum(0)
             st.sq += x.pow(2).sum(0)
             st.rows += x.shape[0]
+            if second_moment:
+                xf = x.float()
+                xtx = (xf.t() @ xf).double()
+                st.xtx = xtx if st.xtx is None else st.xtx + xtx
         if residual_blocks and id(node) in residual_blocks:
             block, last = residual_blocks[id(node)]
             if block not in pending:
@@ -162,6 +175,24 @@ def allocate(scores: list[torch.Tensor], ratio: float, allocation: str, multiple
     return [min(caps[i], int(round(c / multiple)) * multiple) for i, c in enumerate(counts)]
 
 
+def refit_columns(w: torch.Tensor, st: InputStats, keep: torch.Tensor, damp: float) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """Least-squares ``(W', b)`` with ``W'·x[keep] + b ≈ W·x`` over the calibration inputs (float64)."""
+    assert st.xtx is not None
+    k = st.xtx.shape[0]
+    h = torch.zeros(k + 1, k + 1, dtype=torch.float64, device=st.xtx.device)
+    h[:k, :k] = st.xtx
+    h[:k, k] = st.sum
+    h[k, :k] = st.sum
+    h[k, k] = st.rows
+    idx = torch.cat([keep.to(h.device), torch.tensor([k], device=h.device)])
+    hkk = h[idx][:, idx]
+    hkk = hkk + damp * torch.diagonal(hkk).mean() * torch.eye(len(idx), dtype=h.dtype, device=h.device)
+    rhs = w.double().to(h.device) @ h[:k, idx]  # [N, |keep|+1]
+    sol = torch.linalg.solve(hkk, rhs.t()).t()
+    return sol[:, :-1].to(w.device), sol[:, -1].to(w.device)
+
+
 def add_bias(graph: Graph, lin: Node, delta: torch.Tensor) -> None:
     """``lin``'s bias += ``delta`` (a new bias param if it had none)."""
     from lowbit.passes.fold_norms import private_weight
@@ -200,8 +231,9 @@ class PruneMLP(Pass):
             sites = [s for s in sites if rx.search(s.down.module)]
         if not sites:
             raise PassError(f"pass {self.name}: no prunable MLP found ({'; '.join(skipped[:3]) or 'no down_proj'})")
-        calibrated = o.score != "magnitude" or o.compensate
-        col = collect_input_stats(graph, [s.down for s in sites] if calibrated else [], o, self.name)
+        calibrated = o.score != "magnitude" or o.compensate or o.update
+        col = collect_input_stats(graph, [s.down for s in sites] if calibrated else [], o, self.name,
+                                  second_moment=o.update)
         scores = [channel_scores(s.down.args[1].data, col.inputs.get(id(s.down)), o.score) for s in sites]
         counts = allocate(scores, o.ratio, o.allocation, o.multiple, o.max_layer_ratio)
         users = graph.users()
@@ -215,7 +247,11 @@ class PruneMLP(Pass):
                 continue
             order = torch.argsort(sc, stable=True)
             keep = torch.sort(order[n_rm:]).values
-            if o.compensate:
+            refit = None
+            if o.update:
+                refit = refit_columns(site.down.args[1].data, col.inputs[id(site.down)], keep, o.damp)
+                add_bias(graph, site.down, refit[1])
+            elif o.compensate:
                 drop = order[:n_rm]
                 st = col.inputs[id(site.down)]
                 w = site.down.args[1].data.double()
@@ -223,6 +259,9 @@ class PruneMLP(Pass):
             for p in site.producers:
                 slice_linear_rows(graph, p, keep, users)
             slice_linear_cols(graph, site.down, keep, users)
+            if refit is not None:
+                wv = site.down.args[1]
+                graph.set_param(wv.name, refit[0].to(wv.data.dtype))
             widths[site.block] = int(keep.numel())
         from lowbit.passes.dce import eliminate_dead_code
 
