@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import held_out_slice
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,8 +19,6 @@ from lowbit.ir.shapes import ShapeError, reinfer_shapes
 from lowbit.ir.verifier import verify
 from lowbit.passes.base import PassError
 from lowbit.passes.manager import PassManager, PipelineError, parse_pipeline
-
-from conftest import held_out_slice
 
 CALIB = "calib_n=2,calib_len=64,progress=false"
 
@@ -174,7 +173,7 @@ def test_structured_pruning_equals_masked_dense_exactly_in_float64(smollm2_slice
     masked = graph.clone()
     for layer in range(2):
         p = f"model.layers.{layer}"
-        w = lambda gr, n: gr.params[f"{p}.{n}.weight"].data  # noqa: E731
+        w = lambda gr, n, p=p: gr.params[f"{p}.{n}.weight"].data
         drop = torch.ones(1536, dtype=torch.bool)
         drop[_kept(w(graph, "mlp.gate_proj"), w(g, "mlp.gate_proj"))] = False
         assert int(drop.sum()) == 384
@@ -288,7 +287,7 @@ def test_sparsegpt_unstructured_exact_per_row_and_reduces_error():
     assert torch.equal((pruned == 0).sum(1), torch.full((24,), 32)) and torch.equal(pruned == 0, mask)
     naive = w.clone()
     naive[prune_mask(w.abs() * x.norm(dim=0), p)] = 0
-    err = lambda v: float((x @ (w - v).t()).pow(2).mean())  # noqa: E731
+    err = lambda v: float((x @ (w - v).t()).pow(2).mean())
     assert err(pruned) < 0.8 * err(naive)  # measured 0.71
 
 

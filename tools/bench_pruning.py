@@ -50,8 +50,8 @@ ROWS: list[tuple[str, str, str, str | None]] = [
     ("structured-20", "wanda", "mlp channels, global allocation",
      f"prune-mlp(ratio=0.27,allocation=global,{CAL_S})"),
     ("structured-20", "flap", "mlp channels (uniform 25%) + 10% of kv groups (global), fluctuation + compensation",
-     f"prune-mlp(ratio=0.25,score=fluctuation,compensate=true,{CAL_S}),"
-     f"prune-heads(ratio=0.1,score=fluctuation,compensate=true,allocation=global,{CAL_S})"),
+     (f"prune-mlp(ratio=0.25,score=fluctuation,compensate=true,{CAL_S}),"
+      f"prune-heads(ratio=0.1,score=fluctuation,compensate=true,allocation=global,{CAL_S})")),
     ("structured-20", "block-influence", "6 of 30 blocks removed", f"prune-blocks(n=6,{CAL_S})"),
     ("structured-10", "flap", "mlp channels, fluctuation + bias compensation, global allocation",
      f"prune-mlp(ratio=0.135,score=fluctuation,compensate=true,allocation=global,{CAL_S})"),
