@@ -148,17 +148,23 @@ class Sparsify(Pass):
             if not keys:
                 return False
             for key in keys:
-                for n in readers[key]:
+                nodes = readers[key]
+                if o.method == "sparsegpt":
+                    # linears reading one input share its Hessian: one call on their stacked rows (each row's mask
+                    # and update depend only on that row and H, so this equals separate calls, at one factorisation)
+                    ws = [n.args[1].data for n in nodes]
+                    stacked, masks, st = sparsegpt_prune(torch.cat(ws, 0), accs[key].hessian, p, damp=o.damp,
+                                                         block_size=o.block_size)
+                    sgpt_loss += st["loss"]
+                    row = 0
+                    for n, w in zip(nodes, ws):
+                        apply(n, stacked[row:row + w.shape[0]].clone(), masks[row:row + w.shape[0]])
+                        row += w.shape[0]
+                    continue
+                for n in nodes:
                     w = n.args[1].data
-                    if o.method == "sparsegpt":
-                        h = accs[key].hessian
-                        new_w, mask, st = sparsegpt_prune(w, h, p, damp=o.damp, block_size=o.block_size)
-                        sgpt_loss += st["loss"]
-                    else:
-                        norm = sq[key].sqrt().to(w.device).float()
-                        new_w = w.clone()
-                        mask = prune_mask(w.float().abs() * norm[None, :], p)
-                    apply(n, new_w, mask)
+                    norm = sq[key].sqrt().to(w.device).float()
+                    apply(n, w.clone(), prune_mask(w.float().abs() * norm[None, :], p))
                 accs.pop(key, None)
                 sq.pop(key, None)
             return True
