@@ -21,6 +21,8 @@ PREFERRED = ["model", "scheme", "method", "variant", "eval", "value", "float_val
              "pass_seconds", "seconds", "cpu_seconds", "load_avg_before", "pipeline"]
 """Columns shown, in order; other keys stay in the JSON (command lines, byte counts, per-run notes)."""
 COLUMNS = {
+    "pruning": ["scheme", "method", "variant", "eval", "value", "float_value", "ratio", "params_removed_frac_blocks",
+                "params_removed_frac_total", "sparsity_measured", "recovery", "pass_seconds", "pipeline"],
     "onnx": ["run", "variant", "scheme", "format", "value", "ppl_ratio", "latency_ms", "latency_ms_min", "file_mb",
              "parity_rel", "tensorrt_qdq_errors", "tensorrt_qdq_rules", "onnx_ops"],
 }

@@ -303,6 +303,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    zero_mask: torch.Tensor | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize ``w [N, K]`` given the Hessian ``h [K, K]`` of its input.
 
@@ -310,6 +311,10 @@ def gptq_quantize(
     codes are then fp8 values, rounded as the ``quantize`` op casts); ``group_size`` None means one scale per output
     channel. ``qparams`` (scale, zero point in the QDQ layout) fixes the grid instead of min-max — e.g. the
     clipping AWQ or an MSE observer found; GPTQ then only chooses the codes.
+
+    ``zero_mask`` (bool ``[N, K]``, a pruned weight's zeros) forces those weights to the code of 0 (the zero point,
+    or 0) however the error feedback moved them, and spreads that error like any other: sparsity kept through
+    quantization, as SparseGPT's joint prune-and-quantize does.
 
     Returns ``GPTQResult(weight, qdata, scale, zero_point, stats)``; ``stats`` has the GPTQ loss
     ``Σ err²/H⁻¹_jj`` (what the algorithm minimises), the damping used, dead columns and seconds.
@@ -350,8 +355,12 @@ def gptq_quantize(
         scale = torch.empty(n, k // g, device=dev)
         zp = torch.empty(n, k // g, dtype=qd.container, device=dev) if not symmetric else None
 
+    if zero_mask is not None and tuple(zero_mask.shape) != (n, k):
+        raise ValueError(f"GPTQ: zero_mask shape {tuple(zero_mask.shape)} does not match the weight's {(n, k)}")
+    zm = zero_mask.to(dev) if zero_mask is not None else None
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
     if perm is not None:
+        zm = zm[:, perm] if zm is not None else None
         wf = wf[:, perm]
         h = h[perm][:, perm]
     u, rel_damp = _inverse_cholesky(h, damp)
@@ -361,6 +370,7 @@ def gptq_quantize(
     # Work on Wᵀ [K, N] so a column of W is a contiguous row. fp8 codes are kept as their (exact) float32 values
     # until the end: float8 tensors support little beyond casts.
     wt = wf.t().contiguous()
+    zm_t = zm.t().contiguous() if zm is not None else None
     qt = torch.empty(k, n, dtype=torch.float32 if qd.is_float else qd.container, device=dev)
     deq_t = torch.empty(k, n, device=dev)
     pre_t = torch.empty(k, n, device=dev)
@@ -406,6 +416,10 @@ def gptq_quantize(
                 else:
                     q = torch.round(wcol / s_cur).clamp_(qmin, qmax)
                     dq = q * s_cur
+                if zm_t is not None and bool(zm_t[col].any()):
+                    pruned = zm_t[col]
+                    q = torch.where(pruned, z_cur if z_cur is not None and not qd.is_float else torch.zeros_like(q), q)
+                    dq = torch.where(pruned, torch.zeros_like(dq), dq)
                 qt[col] = q if qd.is_float else q.to(qd.container)
                 deq_t[col] = dq
                 e = (wcol - dq) / h1[i, i]

@@ -510,7 +510,8 @@ def bisect_cmd(
 def sensitivity_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
     scheme: str = typer.Option("w4a4", help="w4a4, w8a8, w4 (weights only), ... or quantize options "
-                               "'w=int4,group=64,a=int8'"),
+                               "'w=int4,group=64,a=int8', or one pass as pipeline text (a pruning pass: "
+                               "'sparsify(method=wanda,pattern=2:4)', 'prune-mlp(ratio=0.3)')"),
     group: Optional[int] = typer.Option(None, help="weight group size for wNaM schemes"),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="passes to run before quantize "
                                            "(e.g. fold-norms)"),
@@ -521,7 +522,7 @@ def sensitivity_cmd(
     out: Path = typer.Option(Path("sensitivity.json"), "--out", "-o", help="override file for `lowbit compile "
                              "--overrides`"),
 ) -> None:
-    """Quantize one layer at a time, rank layers by metric damage, write an override file compile accepts."""
+    """Quantize (or prune) one layer at a time, rank layers by metric damage, write an override file compile accepts."""
     from lowbit.cli.sensitivity import run_sensitivity
 
     check_output(out, "--out", directory=False)

@@ -26,8 +26,15 @@ _SCHEME = re.compile(r"^w(?P<w>\d+)(?:a(?P<a>\d+))?$", re.I)
 
 
 def scheme_to_pipeline(scheme: str, group: int | None) -> str:
-    """``w4a4`` → ``quantize(w=int4,a=int4)``; ``a16`` (or no ``a``) keeps activations float; options pass through."""
+    """``w4a4`` → ``quantize(w=int4,a=int4)``; ``a16`` (or no ``a``) keeps activations float; options pass through.
+    A pass written as pipeline text (``sparsify(method=wanda,pattern=2:4)``, ``prune-mlp(ratio=0.3)``) is taken as
+    is: pruning passes are restricted to one layer at a time through their ``modules`` option."""
     s = scheme.strip()
+    name = s.split("(", 1)[0]
+    from lowbit.passes.base import all_passes
+
+    if name in all_passes() and (name != "quantize" or "(" in s):
+        return s
     if "=" in s:
         return f"quantize({s})"
     m = _SCHEME.match(s)

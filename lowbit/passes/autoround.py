@@ -25,7 +25,7 @@ from pydantic import Field
 
 from lowbit.calibration.block_tuning import TuneOptions
 from lowbit.ir.graph import Graph
-from lowbit.passes.base import NO_QLINEAR, Pass, PassResult, register_pass
+from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, Pass, PassResult, register_pass
 from lowbit.passes.gptq import SITE_KINDS, WeightCalibrationOptions, rounding, run_weight_calibration
 
 __all__ = ["AutoRound", "AutoRoundOptions"]
@@ -62,7 +62,7 @@ class AutoRound(Pass):
     name = "autoround"
     Options = AutoRoundOptions
     requires = (NO_QLINEAR,)
-    after = ("rotate",)
+    after = WEIGHT_REWRITES
     creates = ("dequantize",)
 
     def run(self, graph: Graph) -> PassResult:

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from lowbit.ir.graph import Graph
-from lowbit.passes.base import NO_QLINEAR, Pass, PassResult, register_pass
+from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, Pass, PassResult, register_pass
 from lowbit.passes.gptq import SITE_KINDS, WeightCalibrationOptions, rounding, run_weight_calibration
 
 __all__ = ["AWQ", "AWQOptions"]
@@ -44,7 +44,7 @@ class AWQ(Pass):
     name = "awq"
     Options = AWQOptions
     requires = (NO_QLINEAR,)
-    after = ("rotate",)
+    after = WEIGHT_REWRITES
     creates = ("dequantize",)
 
     def run(self, graph: Graph) -> PassResult:

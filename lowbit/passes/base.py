@@ -185,6 +185,10 @@ def _dead_nodes(graph: Graph) -> list[str]:
 
 
 NO_DEAD_NODES = Condition("no node whose results nothing reads", _dead_nodes)
+WEIGHT_REWRITES = ("rotate", "sparsify", "prune-mlp", "prune-heads", "prune-blocks")
+"""Passes that rewrite float weights or shapes: a quantizer in the same pipeline must come after them (it
+rounds the weights they leave; GPTQ keeps a sparsified weight's zeros)."""
+
 NO_QLINEAR = no_op("qlinear", "it rewrites linear nodes and a fused qlinear is already quantized: run fuse-qlinear "
                    "after it")
 

@@ -29,7 +29,7 @@ from lowbit.calibration.weights import SITE_KINDS, Rounding, WeightCalibrationEr
 from lowbit.ir.graph import Graph
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, QScheme, QuantConfig
 from lowbit.ir.quant import get_qdtype
-from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
+from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
 from lowbit.passes.insert_qdq import NonFinitePolicy, plan
 
 __all__ = ["WeightCalibrationOptions", "GPTQOptions", "GPTQ", "run_weight_calibration", "rounding", "SITE_KINDS"]
@@ -163,7 +163,7 @@ class GPTQ(Pass):
     name = "gptq"
     Options = GPTQOptions
     requires = (NO_QLINEAR,)
-    after = ("rotate",)
+    after = WEIGHT_REWRITES
     creates = ("dequantize",)
 
     def run(self, graph: Graph) -> PassResult:

@@ -45,7 +45,7 @@ from lowbit.ir.qscheme import (
 from lowbit.ir.quant import QDTYPES, Layout, ceil_div_dim, get_qdtype, layout_for, mul_dim, quantize
 from lowbit.ir.qdq import WeightPlan, write_weight_qdq
 from lowbit.ir.rewrite import eliminate_dead_code
-from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
+from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
 
 __all__ = ["InsertQDQ", "InsertQDQOptions", "config_from_options", "quantize_weight", "insert_dynamic_qdq",
            "quantize_graph", "VIEW_OPS"]
@@ -641,7 +641,7 @@ class InsertQDQ(Pass):
     name = "quantize"
     Options = InsertQDQOptions
     requires = (NO_QLINEAR,)
-    after = ("rotate",)
+    after = WEIGHT_REWRITES
     creates = ("dequantize", "quantize", "dynamic_qparams", "aten.cat.default", "aten.arange.default",
                "aten.unsqueeze.default", "aten.sub.Tensor", "aten.ge.Scalar", "aten.logical_and.default",
                "aten.logical_not.default", "aten.where.ScalarOther", "aten.sym_size.int")

@@ -1,0 +1,276 @@
+"""The ``prune-mlp`` pass: remove MLP intermediate channels, making every MLP narrower (a smaller dense model).
+
+    prune-mlp(ratio=0.25)                              25% of each MLP's channels, Wanda-style scores
+    prune-mlp(ratio=0.25,allocation=global)            25% of all channels, more where scores are low
+    prune-mlp(ratio=0.2,score=fluctuation,compensate=true)   FLAP's metric + bias compensation
+
+Why: a narrower MLP is a dense model every runtime serves at full speed, unlike 2:4 or unstructured sparsity.
+Channel j of a SwiGLU MLP is row j of ``gate_proj`` and ``up_proj`` and column j of ``down_proj``; removing
+it equals zeroing those (the masked dense model) exactly, which the tests check in float64.
+
+Importance of channel j, from one calibration run over the float model (``lowbit.calibration.engine``):
+``wanda`` ``||X_j||₂·||W_down[:,j]||₂`` (what the channel adds to the output, activation-aware),
+``fluctuation`` ``Var(X_j)·||W_down[:,j]||₂²`` (FLAP: the part a constant bias cannot replace), or
+``magnitude`` ``||W_down[:,j]||₂``. ``compensate`` adds ``W_down[:,pruned]·E[X_pruned]`` to the down
+projection's bias, so the mean of what was removed stays (FLAP's bias compensation).
+
+Allocation under the budget ``ratio`` (simple, stated): ``uniform`` removes the same fraction of every layer;
+``global`` divides each layer's scores by the layer's mean score and removes the lowest channels of the whole
+model (each layer losing at most ``max_layer_ratio``). Counts per layer are rounded to ``multiple``
+(default 64: a pruned width still splits into group-64 quantization groups and tensor-core tiles).
+After the cut, ``lowbit.ir.shapes.reinfer_shapes`` re-derives every declared type.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from lowbit.calibration.engine import batches_from_ids, run
+from lowbit.ir.graph import Graph, Node
+from lowbit.ir.shapes import ShapeError, reinfer_shapes
+from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
+from lowbit.passes.pruning_sites import find_mlp_sites, slice_linear_cols, slice_linear_rows
+
+__all__ = ["PruneMLP", "PruneMLPOptions", "StructuredOptions", "InputStats", "collect_input_stats",
+           "channel_scores", "allocate", "add_bias", "refit_columns", "reinfer"]
+
+
+class StructuredOptions(CalibrationOptions, ScopedOptions):
+    ratio: float = Field(default=0.2, ge=0.0, lt=1.0)
+    """Fraction of the prunable units removed (channels for prune-mlp, GQA groups for prune-heads)."""
+    score: Literal["wanda", "fluctuation", "magnitude"] = "wanda"
+    """Importance: activation-aware norm (Wanda), FLAP's fluctuation, or weight norm only (no calibration)."""
+    allocation: Literal["uniform", "global"] = "uniform"
+    """Same fraction per layer, or one global ranking of per-layer-normalised scores."""
+    compensate: bool = False
+    """Add the removed units' mean contribution to the output projection's bias (FLAP)."""
+    update: bool = False
+    """Refit the output projection's kept columns and a bias by least squares on the calibration inputs
+    (``W' = W·H[:,keep]·H[keep,keep]⁻¹`` over ``[x, 1]``): what the removed channels carried is rebuilt from the
+    kept ones as far as they are correlated (the OBS/SparseGPT update, for whole channels). Implies ``compensate``."""
+    damp: float = Field(default=0.01, gt=0.0, lt=1.0)
+    """``update``: diagonal damping relative to the mean diagonal of the kept block of ``XᵀX``."""
+    max_layer_ratio: float = Field(default=0.8, ge=0.0, lt=1.0)
+    """Global allocation: the most any one layer loses."""
+    calib_n: int = Field(default=32, ge=1)
+    modules: str = ""
+    """Regex searched in module paths: only layers whose output projection (``down_proj``/``o_proj``) matches are
+    pruned (empty: all). The debugging tools restrict the pass to some layers through it."""
+
+
+class PruneMLPOptions(StructuredOptions):
+    multiple: int = Field(default=64, ge=1)
+    """Channels removed per layer are a multiple of this (the kept width stays a multiple if the width is)."""
+
+
+@dataclass
+class InputStats:
+    """Per-channel sums of a linear's input over the calibration tokens."""
+
+    sum: torch.Tensor
+    sq: torch.Tensor
+    rows: int = 0
+    xtx: torch.Tensor | None = None
+    """``Σ xᵀx`` (float64) when the pass refits weights (``update``)."""
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.rows, 1)
+
+    @property
+    def norm(self) -> torch.Tensor:
+        return self.sq.sqrt()
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.sq / max(self.rows, 1) - self.mean.pow(2)).clamp(min=0)
+
+
+@dataclass
+class _Collected:
+    inputs: dict[int, InputStats] = field(default_factory=dict)
+    block_change: dict[str, list[float]] = field(default_factory=dict)
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def collect_input_stats(graph: Graph, linears: list[Node], o: CalibrationOptions, pass_name: str,
+                        residual_blocks: dict[int, tuple[str, bool]] | None = None,
+                        second_moment: bool = False) -> _Collected:
+    """One calibration run of the (unchanged) model: input channel statistics of ``linears``, and, for
+    ``residual_blocks`` (``id(residual_add)`` -> (block, is_last)), the block's mean ``1 - cos(in, out)``."""
+    want = {id(n) for n in linears}
+    out = _Collected()
+    pending: dict[str, torch.Tensor] = {}
+
+    def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
+        if id(node) in want:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            st = out.inputs.get(id(node))
+            if st is None:
+                st = out.inputs[id(node)] = InputStats(torch.zeros(x.shape[1], dtype=torch.float64, device=x.device),
+                                                       torch.zeros(x.shape[1], dtype=torch.float64, device=x.device))
+            st.sum += x.sum(0)
+            st.sq += x.pow(2).sum(0)
+            st.rows += x.shape[0]
+            if second_moment:
+                xf = x.float()
+                xtx = (xf.t() @ xf).double()
+                st.xtx = xtx if st.xtx is None else st.xtx + xtx
+        if residual_blocks and id(node) in residual_blocks:
+            block, last = residual_blocks[id(node)]
+            if block not in pending:
+                pending[block] = args[0].detach()
+            if last:
+                a = pending.pop(block).reshape(-1, args[0].shape[-1]).double()
+                b = outs[0].detach().reshape(-1, args[0].shape[-1]).double()
+                cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+                out.block_change.setdefault(block, []).append(float((1 - cos).mean()))
+
+    if not linears and not residual_blocks:
+        return out
+    ids = o.token_ids(graph, pass_name)
+    rep = run(graph, batches_from_ids(graph, ids, o.batch_size_for(graph)), on_node=on_node,
+              on_block=lambda ctx: False, progress=o.progress, device=o.torch_device(pass_name))
+    out.tokens, out.seconds = int(ids.numel()), rep.seconds
+    return out
+
+
+def channel_scores(w_out: torch.Tensor, st: InputStats | None, score: str) -> torch.Tensor:
+    """Importance of each input column of an output projection ``w_out [N, K]`` (float64, [K])."""
+    col = w_out.double().pow(2).sum(0)
+    if score == "magnitude" or st is None:
+        return col.sqrt()
+    if score == "wanda":
+        return st.norm.to(col.device) * col.sqrt()
+    return st.var.to(col.device) * col
+
+
+def allocate(scores: list[torch.Tensor], ratio: float, allocation: str, multiple: int, max_layer_ratio: float,
+             unit: int = 1) -> list[int]:
+    """Units removed per layer. ``scores[i]`` has one entry per unit of layer i (lower = removed first)."""
+    sizes = [len(s) for s in scores]
+    if allocation == "uniform":
+        return [min(n, int(round(ratio * n / multiple)) * multiple) for n in sizes]
+    total = int(round(ratio * sum(sizes)))
+    normed = [s / s.mean().clamp(min=1e-30) for s in scores]
+    flat = torch.cat([torch.stack([v, torch.full_like(v, i)], 1) for i, v in enumerate(normed)])
+    order = torch.argsort(flat[:, 0], stable=True)
+    counts = [0] * len(scores)
+    caps = [int(max_layer_ratio * n) // multiple * multiple for n in sizes]
+    removed = 0
+    for idx in order.tolist():
+        if removed >= total:
+            break
+        layer = int(flat[idx, 1])
+        if counts[layer] < caps[layer]:
+            counts[layer] += 1
+            removed += 1
+    return [min(caps[i], int(round(c / multiple)) * multiple) for i, c in enumerate(counts)]
+
+
+def refit_columns(w: torch.Tensor, st: InputStats, keep: torch.Tensor, damp: float) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """Least-squares ``(W', b)`` with ``W'·x[keep] + b ≈ W·x`` over the calibration inputs (float64)."""
+    assert st.xtx is not None
+    k = st.xtx.shape[0]
+    h = torch.zeros(k + 1, k + 1, dtype=torch.float64, device=st.xtx.device)
+    h[:k, :k] = st.xtx
+    h[:k, k] = st.sum
+    h[k, :k] = st.sum
+    h[k, k] = st.rows
+    idx = torch.cat([keep.to(h.device), torch.tensor([k], device=h.device)])
+    hkk = h[idx][:, idx]
+    hkk = hkk + damp * torch.diagonal(hkk).mean() * torch.eye(len(idx), dtype=h.dtype, device=h.device)
+    rhs = w.double().to(h.device) @ h[:k, idx]  # [N, |keep|+1]
+    sol = torch.linalg.solve(hkk, rhs.t()).t()
+    return sol[:, :-1].to(w.device), sol[:, -1].to(w.device)
+
+
+def add_bias(graph: Graph, lin: Node, delta: torch.Tensor) -> None:
+    """``lin``'s bias += ``delta`` (a new bias param if it had none)."""
+    from lowbit.passes.fold_norms import private_weight
+
+    w = lin.args[1].data
+    b = lin.args[2] if len(lin.args) > 2 else None
+    if b is not None:
+        bv = private_weight(graph, lin, 2, graph.users(), f"{lin.module}.bias")
+        graph.set_param(bv.name, (bv.data.double() + delta.to(bv.data.device)).to(bv.data.dtype))
+    else:
+        nb = graph.add_param(graph.fresh_param_name(f"{lin.module}.bias"), delta.to(w.device, w.dtype))
+        lin.args = (lin.args[0], lin.args[1], nb)
+
+
+def reinfer(graph: Graph, pass_name: str) -> dict[str, int]:
+    try:
+        rep = reinfer_shapes(graph)
+    except ShapeError as exc:
+        raise PassError(f"pass {pass_name}: {exc}") from None
+    return {"values_retyped": len(rep.retyped), "literals_rewritten": len(rep.literals)}
+
+
+@register_pass
+class PruneMLP(Pass):
+    """Remove MLP intermediate channels (gate/up rows, down columns) by calibrated importance."""
+
+    name = "prune-mlp"
+    Options = PruneMLPOptions
+    requires = (NO_QLINEAR,)
+
+    def run(self, graph: Graph) -> PassResult:
+        o: PruneMLPOptions = self.options  # type: ignore[assignment]
+        t0 = time.perf_counter()
+        sites, skipped = find_mlp_sites(graph)
+        if o.modules:
+            rx = re.compile(o.modules)
+            sites = [s for s in sites if rx.search(s.down.module)]
+        if not sites:
+            raise PassError(f"pass {self.name}: no prunable MLP found ({'; '.join(skipped[:3]) or 'no down_proj'})")
+        calibrated = o.score != "magnitude" or o.compensate or o.update
+        col = collect_input_stats(graph, [s.down for s in sites] if calibrated else [], o, self.name,
+                                  second_moment=o.update)
+        scores = [channel_scores(s.down.args[1].data, col.inputs.get(id(s.down)), o.score) for s in sites]
+        counts = allocate(scores, o.ratio, o.allocation, o.multiple, o.max_layer_ratio)
+        users = graph.users()
+        params_before = sum(v.data.numel() for v in graph.params.values())
+        widths = {}
+        for site, sc, n_rm in zip(sites, scores, counts):
+            if n_rm >= site.width:
+                raise PassError(f"pass {self.name}: layer {site.block}: removing {n_rm} of {site.width} channels "
+                                "would leave the MLP empty")
+            if n_rm == 0:
+                continue
+            order = torch.argsort(sc, stable=True)
+            keep = torch.sort(order[n_rm:]).values
+            refit = None
+            if o.update:
+                refit = refit_columns(site.down.args[1].data, col.inputs[id(site.down)], keep, o.damp)
+                add_bias(graph, site.down, refit[1])
+            elif o.compensate:
+                drop = order[:n_rm]
+                st = col.inputs[id(site.down)]
+                w = site.down.args[1].data.double()
+                add_bias(graph, site.down, w[:, drop.to(w.device)] @ st.mean.to(w.device)[drop.to(w.device)])
+            for p in site.producers:
+                slice_linear_rows(graph, p, keep, users)
+            slice_linear_cols(graph, site.down, keep, users)
+            if refit is not None:
+                wv = site.down.args[1]
+                graph.set_param(wv.name, refit[0].to(wv.data.dtype))
+            widths[site.block] = int(keep.numel())
+        from lowbit.passes.dce import eliminate_dead_code
+
+        eliminate_dead_code(graph)
+        stats = reinfer(graph, self.name)
+        params_after = sum(v.data.numel() for v in graph.params.values())
+        graph.meta["pruned"] = {**graph.meta.get("pruned", {}), "intermediate_size": widths}
+        stats.update(layers=len(sites), channels_removed=sum(counts), widths=widths, skipped=skipped,
+                     params_removed=params_before - params_after, params_before=params_before,
+                     calib_tokens=col.tokens, seconds=round(time.perf_counter() - t0, 2))
+        return PassResult(sum(counts) > 0, stats)

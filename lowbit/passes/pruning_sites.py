@@ -1,0 +1,214 @@
+"""Where structured pruning can cut, found in the IR (analysis only; the ``prune-*`` passes transform).
+
+- ``MLPSite``: a ``down_proj`` linear whose input is an elementwise product/activation of ``gate``/``up``
+  linears (SwiGLU) or one linear through an activation (GELU MLP). Removing intermediate channel j removes row
+  j of every producer linear (and its bias) and column j of ``down``; the elementwise ops in between act per
+  channel, so the result equals the dense graph with those rows zeroed and those columns zeroed.
+- ``AttentionSite``: an ``attention`` node with the q/k/v linears that feed it (through reshape, transpose,
+  rotary, and the unsqueeze/expand/reshape of grouped-query attention) and the ``o_proj`` that reads it.
+  The unit of removal is a GQA group: one kv head and the ``q_heads / kv_heads`` query heads that share it.
+- ``block_residuals``: the ``residual_add`` nodes of a block; removing the block makes each a pass-through.
+
+A structure that does not match (an op in the chain the walk does not know) is reported, never guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.calibration.engine import BLOCK_PATTERN
+from lowbit.ir.graph import Graph, Node, Value
+
+__all__ = ["MLPSite", "AttentionSite", "find_mlp_sites", "find_attention_sites", "block_of", "slice_linear_rows",
+           "slice_linear_cols", "block_residuals", "linear_params"]
+
+_ELEMENTWISE = {"mul", "silu", "gelu", "aten.mul.Tensor", "aten.silu.default", "aten.gelu.default",
+                "aten.relu.default", "relu"}
+_PASS_THROUGH = {"reshape", "transpose", "aten.unsqueeze.default", "aten.expand.default", "aten.clone.default",
+                 "aten.contiguous.default", "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
+                 "permute"}
+
+
+def block_of(module: str) -> str | None:
+    m = re.match(BLOCK_PATTERN, module)
+    return m.group(1) if m else None
+
+
+@dataclass
+class MLPSite:
+    block: str
+    down: Node
+    producers: list[Node]
+    """Linears whose output rows are the intermediate channels (gate, up)."""
+
+    @property
+    def width(self) -> int:
+        return int(self.down.args[1].data.shape[1])
+
+
+@dataclass
+class AttentionSite:
+    block: str
+    attention: Node
+    q: Node
+    k: Node
+    v: Node
+    o: Node
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        return self.q_heads // self.kv_heads
+
+
+def _stored_linear(n: Node | None) -> bool:
+    return n is not None and n.op == "linear" and isinstance(n.args[1], Value) and n.args[1].is_param and (
+        len(n.args) < 3 or n.args[2] is None or n.args[2].is_param)
+
+
+def find_mlp_sites(graph: Graph) -> tuple[list[MLPSite], list[str]]:
+    """Every prunable MLP, and why other candidate down projections are not."""
+    users = graph.users()
+    sites, skipped = [], []
+    for down in graph.nodes:
+        if not _stored_linear(down) or not down.module.endswith(("down_proj", "fc2", "output.dense")):
+            continue
+        block = block_of(down.module)
+        producers: list[Node] = []
+        stack, ok, seen = [down.args[0]], True, set()
+        inner: list[Node] = []
+        while stack and ok:
+            v = stack.pop()
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            n = v.producer if isinstance(v, Value) else None
+            if n is None:
+                ok = False
+            elif n.op == "linear":
+                ok = _stored_linear(n)
+                producers.append(n)
+            elif n.op in _ELEMENTWISE:
+                inner.append(n)
+                stack.extend(a for a in n.inputs() if not a.is_param)
+            else:
+                ok = False
+        width = int(down.args[1].data.shape[1])
+        if ok and producers:
+            ok = all(int(p.args[1].data.shape[0]) == width for p in producers)
+        # every intermediate value must be read only inside the MLP (else a column cut would change other readers)
+        inside = {id(n) for n in inner + producers}
+        inside.add(id(down))
+        for n in inner + producers:
+            for v in n.outputs:
+                if any(id(u) not in inside for u in users.get(id(v), [])):
+                    ok = False
+        if ok and producers and block is not None:
+            sites.append(MLPSite(block, down, sorted(producers, key=graph.index)))
+        else:
+            skipped.append(f"{down.module}: its input is not an elementwise function of linears read only by it")
+    return sites, skipped
+
+
+def _walk_to_linear(v: Value) -> Node | None:
+    """From an attention operand back through layout ops and rotary to the linear that made it."""
+    while isinstance(v, Value) and v.producer is not None:
+        n = v.producer
+        if n.op == "linear":
+            return n if _stored_linear(n) else None
+        if n.op in _PASS_THROUGH or n.op == "rotary":
+            v = n.args[0]
+            continue
+        return None
+    return None
+
+
+def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
+    users = graph.users()
+    sites, skipped = [], []
+    for att in graph.find("attention"):
+        q, k, v = (_walk_to_linear(a) for a in att.args[:3])
+        o = None
+        cur = att.output
+        for _ in range(6):
+            readers = users.get(id(cur), [])
+            if len(readers) != 1:
+                break
+            r = readers[0]
+            if r.op == "linear":
+                o = r if _stored_linear(r) and r.args[0] is cur else None
+                break
+            if r.op not in _PASS_THROUGH:
+                break
+            cur = r.output
+        block = block_of(att.module)
+        out_t = att.output.tensor_type
+        if None in (q, k, v, o) or block is None or out_t.rank != 4 or not isinstance(out_t.shape[1], int):
+            skipped.append(f"{att.module or att.name}: q/k/v/o linears not found through layout ops")
+            continue
+        assert q is not None and k is not None and v is not None and o is not None
+        hq, hd = int(out_t.shape[1]), int(out_t.shape[3])
+        kv = int(k.args[1].data.shape[0]) // hd
+        if hq * hd != int(q.args[1].data.shape[0]) or kv < 1 or hq % kv or \
+                int(v.args[1].data.shape[0]) != kv * hd or int(o.args[1].data.shape[1]) != hq * hd:
+            skipped.append(f"{att.module}: head layout not understood (q heads {hq}, head_dim {hd})")
+            continue
+        sites.append(AttentionSite(block, att, q, k, v, o, hq, kv, hd))
+    return sites, skipped
+
+
+def linear_params(n: Node) -> tuple[Value, Value | None]:
+    b = n.args[2] if len(n.args) > 2 else None
+    return n.args[1], b
+
+
+def _private(graph: Graph, node: Node, index: int, users: dict[int, list[Node]]) -> Value:
+    from lowbit.passes.fold_norms import private_weight
+
+    return private_weight(graph, node, index, users, node.args[index].name)
+
+
+def slice_linear_rows(graph: Graph, n: Node, keep: torch.Tensor, users: dict[int, list[Node]]) -> None:
+    """Keep only output rows ``keep`` of linear ``n`` (weight and bias)."""
+    w = _private(graph, n, 1, users)
+    graph.set_param(w.name, w.data.index_select(0, keep.to(w.data.device)).contiguous())
+    if len(n.args) > 2 and n.args[2] is not None:
+        b = _private(graph, n, 2, users)
+        graph.set_param(b.name, b.data.index_select(0, keep.to(b.data.device)).contiguous())
+
+
+def slice_linear_cols(graph: Graph, n: Node, keep: torch.Tensor, users: dict[int, list[Node]]) -> None:
+    """Keep only input columns ``keep`` of linear ``n``."""
+    w = _private(graph, n, 1, users)
+    graph.set_param(w.name, w.data.index_select(1, keep.to(w.data.device)).contiguous())
+
+
+def block_residuals(graph: Graph, block: str) -> list[Node]:
+    return [n for n in graph.nodes if n.op == "residual_add" and block_of(n.module) == block]
+
+
+def model_sizes(graph: Graph) -> dict[str, object]:
+    """The sizes a model config records, read from the IR itself (so they survive save and reload): blocks,
+    and per block the MLP width and the query/kv head counts. A per-layer list where layers differ (a Hugging
+    Face config holds one number; a pruned model with uneven layers needs a per-layer config), else one int."""
+    mlps, _ = find_mlp_sites(graph)
+    atts, _ = find_attention_sites(graph)
+    layers = sorted({s.block for s in mlps} | {s.block for s in atts}, key=lambda b: [int(x) if x.isdigit() else x
+                                                                                       for x in re.split(r"(\d+)", b)])
+
+    def one_or_list(values: list[int]) -> int | list[int]:
+        return values[0] if values and all(v == values[0] for v in values) else values
+
+    return {
+        "num_hidden_layers": len(layers),
+        "layers": layers,
+        "intermediate_size": one_or_list([s.width for s in mlps]),
+        "num_attention_heads": one_or_list([s.q_heads for s in atts]),
+        "num_key_value_heads": one_or_list([s.kv_heads for s in atts]),
+        "head_dim": one_or_list([s.head_dim for s in atts]),
+    }

@@ -1,0 +1,183 @@
+"""The ``sparsify`` pass: zero weights of every block linear, unstructured or N:M (2:4), by magnitude, Wanda or
+SparseGPT.
+
+    sparsify(method=wanda,pattern=2:4)                  keep 2 of every 4 weights along K, by |W|·||X||
+    sparsify(method=sparsegpt,sparsity=0.5)             50% per row, the rest updated through H⁻¹
+    sparsify(method=magnitude,pattern=2:4)              no calibration
+
+Why: 2:4 weights run on sparse tensor cores (TensorRT, cuSPARSELt), and unstructured sparsity composes with
+quantization for smaller checkpoints. The shape of the graph does not change: weights get exact zeros, and
+each pruned linear records its pattern in ``node.meta["sparsity"]`` so that a later ``gptq`` keeps those
+zeros (GPTQ's error feedback would otherwise fill them in). ``quantize`` keeps them by construction: its
+symmetric grids map 0 to code 0, and its asymmetric ranges always include 0, so 0 maps to the zero point and
+dequantizes to exactly 0 (tested).
+
+Wanda and SparseGPT calibrate block by block (``lowbit.calibration.engine``): block i is pruned, re-run, and
+block i+1 is calibrated on what the pruned block i produces (as both papers do). Linears outside the
+repeated blocks (``lm_head``) and modules not matching ``modules`` stay dense.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from lowbit.calibration.engine import BLOCK_PATTERN, BlockRun, batches_from_ids, run
+from lowbit.calibration.gptq import HessianAccumulator
+from lowbit.calibration.sparsity import (SparsityPattern, check_pattern, parse_pattern, prune_mask,
+                                         sparsegpt_prune)
+from lowbit.ir.graph import Graph, Node
+from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
+from lowbit.passes.fold_norms import private_weight
+
+__all__ = ["Sparsify", "SparsifyOptions", "sparse_linears"]
+
+
+class SparsifyOptions(CalibrationOptions, ScopedOptions):
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    """How weights are chosen (and, for sparsegpt, how the rest is updated)."""
+    sparsity: float = Field(default=0.5, ge=0.0, lt=1.0)
+    """Fraction of each row zeroed (unstructured); ignored with an N:M pattern."""
+    pattern: str = "unstructured"
+    """``unstructured`` or ``N:M`` (``2:4``: keep 2 of every 4 consecutive weights along the input dim)."""
+    modules: str = ""
+    """Regex searched in module paths: only block linears matching it are pruned (empty: all of them). The
+    debugging tools restrict the pass to some layers through it (``debug bisect``/``sensitivity``)."""
+    damp: float = Field(default=0.01, gt=0.0, lt=1.0)
+    """SparseGPT: diagonal damping, relative to the Hessian's mean diagonal."""
+    block_size: int = Field(default=128, ge=1)
+    """SparseGPT: columns per lazy-batch update (and per mask selection)."""
+
+
+def sparse_linears(graph: Graph, modules: str = "") -> list[Node]:
+    """Linears with a stored weight inside the repeated blocks whose module path matches ``modules``."""
+    rx_block = re.compile(BLOCK_PATTERN)
+    rx_mod = re.compile(modules) if modules else None
+    out = []
+    for n in graph.nodes:
+        if n.op != "linear" or not rx_block.match(n.module):
+            continue
+        if rx_mod is not None and not rx_mod.search(n.module):
+            continue
+        if not n.args[1].is_param:
+            continue
+        out.append(n)
+    return out
+
+
+@register_pass
+class Sparsify(Pass):
+    """Unstructured or N:M (2:4) weight sparsity by magnitude, Wanda or SparseGPT (block-by-block calibration)."""
+
+    name = "sparsify"
+    Options = SparsifyOptions
+    requires = (NO_QLINEAR,)
+
+    def run(self, graph: Graph) -> PassResult:
+        o: SparsifyOptions = self.options  # type: ignore[assignment]
+        t0 = time.perf_counter()
+        try:
+            p = parse_pattern(o.pattern, o.sparsity)
+        except ValueError as exc:
+            raise PassError(f"pass sparsify: option pattern/sparsity: {exc}") from None
+        targets = sparse_linears(graph, o.modules)
+        if not targets:
+            raise PassError("pass sparsify: no linear inside a repeated block to sparsify")
+        for n in targets:
+            try:
+                check_pattern(int(n.args[1].data.shape[1]), p, f"pass sparsify: linear %{n.name} ({n.module})")
+            except ValueError as exc:
+                raise PassError(str(exc)) from None
+        users = graph.users()
+        zeroed = total = 0
+
+        def apply(node: Node, new_w: torch.Tensor, mask: torch.Tensor) -> None:
+            nonlocal zeroed, total
+            wv = private_weight(graph, node, 1, users, f"{node.module}.weight")
+            home = wv.data.device
+            new_w = new_w.to(home)
+            new_w[mask.to(home)] = 0
+            graph.set_param(wv.name, new_w.to(wv.data.dtype))
+            node.meta["sparsity"] = str(p)
+            zeroed += int(mask.sum())
+            total += mask.numel()
+
+        stats: dict[str, Any] = {"pattern": str(p), "method": o.method, "linears": len(targets)}
+        if o.method == "magnitude":
+            for n in targets:
+                w = n.args[1].data
+                apply(n, w.clone(), prune_mask(w.float().abs(), p))
+        else:
+            stats.update(self._calibrated(graph, targets, p, apply))
+        stats.update(weights_zeroed=zeroed, weights_in_pruned_linears=total,
+                     sparsity_measured=round(zeroed / max(total, 1), 6), seconds=round(time.perf_counter() - t0, 2))
+        return PassResult(zeroed > 0, stats)
+
+    def _calibrated(self, graph: Graph, targets: list[Node], p: SparsityPattern, apply: Any) -> dict[str, Any]:
+        o: SparsifyOptions = self.options  # type: ignore[assignment]
+        want = {id(n) for n in targets}
+        accs: dict[int, HessianAccumulator] = {}   # per input value (q/k/v share one)
+        sq: dict[int, torch.Tensor] = {}
+        readers: dict[int, list[Node]] = {}
+        for n in targets:
+            readers.setdefault(id(n.args[0]), []).append(n)
+        sgpt_loss = 0.0
+
+        def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
+            if id(node) not in want:
+                return
+            key = id(node.args[0])
+            if readers[key][0] is not node:
+                return
+            x = args[0].detach()
+            if o.method == "sparsegpt":
+                acc = accs.get(key)
+                if acc is None:
+                    acc = accs[key] = HessianAccumulator(int(x.shape[-1]), device=x.device)
+                acc.add(x)
+            else:
+                s = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).double()
+                sq[key] = sq[key] + s if key in sq else s
+
+        def on_block(ctx: BlockRun) -> bool:
+            nonlocal sgpt_loss
+            keys = [k for k in list(accs) + list(sq) if readers[k][0] in ctx.nodes()]
+            if not keys:
+                return False
+            for key in keys:
+                nodes = readers[key]
+                if o.method == "sparsegpt":
+                    # linears reading one input share its Hessian: one call on their stacked rows (each row's mask
+                    # and update depend only on that row and H, so this equals separate calls, at one factorisation)
+                    ws = [n.args[1].data for n in nodes]
+                    stacked, masks, st = sparsegpt_prune(torch.cat(ws, 0), accs[key].hessian, p, damp=o.damp,
+                                                         block_size=o.block_size)
+                    sgpt_loss += st["loss"]
+                    row = 0
+                    for n, w in zip(nodes, ws):
+                        apply(n, stacked[row:row + w.shape[0]].clone(), masks[row:row + w.shape[0]])
+                        row += w.shape[0]
+                    continue
+                for n in nodes:
+                    w = n.args[1].data
+                    norm = sq[key].sqrt().to(w.device).float()
+                    apply(n, w.clone(), prune_mask(w.float().abs() * norm[None, :], p))
+                accs.pop(key, None)
+                sq.pop(key, None)
+            return True
+
+        ids = o.token_ids(graph, self.name)
+        report = run(graph, batches_from_ids(graph, ids, o.batch_size_for(graph)), on_node=on_node,
+                     on_block=on_block, progress=o.progress, device=o.torch_device(self.name))
+        missing = [n for n in targets if "sparsity" not in n.meta]
+        if missing:
+            raise PassError(f"pass sparsify: calibration never reached linear(s) "
+                            f"{', '.join(f'%{n.name} ({n.module})' for n in missing[:5])}")
+        out: dict[str, Any] = {"calib_tokens": int(ids.numel()), "seconds_calibration": round(report.seconds, 2)}
+        if o.method == "sparsegpt":
+            out["sparsegpt_loss"] = round(sgpt_loss, 4)
+        return out

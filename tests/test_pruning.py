@@ -1,0 +1,434 @@
+"""Pruning: shape re-inference, structured passes (exact against the masked dense model in float64), sparsity
+masks (exact patterns), zeros kept through quantization, bad input, ONNX export of a pruned model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import held_out_slice
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.calibration.sparsity import parse_pattern, prune_mask, sparsegpt_prune
+from lowbit.ir.graph import Graph
+from lowbit.ir.ops import resolve
+from lowbit.ir.parser import parse_graph
+from lowbit.ir.printer import print_graph
+from lowbit.ir.shapes import ShapeError, reinfer_shapes
+from lowbit.ir.verifier import verify
+from lowbit.passes.base import PassError
+from lowbit.passes.manager import PassManager, PipelineError, parse_pipeline
+
+CALIB = "calib_n=2,calib_len=64,progress=false"
+
+# ---- shape re-inference (golden) -----------------------------------------------------------------
+
+GQA_IR = """\
+graph tiny(%x: f32[1,s0,8]) {
+  symbol s0 in [2, 64] hint 4
+  param @k.weight: f32[8,8]
+  param @o.weight: f32[8,16]
+  %k: f32[1,s0,8] = linear(%x, @k.weight)  # k
+  %s: sym(s0) = aten.sym_size.int(%x, 1)
+  %r: f32[1,s0,2,4] = reshape(%k, [1, %s, 2, 4])  # k
+  %u: f32[1,s0,2,1,4] = aten.unsqueeze.default(%r, 3)
+  %e: f32[1,s0,2,2,4] = aten.expand.default(%u, [1, %s, 2, 2, 4])
+  %m: f32[1,s0,16] = reshape(%e, [1, %s, 16])
+  %f: f32[1,16*s0] = reshape(%m, [1, -1])
+  %g: f32[1,s0,16] = reshape(%f, [1, %s, 16])
+  %y: f32[1,s0,8] = linear(%g, @o.weight)  # o
+  return %y
+}
+"""
+
+
+def test_reinfer_shapes_golden_gqa_literals():
+    g = parse_graph(GQA_IR, {"k.weight": torch.randn(8, 8), "o.weight": torch.randn(8, 16)})
+    g.set_param("k.weight", torch.randn(4, 8))  # one kv head of two left
+    g.set_param("o.weight", torch.randn(8, 8))
+    rep = reinfer_shapes(g)
+    assert print_graph(g) == GQA_IR.replace("@k.weight: f32[8,8]", "@k.weight: f32[4,8]").replace(
+        "@o.weight: f32[8,16]", "@o.weight: f32[8,8]").replace(
+        "%k: f32[1,s0,8]", "%k: f32[1,s0,4]").replace(
+        "%r: f32[1,s0,2,4] = reshape(%k, [1, %s, 2, 4])", "%r: f32[1,s0,1,4] = reshape(%k, [1, %s, 1, 4])").replace(
+        "%u: f32[1,s0,2,1,4]", "%u: f32[1,s0,1,1,4]").replace(
+        "%e: f32[1,s0,2,2,4] = aten.expand.default(%u, [1, %s, 2, 2, 4])",
+        "%e: f32[1,s0,1,2,4] = aten.expand.default(%u, [1, %s, 1, 2, 4])").replace(
+        "%m: f32[1,s0,16] = reshape(%e, [1, %s, 16])", "%m: f32[1,s0,8] = reshape(%e, [1, %s, 8])").replace(
+        "%f: f32[1,16*s0]", "%f: f32[1,8*s0]").replace(
+        "%g: f32[1,s0,16] = reshape(%f, [1, %s, 16])", "%g: f32[1,s0,8] = reshape(%f, [1, %s, 8])")
+    assert len(rep.literals) == 4
+    verify(g)
+    TorchCompiled(g)(torch.randn(1, 5, 8))
+
+
+def test_reinfer_shapes_refuses_an_uneven_split_naming_the_node():
+    ir = """\
+graph s(%x: f32[1,s0,8]) {
+  symbol s0 in [2, 64] hint 4
+  param @w: f32[12,8]
+  %y: f32[1,s0,12] = linear(%x, @w)  # qkv
+  %a: f32[1,s0,8], %b: f32[1,s0,4] = aten.split_with_sizes.default(%y, [8, 4], -1)  # qkv
+  return %a, %b
+}
+"""
+    g = parse_graph(ir, {"w": torch.randn(12, 8)})
+    g.set_param("w", torch.randn(10, 8))
+    with pytest.raises(ShapeError, match=r"%a = aten.split_with_sizes.default.*qkv.*\[8, 4\].*12 to 10"):
+        reinfer_shapes(g)
+
+
+def _gqa_ir(kv: int, rep: int, d: int, width: int) -> str:
+    h = kv * rep
+    t = "model.layers.0.self_attn"
+    return f"""\
+graph gqa(%x: f64[1,s0,{width}]) {{
+  symbol s0 in [2, 64] hint 4
+  param @q.weight: f64[{h * d},{width}]
+  param @k.weight: f64[{kv * d},{width}]
+  param @v.weight: f64[{kv * d},{width}]
+  param @o.weight: f64[{width},{h * d}]
+  %s: sym(s0) = aten.sym_size.int(%x, 1)
+  %q: f64[1,s0,{h * d}] = linear(%x, @q.weight)  # {t}.q_proj
+  %qr: f64[1,s0,{h},{d}] = reshape(%q, [1, %s, -1, {d}])  # {t}
+  %qt: f64[1,{h},s0,{d}] = transpose(%qr, 1, 2)  # {t}
+  %k: f64[1,s0,{kv * d}] = linear(%x, @k.weight)  # {t}.k_proj
+  %kr: f64[1,s0,{kv},{d}] = reshape(%k, [1, %s, -1, {d}])  # {t}
+  %kt: f64[1,{kv},s0,{d}] = transpose(%kr, 1, 2)  # {t}
+  %ku: f64[1,{kv},1,s0,{d}] = aten.unsqueeze.default(%kt, 2)  # {t}
+  %ke: f64[1,{kv},{rep},s0,{d}] = aten.expand.default(%ku, [1, {kv}, {rep}, %s, {d}])  # {t}
+  %kk: f64[1,{h},s0,{d}] = reshape(%ke, [1, {h}, %s, {d}])  # {t}
+  %v: f64[1,s0,{kv * d}] = linear(%x, @v.weight)  # {t}.v_proj
+  %vr: f64[1,s0,{kv},{d}] = reshape(%v, [1, %s, -1, {d}])  # {t}
+  %vt: f64[1,{kv},s0,{d}] = transpose(%vr, 1, 2)  # {t}
+  %vu: f64[1,{kv},1,s0,{d}] = aten.unsqueeze.default(%vt, 2)  # {t}
+  %ve: f64[1,{kv},{rep},s0,{d}] = aten.expand.default(%vu, [1, {kv}, {rep}, %s, {d}])  # {t}
+  %vv: f64[1,{h},s0,{d}] = reshape(%ve, [1, {h}, %s, {d}])  # {t}
+  %a: f64[1,{h},s0,{d}] = attention(%qt, %kk, %vv, None, scale=0.5, is_causal=True, enable_gqa=False)  # {t}
+  %at: f64[1,s0,{h},{d}] = transpose(%a, 1, 2)  # {t}
+  %ar: f64[1,s0,{h * d}] = reshape(%at, [1, %s, -1])  # {t}
+  %y: f64[1,s0,{width}] = linear(%ar, @o.weight)  # {t}.o_proj
+  return %y
+}}
+"""
+
+
+@given(kv=st.integers(1, 4), rep=st.integers(1, 3), d=st.sampled_from([2, 4]), drop=st.integers(0, 3),
+       seq=st.integers(2, 9))
+@settings(max_examples=25)
+def test_head_pruning_property_equals_masked_dense(kv, rep, d, drop, seq):
+    """Any GQA layout, any number of groups removed short of all: the pruned graph verifies, its literals follow,
+    and it equals the dense graph with the same groups zeroed (float64, to the last bits of summation order)."""
+    drop = min(drop, kv - 1)
+    width = 8
+    gen = torch.Generator().manual_seed(kv * 100 + rep * 10 + d)
+    w = {n: torch.randn(r, c, generator=gen, dtype=torch.float64) for n, (r, c) in {
+        "q.weight": (kv * rep * d, width), "k.weight": (kv * d, width), "v.weight": (kv * d, width),
+        "o.weight": (width, kv * rep * d)}.items()}
+    g = parse_graph(_gqa_ir(kv, rep, d, width), w)
+    ratio = drop / kv
+    PassManager(f"prune-heads(ratio={ratio},score=magnitude)").run(g)  # verifies after the pass
+    assert g.params["k.weight"].data.shape == ((kv - round(ratio * kv)) * d, width)
+    kept = _kept(w["k.weight"].reshape(kv, d * width), g.params["k.weight"].data.reshape(-1, d * width))
+    gone = sorted(set(range(kv)) - set(kept.tolist()))
+    m = {k: v.clone() for k, v in w.items()}
+    for grp in gone:
+        m["q.weight"][grp * rep * d:(grp + 1) * rep * d] = 0
+        m["k.weight"][grp * d:(grp + 1) * d] = 0
+        m["v.weight"][grp * d:(grp + 1) * d] = 0
+        m["o.weight"][:, grp * rep * d:(grp + 1) * rep * d] = 0
+    x = torch.randn(1, seq, width, generator=gen, dtype=torch.float64)
+    out, ref = TorchCompiled(g)(x), TorchCompiled(parse_graph(_gqa_ir(kv, rep, d, width), m))(x)
+    # a shorter dot product may sum in another order (BLAS kernels pick blocking by size): float64 rounding only
+    assert (out - ref).abs().max().item() <= 1e-13 * max(1.0, ref.abs().max().item())
+
+
+# ---- structured pruning: exact against the masked dense graph ------------------------------------
+
+def _kept(orig: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Indices of ``orig``'s rows that ``new`` kept, in order (rows are distinct real weights)."""
+    index = {tuple(r.tolist()): i for i, r in enumerate(orig)}
+    return torch.tensor([index[tuple(r.tolist())] for r in new])
+
+
+def _zero(g: Graph, name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    w = g.params[name].data.clone()
+    if rows is not None:
+        w[rows] = 0
+    if cols is not None:
+        w[:, cols] = 0
+    g.set_param(name, w)
+
+
+def test_structured_pruning_equals_masked_dense_exactly_in_float64(smollm2_slice_f64, wikitext_ids):
+    _, graph = smollm2_slice_f64
+    g = graph.clone()
+    rep = PassManager(f"prune-mlp(ratio=0.25,{CALIB}),prune-heads(ratio=0.34,{CALIB})").run(g)
+    mlp, heads = rep.records[0].stats, rep.records[1].stats
+    assert mlp["channels_removed"] == 2 * 384 and mlp["widths"] == {"model.layers.0": 1152, "model.layers.1": 1152}
+    assert heads["heads"] == {"model.layers.0": [6, 2], "model.layers.1": [6, 2]}
+    assert heads["literals_rewritten"] == 2 * 4  # per layer: expand and reshape of k and of v
+    verify(g)
+    masked = graph.clone()
+    for layer in range(2):
+        p = f"model.layers.{layer}"
+        w = lambda gr, n, p=p: gr.params[f"{p}.{n}.weight"].data
+        drop = torch.ones(1536, dtype=torch.bool)
+        drop[_kept(w(graph, "mlp.gate_proj"), w(g, "mlp.gate_proj"))] = False
+        assert int(drop.sum()) == 384
+        _zero(masked, f"{p}.mlp.gate_proj.weight", rows=drop)
+        _zero(masked, f"{p}.mlp.up_proj.weight", rows=drop)
+        _zero(masked, f"{p}.mlp.down_proj.weight", cols=drop)
+        dq = torch.ones(576, dtype=torch.bool)
+        dq[_kept(w(graph, "self_attn.q_proj"), w(g, "self_attn.q_proj"))] = False
+        dk = torch.ones(192, dtype=torch.bool)
+        dk[_kept(w(graph, "self_attn.k_proj"), w(g, "self_attn.k_proj"))] = False
+        # a whole GQA group: 3 query heads (192 rows) and the kv head they share (64 rows)
+        assert int(dq.sum()) == 192 and int(dk.sum()) == 64
+        g_kv = int(dk.nonzero()[0]) // 64
+        assert dq.nonzero().flatten().tolist() == list(range(g_kv * 192, (g_kv + 1) * 192))
+        _zero(masked, f"{p}.self_attn.q_proj.weight", rows=dq)
+        _zero(masked, f"{p}.self_attn.k_proj.weight", rows=dk)
+        _zero(masked, f"{p}.self_attn.v_proj.weight", rows=dk)
+        _zero(masked, f"{p}.self_attn.o_proj.weight", cols=dq)
+    ids = wikitext_ids[:, 1000:1160]
+    out, ref = TorchCompiled(g)(ids), TorchCompiled(masked)(ids)
+    assert torch.equal(out, ref)
+    assert not torch.equal(ref, TorchCompiled(graph)(ids))  # the pruning did change the model
+
+
+def test_block_removal_equals_zeroed_residual_updates_exactly(smollm2_slice_f64, wikitext_ids):
+    _, graph = smollm2_slice_f64
+    g = graph.clone()
+    rec = PassManager(f"prune-blocks(n=1,{CALIB})").run(g).records[0]
+    (gone,) = rec.stats["blocks_removed"]
+    assert set(rec.stats["influence"]) == {"model.layers.0", "model.layers.1"}
+    assert not any(n.module.startswith(gone + ".") or n.module == gone for n in g.nodes)
+    verify(g)
+    masked = graph.clone()
+    _zero(masked, f"{gone}.self_attn.o_proj.weight", rows=torch.ones(576, dtype=torch.bool))
+    _zero(masked, f"{gone}.mlp.down_proj.weight", rows=torch.ones(576, dtype=torch.bool))
+    ids = wikitext_ids[:, :96]
+    assert torch.equal(TorchCompiled(g)(ids), TorchCompiled(masked)(ids))
+
+
+def test_structured_bad_input_names_layer_and_number(smollm2_slice_f64):
+    _, graph = smollm2_slice_f64
+    with pytest.raises(PassError, match=r"prune-mlp: option ratio.*less than 1.*1\.0"):
+        parse_pipeline("prune-mlp(ratio=1.0)")
+    with pytest.raises(PassError, match=r"option ratio.*-0\.1"):
+        parse_pipeline("prune-heads(ratio=-0.1)")
+    with pytest.raises(PipelineError, match=r"layer model\.layers\.0: ratio=0\.9 would remove 3 of its 3 kv-head"):
+        PassManager("prune-heads(ratio=0.9,score=magnitude)").run(graph.clone())
+    with pytest.raises(PipelineError, match=r"n=2 would remove every one of the 2 blocks"):
+        PassManager("prune-blocks(n=2)").run(graph.clone())
+
+
+# ---- sparsity: exact patterns, SparseGPT, zeros kept through quantization ------------------------
+
+@pytest.fixture(scope="module")
+def slice_f32(smollm2):
+    return held_out_slice(smollm2, 2, 2)
+
+
+def _block_weights(g: Graph) -> dict[str, torch.Tensor]:
+    return {n.module: n.args[1].data for n in g.find("linear", r"^model\.layers\.")}
+
+
+def _rel_err(g: Graph, ids: torch.Tensor, ref: torch.Tensor) -> float:
+    out = TorchCompiled(g)(ids)
+    return float((out - ref).pow(2).mean() / ref.pow(2).mean())
+
+
+def test_masks_have_exactly_the_pattern_asked(slice_f32):
+    graph, ids, ref = slice_f32
+    errs = {}
+    calib = "calib_n=4,calib_len=256,progress=false"  # 1024 tokens: SparseGPT's Hessian needs more tokens than K
+    for spec in ("method=magnitude,pattern=2:4", f"method=wanda,pattern=2:4,{calib}",
+                 f"method=sparsegpt,pattern=2:4,{calib}", "method=magnitude,sparsity=0.3"):
+        g = graph.clone()
+        st = PassManager(f"sparsify({spec})").run(g).records[0].stats
+        ws = _block_weights(g)
+        assert len(ws) == 14 and st["linears"] == 14
+        dense = _block_weights(graph)
+        for name, w in ws.items():
+            # SmolLM2's dequantized Q4_1 weights hold a few exact zeros already; magnitude keeps them zero
+            if "2:4" in spec:  # at most 2 nonzeros in every 4 consecutive weights along K, 2 unless already fewer
+                nz = (w.reshape(-1, 4) != 0).sum(1)
+                assert int(nz.max()) == 2, name
+                if "magnitude" in spec:
+                    assert torch.equal(nz, (dense[name].reshape(-1, 4) != 0).sum(1).clamp(max=2)), name
+                else:
+                    assert float((nz == 2).float().mean()) > 0.999, name
+            else:  # at least floor(0.3·K) zeros in every row, exactly that many but for zeros already there
+                z = (w == 0).sum(1)
+                assert int(z.min()) == int(0.3 * w.shape[1]) and float(z.float().mean()) < 0.3 * w.shape[1] + 0.5
+        # the mask itself is exact on these real weights: 2 of every 4, and floor(s·K) per row
+        w = dense["model.layers.0.self_attn.q_proj"].abs()
+        assert torch.equal(prune_mask(w, parse_pattern("2:4", 0)).reshape(-1, 4).sum(1), torch.full((w.numel() // 4,), 2))
+        assert torch.equal(prune_mask(w, parse_pattern(None, 0.3)).sum(1), torch.full((576,), int(0.3 * 576)))
+        assert all(n.meta["sparsity"] for n in g.find("linear", r"^model\.layers\."))
+        assert not any(n.meta.get("sparsity") for n in g.find("linear", "^lm_head$"))
+        errs[spec.split(",")[0] + spec.split(",")[1]] = _rel_err(g, ids, ref)
+    # activation-aware choice and SparseGPT's update both beat magnitude at 2:4 on held-out text (which of the two
+    # wins depends on the calibration size: SparseGPT's Hessian wants many more tokens; see bench/results)
+    m, w, s = errs["method=magnitudepattern=2:4"], errs["method=wandapattern=2:4"], errs["method=sparsegptpattern=2:4"]
+    assert w < 0.9 * m and s < 0.95 * m, errs
+
+
+def test_sparsegpt_unstructured_exact_per_row_and_reduces_error():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 64) @ torch.randn(64, 64)  # correlated inputs: where the update helps
+    w = torch.randn(24, 64)
+    h = 2 * x.t().double() @ x.double() / x.shape[0]
+    p = parse_pattern("unstructured", 0.5)
+    pruned, mask, _ = sparsegpt_prune(w, h, p, block_size=16)
+    assert torch.equal((pruned == 0).sum(1), torch.full((24,), 32)) and torch.equal(pruned == 0, mask)
+    naive = w.clone()
+    naive[prune_mask(w.abs() * x.norm(dim=0), p)] = 0
+    err = lambda v: float((x @ (w - v).t()).pow(2).mean())
+    assert err(pruned) < 0.8 * err(naive)  # measured 0.71
+
+
+def _dequantized(lin) -> torch.Tensor:
+    dq = lin.args[1].producer
+    assert dq is not None and dq.op == "dequantize"
+    return resolve("dequantize")(*[a.data if hasattr(a, "data") else a for a in dq.args], **dq.kwargs)
+
+
+@pytest.mark.parametrize("quant", ["quantize(w=int4,group=64,sym=false)", "quantize(w=int4,sym=true)",
+                                   f"gptq(w=int4,group=64,sym=false,{CALIB})"])
+def test_quantized_zero_stays_zero(slice_f32, quant):
+    graph, _, _ = slice_f32
+    g = _sparse(graph).clone()
+    PassManager(quant).run(g)
+    sparse = {m: w == 0 for m, w in _block_weights(_sparse(graph)).items()}
+    for lin in g.find("linear", r"^model\.layers\."):
+        deq = _dequantized(lin)
+        assert torch.equal(deq[sparse[lin.module]], torch.zeros(int(sparse[lin.module].sum()))), lin.module
+
+
+_SPARSE_CACHE: dict[int, Graph] = {}
+
+
+def _sparse(graph: Graph) -> Graph:
+    if id(graph) not in _SPARSE_CACHE:
+        g = graph.clone()
+        PassManager("sparsify(method=magnitude,pattern=2:4)").run(g)
+        _SPARSE_CACHE[id(graph)] = g
+    return _SPARSE_CACHE[id(graph)]
+
+
+@pytest.mark.slow  # the control of test_quantized_zero_stays_zero's gptq case
+def test_gptq_without_the_mask_fills_zeros_in(slice_f32):
+    """The control: GPTQ's error feedback does move pruned zeros when the linear is not marked sparse."""
+    graph, _, _ = slice_f32
+    g = _sparse(graph).clone()
+    for n in g.nodes:
+        n.meta.pop("sparsity", None)
+    PassManager(f"gptq(w=int4,group=64,sym=false,{CALIB})").run(g)
+    lin = next(g.find("linear", r"model\.layers\.0\.mlp\.down_proj"))
+    zeros = _block_weights(_sparse(graph))["model.layers.0.mlp.down_proj"] == 0
+    assert int((_dequantized(lin)[zeros] != 0).sum()) > 1000  # measured 18224 of 442373
+
+
+def test_sparsify_bad_input_names_layer_and_number():
+    ir = """\
+graph t(%x: f32[1,s0,6]) {
+  symbol s0 in [2, 64] hint 4
+  param @w: f32[8,6]
+  %y: f32[1,s0,8] = linear(%x, @w)  # model.layers.0.mlp.up_proj
+  return %y
+}
+"""
+    g = parse_graph(ir, {"w": torch.randn(8, 6)})
+    with pytest.raises(PipelineError, match=r"linear %y \(model\.layers\.0\.mlp\.up_proj\): 2:4 .*multiple of 4.*6"):
+        PassManager("sparsify(method=magnitude,pattern=2:4)").run(g)
+    with pytest.raises(PassError, match=r"option sparsity.*less than 1"):
+        parse_pipeline("sparsify(sparsity=1.0)")
+    with pytest.raises(PipelineError, match=r"pattern '4:4'"):
+        PassManager("sparsify(method=magnitude,pattern=4:4)").run(g)
+
+
+# ---- lowering: a pruned model exports, saves and reloads like a dense one --------------------------
+
+def test_pruned_model_exports_to_onnx_and_round_trips_as_text(slice_f32, tmp_path):
+    import lowbit
+    from lowbit.export import load
+
+    graph, ids, _ = slice_f32
+    g = graph.clone()
+    rep = PassManager("prune-mlp(ratio=0.25,score=magnitude),prune-heads(ratio=0.34,score=magnitude),dce").run(g)
+    assert rep.records[0].stats["widths"] == {"model.layers.0": 1152, "model.layers.1": 1152}
+    assert g.meta["pruned"]["heads"] == {"model.layers.0": [6, 2], "model.layers.1": [6, 2]}
+    assert g.params["model.layers.0.mlp.down_proj.weight"].data.shape == (576, 1152)
+    ref = TorchCompiled(g)(ids[:1, :40])
+    path = lowbit.export(g, tmp_path / "pruned.onnx")
+    out = load(path)(ids[:1, :40])
+    assert (out - ref).abs().max().item() < 2e-4 * max(1.0, ref.abs().max().item())
+    # lowbit's saved form (IR text + safetensors, what `lowbit compile -o` writes) reloads and runs identically
+    from lowbit.cli.artifacts import load_graph, save_graph
+
+    save_graph(g, tmp_path)
+    again, has_weights = load_graph(tmp_path)
+    assert has_weights
+    verify(again)
+    from lowbit.passes.pruning_sites import model_sizes
+
+    assert model_sizes(graph) == {"num_hidden_layers": 2, "layers": ["model.layers.0", "model.layers.1"],
+                                  "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+                                  "head_dim": 64}
+    assert model_sizes(again) == {**model_sizes(graph), "intermediate_size": 1152, "num_attention_heads": 6,
+                                  "num_key_value_heads": 2}
+    assert print_graph(again) == print_graph(g)
+    assert torch.equal(TorchCompiled(again)(ids[:1, :40]), ref)
+
+
+# ---- the debugging tools on pruning passes --------------------------------------------------------
+
+@pytest.mark.slow  # three CLI runs (~40 s on an idle 2-core CPU)
+def test_debug_tools_on_pruning_passes(tmp_path):
+    import json
+
+    from test_cli import SMALL, invoke
+
+    js = tmp_path / "cmp.json"
+    invoke("debug", "compare", "smollm2:2", "--pipeline",
+           "prune-heads(ratio=0.34,score=magnitude),prune-blocks(blocks=[model.layers.1])", *SMALL, "--json", js)
+    stages = json.loads(js.read_text())["stages"]
+    heads, blocks = stages[1], stages[2]
+    assert set(heads["layers"]) == {"model.layers.0", "model.layers.1"} and heads["metric"] > stages[0]["metric"]
+    assert set(blocks["layers"]) == {"model.layers.0"}  # the removed block has no output to compare
+
+    sens = tmp_path / "sens.json"
+    invoke("debug", "sensitivity", "smollm2:2", "--scheme", "sparsify(method=magnitude,pattern=2:4)", *SMALL,
+           "-o", sens)
+    data = json.loads(sens.read_text())
+    assert sorted(r["module"] for r in data["ranking"]) == ["model.layers.0", "model.layers.1"]
+    # each block pruned alone changes the metric, each by its own amount (a 2-layer slice's perplexity is in the
+    # millions, so the sign of a change says little; the full model's ranking is what the tool is for)
+    assert all(r["damage"] != 0 for r in data["ranking"]) and data["ranking"][0]["metric"] != data["ranking"][1]["metric"]
+
+    bis = tmp_path / "bisect.json"
+    invoke("debug", "bisect", "smollm2:2", "--pipeline", "fold-norms,prune-mlp(ratio=0.5,score=magnitude),dce",
+           *SMALL, "--max-increase", "5%", "--json", bis)
+    data = json.loads(bis.read_text())
+    assert data["culprit_pass"] == "prune-mlp(ratio=0.5,score=magnitude)" and data["culprit_layers"]
+    assert "prune-mlp(" in data["restricted_spec"] and "modules=" in data["restricted_spec"]
+
+
+def test_refit_columns_reconstructs_removed_channels_by_least_squares():
+    from lowbit.passes.prune_mlp import InputStats, refit_columns
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(5000, 16, generator=gen) @ torch.randn(16, 16, generator=gen) + 0.5).double()
+    w = torch.randn(4, 16, generator=gen, dtype=torch.float64)
+    st = InputStats(x.sum(0), x.pow(2).sum(0), 5000, x.t() @ x)
+    keep = torch.arange(12)
+    wk, b = refit_columns(w, st, keep, 1e-9)
+    y = x @ w.t()
+    naive = (y - x[:, keep] @ w[:, keep].t()).pow(2).mean()
+    assert (y - x[:, keep] @ wk.t() - b).pow(2).mean() < 0.5 * naive  # correlated inputs carry the removed part
+    wk, b = refit_columns(w, st, torch.arange(16), 1e-12)  # nothing removed: the weights come back
+    assert torch.allclose(wk, w, atol=1e-8) and b.abs().max() < 1e-8
