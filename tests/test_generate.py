@@ -120,3 +120,19 @@ def test_w4a16_generation_runs_on_a_two_layer_slice(smollm2):
     step = CausalLMStep(sliced.model)
     prefill = cm.runner(ids, torch.arange(n)[None], *step.empty_cache(1, n))[0]
     torch.testing.assert_close(prefill, logits_model(ids), rtol=0, atol=0)
+
+
+def test_cli_generate_streams_and_reports_speed(capsys):
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    res = CliRunner().invoke(app, ["generate", "smollm2:2", "--prompt", "The capital of France is", "-n", "4",
+                                   "--max-length", "32"])
+    assert res.exit_code == 0, res.output
+    assert "The capital of France is" in res.output
+    assert "prefill" in res.output and "tokens/s" in res.output and "peak memory" in res.output
+    res = CliRunner().invoke(app, ["generate", "minilm", "--prompt", "hi"])
+    assert res.exit_code == 2 and "no causal-LM head" in res.output
+    res = CliRunner().invoke(app, ["generate", "smollm2:2", "--prompt", "hi there", "-n", "40", "--max-length", "32"])
+    assert res.exit_code == 2 and "--max-length" in res.output
