@@ -79,20 +79,20 @@ def test_reference_equals_the_accuracy_models_attention(bits):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-KERNEL_CASES = [(8, 64), (4, 16), (2, 32)]
+KERNEL_CASES = [(8, 64, 64), (4, 16, 16), (2, 32, 32), (4, 32, 32)]
 
 
-def _check_kernel(bits: int, split: int) -> None:
+def _check_kernel(bits: int, split: int, block_n: int) -> None:
     c = _case(bits, seed=bits)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     args = [c[n].to(dev) for n in ("q", "kc", "ks", "kz", "vc", "vs", "vz")]
     kw = dict(bits=bits, lo=c["lo"].to(dev), hi=c["hi"].to(dev), k_float=c["k"].to(dev), v_float=c["v"].to(dev),
               float_valid=c["float_valid"].to(dev))
     want = da.decode_attention_reference(*args, **kw)
-    got = da.decode_attention(*args, split=split, **kw)
+    got = da.decode_attention(*args, split=split, block_n=block_n, **kw)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
     no_float = {k: v for k, v in kw.items() if k not in ("k_float", "v_float", "float_valid")}
-    torch.testing.assert_close(da.decode_attention(*args, split=split, **no_float),
+    torch.testing.assert_close(da.decode_attention(*args, split=split, block_n=block_n, **no_float),
                                da.decode_attention_reference(*args, **no_float), rtol=2e-5, atol=2e-5)
 
 
@@ -102,12 +102,12 @@ def test_triton_kernel_matches_reference():
     import, and torch may have imported triton already)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
-        for bits, split in KERNEL_CASES:
-            _check_kernel(bits, split)
+        for case in KERNEL_CASES:
+            _check_kernel(*case)
         return
     root = Path(__file__).resolve().parents[1]
     code = ("import tests.test_decode_attention as t\n"
-            "for bits, split in t.KERNEL_CASES:\n    t._check_kernel(bits, split)\nprint('ok')")
+            "for case in t.KERNEL_CASES:\n    t._check_kernel(*case)\nprint('ok')")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
