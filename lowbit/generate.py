@@ -257,8 +257,23 @@ class Generator:
         pos = torch.tensor(lengths, device=self.device).view(batch, 1)
         steps = 0
         decode = None
+        pending = next_tokens
         while True:
-            for b, t in enumerate(next_tokens.tolist()):
+            # Launch the next step before reading this one's tokens on the host: the tokens stay on the device, so
+            # the host's bookkeeping (and its wait) overlaps the device's work. A step launched after the last
+            # sequence stopped is wasted, never seen.
+            launched = None
+            if steps < max_new_tokens - 1:
+                step_ids = pending.view(batch, 1)
+                if decode is None:
+                    decode = self._decode_fn(batch, step_ids, pos, cache)
+                out = decode(step_ids, pos, cache)
+                if not (cuda and self.spec.cuda_graph):
+                    cache = list(out[1:])
+                launched = pick(out[0][:, -1])
+                pos = pos + 1
+                steps += 1
+            for b, t in enumerate(pending.tolist()):
                 if done[b]:
                     continue
                 tokens[b].append(t)
@@ -266,17 +281,9 @@ class Generator:
                     on_token(b, t)
                 if t in stops or len(tokens[b]) >= max_new_tokens:
                     done[b] = True
-            if all(done):
+            if all(done) or launched is None:
                 break
-            step_ids = next_tokens.view(batch, 1)
-            if decode is None:
-                decode = self._decode_fn(batch, step_ids, pos, cache)
-            out = decode(step_ids, pos, cache)
-            if not (cuda and self.spec.cuda_graph):
-                cache = list(out[1:])
-            next_tokens = pick(out[0][:, -1])
-            pos = pos + 1
-            steps += 1
+            pending = launched
         sync()
         t2 = time.perf_counter()
         peak = torch.cuda.max_memory_allocated(self.device) if cuda else None

@@ -79,20 +79,20 @@ def test_reference_equals_the_accuracy_models_attention(bits):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-KERNEL_CASES = [(8, 64, 64), (4, 16, 16), (2, 32, 32), (4, 32, 32)]
+KERNEL_CASES = [(8, 64), (4, 16), (2, 32), (4, 48)]
 
 
-def _check_kernel(bits: int, split: int, block_n: int) -> None:
+def _check_kernel(bits: int, split: int) -> None:
     c = _case(bits, seed=bits)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     args = [c[n].to(dev) for n in ("q", "kc", "ks", "kz", "vc", "vs", "vz")]
     kw = dict(bits=bits, lo=c["lo"].to(dev), hi=c["hi"].to(dev), k_float=c["k"].to(dev), v_float=c["v"].to(dev),
               float_valid=c["float_valid"].to(dev))
     want = da.decode_attention_reference(*args, **kw)
-    got = da.decode_attention(*args, split=split, block_n=block_n, **kw)
+    got = da.decode_attention(*args, split=split, **kw)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
     no_float = {k: v for k, v in kw.items() if k not in ("k_float", "v_float", "float_valid")}
-    torch.testing.assert_close(da.decode_attention(*args, split=split, block_n=block_n, **no_float),
+    torch.testing.assert_close(da.decode_attention(*args, split=split, **no_float),
                                da.decode_attention_reference(*args, **no_float), rtol=2e-5, atol=2e-5)
 
 

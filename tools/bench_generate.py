@@ -91,16 +91,16 @@ def attention_rows(smoke: bool = False) -> list[dict]:
         err = float((got - ref).abs().max())
         qbytes = sum(t.numel() * t.element_size() for t in (kc, ks, kz, vc, vs, vz))
         best = None
-        for block_n, warps, split in ((64, 4, None), (128, 4, None), (64, 8, 2048), (128, 8, 4096), (32, 4, 1024)):
+        for warps, split in ((4, None), (2, 2048), (4, 4096), (4, 8192), (8, 8192), (4, 16384), (2, 32768)):
             try:
-                us = triton.testing.do_bench(lambda: da.decode_attention(*args, split=split, block_n=block_n,
-                                                                         num_warps=warps, **kw)) * 1000
+                us = triton.testing.do_bench(lambda: da.decode_attention(*args, split=split, num_warps=warps,
+                                                                         **kw)) * 1000
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported, not fatal
-                print(f"{name} block_n={block_n} warps={warps}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                print(f"{name} warps={warps} split={split}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
-            print(f"{name} block_n={block_n} warps={warps} split={split}: {us:.1f} us", file=sys.stderr)
+            print(f"{name} warps={warps} split={split}: {us:.1f} us", file=sys.stderr)
             if best is None or us < best[0]:
-                best = (us, block_n, warps, split)
+                best = (us, warps, split)
         if best is None:
             continue
         us = best[0]
@@ -108,7 +108,7 @@ def attention_rows(smoke: bool = False) -> list[dict]:
                      "head_dim": d, "context": s, "us": round(us, 1), "baseline": "sdpa-bf16",
                      "baseline_us": round(sdpa_us, 1), "speedup": round(sdpa_us / us, 2), "bytes": qbytes,
                      "eff_bw_frac": round(qbytes / (us * 1e-6) / copy_bw, 3), "max_abs_err_vs_reference": err,
-                     "config": f"block_n={best[1]},num_warps={best[2]},split={best[3]}", "window": window,
+                     "config": f"num_warps={best[1]},split={best[2]}", "window": window,
                      "k_block": k_block, "v_group": v_group})
         del kc, ks, kz, vc, vs, vz
     del k, v
@@ -241,6 +241,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--no-hf-compile", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which HF compile runs are skipped")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
@@ -250,8 +251,10 @@ def main() -> None:
         if not a.skip_attention:
             rows += [{**r, "device": dev} for r in attention_rows(a.smoke)]
             print(rows, file=sys.stderr)
-        rows += [{**r, "device": dev} for r in e2e_rows(a.prompt, a.new, [int(x) for x in a.batches.split(",")],
-                                                      a.smoke, not a.no_hf_compile, a.deadline)]
+        if not a.skip_e2e:
+            batches = [int(x) for x in a.batches.split(",")]
+            rows += [{**r, "device": dev}
+                     for r in e2e_rows(a.prompt, a.new, batches, a.smoke, not a.no_hf_compile, a.deadline)]
     if a.cpu:
         rows += [{**r, "device": machine("cpu")} for r in cpu_rows(a.new)]
     date = datetime.date.today().isoformat()

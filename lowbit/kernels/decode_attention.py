@@ -153,55 +153,72 @@ def decode_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
 if triton is not None:
 
     @triton.jit
+    def _unpack(packed, BITS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+        """uint8 ``[ROWS, D * BITS / 8]`` -> stored codes ``[ROWS, D]`` float32, lowest bits = lowest index
+        (each byte is read once; ``join`` interleaves the fields back into channel order)."""
+        x = packed.to(tl.int32)
+        if BITS == 8:
+            out = x
+        elif BITS == 4:
+            out = tl.reshape(tl.join(x & 15, x >> 4), (ROWS, D))
+        else:
+            out = tl.reshape(tl.join(tl.join(x & 3, (x >> 4) & 3), tl.join((x >> 2) & 3, x >> 6)), (ROWS, D))
+        return out.to(tl.float32)
+
+    @triton.jit
     def _quantized_split_kernel(
         Q, KC, KS, KZ, VC, VS, VZ, LO, HI, ACC, M, L,
         s_qb, s_qh, s_kcb, s_kch, s_kcs, s_ksb, s_ksh, s_kss, s_vcb, s_vch, s_vcs, s_vsb, s_vsh, s_vss,
         s_ab, s_ah, s_as, s_mb, s_mh, sm_scale, split,
         GROUPS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr,
-        BLOCK_N: tl.constexpr,
     ):
-        """One (sequence, query head, split): online softmax over the split's quantized tokens."""
+        """One (sequence, query head, split): online softmax over the split's quantized tokens, one key-scale block
+        (``K_BLOCK`` tokens) per inner step, so the key scales are one row per step."""
         pid_b = tl.program_id(0)
         pid_h = tl.program_id(1)
         pid_s = tl.program_id(2)
         kvh = pid_h // GROUPS
         PER: tl.constexpr = 8 // BITS
-        MASK: tl.constexpr = (1 << BITS) - 1
+        DB: tl.constexpr = D // PER
+        NG: tl.constexpr = D // V_GROUP
         offs_d = tl.arange(0, D)
-        byte_d = offs_d // PER
-        shift_d = (offs_d % PER) * BITS
+        offs_b = tl.arange(0, DB)
+        offs_g = tl.arange(0, NG)
         q = tl.load(Q + pid_b * s_qb + pid_h * s_qh + offs_d).to(tl.float32) * sm_scale
         lo = tl.load(LO + pid_b)
         hi = tl.load(HI + pid_b)
-        start = tl.maximum(pid_s * split, (lo // BLOCK_N) * BLOCK_N)
+        start = tl.maximum(pid_s * split, (lo // K_BLOCK) * K_BLOCK)
         end = tl.minimum((pid_s + 1) * split, hi)
         m_i = -float("inf")
         l_i = 0.0
         acc = tl.zeros([D], dtype=tl.float32)
         kc_base = KC + pid_b * s_kcb + kvh * s_kch
         vc_base = VC + pid_b * s_vcb + kvh * s_vch
-        for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
+        ks_base = KS + pid_b * s_ksb + kvh * s_ksh
+        kz_base = KZ + pid_b * s_ksb + kvh * s_ksh
+        vs_base = VS + pid_b * s_vsb + kvh * s_vsh
+        vz_base = VZ + pid_b * s_vsb + kvh * s_vsh
+        for n0 in range(start, end, K_BLOCK):
+            offs_n = n0 + tl.arange(0, K_BLOCK)
             valid = (offs_n >= lo) & (offs_n < hi)
-            kb = tl.load(kc_base + offs_n[:, None] * s_kcs + byte_d[None, :], mask=valid[:, None], other=0)
-            ku = ((kb.to(tl.int32) >> shift_d[None, :]) & MASK).to(tl.float32)
-            # one scale row per block of K_BLOCK tokens: rows repeat within a tile (cache hits, not HBM reads)
-            k_ptr = pid_b * s_ksb + kvh * s_ksh + (offs_n // K_BLOCK)[:, None] * s_kss + offs_d[None, :]
-            ks = tl.load(KS + k_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
-            kz = tl.load(KZ + k_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
-            k = (ku - kz) * ks
-            s = tl.sum(k * q[None, :], 1)
+            kb = tl.load(kc_base + offs_n[:, None] * s_kcs + offs_b[None, :], mask=valid[:, None], other=0)
+            blk = n0 // K_BLOCK
+            ks = tl.load(ks_base + blk * s_kss + offs_d).to(tl.float32)
+            kz = tl.load(kz_base + blk * s_kss + offs_d).to(tl.float32)
+            # (u - z) * s . q  =  u . (s q) - z . (s q): the scale folds into the query once per block
+            qs = q * ks
+            s = tl.sum(_unpack(kb, BITS, K_BLOCK, D) * qs[None, :], 1) - tl.sum(kz * qs, 0)
             s = tl.where(valid, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, 0))
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe)
-            vb = tl.load(vc_base + offs_n[:, None] * s_vcs + byte_d[None, :], mask=valid[:, None], other=0)
-            vu = ((vb.to(tl.int32) >> shift_d[None, :]) & MASK).to(tl.float32)
-            g_ptr = pid_b * s_vsb + kvh * s_vsh + offs_n[:, None] * s_vss + (offs_d // V_GROUP)[None, :]
-            vs = tl.load(VS + g_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
-            vz = tl.load(VZ + g_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
-            v = (vu - vz) * vs
+            vb = tl.load(vc_base + offs_n[:, None] * s_vcs + offs_b[None, :], mask=valid[:, None], other=0)
+            g_ptr = offs_n[:, None] * s_vss + offs_g[None, :]
+            vs = tl.load(vs_base + g_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
+            vz = tl.load(vz_base + g_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
+            vu = tl.reshape(_unpack(vb, BITS, K_BLOCK, D), (K_BLOCK, NG, V_GROUP))
+            v = tl.reshape((vu - vz[:, :, None]) * vs[:, :, None], (K_BLOCK, D))
             acc = acc * alpha + tl.sum(p[:, None] * v, 0)
             l_i = l_i * alpha + tl.sum(p, 0)
             m_i = m_new
@@ -214,23 +231,23 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, *, bits: int,
                      lo: torch.Tensor, hi: torch.Tensor, k_float: torch.Tensor | None = None,
                      v_float: torch.Tensor | None = None, float_valid: torch.Tensor | None = None,
-                     sm_scale: float | None = None, split: int | None = None, block_n: int = 64,
-                     num_warps: int = 4) -> torch.Tensor:
+                     sm_scale: float | None = None, split: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """``decode_attention_reference`` with the quantized part in a Triton kernel split over the sequence:
-    ``split`` tokens per program (a multiple of ``block_n``, the tokens of one inner-loop tile)."""
+    ``split`` tokens per program (rounded to whole key-scale blocks)."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d = q.shape
     hkv, s = k_codes.shape[1], k_codes.shape[2]
     k_block = s // k_scale.shape[2]
     v_group = d // v_scale.shape[-1]
-    if d & (d - 1) or block_n & (block_n - 1):
-        raise ValueError(f"head_dim {d} and block_n {block_n} must be powers of two for the Triton kernel")
+    if d & (d - 1) or k_block & (k_block - 1) or v_group & (v_group - 1):
+        raise ValueError(f"head_dim {d}, k_block {k_block} and v_group {v_group} must be powers of two for the "
+                         "Triton kernel")
     sm_scale = sm_scale if sm_scale is not None else 1 / math.sqrt(d)
     if split is None:  # enough programs to fill the machine when batch x heads is small
         want = max(1, 4 * 132 // max(b * hq, 1))
         split = triton.next_power_of_2(triton.cdiv(s, want))
-    split = max(block_n, (split // block_n) * block_n)
+    split = max(k_block, (split // k_block) * k_block)
     n_split = triton.cdiv(s, split)
     acc = torch.empty(b, hq, n_split, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, hq, n_split, device=q.device, dtype=torch.float32)
@@ -244,7 +261,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
         v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), sm_scale, split,
-        GROUPS=hq // hkv, D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, BLOCK_N=block_n, num_warps=num_warps,
+        GROUPS=hq // hkv, D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, num_warps=num_warps,
     )
     fp = _float_part(q, k_float, v_float, float_valid, sm_scale)
     if fp is not None:  # the float tokens are one more "split" of the merge
