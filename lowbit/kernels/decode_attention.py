@@ -153,6 +153,19 @@ def decode_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
 if triton is not None:
 
     @triton.jit
+    def _unpack(packed, BITS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+        """uint8 ``[ROWS, D * BITS / 8]`` -> stored codes ``[ROWS, D]`` float32, lowest bits = lowest index
+        (each byte is read once; ``join`` interleaves the fields back into channel order)."""
+        x = packed.to(tl.int32)
+        if BITS == 8:
+            out = x
+        elif BITS == 4:
+            out = tl.reshape(tl.join(x & 15, x >> 4), (ROWS, D))
+        else:
+            out = tl.reshape(tl.join(tl.join(x & 3, (x >> 4) & 3), tl.join((x >> 2) & 3, x >> 6)), (ROWS, D))
+        return out.to(tl.float32)
+
+    @triton.jit
     def _quantized_split_kernel(
         Q, KC, KS, KZ, VC, VS, VZ, LO, HI, ACC, M, L,
         s_qb, s_qh, s_kcb, s_kch, s_kcs, s_ksb, s_ksh, s_kss, s_vcb, s_vch, s_vcs, s_vsb, s_vsh, s_vss,
@@ -160,22 +173,17 @@ if triton is not None:
         GROUPS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr,
     ):
         """One (sequence, query head, split): online softmax over the split's quantized tokens, one key-scale block
-        (``K_BLOCK`` tokens) per inner step.
-
-        Channels are addressed as ``[byte, field]`` (``d = byte * PER + field``, the storage order), so a tile of
-        codes is ``[tokens, bytes, fields]`` made by shifting each loaded byte: no shuffles to re-interleave, and
-        the query, scales and accumulator use the same 2-D view of ``D``."""
+        (``K_BLOCK`` tokens) per inner step, so the key scales are one row per step."""
         pid_b = tl.program_id(0)
         pid_h = tl.program_id(1)
         pid_s = tl.program_id(2)
         kvh = pid_h // GROUPS
         PER: tl.constexpr = 8 // BITS
         DB: tl.constexpr = D // PER
-        MASK: tl.constexpr = (1 << BITS) - 1
+        NG: tl.constexpr = D // V_GROUP
+        offs_d = tl.arange(0, D)
         offs_b = tl.arange(0, DB)
-        offs_f = tl.arange(0, PER)
-        offs_d = offs_b[:, None] * PER + offs_f[None, :]  # [DB, PER] channel index
-        shifts = (offs_f * BITS)[None, None, :]
+        offs_g = tl.arange(0, NG)
         q = tl.load(Q + pid_b * s_qb + pid_h * s_qh + offs_d).to(tl.float32) * sm_scale
         lo = tl.load(LO + pid_b)
         hi = tl.load(HI + pid_b)
@@ -183,38 +191,35 @@ if triton is not None:
         end = tl.minimum((pid_s + 1) * split, hi)
         m_i = -float("inf")
         l_i = 0.0
-        acc = tl.zeros([DB, PER], dtype=tl.float32)
+        acc = tl.zeros([D], dtype=tl.float32)
         kc_base = KC + pid_b * s_kcb + kvh * s_kch
         vc_base = VC + pid_b * s_vcb + kvh * s_vch
         ks_base = KS + pid_b * s_ksb + kvh * s_ksh
         kz_base = KZ + pid_b * s_ksb + kvh * s_ksh
         vs_base = VS + pid_b * s_vsb + kvh * s_vsh
         vz_base = VZ + pid_b * s_vsb + kvh * s_vsh
-        group = (offs_d // V_GROUP)[None, :, :]
         for n0 in range(start, end, K_BLOCK):
             offs_n = n0 + tl.arange(0, K_BLOCK)
             valid = (offs_n >= lo) & (offs_n < hi)
             kb = tl.load(kc_base + offs_n[:, None] * s_kcs + offs_b[None, :], mask=valid[:, None], other=0)
-            ku = ((kb.to(tl.int32)[:, :, None] >> shifts) & MASK).to(tl.float32)
             blk = n0 // K_BLOCK
             ks = tl.load(ks_base + blk * s_kss + offs_d).to(tl.float32)
             kz = tl.load(kz_base + blk * s_kss + offs_d).to(tl.float32)
             # (u - z) * s . q  =  u . (s q) - z . (s q): the scale folds into the query once per block
             qs = q * ks
-            s = tl.sum(tl.sum(ku * qs[None, :, :], 2), 1) - tl.sum(tl.sum(kz * qs, 1), 0)
+            s = tl.sum(_unpack(kb, BITS, K_BLOCK, D) * qs[None, :], 1) - tl.sum(kz * qs, 0)
             s = tl.where(valid, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, 0))
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe)
             vb = tl.load(vc_base + offs_n[:, None] * s_vcs + offs_b[None, :], mask=valid[:, None], other=0)
-            vu = ((vb.to(tl.int32)[:, :, None] >> shifts) & MASK).to(tl.float32)
-            g_ptr = offs_n[:, None, None] * s_vss + group
-            vs = tl.load(vs_base + g_ptr, mask=valid[:, None, None], other=0.0).to(tl.float32)
-            vz = tl.load(vz_base + g_ptr, mask=valid[:, None, None], other=0.0).to(tl.float32)
-            pv = p[:, None, None] * vs
-            # sum_n p_n (u - z) s  =  sum_n (p s)_n u - sum_n (p s z)_n
-            acc = acc * alpha + tl.sum(pv * vu, 0) - tl.sum(pv * vz, 0)
+            g_ptr = offs_n[:, None] * s_vss + offs_g[None, :]
+            vs = tl.load(vs_base + g_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
+            vz = tl.load(vz_base + g_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
+            vu = tl.reshape(_unpack(vb, BITS, K_BLOCK, D), (K_BLOCK, NG, V_GROUP))
+            v = tl.reshape((vu - vz[:, :, None]) * vs[:, :, None], (K_BLOCK, D))
+            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
             l_i = l_i * alpha + tl.sum(p, 0)
             m_i = m_new
         tl.store(ACC + pid_b * s_ab + pid_h * s_ah + pid_s * s_as + offs_d, acc)
