@@ -108,6 +108,16 @@ def _default_example(model: torch.nn.Module, tokenizer: Any) -> tuple[tuple[Any,
     raise ValueError(f"no example inputs given for {type(model).__name__}: pass example_inputs=(...)")
 
 
+def _name_step_io(graph: Graph) -> None:
+    """A step graph's cache inputs and outputs under the names ONNX generation runtimes use
+    (``past_key_values_<layer>_key`` in, ``present_<layer>_key`` out)."""
+    for i, v in enumerate(graph.inputs[2:]):
+        graph.rename(v, f"past_key_values_{i // 2}_{'value' if i % 2 else 'key'}")
+    graph.rename(graph.outputs[0], "logits")
+    for i, v in enumerate(graph.outputs[1:]):
+        graph.rename(v, f"present_{i // 2}_{'value' if i % 2 else 'key'}")
+
+
 def _refuse_kv_simulation(passes: Sequence[Pass]) -> None:
     """``quantize(kv=...)`` is the prefill accuracy model of a quantized cache (its window mask assumes query i
     sits at position i); on a step graph it would be wrong in decode, so generation refuses it by name."""
@@ -226,6 +236,7 @@ def compile_model(
         dynamic_shapes = None
     graph = capture(model, example_inputs, dynamic_shapes)
     if generation:
+        _name_step_io(graph)
         gen_meta["cache_inputs"] = [v.name for v in graph.inputs[2:]]
         gen_meta["cache_dtype"] = str(graph.inputs[2].tensor_type.dtype).removeprefix("torch.")
         graph.meta["generation"] = gen_meta

@@ -136,3 +136,26 @@ def test_cli_generate_streams_and_reports_speed(capsys):
     assert res.exit_code == 2 and "no causal-LM head" in res.output
     res = CliRunner().invoke(app, ["generate", "smollm2:2", "--prompt", "hi there", "-n", "40", "--max-length", "32"])
     assert res.exit_code == 2 and "--max-length" in res.output
+
+
+@pytest.mark.parametrize("recipe", [None, "w4a16-g64"])
+def test_onnxruntime_generation_matches_the_torch_reference(smollm2, recipe):
+    """The same step graph exported to ONNX (past_key_values in, present out; the cache write is ScatterElements,
+    int4 linears MatMulNBits) runs generation in ONNX Runtime with the torch backend's greedy tokens."""
+    from lowbit.backends.onnxruntime_backend import OrtCompiled
+    from lowbit.generate import Generator
+    from tests.conftest import smollm2_slice
+
+    model, tok = smollm2
+    torch_cm = compile_model(smollm2_slice(model, 2), recipe=recipe, generation=GenerationSpec(max_length=40,
+                                                                                               max_batch=2))
+    graph = torch_cm.graph
+    runner = OrtCompiled(graph, device="cpu", weight_format="matmulnbits" if recipe else "qdq")
+    names = [i.name for i in runner.session.get_inputs()]
+    assert names[:3] == ["input_ids", "positions", "past_key_values_0_key"]
+    assert [o.name for o in runner.session.get_outputs()][:2] == ["logits", "present_0_key"]
+    if recipe is not None:
+        assert sum(n.op_type == "MatMulNBits" for n in runner.onnx_model.graph) == 14
+    prompts = [tok(p).input_ids for p in PROMPTS[:2]]
+    ort_tokens = Generator(runner, graph.meta["generation"], "cpu").generate(prompts, 12, stop_tokens=()).tokens
+    assert ort_tokens == torch_cm.generate(prompts, 12, stop_tokens=()).tokens
