@@ -204,31 +204,58 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
 
 
 def cpu_rows(new: int) -> list[dict]:
+    """SmolLM2 decode tokens/s at batch 1 on this CPU, side by side: lowbit torch backend (float), ORT float,
+    ORT W4 (w4a16-g64 RTN, MatMulNBits), HF transformers ``generate``. Greedy tokens of each ORT model must equal
+    the torch reference's of the same graph."""
     from lowbit.api import compile_model
-    from lowbit.generate import GenerationSpec
+    from lowbit.backends.onnxruntime_backend import OrtCompiled
+    from lowbit.generate import GenerationSpec, Generator
     from lowbit.models import load_smollm2
 
     model, tok = load_smollm2()
     ids = tok("The capital of France is").input_ids
-    load = os.getloadavg()[0]
-    cm = compile_model(model, tokenizer=tok, generation=GenerationSpec(max_length=len(ids) + new, max_batch=1))
-    cm.generate([ids], 4, stop_tokens=())
-    out = cm.generate([ids], new, stop_tokens=())
-    rows = [{"area": "decode", "model": "smollm2-135m", "scheme": "float", "method": "lowbit-torch", "batch": 1,
-             "prompt": len(ids), "new_tokens": new, "tokens_per_s": round(out.decode_tokens_per_second, 2),
-             "prefill_ms": round(out.prefill_seconds * 1000, 1), "loadavg_1m": round(load, 2)}]
+    spec = GenerationSpec(max_length=len(ids) + new, max_batch=1)
+    base = {"area": "decode", "model": "smollm2-135m", "batch": 1, "prompt": len(ids), "new_tokens": new}
+    rows = []
+
+    def timed(gen, method: str, scheme: str, threads: int | None = None) -> list[int]:
+        gen.generate([ids], 4, stop_tokens=())  # warm up
+        load = os.getloadavg()[0]
+        out = gen.generate([ids], new, stop_tokens=())
+        rows.append({**base, "scheme": scheme, "method": method, "tokens_per_s": round(out.decode_tokens_per_second, 2),
+                     "ms_per_step": round(out.decode_seconds * 1000 / out.decode_steps, 2),
+                     "prefill_ms": round(out.prefill_seconds * 1000, 1), "loadavg_1m": round(load, 2)})
+        print(rows[-1], file=sys.stderr)
+        return out.tokens[0]
+
+    for scheme, recipe, fmt in (("float", None, "qdq"), ("w4a16-g64", "w4a16-g64", "matmulnbits")):
+        cm = compile_model(model, recipe=recipe, tokenizer=tok, generation=spec)
+        ref = timed(_gen(cm), "lowbit-torch", scheme)
+        ort = OrtCompiled(cm.graph, device="cpu", weight_format=fmt)
+        got = timed(Generator(ort, cm.graph.meta["generation"], "cpu"), f"lowbit-ort-{fmt}", scheme)
+        rows[-1]["tokens_equal_torch_reference"] = got == ref
+        del cm, ort
     t_ids = torch.tensor([ids])
     gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(t_ids))
+    model.generate(t_ids, max_new_tokens=4, **gen)
+    load = os.getloadavg()[0]
     t = time.perf_counter()
     model.generate(t_ids, max_new_tokens=1, **gen)
     pre = time.perf_counter() - t
     t = time.perf_counter()
     model.generate(t_ids, max_new_tokens=new, min_new_tokens=new, **gen)
     full = time.perf_counter() - t
-    rows.append({"area": "decode", "model": "smollm2-135m", "scheme": "float", "method": "hf-generate", "batch": 1,
-                 "prompt": len(ids), "new_tokens": new, "tokens_per_s": round((new - 1) / (full - pre), 2),
-                 "prefill_ms": round(pre * 1000, 1), "loadavg_1m": round(os.getloadavg()[0], 2)})
+    rows.append({**base, "scheme": "float", "method": "hf-generate", "tokens_per_s": round((new - 1) / (full - pre), 2),
+                 "ms_per_step": round((full - pre) * 1000 / (new - 1), 2), "prefill_ms": round(pre * 1000, 1),
+                 "loadavg_1m": round(load, 2)})
+    print(rows[-1], file=sys.stderr)
     return rows
+
+
+def _gen(cm):
+    from lowbit.generate import Generator
+
+    return Generator(cm.runner, cm.graph.meta["generation"], "cpu")
 
 
 def main() -> None:
