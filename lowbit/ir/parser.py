@@ -282,8 +282,10 @@ class Parser:
         if data is not None and v.type != typ:
             raise c.error(f"parameter @{name} is declared {typ} but the given tensor is {v.type}")
 
-    def _node(self, c: _Line, module: str) -> None:
+    def _node(self, c: _Line, comment: str) -> None:
         assert self.graph is not None
+        module, _, fused = comment.partition("| fused ")
+        module = module.strip()
         outs: list[tuple[str, ValueType]] = []
         while True:
             t = c.next()
@@ -316,6 +318,8 @@ class Parser:
                 c.expect(",")
         c.done()
         node = Node(op.text, tuple(args), kwargs, module=module)
+        if fused:
+            node.meta["fused"] = fused.strip()
         for name, typ in outs:
             if name in self.values:
                 raise c.error(f"%{name} is defined twice")

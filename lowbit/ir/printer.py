@@ -8,6 +8,8 @@
       return %rms_norm
     }
 
+A fused node's comment also says what it replaced: ``# model.layers.0.mlp.down_proj | fused dequantize+linear``.
+
 Literals: ints, floats (``inf``, ``-inf``, ``nan``), ``True``/``False``/``None``, JSON strings, dtypes by
 short name (``f32``), ``device("cpu")``, memory formats and layouts by name, lists in brackets.
 """
@@ -64,8 +66,10 @@ def format_node(node: Node) -> str:
     operands = [format_literal(a) for a in node.args]
     operands += [f"{k}={format_literal(v)}" for k, v in node.kwargs.items()]
     text = f"{lhs} = {node.op}({', '.join(operands)})"
-    if node.module:
+    if node.module or node.meta.get("fused"):
         text += f"  # {node.module}"
+    if node.meta.get("fused"):  # what a fusion replaced (lowbit.ir.fusion); the parser reads it back
+        text += f" | fused {node.meta['fused']}"
     return text
 
 

@@ -45,6 +45,8 @@ __all__ = [
     "quantize",
     "dequantize",
     "dynamic_qparams",
+    "qlinear",
+    "activation_axis",
     "qparams_from_range",
     "group_view",
     "scale_shape",
@@ -404,6 +406,60 @@ def dynamic_qparams(
     if zp is None:
         zp = torch.zeros_like(scale, dtype=qd.container)
     return scale, zp
+
+
+# ---- the fused quantized linear -------------------------------------------------------------------
+
+
+def activation_axis(granularity: str) -> int | None:
+    """The ``axis`` a linear input's activation QDQ uses for a granularity (``quantize`` pass's layouts):
+    per_tensor has none; per_token (blocks along K) and per_channel (one scale per K index) use the last axis."""
+    if granularity == "per_tensor":
+        return None
+    if granularity in ("per_token", "per_channel"):
+        return -1
+    raise ValueError(f"qlinear: activation granularity {granularity!r} is not one of per_tensor, per_token, "
+                     "per_channel")
+
+
+@register_op("qlinear")
+def qlinear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero_point: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    a_scale: torch.Tensor | None = None,
+    a_zero_point: torch.Tensor | None = None,
+    *,
+    w_qdtype: str,
+    w_axis: int | None = 0,
+    w_block_size: int | None = None,
+    a_qdtype: str | None = None,
+    a_granularity: str = "per_token",
+    a_symmetric: bool = True,
+    a_block_size: int | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """A fused quantized linear: exactly dequantize(weight) (+ the input's quantize/dequantize) + linear.
+
+    ``a_qdtype=None`` is weight-only. Otherwise the input goes through ``dynamic_qparams → quantize →
+    dequantize`` (``a_scale`` None), or ``quantize → dequantize`` with the stored ``a_scale``/``a_zero_point``
+    (static scales), with the ``a_*`` kwargs, before the product. Same ops, same order as the unfused graph
+    (``lowbit.ir.fusion``), so the result is bit-identical to it.
+    """
+    w = dequantize(qweight, w_scale, w_zero_point, qdtype=w_qdtype, axis=w_axis, block_size=w_block_size,
+                   out_dtype=out_dtype)
+    if a_qdtype is not None:
+        axis = activation_axis(a_granularity)
+        if a_scale is None:
+            a_scale, zp = dynamic_qparams(x, qdtype=a_qdtype, granularity=a_granularity, symmetric=a_symmetric,
+                                          axis=axis, block_size=a_block_size)
+            a_zero_point = None if (a_symmetric or get_qdtype(a_qdtype).is_float) else zp
+        q = quantize(x, a_scale, a_zero_point, qdtype=a_qdtype, axis=axis, block_size=a_block_size)
+        x = dequantize(q, a_scale, a_zero_point, qdtype=a_qdtype, axis=axis, block_size=a_block_size,
+                       out_dtype=x.dtype)
+    return torch.ops.aten.linear.default(x, w, bias)
 
 
 # ---- fake quantization (calibration, observers, algorithms) ---------------------------------------
