@@ -5,7 +5,16 @@ from __future__ import annotations
 from lowbit.api import CompiledModel, CompileReport, compile_model
 from lowbit.version import __version__
 
-__all__ = ["compile_model", "CompiledModel", "CompileReport", "__version__", "export", "save", "load"]
+__all__ = ["compile_model", "CompiledModel", "CompileReport", "GenerationSpec", "__version__", "export", "save", "load"]
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    """``lowbit.GenerationSpec`` without importing transformers when the package is imported."""
+    if name == "GenerationSpec":
+        from lowbit.generate import GenerationSpec
+
+        return GenerationSpec
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
 
 
 def export(compiled, path, format: str = "onnx", **kwargs):  # type: ignore[no-untyped-def]

@@ -86,6 +86,21 @@ class CompiledModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.runner(*args, **kwargs)
 
+    def generate(self, input_ids: Any, max_new_tokens: int, **kwargs: Any) -> Any:
+        """Generate text tokens (``lowbit.generate.Generator.generate``: greedy or sampling, stop tokens, batches
+        of different prompt lengths). Needs a model compiled with ``generation=GenerationSpec(...)``."""
+        from lowbit.generate import GenerationError, Generator
+
+        meta = self.graph.meta.get("generation")
+        if meta is None:
+            raise GenerationError(
+                "this model was compiled as input_ids -> logits, with no KV cache: compile it with "
+                "compile_model(model, generation=GenerationSpec(max_length=..., max_batch=...)) "
+                "(CLI: lowbit generate) to generate")
+        if getattr(self, "_generator", None) is None:
+            self._generator = Generator(self.runner, meta, getattr(self.runner, "device", None), self.tokenizer)
+        return self._generator.generate(input_ids, max_new_tokens, **kwargs)
+
 
 def dynamic_dim(lo: int, hi: int) -> Any:
     """A dynamic dimension that lets export keep the guards it cannot prove over the whole range (some torch
@@ -141,6 +156,54 @@ def describe_source(model: torch.nn.Module) -> dict[str, Any]:
     if isinstance(model, SentenceEmbedder):
         return {"kind": "encoder", "config": model.encoder.config, "max_seq_length": model.max_seq_length}
     return {}
+
+
+def _name_step_io(graph: Graph) -> None:
+    """A step graph's cache inputs and outputs under the names ONNX generation runtimes use
+    (``past_key_values_<layer>_key`` in, ``present_<layer>_key`` out)."""
+    for i, v in enumerate(graph.inputs[2:]):
+        graph.rename(v, f"past_key_values_{i // 2}_{'value' if i % 2 else 'key'}")
+    graph.rename(graph.outputs[0], "logits")
+    for i, v in enumerate(graph.outputs[1:]):
+        graph.rename(v, f"present_{i // 2}_{'value' if i % 2 else 'key'}")
+
+
+def _refuse_kv_simulation(passes: Sequence[Pass]) -> None:
+    """``quantize(kv=...)`` is the prefill accuracy model of a quantized cache (its window mask assumes query i
+    sits at position i); on a step graph it would be wrong in decode, so generation refuses it by name."""
+    from lowbit.models import GenerationError
+
+    for p in passes:
+        opts = getattr(p, "options", None)
+        kv = getattr(opts, "kv", None)
+        if kv not in (None, "none", "float"):
+            raise GenerationError(
+                f"pass {p.spec()}: KV-cache quantization is modelled for prefill only (the quantize pass' "
+                "accuracy model); generation with a quantized cache needs the packed cache, not built yet. "
+                "Drop kv=... (e.g. recipe w8a8 instead of w8a8kv4) to generate")
+
+
+def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
+    """The step module to capture for generation, its example inputs and dynamic shapes, and graph meta."""
+    from lowbit.generate import GenerationSpec, step_example
+    from lowbit.models import CausalLMLogits, CausalLMStep, GenerationError
+
+    spec = GenerationSpec() if generation is True else generation
+    if not isinstance(spec, GenerationSpec):
+        raise TypeError(f"generation= takes a GenerationSpec or True, got {type(generation).__name__}")
+    if isinstance(model, CausalLMLogits):
+        model = model.model
+    if not isinstance(model, CausalLMStep):
+        if not (hasattr(model, "lm_head") and hasattr(model, "generation_config")):
+            raise GenerationError(f"{type(model).__name__} has no causal-LM head (lm_head): generation needs a "
+                                  "decoder LM such as smollm2; an encoder compiles without generation=")
+        model = CausalLMStep(model).eval()
+    example, dynamic = step_example(model, spec)
+    eos = getattr(getattr(model.model, "generation_config", None), "eos_token_id", None)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    meta = {"eos_token_ids": eos, "max_length": spec.max_length, "max_batch": spec.max_batch, "cuda_graph": spec.cuda_graph,
+            "n_layers": model.n_layers, "kv_heads": model.kv_heads, "head_dim": model.head_dim}
+    return model, example, dynamic, meta
 
 
 def resolve_pipeline(pipeline: str | Sequence[Pass] | None, recipe: str | None) -> list[Pass]:
@@ -247,6 +310,7 @@ def compile_model(
     tokenizer: Any = None,
     backend_options: Mapping[str, Any] | None = None,
     calib: str | torch.Tensor | None = None,
+    generation: Any = None,
 ) -> CompiledModel:
     """Capture ``model``, run ``pipeline`` (text like ``"fold-norms,dce"``) or ``recipe``, lower to ``backend``.
 
@@ -258,6 +322,10 @@ def compile_model(
     Calibrating passes tokenize their text with ``tokenizer``; unset, with the tokenizer saved beside a Hugging
     Face model (its ``name_or_path`` directory). ``calib`` (a text name or path, a ``.safetensors`` file of
     token ids, or a tensor of ids: ``[n, L]`` windows or a 1-D stream) replaces every calibrating pass's data.
+
+    ``generation=GenerationSpec(max_length, max_batch)`` (or ``True`` for the defaults) captures the model's
+    generation step instead (``lowbit.models.CausalLMStep``: ids, positions, KV cache -> logits, cache; see
+    docs/design.md "Program form"), so ``CompiledModel.generate`` works; passes calibrate on its prefill.
     """
     t0 = time.perf_counter()
     passes = resolve_pipeline(pipeline, recipe)  # bad specs fail before the slow capture
@@ -276,17 +344,20 @@ def compile_model(
                                     ) from None
         check_input_files(passes)
     plan = plan_compile(passes, backend, backend_options)  # so does a backend that cannot take the pipeline
+    if generation:
+        _refuse_kv_simulation(passes)
     if isinstance(model, str):
         from lowbit.models import load_model
 
         model, tokenizer, _ = load_model(model)
-    else:
+    elif tokenizer is None:
+        tokenizer = own_tokenizer(model)
+    if generation:
+        model, example_inputs, dynamic_shapes, gen_meta = _generation_model(model, generation)
+    elif hasattr(model, "lm_head") and hasattr(model, "generation_config"):
         from lowbit.models import CausalLMLogits
 
-        if tokenizer is None:
-            tokenizer = own_tokenizer(model)
-        if hasattr(model, "lm_head") and hasattr(model, "generation_config"):
-            model = CausalLMLogits(model).eval()
+        model = CausalLMLogits(model).eval()
     if example_inputs is None:
         example_inputs, auto_dyn = _default_example(model, tokenizer)
         if dynamic_shapes == "auto":
@@ -295,6 +366,11 @@ def compile_model(
         dynamic_shapes = None
     graph = capture(model, example_inputs, dynamic_shapes)
     graph.meta["source"] = describe_source(model)
+    if generation:
+        _name_step_io(graph)
+        gen_meta["cache_inputs"] = [v.name for v in graph.inputs[2:]]
+        gen_meta["cache_dtype"] = str(graph.inputs[2].tensor_type.dtype).removeprefix("torch.")
+        graph.meta["generation"] = gen_meta
     if tokenizer is not None:
         graph.meta["tokenizer"] = tokenizer
     runner, report = compile_graph(graph, plan, device=device, verify=verify, instruments=instruments, started=t0)

@@ -53,6 +53,8 @@ from lowbit.errors import CorruptFileError
 
 __all__ = [
     "CausalLMLogits",
+    "CausalLMStep",
+    "GenerationError",
     "SentenceEmbedder",
     "ModelKind",
     "load_smollm2",
@@ -88,6 +90,98 @@ class CausalLMLogits(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class GenerationError(ValueError):
+    """A model or a request that generation cannot serve; the message names the limit and how to raise it."""
+
+
+_STEP_ARCHITECTURES = "Llama, SmolLM2, Mistral, Qwen2, Qwen3 (decoder layers with self_attn.{q,k,v,o}_proj and mlp)"
+
+
+class CausalLMStep(nn.Module):
+    """One generation step of a Llama-family causal LM over an explicit, static-shape KV cache.
+
+    ``(input_ids [B, L], positions [B, L], cache) -> (logits [B, L, V], *cache')`` where ``cache`` is the
+    list ``[k_0, v_0, k_1, v_1, ...]`` of ``[B, kv_heads, S, head_dim]`` tensors. The new keys and values are
+    written at ``positions`` (per sequence) and each query attends to the slots at or before its position.
+    Prefill is the step over a prompt with a fresh cache of ``S = L`` slots, decode the step over one token
+    with the full cache (docs/design.md, "Program form"). The HF model's own submodules are called, so
+    module paths and parameter names are those ``CausalLMLogits`` captures.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        base = getattr(model, "model", None)
+        layers = getattr(base, "layers", None)
+        if getattr(model, "lm_head", None) is None or layers is None or not hasattr(base, "rotary_emb"):
+            raise GenerationError(
+                f"{type(model).__name__} has no causal-LM head over decoder layers lowbit can step "
+                f"(model.lm_head, model.model.layers, model.model.rotary_emb); generation supports "
+                f"{_STEP_ARCHITECTURES}")
+        attn = layers[0].self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if not hasattr(attn, name):
+                raise GenerationError(f"{type(model).__name__}: layer 0's attention has no {name}; generation "
+                                      f"supports {_STEP_ARCHITECTURES}")
+        if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", False):
+            raise GenerationError(f"{type(model).__name__} uses sliding-window attention, which the step "
+                                  "function does not model yet")
+        self.model = model
+        config = model.config
+        self.n_layers = len(layers)
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(attn, "head_dim", None) or config.hidden_size // self.heads
+        self.capture_prefix = "model."
+
+    def cache_shape(self, batch: int, slots: int) -> tuple[int, int, int, int]:
+        return (batch, self.kv_heads, slots, self.head_dim)
+
+    def empty_cache(self, batch: int, slots: int, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """Zero ``[k_0, v_0, ...]`` for ``batch`` sequences of ``slots`` slots."""
+        dtype = dtype or next(self.model.parameters()).dtype
+        return [torch.zeros(self.cache_shape(batch, slots), dtype=dtype, device=device)
+                for _ in range(2 * self.n_layers)]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                cache: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        base = self.model.model
+        batch, length = input_ids.shape
+        hidden = base.embed_tokens(input_ids)
+        cos, sin = base.rotary_emb(hidden, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        slots = torch.arange(cache[0].shape[2], device=input_ids.device)
+        mask = slots.view(1, 1, 1, -1) <= positions.view(batch, 1, length, 1)
+        index = positions.view(batch, 1, length, 1).expand(batch, self.kv_heads, length, self.head_dim)
+        new_cache: list[torch.Tensor] = []
+        for i, layer in enumerate(base.layers):
+            attn = layer.self_attn
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            if hasattr(attn, "q_norm"):  # Qwen3
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys = cache[2 * i].scatter(2, index, k.to(cache[2 * i].dtype))
+            values = cache[2 * i + 1].scatter(2, index, v.to(cache[2 * i + 1].dtype))
+            new_cache += [keys, values]
+            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                                 scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
+            out = attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+            hidden = residual + out
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = self.model.lm_head(base.norm(hidden))
+        return (logits, *new_cache)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class SentenceEmbedder(nn.Module):

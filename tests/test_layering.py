@@ -36,6 +36,7 @@ LAYER_OF: dict[str, str] = {
     "lowbit.models": "api",
     "lowbit.eval": "api",
     "lowbit.recipes": "api",
+    "lowbit.generate": "api",
     "lowbit.export": "api",
     "lowbit.checkpoint": "api",
     "lowbit.instruments": "api",

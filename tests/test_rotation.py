@@ -78,7 +78,6 @@ from lowbit.backends.torch_backend import TorchCompiled  # noqa: E402
 from lowbit.ir.parser import parse_graph  # noqa: E402
 from lowbit.ir.printer import print_graph  # noqa: E402
 from lowbit.ir.rotation_regions import find_rotation_regions  # noqa: E402
-from lowbit.passes.base import PassError  # noqa: E402
 from lowbit.passes.manager import PassManager, PipelineError  # noqa: E402
 
 TINY = """\
@@ -191,7 +190,7 @@ def test_rotate_exact_in_float64_on_smollm2(smollm2_slice_f64, wikitext_ids, kin
 @pytest.fixture(scope="module")
 def rotated_f32(smollm2):
     """(real 1-layer float32 SmolLM2 slice rotated by fold-norms,rotate; a WikiText-2 window; float logits)."""
-    from conftest import held_out_slice, float64_norm_stats
+    from conftest import held_out_slice
 
     graph, ids, ref = held_out_slice(smollm2, 1, 1)
     regions = find_rotation_regions(graph)

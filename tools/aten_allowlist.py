@@ -23,6 +23,7 @@ from lowbit.models import CausalLMLogits, SentenceEmbedder
 DECODERS = {
     "llama": {}, "qwen2": {}, "mistral": {}, "gemma": {"head_dim": 16}, "gemma2": {"head_dim": 16},
     "qwen3": {"head_dim": 16}, "olmo": {}, "granite": {}, "phi": {}, "stablelm": {}, "starcoder2": {},
+    "phi3": {}, "gpt_neox": {}, "olmo2": {}, "gemma3_text": {"head_dim": 16},
 }
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)

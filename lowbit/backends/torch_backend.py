@@ -38,9 +38,38 @@ def _attr_name(name: str, taken: set[str]) -> str:
     return attr
 
 
-def lower_to_fx(graph: Graph, device: str | torch.device | None = None) -> torch.fx.GraphModule:
-    """Build a GraphModule computing ``graph``; parameters are moved to ``device`` if given."""
+_INPLACE = {"aten.scatter.src": torch.ops.aten.scatter_.src, "aten.index_copy.default": torch.ops.aten.index_copy_.default}
+"""Out-of-place ops that may write into a donated input instead (the KV cache of a step graph)."""
+
+
+def _donated_writes(graph: Graph, donated: set[str]) -> set[int]:
+    """Nodes (by id) that may run in place: an ``_INPLACE`` op whose first operand is a donated graph input
+    that no other node reads (the caller gives the buffer up, so overwriting it is invisible)."""
+    if not donated:
+        return set()
+    unknown = donated - {v.name for v in graph.inputs}
+    if unknown:
+        raise LoweringError(f"donated inputs {sorted(unknown)} are not inputs of graph {graph.name}")
+    users = graph.users()
+    writes = set()
+    for v in graph.inputs:
+        if v.name not in donated:
+            continue
+        readers = users.get(id(v), [])
+        if len(readers) == 1 and readers[0].op in _INPLACE and readers[0].args and readers[0].args[0] is v:
+            writes.add(id(readers[0]))
+    return writes
+
+
+def lower_to_fx(graph: Graph, device: str | torch.device | None = None,
+                donated: set[str] | frozenset[str] = frozenset()) -> torch.fx.GraphModule:
+    """Build a GraphModule computing ``graph``; parameters are moved to ``device`` if given.
+
+    ``donated`` names inputs whose buffers the caller hands over: a ``scatter``/``index_copy`` that is their
+    only reader writes into them in place (the step graph's KV cache: no copy of the whole cache per step),
+    so the matching output aliases the input."""
     dev = torch.device(device) if device is not None else None
+    inplace = _donated_writes(graph, set(donated))
     root = torch.nn.Module()
     fxg = torch.fx.Graph()
     env: dict[int, torch.fx.Node] = {}
@@ -63,7 +92,7 @@ def lower_to_fx(graph: Graph, device: str | torch.device | None = None) -> torch
 
     for node in graph.nodes:
         try:
-            fn = resolve(node.op)
+            fn = _INPLACE[node.op] if id(node) in inplace else resolve(node.op)
         except KeyError as exc:
             raise LoweringError(f"node %{node.name} ({node.op}) in module {node.module!r}: {exc}") from exc
         args, kwargs = pytree.tree_map(operand, (node.args, node.kwargs))
@@ -102,17 +131,18 @@ class TorchCompiled(torch.nn.Module):
     """A lowered graph as a callable module; ``graph`` is kept so the debugging tools can inspect it."""
 
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *,
-                 precompute_constants: bool = True, keep_packed: bool = False) -> None:
+                 precompute_constants: bool = True, keep_packed: bool = False,
+                 donated: set[str] | frozenset[str] = frozenset()) -> None:
         """``precompute_constants`` evaluates once, at lowering, every node that reads only parameters
         (``materialize_weights``), so a call does not unpack all weights again; the numbers are the same and
         ``graph`` keeps the packed form. ``keep_packed=True`` keeps the packed weights on the device instead
-        and dequantizes them per call (less memory, more work per call)."""
+        and dequantizes them per call (less memory, more work per call). ``donated``: see ``lower_to_fx``."""
         super().__init__()
         self.graph = graph
         self.device = torch.device(device) if device is not None else None
         self.keep_packed = keep_packed
         lowered = materialize_weights(graph, keep_packed=keep_packed) if precompute_constants else graph
-        self.gm = lower_to_fx(lowered, device)
+        self.gm = lower_to_fx(lowered, device, donated)
         self.check_inputs = InputChecker(graph)
 
     @torch.no_grad()
@@ -133,5 +163,7 @@ class TorchCompiled(torch.nn.Module):
 
 
 def lower(graph: Graph, device: str | None = None, *, keep_packed: bool = False) -> TorchCompiled:
-    """The backend registry's entry point (``lowbit.backends.registry``)."""
-    return TorchCompiled(graph, device, keep_packed=keep_packed)
+    """The backend registry's entry point (``lowbit.backends.registry``). A step graph's cache inputs
+    (``graph.meta["generation"]``) are handed over by the generator: written in place, not copied."""
+    donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
+    return TorchCompiled(graph, device, keep_packed=keep_packed, donated=donated)

@@ -326,6 +326,9 @@ def batches_from_ids(graph: Graph, ids: torch.Tensor, batch_size: int | None = N
     A graph of ``(input_ids, attention_mask)`` (an encoder such as MiniLM) gets an all-ones mask: calibration
     windows are full-length token runs, with no padding to hide.
     """
+    step = graph.meta.get("generation")
+    if step is not None:
+        return _step_batches(graph, step, ids, batch_size)
     names = [v.name for v in graph.inputs]
     with_mask = len(names) == 2 and "mask" in names[1]
     if len(names) != 1 and not with_mask:
@@ -341,6 +344,25 @@ def batches_from_ids(graph: Graph, ids: torch.Tensor, batch_size: int | None = N
         mask_dtype = graph.inputs[1].tensor_type.dtype
         return [(chunk, torch.ones(chunk.shape, dtype=mask_dtype)) for chunk in ids.split(batch_size)]
     return [(chunk,) for chunk in ids.split(batch_size)]
+
+
+def _step_batches(graph: Graph, step: dict[str, Any], ids: torch.Tensor,
+                  batch_size: int | None) -> list[tuple[torch.Tensor, ...]]:
+    """Batches for a generation step graph (docs/design.md "Program form"): ``(ids, positions 0..L-1, zero
+    caches of L slots)``, so the step computes exactly the prefill of the window, which is what passes
+    calibrate on."""
+    limit = int(step["max_batch"])
+    batch_size = min(batch_size or 8, limit)
+    length = ids.shape[1]  # may exceed max_length: that limit is the decode cache's, not the graph's
+    dtype = graph.inputs[2].tensor_type.dtype
+    out = []
+    for chunk in ids.split(batch_size):
+        b = chunk.shape[0]
+        positions = torch.arange(length).expand(b, length).contiguous()
+        cache = [torch.zeros(b, int(step["kv_heads"]), length, int(step["head_dim"]), dtype=dtype)
+                 for _ in graph.inputs[2:]]
+        out.append((chunk, positions, *cache))
+    return out
 
 
 def run(

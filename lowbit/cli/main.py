@@ -425,6 +425,76 @@ def _export_onnx(runner: Any, graph: Any, report: Any, path: Path) -> bool:
 
 # ---- replay / inspect / graph -------------------------------------------------------------------
 
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt: list[str] = typer.Option(..., "--prompt", help="prompt text (repeat for a batch)"),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate per prompt"),
+    max_length: int = typer.Option(512, "--max-length", help="KV-cache slots: prompt + new tokens must fit"),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="largest batch the step graph takes "
+                                            "(default: the number of prompts)"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (decode steps replay a CUDA graph there)"),
+    sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed (reproducible draws)"),
+) -> None:
+    """Compile MODEL for generation (one step graph: prefill and decode), stream the text, print timings."""
+    import resource
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationError, GenerationSpec
+
+    text = pipeline_text(pipeline, recipe) if pipeline or recipe else ""
+    loaded = load(model)
+    if loaded.kind != "causal-lm":
+        fail(f"model {model!r} is a {loaded.kind} with no causal-LM head: `lowbit generate` needs a decoder LM "
+             "(smollm2, an HF *ForCausalLM directory, a .gguf)", Exit.USAGE)
+    try:
+        spec = GenerationSpec(max_length=max_length, max_batch=max_batch or len(prompt))
+        t0 = time.perf_counter()
+        compiled = compile_model(loaded.module, pipeline=text or None, device=device, tokenizer=loaded.tokenizer,
+                                 generation=spec)
+        compile_s = time.perf_counter() - t0
+        tok = loaded.tokenizer
+        ids = [tok(p).input_ids for p in prompt]
+        streamed: list[int] = []
+        shown = [""]
+
+        def on_token(seq: int, token: int) -> None:
+            if len(prompt) != 1:
+                return
+            streamed.append(token)
+            now = tok.decode(streamed, skip_special_tokens=True)
+            console.print(now[len(shown[0]):], end="", markup=False, highlight=False, soft_wrap=True)
+            shown[0] = now
+
+        if len(prompt) == 1:
+            console.print(prompt[0], end="", markup=False, highlight=False, soft_wrap=True)
+        out = compiled.generate(ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed, on_token=on_token)
+    except GenerationError as exc:
+        fail(str(exc), Exit.USAGE)
+    if len(prompt) == 1:
+        console.print()
+    else:
+        for p, t in zip(prompt, out.texts or []):
+            console.print(f"{p}{t}\n", markup=False, highlight=False)
+    if out.peak_memory_bytes is not None:
+        peak = f"{out.peak_memory_bytes / 2**20:.0f} MiB GPU"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS"
+    n_tokens = sum(len(t) for t in out.tokens)
+    err_console.print(
+        f"compile {compile_s:.1f} s ({text or 'float'}); prefill {out.prefill_seconds * 1000:.1f} ms for "
+        f"{sum(out.prompt_lengths)} tokens; decode {out.decode_steps} steps, {out.decode_tokens_per_second:.1f} "
+        f"tokens/s ({out.decode_seconds * 1000 / max(out.decode_steps, 1):.1f} ms/step, batch {len(prompt)}); "
+        f"{n_tokens} new tokens; peak memory {peak}", markup=False, highlight=False)
+
+
 @app.command("replay")
 def replay_cmd(
     directory: Path = typer.Argument(..., help="a directory written by --reproducer"),

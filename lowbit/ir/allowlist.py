@@ -5,7 +5,9 @@ name. The lists are explicit and reviewed, not computed:
 
 * ``CAPTURED``: every ATen overload capture emitted (raised and unraised, static and dynamic shapes, float32 /
   bfloat16 / float16) on SmolLM2-135M, all-MiniLM-L6-v2 and tiny random Llama, Qwen2, Qwen3, Mistral, Gemma,
-  Gemma2, OLMo, Granite, Phi, StableLM, Starcoder2, GPT-2, OPT, BERT, RoBERTa, DistilBERT and ELECTRA
+  Gemma2, OLMo, Granite, Phi, Phi-3, GPT-NeoX, StableLM, Starcoder2, GPT-2, OPT, BERT, RoBERTa, DistilBERT,
+  ELECTRA and ViT (``aten.conv2d`` of its patch embedding), and the generation step graph of SmolLM2
+  (``aten.scatter.src`` writes the KV cache)
   (torch 2.14.1, transformers 5). ``tools/aten_allowlist.py`` re-runs that survey and
   prints any op capture now emits that is missing here.
 * ``LOWERED``: the further overloads lowbit's raising patterns, passes and ONNX/TensorRT lowerings name (what
@@ -30,14 +32,14 @@ import torch
 
 CAPTURED: frozenset[str] = frozenset({
     "aten.__and__.Tensor", "aten.add.Tensor", "aten.addmm.default", "aten.alias.default", "aten.arange.default",
-    "aten.cat.default", "aten.clamp.default", "aten.clamp_min.default", "aten.contiguous.default",
-    "aten.cos.default", "aten.cumsum.default", "aten.diff.default", "aten.div.Tensor", "aten.dropout.default",
+    "aten.cat.default", "aten.chunk.default", "aten.clamp.default", "aten.clamp_min.default", "aten.contiguous.default",
+    "aten.conv2d.default", "aten.cos.default", "aten.cumsum.default", "aten.diff.default", "aten.div.Tensor", "aten.dropout.default",
     "aten.embedding.default", "aten.eq.Tensor", "aten.expand.default", "aten.expand_as.default",
     "aten.gather.default", "aten.ge.Scalar", "aten.gelu.default", "aten.gt.Tensor", "aten.index.Tensor",
     "aten.layer_norm.default", "aten.le.Tensor", "aten.linalg_vector_norm.default", "aten.linear.default",
     "aten.matmul.default", "aten.mean.dim", "aten.mul.Tensor", "aten.ne.Scalar", "aten.neg.default",
     "aten.new_ones.default", "aten.ones.default", "aten.pow.Tensor_Scalar", "aten.relu.default",
-    "aten.reshape.default", "aten.rsqrt.default", "aten.scaled_dot_product_attention.default", "aten.silu.default",
+    "aten.reshape.default", "aten.rsqrt.default", "aten.scaled_dot_product_attention.default", "aten.scatter.src", "aten.silu.default",
     "aten.sin.default", "aten.slice.Tensor", "aten.softmax.int", "aten.split.Tensor", "aten.sub.Tensor",
     "aten.sum.dim_IntList", "aten.sym_size.int", "aten.tanh.default", "aten.to.device", "aten.to.dtype",
     "aten.to.dtype_layout", "aten.transpose.int", "aten.type_as.default", "aten.unsqueeze.default",

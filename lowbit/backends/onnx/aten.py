@@ -524,6 +524,13 @@ def _softmax_aten(ctx: LoweringContext, node: Node) -> ir.Value:
 
 # ---- symbolic sizes ------------------------------------------------------------------------------
 
+@lowering("aten.scatter.src")
+def _scatter(ctx: LoweringContext, node: Node) -> ir.Value:
+    """``out = self; out[..., index[i], ...] = src[i]`` along ``dim``: a step graph's KV-cache write."""
+    b = bind(node)
+    return ctx.op("ScatterElements", [ctx.v(b["self"]), ctx.v(b["index"]), ctx.v(b["src"])], {"axis": b["dim"]})
+
+
 @lowering("aten.sym_size.int")
 def _sym_size(ctx: LoweringContext, node: Node) -> ir.Value:
     x, dim = node.args[0], node.args[1]

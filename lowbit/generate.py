@@ -1,0 +1,293 @@
+"""Text generation with a compiled step graph (docs/design.md, "Program form").
+
+A model compiled with ``generation=GenerationSpec(...)`` is one graph ``(input_ids, positions, *cache) ->
+(logits, *cache')`` captured from ``lowbit.models.CausalLMStep``. ``Generator`` drives it: a prefill over the
+prompts (right-padded, per-sequence positions, a fresh cache of as many slots as the longest prompt), then one
+decode step per new token over a static cache of ``max_length`` slots. On CUDA the decode step is replayed
+from a CUDA graph over static buffers (the host work of a step is then one replay). Sampling follows
+transformers' order: temperature, then top-k, then top-p, then a draw from a seeded ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lowbit.models import CausalLMStep, GenerationError
+
+__all__ = ["GenerationSpec", "GenerationOutput", "Generator", "step_example", "GenerationError"]
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """The static limits a step graph is captured with: prompt + new tokens <= ``max_length``, batch <=
+    ``max_batch``. ``cuda_graph`` replays decode steps from a CUDA graph when the model runs on CUDA."""
+
+    max_length: int = 512
+    max_batch: int = 8
+    cuda_graph: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise GenerationError(f"GenerationSpec.max_length={self.max_length}: need at least 2 (one prompt token, "
+                                  "one new token)")
+        if self.max_batch < 1:
+            raise GenerationError(f"GenerationSpec.max_batch={self.max_batch}: need at least 1")
+
+
+def step_example(step: CausalLMStep, spec: GenerationSpec) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Example inputs and dynamic shapes to capture ``step``: batch, tokens and cache slots all dynamic, up to
+    the spec's limits (the example sizes 2, 3, 5 differ so export specialises none of them)."""
+    dim = torch.export.Dim
+    # export wants max > 2 for every dynamic dim; the spec's limits are checked again at run time
+    batch = dim("batch", min=1, max=max(spec.max_batch, 3))
+    tokens = dim("tokens", min=1, max=max(spec.max_length, 6))
+    slots = dim("slots", min=1, max=max(spec.max_length, 6))
+    ids = torch.ones(2, 3, dtype=torch.long)
+    positions = torch.arange(3).repeat(2, 1)
+    cache = step.empty_cache(2, 5)
+    dynamic = {"input_ids": {0: batch, 1: tokens}, "positions": {0: batch, 1: tokens},
+               "cache": [{0: batch, 2: slots}] * len(cache)}
+    return (ids, positions, cache), dynamic
+
+
+@dataclass
+class GenerationOutput:
+    """New tokens per sequence (stop token included, padding excluded) and timings."""
+
+    tokens: list[list[int]]
+    prompt_lengths: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+    peak_memory_bytes: int | None = None
+    texts: list[str] | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens produced per second by decode steps (all sequences of the batch)."""
+        n = self.decode_steps * len(self.tokens)
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    def sequences(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        return [list(p) + t for p, t in zip(prompts, self.tokens)]
+
+
+def _prompts(input_ids: Any, attention_mask: Any) -> list[list[int]]:
+    """Prompts as lists of ids: from a list of lists, or a ``[B, L]`` tensor whose ``attention_mask`` (left or
+    right padding) says which ids are real."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2:
+            raise GenerationError(f"input_ids has shape {tuple(input_ids.shape)}; expected [batch, length]")
+        if attention_mask is None:
+            return [row.tolist() for row in input_ids]
+        if attention_mask.shape != input_ids.shape:
+            raise GenerationError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                                  f"{tuple(input_ids.shape)}")
+        return [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
+    prompts = [list(map(int, p)) for p in input_ids]
+    return prompts
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """Next tokens ``[B]`` from last-position logits ``[B, V]`` (float32)."""
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[..., -1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class _CudaGraphStep:
+    """The decode step replayed from a CUDA graph: static input buffers, outputs written by the replay."""
+
+    def __init__(self, runner: Callable[..., Any], ids: torch.Tensor, positions: torch.Tensor,
+                 cache: list[torch.Tensor]) -> None:
+        self.ids, self.positions = ids.clone(), positions.clone()
+        self.cache = [c.clone() for c in cache]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up allocations outside the capture
+                runner(self.ids, self.positions, *self.cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = runner(self.ids, self.positions, *self.cache)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        # the new cache becomes the next step's input: copy back into the static input buffers
+        for dst, src in zip(self.cache, self.out[1:]):
+            if dst.data_ptr() != src.data_ptr():  # the torch backend writes the donated cache in place
+                dst.copy_(src)
+        return self.out
+
+
+class Generator:
+    """Runs prefill and decode with a lowered step graph ``runner(ids, positions, *cache) -> (logits, *cache)``."""
+
+    def __init__(self, runner: Callable[..., Any], meta: dict[str, Any], device: str | torch.device | None = None,
+                 tokenizer: Any = None) -> None:
+        self.runner = runner
+        self.meta = meta
+        self.spec = GenerationSpec(meta["max_length"], meta["max_batch"], meta.get("cuda_graph", True))
+        self.cache_dtype: torch.dtype = getattr(torch, meta["cache_dtype"])
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.tokenizer = tokenizer
+        self._cuda_graphs: dict[int, _CudaGraphStep] = {}
+
+    def _cache(self, batch: int, slots: int) -> list[torch.Tensor]:
+        shape = (batch, self.meta["kv_heads"], slots, self.meta["head_dim"])
+        return [torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+                for _ in range(2 * self.meta["n_layers"])]
+
+    def check(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        spec = self.spec
+        if max_new_tokens <= 0:
+            raise GenerationError(f"max_new_tokens={max_new_tokens}: must be at least 1")
+        if not prompts:
+            raise GenerationError("no prompts given")
+        if len(prompts) > spec.max_batch:
+            raise GenerationError(f"batch of {len(prompts)} prompts is larger than the captured max_batch="
+                                  f"{spec.max_batch}: compile with generation=GenerationSpec(max_batch="
+                                  f"{len(prompts)}) (CLI: --max-batch)")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise GenerationError(f"prompt {i} is empty")
+            if len(p) + max_new_tokens > spec.max_length:
+                raise GenerationError(
+                    f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} = {len(p) + max_new_tokens}"
+                    f" > the cache's max_length={spec.max_length}: compile with generation=GenerationSpec("
+                    f"max_length={len(p) + max_new_tokens}) (CLI: --max-length), or ask for fewer tokens")
+
+    def _decode_fn(self, batch: int, ids: torch.Tensor, positions: torch.Tensor,
+                   cache: list[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], Any]:
+        """The decode step: a CUDA graph replay on CUDA (captured once per batch size), else a plain call."""
+        if self.device.type == "cuda" and self.spec.cuda_graph:
+            graph = self._cuda_graphs.get(batch)
+            if graph is None:
+                graph = self._cuda_graphs[batch] = _CudaGraphStep(self.runner, ids, positions, cache)
+            for dst, src in zip(graph.cache, cache):
+                dst.copy_(src)
+            return lambda i, p, c: graph(i, p)
+        return lambda i, p, c: self.runner(i, p, *c)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Any, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] | int | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> GenerationOutput:
+        """Generate up to ``max_new_tokens`` per prompt; a sequence ends at its first stop token.
+
+        ``input_ids``: a list of token-id lists (any lengths) or a ``[B, L]`` tensor (with ``attention_mask``
+        when padded, left or right). ``stop_tokens`` defaults to the model's end-of-sequence ids (``()`` for
+        none). ``on_token(sequence_index, token)`` is called as tokens are made (streaming).
+        """
+        prompts = _prompts(input_ids, attention_mask)
+        self.check(prompts, max_new_tokens)
+        if do_sample and temperature <= 0:
+            raise GenerationError(f"temperature={temperature}: must be > 0 when sampling (use do_sample=False "
+                                  "for greedy)")
+        if top_k is not None and top_k < 1:
+            raise GenerationError(f"top_k={top_k}: must be >= 1")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise GenerationError(f"top_p={top_p}: must be in (0, 1]")
+        if stop_tokens is None:  # the model's end-of-sequence tokens, as transformers' generate stops on
+            stop_tokens = self.meta.get("eos_token_ids", ())
+        stops = {stop_tokens} if isinstance(stop_tokens, int) else set(stop_tokens)
+        gen = None
+        if do_sample:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed if seed is not None else torch.seed())
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        def sync() -> None:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+
+        batch = len(prompts)
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        ids = torch.zeros(batch, longest, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p)
+        ids = ids.to(self.device)
+        positions = torch.arange(longest, device=self.device).expand(batch, longest).contiguous()
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            logits = logits.float()
+            if not do_sample:
+                return logits.argmax(-1)
+            return _sample(logits, temperature, top_k, top_p, gen)
+
+        sync()
+        t0 = time.perf_counter()
+        out = self.runner(ids, positions, *self._cache(batch, longest))
+        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        next_tokens = pick(out[0][torch.arange(batch, device=self.device), last])
+        cache = self._cache(batch, self.spec.max_length)
+        for full, part in zip(cache, out[1:]):
+            full[:, :, :longest].copy_(part)
+        del out
+        sync()
+        t1 = time.perf_counter()
+
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        done = [False] * batch
+        pos = torch.tensor(lengths, device=self.device).view(batch, 1)
+        steps = 0
+        decode = None
+        pending = next_tokens
+        while True:
+            # Launch the next step before reading this one's tokens on the host: the tokens stay on the device, so
+            # the host's bookkeeping (and its wait) overlaps the device's work. A step launched after the last
+            # sequence stopped is wasted, never seen.
+            launched = None
+            if steps < max_new_tokens - 1:
+                step_ids = pending.view(batch, 1)
+                if decode is None:
+                    decode = self._decode_fn(batch, step_ids, pos, cache)
+                out = decode(step_ids, pos, cache)
+                if not (cuda and self.spec.cuda_graph):
+                    cache = list(out[1:])
+                launched = pick(out[0][:, -1])
+                pos = pos + 1
+                steps += 1
+            for b, t in enumerate(pending.tolist()):
+                if done[b]:
+                    continue
+                tokens[b].append(t)
+                if on_token is not None:
+                    on_token(b, t)
+                if t in stops or len(tokens[b]) >= max_new_tokens:
+                    done[b] = True
+            if all(done) or launched is None:
+                break
+            pending = launched
+        sync()
+        t2 = time.perf_counter()
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        return GenerationOutput(tokens, lengths, t1 - t0, t2 - t1, steps, peak, texts)

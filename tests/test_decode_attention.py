@@ -1,0 +1,113 @@
+"""The quantized-KV decode attention: its cache is the accuracy model's QDQ, its reference is the accuracy model's
+attention, and the Triton kernel (TRITON_INTERPRET=1 on CPU) is its reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
+from lowbit.kernels import decode_attention as da
+
+QDTYPE = {8: "int8", 4: "int4", 2: "int2"}
+
+
+def _accuracy_model_qdq(x: torch.Tensor, bits: int, **layout) -> torch.Tensor:
+    """dynamic_qparams -> quantize -> dequantize with the kwargs insert_qdq writes for keys / values."""
+    scale, zp = dynamic_qparams(x, qdtype=QDTYPE[bits], symmetric=False, **layout)
+    kw = {"qdtype": QDTYPE[bits], "axis": layout["axis"], "block_size": layout["block_size"]}
+    return dequantize(quantize(x, scale, zp, **kw), scale, zp, out_dtype=torch.float32, **kw)
+
+
+KEY_LAYOUT = {"granularity": "per_block", "axis": 2, "block_size": 16}
+VALUE_LAYOUT = {"granularity": "per_token", "axis": -1, "block_size": 8}
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_cache_dequantizes_to_the_accuracy_models_qdq(bits):
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 2, 64, 16) * 3, torch.randn(2, 2, 64, 16)
+    k[:, :, 0] *= 20  # an attention-sink-like outlier token
+    kc, ks, kz = da.quantize_keys(k, bits, 16)
+    vc, vs, vz = da.quantize_values(v, bits, 8)
+    assert kc.dtype == torch.uint8 and kc.shape[-1] == 16 * bits // 8
+    assert torch.equal(da.dequantize_keys(kc, ks, kz, bits), _accuracy_model_qdq(k, bits, **KEY_LAYOUT))
+    assert torch.equal(da.dequantize_values(vc, vs, vz, bits), _accuracy_model_qdq(v, bits, **VALUE_LAYOUT))
+
+
+def _case(bits: int, seed: int = 0, b: int = 2, hq: int = 4, hkv: int = 2, d: int = 16, s: int = 64,
+          window: int = 16, sink: int = 1):
+    """A cache of ``s`` tokens whose queries sit at different positions; the float buffer holds the sink and the
+    window (as a real cache keeps them), ``lo``/``hi`` bound the quantized tokens each query reads."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
+    q = torch.randn(b, hq, d, generator=g)
+    positions = torch.tensor([s - 1, s - 21])[:b]
+    kc, ks, kz = da.quantize_keys(k, bits, 16)
+    vc, vs, vz = da.quantize_values(v, bits, 8)
+    idx = torch.arange(s)
+    float_valid = (idx[None] < sink) | ((positions[:, None] - idx[None] < window) & (idx[None] <= positions[:, None]))
+    lo = torch.full((b,), sink)
+    hi = positions - window + 1
+    return dict(q=q, k=k, v=v, kc=kc, ks=ks, kz=kz, vc=vc, vs=vs, vz=vz, positions=positions,
+                float_valid=float_valid, lo=lo, hi=hi, window=window, sink=sink)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_reference_equals_the_accuracy_models_attention(bits):
+    """insert_kv_qdq's form: attention over [quantized ; float] keys with a mask choosing, per query, the float copy
+    inside the window and the sink, the quantized copy elsewhere (and nothing after the query)."""
+    c = _case(bits)
+    kq = _accuracy_model_qdq(c["k"], bits, **KEY_LAYOUT)
+    vq = _accuracy_model_qdq(c["v"], bits, **VALUE_LAYOUT)
+    s = c["k"].shape[2]
+    idx = torch.arange(s)
+    causal = idx[None] <= c["positions"][:, None]
+    old = (c["positions"][:, None] - idx[None] >= c["window"]) & (idx[None] >= c["sink"])
+    mask = torch.cat([causal & old, causal & ~old], -1)[:, None, None, :]  # [B, 1, 1, 2S]
+    keys = torch.cat([kq, c["k"]], 2).repeat_interleave(2, 1)
+    values = torch.cat([vq, c["v"]], 2).repeat_interleave(2, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(c["q"][:, :, None], keys, values, attn_mask=mask)[:, :, 0]
+    got = da.decode_attention_reference(c["q"], c["kc"], c["ks"], c["kz"], c["vc"], c["vs"], c["vz"], bits=bits,
+                                        lo=c["lo"], hi=c["hi"], k_float=c["k"], v_float=c["v"],
+                                        float_valid=c["float_valid"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+KERNEL_CASES = [(8, 64), (4, 16), (2, 32), (4, 48)]
+
+
+def _check_kernel(bits: int, split: int) -> None:
+    c = _case(bits, seed=bits)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [c[n].to(dev) for n in ("q", "kc", "ks", "kz", "vc", "vs", "vz")]
+    kw = dict(bits=bits, lo=c["lo"].to(dev), hi=c["hi"].to(dev), k_float=c["k"].to(dev), v_float=c["v"].to(dev),
+              float_valid=c["float_valid"].to(dev))
+    want = da.decode_attention_reference(*args, **kw)
+    got = da.decode_attention(*args, split=split, **kw)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    no_float = {k: v for k, v in kw.items() if k not in ("k_float", "v_float", "float_valid")}
+    torch.testing.assert_close(da.decode_attention(*args, split=split, **no_float),
+                               da.decode_attention_reference(*args, **no_float), rtol=2e-5, atol=2e-5)
+
+
+def test_triton_kernel_matches_reference():
+    """Several splits per sequence, queries at different positions, GQA, 8/4/2-bit codes. On CPU the kernel runs
+    under TRITON_INTERPRET=1 in a fresh interpreter (triton reads it when its own functions are decorated, at
+    import, and torch may have imported triton already)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        for case in KERNEL_CASES:
+            _check_kernel(*case)
+        return
+    root = Path(__file__).resolve().parents[1]
+    code = ("import tests.test_decode_attention as t\n"
+            "for case in t.KERNEL_CASES:\n    t._check_kernel(*case)\nprint('ok')")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

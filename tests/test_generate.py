@@ -1,0 +1,161 @@
+"""Generation through a compiled step graph (docs/design.md "Program form") on the real SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.api import compile_model
+from lowbit.generate import GenerationError, GenerationSpec
+from lowbit.models import CausalLMLogits, CausalLMStep
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+]
+
+
+@pytest.fixture(scope="module")
+def compiled(smollm2):
+    model, tok = smollm2
+    return compile_model(model, tokenizer=tok, generation=GenerationSpec(max_length=64, max_batch=4))
+
+
+def test_greedy_matches_transformers_token_for_token(smollm2, compiled):
+    """One lowbit batch of three prompts of different lengths vs transformers' generate, prompt by prompt."""
+    model, tok = smollm2
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    assert len({len(p) for p in prompts}) > 1
+    out = compiled.generate(prompts, 32)
+    for p, got in zip(prompts, out.tokens):
+        ids = torch.tensor([p])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
+        assert got == ref[0, len(p):].tolist(), tok.decode(p)
+    assert out.decode_steps >= 1 and out.prefill_seconds > 0
+
+
+def test_decode_step_equals_last_row_of_prefill(smollm2, compiled):
+    model, tok = smollm2
+    ids = torch.tensor([tok(PROMPTS[2]).input_ids])
+    n = ids.shape[1]
+    step = CausalLMStep(model)
+    run = compiled.runner
+    full = run(ids, torch.arange(n)[None], *step.empty_cache(1, n))[0][0, -1]
+    with torch.no_grad():
+        assert torch.equal(full, CausalLMLogits(model)(ids)[0, -1])  # prefill is the logits model, exactly
+    cache = step.empty_cache(1, 64)
+    prefix = run(ids[:, :-1], torch.arange(n - 1)[None], *[c[:, :, : n - 1].clone() for c in cache])
+    for c, part in zip(cache, prefix[1:]):
+        c[:, :, : n - 1] = part
+    last = run(ids[:, -1:], torch.tensor([[n - 1]]), *cache)[0][0, -1]
+    # fp32 rounding only: other reduction lengths (64 slots vs n) and matmul shapes
+    assert (last - full).abs().max() <= 1e-5 * full.abs().max()
+    assert last.argmax() == full.argmax()
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(smollm2, compiled):
+    _, tok = smollm2
+    prompt = [tok(PROMPTS[0]).input_ids]
+    kw = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, stop_tokens=())
+    a = compiled.generate(prompt, 4, seed=1, **kw).tokens
+    assert a == compiled.generate(prompt, 4, seed=1, **kw).tokens
+    draws = {tuple(compiled.generate(prompt * 3, 4, seed=s, do_sample=True, temperature=1.5,
+                                     stop_tokens=()).tokens[i]) for s in range(2) for i in range(3)}
+    assert len(draws) > 1
+    greedy = compiled.generate(prompt, 4, stop_tokens=()).tokens
+    assert compiled.generate(prompt, 4, seed=3, do_sample=True, top_k=1, stop_tokens=()).tokens == greedy
+
+
+def test_stop_tokens_and_left_padded_tensor_input(smollm2, compiled):
+    _, tok = smollm2
+    a, b = tok(PROMPTS[0]).input_ids, tok(PROMPTS[1]).input_ids
+    free = compiled.generate([a, b], 5, stop_tokens=()).tokens
+    stop = free[0][2]
+    stopped = compiled.generate([a, b], 5, stop_tokens=[stop]).tokens
+    assert stopped[0] == free[0][: free[0].index(stop) + 1]
+    width = max(len(a), len(b))
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, p in enumerate((a, b)):  # left padding, as HF tokenizers pad for generation
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    assert compiled.generate(ids, 5, attention_mask=mask, stop_tokens=()).tokens == free
+
+
+def test_bad_requests_name_the_limit(smollm2, compiled):
+    _, tok = smollm2
+    prompt = tok(PROMPTS[0]).input_ids
+    with pytest.raises(GenerationError, match=r"max_length=64.*GenerationSpec\(max_length=70\)"):
+        compiled.generate([prompt + [1] * (60 - len(prompt))], 10)
+    with pytest.raises(GenerationError, match=r"max_batch=4.*GenerationSpec\(max_batch=5\)"):
+        compiled.generate([prompt] * 5, 2)
+    with pytest.raises(GenerationError, match="max_new_tokens=0"):
+        compiled.generate([prompt], 0)
+
+
+def test_models_without_generation_refuse_clearly(smollm2, minilm):
+    embedder, _ = minilm
+    with pytest.raises(GenerationError, match="no causal-LM head"):
+        compile_model(embedder, generation=True)
+    with pytest.raises(GenerationError, match="kv=int4.*packed cache"):
+        compile_model(smollm2[0], recipe="w8a8kv4", generation=True)
+
+
+def test_w4a16_generation_runs_on_a_two_layer_slice(smollm2):
+    """RTN int4 weights through the same step graph: generation runs and its prefill is the logits model's."""
+    from tests.conftest import smollm2_slice
+
+    model, tok = smollm2
+    sliced = smollm2_slice(model, 2)
+    spec = GenerationSpec(max_length=32, max_batch=2)
+    cm = compile_model(sliced, recipe="w4a16-g64", generation=spec)
+    assert cm.graph.op_counts().get("dequantize", 0) >= 14
+    prompts = [tok(p).input_ids for p in PROMPTS[:2]]
+    out = cm.generate(prompts, 8, stop_tokens=())
+    assert [len(t) for t in out.tokens] == [8, 8]
+    logits_model = compile_model(sliced, recipe="w4a16-g64")
+    ids = torch.tensor([prompts[0]])
+    n = ids.shape[1]
+    step = CausalLMStep(sliced.model)
+    prefill = cm.runner(ids, torch.arange(n)[None], *step.empty_cache(1, n))[0]
+    torch.testing.assert_close(prefill, logits_model(ids), rtol=0, atol=0)
+
+
+def test_cli_generate_streams_and_reports_speed(capsys):
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    res = CliRunner().invoke(app, ["generate", "smollm2:2", "--prompt", "The capital of France is", "-n", "4",
+                                   "--max-length", "32"])
+    assert res.exit_code == 0, res.output
+    assert "The capital of France is" in res.output
+    assert "prefill" in res.output and "tokens/s" in res.output and "peak memory" in res.output
+    res = CliRunner().invoke(app, ["generate", "minilm", "--prompt", "hi"])
+    assert res.exit_code == 2 and "no causal-LM head" in res.output
+    res = CliRunner().invoke(app, ["generate", "smollm2:2", "--prompt", "hi there", "-n", "40", "--max-length", "32"])
+    assert res.exit_code == 2 and "--max-length" in res.output
+
+
+@pytest.mark.parametrize("recipe", [None, "w4a16-g64"])
+def test_onnxruntime_generation_matches_the_torch_reference(smollm2, recipe):
+    """The same step graph exported to ONNX (past_key_values in, present out; the cache write is ScatterElements,
+    int4 linears MatMulNBits) runs generation in ONNX Runtime with the torch backend's greedy tokens."""
+    from lowbit.backends.onnxruntime_backend import OrtCompiled
+    from lowbit.generate import Generator
+    from tests.conftest import smollm2_slice
+
+    model, tok = smollm2
+    torch_cm = compile_model(smollm2_slice(model, 2), recipe=recipe, generation=GenerationSpec(max_length=40,
+                                                                                               max_batch=2))
+    graph = torch_cm.graph
+    runner = OrtCompiled(graph, device="cpu", weight_format="matmulnbits" if recipe else "qdq")
+    names = [i.name for i in runner.session.get_inputs()]
+    assert names[:3] == ["input_ids", "positions", "past_key_values_0_key"]
+    assert [o.name for o in runner.session.get_outputs()][:2] == ["logits", "present_0_key"]
+    if recipe is not None:
+        assert sum(n.op_type == "MatMulNBits" for n in runner.onnx_model.graph) == 14
+    prompts = [tok(p).input_ids for p in PROMPTS[:2]]
+    ort_tokens = Generator(runner, graph.meta["generation"], "cpu").generate(prompts, 12, stop_tokens=()).tokens
+    assert ort_tokens == torch_cm.generate(prompts, 12, stop_tokens=()).tokens
