@@ -37,6 +37,7 @@ from lowbit.kernels._common import (
     is_pow2,
     launcher,
     m_bucket,
+    next_pow2,
     nibbles,
     unpack_nibbles,
 )
@@ -46,7 +47,10 @@ __all__ = [
     "DEQUANT_CUBLAS_MIN_M",
     "PACKED_QDTYPES",
     "dequantize_weight",
+    "chunk_words",
     "gemv_config",
+    "pack_words",
+    "unpack_words",
     "weight_only_linear",
     "weight_only_linear_ref",
 ]
@@ -70,6 +74,8 @@ def weight_only_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.
     """Plain torch: ``dequantize(qweight)`` to ``x.dtype`` (lowbit's reference op), then ``F.linear``."""
     from lowbit.ir.quant import dequantize
 
+    if qweight.dtype == torch.int32:  # the decode layout (``pack_words``): back to the stored form
+        qweight = unpack_words(qweight, qdtype, x.shape[-1], group_size)
     w = dequantize(qweight, scale, zero_point, qdtype=qdtype, axis=1 if group_size else 0,
                    block_size=group_size or None, out_dtype=x.dtype)
     return F.linear(x, w, bias)
@@ -319,6 +325,9 @@ def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, grou
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str,
                       group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """The dense ``[N, K]`` weight in ``dtype`` (Triton kernel): the large-M path's one-off dequantize."""
+    if qweight.dtype == torch.int32:
+        _words_meta(qweight, qdtype, group_size, k)
+        return _dequantize_words(qweight, scale, zero_point, qdtype, group_size, k, dtype)
     packed, signed = _meta(qweight, qdtype, k)
     n = qweight.shape[0]
     out = torch.empty((n, k), device=qweight.device, dtype=dtype)
@@ -330,10 +339,388 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, zero_point: to
     return out
 
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decode layout: int32 words, K-interleaved within a chunk (made once at lowering by ``pack_words``).
+
+WORD_XOR = {4: -2004318072, 8: -2139062144}
+"""0x88888888 / 0x80808080 as int32: XOR with it turns two's-complement codes into offset-binary ``q + 2**(b-1)``."""
+
+
+def chunk_words(k: int, group: int, bits: int) -> int:
+    """Words per row in one chunk of the word layout (32 or 16), or 0 where K/group do not allow it: a chunk holds
+    ``32/bits * CW`` consecutive K indices and every group must cover whole ``CW``-word columns."""
+    per = 32 // bits
+    for cw in (32, 16):
+        if k % (per * cw) == 0 and (group == 0 or group % cw == 0):
+            return cw
+    return 0
+
+
+def _codes(qweight: torch.Tensor, qdtype: str) -> torch.Tensor:
+    """Stored codes ``[N, K]`` as their raw bit patterns (uint8: nibbles 0..15 or bytes)."""
+    if qdtype in PACKED_QDTYPES:
+        lo, hi = qweight & 0xF, qweight >> 4
+        return torch.stack([lo, hi], -1).reshape(qweight.shape[0], -1)
+    return qweight.view(torch.uint8)
+
+
+def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str,
+               group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """lowbit's stored weight -> the decode layout ``(int32 [N, K*bits/32], scale, zero point)``; unchanged
+    tensors where ``chunk_words`` is 0 (the byte-layout kernels take those).
+
+    Word ``c*CW + j`` of a row holds codes ``k = c*per*CW + i*CW + j`` for ``i = 0..per-1`` at bits ``[bits*i,
+    bits*(i+1))`` (``per = 32/bits``): one 16-byte load brings 4 words, and the activation columns code ``i`` of
+    those words needs are contiguous (``x[c*per*CW + i*CW + j]``), so the GEMV reads both with wide loads, and a
+    scale group covers whole columns ``i`` of a chunk (one scale per row per ``i``). Scales and zero points are
+    stored transposed (``[N, K/g]`` with strides ``(1, N)``) so one load of a group's scales across a row tile is
+    contiguous."""
+    packed = qdtype in PACKED_QDTYPES
+    bits = 4 if packed else 8
+    n = qweight.shape[0]
+    k = qweight.shape[1] * (2 if packed else 1)
+    cw = chunk_words(k, group_size, bits)
+    if cw == 0 or qweight.dtype == torch.int32:
+        return qweight, scale, zero_point
+    per = 32 // bits
+    codes = _codes(qweight, qdtype).to(torch.int64).view(n, k // (per * cw), per, cw)
+    words = torch.zeros(n, k // (per * cw), cw, dtype=torch.int64, device=qweight.device)
+    for i in range(per):
+        words |= codes[:, :, i, :] << (bits * i)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).reshape(n, -1)
+    if group_size:
+        scale = scale.t().contiguous().t()
+        zero_point = zero_point.t().contiguous().t() if zero_point is not None else None
+    return words, scale, zero_point
+
+
+def unpack_words(words: torch.Tensor, qdtype: str, k: int, group_size: int) -> torch.Tensor:
+    """The decode layout back to lowbit's stored weight (the reference reads that)."""
+    packed = qdtype in PACKED_QDTYPES
+    bits = 4 if packed else 8
+    per = 32 // bits
+    n = words.shape[0]
+    cw = chunk_words(k, group_size, bits)
+    w = words.to(torch.int64).view(n, k // (per * cw), 1, cw) & 0xFFFFFFFF
+    codes = ((w >> (bits * torch.arange(per, device=words.device).view(1, 1, per, 1))) & (2 ** bits - 1))
+    codes = codes.to(torch.uint8).reshape(n, k)
+    if packed:
+        return codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return codes.view(torch.int8) if qdtype == "int8" else codes
+
+
+@triton.jit
+def _word_code(wv, i: tl.constexpr, BITS: tl.constexpr):
+    """Code ``i`` of int32 words ``wv`` (offset binary ``u``) as the fp32 ``1 + u / 2**BITS``: the code lands in the
+    top of the mantissa of 1.0 (a shift and one and-or), no int -> float conversion."""
+    SH: tl.constexpr = 23 - BITS - BITS * i
+    MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
+    if SH >= 0:
+        t = wv << SH
+    else:
+        t = wv >> (-SH)
+    return ((t & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swn, ssn, ssg, som, sos,
+                BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
+                HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
+                CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, U: tl.constexpr):
+    """CUDA-core GEMV on the word layout for M <= 4: a ``[BLOCK_N, U chunks, CW words]`` tile per step, every
+    row of the M tile against it (weights read once). Per code: shift, and-or, one FMA into a deferred
+    ``[M, N, U, CW]`` fp32 accumulator; the dequantization is algebra outside the product:
+    ``sum s*(q - z)*x = s*(2**b * sum f*x - (2**b + off + z) * sum x)`` with ``f = 1 + u/2**b``, per group
+    (``GI`` codes of a word share a group) or once at the end (per channel)."""
+    PER: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = 1 << BITS
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m4 = offs_m[:, None, None, None]
+    n4 = offs_n[None, :, None, None]
+    u4 = tl.arange(0, U)[None, None, :, None]
+    j4 = tl.arange(0, CW)[None, None, None, :]
+    m_ok = m4 < M
+    n_ok = n4 < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N, U, CW), dtype=tl.float32)
+    xacc = tl.zeros((BLOCK_M, 1, U, CW), dtype=tl.float32)
+    c_lo = pid_k * CH_SPLIT
+    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    for c0 in range(c_lo, c_hi, U):
+        c4 = c0 + u4
+        c_ok = c4 < c_hi
+        wv = tl.load(w_ptr + n4 * swn + c4 * CW + j4, mask=n_ok & c_ok, other=0)
+        if SIGNED:
+            wv = wv ^ XOR
+        for i in tl.static_range(PER):
+            xi = tl.load(x_ptr + m4 * sxm + c4 * (PER * CW) + i * CW + j4, mask=m_ok & c_ok, other=0.0)
+            xi = xi.to(tl.float32)
+            f = _word_code(wv, i, BITS)
+            if GROUP == 0:
+                acc += f * xi
+                xacc += xi
+            else:
+                if i % GI == 0:
+                    a = f * xi
+                    xs = xi
+                else:
+                    a += f * xi
+                    xs += xi
+                if i % GI == GI - 1:
+                    g = (c4 * (PER * CW) + (i - GI + 1) * CW) // GROUP
+                    s = tl.load(s_ptr + n4 * ssn + g * ssg, mask=n_ok & c_ok, other=0).to(tl.float32)
+                    if HAS_ZP:
+                        z = tl.load(z_ptr + n4 * ssn + g * ssg, mask=n_ok & c_ok, other=0).to(tl.float32)
+                        cc = s * (ONE + OFF + z)
+                    else:
+                        cc = s * (ONE + OFF)
+                    acc += (s * ONE) * a - cc * xs
+    y = tl.sum(tl.sum(acc, axis=3), axis=2)
+    n_ok2 = offs_n < N
+    if GROUP == 0:
+        s_n = tl.load(s_ptr + offs_n * ssn, mask=n_ok2, other=0).to(tl.float32)
+        if HAS_ZP:
+            z_n = tl.load(z_ptr + offs_n * ssn, mask=n_ok2, other=0).to(tl.float32)
+        else:
+            z_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        xsum = tl.sum(tl.sum(xacc, axis=3), axis=2)
+        y = (s_n * ONE)[None, :] * y - (s_n * (ONE + OFF + z_n))[None, :] * xsum
+    mask = (offs_m < M)[:, None] & n_ok2[None, :]
+    if PARTIAL:
+        tl.store(o_ptr + pid_k * sos + offs_m[:, None] * som + offs_n[None, :], y, mask=mask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_ok2, other=0).to(tl.float32)[None, :]
+        tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swn, ssn, ssg, som, sos,
+              BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
+              HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
+              UPCAST: tl.constexpr, CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              SWAP: tl.constexpr):
+    """Tensor-core GEMV on the word layout for 4 < M <= 16: per chunk and code ``i`` one ``[BLOCK_M, CW] x
+    [CW, BLOCK_N]`` dot of the activation columns ``i`` against the codes ``i`` of the words, as exact small
+    integers ``q - z`` in the activation dtype (shift, and-or, one FMA, a cast); the scale multiplies the fp32
+    partial once per group (``GI`` codes), or once at the end (per channel). ``SWAP`` computes ``out.T`` (weights
+    as the dot's M side)."""
+    PER: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = 1 << BITS
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, CW)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    cc = tl.zeros((BLOCK_N,), dtype=tl.float32) + (ONE + OFF)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if GROUP == 0:
+        s = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            cc += tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+    c_lo = pid_k * CH_SPLIT
+    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    for c in range(c_lo, c_hi):
+        wv = tl.load(w_ptr + offs_n[:, None] * swn + c * CW + offs_j[None, :], mask=n_ok[:, None], other=0)
+        if SIGNED:
+            wv = wv ^ XOR
+        for i in tl.static_range(PER):
+            if GROUP != 0:
+                if i % GI == 0:
+                    g = (c * (PER * CW) + i * CW) // GROUP
+                    s = tl.load(s_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+                    if HAS_ZP:
+                        cc = (ONE + OFF) + tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+            xi = tl.load(x_ptr + offs_m[:, None] * sxm + c * (PER * CW) + i * CW + offs_j[None, :],
+                         mask=m_ok[:, None], other=0.0)
+            v = _word_code(wv, i, BITS) * ONE - cc[:, None]
+            if UPCAST:
+                xo = xi.to(tl.float32)
+            else:
+                v = v.to(xi.dtype)
+                xo = xi
+            if SWAP:
+                a_op = v
+                b_op = tl.trans(xo)
+            else:
+                a_op = xo
+                b_op = tl.trans(v)
+            if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 holds these values exactly
+                d = tl.dot(a_op, b_op, input_precision="ieee")
+            else:
+                d = tl.dot(a_op, b_op)
+            if GROUP == 0:
+                acc += d
+            else:
+                if i % GI == 0:
+                    p = d
+                else:
+                    p += d
+                if i % GI == GI - 1:
+                    if SWAP:
+                        acc += p * s[:, None]
+                    else:
+                        acc += p * s[None, :]
+    if GROUP == 0:
+        if SWAP:
+            acc = acc * s[:, None]
+        else:
+            acc = acc * s[None, :]
+    if SWAP:
+        y = tl.trans(acc)
+    else:
+        y = acc
+    mask = m_ok[:, None] & n_ok[None, :]
+    if PARTIAL:
+        tl.store(o_ptr + pid_k * sos + offs_m[:, None] * som + offs_n[None, :], y, mask=mask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+        tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn, ssg,
+                   BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                   XOR: tl.constexpr, CW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dense weight ``[N, K]`` from the word layout, one chunk per program column: ``(q - z) * s`` in fp32
+    (the reference's arithmetic: ``q - z`` is exact), rounded once to the output dtype."""
+    PER: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = 1 << BITS
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1)
+    offs_j = tl.arange(0, CW)
+    n_ok = offs_n < N
+    wv = tl.load(w_ptr + offs_n[:, None] * swn + c * CW + offs_j[None, :], mask=n_ok[:, None], other=0)
+    if SIGNED:
+        wv = wv ^ XOR
+    for i in tl.static_range(PER):
+        if GROUP == 0:
+            g = 0
+        else:
+            g = (c * (PER * CW) + i * CW) // GROUP
+        s = tl.load(s_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+        cc = tl.zeros((BLOCK_N,), dtype=tl.float32) + (ONE + OFF)
+        if HAS_ZP:
+            cc += tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+        w = (_word_code(wv, i, BITS) * ONE - cc[:, None]) * s[:, None]
+        tl.store(o_ptr + offs_n[:, None] * K + c * (PER * CW) + i * CW + offs_j[None, :],
+                 w.to(o_ptr.dtype.element_ty), mask=n_ok[:, None])
+
+
+WORDS_TC_MIN_M = 5
+"""From this M on (to 16) the word-layout GEMV runs on tensor cores; below it on CUDA cores (one FMA per code and
+row of M: cheaper than padding M to a 16-row dot up to M = 4)."""
+
+_WORDS_TABLE: dict[tuple[str, int, int, int], dict] = {}
+"""Measured best configs keyed by (kind, M bucket, N, K): ``tools/bench_kernels.py --sweep`` on the H200."""
+
+
+def words_config(m: int, n: int, k: int, bits: int, cw: int) -> dict:
+    """Tile sizes, warps, split for the word-layout GEMV: the sweep's table where it has the shape, else a rule
+    that aims at ~4 programs per SM of the H200 (132) and splits K only when N alone cannot."""
+    tc = m >= WORDS_TC_MIN_M
+    bm = 16 if tc else next_pow2(m)
+    cfg = _WORDS_TABLE.get(("tc" if tc else "cc", bm, n, k))
+    per = 32 // bits
+    nch = k // (per * cw)
+    if cfg is None:
+        if tc:
+            cfg = {"BLOCK_N": 64, "SWAP": False, "num_warps": 4, "num_stages": 2}
+        else:
+            cfg = {"BLOCK_N": 16 if bm == 1 else 8, "U": 4 if cw == 32 else 8, "num_warps": 4, "num_stages": 1}
+    cfg = dict(cfg, BLOCK_M=bm, TC=tc)
+    if "SPLIT_K" not in cfg:
+        tiles = cdiv(n, cfg["BLOCK_N"])
+        step = cfg.get("U", 1)
+        cfg["SPLIT_K"] = max(1, min(528 // tiles, nch // (2 * step)))
+    return cfg
+
+
+def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
+    m, k = x2.shape
+    n = words.shape[0]
+    bits = 4 if qdtype in PACKED_QDTYPES else 8
+    signed = (PACKED_QDTYPES | BYTE_QDTYPES)[qdtype]
+    cw = chunk_words(k, group, bits)
+    per = 32 // bits
+    nch = k // (per * cw)
+    step = cfg.get("U", 1)
+    ch_split = cdiv(cdiv(nch, cfg["SPLIT_K"]), step) * step
+    split = cdiv(nch, ch_split)
+    grid = (cdiv(n, cfg["BLOCK_N"]), split, cdiv(m, cfg["BLOCK_M"]))
+    zp = zero_point if zero_point is not None else scale
+    b = bias if bias is not None else scale
+    ssn = scale.stride(0)
+    ssg = scale.stride(1) if scale.dim() == 2 else 0
+    meta = {"BITS": bits, "SIGNED": signed, "GROUP": group, "GI": per if group == 0 else min(per, group // cw),
+            "HAS_ZP": zero_point is not None, "XOR": WORD_XOR[bits], "CW": cw, "BLOCK_M": cfg["BLOCK_M"],
+            "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg["TC"]:
+        kernel = _tc_words
+        meta.update(UPCAST=interpreting(), SWAP=cfg["SWAP"])
+    else:
+        kernel = _gemv_words
+        meta.update(U=step)
+    if split == 1:
+        launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), words.stride(0),
+                                   ssn, ssg, out.stride(0), 0, HAS_BIAS=bias is not None, PARTIAL=False, **meta)
+        return out
+    part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+    launcher(x2, kernel)[grid](x2, words, scale, zp, b, part, m, n, nch, ch_split, x2.stride(0), words.stride(0),
+                               ssn, ssg, n, m * n, HAS_BIAS=False, PARTIAL=True, **meta)
+    block = 1024
+    launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
+                                                        HAS_BIAS=bias is not None, BLOCK=block)
+    return out
+
+
+def _dequantize_words(words, scale, zero_point, qdtype, group, k, dtype):
+    n = words.shape[0]
+    bits = 4 if qdtype in PACKED_QDTYPES else 8
+    cw = chunk_words(k, group, bits)
+    out = torch.empty((n, k), device=words.device, dtype=dtype)
+    launcher(words, _dequant_words)[(cdiv(n, 32), k // (32 // bits * cw))](
+        words, scale, zero_point if zero_point is not None else scale, out, n, k, words.stride(0), scale.stride(0),
+        scale.stride(1) if scale.dim() == 2 else 0, BITS=bits, SIGNED=(PACKED_QDTYPES | BYTE_QDTYPES)[qdtype],
+        GROUP=group, HAS_ZP=zero_point is not None, XOR=WORD_XOR[bits], CW=cw, BLOCK_N=32)
+    return out
+
+
+def _words_meta(words: torch.Tensor, qdtype: str, group: int, k: int) -> int:
+    check(qdtype in PACKED_QDTYPES or qdtype in BYTE_QDTYPES, "weight_only_linear",
+          f"qdtype {qdtype!r} is not int8/uint8/int4/uint4/int3/int2")
+    bits = 4 if qdtype in PACKED_QDTYPES else 8
+    cw = chunk_words(k, group, bits)
+    check(cw > 0 and words.shape[1] * 32 == k * bits, "weight_only_linear",
+          f"int32 word-layout weight {tuple(words.shape)} does not fit K={k}, {qdtype}, group {group} "
+          "(pack_words makes it)")
+    return cw
+
+
 def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
              bias: torch.Tensor | None, qdtype: str, group_size: int, path: str) -> torch.Tensor:
     k = x.shape[-1]
     n = qweight.shape[0]
+    if qweight.dtype == torch.int32:
+        return _wo_words(x, qweight, scale, zero_point, bias, qdtype, group_size, path)
+    if scale.dim() == 2 and scale.stride(1) != 1:
+        scale = scale.contiguous()
+        zero_point = zero_point.contiguous() if zero_point is not None else None
     packed, signed = _meta(qweight, qdtype, k)
     check(group_size == 0 or (is_pow2(group_size) and group_size >= 16 and k % group_size == 0),
           "weight_only_linear", f"group {group_size} must be a power of two >= 16 dividing K={k}")
@@ -366,6 +753,29 @@ def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_p
             def grid(meta):
                 return (cdiv(n, meta["BLOCK_N"]), 1, cdiv(m, meta["BLOCK_M"]))
             launcher(x2, _wo_kernel_tuned)[grid](*args, **meta)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path):
+    """The decode layout: word GEMV for M <= 16 (CUDA cores below ``WORDS_TC_MIN_M``, tensor cores from it),
+    dequantize + cuBLAS above."""
+    k = x.shape[-1]
+    n = words.shape[0]
+    check(group_size == 0 or (is_pow2(group_size) and group_size >= 16 and k % group_size == 0),
+          "weight_only_linear", f"group {group_size} must be a power of two >= 16 dividing K={k}")
+    cw = _words_meta(words, qdtype, group_size, k)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if path == "auto":
+        path = "gemv" if m <= 16 else "dequant"
+    if path != "gemv":
+        w = _dequantize_words(words, scale, zero_point, qdtype, group_size, k, x.dtype)
+        return F.linear(x, w, bias)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    bits = 4 if qdtype in PACKED_QDTYPES else 8
+    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, words_config(m, n, k, bits, cw))
     return out.reshape(*x.shape[:-1], n)
 
 
