@@ -46,8 +46,8 @@ __all__ = [
     "BYTE_QDTYPES",
     "DEQUANT_CUBLAS_MIN_M",
     "PACKED_QDTYPES",
-    "dequantize_weight",
     "chunk_words",
+    "dequantize_weight",
     "gemv_config",
     "pack_words",
     "unpack_words",
@@ -411,96 +411,95 @@ def unpack_words(words: torch.Tensor, qdtype: str, k: int, group_size: int) -> t
 
 
 @triton.jit
-def _word_code(wv, i: tl.constexpr, BITS: tl.constexpr):
+def _word_code(wv, i: tl.constexpr, BITS: tl.constexpr, mant, one):
     """Code ``i`` of int32 words ``wv`` (offset binary ``u``) as the fp32 ``1 + u / 2**BITS``: the code lands in the
-    top of the mantissa of 1.0 (a shift and one and-or), no int -> float conversion."""
+    top of the mantissa of 1.0 (a shift and one and-or), no int -> float conversion. ``mant``/``one`` are the
+    mask ``(2**BITS - 1) << (23 - BITS)`` and 1.0's bits passed as run-time values: in registers the and-or is
+    one LOP3 (two immediates would take two)."""
     SH: tl.constexpr = 23 - BITS - BITS * i
-    MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
     if SH >= 0:
         t = wv << SH
     else:
         t = wv >> (-SH)
-    return ((t & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+    return ((t & mant) | one).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swn, ssn, ssg, som, sos,
+def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swn, ssn, ssg, som, sos, mant, one,
                 BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
                 HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
                 CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, U: tl.constexpr):
-    """CUDA-core GEMV on the word layout for M <= 4: a ``[BLOCK_N, U chunks, CW words]`` tile per step, every
-    row of the M tile against it (weights read once). Per code: shift, and-or, one FMA into a deferred
-    ``[M, N, U, CW]`` fp32 accumulator; the dequantization is algebra outside the product:
-    ``sum s*(q - z)*x = s*(2**b * sum f*x - (2**b + off + z) * sum x)`` with ``f = 1 + u/2**b``, per group
-    (``GI`` codes of a word share a group) or once at the end (per channel)."""
+    """CUDA-core GEMV on the word layout for M = 1: a ``[BLOCK_N, U chunks, CW words]`` tile per step. Per code:
+    shift, and-or (the code as ``f = 1 + u/2**b``), a subtract of ``d = 1 + (off + z)/2**b`` (exact) and one FMA
+    into a deferred fp32 accumulator of the tile's shape, which the scale multiplies once per group (``GI``
+    codes of a word) or once at the end (per channel): ``s * (q - z) * x = s * 2**b * (f - d) * x``; one
+    reduction after the loop. The activation is loaded in the weight tile's shape (its offsets do not depend on
+    the row; the repeats hit L1) so that both share one register layout: no layout conversion in the loop."""
     PER: tl.constexpr = 32 // BITS
     ONE: tl.constexpr = 1 << BITS
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m4 = offs_m[:, None, None, None]
-    n4 = offs_n[None, :, None, None]
-    u4 = tl.arange(0, U)[None, None, :, None]
-    j4 = tl.arange(0, CW)[None, None, None, :]
-    m_ok = m4 < M
-    n_ok = n4 < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N, U, CW), dtype=tl.float32)
-    xacc = tl.zeros((BLOCK_M, 1, U, CW), dtype=tl.float32)
+    n3 = offs_n[:, None, None]
+    u3 = tl.arange(0, U)[None, :, None]
+    jj = tl.arange(0, CW)
+    j3 = ((jj // 4) * 4 + jj % 4)[None, None, :]  # contiguity 4: x gets the int32 tile's 4-per-thread layout
+    n_ok = n3 < N
+    n2 = offs_n[:, None]
+    u2 = tl.arange(0, U)[None, :]
+    n_ok2 = n2 < N
+    d_n = tl.zeros((BLOCK_N, 1, 1), dtype=tl.float32) + (1.0 + OFF / ONE)
+    if GROUP == 0 and HAS_ZP:
+        d_n += tl.load(z_ptr + n3 * ssn, mask=n_ok, other=0).to(tl.float32) * (1.0 / ONE)
+    acc = tl.zeros((BLOCK_N, U, CW), dtype=tl.float32)
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
     for c0 in range(c_lo, c_hi, U):
-        c4 = c0 + u4
-        c_ok = c4 < c_hi
-        wv = tl.load(w_ptr + n4 * swn + c4 * CW + j4, mask=n_ok & c_ok, other=0)
+        c3 = c0 + u3
+        c_ok = c3 < c_hi
+        wv = tl.load(w_ptr + n3 * swn + c3 * CW + j3, mask=n_ok & c_ok, other=0)
         if SIGNED:
             wv = wv ^ XOR
         for i in tl.static_range(PER):
-            xi = tl.load(x_ptr + m4 * sxm + c4 * (PER * CW) + i * CW + j4, mask=m_ok & c_ok, other=0.0)
-            xi = xi.to(tl.float32)
-            f = _word_code(wv, i, BITS)
+            if GROUP != 0:
+                if i % GI == 0:
+                    c2 = c0 + u2
+                    g = (c2 * (PER * CW) + i * CW) // GROUP
+                    gm = n_ok2 & (c2 < c_hi)
+                    s = tl.load(s_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(tl.float32)[:, :, None]
+                    if HAS_ZP:
+                        d = (1.0 + OFF / ONE) + tl.load(z_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(
+                            tl.float32)[:, :, None] * (1.0 / ONE)
+                    else:
+                        d = d_n
+            else:
+                d = d_n
+            xi = tl.load(x_ptr + n3 * 0 + c3 * (PER * CW) + i * CW + j3, mask=c_ok, other=0.0).to(tl.float32)
+            t = (_word_code(wv, i, BITS, mant, one) - d) * xi
             if GROUP == 0:
-                acc += f * xi
-                xacc += xi
+                acc += t
             else:
                 if i % GI == 0:
-                    a = f * xi
-                    xs = xi
+                    a = t
                 else:
-                    a += f * xi
-                    xs += xi
+                    a += t
                 if i % GI == GI - 1:
-                    g = (c4 * (PER * CW) + (i - GI + 1) * CW) // GROUP
-                    s = tl.load(s_ptr + n4 * ssn + g * ssg, mask=n_ok & c_ok, other=0).to(tl.float32)
-                    if HAS_ZP:
-                        z = tl.load(z_ptr + n4 * ssn + g * ssg, mask=n_ok & c_ok, other=0).to(tl.float32)
-                        cc = s * (ONE + OFF + z)
-                    else:
-                        cc = s * (ONE + OFF)
-                    acc += (s * ONE) * a - cc * xs
-    y = tl.sum(tl.sum(acc, axis=3), axis=2)
-    n_ok2 = offs_n < N
+                    acc += s * a
+    y = tl.sum(tl.sum(acc, axis=2), axis=1) * ONE
+    n_ok1 = offs_n < N
     if GROUP == 0:
-        s_n = tl.load(s_ptr + offs_n * ssn, mask=n_ok2, other=0).to(tl.float32)
-        if HAS_ZP:
-            z_n = tl.load(z_ptr + offs_n * ssn, mask=n_ok2, other=0).to(tl.float32)
-        else:
-            z_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        xsum = tl.sum(tl.sum(xacc, axis=3), axis=2)
-        y = (s_n * ONE)[None, :] * y - (s_n * (ONE + OFF + z_n))[None, :] * xsum
-    mask = (offs_m < M)[:, None] & n_ok2[None, :]
+        y = y * tl.load(s_ptr + offs_n * ssn, mask=n_ok1, other=0).to(tl.float32)
     if PARTIAL:
-        tl.store(o_ptr + pid_k * sos + offs_m[:, None] * som + offs_n[None, :], y, mask=mask)
+        tl.store(o_ptr + pid_k * sos + offs_n, y, mask=n_ok1)
     else:
         if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_ok2, other=0).to(tl.float32)[None, :]
-        tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
+            y += tl.load(b_ptr + offs_n, mask=n_ok1, other=0).to(tl.float32)
+        tl.store(o_ptr + offs_n, y.to(o_ptr.dtype.element_ty), mask=n_ok1)
 
 
 @triton.jit
-def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swn, ssn, ssg, som, sos,
+def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swn, ssn, ssg, som, sos, mant, one,
               BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
               HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
               UPCAST: tl.constexpr, CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -538,15 +537,14 @@ def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
         if SIGNED:
             wv = wv ^ XOR
         for i in tl.static_range(PER):
-            if GROUP != 0:
-                if i % GI == 0:
-                    g = (c * (PER * CW) + i * CW) // GROUP
-                    s = tl.load(s_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
-                    if HAS_ZP:
-                        cc = (ONE + OFF) + tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+            if GROUP != 0 and i % GI == 0:
+                g = (c * (PER * CW) + i * CW) // GROUP
+                s = tl.load(s_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+                if HAS_ZP:
+                    cc = (ONE + OFF) + tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
             xi = tl.load(x_ptr + offs_m[:, None] * sxm + c * (PER * CW) + i * CW + offs_j[None, :],
                          mask=m_ok[:, None], other=0.0)
-            v = _word_code(wv, i, BITS) * ONE - cc[:, None]
+            v = _word_code(wv, i, BITS, mant, one) * ONE - cc[:, None]
             if UPCAST:
                 xo = xi.to(tl.float32)
             else:
@@ -593,7 +591,7 @@ def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
 
 
 @triton.jit
-def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn, ssg,
+def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn, ssg, mant, one,
                    BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
                    XOR: tl.constexpr, CW: tl.constexpr, BLOCK_N: tl.constexpr):
     """The dense weight ``[N, K]`` from the word layout, one chunk per program column: ``(q - z) * s`` in fp32
@@ -617,14 +615,14 @@ def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn, ssg,
         cc = tl.zeros((BLOCK_N,), dtype=tl.float32) + (ONE + OFF)
         if HAS_ZP:
             cc += tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
-        w = (_word_code(wv, i, BITS) * ONE - cc[:, None]) * s[:, None]
+        w = (_word_code(wv, i, BITS, mant, one) * ONE - cc[:, None]) * s[:, None]
         tl.store(o_ptr + offs_n[:, None] * K + c * (PER * CW) + i * CW + offs_j[None, :],
                  w.to(o_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
-WORDS_TC_MIN_M = 5
-"""From this M on (to 16) the word-layout GEMV runs on tensor cores; below it on CUDA cores (one FMA per code and
-row of M: cheaper than padding M to a 16-row dot up to M = 4)."""
+WORDS_TC_MIN_M = 2
+"""From this M on (to 16) the word-layout GEMV runs on tensor cores (M padded to a 16-row dot, masked: no extra
+traffic); M = 1 on CUDA cores."""
 
 _WORDS_TABLE: dict[tuple[str, int, int, int], dict] = {}
 """Measured best configs keyed by (kind, M bucket, N, K): ``tools/bench_kernels.py --sweep`` on the H200."""
@@ -642,13 +640,17 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int) -> dict:
         if tc:
             cfg = {"BLOCK_N": 64, "SWAP": False, "num_warps": 4, "num_stages": 2}
         else:
-            cfg = {"BLOCK_N": 16 if bm == 1 else 8, "U": 4 if cw == 32 else 8, "num_warps": 4, "num_stages": 1}
+            cfg = {"BLOCK_N": 4, "U": 8 if cw == 32 else 16, "num_warps": 4, "num_stages": 1}
     cfg = dict(cfg, BLOCK_M=bm, TC=tc)
     if "SPLIT_K" not in cfg:
         tiles = cdiv(n, cfg["BLOCK_N"])
         step = cfg.get("U", 1)
         cfg["SPLIT_K"] = max(1, min(528 // tiles, nch // (2 * step)))
     return cfg
+
+
+def _word_masks(bits: int) -> tuple[int, int]:
+    return ((1 << bits) - 1) << (23 - bits), 0x3F800000
 
 
 def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
@@ -678,11 +680,12 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
         meta.update(U=step)
     if split == 1:
         launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), words.stride(0),
-                                   ssn, ssg, out.stride(0), 0, HAS_BIAS=bias is not None, PARTIAL=False, **meta)
+                                   ssn, ssg, out.stride(0), 0, *_word_masks(bits), HAS_BIAS=bias is not None, PARTIAL=False,
+                                   **meta)
         return out
     part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
     launcher(x2, kernel)[grid](x2, words, scale, zp, b, part, m, n, nch, ch_split, x2.stride(0), words.stride(0),
-                               ssn, ssg, n, m * n, HAS_BIAS=False, PARTIAL=True, **meta)
+                               ssn, ssg, n, m * n, *_word_masks(bits), HAS_BIAS=False, PARTIAL=True, **meta)
     block = 1024
     launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
                                                         HAS_BIAS=bias is not None, BLOCK=block)
@@ -696,7 +699,7 @@ def _dequantize_words(words, scale, zero_point, qdtype, group, k, dtype):
     out = torch.empty((n, k), device=words.device, dtype=dtype)
     launcher(words, _dequant_words)[(cdiv(n, 32), k // (32 // bits * cw))](
         words, scale, zero_point if zero_point is not None else scale, out, n, k, words.stride(0), scale.stride(0),
-        scale.stride(1) if scale.dim() == 2 else 0, BITS=bits, SIGNED=(PACKED_QDTYPES | BYTE_QDTYPES)[qdtype],
+        scale.stride(1) if scale.dim() == 2 else 0, *_word_masks(bits), BITS=bits, SIGNED=(PACKED_QDTYPES | BYTE_QDTYPES)[qdtype],
         GROUP=group, HAS_ZP=zero_point is not None, XOR=WORD_XOR[bits], CW=cw, BLOCK_N=32)
     return out
 
