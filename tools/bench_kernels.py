@@ -416,6 +416,10 @@ def main() -> None:
                 new = sweep_words(m, k, n, bw)
                 rows.extend(new)
                 best = [r for r in new if r.get("best")]
+                for r in best:  # the rows below run the winners (weight_only._WORDS_TABLE is what the op reads)
+                    c = {key: v for key, v in r["config"].items() if key not in ("BLOCK_M", "TC")}
+                    kind = "tc" if r["config"]["TC"] else "cc"
+                    wo._WORDS_TABLE[(kind, r["config"]["BLOCK_M"], n, k)] = c
                 print(f"sweep M={m} K={k} N={n} ({time.time() - t0:.0f}s):",
                       " ".join(f"{r['us']}" if "us" in r else "err" for r in new), "best", best, flush=True)
                 flush()
@@ -432,6 +436,8 @@ def main() -> None:
                              f"{'/' + r['gemm'] if 'gemm' in r else ''}={r.get('speedup', r.get('error'))}/{r.get('speedup_eager')}"
                              for r in new)
             print(f"M={m} K={k} N={n} ({time.time() - t0:.0f}s): {brief}", flush=True)
+    rows.append({"kernel": "words_table", "table": {"/".join(map(str, key)): v for key, v in wo._WORDS_TABLE.items()},
+                 "device": DEVICE, "date": DATE})
     flush()
 
 
