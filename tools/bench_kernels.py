@@ -207,7 +207,7 @@ def bench_shape(m: int, k: int, n: int, bw: float, quick: bool) -> list[dict]:
         t = measure(wo_maker("int4", g4, False, "gemv", "bytes"), n * k // 2)
         rows.append(row(f"w4a16_g{g4}_asym", m, k, n, g4, t, base, w4_bytes, bw, path="gemv", layout="bytes"))
     if m > 16:
-        for path in ("gemm", "dequant"):
+        for path in ("dequant",) if NO_GEMM[0] else ("gemm", "dequant"):
             t = measure(wo_maker("int4", g4, False, path, "bytes"), n * k // 2)
             rows.append(row(f"w4a16_g{g4}_asym", m, k, n, g4, t, base, w4_bytes, bw, path=path, layout="bytes"))
     if not quick or (k, n) in ((4096, 11008), (11008, 4096)):
@@ -280,7 +280,9 @@ WORDS_SWEEP = {
     "cc": [{"BLOCK_N": bn, "U": u, "num_warps": w, "num_stages": 1, "SPLIT_K": sk}
            for bn, u, w, sk in ((4, 8, 4, 1), (4, 8, 4, 2), (8, 8, 4, 1), (4, 16, 4, 1), (8, 16, 8, 1), (4, 4, 4, 1),
                                 (4, 4, 2, 1), (8, 4, 4, 1), (16, 8, 8, 1), (2, 16, 4, 1), (4, 8, 8, 1), (8, 8, 8, 1),
-                                (4, 16, 8, 1), (8, 4, 4, 2), (2, 8, 2, 1), (4, 4, 4, 4))],
+                                (4, 16, 8, 1), (8, 4, 4, 2), (2, 8, 2, 1), (4, 4, 4, 4))] + [
+        {"BLOCK_N": bn, "U": u, "num_warps": w, "num_stages": st, "SPLIT_K": 1}
+        for bn, u, w, st in ((4, 8, 4, 3), (2, 16, 4, 3), (4, 16, 4, 2), (8, 8, 8, 3))],
     "tc": [{"BLOCK_N": bn, "SWAP": sw, "num_warps": w, "num_stages": st, "SPLIT_K": sk}
            for bn, sw, w, st, sk in ((64, True, 4, 2, 1), (64, True, 4, 2, 2), (64, True, 4, 2, 4), (64, True, 4, 2, 8),
                                      (64, False, 4, 2, 2), (64, False, 4, 2, 4), (128, True, 4, 2, 1),
@@ -368,6 +370,7 @@ def launch_path(k: int, n: int) -> list[dict]:
 DEVICE = ""
 DATE = ""
 SKIP_A8 = False
+NO_GEMM = [False]
 
 
 def main() -> None:
@@ -375,14 +378,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/kernels.json")
     ap.add_argument("--quick", action="store_true", help="secondary schemes only at the goal shape / M >= 128")
-    ap.add_argument("--sweep", action="store_true", help="also sweep the split-K GEMV configs at M = 1, 16")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the word-layout GEMV configs (WORDS_SWEEP)")
     ap.add_argument("--ms", default="1,16,2048,128")
     ap.add_argument("--shapes", default="", help="KxN,KxN,... (default: all of SHAPES)")
     ap.add_argument("--sweep-ms", default="1,16", help="M values the --sweep tries")
     ap.add_argument("--skip-a8", action="store_true", help="weight-only rows and baselines only")
     ap.add_argument("--no-launch-path", action="store_true")
+    ap.add_argument("--no-gemm-path", action="store_true", help="M > 16: skip the tiled-GEMM comparison rows")
+    ap.add_argument("--table-from", default="", help="a --sweep JSON whose best configs the op's table takes")
     args = ap.parse_args()
     SKIP_A8 = args.skip_a8
+    NO_GEMM[0] = args.no_gemm_path
+    if args.table_from:
+        for r in json.loads(Path(args.table_from).read_text())["rows"]:
+            if r.get("best"):
+                c = {key: v for key, v in r["config"].items() if key not in ("BLOCK_M", "TC")}
+                wo._WORDS_TABLE[("tc" if r["config"]["TC"] else "cc", r["config"]["BLOCK_M"], r["N"], r["K"])] = c
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else list(SHAPES)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs CUDA")
@@ -421,7 +432,8 @@ def main() -> None:
                     kind = "tc" if r["config"]["TC"] else "cc"
                     wo._WORDS_TABLE[(kind, r["config"]["BLOCK_M"], n, k)] = c
                 print(f"sweep M={m} K={k} N={n} ({time.time() - t0:.0f}s):",
-                      " ".join(f"{r['us']}" if "us" in r else "err" for r in new), "best", best, flush=True)
+                      " ".join(f"{r['us']}" if "us" in r else "err" for r in new), "best",
+                      [(r["us"], r["eff_bw_frac"], r["config"]) for r in best], flush=True)
                 flush()
     for m in [int(v) for v in args.ms.split(",") if v]:
         for k, n in shapes:
