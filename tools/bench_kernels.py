@@ -277,18 +277,16 @@ def bench_shape(m: int, k: int, n: int, bw: float, quick: bool) -> list[dict]:
 
 
 WORDS_SWEEP = {
-    "cc": [{"BLOCK_N": bn, "U": u, "num_warps": w, "num_stages": 1, "SPLIT_K": sk}
-           for bn, u, w, sk in ((4, 8, 4, 1), (4, 8, 4, 2), (8, 8, 4, 1), (4, 16, 4, 1), (8, 16, 8, 1), (4, 4, 4, 1),
-                                (4, 4, 2, 1), (8, 4, 4, 1), (16, 8, 8, 1), (2, 16, 4, 1), (4, 8, 8, 1), (8, 8, 8, 1),
-                                (4, 16, 8, 1), (8, 4, 4, 2), (2, 8, 2, 1), (4, 4, 4, 4))] + [
-        {"BLOCK_N": bn, "U": u, "num_warps": w, "num_stages": st, "SPLIT_K": 1}
-        for bn, u, w, st in ((4, 8, 4, 3), (2, 16, 4, 3), (4, 16, 4, 2), (8, 8, 8, 3))],
+    "cc": [{"BLOCK_N": bn, "U": u, "num_warps": w, "num_stages": st, "SPLIT_K": sk}
+           for bn, u, w, st, sk in ((2, 8, 2, 1, 1), (4, 8, 2, 1, 1), (2, 16, 4, 1, 1), (4, 16, 4, 1, 1),
+                                    (4, 4, 1, 1, 1), (2, 4, 1, 1, 1), (2, 16, 2, 1, 1), (4, 32, 8, 1, 1),
+                                    (2, 32, 8, 1, 1), (4, 8, 2, 1, 2), (2, 8, 2, 1, 2), (4, 16, 4, 1, 2),
+                                    (4, 8, 2, 3, 1), (4, 16, 4, 3, 1))],
     "tc": [{"BLOCK_N": bn, "SWAP": sw, "num_warps": w, "num_stages": st, "SPLIT_K": sk}
            for bn, sw, w, st, sk in ((64, True, 4, 2, 1), (64, True, 4, 2, 2), (64, True, 4, 2, 4), (64, True, 4, 2, 8),
                                      (64, False, 4, 2, 2), (64, False, 4, 2, 4), (128, True, 4, 2, 1),
-                                     (128, True, 4, 2, 2), (128, True, 4, 2, 4), (128, True, 8, 2, 2),
-                                     (32, False, 4, 2, 4), (32, False, 4, 2, 8), (64, True, 4, 3, 2),
-                                     (64, True, 4, 3, 4), (128, False, 4, 3, 2), (64, True, 4, 4, 4))],
+                                     (128, True, 4, 2, 2), (128, True, 4, 2, 4), (32, False, 4, 2, 4),
+                                     (64, True, 4, 3, 2), (64, True, 4, 3, 4))],
 }
 """Word-layout GEMV configs tried by ``--sweep`` (``weight_only.words_config`` reads the winners from
 ``_WORDS_TABLE``)."""

@@ -39,6 +39,7 @@ from lowbit.kernels._common import (
     m_bucket,
     next_pow2,
     nibbles,
+    pow2_at_most,
     unpack_nibbles,
 )
 
@@ -430,11 +431,12 @@ def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, s
                 HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
                 CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, U: tl.constexpr):
     """CUDA-core GEMV on the word layout for M = 1: a ``[BLOCK_N, U chunks, CW words]`` tile per step. Per code:
-    shift, and-or (the code as ``f = 1 + u/2**b``), a subtract of ``d = 1 + (off + z)/2**b`` (exact) and one FMA
-    into a deferred fp32 accumulator of the tile's shape, which the scale multiplies once per group (``GI``
-    codes of a word) or once at the end (per channel): ``s * (q - z) * x = s * 2**b * (f - d) * x``; one
-    reduction after the loop. The activation is loaded in the weight tile's shape (its offsets do not depend on
-    the row; the repeats hit L1) so that both share one register layout: no layout conversion in the loop."""
+    shift, and-or (the code as ``f = 1 + u/2**b``) and one FMA into a deferred fp32 accumulator of the tile's
+    shape; ``s * (q - z) * x = s * 2**b * (f*x - d*x)`` with ``d = 1 + (off + z)/2**b``, so the activation's
+    running sum (``[1, U, CW]``, shared by the rows) times ``d`` and the scale are applied once per group (``GI``
+    codes of a word) or once at the end (per channel); one reduction after the loop. The activation is loaded as
+    ``[1, U, CW]`` with 4-wide contiguity so that it gets the weight tile's register layout and broadcasts over
+    the rows in registers (no layout conversion in the loop)."""
     PER: tl.constexpr = 32 // BITS
     ONE: tl.constexpr = 1 << BITS
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
@@ -449,10 +451,11 @@ def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, s
     n2 = offs_n[:, None]
     u2 = tl.arange(0, U)[None, :]
     n_ok2 = n2 < N
-    d_n = tl.zeros((BLOCK_N, 1, 1), dtype=tl.float32) + (1.0 + OFF / ONE)
+    d_n = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1.0 + OFF / ONE)
     if GROUP == 0 and HAS_ZP:
-        d_n += tl.load(z_ptr + n3 * ssn, mask=n_ok, other=0).to(tl.float32) * (1.0 / ONE)
+        d_n += tl.load(z_ptr + offs_n * ssn, mask=offs_n < N, other=0).to(tl.float32) * (1.0 / ONE)
     acc = tl.zeros((BLOCK_N, U, CW), dtype=tl.float32)
+    xacc = tl.zeros((1, U, CW), dtype=tl.float32)
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
     for c0 in range(c_lo, c_hi, U):
@@ -462,31 +465,33 @@ def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, s
         if SIGNED:
             wv = wv ^ XOR
         for i in tl.static_range(PER):
-            if GROUP != 0:
+            xi = tl.load(x_ptr + c3 * (PER * CW) + i * CW + j3, mask=c_ok, other=0.0).to(tl.float32)
+            t = _word_code(wv, i, BITS, mant, one) * xi
+            if GROUP == 0:
+                acc += t
+                xacc += xi
+            else:
                 if i % GI == 0:
+                    a = t
+                    xs = xi
+                else:
+                    a += t
+                    xs += xi
+                if i % GI == GI - 1:
                     c2 = c0 + u2
-                    g = (c2 * (PER * CW) + i * CW) // GROUP
+                    g = (c2 * (PER * CW) + (i - GI + 1) * CW) // GROUP
                     gm = n_ok2 & (c2 < c_hi)
                     s = tl.load(s_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(tl.float32)[:, :, None]
                     if HAS_ZP:
                         d = (1.0 + OFF / ONE) + tl.load(z_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(
                             tl.float32)[:, :, None] * (1.0 / ONE)
                     else:
-                        d = d_n
-            else:
-                d = d_n
-            xi = tl.load(x_ptr + n3 * 0 + c3 * (PER * CW) + i * CW + j3, mask=c_ok, other=0.0).to(tl.float32)
-            t = (_word_code(wv, i, BITS, mant, one) - d) * xi
-            if GROUP == 0:
-                acc += t
-            else:
-                if i % GI == 0:
-                    a = t
-                else:
-                    a += t
-                if i % GI == GI - 1:
-                    acc += s * a
-    y = tl.sum(tl.sum(acc, axis=2), axis=1) * ONE
+                        d = 1.0 + OFF / ONE
+                    acc += s * (a - d * xs)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if GROUP == 0:
+        y = y - d_n * tl.sum(tl.sum(xacc, axis=2), axis=1)
+    y = y * ONE
     n_ok1 = offs_n < N
     if GROUP == 0:
         y = y * tl.load(s_ptr + offs_n * ssn, mask=n_ok1, other=0).to(tl.float32)
@@ -640,7 +645,9 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int) -> dict:
         if tc:
             cfg = {"BLOCK_N": 64, "SWAP": False, "num_warps": 4, "num_stages": 2}
         else:
-            cfg = {"BLOCK_N": 4, "U": 8 if cw == 32 else 16, "num_warps": 4, "num_stages": 1}
+            u = min(8 if cw == 32 else 16, pow2_at_most(nch, 16))
+            # x's [1, U, CW] tile must hold 4 words' worth per thread to share the weight tile's layout
+            cfg = {"BLOCK_N": 4, "U": u, "num_warps": max(1, u * cw // 128), "num_stages": 1}
     cfg = dict(cfg, BLOCK_M=bm, TC=tc)
     if "SPLIT_K" not in cfg:
         tiles = cdiv(n, cfg["BLOCK_N"])
