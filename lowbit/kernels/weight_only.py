@@ -1,25 +1,39 @@
-"""W4A16 / W8A16 (and W3/W2, which share the 4-bit storage): weight-only quantized linear on lowbit's layout.
+"""W4A16 / W8A16 (and W3/W2, which share the 4-bit storage): weight-only quantized linear, on two layouts.
 
-Layout: lowbit's stored form, unchanged (design.md "Packed weights"): 4-bit and narrower codes packed two per
-uint8 along K, low nibble = even index, ``[N, K/2]``; int8/uint8 ``[N, K]``; scale ``[N]`` (per channel) or
-``[N, K/g]``; zero point the scale's shape or None. Why no repack: the bytes of a row are contiguous along K,
-which is what both regimes read (a GEMV streams each weight row once, 16-byte loads along K; the tiled GEMM
-loads a ``[BLOCK_N, BLOCK_K/2]`` byte tile K-contiguous, which is the K-major B operand ``tl.dot`` wants after
-the in-register unpack); the checkpoint's buffers are used as they are (no second copy, no lowering-time
-transform to keep in sync with the ONNX/torch backends).
+Stored layout (the checkpoint's, design.md "Packed weights"): 4-bit and narrower codes packed two per uint8
+along K, low nibble = even index, ``[N, K/2]``; int8/uint8 ``[N, K]``; scale ``[N]`` (per channel) or
+``[N, K/g]``; zero point the scale's shape or None. Every path takes it (the byte kernels below).
 
-Numerics = the reference's: each weight is dequantized in fp32 as ``(q - zero_point) * scale`` and rounded to
-the activation dtype (what ``dequantize(..., out_dtype=x.dtype)`` gives), then multiplied with fp32
-accumulation. Results differ from the reference only by accumulation order.
+Decode layout (``pack_words``, made ONCE at lowering by the triton backend; same bytes, the buffers are replaced,
+not copied): int32 words, K-interleaved within chunks of ``32/bits * CW`` codes (``CW`` = 32 or 16 words, from
+``chunk_words``): word ``c*CW + j`` holds codes ``k = c*per*CW + i*CW + j`` at bits ``[bits*i, bits*(i+1))``.
+Why: a GEMV thread's 16-byte load brings 4 words = 32 codes, and for each code position ``i`` the activations
+those 4 words need are contiguous (``x[c*per*CW + i*CW + j .. +4]``: one 8-byte load serves them), where the
+stored layout needs the even and odd K columns apart (stride-2 activation loads) or an in-register interleave;
+a scale group covers whole ``i`` columns of a chunk, so one scale per row per ``i`` (not per element). Scales
+and zero points are stored transposed (``[N, K/g]`` with strides ``(1, N)``) so a row tile's scales of one group
+are one contiguous load. Taken where ``chunk_words`` is non-zero (K a multiple of 256 codes, or 128, and the
+group a multiple of the chunk width): 4096/11008/1536/4864/896 yes, SmolLM2's 576 no (stored layout there).
 
-Regimes:
-- M <= 16 (decode): split-K GEMV. Grid (N tiles, K splits, M tiles); partial sums go to an fp32
-  ``[splits, M, N]`` buffer that a second small kernel sums (deterministic, unlike atomics), adds the bias and
-  casts. M = 1 uses a CUDA-core multiply-reduce (no padding of M to a tensor-core tile); 2..16 use ``tl.dot``.
-  The config comes from ``gemv_config`` (a table keyed by M, N, K; ``tools/bench_kernels.py`` sweeps it).
-- M > 16 (prefill): tiled GEMM with the dequantize in the main loop, autotuned over a small config set keyed
-  by (M bucket, N, K, group). For M >= ``DEQUANT_CUBLAS_MIN_M`` the op dequantizes the weight once with a Triton
-  kernel and calls cuBLAS instead, where that was measured faster (bench/results/kernels.json).
+Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted into the top mantissa bits of
+1.0 (``f = 1 + u/2**b``, one shift and one and-or), and ``s*(q - z)`` is algebra around the products.
+- M = 1, CUDA cores (``_gemv_words``): ``[BLOCK_N, U, CW]`` word tiles, one FMA per code into a deferred fp32
+  accumulator, the activation's running sum times ``d = 1 + (off + z)/2**b`` and the scale applied once per group,
+  one reduction after the loop; grid over N only at the goal shapes (no split-K).
+- 2 <= M <= 16, tensor cores (``_tc_words``): per chunk and code position one ``[16, CW] x [CW, BLOCK_N]`` dot on
+  exact small integers ``q - z`` in the activation dtype (wgmma with the weights as the M side, ``SWAP``), the
+  scale on the fp32 partial once per group; split-K with an fp32 partial buffer and a deterministic reduce kernel.
+- M > 16: one dequantize kernel (bit-exact ``(q - z) * s`` rounded once) and cuBLAS.
+Configs: ``words_config`` (the H200 sweep's table at the goal shapes, a rule elsewhere).
+
+Stored layout kernels (the fallback where the decode layout does not apply, and ``QuantLinear``):
+- M <= 16: split-K GEMV (``_wo_kernel`` with ``HALVES``), config from ``gemv_config``.
+- M > 16: tiled GEMM with the dequantize in the main loop, autotuned; for M >= ``DEQUANT_CUBLAS_MIN_M`` on the
+  GPU the op dequantizes once and calls cuBLAS, where that was measured faster (bench/results/kernels.json).
+
+Numerics: the byte kernels round each dequantized weight to the activation dtype as the reference does; the word
+kernels keep ``(q - z)`` exact and apply the fp32 scale to fp32 partial sums (no bf16 rounding of the weight), so
+both differ from the reference by accumulation order and that rounding only (tests: relative tolerance).
 """
 
 from __future__ import annotations
@@ -629,8 +643,15 @@ WORDS_TC_MIN_M = 2
 """From this M on (to 16) the word-layout GEMV runs on tensor cores (M padded to a 16-row dot, masked: no extra
 traffic); M = 1 on CUDA cores."""
 
-_WORDS_TABLE: dict[tuple[str, int, int, int], dict] = {}
-"""Measured best configs keyed by (kind, M bucket, N, K): ``tools/bench_kernels.py --sweep`` on the H200."""
+_WORDS_TABLE: dict[tuple[str, int, int, int], dict] = {
+    ("cc", 1, 11008, 4096): {"BLOCK_N": 2, "U": 4, "num_warps": 1, "num_stages": 1, "SPLIT_K": 1},
+    ("cc", 1, 4096, 11008): {"BLOCK_N": 4, "U": 8, "num_warps": 2, "num_stages": 3, "SPLIT_K": 1},
+    ("tc", 16, 11008, 4096): {"BLOCK_N": 128, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4},
+    ("tc", 16, 4096, 11008): {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 8},
+}
+"""Best configs keyed by (kind, M bucket, N, K) of the H200 sweep (``tools/bench_kernels.py --sweep``,
+``w4a16_words_sweep`` rows of run C in bench/results/kernels.json, int4 g128 asymmetric). At M = 1 the 14 configs
+tried spread only 22.5-28 µs (4096x11008) apart from the 8-warp ones: the kernel is latency-bound, not tile-bound."""
 
 
 def words_config(m: int, n: int, k: int, bits: int, cw: int) -> dict:
@@ -643,7 +664,7 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int) -> dict:
     nch = k // (per * cw)
     if cfg is None:
         if tc:
-            cfg = {"BLOCK_N": 64, "SWAP": False, "num_warps": 4, "num_stages": 2}
+            cfg = {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2}
         else:
             u = min(8 if cw == 32 else 16, pow2_at_most(nch, 16))
             # x's [1, U, CW] tile must hold 4 words' worth per thread to share the weight tile's layout
@@ -652,7 +673,8 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int) -> dict:
     if "SPLIT_K" not in cfg:
         tiles = cdiv(n, cfg["BLOCK_N"])
         step = cfg.get("U", 1)
-        cfg["SPLIT_K"] = max(1, min(528 // tiles, nch // (2 * step)))
+        # tensor cores: ~10 programs per SM (the sweep's best splits at both goal shapes); CUDA cores: ~4
+        cfg["SPLIT_K"] = max(1, min(8, 1376 // tiles, nch // 2) if tc else min(528 // tiles, nch // (2 * step)))
     return cfg
 
 
