@@ -199,6 +199,7 @@ def test_quant_linear_module_calls_the_ops(device):
     q, s, z = _quantized_weight(32, 128, "int4", 64, False, device)
     x = torch.randn(3, 128, device=device).to(torch.bfloat16)
     mod = QuantLinear(q, s, z, None, "int4", 64)
+    assert mod.qweight.dtype == torch.int32 and mod.qweight.numel() * 4 == q.numel()  # the decode layout
     assert _rel(mod(x), weight_only_linear_ref(x, q, s, z, None, "int4", 64)) <= TOL[torch.bfloat16]
     q8, s8, _ = _quantized_weight(32, 128, "int8", 0, True, device)
     mod8 = QuantLinear(q8, s8, None, None, "int8", 0, "int8", 0)

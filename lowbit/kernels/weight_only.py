@@ -26,7 +26,7 @@ Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted i
 - M > 16: one dequantize kernel (bit-exact ``(q - z) * s`` rounded once) and cuBLAS.
 Configs: ``words_config`` (the H200 sweep's table at the goal shapes, a rule elsewhere).
 
-Stored layout kernels (the fallback where the decode layout does not apply, and ``QuantLinear``):
+Stored layout kernels (the fallback where the decode layout does not apply):
 - M <= 16: split-K GEMV (``_wo_kernel`` with ``HALVES``), config from ``gemv_config``.
 - M > 16: tiled GEMM with the dequantize in the main loop, autotuned; for M >= ``DEQUANT_CUBLAS_MIN_M`` on the
   GPU the op dequantizes once and calls cuBLAS, where that was measured faster (bench/results/kernels.json).
