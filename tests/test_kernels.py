@@ -258,9 +258,12 @@ def test_word_layout_gemv_matches_reference(device, qdtype, group, symmetric, dt
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cfg", [{"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 2, "SPLIT_K": 2},
                                  {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2},
-                                 {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1}])
+                                 {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1},
+                                 {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 2, "SPLIT_K": 1, "PREFETCH": 2},
+                                 {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2,
+                                  "PREFETCH": 1}])
 def test_word_layout_gemv_configs_match_reference(device, cfg):
-    """Split-K partials, a chunk step past the last chunk (3 chunks, U = 2) and both dot orientations."""
+    """Split-K partials, a chunk step past the last chunk (3 chunks, U = 2), both dot orientations, prefetching."""
     from lowbit.kernels import weight_only as wo
 
     q, s, z = _quantized_weight(40, 768, "int4", 128, False, device)

@@ -281,15 +281,20 @@ WORDS_SWEEP = {
            for bn, u, w, st, sk in ((2, 8, 2, 1, 1), (4, 8, 2, 1, 1), (2, 16, 4, 1, 1), (4, 16, 4, 1, 1),
                                     (4, 4, 1, 1, 1), (2, 4, 1, 1, 1), (2, 16, 2, 1, 1), (4, 32, 8, 1, 1),
                                     (2, 32, 8, 1, 1), (4, 8, 2, 1, 2), (2, 8, 2, 1, 2), (4, 16, 4, 1, 2),
-                                    (4, 8, 2, 3, 1), (4, 16, 4, 3, 1))],
+                                    (4, 8, 2, 3, 1), (4, 16, 4, 3, 1))] + [
+        {"BLOCK_N": bn, "U": u, "num_warps": w, "num_stages": 1, "SPLIT_K": 1, "PREFETCH": pf}
+        for bn, u, w, pf in ((2, 4, 1, 2), (4, 8, 2, 2), (4, 4, 1, 2), (2, 8, 2, 2), (4, 16, 4, 2), (2, 4, 1, 1))],
     "tc": [{"BLOCK_N": bn, "SWAP": sw, "num_warps": w, "num_stages": st, "SPLIT_K": sk}
            for bn, sw, w, st, sk in ((64, True, 4, 2, 1), (64, True, 4, 2, 2), (64, True, 4, 2, 4), (64, True, 4, 2, 8),
                                      (64, False, 4, 2, 2), (64, False, 4, 2, 4), (128, True, 4, 2, 1),
                                      (128, True, 4, 2, 2), (128, True, 4, 2, 4), (32, False, 4, 2, 4),
-                                     (64, True, 4, 3, 2), (64, True, 4, 3, 4))],
+                                     (64, True, 4, 3, 2), (64, True, 4, 3, 4))] + [
+        {"BLOCK_N": bn, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": sk, "PREFETCH": pf}
+        for bn, sk, pf in ((64, 8, 2), (128, 4, 2), (64, 4, 1))],
 }
 """Word-layout GEMV configs tried by ``--sweep`` (``weight_only.words_config`` reads the winners from
-``_WORDS_TABLE``)."""
+``_WORDS_TABLE``). The ``PREFETCH`` ones were added after run C (not yet measured). CUDA-core configs keep
+``U * CW = 128 * num_warps`` words per step or more, so the activation tile shares the weight tile's layout."""
 
 
 def sweep_words(m: int, k: int, n: int, bw: float) -> list[dict]:

@@ -440,17 +440,37 @@ def _word_code(wv, i: tl.constexpr, BITS: tl.constexpr, mant, one):
 
 
 @triton.jit
+def _group_sd(s_ptr, z_ptr, n2, n_ok2, c2, c_hi, ssn, ssg, i0: tl.constexpr, PER: tl.constexpr, CW: tl.constexpr,
+              GROUP: tl.constexpr, HAS_ZP: tl.constexpr, OFF: tl.constexpr, ONE: tl.constexpr):
+    """Scale and ``d = 1 + (off + z)/2**b`` (``[BLOCK_N, U, 1]``) of the group holding code position ``i0`` of
+    chunks ``c2``."""
+    g = (c2 * (PER * CW) + i0 * CW) // GROUP
+    gm = n_ok2 & (c2 < c_hi)
+    s = tl.load(s_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(tl.float32)[:, :, None]
+    if HAS_ZP:
+        d = (1.0 + OFF / ONE) + tl.load(z_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(
+            tl.float32)[:, :, None] * (1.0 / ONE)
+    else:
+        d = tl.zeros_like(s) + (1.0 + OFF / ONE)
+    return s, d
+
+
+@triton.jit
 def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swn, ssn, ssg, som, sos, mant, one,
                 BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
                 HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
-                CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, U: tl.constexpr):
+                CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, U: tl.constexpr,
+                PREFETCH: tl.constexpr = 0):
     """CUDA-core GEMV on the word layout for M = 1: a ``[BLOCK_N, U chunks, CW words]`` tile per step. Per code:
     shift, and-or (the code as ``f = 1 + u/2**b``) and one FMA into a deferred fp32 accumulator of the tile's
     shape; ``s * (q - z) * x = s * 2**b * (f*x - d*x)`` with ``d = 1 + (off + z)/2**b``, so the activation's
     running sum (``[1, U, CW]``, shared by the rows) times ``d`` and the scale are applied once per group (``GI``
     codes of a word) or once at the end (per channel); one reduction after the loop. The activation is loaded as
     ``[1, U, CW]`` with 4-wide contiguity so that it gets the weight tile's register layout and broadcasts over
-    the rows in registers (no layout conversion in the loop)."""
+    the rows in registers (no layout conversion in the loop). ``PREFETCH`` = 1 or 2 (not yet measured on a GPU):
+    the words of 1 or 2 steps ahead are loaded in this step (ptxas sinks such a load to the end of the step, so
+    only a distance of 2 overlaps a load with a whole step's arithmetic) and a group's scales before its codes, for
+    the latency-bound loop the H200 sweep found (a quarter of the copy bandwidth whatever the tile)."""
     PER: tl.constexpr = 32 // BITS
     ONE: tl.constexpr = 1 << BITS
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
@@ -472,13 +492,28 @@ def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, s
     xacc = tl.zeros((1, U, CW), dtype=tl.float32)
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    if PREFETCH >= 1:
+        wv_n1 = tl.load(w_ptr + n3 * swn + (c_lo + u3) * CW + j3, mask=n_ok & (c_lo + u3 < c_hi), other=0)
+    if PREFETCH >= 2:
+        wv_n2 = tl.load(w_ptr + n3 * swn + (c_lo + U + u3) * CW + j3, mask=n_ok & (c_lo + U + u3 < c_hi), other=0)
     for c0 in range(c_lo, c_hi, U):
         c3 = c0 + u3
         c_ok = c3 < c_hi
-        wv = tl.load(w_ptr + n3 * swn + c3 * CW + j3, mask=n_ok & c_ok, other=0)
+        if PREFETCH == 1:
+            wv = wv_n1
+            wv_n1 = tl.load(w_ptr + n3 * swn + (c3 + U) * CW + j3, mask=n_ok & (c3 + U < c_hi), other=0)
+        elif PREFETCH == 2:
+            wv = wv_n1
+            wv_n1 = wv_n2
+            wv_n2 = tl.load(w_ptr + n3 * swn + (c3 + 2 * U) * CW + j3, mask=n_ok & (c3 + 2 * U < c_hi), other=0)
+        else:
+            wv = tl.load(w_ptr + n3 * swn + c3 * CW + j3, mask=n_ok & c_ok, other=0)
         if SIGNED:
             wv = wv ^ XOR
         for i in tl.static_range(PER):
+            if GROUP != 0 and PREFETCH > 0 and i % GI == 0:
+                s, d = _group_sd(s_ptr, z_ptr, n2, n_ok2, c0 + u2, c_hi, ssn, ssg, i, PER, CW, GROUP, HAS_ZP,
+                                 OFF, ONE)
             xi = tl.load(x_ptr + c3 * (PER * CW) + i * CW + j3, mask=c_ok, other=0.0).to(tl.float32)
             t = _word_code(wv, i, BITS, mant, one) * xi
             if GROUP == 0:
@@ -492,15 +527,9 @@ def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, s
                     a += t
                     xs += xi
                 if i % GI == GI - 1:
-                    c2 = c0 + u2
-                    g = (c2 * (PER * CW) + (i - GI + 1) * CW) // GROUP
-                    gm = n_ok2 & (c2 < c_hi)
-                    s = tl.load(s_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(tl.float32)[:, :, None]
-                    if HAS_ZP:
-                        d = (1.0 + OFF / ONE) + tl.load(z_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(
-                            tl.float32)[:, :, None] * (1.0 / ONE)
-                    else:
-                        d = 1.0 + OFF / ONE
+                    if PREFETCH == 0:
+                        s, d = _group_sd(s_ptr, z_ptr, n2, n_ok2, c0 + u2, c_hi, ssn, ssg, i - GI + 1, PER, CW,
+                                         GROUP, HAS_ZP, OFF, ONE)
                     acc += s * (a - d * xs)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if GROUP == 0:
@@ -522,7 +551,7 @@ def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
               BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
               HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
               UPCAST: tl.constexpr, CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              SWAP: tl.constexpr):
+              SWAP: tl.constexpr, PREFETCH: tl.constexpr = 0):
     """Tensor-core GEMV on the word layout for 4 < M <= 16: per chunk and code ``i`` one ``[BLOCK_M, CW] x
     [CW, BLOCK_N]`` dot of the activation columns ``i`` against the codes ``i`` of the words, as exact small
     integers ``q - z`` in the activation dtype (shift, and-or, one FMA, a cast); the scale multiplies the fp32
@@ -551,8 +580,24 @@ def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
             cc += tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    if PREFETCH >= 1:  # words of 1 or 2 chunks ahead load while this chunk's dots run (not yet measured on a GPU)
+        wv_n1 = tl.load(w_ptr + offs_n[:, None] * swn + c_lo * CW + offs_j[None, :],
+                        mask=n_ok[:, None] & (c_lo < c_hi), other=0)
+    if PREFETCH >= 2:
+        wv_n2 = tl.load(w_ptr + offs_n[:, None] * swn + (c_lo + 1) * CW + offs_j[None, :],
+                        mask=n_ok[:, None] & (c_lo + 1 < c_hi), other=0)
     for c in range(c_lo, c_hi):
-        wv = tl.load(w_ptr + offs_n[:, None] * swn + c * CW + offs_j[None, :], mask=n_ok[:, None], other=0)
+        if PREFETCH == 1:
+            wv = wv_n1
+            wv_n1 = tl.load(w_ptr + offs_n[:, None] * swn + (c + 1) * CW + offs_j[None, :],
+                            mask=n_ok[:, None] & (c + 1 < c_hi), other=0)
+        elif PREFETCH == 2:
+            wv = wv_n1
+            wv_n1 = wv_n2
+            wv_n2 = tl.load(w_ptr + offs_n[:, None] * swn + (c + 2) * CW + offs_j[None, :],
+                            mask=n_ok[:, None] & (c + 2 < c_hi), other=0)
+        else:
+            wv = tl.load(w_ptr + offs_n[:, None] * swn + c * CW + offs_j[None, :], mask=n_ok[:, None], other=0)
         if SIGNED:
             wv = wv ^ XOR
         for i in tl.static_range(PER):
@@ -703,10 +748,10 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
             "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     if cfg["TC"]:
         kernel = _tc_words
-        meta.update(UPCAST=interpreting(), SWAP=cfg["SWAP"])
+        meta.update(UPCAST=interpreting(), SWAP=cfg["SWAP"], PREFETCH=cfg.get("PREFETCH", 0))
     else:
         kernel = _gemv_words
-        meta.update(U=step)
+        meta.update(U=step, PREFETCH=cfg.get("PREFETCH", 0))
     if split == 1:
         launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), words.stride(0),
                                    ssn, ssg, out.stride(0), 0, *_word_masks(bits), HAS_BIAS=bias is not None, PARTIAL=False,
