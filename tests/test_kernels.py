@@ -199,6 +199,7 @@ def test_quant_linear_module_calls_the_ops(device):
     q, s, z = _quantized_weight(32, 128, "int4", 64, False, device)
     x = torch.randn(3, 128, device=device).to(torch.bfloat16)
     mod = QuantLinear(q, s, z, None, "int4", 64)
+    assert mod.qweight.dtype == torch.int32 and mod.qweight.numel() * 4 == q.numel()  # the decode layout
     assert _rel(mod(x), weight_only_linear_ref(x, q, s, z, None, "int4", 64)) <= TOL[torch.bfloat16]
     q8, s8, _ = _quantized_weight(32, 128, "int8", 0, True, device)
     mod8 = QuantLinear(q8, s8, None, None, "int8", 0, "int8", 0)
@@ -217,3 +218,57 @@ def test_gemv_with_deferred_reduction_matches_reference(device, qdtype, group):
     cfg = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "DEFER": True, "SPLIT_K": 2}
     wo._launch_gemv(x, q, s, z, None, out, qdtype in wo.PACKED_QDTYPES, True, group, cfg)
     assert _rel(out, weight_only_linear_ref(x, q, s, z, None, qdtype, group)) <= TOL[torch.bfloat16]
+
+
+WORDS_CASES = [  # qdtype, group, symmetric, activation dtype, M, K: CUDA-core (M <= 4) and tensor-core (5..16) GEMVs
+    ("int4", 128, True, torch.bfloat16, 1, 512),
+    ("uint4", 64, False, torch.bfloat16, 3, 768),
+    ("int4", 32, True, torch.float16, 16, 256),
+    ("int4", 0, False, torch.bfloat16, 5, 512),
+    ("int3", 16, True, torch.bfloat16, 2, 256),
+    ("int8", 0, True, torch.bfloat16, 1, 256),
+    ("uint8", 64, False, torch.float16, 9, 256),
+    ("int4", 64, False, torch.bfloat16, 20, 512),  # M > 16: dequantize + matmul
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype,group,symmetric,dtype,m,k", WORDS_CASES)
+def test_word_layout_gemv_matches_reference(device, qdtype, group, symmetric, dtype, m, k):
+    """The decode layout (``pack_words``, made once at lowering): round-trips to the stored form bit-exactly, its
+    dequantize kernel is bit-exact, and the GEMVs agree with the reference on the stored form."""
+    from lowbit.kernels.weight_only import pack_words, unpack_words
+
+    n = 48
+    q, s, z = _quantized_weight(n, k, qdtype, group, symmetric, device)
+    words, s2, z2 = pack_words(q, s, z, qdtype, group)
+    assert words.dtype == torch.int32 and words.numel() * 4 == q.numel()  # same bytes
+    assert torch.equal(unpack_words(words, qdtype, k, group).view(torch.uint8), q.view(torch.uint8))
+    ref_w = dequantize(q, s, z, qdtype=qdtype, axis=1 if group else 0, block_size=group or None,
+                       out_dtype=torch.float16)
+    assert torch.equal(dequantize_weight(words, s2, z2, qdtype, group, k, torch.float16), ref_w)
+    x = torch.randn(m, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype)
+    y = weight_only_linear(x, words, s2, z2, bias, qdtype, group)
+    ref = weight_only_linear_ref(x, q, s, z, bias, qdtype, group)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert _rel(y, ref) <= TOL[dtype], (qdtype, group, m)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", [{"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 2, "SPLIT_K": 2},
+                                 {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2},
+                                 {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1},
+                                 {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 2, "SPLIT_K": 1, "PREFETCH": 2},
+                                 {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2,
+                                  "PREFETCH": 1}])
+def test_word_layout_gemv_configs_match_reference(device, cfg):
+    """Split-K partials, a chunk step past the last chunk (3 chunks, U = 2), both dot orientations, prefetching."""
+    from lowbit.kernels import weight_only as wo
+
+    q, s, z = _quantized_weight(40, 768, "int4", 128, False, device)
+    words, s2, z2 = wo.pack_words(q, s, z, "int4", 128)
+    x = torch.randn(1, 768, device=device).to(torch.bfloat16)
+    out = torch.empty(1, 40, device=device, dtype=torch.bfloat16)
+    wo._launch_words(x, words, s2, z2, None, out, "int4", 128, dict(cfg, num_warps=4, num_stages=2))
+    assert _rel(out, weight_only_linear_ref(x, q, s, z, None, "int4", 128)) <= TOL[torch.bfloat16]

@@ -1,13 +1,17 @@
 """lowbit's Triton kernels vs cuBLAS bf16, tinygemm, torchao, ``_int_mm`` and ``_scaled_mm``, side by side in one run.
 
-    python tools/bench_kernels.py [--out bench/results/kernels.json] [--quick] [--sweep]
+    python tools/bench_kernels.py [--out bench/results/kernels.json] [--quick] [--sweep] [--shapes 4096x11008,...]
+                                  [--ms 1,16,2048,128] [--skip-a8]
 
 Times are medians of ``triton.testing.do_bench`` (L2 flushed between calls) of the custom-op call as a model
 calls it (``torch.ops.lowbit.*``: activation quantization included for A8 kernels). ``speedup`` = cuBLAS bf16
 ``F.linear`` time / kernel time at the same shape, same run; ``eff_bw_frac`` = bytes the kernel must move
 (weights, scales, zero points, activation, output) / time / the run's measured device-to-device copy bandwidth.
 Also: the launch path (host wall time per op call, and per call inside a CUDA graph) at the SmolLM2 shapes, and
-with ``--sweep`` the split-K GEMV configs tried at M = 1 and 16 (the best one per shape is reported).
+with ``--sweep`` every word-layout GEMV config of ``WORDS_SWEEP`` at M = 1 (CUDA cores) and 16 (tensor cores),
+the best one per shape marked. Weight-only rows run the layout the triton backend deploys (``layout``: the int32
+decode layout where K and the group allow it, else lowbit's stored bytes); at M <= 16 the stored-byte GEMV is
+measured beside it.
 Needs CUDA.
 """
 
@@ -35,11 +39,6 @@ from lowbit.kernels import weight_only as wo
 MS = (1, 16, 128, 2048)
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (576, 1536), (1536, 576), (896, 4864), (4864, 896))
 SMALL = ((576, 1536), (1536, 576))
-GEMV_SWEEP = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s}
-              for bm, bn, bk, w, s in ((1, 32, 256, 4, 3), (1, 64, 256, 4, 3), (1, 16, 512, 4, 3), (1, 32, 512, 4, 4),
-                                       (1, 64, 128, 4, 4), (16, 64, 128, 4, 3), (16, 32, 256, 4, 3), (16, 128, 128, 4, 4))] + [
-    {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s, "DEFER": True}
-    for bn, bk, w, s in ((32, 256, 4, 3), (16, 256, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4))]
 
 
 def bench(fn, warmup: int = 10, rep: int = 40) -> float:
@@ -183,9 +182,11 @@ def bench_shape(m: int, k: int, n: int, bw: float, quick: bool) -> list[dict]:
     op = torch.ops.lowbit.weight_only_linear
     a8 = torch.ops.lowbit.a8_linear
 
-    def wo_maker(qdtype, group, sym, path="auto"):
+    def wo_maker(qdtype, group, sym, path="auto", layout="words"):
         def make():
             q, s_, z, _ = qweight(n, k, qdtype, group, sym)
+            if layout == "words":  # what the triton backend runs: the decode layout made once at lowering
+                q, s_, z = wo.pack_words(q, s_, z, qdtype, group)
             return lambda: op(x, q, s_, z, None, qdtype, group, path)
         return make
 
@@ -196,15 +197,19 @@ def bench_shape(m: int, k: int, n: int, bw: float, quick: bool) -> list[dict]:
         return make
     w4_bytes = n * k // 2 + n * k // g4 * 5 + act
     t = measure(wo_maker("int4", g4, False), n * k // 2)
-    r = row(f"w4a16_g{g4}_asym", m, k, n, g4, t, base, w4_bytes, bw, path="auto")
+    layout = "words" if wo.chunk_words(k, g4, 4) else "bytes"
+    r = row(f"w4a16_g{g4}_asym", m, k, n, g4, t, base, w4_bytes, bw, path="auto", layout=layout)
     for key in ("tinygemm_us", "torchao_us"):
         if key in extra:
             r["vs_" + key[:-3]] = round(extra[key] / t[0], 3)
     rows.append(r)
+    if m <= 16 and layout == "words":  # the stored byte layout's split-K GEMV, for comparison
+        t = measure(wo_maker("int4", g4, False, "gemv", "bytes"), n * k // 2)
+        rows.append(row(f"w4a16_g{g4}_asym", m, k, n, g4, t, base, w4_bytes, bw, path="gemv", layout="bytes"))
     if m > 16:
-        for path in ("gemm", "dequant"):
-            t = measure(wo_maker("int4", g4, False, path), n * k // 2)
-            rows.append(row(f"w4a16_g{g4}_asym", m, k, n, g4, t, base, w4_bytes, bw, path=path))
+        for path in ("dequant",) if NO_GEMM[0] else ("gemm", "dequant"):
+            t = measure(wo_maker("int4", g4, False, path, "bytes"), n * k // 2)
+            rows.append(row(f"w4a16_g{g4}_asym", m, k, n, g4, t, base, w4_bytes, bw, path=path, layout="bytes"))
     if not quick or (k, n) in ((4096, 11008), (11008, 4096)):
         for name, (qd, g, sym, nbytes) in {
                 "w4a16_g128_sym": ("int4", g4, True, n * k // 2 + n * k // g4 * 4),
@@ -213,6 +218,8 @@ def bench_shape(m: int, k: int, n: int, bw: float, quick: bool) -> list[dict]:
                 "w8a16_perchannel": ("int8", 0, True, n * k + n * 4)}.items():
             t = measure(wo_maker(qd, g, sym), nbytes)
             rows.append(row(name, m, k, n, g, t, base, nbytes + act, bw))
+    if SKIP_A8:
+        return rows
     # ---- A8: int8, fp8 (activation quantization inside the op)
     t = measure(a8_maker("int8", 0, True, "int8", 0), n * k)
     rows.append(row("w8a8_fused_quant", m, k, n, 0, t, base, n * k + act, bw))
@@ -269,30 +276,51 @@ def bench_shape(m: int, k: int, n: int, bw: float, quick: bool) -> list[dict]:
     return rows
 
 
-def sweep_gemv(m: int, k: int, n: int, bw: float) -> list[dict]:
-    """Split-K GEMV configs at one shape (raw launches): the table ``weight_only.gemv_config`` reads."""
+WORDS_SWEEP = {
+    "cc": [{"BLOCK_N": bn, "U": u, "num_warps": w, "num_stages": st, "SPLIT_K": sk}
+           for bn, u, w, st, sk in ((2, 8, 2, 1, 1), (4, 8, 2, 1, 1), (2, 16, 4, 1, 1), (4, 16, 4, 1, 1),
+                                    (4, 4, 1, 1, 1), (2, 4, 1, 1, 1), (2, 16, 2, 1, 1), (4, 32, 8, 1, 1),
+                                    (2, 32, 8, 1, 1), (4, 8, 2, 1, 2), (2, 8, 2, 1, 2), (4, 16, 4, 1, 2),
+                                    (4, 8, 2, 3, 1), (4, 16, 4, 3, 1))] + [
+        {"BLOCK_N": bn, "U": u, "num_warps": w, "num_stages": 1, "SPLIT_K": 1, "PREFETCH": pf}
+        for bn, u, w, pf in ((2, 4, 1, 2), (4, 8, 2, 2), (4, 4, 1, 2), (2, 8, 2, 2), (4, 16, 4, 2), (2, 4, 1, 1))],
+    "tc": [{"BLOCK_N": bn, "SWAP": sw, "num_warps": w, "num_stages": st, "SPLIT_K": sk}
+           for bn, sw, w, st, sk in ((64, True, 4, 2, 1), (64, True, 4, 2, 2), (64, True, 4, 2, 4), (64, True, 4, 2, 8),
+                                     (64, False, 4, 2, 2), (64, False, 4, 2, 4), (128, True, 4, 2, 1),
+                                     (128, True, 4, 2, 2), (128, True, 4, 2, 4), (32, False, 4, 2, 4),
+                                     (64, True, 4, 3, 2), (64, True, 4, 3, 4))] + [
+        {"BLOCK_N": bn, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": sk, "PREFETCH": pf}
+        for bn, sk, pf in ((64, 8, 2), (128, 4, 2), (64, 4, 1))],
+}
+"""Word-layout GEMV configs tried by ``--sweep`` (``weight_only.words_config`` reads the winners from
+``_WORDS_TABLE``). The ``PREFETCH`` ones were added after run C (not yet measured). CUDA-core configs keep
+``U * CW = 128 * num_warps`` words per step or more, so the activation tile shares the weight tile's layout."""
+
+
+def sweep_words(m: int, k: int, n: int, bw: float) -> list[dict]:
+    """Every ``WORDS_SWEEP`` config at one shape (int4 g128 asymmetric, raw launches in a CUDA graph); one row each
+    and the best one marked."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    copies = [qweight(n, k, "int4", 128, False)[:3] for _ in range(n_copies(n * k // 2))]
+    copies = [wo.pack_words(*qweight(n, k, "int4", 128, False)[:3], "int4", 128) for _ in range(n_copies(n * k // 2))]
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    best = None
-    for cfg in GEMV_SWEEP:
-        if (cfg["BLOCK_M"] == 1) != (m == 1):
-            continue
-        for split_scale in (0.5, 1, 2):
-            c = dict(cfg)
-            n_tiles = triton.cdiv(n, c["BLOCK_N"])
-            c["SPLIT_K"] = max(1, min(int(wo.SPLIT_TARGET_PROGRAMS[1] // 2 * split_scale) // n_tiles, k // c["BLOCK_K"]))
-            try:
-                t = bench_graph([lambda q=q, s=s, z=z, c=c: wo._launch_gemv(x, q, s, z, None, out, True, True, 128, c)
-                                 for q, s, z in copies])
-            except Exception:  # noqa: BLE001, S112 - a config that does not compile is skipped
-                continue
-            if best is None or t < best[0]:
-                best = (t, c)
-    t, c = best
+    kind = "tc" if m >= wo.WORDS_TC_MIN_M else "cc"
+    bm = 16 if kind == "tc" else 1
     nbytes = n * k // 2 + n * k // 128 * 5 + 2 * (m * k + m * n)
-    return [{"kernel": "w4a16_gemv_sweep_best", "M": m, "K": k, "N": n, "group": 128, "us": round(t, 2),
-             "config": c, "eff_bw_frac": round(nbytes / (t * 1e-6) / bw, 3), "device": DEVICE, "date": DATE}]
+    rows = []
+    for cfg in WORDS_SWEEP[kind]:
+        c = dict(cfg, BLOCK_M=bm, TC=kind == "tc")
+        try:
+            t = bench_graph([lambda q=q, s=s, z=z, c=c: wo._launch_words(x, q, s, z, None, out, "int4", 128, c)
+                             for q, s, z in copies])
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is recorded and skipped
+            rows.append({"kernel": "w4a16_words_sweep", "M": m, "K": k, "N": n, "config": c, "error": repr(e)[:200]})
+            continue
+        rows.append({"kernel": "w4a16_words_sweep", "M": m, "K": k, "N": n, "group": 128, "us": round(t, 2),
+                     "config": c, "eff_bw_frac": round(nbytes / (t * 1e-6) / bw, 3), "device": DEVICE, "date": DATE})
+    ok = [r for r in rows if "us" in r]
+    if ok:
+        min(ok, key=lambda r: r["us"])["best"] = True
+    return rows
 
 
 def launch_path(k: int, n: int) -> list[dict]:
@@ -344,16 +372,32 @@ def launch_path(k: int, n: int) -> list[dict]:
 
 DEVICE = ""
 DATE = ""
+SKIP_A8 = False
+NO_GEMM = [False]
 
 
 def main() -> None:
-    global DEVICE, DATE
+    global DEVICE, DATE, SKIP_A8
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/kernels.json")
     ap.add_argument("--quick", action="store_true", help="secondary schemes only at the goal shape / M >= 128")
-    ap.add_argument("--sweep", action="store_true", help="also sweep the split-K GEMV configs at M = 1, 16")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the word-layout GEMV configs (WORDS_SWEEP)")
     ap.add_argument("--ms", default="1,16,2048,128")
+    ap.add_argument("--shapes", default="", help="KxN,KxN,... (default: all of SHAPES)")
+    ap.add_argument("--sweep-ms", default="1,16", help="M values the --sweep tries")
+    ap.add_argument("--skip-a8", action="store_true", help="weight-only rows and baselines only")
+    ap.add_argument("--no-launch-path", action="store_true")
+    ap.add_argument("--no-gemm-path", action="store_true", help="M > 16: skip the tiled-GEMM comparison rows")
+    ap.add_argument("--table-from", default="", help="a --sweep JSON whose best configs the op's table takes")
     args = ap.parse_args()
+    SKIP_A8 = args.skip_a8
+    NO_GEMM[0] = args.no_gemm_path
+    if args.table_from:
+        for r in json.loads(Path(args.table_from).read_text())["rows"]:
+            if r.get("best"):
+                c = {key: v for key, v in r["config"].items() if key not in ("BLOCK_M", "TC")}
+                wo._WORDS_TABLE[("tc" if r["config"]["TC"] else "cc", r["config"]["BLOCK_M"], r["N"], r["K"])] = c
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else list(SHAPES)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs CUDA")
     DEVICE, DATE = machine("cuda"), datetime.date.today().isoformat()
@@ -375,18 +419,27 @@ def main() -> None:
         out.write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
 
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    for k, n in SMALL:
+    for k, n in SMALL if not args.no_launch_path else ():
         rows.extend(launch_path(k, n))
         print("launch path", [(r["kernel"], r["eager_wall_us"], r["cuda_graph_us"]) for r in rows[-5:]], flush=True)
     flush()
     if args.sweep:
-        for m in (1, 16):
-            for k, n in ((4096, 11008),):
-                rows.extend(sweep_gemv(m, k, n, bw))
-                print("sweep", rows[-1], flush=True)
+        for m in map(int, args.sweep_ms.split(",")):
+            for k, n in shapes:
+                t0 = time.time()
+                new = sweep_words(m, k, n, bw)
+                rows.extend(new)
+                best = [r for r in new if r.get("best")]
+                for r in best:  # the rows below run the winners (weight_only._WORDS_TABLE is what the op reads)
+                    c = {key: v for key, v in r["config"].items() if key not in ("BLOCK_M", "TC")}
+                    kind = "tc" if r["config"]["TC"] else "cc"
+                    wo._WORDS_TABLE[(kind, r["config"]["BLOCK_M"], n, k)] = c
+                print(f"sweep M={m} K={k} N={n} ({time.time() - t0:.0f}s):",
+                      " ".join(f"{r['us']}" if "us" in r else "err" for r in new), "best",
+                      [(r["us"], r["eff_bw_frac"], r["config"]) for r in best], flush=True)
                 flush()
-    for m in map(int, args.ms.split(",")):
-        for k, n in SHAPES:
+    for m in [int(v) for v in args.ms.split(",") if v]:
+        for k, n in shapes:
             t0 = time.time()
             try:
                 new = bench_shape(m, k, n, bw, args.quick)
@@ -398,6 +451,8 @@ def main() -> None:
                              f"{'/' + r['gemm'] if 'gemm' in r else ''}={r.get('speedup', r.get('error'))}/{r.get('speedup_eager')}"
                              for r in new)
             print(f"M={m} K={k} N={n} ({time.time() - t0:.0f}s): {brief}", flush=True)
+    rows.append({"kernel": "words_table", "table": {"/".join(map(str, key)): v for key, v in wo._WORDS_TABLE.items()},
+                 "device": DEVICE, "date": DATE})
     flush()
 
 

@@ -3,7 +3,9 @@ Triton custom ops, packed weights kept packed on the GPU, the module run under `
 
 Lowering: fuse the graph's quantized linears (``lowbit.ir.fusion.fuse_qlinear``, the IR's own rewrite), build
 the reference FX module (``torch_backend``: params become buffers, parameter-only nodes are folded once), then
-retarget each ``qlinear`` call by ``KERNEL_FORMS`` (a table: which weight/activation formats each op takes). A
+retarget each ``qlinear`` call by ``KERNEL_FORMS`` (a table: which weight/activation formats each op takes);
+weight-only nodes get their buffers rewritten once into the decode layout (int32 words, transposed scales:
+``lowbit.kernels.weight_only.pack_words``; same bytes) where K and the group allow it. A
 node no kernel takes keeps the reference op and ``report`` names it with the reason (shape, dtype, scheme);
 at run time an input the kernel cannot read (a float32 or CPU tensor) also takes the reference — never a wrong
 result. ``torch.compile`` sees through the ops (``torch.library.triton_op``); ``cuda_graphs`` selects
@@ -114,6 +116,10 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int) -> Callable[..., torch.
 
     def run(x, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, **kw):
         if not _runs_kernel(x):
+            if qweight.dtype == torch.int32:  # repacked at lowering: the reference reads the stored form
+                from lowbit.kernels.weight_only import unpack_words
+
+                qweight = unpack_words(qweight, kw["w_qdtype"], x.shape[-1], w_group)
             return qlinear(x, qweight, w_scale, w_zero_point, bias, a_scale, a_zero_point, **kw)
         if op == "weight_only_linear":
             return torch.ops.lowbit.weight_only_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
@@ -132,12 +138,37 @@ def _operand(gm: torch.fx.GraphModule, node: torch.fx.Node, i: int, name: str) -
     return a
 
 
+def _repack_words(gm: torch.fx.GraphModule, node: torch.fx.Node, group: int) -> bool:
+    """Replace a weight-only qlinear's weight, scale and zero point buffers by the decode layout
+    (``lowbit.kernels.weight_only.pack_words``: int32 words, transposed scales) once, in place; False (the
+    stored layout stays) where a buffer is shared with another node or K/group do not allow the layout."""
+    from lowbit.kernels.weight_only import pack_words
+
+    nodes = [node.args[i] if len(node.args) > i else node.kwargs.get(name)
+             for i, name in ((1, "qweight"), (2, "w_scale"), (3, "w_zero_point"))]
+    for a in nodes:  # the weight's dequantize that fuse-qlinear replaced may linger unused: it would read words
+        for u in list(a.users) if isinstance(a, torch.fx.Node) else ():
+            if u is not node and not u.users and getattr(u.target, "__name__", "") == "dequantize":
+                gm.graph.erase_node(u)
+    for a in nodes:
+        if a is not None and not (isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1):
+            return False
+    qw, s, z = (getattr(gm, a.target) if a is not None else None for a in nodes)
+    words, s2, z2 = pack_words(qw, s, z, node.kwargs["w_qdtype"], group)
+    if words.dtype != torch.int32:
+        return False
+    for a, t in zip(nodes, (words, s2, z2), strict=True):
+        if a is not None:
+            gm.register_buffer(a.target, t)
+    return True
+
+
 def retarget(gm: torch.fx.GraphModule) -> dict[str, dict[str, str]]:
     """Point every qlinear the kernels take at its op; returns ``{"kernels": {node: form}, "fallback":
-    {node: reason}}``."""
+    {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold the decode layout)."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
 
-    report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}}
+    report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not qlinear:
             continue
@@ -150,6 +181,8 @@ def retarget(gm: torch.fx.GraphModule) -> dict[str, dict[str, str]]:
             continue
         node.target = _kernel_qlinear(plan.form.op, plan.static["w_group"], plan.static["a_group"])
         report["kernels"][node.name] = plan.form.name
+        if plan.form.op == "weight_only_linear" and _repack_words(gm, node, plan.static["w_group"]):
+            report["layout"][node.name] = "words"
     gm.recompile()
     return report
 
@@ -177,6 +210,8 @@ class TritonCompiled(TorchCompiled):
         for form in self.report["kernels"].values():
             by_form[form] = by_form.get(form, 0) + 1
         lines += [f"  {form}: {n}" for form, n in sorted(by_form.items())]
+        if self.report["layout"]:
+            lines.append(f"  decode layout (int32 words): {len(self.report['layout'])} weight-only nodes")
         lines += [f"  reference: %{name}: {why}" for name, why in self.report["fallback"].items()]
         return "\n".join(lines)
 

@@ -4,8 +4,9 @@ A leaf package (torch + triton only): backends import it, it imports nothing of 
 ops of ``lowbit.ir.quant`` inside the ``*_ref`` functions. Every op is a ``torch.library.triton_op``, so
 ``torch.compile`` traces through it (no graph break) and CUDA graphs capture its launches.
 
-- ``torch.ops.lowbit.weight_only_linear``: W4A16 / W8A16 (and int3/int2 in 4-bit storage); split-K GEMV for
-  M <= 16, tiled GEMM above (``weight_only.py``).
+- ``torch.ops.lowbit.weight_only_linear``: W4A16 / W8A16 (and int3/int2 in 4-bit storage) on the stored layout or
+  the int32 decode layout (``weight_only.pack_words``, made once at lowering): GEMVs for M <= 16, dequantize +
+  cuBLAS or a tiled GEMM above (``weight_only.py``).
 - ``torch.ops.lowbit.quantize_activation``: dynamic per-token / per-group int8 or fp8 quantization in one pass
   (``act_quant.py``).
 - ``torch.ops.lowbit.a8_linear``: W8A8, W4A8 (int8 tensor-core dot) and FP8 e4m3 (rowwise or 64-blocked scales)

@@ -1,8 +1,9 @@
 """``nn.Module`` faces of the ops: a linear layer that keeps its quantized weight packed and calls one kernel.
 
-What a backend (or a benchmark) swaps in for ``nn.Linear``: the buffers are lowbit's stored form, so the module's
-memory is the quantized weight's (codes + scales + zero points), and ``forward`` is one custom-op call that
-``torch.compile`` and CUDA graphs see through.
+What a backend (or a benchmark) swaps in for ``nn.Linear``: the buffers are lowbit's stored form (weight-only: the
+int32 decode layout ``weight_only.pack_words`` makes from it, same bytes, where K and the group allow), so the
+module's memory is the quantized weight's (codes + scales + zero points), and ``forward`` is one custom-op call
+that ``torch.compile`` and CUDA graphs see through.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ class QuantLinear(torch.nn.Module):
                  bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str | None = None,
                  a_group: int = 0) -> None:
         super().__init__()
+        if a_qdtype is None:  # weight-only: the decode layout, as the triton backend lowers it (same bytes)
+            from lowbit.kernels.weight_only import pack_words
+
+            qweight, scale, zero_point = pack_words(qweight, scale, zero_point, w_qdtype, w_group)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)

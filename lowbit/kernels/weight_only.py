@@ -1,25 +1,39 @@
-"""W4A16 / W8A16 (and W3/W2, which share the 4-bit storage): weight-only quantized linear on lowbit's layout.
+"""W4A16 / W8A16 (and W3/W2, which share the 4-bit storage): weight-only quantized linear, on two layouts.
 
-Layout: lowbit's stored form, unchanged (design.md "Packed weights"): 4-bit and narrower codes packed two per
-uint8 along K, low nibble = even index, ``[N, K/2]``; int8/uint8 ``[N, K]``; scale ``[N]`` (per channel) or
-``[N, K/g]``; zero point the scale's shape or None. Why no repack: the bytes of a row are contiguous along K,
-which is what both regimes read (a GEMV streams each weight row once, 16-byte loads along K; the tiled GEMM
-loads a ``[BLOCK_N, BLOCK_K/2]`` byte tile K-contiguous, which is the K-major B operand ``tl.dot`` wants after
-the in-register unpack); the checkpoint's buffers are used as they are (no second copy, no lowering-time
-transform to keep in sync with the ONNX/torch backends).
+Stored layout (the checkpoint's, design.md "Packed weights"): 4-bit and narrower codes packed two per uint8
+along K, low nibble = even index, ``[N, K/2]``; int8/uint8 ``[N, K]``; scale ``[N]`` (per channel) or
+``[N, K/g]``; zero point the scale's shape or None. Every path takes it (the byte kernels below).
 
-Numerics = the reference's: each weight is dequantized in fp32 as ``(q - zero_point) * scale`` and rounded to
-the activation dtype (what ``dequantize(..., out_dtype=x.dtype)`` gives), then multiplied with fp32
-accumulation. Results differ from the reference only by accumulation order.
+Decode layout (``pack_words``, made ONCE at lowering by the triton backend; same bytes, the buffers are replaced,
+not copied): int32 words, K-interleaved within chunks of ``32/bits * CW`` codes (``CW`` = 32 or 16 words, from
+``chunk_words``): word ``c*CW + j`` holds codes ``k = c*per*CW + i*CW + j`` at bits ``[bits*i, bits*(i+1))``.
+Why: a GEMV thread's 16-byte load brings 4 words = 32 codes, and for each code position ``i`` the activations
+those 4 words need are contiguous (``x[c*per*CW + i*CW + j .. +4]``: one 8-byte load serves them), where the
+stored layout needs the even and odd K columns apart (stride-2 activation loads) or an in-register interleave;
+a scale group covers whole ``i`` columns of a chunk, so one scale per row per ``i`` (not per element). Scales
+and zero points are stored transposed (``[N, K/g]`` with strides ``(1, N)``) so a row tile's scales of one group
+are one contiguous load. Taken where ``chunk_words`` is non-zero (K a multiple of 256 codes, or 128, and the
+group a multiple of the chunk width): 4096/11008/1536/4864/896 yes, SmolLM2's 576 no (stored layout there).
 
-Regimes:
-- M <= 16 (decode): split-K GEMV. Grid (N tiles, K splits, M tiles); partial sums go to an fp32
-  ``[splits, M, N]`` buffer that a second small kernel sums (deterministic, unlike atomics), adds the bias and
-  casts. M = 1 uses a CUDA-core multiply-reduce (no padding of M to a tensor-core tile); 2..16 use ``tl.dot``.
-  The config comes from ``gemv_config`` (a table keyed by M, N, K; ``tools/bench_kernels.py`` sweeps it).
-- M > 16 (prefill): tiled GEMM with the dequantize in the main loop, autotuned over a small config set keyed
-  by (M bucket, N, K, group). For M >= ``DEQUANT_CUBLAS_MIN_M`` the op dequantizes the weight once with a Triton
-  kernel and calls cuBLAS instead, where that was measured faster (bench/results/kernels.json).
+Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted into the top mantissa bits of
+1.0 (``f = 1 + u/2**b``, one shift and one and-or), and ``s*(q - z)`` is algebra around the products.
+- M = 1, CUDA cores (``_gemv_words``): ``[BLOCK_N, U, CW]`` word tiles, one FMA per code into a deferred fp32
+  accumulator, the activation's running sum times ``d = 1 + (off + z)/2**b`` and the scale applied once per group,
+  one reduction after the loop; grid over N only at the goal shapes (no split-K).
+- 2 <= M <= 16, tensor cores (``_tc_words``): per chunk and code position one ``[16, CW] x [CW, BLOCK_N]`` dot on
+  exact small integers ``q - z`` in the activation dtype (wgmma with the weights as the M side, ``SWAP``), the
+  scale on the fp32 partial once per group; split-K with an fp32 partial buffer and a deterministic reduce kernel.
+- M > 16: one dequantize kernel (bit-exact ``(q - z) * s`` rounded once) and cuBLAS.
+Configs: ``words_config`` (the H200 sweep's table at the goal shapes, a rule elsewhere).
+
+Stored layout kernels (the fallback where the decode layout does not apply):
+- M <= 16: split-K GEMV (``_wo_kernel`` with ``HALVES``), config from ``gemv_config``.
+- M > 16: tiled GEMM with the dequantize in the main loop, autotuned; for M >= ``DEQUANT_CUBLAS_MIN_M`` on the
+  GPU the op dequantizes once and calls cuBLAS, where that was measured faster (bench/results/kernels.json).
+
+Numerics: the byte kernels round each dequantized weight to the activation dtype as the reference does; the word
+kernels keep ``(q - z)`` exact and apply the fp32 scale to fp32 partial sums (no bf16 rounding of the weight), so
+both differ from the reference by accumulation order and that rounding only (tests: relative tolerance).
 """
 
 from __future__ import annotations
@@ -37,7 +51,9 @@ from lowbit.kernels._common import (
     is_pow2,
     launcher,
     m_bucket,
+    next_pow2,
     nibbles,
+    pow2_at_most,
     unpack_nibbles,
 )
 
@@ -45,8 +61,11 @@ __all__ = [
     "BYTE_QDTYPES",
     "DEQUANT_CUBLAS_MIN_M",
     "PACKED_QDTYPES",
+    "chunk_words",
     "dequantize_weight",
     "gemv_config",
+    "pack_words",
+    "unpack_words",
     "weight_only_linear",
     "weight_only_linear_ref",
 ]
@@ -70,6 +89,8 @@ def weight_only_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.
     """Plain torch: ``dequantize(qweight)`` to ``x.dtype`` (lowbit's reference op), then ``F.linear``."""
     from lowbit.ir.quant import dequantize
 
+    if qweight.dtype == torch.int32:  # the decode layout (``pack_words``): back to the stored form
+        qweight = unpack_words(qweight, qdtype, x.shape[-1], group_size)
     w = dequantize(qweight, scale, zero_point, qdtype=qdtype, axis=1 if group_size else 0,
                    block_size=group_size or None, out_dtype=x.dtype)
     return F.linear(x, w, bias)
@@ -319,6 +340,9 @@ def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, grou
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str,
                       group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """The dense ``[N, K]`` weight in ``dtype`` (Triton kernel): the large-M path's one-off dequantize."""
+    if qweight.dtype == torch.int32:
+        _words_meta(qweight, qdtype, group_size, k)
+        return _dequantize_words(qweight, scale, zero_point, qdtype, group_size, k, dtype)
     packed, signed = _meta(qweight, qdtype, k)
     n = qweight.shape[0]
     out = torch.empty((n, k), device=qweight.device, dtype=dtype)
@@ -330,10 +354,450 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, zero_point: to
     return out
 
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decode layout: int32 words, K-interleaved within a chunk (made once at lowering by ``pack_words``).
+
+WORD_XOR = {4: -2004318072, 8: -2139062144}
+"""0x88888888 / 0x80808080 as int32: XOR with it turns two's-complement codes into offset-binary ``q + 2**(b-1)``."""
+
+
+def chunk_words(k: int, group: int, bits: int) -> int:
+    """Words per row in one chunk of the word layout (32 or 16), or 0 where K/group do not allow it: a chunk holds
+    ``32/bits * CW`` consecutive K indices and every group must cover whole ``CW``-word columns."""
+    per = 32 // bits
+    for cw in (32, 16):
+        if k % (per * cw) == 0 and (group == 0 or group % cw == 0):
+            return cw
+    return 0
+
+
+def _codes(qweight: torch.Tensor, qdtype: str) -> torch.Tensor:
+    """Stored codes ``[N, K]`` as their raw bit patterns (uint8: nibbles 0..15 or bytes)."""
+    if qdtype in PACKED_QDTYPES:
+        lo, hi = qweight & 0xF, qweight >> 4
+        return torch.stack([lo, hi], -1).reshape(qweight.shape[0], -1)
+    return qweight.view(torch.uint8)
+
+
+def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str,
+               group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """lowbit's stored weight -> the decode layout ``(int32 [N, K*bits/32], scale, zero point)``; unchanged
+    tensors where ``chunk_words`` is 0 (the byte-layout kernels take those).
+
+    Word ``c*CW + j`` of a row holds codes ``k = c*per*CW + i*CW + j`` for ``i = 0..per-1`` at bits ``[bits*i,
+    bits*(i+1))`` (``per = 32/bits``): one 16-byte load brings 4 words, and the activation columns code ``i`` of
+    those words needs are contiguous (``x[c*per*CW + i*CW + j]``), so the GEMV reads both with wide loads, and a
+    scale group covers whole columns ``i`` of a chunk (one scale per row per ``i``). Scales and zero points are
+    stored transposed (``[N, K/g]`` with strides ``(1, N)``) so one load of a group's scales across a row tile is
+    contiguous."""
+    packed = qdtype in PACKED_QDTYPES
+    bits = 4 if packed else 8
+    n = qweight.shape[0]
+    k = qweight.shape[1] * (2 if packed else 1)
+    cw = chunk_words(k, group_size, bits)
+    if cw == 0 or qweight.dtype == torch.int32:
+        return qweight, scale, zero_point
+    per = 32 // bits
+    codes = _codes(qweight, qdtype).to(torch.int64).view(n, k // (per * cw), per, cw)
+    words = torch.zeros(n, k // (per * cw), cw, dtype=torch.int64, device=qweight.device)
+    for i in range(per):
+        words |= codes[:, :, i, :] << (bits * i)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).reshape(n, -1)
+    if group_size:
+        scale = scale.t().contiguous().t()
+        zero_point = zero_point.t().contiguous().t() if zero_point is not None else None
+    return words, scale, zero_point
+
+
+def unpack_words(words: torch.Tensor, qdtype: str, k: int, group_size: int) -> torch.Tensor:
+    """The decode layout back to lowbit's stored weight (the reference reads that)."""
+    packed = qdtype in PACKED_QDTYPES
+    bits = 4 if packed else 8
+    per = 32 // bits
+    n = words.shape[0]
+    cw = chunk_words(k, group_size, bits)
+    w = words.to(torch.int64).view(n, k // (per * cw), 1, cw) & 0xFFFFFFFF
+    codes = ((w >> (bits * torch.arange(per, device=words.device).view(1, 1, per, 1))) & (2 ** bits - 1))
+    codes = codes.to(torch.uint8).reshape(n, k)
+    if packed:
+        return codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return codes.view(torch.int8) if qdtype == "int8" else codes
+
+
+@triton.jit
+def _word_code(wv, i: tl.constexpr, BITS: tl.constexpr, mant, one):
+    """Code ``i`` of int32 words ``wv`` (offset binary ``u``) as the fp32 ``1 + u / 2**BITS``: the code lands in the
+    top of the mantissa of 1.0 (a shift and one and-or), no int -> float conversion. ``mant``/``one`` are the
+    mask ``(2**BITS - 1) << (23 - BITS)`` and 1.0's bits passed as run-time values: in registers the and-or is
+    one LOP3 (two immediates would take two)."""
+    SH: tl.constexpr = 23 - BITS - BITS * i
+    if SH >= 0:
+        t = wv << SH
+    else:
+        t = wv >> (-SH)
+    return ((t & mant) | one).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_sd(s_ptr, z_ptr, n2, n_ok2, c2, c_hi, ssn, ssg, i0: tl.constexpr, PER: tl.constexpr, CW: tl.constexpr,
+              GROUP: tl.constexpr, HAS_ZP: tl.constexpr, OFF: tl.constexpr, ONE: tl.constexpr):
+    """Scale and ``d = 1 + (off + z)/2**b`` (``[BLOCK_N, U, 1]``) of the group holding code position ``i0`` of
+    chunks ``c2``."""
+    g = (c2 * (PER * CW) + i0 * CW) // GROUP
+    gm = n_ok2 & (c2 < c_hi)
+    s = tl.load(s_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(tl.float32)[:, :, None]
+    if HAS_ZP:
+        d = (1.0 + OFF / ONE) + tl.load(z_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(
+            tl.float32)[:, :, None] * (1.0 / ONE)
+    else:
+        d = tl.zeros_like(s) + (1.0 + OFF / ONE)
+    return s, d
+
+
+@triton.jit
+def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swn, ssn, ssg, som, sos, mant, one,
+                BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
+                HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
+                CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, U: tl.constexpr,
+                PREFETCH: tl.constexpr = 0):
+    """CUDA-core GEMV on the word layout for M = 1: a ``[BLOCK_N, U chunks, CW words]`` tile per step. Per code:
+    shift, and-or (the code as ``f = 1 + u/2**b``) and one FMA into a deferred fp32 accumulator of the tile's
+    shape; ``s * (q - z) * x = s * 2**b * (f*x - d*x)`` with ``d = 1 + (off + z)/2**b``, so the activation's
+    running sum (``[1, U, CW]``, shared by the rows) times ``d`` and the scale are applied once per group (``GI``
+    codes of a word) or once at the end (per channel); one reduction after the loop. The activation is loaded as
+    ``[1, U, CW]`` with 4-wide contiguity so that it gets the weight tile's register layout and broadcasts over
+    the rows in registers (no layout conversion in the loop). ``PREFETCH`` = 1 or 2 (not yet measured on a GPU):
+    the words of 1 or 2 steps ahead are loaded in this step (ptxas sinks such a load to the end of the step, so
+    only a distance of 2 overlaps a load with a whole step's arithmetic) and a group's scales before its codes, for
+    the latency-bound loop the H200 sweep found (a quarter of the copy bandwidth whatever the tile)."""
+    PER: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = 1 << BITS
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n3 = offs_n[:, None, None]
+    u3 = tl.arange(0, U)[None, :, None]
+    jj = tl.arange(0, CW)
+    j3 = ((jj // 4) * 4 + jj % 4)[None, None, :]  # contiguity 4: x gets the int32 tile's 4-per-thread layout
+    n_ok = n3 < N
+    n2 = offs_n[:, None]
+    u2 = tl.arange(0, U)[None, :]
+    n_ok2 = n2 < N
+    d_n = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1.0 + OFF / ONE)
+    if GROUP == 0 and HAS_ZP:
+        d_n += tl.load(z_ptr + offs_n * ssn, mask=offs_n < N, other=0).to(tl.float32) * (1.0 / ONE)
+    acc = tl.zeros((BLOCK_N, U, CW), dtype=tl.float32)
+    xacc = tl.zeros((1, U, CW), dtype=tl.float32)
+    c_lo = pid_k * CH_SPLIT
+    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    if PREFETCH >= 1:
+        wv_n1 = tl.load(w_ptr + n3 * swn + (c_lo + u3) * CW + j3, mask=n_ok & (c_lo + u3 < c_hi), other=0)
+    if PREFETCH >= 2:
+        wv_n2 = tl.load(w_ptr + n3 * swn + (c_lo + U + u3) * CW + j3, mask=n_ok & (c_lo + U + u3 < c_hi), other=0)
+    for c0 in range(c_lo, c_hi, U):
+        c3 = c0 + u3
+        c_ok = c3 < c_hi
+        if PREFETCH == 1:
+            wv = wv_n1
+            wv_n1 = tl.load(w_ptr + n3 * swn + (c3 + U) * CW + j3, mask=n_ok & (c3 + U < c_hi), other=0)
+        elif PREFETCH == 2:
+            wv = wv_n1
+            wv_n1 = wv_n2
+            wv_n2 = tl.load(w_ptr + n3 * swn + (c3 + 2 * U) * CW + j3, mask=n_ok & (c3 + 2 * U < c_hi), other=0)
+        else:
+            wv = tl.load(w_ptr + n3 * swn + c3 * CW + j3, mask=n_ok & c_ok, other=0)
+        if SIGNED:
+            wv = wv ^ XOR
+        for i in tl.static_range(PER):
+            if GROUP != 0 and PREFETCH > 0 and i % GI == 0:
+                s, d = _group_sd(s_ptr, z_ptr, n2, n_ok2, c0 + u2, c_hi, ssn, ssg, i, PER, CW, GROUP, HAS_ZP,
+                                 OFF, ONE)
+            xi = tl.load(x_ptr + c3 * (PER * CW) + i * CW + j3, mask=c_ok, other=0.0).to(tl.float32)
+            t = _word_code(wv, i, BITS, mant, one) * xi
+            if GROUP == 0:
+                acc += t
+                xacc += xi
+            else:
+                if i % GI == 0:
+                    a = t
+                    xs = xi
+                else:
+                    a += t
+                    xs += xi
+                if i % GI == GI - 1:
+                    if PREFETCH == 0:
+                        s, d = _group_sd(s_ptr, z_ptr, n2, n_ok2, c0 + u2, c_hi, ssn, ssg, i - GI + 1, PER, CW,
+                                         GROUP, HAS_ZP, OFF, ONE)
+                    acc += s * (a - d * xs)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if GROUP == 0:
+        y = y - d_n * tl.sum(tl.sum(xacc, axis=2), axis=1)
+    y = y * ONE
+    n_ok1 = offs_n < N
+    if GROUP == 0:
+        y = y * tl.load(s_ptr + offs_n * ssn, mask=n_ok1, other=0).to(tl.float32)
+    if PARTIAL:
+        tl.store(o_ptr + pid_k * sos + offs_n, y, mask=n_ok1)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_ok1, other=0).to(tl.float32)
+        tl.store(o_ptr + offs_n, y.to(o_ptr.dtype.element_ty), mask=n_ok1)
+
+
+@triton.jit
+def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swn, ssn, ssg, som, sos, mant, one,
+              BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
+              HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
+              UPCAST: tl.constexpr, CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              SWAP: tl.constexpr, PREFETCH: tl.constexpr = 0):
+    """Tensor-core GEMV on the word layout for 4 < M <= 16: per chunk and code ``i`` one ``[BLOCK_M, CW] x
+    [CW, BLOCK_N]`` dot of the activation columns ``i`` against the codes ``i`` of the words, as exact small
+    integers ``q - z`` in the activation dtype (shift, and-or, one FMA, a cast); the scale multiplies the fp32
+    partial once per group (``GI`` codes), or once at the end (per channel). ``SWAP`` computes ``out.T`` (weights
+    as the dot's M side)."""
+    PER: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = 1 << BITS
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, CW)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    cc = tl.zeros((BLOCK_N,), dtype=tl.float32) + (ONE + OFF)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if GROUP == 0:
+        s = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            cc += tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+    c_lo = pid_k * CH_SPLIT
+    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    if PREFETCH >= 1:  # words of 1 or 2 chunks ahead load while this chunk's dots run (not yet measured on a GPU)
+        wv_n1 = tl.load(w_ptr + offs_n[:, None] * swn + c_lo * CW + offs_j[None, :],
+                        mask=n_ok[:, None] & (c_lo < c_hi), other=0)
+    if PREFETCH >= 2:
+        wv_n2 = tl.load(w_ptr + offs_n[:, None] * swn + (c_lo + 1) * CW + offs_j[None, :],
+                        mask=n_ok[:, None] & (c_lo + 1 < c_hi), other=0)
+    for c in range(c_lo, c_hi):
+        if PREFETCH == 1:
+            wv = wv_n1
+            wv_n1 = tl.load(w_ptr + offs_n[:, None] * swn + (c + 1) * CW + offs_j[None, :],
+                            mask=n_ok[:, None] & (c + 1 < c_hi), other=0)
+        elif PREFETCH == 2:
+            wv = wv_n1
+            wv_n1 = wv_n2
+            wv_n2 = tl.load(w_ptr + offs_n[:, None] * swn + (c + 2) * CW + offs_j[None, :],
+                            mask=n_ok[:, None] & (c + 2 < c_hi), other=0)
+        else:
+            wv = tl.load(w_ptr + offs_n[:, None] * swn + c * CW + offs_j[None, :], mask=n_ok[:, None], other=0)
+        if SIGNED:
+            wv = wv ^ XOR
+        for i in tl.static_range(PER):
+            if GROUP != 0 and i % GI == 0:
+                g = (c * (PER * CW) + i * CW) // GROUP
+                s = tl.load(s_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+                if HAS_ZP:
+                    cc = (ONE + OFF) + tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+            xi = tl.load(x_ptr + offs_m[:, None] * sxm + c * (PER * CW) + i * CW + offs_j[None, :],
+                         mask=m_ok[:, None], other=0.0)
+            v = _word_code(wv, i, BITS, mant, one) * ONE - cc[:, None]
+            if UPCAST:
+                xo = xi.to(tl.float32)
+            else:
+                v = v.to(xi.dtype)
+                xo = xi
+            if SWAP:
+                a_op = v
+                b_op = tl.trans(xo)
+            else:
+                a_op = xo
+                b_op = tl.trans(v)
+            if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 holds these values exactly
+                d = tl.dot(a_op, b_op, input_precision="ieee")
+            else:
+                d = tl.dot(a_op, b_op)
+            if GROUP == 0:
+                acc += d
+            else:
+                if i % GI == 0:
+                    p = d
+                else:
+                    p += d
+                if i % GI == GI - 1:
+                    if SWAP:
+                        acc += p * s[:, None]
+                    else:
+                        acc += p * s[None, :]
+    if GROUP == 0:
+        if SWAP:
+            acc = acc * s[:, None]
+        else:
+            acc = acc * s[None, :]
+    if SWAP:
+        y = tl.trans(acc)
+    else:
+        y = acc
+    mask = m_ok[:, None] & n_ok[None, :]
+    if PARTIAL:
+        tl.store(o_ptr + pid_k * sos + offs_m[:, None] * som + offs_n[None, :], y, mask=mask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+        tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn, ssg, mant, one,
+                   BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                   XOR: tl.constexpr, CW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dense weight ``[N, K]`` from the word layout, one chunk per program column: ``(q - z) * s`` in fp32
+    (the reference's arithmetic: ``q - z`` is exact), rounded once to the output dtype."""
+    PER: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = 1 << BITS
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1)
+    offs_j = tl.arange(0, CW)
+    n_ok = offs_n < N
+    wv = tl.load(w_ptr + offs_n[:, None] * swn + c * CW + offs_j[None, :], mask=n_ok[:, None], other=0)
+    if SIGNED:
+        wv = wv ^ XOR
+    for i in tl.static_range(PER):
+        if GROUP == 0:
+            g = 0
+        else:
+            g = (c * (PER * CW) + i * CW) // GROUP
+        s = tl.load(s_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+        cc = tl.zeros((BLOCK_N,), dtype=tl.float32) + (ONE + OFF)
+        if HAS_ZP:
+            cc += tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+        w = (_word_code(wv, i, BITS, mant, one) * ONE - cc[:, None]) * s[:, None]
+        tl.store(o_ptr + offs_n[:, None] * K + c * (PER * CW) + i * CW + offs_j[None, :],
+                 w.to(o_ptr.dtype.element_ty), mask=n_ok[:, None])
+
+
+WORDS_TC_MIN_M = 2
+"""From this M on (to 16) the word-layout GEMV runs on tensor cores (M padded to a 16-row dot, masked: no extra
+traffic); M = 1 on CUDA cores."""
+
+_WORDS_TABLE: dict[tuple[str, int, int, int], dict] = {
+    ("cc", 1, 11008, 4096): {"BLOCK_N": 2, "U": 4, "num_warps": 1, "num_stages": 1, "SPLIT_K": 1},
+    ("cc", 1, 4096, 11008): {"BLOCK_N": 4, "U": 8, "num_warps": 2, "num_stages": 3, "SPLIT_K": 1},
+    ("tc", 16, 11008, 4096): {"BLOCK_N": 128, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4},
+    ("tc", 16, 4096, 11008): {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 8},
+}
+"""Best configs keyed by (kind, M bucket, N, K) of the H200 sweep (``tools/bench_kernels.py --sweep``,
+``w4a16_words_sweep`` rows of run C in bench/results/kernels.json, int4 g128 asymmetric). At M = 1 the 14 configs
+tried spread only 22.5-28 µs (4096x11008) apart from the 8-warp ones: the kernel is latency-bound, not tile-bound."""
+
+
+def words_config(m: int, n: int, k: int, bits: int, cw: int) -> dict:
+    """Tile sizes, warps, split for the word-layout GEMV: the sweep's table where it has the shape, else a rule
+    that aims at ~4 programs per SM of the H200 (132) and splits K only when N alone cannot."""
+    tc = m >= WORDS_TC_MIN_M
+    bm = 16 if tc else next_pow2(m)
+    cfg = _WORDS_TABLE.get(("tc" if tc else "cc", bm, n, k))
+    per = 32 // bits
+    nch = k // (per * cw)
+    if cfg is None:
+        if tc:
+            cfg = {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2}
+        else:
+            u = min(8 if cw == 32 else 16, pow2_at_most(nch, 16))
+            # x's [1, U, CW] tile must hold 4 words' worth per thread to share the weight tile's layout
+            cfg = {"BLOCK_N": 4, "U": u, "num_warps": max(1, u * cw // 128), "num_stages": 1}
+    cfg = dict(cfg, BLOCK_M=bm, TC=tc)
+    if "SPLIT_K" not in cfg:
+        tiles = cdiv(n, cfg["BLOCK_N"])
+        step = cfg.get("U", 1)
+        # tensor cores: ~10 programs per SM (the sweep's best splits at both goal shapes); CUDA cores: ~4
+        cfg["SPLIT_K"] = max(1, min(8, 1376 // tiles, nch // 2) if tc else min(528 // tiles, nch // (2 * step)))
+    return cfg
+
+
+def _word_masks(bits: int) -> tuple[int, int]:
+    return ((1 << bits) - 1) << (23 - bits), 0x3F800000
+
+
+def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
+    m, k = x2.shape
+    n = words.shape[0]
+    bits = 4 if qdtype in PACKED_QDTYPES else 8
+    signed = (PACKED_QDTYPES | BYTE_QDTYPES)[qdtype]
+    cw = chunk_words(k, group, bits)
+    per = 32 // bits
+    nch = k // (per * cw)
+    step = cfg.get("U", 1)
+    ch_split = cdiv(cdiv(nch, cfg["SPLIT_K"]), step) * step
+    split = cdiv(nch, ch_split)
+    grid = (cdiv(n, cfg["BLOCK_N"]), split, cdiv(m, cfg["BLOCK_M"]))
+    zp = zero_point if zero_point is not None else scale
+    b = bias if bias is not None else scale
+    ssn = scale.stride(0)
+    ssg = scale.stride(1) if scale.dim() == 2 else 0
+    meta = {"BITS": bits, "SIGNED": signed, "GROUP": group, "GI": per if group == 0 else min(per, group // cw),
+            "HAS_ZP": zero_point is not None, "XOR": WORD_XOR[bits], "CW": cw, "BLOCK_M": cfg["BLOCK_M"],
+            "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg["TC"]:
+        kernel = _tc_words
+        meta.update(UPCAST=interpreting(), SWAP=cfg["SWAP"], PREFETCH=cfg.get("PREFETCH", 0))
+    else:
+        kernel = _gemv_words
+        meta.update(U=step, PREFETCH=cfg.get("PREFETCH", 0))
+    if split == 1:
+        launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), words.stride(0),
+                                   ssn, ssg, out.stride(0), 0, *_word_masks(bits), HAS_BIAS=bias is not None, PARTIAL=False,
+                                   **meta)
+        return out
+    part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+    launcher(x2, kernel)[grid](x2, words, scale, zp, b, part, m, n, nch, ch_split, x2.stride(0), words.stride(0),
+                               ssn, ssg, n, m * n, *_word_masks(bits), HAS_BIAS=False, PARTIAL=True, **meta)
+    block = 1024
+    launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
+                                                        HAS_BIAS=bias is not None, BLOCK=block)
+    return out
+
+
+def _dequantize_words(words, scale, zero_point, qdtype, group, k, dtype):
+    n = words.shape[0]
+    bits = 4 if qdtype in PACKED_QDTYPES else 8
+    cw = chunk_words(k, group, bits)
+    out = torch.empty((n, k), device=words.device, dtype=dtype)
+    launcher(words, _dequant_words)[(cdiv(n, 32), k // (32 // bits * cw))](
+        words, scale, zero_point if zero_point is not None else scale, out, n, k, words.stride(0), scale.stride(0),
+        scale.stride(1) if scale.dim() == 2 else 0, *_word_masks(bits), BITS=bits, SIGNED=(PACKED_QDTYPES | BYTE_QDTYPES)[qdtype],
+        GROUP=group, HAS_ZP=zero_point is not None, XOR=WORD_XOR[bits], CW=cw, BLOCK_N=32)
+    return out
+
+
+def _words_meta(words: torch.Tensor, qdtype: str, group: int, k: int) -> int:
+    check(qdtype in PACKED_QDTYPES or qdtype in BYTE_QDTYPES, "weight_only_linear",
+          f"qdtype {qdtype!r} is not int8/uint8/int4/uint4/int3/int2")
+    bits = 4 if qdtype in PACKED_QDTYPES else 8
+    cw = chunk_words(k, group, bits)
+    check(cw > 0 and words.shape[1] * 32 == k * bits, "weight_only_linear",
+          f"int32 word-layout weight {tuple(words.shape)} does not fit K={k}, {qdtype}, group {group} "
+          "(pack_words makes it)")
+    return cw
+
+
 def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
              bias: torch.Tensor | None, qdtype: str, group_size: int, path: str) -> torch.Tensor:
     k = x.shape[-1]
     n = qweight.shape[0]
+    if qweight.dtype == torch.int32:
+        return _wo_words(x, qweight, scale, zero_point, bias, qdtype, group_size, path)
+    if scale.dim() == 2 and scale.stride(1) != 1:
+        scale = scale.contiguous()
+        zero_point = zero_point.contiguous() if zero_point is not None else None
     packed, signed = _meta(qweight, qdtype, k)
     check(group_size == 0 or (is_pow2(group_size) and group_size >= 16 and k % group_size == 0),
           "weight_only_linear", f"group {group_size} must be a power of two >= 16 dividing K={k}")
@@ -366,6 +830,29 @@ def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_p
             def grid(meta):
                 return (cdiv(n, meta["BLOCK_N"]), 1, cdiv(m, meta["BLOCK_M"]))
             launcher(x2, _wo_kernel_tuned)[grid](*args, **meta)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path):
+    """The decode layout: word GEMV for M <= 16 (CUDA cores below ``WORDS_TC_MIN_M``, tensor cores from it),
+    dequantize + cuBLAS above."""
+    k = x.shape[-1]
+    n = words.shape[0]
+    check(group_size == 0 or (is_pow2(group_size) and group_size >= 16 and k % group_size == 0),
+          "weight_only_linear", f"group {group_size} must be a power of two >= 16 dividing K={k}")
+    cw = _words_meta(words, qdtype, group_size, k)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if path == "auto":
+        path = "gemv" if m <= 16 else "dequant"
+    if path != "gemv":
+        w = _dequantize_words(words, scale, zero_point, qdtype, group_size, k, x.dtype)
+        return F.linear(x, w, bias)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    bits = 4 if qdtype in PACKED_QDTYPES else 8
+    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, words_config(m, n, k, bits, cw))
     return out.reshape(*x.shape[:-1], n)
 
 
