@@ -5,18 +5,31 @@ The cache is the real form of the ``quantize(kv=...)`` accuracy model (docs/desi
 
 * **keys** per channel over blocks of ``k_block`` tokens (KIVI): ``k_scale``/``k_zero`` are
   ``[B, Hkv, S / k_block, D]``; **values** per token over groups of ``v_group`` channels: ``v_scale``/``v_zero``
-  are ``[B, Hkv, S, D / v_group]``. Asymmetric min/max qparams, as ``lowbit.ir.quant.qparams_from_range``.
+  are ``[B, Hkv, S, D / v_group]``. Asymmetric min/max qparams, as ``lowbit.ir.quant.qparams_from_range``; scales
+  float32 (exact against the accuracy model; the kernel also reads float16/bfloat16 scales, a smaller cache).
 * codes are stored unsigned (``code - qmin``), ``8 / bits`` per byte along ``D``, the lowest index in the
-  lowest bits: ``[B, Hkv, S, D * bits / 8]`` uint8. ``*_zero`` holds ``zero_point - qmin`` as float, so a value is
-  ``(stored - zero) * scale`` — the same float32 arithmetic as ``dequantize``'s ``(q - zero_point) * scale``.
+  lowest bits: ``[B, Hkv, S, D * bits / 8]`` uint8. ``*_zero`` holds ``zero_point - qmin`` as uint8 (an integer
+  in ``[0, 2**bits)``: exact in one byte), so a value is ``(stored - zero) * scale`` — the same float32 arithmetic
+  as ``dequantize``'s ``(q - zero_point) * scale``.
 * a query at ``position`` reads the quantized copy of tokens ``[lo, hi)`` (``lo`` = the attention sink, ``hi`` =
   ``position - window + 1``: older than the float window) and a small float buffer for the rest (the sink and
   the recent window, ``k_float``/``v_float`` with a validity mask), exactly the split the accuracy model's mask
   makes.
 
-``decode_attention_reference`` is plain torch; ``decode_attention`` runs the quantized part as a Triton kernel
-split over the sequence (``split`` tokens per program, for long contexts and small batches), merges the
-partial softmaxes (and the float part) by log-sum-exp.
+``decode_attention_reference`` is plain torch; ``decode_attention`` is flash-decoding in two Triton kernels:
+
+1. ``_split_kernel``, grid ``(splits, B * Hkv)``: one program reads a chunk of ``split`` tokens of one (sequence,
+   kv head) ONCE for all the query heads sharing it under GQA, ``BLOCK_N`` tokens per step (whole key-scale
+   blocks: the key scale/zero are ``BLOCK_N / k_block`` rows per step, the value scales one row per token);
+   packed codes are loaded as contiguous byte rows (vectorised 16-byte loads) and unpacked in registers. Scales
+   fold out of the inner products (``sum_d (u - z) s q = sum_d u (s q) - sum_d z s q`` for keys, the same per
+   value group with ``p s``), so a code costs one convert and one FMA. It writes the chunk's running max, sum
+   and un-normalised output (fp32, base-2 exponent).
+2. ``_reduce_kernel``, grid ``(B, Hq)``: attends to the small float buffer (sink + recent window) and merges it
+   with every chunk by log-sum-exp.
+
+Without GQA (one query head per kv head) the inner products are register reductions; with GQA the heads of a
+group are the rows of ``tl.dot`` (padded to 16), so codes are still read once per group.
 """
 
 from __future__ import annotations
@@ -89,7 +102,7 @@ def quantize_keys(k: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor,
     kb = k.float().reshape(b, h, s // block, block, d)
     scale, zp = _qparams(kb.amin(3), kb.amax(3), bits)
     codes = _codes(kb, scale.unsqueeze(3), zp.unsqueeze(3), bits).reshape(b, h, s, d)
-    return pack_codes(codes, bits), scale, zp - _qrange(bits)[0]
+    return pack_codes(codes, bits), scale, (zp - _qrange(bits)[0]).to(torch.uint8)
 
 
 def quantize_values(v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,7 +113,7 @@ def quantize_values(v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     vg = v.float().reshape(b, h, s, d // group, group)
     scale, zp = _qparams(vg.amin(-1), vg.amax(-1), bits)
     codes = _codes(vg, scale.unsqueeze(-1), zp.unsqueeze(-1), bits).reshape(b, h, s, d)
-    return pack_codes(codes, bits), scale, zp - _qrange(bits)[0]
+    return pack_codes(codes, bits), scale, (zp - _qrange(bits)[0]).to(torch.uint8)
 
 
 def dequantize_keys(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -166,112 +179,210 @@ if triton is not None:
         return out.to(tl.float32)
 
     @triton.jit
-    def _quantized_split_kernel(
+    def _split_kernel(
         Q, KC, KS, KZ, VC, VS, VZ, LO, HI, ACC, M, L,
         s_qb, s_qh, s_kcb, s_kch, s_kcs, s_ksb, s_ksh, s_kss, s_vcb, s_vch, s_vcs, s_vsb, s_vsh, s_vss,
-        s_ab, s_ah, s_as, s_mb, s_mh, sm_scale, split,
-        GROUPS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr,
+        s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split, n_tokens,
+        HKV: tl.constexpr, GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """One (sequence, query head, split): online softmax over the split's quantized tokens, one key-scale block
-        (``K_BLOCK`` tokens) per inner step, so the key scales are one row per step."""
-        pid_b = tl.program_id(0)
-        pid_h = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        kvh = pid_h // GROUPS
+        """One (chunk, sequence, kv head): online softmax (base 2) of all ``GROUPS`` query heads over the chunk's
+        quantized tokens in ``[lo, hi)``."""
+        pid_s = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // HKV
+        kvh = pid_bh % HKV
         PER: tl.constexpr = 8 // BITS
         DB: tl.constexpr = D // PER
         NG: tl.constexpr = D // V_GROUP
+        NKB: tl.constexpr = BLOCK_N // K_BLOCK
         offs_d = tl.arange(0, D)
         offs_b = tl.arange(0, DB)
         offs_g = tl.arange(0, NG)
-        q = tl.load(Q + pid_b * s_qb + pid_h * s_qh + offs_d).to(tl.float32) * sm_scale
-        lo = tl.load(LO + pid_b)
-        hi = tl.load(HI + pid_b)
-        start = tl.maximum(pid_s * split, (lo // K_BLOCK) * K_BLOCK)
-        end = tl.minimum((pid_s + 1) * split, hi)
-        m_i = -float("inf")
-        l_i = 0.0
-        acc = tl.zeros([D], dtype=tl.float32)
-        kc_base = KC + pid_b * s_kcb + kvh * s_kch
-        vc_base = VC + pid_b * s_vcb + kvh * s_vch
-        ks_base = KS + pid_b * s_ksb + kvh * s_ksh
-        kz_base = KZ + pid_b * s_ksb + kvh * s_ksh
-        vs_base = VS + pid_b * s_vsb + kvh * s_vsh
-        vz_base = VZ + pid_b * s_vsb + kvh * s_vsh
-        for n0 in range(start, end, K_BLOCK):
-            offs_n = n0 + tl.arange(0, K_BLOCK)
-            valid = (offs_n >= lo) & (offs_n < hi)
-            kb = tl.load(kc_base + offs_n[:, None] * s_kcs + offs_b[None, :], mask=valid[:, None], other=0)
-            blk = n0 // K_BLOCK
-            ks = tl.load(ks_base + blk * s_kss + offs_d).to(tl.float32)
-            kz = tl.load(kz_base + blk * s_kss + offs_d).to(tl.float32)
-            # (u - z) * s . q  =  u . (s q) - z . (s q): the scale folds into the query once per block
-            qs = q * ks
-            s = tl.sum(_unpack(kb, BITS, K_BLOCK, D) * qs[None, :], 1) - tl.sum(kz * qs, 0)
-            s = tl.where(valid, s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe)
-            vb = tl.load(vc_base + offs_n[:, None] * s_vcs + offs_b[None, :], mask=valid[:, None], other=0)
+        offs_kb = tl.arange(0, NKB)
+        lo = tl.load(LO + b)
+        hi = tl.load(HI + b)
+        start = tl.maximum(pid_s * split, (lo // BLOCK_N) * BLOCK_N)
+        end = tl.minimum(pid_s * split + split, hi)
+        kc_base = KC + b * s_kcb + kvh * s_kch
+        vc_base = VC + b * s_vcb + kvh * s_vch
+        ks_base = KS + b * s_ksb + kvh * s_ksh
+        kz_base = KZ + b * s_ksb + kvh * s_ksh
+        vs_base = VS + b * s_vsb + kvh * s_vsh
+        vz_base = VZ + b * s_vsb + kvh * s_vsh
+        head0 = kvh * GROUPS
+        if GROUPS == 1:
+            q = tl.load(Q + b * s_qb + head0 * s_qh + offs_d).to(tl.float32) * qk_scale
+            m_i = -float("inf")
+            l_i = 0.0
+            acc = tl.zeros([NG, V_GROUP], dtype=tl.float32)
+            corr = tl.zeros([NG], dtype=tl.float32)
+        else:
+            offs_h = tl.arange(0, GP)
+            q = tl.load(Q + b * s_qb + (head0 + offs_h[:, None]) * s_qh + offs_d[None, :],
+                        mask=offs_h[:, None] < GROUPS, other=0.0).to(tl.float32) * qk_scale
+            m_i = tl.full([GP], -float("inf"), dtype=tl.float32)
+            l_i = tl.zeros([GP], dtype=tl.float32)
+            acc = tl.zeros([GP, D], dtype=tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            inside = offs_n < n_tokens
+            valid = (offs_n >= lo) & (offs_n < end)
+            kb = tl.load(kc_base + offs_n[:, None] * s_kcs + offs_b[None, :], mask=inside[:, None], other=0)
+            vb = tl.load(vc_base + offs_n[:, None] * s_vcs + offs_b[None, :], mask=inside[:, None], other=0)
+            blk = n0 // K_BLOCK + offs_kb
+            kmask = (blk * K_BLOCK < n_tokens)[:, None]
+            ks = tl.load(ks_base + blk[:, None] * s_kss + offs_d[None, :], mask=kmask, other=0.0).to(tl.float32)
+            kz = tl.load(kz_base + blk[:, None] * s_kss + offs_d[None, :], mask=kmask, other=0).to(tl.float32)
             g_ptr = offs_n[:, None] * s_vss + offs_g[None, :]
-            vs = tl.load(vs_base + g_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
-            vz = tl.load(vz_base + g_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
-            vu = tl.reshape(_unpack(vb, BITS, K_BLOCK, D), (K_BLOCK, NG, V_GROUP))
-            v = tl.reshape((vu - vz[:, :, None]) * vs[:, :, None], (K_BLOCK, D))
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            m_i = m_new
-        tl.store(ACC + pid_b * s_ab + pid_h * s_ah + pid_s * s_as + offs_d, acc)
-        tl.store(M + pid_b * s_mb + pid_h * s_mh + pid_s, m_i)
-        tl.store(L + pid_b * s_mb + pid_h * s_mh + pid_s, l_i)
+            vs = tl.load(vs_base + g_ptr, mask=inside[:, None], other=0.0).to(tl.float32)
+            vz = tl.load(vz_base + g_ptr, mask=inside[:, None], other=0).to(tl.float32)
+            ku = tl.reshape(_unpack(kb, BITS, BLOCK_N, D), (NKB, K_BLOCK, D))
+            vu = tl.reshape(_unpack(vb, BITS, BLOCK_N, D), (BLOCK_N, NG, V_GROUP))
+            if GROUPS == 1:
+                # keys: sum_d (u - z) s q = sum_d u (s q) - sum_d z (s q), one scale row per key block
+                qs = ks * q[None, :]
+                s3 = tl.sum(ku * qs[:, None, :], 2) - tl.sum(kz * qs, 1)[:, None]
+                s = tl.where(valid, tl.reshape(s3, (BLOCK_N,)), -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 0))
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe)
+                # values: sum_n p (u - z) s = sum_n (p s) u - sum_n (p s) z, per channel group
+                ps = p[:, None] * vs
+                acc = acc * alpha + tl.sum(ps[:, :, None] * vu, 0)
+                corr = corr * alpha + tl.sum(ps * vz, 0)
+                l_i = l_i * alpha + tl.sum(p, 0)
+                m_i = m_new
+            else:
+                k = tl.reshape((ku - kz[:, None, :]) * ks[:, None, :], (BLOCK_N, D))
+                s = tl.dot(q, tl.trans(k))
+                s = tl.where(valid[None, :], s, -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                v = tl.reshape((vu - vz[:, :, None]) * vs[:, :, None], (BLOCK_N, D))
+                acc = acc * alpha[:, None] + tl.dot(p, v)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                m_i = m_new
+        if GROUPS == 1:
+            out = tl.reshape(acc - corr[:, None], (D,))
+            tl.store(ACC + b * s_ab + head0 * s_ah + pid_s * s_as + offs_d, out)
+            tl.store(M + b * s_mb + head0 * s_mh + pid_s, m_i)
+            tl.store(L + b * s_mb + head0 * s_mh + pid_s, l_i)
+        else:
+            hm = offs_h < GROUPS
+            heads = head0 + offs_h
+            tl.store(ACC + b * s_ab + heads[:, None] * s_ah + pid_s * s_as + offs_d[None, :], acc, mask=hm[:, None])
+            tl.store(M + b * s_mb + heads * s_mh + pid_s, m_i, mask=hm)
+            tl.store(L + b * s_mb + heads * s_mh + pid_s, l_i, mask=hm)
+
+    @triton.jit
+    def _reduce_kernel(
+        Q, ACC, M, L, KF, VF, FV, OUT,
+        s_qb, s_qh, s_ab, s_ah, s_as, s_mb, s_mh, s_fb, s_fh, s_fs, s_vb, s_vh, s_vs, s_valid, s_ob, s_oh,
+        qk_scale, n_split, n_float,
+        GROUPS: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, F: tl.constexpr, HAS_FLOAT: tl.constexpr,
+    ):
+        """One (sequence, query head): the float tokens' softmax and every chunk's, merged by log-sum-exp."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_d = tl.arange(0, D)
+        offs_s = tl.arange(0, NS)
+        sm = offs_s < n_split
+        m = tl.load(M + b * s_mb + h * s_mh + offs_s, mask=sm, other=-float("inf"))
+        den = tl.load(L + b * s_mb + h * s_mh + offs_s, mask=sm, other=0.0)
+        acc = tl.load(ACC + b * s_ab + h * s_ah + offs_s[:, None] * s_as + offs_d[None, :], mask=sm[:, None],
+                      other=0.0)
+        top = tl.max(m, 0)
+        if HAS_FLOAT:
+            offs_f = tl.arange(0, F)
+            kvh = h // GROUPS
+            fm = offs_f < n_float
+            ok = tl.load(FV + b * s_valid + offs_f, mask=fm, other=0) != 0
+            q = tl.load(Q + b * s_qb + h * s_qh + offs_d).to(tl.float32) * qk_scale
+            kf = tl.load(KF + b * s_fb + kvh * s_fh + offs_f[:, None] * s_fs + offs_d[None, :], mask=fm[:, None],
+                         other=0.0).to(tl.float32)
+            vf = tl.load(VF + b * s_vb + kvh * s_vh + offs_f[:, None] * s_vs + offs_d[None, :], mask=fm[:, None],
+                         other=0.0).to(tl.float32)
+            sf = tl.where(ok, tl.sum(kf * q[None, :], 1), -float("inf"))
+            top = tl.maximum(top, tl.max(sf, 0))
+        top = tl.where(top == -float("inf"), 0.0, top)
+        w = tl.exp2(m - top)
+        num = tl.sum(acc * w[:, None], 0)
+        total = tl.sum(den * w, 0)
+        if HAS_FLOAT:
+            pf = tl.exp2(sf - top)
+            num += tl.sum(pf[:, None] * vf, 0)
+            total += tl.sum(pf, 0)
+        tl.store(OUT + b * s_ob + h * s_oh + offs_d, num / total)
+
+
+LOG2E = 1.4426950408889634
 
 
 def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
                      v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, *, bits: int,
                      lo: torch.Tensor, hi: torch.Tensor, k_float: torch.Tensor | None = None,
                      v_float: torch.Tensor | None = None, float_valid: torch.Tensor | None = None,
-                     sm_scale: float | None = None, split: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """``decode_attention_reference`` with the quantized part in a Triton kernel split over the sequence:
-    ``split`` tokens per program (rounded to whole key-scale blocks)."""
+                     sm_scale: float | None = None, split: int | None = None, block_n: int | None = None,
+                     num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+    """``decode_attention_reference`` as flash-decoding (see the module docstring): ``split`` tokens per program
+    (rounded to whole ``block_n``-token steps), ``block_n`` tokens per inner step (whole key-scale blocks)."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d = q.shape
     hkv, s = k_codes.shape[1], k_codes.shape[2]
-    k_block = s // k_scale.shape[2]
+    k_block = triton.cdiv(s, k_scale.shape[2])
+    if k_scale.shape[2] * k_block < s or (k_scale.shape[2] - 1) * k_block >= s:
+        raise ValueError(f"k_scale {tuple(k_scale.shape)}: {k_scale.shape[2]} key blocks do not tile {s} tokens")
     v_group = d // v_scale.shape[-1]
     if d & (d - 1) or k_block & (k_block - 1) or v_group & (v_group - 1):
         raise ValueError(f"head_dim {d}, k_block {k_block} and v_group {v_group} must be powers of two for the "
                          "Triton kernel")
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} kv heads")
+    groups = hq // hkv
     sm_scale = sm_scale if sm_scale is not None else 1 / math.sqrt(d)
-    if split is None:  # enough programs to fill the machine when batch x heads is small
-        want = max(1, 4 * 132 // max(b * hq, 1))
+    block_n = max(k_block, block_n or max(k_block, 64 if groups == 1 else 32))
+    if split is None:  # enough programs to fill the machine several times over
+        want = max(1, 8 * 132 // max(b * hkv, 1))
         split = triton.next_power_of_2(triton.cdiv(s, want))
-    split = max(k_block, (split // k_block) * k_block)
+    split = max(block_n, triton.cdiv(split, block_n) * block_n)
     n_split = triton.cdiv(s, split)
     acc = torch.empty(b, hq, n_split, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, hq, n_split, device=q.device, dtype=torch.float32)
     den = torch.empty_like(m)
     q = q.contiguous()
     lo32, hi32 = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
-    _quantized_split_kernel[(b, hq, n_split)](
+    qk_scale = sm_scale * LOG2E
+    extra = {} if num_stages is None else {"num_stages": num_stages}
+    _split_kernel[(n_split, b * hkv)](
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, acc, m, den,
         q.stride(0), q.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
         v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
-        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), sm_scale, split,
-        GROUPS=hq // hkv, D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, num_warps=num_warps,
+        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), qk_scale, split, s,
+        HKV=hkv, GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), D=d, BITS=bits, K_BLOCK=k_block,
+        V_GROUP=v_group, BLOCK_N=block_n, num_warps=num_warps, **extra,
     )
-    fp = _float_part(q, k_float, v_float, float_valid, sm_scale)
-    if fp is not None:  # the float tokens are one more "split" of the merge
-        fs, fv = fp
-        fm = fs.amax(-1, keepdim=True)
-        fm_safe = torch.where(torch.isinf(fm), torch.zeros_like(fm), fm)
-        fpw = torch.exp(fs - fm_safe)
-        acc = torch.cat([acc, torch.einsum("bhf,bhfd->bhd", fpw, fv).unsqueeze(2)], 2)
-        m = torch.cat([m, fm], 2)
-        den = torch.cat([den, fpw.sum(-1, keepdim=True)], 2)
-    top = m.amax(-1, keepdim=True)
-    w = torch.exp(m - top)  # splits with no tokens have m = -inf -> weight 0
-    return (acc * w.unsqueeze(-1)).sum(2) / (den * w).sum(-1, keepdim=True)
+    out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
+    has_float = k_float is not None
+    if has_float:
+        n_float = k_float.shape[2]
+        valid = float_valid.to(torch.int8).contiguous()
+        kf, vf = k_float, v_float
+    else:
+        n_float, valid, kf, vf = 0, m, m, m  # unused pointers
+    fstr = (kf.stride(0), kf.stride(1), kf.stride(2), vf.stride(0), vf.stride(1), vf.stride(2), valid.stride(0)) \
+        if has_float else (0,) * 7
+    _reduce_kernel[(b, hq)](
+        q, acc, m, den, kf, vf, valid, out,
+        q.stride(0), q.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
+        *fstr, out.stride(0), out.stride(1), qk_scale, n_split, n_float,
+        GROUPS=groups, D=d, NS=max(2, triton.next_power_of_2(n_split)),
+        F=max(2, triton.next_power_of_2(max(n_float, 1))), HAS_FLOAT=has_float, num_warps=4,
+    )
+    return out
