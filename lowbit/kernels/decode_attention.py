@@ -19,17 +19,18 @@ The cache is the real form of the ``quantize(kv=...)`` accuracy model (docs/desi
 ``decode_attention_reference`` is plain torch; ``decode_attention`` is flash-decoding in two Triton kernels:
 
 1. ``_split_kernel``, grid ``(splits, B * Hkv)``: one program reads a chunk of ``split`` tokens of one (sequence,
-   kv head) ONCE for all the query heads sharing it under GQA, ``BLOCK_N`` tokens per step (whole key-scale
-   blocks: the key scale/zero are ``BLOCK_N / k_block`` rows per step, the value scales one row per token);
-   packed codes are loaded as contiguous byte rows (vectorised 16-byte loads) and unpacked in registers. Scales
-   fold out of the inner products (``sum_d (u - z) s q = sum_d u (s q) - sum_d z s q`` for keys, the same per
-   value group with ``p s``), so a code costs one convert and one FMA. It writes the chunk's running max, sum
-   and un-normalised output (fp32, base-2 exponent).
+   kv head) ONCE for all the query heads sharing it under GQA (the heads are a tensor axis), ``block_n`` tokens
+   per step as whole key-scale blocks (one key scale/zero row per block). Packed codes are loaded as contiguous
+   byte rows (vectorised loads, never interleaved in registers): field ``f`` of byte ``j`` is channel
+   ``PER * j + f``, so the query, the key scales and the output are read/written per field. Key scales fold out
+   of the inner product (``sum_c (u - z) s q = sum_c u (s q) - sum_c z s q``); values are dequantized once per
+   kv head and accumulated per field. fp32 accumulation; it writes the chunk's running max, sum and
+   un-normalised output (base-2 exponent).
 2. ``_reduce_kernel``, grid ``(B, Hq)``: attends to the small float buffer (sink + recent window) and merges it
    with every chunk by log-sum-exp.
 
-Without GQA (one query head per kv head) the inner products are register reductions; with GQA the heads of a
-group are the rows of ``tl.dot`` (padded to 16), so codes are still read once per group.
+All products are register broadcasts and reductions (no ``tl.dot``): decode is one query row per head, so a
+tensor-core tile would be mostly padding.
 """
 
 from __future__ import annotations
@@ -166,16 +167,12 @@ def decode_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
 if triton is not None:
 
     @triton.jit
-    def _unpack(packed, BITS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
-        """uint8 ``[ROWS, D * BITS / 8]`` -> stored codes ``[ROWS, D]`` float32, lowest bits = lowest index
-        (each byte is read once; ``join`` interleaves the fields back into channel order)."""
-        x = packed.to(tl.int32)
+    def _field(x, F: tl.constexpr, BITS: tl.constexpr):
+        """Field ``F`` (channel ``PER * j + F`` of byte ``j``) of int32-widened packed bytes, as float32."""
         if BITS == 8:
             out = x
-        elif BITS == 4:
-            out = tl.reshape(tl.join(x & 15, x >> 4), (ROWS, D))
         else:
-            out = tl.reshape(tl.join(tl.join(x & 3, (x >> 4) & 3), tl.join((x >> 2) & 3, x >> 6)), (ROWS, D))
+            out = (x >> (F * BITS)) & ((1 << BITS) - 1)
         return out.to(tl.float32)
 
     @triton.jit
@@ -184,22 +181,23 @@ if triton is not None:
         s_qb, s_qh, s_kcb, s_kch, s_kcs, s_ksb, s_ksh, s_kss, s_vcb, s_vch, s_vcs, s_vsb, s_vsh, s_vss,
         s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split, n_tokens,
         HKV: tl.constexpr, GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-        K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+        K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, NKB: tl.constexpr,
     ):
-        """One (chunk, sequence, kv head): online softmax (base 2) of all ``GROUPS`` query heads over the chunk's
-        quantized tokens in ``[lo, hi)``."""
+        """One (chunk, sequence, kv head): online softmax (base 2) of all ``GROUPS`` query heads (rows, padded to
+        ``GP``) over the chunk's quantized tokens in ``[lo, hi)``, ``NKB`` key blocks of ``K_BLOCK`` tokens per
+        step. Codes stay in packed order: field ``f`` of byte ``j`` is channel ``PER * j + f``, so the query, key
+        scales and output are read/written per field (strided) and nothing is interleaved in registers."""
         pid_s = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // HKV
         kvh = pid_bh % HKV
         PER: tl.constexpr = 8 // BITS
         DB: tl.constexpr = D // PER
-        NG: tl.constexpr = D // V_GROUP
-        NKB: tl.constexpr = BLOCK_N // K_BLOCK
-        offs_d = tl.arange(0, D)
-        offs_b = tl.arange(0, DB)
-        offs_g = tl.arange(0, NG)
-        offs_kb = tl.arange(0, NKB)
+        BLOCK_N: tl.constexpr = NKB * K_BLOCK
+        offs_j = tl.arange(0, DB)
+        offs_t = tl.arange(0, K_BLOCK)
+        offs_h = tl.arange(0, GP)
+        hmask = offs_h < GROUPS
         lo = tl.load(LO + b)
         hi = tl.load(HI + b)
         start = tl.maximum(pid_s * split, (lo // BLOCK_N) * BLOCK_N)
@@ -211,72 +209,88 @@ if triton is not None:
         vs_base = VS + b * s_vsb + kvh * s_vsh
         vz_base = VZ + b * s_vsb + kvh * s_vsh
         head0 = kvh * GROUPS
-        if GROUPS == 1:
-            q = tl.load(Q + b * s_qb + head0 * s_qh + offs_d).to(tl.float32) * qk_scale
-            m_i = -float("inf")
-            l_i = 0.0
-            acc = tl.zeros([NG, V_GROUP], dtype=tl.float32)
-            corr = tl.zeros([NG], dtype=tl.float32)
-        else:
-            offs_h = tl.arange(0, GP)
-            q = tl.load(Q + b * s_qb + (head0 + offs_h[:, None]) * s_qh + offs_d[None, :],
-                        mask=offs_h[:, None] < GROUPS, other=0.0).to(tl.float32) * qk_scale
-            m_i = tl.full([GP], -float("inf"), dtype=tl.float32)
-            l_i = tl.zeros([GP], dtype=tl.float32)
-            acc = tl.zeros([GP, D], dtype=tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            inside = offs_n < n_tokens
-            valid = (offs_n >= lo) & (offs_n < end)
-            kb = tl.load(kc_base + offs_n[:, None] * s_kcs + offs_b[None, :], mask=inside[:, None], other=0)
-            vb = tl.load(vc_base + offs_n[:, None] * s_vcs + offs_b[None, :], mask=inside[:, None], other=0)
-            blk = n0 // K_BLOCK + offs_kb
-            kmask = (blk * K_BLOCK < n_tokens)[:, None]
-            ks = tl.load(ks_base + blk[:, None] * s_kss + offs_d[None, :], mask=kmask, other=0.0).to(tl.float32)
-            kz = tl.load(kz_base + blk[:, None] * s_kss + offs_d[None, :], mask=kmask, other=0).to(tl.float32)
-            g_ptr = offs_n[:, None] * s_vss + offs_g[None, :]
-            vs = tl.load(vs_base + g_ptr, mask=inside[:, None], other=0.0).to(tl.float32)
-            vz = tl.load(vz_base + g_ptr, mask=inside[:, None], other=0).to(tl.float32)
-            ku = tl.reshape(_unpack(kb, BITS, BLOCK_N, D), (NKB, K_BLOCK, D))
-            vu = tl.reshape(_unpack(vb, BITS, BLOCK_N, D), (BLOCK_N, NG, V_GROUP))
-            if GROUPS == 1:
-                # keys: sum_d (u - z) s q = sum_d u (s q) - sum_d z (s q), one scale row per key block
-                qs = ks * q[None, :]
-                s3 = tl.sum(ku * qs[:, None, :], 2) - tl.sum(kz * qs, 1)[:, None]
-                s = tl.where(valid, tl.reshape(s3, (BLOCK_N,)), -float("inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 0))
-                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe)
-                # values: sum_n p (u - z) s = sum_n (p s) u - sum_n (p s) z, per channel group
-                ps = p[:, None] * vs
-                acc = acc * alpha + tl.sum(ps[:, :, None] * vu, 0)
-                corr = corr * alpha + tl.sum(ps * vz, 0)
-                l_i = l_i * alpha + tl.sum(p, 0)
-                m_i = m_new
-            else:
-                k = tl.reshape((ku - kz[:, None, :]) * ks[:, None, :], (BLOCK_N, D))
-                s = tl.dot(q, tl.trans(k))
-                s = tl.where(valid[None, :], s, -float("inf"))
+        q_ptr = Q + b * s_qb + (head0 + offs_h[:, None]) * s_qh + PER * offs_j[None, :]
+        q0 = tl.load(q_ptr, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        if PER >= 2:
+            q1 = tl.load(q_ptr + 1, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+        if PER == 4:
+            q2 = tl.load(q_ptr + 2, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+            q3 = tl.load(q_ptr + 3, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+        m_i = tl.full([GP], -float("inf"), dtype=tl.float32)
+        l_i = tl.zeros([GP], dtype=tl.float32)
+        acc0 = tl.zeros([GP, DB], dtype=tl.float32)
+        acc1 = tl.zeros([GP, DB], dtype=tl.float32)
+        acc2 = tl.zeros([GP, DB], dtype=tl.float32)
+        acc3 = tl.zeros([GP, DB], dtype=tl.float32)
+        vgrp = (PER * offs_j) // V_GROUP  # value group of byte j (every field of a byte is in the same group)
+        for n00 in range(start, end, BLOCK_N):
+            for kb in tl.static_range(NKB):
+                n0 = n00 + kb * K_BLOCK
+                offs_n = n0 + offs_t
+                inside = offs_n < n_tokens
+                valid = (offs_n >= lo) & (offs_n < end)
+                kx = tl.load(kc_base + offs_n[:, None] * s_kcs + offs_j[None, :], mask=inside[:, None],
+                             other=0).to(tl.int32)
+                vx = tl.load(vc_base + offs_n[:, None] * s_vcs + offs_j[None, :], mask=inside[:, None],
+                             other=0).to(tl.int32)
+                vptr = offs_n[:, None] * s_vss + vgrp[None, :]
+                vs = tl.load(vs_base + vptr, mask=inside[:, None], other=0.0).to(tl.float32)
+                vz = tl.load(vz_base + vptr, mask=inside[:, None], other=0).to(tl.float32)
+                kmask = n0 < n_tokens
+                ks_ptr = (n0 // K_BLOCK) * s_kss + PER * offs_j
+                # keys: sum_c (u - z) s q = sum_c u (s q) - sum_c z (s q): per field, one scale row per block
+                ks = tl.load(ks_base + ks_ptr, mask=kmask, other=0.0).to(tl.float32)
+                kz = tl.load(kz_base + ks_ptr, mask=kmask, other=0).to(tl.float32)
+                qs = q0 * ks[None, :]
+                s = tl.sum(_field(kx, 0, BITS)[None, :, :] * qs[:, None, :], 2)
+                z = tl.sum(qs * kz[None, :], 1)
+                if PER >= 2:
+                    ks = tl.load(ks_base + ks_ptr + 1, mask=kmask, other=0.0).to(tl.float32)
+                    kz = tl.load(kz_base + ks_ptr + 1, mask=kmask, other=0).to(tl.float32)
+                    qs = q1 * ks[None, :]
+                    s += tl.sum(_field(kx, 1, BITS)[None, :, :] * qs[:, None, :], 2)
+                    z += tl.sum(qs * kz[None, :], 1)
+                if PER == 4:
+                    ks = tl.load(ks_base + ks_ptr + 2, mask=kmask, other=0.0).to(tl.float32)
+                    kz = tl.load(kz_base + ks_ptr + 2, mask=kmask, other=0).to(tl.float32)
+                    qs = q2 * ks[None, :]
+                    s += tl.sum(_field(kx, 2, BITS)[None, :, :] * qs[:, None, :], 2)
+                    z += tl.sum(qs * kz[None, :], 1)
+                    ks = tl.load(ks_base + ks_ptr + 3, mask=kmask, other=0.0).to(tl.float32)
+                    kz = tl.load(kz_base + ks_ptr + 3, mask=kmask, other=0).to(tl.float32)
+                    qs = q3 * ks[None, :]
+                    s += tl.sum(_field(kx, 3, BITS)[None, :, :] * qs[:, None, :], 2)
+                    z += tl.sum(qs * kz[None, :], 1)
+                s = tl.where(valid[None, :], s - z[:, None], -float("inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
                 alpha = tl.exp2(m_i - m_safe)
                 p = tl.exp2(s - m_safe[:, None])
-                v = tl.reshape((vu - vz[:, :, None]) * vs[:, :, None], (BLOCK_N, D))
-                acc = acc * alpha[:, None] + tl.dot(p, v)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 m_i = m_new
-        if GROUPS == 1:
-            out = tl.reshape(acc - corr[:, None], (D,))
-            tl.store(ACC + b * s_ab + head0 * s_ah + pid_s * s_as + offs_d, out)
-            tl.store(M + b * s_mb + head0 * s_mh + pid_s, m_i)
-            tl.store(L + b * s_mb + head0 * s_mh + pid_s, l_i)
-        else:
-            hm = offs_h < GROUPS
-            heads = head0 + offs_h
-            tl.store(ACC + b * s_ab + heads[:, None] * s_ah + pid_s * s_as + offs_d[None, :], acc, mask=hm[:, None])
-            tl.store(M + b * s_mb + heads * s_mh + pid_s, m_i, mask=hm)
-            tl.store(L + b * s_mb + heads * s_mh + pid_s, l_i, mask=hm)
+                # values: dequantized once per kv head (shared by the GQA rows), accumulated per field
+                acc0 = acc0 * alpha[:, None] + tl.sum(p[:, :, None] * ((_field(vx, 0, BITS) - vz) * vs)[None, :, :], 1)
+                if PER >= 2:
+                    acc1 = acc1 * alpha[:, None] + tl.sum(
+                        p[:, :, None] * ((_field(vx, 1, BITS) - vz) * vs)[None, :, :], 1)
+                if PER == 4:
+                    acc2 = acc2 * alpha[:, None] + tl.sum(
+                        p[:, :, None] * ((_field(vx, 2, BITS) - vz) * vs)[None, :, :], 1)
+                    acc3 = acc3 * alpha[:, None] + tl.sum(
+                        p[:, :, None] * ((_field(vx, 3, BITS) - vz) * vs)[None, :, :], 1)
+        heads = head0 + offs_h
+        a_ptr = ACC + b * s_ab + heads[:, None] * s_ah + pid_s * s_as + PER * offs_j[None, :]
+        tl.store(a_ptr, acc0, mask=hmask[:, None])
+        if PER >= 2:
+            tl.store(a_ptr + 1, acc1, mask=hmask[:, None])
+        if PER == 4:
+            tl.store(a_ptr + 2, acc2, mask=hmask[:, None])
+            tl.store(a_ptr + 3, acc3, mask=hmask[:, None])
+        tl.store(M + b * s_mb + heads * s_mh + pid_s, m_i, mask=hmask)
+        tl.store(L + b * s_mb + heads * s_mh + pid_s, l_i, mask=hmask)
 
     @triton.jit
     def _reduce_kernel(
@@ -341,11 +355,13 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     if d & (d - 1) or k_block & (k_block - 1) or v_group & (v_group - 1):
         raise ValueError(f"head_dim {d}, k_block {k_block} and v_group {v_group} must be powers of two for the "
                          "Triton kernel")
+    if v_group % (8 // bits):
+        raise ValueError(f"v_group {v_group} must be a multiple of the {8 // bits} codes per byte ({bits}-bit)")
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} kv heads")
     groups = hq // hkv
     sm_scale = sm_scale if sm_scale is not None else 1 / math.sqrt(d)
-    block_n = max(k_block, block_n or max(k_block, 64 if groups == 1 else 32))
+    block_n = max(k_block, (block_n or 64) // k_block * k_block)
     if split is None:  # enough programs to fill the machine several times over
         want = max(1, 8 * 132 // max(b * hkv, 1))
         split = triton.next_power_of_2(triton.cdiv(s, want))
@@ -365,8 +381,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
         v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), qk_scale, split, s,
-        HKV=hkv, GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), D=d, BITS=bits, K_BLOCK=k_block,
-        V_GROUP=v_group, BLOCK_N=block_n, num_warps=num_warps, **extra,
+        HKV=hkv, GROUPS=groups, GP=triton.next_power_of_2(groups), D=d, BITS=bits, K_BLOCK=k_block,
+        V_GROUP=v_group, NKB=block_n // k_block, num_warps=num_warps, **extra,
     )
     out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
     has_float = k_float is not None
