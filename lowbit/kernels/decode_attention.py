@@ -1,5 +1,5 @@
 """Decode attention over a quantized KV cache: one query token per sequence reads packed int8/int4/int2 keys and
-values and dequantizes them in its inner loop (a leaf module: torch and triton only).
+values and dequantizes them in its inner loop (torch and triton; the cache format is lowbit.ir.kvcache's).
 
 The cache is the real form of the ``quantize(kv=...)`` accuracy model (docs/design.md, "Program form"):
 
@@ -36,6 +36,7 @@ tensor-core tile would be mostly padding.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -47,86 +48,17 @@ except ImportError:  # pragma: no cover - torch-only installs use the reference
     tl = None
 
 __all__ = ["quantize_keys", "quantize_values", "pack_codes", "unpack_codes", "dequantize_keys",
-           "dequantize_values", "decode_attention_reference", "decode_attention"]
+           "dequantize_values", "decode_attention_reference", "decode_attention", "cache_attention_decode"]
 
-SCALE_EPS = 1e-12  # as lowbit.ir.quant.SCALE_EPS (this leaf module does not import the IR)
-
-
-def _qrange(bits: int) -> tuple[int, int]:
-    if bits not in (2, 4, 8):
-        raise ValueError(f"bits={bits}: the quantized cache stores 8, 4 or 2-bit codes")
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed codes ``[..., D]`` -> uint8 ``[..., D * bits / 8]`` (stored as ``code - qmin``, low bits first)."""
-    qmin, _ = _qrange(bits)
-    per = 8 // bits
-    d = codes.shape[-1]
-    if d % per:
-        raise ValueError(f"head_dim {d} is not a multiple of {per} ({bits}-bit codes, {per} per byte)")
-    u = (codes.to(torch.int32) - qmin).reshape(*codes.shape[:-1], d // per, per)
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
-    return (u << shifts).sum(-1).to(torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 ``[..., D * bits / 8]`` -> stored (unsigned) codes ``[..., D]`` as int32."""
-    _qrange(bits)
-    per = 8 // bits
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    u = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return u.reshape(*packed.shape[:-1], packed.shape[-1] * per)
-
-
-def _qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric scale and (offset) zero as float, as ``qparams_from_range`` computes them."""
-    qmin, qmax = _qrange(bits)
-    lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
-    hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
-    scale = ((hi - lo) / (qmax - qmin)).clamp(min=SCALE_EPS)
-    zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
-    return scale, zp
-
-
-def _codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
-    qmin, qmax = _qrange(bits)
-    return torch.clamp(torch.round(x.float() / scale) + zp, qmin, qmax)
-
-
-def quantize_keys(k: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keys ``[B, H, S, D]`` (S a multiple of ``block``) -> packed codes, scale and offset zero ``[B, H, S/block, D]``."""
-    b, h, s, d = k.shape
-    if s % block:
-        raise ValueError(f"{s} key tokens: only whole blocks of {block} tokens are quantized (the rest stays in "
-                         "the float window)")
-    kb = k.float().reshape(b, h, s // block, block, d)
-    scale, zp = _qparams(kb.amin(3), kb.amax(3), bits)
-    codes = _codes(kb, scale.unsqueeze(3), zp.unsqueeze(3), bits).reshape(b, h, s, d)
-    return pack_codes(codes, bits), scale, (zp - _qrange(bits)[0]).to(torch.uint8)
-
-
-def quantize_values(v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Values ``[B, H, S, D]`` -> packed codes, scale and offset zero ``[B, H, S, D/group]`` (per token groups)."""
-    b, h, s, d = v.shape
-    if d % group:
-        raise ValueError(f"v_group={group} does not divide head_dim {d}")
-    vg = v.float().reshape(b, h, s, d // group, group)
-    scale, zp = _qparams(vg.amin(-1), vg.amax(-1), bits)
-    codes = _codes(vg, scale.unsqueeze(-1), zp.unsqueeze(-1), bits).reshape(b, h, s, d)
-    return pack_codes(codes, bits), scale, (zp - _qrange(bits)[0]).to(torch.uint8)
-
-
-def dequantize_keys(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    block = packed.shape[2] // scale.shape[2]
-    u = unpack_codes(packed, bits).float()
-    return (u - zero.float().repeat_interleave(block, 2)) * scale.float().repeat_interleave(block, 2)
-
-
-def dequantize_values(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    u = unpack_codes(packed, bits).float()
-    group = u.shape[-1] // scale.shape[-1]
-    return (u - zero.float().repeat_interleave(group, -1)) * scale.float().repeat_interleave(group, -1)
+# the cache format is the IR's (lowbit.ir.kvcache: the cache_attention op's reference writes it)
+from lowbit.ir.kvcache import (  # noqa: E402
+    dequantize_keys,
+    dequantize_values,
+    pack_codes,
+    quantize_keys,
+    quantize_values,
+    unpack_codes,
+)
 
 
 def _float_part(q: torch.Tensor, k_float: torch.Tensor | None, v_float: torch.Tensor | None,
@@ -402,3 +334,29 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         F=max(2, triton.next_power_of_2(max(n_float, 1))), HAS_FLOAT=has_float, num_warps=4,
     )
     return out
+
+
+def _kernel_device(x: torch.Tensor) -> bool:
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                           *cache: torch.Tensor, bits: int, k_block: int, v_group: int, window: int, sink: int,
+                           scale: float | None = None, split: int | None = None) -> tuple[torch.Tensor, ...]:
+    """``cache_attention`` (lowbit.ir.kvcache) with a decode step's attention on the Triton kernel: the cache is
+    written as the reference writes it, then ``decode_attention`` reads the quantized tokens ``[sink, t - window]``
+    and the float candidates (old sink/ring slots and the new token). Prefill (several tokens per sequence) and
+    inputs the kernel cannot read (CPU tensors without ``TRITON_INTERPRET=1``) take the reference."""
+    from lowbit.ir.kvcache import cache_attention, cache_update, float_candidates
+
+    kw = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink)
+    if q.shape[2] != 1 or not _kernel_device(q):
+        return cache_attention(q, k, v, positions, *cache, scale=scale, **kw)
+    new = cache_update(k, v, positions, list(cache), **kw)
+    kf, vf, fmask = float_candidates(k.float(), v.float(), positions, cache[6], cache[7], window=window, sink=sink)
+    pos = positions[:, 0].to(torch.int32)
+    lo = torch.full_like(pos, sink)
+    hi = torch.clamp(pos - window + 1, min=sink)
+    out = decode_attention(q[:, :, 0], *new[:6], bits=bits, lo=lo, hi=hi, k_float=kf, v_float=vf,
+                           float_valid=fmask[:, 0], sm_scale=scale, split=split)
+    return (out[:, :, None].to(q.dtype), *new)
