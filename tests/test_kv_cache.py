@@ -125,3 +125,99 @@ def test_triton_decode_equals_the_reference():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village, there lived an old"]
+NEW = 40  # decode past the window (32) and over key-block boundaries (32)
+
+
+@pytest.fixture(scope="module")
+def packed_slice(smollm2):
+    """A 2-layer SmolLM2 step graph with the kv4 cache (kv-cache(bits=4): k_block 32, v_group 32, window 32,
+    sink 1, as the kv4 recipe), on the torch backend (the reference op)."""
+    from conftest import smollm2_slice
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    hf = smollm2_slice(smollm2[0], 2).model
+    compiled = compile_model(hf, tokenizer=smollm2[1], pipeline="kv-cache(bits=4)",
+                             generation=GenerationSpec(max_length=96, max_batch=2))
+    return hf, compiled
+
+
+def _step_logits(compiled, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Logits of the prefill's last row, then of each decode step fed ``tokens``: ``[len(tokens), V]``."""
+    gen = compiled._generator if getattr(compiled, "_generator", None) else None
+    from lowbit.generate import Generator
+
+    gen = gen or Generator(compiled.runner, compiled.graph.meta["generation"])
+    n = len(prompt)
+    out = compiled.runner(torch.tensor([prompt]), torch.arange(n)[None], *gen._cache(1, gen.spec.max_length))
+    rows, cache = [out[0][0, -1]], list(out[1:])
+    for i, t in enumerate(tokens[:-1]):
+        out = compiled.runner(torch.tensor([[t]]), torch.tensor([[n + i]]), *cache)
+        rows.append(out[0][0, -1])
+        cache = list(out[1:])
+    return torch.stack(rows)
+
+
+def test_smollm2_packed_cache_decode_matches_the_accuracy_model(smollm2, packed_slice):
+    """Greedy generation through the packed cache (a batch of two prompts of different lengths), then every decode
+    step's logits vs the ``quantize(kv=...)`` accuracy model (the kv4 recipe's QDQ, insert_kv_qdq) run over the same
+    tokens as one prefill: they agree to fp32 rounding (max |diff| <= 1e-4 x max |logit|), so the greedy tokens
+    are the accuracy model's too. The graph has one cache_attention per layer and packed uint8 cache inputs."""
+    from lowbit.api import compile_model
+    from lowbit.models import CausalLMLogits
+
+    hf, compiled = packed_slice
+    tok = smollm2[1]
+    g = compiled.graph
+    assert g.op_counts().get("cache_attention") == 2 and "attention" not in g.op_counts()
+    assert g.inputs[2].tensor_type.dtype == torch.uint8 and g.inputs[2].tensor_type.shape[-1] == 32  # 64 ch, int4
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    out = compiled.generate(prompts, NEW, stop_tokens=())
+    assert [len(t) for t in out.tokens] == [NEW, NEW]
+    acc = compile_model(CausalLMLogits(hf), tokenizer=tok,
+                        pipeline="quantize(kv=int4,kv_group=32,kv_sink=1,kv_window=32)")
+    for p, toks in zip(prompts, out.tokens):
+        got = _step_logits(compiled, p, toks)
+        want = acc.runner(torch.tensor([p + toks]))[0, len(p) - 1: len(p) + NEW - 1]
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+        assert got.argmax(-1).tolist() == toks == want.argmax(-1).tolist()
+
+
+def _greedy_kernel_vs_reference() -> None:
+    """The 2-layer slice with the kv4 cache on the torch backend (reference op) and on the triton backend (decode
+    steps on the decode-attention kernel): the same greedy tokens for both prompts."""
+    from conftest import smollm2_slice
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+    from lowbit.models import load_smollm2
+
+    model, tok = load_smollm2()
+    hf = smollm2_slice(model, 2).model
+    spec = GenerationSpec(max_length=96, max_batch=2)
+    dev = "cuda" if torch.cuda.is_available() else None
+    ref = compile_model(hf, tokenizer=tok, pipeline="kv-cache(bits=4)", generation=spec, device=dev)
+    ker = compile_model(hf, tokenizer=tok, pipeline="kv-cache(bits=4)", generation=spec, backend="triton",
+                        device=dev, backend_options={"compile": False})
+    assert set(ker.runner.report["kernels"].values()) == {"cache-attention"}
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    want = ref.generate(prompts, NEW, stop_tokens=()).tokens
+    got = ker.generate(prompts, NEW, stop_tokens=()).tokens
+    assert got == want, (got, want)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_kernel_equal_reference(smollm2):
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        _greedy_kernel_vs_reference()
+        return
+    code = ("import sys; sys.path.insert(0, 'tests')\nimport tests.test_kv_cache as t\n"
+            "t._greedy_kernel_vs_reference()\nprint('ok')")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
