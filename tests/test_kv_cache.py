@@ -221,3 +221,15 @@ def test_smollm2_greedy_tokens_kernel_equal_reference(smollm2):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_onnx_refuses_the_packed_cache_before_loading():
+    """ONNX has no lowering for cache_attention: the compile plan says so (and which backends lower it) before the
+    model is loaded; a float cache still exports (tests/test_generate.py)."""
+    from lowbit.api import compile_model
+    from lowbit.errors import LowbitError
+    from lowbit.generate import GenerationSpec
+
+    with pytest.raises(LowbitError, match=r"cache_attention.*torch, triton"):
+        compile_model("smollm2", pipeline="kv-cache(bits=4)", generation=GenerationSpec(max_length=64),
+                      backend="onnxruntime")

@@ -69,7 +69,8 @@ def attention_rows(smoke: bool = False, dev: str = "cuda") -> list[dict]:
                  "context": s, "us": round(sdpa_us, 1), "bytes": kv_bytes,
                  "eff_bw_frac": round(kv_bytes / (sdpa_us * 1e-6) / copy_bw, 3)})
     configs = [(4, 1024, 64, None), (4, 2048, 64, None), (8, 2048, 128, None), (4, 4096, 64, None),
-               (8, 4096, 128, None), (4, 2048, 128, None), (2, 1024, 32, None), (4, 2048, 64, 2)]
+               (8, 4096, 128, None), (4, 2048, 128, None), (2, 1024, 32, None), (4, 2048, 64, 2),
+               (8, 1024, 64, None), (4, 512, 32, None)]
     for name, bits, k_block, v_group, window in (("int4", 4, 32, 32, 32), ("int2", 2, 32, 16, 64)):
         kc, ks32, kz = da.quantize_keys(k, bits, k_block)
         vc, vs32, vz = da.quantize_values(v, bits, v_group)

@@ -77,7 +77,7 @@ class KVCache(Pass):
     Options = KVCacheOptions
     exact = False
     requires = (STEP_GRAPH,)
-    after = ("quantize", "gptq", "awq", "autoround", "smooth-quant", "fold-norms", "rotate", "fuse-qlinear")
+    after = ("quantize", "gptq", "awq", "autoround", "smooth-quant", "fold-norms", "rotate")
     creates = ("cache_attention",)
 
     def run(self, graph: Graph) -> PassResult:
