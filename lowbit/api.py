@@ -179,8 +179,9 @@ def _refuse_kv_simulation(passes: Sequence[Pass]) -> None:
         if kv not in (None, "none", "float"):
             raise GenerationError(
                 f"pass {p.spec()}: KV-cache quantization is modelled for prefill only (the quantize pass' "
-                "accuracy model); generation with a quantized cache needs the packed cache, not built yet. "
-                "Drop kv=... (e.g. recipe w8a8 instead of w8a8kv4) to generate")
+                "accuracy model, whose window mask assumes query i sits at position i); generation quantizes the "
+                "cache itself as a packed cache (the kv-cache pass): drop kv=... and append kv-cache(bits=4) (the kv4 layout; "
+                "bits=2 for kv2), e.g. pipeline='...,quantize(w=int8,a=int8),kv-cache(bits=4)'")
 
 
 def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:

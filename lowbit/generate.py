@@ -153,8 +153,26 @@ class Generator:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.tokenizer = tokenizer
         self._cuda_graphs: dict[int, _CudaGraphStep] = {}
+        self.kv: dict[str, Any] | None = meta.get("kv_cache")
+        """The packed quantized cache's layout (the ``kv-cache`` pass), or None for a float cache."""
+
+    def _slots(self, slots: int) -> int:
+        """Cache slots to allocate: the packed cache holds whole key blocks."""
+        if self.kv is None:
+            return slots
+        kb = self.kv["k_block"]
+        return -(-slots // kb) * kb
 
     def _cache(self, batch: int, slots: int) -> list[torch.Tensor]:
+        if self.kv is not None:
+            from lowbit.ir.kvcache import cache_layout, empty_cache
+
+            kv = self.kv
+            layout = cache_layout(batch, self.meta["kv_heads"], self._slots(slots), self.meta["head_dim"],
+                                  bits=kv["bits"], k_block=kv["k_block"], v_group=kv["v_group"],
+                                  window=kv["window"], sink=kv["sink"], scale_dtype=getattr(torch, kv["scale_dtype"]),
+                                  float_dtype=self.cache_dtype)
+            return [t for _ in range(self.meta["n_layers"]) for t in empty_cache(layout, self.device)]
         shape = (batch, self.meta["kv_heads"], slots, self.meta["head_dim"])
         return [torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
                 for _ in range(2 * self.meta["n_layers"])]
@@ -242,13 +260,25 @@ class Generator:
 
         sync()
         t0 = time.perf_counter()
-        out = self.runner(ids, positions, *self._cache(batch, longest))
-        last = torch.tensor([n - 1 for n in lengths], device=self.device)
-        next_tokens = pick(out[0][torch.arange(batch, device=self.device), last])
-        cache = self._cache(batch, self.spec.max_length)
-        for full, part in zip(cache, out[1:]):
-            full[:, :, :longest].copy_(part)
-        del out
+        if self.kv is not None:
+            # the packed cache writes each sequence's tokens in order (its float ring holds the last ones): each
+            # prompt is prefilled on its own, at its own length, straight into the full-length cache
+            parts, rows = [], []
+            for b, n in enumerate(lengths):
+                out = self.runner(ids[b:b + 1, :n], positions[b:b + 1, :n], *self._cache(1, self.spec.max_length))
+                rows.append(out[0][0, n - 1])
+                parts.append(out[1:])
+            next_tokens = pick(torch.stack(rows))
+            cache = [torch.cat(ts, 0) for ts in zip(*parts)]
+            del parts, out
+        else:
+            out = self.runner(ids, positions, *self._cache(batch, longest))
+            last = torch.tensor([n - 1 for n in lengths], device=self.device)
+            next_tokens = pick(out[0][torch.arange(batch, device=self.device), last])
+            cache = self._cache(batch, self.spec.max_length)
+            for full, part in zip(cache, out[1:]):
+                full[:, :, :longest].copy_(part)
+            del out
         sync()
         t1 = time.perf_counter()
 

@@ -48,12 +48,11 @@ def _versions() -> dict:
     return v
 
 
-def attention_rows(smoke: bool = False) -> list[dict]:
+def attention_rows(smoke: bool = False, dev: str = "cuda") -> list[dict]:
     import triton.testing
 
     from lowbit.kernels import decode_attention as da
 
-    dev = "cuda"
     b, h, d, s = (2, 4, 128, 1024) if smoke else (16, 32, 128, 32768)
     torch.manual_seed(0)
     rows = []
@@ -68,48 +67,57 @@ def attention_rows(smoke: bool = False) -> list[dict]:
     rows.append({"area": "decode-attention", "kernel": "sdpa-bf16", "batch": b, "heads": h, "head_dim": d,
                  "context": s, "us": round(sdpa_us, 1), "bytes": kv_bytes,
                  "eff_bw_frac": round(kv_bytes / (sdpa_us * 1e-6) / copy_bw, 3)})
+    configs = [(4, 1024, 64, None), (4, 2048, 64, None), (8, 2048, 128, None), (4, 4096, 64, None),
+               (8, 4096, 128, None), (4, 2048, 128, None), (2, 1024, 32, None), (4, 2048, 64, 2),
+               (8, 1024, 64, None), (4, 512, 32, None)]
     for name, bits, k_block, v_group, window in (("int4", 4, 32, 32, 32), ("int2", 2, 32, 16, 64)):
-        kc, ks, kz = da.quantize_keys(k, bits, k_block)
-        vc, vs, vz = da.quantize_values(v, bits, v_group)
-        ks, kz, vs, vz = (t.to(torch.float16) for t in (ks, kz, vs, vz))
+        kc, ks32, kz = da.quantize_keys(k, bits, k_block)
+        vc, vs32, vz = da.quantize_values(v, bits, v_group)
         # a real cache: the sink and the window stay float (KIVI), the rest is read quantized
         kf = torch.cat([k[:, :, :1], k[:, :, -window:]], 2)
         vf = torch.cat([v[:, :, :1], v[:, :, -window:]], 2)
         fvalid = torch.ones(b, window + 1, dtype=torch.bool, device=dev)
         lo = torch.ones(b, dtype=torch.int32, device=dev)
         hi = torch.full((b,), s - window, dtype=torch.int32, device=dev)
-        args = (q, kc, ks, kz, vc, vs, vz)
-        kw = dict(bits=bits, lo=lo, hi=hi, k_float=kf, v_float=vf, float_valid=fvalid)
-        small = slice(0, 2048)
-        ref = da.decode_attention_reference(q[:1], kc[:1, :, small], ks[:1, :, :2048 // k_block], kz[:1, :, :2048 // k_block],
-                                            vc[:1, :, small], vs[:1, :, small], vz[:1, :, small], bits=bits,
-                                            lo=lo[:1], hi=torch.full((1,), 2048 - window, device=dev))
-        got = da.decode_attention(q[:1], kc[:1, :, small], ks[:1, :, :2048 // k_block], kz[:1, :, :2048 // k_block],
-                                  vc[:1, :, small], vs[:1, :, small], vz[:1, :, small], bits=bits,
-                                  lo=lo[:1], hi=torch.full((1,), 2048 - window, device=dev))
-        err = float((got - ref).abs().max())
-        qbytes = sum(t.numel() * t.element_size() for t in (kc, ks, kz, vc, vs, vz))
-        best = None
-        for warps, split in ((4, None), (1, 1024), (2, 1024), (2, 2048), (4, 2048), (1, 4096), (2, 4096), (4, 8192)):
-            try:
-                us = triton.testing.do_bench(lambda: da.decode_attention(*args, split=split, num_warps=warps,
-                                                                         **kw)) * 1000
-            except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported, not fatal
-                print(f"{name} warps={warps} split={split}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        for scale_dtype in (torch.float16, torch.float32):
+            ks, vs = ks32.to(scale_dtype), vs32.to(scale_dtype)
+            args = (q, kc, ks, kz, vc, vs, vz)
+            kw = dict(bits=bits, lo=lo, hi=hi, k_float=kf, v_float=vf, float_valid=fvalid)
+            sub_n = min(4096, s)
+            nb = sub_n // k_block
+            sub = (q[:2], kc[:2, :, :sub_n], ks[:2, :, :nb], kz[:2, :, :nb], vc[:2, :, :sub_n], vs[:2, :, :sub_n],
+                   vz[:2, :, :sub_n])
+            skw = dict(bits=bits, lo=lo[:2], hi=torch.full((2,), sub_n - window, device=dev), k_float=kf[:2],
+                       v_float=vf[:2], float_valid=fvalid[:2])
+            ref = da.decode_attention_reference(*sub, **skw)
+            qbytes = sum(t.numel() * t.element_size() for t in (kc, ks, kz, vc, vs, vz))
+            best = None
+            for warps, split, block_n, stages in configs:
+                try:
+                    err = float((da.decode_attention(*sub, split=split, block_n=block_n, num_warps=warps,
+                                                     num_stages=stages, **skw) - ref).abs().max())
+                    us = triton.testing.do_bench(lambda: da.decode_attention(
+                        *args, split=split, block_n=block_n, num_warps=warps, num_stages=stages, **kw)) * 1000
+                except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+                    print(f"{name} {scale_dtype} {warps},{split},{block_n},{stages}: {type(exc).__name__}: "
+                          f"{str(exc)[:300]}", file=sys.stderr)
+                    continue
+                print(f"{name} {scale_dtype} warps={warps} split={split} block_n={block_n} stages={stages}: "
+                      f"{us:.1f} us err={err:.2e}", file=sys.stderr)
+                if best is None or us < best[0]:
+                    best = (us, warps, split, block_n, stages, err)
+            if best is None:
                 continue
-            print(f"{name} warps={warps} split={split}: {us:.1f} us", file=sys.stderr)
-            if best is None or us < best[0]:
-                best = (us, warps, split)
-        if best is None:
-            continue
-        us = best[0]
-        rows.append({"area": "decode-attention", "kernel": f"lowbit-{name}-cache", "batch": b, "heads": h,
-                     "head_dim": d, "context": s, "us": round(us, 1), "baseline": "sdpa-bf16",
-                     "baseline_us": round(sdpa_us, 1), "speedup": round(sdpa_us / us, 2), "bytes": qbytes,
-                     "eff_bw_frac": round(qbytes / (us * 1e-6) / copy_bw, 3), "max_abs_err_vs_reference": err,
-                     "config": f"num_warps={best[1]},split={best[2]}", "window": window,
-                     "k_block": k_block, "v_group": v_group})
-        del kc, ks, kz, vc, vs, vz
+            us = best[0]
+            sname = str(scale_dtype).removeprefix("torch.")
+            rows.append({"area": "decode-attention", "kernel": f"lowbit-{name}-cache", "scheme": f"scales-{sname}",
+                         "batch": b, "heads": h, "head_dim": d, "context": s, "us": round(us, 1),
+                         "baseline": "sdpa-bf16", "baseline_us": round(sdpa_us, 1), "speedup": round(sdpa_us / us, 2),
+                         "bytes": qbytes, "eff_bw_frac": round(qbytes / (us * 1e-6) / copy_bw, 3),
+                         "max_abs_err_vs_reference": best[5],
+                         "config": f"num_warps={best[1]},split={best[2]},block_n={best[3]},num_stages={best[4]}",
+                         "window": window, "k_block": k_block, "v_group": v_group, "zero": "uint8"})
+        del kc, ks, kz, vc, vs, vz, ks32, vs32
     del k, v
     torch.cuda.empty_cache()
     return rows

@@ -131,6 +131,15 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int) -> Callable[..., torch.
     return run
 
 
+def _cache_attention(*args: Any, **kwargs: Any) -> Any:
+    from lowbit.kernels.decode_attention import cache_attention_decode
+
+    return cache_attention_decode(*args, **kwargs)
+
+
+_CACHE_ATTENTION = torch.compiler.disable(_cache_attention)
+
+
 def _operand(gm: torch.fx.GraphModule, node: torch.fx.Node, i: int, name: str) -> Any:
     a = node.args[i] if len(node.args) > i else node.kwargs.get(name)
     if isinstance(a, torch.fx.Node) and a.op == "get_attr":
@@ -168,8 +177,15 @@ def retarget(gm: torch.fx.GraphModule) -> dict[str, dict[str, str]]:
     {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold the decode layout)."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
 
+    from lowbit.ir.kvcache import cache_attention
+
     report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}}
     for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is cache_attention:
+            # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape)
+            node.target = _CACHE_ATTENTION
+            report["kernels"][node.name] = "cache-attention"
+            continue
         if node.op != "call_function" or node.target is not qlinear:
             continue
         qweight = _operand(gm, node, 1, "qweight")

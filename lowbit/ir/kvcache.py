@@ -1,0 +1,272 @@
+"""The packed KV cache of a generating model and ``cache_attention``, its op (docs/design.md, "Program form").
+
+The cache is the real form of the ``quantize(kv=...)`` accuracy model (``insert_kv_qdq``), per layer and per
+(sequence, kv head), eight tensors:
+
+* ``k_codes`` ``[B, H, S, D*bits/8]`` uint8 and ``k_scale`` / ``k_zero`` ``[B, H, S/k_block, D]``: keys per
+  channel over blocks of ``k_block`` tokens (KIVI), blocks aligned at position 0 as the accuracy model's;
+* ``v_codes`` ``[B, H, S, D*bits/8]`` uint8 and ``v_scale`` / ``v_zero`` ``[B, H, S, D/v_group]``: values per
+  token over groups of ``v_group`` channels;
+* ``k_float`` / ``v_float`` ``[B, H, sink + window, D]``: the attention sink (slots ``0..sink-1``, positions
+  ``0..sink-1``) and a ring of the ``window`` most recent tokens (slot ``sink + position % window``).
+
+Codes are stored unsigned (``code - qmin``), ``8/bits`` per byte along ``D``, the lowest channel in the lowest
+bits; ``*_zero`` is ``zero_point - qmin`` as uint8 (an integer in ``[0, 2**bits)``), ``*_scale`` float32 by
+default, so ``(stored - zero) * scale`` is exactly the accuracy model's ``dequantize``.
+
+A query at position ``t`` reads token ``j`` quantized when ``sink <= j <= t - window`` and float otherwise, the
+split the accuracy model's mask makes. A key block is final once its last token is written; it is read
+quantized only by queries at least ``window`` later, so ``window >= k_block`` makes every block read quantized
+final, and the cache equals the accuracy model's QDQ token for token. The block holding the newest token is
+re-quantized at every step from the float ring (its earlier, partial versions are never read).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.ir.ops import register_op
+
+__all__ = ["pack_codes", "unpack_codes", "quantize_keys", "quantize_values", "dequantize_keys",
+           "dequantize_values", "cache_layout", "empty_cache", "cache_update", "cache_attention"]
+
+SCALE_EPS = 1e-12  # as lowbit.ir.quant.SCALE_EPS
+
+
+def _qrange(bits: int) -> tuple[int, int]:
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits={bits}: the quantized cache stores 8, 4 or 2-bit codes")
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes ``[..., D]`` -> uint8 ``[..., D * bits / 8]`` (stored as ``code - qmin``, low bits first)."""
+    qmin, _ = _qrange(bits)
+    per = 8 // bits
+    d = codes.shape[-1]
+    if d % per:
+        raise ValueError(f"head_dim {d} is not a multiple of {per} ({bits}-bit codes, {per} per byte)")
+    u = (codes.to(torch.int32) - qmin).reshape(*codes.shape[:-1], d // per, per)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    return (u << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 ``[..., D * bits / 8]`` -> stored (unsigned) codes ``[..., D]`` as int32."""
+    _qrange(bits)
+    per = 8 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    u = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return u.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def _qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric scale and zero point as ``qparams_from_range`` computes them (the range always holds 0)."""
+    qmin, qmax = _qrange(bits)
+    lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
+    hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=SCALE_EPS)
+    zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
+    return scale, zp
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
+    qmin, qmax = _qrange(bits)
+    return torch.clamp(torch.round(x.float() / scale) + zp, qmin, qmax)
+
+
+def quantize_keys(k: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys ``[B, H, S, D]`` (S a multiple of ``block``) -> packed codes, scale, uint8 zero ``[B, H, S/block, D]``."""
+    b, h, s, d = k.shape
+    if s % block:
+        raise ValueError(f"{s} key tokens: only whole blocks of {block} tokens are quantized (the rest stays in "
+                         "the float window)")
+    kb = k.float().reshape(b, h, s // block, block, d)
+    scale, zp = _qparams(kb.amin(3), kb.amax(3), bits)
+    codes = _codes(kb, scale.unsqueeze(3), zp.unsqueeze(3), bits).reshape(b, h, s, d)
+    return pack_codes(codes, bits), scale, (zp - _qrange(bits)[0]).to(torch.uint8)
+
+
+def quantize_values(v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Values ``[B, H, S, D]`` -> packed codes, scale and uint8 zero ``[B, H, S, D/group]`` (per token groups)."""
+    b, h, s, d = v.shape
+    if d % group:
+        raise ValueError(f"v_group={group} does not divide head_dim {d}")
+    vg = v.float().reshape(b, h, s, d // group, group)
+    scale, zp = _qparams(vg.amin(-1), vg.amax(-1), bits)
+    codes = _codes(vg, scale.unsqueeze(-1), zp.unsqueeze(-1), bits).reshape(b, h, s, d)
+    return pack_codes(codes, bits), scale, (zp - _qrange(bits)[0]).to(torch.uint8)
+
+
+def dequantize_keys(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    block = packed.shape[2] // scale.shape[2]
+    u = unpack_codes(packed, bits).float()
+    return (u - zero.float().repeat_interleave(block, 2)) * scale.float().repeat_interleave(block, 2)
+
+
+def dequantize_values(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    u = unpack_codes(packed, bits).float()
+    group = u.shape[-1] // scale.shape[-1]
+    return (u - zero.float().repeat_interleave(group, -1)) * scale.float().repeat_interleave(group, -1)
+
+
+CACHE_PARTS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_float", "v_float")
+
+
+def cache_layout(batch: int, kv_heads: int, slots: int, head_dim: int, *, bits: int, k_block: int, v_group: int,
+                 window: int, sink: int, scale_dtype: torch.dtype = torch.float32,
+                 float_dtype: torch.dtype = torch.float32) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(part, shape, dtype) of one layer's eight cache tensors for ``slots`` positions (a multiple of k_block)."""
+    if slots % k_block:
+        raise ValueError(f"a packed cache of {slots} slots: must be a multiple of k_block={k_block}")
+    db = head_dim * bits // 8
+    b, h = batch, kv_heads
+    return [("k_codes", (b, h, slots, db), torch.uint8), ("k_scale", (b, h, slots // k_block, head_dim), scale_dtype),
+            ("k_zero", (b, h, slots // k_block, head_dim), torch.uint8), ("v_codes", (b, h, slots, db), torch.uint8),
+            ("v_scale", (b, h, slots, head_dim // v_group), scale_dtype),
+            ("v_zero", (b, h, slots, head_dim // v_group), torch.uint8),
+            ("k_float", (b, h, sink + window, head_dim), float_dtype),
+            ("v_float", (b, h, sink + window, head_dim), float_dtype)]
+
+
+def empty_cache(layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+                device: torch.device | str | None = None) -> list[torch.Tensor]:
+    return [torch.zeros(shape, dtype=dtype, device=device) for _, shape, dtype in layout]
+
+
+def _check_positions(positions: torch.Tensor, slots: int, k_block: int) -> None:
+    """Each sequence's tokens sit at consecutive positions (a prefill from 0, a decode step, a chunk)."""
+    if slots % k_block:
+        raise ValueError(f"cache_attention: the packed cache has {slots} slots, not a multiple of k_block={k_block}")
+    if positions.shape[1] > 1:
+        steps = positions[:, 1:] - positions[:, :-1]
+        if not bool((steps == 1).all()):
+            raise ValueError(f"cache_attention: positions {tuple(positions.shape)} are not consecutive per sequence; "
+                             "the packed cache writes each sequence's tokens in order (prefill each prompt at "
+                             "positions 0..len-1, as lowbit.generate does)")
+    if not bool((positions[:, -1] < slots).all()):
+        raise ValueError(f"cache_attention: position {int(positions.max())} is past the cache's {slots} slots")
+
+
+def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor], *,
+                 bits: int, k_block: int, v_group: int, window: int, sink: int,
+                 check: bool = True) -> list[torch.Tensor]:
+    """Write the new keys/values ``[B, H, L, D]`` at ``positions [B, L]``: values quantized per token, keys into
+    the float ring and every key block they touch re-quantized (its older tokens from the ring), the sink kept.
+    Returns the new eight tensors (the inputs are not modified)."""
+    kc, ks, kz, vc, vs, vz, kf, vf = cache
+    b, h, n, d = k.shape
+    slots = kc.shape[2]
+    pos = positions.to(torch.long)
+    if check and n > 1:  # (a decode step is checked by its driver: no host sync here)
+        _check_positions(pos, slots, k_block)
+    elif slots % k_block:
+        raise ValueError(f"cache_attention: the packed cache has {slots} slots, not a multiple of k_block={k_block}")
+    ring = window
+    p0 = pos[:, :1]  # [B, 1]
+    # values: per token, quantized as they arrive
+    vcode, vscale, vzero = quantize_values(v, bits, v_group)
+    idx = pos[:, None, :, None]
+    vc = vc.scatter(2, idx.expand(b, h, n, vcode.shape[-1]), vcode)
+    vs = vs.scatter(2, idx.expand(b, h, n, vscale.shape[-1]), vscale.to(vs.dtype))
+    vz = vz.scatter(2, idx.expand(b, h, n, vzero.shape[-1]), vzero)
+    # keys: the blocks from p0's to the last token's, from the old ring (tokens before p0) and the new keys
+    first = (p0 // k_block) * k_block
+    if n == 1:  # a decode step touches one block (no host sync: the step can run under a CUDA graph)
+        n_blocks = 1
+    else:
+        n_blocks = int(((p0[:, 0] + n - 1) // k_block - p0[:, 0] // k_block).max()) + 1
+    span = first + torch.arange(n_blocks * k_block, device=k.device)  # [B, T] positions of those blocks
+    tt = span.shape[1]
+    new_i = (span - p0).clamp(0, n - 1)
+    from_new = (span >= p0) & (span - p0 < n)
+    old_slot = sink + span.remainder(ring)
+    kn = k.gather(2, new_i[:, None, :, None].expand(b, h, tt, d)).float()
+    ko = kf.gather(2, old_slot[:, None, :, None].expand(b, h, tt, d)).float()
+    known = from_new | (span < p0)
+    # zeros stand for tokens not written yet: the range always holds 0, so they change no scale
+    kblk = torch.where(from_new[:, None, :, None], kn, torch.where(known[:, None, :, None], ko, 0.0))
+    kcode, kscale, kzero = quantize_keys(kblk, bits, k_block)
+    # a sequence whose tokens end in an earlier block than another's may span a block past the cache's end:
+    # scatter into a padded copy and cut it off (no index is written twice)
+    pad = n_blocks * k_block
+
+    def put(t: torch.Tensor, index: torch.Tensor, src: torch.Tensor, extra: int) -> torch.Tensor:
+        padded = torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], 2)
+        out = padded.scatter(2, index[:, None, :, None].expand(b, h, index.shape[1], t.shape[3]), src)
+        return out[:, :, : t.shape[2]]
+
+    kc = put(kc, span, kcode, pad)
+    blk = span[:, ::k_block] // k_block  # [B, n_blocks]
+    ks = put(ks, blk, kscale.to(ks.dtype), n_blocks)
+    kz = put(kz, blk, kzero, n_blocks)
+    # float ring: the last `ring` new tokens (a longer chunk's earlier ones would be overwritten anyway)
+    last = min(n, ring)
+    pl = pos[:, n - last:]
+    ridx = (sink + pl.remainder(ring))[:, None, :, None].expand(b, h, last, d)
+    kf = kf.scatter(2, ridx, k[:, :, n - last:].to(kf.dtype))
+    vf = vf.scatter(2, ridx, v[:, :, n - last:].to(vf.dtype))
+    if sink:  # the sink slots keep positions 0..sink-1
+        sp = torch.arange(sink, device=k.device)
+        hit = (sp[None] >= p0) & (sp[None] - p0 < n)  # [B, sink]
+        si = (sp[None] - p0).clamp(0, n - 1)[:, None, :, None].expand(b, h, sink, d)
+        m = hit[:, None, :, None]
+        kf = torch.cat([torch.where(m, k.gather(2, si).to(kf.dtype), kf[:, :, :sink]), kf[:, :, sink:]], 2)
+        vf = torch.cat([torch.where(m, v.gather(2, si).to(vf.dtype), vf[:, :, :sink]), vf[:, :, sink:]], 2)
+    return [kc, ks, kz, vc, vs, vz, kf, vf]
+
+
+def float_candidates(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_float: torch.Tensor,
+                     v_float: torch.Tensor, *, window: int, sink: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float tokens a step's queries may read: the OLD sink and ring slots (tokens before this step) and
+    the new tokens: keys/values ``[B, H, F, D]`` and a mask ``[B, L, F]`` (query at t reads float token j when
+    ``j <= t`` and ``j < sink`` or ``j > t - window``)."""
+    pos = positions.to(torch.long)
+    p0 = pos[:, :1]
+    ring = window
+    dev = k.device
+    sp = torch.arange(sink, device=dev)[None].expand(pos.shape[0], sink)
+    r = torch.arange(ring, device=dev)
+    rp = (p0 - 1) - (p0 - 1 - r[None]).remainder(ring)  # the position ring slot r holds before this step
+    cand = torch.cat([sp, rp, pos], 1)  # [B, F]
+    older = torch.cat([sp < p0, (rp >= sink) & (rp >= 0), torch.ones_like(pos, dtype=torch.bool)], 1)
+    t = pos[:, :, None]
+    j = cand[:, None, :]
+    mask = older[:, None, :] & (j <= t) & ((j < sink) | (j > t - window))
+    kk = torch.cat([k_float.to(k.dtype), k], 2)
+    vv = torch.cat([v_float.to(v.dtype), v], 2)
+    return kk, vv, mask
+
+
+@register_op("cache_attention", num_outputs=9)
+def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor, v_codes: torch.Tensor,
+                    v_scale: torch.Tensor, v_zero: torch.Tensor, k_float: torch.Tensor, v_float: torch.Tensor, *,
+                    bits: int, k_block: int, v_group: int, window: int, sink: int,
+                    scale: float | None = None) -> tuple[torch.Tensor, ...]:
+    """Attention of a step's queries over a packed quantized KV cache after writing the step's keys/values."""
+    cache = [k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_float, v_float]
+    if q.device.type == "meta":
+        return (torch.empty_like(q), *[c.clone() for c in cache])
+    new = cache_update(k, v, positions, cache, bits=bits, k_block=k_block, v_group=v_group, window=window,
+                       sink=sink)
+    b, hq, n, d = q.shape
+    pos = positions.to(torch.long)
+    # quantized tokens: sink <= j <= t - window
+    kq = dequantize_keys(new[0], new[1], new[2], bits)
+    vq = dequantize_values(new[3], new[4], new[5], bits)
+    slots = torch.arange(kq.shape[2], device=q.device)
+    t = pos[:, :, None]
+    qmask = (slots[None, None] >= sink) & (slots[None, None] <= t - window)
+    kfc, vfc, fmask = float_candidates(k.float(), v.float(), pos, k_float, v_float, window=window, sink=sink)
+    keys = torch.cat([kq, kfc], 2)
+    values = torch.cat([vq, vfc], 2)
+    mask = torch.cat([qmask, fmask], 2)[:, None]  # [B, 1, L, S + F]
+    out = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask,
+                                         scale=scale if scale is not None else 1 / math.sqrt(d),
+                                         enable_gqa=hq != keys.shape[1])
+    return (out.to(q.dtype), *new)

@@ -1,0 +1,176 @@
+"""``kv-cache``: a generating model's float KV cache becomes the packed quantized cache (``cache_attention``).
+
+Why: ``quantize(kv=...)`` only models a quantized cache in prefill (a QDQ copy of K/V beside the float one);
+generation needs the cache itself in its quantized form, so that decode reads 2-4x fewer bytes. On a step graph
+(``compile_model(..., generation=...)``) each layer's ``scatter`` of the new keys/values into ``k_cache`` /
+``v_cache`` and the ``attention`` over them become one ``cache_attention`` node over eight cache tensors
+(``lowbit.ir.kvcache``: packed codes, scales and zeros for keys per channel over ``k_block``-token blocks and
+values per token over ``v_group`` channels, plus the float attention sink and recent window). Its reference
+(torch backend) writes the cache and attends over dequantize+float exactly as the accuracy model's mask does;
+the Triton backend runs decode steps with the decode-attention kernel. The graph's cache inputs and outputs
+change accordingly and ``graph.meta["generation"]["kv_cache"]`` records the layout ``lowbit.generate``
+allocates.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from lowbit.ir.graph import Graph, Node, Symbol, TensorType, Value
+from lowbit.passes.base import Condition, Pass, PassError, PassOptions, PassResult, register_pass
+from lowbit.passes.dce import eliminate_dead_code
+
+PARTS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_float", "v_float")
+_SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _not_step_graph(graph: Graph) -> list[str]:
+    gen = graph.meta.get("generation")
+    if not gen:
+        return [f"graph {graph.name} is not a generation step graph (compile with generation=GenerationSpec(...))"]
+    if gen.get("kv_cache"):
+        return [f"graph {graph.name} already has a packed KV cache ({gen['kv_cache']['bits']}-bit)"]
+    return [f"%{n.name} (attention) in module {n.module!r} has the quantize pass' kv accuracy model" for n in
+            graph.nodes if n.op == "attention" and "qscheme_kv" in n.meta]
+
+
+STEP_GRAPH = Condition("a step graph with a float KV cache", _not_step_graph)
+
+
+class KVCacheOptions(PassOptions):
+    bits: int = 4
+    """Code width of keys and values: 8, 4 or 2."""
+    k_block: int = Field(default=32, ge=1, le=1024)
+    """Tokens per key scale block (keys: per channel over k_block tokens)."""
+    v_group: int | None = Field(default=None, ge=1)
+    """Channels per value scale group (values: per token); default 32 (int4/int8), 16 (int2), as kv4/kv2."""
+    window: int | None = Field(default=None, ge=1)
+    """Most recent tokens every query reads float; default 32 (int4/int8), 64 (int2), as kv4/kv2."""
+    sink: int = Field(default=1, ge=0, le=64)
+    """First tokens kept float for every query (the attention sink)."""
+    scale_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """float32 is exactly the accuracy model; float16 makes a smaller cache."""
+
+    @model_validator(mode="after")
+    def _defaults(self) -> KVCacheOptions:
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"bits={self.bits}: the packed cache stores 8, 4 or 2-bit codes")
+        if self.v_group is None:
+            self.v_group = 16 if self.bits == 2 else 32
+        if self.window is None:
+            self.window = 64 if self.bits == 2 else 32
+        if self.window < self.k_block:
+            raise ValueError(f"window={self.window} < k_block={self.k_block}: a key block is quantized once all its "
+                             f"tokens are written, so queries must read the last k_block tokens float (raise "
+                             f"window or lower k_block)")
+        return self
+
+
+@register_pass
+class KVCache(Pass):
+    """Turn a step graph's float KV cache into the packed quantized cache read by cache_attention."""
+
+    name = "kv-cache"
+    Options = KVCacheOptions
+    exact = False
+    requires = (STEP_GRAPH,)
+    after = ("quantize", "gptq", "awq", "autoround", "smooth-quant", "fold-norms", "rotate")
+    creates = ("cache_attention",)
+
+    def run(self, graph: Graph) -> PassResult:
+        o: KVCacheOptions = self.options  # type: ignore[assignment]
+        gen = graph.meta["generation"]
+        names = list(gen["cache_inputs"])
+        head_dim, kv_heads = gen["head_dim"], gen["kv_heads"]
+        per = 8 // o.bits
+        if head_dim % o.v_group or o.v_group % per:  # type: ignore[operator]
+            raise PassError(f"pass kv-cache: v_group={o.v_group} must divide head_dim {head_dim} and be a multiple "
+                            f"of the {per} codes per byte")
+        by_name = {v.name: v for v in graph.inputs}
+        users = graph.users()
+        positions = graph.inputs[1]
+        scale_dtype = _SCALE_DTYPES[o.scale_dtype]
+        blocks = f"kvb{o.k_block}"
+        max_len = gen["max_length"]
+        graph.symbols.setdefault(blocks, Symbol(blocks, 1, max(-(-max_len // o.k_block), 2), None))
+        new_inputs: dict[str, list[Value]] = {}
+        new_outputs: dict[int, list[Value]] = {}
+        new_names: list[str] = []
+        kw = dict(bits=o.bits, k_block=o.k_block, v_group=o.v_group, window=o.window, sink=o.sink)
+        for layer in range(len(names) // 2):
+            k_in, v_in = by_name[names[2 * layer]], by_name[names[2 * layer + 1]]
+            k_sc, v_sc = self._scatter(graph, users, k_in), self._scatter(graph, users, v_in)
+            att = self._attention(graph, users, k_sc, v_sc)
+            t = k_in.tensor_type
+            batch, slots = t.shape[0], t.shape[2]
+            types = {"k_codes": TensorType(torch.uint8, (batch, kv_heads, slots, head_dim * o.bits // 8)),
+                     "k_scale": TensorType(scale_dtype, (batch, kv_heads, blocks, head_dim)),
+                     "k_zero": TensorType(torch.uint8, (batch, kv_heads, blocks, head_dim)),
+                     "v_codes": TensorType(torch.uint8, (batch, kv_heads, slots, head_dim * o.bits // 8)),
+                     "v_scale": TensorType(scale_dtype, (batch, kv_heads, slots, head_dim // o.v_group)),
+                     "v_zero": TensorType(torch.uint8, (batch, kv_heads, slots, head_dim // o.v_group)),
+                     "k_float": TensorType(t.dtype, (batch, kv_heads, o.sink + o.window, head_dim)),
+                     "v_float": TensorType(t.dtype, (batch, kv_heads, o.sink + o.window, head_dim))}
+            ins = []
+            for part in PARTS:
+                name = graph.fresh_name(f"past_key_values_{layer}_{part}")
+                graph._claim(name)
+                ins.append(Value(name, types[part], kind="input"))
+                new_names.append(name)
+            new_inputs[k_in.name] = ins
+            for cache in (k_in, v_in):  # sizes read off the cache (batch, heads, slots) come from the codes now
+                for n in users.get(id(cache), []):
+                    if n.op == "aten.sym_size.int":
+                        if n.args[1] not in (0, 1, 2, -4, -3, -2):
+                            raise PassError(f"pass kv-cache: %{n.name} reads dim {n.args[1]} of cache %{cache.name}; "
+                                            "the packed cache keeps only batch, heads and slots")
+                        n.args = (ins[0], *n.args[1:])
+            new_inputs[v_in.name] = []
+            scale = att.kwargs.get("scale")
+            node = graph.make_node("cache_attention", [att.args[0], k_sc.args[3], v_sc.args[3], positions, *ins],
+                                   {**kw, "scale": scale}, name=f"cache_attention_{layer}",
+                                   types=[att.output.type, *[types[p] for p in PARTS]], module=att.module)
+            graph.insert_before(att, node)
+            graph.replace_all_uses(att.output, node.outputs[0])
+            outs = node.outputs[1:]
+            for v, part in zip(outs, PARTS):
+                graph.rename(v, f"present_{layer}_{part}")
+            new_outputs[id(k_sc.output)] = outs
+            new_outputs[id(v_sc.output)] = []
+        graph.inputs = [x for v in graph.inputs for x in new_inputs.get(v.name, [v])]
+        graph.outputs = [x for v in graph.outputs for x in new_outputs.get(id(v), [v])]
+        nodes, _ = eliminate_dead_code(graph)
+        layout = {"bits": o.bits, "k_block": o.k_block, "v_group": o.v_group, "window": o.window, "sink": o.sink,
+                  "scale_dtype": o.scale_dtype, "parts": list(PARTS)}
+        gen["kv_cache"] = layout
+        gen["float_cache_inputs"] = names
+        gen["cache_inputs"] = new_names
+        stats: dict[str, Any] = {"layers": len(names) // 2, **layout, "nodes_removed": nodes}
+        return PassResult(True, stats)
+
+    @staticmethod
+    def _scatter(graph: Graph, users: dict[int, list[Node]], cache: Value) -> Node:
+        readers = [n for n in users.get(id(cache), []) if n.op != "aten.sym_size.int"]
+        if len(readers) != 1 or readers[0].op != "aten.scatter.src" or readers[0].args[0] is not cache:
+            ops = ", ".join(f"%{n.name} ({n.op})" for n in readers) or "nothing"
+            raise PassError(f"pass kv-cache: cache input %{cache.name} {cache.type} is read by {ops}; expected one "
+                            "scatter of the new tokens (the CausalLMStep capture)")
+        return readers[0]
+
+    @staticmethod
+    def _attention(graph: Graph, users: dict[int, list[Node]], k_sc: Node, v_sc: Node) -> Node:
+        outs = {id(v) for v in graph.outputs}
+        for sc in (k_sc, v_sc):
+            rd = users.get(id(sc.output), [])
+            if len(rd) != 1 or rd[0].op != "attention" or id(sc.output) not in outs:
+                ops = ", ".join(f"%{n.name} ({n.op})" for n in rd) or "nothing"
+                raise PassError(f"pass kv-cache: the updated cache %{sc.output.name} is read by {ops}; expected one "
+                                "attention (and the graph's outputs)")
+        att = users[id(k_sc.output)][0]
+        if att is not users[id(v_sc.output)][0] or att.args[1] is not k_sc.output or att.args[2] is not v_sc.output:
+            raise PassError(f"pass kv-cache: %{k_sc.output.name} and %{v_sc.output.name} are not the keys and values "
+                            f"of one attention (%{att.name} in module {att.module!r})")
+        return att

@@ -1,0 +1,235 @@
+"""The packed quantized KV cache (``kv-cache`` pass, ``cache_attention`` op, lowbit.ir.kvcache): its reference equals
+the ``quantize(kv=...)`` accuracy model token for token, the Triton decode path equals the reference, and a real
+SmolLM2 slice generates through it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.ir import kvcache as kv
+from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
+
+QDTYPE = {8: "int8", 4: "int4", 2: "int2"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _qdq(x: torch.Tensor, bits: int, layout: dict) -> torch.Tensor:
+    scale, zp = dynamic_qparams(x, qdtype=QDTYPE[bits], symmetric=False, **layout)
+    kw = {"qdtype": QDTYPE[bits], "axis": layout["axis"], "block_size": layout["block_size"]}
+    return dequantize(quantize(x, scale, zp, **kw), scale, zp, out_dtype=torch.float32, **kw)
+
+
+def _accuracy_model(q, k, v, bits, kb, vg, window, sink):
+    """insert_kv_qdq's attention over a whole sequence: [QDQ ; float] keys/values, the window/sink mask."""
+    b, h, n, d = k.shape
+    pad = (-n) % kb  # the last partial block is never read quantized (window >= k_block)
+    kq = _qdq(torch.cat([k, k.new_zeros(b, h, pad, d)], 2), bits,
+              {"granularity": "per_block", "axis": 2, "block_size": kb})[:, :, :n]
+    vq = _qdq(v, bits, {"granularity": "per_token", "axis": -1, "block_size": vg})
+    i = torch.arange(n)
+    dist = i[:, None] - i[None]
+    old = (dist >= window) & (i[None] >= sink)
+    mask = torch.cat([old, (dist >= 0) & ~old], -1)
+    return torch.nn.functional.scaled_dot_product_attention(q, torch.cat([kq, k], 2), torch.cat([vq, v], 2),
+                                                            attn_mask=mask, enable_gqa=True)
+
+
+CASES = [(4, 16, 8, 16, 1), (2, 16, 8, 32, 1), (8, 8, 16, 8, 0)]  # bits, k_block, v_group, window, sink
+
+
+def _random_sequence(seed: int, b: int = 2, h: int = 2, hq: int = 4, d: int = 16, n: int = 100):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, h, n, d, generator=g) * 2
+    k[:, :, 0] *= 10  # an attention-sink-like outlier token
+    return torch.randn(b, hq, n, d, generator=g), k, torch.randn(b, h, n, d, generator=g)
+
+
+@pytest.mark.parametrize("bits,kb,vg,window,sink", CASES)
+def test_cache_attention_equals_the_accuracy_model(bits, kb, vg, window, sink):
+    """Prefill, then decode token by token, and a prefill in two chunks: every query's output equals the accuracy
+    model's (same QDQ, same mask) to fp32 rounding (1e-5)."""
+    q, k, v = _random_sequence(bits)
+    b, h, n, d = k.shape
+    want = _accuracy_model(q, k, v, bits, kb, vg, window, sink)
+    kw = dict(bits=bits, k_block=kb, v_group=vg, window=window, sink=sink)
+    layout = kv.cache_layout(b, h, 128, d, **kw)
+    split = 45
+    out, *cache = kv.cache_attention(q[:, :, :split], k[:, :, :split], v[:, :, :split],
+                                     torch.arange(split).repeat(b, 1), *kv.empty_cache(layout), **kw)
+    outs = [out]
+    for t in range(split, n):
+        o, *cache = kv.cache_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], torch.full((b, 1), t),
+                                       *cache, **kw)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 2), want, rtol=1e-5, atol=1e-5)
+    cache = kv.empty_cache(layout)
+    outs = []
+    for lo, hi in ((0, 37), (37, n)):
+        o, *cache = kv.cache_attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi],
+                                       torch.arange(lo, hi).repeat(b, 1), *cache, **kw)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 2), want, rtol=1e-5, atol=1e-5)
+    # the stored codes dequantize to the accuracy model's QDQ for every finished key block and every value
+    vq = _qdq(v, bits, {"granularity": "per_token", "axis": -1, "block_size": vg})
+    assert torch.equal(kv.dequantize_values(cache[3], cache[4], cache[5], bits)[:, :, :n], vq)
+    full = (n // kb) * kb
+    kq = _qdq(k[:, :, :full], bits, {"granularity": "per_block", "axis": 2, "block_size": kb})
+    assert torch.equal(kv.dequantize_keys(cache[0], cache[1], cache[2], bits)[:, :, :full], kq)
+
+
+def test_cache_attention_refuses_what_it_cannot_write():
+    kw = dict(bits=4, k_block=16, v_group=8, window=16, sink=1)
+    q, k, v = _random_sequence(0, n=4)
+    cache = kv.empty_cache(kv.cache_layout(2, 2, 32, 16, **kw))
+    with pytest.raises(ValueError, match="not consecutive"):
+        kv.cache_attention(q, k, v, torch.tensor([[0, 1, 3, 4]] * 2), *cache, **kw)
+    with pytest.raises(ValueError, match="past the cache"):
+        kv.cache_attention(q, k, v, torch.arange(30, 34).repeat(2, 1), *cache, **kw)
+    with pytest.raises(ValueError, match="multiple of k_block"):
+        kv.cache_layout(2, 2, 40, 16, **kw)
+
+
+def _kernel_decode_check() -> None:
+    """Decode steps through cache_attention_decode (the Triton kernel) vs cache_attention (the reference)."""
+    from lowbit.kernels.decode_attention import cache_attention_decode
+
+    for bits, kb, vg, window, sink in CASES:
+        q, k, v = _random_sequence(bits + 10)
+        b, h, n, d = k.shape
+        kw = dict(bits=bits, k_block=kb, v_group=vg, window=window, sink=sink)
+        _, *cache = kv.cache_attention(q[:, :, :40], k[:, :, :40], v[:, :, :40], torch.arange(40).repeat(b, 1),
+                                       *kv.empty_cache(kv.cache_layout(b, h, 128, d, **kw)), **kw)
+        for t in range(40, 80, 3):  # positions differ per sequence: the second one lags by 5
+            pos = torch.tensor([[t], [t - 5]])
+            step = [x[:, :, t:t + 1] for x in (q, k, v)]
+            want = kv.cache_attention(*step, pos, *cache, **kw)
+            got = cache_attention_decode(*step, pos, *cache, split=16, **kw)
+            torch.testing.assert_close(got[0], want[0], rtol=2e-5, atol=2e-5)
+            assert all(torch.equal(a, b) for a, b in zip(got[1:], want[1:]))
+            cache = list(want[1:])
+
+
+def test_triton_decode_equals_the_reference():
+    """TRITON_INTERPRET=1 in a fresh interpreter on CPU (triton reads it at import), directly on CUDA."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        _kernel_decode_check()
+        return
+    code = "import tests.test_kv_cache as t\nt._kernel_decode_check()\nprint('ok')"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village, there lived an old"]
+NEW = 40  # decode past the window (32) and over key-block boundaries (32)
+
+
+@pytest.fixture(scope="module")
+def packed_slice(smollm2):
+    """A 2-layer SmolLM2 step graph with the kv4 cache (kv-cache(bits=4): k_block 32, v_group 32, window 32,
+    sink 1, as the kv4 recipe), on the torch backend (the reference op)."""
+    from conftest import smollm2_slice
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    hf = smollm2_slice(smollm2[0], 2).model
+    compiled = compile_model(hf, tokenizer=smollm2[1], pipeline="kv-cache(bits=4)",
+                             generation=GenerationSpec(max_length=96, max_batch=2))
+    return hf, compiled
+
+
+def _step_logits(compiled, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Logits of the prefill's last row, then of each decode step fed ``tokens``: ``[len(tokens), V]``."""
+    gen = compiled._generator if getattr(compiled, "_generator", None) else None
+    from lowbit.generate import Generator
+
+    gen = gen or Generator(compiled.runner, compiled.graph.meta["generation"])
+    n = len(prompt)
+    out = compiled.runner(torch.tensor([prompt]), torch.arange(n)[None], *gen._cache(1, gen.spec.max_length))
+    rows, cache = [out[0][0, -1]], list(out[1:])
+    for i, t in enumerate(tokens[:-1]):
+        out = compiled.runner(torch.tensor([[t]]), torch.tensor([[n + i]]), *cache)
+        rows.append(out[0][0, -1])
+        cache = list(out[1:])
+    return torch.stack(rows)
+
+
+def test_smollm2_packed_cache_decode_matches_the_accuracy_model(smollm2, packed_slice):
+    """Greedy generation through the packed cache (a batch of two prompts of different lengths), then every decode
+    step's logits vs the ``quantize(kv=...)`` accuracy model (the kv4 recipe's QDQ, insert_kv_qdq) run over the same
+    tokens as one prefill: they agree to fp32 rounding (max |diff| <= 1e-4 x max |logit|), so the greedy tokens
+    are the accuracy model's too. The graph has one cache_attention per layer and packed uint8 cache inputs."""
+    from lowbit.api import compile_model
+    from lowbit.models import CausalLMLogits
+
+    hf, compiled = packed_slice
+    tok = smollm2[1]
+    g = compiled.graph
+    assert g.op_counts().get("cache_attention") == 2 and "attention" not in g.op_counts()
+    assert g.inputs[2].tensor_type.dtype == torch.uint8 and g.inputs[2].tensor_type.shape[-1] == 32  # 64 ch, int4
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    out = compiled.generate(prompts, NEW, stop_tokens=())
+    assert [len(t) for t in out.tokens] == [NEW, NEW]
+    acc = compile_model(CausalLMLogits(hf), tokenizer=tok,
+                        pipeline="quantize(kv=int4,kv_group=32,kv_sink=1,kv_window=32)")
+    for p, toks in zip(prompts, out.tokens):
+        got = _step_logits(compiled, p, toks)
+        want = acc.runner(torch.tensor([p + toks]))[0, len(p) - 1: len(p) + NEW - 1]
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+        assert got.argmax(-1).tolist() == toks == want.argmax(-1).tolist()
+
+
+def _greedy_kernel_vs_reference() -> None:
+    """The 2-layer slice with the kv4 cache on the torch backend (reference op) and on the triton backend (decode
+    steps on the decode-attention kernel): the same greedy tokens for both prompts."""
+    from conftest import smollm2_slice
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+    from lowbit.models import load_smollm2
+
+    model, tok = load_smollm2()
+    hf = smollm2_slice(model, 2).model
+    spec = GenerationSpec(max_length=96, max_batch=2)
+    dev = "cuda" if torch.cuda.is_available() else None
+    ref = compile_model(hf, tokenizer=tok, pipeline="kv-cache(bits=4)", generation=spec, device=dev)
+    ker = compile_model(hf, tokenizer=tok, pipeline="kv-cache(bits=4)", generation=spec, backend="triton",
+                        device=dev, backend_options={"compile": False})
+    assert set(ker.runner.report["kernels"].values()) == {"cache-attention"}
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    want = ref.generate(prompts, NEW, stop_tokens=()).tokens
+    got = ker.generate(prompts, NEW, stop_tokens=()).tokens
+    assert got == want, (got, want)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_kernel_equal_reference(smollm2):
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        _greedy_kernel_vs_reference()
+        return
+    code = ("import sys; sys.path.insert(0, 'tests')\nimport tests.test_kv_cache as t\n"
+            "t._greedy_kernel_vs_reference()\nprint('ok')")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_onnx_refuses_the_packed_cache_before_loading():
+    """ONNX has no lowering for cache_attention: the compile plan says so (and which backends lower it) before the
+    model is loaded; a float cache still exports (tests/test_generate.py)."""
+    from lowbit.api import compile_model
+    from lowbit.errors import LowbitError
+    from lowbit.generate import GenerationSpec
+
+    with pytest.raises(LowbitError, match=r"cache_attention.*torch, triton"):
+        compile_model("smollm2", pipeline="kv-cache(bits=4)", generation=GenerationSpec(max_length=64),
+                      backend="onnxruntime")
