@@ -12,31 +12,57 @@ all channels without changing the model. ``rotate`` applies, on the regions that
 * an online ``hadamard`` on queries and keys after rotary (R3), so the KV cache holds rotated keys.
 
 ``kind=hadamard`` uses the randomised Hadamard ``H·diag(±1)/√n`` (seeded), ``kind=random`` a Haar-random
-orthogonal matrix (QR of a seeded Gaussian) for R1/R2; online rotations are always the plain Hadamard, so
-backends can run them as a fast transform. Every rotation is exact: the model's outputs change by float
+orthogonal matrix (QR of a seeded Gaussian) for R1/R2; ``kind=kurtosis`` (KurTail) learns R1 from that
+randomised Hadamard, minimising the per-token kurtosis of the normalised residual streams the rotated linears
+read (``lowbit.calibration.rotation_learning``: the streams are collected once from the model as it is — unit
+gain RMSNorm makes them independent of R1 — and the rotation is learned offline on them, so no model forward
+runs per step); R2 stays the randomised Hadamard. Online rotations are always the plain Hadamard, so backends
+can run them as a fast transform. Every rotation is exact: the model's outputs change by float
 rounding only. A tied embedding/lm_head weight is untied (stats ``untied``).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import time
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
+from lowbit.calibration.engine import CalibrationError, batches_from_ids
+from lowbit.calibration.engine import run as calibrate
+from lowbit.calibration.rotation_learning import UNIFORM_KURTOSIS, learn_kurtosis_rotation, rss_mb
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.hadamard import HadamardError, hadamard, random_hadamard
-from lowbit.ir.rotation_regions import find_rotation_regions
-from lowbit.passes.base import NO_QLINEAR, Pass, PassError, PassOptions, PassResult, register_pass
+from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
+from lowbit.ir.rotation_regions import ResidualRegion, find_rotation_regions
+from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.fold_norms import private_weight
 
 __all__ = ["Rotate", "RotateOptions", "rotation_matrix"]
 
 
-class RotateOptions(PassOptions):
-    kind: Literal["hadamard", "random"] = "hadamard"
-    """hadamard: randomised Hadamard (QuaRot); random: Haar-random orthogonal."""
+class RotateOptions(CalibrationOptions):
+    """The rotation and, for ``kind=kurtosis``, its learning: the calibration options (``calib``, ``calib_n``,
+    ...) are read only by the learned kinds."""
+
+    kind: Literal["hadamard", "random", "kurtosis"] = "hadamard"
+    """hadamard: randomised Hadamard (QuaRot); random: Haar-random orthogonal; kurtosis: learned from the
+    randomised Hadamard to minimise activation kurtosis (KurTail)."""
     seed: int = 0
-    """Seed of the random signs / random matrix."""
+    """Seed of the random signs / random matrix (and of the learning's token draws)."""
+    calib_n: int = Field(default=8, ge=1)
+    """kurtosis: calibration sequences whose normalised residual streams are collected (once)."""
+    samples: int = Field(default=512, ge=8, le=1_000_000)
+    """kurtosis: tokens kept per norm output (spread over the batches); memory is samples × width × norms."""
+    steps: int = Field(default=100, ge=1, le=100_000)
+    """kurtosis: optimiser steps (each a matmul of ``batch_tokens`` × width × width, forward and back)."""
+    lr: float = Field(default=3e-3, gt=0, le=1)
+    """kurtosis: Adam step on the Cayley parameter of the rotation."""
+    batch_tokens: int = Field(default=4096, ge=8, le=1_000_000)
+    """kurtosis: tokens per step, drawn evenly from every norm output."""
+    target: float = Field(default=UNIFORM_KURTOSIS, ge=1, le=10)
+    """kurtosis: the per-token kurtosis aimed at (1.8: uniform, what an integer grid covers best)."""
     heads: bool = True
     """Rotate each head's values and o_proj's matching columns (R2)."""
     online: bool = True
@@ -68,6 +94,65 @@ def _set(graph: Graph, node: Node, index: int, users: dict, fn) -> None:  # type
     graph.set_param(w.name, fn(w.data.to(torch.float64)).to(w.data.dtype))
 
 
+def _learning_sites(res: ResidualRegion) -> list[Node]:
+    """The norms whose output a quantized linear reads (lm_head and embeddings stay float: their norm, the
+    final one, is not a site — and it runs in the graph's suffix, which calibration skips)."""
+    return [n for n in res.norms
+            if any(not any(module_matches(r.module or "", k) for k in DEFAULT_KEEP_FLOAT) for r in res.readers
+                   if r.args[0] is n.output)]
+
+
+def learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor, o: RotateOptions,
+                            pass_name: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    """KurTail's R1: collect the normalised residual streams once, learn ``Q`` from ``q0`` on them."""
+    t0 = time.perf_counter()
+    rss0 = rss_mb()
+    device = o.torch_device(pass_name)
+    sites = _learning_sites(res)
+    if not sites:
+        raise PassError(f"pass {pass_name}: kind=kurtosis: no RMSNorm output of the residual stream feeds a "
+                        "quantized linear, so there is nothing to learn from")
+    index = {id(n): i for i, n in enumerate(sites)}
+    kept: list[list[torch.Tensor]] = [[] for _ in sites]
+    ids = o.token_ids(graph, pass_name)
+    batches = batches_from_ids(graph, ids, o.batch_size_for(graph))
+    per_batch = max(1, o.samples // len(batches))
+
+    def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
+        i = index.get(id(node))
+        if i is not None:
+            x = outs[0].detach().reshape(-1, outs[0].shape[-1])
+            step = max(1, x.shape[0] // per_batch)
+            kept[i].append(x[::step][:per_batch].to("cpu", torch.float32))
+
+    try:
+        calibrate(graph, batches, on_node=on_node, progress=o.progress, device=device)
+    except CalibrationError as exc:
+        raise PassError(f"pass {pass_name}: kind=kurtosis: collecting activations: {exc}") from None
+    missing = [n for n, k in zip(sites, kept) if not k]
+    if missing:
+        raise PassError(f"pass {pass_name}: kind=kurtosis: calibration never reached rms_norm %{missing[0].name} "
+                        f"(module {missing[0].module!r})")
+    samples = [torch.cat(k) for k in kept]
+    collect_s = time.perf_counter() - t0
+    try:
+        learned = learn_kurtosis_rotation(samples, q0, steps=o.steps, lr=o.lr, batch_tokens=o.batch_tokens,
+                                          target=o.target, seed=o.seed,
+                                          what=f"pass {pass_name}: kind=kurtosis, residual stream of width {res.dim}")
+    except CalibrationError as exc:
+        raise PassError(str(exc)) from None
+    peak = None if rss0 is None or learned.peak_rss_mb is None else round(learned.peak_rss_mb - rss0, 1)
+    return learned.q, {
+        "sites": len(sites), "calib_tokens": int(ids.numel()), "samples_per_site": samples[0].shape[0],
+        "samples_mb": round(sum(s.numel() * s.element_size() for s in samples) / 2**20, 1),
+        "kurtosis_start": round(learned.kurtosis_start, 4), "kurtosis_end": round(learned.kurtosis_end, 4),
+        "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
+        "steps": learned.steps, "orthogonality": learned.orthogonality, "history": learned.history,
+        "collect_seconds": round(collect_s, 2), "learn_seconds": round(learned.seconds, 2),
+        "learn_rss_above_start_mb": peak,
+    }
+
+
 @register_pass
 class Rotate(Pass):
     """Fold orthogonal (Hadamard or random) rotations into the weights, plus online Hadamards where needed."""
@@ -96,7 +181,11 @@ class Rotate(Pass):
             raise PassError(f"pass rotate must run before quantization: linear %{n.name} (module {n.module!r}) reads a "
                             f"computed weight (%{n.args[1].name}, from {n.args[1].producer.op if n.args[1].producer else '?'})")
         users = graph.users()
-        q = rotation_matrix(o.kind, res.dim, o.seed, f"residual stream of width {res.dim}")
+        base = "hadamard" if o.kind == "kurtosis" else o.kind
+        q = rotation_matrix(base, res.dim, o.seed, f"residual stream of width {res.dim}")
+        learned = None
+        if o.kind == "kurtosis":
+            q, learned = learn_residual_rotation(graph, res, q, o, self.name)
         untied = list(regions.tied)
         for e in res.embeddings:
             _set(graph, e, 0, users, lambda w: w @ q)
@@ -108,10 +197,12 @@ class Rotate(Pass):
                 _set(graph, wr, 2, users, lambda b: b @ q)
         stats: dict[str, object] = {"kind": o.kind, "residual_dim": res.dim, "readers": len(res.readers),
                                     "writers": len(res.writers), "untied": untied}
+        if learned is not None:
+            stats["learned"] = learned
         heads = 0
         if o.heads:
             for h in regions.heads:
-                r = rotation_matrix(o.kind, h.head_dim, o.seed + 1, f"head_dim {h.head_dim} of %{h.attention.name}")
+                r = rotation_matrix(base, h.head_dim, o.seed + 1, f"head_dim {h.head_dim} of %{h.attention.name}")
                 hd = h.head_dim
 
                 def rot_rows(w: torch.Tensor, r: torch.Tensor = r, hd: int = hd) -> torch.Tensor:

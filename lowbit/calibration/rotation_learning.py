@@ -1,0 +1,165 @@
+"""Learning an orthogonal rotation on the Stiefel manifold that makes activations easy to quantize (KurTail).
+
+A per-token 4-bit quantizer spends its 16 levels on ``[-max|x|, max|x|]``; a token whose channels are
+heavy-tailed (a few huge, most tiny) rounds most channels to zero. Kurtosis ``E[(x-μ)⁴]/E[(x-μ)²]²`` measures
+that tailedness: 3 for a Gaussian (what a random Hadamard gives, by the central limit theorem), 1.8 for a
+uniform distribution, which a uniform quantizer covers best. KurTail (Akhondzadeh et al., 2025,
+arXiv:2503.01483) learns the residual-stream rotation ``Q`` that drives the per-token kurtosis of ``x·Q``
+towards the uniform's, for every ``x`` a rotated linear reads.
+
+Because unit-gain RMSNorm is rotation invariant (``norm(x·Q) = norm(x)·Q``), the normalised residual streams of
+the float model are the same whatever ``Q`` is: they are collected once, and the rotation is learned offline on
+them (no model forward per step), which is why this is cheap enough for a CPU.
+
+The optimiser keeps ``Q`` exactly orthogonal by construction: ``Q = Q₀·C(S)`` with the Cayley transform
+``C(S) = (I - S)⁻¹(I + S)`` of a skew-symmetric ``S = A - Aᵀ`` (every rotation near ``Q₀`` without a -1
+eigenvalue is reached), and Adam on ``A``. The result is recomputed in float64 and projected onto the
+orthogonal group (polar factor) so that ``‖QQᵀ - I‖`` is float64 rounding, whatever float the steps ran in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lowbit.calibration.engine import CalibrationError
+
+__all__ = ["rss_mb", "RotationLearningError", "LearnedRotation", "kurtosis", "kurtosis_loss", "cayley", "learn_kurtosis_rotation",
+           "orthogonal_polar"]
+
+UNIFORM_KURTOSIS = 1.8
+"""Kurtosis of a uniform distribution: the shape a uniform (integer) quantizer covers with the least error."""
+
+
+def rss_mb() -> float | None:
+    """The process's resident memory now, in MiB (Linux ``/proc``; None elsewhere): sampled while learning to
+    report the learning step's own peak above what the process already held."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+try:
+    import os as _os
+
+    _PAGE = _os.sysconf("SC_PAGE_SIZE")
+except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+    _PAGE = 4096
+
+
+class RotationLearningError(CalibrationError):
+    """The rotation learning diverged (a NaN or an infinite loss), named with its step."""
+
+
+@dataclass
+class LearnedRotation:
+    q: torch.Tensor
+    """The learned float64 orthogonal matrix."""
+    kurtosis_start: float
+    """Mean per-token kurtosis of the samples under the starting rotation (all sites, float64)."""
+    kurtosis_end: float
+    loss_start: float
+    loss_end: float
+    steps: int
+    seconds: float
+    orthogonality: float
+    """``max|QQᵀ - I|`` of ``q`` in float64."""
+    history: list[float] = field(default_factory=list)
+    """Loss every tenth step (the minibatch loss, for a look at convergence)."""
+    peak_rss_mb: float | None = None
+    """Highest resident memory sampled during the steps (MiB; None where /proc is missing)."""
+
+
+def kurtosis(y: torch.Tensor) -> torch.Tensor:
+    """Per-row kurtosis ``E[(y-μ)⁴] / E[(y-μ)²]²`` over the last axis (the channels of a token)."""
+    c = y - y.mean(-1, keepdim=True)
+    m2 = c.square().mean(-1)
+    return c.pow(4).mean(-1) / m2.square().clamp_min(torch.finfo(y.dtype).tiny)
+
+
+def kurtosis_loss(x: torch.Tensor, q: torch.Tensor, target: float = UNIFORM_KURTOSIS) -> torch.Tensor:
+    """Mean over tokens of ``|kurtosis(x·Q) - target|`` (KurTail's objective)."""
+    return (kurtosis(x @ q) - target).abs().mean()
+
+
+def cayley(a: torch.Tensor) -> torch.Tensor:
+    """``(I - S)⁻¹(I + S)`` with ``S = A - Aᵀ``: an orthogonal matrix (``C(0) = I``), differentiable in ``A``."""
+    s = a - a.T
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(eye - s, eye + s)
+
+
+def orthogonal_polar(q: torch.Tensor) -> torch.Tensor:
+    """The nearest orthogonal matrix (polar factor ``U·Vᵀ``) in float64: removes accumulated rounding."""
+    u, _, vh = torch.linalg.svd(q.to(torch.float64))
+    return u @ vh
+
+
+def _pool(samples: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not samples:
+        raise RotationLearningError("rotation learning got no activation samples")
+    dims = {s.shape[-1] for s in samples}
+    if len(dims) != 1:
+        raise RotationLearningError(f"rotation learning: activation samples of different widths {sorted(dims)}")
+    return torch.cat([s.reshape(-1, s.shape[-1]) for s in samples])
+
+
+def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *, steps: int, lr: float,
+                            batch_tokens: int, target: float = UNIFORM_KURTOSIS, seed: int = 0,
+                            dtype: torch.dtype = torch.float32, what: str = "rotation") -> LearnedRotation:
+    """Learn ``Q = Q₀·C(S)`` minimising the mean ``|kurtosis(x·Q) - target|`` over the rows of ``samples``.
+
+    ``samples``: one ``[tokens, d]`` tensor per site (each normalised residual stream a rotated linear reads);
+    every site weighs the same per token. Each step draws ``batch_tokens`` rows spread evenly over the sites (a
+    seeded draw). ``q0`` is the start (a randomised Hadamard). A NaN or infinite loss, or a singular Cayley
+    system, is a :class:`RotationLearningError` naming ``what`` and the step.
+    """
+    t0 = time.perf_counter()
+    d = q0.shape[0]
+    sites = [s.reshape(-1, d).to(dtype) for s in samples]
+    pool = _pool(sites)
+    gen = torch.Generator().manual_seed(seed)
+    per_site = max(1, batch_tokens // len(sites))
+    q0c = q0.to(dtype)
+    a = torch.zeros(d, d, dtype=dtype, requires_grad=True)
+    opt = torch.optim.Adam([a], lr=lr)
+    history: list[float] = []
+    peak = rss_mb()
+    with torch.no_grad():
+        loss_start = float(kurtosis_loss(pool.double(), q0.double(), target))
+        kurt_start = float(kurtosis(pool.double() @ q0.double()).mean())
+    for step in range(steps):
+        batch = torch.cat([s[torch.randint(0, s.shape[0], (min(per_site, s.shape[0]),), generator=gen)]
+                           for s in sites])
+        opt.zero_grad(set_to_none=True)
+        try:
+            q = q0c @ cayley(a)
+        except torch.linalg.LinAlgError as exc:
+            raise RotationLearningError(f"{what}: step {step}: the Cayley system is singular ({exc})") from None
+        loss = kurtosis_loss(batch, q, target)
+        if not math.isfinite(float(loss.detach())):
+            raise RotationLearningError(f"{what}: step {step} of {steps}: the kurtosis loss is {float(loss.detach())} "
+                                        f"(diverged; lower lr={lr})")
+        loss.backward()
+        if not torch.isfinite(a.grad).all():
+            raise RotationLearningError(f"{what}: step {step} of {steps}: the gradient is not finite (lower lr={lr})")
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            history.append(round(float(loss.detach()), 5))
+            now = rss_mb()
+            peak = None if now is None or peak is None else max(peak, now)
+    with torch.no_grad():
+        q = orthogonal_polar(q0.double() @ cayley(a.detach().double()))
+        if not torch.isfinite(q).all():
+            raise RotationLearningError(f"{what}: after {steps} steps the rotation is not finite")
+        loss_end = float(kurtosis_loss(pool.double(), q, target))
+        kurt_end = float(kurtosis(pool.double() @ q).mean())
+        ortho = float((q @ q.T - torch.eye(d, dtype=torch.float64)).abs().max())
+    return LearnedRotation(q, kurt_start, kurt_end, loss_start, loss_end, steps, time.perf_counter() - t0, ortho,
+                           history, peak)
