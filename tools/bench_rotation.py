@@ -32,6 +32,9 @@ KV = "kv=int4,k_gran=per_token,v_gran=per_token,kv_group=64"
 A4 = f"a=int4,{KV}"
 ROT = "fold-norms,rotate"
 MAIN, QUICK = "wt2-512x40", "wt2-512x8"
+KURTAIL = "rotate(kind=kurtosis,progress=false)"
+"""Defaults: 8 x 512 calibration tokens (WikiText-2 validation), 512 kept per norm, 100 Adam steps on the Cayley
+parameter, 4096 tokens a step."""
 
 # (scheme, method, variant, pipeline, eval); {cal} becomes the calibration options
 ROWS: list[tuple[str, str, str, str | None, str]] = [
@@ -40,6 +43,12 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      f"{ROT},quantize(w=int4,sym=false,{A4})", MAIN),
     ("w4a4kv4", "quarot", "fold-norms + randomised Hadamard (R1-R4) + GPTQ W4 per channel",
      f"{ROT},gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
+    # KurTail (issue 20 item 4b): R1 learned from the randomised Hadamard to minimise the per-token kurtosis of the
+    # normalised residual streams (8 x 512 validation tokens, collected once); R2-R4 as QuaRot
+    ("w4a4kv4", "kurtail-rtn", "fold-norms + KurTail-learned R1, Hadamard R2-R4 + RTN W4 per channel",
+     f"fold-norms,{KURTAIL},quantize(w=int4,sym=false,{A4})", MAIN),
+    ("w4a4kv4", "kurtail", "fold-norms + KurTail-learned R1, Hadamard R2-R4 + GPTQ W4 per channel",
+     f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
     ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", QUICK),
     # the fold-norms finding: the gains folded into the linears make RTN worse; does the rotation undo it?
     ("w4a16-pc", "rtn", "plain RTN per channel", "quantize(w=int4,sym=false)", QUICK),
@@ -146,7 +155,15 @@ def main() -> None:
         finally:
             if not args.dry:
                 merge_rows(out, header, rows, replace_header=False)
+        learned = next((st["learned"] for st in stats if isinstance(st.get("learned"), dict)), None)
+        extra = {} if learned is None else {
+            # the learning step alone: collecting the norm outputs once, then the optimiser (wall seconds), and
+            # the resident memory it added above what the process held when the pass started
+            "learn_seconds": round(learned["collect_seconds"] + learned["learn_seconds"], 1),
+            "learn_rss_mb": learned["learn_rss_above_start_mb"], "learn_samples_mb": learned["samples_mb"],
+            "kurtosis": f"{learned['kurtosis_start']} -> {learned['kurtosis_end']}"}
         rows.append({
+            **extra,
             "model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant, "eval": ev,
             "value": round(r.ppl, 4), "float_value": round(floats[ev], 4), "ratio": round(r.ppl / floats[ev], 4),
             "calib": f"{args.calib} {args.calib_n}x512" if "{cal}" in (pipe or "") else None,
