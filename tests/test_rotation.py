@@ -370,3 +370,43 @@ def test_kurtosis_rotation_exact_and_orthogonal_in_float64_on_smollm2(smollm2_sl
     q = torch.linalg.lstsq(w_before[:2048], folded[:2048]).solution  # W·Q = folded; 2048 rows: full column rank
     assert (q @ q.T - torch.eye(576, dtype=torch.float64)).abs().max().item() <= 1e-6
     assert (q - random_hadamard(576, 0)).abs().max().item() > 1e-3
+
+
+# ---- learned rotations: SpinQuant-style (kind=learned) ---------------------------------------------------
+
+@pytest.mark.slow  # a whole-model forward and backward per step (the lm_head alone is 49152 × 576): ~30-90 s
+def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(smollm2):
+    """kind=learned on a real 1-layer SmolLM2: the W4A4 fake-quantized loss on its (fixed) calibration window
+    falls over a few Cayley/Adam steps; the float32 model is unchanged (≤ 1e-4) and R1 stays orthogonal."""
+    from conftest import held_out_slice
+
+    graph, ids, ref = held_out_slice(smollm2, 1, 1)
+    g = graph.clone()
+    spec = "fold-norms,rotate(kind=learned,calib_n=1,calib_len=64,steps=4,lr=2e-3,progress=false)"
+    learned = PassManager(spec).run(g).records[-1].stats["learned"]
+    assert learned["steps"] == 4 and learned["calib_tokens"] == 64 and len(learned["history"]) == 4
+    assert learned["loss_end"] < learned["loss_start"], learned["history"]
+    assert learned["orthogonality"] < 1e-12
+    out = TorchCompiled(g)(ids)
+    assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_fake_quantizers_match_the_ir_quantizers():
+    """The learning's straight-through fake quantizers compute what RTN W4 (asym, per channel) and dynamic
+    per-token A4 (sym) compute, so the loss they minimise is the deployed model's."""
+    from lowbit.calibration.rotation_learning import fake_quant_tokens, fake_quant_weight
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=gen)
+    x = torch.randn(5, 64, generator=gen)
+    qw = fake_quant_weight(w)
+    for row, qrow in zip(w, qw):  # 16 levels per channel, spanning [min, max] (zero included)
+        assert torch.unique(qrow).numel() <= 16
+        assert (qrow - row).abs().max() <= (row.max().clamp(min=0) - row.min().clamp(max=0)) / 15 / 2 + 1e-6
+    qx = fake_quant_tokens(x)
+    for row, qrow in zip(x, qx):
+        s = row.abs().max() / 7
+        assert torch.allclose(qrow, torch.clamp(torch.round(row / s), -8, 7) * s)
+    w.requires_grad_(True)
+    fake_quant_weight(w).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))  # straight through

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.calibration.engine import CalibrationError
+from lowbit.ir.graph import Graph, Node
 
 __all__ = ["rss_mb", "RotationLearningError", "LearnedRotation", "kurtosis", "kurtosis_loss", "cayley", "learn_kurtosis_rotation",
-           "orthogonal_polar"]
+           "orthogonal_polar", "fake_quant_weight", "fake_quant_tokens", "learn_quantized_rotation"]
 
 UNIFORM_KURTOSIS = 1.8
 """Kurtosis of a uniform distribution: the shape a uniform (integer) quantizer covers with the least error."""
@@ -163,3 +164,115 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
         ortho = float((q @ q.T - torch.eye(d, dtype=torch.float64)).abs().max())
     return LearnedRotation(q, kurt_start, kurt_end, loss_start, loss_end, steps, time.perf_counter() - t0, ortho,
                            history, peak)
+
+
+# ---- SpinQuant-style: the quantized network's own loss -------------------------------------------------------
+
+def fake_quant_weight(w: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Asymmetric per-output-channel round-to-nearest with a straight-through gradient (what RTN/GPTQ store)."""
+    top = 2**bits - 1
+    lo, hi = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / top).clamp_min(1e-8)
+    zp = torch.round(-lo / scale)
+    dq = (torch.clamp(torch.round(w / scale) + zp, 0, top) - zp) * scale
+    return w + (dq - w).detach()
+
+
+def fake_quant_tokens(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Symmetric per-token round-to-nearest with a straight-through gradient (dynamic per-token activations)."""
+    top = 2 ** (bits - 1) - 1
+    scale = (x.detach().abs().amax(-1, keepdim=True) / top).clamp_min(1e-8)
+    dq = torch.clamp(torch.round(x / scale), -top - 1, top) * scale
+    return x + (dq - x).detach()
+
+
+def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: Sequence[Node],
+                             writers: Sequence[Node], keep_float: Sequence[Node], windows: torch.Tensor, *,
+                             steps: int, lr: float, batch: int, w_bits: int = 4, a_bits: int = 4, seed: int = 0,
+                             what: str = "rotation") -> LearnedRotation:
+    """Learn an extra residual rotation ``U = C(S)`` (from ``I``) minimising the next-token loss of the
+    fake-quantized network on ``windows`` (SpinQuant's objective, Adam on the Cayley parameter).
+
+    ``graph`` is already rotated (its stream is ``x·Q₀``); the forward runs every node by its reference, with
+    the residual stream's linears and embeddings computed as if ``U`` were folded: embeddings ``E[ids]·U``,
+    readers ``fq_a(x)·fq_w(W·U)ᵀ``, writers ``fq_a(h)·fq_w(Uᵀ·W)ᵀ``, the float head (``keep_float``) reads
+    ``x·Uᵀ`` with its own weight (the same product, without a vocabulary-sized matmul per step). The graph
+    is not changed: the caller folds the returned ``q`` (= ``U``) exactly.
+    """
+    from lowbit.calibration.engine import _execute  # same layer: the engine's node-by-node runner
+
+    t0 = time.perf_counter()
+    d = None
+    for e in embeddings:
+        d = e.args[0].data.shape[-1]
+    if d is None:
+        raise RotationLearningError(f"{what}: no embedding starts the residual stream")
+    dtype = next(iter(graph.params.values())).data.dtype
+    a = torch.zeros(d, d, dtype=dtype, requires_grad=True)
+    opt = torch.optim.Adam([a], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    box: dict[str, torch.Tensor] = {}
+    inputs_of_readers = {id(n) for n in readers}
+
+    def emb(args, kwargs):  # type: ignore[no-untyped-def]
+        return torch.nn.functional.embedding(args[1], args[0]) @ box["u"]
+
+    def reader(args, kwargs):  # type: ignore[no-untyped-def]
+        x, w = args[0], args[1]
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        return torch.nn.functional.linear(fake_quant_tokens(x, a_bits), fake_quant_weight(w @ box["u"], w_bits), b)
+
+    def writer(args, kwargs):  # type: ignore[no-untyped-def]
+        x, w = args[0], args[1]
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        b = None if b is None else b @ box["u"]
+        return torch.nn.functional.linear(fake_quant_tokens(x, a_bits), fake_quant_weight(box["u"].T @ w, w_bits), b)
+
+    def head(args, kwargs):  # type: ignore[no-untyped-def]
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        return torch.nn.functional.linear(args[0] @ box["u"].T, args[1], b)
+
+    replace = {id(n): emb for n in embeddings}
+    replace.update({id(n): reader for n in readers if id(n) not in {id(k) for k in keep_float}})
+    replace.update({id(n): writer for n in writers})
+    replace.update({id(n): head for n in keep_float if id(n) in inputs_of_readers})
+    out_value = graph.outputs[0]
+    history: list[float] = []
+    peak = rss_mb()
+    first = last = float("nan")
+    for step in range(steps):
+        pick = torch.randint(0, windows.shape[0], (min(batch, windows.shape[0]),), generator=gen)
+        ids = windows[pick]
+        opt.zero_grad(set_to_none=True)
+        box["u"] = cayley(a)
+        env = {graph.inputs[0]: ids}
+        with torch.enable_grad():
+            try:
+                _execute(graph.nodes, env, None, {out_value}, None, replace)
+            except CalibrationError as exc:
+                raise RotationLearningError(f"{what}: step {step}: {exc}") from None
+            logits = env[out_value]
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                     ids[:, 1:].reshape(-1))
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise RotationLearningError(f"{what}: step {step} of {steps}: the quantized loss is {value} "
+                                        f"(diverged; lower lr={lr})")
+        loss.backward()
+        if not torch.isfinite(a.grad).all():
+            raise RotationLearningError(f"{what}: step {step} of {steps}: the gradient is not finite (lower lr={lr})")
+        opt.step()
+        first = value if step == 0 else first
+        last = value
+        history.append(round(value, 4))
+        now = rss_mb()
+        peak = None if now is None or peak is None else max(peak, now)
+        del env, logits, loss
+    box.clear()
+    with torch.no_grad():
+        q = orthogonal_polar(cayley(a.detach().double()))
+        if not torch.isfinite(q).all():
+            raise RotationLearningError(f"{what}: after {steps} steps the rotation is not finite")
+        ortho = float((q @ q.T - torch.eye(d, dtype=torch.float64)).abs().max())
+    return LearnedRotation(q, float("nan"), float("nan"), first, last, steps, time.perf_counter() - t0, ortho, history,
+                           peak)

@@ -31,7 +31,12 @@ from pydantic import Field
 
 from lowbit.calibration.engine import CalibrationError, batches_from_ids
 from lowbit.calibration.engine import run as calibrate
-from lowbit.calibration.rotation_learning import UNIFORM_KURTOSIS, learn_kurtosis_rotation, rss_mb
+from lowbit.calibration.rotation_learning import (
+    UNIFORM_KURTOSIS,
+    learn_kurtosis_rotation,
+    learn_quantized_rotation,
+    rss_mb,
+)
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.hadamard import HadamardError, hadamard, random_hadamard
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
@@ -46,19 +51,27 @@ class RotateOptions(CalibrationOptions):
     """The rotation and, for ``kind=kurtosis``, its learning: the calibration options (``calib``, ``calib_n``,
     ...) are read only by the learned kinds."""
 
-    kind: Literal["hadamard", "random", "kurtosis"] = "hadamard"
+    kind: Literal["hadamard", "random", "kurtosis", "learned"] = "hadamard"
     """hadamard: randomised Hadamard (QuaRot); random: Haar-random orthogonal; kurtosis: learned from the
-    randomised Hadamard to minimise activation kurtosis (KurTail)."""
+    randomised Hadamard to minimise activation kurtosis (KurTail); learned: learned from it to minimise the
+    W4A4 fake-quantized network's loss on calibration text (SpinQuant)."""
     seed: int = 0
     """Seed of the random signs / random matrix (and of the learning's token draws)."""
     calib_n: int = Field(default=8, ge=1)
     """kurtosis: calibration sequences whose normalised residual streams are collected (once)."""
     samples: int = Field(default=512, ge=8, le=1_000_000)
     """kurtosis: tokens kept per norm output (spread over the batches); memory is samples × width × norms."""
-    steps: int = Field(default=100, ge=1, le=100_000)
-    """kurtosis: optimiser steps (each a matmul of ``batch_tokens`` × width × width, forward and back)."""
-    lr: float = Field(default=3e-3, gt=0, le=1)
-    """kurtosis: Adam step on the Cayley parameter of the rotation."""
+    steps: int | None = Field(default=None, ge=1, le=100_000)
+    """Optimiser steps; unset: 100 for kurtosis (each a matmul of ``batch_tokens`` × width², cheap), 20 for
+    learned (each a forward and backward of the whole fake-quantized model on ``windows_per_step`` windows)."""
+    lr: float | None = Field(default=None, gt=0, le=1)
+    """Adam step on the Cayley parameter of the rotation; unset: 3e-3 (kurtosis), 1e-3 (learned)."""
+    windows_per_step: int = Field(default=1, ge=1, le=1024)
+    """learned: calibration windows per step (of the ``calib_n`` × ``calib_len`` drawn once)."""
+    w_bits: int = Field(default=4, ge=2, le=8)
+    """learned: weight bits of the fake quantizer (asymmetric per output channel, round to nearest)."""
+    a_bits: int = Field(default=4, ge=2, le=16)
+    """learned: activation bits of the fake quantizer (symmetric per token, dynamic)."""
     batch_tokens: int = Field(default=4096, ge=8, le=1_000_000)
     """kurtosis: tokens per step, drawn evenly from every norm output."""
     target: float = Field(default=UNIFORM_KURTOSIS, ge=1, le=10)
@@ -136,7 +149,8 @@ def learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor,
     samples = [torch.cat(k) for k in kept]
     collect_s = time.perf_counter() - t0
     try:
-        learned = learn_kurtosis_rotation(samples, q0, steps=o.steps, lr=o.lr, batch_tokens=o.batch_tokens,
+        learned = learn_kurtosis_rotation(samples, q0, steps=o.steps or 100, lr=o.lr or 3e-3,
+                                          batch_tokens=o.batch_tokens,
                                           target=o.target, seed=o.seed,
                                           what=f"pass {pass_name}: kind=kurtosis, residual stream of width {res.dim}")
     except CalibrationError as exc:
@@ -151,6 +165,42 @@ def learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor,
         "collect_seconds": round(collect_s, 2), "learn_seconds": round(learned.seconds, 2),
         "learn_rss_above_start_mb": peak,
     }
+
+
+def learn_extra_rotation(graph: Graph, res: ResidualRegion, o: RotateOptions, pass_name: str
+                         ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """SpinQuant's R1, on a graph already rotated by the randomised Hadamard: the extra rotation ``U`` that
+    minimises the fake-quantized network's next-token loss (the caller folds it into the residual stream)."""
+    rss0 = rss_mb()
+    keep = [r for r in res.readers if any(module_matches(r.module or "", k) for k in DEFAULT_KEEP_FLOAT)]
+    ids = o.token_ids(graph, pass_name)
+    try:
+        learned = learn_quantized_rotation(
+            graph, res.embeddings, res.readers, res.writers, keep, ids, steps=o.steps or 20, lr=o.lr or 1e-3,
+            batch=o.windows_per_step, w_bits=o.w_bits, a_bits=o.a_bits, seed=o.seed,
+            what=f"pass {pass_name}: kind=learned, residual stream of width {res.dim}")
+    except CalibrationError as exc:
+        raise PassError(str(exc)) from None
+    peak = None if rss0 is None or learned.peak_rss_mb is None else round(learned.peak_rss_mb - rss0, 1)
+    return learned.q, {
+        "calib_tokens": int(ids.numel()), "windows_per_step": o.windows_per_step, "steps": learned.steps,
+        "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
+        "orthogonality": learned.orthogonality, "history": learned.history, "collect_seconds": 0.0,
+        "learn_seconds": round(learned.seconds, 2), "learn_rss_above_start_mb": peak,
+        "samples_mb": 0.0, "kurtosis_start": None, "kurtosis_end": None,
+    }
+
+
+def _fold_residual(graph: Graph, res: ResidualRegion, users: dict, q: torch.Tensor) -> None:
+    """x -> x·Q on the residual stream: embeddings E·Q, readers W·Q, writers Qᵀ·W (bias b·Q)."""
+    for e in res.embeddings:
+        _set(graph, e, 0, users, lambda w: w @ q)
+    for r in res.readers:
+        _set(graph, r, 1, users, lambda w: w @ q)
+    for wr in res.writers:
+        _set(graph, wr, 1, users, lambda w: q.T @ w)
+        if wr.arg(2, "bias") is not None:
+            _set(graph, wr, 2, users, lambda b: b @ q)
 
 
 @register_pass
@@ -181,20 +231,13 @@ class Rotate(Pass):
             raise PassError(f"pass rotate must run before quantization: linear %{n.name} (module {n.module!r}) reads a "
                             f"computed weight (%{n.args[1].name}, from {n.args[1].producer.op if n.args[1].producer else '?'})")
         users = graph.users()
-        base = "hadamard" if o.kind == "kurtosis" else o.kind
+        base = "hadamard" if o.kind in ("kurtosis", "learned") else o.kind
         q = rotation_matrix(base, res.dim, o.seed, f"residual stream of width {res.dim}")
         learned = None
         if o.kind == "kurtosis":
             q, learned = learn_residual_rotation(graph, res, q, o, self.name)
         untied = list(regions.tied)
-        for e in res.embeddings:
-            _set(graph, e, 0, users, lambda w: w @ q)
-        for r in res.readers:
-            _set(graph, r, 1, users, lambda w: w @ q)
-        for wr in res.writers:
-            _set(graph, wr, 1, users, lambda w: q.T @ w)
-            if wr.arg(2, "bias") is not None:
-                _set(graph, wr, 2, users, lambda b: b @ q)
+        _fold_residual(graph, res, users, q)
         stats: dict[str, object] = {"kind": o.kind, "residual_dim": res.dim, "readers": len(res.readers),
                                     "writers": len(res.writers), "untied": untied}
         if learned is not None:
@@ -249,4 +292,8 @@ class Rotate(Pass):
                 online.append(f"{rot.module or rot.name}:{rot.name}")
         stats["online_hadamards"] = len(online)
         stats["refused"] = list(regions.refused)
+        if o.kind == "learned":
+            # learned on the graph as it runs now (R1-R4 in place), then folded on top: R1 = Q₀·U, exact
+            u, stats["learned"] = learn_extra_rotation(graph, res, o, self.name)
+            _fold_residual(graph, res, users, u)
         return PassResult(True, stats)
