@@ -35,6 +35,9 @@ MAIN, QUICK = "wt2-512x40", "wt2-512x8"
 KURTAIL = "rotate(kind=kurtosis,progress=false)"
 """Defaults: 8 x 512 calibration tokens (WikiText-2 validation), 512 kept per norm, 100 Adam steps on the Cayley
 parameter, 4096 tokens a step."""
+SPIN = "rotate(kind=learned,calib_n=16,calib_len=256,steps=16,progress=false)"
+"""SpinQuant at the size a shared 2-core CPU affords: 16 steps, each a forward and backward of the whole W4A4
+fake-quantized model on one 256-token validation window (the paper: 100 steps of 8 x 2048 tokens)."""
 
 # (scheme, method, variant, pipeline, eval); {cal} becomes the calibration options
 ROWS: list[tuple[str, str, str, str | None, str]] = [
@@ -49,6 +52,10 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      f"fold-norms,{KURTAIL},quantize(w=int4,sym=false,{A4})", MAIN),
     ("w4a4kv4", "kurtail", "fold-norms + KurTail-learned R1, Hadamard R2-R4 + GPTQ W4 per channel",
      f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
+    # SpinQuant-style (item 4a), at CPU size: R1 = Hadamard·U, U learned on the W4A4 fake-quantized next-token loss
+    ("w4a4kv4", "spinquant", "fold-norms + Hadamard R1-R4, R1 refined on the W4A4 fake-quant loss (Cayley/Adam, "
+     "16 steps x 1 window of 256) + GPTQ W4 per channel", f"fold-norms,{SPIN},gptq(w=int4,sym=false,{{cal}}),quantize({A4})",
+     MAIN),
     ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", QUICK),
     # the fold-norms finding: the gains folded into the linears make RTN worse; does the rotation undo it?
     ("w4a16-pc", "rtn", "plain RTN per channel", "quantize(w=int4,sym=false)", QUICK),
