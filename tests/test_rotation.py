@@ -360,6 +360,7 @@ def test_kurtosis_rotation_exact_and_orthogonal_in_float64_on_smollm2(smollm2_sl
     learned = stats["learned"]
     assert learned["sites"] == 4 and learned["samples_per_site"] == 64 and learned["steps"] == 8
     assert learned["loss_end"] < learned["loss_start"]
+    assert learned["head_rotations"] == 2 and learned["head_kurtosis_end"] < learned["head_kurtosis_start"]
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
     lm = next(n for n in g.nodes if n.op == "linear" and n.module == "lm_head")

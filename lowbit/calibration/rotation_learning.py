@@ -84,9 +84,17 @@ def kurtosis(y: torch.Tensor) -> torch.Tensor:
     return c.pow(4).mean(-1) / m2.square().clamp_min(torch.finfo(y.dtype).tiny)
 
 
+def rotate_tokens(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``x·Q``, or with ``Q`` smaller than a token, ``x·(I ⊗ Q)`` (each head's slice rotated)."""
+    n = q.shape[0]
+    if x.shape[-1] == n:
+        return x @ q
+    return (x.reshape(*x.shape[:-1], -1, n) @ q).reshape(x.shape)
+
+
 def kurtosis_loss(x: torch.Tensor, q: torch.Tensor, target: float = UNIFORM_KURTOSIS) -> torch.Tensor:
     """Mean over tokens of ``|kurtosis(x·Q) - target|`` (KurTail's objective)."""
-    return (kurtosis(x @ q) - target).abs().mean()
+    return (kurtosis(rotate_tokens(x, q)) - target).abs().mean()
 
 
 def cayley(a: torch.Tensor) -> torch.Tensor:
@@ -113,17 +121,20 @@ def _pool(samples: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *, steps: int, lr: float,
                             batch_tokens: int, target: float = UNIFORM_KURTOSIS, seed: int = 0,
-                            dtype: torch.dtype = torch.float32, what: str = "rotation") -> LearnedRotation:
+                            dtype: torch.dtype = torch.float32, what: str = "rotation",
+                            heads: int = 1) -> LearnedRotation:
     """Learn ``Q = Q₀·C(S)`` minimising the mean ``|kurtosis(x·Q) - target|`` over the rows of ``samples``.
 
     ``samples``: one ``[tokens, d]`` tensor per site (each normalised residual stream a rotated linear reads);
-    every site weighs the same per token. Each step draws ``batch_tokens`` rows spread evenly over the sites (a
+    every site weighs the same per token. ``heads > 1``: ``Q`` is ``[d/heads, d/heads]`` and rotates each of
+    the ``heads`` slices of a token (R2: the per-head values o_proj reads), the kurtosis still taken over the
+    whole token (its quantizer sees all heads at once). Each step draws ``batch_tokens`` rows spread evenly over the sites (a
     seeded draw). ``q0`` is the start (a randomised Hadamard). A NaN or infinite loss, or a singular Cayley
     system, is a :class:`RotationLearningError` naming ``what`` and the step.
     """
     t0 = time.perf_counter()
     d = q0.shape[0]
-    sites = [s.reshape(-1, d).to(dtype) for s in samples]
+    sites = [s.reshape(-1, d * heads).to(dtype) for s in samples]
     pool = _pool(sites)
     gen = torch.Generator().manual_seed(seed)
     per_site = max(1, batch_tokens // len(sites))
@@ -134,7 +145,7 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
     peak = rss_mb()
     with torch.no_grad():
         loss_start = float(kurtosis_loss(pool.double(), q0.double(), target))
-        kurt_start = float(kurtosis(pool.double() @ q0.double()).mean())
+        kurt_start = float(kurtosis(rotate_tokens(pool.double(), q0.double())).mean())
     for step in range(steps):
         batch = torch.cat([s[torch.randint(0, s.shape[0], (min(per_site, s.shape[0]),), generator=gen)]
                            for s in sites])
@@ -160,7 +171,7 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
         if not torch.isfinite(q).all():
             raise RotationLearningError(f"{what}: after {steps} steps the rotation is not finite")
         loss_end = float(kurtosis_loss(pool.double(), q, target))
-        kurt_end = float(kurtosis(pool.double() @ q).mean())
+        kurt_end = float(kurtosis(rotate_tokens(pool.double(), q)).mean())
         ortho = float((q @ q.T - torch.eye(d, dtype=torch.float64)).abs().max())
     return LearnedRotation(q, kurt_start, kurt_end, loss_start, loss_end, steps, time.perf_counter() - t0, ortho,
                            history, peak)

@@ -40,7 +40,7 @@ from lowbit.calibration.rotation_learning import (
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.hadamard import HadamardError, hadamard, random_hadamard
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
-from lowbit.ir.rotation_regions import ResidualRegion, find_rotation_regions
+from lowbit.ir.rotation_regions import HeadRegion, ResidualRegion, find_rotation_regions
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.fold_norms import private_weight
 
@@ -74,6 +74,9 @@ class RotateOptions(CalibrationOptions):
     """learned: activation bits of the fake quantizer (symmetric per token, dynamic)."""
     batch_tokens: int = Field(default=4096, ge=8, le=1_000_000)
     """kurtosis: tokens per step, drawn evenly from every norm output."""
+    learn_heads: bool = True
+    """kurtosis (with ``heads``): also learn each layer's R2 from the Hadamard, on the head outputs its o_proj
+    reads (collected in the same run: R1 does not change them)."""
     target: float = Field(default=UNIFORM_KURTOSIS, ge=1, le=10)
     """kurtosis: the per-token kurtosis aimed at (1.8: uniform, what an integer grid covers best)."""
     heads: bool = True
@@ -116,8 +119,10 @@ def _learning_sites(res: ResidualRegion) -> list[Node]:
 
 
 def learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor, o: RotateOptions,
-                            pass_name: str) -> tuple[torch.Tensor, dict[str, Any]]:
-    """KurTail's R1: collect the normalised residual streams once, learn ``Q`` from ``q0`` on them."""
+                            pass_name: str, heads: list[HeadRegion] | None = None, r0: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, dict[str, Any], dict[int, torch.Tensor]]:
+    """KurTail's R1 (and each layer's R2 for ``heads``): collect the normalised residual streams (and the head
+    outputs each o_proj reads) once, learn ``Q`` from ``q0`` (each R2 from ``r0``) on them."""
     t0 = time.perf_counter()
     rss0 = rss_mb()
     device = o.torch_device(pass_name)
@@ -127,16 +132,20 @@ def learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor,
                         "quantized linear, so there is nothing to learn from")
     index = {id(n): i for i, n in enumerate(sites)}
     kept: list[list[torch.Tensor]] = [[] for _ in sites]
+    heads = heads or []
+    o_index = {id(h.o_proj): i for i, h in enumerate(heads)}
+    o_kept: list[list[torch.Tensor]] = [[] for _ in heads]
     ids = o.token_ids(graph, pass_name)
     batches = batches_from_ids(graph, ids, o.batch_size_for(graph))
     per_batch = max(1, o.samples // len(batches))
 
     def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
-        i = index.get(id(node))
-        if i is not None:
-            x = outs[0].detach().reshape(-1, outs[0].shape[-1])
+        i, j = index.get(id(node)), o_index.get(id(node))
+        if i is not None or j is not None:
+            t = outs[0] if i is not None else args[0]
+            x = t.detach().reshape(-1, t.shape[-1])
             step = max(1, x.shape[0] // per_batch)
-            kept[i].append(x[::step][:per_batch].to("cpu", torch.float32))
+            (kept[i] if i is not None else o_kept[j]).append(x[::step][:per_batch].to("cpu", torch.float32))
 
     try:
         calibrate(graph, batches, on_node=on_node, progress=o.progress, device=device)
@@ -153,18 +162,35 @@ def learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor,
                                           batch_tokens=o.batch_tokens,
                                           target=o.target, seed=o.seed,
                                           what=f"pass {pass_name}: kind=kurtosis, residual stream of width {res.dim}")
+        r2: dict[int, torch.Tensor] = {}
+        r2_kurt = []
+        for h, k in zip(heads, o_kept):
+            if not k:
+                raise PassError(f"pass {pass_name}: kind=kurtosis: calibration never reached o_proj %{h.o_proj.name}")
+            lr2 = learn_kurtosis_rotation([torch.cat(k)], r0, steps=o.steps or 100, lr=o.lr or 3e-3,
+                                          batch_tokens=o.batch_tokens, target=o.target, seed=o.seed,
+                                          heads=torch.cat(k).shape[-1] // r0.shape[0],
+                                          what=f"pass {pass_name}: kind=kurtosis, head rotation of %{h.o_proj.name}")
+            r2[id(h.o_proj)] = lr2.q
+            r2_kurt.append((lr2.kurtosis_start, lr2.kurtosis_end))
     except CalibrationError as exc:
         raise PassError(str(exc)) from None
     peak = None if rss0 is None or learned.peak_rss_mb is None else round(learned.peak_rss_mb - rss0, 1)
+    extra = {} if not r2_kurt else {
+        "head_rotations": len(r2_kurt),
+        "head_kurtosis_start": round(sum(a for a, _ in r2_kurt) / len(r2_kurt), 4),
+        "head_kurtosis_end": round(sum(b for _, b in r2_kurt) / len(r2_kurt), 4)}
     return learned.q, {
+        **extra,
         "sites": len(sites), "calib_tokens": int(ids.numel()), "samples_per_site": samples[0].shape[0],
-        "samples_mb": round(sum(s.numel() * s.element_size() for s in samples) / 2**20, 1),
+        "samples_mb": round(sum(t.numel() * t.element_size() for t in [*samples, *(x for k in o_kept for x in k)])
+                            / 2**20, 1),
         "kurtosis_start": round(learned.kurtosis_start, 4), "kurtosis_end": round(learned.kurtosis_end, 4),
         "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
         "steps": learned.steps, "orthogonality": learned.orthogonality, "history": learned.history,
-        "collect_seconds": round(collect_s, 2), "learn_seconds": round(learned.seconds, 2),
+        "collect_seconds": round(collect_s, 2), "learn_seconds": round(time.perf_counter() - t0 - collect_s, 2),
         "learn_rss_above_start_mb": peak,
-    }
+    }, r2
 
 
 def learn_extra_rotation(graph: Graph, res: ResidualRegion, o: RotateOptions, pass_name: str
@@ -234,8 +260,12 @@ class Rotate(Pass):
         base = "hadamard" if o.kind in ("kurtosis", "learned") else o.kind
         q = rotation_matrix(base, res.dim, o.seed, f"residual stream of width {res.dim}")
         learned = None
+        r2: dict[int, torch.Tensor] = {}
         if o.kind == "kurtosis":
-            q, learned = learn_residual_rotation(graph, res, q, o, self.name)
+            heads = regions.heads if o.heads and o.learn_heads else []
+            r0 = rotation_matrix(base, heads[0].head_dim, o.seed + 1, f"head_dim {heads[0].head_dim}") if heads \
+                else None
+            q, learned, r2 = learn_residual_rotation(graph, res, q, o, self.name, heads, r0)
         untied = list(regions.tied)
         _fold_residual(graph, res, users, q)
         stats: dict[str, object] = {"kind": o.kind, "residual_dim": res.dim, "readers": len(res.readers),
@@ -245,7 +275,9 @@ class Rotate(Pass):
         heads = 0
         if o.heads:
             for h in regions.heads:
-                r = rotation_matrix(base, h.head_dim, o.seed + 1, f"head_dim {h.head_dim} of %{h.attention.name}")
+                r = r2.get(id(h.o_proj))
+                if r is None:
+                    r = rotation_matrix(base, h.head_dim, o.seed + 1, f"head_dim {h.head_dim} of %{h.attention.name}")
                 hd = h.head_dim
 
                 def rot_rows(w: torch.Tensor, r: torch.Tensor = r, hd: int = hd) -> torch.Tensor:
