@@ -285,7 +285,7 @@ def test_w4a4kv4_rotation_beats_no_rotation_on_smollm2(smollm2):
 
 # ---- learned rotations: KurTail (kind=kurtosis) ------------------------------------------------------
 
-KURTAIL_CHEAP = "kurtosis,calib_n=2,calib_len=64,samples=64,steps=8,batch_tokens=512,progress=false"
+KURTAIL_CHEAP = "kurtosis,calib_n=2,calib_len=64,samples=64,steps=8,batch_tokens=512,learn_heads=true,progress=false"
 """kind=kurtosis at test size: 2×64 calibration tokens, 64 kept per norm, 8 steps (seconds on 2 cores)."""
 
 

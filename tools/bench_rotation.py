@@ -46,12 +46,15 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      f"{ROT},quantize(w=int4,sym=false,{A4})", MAIN),
     ("w4a4kv4", "quarot", "fold-norms + randomised Hadamard (R1-R4) + GPTQ W4 per channel",
      f"{ROT},gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
-    # KurTail (issue 20 item 4b): R1 learned from the randomised Hadamard to minimise the per-token kurtosis of the
-    # normalised residual streams (8 x 512 validation tokens, collected once); R2-R4 as QuaRot
+    # KurTail (issue 20 item 4b): R1 (kurtail-r2: and each layer's R2) learned from the randomised Hadamard to
+    # minimise the per-token kurtosis of the normalised residual streams (of o_proj's input), 8 x 512 validation
+    # tokens collected once; the other rotations as QuaRot
     ("w4a4kv4", "kurtail-rtn", "fold-norms + KurTail-learned R1, Hadamard R2-R4 + RTN W4 per channel",
      f"fold-norms,{KURTAIL},quantize(w=int4,sym=false,{A4})", MAIN),
     ("w4a4kv4", "kurtail", "fold-norms + KurTail-learned R1, Hadamard R2-R4 + GPTQ W4 per channel",
      f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
+    ("w4a4kv4", "kurtail-r2", "fold-norms + KurTail-learned R1 and per-layer R2, Hadamard R3/R4 + GPTQ W4 per channel",
+     f"fold-norms,{KURTAIL[:-1]},learn_heads=true),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
     # SpinQuant-style (item 4a), at CPU size: R1 = Hadamard·U, U learned on the W4A4 fake-quantized next-token loss
     ("w4a4kv4", "spinquant", "fold-norms + Hadamard R1-R4, R1 refined on the W4A4 fake-quant loss (Cayley/Adam, "
      "16 steps x 1 window of 256) + GPTQ W4 per channel", f"fold-norms,{SPIN},gptq(w=int4,sym=false,{{cal}}),quantize({A4})",

@@ -74,9 +74,10 @@ class RotateOptions(CalibrationOptions):
     """learned: activation bits of the fake quantizer (symmetric per token, dynamic)."""
     batch_tokens: int = Field(default=4096, ge=8, le=1_000_000)
     """kurtosis: tokens per step, drawn evenly from every norm output."""
-    learn_heads: bool = True
+    learn_heads: bool = False
     """kurtosis (with ``heads``): also learn each layer's R2 from the Hadamard, on the head outputs its o_proj
-    reads (collected in the same run: R1 does not change them)."""
+    reads (collected in the same run: R1 does not change them). Off by default: KurTail's paper learns R1, and
+    the measured rows (bench/results/accuracy.json, ``kurtail-r2``) say whether R2 pays on SmolLM2."""
     target: float = Field(default=UNIFORM_KURTOSIS, ge=1, le=10)
     """kurtosis: the per-token kurtosis aimed at (1.8: uniform, what an integer grid covers best)."""
     heads: bool = True
