@@ -171,7 +171,8 @@ def main() -> None:
             # the resident memory it added above what the process held when the pass started
             "learn_seconds": round(learned["collect_seconds"] + learned["learn_seconds"], 1),
             "learn_rss_mb": learned["learn_rss_above_start_mb"], "learn_samples_mb": learned["samples_mb"],
-            "kurtosis": f"{learned['kurtosis_start']} -> {learned['kurtosis_end']}"}
+            **({"kurtosis": f"{learned['kurtosis_start']} -> {learned['kurtosis_end']}"}
+               if learned.get("kurtosis_start") is not None else {})}
         rows.append({
             **extra,
             "model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant, "eval": ev,
