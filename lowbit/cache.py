@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,3 +84,31 @@ def atomic_file(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def replacing_dir(final: Path, finish: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``; it becomes ``final`` only if the block finishes.
+
+    Readers see the old directory or the complete new one, never a half-written one: an existing ``final`` is
+    moved aside and removed only after the new one is in place. ``finish(tmp)`` runs just before the swap (file
+    modes, say); temporaries of killed writers are cleaned first.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(final.parent, final.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if finish is not None:
+            finish(tmp)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.rmdir(old)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

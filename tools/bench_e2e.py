@@ -7,10 +7,10 @@ GPU memory of the weights (``torch.cuda.memory_allocated`` after building, whole
 alone) and forward µs (median of ``do_bench``, ``use_cache=False``) at 1x1, 1x128, 1x2048, 16x1, 16x128, eager
 and under ``torch.compile`` (dynamic shapes, one compile per path) while ``--budget-s`` lasts.
 
-The lowbit rows swap every decoder ``nn.Linear`` for ``lowbit.kernels.modules.QuantLinear`` holding the packed
-weight (quantized with lowbit's own ``quantize`` op): the kernels a ``backend="triton"`` lowering calls. They are
-NOT produced by ``compile_model(backend="triton")``: that backend needs the ``qlinear`` op (issue 15), not on main
-when this ran. Needs CUDA and transformers.
+The ``QuantLinear`` rows swap every decoder ``nn.Linear`` for ``lowbit.kernels.modules.QuantLinear`` holding the
+packed weight (quantized with lowbit's own ``quantize`` op): the kernels alone. ``--backend`` adds the rows of
+``compile_model(..., backend="triton")`` (capture, quantize pass, fuse-qlinear, lowering, ``torch.compile``);
+``--hf-only`` skips the QuantLinear rows. Needs CUDA and transformers.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting compiled runs after this long")
     ap.add_argument("--backend", action="store_true",
                     help="also run compile_model(backend='triton') rows (capture + quantize + lower, per scheme)")
+    ap.add_argument("--hf-only", action="store_true",
+                    help="skip the QuantLinear rows: HF bf16 (eager, torch.compile) and, with --backend, the backend rows")
     args = ap.parse_args()
     t_start = time.time()
     device, date = machine("cuda"), datetime.date.today().isoformat()
@@ -121,6 +123,8 @@ def main() -> None:
     bf16_linear = linear_bytes(ref)
     variants = [("hf-bf16", None, False)] + [(name, sch, False) for name, sch in SCHEMES.items()] + [
         ("w4a16-g128+lm_head-int8", SCHEMES["w4a16-g128"], True)]
+    if args.hf_only:
+        variants = variants[:1]
     for name, scheme, head8 in variants:
         gc.collect()
         torch.cuda.empty_cache()
@@ -175,16 +179,26 @@ def backend_rows(ref: torch.nn.Module, device: str, date: str) -> list[dict]:
         base = {"model": "llama-7b-shaped-4l", "scheme": name, "device": device, "date": date,
                 "path": "compile_model(backend='triton')", "pipeline": pipeline}
         try:
-            compiled = lowbit.compile_model(CausalLMLogits(copy.deepcopy(ref)).eval(),
-                                            (torch.ones(1, 16, dtype=torch.long, device="cuda"),),
+            # batch and sequence both dynamic, from 1: the decode shapes (1x1, 16x1) run on the same program
+            ids = torch.arange(1, 129, dtype=torch.long, device="cuda").reshape(2, 64)
+            dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=64),
+                                 1: torch.export.Dim.DYNAMIC(min=1, max=4096)}}
+            compiled = lowbit.compile_model(CausalLMLogits(copy.deepcopy(ref)).eval(), (ids,), dynamic_shapes=dyn,
                                             pipeline=pipeline, backend="triton", device="cuda")
             gc.collect()
+            torch.cuda.empty_cache()
             mem = torch.cuda.memory_allocated() - before
             report = compiled.runner.report_text() if hasattr(compiled.runner, "report_text") else ""
             for b, s in SHAPES:
+                try:
+                    us = round(time_forward(compiled, b, s), 1)
+                except Exception as e:  # noqa: BLE001 - a failing shape is a row, not a lost run
+                    rows.append({**base, "variant": "backend", "shape": f"{b}x{s}", "error": repr(e)[:300]})
+                    continue
                 rows.append({**base, "variant": "backend", "shape": f"{b}x{s}", "gpu_memory_mib": round(mem / 2 ** 20, 1),
-                             "us": round(time_forward(compiled, b, s), 1), "report": report})
-            print(name, "backend", [(r["shape"], r["us"]) for r in rows[-len(SHAPES):]], flush=True)
+                             "us": us, "report": report})
+            print(name, "backend", mem / 2 ** 20, [(r.get("shape"), r.get("us")) for r in rows if r.get("scheme") == name],
+                  report, flush=True)
             del compiled
         except Exception as e:  # noqa: BLE001 - a failing scheme is a row, not a lost run
             rows.append({**base, "variant": "backend", "error": repr(e)[:400]})

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import sys
 import time
@@ -147,6 +146,11 @@ def _hf_ms_per_step(model, ids, new, **kw) -> tuple[float, float]:
     return pre * 1000, (full - pre) * 1000 / (new - 1)
 
 
+QUANTIZED = {"w4a16-g128": "quantize(w=int4,group=128,sym=false)", "w8a8": "quantize(w=int8,a=int8)",
+             "fp8": "quantize(w=fp8e4m3,a=fp8e4m3)"}
+"""Schemes whose decode runs on the Triton backend beside the float step (issue 18's W4A16/W8A8/FP8 rows)."""
+
+
 def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_compile: bool = True,
              deadline: float = 1e9) -> list[dict]:
     from lowbit.api import compile_model
@@ -173,6 +177,35 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
         print(rows[-1], file=sys.stderr)
     del cm
     torch.cuda.empty_cache()
+    for scheme, pipeline in QUANTIZED.items():  # the same step on lowbit's kernels (backend="triton")
+        t = time.perf_counter()
+        try:
+            cm = compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": False},
+                               generation=GenerationSpec(max_length=prompt + new, max_batch=max(batches)),
+                               device="cuda")
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph",
+                         "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            continue
+        compile_s = time.perf_counter() - t
+        for b in batches:
+            try:
+                ids = torch.randint(3, model.config.vocab_size, (b, prompt))
+                cm.generate(ids, 8, stop_tokens=())
+                out = cm.generate(ids, new, stop_tokens=())
+            except Exception as exc:  # noqa: BLE001 - reported in the row
+                rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph", "batch": b,
+                             "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                continue
+            ms = out.decode_seconds * 1000 / out.decode_steps
+            rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph", "batch": b,
+                         "pipeline": pipeline, "ms_per_step": round(ms, 3),
+                         "prefill_ms": round(out.prefill_seconds * 1000, 2), "tokens_per_s": round(b * 1000 / ms, 1),
+                         "peak_mem_mib": round(out.peak_memory_bytes / 2**20), "compile_s": round(compile_s, 1),
+                         "kernels": cm.runner.report_text().splitlines()[0]})
+            print(rows[-1], file=sys.stderr)
+        del cm
+        torch.cuda.empty_cache()
     hf = model.to("cuda")
     for b in batches:
         ids = torch.randint(3, model.config.vocab_size, (b, prompt), device="cuda")
@@ -193,9 +226,9 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
                          "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20)})
             print(rows[-1], file=sys.stderr)
     for r in rows:
-        same = [x for x in rows if x.get("batch") == r["batch"] and x["method"] != "lowbit-torch-cudagraph"
+        same = [x for x in rows if x.get("batch") == r.get("batch") and x["method"].startswith("hf-")
                 and "ms_per_step" in x]
-        if r["method"] == "lowbit-torch-cudagraph" and same:
+        if r["method"].startswith("lowbit-") and same and "ms_per_step" in r:
             fastest = min(same, key=lambda x: x["ms_per_step"])
             r["fastest_hf"] = fastest["method"]
             r["speedup_vs_fastest_hf"] = round(fastest["ms_per_step"] / r["ms_per_step"], 2)

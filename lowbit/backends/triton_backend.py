@@ -158,12 +158,12 @@ class TritonCompiled(TorchCompiled):
     """The lowered module: ``report`` says which qlinear nodes run which kernel and which fell back, and why."""
 
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *, compile: bool = True,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset()) -> None:
         from lowbit.ir.fusion import fuse_qlinear
 
         fused = graph.clone()
         fuse_qlinear(fused)  # the registry runs the fuse-qlinear pass first; a direct lower() may not have
-        super().__init__(fused, device, keep_packed=True)
+        super().__init__(fused, device, keep_packed=True, donated=donated)
         self.report = retarget(self.gm)
         self.compiled = compile
         self._run: Callable[..., Any] = self.gm
@@ -205,4 +205,7 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(dev).type != "cuda" and not interpret:
         raise RuntimeError(f"backend 'triton' runs on CUDA, not {dev!r}: " + NO_CUDA.split(": ", 1)[1])
-    return TritonCompiled(graph, dev, compile=compile and torch.device(dev).type == "cuda", cuda_graphs=cuda_graphs)
+    # a step graph's cache inputs are handed over by the generator (written in place), as on the torch backend
+    donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
+    return TritonCompiled(graph, dev, compile=compile and torch.device(dev).type == "cuda", cuda_graphs=cuda_graphs,
+                          donated=donated)

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lowbit.cache import clean_stale_temporaries
+from lowbit.cache import clean_stale_temporaries, replacing_dir
 from lowbit.errors import LowbitError
 
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
@@ -43,22 +40,8 @@ def atomic_checkpoint_dir(final: Path, overwrite: bool = True) -> Iterator[Path]
         raise CheckpointError(f"cannot save to {str(final)!r}: it exists and is not a directory")
     if final.exists() and not overwrite:
         raise CheckpointError(f"cannot save to {str(final)!r}: the directory exists (pass overwrite=True)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(final.parent, final.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
+    with replacing_dir(final) as tmp:
         yield tmp
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.rmdir(old)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -287,22 +286,10 @@ def atomic_output_dir(final: Path, force: bool = True) -> Iterator[Path]:
         fail(f"output {str(final)!r} exists and is not a directory", Exit.USAGE)
     if final.exists() and not force:
         fail(f"output directory {str(final)!r} exists (pass --force to replace it)", Exit.USAGE)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
+    from lowbit.cache import replacing_dir
+
+    with replacing_dir(final, finish=_public_modes) as tmp:
         yield tmp
-        _public_modes(tmp)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.rmdir(old)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:
