@@ -32,6 +32,12 @@ KV = "kv=int4,k_gran=per_token,v_gran=per_token,kv_group=64"
 A4 = f"a=int4,{KV}"
 ROT = "fold-norms,rotate"
 MAIN, QUICK = "wt2-512x40", "wt2-512x8"
+KURTAIL = "rotate(kind=kurtosis,progress=false)"
+"""Defaults: 8 x 512 calibration tokens (WikiText-2 validation), 512 kept per norm, 100 Adam steps on the Cayley
+parameter, 4096 tokens a step."""
+SPIN = "rotate(kind=learned,calib_n=16,calib_len=256,steps=16,progress=false)"
+"""SpinQuant at the size a shared 2-core CPU affords: 16 steps, each a forward and backward of the whole W4A4
+fake-quantized model on one 256-token validation window (the paper: 100 steps of 8 x 2048 tokens)."""
 
 # (scheme, method, variant, pipeline, eval); {cal} becomes the calibration options
 ROWS: list[tuple[str, str, str, str | None, str]] = [
@@ -40,6 +46,19 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      f"{ROT},quantize(w=int4,sym=false,{A4})", MAIN),
     ("w4a4kv4", "quarot", "fold-norms + randomised Hadamard (R1-R4) + GPTQ W4 per channel",
      f"{ROT},gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
+    # KurTail (issue 20 item 4b): R1 (kurtail-r2: and each layer's R2) learned from the randomised Hadamard to
+    # minimise the per-token kurtosis of the normalised residual streams (of o_proj's input), 8 x 512 validation
+    # tokens collected once; the other rotations as QuaRot
+    ("w4a4kv4", "kurtail-rtn", "fold-norms + KurTail-learned R1, Hadamard R2-R4 + RTN W4 per channel",
+     f"fold-norms,{KURTAIL},quantize(w=int4,sym=false,{A4})", MAIN),
+    ("w4a4kv4", "kurtail", "fold-norms + KurTail-learned R1, Hadamard R2-R4 + GPTQ W4 per channel",
+     f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
+    ("w4a4kv4", "kurtail-r2", "fold-norms + KurTail-learned R1 and per-layer R2, Hadamard R3/R4 + GPTQ W4 per channel",
+     f"fold-norms,{KURTAIL[:-1]},learn_heads=true),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
+    # SpinQuant-style (item 4a), at CPU size: R1 = Hadamard·U, U learned on the W4A4 fake-quantized next-token loss
+    ("w4a4kv4", "spinquant", "fold-norms + Hadamard R1-R4, R1 refined on the W4A4 fake-quant loss (Cayley/Adam, "
+     "16 steps x 1 window of 256) + GPTQ W4 per channel", f"fold-norms,{SPIN},gptq(w=int4,sym=false,{{cal}}),quantize({A4})",
+     MAIN),
     ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", QUICK),
     # the fold-norms finding: the gains folded into the linears make RTN worse; does the rotation undo it?
     ("w4a16-pc", "rtn", "plain RTN per channel", "quantize(w=int4,sym=false)", QUICK),
@@ -146,7 +165,16 @@ def main() -> None:
         finally:
             if not args.dry:
                 merge_rows(out, header, rows, replace_header=False)
+        learned = next((st["learned"] for st in stats if isinstance(st.get("learned"), dict)), None)
+        extra = {} if learned is None else {
+            # the learning step alone: collecting the norm outputs once, then the optimiser (wall seconds), and
+            # the resident memory it added above what the process held when the pass started
+            "learn_seconds": round(learned["collect_seconds"] + learned["learn_seconds"], 1),
+            "learn_rss_mb": learned["learn_rss_above_start_mb"], "learn_samples_mb": learned["samples_mb"],
+            **({"kurtosis": f"{learned['kurtosis_start']} -> {learned['kurtosis_end']}"}
+               if learned.get("kurtosis_start") is not None else {})}
         rows.append({
+            **extra,
             "model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant, "eval": ev,
             "value": round(r.ppl, 4), "float_value": round(floats[ev], 4), "ratio": round(r.ppl / floats[ev], 4),
             "calib": f"{args.calib} {args.calib_n}x512" if "{cal}" in (pipe or "") else None,

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PREFERRED = ["model", "scheme", "method", "variant", "eval", "value", "float_value", "ratio", "min_cos", "backend", "format",
              "kernel", "M", "K", "N", "us", "baseline", "baseline_us", "speedup", "latency_ms", "param_mb", "calib",
-             "pass_seconds", "seconds", "cpu_seconds", "load_avg_before", "pipeline"]
+             "pass_seconds", "learn_seconds", "learn_rss_mb", "kurtosis", "seconds", "cpu_seconds", "load_avg_before", "pipeline"]
 """Columns shown, in order; other keys stay in the JSON (command lines, byte counts, per-run notes)."""
 COLUMNS = {
     "pruning": ["scheme", "method", "variant", "eval", "value", "float_value", "ratio", "params_removed_frac_blocks",

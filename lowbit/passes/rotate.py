@@ -12,31 +12,74 @@ all channels without changing the model. ``rotate`` applies, on the regions that
 * an online ``hadamard`` on queries and keys after rotary (R3), so the KV cache holds rotated keys.
 
 ``kind=hadamard`` uses the randomised Hadamard ``H·diag(±1)/√n`` (seeded), ``kind=random`` a Haar-random
-orthogonal matrix (QR of a seeded Gaussian) for R1/R2; online rotations are always the plain Hadamard, so
-backends can run them as a fast transform. Every rotation is exact: the model's outputs change by float
+orthogonal matrix (QR of a seeded Gaussian) for R1/R2; ``kind=kurtosis`` (KurTail) learns R1 from that
+randomised Hadamard, minimising the per-token kurtosis of the normalised residual streams the rotated linears
+read (``lowbit.calibration.rotation_learning``: the streams are collected once from the model as it is — unit
+gain RMSNorm makes them independent of R1 — and the rotation is learned offline on them, so no model forward
+runs per step); R2 stays the randomised Hadamard. Online rotations are always the plain Hadamard, so backends
+can run them as a fast transform. Every rotation is exact: the model's outputs change by float
 rounding only. A tied embedding/lm_head weight is untied (stats ``untied``).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import time
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
+from lowbit.calibration.engine import CalibrationError, batches_from_ids
+from lowbit.calibration.engine import run as calibrate
+from lowbit.calibration.rotation_learning import (
+    UNIFORM_KURTOSIS,
+    learn_kurtosis_rotation,
+    learn_quantized_rotation,
+    rss_mb,
+)
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.hadamard import HadamardError, hadamard, random_hadamard
-from lowbit.ir.rotation_regions import find_rotation_regions
-from lowbit.passes.base import NO_QLINEAR, Pass, PassError, PassOptions, PassResult, register_pass
+from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
+from lowbit.ir.rotation_regions import HeadRegion, ResidualRegion, find_rotation_regions
+from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.fold_norms import private_weight
 
 __all__ = ["Rotate", "RotateOptions", "rotation_matrix"]
 
 
-class RotateOptions(PassOptions):
-    kind: Literal["hadamard", "random"] = "hadamard"
-    """hadamard: randomised Hadamard (QuaRot); random: Haar-random orthogonal."""
+class RotateOptions(CalibrationOptions):
+    """The rotation and, for ``kind=kurtosis``, its learning: the calibration options (``calib``, ``calib_n``,
+    ...) are read only by the learned kinds."""
+
+    kind: Literal["hadamard", "random", "kurtosis", "learned"] = "hadamard"
+    """hadamard: randomised Hadamard (QuaRot); random: Haar-random orthogonal; kurtosis: learned from the
+    randomised Hadamard to minimise activation kurtosis (KurTail); learned: learned from it to minimise the
+    W4A4 fake-quantized network's loss on calibration text (SpinQuant)."""
     seed: int = 0
-    """Seed of the random signs / random matrix."""
+    """Seed of the random signs / random matrix (and of the learning's token draws)."""
+    calib_n: int = Field(default=8, ge=1)
+    """kurtosis: calibration sequences whose normalised residual streams are collected (once)."""
+    samples: int = Field(default=512, ge=8, le=1_000_000)
+    """kurtosis: tokens kept per norm output (spread over the batches); memory is samples × width × norms."""
+    steps: int | None = Field(default=None, ge=1, le=100_000)
+    """Optimiser steps; unset: 100 for kurtosis (each a matmul of ``batch_tokens`` × width², cheap), 20 for
+    learned (each a forward and backward of the whole fake-quantized model on ``windows_per_step`` windows)."""
+    lr: float | None = Field(default=None, gt=0, le=1)
+    """Adam step on the Cayley parameter of the rotation; unset: 3e-3 (kurtosis), 1e-3 (learned)."""
+    windows_per_step: int = Field(default=1, ge=1, le=1024)
+    """learned: calibration windows per step (of the ``calib_n`` × ``calib_len`` drawn once)."""
+    w_bits: int = Field(default=4, ge=2, le=8)
+    """learned: weight bits of the fake quantizer (asymmetric per output channel, round to nearest)."""
+    a_bits: int = Field(default=4, ge=2, le=16)
+    """learned: activation bits of the fake quantizer (symmetric per token, dynamic)."""
+    batch_tokens: int = Field(default=4096, ge=8, le=1_000_000)
+    """kurtosis: tokens per step, drawn evenly from every norm output."""
+    learn_heads: bool = False
+    """kurtosis (with ``heads``): also learn each layer's R2 from the Hadamard, on the head outputs its o_proj
+    reads (collected in the same run: R1 does not change them). Off by default: KurTail's paper learns R1, and
+    the measured rows (bench/results/accuracy.json, ``kurtail-r2``) say whether R2 pays on SmolLM2."""
+    target: float = Field(default=UNIFORM_KURTOSIS, ge=1, le=10)
+    """kurtosis: the per-token kurtosis aimed at (1.8: uniform, what an integer grid covers best)."""
     heads: bool = True
     """Rotate each head's values and o_proj's matching columns (R2)."""
     online: bool = True
@@ -68,6 +111,125 @@ def _set(graph: Graph, node: Node, index: int, users: dict, fn) -> None:  # type
     graph.set_param(w.name, fn(w.data.to(torch.float64)).to(w.data.dtype))
 
 
+def _learning_sites(res: ResidualRegion) -> list[Node]:
+    """The norms whose output a quantized linear reads (lm_head and embeddings stay float: their norm, the
+    final one, is not a site — and it runs in the graph's suffix, which calibration skips)."""
+    return [n for n in res.norms
+            if any(not any(module_matches(r.module or "", k) for k in DEFAULT_KEEP_FLOAT) for r in res.readers
+                   if r.args[0] is n.output)]
+
+
+def learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor, o: RotateOptions,
+                            pass_name: str, heads: list[HeadRegion] | None = None, r0: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, dict[str, Any], dict[int, torch.Tensor]]:
+    """KurTail's R1 (and each layer's R2 for ``heads``): collect the normalised residual streams (and the head
+    outputs each o_proj reads) once, learn ``Q`` from ``q0`` (each R2 from ``r0``) on them."""
+    t0 = time.perf_counter()
+    rss0 = rss_mb()
+    device = o.torch_device(pass_name)
+    sites = _learning_sites(res)
+    if not sites:
+        raise PassError(f"pass {pass_name}: kind=kurtosis: no RMSNorm output of the residual stream feeds a "
+                        "quantized linear, so there is nothing to learn from")
+    index = {id(n): i for i, n in enumerate(sites)}
+    kept: list[list[torch.Tensor]] = [[] for _ in sites]
+    heads = heads or []
+    o_index = {id(h.o_proj): i for i, h in enumerate(heads)}
+    o_kept: list[list[torch.Tensor]] = [[] for _ in heads]
+    ids = o.token_ids(graph, pass_name)
+    batches = batches_from_ids(graph, ids, o.batch_size_for(graph))
+    per_batch = max(1, o.samples // len(batches))
+
+    def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
+        i, j = index.get(id(node)), o_index.get(id(node))
+        if i is not None or j is not None:
+            t = outs[0] if i is not None else args[0]
+            x = t.detach().reshape(-1, t.shape[-1])
+            step = max(1, x.shape[0] // per_batch)
+            (kept[i] if i is not None else o_kept[j]).append(x[::step][:per_batch].to("cpu", torch.float32))
+
+    try:
+        calibrate(graph, batches, on_node=on_node, progress=o.progress, device=device)
+    except CalibrationError as exc:
+        raise PassError(f"pass {pass_name}: kind=kurtosis: collecting activations: {exc}") from None
+    missing = [n for n, k in zip(sites, kept) if not k]
+    if missing:
+        raise PassError(f"pass {pass_name}: kind=kurtosis: calibration never reached rms_norm %{missing[0].name} "
+                        f"(module {missing[0].module!r})")
+    samples = [torch.cat(k) for k in kept]
+    collect_s = time.perf_counter() - t0
+    try:
+        learned = learn_kurtosis_rotation(samples, q0, steps=o.steps or 100, lr=o.lr or 3e-3,
+                                          batch_tokens=o.batch_tokens,
+                                          target=o.target, seed=o.seed,
+                                          what=f"pass {pass_name}: kind=kurtosis, residual stream of width {res.dim}")
+        r2: dict[int, torch.Tensor] = {}
+        r2_kurt = []
+        for h, k in zip(heads, o_kept):
+            if not k:
+                raise PassError(f"pass {pass_name}: kind=kurtosis: calibration never reached o_proj %{h.o_proj.name}")
+            lr2 = learn_kurtosis_rotation([torch.cat(k)], r0, steps=o.steps or 100, lr=o.lr or 3e-3,
+                                          batch_tokens=o.batch_tokens, target=o.target, seed=o.seed,
+                                          heads=torch.cat(k).shape[-1] // r0.shape[0],
+                                          what=f"pass {pass_name}: kind=kurtosis, head rotation of %{h.o_proj.name}")
+            r2[id(h.o_proj)] = lr2.q
+            r2_kurt.append((lr2.kurtosis_start, lr2.kurtosis_end))
+    except CalibrationError as exc:
+        raise PassError(str(exc)) from None
+    peak = None if rss0 is None or learned.peak_rss_mb is None else round(learned.peak_rss_mb - rss0, 1)
+    extra = {} if not r2_kurt else {
+        "head_rotations": len(r2_kurt),
+        "head_kurtosis_start": round(sum(a for a, _ in r2_kurt) / len(r2_kurt), 4),
+        "head_kurtosis_end": round(sum(b for _, b in r2_kurt) / len(r2_kurt), 4)}
+    return learned.q, {
+        **extra,
+        "sites": len(sites), "calib_tokens": int(ids.numel()), "samples_per_site": samples[0].shape[0],
+        "samples_mb": round(sum(t.numel() * t.element_size() for t in [*samples, *(x for k in o_kept for x in k)])
+                            / 2**20, 1),
+        "kurtosis_start": round(learned.kurtosis_start, 4), "kurtosis_end": round(learned.kurtosis_end, 4),
+        "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
+        "steps": learned.steps, "orthogonality": learned.orthogonality, "history": learned.history,
+        "collect_seconds": round(collect_s, 2), "learn_seconds": round(time.perf_counter() - t0 - collect_s, 2),
+        "learn_rss_above_start_mb": peak,
+    }, r2
+
+
+def learn_extra_rotation(graph: Graph, res: ResidualRegion, o: RotateOptions, pass_name: str
+                         ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """SpinQuant's R1, on a graph already rotated by the randomised Hadamard: the extra rotation ``U`` that
+    minimises the fake-quantized network's next-token loss (the caller folds it into the residual stream)."""
+    rss0 = rss_mb()
+    keep = [r for r in res.readers if any(module_matches(r.module or "", k) for k in DEFAULT_KEEP_FLOAT)]
+    ids = o.token_ids(graph, pass_name)
+    try:
+        learned = learn_quantized_rotation(
+            graph, res.embeddings, res.readers, res.writers, keep, ids, steps=o.steps or 20, lr=o.lr or 1e-3,
+            batch=o.windows_per_step, w_bits=o.w_bits, a_bits=o.a_bits, seed=o.seed,
+            what=f"pass {pass_name}: kind=learned, residual stream of width {res.dim}")
+    except CalibrationError as exc:
+        raise PassError(str(exc)) from None
+    peak = None if rss0 is None or learned.peak_rss_mb is None else round(learned.peak_rss_mb - rss0, 1)
+    return learned.q, {
+        "calib_tokens": int(ids.numel()), "windows_per_step": o.windows_per_step, "steps": learned.steps,
+        "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
+        "orthogonality": learned.orthogonality, "history": learned.history, "collect_seconds": 0.0,
+        "learn_seconds": round(learned.seconds, 2), "learn_rss_above_start_mb": peak,
+        "samples_mb": 0.0, "kurtosis_start": None, "kurtosis_end": None,
+    }
+
+
+def _fold_residual(graph: Graph, res: ResidualRegion, users: dict, q: torch.Tensor) -> None:
+    """x -> x·Q on the residual stream: embeddings E·Q, readers W·Q, writers Qᵀ·W (bias b·Q)."""
+    for e in res.embeddings:
+        _set(graph, e, 0, users, lambda w: w @ q)
+    for r in res.readers:
+        _set(graph, r, 1, users, lambda w: w @ q)
+    for wr in res.writers:
+        _set(graph, wr, 1, users, lambda w: q.T @ w)
+        if wr.arg(2, "bias") is not None:
+            _set(graph, wr, 2, users, lambda b: b @ q)
+
+
 @register_pass
 class Rotate(Pass):
     """Fold orthogonal (Hadamard or random) rotations into the weights, plus online Hadamards where needed."""
@@ -96,22 +258,27 @@ class Rotate(Pass):
             raise PassError(f"pass rotate must run before quantization: linear %{n.name} (module {n.module!r}) reads a "
                             f"computed weight (%{n.args[1].name}, from {n.args[1].producer.op if n.args[1].producer else '?'})")
         users = graph.users()
-        q = rotation_matrix(o.kind, res.dim, o.seed, f"residual stream of width {res.dim}")
+        base = "hadamard" if o.kind in ("kurtosis", "learned") else o.kind
+        q = rotation_matrix(base, res.dim, o.seed, f"residual stream of width {res.dim}")
+        learned = None
+        r2: dict[int, torch.Tensor] = {}
+        if o.kind == "kurtosis":
+            heads = regions.heads if o.heads and o.learn_heads else []
+            r0 = rotation_matrix(base, heads[0].head_dim, o.seed + 1, f"head_dim {heads[0].head_dim}") if heads \
+                else None
+            q, learned, r2 = learn_residual_rotation(graph, res, q, o, self.name, heads, r0)
         untied = list(regions.tied)
-        for e in res.embeddings:
-            _set(graph, e, 0, users, lambda w: w @ q)
-        for r in res.readers:
-            _set(graph, r, 1, users, lambda w: w @ q)
-        for wr in res.writers:
-            _set(graph, wr, 1, users, lambda w: q.T @ w)
-            if wr.arg(2, "bias") is not None:
-                _set(graph, wr, 2, users, lambda b: b @ q)
+        _fold_residual(graph, res, users, q)
         stats: dict[str, object] = {"kind": o.kind, "residual_dim": res.dim, "readers": len(res.readers),
                                     "writers": len(res.writers), "untied": untied}
+        if learned is not None:
+            stats["learned"] = learned
         heads = 0
         if o.heads:
             for h in regions.heads:
-                r = rotation_matrix(o.kind, h.head_dim, o.seed + 1, f"head_dim {h.head_dim} of %{h.attention.name}")
+                r = r2.get(id(h.o_proj))
+                if r is None:
+                    r = rotation_matrix(base, h.head_dim, o.seed + 1, f"head_dim {h.head_dim} of %{h.attention.name}")
                 hd = h.head_dim
 
                 def rot_rows(w: torch.Tensor, r: torch.Tensor = r, hd: int = hd) -> torch.Tensor:
@@ -158,4 +325,8 @@ class Rotate(Pass):
                 online.append(f"{rot.module or rot.name}:{rot.name}")
         stats["online_hadamards"] = len(online)
         stats["refused"] = list(regions.refused)
+        if o.kind == "learned":
+            # learned on the graph as it runs now (R1-R4 in place), then folded on top: R1 = Q₀·U, exact
+            u, stats["learned"] = learn_extra_rotation(graph, res, o, self.name)
+            _fold_residual(graph, res, users, u)
         return PassResult(True, stats)

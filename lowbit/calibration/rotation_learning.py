@@ -1,0 +1,289 @@
+"""Learning an orthogonal rotation on the Stiefel manifold that makes activations easy to quantize (KurTail).
+
+A per-token 4-bit quantizer spends its 16 levels on ``[-max|x|, max|x|]``; a token whose channels are
+heavy-tailed (a few huge, most tiny) rounds most channels to zero. Kurtosis ``E[(x-μ)⁴]/E[(x-μ)²]²`` measures
+that tailedness: 3 for a Gaussian (what a random Hadamard gives, by the central limit theorem), 1.8 for a
+uniform distribution, which a uniform quantizer covers best. KurTail (Akhondzadeh et al., 2025,
+arXiv:2503.01483) learns the residual-stream rotation ``Q`` that drives the per-token kurtosis of ``x·Q``
+towards the uniform's, for every ``x`` a rotated linear reads.
+
+Because unit-gain RMSNorm is rotation invariant (``norm(x·Q) = norm(x)·Q``), the normalised residual streams of
+the float model are the same whatever ``Q`` is: they are collected once, and the rotation is learned offline on
+them (no model forward per step), which is why this is cheap enough for a CPU.
+
+The optimiser keeps ``Q`` exactly orthogonal by construction: ``Q = Q₀·C(S)`` with the Cayley transform
+``C(S) = (I - S)⁻¹(I + S)`` of a skew-symmetric ``S = A - Aᵀ`` (every rotation near ``Q₀`` without a -1
+eigenvalue is reached), and Adam on ``A``. The result is recomputed in float64 and projected onto the
+orthogonal group (polar factor) so that ``‖QQᵀ - I‖`` is float64 rounding, whatever float the steps ran in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lowbit.calibration.engine import CalibrationError
+from lowbit.ir.graph import Graph, Node
+
+__all__ = ["rss_mb", "RotationLearningError", "LearnedRotation", "kurtosis", "kurtosis_loss", "cayley", "learn_kurtosis_rotation",
+           "orthogonal_polar", "fake_quant_weight", "fake_quant_tokens", "learn_quantized_rotation"]
+
+UNIFORM_KURTOSIS = 1.8
+"""Kurtosis of a uniform distribution: the shape a uniform (integer) quantizer covers with the least error."""
+
+
+def rss_mb() -> float | None:
+    """The process's resident memory now, in MiB (Linux ``/proc``; None elsewhere): sampled while learning to
+    report the learning step's own peak above what the process already held."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+try:
+    import os as _os
+
+    _PAGE = _os.sysconf("SC_PAGE_SIZE")
+except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+    _PAGE = 4096
+
+
+class RotationLearningError(CalibrationError):
+    """The rotation learning diverged (a NaN or an infinite loss), named with its step."""
+
+
+@dataclass
+class LearnedRotation:
+    q: torch.Tensor
+    """The learned float64 orthogonal matrix."""
+    kurtosis_start: float
+    """Mean per-token kurtosis of the samples under the starting rotation (all sites, float64)."""
+    kurtosis_end: float
+    loss_start: float
+    loss_end: float
+    steps: int
+    seconds: float
+    orthogonality: float
+    """``max|QQᵀ - I|`` of ``q`` in float64."""
+    history: list[float] = field(default_factory=list)
+    """Loss every tenth step (the minibatch loss, for a look at convergence)."""
+    peak_rss_mb: float | None = None
+    """Highest resident memory sampled during the steps (MiB; None where /proc is missing)."""
+
+
+def kurtosis(y: torch.Tensor) -> torch.Tensor:
+    """Per-row kurtosis ``E[(y-μ)⁴] / E[(y-μ)²]²`` over the last axis (the channels of a token)."""
+    c = y - y.mean(-1, keepdim=True)
+    m2 = c.square().mean(-1)
+    return c.pow(4).mean(-1) / m2.square().clamp_min(torch.finfo(y.dtype).tiny)
+
+
+def rotate_tokens(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``x·Q``, or with ``Q`` smaller than a token, ``x·(I ⊗ Q)`` (each head's slice rotated)."""
+    n = q.shape[0]
+    if x.shape[-1] == n:
+        return x @ q
+    return (x.reshape(*x.shape[:-1], -1, n) @ q).reshape(x.shape)
+
+
+def kurtosis_loss(x: torch.Tensor, q: torch.Tensor, target: float = UNIFORM_KURTOSIS) -> torch.Tensor:
+    """Mean over tokens of ``|kurtosis(x·Q) - target|`` (KurTail's objective)."""
+    return (kurtosis(rotate_tokens(x, q)) - target).abs().mean()
+
+
+def cayley(a: torch.Tensor) -> torch.Tensor:
+    """``(I - S)⁻¹(I + S)`` with ``S = A - Aᵀ``: an orthogonal matrix (``C(0) = I``), differentiable in ``A``."""
+    s = a - a.T
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(eye - s, eye + s)
+
+
+def orthogonal_polar(q: torch.Tensor) -> torch.Tensor:
+    """The nearest orthogonal matrix (polar factor ``U·Vᵀ``) in float64: removes accumulated rounding."""
+    u, _, vh = torch.linalg.svd(q.to(torch.float64))
+    return u @ vh
+
+
+def _pool(samples: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not samples:
+        raise RotationLearningError("rotation learning got no activation samples")
+    dims = {s.shape[-1] for s in samples}
+    if len(dims) != 1:
+        raise RotationLearningError(f"rotation learning: activation samples of different widths {sorted(dims)}")
+    return torch.cat([s.reshape(-1, s.shape[-1]) for s in samples])
+
+
+def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *, steps: int, lr: float,
+                            batch_tokens: int, target: float = UNIFORM_KURTOSIS, seed: int = 0,
+                            dtype: torch.dtype = torch.float32, what: str = "rotation",
+                            heads: int = 1) -> LearnedRotation:
+    """Learn ``Q = Q₀·C(S)`` minimising the mean ``|kurtosis(x·Q) - target|`` over the rows of ``samples``.
+
+    ``samples``: one ``[tokens, d]`` tensor per site (each normalised residual stream a rotated linear reads);
+    every site weighs the same per token. ``heads > 1``: ``Q`` is ``[d/heads, d/heads]`` and rotates each of
+    the ``heads`` slices of a token (R2: the per-head values o_proj reads), the kurtosis still taken over the
+    whole token (its quantizer sees all heads at once). Each step draws ``batch_tokens`` rows spread evenly over the sites (a
+    seeded draw). ``q0`` is the start (a randomised Hadamard). A NaN or infinite loss, or a singular Cayley
+    system, is a :class:`RotationLearningError` naming ``what`` and the step.
+    """
+    t0 = time.perf_counter()
+    d = q0.shape[0]
+    sites = [s.reshape(-1, d * heads).to(dtype) for s in samples]
+    pool = _pool(sites)
+    gen = torch.Generator().manual_seed(seed)
+    per_site = max(1, batch_tokens // len(sites))
+    q0c = q0.to(dtype)
+    a = torch.zeros(d, d, dtype=dtype, requires_grad=True)
+    opt = torch.optim.Adam([a], lr=lr)
+    history: list[float] = []
+    peak = rss_mb()
+    with torch.no_grad():
+        loss_start = float(kurtosis_loss(pool.double(), q0.double(), target))
+        kurt_start = float(kurtosis(rotate_tokens(pool.double(), q0.double())).mean())
+    for step in range(steps):
+        batch = torch.cat([s[torch.randint(0, s.shape[0], (min(per_site, s.shape[0]),), generator=gen)]
+                           for s in sites])
+        opt.zero_grad(set_to_none=True)
+        try:
+            q = q0c @ cayley(a)
+        except torch.linalg.LinAlgError as exc:
+            raise RotationLearningError(f"{what}: step {step}: the Cayley system is singular ({exc})") from None
+        loss = kurtosis_loss(batch, q, target)
+        if not math.isfinite(float(loss.detach())):
+            raise RotationLearningError(f"{what}: step {step} of {steps}: the kurtosis loss is {float(loss.detach())} "
+                                        f"(diverged; lower lr={lr})")
+        loss.backward()
+        if not torch.isfinite(a.grad).all():
+            raise RotationLearningError(f"{what}: step {step} of {steps}: the gradient is not finite (lower lr={lr})")
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            history.append(round(float(loss.detach()), 5))
+            now = rss_mb()
+            peak = None if now is None or peak is None else max(peak, now)
+    with torch.no_grad():
+        q = orthogonal_polar(q0.double() @ cayley(a.detach().double()))
+        if not torch.isfinite(q).all():
+            raise RotationLearningError(f"{what}: after {steps} steps the rotation is not finite")
+        loss_end = float(kurtosis_loss(pool.double(), q, target))
+        kurt_end = float(kurtosis(rotate_tokens(pool.double(), q)).mean())
+        ortho = float((q @ q.T - torch.eye(d, dtype=torch.float64)).abs().max())
+    return LearnedRotation(q, kurt_start, kurt_end, loss_start, loss_end, steps, time.perf_counter() - t0, ortho,
+                           history, peak)
+
+
+# ---- SpinQuant-style: the quantized network's own loss -------------------------------------------------------
+
+def fake_quant_weight(w: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Asymmetric per-output-channel round-to-nearest with a straight-through gradient (what RTN/GPTQ store)."""
+    top = 2**bits - 1
+    lo, hi = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / top).clamp_min(1e-8)
+    zp = torch.round(-lo / scale)
+    dq = (torch.clamp(torch.round(w / scale) + zp, 0, top) - zp) * scale
+    return w + (dq - w).detach()
+
+
+def fake_quant_tokens(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Symmetric per-token round-to-nearest with a straight-through gradient (dynamic per-token activations)."""
+    top = 2 ** (bits - 1) - 1
+    scale = (x.detach().abs().amax(-1, keepdim=True) / top).clamp_min(1e-8)
+    dq = torch.clamp(torch.round(x / scale), -top - 1, top) * scale
+    return x + (dq - x).detach()
+
+
+def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: Sequence[Node],
+                             writers: Sequence[Node], keep_float: Sequence[Node], windows: torch.Tensor, *,
+                             steps: int, lr: float, batch: int, w_bits: int = 4, a_bits: int = 4, seed: int = 0,
+                             what: str = "rotation") -> LearnedRotation:
+    """Learn an extra residual rotation ``U = C(S)`` (from ``I``) minimising the next-token loss of the
+    fake-quantized network on ``windows`` (SpinQuant's objective, Adam on the Cayley parameter).
+
+    ``graph`` is already rotated (its stream is ``x·Q₀``); the forward runs every node by its reference, with
+    the residual stream's linears and embeddings computed as if ``U`` were folded: embeddings ``E[ids]·U``,
+    readers ``fq_a(x)·fq_w(W·U)ᵀ``, writers ``fq_a(h)·fq_w(Uᵀ·W)ᵀ``, the float head (``keep_float``) reads
+    ``x·Uᵀ`` with its own weight (the same product, without a vocabulary-sized matmul per step). The graph
+    is not changed: the caller folds the returned ``q`` (= ``U``) exactly.
+    """
+    from lowbit.calibration.engine import _execute  # same layer: the engine's node-by-node runner
+
+    t0 = time.perf_counter()
+    d = None
+    for e in embeddings:
+        d = e.args[0].data.shape[-1]
+    if d is None:
+        raise RotationLearningError(f"{what}: no embedding starts the residual stream")
+    dtype = next(iter(graph.params.values())).data.dtype
+    a = torch.zeros(d, d, dtype=dtype, requires_grad=True)
+    opt = torch.optim.Adam([a], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    box: dict[str, torch.Tensor] = {}
+    inputs_of_readers = {id(n) for n in readers}
+
+    def emb(args, kwargs):  # type: ignore[no-untyped-def]
+        return torch.nn.functional.embedding(args[1], args[0]) @ box["u"]
+
+    def reader(args, kwargs):  # type: ignore[no-untyped-def]
+        x, w = args[0], args[1]
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        return torch.nn.functional.linear(fake_quant_tokens(x, a_bits), fake_quant_weight(w @ box["u"], w_bits), b)
+
+    def writer(args, kwargs):  # type: ignore[no-untyped-def]
+        x, w = args[0], args[1]
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        b = None if b is None else b @ box["u"]
+        return torch.nn.functional.linear(fake_quant_tokens(x, a_bits), fake_quant_weight(box["u"].T @ w, w_bits), b)
+
+    def head(args, kwargs):  # type: ignore[no-untyped-def]
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        return torch.nn.functional.linear(args[0] @ box["u"].T, args[1], b)
+
+    replace = {id(n): emb for n in embeddings}
+    replace.update({id(n): reader for n in readers if id(n) not in {id(k) for k in keep_float}})
+    replace.update({id(n): writer for n in writers})
+    replace.update({id(n): head for n in keep_float if id(n) in inputs_of_readers})
+    out_value = graph.outputs[0]
+    history: list[float] = []
+    peak = rss_mb()
+    first = last = float("nan")
+    for step in range(steps):
+        pick = torch.randint(0, windows.shape[0], (min(batch, windows.shape[0]),), generator=gen)
+        ids = windows[pick]
+        opt.zero_grad(set_to_none=True)
+        box["u"] = cayley(a)
+        env = {graph.inputs[0]: ids}
+        with torch.enable_grad():
+            try:
+                _execute(graph.nodes, env, None, {out_value}, None, replace)
+            except CalibrationError as exc:
+                raise RotationLearningError(f"{what}: step {step}: {exc}") from None
+            logits = env[out_value]
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                     ids[:, 1:].reshape(-1))
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise RotationLearningError(f"{what}: step {step} of {steps}: the quantized loss is {value} "
+                                        f"(diverged; lower lr={lr})")
+        loss.backward()
+        if not torch.isfinite(a.grad).all():
+            raise RotationLearningError(f"{what}: step {step} of {steps}: the gradient is not finite (lower lr={lr})")
+        opt.step()
+        first = value if step == 0 else first
+        last = value
+        history.append(round(value, 4))
+        now = rss_mb()
+        peak = None if now is None or peak is None else max(peak, now)
+        del env, logits, loss
+    box.clear()
+    with torch.no_grad():
+        q = orthogonal_polar(cayley(a.detach().double()))
+        if not torch.isfinite(q).all():
+            raise RotationLearningError(f"{what}: after {steps} steps the rotation is not finite")
+        ortho = float((q @ q.T - torch.eye(d, dtype=torch.float64)).abs().max())
+    return LearnedRotation(q, float("nan"), float("nan"), first, last, steps, time.perf_counter() - t0, ortho, history,
+                           peak)
