@@ -222,6 +222,14 @@ def _wo_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, K, K_SPLIT, M_KEY
             acc = tl.sum(acc_h, axis=1)[None, :]
         else:
             acc = tl.sum(acc_k, axis=1)[None, :]
+    _store_tile(acc, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL, HAS_BIAS)
+
+
+@triton.jit
+def _store_tile(acc, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    """A GEMV/GEMM tile's epilogue: the fp32 partial of split ``pid_k`` (reduced by ``_splitk_reduce``), or the
+    output (+ bias) cast to the output dtype."""
     mask = m_ok[:, None] & n_ok[None, :]
     if PARTIAL:
         tl.store(o_ptr + pid_k * sos + offs_m[:, None] * som + offs_n[None, :], acc, mask=mask)
@@ -645,13 +653,7 @@ def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
         y = tl.trans(acc)
     else:
         y = acc
-    mask = m_ok[:, None] & n_ok[None, :]
-    if PARTIAL:
-        tl.store(o_ptr + pid_k * sos + offs_m[:, None] * som + offs_n[None, :], y, mask=mask)
-    else:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
-        tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
+    _store_tile(y, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL, HAS_BIAS)
 
 
 @triton.jit
