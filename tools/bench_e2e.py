@@ -19,6 +19,7 @@ import argparse
 import copy
 import datetime
 import gc
+import itertools
 import json
 import sys
 import time
@@ -172,19 +173,20 @@ def backend_rows(ref: torch.nn.Module, device: str, date: str) -> list[dict]:
     from lowbit.models import CausalLMLogits
 
     rows = []
-    for name, pipeline in PIPELINES.items():
+    for (name, pipeline), graphs in itertools.product(PIPELINES.items(), (False, True)):
         gc.collect()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         base = {"model": "llama-7b-shaped-4l", "scheme": name, "device": device, "date": date,
-                "path": "compile_model(backend='triton')", "pipeline": pipeline}
+                "path": "compile_model(backend='triton'" + (", cuda_graphs=True)" if graphs else ")"), "pipeline": pipeline}
         try:
             # batch and sequence both dynamic, from 1: the decode shapes (1x1, 16x1) run on the same program
             ids = torch.arange(1, 129, dtype=torch.long, device="cuda").reshape(2, 64)
             dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=64),
                                  1: torch.export.Dim.DYNAMIC(min=1, max=4096)}}
             compiled = lowbit.compile_model(CausalLMLogits(copy.deepcopy(ref)).eval(), (ids,), dynamic_shapes=dyn,
-                                            pipeline=pipeline, backend="triton", device="cuda")
+                                            pipeline=pipeline, backend="triton", device="cuda",
+                                            backend_options={"cuda_graphs": graphs})
             gc.collect()
             torch.cuda.empty_cache()
             mem = torch.cuda.memory_allocated() - before
@@ -193,15 +195,15 @@ def backend_rows(ref: torch.nn.Module, device: str, date: str) -> list[dict]:
                 try:
                     us = round(time_forward(compiled, b, s), 1)
                 except Exception as e:  # noqa: BLE001 - a failing shape is a row, not a lost run
-                    rows.append({**base, "variant": "backend", "shape": f"{b}x{s}", "error": repr(e)[:300]})
+                    rows.append({**base, "variant": "backend+cudagraphs" if graphs else "backend", "shape": f"{b}x{s}", "error": repr(e)[:300]})
                     continue
-                rows.append({**base, "variant": "backend", "shape": f"{b}x{s}", "gpu_memory_mib": round(mem / 2 ** 20, 1),
+                rows.append({**base, "variant": "backend+cudagraphs" if graphs else "backend", "shape": f"{b}x{s}", "gpu_memory_mib": round(mem / 2 ** 20, 1),
                              "us": us, "report": report})
             print(name, "backend", mem / 2 ** 20, [(r.get("shape"), r.get("us")) for r in rows if r.get("scheme") == name],
                   report, flush=True)
             del compiled
         except Exception as e:  # noqa: BLE001 - a failing scheme is a row, not a lost run
-            rows.append({**base, "variant": "backend", "error": repr(e)[:400]})
+            rows.append({**base, "variant": "backend+cudagraphs" if graphs else "backend", "error": repr(e)[:400]})
     return rows
 
 
