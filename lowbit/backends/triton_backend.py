@@ -209,11 +209,17 @@ class TritonCompiled(TorchCompiled):
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *, compile: bool = True,
                  cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset()) -> None:
         from lowbit.ir.fusion import fuse_qlinear
+        from lowbit.ir.merge import merge_horizontal
+        from lowbit.ir.rewrite import eliminate_dead_code
 
         fused = graph.clone()
-        fuse_qlinear(fused)  # the registry runs the fuse-qlinear pass first; a direct lower() may not have
+        # the registry runs the fuse-qlinear and merge-linears passes first; a direct lower() may not have
+        if fuse_qlinear(fused).rewritten + merge_horizontal(fused).total:
+            eliminate_dead_code(fused)
         super().__init__(fused, device, keep_packed=True, donated=donated)
         self.report = retarget(self.gm)
+        self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
+                                 if n.meta.get("merged")}
         self.compiled = compile
         self._run: Callable[..., Any] = self.gm
         if compile:
@@ -222,6 +228,10 @@ class TritonCompiled(TorchCompiled):
     def report_text(self) -> str:
         lines = [(f"triton: {len(self.report['kernels'])} qlinear nodes on kernels, "
                  f"{len(self.report['fallback'])} on the reference")]
+        merged = self.report.get("merged", {})
+        if merged:
+            n = sum(len(v.split(", ")) for v in merged.values())
+            lines.append(f"  merged: {len(merged)} wide linears replace {n} (same input, same scheme)")
         by_form: dict[str, int] = {}
         for form in self.report["kernels"].values():
             by_form[form] = by_form.get(form, 0) + 1
