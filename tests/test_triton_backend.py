@@ -97,8 +97,9 @@ def test_compile_driver_reaches_the_triton_backend_through_the_registry(slice1_b
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     runner, report = compile_graph(g, plan_compile(parse_pipeline("quantize(w=int4,group=64,sym=false)"), "triton",
                                                    {"compile": False}), device=dev)
-    assert [r.name for r in report.pipeline.records] == ["quantize", "fuse-qlinear", "merge-linears"]
-    assert report.pipeline.records[-1].stats["nodes_merged"] == {"qlinear": 5}  # q/k/v -> 1, gate/up -> 1
+    assert [r.name for r in report.pipeline.records] == ["quantize", "fuse-qlinear", "merge-linears",
+                                                        "fuse-norm-quant"]
+    assert report.pipeline.records[2].stats["nodes_merged"] == {"qlinear": 5}  # q/k/v -> 1, gate/up -> 1
     assert isinstance(runner, TritonCompiled) and len(runner.report["kernels"]) == 4
     assert torch.uint8 in {b.dtype for b in runner.gm.buffers()}  # packed int4 codes, not float weights
     ref = TorchCompiled(g)(ids).float()
