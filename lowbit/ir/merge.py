@@ -75,7 +75,7 @@ def _operand(node: Node, i: int) -> Any:
 
 def _key(node: Node, rule: MergeRule) -> tuple[Any, ...] | None:
     """Group key: the shared operands' identities and the kwargs; None if the node cannot merge."""
-    if set(node.kwargs) & {str(i) for i in rule.concat} or len(node.outputs) != 1:
+    if len(node.outputs) != 1:
         return None
     out = node.output.type
     if not isinstance(out, TensorType) or out.rank < 1 or not isinstance(out.shape[-1], int):
