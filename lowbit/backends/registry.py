@@ -208,4 +208,5 @@ def _triton_unavailable() -> str | None:
 register_backend("triton", "lowbit.backends.triton_backend:lower",
                  summary="lowbit's Triton kernels (W4A16/W8A16 GEMV, W8A8/W4A8 int8 GEMM, FP8) over packed weights, "
                          "under torch.compile; other nodes run the torch reference",
-                 passes="fuse-qlinear", options=TritonBackendOptions, unavailable=_triton_unavailable)
+                 passes="fuse-qlinear,merge-linears,fuse-norm-quant", options=TritonBackendOptions,
+                 unavailable=_triton_unavailable)

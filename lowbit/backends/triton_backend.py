@@ -131,6 +131,36 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int) -> Callable[..., torch.
     return run
 
 
+def _kernel_qlinear_q(w_group: int, a_group: int) -> Callable[..., torch.Tensor]:
+    """The FX target replacing one ``qlinear_q`` (its input arrives as codes + per-token scales)."""
+    from lowbit.ir.normquant import qlinear_q
+
+    def run(xq, x_scale, qweight, w_scale, w_zero_point=None, bias=None, **kw):
+        out_dtype = kw.get("out_dtype", torch.float32)
+        if not ((xq.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and out_dtype in _KERNEL_DTYPES
+                and kw.get("x_dtype") == out_dtype):
+            return qlinear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, **kw)
+        return torch.ops.lowbit.a8_linear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
+                                            w_group, a_group, out_dtype)
+
+    run.__name__ = "triton_a8_linear_q"
+    return run
+
+
+def _kernel_rms_norm_quant(x, weight=None, *, eps, compute_dtype=None, a_qdtype, a_block_size=None):
+    """The FX target replacing ``rms_norm_quant``: the fused kernel, or the reference where it cannot run (float32
+    or CPU input, a weight of another dtype, statistics in another dtype, a group that is not a power of two)."""
+    from lowbit.ir.normquant import rms_norm_quant
+
+    k = x.shape[-1]
+    group = 0 if a_block_size in (None, k) else int(a_block_size)
+    if (_runs_kernel(x) and (weight is None or weight.dtype == x.dtype) and compute_dtype in (None, torch.float32)
+            and a_qdtype in ("int8", "fp8e4m3") and (group == 0 or (_pow2(group) and k % group == 0))):
+        return torch.ops.lowbit.rms_norm_quant(x, weight, eps, compute_dtype == torch.float32, a_qdtype, group)
+    return rms_norm_quant(x, weight, eps=eps, compute_dtype=compute_dtype, a_qdtype=a_qdtype,
+                          a_block_size=a_block_size)
+
+
 def _cache_attention(*args: Any, **kwargs: Any) -> Any:
     from lowbit.kernels.decode_attention import cache_attention_decode
 
@@ -178,9 +208,25 @@ def retarget(gm: torch.fx.GraphModule) -> dict[str, dict[str, str]]:
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
 
     from lowbit.ir.kvcache import cache_attention
+    from lowbit.ir.normquant import qlinear_q, rms_norm_quant
 
-    report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}}
+    report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}, "norm_quant": {}}
     for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is rms_norm_quant:
+            # RMSNorm + per-token quantization in one kernel (the reference where the input does not allow it)
+            node.target = _kernel_rms_norm_quant
+            report["norm_quant"][node.name] = "rms-norm-quant"
+            continue
+        if node.op == "call_function" and node.target is qlinear_q:
+            qweight = _operand(gm, node, 2, "qweight")
+            plan = plan_qlinear(node.kwargs, qweight if isinstance(qweight, torch.Tensor) else None,
+                                _operand(gm, node, 4, "w_zero_point") is not None, False)
+            if plan.form is None or plan.form.op != "a8_linear":
+                report["fallback"][node.name] = plan.reason or "no a8 kernel for this form"
+                continue
+            node.target = _kernel_qlinear_q(plan.static["w_group"], plan.static["a_group"])
+            report["kernels"][node.name] = plan.form.name
+            continue
         if node.op == "call_function" and node.target is cache_attention:
             # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape)
             node.target = _CACHE_ATTENTION
@@ -229,12 +275,21 @@ class TritonCompiled(TorchCompiled):
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *, compile: bool = True,
                  cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset()) -> None:
         from lowbit.ir.fusion import fuse_qlinear
+        from lowbit.ir.merge import merge_horizontal
+        from lowbit.ir.normquant import fuse_norm_quant
+        from lowbit.ir.rewrite import eliminate_dead_code
 
         fused = graph.clone()
-        fuse_qlinear(fused)  # the registry runs the fuse-qlinear pass first; a direct lower() may not have
+        # the registry runs fuse-qlinear, merge-linears and fuse-norm-quant first; a direct lower() may not have
+        for step in (lambda: fuse_qlinear(fused).rewritten, lambda: merge_horizontal(fused).total,
+                     lambda: fuse_norm_quant(fused).total):
+            if step():
+                eliminate_dead_code(fused)  # the next step must not see the replaced nodes as readers
         super().__init__(fused, device, keep_packed=True, donated=donated)
         self.report = retarget(self.gm)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
+        self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
+                                 if n.meta.get("merged")}
         self.compiled = compile
         self._run: Callable[..., Any] = self.gm
         if compile:
@@ -243,6 +298,12 @@ class TritonCompiled(TorchCompiled):
     def report_text(self) -> str:
         lines = [(f"triton: {len(self.report['kernels'])} qlinear nodes on kernels, "
                  f"{len(self.report['fallback'])} on the reference")]
+        merged = self.report.get("merged", {})
+        if merged:
+            n = sum(len(v.split(", ")) for v in merged.values())
+            lines.append(f"  merged: {len(merged)} wide linears replace {n} (same input, same scheme)")
+        if self.report.get("norm_quant"):
+            lines.append(f"  rms_norm + activation quantize fused: {len(self.report['norm_quant'])} norms")
         by_form: dict[str, int] = {}
         for form in self.report["kernels"].values():
             by_form[form] = by_form.get(form, 0) + 1
