@@ -99,40 +99,83 @@ def decode_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
 if triton is not None:
 
     @triton.jit
-    def _field(x, F: tl.constexpr, BITS: tl.constexpr):
-        """Field ``F`` (channel ``PER * j + F`` of byte ``j``) of int32-widened packed bytes, as float32."""
+    def _biased(x):
+        """Integers ``x`` in ``[0, 2**23)`` -> ``2**23 + x`` as float32, exactly: ``x | 2**23`` read as a float (one
+        integer op instead of a quarter-rate int->float conversion). Differences of two biased codes are exact."""
+        return (x.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _codes_biased(x, BITS: tl.constexpr):
+        """Packed uint8 bytes ``[..., CB]`` -> ``2**23 +`` their codes ``[..., CB * 8 / BITS]`` (float32), in channel
+        order (field ``f`` of byte ``j`` is channel ``PER * j + f``): the fields are interleaved in registers (a
+        thread's bytes are its own channels, so no data moves between threads)."""
+        x = x.to(tl.int32)
         if BITS == 8:
-            out = x
+            u = x
+        elif BITS == 4:
+            u = tl.interleave(x & 15, x >> 4)
         else:
-            out = (x >> (F * BITS)) & ((1 << BITS) - 1)
-        return out.to(tl.float32)
+            u = tl.interleave(tl.interleave(x & 3, (x >> 4) & 3), tl.interleave((x >> 2) & 3, x >> 6))
+        return _biased(u)
+
+    @triton.jit
+    def _load_step(kc_base, vc_base, ks_base, kz_base, vs_base, vz_base, n0, lo, end, offs_n, byte, chan, bcast,
+                   vgrp, s_kcs, s_vcs, s_kss, s_vss, K_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The tiles of the step at token ``n0``: key/value codes ``[BLOCK_N, X, CB]``, value scale/zero
+        ``[BLOCK_N, X, 1]`` and key scale/zero ``[BLOCK_N, X, CW]`` (the block's row, or each token's row when a
+        step spans several key blocks). Tokens outside ``[lo, end)`` load as zeros."""
+        tok = n0 + offs_n
+        valid = (tok >= lo) & (tok < end)
+        kx = tl.load(kc_base + tok * s_kcs + byte, mask=valid, other=0)
+        vx = tl.load(vc_base + tok * s_vcs + byte, mask=valid, other=0)
+        vs = tl.load(vs_base + tok * s_vss + vgrp, mask=valid, other=0.0)
+        vz = tl.load(vz_base + tok * s_vss + vgrp, mask=valid, other=0)
+        if BLOCK_N <= K_BLOCK:  # one key block per step: its row, broadcast over the tokens
+            kb = (n0 // K_BLOCK) * s_kss + bcast
+            kmask = n0 < end
+        else:
+            kb = (tok // K_BLOCK) * s_kss + chan
+            kmask = valid
+        ks = tl.load(ks_base + kb, mask=kmask, other=0.0)
+        kz = tl.load(kz_base + kb, mask=kmask, other=0)
+        return kx, vx, vs, vz, ks, kz, valid
 
     @triton.jit
     def _split_kernel(
         Q, KC, KS, KZ, VC, VS, VZ, LO, HI, ACC, M, L,
         s_qb, s_qh, s_kcb, s_kch, s_kcs, s_ksb, s_ksh, s_kss, s_vcb, s_vch, s_vcs, s_vsb, s_vsh, s_vss,
-        s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split, n_tokens,
-        HKV: tl.constexpr, GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-        K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, NKB: tl.constexpr,
+        s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split,
+        HQ: tl.constexpr, GROUPS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, K_BLOCK: tl.constexpr,
+        V_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr,
     ):
-        """One (chunk, sequence, kv head): online softmax (base 2) of all ``GROUPS`` query heads (rows, padded to
-        ``GP``) over the chunk's quantized tokens in ``[lo, hi)``, ``NKB`` key blocks of ``K_BLOCK`` tokens per
-        step. Codes stay in packed order: field ``f`` of byte ``j`` is channel ``PER * j + f``, so the query, key
-        scales and output are read/written per field (strided) and nothing is interleaved in registers."""
-        pid_s = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // HKV
-        kvh = pid_bh % HKV
+        """One (sequence, query head, chunk): online softmax (base 2) of the head's query over the chunk's quantized
+        tokens in ``[lo, hi)``, ``BLOCK_N`` tokens per step.
+
+        Tiles are ``[BLOCK_N, D / CW, CW]`` (token, channel chunk, channel): a thread owns whole chunks of ``CW``
+        channels (``CW * BITS / 8`` packed bytes, one vector load), a chunk never straddles a value group, so a
+        value scale/zero is one ``[BLOCK_N, D / CW, 1]`` element per chunk; the query and the key scales/zeros are
+        loaded as whole tiles with the codes' layout (row stride 0): every broadcast is register-local. Codes are
+        biased by 2**23 (``_biased``) and zero points subtracted in that form, exactly. Each token row ``n`` of the
+        tile keeps its own running max/sum (a separate online softmax per row), so the loop reduces across threads
+        only for the ``q.k`` sums; the rows merge once, after the loop. The next step's tiles are loaded before
+        this step's arithmetic (register double buffering: two steps of loads in flight per program)."""
+        pid_h = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        b = pid_h // HQ
+        h = pid_h % HQ
+        kvh = h // GROUPS
         PER: tl.constexpr = 8 // BITS
-        DB: tl.constexpr = D // PER
-        BLOCK_N: tl.constexpr = NKB * K_BLOCK
-        offs_j = tl.arange(0, DB)
-        offs_t = tl.arange(0, K_BLOCK)
-        offs_h = tl.arange(0, GP)
-        hmask = offs_h < GROUPS
+        X: tl.constexpr = D // CW
+        CB: tl.constexpr = CW // PER  # packed bytes of one chunk
+        offs_n = tl.arange(0, BLOCK_N)[:, None, None]
+        offs_x = tl.arange(0, X)[None, :, None]
+        byte = offs_x * CB + tl.arange(0, CB)[None, None, :]  # [1, X, CB]
+        chan = offs_x * CW + tl.arange(0, CW)[None, None, :]  # [1, X, CW]
+        bcast = chan + 0 * offs_n  # [BLOCK_N, X, CW]: a [1, X, CW] load would be spread over all threads
+        vgrp = (offs_x * CW) // V_GROUP  # [1, X, 1] value group of each chunk
         lo = tl.load(LO + b)
         hi = tl.load(HI + b)
-        start = tl.maximum(pid_s * split, (lo // BLOCK_N) * BLOCK_N)
+        start = (tl.maximum(pid_s * split, lo) // BLOCK_N) * BLOCK_N
         end = tl.minimum(pid_s * split + split, hi)
         kc_base = KC + b * s_kcb + kvh * s_kch
         vc_base = VC + b * s_vcb + kvh * s_vch
@@ -140,89 +183,39 @@ if triton is not None:
         kz_base = KZ + b * s_ksb + kvh * s_ksh
         vs_base = VS + b * s_vsb + kvh * s_vsh
         vz_base = VZ + b * s_vsb + kvh * s_vsh
-        head0 = kvh * GROUPS
-        q_ptr = Q + b * s_qb + (head0 + offs_h[:, None]) * s_qh + PER * offs_j[None, :]
-        q0 = tl.load(q_ptr, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
-        q1 = q0
-        q2 = q0
-        q3 = q0
-        if PER >= 2:
-            q1 = tl.load(q_ptr + 1, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
-        if PER == 4:
-            q2 = tl.load(q_ptr + 2, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
-            q3 = tl.load(q_ptr + 3, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
-        m_i = tl.full([GP], -float("inf"), dtype=tl.float32)
-        l_i = tl.zeros([GP], dtype=tl.float32)
-        acc0 = tl.zeros([GP, DB], dtype=tl.float32)
-        acc1 = tl.zeros([GP, DB], dtype=tl.float32)
-        acc2 = tl.zeros([GP, DB], dtype=tl.float32)
-        acc3 = tl.zeros([GP, DB], dtype=tl.float32)
-        vgrp = (PER * offs_j) // V_GROUP  # value group of byte j (every field of a byte is in the same group)
-        for n00 in range(start, end, BLOCK_N):
-            for kb in tl.static_range(NKB):
-                n0 = n00 + kb * K_BLOCK
-                offs_n = n0 + offs_t
-                inside = offs_n < n_tokens
-                valid = (offs_n >= lo) & (offs_n < end)
-                kx = tl.load(kc_base + offs_n[:, None] * s_kcs + offs_j[None, :], mask=inside[:, None],
-                             other=0).to(tl.int32)
-                vx = tl.load(vc_base + offs_n[:, None] * s_vcs + offs_j[None, :], mask=inside[:, None],
-                             other=0).to(tl.int32)
-                vptr = offs_n[:, None] * s_vss + vgrp[None, :]
-                vs = tl.load(vs_base + vptr, mask=inside[:, None], other=0.0).to(tl.float32)
-                vz = tl.load(vz_base + vptr, mask=inside[:, None], other=0).to(tl.float32)
-                kmask = n0 < n_tokens
-                ks_ptr = (n0 // K_BLOCK) * s_kss + PER * offs_j
-                # keys: sum_c (u - z) s q = sum_c u (s q) - sum_c z (s q): per field, one scale row per block
-                ks = tl.load(ks_base + ks_ptr, mask=kmask, other=0.0).to(tl.float32)
-                kz = tl.load(kz_base + ks_ptr, mask=kmask, other=0).to(tl.float32)
-                qs = q0 * ks[None, :]
-                s = tl.sum(_field(kx, 0, BITS)[None, :, :] * qs[:, None, :], 2)
-                z = tl.sum(qs * kz[None, :], 1)
-                if PER >= 2:
-                    ks = tl.load(ks_base + ks_ptr + 1, mask=kmask, other=0.0).to(tl.float32)
-                    kz = tl.load(kz_base + ks_ptr + 1, mask=kmask, other=0).to(tl.float32)
-                    qs = q1 * ks[None, :]
-                    s += tl.sum(_field(kx, 1, BITS)[None, :, :] * qs[:, None, :], 2)
-                    z += tl.sum(qs * kz[None, :], 1)
-                if PER == 4:
-                    ks = tl.load(ks_base + ks_ptr + 2, mask=kmask, other=0.0).to(tl.float32)
-                    kz = tl.load(kz_base + ks_ptr + 2, mask=kmask, other=0).to(tl.float32)
-                    qs = q2 * ks[None, :]
-                    s += tl.sum(_field(kx, 2, BITS)[None, :, :] * qs[:, None, :], 2)
-                    z += tl.sum(qs * kz[None, :], 1)
-                    ks = tl.load(ks_base + ks_ptr + 3, mask=kmask, other=0.0).to(tl.float32)
-                    kz = tl.load(kz_base + ks_ptr + 3, mask=kmask, other=0).to(tl.float32)
-                    qs = q3 * ks[None, :]
-                    s += tl.sum(_field(kx, 3, BITS)[None, :, :] * qs[:, None, :], 2)
-                    z += tl.sum(qs * kz[None, :], 1)
-                s = tl.where(valid[None, :], s - z[:, None], -float("inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                m_i = m_new
-                # values: dequantized once per kv head (shared by the GQA rows), accumulated per field
-                acc0 = acc0 * alpha[:, None] + tl.sum(p[:, :, None] * ((_field(vx, 0, BITS) - vz) * vs)[None, :, :], 1)
-                if PER >= 2:
-                    acc1 = acc1 * alpha[:, None] + tl.sum(
-                        p[:, :, None] * ((_field(vx, 1, BITS) - vz) * vs)[None, :, :], 1)
-                if PER == 4:
-                    acc2 = acc2 * alpha[:, None] + tl.sum(
-                        p[:, :, None] * ((_field(vx, 2, BITS) - vz) * vs)[None, :, :], 1)
-                    acc3 = acc3 * alpha[:, None] + tl.sum(
-                        p[:, :, None] * ((_field(vx, 3, BITS) - vz) * vs)[None, :, :], 1)
-        heads = head0 + offs_h
-        a_ptr = ACC + b * s_ab + heads[:, None] * s_ah + pid_s * s_as + PER * offs_j[None, :]
-        tl.store(a_ptr, acc0, mask=hmask[:, None])
-        if PER >= 2:
-            tl.store(a_ptr + 1, acc1, mask=hmask[:, None])
-        if PER == 4:
-            tl.store(a_ptr + 2, acc2, mask=hmask[:, None])
-            tl.store(a_ptr + 3, acc3, mask=hmask[:, None])
-        tl.store(M + b * s_mb + heads * s_mh + pid_s, m_i, mask=hmask)
-        tl.store(L + b * s_mb + heads * s_mh + pid_s, l_i, mask=hmask)
+        q = tl.load(Q + b * s_qb + h * s_qh + bcast).to(tl.float32) * qk_scale  # [BLOCK_N, X, CW]
+        m_i = tl.full([BLOCK_N, 1, 1], -float("inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_N, 1, 1], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, X, CW], dtype=tl.float32)  # per row: sum_t p_t s_t (u_t - z_t)
+        kx, vx, vs, vz, ks, kz, valid = _load_step(kc_base, vc_base, ks_base, kz_base, vs_base, vz_base, start, lo,
+                                                   end, offs_n, byte, chan, bcast, vgrp, s_kcs, s_vcs, s_kss, s_vss,
+                                                   K_BLOCK, BLOCK_N)
+        for n0 in range(start, end, BLOCK_N):
+            nkx, nvx, nvs, nvz, nks, nkz, nvalid = _load_step(
+                kc_base, vc_base, ks_base, kz_base, vs_base, vz_base, n0 + BLOCK_N, lo, end, offs_n, byte, chan,
+                bcast, vgrp, s_kcs, s_vcs, s_kss, s_vss, K_BLOCK, BLOCK_N)
+            # keys: sum_c (u - z) s q, with u and z both biased by 2**23
+            qs = q * ks.to(tl.float32)
+            s = tl.sum(tl.sum((_codes_biased(kx, BITS) - _biased(kz)) * qs, 2, keep_dims=True), 1, keep_dims=True)
+            s = tl.where(valid, s, -float("inf"))  # [BLOCK_N, 1, 1]
+            m_new = tl.maximum(m_i, s)
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe)
+            l_i = l_i * alpha + p
+            m_i = m_new
+            w = p * vs.to(tl.float32)  # [BLOCK_N, X, 1]
+            acc = acc * alpha + w * (_codes_biased(vx, BITS) - _biased(vz))
+            kx, vx, vs, vz, ks, kz, valid = nkx, nvx, nvs, nvz, nks, nkz, nvalid
+        # merge the rows' softmaxes
+        m_top = tl.max(m_i, 0, keep_dims=True)
+        m_top = tl.where(m_top == -float("inf"), 0.0, m_top)
+        c = tl.exp2(m_i - m_top)  # [BLOCK_N, 1, 1]
+        out = tl.sum(acc * c, 0)  # [X, CW]
+        a_ptr = ACC + b * s_ab + h * s_ah + pid_s * s_as
+        tl.store(a_ptr + tl.arange(0, X)[:, None] * CW + tl.arange(0, CW)[None, :], out)
+        tl.store(M + b * s_mb + h * s_mh + pid_s, tl.max(tl.max(tl.max(m_i, 2), 1), 0))
+        tl.store(L + b * s_mb + h * s_mh + pid_s, tl.sum(tl.sum(tl.sum(l_i * c, 2), 1), 0))
 
     @triton.jit
     def _reduce_kernel(
@@ -268,14 +261,32 @@ if triton is not None:
 LOG2E = 1.4426950408889634
 
 
+DEFAULT_CONFIG = {"num_warps": 4, "split": 2048, "block_n": 32, "num_stages": None}
+"""``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): 4 warps, chunks of
+2048 tokens (batch 16 x 32 heads x 32K context -> 8192 programs, ~60 per SM), 32-token steps (one key block
+of the kv4/kv2 recipes, k_block=32), Triton's default software pipelining. ``split`` shrinks for short contexts
+(see ``_default_split``)."""
+
+
+def _default_split(s: int, programs: int, block_n: int) -> int:
+    """Chunk length: DEFAULT_CONFIG's, halved while the grid has fewer than ~8 programs per SM (132 on an H200)."""
+    split = DEFAULT_CONFIG["split"]
+    while split > block_n and programs * triton.cdiv(s, split) < 8 * 132:
+        split //= 2
+    return split
+
+
 def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
                      v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, *, bits: int,
                      lo: torch.Tensor, hi: torch.Tensor, k_float: torch.Tensor | None = None,
                      v_float: torch.Tensor | None = None, float_valid: torch.Tensor | None = None,
                      sm_scale: float | None = None, split: int | None = None, block_n: int | None = None,
-                     num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, num_stages: int | None = None,
+                     chunk: int | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring): ``split`` tokens per program
-    (rounded to whole ``block_n``-token steps), ``block_n`` tokens per inner step (whole key-scale blocks)."""
+    (rounded up to whole ``block_n``-token steps), ``block_n`` tokens per inner step (a power of two; a divisor
+    of ``k_block`` reads one key-scale row per step, a multiple reads one per token row). Defaults:
+    ``DEFAULT_CONFIG``."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d = q.shape
@@ -291,12 +302,26 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         raise ValueError(f"v_group {v_group} must be a multiple of the {8 // bits} codes per byte ({bits}-bit)")
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} kv heads")
+    for name, t in (("k_codes", k_codes), ("v_codes", v_codes), ("v_scale", v_scale), ("v_zero", v_zero),
+                    ("k_scale", k_scale), ("k_zero", k_zero)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"decode_attention: {name} {tuple(t.shape)} must be contiguous in its last dim")
+    if v_zero.stride() != v_scale.stride() or k_zero.stride() != k_scale.stride():
+        raise ValueError("decode_attention: the zero points must have their scales' strides")
     groups = hq // hkv
     sm_scale = sm_scale if sm_scale is not None else 1 / math.sqrt(d)
-    block_n = max(k_block, (block_n or 64) // k_block * k_block)
-    if split is None:  # enough programs to fill the machine several times over
-        want = max(1, 8 * 132 // max(b * hkv, 1))
-        split = triton.next_power_of_2(triton.cdiv(s, want))
+    block_n = block_n or DEFAULT_CONFIG["block_n"]
+    if block_n & (block_n - 1) or block_n < 1:
+        raise ValueError(f"block_n={block_n} must be a power of two")
+    num_warps = num_warps or DEFAULT_CONFIG["num_warps"]
+    if chunk is None:  # one 16-byte vector of scales per chunk
+        chunk = 16 // max(k_scale.element_size(), v_scale.element_size())
+    chunk = max(8 // bits, min(chunk, v_group, d))
+    if chunk & (chunk - 1):
+        raise ValueError(f"chunk={chunk} must be a power of two")
+    num_stages = num_stages if num_stages is not None else DEFAULT_CONFIG["num_stages"]
+    if split is None:
+        split = _default_split(s, b * hq, block_n)
     split = max(block_n, triton.cdiv(split, block_n) * block_n)
     n_split = triton.cdiv(s, split)
     acc = torch.empty(b, hq, n_split, d, device=q.device, dtype=torch.float32)
@@ -306,15 +331,15 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     lo32, hi32 = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
     qk_scale = sm_scale * LOG2E
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    _split_kernel[(n_split, b * hkv)](
+    _split_kernel[(b * hq, n_split)](
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, acc, m, den,
         q.stride(0), q.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
         v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
-        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), qk_scale, split, s,
-        HKV=hkv, GROUPS=groups, GP=triton.next_power_of_2(groups), D=d, BITS=bits, K_BLOCK=k_block,
-        V_GROUP=v_group, NKB=block_n // k_block, num_warps=num_warps, **extra,
+        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), qk_scale, split,
+        HQ=hq, GROUPS=groups, D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, BLOCK_N=block_n, CW=chunk,
+        num_warps=num_warps, **extra,
     )
     out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
     has_float = k_float is not None
