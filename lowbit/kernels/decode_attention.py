@@ -146,7 +146,7 @@ if triton is not None:
         s_qb, s_qh, s_kcb, s_kch, s_kcs, s_ksb, s_ksh, s_kss, s_vcb, s_vch, s_vcs, s_vsb, s_vsh, s_vss,
         s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split,
         HQ: tl.constexpr, GROUPS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, K_BLOCK: tl.constexpr,
-        V_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr,
+        V_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         """One (sequence, query head, chunk): online softmax (base 2) of the head's query over the chunk's quantized
         tokens in ``[lo, hi)``, ``BLOCK_N`` tokens per step.
@@ -187,13 +187,19 @@ if triton is not None:
         m_i = tl.full([BLOCK_N, 1, 1], -float("inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_N, 1, 1], dtype=tl.float32)
         acc = tl.zeros([BLOCK_N, X, CW], dtype=tl.float32)  # per row: sum_t p_t s_t (u_t - z_t)
-        kx, vx, vs, vz, ks, kz, valid = _load_step(kc_base, vc_base, ks_base, kz_base, vs_base, vz_base, start, lo,
-                                                   end, offs_n, byte, chan, bcast, vgrp, s_kcs, s_vcs, s_kss, s_vss,
-                                                   K_BLOCK, BLOCK_N)
+        if PREFETCH:
+            kx, vx, vs, vz, ks, kz, valid = _load_step(kc_base, vc_base, ks_base, kz_base, vs_base, vz_base, start,
+                                                       lo, end, offs_n, byte, chan, bcast, vgrp, s_kcs, s_vcs, s_kss,
+                                                       s_vss, K_BLOCK, BLOCK_N)
         for n0 in range(start, end, BLOCK_N):
-            nkx, nvx, nvs, nvz, nks, nkz, nvalid = _load_step(
-                kc_base, vc_base, ks_base, kz_base, vs_base, vz_base, n0 + BLOCK_N, lo, end, offs_n, byte, chan,
-                bcast, vgrp, s_kcs, s_vcs, s_kss, s_vss, K_BLOCK, BLOCK_N)
+            if PREFETCH:
+                nkx, nvx, nvs, nvz, nks, nkz, nvalid = _load_step(
+                    kc_base, vc_base, ks_base, kz_base, vs_base, vz_base, n0 + BLOCK_N, lo, end, offs_n, byte, chan,
+                    bcast, vgrp, s_kcs, s_vcs, s_kss, s_vss, K_BLOCK, BLOCK_N)
+            else:
+                kx, vx, vs, vz, ks, kz, valid = _load_step(
+                    kc_base, vc_base, ks_base, kz_base, vs_base, vz_base, n0, lo, end, offs_n, byte, chan,
+                    bcast, vgrp, s_kcs, s_vcs, s_kss, s_vss, K_BLOCK, BLOCK_N)
             # keys: sum_c (u - z) s q, with u and z both biased by 2**23
             qs = q * ks.to(tl.float32)
             s = tl.sum(tl.sum((_codes_biased(kx, BITS) - _biased(kz)) * qs, 2, keep_dims=True), 1, keep_dims=True)
@@ -206,7 +212,8 @@ if triton is not None:
             m_i = m_new
             w = p * vs.to(tl.float32)  # [BLOCK_N, X, 1]
             acc = acc * alpha + w * (_codes_biased(vx, BITS) - _biased(vz))
-            kx, vx, vs, vz, ks, kz, valid = nkx, nvx, nvs, nvz, nks, nkz, nvalid
+            if PREFETCH:
+                kx, vx, vs, vz, ks, kz, valid = nkx, nvx, nvs, nvz, nks, nkz, nvalid
         # merge the rows' softmaxes
         m_top = tl.max(m_i, 0, keep_dims=True)
         m_top = tl.where(m_top == -float("inf"), 0.0, m_top)
@@ -261,7 +268,7 @@ if triton is not None:
 LOG2E = 1.4426950408889634
 
 
-DEFAULT_CONFIG = {"num_warps": 4, "split": 2048, "block_n": 32, "num_stages": None}
+DEFAULT_CONFIG = {"num_warps": 4, "split": 2048, "block_n": 32, "num_stages": None, "prefetch": True}
 """``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): 4 warps, chunks of
 2048 tokens (batch 16 x 32 heads x 32K context -> 8192 programs, ~60 per SM), 32-token steps (one key block
 of the kv4/kv2 recipes, k_block=32), Triton's default software pipelining. ``split`` shrinks for short contexts
@@ -282,7 +289,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      v_float: torch.Tensor | None = None, float_valid: torch.Tensor | None = None,
                      sm_scale: float | None = None, split: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
-                     chunk: int | None = None) -> torch.Tensor:
+                     chunk: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring): ``split`` tokens per program
     (rounded up to whole ``block_n``-token steps), ``block_n`` tokens per inner step (a power of two; a divisor
     of ``k_block`` reads one key-scale row per step, a multiple reads one per token row). Defaults:
@@ -314,6 +321,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     if block_n & (block_n - 1) or block_n < 1:
         raise ValueError(f"block_n={block_n} must be a power of two")
     num_warps = num_warps or DEFAULT_CONFIG["num_warps"]
+    prefetch = DEFAULT_CONFIG["prefetch"] if prefetch is None else prefetch
     if chunk is None:  # one 16-byte vector of scales per chunk
         chunk = 16 // max(k_scale.element_size(), v_scale.element_size())
     chunk = max(8 // bits, min(chunk, v_group, d))
@@ -339,7 +347,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), qk_scale, split,
         HQ=hq, GROUPS=groups, D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, BLOCK_N=block_n, CW=chunk,
-        num_warps=num_warps, **extra,
+        PREFETCH=bool(prefetch), num_warps=num_warps, **extra,
     )
     out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
     has_float = k_float is not None
