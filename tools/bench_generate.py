@@ -52,11 +52,11 @@ def _versions() -> dict:
 
 ATTENTION_CONFIGS = [
     {},  # lowbit.kernels.decode_attention.DEFAULT_CONFIG (what the Triton backend's decode step launches)
-    {"num_warps": 8, "split": 2048, "block_n": 32, "prefetch": True},
-    {"num_warps": 4, "split": 2048, "block_n": 16, "prefetch": False},
-    {"num_warps": 4, "split": 1024, "block_n": 16, "prefetch": True},
-    {"num_warps": 4, "split": 2048, "block_n": 32, "prefetch": True},
-    {"num_warps": 8, "split": 4096, "block_n": 64, "prefetch": False},
+    {"num_warps": 4, "block_n": 8},
+    {"num_warps": 4, "block_n": 32},
+    {"num_warps": 8, "block_n": 32},
+    {"num_warps": 8, "block_n": 16},
+    {"num_warps": 4, "block_n": 16, "split": 1024},
 ]
 """decode_attention launches tried per (bits, scale dtype); the fastest is reported with its config."""
 

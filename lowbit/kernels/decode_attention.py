@@ -24,9 +24,9 @@ The cache is the real form of the ``quantize(kv=...)`` accuracy model (docs/desi
    fields are interleaved in registers (``tl.interleave``), the query and key scales are loaded in the codes'
    layout, value scales/zeros once per (token, chunk); codes become floats by the exact 2**23 bias trick; each
    token row of the tile runs its own online softmax (base 2), merged once after the loop, so the loop's only
-   cross-thread traffic is the ``q.k`` sum; the next step's tiles are prefetched. GQA heads sharing a kv head
-   are adjacent programs (their reads of the same cache hit L2). It writes each chunk's max, sum and
-   un-normalised output.
+   cross-thread traffic is the ``q.k`` sum; a key block's scale row is folded into the query once for all its
+   steps. GQA heads sharing a kv head are adjacent programs (their reads of the same cache hit L2). It writes
+   each chunk's max, sum and un-normalised output.
 2. ``_reduce_kernel``, grid ``(B, Hq)``: attends to the small float buffer (sink + recent window) and merges it
    with every chunk by log-sum-exp.
 
@@ -35,7 +35,7 @@ Compiled offline for sm_90 (ptxas 0 spills, 128 registers, int4, 4 warps, 32-tok
 whole tiles between layouts through shared memory every step: 26 ``convert_layout`` in TTGIR, per step 38
 barriers, 56 STS.128, 222 shuffles, 1317 SASS instructions for 32 codes per thread (~41 per code), plus one-byte
 and two-byte scale gathers; this kernel's loop has no barrier or shared memory and ~11-13 instructions per code
-(``DEFAULT_CONFIG``: 415 per 32 codes). No ``tl.dot``: decode is one query row per
+(``DEFAULT_CONFIG``: 611 per 64 codes). No ``tl.dot``: decode is one query row per
 head, so a tensor-core tile would be mostly padding.
 """
 
@@ -125,34 +125,12 @@ if triton is not None:
         return _biased(u)
 
     @triton.jit
-    def _load_step(kc_base, vc_base, ks_base, kz_base, vs_base, vz_base, n0, lo, end, offs_n, byte, chan, bcast,
-                   vgrp, s_kcs, s_vcs, s_kss, s_vss, K_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The tiles of the step at token ``n0``: key/value codes ``[BLOCK_N, X, CB]``, value scale/zero
-        ``[BLOCK_N, X, 1]`` and key scale/zero ``[BLOCK_N, X, CW]`` (the block's row, or each token's row when a
-        step spans several key blocks). Tokens outside ``[lo, end)`` load as zeros."""
-        tok = n0 + offs_n
-        valid = (tok >= lo) & (tok < end)
-        kx = tl.load(kc_base + tok * s_kcs + byte, mask=valid, other=0)
-        vx = tl.load(vc_base + tok * s_vcs + byte, mask=valid, other=0)
-        vs = tl.load(vs_base + tok * s_vss + vgrp, mask=valid, other=0.0)
-        vz = tl.load(vz_base + tok * s_vss + vgrp, mask=valid, other=0)
-        if BLOCK_N <= K_BLOCK:  # one key block per step: its row, broadcast over the tokens
-            kb = (n0 // K_BLOCK) * s_kss + bcast
-            kmask = n0 < end
-        else:
-            kb = (tok // K_BLOCK) * s_kss + chan
-            kmask = valid
-        ks = tl.load(ks_base + kb, mask=kmask, other=0.0)
-        kz = tl.load(kz_base + kb, mask=kmask, other=0)
-        return kx, vx, vs, vz, ks, kz, valid
-
-    @triton.jit
     def _split_kernel(
         Q, KC, KS, KZ, VC, VS, VZ, LO, HI, ACC, M, L,
         s_qb, s_qh, s_kcb, s_kch, s_kcs, s_ksb, s_ksh, s_kss, s_vcb, s_vch, s_vcs, s_vsb, s_vsh, s_vss,
         s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split,
         HQ: tl.constexpr, GROUPS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, K_BLOCK: tl.constexpr,
-        V_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, PREFETCH: tl.constexpr,
+        V_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr,
     ):
         """One (sequence, query head, chunk): online softmax (base 2) of the head's query over the chunk's quantized
         tokens in ``[lo, hi)``, ``BLOCK_N`` tokens per step.
@@ -163,8 +141,11 @@ if triton is not None:
         loaded as whole tiles with the codes' layout (row stride 0): every broadcast is register-local. Codes are
         biased by 2**23 (``_biased``) and zero points subtracted in that form, exactly. Each token row ``n`` of the
         tile keeps its own running max/sum (a separate online softmax per row), so the loop reduces across threads
-        only for the ``q.k`` sums; the rows merge once, after the loop. The next step's tiles are loaded before
-        this step's arithmetic (register double buffering: two steps of loads in flight per program)."""
+        only for the ``q.k`` sums; the rows merge once, after the loop.
+
+        When ``BLOCK_N <= K_BLOCK`` an iteration covers one key block: its scale/zero row is loaded and folded into
+        the query once, then ``K_BLOCK / BLOCK_N`` unrolled steps read the block's tokens (their loads are
+        independent, so they are all in flight together). Longer steps read each token row's scale row."""
         pid_h = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = pid_h // HQ
@@ -173,6 +154,8 @@ if triton is not None:
         PER: tl.constexpr = 8 // BITS
         X: tl.constexpr = D // CW
         CB: tl.constexpr = CW // PER  # packed bytes of one chunk
+        STEP: tl.constexpr = K_BLOCK if BLOCK_N <= K_BLOCK else BLOCK_N
+        SUB: tl.constexpr = STEP // BLOCK_N
         offs_n = tl.arange(0, BLOCK_N)[:, None, None]
         offs_x = tl.arange(0, X)[None, :, None]
         byte = offs_x * CB + tl.arange(0, CB)[None, None, :]  # [1, X, CB]
@@ -181,7 +164,7 @@ if triton is not None:
         vgrp = (offs_x * CW) // V_GROUP  # [1, X, 1] value group of each chunk
         lo = tl.load(LO + b)
         hi = tl.load(HI + b)
-        start = (tl.maximum(pid_s * split, lo) // BLOCK_N) * BLOCK_N
+        start = (tl.maximum(pid_s * split, lo) // STEP) * STEP
         end = tl.minimum(pid_s * split + split, hi)
         kc_base = KC + b * s_kcb + kvh * s_kch
         vc_base = VC + b * s_vcb + kvh * s_vch
@@ -193,33 +176,32 @@ if triton is not None:
         m_i = tl.full([BLOCK_N, 1, 1], -float("inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_N, 1, 1], dtype=tl.float32)
         acc = tl.zeros([BLOCK_N, X, CW], dtype=tl.float32)  # per row: sum_t p_t s_t (u_t - z_t)
-        if PREFETCH:
-            kx, vx, vs, vz, ks, kz, valid = _load_step(kc_base, vc_base, ks_base, kz_base, vs_base, vz_base, start,
-                                                       lo, end, offs_n, byte, chan, bcast, vgrp, s_kcs, s_vcs, s_kss,
-                                                       s_vss, K_BLOCK, BLOCK_N)
-        for n0 in range(start, end, BLOCK_N):
-            if PREFETCH:
-                nkx, nvx, nvs, nvz, nks, nkz, nvalid = _load_step(
-                    kc_base, vc_base, ks_base, kz_base, vs_base, vz_base, n0 + BLOCK_N, lo, end, offs_n, byte, chan,
-                    bcast, vgrp, s_kcs, s_vcs, s_kss, s_vss, K_BLOCK, BLOCK_N)
-            else:
-                kx, vx, vs, vz, ks, kz, valid = _load_step(
-                    kc_base, vc_base, ks_base, kz_base, vs_base, vz_base, n0, lo, end, offs_n, byte, chan,
-                    bcast, vgrp, s_kcs, s_vcs, s_kss, s_vss, K_BLOCK, BLOCK_N)
-            # keys: sum_c (u - z) s q, with u and z both biased by 2**23
-            qs = q * ks.to(tl.float32)
-            s = tl.sum(tl.sum((_codes_biased(kx, BITS) - _biased(kz)) * qs, 2, keep_dims=True), 1, keep_dims=True)
-            s = tl.where(valid, s, -float("inf"))  # [BLOCK_N, 1, 1]
-            m_new = tl.maximum(m_i, s)
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe)
-            l_i = l_i * alpha + p
-            m_i = m_new
-            w = p * vs.to(tl.float32)  # [BLOCK_N, X, 1]
-            acc = acc * alpha + w * (_codes_biased(vx, BITS) - _biased(vz))
-            if PREFETCH:
-                kx, vx, vs, vz, ks, kz, valid = nkx, nvx, nvs, nvz, nks, nkz, nvalid
+        for n0 in range(start, end, STEP):
+            if BLOCK_N <= K_BLOCK:  # one key block: its row, folded into the query once
+                kb = (n0 // K_BLOCK) * s_kss + bcast
+                qs = q * tl.load(ks_base + kb).to(tl.float32)
+                kzb = _biased(tl.load(kz_base + kb))
+            for j in tl.static_range(SUB):
+                tok = n0 + j * BLOCK_N + offs_n  # [BLOCK_N, 1, 1]
+                valid = (tok >= lo) & (tok < end)
+                kx = tl.load(kc_base + tok * s_kcs + byte, mask=valid, other=0)
+                vx = tl.load(vc_base + tok * s_vcs + byte, mask=valid, other=0)
+                vs = tl.load(vs_base + tok * s_vss + vgrp, mask=valid, other=0.0).to(tl.float32)
+                vzb = _biased(tl.load(vz_base + tok * s_vss + vgrp, mask=valid, other=0))
+                if BLOCK_N > K_BLOCK:  # several key blocks per step: every row reads its block's row
+                    kb = (tok // K_BLOCK) * s_kss + chan
+                    qs = q * tl.load(ks_base + kb, mask=valid, other=0.0).to(tl.float32)
+                    kzb = _biased(tl.load(kz_base + kb, mask=valid, other=0))
+                # keys: sum_c (u - z) s q, with u and z both biased by 2**23
+                s = tl.sum(tl.sum((_codes_biased(kx, BITS) - kzb) * qs, 2, keep_dims=True), 1, keep_dims=True)
+                s = tl.where(valid, s, -float("inf"))  # [BLOCK_N, 1, 1]
+                m_new = tl.maximum(m_i, s)
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe)
+                l_i = l_i * alpha + p
+                m_i = m_new
+                acc = acc * alpha + (p * vs) * (_codes_biased(vx, BITS) - vzb)
         # merge the rows' softmaxes
         m_top = tl.max(m_i, 0, keep_dims=True)
         m_top = tl.where(m_top == -float("inf"), 0.0, m_top)
@@ -274,10 +256,11 @@ if triton is not None:
 LOG2E = 1.4426950408889634
 
 
-DEFAULT_CONFIG = {"num_warps": 4, "split": 2048, "block_n": 16, "num_stages": None, "prefetch": True}
-"""``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): 4 warps of 16-token
-steps (two token rows per thread: ~96 registers on sm_90 with fp16 scales, no spills, so ~5 programs per SM),
-the next step's tiles prefetched, chunks of 2048 tokens (batch 16 x 32 heads x 32K context -> 8192 programs).
+DEFAULT_CONFIG = {"num_warps": 4, "split": 2048, "block_n": 16, "num_stages": None}
+"""``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): 4 warps, 16-token
+steps (two unrolled steps per 32-token key block; two token rows per thread at head dim 128, one at 64), chunks
+of 2048 tokens (batch 16 x 32 heads x 32K context -> 8192 programs). Compiled offline for sm_90 with fp16
+scales: 80 registers, no spills, no shared memory or barrier in the loop, ~9.5 SASS instructions per code.
 ``split`` shrinks for short contexts (``_default_split``)."""
 
 
@@ -295,7 +278,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      v_float: torch.Tensor | None = None, float_valid: torch.Tensor | None = None,
                      sm_scale: float | None = None, split: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
-                     chunk: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
+                     chunk: int | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring): ``split`` tokens per program
     (rounded up to whole ``block_n``-token steps), ``block_n`` tokens per inner step (a power of two; a divisor
     of ``k_block`` reads one key-scale row per step, a multiple reads one per token row). Defaults:
@@ -327,7 +310,6 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     if block_n & (block_n - 1) or block_n < 1:
         raise ValueError(f"block_n={block_n} must be a power of two")
     num_warps = num_warps or DEFAULT_CONFIG["num_warps"]
-    prefetch = DEFAULT_CONFIG["prefetch"] if prefetch is None else prefetch
     if chunk is None:  # one 16-byte vector of scales per chunk
         chunk = 16 // max(k_scale.element_size(), v_scale.element_size())
     chunk = max(8 // bits, min(chunk, v_group, d))
@@ -336,7 +318,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     num_stages = num_stages if num_stages is not None else DEFAULT_CONFIG["num_stages"]
     if split is None:
         split = _default_split(s, b * hq, block_n)
-    split = max(block_n, triton.cdiv(split, block_n) * block_n)
+    step = max(block_n, k_block)  # the kernel's iteration: one key block, or one step of several
+    split = max(step, triton.cdiv(split, step) * step)
     n_split = triton.cdiv(s, split)
     acc = torch.empty(b, hq, n_split, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, hq, n_split, device=q.device, dtype=torch.float32)
@@ -353,7 +336,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), qk_scale, split,
         HQ=hq, GROUPS=groups, D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, BLOCK_N=block_n, CW=chunk,
-        PREFETCH=bool(prefetch), num_warps=num_warps, **extra,
+        num_warps=num_warps, **extra,
     )
     out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
     has_float = k_float is not None
