@@ -124,7 +124,9 @@ if triton is not None:
             u = tl.interleave(tl.interleave(x & 3, (x >> 4) & 3), tl.interleave((x >> 2) & 3, x >> 6))
         return _biased(u)
 
-    @triton.jit
+    # the partial-result strides depend on the number of chunks: not specialised on, so one compile serves every
+    # context length (and the benchmark's 4K-token check and its 32K-token run)
+    @triton.jit(do_not_specialize=["s_ab", "s_ah", "s_as", "s_mb", "s_mh"])
     def _split_kernel(
         Q, KC, KS, KZ, VC, VS, VZ, LO, HI, ACC, M, L,
         s_qb, s_qh, s_kcb, s_kch, s_kcs, s_ksb, s_ksh, s_kss, s_vcb, s_vch, s_vcs, s_vsb, s_vsh, s_vss,
