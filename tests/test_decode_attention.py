@@ -84,9 +84,10 @@ KERNEL_CASES = [(8, 64, 4, 2, 16), (4, 16, 4, 2, 16), (2, 32, 4, 2, 32), (4, 48,
                 (2, 16, 2, 2, 16), (4, 32, 8, 1, 16), (4, None, 2, 2, None)]
 
 
-def _check_kernel(bits: int, split: int | None, hq: int, hkv: int, block_n: int | None) -> None:
+def _check_kernel(bits: int, split: int | None, hq: int, hkv: int, block_n: int | None, **launch) -> None:
     """Kernel vs reference. Tolerance: 2e-5 abs/rel under the interpreter (fp32 throughout); on CUDA 2e-3, as
     the GQA path's ``tl.dot`` runs in TF32 (10-bit mantissa) on tensor cores."""
+    scale_dtype = launch.pop("scale_dtype", torch.float16)  # the second check's half-precision scales
     c = _case(bits, seed=bits + hq, hq=hq, hkv=hkv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tol = 2e-3 if dev == "cuda" and hq != hkv else 2e-5
@@ -94,14 +95,14 @@ def _check_kernel(bits: int, split: int | None, hq: int, hkv: int, block_n: int 
     kw = dict(bits=bits, lo=c["lo"].to(dev), hi=c["hi"].to(dev), k_float=c["k"].to(dev), v_float=c["v"].to(dev),
               float_valid=c["float_valid"].to(dev))
     want = da.decode_attention_reference(*args, **kw)
-    got = da.decode_attention(*args, split=split, block_n=block_n, **kw)
+    got = da.decode_attention(*args, split=split, block_n=block_n, **launch, **kw)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     no_float = {k: v for k, v in kw.items() if k not in ("k_float", "v_float", "float_valid")}
-    torch.testing.assert_close(da.decode_attention(*args, split=split, block_n=block_n, **no_float),
+    torch.testing.assert_close(da.decode_attention(*args, split=split, block_n=block_n, **launch, **no_float),
                                da.decode_attention_reference(*args, **no_float), rtol=tol, atol=tol)
     # half-precision scales (a smaller cache): the kernel reads them as the reference does
-    half = [a.half() if i in (2, 5) else a for i, a in enumerate(args)]
-    torch.testing.assert_close(da.decode_attention(*half, split=split, block_n=block_n, **kw),
+    half = [a.to(scale_dtype) if i in (2, 5) else a for i, a in enumerate(args)]
+    torch.testing.assert_close(da.decode_attention(*half, split=split, block_n=block_n, **launch, **kw),
                                da.decode_attention_reference(*half, **kw), rtol=tol, atol=tol)
 
 
@@ -118,6 +119,34 @@ def test_triton_kernel_matches_reference():
     root = Path(__file__).resolve().parents[1]
     code = ("import tests.test_decode_attention as t\n"
             "for case in t.KERNEL_CASES:\n    t._check_kernel(*case)\nprint('ok')")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+# launch options of the split kernel (key blocks of 16 tokens, head dim 16, value groups of 8): steps shorter than a
+# key block (several unrolled steps per scale row), longer (one scale row per token row), channel chunks other
+# than the scale dtype's default, bf16 scales
+LAUNCH_CASES = [
+    (4, 32, 4, 2, 8, {"num_warps": 8}),
+    (2, 16, 2, 2, 8, {"scale_dtype": torch.bfloat16}),
+    (8, 32, 2, 2, 64, {"chunk": 4, "num_warps": 2}),
+    (4, 64, 2, 2, 4, {"chunk": 2}),
+    (2, 48, 4, 1, 4, {"chunk": 8}),
+]
+
+
+def test_triton_kernel_launch_options_match_reference():
+    """Every launch the benchmark sweeps computes the reference: block_n below/above k_block, channel chunks of
+    2..8, bf16 scales (TRITON_INTERPRET=1 on CPU, as above)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        for *case, launch in LAUNCH_CASES:
+            _check_kernel(*case, **launch)
+        return
+    root = Path(__file__).resolve().parents[1]
+    code = ("import tests.test_decode_attention as t\n"
+            "for *case, launch in t.LAUNCH_CASES:\n    t._check_kernel(*case, **dict(launch))\nprint('ok')")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
