@@ -9,6 +9,9 @@ ops of ``lowbit.ir.quant`` inside the ``*_ref`` functions. Every op is a ``torch
   cuBLAS or a tiled GEMM above (``weight_only.py``).
 - ``torch.ops.lowbit.quantize_activation``: dynamic per-token / per-group int8 or fp8 quantization in one pass
   (``act_quant.py``).
+- ``torch.ops.lowbit.hadamard`` / ``hadamard_quantize``: the online Hadamard rotation (the IR's ``hadamard``)
+  as two tensor-core products (Kronecker factor, then a Sylvester block), alone or fused with the per-token
+  int8 / int4 / fp8 quantize that follows it (``hadamard.py``).
 - ``torch.ops.lowbit.a8_linear``: W8A8, W4A8 (int8 tensor-core dot) and FP8 e4m3 (rowwise or 64-blocked scales)
   with the activation quantization fused into the op (``a8_linear.py``).
 
@@ -17,6 +20,12 @@ Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (th
 
 from lowbit.kernels.a8_linear import a8_gemm, a8_linear, a8_linear_ref
 from lowbit.kernels.act_quant import quantize_activation, quantize_activation_ref
+from lowbit.kernels.hadamard import (
+           hadamard,
+           hadamard_quantize,
+           hadamard_quantize_ref,
+           hadamard_ref,
+)
 from lowbit.kernels.weight_only import (
            dequantize_weight,
            weight_only_linear,
@@ -28,6 +37,10 @@ __all__ = [
            "a8_linear",
            "a8_linear_ref",
            "dequantize_weight",
+           "hadamard",
+           "hadamard_quantize",
+           "hadamard_quantize_ref",
+           "hadamard_ref",
            "quantize_activation",
            "quantize_activation_ref",
            "weight_only_linear",

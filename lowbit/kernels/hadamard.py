@@ -1,0 +1,324 @@
+"""Online Hadamard rotation (the IR's ``hadamard`` op) along the last axis, and the same fused with the
+dynamic per-token activation quantize that follows it (int8 / int4 / fp8 codes + fp32 scale per token).
+
+Numerics = ``lowbit.ir.ops.hadamard``: ``y = x · H_n · c`` with ``H_n`` lowbit's ±1 matrix
+(``lowbit.ir.hadamard.hadamard_matrix``: ``kron(A_m, Sylvester_p)``, ``n = m·p``) and ``c`` the reference's
+constant ``1/sqrt(n)`` rounded to the input dtype (the reference multiplies by ``H/sqrt(n)`` cast to
+``x.dtype``: its entries are all ``±c``), fp32 accumulation, one rounding to ``x.dtype`` at the end. The
+fused variant then quantizes that rounded output exactly as ``dynamic_qparams(per_token, symmetric)`` +
+``quantize`` do (``act_quant.py``'s arithmetic: ``amax / qmax`` as torch computes it on the device,
+IEEE division, round-half-even / RTNE to e4m3).
+
+Design — two tensor-core products, no butterflies in registers. ``H_n = kron(L, R)`` with ``R`` the Sylvester
+matrix of order ``N2 = min(p, 64)`` (generated in the kernel from the parity of ``i & j``) and
+``L = kron(A_m, Sylvester_{p/N2})`` of order ``n1 = n/N2`` (a small ±1 table, zero-padded to ``N1P``, a power
+of two >= 16). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to ``Y = Lᵀ·X·R``:
+
+1. ``W = Lᵀ · [X_1 | X_2 | ...]``: one ``tl.dot`` over the ``RB`` rows of the tile side by side (``Lᵀ`` read
+   once per tile). Its operands are exact in 16 bits (±1 and the bf16/fp16 input), so one MMA with fp32
+   accumulation is exact up to fp32 summation; an fp32 input is split into three bf16 pieces (hi + mid + lo
+   = the fp32 value) and takes three MMAs.
+2. ``Y = W · R``: the tile reshaped ``[N1P·RB, N2]`` (a plain row-major reshape: no permute) times ``R``.
+   ``W`` is fp32, so it is split into bf16 pieces (2 for a 16-bit output: 16 significant bits, far below the
+   output's rounding; 3 for fp32: all 24) and takes 2-3 MMAs.
+
+Why not ``log2(n)`` stages of butterflies (reshape/split/join): every stage moves the tile through a layout
+conversion (shared memory) whose cost, ~12 conversions for n = 4096, outweighs the HBM traffic; and the
+non-power-of-two factor ``A_m`` (m = 12 ... 172) is a dense product anyway, which the tensor cores do for
+free at these sizes. The MMA count per element is ``2·N1P + 2·parts·N2`` — about 384 flops per element for
+n = 4096, under the H200's flop/byte balance; large ``m`` (172: N1P = 256) costs more and the benchmark
+says how much (``tools/bench_hadamard.py``).
+
+Shapes the kernel does not take (``unsupported`` says why): ``n`` with no Hadamard construction, a
+power-of-two factor below 16 (the MMA's K), or ``n1 > 256`` (registers). The backend keeps the reference op
+for those and names them in its report.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from lowbit.kernels._common import (
+    check,
+    interpreting,
+    launcher,
+    next_pow2,
+    round_half_even,
+    round_to_e4m3,
+)
+
+__all__ = [
+    "HAD_DTYPES",
+    "HAD_QDTYPES",
+    "hadamard",
+    "hadamard_factors",
+    "hadamard_quantize",
+    "hadamard_quantize_ref",
+    "hadamard_ref",
+    "unsupported",
+]
+
+HAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+HAD_QDTYPES = {"int8": 127.0, "int4": 7.0, "fp8e4m3": 448.0}
+_QCODE = {"int8": 1, "int4": 2, "fp8e4m3": 3}
+MAX_N1P = 256
+MIN_N2 = 16
+
+
+def hadamard_ref(x: torch.Tensor) -> torch.Tensor:
+    """The IR op itself (``lowbit.ir.ops.hadamard``): ``x @ (H/sqrt(n))`` in ``x.dtype``."""
+    from lowbit.ir.ops import hadamard as ir_hadamard
+
+    return ir_hadamard(x)
+
+
+def hadamard_quantize_ref(x: torch.Tensor, qdtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of the fused op: the IR's hadamard, then per-token symmetric ``dynamic_qparams`` + ``quantize``.
+
+    Codes ``[M, n]`` (int8, float8_e4m3fn) or ``[M, n/2]`` packed uint8 (int4), fp32 scales ``[M, 1]``."""
+    from lowbit.ir.quant import dynamic_qparams, quantize
+
+    n = x.shape[-1]
+    y = hadamard_ref(x).reshape(-1, n)
+    scale, _ = dynamic_qparams(y, qdtype=qdtype, granularity="per_token", symmetric=True, axis=-1, block_size=n)
+    return quantize(y, scale, None, qdtype=qdtype, axis=-1, block_size=n), scale
+
+
+def _split(n: int) -> tuple[int, int, int]:
+    """(m, p, N2): ``n = m·p`` as lowbit's construction splits it, and the Sylvester order the kernel's right
+    factor takes (raises ``HadamardError`` where no construction exists)."""
+    from lowbit.ir.hadamard import hadamard_order_split
+
+    m, p = hadamard_order_split(n)
+    n2 = min(p, 64)
+    while n // n2 > MAX_N1P and n2 * 2 <= min(p, 128):
+        n2 *= 2
+    return m, p, n2
+
+
+@functools.cache
+def unsupported(n: int) -> str | None:
+    """Why the kernel does not take rows of length ``n`` (None: it does)."""
+    from lowbit.ir.hadamard import HadamardError
+
+    try:
+        m, p, n2 = _split(n)
+    except HadamardError as e:
+        return str(e)
+    if n2 < MIN_N2:
+        return f"n={n} = {m}·{p}: the power-of-two factor {p} is below {MIN_N2} (the tensor-core product's K)"
+    if max(MIN_N2, next_pow2(n // n2)) > MAX_N1P:
+        return f"n={n} = {m}·{p}: the Kronecker factor of order {n // n2} exceeds {MAX_N1P} (registers)"
+    return None
+
+
+@functools.lru_cache(maxsize=32)
+def _left_t(n: int) -> torch.Tensor:
+    """``Lᵀ`` zero-padded to ``[N1P, N1P]``, bf16 on the CPU (±1 and 0 are exact)."""
+    from lowbit.ir.hadamard import hadamard_matrix, sylvester
+
+    m, p, n2 = _split(n)
+    left = torch.kron(hadamard_matrix(m, torch.float64), sylvester(p // n2).to(torch.float64))
+    n1 = left.shape[0]
+    n1p = max(MIN_N2, next_pow2(n1))
+    out = torch.zeros(n1p, n1p, dtype=torch.float64)
+    out[:n1, :n1] = left.T
+    return out.to(torch.bfloat16)
+
+
+def hadamard_factors(n: int, device: str | torch.device) -> torch.Tensor:
+    """The op's table operand for rows of length ``n``: ``Lᵀ`` padded (``H_n = kron(L, Sylvester_N2)``)."""
+    check(unsupported(n) is None, "hadamard", str(unsupported(n)))
+    return _left_t_on(n, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _left_t_on(n: int, device: str) -> torch.Tensor:
+    return _left_t(n).to(device)
+
+
+def _scale_const(n: int, dtype: torch.dtype) -> float:
+    """``1/sqrt(n)`` rounded to ``dtype`` as the reference's constant matrix holds it, as a float."""
+    return float(torch.tensor(1.0 / math.sqrt(n), dtype=torch.float64).to(dtype).to(torch.float64))
+
+
+def _cuda_reciprocal(qmax: float) -> float:
+    """fp32(1 / qmax): PyTorch's CUDA ``tensor / python_scalar`` multiplies by it (``act_quant.py``)."""
+    return torch.tensor(1.0, dtype=torch.float32).div(torch.tensor(qmax, dtype=torch.float32)).item()
+
+
+@triton.jit
+def _split_bf16(v):
+    """fp32 ``v`` -> (bf16 hi, fp32 remainder) with ``hi + remainder == v`` exactly."""
+    hi = v.to(tl.bfloat16)
+    return hi, v - hi.to(tl.float32)
+
+
+@triton.jit
+def _round_bf16(y):
+    """fp32 ``y`` rounded half-to-even onto the bf16 grid, still fp32 (the cast that follows is then exact:
+    the interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even, the same result)."""
+    bits = y.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; 16-bit operands (exact ±1 and split pieces). UPCAST: the
+    interpreter's bf16/fp16 dot is wrong (Triton 3.8), fp32 operands hold the same values exactly."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm,
+                     N1: tl.constexpr, N1P: tl.constexpr, N2: tl.constexpr, RB: tl.constexpr,
+                     SCALE: tl.constexpr, IN_KIND: tl.constexpr, MID_PARTS: tl.constexpr,
+                     QUANT: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr, STORE_Y: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    # IN_KIND: 0 bf16, 1 fp16, 2 fp32 input. QUANT: 0 none, 1 int8, 2 int4 (packed), 3 fp8 e4m3.
+    pid = tl.program_id(0)
+    W: tl.constexpr = RB * N2
+    a = tl.arange(0, N1P)
+    c = tl.arange(0, W)
+    j = c // N2  # which row of the tile
+    b = c % N2  # index inside the Sylvester factor
+    rows = pid * RB + j
+    ok = (a < N1)[:, None] & (rows < M)[None, :]
+    # X_cat[a, j·N2 + b] = x[row j, a·N2 + b]
+    x = tl.load(x_ptr + rows[None, :].to(tl.int64) * sxm + a[:, None] * N2 + b[None, :], mask=ok, other=0.0)
+    lt = tl.load(lt_ptr + a[:, None] * N1P + a[None, :])  # bf16 ±1 / 0
+    # 1. W = Lᵀ · X_cat, exact products, fp32 accumulation
+    w = tl.zeros((N1P, W), dtype=tl.float32)
+    if IN_KIND == 0:
+        w = _mma(lt, x, w, UPCAST)
+    elif IN_KIND == 1:
+        w = _mma(lt.to(tl.float32).to(tl.float16), x, w, UPCAST)
+    else:
+        x_hi, r = _split_bf16(x)
+        x_mid, r = _split_bf16(r)
+        w = _mma(lt, x_hi, w, UPCAST)
+        w = _mma(lt, x_mid, w, UPCAST)
+        w = _mma(lt, r.to(tl.bfloat16), w, UPCAST)
+    # 2. Y = W · R, R = Sylvester(N2)[i, k] = (-1)^popcount(i & k), W split into bf16 pieces
+    i2 = tl.arange(0, N2)
+    v = i2[:, None] & i2[None, :]
+    v = v ^ (v >> 4)
+    v = v ^ (v >> 2)
+    v = v ^ (v >> 1)
+    rmat = (1 - 2 * (v & 1)).to(tl.float32).to(tl.bfloat16)  # via fp32: the interpreter's int->bf16 is wrong
+    w2 = tl.reshape(w, (N1P * RB, N2))
+    w_hi, r2 = _split_bf16(w2)
+    y = _mma(w_hi, rmat, tl.zeros((N1P * RB, N2), dtype=tl.float32), UPCAST)
+    if MID_PARTS == 2:
+        y = _mma(r2.to(tl.bfloat16), rmat, y, UPCAST)
+    else:
+        w_mid, r3 = _split_bf16(r2)
+        y = _mma(w_mid, rmat, y, UPCAST)
+        y = _mma(r3.to(tl.bfloat16), rmat, y, UPCAST)
+    y = tl.reshape(y, (N1P, W)) * SCALE
+    if y_ptr.dtype.element_ty == tl.bfloat16:
+        y = _round_bf16(y)
+    y = y.to(y_ptr.dtype.element_ty)
+    if STORE_Y:
+        tl.store(y_ptr + rows[None, :].to(tl.int64) * sym + a[:, None] * N2 + b[None, :], y, mask=ok)
+    if QUANT != 0:
+        # the reference quantizes the rounded hadamard output: per token (= per tile row j) symmetric scale
+        yf = tl.reshape(y.to(tl.float32), (N1P, RB, N2))
+        amax = tl.max(tl.max(tl.abs(yf), axis=2), axis=0)  # [RB]; padding is 0
+        if RCP != 0.0:
+            s = tl.maximum(amax * RCP, 1e-12)
+        else:
+            s = tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
+        rows_s = pid * RB + tl.arange(0, RB)
+        tl.store(s_ptr + rows_s, s, mask=rows_s < M)
+        t = tl.math.div_rn(yf, tl.zeros_like(yf) + s[None, :, None])
+        if QUANT == 3:
+            q = tl.reshape(round_to_e4m3(tl.clamp(t, -QMAX, QMAX)), (N1P, W)).to(tl.float8e4nv)
+            tl.store(q_ptr + rows[None, :].to(tl.int64) * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
+        elif QUANT == 1:
+            q = tl.reshape(tl.clamp(round_half_even(t), -128.0, 127.0), (N1P, W)).to(tl.int8)
+            tl.store(q_ptr + rows[None, :].to(tl.int64) * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
+        else:
+            q = tl.reshape(tl.clamp(round_half_even(t), -8.0, 7.0), (N1P, W // 2, 2)).to(tl.int32)
+            lo, hi = tl.split(q)  # even / odd index: low / high nibble (lowbit's packing)
+            byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+            HN: tl.constexpr = N2 // 2
+            ch = tl.arange(0, W // 2)
+            rows_h = pid * RB + ch // HN
+            ok_h = (a < N1)[:, None] & (rows_h < M)[None, :]
+            tl.store(q_ptr + rows_h[None, :].to(tl.int64) * sqm + a[:, None] * HN + (ch % HN)[None, :], byte,
+                     mask=ok_h)
+
+
+def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None) -> tuple[torch.Tensor, ...]:
+    n = x.shape[-1]
+    check(x.dtype in HAD_DTYPES, "hadamard", f"dtype {x.dtype} (takes bf16, fp16, fp32)")
+    why = unsupported(n)
+    check(why is None, "hadamard", str(why))
+    n2 = _split(n)[2]
+    n1 = n // n2
+    n1p = max(MIN_N2, next_pow2(n1))
+    check(tuple(lt.shape) == (n1p, n1p) and lt.dtype == torch.bfloat16, "hadamard",
+          f"table operand {tuple(lt.shape)} {lt.dtype}, expected ({n1p}, {n1p}) bfloat16 (hadamard_factors({n}))")
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != n):
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    rb = max(1, min(8192 // (n1p * n2), next_pow2(max(rows, 1))))
+    # the fused op writes no float output: a 1-element tensor carries the output dtype to the kernel
+    y = torch.empty((rows, n) if qdtype is None else (1,), device=x.device, dtype=x.dtype)
+    if qdtype is None:
+        q = s = y
+        quant, qmax, rcp = 0, 0.0, 0.0
+    else:
+        check(qdtype in HAD_QDTYPES, "hadamard_quantize", f"qdtype {qdtype!r} is not one of {sorted(HAD_QDTYPES)}")
+        qmax = HAD_QDTYPES[qdtype]
+        if qdtype == "int4":
+            q = torch.empty((rows, n // 2), device=x.device, dtype=torch.uint8)
+        else:
+            q = torch.empty((rows, n), device=x.device, dtype=torch.int8 if qdtype == "int8" else torch.float8_e4m3fn)
+        s = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
+        quant, rcp = _QCODE[qdtype], (_cuda_reciprocal(qmax) if x.is_cuda else 0.0)
+    if rows:
+        tile = n1p * rb * n2
+        in_kind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[x.dtype]
+        launcher(x2, _hadamard_kernel)[(-(-rows // rb),)](
+            x2, lt, y, q, s, rows, x2.stride(0), y.stride(0), q.stride(0),
+            N1=n1, N1P=n1p, N2=n2, RB=rb, SCALE=_scale_const(n, x.dtype), IN_KIND=in_kind,
+            MID_PARTS=3, QUANT=quant, QMAX=qmax, RCP=rcp,
+            STORE_Y=qdtype is None, UPCAST=interpreting(), num_warps=4 if tile <= 4096 else 8)
+    if qdtype is None:
+        return (y.reshape(x.shape),)
+    return q, s
+
+
+@triton_op("lowbit::hadamard", mutates_args=())
+def hadamard_op(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+    """``x · H/sqrt(n)`` along the last axis (the IR's ``hadamard``); ``lt = hadamard_factors(n, device)``."""
+    return _launch(x, lt, None)[0]
+
+
+@triton_op("lowbit::hadamard_quantize", mutates_args=())
+def hadamard_quantize_op(x: torch.Tensor, lt: torch.Tensor, qdtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hadamard then per-token symmetric quantization, one pass: codes and fp32 scales ``[M, 1]``."""
+    q, s = _launch(x, lt, qdtype)
+    return q, s
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Eager convenience: the kernel with its table made (and cached) for ``x``'s length and device."""
+    return torch.ops.lowbit.hadamard(x, hadamard_factors(x.shape[-1], x.device))
+
+
+def hadamard_quantize(x: torch.Tensor, qdtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager convenience for ``torch.ops.lowbit.hadamard_quantize``."""
+    return torch.ops.lowbit.hadamard_quantize(x, hadamard_factors(x.shape[-1], x.device), qdtype)
