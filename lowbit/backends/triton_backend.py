@@ -26,10 +26,11 @@ import torch
 import torch.fx
 
 from lowbit.backends.torch_backend import TorchCompiled
-from lowbit.ir.graph import Graph
+from lowbit.ir.graph import Graph, TensorType
+from lowbit.ir.ops import hadamard as ir_hadamard
 from lowbit.ir.quant import qlinear
 
-__all__ = ["KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "lower", "plan_qlinear"]
+__all__ = ["KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "lower", "plan_hadamard", "plan_qlinear"]
 
 NO_CUDA = ("backend 'triton' runs lowbit's Triton kernels and needs a CUDA GPU, and none is visible: use "
            "backend='torch' (the CPU/CUDA reference) or backend='onnxruntime' (MatMulNBits / integer GEMM on CPU)")
@@ -131,6 +132,27 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int) -> Callable[..., torch.
     return run
 
 
+def plan_hadamard(t: TensorType | None) -> str | None:
+    """Why the hadamard kernel does not take an online rotation of this output type (None: it does)."""
+    from lowbit.kernels.hadamard import HAD_DTYPES, unsupported
+
+    if t is None or not t.shape or not isinstance(t.shape[-1], int):
+        return "last dimension unknown at lowering"
+    if t.dtype not in HAD_DTYPES:
+        return f"dtype {t.dtype}: the kernel takes bf16/fp16/fp32"
+    return unsupported(int(t.shape[-1]))
+
+
+def _kernel_hadamard(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+    """FX target of a lowered ``hadamard``: the kernel (``lt``: its table, a buffer made at lowering), or the
+    reference for an input the kernel cannot read (CPU without the interpreter, another dtype)."""
+    from lowbit.kernels.hadamard import HAD_DTYPES
+
+    if x.dtype in HAD_DTYPES and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return torch.ops.lowbit.hadamard(x, lt)
+    return ir_hadamard(x)
+
+
 def _cache_attention(*args: Any, **kwargs: Any) -> Any:
     from lowbit.kernels.decode_attention import cache_attention_decode
 
@@ -172,15 +194,35 @@ def _repack_words(gm: torch.fx.GraphModule, node: torch.fx.Node, group: int) -> 
     return True
 
 
-def retarget(gm: torch.fx.GraphModule) -> dict[str, dict[str, str]]:
-    """Point every qlinear the kernels take at its op; returns ``{"kernels": {node: form}, "fallback":
-    {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold the decode layout)."""
+def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = None,
+             device: str | torch.device | None = None) -> dict[str, dict[str, str]]:
+    """Point every qlinear (and online ``hadamard``) the kernels take at its op; returns ``{"kernels": {node:
+    form}, "fallback": {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold
+    the decode layout). ``types``: the lowered graph's value types by name (a hadamard's row length);
+    ``device``: where the hadamard tables go (the module's device)."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
-
     from lowbit.ir.kvcache import cache_attention
 
     report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}}
-    for node in gm.graph.nodes:
+    tables: dict[int, torch.fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is ir_hadamard:
+            why = plan_hadamard((types or {}).get(node.name))
+            if why is not None:
+                report["fallback"][node.name] = f"hadamard: {why}"
+                continue
+            from lowbit.kernels.hadamard import hadamard_factors
+
+            n = int(types[node.name].shape[-1])  # type: ignore[index]
+            if n not in tables:
+                attr = f"_hadamard_table_{n}"
+                gm.register_buffer(attr, hadamard_factors(n, device or "cpu"))
+                with gm.graph.inserting_before(node):  # its first reader
+                    tables[n] = gm.graph.get_attr(attr)
+            node.target = _kernel_hadamard
+            node.args = (node.args[0], tables[n])
+            report["kernels"][node.name] = "hadamard"
+            continue
         if node.op == "call_function" and node.target is cache_attention:
             # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape)
             node.target = _CACHE_ATTENTION
@@ -213,14 +255,15 @@ class TritonCompiled(TorchCompiled):
         fused = graph.clone()
         fuse_qlinear(fused)  # the registry runs the fuse-qlinear pass first; a direct lower() may not have
         super().__init__(fused, device, keep_packed=True, donated=donated)
-        self.report = retarget(self.gm)
+        types = {v.name: v.type for nd in fused.nodes for v in nd.outputs if isinstance(v.type, TensorType)}
+        self.report = retarget(self.gm, types, self.device)
         self.compiled = compile
         self._run: Callable[..., Any] = self.gm
         if compile:
             self._run = torch.compile(self.gm, mode="reduce-overhead" if cuda_graphs else None)
 
     def report_text(self) -> str:
-        lines = [(f"triton: {len(self.report['kernels'])} qlinear nodes on kernels, "
+        lines = [(f"triton: {len(self.report['kernels'])} nodes on kernels, "
                  f"{len(self.report['fallback'])} on the reference")]
         by_form: dict[str, int] = {}
         for form in self.report["kernels"].values():

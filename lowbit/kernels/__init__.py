@@ -21,10 +21,10 @@ Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (th
 from lowbit.kernels.a8_linear import a8_gemm, a8_linear, a8_linear_ref
 from lowbit.kernels.act_quant import quantize_activation, quantize_activation_ref
 from lowbit.kernels.hadamard import (
-           hadamard,
            hadamard_quantize,
            hadamard_quantize_ref,
            hadamard_ref,
+           online_hadamard,
 )
 from lowbit.kernels.weight_only import (
            dequantize_weight,
@@ -37,10 +37,10 @@ __all__ = [
            "a8_linear",
            "a8_linear_ref",
            "dequantize_weight",
-           "hadamard",
            "hadamard_quantize",
            "hadamard_quantize_ref",
            "hadamard_ref",
+           "online_hadamard",
            "quantize_activation",
            "quantize_activation_ref",
            "weight_only_linear",

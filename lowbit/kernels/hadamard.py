@@ -56,11 +56,11 @@ from lowbit.kernels._common import (
 __all__ = [
     "HAD_DTYPES",
     "HAD_QDTYPES",
-    "hadamard",
     "hadamard_factors",
     "hadamard_quantize",
     "hadamard_quantize_ref",
     "hadamard_ref",
+    "online_hadamard",
     "unsupported",
 ]
 
@@ -314,7 +314,7 @@ def hadamard_quantize_op(x: torch.Tensor, lt: torch.Tensor, qdtype: str) -> tupl
     return q, s
 
 
-def hadamard(x: torch.Tensor) -> torch.Tensor:
+def online_hadamard(x: torch.Tensor) -> torch.Tensor:
     """Eager convenience: the kernel with its table made (and cached) for ``x``'s length and device."""
     return torch.ops.lowbit.hadamard(x, hadamard_factors(x.shape[-1], x.device))
 

@@ -1,0 +1,141 @@
+"""The online Hadamard kernel (lowbit/kernels/hadamard.py) against the IR's reference op, its fused per-token
+quantize against the reference quantize, and a rotated SmolLM2 layer on backend="triton" against the torch backend.
+
+Without CUDA the kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so rows
+are few. "Exact to fp32 rounding": a 16-bit output equals the float64 transform (same constant 1/sqrt(n) in
+the dtype) rounded once to the dtype, except at rounding near-ties (fp32 accumulation order).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install -e '.[dev]' brings it)")
+
+import lowbit.kernels.hadamard as K
+from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.ir.hadamard import hadamard_matrix, sylvester
+from lowbit.passes.manager import PassManager
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()), reason="needs CUDA or the interpreter")
+
+SIZES = [64, 576, 1536, 4864]  # 2^6; 36·16 and 12·128 (SmolLM2); 76·64 (an MLP width needing order 76)
+
+
+def _ref64(x: torch.Tensor) -> torch.Tensor:
+    """The transform in float64 with the reference's constant (1/sqrt(n) rounded to x.dtype)."""
+    n = x.shape[-1]
+    c = K._scale_const(n, x.dtype)
+    return (x.double() @ hadamard_matrix(n, torch.float64).to(x.device)) * c
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_kernel_factors_are_lowbits_hadamard_matrix(n):
+    n2 = K._split(n)[2]
+    n1 = n // n2
+    lt = K._left_t(n).double()
+    assert not lt[n1:].any() and not lt[:, n1:].any()  # zero padding
+    assert torch.equal(torch.kron(lt[:n1, :n1].T.contiguous(), sylvester(n2).double()), hadamard_matrix(n, torch.float64))
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_hadamard_kernel_matches_the_reference(n, dtype):
+    x = (torch.randn(3, n, device=DEV) * 3).to(dtype)
+    y = K.online_hadamard(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    ref64 = _ref64(x)
+    ref = K.hadamard_ref(x)
+    if dtype == torch.float32:
+        scale = ref64.abs().max().item()
+        assert (y.double() - ref64).abs().max().item() <= 4e-7 * scale
+        assert (y - ref).abs().max().item() <= 4e-6 * scale
+        return
+    exact = ref64.to(dtype)
+    mism = y != exact
+    assert mism.float().mean().item() <= 2e-3  # near-ties only
+    ulp = torch.finfo(dtype).eps * exact.float().abs().clamp(min=torch.finfo(dtype).tiny)
+    assert ((y.float() - exact.float()).abs() <= ulp * 1.01).all()
+    # the torch reference op (its own fp32 accumulation order) agrees the same way
+    assert (y != ref).float().mean().item() <= 5e-3
+
+
+def test_hadamard_kernel_rows_shapes_and_strides():
+    x = torch.randn(2, 3, 2 * 576, device=DEV, dtype=torch.bfloat16)[..., ::2]  # non-contiguous rows
+    y = K.online_hadamard(x)
+    assert y.shape == (2, 3, 576)
+    assert torch.equal(y, K.online_hadamard(x.contiguous()))
+    assert K.online_hadamard(torch.empty(0, 64, device=DEV, dtype=torch.bfloat16)).shape == (0, 64)
+    # every row of a multi-row tile (RB > 1) lands in its own place
+    x = torch.randn(37, 64, device=DEV, dtype=torch.float16)
+    assert torch.equal(K.online_hadamard(x)[11], K.online_hadamard(x[11:12])[0])
+
+
+def test_unsupported_lengths_name_the_reason():
+    assert "344" in K.unsupported(11008) and "256" in K.unsupported(11008)  # 11008 = 344·32 (Paley I order 344)
+    assert "below 16" in K.unsupported(96)  # 12·8
+    assert "no Hadamard construction" in K.unsupported(188)  # 47·4
+    with pytest.raises(ValueError, match="lowbit kernel hadamard"):
+        K.online_hadamard(torch.randn(2, 96, device=DEV))
+
+
+@pytest.mark.parametrize("n", [64, 576, 4864])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("qdtype", ["int8", "int4", "fp8e4m3"])
+def test_fused_quantize_codes(n, dtype, qdtype):
+    from lowbit.ir.quant import dynamic_qparams, quantize
+
+    x = (torch.randn(4, n, device=DEV) * 2).to(dtype)
+    x[1] *= 1e-3  # a small row: its own scale
+    q, s = K.hadamard_quantize(x, qdtype)
+    # exact: the reference quantize of the kernel's own transform
+    y = K.online_hadamard(x)
+    s_y, _ = dynamic_qparams(y, qdtype=qdtype, granularity="per_token", symmetric=True, axis=-1, block_size=n)
+    assert torch.equal(s, s_y)
+    assert torch.equal(q.view(torch.uint8), quantize(y, s_y, None, qdtype=qdtype, axis=-1,
+                                                     block_size=n).view(torch.uint8))
+    # and the reference chain (reference hadamard -> quantize): equal but for the transform's rounding ties
+    qr, sr = K.hadamard_quantize_ref(x, qdtype)
+    assert q.shape == qr.shape and q.dtype == qr.dtype and s.shape == sr.shape
+    assert torch.allclose(s, sr, rtol=1e-5, atol=0)
+    assert (q.view(torch.uint8) != qr.view(torch.uint8)).float().mean().item() <= 2e-3
+
+
+@pytest.fixture(scope="module")
+def rotated_layer(smollm2):
+    """A real 1-layer SmolLM2 slice in float32, fold-norms + rotate (online hadamards: down_proj 1536, q/k 64)."""
+    from conftest import smollm2_slice
+
+    from lowbit.ir.capture import capture
+
+    wrapper = smollm2_slice(smollm2[0], 1, torch.float32)
+    g = capture(wrapper, (torch.ones(1, 16, dtype=torch.long),),
+                {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
+    PassManager("fold-norms,rotate").run(g)
+    ids = smollm2[1]("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids[:, :6]
+    return g, ids
+
+
+def test_rotated_smollm2_on_the_triton_backend_equals_the_torch_backend(rotated_layer):
+    from lowbit.backends.triton_backend import lower
+
+    g, ids = rotated_layer
+    assert sum(1 for _ in g.find("hadamard")) == 3
+    ref = TorchCompiled(g)(ids)
+    m = lower(g, DEV)
+    hads = {k: v for k, v in m.report["kernels"].items() if v == "hadamard"}
+    assert len(hads) == 3 and not m.report["fallback"], m.report_text()
+    y = m(ids).cpu()
+    assert (y - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    assert torch.equal(y.argmax(-1), ref.argmax(-1))
+    # a length the kernel does not take keeps the reference op and the report names it
+    from lowbit.backends.triton_backend import plan_hadamard
+    from lowbit.ir.graph import TensorType
+
+    assert "344" in plan_hadamard(TensorType(torch.float32, (1, 2, 11008)))
+    assert "dtype" in plan_hadamard(TensorType(torch.float64, (1, 2, 64)))
