@@ -37,6 +37,7 @@ NO_CUDA = ("backend 'triton' runs lowbit's Triton kernels and needs a CUDA GPU, 
 
 _PACKED = {"int4", "uint4", "int3", "int2"}
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_HAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # lowbit.kernels.hadamard.HAD_DTYPES
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,11 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int) -> Callable[..., torch.
 
 def plan_hadamard(t: TensorType | None) -> str | None:
     """Why the hadamard kernel does not take an online rotation of this output type (None: it does)."""
-    from lowbit.kernels.hadamard import HAD_DTYPES, unsupported
+    from lowbit.kernels.hadamard import unsupported
 
     if t is None or not t.shape or not isinstance(t.shape[-1], int):
         return "last dimension unknown at lowering"
-    if t.dtype not in HAD_DTYPES:
+    if t.dtype not in _HAD_DTYPES:
         return f"dtype {t.dtype}: the kernel takes bf16/fp16/fp32"
     return unsupported(int(t.shape[-1]))
 
@@ -146,9 +147,7 @@ def plan_hadamard(t: TensorType | None) -> str | None:
 def _kernel_hadamard(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
     """FX target of a lowered ``hadamard``: the kernel (``lt``: its table, a buffer made at lowering), or the
     reference for an input the kernel cannot read (CPU without the interpreter, another dtype)."""
-    from lowbit.kernels.hadamard import HAD_DTYPES
-
-    if x.dtype in HAD_DTYPES and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if x.dtype in _HAD_DTYPES and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return torch.ops.lowbit.hadamard(x, lt)
     return ir_hadamard(x)
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -149,8 +150,9 @@ def _scale_const(n: int, dtype: torch.dtype) -> float:
 
 
 def _cuda_reciprocal(qmax: float) -> float:
-    """fp32(1 / qmax): PyTorch's CUDA ``tensor / python_scalar`` multiplies by it (``act_quant.py``)."""
-    return torch.tensor(1.0, dtype=torch.float32).div(torch.tensor(qmax, dtype=torch.float32)).item()
+    """fp32(1 / qmax) (an IEEE fp32 division): PyTorch's CUDA ``tensor / python_scalar`` multiplies by it
+    (``act_quant.py``). numpy, not torch: this runs under fake tensors when torch.compile traces the op."""
+    return float(np.float32(1.0) / np.float32(qmax))
 
 
 @triton.jit
