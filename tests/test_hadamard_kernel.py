@@ -25,6 +25,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()), reason="needs CUDA or the interpreter")
 
 SIZES = [64, 576, 1536, 4864]  # 2^6; 36·16 and 12·128 (SmolLM2); 76·64 (an MLP width needing order 76)
+MULTI = 2240  # 140·16: Kronecker factor of order 140 > 128, the kernel's blocked path (2 x 2 blocks)
 
 
 def _ref64(x: torch.Tensor) -> torch.Tensor:
@@ -34,17 +35,17 @@ def _ref64(x: torch.Tensor) -> torch.Tensor:
     return (x.double() @ hadamard_matrix(n, torch.float64).to(x.device)) * c
 
 
-@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("n", [*SIZES, MULTI])
 def test_kernel_factors_are_lowbits_hadamard_matrix(n):
-    n2 = K._split(n)[2]
-    n1 = n // n2
+    n1, n2, ba, nkb = K._geometry(n)
+    assert n1 * n2 == n and (nkb == 1) == (n1 <= K.BLOCK_A) and ba * nkb >= n1
     lt = K._left_t(n).double()
     assert not lt[n1:].any() and not lt[:, n1:].any()  # zero padding
     assert torch.equal(torch.kron(lt[:n1, :n1].T.contiguous(), sylvester(n2).double()), hadamard_matrix(n, torch.float64))
 
 
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n, dtype", [(n, d) for n in SIZES for d in (torch.bfloat16, torch.float16, torch.float32)]
+                         + [(MULTI, torch.bfloat16), (MULTI, torch.float32)])
 def test_hadamard_kernel_matches_the_reference(n, dtype):
     x = (torch.randn(3, n, device=DEV) * 3).to(dtype)
     y = K.online_hadamard(x)
@@ -76,8 +77,22 @@ def test_hadamard_kernel_rows_shapes_and_strides():
     assert torch.equal(K.online_hadamard(x)[11], K.online_hadamard(x[11:12])[0])
 
 
+def test_llama_mlp_width_11008_on_the_blocked_path():
+    """11008 = 344·32 (Paley I, q = 343 = 7^3): Lᵀ in 3 x 3 blocks; checked against the Kronecker form in float64
+    (A_344ᵀ · X · S_32 per row: the full 11008² matrix is too big for a unit test)."""
+    assert K._geometry(11008) == (344, 32, 128, 3)
+    x = torch.randn(2, 11008, device=DEV, dtype=torch.bfloat16)
+    y = K.online_hadamard(x)
+    a, s = hadamard_matrix(344, torch.float64), sylvester(32).double()
+    ref = torch.stack([a.T @ r.double().cpu().reshape(344, 32) @ s for r in x]).reshape(2, 11008)
+    exact = (ref * K._scale_const(11008, torch.bfloat16)).to(torch.bfloat16)
+    assert (y.cpu() != exact).float().mean().item() <= 2e-3
+    assert "whole row" in K.unsupported_fused(11008)
+    with pytest.raises(ValueError, match="hadamard_quantize"):
+        K.hadamard_quantize(x, "int8")
+
+
 def test_unsupported_lengths_name_the_reason():
-    assert "344" in K.unsupported(11008) and "256" in K.unsupported(11008)  # 11008 = 344·32 (Paley I order 344)
     assert "below 16" in K.unsupported(96)  # 12·8
     assert "no Hadamard construction" in K.unsupported(188)  # 47·4
     with pytest.raises(ValueError, match="lowbit kernel hadamard"):
@@ -137,5 +152,6 @@ def test_rotated_smollm2_on_the_triton_backend_equals_the_torch_backend(rotated_
     from lowbit.backends.triton_backend import plan_hadamard
     from lowbit.ir.graph import TensorType
 
-    assert "344" in plan_hadamard(TensorType(torch.float32, (1, 2, 11008)))
+    assert plan_hadamard(TensorType(torch.float32, (1, 2, 11008))) is None
+    assert "below 16" in plan_hadamard(TensorType(torch.float32, (1, 2, 96)))
     assert "dtype" in plan_hadamard(TensorType(torch.float64, (1, 2, 64)))

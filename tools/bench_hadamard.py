@@ -12,8 +12,8 @@ hadamard + per-token int8 quantize (at the largest M also int4 and fp8) against 
 the other (``lowbit::hadamard`` then ``lowbit::quantize_activation``). ``eff_bw_frac`` = (bytes read + bytes
 written) / time / the device-to-device copy bandwidth measured in the same run (goal >= 0.70 at large M).
 ``mismatch_frac`` = fraction of outputs (codes for the fused rows) that differ from the reference (bf16
-rounding near-ties only: it should be ~1e-3 or less). A length the kernel does not take (``unsupported``:
-11008 = 344·32 today) gets a row naming why, with the baselines timed. Each config is caught on its own: an
+rounding near-ties only: it should be ~1e-3 or less). A length the kernel (or the fused variant: 11008 =
+344·32) does not take gets a row naming why, with the baselines timed. Each config is caught on its own: an
 exception becomes an ``error`` row. Configs stop starting after ``--budget-s`` seconds (rows say ``skipped``).
 """
 
@@ -90,7 +90,11 @@ def bench_config(m: int, n: int, dev: str, bw: float, bench, big: bool, base: di
                  "mismatch_frac": _mismatch(y, K.hadamard_ref(x))})
     quantize_activation(y, "int8", 0)  # compiled before the timing
     sep_us = bench(lambda: quantize_activation(torch.ops.lowbit.hadamard(x, lt), "int8", 0))
-    for qd in ("int8", "int4", "fp8e4m3") if big else ("int8",):
+    why_fused = K.unsupported_fused(n)
+    if why_fused is not None:
+        rows.append({**common, "kernel": "hadamard_quantize", "variant": "int8", "error": f"unsupported: {why_fused}",
+                     "baseline": "hadamard+quantize_activation", "baseline_us": round(sep_us, 2)})
+    for qd in (() if why_fused else ("int8", "int4", "fp8e4m3") if big else ("int8",)):
         q = torch.ops.lowbit.hadamard_quantize(x, lt, qd)[0]
         qr, _ = K.hadamard_quantize_ref(x, qd)
         fus = bench(lambda qd=qd: torch.ops.lowbit.hadamard_quantize(x, lt, qd))
@@ -115,7 +119,7 @@ def main() -> None:
     args = ap.parse_args()
     t_start = time.time()
     if args.smoke:
-        dev, ms, ns = "cpu", [3, 1], [64, 576, 96]
+        dev, ms, ns = "cpu", [3, 1], [64, 576, 2240, 96]
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench_hadamard needs CUDA (or --smoke under TRITON_INTERPRET=1)")

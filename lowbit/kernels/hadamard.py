@@ -10,28 +10,30 @@ fused variant then quantizes that rounded output exactly as ``dynamic_qparams(pe
 IEEE division, round-half-even / RTNE to e4m3).
 
 Design — two tensor-core products, no butterflies in registers. ``H_n = kron(L, R)`` with ``R`` the Sylvester
-matrix of order ``N2 = min(p, 64)`` (generated in the kernel from the parity of ``i & j``) and
-``L = kron(A_m, Sylvester_{p/N2})`` of order ``n1 = n/N2`` (a small ±1 table, zero-padded to ``N1P``, a power
-of two >= 16). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to ``Y = Lᵀ·X·R``:
+matrix of order ``N2`` (``min(p, 64)``, up to 128 to keep ``L`` small; generated in the kernel from the parity of
+``i & j``) and ``L = kron(A_m, Sylvester_{p/N2})`` of order ``n1 = n/N2`` (a ±1 table, ``Lᵀ`` zero-padded, read
+by the kernel). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to ``Y = Lᵀ·X·R``:
 
-1. ``W = Lᵀ · [X_1 | X_2 | ...]``: one ``tl.dot`` over the ``RB`` rows of the tile side by side (``Lᵀ`` read
-   once per tile). Its operands are exact in 16 bits (±1 and the bf16/fp16 input), so one MMA with fp32
+1. ``W = Lᵀ · [X_1 | X_2 | ...]``: ``tl.dot`` over the ``RB`` rows of the tile side by side (the table read
+   once per tile). Its operands are exact in 16 bits (±1 and the bf16/fp16 input), so the MMA with fp32
    accumulation is exact up to fp32 summation; an fp32 input is split into three bf16 pieces (hi + mid + lo
-   = the fp32 value) and takes three MMAs.
-2. ``Y = W · R``: the tile reshaped ``[N1P·RB, N2]`` (a plain row-major reshape: no permute) times ``R``.
-   ``W`` is fp32, so it is split into bf16 pieces (2 for a 16-bit output: 16 significant bits, far below the
-   output's rounding; 3 for fp32: all 24) and takes 2-3 MMAs.
+   = the fp32 value) and takes three MMAs. ``n1 <= 128``: one block (``BA`` = n1 padded to a power of two
+   >= 16); larger (11008 = 344·32): ``BA = 128`` output blocks, one program each, and a loop over 128-wide
+   K blocks (the programs of the same rows are adjacent, so their re-reads of ``x`` hit L2).
+2. ``Y = W · R``: the tile reshaped ``[BA·RB, N2]`` (a plain row-major reshape: no permute) times ``R``.
+   ``W`` is fp32, so it is split into three bf16 pieces (all 24 bits: two pieces, 16 bits, flipped ~0.4% of
+   bf16 outputs by one ulp against the reference) and takes three MMAs.
 
 Why not ``log2(n)`` stages of butterflies (reshape/split/join): every stage moves the tile through a layout
-conversion (shared memory) whose cost, ~12 conversions for n = 4096, outweighs the HBM traffic; and the
-non-power-of-two factor ``A_m`` (m = 12 ... 172) is a dense product anyway, which the tensor cores do for
-free at these sizes. The MMA count per element is ``2·N1P + 2·parts·N2`` — about 384 flops per element for
-n = 4096, under the H200's flop/byte balance; large ``m`` (172: N1P = 256) costs more and the benchmark
-says how much (``tools/bench_hadamard.py``).
+conversion (shared memory) whose cost, ~12 conversions for n = 4096, would outweigh the HBM traffic; and the
+non-power-of-two factor ``A_m`` (m = 12 ... 344) is a dense product anyway, which tensor cores do best. The
+MMA work per element is ``2·BA·NKB + 6·N2`` flops — 512 for n = 4096, near the H200's bf16 flop/byte balance
+for a 4-byte-per-element copy; a large ``m`` (344: ~1000) costs more and the benchmark says how much
+(``tools/bench_hadamard.py``, which also reports the mismatch fraction against the reference on the GPU).
 
 Shapes the kernel does not take (``unsupported`` says why): ``n`` with no Hadamard construction, a
-power-of-two factor below 16 (the MMA's K), or ``n1 > 256`` (registers). The backend keeps the reference op
-for those and names them in its report.
+power-of-two factor below 16 (the MMA's K), or ``n1 > 2048``. The fused quantize also needs ``n1 <= 128`` (a
+row in one program: ``unsupported_fused``). The backend keeps the reference op for those and names them.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ __all__ = [
 HAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 HAD_QDTYPES = {"int8": 127.0, "int4": 7.0, "fp8e4m3": 448.0}
 _QCODE = {"int8": 1, "int4": 2, "fp8e4m3": 3}
-MAX_N1P = 256
+BLOCK_A = 128
+MAX_N1 = 2048
 MIN_N2 = 16
 
 
@@ -98,9 +101,19 @@ def _split(n: int) -> tuple[int, int, int]:
 
     m, p = hadamard_order_split(n)
     n2 = min(p, 64)
-    while n // n2 > MAX_N1P and n2 * 2 <= min(p, 128):
+    while n // n2 > BLOCK_A and n2 * 2 <= min(p, 128):
         n2 *= 2
     return m, p, n2
+
+
+def _geometry(n: int) -> tuple[int, int, int, int]:
+    """(n1, N2, BA, NKB): ``L`` of order n1, processed in NKB x NKB blocks of BA (one block, BA = n1 padded to a
+    power of two >= 16, when n1 <= BLOCK_A)."""
+    n2 = _split(n)[2]
+    n1 = n // n2
+    if n1 <= BLOCK_A:
+        return n1, n2, max(MIN_N2, next_pow2(n1)), 1
+    return n1, n2, BLOCK_A, -(-n1 // BLOCK_A)
 
 
 @functools.cache
@@ -114,21 +127,29 @@ def unsupported(n: int) -> str | None:
         return str(e)
     if n2 < MIN_N2:
         return f"n={n} = {m}·{p}: the power-of-two factor {p} is below {MIN_N2} (the tensor-core product's K)"
-    if max(MIN_N2, next_pow2(n // n2)) > MAX_N1P:
-        return f"n={n} = {m}·{p}: the Kronecker factor of order {n // n2} exceeds {MAX_N1P} (registers)"
+    if n // n2 > MAX_N1:
+        return f"n={n} = {m}·{p}: the Kronecker factor of order {n // n2} exceeds {MAX_N1}"
     return None
+
+
+def unsupported_fused(n: int) -> str | None:
+    """Why the fused hadamard + quantize does not take rows of length ``n`` (it needs a row in one program)."""
+    why = unsupported(n)
+    if why is None and _geometry(n)[3] > 1:
+        why = (f"n={n}: the fused quantize needs the whole row in one program (Kronecker factor of order "
+               f"{n // _split(n)[2]} > {BLOCK_A})")
+    return why
 
 
 @functools.lru_cache(maxsize=32)
 def _left_t(n: int) -> torch.Tensor:
-    """``Lᵀ`` zero-padded to ``[N1P, N1P]``, bf16 on the CPU (±1 and 0 are exact)."""
+    """``Lᵀ`` zero-padded to ``[NKB·BA, NKB·BA]``, bf16 on the CPU (±1 and 0 are exact)."""
     from lowbit.ir.hadamard import hadamard_matrix, sylvester
 
     m, p, n2 = _split(n)
     left = torch.kron(hadamard_matrix(m, torch.float64), sylvester(p // n2).to(torch.float64))
-    n1 = left.shape[0]
-    n1p = max(MIN_N2, next_pow2(n1))
-    out = torch.zeros(n1p, n1p, dtype=torch.float64)
+    n1, _, ba, nkb = _geometry(n)
+    out = torch.zeros(ba * nkb, ba * nkb, dtype=torch.float64)
     out[:n1, :n1] = left.T
     return out.to(torch.bfloat16)
 
@@ -182,34 +203,42 @@ def _mma(a, b, acc, UPCAST: tl.constexpr):
 
 @triton.jit
 def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm,
-                     N1: tl.constexpr, N1P: tl.constexpr, N2: tl.constexpr, RB: tl.constexpr,
+                     N1: tl.constexpr, BA: tl.constexpr, NKB: tl.constexpr, N2: tl.constexpr, RB: tl.constexpr,
                      SCALE: tl.constexpr, IN_KIND: tl.constexpr, MID_PARTS: tl.constexpr,
                      QUANT: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr, STORE_Y: tl.constexpr,
                      UPCAST: tl.constexpr):
-    # IN_KIND: 0 bf16, 1 fp16, 2 fp32 input. QUANT: 0 none, 1 int8, 2 int4 (packed), 3 fp8 e4m3.
+    # One program: RB rows x output block pa of L's order (BA of n1). IN_KIND: 0 bf16, 1 fp16, 2 fp32 input.
+    # QUANT: 0 none, 1 int8, 2 int4 (packed), 3 fp8 e4m3 (the host allows it only with NKB == 1).
     pid = tl.program_id(0)
+    pa = pid % NKB  # the NKB programs of the same rows run next to each other: their x re-reads hit L2
+    pr = pid // NKB
     W: tl.constexpr = RB * N2
-    a = tl.arange(0, N1P)
+    LD: tl.constexpr = NKB * BA
+    a = pa * BA + tl.arange(0, BA)
+    kk = tl.arange(0, BA)
     c = tl.arange(0, W)
     j = c // N2  # which row of the tile
     b = c % N2  # index inside the Sylvester factor
-    rows = pid * RB + j
+    rows = pr * RB + j
+    row_base = rows[None, :].to(tl.int64)
     ok = (a < N1)[:, None] & (rows < M)[None, :]
-    # X_cat[a, j·N2 + b] = x[row j, a·N2 + b]
-    x = tl.load(x_ptr + rows[None, :].to(tl.int64) * sxm + a[:, None] * N2 + b[None, :], mask=ok, other=0.0)
-    lt = tl.load(lt_ptr + a[:, None] * N1P + a[None, :])  # bf16 ±1 / 0
-    # 1. W = Lᵀ · X_cat, exact products, fp32 accumulation
-    w = tl.zeros((N1P, W), dtype=tl.float32)
-    if IN_KIND == 0:
-        w = _mma(lt, x, w, UPCAST)
-    elif IN_KIND == 1:
-        w = _mma(lt.to(tl.float32).to(tl.float16), x, w, UPCAST)
-    else:
-        x_hi, r = _split_bf16(x)
-        x_mid, r = _split_bf16(r)
-        w = _mma(lt, x_hi, w, UPCAST)
-        w = _mma(lt, x_mid, w, UPCAST)
-        w = _mma(lt, r.to(tl.bfloat16), w, UPCAST)
+    # 1. W = Lᵀ · X_cat over K blocks, X_cat[k, j·N2 + b] = x[row j, k·N2 + b]; exact products, fp32 sums
+    w = tl.zeros((BA, W), dtype=tl.float32)
+    for kb in range(NKB):
+        ak = kb * BA + kk
+        x = tl.load(x_ptr + row_base * sxm + ak[:, None] * N2 + b[None, :],
+                    mask=(ak < N1)[:, None] & (rows < M)[None, :], other=0.0)
+        lt = tl.load(lt_ptr + a[:, None] * LD + ak[None, :])  # bf16 ±1 / 0 (padded: no mask)
+        if IN_KIND == 0:
+            w = _mma(lt, x, w, UPCAST)
+        elif IN_KIND == 1:
+            w = _mma(lt.to(tl.float32).to(tl.float16), x, w, UPCAST)
+        else:
+            x_hi, r = _split_bf16(x)
+            x_mid, r = _split_bf16(r)
+            w = _mma(lt, x_hi, w, UPCAST)
+            w = _mma(lt, x_mid, w, UPCAST)
+            w = _mma(lt, r.to(tl.bfloat16), w, UPCAST)
     # 2. Y = W · R, R = Sylvester(N2)[i, k] = (-1)^popcount(i & k), W split into bf16 pieces
     i2 = tl.arange(0, N2)
     v = i2[:, None] & i2[None, :]
@@ -217,45 +246,45 @@ def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm,
     v = v ^ (v >> 2)
     v = v ^ (v >> 1)
     rmat = (1 - 2 * (v & 1)).to(tl.float32).to(tl.bfloat16)  # via fp32: the interpreter's int->bf16 is wrong
-    w2 = tl.reshape(w, (N1P * RB, N2))
+    w2 = tl.reshape(w, (BA * RB, N2))
     w_hi, r2 = _split_bf16(w2)
-    y = _mma(w_hi, rmat, tl.zeros((N1P * RB, N2), dtype=tl.float32), UPCAST)
+    y = _mma(w_hi, rmat, tl.zeros((BA * RB, N2), dtype=tl.float32), UPCAST)
     if MID_PARTS == 2:
         y = _mma(r2.to(tl.bfloat16), rmat, y, UPCAST)
     else:
         w_mid, r3 = _split_bf16(r2)
         y = _mma(w_mid, rmat, y, UPCAST)
         y = _mma(r3.to(tl.bfloat16), rmat, y, UPCAST)
-    y = tl.reshape(y, (N1P, W)) * SCALE
+    y = tl.reshape(y, (BA, W)) * SCALE
     if y_ptr.dtype.element_ty == tl.bfloat16:
         y = _round_bf16(y)
     y = y.to(y_ptr.dtype.element_ty)
     if STORE_Y:
-        tl.store(y_ptr + rows[None, :].to(tl.int64) * sym + a[:, None] * N2 + b[None, :], y, mask=ok)
+        tl.store(y_ptr + row_base * sym + a[:, None] * N2 + b[None, :], y, mask=ok)
     if QUANT != 0:
         # the reference quantizes the rounded hadamard output: per token (= per tile row j) symmetric scale
-        yf = tl.reshape(y.to(tl.float32), (N1P, RB, N2))
+        yf = tl.reshape(y.to(tl.float32), (BA, RB, N2))
         amax = tl.max(tl.max(tl.abs(yf), axis=2), axis=0)  # [RB]; padding is 0
         if RCP != 0.0:
             s = tl.maximum(amax * RCP, 1e-12)
         else:
             s = tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
-        rows_s = pid * RB + tl.arange(0, RB)
+        rows_s = pr * RB + tl.arange(0, RB)
         tl.store(s_ptr + rows_s, s, mask=rows_s < M)
         t = tl.math.div_rn(yf, tl.zeros_like(yf) + s[None, :, None])
         if QUANT == 3:
-            q = tl.reshape(round_to_e4m3(tl.clamp(t, -QMAX, QMAX)), (N1P, W)).to(tl.float8e4nv)
-            tl.store(q_ptr + rows[None, :].to(tl.int64) * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
+            q = tl.reshape(round_to_e4m3(tl.clamp(t, -QMAX, QMAX)), (BA, W)).to(tl.float8e4nv)
+            tl.store(q_ptr + row_base * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
         elif QUANT == 1:
-            q = tl.reshape(tl.clamp(round_half_even(t), -128.0, 127.0), (N1P, W)).to(tl.int8)
-            tl.store(q_ptr + rows[None, :].to(tl.int64) * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
+            q = tl.reshape(tl.clamp(round_half_even(t), -128.0, 127.0), (BA, W)).to(tl.int8)
+            tl.store(q_ptr + row_base * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
         else:
-            q = tl.reshape(tl.clamp(round_half_even(t), -8.0, 7.0), (N1P, W // 2, 2)).to(tl.int32)
+            q = tl.reshape(tl.clamp(round_half_even(t), -8.0, 7.0), (BA, W // 2, 2)).to(tl.int32)
             lo, hi = tl.split(q)  # even / odd index: low / high nibble (lowbit's packing)
             byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
             HN: tl.constexpr = N2 // 2
             ch = tl.arange(0, W // 2)
-            rows_h = pid * RB + ch // HN
+            rows_h = pr * RB + ch // HN
             ok_h = (a < N1)[:, None] & (rows_h < M)[None, :]
             tl.store(q_ptr + rows_h[None, :].to(tl.int64) * sqm + a[:, None] * HN + (ch % HN)[None, :], byte,
                      mask=ok_h)
@@ -266,16 +295,18 @@ def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None) -> tuple[torc
     check(x.dtype in HAD_DTYPES, "hadamard", f"dtype {x.dtype} (takes bf16, fp16, fp32)")
     why = unsupported(n)
     check(why is None, "hadamard", str(why))
-    n2 = _split(n)[2]
-    n1 = n // n2
-    n1p = max(MIN_N2, next_pow2(n1))
-    check(tuple(lt.shape) == (n1p, n1p) and lt.dtype == torch.bfloat16, "hadamard",
-          f"table operand {tuple(lt.shape)} {lt.dtype}, expected ({n1p}, {n1p}) bfloat16 (hadamard_factors({n}))")
+    if qdtype is not None:
+        why = unsupported_fused(n)
+        check(why is None, "hadamard_quantize", str(why))
+    n1, n2, ba, nkb = _geometry(n)
+    check(tuple(lt.shape) == (ba * nkb, ba * nkb) and lt.dtype == torch.bfloat16, "hadamard",
+          f"table operand {tuple(lt.shape)} {lt.dtype}, expected ({ba * nkb}, {ba * nkb}) bfloat16 "
+          f"(hadamard_factors({n}))")
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != n):
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    rb = max(1, min(8192 // (n1p * n2), next_pow2(max(rows, 1))))
+    rb = max(1, min(8192 // (ba * n2), next_pow2(max(rows, 1))))
     # the fused op writes no float output: a 1-element tensor carries the output dtype to the kernel
     y = torch.empty((rows, n) if qdtype is None else (1,), device=x.device, dtype=x.dtype)
     if qdtype is None:
@@ -291,11 +322,11 @@ def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None) -> tuple[torc
         s = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
         quant, rcp = _QCODE[qdtype], (_cuda_reciprocal(qmax) if x.is_cuda else 0.0)
     if rows:
-        tile = n1p * rb * n2
+        tile = ba * rb * n2
         in_kind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[x.dtype]
-        launcher(x2, _hadamard_kernel)[(-(-rows // rb),)](
+        launcher(x2, _hadamard_kernel)[(nkb * -(-rows // rb),)](
             x2, lt, y, q, s, rows, x2.stride(0), y.stride(0), q.stride(0),
-            N1=n1, N1P=n1p, N2=n2, RB=rb, SCALE=_scale_const(n, x.dtype), IN_KIND=in_kind,
+            N1=n1, BA=ba, NKB=nkb, N2=n2, RB=rb, SCALE=_scale_const(n, x.dtype), IN_KIND=in_kind,
             MID_PARTS=3, QUANT=quant, QMAX=qmax, RCP=rcp,
             STORE_Y=qdtype is None, UPCAST=interpreting(), num_warps=4 if tile <= 4096 else 8)
     if qdtype is None:
