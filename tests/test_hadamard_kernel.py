@@ -155,3 +155,42 @@ def test_rotated_smollm2_on_the_triton_backend_equals_the_torch_backend(rotated_
     assert plan_hadamard(TensorType(torch.float32, (1, 2, 11008))) is None
     assert "below 16" in plan_hadamard(TensorType(torch.float32, (1, 2, 96)))
     assert "dtype" in plan_hadamard(TensorType(torch.float64, (1, 2, 64)))
+
+
+@pytest.mark.parametrize("w_qdtype, w_group, a_qdtype", [("int8", 0, "int8"), ("int4", 32, "int8"),
+                                                         ("fp8e4m3", 0, "fp8e4m3")])
+def test_hadamard_fused_into_the_a8_linear_is_the_unfused_pair(w_qdtype, w_group, a_qdtype):
+    from lowbit.ir.quant import qparams_from_range, quantize
+    from lowbit.kernels.a8_linear import a8_linear
+
+    k, n = 576, 32
+    w = torch.randn(n, k, device=DEV)
+    wv = w.view(n, k // w_group, w_group) if w_group else w
+    sym = w_qdtype != "int4"
+    s, z = qparams_from_range(wv.amin(-1), wv.amax(-1), w_qdtype, sym)
+    qw = quantize(w, s, z, qdtype=w_qdtype, axis=1 if w_group else 0, block_size=w_group or None)
+    x = torch.randn(3, k, device=DEV, dtype=torch.bfloat16)
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    lt = K.hadamard_factors(k, DEV)
+    y = torch.ops.lowbit.hadamard_a8_linear(x, lt, qw, s, z, bias, w_qdtype, w_group, a_qdtype)
+    assert torch.equal(y, a8_linear(K.online_hadamard(x), qw, s, z, bias, w_qdtype, w_group, a_qdtype, 0))
+
+
+def test_rotated_w8a8_down_proj_fuses_the_hadamard_into_its_quantize(smollm2):
+    """bf16 SmolLM2 layer, rotated, down_proj W8A8 per token: hadamard -> qlinear becomes one hadamard_a8_linear."""
+    from conftest import smollm2_slice
+
+    from lowbit.backends.triton_backend import lower
+    from lowbit.ir.capture import capture
+
+    g = capture(smollm2_slice(smollm2[0], 1, torch.bfloat16), (torch.ones(1, 16, dtype=torch.long),),
+                {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
+    PassManager("fold-norms,rotate,quantize(w=int8,a=int8,modules=\"down_proj\")").run(g)
+    ids = smollm2[1]("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids[:, :6]
+    ref = TorchCompiled(g)(ids).float()
+    m = lower(g, DEV)
+    kinds = sorted(m.report["kernels"].values())
+    assert kinds == ["hadamard", "hadamard", "hadamard+w8a8"] and not m.report["fallback"], m.report_text()
+    y = m(ids).float().cpu()
+    assert ((y - ref).norm() / ref.norm()).item() <= 2e-2  # bf16 rounding of the dequantized operands
+    assert (y.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.8

@@ -152,6 +152,52 @@ def _kernel_hadamard(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
     return ir_hadamard(x)
 
 
+def _kernel_hadamard_a8(w_group: int) -> Callable[..., torch.Tensor]:
+    """FX target replacing ``hadamard -> qlinear`` (A8, per-token activations): the rotation fused into the
+    activation quantize (``lowbit::hadamard_a8_linear``), or the reference pair for an input the kernels cannot
+    read."""
+
+    def run(x, lt, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, **kw):
+        if not _runs_kernel(x):
+            return qlinear(ir_hadamard(x), qweight, w_scale, w_zero_point, bias, a_scale, a_zero_point, **kw)
+        return torch.ops.lowbit.hadamard_a8_linear(x, lt, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
+                                                   w_group, kw["a_qdtype"])
+
+    run.__name__ = "triton_hadamard_a8_linear"
+    return run
+
+
+def _fuse_hadamard_a8(gm: torch.fx.GraphModule, a8: dict[torch.fx.Node, Plan], report: dict[str, dict[str, str]]
+                      ) -> None:
+    """``hadamard -> qlinear`` pairs where the qlinear runs ``a8_linear`` per token and reads the rotation
+    alone: one node on ``hadamard_a8_linear`` (the rotated activation is never written to memory)."""
+    import operator
+
+    from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
+    from lowbit.kernels.hadamard import unsupported_fused
+
+    # fuse-qlinear leaves the activation QDQ it replaced in place, unread: drop it (pure ops, consumers first)
+    pure = (dynamic_qparams, quantize, dequantize, operator.getitem)
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "call_function" and not node.users and node.target in pure:
+            gm.graph.erase_node(node)
+    for q, plan in a8.items():
+        h = q.args[0] if q.args else None
+        if not (isinstance(h, torch.fx.Node) and h.target is _kernel_hadamard and len(h.users) == 1
+                and plan.static["a_group"] == 0):  # (plan_qlinear sends static activation scales to the reference)
+            continue
+        n = int(h.args[1].meta.get("hadamard_n", 0)) if isinstance(h.args[1], torch.fx.Node) else 0
+        why = unsupported_fused(n) if n else "row length unknown"
+        if why is not None:
+            report["unfused"][q.name] = why
+            continue
+        q.args = (h.args[0], h.args[1], *q.args[1:])
+        q.target = _kernel_hadamard_a8(plan.static["w_group"])
+        gm.graph.erase_node(h)
+        report["kernels"].pop(h.name, None)
+        report["kernels"][q.name] = f"hadamard+{plan.form.name}"  # type: ignore[union-attr]
+
+
 def _cache_attention(*args: Any, **kwargs: Any) -> Any:
     from lowbit.kernels.decode_attention import cache_attention_decode
 
@@ -202,8 +248,9 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
     from lowbit.ir.kvcache import cache_attention
 
-    report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}}
+    report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}, "unfused": {}}
     tables: dict[int, torch.fx.Node] = {}
+    a8: dict[torch.fx.Node, Plan] = {}
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is ir_hadamard:
             why = plan_hadamard((types or {}).get(node.name))
@@ -218,6 +265,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
                 gm.register_buffer(attr, hadamard_factors(n, device or "cpu"))
                 with gm.graph.inserting_before(node):  # its first reader
                     tables[n] = gm.graph.get_attr(attr)
+                tables[n].meta["hadamard_n"] = n
             node.target = _kernel_hadamard
             node.args = (node.args[0], tables[n])
             report["kernels"][node.name] = "hadamard"
@@ -238,8 +286,11 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             continue
         node.target = _kernel_qlinear(plan.form.op, plan.static["w_group"], plan.static["a_group"])
         report["kernels"][node.name] = plan.form.name
+        if plan.form.op == "a8_linear":
+            a8[node] = plan
         if plan.form.op == "weight_only_linear" and _repack_words(gm, node, plan.static["w_group"]):
             report["layout"][node.name] = "words"
+    _fuse_hadamard_a8(gm, a8, report)
     gm.recompile()
     return report
 
@@ -271,6 +322,7 @@ class TritonCompiled(TorchCompiled):
         if self.report["layout"]:
             lines.append(f"  decode layout (int32 words): {len(self.report['layout'])} weight-only nodes")
         lines += [f"  reference: %{name}: {why}" for name, why in self.report["fallback"].items()]
+        lines += [f"  hadamard not fused into %{name}: {why}" for name, why in self.report["unfused"].items()]
         return "\n".join(lines)
 
     @torch.no_grad()
