@@ -123,12 +123,12 @@ def test_fused_quantize_codes(n, dtype, qdtype):
 
 @pytest.fixture(scope="module")
 def rotated_layer(smollm2):
-    """A real 1-layer SmolLM2 slice in float32, fold-norms + rotate (online hadamards: down_proj 1536, q/k 64)."""
+    """A real 1-layer SmolLM2 slice in bf16, fold-norms + rotate (online hadamards: down_proj 1536, q/k 64)."""
     from conftest import smollm2_slice
 
     from lowbit.ir.capture import capture
 
-    wrapper = smollm2_slice(smollm2[0], 1, torch.float32)
+    wrapper = smollm2_slice(smollm2[0], 1, torch.bfloat16)
     g = capture(wrapper, (torch.ones(1, 16, dtype=torch.long),),
                 {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
     PassManager("fold-norms,rotate").run(g)
@@ -145,8 +145,11 @@ def test_rotated_smollm2_on_the_triton_backend_equals_the_torch_backend(rotated_
     m = lower(g, DEV)
     hads = {k: v for k, v in m.report["kernels"].items() if v == "hadamard"}
     assert len(hads) == 3 and not m.report["fallback"], m.report_text()
-    y = m(ids).cpu()
-    assert (y - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    y = m(ids).float().cpu()
+    ref = ref.float()
+    # the kernel equals the float64 transform rounded once to bf16; the torch op's bf16 matmul differs from it
+    # by one ulp at near-ties, which the rest of the layer carries
+    assert ((y - ref).norm() / ref.norm()).item() <= 5e-3
     assert torch.equal(y.argmax(-1), ref.argmax(-1))
     # a length the kernel does not take keeps the reference op and the report names it
     from lowbit.backends.triton_backend import plan_hadamard
@@ -176,17 +179,13 @@ def test_hadamard_fused_into_the_a8_linear_is_the_unfused_pair(w_qdtype, w_group
     assert torch.equal(y, a8_linear(K.online_hadamard(x), qw, s, z, bias, w_qdtype, w_group, a_qdtype, 0))
 
 
-def test_rotated_w8a8_down_proj_fuses_the_hadamard_into_its_quantize(smollm2):
-    """bf16 SmolLM2 layer, rotated, down_proj W8A8 per token: hadamard -> qlinear becomes one hadamard_a8_linear."""
-    from conftest import smollm2_slice
-
+def test_rotated_w8a8_down_proj_fuses_the_hadamard_into_its_quantize(rotated_layer):
+    """down_proj W8A8 per token after the rotation: hadamard -> qlinear becomes one hadamard_a8_linear."""
     from lowbit.backends.triton_backend import lower
-    from lowbit.ir.capture import capture
 
-    g = capture(smollm2_slice(smollm2[0], 1, torch.bfloat16), (torch.ones(1, 16, dtype=torch.long),),
-                {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
-    PassManager("fold-norms,rotate,quantize(w=int8,a=int8,modules=\"down_proj\")").run(g)
-    ids = smollm2[1]("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids[:, :6]
+    g, ids = rotated_layer
+    g = g.clone()
+    PassManager("quantize(w=int8,a=int8,modules=\"down_proj\")").run(g)
     ref = TorchCompiled(g)(ids).float()
     m = lower(g, DEV)
     kinds = sorted(m.report["kernels"].values())
