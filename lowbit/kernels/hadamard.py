@@ -168,8 +168,15 @@ def _left_t_on(n: int, device: str) -> torch.Tensor:
 
 
 def _scale_const(n: int, dtype: torch.dtype) -> float:
-    """``1/sqrt(n)`` rounded to ``dtype`` as the reference's constant matrix holds it, as a float."""
-    return float(torch.tensor(1.0 / math.sqrt(n), dtype=torch.float64).to(dtype).to(torch.float64))
+    """``1/sqrt(n)`` as the reference's constant matrix holds it in ``dtype``: torch casts the float64 value to
+    fp32, then (bf16/fp16) rounds that half-to-even to 8/11 significant bits. Plain Python/numpy, no tensor:
+    this runs under fake tensors when torch.compile traces the op."""
+    v = float(np.float32(1.0 / math.sqrt(n)))
+    bits = {torch.bfloat16: 8, torch.float16: 11}.get(dtype)
+    if bits is None:
+        return v
+    f, e = math.frexp(v)  # v = f·2^e, 0.5 <= f < 1: f·2^bits is exact, round() is half-to-even
+    return math.ldexp(round(math.ldexp(f, bits)), e - bits)
 
 
 def _cuda_reciprocal(qmax: float) -> float:
