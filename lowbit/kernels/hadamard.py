@@ -10,9 +10,8 @@ fused variant then quantizes that rounded output exactly as ``dynamic_qparams(pe
 IEEE division, round-half-even / RTNE to e4m3).
 
 Design — two tensor-core products, no butterflies in registers. ``H_n = kron(L, R)`` with ``R`` the Sylvester
-matrix of order ``N2`` (``min(p, 64)``, up to 128 to keep ``L`` small; generated in the kernel from the parity of
-``i & j``) and ``L = kron(A_m, Sylvester_{p/N2})`` of order ``n1 = n/N2`` (a ±1 table, ``Lᵀ`` zero-padded, read
-by the kernel). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to ``Y = Lᵀ·X·R``:
+matrix of order ``N2 = min(p, 64)`` (generated in the kernel from the parity of ``i & j``) and
+``L = kron(A_m, Sylvester_{p/N2})`` of order ``n1 = n/N2`` (a ±1 table, ``Lᵀ`` zero-padded, read by the kernel). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to ``Y = Lᵀ·X·R``:
 
 1. ``W = Lᵀ · [X_1 | X_2 | ...]``: ``tl.dot`` over the ``RB`` rows of the tile side by side (the table read
    once per tile). Its operands are exact in 16 bits (±1 and the bf16/fp16 input), so the MMA with fp32
@@ -73,6 +72,7 @@ HAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 HAD_QDTYPES = {"int8": 127.0, "int4": 7.0, "fp8e4m3": 448.0}
 _QCODE = {"int8": 1, "int4": 2, "fp8e4m3": 3}
 BLOCK_A = 128
+TILE = 4096
 MAX_N1 = 2048
 MIN_N2 = 16
 
@@ -102,10 +102,7 @@ def _split(n: int) -> tuple[int, int, int]:
     from lowbit.ir.hadamard import hadamard_order_split
 
     m, p = hadamard_order_split(n)
-    n2 = min(p, 64)
-    while n // n2 > BLOCK_A and n2 * 2 <= min(p, 128):
-        n2 *= 2
-    return m, p, n2
+    return m, p, min(p, 64)
 
 
 def _geometry(n: int) -> tuple[int, int, int, int]:
@@ -315,7 +312,9 @@ def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None) -> tuple[torc
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != n):
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    rb = max(1, min(8192 // (ba * n2), next_pow2(max(rows, 1))))
+    # 4096-element tiles, 4 warps: ~110 registers, 4 CTAs (16 warps) per SM on sm_90 (ptxas -v of the AOT
+    # compile); 8192 elements had 183-245 registers, one or two CTAs per SM, half the bytes in flight
+    rb = max(1, min(TILE // (ba * n2), next_pow2(max(rows, 1))))
     # the fused op writes no float output: a 1-element tensor carries the output dtype to the kernel
     y = torch.empty((rows, n) if qdtype is None else (1,), device=x.device, dtype=x.dtype)
     if qdtype is None:
