@@ -11,7 +11,8 @@ ops of ``lowbit.ir.quant`` inside the ``*_ref`` functions. Every op is a ``torch
   (``act_quant.py``).
 - ``torch.ops.lowbit.hadamard`` / ``hadamard_quantize``: the online Hadamard rotation (the IR's ``hadamard``)
   as two tensor-core products (Kronecker factor, then a Sylvester block), alone or fused with the per-token
-  int8 / int4 / fp8 quantize that follows it (``hadamard.py``).
+  int8 / int4 / fp8 quantize that follows it, and ``hadamard_a8_linear`` (that quantize feeding the A8 GEMM:
+  the triton backend's form of ``hadamard -> qlinear`` with per-token int8/fp8 activations) (``hadamard.py``).
 - ``torch.ops.lowbit.a8_linear``: W8A8, W4A8 (int8 tensor-core dot) and FP8 e4m3 (rowwise or 64-blocked scales)
   with the activation quantization fused into the op (``a8_linear.py``).
 
