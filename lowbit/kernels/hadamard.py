@@ -314,7 +314,9 @@ def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None) -> tuple[torc
     rows = x2.shape[0]
     # 4096-element tiles, 4 warps: ~110 registers, 4 CTAs (16 warps) per SM on sm_90 (ptxas -v of the AOT
     # compile); 8192 elements had 183-245 registers, one or two CTAs per SM, half the bytes in flight
-    rb = max(1, min(TILE // (ba * n2), next_pow2(max(rows, 1))))
+    rb = max(1, TILE // (ba * n2))
+    if isinstance(rows, int):  # a symbolic M (torch.compile dynamic=True) keeps one specialization
+        rb = max(1, min(rb, next_pow2(max(rows, 1))))
     # the fused op writes no float output: a 1-element tensor carries the output dtype to the kernel
     y = torch.empty((rows, n) if qdtype is None else (1,), device=x.device, dtype=x.dtype)
     if qdtype is None:
