@@ -26,16 +26,18 @@ import torch
 import torch.fx
 
 from lowbit.backends.torch_backend import TorchCompiled
-from lowbit.ir.graph import Graph
+from lowbit.ir.graph import Graph, TensorType
+from lowbit.ir.ops import hadamard as ir_hadamard
 from lowbit.ir.quant import qlinear
 
-__all__ = ["KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "lower", "plan_qlinear"]
+__all__ = ["KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "lower", "plan_hadamard", "plan_qlinear"]
 
 NO_CUDA = ("backend 'triton' runs lowbit's Triton kernels and needs a CUDA GPU, and none is visible: use "
            "backend='torch' (the CPU/CUDA reference) or backend='onnxruntime' (MatMulNBits / integer GEMM on CPU)")
 
 _PACKED = {"int4", "uint4", "int3", "int2"}
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_HAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # lowbit.kernels.hadamard.HAD_DTYPES
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,71 @@ def _kernel_rms_norm_quant(x, weight=None, *, eps, compute_dtype=None, a_qdtype,
                           a_block_size=a_block_size)
 
 
+def plan_hadamard(t: TensorType | None) -> str | None:
+    """Why the hadamard kernel does not take an online rotation of this output type (None: it does)."""
+    from lowbit.kernels.hadamard import unsupported
+
+    if t is None or not t.shape or not isinstance(t.shape[-1], int):
+        return "last dimension unknown at lowering"
+    if t.dtype not in _HAD_DTYPES:
+        return f"dtype {t.dtype}: the kernel takes bf16/fp16/fp32"
+    return unsupported(int(t.shape[-1]))
+
+
+def _kernel_hadamard(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+    """FX target of a lowered ``hadamard``: the kernel (``lt``: its table, a buffer made at lowering), or the
+    reference for an input the kernel cannot read (CPU without the interpreter, another dtype)."""
+    if x.dtype in _HAD_DTYPES and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return torch.ops.lowbit.hadamard(x, lt)
+    return ir_hadamard(x)
+
+
+def _kernel_hadamard_a8(w_group: int) -> Callable[..., torch.Tensor]:
+    """FX target replacing ``hadamard -> qlinear`` (A8, per-token activations): the rotation fused into the
+    activation quantize (``lowbit::hadamard_a8_linear``), or the reference pair for an input the kernels cannot
+    read."""
+
+    def run(x, lt, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, **kw):
+        if not _runs_kernel(x):
+            return qlinear(ir_hadamard(x), qweight, w_scale, w_zero_point, bias, a_scale, a_zero_point, **kw)
+        return torch.ops.lowbit.hadamard_a8_linear(x, lt, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
+                                                   w_group, kw["a_qdtype"])
+
+    run.__name__ = "triton_hadamard_a8_linear"
+    return run
+
+
+def _fuse_hadamard_a8(gm: torch.fx.GraphModule, a8: dict[torch.fx.Node, Plan], report: dict[str, dict[str, str]]
+                      ) -> None:
+    """``hadamard -> qlinear`` pairs where the qlinear runs ``a8_linear`` per token and reads the rotation
+    alone: one node on ``hadamard_a8_linear`` (the rotated activation is never written to memory)."""
+    import operator
+
+    from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
+    from lowbit.kernels.hadamard import unsupported_fused
+
+    # fuse-qlinear leaves the activation QDQ it replaced in place, unread: drop it (pure ops, consumers first)
+    pure = (dynamic_qparams, quantize, dequantize, operator.getitem)
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "call_function" and not node.users and node.target in pure:
+            gm.graph.erase_node(node)
+    for q, plan in a8.items():
+        h = q.args[0] if q.args else None
+        if not (isinstance(h, torch.fx.Node) and h.target is _kernel_hadamard and len(h.users) == 1
+                and plan.static["a_group"] == 0):  # (plan_qlinear sends static activation scales to the reference)
+            continue
+        n = int(h.args[1].meta.get("hadamard_n", 0)) if isinstance(h.args[1], torch.fx.Node) else 0
+        why = unsupported_fused(n) if n else "row length unknown"
+        if why is not None:
+            report["unfused"][q.name] = why
+            continue
+        q.args = (h.args[0], h.args[1], *q.args[1:])
+        q.target = _kernel_hadamard_a8(plan.static["w_group"])
+        gm.graph.erase_node(h)
+        report["kernels"].pop(h.name, None)
+        report["kernels"][q.name] = f"hadamard+{plan.form.name}"  # type: ignore[union-attr]
+
+
 def _cache_attention(*args: Any, **kwargs: Any) -> Any:
     from lowbit.kernels.decode_attention import cache_attention_decode
 
@@ -202,16 +269,38 @@ def _repack_words(gm: torch.fx.GraphModule, node: torch.fx.Node, group: int) -> 
     return True
 
 
-def retarget(gm: torch.fx.GraphModule) -> dict[str, dict[str, str]]:
-    """Point every qlinear the kernels take at its op; returns ``{"kernels": {node: form}, "fallback":
-    {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold the decode layout)."""
+def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = None,
+             device: str | torch.device | None = None) -> dict[str, dict[str, str]]:
+    """Point every qlinear (and online ``hadamard``) the kernels take at its op; returns ``{"kernels": {node:
+    form}, "fallback": {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold
+    the decode layout). ``types``: the lowered graph's value types by name (a hadamard's row length);
+    ``device``: where the hadamard tables go (the module's device)."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
-
     from lowbit.ir.kvcache import cache_attention
     from lowbit.ir.normquant import qlinear_q, rms_norm_quant
 
-    report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}, "norm_quant": {}}
-    for node in gm.graph.nodes:
+    report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}, "unfused": {}, "norm_quant": {}}
+    tables: dict[int, torch.fx.Node] = {}
+    a8: dict[torch.fx.Node, Plan] = {}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is ir_hadamard:
+            why = plan_hadamard((types or {}).get(node.name))
+            if why is not None:
+                report["fallback"][node.name] = f"hadamard: {why}"
+                continue
+            from lowbit.kernels.hadamard import hadamard_factors
+
+            n = int(types[node.name].shape[-1])  # type: ignore[index]
+            if n not in tables:
+                attr = f"_hadamard_table_{n}"
+                gm.register_buffer(attr, hadamard_factors(n, device or "cpu"))
+                with gm.graph.inserting_before(node):  # its first reader
+                    tables[n] = gm.graph.get_attr(attr)
+                tables[n].meta["hadamard_n"] = n
+            node.target = _kernel_hadamard
+            node.args = (node.args[0], tables[n])
+            report["kernels"][node.name] = "hadamard"
+            continue
         if node.op == "call_function" and node.target is rms_norm_quant:
             # RMSNorm + per-token quantization in one kernel (the reference where the input does not allow it)
             node.target = _kernel_rms_norm_quant
@@ -243,8 +332,11 @@ def retarget(gm: torch.fx.GraphModule) -> dict[str, dict[str, str]]:
             continue
         node.target = _kernel_qlinear(plan.form.op, plan.static["w_group"], plan.static["a_group"])
         report["kernels"][node.name] = plan.form.name
+        if plan.form.op == "a8_linear":
+            a8[node] = plan
         if plan.form.op == "weight_only_linear" and _repack_words(gm, node, plan.static["w_group"]):
             report["layout"][node.name] = "words"
+    _fuse_hadamard_a8(gm, a8, report)
     gm.recompile()
     return report
 
@@ -286,7 +378,8 @@ class TritonCompiled(TorchCompiled):
             if step():
                 eliminate_dead_code(fused)  # the next step must not see the replaced nodes as readers
         super().__init__(fused, device, keep_packed=True, donated=donated)
-        self.report = retarget(self.gm)
+        types = {v.name: v.type for nd in fused.nodes for v in nd.outputs if isinstance(v.type, TensorType)}
+        self.report = retarget(self.gm, types, self.device)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
         self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
                                  if n.meta.get("merged")}
@@ -296,7 +389,7 @@ class TritonCompiled(TorchCompiled):
             self._run = torch.compile(self.gm, mode="reduce-overhead" if cuda_graphs else None)
 
     def report_text(self) -> str:
-        lines = [(f"triton: {len(self.report['kernels'])} qlinear nodes on kernels, "
+        lines = [(f"triton: {len(self.report['kernels'])} nodes on kernels, "
                  f"{len(self.report['fallback'])} on the reference")]
         merged = self.report.get("merged", {})
         if merged:
@@ -311,6 +404,7 @@ class TritonCompiled(TorchCompiled):
         if self.report["layout"]:
             lines.append(f"  decode layout (int32 words): {len(self.report['layout'])} weight-only nodes")
         lines += [f"  reference: %{name}: {why}" for name, why in self.report["fallback"].items()]
+        lines += [f"  hadamard not fused into %{name}: {why}" for name, why in self.report["unfused"].items()]
         return "\n".join(lines)
 
     @torch.no_grad()
