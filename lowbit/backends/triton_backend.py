@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from lowbit.backends.semi_structured import report_lines
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.ir.graph import Graph
 from lowbit.ir.quant import qlinear
@@ -207,12 +208,15 @@ class TritonCompiled(TorchCompiled):
     """The lowered module: ``report`` says which qlinear nodes run which kernel and which fell back, and why."""
 
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *, compile: bool = True,
-                 cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset()) -> None:
+                 cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset(),
+                 semi_structured: bool = True, sparse_library: str = "auto") -> None:
         from lowbit.ir.fusion import fuse_qlinear
 
         fused = graph.clone()
         fuse_qlinear(fused)  # the registry runs the fuse-qlinear pass first; a direct lower() may not have
-        super().__init__(fused, device, keep_packed=True, donated=donated)
+        # float 2:4 linears become semi-structured sparse tensors (torch_backend; torch.compile traces the subclass)
+        super().__init__(fused, device, keep_packed=True, donated=donated, semi_structured=semi_structured,
+                         sparse_library=sparse_library)
         self.report = retarget(self.gm)
         self.compiled = compile
         self._run: Callable[..., Any] = self.gm
@@ -229,6 +233,7 @@ class TritonCompiled(TorchCompiled):
         if self.report["layout"]:
             lines.append(f"  decode layout (int32 words): {len(self.report['layout'])} weight-only nodes")
         lines += [f"  reference: %{name}: {why}" for name, why in self.report["fallback"].items()]
+        lines += report_lines(self.sparse_report)
         return "\n".join(lines)
 
     @torch.no_grad()
@@ -246,10 +251,11 @@ class TritonCompiled(TorchCompiled):
         return self._run(*args)
 
 
-def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False
-          ) -> TritonCompiled:
+def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
+          semi_structured: bool = True, sparse_library: str = "auto") -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
-    backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode."""
+    backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
+    ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise RuntimeError(NO_CUDA)
@@ -259,4 +265,4 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     # a step graph's cache inputs are handed over by the generator (written in place), as on the torch backend
     donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
     return TritonCompiled(graph, dev, compile=compile and torch.device(dev).type == "cuda", cuda_graphs=cuda_graphs,
-                          donated=donated)
+                          donated=donated, semi_structured=semi_structured, sparse_library=sparse_library)
