@@ -10,6 +10,16 @@ Rows are merged into the results file by (model, scheme, method, variant, eval, 
 fraction of parameters removed, of the transformer blocks' linears (``params_removed_frac_blocks``) and of the
 whole model with its tied embedding (``params_removed_frac_total``). No recovery (distillation) step: that needs
 a GPU; every structured row is one-shot.
+
+2:4 speed on the GPU (issue 21 item 3: semi-structured sparse tensors against dense bf16, one run)::
+
+    python tools/bench_pruning.py --gpu-speed --out $OUT/sparse24.json     # < 60 s on one H200
+    python tools/bench_pruning.py --gpu-speed --smoke --out /tmp/s.json    # tiny shapes; runs on CPU (error rows)
+
+M in {1, 16, 2048}, (K, N) in {(4096, 11008), (11008, 4096)}: ``F.linear`` on a dense bf16 weight against the
+same 2:4 weight as ``SparseSemiStructuredTensorCUSPARSELT`` and ``...CUTLASS`` (each where this torch has it);
+medians of ``triton.testing.do_bench``; ``speedup = dense_us / us``; ``rel_err`` of the sparse result against
+the dense one. A configuration that raises becomes a row with ``error``.
 """
 
 from __future__ import annotations
@@ -64,6 +74,110 @@ def _block_linear_params(g) -> int:
     return sum(n.args[1].data.numel() for n in g.find("linear", r"^model\.layers\.") if n.args[1].is_param)
 
 
+SPEED_SHAPES = [(4096, 11008), (11008, 4096)]
+SPEED_M = [2048, 16, 1]
+SMOKE_SHAPES = [(128, 256), (256, 128)]
+SMOKE_M = [64, 16, 1]
+SPEED_KEY = ("kernel", "M", "K", "N", "device")
+
+
+def _time_us(fn, cuda: bool) -> float:
+    """Median microseconds of ``fn()``: ``triton.testing.do_bench`` on CUDA (L2 flushed), a wall clock elsewhere."""
+    if cuda:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3
+    fn()
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2] * 1e6
+
+
+def gpu_speed(args: argparse.Namespace) -> None:
+    """Dense bf16 ``F.linear`` against the same 2:4 weight on cuSPARSELt and CUTLASS, one row per call shape."""
+    import torch.nn.functional as F
+
+    from lowbit.backends.semi_structured import cusparselt_available, is_2to4, to_semi_structured
+    from lowbit.calibration.sparsity import parse_pattern, prune_mask
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    dev_name = machine(dev)
+    shapes, ms = (SMOKE_SHAPES, SMOKE_M) if args.smoke else (SPEED_SHAPES, SPEED_M)
+    import lowbit
+
+    versions = {"lowbit": lowbit.__version__, "torch": torch.__version__, "python": platform.python_version(),
+                "cuda": str(torch.version.cuda)}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = "not installed"
+    try:
+        versions["cusparselt"] = str(torch.backends.cusparselt.version()) if cusparselt_available() else "absent"
+    except (AttributeError, RuntimeError) as exc:
+        versions["cusparselt"] = f"unknown ({exc})"
+    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    header = {"command": "python " + " ".join(sys.argv), "date": date, "device": dev_name, "versions": versions,
+              "notes": ("2:4 semi-structured sparse GEMM vs dense bf16 F.linear, y = x @ W.T with x [M, K] bf16 "
+                        "and W [N, K] bf16 (magnitude 2:4 mask on a random normal weight). us = median of "
+                        "triton.testing.do_bench (warmup 25 ms, rep 100 ms); speedup = dense us / us in the same "
+                        "run; rel_err = ||y_sparse - y_dense|| / ||y_dense||." + (" SMOKE: tiny shapes." if args.smoke
+                                                                                  else ""))}
+    out = Path(args.out)
+    rows: list[dict] = []
+    libs = ["cusparselt", "cutlass"]
+    gen = torch.Generator().manual_seed(0)
+    for k, n in shapes:
+        w = torch.randn(n, k, generator=gen)
+        w[prune_mask(w.abs(), parse_pattern("2:4", 0.5))] = 0
+        w = w.to(dev, torch.bfloat16)
+        assert is_2to4(w)
+        sparse: dict[str, torch.Tensor | Exception] = {}
+        for lib in libs:
+            try:
+                if lib == "cusparselt" and not cusparselt_available():
+                    raise RuntimeError("this torch has no cuSPARSELt")
+                sparse[lib] = to_semi_structured(w, lib)
+            except Exception as exc:  # noqa: BLE001 - a library that refuses becomes an error row
+                sparse[lib] = exc
+        for m in ms:
+            x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16)
+            base = {"model": "", "scheme": "2:4", "M": m, "K": k, "N": n, "dtype": "bf16", "device": dev_name,
+                    "date": date}
+            with torch.no_grad():
+                ref = F.linear(x, w)
+                dense_us = _time_us(lambda: F.linear(x, w), cuda)
+            row = {**base, "kernel": "dense-bf16", "method": "F.linear", "us": round(dense_us, 2)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            for lib in libs:
+                row = {**base, "kernel": f"2:4-{lib}", "method": f"SparseSemiStructuredTensor{lib.upper()}",
+                       "baseline": "dense-bf16", "baseline_us": round(dense_us, 2)}
+                try:
+                    ws = sparse[lib]
+                    if isinstance(ws, Exception):
+                        raise ws
+                    with torch.no_grad():
+                        y = F.linear(x, ws)
+                        row["rel_err"] = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+                        us = _time_us(lambda: F.linear(x, ws), cuda)
+                    row.update(us=round(us, 2), speedup=round(dense_us / us, 3))
+                except Exception as exc:  # noqa: BLE001 - one failing configuration must not end the run
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            merge_rows(out, header, rows, key=SPEED_KEY)
+        del sparse, w
+        if cuda:
+            torch.cuda.empty_cache()
+    merge_rows(out, header, rows, key=SPEED_KEY)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -71,7 +185,13 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None, help="override the eval's window count")
     ap.add_argument("--match", default="", help="regex on 'scheme:method:variant' selecting rows (float always runs)")
     ap.add_argument("--out", default="bench/results/pruning.json")
+    ap.add_argument("--gpu-speed", action="store_true",
+                    help="time 2:4 semi-structured sparse GEMMs against dense bf16 instead (see the docstring)")
+    ap.add_argument("--smoke", action="store_true", help="with --gpu-speed: tiny shapes (checks the script on CPU)")
     args = ap.parse_args()
+    if args.gpu_speed:
+        gpu_speed(args)
+        return
     dev_name = machine("cpu")
     model, tok, kind = load_model(args.model)
     assert kind == "causal-lm"
