@@ -4,12 +4,16 @@ One run, one machine: the float model and every row are captured once, pruned fr
 scored on the same windows, so ``ratio = value / float_value`` compares like with like.
 
     python tools/bench_pruning.py [--eval wt2-512x40] [--windows 8] [--match REGEX] [--out bench/results/pruning.json]
+    python tools/bench_pruning.py --rows structured --recover-tokens 500000 --recover-seconds 35 --device cuda \
+        --windows 40 --out $OUT/pruning_recover.json      # structured 10/20/30 with and without recovery, GPU
 
 Rows are merged into the results file by (model, scheme, method, variant, eval, device). ``scheme`` follows
 ../shared/RESULTS.md (``2:4``, ``unstructured-50``, ``structured-20``, ``2:4+w4a16``); structured rows carry the
 fraction of parameters removed, of the transformer blocks' linears (``params_removed_frac_blocks``) and of the
-whole model with its tied embedding (``params_removed_frac_total``). No recovery (distillation) step: that needs
-a GPU; every structured row is one-shot.
+whole model with its tied embedding (``params_removed_frac_total``). ``--recover-tokens N`` adds, after each
+structured row, the same pruned graph recovered by the ``distill`` pass (KL to the float model's logits on the
+shipped calibration text, N tokens, capped by ``--recover-seconds``); the row's ``ratio_without_recovery`` is
+the one-shot ratio of the same run.
 
 2:4 speed on the GPU (issue 21 item 3: semi-structured sparse tensors against dense bf16, one run)::
 
@@ -178,12 +182,31 @@ def gpu_speed(args: argparse.Namespace) -> None:
     merge_rows(out, header, rows, key=SPEED_KEY)
 
 
+STRUCTURED_ROWS = r"^structured-[123]0:flap:mlp channels, fluctuation"
+"""``--rows structured``: the FLAP-style MLP rows at 10/20/30% (one method across the three ratios)."""
+
+
+def _on_device(pipeline: str, dev: str) -> str:
+    """Calibrating passes (every one whose options carry ``progress=false`` here) calibrate on ``dev``."""
+    return pipeline if dev == "cpu" else pipeline.replace("progress=false", f"progress=false,device={dev}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--eval", default="wt2-512x40", choices=sorted(EVALS))
     ap.add_argument("--windows", type=int, default=None, help="override the eval's window count")
     ap.add_argument("--match", default="", help="regex on 'scheme:method:variant' selecting rows (float always runs)")
+    ap.add_argument("--rows", default="all", choices=["all", "structured"],
+                    help=f"structured: only the rows matching {STRUCTURED_ROWS!r} (and float)")
+    ap.add_argument("--device", default="cpu", help="where calibration, evaluation and recovery run (cpu, cuda)")
+    ap.add_argument("--recover-tokens", type=int, default=0,
+                    help="after each structured row, also a row recovered by distill(tokens=N) toward the float "
+                         "model's logits (0: none)")
+    ap.add_argument("--recover-lr", type=float, default=2e-4)
+    ap.add_argument("--recover-seconds", type=float, default=None,
+                    help="cap on each recovery's wall time (the row says how many tokens ran)")
+    ap.add_argument("--recover-batch", type=int, default=8, help="512-token windows per recovery step")
     ap.add_argument("--out", default="bench/results/pruning.json")
     ap.add_argument("--gpu-speed", action="store_true",
                     help="time 2:4 semi-structured sparse GEMMs against dense bf16 instead (see the docstring)")
@@ -192,7 +215,11 @@ def main() -> None:
     if args.gpu_speed:
         gpu_speed(args)
         return
-    dev_name = machine("cpu")
+    dev = args.device
+    dev_name = machine(dev)
+    match = STRUCTURED_ROWS if args.rows == "structured" else args.match
+    if args.rows == "structured" and args.match:
+        match = f"(?={STRUCTURED_ROWS})(?=.*(?:{args.match}))"
     model, tok, kind = load_model(args.model)
     assert kind == "causal-lm"
     spec = dict(EVALS[args.eval])
@@ -205,32 +232,33 @@ def main() -> None:
     total_params = sum(v.data.numel() for v in graph.params.values())
     import lowbit
 
+    recovery_note = ""
+    if args.recover_tokens:
+        recovery_note = (f" Recovered rows: distill(tokens={args.recover_tokens}, lr={args.recover_lr}, "
+                         f"batch {args.recover_batch} x 512, dtype {'bfloat16' if dev != 'cpu' else 'float32'}, "
+                         f"max_seconds={args.recover_seconds}) on the pruned graph, teacher = the float graph, "
+                         "KL to its logits on the shipped WikiText-2 validation excerpt (112 windows of 512, "
+                         "repeated in shuffled epochs; never the test text); row 'recovery' and 'recover_*' say "
+                         "what ran.")
     header = {
         "command": "python " + " ".join(sys.argv),
         "date": datetime.date.today().isoformat(),
         "device": dev_name,
         "versions": {"lowbit": lowbit.__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
-        "notes": ("One-shot pruning, no recovery/distillation (CPU only). Calibration: the shipped WikiText-2 "
+        "notes": ("One-shot pruning unless a row says recovery. Calibration: the shipped WikiText-2 "
                   "validation text (wikitext2-valid-calib), 512-token windows; calib count in each row's pipeline. "
                   "Structured rows: params_removed_frac_blocks = removed / params of the 30 blocks' linears "
                   f"({block_params}); params_removed_frac_total = removed / all params ({total_params}, tied "
-                  "embedding once)."),
+                  "embedding once)." + recovery_note),
     }
     out = Path(args.out)
     rows: list[dict] = []
     float_value = None
-    for scheme, method, variant, pipeline in ROWS:
-        if args.match and scheme != "float" and not re.search(args.match, f"{scheme}:{method}:{variant}"):
-            continue
-        g = graph.clone()
-        t1 = time.perf_counter()
-        stats: dict = {}
-        if pipeline is not None:
-            report = PassManager(pipeline).run(g)
-            stats = {r.spec: r.stats for r in report.records}
-        pass_s = time.perf_counter() - t1
-        r = perplexity(TorchCompiled(g), "wikitext2-test", tokenizer=tok, progress=False, **spec)
+
+    def score(g, scheme: str, method: str, variant: str, pipeline: str | None, pass_s: float, stats: dict) -> dict:
+        nonlocal float_value
+        r = perplexity(TorchCompiled(g, dev), "wikitext2-test", tokenizer=tok, progress=False, device=dev, **spec)
         if scheme == "float":
             float_value = r.ppl
         removed = total_params - sum(v.data.numel() for v in g.params.values())
@@ -250,10 +278,67 @@ def main() -> None:
             for k in ("sparsity_measured", "widths", "heads", "blocks_removed"):
                 if k in st:
                     row[k] = st[k] if k != "widths" else sorted(set(st[k].values()))
+        return row
+
+    def emit(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         merge_rows(out, header, rows)
+
+    for scheme, method, variant, pipeline in ROWS:
+        if match and scheme != "float" and not re.search(match, f"{scheme}:{method}:{variant}"):
+            continue
+        g = graph.clone()
+        t1 = time.perf_counter()
+        stats: dict = {}
+        try:
+            if pipeline is not None:
+                report = PassManager(_on_device(pipeline, dev)).run(g)
+                stats = {r.spec: r.stats for r in report.records}
+            row = score(g, scheme, method, variant, pipeline, time.perf_counter() - t1, stats)
+        except Exception as exc:  # noqa: BLE001 - one failing row must not end the run
+            if scheme == "float":
+                raise
+            row = {"model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant,
+                   "eval": eval_name, "device": dev_name, "date": header["date"], "pipeline": pipeline or "",
+                   "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+            emit(row)
+            continue
+        emit(row)
+        if args.recover_tokens and scheme.startswith("structured"):
+            emit(recover(args, graph, g, row, score, dev))
         del g
+
+
+def recover(args: argparse.Namespace, teacher, pruned, base: dict, score, dev: str) -> dict:
+    """The pruned graph after ``distill`` toward ``teacher`` (the float graph): a row beside ``base``."""
+    from lowbit.passes.distill import Distill
+
+    variant = f"{base['variant']} + distill {args.recover_tokens} tokens"
+    g = pruned.clone()
+    d = Distill(tokens=args.recover_tokens, lr=args.recover_lr, batch_size=args.recover_batch, calib_len=512,
+                calib_n=112, dtype="float32" if dev == "cpu" else "bfloat16",
+                device=None if dev == "cpu" else dev, max_seconds=args.recover_seconds, progress=False)
+    d.reference = teacher
+    t1 = time.perf_counter()
+    try:
+        st = d.run(g).stats
+        if dev != "cpu":
+            torch.cuda.synchronize()
+        row = score(g, base["scheme"], base["method"], variant, base["pipeline"] + "," + d.spec(),
+                    base["pass_seconds"] + time.perf_counter() - t1, {})
+    except Exception as exc:  # noqa: BLE001 - a failing recovery becomes an error row
+        return {**{k: base[k] for k in ("model", "scheme", "method", "eval", "device", "date")}, "variant": variant,
+                "pipeline": base["pipeline"] + "," + d.spec(), "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+    row["recovery"] = f"distill: {st['tokens']} tokens in {st['steps']} steps, {st['seconds']} s on {dev}"
+    row.update(recover_tokens=st["tokens"], recover_token_budget=args.recover_tokens, recover_steps=st["steps"],
+               recover_seconds=st["seconds"], recover_stopped_early=st["stopped_early"],
+               recover_kl_first=st["kl_first"], recover_kl_last_10pct=st["kl_last_10pct"],
+               ratio_without_recovery=base.get("ratio"))
+    for k in ("widths", "heads", "blocks_removed"):
+        if k in base:
+            row[k] = base[k]
+    return row
 
 
 if __name__ == "__main__":
