@@ -104,7 +104,11 @@ def gpu_speed(args: argparse.Namespace) -> None:
     """Dense bf16 ``F.linear`` against the same 2:4 weight on cuSPARSELt and CUTLASS, one row per call shape."""
     import torch.nn.functional as F
 
-    from lowbit.backends.semi_structured import cusparselt_available, is_2to4, to_semi_structured
+    from lowbit.backends.semi_structured import (
+        cusparselt_available,
+        is_2to4,
+        to_semi_structured,
+    )
     from lowbit.calibration.sparsity import parse_pattern, prune_mask
 
     cuda = torch.cuda.is_available()
@@ -155,7 +159,7 @@ def gpu_speed(args: argparse.Namespace) -> None:
                     "date": date}
             with torch.no_grad():
                 ref = F.linear(x, w)
-                dense_us = _time_us(lambda: F.linear(x, w), cuda)
+                dense_us = _time_us(lambda x=x, w=w: F.linear(x, w), cuda)
             row = {**base, "kernel": "dense-bf16", "method": "F.linear", "us": round(dense_us, 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -169,14 +173,14 @@ def gpu_speed(args: argparse.Namespace) -> None:
                     with torch.no_grad():
                         y = F.linear(x, ws)
                         row["rel_err"] = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
-                        us = _time_us(lambda: F.linear(x, ws), cuda)
+                        us = _time_us(lambda x=x, ws=ws: F.linear(x, ws), cuda)
                     row.update(us=round(us, 2), speedup=round(dense_us / us, 3))
                 except Exception as exc:  # noqa: BLE001 - one failing configuration must not end the run
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             merge_rows(out, header, rows, key=SPEED_KEY)
-        del sparse, w
+        sparse.clear()
         if cuda:
             torch.cuda.empty_cache()
     merge_rows(out, header, rows, key=SPEED_KEY)
@@ -296,7 +300,7 @@ def main() -> None:
             if pipeline is not None:
                 try:
                     report = PassManager(_on_device(pipeline, dev)).run(g)
-                except Exception as exc:  # noqa: BLE001 - calibrate on the CPU instead, and say so in the row
+                except Exception as exc:
                     if dev == "cpu":
                         raise
                     fallback = f"calibrated on cpu: on {dev}: {type(exc).__name__}: {str(exc)[:200]}"
@@ -306,7 +310,7 @@ def main() -> None:
             row = score(g, scheme, method, variant, pipeline, time.perf_counter() - t1, stats)
             if fallback:
                 row["calibration_fallback"] = fallback
-        except Exception as exc:  # noqa: BLE001 - one failing row must not end the run
+        except Exception as exc:
             if scheme == "float":
                 raise
             row = {"model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant,

@@ -81,7 +81,10 @@ def plan_weight(w: torch.Tensor, device: torch.device | str | None, *, library: 
 
 def to_semi_structured(w: torch.Tensor, library: str) -> torch.Tensor:
     """The semi-structured tensor of a 2:4 CUDA fp16/bf16 weight, by the named library (no global flag)."""
-    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+    from torch.sparse import (
+        SparseSemiStructuredTensorCUSPARSELT,
+        SparseSemiStructuredTensorCUTLASS,
+    )
 
     cls = SparseSemiStructuredTensorCUSPARSELT if library == "cusparselt" else SparseSemiStructuredTensorCUTLASS
     return cls.from_dense(w.contiguous())
@@ -114,7 +117,7 @@ def apply_semi_structured(gm: torch.fx.GraphModule, device: torch.device | str |
             continue
         w = getattr(gm, wn.target)
         if not isinstance(w, torch.Tensor) or isinstance(w, torch.sparse.SparseSemiStructuredTensor):
-            if wn.target in decided and decided[wn.target]:
+            if decided.get(wn.target):
                 report["semi_structured"][node.name] = str(decided[wn.target])
             continue
         if node.name not in marked and w.dim() == 2 and w.shape[1] % 4 == 0 and check_2to4(w[:1]) is not None:

@@ -10,9 +10,10 @@ use such a step after pruning). The loss is the per-token ``KL(teacher ‖ stude
 Both graphs run node by node through the ops' reference implementations (``engine._execute``, as the learned
 rotation does) with autograd on: the student's trainable params are float32 master copies on the training
 device, read in the graph's own dtype (``dtype=bfloat16`` runs the forward under autocast), updated by AdamW with
-a linear decay to zero and gradient clipping; the teacher runs without gradients on the same batch. At the end
-every trained param is written back with ``graph.set_param`` in its own dtype and device; the teacher's tensors
-are never touched (clones share tensors, so the masters are always copies).
+a linear decay to zero (over the steps, or over ``max_seconds`` if that ends first) and gradient clipping; the
+teacher runs without gradients on the same batch. At the end every trained param is written back with
+``graph.set_param`` in its own dtype and device; the teacher's tensors are never touched (clones share tensors,
+so the masters are always copies).
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lowbit.calibration.engine import BLOCK_PATTERN, CalibrationError, _DeviceParams, _execute, home_device
+from lowbit.calibration.engine import (
+    BLOCK_PATTERN,
+    CalibrationError,
+    _DeviceParams,
+    _execute,
+    home_device,
+)
 from lowbit.ir.graph import Graph, Value
 
 __all__ = ["DistillError", "DistillStats", "distill_logits", "logit_kl", "trainable_params"]
@@ -117,7 +124,14 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
     if not masters:
         raise DistillError(f"{what}: the student graph has no floating-point param to train (scope={scope})")
     opt = torch.optim.AdamW([m for _, m in masters.values()], lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / max(steps, 1)))
+    def decay(i: int) -> float:
+        """Linear to 0 over the steps, or over ``max_seconds`` when that ends first (a capped run still anneals)."""
+        done_frac = i / max(steps, 1)
+        if max_seconds is not None:
+            done_frac = max(done_frac, (time.perf_counter() - t0) / max_seconds)
+        return max(0.0, 1.0 - done_frac)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     s_params, t_params = _Params(dev, masters), _DeviceParams(dev)
     autocast = dtype == "bfloat16"
     gen = torch.Generator().manual_seed(seed)

@@ -29,7 +29,15 @@ from pydantic import Field
 
 from lowbit.calibration.distill import DistillError, distill_logits
 from lowbit.ir.graph import Graph
-from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, no_op, register_pass
+from lowbit.passes.base import (
+    NO_QLINEAR,
+    CalibrationOptions,
+    Pass,
+    PassError,
+    PassResult,
+    no_op,
+    register_pass,
+)
 
 __all__ = ["Distill", "DistillOptions"]
 
