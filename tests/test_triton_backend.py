@@ -126,3 +126,19 @@ def test_generation_runs_on_the_triton_backend():
     out_ref, out_tri = ref.generate(ids, 1, stop_tokens=()), tri.generate(ids, 6, stop_tokens=())
     assert out_tri.decode_steps == 5 and all(len(t) == 6 for t in out_tri.tokens)
     assert [t[0] for t in out_tri.tokens] == [t[0] for t in out_ref.tokens]  # prefill's argmax agrees
+
+
+@pytest.mark.gpu
+def test_repacked_weights_leave_one_copy_on_the_gpu(slice1_bf16):
+    """The decode layout replaces the stored int4 codes on the device; the IR's stored copy moves to the host."""
+    graph, ids = slice1_bf16
+    g = graph.clone()
+    PassManager("quantize(w=int4,group=64,sym=false)").run(g)
+    for v in g.params.values():
+        v.data = v.data.cuda()
+    m = lower(g, "cuda", compile=False)
+    assert m.report["layout"] and m.host_copies >= len(m.report["layout"])
+    live = {t.untyped_storage().data_ptr() for t in m.gm.buffers()}
+    on_gpu = [n for n, v in g.params.items() if v.data.is_cuda]
+    assert on_gpu and all(g.params[n].data.untyped_storage().data_ptr() in live for n in on_gpu)
+    assert m(ids).isfinite().all()

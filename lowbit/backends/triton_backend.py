@@ -204,6 +204,26 @@ def retarget(gm: torch.fx.GraphModule) -> dict[str, dict[str, str]]:
     return report
 
 
+def offload_replaced(gm: torch.fx.GraphModule, graphs: tuple[Graph, ...]) -> int:
+    """Move to host memory every IR parameter tensor on the GPU that the lowered module no longer reads (the
+    stored int4 form of weights repacked into the decode layout); returns how many were moved.
+
+    The IR keeps the stored form (``.graph`` is still printable, saveable, re-lowerable), but the device must
+    hold one copy of each weight: without this a W4A16 model kept the stored codes beside the repacked words
+    on the GPU (1336 MiB against 919 for the 7B-shaped 4-layer stack, measured on the H200)."""
+    live = {t.untyped_storage().data_ptr() for t in gm.buffers() if t.is_cuda}
+    moved: dict[int, torch.Tensor] = {}
+    for g in graphs:
+        for v in g.params.values():
+            t = v.data
+            if t is None or not t.is_cuda or t.untyped_storage().data_ptr() in live:
+                continue
+            if id(t) not in moved:
+                moved[id(t)] = t.to("cpu")
+            v.data = moved[id(t)]
+    return len(moved)
+
+
 class TritonCompiled(TorchCompiled):
     """The lowered module: ``report`` says which qlinear nodes run which kernel and which fell back, and why."""
 
@@ -218,6 +238,7 @@ class TritonCompiled(TorchCompiled):
         super().__init__(fused, device, keep_packed=True, donated=donated, semi_structured=semi_structured,
                          sparse_library=sparse_library)
         self.report = retarget(self.gm)
+        self.host_copies = offload_replaced(self.gm, (graph, fused))
         self.compiled = compile
         self._run: Callable[..., Any] = self.gm
         if compile:
