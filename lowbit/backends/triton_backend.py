@@ -211,7 +211,10 @@ def offload_replaced(gm: torch.fx.GraphModule, graphs: tuple[Graph, ...]) -> int
     The IR keeps the stored form (``.graph`` is still printable, saveable, re-lowerable), but the device must
     hold one copy of each weight: without this a W4A16 model kept the stored codes beside the repacked words
     on the GPU (1336 MiB against 919 for the 7B-shaped 4-layer stack, measured on the H200)."""
-    live = {t.untyped_storage().data_ptr() for t in gm.buffers() if t.is_cuda}
+    # a semi-structured sparse buffer (a 2:4 weight) is a wrapper subclass without storage of its own: skipped, so
+    # the dense IR weight it replaced moves to the host like a repacked one
+    live = {t.untyped_storage().data_ptr() for t in gm.buffers()
+            if t.is_cuda and not isinstance(t, torch.sparse.SparseSemiStructuredTensor)}
     moved: dict[int, torch.Tensor] = {}
     for g in graphs:
         for v in g.params.values():
