@@ -230,8 +230,14 @@ def main() -> None:
     if args.windows is not None:
         spec["max_windows"] = args.windows
     eval_name = args.eval if args.windows is None else f"wt2-{spec['seq_len']}x{args.windows}"
-    graph = capture(model, (torch.randint(0, 49152, (1, 64)),),
-                    dynamic_shapes={"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
+    if args.recover_tokens:
+        # recovery trains on batches of windows: a batch-1 example would specialise the graph to batch 1
+        graph = capture(model, (torch.randint(0, 49152, (2, 64)),),
+                        dynamic_shapes={"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=64),
+                                                      1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
+    else:
+        graph = capture(model, (torch.randint(0, 49152, (1, 64)),),
+                        dynamic_shapes={"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
     block_params = _block_linear_params(graph)
     total_params = sum(v.data.numel() for v in graph.params.values())
     import lowbit
@@ -346,6 +352,7 @@ def recover(args: argparse.Namespace, teacher, pruned, base: dict, score, dev: s
                 "pipeline": base["pipeline"] + "," + d.spec(), "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
     row["recovery"] = f"distill: {st['tokens']} tokens in {st['steps']} steps, {st['seconds']} s on {dev}"
     row.update(recover_tokens=st["tokens"], recover_token_budget=args.recover_tokens, recover_steps=st["steps"],
+               recover_batch=st["batch_windows"],
                recover_seconds=st["seconds"], recover_stopped_early=st["stopped_early"],
                recover_kl_first=st["kl_first"], recover_kl_last_10pct=st["kl_last_10pct"],
                ratio_without_recovery=base.get("ratio"))

@@ -92,5 +92,6 @@ class Distill(Pass):
         stats = {"steps": st.steps, "steps_planned": steps, "tokens": st.tokens, "token_budget": o.tokens,
                  "kl_first": st.kl_first, "kl_last": st.kl_last, "kl_last_10pct": st.kl_mean_last_10pct,
                  "trained_params": st.trained_params, "trained_tensors": st.trained_tensors,
-                 "stopped_early": st.stopped_early, "seconds": st.seconds, "calib_windows": int(ids.shape[0])}
+                 "stopped_early": st.stopped_early, "seconds": st.seconds, "calib_windows": int(ids.shape[0]),
+                 "batch_windows": batch}
         return PassResult(st.steps > 0, stats)
