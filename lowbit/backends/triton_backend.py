@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from lowbit.backends.semi_structured import report_lines
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.ir.graph import Graph, TensorType
 from lowbit.ir.ops import hadamard as ir_hadamard
@@ -348,7 +349,10 @@ def offload_replaced(gm: torch.fx.GraphModule, graphs: tuple[Graph, ...]) -> int
     The IR keeps the stored form (``.graph`` is still printable, saveable, re-lowerable), but the device must
     hold one copy of each weight: without this a W4A16 model kept the stored codes beside the repacked words
     on the GPU (1336 MiB against 919 for the 7B-shaped 4-layer stack, measured on the H200)."""
-    live = {t.untyped_storage().data_ptr() for t in gm.buffers() if t.is_cuda}
+    # a semi-structured sparse buffer (a 2:4 weight) is a wrapper subclass without storage of its own: skipped, so
+    # the dense IR weight it replaced moves to the host like a repacked one
+    live = {t.untyped_storage().data_ptr() for t in gm.buffers()
+            if t.is_cuda and not isinstance(t, torch.sparse.SparseSemiStructuredTensor)}
     moved: dict[int, torch.Tensor] = {}
     for g in graphs:
         for v in g.params.values():
@@ -365,7 +369,8 @@ class TritonCompiled(TorchCompiled):
     """The lowered module: ``report`` says which qlinear nodes run which kernel and which fell back, and why."""
 
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *, compile: bool = True,
-                 cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset()) -> None:
+                 cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset(),
+                 semi_structured: bool = True, sparse_library: str = "auto") -> None:
         from lowbit.ir.fusion import fuse_qlinear
         from lowbit.ir.merge import merge_horizontal
         from lowbit.ir.normquant import fuse_norm_quant
@@ -377,7 +382,9 @@ class TritonCompiled(TorchCompiled):
                      lambda: fuse_norm_quant(fused).total):
             if step():
                 eliminate_dead_code(fused)  # the next step must not see the replaced nodes as readers
-        super().__init__(fused, device, keep_packed=True, donated=donated)
+        # float 2:4 linears become semi-structured sparse tensors (torch_backend; torch.compile traces the subclass)
+        super().__init__(fused, device, keep_packed=True, donated=donated, semi_structured=semi_structured,
+                         sparse_library=sparse_library)
         types = {v.name: v.type for nd in fused.nodes for v in nd.outputs if isinstance(v.type, TensorType)}
         self.report = retarget(self.gm, types, self.device)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
@@ -405,6 +412,7 @@ class TritonCompiled(TorchCompiled):
             lines.append(f"  decode layout (int32 words): {len(self.report['layout'])} weight-only nodes")
         lines += [f"  reference: %{name}: {why}" for name, why in self.report["fallback"].items()]
         lines += [f"  hadamard not fused into %{name}: {why}" for name, why in self.report["unfused"].items()]
+        lines += report_lines(self.sparse_report)
         return "\n".join(lines)
 
     @torch.no_grad()
@@ -422,10 +430,11 @@ class TritonCompiled(TorchCompiled):
         return self._run(*args)
 
 
-def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False
-          ) -> TritonCompiled:
+def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
+          semi_structured: bool = True, sparse_library: str = "auto") -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
-    backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode."""
+    backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
+    ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise RuntimeError(NO_CUDA)
@@ -435,4 +444,4 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     # a step graph's cache inputs are handed over by the generator (written in place), as on the torch backend
     donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
     return TritonCompiled(graph, dev, compile=compile and torch.device(dev).type == "cuda", cuda_graphs=cuda_graphs,
-                          donated=donated)
+                          donated=donated, semi_structured=semi_structured, sparse_library=sparse_library)
