@@ -52,11 +52,11 @@ def _versions() -> dict:
 
 ATTENTION_CONFIGS = [
     {},  # lowbit.kernels.decode_attention.DEFAULT_CONFIG (what the Triton backend's decode step launches)
-    {"num_warps": 4, "block_n": 8},
-    {"num_warps": 4, "block_n": 32},
+    {"block_n": 16, "chunk": 16},
+    {"block_n": 32, "chunk": 16},
+    {"num_warps": 8, "block_n": 32, "chunk": 16},
     {"num_warps": 8, "block_n": 32},
-    {"num_warps": 8, "block_n": 16},
-    {"num_warps": 4, "block_n": 16, "split": 1024},
+    {"block_n": 8},
 ]
 """decode_attention launches tried per (bits, scale dtype); the fastest is reported with its config."""
 
