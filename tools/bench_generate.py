@@ -140,7 +140,10 @@ def attention_rows(smoke: bool = False, dev: str = "cuda", budget_s: float = 130
                     print(f"{name} scales-{sname} [{label}]: skipped (the sweep's {budget_s:.0f} s budget is spent)",
                           file=sys.stderr)
                     continue
-                call = lambda: da.decode_attention(*args, **full, **kw)  # noqa: E731
+
+                def call(args=args, full=full, kw=kw):
+                    return da.decode_attention(*args, **full, **kw)
+
                 try:
                     err = float((da.decode_attention(*sub, **full, **skw) - ref).abs().max())
                     call()  # compile for the full shape's specialisation

@@ -326,7 +326,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     m = torch.empty(b, hq, n_split, device=q.device, dtype=torch.float32)
     den = torch.empty_like(m)
     q = q.contiguous()
-    lo32, hi32 = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+    lo32, hi32 = lo.to(torch.int32).contiguous(), hi.clamp(max=s).to(torch.int32).contiguous()  # never past the cache
     qk_scale = sm_scale * LOG2E
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _split_kernel[(b * hq, n_split)](
