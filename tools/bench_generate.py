@@ -86,7 +86,7 @@ def _one_call_ms(fn, dev: str) -> float:
     return (time.perf_counter() - t) * 1000
 
 
-def attention_rows(smoke: bool = False, dev: str = "cuda", budget_s: float = 130.0) -> list[dict]:
+def attention_rows(smoke: bool = False, dev: str = "cuda", budget_s: float = 120.0) -> list[dict]:
     """Decode attention over an int4 / int2 cache (fp16 and fp32 scales) vs bf16 SDPA, same shapes, same run.
     Every config is checked against ``decode_attention_reference`` on a 2-sequence, 4K-token slice first
     (``max_abs_err_vs_reference``); a config that raises or is too slow becomes a line on stderr, not a crash."""
