@@ -48,13 +48,16 @@ class CompileReport:
     param_bytes_after: int
     generic_ops: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    lowering: list[str] = field(default_factory=list)
+    """What the backend's lowering decided, from its runner's ``report_text()`` (kernels, fallbacks, 2:4 weights
+    on semi-structured sparse tensors or kept dense and why)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "capture": self.capture, "pipeline": self.pipeline.to_dict(), "backend": self.backend,
             "nodes_before": self.nodes_before, "nodes_after": self.nodes_after,
             "param_bytes_before": self.param_bytes_before, "param_bytes_after": self.param_bytes_after,
-            "generic_aten_ops": self.generic_ops, "seconds": round(self.seconds, 3),
+            "generic_aten_ops": self.generic_ops, "seconds": round(self.seconds, 3), "lowering": self.lowering,
         }
 
     def summary(self) -> str:
@@ -70,6 +73,7 @@ class CompileReport:
         if self.generic_ops:
             lines.append("left as generic ATen (no pass rewrites these): " +
                          ", ".join(f"{k}×{v}" for k, v in self.generic_ops.items()))
+        lines += self.lowering
         return "\n".join(lines)
 
 
@@ -283,6 +287,7 @@ def compile_graph(graph: Graph, plan: CompilePlan, *, device: str | None = None,
         pipeline=pipeline_report, backend=plan.backend.name, nodes_before=nodes_before,
         nodes_after=len(graph.nodes), param_bytes_before=bytes_before, param_bytes_after=graph.param_bytes(),
         generic_ops=generic, seconds=time.perf_counter() - t0,
+        lowering=runner.report_text().splitlines() if callable(getattr(runner, "report_text", None)) else [],
     )
     return runner, report
 

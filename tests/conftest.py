@@ -151,3 +151,18 @@ def float64_norm_stats(g):
     for n in g.find("rms_norm"):
         n.kwargs["compute_dtype"] = None
     return g
+
+
+TINY_IR = """\
+graph tiny(%x: f32[2,s0,8]) {
+  symbol s0 in [1, 64] hint 4
+  param @norm.weight: f32[8]
+  param @proj.weight: f32[16,8]
+  %n: f32[2,s0,8] = rms_norm(%x, @norm.weight, eps=1e-06, compute_dtype=f32)  # norm
+  %y: f32[2,s0,16] = linear(%n, @proj.weight)  # proj
+  %s: sym(s0) = aten.sym_size.int(%x, 1)
+  %r: f32[2,s0,4,4] = reshape(%y, [2, %s, 4, -1])  # proj
+  return %r
+}
+"""
+"""A small IR text (norm, linear, symbolic reshape) the text-format and untrusted-text tests start from."""

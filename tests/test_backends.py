@@ -42,7 +42,7 @@ def test_a_backend_that_cannot_run_fails_before_the_model_is_read(monkeypatch):
     # triton without CUDA (and without the interpreter the kernel tests use): checked before the model is loaded
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert get_backend("triton").built and get_backend("triton").passes == "fuse-qlinear"
+    assert get_backend("triton").built and get_backend("triton").passes == "fuse-qlinear,merge-linears,fuse-norm-quant"
     with pytest.raises(BackendError, match="cannot run here: .*CUDA GPU.*backend='torch'.*'onnxruntime'"):
         compile_model("no-such-model", pipeline="dce", backend="triton")
     with pytest.raises(BackendError, match="unknown backend 'onnxrt' \\(did you mean 'onnxruntime'\\?\\); known: "

@@ -14,18 +14,7 @@ from lowbit.ir.graph import Graph, TensorType
 from lowbit.ir.parser import IRParseError, parse_graph
 from lowbit.ir.printer import format_literal, print_graph
 
-GOLDEN = """\
-graph tiny(%x: f32[2,s0,8]) {
-  symbol s0 in [1, 64] hint 4
-  param @norm.weight: f32[8]
-  param @proj.weight: f32[16,8]
-  %n: f32[2,s0,8] = rms_norm(%x, @norm.weight, eps=1e-06, compute_dtype=f32)  # norm
-  %y: f32[2,s0,16] = linear(%n, @proj.weight)  # proj
-  %s: sym(s0) = aten.sym_size.int(%x, 1)
-  %r: f32[2,s0,4,4] = reshape(%y, [2, %s, 4, -1])  # proj
-  return %r
-}
-"""
+from conftest import TINY_IR as GOLDEN  # noqa: E402
 
 
 def test_golden_text_round_trips_exactly():

@@ -49,7 +49,10 @@ def test_triton_backend_runs_qlinear_on_kernels_like_the_reference(slice1_bf16, 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     m = lower(g, dev)
     assert m.report["kernels"] and set(m.report["kernels"].values()) == {form} and not m.report["fallback"]
-    assert len(m.report["kernels"]) == 7  # q, k, v, o, gate, up, down of the layer
+    # q, k, v, o, gate, up, down of the layer: q/k/v and gate/up each merged into one wider GEMM (merge-linears)
+    assert len(m.report["kernels"]) == 4
+    assert sorted(v.rsplit(".", 1)[-1] for m_ in m.report["merged"].values() for v in m_.split(", ")) == [
+        "gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
     if form == "w4a16":  # K = 1536 (down) takes the int32 decode layout; K = 576 (32 * 18 codes) keeps bytes
         assert list(m.report["layout"].values()) == ["words"]
     y = m(ids).float().cpu()
@@ -94,8 +97,10 @@ def test_compile_driver_reaches_the_triton_backend_through_the_registry(slice1_b
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     runner, report = compile_graph(g, plan_compile(parse_pipeline("quantize(w=int4,group=64,sym=false)"), "triton",
                                                    {"compile": False}), device=dev)
-    assert [r.name for r in report.pipeline.records] == ["quantize", "fuse-qlinear"]
-    assert isinstance(runner, TritonCompiled) and len(runner.report["kernels"]) == 7
+    assert [r.name for r in report.pipeline.records] == ["quantize", "fuse-qlinear", "merge-linears",
+                                                        "fuse-norm-quant"]
+    assert report.pipeline.records[2].stats["nodes_merged"] == {"qlinear": 5}  # q/k/v -> 1, gate/up -> 1
+    assert isinstance(runner, TritonCompiled) and len(runner.report["kernels"]) == 4
     assert torch.uint8 in {b.dtype for b in runner.gm.buffers()}  # packed int4 codes, not float weights
     ref = TorchCompiled(g)(ids).float()
     y = runner(ids).float().cpu()
@@ -126,3 +131,19 @@ def test_generation_runs_on_the_triton_backend():
     out_ref, out_tri = ref.generate(ids, 1, stop_tokens=()), tri.generate(ids, 6, stop_tokens=())
     assert out_tri.decode_steps == 5 and all(len(t) == 6 for t in out_tri.tokens)
     assert [t[0] for t in out_tri.tokens] == [t[0] for t in out_ref.tokens]  # prefill's argmax agrees
+
+
+@pytest.mark.gpu
+def test_repacked_weights_leave_one_copy_on_the_gpu(slice1_bf16):
+    """The decode layout replaces the stored int4 codes on the device; the IR's stored copy moves to the host."""
+    graph, ids = slice1_bf16
+    g = graph.clone()
+    PassManager("quantize(w=int4,group=64,sym=false)").run(g)
+    for v in g.params.values():
+        v.data = v.data.cuda()
+    m = lower(g, "cuda", compile=False)
+    assert m.report["layout"] and m.host_copies >= len(m.report["layout"])
+    live = {t.untyped_storage().data_ptr() for t in m.gm.buffers()}
+    on_gpu = [n for n, v in g.params.items() if v.data.is_cuda]
+    assert on_gpu and all(g.params[n].data.untyped_storage().data_ptr() in live for n in on_gpu)
+    assert m(ids).isfinite().all()

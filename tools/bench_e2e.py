@@ -106,6 +106,8 @@ def main() -> None:
                     help="also run compile_model(backend='triton') rows (capture + quantize + lower, per scheme)")
     ap.add_argument("--hf-only", action="store_true",
                     help="skip the QuantLinear rows: HF bf16 (eager, torch.compile) and, with --backend, the backend rows")
+    ap.add_argument("--graphs", choices=("both", "on", "off"), default="both",
+                    help="with --backend: time the triton rows with cuda_graphs on, off or both")
     args = ap.parse_args()
     t_start = time.time()
     device, date = machine("cuda"), datetime.date.today().isoformat()
@@ -163,17 +165,18 @@ def main() -> None:
         if scheme is not None:
             del model
     if args.backend:
-        rows.extend(backend_rows(ref, device, date))
+        rows.extend(backend_rows(ref, device, date, {"both": (False, True), "on": (True,), "off": (False,)}[args.graphs]))
     flush()
 
 
-def backend_rows(ref: torch.nn.Module, device: str, date: str) -> list[dict]:
+def backend_rows(ref: torch.nn.Module, device: str, date: str, graph_modes: tuple[bool, ...] = (False, True)
+                 ) -> list[dict]:
     """``compile_model(wrapped HF model, pipeline=..., backend="triton")``: memory and forward µs per scheme."""
     import lowbit
     from lowbit.models import CausalLMLogits
 
     rows = []
-    for (name, pipeline), graphs in itertools.product(PIPELINES.items(), (False, True)):
+    for (name, pipeline), graphs in itertools.product(PIPELINES.items(), graph_modes):
         gc.collect()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
@@ -190,6 +193,9 @@ def backend_rows(ref: torch.nn.Module, device: str, date: str) -> list[dict]:
             gc.collect()
             torch.cuda.empty_cache()
             mem = torch.cuda.memory_allocated() - before
+            # the decoder linears' share: whole-model memory less the bf16 embedding, lm_head and norms it keeps
+            rest = sum(p.numel() * p.element_size() for p in ref.parameters()) - linear_bytes(ref)
+            base["linear_mem_vs_bf16"] = round((mem - rest) / linear_bytes(ref), 3)
             report = compiled.runner.report_text() if hasattr(compiled.runner, "report_text") else ""
             for b, s in SHAPES:
                 try:

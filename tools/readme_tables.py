@@ -27,6 +27,13 @@ COLUMNS = {
              "parity_rel", "tensorrt_qdq_errors", "tensorrt_qdq_rules", "onnx_ops"],
 }
 """Per results file: its own columns, in order, instead of ``PREFERRED``."""
+PIVOT_ID = {
+    "e2e_backend": ["model", "scheme", "path", "variant"],
+    "generate": ["model", "scheme", "method"],
+}
+"""Per results file: the columns that name one line of a pivoted table."""
+PIVOT_CARRY = {"e2e_backend": ["gpu_memory_mib"], "generate": ["peak_mem_mib"]}
+"""Per results file: columns shown on a pivoted line (its first row that has one), not part of its name."""
 DIGITS = {"onnx": {"value": 4}}
 """Per results file: decimals for columns whose differences are below ``_fmt``'s 4 significant digits."""
 SORT = {"accuracy": ("model", "eval", "scheme", "value")}
@@ -66,7 +73,11 @@ def _keep(row: dict, data: dict, filters: str) -> bool:
 
 def table(path: Path, filters: str = "") -> str:
     data = json.loads(path.read_text())
+    pivot = re.search(r"\bpivot=(\w+):(\w+)", filters)
+    filters = re.sub(r"\bpivot=\S+", "", filters)
     rows = [r for r in data.get("rows", []) if _keep(r, data, filters)]
+    if pivot:
+        return _pivot(path, data, rows, *pivot.groups())
     for r in rows:
         if "value" in r and isinstance(r.get("float_value"), (int, float)) and r["float_value"] and "ratio" not in r:
             if r.get("eval", "").startswith("wt2"):
@@ -90,6 +101,35 @@ def table(path: Path, filters: str = "") -> str:
         lines.append("| " + " | ".join(f"{r[k]:.{digits[k]}f}" if k in digits and isinstance(r.get(k), float)
                                        else _fmt(r.get(k)) for k in keys) + " |")
     return "\n".join(lines)
+
+
+def _pivot(path: Path, data: dict, rows: list[dict], col: str, value: str) -> str:
+    """One line per identity (``PIVOT_ID``), one column per distinct ``col``; a cell holds ``value`` or the row's
+    error (shortened), so a failed shape shows as failed rather than missing."""
+    ident = [k for k in PIVOT_ID.get(path.stem, PREFERRED) if any(k in r for r in rows)]
+    carry = [k for k in PIVOT_CARRY.get(path.stem, []) if any(k in r for r in rows)]
+    heads: list[str] = []
+    lines: dict[tuple, dict[str, str]] = {}
+    for r in rows:
+        if col not in r:
+            continue
+        c = str(r[col])
+        if c not in heads:
+            heads.append(c)
+        cell = _fmt(r.get(value)) if r.get(value) is not None else ("failed" if r.get("error") else "")
+        line = lines.setdefault(tuple(_fmt(r.get(k)) for k in ident), {})
+        line[c] = cell
+        for k in carry:
+            if not line.get(k) and r.get(k) is not None:
+                line[k] = _fmt(r[k])
+    devices = sorted({str(r.get("device", data.get("device", ""))) for r in rows})
+    dates = sorted({str(r.get("date", data.get("date", ""))) for r in rows})
+    out = [f"Source: `{path.relative_to(ROOT)}` — `{data.get('command', '')}` ({', '.join(dates)}, "
+           f"{'; '.join(devices)}); {value} by {col}", "",
+           "| " + " | ".join(ident + carry + heads) + " |", "|" + "---|" * (len(ident) + len(carry) + len(heads))]
+    for key, cells in lines.items():
+        out.append("| " + " | ".join(list(key) + [cells.get(h, "") for h in carry + heads]) + " |")
+    return "\n".join(out)
 
 
 def render(readme: str) -> str:

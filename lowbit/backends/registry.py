@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -165,6 +165,11 @@ def get_backend(name: str) -> BackendSpec:
 class TorchBackendOptions(BackendOptions):
     keep_packed: bool = False
     """Keep packed weights on the device and dequantize them per call (default: dequantize once at lowering)."""
+    semi_structured: bool = True
+    """Float linears whose weight has the 2:4 pattern run as semi-structured sparse tensors (cuSPARSELt/CUTLASS)
+    on CUDA in fp16/bf16; elsewhere they stay dense and the runner's ``sparse_report`` says why."""
+    sparse_library: Literal["auto", "cusparselt", "cutlass"] = "auto"
+    """Which sparse GEMM: cuSPARSELt where torch has it (``auto``), or CUTLASS."""
 
 
 class OrtBackendOptions(BackendOptions):
@@ -190,6 +195,9 @@ class TritonBackendOptions(BackendOptions):
     """Run the lowered module under ``torch.compile`` (the kernels are ``triton_op``s it sees through)."""
     cuda_graphs: bool = False
     """``torch.compile(mode="reduce-overhead")``: one CUDA graph per static shape (small calls are host-bound)."""
+    semi_structured: bool = True
+    """Float 2:4 linears run as semi-structured sparse tensors (cuSPARSELt/CUTLASS) where they qualify."""
+    sparse_library: Literal["auto", "cusparselt", "cutlass"] = "auto"
 
 
 def _triton_unavailable() -> str | None:
@@ -208,4 +216,5 @@ def _triton_unavailable() -> str | None:
 register_backend("triton", "lowbit.backends.triton_backend:lower",
                  summary="lowbit's Triton kernels (W4A16/W8A16 GEMV, W8A8/W4A8 int8 GEMM, FP8) over packed weights, "
                          "under torch.compile; other nodes run the torch reference",
-                 passes="fuse-qlinear", options=TritonBackendOptions, unavailable=_triton_unavailable)
+                 passes="fuse-qlinear,merge-linears,fuse-norm-quant", options=TritonBackendOptions,
+                 unavailable=_triton_unavailable)

@@ -3,6 +3,10 @@
 Each node becomes one ``call_function`` of its op's callable (``lowbit.ir.ops.resolve``), parameters
 become buffers, and device literals baked in at capture (``arange(..., device=cpu)``) are retargeted to the
 device asked for. This is the numerics every other backend must reproduce.
+
+A float linear whose weight has the 2:4 pattern keeps it as a semi-structured sparse tensor (cuSPARSELt or
+CUTLASS) on a CUDA device in fp16/bf16 (``lowbit.backends.semi_structured``); ``sparse_report`` names every 2:4
+linear kept dense and why (``semi_structured=False`` turns it off).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from lowbit.backends.semi_structured import apply_semi_structured, report_lines
 from lowbit.errors import LowbitError
 from lowbit.ir.fold import drop_unused_params, fold_constants
 from lowbit.ir.fusion import unfuse_qlinear
@@ -132,18 +137,30 @@ class TorchCompiled(torch.nn.Module):
 
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *,
                  precompute_constants: bool = True, keep_packed: bool = False,
-                 donated: set[str] | frozenset[str] = frozenset()) -> None:
+                 donated: set[str] | frozenset[str] = frozenset(), semi_structured: bool = True,
+                 sparse_library: str = "auto") -> None:
         """``precompute_constants`` evaluates once, at lowering, every node that reads only parameters
         (``materialize_weights``), so a call does not unpack all weights again; the numbers are the same and
         ``graph`` keeps the packed form. ``keep_packed=True`` keeps the packed weights on the device instead
-        and dequantizes them per call (less memory, more work per call). ``donated``: see ``lower_to_fx``."""
+        and dequantizes them per call (less memory, more work per call). ``donated``: see ``lower_to_fx``.
+        ``semi_structured``: 2:4 linear weights become semi-structured sparse tensors where the device, dtype and
+        shape allow (``sparse_library``: ``auto``, ``cusparselt`` or ``cutlass``); ``sparse_report`` says which."""
         super().__init__()
         self.graph = graph
         self.device = torch.device(device) if device is not None else None
         self.keep_packed = keep_packed
         lowered = materialize_weights(graph, keep_packed=keep_packed) if precompute_constants else graph
         self.gm = lower_to_fx(lowered, device, donated)
+        marked = frozenset(n.outputs[0].name for n in lowered.nodes
+                           if n.op == "linear" and n.meta.get("sparsity") == "2:4")
+        dev = self.device if self.device is not None else _params_device(lowered)
+        self.sparse_report = apply_semi_structured(self.gm, dev, enabled=semi_structured, library=sparse_library,
+                                                   marked=marked)
         self.check_inputs = InputChecker(graph)
+
+    def report_text(self) -> str:
+        """What the lowering did beyond the reference (the 2:4 weights), one line per decision; may be empty."""
+        return "\n".join(report_lines(self.sparse_report))
 
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -162,8 +179,17 @@ class TorchCompiled(torch.nn.Module):
         return self.gm(*args)
 
 
-def lower(graph: Graph, device: str | None = None, *, keep_packed: bool = False) -> TorchCompiled:
+def _params_device(graph: Graph) -> torch.device:
+    for v in graph.params.values():
+        if isinstance(v.data, torch.Tensor):
+            return v.data.device
+    return torch.device("cpu")
+
+
+def lower(graph: Graph, device: str | None = None, *, keep_packed: bool = False, semi_structured: bool = True,
+          sparse_library: str = "auto") -> TorchCompiled:
     """The backend registry's entry point (``lowbit.backends.registry``). A step graph's cache inputs
     (``graph.meta["generation"]``) are handed over by the generator: written in place, not copied."""
     donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
-    return TorchCompiled(graph, device, keep_packed=keep_packed, donated=donated)
+    return TorchCompiled(graph, device, keep_packed=keep_packed, donated=donated, semi_structured=semi_structured,
+                         sparse_library=sparse_library)

@@ -25,17 +25,20 @@ from typing import Any
 import torch
 import torch.fx
 
+from lowbit.backends.semi_structured import report_lines
 from lowbit.backends.torch_backend import TorchCompiled
-from lowbit.ir.graph import Graph
+from lowbit.ir.graph import Graph, TensorType
+from lowbit.ir.ops import hadamard as ir_hadamard
 from lowbit.ir.quant import qlinear
 
-__all__ = ["KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "lower", "plan_qlinear"]
+__all__ = ["KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "lower", "plan_hadamard", "plan_qlinear"]
 
 NO_CUDA = ("backend 'triton' runs lowbit's Triton kernels and needs a CUDA GPU, and none is visible: use "
            "backend='torch' (the CPU/CUDA reference) or backend='onnxruntime' (MatMulNBits / integer GEMM on CPU)")
 
 _PACKED = {"int4", "uint4", "int3", "int2"}
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_HAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # lowbit.kernels.hadamard.HAD_DTYPES
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,101 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int) -> Callable[..., torch.
     return run
 
 
+def _kernel_qlinear_q(w_group: int, a_group: int) -> Callable[..., torch.Tensor]:
+    """The FX target replacing one ``qlinear_q`` (its input arrives as codes + per-token scales)."""
+    from lowbit.ir.normquant import qlinear_q
+
+    def run(xq, x_scale, qweight, w_scale, w_zero_point=None, bias=None, **kw):
+        out_dtype = kw.get("out_dtype", torch.float32)
+        if not ((xq.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and out_dtype in _KERNEL_DTYPES
+                and kw.get("x_dtype") == out_dtype):
+            return qlinear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, **kw)
+        return torch.ops.lowbit.a8_linear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
+                                            w_group, a_group, out_dtype)
+
+    run.__name__ = "triton_a8_linear_q"
+    return run
+
+
+def _kernel_rms_norm_quant(x, weight=None, *, eps, compute_dtype=None, a_qdtype, a_block_size=None):
+    """The FX target replacing ``rms_norm_quant``: the fused kernel, or the reference where it cannot run (float32
+    or CPU input, a weight of another dtype, statistics in another dtype, a group that is not a power of two)."""
+    from lowbit.ir.normquant import rms_norm_quant
+
+    k = x.shape[-1]
+    group = 0 if a_block_size in (None, k) else int(a_block_size)
+    if (_runs_kernel(x) and (weight is None or weight.dtype == x.dtype) and compute_dtype in (None, torch.float32)
+            and a_qdtype in ("int8", "fp8e4m3") and (group == 0 or (_pow2(group) and k % group == 0))):
+        return torch.ops.lowbit.rms_norm_quant(x, weight, eps, compute_dtype == torch.float32, a_qdtype, group)
+    return rms_norm_quant(x, weight, eps=eps, compute_dtype=compute_dtype, a_qdtype=a_qdtype,
+                          a_block_size=a_block_size)
+
+
+def plan_hadamard(t: TensorType | None) -> str | None:
+    """Why the hadamard kernel does not take an online rotation of this output type (None: it does)."""
+    from lowbit.kernels.hadamard import unsupported
+
+    if t is None or not t.shape or not isinstance(t.shape[-1], int):
+        return "last dimension unknown at lowering"
+    if t.dtype not in _HAD_DTYPES:
+        return f"dtype {t.dtype}: the kernel takes bf16/fp16/fp32"
+    return unsupported(int(t.shape[-1]))
+
+
+def _kernel_hadamard(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+    """FX target of a lowered ``hadamard``: the kernel (``lt``: its table, a buffer made at lowering), or the
+    reference for an input the kernel cannot read (CPU without the interpreter, another dtype)."""
+    if x.dtype in _HAD_DTYPES and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return torch.ops.lowbit.hadamard(x, lt)
+    return ir_hadamard(x)
+
+
+def _kernel_hadamard_a8(w_group: int) -> Callable[..., torch.Tensor]:
+    """FX target replacing ``hadamard -> qlinear`` (A8, per-token activations): the rotation fused into the
+    activation quantize (``lowbit::hadamard_a8_linear``), or the reference pair for an input the kernels cannot
+    read."""
+
+    def run(x, lt, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, **kw):
+        if not _runs_kernel(x):
+            return qlinear(ir_hadamard(x), qweight, w_scale, w_zero_point, bias, a_scale, a_zero_point, **kw)
+        return torch.ops.lowbit.hadamard_a8_linear(x, lt, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
+                                                   w_group, kw["a_qdtype"])
+
+    run.__name__ = "triton_hadamard_a8_linear"
+    return run
+
+
+def _fuse_hadamard_a8(gm: torch.fx.GraphModule, a8: dict[torch.fx.Node, Plan], report: dict[str, dict[str, str]]
+                      ) -> None:
+    """``hadamard -> qlinear`` pairs where the qlinear runs ``a8_linear`` per token and reads the rotation
+    alone: one node on ``hadamard_a8_linear`` (the rotated activation is never written to memory)."""
+    import operator
+
+    from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
+    from lowbit.kernels.hadamard import unsupported_fused
+
+    # fuse-qlinear leaves the activation QDQ it replaced in place, unread: drop it (pure ops, consumers first)
+    pure = (dynamic_qparams, quantize, dequantize, operator.getitem)
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "call_function" and not node.users and node.target in pure:
+            gm.graph.erase_node(node)
+    for q, plan in a8.items():
+        h = q.args[0] if q.args else None
+        if not (isinstance(h, torch.fx.Node) and h.target is _kernel_hadamard and len(h.users) == 1
+                and plan.static["a_group"] == 0):  # (plan_qlinear sends static activation scales to the reference)
+            continue
+        n = int(h.args[1].meta.get("hadamard_n", 0)) if isinstance(h.args[1], torch.fx.Node) else 0
+        why = unsupported_fused(n) if n else "row length unknown"
+        if why is not None:
+            report["unfused"][q.name] = why
+            continue
+        q.args = (h.args[0], h.args[1], *q.args[1:])
+        q.target = _kernel_hadamard_a8(plan.static["w_group"])
+        gm.graph.erase_node(h)
+        report["kernels"].pop(h.name, None)
+        report["kernels"][q.name] = f"hadamard+{plan.form.name}"  # type: ignore[union-attr]
+
+
 def _cache_attention(*args: Any, **kwargs: Any) -> Any:
     from lowbit.kernels.decode_attention import cache_attention_decode
 
@@ -172,15 +270,53 @@ def _repack_words(gm: torch.fx.GraphModule, node: torch.fx.Node, group: int) -> 
     return True
 
 
-def retarget(gm: torch.fx.GraphModule) -> dict[str, dict[str, str]]:
-    """Point every qlinear the kernels take at its op; returns ``{"kernels": {node: form}, "fallback":
-    {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold the decode layout)."""
+def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = None,
+             device: str | torch.device | None = None) -> dict[str, dict[str, str]]:
+    """Point every qlinear (and online ``hadamard``) the kernels take at its op; returns ``{"kernels": {node:
+    form}, "fallback": {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold
+    the decode layout). ``types``: the lowered graph's value types by name (a hadamard's row length);
+    ``device``: where the hadamard tables go (the module's device)."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
-
     from lowbit.ir.kvcache import cache_attention
+    from lowbit.ir.normquant import qlinear_q, rms_norm_quant
 
-    report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}}
-    for node in gm.graph.nodes:
+    report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}, "unfused": {}, "norm_quant": {}}
+    tables: dict[int, torch.fx.Node] = {}
+    a8: dict[torch.fx.Node, Plan] = {}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is ir_hadamard:
+            why = plan_hadamard((types or {}).get(node.name))
+            if why is not None:
+                report["fallback"][node.name] = f"hadamard: {why}"
+                continue
+            from lowbit.kernels.hadamard import hadamard_factors
+
+            n = int(types[node.name].shape[-1])  # type: ignore[index]
+            if n not in tables:
+                attr = f"_hadamard_table_{n}"
+                gm.register_buffer(attr, hadamard_factors(n, device or "cpu"))
+                with gm.graph.inserting_before(node):  # its first reader
+                    tables[n] = gm.graph.get_attr(attr)
+                tables[n].meta["hadamard_n"] = n
+            node.target = _kernel_hadamard
+            node.args = (node.args[0], tables[n])
+            report["kernels"][node.name] = "hadamard"
+            continue
+        if node.op == "call_function" and node.target is rms_norm_quant:
+            # RMSNorm + per-token quantization in one kernel (the reference where the input does not allow it)
+            node.target = _kernel_rms_norm_quant
+            report["norm_quant"][node.name] = "rms-norm-quant"
+            continue
+        if node.op == "call_function" and node.target is qlinear_q:
+            qweight = _operand(gm, node, 2, "qweight")
+            plan = plan_qlinear(node.kwargs, qweight if isinstance(qweight, torch.Tensor) else None,
+                                _operand(gm, node, 4, "w_zero_point") is not None, False)
+            if plan.form is None or plan.form.op != "a8_linear":
+                report["fallback"][node.name] = plan.reason or "no a8 kernel for this form"
+                continue
+            node.target = _kernel_qlinear_q(plan.static["w_group"], plan.static["a_group"])
+            report["kernels"][node.name] = plan.form.name
+            continue
         if node.op == "call_function" and node.target is cache_attention:
             # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape)
             node.target = _CACHE_ATTENTION
@@ -197,31 +333,77 @@ def retarget(gm: torch.fx.GraphModule) -> dict[str, dict[str, str]]:
             continue
         node.target = _kernel_qlinear(plan.form.op, plan.static["w_group"], plan.static["a_group"])
         report["kernels"][node.name] = plan.form.name
+        if plan.form.op == "a8_linear":
+            a8[node] = plan
         if plan.form.op == "weight_only_linear" and _repack_words(gm, node, plan.static["w_group"]):
             report["layout"][node.name] = "words"
+    _fuse_hadamard_a8(gm, a8, report)
     gm.recompile()
     return report
+
+
+def offload_replaced(gm: torch.fx.GraphModule, graphs: tuple[Graph, ...]) -> int:
+    """Move to host memory every IR parameter tensor on the GPU that the lowered module no longer reads (the
+    stored int4 form of weights repacked into the decode layout); returns how many were moved.
+
+    The IR keeps the stored form (``.graph`` is still printable, saveable, re-lowerable), but the device must
+    hold one copy of each weight: without this a W4A16 model kept the stored codes beside the repacked words
+    on the GPU (1336 MiB against 919 for the 7B-shaped 4-layer stack, measured on the H200)."""
+    # a semi-structured sparse buffer (a 2:4 weight) is a wrapper subclass without storage of its own: skipped, so
+    # the dense IR weight it replaced moves to the host like a repacked one
+    live = {t.untyped_storage().data_ptr() for t in gm.buffers()
+            if t.is_cuda and not isinstance(t, torch.sparse.SparseSemiStructuredTensor)}
+    moved: dict[int, torch.Tensor] = {}
+    for g in graphs:
+        for v in g.params.values():
+            t = v.data
+            if t is None or not t.is_cuda or t.untyped_storage().data_ptr() in live:
+                continue
+            if id(t) not in moved:
+                moved[id(t)] = t.to("cpu")
+            v.data = moved[id(t)]
+    return len(moved)
 
 
 class TritonCompiled(TorchCompiled):
     """The lowered module: ``report`` says which qlinear nodes run which kernel and which fell back, and why."""
 
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *, compile: bool = True,
-                 cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset()) -> None:
+                 cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset(),
+                 semi_structured: bool = True, sparse_library: str = "auto") -> None:
         from lowbit.ir.fusion import fuse_qlinear
+        from lowbit.ir.merge import merge_horizontal
+        from lowbit.ir.normquant import fuse_norm_quant
+        from lowbit.ir.rewrite import eliminate_dead_code
 
         fused = graph.clone()
-        fuse_qlinear(fused)  # the registry runs the fuse-qlinear pass first; a direct lower() may not have
-        super().__init__(fused, device, keep_packed=True, donated=donated)
-        self.report = retarget(self.gm)
+        # the registry runs fuse-qlinear, merge-linears and fuse-norm-quant first; a direct lower() may not have
+        for step in (lambda: fuse_qlinear(fused).rewritten, lambda: merge_horizontal(fused).total,
+                     lambda: fuse_norm_quant(fused).total):
+            if step():
+                eliminate_dead_code(fused)  # the next step must not see the replaced nodes as readers
+        # float 2:4 linears become semi-structured sparse tensors (torch_backend; torch.compile traces the subclass)
+        super().__init__(fused, device, keep_packed=True, donated=donated, semi_structured=semi_structured,
+                         sparse_library=sparse_library)
+        types = {v.name: v.type for nd in fused.nodes for v in nd.outputs if isinstance(v.type, TensorType)}
+        self.report = retarget(self.gm, types, self.device)
+        self.host_copies = offload_replaced(self.gm, (graph, fused))
+        self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
+                                 if n.meta.get("merged")}
         self.compiled = compile
         self._run: Callable[..., Any] = self.gm
         if compile:
             self._run = torch.compile(self.gm, mode="reduce-overhead" if cuda_graphs else None)
 
     def report_text(self) -> str:
-        lines = [(f"triton: {len(self.report['kernels'])} qlinear nodes on kernels, "
+        lines = [(f"triton: {len(self.report['kernels'])} nodes on kernels, "
                  f"{len(self.report['fallback'])} on the reference")]
+        merged = self.report.get("merged", {})
+        if merged:
+            n = sum(len(v.split(", ")) for v in merged.values())
+            lines.append(f"  merged: {len(merged)} wide linears replace {n} (same input, same scheme)")
+        if self.report.get("norm_quant"):
+            lines.append(f"  rms_norm + activation quantize fused: {len(self.report['norm_quant'])} norms")
         by_form: dict[str, int] = {}
         for form in self.report["kernels"].values():
             by_form[form] = by_form.get(form, 0) + 1
@@ -229,6 +411,8 @@ class TritonCompiled(TorchCompiled):
         if self.report["layout"]:
             lines.append(f"  decode layout (int32 words): {len(self.report['layout'])} weight-only nodes")
         lines += [f"  reference: %{name}: {why}" for name, why in self.report["fallback"].items()]
+        lines += [f"  hadamard not fused into %{name}: {why}" for name, why in self.report["unfused"].items()]
+        lines += report_lines(self.sparse_report)
         return "\n".join(lines)
 
     @torch.no_grad()
@@ -246,10 +430,11 @@ class TritonCompiled(TorchCompiled):
         return self._run(*args)
 
 
-def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False
-          ) -> TritonCompiled:
+def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
+          semi_structured: bool = True, sparse_library: str = "auto") -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
-    backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode."""
+    backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
+    ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise RuntimeError(NO_CUDA)
@@ -259,4 +444,4 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     # a step graph's cache inputs are handed over by the generator (written in place), as on the torch backend
     donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
     return TritonCompiled(graph, dev, compile=compile and torch.device(dev).type == "cuda", cuda_graphs=cuda_graphs,
-                          donated=donated)
+                          donated=donated, semi_structured=semi_structured, sparse_library=sparse_library)

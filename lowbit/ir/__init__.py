@@ -4,6 +4,7 @@
 # importing any ``lowbit.ir.*`` module runs this file first, so the ops are known wherever the IR is used.
 from lowbit.ir import quant as _quant  # noqa: F401  # isort: skip
 from lowbit.ir import kvcache as _kvcache  # noqa: F401  # isort: skip  (registers cache_attention)
+from lowbit.ir import normquant as _normquant  # noqa: F401  # isort: skip  (rms_norm_quant, qlinear_q)
 from lowbit.ir.capture import CaptureError, capture, from_exported
 from lowbit.ir.graph import Graph, Node, SymType, TensorType, Value, blocks
 from lowbit.ir.parser import IRParseError, parse_graph

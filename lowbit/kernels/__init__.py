@@ -9,14 +9,26 @@ ops of ``lowbit.ir.quant`` inside the ``*_ref`` functions. Every op is a ``torch
   cuBLAS or a tiled GEMM above (``weight_only.py``).
 - ``torch.ops.lowbit.quantize_activation``: dynamic per-token / per-group int8 or fp8 quantization in one pass
   (``act_quant.py``).
+- ``torch.ops.lowbit.hadamard`` / ``hadamard_quantize``: the online Hadamard rotation (the IR's ``hadamard``)
+  as two tensor-core products (Kronecker factor, then a Sylvester block), alone or fused with the per-token
+  int8 / int4 / fp8 quantize that follows it, and ``hadamard_a8_linear`` (that quantize feeding the A8 GEMM:
+  the triton backend's form of ``hadamard -> qlinear`` with per-token int8/fp8 activations) (``hadamard.py``).
 - ``torch.ops.lowbit.a8_linear``: W8A8, W4A8 (int8 tensor-core dot) and FP8 e4m3 (rowwise or 64-blocked scales)
-  with the activation quantization fused into the op (``a8_linear.py``).
+  with the activation quantization fused into the op (``a8_linear.py``); ``a8_linear_q`` takes codes + scales
+  already quantized by ``torch.ops.lowbit.rms_norm_quant`` (RMSNorm + per-token quantization, ``norm_quant.py``).
 
 Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
 """
 
-from lowbit.kernels.a8_linear import a8_gemm, a8_linear, a8_linear_ref
+from lowbit.kernels.a8_linear import a8_gemm, a8_linear, a8_linear_q, a8_linear_ref
 from lowbit.kernels.act_quant import quantize_activation, quantize_activation_ref
+from lowbit.kernels.hadamard import (
+           hadamard_quantize,
+           hadamard_quantize_ref,
+           hadamard_ref,
+           online_hadamard,
+)
+from lowbit.kernels.norm_quant import rms_norm_quant, rms_norm_quant_ref
 from lowbit.kernels.weight_only import (
            dequantize_weight,
            weight_only_linear,
@@ -26,10 +38,17 @@ from lowbit.kernels.weight_only import (
 __all__ = [
            "a8_gemm",
            "a8_linear",
+           "a8_linear_q",
            "a8_linear_ref",
            "dequantize_weight",
+           "hadamard_quantize",
+           "hadamard_quantize_ref",
+           "hadamard_ref",
+           "online_hadamard",
            "quantize_activation",
            "quantize_activation_ref",
+           "rms_norm_quant",
+           "rms_norm_quant_ref",
            "weight_only_linear",
            "weight_only_linear_ref",
 ]

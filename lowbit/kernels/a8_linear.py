@@ -39,7 +39,7 @@ from lowbit.kernels._common import (
 )
 from lowbit.kernels.act_quant import quantize_activation
 
-__all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_linear", "a8_linear_ref"]
+__all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_linear", "a8_linear_q", "a8_linear_ref"]
 
 FP8_ROWWISE_SCALED_MM = True
 """FP8 per-token x per-channel through ``torch._scaled_mm`` (set from the H200 side-by-side in kernels.json)."""
@@ -196,6 +196,19 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
     return out
 
 
+def _a8_product(xq: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
+                a_group: int, use_scaled_mm: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """The GEMM on codes ``[M, K]`` and scales ``[M, K/a_group or 1]``: ``_scaled_mm`` or ``a8_gemm``."""
+    k = xq.shape[-1]
+    n = qweight.shape[0]
+    if (w_qdtype == "fp8e4m3" and use_scaled_mm and a_group == 0 and w_group == 0 and xq.is_cuda
+            and k % 16 == 0 and n % 16 == 0):
+        return torch._scaled_mm(xq, qweight.t(), scale_a=sa, scale_b=w_scale.float().reshape(1, n), bias=bias,
+                                out_dtype=out_dtype)
+    return a8_gemm(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, out_dtype)
+
+
 @triton_op("lowbit::a8_linear", mutates_args=())
 def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor | None,
               bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
@@ -204,16 +217,30 @@ def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_z
 
     ``w_group``/``a_group`` 0 = per channel / per token. fp8 per-token x per-channel goes through
     ``torch._scaled_mm`` when ``use_scaled_mm`` (CUDA only)."""
-    k = x.shape[-1]
     n = qweight.shape[0]
     check(w_qdtype in W_QDTYPES, "a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
     check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), "a8_linear",
           f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
     xq, sa = quantize_activation(x, a_qdtype, a_group)
-    if (w_qdtype == "fp8e4m3" and use_scaled_mm and a_group == 0 and w_group == 0 and x.is_cuda
-            and k % 16 == 0 and n % 16 == 0):
-        y = torch._scaled_mm(xq, qweight.t(), scale_a=sa, scale_b=w_scale.float().reshape(1, n), bias=bias,
-                             out_dtype=x.dtype)
-    else:
-        y = a8_gemm(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, x.dtype)
+    y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm, x.dtype)
     return y.reshape(*x.shape[:-1], n)
+
+
+@triton_op("lowbit::a8_linear_q", mutates_args=())
+def a8_linear_q(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
+                a_group: int, out_dtype: torch.dtype, use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM) -> torch.Tensor:
+    """``a8_linear`` on an activation already quantized (``rms_norm_quant``): codes ``[..., K]`` (int8 /
+    float8_e4m3fn) and fp32 scales ``[..., K/a_group or 1]``; the output is ``out_dtype``."""
+    k = xq.shape[-1]
+    n = qweight.shape[0]
+    check(w_qdtype in W_QDTYPES, "a8_linear_q", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
+    xq2 = xq.reshape(-1, k)
+    sa = x_scale.reshape(xq2.shape[0], -1)
+    if xq2.stride(-1) != 1:
+        xq2 = xq2.contiguous()
+    if sa.dtype != torch.float32 or sa.stride(-1) != 1:
+        sa = sa.float().contiguous()
+    y = _a8_product(xq2, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm,
+                    out_dtype)
+    return y.reshape(*xq.shape[:-1], n)

@@ -23,7 +23,7 @@ from lowbit.kernels._common import (
     round_to_e4m3,
 )
 
-__all__ = ["QMAX", "quantize_activation", "quantize_activation_ref"]
+__all__ = ["QMAX", "cuda_reciprocal", "quantize_activation", "quantize_activation_ref", "quantize_store_row"]
 
 QMAX = {"int8": 127.0, "fp8e4m3": 448.0}
 _STORAGE = {"int8": torch.int8, "fp8e4m3": torch.float8_e4m3fn}
@@ -41,26 +41,24 @@ def quantize_activation_ref(x: torch.Tensor, qdtype: str, group_size: int) -> tu
     return q, scale
 
 
-def _cuda_reciprocal(qdtype: str) -> float:
+def cuda_reciprocal(qdtype: str) -> float:
     """fp32(1 / qmax), as PyTorch's CUDA ``tensor / python_scalar`` computes it before multiplying."""
     return torch.tensor(1.0, dtype=torch.float32).div(torch.tensor(QMAX[qdtype], dtype=torch.float32)).item()
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm,
-                      QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_K)
-    ok = offs < K
-    x = tl.load(x_ptr + row * sxm + offs, mask=ok, other=0.0).to(tl.float32)
+def quantize_store_row(x, q_ptr, s_ptr, offs, ok, K, QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr,
+                       GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Quantize one row ``x`` (fp32 ``[BLOCK_K]``, 0 past K) and store its codes at ``q_ptr + offs`` and its
+    scale(s) at ``s_ptr`` (one, or one per ``GROUP`` channels): shared by this kernel and the fused
+    RMSNorm+quantize (``norm_quant.py``)."""
     if GROUP == 0:
         amax = tl.max(tl.abs(x), axis=0)
         if RCP != 0.0:
             s = tl.maximum(amax * RCP, 1e-12)
         else:
             s = tl.maximum(tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1e-12)
-        tl.store(s_ptr + row * ssm, s)
+        tl.store(s_ptr, s)
         y = tl.math.div_rn(x, tl.zeros_like(x) + s)
     else:
         NG: tl.constexpr = BLOCK_K // GROUP
@@ -71,13 +69,24 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm,
         else:
             s = tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
         offs_g = tl.arange(0, NG)
-        tl.store(s_ptr + row * ssm + offs_g, s, mask=offs_g * GROUP < K)
+        tl.store(s_ptr + offs_g, s, mask=offs_g * GROUP < K)
         y = tl.reshape(tl.math.div_rn(x3, tl.zeros_like(x3) + s[:, None]), (BLOCK_K,))
     if IS_FP8:
         q = round_to_e4m3(tl.clamp(y, -QMAX, QMAX)).to(tl.float8e4nv)
     else:
         q = tl.clamp(round_half_even(y), -128.0, 127.0).to(tl.int8)
-    tl.store(q_ptr + row * sqm + offs, q, mask=ok)
+    tl.store(q_ptr + offs, q, mask=ok)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm,
+                      QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    ok = offs < K
+    x = tl.load(x_ptr + row * sxm + offs, mask=ok, other=0.0).to(tl.float32)
+    quantize_store_row(x, q_ptr + row * sqm, s_ptr + row * ssm, offs, ok, K, QMAX, RCP, IS_FP8, GROUP, BLOCK_K)
 
 
 @triton_op("lowbit::quantize_activation", mutates_args=())
@@ -97,7 +106,7 @@ def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[
         block = max(block, group_size)
     warps = 4 if block <= 4096 else 8
     launcher(x2, _act_quant_kernel)[(m,)](x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0), QMAX=QMAX[qdtype],
-                                         RCP=_cuda_reciprocal(qdtype) if x.is_cuda else 0.0,
+                                         RCP=cuda_reciprocal(qdtype) if x.is_cuda else 0.0,
                                          IS_FP8=qdtype == "fp8e4m3", GROUP=group_size, BLOCK_K=block,
                                          num_warps=warps)
     return q, s

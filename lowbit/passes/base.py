@@ -15,6 +15,9 @@ What a pass declares besides (docs/design.md "Pass contract"):
   reported before the pipeline runs (``lowbit.api.plan_compile``).
 * ``exact`` — the pass must not change the model's outputs: checked in float64 on a real model by
   ``tests/test_pass_contract.py`` for every registered pass that declares it.
+* ``needs_reference`` — the pass reads the model as it was when the pipeline started (``distill``'s teacher):
+  the ``PassManager`` snapshots the graph before the first pass (a structural clone; tensors are shared) and
+  hands it to the pass as ``reference`` for its run.
 * a ``modules`` scope (``ScopedOptions``) — a regex on module paths limiting what the pass changes, the common
   handle ``debug bisect`` and ``debug sensitivity`` restrict passes with.
 """
@@ -185,7 +188,7 @@ def _dead_nodes(graph: Graph) -> list[str]:
 
 
 NO_DEAD_NODES = Condition("no node whose results nothing reads", _dead_nodes)
-WEIGHT_REWRITES = ("rotate", "sparsify", "prune-mlp", "prune-heads", "prune-blocks")
+WEIGHT_REWRITES = ("rotate", "sparsify", "prune-mlp", "prune-heads", "prune-blocks", "distill")
 """Passes that rewrite float weights or shapes: a quantizer in the same pipeline must come after them (it
 rounds the weights they leave; GPTQ keeps a sparsified weight's zeros)."""
 
@@ -208,6 +211,10 @@ class Pass:
     """Passes that must come before this one when both are in a pipeline (checked when it is parsed)."""
     creates: ClassVar[tuple[str, ...]] = ()
     """Ops this pass may add to the graph (checked against the backend before the pipeline runs)."""
+    needs_reference: ClassVar[bool] = False
+    """The pass reads ``self.reference``: the graph as it was when the pipeline started (set by the PassManager
+    for the pass's run; a caller running the pass alone sets it)."""
+    reference: Graph | None = None
 
     def __init__(self, **options: Any) -> None:
         import pydantic

@@ -269,6 +269,8 @@ class PassManager:
             except VerificationError as exc:
                 raise PipelineError(f"the input IR is invalid before any pass ran:\n{exc}",
                                     PassRecord(-1, "(input)", "(input)"), None) from exc
+        # the model as the pipeline received it, for passes that read it (distill's teacher); tensors are shared
+        start = graph.clone() if any(p.needs_reference for p in self.passes) else None
         for i, p in enumerate(self.passes):
             rec = PassRecord(i, p.name, p.spec(), nodes_before=len(graph.nodes))
             report.records.append(rec)
@@ -283,6 +285,9 @@ class PassManager:
             if self.measure_memory:
                 tracemalloc.start()
             t0 = time.perf_counter()
+            own_reference = p.needs_reference and p.reference is None
+            if own_reference:
+                p.reference = start
             try:
                 result = p.run(graph)
             except PassError as exc:
@@ -290,6 +295,8 @@ class PassManager:
             except Exception as exc:
                 raise PipelineError(f"pass {p.spec()} (#{i}) failed: {type(exc).__name__}: {exc}", rec, before) from exc
             finally:
+                if own_reference:
+                    p.reference = None
                 rec.seconds = time.perf_counter() - t0
                 if self.measure_memory:
                     rec.peak_mb = tracemalloc.get_traced_memory()[1] / 2**20

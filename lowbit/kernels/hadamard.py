@@ -1,0 +1,391 @@
+"""Online Hadamard rotation (the IR's ``hadamard`` op) along the last axis, and the same fused with the
+dynamic per-token activation quantize that follows it (int8 / int4 / fp8 codes + fp32 scale per token).
+
+Numerics = ``lowbit.ir.ops.hadamard``: ``y = x · H_n · c`` with ``H_n`` lowbit's ±1 matrix
+(``lowbit.ir.hadamard.hadamard_matrix``: ``kron(A_m, Sylvester_p)``, ``n = m·p``) and ``c`` the reference's
+constant ``1/sqrt(n)`` rounded to the input dtype (the reference multiplies by ``H/sqrt(n)`` cast to
+``x.dtype``: its entries are all ``±c``), fp32 accumulation, one rounding to ``x.dtype`` at the end. The
+fused variant then quantizes that rounded output exactly as ``dynamic_qparams(per_token, symmetric)`` +
+``quantize`` do (``act_quant.py``'s arithmetic: ``amax / qmax`` as torch computes it on the device,
+IEEE division, round-half-even / RTNE to e4m3).
+
+Design — two tensor-core products, no butterflies in registers. ``H_n = kron(L, R)`` with ``R`` the Sylvester
+matrix of order ``N2 = min(p, 64)`` (generated in the kernel from the parity of ``i & j``) and
+``L = kron(A_m, Sylvester_{p/N2})`` of order ``n1 = n/N2`` (a ±1 table, ``Lᵀ`` zero-padded, read by the kernel). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to ``Y = Lᵀ·X·R``:
+
+1. ``W = Lᵀ · [X_1 | X_2 | ...]``: ``tl.dot`` over the ``RB`` rows of the tile side by side (the table read
+   once per tile). Its operands are exact in 16 bits (±1 and the bf16/fp16 input), so the MMA with fp32
+   accumulation is exact up to fp32 summation; an fp32 input is split into three bf16 pieces (hi + mid + lo
+   = the fp32 value) and takes three MMAs. ``n1 <= 128``: one block (``BA`` = n1 padded to a power of two
+   >= 16); larger (11008 = 344·32): ``BA = 128`` output blocks, one program each, and a loop over 128-wide
+   K blocks (the programs of the same rows are adjacent, so their re-reads of ``x`` hit L2).
+2. ``Y = W · R``: the tile reshaped ``[BA·RB, N2]`` (a plain row-major reshape: no permute) times ``R``.
+   ``W`` is fp32, so it is split into three bf16 pieces (all 24 bits: two pieces, 16 bits, flipped ~0.4% of
+   bf16 outputs by one ulp against the reference) and takes three MMAs.
+
+Why not ``log2(n)`` stages of butterflies (reshape/split/join): every stage moves the tile through a layout
+conversion (shared memory) whose cost, ~12 conversions for n = 4096, would outweigh the HBM traffic; and the
+non-power-of-two factor ``A_m`` (m = 12 ... 344) is a dense product anyway, which tensor cores do best. The
+MMA work per element is ``2·BA·NKB + 6·N2`` flops — 512 for n = 4096, near the H200's bf16 flop/byte balance
+for a 4-byte-per-element copy; a large ``m`` (344: ~1000) costs more and the benchmark says how much
+(``tools/bench_hadamard.py``, which also reports the mismatch fraction against the reference on the GPU).
+
+Shapes the kernel does not take (``unsupported`` says why): ``n`` with no Hadamard construction, a
+power-of-two factor below 16 (the MMA's K), or ``n1 > 2048``. The fused quantize also needs ``n1 <= 128`` (a
+row in one program: ``unsupported_fused``). The backend keeps the reference op for those and names them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from lowbit.kernels._common import (
+    check,
+    interpreting,
+    launcher,
+    next_pow2,
+    round_half_even,
+    round_to_e4m3,
+)
+from lowbit.kernels.a8_linear import FP8_ROWWISE_SCALED_MM, W_QDTYPES, a8_gemm
+
+__all__ = [
+    "HAD_DTYPES",
+    "HAD_QDTYPES",
+    "hadamard_a8_linear",
+    "hadamard_factors",
+    "hadamard_quantize",
+    "hadamard_quantize_ref",
+    "hadamard_ref",
+    "online_hadamard",
+    "unsupported",
+]
+
+HAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+HAD_QDTYPES = {"int8": 127.0, "int4": 7.0, "fp8e4m3": 448.0}
+_QCODE = {"int8": 1, "int4": 2, "fp8e4m3": 3}
+BLOCK_A = 128
+TILE = 4096
+MAX_N1 = 2048
+MIN_N2 = 16
+
+
+def hadamard_ref(x: torch.Tensor) -> torch.Tensor:
+    """The IR op itself (``lowbit.ir.ops.hadamard``): ``x @ (H/sqrt(n))`` in ``x.dtype``."""
+    from lowbit.ir.ops import hadamard as ir_hadamard
+
+    return ir_hadamard(x)
+
+
+def hadamard_quantize_ref(x: torch.Tensor, qdtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of the fused op: the IR's hadamard, then per-token symmetric ``dynamic_qparams`` + ``quantize``.
+
+    Codes ``[M, n]`` (int8, float8_e4m3fn) or ``[M, n/2]`` packed uint8 (int4), fp32 scales ``[M, 1]``."""
+    from lowbit.ir.quant import dynamic_qparams, quantize
+
+    n = x.shape[-1]
+    y = hadamard_ref(x).reshape(-1, n)
+    scale, _ = dynamic_qparams(y, qdtype=qdtype, granularity="per_token", symmetric=True, axis=-1, block_size=n)
+    return quantize(y, scale, None, qdtype=qdtype, axis=-1, block_size=n), scale
+
+
+def _split(n: int) -> tuple[int, int, int]:
+    """(m, p, N2): ``n = m·p`` as lowbit's construction splits it, and the Sylvester order the kernel's right
+    factor takes (raises ``HadamardError`` where no construction exists)."""
+    from lowbit.ir.hadamard import hadamard_order_split
+
+    m, p = hadamard_order_split(n)
+    return m, p, min(p, 64)
+
+
+def _geometry(n: int) -> tuple[int, int, int, int]:
+    """(n1, N2, BA, NKB): ``L`` of order n1, processed in NKB x NKB blocks of BA (one block, BA = n1 padded to a
+    power of two >= 16, when n1 <= BLOCK_A)."""
+    n2 = _split(n)[2]
+    n1 = n // n2
+    if n1 <= BLOCK_A:
+        return n1, n2, max(MIN_N2, next_pow2(n1)), 1
+    return n1, n2, BLOCK_A, -(-n1 // BLOCK_A)
+
+
+@functools.cache
+def unsupported(n: int) -> str | None:
+    """Why the kernel does not take rows of length ``n`` (None: it does)."""
+    from lowbit.ir.hadamard import HadamardError
+
+    try:
+        m, p, n2 = _split(n)
+    except HadamardError as e:
+        return str(e)
+    if n2 < MIN_N2:
+        return f"n={n} = {m}·{p}: the power-of-two factor {p} is below {MIN_N2} (the tensor-core product's K)"
+    if n // n2 > MAX_N1:
+        return f"n={n} = {m}·{p}: the Kronecker factor of order {n // n2} exceeds {MAX_N1}"
+    return None
+
+
+def unsupported_fused(n: int) -> str | None:
+    """Why the fused hadamard + quantize does not take rows of length ``n`` (it needs a row in one program)."""
+    why = unsupported(n)
+    if why is None and _geometry(n)[3] > 1:
+        why = (f"n={n}: the fused quantize needs the whole row in one program (Kronecker factor of order "
+               f"{n // _split(n)[2]} > {BLOCK_A})")
+    return why
+
+
+@functools.lru_cache(maxsize=32)
+def _left_t(n: int) -> torch.Tensor:
+    """``Lᵀ`` zero-padded to ``[NKB·BA, NKB·BA]``, bf16 on the CPU (±1 and 0 are exact)."""
+    from lowbit.ir.hadamard import hadamard_matrix, sylvester
+
+    m, p, n2 = _split(n)
+    left = torch.kron(hadamard_matrix(m, torch.float64), sylvester(p // n2).to(torch.float64))
+    n1, _, ba, nkb = _geometry(n)
+    out = torch.zeros(ba * nkb, ba * nkb, dtype=torch.float64)
+    out[:n1, :n1] = left.T
+    return out.to(torch.bfloat16)
+
+
+def hadamard_factors(n: int, device: str | torch.device) -> torch.Tensor:
+    """The op's table operand for rows of length ``n``: ``Lᵀ`` padded (``H_n = kron(L, Sylvester_N2)``)."""
+    check(unsupported(n) is None, "hadamard", str(unsupported(n)))
+    return _left_t_on(n, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _left_t_on(n: int, device: str) -> torch.Tensor:
+    return _left_t(n).to(device)
+
+
+def _scale_const(n: int, dtype: torch.dtype) -> float:
+    """``1/sqrt(n)`` as the reference's constant matrix holds it in ``dtype``: torch casts the float64 value to
+    fp32, then (bf16/fp16) rounds that half-to-even to 8/11 significant bits. Plain Python/numpy, no tensor:
+    this runs under fake tensors when torch.compile traces the op."""
+    v = float(np.float32(1.0 / math.sqrt(n)))
+    bits = {torch.bfloat16: 8, torch.float16: 11}.get(dtype)
+    if bits is None:
+        return v
+    f, e = math.frexp(v)  # v = f·2^e, 0.5 <= f < 1: f·2^bits is exact, round() is half-to-even
+    return math.ldexp(round(math.ldexp(f, bits)), e - bits)
+
+
+def _cuda_reciprocal(qmax: float) -> float:
+    """fp32(1 / qmax) (an IEEE fp32 division): PyTorch's CUDA ``tensor / python_scalar`` multiplies by it
+    (``act_quant.py``). numpy, not torch: this runs under fake tensors when torch.compile traces the op."""
+    return float(np.float32(1.0) / np.float32(qmax))
+
+
+@triton.jit
+def _split_bf16(v):
+    """fp32 ``v`` -> (bf16 hi, fp32 remainder) with ``hi + remainder == v`` exactly."""
+    hi = v.to(tl.bfloat16)
+    return hi, v - hi.to(tl.float32)
+
+
+@triton.jit
+def _round_bf16(y):
+    """fp32 ``y`` rounded half-to-even onto the bf16 grid, still fp32 (the cast that follows is then exact:
+    the interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even, the same result)."""
+    bits = y.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; 16-bit operands (exact ±1 and split pieces). UPCAST: the
+    interpreter's bf16/fp16 dot is wrong (Triton 3.8), fp32 operands hold the same values exactly."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm,
+                     N1: tl.constexpr, BA: tl.constexpr, NKB: tl.constexpr, N2: tl.constexpr, RB: tl.constexpr,
+                     SCALE: tl.constexpr, IN_KIND: tl.constexpr, MID_PARTS: tl.constexpr,
+                     QUANT: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr, STORE_Y: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    # One program: RB rows x output block pa of L's order (BA of n1). IN_KIND: 0 bf16, 1 fp16, 2 fp32 input.
+    # QUANT: 0 none, 1 int8, 2 int4 (packed), 3 fp8 e4m3 (the host allows it only with NKB == 1).
+    pid = tl.program_id(0)
+    pa = pid % NKB  # the NKB programs of the same rows run next to each other: their x re-reads hit L2
+    pr = pid // NKB
+    W: tl.constexpr = RB * N2
+    LD: tl.constexpr = NKB * BA
+    a = pa * BA + tl.arange(0, BA)
+    kk = tl.arange(0, BA)
+    c = tl.arange(0, W)
+    j = c // N2  # which row of the tile
+    b = c % N2  # index inside the Sylvester factor
+    rows = pr * RB + j
+    row_base = rows[None, :].to(tl.int64)
+    ok = (a < N1)[:, None] & (rows < M)[None, :]
+    # 1. W = Lᵀ · X_cat over K blocks, X_cat[k, j·N2 + b] = x[row j, k·N2 + b]; exact products, fp32 sums
+    w = tl.zeros((BA, W), dtype=tl.float32)
+    for kb in range(NKB):
+        ak = kb * BA + kk
+        x = tl.load(x_ptr + row_base * sxm + ak[:, None] * N2 + b[None, :],
+                    mask=(ak < N1)[:, None] & (rows < M)[None, :], other=0.0)
+        lt = tl.load(lt_ptr + a[:, None] * LD + ak[None, :])  # bf16 ±1 / 0 (padded: no mask)
+        if IN_KIND == 0:
+            w = _mma(lt, x, w, UPCAST)
+        elif IN_KIND == 1:
+            w = _mma(lt.to(tl.float32).to(tl.float16), x, w, UPCAST)
+        else:
+            x_hi, r = _split_bf16(x)
+            x_mid, r = _split_bf16(r)
+            w = _mma(lt, x_hi, w, UPCAST)
+            w = _mma(lt, x_mid, w, UPCAST)
+            w = _mma(lt, r.to(tl.bfloat16), w, UPCAST)
+    # 2. Y = W · R, R = Sylvester(N2)[i, k] = (-1)^popcount(i & k), W split into bf16 pieces
+    i2 = tl.arange(0, N2)
+    v = i2[:, None] & i2[None, :]
+    v = v ^ (v >> 4)
+    v = v ^ (v >> 2)
+    v = v ^ (v >> 1)
+    rmat = (1 - 2 * (v & 1)).to(tl.float32).to(tl.bfloat16)  # via fp32: the interpreter's int->bf16 is wrong
+    w2 = tl.reshape(w, (BA * RB, N2))
+    w_hi, r2 = _split_bf16(w2)
+    y = _mma(w_hi, rmat, tl.zeros((BA * RB, N2), dtype=tl.float32), UPCAST)
+    if MID_PARTS == 2:
+        y = _mma(r2.to(tl.bfloat16), rmat, y, UPCAST)
+    else:
+        w_mid, r3 = _split_bf16(r2)
+        y = _mma(w_mid, rmat, y, UPCAST)
+        y = _mma(r3.to(tl.bfloat16), rmat, y, UPCAST)
+    y = tl.reshape(y, (BA, W)) * SCALE
+    if y_ptr.dtype.element_ty == tl.bfloat16:
+        y = _round_bf16(y)
+    y = y.to(y_ptr.dtype.element_ty)
+    if STORE_Y:
+        tl.store(y_ptr + row_base * sym + a[:, None] * N2 + b[None, :], y, mask=ok)
+    if QUANT != 0:
+        # the reference quantizes the rounded hadamard output: per token (= per tile row j) symmetric scale
+        yf = tl.reshape(y.to(tl.float32), (BA, RB, N2))
+        amax = tl.max(tl.max(tl.abs(yf), axis=2), axis=0)  # [RB]; padding is 0
+        if RCP != 0.0:
+            s = tl.maximum(amax * RCP, 1e-12)
+        else:
+            s = tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
+        rows_s = pr * RB + tl.arange(0, RB)
+        tl.store(s_ptr + rows_s, s, mask=rows_s < M)
+        t = tl.math.div_rn(yf, tl.zeros_like(yf) + s[None, :, None])
+        if QUANT == 3:
+            q = tl.reshape(round_to_e4m3(tl.clamp(t, -QMAX, QMAX)), (BA, W)).to(tl.float8e4nv)
+            tl.store(q_ptr + row_base * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
+        elif QUANT == 1:
+            q = tl.reshape(tl.clamp(round_half_even(t), -128.0, 127.0), (BA, W)).to(tl.int8)
+            tl.store(q_ptr + row_base * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
+        else:
+            q = tl.reshape(tl.clamp(round_half_even(t), -8.0, 7.0), (BA, W // 2, 2)).to(tl.int32)
+            lo, hi = tl.split(q)  # even / odd index: low / high nibble (lowbit's packing)
+            byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+            HN: tl.constexpr = N2 // 2
+            ch = tl.arange(0, W // 2)
+            rows_h = pr * RB + ch // HN
+            ok_h = (a < N1)[:, None] & (rows_h < M)[None, :]
+            tl.store(q_ptr + rows_h[None, :].to(tl.int64) * sqm + a[:, None] * HN + (ch % HN)[None, :], byte,
+                     mask=ok_h)
+
+
+def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None) -> tuple[torch.Tensor, ...]:
+    n = x.shape[-1]
+    check(x.dtype in HAD_DTYPES, "hadamard", f"dtype {x.dtype} (takes bf16, fp16, fp32)")
+    why = unsupported(n)
+    check(why is None, "hadamard", str(why))
+    if qdtype is not None:
+        why = unsupported_fused(n)
+        check(why is None, "hadamard_quantize", str(why))
+    n1, n2, ba, nkb = _geometry(n)
+    check(tuple(lt.shape) == (ba * nkb, ba * nkb) and lt.dtype == torch.bfloat16, "hadamard",
+          f"table operand {tuple(lt.shape)} {lt.dtype}, expected ({ba * nkb}, {ba * nkb}) bfloat16 "
+          f"(hadamard_factors({n}))")
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != n):
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    # 4096-element tiles, 4 warps: ~110 registers, 4 CTAs (16 warps) per SM on sm_90 (ptxas -v of the AOT
+    # compile); 8192 elements had 183-245 registers, one or two CTAs per SM, half the bytes in flight
+    rb = max(1, TILE // (ba * n2))
+    if isinstance(rows, int):  # a symbolic M (torch.compile dynamic=True) keeps one specialization
+        rb = max(1, min(rb, next_pow2(max(rows, 1))))
+    # the fused op writes no float output: a 1-element tensor carries the output dtype to the kernel
+    y = torch.empty((rows, n) if qdtype is None else (1,), device=x.device, dtype=x.dtype)
+    if qdtype is None:
+        q = s = y
+        quant, qmax, rcp = 0, 0.0, 0.0
+    else:
+        check(qdtype in HAD_QDTYPES, "hadamard_quantize", f"qdtype {qdtype!r} is not one of {sorted(HAD_QDTYPES)}")
+        qmax = HAD_QDTYPES[qdtype]
+        if qdtype == "int4":
+            q = torch.empty((rows, n // 2), device=x.device, dtype=torch.uint8)
+        else:
+            q = torch.empty((rows, n), device=x.device, dtype=torch.int8 if qdtype == "int8" else torch.float8_e4m3fn)
+        s = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
+        quant, rcp = _QCODE[qdtype], (_cuda_reciprocal(qmax) if x.is_cuda else 0.0)
+    if rows:
+        tile = ba * rb * n2
+        in_kind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[x.dtype]
+        launcher(x2, _hadamard_kernel)[(nkb * -(-rows // rb),)](
+            x2, lt, y, q, s, rows, x2.stride(0), y.stride(0), q.stride(0),
+            N1=n1, BA=ba, NKB=nkb, N2=n2, RB=rb, SCALE=_scale_const(n, x.dtype), IN_KIND=in_kind,
+            MID_PARTS=3, QUANT=quant, QMAX=qmax, RCP=rcp,
+            STORE_Y=qdtype is None, UPCAST=interpreting(), num_warps=4 if tile <= 4096 else 8)
+    if qdtype is None:
+        return (y.reshape(x.shape),)
+    return q, s
+
+
+@triton_op("lowbit::hadamard", mutates_args=())
+def hadamard_op(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+    """``x · H/sqrt(n)`` along the last axis (the IR's ``hadamard``); ``lt = hadamard_factors(n, device)``."""
+    return _launch(x, lt, None)[0]
+
+
+@triton_op("lowbit::hadamard_quantize", mutates_args=())
+def hadamard_quantize_op(x: torch.Tensor, lt: torch.Tensor, qdtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hadamard then per-token symmetric quantization, one pass: codes and fp32 scales ``[M, 1]``."""
+    q, s = _launch(x, lt, qdtype)
+    return q, s
+
+
+def online_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Eager convenience: the kernel with its table made (and cached) for ``x``'s length and device."""
+    return torch.ops.lowbit.hadamard(x, hadamard_factors(x.shape[-1], x.device))
+
+
+def hadamard_quantize(x: torch.Tensor, qdtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager convenience for ``torch.ops.lowbit.hadamard_quantize``."""
+    return torch.ops.lowbit.hadamard_quantize(x, hadamard_factors(x.shape[-1], x.device), qdtype)
+
+
+@triton_op("lowbit::hadamard_a8_linear", mutates_args=())
+def hadamard_a8_linear(x: torch.Tensor, lt: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                       w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
+                       a_qdtype: str) -> torch.Tensor:
+    """``a8_linear(hadamard(x), ...)`` with per-token activations, the rotation fused into the activation
+    quantize: one kernel reads ``x`` and writes codes + scales, then the A8 GEMM (``a8_linear.a8_gemm``, or
+    ``torch._scaled_mm`` for fp8 per channel as ``a8_linear`` chooses). Bit-identical to the unfused kernels:
+    the codes are those of ``quantize_activation(hadamard(x))``."""
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    check(w_qdtype in W_QDTYPES, "hadamard_a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
+    check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3") and a_qdtype in ("int8", "fp8e4m3"),
+          "hadamard_a8_linear", f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 "
+          "weights fp8e4m3")
+    xq, sa = _launch(x, lt, a_qdtype)
+    if (w_qdtype == "fp8e4m3" and FP8_ROWWISE_SCALED_MM and w_group == 0 and x.is_cuda
+            and k % 16 == 0 and n % 16 == 0):
+        y = torch._scaled_mm(xq, qweight.t(), scale_a=sa, scale_b=w_scale.float().reshape(1, n), bias=bias,
+                             out_dtype=x.dtype)
+    else:
+        y = a8_gemm(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, 0, x.dtype)
+    return y.reshape(*x.shape[:-1], n)

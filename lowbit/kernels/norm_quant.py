@@ -1,0 +1,107 @@
+"""RMSNorm fused with dynamic symmetric per-token (or per-group) int8 / fp8 e4m3 activation quantization.
+
+One program reads one row of the residual stream once and writes the codes and the scale(s): the unfused path
+writes the normed row in bf16, then ``quantize_activation`` reads it back (absmax, divide, round). Numerics
+follow the reference ``lowbit.ir.normquant.rms_norm_quant`` (= ``rms_norm`` then ``dynamic_qparams`` and
+``quantize``): statistics in fp32 when ``compute_f32`` (HF Llama's ``compute_dtype=f32``), else each step
+rounded to the input dtype as torch does; the normed row is rounded to the input dtype before and after the
+gain (``weight * y.to(in_dtype)``), then quantized by ``act_quant.quantize_store_row`` (the same code as
+``quantize_activation``). Not bit-identical: the row's sum of squares is reduced in another order and
+``rsqrt`` may differ by an ulp, so a normed value can move by one bf16 ulp and its code by one step where it sits
+on a rounding boundary (the tests state the bound: int8 codes within ±1 on under 2% of entries, scales within a
+bf16 ulp).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from lowbit.kernels._common import check, launcher, next_pow2
+from lowbit.kernels.act_quant import QMAX, cuda_reciprocal, quantize_store_row
+
+__all__ = ["rms_norm_quant", "rms_norm_quant_ref"]
+
+_STORAGE = {"int8": torch.int8, "fp8e4m3": torch.float8_e4m3fn}
+
+
+def rms_norm_quant_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, compute_f32: bool, qdtype: str,
+                       group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch (lowbit's ops): codes shaped like ``x`` and fp32 scales ``[..., K/g]`` (``[..., 1]``)."""
+    from lowbit.ir.normquant import rms_norm_quant as ref
+
+    return ref(x, weight, eps=eps, compute_dtype=torch.float32 if compute_f32 else None, a_qdtype=qdtype,
+               a_block_size=group_size or x.shape[-1])
+
+
+@triton.jit
+def _round_bf16(y):
+    """fp32 ``y`` (finite) rounded half-to-even onto the bfloat16 grid, still fp32: the cast that follows is then
+    exact whatever its rounding mode (the interpreter's fp32 -> bf16 cast truncates). Integer arithmetic on
+    the bits: add 0x7FFF plus the kept LSB, clear the low 16 bits (no int32 overflow for finite values)."""
+    bits = y.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rnd(y, like, IS_BF16: tl.constexpr):
+    """``y.to(like.dtype).to(fp32)`` with round-to-nearest-even on every backend."""
+    if IS_BF16:
+        return _round_bf16(y)
+    else:
+        return y.to(like.dtype).to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm, eps,
+                           HAS_W: tl.constexpr, COMPUTE_F32: tl.constexpr, IS_BF16: tl.constexpr,
+                           QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr, GROUP: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    ok = offs < K
+    xin = tl.load(x_ptr + row * sxm + offs, mask=ok, other=0.0)
+    x = xin.to(tl.float32)
+    if COMPUTE_F32:
+        var = tl.sum(x * x, axis=0) / K
+        y = _rnd(x * tl.rsqrt(var + eps), xin, IS_BF16)
+    else:  # statistics in the input dtype: torch rounds every op's result to it
+        sq = _rnd(x * x, xin, IS_BF16)
+        var = _rnd(tl.sum(sq, axis=0) / K, xin, IS_BF16)
+        r = _rnd(tl.rsqrt(_rnd(var + eps, xin, IS_BF16)), xin, IS_BF16)
+        y = _rnd(x * r, xin, IS_BF16)
+    if HAS_W:
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        y = _rnd(w * y, xin, IS_BF16)
+    quantize_store_row(y, q_ptr + row * sqm, s_ptr + row * ssm, offs, ok, K, QMAX, RCP, IS_FP8, GROUP, BLOCK_K)
+
+
+@triton_op("lowbit::rms_norm_quant", mutates_args=())
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float, compute_f32: bool, qdtype: str,
+                   group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes shaped like ``x`` (int8 / float8_e4m3fn) and fp32 scales ``[..., K/g]`` (``[..., 1]`` when
+    ``group_size`` is 0) of ``rms_norm(x, weight)``; ``weight`` (if any) has ``x``'s dtype."""
+    check(qdtype in QMAX, "rms_norm_quant", f"qdtype {qdtype!r} is not int8 or fp8e4m3")
+    k = x.shape[-1]
+    check(group_size == 0 or k % group_size == 0, "rms_norm_quant", f"K={k} is not a multiple of {group_size}")
+    check(weight is None or (weight.dtype == x.dtype and weight.shape == (k,)), "rms_norm_quant",
+          f"weight {None if weight is None else (weight.dtype, tuple(weight.shape))} must be {x.dtype} [{k}]")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    ng = k // group_size if group_size else 1
+    q = torch.empty((m, k), device=x.device, dtype=_STORAGE[qdtype])
+    s = torch.empty((m, ng), device=x.device, dtype=torch.float32)
+    block = max(next_pow2(k), group_size)
+    w = weight if weight is not None else x2
+    launcher(x2, _rms_norm_quant_kernel)[(m,)](
+        x2, w, q, s, k, x2.stride(0), q.stride(0), s.stride(0), eps, HAS_W=weight is not None,
+        COMPUTE_F32=compute_f32 or x.dtype == torch.float32,
+        IS_BF16=x.dtype == torch.bfloat16, QMAX=QMAX[qdtype],
+        RCP=cuda_reciprocal(qdtype) if x.is_cuda else 0.0, IS_FP8=qdtype == "fp8e4m3", GROUP=group_size,
+        BLOCK_K=block, num_warps=4 if block <= 4096 else 8)
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], ng)

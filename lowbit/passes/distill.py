@@ -1,0 +1,97 @@
+"""The ``distill`` pass: recover a pruned model by training its weights toward the float model's logits.
+
+    prune-mlp(ratio=0.27,score=fluctuation,compensate=true),distill(tokens=1000000,device=cuda,dtype=bfloat16)
+
+Why: structured pruning (``prune-mlp``, ``prune-heads``, ``prune-blocks``) gives a smaller dense model, but its
+one-shot repairs are local and the perplexity gap grows with the ratio; a short end-to-end distillation on
+calibration text closes much of it for a stated token budget (``tokens``). The teacher is the model as the
+pipeline received it (the ``PassManager`` snapshots it before the first pass: ``needs_reference``), so a text
+pipeline needs nothing else; ``lowbit.calibration.distill`` is the training loop (KL to the teacher's logits,
+AdamW, float32 masters, bf16 autocast with ``dtype=bfloat16``).
+
+Place in the pass contract: after the pruning passes, before any quantizer (it is in ``WEIGHT_REWRITES``:
+``quantize``/``gptq``/``awq``/``autoround`` must come after it) and on a float graph (no ``qlinear`` nor weight
+``dequantize``). Approximating, not exact: the stats carry the KL on the first and last training batches, the
+steps and tokens run and the trained params. The graph's shapes do not change; trained params are replaced with
+``graph.set_param`` in their own dtype and device.
+
+The tokens come from the calibration options: ``calib_n`` windows of ``calib_len`` from ``calib`` (default the
+shipped WikiText-2 validation excerpt, 117 windows of 512), visited in shuffled epochs until ``tokens`` are
+spent (``batch_size`` windows per step). ``max_seconds`` caps the wall time (the stats say what ran).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field
+
+from lowbit.calibration.distill import DistillError, distill_logits
+from lowbit.ir.graph import Graph
+from lowbit.passes.base import (
+    NO_QLINEAR,
+    CalibrationOptions,
+    Pass,
+    PassError,
+    PassResult,
+    no_op,
+    register_pass,
+)
+
+__all__ = ["Distill", "DistillOptions"]
+
+
+class DistillOptions(CalibrationOptions):
+    calib_n: int = Field(default=112, ge=1)
+    """Training windows (the shipped text has 117 of 512 tokens)."""
+    tokens: int = Field(default=200_000, ge=1)
+    """Token budget: steps = ceil(tokens / (batch_size * calib_len))."""
+    lr: float = Field(default=1e-4, gt=0, le=1)
+    """AdamW's first learning rate, decaying linearly to 0 over the steps."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    clip: float = Field(default=1.0, ge=0)
+    """Gradient-norm clipping (0: none)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Forward precision: float32, or bf16 autocast (float32 master weights either way)."""
+    scope: Literal["blocks", "all"] = "blocks"
+    """Which params train: those of the repeated blocks (default; the embedding and head stay), or all."""
+    max_seconds: float | None = Field(default=None, gt=0)
+    """Stop after this many seconds even if tokens remain (a GPU-time cap; the stats say how many ran)."""
+    seed: int = 0
+    batch_size: int = Field(default=8, ge=1)
+    """Windows per training step."""
+
+
+@register_pass
+class Distill(Pass):
+    """Recovery after pruning: KL distillation of the graph's logits toward the float model's, for a token budget."""
+
+    name = "distill"
+    Options = DistillOptions
+    requires = (NO_QLINEAR, no_op("dequantize", "it trains float weights: distill before quantizing"))
+    needs_reference = True
+    after = ("rotate", "sparsify", "prune-mlp", "prune-heads", "prune-blocks")
+
+    def run(self, graph: Graph) -> PassResult:
+        o: DistillOptions = self.options  # type: ignore[assignment]
+        teacher = self.reference
+        if teacher is None:
+            raise PassError("pass distill: no teacher: run it in a pipeline (the PassManager hands it the model "
+                            "as the pipeline received it) or set the pass's .reference to the float graph")
+        ids = o.token_ids(graph, self.name)
+        batch = min(o.batch_size_for(graph), ids.shape[0])
+        steps = max(1, math.ceil(o.tokens / (batch * ids.shape[1])))
+        try:
+            st = distill_logits(graph, teacher, ids, steps=steps, lr=o.lr, batch=batch,
+                                device=o.torch_device(self.name), dtype=o.dtype, weight_decay=o.weight_decay,
+                                clip=o.clip, scope=o.scope, seed=o.seed, max_seconds=o.max_seconds,
+                                progress=o.progress, what="pass distill")
+        except DistillError as exc:
+            raise PassError(str(exc)) from None
+        stats = {"steps": st.steps, "steps_planned": steps, "tokens": st.tokens, "token_budget": o.tokens,
+                 "kl_first": st.kl_first, "kl_last": st.kl_last, "kl_last_10pct": st.kl_mean_last_10pct,
+                 "trained_params": st.trained_params, "trained_tensors": st.trained_tensors,
+                 "stopped_early": st.stopped_early, "seconds": st.seconds, "calib_windows": int(ids.shape[0]),
+                 "batch_windows": batch}
+        return PassResult(st.steps > 0, stats)
