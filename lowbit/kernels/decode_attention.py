@@ -20,7 +20,7 @@ The cache is the real form of the ``quantize(kv=...)`` accuracy model (docs/desi
 
 1. ``_split_kernel``, grid ``(B * Hq, splits)``: one program per (sequence, query head, chunk of ``split`` tokens),
    ``block_n`` tokens per step, written for a memory-bound decode (issue 18): tiles are ``[block_n, D / CW, CW]``
-   with ``CW`` channels per thread (16 bytes of scales), packed code rows load as contiguous bytes and their
+   with ``CW`` (``chunk``) channels per thread, packed code rows load as contiguous bytes and their
    fields are interleaved in registers (``tl.interleave``), the query and key scales are loaded in the codes'
    layout, value scales/zeros once per (token, chunk); codes become floats by the exact 2**23 bias trick; each
    token row of the tile runs its own online softmax (base 2), merged once after the loop, so the loop's only
@@ -258,12 +258,13 @@ if triton is not None:
 LOG2E = 1.4426950408889634
 
 
-DEFAULT_CONFIG = {"num_warps": 4, "split": 2048, "block_n": 16, "num_stages": None}
+DEFAULT_CONFIG = {"num_warps": 4, "split": 2048, "block_n": 16, "num_stages": None, "chunk": 8}
 """``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): 4 warps, 16-token
-steps (two unrolled steps per 32-token key block; two token rows per thread at head dim 128, one at 64), chunks
-of 2048 tokens (batch 16 x 32 heads x 32K context -> 8192 programs). Compiled offline for sm_90 with fp16
-scales: 80 registers, no spills, no shared memory or barrier in the loop, ~9.5 SASS instructions per code.
-``split`` shrinks for short contexts (``_default_split``)."""
+steps (two unrolled steps per 32-token key block; two token rows per thread at head dim 128, one at 64), 8
+channels per thread chunk, chunks of 2048 tokens (batch 16 x 32 heads x 32K context -> 8192 programs). Compiled
+offline for sm_90 (int4/int2, fp16 or fp32 scales): 80 registers, no spills, no shared memory or barrier in the
+loop, ~9.5 SASS instructions per code. ``chunk=16`` needs ~10% fewer instructions per code but ~109 registers
+(fewer programs per SM); the benchmark sweeps both. ``split`` shrinks for short contexts (``_default_split``)."""
 
 
 def _default_split(s: int, programs: int, block_n: int) -> int:
@@ -312,9 +313,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     if block_n & (block_n - 1) or block_n < 1:
         raise ValueError(f"block_n={block_n} must be a power of two")
     num_warps = num_warps or DEFAULT_CONFIG["num_warps"]
-    if chunk is None:  # one 16-byte vector of scales per chunk
-        chunk = 16 // max(k_scale.element_size(), v_scale.element_size())
-    chunk = max(8 // bits, min(chunk, v_group, d))
+    chunk = max(8 // bits, min(chunk or DEFAULT_CONFIG["chunk"], v_group, d))
     if chunk & (chunk - 1):
         raise ValueError(f"chunk={chunk} must be a power of two")
     num_stages = num_stages if num_stages is not None else DEFAULT_CONFIG["num_stages"]
@@ -327,7 +326,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     m = torch.empty(b, hq, n_split, device=q.device, dtype=torch.float32)
     den = torch.empty_like(m)
     q = q.contiguous()
-    lo32, hi32 = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+    lo32, hi32 = lo.to(torch.int32).contiguous(), hi.clamp(max=s).to(torch.int32).contiguous()  # never past the cache
     qk_scale = sm_scale * LOG2E
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _split_kernel[(b * hq, n_split)](
