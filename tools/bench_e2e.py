@@ -108,6 +108,7 @@ def main() -> None:
                     help="skip the QuantLinear rows: HF bf16 (eager, torch.compile) and, with --backend, the backend rows")
     ap.add_argument("--graphs", choices=("both", "on", "off"), default="both",
                     help="with --backend: time the triton rows with cuda_graphs on, off or both")
+    ap.add_argument("--schemes", default=",".join(PIPELINES), help="with --backend: which schemes (comma list)")
     args = ap.parse_args()
     t_start = time.time()
     device, date = machine("cuda"), datetime.date.today().isoformat()
@@ -165,18 +166,19 @@ def main() -> None:
         if scheme is not None:
             del model
     if args.backend:
-        rows.extend(backend_rows(ref, device, date, {"both": (False, True), "on": (True,), "off": (False,)}[args.graphs]))
+        modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.graphs]
+        rows.extend(backend_rows(ref, device, date, modes, args.schemes.split(",")))
     flush()
 
 
-def backend_rows(ref: torch.nn.Module, device: str, date: str, graph_modes: tuple[bool, ...] = (False, True)
-                 ) -> list[dict]:
+def backend_rows(ref: torch.nn.Module, device: str, date: str, graph_modes: tuple[bool, ...] = (False, True),
+                 schemes: list[str] | None = None) -> list[dict]:
     """``compile_model(wrapped HF model, pipeline=..., backend="triton")``: memory and forward µs per scheme."""
     import lowbit
     from lowbit.models import CausalLMLogits
 
     rows = []
-    for (name, pipeline), graphs in itertools.product(PIPELINES.items(), graph_modes):
+    for (name, pipeline), graphs in itertools.product([(k, v) for k, v in PIPELINES.items() if schemes is None or k in schemes], graph_modes):
         gc.collect()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
