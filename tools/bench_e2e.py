@@ -23,6 +23,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -167,17 +168,18 @@ def main() -> None:
             del model
     if args.backend:
         modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.graphs]
-        rows.extend(backend_rows(ref, device, date, modes, args.schemes.split(",")))
+        backend_rows(ref, device, date, modes, args.schemes.split(","), rows, flush)
     flush()
 
 
 def backend_rows(ref: torch.nn.Module, device: str, date: str, graph_modes: tuple[bool, ...] = (False, True),
-                 schemes: list[str] | None = None) -> list[dict]:
+                 schemes: list[str] | None = None, rows: list[dict] | None = None,
+                 flush: Callable[[], None] = lambda: None) -> list[dict]:
     """``compile_model(wrapped HF model, pipeline=..., backend="triton")``: memory and forward µs per scheme."""
     import lowbit
     from lowbit.models import CausalLMLogits
 
-    rows = []
+    rows = [] if rows is None else rows
     for (name, pipeline), graphs in itertools.product([(k, v) for k, v in PIPELINES.items() if schemes is None or k in schemes], graph_modes):
         gc.collect()
         torch.cuda.empty_cache()
@@ -212,6 +214,7 @@ def backend_rows(ref: torch.nn.Module, device: str, date: str, graph_modes: tupl
             del compiled
         except Exception as e:  # noqa: BLE001 - a failing scheme is a row, not a lost run
             rows.append({**base, "variant": "backend+cudagraphs" if graphs else "backend", "error": repr(e)[:400]})
+        flush()  # each scheme's rows reach the file before the next one starts (a run stopped at its limit keeps them)
     return rows
 
 
