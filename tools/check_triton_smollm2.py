@@ -37,7 +37,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--out", default="bench/results/triton_smollm2.json")
+    ap.add_argument("--no-compile", action="store_true", help="triton backend without torch.compile (same kernels)")
     args = ap.parse_args()
+    out = Path(args.out)
     device, date = machine("cuda"), datetime.date.today().isoformat()
     model, tok, _ = load_model("smollm2", dtype=torch.bfloat16)
     model = model.to("cuda")
@@ -48,7 +50,7 @@ def main() -> None:
     rows = []
     for name, pipeline in RECIPES.items():
         results = {}
-        for backend, opts in (("torch", {"keep_packed": True}), ("triton", {"compile": True})):
+        for backend, opts in (("torch", {"keep_packed": True}), ("triton", {"compile": not args.no_compile})):
             g = base.clone()
             runner, report = compile_graph(g, plan_compile(parse_pipeline(pipeline), backend, opts), device="cuda")
             ppl = perplexity(runner, "wikitext2-test", seq_len=512, max_windows=args.windows, tokenizer=tok,
@@ -74,10 +76,9 @@ def main() -> None:
         rows.append({"model": "smollm2-135m", "recipe": name, "metric": "triton_vs_torch_ppl_rel",
                      "value": round(results["triton"] / results["torch"] - 1, 6), "device": device, "date": date})
         print(rows[-1], flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "date": date, "device": device,
-                               "versions": {"torch": torch.__version__}, "rows": rows}, indent=1) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)  # after every recipe: a run stopped at its limit keeps them
+        out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "date": date, "device": device,
+                                   "versions": {"torch": torch.__version__}, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
