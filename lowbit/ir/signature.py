@@ -97,9 +97,12 @@ class InputChecker:
                     if want is not None and want != a.shape[i]:
                         raise InputError(f"input %{name} (declared {t}): dim {i} ({d}) is {a.shape[i]}, the other "
                                          f"inputs make it {want}")
+        # ids against the vocabulary read the values (a host sync): not while a CUDA graph is being captured (the
+        # generator's decode step; its ids come from the model's own logits), where a sync is an error
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         for i, embeddings in self.vocab.items():
             a = out[i]
-            if not a.numel():
+            if not a.numel() or (capturing and a.is_cuda):
                 continue
             lo, hi = int(a.min()), int(a.max())
             for weight, rows in embeddings:

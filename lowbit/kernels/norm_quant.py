@@ -55,8 +55,9 @@ def _rnd(y, like, IS_BF16: tl.constexpr):
         return y.to(like.dtype).to(tl.float32)
 
 
-@triton.jit
-def _rms_norm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm, eps,
+@triton.jit  # eps is a constexpr: a run-time Python float is fp32 to Triton but fp64 under Inductor (torch.compile),
+# which turned the statistics fp64 and broke the bf16 rounding's bitcast (measured: compile error on the H200)
+def _rms_norm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm, eps: tl.constexpr,
                            HAS_W: tl.constexpr, COMPUTE_F32: tl.constexpr, IS_BF16: tl.constexpr,
                            QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr, GROUP: tl.constexpr,
                            BLOCK_K: tl.constexpr):
