@@ -165,9 +165,11 @@ def get_backend(name: str) -> BackendSpec:
 class TorchBackendOptions(BackendOptions):
     keep_packed: bool = False
     """Keep packed weights on the device and dequantize them per call (default: dequantize once at lowering)."""
-    semi_structured: bool = True
+    semi_structured: bool = False
     """Float linears whose weight has the 2:4 pattern run as semi-structured sparse tensors (cuSPARSELt/CUTLASS)
-    on CUDA in fp16/bf16; elsewhere they stay dense and the runner's ``sparse_report`` says why."""
+    on CUDA in fp16/bf16; elsewhere they stay dense and the runner's ``sparse_report`` says why. Off by default:
+    on the H200 cuSPARSELt took 0.48x dense bf16's speed at M=2048 (4096x11008) and ~0.07x at M=1-16
+    (bench/results/sparse24.json), so 2:4 saves no time there; turn it on to measure your GPU."""
     sparse_library: Literal["auto", "cusparselt", "cutlass"] = "auto"
     """Which sparse GEMM: cuSPARSELt where torch has it (``auto``), or CUTLASS."""
 
@@ -195,8 +197,9 @@ class TritonBackendOptions(BackendOptions):
     """Run the lowered module under ``torch.compile`` (the kernels are ``triton_op``s it sees through)."""
     cuda_graphs: bool = False
     """``torch.compile(mode="reduce-overhead")``: one CUDA graph per static shape (small calls are host-bound)."""
-    semi_structured: bool = True
-    """Float 2:4 linears run as semi-structured sparse tensors (cuSPARSELt/CUTLASS) where they qualify."""
+    semi_structured: bool = False
+    """Float 2:4 linears run as semi-structured sparse tensors (cuSPARSELt/CUTLASS) where they qualify; off by
+    default (slower than dense on the H200: see ``TorchBackendOptions.semi_structured``)."""
     sparse_library: Literal["auto", "cusparselt", "cutlass"] = "auto"
 
 

@@ -72,6 +72,9 @@ def plan_weight(w: torch.Tensor, device: torch.device | str | None, *, library: 
         return None, "this torch has no cuSPARSELt"
     if library not in _MULTIPLE:
         return None, f"unknown library {library!r}"
+    if library == "cutlass" and torch.cuda.is_available() and torch.cuda.get_device_capability(dev)[0] != 8:
+        # measured on the H200: torch's CUTLASS semi-structured kernels run on compute capability 8.x only
+        return None, f"CUTLASS semi-structured needs compute capability 8.x, not {torch.cuda.get_device_capability(dev)}"
     rows, cols = _MULTIPLE[library]
     n, k = w.shape
     if n % rows or k % cols:

@@ -4,9 +4,10 @@ Each node becomes one ``call_function`` of its op's callable (``lowbit.ir.ops.re
 become buffers, and device literals baked in at capture (``arange(..., device=cpu)``) are retargeted to the
 device asked for. This is the numerics every other backend must reproduce.
 
-A float linear whose weight has the 2:4 pattern keeps it as a semi-structured sparse tensor (cuSPARSELt or
-CUTLASS) on a CUDA device in fp16/bf16 (``lowbit.backends.semi_structured``); ``sparse_report`` names every 2:4
-linear kept dense and why (``semi_structured=False`` turns it off).
+With ``semi_structured=True`` a float linear whose weight has the 2:4 pattern keeps it as a semi-structured sparse
+tensor (cuSPARSELt, or CUTLASS on compute capability 8.x) on a CUDA device in fp16/bf16
+(``lowbit.backends.semi_structured``); ``sparse_report`` names every 2:4 linear kept dense and why. Off by default:
+on the H200 cuSPARSELt ran at 0.48x dense bf16 at M=2048 (bench/results/sparse24.json).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class TorchCompiled(torch.nn.Module):
 
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *,
                  precompute_constants: bool = True, keep_packed: bool = False,
-                 donated: set[str] | frozenset[str] = frozenset(), semi_structured: bool = True,
+                 donated: set[str] | frozenset[str] = frozenset(), semi_structured: bool = False,
                  sparse_library: str = "auto") -> None:
         """``precompute_constants`` evaluates once, at lowering, every node that reads only parameters
         (``materialize_weights``), so a call does not unpack all weights again; the numbers are the same and
@@ -186,7 +187,7 @@ def _params_device(graph: Graph) -> torch.device:
     return torch.device("cpu")
 
 
-def lower(graph: Graph, device: str | None = None, *, keep_packed: bool = False, semi_structured: bool = True,
+def lower(graph: Graph, device: str | None = None, *, keep_packed: bool = False, semi_structured: bool = False,
           sparse_library: str = "auto") -> TorchCompiled:
     """The backend registry's entry point (``lowbit.backends.registry``). A step graph's cache inputs
     (``graph.meta["generation"]``) are handed over by the generator: written in place, not copied."""

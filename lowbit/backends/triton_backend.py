@@ -370,7 +370,7 @@ class TritonCompiled(TorchCompiled):
 
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *, compile: bool = True,
                  cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset(),
-                 semi_structured: bool = True, sparse_library: str = "auto") -> None:
+                 semi_structured: bool = False, sparse_library: str = "auto") -> None:
         from lowbit.ir.fusion import fuse_qlinear
         from lowbit.ir.merge import merge_horizontal
         from lowbit.ir.normquant import fuse_norm_quant
@@ -431,7 +431,7 @@ class TritonCompiled(TorchCompiled):
 
 
 def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
-          semi_structured: bool = True, sparse_library: str = "auto") -> TritonCompiled:
+          semi_structured: bool = False, sparse_library: str = "auto") -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
     ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify."""
