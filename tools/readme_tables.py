@@ -28,7 +28,7 @@ COLUMNS = {
 }
 """Per results file: its own columns, in order, instead of ``PREFERRED``."""
 PIVOT_ID = {
-    "e2e_backend": ["model", "scheme", "path", "variant"],
+    "e2e_backend": ["run", "scheme", "path", "variant"],
     "generate": ["model", "scheme", "method"],
 }
 """Per results file: the columns that name one line of a pivoted table."""
