@@ -168,7 +168,8 @@ class TorchBackendOptions(BackendOptions):
     semi_structured: bool = False
     """Float linears whose weight has the 2:4 pattern run as semi-structured sparse tensors (cuSPARSELt/CUTLASS)
     on CUDA in fp16/bf16; elsewhere they stay dense and the runner's ``sparse_report`` says why. Off by default:
-    on the H200 cuSPARSELt took 0.48x dense bf16's speed at M=2048 (4096x11008) and ~0.07x at M=1-16
+    on the H200 cuSPARSELt took 0.26x/0.48x dense bf16's speed at M=2048 (4096x11008/11008x4096) and
+    0.04-0.08x at M=1-16
     (bench/results/sparse24.json), so 2:4 saves no time there; turn it on to measure your GPU."""
     sparse_library: Literal["auto", "cusparselt", "cutlass"] = "auto"
     """Which sparse GEMM: cuSPARSELt where torch has it (``auto``), or CUTLASS."""

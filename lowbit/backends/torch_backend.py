@@ -7,7 +7,7 @@ device asked for. This is the numerics every other backend must reproduce.
 With ``semi_structured=True`` a float linear whose weight has the 2:4 pattern keeps it as a semi-structured sparse
 tensor (cuSPARSELt, or CUTLASS on compute capability 8.x) on a CUDA device in fp16/bf16
 (``lowbit.backends.semi_structured``); ``sparse_report`` names every 2:4 linear kept dense and why. Off by default:
-on the H200 cuSPARSELt ran at 0.48x dense bf16 at M=2048 (bench/results/sparse24.json).
+on the H200 cuSPARSELt ran at 0.26-0.48x dense bf16 at M=2048 (bench/results/sparse24.json).
 """
 
 from __future__ import annotations
