@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from lowbit.ir.graph import Graph
 from lowbit.ir.normquant import fuse_norm_quant
-from lowbit.passes.base import WEIGHT_REWRITES, Pass, PassResult, ScopedOptions, register_pass
+from lowbit.passes.base import WEIGHT_PASSES, Pass, PassResult, ScopedOptions, register_pass
 from lowbit.passes.dce import eliminate_dead_code
 
 
@@ -22,8 +22,7 @@ class FuseNormQuant(Pass):
     name = "fuse-norm-quant"
     Options = ScopedOptions
     exact = True
-    after = ("quantize", "gptq", "awq", "autoround", "smooth-quant", "fold-norms", "fuse-qlinear", "merge-linears",
-             "kv-cache", *WEIGHT_REWRITES)
+    after = (*WEIGHT_PASSES, "fuse-qlinear", "merge-linears", "kv-cache")
     creates = ("qlinear_q", "rms_norm_quant")
 
     def run(self, graph: Graph) -> PassResult:

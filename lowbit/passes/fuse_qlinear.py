@@ -12,7 +12,7 @@ from __future__ import annotations
 from lowbit.ir.fusion import QLINEAR_MATCHER
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.pattern import graph_rewrite
-from lowbit.passes.base import WEIGHT_REWRITES, Condition, Pass, PassResult, ScopedOptions, register_pass
+from lowbit.passes.base import WEIGHT_PASSES, Condition, Pass, PassResult, ScopedOptions, register_pass
 from lowbit.passes.dce import eliminate_dead_code
 
 
@@ -32,7 +32,7 @@ class FuseQLinear(Pass):
     name = "fuse-qlinear"
     Options = ScopedOptions
     exact = True
-    after = ("quantize", "gptq", "awq", "autoround", "smooth-quant", "fold-norms", *WEIGHT_REWRITES)
+    after = WEIGHT_PASSES
     creates = ("qlinear",)
     ensures = (STORED_QLINEAR_WEIGHTS,)
 

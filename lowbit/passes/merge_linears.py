@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from lowbit.ir.graph import Graph
 from lowbit.ir.merge import MERGE_RULES, merge_horizontal
-from lowbit.passes.base import WEIGHT_REWRITES, Pass, PassResult, ScopedOptions, register_pass
+from lowbit.passes.base import WEIGHT_PASSES, Pass, PassResult, ScopedOptions, register_pass
 from lowbit.passes.dce import eliminate_dead_code
 
 
@@ -24,8 +24,7 @@ class MergeLinears(Pass):
     Options = ScopedOptions
     exact = True
     # per-linear calibration and rewriting passes see the model's own linears; merging comes last
-    after = ("quantize", "gptq", "awq", "autoround", "smooth-quant", "fold-norms", "fuse-qlinear", "kv-cache",
-             *WEIGHT_REWRITES)
+    after = (*WEIGHT_PASSES, "fuse-qlinear", "kv-cache")
     creates = tuple(sorted({r.op for r in MERGE_RULES} | {"aten.split_with_sizes.default"}))
 
     def run(self, graph: Graph) -> PassResult:
