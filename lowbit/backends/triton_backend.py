@@ -111,7 +111,12 @@ def plan_qlinear(kwargs: dict[str, Any], qweight: torch.Tensor | None, has_w_zp:
 
 
 def _runs_kernel(x: torch.Tensor) -> bool:
-    return x.dtype in _KERNEL_DTYPES and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return x.dtype in _KERNEL_DTYPES and _on_kernel_device(x)
+
+
+def _on_kernel_device(x: torch.Tensor) -> bool:
+    """A CUDA tensor, or any tensor under Triton's interpreter (how the kernels run on CPU in the tests)."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _kernel_qlinear(op: str, w_group: int, a_group: int) -> Callable[..., torch.Tensor]:
@@ -140,7 +145,7 @@ def _kernel_qlinear_q(w_group: int, a_group: int) -> Callable[..., torch.Tensor]
 
     def run(xq, x_scale, qweight, w_scale, w_zero_point=None, bias=None, **kw):
         out_dtype = kw.get("out_dtype", torch.float32)
-        if not ((xq.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and out_dtype in _KERNEL_DTYPES
+        if not (_on_kernel_device(xq) and out_dtype in _KERNEL_DTYPES
                 and kw.get("x_dtype") == out_dtype):
             return qlinear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, **kw)
         return torch.ops.lowbit.a8_linear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
@@ -178,7 +183,7 @@ def plan_hadamard(t: TensorType | None) -> str | None:
 def _kernel_hadamard(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
     """FX target of a lowered ``hadamard``: the kernel (``lt``: its table, a buffer made at lowering), or the
     reference for an input the kernel cannot read (CPU without the interpreter, another dtype)."""
-    if x.dtype in _HAD_DTYPES and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if x.dtype in _HAD_DTYPES and _on_kernel_device(x):
         return torch.ops.lowbit.hadamard(x, lt)
     return ir_hadamard(x)
 
@@ -202,16 +207,8 @@ def _fuse_hadamard_a8(gm: torch.fx.GraphModule, a8: dict[torch.fx.Node, Plan], r
                       ) -> None:
     """``hadamard -> qlinear`` pairs where the qlinear runs ``a8_linear`` per token and reads the rotation
     alone: one node on ``hadamard_a8_linear`` (the rotated activation is never written to memory)."""
-    import operator
-
-    from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
     from lowbit.kernels.hadamard import unsupported_fused
 
-    # fuse-qlinear leaves the activation QDQ it replaced in place, unread: drop it (pure ops, consumers first)
-    pure = (dynamic_qparams, quantize, dequantize, operator.getitem)
-    for node in reversed(list(gm.graph.nodes)):
-        if node.op == "call_function" and not node.users and node.target in pure:
-            gm.graph.erase_node(node)
     for q, plan in a8.items():
         h = q.args[0] if q.args else None
         if not (isinstance(h, torch.fx.Node) and h.target is _kernel_hadamard and len(h.users) == 1
@@ -253,10 +250,6 @@ def _repack_words(gm: torch.fx.GraphModule, node: torch.fx.Node, group: int) -> 
 
     nodes = [node.args[i] if len(node.args) > i else node.kwargs.get(name)
              for i, name in ((1, "qweight"), (2, "w_scale"), (3, "w_zero_point"))]
-    for a in nodes:  # the weight's dequantize that fuse-qlinear replaced may linger unused: it would read words
-        for u in list(a.users) if isinstance(a, torch.fx.Node) else ():
-            if u is not node and not u.users and getattr(u.target, "__name__", "") == "dequantize":
-                gm.graph.erase_node(u)
     for a in nodes:
         if a is not None and not (isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1):
             return False
@@ -377,11 +370,13 @@ class TritonCompiled(TorchCompiled):
         from lowbit.ir.rewrite import eliminate_dead_code
 
         fused = graph.clone()
-        # the registry runs fuse-qlinear, merge-linears and fuse-norm-quant first; a direct lower() may not have
-        for step in (lambda: fuse_qlinear(fused).rewritten, lambda: merge_horizontal(fused).total,
-                     lambda: fuse_norm_quant(fused).total):
-            if step():
-                eliminate_dead_code(fused)  # the next step must not see the replaced nodes as readers
+        # the registry runs fuse-qlinear, merge-linears and fuse-norm-quant first; a direct lower() may not have.
+        # Dead nodes go after each: the next step must not see replaced nodes as readers, and the FX module built
+        # below then holds no unread op (a dead dequantize or activation QDQ would count as a weight's or a
+        # rotation's second reader in retarget)
+        for fuse in (fuse_qlinear, merge_horizontal, fuse_norm_quant):
+            fuse(fused)
+            eliminate_dead_code(fused)
         # float 2:4 linears become semi-structured sparse tensors (torch_backend; torch.compile traces the subclass)
         super().__init__(fused, device, keep_packed=True, donated=donated, semi_structured=semi_structured,
                          sparse_library=sparse_library)
