@@ -10,6 +10,7 @@ separate-ops version (amax, divide, round, cast) reads the activation three time
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +24,8 @@ from lowbit.kernels._common import (
     round_to_e4m3,
 )
 
-__all__ = ["QMAX", "cuda_reciprocal", "quantize_activation", "quantize_activation_ref", "quantize_store_row"]
+__all__ = ["QMAX", "cuda_reciprocal", "quantize_activation", "quantize_activation_ref", "quantize_store_row",
+           "row_quant_setup"]
 
 QMAX = {"int8": 127.0, "fp8e4m3": 448.0}
 _STORAGE = {"int8": torch.int8, "fp8e4m3": torch.float8_e4m3fn}
@@ -41,9 +43,10 @@ def quantize_activation_ref(x: torch.Tensor, qdtype: str, group_size: int) -> tu
     return q, scale
 
 
-def cuda_reciprocal(qdtype: str) -> float:
-    """fp32(1 / qmax), as PyTorch's CUDA ``tensor / python_scalar`` computes it before multiplying."""
-    return torch.tensor(1.0, dtype=torch.float32).div(torch.tensor(QMAX[qdtype], dtype=torch.float32)).item()
+def cuda_reciprocal(qmax: float) -> float:
+    """fp32(1 / qmax), as PyTorch's CUDA ``tensor / python_scalar`` computes it before multiplying. numpy, not
+    torch: the ops call this while torch.compile traces them under fake tensors."""
+    return float(np.float32(1.0) / np.float32(qmax))
 
 
 @triton.jit
@@ -89,24 +92,30 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm,
     quantize_store_row(x, q_ptr + row * sqm, s_ptr + row * ssm, offs, ok, K, QMAX, RCP, IS_FP8, GROUP, BLOCK_K)
 
 
-@triton_op("lowbit::quantize_activation", mutates_args=())
-def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes ``[M, K]`` (int8 / float8_e4m3fn) and fp32 scales ``[M, K/g]`` (``[M, 1]`` when ``group_size`` is 0)."""
-    check(qdtype in QMAX, "quantize_activation", f"qdtype {qdtype!r} is not int8 or fp8e4m3")
+def row_quant_setup(x: torch.Tensor, qdtype: str, group_size: int, op: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """What a kernel quantizing one row per program (``quantize_store_row``) needs: ``x`` as contiguous rows
+    ``[M, K]``, the code ``[M, K]`` and scale ``[M, K/g or 1]`` buffers, and the launch's constexprs and warps
+    (shared by ``quantize_activation`` and ``norm_quant.rms_norm_quant``)."""
+    check(qdtype in QMAX, op, f"qdtype {qdtype!r} is not int8 or fp8e4m3")
     k = x.shape[-1]
-    check(group_size == 0 or k % group_size == 0, "quantize_activation", f"K={k} is not a multiple of {group_size}")
+    check(group_size == 0 or k % group_size == 0, op, f"K={k} is not a multiple of {group_size}")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     q = torch.empty((m, k), device=x.device, dtype=_STORAGE[qdtype])
     s = torch.empty((m, k // group_size if group_size else 1), device=x.device, dtype=torch.float32)
-    block = next_pow2(k)
-    if group_size:
-        block = max(block, group_size)
-    warps = 4 if block <= 4096 else 8
-    launcher(x2, _act_quant_kernel)[(m,)](x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0), QMAX=QMAX[qdtype],
-                                         RCP=cuda_reciprocal(qdtype) if x.is_cuda else 0.0,
-                                         IS_FP8=qdtype == "fp8e4m3", GROUP=group_size, BLOCK_K=block,
-                                         num_warps=warps)
+    block = max(next_pow2(k), group_size)
+    meta = {"QMAX": QMAX[qdtype], "RCP": cuda_reciprocal(QMAX[qdtype]) if x.is_cuda else 0.0, "IS_FP8": qdtype == "fp8e4m3",
+            "GROUP": group_size, "BLOCK_K": block, "num_warps": 4 if block <= 4096 else 8}
+    return x2, q, s, meta
+
+
+@triton_op("lowbit::quantize_activation", mutates_args=())
+def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``[M, K]`` (int8 / float8_e4m3fn) and fp32 scales ``[M, K/g]`` (``[M, 1]`` when ``group_size`` is 0)."""
+    x2, q, s, meta = row_quant_setup(x, qdtype, group_size, "quantize_activation")
+    launcher(x2, _act_quant_kernel)[(x2.shape[0],)](x2, q, s, x2.shape[1], x2.stride(0), q.stride(0), s.stride(0),
+                                                   **meta)
     return q, s

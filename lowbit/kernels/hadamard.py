@@ -55,6 +55,7 @@ from lowbit.kernels._common import (
     round_to_e4m3,
 )
 from lowbit.kernels.a8_linear import FP8_ROWWISE_SCALED_MM, W_QDTYPES, a8_gemm
+from lowbit.kernels.act_quant import cuda_reciprocal
 
 __all__ = [
     "HAD_DTYPES",
@@ -174,12 +175,6 @@ def _scale_const(n: int, dtype: torch.dtype) -> float:
         return v
     f, e = math.frexp(v)  # v = f·2^e, 0.5 <= f < 1: f·2^bits is exact, round() is half-to-even
     return math.ldexp(round(math.ldexp(f, bits)), e - bits)
-
-
-def _cuda_reciprocal(qmax: float) -> float:
-    """fp32(1 / qmax) (an IEEE fp32 division): PyTorch's CUDA ``tensor / python_scalar`` multiplies by it
-    (``act_quant.py``). numpy, not torch: this runs under fake tensors when torch.compile traces the op."""
-    return float(np.float32(1.0) / np.float32(qmax))
 
 
 @triton.jit
@@ -330,7 +325,7 @@ def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None) -> tuple[torc
         else:
             q = torch.empty((rows, n), device=x.device, dtype=torch.int8 if qdtype == "int8" else torch.float8_e4m3fn)
         s = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
-        quant, rcp = _QCODE[qdtype], (_cuda_reciprocal(qmax) if x.is_cuda else 0.0)
+        quant, rcp = _QCODE[qdtype], (cuda_reciprocal(qmax) if x.is_cuda else 0.0)
     if rows:
         tile = ba * rb * n2
         in_kind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[x.dtype]

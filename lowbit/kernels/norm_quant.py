@@ -19,12 +19,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lowbit.kernels._common import check, launcher, next_pow2
-from lowbit.kernels.act_quant import QMAX, cuda_reciprocal, quantize_store_row
+from lowbit.kernels._common import check, launcher
+from lowbit.kernels.act_quant import quantize_store_row, row_quant_setup
 
 __all__ = ["rms_norm_quant", "rms_norm_quant_ref"]
-
-_STORAGE = {"int8": torch.int8, "fp8e4m3": torch.float8_e4m3fn}
 
 
 def rms_norm_quant_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, compute_f32: bool, qdtype: str,
@@ -85,24 +83,12 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float, com
                    group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes shaped like ``x`` (int8 / float8_e4m3fn) and fp32 scales ``[..., K/g]`` (``[..., 1]`` when
     ``group_size`` is 0) of ``rms_norm(x, weight)``; ``weight`` (if any) has ``x``'s dtype."""
-    check(qdtype in QMAX, "rms_norm_quant", f"qdtype {qdtype!r} is not int8 or fp8e4m3")
-    k = x.shape[-1]
-    check(group_size == 0 or k % group_size == 0, "rms_norm_quant", f"K={k} is not a multiple of {group_size}")
+    x2, q, s, meta = row_quant_setup(x, qdtype, group_size, "rms_norm_quant")
+    k = x2.shape[1]
     check(weight is None or (weight.dtype == x.dtype and weight.shape == (k,)), "rms_norm_quant",
           f"weight {None if weight is None else (weight.dtype, tuple(weight.shape))} must be {x.dtype} [{k}]")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    ng = k // group_size if group_size else 1
-    q = torch.empty((m, k), device=x.device, dtype=_STORAGE[qdtype])
-    s = torch.empty((m, ng), device=x.device, dtype=torch.float32)
-    block = max(next_pow2(k), group_size)
     w = weight if weight is not None else x2
-    launcher(x2, _rms_norm_quant_kernel)[(m,)](
+    launcher(x2, _rms_norm_quant_kernel)[(x2.shape[0],)](
         x2, w, q, s, k, x2.stride(0), q.stride(0), s.stride(0), eps, HAS_W=weight is not None,
-        COMPUTE_F32=compute_f32 or x.dtype == torch.float32,
-        IS_BF16=x.dtype == torch.bfloat16, QMAX=QMAX[qdtype],
-        RCP=cuda_reciprocal(qdtype) if x.is_cuda else 0.0, IS_FP8=qdtype == "fp8e4m3", GROUP=group_size,
-        BLOCK_K=block, num_warps=4 if block <= 4096 else 8)
-    return q.reshape(x.shape), s.reshape(*x.shape[:-1], ng)
+        COMPUTE_F32=compute_f32 or x.dtype == torch.float32, IS_BF16=x.dtype == torch.bfloat16, **meta)
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], s.shape[-1])
