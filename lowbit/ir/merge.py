@@ -69,10 +69,6 @@ class MergeStats:
         return sum(self.merged.values())
 
 
-def _operand(node: Node, i: int) -> Any:
-    return node.args[i] if len(node.args) > i else None
-
-
 def _key(node: Node, rule: MergeRule) -> tuple[Any, ...] | None:
     """Group key: the shared operands' identities and the kwargs; None if the node cannot merge."""
     if len(node.outputs) != 1:
@@ -81,18 +77,18 @@ def _key(node: Node, rule: MergeRule) -> tuple[Any, ...] | None:
     if not isinstance(out, TensorType) or out.rank < 1 or not isinstance(out.shape[-1], int):
         return None
     for i in rule.concat:
-        a = _operand(node, i)
+        a = node.arg(i)
         if a is not None and not (isinstance(a, Value) and a.is_param and isinstance(a.type, TensorType)
                                   and a.type.rank >= 1 and isinstance(a.type.shape[0], int)):
             return None
     if any(k in node.kwargs for k in ("x", "weight", "bias", "qweight", "w_scale", "w_zero_point", "a_scale",
                                        "a_zero_point")):
         return None  # operands passed by keyword: not the positional form the table describes
-    shared = tuple(id(_operand(node, i)) if isinstance(_operand(node, i), Value) else repr(_operand(node, i))
+    shared = tuple(id(node.arg(i)) if isinstance(node.arg(i), Value) else repr(node.arg(i))
                    for i in rule.shared)
     kw = tuple(sorted((k, repr(v)) for k, v in node.kwargs.items()))
-    present = tuple(_operand(node, i) is not None for i in rule.concat)
-    trailing = tuple(tuple(_operand(node, i).type.shape[1:]) if _operand(node, i) is not None else None
+    present = tuple(node.arg(i) is not None for i in rule.concat)
+    trailing = tuple(tuple(node.arg(i).type.shape[1:]) if node.arg(i) is not None else None
                      for i in rule.concat)
     return (shared, kw, present, trailing, out.dtype, tuple(out.shape[:-1]), len(node.args))
 
@@ -129,7 +125,7 @@ def _merge_group(graph: Graph, rule: MergeRule, members: list[Node]) -> Node:
     first = members[0]
     args = list(first.args)
     for i in rule.concat:
-        if _operand(first, i) is not None:
+        if first.arg(i) is not None:
             args[i] = _concat_param(graph, [m.args[i] for m in members])
     sizes = [int(m.output.tensor_type.shape[-1]) for m in members]
     out0 = first.output.tensor_type

@@ -31,6 +31,7 @@ from lowbit.calibration.distill import DistillError, distill_logits
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import (
     NO_QLINEAR,
+    WEIGHT_REWRITES,
     CalibrationOptions,
     Pass,
     PassError,
@@ -71,7 +72,7 @@ class Distill(Pass):
     Options = DistillOptions
     requires = (NO_QLINEAR, no_op("dequantize", "it trains float weights: distill before quantizing"))
     needs_reference = True
-    after = ("rotate", "sparsify", "prune-mlp", "prune-heads", "prune-blocks")
+    after = tuple(p for p in WEIGHT_REWRITES if p != "distill")  # the rotation and the pruning passes
 
     def run(self, graph: Graph) -> PassResult:
         o: DistillOptions = self.options  # type: ignore[assignment]
