@@ -254,3 +254,35 @@ def test_recipes_parse_or_name_the_missing_pass():
     assert "group_fallback=64" in get_recipe("w4a16-g128")
     with pytest.raises(PassError, match="unknown recipe 'w4a16-g96'"):
         get_recipe("w4a16-g96")
+
+
+def test_activation_and_kv_clip_ratio_shrink_the_dynamic_range(slice2):
+    """a_clip/kv_clip (QuaRot's 0.9 / 0.95): the dynamic scales are clip·(their min/max scale), the values beyond
+    are clamped to the grid's ends, the kwarg is only written when set, and such a QDQ is not fused into qlinear
+    (the op has no clip kwarg) instead of silently losing the clip."""
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
+    s1, _ = dynamic_qparams(x, qdtype="int4", granularity="per_token", symmetric=True)
+    s9, _ = dynamic_qparams(x, qdtype="int4", granularity="per_token", symmetric=True, clip_ratio=0.9)
+    torch.testing.assert_close(s9, 0.9 * s1)
+    dq = dequantize(quantize(x, s9, None, qdtype="int4", axis=-1, block_size=64), s9, None, qdtype="int4", axis=-1,
+                    block_size=64)
+    top = 7 * s9.reshape(3, 5, 1)  # int4's largest code times the scale
+    assert (x > top + 1e-6).any() and (dq <= top + 1e-6).all()  # the values beyond are clamped
+    with pytest.raises(ValueError, match="clip_ratio"):
+        dynamic_qparams(x, qdtype="int4", granularity="per_token", clip_ratio=1.5)
+
+    graph, ids, _ = slice2
+    plain, clipped = graph.clone(), graph.clone()
+    InsertQDQ(w="int4", a="int4", kv="int4").run(plain)
+    stats = InsertQDQ(w="int4", a="int4", kv="int4", a_clip=0.9, kv_clip=0.95).run(clipped).stats
+    ratios = sorted({n.kwargs.get("clip_ratio", 1.0) for n in clipped.nodes if n.op == "dynamic_qparams"})
+    assert ratios == [0.9, 0.95], ratios
+    assert all("clip_ratio" not in n.kwargs for n in plain.nodes if n.op == "dynamic_qparams")
+    assert stats["activation_qdq_chains"] == 8 and stats["kv_qdq_chains"] == 4
+    assert any(n.meta.get("qscheme") == "int4-sym-tok-dyn-clip0.9" for n in clipped.nodes)
+    assert not torch.equal(TorchCompiled(plain)(ids), TorchCompiled(clipped)(ids))
+    fused = clipped.clone()
+    PassManager("fuse-qlinear").run(fused)
+    assert not any(n.op == "qlinear" and n.kwargs.get("a_qdtype") for n in fused.nodes)
+    with pytest.raises(PassError, match="a_clip"):
+        parse_pipeline("quantize(a=int4,a_clip=0)")

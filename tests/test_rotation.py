@@ -388,6 +388,8 @@ def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(smollm2):
     assert learned["steps"] == 4 and learned["calib_tokens"] == 64 and len(learned["history"]) == 4
     assert learned["loss_end"] < learned["loss_start"], learned["history"]
     assert learned["orthogonality"] < 1e-12
+    check = learned["check"]  # the learned rotation is kept only when it beats its Hadamard start
+    assert check["windows"] == 1 and (check["kept"] == "learned") == (check["loss_learned"] < check["loss_start"])
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 

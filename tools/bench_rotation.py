@@ -32,6 +32,8 @@ KV = "kv=int4,k_gran=per_token,v_gran=per_token,kv_group=64"
 A4 = f"a=int4,{KV}"
 ROT = "fold-norms,rotate"
 MAIN, QUICK = "wt2-512x40", "wt2-512x8"
+EXPENSIVE = {"rotate", "gptq", "smooth-quant", "awq", "autoround"}
+"""Passes after which a row's graph is kept for the next rows with the same pipeline up to there."""
 KURTAIL = "rotate(kind=kurtosis,progress=false)"
 """Defaults: 8 x 512 calibration tokens (WikiText-2 validation), 512 kept per norm, 100 Adam steps on the Cayley
 parameter, 4096 tokens a step."""
@@ -59,7 +61,26 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     ("w4a4kv4", "spinquant", "fold-norms + Hadamard R1-R4, R1 refined on the W4A4 fake-quant loss (Cayley/Adam, "
      "16 steps x 1 window of 256) + GPTQ W4 per channel", f"fold-norms,{SPIN},gptq(w=int4,sym=false,{{cal}}),quantize({A4})",
      MAIN),
-    ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", QUICK),
+    ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
+    ("w4a4kv4", "smoothquant", "no rotation; SmoothQuant alpha searched per site + GPTQ W4 per channel",
+     f"smooth-quant(search=true,{{cal}}),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
+    # cheap additions on the KurTail row (rows sharing a pipeline prefix reuse its graph: one GPTQ for all):
+    # QuaRot's clipping of the dynamic A4 (0.9 of each token's range) and KV4 (0.95) scales, and GPTQ onto the
+    # output-aware clipped weight grid
+    ("w4a4kv4", "kurtail-aclip", "KurTail + GPTQ W4 per channel, A4 scales clipped to 0.9 of the token range",
+     f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,{{cal}}),quantize({A4},a_clip=0.9)", QUICK),
+    ("w4a4kv4", "kurtail-clip", "KurTail + GPTQ W4 per channel, A4 clipped 0.9, KV4 clipped 0.95",
+     f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,{{cal}}),quantize({A4},a_clip=0.9,kv_clip=0.95)", QUICK),
+    ("w4a4kv4", "kurtail-wclip", "KurTail + GPTQ W4 per channel on the output-aware clipped grid, A4 0.9, KV4 0.95",
+     f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({A4},a_clip=0.9,kv_clip=0.95)", QUICK),
+    # KV2 on an otherwise float model (issue 20: RotateKV-style, rotated keys): per token, one scale and zero
+    # point per head (64 channels), without and with the rotation (R3: online Hadamard on Q and K after rotary)
+    ("kv2", "rtn", "no rotation; K and V int2 per token per head, weights and activations float",
+     f"quantize({KV.replace('int4', 'int2')})", QUICK),
+    ("kv2", "quarot", "fold-norms + Hadamard (R3 on Q/K after rotary); K and V int2 per token per head",
+     f"{ROT},quantize({KV.replace('int4', 'int2')})", QUICK),
+    ("kv2", "quarot-clip", "fold-norms + Hadamard; K and V int2 per token per head, scales clipped 0.95",
+     f"{ROT},quantize({KV.replace('int4', 'int2')},kv_clip=0.95)", QUICK),
     # the fold-norms finding: the gains folded into the linears make RTN worse; does the rotation undo it?
     ("w4a16-pc", "rtn", "plain RTN per channel", "quantize(w=int4,sym=false)", QUICK),
     ("w4a16-pc", "rtn", "fold-norms then RTN per channel", "fold-norms,quantize(w=int4,sym=false)", QUICK),
@@ -69,8 +90,6 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     ("w4a16-g64", "rtn", "fold-norms then RTN g64", "fold-norms,quantize(w=int4,group=64,sym=false)", QUICK),
     ("w4a16-g64", "quarot-rtn", "fold-norms + Hadamard then RTN g64", f"{ROT},quantize(w=int4,group=64,sym=false)",
      QUICK),
-    ("w4a4kv4", "smoothquant", "alpha searched per site; GPTQ W4 per channel",
-     f"smooth-quant(search=true,{{cal}}),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", QUICK),
     ("w4a4kv4", "quarot-random", "fold-norms + random orthogonal R1/R2, Hadamard R3/R4 + GPTQ W4 per channel",
      f"fold-norms,rotate(kind=random),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", QUICK),
     ("w4a4kv4", "quarot-g64", "fold-norms + Hadamard + GPTQ W4 group 64",
@@ -115,7 +134,8 @@ def main() -> None:
     from lowbit.eval import perplexity
     from lowbit.ir.capture import capture
     from lowbit.models import load_model
-    from lowbit.passes.manager import PassManager
+    from lowbit.ir.graph import Graph
+    from lowbit.passes.manager import PassManager, _split_top
 
     out = Path(args.out)
     model, tok, _ = load_model("smollm2")
@@ -135,6 +155,33 @@ def main() -> None:
         return perplexity(TorchCompiled(g), "wikitext2-test", tokenizer=tok, progress=False, batch_size=4,
                           **_eval_kwargs(ev))
 
+    # rows whose pipelines share a prefix up to an expensive pass (rotation learning, GPTQ, ...) reuse that
+    # prefix's graph; a row's pass_seconds still counts the whole pipeline (the reused prefix's time included)
+    cache: dict[str, tuple[Graph, list[dict], float]] = {}
+
+    def run_pipeline(pipeline: str) -> tuple[Graph, list[dict], float]:
+        parts = _split_top(pipeline, ",", pipeline)
+        cut = max((i + 1 for i, p in enumerate(parts) if p.split("(")[0].strip() in EXPENSIVE), default=0)
+        head, tail = ",".join(parts[:cut]), ",".join(parts[cut:])
+        if head and head in cache:
+            base, stats, secs = cache[head]
+        else:
+            base, stats, secs = graph.clone(), [], 0.0
+            if head:
+                t = time.perf_counter()
+                report = PassManager(head, verify_each=True).run(base)
+                stats = [{"pass": rec.spec.split("(")[0], **rec.stats} for rec in report.records]
+                secs = time.perf_counter() - t
+                cache.clear()  # one cached prefix at a time: each holds a model copy
+                cache[head] = (base, stats, secs)
+        g = base.clone() if head and tail else base if head else graph.clone()
+        if tail:
+            t = time.perf_counter()
+            report = PassManager(tail, verify_each=True).run(g)
+            stats = stats + [{"pass": rec.spec.split("(")[0], **rec.stats} for rec in report.records]
+            secs += time.perf_counter() - t
+        return g, stats, secs
+
     rows: list[dict] = []
     for scheme, method, variant, pipe, ev in ROWS:
         ev = args.eval or ev
@@ -149,12 +196,8 @@ def main() -> None:
                          "command": header["command"]})
             print(rows[-1], flush=True)
         pipeline = pipe.format(cal=cal) if pipe else None
-        g = graph.clone()
-        t1 = time.perf_counter()
         try:
-            report = PassManager(pipeline, verify_each=True).run(g)
-            pass_s = time.perf_counter() - t1
-            stats = [{"pass": rec.spec.split("(")[0], **rec.stats} for rec in report.records]
+            g, stats, pass_s = run_pipeline(pipeline)
             r = score(g, ev)
         except Exception as exc:  # one failing row must not lose the others
             rows.append({"model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant, "eval": ev,

@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -75,6 +76,10 @@ class LearnedRotation:
     """Loss every tenth step (the minibatch loss, for a look at convergence)."""
     peak_rss_mb: float | None = None
     """Highest resident memory sampled during the steps (MiB; None where /proc is missing)."""
+    check: dict[str, Any] | None = None
+    """learned (SpinQuant): the quantized loss of the start and of the learned rotation on the same fixed windows,
+    and which one was ``kept`` (the learned one only when it is lower: a learned method never ends worse than
+    its start)."""
 
 
 def kurtosis(y: torch.Tensor) -> torch.Tensor:
@@ -200,7 +205,7 @@ def fake_quant_tokens(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
 def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: Sequence[Node],
                              writers: Sequence[Node], keep_float: Sequence[Node], windows: torch.Tensor, *,
                              steps: int, lr: float, batch: int, w_bits: int = 4, a_bits: int = 4, seed: int = 0,
-                             what: str = "rotation") -> LearnedRotation:
+                             check_windows: int = 8, what: str = "rotation") -> LearnedRotation:
     """Learn an extra residual rotation ``U = C(S)`` (from ``I``) minimising the next-token loss of the
     fake-quantized network on ``windows`` (SpinQuant's objective, Adam on the Cayley parameter).
 
@@ -209,6 +214,10 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
     readers ``fq_a(x)·fq_w(W·U)ᵀ``, writers ``fq_a(h)·fq_w(Uᵀ·W)ᵀ``, the float head (``keep_float``) reads
     ``x·Uᵀ`` with its own weight (the same product, without a vocabulary-sized matmul per step). The graph
     is not changed: the caller folds the returned ``q`` (= ``U``) exactly.
+
+    Minibatch steps are noisy: after the last one, the start (``U = I``) and the learned ``U`` are both scored on
+    the first ``check_windows`` windows and ``U = I`` is returned unless the learned one scores lower (0: no
+    check, always the learned one).
     """
     from lowbit.calibration.engine import _execute  # same layer: the engine's node-by-node runner
 
@@ -279,11 +288,33 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
         now = rss_mb()
         peak = None if now is None or peak is None else max(peak, now)
         del env, logits, loss
-    box.clear()
     with torch.no_grad():
         q = orthogonal_polar(cayley(a.detach().double()))
         if not torch.isfinite(q).all():
             raise RotationLearningError(f"{what}: after {steps} steps the rotation is not finite")
-        ortho = float((q @ q.T - torch.eye(d, dtype=torch.float64)).abs().max())
+
+        def check_loss(u: torch.Tensor) -> float:
+            """Mean quantized loss with ``U = u`` on the first ``check_windows`` windows (the same for both)."""
+            box["u"] = u.to(dtype)
+            total = 0.0
+            n = min(check_windows, windows.shape[0])
+            for i in range(0, n, batch):
+                ids = windows[i:min(i + batch, n)]
+                env = {graph.inputs[0]: ids}
+                _execute(graph.nodes, env, None, {out_value}, None, replace)
+                logits = env[out_value]
+                total += float(torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))) * ids.shape[0]
+            return total / n
+
+        eye = torch.eye(d, dtype=torch.float64)
+        start_loss, learned_loss = (check_loss(eye), check_loss(q)) if check_windows else (float("nan"),) * 2
+        keep_learned = not check_windows or learned_loss < start_loss
+        check = {"windows": min(check_windows, windows.shape[0]), "loss_start": round(start_loss, 4),
+                 "loss_learned": round(learned_loss, 4), "kept": "learned" if keep_learned else "start"}
+        if not keep_learned:
+            q = eye
+        ortho = float((q @ q.T - eye).abs().max())
+    box.clear()
     return LearnedRotation(q, float("nan"), float("nan"), first, last, steps, time.perf_counter() - t0, ortho, history,
-                           peak)
+                           peak, check)

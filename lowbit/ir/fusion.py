@@ -123,7 +123,8 @@ def activation_quant(x: Value, aq: Node, adq: Node, scale: Any, zp: Any) -> Acti
         if (producer.args[0] is not x or producer.outputs[0] is not scale or pk.get("qdtype") != qdtype
                 or pk.get("block_size") != block or pk.get("axis", -1) != axis
                 or granularity not in ("per_tensor", "per_token", "per_channel")
-                or activation_axis(granularity) != axis):
+                or activation_axis(granularity) != axis
+                or pk.get("clip_ratio", 1.0) != 1.0):  # qlinear has no clip kwarg: stays the unfused QDQ
             return None
         # the reference passes the computed zero point iff the scheme has one (asymmetric integers)
         want_zp = None if (symmetric or qd.is_float) else producer.outputs[1]

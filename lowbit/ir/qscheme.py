@@ -51,6 +51,9 @@ class QScheme(BaseModel):
     """Activations only: scales computed in-graph from each input (True) or fixed from calibration (False)."""
     observer: ObserverName = "minmax"
     """How static scales are chosen (weights, static activations); dynamic scales are always min/max."""
+    clip_ratio: float = Field(default=1.0, gt=0, le=1)
+    """Dynamic scales only: the range is ``clip_ratio·[min, max]`` of each block (QuaRot: 0.9 for A4, 0.95 for
+    the KV cache); values outside are clamped."""
 
     @field_validator("qdtype", mode="before")
     @classmethod
@@ -68,6 +71,9 @@ class QScheme(BaseModel):
             raise ValueError(f"qdtype {self.qdtype} is symmetric only: set symmetric=true")
         if self.granularity == "per_group" and self.group_size is None:
             raise ValueError("granularity per_group needs group_size")
+        if self.clip_ratio != 1.0 and not self.dynamic:
+            raise ValueError(f"clip_ratio={self.clip_ratio} applies to dynamic scales only (static ones come from "
+                             "their observer)")
         return self
 
     @property
@@ -82,6 +88,8 @@ class QScheme(BaseModel):
         parts = [self.qdtype, "sym" if self.symmetric else "asym", gran]
         if self.dynamic:
             parts.append("dyn")
+            if self.clip_ratio != 1.0:
+                parts.append(f"clip{self.clip_ratio:g}")
         elif self.observer != "minmax":
             parts.append(self.observer)
         return "-".join(parts)

@@ -382,8 +382,12 @@ def dynamic_qparams(
     symmetric: bool = True,
     axis: int | None = -1,
     block_size: int | None = None,
+    clip_ratio: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of ``x`` from its own min/max (dynamic activation quantization); scales never 0/NaN.
+
+    ``clip_ratio`` < 1 shrinks the range to ``clip_ratio·[min, max]`` (QuaRot clips A4 at 0.9, the KV cache at
+    0.95): the few values outside are clamped by ``quantize``, the many inside get a finer grid.
 
     Granularity, with the matching quantize ``axis``/``block_size`` (see ``dynamic_layout``): ``per_tensor``
     (0-d scale); ``per_token`` (block-wise along the last axis, one block = the whole row or ``block_size``
@@ -401,6 +405,10 @@ def dynamic_qparams(
         lo, hi = (xf.amin(dims), xf.amax(dims)) if dims else (xf, xf)
     else:
         lo, hi = _blocked_minmax(xf, _norm_axis(layout.axis, x.dim(), "dynamic_qparams"), layout.block_size)
+    if not 0 < clip_ratio <= 1:
+        raise ValueError(f"dynamic_qparams: clip_ratio={clip_ratio} must be in (0, 1]")
+    if clip_ratio != 1.0:
+        lo, hi = lo * clip_ratio, hi * clip_ratio
     scale, zp = qparams_from_range(lo, hi, qd, symmetric)
     if zp is None:
         zp = torch.zeros_like(scale, dtype=qd.container)

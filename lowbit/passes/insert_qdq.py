@@ -103,6 +103,10 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
     """Fixed activation scales from calibration data instead of in-graph dynamic ones."""
     a_obs: ObserverName = "minmax"
     """Observer of static activation scales."""
+    a_clip: float = Field(default=1.0, gt=0, le=1)
+    """Dynamic activation scales from ``a_clip·`` each token's (group's) range: values beyond are clamped and the
+    rest get a finer grid. QuaRot uses 0.9 for A4 per token; 1 is plain min/max. Such a QDQ is not fused into
+    ``qlinear`` (the op has no clip kwarg) and the ONNX backend refuses it."""
     kv: str | None = None
     """KV-cache qdtype (keys after rotary and values); unset keeps the cache float."""
     k_gran: Literal["per_channel", "per_token", "per_tensor"] = "per_channel"
@@ -114,6 +118,8 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
     v_group: int | None = Field(default=None, gt=0)
     """Overrides kv_group for the values."""
     kv_sym: bool = False
+    kv_clip: float = Field(default=1.0, gt=0, le=1)
+    """KV-cache scales from ``kv_clip·`` each block's range (QuaRot: 0.95 for KV4); 1 is plain min/max."""
     kv_window: int = Field(default=0, ge=0)
     """Most recent tokens each query reads unquantized (KIVI's float residual)."""
     kv_sink: int = Field(default=0, ge=0)
@@ -177,15 +183,16 @@ def config_from_options(o: InsertQDQOptions) -> QuantConfig:
             group_size=o.group, observer=o.w_obs)
         inp = None if o.a in (None, "none", "float") else QScheme(
             qdtype=o.a, symmetric=o.a_sym, granularity=o.a_gran, group_size=o.a_group,
-            dynamic=not o.a_static, observer=o.a_obs)
+            dynamic=not o.a_static, observer=o.a_obs, clip_ratio=o.a_clip)
         kv = None
         if o.kv not in (None, "none", "float"):
             k_group = (o.k_group or o.kv_group) if o.k_gran != "per_tensor" else None
             v_group = (o.v_group or o.kv_group) if o.v_gran != "per_tensor" else None
             kv = KVCacheScheme(
-                key=QScheme(qdtype=o.kv, symmetric=o.kv_sym, granularity=o.k_gran, group_size=k_group, dynamic=True),
+                key=QScheme(qdtype=o.kv, symmetric=o.kv_sym, granularity=o.k_gran, group_size=k_group, dynamic=True,
+                            clip_ratio=o.kv_clip),
                 value=QScheme(qdtype=o.kv, symmetric=o.kv_sym, granularity=o.v_gran, group_size=v_group,
-                              dynamic=True),
+                              dynamic=True, clip_ratio=o.kv_clip),
                 window=o.kv_window, sink=o.kv_sink)
     except ValidationError as exc:
         raise PassError("pass quantize: " + "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
@@ -308,9 +315,11 @@ def insert_dynamic_qdq(graph: Graph, x: Value, scheme: QScheme, layout: Layout, 
     else:
         gran, axis, block = "per_block", layout.axis, layout.block_size
     st, zt, qt = _dynamic_types(x, scheme.qdtype, layout)
-    qp = graph.make_node("dynamic_qparams", [x], {"qdtype": scheme.qdtype, "granularity": gran,
-                                                  "symmetric": scheme.symmetric, "axis": axis, "block_size": block},
-                         name=f"{name}_scale", types=[st, zt], module=module)
+    kwargs = {"qdtype": scheme.qdtype, "granularity": gran, "symmetric": scheme.symmetric, "axis": axis,
+              "block_size": block}
+    if scheme.clip_ratio != 1.0:  # only when set: unclipped graphs stay what they were
+        kwargs["clip_ratio"] = scheme.clip_ratio
+    qp = graph.make_node("dynamic_qparams", [x], kwargs, name=f"{name}_scale", types=[st, zt], module=module)
     zp = None if (scheme.symmetric or qd.is_float) else qp.outputs[1]
     q = graph.make_node("quantize", [x, qp.outputs[0], zp], {"qdtype": scheme.qdtype, "axis": axis,
                                                              "block_size": block},

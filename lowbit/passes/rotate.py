@@ -74,6 +74,9 @@ class RotateOptions(CalibrationOptions):
     """learned: activation bits of the fake quantizer (symmetric per token, dynamic)."""
     batch_tokens: int = Field(default=4096, ge=8, le=1_000_000)
     """kurtosis: tokens per step, drawn evenly from every norm output."""
+    check_windows: int = Field(default=8, ge=0, le=1024)
+    """learned: after the steps, score the start and the learned rotation on this many calibration windows and
+    keep the learned one only if its quantized loss is lower (stats ``check``); 0 keeps it unchecked."""
     learn_heads: bool = False
     """kurtosis (with ``heads``): also learn each layer's R2 from the Hadamard, on the head outputs its o_proj
     reads (collected in the same run: R1 does not change them). Off by default: KurTail's paper learns R1, and
@@ -204,7 +207,7 @@ def learn_extra_rotation(graph: Graph, res: ResidualRegion, o: RotateOptions, pa
     try:
         learned = learn_quantized_rotation(
             graph, res.embeddings, res.readers, res.writers, keep, ids, steps=o.steps or 20, lr=o.lr or 1e-3,
-            batch=o.windows_per_step, w_bits=o.w_bits, a_bits=o.a_bits, seed=o.seed,
+            batch=o.windows_per_step, w_bits=o.w_bits, a_bits=o.a_bits, seed=o.seed, check_windows=o.check_windows,
             what=f"pass {pass_name}: kind=learned, residual stream of width {res.dim}")
     except CalibrationError as exc:
         raise PassError(str(exc)) from None
@@ -214,7 +217,7 @@ def learn_extra_rotation(graph: Graph, res: ResidualRegion, o: RotateOptions, pa
         "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
         "orthogonality": learned.orthogonality, "history": learned.history, "collect_seconds": 0.0,
         "learn_seconds": round(learned.seconds, 2), "learn_rss_above_start_mb": peak,
-        "samples_mb": 0.0, "kurtosis_start": None, "kurtosis_end": None,
+        "samples_mb": 0.0, "kurtosis_start": None, "kurtosis_end": None, "check": learned.check,
     }
 
 

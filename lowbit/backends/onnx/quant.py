@@ -618,6 +618,9 @@ def _blocked_minmax(ctx: LoweringContext, x: ir.Value, rank: int, axis: int, blo
 @lowering("dynamic_qparams")
 def _dynamic_qparams(ctx: LoweringContext, node: Node) -> list[ir.Value]:
     x = node.args[0]
+    if node.kwargs.get("clip_ratio", 1.0) != 1.0:
+        raise NotLowerable(f"clip_ratio={node.kwargs['clip_ratio']} has no ONNX lowering yet (quantize with "
+                           "a_clip=1, kv_clip=1)")
     qd = _qdtype(node)
     symmetric = bool(node.kwargs.get("symmetric", True))
     shape = x.tensor_type.shape
