@@ -132,6 +132,9 @@ def _act(node: Node, k: int) -> tuple[ActScheme | None, torch.Tensor | None]:
     if isinstance(scale, Value) and scale.producer is not None and scale.producer.op == "dynamic_qparams":
         qp = scale.producer
         gran, block = qp.kwargs.get("granularity"), qp.kwargs.get("block_size")
+        if qp.kwargs.get("clip_ratio", 1.0) != 1.0:
+            raise CheckpointError(f"linear %{node.name} (module {node.module!r}): dynamic input scales clipped to "
+                                  f"{qp.kwargs['clip_ratio']} of the range (quantize a_clip) have no HF-format field")
         sym = bool(qp.kwargs.get("symmetric", True))
         if gran == "per_tensor":
             return ActScheme(qdtype, sym, "tensor"), None
