@@ -8,6 +8,7 @@ the dtype) rounded once to the dtype, except at rounding near-ties (fp32 accumul
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -66,6 +67,57 @@ def test_hadamard_kernel_matches_the_reference(n, dtype):
     assert (y != ref).float().mean().item() <= 5e-3
 
 
+BFLY = K.Config(stage2="bfly", n2_cap=4096)  # the Sylvester factor of order p by fp32 butterflies, L = A_m
+BFLY64 = K.Config(stage2="bfly", n2_cap=64)  # the same with p > 64 split: L = kron(A_m, S_{p/64}) on tensor cores
+
+
+def _run(x: torch.Tensor, cfg: K.Config, qdtype: str | None = None) -> tuple[torch.Tensor, ...]:
+    return K._launch(x, K.hadamard_factors(x.shape[-1], DEV, cfg), qdtype, cfg)
+
+
+@pytest.mark.parametrize("n, dtype, cfg", [(64, torch.bfloat16, BFLY), (576, torch.bfloat16, BFLY),
+                                           (1536, torch.bfloat16, BFLY), (1536, torch.float32, BFLY64),
+                                           (4096, torch.bfloat16, BFLY), (4096, torch.float16, BFLY64),
+                                           (96, torch.bfloat16, BFLY), (96, torch.float32, BFLY)])
+def test_butterfly_configs_match_the_reference(n, dtype, cfg):
+    """The butterfly path (and 96 = 12·8, which only it takes: no MMA needs K >= 16 on the Sylvester side)."""
+    x = (torch.randn(3, n, device=DEV) * 3).to(dtype)
+    y = _run(x, cfg)[0]
+    ref64 = _ref64(x)
+    if dtype == torch.float32:
+        assert (y.double() - ref64).abs().max().item() <= 4e-7 * ref64.abs().max().item()
+        return
+    exact = ref64.to(dtype)
+    assert (y != exact).float().mean().item() <= 2e-3
+    ulp = torch.finfo(dtype).eps * exact.float().abs().clamp(min=torch.finfo(dtype).tiny)
+    assert ((y.float() - exact.float()).abs() <= ulp * 1.01).all()
+
+
+@pytest.mark.parametrize("cfg", [K.Config(tile=256, waves=1), K.Config(stage2="bfly", tile=256, waves=1)])
+def test_persistent_programs_cover_every_tile(cfg):
+    """Few programs looping over many row tiles (37 rows, 4 per tile, 2 programs): every row lands in its place,
+    the same as one tile per program."""
+    x = torch.randn(37, 64, device=DEV, dtype=torch.bfloat16)
+    y = _run(x, cfg)[0]
+    assert torch.equal(y, _run(x, cfg._replace(waves=0))[0])
+    assert torch.equal(y, _ref64(x).to(torch.bfloat16))
+    q, s = _run(x, cfg, "int8")
+    qr, sr = K.hadamard_quantize_ref(x, "int8")
+    assert torch.equal(s, sr) and (q != qr).float().mean().item() <= 2e-3
+
+
+def test_crossover_picks_the_reference_below_the_measured_rows():
+    cuda = torch.device("cuda")
+    n = min(K.MIN_ROWS, key=lambda k: K.MIN_ROWS[k])
+    big = max(K.MIN_ROWS, key=lambda k: K.MIN_ROWS[k])
+    assert K.prefers_kernel(n, K.MIN_ROWS[n], cuda)
+    assert not K.prefers_kernel(big, K.MIN_ROWS[big] - 1, cuda)
+    assert K.prefers_kernel(big, 1, torch.device("cpu"))  # the interpreter always runs the kernel
+    unknown = next(v for v in (4 * big, 3 * big, 5 * big) if v not in K.MIN_ROWS)  # the nearest measured length
+    near = min(K.MIN_ROWS, key=lambda k: abs(math.log(k / unknown)))
+    assert K.prefers_kernel(unknown, K.MIN_ROWS[near], cuda) and not K.prefers_kernel(unknown, K.MIN_ROWS[near] - 1, cuda)
+
+
 def test_hadamard_kernel_rows_shapes_and_strides():
     x = torch.randn(2, 3, 2 * 576, device=DEV, dtype=torch.bfloat16)[..., ::2]  # non-contiguous rows
     y = K.online_hadamard(x)
@@ -104,15 +156,16 @@ FUSED = ([(576, d, q) for d in (torch.bfloat16, torch.float16, torch.float32) fo
          + [(4864, torch.bfloat16, "int8"), (4864, torch.float16, "int4"), (4864, torch.float32, "fp8e4m3")])
 
 
-@pytest.mark.parametrize("n, dtype, qdtype", FUSED)
-def test_fused_quantize_codes(n, dtype, qdtype):
+@pytest.mark.parametrize("n, dtype, qdtype, cfg", [(*f, None) for f in FUSED]
+                         + [(576, torch.bfloat16, "int4", BFLY), (1536, torch.float16, "fp8e4m3", BFLY)])
+def test_fused_quantize_codes(n, dtype, qdtype, cfg):
     from lowbit.ir.quant import dynamic_qparams, quantize
 
     x = (torch.randn(4, n, device=DEV) * 2).to(dtype)
     x[1] *= 1e-3  # a small row: its own scale
-    q, s = K.hadamard_quantize(x, qdtype)
+    q, s = K.hadamard_quantize(x, qdtype) if cfg is None else _run(x, cfg, qdtype)
     # exact: the reference quantize of the kernel's own transform
-    y = K.online_hadamard(x)
+    y = K.online_hadamard(x) if cfg is None else _run(x, cfg)[0]
     s_y, _ = dynamic_qparams(y, qdtype=qdtype, granularity="per_token", symmetric=True, axis=-1, block_size=n)
     assert torch.equal(s, s_y)
     assert torch.equal(q.view(torch.uint8), quantize(y, s_y, None, qdtype=qdtype, axis=-1,
@@ -205,26 +258,33 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import lowbit.kernels.hadamard as K
 out = {}
-for n, in_dtype, quant in [(4096, "bf16", 0), (11008, "fp32", 0), (576, "bf16", 2), (4864, "fp16", 3)]:
-    n1, n2, ba, nkb = K._geometry(n)
-    const = {"N1": n1, "BA": ba, "NKB": nkb, "N2": n2, "RB": max(1, K.TILE // (ba * n2)),
+MMA, BFLY = K.Config(), K.Config(stage2="bfly", n2_cap=4096)
+for n, in_dtype, quant, cfg in [(4096, "bf16", 0, MMA), (11008, "fp32", 0, MMA), (576, "bf16", 2, MMA),
+                                (4864, "fp16", 3, MMA), (4096, "bf16", 0, BFLY), (576, "bf16", 1, BFLY),
+                                (14336, "bf16", 0, BFLY)]:
+    n1, n2, ba, nkb = K._geometry(n, cfg)
+    const = {"N1": n1, "BA": ba, "NKB": nkb, "N2": n2, "RB": max(1, cfg.tile // (ba * n2)),
              "SCALE": K._scale_const(n, torch.bfloat16), "IN_KIND": {"bf16": 0, "fp16": 1, "fp32": 2}[in_dtype],
-             "MID_PARTS": 3, "QUANT": quant, "QMAX": {0: 0.0, 2: 7.0, 3: 448.0}[quant],
-             "RCP": {0: 0.0, 2: 1 / 7, 3: 1 / 448}[quant], "STORE_Y": quant == 0, "UPCAST": False}
+             "MID_PARTS": 3, "QUANT": quant, "QMAX": {0: 0.0, 1: 127.0, 2: 7.0, 3: 448.0}[quant],
+             "RCP": {0: 0.0, 1: 1 / 127, 2: 1 / 7, 3: 1 / 448}[quant], "STORE_Y": quant == 0, "UPCAST": False,
+             "BFLY": cfg.stage2 == "bfly", "LOG_N2": n2.bit_length() - 1, "PREFETCH": cfg.stages > 1 and nkb == 1}
     sig = {"x_ptr": f"*{in_dtype}", "lt_ptr": "*bf16", "y_ptr": f"*{in_dtype}",
-           "q_ptr": {0: "*i8", 2: "*u8", 3: "*fp8e4nv"}[quant], "s_ptr": "*fp32", "M": "i32", "sxm": "i32",
-           "sym": "i32", "sqm": "i32", **dict.fromkeys(const, "constexpr")}
+           "q_ptr": {0: "*i8", 1: "*i8", 2: "*u8", 3: "*fp8e4nv"}[quant], "s_ptr": "*fp32", "M": "i32", "sxm": "i32",
+           "sym": "i32", "sqm": "i32", "NPROG": "i32", **dict.fromkeys(const, "constexpr")}
     k = triton.compile(ASTSource(K._hadamard_kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
-    out[f"{n}-{in_dtype}-{quant}"] = {"mma": "mma" in k.asm["ptx"], "cubin": len(k.asm.get("cubin", b""))}
+                       options={"num_warps": cfg.warps})
+    out[f"{n}-{in_dtype}-{quant}-{cfg.stage2}"] = {"mma": "mma" in k.asm["ptx"] or n1 == 1,
+                                                   "cubin": len(k.asm.get("cubin", b""))}
 print(json.dumps(out))
 """
 
 
 def test_kernel_compiles_for_sm90_without_a_gpu():
     """The GPU compiler (not the interpreter) accepts the kernel: an ahead-of-time compile for sm_90 through
-    Triton's bundled ptxas (no device needed) of four variants (bf16 / fp32 blocked 11008 / fused int4 / fp16
-    fused fp8), each with tensor-core MMAs and a cubin. A subprocess: TRITON_INTERPRET=1 replaces the jit."""
+    Triton's bundled ptxas (no device needed) of seven variants (bf16 / fp32 blocked 11008 / fused int4 / fp16
+    fused fp8 on the MMA path; pure butterflies for 4096, fused int8 576 and 14336 = 28·512 on the butterfly
+    path), each with tensor-core MMAs where it has a first product, and a cubin. A subprocess:
+    TRITON_INTERPRET=1 replaces the jit."""
     import json
     import subprocess
     import sys
@@ -240,4 +300,4 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
         pytest.skip("no ptxas in this Triton install")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(res) == 4 and all(v["mma"] and v["cubin"] > 0 for v in res.values()), res
+    assert len(res) == 7 and all(v["mma"] and v["cubin"] > 0 for v in res.values()), res
