@@ -1,8 +1,8 @@
 """The online Hadamard kernel (``torch.ops.lowbit.hadamard``) and its fused per-token quantize
 (``lowbit::hadamard_quantize``) against the torch reference op and a plain device copy, in one run.
 
-    python tools/bench_hadamard.py --out bench/results/hadamard.json [--ms 8192,2048,128,16,1]
-        [--ns 4096,576,1536,4864,11008,14336] [--sweep] [--budget-s 120]
+    python tools/bench_hadamard.py --out bench/results/hadamard.json [--ms 1,16,128,2048,8192]
+        [--ns 4096,1536,576,4864,14336,11008] [--sweep [--no-main]] [--budget-s 120]
     TRITON_INTERPRET=1 python tools/bench_hadamard.py --smoke --sweep --out /tmp/hadamard.json   # CPU check
 
 Times are medians of ``triton.testing.do_bench`` in µs, bf16 activations ``[M, n]``. Rows:
@@ -12,7 +12,8 @@ Times are medians of ``triton.testing.do_bench`` in µs, bf16 activations ``[M, 
   can go into ``lowbit.kernels.hadamard.CONFIGS``; ``eff_bw_frac`` = bytes / time / copy bandwidth (goal >= 0.70).
 * ``hadamard`` / ``bf16`` per (M, n): the op with its default config (``us``), the IR's reference op
   (``baseline_us``: matmul by the cached ``H/sqrt(n)``), ``graph_us`` / ``baseline_graph_us`` (one CUDA-graph
-  replay: device time without the Python launch cost, M <= 2048), ``dispatch_us`` (the triton backend's FX target,
+  replay: device time without the Python launch cost, M <= 2048), ``direct_us`` (``hadamard_direct``: the launch
+  without torch's custom-op dispatch, what eager callers get), ``dispatch_us`` (the triton backend's FX target,
   which picks the reference below the crossover), ``mismatch_frac`` (outputs that differ from the float64
   transform rounded once to bf16: near-ties only).
 * ``hadamard_quantize`` / int8 (int4, fp8 at the largest M): the fused op against the kernel pair
@@ -43,8 +44,8 @@ from lowbit.ir.hadamard import hadamard_matrix
 from lowbit.kernels.act_quant import quantize_activation
 
 KEY = ("kernel", "variant", "M", "K", "device")
-CONFIGS = ("mma/64/4096/4/1/0,mma/64/4096/4/2/4,mma/64/8192/8/2/2,bfly/64/4096/4/2/4,bfly/4096/4096/4/1/0,"
-           "bfly/4096/4096/4/2/4,bfly/4096/8192/8/2/2")
+CONFIGS = ("mma/64/4096/4/1/0,mma/64/4096/4/2/3,bfly/64/4096/4/2/4,bfly/4096/4096/4/1/0,bfly/4096/4096/4/2/4,"
+           "bfly/4096/8192/8/2/2")
 
 
 def parse_config(spec: str) -> K.Config:
@@ -161,11 +162,12 @@ def bench_config(m: int, n: int, dev: str, bw: float, bench, gbench, big: bool, 
     y = torch.ops.lowbit.hadamard(x, lt)
     us = bench(lambda: torch.ops.lowbit.hadamard(x, lt))
     g = gbench(lambda: torch.ops.lowbit.hadamard(x, lt)) if m <= 2048 else None
+    direct = bench(lambda: K.hadamard_direct(x, lt))
     disp = bench(lambda: _kernel_hadamard(x, lt))
     rows.append({**common, "kernel": "hadamard", "variant": "bf16", "config": config_name(K.config_for(n)),
                  "us": round(us, 2), "baseline": "torch_ref", "baseline_us": round(ref_us, 2),
                  "speedup": r3(ref_us / us), "graph_us": g and round(g, 2), "baseline_graph_us": ref_g and round(ref_g, 2),
-                 "dispatch_us": round(disp, 2), "eff_bw_frac": r3(io / (us * 1e-6) / bw),
+                 "direct_us": round(direct, 2), "dispatch_us": round(disp, 2), "eff_bw_frac": r3(io / (us * 1e-6) / bw),
                  "ref_eff_bw_frac": r3(io / (ref_us * 1e-6) / bw),
                  "mismatch_frac": _mismatch(y[:256], _exact(x[:256]))})
     quantize_activation(y, "int8", 0)  # compiled before the timing
@@ -197,7 +199,7 @@ def crossover_rows(rows: list[dict], base: dict) -> list[dict]:
     for n in sorted({r["K"] for r in rows if r.get("kernel") == "hadamard" and "us" in r}):
         pts = sorted((r["M"], r) for r in rows if r.get("kernel") == "hadamard" and r.get("K") == n and "us" in r)
         res = {**base, "kernel": "hadamard_crossover", "variant": "min_m", "K": n, "M": None}
-        for mode, k, kb in (("eager", "us", "baseline_us"), ("graph", "graph_us", "baseline_graph_us")):
+        for mode, k, kb in (("eager", "direct_us", "baseline_us"), ("graph", "graph_us", "baseline_graph_us")):
             win = None
             for m, r in reversed(pts):
                 if r.get(k) is None or r.get(kb) is None:
@@ -214,8 +216,8 @@ def crossover_rows(rows: list[dict], base: dict) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/hadamard.json")
-    ap.add_argument("--ms", default="8192,2048,128,16,1")
-    ap.add_argument("--ns", default="4096,576,1536,4864,11008,14336")
+    ap.add_argument("--ms", default="1,16,128,2048,8192")
+    ap.add_argument("--ns", default="4096,1536,576,4864,14336,11008")
     ap.add_argument("--sweep", action="store_true", help="time every --configs entry per n at --sweep-m first")
     ap.add_argument("--sweep-m", type=int, default=8192)
     ap.add_argument("--configs", default=CONFIGS, help="stage2/n2_cap/tile/warps/stages/waves, comma separated")
@@ -266,8 +268,9 @@ def main() -> None:
                             "error": repr(e)[:300]}]
             for r in new:
                 print(f"sweep M={r['M']} n={n} {r['variant']}: "
-                      + (f"{r['us']} us eff_bw {r['eff_bw_frac']} mismatch {r['mismatch_frac']} "
-                         f"compile {r['compile_s']} s int8 {r.get('int8_us')} us eff_bw {r.get('int8_eff_bw_frac')}" if "us" in r else str(r.get("error"))), flush=True)
+                      + (f"{r['us']} us eff_bw {r['eff_bw_frac']} mismatch {r['mismatch_frac']} compile "
+                         f"{r['compile_s']} s int8 {r.get('int8_us')} us eff_bw {r.get('int8_eff_bw_frac')}"
+                         if "us" in r else str(r.get("error"))), flush=True)
             rows.extend(new)
             merge_rows(out, header, rows, key=KEY)
     big = max(ms)
@@ -287,7 +290,7 @@ def main() -> None:
                     r["seconds"] = round(time.time() - t0, 1)
             for r in new:
                 print(f"M={m} n={n} {r['kernel']}/{r['variant']}: "
-                      + (f"{r['us']} us eff_bw {r['eff_bw_frac']} ref {r.get('baseline_us')} "
+                      + (f"{r['us']} us direct {r.get('direct_us')} eff_bw {r['eff_bw_frac']} ref {r.get('baseline_us')} "
                          f"graph {r.get('graph_us')} ref_graph {r.get('baseline_graph_us')} "
                          f"dispatch {r.get('dispatch_us')} chain {r.get('ref_chain_us')} "
                          f"mismatch {r['mismatch_frac']}" if "us" in r

@@ -185,11 +185,11 @@ def _kernel_hadamard(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
     reference for an input the kernel cannot read (CPU without the interpreter, another dtype) or one below the
     measured crossover (``lowbit.kernels.hadamard.prefers_kernel``: few rows, where the reference's one matmul
     launches faster than the kernel)."""
-    from lowbit.kernels.hadamard import prefers_kernel
+    from lowbit.kernels.hadamard import hadamard_direct, prefers_kernel
 
     n = x.shape[-1]
     if x.dtype in _HAD_DTYPES and _on_kernel_device(x) and prefers_kernel(n, x.numel() // max(n, 1), x.device):
-        return torch.ops.lowbit.hadamard(x, lt)
+        return hadamard_direct(x, lt)
     return ir_hadamard(x)
 
 

@@ -65,6 +65,7 @@ __all__ = [
     "Config",
     "config_for",
     "hadamard_a8_linear",
+    "hadamard_direct",
     "hadamard_factors",
     "hadamard_quantize",
     "hadamard_quantize_ref",
@@ -97,7 +98,7 @@ class Config(NamedTuple):
     stages: int = 2
     """2: each loop step issues the next tile's loads before its own math (a hand-made two-stage pipeline;
     Triton's pipeliner leaves this loop alone: no cp.async in the sm_90 PTX); 1: load, then compute."""
-    waves: int = 4
+    waves: int = 3
     """Persistent programs per SM, each looping over row tiles with ``L`` and ``R`` made once (0: one tile per
     program, the table and ``R`` re-made per tile)."""
 
@@ -428,13 +429,16 @@ def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None, cfg: Config |
             ) -> tuple[torch.Tensor, ...]:
     n = x.shape[-1]
     cfg = cfg or config_for(n)
-    check(x.dtype in HAD_DTYPES, "hadamard", f"dtype {x.dtype} (takes bf16, fp16, fp32)")
+    # the messages are formatted only on failure: this runs per call, and at decode sizes the host is the cost
+    if x.dtype not in HAD_DTYPES:
+        check(False, "hadamard", f"dtype {x.dtype} (takes bf16, fp16, fp32)")
     why = unsupported(n, cfg) if qdtype is None else unsupported_fused(n, cfg)
-    check(why is None, "hadamard" if qdtype is None else "hadamard_quantize", str(why))
+    if why is not None:
+        check(False, "hadamard" if qdtype is None else "hadamard_quantize", why)
     n1, n2, ba, nkb = _geometry(n, cfg)
-    check(tuple(lt.shape) == (ba * nkb, ba * nkb) and lt.dtype == torch.bfloat16, "hadamard",
-          f"table operand {tuple(lt.shape)} {lt.dtype}, expected ({ba * nkb}, {ba * nkb}) bfloat16 "
-          f"(hadamard_factors({n}))")
+    if lt.shape != (ba * nkb, ba * nkb) or lt.dtype != torch.bfloat16:
+        check(False, "hadamard", f"table operand {tuple(lt.shape)} {lt.dtype}, expected ({ba * nkb}, {ba * nkb}) "
+              f"bfloat16 (hadamard_factors({n}))")
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != n):
         x2 = x2.contiguous()
@@ -490,6 +494,14 @@ def hadamard_quantize_op(x: torch.Tensor, lt: torch.Tensor, qdtype: str) -> tupl
     """The hadamard then per-token symmetric quantization, one pass: codes and fp32 scales ``[M, 1]``."""
     q, s = _launch(x, lt, qdtype)
     return q, s
+
+
+def hadamard_direct(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+    """``torch.ops.lowbit.hadamard(x, lt)`` without torch's custom-op dispatch when called eagerly (its Python
+    cost is several times the kernel's run time at decode sizes); traced by torch.compile, the op itself."""
+    if torch.compiler.is_compiling() or type(x) not in (torch.Tensor, torch.nn.Parameter):
+        return torch.ops.lowbit.hadamard(x, lt)
+    return _launch(x, lt, None)[0]
 
 
 def online_hadamard(x: torch.Tensor) -> torch.Tensor:
