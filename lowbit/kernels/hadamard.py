@@ -9,30 +9,32 @@ fused variant then quantizes that rounded output exactly as ``dynamic_qparams(pe
 ``quantize`` do (``act_quant.py``'s arithmetic: ``amax / qmax`` as torch computes it on the device,
 IEEE division, round-half-even / RTNE to e4m3).
 
-Design — two tensor-core products, no butterflies in registers. ``H_n = kron(L, R)`` with ``R`` the Sylvester
-matrix of order ``N2 = min(p, 64)`` (generated in the kernel from the parity of ``i & j``) and
-``L = kron(A_m, Sylvester_{p/N2})`` of order ``n1 = n/N2`` (a ±1 table, ``Lᵀ`` zero-padded, read by the kernel). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to ``Y = Lᵀ·X·R``:
+Design. ``H_n = kron(L, R)`` with ``R`` the Sylvester matrix of order ``N2 = min(p, Config.n2_cap)`` and
+``L = kron(A_m, Sylvester_{p/N2})`` of order ``n1 = n/N2`` (a ±1 table, ``Lᵀ`` zero-padded, read by the
+kernel). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to ``Y = Lᵀ·X·R``:
 
-1. ``W = Lᵀ · [X_1 | X_2 | ...]``: ``tl.dot`` over the ``RB`` rows of the tile side by side (the table read
-   once per tile). Its operands are exact in 16 bits (±1 and the bf16/fp16 input), so the MMA with fp32
-   accumulation is exact up to fp32 summation; an fp32 input is split into three bf16 pieces (hi + mid + lo
-   = the fp32 value) and takes three MMAs. ``n1 <= 128``: one block (``BA`` = n1 padded to a power of two
-   >= 16); larger (11008 = 344·32): ``BA = 128`` output blocks, one program each, and a loop over 128-wide
-   K blocks (the programs of the same rows are adjacent, so their re-reads of ``x`` hit L2).
-2. ``Y = W · R``: the tile reshaped ``[BA·RB, N2]`` (a plain row-major reshape: no permute) times ``R``.
-   ``W`` is fp32, so it is split into three bf16 pieces (all 24 bits: two pieces, 16 bits, flipped ~0.4% of
-   bf16 outputs by one ulp against the reference) and takes three MMAs.
+1. ``W = Lᵀ · [X_1 | X_2 | ...]``: ``tl.dot`` over the ``RB`` rows of the tile side by side. Its operands are
+   exact in 16 bits (±1 and the bf16/fp16 input), so the MMA with fp32 accumulation is exact up to fp32
+   summation; an fp32 input is split into three bf16 pieces (hi + mid + lo = the fp32 value) and takes three
+   MMAs. ``n1 <= 128``: one block (``BA`` = n1 padded to a power of two >= 16); larger (11008 = 344·32):
+   ``BA = 128`` output blocks, one program each, and a loop over 128-wide K blocks. ``n1 = 1`` (a power of two
+   with ``n2_cap >= n``): no first product.
+2. ``Y = W · R``, by ``Config.stage2``: "mma" — the tile reshaped ``[BA·RB, N2]`` times ``R`` on tensor cores,
+   ``W`` (fp32) split into three bf16 pieces (all 24 bits; two pieces flip ~0.4% of bf16 outputs by one ulp);
+   "bfly" — ``log2(N2)`` butterfly stages in fp32 (reshape / permute / split / join along the last axis: the
+   compiler keeps register-local stages in registers and moves the others by warp shuffles and one shared-memory
+   exchange per warp bit, Dao-AILab fast-hadamard-transform's thread / warp / block split). The butterflies cost
+   ``log2(N2)`` adds per element where the MMA path costs ``6·N2`` tensor-core flops plus the splitting.
 
-Why not ``log2(n)`` stages of butterflies (reshape/split/join): every stage moves the tile through a layout
-conversion (shared memory) whose cost, ~12 conversions for n = 4096, would outweigh the HBM traffic; and the
-non-power-of-two factor ``A_m`` (m = 12 ... 344) is a dense product anyway, which tensor cores do best. The
-MMA work per element is ``2·BA·NKB + 6·N2`` flops — 512 for n = 4096, near the H200's bf16 flop/byte balance
-for a 4-byte-per-element copy; a large ``m`` (344: ~1000) costs more and the benchmark says how much
-(``tools/bench_hadamard.py``, which also reports the mismatch fraction against the reference on the GPU).
+Programs are persistent (``Config.waves`` per SM): each makes ``Lᵀ`` and ``R`` once and loops over row tiles,
+issuing the next tile's loads before the current tile's math (``Config.stages = 2``; Triton's pipeliner does
+not pipeline this loop). ``CONFIGS`` holds, per length, the config ``tools/bench_hadamard.py --sweep`` measured
+fastest on the H200; ``MIN_ROWS`` the measured crossover below which the triton backend runs the reference op
+instead (``prefers_kernel``: at a few rows one cuBLAS launch beats the kernel's Python launch).
 
-Shapes the kernel does not take (``unsupported`` says why): ``n`` with no Hadamard construction, a
-power-of-two factor below 16 (the MMA's K), or ``n1 > 2048``. The fused quantize also needs ``n1 <= 128`` (a
-row in one program: ``unsupported_fused``). The backend keeps the reference op for those and names them.
+Shapes the kernel does not take (``unsupported`` says why): ``n`` with no Hadamard construction, on the "mma"
+path a power-of-two factor below 16 (the MMA's K), or ``n1 > 2048``. The fused quantize also needs ``n1 <= 128``
+(a row in one program: ``unsupported_fused``). The backend keeps the reference op for those and names them.
 """
 
 from __future__ import annotations
