@@ -393,7 +393,7 @@ def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm, NPROG
                 y = _mma(w_mid, rmat, y, UPCAST)
                 y = _mma(r3.to(tl.bfloat16), rmat, y, UPCAST)
         y = tl.reshape(y, (BA, W)) * SCALE
-        if y_ptr.dtype.element_ty == tl.bfloat16:
+        if UPCAST and y_ptr.dtype.element_ty == tl.bfloat16:  # the GPU's cast already rounds to nearest even
             y = _round_bf16(y)
         y = y.to(y_ptr.dtype.element_ty)
         if STORE_Y:
