@@ -45,7 +45,8 @@ from lowbit.kernels.act_quant import quantize_activation
 
 KEY = ("kernel", "variant", "M", "K", "device")
 CONFIGS = ("mma/64/4096/4/1/0,mma/64/4096/4/2/3,bfly/64/4096/4/2/4,bfly/4096/4096/4/1/0,bfly/4096/4096/4/2/4,"
-           "bfly/4096/8192/8/2/2")
+           "bfly/4096/4096/2/2/8,bfly/4096/4096/8/2/2,bfly/4096/8192/8/2/2")
+FUSED_CONFIGS = "mma/64/4096/4/1/0,mma/64/4096/4/2/3,bfly/64/4096/4/2/4,bfly/4096/4096/4/2/4,bfly/4096/8192/8/2/2"
 
 
 def parse_config(spec: str) -> K.Config:
@@ -113,8 +114,8 @@ def r3(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
 
 
-def sweep_rows(m: int, n: int, dev: str, bw: float, bench, configs: list[K.Config], base: dict, fused: bool
-               ) -> list[dict]:
+def sweep_rows(m: int, n: int, dev: str, bw: float, bench, configs: list[K.Config], base: dict,
+               fused: list[K.Config]) -> list[dict]:
     x = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
     exact = _exact(x[:256])
     rows = []
@@ -133,7 +134,7 @@ def sweep_rows(m: int, n: int, dev: str, bw: float, bench, configs: list[K.Confi
             r.update(us=round(us, 2), eff_bw_frac=r3(4 * m * n / (us * 1e-6) / bw),
                      mismatch_frac=_mismatch(y[:256], exact), compile_s=round(compile_s, 1),
                      geometry=list(K._geometry(n, cfg)))
-            if fused and K.unsupported_fused(n, cfg) is None:  # the int8 fused quantize on the same config
+            if cfg in fused and K.unsupported_fused(n, cfg) is None:  # the int8 fused quantize on the same config
                 K._launch(x, lt, "int8", cfg)
                 fus = bench(lambda cfg=cfg, lt=lt: K._launch(x, lt, "int8", cfg))
                 r.update(int8_us=round(fus, 2), int8_eff_bw_frac=r3((3 * m * n + 4 * m) / (fus * 1e-6) / bw))
@@ -222,12 +223,13 @@ def main() -> None:
     ap.add_argument("--sweep-m", type=int, default=8192)
     ap.add_argument("--configs", default=CONFIGS, help="stage2/n2_cap/tile/warps/stages/waves, comma separated")
     ap.add_argument("--no-main", action="store_true", help="only the sweep")
-    ap.add_argument("--no-fused", action="store_true", help="the sweep times the plain transform only")
+    ap.add_argument("--fused-configs", default=FUSED_CONFIGS, help="the configs the sweep also times fused (int8)")
     ap.add_argument("--budget-s", type=float, default=120.0, help="start no new config after this many seconds")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     args = ap.parse_args()
     t_start = time.time()
     configs = [parse_config(s) for s in args.configs.split(",") if s]
+    fused_configs = [parse_config(s) for s in args.fused_configs.split(",") if s]
     if args.smoke:
         dev, ms, ns, sweep_m = "cpu", [3, 1], [64, 576, 96, 2240], 5
     else:
@@ -262,7 +264,7 @@ def main() -> None:
                         "error": f"skipped: past --budget-s {args.budget_s}"}]
             else:
                 try:
-                    new = sweep_rows(sweep_m, n, dev, bw, bench, configs, base, not args.no_fused)
+                    new = sweep_rows(sweep_m, n, dev, bw, bench, configs, base, fused_configs)
                 except Exception as e:  # noqa: BLE001
                     new = [{**base, "kernel": "hadamard_sweep", "variant": "all", "M": sweep_m, "K": n,
                             "error": repr(e)[:300]}]
