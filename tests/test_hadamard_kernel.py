@@ -8,7 +8,6 @@ the dtype) rounded once to the dtype, except at rounding near-ties (fp32 accumul
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -27,6 +26,17 @@ pytestmark = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()), reaso
 
 SIZES = [64, 576, 1536, 4864]  # 2^6; 36·16 and 12·128 (SmolLM2); 76·64 (an MLP width needing order 76)
 MULTI = 2240  # 140·16: Kronecker factor of order 140 > 128, the kernel's blocked path (2 x 2 blocks)
+
+
+# fp32 input on the GPU: the tensor cores add the (exact) products of an MMA in fp32 with truncated alignment, not
+# round-to-nearest (Fasi, Higham, Mikaitis, Pranesh 2021, "Numerical behavior of NVIDIA tensor cores"), so a
+# K = 64..128 partial sum carries up to ~K·2^-24 of its largest term: 4.1e-6..8.6e-6 of the output scale measured
+# on the H200 where numpy's IEEE sums (the interpreter) stay below 4e-7.
+FP32_TOL = 2e-5 if torch.cuda.is_available() else 4e-7
+# bf16/fp16 against the torch reference op on the GPU: cuBLAS's 16-bit GEMM reduces partial sums in reduced
+# precision (torch's allow_bf16_reduced_precision_reduction is on by default), so the reference itself is one ulp
+# off the float64 transform at ~0.7% of outputs (0.0069-0.0072 measured); the strict check is against float64.
+REF_MISMATCH = 1.5e-2 if torch.cuda.is_available() else 5e-3
 
 
 def _ref64(x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +65,8 @@ def test_hadamard_kernel_matches_the_reference(n, dtype):
     ref = K.hadamard_ref(x)
     if dtype == torch.float32:
         scale = ref64.abs().max().item()
-        assert (y.double() - ref64).abs().max().item() <= 4e-7 * scale
-        assert (y - ref).abs().max().item() <= 4e-6 * scale
+        assert (y.double() - ref64).abs().max().item() <= FP32_TOL * scale
+        assert (y - ref).abs().max().item() <= max(4e-6, FP32_TOL) * scale
         return
     exact = ref64.to(dtype)
     mism = y != exact
@@ -64,7 +74,7 @@ def test_hadamard_kernel_matches_the_reference(n, dtype):
     ulp = torch.finfo(dtype).eps * exact.float().abs().clamp(min=torch.finfo(dtype).tiny)
     assert ((y.float() - exact.float()).abs() <= ulp * 1.01).all()
     # the torch reference op (its own fp32 accumulation order) agrees the same way
-    assert (y != ref).float().mean().item() <= 5e-3
+    assert (y != ref).float().mean().item() <= REF_MISMATCH
 
 
 BFLY = K.Config(stage2="bfly", n2_cap=4096)  # the Sylvester factor of order p by fp32 butterflies, L = A_m
@@ -85,7 +95,7 @@ def test_butterfly_configs_match_the_reference(n, dtype, cfg):
     y = _run(x, cfg)[0]
     ref64 = _ref64(x)
     if dtype == torch.float32:
-        assert (y.double() - ref64).abs().max().item() <= 4e-7 * ref64.abs().max().item()
+        assert (y.double() - ref64).abs().max().item() <= FP32_TOL * ref64.abs().max().item()
         return
     exact = ref64.to(dtype)
     assert (y != exact).float().mean().item() <= 2e-3
@@ -106,16 +116,24 @@ def test_persistent_programs_cover_every_tile(cfg):
     assert torch.equal(s, sr) and (q != qr).float().mean().item() <= 2e-3
 
 
-def test_crossover_picks_the_reference_below_the_measured_rows():
+def test_crossover_picks_the_measured_side():
+    """EAGER_ROWS / GRAPH_ROWS as measured on the H200 (tools/bench_hadamard.py): the reference below the eager
+    crossover, the kernel above it, the nearest measured length for others, the kernel off CUDA (interpreter)."""
     cuda = torch.device("cuda")
-    n = min(K.MIN_ROWS, key=lambda k: K.MIN_ROWS[k])
-    big = max(K.MIN_ROWS, key=lambda k: K.MIN_ROWS[k])
-    assert K.prefers_kernel(n, K.MIN_ROWS[n], cuda)
-    assert not K.prefers_kernel(big, K.MIN_ROWS[big] - 1, cuda)
-    assert K.prefers_kernel(big, 1, torch.device("cpu"))  # the interpreter always runs the kernel
-    unknown = next(v for v in (4 * big, 3 * big, 5 * big) if v not in K.MIN_ROWS)  # the nearest measured length
-    near = min(K.MIN_ROWS, key=lambda k: abs(math.log(k / unknown)))
-    assert K.prefers_kernel(unknown, K.MIN_ROWS[near], cuda) and not K.prefers_kernel(unknown, K.MIN_ROWS[near] - 1, cuda)
+    lo, hi = K.EAGER_ROWS[4096]
+    assert 1 < lo < hi and K.prefers_kernel(4096, lo, cuda) and not K.prefers_kernel(4096, lo - 1, cuda)
+    assert not K.prefers_kernel(4096, 1, cuda) and K.prefers_kernel(4096, 8192, cuda)
+    assert not any(K.prefers_kernel(576, m, cuda) for m in (1, 16, 8192))  # cuBLAS' 576² product always wins eagerly
+    assert K.prefers_kernel(3072, lo, cuda) and not K.prefers_kernel(3072, lo - 1, cuda)  # nearest measured: 4096
+    assert K.prefers_kernel(576, 1, torch.device("cpu"))
+    for table in (K.EAGER_ROWS, K.GRAPH_ROWS):
+        assert set(table) == set(K.CONFIGS) | {11008} and all(1 <= a <= b for a, b in table.values())
+
+
+def test_fused_configs_share_the_table_of_the_plain_config():
+    for n, cfg in K.FUSED_CONFIGS.items():  # the same arithmetic: fused codes = quantize(plain kernel output)
+        assert K._geometry(n, cfg) == K._geometry(n, K.config_for(n)) and cfg.stage2 == K.config_for(n).stage2, n
+        assert K.unsupported_fused(n, cfg) is None
 
 
 def test_hadamard_kernel_rows_shapes_and_strides():

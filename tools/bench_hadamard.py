@@ -19,7 +19,8 @@ Times are medians of ``triton.testing.do_bench`` in µs, bf16 activations ``[M, 
 * ``hadamard_quantize`` / int8 (int4, fp8 at the largest M): the fused op against the kernel pair
   (``lowbit::hadamard`` + ``lowbit::quantize_activation``) and the reference chain (reference op + that quantize).
 * ``hadamard_crossover`` per n: ``eager_min_m`` / ``graph_min_m``, the smallest measured M from which the kernel
-  beats the reference at that and every larger measured M (the table ``lowbit.kernels.hadamard.MIN_ROWS``).
+  beats the reference at that and every larger measured M (what ``lowbit.kernels.hadamard.EAGER_ROWS`` /
+  ``GRAPH_ROWS`` record), and the win / loss at each measured M.
 
 Each config is caught on its own (an exception becomes an ``error`` row); configs stop starting after
 ``--budget-s`` seconds (rows say ``skipped``).
@@ -210,6 +211,8 @@ def crossover_rows(rows: list[dict], base: dict) -> list[dict]:
                 else:
                     break
             res[f"{mode}_min_m"] = win
+            res[f"{mode}_kernel_wins"] = {str(m): r[k] < r[kb] for m, r in pts
+                                          if r.get(k) is not None and r.get(kb) is not None}
         out.append(res)
     return out
 
@@ -301,7 +304,8 @@ def main() -> None:
             merge_rows(out, header, rows, key=KEY)
     cross = crossover_rows(rows, base)
     for r in cross:
-        print(f"crossover n={r['K']}: eager from M={r['eager_min_m']}, graph from M={r['graph_min_m']}", flush=True)
+        print(f"crossover n={r['K']}: eager from M={r['eager_min_m']} {r['eager_kernel_wins']}, graph from "
+              f"M={r['graph_min_m']} {r['graph_kernel_wins']}", flush=True)
     rows.extend(cross)
     merge_rows(out, header, rows, key=KEY)
     print(f"wrote {out} ({len(rows)} rows, {time.time() - t_start:.0f} s)", flush=True)

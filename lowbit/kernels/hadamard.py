@@ -28,9 +28,10 @@ kernel). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to
 
 Programs are persistent (``Config.waves`` per SM): each makes ``Lᵀ`` and ``R`` once and loops over row tiles,
 issuing the next tile's loads before the current tile's math (``Config.stages = 2``; Triton's pipeliner does
-not pipeline this loop). ``CONFIGS`` holds, per length, the config ``tools/bench_hadamard.py --sweep`` measured
-fastest on the H200; ``MIN_ROWS`` the measured crossover below which the triton backend runs the reference op
-instead (``prefers_kernel``: at a few rows one cuBLAS launch beats the kernel's Python launch).
+not pipeline this loop). ``CONFIGS`` / ``FUSED_CONFIGS`` hold, per length, the configs
+``tools/bench_hadamard.py --sweep`` measured fastest on the H200; ``EAGER_ROWS`` / ``GRAPH_ROWS`` the measured
+row ranges where the kernel beats the reference op, outside which the triton backend runs the reference
+(``prefers_kernel``: at a few rows one cuBLAS launch beats the kernel's Python launch).
 
 Shapes the kernel does not take (``unsupported`` says why): ``n`` with no Hadamard construction, on the "mma"
 path a power-of-two factor below 16 (the MMA's K), or ``n1 > 2048``. The fused quantize also needs ``n1 <= 128``
@@ -62,6 +63,7 @@ from lowbit.kernels.act_quant import cuda_reciprocal
 
 __all__ = [
     "CONFIGS",
+    "FUSED_CONFIGS",
     "HAD_DTYPES",
     "HAD_QDTYPES",
     "Config",
@@ -105,34 +107,60 @@ class Config(NamedTuple):
     program, the table and ``R`` re-made per tile)."""
 
 
-DEFAULT = Config()
-CONFIGS: dict[int, Config] = {}
-"""Per row length, the fastest config ``tools/bench_hadamard.py --sweep`` measured on the H200 (M = 8192)."""
+DEFAULT = Config(waves=3)
+_BFLY = Config(stage2="bfly", n2_cap=4096, tile=4096, warps=4, stages=2, waves=4)
+CONFIGS: dict[int, Config] = {
+    4096: _BFLY._replace(warps=2, waves=8),  # 47.8 µs at M = 8192: 0.66 of copy bandwidth (4 warps: 83.0)
+    1536: DEFAULT._replace(stages=1, waves=0),  # 42.2 µs (butterflies 31.2, but fused 138.9 vs 91.3)
+    576: DEFAULT._replace(stages=1, waves=0),  # 83.3 µs (every config 75-88 µs; fused 72.0 vs 89.7)
+    4864: DEFAULT,  # 134.8 µs (butterflies 118.1, but fused 413.6 vs 360.9)
+    14336: _BFLY._replace(stages=1, waves=0),  # 320.7 µs (the MMA path runs out of shared memory: n1 = 224)
+}
+"""Per row length, the config ``tools/bench_hadamard.py --sweep`` measured fastest on the H200 (M = 8192, bf16,
+2026-12-01) for the plain transform plus its fused quantize (which must share its arithmetic: same path and
+geometry, so the fused codes are those of ``quantize(hadamard(x))``); ``DEFAULT`` elsewhere."""
+FUSED_CONFIGS: dict[int, Config] = {
+    4096: _BFLY,  # int8 76.1 µs (MMA path 89.7)
+    1536: DEFAULT,  # 91.3 µs
+    576: DEFAULT._replace(stages=1, waves=0),  # 72.0 µs
+    4864: DEFAULT._replace(stages=1, waves=0),  # 360.9 µs
+    14336: _BFLY,  # 572.6 µs
+}
+"""The same for the fused quantize (int8 timings): each differs from its length's ``CONFIGS`` entry only in the
+launch (warps, tile, persistence), never in the arithmetic (path, ``N2``: one table operand serves both)."""
 
 
-def config_for(n: int) -> Config:
-    return CONFIGS.get(n, DEFAULT)
+def config_for(n: int, fused: bool = False) -> Config:
+    return (FUSED_CONFIGS if fused else CONFIGS).get(n) or CONFIGS.get(n, DEFAULT)
 
 
-MIN_ROWS: dict[int, int] = {4096: 8192, 11008: 1, 4864: 2048, 1536: 1 << 30, 576: 1 << 30}
-"""Per row length, the smallest M (rows) from which the kernel beats the reference op called eagerly (the
-Python launch cost included): the ``hadamard_crossover`` rows of ``tools/bench_hadamard.py`` on the H200."""
-GRAPH_MIN_ROWS: dict[int, int] = {}
-"""The same for device time alone (one CUDA-graph replay): what counts inside ``torch.compile`` / CUDA graphs."""
+INF = 1 << 62
+EAGER_ROWS: dict[int, tuple[int, int]] = {
+    4096: (512, INF), 1536: (4096, INF), 576: (INF, INF), 4864: (512, INF), 11008: (1, INF), 14336: (1, INF),
+}
+"""Per row length, the rows ``[lo, hi)`` where the kernel, launched eagerly (``hadamard_direct``: its Python launch
+cost included), beats the reference op (one cuBLAS matmul by ``H/sqrt(n)``): ``tools/bench_hadamard.py`` on the
+H200 at M = 1, 16, 128, 2048, 8192, each bound the geometric mean of the last losing and first winning M (4096:
+kernel 55 µs vs reference 88 at M = 2048, 58 vs 18 at 128; 576: the reference's 15 µs at M = 8192 wins). 11008
+and 14336: the reference reads the whole n² matrix (242 / 411 MB) even for one row."""
+GRAPH_ROWS: dict[int, tuple[int, int]] = {
+    4096: (1, INF), 1536: (1, INF), 576: (1, 512), 4864: (1, INF), 11008: (1, INF), 14336: (1, INF),
+}
+"""The same for device time alone (one CUDA-graph replay: what counts inside ``torch.compile`` / CUDA graphs):
+the kernel wins from one row (5.7-8 µs vs 7-24 µs) except 576 from M = 2048 on (10.4 vs 8.9 µs)."""
 
 
 def prefers_kernel(n: int, rows: int | torch.SymInt, device: torch.device) -> bool:
-    """Whether ``rows`` rows of length ``n`` should run on the kernel rather than the reference op (a CUDA input;
-    elsewhere the caller's device check decides). The measured crossover of the nearest measured length."""
+    """Whether ``rows`` rows of length ``n`` should run on the kernel rather than the reference op: the measured
+    crossover of the nearest measured length (log scale); eager calls read ``EAGER_ROWS``, calls traced by
+    torch.compile ``GRAPH_ROWS``. Not CUDA (the interpreter) or a symbolic row count: the kernel."""
     if device.type != "cuda" or not isinstance(rows, int):
         return True
-    table = GRAPH_MIN_ROWS if torch.compiler.is_compiling() else MIN_ROWS
-    if not table:
-        return True
-    near = table.get(n)
-    if near is None:
-        near = table[min(table, key=lambda k: abs(math.log(k / n)))]
-    return rows >= near
+    table = GRAPH_ROWS if torch.compiler.is_compiling() else EAGER_ROWS
+    span = table.get(n)
+    if span is None:
+        span = table[min(table, key=lambda k: abs(math.log(k / n)))]
+    return span[0] <= rows < span[1]
 
 
 def hadamard_ref(x: torch.Tensor) -> torch.Tensor:
@@ -369,7 +397,7 @@ def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm, NPROG
                 w = _left_product(lt0, x, tl.zeros((BA, W), dtype=tl.float32), IN_KIND, UPCAST)
         else:
             w = tl.zeros((BA, W), dtype=tl.float32)
-            for kb in tl.static_range(NKB):
+            for kb in range(NKB):  # a loop, not unrolled: unrolled, every block kept its own shared memory
                 ak = kb * BA + kk
                 x = tl.load(x_ptr + row_base * sxm + ak[:, None] * N2 + b[None, :],
                             mask=(ak < N1)[:, None] & (rows < M)[None, :], other=0.0)
@@ -430,7 +458,7 @@ def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm, NPROG
 def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None, cfg: Config | None = None
             ) -> tuple[torch.Tensor, ...]:
     n = x.shape[-1]
-    cfg = cfg or config_for(n)
+    cfg = cfg or config_for(n, qdtype is not None)
     # the messages are formatted only on failure: this runs per call, and at decode sizes the host is the cost
     if x.dtype not in HAD_DTYPES:
         check(False, "hadamard", f"dtype {x.dtype} (takes bf16, fp16, fp32)")
