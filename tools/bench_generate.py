@@ -224,7 +224,8 @@ kernel)."""
 
 
 def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_compile: bool = True,
-             deadline: float = 1e9, schemes: list[str] | None = None, compile_step: bool = False) -> list[dict]:
+             deadline: float = 1e9, schemes: list[str] | None = None, compile_step: bool = False,
+             with_hf: bool = True, lowbit_float: bool = True) -> list[dict]:
     """Decode rows: lowbit float on the torch backend, every ``QUANTIZED`` scheme (or ``schemes``) on the Triton
     backend (``compile_step``: its step module under torch.compile), HF eager and static-cache + compile."""
     from lowbit.api import compile_model
@@ -239,7 +240,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
     rows = []
     shape = "llama-7b-shape-4layer" if not smoke else "llama-tiny"
     base = {"area": "decode", "model": shape, "prompt": prompt, "new_tokens": new, "weights_bytes": weights}
-    for b in batches:
+    for b in batches if lowbit_float else ():
         ids = torch.randint(3, model.config.vocab_size, (b, prompt))
         cm.generate(ids, 8, stop_tokens=())  # warm up, captures the CUDA graph for this batch
         out = cm.generate(ids, new, stop_tokens=())
@@ -283,7 +284,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
         del cm
         torch.cuda.empty_cache()
     hf = model.to("cuda")
-    for b in batches:
+    for b in batches if with_hf else ():
         ids = torch.randint(3, model.config.vocab_size, (b, prompt), device="cuda")
         for method, kw in (("hf-eager", {}), ("hf-static-compile", {"cache_implementation": "static"})):
             if method == "hf-static-compile" and (not hf_compile or time.perf_counter() - START > deadline):
@@ -382,6 +383,7 @@ def main() -> None:
                     help="seconds after which HF compile runs are skipped (rows say so)")
     ap.add_argument("--schemes", default=None, help=f"comma list of lowbit schemes (default all: {', '.join(QUANTIZED)})")
     ap.add_argument("--compile-step", action="store_true", help="triton backend: run the step under torch.compile")
+    ap.add_argument("--only-schemes", action="store_true", help="no HF and no lowbit float rows (just --schemes)")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
     rows: list[dict] = []
@@ -399,7 +401,8 @@ def main() -> None:
             batches = [int(x) for x in a.batches.split(",")]
             rows += [{**r, "device": dev}
                      for r in e2e_rows(a.prompt, a.new, batches, a.smoke, not a.no_hf_compile, a.deadline,
-                                       a.schemes.split(",") if a.schemes else None, a.compile_step)]
+                                       a.schemes.split(",") if a.schemes else None, a.compile_step,
+                                       with_hf=not a.only_schemes, lowbit_float=not a.only_schemes)]
     if a.cpu:
         rows += [{**r, "device": machine("cpu")} for r in cpu_rows(a.new)]
     date = datetime.date.today().isoformat()
