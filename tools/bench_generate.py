@@ -252,6 +252,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
         print(rows[-1], file=sys.stderr)
     del cm
     torch.cuda.empty_cache()
+    method = "lowbit-triton-compiled-cudagraph" if compile_step else "lowbit-triton-cudagraph"
     for scheme, pipeline in QUANTIZED.items():  # the same step on lowbit's kernels (backend="triton")
         if schemes is not None and scheme not in schemes:
             continue
@@ -261,7 +262,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
                                generation=GenerationSpec(max_length=prompt + new, max_batch=max(batches)),
                                device="cuda")
         except Exception as exc:  # noqa: BLE001 - reported in the row
-            rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph",
+            rows.append({**base, "scheme": scheme, "method": method,
                          "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             continue
         compile_s = time.perf_counter() - t
@@ -271,11 +272,11 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
                 cm.generate(ids, 8, stop_tokens=())
                 out = cm.generate(ids, new, stop_tokens=())
             except Exception as exc:  # noqa: BLE001 - reported in the row
-                rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph", "batch": b,
+                rows.append({**base, "scheme": scheme, "method": method, "batch": b,
                              "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
                 continue
             ms = out.decode_seconds * 1000 / out.decode_steps
-            rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph", "batch": b,
+            rows.append({**base, "scheme": scheme, "method": method, "batch": b,
                          "pipeline": pipeline, "compiled_step": compile_step, "ms_per_step": round(ms, 3),
                          "prefill_ms": round(out.prefill_seconds * 1000, 2), "tokens_per_s": round(b * 1000 / ms, 1),
                          "peak_mem_mib": round(out.peak_memory_bytes / 2**20), "compile_s": round(compile_s, 1),
