@@ -389,7 +389,7 @@ def _codes(qweight: torch.Tensor, qdtype: str) -> torch.Tensor:
 
 
 def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str,
-               group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               group_size: int, n_major: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """lowbit's stored weight -> the decode layout ``(int32 [N, K*bits/32], scale, zero point)``; unchanged
     tensors where ``chunk_words`` is 0 (the byte-layout kernels take those).
 
@@ -398,7 +398,10 @@ def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     those words needs are contiguous (``x[c*per*CW + i*CW + j]``), so the GEMV reads both with wide loads, and a
     scale group covers whole columns ``i`` of a chunk (one scale per row per ``i``). Scales and zero points are
     stored transposed (``[N, K/g]`` with strides ``(1, N)``) so one load of a group's scales across a row tile is
-    contiguous."""
+    contiguous.
+
+    ``n_major``: the same ``[N, K*bits/32]`` words stored with strides ``(1, N)`` (word ``w`` of every row
+    together), the layout of the N-major kernels (``_gemv_t``, ``_tc_t``); ``is_n_major`` tells them apart."""
     packed = qdtype in PACKED_QDTYPES
     bits = 4 if packed else 8
     n = qweight.shape[0]
@@ -412,6 +415,8 @@ def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     for i in range(per):
         words |= codes[:, :, i, :] << (bits * i)
     words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).reshape(n, -1)
+    if n_major:
+        words = words.t().contiguous().t()
     if group_size:
         scale = scale.t().contiguous().t()
         zero_point = zero_point.t().contiguous().t() if zero_point is not None else None
@@ -425,12 +430,17 @@ def unpack_words(words: torch.Tensor, qdtype: str, k: int, group_size: int) -> t
     per = 32 // bits
     n = words.shape[0]
     cw = chunk_words(k, group_size, bits)
-    w = words.to(torch.int64).view(n, k // (per * cw), 1, cw) & 0xFFFFFFFF
+    w = words.to(torch.int64).reshape(n, k // (per * cw), 1, cw) & 0xFFFFFFFF
     codes = ((w >> (bits * torch.arange(per, device=words.device).view(1, 1, per, 1))) & (2 ** bits - 1))
     codes = codes.to(torch.uint8).reshape(n, k)
     if packed:
         return codes[:, 0::2] | (codes[:, 1::2] << 4)
     return codes.view(torch.int8) if qdtype == "int8" else codes
+
+
+def is_n_major(words: torch.Tensor) -> bool:
+    """True for ``pack_words(..., n_major=True)``'s words (strides ``(1, N)``), False for the K-major ones."""
+    return words.dim() == 2 and words.shape[0] > 1 and words.stride(0) == 1 and words.stride(1) == words.shape[0]
 
 
 @triton.jit
@@ -657,7 +667,7 @@ def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
 
 
 @triton.jit
-def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn, ssg, mant, one,
+def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, swk, ssn, ssg, mant, one,
                    BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
                    XOR: tl.constexpr, CW: tl.constexpr, BLOCK_N: tl.constexpr):
     """The dense weight ``[N, K]`` from the word layout, one chunk per program column: ``(q - z) * s`` in fp32
@@ -669,7 +679,7 @@ def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn, ssg, mant, one,
     c = tl.program_id(1)
     offs_j = tl.arange(0, CW)
     n_ok = offs_n < N
-    wv = tl.load(w_ptr + offs_n[:, None] * swn + c * CW + offs_j[None, :], mask=n_ok[:, None], other=0)
+    wv = tl.load(w_ptr + offs_n[:, None] * swn + (c * CW + offs_j[None, :]) * swk, mask=n_ok[:, None], other=0)
     if SIGNED:
         wv = wv ^ XOR
     for i in tl.static_range(PER):
@@ -684,6 +694,192 @@ def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn, ssg, mant, one,
         w = (_word_code(wv, i, BITS, mant, one) * ONE - cc[:, None]) * s[:, None]
         tl.store(o_ptr + offs_n[:, None] * K + c * (PER * CW) + i * CW + offs_j[None, :],
                  w.to(o_ptr.dtype.element_ty), mask=n_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The N-major decode layout: the same words stored K-major-transposed (``pack_words(..., n_major=True)``: a
+# ``[N, K*bits/32]`` int32 tensor with strides ``(1, N)``), so a program's tile of ``[U chunks, CW words, BLOCK_N
+# rows]`` is coalesced across threads along N (16-byte loads, 4 rows per thread), the activation a thread needs
+# is the same for every lane (broadcast loads, converted once per thread for its 4 rows), and the reduction over K
+# stays inside a thread until one final sum. Why: the K-major kernels above reload and convert the activation for
+# every 2-4 rows and finish each program with a cross-lane reduction; at M = 1 they reached a quarter of the copy
+# bandwidth on the H200.
+
+
+@triton.jit
+def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos, mant, one,
+            BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
+            HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
+            CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, U: tl.constexpr,
+            PREFETCH: tl.constexpr = 0):
+    """CUDA-core GEMV (M = 1) on the N-major words: per step a ``[U, CW, BLOCK_N]`` word tile; per code a shift,
+    an and-or (``f = 1 + u/2**b``) and one FMA into a deferred fp32 accumulator of the tile's shape; per group
+    ``acc += s * (a - d * sum x)`` with ``d = 1 + (off + z)/2**b`` (the algebra of ``_gemv_words``); one sum over
+    ``U, CW`` at the end. ``PREFETCH`` = 1: the next step's words are loaded before this step's arithmetic."""
+    PER: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = 1 << BITS
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n3 = offs_n[None, None, :]
+    n_ok = n3 < N
+    u3 = tl.arange(0, U)[:, None, None]
+    j3 = tl.arange(0, CW)[None, :, None]
+    n2 = offs_n[None, :]
+    u2 = tl.arange(0, U)[:, None]
+    j2 = tl.arange(0, CW)[None, :]
+    n_ok2 = n2 < N
+    acc = tl.zeros((U, CW, BLOCK_N), dtype=tl.float32)
+    xacc = tl.zeros((U, CW, 1), dtype=tl.float32)
+    c_lo = pid_k * CH_SPLIT
+    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    if PREFETCH >= 1:
+        wv_n = tl.load(w_ptr + ((c_lo + u3) * CW + j3) * swk + n3, mask=n_ok & (c_lo + u3 < c_hi), other=0)
+    for c0 in range(c_lo, c_hi, U):
+        c3 = c0 + u3
+        c_ok = c3 < c_hi
+        if PREFETCH >= 1:
+            wv = wv_n
+            wv_n = tl.load(w_ptr + ((c3 + U) * CW + j3) * swk + n3, mask=n_ok & (c3 + U < c_hi), other=0)
+        else:
+            wv = tl.load(w_ptr + (c3 * CW + j3) * swk + n3, mask=n_ok & c_ok, other=0)
+        if SIGNED:
+            wv = wv ^ XOR
+        for i in tl.static_range(PER):
+            # loaded 2-D and broadcast over N (the weight tile's sliced layout: no conversion in the loop)
+            xi = tl.load(x_ptr + (c0 + u2) * (PER * CW) + i * CW + j2, mask=c0 + u2 < c_hi, other=0.0).to(
+                tl.float32)[:, :, None]
+            t = _word_code(wv, i, BITS, mant, one) * xi
+            if GROUP == 0:
+                acc += t
+                xacc += xi
+            else:
+                if i % GI == 0:
+                    a = t
+                    xs = xi
+                else:
+                    a += t
+                    xs += xi
+                if i % GI == GI - 1:
+                    c2 = c0 + u2
+                    g = (c2 * (PER * CW) + (i - GI + 1) * CW) // GROUP
+                    gm = n_ok2 & (c2 < c_hi)
+                    s = tl.load(s_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(tl.float32)[:, None, :]
+                    if HAS_ZP:
+                        d = (1.0 + OFF / ONE) + tl.load(z_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(
+                            tl.float32)[:, None, :] * (1.0 / ONE)
+                        acc += s * (a - d * xs)
+                    else:
+                        acc += s * (a - (1.0 + OFF / ONE) * xs)
+    y = tl.sum(tl.sum(acc, axis=1), axis=0)
+    n_ok1 = offs_n < N
+    if GROUP == 0:
+        d_n = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1.0 + OFF / ONE)
+        if HAS_ZP:
+            d_n += tl.load(z_ptr + offs_n * ssn, mask=n_ok1, other=0).to(tl.float32) * (1.0 / ONE)
+        y = (y - d_n * tl.sum(tl.sum(xacc, axis=1), axis=0)) * tl.load(s_ptr + offs_n * ssn, mask=n_ok1,
+                                                                        other=0).to(tl.float32)
+    y = y * ONE
+    if PARTIAL:
+        tl.store(o_ptr + pid_k * sos + offs_n, y, mask=n_ok1)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_ok1, other=0).to(tl.float32)
+        tl.store(o_ptr + offs_n, y.to(o_ptr.dtype.element_ty), mask=n_ok1)
+
+
+@triton.jit
+def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos, mant, one,
+          BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
+          HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
+          UPCAST: tl.constexpr, CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          SWAP: tl.constexpr, PREFETCH: tl.constexpr = 0):
+    """Tensor-core GEMV (2 <= M <= 16) on the N-major words: per chunk a ``[CW, BLOCK_N]`` word tile (coalesced
+    along N); per code ``i`` the exact integers ``q - z`` in the activation dtype and one ``[BLOCK_M, CW] x [CW,
+    BLOCK_N]`` dot (``SWAP``: ``[BLOCK_N, CW] x [CW, BLOCK_M]``, the weights as the wide M side); the scale on the
+    fp32 partial once per group."""
+    PER: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = 1 << BITS
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, CW)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    cc = tl.zeros((BLOCK_N,), dtype=tl.float32) + (ONE + OFF)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if GROUP == 0:
+        s = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            cc += tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+    c_lo = pid_k * CH_SPLIT
+    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    if PREFETCH >= 1:
+        wv_n = tl.load(w_ptr + (c_lo * CW + offs_j[:, None]) * swk + offs_n[None, :],
+                       mask=n_ok[None, :] & (c_lo < c_hi), other=0)
+    for c in range(c_lo, c_hi):
+        if PREFETCH >= 1:
+            wv = wv_n
+            wv_n = tl.load(w_ptr + ((c + 1) * CW + offs_j[:, None]) * swk + offs_n[None, :],
+                           mask=n_ok[None, :] & (c + 1 < c_hi), other=0)
+        else:
+            wv = tl.load(w_ptr + (c * CW + offs_j[:, None]) * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
+        if SIGNED:
+            wv = wv ^ XOR
+        for i in tl.static_range(PER):
+            if GROUP != 0 and i % GI == 0:
+                g = (c * (PER * CW) + i * CW) // GROUP
+                s = tl.load(s_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+                if HAS_ZP:
+                    cc = (ONE + OFF) + tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+            xi = tl.load(x_ptr + offs_m[:, None] * sxm + c * (PER * CW) + i * CW + offs_j[None, :],
+                         mask=m_ok[:, None], other=0.0)
+            v = _word_code(wv, i, BITS, mant, one) * ONE - cc[None, :]  # [CW, BLOCK_N]
+            if UPCAST:
+                xo = xi.to(tl.float32)
+            else:
+                v = v.to(xi.dtype)
+                xo = xi
+            if SWAP:
+                a_op = tl.trans(v)
+                b_op = tl.trans(xo)
+            else:
+                a_op = xo
+                b_op = v
+            if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 holds these values exactly
+                d = tl.dot(a_op, b_op, input_precision="ieee")
+            else:
+                d = tl.dot(a_op, b_op)
+            if GROUP == 0:
+                acc += d
+            else:
+                if i % GI == 0:
+                    p = d
+                else:
+                    p += d
+                if i % GI == GI - 1:
+                    if SWAP:
+                        acc += p * s[:, None]
+                    else:
+                        acc += p * s[None, :]
+    if GROUP == 0:
+        if SWAP:
+            acc = acc * s[:, None]
+        else:
+            acc = acc * s[None, :]
+    if SWAP:
+        y = tl.trans(acc)
+    else:
+        y = acc
+    _store_tile(y, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL, HAS_BIAS)
 
 
 WORDS_TC_MIN_M = 2
@@ -748,19 +944,21 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
     meta = {"BITS": bits, "SIGNED": signed, "GROUP": group, "GI": per if group == 0 else min(per, group // cw),
             "HAS_ZP": zero_point is not None, "XOR": WORD_XOR[bits], "CW": cw, "BLOCK_M": cfg["BLOCK_M"],
             "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    n_major = is_n_major(words)
     if cfg["TC"]:
-        kernel = _tc_words
+        kernel = _tc_t if n_major else _tc_words
         meta.update(UPCAST=interpreting(), SWAP=cfg["SWAP"], PREFETCH=cfg.get("PREFETCH", 0))
     else:
-        kernel = _gemv_words
+        kernel = _gemv_t if n_major else _gemv_words
         meta.update(U=step, PREFETCH=cfg.get("PREFETCH", 0))
+    sw = words.stride(1) if n_major else words.stride(0)
     if split == 1:
-        launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), words.stride(0),
+        launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), sw,
                                    ssn, ssg, out.stride(0), 0, *_word_masks(bits), HAS_BIAS=bias is not None, PARTIAL=False,
                                    **meta)
         return out
     part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
-    launcher(x2, kernel)[grid](x2, words, scale, zp, b, part, m, n, nch, ch_split, x2.stride(0), words.stride(0),
+    launcher(x2, kernel)[grid](x2, words, scale, zp, b, part, m, n, nch, ch_split, x2.stride(0), sw,
                                ssn, ssg, n, m * n, *_word_masks(bits), HAS_BIAS=False, PARTIAL=True, **meta)
     block = 1024
     launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
@@ -774,7 +972,8 @@ def _dequantize_words(words, scale, zero_point, qdtype, group, k, dtype):
     cw = chunk_words(k, group, bits)
     out = torch.empty((n, k), device=words.device, dtype=dtype)
     launcher(words, _dequant_words)[(cdiv(n, 32), k // (32 // bits * cw))](
-        words, scale, zero_point if zero_point is not None else scale, out, n, k, words.stride(0), scale.stride(0),
+        words, scale, zero_point if zero_point is not None else scale, out, n, k, words.stride(0), words.stride(1),
+        scale.stride(0),
         scale.stride(1) if scale.dim() == 2 else 0, *_word_masks(bits), BITS=bits, SIGNED=(PACKED_QDTYPES | BYTE_QDTYPES)[qdtype],
         GROUP=group, HAS_ZP=zero_point is not None, XOR=WORD_XOR[bits], CW=cw, BLOCK_N=32)
     return out
