@@ -279,6 +279,8 @@ N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major ke
     ("uint4", 0, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "U": 1, "SPLIT_K": 1, "PREFETCH": 1}),
     ("int8", 64, True, 3, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2}),
     ("int4", 32, False, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PREFETCH": 1}),
+    ("int4", 128, False, 5, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2, "PAIRS": True}),
+    ("uint4", 0, True, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PAIRS": True}),
 ]
 
 
@@ -286,7 +288,7 @@ N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major ke
 @pytest.mark.parametrize("qdtype,group,symmetric,m,cfg", N_MAJOR_CASES)
 def test_n_major_words_match_reference(device, qdtype, group, symmetric, m, cfg):
     """The N-major decode layout (``pack_words(..., n_major=True)``: the same words, strides ``(1, N)``): exact round
-    trip and dequantize, and its GEMVs (``_gemv_t``, ``_tc_t``) agree with the reference on the stored form."""
+    trip and dequantize, and its GEMVs (``_gemv_t``, ``_tc_t``, ``_tc_pairs``) agree with the reference."""
     from lowbit.kernels import weight_only as wo
 
     n, k = 40, 768

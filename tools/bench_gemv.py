@@ -6,8 +6,8 @@
 M in {1, 16} x (K, N) in ``SHAPES`` (int4 g128 asymmetric, bf16 activations): per shape cuBLAS bf16 ``F.linear``,
 ``torch._weight_int4pack_mm`` (tinygemm) and the op's current default (``op_default``: what
 ``lowbit::weight_only_linear`` picks for the layout the triton backend deploys), then every config of the
-variants ``VARIANTS`` lists for that M: ``cc_k``/``tc_k`` on the K-major words (``pack_words``), ``cc_t``/``tc_t``
-on the N-major words (``pack_words(..., n_major=True)``). Times: CUDA-graph replay of calls over weight copies
+variants ``VARIANTS`` lists for that M: ``cc_k``/``tc_k`` on the K-major words (``pack_words``), ``cc_t``/``tc_t``/
+``tc_p`` on the N-major words (``pack_words(..., n_major=True)``). Times: CUDA-graph replay of calls over weight copies
 that span ~2x L2 (``bench_kernels.bench_graph``, L2 cold as in a model), medians. Each config's output is checked
 against the reference (``rel_err``; a row with ``rel_err`` > 1e-2 is marked ``wrong``). Kernels are compiled first
 by ``--workers`` subprocesses in parallel (they fill Triton's on-disk cache), so the timing loop does not pay
@@ -63,6 +63,10 @@ VARIANTS: dict[str, list[dict]] = {
         (128, True, 4, 2), (128, True, 4, 4), (128, True, 8, 4), (128, False, 4, 4), (128, False, 8, 4),
         (32, False, 2, 4), (32, False, 4, 8), (64, True, 4, 4, 0, 3), (64, True, 4, 4, 0, 1), (64, True, 4, 4, 1),
         (128, True, 4, 4, 1), (256, True, 8, 2), (256, False, 8, 2))],
+    # tc_t with int4 codes unpacked in pairs by lop3 + sub.bf16x2 (``_tc_pairs``)
+    "tc_p": [dict(_tc(*c), PAIRS=True) for c in (
+        (64, True, 4, 2), (64, True, 4, 4), (128, True, 4, 4), (128, True, 8, 4), (64, False, 4, 4),
+        (128, False, 4, 4), (32, False, 4, 8), (64, True, 4, 8), (256, True, 8, 2))],
     # the K-major kernels' previous sweep winners (run C), for the same-run comparison
     "cc_k": [_cc(2, 4, 1, 1), _cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1, 2)],
     "tc_k": [_tc(128, True, 4, 4), _tc(64, True, 4, 8)],
@@ -71,7 +75,7 @@ SMOKE_SHAPES = ((768, 40), (512, 64))
 
 
 def kinds_for(m: int, only: set[str]) -> list[str]:
-    names = ("tc_t", "tc_k") if m >= wo.WORDS_TC_MIN_M else ("cc_t", "cc_k")
+    names = ("tc_t", "tc_p", "tc_k") if m >= wo.WORDS_TC_MIN_M else ("cc_t", "cc_k")
     return [v for v in names if not only or v in only]
 
 

@@ -882,6 +882,137 @@ def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, sw
     _store_tile(y, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL, HAS_BIAS)
 
 
+@triton.jit
+def _pair_codes(t, ccp, c_lo, c_hi, IS_BF16: tl.constexpr, ASM: tl.constexpr):
+    """The 4-bit codes at bits ``[0, 4)`` and ``[16, 20)`` of ``t`` minus ``c_lo`` / ``c_hi`` (offset + zero point),
+    as exact small integers in the activation dtype. ``ASM`` (sm_90): one ``lop3`` makes both codes a 16-bit float
+    pair ``base + u`` (``base`` = 128 bf16 / 1024 fp16: the code lands in the low mantissa bits) and one packed
+    ``sub`` takes ``ccp`` (the pair ``base + c``): two codes per two instructions, no int -> float conversion.
+    Otherwise (the interpreter) the same values in plain Triton."""
+    if ASM:
+        if IS_BF16:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA; sub.rn.bf16x2 t, t, $3; "
+                "mov.b32 {$0, $1}, t; }", "=h,=h,r,r", [t, ccp], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                pack=1)
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA; sub.rn.f16x2 t, t, $3; "
+                "mov.b32 {$0, $1}, t; }", "=h,=h,r,r", [t, ccp], dtype=(tl.float16, tl.float16), is_pure=True,
+                pack=1)
+    else:
+        if IS_BF16:
+            dt = tl.bfloat16
+        else:
+            dt = tl.float16
+        lo = ((t & 0xF).to(tl.float32) - c_lo[None, :]).to(dt)
+        hi = (((t >> 16) & 0xF).to(tl.float32) - c_hi[None, :]).to(dt)
+    return lo, hi
+
+
+@triton.jit
+def _tc_pairs(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos, mant, one,
+              BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
+              HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
+              UPCAST: tl.constexpr, CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              SWAP: tl.constexpr, PREFETCH: tl.constexpr = 0, IS_BF16: tl.constexpr = True,
+              ASM: tl.constexpr = False):
+    """``_tc_t`` for int4 with codes unpacked in pairs (code ``i`` and ``i + 4`` of a word share a 32-bit register
+    after one shift: ``_pair_codes``). Takes per channel or groups of 4 or 8 code positions (``GI``: g128 at CW =
+    32); codes 0-3 and 4-7 each accumulate one fp32 partial per chunk, scaled once."""
+    BASE: tl.constexpr = 128.0 if IS_BF16 else 1024.0
+    OFF: tl.constexpr = 8 if SIGNED else 0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, CW)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    c_a = tl.zeros((BLOCK_N,), dtype=tl.float32) + OFF
+    c_b = c_a
+    s_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s_b = s_a
+    if GROUP == 0:
+        s_a = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            c_a += tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+        c_b = c_a
+    c_lo = pid_k * CH_SPLIT
+    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    for c in range(c_lo, c_hi):
+        wv = tl.load(w_ptr + (c * CW + offs_j[:, None]) * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
+        if SIGNED:
+            wv = wv ^ XOR
+        if GROUP != 0:
+            g_a = (c * (8 * CW)) // GROUP
+            g_b = (c * (8 * CW) + 4 * CW) // GROUP
+            s_a = tl.load(s_ptr + offs_n * ssn + g_a * ssg, mask=n_ok, other=0).to(tl.float32)
+            s_b = tl.load(s_ptr + offs_n * ssn + g_b * ssg, mask=n_ok, other=0).to(tl.float32)
+            if HAS_ZP:
+                c_a = OFF + tl.load(z_ptr + offs_n * ssn + g_a * ssg, mask=n_ok, other=0).to(tl.float32)
+                c_b = OFF + tl.load(z_ptr + offs_n * ssn + g_b * ssg, mask=n_ok, other=0).to(tl.float32)
+        if IS_BF16:
+            bits_a = (c_a + BASE).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            bits_b = (c_b + BASE).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        else:
+            bits_a = (c_a + BASE).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            bits_b = (c_b + BASE).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        ccp = (bits_a | (bits_b << 16))[None, :] + tl.zeros_like(wv)
+        if SWAP:
+            p_a = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            p_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        p_b = tl.zeros_like(p_a)
+        for i in tl.static_range(4):
+            lo, hi = _pair_codes(wv >> (4 * i), ccp, c_a, c_b, IS_BF16, ASM)  # codes i, i + 4: [CW, BLOCK_N]
+            x_a = tl.load(x_ptr + offs_m[:, None] * sxm + c * (8 * CW) + i * CW + offs_j[None, :],
+                          mask=m_ok[:, None], other=0.0)
+            x_b = tl.load(x_ptr + offs_m[:, None] * sxm + c * (8 * CW) + (i + 4) * CW + offs_j[None, :],
+                          mask=m_ok[:, None], other=0.0)
+            if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 holds these values exactly
+                lo = lo.to(tl.float32)
+                hi = hi.to(tl.float32)
+                x_a = x_a.to(tl.float32)
+                x_b = x_b.to(tl.float32)
+            if SWAP:
+                if UPCAST:
+                    p_a = tl.dot(tl.trans(lo), tl.trans(x_a), p_a, input_precision="ieee")
+                    p_b = tl.dot(tl.trans(hi), tl.trans(x_b), p_b, input_precision="ieee")
+                else:
+                    p_a = tl.dot(tl.trans(lo), tl.trans(x_a), p_a)
+                    p_b = tl.dot(tl.trans(hi), tl.trans(x_b), p_b)
+            else:
+                if UPCAST:
+                    p_a = tl.dot(x_a, lo, p_a, input_precision="ieee")
+                    p_b = tl.dot(x_b, hi, p_b, input_precision="ieee")
+                else:
+                    p_a = tl.dot(x_a, lo, p_a)
+                    p_b = tl.dot(x_b, hi, p_b)
+        if GROUP == 0:
+            acc += p_a + p_b
+        elif SWAP:
+            acc += p_a * s_a[:, None] + p_b * s_b[:, None]
+        else:
+            acc += p_a * s_a[None, :] + p_b * s_b[None, :]
+    if GROUP == 0:
+        if SWAP:
+            acc = acc * s_a[:, None]
+        else:
+            acc = acc * s_a[None, :]
+    if SWAP:
+        y = tl.trans(acc)
+    else:
+        y = acc
+    _store_tile(y, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL, HAS_BIAS)
+
+
+
 WORDS_TC_MIN_M = 2
 """From this M on (to 16) the word-layout GEMV runs on tensor cores (M padded to a 16-row dot, masked: no extra
 traffic); M = 1 on CUDA cores."""
@@ -921,6 +1052,11 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int) -> dict:
     return cfg
 
 
+def pairs_ok(bits: int, group: int, cw: int) -> bool:
+    """``_tc_pairs`` takes int4 per channel or groups spanning 4 or 8 code positions of a chunk."""
+    return bits == 4 and (group == 0 or group // cw in (4, 8))
+
+
 def _word_masks(bits: int) -> tuple[int, int]:
     return ((1 << bits) - 1) << (23 - bits), 0x3F800000
 
@@ -948,6 +1084,9 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
     if cfg["TC"]:
         kernel = _tc_t if n_major else _tc_words
         meta.update(UPCAST=interpreting(), SWAP=cfg["SWAP"], PREFETCH=cfg.get("PREFETCH", 0))
+        if n_major and cfg.get("PAIRS") and pairs_ok(bits, group, cw):
+            kernel = _tc_pairs
+            meta.update(IS_BF16=x2.dtype == torch.bfloat16, ASM=not interpreting())
     else:
         kernel = _gemv_t if n_major else _gemv_words
         meta.update(U=step, PREFETCH=cfg.get("PREFETCH", 0))
