@@ -267,7 +267,7 @@ def test_word_layout_gemv_configs_match_reference(device, cfg):
     from lowbit.kernels import weight_only as wo
 
     q, s, z = _quantized_weight(40, 768, "int4", 128, False, device)
-    words, s2, z2 = wo.pack_words(q, s, z, "int4", 128)
+    words, s2, z2 = wo.pack_words(q, s, z, "int4", 128, n_major=False)
     x = torch.randn(1, 768, device=device).to(torch.bfloat16)
     out = torch.empty(1, 40, device=device, dtype=torch.bfloat16)
     wo._launch_words(x, words, s2, z2, None, out, "int4", 128, dict(cfg, num_warps=4, num_stages=2))
@@ -282,6 +282,20 @@ N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major ke
     ("int4", 128, False, 5, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2, "PAIRS": True}),
     ("uint4", 0, True, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PAIRS": True}),
 ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype,group,m", [("int4", 128, 1), ("uint8", 64, 9)])
+def test_k_major_words_through_the_op(device, qdtype, group, m):
+    """The K-major decode layout (``n_major=False``) still runs through the op (its own config table and rule)."""
+    from lowbit.kernels import weight_only as wo
+
+    q, s, z = _quantized_weight(48, 512, qdtype, group, False, device)
+    words, s2, z2 = wo.pack_words(q, s, z, qdtype, group, n_major=False)
+    assert not wo.is_n_major(words) and words.is_contiguous()
+    x = torch.randn(m, 512, device=device).to(torch.bfloat16)
+    ref = weight_only_linear_ref(x, q, s, z, None, qdtype, group)
+    assert _rel(weight_only_linear(x, words, s2, z2, None, qdtype, group), ref) <= TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -301,7 +301,8 @@ def sweep_words(m: int, k: int, n: int, bw: float) -> list[dict]:
     """Every ``WORDS_SWEEP`` config at one shape (int4 g128 asymmetric, raw launches in a CUDA graph); one row each
     and the best one marked."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    copies = [wo.pack_words(*qweight(n, k, "int4", 128, False)[:3], "int4", 128) for _ in range(n_copies(n * k // 2))]
+    copies = [wo.pack_words(*qweight(n, k, "int4", 128, False)[:3], "int4", 128, n_major=False)
+              for _ in range(n_copies(n * k // 2))]
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     kind = "tc" if m >= wo.WORDS_TC_MIN_M else "cc"
     bm = 16 if kind == "tc" else 1

@@ -389,7 +389,7 @@ def _codes(qweight: torch.Tensor, qdtype: str) -> torch.Tensor:
 
 
 def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str,
-               group_size: int, n_major: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               group_size: int, n_major: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """lowbit's stored weight -> the decode layout ``(int32 [N, K*bits/32], scale, zero point)``; unchanged
     tensors where ``chunk_words`` is 0 (the byte-layout kernels take those).
 
@@ -401,7 +401,10 @@ def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     contiguous.
 
     ``n_major``: the same ``[N, K*bits/32]`` words stored with strides ``(1, N)`` (word ``w`` of every row
-    together), the layout of the N-major kernels (``_gemv_t``, ``_tc_t``); ``is_n_major`` tells them apart."""
+    together), the layout of the N-major kernels (``_gemv_t``, ``_tc_t``, ``_tc_pairs``); ``is_n_major`` tells
+    them apart. None: ``WORDS_N_MAJOR`` (what the sweep measured faster)."""
+    if n_major is None:
+        n_major = WORDS_N_MAJOR
     packed = qdtype in PACKED_QDTYPES
     bits = 4 if packed else 8
     n = qweight.shape[0]
@@ -1028,14 +1031,41 @@ _WORDS_TABLE: dict[tuple[str, int, int, int], dict] = {
 tried spread only 22.5-28 µs (4096x11008) apart from the 8-warp ones: the kernel is latency-bound, not tile-bound."""
 
 
-def words_config(m: int, n: int, k: int, bits: int, cw: int) -> dict:
+WORDS_N_MAJOR = True
+"""The decode layout ``pack_words`` makes by default (at lowering): N-major (the kernels ``_gemv_t``/``_tc_t``/
+``_tc_pairs``), chosen by the H200 sweep (bench/results/gemv.json)."""
+
+_WORDS_T_TABLE: dict[tuple[str, int, int, int], dict] = {}
+"""N-major configs keyed by (kind, M bucket, N, K): the ``best`` rows of ``tools/bench_gemv.py`` (int4 g128
+asymmetric, bf16) at the decode shapes; ``words_config`` falls back to ``_t_rule`` elsewhere."""
+
+T_TARGET_PROGRAMS = {"cc": 264, "tc": 528}
+"""The N-major rule's split-K aims at this many programs (~2 / ~4 per SM of the H200's 132)."""
+
+
+def _t_rule(tc: bool, n: int, nch: int, bits: int, cw: int, group: int) -> dict:
+    """N-major configs where the table has no entry: the sweep winners' tile shapes, split-K up to the program
+    target (a split keeps >= 2 chunks per program)."""
+    if tc:
+        cfg = {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2, "PAIRS": pairs_ok(bits, group, cw)}
+    else:
+        cfg = {"BLOCK_N": 128 if n >= 2048 else 64, "U": 1, "num_warps": 4, "num_stages": 1}
+    tiles = cdiv(n, cfg["BLOCK_N"])
+    cfg["SPLIT_K"] = max(1, min(8, T_TARGET_PROGRAMS["tc" if tc else "cc"] // tiles, nch // 2))
+    return cfg
+
+
+def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = False, group: int = 128) -> dict:
     """Tile sizes, warps, split for the word-layout GEMV: the sweep's table where it has the shape, else a rule
-    that aims at ~4 programs per SM of the H200 (132) and splits K only when N alone cannot."""
+    (N-major: ``_t_rule``; K-major: ~4 programs per SM of the H200 (132), K split only when N alone cannot)."""
     tc = m >= WORDS_TC_MIN_M
     bm = 16 if tc else next_pow2(m)
-    cfg = _WORDS_TABLE.get(("tc" if tc else "cc", bm, n, k))
     per = 32 // bits
     nch = k // (per * cw)
+    if n_major:
+        cfg = _WORDS_T_TABLE.get(("tc" if tc else "cc", bm, n, k)) or _t_rule(tc, n, nch, bits, cw, group)
+        return dict(cfg, BLOCK_M=bm, TC=tc)
+    cfg = _WORDS_TABLE.get(("tc" if tc else "cc", bm, n, k))
     if cfg is None:
         if tc:
             cfg = {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2}
@@ -1192,7 +1222,8 @@ def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path):
         return F.linear(x, w, bias)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     bits = 4 if qdtype in PACKED_QDTYPES else 8
-    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, words_config(m, n, k, bits, cw))
+    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size,
+                  words_config(m, n, k, bits, cw, is_n_major(words), group_size))
     return out.reshape(*x.shape[:-1], n)
 
 
