@@ -5,7 +5,7 @@
 
 M in {1, 16} x (K, N) in ``SHAPES`` (int4 g128 asymmetric, bf16 activations): per shape cuBLAS bf16 ``F.linear``,
 ``torch._weight_int4pack_mm`` (tinygemm) and the op's current default (``op_default``: what
-``lowbit::weight_only_linear`` picks for the layout the triton backend deploys), then every config of the
+``lowbit::weight_only_linear`` picks on the layout ``pack_words`` makes by default, as the triton backend deploys), then every config of the
 variants ``VARIANTS`` lists for that M: ``cc_k``/``tc_k`` on the K-major words (``pack_words``), ``cc_t``/``tc_t``/
 ``tc_p`` on the N-major words (``pack_words(..., n_major=True)``). Times: CUDA-graph replay of calls over weight copies
 that span ~2x L2 (``bench_kernels.bench_graph``, L2 cold as in a model), medians. Each config's output is checked
@@ -56,7 +56,10 @@ VARIANTS: dict[str, list[dict]] = {
         (32, 1, 1, 1), (32, 1, 1, 2), (32, 2, 2, 1), (64, 1, 2, 1), (64, 1, 2, 2), (64, 1, 2, 4), (64, 1, 4, 2),
         (64, 2, 4, 2), (64, 1, 2, 2, 1), (64, 1, 2, 4, 1), (128, 1, 4, 1), (128, 1, 4, 2), (128, 1, 4, 4),
         (128, 1, 4, 8), (128, 2, 8, 4), (128, 1, 4, 4, 1), (128, 1, 8, 4), (128, 1, 2, 4), (256, 1, 8, 2),
-        (256, 1, 8, 4), (256, 1, 4, 4), (256, 1, 8, 8), (128, 1, 4, 4, 0, 3), (64, 1, 2, 2, 0, 3))],
+        (256, 1, 8, 4), (256, 1, 4, 4), (256, 1, 8, 8), (128, 1, 4, 4, 0, 3), (64, 1, 2, 2, 0, 3),
+        # many short K slices (gemlite's GEMV_REVSPLITK regime: 1-2 warps, wide N, one chunk per program)
+        (128, 1, 1, 8), (128, 1, 2, 8), (256, 1, 2, 8), (128, 1, 4, 16), (64, 1, 2, 16), (256, 1, 4, 16),
+        (512, 1, 4, 4), (512, 1, 8, 8), (256, 1, 2, 4), (128, 1, 1, 4))],
     # tensor cores, M = 2..16, N-major words: per chunk [CW, BLOCK_N] codes, one dot per code position
     "tc_t": [_tc(*c) for c in (
         (64, True, 4, 1), (64, True, 4, 2), (64, True, 4, 4), (64, False, 4, 2), (64, False, 4, 4),
@@ -218,7 +221,7 @@ def main() -> None:
                 del tg
                 op = torch.ops.lowbit.weight_only_linear
                 t = bk.bench_graph([lambda w=w: op(x, w[0], w[1], w[2], None, "int4", GROUP, "auto")
-                                    for w in weights[False]])
+                                    for w in weights[wo.WORDS_N_MAJOR]])  # the layout pack_words makes
                 emit(dict(base, kernel="gemv_sweep/op_default", us=round(t, 2), speedup=round(cublas_us / t, 3),
                           eff_bw_frac=round(nbytes / (t * 1e-6) / bw, 3)))
             for v in kinds_for(m, only):
