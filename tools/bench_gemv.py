@@ -240,7 +240,7 @@ def main() -> None:
                             r["wrong"] = True
                         if not args.smoke:
                             t = bk.bench_graph([lambda w=w, c=cfg: launch(x, w[0], w[1], w[2], out, v, c)
-                                                for w in weights[nm]])
+                                                for w in weights[nm]], warmup=5, rep=20)
                             r.update(us=round(t, 2), speedup=round(cublas_us / t, 3),
                                      eff_bw_frac=round(nbytes / (t * 1e-6) / bw, 3))
                     except Exception as e:  # noqa: BLE001 - a config that fails is a row, not the end of the run
