@@ -277,6 +277,8 @@ def test_word_layout_gemv_configs_match_reference(device, cfg):
 N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major kernels, split-K, prefetch, masks
     ("int4", 128, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 2, "SPLIT_K": 2}),
     ("uint4", 0, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "U": 1, "SPLIT_K": 1, "PREFETCH": 1}),
+    ("int4", 64, True, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "U": 2, "SPLIT_K": 2, "RED": True}),
+    ("int4", 0, True, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 1, "SPLIT_K": 1, "RED": True}),
     ("int8", 64, True, 3, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2}),
     ("int4", 32, False, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PREFETCH": 1}),
     ("int4", 128, False, 5, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2, "PAIRS": True}),

@@ -714,11 +714,14 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
             BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
             HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
             CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, U: tl.constexpr,
-            PREFETCH: tl.constexpr = 0):
+            PREFETCH: tl.constexpr = 0, RED: tl.constexpr = False):
     """CUDA-core GEMV (M = 1) on the N-major words: per step a ``[U, CW, BLOCK_N]`` word tile; per code a shift,
     an and-or (``f = 1 + u/2**b``) and one FMA into a deferred fp32 accumulator of the tile's shape; per group
     ``acc += s * (a - d * sum x)`` with ``d = 1 + (off + z)/2**b`` (the algebra of ``_gemv_words``); one sum over
-    ``U, CW`` at the end. ``PREFETCH`` = 1: the next step's words are loaded before this step's arithmetic."""
+    ``U, CW`` at the end. ``PREFETCH`` = 1: the next step's words are loaded before this step's arithmetic.
+    ``RED``: each group's (per channel: each chunk's) terms are summed over ``U, CW`` at once into a ``[BLOCK_N]``
+    accumulator instead: in-thread adds where the tile's rows all sit in one thread (warps along N: ``BLOCK_N >=
+    128 * num_warps``), and no tile-sized accumulator (registers for bigger tiles)."""
     PER: tl.constexpr = 32 // BITS
     ONE: tl.constexpr = 1 << BITS
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
@@ -734,6 +737,7 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
     j2 = tl.arange(0, CW)[None, :]
     n_ok2 = n2 < N
     acc = tl.zeros((U, CW, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     xacc = tl.zeros((U, CW, 1), dtype=tl.float32)
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
@@ -755,8 +759,16 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
                 tl.float32)[:, :, None]
             t = _word_code(wv, i, BITS, mant, one) * xi
             if GROUP == 0:
-                acc += t
                 xacc += xi
+                if RED:
+                    if i == 0:
+                        a = t
+                    else:
+                        a += t
+                    if i == PER - 1:
+                        acc1 += tl.sum(tl.sum(a, axis=1), axis=0)
+                else:
+                    acc += t
             else:
                 if i % GI == 0:
                     a = t
@@ -772,10 +784,16 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
                     if HAS_ZP:
                         d = (1.0 + OFF / ONE) + tl.load(z_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(
                             tl.float32)[:, None, :] * (1.0 / ONE)
-                        acc += s * (a - d * xs)
                     else:
-                        acc += s * (a - (1.0 + OFF / ONE) * xs)
-    y = tl.sum(tl.sum(acc, axis=1), axis=0)
+                        d = 1.0 + OFF / ONE
+                    if RED:
+                        acc1 += tl.sum(tl.sum(s * (a - d * xs), axis=1), axis=0)
+                    else:
+                        acc += s * (a - d * xs)
+    if RED:
+        y = acc1
+    else:
+        y = tl.sum(tl.sum(acc, axis=1), axis=0)
     n_ok1 = offs_n < N
     if GROUP == 0:
         d_n = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1.0 + OFF / ONE)
@@ -1120,6 +1138,8 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
     else:
         kernel = _gemv_t if n_major else _gemv_words
         meta.update(U=step, PREFETCH=cfg.get("PREFETCH", 0))
+        if n_major:
+            meta.update(RED=cfg.get("RED", False))
     sw = words.stride(1) if n_major else words.stride(0)
     if split == 1:
         launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), sw,
