@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -78,10 +77,22 @@ VARIANTS: dict[str, list[dict]] = {
     "cc_k": [_cc(2, 4, 1, 1), _cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1, 2)],
     "tc_k": [_tc(128, True, 4, 4), _tc(64, True, 4, 8)],
 }
+ROW_KEY = ("run", "kernel", "variant", "M", "K", "N", "device")
+N_MAJOR = {"cc_t", "tc_t", "tc_p"}
+"""Variants that run on the N-major words (``pack_words(..., n_major=True)``); the others on the K-major ones."""
+FINAL: dict[str, list[dict]] = {
+    "cc_t": [_cc(64, 1, 2, 4), _cc(64, 1, 2, 16), _cc(64, 1, 2, 2), _cc(256, 1, 4, 16), _cc(64, 1, 4, 4)],
+    "tc_t": [_tc(64, True, 4, 4, 1), _tc(64, True, 4, 2, 1)],
+    "tc_p": [dict(_tc(*c), PAIRS=True) for c in ((64, True, 4, 4), (64, True, 4, 3), (128, True, 4, 4))],
+    "cc_k": [_cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1)],
+    "tc_k": [_tc(64, True, 4, 8)],
+}
+"""``--set final``: the op's table entries and their neighbours (the variants' full lists are ``VARIANTS``)."""
 SMOKE_SHAPES = ((768, 40), (512, 64))
 
 
 def kinds_for(m: int, only: set[str]) -> list[str]:
+    """The variant families run at ``m`` (CUDA cores at M = 1, tensor cores from ``WORDS_TC_MIN_M``)."""
     names = ("tc_t", "tc_p", "tc_k") if m >= wo.WORDS_TC_MIN_M else ("cc_t", "cc_k")
     return [v for v in names if not only or v in only]
 
@@ -102,19 +113,28 @@ def launch(x, words, s, z, out, variant: str, cfg: dict):
     return wo._launch_words(x, words, s, z, None, out, "int4", GROUP, c)
 
 
-def jobs(ms, shapes, only):
+def jobs(ms, shapes, only, variants):
     """(M, K, N, variant, config index) in the timing loop's order: shape-major, so a cut budget loses shapes last."""
-    return [(m, k, n, v, i) for k, n in shapes for m in ms for v in kinds_for(m, only) for i in range(len(VARIANTS[v]))]
+    return [(m, k, n, v, i) for k, n in shapes for m in ms for v in kinds_for(m, only) for i in range(len(variants[v]))]
 
 
 def warm(args) -> None:
     """Worker: launch each of its jobs once (fills Triton's disk cache; errors are the timing loop's to record)."""
     idx, total = map(int, args.warm_worker.split("/"))
     ms, shapes, only = parse(args)
-    todo = jobs(ms, shapes, only)[idx::total]
+    variants = FINAL if args.set == "final" else VARIANTS
+    todo = jobs(ms, shapes, only, variants)[idx::total]
     cache: dict = {}
+    op_shapes = sorted({(m, k, n) for m, k, n, _, _ in jobs(ms, shapes, only, variants)})[idx::total]
+    for m, k, n in op_shapes:  # the op's default path at each shape (what op_default times)
+        try:
+            w = make_weight(n, k, "cuda")[wo.words_n_major(n, k)]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            torch.ops.lowbit.weight_only_linear(x, *w, None, "int4", GROUP, "auto")
+        except Exception as e:  # noqa: BLE001 - the timing loop records it
+            print(f"warm op M={m} K={k} N={n}: {e!r}", file=sys.stderr)
     for m, k, n, v, i in todo:
-        nm = v.endswith("_t")
+        nm = v in N_MAJOR
         key = (k, n, nm)
         if key not in cache:
             words = torch.randint(-2 ** 31, 2 ** 31 - 1, (n, k // 8), dtype=torch.int32, device="cuda")
@@ -127,9 +147,9 @@ def warm(args) -> None:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         try:
-            launch(x, words, s, z, out, v, VARIANTS[v][i])
-        except Exception:  # noqa: BLE001
-            pass
+            launch(x, words, s, z, out, v, variants[v][i])
+        except Exception as e:  # noqa: BLE001 - the timing loop records it
+            print(f"warm {v}#{i}: {e!r}", file=sys.stderr)
     torch.cuda.synchronize()
 
 
@@ -139,6 +159,55 @@ def parse(args):
               else list(SMOKE_SHAPES if args.smoke else SHAPES))
     only = {v for v in args.only.split(",") if v}
     return ms, shapes, only
+
+
+def compiled_rows() -> list[dict]:
+    """Registers, spills and shared memory of every word-layout GEMV kernel this process compiled (what bounds
+    its occupancy), from Triton's in-memory kernel cache; best effort (the cache's shape is Triton-internal)."""
+    rows = []
+    for fn in (wo._gemv_t, wo._tc_t, wo._tc_pairs, wo._gemv_words, wo._tc_words, wo._splitk_reduce):
+        try:
+            for i, cache in enumerate(fn.device_caches.values()):
+                for key, ck in cache[0].items():
+                    rows.append({"kernel": "gemv_sweep/compiled", "variant": f"{fn.__name__}#{i}#{len(rows)}",
+                                 "name": fn.__name__, "n_regs": getattr(ck, "n_regs", None),
+                                 "n_spills": getattr(ck, "n_spills", None),
+                                 "num_warps": getattr(ck.metadata, "num_warps", None),
+                                 "shared": getattr(ck.metadata, "shared", None), "key": str(key)[:600]})
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            rows.append({"kernel": "gemv_sweep/compiled", "variant": fn.__name__, "error": repr(e)[:200]})
+    return rows
+
+
+def baselines(bk, bw: float, base: dict, x: torch.Tensor, ref: torch.Tensor, weights: dict, nbytes: int,
+              emit) -> float:
+    """cuBLAS bf16, tinygemm and the op's default path at one (M, K, N), each a row; returns cuBLAS' µs (NaN if
+    it failed: the rows after it then carry no speedup)."""
+    m, k, n = base["M"], base["K"], base["N"]
+    cublas_us = float("nan")
+    try:
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(bk.n_copies(2 * n * k))]
+        cublas_us = bk.bench_graph([lambda w=w: F.linear(x, w) for w in dense])
+        del dense
+        emit(dict(base, kernel="gemv_sweep/cublas_bf16", us=round(cublas_us, 2),
+                  eff_bw_frac=round((2 * n * k + 2 * (m * k + m * n)) / (cublas_us * 1e-6) / bw, 3)))
+        tg = [bk.tinygemm(torch.randn(n, k, device="cuda"), x) for _ in range(bk.n_copies(n * k // 2))]
+        if all(f is not None for f in tg):
+            t = bk.bench_graph(tg)
+            emit(dict(base, kernel="gemv_sweep/tinygemm_int4_g128", us=round(t, 2), speedup=round(cublas_us / t, 3)))
+        del tg
+        op = torch.ops.lowbit.weight_only_linear
+        dflt = weights[wo.words_n_major(n, k)]  # the layout pack_words makes for this shape
+        err = rel_err(op(x, *dflt[0], None, "int4", GROUP, "auto"), ref)
+        t = bk.bench_graph([lambda w=w: op(x, *w, None, "int4", GROUP, "auto") for w in dflt])
+        n_major = wo.is_n_major(dflt[0][0])
+        cfg = wo.words_config(m, n, k, 4, wo.chunk_words(k, GROUP, 4), n_major, GROUP)
+        emit(dict(base, kernel="gemv_sweep/op_default", us=round(t, 2), speedup=round(cublas_us / t, 3),
+                  eff_bw_frac=round(nbytes / (t * 1e-6) / bw, 3), rel_err=round(err, 5),
+                  layout="n_major" if n_major else "k_major", config=cfg, **({"wrong": True} if err > 1e-2 else {})))
+    except Exception as e:  # noqa: BLE001 - a failing baseline/default is a row, the sweep goes on
+        emit(dict(base, kernel="gemv_sweep/error", error=repr(e)[:300]))
+    return cublas_us
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -154,6 +223,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=120.0, help="stop timing after this many seconds in all")
     ap.add_argument("--workers", type=int, default=8, help="parallel compile processes (0: compile inline)")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes, correctness only")
+    ap.add_argument("--set", choices=("all", "final"), default="all", help="config lists: VARIANTS or FINAL")
+    ap.add_argument("--run", default="", help="a label every row carries (rows of other runs are kept)")
     ap.add_argument("--warm-worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.warm_worker:
@@ -161,6 +232,7 @@ def main() -> None:
         return
     t_start = time.time()
     ms, shapes, only = parse(args)
+    variants = FINAL if args.set == "final" else VARIANTS
     device = "cpu" if args.smoke else "cuda"
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("bench_gemv needs CUDA (or --smoke with TRITON_INTERPRET=1)")
@@ -169,7 +241,7 @@ def main() -> None:
     dev_name, date = machine(device), datetime.date.today().isoformat()
     procs = []
     if not args.smoke and args.workers > 0:
-        base = [sys.executable, __file__, "--ms", args.ms, "--only", args.only]
+        base = [sys.executable, __file__, "--ms", args.ms, "--only", args.only, "--set", args.set]
         if args.shapes:
             base += ["--shapes", args.shapes]
         procs = [subprocess.Popen(base + ["--warm-worker", f"{i}/{args.workers}"], stdout=subprocess.DEVNULL,
@@ -193,8 +265,10 @@ def main() -> None:
         print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     out_path = Path(args.out)
 
+    run = args.run or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M")
+
     def emit(r: dict) -> None:
-        r.update(device=dev_name, date=date)
+        r.update(run=run, device=dev_name, date=date)
         rows.append(r)
         print(" ".join(f"{k}={v}" for k, v in r.items() if k not in ("device", "date")), flush=True)
 
@@ -210,28 +284,11 @@ def main() -> None:
             q, s, z = copies[0]["stored"]
             del copies
             ref = wo.weight_only_linear_ref(x, q, s, z, None, "int4", GROUP)
-            cublas_us = None
-            if not args.smoke:
-                dense = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(bk.n_copies(2 * n * k))]
-                cublas_us = bk.bench_graph([lambda w=w: F.linear(x, w) for w in dense])
-                del dense
-                emit(dict(base, kernel="gemv_sweep/cublas_bf16", us=round(cublas_us, 2),
-                          eff_bw_frac=round((2 * n * k + 2 * (m * k + m * n)) / (cublas_us * 1e-6) / bw, 3)))
-                tg = [bk.tinygemm(torch.randn(n, k, device=device), x) for _ in range(bk.n_copies(n * k // 2))]
-                if all(f is not None for f in tg):
-                    t = bk.bench_graph(tg)
-                    emit(dict(base, kernel="gemv_sweep/tinygemm_int4_g128", us=round(t, 2),
-                              speedup=round(cublas_us / t, 3)))
-                del tg
-                op = torch.ops.lowbit.weight_only_linear
-                t = bk.bench_graph([lambda w=w: op(x, w[0], w[1], w[2], None, "int4", GROUP, "auto")
-                                    for w in weights[wo.WORDS_N_MAJOR]])  # the layout pack_words makes
-                emit(dict(base, kernel="gemv_sweep/op_default", us=round(t, 2), speedup=round(cublas_us / t, 3),
-                          eff_bw_frac=round(nbytes / (t * 1e-6) / bw, 3)))
+            cublas_us = None if args.smoke else baselines(bk, bw, base, x, ref, weights, nbytes, emit)
             for v in kinds_for(m, only):
-                nm = v.endswith("_t")
+                nm = v in N_MAJOR
                 family = []
-                for i, cfg in enumerate(VARIANTS[v]):
+                for i, cfg in enumerate(variants[v]):
                     r = dict(base, kernel=f"gemv_sweep/{v}", variant=f"{v}#{i}", config=cfg)
                     if time.time() - t_start > args.budget_s:
                         emit(dict(r, skipped="budget"))
@@ -243,7 +300,7 @@ def main() -> None:
                         if r["rel_err"] > 1e-2:
                             r["wrong"] = True
                         if not args.smoke:
-                            t = bk.bench_graph([lambda w=w, c=cfg: launch(x, w[0], w[1], w[2], out, v, c)
+                            t = bk.bench_graph([lambda w=w, c=cfg, x=x, out=out, v=v: launch(x, *w, out, v, c)
                                                 for w in weights[nm]], warmup=5, rep=20)
                             r.update(us=round(t, 2), speedup=round(cublas_us / t, 3),
                                      eff_bw_frac=round(nbytes / (t * 1e-6) / bw, 3))
@@ -258,8 +315,11 @@ def main() -> None:
                     print(f"BEST M={m} K={k} N={n} {v}: {best['us']} us speedup {best.get('speedup')} "
                           f"{best['config']}", flush=True)
             del weights
-            merge_rows(out_path, header, rows, key=("kernel", "variant", "M", "K", "N", "device"))
-    merge_rows(out_path, header, rows, key=("kernel", "variant", "M", "K", "N", "device"))
+            merge_rows(out_path, header, rows, key=ROW_KEY)
+    if not args.smoke:
+        for r in compiled_rows():
+            emit(r)
+    merge_rows(out_path, header, rows, key=ROW_KEY)
     print(f"done in {time.time() - t_start:.0f}s, {len(rows)} rows -> {out_path}", flush=True)
 
 

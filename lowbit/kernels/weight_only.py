@@ -327,7 +327,7 @@ def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, grou
     b = bias if bias is not None else scale
     ssn = scale.stride(0)
     meta = {"PACKED": packed, "SIGNED": signed, "GROUP": group, "HAS_ZP": zero_point is not None, "UPCAST": interpreting(),
-                "HALVES": True,
+                "HALVES": True, "DEFER": cfg.get("DEFER", False),
                 "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     if split == 1:
@@ -402,9 +402,7 @@ def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
 
     ``n_major``: the same ``[N, K*bits/32]`` words stored with strides ``(1, N)`` (word ``w`` of every row
     together), the layout of the N-major kernels (``_gemv_t``, ``_tc_t``, ``_tc_pairs``); ``is_n_major`` tells
-    them apart. None: ``WORDS_N_MAJOR`` (what the sweep measured faster)."""
-    if n_major is None:
-        n_major = WORDS_N_MAJOR
+    them apart. None: ``words_n_major(N, K)`` (what the sweep measured faster for that shape)."""
     packed = qdtype in PACKED_QDTYPES
     bits = 4 if packed else 8
     n = qweight.shape[0]
@@ -412,6 +410,8 @@ def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     cw = chunk_words(k, group_size, bits)
     if cw == 0 or qweight.dtype == torch.int32:
         return qweight, scale, zero_point
+    if n_major is None:
+        n_major = words_n_major(n, k)
     per = 32 // bits
     codes = _codes(qweight, qdtype).to(torch.int64).view(n, k // (per * cw), per, cw)
     words = torch.zeros(n, k // (per * cw), cw, dtype=torch.int64, device=qweight.device)
@@ -1043,6 +1043,8 @@ _WORDS_TABLE: dict[tuple[str, int, int, int], dict] = {
     ("cc", 1, 4096, 11008): {"BLOCK_N": 4, "U": 8, "num_warps": 2, "num_stages": 3, "SPLIT_K": 1},
     ("tc", 16, 11008, 4096): {"BLOCK_N": 128, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4},
     ("tc", 16, 4096, 11008): {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 8},
+    ("cc", 1, 4096, 4096): {"BLOCK_N": 4, "U": 8, "num_warps": 2, "num_stages": 3, "SPLIT_K": 1},  # run R1, gemv.json
+    ("tc", 16, 4096, 4096): {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 8},
 }
 """Best configs keyed by (kind, M bucket, N, K) of the H200 sweep (``tools/bench_kernels.py --sweep``,
 ``w4a16_words_sweep`` rows of run C in bench/results/kernels.json, int4 g128 asymmetric). At M = 1 the 14 configs
@@ -1050,27 +1052,45 @@ tried spread only 22.5-28 µs (4096x11008) apart from the 8-warp ones: the kerne
 
 
 WORDS_N_MAJOR = True
-"""The decode layout ``pack_words`` makes by default (at lowering): N-major (the kernels ``_gemv_t``/``_tc_t``/
-``_tc_pairs``), chosen by the H200 sweep (bench/results/gemv.json)."""
+"""The decode layout ``pack_words`` makes by default (at lowering) outside ``K_MAJOR_SHAPES``: N-major (kernels
+``_gemv_t``/``_tc_t``). H200 sweep, run R1 of bench/results/gemv.json (int4 g128 asym, CUDA-graph replay), best
+N-major vs best K-major config, µs at M = 1 / M = 16: 4096x11008 18.3 vs 22.3 / 23.9 vs 25.9; 11008x4096 21.3 vs
+22.8 / 26.4 vs 26.5; 4096x12288 (merged qkv) 18.3 vs 24.3 / 24.4 vs 26.4; 4096x22016 (merged gate/up) 29.5 vs
+38.4 / 39.0 vs 45.0."""
 
-_WORDS_T_TABLE: dict[tuple[str, int, int, int], dict] = {}
-"""N-major configs keyed by (kind, M bucket, N, K): the ``best`` rows of ``tools/bench_gemv.py`` (int4 g128
-asymmetric, bf16) at the decode shapes; ``words_config`` falls back to ``_t_rule`` elsewhere."""
+K_MAJOR_SHAPES = {(4096, 4096)}
+"""(N, K) whose default decode layout stays K-major: at 4096x4096 the K-major GEMV won at M = 1 (10.1 vs 11.7 µs;
+M = 16: 13.3 vs 12.9), run R1 of bench/results/gemv.json."""
 
-T_TARGET_PROGRAMS = {"cc": 264, "tc": 528}
-"""The N-major rule's split-K aims at this many programs (~2 / ~4 per SM of the H200's 132)."""
+_WORDS_T_TABLE: dict[tuple[str, int, int, int], dict] = {
+    **{("cc", 1, n, k): {"BLOCK_N": 64, "U": 1, "num_warps": 2, "num_stages": 1, "SPLIT_K": sk}
+       for n, k, sk in ((11008, 4096, 4), (4096, 11008, 16), (12288, 4096, 4), (22016, 4096, 4))},
+    ("cc", 1, 4096, 4096): {"BLOCK_N": 256, "U": 1, "num_warps": 4, "num_stages": 1, "SPLIT_K": 16},
+    **{("tc", 16, n, k): {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4, "PREFETCH": 1}
+       for n, k in ((11008, 4096), (4096, 11008), (12288, 4096), (22016, 4096), (4096, 4096))},
+}
+"""N-major configs keyed by (kind, M bucket, N, K): the ``best`` rows of ``tools/bench_gemv.py`` (run R1 of
+bench/results/gemv.json, int4 g128 asymmetric, bf16); ``words_config`` falls back to ``_t_rule`` elsewhere."""
+
+T_TARGET_PROGRAMS = 1100
+"""The N-major M = 1 rule splits K until ~this many programs run (the sweep's winners: 688-1024 programs of 2
+warps at all five shapes; fewer, longer programs were latency-bound: split 1 took ~40 µs whatever N)."""
 
 
-def _t_rule(tc: bool, n: int, nch: int, bits: int, cw: int, group: int) -> dict:
-    """N-major configs where the table has no entry: the sweep winners' tile shapes, split-K up to the program
-    target (a split keeps >= 2 chunks per program)."""
+def _t_rule(tc: bool, n: int, nch: int) -> dict:
+    """N-major configs where the table has no entry, from the sweep's winners: M = 1 ``[1, CW, 64]`` tiles on 2
+    warps, split-K to ~``T_TARGET_PROGRAMS`` programs (a power of two, <= 16, <= the chunks); tensor cores
+    ``[CW, 64]`` tiles, weights as the dot's M side, next chunk prefetched, split 4 (the winner at every shape)."""
     if tc:
-        cfg = {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2, "PAIRS": pairs_ok(bits, group, cw)}
-    else:
-        cfg = {"BLOCK_N": 128 if n >= 2048 else 64, "U": 1, "num_warps": 4, "num_stages": 1}
-    tiles = cdiv(n, cfg["BLOCK_N"])
-    cfg["SPLIT_K"] = max(1, min(8, T_TARGET_PROGRAMS["tc" if tc else "cc"] // tiles, nch // 2))
-    return cfg
+        return {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2, "PREFETCH": 1,
+                "SPLIT_K": max(1, min(4, nch // 2))}
+    return {"BLOCK_N": 64, "U": 1, "num_warps": 2, "num_stages": 1,
+            "SPLIT_K": max(1, min(16, nch, pow2_at_most(max(1, T_TARGET_PROGRAMS // cdiv(n, 64)), 16)))}
+
+
+def words_n_major(n: int, k: int) -> bool:
+    """The decode layout ``pack_words`` makes for an ``[N, K]`` weight by default."""
+    return WORDS_N_MAJOR and (n, k) not in K_MAJOR_SHAPES
 
 
 def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = False, group: int = 128) -> dict:
@@ -1081,7 +1101,7 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = Fal
     per = 32 // bits
     nch = k // (per * cw)
     if n_major:
-        cfg = _WORDS_T_TABLE.get(("tc" if tc else "cc", bm, n, k)) or _t_rule(tc, n, nch, bits, cw, group)
+        cfg = _WORDS_T_TABLE.get(("tc" if tc else "cc", bm, n, k)) or _t_rule(tc, n, nch)
         return dict(cfg, BLOCK_M=bm, TC=tc)
     cfg = _WORDS_TABLE.get(("tc" if tc else "cc", bm, n, k))
     if cfg is None:
@@ -1211,7 +1231,8 @@ def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_p
         args = (x2, qweight, scale, zp, b, out, m, n, k, k, m_bucket(m), x2.stride(0), qweight.stride(0),
                 scale.stride(0), out.stride(0), 0)
         meta = {"PACKED": packed, "SIGNED": signed, "GROUP": group_size, "HAS_ZP": zero_point is not None,
-                    "HAS_BIAS": bias is not None, "PARTIAL": False, "UPCAST": interpreting(), "HALVES": False}
+                    "HAS_BIAS": bias is not None, "PARTIAL": False, "UPCAST": interpreting(), "HALVES": False,
+                    "DEFER": False}
         if interpreting():
             cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": max(32, min(64, group_size or 64))}
             grid = (cdiv(n, cfg["BLOCK_N"]), 1, cdiv(m, cfg["BLOCK_M"]))
