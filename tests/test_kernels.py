@@ -177,9 +177,14 @@ def test_ops_compose_with_torch_compile_and_cuda_graphs():
     q, s, z = _quantized_weight(256, 512, "int4", 128, False, "cuda")
     q8, s8, _ = _quantized_weight(256, 512, "int8", 0, True, "cuda")
     x = torch.randn(4, 512, device="cuda").to(torch.bfloat16)
+    from lowbit.kernels.weight_only import pack_words
+
+    wn = pack_words(q, s, z, "int4", 128, n_major=True)  # the N-major decode GEMVs compose too
 
     def f(x):
         h = torch.ops.lowbit.weight_only_linear(x, q, s, z, None, "int4", 128)
+        h = h + torch.ops.lowbit.weight_only_linear(x, *wn, None, "int4", 128)
+        h = h + torch.ops.lowbit.weight_only_linear(x[:1], *wn, None, "int4", 128)
         return torch.ops.lowbit.a8_linear(h[:, :512] if h.shape[1] >= 512 else torch.cat([h, h], 1), q8, s8, None,
                                           None, "int8", 0, "int8", 0)
 
@@ -276,7 +281,7 @@ def test_word_layout_gemv_configs_match_reference(device, cfg):
 
 N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major kernels, split-K, prefetch, masks
     ("int4", 128, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 2, "SPLIT_K": 2}),
-    ("uint4", 0, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "U": 1, "SPLIT_K": 1, "PREFETCH": 1}),
+    ("uint4", 0, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "U": 1, "SPLIT_K": 1, "PREFETCH": 2}),
     ("int4", 64, True, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "U": 2, "SPLIT_K": 2, "RED": True}),
     ("int4", 0, True, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 1, "SPLIT_K": 1, "RED": True}),
     ("int8", 64, True, 3, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2}),

@@ -14,17 +14,28 @@ a scale group covers whole ``i`` columns of a chunk, so one scale per row per ``
 and zero points are stored transposed (``[N, K/g]`` with strides ``(1, N)``) so a row tile's scales of one group
 are one contiguous load. Taken where ``chunk_words`` is non-zero (K a multiple of 256 codes, or 128, and the
 group a multiple of the chunk width): 4096/11008/1536/4864/896 yes, SmolLM2's 576 no (stored layout there).
+The words come in two memory orders of the same ``[N, K*bits/32]`` tensor: K-major (contiguous rows) and N-major
+(strides ``(1, N)``: word ``w`` of every row together, ``pack_words(..., n_major=True)``); the kernels tell them
+apart by the strides (``is_n_major``). ``pack_words`` makes N-major by default (``words_n_major``: K-major only
+at the shapes of ``K_MAJOR_SHAPES``), from the H200 sweep (``tools/bench_gemv.py``, bench/results/gemv.json).
 
 Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted into the top mantissa bits of
 1.0 (``f = 1 + u/2**b``, one shift and one and-or), and ``s*(q - z)`` is algebra around the products.
-- M = 1, CUDA cores (``_gemv_words``): ``[BLOCK_N, U, CW]`` word tiles, one FMA per code into a deferred fp32
+- N-major words (the default): ``_gemv_t`` (M = 1: ``[U, CW, BLOCK_N]`` tiles coalesced along N, the activation
+  a broadcast load, split-K partials + a reduce kernel) and ``_tc_t`` (2 <= M <= 16: one ``[CW, BLOCK_N]`` tile
+  per chunk, one dot per code position); ``_tc_pairs`` (opt-in ``PAIRS``: int4 codes unpacked two per ``lop3`` +
+  ``sub.bf16x2`` inline asm on the GPU) is swept but not a default (not yet checked on a GPU).
+- K-major words, M = 1, CUDA cores (``_gemv_words``): ``[BLOCK_N, U, CW]`` word tiles, one FMA per code into a deferred fp32
   accumulator, the activation's running sum times ``d = 1 + (off + z)/2**b`` and the scale applied once per group,
   one reduction after the loop; grid over N only at the goal shapes (no split-K).
 - 2 <= M <= 16, tensor cores (``_tc_words``): per chunk and code position one ``[16, CW] x [CW, BLOCK_N]`` dot on
   exact small integers ``q - z`` in the activation dtype (wgmma with the weights as the M side, ``SWAP``), the
   scale on the fp32 partial once per group; split-K with an fp32 partial buffer and a deterministic reduce kernel.
 - M > 16: one dequantize kernel (bit-exact ``(q - z) * s`` rounded once) and cuBLAS.
-Configs: ``words_config`` (the H200 sweep's table at the goal shapes, a rule elsewhere).
+Configs: ``words_config`` (the H200 sweeps' tables at the decode shapes, ``_WORDS_T_TABLE`` / ``_WORDS_TABLE``,
+a rule elsewhere). Measured (R1, CUDA-graph replay, 4096x11008 int4 g128): M = 1 18.3 µs = 1.35x cuBLAS bf16
+(K-major 22.3 µs), M = 16 23.9 µs = 1.06x: both kernels are latency-bound per program (split 1 took ~40 µs at
+every N), far from the ~5.5 µs byte limit.
 
 Stored layout kernels (the fallback where the decode layout does not apply):
 - M <= 16: split-K GEMV (``_wo_kernel`` with ``HALVES``), config from ``gemv_config``.
@@ -718,7 +729,8 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
     """CUDA-core GEMV (M = 1) on the N-major words: per step a ``[U, CW, BLOCK_N]`` word tile; per code a shift,
     an and-or (``f = 1 + u/2**b``) and one FMA into a deferred fp32 accumulator of the tile's shape; per group
     ``acc += s * (a - d * sum x)`` with ``d = 1 + (off + z)/2**b`` (the algebra of ``_gemv_words``); one sum over
-    ``U, CW`` at the end. ``PREFETCH`` = 1: the next step's words are loaded before this step's arithmetic.
+    ``U, CW`` at the end. ``PREFETCH`` = 1 or 2: the words 1 or 2 steps ahead are loaded before this step's
+    arithmetic.
     ``RED``: each group's (per channel: each chunk's) terms are summed over ``U, CW`` at once into a ``[BLOCK_N]``
     accumulator instead: in-thread adds where the tile's rows all sit in one thread (warps along N: ``BLOCK_N >=
     128 * num_warps``), and no tile-sized accumulator (registers for bigger tiles)."""
@@ -743,12 +755,18 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
     if PREFETCH >= 1:
         wv_n = tl.load(w_ptr + ((c_lo + u3) * CW + j3) * swk + n3, mask=n_ok & (c_lo + u3 < c_hi), other=0)
+    if PREFETCH >= 2:
+        wv_n2 = tl.load(w_ptr + ((c_lo + U + u3) * CW + j3) * swk + n3, mask=n_ok & (c_lo + U + u3 < c_hi), other=0)
     for c0 in range(c_lo, c_hi, U):
         c3 = c0 + u3
         c_ok = c3 < c_hi
-        if PREFETCH >= 1:
+        if PREFETCH == 1:
             wv = wv_n
             wv_n = tl.load(w_ptr + ((c3 + U) * CW + j3) * swk + n3, mask=n_ok & (c3 + U < c_hi), other=0)
+        elif PREFETCH == 2:
+            wv = wv_n
+            wv_n = wv_n2
+            wv_n2 = tl.load(w_ptr + ((c3 + 2 * U) * CW + j3) * swk + n3, mask=n_ok & (c3 + 2 * U < c_hi), other=0)
         else:
             wv = tl.load(w_ptr + (c3 * CW + j3) * swk + n3, mask=n_ok & c_ok, other=0)
         if SIGNED:
