@@ -82,8 +82,9 @@ N_MAJOR = {"cc_t", "tc_t", "tc_p"}
 """Variants that run on the N-major words (``pack_words(..., n_major=True)``); the others on the K-major ones."""
 FINAL: dict[str, list[dict]] = {
     "cc_t": [_cc(64, 1, 2, 4), _cc(64, 1, 2, 16), _cc(64, 1, 2, 2), _cc(256, 1, 4, 16), _cc(64, 1, 4, 4),
-             _cc(64, 1, 8, 4), _cc(64, 1, 2, 2, 2), _cc(64, 1, 4, 2, 2), _cc(32, 1, 2, 8)],
-    "tc_t": [_tc(64, True, 4, 4, 1), _tc(64, True, 4, 2, 1)],
+             _cc(64, 1, 8, 4), _cc(64, 1, 2, 2, 2), _cc(64, 1, 4, 2, 2), _cc(32, 1, 2, 8),
+             _cc(64, 4, 8, 4), _cc(64, 2, 4, 8)],  # a program's whole K slice in one load (latency hidden by warps)
+    "tc_t": [_tc(64, True, 4, 4, 1), _tc(64, True, 4, 2, 1), _tc(64, True, 8, 4, 1)],
     "tc_p": [dict(_tc(*c), PAIRS=True) for c in ((64, True, 4, 4), (64, True, 4, 3), (128, True, 4, 4))],
     "cc_k": [_cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1)],
     "tc_k": [_tc(64, True, 4, 8)],
