@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import machine, merge_rows
+from results_io import load_results, machine, merge_rows
 
 from lowbit.ir.quant import qparams_from_range, quantize
 from lowbit.kernels import weight_only as wo
@@ -266,8 +266,9 @@ def main() -> None:
                      "date": date})
         print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     out_path = Path(args.out)
-
     run = args.run or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M")
+    runs = load_results(out_path).get("runs", {})  # every run's command stays findable by its label
+    header["runs"] = {**runs, run: {"command": header["command"], "date": date, "device": dev_name}}
 
     def emit(r: dict) -> None:
         r.update(run=run, device=dev_name, date=date)
