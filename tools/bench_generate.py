@@ -312,21 +312,27 @@ CPU_GRAPHS = {
     "w4a16-g64": "quantize(w=int4,group=64,sym=false)",
     "w4a16-g64-head8": "quantize(w=int4,group=64,sym=false,head=int8)",
     "w4a16-g64-head4": "quantize(w=int4,group=64,sym=false,head=int4)",
+    "w4a16-g64-head4-merged": "quantize(w=int4,group=64,sym=false,head=int4),fuse-qlinear,merge-linears",
 }
 """SmolLM2 step graphs of the CPU rows: the int4 body (RTN, group 64) with the 49152 x 576 output head float, int8 or
-int4 (weight-only; the embedding lookup keeps the float table)."""
+int4 (weight-only; the embedding lookup keeps the float table); ``-merged``: q/k/v and gate/up as one MatMulNBits
+each (``merge-linears``, exact)."""
 
-CPU_RUNNERS = [  # (graph, method, ONNX weight format, MatMulNBits accuracy level)
-    ("float", "lowbit-ort-qdq", "qdq", 0),
-    ("w4a16-g64", "lowbit-ort-matmulnbits", "matmulnbits", 0),
-    ("w4a16-g64", "lowbit-ort-matmulnbits-acc4", "matmulnbits", 4),
-    ("w4a16-g64-head4", "lowbit-ort-matmulnbits", "matmulnbits", 0),
-    ("w4a16-g64-head8", "lowbit-ort-matmulnbits-acc4", "matmulnbits", 4),
-    ("w4a16-g64-head4", "lowbit-ort-matmulnbits-acc4", "matmulnbits", 4),
+ACC4 = {"weight_format": "matmulnbits", "accuracy_level": 4}
+CPU_RUNNERS: list[tuple[str, str, dict]] = [  # (graph, method, OrtCompiled lowering options)
+    ("float", "lowbit-ort-qdq", {"weight_format": "qdq"}),
+    ("w4a16-g64", "lowbit-ort-matmulnbits", {"weight_format": "matmulnbits"}),
+    ("w4a16-g64", "lowbit-ort-matmulnbits-acc4", ACC4),
+    ("w4a16-g64-head4", "lowbit-ort-matmulnbits", {"weight_format": "matmulnbits"}),
+    ("w4a16-g64-head8", "lowbit-ort-matmulnbits-acc4", ACC4),
+    ("w4a16-g64-head4", "lowbit-ort-matmulnbits-acc4", ACC4),
+    ("w4a16-g64-head4", "lowbit-ort-matmulnbits-acc4-rotary-decomposed", {**ACC4, "rotary": "decompose"}),
+    ("w4a16-g64-head4-merged", "lowbit-ort-matmulnbits-acc4", ACC4),
 ]
-"""ORT decode variants timed side by side. accuracy_level 4 lets MatMulNBits quantize its activations to int8 per
-block (VNNI GEMV; logits move ~1%); level 0 keeps float activations (the torch reference's numbers). An 8-bit head
-lowers to MatMulNBits only at level 4 (``lowbit.backends.onnx.quant.MATMULNBITS_8BIT_MIN_ACCURACY``)."""
+"""ORT decode variants timed side by side (every other lowering option as ``ORT_LOWERING``: opset-23 Attention,
+RotaryEmbedding, RMSNormalization). accuracy_level 4 lets MatMulNBits quantize its activations to int8 per block
+(VNNI GEMV; logits move ~1%, greedy tokens drift after a while); level 0 keeps float activations (the torch reference's
+numbers). An 8-bit head lowers to MatMulNBits only at level 4 (``lowbit.backends.onnx.quant``)."""
 
 
 def _ort_logits(runner):
@@ -348,7 +354,7 @@ def _ort_logits(runner):
 
 
 def cpu_rows(new: int, rounds: int = 5, threads: int = 2, ppl_windows: int = 8, torch_rows: bool = False,
-             only: str | None = None) -> list[dict]:
+             only: str | None = None, spinning: bool = False) -> list[dict]:
     """SmolLM2 decode tokens/s at batch 1 on this CPU, every variant side by side in one process: float ORT, the W4
     ORT variants of ``CPU_RUNNERS``, HF transformers ``generate`` (and with ``torch_rows`` lowbit's torch backend).
 
@@ -371,7 +377,7 @@ def cpu_rows(new: int, rounds: int = 5, threads: int = 2, ppl_windows: int = 8, 
     ids = tok("The capital of France is").input_ids
     spec = GenerationSpec(max_length=len(ids) + new, max_batch=1)
     base = {"area": "decode", "model": "smollm2-135m", "batch": 1, "prompt": len(ids), "new_tokens": new,
-            "threads": threads}
+            "threads": threads, "spinning": spinning}
     runners = [r for r in CPU_RUNNERS if only is None or re.search(only, f"{r[0]}:{r[1]}")]
     entries: list[dict] = []  # name -> generate callable and row fields
     for graph_name, pipeline in CPU_GRAPHS.items():
@@ -383,8 +389,9 @@ def cpu_rows(new: int, rounds: int = 5, threads: int = 2, ppl_windows: int = 8, 
         if torch_rows and graph_name in ("float", "w4a16-g64"):
             entries.append({"scheme": graph_name, "method": "lowbit-torch", "pipeline": pipeline or "",
                             "gen": Generator(cm.runner, cm.graph.meta["generation"], "cpu")})
-        for _, method, fmt, acc in mine:
-            ort = OrtCompiled(cm.graph, device="cpu", weight_format=fmt, accuracy_level=acc, threads=threads)
+        for _, method, options in mine:
+            acc = options.get("accuracy_level", 0)
+            ort = OrtCompiled(cm.graph, device="cpu", threads=threads, spinning=spinning, **options)
             gen = Generator(ort, cm.graph.meta["generation"], "cpu")
             got = gen.generate([ids], new, stop_tokens=()).tokens[0]
             ops: dict[str, int] = {}
@@ -394,7 +401,8 @@ def cpu_rows(new: int, rounds: int = 5, threads: int = 2, ppl_windows: int = 8, 
             e = {"scheme": graph_name, "method": method, "pipeline": pipeline or "", "accuracy_level": acc,
                  "gen": gen, "tokens_equal_torch_reference": got == ref,
                  "tokens_matching_prefix": next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref)),
-                 "onnx_weight_mb": round(initializer_bytes(ort.onnx_model) / 2**20, 1), "onnx_ops": ops}
+                 "onnx_weight_mb": round(initializer_bytes(ort.onnx_model) / 2**20, 1), "onnx_ops": ops,
+                 "onnx_nodes": len(list(ort.onnx_model.graph))}
             if ppl_windows:
                 res = perplexity(_ort_logits(ort), "wikitext2-test", seq_len=512, max_windows=ppl_windows,
                                  tokenizer=tok, progress=False)
@@ -450,7 +458,7 @@ def cpu_rows(new: int, rounds: int = 5, threads: int = 2, ppl_windows: int = 8, 
                 row[f"speedup_vs_{name}"] = round(statistics.median(o / m for o, m in zip(other["ms"], e["ms"])), 2)
         row.update({k: v for k, v in e.items() if k in ("pipeline", "accuracy_level", "tokens_equal_torch_reference",
                                                          "tokens_matching_prefix", "eval", "ppl", "onnx_weight_mb",
-                                                         "onnx_ops")})
+                                                         "onnx_ops", "onnx_nodes")})
         rows.append(row)
         print(row, file=sys.stderr)
     return rows
@@ -474,6 +482,8 @@ def main() -> None:
     ap.add_argument("--ppl-windows", type=int, default=8,
                     help="--cpu: WikiText-2 windows of 512 for each ORT variant's perplexity (0: none)")
     ap.add_argument("--torch-rows", action="store_true", help="--cpu: time lowbit's torch backend too")
+    ap.add_argument("--spinning", action="store_true",
+                    help="--cpu: let idle ORT threads spin (ORT's default; slow on a shared CPU)")
     ap.add_argument("--only", default=None, help="--cpu: regex over 'graph:method' of the ORT variants to run")
     a = ap.parse_args()
     rows: list[dict] = []
@@ -494,7 +504,7 @@ def main() -> None:
     if a.cpu:
         command = "python tools/bench_generate.py " + " ".join(sys.argv[1:])
         rows += [{**r, "device": machine("cpu"), "command": command}
-                 for r in cpu_rows(a.new, a.rounds, a.threads, a.ppl_windows, a.torch_rows, a.only)]
+                 for r in cpu_rows(a.new, a.rounds, a.threads, a.ppl_windows, a.torch_rows, a.only, a.spinning)]
     date = datetime.date.today().isoformat()
     rows = [{**r, "date": date} for r in rows]
     for r in rows:
