@@ -336,11 +336,15 @@ CPU_RUNNERS: list[tuple[str, str, dict]] = [  # (graph, method, OrtCompiled lowe
     ("w4a16-g64-head4", "lowbit-ort-matmulnbits-acc4", ACC4),
     ("w4a16-g64-head4", "lowbit-ort-matmulnbits-acc4-rotary-decomposed", {**ACC4, "rotary": "decompose"}),
     ("w4a16-g64-head4-merged", "lowbit-ort-matmulnbits-acc4", ACC4),
+    ("float", "lowbit-ort-qdq-spinning", {"weight_format": "qdq", "spinning": True}),
+    ("w4a16-g64-head8", "lowbit-ort-matmulnbits-acc4-spinning", {**ACC4, "spinning": True}),
 ]
 """ORT decode variants timed side by side (every other lowering option as ``ORT_LOWERING``: opset-23 Attention,
 RotaryEmbedding, RMSNormalization). accuracy_level 4 lets MatMulNBits quantize its activations to int8 per block
 (VNNI GEMV; logits move ~1%, greedy tokens drift after a while); level 0 keeps float activations (the torch reference's
-numbers). An 8-bit head lowers to MatMulNBits only at level 4 (``lowbit.backends.onnx.quant``)."""
+numbers). An 8-bit head lowers to MatMulNBits only at level 4 (``lowbit.backends.onnx.quant``). ``-spinning`` rows
+let ORT's idle worker threads spin (its default; the others run with ``--spinning``'s setting, off unless given):
+same numbers as their twins, so no perplexity of their own."""
 
 
 def _ort_logits(runner):
@@ -385,7 +389,7 @@ def cpu_rows(new: int, rounds: int = 5, threads: int = 2, ppl_windows: int = 8, 
     ids = tok("The capital of France is").input_ids
     spec = GenerationSpec(max_length=len(ids) + new, max_batch=1)
     base = {"area": "decode", "model": "smollm2-135m", "batch": 1, "prompt": len(ids), "new_tokens": new,
-            "threads": threads, "spinning": spinning}
+            "threads": threads}
     runners = [r for r in CPU_RUNNERS if only is None or re.search(only, f"{r[0]}:{r[1]}")]
     entries: list[dict] = []  # name -> generate callable and row fields
     for graph_name, pipeline in CPU_GRAPHS.items():
@@ -399,7 +403,7 @@ def cpu_rows(new: int, rounds: int = 5, threads: int = 2, ppl_windows: int = 8, 
                             "gen": Generator(cm.runner, cm.graph.meta["generation"], "cpu")})
         for _, method, options in mine:
             acc = options.get("accuracy_level", 0)
-            ort = OrtCompiled(cm.graph, device="cpu", threads=threads, spinning=spinning, **options)
+            ort = OrtCompiled(cm.graph, device="cpu", **{"threads": threads, "spinning": spinning, **options})
             gen = Generator(ort, cm.graph.meta["generation"], "cpu")
             got = gen.generate([ids], new, stop_tokens=()).tokens[0]
             ops: dict[str, int] = {}
@@ -407,11 +411,12 @@ def cpu_rows(new: int, rounds: int = 5, threads: int = 2, ppl_windows: int = 8, 
                 if n.op_type in ("MatMulNBits", "MatMul", "DequantizeLinear"):
                     ops[n.op_type] = ops.get(n.op_type, 0) + 1
             e = {"scheme": graph_name, "method": method, "pipeline": pipeline or "", "accuracy_level": acc,
+                 "spinning": options.get("spinning", spinning),
                  "gen": gen, "tokens_equal_torch_reference": got == ref,
                  "tokens_matching_prefix": next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref)),
                  "onnx_weight_mb": round(initializer_bytes(ort.onnx_model) / 2**20, 1), "onnx_ops": ops,
                  "onnx_nodes": len(list(ort.onnx_model.graph))}
-            if ppl_windows:
+            if ppl_windows and "spinning" not in options:
                 res = perplexity(_ort_logits(ort), "wikitext2-test", seq_len=512, max_windows=ppl_windows,
                                  tokenizer=tok, progress=False)
                 e.update(eval=f"wt2-512x{ppl_windows}", ppl=round(res.ppl, 4))
@@ -466,7 +471,7 @@ def cpu_rows(new: int, rounds: int = 5, threads: int = 2, ppl_windows: int = 8, 
                 row[f"speedup_vs_{name}"] = round(statistics.median(o / m for o, m in zip(other["ms"], e["ms"])), 2)
         row.update({k: v for k, v in e.items() if k in ("pipeline", "accuracy_level", "tokens_equal_torch_reference",
                                                          "tokens_matching_prefix", "eval", "ppl", "onnx_weight_mb",
-                                                         "onnx_ops", "onnx_nodes")})
+                                                         "onnx_ops", "onnx_nodes", "spinning")})
         rows.append(row)
         print(row, file=sys.stderr)
     return rows
