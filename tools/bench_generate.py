@@ -227,7 +227,8 @@ kernel)."""
 
 
 def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_compile: bool = True,
-             deadline: float = 1e9, schemes: list[str] | None = None, compile_step: bool = False) -> list[dict]:
+             deadline: float = 1e9, schemes: list[str] | None = None, compile_step: bool = False,
+             with_hf: bool = True, lowbit_float: bool = True) -> list[dict]:
     """Decode rows: lowbit float on the torch backend, every ``QUANTIZED`` scheme (or ``schemes``) on the Triton
     backend (``compile_step``: its step module under torch.compile), HF eager and static-cache + compile."""
     from lowbit.api import compile_model
@@ -242,7 +243,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
     rows = []
     shape = "llama-7b-shape-4layer" if not smoke else "llama-tiny"
     base = {"area": "decode", "model": shape, "prompt": prompt, "new_tokens": new, "weights_bytes": weights}
-    for b in batches:
+    for b in batches if lowbit_float else ():
         ids = torch.randint(3, model.config.vocab_size, (b, prompt))
         cm.generate(ids, 8, stop_tokens=())  # warm up, captures the CUDA graph for this batch
         out = cm.generate(ids, new, stop_tokens=())
@@ -254,6 +255,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
         print(rows[-1], file=sys.stderr)
     del cm
     torch.cuda.empty_cache()
+    method = "lowbit-triton-compiled-cudagraph" if compile_step else "lowbit-triton-cudagraph"
     for scheme, pipeline in QUANTIZED.items():  # the same step on lowbit's kernels (backend="triton")
         if schemes is not None and scheme not in schemes:
             continue
@@ -263,7 +265,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
                                generation=GenerationSpec(max_length=prompt + new, max_batch=max(batches)),
                                device="cuda")
         except Exception as exc:  # noqa: BLE001 - reported in the row
-            rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph",
+            rows.append({**base, "scheme": scheme, "method": method,
                          "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             continue
         compile_s = time.perf_counter() - t
@@ -273,11 +275,11 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
                 cm.generate(ids, 8, stop_tokens=())
                 out = cm.generate(ids, new, stop_tokens=())
             except Exception as exc:  # noqa: BLE001 - reported in the row
-                rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph", "batch": b,
+                rows.append({**base, "scheme": scheme, "method": method, "batch": b,
                              "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
                 continue
             ms = out.decode_seconds * 1000 / out.decode_steps
-            rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph", "batch": b,
+            rows.append({**base, "scheme": scheme, "method": method, "batch": b,
                          "pipeline": pipeline, "compiled_step": compile_step, "ms_per_step": round(ms, 3),
                          "prefill_ms": round(out.prefill_seconds * 1000, 2), "tokens_per_s": round(b * 1000 / ms, 1),
                          "peak_mem_mib": round(out.peak_memory_bytes / 2**20), "compile_s": round(compile_s, 1),
@@ -286,7 +288,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
         del cm
         torch.cuda.empty_cache()
     hf = model.to("cuda")
-    for b in batches:
+    for b in batches if with_hf else ():
         ids = torch.randint(3, model.config.vocab_size, (b, prompt), device="cuda")
         for method, kw in (("hf-eager", {}), ("hf-static-compile", {"cache_implementation": "static"})):
             if method == "hf-static-compile" and (not hf_compile or time.perf_counter() - START > deadline):
@@ -492,6 +494,7 @@ def main() -> None:
                     help="seconds after which HF compile runs are skipped (rows say so)")
     ap.add_argument("--schemes", default=None, help=f"comma list of lowbit schemes (default all: {', '.join(QUANTIZED)})")
     ap.add_argument("--compile-step", action="store_true", help="triton backend: run the step under torch.compile")
+    ap.add_argument("--only-schemes", action="store_true", help="no HF and no lowbit float rows (just --schemes)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--rounds", type=int, default=5, help="--cpu: interleaved rounds per variant")
     ap.add_argument("--threads", type=int, default=2, help="--cpu: ONNX Runtime intra-op threads")
@@ -517,7 +520,8 @@ def main() -> None:
             batches = [int(x) for x in a.batches.split(",")]
             rows += [{**r, "device": dev}
                      for r in e2e_rows(a.prompt, a.new, batches, a.smoke, not a.no_hf_compile, a.deadline,
-                                       a.schemes.split(",") if a.schemes else None, a.compile_step)]
+                                       a.schemes.split(",") if a.schemes else None, a.compile_step,
+                                       with_hf=not a.only_schemes, lowbit_float=not a.only_schemes)]
     if a.cpu:
         command = "python tools/bench_generate.py " + " ".join(sys.argv[1:])
         rows += [{**r, "device": machine("cpu"), "command": command}
