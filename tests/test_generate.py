@@ -141,7 +141,7 @@ def test_cli_generate_streams_and_reports_speed(capsys):
 @pytest.mark.parametrize("recipe", [None, "w4a16-g64"])
 def test_onnxruntime_generation_matches_the_torch_reference(smollm2, recipe):
     """The same step graph exported to ONNX (past_key_values in, present out; the cache write is ScatterElements,
-    int4 linears MatMulNBits) runs generation in ONNX Runtime with the torch backend's greedy tokens."""
+    rotary the opset-23 RotaryEmbedding, int4 linears MatMulNBits) runs generation in ONNX Runtime with the torch backend's greedy tokens."""
     from lowbit.backends.onnxruntime_backend import OrtCompiled
     from lowbit.generate import Generator
     from tests.conftest import smollm2_slice
@@ -156,6 +156,7 @@ def test_onnxruntime_generation_matches_the_torch_reference(smollm2, recipe):
     assert [o.name for o in runner.session.get_outputs()][:2] == ["logits", "present_0_key"]
     if recipe is not None:
         assert sum(n.op_type == "MatMulNBits" for n in runner.onnx_model.graph) == 14
+    assert sum(n.op_type == "RotaryEmbedding" for n in runner.onnx_model.graph) == 4  # q and k of 2 layers
     prompts = [tok(p).input_ids for p in PROMPTS[:2]]
     ort_tokens = Generator(runner, graph.meta["generation"], "cpu").generate(prompts, 12, stop_tokens=()).tokens
     assert ort_tokens == torch_cm.generate(prompts, 12, stop_tokens=()).tokens
