@@ -261,26 +261,25 @@ if triton is not None:
         the fields above bit 22 need one shared shift; ``e`` is ``_field_exponent``'s (a power of two the caller
         folds into the query / the output)."""
         if BITS == 8:
-            h = w >> 16
             f0 = (w & 0xFF) | EXP
             f1 = (w & 0xFF00) | EXP
-            f2 = (h & 0xFF) | EXP
-            f3 = (h & 0xFF00) | EXP
+            f2 = ((w >> 8) & 0xFF00) | EXP
+            f3 = ((w >> 16) & 0xFF00) | EXP
             u = tl.interleave(tl.interleave(f0, f2), tl.interleave(f1, f3))
         elif BITS == 4:
-            h = w >> 20
+            h = w >> 12
             f0 = (w & 0xF) | EXP
             f1 = (w & 0xF0) | EXP
             f2 = (w & 0xF00) | EXP
             f3 = (w & 0xF000) | EXP
             f4 = (w & 0xF0000) | EXP
-            f5 = (h & 0xF) | EXP
-            f6 = (h & 0xF0) | EXP
-            f7 = (h & 0xF00) | EXP
+            f5 = (h & 0xF00) | EXP
+            f6 = (h & 0xF000) | EXP
+            f7 = (h & 0xF0000) | EXP
             u = tl.interleave(tl.interleave(tl.interleave(f0, f4), tl.interleave(f2, f6)),
                               tl.interleave(tl.interleave(f1, f5), tl.interleave(f3, f7)))
         else:
-            h = w >> 22
+            h = w >> 12
             f0 = (w & 0x3) | EXP
             f1 = (w & 0xC) | EXP
             f2 = (w & 0x30) | EXP
@@ -292,11 +291,11 @@ if triton is not None:
             f8 = (w & 0x30000) | EXP
             f9 = (w & 0xC0000) | EXP
             f10 = (w & 0x300000) | EXP
-            f11 = (h & 0x3) | EXP
-            f12 = (h & 0xC) | EXP
-            f13 = (h & 0x30) | EXP
-            f14 = (h & 0xC0) | EXP
-            f15 = (h & 0x300) | EXP
+            f11 = (h & 0xC00) | EXP
+            f12 = (h & 0x3000) | EXP
+            f13 = (h & 0xC000) | EXP
+            f14 = (h & 0x30000) | EXP
+            f15 = (h & 0xC0000) | EXP
             u = tl.interleave(
                 tl.interleave(tl.interleave(tl.interleave(f0, f8), tl.interleave(f4, f12)),
                               tl.interleave(tl.interleave(f2, f10), tl.interleave(f6, f14))),
@@ -321,11 +320,10 @@ if triton is not None:
             z0, z1 = _unzip(zb)
             z00, z02 = _unzip(z0)
             z01, z03 = _unzip(z1)
-            h = kx >> 16
             acc = tl.fma(((kx & 0xFF) | EXP).to(tl.float32, bitcast=True) - z00, q00, acc)
             acc = tl.fma(((kx & 0xFF00) | EXP).to(tl.float32, bitcast=True) - z01, q01, acc)
-            acc = tl.fma(((h & 0xFF) | EXP).to(tl.float32, bitcast=True) - z02, q02, acc)
-            acc = tl.fma(((h & 0xFF00) | EXP).to(tl.float32, bitcast=True) - z03, q03, acc)
+            acc = tl.fma((((kx >> 8) & 0xFF00) | EXP).to(tl.float32, bitcast=True) - z02, q02, acc)
+            acc = tl.fma((((kx >> 16) & 0xFF00) | EXP).to(tl.float32, bitcast=True) - z03, q03, acc)
         elif BITS == 4:
             qe, qo = _unzip(qs)
             qee, qeo = _unzip(qe)
@@ -341,15 +339,15 @@ if triton is not None:
             z2, z6 = _unzip(zeo)
             z1, z5 = _unzip(zoe)
             z3, z7 = _unzip(zoo)
-            h = kx >> 20
+            h = kx >> 12
             acc = tl.fma(((kx & 0xF) | EXP).to(tl.float32, bitcast=True) - z0, q0, acc)
             acc = tl.fma(((kx & 0xF0) | EXP).to(tl.float32, bitcast=True) - z1, q1, acc)
             acc = tl.fma(((kx & 0xF00) | EXP).to(tl.float32, bitcast=True) - z2, q2, acc)
             acc = tl.fma(((kx & 0xF000) | EXP).to(tl.float32, bitcast=True) - z3, q3, acc)
             acc = tl.fma(((kx & 0xF0000) | EXP).to(tl.float32, bitcast=True) - z4, q4, acc)
-            acc = tl.fma(((h & 0xF) | EXP).to(tl.float32, bitcast=True) - z5, q5, acc)
-            acc = tl.fma(((h & 0xF0) | EXP).to(tl.float32, bitcast=True) - z6, q6, acc)
-            acc = tl.fma(((h & 0xF00) | EXP).to(tl.float32, bitcast=True) - z7, q7, acc)
+            acc = tl.fma(((h & 0xF00) | EXP).to(tl.float32, bitcast=True) - z5, q5, acc)
+            acc = tl.fma(((h & 0xF000) | EXP).to(tl.float32, bitcast=True) - z6, q6, acc)
+            acc = tl.fma(((h & 0xF0000) | EXP).to(tl.float32, bitcast=True) - z7, q7, acc)
         else:
             qe, qo = _unzip(qs)
             qee, qeo = _unzip(qe)
@@ -381,7 +379,7 @@ if triton is not None:
             z5, z13 = _unzip(zoeo)
             z3, z11 = _unzip(zooe)
             z7, z15 = _unzip(zooo)
-            h = kx >> 22
+            h = kx >> 12
             acc = tl.fma(((kx & 0x3) | EXP).to(tl.float32, bitcast=True) - z0, q0, acc)
             acc = tl.fma(((kx & 0xC) | EXP).to(tl.float32, bitcast=True) - z1, q1, acc)
             acc = tl.fma(((kx & 0x30) | EXP).to(tl.float32, bitcast=True) - z2, q2, acc)
@@ -393,20 +391,25 @@ if triton is not None:
             acc = tl.fma(((kx & 0x30000) | EXP).to(tl.float32, bitcast=True) - z8, q8, acc)
             acc = tl.fma(((kx & 0xC0000) | EXP).to(tl.float32, bitcast=True) - z9, q9, acc)
             acc = tl.fma(((kx & 0x300000) | EXP).to(tl.float32, bitcast=True) - z10, q10, acc)
-            acc = tl.fma(((h & 0x3) | EXP).to(tl.float32, bitcast=True) - z11, q11, acc)
-            acc = tl.fma(((h & 0xC) | EXP).to(tl.float32, bitcast=True) - z12, q12, acc)
-            acc = tl.fma(((h & 0x30) | EXP).to(tl.float32, bitcast=True) - z13, q13, acc)
-            acc = tl.fma(((h & 0xC0) | EXP).to(tl.float32, bitcast=True) - z14, q14, acc)
-            acc = tl.fma(((h & 0x300) | EXP).to(tl.float32, bitcast=True) - z15, q15, acc)
+            acc = tl.fma(((h & 0xC00) | EXP).to(tl.float32, bitcast=True) - z11, q11, acc)
+            acc = tl.fma(((h & 0x3000) | EXP).to(tl.float32, bitcast=True) - z12, q12, acc)
+            acc = tl.fma(((h & 0xC000) | EXP).to(tl.float32, bitcast=True) - z13, q13, acc)
+            acc = tl.fma(((h & 0x30000) | EXP).to(tl.float32, bitcast=True) - z14, q14, acc)
+            acc = tl.fma(((h & 0xC0000) | EXP).to(tl.float32, bitcast=True) - z15, q15, acc)
         return acc
 
     @triton.jit
     def _field_exponent(chan, BITS: tl.constexpr):
         """``e`` of channel ``chan``'s field in ``_fields_biased`` (int32)."""
         PERW: tl.constexpr = 32 // BITS
-        IN: tl.constexpr = 2 if BITS == 8 else (5 if BITS == 4 else 11)  # fields masked in place (below bit 23)
         k = chan % PERW
-        return tl.where(k < IN, k * BITS, (k - IN) * BITS)
+        if BITS == 8:  # fields 2 and 3 shifted down to bits 8..15 (a field at bit 0 would become a bitfield extract)
+            e = tl.where(k < 2, k * 8, 8)
+        elif BITS == 4:  # fields 0..4 in place, 5..7 shifted by 12 to bits 8..19
+            e = tl.where(k < 5, k * 4, k * 4 - 12)
+        else:  # fields 0..10 in place, 11..15 shifted by 12 to bits 10..19
+            e = tl.where(k < 11, k * 2, k * 2 - 12)
+        return e
 
     @triton.jit(do_not_specialize=["s_ab", "s_ah", "s_as", "s_mb", "s_mh", "exp_bits"])
     def _split_kernel_v2(
