@@ -40,6 +40,7 @@ SWEEPS = {
     "none": [],
     "round1": [
         {"variant": "v1"},
+        {"variant": "v2", "vchain": False},
         {"variant": "v2", "chunk": 32},
         {"variant": "v2", "num_warps": 2},
         {"variant": "v2", "num_warps": 4, "chunk": 32},

@@ -399,6 +399,31 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _rows(p, N0: tl.constexpr):
+        """``[GH, N0, TT]`` -> a tuple of its ``N0`` rows ``[GH, TT]`` (in-thread: register splits), row ``r`` at
+        index ``r``."""
+        t = tl.permute(p, (0, 2, 1))
+        if N0 == 1:
+            return (tl.reshape(t, [t.shape[0], t.shape[1]]),)
+        elif N0 == 2:
+            r0, r1 = tl.split(t)
+            return (r0, r1)
+        elif N0 == 4:
+            a, b = _unzip(t)
+            r0, r2 = tl.split(a)
+            r1, r3 = tl.split(b)
+            return (r0, r1, r2, r3)
+        else:
+            a, b = _unzip(t)
+            aa, ab = _unzip(a)
+            ba, bb = _unzip(b)
+            r0, r4 = tl.split(aa)
+            r2, r6 = tl.split(ab)
+            r1, r5 = tl.split(ba)
+            r3, r7 = tl.split(bb)
+            return (r0, r1, r2, r3, r4, r5, r6, r7)
+
+    @triton.jit
     def _field_exponent(chan, BITS: tl.constexpr):
         """``e`` of channel ``chan``'s field in ``_fields_biased`` (int32)."""
         PERW: tl.constexpr = 32 // BITS
@@ -418,7 +443,7 @@ if triton is not None:
         s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split, exp_bits,
         HQ: tl.constexpr, GROUPS: tl.constexpr, GH: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, CWW: tl.constexpr,
-        CV: tl.constexpr,
+        CV: tl.constexpr, ROWS: tl.constexpr,
     ):
         """One (sequence, ``GH`` query heads of one kv head, chunk): see ``decode_attention``'s docstring ("v2").
 
@@ -479,9 +504,10 @@ if triton is not None:
                 tok = n0 + j * STEP + n_i * TT + t_i  # [1, N0, TT, 1, 1]
                 valid = (tok >= lo) & (tok < end)
                 kx = tl.load(kw_base + tok * DW + word, mask=valid, other=0)
-                vx = tl.load(vw_base + tok * DW + word, mask=valid, other=0)
-                vs = tl.load(vs_base + tok * (D // V_GROUP) + vgrp, mask=valid, other=0.0).to(tl.float32)
-                vz = tl.load(vz_base + tok * (D // V_GROUP) + vgrp, mask=valid, other=0).to(tl.float32)
+                if not ROWS:
+                    vx = tl.load(vw_base + tok * DW + word, mask=valid, other=0)
+                    vs = tl.load(vs_base + tok * (D // V_GROUP) + vgrp, mask=valid, other=0.0).to(tl.float32)
+                    vz = tl.load(vz_base + tok * (D // V_GROUP) + vgrp, mask=valid, other=0).to(tl.float32)
                 # [GH, N0, TT, X, CWW]: sum over each word's fields of (u - z) 2**e qs, then over words and lanes
                 ks_part = _fma_fields(kx, qs, zb, tl.zeros([GH, N0, TT, X, CWW], dtype=tl.float32), exp_bits, BITS)
                 s = tl.sum(tl.sum(ks_part, 4, keep_dims=True), 3, keep_dims=True)  # [GH, N0, TT, 1, 1]
@@ -492,10 +518,24 @@ if triton is not None:
                 p = tl.exp2(s - m_safe)  # [GH, N0, TT, 1, 1]
                 l_i = l_i * alpha + tl.sum(p, 1, keep_dims=True)
                 m_i = m_new
-                pv = p * vs  # [GH, N0, TT, X, 1]
-                vf = _fields_biased(vx, exp_bits, BITS) - 8388608.0  # u 2**e
-                acc = acc * alpha + tl.sum(pv * vf, 1, keep_dims=True)
-                accz = accz * alpha + tl.sum(pv * vz, 1, keep_dims=True)
+                if ROWS:  # one FFMA chain per channel over the rows (tl.sum would reduce them as a tree)
+                    acc = acc * alpha
+                    accz = accz * alpha
+                    ps = _rows(tl.reshape(p, [GH, N0, TT]), N0)
+                    for r in tl.static_range(N0):
+                        rt = n0 + j * STEP + r * TT + t_i  # [1, 1, TT, 1, 1]
+                        rv = (rt >= lo) & (rt < end)
+                        vx_r = tl.load(vw_base + rt * DW + word, mask=rv, other=0)
+                        vs_r = tl.load(vs_base + rt * (D // V_GROUP) + vgrp, mask=rv, other=0.0).to(tl.float32)
+                        vz_r = tl.load(vz_base + rt * (D // V_GROUP) + vgrp, mask=rv, other=0).to(tl.float32)
+                        pv_r = tl.reshape(ps[r], [GH, 1, TT, 1, 1]) * vs_r  # [GH, 1, TT, X, 1]
+                        acc = tl.fma(pv_r, _fields_biased(vx_r, exp_bits, BITS) - 8388608.0, acc)
+                        accz = tl.fma(pv_r, vz_r, accz)
+                else:
+                    pv = p * vs  # [GH, N0, TT, X, 1]
+                    vf = _fields_biased(vx, exp_bits, BITS) - 8388608.0  # u 2**e
+                    acc = acc * alpha + tl.sum(pv * vf, 1, keep_dims=True)
+                    accz = accz * alpha + tl.sum(pv * vz, 1, keep_dims=True)
         # the rows' own softmaxes (one per token thread) merged; the fields' 2**e and the zero points applied
         m_top = tl.max(m_i, 2, keep_dims=True)  # [GH, 1, 1, 1, 1]
         m_top = tl.where(m_top == -float("inf"), 0.0, m_top)
@@ -520,7 +560,7 @@ channels per thread chunk, chunks of 2048 tokens. ~9.5 SASS instructions per cod
 for batch 16 x 32 heads x 32K tokens (int4), about SDPA bf16's time."""
 
 DEFAULT_CONFIG = {"variant": "v2", "num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16,
-                  "heads": None}
+                  "heads": None, "vchain": True}
 """``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): the v2 kernel, one
 warp per program, a whole 32-token key block per step (8 rows per thread at head dim 128 int4), 16 channels per
 thread, all the query heads of a kv head in one program up to 4 (``heads``), the chunk length from
@@ -570,7 +610,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      v_float: torch.Tensor | None = None, float_valid: torch.Tensor | None = None,
                      sm_scale: float | None = None, split: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
-                     chunk: int | None = None, variant: str | None = None, heads: int | None = None) -> torch.Tensor:
+                     chunk: int | None = None, variant: str | None = None, heads: int | None = None,
+                     vchain: bool | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
     ``DEFAULT_CONFIG`` (``variant="v1"``: ``V1_CONFIG``'s). ``split``: tokens per program (rounded up to whole key
     blocks / steps); ``block_n``: tokens per inner step (v2: clamped to one key block, at least one row per token
@@ -621,12 +662,12 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         acc, m, den, n_split = _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32,
                                           bits=bits, k_block=k_block, v_group=v_group, groups=groups,
                                           qk_scale=qk_scale, split=split, block_n=block_n, num_warps=num_warps,
-                                          chunk=chunk, heads=heads, extra=extra)
+                                          chunk=chunk, heads=heads, vchain=vchain, extra=extra)
     return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale)
 
 
 def v2_geometry(d: int, bits: int, k_block: int, v_group: int, groups: int, *, block_n: int, num_warps: int,
-                chunk: int, heads: int | None) -> dict:
+                chunk: int, heads: int | None, vchain: bool = True) -> dict:
     """The v2 kernel's tile for a launch: channels per thread ``C`` (``CWW`` words), channel lanes ``X``, token
     threads ``TT`` (lanes x warps), rows per thread ``N0``, heads per program ``GH``."""
     perw = 32 // bits
@@ -645,7 +686,8 @@ def v2_geometry(d: int, bits: int, k_block: int, v_group: int, groups: int, *, b
     gh = max(1, min(gh, groups))
     if groups % gh or gh & (gh - 1):
         raise ValueError(f"heads={heads}: must be a power of two dividing the {groups} query heads per kv head")
-    return {"C": c, "CWW": cww, "X": x, "TT": tt, "N0": n0, "GH": gh, "CV": 1 if c <= v_group else c}
+    rows = bool(vchain) and n0 <= 8
+    return {"C": c, "CWW": cww, "X": x, "TT": tt, "N0": n0, "GH": gh, "CV": 1 if c <= v_group else c, "ROWS": rows}
 
 
 EXP_BITS = 0x4B000000
@@ -654,7 +696,7 @@ mask and this OR into one LOP3 (with two immediates it emits two)."""
 
 
 def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, *, bits, k_block, v_group, groups,
-               qk_scale, split, block_n, num_warps, chunk, heads, extra):
+               qk_scale, split, block_n, num_warps, chunk, heads, vchain, extra):
     b, hq, d = q.shape
     s = k_codes.shape[2]
     for name, t, row in (("k_codes", k_codes, d * bits // 8), ("v_codes", v_codes, d * bits // 8),
@@ -662,7 +704,7 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
         if t.stride(-2) != row:
             raise ValueError(f"decode_attention: {name} {tuple(t.shape)} stride {t.stride()}: rows must be packed")
     g = v2_geometry(d, bits, k_block, v_group, groups, block_n=block_n, num_warps=num_warps, chunk=chunk,
-                    heads=heads)
+                    heads=heads, vchain=DEFAULT_CONFIG["vchain"] if vchain is None else vchain)
     if split is None:
         split = _default_split(s, b * hq // g["GH"], k_block)
     split = max(k_block, triton.cdiv(split, k_block) * k_block)
@@ -677,7 +719,7 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
         vw.stride(0), vw.stride(1), v_scale.stride(0), v_scale.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), qk_scale, split, EXP_BITS,
         HQ=hq, GROUPS=groups, GH=g["GH"], D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, N0=g["N0"],
-        TT=g["TT"], CWW=g["CWW"], CV=g["CV"], num_warps=num_warps, **extra,
+        TT=g["TT"], CWW=g["CWW"], CV=g["CV"], ROWS=g["ROWS"], num_warps=num_warps, **extra,
     )
     return acc, m, den, n_split
 
