@@ -566,7 +566,7 @@ warp per program, a whole 32-token key block per step (8 rows per thread at head
 thread, all the query heads of a kv head in one program up to 4 (``heads``), the chunk length from
 ``_default_split``. Keys of a ``config`` the variant does not use are ignored."""
 
-PROGRAMS_PER_SM = 8
+PROGRAMS_PER_SM = 16
 """``_default_split``'s target: the grid has at least this many programs per SM (of 132 on an H200) when the
 context allows."""
 
