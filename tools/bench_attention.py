@@ -96,8 +96,9 @@ def _label(cfg: dict) -> str:
 
 
 def bench_shape(b: int, hq: int, hkv: int, s: int, d: int, dev: str, sweep: list[dict], kinds: list[str],
-                scale_dtypes: list[torch.dtype], graph: bool, deadline: float) -> list[dict]:
-    """Rows of one shape: SDPA bf16, then every (bits, scale dtype, config)."""
+                scale_dtypes: list[torch.dtype], graph: bool, deadline: float, default: bool = True) -> list[dict]:
+    """Rows of one shape: SDPA bf16, then every (bits, scale dtype, config): the default launch (unless
+    ``default`` is False: a second pass) and the ``sweep``'s configs on the first scale dtype."""
     from lowbit.kernels import decode_attention as da
 
     base = {"area": "decode-attention", "batch": b, "heads": hq, "kv_heads": hkv, "head_dim": d, "context": s}
@@ -115,7 +116,8 @@ def bench_shape(b: int, hq: int, hkv: int, s: int, d: int, dev: str, sweep: list
 
     try:
         sdpa_us = _time_us(sdpa, dev, graph)
-        rows.append({**base, "kernel": "sdpa-bf16", "config": "default", "us": round(sdpa_us, 1), "bytes": kv_bytes,
+        rows.append({**base, "kernel": "sdpa-bf16", "config": "default" if default else "default (sweep pass)",
+                     "us": round(sdpa_us, 1), "bytes": kv_bytes,
                      "eff_bw_frac": round(kv_bytes / (sdpa_us * 1e-6) / copy_bw, 3),
                      "copy_bw_gbs": round(copy_bw / 1e9, 1)})
     except Exception as exc:  # noqa: BLE001 - reported in the row
@@ -150,7 +152,7 @@ def bench_shape(b: int, hq: int, hkv: int, s: int, d: int, dev: str, sweep: list
             qbytes = sum(t.numel() * t.element_size() for t in (kc, ks, kz, vc, vs, vz))
             sname = "scales-" + str(scale_dtype).removeprefix("torch.")
             tried = sweep if scale_dtype is scale_dtypes[0] else []  # other scale dtypes: the default launch
-            for cfg in [{}] + [c for c in tried if not ("heads" in c and hq == hkv)]:
+            for cfg in [{}] * default + [c for c in tried if not ("heads" in c and hq == hkv)]:
                 row = {**base, "kernel": f"lowbit-{name}-cache", "scheme": sname, "config": _label(cfg),
                        "k_block": k_block, "v_group": v_group, "window": window, "bytes": qbytes}
                 if time.perf_counter() > deadline:
@@ -190,6 +192,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="16x32x32x32768,16x32x8x32768,1x32x32x32768,1x32x8x32768,"
                     "16x32x32x4096,16x32x8x4096,1x32x32x4096,1x32x8x4096")
     ap.add_argument("--kinds", default="int4,int2,int8")
+    ap.add_argument("--sweep-kinds", default="int4,int2", help="kinds the sweep's configs run on")
     ap.add_argument("--scales", default="float16,float32", help="scale dtypes: the sweep runs on the first, the "
                     "others at the sweep shapes with the default launch")
     ap.add_argument("--graph", action="store_true", help="time CUDA graphs of 20 calls instead of do_bench")
@@ -210,11 +213,15 @@ def main() -> None:
         shapes = [parse(t) for t in a.shapes.split(",")]
         sweep_shapes, d = {parse(t) for t in a.sweep_shapes.split(",")}, 128
     rows: list[dict] = []
-    for shape in shapes:
-        swept = shape in sweep_shapes
+    # pass 1: every shape, every kind, the default launch (float32 scales too at the sweep shapes: the kv_cache
+    # pass's default); pass 2: the sweep's configs at the sweep shapes, for the kinds the issue's goals name
+    passes = [(shape, [], kinds, scales if shape in sweep_shapes else scales[:1], True) for shape in shapes]
+    swept_kinds = [k for k in kinds if k in a.sweep_kinds.split(",")]
+    passes += [(shape, SWEEPS[a.sweep], swept_kinds, scales[:1], False) for shape in shapes
+               if shape in sweep_shapes and SWEEPS[a.sweep] and swept_kinds]
+    for shape, sweep, kk, ss, default in passes:
         try:
-            rows += bench_shape(*shape, d, dev, SWEEPS[a.sweep] if swept else [], kinds,
-                                scales if swept else scales[:1], a.graph, deadline)
+            rows += bench_shape(*shape, d, dev, sweep, kk, ss, a.graph, deadline, default)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory for a shape
             b, hq, hkv, s = shape
             rows.append({"area": "decode-attention", "batch": b, "heads": hq, "kv_heads": hkv, "head_dim": d,
