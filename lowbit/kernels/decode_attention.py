@@ -477,6 +477,11 @@ if triton is not None:
             vgrp = (x_i * C) // V_GROUP + 0 * t_i  # [1, 1, TT, X, 1]
         else:  # groups narrower than a chunk (tiny head dims): one per channel
             vgrp = chan_t // V_GROUP
+        NG: tl.constexpr = D // V_GROUP  # value groups per token row
+        k_off = (n_i * TT + t_i) * DW + word  # [1, N0, TT, X, CWW]: a step's code words
+        kr_off = t_i * DW + word  # [1, 1, TT, X, CWW]: one row's
+        g_off = (n_i * TT + t_i) * NG + vgrp  # a step's value scales / zeros
+        gr_off = t_i * NG + vgrp
         e = _field_exponent(chan_t, BITS)
         two_e = ((127 + e) << 23).to(tl.float32, bitcast=True)  # 2**e
         inv_e = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
@@ -503,11 +508,12 @@ if triton is not None:
             for j in tl.static_range(SUB):
                 tok = n0 + j * STEP + n_i * TT + t_i  # [1, N0, TT, 1, 1]
                 valid = (tok >= lo) & (tok < end)
-                kx = tl.load(kw_base + tok * DW + word, mask=valid, other=0)
+                t0 = n0 + j * STEP  # the step's first token: a scalar offset of loop-invariant tiles
+                kx = tl.load(kw_base + t0 * DW + k_off, mask=valid, other=0)
                 if not ROWS:
-                    vx = tl.load(vw_base + tok * DW + word, mask=valid, other=0)
-                    vs = tl.load(vs_base + tok * (D // V_GROUP) + vgrp, mask=valid, other=0.0).to(tl.float32)
-                    vz = tl.load(vz_base + tok * (D // V_GROUP) + vgrp, mask=valid, other=0).to(tl.float32)
+                    vx = tl.load(vw_base + t0 * DW + k_off, mask=valid, other=0)
+                    vs = tl.load(vs_base + t0 * NG + g_off, mask=valid, other=0.0).to(tl.float32)
+                    vz = tl.load(vz_base + t0 * NG + g_off, mask=valid, other=0).to(tl.float32)
                 # [GH, N0, TT, X, CWW]: sum over each word's fields of (u - z) 2**e qs, then over words and lanes
                 ks_part = _fma_fields(kx, qs, zb, tl.zeros([GH, N0, TT, X, CWW], dtype=tl.float32), exp_bits, BITS)
                 s = tl.sum(tl.sum(ks_part, 4, keep_dims=True), 3, keep_dims=True)  # [GH, N0, TT, 1, 1]
@@ -525,9 +531,10 @@ if triton is not None:
                     for r in tl.static_range(N0):
                         rt = n0 + j * STEP + r * TT + t_i  # [1, 1, TT, 1, 1]
                         rv = (rt >= lo) & (rt < end)
-                        vx_r = tl.load(vw_base + rt * DW + word, mask=rv, other=0)
-                        vs_r = tl.load(vs_base + rt * (D // V_GROUP) + vgrp, mask=rv, other=0.0).to(tl.float32)
-                        vz_r = tl.load(vz_base + rt * (D // V_GROUP) + vgrp, mask=rv, other=0).to(tl.float32)
+                        tr = t0 + r * TT
+                        vx_r = tl.load(vw_base + tr * DW + kr_off, mask=rv, other=0)
+                        vs_r = tl.load(vs_base + tr * NG + gr_off, mask=rv, other=0.0).to(tl.float32)
+                        vz_r = tl.load(vz_base + tr * NG + gr_off, mask=rv, other=0).to(tl.float32)
                         pv_r = tl.reshape(ps[r], [GH, 1, TT, 1, 1]) * vs_r  # [GH, 1, TT, X, 1]
                         acc = tl.fma(pv_r, _fields_biased(vx_r, exp_bits, BITS) - 8388608.0, acc)
                         accz = tl.fma(pv_r, vz_r, accz)
