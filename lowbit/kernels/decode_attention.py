@@ -16,27 +16,37 @@ The cache is the real form of the ``quantize(kv=...)`` accuracy model (docs/desi
   the recent window, ``k_float``/``v_float`` with a validity mask), exactly the split the accuracy model's mask
   makes.
 
-``decode_attention_reference`` is plain torch; ``decode_attention`` is flash-decoding in two Triton kernels:
+``decode_attention_reference`` is plain torch; ``decode_attention`` is flash-decoding in two Triton kernels, a
+split kernel (one program per sequence, query heads, chunk of the context) writing each chunk's max, sum and
+un-normalised output, and ``_reduce_kernel`` (grid ``(B, Hq)``), which attends to the small float buffer (sink +
+recent window) and merges it with every chunk by log-sum-exp.
 
-1. ``_split_kernel``, grid ``(B * Hq, splits)``: one program per (sequence, query head, chunk of ``split`` tokens),
-   ``block_n`` tokens per step, written for a memory-bound decode (issue 18): tiles are ``[block_n, D / CW, CW]``
-   with ``CW`` (``chunk``) channels per thread, packed code rows load as contiguous bytes and their
-   fields are interleaved in registers (``tl.interleave``), the query and key scales are loaded in the codes'
-   layout, value scales/zeros once per (token, chunk); codes become floats by the exact 2**23 bias trick; each
-   token row of the tile runs its own online softmax (base 2), merged once after the loop, so the loop's only
-   cross-thread traffic is the ``q.k`` sum; a key block's scale row is folded into the query once for all its
-   steps. GQA heads sharing a kv head are adjacent programs (their reads of the same cache hit L2). It writes
-   each chunk's max, sum and un-normalised output.
-2. ``_reduce_kernel``, grid ``(B, Hq)``: attends to the small float buffer (sink + recent window) and merges it
-   with every chunk by log-sum-exp.
+Decode attention over a packed cache is bound by instruction issue, not bytes (issue 18): batch 16 x 32 heads x 32K
+tokens at int4 is 4.3G codes, 2.5 GB; the H200 issues ~3.3e13 thread-instructions/s, so every instruction per code
+costs ~0.13 ms while the bytes cost ~0.6 ms. That is not the whole story: v2 below halves the instructions per
+code and is slower on the H200 (``DEFAULT_CONFIG``'s note): a warp waits for its loads, then computes, and too few
+warps per SM overlap the two. Two split kernels:
 
-The kernel it replaces kept the GQA heads as a tensor axis (``[heads, tokens, bytes]`` broadcasts per code field).
-Compiled offline for sm_90 (ptxas 0 spills, 128 registers, int4, 4 warps, 32-token steps), its loop converted
-whole tiles between layouts through shared memory every step: 26 ``convert_layout`` in TTGIR, per step 38
-barriers, 56 STS.128, 222 shuffles, 1317 SASS instructions for 32 codes per thread (~41 per code), plus one-byte
-and two-byte scale gathers; this kernel's loop has no barrier or shared memory and ~11-13 instructions per code
-(``DEFAULT_CONFIG``: 611 per 64 codes). No ``tl.dot``: decode is one query row per
-head, so a tensor-core tile would be mostly padding.
+* ``_split_kernel_v2`` (``variant="v2"``): grid ``(B * Hq / heads, chunks)``, one warp per program,
+  one 32-token key block per iteration. Tiles ``[heads, rows, token threads, channel lanes, channels]``: a thread
+  owns 16 channels (one 8-byte load per token row at int4) of 8 token rows. Codes are read as int32 words and each
+  field is masked where it lies with the float bits of 2**23 (one LOP3: ``2**23 + u * 2**e`` exactly; the fields
+  above bit 22 share one shift), so a code costs one LOP3, one FADD (removing 2**23 and, for keys, the zero point
+  ``2**23 + z * 2**e`` prepared once per key block) and one FFMA (the query, pre-scaled by the block's key scales
+  and ``2**-e``; for values, the row's probability times its scale). The q.k sum is an explicit FFMA chain over
+  each word's fields (``_fma_fields``), the value rows an FFMA chain per channel (``_rows``): ``tl.sum`` reduces
+  in-thread values as a tree of FMUL/FADD. Rows are in-thread, so the online softmax never leaves the thread; only
+  the q.k sums cross the 8 channel lanes. GQA: ``heads`` query heads of one kv head share a program, so each code
+  is unpacked once for all of them. Compiled offline for sm_90 (ptxas of Triton 3.8): ~4.8 SASS instructions per
+  code (MHA int4 and int2, 106 registers, no shared memory or barrier in the loop), ~2.5 per code and head with 4
+  GQA heads per program, against 3 for the LOP3/FADD/FFMA floor.
+* ``_split_kernel`` (``variant="v1"``, the default): the previous session's kernel:
+  ``[BLOCK_N, D / CW, CW]`` tiles, one program per query head and 4 warps, ~9.5 SASS instructions per code (a
+  per-code zero subtraction, an FMUL+FADD tree for q.k and a per-code rescale of per-row accumulators).
+
+No ``tl.dot``: decode is one query row per head, and a Triton-level tensor-core form (codes made bf16 pairs with
+a magic exponent, then a dot against the split query) compiled to ~3.6 instructions per code for the key side
+alone (register moves and a shared-memory round trip to reach the MMA operand layout).
 """
 
 from __future__ import annotations
@@ -561,17 +571,23 @@ if triton is not None:
 LOG2E = 1.4426950408889634
 
 
-V1_CONFIG = {"num_warps": 4, "split": 2048, "block_n": 16, "num_stages": None, "chunk": 8}
-"""The previous kernel's launch (``variant="v1"``, kept for the side-by-side sweep): 4 warps, 16-token steps, 8
-channels per thread chunk, chunks of 2048 tokens. ~9.5 SASS instructions per code (sm_90): issue-bound at ~1.8 ms
-for batch 16 x 32 heads x 32K tokens (int4), about SDPA bf16's time."""
+VARIANT_CONFIGS = {
+    "v1": {"num_warps": 4, "split": None, "block_n": 32, "num_stages": None, "chunk": 16},
+    "v2": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None,
+           "vchain": True},
+}
+"""Each variant's launch when the caller names the variant but not the option. v1: 4 warps, 32-token steps, 16
+channels per thread chunk (the previous session's fastest on the H200 for int4 and int2 with float16 scales:
+1804 / 1770 us against 1970 for 16-token steps of 8 channels). v2: one warp per program, a whole 32-token key
+block per step (8 rows per thread at head dim 128 int4), 16 channels per thread, all the query heads of a kv head
+in one program up to 4 (``heads``)."""
 
-DEFAULT_CONFIG = {"variant": "v2", "num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16,
-                  "heads": None, "vchain": True}
-"""``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): the v2 kernel, one
-warp per program, a whole 32-token key block per step (8 rows per thread at head dim 128 int4), 16 channels per
-thread, all the query heads of a kv head in one program up to 4 (``heads``), the chunk length from
-``_default_split``. Keys of a ``config`` the variant does not use are ignored."""
+DEFAULT_CONFIG = {"variant": "v1", **VARIANT_CONFIGS["v1"]}
+"""``decode_attention``'s launch when the caller gives none (the Triton backend's decode step). v1, as measured on
+the H200 (bench/results/attention.json, batch 16 x 32 heads x 32K tokens): v1 1977 us (int4) / 1969 us (int2) /
+1865 us (int4, 8 kv heads) at its old default launch, v2 2374-3115 us (MHA) and 2438-24272 us (GQA) in every launch
+tried, although v2 issues ~half the instructions per code (5.2 against 9.5): the kernels are bound by latency
+(one warp's loads, then its arithmetic, with too few warps per SM to overlap them), not by issue or bytes."""
 
 PROGRAMS_PER_SM = 16
 """``_default_split``'s target: the grid has at least this many programs per SM (of 132 on an H200) when the
@@ -620,7 +636,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      chunk: int | None = None, variant: str | None = None, heads: int | None = None,
                      vchain: bool | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
-    ``DEFAULT_CONFIG`` (``variant="v1"``: ``V1_CONFIG``'s). ``split``: tokens per program (rounded up to whole key
+    ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole key
     blocks / steps); ``block_n``: tokens per inner step (v2: clamped to one key block, at least one row per token
     thread); ``chunk``: channels per thread; ``heads`` (v2): query heads per program (a divisor of the GQA
     group: each code is unpacked once for all of them)."""
@@ -633,7 +649,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     variant = variant or DEFAULT_CONFIG["variant"]
     if variant not in ("v1", "v2"):
         raise ValueError(f"decode_attention: variant={variant!r} (v1 or v2)")
-    base = V1_CONFIG if variant == "v1" else DEFAULT_CONFIG
+    base = DEFAULT_CONFIG if variant == DEFAULT_CONFIG["variant"] else VARIANT_CONFIGS[variant]
     block_n = block_n or base["block_n"]
     num_warps = num_warps or base["num_warps"]
     if block_n & (block_n - 1) or block_n < 1 or num_warps & (num_warps - 1):
@@ -711,7 +727,7 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
         if t.stride(-2) != row:
             raise ValueError(f"decode_attention: {name} {tuple(t.shape)} stride {t.stride()}: rows must be packed")
     g = v2_geometry(d, bits, k_block, v_group, groups, block_n=block_n, num_warps=num_warps, chunk=chunk,
-                    heads=heads, vchain=DEFAULT_CONFIG["vchain"] if vchain is None else vchain)
+                    heads=heads, vchain=VARIANT_CONFIGS["v2"]["vchain"] if vchain is None else vchain)
     if split is None:
         split = _default_split(s, b * hq // g["GH"], k_block)
     split = max(k_block, triton.cdiv(split, k_block) * k_block)
