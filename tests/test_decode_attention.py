@@ -176,7 +176,9 @@ def _check_real_layout(bits: int, hq: int, hkv: int, v_group: int, **launch) -> 
                                rtol=2e-5, atol=2e-5)
 
 
-REAL_LAYOUT_CASES = [(4, 4, 4, 32, {}), (2, 4, 2, 16, {}), (8, 4, 1, 32, {"split": 64})]
+REAL_LAYOUT_CASES = [(4, 4, 4, 32, {}), (2, 4, 2, 16, {}), (8, 4, 1, 32, {"split": 64}),
+                     (4, 4, 4, 32, {"variant": "v2"}), (2, 8, 2, 16, {"variant": "v2", "heads": 4}),
+                     (4, 4, 2, 32, {"variant": "v2p", "split": 96}), (2, 4, 4, 16, {"variant": "v2p", "num_warps": 2})]
 
 
 def test_triton_kernel_real_layout_matches_reference():

@@ -38,6 +38,14 @@ BITS = {"int8": (8, 32, 32, 32), "int4": (4, 32, 32, 32), "int2": (2, 32, 16, 64
 
 SWEEPS = {
     "none": [],
+    "final": [
+        {"variant": "v2"},
+        {"variant": "v2p"},
+        {"variant": "v2", "num_warps": 2},
+        {"variant": "v2p", "num_warps": 2},
+        {"variant": "v1", "block_n": 16, "chunk": 8},
+        {"variant": "v2", "heads": 4, "chunk": 8, "num_warps": 2},
+    ],
     "round1": [
         {"variant": "v1"},
         {"variant": "v2", "vchain": False},
@@ -185,8 +193,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1); writes nothing "
                     "unless --out is given")
-    ap.add_argument("--budget", type=float, default=140.0, help="seconds; later configs become 'skipped' rows")
-    ap.add_argument("--sweep", default="round1", choices=sorted(SWEEPS))
+    ap.add_argument("--budget", type=float, default=90.0, help="seconds; later configs become 'skipped' rows")
+    ap.add_argument("--sweep", default="final", choices=sorted(SWEEPS))
     ap.add_argument("--sweep-shapes", default="16x32x32x32768,16x32x8x32768",
                     help="BxHQxHKVxS shapes that try every --sweep config")
     ap.add_argument("--shapes", default="16x32x32x32768,16x32x8x32768,1x32x32x32768,1x32x8x32768,"
