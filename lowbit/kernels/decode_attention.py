@@ -689,7 +689,7 @@ in one program up to 4 (``heads``)."""
 
 DEFAULT_CONFIG = {"variant": "v1", **VARIANT_CONFIGS["v1"]}
 """``decode_attention``'s launch when the caller gives none (the Triton backend's decode step). v1, as measured on
-the H200 (bench/results/attention.json, batch 16 x 32 heads x 32K tokens): v1 1977 us (int4) / 1969 us (int2) /
+the H200 (bench/results/attention_round1.json, batch 16 x 32 heads x 32K tokens): v1 1977 us (int4) / 1969 us (int2) /
 1865 us (int4, 8 kv heads) at its old default launch, v2 2374-3115 us (MHA) and 2438-24272 us (GQA) in every launch
 tried, although v2 issues ~half the instructions per code (5.2 against 9.5): the kernels are bound by latency
 (one warp's loads, then its arithmetic, with too few warps per SM to overlap them), not by issue or bytes."""
