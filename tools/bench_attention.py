@@ -106,7 +106,8 @@ def _label(cfg: dict) -> str:
 
 
 def bench_shape(b: int, hq: int, hkv: int, s: int, d: int, dev: str, sweep: list[dict], kinds: list[str],
-                scale_dtypes: list[torch.dtype], graph: bool, deadline: float, default: bool = True) -> list[dict]:
+                scale_dtypes: list[torch.dtype], graph: bool, deadline: float, default: bool = True,
+                scale_kinds: tuple[str, ...] = ("int4",)) -> list[dict]:
     """Rows of one shape: SDPA bf16, then every (bits, scale dtype, config): the default launch (unless
     ``default`` is False: a second pass) and the ``sweep``'s configs on the first scale dtype."""
     from lowbit.kernels import decode_attention as da
@@ -148,7 +149,7 @@ def bench_shape(b: int, hq: int, hkv: int, s: int, d: int, dev: str, sweep: list
         fvalid = torch.ones(b, window + 1, dtype=torch.bool, device=dev)
         lo = torch.ones(b, dtype=torch.int32, device=dev)
         hi = torch.full((b,), s - window, dtype=torch.int32, device=dev)
-        for scale_dtype in scale_dtypes:
+        for scale_dtype in scale_dtypes if name in scale_kinds else scale_dtypes[:1]:
             ks, vs = ks32.to(scale_dtype), vs32.to(scale_dtype)
             args = (q, kc, ks, kz, vc, vs, vz)
             kw = dict(bits=bits, lo=lo, hi=hi, k_float=kf, v_float=vf, float_valid=fvalid)
@@ -205,6 +206,7 @@ def main() -> None:
     ap.add_argument("--sweep-kinds", default="int4,int2", help="kinds the sweep's configs run on")
     ap.add_argument("--scales", default="float16,float32", help="scale dtypes: the sweep runs on the first, the "
                     "others at the sweep shapes with the default launch")
+    ap.add_argument("--scale-kinds", default="int4", help="kinds timed with every --scales dtype (others: the first)")
     ap.add_argument("--graph", action="store_true", help="time CUDA graphs of 20 calls instead of do_bench")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -231,7 +233,8 @@ def main() -> None:
                if shape in sweep_shapes and SWEEPS[a.sweep] and swept_kinds]
     for shape, sweep, kk, ss, default in passes:
         try:
-            rows += bench_shape(*shape, d, dev, sweep, kk, ss, a.graph, deadline, default)
+            rows += bench_shape(*shape, d, dev, sweep, kk, ss, a.graph, deadline, default,
+                                tuple(a.scale_kinds.split(",")))
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory for a shape
             b, hq, hkv, s = shape
             rows.append({"area": "decode-attention", "batch": b, "heads": hq, "kv_heads": hkv, "head_dim": d,
