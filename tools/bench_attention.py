@@ -39,14 +39,14 @@ BITS = {"int8": (8, 32, 32, 32), "int4": (4, 32, 32, 32), "int2": (2, 32, 16, 64
 SWEEPS = {
     "none": [],
     "final": [  # most informative first: the budget may cut the tail
-        {"variant": "v2", "num_warps": 4},  # 79 registers, 399-instruction loop, 6.2 instructions per code
-        {"variant": "v2p", "num_warps": 2},  # prefetch, 167 registers
-        {"variant": "v2p"},  # prefetch, one warp, 255 registers
-        {"variant": "v2p", "num_warps": 4},
-        {"variant": "v2"},
-        {"variant": "v2", "num_warps": 2},
+        {"variant": "v1"},  # v1 at its best launch of last session (32-token steps, 16-channel chunks)
+        {"variant": "v2", "heads": 1},  # GQA: one query head per program (the kv tiles re-read from L2)
+        {"variant": "v2", "num_warps": 4},  # 79 registers, 6.2 (3.6: 7.5) instructions per code
         {"variant": "v1", "block_n": 16, "chunk": 8},  # v1's launch of round 1
-        {"variant": "v2", "heads": 4, "chunk": 8, "num_warps": 2},
+        {"variant": "v2", "num_warps": 2},
+        {"variant": "v2", "heads": 2},
+        {"variant": "v2p", "num_warps": 2},  # prefetch (3.6: 8.8 instructions per code, 241 registers)
+        {"variant": "v2p"},
     ],
     "round1": [
         {"variant": "v1"},

@@ -23,11 +23,11 @@ recent window) and merges it with every chunk by log-sum-exp.
 
 Decode attention over a packed cache is bound by instruction issue, not bytes (issue 18): batch 16 x 32 heads x 32K
 tokens at int4 is 4.3G codes, 2.5 GB; the H200 issues ~3.3e13 thread-instructions/s, so every instruction per code
-costs ~0.13 ms while the bytes cost ~0.6 ms. That is not the whole story: v2 below halves the instructions per
-code and is slower on the H200 (``DEFAULT_CONFIG``'s note): a warp waits for its loads, then computes, and too few
-warps per SM overlap the two. Two split kernels:
+costs ~0.13 ms while the bytes cost ~0.6 ms; registers (warps per SM) set how much of the issue rate a kernel
+gets (``DEFAULT_CONFIG``'s note). Two split kernels (and ``_split_kernel_v2p``, v2 with the next key block
+prefetched into registers):
 
-* ``_split_kernel_v2`` (``variant="v2"``): grid ``(B * Hq / heads, chunks)``, one warp per program,
+* ``_split_kernel_v2`` (``variant="v2"``, the default): grid ``(B * Hq / heads, chunks)``, one warp per program,
   one 32-token key block per iteration. Tiles ``[heads, rows, token threads, channel lanes, channels]``: a thread
   owns 16 channels (one 8-byte load per token row at int4) of 8 token rows. Codes are read as int32 words and each
   field is masked where it lies with the float bits of 2**23 (one LOP3: ``2**23 + u * 2**e`` exactly; the fields
@@ -38,9 +38,9 @@ warps per SM overlap the two. Two split kernels:
   in-thread values as a tree of FMUL/FADD. Rows are in-thread, so the online softmax never leaves the thread; only
   the q.k sums cross the 8 channel lanes. GQA: ``heads`` query heads of one kv head share a program, so each code
   is unpacked once for all of them. Compiled offline for sm_90 (ptxas of Triton 3.8): ~4.8 SASS instructions per
-  code (MHA int4 and int2, 106 registers, no shared memory or barrier in the loop), ~2.5 per code and head with 4
-  GQA heads per program, against 3 for the LOP3/FADD/FFMA floor.
-* ``_split_kernel`` (``variant="v1"``, the default): the previous session's kernel:
+  code (MHA int4 and int2, 106 registers, no shared memory or barrier in the loop; Triton 3.6: 5.2 and 164),
+  ~2.5 per code and head with 4 GQA heads per program (3.6: 2.9), against 3 for the LOP3/FADD/FFMA floor.
+* ``_split_kernel`` (``variant="v1"``): the previous session's kernel:
   ``[BLOCK_N, D / CW, CW]`` tiles, one program per query head and 4 warps, ~9.5 SASS instructions per code (a
   per-code zero subtraction, an FMUL+FADD tree for q.k and a per-code rescale of per-row accumulators).
 
@@ -687,12 +687,16 @@ channels per thread chunk (the previous session's fastest on the H200 for int4 a
 block per step (8 rows per thread at head dim 128 int4), 16 channels per thread, all the query heads of a kv head
 in one program up to 4 (``heads``)."""
 
-DEFAULT_CONFIG = {"variant": "v1", **VARIANT_CONFIGS["v1"]}
-"""``decode_attention``'s launch when the caller gives none (the Triton backend's decode step). v1, as measured on
-the H200 (bench/results/attention_round1.json, batch 16 x 32 heads x 32K tokens): v1 1977 us (int4) / 1969 us (int2) /
-1865 us (int4, 8 kv heads) at its old default launch, v2 2374-3115 us (MHA) and 2438-24272 us (GQA) in every launch
-tried, although v2 issues ~half the instructions per code (5.2 against 9.5): the kernels are bound by latency
-(one warp's loads, then its arithmetic, with too few warps per SM to overlap them), not by issue or bytes."""
+DEFAULT_CONFIG = {"variant": "v2", **VARIANT_CONFIGS["v2"]}
+"""``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): v2. Why, from the
+H200 round (bench/results/attention_round1.json, batch 16 x 32 heads x 32K tokens, Triton 3.6) and offline sm_90
+compiles with Triton 3.6 (the GPU's) of each kernel: v1 as measured then (16-token steps, 8-channel chunks) compiles
+to 12.2 SASS instructions per code and ran 1977 us at int4 (1804 us last session with 32-token steps and 16-channel
+chunks: 10.1 per code); v2 as measured then compiled to 9.1 per code with 255 registers under Triton 3.6 (5.2
+under 3.8) and ran 2477 us, and its 4-head GQA form to ~49 per code (24 ms). This v2 compiles under 3.6 to 5.2
+per code with 164 registers (MHA int4; int2 5.8, int8 5.6) and, with 4 GQA heads per program, to 2.9 per code
+and head with no local memory; at round 1's issue rates (2.5-3.2 instructions per SM-cycle for v1, 1.9 for v2 at
+255 registers) that is ~0.9-1.4 ms at int4. The final sweep times v1 beside it."""
 
 PROGRAMS_PER_SM = 16
 """``_default_split``'s target: the grid has at least this many programs per SM (of 132 on an H200) when the
