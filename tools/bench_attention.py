@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import sys
 import time
 from pathlib import Path
@@ -173,7 +172,7 @@ def bench_shape(b: int, hq: int, hkv: int, s: int, d: int, dev: str, sweep: list
                     continue
                 try:
                     err = float((da.decode_attention(*sub, **cfg, **skw) - ref).abs().max())
-                    call = lambda cfg=cfg: da.decode_attention(*args, **cfg, **kw)  # noqa: E731
+                    call = lambda cfg=cfg, args=args, kw=kw: da.decode_attention(*args, **cfg, **kw)  # noqa: E731
                     call()
                     us = _time_us(call, dev, graph)
                     row.update({"us": round(us, 1), "max_abs_err_vs_reference": err,
@@ -186,7 +185,6 @@ def bench_shape(b: int, hq: int, hkv: int, s: int, d: int, dev: str, sweep: list
                 rows.append(row)
                 print(row, flush=True)
         del kc, ks32, kz, vc, vs32, vz
-    del q, k, v
     if dev == "cuda":
         torch.cuda.empty_cache()
     return rows

@@ -493,7 +493,6 @@ if triton is not None:
         g_off = (n_i * TT + t_i) * NG + vgrp  # a step's value scales / zeros
         gr_off = t_i * NG + vgrp
         e = _field_exponent(chan_t, BITS)
-        two_e = ((127 + e) << 23).to(tl.float32, bitcast=True)  # 2**e
         inv_e = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
         lo = tl.load(LO + b)
         hi = tl.load(HI + b)
