@@ -814,8 +814,9 @@ def v2_geometry(d: int, bits: int, k_block: int, v_group: int, groups: int, *, b
         raise ValueError(f"num_warps={num_warps} is more than k_block={k_block} token rows")
     tt = tl_ * num_warps
     n0 = max(1, min(block_n, k_block) // tt)
-    gh = heads if heads is not None else min(groups, 4)
-    gh = max(1, min(gh, groups))
+    if heads is None:  # the largest power of two up to 4 that divides the group (SmolLM2: 3 -> 1)
+        heads = next(h for h in (4, 2, 1) if groups % h == 0)
+    gh = max(1, min(heads, groups))
     if groups % gh or gh & (gh - 1):
         raise ValueError(f"heads={heads}: must be a power of two dividing the {groups} query heads per kv head")
     rows = bool(vchain) and n0 <= 8
