@@ -186,6 +186,148 @@ def gpu_speed(args: argparse.Namespace) -> None:
     merge_rows(out, header, rows, key=SPEED_KEY)
 
 
+PRUNED_SPEED_KEY = ("area", "model", "scheme", "method", "pruned", "batch", "device")
+SPEED_TARGET = 0.2
+"""Fraction of the blocks' linear params the speed mode removes (issue 21's structured-20)."""
+
+
+def _mlp_ratio(cfg, target: float, multiple: int) -> tuple[float, int]:
+    """The prune-mlp ratio that removes ``target`` of a block's linear params through MLP channels alone, with
+    the count removed a multiple of ``multiple`` (so the kept width stays one): (ratio, channels removed)."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    hd = h // cfg.num_attention_heads
+    attn = h * h * 2 + 2 * h * cfg.num_key_value_heads * hd
+    per_layer = attn + 3 * h * i
+    rm = int(round(target * per_layer / (3 * h) / multiple)) * multiple
+    return rm / i, rm
+
+
+def pruned_speed(args: argparse.Namespace) -> None:
+    """Prefill and decode of the 7B-shaped 4-layer Llama, unpruned vs 20% of its blocks' params removed by
+    ``prune-mlp``, float bf16 and W4A16 on backend="triton", one run (rows with speedups)."""
+    import lowbit
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_generate import _llama
+
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    dev_name = machine(dev)
+    smoke = args.smoke
+    model = _llama(smoke)
+    cfg = model.config
+    multiple = 64 if smoke else 256
+    ratio, removed = _mlp_ratio(cfg, SPEED_TARGET, multiple)
+    kept = cfg.intermediate_size - removed
+    prompt, new, batches = (32, 8, [1, 2]) if smoke else (args.speed_prompt, args.speed_new, [1, 16])
+    pre_len = 64 if smoke else 2048
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    block = cfg.num_hidden_layers * (cfg.hidden_size ** 2 * 2 + 2 * cfg.hidden_size * cfg.num_key_value_heads * hd
+                                     + 3 * cfg.hidden_size * cfg.intermediate_size)
+    total = sum(p.numel() for p in model.parameters())
+    rm_params = cfg.num_hidden_layers * 3 * cfg.hidden_size * removed
+    calib = torch.randint(3, cfg.vocab_size, (4, 128 if not smoke else 32), generator=torch.Generator().manual_seed(0))
+    on = f",device={dev}" if cuda else ""
+    prune = (f"prune-mlp(ratio={ratio:.6f},multiple={multiple},calib_n=4,calib_len={calib.shape[1]},"
+             f"progress=false{on})")
+    schemes = {"float-bf16": "", "w4a16-g128": "quantize(w=int4,group=128,sym=false)"}
+    versions = {"lowbit": lowbit.__version__, "torch": torch.__version__, "python": platform.python_version(),
+                "cuda": str(torch.version.cuda)}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = "not installed"
+    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    shape = "llama-7b-shape-4layer" if not smoke else "llama-tiny"
+    header = {"command": "python " + " ".join(sys.argv), "date": date, "device": dev_name, "versions": versions,
+              "notes": (f"{shape} (random bf16, hidden {cfg.hidden_size}, MLP {cfg.intermediate_size}, "
+                        f"{cfg.num_attention_heads} heads, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}); "
+                        f"pruned = {prune} (uniform: every MLP {cfg.intermediate_size} -> {kept} channels, a multiple "
+                        f"of {multiple} so the W4 decode word layout (K % 256) and tensor-core tiles still apply; "
+                        f"calibration on random ids, which only the speed needs): {rm_params / block:.4f} of the "
+                        f"blocks' linear params, {rm_params / total:.4f} of all params (embedding and head "
+                        "included: 4 layers make the head a large share). backend triton (compile=False); decode "
+                        f"= CompiledModel.generate with CUDA graphs, prompt {prompt}, {new} new tokens, ms/step = "
+                        "decode_seconds / decode_steps after a warm-up generate; prefill = the same step graph's "
+                        f"1x{pre_len} forward (prefill_seconds of generate with max_length {pre_len}+{new}, 1 new "
+                        "token, median of 3 after a warm-up). speedup = unpruned / pruned of the same scheme and "
+                        "batch in this run." + (" SMOKE: tiny shapes." if smoke else ""))}
+    out = Path(args.out)
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        merge_rows(out, header, rows, key=PRUNED_SPEED_KEY)
+
+    def out_of_time() -> bool:
+        return time.perf_counter() - t_start > args.speed_budget
+
+    base = {"area": "pruned-speed", "model": shape, "device": dev_name, "date": date, "method": "lowbit-triton"}
+    measured: dict[tuple, dict] = {}
+    for scheme, quant in schemes.items():
+        for pruned in (False, True):
+            pipe = ",".join(p for p in ((prune if pruned else ""), quant) if p)
+            tag = {**base, "scheme": scheme, "pruned": pruned, "pipeline": pipe,
+                   "mlp_width": kept if pruned else cfg.intermediate_size,
+                   "params_removed_frac_blocks": round(rm_params / block, 4) if pruned else 0.0,
+                   "params_removed_frac_total": round(rm_params / total, 4) if pruned else 0.0}
+            for what, spec, bs in (("decode", GenerationSpec(max_length=prompt + new, max_batch=max(batches)),
+                                    batches),
+                                   ("prefill", GenerationSpec(max_length=pre_len + 8, max_batch=1), [1])):
+                if out_of_time():
+                    for b in bs:
+                        emit({**tag, "batch": b, "phase": what, "error": "skipped: past --speed-budget"})
+                    continue
+                t = time.perf_counter()
+                try:
+                    cm = compile_model(model, pipeline=pipe or None, backend="triton", device=dev,
+                                       backend_options={"compile": False}, calib=calib if pruned else None,
+                                       generation=spec)
+                    compile_s = time.perf_counter() - t
+                    kernels = cm.runner.report_text().splitlines()[0] if hasattr(cm.runner, "report_text") else ""
+                except Exception as exc:  # noqa: BLE001 - a failing configuration becomes rows
+                    for b in bs:
+                        emit({**tag, "batch": b, "phase": what,
+                              "error": f"compile: {type(exc).__name__}: {str(exc)[:300]}"})
+                    continue
+                for b in bs:
+                    row = {**tag, "batch": b, "phase": what, "compile_s": round(compile_s, 1), "kernels": kernels}
+                    try:
+                        if what == "decode":
+                            ids = torch.randint(3, cfg.vocab_size, (b, prompt))
+                            cm.generate(ids, min(8, new), stop_tokens=())
+                            o = cm.generate(ids, new, stop_tokens=())
+                            ms = o.decode_seconds * 1000 / o.decode_steps
+                            row.update(ms_per_step=round(ms, 3), tokens_per_s=round(b * 1000 / ms, 1),
+                                       prompt=prompt, new_tokens=new)
+                        else:
+                            ids = torch.randint(3, cfg.vocab_size, (1, pre_len))
+                            cm.generate(ids, 1, stop_tokens=())
+                            ts = sorted(cm.generate(ids, 1, stop_tokens=()).prefill_seconds for _ in range(3))
+                            row.update(prefill_ms=round(ts[1] * 1000, 2), prompt=pre_len)
+                        key = (scheme, what, b)
+                        if not pruned:
+                            measured[key] = row
+                        elif key in measured:
+                            ref = measured[key]
+                            k = "ms_per_step" if what == "decode" else "prefill_ms"
+                            row["unpruned_" + k] = ref[k]
+                            row["speedup"] = round(ref[k] / row[k], 3)
+                    except Exception as exc:  # noqa: BLE001
+                        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    emit(row)
+                del cm
+                if cuda:
+                    torch.cuda.empty_cache()
+    merge_rows(out, header, rows, key=PRUNED_SPEED_KEY)
+
+
 STRUCTURED_ROWS = r"^structured-[123]0:flap:mlp channels, fluctuation"
 """``--rows structured``: the FLAP-style MLP rows at 10/20/30% (one method across the three ratios)."""
 
@@ -210,20 +352,48 @@ def main() -> None:
     ap.add_argument("--recover-lr", type=float, default=2e-4)
     ap.add_argument("--recover-seconds", type=float, default=None,
                     help="cap on each recovery's wall time (the row says how many tokens ran)")
-    ap.add_argument("--recover-batch", type=int, default=8, help="512-token windows per recovery step")
+    ap.add_argument("--recover-batch", type=int, default=8, help="windows per recovery step")
+    ap.add_argument("--recover-seq", type=int, default=512, help="tokens per recovery window (512-2048)")
+    ap.add_argument("--recover-schedule", default="linear", choices=["linear", "cosine"])
+    ap.add_argument("--recover-warmup", type=float, default=0.0, help="fraction of the run spent warming up the lr")
+    ap.add_argument("--recover-topk", type=int, default=0, help="KL over the teacher's top-k (+ rest); 0: full vocab")
+    ap.add_argument("--recover-scope", default="blocks", choices=["blocks", "all"],
+                    help="blocks: the blocks' linears and norms train; all: also the tied embedding/head")
+    ap.add_argument("--recover-offsets", action="store_true", help="windows start at random token offsets")
+    ap.add_argument("--recover-holdout", type=int, default=0,
+                    help="calibration windows held out of training; the lowest held-out KL's params are kept")
+    ap.add_argument("--recover-eval-every", type=int, default=0, help="steps between held-out KL measurements")
+    ap.add_argument("--recover-ce", type=float, default=0.0, help="weight of an added next-token cross-entropy")
+    ap.add_argument("--recover-wd", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--ratios", default="10,20,30",
+                    help="with --rows structured: which structured-N rows run (comma list of 10, 20, 30)")
     ap.add_argument("--out", default="bench/results/pruning.json")
     ap.add_argument("--gpu-speed", action="store_true",
                     help="time 2:4 semi-structured sparse GEMMs against dense bf16 instead (see the docstring)")
-    ap.add_argument("--smoke", action="store_true", help="with --gpu-speed: tiny shapes (checks the script on CPU)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="with --gpu-speed / --pruned-speed: tiny shapes (checks the script on CPU)")
+    ap.add_argument("--pruned-speed", action="store_true",
+                    help="prefill/decode of the 7B-shaped 4-layer Llama, unpruned vs 20%% pruned (prune-mlp), "
+                         "float and W4A16 on backend triton")
+    ap.add_argument("--speed-prompt", type=int, default=512)
+    ap.add_argument("--speed-new", type=int, default=128)
+    ap.add_argument("--speed-budget", type=float, default=150.0,
+                    help="--pruned-speed: seconds after which the remaining configurations become skipped rows")
     args = ap.parse_args()
+    if args.pruned_speed:
+        pruned_speed(args)
+        return
     if args.gpu_speed:
         gpu_speed(args)
         return
     dev = args.device
     dev_name = machine(dev)
     match = STRUCTURED_ROWS if args.rows == "structured" else args.match
+    if args.rows == "structured":
+        pick = "|".join(r.strip() for r in args.ratios.split(",") if r.strip())
+        match = STRUCTURED_ROWS.replace("[123]0", f"(?:{pick})")
     if args.rows == "structured" and args.match:
-        match = f"(?={STRUCTURED_ROWS})(?=.*(?:{args.match}))"
+        match = f"(?={match})(?=.*(?:{args.match}))"
     model, tok, kind = load_model(args.model)
     assert kind == "causal-lm"
     spec = dict(EVALS[args.eval])
@@ -244,12 +414,15 @@ def main() -> None:
 
     recovery_note = ""
     if args.recover_tokens:
-        recovery_note = (f" Recovered rows: distill(tokens={args.recover_tokens}, lr={args.recover_lr}, "
-                         f"batch {args.recover_batch} x 512, dtype {'bfloat16' if dev != 'cpu' else 'float32'}, "
+        recovery_note = (f" Recovered rows: distill(tokens={args.recover_tokens}, lr={args.recover_lr} "
+                         f"{args.recover_schedule} warmup {args.recover_warmup}, batch {args.recover_batch} x "
+                         f"{args.recover_seq}, dtype {'bfloat16' if dev != 'cpu' else 'float32'}, topk "
+                         f"{args.recover_topk}, scope {args.recover_scope}, random offsets {args.recover_offsets}, "
+                         f"holdout {args.recover_holdout} windows, ce {args.recover_ce}, "
                          f"max_seconds={args.recover_seconds}) on the pruned graph, teacher = the float graph, "
-                         "KL to its logits on the shipped WikiText-2 validation excerpt (112 windows of 512, "
-                         "repeated in shuffled epochs; never the test text); row 'recovery' and 'recover_*' say "
-                         "what ran.")
+                         "KL to its logits on the shipped WikiText-2 validation excerpt (wikitext2-valid-calib, "
+                         f"{_calib_tokens()} tokens, every whole window of {args.recover_seq}, repeated in shuffled "
+                         "epochs; never the test text); row 'recovery' and 'recover_*' say what ran.")
     header = {
         "command": "python " + " ".join(sys.argv),
         "date": datetime.date.today().isoformat(),
@@ -330,15 +503,28 @@ def main() -> None:
         del g
 
 
+def _calib_tokens() -> int:
+    """Tokens of the shipped calibration text (wikitext2-valid-calib) under SmolLM2's tokenizer."""
+    from lowbit.data import text_path
+    from lowbit.data.model_files import load_tokenizer
+    from lowbit.data.tokens import token_ids
+
+    return int(token_ids(text_path("wikitext2-valid-calib"), load_tokenizer("smollm2")).numel())
+
+
 def recover(args: argparse.Namespace, teacher, pruned, base: dict, score, dev: str) -> dict:
     """The pruned graph after ``distill`` toward ``teacher`` (the float graph): a row beside ``base``."""
     from lowbit.passes.distill import Distill
 
     variant = f"{base['variant']} + distill {args.recover_tokens} tokens"
     g = pruned.clone()
-    d = Distill(tokens=args.recover_tokens, lr=args.recover_lr, batch_size=args.recover_batch, calib_len=512,
-                calib_n=112, dtype="float32" if dev == "cpu" else "bfloat16",
-                device=None if dev == "cpu" else dev, max_seconds=args.recover_seconds, progress=False)
+    n_windows = _calib_tokens() // args.recover_seq
+    d = Distill(tokens=args.recover_tokens, lr=args.recover_lr, batch_size=args.recover_batch,
+                calib_len=args.recover_seq, calib_n=n_windows, dtype="float32" if dev == "cpu" else "bfloat16",
+                device=None if dev == "cpu" else dev, max_seconds=args.recover_seconds, progress=False,
+                schedule=args.recover_schedule, warmup=args.recover_warmup, topk=args.recover_topk,
+                scope=args.recover_scope, random_offsets=args.recover_offsets, holdout=args.recover_holdout,
+                eval_every=args.recover_eval_every, ce_weight=args.recover_ce, weight_decay=args.recover_wd)
     d.reference = teacher
     t1 = time.perf_counter()
     try:
@@ -355,7 +541,10 @@ def recover(args: argparse.Namespace, teacher, pruned, base: dict, score, dev: s
                recover_batch=st["batch_windows"],
                recover_seconds=st["seconds"], recover_stopped_early=st["stopped_early"],
                recover_kl_first=st["kl_first"], recover_kl_last_10pct=st["kl_last_10pct"],
-               ratio_without_recovery=base.get("ratio"))
+               ratio_without_recovery=base.get("ratio"), recover_tokens_per_s=st["tokens_per_second"],
+               recover_train_tokens=st["train_tokens"], recover_epochs=st["epochs"],
+               recover_holdout_kl=st["holdout_kl"], recover_best_step=st["best_step"],
+               recover_restored_best=st["restored_best"])
     for k in ("widths", "heads", "blocks_removed"):
         if k in base:
             row[k] = base[k]
