@@ -71,7 +71,9 @@ ROWS: list[tuple[str, str, str, str | None]] = [
      f"prune-mlp(ratio=0.135,score=fluctuation,compensate=true,allocation=global,{CAL_S})"),
     ("structured-30", "flap", "mlp channels, fluctuation + bias compensation, global allocation",
      f"prune-mlp(ratio=0.4,score=fluctuation,compensate=true,allocation=global,{CAL_S})"),
-]
+] + [(f"structured-{pct}", "flap", "mlp channels, fluctuation + bias compensation, bounded global allocation (±5%)",
+      f"prune-mlp(ratio={r},score=fluctuation,compensate=true,allocation=global,spread=0.05,{CAL_S})")
+     for pct, r in ((10, 0.135), (20, 0.27), (30, 0.4))]
 
 
 def _block_linear_params(g) -> int:
@@ -329,7 +331,8 @@ def pruned_speed(args: argparse.Namespace) -> None:
 
 
 STRUCTURED_ROWS = r"^structured-[123]0:flap:mlp channels, fluctuation"
-"""``--rows structured``: the FLAP-style MLP rows at 10/20/30% (one method across the three ratios)."""
+"""``--rows structured``: the FLAP-style MLP rows at 10/20/30% (``--ratios`` picks among them, ``--allocation``
+between the unbounded global ranking and the bounded one)."""
 
 
 def _on_device(pipeline: str, dev: str) -> str:
@@ -365,6 +368,9 @@ def main() -> None:
     ap.add_argument("--recover-eval-every", type=int, default=0, help="steps between held-out KL measurements")
     ap.add_argument("--recover-ce", type=float, default=0.0, help="weight of an added next-token cross-entropy")
     ap.add_argument("--recover-wd", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--allocation", default="bounded", choices=["global", "bounded", "both"],
+                    help="with --rows structured: the FLAP rows' allocation (global: unbounded ranking; bounded: "
+                         "each layer within ±5%% of the ratio)")
     ap.add_argument("--ratios", default="10,20,30",
                     help="with --rows structured: which structured-N rows run (comma list of 10, 20, 30)")
     ap.add_argument("--out", default="bench/results/pruning.json")
@@ -392,6 +398,7 @@ def main() -> None:
     if args.rows == "structured":
         pick = "|".join(r.strip() for r in args.ratios.split(",") if r.strip())
         match = STRUCTURED_ROWS.replace("[123]0", f"(?:{pick})")
+        match += {"global": r".*, global allocation$", "bounded": r".*bounded global", "both": ""}[args.allocation]
     if args.rows == "structured" and args.match:
         match = f"(?={match})(?=.*(?:{args.match}))"
     model, tok, kind = load_model(args.model)
