@@ -221,8 +221,8 @@ def pruned_speed(args: argparse.Namespace) -> None:
     smoke = args.smoke
     model = _llama(smoke)
     cfg = model.config
-    multiple = 64 if smoke else 256
-    ratio, removed = _mlp_ratio(cfg, SPEED_TARGET, multiple)
+    multiple = 128 if smoke else 256  # smoke: K % 128 for the group-128 W4 rows
+    ratio, removed = _mlp_ratio(cfg, args.speed_target, multiple)
     kept = cfg.intermediate_size - removed
     prompt, new, batches = (32, 8, [1, 2]) if smoke else (args.speed_prompt, args.speed_new, [1, 16])
     pre_len = 64 if smoke else 2048
@@ -235,7 +235,8 @@ def pruned_speed(args: argparse.Namespace) -> None:
     on = f",device={dev}" if cuda else ""
     prune = (f"prune-mlp(ratio={ratio:.6f},multiple={multiple},calib_n=4,calib_len={calib.shape[1]},"
              f"progress=false{on})")
-    schemes = {"float-bf16": "", "w4a16-g128": "quantize(w=int4,group=128,sym=false)"}
+    schemes = {k: v for k, v in {"float-bf16": "", "w4a16-g128": "quantize(w=int4,group=128,sym=false)"}.items()
+               if k in args.speed_schemes.split(",")}
     versions = {"lowbit": lowbit.__version__, "torch": torch.__version__, "python": platform.python_version(),
                 "cuda": str(torch.version.cuda)}
     try:
@@ -270,7 +271,7 @@ def pruned_speed(args: argparse.Namespace) -> None:
     def out_of_time() -> bool:
         return time.perf_counter() - t_start > args.speed_budget
 
-    base = {"area": "pruned-speed", "model": shape, "device": dev_name, "date": date, "method": "lowbit-triton"}
+    base = {"area": f"pruned-speed-{round(args.speed_target * 100)}", "model": shape, "device": dev_name, "date": date, "method": "lowbit-triton"}
     measured: dict[tuple, dict] = {}
     for scheme, quant in schemes.items():
         for pruned in (False, True):
@@ -383,6 +384,9 @@ def main() -> None:
                          "float and W4A16 on backend triton")
     ap.add_argument("--speed-prompt", type=int, default=512)
     ap.add_argument("--speed-new", type=int, default=128)
+    ap.add_argument("--speed-target", type=float, default=SPEED_TARGET,
+                    help="--pruned-speed: fraction of the blocks' linear params removed (MLP channels)")
+    ap.add_argument("--speed-schemes", default="float-bf16,w4a16-g128", help="--pruned-speed: comma list")
     ap.add_argument("--speed-budget", type=float, default=150.0,
                     help="--pruned-speed: seconds after which the remaining configurations become skipped rows")
     args = ap.parse_args()
