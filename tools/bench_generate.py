@@ -214,13 +214,20 @@ def _hf_ms_per_step(model, ids, new, **kw) -> tuple[float, float]:
     return pre * 1000, (full - pre) * 1000 / (new - 1)
 
 
-QUANTIZED = {"w4a16-g128": "quantize(w=int4,group=128,sym=false)", "w8a8": "quantize(w=int8,a=int8)",
-             "fp8": "quantize(w=fp8e4m3,a=fp8e4m3)"}
-"""Schemes whose decode runs on the Triton backend beside the float step (issue 18's W4A16/W8A8/FP8 rows)."""
+_WEIGHTS = {"w4a16-g128": "quantize(w=int4,group=128,sym=false)", "w8a8": "quantize(w=int8,a=int8)",
+            "fp8": "quantize(w=fp8e4m3,a=fp8e4m3)"}
+QUANTIZED = {**_WEIGHTS, "float-bf16+kv8": "kv-cache(bits=8)", "float-bf16+kv4": "kv-cache(bits=4)",
+             **{f"{k}+kv{b}": f"{v},kv-cache(bits={b})" for k, v in _WEIGHTS.items() for b in (8, 4)}}
+"""Schemes whose decode runs on the Triton backend beside the float step (issue 18's W4A16/W8A8/FP8 rows, each
+with a bf16, int8 and int4 KV cache: the packed cache of the ``kv-cache`` pass, read by the decode-attention
+kernel)."""
 
 
 def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_compile: bool = True,
-             deadline: float = 1e9) -> list[dict]:
+             deadline: float = 1e9, schemes: list[str] | None = None, compile_step: bool = False,
+             with_hf: bool = True, lowbit_float: bool = True) -> list[dict]:
+    """Decode rows: lowbit float on the torch backend, every ``QUANTIZED`` scheme (or ``schemes``) on the Triton
+    backend (``compile_step``: its step module under torch.compile), HF eager and static-cache + compile."""
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
 
@@ -233,7 +240,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
     rows = []
     shape = "llama-7b-shape-4layer" if not smoke else "llama-tiny"
     base = {"area": "decode", "model": shape, "prompt": prompt, "new_tokens": new, "weights_bytes": weights}
-    for b in batches:
+    for b in batches if lowbit_float else ():
         ids = torch.randint(3, model.config.vocab_size, (b, prompt))
         cm.generate(ids, 8, stop_tokens=())  # warm up, captures the CUDA graph for this batch
         out = cm.generate(ids, new, stop_tokens=())
@@ -245,14 +252,17 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
         print(rows[-1], file=sys.stderr)
     del cm
     torch.cuda.empty_cache()
+    method = "lowbit-triton-compiled-cudagraph" if compile_step else "lowbit-triton-cudagraph"
     for scheme, pipeline in QUANTIZED.items():  # the same step on lowbit's kernels (backend="triton")
+        if schemes is not None and scheme not in schemes:
+            continue
         t = time.perf_counter()
         try:
-            cm = compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": False},
+            cm = compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": compile_step},
                                generation=GenerationSpec(max_length=prompt + new, max_batch=max(batches)),
                                device="cuda")
         except Exception as exc:  # noqa: BLE001 - reported in the row
-            rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph",
+            rows.append({**base, "scheme": scheme, "method": method,
                          "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             continue
         compile_s = time.perf_counter() - t
@@ -262,12 +272,12 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
                 cm.generate(ids, 8, stop_tokens=())
                 out = cm.generate(ids, new, stop_tokens=())
             except Exception as exc:  # noqa: BLE001 - reported in the row
-                rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph", "batch": b,
+                rows.append({**base, "scheme": scheme, "method": method, "batch": b,
                              "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
                 continue
             ms = out.decode_seconds * 1000 / out.decode_steps
-            rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph", "batch": b,
-                         "pipeline": pipeline, "ms_per_step": round(ms, 3),
+            rows.append({**base, "scheme": scheme, "method": method, "batch": b,
+                         "pipeline": pipeline, "compiled_step": compile_step, "ms_per_step": round(ms, 3),
                          "prefill_ms": round(out.prefill_seconds * 1000, 2), "tokens_per_s": round(b * 1000 / ms, 1),
                          "peak_mem_mib": round(out.peak_memory_bytes / 2**20), "compile_s": round(compile_s, 1),
                          "kernels": cm.runner.report_text().splitlines()[0]})
@@ -275,7 +285,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
         del cm
         torch.cuda.empty_cache()
     hf = model.to("cuda")
-    for b in batches:
+    for b in batches if with_hf else ():
         ids = torch.randint(3, model.config.vocab_size, (b, prompt), device="cuda")
         for method, kw in (("hf-eager", {}), ("hf-static-compile", {"cache_implementation": "static"})):
             if method == "hf-static-compile" and (not hf_compile or time.perf_counter() - START > deadline):
@@ -370,7 +380,11 @@ def main() -> None:
     ap.add_argument("--no-hf-compile", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
-    ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which HF compile runs are skipped")
+    ap.add_argument("--deadline", type=float, default=1e9,
+                    help="seconds after which HF compile runs are skipped (rows say so)")
+    ap.add_argument("--schemes", default=None, help=f"comma list of lowbit schemes (default all: {', '.join(QUANTIZED)})")
+    ap.add_argument("--compile-step", action="store_true", help="triton backend: run the step under torch.compile")
+    ap.add_argument("--only-schemes", action="store_true", help="no HF and no lowbit float rows (just --schemes)")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
     rows: list[dict] = []
@@ -387,7 +401,9 @@ def main() -> None:
         elif not a.skip_e2e:
             batches = [int(x) for x in a.batches.split(",")]
             rows += [{**r, "device": dev}
-                     for r in e2e_rows(a.prompt, a.new, batches, a.smoke, not a.no_hf_compile, a.deadline)]
+                     for r in e2e_rows(a.prompt, a.new, batches, a.smoke, not a.no_hf_compile, a.deadline,
+                                       a.schemes.split(",") if a.schemes else None, a.compile_step,
+                                       with_hf=not a.only_schemes, lowbit_float=not a.only_schemes)]
     if a.cpu:
         rows += [{**r, "device": machine("cpu")} for r in cpu_rows(a.new)]
     date = datetime.date.today().isoformat()
