@@ -1,6 +1,8 @@
 """The ``distill`` pass: recover a pruned model by training its weights toward the float model's logits.
 
     prune-mlp(ratio=0.27,score=fluctuation,compensate=true),distill(tokens=1000000,device=cuda,dtype=bfloat16)
+    ...,distill(tokens=100000000,max_seconds=240,device=cuda,dtype=bfloat16,calib_n=61,calib_len=1024,batch_size=16,
+                lr=2e-4,schedule=cosine,warmup=0.03,random_offsets=true,holdout=6,eval_every=100)   # the GPU recovery
 
 Why: structured pruning (``prune-mlp``, ``prune-heads``, ``prune-blocks``) gives a smaller dense model, but its
 one-shot repairs are local and the perplexity gap grows with the ratio; a short end-to-end distillation on
