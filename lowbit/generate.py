@@ -114,12 +114,17 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
 
 
 class _CudaGraphStep:
-    """The decode step replayed from a CUDA graph: static input buffers, outputs written by the replay."""
+    """The decode step replayed from a CUDA graph: static input buffers, outputs written by the replay.
+
+    ``greedy``: the graph also takes the argmax of the last logits and writes it into its own token input and
+    advances its positions, so a greedy step is one replay and the host never copies inputs in (fewer launches per
+    step; the host only reads the chosen tokens, one step behind)."""
 
     def __init__(self, runner: Callable[..., Any], ids: torch.Tensor, positions: torch.Tensor,
-                 cache: list[torch.Tensor]) -> None:
+                 cache: list[torch.Tensor], greedy: bool = False) -> None:
         self.ids, self.positions = ids.clone(), positions.clone()
         self.cache = [c.clone() for c in cache]
+        self.greedy = greedy
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -129,16 +134,36 @@ class _CudaGraphStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = runner(self.ids, self.positions, *self.cache)
+            if greedy:
+                self.next = self.out[0][:, -1].float().argmax(-1)
+                self.ids.copy_(self.next.view_as(self.ids))
+                self.positions.add_(1)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.ids.copy_(ids)
         self.positions.copy_(positions)
         self.graph.replay()
+        self._copy_cache_back()
+        return self.out
+
+    def _copy_cache_back(self) -> None:
         # the new cache becomes the next step's input: copy back into the static input buffers
         for dst, src in zip(self.cache, self.out[1:]):
-            if dst.data_ptr() != src.data_ptr():  # the torch backend writes the donated cache in place
+            if dst.data_ptr() != src.data_ptr():  # the backends write the donated cache in place
                 dst.copy_(src)
-        return self.out
+
+    def start(self, ids: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor]) -> None:
+        """Load a generation's first decode inputs (greedy graphs then feed themselves)."""
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        for dst, src in zip(self.cache, cache):
+            dst.copy_(src)
+
+    def step(self) -> torch.Tensor:
+        """One greedy step: replay, then a copy of the chosen tokens (the next replay overwrites them)."""
+        self.graph.replay()
+        self._copy_cache_back()
+        return self.next.clone()
 
 
 class Generator:
@@ -152,7 +177,7 @@ class Generator:
         self.cache_dtype: torch.dtype = getattr(torch, meta["cache_dtype"])
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.tokenizer = tokenizer
-        self._cuda_graphs: dict[int, _CudaGraphStep] = {}
+        self._cuda_graphs: dict[tuple[int, bool], _CudaGraphStep] = {}
         self.kv: dict[str, Any] | None = meta.get("kv_cache")
         """The packed quantized cache's layout (the ``kv-cache`` pass), or None for a float cache."""
 
@@ -200,13 +225,18 @@ class Generator:
                    cache: list[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], Any]:
         """The decode step: a CUDA graph replay on CUDA (captured once per batch size), else a plain call."""
         if self.device.type == "cuda" and self.spec.cuda_graph:
-            graph = self._cuda_graphs.get(batch)
-            if graph is None:
-                graph = self._cuda_graphs[batch] = _CudaGraphStep(self.runner, ids, positions, cache)
-            for dst, src in zip(graph.cache, cache):
-                dst.copy_(src)
+            graph = self._graph(batch, ids, positions, cache, greedy=False)
+            graph.start(ids, positions, cache)
             return lambda i, p, c: graph(i, p)
         return lambda i, p, c: self.runner(i, p, *c)
+
+    def _graph(self, batch: int, ids: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor],
+               greedy: bool) -> _CudaGraphStep:
+        """The captured decode step for this batch size (captured once per batch size and kind)."""
+        graph = self._cuda_graphs.get((batch, greedy))
+        if graph is None:
+            graph = self._cuda_graphs[(batch, greedy)] = _CudaGraphStep(self.runner, ids, positions, cache, greedy)
+        return graph
 
     @torch.no_grad()
     def generate(self, input_ids: Any, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
@@ -287,6 +317,9 @@ class Generator:
         pos = torch.tensor(lengths, device=self.device).view(batch, 1)
         steps = 0
         decode = None
+        greedy_graph = None
+        if cuda and self.spec.cuda_graph and not do_sample and max_new_tokens > 1:
+            greedy_graph = self._graph(batch, next_tokens.view(batch, 1), pos, cache, greedy=True)
         pending = next_tokens
         while True:
             # Launch the next step before reading this one's tokens on the host: the tokens stay on the device, so
@@ -295,13 +328,19 @@ class Generator:
             launched = None
             if steps < max_new_tokens - 1:
                 step_ids = pending.view(batch, 1)
-                if decode is None:
-                    decode = self._decode_fn(batch, step_ids, pos, cache)
-                out = decode(step_ids, pos, cache)
-                if not (cuda and self.spec.cuda_graph):
-                    cache = list(out[1:])
-                launched = pick(out[0][:, -1])
-                pos = pos + 1
+                if greedy_graph is not None:  # greedy on CUDA graphs: the graph feeds itself its tokens
+                    if steps == 0:
+                        greedy_graph.start(step_ids, pos, cache)
+                        del cache
+                    launched = greedy_graph.step()
+                else:
+                    if decode is None:
+                        decode = self._decode_fn(batch, step_ids, pos, cache)
+                    out = decode(step_ids, pos, cache)
+                    if not (cuda and self.spec.cuda_graph):
+                        cache = list(out[1:])
+                    launched = pick(out[0][:, -1])
+                    pos = pos + 1
                 steps += 1
             for b, t in enumerate(pending.tolist()):
                 if done[b]:

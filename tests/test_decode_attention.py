@@ -128,11 +128,14 @@ def test_triton_kernel_matches_reference():
 # key block (several unrolled steps per scale row), longer (one scale row per token row), channel chunks other
 # than the scale dtype's default, bf16 scales
 LAUNCH_CASES = [
-    (4, 32, 4, 2, 8, {"num_warps": 8}),
+    (4, 32, 4, 2, 8, {"num_warps": 8, "variant": "v1"}),
     (2, 16, 2, 2, 8, {"scale_dtype": torch.bfloat16}),
-    (8, 32, 2, 2, 64, {"chunk": 4, "num_warps": 2}),
-    (4, 64, 2, 2, 4, {"chunk": 2}),
-    (2, 48, 4, 1, 4, {"chunk": 8}),
+    (8, 32, 2, 2, 64, {"chunk": 4, "num_warps": 2, "variant": "v1"}),
+    (4, 64, 2, 2, 4, {"chunk": 2, "variant": "v1"}),
+    (2, 48, 4, 1, 4, {"chunk": 8, "variant": "v1"}),
+    # v2: GQA heads per program, two warps, the value rows as a tree (vchain=False)
+    (4, 32, 8, 2, 16, {"heads": 2, "num_warps": 2}),
+    (8, 48, 4, 1, 16, {"heads": 1, "vchain": False}),
 ]
 
 
@@ -147,6 +150,48 @@ def test_triton_kernel_launch_options_match_reference():
     root = Path(__file__).resolve().parents[1]
     code = ("import tests.test_decode_attention as t\n"
             "for *case, launch in t.LAUNCH_CASES:\n    t._check_kernel(*case, **dict(launch))\nprint('ok')")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def _check_real_layout(bits: int, hq: int, hkv: int, v_group: int, **launch) -> None:
+    """Head dim 128, key blocks of 32 tokens (the kv recipes' layout): the v2 kernel's full tile (8 token rows per
+    thread, 16 channels per thread, every field position of a word) against the reference, queries reading
+    different quantized ranges and float buffers, float16 scales."""
+    g = torch.Generator().manual_seed(bits + hq)
+    b, d, s = 2, 128, 192
+    k, v = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
+    q = torch.randn(b, hq, d, generator=g)
+    kc, ks, kz = da.quantize_keys(k, bits, 32)
+    vc, vs, vz = da.quantize_values(v, bits, v_group)
+    float_valid = torch.ones(b, 8, dtype=torch.bool)
+    float_valid[1, 3:] = False
+    kw = dict(bits=bits, lo=torch.tensor([1, 5]), hi=torch.tensor([s - 16, s - 70]), k_float=k[:, :, -8:],
+              v_float=v[:, :, -8:], float_valid=float_valid)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [t.to(dev) for t in (q, kc, ks.half(), kz, vc, vs.half(), vz)]
+    kw = {key: t.to(dev) if isinstance(t, torch.Tensor) else t for key, t in kw.items()}
+    torch.testing.assert_close(da.decode_attention(*args, **launch, **kw), da.decode_attention_reference(*args, **kw),
+                               rtol=2e-5, atol=2e-5)
+
+
+REAL_LAYOUT_CASES = [(4, 4, 4, 32, {}), (2, 4, 2, 16, {}), (8, 4, 1, 32, {"split": 64}),
+                     (4, 4, 4, 32, {"variant": "v2"}), (2, 8, 2, 16, {"variant": "v2", "heads": 4}),
+                     (4, 4, 2, 32, {"variant": "v2p", "split": 96}), (2, 4, 4, 16, {"variant": "v2p", "num_warps": 2}),
+                     (4, 6, 2, 32, {})]  # 3 query heads per kv head (SmolLM2's 9 / 3): one head per program
+
+
+def test_triton_kernel_real_layout_matches_reference():
+    """The kv4 / kv2 / kv8 cache layouts at head dim 128 (TRITON_INTERPRET=1 on CPU, as above)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        for *case, launch in REAL_LAYOUT_CASES:
+            _check_real_layout(*case, **launch)
+        return
+    root = Path(__file__).resolve().parents[1]
+    code = ("import tests.test_decode_attention as t\n"
+            "for *case, launch in t.REAL_LAYOUT_CASES:\n    t._check_real_layout(*case, **dict(launch))\nprint('ok')")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

@@ -9,7 +9,7 @@ import torch
 from conftest import held_out_slice
 
 from lowbit.backends.torch_backend import TorchCompiled
-from lowbit.calibration.distill import logit_kl
+from lowbit.calibration.distill import logit_kl, lr_factor
 from lowbit.passes.base import PassError
 from lowbit.passes.distill import Distill
 from lowbit.passes.manager import PassManager, PipelineError, PipelineSpecError
@@ -49,6 +49,43 @@ def test_distill_lowers_held_out_kl_to_the_float_model(slice2):
     assert after < 0.85 * before, (before, after, st)  # measured 0.714 -> 0.526
 
 
+def test_topk_kl_is_a_coarsened_kl_of_real_logits(slice2):
+    graph, ids, ref = slice2
+    pruned = graph.clone()
+    PassManager(PRUNE).run(pruned)
+    with torch.no_grad():
+        student = TorchCompiled(pruned)(ids)
+    full = float(logit_kl(student, ref))
+    top = [float(logit_kl(student, ref, k)) for k in (8, 64, 1024)]
+    # coarsening both distributions the same way can only lower a KL (data processing); more buckets, closer
+    assert 0 <= top[0] <= top[1] <= top[2] <= full + 1e-6, (top, full)
+    assert top[2] > 0.5 * full
+    # V - 1 tokens and one bucket holding the last token: the same partition as the whole vocabulary
+    assert abs(float(logit_kl(student, ref, ref.shape[-1] - 1)) - full) < 1e-4 * max(full, 1.0)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    assert lr_factor(0.0, "cosine", 0.1) < 0.01 and abs(lr_factor(0.05, "cosine", 0.1) - 0.5) < 1e-9
+    assert lr_factor(0.1, "cosine", 0.1) == 1.0 and abs(lr_factor(0.55, "cosine", 0.1) - 0.5) < 1e-9
+    assert lr_factor(1.0, "cosine", 0.1) < 1e-12 and lr_factor(1.0, "linear", 0.0) == 0.0
+    assert lr_factor(0.5, "linear", 0.0) == 0.5 and lr_factor(0.0, "linear", 0.0) == 1.0
+
+
+def test_distill_holdout_keeps_the_best_params_and_random_offsets(slice2):
+    graph, _, _ = slice2
+    spec = ("distill(tokens=1536,calib_n=16,calib_len=64,batch_size=2,lr=0.0005,schedule=cosine,warmup=0.2,"
+            "random_offsets=true,holdout=4,eval_every=3,topk=256,progress=false)")
+    g = graph.clone()
+    st = PassManager(f"{PRUNE},{spec}").run(g).records[1].stats
+    assert st["steps"] == 12 and st["tokens"] == 12 * 2 * 64 and st["train_tokens"] == 12 * 64
+    steps = [s for s, _ in st["holdout_kl"]]
+    assert steps == [0, 3, 6, 9, 12]
+    best = min(st["holdout_kl"], key=lambda x: x[1])
+    assert st["best_step"] == best[0] and st["restored_best"] == (best[0] != 12)
+    assert best[1] < st["holdout_kl"][0][1], st["holdout_kl"]  # the held-out windows were never trained on, and still improved
+    assert st["tokens_per_second"] > 0
+
+
 def test_distill_contract_and_bad_input(slice2):
     graph, _, _ = slice2
     with pytest.raises(PipelineSpecError, match="distill .* must come after prune-mlp"):
@@ -59,6 +96,8 @@ def test_distill_contract_and_bad_input(slice2):
         Distill(tokens=10).run(graph.clone())
     with pytest.raises(PassError, match="option tokens"):
         Distill(tokens=0)
+    with pytest.raises(PipelineError, match="holdout=4 leaves none of the 4"):
+        PassManager(f"{PRUNE},distill(tokens=10,calib_n=4,calib_len=64,holdout=4,progress=false)").run(graph.clone())
     g = graph.clone()
     PassManager("quantize(w=int8)").run(g)
     with pytest.raises(PipelineError, match="no dequantize node"):

@@ -141,7 +141,7 @@ def test_cli_generate_streams_and_reports_speed(capsys):
 @pytest.mark.parametrize("recipe", [None, "w4a16-g64"])
 def test_onnxruntime_generation_matches_the_torch_reference(smollm2, recipe):
     """The same step graph exported to ONNX (past_key_values in, present out; the cache write is ScatterElements,
-    int4 linears MatMulNBits) runs generation in ONNX Runtime with the torch backend's greedy tokens."""
+    rotary the opset-23 RotaryEmbedding, int4 linears MatMulNBits) runs generation in ONNX Runtime with the torch backend's greedy tokens."""
     from lowbit.backends.onnxruntime_backend import OrtCompiled
     from lowbit.generate import Generator
     from tests.conftest import smollm2_slice
@@ -156,6 +156,7 @@ def test_onnxruntime_generation_matches_the_torch_reference(smollm2, recipe):
     assert [o.name for o in runner.session.get_outputs()][:2] == ["logits", "present_0_key"]
     if recipe is not None:
         assert sum(n.op_type == "MatMulNBits" for n in runner.onnx_model.graph) == 14
+    assert sum(n.op_type == "RotaryEmbedding" for n in runner.onnx_model.graph) == 4  # q and k of 2 layers
     prompts = [tok(p).input_ids for p in PROMPTS[:2]]
     ort_tokens = Generator(runner, graph.meta["generation"], "cpu").generate(prompts, 12, stop_tokens=()).tokens
     assert ort_tokens == torch_cm.generate(prompts, 12, stop_tokens=()).tokens
@@ -179,3 +180,25 @@ def test_decode_step_captures_in_a_cuda_graph_with_the_same_tokens(smollm2, back
     if backend == "torch":
         ref = compile_model(sliced, generation=spec).generate(prompts, 8, stop_tokens=())
         assert sum(a == b for x, y in zip(out.tokens, ref.tokens) for a, b in zip(x, y)) >= 14  # bf16 near-ties
+
+
+def test_step_graph_writes_every_cache_input_in_place():
+    """The decode step overwrites each donated cache buffer instead of copying it: a cache input also read for its
+    shape (the attention mask's length) must not cost a copy of a whole layer's cache per step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=97, max_position_embeddings=64)
+    torch.manual_seed(0)
+    cm = compile_model(LlamaForCausalLM(cfg).eval(), generation=GenerationSpec(max_length=16, max_batch=1))
+    gm = cm.runner.gm
+    cache = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("past_key_values")]
+    assert len(cache) == 4
+    for ph in cache:
+        writes = [u for u in ph.users if "scatter" in str(u.target) or "index_copy" in str(u.target)]
+        assert [str(u.target) for u in writes] == ["aten.scatter_.src"], (ph.name, [str(u.target) for u in ph.users])
+    ids, pos = torch.tensor([[5, 7, 9]]), torch.arange(3).view(1, 3)
+    bufs = [torch.zeros(1, 2, 16, 16) for _ in range(4)]
+    out = cm.runner(ids, pos, *bufs)
+    assert all(o.data_ptr() == b.data_ptr() for o, b in zip(out[1:], bufs))
+    assert all(b[:, :, :3].abs().sum() > 0 and b[:, :, 3:].abs().sum() == 0 for b in bufs)

@@ -177,9 +177,14 @@ def test_ops_compose_with_torch_compile_and_cuda_graphs():
     q, s, z = _quantized_weight(256, 512, "int4", 128, False, "cuda")
     q8, s8, _ = _quantized_weight(256, 512, "int8", 0, True, "cuda")
     x = torch.randn(4, 512, device="cuda").to(torch.bfloat16)
+    from lowbit.kernels.weight_only import pack_words
+
+    wn = pack_words(q, s, z, "int4", 128, n_major=True)  # the N-major decode GEMVs compose too
 
     def f(x):
         h = torch.ops.lowbit.weight_only_linear(x, q, s, z, None, "int4", 128)
+        h = h + torch.ops.lowbit.weight_only_linear(x, *wn, None, "int4", 128)
+        h = h + torch.ops.lowbit.weight_only_linear(x[:1], *wn, None, "int4", 128)
         return torch.ops.lowbit.a8_linear(h[:, :512] if h.shape[1] >= 512 else torch.cat([h, h], 1), q8, s8, None,
                                           None, "int8", 0, "int8", 0)
 
@@ -267,8 +272,55 @@ def test_word_layout_gemv_configs_match_reference(device, cfg):
     from lowbit.kernels import weight_only as wo
 
     q, s, z = _quantized_weight(40, 768, "int4", 128, False, device)
-    words, s2, z2 = wo.pack_words(q, s, z, "int4", 128)
+    words, s2, z2 = wo.pack_words(q, s, z, "int4", 128, n_major=False)
     x = torch.randn(1, 768, device=device).to(torch.bfloat16)
     out = torch.empty(1, 40, device=device, dtype=torch.bfloat16)
     wo._launch_words(x, words, s2, z2, None, out, "int4", 128, dict(cfg, num_warps=4, num_stages=2))
     assert _rel(out, weight_only_linear_ref(x, q, s, z, None, "int4", 128)) <= TOL[torch.bfloat16]
+
+
+N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major kernels, split-K, prefetch, masks
+    ("int4", 128, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 2, "SPLIT_K": 2}),
+    ("uint4", 0, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "U": 1, "SPLIT_K": 1, "PREFETCH": 2}),
+    ("int4", 64, True, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "U": 2, "SPLIT_K": 2, "RED": True}),
+    ("int4", 0, True, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 1, "SPLIT_K": 1, "RED": True}),
+    ("int8", 64, True, 3, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2}),
+    ("int4", 32, False, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PREFETCH": 1}),
+    ("int4", 128, False, 5, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2, "PAIRS": True}),
+    ("uint4", 0, True, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PAIRS": True}),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype,group,m", [("int4", 128, 1), ("uint8", 64, 9)])
+def test_k_major_words_through_the_op(device, qdtype, group, m):
+    """The K-major decode layout (``n_major=False``) still runs through the op (its own config table and rule)."""
+    from lowbit.kernels import weight_only as wo
+
+    q, s, z = _quantized_weight(48, 512, qdtype, group, False, device)
+    words, s2, z2 = wo.pack_words(q, s, z, qdtype, group, n_major=False)
+    assert not wo.is_n_major(words) and words.is_contiguous()
+    x = torch.randn(m, 512, device=device).to(torch.bfloat16)
+    ref = weight_only_linear_ref(x, q, s, z, None, qdtype, group)
+    assert _rel(weight_only_linear(x, words, s2, z2, None, qdtype, group), ref) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype,group,symmetric,m,cfg", N_MAJOR_CASES)
+def test_n_major_words_match_reference(device, qdtype, group, symmetric, m, cfg):
+    """The N-major decode layout (``pack_words(..., n_major=True)``: the same words, strides ``(1, N)``): exact round
+    trip and dequantize, and its GEMVs (``_gemv_t``, ``_tc_t``, ``_tc_pairs``) agree with the reference."""
+    from lowbit.kernels import weight_only as wo
+
+    n, k = 40, 768
+    q, s, z = _quantized_weight(n, k, qdtype, group, symmetric, device)
+    words, s2, z2 = wo.pack_words(q, s, z, qdtype, group, n_major=True)
+    assert wo.is_n_major(words) and words.shape == (n, k * (4 if qdtype.endswith("4") else 8) // 32)
+    assert torch.equal(wo.unpack_words(words, qdtype, k, group).view(torch.uint8), q.view(torch.uint8))
+    ref_w = dequantize(q, s, z, qdtype=qdtype, axis=1 if group else 0, block_size=group or None,
+                       out_dtype=torch.float16)
+    assert torch.equal(dequantize_weight(words, s2, z2, qdtype, group, k, torch.float16), ref_w)
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    out = torch.empty(m, n, device=device, dtype=torch.bfloat16)
+    wo._launch_words(x, words, s2, z2, None, out, qdtype, group, dict(cfg, num_warps=4, num_stages=2))
+    assert _rel(out, weight_only_linear_ref(x, q, s, z, None, qdtype, group)) <= TOL[torch.bfloat16]

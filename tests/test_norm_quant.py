@@ -27,6 +27,8 @@ from lowbit.passes.manager import PassManager
 triton = pytest.importorskip("triton", reason="lowbit's kernels need triton")
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernels = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()), reason="needs CUDA or the interpreter")
+DEV = "cuda" if torch.cuda.is_available() and not INTERP else "cpu"
+"""Where the kernel tests' tensors live: the GPU where there is one (Triton cannot read host memory there)."""
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +132,13 @@ def test_a8_linear_q_on_codes_equals_a8_linear(w_qdtype, a_qdtype, w_group, a_gr
     from lowbit.kernels.act_quant import quantize_activation
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 128, generator=gen).to(torch.bfloat16)
-    w = torch.randn(48, 128, generator=gen)
+    x = torch.randn(5, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    w = torch.randn(48, 128, generator=gen).to(DEV)
     bs = w_group or 128
     sw, zw = dynamic_qparams(w, qdtype=w_qdtype, granularity="per_token", symmetric=True, axis=-1, block_size=bs)
     qw = quantize(w, sw, None, qdtype=w_qdtype, axis=-1, block_size=bs)
     sw = sw if w_group else sw.reshape(-1)
-    bias = torch.randn(48, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(48, generator=gen).to(torch.bfloat16).to(DEV)
     y = torch.ops.lowbit.a8_linear(x, qw, sw, None, bias, w_qdtype, w_group, a_qdtype, a_group)
     xq, xs = quantize_activation(x, a_qdtype, a_group)
     yq = torch.ops.lowbit.a8_linear_q(xq.reshape(5, 128), xs, qw, sw, None, bias, w_qdtype, w_group, a_group,

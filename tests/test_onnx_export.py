@@ -211,3 +211,38 @@ def test_rms_norm_keeps_the_reference_compute_dtype(opset):
     assert out.dtype == torch.float16
     # x/√v (ONNX) vs x·rsqrt(v) (torch) differ in the last float32 bit, which moves a few halves by one ulp
     torch.testing.assert_close(out, ref, rtol=2**-10, atol=1e-4)
+
+
+ROTARY_IR = """graph main(%x: f32[1,2,s0,8], %pos: f32[1,s0,1]) {
+  symbol s0 in [2, 64] hint 4
+  param @inv: f32[4]
+  param @other: f32[4]
+  %f: f32[1,s0,4] = aten.mul.Tensor(%pos, @inv)
+  %g: f32[1,s0,4] = aten.mul.Tensor(%pos, @other)
+  %cat: f32[1,s0,8] = aten.cat.default([%f, %F2], -1)
+  %cos: f32[1,s0,8] = aten.cos.default(%cat)
+  %cos2: f32[1,s0,8] = aten.mul.Tensor(%cos, 1.0)
+  %sin: f32[1,s0,8] = aten.sin.default(%cat)
+  %c: f32[1,1,s0,8] = aten.unsqueeze.default(%cos2, 1)
+  %s: f32[1,1,s0,8] = aten.unsqueeze.default(%sin, 1)
+  %y: f32[1,2,s0,8] = rotary(%x, %c, %s)
+  return %y
+}
+"""
+
+
+@pytest.mark.parametrize("second_half, fused", [("f", True), ("g", False)])
+def test_rotary_lowers_to_rotary_embedding_only_when_the_tables_repeat_their_half(second_half, fused):
+    """rotary="onnx": HF's ``cat(freqs, freqs)`` tables make one opset-23 RotaryEmbedding (tables halved once);
+    tables whose halves differ keep the rotate-half decomposition. Both equal the reference."""
+    params = {"inv": torch.rand(4), "other": torch.rand(4)}
+    g = parse_graph(ROTARY_IR.replace("%F2", "%" + second_half), params)
+    model = to_onnx(g, opset=23, rotary="onnx")
+    ops = lowered_op_types(model)
+    assert (ops.get("RotaryEmbedding") == 1) is fused and ("Neg" in ops) is not fused
+    assert "RotaryEmbedding" not in lowered_op_types(to_onnx(g, opset=23))  # "decompose" is the default
+    x, pos = torch.randn(1, 2, 5, 8), torch.arange(5.0).view(1, 5, 1)
+    out = OrtCompiled(g, opset=23, rotary="onnx")(x, pos)
+    torch.testing.assert_close(out, TorchCompiled(g)(x, pos), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rotary='onnx' needs opset 23"):
+        to_onnx(g, opset=21, rotary="onnx")

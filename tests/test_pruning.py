@@ -432,3 +432,27 @@ def test_refit_columns_reconstructs_removed_channels_by_least_squares():
     assert (y - x[:, keep] @ wk.t() - b).pow(2).mean() < 0.5 * naive  # correlated inputs carry the removed part
     wk, b = refit_columns(w, st, torch.arange(16), 1e-12)  # nothing removed: the weights come back
     assert torch.allclose(wk, w, atol=1e-8) and b.abs().max() < 1e-8
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(2, 12), min_size=2, max_size=8), st.floats(0.05, 0.6), st.floats(0.01, 0.3),
+       st.sampled_from([1, 2, 4]), st.integers(0, 2**31 - 1))
+def test_bounded_global_allocation_keeps_every_layer_within_the_spread(units, ratio, spread, multiple, seed):
+    """``spread``: each layer loses ratio ± spread (rounded down to ``multiple``), the rest goes by the ranking."""
+    from lowbit.passes.prune_mlp import allocate
+
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [u * multiple * 4 for u in units]
+    scores = [torch.rand(n, generator=gen, dtype=torch.float64) * (i + 1) for i, n in enumerate(sizes)]
+    counts = allocate(scores, ratio, "global", multiple, 0.9, spread=spread)
+    free = allocate(scores, ratio, "global", multiple, 0.9)
+    for n, c in zip(sizes, counts):
+        assert c % multiple == 0
+        lo = int(max(0.0, ratio - spread) * n) // multiple * multiple
+        hi = int(min(0.9, ratio + spread) * n) // multiple * multiple
+        assert lo <= c <= hi, (n, c, lo, hi)
+    # the total is the budget up to rounding, as without the bound (unless the bounds cannot hold it)
+    slack = len(sizes) * multiple
+    assert sum(counts) <= int(round(ratio * sum(sizes))) + slack
+    if all(int(min(0.9, ratio + spread) * n) // multiple * multiple >= ratio * n + multiple for n in sizes):
+        assert abs(sum(counts) - sum(free)) <= 2 * slack

@@ -7,11 +7,14 @@ GPU part (``--gpu``):
   lowbit float bf16 (torch backend, decode step under a CUDA graph) vs HF ``generate`` eager and HF static cache
   + ``torch.compile``, batch 1 and 16, prompt 512, 256 new tokens.
 
-CPU part (``--cpu``): SmolLM2 decode tokens/s, lowbit torch backend vs HF transformers ``generate`` (the
-machine is shared: numbers carry the load average seen).
+CPU part (``--cpu``): SmolLM2 decode tokens/s at batch 1 in ONNX Runtime (float; int4 MatMulNBits with the head
+float / int8 / int4, accuracy level 0 and 4) vs HF transformers ``generate``, interleaved over ``--rounds`` rounds in
+one process (the machine is shared: medians, min/max and the load average seen), with each ORT variant's greedy
+tokens checked against the torch reference and its WikiText-2 perplexity measured through its own session. Writes
+only rows whose ``device`` is this CPU: the GPU rows of the file are kept.
 
     python tools/bench_generate.py --gpu            # on the H200
-    python tools/bench_generate.py --cpu --new 32   # here
+    python tools/bench_generate.py --cpu --new 32 --rounds 7   # here (~3-5 min on 2 idle cores)
     python tools/bench_generate.py --gpu --skip-e2e --out $OUT/attn.json   # the attention sweep alone (< 150 s)
     TRITON_INTERPRET=1 python tools/bench_generate.py --smoke --skip-e2e    # checks the sweep on CPU, tiny shapes
 """
@@ -214,13 +217,20 @@ def _hf_ms_per_step(model, ids, new, **kw) -> tuple[float, float]:
     return pre * 1000, (full - pre) * 1000 / (new - 1)
 
 
-QUANTIZED = {"w4a16-g128": "quantize(w=int4,group=128,sym=false)", "w8a8": "quantize(w=int8,a=int8)",
-             "fp8": "quantize(w=fp8e4m3,a=fp8e4m3)"}
-"""Schemes whose decode runs on the Triton backend beside the float step (issue 18's W4A16/W8A8/FP8 rows)."""
+_WEIGHTS = {"w4a16-g128": "quantize(w=int4,group=128,sym=false)", "w8a8": "quantize(w=int8,a=int8)",
+            "fp8": "quantize(w=fp8e4m3,a=fp8e4m3)"}
+QUANTIZED = {**_WEIGHTS, "float-bf16+kv8": "kv-cache(bits=8)", "float-bf16+kv4": "kv-cache(bits=4)",
+             **{f"{k}+kv{b}": f"{v},kv-cache(bits={b})" for k, v in _WEIGHTS.items() for b in (8, 4)}}
+"""Schemes whose decode runs on the Triton backend beside the float step (issue 18's W4A16/W8A8/FP8 rows, each
+with a bf16, int8 and int4 KV cache: the packed cache of the ``kv-cache`` pass, read by the decode-attention
+kernel)."""
 
 
 def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_compile: bool = True,
-             deadline: float = 1e9) -> list[dict]:
+             deadline: float = 1e9, schemes: list[str] | None = None, compile_step: bool = False,
+             with_hf: bool = True, lowbit_float: bool = True) -> list[dict]:
+    """Decode rows: lowbit float on the torch backend, every ``QUANTIZED`` scheme (or ``schemes``) on the Triton
+    backend (``compile_step``: its step module under torch.compile), HF eager and static-cache + compile."""
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
 
@@ -233,7 +243,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
     rows = []
     shape = "llama-7b-shape-4layer" if not smoke else "llama-tiny"
     base = {"area": "decode", "model": shape, "prompt": prompt, "new_tokens": new, "weights_bytes": weights}
-    for b in batches:
+    for b in batches if lowbit_float else ():
         ids = torch.randint(3, model.config.vocab_size, (b, prompt))
         cm.generate(ids, 8, stop_tokens=())  # warm up, captures the CUDA graph for this batch
         out = cm.generate(ids, new, stop_tokens=())
@@ -245,14 +255,17 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
         print(rows[-1], file=sys.stderr)
     del cm
     torch.cuda.empty_cache()
+    method = "lowbit-triton-compiled-cudagraph" if compile_step else "lowbit-triton-cudagraph"
     for scheme, pipeline in QUANTIZED.items():  # the same step on lowbit's kernels (backend="triton")
+        if schemes is not None and scheme not in schemes:
+            continue
         t = time.perf_counter()
         try:
-            cm = compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": False},
+            cm = compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": compile_step},
                                generation=GenerationSpec(max_length=prompt + new, max_batch=max(batches)),
                                device="cuda")
         except Exception as exc:  # noqa: BLE001 - reported in the row
-            rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph",
+            rows.append({**base, "scheme": scheme, "method": method,
                          "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             continue
         compile_s = time.perf_counter() - t
@@ -262,12 +275,12 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
                 cm.generate(ids, 8, stop_tokens=())
                 out = cm.generate(ids, new, stop_tokens=())
             except Exception as exc:  # noqa: BLE001 - reported in the row
-                rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph", "batch": b,
+                rows.append({**base, "scheme": scheme, "method": method, "batch": b,
                              "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
                 continue
             ms = out.decode_seconds * 1000 / out.decode_steps
-            rows.append({**base, "scheme": scheme, "method": "lowbit-triton-cudagraph", "batch": b,
-                         "pipeline": pipeline, "ms_per_step": round(ms, 3),
+            rows.append({**base, "scheme": scheme, "method": method, "batch": b,
+                         "pipeline": pipeline, "compiled_step": compile_step, "ms_per_step": round(ms, 3),
                          "prefill_ms": round(out.prefill_seconds * 1000, 2), "tokens_per_s": round(b * 1000 / ms, 1),
                          "peak_mem_mib": round(out.peak_memory_bytes / 2**20), "compile_s": round(compile_s, 1),
                          "kernels": cm.runner.report_text().splitlines()[0]})
@@ -275,7 +288,7 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
         del cm
         torch.cuda.empty_cache()
     hf = model.to("cuda")
-    for b in batches:
+    for b in batches if with_hf else ():
         ids = torch.randint(3, model.config.vocab_size, (b, prompt), device="cuda")
         for method, kw in (("hf-eager", {}), ("hf-static-compile", {"cache_implementation": "static"})):
             if method == "hf-static-compile" and (not hf_compile or time.perf_counter() - START > deadline):
@@ -304,59 +317,166 @@ def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_
     return rows
 
 
-def cpu_rows(new: int) -> list[dict]:
-    """SmolLM2 decode tokens/s at batch 1 on this CPU, side by side: lowbit torch backend (float), ORT float,
-    ORT W4 (w4a16-g64 RTN, MatMulNBits), HF transformers ``generate``. Greedy tokens of each ORT model must equal
-    the torch reference's of the same graph."""
+CPU_GRAPHS = {
+    "float": None,
+    "w4a16-g64": "quantize(w=int4,group=64,sym=false)",
+    "w4a16-g64-head8": "quantize(w=int4,group=64,sym=false,head=int8)",
+    "w4a16-g64-head4": "quantize(w=int4,group=64,sym=false,head=int4)",
+    "w4a16-g64-head4-merged": "quantize(w=int4,group=64,sym=false,head=int4),fuse-qlinear,merge-linears",
+}
+"""SmolLM2 step graphs of the CPU rows: the int4 body (RTN, group 64) with the 49152 x 576 output head float, int8 or
+int4 (weight-only; the embedding lookup keeps the float table); ``-merged``: q/k/v and gate/up as one MatMulNBits
+each (``merge-linears``, exact)."""
+
+ACC4 = {"weight_format": "matmulnbits", "accuracy_level": 4}
+CPU_RUNNERS: list[tuple[str, str, dict]] = [  # (graph, method, OrtCompiled lowering options)
+    ("float", "lowbit-ort-qdq", {"weight_format": "qdq"}),
+    ("w4a16-g64", "lowbit-ort-matmulnbits", {"weight_format": "matmulnbits"}),
+    ("w4a16-g64", "lowbit-ort-matmulnbits-acc4", ACC4),
+    ("w4a16-g64-head4", "lowbit-ort-matmulnbits", {"weight_format": "matmulnbits"}),
+    ("w4a16-g64-head8", "lowbit-ort-matmulnbits-acc4", ACC4),
+    ("w4a16-g64-head4", "lowbit-ort-matmulnbits-acc4", ACC4),
+    ("w4a16-g64-head4", "lowbit-ort-matmulnbits-acc4-rotary-decomposed", {**ACC4, "rotary": "decompose"}),
+    ("w4a16-g64-head4-merged", "lowbit-ort-matmulnbits-acc4", ACC4),
+    ("float", "lowbit-ort-qdq-spinning", {"weight_format": "qdq", "spinning": True}),
+    ("w4a16-g64-head8", "lowbit-ort-matmulnbits-acc4-spinning", {**ACC4, "spinning": True}),
+]
+"""ORT decode variants timed side by side (every other lowering option as ``ORT_LOWERING``: opset-23 Attention,
+RotaryEmbedding, RMSNormalization). accuracy_level 4 lets MatMulNBits quantize its activations to int8 per block
+(VNNI GEMV; logits move ~1%, greedy tokens drift after a while); level 0 keeps float activations (the torch reference's
+numbers). An 8-bit head lowers to MatMulNBits only at level 4 (``lowbit.backends.onnx.quant``). ``-spinning`` rows
+let ORT's idle worker threads spin (its default; the others run with ``--spinning``'s setting, off unless given):
+same numbers as their twins, so no perplexity of their own."""
+
+
+def _ort_logits(runner):
+    """``ids [B, L] -> logits`` through a step graph's ONNX Runtime session (a prefill over a fresh cache of L
+    slots): perplexity measured with the very session that decodes, at any window length."""
+    import numpy as np
+
+    names = runner.input_names
+    cache_shape = runner.session.get_inputs()[2].shape
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        b, n = ids.shape
+        feeds = {names[0]: ids.numpy(), names[1]: np.arange(n, dtype=np.int64)[None].repeat(b, 0)}
+        for name in names[2:]:
+            feeds[name] = np.zeros((b, cache_shape[1], n, cache_shape[3]), np.float32)
+        return torch.from_numpy(runner.session.run(runner.output_names[:1], feeds)[0])
+
+    return logits
+
+
+def cpu_rows(new: int, rounds: int = 5, threads: int = 2, ppl_windows: int = 8, torch_rows: bool = False,
+             only: str | None = None, spinning: bool = False) -> list[dict]:
+    """SmolLM2 decode tokens/s at batch 1 on this CPU, every variant side by side in one process: float ORT, the W4
+    ORT variants of ``CPU_RUNNERS``, HF transformers ``generate`` (and with ``torch_rows`` lowbit's torch backend).
+
+    The CPU is shared, so the variants run interleaved: ``rounds`` rounds, each generating ``new`` tokens with every
+    variant (the order rotates per round); a row reports the median decode ms/step over rounds, its min and max, and
+    its speed-up over float ORT and over HF as the median of the per-round ratios (each ratio from one round, taken
+    seconds apart). Greedy tokens of each ORT variant are compared with the torch reference of the same graph;
+    perplexity (WikiText-2 test, ``ppl_windows`` windows of 512) is measured through each variant's own session."""
+    import re
+    import statistics
+
     from lowbit.api import compile_model
+    from lowbit.backends.onnx.io import initializer_bytes
     from lowbit.backends.onnxruntime_backend import OrtCompiled
+    from lowbit.eval.perplexity import perplexity
     from lowbit.generate import GenerationSpec, Generator
     from lowbit.models import load_smollm2
 
     model, tok = load_smollm2()
     ids = tok("The capital of France is").input_ids
     spec = GenerationSpec(max_length=len(ids) + new, max_batch=1)
-    base = {"area": "decode", "model": "smollm2-135m", "batch": 1, "prompt": len(ids), "new_tokens": new}
-    rows = []
-
-    def timed(gen, method: str, scheme: str, threads: int | None = None) -> list[int]:
-        gen.generate([ids], 4, stop_tokens=())  # warm up
-        load = os.getloadavg()[0]
-        out = gen.generate([ids], new, stop_tokens=())
-        rows.append({**base, "scheme": scheme, "method": method, "tokens_per_s": round(out.decode_tokens_per_second, 2),
-                     "ms_per_step": round(out.decode_seconds * 1000 / out.decode_steps, 2),
-                     "prefill_ms": round(out.prefill_seconds * 1000, 1), "loadavg_1m": round(load, 2)})
-        print(rows[-1], file=sys.stderr)
-        return out.tokens[0]
-
-    for scheme, recipe, fmt in (("float", None, "qdq"), ("w4a16-g64", "w4a16-g64", "matmulnbits")):
-        cm = compile_model(model, recipe=recipe, tokenizer=tok, generation=spec)
-        ref = timed(_gen(cm), "lowbit-torch", scheme)
-        ort = OrtCompiled(cm.graph, device="cpu", weight_format=fmt)
-        got = timed(Generator(ort, cm.graph.meta["generation"], "cpu"), f"lowbit-ort-{fmt}", scheme)
-        rows[-1]["tokens_equal_torch_reference"] = got == ref
-        del cm, ort
+    base = {"area": "decode", "model": "smollm2-135m", "batch": 1, "prompt": len(ids), "new_tokens": new,
+            "threads": threads}
+    runners = [r for r in CPU_RUNNERS if only is None or re.search(only, f"{r[0]}:{r[1]}")]
+    entries: list[dict] = []  # name -> generate callable and row fields
+    for graph_name, pipeline in CPU_GRAPHS.items():
+        mine = [r for r in runners if r[0] == graph_name]
+        if not mine and not (torch_rows and graph_name in ("float", "w4a16-g64")):
+            continue
+        cm = compile_model(model, pipeline=pipeline, tokenizer=tok, generation=spec)
+        ref = cm.generate([ids], new, stop_tokens=()).tokens[0]
+        if torch_rows and graph_name in ("float", "w4a16-g64"):
+            entries.append({"scheme": graph_name, "method": "lowbit-torch", "pipeline": pipeline or "",
+                            "gen": Generator(cm.runner, cm.graph.meta["generation"], "cpu")})
+        for _, method, options in mine:
+            acc = options.get("accuracy_level", 0)
+            ort = OrtCompiled(cm.graph, device="cpu", **{"threads": threads, "spinning": spinning, **options})
+            gen = Generator(ort, cm.graph.meta["generation"], "cpu")
+            got = gen.generate([ids], new, stop_tokens=()).tokens[0]
+            ops: dict[str, int] = {}
+            for n in ort.onnx_model.graph:
+                if n.op_type in ("MatMulNBits", "MatMul", "DequantizeLinear"):
+                    ops[n.op_type] = ops.get(n.op_type, 0) + 1
+            e = {"scheme": graph_name, "method": method, "pipeline": pipeline or "", "accuracy_level": acc,
+                 "spinning": options.get("spinning", spinning),
+                 "gen": gen, "tokens_equal_torch_reference": got == ref,
+                 "tokens_matching_prefix": next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref)),
+                 "onnx_weight_mb": round(initializer_bytes(ort.onnx_model) / 2**20, 1), "onnx_ops": ops,
+                 "onnx_nodes": len(list(ort.onnx_model.graph))}
+            if ppl_windows and "spinning" not in options:
+                res = perplexity(_ort_logits(ort), "wikitext2-test", seq_len=512, max_windows=ppl_windows,
+                                 tokenizer=tok, progress=False)
+                e.update(eval=f"wt2-512x{ppl_windows}", ppl=round(res.ppl, 4))
+            print(f"{graph_name} {method}: tokens equal {e['tokens_equal_torch_reference']} "
+                  f"(first {e['tokens_matching_prefix']} of {new}), ppl {e.get('ppl')}", file=sys.stderr)
+            entries.append(e)
+        if not (torch_rows and graph_name in ("float", "w4a16-g64")):
+            del cm
     t_ids = torch.tensor([ids])
-    gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(t_ids))
-    model.generate(t_ids, max_new_tokens=4, **gen)
-    load = os.getloadavg()[0]
-    t = time.perf_counter()
-    model.generate(t_ids, max_new_tokens=1, **gen)
-    pre = time.perf_counter() - t
-    t = time.perf_counter()
-    model.generate(t_ids, max_new_tokens=new, min_new_tokens=new, **gen)
-    full = time.perf_counter() - t
-    rows.append({**base, "scheme": "float", "method": "hf-generate", "tokens_per_s": round((new - 1) / (full - pre), 2),
-                 "ms_per_step": round((full - pre) * 1000 / (new - 1), 2), "prefill_ms": round(pre * 1000, 1),
-                 "loadavg_1m": round(load, 2)})
-    print(rows[-1], file=sys.stderr)
+    hf_kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(t_ids))
+
+    def hf_generate() -> tuple[float, float]:
+        t = time.perf_counter()
+        model.generate(t_ids, max_new_tokens=1, **hf_kw)
+        pre = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(t_ids, max_new_tokens=new, min_new_tokens=new, **hf_kw)
+        full = time.perf_counter() - t
+        return pre * 1000, (full - pre) * 1000 / (new - 1)
+
+    entries.append({"scheme": "float", "method": "hf-generate", "hf": hf_generate})
+    model.generate(t_ids, max_new_tokens=4, **hf_kw)  # warm up
+    for e in entries:
+        if "gen" in e:
+            e["gen"].generate([ids], 4, stop_tokens=())
+        e["ms"], e["prefill"], e["load"] = [], [], []
+    for r in range(rounds):
+        order = entries[r % len(entries):] + entries[: r % len(entries)]
+        for e in order:
+            e["load"].append(os.getloadavg()[0])
+            if "hf" in e:
+                pre, ms = e["hf"]()
+            else:
+                out = e["gen"].generate([ids], new, stop_tokens=())
+                pre, ms = out.prefill_seconds * 1000, out.decode_seconds * 1000 / out.decode_steps
+            e["ms"].append(ms)
+            e["prefill"].append(pre)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{e['scheme']}:{e['method']} {e['ms'][-1]:.1f}"
+                                                      for e in entries), file=sys.stderr)
+    float_ort = next((e for e in entries if e["scheme"] == "float" and e["method"] == "lowbit-ort-qdq"), None)
+    hf = entries[-1]
+    rows = []
+    for e in entries:
+        ms = statistics.median(e["ms"])
+        row = {**base, "scheme": e["scheme"], "method": e["method"], "tokens_per_s": round(1000 / ms, 2),
+               "ms_per_step": round(ms, 2), "ms_per_step_min": round(min(e["ms"]), 2),
+               "ms_per_step_max": round(max(e["ms"]), 2), "rounds": rounds,
+               "prefill_ms": round(statistics.median(e["prefill"]), 1),
+               "loadavg_1m": round(statistics.mean(e["load"]), 2)}
+        for name, other in (("float_ort", float_ort), ("hf", hf)):
+            if other is not None and other is not e:
+                row[f"speedup_vs_{name}"] = round(statistics.median(o / m for o, m in zip(other["ms"], e["ms"])), 2)
+        row.update({k: v for k, v in e.items() if k in ("pipeline", "accuracy_level", "tokens_equal_torch_reference",
+                                                         "tokens_matching_prefix", "eval", "ppl", "onnx_weight_mb",
+                                                         "onnx_ops", "onnx_nodes", "spinning")})
+        rows.append(row)
+        print(row, file=sys.stderr)
     return rows
-
-
-def _gen(cm):
-    from lowbit.generate import Generator
-
-    return Generator(cm.runner, cm.graph.meta["generation"], "cpu")
 
 
 def main() -> None:
@@ -370,8 +490,20 @@ def main() -> None:
     ap.add_argument("--no-hf-compile", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
-    ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which HF compile runs are skipped")
+    ap.add_argument("--deadline", type=float, default=1e9,
+                    help="seconds after which HF compile runs are skipped (rows say so)")
+    ap.add_argument("--schemes", default=None, help=f"comma list of lowbit schemes (default all: {', '.join(QUANTIZED)})")
+    ap.add_argument("--compile-step", action="store_true", help="triton backend: run the step under torch.compile")
+    ap.add_argument("--only-schemes", action="store_true", help="no HF and no lowbit float rows (just --schemes)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--rounds", type=int, default=5, help="--cpu: interleaved rounds per variant")
+    ap.add_argument("--threads", type=int, default=2, help="--cpu: ONNX Runtime intra-op threads")
+    ap.add_argument("--ppl-windows", type=int, default=8,
+                    help="--cpu: WikiText-2 windows of 512 for each ORT variant's perplexity (0: none)")
+    ap.add_argument("--torch-rows", action="store_true", help="--cpu: time lowbit's torch backend too")
+    ap.add_argument("--spinning", action="store_true",
+                    help="--cpu: let idle ORT threads spin (ORT's default; slow on a shared CPU)")
+    ap.add_argument("--only", default=None, help="--cpu: regex over 'graph:method' of the ORT variants to run")
     a = ap.parse_args()
     rows: list[dict] = []
     if a.gpu or (a.smoke and not a.cpu):
@@ -387,9 +519,13 @@ def main() -> None:
         elif not a.skip_e2e:
             batches = [int(x) for x in a.batches.split(",")]
             rows += [{**r, "device": dev}
-                     for r in e2e_rows(a.prompt, a.new, batches, a.smoke, not a.no_hf_compile, a.deadline)]
+                     for r in e2e_rows(a.prompt, a.new, batches, a.smoke, not a.no_hf_compile, a.deadline,
+                                       a.schemes.split(",") if a.schemes else None, a.compile_step,
+                                       with_hf=not a.only_schemes, lowbit_float=not a.only_schemes)]
     if a.cpu:
-        rows += [{**r, "device": machine("cpu")} for r in cpu_rows(a.new)]
+        command = "python tools/bench_generate.py " + " ".join(sys.argv[1:])
+        rows += [{**r, "device": machine("cpu"), "command": command}
+                 for r in cpu_rows(a.new, a.rounds, a.threads, a.ppl_windows, a.torch_rows, a.only, a.spinning)]
     date = datetime.date.today().isoformat()
     rows = [{**r, "date": date} for r in rows]
     for r in rows:

@@ -1,27 +1,37 @@
 """The online Hadamard kernel (``torch.ops.lowbit.hadamard``) and its fused per-token quantize
-(``lowbit::hadamard_quantize``) against the torch reference op and a dense cuBLAS matmul by H, in one run.
+(``lowbit::hadamard_quantize``) against the torch reference op and a plain device copy, in one run.
 
-    python tools/bench_hadamard.py --out bench/results/hadamard.json [--ms 8192,2048,16,1]
-                                   [--ns 4096,11008,4864,1536,576] [--budget-s 70]
-    TRITON_INTERPRET=1 python tools/bench_hadamard.py --smoke --out /tmp/hadamard.json   # CPU check of the script
+    python tools/bench_hadamard.py --out bench/results/hadamard.json [--ms 1,16,128,2048,8192]
+        [--ns 4096,1536,576,4864,14336,11008] [--sweep [--no-main]] [--budget-s 120]
+    TRITON_INTERPRET=1 python tools/bench_hadamard.py --smoke --sweep --out /tmp/hadamard.json   # CPU check
 
-Times are medians of ``triton.testing.do_bench`` (L2 flushed between calls) in µs, bf16 activations
-``[M, n]``. Per (M, n): the kernel; (a) the IR's reference op (``lowbit.ir.ops.hadamard``: matmul by the cached
-constant ``H/sqrt(n)``); (b) a dense bf16 cuBLAS ``x @ H`` (the constant made beforehand); the fused
-hadamard + per-token int8 quantize (at the largest M also int4 and fp8) against the two kernels run one after
-the other (``lowbit::hadamard`` then ``lowbit::quantize_activation``). ``eff_bw_frac`` = (bytes read + bytes
-written) / time / the device-to-device copy bandwidth measured in the same run (goal >= 0.70 at large M).
-``mismatch_frac`` = fraction of outputs (codes for the fused rows) that differ from the reference (bf16
-rounding near-ties only: it should be ~1e-3 or less). A length the kernel (or the fused variant: 11008 =
-344·32) does not take gets a row naming why, with the baselines timed. Each config is caught on its own: an
-exception becomes an ``error`` row. Configs stop starting after ``--budget-s`` seconds (rows say ``skipped``).
+Times are medians of ``triton.testing.do_bench`` in µs, bf16 activations ``[M, n]``. Rows:
+
+* ``copy_bandwidth``: a device-to-device copy, bytes read + written per second (the yardstick).
+* ``hadamard_sweep`` (``--sweep``, at ``--sweep-m``): every ``Config`` of ``--configs`` per length, so the fastest
+  can go into ``lowbit.kernels.hadamard.CONFIGS``; ``eff_bw_frac`` = bytes / time / copy bandwidth (goal >= 0.70).
+  ``graph_*``: the same from one CUDA-graph replay — device time; eager timings of a fast kernel are bounded by
+  its Python launch (40-80 µs on the H200 host of round 1), so the eager ``eff_bw_frac`` is a lower bound there.
+* ``hadamard`` / ``bf16`` per (M, n): the op with its default config (``us``), the IR's reference op
+  (``baseline_us``: matmul by the cached ``H/sqrt(n)``), ``graph_us`` / ``baseline_graph_us`` (one CUDA-graph
+  replay: device time without the Python launch cost) and their ``*_eff_bw_frac``, ``direct_us`` (``hadamard_direct``: the launch
+  without torch's custom-op dispatch, what eager callers get), ``dispatch_us`` (the triton backend's FX target,
+  which picks the reference below the crossover), ``mismatch_frac`` (outputs that differ from the float64
+  transform rounded once to bf16: near-ties only).
+* ``hadamard_quantize`` / int8 (int4, fp8 at the largest M): the fused op against the kernel pair
+  (``lowbit::hadamard`` + ``lowbit::quantize_activation``) and the reference chain (reference op + that quantize).
+* ``hadamard_crossover`` per n: ``eager_min_m`` / ``graph_min_m``, the smallest measured M from which the kernel
+  beats the reference at that and every larger measured M (what ``lowbit.kernels.hadamard.EAGER_ROWS`` /
+  ``GRAPH_ROWS`` record), and the win / loss at each measured M.
+
+Each config is caught on its own (an exception becomes an ``error`` row); configs stop starting after
+``--budget-s`` seconds (rows say ``skipped``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import sys
 import time
 from pathlib import Path
@@ -33,30 +43,58 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from results_io import machine, merge_rows
 
 import lowbit.kernels.hadamard as K
-from lowbit.ir.hadamard import hadamard as orthogonal_hadamard
+from lowbit.ir.hadamard import hadamard_matrix
 from lowbit.kernels.act_quant import quantize_activation
 
 KEY = ("kernel", "variant", "M", "K", "device")
+CONFIGS = ("mma/64/4096/4/1/0,mma/64/4096/4/2/3,bfly/64/4096/4/2/4,bfly/4096/4096/4/1/0,bfly/4096/4096/4/2/4,"
+           "bfly/4096/4096/2/2/8,bfly/4096/4096/8/2/2,bfly/4096/8192/8/2/2")
+FUSED_CONFIGS = "mma/64/4096/4/1/0,mma/64/4096/4/2/3,bfly/64/4096/4/2/4,bfly/4096/4096/4/2/4,bfly/4096/8192/8/2/2"
+
+
+def parse_config(spec: str) -> K.Config:
+    """``stage2/n2_cap/tile/warps/stages/waves`` -> ``Config``."""
+    st, cap, tile, warps, stages, waves = spec.split("/")
+    return K.Config(stage2=st, n2_cap=int(cap), tile=int(tile), warps=int(warps), stages=int(stages),
+                    waves=int(waves))
+
+
+def config_name(c: K.Config) -> str:
+    return f"{c.stage2}/{c.n2_cap}/{c.tile}/{c.warps}/{c.stages}/{c.waves}"
 
 
 def timer(smoke: bool):
-    """µs per call: ``do_bench`` medians on CUDA; a wall-clock mean of 3 calls in ``--smoke`` (CPU)."""
+    """µs per call: ``do_bench`` medians on CUDA; a wall-clock mean of 2 calls in ``--smoke`` (CPU)."""
     if smoke:
         def wall(fn) -> float:
             fn()
             t0 = time.perf_counter()
-            for _ in range(3):
+            for _ in range(2):
                 fn()
-            return (time.perf_counter() - t0) / 3 * 1e6
+            return (time.perf_counter() - t0) / 2 * 1e6
         return wall
     from triton.testing import do_bench
 
-    return lambda fn: do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3
+    return lambda fn: do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e3
+
+
+def graph_timer(bench, smoke: bool):
+    """µs of one CUDA-graph replay of ``fn`` (device time, no Python launch cost); None in ``--smoke``."""
+    def run(fn) -> float | None:
+        if smoke:
+            return None
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return bench(g.replay)
+    return run
 
 
 def copy_bandwidth(dev: str, bench) -> float:
     """Device-to-device copy, bytes read + written per second."""
-    a = torch.empty(2 ** 30 if dev == "cuda" else 2 ** 22, dtype=torch.uint8, device=dev)
+    a = torch.empty(2 ** 30 if dev == "cuda" else 2 ** 20, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
     return 2 * a.numel() / (bench(lambda: b.copy_(a)) * 1e-6)
 
@@ -65,65 +103,153 @@ def _mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
     return round((a.reshape(-1).view(torch.uint8) != b.reshape(-1).view(torch.uint8)).float().mean().item(), 6)
 
 
-def bench_config(m: int, n: int, dev: str, bw: float, bench, big: bool, base: dict) -> list[dict]:
+def _exact(x: torch.Tensor) -> torch.Tensor:
+    """The float64 transform (the reference's constant), rounded once to x.dtype: what the kernel should give."""
+    n = x.shape[-1]
+    h = hadamard_matrix(n, torch.float64).to(x.device)
+    out = torch.empty_like(x)
+    for i in range(0, x.shape[0], 1024):  # float64 [1024, n] at a time
+        out[i:i + 1024] = ((x[i:i + 1024].double() @ h) * K._scale_const(n, x.dtype)).to(x.dtype)
+    return out
+
+
+def r3(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
+def sweep_rows(m: int, n: int, dev: str, bw: float, bench, gbench, configs: list[K.Config], base: dict,
+               fused: list[K.Config]) -> list[dict]:
+    x = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    exact = _exact(x[:256])
+    rows = []
+    for cfg in configs:
+        r = {**base, "kernel": "hadamard_sweep", "variant": config_name(cfg), "M": m, "K": n, "N": n}
+        why = K.unsupported(n, cfg)
+        if why is not None:
+            rows.append({**r, "error": f"unsupported: {why}"})
+            continue
+        try:
+            t0 = time.time()
+            lt = K.hadamard_factors(n, dev, cfg)
+            y = K._launch(x, lt, None, cfg)[0]
+            compile_s = time.time() - t0
+            us = bench(lambda cfg=cfg, lt=lt: K._launch(x, lt, None, cfg))
+            g = gbench(lambda cfg=cfg, lt=lt: K._launch(x, lt, None, cfg))
+            r.update(graph_us=g and round(g, 2), graph_eff_bw_frac=g and r3(4 * m * n / (g * 1e-6) / bw))
+            r.update(us=round(us, 2), eff_bw_frac=r3(4 * m * n / (us * 1e-6) / bw),
+                     mismatch_frac=_mismatch(y[:256], exact), compile_s=round(compile_s, 1),
+                     geometry=list(K._geometry(n, cfg)))
+            if cfg in fused and K.unsupported_fused(n, cfg) is None:  # the int8 fused quantize on the same config
+                K._launch(x, lt, "int8", cfg)
+                fus = bench(lambda cfg=cfg, lt=lt: K._launch(x, lt, "int8", cfg))
+                gf = gbench(lambda cfg=cfg, lt=lt: K._launch(x, lt, "int8", cfg))
+                r.update(int8_us=round(fus, 2), int8_eff_bw_frac=r3((3 * m * n + 4 * m) / (fus * 1e-6) / bw),
+                         int8_graph_us=gf and round(gf, 2),
+                         int8_graph_eff_bw_frac=gf and r3((3 * m * n + 4 * m) / (gf * 1e-6) / bw))
+            rows.append(r)
+        except Exception as e:  # noqa: BLE001 - one failing config must not lose the others
+            rows.append({**r, "error": repr(e)[:300]})
+    return rows
+
+
+def bench_config(m: int, n: int, dev: str, bw: float, bench, gbench, big: bool, base: dict) -> list[dict]:
+    from lowbit.backends.triton_backend import _kernel_hadamard
+
     x = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
     rows: list[dict] = []
     K.hadamard_ref(x)  # builds and caches the reference's constant (and warms cuBLAS) before the timing
     ref_us = bench(lambda: K.hadamard_ref(x))
-    h = orthogonal_hadamard(n, torch.float64).to(device=dev, dtype=torch.bfloat16)
-    dense_us = bench(functools.partial(torch.matmul, x, h))
-    del h
+    ref_g = gbench(lambda: K.hadamard_ref(x))
     io = 2 * m * n * 2  # bf16 read + write
     common = {**base, "M": m, "K": n, "N": n, "group": None}
     why = K.unsupported(n)
     if why is not None:
         return [{**common, "kernel": "hadamard", "variant": "bf16", "error": f"unsupported: {why}",
-                 "baseline": "torch_ref", "baseline_us": round(ref_us, 2), "dense_us": round(dense_us, 2),
-                 "ref_eff_bw_frac": round(io / (ref_us * 1e-6) / bw, 3)}]
+                 "baseline": "torch_ref", "baseline_us": round(ref_us, 2),
+                 "ref_eff_bw_frac": r3(io / (ref_us * 1e-6) / bw)}]
     lt = K.hadamard_factors(n, dev)
     y = torch.ops.lowbit.hadamard(x, lt)
     us = bench(lambda: torch.ops.lowbit.hadamard(x, lt))
-    rows.append({**common, "kernel": "hadamard", "variant": "bf16", "us": round(us, 2), "baseline": "torch_ref",
-                 "baseline_us": round(ref_us, 2), "speedup": round(ref_us / us, 3), "dense_us": round(dense_us, 2),
-                 "speedup_vs_dense": round(dense_us / us, 3), "eff_bw_frac": round(io / (us * 1e-6) / bw, 3),
-                 "ref_eff_bw_frac": round(io / (ref_us * 1e-6) / bw, 3),
-                 "mismatch_frac": _mismatch(y, K.hadamard_ref(x))})
+    g = gbench(lambda: torch.ops.lowbit.hadamard(x, lt))
+    direct = bench(lambda: K.hadamard_direct(x, lt))
+    disp = bench(lambda: _kernel_hadamard(x, lt))
+    rows.append({**common, "kernel": "hadamard", "variant": "bf16", "config": config_name(K.config_for(n)),
+                 "us": round(us, 2), "baseline": "torch_ref", "baseline_us": round(ref_us, 2),
+                 "speedup": r3(ref_us / us), "graph_us": g and round(g, 2), "baseline_graph_us": ref_g and round(ref_g, 2),
+                 "direct_us": round(direct, 2), "dispatch_us": round(disp, 2), "eff_bw_frac": r3(io / (us * 1e-6) / bw),
+                 "ref_eff_bw_frac": r3(io / (ref_us * 1e-6) / bw),
+                 "graph_eff_bw_frac": g and r3(io / (g * 1e-6) / bw),
+                 "ref_graph_eff_bw_frac": ref_g and r3(io / (ref_g * 1e-6) / bw),
+                 "mismatch_frac": _mismatch(y[:256], _exact(x[:256]))})
     quantize_activation(y, "int8", 0)  # compiled before the timing
     sep_us = bench(lambda: quantize_activation(torch.ops.lowbit.hadamard(x, lt), "int8", 0))
+    chain_us = bench(lambda: quantize_activation(K.hadamard_ref(x), "int8", 0))
     why_fused = K.unsupported_fused(n)
     if why_fused is not None:
         rows.append({**common, "kernel": "hadamard_quantize", "variant": "int8", "error": f"unsupported: {why_fused}",
-                     "baseline": "hadamard+quantize_activation", "baseline_us": round(sep_us, 2)})
+                     "baseline": "hadamard+quantize_activation", "baseline_us": round(sep_us, 2),
+                     "ref_chain_us": round(chain_us, 2)})
     for qd in (() if why_fused else ("int8", "int4", "fp8e4m3") if big else ("int8",)):
         q = torch.ops.lowbit.hadamard_quantize(x, lt, qd)[0]
-        qr, _ = K.hadamard_quantize_ref(x, qd)
+        qr, _ = K.hadamard_quantize_ref(x[:256], qd)
         fus = bench(lambda qd=qd: torch.ops.lowbit.hadamard_quantize(x, lt, qd))
+        gf = gbench(lambda qd=qd: torch.ops.lowbit.hadamard_quantize(x, lt, qd))
         code_bytes = m * n // 2 if qd == "int4" else m * n
         qio = m * n * 2 + code_bytes + 4 * m
         r = {**common, "kernel": "hadamard_quantize", "variant": qd, "us": round(fus, 2),
-             "eff_bw_frac": round(qio / (fus * 1e-6) / bw, 3), "mismatch_frac": _mismatch(q, qr)}
+             "eff_bw_frac": r3(qio / (fus * 1e-6) / bw), "graph_us": gf and round(gf, 2),
+             "graph_eff_bw_frac": gf and r3(qio / (gf * 1e-6) / bw), "mismatch_frac": _mismatch(q[:256], qr)}
         if qd == "int8":
             r.update(baseline="hadamard+quantize_activation", baseline_us=round(sep_us, 2),
-                     speedup=round(sep_us / fus, 3))
+                     speedup=r3(sep_us / fus), ref_chain_us=round(chain_us, 2))
         rows.append(r)
     return rows
+
+
+def crossover_rows(rows: list[dict], base: dict) -> list[dict]:
+    """Per n: the smallest measured M from which the kernel beats the reference at every larger measured M."""
+    out = []
+    for n in sorted({r["K"] for r in rows if r.get("kernel") == "hadamard" and "us" in r}):
+        pts = sorted((r["M"], r) for r in rows if r.get("kernel") == "hadamard" and r.get("K") == n and "us" in r)
+        res = {**base, "kernel": "hadamard_crossover", "variant": "min_m", "K": n, "M": None}
+        for mode, k, kb in (("eager", "direct_us", "baseline_us"), ("graph", "graph_us", "baseline_graph_us")):
+            win = None
+            for m, r in reversed(pts):
+                if r.get(k) is None or r.get(kb) is None:
+                    continue
+                if r[k] < r[kb]:
+                    win = m
+                else:
+                    break
+            res[f"{mode}_min_m"] = win
+            res[f"{mode}_kernel_wins"] = {str(m): r[k] < r[kb] for m, r in pts
+                                          if r.get(k) is not None and r.get(kb) is not None}
+        out.append(res)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/hadamard.json")
-    ap.add_argument("--ms", default="8192,2048,16,1")
-    ap.add_argument("--ns", default="4096,11008,4864,1536,576")
-    ap.add_argument("--budget-s", type=float, default=70.0, help="start no new config after this many seconds")
+    ap.add_argument("--ms", default="1,16,128,2048,8192")
+    ap.add_argument("--ns", default="4096,1536,576,4864,14336,11008")
+    ap.add_argument("--sweep", action="store_true", help="time every --configs entry per n at --sweep-m first")
+    ap.add_argument("--sweep-m", type=int, default=8192)
+    ap.add_argument("--configs", default=CONFIGS, help="stage2/n2_cap/tile/warps/stages/waves, comma separated")
+    ap.add_argument("--no-main", action="store_true", help="only the sweep")
+    ap.add_argument("--fused-configs", default=FUSED_CONFIGS, help="the configs the sweep also times fused (int8)")
+    ap.add_argument("--budget-s", type=float, default=120.0, help="start no new config after this many seconds")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     args = ap.parse_args()
     t_start = time.time()
+    configs = [parse_config(s) for s in args.configs.split(",") if s]
+    fused_configs = [parse_config(s) for s in args.fused_configs.split(",") if s]
     if args.smoke:
-        dev, ms, ns = "cpu", [3, 1], [64, 576, 2240, 96]
+        dev, ms, ns, sweep_m = "cpu", [3, 1], [64, 576, 96, 2240], 5
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench_hadamard needs CUDA (or --smoke under TRITON_INTERPRET=1)")
-        dev = "cuda"
+        dev, sweep_m = "cuda", args.sweep_m
         ms = [int(v) for v in args.ms.split(",") if v]
         ns = [int(v) for v in args.ns.split(",") if v]
     import triton
@@ -132,6 +258,7 @@ def main() -> None:
 
     device, date = machine(dev), datetime.date.today().isoformat()
     bench = timer(args.smoke)
+    gbench = graph_timer(bench, args.smoke)
     torch.manual_seed(0)
     bw = copy_bandwidth(dev, bench)
     base = {"device": device, "date": date}
@@ -140,16 +267,40 @@ def main() -> None:
               "versions": {"lowbit": __version__, "torch": torch.__version__, "triton": triton.__version__}}
     out = Path(args.out)
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
-    big = max(ms)
-    for m in ms:
+
+    def over() -> bool:
+        return time.time() - t_start > args.budget_s
+
+    if args.sweep:
         for n in ns:
-            if time.time() - t_start > args.budget_s:
+            if over():
+                new = [{**base, "kernel": "hadamard_sweep", "variant": "all", "M": sweep_m, "K": n,
+                        "error": f"skipped: past --budget-s {args.budget_s}"}]
+            else:
+                try:
+                    new = sweep_rows(sweep_m, n, dev, bw, bench, gbench, configs, base, fused_configs)
+                except Exception as e:  # noqa: BLE001
+                    new = [{**base, "kernel": "hadamard_sweep", "variant": "all", "M": sweep_m, "K": n,
+                            "error": repr(e)[:300]}]
+            for r in new:
+                print(f"sweep M={r['M']} n={n} {r['variant']}: "
+                      + (f"{r['us']} us eff_bw {r['eff_bw_frac']} graph {r.get('graph_us')} us eff_bw "
+                         f"{r.get('graph_eff_bw_frac')} mismatch {r['mismatch_frac']} compile "
+                         f"{r['compile_s']} s int8 {r.get('int8_us')} us eff_bw {r.get('int8_eff_bw_frac')} graph "
+                         f"{r.get('int8_graph_us')} us eff_bw {r.get('int8_graph_eff_bw_frac')}"
+                         if "us" in r else str(r.get("error"))), flush=True)
+            rows.extend(new)
+            merge_rows(out, header, rows, key=KEY)
+    big = max(ms)
+    for m in ([] if args.no_main else ms):
+        for n in ns:
+            if over():
                 new = [{**base, "kernel": "hadamard", "variant": "bf16", "M": m, "K": n, "N": n,
                         "error": f"skipped: past --budget-s {args.budget_s}"}]
             else:
                 t0 = time.time()
                 try:
-                    new = bench_config(m, n, dev, bw, bench, m == big, base)
+                    new = bench_config(m, n, dev, bw, bench, gbench, m == big, base)
                 except Exception as e:  # noqa: BLE001 - one failing config must not lose the others
                     new = [{**base, "kernel": "hadamard", "variant": "bf16", "M": m, "K": n, "N": n,
                             "error": repr(e)[:300]}]
@@ -157,11 +308,20 @@ def main() -> None:
                     r["seconds"] = round(time.time() - t0, 1)
             for r in new:
                 print(f"M={m} n={n} {r['kernel']}/{r['variant']}: "
-                      + (f"{r['us']} us eff_bw {r['eff_bw_frac']} speedup {r.get('speedup')} "
-                         f"dense {r.get('dense_us')} mismatch {r['mismatch_frac']}" if "us" in r
-                         else f"{r.get('error')} ref {r.get('baseline_us')} dense {r.get('dense_us')}"), flush=True)
+                      + (f"{r['us']} us direct {r.get('direct_us')} eff_bw {r['eff_bw_frac']} graph_eff_bw "
+                         f"{r.get('graph_eff_bw_frac')} ref {r.get('baseline_us')} "
+                         f"graph {r.get('graph_us')} ref_graph {r.get('baseline_graph_us')} "
+                         f"dispatch {r.get('dispatch_us')} chain {r.get('ref_chain_us')} "
+                         f"mismatch {r['mismatch_frac']}" if "us" in r
+                         else f"{r.get('error')} ref {r.get('baseline_us')}"), flush=True)
             rows.extend(new)
             merge_rows(out, header, rows, key=KEY)
+    cross = crossover_rows(rows, base)
+    for r in cross:
+        print(f"crossover n={r['K']}: eager from M={r['eager_min_m']} {r['eager_kernel_wins']}, graph from "
+              f"M={r['graph_min_m']} {r['graph_kernel_wins']}", flush=True)
+    rows.extend(cross)
+    merge_rows(out, header, rows, key=KEY)
     print(f"wrote {out} ({len(rows)} rows, {time.time() - t_start:.0f} s)", flush=True)
 
 

@@ -54,7 +54,7 @@ def n_copies(weight_bytes: int) -> int:
     return max(1, min(16, -(-COPIES_BYTES // max(weight_bytes, 1))))
 
 
-def bench_graph(fns: list) -> float:
+def bench_graph(fns: list, warmup: int = 10, rep: int = 40) -> float:
     """Median µs per call of ``fns`` (one per weight copy) replayed from one CUDA graph: the kernel time a
     graphed/compiled model sees (no host launch cost), weights cold in L2 as in a model whose layers differ."""
     for f in fns:
@@ -73,7 +73,7 @@ def bench_graph(fns: list) -> float:
                     f()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    return bench(g.replay) / (rounds * len(fns))
+    return bench(g.replay, warmup, rep) / (rounds * len(fns))
 
 
 def measure(make, weight_bytes: int) -> tuple[float, float]:
@@ -301,7 +301,8 @@ def sweep_words(m: int, k: int, n: int, bw: float) -> list[dict]:
     """Every ``WORDS_SWEEP`` config at one shape (int4 g128 asymmetric, raw launches in a CUDA graph); one row each
     and the best one marked."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    copies = [wo.pack_words(*qweight(n, k, "int4", 128, False)[:3], "int4", 128) for _ in range(n_copies(n * k // 2))]
+    copies = [wo.pack_words(*qweight(n, k, "int4", 128, False)[:3], "int4", 128, n_major=False)
+              for _ in range(n_copies(n * k // 2))]
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     kind = "tc" if m >= wo.WORDS_TC_MIN_M else "cc"
     bm = 16 if kind == "tc" else 1

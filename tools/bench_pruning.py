@@ -4,8 +4,12 @@ One run, one machine: the float model and every row are captured once, pruned fr
 scored on the same windows, so ``ratio = value / float_value`` compares like with like.
 
     python tools/bench_pruning.py [--eval wt2-512x40] [--windows 8] [--match REGEX] [--out bench/results/pruning.json]
-    python tools/bench_pruning.py --rows structured --recover-tokens 500000 --recover-seconds 35 --device cuda \
-        --windows 40 --out $OUT/pruning_recover.json      # structured 10/20/30 with and without recovery, GPU
+    python tools/bench_pruning.py --rows structured --ratios 20 --device cuda --windows 40 \
+        --recover-tokens 100000000 --recover-seconds 240 --deadline 270 --recover-seq 1024 --recover-batch 16 \
+        --recover-lr 2e-4 --recover-schedule cosine --recover-warmup 0.03 --recover-offsets --recover-holdout 6 \
+        --recover-eval-every 100 --recover-match "blocks 8-20" --out $OUT/pruning_recover.json   # GPU recovery
+    python tools/bench_pruning.py --pruned-speed --speed-budget 70 --out $OUT/pruned_speed.json   # GPU speed
+    TRITON_INTERPRET=1 python tools/bench_pruning.py --pruned-speed --smoke --out /tmp/s.json    # its CPU check
 
 Rows are merged into the results file by (model, scheme, method, variant, eval, device). ``scheme`` follows
 ../shared/RESULTS.md (``2:4``, ``unstructured-50``, ``structured-20``, ``2:4+w4a16``); structured rows carry the
@@ -13,7 +17,17 @@ fraction of parameters removed, of the transformer blocks' linears (``params_rem
 whole model with its tied embedding (``params_removed_frac_total``). ``--recover-tokens N`` adds, after each
 structured row, the same pruned graph recovered by the ``distill`` pass (KL to the float model's logits on the
 shipped calibration text, N tokens, capped by ``--recover-seconds``); the row's ``ratio_without_recovery`` is
-the one-shot ratio of the same run.
+the one-shot ratio of the same run. The training text is only the shipped calibration excerpt (63,336 tokens),
+so a GPU recovery runs many epochs: ``--recover-offsets`` starts windows anywhere, ``--recover-holdout`` keeps
+windows out and writes back the params with the lowest held-out KL; recoveries run after every one-shot row and
+``--deadline`` shrinks them so the whole run ends in time (``--recover-match`` picks the rows that recover).
+
+Pruned speed (``--pruned-speed``): the 7B-shaped 4-layer Llama of tools/bench_generate.py, unpruned against 20% of
+its blocks' linear params removed by ``prune-mlp`` (uniform, 11008 -> 7680 channels: a multiple of 256, so the W4
+decode word layout and the tensor-core tiles still apply), float bf16 and W4A16 g128 on backend ``triton``:
+decode ms/step (``CompiledModel.generate``, CUDA graphs, batch 1 and 16, prompt 512, 128 new tokens) and the
+1x2048 prefill, speedups in the pruned rows. Only MLP channels are cut: ``prune-heads`` does not yet find the
+attention of a generation step graph (its k/v pass through the KV cache), so the cache and the attention stay.
 
 2:4 speed on the GPU (issue 21 item 3: semi-structured sparse tensors against dense bf16, one run)::
 
@@ -71,7 +85,14 @@ ROWS: list[tuple[str, str, str, str | None]] = [
      f"prune-mlp(ratio=0.135,score=fluctuation,compensate=true,allocation=global,{CAL_S})"),
     ("structured-30", "flap", "mlp channels, fluctuation + bias compensation, global allocation",
      f"prune-mlp(ratio=0.4,score=fluctuation,compensate=true,allocation=global,{CAL_S})"),
-]
+] + [(f"structured-{pct}", "flap", "mlp channels, fluctuation + bias compensation, bounded global allocation (±5%)",
+      f"prune-mlp(ratio={r},score=fluctuation,compensate=true,allocation=global,spread=0.05,{CAL_S})")
+     for pct, r in ((10, 0.135), (20, 0.27), (30, 0.4))] + [
+    # uniform keeps every layer's share (better than the score rankings on SmolLM2 at x8: 25% uniform 1.786x vs
+    # bounded global 1.852x at the same 18.75%); the last 1.35% comes from the 13 middle blocks, first/last denser
+    ("structured-20", "flap", "mlp channels, fluctuation + bias compensation, uniform 25% + 64 more in blocks 8-20",
+     f"prune-mlp(ratio=0.25,score=fluctuation,compensate=true,{CAL_S}),"
+     rf"prune-mlp(ratio=0.0556,score=fluctuation,compensate=true,modules=model\.layers\.(8|9|1[0-9]|20)\.,{CAL_S})")]
 
 
 def _block_linear_params(g) -> int:
@@ -186,8 +207,152 @@ def gpu_speed(args: argparse.Namespace) -> None:
     merge_rows(out, header, rows, key=SPEED_KEY)
 
 
+PRUNED_SPEED_KEY = ("area", "model", "scheme", "method", "pruned", "batch", "device")
+SPEED_TARGET = 0.2
+"""Fraction of the blocks' linear params the speed mode removes (issue 21's structured-20)."""
+
+
+def _mlp_ratio(cfg, target: float, multiple: int) -> tuple[float, int]:
+    """The prune-mlp ratio that removes ``target`` of a block's linear params through MLP channels alone, with
+    the count removed a multiple of ``multiple`` (so the kept width stays one): (ratio, channels removed)."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    hd = h // cfg.num_attention_heads
+    attn = h * h * 2 + 2 * h * cfg.num_key_value_heads * hd
+    per_layer = attn + 3 * h * i
+    rm = int(round(target * per_layer / (3 * h) / multiple)) * multiple
+    return rm / i, rm
+
+
+def pruned_speed(args: argparse.Namespace) -> None:
+    """Prefill and decode of the 7B-shaped 4-layer Llama, unpruned vs 20% of its blocks' params removed by
+    ``prune-mlp``, float bf16 and W4A16 on backend="triton", one run (rows with speedups)."""
+    import lowbit
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_generate import _llama
+
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    dev_name = machine(dev)
+    smoke = args.smoke
+    model = _llama(smoke)
+    cfg = model.config
+    multiple = 128 if smoke else 256  # smoke: K % 128 for the group-128 W4 rows
+    ratio, removed = _mlp_ratio(cfg, args.speed_target, multiple)
+    kept = cfg.intermediate_size - removed
+    prompt, new, batches = (32, 8, [1, 2]) if smoke else (args.speed_prompt, args.speed_new, [1, 16])
+    pre_len = 64 if smoke else 2048
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    block = cfg.num_hidden_layers * (cfg.hidden_size ** 2 * 2 + 2 * cfg.hidden_size * cfg.num_key_value_heads * hd
+                                     + 3 * cfg.hidden_size * cfg.intermediate_size)
+    total = sum(p.numel() for p in model.parameters())
+    rm_params = cfg.num_hidden_layers * 3 * cfg.hidden_size * removed
+    calib = torch.randint(3, cfg.vocab_size, (4, 128 if not smoke else 32), generator=torch.Generator().manual_seed(0))
+    on = f",device={dev}" if cuda else ""
+    prune = (f"prune-mlp(ratio={ratio:.6f},multiple={multiple},calib_n=4,calib_len={calib.shape[1]},"
+             f"progress=false{on})")
+    schemes = {k: v for k, v in {"float-bf16": "", "w4a16-g128": "quantize(w=int4,group=128,sym=false)"}.items()
+               if k in args.speed_schemes.split(",")}
+    versions = {"lowbit": lowbit.__version__, "torch": torch.__version__, "python": platform.python_version(),
+                "cuda": str(torch.version.cuda)}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = "not installed"
+    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    shape = "llama-7b-shape-4layer" if not smoke else "llama-tiny"
+    header = {"command": "python " + " ".join(sys.argv), "date": date, "device": dev_name, "versions": versions,
+              "notes": (f"{shape} (random bf16, hidden {cfg.hidden_size}, MLP {cfg.intermediate_size}, "
+                        f"{cfg.num_attention_heads} heads, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}); "
+                        f"pruned = {prune} (uniform: every MLP {cfg.intermediate_size} -> {kept} channels, a multiple "
+                        f"of {multiple} so the W4 decode word layout (K % 256) and tensor-core tiles still apply; "
+                        f"calibration on random ids, which only the speed needs): {rm_params / block:.4f} of the "
+                        f"blocks' linear params, {rm_params / total:.4f} of all params (embedding and head "
+                        "included: 4 layers make the head a large share). backend triton (compile=False); decode "
+                        f"= CompiledModel.generate with CUDA graphs, prompt {prompt}, {new} new tokens, ms/step = "
+                        "decode_seconds / decode_steps after a warm-up generate; prefill = the same step graph's "
+                        f"1x{pre_len} forward (prefill_seconds of generate with max_length {pre_len}+{new}, 1 new "
+                        "token, median of 3 after a warm-up). speedup = unpruned / pruned of the same scheme and "
+                        "batch in this run." + (" SMOKE: tiny shapes." if smoke else ""))}
+    out = Path(args.out)
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        merge_rows(out, header, rows, key=PRUNED_SPEED_KEY)
+
+    def out_of_time() -> bool:
+        return time.perf_counter() - t_start > args.speed_budget
+
+    base = {"area": f"pruned-speed-{round(args.speed_target * 100)}", "model": shape, "device": dev_name, "date": date, "method": "lowbit-triton"}
+    measured: dict[tuple, dict] = {}
+    for scheme, quant in schemes.items():
+        for pruned in (False, True):
+            pipe = ",".join(p for p in ((prune if pruned else ""), quant) if p)
+            tag = {**base, "scheme": scheme, "pruned": pruned, "pipeline": pipe,
+                   "mlp_width": kept if pruned else cfg.intermediate_size,
+                   "params_removed_frac_blocks": round(rm_params / block, 4) if pruned else 0.0,
+                   "params_removed_frac_total": round(rm_params / total, 4) if pruned else 0.0}
+            for what, spec, bs in (("decode", GenerationSpec(max_length=prompt + new, max_batch=max(batches)),
+                                    batches),
+                                   ("prefill", GenerationSpec(max_length=pre_len + 8, max_batch=1), [1])):
+                if out_of_time():
+                    for b in bs:
+                        emit({**tag, "batch": b, "phase": what, "error": "skipped: past --speed-budget"})
+                    continue
+                t = time.perf_counter()
+                try:
+                    cm = compile_model(model, pipeline=pipe or None, backend="triton", device=dev,
+                                       backend_options={"compile": False}, calib=calib if pruned else None,
+                                       generation=spec)
+                    compile_s = time.perf_counter() - t
+                    kernels = cm.runner.report_text().splitlines()[0] if hasattr(cm.runner, "report_text") else ""
+                except Exception as exc:  # noqa: BLE001 - a failing configuration becomes rows
+                    for b in bs:
+                        emit({**tag, "batch": b, "phase": what,
+                              "error": f"compile: {type(exc).__name__}: {str(exc)[:300]}"})
+                    continue
+                for b in bs:
+                    row = {**tag, "batch": b, "phase": what, "compile_s": round(compile_s, 1), "kernels": kernels}
+                    try:
+                        if what == "decode":
+                            ids = torch.randint(3, cfg.vocab_size, (b, prompt))
+                            cm.generate(ids, min(8, new), stop_tokens=())
+                            o = cm.generate(ids, new, stop_tokens=())
+                            ms = o.decode_seconds * 1000 / o.decode_steps
+                            row.update(ms_per_step=round(ms, 3), tokens_per_s=round(b * 1000 / ms, 1),
+                                       prompt=prompt, new_tokens=new)
+                        else:
+                            ids = torch.randint(3, cfg.vocab_size, (1, pre_len))
+                            cm.generate(ids, 1, stop_tokens=())
+                            ts = sorted(cm.generate(ids, 1, stop_tokens=()).prefill_seconds for _ in range(3))
+                            row.update(prefill_ms=round(ts[1] * 1000, 2), prompt=pre_len)
+                        key = (scheme, what, b)
+                        if not pruned:
+                            measured[key] = row
+                        elif key in measured:
+                            ref = measured[key]
+                            k = "ms_per_step" if what == "decode" else "prefill_ms"
+                            row["unpruned_" + k] = ref[k]
+                            row["speedup"] = round(ref[k] / row[k], 3)
+                    except Exception as exc:  # noqa: BLE001
+                        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    emit(row)
+                del cm
+                if cuda:
+                    torch.cuda.empty_cache()
+    merge_rows(out, header, rows, key=PRUNED_SPEED_KEY)
+
+
 STRUCTURED_ROWS = r"^structured-[123]0:flap:mlp channels, fluctuation"
-"""``--rows structured``: the FLAP-style MLP rows at 10/20/30% (one method across the three ratios)."""
+"""``--rows structured``: the FLAP-style MLP rows at 10/20/30% (``--ratios`` picks among them, ``--allocation``
+between the unbounded global ranking and the bounded one)."""
 
 
 def _on_device(pipeline: str, dev: str) -> str:
@@ -210,20 +375,59 @@ def main() -> None:
     ap.add_argument("--recover-lr", type=float, default=2e-4)
     ap.add_argument("--recover-seconds", type=float, default=None,
                     help="cap on each recovery's wall time (the row says how many tokens ran)")
-    ap.add_argument("--recover-batch", type=int, default=8, help="512-token windows per recovery step")
+    ap.add_argument("--recover-match", default="", help="regex on 'scheme:method:variant': which rows recover")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds from the start by which the run must end: each recovery's cap shrinks to fit")
+    ap.add_argument("--recover-batch", type=int, default=8, help="windows per recovery step")
+    ap.add_argument("--recover-seq", type=int, default=512, help="tokens per recovery window (512-2048)")
+    ap.add_argument("--recover-schedule", default="linear", choices=["linear", "cosine"])
+    ap.add_argument("--recover-warmup", type=float, default=0.0, help="fraction of the run spent warming up the lr")
+    ap.add_argument("--recover-topk", type=int, default=0, help="KL over the teacher's top-k (+ rest); 0: full vocab")
+    ap.add_argument("--recover-scope", default="blocks", choices=["blocks", "all"],
+                    help="blocks: the blocks' linears and norms train; all: also the tied embedding/head")
+    ap.add_argument("--recover-offsets", action="store_true", help="windows start at random token offsets")
+    ap.add_argument("--recover-holdout", type=int, default=0,
+                    help="calibration windows held out of training; the lowest held-out KL's params are kept")
+    ap.add_argument("--recover-eval-every", type=int, default=0, help="steps between held-out KL measurements")
+    ap.add_argument("--recover-ce", type=float, default=0.0, help="weight of an added next-token cross-entropy")
+    ap.add_argument("--recover-wd", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--allocation", default="all", choices=["global", "bounded", "middle", "all"],
+                    help="with --rows structured: the FLAP rows' allocation (global: unbounded ranking; bounded: "
+                         "each layer within ±5%% of the ratio; middle: uniform + more in the middle blocks, 20%% only)")
+    ap.add_argument("--ratios", default="10,20,30",
+                    help="with --rows structured: which structured-N rows run (comma list of 10, 20, 30)")
     ap.add_argument("--out", default="bench/results/pruning.json")
     ap.add_argument("--gpu-speed", action="store_true",
                     help="time 2:4 semi-structured sparse GEMMs against dense bf16 instead (see the docstring)")
-    ap.add_argument("--smoke", action="store_true", help="with --gpu-speed: tiny shapes (checks the script on CPU)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="with --gpu-speed / --pruned-speed: tiny shapes (checks the script on CPU)")
+    ap.add_argument("--pruned-speed", action="store_true",
+                    help="prefill/decode of the 7B-shaped 4-layer Llama, unpruned vs 20%% pruned (prune-mlp), "
+                         "float and W4A16 on backend triton")
+    ap.add_argument("--speed-prompt", type=int, default=512)
+    ap.add_argument("--speed-new", type=int, default=128)
+    ap.add_argument("--speed-target", type=float, default=SPEED_TARGET,
+                    help="--pruned-speed: fraction of the blocks' linear params removed (MLP channels)")
+    ap.add_argument("--speed-schemes", default="float-bf16,w4a16-g128", help="--pruned-speed: comma list")
+    ap.add_argument("--speed-budget", type=float, default=150.0,
+                    help="--pruned-speed: seconds after which the remaining configurations become skipped rows")
     args = ap.parse_args()
+    if args.pruned_speed:
+        pruned_speed(args)
+        return
     if args.gpu_speed:
         gpu_speed(args)
         return
     dev = args.device
     dev_name = machine(dev)
     match = STRUCTURED_ROWS if args.rows == "structured" else args.match
+    if args.rows == "structured":
+        pick = "|".join(r.strip() for r in args.ratios.split(",") if r.strip())
+        match = STRUCTURED_ROWS.replace("[123]0", f"(?:{pick})")
+        match += {"global": r".*, global allocation$", "bounded": r".*bounded global", "middle": r".*uniform 25%",
+                  "all": ""}[args.allocation]
     if args.rows == "structured" and args.match:
-        match = f"(?={STRUCTURED_ROWS})(?=.*(?:{args.match}))"
+        match = f"(?={match})(?=.*(?:{args.match}))"
     model, tok, kind = load_model(args.model)
     assert kind == "causal-lm"
     spec = dict(EVALS[args.eval])
@@ -244,12 +448,15 @@ def main() -> None:
 
     recovery_note = ""
     if args.recover_tokens:
-        recovery_note = (f" Recovered rows: distill(tokens={args.recover_tokens}, lr={args.recover_lr}, "
-                         f"batch {args.recover_batch} x 512, dtype {'bfloat16' if dev != 'cpu' else 'float32'}, "
+        recovery_note = (f" Recovered rows: distill(tokens={args.recover_tokens}, lr={args.recover_lr} "
+                         f"{args.recover_schedule} warmup {args.recover_warmup}, batch {args.recover_batch} x "
+                         f"{args.recover_seq}, dtype {'bfloat16' if dev != 'cpu' else 'float32'}, topk "
+                         f"{args.recover_topk}, scope {args.recover_scope}, random offsets {args.recover_offsets}, "
+                         f"holdout {args.recover_holdout} windows, ce {args.recover_ce}, "
                          f"max_seconds={args.recover_seconds}) on the pruned graph, teacher = the float graph, "
-                         "KL to its logits on the shipped WikiText-2 validation excerpt (112 windows of 512, "
-                         "repeated in shuffled epochs; never the test text); row 'recovery' and 'recover_*' say "
-                         "what ran.")
+                         "KL to its logits on the shipped WikiText-2 validation excerpt (wikitext2-valid-calib, "
+                         f"{_calib_tokens()} tokens, every whole window of {args.recover_seq}, repeated in shuffled "
+                         "epochs; never the test text); row 'recovery' and 'recover_*' say what ran.")
     header = {
         "command": "python " + " ".join(sys.argv),
         "date": datetime.date.today().isoformat(),
@@ -271,6 +478,7 @@ def main() -> None:
         r = perplexity(TorchCompiled(g, dev), "wikitext2-test", tokenizer=tok, progress=False, device=dev, **spec)
         if scheme == "float":
             float_value = r.ppl
+            EVAL_SECONDS.append(r.seconds)
         removed = total_params - sum(v.data.numel() for v in g.params.values())
         row = {
             "model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant, "eval": eval_name,
@@ -284,10 +492,14 @@ def main() -> None:
             row["params_removed_frac_blocks"] = round(removed / block_params, 4)
             row["params_removed_frac_total"] = round(removed / total_params, 4)
             row["recovery"] = "none"
+        widths: dict = {}
         for st in stats.values():
-            for k in ("sparsity_measured", "widths", "heads", "blocks_removed"):
+            widths.update(st.get("widths", {}))  # a later pass's widths replace an earlier one's per block
+            for k in ("sparsity_measured", "heads", "blocks_removed"):
                 if k in st:
-                    row[k] = st[k] if k != "widths" else sorted(set(st[k].values()))
+                    row[k] = st[k]
+        if widths:
+            row["widths"] = sorted(set(widths.values()))
         return row
 
     def emit(row: dict) -> None:
@@ -295,6 +507,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         merge_rows(out, header, rows)
 
+    queued: list[tuple] = []
     for scheme, method, variant, pipeline in ROWS:
         if match and scheme != "float" and not re.search(match, f"{scheme}:{method}:{variant}"):
             continue
@@ -325,20 +538,56 @@ def main() -> None:
             emit(row)
             continue
         emit(row)
-        if args.recover_tokens and scheme.startswith("structured"):
-            emit(recover(args, graph, g, row, score, dev))
+        if (args.recover_tokens and scheme.startswith("structured")
+                and re.search(args.recover_match, f"{scheme}:{method}:{variant}")):
+            queued.append((g, row))  # recovered after every one-shot row, so a --deadline cuts only recoveries
         del g
+    for g, row in queued:
+        emit(recover(args, graph, g, row, score, dev))
+
+
+def _calib_tokens() -> int:
+    """Tokens of the shipped calibration text (wikitext2-valid-calib) under SmolLM2's tokenizer."""
+    from lowbit.data import text_path
+    from lowbit.data.model_files import load_tokenizer
+    from lowbit.data.tokens import token_ids
+
+    return int(token_ids(text_path("wikitext2-valid-calib"), load_tokenizer("smollm2")).numel())
+
+
+EVAL_SECONDS: list[float] = []
+"""The float row's evaluation time (the recovery leaves room for one more before ``--deadline``)."""
+START = time.perf_counter()
+
+
+def _recover_seconds(args: argparse.Namespace) -> float | None:
+    """The recovery's wall-time cap: ``--recover-seconds``, shortened so that the run ends by ``--deadline``
+    (counted from the start of the script, keeping twice the float evaluation's time + 10 s for the score)."""
+    cap = args.recover_seconds
+    if args.deadline is not None:
+        left = args.deadline - (time.perf_counter() - START) - 2 * (EVAL_SECONDS[0] if EVAL_SECONDS else 30) - 10
+        cap = left if cap is None else min(cap, left)
+    return cap
 
 
 def recover(args: argparse.Namespace, teacher, pruned, base: dict, score, dev: str) -> dict:
     """The pruned graph after ``distill`` toward ``teacher`` (the float graph): a row beside ``base``."""
+    cap = _recover_seconds(args)
+    if cap is not None and cap < 5:
+        return {**{k: base[k] for k in ("model", "scheme", "method", "eval", "device", "date")},
+                "variant": f"{base['variant']} + distill {args.recover_tokens} tokens", "pipeline": base["pipeline"],
+                "error": f"skipped: {cap:.0f} s left before --deadline {args.deadline}"}
     from lowbit.passes.distill import Distill
 
     variant = f"{base['variant']} + distill {args.recover_tokens} tokens"
     g = pruned.clone()
-    d = Distill(tokens=args.recover_tokens, lr=args.recover_lr, batch_size=args.recover_batch, calib_len=512,
-                calib_n=112, dtype="float32" if dev == "cpu" else "bfloat16",
-                device=None if dev == "cpu" else dev, max_seconds=args.recover_seconds, progress=False)
+    n_windows = _calib_tokens() // args.recover_seq
+    d = Distill(tokens=args.recover_tokens, lr=args.recover_lr, batch_size=args.recover_batch,
+                calib_len=args.recover_seq, calib_n=n_windows, dtype="float32" if dev == "cpu" else "bfloat16",
+                device=None if dev == "cpu" else dev, max_seconds=cap, progress=False,
+                schedule=args.recover_schedule, warmup=args.recover_warmup, topk=args.recover_topk,
+                scope=args.recover_scope, random_offsets=args.recover_offsets, holdout=args.recover_holdout,
+                eval_every=args.recover_eval_every, ce_weight=args.recover_ce, weight_decay=args.recover_wd)
     d.reference = teacher
     t1 = time.perf_counter()
     try:
@@ -355,7 +604,10 @@ def recover(args: argparse.Namespace, teacher, pruned, base: dict, score, dev: s
                recover_batch=st["batch_windows"],
                recover_seconds=st["seconds"], recover_stopped_early=st["stopped_early"],
                recover_kl_first=st["kl_first"], recover_kl_last_10pct=st["kl_last_10pct"],
-               ratio_without_recovery=base.get("ratio"))
+               ratio_without_recovery=base.get("ratio"), recover_tokens_per_s=st["tokens_per_second"],
+               recover_train_tokens=st["train_tokens"], recover_epochs=st["epochs"],
+               recover_holdout_kl=st["holdout_kl"], recover_best_step=st["best_step"],
+               recover_restored_best=st["restored_best"])
     for k in ("widths", "heads", "blocks_removed"):
         if k in base:
             row[k] = base[k]

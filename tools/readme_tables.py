@@ -3,8 +3,8 @@
 Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in README.md, where NAME is
 a results file's stem (``accuracy``, ``onnx``, ...). Filters after the name pick rows of a file that holds
 several models or runs: ``<!-- results:accuracy model=minilm-l6 device~cuda -->`` (``=`` exact, ``~``
-substring; all must hold). Usage: ``python tools/readme_tables.py [--check]``; ``--check`` exits 1 when the
-README is stale.
+substring; all must hold); ``cols=a,b,c`` picks the columns of that one table. Usage:
+``python tools/readme_tables.py [--check]``; ``--check`` exits 1 when the README is stale.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def _keep(row: dict, data: dict, filters: str) -> bool:
 def table(path: Path, filters: str = "") -> str:
     data = json.loads(path.read_text())
     pivot = re.search(r"\bpivot=(\w+):(\w+)", filters)
-    filters = re.sub(r"\bpivot=\S+", "", filters)
+    cols = re.search(r"\bcols=(\S+)", filters)
+    filters = re.sub(r"\b(pivot|cols)=\S+", "", filters)
     rows = [r for r in data.get("rows", []) if _keep(r, data, filters)]
     if pivot:
         return _pivot(path, data, rows, *pivot.groups())
@@ -83,7 +84,7 @@ def table(path: Path, filters: str = "") -> str:
             if r.get("eval", "").startswith("wt2"):
                 r["ratio"] = r["value"] / r["float_value"]
     keys: list[str] = []
-    for k in COLUMNS.get(path.stem, PREFERRED):
+    for k in cols.group(1).split(",") if cols else COLUMNS.get(path.stem, PREFERRED):
         if any(k in r for r in rows):
             keys.append(k)
     devices = {r.get("device", data.get("device")) for r in rows}

@@ -38,9 +38,9 @@ _ONNX_TO_TORCH = {
 }
 
 
-ORT_LOWERING: dict[str, Any] = {"opset": 23, "attention": "onnx", "integer_matmul": True}
-"""What this backend lowers to unless told otherwise: ORT's fused opset-23 Attention and RMSNormalization
-kernels and the integer-GEMM form of int8 linears — the same numbers as the portable opset-21 QDQ form
+ORT_LOWERING: dict[str, Any] = {"opset": 23, "attention": "onnx", "rotary": "onnx", "integer_matmul": True}
+"""What this backend lowers to unless told otherwise: ORT's fused opset-23 Attention, RotaryEmbedding and
+RMSNormalization kernels and the integer-GEMM form of int8 linears — the same numbers as the portable opset-21 QDQ form
 (``lowbit.export(format="onnx")``), and faster on CPU (bench/results/onnx.json)."""
 
 
@@ -77,8 +77,13 @@ def choose_providers(requested: Sequence[str] | None = None, device: str | torch
 
 
 def session_options(threads: int | None = None, optimization: str = "all",
-                    optimized_model_path: str | None = None, accuracy_level: int = 0) -> ort.SessionOptions:
+                    optimized_model_path: str | None = None, accuracy_level: int = 0,
+                    spinning: bool | None = None) -> ort.SessionOptions:
     """Session options with graph optimizations on (``"all"``: layout and QDQ fusions included).
+
+    ``spinning=False`` stops idle intra-op threads from spinning: on a CPU shared with other processes a spinning
+    worker competes with them for the cores the session needs (SmolLM2 decode on a loaded 2-core machine: float ORT
+    36 ms/step with spinning, 18 ms without; tools/bench_generate.py --cpu). None keeps ORT's default (spinning).
 
     ``accuracy_level`` is what ORT's fusion of ``DequantizeLinear(int4) → MatMul`` into MatMulNBits may
     use for activations: ORT's default (4) quantizes them to int8 per block, which moves W4A16 logits by
@@ -99,6 +104,8 @@ def session_options(threads: int | None = None, optimization: str = "all",
     if optimized_model_path is not None:
         so.optimized_model_filepath = optimized_model_path
     so.log_severity_level = 3
+    if spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
     return so
 
@@ -143,7 +150,8 @@ class OrtCompiled(torch.nn.Module):
 
     ``lowering`` takes ``LoweringOptions`` fields (``opset``, ``attention``, ``weight_format`` =
     ``"qdq"`` | ``"matmulnbits"``, ``integer_matmul``; defaults ``ORT_LOWERING``). ``providers`` overrides
-    the automatic choice (missing ones fall back with a warning).
+    the automatic choice (missing ones fall back with a warning); ``threads`` / ``spinning`` set ORT's intra-op
+    pool (``session_options``).
     """
 
     def __init__(
@@ -153,6 +161,7 @@ class OrtCompiled(torch.nn.Module):
         *,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        spinning: bool | None = None,
         optimization: str = "all",
         model: ir.Model | str | os.PathLike[str] | None = None,
         **lowering: Any,
@@ -166,8 +175,10 @@ class OrtCompiled(torch.nn.Module):
         self.options: LoweringOptions | None
         if graph is not None:
             chosen = {**ORT_LOWERING, **lowering}
-            if chosen["opset"] < 23 and "attention" not in lowering:
-                chosen["attention"] = "decompose"  # the Attention op exists from opset 23
+            if chosen["opset"] < 23:  # the Attention and RotaryEmbedding ops exist from opset 23
+                for key in ("attention", "rotary"):
+                    if key not in lowering:
+                        chosen[key] = "decompose"
             self.options = LoweringOptions(**chosen)
             self.onnx_model = to_onnx(graph, self.options)
             source: ir.Model | str | os.PathLike[str] = self.onnx_model
@@ -181,7 +192,8 @@ class OrtCompiled(torch.nn.Module):
         accuracy = self.options.accuracy_level if self.options is not None else \
             accuracy_from_metadata(model if isinstance(model, ir.Model) else load_onnx(model, check=False))
         self.session = create_session(source, self.requested_providers,
-                                      session_options(threads, optimization, accuracy_level=accuracy))
+                                      session_options(threads, optimization, accuracy_level=accuracy,
+                                                      spinning=spinning))
         self.providers = self.session.get_providers()
         dropped = [p for p in self.requested_providers if p not in self.providers]
         if dropped:

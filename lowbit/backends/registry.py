@@ -178,10 +178,15 @@ class TorchBackendOptions(BackendOptions):
 class OrtBackendOptions(BackendOptions):
     opset: int | None = None
     attention: str | None = None
+    rotary: str | None = None
     weight_format: str | None = None
     accuracy_level: int | None = None
     integer_matmul: bool | None = None
-    """Unset options keep ``ORT_LOWERING``'s choices (opset 23, ONNX Attention, integer GEMM)."""
+    """Unset options keep ``ORT_LOWERING``'s choices (opset 23, ONNX Attention and RotaryEmbedding, integer GEMM)."""
+    threads: int | None = None
+    """ORT intra-op threads; unset: ORT's default (one per physical core)."""
+    spinning: bool | None = None
+    """Whether idle ORT worker threads spin; unset: ORT's default (on). Off on a CPU shared with other work."""
 
 
 register_backend("torch", "lowbit.backends.torch_backend:lower",

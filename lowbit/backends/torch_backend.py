@@ -46,11 +46,16 @@ def _attr_name(name: str, taken: set[str]) -> str:
 
 _INPLACE = {"aten.scatter.src": torch.ops.aten.scatter_.src, "aten.index_copy.default": torch.ops.aten.index_copy_.default}
 """Out-of-place ops that may write into a donated input instead (the KV cache of a step graph)."""
+_SHAPE_ONLY = frozenset({"aten.sym_size.int", "aten.sym_numel.default", "aten.sym_stride.int",
+                         "aten.sym_storage_offset.default"})
+"""Ops that read only a tensor's metadata: an in-place write leaves what they see unchanged (the step graph reads
+the cache's length for the attention mask)."""
 
 
 def _donated_writes(graph: Graph, donated: set[str]) -> set[int]:
     """Nodes (by id) that may run in place: an ``_INPLACE`` op whose first operand is a donated graph input
-    that no other node reads (the caller gives the buffer up, so overwriting it is invisible)."""
+    whose data no other node reads (the caller gives the buffer up, so overwriting it is invisible; shape reads
+    do not count)."""
     if not donated:
         return set()
     unknown = donated - {v.name for v in graph.inputs}
@@ -61,7 +66,7 @@ def _donated_writes(graph: Graph, donated: set[str]) -> set[int]:
     for v in graph.inputs:
         if v.name not in donated:
             continue
-        readers = users.get(id(v), [])
+        readers = [r for r in users.get(id(v), []) if r.op not in _SHAPE_ONLY]
         if len(readers) == 1 and readers[0].op in _INPLACE and readers[0].args and readers[0].args[0] is v:
             writes.add(id(readers[0]))
     return writes

@@ -182,9 +182,14 @@ def plan_hadamard(t: TensorType | None) -> str | None:
 
 def _kernel_hadamard(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
     """FX target of a lowered ``hadamard``: the kernel (``lt``: its table, a buffer made at lowering), or the
-    reference for an input the kernel cannot read (CPU without the interpreter, another dtype)."""
-    if x.dtype in _HAD_DTYPES and _on_kernel_device(x):
-        return torch.ops.lowbit.hadamard(x, lt)
+    reference for an input the kernel cannot read (CPU without the interpreter, another dtype) or one below the
+    measured crossover (``lowbit.kernels.hadamard.prefers_kernel``: few rows, where the reference's one matmul
+    launches faster than the kernel)."""
+    from lowbit.kernels.hadamard import hadamard_direct, prefers_kernel
+
+    n = x.shape[-1]
+    if x.dtype in _HAD_DTYPES and _on_kernel_device(x) and prefers_kernel(n, x.numel() // max(n, 1), x.device):
+        return hadamard_direct(x, lt)
     return ir_hadamard(x)
 
 

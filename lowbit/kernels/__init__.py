@@ -5,8 +5,8 @@ ops of ``lowbit.ir.quant`` inside the ``*_ref`` functions. Every op is a ``torch
 ``torch.compile`` traces through it (no graph break) and CUDA graphs capture its launches.
 
 - ``torch.ops.lowbit.weight_only_linear``: W4A16 / W8A16 (and int3/int2 in 4-bit storage) on the stored layout or
-  the int32 decode layout (``weight_only.pack_words``, made once at lowering): GEMVs for M <= 16, dequantize +
-  cuBLAS or a tiled GEMM above (``weight_only.py``).
+  the int32 decode layout (``weight_only.pack_words``, made once at lowering; N-major words by default): GEMVs
+  for M <= 16, dequantize + cuBLAS or a tiled GEMM above (``weight_only.py``).
 - ``torch.ops.lowbit.quantize_activation``: dynamic per-token / per-group int8 or fp8 quantization in one pass
   (``act_quant.py``).
 - ``torch.ops.lowbit.hadamard`` / ``hadamard_quantize``: the online Hadamard rotation (the IR's ``hadamard``)

@@ -16,27 +16,37 @@ The cache is the real form of the ``quantize(kv=...)`` accuracy model (docs/desi
   the recent window, ``k_float``/``v_float`` with a validity mask), exactly the split the accuracy model's mask
   makes.
 
-``decode_attention_reference`` is plain torch; ``decode_attention`` is flash-decoding in two Triton kernels:
+``decode_attention_reference`` is plain torch; ``decode_attention`` is flash-decoding in two Triton kernels, a
+split kernel (one program per sequence, query heads, chunk of the context) writing each chunk's max, sum and
+un-normalised output, and ``_reduce_kernel`` (grid ``(B, Hq)``), which attends to the small float buffer (sink +
+recent window) and merges it with every chunk by log-sum-exp.
 
-1. ``_split_kernel``, grid ``(B * Hq, splits)``: one program per (sequence, query head, chunk of ``split`` tokens),
-   ``block_n`` tokens per step, written for a memory-bound decode (issue 18): tiles are ``[block_n, D / CW, CW]``
-   with ``CW`` (``chunk``) channels per thread, packed code rows load as contiguous bytes and their
-   fields are interleaved in registers (``tl.interleave``), the query and key scales are loaded in the codes'
-   layout, value scales/zeros once per (token, chunk); codes become floats by the exact 2**23 bias trick; each
-   token row of the tile runs its own online softmax (base 2), merged once after the loop, so the loop's only
-   cross-thread traffic is the ``q.k`` sum; a key block's scale row is folded into the query once for all its
-   steps. GQA heads sharing a kv head are adjacent programs (their reads of the same cache hit L2). It writes
-   each chunk's max, sum and un-normalised output.
-2. ``_reduce_kernel``, grid ``(B, Hq)``: attends to the small float buffer (sink + recent window) and merges it
-   with every chunk by log-sum-exp.
+Decode attention over a packed cache is bound by instruction issue, not bytes (issue 18): batch 16 x 32 heads x 32K
+tokens at int4 is 4.3G codes, 2.5 GB; the H200 issues ~3.3e13 thread-instructions/s, so every instruction per code
+costs ~0.13 ms while the bytes cost ~0.6 ms; registers (warps per SM) set how much of the issue rate a kernel
+gets (``DEFAULT_CONFIG``'s note). Two split kernels (and ``_split_kernel_v2p``, v2 with the next key block
+prefetched into registers):
 
-The kernel it replaces kept the GQA heads as a tensor axis (``[heads, tokens, bytes]`` broadcasts per code field).
-Compiled offline for sm_90 (ptxas 0 spills, 128 registers, int4, 4 warps, 32-token steps), its loop converted
-whole tiles between layouts through shared memory every step: 26 ``convert_layout`` in TTGIR, per step 38
-barriers, 56 STS.128, 222 shuffles, 1317 SASS instructions for 32 codes per thread (~41 per code), plus one-byte
-and two-byte scale gathers; this kernel's loop has no barrier or shared memory and ~11-13 instructions per code
-(``DEFAULT_CONFIG``: 611 per 64 codes). No ``tl.dot``: decode is one query row per
-head, so a tensor-core tile would be mostly padding.
+* ``_split_kernel_v2`` (``variant="v2"``, the default): grid ``(B * Hq / heads, chunks)``, one warp per program,
+  one 32-token key block per iteration. Tiles ``[heads, rows, token threads, channel lanes, channels]``: a thread
+  owns 16 channels (one 8-byte load per token row at int4) of 8 token rows. Codes are read as int32 words and each
+  field is masked where it lies with the float bits of 2**23 (one LOP3: ``2**23 + u * 2**e`` exactly; the fields
+  above bit 22 share one shift), so a code costs one LOP3, one FADD (removing 2**23 and, for keys, the zero point
+  ``2**23 + z * 2**e`` prepared once per key block) and one FFMA (the query, pre-scaled by the block's key scales
+  and ``2**-e``; for values, the row's probability times its scale). The q.k sum is an explicit FFMA chain over
+  each word's fields (``_fma_fields``), the value rows an FFMA chain per channel (``_rows``): ``tl.sum`` reduces
+  in-thread values as a tree of FMUL/FADD. Rows are in-thread, so the online softmax never leaves the thread; only
+  the q.k sums cross the 8 channel lanes. GQA: ``heads`` query heads of one kv head share a program, so each code
+  is unpacked once for all of them. Compiled offline for sm_90 (ptxas of Triton 3.8): ~4.8 SASS instructions per
+  code (MHA int4 and int2, 106 registers, no shared memory or barrier in the loop; Triton 3.6: 5.2 and 164),
+  ~2.5 per code and head with 4 GQA heads per program (3.6: 2.9), against 3 for the LOP3/FADD/FFMA floor.
+* ``_split_kernel`` (``variant="v1"``): the previous session's kernel:
+  ``[BLOCK_N, D / CW, CW]`` tiles, one program per query head and 4 warps, ~9.5 SASS instructions per code (a
+  per-code zero subtraction, an FMUL+FADD tree for q.k and a per-code rescale of per-row accumulators).
+
+No ``tl.dot``: decode is one query row per head, and a Triton-level tensor-core form (codes made bf16 pairs with
+a magic exponent, then a dot against the split query) compiled to ~3.6 instructions per code for the key side
+alone (register moves and a shared-memory round trip to reach the MMA operand layout).
 """
 
 from __future__ import annotations
@@ -254,40 +264,455 @@ if triton is not None:
             total += tl.sum(pf, 0)
         tl.store(OUT + b * s_ob + h * s_oh + offs_d, num / total)
 
+    @triton.jit
+    def _fields_biased(w, EXP, BITS: tl.constexpr):
+        """int32 words ``[..., CWW]`` of packed codes -> float32 ``[..., CWW * 32 / BITS]`` in channel order, each
+        ``2**23 + u * 2**e`` exactly: a field is masked where it lies (one LOP3 with the exponent's bits), so only
+        the fields above bit 22 need one shared shift; ``e`` is ``_field_exponent``'s (a power of two the caller
+        folds into the query / the output)."""
+        if BITS == 8:
+            f0 = (w & 0xFF) | EXP
+            f1 = (w & 0xFF00) | EXP
+            f2 = ((w >> 8) & 0xFF00) | EXP
+            f3 = ((w >> 16) & 0xFF00) | EXP
+            u = tl.interleave(tl.interleave(f0, f2), tl.interleave(f1, f3))
+        elif BITS == 4:
+            h = w >> 12
+            f0 = (w & 0xF) | EXP
+            f1 = (w & 0xF0) | EXP
+            f2 = (w & 0xF00) | EXP
+            f3 = (w & 0xF000) | EXP
+            f4 = (w & 0xF0000) | EXP
+            f5 = (h & 0xF00) | EXP
+            f6 = (h & 0xF000) | EXP
+            f7 = (h & 0xF0000) | EXP
+            u = tl.interleave(tl.interleave(tl.interleave(f0, f4), tl.interleave(f2, f6)),
+                              tl.interleave(tl.interleave(f1, f5), tl.interleave(f3, f7)))
+        else:
+            h = w >> 12
+            f0 = (w & 0x3) | EXP
+            f1 = (w & 0xC) | EXP
+            f2 = (w & 0x30) | EXP
+            f3 = (w & 0xC0) | EXP
+            f4 = (w & 0x300) | EXP
+            f5 = (w & 0xC00) | EXP
+            f6 = (w & 0x3000) | EXP
+            f7 = (w & 0xC000) | EXP
+            f8 = (w & 0x30000) | EXP
+            f9 = (w & 0xC0000) | EXP
+            f10 = (w & 0x300000) | EXP
+            f11 = (h & 0xC00) | EXP
+            f12 = (h & 0x3000) | EXP
+            f13 = (h & 0xC000) | EXP
+            f14 = (h & 0x30000) | EXP
+            f15 = (h & 0xC0000) | EXP
+            u = tl.interleave(
+                tl.interleave(tl.interleave(tl.interleave(f0, f8), tl.interleave(f4, f12)),
+                              tl.interleave(tl.interleave(f2, f10), tl.interleave(f6, f14))),
+                tl.interleave(tl.interleave(tl.interleave(f1, f9), tl.interleave(f5, f13)),
+                              tl.interleave(tl.interleave(f3, f11), tl.interleave(f7, f15))))
+        return u.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _unzip(t):
+        """``[..., 2n]`` -> its even and odd elements along the last dim (in-thread: a register split)."""
+        return tl.split(tl.reshape(t, t.shape[:-1] + [t.shape[-1] // 2, 2]))
+
+    @triton.jit
+    def _fma_fields(kx, qs, zb, acc, EXP, BITS: tl.constexpr):
+        """``acc + sum_k (field_k(kx) - zb_k) qs_k`` over the ``32 / BITS`` fields of each int32 word, as one FFMA
+        chain per word (``tl.sum`` of a product would reduce as a tree of FMUL/FADD). ``qs``/``zb`` are in channel
+        order ``[..., CWW * 32 / BITS]``; their fields are split off in registers (``_unzip``)."""
+        if BITS == 8:
+            q0, q1 = _unzip(qs)  # q0: fields 0, 2; q1: 1, 3
+            q00, q02 = _unzip(q0)
+            q01, q03 = _unzip(q1)
+            z0, z1 = _unzip(zb)
+            z00, z02 = _unzip(z0)
+            z01, z03 = _unzip(z1)
+            acc = tl.fma(((kx & 0xFF) | EXP).to(tl.float32, bitcast=True) - z00, q00, acc)
+            acc = tl.fma(((kx & 0xFF00) | EXP).to(tl.float32, bitcast=True) - z01, q01, acc)
+            acc = tl.fma((((kx >> 8) & 0xFF00) | EXP).to(tl.float32, bitcast=True) - z02, q02, acc)
+            acc = tl.fma((((kx >> 16) & 0xFF00) | EXP).to(tl.float32, bitcast=True) - z03, q03, acc)
+        elif BITS == 4:
+            qe, qo = _unzip(qs)
+            qee, qeo = _unzip(qe)
+            qoe, qoo = _unzip(qo)
+            q0, q4 = _unzip(qee)
+            q2, q6 = _unzip(qeo)
+            q1, q5 = _unzip(qoe)
+            q3, q7 = _unzip(qoo)
+            ze, zo = _unzip(zb)
+            zee, zeo = _unzip(ze)
+            zoe, zoo = _unzip(zo)
+            z0, z4 = _unzip(zee)
+            z2, z6 = _unzip(zeo)
+            z1, z5 = _unzip(zoe)
+            z3, z7 = _unzip(zoo)
+            h = kx >> 12
+            acc = tl.fma(((kx & 0xF) | EXP).to(tl.float32, bitcast=True) - z0, q0, acc)
+            acc = tl.fma(((kx & 0xF0) | EXP).to(tl.float32, bitcast=True) - z1, q1, acc)
+            acc = tl.fma(((kx & 0xF00) | EXP).to(tl.float32, bitcast=True) - z2, q2, acc)
+            acc = tl.fma(((kx & 0xF000) | EXP).to(tl.float32, bitcast=True) - z3, q3, acc)
+            acc = tl.fma(((kx & 0xF0000) | EXP).to(tl.float32, bitcast=True) - z4, q4, acc)
+            acc = tl.fma(((h & 0xF00) | EXP).to(tl.float32, bitcast=True) - z5, q5, acc)
+            acc = tl.fma(((h & 0xF000) | EXP).to(tl.float32, bitcast=True) - z6, q6, acc)
+            acc = tl.fma(((h & 0xF0000) | EXP).to(tl.float32, bitcast=True) - z7, q7, acc)
+        else:
+            qe, qo = _unzip(qs)
+            qee, qeo = _unzip(qe)
+            qoe, qoo = _unzip(qo)
+            qeee, qeeo = _unzip(qee)
+            qeoe, qeoo = _unzip(qeo)
+            qoee, qoeo = _unzip(qoe)
+            qooe, qooo = _unzip(qoo)
+            q0, q8 = _unzip(qeee)
+            q4, q12 = _unzip(qeeo)
+            q2, q10 = _unzip(qeoe)
+            q6, q14 = _unzip(qeoo)
+            q1, q9 = _unzip(qoee)
+            q5, q13 = _unzip(qoeo)
+            q3, q11 = _unzip(qooe)
+            q7, q15 = _unzip(qooo)
+            ze, zo = _unzip(zb)
+            zee, zeo = _unzip(ze)
+            zoe, zoo = _unzip(zo)
+            zeee, zeeo = _unzip(zee)
+            zeoe, zeoo = _unzip(zeo)
+            zoee, zoeo = _unzip(zoe)
+            zooe, zooo = _unzip(zoo)
+            z0, z8 = _unzip(zeee)
+            z4, z12 = _unzip(zeeo)
+            z2, z10 = _unzip(zeoe)
+            z6, z14 = _unzip(zeoo)
+            z1, z9 = _unzip(zoee)
+            z5, z13 = _unzip(zoeo)
+            z3, z11 = _unzip(zooe)
+            z7, z15 = _unzip(zooo)
+            h = kx >> 12
+            acc = tl.fma(((kx & 0x3) | EXP).to(tl.float32, bitcast=True) - z0, q0, acc)
+            acc = tl.fma(((kx & 0xC) | EXP).to(tl.float32, bitcast=True) - z1, q1, acc)
+            acc = tl.fma(((kx & 0x30) | EXP).to(tl.float32, bitcast=True) - z2, q2, acc)
+            acc = tl.fma(((kx & 0xC0) | EXP).to(tl.float32, bitcast=True) - z3, q3, acc)
+            acc = tl.fma(((kx & 0x300) | EXP).to(tl.float32, bitcast=True) - z4, q4, acc)
+            acc = tl.fma(((kx & 0xC00) | EXP).to(tl.float32, bitcast=True) - z5, q5, acc)
+            acc = tl.fma(((kx & 0x3000) | EXP).to(tl.float32, bitcast=True) - z6, q6, acc)
+            acc = tl.fma(((kx & 0xC000) | EXP).to(tl.float32, bitcast=True) - z7, q7, acc)
+            acc = tl.fma(((kx & 0x30000) | EXP).to(tl.float32, bitcast=True) - z8, q8, acc)
+            acc = tl.fma(((kx & 0xC0000) | EXP).to(tl.float32, bitcast=True) - z9, q9, acc)
+            acc = tl.fma(((kx & 0x300000) | EXP).to(tl.float32, bitcast=True) - z10, q10, acc)
+            acc = tl.fma(((h & 0xC00) | EXP).to(tl.float32, bitcast=True) - z11, q11, acc)
+            acc = tl.fma(((h & 0x3000) | EXP).to(tl.float32, bitcast=True) - z12, q12, acc)
+            acc = tl.fma(((h & 0xC000) | EXP).to(tl.float32, bitcast=True) - z13, q13, acc)
+            acc = tl.fma(((h & 0x30000) | EXP).to(tl.float32, bitcast=True) - z14, q14, acc)
+            acc = tl.fma(((h & 0xC0000) | EXP).to(tl.float32, bitcast=True) - z15, q15, acc)
+        return acc
+
+    @triton.jit
+    def _rows(p, N0: tl.constexpr):
+        """``[GH, N0, TT]`` -> a tuple of its ``N0`` rows ``[GH, TT]`` (in-thread: register splits), row ``r`` at
+        index ``r``."""
+        t = tl.permute(p, (0, 2, 1))
+        if N0 == 1:
+            return (tl.reshape(t, [t.shape[0], t.shape[1]]),)
+        elif N0 == 2:
+            r0, r1 = tl.split(t)
+            return (r0, r1)
+        elif N0 == 4:
+            a, b = _unzip(t)
+            r0, r2 = tl.split(a)
+            r1, r3 = tl.split(b)
+            return (r0, r1, r2, r3)
+        else:
+            a, b = _unzip(t)
+            aa, ab = _unzip(a)
+            ba, bb = _unzip(b)
+            r0, r4 = tl.split(aa)
+            r2, r6 = tl.split(ab)
+            r1, r5 = tl.split(ba)
+            r3, r7 = tl.split(bb)
+            return (r0, r1, r2, r3, r4, r5, r6, r7)
+
+    @triton.jit
+    def _field_exponent(chan, BITS: tl.constexpr):
+        """``e`` of channel ``chan``'s field in ``_fields_biased`` (int32)."""
+        PERW: tl.constexpr = 32 // BITS
+        k = chan % PERW
+        if BITS == 8:  # fields 2 and 3 shifted down to bits 8..15 (a field at bit 0 would become a bitfield extract)
+            e = tl.where(k < 2, k * 8, 8)
+        elif BITS == 4:  # fields 0..4 in place, 5..7 shifted by 12 to bits 8..19
+            e = tl.where(k < 5, k * 4, k * 4 - 12)
+        else:  # fields 0..10 in place, 11..15 shifted by 12 to bits 10..19
+            e = tl.where(k < 11, k * 2, k * 2 - 12)
+        return e
+
+    @triton.jit(do_not_specialize=["s_ab", "s_ah", "s_as", "s_mb", "s_mh", "exp_bits"])
+    def _split_kernel_v2(
+        Q, KW, KS, KZ, VW, VS, VZ, LO, HI, ACC, M, L,
+        s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh,
+        s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split, exp_bits,
+        HQ: tl.constexpr, GROUPS: tl.constexpr, GH: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, CWW: tl.constexpr,
+        CV: tl.constexpr, ROWS: tl.constexpr,
+    ):
+        """One (sequence, ``GH`` query heads of one kv head, chunk): see ``decode_attention``'s docstring ("v2").
+
+        Tiles are ``[GH, N0, TT, X, C]`` (head, token row, token thread, channel chunk, channel): a thread owns
+        ``C = CWW * 32 / BITS`` channels (``CWW`` int32 words, one vector load per token row) of ``N0`` token rows
+        per step; threads along ``TT`` (lanes and warps) take other tokens; ``X`` lanes split the channels. Rows
+        and heads are in-thread, so the softmax and the value accumulation of a step never leave the thread;
+        only the ``q.k`` sums cross the ``X`` lanes. Per code: one LOP3 (``_fields_biased``), one FADD that
+        removes the 2**23 bias and (keys) the zero point, one FFMA. Per key block, once: the query times the
+        block's scales and the biased zeros."""
+        pid_h = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        NHB: tl.constexpr = HQ // GH
+        b = pid_h // NHB
+        h0 = (pid_h % NHB) * GH
+        kvh = h0 // GROUPS
+        PERW: tl.constexpr = 32 // BITS
+        C: tl.constexpr = CWW * PERW
+        DW: tl.constexpr = D // PERW  # int32 words of one token row
+        X: tl.constexpr = DW // CWW
+        STEP: tl.constexpr = N0 * TT
+        SUB: tl.constexpr = K_BLOCK // STEP
+        g_i = tl.arange(0, GH)[:, None, None, None, None]
+        n_i = tl.arange(0, N0)[None, :, None, None, None]
+        t_i = tl.arange(0, TT)[None, None, :, None, None]
+        x_i = tl.arange(0, X)[None, None, None, :, None]
+        chan = x_i * C + tl.arange(0, C)[None, None, None, None, :]  # [1, 1, 1, X, C]
+        chan_t = chan + 0 * t_i  # [1, 1, TT, X, C]: loaded per thread in the codes' layout
+        word = x_i * CWW + tl.arange(0, CWW)[None, None, None, None, :]  # [1, 1, 1, X, CWW]
+        if CV == 1:  # a chunk lies in one value group: one scale/zero per (token, chunk)
+            vgrp = (x_i * C) // V_GROUP + 0 * t_i  # [1, 1, TT, X, 1]
+        else:  # groups narrower than a chunk (tiny head dims): one per channel
+            vgrp = chan_t // V_GROUP
+        NG: tl.constexpr = D // V_GROUP  # value groups per token row
+        k_off = (n_i * TT + t_i) * DW + word  # [1, N0, TT, X, CWW]: a step's code words
+        kr_off = t_i * DW + word  # [1, 1, TT, X, CWW]: one row's
+        g_off = (n_i * TT + t_i) * NG + vgrp  # a step's value scales / zeros
+        gr_off = t_i * NG + vgrp
+        e = _field_exponent(chan_t, BITS)
+        inv_e = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
+        lo = tl.load(LO + b)
+        hi = tl.load(HI + b)
+        start = (tl.maximum(pid_s * split, lo) // K_BLOCK) * K_BLOCK
+        end = tl.minimum(pid_s * split + split, hi)
+        kw_base = KW + b * s_kcb + kvh * s_kch
+        vw_base = VW + b * s_vcb + kvh * s_vch
+        ks_base = KS + b * s_ksb + kvh * s_ksh
+        kz_base = KZ + b * s_ksb + kvh * s_ksh
+        vs_base = VS + b * s_vsb + kvh * s_vsh
+        vz_base = VZ + b * s_vsb + kvh * s_vsh
+        # [GH, 1, TT, X, C]: the heads' queries, pre-divided by each field's 2**e
+        q = tl.load(Q + b * s_qb + (h0 + g_i) * s_qh + chan_t).to(tl.float32) * (qk_scale * inv_e)
+        m_i = tl.full([GH, 1, TT, 1, 1], -float("inf"), dtype=tl.float32)
+        l_i = tl.zeros([GH, 1, TT, 1, 1], dtype=tl.float32)
+        acc = tl.zeros([GH, 1, TT, X, C], dtype=tl.float32)  # sum_t p_t s_t u_t 2**e
+        accz = tl.zeros([GH, 1, TT, X, CV], dtype=tl.float32)  # sum_t p_t s_t z_t
+        for n0 in range(start, end, K_BLOCK):
+            kb = (n0 // K_BLOCK) * D + chan_t
+            qs = q * tl.load(ks_base + kb).to(tl.float32)  # [GH, 1, TT, X, C]
+            zb = ((tl.load(kz_base + kb).to(tl.int32) << e) | 0x4B000000).to(tl.float32, bitcast=True)
+            for j in tl.static_range(SUB):
+                tok = n0 + j * STEP + n_i * TT + t_i  # [1, N0, TT, 1, 1]
+                valid = (tok >= lo) & (tok < end)
+                t0 = n0 + j * STEP  # the step's first token: a scalar offset of loop-invariant tiles
+                kx = tl.load(kw_base + t0 * DW + k_off, mask=valid, other=0)
+                if not ROWS:
+                    vx = tl.load(vw_base + t0 * DW + k_off, mask=valid, other=0)
+                    vs = tl.load(vs_base + t0 * NG + g_off, mask=valid, other=0.0).to(tl.float32)
+                    vz = tl.load(vz_base + t0 * NG + g_off, mask=valid, other=0).to(tl.float32)
+                # [GH, N0, TT, X, CWW]: sum over each word's fields of (u - z) 2**e qs, then over words and lanes
+                ks_part = _fma_fields(kx, qs, zb, tl.zeros([GH, N0, TT, X, CWW], dtype=tl.float32), exp_bits, BITS)
+                s = tl.sum(tl.sum(ks_part, 4, keep_dims=True), 3, keep_dims=True)  # [GH, N0, TT, 1, 1]
+                s = tl.where(valid, s, -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1, keep_dims=True))
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe)  # [GH, N0, TT, 1, 1]
+                l_i = l_i * alpha + tl.sum(p, 1, keep_dims=True)
+                m_i = m_new
+                if ROWS:  # one FFMA chain per channel over the rows (tl.sum would reduce them as a tree)
+                    acc = acc * alpha
+                    accz = accz * alpha
+                    ps = _rows(tl.reshape(p, [GH, N0, TT]), N0)
+                    for r in tl.static_range(N0):
+                        rt = n0 + j * STEP + r * TT + t_i  # [1, 1, TT, 1, 1]
+                        rv = (rt >= lo) & (rt < end)
+                        tr = t0 + r * TT
+                        vx_r = tl.load(vw_base + tr * DW + kr_off, mask=rv, other=0)
+                        vs_r = tl.load(vs_base + tr * NG + gr_off, mask=rv, other=0.0).to(tl.float32)
+                        vz_r = tl.load(vz_base + tr * NG + gr_off, mask=rv, other=0).to(tl.float32)
+                        pv_r = tl.reshape(ps[r], [GH, 1, TT, 1, 1]) * vs_r  # [GH, 1, TT, X, 1]
+                        acc = tl.fma(pv_r, _fields_biased(vx_r, exp_bits, BITS) - 8388608.0, acc)
+                        accz = tl.fma(pv_r, vz_r, accz)
+                else:
+                    pv = p * vs  # [GH, N0, TT, X, 1]
+                    vf = _fields_biased(vx, exp_bits, BITS) - 8388608.0  # u 2**e
+                    acc = acc * alpha + tl.sum(pv * vf, 1, keep_dims=True)
+                    accz = accz * alpha + tl.sum(pv * vz, 1, keep_dims=True)
+        # the rows' own softmaxes (one per token thread) merged; the fields' 2**e and the zero points applied
+        m_top = tl.max(m_i, 2, keep_dims=True)  # [GH, 1, 1, 1, 1]
+        m_top = tl.where(m_top == -float("inf"), 0.0, m_top)
+        c = tl.exp2(m_i - m_top)
+        out = tl.sum(tl.reshape((acc * inv_e - accz) * c, [GH, TT, X, C]), 1)  # [GH, X, C]
+        den = tl.sum(tl.reshape(l_i * c, [GH, TT]), 1)  # [GH]
+        mx = tl.max(tl.reshape(m_i, [GH, TT]), 1)
+        hh = h0 + tl.arange(0, GH)
+        a_ptr = ACC + b * s_ab + pid_s * s_as + hh[:, None, None] * s_ah \
+            + tl.arange(0, X)[None, :, None] * C + tl.arange(0, C)[None, None, :]
+        tl.store(a_ptr, out)
+        tl.store(M + b * s_mb + hh * s_mh + pid_s, mx)
+        tl.store(L + b * s_mb + hh * s_mh + pid_s, den)
+
+    @triton.jit(do_not_specialize=["s_ab", "s_ah", "s_as", "s_mb", "s_mh", "exp_bits"])
+    def _split_kernel_v2p(
+        Q, KW, KS, KZ, VW, VS, VZ, LO, HI, ACC, M, L,
+        s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh,
+        s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split, exp_bits,
+        HQ: tl.constexpr, GROUPS: tl.constexpr, GH: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, CWW: tl.constexpr,
+        CV: tl.constexpr,
+    ):
+        """``_split_kernel_v2`` with the next key block's codes, scales and zeros loaded before the current block's
+        arithmetic (registers carried by the loop), so a warp's loads overlap its own work instead of only other
+        warps' (``variant="v2p"``; one step per key block: ``N0 * TT == K_BLOCK``; value rows reduced by
+        ``tl.sum``)."""
+        pid_h = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        NHB: tl.constexpr = HQ // GH
+        b = pid_h // NHB
+        h0 = (pid_h % NHB) * GH
+        kvh = h0 // GROUPS
+        PERW: tl.constexpr = 32 // BITS
+        C: tl.constexpr = CWW * PERW
+        DW: tl.constexpr = D // PERW
+        X: tl.constexpr = DW // CWW
+        NG: tl.constexpr = D // V_GROUP
+        g_i = tl.arange(0, GH)[:, None, None, None, None]
+        n_i = tl.arange(0, N0)[None, :, None, None, None]
+        t_i = tl.arange(0, TT)[None, None, :, None, None]
+        x_i = tl.arange(0, X)[None, None, None, :, None]
+        chan = x_i * C + tl.arange(0, C)[None, None, None, None, :]
+        chan_t = chan + 0 * t_i
+        word = x_i * CWW + tl.arange(0, CWW)[None, None, None, None, :]
+        if CV == 1:
+            vgrp = (x_i * C) // V_GROUP + 0 * t_i
+        else:
+            vgrp = chan_t // V_GROUP
+        rows = n_i * TT + t_i  # [1, N0, TT, 1, 1]: a block's tokens
+        k_off = rows * DW + word
+        g_off = rows * NG + vgrp
+        e = _field_exponent(chan_t, BITS)
+        inv_e = ((127 - e) << 23).to(tl.float32, bitcast=True)
+        lo = tl.load(LO + b)
+        hi = tl.load(HI + b)
+        start = (tl.maximum(pid_s * split, lo) // K_BLOCK) * K_BLOCK
+        end = tl.minimum(pid_s * split + split, hi)
+        kw_base = KW + b * s_kcb + kvh * s_kch
+        vw_base = VW + b * s_vcb + kvh * s_vch
+        ks_base = KS + b * s_ksb + kvh * s_ksh
+        kz_base = KZ + b * s_ksb + kvh * s_ksh
+        vs_base = VS + b * s_vsb + kvh * s_vsh
+        vz_base = VZ + b * s_vsb + kvh * s_vsh
+        q = tl.load(Q + b * s_qb + (h0 + g_i) * s_qh + chan_t).to(tl.float32) * (qk_scale * inv_e)
+        m_i = tl.full([GH, 1, TT, 1, 1], -float("inf"), dtype=tl.float32)
+        l_i = tl.zeros([GH, 1, TT, 1, 1], dtype=tl.float32)
+        acc = tl.zeros([GH, 1, TT, X, C], dtype=tl.float32)
+        accz = tl.zeros([GH, 1, TT, X, CV], dtype=tl.float32)
+        # the first block's loads (start < the cache's length: pid_s * split < S)
+        some = (start < end) & (chan_t >= 0)
+        ok = (start + rows >= lo) & (start + rows < end)
+        ks_n = tl.load(ks_base + (start // K_BLOCK) * D + chan_t, mask=some, other=0.0)
+        kz_n = tl.load(kz_base + (start // K_BLOCK) * D + chan_t, mask=some, other=0)
+        kx_n = tl.load(kw_base + start * DW + k_off, mask=ok, other=0)
+        vx_n = tl.load(vw_base + start * DW + k_off, mask=ok, other=0)
+        vs_n = tl.load(vs_base + start * NG + g_off, mask=ok, other=0.0)
+        vz_n = tl.load(vz_base + start * NG + g_off, mask=ok, other=0)
+        for n0 in range(start, end, K_BLOCK):
+            ks_c, kz_c, kx, vx, vs_c, vz_c = ks_n, kz_n, kx_n, vx_n, vs_n, vz_n
+            valid = (n0 + rows >= lo) & (n0 + rows < end)
+            nn = n0 + K_BLOCK  # the next block, loaded now (masked past the chunk)
+            some = (nn < end) & (chan_t >= 0)
+            ok = (nn + rows < end) & (nn + rows >= lo)
+            ks_n = tl.load(ks_base + (nn // K_BLOCK) * D + chan_t, mask=some, other=0.0)
+            kz_n = tl.load(kz_base + (nn // K_BLOCK) * D + chan_t, mask=some, other=0)
+            kx_n = tl.load(kw_base + nn * DW + k_off, mask=ok, other=0)
+            vx_n = tl.load(vw_base + nn * DW + k_off, mask=ok, other=0)
+            vs_n = tl.load(vs_base + nn * NG + g_off, mask=ok, other=0.0)
+            vz_n = tl.load(vz_base + nn * NG + g_off, mask=ok, other=0)
+            qs = q * ks_c.to(tl.float32)
+            zb = ((kz_c.to(tl.int32) << e) | 0x4B000000).to(tl.float32, bitcast=True)
+            ks_part = _fma_fields(kx, qs, zb, tl.zeros([GH, N0, TT, X, CWW], dtype=tl.float32), exp_bits, BITS)
+            s = tl.sum(tl.sum(ks_part, 4, keep_dims=True), 3, keep_dims=True)
+            s = tl.where(valid, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1, keep_dims=True))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1, keep_dims=True)
+            m_i = m_new
+            pv = p * vs_c.to(tl.float32)
+            vf = _fields_biased(vx, exp_bits, BITS) - 8388608.0
+            acc = acc * alpha + tl.sum(pv * vf, 1, keep_dims=True)
+            accz = accz * alpha + tl.sum(pv * vz_c.to(tl.float32), 1, keep_dims=True)
+        m_top = tl.max(m_i, 2, keep_dims=True)
+        m_top = tl.where(m_top == -float("inf"), 0.0, m_top)
+        c = tl.exp2(m_i - m_top)
+        out = tl.sum(tl.reshape((acc * inv_e - accz) * c, [GH, TT, X, C]), 1)
+        den = tl.sum(tl.reshape(l_i * c, [GH, TT]), 1)
+        mx = tl.max(tl.reshape(m_i, [GH, TT]), 1)
+        hh = h0 + tl.arange(0, GH)
+        a_ptr = ACC + b * s_ab + pid_s * s_as + hh[:, None, None] * s_ah \
+            + tl.arange(0, X)[None, :, None] * C + tl.arange(0, C)[None, None, :]
+        tl.store(a_ptr, out)
+        tl.store(M + b * s_mb + hh * s_mh + pid_s, mx)
+        tl.store(L + b * s_mb + hh * s_mh + pid_s, den)
+
 
 LOG2E = 1.4426950408889634
 
 
-DEFAULT_CONFIG = {"num_warps": 4, "split": 2048, "block_n": 16, "num_stages": None, "chunk": 8}
-"""``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): 4 warps, 16-token
-steps (two unrolled steps per 32-token key block; two token rows per thread at head dim 128, one at 64), 8
-channels per thread chunk, chunks of 2048 tokens (batch 16 x 32 heads x 32K context -> 8192 programs). Compiled
-offline for sm_90 (int4/int2, fp16 or fp32 scales): 80 registers, no spills, no shared memory or barrier in the
-loop, ~9.5 SASS instructions per code. ``chunk=16`` needs ~10% fewer instructions per code but ~109 registers
-(fewer programs per SM); the benchmark sweeps both. ``split`` shrinks for short contexts (``_default_split``)."""
+VARIANT_CONFIGS = {
+    "v1": {"num_warps": 4, "split": None, "block_n": 32, "num_stages": None, "chunk": 16},
+    "v2": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None,
+           "vchain": True},
+    "v2p": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": 1},
+}
+"""Each variant's launch when the caller names the variant but not the option. v1: 4 warps, 32-token steps, 16
+channels per thread chunk (the previous session's fastest on the H200 for int4 and int2 with float16 scales:
+1804 / 1770 us against 1970 for 16-token steps of 8 channels). v2: one warp per program, a whole 32-token key
+block per step (8 rows per thread at head dim 128 int4), 16 channels per thread, all the query heads of a kv head
+in one program up to 4 (``heads``)."""
+
+DEFAULT_CONFIG = {"variant": "v2", **VARIANT_CONFIGS["v2"]}
+"""``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): v2. Why, from the
+H200 round (bench/results/attention_round1.json, batch 16 x 32 heads x 32K tokens, Triton 3.6) and offline sm_90
+compiles with Triton 3.6 (the GPU's) of each kernel: v1 as measured then (16-token steps, 8-channel chunks) compiles
+to 12.2 SASS instructions per code and ran 1977 us at int4 (1804 us last session with 32-token steps and 16-channel
+chunks: 10.1 per code); v2 as measured then compiled to 9.1 per code with 255 registers under Triton 3.6 (5.2
+under 3.8) and ran 2477 us, and its 4-head GQA form to ~49 per code (24 ms). This v2 compiles under 3.6 to 5.2
+per code with 164 registers (MHA int4; int2 5.8, int8 5.6) and, with 4 GQA heads per program, to 2.9 per code
+and head with no local memory; at round 1's issue rates (2.5-3.2 instructions per SM-cycle for v1, 1.9 for v2 at
+255 registers) that is ~0.9-1.4 ms at int4. The final sweep times v1 beside it."""
+
+PROGRAMS_PER_SM = 16
+"""``_default_split``'s target: the grid has at least this many programs per SM (of 132 on an H200) when the
+context allows."""
 
 
-def _default_split(s: int, programs: int, block_n: int) -> int:
-    """Chunk length: DEFAULT_CONFIG's, halved while the grid has fewer than ~8 programs per SM (132 on an H200)."""
-    split = DEFAULT_CONFIG["split"]
-    while split > block_n and programs * triton.cdiv(s, split) < 8 * 132:
+def _default_split(s: int, programs: int, block: int, target: int | None = None) -> int:
+    """Chunk length: 2048 tokens, halved while the grid has fewer than ``target`` programs (default
+    ``PROGRAMS_PER_SM * 132``), never below one ``block``."""
+    target = target or PROGRAMS_PER_SM * 132
+    split = 2048
+    while split > block and programs * triton.cdiv(s, split) < target:
         split //= 2
-    return split
+    return max(split, block)
 
 
-def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
-                     v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, *, bits: int,
-                     lo: torch.Tensor, hi: torch.Tensor, k_float: torch.Tensor | None = None,
-                     v_float: torch.Tensor | None = None, float_valid: torch.Tensor | None = None,
-                     sm_scale: float | None = None, split: int | None = None, block_n: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None,
-                     chunk: int | None = None) -> torch.Tensor:
-    """``decode_attention_reference`` as flash-decoding (see the module docstring): ``split`` tokens per program
-    (rounded up to whole ``block_n``-token steps), ``block_n`` tokens per inner step (a power of two; a divisor
-    of ``k_block`` reads one key-scale row per step, a multiple reads one per token row). Defaults:
-    ``DEFAULT_CONFIG``."""
-    if triton is None:
-        raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
+def _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
     b, hq, d = q.shape
     hkv, s = k_codes.shape[1], k_codes.shape[2]
     k_block = triton.cdiv(s, k_scale.shape[2])
@@ -307,38 +732,139 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
             raise ValueError(f"decode_attention: {name} {tuple(t.shape)} must be contiguous in its last dim")
     if v_zero.stride() != v_scale.stride() or k_zero.stride() != k_scale.stride():
         raise ValueError("decode_attention: the zero points must have their scales' strides")
+    return b, hq, d, hkv, s, k_block, v_group
+
+
+def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+                     v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, *, bits: int,
+                     lo: torch.Tensor, hi: torch.Tensor, k_float: torch.Tensor | None = None,
+                     v_float: torch.Tensor | None = None, float_valid: torch.Tensor | None = None,
+                     sm_scale: float | None = None, split: int | None = None, block_n: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None,
+                     chunk: int | None = None, variant: str | None = None, heads: int | None = None,
+                     vchain: bool | None = None) -> torch.Tensor:
+    """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
+    ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole key
+    blocks / steps); ``block_n``: tokens per inner step (v2: clamped to one key block, at least one row per token
+    thread); ``chunk``: channels per thread; ``heads`` (v2): query heads per program (a divisor of the GQA
+    group: each code is unpacked once for all of them)."""
+    if triton is None:
+        raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
+    b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
     groups = hq // hkv
     sm_scale = sm_scale if sm_scale is not None else 1 / math.sqrt(d)
-    block_n = block_n or DEFAULT_CONFIG["block_n"]
-    if block_n & (block_n - 1) or block_n < 1:
-        raise ValueError(f"block_n={block_n} must be a power of two")
-    num_warps = num_warps or DEFAULT_CONFIG["num_warps"]
-    chunk = max(8 // bits, min(chunk or DEFAULT_CONFIG["chunk"], v_group, d))
+    qk_scale = sm_scale * LOG2E
+    variant = variant or DEFAULT_CONFIG["variant"]
+    if variant not in VARIANT_CONFIGS:
+        raise ValueError(f"decode_attention: variant={variant!r} (one of {sorted(VARIANT_CONFIGS)})")
+    base = DEFAULT_CONFIG if variant == DEFAULT_CONFIG["variant"] else VARIANT_CONFIGS[variant]
+    block_n = block_n or base["block_n"]
+    num_warps = num_warps or base["num_warps"]
+    if block_n & (block_n - 1) or block_n < 1 or num_warps & (num_warps - 1):
+        raise ValueError(f"block_n={block_n} and num_warps={num_warps} must be powers of two")
+    chunk = chunk or base["chunk"]
     if chunk & (chunk - 1):
         raise ValueError(f"chunk={chunk} must be a power of two")
-    num_stages = num_stages if num_stages is not None else DEFAULT_CONFIG["num_stages"]
+    num_stages = num_stages if num_stages is not None else base["num_stages"]
+    extra = {} if num_stages is None else {"num_stages": num_stages}
+    q = q.contiguous()
+    lo32, hi32 = lo.to(torch.int32).contiguous(), hi.clamp(max=s).to(torch.int32).contiguous()  # never past the cache
+    if variant == "v1":
+        chunk = max(8 // bits, min(chunk, v_group, d))
+        step = max(block_n, k_block)  # the kernel's iteration: one key block, or one step of several
+        if split is None:
+            split = _default_split(s, b * hq, step, target=8 * 132)
+        split = max(step, triton.cdiv(split, step) * step)
+        n_split = triton.cdiv(s, split)
+        acc = torch.empty(b, hq, n_split, d, device=q.device, dtype=torch.float32)
+        m = torch.empty(b, hq, n_split, device=q.device, dtype=torch.float32)
+        den = torch.empty_like(m)
+        _split_kernel[(b * hq, n_split)](
+            q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, acc, m, den,
+            q.stride(0), q.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
+            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+            v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
+            v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
+            acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), qk_scale, split,
+            HQ=hq, GROUPS=groups, D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, BLOCK_N=block_n, CW=chunk,
+            num_warps=num_warps, **extra,
+        )
+    else:
+        acc, m, den, n_split = _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32,
+                                          bits=bits, k_block=k_block, v_group=v_group, groups=groups,
+                                          qk_scale=qk_scale, split=split, block_n=block_n, num_warps=num_warps,
+                                          chunk=chunk, heads=heads, vchain=vchain, extra=extra,
+                                          prefetch=variant == "v2p")
+    return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale)
+
+
+def v2_geometry(d: int, bits: int, k_block: int, v_group: int, groups: int, *, block_n: int, num_warps: int,
+                chunk: int, heads: int | None, vchain: bool = True) -> dict:
+    """The v2 kernel's tile for a launch: channels per thread ``C`` (``CWW`` words), channel lanes ``X``, token
+    threads ``TT`` (lanes x warps), rows per thread ``N0``, heads per program ``GH``."""
+    perw = 32 // bits
+    if d * bits < 32:
+        raise ValueError(f"head_dim {d} at {bits} bits is less than one 32-bit word per token row")
+    dw = d // perw
+    c = max(perw, min(chunk, d, v_group))  # a chunk inside one value group when the packing allows
+    cww = c // perw
+    x = dw // cww
+    tl_ = max(1, min(32 // x, k_block // num_warps))
+    if k_block < num_warps:
+        raise ValueError(f"num_warps={num_warps} is more than k_block={k_block} token rows")
+    tt = tl_ * num_warps
+    n0 = max(1, min(block_n, k_block) // tt)
+    if heads is None:  # the largest power of two up to 4 that divides the group (SmolLM2: 3 -> 1)
+        heads = next(h for h in (4, 2, 1) if groups % h == 0)
+    gh = max(1, min(heads, groups))
+    if groups % gh or gh & (gh - 1):
+        raise ValueError(f"heads={heads}: must be a power of two dividing the {groups} query heads per kv head")
+    rows = bool(vchain) and n0 <= 8
+    return {"C": c, "CWW": cww, "X": x, "TT": tt, "N0": n0, "GH": gh, "CV": 1 if c <= v_group else c, "ROWS": rows}
+
+
+EXP_BITS = 0x4B000000
+"""2**23's float32 bits, passed to the v2 kernel as an argument rather than a constant: ptxas then merges a field's
+mask and this OR into one LOP3 (with two immediates it emits two)."""
+
+
+def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, *, bits, k_block, v_group, groups,
+               qk_scale, split, block_n, num_warps, chunk, heads, vchain, extra, prefetch=False):
+    b, hq, d = q.shape
+    s = k_codes.shape[2]
+    for name, t, row in (("k_codes", k_codes, d * bits // 8), ("v_codes", v_codes, d * bits // 8),
+                         ("k_scale", k_scale, d), ("v_scale", v_scale, d // v_group)):
+        if t.stride(-2) != row:
+            raise ValueError(f"decode_attention: {name} {tuple(t.shape)} stride {t.stride()}: rows must be packed")
+    g = v2_geometry(d, bits, k_block, v_group, groups, block_n=block_n, num_warps=num_warps, chunk=chunk,
+                    heads=heads, vchain=VARIANT_CONFIGS["v2"]["vchain"] if vchain is None else vchain)
+    if prefetch and g["N0"] * g["TT"] != k_block:
+        raise ValueError(f"variant v2p: a step must be one key block ({g['N0']} rows x {g['TT']} token threads "
+                         f"!= k_block {k_block}); raise block_n or lower num_warps")
     if split is None:
-        split = _default_split(s, b * hq, block_n)
-    step = max(block_n, k_block)  # the kernel's iteration: one key block, or one step of several
-    split = max(step, triton.cdiv(split, step) * step)
+        split = _default_split(s, b * hq // g["GH"], k_block)
+    split = max(k_block, triton.cdiv(split, k_block) * k_block)
     n_split = triton.cdiv(s, split)
     acc = torch.empty(b, hq, n_split, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, hq, n_split, device=q.device, dtype=torch.float32)
     den = torch.empty_like(m)
-    q = q.contiguous()
-    lo32, hi32 = lo.to(torch.int32).contiguous(), hi.clamp(max=s).to(torch.int32).contiguous()  # never past the cache
-    qk_scale = sm_scale * LOG2E
-    extra = {} if num_stages is None else {"num_stages": num_stages}
-    _split_kernel[(b * hq, n_split)](
-        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, acc, m, den,
-        q.stride(0), q.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
-        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
-        v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
-        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
-        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), qk_scale, split,
-        HQ=hq, GROUPS=groups, D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, BLOCK_N=block_n, CW=chunk,
-        num_warps=num_warps, **extra,
-    )
+    kw, vw = k_codes.view(torch.int32), v_codes.view(torch.int32)
+    args = (q, kw, k_scale, k_zero, vw, v_scale, v_zero, lo32, hi32, acc, m, den,
+            q.stride(0), q.stride(1), kw.stride(0), kw.stride(1), k_scale.stride(0), k_scale.stride(1),
+            vw.stride(0), vw.stride(1), v_scale.stride(0), v_scale.stride(1),
+            acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), qk_scale, split, EXP_BITS)
+    const = dict(HQ=hq, GROUPS=groups, GH=g["GH"], D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, N0=g["N0"],
+                 TT=g["TT"], CWW=g["CWW"], CV=g["CV"], num_warps=num_warps, **extra)
+    grid = (b * hq // g["GH"], n_split)
+    if prefetch:
+        _split_kernel_v2p[grid](*args, **const)
+    else:
+        _split_kernel_v2[grid](*args, ROWS=g["ROWS"], **const)
+    return acc, m, den, n_split
+
+
+def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale):
+    b, hq, d = q.shape
     out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
     has_float = k_float is not None
     if has_float:

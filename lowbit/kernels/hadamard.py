@@ -9,36 +9,40 @@ fused variant then quantizes that rounded output exactly as ``dynamic_qparams(pe
 ``quantize`` do (``act_quant.py``'s arithmetic: ``amax / qmax`` as torch computes it on the device,
 IEEE division, round-half-even / RTNE to e4m3).
 
-Design — two tensor-core products, no butterflies in registers. ``H_n = kron(L, R)`` with ``R`` the Sylvester
-matrix of order ``N2 = min(p, 64)`` (generated in the kernel from the parity of ``i & j``) and
-``L = kron(A_m, Sylvester_{p/N2})`` of order ``n1 = n/N2`` (a ±1 table, ``Lᵀ`` zero-padded, read by the kernel). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to ``Y = Lᵀ·X·R``:
+Design. ``H_n = kron(L, R)`` with ``R`` the Sylvester matrix of order ``N2 = min(p, Config.n2_cap)`` and
+``L = kron(A_m, Sylvester_{p/N2})`` of order ``n1 = n/N2`` (a ±1 table, ``Lᵀ`` zero-padded, read by the
+kernel). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to ``Y = Lᵀ·X·R``:
 
-1. ``W = Lᵀ · [X_1 | X_2 | ...]``: ``tl.dot`` over the ``RB`` rows of the tile side by side (the table read
-   once per tile). Its operands are exact in 16 bits (±1 and the bf16/fp16 input), so the MMA with fp32
-   accumulation is exact up to fp32 summation; an fp32 input is split into three bf16 pieces (hi + mid + lo
-   = the fp32 value) and takes three MMAs. ``n1 <= 128``: one block (``BA`` = n1 padded to a power of two
-   >= 16); larger (11008 = 344·32): ``BA = 128`` output blocks, one program each, and a loop over 128-wide
-   K blocks (the programs of the same rows are adjacent, so their re-reads of ``x`` hit L2).
-2. ``Y = W · R``: the tile reshaped ``[BA·RB, N2]`` (a plain row-major reshape: no permute) times ``R``.
-   ``W`` is fp32, so it is split into three bf16 pieces (all 24 bits: two pieces, 16 bits, flipped ~0.4% of
-   bf16 outputs by one ulp against the reference) and takes three MMAs.
+1. ``W = Lᵀ · [X_1 | X_2 | ...]``: ``tl.dot`` over the ``RB`` rows of the tile side by side. Its operands are
+   exact in 16 bits (±1 and the bf16/fp16 input), so the MMA with fp32 accumulation is exact up to fp32
+   summation; an fp32 input is split into three bf16 pieces (hi + mid + lo = the fp32 value) and takes three
+   MMAs. ``n1 <= 128``: one block (``BA`` = n1 padded to a power of two >= 16); larger (11008 = 344·32):
+   ``BA = 128`` output blocks, one program each, and a loop over 128-wide K blocks. ``n1 = 1`` (a power of two
+   with ``n2_cap >= n``): no first product.
+2. ``Y = W · R``, by ``Config.stage2``: "mma" — the tile reshaped ``[BA·RB, N2]`` times ``R`` on tensor cores,
+   ``W`` (fp32) split into three bf16 pieces (all 24 bits; two pieces flip ~0.4% of bf16 outputs by one ulp);
+   "bfly" — ``log2(N2)`` butterfly stages in fp32 (reshape / permute / split / join along the last axis: the
+   compiler keeps register-local stages in registers and moves the others by warp shuffles and one shared-memory
+   exchange per warp bit, Dao-AILab fast-hadamard-transform's thread / warp / block split). The butterflies cost
+   ``log2(N2)`` adds per element where the MMA path costs ``6·N2`` tensor-core flops plus the splitting.
 
-Why not ``log2(n)`` stages of butterflies (reshape/split/join): every stage moves the tile through a layout
-conversion (shared memory) whose cost, ~12 conversions for n = 4096, would outweigh the HBM traffic; and the
-non-power-of-two factor ``A_m`` (m = 12 ... 344) is a dense product anyway, which tensor cores do best. The
-MMA work per element is ``2·BA·NKB + 6·N2`` flops — 512 for n = 4096, near the H200's bf16 flop/byte balance
-for a 4-byte-per-element copy; a large ``m`` (344: ~1000) costs more and the benchmark says how much
-(``tools/bench_hadamard.py``, which also reports the mismatch fraction against the reference on the GPU).
+Programs are persistent (``Config.waves`` per SM): each makes ``Lᵀ`` and ``R`` once and loops over row tiles,
+issuing the next tile's loads before the current tile's math (``Config.stages = 2``; Triton's pipeliner does
+not pipeline this loop). ``CONFIGS`` / ``FUSED_CONFIGS`` hold, per length, the configs
+``tools/bench_hadamard.py --sweep`` measured fastest on the H200; ``EAGER_ROWS`` / ``GRAPH_ROWS`` the measured
+row ranges where the kernel beats the reference op, outside which the triton backend runs the reference
+(``prefers_kernel``: at a few rows one cuBLAS launch beats the kernel's Python launch).
 
-Shapes the kernel does not take (``unsupported`` says why): ``n`` with no Hadamard construction, a
-power-of-two factor below 16 (the MMA's K), or ``n1 > 2048``. The fused quantize also needs ``n1 <= 128`` (a
-row in one program: ``unsupported_fused``). The backend keeps the reference op for those and names them.
+Shapes the kernel does not take (``unsupported`` says why): ``n`` with no Hadamard construction, on the "mma"
+path a power-of-two factor below 16 (the MMA's K), or ``n1 > 2048``. The fused quantize also needs ``n1 <= 128``
+(a row in one program: ``unsupported_fused``). The backend keeps the reference op for those and names them.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,14 +62,20 @@ from lowbit.kernels.a8_linear import FP8_ROWWISE_SCALED_MM, W_QDTYPES, a8_gemm
 from lowbit.kernels.act_quant import cuda_reciprocal
 
 __all__ = [
+    "CONFIGS",
+    "FUSED_CONFIGS",
     "HAD_DTYPES",
     "HAD_QDTYPES",
+    "Config",
+    "config_for",
     "hadamard_a8_linear",
+    "hadamard_direct",
     "hadamard_factors",
     "hadamard_quantize",
     "hadamard_quantize_ref",
     "hadamard_ref",
     "online_hadamard",
+    "prefers_kernel",
     "unsupported",
 ]
 
@@ -73,9 +83,84 @@ HAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 HAD_QDTYPES = {"int8": 127.0, "int4": 7.0, "fp8e4m3": 448.0}
 _QCODE = {"int8": 1, "int4": 2, "fp8e4m3": 3}
 BLOCK_A = 128
-TILE = 4096
 MAX_N1 = 2048
 MIN_N2 = 16
+
+
+class Config(NamedTuple):
+    """How the kernel runs rows of one length; ``tools/bench_hadamard.py --sweep`` times the alternatives and
+    ``CONFIGS`` keeps the measured choice per length (``DEFAULT`` elsewhere)."""
+
+    stage2: str = "mma"
+    """The Sylvester factor ``R``: "mma" = ``W·R`` on tensor cores (``W`` split into three bf16 pieces), "bfly" =
+    ``log2(N2)`` fp32 butterfly stages in registers (no MMA, any power of two)."""
+    n2_cap: int = 64
+    """``N2 = min(p, n2_cap)``: the order of ``R``; the rest of ``p`` goes into ``L`` (the first product)."""
+    tile: int = 4096
+    """Elements per loop step (``RB`` rows of ``BA·N2``)."""
+    warps: int = 4
+    stages: int = 2
+    """2: each loop step issues the next tile's loads before its own math (a hand-made two-stage pipeline;
+    Triton's pipeliner leaves this loop alone: no cp.async in the sm_90 PTX); 1: load, then compute."""
+    waves: int = 3
+    """Persistent programs per SM, each looping over row tiles with ``L`` and ``R`` made once (0: one tile per
+    program, the table and ``R`` re-made per tile)."""
+
+
+DEFAULT = Config(waves=3)
+_BFLY = Config(stage2="bfly", n2_cap=4096, tile=4096, warps=4, stages=2, waves=4)
+CONFIGS: dict[int, Config] = {
+    4096: _BFLY._replace(warps=2, waves=8),  # 47.8 µs at M = 8192: 0.66 of copy bandwidth (4 warps: 83.0)
+    1536: DEFAULT._replace(stages=1, waves=0),  # 42.2 µs (butterflies 31.2, but fused 138.9 vs 91.3)
+    576: DEFAULT._replace(stages=1, waves=0),  # 83.3 µs (every config 75-88 µs; fused 72.0 vs 89.7)
+    4864: DEFAULT,  # 134.8 µs (butterflies 118.1, but fused 413.6 vs 360.9)
+    14336: _BFLY._replace(stages=1, waves=0),  # 320.7 µs (the MMA path runs out of shared memory: n1 = 224)
+}
+"""Per row length, the config ``tools/bench_hadamard.py --sweep`` measured fastest on the H200 (M = 8192, bf16,
+2026-12-01) for the plain transform plus its fused quantize (which must share its arithmetic: same path and
+geometry, so the fused codes are those of ``quantize(hadamard(x))``); ``DEFAULT`` elsewhere."""
+FUSED_CONFIGS: dict[int, Config] = {
+    4096: _BFLY,  # int8 76.1 µs (MMA path 89.7)
+    1536: DEFAULT,  # 91.3 µs
+    576: DEFAULT._replace(stages=1, waves=0),  # 72.0 µs
+    4864: DEFAULT._replace(stages=1, waves=0),  # 360.9 µs
+    14336: _BFLY,  # 572.6 µs
+}
+"""The same for the fused quantize (int8 timings): each differs from its length's ``CONFIGS`` entry only in the
+launch (warps, tile, persistence), never in the arithmetic (path, ``N2``: one table operand serves both)."""
+
+
+def config_for(n: int, fused: bool = False) -> Config:
+    return (FUSED_CONFIGS if fused else CONFIGS).get(n) or CONFIGS.get(n, DEFAULT)
+
+
+INF = 1 << 62
+EAGER_ROWS: dict[int, tuple[int, int]] = {
+    4096: (512, INF), 1536: (4096, INF), 576: (INF, INF), 4864: (512, INF), 11008: (1, INF), 14336: (1, INF),
+}
+"""Per row length, the rows ``[lo, hi)`` where the kernel, launched eagerly (``hadamard_direct``: its Python launch
+cost included), beats the reference op (one cuBLAS matmul by ``H/sqrt(n)``): ``tools/bench_hadamard.py`` on the
+H200 at M = 1, 16, 128, 2048, 8192, each bound the geometric mean of the last losing and first winning M (4096:
+kernel 55 µs vs reference 88 at M = 2048, 58 vs 18 at 128; 576: the reference's 15 µs at M = 8192 wins). 11008
+and 14336: the reference reads the whole n² matrix (242 / 411 MB) even for one row."""
+GRAPH_ROWS: dict[int, tuple[int, int]] = {
+    4096: (1, INF), 1536: (1, INF), 576: (1, 512), 4864: (1, INF), 11008: (1, INF), 14336: (1, INF),
+}
+"""The same for device time alone (one CUDA-graph replay: what counts inside ``torch.compile`` / CUDA graphs):
+the kernel wins from one row (5.7-8 µs vs 7-24 µs) except 576 from M = 2048 on (10.4 vs 8.9 µs)."""
+
+
+def prefers_kernel(n: int, rows: int | torch.SymInt, device: torch.device) -> bool:
+    """Whether ``rows`` rows of length ``n`` should run on the kernel rather than the reference op: the measured
+    crossover of the nearest measured length (log scale); eager calls read ``EAGER_ROWS``, calls traced by
+    torch.compile ``GRAPH_ROWS``. Not CUDA (the interpreter) or a symbolic row count: the kernel."""
+    if device.type != "cuda" or not isinstance(rows, int):
+        return True
+    table = GRAPH_ROWS if torch.compiler.is_compiling() else EAGER_ROWS
+    span = table.get(n)
+    if span is None:
+        span = table[min(table, key=lambda k: abs(math.log(k / n)))]
+    return span[0] <= rows < span[1]
 
 
 def hadamard_ref(x: torch.Tensor) -> torch.Tensor:
@@ -97,74 +182,81 @@ def hadamard_quantize_ref(x: torch.Tensor, qdtype: str) -> tuple[torch.Tensor, t
     return quantize(y, scale, None, qdtype=qdtype, axis=-1, block_size=n), scale
 
 
-def _split(n: int) -> tuple[int, int, int]:
+@functools.cache
+def _split(n: int, n2_cap: int = DEFAULT.n2_cap) -> tuple[int, int, int]:
     """(m, p, N2): ``n = m·p`` as lowbit's construction splits it, and the Sylvester order the kernel's right
     factor takes (raises ``HadamardError`` where no construction exists)."""
     from lowbit.ir.hadamard import hadamard_order_split
 
     m, p = hadamard_order_split(n)
-    return m, p, min(p, 64)
+    return m, p, min(p, n2_cap)
 
 
-def _geometry(n: int) -> tuple[int, int, int, int]:
+@functools.cache
+def _geometry(n: int, cfg: Config | None = None) -> tuple[int, int, int, int]:
     """(n1, N2, BA, NKB): ``L`` of order n1, processed in NKB x NKB blocks of BA (one block, BA = n1 padded to a
-    power of two >= 16, when n1 <= BLOCK_A)."""
-    n2 = _split(n)[2]
+    power of two >= 16, when n1 <= BLOCK_A; BA = 1 when n1 = 1: no first product)."""
+    n2 = _split(n, (cfg or config_for(n)).n2_cap)[2]
     n1 = n // n2
+    if n1 == 1:
+        return 1, n2, 1, 1
     if n1 <= BLOCK_A:
         return n1, n2, max(MIN_N2, next_pow2(n1)), 1
     return n1, n2, BLOCK_A, -(-n1 // BLOCK_A)
 
 
 @functools.cache
-def unsupported(n: int) -> str | None:
+def unsupported(n: int, cfg: Config | None = None) -> str | None:
     """Why the kernel does not take rows of length ``n`` (None: it does)."""
     from lowbit.ir.hadamard import HadamardError
 
+    cfg = cfg or config_for(n)
     try:
-        m, p, n2 = _split(n)
+        m, p, n2 = _split(n, cfg.n2_cap)
     except HadamardError as e:
         return str(e)
-    if n2 < MIN_N2:
+    if cfg.stage2 == "mma" and n2 < MIN_N2:
         return f"n={n} = {m}·{p}: the power-of-two factor {p} is below {MIN_N2} (the tensor-core product's K)"
     if n // n2 > MAX_N1:
         return f"n={n} = {m}·{p}: the Kronecker factor of order {n // n2} exceeds {MAX_N1}"
     return None
 
 
-def unsupported_fused(n: int) -> str | None:
+def unsupported_fused(n: int, cfg: Config | None = None) -> str | None:
     """Why the fused hadamard + quantize does not take rows of length ``n`` (it needs a row in one program)."""
-    why = unsupported(n)
-    if why is None and _geometry(n)[3] > 1:
+    why = unsupported(n, cfg)
+    if why is None and _geometry(n, cfg)[3] > 1:
         why = (f"n={n}: the fused quantize needs the whole row in one program (Kronecker factor of order "
-               f"{n // _split(n)[2]} > {BLOCK_A})")
+               f"{_geometry(n, cfg)[0]} > {BLOCK_A})")
     return why
 
 
 @functools.lru_cache(maxsize=32)
-def _left_t(n: int) -> torch.Tensor:
+def _left_t(n: int, cfg: Config | None = None) -> torch.Tensor:
     """``Lᵀ`` zero-padded to ``[NKB·BA, NKB·BA]``, bf16 on the CPU (±1 and 0 are exact)."""
     from lowbit.ir.hadamard import hadamard_matrix, sylvester
 
-    m, p, n2 = _split(n)
+    cfg = cfg or config_for(n)
+    m, p, n2 = _split(n, cfg.n2_cap)
     left = torch.kron(hadamard_matrix(m, torch.float64), sylvester(p // n2).to(torch.float64))
-    n1, _, ba, nkb = _geometry(n)
+    n1, _, ba, nkb = _geometry(n, cfg)
     out = torch.zeros(ba * nkb, ba * nkb, dtype=torch.float64)
     out[:n1, :n1] = left.T
     return out.to(torch.bfloat16)
 
 
-def hadamard_factors(n: int, device: str | torch.device) -> torch.Tensor:
+def hadamard_factors(n: int, device: str | torch.device, cfg: Config | None = None) -> torch.Tensor:
     """The op's table operand for rows of length ``n``: ``Lᵀ`` padded (``H_n = kron(L, Sylvester_N2)``)."""
-    check(unsupported(n) is None, "hadamard", str(unsupported(n)))
-    return _left_t_on(n, str(torch.device(device)))
+    check(unsupported(n, cfg) is None, "hadamard", str(unsupported(n, cfg)))
+    return _left_t_on(n, str(torch.device(device)), cfg)
 
 
 @functools.lru_cache(maxsize=64)
-def _left_t_on(n: int, device: str) -> torch.Tensor:
-    return _left_t(n).to(device)
+def _left_t_on(n: int, device: str, cfg: Config | None = None) -> torch.Tensor:
+    return _left_t(n, cfg).to(device)
 
 
+@functools.cache
 def _scale_const(n: int, dtype: torch.dtype) -> float:
     """``1/sqrt(n)`` as the reference's constant matrix holds it in ``dtype``: torch casts the float64 value to
     fp32, then (bf16/fp16) rounds that half-to-even to 8/11 significant bits. Plain Python/numpy, no tensor:
@@ -175,6 +267,13 @@ def _scale_const(n: int, dtype: torch.dtype) -> float:
         return v
     f, e = math.frexp(v)  # v = f·2^e, 0.5 <= f < 1: f·2^bits is exact, round() is half-to-even
     return math.ldexp(round(math.ldexp(f, bits)), e - bits)
+
+
+@functools.cache
+def _num_sms(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+    return 2  # the interpreter: a loop of several tiles per program still runs
 
 
 @triton.jit
@@ -198,21 +297,67 @@ def _mma(a, b, acc, UPCAST: tl.constexpr):
     """acc + a @ b with fp32 accumulation; 16-bit operands (exact ±1 and split pieces). UPCAST: the
     interpreter's bf16/fp16 dot is wrong (Triton 3.8), fp32 operands hold the same values exactly."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
-def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm,
+def _butterfly(x, R: tl.constexpr, P: tl.constexpr, H: tl.constexpr):
+    """One Walsh-Hadamard stage along the last axis of ``x [R, P]``: pairs ``(i, i + H)`` -> (sum, difference)."""
+    x = tl.permute(tl.reshape(x, (R, P // (2 * H), 2, H)), (0, 1, 3, 2))
+    lo, hi = tl.split(x)
+    x = tl.permute(tl.join(lo + hi, lo - hi), (0, 1, 3, 2))
+    return tl.reshape(x, (R, P))
+
+
+@triton.jit
+def _fwht(x, R: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr):
+    """``x [R, P] · Sylvester(P)`` in fp32: ``log2(P)`` butterfly stages (Sylvester's natural order)."""
+    for k in tl.static_range(LOG_P):
+        x = _butterfly(x, R, P, 1 << k)
+    return x
+
+
+@triton.jit
+def _load_x(x_ptr, pr, M, sxm, j, b, kk, N1: tl.constexpr, N2: tl.constexpr, RB: tl.constexpr):
+    """Row tile ``pr`` as the first product's operand ``X_cat [BA, RB·N2]`` (``[1, RB·N2]`` when N1 = 1)."""
+    rows = pr * RB + j
+    if N1 == 1:
+        x = tl.load(x_ptr + rows[None, :].to(tl.int64) * sxm + b[None, :], mask=(rows < M)[None, :], other=0.0)
+    else:
+        x = tl.load(x_ptr + rows[None, :].to(tl.int64) * sxm + kk[:, None] * N2 + b[None, :],
+                    mask=(kk < N1)[:, None] & (rows < M)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _left_product(lt, x, w, IN_KIND: tl.constexpr, UPCAST: tl.constexpr):
+    """``w + Lᵀ·x``: one MMA for 16-bit ``x`` (exact products), three for fp32 ``x`` (split into bf16 pieces)."""
+    if IN_KIND < 2:
+        w = _mma(lt, x, w, UPCAST)
+    else:
+        x_hi, r = _split_bf16(x)
+        x_mid, r = _split_bf16(r)
+        w = _mma(lt, x_hi, w, UPCAST)
+        w = _mma(lt, x_mid, w, UPCAST)
+        w = _mma(lt, r.to(tl.bfloat16), w, UPCAST)
+    return w
+
+
+@triton.jit
+def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm, NPROG,
                      N1: tl.constexpr, BA: tl.constexpr, NKB: tl.constexpr, N2: tl.constexpr, RB: tl.constexpr,
                      SCALE: tl.constexpr, IN_KIND: tl.constexpr, MID_PARTS: tl.constexpr,
                      QUANT: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr, STORE_Y: tl.constexpr,
-                     UPCAST: tl.constexpr):
-    # One program: RB rows x output block pa of L's order (BA of n1). IN_KIND: 0 bf16, 1 fp16, 2 fp32 input.
-    # QUANT: 0 none, 1 int8, 2 int4 (packed), 3 fp8 e4m3 (the host allows it only with NKB == 1).
+                     UPCAST: tl.constexpr, BFLY: tl.constexpr, LOG_N2: tl.constexpr, PREFETCH: tl.constexpr):
+    # Programs: NKB output blocks (pa) x NPROG row programs, each looping over the row tiles pr = p0 + k·NPROG
+    # (RB rows each). IN_KIND: 0 bf16, 1 fp16, 2 fp32 input. QUANT: 0 none, 1 int8, 2 int4 (packed), 3 fp8 e4m3
+    # (the host allows it only with NKB == 1). BFLY: R by fp32 butterflies instead of three MMAs.
     pid = tl.program_id(0)
     pa = pid % NKB  # the NKB programs of the same rows run next to each other: their x re-reads hit L2
-    pr = pid // NKB
+    p0 = pid // NKB
     W: tl.constexpr = RB * N2
     LD: tl.constexpr = NKB * BA
     a = pa * BA + tl.arange(0, BA)
@@ -220,98 +365,121 @@ def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm,
     c = tl.arange(0, W)
     j = c // N2  # which row of the tile
     b = c % N2  # index inside the Sylvester factor
-    rows = pr * RB + j
-    row_base = rows[None, :].to(tl.int64)
-    ok = (a < N1)[:, None] & (rows < M)[None, :]
-    # 1. W = Lᵀ · X_cat over K blocks, X_cat[k, j·N2 + b] = x[row j, k·N2 + b]; exact products, fp32 sums
-    w = tl.zeros((BA, W), dtype=tl.float32)
-    for kb in range(NKB):
-        ak = kb * BA + kk
-        x = tl.load(x_ptr + row_base * sxm + ak[:, None] * N2 + b[None, :],
-                    mask=(ak < N1)[:, None] & (rows < M)[None, :], other=0.0)
-        lt = tl.load(lt_ptr + a[:, None] * LD + ak[None, :])  # bf16 ±1 / 0 (padded: no mask)
-        if IN_KIND == 0:
-            w = _mma(lt, x, w, UPCAST)
-        elif IN_KIND == 1:
-            w = _mma(lt.to(tl.float32).to(tl.float16), x, w, UPCAST)
+    # made once per program: the table (one block) and R = Sylvester(N2)[i, k] = (-1)^popcount(i & k)
+    if N1 > 1 and NKB == 1:
+        lt0 = tl.load(lt_ptr + a[:, None] * LD + kk[None, :])  # bf16 ±1 / 0 (padded: no mask)
+        if IN_KIND == 1:
+            lt0 = lt0.to(tl.float32).to(tl.float16)
+    if not BFLY:
+        i2 = tl.arange(0, N2)
+        v = i2[:, None] & i2[None, :]
+        v = v ^ (v >> 4)
+        v = v ^ (v >> 2)
+        v = v ^ (v >> 1)
+        rmat = (1 - 2 * (v & 1)).to(tl.float32).to(tl.bfloat16)  # via fp32: the interpreter's int->bf16 is wrong
+    n_tiles = tl.cdiv(M, RB)
+    if PREFETCH:  # the first tile's x; each step then issues the next tile's loads before its own math
+        x_next = _load_x(x_ptr, p0, M, sxm, j, b, kk, N1, N2, RB)
+    for pr in tl.range(p0, n_tiles, NPROG):
+        rows = pr * RB + j
+        row_base = rows[None, :].to(tl.int64)
+        ok = (a < N1)[:, None] & (rows < M)[None, :]
+        # 1. W = Lᵀ · X_cat over K blocks, X_cat[k, j·N2 + b] = x[row j, k·N2 + b]; exact products, fp32 sums
+        if NKB == 1:
+            if PREFETCH:
+                x = x_next
+                x_next = _load_x(x_ptr, pr + NPROG, M, sxm, j, b, kk, N1, N2, RB)  # masked past the last tile
+            else:
+                x = _load_x(x_ptr, pr, M, sxm, j, b, kk, N1, N2, RB)
+            if N1 == 1:
+                w = x.to(tl.float32)
+            else:
+                w = _left_product(lt0, x, tl.zeros((BA, W), dtype=tl.float32), IN_KIND, UPCAST)
         else:
-            x_hi, r = _split_bf16(x)
-            x_mid, r = _split_bf16(r)
-            w = _mma(lt, x_hi, w, UPCAST)
-            w = _mma(lt, x_mid, w, UPCAST)
-            w = _mma(lt, r.to(tl.bfloat16), w, UPCAST)
-    # 2. Y = W · R, R = Sylvester(N2)[i, k] = (-1)^popcount(i & k), W split into bf16 pieces
-    i2 = tl.arange(0, N2)
-    v = i2[:, None] & i2[None, :]
-    v = v ^ (v >> 4)
-    v = v ^ (v >> 2)
-    v = v ^ (v >> 1)
-    rmat = (1 - 2 * (v & 1)).to(tl.float32).to(tl.bfloat16)  # via fp32: the interpreter's int->bf16 is wrong
-    w2 = tl.reshape(w, (BA * RB, N2))
-    w_hi, r2 = _split_bf16(w2)
-    y = _mma(w_hi, rmat, tl.zeros((BA * RB, N2), dtype=tl.float32), UPCAST)
-    if MID_PARTS == 2:
-        y = _mma(r2.to(tl.bfloat16), rmat, y, UPCAST)
-    else:
-        w_mid, r3 = _split_bf16(r2)
-        y = _mma(w_mid, rmat, y, UPCAST)
-        y = _mma(r3.to(tl.bfloat16), rmat, y, UPCAST)
-    y = tl.reshape(y, (BA, W)) * SCALE
-    if y_ptr.dtype.element_ty == tl.bfloat16:
-        y = _round_bf16(y)
-    y = y.to(y_ptr.dtype.element_ty)
-    if STORE_Y:
-        tl.store(y_ptr + row_base * sym + a[:, None] * N2 + b[None, :], y, mask=ok)
-    if QUANT != 0:
-        # the reference quantizes the rounded hadamard output: per token (= per tile row j) symmetric scale
-        yf = tl.reshape(y.to(tl.float32), (BA, RB, N2))
-        amax = tl.max(tl.max(tl.abs(yf), axis=2), axis=0)  # [RB]; padding is 0
-        if RCP != 0.0:
-            s = tl.maximum(amax * RCP, 1e-12)
-        else:
-            s = tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
-        rows_s = pr * RB + tl.arange(0, RB)
-        tl.store(s_ptr + rows_s, s, mask=rows_s < M)
-        t = tl.math.div_rn(yf, tl.zeros_like(yf) + s[None, :, None])
-        if QUANT == 3:
-            q = tl.reshape(round_to_e4m3(tl.clamp(t, -QMAX, QMAX)), (BA, W)).to(tl.float8e4nv)
-            tl.store(q_ptr + row_base * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
-        elif QUANT == 1:
-            q = tl.reshape(tl.clamp(round_half_even(t), -128.0, 127.0), (BA, W)).to(tl.int8)
-            tl.store(q_ptr + row_base * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
-        else:
-            q = tl.reshape(tl.clamp(round_half_even(t), -8.0, 7.0), (BA, W // 2, 2)).to(tl.int32)
-            lo, hi = tl.split(q)  # even / odd index: low / high nibble (lowbit's packing)
-            byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
-            HN: tl.constexpr = N2 // 2
-            ch = tl.arange(0, W // 2)
-            rows_h = pr * RB + ch // HN
-            ok_h = (a < N1)[:, None] & (rows_h < M)[None, :]
-            tl.store(q_ptr + rows_h[None, :].to(tl.int64) * sqm + a[:, None] * HN + (ch % HN)[None, :], byte,
-                     mask=ok_h)
+            w = tl.zeros((BA, W), dtype=tl.float32)
+            for kb in range(NKB):  # a loop, not unrolled: unrolled, every block kept its own shared memory
+                ak = kb * BA + kk
+                x = tl.load(x_ptr + row_base * sxm + ak[:, None] * N2 + b[None, :],
+                            mask=(ak < N1)[:, None] & (rows < M)[None, :], other=0.0)
+                lt = tl.load(lt_ptr + a[:, None] * LD + ak[None, :])
+                if IN_KIND == 1:
+                    lt = lt.to(tl.float32).to(tl.float16)
+                w = _left_product(lt, x, w, IN_KIND, UPCAST)
+        # 2. Y = W · R
+        w2 = tl.reshape(w, (BA * RB, N2))
+        if BFLY:
+            y = _fwht(w2, BA * RB, N2, LOG_N2)
+        elif N1 == 1 and IN_KIND == 0:  # W is the bf16 input itself: one exact MMA
+            y = _mma(w2.to(tl.bfloat16), rmat, tl.zeros((BA * RB, N2), dtype=tl.float32), UPCAST)
+        else:  # W split into bf16 pieces
+            w_hi, r2 = _split_bf16(w2)
+            y = _mma(w_hi, rmat, tl.zeros((BA * RB, N2), dtype=tl.float32), UPCAST)
+            if MID_PARTS == 2:
+                y = _mma(r2.to(tl.bfloat16), rmat, y, UPCAST)
+            else:
+                w_mid, r3 = _split_bf16(r2)
+                y = _mma(w_mid, rmat, y, UPCAST)
+                y = _mma(r3.to(tl.bfloat16), rmat, y, UPCAST)
+        y = tl.reshape(y, (BA, W)) * SCALE
+        if UPCAST and y_ptr.dtype.element_ty == tl.bfloat16:  # the GPU's cast already rounds to nearest even
+            y = _round_bf16(y)
+        y = y.to(y_ptr.dtype.element_ty)
+        if STORE_Y:
+            tl.store(y_ptr + row_base * sym + a[:, None] * N2 + b[None, :], y, mask=ok)
+        if QUANT != 0:
+            # the reference quantizes the rounded hadamard output: per token (= per tile row j) symmetric scale
+            yf = tl.reshape(y.to(tl.float32), (BA, RB, N2))
+            amax = tl.max(tl.max(tl.abs(yf), axis=2), axis=0)  # [RB]; padding is 0
+            if RCP != 0.0:
+                s = tl.maximum(amax * RCP, 1e-12)
+            else:
+                s = tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
+            rows_s = pr * RB + tl.arange(0, RB)
+            tl.store(s_ptr + rows_s, s, mask=rows_s < M)
+            t = tl.math.div_rn(yf, tl.zeros_like(yf) + s[None, :, None])
+            if QUANT == 3:
+                q = tl.reshape(round_to_e4m3(tl.clamp(t, -QMAX, QMAX)), (BA, W)).to(tl.float8e4nv)
+                tl.store(q_ptr + row_base * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
+            elif QUANT == 1:
+                q = tl.reshape(tl.clamp(round_half_even(t), -128.0, 127.0), (BA, W)).to(tl.int8)
+                tl.store(q_ptr + row_base * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
+            else:
+                q = tl.reshape(tl.clamp(round_half_even(t), -8.0, 7.0), (BA, W // 2, 2)).to(tl.int32)
+                lo, hi = tl.split(q)  # even / odd index: low / high nibble (lowbit's packing)
+                byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+                HN: tl.constexpr = N2 // 2
+                ch = tl.arange(0, W // 2)
+                rows_h = pr * RB + ch // HN
+                ok_h = (a < N1)[:, None] & (rows_h < M)[None, :]
+                tl.store(q_ptr + rows_h[None, :].to(tl.int64) * sqm + a[:, None] * HN + (ch % HN)[None, :], byte,
+                         mask=ok_h)
 
 
-def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None) -> tuple[torch.Tensor, ...]:
+def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None, cfg: Config | None = None
+            ) -> tuple[torch.Tensor, ...]:
     n = x.shape[-1]
-    check(x.dtype in HAD_DTYPES, "hadamard", f"dtype {x.dtype} (takes bf16, fp16, fp32)")
-    why = unsupported(n)
-    check(why is None, "hadamard", str(why))
-    if qdtype is not None:
-        why = unsupported_fused(n)
-        check(why is None, "hadamard_quantize", str(why))
-    n1, n2, ba, nkb = _geometry(n)
-    check(tuple(lt.shape) == (ba * nkb, ba * nkb) and lt.dtype == torch.bfloat16, "hadamard",
-          f"table operand {tuple(lt.shape)} {lt.dtype}, expected ({ba * nkb}, {ba * nkb}) bfloat16 "
-          f"(hadamard_factors({n}))")
+    cfg = cfg or config_for(n, qdtype is not None)
+    # the messages are formatted only on failure: this runs per call, and at decode sizes the host is the cost
+    if x.dtype not in HAD_DTYPES:
+        check(False, "hadamard", f"dtype {x.dtype} (takes bf16, fp16, fp32)")
+    why = unsupported(n, cfg) if qdtype is None else unsupported_fused(n, cfg)
+    if why is not None:
+        check(False, "hadamard" if qdtype is None else "hadamard_quantize", why)
+    n1, n2, ba, nkb = _geometry(n, cfg)
+    if lt.shape != (ba * nkb, ba * nkb) or lt.dtype != torch.bfloat16:
+        check(False, "hadamard", f"table operand {tuple(lt.shape)} {lt.dtype}, expected ({ba * nkb}, {ba * nkb}) "
+              f"bfloat16 (hadamard_factors({n}))")
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != n):
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    # 4096-element tiles, 4 warps: ~110 registers, 4 CTAs (16 warps) per SM on sm_90 (ptxas -v of the AOT
-    # compile); 8192 elements had 183-245 registers, one or two CTAs per SM, half the bytes in flight
-    rb = max(1, TILE // (ba * n2))
+    rb = max(1, cfg.tile // (ba * n2))
     if isinstance(rows, int):  # a symbolic M (torch.compile dynamic=True) keeps one specialization
         rb = max(1, min(rb, next_pow2(max(rows, 1))))
+    if n1 > 1:  # the first product's N (RB·N2) is at least 16
+        rb = max(rb, -(-16 // n2))
+    if cfg.stage2 == "mma":  # the second product's M (BA·RB) is at least 16
+        rb = max(rb, -(-16 // ba))
     # the fused op writes no float output: a 1-element tensor carries the output dtype to the kernel
     y = torch.empty((rows, n) if qdtype is None else (1,), device=x.device, dtype=x.dtype)
     if qdtype is None:
@@ -327,16 +495,22 @@ def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None) -> tuple[torc
         s = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
         quant, rcp = _QCODE[qdtype], (cuda_reciprocal(qmax) if x.is_cuda else 0.0)
     if rows:
-        tile = ba * rb * n2
-        in_kind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[x.dtype]
-        launcher(x2, _hadamard_kernel)[(nkb * -(-rows // rb),)](
-            x2, lt, y, q, s, rows, x2.stride(0), y.stride(0), q.stride(0),
-            N1=n1, BA=ba, NKB=nkb, N2=n2, RB=rb, SCALE=_scale_const(n, x.dtype), IN_KIND=in_kind,
-            MID_PARTS=3, QUANT=quant, QMAX=qmax, RCP=rcp,
-            STORE_Y=qdtype is None, UPCAST=interpreting(), num_warps=4 if tile <= 4096 else 8)
+        n_tiles = -(-rows // rb)
+        nprog = n_tiles
+        if cfg.waves and isinstance(rows, int):
+            nprog = min(n_tiles, cfg.waves * _num_sms(str(x.device)))
+        launcher(x2, _hadamard_kernel)[(nkb * nprog,)](
+            x2, lt, y, q, s, rows, x2.stride(0), y.stride(0), q.stride(0), nprog,
+            N1=n1, BA=ba, NKB=nkb, N2=n2, RB=rb, SCALE=_scale_const(n, x.dtype),
+            IN_KIND=_IN_KIND[x.dtype], MID_PARTS=3, QUANT=quant, QMAX=qmax, RCP=rcp,
+            STORE_Y=qdtype is None, UPCAST=interpreting(), BFLY=cfg.stage2 == "bfly",
+            LOG_N2=n2.bit_length() - 1, PREFETCH=cfg.stages > 1 and nkb == 1, num_warps=cfg.warps)
     if qdtype is None:
         return (y.reshape(x.shape),)
     return q, s
+
+
+_IN_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
 @triton_op("lowbit::hadamard", mutates_args=())
@@ -350,6 +524,14 @@ def hadamard_quantize_op(x: torch.Tensor, lt: torch.Tensor, qdtype: str) -> tupl
     """The hadamard then per-token symmetric quantization, one pass: codes and fp32 scales ``[M, 1]``."""
     q, s = _launch(x, lt, qdtype)
     return q, s
+
+
+def hadamard_direct(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+    """``torch.ops.lowbit.hadamard(x, lt)`` without torch's custom-op dispatch when called eagerly (its Python
+    cost is several times the kernel's run time at decode sizes); traced by torch.compile, the op itself."""
+    if torch.compiler.is_compiling() or type(x) not in (torch.Tensor, torch.nn.Parameter):
+        return torch.ops.lowbit.hadamard(x, lt)
+    return _launch(x, lt, None)[0]
 
 
 def online_hadamard(x: torch.Tensor) -> torch.Tensor:

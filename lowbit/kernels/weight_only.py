@@ -14,17 +14,28 @@ a scale group covers whole ``i`` columns of a chunk, so one scale per row per ``
 and zero points are stored transposed (``[N, K/g]`` with strides ``(1, N)``) so a row tile's scales of one group
 are one contiguous load. Taken where ``chunk_words`` is non-zero (K a multiple of 256 codes, or 128, and the
 group a multiple of the chunk width): 4096/11008/1536/4864/896 yes, SmolLM2's 576 no (stored layout there).
+The words come in two memory orders of the same ``[N, K*bits/32]`` tensor: K-major (contiguous rows) and N-major
+(strides ``(1, N)``: word ``w`` of every row together, ``pack_words(..., n_major=True)``); the kernels tell them
+apart by the strides (``is_n_major``). ``pack_words`` makes N-major by default (``words_n_major``: K-major only
+at the shapes of ``K_MAJOR_SHAPES``), from the H200 sweep (``tools/bench_gemv.py``, bench/results/gemv.json).
 
 Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted into the top mantissa bits of
 1.0 (``f = 1 + u/2**b``, one shift and one and-or), and ``s*(q - z)`` is algebra around the products.
-- M = 1, CUDA cores (``_gemv_words``): ``[BLOCK_N, U, CW]`` word tiles, one FMA per code into a deferred fp32
+- N-major words (the default): ``_gemv_t`` (M = 1: ``[U, CW, BLOCK_N]`` tiles coalesced along N, the activation
+  a broadcast load, split-K partials + a reduce kernel) and ``_tc_t`` (2 <= M <= 16: one ``[CW, BLOCK_N]`` tile
+  per chunk, one dot per code position); ``_tc_pairs`` (opt-in ``PAIRS``: int4 codes unpacked two per ``lop3`` +
+  ``sub.bf16x2`` inline asm on the GPU) is swept but not a default (not yet checked on a GPU).
+- K-major words, M = 1, CUDA cores (``_gemv_words``): ``[BLOCK_N, U, CW]`` word tiles, one FMA per code into a deferred fp32
   accumulator, the activation's running sum times ``d = 1 + (off + z)/2**b`` and the scale applied once per group,
   one reduction after the loop; grid over N only at the goal shapes (no split-K).
 - 2 <= M <= 16, tensor cores (``_tc_words``): per chunk and code position one ``[16, CW] x [CW, BLOCK_N]`` dot on
   exact small integers ``q - z`` in the activation dtype (wgmma with the weights as the M side, ``SWAP``), the
   scale on the fp32 partial once per group; split-K with an fp32 partial buffer and a deterministic reduce kernel.
 - M > 16: one dequantize kernel (bit-exact ``(q - z) * s`` rounded once) and cuBLAS.
-Configs: ``words_config`` (the H200 sweep's table at the goal shapes, a rule elsewhere).
+Configs: ``words_config`` (the H200 sweeps' tables at the decode shapes, ``_WORDS_T_TABLE`` / ``_WORDS_TABLE``,
+a rule elsewhere). Measured (R1, CUDA-graph replay, 4096x11008 int4 g128): M = 1 18.3 µs = 1.35x cuBLAS bf16
+(K-major 22.3 µs), M = 16 23.9 µs = 1.06x: both kernels are latency-bound per program (split 1 took ~40 µs at
+every N), far from the ~5.5 µs byte limit.
 
 Stored layout kernels (the fallback where the decode layout does not apply):
 - M <= 16: split-K GEMV (``_wo_kernel`` with ``HALVES``), config from ``gemv_config``.
@@ -327,7 +338,7 @@ def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, grou
     b = bias if bias is not None else scale
     ssn = scale.stride(0)
     meta = {"PACKED": packed, "SIGNED": signed, "GROUP": group, "HAS_ZP": zero_point is not None, "UPCAST": interpreting(),
-                "HALVES": True,
+                "HALVES": True, "DEFER": cfg.get("DEFER", False),
                 "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     if split == 1:
@@ -389,7 +400,7 @@ def _codes(qweight: torch.Tensor, qdtype: str) -> torch.Tensor:
 
 
 def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str,
-               group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               group_size: int, n_major: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """lowbit's stored weight -> the decode layout ``(int32 [N, K*bits/32], scale, zero point)``; unchanged
     tensors where ``chunk_words`` is 0 (the byte-layout kernels take those).
 
@@ -398,7 +409,11 @@ def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     those words needs are contiguous (``x[c*per*CW + i*CW + j]``), so the GEMV reads both with wide loads, and a
     scale group covers whole columns ``i`` of a chunk (one scale per row per ``i``). Scales and zero points are
     stored transposed (``[N, K/g]`` with strides ``(1, N)``) so one load of a group's scales across a row tile is
-    contiguous."""
+    contiguous.
+
+    ``n_major``: the same ``[N, K*bits/32]`` words stored with strides ``(1, N)`` (word ``w`` of every row
+    together), the layout of the N-major kernels (``_gemv_t``, ``_tc_t``, ``_tc_pairs``); ``is_n_major`` tells
+    them apart. None: ``words_n_major(N, K)`` (what the sweep measured faster for that shape)."""
     packed = qdtype in PACKED_QDTYPES
     bits = 4 if packed else 8
     n = qweight.shape[0]
@@ -406,12 +421,16 @@ def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     cw = chunk_words(k, group_size, bits)
     if cw == 0 or qweight.dtype == torch.int32:
         return qweight, scale, zero_point
+    if n_major is None:
+        n_major = words_n_major(n, k)
     per = 32 // bits
     codes = _codes(qweight, qdtype).to(torch.int64).view(n, k // (per * cw), per, cw)
     words = torch.zeros(n, k // (per * cw), cw, dtype=torch.int64, device=qweight.device)
     for i in range(per):
         words |= codes[:, :, i, :] << (bits * i)
     words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).reshape(n, -1)
+    if n_major:
+        words = words.t().contiguous().t()
     if group_size:
         scale = scale.t().contiguous().t()
         zero_point = zero_point.t().contiguous().t() if zero_point is not None else None
@@ -425,12 +444,17 @@ def unpack_words(words: torch.Tensor, qdtype: str, k: int, group_size: int) -> t
     per = 32 // bits
     n = words.shape[0]
     cw = chunk_words(k, group_size, bits)
-    w = words.to(torch.int64).view(n, k // (per * cw), 1, cw) & 0xFFFFFFFF
+    w = words.to(torch.int64).reshape(n, k // (per * cw), 1, cw) & 0xFFFFFFFF
     codes = ((w >> (bits * torch.arange(per, device=words.device).view(1, 1, per, 1))) & (2 ** bits - 1))
     codes = codes.to(torch.uint8).reshape(n, k)
     if packed:
         return codes[:, 0::2] | (codes[:, 1::2] << 4)
     return codes.view(torch.int8) if qdtype == "int8" else codes
+
+
+def is_n_major(words: torch.Tensor) -> bool:
+    """True for ``pack_words(..., n_major=True)``'s words (strides ``(1, N)``), False for the K-major ones."""
+    return words.dim() == 2 and words.shape[0] > 1 and words.stride(0) == 1 and words.stride(1) == words.shape[0]
 
 
 @triton.jit
@@ -657,7 +681,7 @@ def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
 
 
 @triton.jit
-def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn, ssg, mant, one,
+def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, swk, ssn, ssg, mant, one,
                    BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
                    XOR: tl.constexpr, CW: tl.constexpr, BLOCK_N: tl.constexpr):
     """The dense weight ``[N, K]`` from the word layout, one chunk per program column: ``(q - z) * s`` in fp32
@@ -669,7 +693,7 @@ def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn, ssg, mant, one,
     c = tl.program_id(1)
     offs_j = tl.arange(0, CW)
     n_ok = offs_n < N
-    wv = tl.load(w_ptr + offs_n[:, None] * swn + c * CW + offs_j[None, :], mask=n_ok[:, None], other=0)
+    wv = tl.load(w_ptr + offs_n[:, None] * swn + (c * CW + offs_j[None, :]) * swk, mask=n_ok[:, None], other=0)
     if SIGNED:
         wv = wv ^ XOR
     for i in tl.static_range(PER):
@@ -686,6 +710,348 @@ def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, ssn, ssg, mant, one,
                  w.to(o_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The N-major decode layout: the same words stored K-major-transposed (``pack_words(..., n_major=True)``: a
+# ``[N, K*bits/32]`` int32 tensor with strides ``(1, N)``), so a program's tile of ``[U chunks, CW words, BLOCK_N
+# rows]`` is coalesced across threads along N (16-byte loads, 4 rows per thread), the activation a thread needs
+# is the same for every lane (broadcast loads, converted once per thread for its 4 rows), and the reduction over K
+# stays inside a thread until one final sum. Why: the K-major kernels above reload and convert the activation for
+# every 2-4 rows and finish each program with a cross-lane reduction; at M = 1 they reached a quarter of the copy
+# bandwidth on the H200.
+
+
+@triton.jit
+def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos, mant, one,
+            BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
+            HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
+            CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, U: tl.constexpr,
+            PREFETCH: tl.constexpr = 0, RED: tl.constexpr = False):
+    """CUDA-core GEMV (M = 1) on the N-major words: per step a ``[U, CW, BLOCK_N]`` word tile; per code a shift,
+    an and-or (``f = 1 + u/2**b``) and one FMA into a deferred fp32 accumulator of the tile's shape; per group
+    ``acc += s * (a - d * sum x)`` with ``d = 1 + (off + z)/2**b`` (the algebra of ``_gemv_words``); one sum over
+    ``U, CW`` at the end. ``PREFETCH`` = 1 or 2: the words 1 or 2 steps ahead are loaded before this step's
+    arithmetic.
+    ``RED``: each group's (per channel: each chunk's) terms are summed over ``U, CW`` at once into a ``[BLOCK_N]``
+    accumulator instead: in-thread adds where the tile's rows all sit in one thread (warps along N: ``BLOCK_N >=
+    128 * num_warps``), and no tile-sized accumulator (registers for bigger tiles)."""
+    PER: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = 1 << BITS
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n3 = offs_n[None, None, :]
+    n_ok = n3 < N
+    u3 = tl.arange(0, U)[:, None, None]
+    j3 = tl.arange(0, CW)[None, :, None]
+    n2 = offs_n[None, :]
+    u2 = tl.arange(0, U)[:, None]
+    j2 = tl.arange(0, CW)[None, :]
+    n_ok2 = n2 < N
+    acc = tl.zeros((U, CW, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    xacc = tl.zeros((U, CW, 1), dtype=tl.float32)
+    c_lo = pid_k * CH_SPLIT
+    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    if PREFETCH >= 1:
+        wv_n = tl.load(w_ptr + ((c_lo + u3) * CW + j3) * swk + n3, mask=n_ok & (c_lo + u3 < c_hi), other=0)
+    if PREFETCH >= 2:
+        wv_n2 = tl.load(w_ptr + ((c_lo + U + u3) * CW + j3) * swk + n3, mask=n_ok & (c_lo + U + u3 < c_hi), other=0)
+    for c0 in range(c_lo, c_hi, U):
+        c3 = c0 + u3
+        c_ok = c3 < c_hi
+        if PREFETCH == 1:
+            wv = wv_n
+            wv_n = tl.load(w_ptr + ((c3 + U) * CW + j3) * swk + n3, mask=n_ok & (c3 + U < c_hi), other=0)
+        elif PREFETCH == 2:
+            wv = wv_n
+            wv_n = wv_n2
+            wv_n2 = tl.load(w_ptr + ((c3 + 2 * U) * CW + j3) * swk + n3, mask=n_ok & (c3 + 2 * U < c_hi), other=0)
+        else:
+            wv = tl.load(w_ptr + (c3 * CW + j3) * swk + n3, mask=n_ok & c_ok, other=0)
+        if SIGNED:
+            wv = wv ^ XOR
+        for i in tl.static_range(PER):
+            # loaded 2-D and broadcast over N (the weight tile's sliced layout: no conversion in the loop)
+            xi = tl.load(x_ptr + (c0 + u2) * (PER * CW) + i * CW + j2, mask=c0 + u2 < c_hi, other=0.0).to(
+                tl.float32)[:, :, None]
+            t = _word_code(wv, i, BITS, mant, one) * xi
+            if GROUP == 0:
+                xacc += xi
+                if RED:
+                    if i == 0:
+                        a = t
+                    else:
+                        a += t
+                    if i == PER - 1:
+                        acc1 += tl.sum(tl.sum(a, axis=1), axis=0)
+                else:
+                    acc += t
+            else:
+                if i % GI == 0:
+                    a = t
+                    xs = xi
+                else:
+                    a += t
+                    xs += xi
+                if i % GI == GI - 1:
+                    c2 = c0 + u2
+                    g = (c2 * (PER * CW) + (i - GI + 1) * CW) // GROUP
+                    gm = n_ok2 & (c2 < c_hi)
+                    s = tl.load(s_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(tl.float32)[:, None, :]
+                    if HAS_ZP:
+                        d = (1.0 + OFF / ONE) + tl.load(z_ptr + n2 * ssn + g * ssg, mask=gm, other=0).to(
+                            tl.float32)[:, None, :] * (1.0 / ONE)
+                    else:
+                        d = 1.0 + OFF / ONE
+                    if RED:
+                        acc1 += tl.sum(tl.sum(s * (a - d * xs), axis=1), axis=0)
+                    else:
+                        acc += s * (a - d * xs)
+    if RED:
+        y = acc1
+    else:
+        y = tl.sum(tl.sum(acc, axis=1), axis=0)
+    n_ok1 = offs_n < N
+    if GROUP == 0:
+        d_n = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1.0 + OFF / ONE)
+        if HAS_ZP:
+            d_n += tl.load(z_ptr + offs_n * ssn, mask=n_ok1, other=0).to(tl.float32) * (1.0 / ONE)
+        y = (y - d_n * tl.sum(tl.sum(xacc, axis=1), axis=0)) * tl.load(s_ptr + offs_n * ssn, mask=n_ok1,
+                                                                        other=0).to(tl.float32)
+    y = y * ONE
+    if PARTIAL:
+        tl.store(o_ptr + pid_k * sos + offs_n, y, mask=n_ok1)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_ok1, other=0).to(tl.float32)
+        tl.store(o_ptr + offs_n, y.to(o_ptr.dtype.element_ty), mask=n_ok1)
+
+
+@triton.jit
+def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos, mant, one,
+          BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
+          HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
+          UPCAST: tl.constexpr, CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          SWAP: tl.constexpr, PREFETCH: tl.constexpr = 0):
+    """Tensor-core GEMV (2 <= M <= 16) on the N-major words: per chunk a ``[CW, BLOCK_N]`` word tile (coalesced
+    along N); per code ``i`` the exact integers ``q - z`` in the activation dtype and one ``[BLOCK_M, CW] x [CW,
+    BLOCK_N]`` dot (``SWAP``: ``[BLOCK_N, CW] x [CW, BLOCK_M]``, the weights as the wide M side); the scale on the
+    fp32 partial once per group."""
+    PER: tl.constexpr = 32 // BITS
+    ONE: tl.constexpr = 1 << BITS
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, CW)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    cc = tl.zeros((BLOCK_N,), dtype=tl.float32) + (ONE + OFF)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if GROUP == 0:
+        s = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            cc += tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+    c_lo = pid_k * CH_SPLIT
+    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    if PREFETCH >= 1:
+        wv_n = tl.load(w_ptr + (c_lo * CW + offs_j[:, None]) * swk + offs_n[None, :],
+                       mask=n_ok[None, :] & (c_lo < c_hi), other=0)
+    for c in range(c_lo, c_hi):
+        if PREFETCH >= 1:
+            wv = wv_n
+            wv_n = tl.load(w_ptr + ((c + 1) * CW + offs_j[:, None]) * swk + offs_n[None, :],
+                           mask=n_ok[None, :] & (c + 1 < c_hi), other=0)
+        else:
+            wv = tl.load(w_ptr + (c * CW + offs_j[:, None]) * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
+        if SIGNED:
+            wv = wv ^ XOR
+        for i in tl.static_range(PER):
+            if GROUP != 0 and i % GI == 0:
+                g = (c * (PER * CW) + i * CW) // GROUP
+                s = tl.load(s_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+                if HAS_ZP:
+                    cc = (ONE + OFF) + tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+            xi = tl.load(x_ptr + offs_m[:, None] * sxm + c * (PER * CW) + i * CW + offs_j[None, :],
+                         mask=m_ok[:, None], other=0.0)
+            v = _word_code(wv, i, BITS, mant, one) * ONE - cc[None, :]  # [CW, BLOCK_N]
+            if UPCAST:
+                xo = xi.to(tl.float32)
+            else:
+                v = v.to(xi.dtype)
+                xo = xi
+            if SWAP:
+                a_op = tl.trans(v)
+                b_op = tl.trans(xo)
+            else:
+                a_op = xo
+                b_op = v
+            if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 holds these values exactly
+                d = tl.dot(a_op, b_op, input_precision="ieee")
+            else:
+                d = tl.dot(a_op, b_op)
+            if GROUP == 0:
+                acc += d
+            else:
+                if i % GI == 0:
+                    p = d
+                else:
+                    p += d
+                if i % GI == GI - 1:
+                    if SWAP:
+                        acc += p * s[:, None]
+                    else:
+                        acc += p * s[None, :]
+    if GROUP == 0:
+        if SWAP:
+            acc = acc * s[:, None]
+        else:
+            acc = acc * s[None, :]
+    if SWAP:
+        y = tl.trans(acc)
+    else:
+        y = acc
+    _store_tile(y, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL, HAS_BIAS)
+
+
+@triton.jit
+def _pair_codes(t, ccp, c_lo, c_hi, IS_BF16: tl.constexpr, ASM: tl.constexpr):
+    """The 4-bit codes at bits ``[0, 4)`` and ``[16, 20)`` of ``t`` minus ``c_lo`` / ``c_hi`` (offset + zero point),
+    as exact small integers in the activation dtype. ``ASM`` (sm_90): one ``lop3`` makes both codes a 16-bit float
+    pair ``base + u`` (``base`` = 128 bf16 / 1024 fp16: the code lands in the low mantissa bits) and one packed
+    ``sub`` takes ``ccp`` (the pair ``base + c``): two codes per two instructions, no int -> float conversion.
+    Otherwise (the interpreter) the same values in plain Triton."""
+    if ASM:
+        if IS_BF16:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA; sub.rn.bf16x2 t, t, $3; "
+                "mov.b32 {$0, $1}, t; }", "=h,=h,r,r", [t, ccp], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                pack=1)
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA; sub.rn.f16x2 t, t, $3; "
+                "mov.b32 {$0, $1}, t; }", "=h,=h,r,r", [t, ccp], dtype=(tl.float16, tl.float16), is_pure=True,
+                pack=1)
+    else:
+        if IS_BF16:
+            dt = tl.bfloat16
+        else:
+            dt = tl.float16
+        lo = ((t & 0xF).to(tl.float32) - c_lo[None, :]).to(dt)
+        hi = (((t >> 16) & 0xF).to(tl.float32) - c_hi[None, :]).to(dt)
+    return lo, hi
+
+
+@triton.jit
+def _tc_pairs(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos, mant, one,
+              BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
+              HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
+              UPCAST: tl.constexpr, CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              SWAP: tl.constexpr, PREFETCH: tl.constexpr = 0, IS_BF16: tl.constexpr = True,
+              ASM: tl.constexpr = False):
+    """``_tc_t`` for int4 with codes unpacked in pairs (code ``i`` and ``i + 4`` of a word share a 32-bit register
+    after one shift: ``_pair_codes``). Takes per channel or groups of 4 or 8 code positions (``GI``: g128 at CW =
+    32); codes 0-3 and 4-7 each accumulate one fp32 partial per chunk, scaled once."""
+    BASE: tl.constexpr = 128.0 if IS_BF16 else 1024.0
+    OFF: tl.constexpr = 8 if SIGNED else 0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, CW)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    c_a = tl.zeros((BLOCK_N,), dtype=tl.float32) + OFF
+    c_b = c_a
+    s_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s_b = s_a
+    if GROUP == 0:
+        s_a = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            c_a += tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+        c_b = c_a
+    c_lo = pid_k * CH_SPLIT
+    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    for c in range(c_lo, c_hi):
+        wv = tl.load(w_ptr + (c * CW + offs_j[:, None]) * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
+        if SIGNED:
+            wv = wv ^ XOR
+        if GROUP != 0:
+            g_a = (c * (8 * CW)) // GROUP
+            g_b = (c * (8 * CW) + 4 * CW) // GROUP
+            s_a = tl.load(s_ptr + offs_n * ssn + g_a * ssg, mask=n_ok, other=0).to(tl.float32)
+            s_b = tl.load(s_ptr + offs_n * ssn + g_b * ssg, mask=n_ok, other=0).to(tl.float32)
+            if HAS_ZP:
+                c_a = OFF + tl.load(z_ptr + offs_n * ssn + g_a * ssg, mask=n_ok, other=0).to(tl.float32)
+                c_b = OFF + tl.load(z_ptr + offs_n * ssn + g_b * ssg, mask=n_ok, other=0).to(tl.float32)
+        if IS_BF16:
+            bits_a = (c_a + BASE).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            bits_b = (c_b + BASE).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        else:
+            bits_a = (c_a + BASE).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            bits_b = (c_b + BASE).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        ccp = (bits_a | (bits_b << 16))[None, :] + tl.zeros_like(wv)
+        if SWAP:
+            p_a = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            p_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        p_b = tl.zeros_like(p_a)
+        for i in tl.static_range(4):
+            lo, hi = _pair_codes(wv >> (4 * i), ccp, c_a, c_b, IS_BF16, ASM)  # codes i, i + 4: [CW, BLOCK_N]
+            x_a = tl.load(x_ptr + offs_m[:, None] * sxm + c * (8 * CW) + i * CW + offs_j[None, :],
+                          mask=m_ok[:, None], other=0.0)
+            x_b = tl.load(x_ptr + offs_m[:, None] * sxm + c * (8 * CW) + (i + 4) * CW + offs_j[None, :],
+                          mask=m_ok[:, None], other=0.0)
+            if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 holds these values exactly
+                lo = lo.to(tl.float32)
+                hi = hi.to(tl.float32)
+                x_a = x_a.to(tl.float32)
+                x_b = x_b.to(tl.float32)
+            if SWAP:
+                if UPCAST:
+                    p_a = tl.dot(tl.trans(lo), tl.trans(x_a), p_a, input_precision="ieee")
+                    p_b = tl.dot(tl.trans(hi), tl.trans(x_b), p_b, input_precision="ieee")
+                else:
+                    p_a = tl.dot(tl.trans(lo), tl.trans(x_a), p_a)
+                    p_b = tl.dot(tl.trans(hi), tl.trans(x_b), p_b)
+            else:
+                if UPCAST:
+                    p_a = tl.dot(x_a, lo, p_a, input_precision="ieee")
+                    p_b = tl.dot(x_b, hi, p_b, input_precision="ieee")
+                else:
+                    p_a = tl.dot(x_a, lo, p_a)
+                    p_b = tl.dot(x_b, hi, p_b)
+        if GROUP == 0:
+            acc += p_a + p_b
+        elif SWAP:
+            acc += p_a * s_a[:, None] + p_b * s_b[:, None]
+        else:
+            acc += p_a * s_a[None, :] + p_b * s_b[None, :]
+    if GROUP == 0:
+        if SWAP:
+            acc = acc * s_a[:, None]
+        else:
+            acc = acc * s_a[None, :]
+    if SWAP:
+        y = tl.trans(acc)
+    else:
+        y = acc
+    _store_tile(y, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL, HAS_BIAS)
+
+
+
 WORDS_TC_MIN_M = 2
 """From this M on (to 16) the word-layout GEMV runs on tensor cores (M padded to a 16-row dot, masked: no extra
 traffic); M = 1 on CUDA cores."""
@@ -695,20 +1061,67 @@ _WORDS_TABLE: dict[tuple[str, int, int, int], dict] = {
     ("cc", 1, 4096, 11008): {"BLOCK_N": 4, "U": 8, "num_warps": 2, "num_stages": 3, "SPLIT_K": 1},
     ("tc", 16, 11008, 4096): {"BLOCK_N": 128, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4},
     ("tc", 16, 4096, 11008): {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 8},
+    ("cc", 1, 4096, 4096): {"BLOCK_N": 4, "U": 8, "num_warps": 2, "num_stages": 3, "SPLIT_K": 1},  # run R1, gemv.json
+    ("tc", 16, 4096, 4096): {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 8},
 }
 """Best configs keyed by (kind, M bucket, N, K) of the H200 sweep (``tools/bench_kernels.py --sweep``,
 ``w4a16_words_sweep`` rows of run C in bench/results/kernels.json, int4 g128 asymmetric). At M = 1 the 14 configs
 tried spread only 22.5-28 µs (4096x11008) apart from the 8-warp ones: the kernel is latency-bound, not tile-bound."""
 
 
-def words_config(m: int, n: int, k: int, bits: int, cw: int) -> dict:
+WORDS_N_MAJOR = True
+"""The decode layout ``pack_words`` makes by default (at lowering) outside ``K_MAJOR_SHAPES``: N-major (kernels
+``_gemv_t``/``_tc_t``). H200 sweep, run R1 of bench/results/gemv.json (int4 g128 asym, CUDA-graph replay), best
+N-major vs best K-major config, µs at M = 1 / M = 16: 4096x11008 18.3 vs 22.3 / 23.9 vs 25.9; 11008x4096 21.3 vs
+22.8 / 26.4 vs 26.5; 4096x12288 (merged qkv) 18.3 vs 24.3 / 24.4 vs 26.4; 4096x22016 (merged gate/up) 29.5 vs
+38.4 / 39.0 vs 45.0."""
+
+K_MAJOR_SHAPES = {(4096, 4096)}
+"""(N, K) whose default decode layout stays K-major: at 4096x4096 the K-major GEMV won at M = 1 (10.1 vs 11.7 µs;
+M = 16: 13.3 vs 12.9), run R1 of bench/results/gemv.json."""
+
+_WORDS_T_TABLE: dict[tuple[str, int, int, int], dict] = {
+    **{("cc", 1, n, k): {"BLOCK_N": 64, "U": 1, "num_warps": 2, "num_stages": 1, "SPLIT_K": sk}
+       for n, k, sk in ((11008, 4096, 4), (4096, 11008, 16), (12288, 4096, 4), (22016, 4096, 4))},
+    ("cc", 1, 4096, 4096): {"BLOCK_N": 256, "U": 1, "num_warps": 4, "num_stages": 1, "SPLIT_K": 16},
+    **{("tc", 16, n, k): {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4, "PREFETCH": 1}
+       for n, k in ((11008, 4096), (4096, 11008), (12288, 4096), (22016, 4096), (4096, 4096))},
+}
+"""N-major configs keyed by (kind, M bucket, N, K): the ``best`` rows of ``tools/bench_gemv.py`` (run R1 of
+bench/results/gemv.json, int4 g128 asymmetric, bf16); ``words_config`` falls back to ``_t_rule`` elsewhere."""
+
+T_TARGET_PROGRAMS = 1100
+"""The N-major M = 1 rule splits K until ~this many programs run (the sweep's winners: 688-1024 programs of 2
+warps at all five shapes; fewer, longer programs were latency-bound: split 1 took ~40 µs whatever N)."""
+
+
+def _t_rule(tc: bool, n: int, nch: int) -> dict:
+    """N-major configs where the table has no entry, from the sweep's winners: M = 1 ``[1, CW, 64]`` tiles on 2
+    warps, split-K to ~``T_TARGET_PROGRAMS`` programs (a power of two, <= 16, <= the chunks); tensor cores
+    ``[CW, 64]`` tiles, weights as the dot's M side, next chunk prefetched, split 4 (the winner at every shape)."""
+    if tc:
+        return {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2, "PREFETCH": 1,
+                "SPLIT_K": max(1, min(4, nch // 2))}
+    return {"BLOCK_N": 64, "U": 1, "num_warps": 2, "num_stages": 1,
+            "SPLIT_K": max(1, min(16, nch, pow2_at_most(max(1, T_TARGET_PROGRAMS // cdiv(n, 64)), 16)))}
+
+
+def words_n_major(n: int, k: int) -> bool:
+    """The decode layout ``pack_words`` makes for an ``[N, K]`` weight by default."""
+    return WORDS_N_MAJOR and (n, k) not in K_MAJOR_SHAPES
+
+
+def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = False, group: int = 128) -> dict:
     """Tile sizes, warps, split for the word-layout GEMV: the sweep's table where it has the shape, else a rule
-    that aims at ~4 programs per SM of the H200 (132) and splits K only when N alone cannot."""
+    (N-major: ``_t_rule``; K-major: ~4 programs per SM of the H200 (132), K split only when N alone cannot)."""
     tc = m >= WORDS_TC_MIN_M
     bm = 16 if tc else next_pow2(m)
-    cfg = _WORDS_TABLE.get(("tc" if tc else "cc", bm, n, k))
     per = 32 // bits
     nch = k // (per * cw)
+    if n_major:
+        cfg = _WORDS_T_TABLE.get(("tc" if tc else "cc", bm, n, k)) or _t_rule(tc, n, nch)
+        return dict(cfg, BLOCK_M=bm, TC=tc)
+    cfg = _WORDS_TABLE.get(("tc" if tc else "cc", bm, n, k))
     if cfg is None:
         if tc:
             cfg = {"BLOCK_N": 64, "SWAP": True, "num_warps": 4, "num_stages": 2}
@@ -723,6 +1136,11 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int) -> dict:
         # tensor cores: ~10 programs per SM (the sweep's best splits at both goal shapes); CUDA cores: ~4
         cfg["SPLIT_K"] = max(1, min(8, 1376 // tiles, nch // 2) if tc else min(528 // tiles, nch // (2 * step)))
     return cfg
+
+
+def pairs_ok(bits: int, group: int, cw: int) -> bool:
+    """``_tc_pairs`` takes int4 per channel or groups spanning 4 or 8 code positions of a chunk."""
+    return bits == 4 and (group == 0 or group // cw in (4, 8))
 
 
 def _word_masks(bits: int) -> tuple[int, int]:
@@ -748,19 +1166,26 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
     meta = {"BITS": bits, "SIGNED": signed, "GROUP": group, "GI": per if group == 0 else min(per, group // cw),
             "HAS_ZP": zero_point is not None, "XOR": WORD_XOR[bits], "CW": cw, "BLOCK_M": cfg["BLOCK_M"],
             "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    n_major = is_n_major(words)
     if cfg["TC"]:
-        kernel = _tc_words
+        kernel = _tc_t if n_major else _tc_words
         meta.update(UPCAST=interpreting(), SWAP=cfg["SWAP"], PREFETCH=cfg.get("PREFETCH", 0))
+        if n_major and cfg.get("PAIRS") and pairs_ok(bits, group, cw):
+            kernel = _tc_pairs
+            meta.update(IS_BF16=x2.dtype == torch.bfloat16, ASM=not interpreting())
     else:
-        kernel = _gemv_words
+        kernel = _gemv_t if n_major else _gemv_words
         meta.update(U=step, PREFETCH=cfg.get("PREFETCH", 0))
+        if n_major:
+            meta.update(RED=cfg.get("RED", False))
+    sw = words.stride(1) if n_major else words.stride(0)
     if split == 1:
-        launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), words.stride(0),
+        launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), sw,
                                    ssn, ssg, out.stride(0), 0, *_word_masks(bits), HAS_BIAS=bias is not None, PARTIAL=False,
                                    **meta)
         return out
     part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
-    launcher(x2, kernel)[grid](x2, words, scale, zp, b, part, m, n, nch, ch_split, x2.stride(0), words.stride(0),
+    launcher(x2, kernel)[grid](x2, words, scale, zp, b, part, m, n, nch, ch_split, x2.stride(0), sw,
                                ssn, ssg, n, m * n, *_word_masks(bits), HAS_BIAS=False, PARTIAL=True, **meta)
     block = 1024
     launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
@@ -774,7 +1199,8 @@ def _dequantize_words(words, scale, zero_point, qdtype, group, k, dtype):
     cw = chunk_words(k, group, bits)
     out = torch.empty((n, k), device=words.device, dtype=dtype)
     launcher(words, _dequant_words)[(cdiv(n, 32), k // (32 // bits * cw))](
-        words, scale, zero_point if zero_point is not None else scale, out, n, k, words.stride(0), scale.stride(0),
+        words, scale, zero_point if zero_point is not None else scale, out, n, k, words.stride(0), words.stride(1),
+        scale.stride(0),
         scale.stride(1) if scale.dim() == 2 else 0, *_word_masks(bits), BITS=bits, SIGNED=(PACKED_QDTYPES | BYTE_QDTYPES)[qdtype],
         GROUP=group, HAS_ZP=zero_point is not None, XOR=WORD_XOR[bits], CW=cw, BLOCK_N=32)
     return out
@@ -823,7 +1249,8 @@ def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_p
         args = (x2, qweight, scale, zp, b, out, m, n, k, k, m_bucket(m), x2.stride(0), qweight.stride(0),
                 scale.stride(0), out.stride(0), 0)
         meta = {"PACKED": packed, "SIGNED": signed, "GROUP": group_size, "HAS_ZP": zero_point is not None,
-                    "HAS_BIAS": bias is not None, "PARTIAL": False, "UPCAST": interpreting(), "HALVES": False}
+                    "HAS_BIAS": bias is not None, "PARTIAL": False, "UPCAST": interpreting(), "HALVES": False,
+                    "DEFER": False}
         if interpreting():
             cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": max(32, min(64, group_size or 64))}
             grid = (cdiv(n, cfg["BLOCK_N"]), 1, cdiv(m, cfg["BLOCK_M"]))
@@ -854,7 +1281,8 @@ def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path):
         return F.linear(x, w, bias)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     bits = 4 if qdtype in PACKED_QDTYPES else 8
-    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, words_config(m, n, k, bits, cw))
+    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size,
+                  words_config(m, n, k, bits, cw, is_n_major(words), group_size))
     return out.reshape(*x.shape[:-1], n)
 
 

@@ -1,6 +1,8 @@
 """The ``distill`` pass: recover a pruned model by training its weights toward the float model's logits.
 
     prune-mlp(ratio=0.27,score=fluctuation,compensate=true),distill(tokens=1000000,device=cuda,dtype=bfloat16)
+    ...,distill(tokens=100000000,max_seconds=240,device=cuda,dtype=bfloat16,calib_n=61,calib_len=1024,batch_size=16,
+                lr=2e-4,schedule=cosine,warmup=0.03,random_offsets=true,holdout=6,eval_every=100)   # the GPU recovery
 
 Why: structured pruning (``prune-mlp``, ``prune-heads``, ``prune-blocks``) gives a smaller dense model, but its
 one-shot repairs are local and the perplexity gap grows with the ratio; a short end-to-end distillation on
@@ -62,6 +64,20 @@ class DistillOptions(CalibrationOptions):
     seed: int = 0
     batch_size: int = Field(default=8, ge=1)
     """Windows per training step."""
+    schedule: Literal["linear", "cosine"] = "linear"
+    """Learning-rate decay to 0 after the warmup."""
+    warmup: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of the run (steps, or ``max_seconds``) over which the learning rate rises linearly first."""
+    topk: int = Field(default=0, ge=0)
+    """KL over the teacher's top-k tokens plus one bucket for the rest (0: the whole vocabulary)."""
+    random_offsets: bool = False
+    """Training windows start anywhere in the text (the calibration windows read as one stream)."""
+    holdout: int = Field(default=0, ge=0)
+    """Calibration windows kept out of training; the params with the lowest KL on them are written back."""
+    eval_every: int = Field(default=0, ge=0)
+    """Steps between held-out KL measurements (0: only at the start and the end)."""
+    ce_weight: float = Field(default=0.0, ge=0.0)
+    """Weight of an added cross-entropy to the text's next token (0: pure distillation)."""
 
 
 @register_pass
@@ -81,18 +97,25 @@ class Distill(Pass):
             raise PassError("pass distill: no teacher: run it in a pipeline (the PassManager hands it the model "
                             "as the pipeline received it) or set the pass's .reference to the float graph")
         ids = o.token_ids(graph, self.name)
-        batch = min(o.batch_size_for(graph), ids.shape[0])
+        if o.holdout >= ids.shape[0]:
+            raise PassError(f"pass distill: option holdout={o.holdout} leaves none of the {ids.shape[0]} "
+                            "calibration windows to train on")
+        batch = min(o.batch_size_for(graph), ids.shape[0] - o.holdout)
         steps = max(1, math.ceil(o.tokens / (batch * ids.shape[1])))
         try:
             st = distill_logits(graph, teacher, ids, steps=steps, lr=o.lr, batch=batch,
                                 device=o.torch_device(self.name), dtype=o.dtype, weight_decay=o.weight_decay,
                                 clip=o.clip, scope=o.scope, seed=o.seed, max_seconds=o.max_seconds,
-                                progress=o.progress, what="pass distill")
+                                progress=o.progress, what="pass distill", schedule=o.schedule, warmup=o.warmup,
+                                topk=o.topk, random_offsets=o.random_offsets, holdout=o.holdout,
+                                eval_every=o.eval_every, ce_weight=o.ce_weight)
         except DistillError as exc:
             raise PassError(str(exc)) from None
         stats = {"steps": st.steps, "steps_planned": steps, "tokens": st.tokens, "token_budget": o.tokens,
                  "kl_first": st.kl_first, "kl_last": st.kl_last, "kl_last_10pct": st.kl_mean_last_10pct,
                  "trained_params": st.trained_params, "trained_tensors": st.trained_tensors,
                  "stopped_early": st.stopped_early, "seconds": st.seconds, "calib_windows": int(ids.shape[0]),
-                 "batch_windows": batch}
+                 "batch_windows": batch, "tokens_per_second": st.tokens_per_second,
+                 "train_tokens": st.train_tokens, "epochs": round(st.tokens / max(st.train_tokens, 1), 2),
+                 "holdout_kl": st.holdout_kl, "best_step": st.best_step, "restored_best": st.restored_best}
         return PassResult(st.steps > 0, stats)

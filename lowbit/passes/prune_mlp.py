@@ -16,7 +16,9 @@ projection's bias, so the mean of what was removed stays (FLAP's bias compensati
 
 Allocation under the budget ``ratio`` (simple, stated): ``uniform`` removes the same fraction of every layer;
 ``global`` divides each layer's scores by the layer's mean score and removes the lowest channels of the whole
-model (each layer losing at most ``max_layer_ratio``). Counts per layer are rounded to ``multiple``
+model (each layer losing at most ``max_layer_ratio``, and with ``spread`` within ``ratio ± spread``). On SmolLM2
+at 18.75% (x8) uniform measured 1.786x, bounded global (±5%) 1.852x and the unbounded ranking worse still: keep
+the per-layer share even; ``modules`` then adds a little more to chosen (middle) blocks. Counts per layer are rounded to ``multiple``
 (default 64: a pruned width still splits into group-64 quantization groups and tensor-core tiles).
 After the cut, ``lowbit.ir.shapes.reinfer_shapes`` re-derives every declared type.
 """
@@ -58,6 +60,10 @@ class StructuredOptions(CalibrationOptions, ScopedOptions):
     """``update``: diagonal damping relative to the mean diagonal of the kept block of ``XᵀX``."""
     max_layer_ratio: float = Field(default=0.8, ge=0.0, lt=1.0)
     """Global allocation: the most any one layer loses."""
+    spread: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Global allocation: every layer loses ``ratio ± spread`` (OWL/ECoFLaP-style bounded deviation from the
+    uniform budget; unset: only ``max_layer_ratio`` bounds it). An unbounded ranking of per-layer-normalised
+    scores moves too much of the cut into a few layers on SmolLM2 (2.34x at 20% against 1.79x uniform)."""
     calib_n: int = Field(default=32, ge=1)
     modules: str = ""
     """Regex searched in module paths: only layers whose output projection (``down_proj``/``o_proj``) matches are
@@ -153,8 +159,11 @@ def channel_scores(w_out: torch.Tensor, st: InputStats | None, score: str) -> to
 
 
 def allocate(scores: list[torch.Tensor], ratio: float, allocation: str, multiple: int, max_layer_ratio: float,
-             unit: int = 1) -> list[int]:
-    """Units removed per layer. ``scores[i]`` has one entry per unit of layer i (lower = removed first)."""
+             unit: int = 1, spread: float | None = None) -> list[int]:
+    """Units removed per layer. ``scores[i]`` has one entry per unit of layer i (lower = removed first).
+
+    ``global``: one ranking of the per-layer-normalised scores; each layer loses at most ``max_layer_ratio``,
+    and with ``spread`` between ``ratio - spread`` and ``ratio + spread`` (counts in multiples of ``multiple``)."""
     sizes = [len(s) for s in scores]
     if allocation == "uniform":
         return [min(n, int(round(ratio * n / multiple)) * multiple) for n in sizes]
@@ -162,9 +171,21 @@ def allocate(scores: list[torch.Tensor], ratio: float, allocation: str, multiple
     normed = [s / s.mean().clamp(min=1e-30) for s in scores]
     flat = torch.cat([torch.stack([v, torch.full_like(v, i)], 1) for i, v in enumerate(normed)])
     order = torch.argsort(flat[:, 0], stable=True)
-    counts = [0] * len(scores)
-    caps = [int(max_layer_ratio * n) // multiple * multiple for n in sizes]
-    removed = 0
+    hi = max_layer_ratio if spread is None else min(max_layer_ratio, ratio + spread)
+    caps = [int(hi * n) // multiple * multiple for n in sizes]
+    floors = [0] * len(sizes) if spread is None else \
+        [min(caps[i], int(max(0.0, ratio - spread) * n) // multiple * multiple) for i, n in enumerate(sizes)]
+    if spread is not None:
+        # the floors are taken first (each layer's lowest units), the rest of the budget by the global ranking
+        taken = [torch.argsort(v, stable=True)[:f] for v, f in zip(normed, floors)]
+        skip = set()
+        offset = 0
+        for i, t in enumerate(taken):
+            skip.update((offset + t).tolist())
+            offset += sizes[i]
+        order = torch.tensor([j for j in order.tolist() if j not in skip], dtype=torch.long)
+    counts = list(floors)
+    removed = sum(floors)
     for idx in order.tolist():
         if removed >= total:
             break
@@ -236,7 +257,7 @@ class PruneMLP(Pass):
         col = collect_input_stats(graph, [s.down for s in sites] if calibrated else [], o, self.name,
                                   second_moment=o.update)
         scores = [channel_scores(s.down.args[1].data, col.inputs.get(id(s.down)), o.score) for s in sites]
-        counts = allocate(scores, o.ratio, o.allocation, o.multiple, o.max_layer_ratio)
+        counts = allocate(scores, o.ratio, o.allocation, o.multiple, o.max_layer_ratio, spread=o.spread)
         users = graph.users()
         params_before = sum(v.data.numel() for v in graph.params.values())
         widths = {}

@@ -61,6 +61,9 @@ class LoweringOptions:
     ``opset``: ONNX default-domain opset; 21 is the minimum for INT4/UINT4 and block-wise Q/DQ, and what
     TensorRT 10 parses; 23 adds RMSNormalization (used for RMSNorm when the compute dtype allows).
     ``attention``: "decompose" (MatMul/Softmax, every runtime) or "onnx" (the opset-23 Attention op).
+    ``rotary``: "decompose" (Slice/Neg/Concat/Mul/Add) or "onnx": the opset-23 RotaryEmbedding op wherever the cos/sin
+    tables provably repeat their first half (HF's ``cat(freqs, freqs)``); one op instead of seven per q/k, which is
+    ~12 of a decoder layer's ~45 ONNX nodes.
     ``weight_format``: "qdq" (DequantizeLinear on INT4/INT8 initializers) or "matmulnbits"
     (``com.microsoft::MatMulNBits`` for 4-bit weight-only linears, ONNX Runtime only).
     ``accuracy_level``: MatMulNBits' activation compute type; 0 keeps float activations (exact parity
@@ -79,6 +82,7 @@ class LoweringOptions:
 
     opset: int = 21
     attention: str = "decompose"
+    rotary: str = "decompose"
     weight_format: str = "qdq"
     accuracy_level: int = 0
     integer_matmul: bool = False
@@ -91,6 +95,10 @@ class LoweringOptions:
             raise ValueError(f"attention must be 'decompose' or 'onnx', got {self.attention!r}")
         if self.attention == "onnx" and self.opset < 23:
             raise ValueError("attention='onnx' needs opset 23 (the Attention op); pass opset=23")
+        if self.rotary not in ("decompose", "onnx"):
+            raise ValueError(f"rotary must be 'decompose' or 'onnx', got {self.rotary!r}")
+        if self.rotary == "onnx" and self.opset < 23:
+            raise ValueError("rotary='onnx' needs opset 23 (the RotaryEmbedding op); pass opset=23")
         if self.weight_format not in ("qdq", "matmulnbits"):
             raise ValueError(f"weight_format must be 'qdq' or 'matmulnbits', got {self.weight_format!r}")
 

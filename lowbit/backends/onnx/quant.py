@@ -429,19 +429,34 @@ def _pack_nibbles(u: torch.Tensor) -> torch.Tensor:
     return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)
 
 
+MATMULNBITS_8BIT_MIN_ACCURACY = 4
+"""8-bit MatMulNBits only at this accuracy level (int8 activations): ORT 1.32's CPU kernel for 8-bit weights with
+float activations (level 0) took 74 ms for SmolLM2's 49152 x 576 head against 2.2 ms for the float MatMul, so at
+lower levels an int8 weight keeps the QDQ form."""
+
+
 def _matmulnbits_qlinear(ctx: LoweringContext, node: Node, parts: _QLinearParts) -> ir.Value | None:
-    """A weight-only 4-bit qlinear as ``com.microsoft::MatMulNBits`` (ORT's 4-bit GEMM)."""
+    """A weight-only 4-bit (int4/uint4 and narrower, stored as nibbles) or 8-bit qlinear as
+    ``com.microsoft::MatMulNBits`` (ORT's n-bit GEMM): unsigned codes in ``[N, blocks, block * bits / 8]`` bytes,
+    one float scale and one unsigned zero point per block (``q + 2^(bits-1)`` for signed codes)."""
     dq = parts.wdq
     if ctx.options.weight_format != "matmulnbits" or parts.adq is not None or not _params(dq):
         return None
     qd = _qdtype(dq)
-    if not qd.packed:
+    if qd.packed:
+        bits = 4
+    elif qd.name in ("int8", "uint8") and ctx.options.accuracy_level >= MATMULNBITS_8BIT_MIN_ACCURACY:
+        bits = 8
+    else:
+        return None
+    if ctx.dtype(node.args[0]) != torch.float32 or dq.kwargs.get("out_dtype", torch.float32) != torch.float32:
         return None
     q, scale = dq.args[0], dq.args[1]
     zp = dq.arg(2, "zero_point")
     if q.data.dim() != 2:
         return None
-    codes = _nibbles(q.data)  # two's-complement nibbles for signed types: code ^ 8 = q + 8
+    # two's complement codes kept as they are: code ^ 2^(bits-1) = q + 2^(bits-1)
+    codes = _nibbles(q.data) if bits == 4 else q.data.view(torch.uint8)
     n, k = codes.shape
     kind = _granularity(dq, q, scale)
     if kind == "block" and _axis(dq, 2) != 1:
@@ -454,11 +469,11 @@ def _matmulnbits_qlinear(ctx: LoweringContext, node: Node, parts: _QLinearParts)
     n_blocks = -(-k // block)
     s = scale.data.float()
     s = s.reshape(n, 1).expand(n, n_blocks) if kind == "axis" else s.reshape(n, n_blocks)
-    offset = 8 if qd.signed else 0  # MatMulNBits stores unsigned nibbles: q_u = q + 8 for signed values
+    offset = 1 << (bits - 1) if qd.signed else 0  # MatMulNBits stores unsigned codes: q_u = q + 2^(bits-1)
     u = codes ^ offset
     padded = torch.zeros(n, n_blocks * block, dtype=torch.uint8)
     padded[:, :k] = u
-    blob = _pack_nibbles(padded).reshape(n, n_blocks, block // 2)
+    blob = (_pack_nibbles(padded) if bits == 4 else padded).reshape(n, n_blocks, block * bits // 8)
     inputs = [ctx.v(node.args[0]), ctx.const_tensor(q.name + ".nbits", blob),
               ctx.const_tensor(scale.name + ".nbits", s.contiguous().reshape(-1))]
     zp_u: torch.Tensor | None = None
@@ -467,17 +482,17 @@ def _matmulnbits_qlinear(ctx: LoweringContext, node: Node, parts: _QLinearParts)
         z = z.reshape(n, 1).expand(n, n_blocks) if kind == "axis" else z.reshape(n, n_blocks)
         zp_u = (z + offset).to(torch.uint8)
     elif not qd.signed:
-        zp_u = torch.zeros(n, n_blocks, dtype=torch.uint8)  # MatMulNBits' default zero point is 8, ours is 0
+        zp_u = torch.zeros(n, n_blocks, dtype=torch.uint8)  # MatMulNBits' default zero point is 2^(bits-1), ours 0
     if zp_u is not None:
-        if n_blocks % 2:
-            zp_u = torch.cat([zp_u, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
+        if bits == 4:
+            if n_blocks % 2:
+                zp_u = torch.cat([zp_u, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
+            zp_u = _pack_nibbles(zp_u)
         inputs.append(ctx.const_tensor((zp.name if zp is not None else q.name + ".zp") + ".nbits",
-                                       _pack_nibbles(zp_u).reshape(-1)))
-    attrs = {"K": k, "N": n, "bits": 4, "block_size": block}
+                                       zp_u.contiguous().reshape(-1)))
+    attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
     if ctx.options.accuracy_level:
         attrs["accuracy_level"] = ctx.options.accuracy_level
-    if ctx.dtype(node.args[0]) != torch.float32 or dq.kwargs.get("out_dtype", torch.float32) != torch.float32:
-        return None
     return ctx.op("MatMulNBits", inputs, attrs, domain="com.microsoft")
 
 

@@ -184,6 +184,53 @@ def _repeat_heads(ctx: LoweringContext, t: ir.Value, rep: int, rank: int) -> ir.
     return ctx.op("Reshape", [expanded, new_shape])
 
 
+_HALF_PRESERVING = {"aten.cos.default", "aten.sin.default", "aten.to.dtype", "aten.unsqueeze.default",
+                    "aten.mul.Tensor"}
+"""Ops through which a table whose last axis repeats its first half still does (elementwise, or a new leading
+axis; ``mul`` only by a Python scalar)."""
+
+
+def _repeats_half(v: Value) -> bool:
+    """Whether ``v``'s last axis is ``cat([t, t], -1)`` by construction (HF's cos/sin tables), traced back through
+    ``_HALF_PRESERVING`` ops to that ``cat``."""
+    for _ in range(8):
+        node = v.producer
+        if node is None:
+            return False
+        if node.op == "aten.cat.default":
+            parts, dim = node.args[0], node.arg(1, "dim", 0)
+            rank = len(v.tensor_type.shape)
+            return (len(parts) == 2 and parts[0] is parts[1] and isinstance(dim, int)
+                    and dim in (-1, rank - 1))
+        if node.op not in _HALF_PRESERVING:
+            return False
+        if node.op == "aten.mul.Tensor" and not isinstance(node.args[1], (int, float)):
+            return False
+        if node.op == "aten.unsqueeze.default" and node.args[1] in (-1, len(v.tensor_type.shape) - 1):
+            return False
+        v = node.args[0]
+    return False
+
+
+def _rotary_embedding(ctx: LoweringContext, x: Value, cos: Value, sin: Value, half: int) -> ir.Value | None:
+    """The opset-23 ``RotaryEmbedding`` (non-interleaved = rotate-half) on ``x [B, H, L, D]`` with ``[B, 1, L, D]``
+    tables that repeat their first half: its 3-D ``[B, L, D/2]`` tables are made once per table."""
+    if ctx.options.rotary != "onnx" or ctx.rank(x) != 4:
+        return None
+    for t in (cos, sin):
+        shape = t.tensor_type.shape
+        if len(shape) != 4 or shape[1] != 1 or not _repeats_half(t):
+            return None
+
+    def table(t: Value) -> ir.Value:
+        squeezed = ctx.op("Squeeze", [ctx.v(t), ctx.axes([1])])
+        return ctx.op("Slice", [squeezed, ctx.ints([0]), ctx.ints([half]), ctx.ints([-1])])
+
+    c = ctx.derived(("rotary-half", id(cos)), lambda: table(cos))
+    s = ctx.derived(("rotary-half", id(sin)), lambda: table(sin))
+    return ctx.op("RotaryEmbedding", [ctx.v(x), c, s])
+
+
 @lowering("rotary")
 def _rotary(ctx: LoweringContext, node: Node) -> ir.Value:
     x, cos, sin = node.args[:3]
@@ -191,6 +238,9 @@ def _rotary(ctx: LoweringContext, node: Node) -> ir.Value:
     if not isinstance(head_dim, int) or head_dim % 2:
         raise NotLowerable(f"rotary needs a static even head dim, got {head_dim}")
     half = head_dim // 2
+    fused = _rotary_embedding(ctx, x, cos, sin, half)
+    if fused is not None:
+        return fused
     xv = ctx.v(x)
     x1 = ctx.op("Slice", [xv, ctx.ints([0]), ctx.ints([half]), ctx.ints([-1])])
     x2 = ctx.op("Slice", [xv, ctx.ints([half]), ctx.ints([_INT64_MAX]), ctx.ints([-1])])

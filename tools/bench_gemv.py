@@ -1,0 +1,330 @@
+"""Decode GEMV sweep: every word-layout GEMV variant/config of ``VARIANTS`` vs cuBLAS bf16 and tinygemm, one run.
+
+    python tools/bench_gemv.py [--out bench/results/gemv.json] [--ms 1,16] [--shapes 4096x11008,...]
+                               [--budget-s 120] [--workers 8] [--only cc_t,tc_t,...] [--smoke]
+
+M in {1, 16} x (K, N) in ``SHAPES`` (int4 g128 asymmetric, bf16 activations): per shape cuBLAS bf16 ``F.linear``,
+``torch._weight_int4pack_mm`` (tinygemm) and the op's current default (``op_default``: what
+``lowbit::weight_only_linear`` picks on the layout ``pack_words`` makes by default, as the triton backend deploys), then every config of the
+variants ``VARIANTS`` lists for that M: ``cc_k``/``tc_k`` on the K-major words (``pack_words``), ``cc_t``/``tc_t``/
+``tc_p`` on the N-major words (``pack_words(..., n_major=True)``). Times: CUDA-graph replay of calls over weight copies
+that span ~2x L2 (``bench_kernels.bench_graph``, L2 cold as in a model), medians. Each config's output is checked
+against the reference (``rel_err``; a row with ``rel_err`` > 1e-2 is marked ``wrong``). Kernels are compiled first
+by ``--workers`` subprocesses in parallel (they fill Triton's on-disk cache), so the timing loop does not pay
+compile time serially. Per-config exceptions become rows; ``--budget-s`` stops the timing loop (rows after it say
+``skipped``). ``best`` marks the fastest correct config per (M, K, N) and variant family; rows go to ``--out`` via
+tools/results_io.py (``kernel`` = ``gemv_sweep/<variant>``).
+
+``--smoke``: tiny shapes on the CPU under ``TRITON_INTERPRET=1`` (every config runs once, checked, no timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import load_results, machine, merge_rows
+
+from lowbit.ir.quant import qparams_from_range, quantize
+from lowbit.kernels import weight_only as wo
+
+SHAPES = ((4096, 11008), (11008, 4096), (4096, 4096), (4096, 12288), (4096, 22016))
+GROUP = 128
+
+
+def _cc(bn, u, w, sk, pf=0, st=1):
+    return {"BLOCK_N": bn, "U": u, "num_warps": w, "num_stages": st, "SPLIT_K": sk, "PREFETCH": pf}
+
+
+def _tc(bn, sw, w, sk, pf=0, st=2):
+    return {"BLOCK_N": bn, "SWAP": sw, "num_warps": w, "num_stages": st, "SPLIT_K": sk, "PREFETCH": pf}
+
+
+VARIANTS: dict[str, list[dict]] = {
+    # CUDA cores, M = 1, N-major words: [U, CW, BLOCK_N] tiles, 4 rows per thread, split-K partials + reduce
+    "cc_t": [_cc(*c) for c in (
+        (32, 1, 1, 1), (32, 2, 2, 1), (64, 1, 2, 1), (64, 1, 2, 2), (64, 1, 2, 4), (64, 1, 4, 2),
+        (64, 2, 4, 2), (64, 1, 2, 2, 1), (128, 1, 4, 1), (128, 1, 4, 2), (128, 1, 4, 4),
+        (128, 1, 4, 8), (128, 2, 8, 4), (128, 1, 4, 4, 1), (128, 1, 2, 4), (256, 1, 8, 2),
+        (256, 1, 8, 4), (256, 1, 4, 4), (128, 1, 4, 4, 0, 3),
+        # many short K slices (gemlite's GEMV_REVSPLITK regime: 1-2 warps, wide N, one chunk per program)
+        (128, 1, 1, 8), (128, 1, 2, 8), (256, 1, 2, 8), (128, 1, 4, 16), (64, 1, 2, 16), (256, 1, 4, 16),
+        (512, 1, 4, 4), (512, 1, 8, 8), (256, 1, 2, 4), (128, 1, 1, 4))] + [
+        # RED: per-group sums into a [BLOCK_N] accumulator (warps along N: the sums stay in a thread)
+        dict(_cc(*c), RED=True) for c in (
+            (128, 1, 1, 4), (128, 1, 1, 8), (256, 1, 2, 4), (256, 1, 2, 8), (512, 1, 4, 4), (512, 1, 4, 8),
+            (64, 1, 1, 8), (128, 1, 1, 2), (128, 1, 4, 4), (256, 1, 2, 16))],
+    # tensor cores, M = 2..16, N-major words: per chunk [CW, BLOCK_N] codes, one dot per code position
+    "tc_t": [_tc(*c) for c in (
+        (64, True, 4, 1), (64, True, 4, 2), (64, True, 4, 4), (64, False, 4, 2), (64, False, 4, 4),
+        (128, True, 4, 2), (128, True, 4, 4), (128, True, 8, 4), (128, False, 4, 4), (128, False, 8, 4),
+        (32, False, 2, 4), (32, False, 4, 8), (64, True, 4, 4, 0, 3), (64, True, 4, 4, 0, 1), (64, True, 4, 4, 1),
+        (128, True, 4, 4, 1), (256, True, 8, 2), (256, False, 8, 2))],
+    # tc_t with int4 codes unpacked in pairs by lop3 + sub.bf16x2 (``_tc_pairs``)
+    "tc_p": [dict(_tc(*c), PAIRS=True) for c in (
+        (64, True, 4, 2), (64, True, 4, 4), (128, True, 4, 4), (128, True, 8, 4), (64, False, 4, 4),
+        (128, False, 4, 4), (32, False, 4, 8), (64, True, 4, 8), (256, True, 8, 2))],
+    # the K-major kernels' previous sweep winners (run C), for the same-run comparison
+    "cc_k": [_cc(2, 4, 1, 1), _cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1, 2)],
+    "tc_k": [_tc(128, True, 4, 4), _tc(64, True, 4, 8)],
+}
+ROW_KEY = ("run", "kernel", "variant", "M", "K", "N", "device")
+N_MAJOR = {"cc_t", "tc_t", "tc_p"}
+"""Variants that run on the N-major words (``pack_words(..., n_major=True)``); the others on the K-major ones."""
+FINAL: dict[str, list[dict]] = {
+    "cc_t": [_cc(64, 1, 2, 4), _cc(64, 1, 2, 16), _cc(64, 1, 2, 2), _cc(256, 1, 4, 16), _cc(64, 1, 4, 4),
+             _cc(64, 1, 8, 4), _cc(64, 1, 2, 2, 2), _cc(64, 1, 4, 2, 2), _cc(32, 1, 2, 8),
+             _cc(64, 4, 8, 4), _cc(64, 2, 4, 8)],  # a program's whole K slice in one load (latency hidden by warps)
+    "tc_t": [_tc(64, True, 4, 4, 1), _tc(64, True, 4, 2, 1), _tc(64, True, 8, 4, 1)],
+    "tc_p": [dict(_tc(*c), PAIRS=True) for c in ((64, True, 4, 4), (64, True, 4, 3), (128, True, 4, 4))],
+    "cc_k": [_cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1)],
+    "tc_k": [_tc(64, True, 4, 8)],
+}
+"""``--set final``: the op's table entries and their neighbours (the variants' full lists are ``VARIANTS``)."""
+SMOKE_SHAPES = ((768, 40), (512, 64))
+
+
+def kinds_for(m: int, only: set[str]) -> list[str]:
+    """The variant families run at ``m`` (CUDA cores at M = 1, tensor cores from ``WORDS_TC_MIN_M``)."""
+    names = ("tc_t", "tc_p", "tc_k") if m >= wo.WORDS_TC_MIN_M else ("cc_t", "cc_k")
+    return [v for v in names if not only or v in only]
+
+
+def make_weight(n: int, k: int, device: str) -> dict:
+    """A random weight's int4 g128 asymmetric codes in both decode layouts (False: K-major, True: N-major) and
+    the stored form (``"stored"``, the reference's input)."""
+    w = torch.randn(n, k, device=device)
+    wv = w.view(n, k // GROUP, GROUP)
+    s, z = qparams_from_range(wv.amin(-1), wv.amax(-1), "int4", False)
+    q = quantize(w, s, z, qdtype="int4", axis=1, block_size=GROUP)
+    return {nm: wo.pack_words(q, s, z, "int4", GROUP, n_major=nm) for nm in (False, True)} | {"stored": (q, s, z)}
+
+
+def launch(x, words, s, z, out, variant: str, cfg: dict):
+    tc = variant.startswith("tc")
+    c = dict(cfg, BLOCK_M=16 if tc else 1, TC=tc)
+    return wo._launch_words(x, words, s, z, None, out, "int4", GROUP, c)
+
+
+def jobs(ms, shapes, only, variants):
+    """(M, K, N, variant, config index) in the timing loop's order: shape-major, so a cut budget loses shapes last."""
+    return [(m, k, n, v, i) for k, n in shapes for m in ms for v in kinds_for(m, only) for i in range(len(variants[v]))]
+
+
+def warm(args) -> None:
+    """Worker: launch each of its jobs once (fills Triton's disk cache; errors are the timing loop's to record)."""
+    idx, total = map(int, args.warm_worker.split("/"))
+    ms, shapes, only = parse(args)
+    variants = FINAL if args.set == "final" else VARIANTS
+    todo = jobs(ms, shapes, only, variants)[idx::total]
+    cache: dict = {}
+    op_shapes = sorted({(m, k, n) for m, k, n, _, _ in jobs(ms, shapes, only, variants)})[idx::total]
+    for m, k, n in op_shapes:  # the op's default path at each shape (what op_default times)
+        try:
+            w = make_weight(n, k, "cuda")[wo.words_n_major(n, k)]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            torch.ops.lowbit.weight_only_linear(x, *w, None, "int4", GROUP, "auto")
+        except Exception as e:  # noqa: BLE001 - the timing loop records it
+            print(f"warm op M={m} K={k} N={n}: {e!r}", file=sys.stderr)
+    for m, k, n, v, i in todo:
+        nm = v in N_MAJOR
+        key = (k, n, nm)
+        if key not in cache:
+            words = torch.randint(-2 ** 31, 2 ** 31 - 1, (n, k // 8), dtype=torch.int32, device="cuda")
+            if nm:
+                words = words.t().contiguous().t()
+            s = torch.rand(k // GROUP, n, device="cuda").t()
+            z = torch.randint(0, 16, (k // GROUP, n), device="cuda", dtype=torch.int8).t()  # qparams_from_range's
+            cache[key] = (words, s, z)
+        words, s, z = cache[key]
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        try:
+            launch(x, words, s, z, out, v, variants[v][i])
+        except Exception as e:  # noqa: BLE001 - the timing loop records it
+            print(f"warm {v}#{i}: {e!r}", file=sys.stderr)
+    torch.cuda.synchronize()
+
+
+def parse(args):
+    ms = [int(v) for v in args.ms.split(",") if v]
+    shapes = ([tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes
+              else list(SMOKE_SHAPES if args.smoke else SHAPES))
+    only = {v for v in args.only.split(",") if v}
+    return ms, shapes, only
+
+
+def compiled_rows() -> list[dict]:
+    """Registers, spills and shared memory of every word-layout GEMV kernel this process compiled (what bounds
+    its occupancy), from Triton's in-memory kernel cache; best effort (the cache's shape is Triton-internal)."""
+    rows = []
+    for fn in (wo._gemv_t, wo._tc_t, wo._tc_pairs, wo._gemv_words, wo._tc_words, wo._splitk_reduce):
+        try:
+            for i, cache in enumerate(fn.device_caches.values()):
+                for key, ck in cache[0].items():
+                    rows.append({"kernel": "gemv_sweep/compiled", "variant": f"{fn.__name__}#{i}#{len(rows)}",
+                                 "name": fn.__name__, "n_regs": getattr(ck, "n_regs", None),
+                                 "n_spills": getattr(ck, "n_spills", None),
+                                 "num_warps": getattr(ck.metadata, "num_warps", None),
+                                 "shared": getattr(ck.metadata, "shared", None), "key": str(key)[:600]})
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            rows.append({"kernel": "gemv_sweep/compiled", "variant": fn.__name__, "error": repr(e)[:200]})
+    return rows
+
+
+def baselines(bk, bw: float, base: dict, x: torch.Tensor, ref: torch.Tensor, weights: dict, nbytes: int,
+              emit) -> float:
+    """cuBLAS bf16, tinygemm and the op's default path at one (M, K, N), each a row; returns cuBLAS' µs (NaN if
+    it failed: the rows after it then carry no speedup)."""
+    m, k, n = base["M"], base["K"], base["N"]
+    cublas_us = float("nan")
+    try:
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(bk.n_copies(2 * n * k))]
+        cublas_us = bk.bench_graph([lambda w=w: F.linear(x, w) for w in dense])
+        del dense
+        emit(dict(base, kernel="gemv_sweep/cublas_bf16", us=round(cublas_us, 2),
+                  eff_bw_frac=round((2 * n * k + 2 * (m * k + m * n)) / (cublas_us * 1e-6) / bw, 3)))
+        tg = [bk.tinygemm(torch.randn(n, k, device="cuda"), x) for _ in range(bk.n_copies(n * k // 2))]
+        if all(f is not None for f in tg):
+            t = bk.bench_graph(tg)
+            emit(dict(base, kernel="gemv_sweep/tinygemm_int4_g128", us=round(t, 2), speedup=round(cublas_us / t, 3)))
+        del tg
+        op = torch.ops.lowbit.weight_only_linear
+        dflt = weights[wo.words_n_major(n, k)]  # the layout pack_words makes for this shape
+        err = rel_err(op(x, *dflt[0], None, "int4", GROUP, "auto"), ref)
+        t = bk.bench_graph([lambda w=w: op(x, *w, None, "int4", GROUP, "auto") for w in dflt])
+        n_major = wo.is_n_major(dflt[0][0])
+        cfg = wo.words_config(m, n, k, 4, wo.chunk_words(k, GROUP, 4), n_major, GROUP)
+        emit(dict(base, kernel="gemv_sweep/op_default", us=round(t, 2), speedup=round(cublas_us / t, 3),
+                  eff_bw_frac=round(nbytes / (t * 1e-6) / bw, 3), rel_err=round(err, 5),
+                  layout="n_major" if n_major else "k_major", config=cfg, **({"wrong": True} if err > 1e-2 else {})))
+    except Exception as e:  # noqa: BLE001 - a failing baseline/default is a row, the sweep goes on
+        emit(dict(base, kernel="gemv_sweep/error", error=repr(e)[:300]))
+    return cublas_us
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/gemv.json")
+    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--shapes", default="", help="KxN,KxN,... (default SHAPES; --smoke: SMOKE_SHAPES)")
+    ap.add_argument("--only", default="", help="variants to run (default all of VARIANTS)")
+    ap.add_argument("--budget-s", type=float, default=120.0, help="stop timing after this many seconds in all")
+    ap.add_argument("--workers", type=int, default=8, help="parallel compile processes (0: compile inline)")
+    ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes, correctness only")
+    ap.add_argument("--set", choices=("all", "final"), default="all", help="config lists: VARIANTS or FINAL")
+    ap.add_argument("--run", default="", help="a label every row carries (rows of other runs are kept)")
+    ap.add_argument("--warm-worker", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.warm_worker:
+        warm(args)
+        return
+    t_start = time.time()
+    ms, shapes, only = parse(args)
+    variants = FINAL if args.set == "final" else VARIANTS
+    device = "cpu" if args.smoke else "cuda"
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("bench_gemv needs CUDA (or --smoke with TRITON_INTERPRET=1)")
+    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--smoke runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+    dev_name, date = machine(device), datetime.date.today().isoformat()
+    procs = []
+    if not args.smoke and args.workers > 0:
+        base = [sys.executable, __file__, "--ms", args.ms, "--only", args.only, "--set", args.set]
+        if args.shapes:
+            base += ["--shapes", args.shapes]
+        procs = [subprocess.Popen(base + ["--warm-worker", f"{i}/{args.workers}"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for i in range(args.workers)]
+    import triton
+    versions = {"torch": torch.__version__, "triton": triton.__version__}
+    header = {"command": "python " + " ".join(sys.argv), "date": date, "device": dev_name, "versions": versions}
+    rows: list[dict] = []
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, args.budget_s * 0.4 - (time.time() - t_start)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+    print(f"compile workers done at {time.time() - t_start:.0f}s", flush=True)
+    bw = None
+    if not args.smoke:
+        import bench_kernels as bk
+        bw = bk.copy_bandwidth()
+        rows.append({"kernel": "copy_bandwidth", "variant": "d2d", "bytes_per_s": round(bw), "device": dev_name,
+                     "date": date})
+        print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    out_path = Path(args.out)
+    run = args.run or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M")
+    runs = load_results(out_path).get("runs", {})  # every run's command stays findable by its label
+    header["runs"] = {**runs, run: {"command": header["command"], "date": date, "device": dev_name}}
+
+    def emit(r: dict) -> None:
+        r.update(run=run, device=dev_name, date=date)
+        rows.append(r)
+        print(" ".join(f"{k}={v}" for k, v in r.items() if k not in ("device", "date")), flush=True)
+
+    for k, n in shapes:
+        for m in ms:
+            torch.manual_seed(0)
+            x = torch.randn(m, k, device=device).to(torch.bfloat16)
+            out = torch.empty(m, n, device=device, dtype=torch.bfloat16)
+            nbytes = n * k // 2 + n * k // GROUP * 8 + 2 * (m * k + m * n)  # codes, fp32 scale + zero, x, y
+            base = {"M": m, "K": k, "N": n, "group": GROUP}
+            copies = [make_weight(n, k, device) for _ in range(1 if args.smoke else bk.n_copies(n * k // 2))]
+            weights = {nm: [c[nm] for c in copies] for nm in (False, True)}
+            q, s, z = copies[0]["stored"]
+            del copies
+            ref = wo.weight_only_linear_ref(x, q, s, z, None, "int4", GROUP)
+            cublas_us = None if args.smoke else baselines(bk, bw, base, x, ref, weights, nbytes, emit)
+            for v in kinds_for(m, only):
+                nm = v in N_MAJOR
+                family = []
+                for i, cfg in enumerate(variants[v]):
+                    r = dict(base, kernel=f"gemv_sweep/{v}", variant=f"{v}#{i}", config=cfg)
+                    if time.time() - t_start > args.budget_s:
+                        emit(dict(r, skipped="budget"))
+                        continue
+                    try:
+                        w0 = weights[nm][0]
+                        launch(x, w0[0], w0[1], w0[2], out, v, cfg)
+                        r["rel_err"] = round(rel_err(out, ref), 5)
+                        if r["rel_err"] > 1e-2:
+                            r["wrong"] = True
+                        if not args.smoke:
+                            t = bk.bench_graph([lambda w=w, c=cfg, x=x, out=out, v=v: launch(x, *w, out, v, c)
+                                                for w in weights[nm]], warmup=5, rep=20)
+                            r.update(us=round(t, 2), speedup=round(cublas_us / t, 3),
+                                     eff_bw_frac=round(nbytes / (t * 1e-6) / bw, 3))
+                    except Exception as e:  # noqa: BLE001 - a config that fails is a row, not the end of the run
+                        r["error"] = repr(e)[:300]
+                    emit(r)
+                    family.append(r)
+                ok = [r for r in family if "us" in r and not r.get("wrong")]
+                if ok:
+                    best = min(ok, key=lambda r: r["us"])
+                    best["best"] = True
+                    print(f"BEST M={m} K={k} N={n} {v}: {best['us']} us speedup {best.get('speedup')} "
+                          f"{best['config']}", flush=True)
+            del weights
+            merge_rows(out_path, header, rows, key=ROW_KEY)
+    if not args.smoke:
+        for r in compiled_rows():
+            emit(r)
+    merge_rows(out_path, header, rows, key=ROW_KEY)
+    print(f"done in {time.time() - t_start:.0f}s, {len(rows)} rows -> {out_path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
