@@ -213,8 +213,8 @@ def _repeats_half(v: Value) -> bool:
 
 
 def _rotary_embedding(ctx: LoweringContext, x: Value, cos: Value, sin: Value, half: int) -> ir.Value | None:
-    """The opset-23 ``RotaryEmbedding`` (non-interleaved = rotate-half) on ``x [B, H, L, D]`` with ``[B, 1, L, D]``
-    tables that repeat their first half: its 3-D ``[B, L, D/2]`` tables are made once per table."""
+    """The opset-23 ``RotaryEmbedding`` (non-interleaved = rotate-half) on ``x [B, H, L, D]`` with ``[B or 1, 1, L,
+    D]`` tables that repeat their first half: its 3-D ``[B, L, D/2]`` tables are made once per table."""
     if ctx.options.rotary != "onnx" or ctx.rank(x) != 4:
         return None
     for t in (cos, sin):
@@ -224,7 +224,11 @@ def _rotary_embedding(ctx: LoweringContext, x: Value, cos: Value, sin: Value, ha
 
     def table(t: Value) -> ir.Value:
         squeezed = ctx.op("Squeeze", [ctx.v(t), ctx.axes([1])])
-        return ctx.op("Slice", [squeezed, ctx.ints([0]), ctx.ints([half]), ctx.ints([-1])])
+        halved = ctx.op("Slice", [squeezed, ctx.ints([0]), ctx.ints([half]), ctx.ints([-1])])
+        # ORT wants the 3-D tables at x's batch, not broadcast from 1 (a prefill over several sequences that share
+        # positions has [1, L, D] tables)
+        batch = _shape_slice(ctx, ctx.v(x), 0, 1)
+        return ctx.op("Expand", [halved, ctx.op("Concat", [batch, ctx.ints([1, 1])], {"axis": 0})])
 
     c = ctx.derived(("rotary-half", id(cos)), lambda: table(cos))
     s = ctx.derived(("rotary-half", id(sin)), lambda: table(sin))
