@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from results_io import machine, merge_rows  # noqa: E402
+from results_io import versions as results_versions
 
 OUT = ROOT / "bench" / "results" / "attention.json"
 
@@ -59,17 +60,6 @@ SWEEPS = {
     ],
 }
 """Extra launches tried at the sweep shapes (beside ``DEFAULT_CONFIG``); ``heads`` only matters for GQA shapes."""
-
-
-def _versions() -> dict:
-    v = {"torch": torch.__version__}
-    try:
-        import triton
-
-        v["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return v
 
 
 def _time_us(fn, dev: str, graph: bool) -> float:
@@ -256,7 +246,7 @@ def main() -> None:
     print(f"attention bench: {len(rows)} rows in {time.perf_counter() - t0:.0f} s", flush=True)
     if a.out is not None or not a.smoke:
         header = {"command": "python tools/bench_attention.py " + " ".join(sys.argv[1:]), "date": date,
-                  "device": devname, "versions": _versions()}
+                  "device": devname, "versions": results_versions()}
         merge_rows(a.out or OUT, header, rows,
                    key=("area", "kernel", "scheme", "config", "batch", "heads", "kv_heads", "context", "device"))
 

@@ -35,22 +35,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from results_io import machine, merge_rows  # noqa: E402
+from results_io import versions as results_versions
 
 OUT = ROOT / "bench" / "results" / "generate.json"
 START = time.perf_counter()
-
-
-def _versions() -> dict:
-    import transformers
-
-    v = {"torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import triton
-
-        v["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return v
 
 
 ATTENTION_CONFIGS = [
@@ -532,7 +520,7 @@ def main() -> None:
         print(r)
     if not a.smoke:
         header = {"command": "python tools/bench_generate.py " + " ".join(sys.argv[1:]), "date": date,
-                  "device": rows[0]["device"] if rows else "", "versions": _versions()}
+                  "device": rows[0]["device"] if rows else "", "versions": results_versions()}
         merge_rows(a.out, header, rows, key=("area", "model", "kernel", "scheme", "method", "batch", "device"),
                    replace_header=False)
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import re
 import sys
 import time
@@ -53,6 +52,7 @@ from pathlib import Path
 
 import torch
 from results_io import machine, merge_rows
+from results_io import versions as results_versions
 
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.eval import EVALS, perplexity
@@ -136,16 +136,8 @@ def gpu_speed(args: argparse.Namespace) -> None:
     dev = "cuda" if cuda else "cpu"
     dev_name = machine(dev)
     shapes, ms = (SMOKE_SHAPES, SMOKE_M) if args.smoke else (SPEED_SHAPES, SPEED_M)
-    import lowbit
 
-    versions = {"lowbit": lowbit.__version__, "torch": torch.__version__, "python": platform.python_version(),
-                "cuda": str(torch.version.cuda)}
-    try:
-        import triton
-
-        versions["triton"] = triton.__version__
-    except ImportError:
-        versions["triton"] = "not installed"
+    versions = results_versions()
     try:
         versions["cusparselt"] = str(torch.backends.cusparselt.version()) if cusparselt_available() else "absent"
     except (AttributeError, RuntimeError) as exc:
@@ -226,7 +218,6 @@ def _mlp_ratio(cfg, target: float, multiple: int) -> tuple[float, int]:
 def pruned_speed(args: argparse.Namespace) -> None:
     """Prefill and decode of the 7B-shaped 4-layer Llama, unpruned vs 20% of its blocks' params removed by
     ``prune-mlp``, float bf16 and W4A16 on backend="triton", one run (rows with speedups)."""
-    import lowbit
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
 
@@ -256,14 +247,7 @@ def pruned_speed(args: argparse.Namespace) -> None:
              f"progress=false{on})")
     schemes = {k: v for k, v in {"float-bf16": "", "w4a16-g128": "quantize(w=int4,group=128,sym=false)"}.items()
                if k in args.speed_schemes.split(",")}
-    versions = {"lowbit": lowbit.__version__, "torch": torch.__version__, "python": platform.python_version(),
-                "cuda": str(torch.version.cuda)}
-    try:
-        import triton
-
-        versions["triton"] = triton.__version__
-    except ImportError:
-        versions["triton"] = "not installed"
+    versions = results_versions()
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     shape = "llama-7b-shape-4layer" if not smoke else "llama-tiny"
     header = {"command": "python " + " ".join(sys.argv), "date": date, "device": dev_name, "versions": versions,
@@ -444,7 +428,6 @@ def main() -> None:
                         dynamic_shapes={"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
     block_params = _block_linear_params(graph)
     total_params = sum(v.data.numel() for v in graph.params.values())
-    import lowbit
 
     recovery_note = ""
     if args.recover_tokens:
@@ -461,8 +444,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "date": datetime.date.today().isoformat(),
         "device": dev_name,
-        "versions": {"lowbit": lowbit.__version__, "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+        "versions": results_versions(),
         "notes": ("One-shot pruning unless a row says recovery. Calibration: the shipped WikiText-2 "
                   "validation text (wikitext2-valid-calib), 512-token windows; calib count in each row's pipeline. "
                   "Structured rows: params_removed_frac_blocks = removed / params of the 30 blocks' linears "

@@ -30,6 +30,21 @@ def machine(device: str | torch.device = "cpu") -> str:
     return f"cpu: {model or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
+def versions() -> dict[str, str]:
+    """The software a result was measured with (a results file's ``versions``): lowbit, torch, python, CUDA, and
+    triton / transformers where they are installed."""
+    import lowbit
+
+    v = {"lowbit": lowbit.__version__, "torch": torch.__version__, "python": platform.python_version(),
+         "cuda": str(torch.version.cuda)}
+    for mod in ("triton", "transformers"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except ImportError:
+            v[mod] = "not installed"
+    return v
+
+
 def load_results(out: Path) -> dict:
     """The results file's content, or ``{}`` when it is missing or not valid JSON."""
     if out.is_file():
