@@ -251,6 +251,29 @@ def _store_tile(acc, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, 
 
 
 @triton.jit
+def _col_scale(t, s, SWAP: tl.constexpr):
+    """``t`` times the per-output-channel ``s``: channels run along rows when ``SWAP`` (the tensor-core word
+    kernels' ``out.T`` tile), along columns otherwise."""
+    if SWAP:
+        r = t * s[:, None]
+    else:
+        r = t * s[None, :]
+    return r
+
+
+@triton.jit
+def _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, GROUP: tl.constexpr,
+                   SWAP: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The tensor-core word kernels' epilogue: the per-channel scale (``GROUP`` 0; grouped scales were applied per
+    group in the loop), the ``SWAP`` tile back to ``[M, N]``, then ``_store_tile``."""
+    if GROUP == 0:
+        acc = _col_scale(acc, s, SWAP)
+    if SWAP:
+        acc = tl.trans(acc)
+    _store_tile(acc, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL, HAS_BIAS)
+
+
+@triton.jit
 def _splitk_reduce(p_ptr, b_ptr, o_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """out = sum over splits of the fp32 partials (+ bias), cast: the second half of split-K."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -664,20 +687,8 @@ def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
                 else:
                     p += d
                 if i % GI == GI - 1:
-                    if SWAP:
-                        acc += p * s[:, None]
-                    else:
-                        acc += p * s[None, :]
-    if GROUP == 0:
-        if SWAP:
-            acc = acc * s[:, None]
-        else:
-            acc = acc * s[None, :]
-    if SWAP:
-        y = tl.trans(acc)
-    else:
-        y = acc
-    _store_tile(y, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL, HAS_BIAS)
+                    acc += _col_scale(p, s, SWAP)
+    _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, GROUP, SWAP, PARTIAL, HAS_BIAS)
 
 
 @triton.jit
@@ -905,20 +916,8 @@ def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, sw
                 else:
                     p += d
                 if i % GI == GI - 1:
-                    if SWAP:
-                        acc += p * s[:, None]
-                    else:
-                        acc += p * s[None, :]
-    if GROUP == 0:
-        if SWAP:
-            acc = acc * s[:, None]
-        else:
-            acc = acc * s[None, :]
-    if SWAP:
-        y = tl.trans(acc)
-    else:
-        y = acc
-    _store_tile(y, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL, HAS_BIAS)
+                    acc += _col_scale(p, s, SWAP)
+    _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, GROUP, SWAP, PARTIAL, HAS_BIAS)
 
 
 @triton.jit
@@ -1035,20 +1034,10 @@ def _tc_pairs(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
                     p_b = tl.dot(x_b, hi, p_b)
         if GROUP == 0:
             acc += p_a + p_b
-        elif SWAP:
-            acc += p_a * s_a[:, None] + p_b * s_b[:, None]
         else:
-            acc += p_a * s_a[None, :] + p_b * s_b[None, :]
-    if GROUP == 0:
-        if SWAP:
-            acc = acc * s_a[:, None]
-        else:
-            acc = acc * s_a[None, :]
-    if SWAP:
-        y = tl.trans(acc)
-    else:
-        y = acc
-    _store_tile(y, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL, HAS_BIAS)
+            acc += _col_scale(p_a, s_a, SWAP) + _col_scale(p_b, s_b, SWAP)
+    _store_tc_tile(acc, s_a, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, GROUP, SWAP, PARTIAL,
+                   HAS_BIAS)
 
 
 
