@@ -207,11 +207,14 @@ def _hf_ms_per_step(model, ids, new, **kw) -> tuple[float, float]:
 
 _WEIGHTS = {"w4a16-g128": "quantize(w=int4,group=128,sym=false)", "w8a8": "quantize(w=int8,a=int8)",
             "fp8": "quantize(w=fp8e4m3,a=fp8e4m3)"}
-QUANTIZED = {**_WEIGHTS, "float-bf16+kv8": "kv-cache(bits=8)", "float-bf16+kv4": "kv-cache(bits=4)",
+QUANTIZED = {**_WEIGHTS, "w4a16-g128-head4": "quantize(w=int4,group=128,sym=false,head=int4)", "float-bf16": None,
+             "float-bf16+kv8": "kv-cache(bits=8)", "float-bf16+kv4": "kv-cache(bits=4)",
              **{f"{k}+kv{b}": f"{v},kv-cache(bits={b})" for k, v in _WEIGHTS.items() for b in (8, 4)}}
 """Schemes whose decode runs on the Triton backend beside the float step (issue 18's W4A16/W8A8/FP8 rows, each
 with a bf16, int8 and int4 KV cache: the packed cache of the ``kv-cache`` pass, read by the decode-attention
-kernel)."""
+kernel). ``float-bf16`` here is the float step on the triton backend, so that ``--compile-step`` shows what
+torch.compile's fusion of the step's glue buys the float model; ``-head4``: the 32000 x 4096 output head int4 g128
+too (weight-only; in bf16 it is a quarter of the 4-layer stack's bytes)."""
 
 
 def e2e_rows(prompt: int, new: int, batches: list[int], smoke: bool = False, hf_compile: bool = True,
