@@ -173,10 +173,6 @@ def test_kernels_refuse_shapes_they_do_not_take(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=False, reason=(
-    "known failure on the H200 (torch 2.11, Triton 3.6), open in issue 17: under torch.compile, Inductor's launch of a "
-    "weight-only GEMV raises 'launcher() missing 1 required positional argument: _grid_2' (seen at de6864d and "
-    "again after passing DEFER explicitly); the triton backend's generation and e2e runs under torch.compile work"))
 def test_ops_compose_with_torch_compile_and_cuda_graphs():
     q, s, z = _quantized_weight(256, 512, "int4", 128, False, "cuda")
     q8, s8, _ = _quantized_weight(256, 512, "int8", 0, True, "cuda")
@@ -193,12 +189,14 @@ def test_ops_compose_with_torch_compile_and_cuda_graphs():
                                           None, "int8", 0, "int8", 0)
 
     eager = f(x)
+    # Inductor fuses the bf16 adds between the ops (one rounding instead of three), so compare to bf16 rounding;
+    # the ops themselves run the same kernels (an exact test of each op is above)
     compiled = torch.compile(f, fullgraph=True)
-    assert torch.equal(compiled(x), eager)
+    torch.testing.assert_close(compiled(x), eager, rtol=2e-2, atol=2e-2 * eager.abs().max().item())
     graphed = torch.compile(f, fullgraph=True, mode="reduce-overhead")
     for _ in range(3):
         out = graphed(x)
-    assert torch.equal(out, eager)
+    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2 * eager.abs().max().item())
 
 
 @pytest.mark.parametrize("device", DEVICES)
