@@ -343,6 +343,10 @@ SK_CASES = [  # qdtype, group, symmetric, M, config of the split-K atomic kernel
     ("uint4", 0, True, 3, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": True, "CH_SPLIT": 1, "EPI": 2,
                            "INPLACE": False}),
     ("int4", 128, True, 2, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": True, "CH_SPLIT": 3, "EPI": 2}),
+    ("int4", 128, False, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": True, "CH_SPLIT": 1, "EPI": 2,
+                              "PAIRS": True}),
+    ("uint4", 0, True, 7, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": False, "CH_SPLIT": 2, "EPI": 2,
+                           "PAIRS": True}),
 ]
 
 

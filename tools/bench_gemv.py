@@ -94,13 +94,18 @@ VARIANTS: dict[str, list[dict]] = {
     "tc_sk": [_tsk(*c) for c in (
         (64, True, 4, 1), (128, True, 4, 1), (128, True, 8, 1), (64, True, 4, 2), (128, True, 4, 2),
         (64, False, 4, 1), (128, False, 4, 1), (256, True, 8, 1), (64, True, 4, 1, {"WS_CACHED": True}),
-        (128, True, 4, 1, {"EPI": 1}), (64, True, 4, 1, {"INPLACE": False}), (64, True, 4, 4))],
+        (128, True, 4, 1, {"EPI": 1}), (64, True, 4, 1, {"INPLACE": False}), (64, True, 4, 4),
+        (64, True, 4, 1, {"PAIRS": True}), (128, True, 4, 1, {"PAIRS": True}), (128, True, 8, 1, {"PAIRS": True}),
+        (64, True, 4, 2, {"PAIRS": True}), (128, True, 4, 2, {"PAIRS": True}))],
+    # _tc_sk at M = 1 (x padded to the dot's 16 rows by masks, no extra traffic): the pair-unpacked codes
+    "tc_sk1": [_tsk(*c) for c in ((64, True, 4, 1, {"PAIRS": True}), (128, True, 4, 1, {"PAIRS": True}),
+                                  (128, True, 8, 1, {"PAIRS": True}), (64, True, 4, 2, {"PAIRS": True}))],
     # the K-major kernels' previous sweep winners (run C), for the same-run comparison
     "cc_k": [_cc(2, 4, 1, 1), _cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1, 2)],
     "tc_k": [_tc(128, True, 4, 4), _tc(64, True, 4, 8)],
 }
 ROW_KEY = ("run", "kernel", "variant", "M", "K", "N", "device")
-N_MAJOR = {"cc_t", "tc_t", "tc_p", "cc_sk", "tc_sk"}
+N_MAJOR = {"cc_t", "tc_t", "tc_p", "cc_sk", "tc_sk", "tc_sk1"}
 """Variants that run on the N-major words (``pack_words(..., n_major=True)``); the others on the K-major ones."""
 FINAL: dict[str, list[dict]] = {
     "cc_t": [_cc(64, 1, 2, 4), _cc(64, 1, 2, 16), _cc(64, 1, 2, 2), _cc(256, 1, 4, 16), _cc(64, 1, 4, 4),
@@ -112,6 +117,7 @@ FINAL: dict[str, list[dict]] = {
     "tc_k": [_tc(64, True, 4, 8)],
     "cc_sk": [_sk(8, 512, 2), _sk(8, 1024, 4), _sk(16, 512, 2), _sk(8, 512, 2, {"WS_CACHED": True})],
     "tc_sk": [_tsk(64, True, 4, 1), _tsk(128, True, 4, 1), _tsk(64, True, 4, 2)],
+    "tc_sk1": [_tsk(128, True, 4, 1, {"PAIRS": True})],
 }
 """``--set final``: the op's table entries and their neighbours (the variants' full lists are ``VARIANTS``)."""
 SMOKE_SHAPES = ((768, 40), (512, 64))
@@ -119,7 +125,7 @@ SMOKE_SHAPES = ((768, 40), (512, 64))
 
 def kinds_for(m: int, only: set[str]) -> list[str]:
     """The variant families run at ``m`` (CUDA cores at M = 1, tensor cores from ``WORDS_TC_MIN_M``)."""
-    names = ("tc_sk", "tc_t", "tc_p", "tc_k") if m >= wo.WORDS_TC_MIN_M else ("cc_sk", "cc_t", "cc_k")
+    names = ("tc_sk", "tc_t", "tc_p", "tc_k") if m >= wo.WORDS_TC_MIN_M else ("cc_sk", "tc_sk1", "cc_t", "cc_k")
     return [v for v in names if not only or v in only]
 
 
