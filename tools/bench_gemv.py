@@ -83,13 +83,15 @@ VARIANTS: dict[str, list[dict]] = {
         (64, True, 4, 2), (64, True, 4, 4), (128, True, 4, 4), (128, True, 8, 4), (64, False, 4, 4),
         (128, False, 4, 4), (32, False, 4, 8), (64, True, 4, 8), (256, True, 8, 2))],
     # split-K with atomics (``_gemv_sk``): one [JW, BLOCK_N] word tile per program, no K loop; EPI 2 = one launch
-    # (last program finishes), EPI 1 = zeroed workspace + cast kernel; TILE = one 2-D load (all loads first)
+    # (last program finishes), EPI 1 = zeroed workspace + cast kernel; TILE = one 2-D load (all loads first),
+    # EARLY = row loads hoisted before the arithmetic
     "cc_sk": [_sk(*c) for c in (
         (8, 256, 1), (8, 512, 2), (8, 1024, 4), (16, 512, 2), (16, 256, 1), (4, 512, 1), (32, 256, 2),
         (8, 128, 1), (16, 1024, 4), (8, 512, 2, {"EPI": 1}), (8, 512, 2, {"WS_CACHED": True}),
         (8, 1024, 4, {"WS_CACHED": True}), (8, 512, 2, {"INPLACE": False}), (8, 256, 1, {"TILE": True}),
         (8, 512, 2, {"TILE": True}), (16, 256, 2, {"TILE": True}), (32, 128, 1, {"TILE": True}),
-        (16, 512, 4, {"TILE": True}))],
+        (16, 512, 4, {"TILE": True}), (8, 512, 2, {"EARLY": True}), (16, 512, 2, {"EARLY": True}),
+        (8, 1024, 4, {"EARLY": True}))],
     # tensor cores with the same atomics (``_tc_sk``): CH_SPLIT chunks per program
     "tc_sk": [_tsk(*c) for c in (
         (64, True, 4, 1), (128, True, 4, 1), (128, True, 8, 1), (64, True, 4, 2), (128, True, 4, 2),

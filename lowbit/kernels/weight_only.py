@@ -1165,7 +1165,8 @@ def _gemv_sk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, N, swk, 
              m_top, o_top, m_lo, o_lo, m_hi, o_hi,
              BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
              HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, CW: tl.constexpr, JW: tl.constexpr,
-             BLOCK_N: tl.constexpr, INPLACE: tl.constexpr, EPI: tl.constexpr, TILE: tl.constexpr = False):
+             BLOCK_N: tl.constexpr, INPLACE: tl.constexpr, EPI: tl.constexpr, TILE: tl.constexpr = False,
+             EARLY: tl.constexpr = False):
     """M = 1 on CUDA cores: program ``(pid_n, pid_k)`` takes word rows ``[j0, j0 + JW)`` of chunk ``pid_k // (CW /
     JW)`` for columns ``pid_n * BLOCK_N + [0, BLOCK_N)``. The rows are separate ``[BLOCK_N]`` vectors (unrolled; a
     thread holds ``BLOCK_N / (32 * num_warps)`` columns of every row), so a code is one LOP3 (``_sk_code``) and one
@@ -1187,6 +1188,11 @@ def _gemv_sk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, N, swk, 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if EARLY and not TILE:
+        # every row's load first: the same loads below are CSE'd into these, and the xor keeps them alive
+        seen = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        for r in tl.static_range(JW):
+            seen = seen ^ tl.load(w_ptr + (r0 + r) * swk + offs_n, mask=n_ok, other=0)
     if TILE:
         offs_j = tl.arange(0, JW)
         wt = tl.load(w_ptr + (r0 + offs_j)[:, None] * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
@@ -1218,6 +1224,8 @@ def _gemv_sk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, N, swk, 
             s, cz = _group_cz(s_ptr, z_ptr, offs_n, n_ok, g, ssn, ssg, OFF, HAS_ZP)
             t = _sk_place(True, IP, BITS) * (a_lo - x_lo) + _sk_place(False, IP, BITS) * (a_hi - x_hi)
             y += s * (t - cz * (x_lo + x_hi))
+    if EARLY and not TILE:
+        tl.store(cnt_ptr + offs_n * 0, seen, mask=n_ok & (N < 0))  # never (N > 0): an opaque use only
     offs_m = tl.arange(0, 1)
     _sk_epilogue(y[None, :], offs_m, offs_n, offs_m < 1, n_ok, o_ptr, b_ptr, ws_ptr, cnt_ptr, pid_n,
                  tl.num_programs(1), N, 0, EPI, HAS_BIAS)
@@ -1521,7 +1529,7 @@ def _launch_sk(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
         jw = min(cfg.get("JW", cw), cw)
         grid = (cdiv(n, bn), nch * (cw // jw), 1)
         kernel = _gemv_sk
-        meta.update(JW=jw, TILE=cfg.get("TILE", False))
+        meta.update(JW=jw, TILE=cfg.get("TILE", False), EARLY=cfg.get("EARLY", False))
     epi = cfg.get("EPI", 2) if grid[1] > 1 else 0
     cached = epi == 2 and cfg.get("WS_CACHED", False)
     ws = _sk_workspace(x2, m * n + grid[0] * grid[2], cached) if epi else out
