@@ -338,6 +338,8 @@ SK_CASES = [  # qdtype, group, symmetric, M, config of the split-K atomic kernel
     ("uint4", 0, False, 1, {"TC": False, "JW": 32, "BLOCK_N": 32, "EPI": 2, "TILE": True, "INPLACE": False}),
     ("int8", 64, True, 1, {"TC": False, "JW": 16, "BLOCK_N": 32, "EPI": 2}),
     ("int4", 128, True, 1, {"TC": False, "JW": 8, "BLOCK_N": 32, "EPI": 2, "EARLY": True}),
+    ("int4", 64, False, 1, {"TC": False, "JW": 4, "WK": 4, "BLOCK_N": 32, "EPI": 2, "EARLY": True}),
+    ("uint4", 0, True, 1, {"TC": False, "JW": 8, "WK": 2, "BLOCK_N": 16, "EPI": 2, "WS_CACHED": True}),
     ("int4", 128, False, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": True, "CH_SPLIT": 1, "EPI": 2,
                               "WS_CACHED": True}),
     ("int4", 128, False, 5, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": False, "CH_SPLIT": 2, "EPI": 1}),

@@ -91,7 +91,10 @@ VARIANTS: dict[str, list[dict]] = {
         (8, 1024, 4, {"WS_CACHED": True}), (8, 512, 2, {"INPLACE": False}), (8, 256, 1, {"TILE": True}),
         (8, 512, 2, {"TILE": True}), (16, 256, 2, {"TILE": True}), (32, 128, 1, {"TILE": True}),
         (16, 512, 4, {"TILE": True}), (8, 512, 2, {"EARLY": True}), (16, 512, 2, {"EARLY": True}),
-        (8, 1024, 4, {"EARLY": True}))],
+        (8, 1024, 4, {"EARLY": True}),
+        # WK slabs of JW rows side by side (warps along K, one sum through shared memory, WK-fold fewer atomics)
+        (8, 256, 8, {"WK": 4, "EARLY": True}), (8, 128, 4, {"WK": 4, "EARLY": True}),
+        (4, 512, 8, {"WK": 4, "EARLY": True}), (8, 512, 8, {"WK": 2, "EARLY": True}))],
     # tensor cores with the same atomics (``_tc_sk``): CH_SPLIT chunks per program
     "tc_sk": [_tsk(*c) for c in (
         (64, True, 4, 1), (128, True, 4, 1), (128, True, 8, 1), (64, True, 4, 2), (128, True, 4, 2),

@@ -1166,35 +1166,39 @@ def _gemv_sk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, N, swk, 
              BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
              HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, CW: tl.constexpr, JW: tl.constexpr,
              BLOCK_N: tl.constexpr, INPLACE: tl.constexpr, EPI: tl.constexpr, TILE: tl.constexpr = False,
-             EARLY: tl.constexpr = False):
-    """M = 1 on CUDA cores: program ``(pid_n, pid_k)`` takes word rows ``[j0, j0 + JW)`` of chunk ``pid_k // (CW /
-    JW)`` for columns ``pid_n * BLOCK_N + [0, BLOCK_N)``. The rows are separate ``[BLOCK_N]`` vectors (unrolled; a
-    thread holds ``BLOCK_N / (32 * num_warps)`` columns of every row), so a code is one LOP3 (``_sk_code``) and one
-    FMA into a per-column accumulator, no reduction over rows; the activation is a scalar per (row, code), its
-    load and conversion shared by the thread's columns. Per group ``y += s * (2**P (a - X) - (off + z) X)`` (``a =
-    sum x f`` and ``X = sum x`` per place ``P``). ``TILE``: the ``[JW, BLOCK_N]`` words in one 2-D load instead
-    (``_sk_tile_group``), which puts every load before the arithmetic (row by row, ptxas interleaves the later
-    rows' loads with the earlier rows' FMAs: more round trips per program) at the cost of a sum over rows."""
+             EARLY: tl.constexpr = False, WK: tl.constexpr = 1):
+    """M = 1 on CUDA cores: program ``(pid_n, pid_k)`` takes ``WK * JW`` word rows of chunk ``pid_k // (CW / (WK *
+    JW))`` for columns ``pid_n * BLOCK_N + [0, BLOCK_N)``: ``WK`` slabs of ``JW`` rows side by side (``[WK,
+    BLOCK_N]`` row vectors: with ``BLOCK_N = 128 * num_warps / WK`` each warp owns a slab), the ``JW`` rows of a
+    slab unrolled, so a code is one LOP3 (``_sk_code``) and one FMA into a per-column accumulator, no reduction over
+    rows until the one sum over the slabs at the end (through shared memory, once per program: ``WK`` slabs cut
+    the atomics per output ``WK``-fold); the activation is one value per (slab, row, code), its load and conversion
+    shared by the thread's columns. Per group ``y += s * (2**P (a - X) - (off + z) X)`` (``a = sum x f`` and ``X =
+    sum x`` per place ``P``). ``EARLY``: every row's load issued first (a preload the loads below are CSE'd into);
+    ``TILE``: the ``WK * JW`` rows in one 2-D load and a sum over rows per group (``_sk_tile_group``)."""
     PER: tl.constexpr = 32 // BITS
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
     IP: tl.constexpr = INPLACE and BITS == 4
-    JB: tl.constexpr = CW // JW
+    JT: tl.constexpr = WK * JW  # word rows per program
+    JB: tl.constexpr = CW // JT
     NG: tl.constexpr = PER // GI
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     c = pid_k // JB
-    r0 = c * CW + (pid_k % JB) * JW  # first word row
-    x0 = c * (PER * CW) + (pid_k % JB) * JW  # its code 0's activation
+    r0 = c * CW + (pid_k % JB) * JT  # first word row
+    x0 = c * (PER * CW) + (pid_k % JB) * JT  # its code 0's activation
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    slab = tl.arange(0, WK) * JW
+    y2 = tl.zeros((WK, BLOCK_N), dtype=tl.float32)
+    w_rows = w_ptr + (r0 + slab)[:, None] * swk + offs_n[None, :]
     if EARLY and not TILE:
         # every row's load first: the same loads below are CSE'd into these, and the xor keeps them alive
-        seen = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        seen = tl.zeros((WK, BLOCK_N), dtype=tl.int32)
         for r in tl.static_range(JW):
-            seen = seen ^ tl.load(w_ptr + (r0 + r) * swk + offs_n, mask=n_ok, other=0)
+            seen = seen ^ tl.load(w_rows + r * swk, mask=n_ok[None, :], other=0)
     if TILE:
-        offs_j = tl.arange(0, JW)
+        offs_j = tl.arange(0, JT)
         wt = tl.load(w_ptr + (r0 + offs_j)[:, None] * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
     for gi in tl.static_range(NG):
         if GROUP == 0:
@@ -1202,18 +1206,18 @@ def _gemv_sk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, N, swk, 
         else:
             g = (c * (PER * CW) + gi * GI * CW) // GROUP
         if TILE:
-            y += _sk_tile_group(wt, x_ptr, x0, offs_j, s_ptr, z_ptr, offs_n, n_ok, g, ssn, ssg, m_top, o_top, m_lo,
-                                o_lo, m_hi, o_hi, gi, GI, CW, BITS, IP, OFF, HAS_ZP)
+            y2 += _sk_tile_group(wt, x_ptr, x0, offs_j, s_ptr, z_ptr, offs_n, n_ok, g, ssn, ssg, m_top, o_top, m_lo,
+                                 o_lo, m_hi, o_hi, gi, GI, CW, BITS, IP, OFF, HAS_ZP)[None, :]
         else:
-            a_lo = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            a_hi = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            x_lo = 0.0
-            x_hi = 0.0
+            a_lo = tl.zeros((WK, BLOCK_N), dtype=tl.float32)
+            a_hi = tl.zeros((WK, BLOCK_N), dtype=tl.float32)
+            x_lo = tl.zeros((WK, 1), dtype=tl.float32)
+            x_hi = tl.zeros((WK, 1), dtype=tl.float32)
             for r in tl.static_range(JW):
-                wv = tl.load(w_ptr + (r0 + r) * swk + offs_n, mask=n_ok, other=0)  # CSE across groups
+                wv = tl.load(w_rows + r * swk, mask=n_ok[None, :], other=0)  # CSE'd across groups
                 for ii in tl.static_range(GI):
                     i = gi * GI + ii  # constexpr: static_range indices
-                    xv = tl.load(x_ptr + x0 + i * CW + r).to(tl.float32)
+                    xv = tl.load(x_ptr + x0 + i * CW + slab + r).to(tl.float32)[:, None]
                     f, lo = _sk_code(wv, i, BITS, IP, m_top, o_top, m_lo, o_lo, m_hi, o_hi)
                     if lo:
                         a_lo += f * xv
@@ -1223,9 +1227,10 @@ def _gemv_sk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, N, swk, 
                         x_hi += xv
             s, cz = _group_cz(s_ptr, z_ptr, offs_n, n_ok, g, ssn, ssg, OFF, HAS_ZP)
             t = _sk_place(True, IP, BITS) * (a_lo - x_lo) + _sk_place(False, IP, BITS) * (a_hi - x_hi)
-            y += s * (t - cz * (x_lo + x_hi))
+            y2 += s[None, :] * (t - cz[None, :] * (x_lo + x_hi))
     if EARLY and not TILE:
-        tl.store(cnt_ptr + offs_n * 0, seen, mask=n_ok & (N < 0))  # never (N > 0): an opaque use only
+        tl.store(cnt_ptr + offs_n * 0, tl.sum(seen, axis=0), mask=n_ok & (N < 0))  # never: an opaque use only
+    y = tl.sum(y2, axis=0)
     offs_m = tl.arange(0, 1)
     _sk_epilogue(y[None, :], offs_m, offs_n, offs_m < 1, n_ok, o_ptr, b_ptr, ws_ptr, cnt_ptr, pid_n,
                  tl.num_programs(1), N, 0, EPI, HAS_BIAS)
@@ -1526,10 +1531,11 @@ def _launch_sk(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
             meta.update(PAIRS=True, XOR=WORD_XOR[bits], IS_BF16=x2.dtype == torch.bfloat16, ASM=not interpreting())
     else:
         check(m == 1, "weight_only_linear", f"_gemv_sk takes M = 1, got {m}")
-        jw = min(cfg.get("JW", cw), cw)
-        grid = (cdiv(n, bn), nch * (cw // jw), 1)
+        wk = cfg.get("WK", 1)
+        jw = min(cfg.get("JW", cw), cw // wk)
+        grid = (cdiv(n, bn), nch * (cw // (wk * jw)), 1)
         kernel = _gemv_sk
-        meta.update(JW=jw, TILE=cfg.get("TILE", False), EARLY=cfg.get("EARLY", False))
+        meta.update(JW=jw, WK=wk, TILE=cfg.get("TILE", False), EARLY=cfg.get("EARLY", False))
     epi = cfg.get("EPI", 2) if grid[1] > 1 else 0
     cached = epi == 2 and cfg.get("WS_CACHED", False)
     ws = _sk_workspace(x2, m * n + grid[0] * grid[2], cached) if epi else out
