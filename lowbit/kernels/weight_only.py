@@ -31,6 +31,10 @@ Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted i
 - 2 <= M <= 16, tensor cores (``_tc_words``): per chunk and code position one ``[16, CW] x [CW, BLOCK_N]`` dot on
   exact small integers ``q - z`` in the activation dtype (wgmma with the weights as the M side, ``SWAP``), the
   scale on the fp32 partial once per group; split-K with an fp32 partial buffer and a deterministic reduce kernel.
+- N-major words, split-K with atomics (``_gemv_sk`` at M = 1 on CUDA cores, ``_tc_sk`` up to M = 16 on tensor
+  cores; ``SK`` configs): one word tile per program and no K loop, every chunk (or slab of a chunk) its own
+  program, the fp32 results added atomically into a workspace that the last program of each column block turns
+  into the output (one launch); codes one LOP3 each (``_sk_code``), or two per lop3 + packed subtract (``PAIRS``).
 - M > 16: one dequantize kernel (bit-exact ``(q - z) * s`` rounded once) and cuBLAS.
 Configs: ``words_config`` (the H200 sweeps' tables at the decode shapes, ``_WORDS_T_TABLE`` / ``_WORDS_TABLE``,
 a rule elsewhere). Measured (R1, CUDA-graph replay, 4096x11008 int4 g128): M = 1 18.3 µs = 1.35x cuBLAS bf16
@@ -1431,6 +1435,22 @@ def _t_rule(tc: bool, n: int, nch: int) -> dict:
             "SPLIT_K": max(1, min(16, nch, pow2_at_most(max(1, T_TARGET_PROGRAMS // cdiv(n, 64)), 16)))}
 
 
+WORDS_SK = False
+"""The N-major words' GEMV at M <= 16: the split-K atomic kernels (``_gemv_sk`` / ``_tc_sk``, configs
+``_SK_TABLE`` / ``_sk_rule``) when True, else the looped kernels (``_gemv_t`` / ``_tc_t``, ``_WORDS_T_TABLE``)."""
+
+_SK_TABLE: dict[tuple[str, int, int, int], dict] = {}
+"""Split-K atomic configs keyed by (kind, M bucket, N, K), from the H200 sweep (``tools/bench_gemv.py``)."""
+
+
+def _sk_rule(tc: bool) -> dict:
+    """Split-K atomic configs where ``_SK_TABLE`` has no entry."""
+    if tc:
+        return {"BLOCK_N": 128, "SWAP": True, "num_warps": 4, "num_stages": 1, "CH_SPLIT": 1, "EPI": 2,
+                "PAIRS": True, "WS_CACHED": True}
+    return {"JW": 8, "BLOCK_N": 512, "num_warps": 2, "num_stages": 1, "EPI": 2, "WS_CACHED": True}
+
+
 def words_n_major(n: int, k: int) -> bool:
     """The decode layout ``pack_words`` makes for an ``[N, K]`` weight by default."""
     return WORDS_N_MAJOR and (n, k) not in K_MAJOR_SHAPES
@@ -1443,6 +1463,9 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = Fal
     bm = 16 if tc else next_pow2(m)
     per = 32 // bits
     nch = k // (per * cw)
+    if n_major and WORDS_SK:
+        cfg = _SK_TABLE.get(("tc" if tc else "cc", bm, n, k)) or _sk_rule(tc)
+        return dict(cfg, SK=True, BLOCK_M=bm, TC=tc)
     if n_major:
         cfg = _WORDS_T_TABLE.get(("tc" if tc else "cc", bm, n, k)) or _t_rule(tc, n, nch)
         return dict(cfg, BLOCK_M=bm, TC=tc)
