@@ -1499,6 +1499,8 @@ _SK_WORKSPACE: dict[torch.device, torch.Tensor] = {}
 """The cached fp32 workspace of ``_launch_sk`` (``WS_CACHED``), per device: kept all-zero between calls by the
 kernels themselves (``EPI`` 2 zeroes what it added and resets its counters), so a GEMV is one launch. Calls that
 share it must not run concurrently (one stream); under torch.compile a fresh zeroed buffer is used instead."""
+_SK_OUTGROWN: list[torch.Tensor] = []
+"""Workspaces a bigger one replaced: kept alive, since a captured CUDA graph may still address them."""
 
 def _sk_masks(bits: int, signed: bool) -> tuple[int, ...]:
     """``_sk_code``'s (mask, xor) pairs for the mantissa's top, bits 12-15 and 16-19: the xor sets 1.0's bits and
@@ -1518,7 +1520,9 @@ def _sk_workspace(x2: torch.Tensor, numel: int, cached: bool) -> torch.Tensor:
     if cached and type(x2) is torch.Tensor and not torch.compiler.is_compiling():
         ws = _SK_WORKSPACE.get(x2.device)
         if ws is None or ws.numel() < numel:
-            ws = torch.zeros(max(numel, 1 << 16), dtype=torch.float32, device=x2.device)
+            if ws is not None:
+                _SK_OUTGROWN.append(ws)
+            ws = torch.zeros(max(numel, 1 << 20), dtype=torch.float32, device=x2.device)
             _SK_WORKSPACE[x2.device] = ws
         return ws
     return torch.zeros(numel, dtype=torch.float32, device=x2.device)
