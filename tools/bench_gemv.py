@@ -94,14 +94,20 @@ VARIANTS: dict[str, list[dict]] = {
         (8, 1024, 4, {"EARLY": True}),
         # WK slabs of JW rows side by side (warps along K, one sum through shared memory, WK-fold fewer atomics)
         (8, 256, 8, {"WK": 4, "EARLY": True}), (8, 128, 4, {"WK": 4, "EARLY": True}),
-        (4, 512, 8, {"WK": 4, "EARLY": True}), (8, 512, 8, {"WK": 2, "EARLY": True}))],
+        (4, 512, 8, {"WK": 4, "EARLY": True}), (8, 512, 8, {"WK": 2, "EARLY": True}),
+        # EPI 3: deterministic (per-slice partials, the last program sums them in order)
+        (8, 512, 2, {"EPI": 3, "WS_CACHED": True}), (8, 256, 8, {"WK": 4, "EARLY": True, "EPI": 3, "WS_CACHED": True}),
+        (8, 512, 2, {"EARLY": True, "EPI": 3, "WS_CACHED": True}))],
     # tensor cores with the same atomics (``_tc_sk``): CH_SPLIT chunks per program
     "tc_sk": [_tsk(*c) for c in (
         (64, True, 4, 1), (128, True, 4, 1), (128, True, 8, 1), (64, True, 4, 2), (128, True, 4, 2),
         (64, False, 4, 1), (128, False, 4, 1), (256, True, 8, 1), (64, True, 4, 1, {"WS_CACHED": True}),
         (128, True, 4, 1, {"EPI": 1}), (64, True, 4, 1, {"INPLACE": False}), (64, True, 4, 4),
         (64, True, 4, 1, {"PAIRS": True}), (128, True, 4, 1, {"PAIRS": True}), (128, True, 8, 1, {"PAIRS": True}),
-        (64, True, 4, 2, {"PAIRS": True}), (128, True, 4, 2, {"PAIRS": True}))],
+        (64, True, 4, 2, {"PAIRS": True}), (128, True, 4, 2, {"PAIRS": True}),
+        (128, True, 4, 1, {"PAIRS": True, "WS_CACHED": True}), (128, True, 4, 1, {"PAIRS": True, "EPI": 3}),
+        (128, True, 4, 1, {"PAIRS": True, "EPI": 3, "WS_CACHED": True}),
+        (128, True, 4, 2, {"PAIRS": True, "EPI": 3, "WS_CACHED": True}))],
     # _tc_sk at M = 1 (x padded to the dot's 16 rows by masks, no extra traffic): the pair-unpacked codes
     "tc_sk1": [_tsk(*c) for c in ((64, True, 4, 1, {"PAIRS": True}), (128, True, 4, 1, {"PAIRS": True}),
                                   (128, True, 8, 1, {"PAIRS": True}), (64, True, 4, 2, {"PAIRS": True}))],

@@ -1105,16 +1105,35 @@ def _sk_place(LO: tl.constexpr, INPLACE: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _sk_epilogue(acc, offs_m, offs_n, m_ok, n_ok, o_ptr, b_ptr, ws_ptr, cnt_ptr, cnt_idx, n_k, N, som,
-                 EPI: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 EPI: tl.constexpr, HAS_BIAS: tl.constexpr, k_idx=0, MN=0, KB: tl.constexpr = 8):
     """``acc`` ``[BLOCK_M, BLOCK_N]`` fp32 of one K slice. ``EPI`` 0: the only slice, stored (+ bias). 1: added into
     the workspace ``ws`` ``[M, N]`` fp32 (a cast kernel finishes). 2: added, then the last of the ``n_k`` slices
     of this column block (``cnt`` arrival counter) reads the sums from L2 (``.cg``, after the counter's acquire),
-    zeroes them, stores the output and resets the counter."""
+    zeroes them, stores the output and resets the counter. 3 (deterministic): stored as slice ``k_idx``'s partial
+    (``ws`` ``[n_k, M, N]``, stride ``MN``), and the last program sums the ``n_k`` partials in order, ``KB`` at a
+    time, so the result does not depend on which program finished when."""
     mask = m_ok[:, None] & n_ok[None, :]
     if EPI == 0:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
         tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], acc.to(o_ptr.dtype.element_ty), mask=mask)
+    elif EPI == 3:
+        part = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part + k_idx * MN, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial before the one release below
+        arrived = tl.atomic_add(cnt_ptr + cnt_idx, 1, sem="acq_rel")
+        if arrived == n_k - 1:
+            y = tl.zeros_like(acc)
+            offs_kb = tl.arange(0, KB)
+            for k0 in range(0, n_k, KB):
+                kk = k0 + offs_kb
+                y += tl.sum(tl.load(part[None, :, :] + kk[:, None, None] * MN,
+                                    mask=mask[None, :, :] & (kk < n_k)[:, None, None], other=0.0,
+                                    cache_modifier=".cg"), axis=0)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+            tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
+            tl.store(cnt_ptr + cnt_idx, 0)
     else:
         ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
@@ -1170,7 +1189,7 @@ def _gemv_sk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, N, swk, 
              BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
              HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, CW: tl.constexpr, JW: tl.constexpr,
              BLOCK_N: tl.constexpr, INPLACE: tl.constexpr, EPI: tl.constexpr, TILE: tl.constexpr = False,
-             EARLY: tl.constexpr = False, WK: tl.constexpr = 1):
+             EARLY: tl.constexpr = False, WK: tl.constexpr = 1, KB: tl.constexpr = 16):
     """M = 1 on CUDA cores: program ``(pid_n, pid_k)`` takes ``WK * JW`` word rows of chunk ``pid_k // (CW / (WK *
     JW))`` for columns ``pid_n * BLOCK_N + [0, BLOCK_N)``: ``WK`` slabs of ``JW`` rows side by side (``[WK,
     BLOCK_N]`` row vectors: with ``BLOCK_N = 128 * num_warps / WK`` each warp owns a slab), the ``JW`` rows of a
@@ -1237,7 +1256,7 @@ def _gemv_sk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, N, swk, 
     y = tl.sum(y2, axis=0)
     offs_m = tl.arange(0, 1)
     _sk_epilogue(y[None, :], offs_m, offs_n, offs_m < 1, n_ok, o_ptr, b_ptr, ws_ptr, cnt_ptr, pid_n,
-                 tl.num_programs(1), N, 0, EPI, HAS_BIAS)
+                 tl.num_programs(1), N, 0, EPI, HAS_BIAS, pid_k, N, KB)
 
 
 @triton.jit
@@ -1305,7 +1324,7 @@ def _tc_sk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, NCH,
            HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
            CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr,
            INPLACE: tl.constexpr, EPI: tl.constexpr, PAIRS: tl.constexpr = False, XOR: tl.constexpr = 0,
-           IS_BF16: tl.constexpr = True, ASM: tl.constexpr = False):
+           IS_BF16: tl.constexpr = True, ASM: tl.constexpr = False, KB: tl.constexpr = 4):
     """2 <= M <= 16 on tensor cores: ``_tc_t``'s per-code dots (``[CW, BLOCK_N]`` word tile per chunk, exact ``q -
     z`` in the activation dtype, ``SWAP``: the weights as the dot's wide M side) over ``CH_SPLIT`` chunks per
     program (1: every chunk its own program), codes read by ``_sk_code`` (``v = f * 2**P - (2**P + off + z)``, one
@@ -1378,7 +1397,7 @@ def _tc_sk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, NCH,
     if SWAP:
         acc = tl.trans(acc)
     _sk_epilogue(acc, offs_m, offs_n, m_ok, n_ok, o_ptr, b_ptr, ws_ptr, cnt_ptr,
-                 pid_m * tl.num_programs(0) + pid_n, tl.num_programs(1), N, som, EPI, HAS_BIAS)
+                 pid_m * tl.num_programs(0) + pid_n, tl.num_programs(1), N, som, EPI, HAS_BIAS, pid_k, M * N, KB)
 
 
 WORDS_TC_MIN_M = 2
@@ -1564,9 +1583,10 @@ def _launch_sk(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
         kernel = _gemv_sk
         meta.update(JW=jw, WK=wk, TILE=cfg.get("TILE", False), EARLY=cfg.get("EARLY", False))
     epi = cfg.get("EPI", 2) if grid[1] > 1 else 0
-    cached = epi == 2 and cfg.get("WS_CACHED", False)
-    ws = _sk_workspace(x2, m * n + grid[0] * grid[2], cached) if epi else out
-    cnt = ws[m * n:m * n + grid[0] * grid[2]].view(torch.int32) if epi else out
+    cached = epi in (2, 3) and cfg.get("WS_CACHED", False)
+    sums = m * n * (grid[1] if epi == 3 else 1)  # EPI 3: one partial per K slice (overwritten, never zeroed)
+    ws = _sk_workspace(x2, sums + grid[0] * grid[2], cached) if epi else out
+    cnt = ws[sums:sums + grid[0] * grid[2]].view(torch.int32) if epi else out
     args = [x2, words, scale, zp, b, out, ws, cnt]
     masks = _sk_masks(bits, signed)
     if cfg["TC"]:
