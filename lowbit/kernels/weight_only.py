@@ -1514,10 +1514,12 @@ def _word_masks(bits: int) -> tuple[int, int]:
     return ((1 << bits) - 1) << (23 - bits), 0x3F800000
 
 
-_SK_WORKSPACE: dict[torch.device, torch.Tensor] = {}
-"""The cached fp32 workspace of ``_launch_sk`` (``WS_CACHED``), per device: kept all-zero between calls by the
-kernels themselves (``EPI`` 2 zeroes what it added and resets its counters), so a GEMV is one launch. Calls that
-share it must not run concurrently (one stream); under torch.compile a fresh zeroed buffer is used instead."""
+_SK_WORKSPACE: dict[tuple[torch.device, str], torch.Tensor] = {}
+"""The cached workspaces of ``_launch_sk`` (``WS_CACHED``), per device and use: ``"cnt"`` the arrival counters and
+``"sum"`` the fp32 sums (``EPI`` 2), both kept all-zero between calls by the kernels themselves (the last program
+zeroes what was added and resets its counter), and ``"part"`` the partials of ``EPI`` 3 (overwritten, never
+zero), so a GEMV is one launch. Calls that share them must not run concurrently (one stream); under torch.compile
+fresh zeroed buffers are used instead."""
 _SK_OUTGROWN: list[torch.Tensor] = []
 """Workspaces a bigger one replaced: kept alive, since a captured CUDA graph may still address them."""
 
@@ -1534,15 +1536,16 @@ def _sk_masks(bits: int, signed: bool) -> tuple[int, ...]:
     return (*pair(23 - bits), *pair(SK_LO), *pair(SK_HI))
 
 
-def _sk_workspace(x2: torch.Tensor, numel: int, cached: bool) -> torch.Tensor:
-    """A zeroed fp32 buffer of at least ``numel``: the cached one where allowed (see ``_SK_WORKSPACE``), else new."""
+def _sk_workspace(x2: torch.Tensor, numel: int, cached: bool, use: str) -> torch.Tensor:
+    """A zeroed fp32 buffer of at least ``numel``: the cached one of ``use`` where allowed (``_SK_WORKSPACE``),
+    else new."""
     if cached and type(x2) is torch.Tensor and not torch.compiler.is_compiling():
-        ws = _SK_WORKSPACE.get(x2.device)
+        ws = _SK_WORKSPACE.get((x2.device, use))
         if ws is None or ws.numel() < numel:
             if ws is not None:
                 _SK_OUTGROWN.append(ws)
             ws = torch.zeros(max(numel, 1 << 20), dtype=torch.float32, device=x2.device)
-            _SK_WORKSPACE[x2.device] = ws
+            _SK_WORKSPACE[(x2.device, use)] = ws
         return ws
     return torch.zeros(numel, dtype=torch.float32, device=x2.device)
 
@@ -1584,9 +1587,11 @@ def _launch_sk(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
         meta.update(JW=jw, WK=wk, TILE=cfg.get("TILE", False), EARLY=cfg.get("EARLY", False))
     epi = cfg.get("EPI", 2) if grid[1] > 1 else 0
     cached = epi in (2, 3) and cfg.get("WS_CACHED", False)
-    sums = m * n * (grid[1] if epi == 3 else 1)  # EPI 3: one partial per K slice (overwritten, never zeroed)
-    ws = _sk_workspace(x2, sums + grid[0] * grid[2], cached) if epi else out
-    cnt = ws[sums:sums + grid[0] * grid[2]].view(torch.int32) if epi else out
+    ws = cnt = out
+    if epi:
+        # EPI 3: one partial per K slice (overwritten, so not the zero-kept sums)
+        ws = _sk_workspace(x2, m * n * (grid[1] if epi == 3 else 1), cached, "part" if epi == 3 else "sum")
+        cnt = _sk_workspace(x2, grid[0] * grid[2], cached, "cnt").view(torch.int32)
     args = [x2, words, scale, zp, b, out, ws, cnt]
     masks = _sk_masks(bits, signed)
     if cfg["TC"]:
