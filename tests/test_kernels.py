@@ -400,3 +400,23 @@ def test_split_k_in_place_codes_keep_fp32_precision():
         wo._launch_words(x, words, s2, z2, None, out, "int4", g, {"SK": True, "TC": False, "BLOCK_M": 1, "JW": 32,
                                                                    "BLOCK_N": 64, "num_warps": 1, "INPLACE": inplace})
         assert _rel(out, ref) <= tol, inplace
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype,group,m", [("int4", 128, 1), ("int4", 128, 16), ("uint4", 0, 5), ("int8", 64, 1)])
+def test_split_k_gemv_through_the_op(device, qdtype, group, m, monkeypatch):
+    """With ``WORDS_SK`` on, the op routes the N-major words to ``_gemv_sk`` / ``_tc_sk`` (``_sk_rule``'s
+    deterministic configs) and agrees with the reference; two calls give the same bits (``EPI`` 3)."""
+    from lowbit.kernels import weight_only as wo
+
+    monkeypatch.setattr(wo, "WORDS_SK", True)
+    n, k = 48, 512
+    q, s, z = _quantized_weight(n, k, qdtype, group, False, device)
+    words, s2, z2 = wo.pack_words(q, s, z, qdtype, group, n_major=True)
+    bits = 4 if qdtype.endswith("4") else 8
+    assert wo.words_config(m, n, k, bits, wo.chunk_words(k, group, bits), True, group)["SK"]
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    bias = torch.randn(n, device=device).to(torch.bfloat16)
+    y = weight_only_linear(x, words, s2, z2, bias, qdtype, group)
+    assert _rel(y, weight_only_linear_ref(x, q, s, z, bias, qdtype, group)) <= TOL[torch.bfloat16]
+    assert torch.equal(weight_only_linear(x, words, s2, z2, bias, qdtype, group), y)

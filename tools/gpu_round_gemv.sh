@@ -18,8 +18,9 @@
 # the next step: the best cc_sk at M = 1 against tinygemm (15.2 µs at 4096x11008 in R1) and 7 µs (3.5x cuBLAS);
 # EPI 3 (deterministic) against EPI 2 (atomics, one launch) and EPI 1 (workspace + cast); ROWS vs EARLY vs TILE
 # vs WK (where the word loads sit, atomics per output); tc_sk PAIRS against 10 µs at M = 16 (2.5x cuBLAS).
-# If a variant wins, put its configs into weight_only._SK_TABLE / _sk_rule, set WORDS_SK = True (EPI 3 if the
-# outputs must stay bit-reproducible: tests/test_kernels.py compares eager and compiled outputs exactly) and rerun
+# If a variant wins, put its configs into weight_only._SK_TABLE / _sk_rule (the rule uses EPI 3 today: outputs
+# stay bit-reproducible, and tests/test_kernels.py compares eager and compiled outputs exactly; EPI 2's atomics
+# do not), set WORDS_SK = True (tests/test_kernels.py::test_split_k_gemv_through_the_op covers that path) and rerun
 # with --set final (FINAL lists) so op_default shows the new default beside the old configs.
 set -u
 OUT=${OUT:-/tmp/gemv_round}

@@ -1455,19 +1455,25 @@ def _t_rule(tc: bool, n: int, nch: int) -> dict:
 
 
 WORDS_SK = False
-"""The N-major words' GEMV at M <= 16: the split-K atomic kernels (``_gemv_sk`` / ``_tc_sk``, configs
-``_SK_TABLE`` / ``_sk_rule``) when True, else the looped kernels (``_gemv_t`` / ``_tc_t``, ``_WORDS_T_TABLE``)."""
+"""The N-major words' GEMV at M <= 16: the split-K kernels (``_gemv_sk`` / ``_tc_sk``, configs ``_SK_TABLE`` /
+``_sk_rule``) when True, else the looped kernels (``_gemv_t`` / ``_tc_t``, ``_WORDS_T_TABLE``). False until an
+H200 round (``tools/gpu_round_gemv.sh``) times them: offline sm_90 SASS (``tools/sass_gemv.py``) has them at 26-29
+(M = 1) and 31-37 (M = 16) instructions per int4 word against 40 and 53 for the looped kernels, with fewer
+registers and no reduce launch, but no GPU has run them yet."""
 
 _SK_TABLE: dict[tuple[str, int, int, int], dict] = {}
-"""Split-K atomic configs keyed by (kind, M bucket, N, K), from the H200 sweep (``tools/bench_gemv.py``)."""
+"""Split-K configs keyed by (kind, M bucket, N, K), from an H200 sweep (``tools/bench_gemv.py``; none yet)."""
 
 
 def _sk_rule(tc: bool) -> dict:
-    """Split-K atomic configs where ``_SK_TABLE`` has no entry."""
+    """Split-K configs where ``_SK_TABLE`` has no entry: the offline SASS's leanest per word without spills
+    (``bench/results/gemv_sass.json``: M = 1 8 rows x 512, 28.6 instructions per word at 128 registers; tensor
+    cores ``PAIRS`` 128 wide, 2 chunks per program, 31.4), finished with ``EPI`` 3: deterministic like the path it
+    would replace (tests compare eager and compiled outputs bit for bit), where ``EPI`` 2's atomics are not."""
     if tc:
-        return {"BLOCK_N": 128, "SWAP": True, "num_warps": 4, "num_stages": 1, "CH_SPLIT": 1, "EPI": 2,
+        return {"BLOCK_N": 128, "SWAP": True, "num_warps": 4, "num_stages": 1, "CH_SPLIT": 2, "EPI": 3,
                 "PAIRS": True, "WS_CACHED": True}
-    return {"JW": 8, "BLOCK_N": 512, "num_warps": 2, "num_stages": 1, "EPI": 2, "WS_CACHED": True}
+    return {"JW": 8, "BLOCK_N": 512, "num_warps": 2, "num_stages": 1, "EPI": 3, "WS_CACHED": True}
 
 
 def words_n_major(n: int, k: int) -> bool:
