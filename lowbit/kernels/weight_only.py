@@ -1045,16 +1045,19 @@ def _tc_pairs(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Split-K with atomics on the N-major words (issue 17). The kernels above are latency-bound: a program walks its
-# K slice step by step, each step a load's latency plus that step's arithmetic, and the partials + reduce launch
-# made more splits stop paying at ~4-16 (18-21 µs at 4096x11008, 4x the byte limit). Here a program takes ONE
+# Split-K with atomics on the N-major words (issue 17). The kernels above reach a quarter of the copy bandwidth: a
+# program walks its K slice step by step (each step a load's latency plus its arithmetic), the partials + reduce
+# launch made more splits stop paying at ~4-16 (18-21 µs at 4096x11008, 4x the byte limit), and the lead's ncu of
+# ``_gemv_t`` there found it issue-bound at low occupancy (168 registers, 18.75% occupancy, Compute (SM) 43.5%,
+# DRAM 25%; ~40 instructions per int4 word in its offline SASS, ``tools/sass_gemv.py``). Here a program takes ONE
 # tile of ``JW`` word rows of one chunk by ``BLOCK_N`` columns (``JW * BLOCK_N * 4`` bytes, 8-64 KB), loads it at
 # once (16-byte vectors coalesced along N; the bytes in flight per SM come from many resident programs, not from a
 # pipeline), and adds its fp32 result into a zeroed fp32 workspace with ``atomic_add``: no partial buffer, no K
 # loop, as many programs along K as the chunks allow. The output is then finished either by a cast kernel
 # (``EPI`` 1) or in the same launch by the last program of each column block (``EPI`` 2: a per-block arrival
 # counter, acq_rel; the last one reads the sums at L2 and zeroes them, adds the bias and stores the output dtype,
-# then resets its counter, so a cached workspace stays zero between calls: one launch per GEMV). Layout: the
+# then resets its counter, so a cached workspace stays zero between calls: one launch per GEMV; ``EPI`` 3: per-slice
+# partials summed in a fixed order by that last program, deterministic where atomics are not). Layout: the
 # N-major words as ``pack_words`` makes them (no repack: a row of words gives each warp 512 contiguous bytes per
 # load, and 128 columns of a row share one scale load).
 # Codes: one LOP3 each, ``f = (t & mask) ^ o`` with ``o`` = 1.0's bits, plus the code's top bit where the codes
