@@ -326,3 +326,95 @@ def test_n_major_words_match_reference(device, qdtype, group, symmetric, m, cfg)
     out = torch.empty(m, n, device=device, dtype=torch.bfloat16)
     wo._launch_words(x, words, s2, z2, None, out, qdtype, group, dict(cfg, num_warps=4, num_stages=2))
     assert _rel(out, weight_only_linear_ref(x, q, s, z, None, qdtype, group)) <= TOL[torch.bfloat16]
+
+
+SK_CASES = [  # qdtype, group, symmetric, M, config of the split-K atomic kernels (_gemv_sk / _tc_sk)
+    ("int4", 128, False, 1, {"TC": False, "JW": 16, "BLOCK_N": 32, "EPI": 2}),
+    ("int4", 128, False, 1, {"TC": False, "JW": 32, "BLOCK_N": 32, "EPI": 1, "INPLACE": False}),
+    ("int4", 64, True, 1, {"TC": False, "JW": 8, "BLOCK_N": 64, "EPI": 2, "WS_CACHED": True}),
+    ("int4", 32, False, 1, {"TC": False, "JW": 8, "BLOCK_N": 32, "EPI": 2, "TILE": True}),
+    ("uint4", 0, False, 1, {"TC": False, "JW": 32, "BLOCK_N": 32, "EPI": 2, "TILE": True, "INPLACE": False}),
+    ("int8", 64, True, 1, {"TC": False, "JW": 16, "BLOCK_N": 32, "EPI": 2}),
+    ("int4", 128, True, 1, {"TC": False, "JW": 8, "BLOCK_N": 32, "EPI": 2, "EARLY": True}),
+    ("int4", 64, False, 1, {"TC": False, "JW": 4, "WK": 4, "BLOCK_N": 32, "EPI": 2, "EARLY": True}),
+    ("uint4", 0, True, 1, {"TC": False, "JW": 8, "WK": 2, "BLOCK_N": 16, "EPI": 2, "WS_CACHED": True}),
+    ("int4", 128, False, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": True, "CH_SPLIT": 1, "EPI": 2,
+                              "WS_CACHED": True}),
+    ("int4", 128, False, 5, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": False, "CH_SPLIT": 2, "EPI": 1}),
+    ("uint4", 0, True, 3, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": True, "CH_SPLIT": 1, "EPI": 2,
+                           "INPLACE": False}),
+    ("int4", 128, True, 2, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": True, "CH_SPLIT": 3, "EPI": 2}),
+    ("int4", 128, False, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": True, "CH_SPLIT": 1, "EPI": 2,
+                              "PAIRS": True}),
+    ("int4", 128, False, 1, {"TC": False, "JW": 8, "BLOCK_N": 32, "EPI": 3, "WS_CACHED": True}),
+    ("int4", 64, True, 9, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": True, "CH_SPLIT": 1, "EPI": 3,
+                           "PAIRS": True}),
+    ("uint4", 0, True, 7, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": False, "CH_SPLIT": 2, "EPI": 2,
+                           "PAIRS": True}),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype,group,symmetric,m,cfg", SK_CASES)
+def test_split_k_atomic_gemv_matches_reference(device, qdtype, group, symmetric, m, cfg):
+    """``_gemv_sk`` / ``_tc_sk`` (split-K over the chunks, fp32 atomics into a workspace, the last program per
+    column block finishing the output) agree with the reference, twice in a row (the cached workspace and the
+    arrival counters are left zero by the first call), with a bias, on both code places (``INPLACE``) and the
+    one-load ``TILE`` form."""
+    from lowbit.kernels import weight_only as wo
+
+    n, k = 40, 768
+    q, s, z = _quantized_weight(n, k, qdtype, group, symmetric, device)
+    words, s2, z2 = wo.pack_words(q, s, z, qdtype, group, n_major=True)
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    bias = torch.randn(n, device=device).to(torch.bfloat16)
+    ref = weight_only_linear_ref(x, q, s, z, bias, qdtype, group)
+    for _ in range(2):
+        out = torch.empty(m, n, device=device, dtype=torch.bfloat16)
+        wo._launch_words(x, words, s2, z2, bias, out, qdtype, group,
+                         dict(cfg, SK=True, BLOCK_M=cfg.get("BLOCK_M", 1), num_warps=4 if cfg["TC"] else 1))
+        assert _rel(out, ref) <= TOL[torch.bfloat16], cfg
+    if cfg.get("WS_CACHED"):  # counters and sums left zero (EPI 3's partials are overwritten by the next call)
+        assert not wo._SK_WORKSPACE[(x.device, "cnt")].any()
+        assert (x.device, "sum") not in wo._SK_WORKSPACE or not wo._SK_WORKSPACE[(x.device, "sum")].any()
+
+
+def test_split_k_in_place_codes_keep_fp32_precision():
+    """The in-place code reading (``INPLACE``: codes at bits 12-15 carry ``2**-11``) stays within 3e-4 of a float64
+    reference when nothing is rounded to bf16 (fp32 activations and output; every code at the mantissa's top:
+    ~1e-6); the bf16 output's own rounding is ~2e-3."""
+    from lowbit.kernels import weight_only as wo
+
+    if not INTERP:
+        pytest.skip("CPU interpreter check (fp32 activations)")
+    torch.manual_seed(0)
+    n, k, g = 64, 2048, 128
+    q, s, z = _quantized_weight(n, k, "int4", g, False, "cpu")
+    words, s2, z2 = wo.pack_words(q, s, z, "int4", g, n_major=True)
+    x = torch.randn(1, k)
+    ref = x.double() @ dequantize(q, s, z, qdtype="int4", axis=1, block_size=g, out_dtype=torch.float64).T
+    for inplace, tol in ((True, 3e-4), (False, 1e-5)):
+        out = torch.empty(1, n)
+        wo._launch_words(x, words, s2, z2, None, out, "int4", g, {"SK": True, "TC": False, "BLOCK_M": 1, "JW": 32,
+                                                                   "BLOCK_N": 64, "num_warps": 1, "INPLACE": inplace})
+        assert _rel(out, ref) <= tol, inplace
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype,group,m", [("int4", 128, 1), ("int4", 128, 16), ("uint4", 0, 5), ("int8", 64, 1)])
+def test_split_k_gemv_through_the_op(device, qdtype, group, m, monkeypatch):
+    """With ``WORDS_SK`` on, the op routes the N-major words to ``_gemv_sk`` / ``_tc_sk`` (``_sk_rule``'s
+    deterministic configs) and agrees with the reference; two calls give the same bits (``EPI`` 3)."""
+    from lowbit.kernels import weight_only as wo
+
+    monkeypatch.setattr(wo, "WORDS_SK", True)
+    n, k = 48, 512
+    q, s, z = _quantized_weight(n, k, qdtype, group, False, device)
+    words, s2, z2 = wo.pack_words(q, s, z, qdtype, group, n_major=True)
+    bits = 4 if qdtype.endswith("4") else 8
+    assert wo.words_config(m, n, k, bits, wo.chunk_words(k, group, bits), True, group)["SK"]
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    bias = torch.randn(n, device=device).to(torch.bfloat16)
+    y = weight_only_linear(x, words, s2, z2, bias, qdtype, group)
+    assert _rel(y, weight_only_linear_ref(x, q, s, z, bias, qdtype, group)) <= TOL[torch.bfloat16]
+    assert torch.equal(weight_only_linear(x, words, s2, z2, bias, qdtype, group), y)

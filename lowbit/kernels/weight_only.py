@@ -31,6 +31,10 @@ Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted i
 - 2 <= M <= 16, tensor cores (``_tc_words``): per chunk and code position one ``[16, CW] x [CW, BLOCK_N]`` dot on
   exact small integers ``q - z`` in the activation dtype (wgmma with the weights as the M side, ``SWAP``), the
   scale on the fp32 partial once per group; split-K with an fp32 partial buffer and a deterministic reduce kernel.
+- N-major words, split-K with atomics (``_gemv_sk`` at M = 1 on CUDA cores, ``_tc_sk`` up to M = 16 on tensor
+  cores; ``SK`` configs): one word tile per program and no K loop, every chunk (or slab of a chunk) its own
+  program, the fp32 results added atomically into a workspace that the last program of each column block turns
+  into the output (one launch); codes one LOP3 each (``_sk_code``), or two per lop3 + packed subtract (``PAIRS``).
 - M > 16: one dequantize kernel (bit-exact ``(q - z) * s`` rounded once) and cuBLAS.
 Configs: ``words_config`` (the H200 sweeps' tables at the decode shapes, ``_WORDS_T_TABLE`` / ``_WORDS_TABLE``,
 a rule elsewhere). Measured (R1, CUDA-graph replay, 4096x11008 int4 g128): M = 1 18.3 µs = 1.35x cuBLAS bf16
@@ -1040,6 +1044,364 @@ def _tc_pairs(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
                    HAS_BIAS)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Split-K with atomics on the N-major words (issue 17). The kernels above reach a quarter of the copy bandwidth: a
+# program walks its K slice step by step (each step a load's latency plus its arithmetic), the partials + reduce
+# launch made more splits stop paying at ~4-16 (18-21 µs at 4096x11008, 4x the byte limit), and the lead's ncu of
+# ``_gemv_t`` there found it issue-bound at low occupancy (168 registers, 18.75% occupancy, Compute (SM) 43.5%,
+# DRAM 25%; ~40 instructions per int4 word in its offline SASS, ``tools/sass_gemv.py``). Here a program takes ONE
+# tile of ``JW`` word rows of one chunk by ``BLOCK_N`` columns (``JW * BLOCK_N * 4`` bytes, 8-64 KB), loads it at
+# once (16-byte vectors coalesced along N; the bytes in flight per SM come from many resident programs, not from a
+# pipeline), and adds its fp32 result into a zeroed fp32 workspace with ``atomic_add``: no partial buffer, no K
+# loop, as many programs along K as the chunks allow. The output is then finished either by a cast kernel
+# (``EPI`` 1) or in the same launch by the last program of each column block (``EPI`` 2: a per-block arrival
+# counter, acq_rel; the last one reads the sums at L2 and zeroes them, adds the bias and stores the output dtype,
+# then resets its counter, so a cached workspace stays zero between calls: one launch per GEMV; ``EPI`` 3: per-slice
+# partials summed in a fixed order by that last program, deterministic where atomics are not). Layout: the
+# N-major words as ``pack_words`` makes them (no repack: a row of words gives each warp 512 contiguous bytes per
+# load, and 128 columns of a row share one scale load).
+# Codes: one LOP3 each, ``f = (t & mask) ^ o`` with ``o`` = 1.0's bits, plus the code's top bit where the codes
+# are signed (two's complement -> offset binary ``u = q + 2**(b-1)`` in the same instruction: no XOR pass), so
+# ``f = 1 + u/2**P``. ``INPLACE`` (int4): a code is read where it lies if its bits sit high enough in the mantissa
+# to keep precision: bits 12-15 (``P`` = 11) and 16-19 (``P`` = 7); one shift serves two codes (``w << 12``: codes
+# 0, 1; ``w``: 3, 4; ``w >> 12``: 6, 7; ``w << 8``: 2; ``w >> 4``: 5): 4 shifts per word instead of 8. Products
+# of the two places go to two accumulators, ``sum x f - sum x = 2**-P sum x u`` (exact algebra); fp32 keeps ~2**-13
+# of a bits-12-15 product's code part (measured ~1e-4 relative in fp32 vs ~1e-6 with every code at the top), far
+# below the bf16 output's 2**-9.
+
+SK_LO, SK_HI = 12, 16
+"""``INPLACE`` code places (bit offsets of a code inside the word, see above)."""
+
+
+@triton.jit
+def _sk_code(wv, i: tl.constexpr, BITS: tl.constexpr, INPLACE: tl.constexpr, m_top, o_top, m_lo, o_lo, m_hi, o_hi):
+    """Code ``i`` of words ``wv`` as fp32 ``f = 1 + u/2**P``; returns ``(f, LO)``, ``LO``: ``P`` = 11 (bits 12-15),
+    else ``P`` = 7 (``INPLACE``) or ``BITS`` (the mantissa's top: ``m_top``/``o_top``)."""
+    LO: tl.constexpr = INPLACE and i % 3 == 0  # codes 0, 3, 6 at bits 12-15; 1, 2, 4, 5, 7 at 16-19
+    SH: tl.constexpr = (12 - 4 * i) if LO else ((16 - 4 * i) if INPLACE else (23 - BITS - BITS * i))
+    if SH > 0:
+        t = wv << SH
+    elif SH < 0:
+        t = wv >> (-SH)
+    else:
+        t = wv
+    if LO:
+        f = ((t & m_lo) ^ o_lo).to(tl.float32, bitcast=True)
+    elif INPLACE:
+        f = ((t & m_hi) ^ o_hi).to(tl.float32, bitcast=True)
+    else:
+        f = ((t & m_top) ^ o_top).to(tl.float32, bitcast=True)
+    return f, LO
+
+
+@triton.jit
+def _sk_place(LO: tl.constexpr, INPLACE: tl.constexpr, BITS: tl.constexpr):
+    """``2**P`` of ``_sk_code``'s ``f = 1 + u/2**P``."""
+    if LO:
+        sp = 2048.0
+    elif INPLACE:
+        sp = 128.0
+    else:
+        sp = (1 << BITS) * 1.0
+    return sp
+
+
+@triton.jit
+def _sk_epilogue(acc, offs_m, offs_n, m_ok, n_ok, o_ptr, b_ptr, ws_ptr, cnt_ptr, cnt_idx, n_k, N, som,
+                 EPI: tl.constexpr, HAS_BIAS: tl.constexpr, k_idx=0, MN=0, KB: tl.constexpr = 8):
+    """``acc`` ``[BLOCK_M, BLOCK_N]`` fp32 of one K slice. ``EPI`` 0: the only slice, stored (+ bias). 1: added into
+    the workspace ``ws`` ``[M, N]`` fp32 (a cast kernel finishes). 2: added, then the last of the ``n_k`` slices
+    of this column block (``cnt`` arrival counter) reads the sums from L2 (``.cg``, after the counter's acquire),
+    zeroes them, stores the output and resets the counter. 3 (deterministic): stored as slice ``k_idx``'s partial
+    (``ws`` ``[n_k, M, N]``, stride ``MN``), and the last program sums the ``n_k`` partials in order, ``KB`` at a
+    time, so the result does not depend on which program finished when."""
+    mask = m_ok[:, None] & n_ok[None, :]
+    if EPI == 0:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+        tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], acc.to(o_ptr.dtype.element_ty), mask=mask)
+    elif EPI == 3:
+        part = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part + k_idx * MN, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial before the one release below
+        arrived = tl.atomic_add(cnt_ptr + cnt_idx, 1, sem="acq_rel")
+        if arrived == n_k - 1:
+            y = tl.zeros_like(acc)
+            offs_kb = tl.arange(0, KB)
+            for k0 in range(0, n_k, KB):
+                kk = k0 + offs_kb
+                y += tl.sum(tl.load(part[None, :, :] + kk[:, None, None] * MN,
+                                    mask=mask[None, :, :] & (kk < n_k)[:, None, None], other=0.0,
+                                    cache_modifier=".cg"), axis=0)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+            tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
+            tl.store(cnt_ptr + cnt_idx, 0)
+    else:
+        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
+        if EPI == 2:
+            tl.debug_barrier()  # every thread's adds before the one release below (the CUTLASS semaphore order)
+            arrived = tl.atomic_add(cnt_ptr + cnt_idx, 1, sem="acq_rel")
+            if arrived == n_k - 1:
+                y = tl.load(ws, mask=mask, other=0.0, cache_modifier=".cg")  # at L2, where the adds are
+                tl.store(ws, tl.zeros_like(acc), mask=mask)
+                if HAS_BIAS:
+                    y += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+                tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
+                tl.store(cnt_ptr + cnt_idx, 0)
+
+
+@triton.jit
+def _group_cz(s_ptr, z_ptr, offs_n, n_ok, g, ssn, ssg, OFF: tl.constexpr, HAS_ZP: tl.constexpr):
+    """Scale and ``off + z`` (fp32 ``[BLOCK_N]``) of group ``g``."""
+    s = tl.load(s_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+    cz = tl.zeros_like(s) + OFF
+    if HAS_ZP:
+        cz += tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+    return s, cz
+
+
+@triton.jit
+def _sk_tile_group(wt, x_ptr, x0, offs_j, s_ptr, z_ptr, offs_n, n_ok, g, ssn, ssg, m_top, o_top, m_lo, o_lo, m_hi,
+                   o_hi, gi: tl.constexpr, GI: tl.constexpr, CW: tl.constexpr, BITS: tl.constexpr,
+                   IP: tl.constexpr, OFF: tl.constexpr, HAS_ZP: tl.constexpr):
+    """``_gemv_sk``'s ``TILE`` group ``gi`` (codes ``gi*GI ..``) of the ``[JW, BLOCK_N]`` word tile ``wt``: the
+    products in a tile-shaped accumulator (one FMA per code; the activation pre-scaled by ``2**(P - BITS)`` so both
+    places share it), one sum over the rows, the group's ``s * (...)`` as ``[BLOCK_N]``."""
+    for ii in tl.static_range(GI):
+        i = gi * GI + ii
+        xi = tl.load(x_ptr + x0 + i * CW + offs_j).to(tl.float32)
+        f, lo = _sk_code(wt, i, BITS, IP, m_top, o_top, m_lo, o_lo, m_hi, o_hi)
+        xw = xi * (_sk_place(lo, IP, BITS) / (1 << BITS))
+        if ii == 0:
+            t = f * xw[:, None]
+            xs = xi
+            xws = xw
+        else:
+            t += f * xw[:, None]
+            xs += xi
+            xws += xw
+    s, cz = _group_cz(s_ptr, z_ptr, offs_n, n_ok, g, ssn, ssg, OFF, HAS_ZP)
+    return s * ((1 << BITS) * (tl.sum(t, axis=0) - tl.sum(xws)) - cz * tl.sum(xs))
+
+
+@triton.jit
+def _gemv_sk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, N, swk, ssn, ssg,
+             m_top, o_top, m_lo, o_lo, m_hi, o_hi,
+             BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
+             HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, CW: tl.constexpr, JW: tl.constexpr,
+             BLOCK_N: tl.constexpr, INPLACE: tl.constexpr, EPI: tl.constexpr, TILE: tl.constexpr = False,
+             EARLY: tl.constexpr = False, WK: tl.constexpr = 1, KB: tl.constexpr = 16):
+    """M = 1 on CUDA cores: program ``(pid_n, pid_k)`` takes ``WK * JW`` word rows of chunk ``pid_k // (CW / (WK *
+    JW))`` for columns ``pid_n * BLOCK_N + [0, BLOCK_N)``: ``WK`` slabs of ``JW`` rows side by side (``[WK,
+    BLOCK_N]`` row vectors: with ``BLOCK_N = 128 * num_warps / WK`` each warp owns a slab), the ``JW`` rows of a
+    slab unrolled, so a code is one LOP3 (``_sk_code``) and one FMA into a per-column accumulator, no reduction over
+    rows until the one sum over the slabs at the end (through shared memory, once per program: ``WK`` slabs cut
+    the atomics per output ``WK``-fold); the activation is one value per (slab, row, code), its load and conversion
+    shared by the thread's columns. Per group ``y += s * (2**P (a - X) - (off + z) X)`` (``a = sum x f`` and ``X =
+    sum x`` per place ``P``). ``EARLY``: every row's load issued first (a preload the loads below are CSE'd into);
+    ``TILE``: the ``WK * JW`` rows in one 2-D load and a sum over rows per group (``_sk_tile_group``)."""
+    PER: tl.constexpr = 32 // BITS
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    IP: tl.constexpr = INPLACE and BITS == 4
+    JT: tl.constexpr = WK * JW  # word rows per program
+    JB: tl.constexpr = CW // JT
+    NG: tl.constexpr = PER // GI
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    c = pid_k // JB
+    r0 = c * CW + (pid_k % JB) * JT  # first word row
+    x0 = c * (PER * CW) + (pid_k % JB) * JT  # its code 0's activation
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    slab = tl.arange(0, WK) * JW
+    y2 = tl.zeros((WK, BLOCK_N), dtype=tl.float32)
+    w_rows = w_ptr + (r0 + slab)[:, None] * swk + offs_n[None, :]
+    if EARLY and not TILE:
+        # every row's load first: the same loads below are CSE'd into these, and the xor keeps them alive
+        seen = tl.zeros((WK, BLOCK_N), dtype=tl.int32)
+        for r in tl.static_range(JW):
+            seen = seen ^ tl.load(w_rows + r * swk, mask=n_ok[None, :], other=0)
+    if TILE:
+        offs_j = tl.arange(0, JT)
+        wt = tl.load(w_ptr + (r0 + offs_j)[:, None] * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
+    for gi in tl.static_range(NG):
+        if GROUP == 0:
+            g = 0
+        else:
+            g = (c * (PER * CW) + gi * GI * CW) // GROUP
+        if TILE:
+            y2 += _sk_tile_group(wt, x_ptr, x0, offs_j, s_ptr, z_ptr, offs_n, n_ok, g, ssn, ssg, m_top, o_top, m_lo,
+                                 o_lo, m_hi, o_hi, gi, GI, CW, BITS, IP, OFF, HAS_ZP)[None, :]
+        else:
+            a_lo = tl.zeros((WK, BLOCK_N), dtype=tl.float32)
+            a_hi = tl.zeros((WK, BLOCK_N), dtype=tl.float32)
+            x_lo = tl.zeros((WK, 1), dtype=tl.float32)
+            x_hi = tl.zeros((WK, 1), dtype=tl.float32)
+            for r in tl.static_range(JW):
+                wv = tl.load(w_rows + r * swk, mask=n_ok[None, :], other=0)  # CSE'd across groups
+                for ii in tl.static_range(GI):
+                    i = gi * GI + ii  # constexpr: static_range indices
+                    xv = tl.load(x_ptr + x0 + i * CW + slab + r).to(tl.float32)[:, None]
+                    f, lo = _sk_code(wv, i, BITS, IP, m_top, o_top, m_lo, o_lo, m_hi, o_hi)
+                    if lo:
+                        a_lo += f * xv
+                        x_lo += xv
+                    else:
+                        a_hi += f * xv
+                        x_hi += xv
+            s, cz = _group_cz(s_ptr, z_ptr, offs_n, n_ok, g, ssn, ssg, OFF, HAS_ZP)
+            t = _sk_place(True, IP, BITS) * (a_lo - x_lo) + _sk_place(False, IP, BITS) * (a_hi - x_hi)
+            y2 += s[None, :] * (t - cz[None, :] * (x_lo + x_hi))
+    if EARLY and not TILE:
+        tl.store(cnt_ptr + offs_n * 0, tl.sum(seen, axis=0), mask=n_ok & (N < 0))  # never: an opaque use only
+    y = tl.sum(y2, axis=0)
+    offs_m = tl.arange(0, 1)
+    _sk_epilogue(y[None, :], offs_m, offs_n, offs_m < 1, n_ok, o_ptr, b_ptr, ws_ptr, cnt_ptr, pid_n,
+                 tl.num_programs(1), N, 0, EPI, HAS_BIAS, pid_k, N, KB)
+
+
+@triton.jit
+def _tc_sk_pairs(acc, wv, x_ptr, offs_m, m_ok, offs_j, c, sxm, s_ptr, z_ptr, offs_n, n_ok, ssn, ssg, s, cz,
+                 XOR: tl.constexpr, GROUP: tl.constexpr, CW: tl.constexpr, SIGNED: tl.constexpr,
+                 HAS_ZP: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr, IS_BF16: tl.constexpr,
+                 ASM: tl.constexpr):
+    """One chunk of ``_tc_sk`` with ``PAIRS``: ``acc`` plus the chunk's two groups (codes 0-3 and 4-7; per channel
+    ``s``/``cz`` for both), each code pair ``(i, i + 4)`` from one ``_pair_codes``."""
+    BASE: tl.constexpr = 128.0 if IS_BF16 else 1024.0
+    OFF: tl.constexpr = 8 if SIGNED else 0
+    if SIGNED:
+        wv = wv ^ XOR
+    s_a = s
+    s_b = s
+    c_a = cz
+    c_b = cz
+    if GROUP != 0:
+        s_a, c_a = _group_cz(s_ptr, z_ptr, offs_n, n_ok, (c * (8 * CW)) // GROUP, ssn, ssg, OFF, HAS_ZP)
+        s_b, c_b = _group_cz(s_ptr, z_ptr, offs_n, n_ok, (c * (8 * CW) + 4 * CW) // GROUP, ssn, ssg, OFF, HAS_ZP)
+    if IS_BF16:
+        bits_a = (c_a + BASE).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        bits_b = (c_b + BASE).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    else:
+        bits_a = (c_a + BASE).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        bits_b = (c_b + BASE).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    ccp = (bits_a | (bits_b << 16))[None, :] + tl.zeros_like(wv)
+    p_a = tl.zeros_like(acc)
+    p_b = tl.zeros_like(acc)
+    for i in tl.static_range(4):
+        lo, hi = _pair_codes(wv >> (4 * i), ccp, c_a, c_b, IS_BF16, ASM)  # codes i, i + 4: [CW, BLOCK_N]
+        x_a = tl.load(x_ptr + offs_m[:, None] * sxm + c * (8 * CW) + i * CW + offs_j[None, :],
+                      mask=m_ok[:, None], other=0.0)
+        x_b = tl.load(x_ptr + offs_m[:, None] * sxm + c * (8 * CW) + (i + 4) * CW + offs_j[None, :],
+                      mask=m_ok[:, None], other=0.0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 holds these values exactly
+            lo = lo.to(tl.float32)
+            hi = hi.to(tl.float32)
+            x_a = x_a.to(tl.float32)
+            x_b = x_b.to(tl.float32)
+            if SWAP:
+                p_a = tl.dot(tl.trans(lo), tl.trans(x_a), p_a, input_precision="ieee")
+                p_b = tl.dot(tl.trans(hi), tl.trans(x_b), p_b, input_precision="ieee")
+            else:
+                p_a = tl.dot(x_a, lo, p_a, input_precision="ieee")
+                p_b = tl.dot(x_b, hi, p_b, input_precision="ieee")
+        else:
+            if SWAP:
+                p_a = tl.dot(tl.trans(lo), tl.trans(x_a), p_a)
+                p_b = tl.dot(tl.trans(hi), tl.trans(x_b), p_b)
+            else:
+                p_a = tl.dot(x_a, lo, p_a)
+                p_b = tl.dot(x_b, hi, p_b)
+    if GROUP == 0:
+        acc += p_a + p_b
+    else:
+        acc += _col_scale(p_a, s_a, SWAP) + _col_scale(p_b, s_b, SWAP)
+    return acc
+
+
+@triton.jit
+def _tc_sk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som,
+           m_top, o_top, m_lo, o_lo, m_hi, o_hi,
+           BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
+           HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+           CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr,
+           INPLACE: tl.constexpr, EPI: tl.constexpr, PAIRS: tl.constexpr = False, XOR: tl.constexpr = 0,
+           IS_BF16: tl.constexpr = True, ASM: tl.constexpr = False, KB: tl.constexpr = 4):
+    """2 <= M <= 16 on tensor cores: ``_tc_t``'s per-code dots (``[CW, BLOCK_N]`` word tile per chunk, exact ``q -
+    z`` in the activation dtype, ``SWAP``: the weights as the dot's wide M side) over ``CH_SPLIT`` chunks per
+    program (1: every chunk its own program), codes read by ``_sk_code`` (``v = f * 2**P - (2**P + off + z)``, one
+    FMA, exact), the K slices summed by ``_sk_epilogue``'s atomics instead of partials and a reduce launch.
+    ``PAIRS`` (int4, groups of 4 code positions or per channel: ``pairs_ok``): codes ``i`` and ``i + 4`` two at a
+    time (``_tc_sk_pairs``: ``_tc_pairs``' lop3 + packed subtract, ~1.4 instructions per code instead of ~3; offline
+    sm_90 SASS 34 vs 57 instructions per word at 128-wide tiles)."""
+    PER: tl.constexpr = 32 // BITS
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
+    IP: tl.constexpr = INPLACE and BITS == 4
+    NCODES: tl.constexpr = 0 if PAIRS else PER  # codes per chunk the generic loop reads (PAIRS: _tc_sk_pairs)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, CW)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    cz = tl.zeros((BLOCK_N,), dtype=tl.float32) + OFF
+    if GROUP == 0:
+        s, cz = _group_cz(s_ptr, z_ptr, offs_n, n_ok, 0, ssn, ssg, OFF, HAS_ZP)
+    c_lo = pid_k * CH_SPLIT
+    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    for c in range(c_lo, c_hi):
+        wv = tl.load(w_ptr + (c * CW + offs_j[:, None]) * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
+        if PAIRS:
+            acc = _tc_sk_pairs(acc, wv, x_ptr, offs_m, m_ok, offs_j, c, sxm, s_ptr, z_ptr, offs_n, n_ok, ssn, ssg,
+                               s, cz, XOR, GROUP, CW, SIGNED, HAS_ZP, UPCAST, SWAP, IS_BF16, ASM)
+        for i in tl.static_range(NCODES):
+            if GROUP != 0 and i % GI == 0:
+                s, cz = _group_cz(s_ptr, z_ptr, offs_n, n_ok, (c * (PER * CW) + i * CW) // GROUP, ssn, ssg, OFF,
+                                  HAS_ZP)
+            xi = tl.load(x_ptr + offs_m[:, None] * sxm + c * (PER * CW) + i * CW + offs_j[None, :],
+                         mask=m_ok[:, None], other=0.0)
+            f, lo = _sk_code(wv, i, BITS, IP, m_top, o_top, m_lo, o_lo, m_hi, o_hi)
+            sp = _sk_place(lo, IP, BITS)
+            v = f * sp - (sp + cz[None, :])  # [CW, BLOCK_N]: f * 2**P = 2**P + u exactly, v = q - z exactly
+            if UPCAST:
+                xo = xi.to(tl.float32)
+            else:
+                v = v.to(xi.dtype)
+                xo = xi
+            if SWAP:
+                a_op = tl.trans(v)
+                b_op = tl.trans(xo)
+            else:
+                a_op = xo
+                b_op = v
+            if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 holds these values exactly
+                d = tl.dot(a_op, b_op, input_precision="ieee")
+            else:
+                d = tl.dot(a_op, b_op)
+            if GROUP == 0:
+                acc += d
+            else:
+                if i % GI == 0:
+                    p = d
+                else:
+                    p += d
+                if i % GI == GI - 1:
+                    acc += _col_scale(p, s, SWAP)
+    if GROUP == 0:
+        acc = _col_scale(acc, s, SWAP)
+    if SWAP:
+        acc = tl.trans(acc)
+    _sk_epilogue(acc, offs_m, offs_n, m_ok, n_ok, o_ptr, b_ptr, ws_ptr, cnt_ptr,
+                 pid_m * tl.num_programs(0) + pid_n, tl.num_programs(1), N, som, EPI, HAS_BIAS, pid_k, M * N, KB)
+
 
 WORDS_TC_MIN_M = 2
 """From this M on (to 16) the word-layout GEMV runs on tensor cores (M padded to a 16-row dot, masked: no extra
@@ -1095,6 +1457,28 @@ def _t_rule(tc: bool, n: int, nch: int) -> dict:
             "SPLIT_K": max(1, min(16, nch, pow2_at_most(max(1, T_TARGET_PROGRAMS // cdiv(n, 64)), 16)))}
 
 
+WORDS_SK = False
+"""The N-major words' GEMV at M <= 16: the split-K kernels (``_gemv_sk`` / ``_tc_sk``, configs ``_SK_TABLE`` /
+``_sk_rule``) when True, else the looped kernels (``_gemv_t`` / ``_tc_t``, ``_WORDS_T_TABLE``). False until an
+H200 round (``tools/gpu_round_gemv.sh``) times them: offline sm_90 SASS (``tools/sass_gemv.py``) has them at 26-29
+(M = 1) and 31-37 (M = 16) instructions per int4 word against 40 and 53 for the looped kernels, with fewer
+registers and no reduce launch, but no GPU has run them yet."""
+
+_SK_TABLE: dict[tuple[str, int, int, int], dict] = {}
+"""Split-K configs keyed by (kind, M bucket, N, K), from an H200 sweep (``tools/bench_gemv.py``; none yet)."""
+
+
+def _sk_rule(tc: bool) -> dict:
+    """Split-K configs where ``_SK_TABLE`` has no entry: the offline SASS's leanest per word without spills
+    (``bench/results/gemv_sass.json``: M = 1 8 rows x 512, 28.6 instructions per word at 128 registers; tensor
+    cores ``PAIRS`` 128 wide, 2 chunks per program, 31.4), finished with ``EPI`` 3: deterministic like the path it
+    would replace (tests compare eager and compiled outputs bit for bit), where ``EPI`` 2's atomics are not."""
+    if tc:
+        return {"BLOCK_N": 128, "SWAP": True, "num_warps": 4, "num_stages": 1, "CH_SPLIT": 2, "EPI": 3,
+                "PAIRS": True, "WS_CACHED": True}
+    return {"JW": 8, "BLOCK_N": 512, "num_warps": 2, "num_stages": 1, "EPI": 3, "WS_CACHED": True}
+
+
 def words_n_major(n: int, k: int) -> bool:
     """The decode layout ``pack_words`` makes for an ``[N, K]`` weight by default."""
     return WORDS_N_MAJOR and (n, k) not in K_MAJOR_SHAPES
@@ -1107,6 +1491,9 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = Fal
     bm = 16 if tc else next_pow2(m)
     per = 32 // bits
     nch = k // (per * cw)
+    if n_major and WORDS_SK:
+        cfg = _SK_TABLE.get(("tc" if tc else "cc", bm, n, k)) or _sk_rule(tc)
+        return dict(cfg, SK=True, BLOCK_M=bm, TC=tc)
     if n_major:
         cfg = _WORDS_T_TABLE.get(("tc" if tc else "cc", bm, n, k)) or _t_rule(tc, n, nch)
         return dict(cfg, BLOCK_M=bm, TC=tc)
@@ -1136,7 +1523,100 @@ def _word_masks(bits: int) -> tuple[int, int]:
     return ((1 << bits) - 1) << (23 - bits), 0x3F800000
 
 
+_SK_WORKSPACE: dict[tuple[torch.device, str], torch.Tensor] = {}
+"""The cached workspaces of ``_launch_sk`` (``WS_CACHED``), per device and use: ``"cnt"`` the arrival counters and
+``"sum"`` the fp32 sums (``EPI`` 2), both kept all-zero between calls by the kernels themselves (the last program
+zeroes what was added and resets its counter), and ``"part"`` the partials of ``EPI`` 3 (overwritten, never
+zero), so a GEMV is one launch. Calls that share them must not run concurrently (one stream); under torch.compile
+fresh zeroed buffers are used instead."""
+_SK_OUTGROWN: list[torch.Tensor] = []
+"""Workspaces a bigger one replaced: kept alive, since a captured CUDA graph may still address them."""
+
+def _sk_masks(bits: int, signed: bool) -> tuple[int, ...]:
+    """``_sk_code``'s (mask, xor) pairs for the mantissa's top, bits 12-15 and 16-19: the xor sets 1.0's bits and
+    flips a signed code's top bit (two's complement -> offset binary). int32 values (run-time: one LOP3 each)."""
+    one = 0x3F800000
+    flip = (1 << (bits - 1)) if signed else 0
+
+    def pair(pos: int) -> tuple[int, int]:
+        m, o = ((1 << bits) - 1) << pos, one | (flip << pos)
+        return tuple(v - (1 << 32) if v >= 1 << 31 else v for v in (m, o))
+
+    return (*pair(23 - bits), *pair(SK_LO), *pair(SK_HI))
+
+
+def _sk_workspace(x2: torch.Tensor, numel: int, cached: bool, use: str) -> torch.Tensor:
+    """A zeroed fp32 buffer of at least ``numel``: the cached one of ``use`` where allowed (``_SK_WORKSPACE``),
+    else new."""
+    if cached and type(x2) is torch.Tensor and not torch.compiler.is_compiling():
+        ws = _SK_WORKSPACE.get((x2.device, use))
+        if ws is None or ws.numel() < numel:
+            if ws is not None:
+                _SK_OUTGROWN.append(ws)
+            ws = torch.zeros(max(numel, 1 << 20), dtype=torch.float32, device=x2.device)
+            _SK_WORKSPACE[(x2.device, use)] = ws
+        return ws
+    return torch.zeros(numel, dtype=torch.float32, device=x2.device)
+
+
+def _launch_sk(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
+    """The split-K atomic kernels (``_gemv_sk`` at M = 1, ``_tc_sk`` above) on N-major words. ``cfg``: ``BLOCK_N``,
+    ``num_warps``; M = 1 ``JW`` (word rows per program, dividing the chunk's ``CW``); tensor cores ``CH_SPLIT``
+    (chunks per program) and ``SWAP``; ``EPI`` (1: workspace + cast kernel, 2: the last program finishes) and
+    ``WS_CACHED`` (EPI 2: the self-cleaning cached workspace instead of a zeroed one per call), ``INPLACE``."""
+    m, k = x2.shape
+    n = words.shape[0]
+    bits = 4 if qdtype in PACKED_QDTYPES else 8
+    signed = (PACKED_QDTYPES | BYTE_QDTYPES)[qdtype]
+    cw = chunk_words(k, group, bits)
+    per = 32 // bits
+    nch = k // (per * cw)
+    bn = cfg["BLOCK_N"]
+    zp = zero_point if zero_point is not None else scale
+    b = bias if bias is not None else scale
+    ssn = scale.stride(0)
+    ssg = scale.stride(1) if scale.dim() == 2 else 0
+    meta = {"BITS": bits, "SIGNED": signed, "GROUP": group, "GI": per if group == 0 else min(per, group // cw),
+            "HAS_ZP": zero_point is not None, "HAS_BIAS": bias is not None, "CW": cw,
+            "BLOCK_N": bn, "INPLACE": cfg.get("INPLACE", True), "num_warps": cfg["num_warps"],
+            "num_stages": cfg.get("num_stages", 1)}
+    if cfg["TC"]:
+        ch = min(cfg.get("CH_SPLIT", 1), nch)
+        grid = (cdiv(n, bn), cdiv(nch, ch), cdiv(m, cfg["BLOCK_M"]))
+        kernel = _tc_sk
+        meta.update(UPCAST=interpreting(), BLOCK_M=cfg["BLOCK_M"], SWAP=cfg["SWAP"])
+        if cfg.get("PAIRS") and pairs_ok(bits, group, cw):
+            meta.update(PAIRS=True, XOR=WORD_XOR[bits], IS_BF16=x2.dtype == torch.bfloat16, ASM=not interpreting())
+    else:
+        check(m == 1, "weight_only_linear", f"_gemv_sk takes M = 1, got {m}")
+        wk = cfg.get("WK", 1)
+        jw = min(cfg.get("JW", cw), cw // wk)
+        grid = (cdiv(n, bn), nch * (cw // (wk * jw)), 1)
+        kernel = _gemv_sk
+        meta.update(JW=jw, WK=wk, TILE=cfg.get("TILE", False), EARLY=cfg.get("EARLY", False))
+    epi = cfg.get("EPI", 2) if grid[1] > 1 else 0
+    cached = epi in (2, 3) and cfg.get("WS_CACHED", False)
+    ws = cnt = out
+    if epi:
+        # EPI 3: one partial per K slice (overwritten, so not the zero-kept sums)
+        ws = _sk_workspace(x2, m * n * (grid[1] if epi == 3 else 1), cached, "part" if epi == 3 else "sum")
+        cnt = _sk_workspace(x2, grid[0] * grid[2], cached, "cnt").view(torch.int32)
+    args = [x2, words, scale, zp, b, out, ws, cnt]
+    masks = _sk_masks(bits, signed)
+    if cfg["TC"]:
+        launcher(x2, kernel)[grid](*args, m, n, nch, ch, x2.stride(0), words.stride(1), ssn, ssg, out.stride(0),
+                                   *masks, EPI=epi, **meta)
+    else:
+        launcher(x2, kernel)[grid](*args, n, words.stride(1), ssn, ssg, *masks, EPI=epi, **meta)
+    if epi == 1:
+        launcher(x2, _splitk_reduce)[(cdiv(m * n, 1024),)](ws, b, out, m * n, n, SPLIT=1,
+                                                            HAS_BIAS=bias is not None, BLOCK=1024)
+    return out
+
+
 def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
+    if cfg.get("SK"):
+        return _launch_sk(x2, words, scale, zero_point, bias, out, qdtype, group, cfg)
     m, k = x2.shape
     n = words.shape[0]
     bits = 4 if qdtype in PACKED_QDTYPES else 8
