@@ -62,11 +62,12 @@ def _sort_key(row: dict, keys: tuple[str, ...]) -> tuple:
 
 
 def _keep(row: dict, data: dict, filters: str) -> bool:
-    """Whether ``row`` passes every ``key=value`` / ``key~substring`` filter (``device`` falls back to the file's)."""
+    """Whether ``row`` passes every ``key=value`` / ``key~substring`` filter (``device`` falls back to the file's);
+    ``key=a|b`` keeps either value."""
     for f in filters.split():
         key, op, want = re.match(r"(\w+)([=~])(.*)", f).groups()  # type: ignore[union-attr]
         have = str(row.get(key, data.get(key, "")))
-        if (op == "=" and have != want) or (op == "~" and want not in have):
+        if (op == "=" and have not in want.split("|")) or (op == "~" and want not in have):
             return False
     return True
 
