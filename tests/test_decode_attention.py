@@ -195,3 +195,63 @@ def test_triton_kernel_real_layout_matches_reference():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+# v3 (tensor cores, lowbit.kernels.decode_attention_tc): (bits, q heads, kv heads, v_group, launch) at head dim 128,
+# key blocks of 32; float16 MMA operands, so 2e-3 (the scores' float16 query carries ~11 bits)
+TC_CASES = [(4, 8, 2, 32, {"variant": "v3", "split": 64}), (2, 8, 2, 16, {"variant": "v3"}),
+            (8, 4, 4, 32, {"variant": "v3", "split": 96}), (4, 4, 4, 32, {"variant": "v3", "asm": False}),
+            (4, 6, 2, 32, {"variant": "v3", "num_warps": 4})]
+
+
+def _check_tc(bits: int, hq: int, hkv: int, v_group: int, **launch) -> None:
+    g = torch.Generator().manual_seed(bits + hq)
+    b, d, s = 2, 128, 192
+    k, v = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
+    q = torch.randn(b, hq, d, generator=g)
+    k[:, :, :, 5] *= 8  # an outlier channel: its own key scale
+    kc, ks, kz = da.quantize_keys(k, bits, 32)
+    vc, vs, vz = da.quantize_values(v, bits, v_group)
+    float_valid = torch.ones(b, 8, dtype=torch.bool)
+    float_valid[1, 3:] = False
+    kw = dict(bits=bits, lo=torch.tensor([1, 5]), hi=torch.tensor([s - 16, s - 70]), k_float=k[:, :, -8:],
+              v_float=v[:, :, -8:], float_valid=float_valid)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for scale_dtype in (torch.float16, torch.float32):
+        args = [t.to(dev) for t in (q, kc, ks.to(scale_dtype), kz, vc, vs.to(scale_dtype), vz)]
+        kwd = {key: t.to(dev) if isinstance(t, torch.Tensor) else t for key, t in kw.items()}
+        torch.testing.assert_close(da.decode_attention(*args, **launch, **kwd),
+                                   da.decode_attention_reference(*args, **kwd), rtol=2e-3, atol=2e-3)
+
+
+def test_tensor_core_kernel_matches_reference():
+    """v3 over the kv8 / kv4 / kv2 layouts: GQA groups of 4 and 3 (padded to 16 MMA rows), MHA, chunks that start
+    inside a key block, the inline-PTX dequantization's Triton twin (``asm=False``), float16 and float32 scales
+    (TRITON_INTERPRET=1 on CPU runs the twin, which rounds exactly as the PTX does)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        for *case, launch in TC_CASES:
+            _check_tc(*case, **launch)
+        return
+    root = Path(__file__).resolve().parents[1]
+    code = ("import tests.test_decode_attention as t\n"
+            "for *case, launch in t.TC_CASES:\n    t._check_tc(*case, **dict(launch))\nprint('ok')")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_dequant_ptx_matches_its_triton_twin():
+    """The PTX strings' masks and operand numbering, checked in Python: pair r of a word takes fields r and
+    r + R, as ``_pair_ref`` (the interpreter's path) does."""
+    from lowbit.kernels.decode_attention_tc import dequant_asm
+
+    for bits in (8, 4, 2):
+        asm, con = dequant_asm(bits)
+        perw, r_n = 32 // bits, 16 // bits
+        assert con.count("=h") == perw and con.count(",r") == 1 + 2 * r_n
+        for r in range(r_n):
+            field = ((1 << bits) - 1) << (bits * (r % (8 // bits)))
+            assert f"lop3.b32 t{r}, {'$' + str(perw) if r < 8 // bits else 'hw'}, {field | field << 16:#010x}" in asm
+        codes, ccon = dequant_asm(bits, scaled=False)
+        assert "mul.f16x2" not in codes and ccon.count(",r") == 2

@@ -679,6 +679,8 @@ VARIANT_CONFIGS = {
     "v2": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None,
            "vchain": True},
     "v2p": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": 1},
+    "v3": {"num_warps": 2, "split": None, "block_n": None, "num_stages": 1, "chunk": None, "asm": True,
+           "waves": 8},
 }
 """Each variant's launch when the caller names the variant but not the option. v1: 4 warps, 32-token steps, 16
 channels per thread chunk (the previous session's fastest on the H200 for int4 and int2 with float16 scales:
@@ -742,12 +744,13 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      sm_scale: float | None = None, split: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
                      chunk: int | None = None, variant: str | None = None, heads: int | None = None,
-                     vchain: bool | None = None) -> torch.Tensor:
+                     vchain: bool | None = None, asm: bool | None = None, waves: int | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
     ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole key
     blocks / steps); ``block_n``: tokens per inner step (v2: clamped to one key block, at least one row per token
     thread); ``chunk``: channels per thread; ``heads`` (v2): query heads per program (a divisor of the GQA
-    group: each code is unpacked once for all of them)."""
+    group: each code is unpacked once for all of them); v3 (``decode_attention_tc``): ``asm`` (the inline-PTX
+    dequantization, else Triton ops), ``waves`` (the default split aims at this many programs per SM)."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
@@ -758,6 +761,17 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     if variant not in VARIANT_CONFIGS:
         raise ValueError(f"decode_attention: variant={variant!r} (one of {sorted(VARIANT_CONFIGS)})")
     base = DEFAULT_CONFIG if variant == DEFAULT_CONFIG["variant"] else VARIANT_CONFIGS[variant]
+    q = q.contiguous()
+    lo32, hi32 = lo.to(torch.int32).contiguous(), hi.clamp(max=s).to(torch.int32).contiguous()  # never past the cache
+    if variant == "v3":
+        from lowbit.kernels.decode_attention_tc import launch_tc
+
+        num_stages = num_stages if num_stages is not None else base["num_stages"]
+        acc, m, den, n_split = launch_tc(
+            q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, bits=bits, k_block=k_block,
+            v_group=v_group, groups=groups, qk_scale=qk_scale, split=split, num_warps=num_warps or base["num_warps"],
+            num_stages=num_stages, asm=base["asm"] if asm is None else asm, waves=waves or base["waves"])
+        return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale)
     block_n = block_n or base["block_n"]
     num_warps = num_warps or base["num_warps"]
     if block_n & (block_n - 1) or block_n < 1 or num_warps & (num_warps - 1):
@@ -767,8 +781,6 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         raise ValueError(f"chunk={chunk} must be a power of two")
     num_stages = num_stages if num_stages is not None else base["num_stages"]
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    q = q.contiguous()
-    lo32, hi32 = lo.to(torch.int32).contiguous(), hi.clamp(max=s).to(torch.int32).contiguous()  # never past the cache
     if variant == "v1":
         chunk = max(8 // bits, min(chunk, v_group, d))
         step = max(block_n, k_block)  # the kernel's iteration: one key block, or one step of several

@@ -1,0 +1,341 @@
+"""Decode attention over the packed KV cache on tensor cores (``decode_attention(..., variant="v3")``): one program
+per (sequence, kv head, chunk of the context) computes every query head of the kv head's group at once, so each
+key/value block is read and dequantized once for the whole group (issue 18: the v2 kernel's grouped form re-did
+the per-code FFMAs for each head and ran 32 q / 8 kv heads at 0.36x bf16 SDPA).
+
+Per key block (``K_BLOCK`` tokens), with the group's queries as the rows of an MMA (``GM``: the group padded to 16):
+
+* keys: the int32 words are dequantized to float16 ``(u - z) * s`` (``_dequant``: per pair of codes one LOP3
+  that puts the two fields in the mantissas of ``1024.0``, one HSUB2 of ``1024 + z`` (exact), one HMUL2 by the
+  scale; the field's bit offset ``2**e`` is divided out of the scale), then ``S = Q K^T`` on tensor cores;
+* values: the same dequantization with the token's scale and zero, then ``O += P V``.
+
+A word's codes come out as register pairs ``(c_r, c_{r + P/2})`` (``P`` codes per word): the kernel keeps that
+order (``PERM``) as its channel order, so no register moves repack them; the query is loaded and the output
+stored through the same permutation. Operands are float16 (11-bit significands: a score's error is ~1e-4 of its
+size; the interpreter reproduces the rounding exactly), products accumulate in float32.
+
+The kernel writes flash-decoding partials in ``decode_attention``'s format; ``_reduce_kernel`` merges them with
+the float buffer. ``ASM=False`` (the interpreter, and a sweep option) computes the same float16 values with Triton
+integer ops and float16 arithmetic instead of the inline PTX.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+
+def dequant_asm(bits: int, scaled: bool = True) -> tuple[str, str]:
+    """PTX and constraints of one word's dequantization: inputs ``$w`` (the int32 word), one biased-zero pair and
+    one scale pair per output register pair; outputs the ``32 / bits`` codes as float16 bits, pair ``r`` =
+    fields ``(r, r + R)`` where ``R = 16 / bits`` is the number of pairs. ``scaled=False``: one input pair (the
+    bias ``1024.0``) subtracted from every pair, no scales."""
+    perw = 32 // bits
+    r_n = perw // 2
+    per_byte = 8 // bits
+    n_out = perw
+    w = f"${n_out}"
+    lines = ["{", ".reg .b32 hw, " + ", ".join(f"t{r}" for r in range(r_n)) + ";", f"shr.u32 hw, {w}, 8;"]
+    for r in range(r_n):
+        sh = 8 * (r // per_byte)
+        field = ((1 << bits) - 1) << (bits * (r % per_byte))
+        mask = field | (field << 16)
+        src = w if sh == 0 else "hw"
+        lines.append(f"lop3.b32 t{r}, {src}, {mask:#010x}, 0x64006400, 0xEA;")
+    for r in range(r_n):
+        lines.append(f"sub.f16x2 t{r}, t{r}, ${n_out + 1 + (r if scaled else 0)};")
+    for r in range(r_n if scaled else 0):
+        lines.append(f"mul.f16x2 t{r}, t{r}, ${n_out + 1 + r_n + r};")
+    for r in range(r_n):
+        lines.append(f"mov.b32 {{${2 * r}, ${2 * r + 1}}}, t{r};")
+    lines.append("}")
+    constraints = ",".join(["=h"] * n_out + ["r"] * (1 + (2 * r_n if scaled else 1)))
+    return "\n".join(lines), constraints
+
+
+if triton is not None:
+    _ASM8, _CON8 = (tl.constexpr(x) for x in dequant_asm(8))
+    _ASM4, _CON4 = (tl.constexpr(x) for x in dequant_asm(4))
+    _ASM2, _CON2 = (tl.constexpr(x) for x in dequant_asm(2))
+    _CODES8, _CCON8 = (tl.constexpr(x) for x in dequant_asm(8, scaled=False))
+    _CODES4, _CCON4 = (tl.constexpr(x) for x in dequant_asm(4, scaled=False))
+    _CODES2, _CCON2 = (tl.constexpr(x) for x in dequant_asm(2, scaled=False))
+    ONE2 = tl.constexpr(0x3C003C00)  # float16 pair (1.0, 1.0)
+
+    @triton.jit
+    def _pair_mult(r, BITS: tl.constexpr):
+        """``2**e`` of pair ``r``'s fields (int32): pair r's low field sits at bit ``BITS * (r % (8 / BITS))``."""
+        PB: tl.constexpr = 8 // BITS
+        return 1 << (BITS * (r % PB))
+
+    @triton.jit
+    def _half_bits(x):
+        """float32 ``x`` -> its float16 bits in the low half of an int32."""
+        return x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+    @triton.jit
+    def _pair_ref(w, zbp, sp, r: tl.constexpr, BITS: tl.constexpr):
+        """Pair ``r`` of ``_dequant`` in Triton ops: the same float16 values as the PTX."""
+        PB: tl.constexpr = 8 // BITS
+        SH: tl.constexpr = 8 * (r // PB)
+        FIELD: tl.constexpr = ((1 << BITS) - 1) << (BITS * (r % PB))
+        t = ((w >> SH) & (FIELD | (FIELD << 16))) | 0x64006400
+        lo = (t & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (t >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        zlo = (zbp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        zhi = (zbp >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        slo = (sp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        shi = (sp >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        return (lo - zlo) * slo, (hi - zhi) * shi
+
+    @triton.jit
+    def _cat(a, b):
+        """``[..., n]`` twice -> ``[..., 2n]`` alternating (in-thread): a list ``L`` comes out in order as
+        ``_cat(order(L[0::2]), order(L[1::2]))``, recursively."""
+        return tl.interleave(a, b)
+
+    @triton.jit
+    def _dequant(w, z0, z1, z2, z3, z4, z5, z6, z7, s0, s1, s2, s3, s4, s5, s6, s7, BITS: tl.constexpr,
+                 ASM: tl.constexpr):
+        """int32 words ``[...]`` -> float16 ``[..., 32 / BITS]`` in ``PERM`` order: pair ``r`` (fields ``r`` and
+        ``r + R``) minus its biased zeros ``z_r`` and times its scales ``s_r`` (both packed float16 pairs, shaped
+        like ``w``; pairs past ``R = 16 / BITS`` are ignored)."""
+        if BITS == 8:
+            if ASM:
+                o0, o1, o2, o3 = tl.inline_asm_elementwise(_ASM8, _CON8, [w, z0, z1, s0, s1],
+                                                           dtype=(tl.int16,) * 4, is_pure=True, pack=1)
+                a0, b0 = o0.to(tl.float16, bitcast=True), o1.to(tl.float16, bitcast=True)
+                a1, b1 = o2.to(tl.float16, bitcast=True), o3.to(tl.float16, bitcast=True)
+            else:
+                a0, b0 = _pair_ref(w, z0, s0, 0, BITS)
+                a1, b1 = _pair_ref(w, z1, s1, 1, BITS)
+            out = _cat(_cat(a0, a1), _cat(b0, b1))
+        elif BITS == 4:
+            if ASM:
+                o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                    _ASM4, _CON4, [w, z0, z1, z2, z3, s0, s1, s2, s3], dtype=(tl.int16,) * 8, is_pure=True,
+                    pack=1)
+                a0, b0 = o0.to(tl.float16, bitcast=True), o1.to(tl.float16, bitcast=True)
+                a1, b1 = o2.to(tl.float16, bitcast=True), o3.to(tl.float16, bitcast=True)
+                a2, b2 = o4.to(tl.float16, bitcast=True), o5.to(tl.float16, bitcast=True)
+                a3, b3 = o6.to(tl.float16, bitcast=True), o7.to(tl.float16, bitcast=True)
+            else:
+                a0, b0 = _pair_ref(w, z0, s0, 0, BITS)
+                a1, b1 = _pair_ref(w, z1, s1, 1, BITS)
+                a2, b2 = _pair_ref(w, z2, s2, 2, BITS)
+                a3, b3 = _pair_ref(w, z3, s3, 3, BITS)
+            out = _cat(_cat(_cat(a0, a2), _cat(a1, a3)), _cat(_cat(b0, b2), _cat(b1, b3)))
+        else:
+            if ASM:
+                o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = tl.inline_asm_elementwise(
+                    _ASM2, _CON2, [w, z0, z1, z2, z3, z4, z5, z6, z7, s0, s1, s2, s3, s4, s5, s6, s7],
+                    dtype=(tl.int16,) * 16, is_pure=True, pack=1)
+                a0, b0 = o0.to(tl.float16, bitcast=True), o1.to(tl.float16, bitcast=True)
+                a1, b1 = o2.to(tl.float16, bitcast=True), o3.to(tl.float16, bitcast=True)
+                a2, b2 = o4.to(tl.float16, bitcast=True), o5.to(tl.float16, bitcast=True)
+                a3, b3 = o6.to(tl.float16, bitcast=True), o7.to(tl.float16, bitcast=True)
+                a4, b4 = o8.to(tl.float16, bitcast=True), o9.to(tl.float16, bitcast=True)
+                a5, b5 = o10.to(tl.float16, bitcast=True), o11.to(tl.float16, bitcast=True)
+                a6, b6 = o12.to(tl.float16, bitcast=True), o13.to(tl.float16, bitcast=True)
+                a7, b7 = o14.to(tl.float16, bitcast=True), o15.to(tl.float16, bitcast=True)
+            else:
+                a0, b0 = _pair_ref(w, z0, s0, 0, BITS)
+                a1, b1 = _pair_ref(w, z1, s1, 1, BITS)
+                a2, b2 = _pair_ref(w, z2, s2, 2, BITS)
+                a3, b3 = _pair_ref(w, z3, s3, 3, BITS)
+                a4, b4 = _pair_ref(w, z4, s4, 4, BITS)
+                a5, b5 = _pair_ref(w, z5, s5, 5, BITS)
+                a6, b6 = _pair_ref(w, z6, s6, 6, BITS)
+                a7, b7 = _pair_ref(w, z7, s7, 7, BITS)
+            out = _cat(_cat(_cat(_cat(a0, a4), _cat(a2, a6)), _cat(_cat(a1, a5), _cat(a3, a7))),
+                       _cat(_cat(_cat(b0, b4), _cat(b2, b6)), _cat(_cat(b1, b5), _cat(b3, b7))))
+        return out
+
+    @triton.jit
+    def _codes(w, BITS: tl.constexpr, ASM: tl.constexpr):
+        """int32 words ``[...]`` -> float16 ``[..., 32 / BITS]`` in ``PERM`` order: each field's ``u * 2**e``
+        (exact; the query carries the scales and ``2**-e``): one LOP3 and one HSUB2 per pair."""
+        c = 0x64006400 + tl.zeros_like(w)
+        if ASM:
+            if BITS == 8:
+                o0, o1, o2, o3 = tl.inline_asm_elementwise(_CODES8, _CCON8, [w, c], dtype=(tl.int16,) * 4,
+                                                           is_pure=True, pack=1)
+                out = _cat(_cat(o0, o2), _cat(o1, o3))
+            elif BITS == 4:
+                o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(_CODES4, _CCON4, [w, c],
+                                                                           dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+                out = _cat(_cat(_cat(o0, o4), _cat(o2, o6)), _cat(_cat(o1, o5), _cat(o3, o7)))
+            else:
+                o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = tl.inline_asm_elementwise(
+                    _CODES2, _CCON2, [w, c], dtype=(tl.int16,) * 16, is_pure=True, pack=1)
+                out = _cat(_cat(_cat(_cat(o0, o8), _cat(o4, o12)), _cat(_cat(o2, o10), _cat(o6, o14))),
+                           _cat(_cat(_cat(o1, o9), _cat(o5, o13)), _cat(_cat(o3, o11), _cat(o7, o15))))
+            out = out.to(tl.float16, bitcast=True)
+        else:
+            one = ONE2 + tl.zeros_like(w)
+            out = _dequant(w, c, c, c, c, c, c, c, c, one, one, one, one, one, one, one, one, BITS, False)
+        return out
+
+    @triton.jit
+    def _value_pair(vz, vs, r: tl.constexpr, BITS: tl.constexpr):
+        """Pair ``r``'s packed biased zeros and scales from a token group's zero ``vz`` (int32) and scale ``vs``
+        (float32): both fields share them."""
+        m = _pair_mult(r, BITS)
+        h = _half_bits(vs * (1.0 / m))
+        return 0x64006400 + (m * vz) * 0x10001, h | (h << 16)
+
+    @triton.jit
+    def _perm_chan(l, BITS: tl.constexpr):
+        """Logical column ``l`` of a dequantized tile -> its channel (``PERM`` within each word)."""
+        PERW: tl.constexpr = 32 // BITS
+        R: tl.constexpr = PERW // 2
+        j = l % PERW
+        return (l - j) + j // 2 + (j % 2) * R
+
+    @triton.jit(do_not_specialize=["s_ab", "s_ah", "s_as", "s_mb", "s_mh"])
+    def _split_kernel_tc(
+        Q, KW, KS, KZ, VW, VS, VZ, LO, HI, ACC, M, L,
+        s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh,
+        s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split,
+        HQ: tl.constexpr, GROUPS: tl.constexpr, GM: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, ASM: tl.constexpr,
+    ):
+        """One (sequence, kv head, chunk): the group's ``GROUPS`` query heads (rows ``[GM, ...]``, padded) over the
+        chunk's quantized tokens in ``[lo, hi)``, one key block per iteration (see the module docstring)."""
+        pid_h = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        HKV: tl.constexpr = HQ // GROUPS
+        b = pid_h // HKV
+        kvh = pid_h % HKV
+        PERW: tl.constexpr = 32 // BITS
+        DW: tl.constexpr = D // PERW
+        NG: tl.constexpr = D // V_GROUP
+        WPG: tl.constexpr = DW // NG  # words of one value group
+        rows = tl.arange(0, GM)
+        cols = _perm_chan(tl.arange(0, D), BITS)  # [D] logical column -> channel
+        tn = tl.arange(0, K_BLOCK)
+        word = tl.arange(0, DW)[None, :]  # [1, DW]
+        kw_off = tn[:, None] * DW + word  # [BN, DW]
+        g3 = tl.arange(0, NG)[None, :, None]
+        vw_off = tn[:, None, None] * DW + g3 * WPG + tl.arange(0, WPG)[None, None, :]  # [BN, NG, WPG]
+        vg_off = tn[:, None, None] * NG + g3  # [BN, NG, 1]
+        lo = tl.load(LO + b)
+        hi = tl.load(HI + b)
+        start = (tl.maximum(pid_s * split, lo) // K_BLOCK) * K_BLOCK
+        end = tl.minimum(pid_s * split + split, hi)
+        kw_base = KW + b * s_kcb + kvh * s_kch
+        vw_base = VW + b * s_vcb + kvh * s_vch
+        ks_base = KS + b * s_ksb + kvh * s_ksh
+        kz_base = KZ + b * s_ksb + kvh * s_ksh
+        vs_base = VS + b * s_vsb + kvh * s_vsh
+        vz_base = VZ + b * s_vsb + kvh * s_vsh
+        heads = kvh * GROUPS + rows
+        hmask = rows < GROUPS
+        q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + cols[None, :], mask=hmask[:, None], other=0.0)
+        qf = q.to(tl.float32) * qk_scale  # [GM, D]
+        mcol = _pair_mult(((tl.arange(0, D) % PERW) // 2) % (16 // BITS), BITS).to(tl.float32)  # [D] 2**e
+        inv_m = 1.0 / mcol
+        m_i = tl.full([GM], -float("inf"), dtype=tl.float32)
+        l_i = tl.zeros([GM], dtype=tl.float32)
+        acc = tl.zeros([GM, D], dtype=tl.float32)
+        vzero = tl.zeros([K_BLOCK, NG, 1], dtype=tl.int32)
+        for n0 in range(start, end, K_BLOCK):
+            tok = n0 + tn
+            valid = (tok >= lo) & (tok < end)
+            # keys: the block's scales (and the fields' 2**-e) folded into the query, its zeros into one
+            # correction per head (from the same float16 query, so the two cancel exactly)
+            kb = (n0 // K_BLOCK) * D + cols
+            ks = tl.load(ks_base + kb).to(tl.float32)
+            kzm = tl.load(kz_base + kb).to(tl.float32) * mcol  # [D] z * 2**e
+            qs = (qf * (ks * inv_m)[None, :]).to(tl.float16)  # [GM, D]
+            corr = tl.sum(qs.to(tl.float32) * kzm[None, :], 1)  # [GM]
+            kx = tl.load(kw_base + n0 * DW + kw_off, mask=valid[:, None], other=0)  # [BN, DW]
+            k16 = tl.reshape(_codes(kx, BITS, ASM), [K_BLOCK, D])  # u * 2**e
+            s = tl.dot(qs, tl.trans(k16)) - corr[:, None]  # [GM, BN], log2 units
+            s = tl.where(valid[None, :], s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            # values: per (token, group) pairs, shared by the fields of one multiplier
+            vmask = valid[:, None, None]
+            vx = tl.load(vw_base + n0 * DW + vw_off, mask=vmask, other=0)  # [BN, NG, WPG]
+            vz = tl.load(vz_base + n0 * NG + vg_off, mask=vmask, other=0).to(tl.int32)  # [BN, NG, 1]
+            vs = tl.load(vs_base + n0 * NG + vg_off, mask=vmask, other=0.0).to(tl.float32)
+            vz0, vp0 = _value_pair(vz, vs, 0, BITS)
+            if BITS == 8:
+                vz1, vp1 = vz0, vp0
+                vz2, vp2, vz3, vp3 = vzero, vzero, vzero, vzero
+            else:
+                vz1, vp1 = _value_pair(vz, vs, 1, BITS)
+                if BITS == 4:
+                    vz2, vp2, vz3, vp3 = vz0, vp0, vz1, vp1
+                else:
+                    vz2, vp2 = _value_pair(vz, vs, 2, BITS)
+                    vz3, vp3 = _value_pair(vz, vs, 3, BITS)
+            bv: tl.constexpr = [K_BLOCK, NG, WPG]
+            z0, z1, z2, z3 = (tl.broadcast_to(vz0, bv), tl.broadcast_to(vz1, bv), tl.broadcast_to(vz2, bv),
+                              tl.broadcast_to(vz3, bv))
+            p0, p1, p2, p3 = (tl.broadcast_to(vp0, bv), tl.broadcast_to(vp1, bv), tl.broadcast_to(vp2, bv),
+                              tl.broadcast_to(vp3, bv))
+            v16 = _dequant(vx, z0, z1, z2, z3, z0, z1, z2, z3, p0, p1, p2, p3, p0, p1, p2, p3, BITS, ASM)
+            v16 = tl.reshape(v16, [K_BLOCK, D])
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16)
+        a_ptr = ACC + b * s_ab + pid_s * s_as + heads[:, None] * s_ah + cols[None, :]
+        tl.store(a_ptr, acc, mask=hmask[:, None])
+        tl.store(M + b * s_mb + heads * s_mh + pid_s, m_i, mask=hmask)
+        tl.store(L + b * s_mb + heads * s_mh + pid_s, l_i, mask=hmask)
+
+
+def tc_supported(d: int, bits: int, k_block: int, v_group: int) -> str | None:
+    """Why the v3 kernel cannot read this layout (None: it can)."""
+    if k_block < 16 or d < 16:
+        return f"k_block {k_block} and head_dim {d} must be >= 16 (tensor-core tiles)"
+    if v_group * bits < 32:
+        return f"a value group of {v_group} {bits}-bit codes is less than one 32-bit word"
+    return None
+
+
+def launch_tc(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, *, bits, k_block, v_group, groups,
+              qk_scale, split, num_warps, num_stages, asm, waves):
+    """Run ``_split_kernel_tc``: grid ``(B * Hkv, chunks)``; returns ``decode_attention``'s partials."""
+    import os
+
+    import torch
+
+    from lowbit.kernels.decode_attention import _default_split
+
+    b, hq, d = q.shape
+    hkv, s = k_codes.shape[1], k_codes.shape[2]
+    why = tc_supported(d, bits, k_block, v_group)
+    if why:
+        raise ValueError(f"decode_attention variant v3: {why}")
+    for name, t, row in (("k_codes", k_codes, d * bits // 8), ("v_codes", v_codes, d * bits // 8),
+                         ("k_scale", k_scale, d), ("v_scale", v_scale, d // v_group)):
+        if t.stride(-2) != row:
+            raise ValueError(f"decode_attention: {name} {tuple(t.shape)} stride {t.stride()}: rows must be packed")
+    if split is None:
+        split = _default_split(s, b * hkv, k_block, target=waves * 132)
+    split = max(k_block, triton.cdiv(split, k_block) * k_block)
+    n_split = triton.cdiv(s, split)
+    acc = torch.empty(b, hq, n_split, d, device=q.device, dtype=torch.float32)
+    m = torch.empty(b, hq, n_split, device=q.device, dtype=torch.float32)
+    den = torch.empty_like(m)
+    kw, vw = k_codes.view(torch.int32), v_codes.view(torch.int32)
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    extra = {} if num_stages is None else {"num_stages": num_stages}
+    _split_kernel_tc[(b * hkv, n_split)](
+        q, kw, k_scale, k_zero, vw, v_scale, v_zero, lo32, hi32, acc, m, den,
+        q.stride(0), q.stride(1), kw.stride(0), kw.stride(1), k_scale.stride(0), k_scale.stride(1),
+        vw.stride(0), vw.stride(1), v_scale.stride(0), v_scale.stride(1),
+        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), qk_scale, split,
+        HQ=hq, GROUPS=groups, GM=max(16, triton.next_power_of_2(groups)), D=d, BITS=bits, K_BLOCK=k_block,
+        V_GROUP=v_group, ASM=bool(asm) and not interpret, num_warps=num_warps, **extra)
+    return acc, m, den, n_split
