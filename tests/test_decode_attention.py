@@ -201,7 +201,7 @@ def test_triton_kernel_real_layout_matches_reference():
 # key blocks of 32; float16 MMA operands, so 2e-3 (the scores' float16 query carries ~11 bits)
 TC_CASES = [(4, 8, 2, 32, {"variant": "v3", "split": 64}), (2, 8, 2, 16, {"variant": "v3"}),
             (8, 4, 4, 32, {"variant": "v3", "split": 96}), (4, 4, 4, 32, {"variant": "v3", "asm": False}),
-            (4, 6, 2, 32, {"variant": "v3", "num_warps": 4})]
+            (4, 6, 2, 32, {"variant": "v3", "num_warps": 4, "blocks": 1}), (8, 6, 2, 32, {"variant": "v3", "blocks": 2})]
 
 
 def _check_tc(bits: int, hq: int, hkv: int, v_group: int, **launch) -> None:
@@ -225,8 +225,8 @@ def _check_tc(bits: int, hq: int, hkv: int, v_group: int, **launch) -> None:
 
 
 def test_tensor_core_kernel_matches_reference():
-    """v3 over the kv8 / kv4 / kv2 layouts: GQA groups of 4 and 3 (padded to 16 MMA rows), MHA, chunks that start
-    inside a key block, the inline-PTX dequantization's Triton twin (``asm=False``), float16 and float32 scales
+    """v3 over the kv8 / kv4 / kv2 layouts: GQA groups of 4 and 3 (padded to 4), MHA, 1, 2 and 4 key blocks per
+    step (MMA rows = key block x head), chunks that start inside a key block, the inline-PTX dequantization's Triton twin (``asm=False``), float16 and float32 scales
     (TRITON_INTERPRET=1 on CPU runs the twin, which rounds exactly as the PTX does)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():

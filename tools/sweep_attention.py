@@ -23,25 +23,25 @@ sys.path.insert(0, str(ROOT))
 LAYOUT = {"int8": (8, 32, 32, 32), "int4": (4, 32, 32, 32), "int2": (2, 32, 16, 64)}
 """name -> (bits, k_block, v_group, window), as tools/bench_attention.py."""
 
-V3 = [{"variant": "v3"}, {"variant": "v3", "num_warps": 4}, {"variant": "v3", "num_warps": 4, "num_stages": 2},
-      {"variant": "v3", "num_warps": 4, "num_stages": 3}, {"variant": "v3", "asm": False},
-      {"variant": "v3", "waves": 4}, {"variant": "v3", "waves": 16}, {"variant": "v3", "num_warps": 1},
-      {"variant": "v3", "num_warps": 8}]
+V3 = [{"variant": "v3"}, {"variant": "v3", "num_warps": 4}, {"variant": "v3", "num_warps": 8},
+      {"variant": "v3", "blocks": 1}, {"variant": "v3", "blocks": 2}, {"variant": "v3", "num_warps": 4, "blocks": 1},
+      {"variant": "v3", "num_warps": 4, "num_stages": 2}, {"variant": "v3", "asm": False},
+      {"variant": "v3", "waves": 4}, {"variant": "v3", "waves": 16}, {"variant": "v3", "num_warps": 1}]
 
-SHAPES = [  # (batch, q heads, kv heads, context, kinds, launches; "default" = DEFAULT_CONFIG) in priority order
-    (16, 32, 8, 32768, ["int4", "int2"], [{}, V3[0]]),
-    (16, 32, 32, 32768, ["int4", "int2", "int8"], [{}, V3[0]]),
+SHAPES = [  # (batch, q heads, kv heads, context, kinds, launches; {} = DEFAULT_CONFIG) in priority order
+    (16, 32, 8, 32768, ["int4", "int2"], [{}, V3[0], V3[2]]),
+    (16, 32, 32, 32768, ["int4", "int2", "int8"], [{}, V3[0], V3[2]]),
     (1, 32, 8, 4096, ["int4"], [{}, V3[0]]),
     (1, 32, 32, 4096, ["int4"], [{}, V3[0]]),
     (1, 32, 8, 32768, ["int4"], [{}, V3[0]]),
     (1, 32, 32, 32768, ["int4"], [{}, V3[0]]),
-    (1, 32, 32, 768, ["int4"], [{}, V3[0], {"split": 64}, {"split": 128}, {"variant": "v3", "waves": 4}]),
-    (16, 32, 32, 768, ["int4"], [{}, V3[0], {"variant": "v3", "waves": 4}, {"variant": "v3", "waves": 16}]),
+    (1, 32, 32, 768, ["int4"], [{}, V3[0], {"split": 64}, {"split": 128}, V3[3], V3[8]]),
+    (16, 32, 32, 768, ["int4"], [{}, V3[0], V3[8], V3[9]]),
     "step",
-    (16, 32, 8, 32768, ["int4"], V3[1:] + [{"variant": "v2", "heads": 2}, {"variant": "v2", "heads": 1}]),
-    (16, 32, 32, 32768, ["int4"], V3[7:] + V3[1:2]),
-    (16, 32, 8, 32768, ["int2"], V3[1:2] + V3[7:]),
-    (16, 32, 8, 32768, ["int8"], [{}, V3[0], V3[1]]),
+    (16, 32, 8, 32768, ["int4"], V3[1:2] + V3[3:] + [{"variant": "v2", "heads": 2}, {"variant": "v2", "heads": 1}]),
+    (16, 32, 32, 32768, ["int4"], V3[1:2] + V3[3:7] + V3[10:]),
+    (16, 32, 8, 32768, ["int2"], V3[1:2] + V3[3:6]),
+    (16, 32, 8, 32768, ["int8"], [{}, V3[0], V3[2]]),
 ]
 
 

@@ -202,11 +202,15 @@ if triton is not None:
         Q, KW, KS, KZ, VW, VS, VZ, LO, HI, ACC, M, L,
         s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh,
         s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split,
-        HQ: tl.constexpr, GROUPS: tl.constexpr, GM: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-        K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, ASM: tl.constexpr,
+        HQ: tl.constexpr, GROUPS: tl.constexpr, GP: tl.constexpr, JB: tl.constexpr, RM: tl.constexpr,
+        D: tl.constexpr, BITS: tl.constexpr, K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, ASM: tl.constexpr,
     ):
-        """One (sequence, kv head, chunk): the group's ``GROUPS`` query heads (rows ``[GM, ...]``, padded) over the
-        chunk's quantized tokens in ``[lo, hi)``, one key block per iteration (see the module docstring)."""
+        """One (sequence, kv head, chunk): the group's ``GROUPS`` query heads (``GP``: padded to a power of two)
+        over the chunk's quantized tokens in ``[lo, hi)``, ``JB`` key blocks per step. MMA row ``i`` is (key block
+        ``i // GP`` of the step, head ``i % GP``): its query carries that block's key scales, it attends only to
+        that block's tokens and keeps its own online softmax; the rows of one head merge after the loop. With
+        ``JB * GP`` = 16 every row of the MMA is real (the per-step work on the ``[RM, D]`` query and accumulator
+        is shared by ``JB`` key blocks); ``RM`` = max(16, JB * GP) rows."""
         pid_h = tl.program_id(0)
         pid_s = tl.program_id(1)
         HKV: tl.constexpr = HQ // GROUPS
@@ -216,14 +220,20 @@ if triton is not None:
         DW: tl.constexpr = D // PERW
         NG: tl.constexpr = D // V_GROUP
         WPG: tl.constexpr = DW // NG  # words of one value group
-        rows = tl.arange(0, GM)
+        T: tl.constexpr = JB * K_BLOCK  # tokens per step
+        rows = tl.arange(0, RM)
+        rj = rows // GP  # the row's key block in a step
+        rh = rows % GP  # its head in the group
+        live = (rh < GROUPS) & (rj < JB)
+        heads = kvh * GROUPS + rh
         cols = _perm_chan(tl.arange(0, D), BITS)  # [D] logical column -> channel
-        tn = tl.arange(0, K_BLOCK)
+        tn = tl.arange(0, T)
         word = tl.arange(0, DW)[None, :]  # [1, DW]
-        kw_off = tn[:, None] * DW + word  # [BN, DW]
+        kw_off = tn[:, None] * DW + word  # [T, DW]
         g3 = tl.arange(0, NG)[None, :, None]
-        vw_off = tn[:, None, None] * DW + g3 * WPG + tl.arange(0, WPG)[None, None, :]  # [BN, NG, WPG]
-        vg_off = tn[:, None, None] * NG + g3  # [BN, NG, 1]
+        vw_off = tn[:, None, None] * DW + g3 * WPG + tl.arange(0, WPG)[None, None, :]  # [T, NG, WPG]
+        vg_off = tn[:, None, None] * NG + g3  # [T, NG, 1]
+        own = (tn[None, :] // K_BLOCK) == rj[:, None]  # [RM, T]: a row's tokens
         lo = tl.load(LO + b)
         hi = tl.load(HI + b)
         start = (tl.maximum(pid_s * split, lo) // K_BLOCK) * K_BLOCK
@@ -234,30 +244,37 @@ if triton is not None:
         kz_base = KZ + b * s_ksb + kvh * s_ksh
         vs_base = VS + b * s_vsb + kvh * s_vsh
         vz_base = VZ + b * s_vsb + kvh * s_vsh
-        heads = kvh * GROUPS + rows
-        hmask = rows < GROUPS
-        q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + cols[None, :], mask=hmask[:, None], other=0.0)
-        qf = q.to(tl.float32) * qk_scale  # [GM, D]
+        q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + cols[None, :], mask=live[:, None], other=0.0)
+        qf = q.to(tl.float32) * qk_scale  # [RM, D]
         mcol = _pair_mult(((tl.arange(0, D) % PERW) // 2) % (16 // BITS), BITS).to(tl.float32)  # [D] 2**e
         inv_m = 1.0 / mcol
-        m_i = tl.full([GM], -float("inf"), dtype=tl.float32)
-        l_i = tl.zeros([GM], dtype=tl.float32)
-        acc = tl.zeros([GM, D], dtype=tl.float32)
-        vzero = tl.zeros([K_BLOCK, NG, 1], dtype=tl.int32)
-        for n0 in range(start, end, K_BLOCK):
+        m_i = tl.full([RM], -float("inf"), dtype=tl.float32)
+        l_i = tl.zeros([RM], dtype=tl.float32)
+        acc = tl.zeros([RM, D], dtype=tl.float32)
+        vzero = tl.zeros([T, NG, 1], dtype=tl.int32)
+        for n0 in range(start, end, T):
             tok = n0 + tn
             valid = (tok >= lo) & (tok < end)
-            # keys: the block's scales (and the fields' 2**-e) folded into the query, its zeros into one
-            # correction per head (from the same float16 query, so the two cancel exactly)
-            kb = (n0 // K_BLOCK) * D + cols
-            ks = tl.load(ks_base + kb).to(tl.float32)
-            kzm = tl.load(kz_base + kb).to(tl.float32) * mcol  # [D] z * 2**e
-            qs = (qf * (ks * inv_m)[None, :]).to(tl.float16)  # [GM, D]
-            corr = tl.sum(qs.to(tl.float32) * kzm[None, :], 1)  # [GM]
-            kx = tl.load(kw_base + n0 * DW + kw_off, mask=valid[:, None], other=0)  # [BN, DW]
-            k16 = tl.reshape(_codes(kx, BITS, ASM), [K_BLOCK, D])  # u * 2**e
-            s = tl.dot(qs, tl.trans(k16)) - corr[:, None]  # [GM, BN], log2 units
-            s = tl.where(valid[None, :], s, -float("inf"))
+            # keys: each row's block scales (and the fields' 2**-e) folded into its query, the block's zeros
+            # into one correction per row (from the same float16 query, so the two cancel exactly)
+            if JB == 1:  # one scale row for every row
+                kb = (n0 // K_BLOCK) * D + cols
+                ks = tl.load(ks_base + kb).to(tl.float32)[None, :]
+                kzm = (tl.load(kz_base + kb).to(tl.float32) * mcol)[None, :]  # z * 2**e
+            else:
+                rowok = live & (n0 + rj * K_BLOCK < end)
+                kb = (n0 // K_BLOCK + rj)[:, None] * D + cols[None, :]  # [RM, D]
+                ks = tl.load(ks_base + kb, mask=rowok[:, None], other=0.0).to(tl.float32)
+                kzm = tl.load(kz_base + kb, mask=rowok[:, None], other=0).to(tl.float32) * mcol[None, :]
+            qs = (qf * ks * inv_m[None, :]).to(tl.float16)  # [RM, D]
+            corr = tl.sum(qs.to(tl.float32) * kzm, 1)  # [RM]
+            kx = tl.load(kw_base + n0 * DW + kw_off, mask=valid[:, None], other=0)  # [T, DW]
+            k16 = tl.reshape(_codes(kx, BITS, ASM), [T, D])  # u * 2**e
+            s = tl.dot(qs, tl.trans(k16)) - corr[:, None]  # [RM, T], log2 units
+            if JB == 1:
+                s = tl.where(valid[None, :], s, -float("inf"))
+            else:
+                s = tl.where(own & valid[None, :], s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
@@ -266,8 +283,8 @@ if triton is not None:
             m_i = m_new
             # values: per (token, group) pairs, shared by the fields of one multiplier
             vmask = valid[:, None, None]
-            vx = tl.load(vw_base + n0 * DW + vw_off, mask=vmask, other=0)  # [BN, NG, WPG]
-            vz = tl.load(vz_base + n0 * NG + vg_off, mask=vmask, other=0).to(tl.int32)  # [BN, NG, 1]
+            vx = tl.load(vw_base + n0 * DW + vw_off, mask=vmask, other=0)  # [T, NG, WPG]
+            vz = tl.load(vz_base + n0 * NG + vg_off, mask=vmask, other=0).to(tl.int32)  # [T, NG, 1]
             vs = tl.load(vs_base + n0 * NG + vg_off, mask=vmask, other=0.0).to(tl.float32)
             vz0, vp0 = _value_pair(vz, vs, 0, BITS)
             if BITS == 8:
@@ -280,18 +297,33 @@ if triton is not None:
                 else:
                     vz2, vp2 = _value_pair(vz, vs, 2, BITS)
                     vz3, vp3 = _value_pair(vz, vs, 3, BITS)
-            bv: tl.constexpr = [K_BLOCK, NG, WPG]
+            bv: tl.constexpr = [T, NG, WPG]
             z0, z1, z2, z3 = (tl.broadcast_to(vz0, bv), tl.broadcast_to(vz1, bv), tl.broadcast_to(vz2, bv),
                               tl.broadcast_to(vz3, bv))
             p0, p1, p2, p3 = (tl.broadcast_to(vp0, bv), tl.broadcast_to(vp1, bv), tl.broadcast_to(vp2, bv),
                               tl.broadcast_to(vp3, bv))
             v16 = _dequant(vx, z0, z1, z2, z3, z0, z1, z2, z3, p0, p1, p2, p3, p0, p1, p2, p3, BITS, ASM)
-            v16 = tl.reshape(v16, [K_BLOCK, D])
+            v16 = tl.reshape(v16, [T, D])
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16)
-        a_ptr = ACC + b * s_ab + pid_s * s_as + heads[:, None] * s_ah + cols[None, :]
-        tl.store(a_ptr, acc, mask=hmask[:, None])
-        tl.store(M + b * s_mb + heads * s_mh + pid_s, m_i, mask=hmask)
-        tl.store(L + b * s_mb + heads * s_mh + pid_s, l_i, mask=hmask)
+        if JB == 1:
+            a_ptr = ACC + b * s_ab + pid_s * s_as + heads[:, None] * s_ah + cols[None, :]
+            tl.store(a_ptr, acc, mask=live[:, None])
+            tl.store(M + b * s_mb + heads * s_mh + pid_s, m_i, mask=live)
+            tl.store(L + b * s_mb + heads * s_mh + pid_s, l_i, mask=live)
+        else:  # the JB rows of each head: one softmax
+            NR: tl.constexpr = RM // GP
+            m3 = tl.reshape(m_i, [NR, GP])
+            m_h = tl.max(m3, 0)  # [GP]
+            c = tl.exp2(m3 - tl.where(m_h == -float("inf"), 0.0, m_h)[None, :])  # [NR, GP]
+            out = tl.sum(tl.reshape(acc, [NR, GP, D]) * c[:, :, None], 0)  # [GP, D]
+            den = tl.sum(tl.reshape(l_i, [NR, GP]) * c, 0)
+            hg = tl.arange(0, GP)
+            hh = kvh * GROUPS + hg
+            hm = hg < GROUPS
+            a_ptr = ACC + b * s_ab + pid_s * s_as + hh[:, None] * s_ah + cols[None, :]
+            tl.store(a_ptr, out, mask=hm[:, None])
+            tl.store(M + b * s_mb + hh * s_mh + pid_s, m_h, mask=hm)
+            tl.store(L + b * s_mb + hh * s_mh + pid_s, den, mask=hm)
 
 
 def tc_supported(d: int, bits: int, k_block: int, v_group: int) -> str | None:
@@ -304,7 +336,7 @@ def tc_supported(d: int, bits: int, k_block: int, v_group: int) -> str | None:
 
 
 def launch_tc(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, *, bits, k_block, v_group, groups,
-              qk_scale, split, num_warps, num_stages, asm, waves):
+              qk_scale, split, num_warps, num_stages, asm, waves, blocks=None):
     """Run ``_split_kernel_tc``: grid ``(B * Hkv, chunks)``; returns ``decode_attention``'s partials."""
     import os
 
@@ -321,9 +353,12 @@ def launch_tc(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32,
                          ("k_scale", k_scale, d), ("v_scale", v_scale, d // v_group)):
         if t.stride(-2) != row:
             raise ValueError(f"decode_attention: {name} {tuple(t.shape)} stride {t.stride()}: rows must be packed")
+    gp = triton.next_power_of_2(groups)
+    jb = blocks or max(1, min(4, 16 // gp))  # key blocks per step: fill the 16 MMA rows, at most 128 tokens
+    step = jb * k_block
     if split is None:
-        split = _default_split(s, b * hkv, k_block, target=waves * 132)
-    split = max(k_block, triton.cdiv(split, k_block) * k_block)
+        split = _default_split(s, b * hkv, step, target=waves * 132)
+    split = max(step, triton.cdiv(split, step) * step)
     n_split = triton.cdiv(s, split)
     acc = torch.empty(b, hq, n_split, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, hq, n_split, device=q.device, dtype=torch.float32)
@@ -336,6 +371,6 @@ def launch_tc(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32,
         q.stride(0), q.stride(1), kw.stride(0), kw.stride(1), k_scale.stride(0), k_scale.stride(1),
         vw.stride(0), vw.stride(1), v_scale.stride(0), v_scale.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), qk_scale, split,
-        HQ=hq, GROUPS=groups, GM=max(16, triton.next_power_of_2(groups)), D=d, BITS=bits, K_BLOCK=k_block,
+        HQ=hq, GROUPS=groups, GP=gp, JB=jb, RM=max(16, jb * gp), D=d, BITS=bits, K_BLOCK=k_block,
         V_GROUP=v_group, ASM=bool(asm) and not interpret, num_warps=num_warps, **extra)
     return acc, m, den, n_split
