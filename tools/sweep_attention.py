@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 LAYOUT = {"int8": (8, 32, 32, 32), "int4": (4, 32, 32, 32), "int2": (2, 32, 16, 64)}
 """name -> (bits, k_block, v_group, window), as tools/bench_attention.py."""
 
-V3 = [{"variant": "v3"}, {"variant": "v3", "num_warps": 4}, {"variant": "v3", "num_warps": 8},
+V3 = [{"variant": "v3"}, {"variant": "v3", "num_warps": 2}, {"variant": "v3", "num_warps": 8},
       {"variant": "v3", "blocks": 1}, {"variant": "v3", "blocks": 2}, {"variant": "v3", "num_warps": 4, "blocks": 1},
       {"variant": "v3", "num_warps": 4, "num_stages": 2}, {"variant": "v3", "asm": False},
       {"variant": "v3", "waves": 4}, {"variant": "v3", "waves": 16}, {"variant": "v3", "num_warps": 1}]
