@@ -200,7 +200,7 @@ def test_triton_kernel_real_layout_matches_reference():
 # v3 (tensor cores, lowbit.kernels.decode_attention_tc): (bits, q heads, kv heads, v_group, launch) at head dim 128,
 # key blocks of 32; float16 MMA operands, so 2e-3 (the scores' float16 query carries ~11 bits)
 TC_CASES = [(4, 8, 2, 32, {"variant": "v3", "split": 64}), (2, 8, 2, 16, {"variant": "v3"}),
-            (8, 4, 4, 32, {"variant": "v3", "split": 96}), (4, 4, 4, 32, {"variant": "v3", "asm": False}),
+            (8, 4, 4, 32, {"variant": "v3", "split": 96}), (4, 4, 4, 32, {"variant": "v3", "natural": False}),
             (4, 6, 2, 32, {"variant": "v3", "num_warps": 4, "blocks": 1}), (8, 6, 2, 32, {"variant": "v3", "blocks": 2})]
 
 
@@ -226,7 +226,7 @@ def _check_tc(bits: int, hq: int, hkv: int, v_group: int, **launch) -> None:
 
 def test_tensor_core_kernel_matches_reference():
     """v3 over the kv8 / kv4 / kv2 layouts: GQA groups of 4 and 3 (padded to 4), MHA, 1, 2 and 4 key blocks per
-    step (MMA rows = key block x head), chunks that start inside a key block, the inline-PTX dequantization's Triton twin (``asm=False``), float16 and float32 scales
+    step (MMA rows = key block x head), chunks that start inside a key block, channels in memory order and in the dequantization's pair order, float16 and float32 scales
     (TRITON_INTERPRET=1 on CPU runs the twin, which rounds exactly as the PTX does)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
@@ -241,17 +241,36 @@ def test_tensor_core_kernel_matches_reference():
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
-def test_dequant_ptx_matches_its_triton_twin():
-    """The PTX strings' masks and operand numbering, checked in Python: pair r of a word takes fields r and
-    r + R, as ``_pair_ref`` (the interpreter's path) does."""
-    from lowbit.kernels.decode_attention_tc import dequant_asm
+def _prmt(a: int, b: int, sel: int) -> int:
+    """PTX prmt.b32 (default mode): byte i of the result is byte ``sel`` nibble i of the 8 bytes (a, b)."""
+    src = a | (b << 32)
+    return sum(((src >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
 
+
+def test_dequant_ptx_pairs_decode_the_packed_codes():
+    """``pair_spec`` (what the PTX strings and the Triton twin do), emulated in Python on random words: each
+    output pair is ``1024 + 2**e * code`` of the channels the kernel assumes (natural: 2r, 2r + 1; else r, r + R),
+    and the PTX text carries those selectors and masks."""
+    from lowbit.kernels.decode_attention_tc import dequant_asm, pair_spec
+
+    g = torch.Generator().manual_seed(0)
     for bits in (8, 4, 2):
-        asm, con = dequant_asm(bits)
         perw, r_n = 32 // bits, 16 // bits
-        assert con.count("=h") == perw and con.count(",r") == 1 + 2 * r_n
-        for r in range(r_n):
-            field = ((1 << bits) - 1) << (bits * (r % (8 // bits)))
-            assert f"lop3.b32 t{r}, {'$' + str(perw) if r < 8 // bits else 'hw'}, {field | field << 16:#010x}" in asm
-        codes, ccon = dequant_asm(bits, scaled=False)
-        assert "mul.f16x2" not in codes and ccon.count(",r") == 2
+        codes = torch.randint(0, 2**bits, (64, perw), generator=g)
+        words = da.pack_codes(codes - 2 ** (bits - 1), bits).view(torch.int32)[:, 0].tolist()  # stored code - qmin
+        for natural in (True, False):
+            spec = pair_spec(bits, natural)
+            asm, con = dequant_asm(bits, natural=natural)
+            assert con.count("=h") == perw and con.count(",r") == 1 + 2 * r_n
+            for r, (sel, sh, mask, m_lo, m_hi) in enumerate(spec):
+                assert (f"{sel:#06x}" if sel >= 0 else f"{mask:#010x}") in asm
+                ch = (2 * r, 2 * r + 1) if natural else (r, r + r_n)
+                for w, c in zip(words, codes.tolist()):
+                    w &= 0xFFFFFFFF
+                    if natural and bits == 8:
+                        t = _prmt(w, 0x64006400, sel)
+                    elif natural:
+                        t = (_prmt(w, 0, sel) & mask) | 0x64006400
+                    else:
+                        t = ((w >> sh) & mask) | 0x64006400
+                    assert (t & 0xFFFF) - 0x6400 == m_lo * c[ch[0]] and (t >> 16) - 0x6400 == m_hi * c[ch[1]]

@@ -679,8 +679,8 @@ VARIANT_CONFIGS = {
     "v2": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None,
            "vchain": True},
     "v2p": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": 1},
-    "v3": {"num_warps": 4, "split": None, "block_n": None, "num_stages": 1, "chunk": None, "asm": True,
-           "waves": 8},
+    "v3": {"num_warps": 4, "split": None, "block_n": None, "num_stages": 1, "chunk": None, "asm": 1,
+           "waves": 8, "natural": True},
 }
 """Each variant's launch when the caller names the variant but not the option. v1: 4 warps, 32-token steps, 16
 channels per thread chunk (the previous session's fastest on the H200 for int4 and int2 with float16 scales:
@@ -745,14 +745,15 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      num_warps: int | None = None, num_stages: int | None = None,
                      chunk: int | None = None, variant: str | None = None, heads: int | None = None,
                      vchain: bool | None = None, asm: bool | None = None, waves: int | None = None,
-                     blocks: int | None = None) -> torch.Tensor:
+                     blocks: int | None = None, natural: bool | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
     ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole key
     blocks / steps); ``block_n``: tokens per inner step (v2: clamped to one key block, at least one row per token
     thread); ``chunk``: channels per thread; ``heads`` (v2): query heads per program (a divisor of the GQA
     group: each code is unpacked once for all of them); v3 (``decode_attention_tc``): ``asm`` (the inline-PTX
     dequantization, else Triton ops), ``waves`` (the default split aims at this many programs per SM), ``blocks``
-    (key blocks per step: default 16 / the group, at most 4)."""
+    (key blocks per step: default 16 / the group, at most 4), ``natural`` (channels in memory order; else the
+    dequantization's pair order, one PRMT less per pair)."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
@@ -772,7 +773,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         acc, m, den, n_split = launch_tc(
             q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, bits=bits, k_block=k_block,
             v_group=v_group, groups=groups, qk_scale=qk_scale, split=split, num_warps=num_warps or base["num_warps"],
-            num_stages=num_stages, asm=base["asm"] if asm is None else asm, waves=waves or base["waves"], blocks=blocks)
+            num_stages=num_stages, asm=base["asm"] if asm is None else asm, waves=waves or base["waves"], blocks=blocks,
+            natural=base["natural"] if natural is None else natural)
         return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale)
     block_n = block_n or base["block_n"]
     num_warps = num_warps or base["num_warps"]

@@ -30,23 +30,50 @@ except ImportError:  # pragma: no cover
     tl = None
 
 
-def dequant_asm(bits: int, scaled: bool = True) -> tuple[str, str]:
+def pair_spec(bits: int, natural: bool) -> list[tuple[int, int, int, int, int]]:
+    """Per output register pair of a word: (PRMT selector or -1, shift, mask, low channel's multiplier ``2**e``,
+    high channel's), in output order. ``natural``: pair r = channels (2r, 2r + 1) (a PRMT copies a byte to both
+    halves, or for 8 bits moves two bytes under 1024.0's exponent); else pair r = channels (r, r + R) of the word
+    (one shift shared by the word, then one LOP3 per pair)."""
+    fm = (1 << bits) - 1
+    per_byte = 8 // bits
+    out = []
+    for r in range(16 // bits):
+        if natural and bits == 8:  # byte 5 of (word, bias) is 0x64
+            out.append((0x5050 | ((2 * r + 1) << 8) | (2 * r), 0, 0, 1, 1))
+        elif natural:
+            k, p = divmod(r, per_byte // 2)
+            lo, hi = 2 * p * bits, (2 * p + 1) * bits
+            out.append((0x4040 | (k << 8) | k, 0, (fm << lo) | ((fm << hi) << 16), 1 << lo, 1 << hi))
+        else:
+            sh = 8 * (r // per_byte)
+            e = bits * (r % per_byte)
+            out.append((-1, sh, (fm << e) | ((fm << e) << 16), 1 << e, 1 << e))
+    return out
+
+
+def _pair_lines(bits: int, natural: bool, w: str, dst) -> list[str]:
+    lines = [".reg .b32 hw, zr, bias;", "mov.b32 zr, 0;", "mov.b32 bias, 0x64006400;", f"shr.u32 hw, {w}, 8;"]
+    for r, (sel, sh, mask, _, _) in enumerate(pair_spec(bits, natural)):
+        if natural and bits == 8:
+            lines.append(f"prmt.b32 {dst(r)}, {w}, bias, {sel:#06x};")
+        elif natural:
+            lines.append(f"prmt.b32 {dst(r)}, {w}, zr, {sel:#06x};")
+            lines.append(f"lop3.b32 {dst(r)}, {dst(r)}, {mask:#010x}, bias, 0xEA;")
+        else:
+            lines.append(f"lop3.b32 {dst(r)}, {w if sh == 0 else 'hw'}, {mask:#010x}, bias, 0xEA;")
+    return lines
+
+
+def dequant_asm(bits: int, scaled: bool = True, natural: bool = False) -> tuple[str, str]:
     """PTX and constraints of one word's dequantization: inputs ``$w`` (the int32 word), one biased-zero pair and
-    one scale pair per output register pair; outputs the ``32 / bits`` codes as float16 bits, pair ``r`` =
-    fields ``(r, r + R)`` where ``R = 16 / bits`` is the number of pairs. ``scaled=False``: one input pair (the
-    bias ``1024.0``) subtracted from every pair, no scales."""
+    one scale pair per output register pair; outputs the ``32 / bits`` codes as float16 bits in ``pair_spec``'s
+    order. ``scaled=False``: one input pair (the bias ``1024.0``) subtracted from every pair, no scales."""
     perw = 32 // bits
     r_n = perw // 2
-    per_byte = 8 // bits
     n_out = perw
-    w = f"${n_out}"
-    lines = ["{", ".reg .b32 hw, " + ", ".join(f"t{r}" for r in range(r_n)) + ";", f"shr.u32 hw, {w}, 8;"]
-    for r in range(r_n):
-        sh = 8 * (r // per_byte)
-        field = ((1 << bits) - 1) << (bits * (r % per_byte))
-        mask = field | (field << 16)
-        src = w if sh == 0 else "hw"
-        lines.append(f"lop3.b32 t{r}, {src}, {mask:#010x}, 0x64006400, 0xEA;")
+    lines = ["{", ".reg .b32 " + ", ".join(f"t{r}" for r in range(r_n)) + ";"]
+    lines += _pair_lines(bits, natural, f"${n_out}", lambda r: f"t{r}")
     for r in range(r_n):
         lines.append(f"sub.f16x2 t{r}, t{r}, ${n_out + 1 + (r if scaled else 0)};")
     for r in range(r_n if scaled else 0):
@@ -58,13 +85,19 @@ def dequant_asm(bits: int, scaled: bool = True) -> tuple[str, str]:
     return "\n".join(lines), constraints
 
 
+def codes_asm_packed(bits: int, natural: bool = False) -> tuple[str, str]:
+    """``dequant_asm(bits, scaled=False)`` for ``inline_asm_elementwise(pack=32 / bits)``: the word comes in as
+    ``32 / bits`` copies (only the first is read), the codes leave as ``16 / bits`` packed float16 pairs."""
+    perw = 32 // bits
+    r_n = perw // 2
+    lines = ["{"] + _pair_lines(bits, natural, f"${r_n}", lambda r: f"${r}")
+    for r in range(r_n):
+        lines.append(f"sub.f16x2 ${r}, ${r}, bias;")
+    lines.append("}")
+    return "\n".join(lines), ",".join(["=r"] * r_n + ["r"] * perw)
+
+
 if triton is not None:
-    _ASM8, _CON8 = (tl.constexpr(x) for x in dequant_asm(8))
-    _ASM4, _CON4 = (tl.constexpr(x) for x in dequant_asm(4))
-    _ASM2, _CON2 = (tl.constexpr(x) for x in dequant_asm(2))
-    _CODES8, _CCON8 = (tl.constexpr(x) for x in dequant_asm(8, scaled=False))
-    _CODES4, _CCON4 = (tl.constexpr(x) for x in dequant_asm(4, scaled=False))
-    _CODES2, _CCON2 = (tl.constexpr(x) for x in dequant_asm(2, scaled=False))
     ONE2 = tl.constexpr(0x3C003C00)  # float16 pair (1.0, 1.0)
 
     @triton.jit
@@ -79,12 +112,22 @@ if triton is not None:
         return x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
 
     @triton.jit
-    def _pair_ref(w, zbp, sp, r: tl.constexpr, BITS: tl.constexpr):
-        """Pair ``r`` of ``_dequant`` in Triton ops: the same float16 values as the PTX."""
+    def _pair_ref(w, zbp, sp, r: tl.constexpr, BITS: tl.constexpr, NAT: tl.constexpr):
+        """Pair ``r`` of ``_dequant`` in Triton ops: the same float16 values as the PTX (``pair_spec``)."""
         PB: tl.constexpr = 8 // BITS
-        SH: tl.constexpr = 8 * (r // PB)
-        FIELD: tl.constexpr = ((1 << BITS) - 1) << (BITS * (r % PB))
-        t = ((w >> SH) & (FIELD | (FIELD << 16))) | 0x64006400
+        FM: tl.constexpr = (1 << BITS) - 1
+        if NAT and BITS == 8:
+            t = ((w >> (16 * r)) & 0xFF) | (((w >> (16 * r + 8)) & 0xFF) << 16) | 0x64006400
+        elif NAT:
+            K: tl.constexpr = r // (PB // 2)
+            P: tl.constexpr = r % (PB // 2)
+            byte = (w >> (8 * K)) & 0xFF
+            MASK: tl.constexpr = (FM << (2 * P * BITS)) | ((FM << ((2 * P + 1) * BITS)) << 16)
+            t = ((byte | (byte << 16)) & MASK) | 0x64006400
+        else:
+            SH: tl.constexpr = 8 * (r // PB)
+            FIELD: tl.constexpr = FM << (BITS * (r % PB))
+            t = ((w >> SH) & (FIELD | (FIELD << 16))) | 0x64006400
         lo = (t & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
         hi = (t >> 16).to(tl.int16).to(tl.float16, bitcast=True)
         zlo = (zbp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
@@ -101,39 +144,39 @@ if triton is not None:
 
     @triton.jit
     def _dequant(w, z0, z1, z2, z3, z4, z5, z6, z7, s0, s1, s2, s3, s4, s5, s6, s7, BITS: tl.constexpr,
-                 ASM: tl.constexpr):
+                 ASM: tl.constexpr, PTX: tl.constexpr, CON: tl.constexpr, NAT: tl.constexpr):
         """int32 words ``[...]`` -> float16 ``[..., 32 / BITS]`` in ``PERM`` order: pair ``r`` (fields ``r`` and
         ``r + R``) minus its biased zeros ``z_r`` and times its scales ``s_r`` (both packed float16 pairs, shaped
         like ``w``; pairs past ``R = 16 / BITS`` are ignored)."""
         if BITS == 8:
             if ASM:
-                o0, o1, o2, o3 = tl.inline_asm_elementwise(_ASM8, _CON8, [w, z0, z1, s0, s1],
+                o0, o1, o2, o3 = tl.inline_asm_elementwise(PTX, CON, [w, z0, z1, s0, s1],
                                                            dtype=(tl.int16,) * 4, is_pure=True, pack=1)
                 a0, b0 = o0.to(tl.float16, bitcast=True), o1.to(tl.float16, bitcast=True)
                 a1, b1 = o2.to(tl.float16, bitcast=True), o3.to(tl.float16, bitcast=True)
             else:
-                a0, b0 = _pair_ref(w, z0, s0, 0, BITS)
-                a1, b1 = _pair_ref(w, z1, s1, 1, BITS)
+                a0, b0 = _pair_ref(w, z0, s0, 0, BITS, NAT)
+                a1, b1 = _pair_ref(w, z1, s1, 1, BITS, NAT)
             out = _cat(_cat(a0, a1), _cat(b0, b1))
         elif BITS == 4:
             if ASM:
                 o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                    _ASM4, _CON4, [w, z0, z1, z2, z3, s0, s1, s2, s3], dtype=(tl.int16,) * 8, is_pure=True,
+                    PTX, CON, [w, z0, z1, z2, z3, s0, s1, s2, s3], dtype=(tl.int16,) * 8, is_pure=True,
                     pack=1)
                 a0, b0 = o0.to(tl.float16, bitcast=True), o1.to(tl.float16, bitcast=True)
                 a1, b1 = o2.to(tl.float16, bitcast=True), o3.to(tl.float16, bitcast=True)
                 a2, b2 = o4.to(tl.float16, bitcast=True), o5.to(tl.float16, bitcast=True)
                 a3, b3 = o6.to(tl.float16, bitcast=True), o7.to(tl.float16, bitcast=True)
             else:
-                a0, b0 = _pair_ref(w, z0, s0, 0, BITS)
-                a1, b1 = _pair_ref(w, z1, s1, 1, BITS)
-                a2, b2 = _pair_ref(w, z2, s2, 2, BITS)
-                a3, b3 = _pair_ref(w, z3, s3, 3, BITS)
+                a0, b0 = _pair_ref(w, z0, s0, 0, BITS, NAT)
+                a1, b1 = _pair_ref(w, z1, s1, 1, BITS, NAT)
+                a2, b2 = _pair_ref(w, z2, s2, 2, BITS, NAT)
+                a3, b3 = _pair_ref(w, z3, s3, 3, BITS, NAT)
             out = _cat(_cat(_cat(a0, a2), _cat(a1, a3)), _cat(_cat(b0, b2), _cat(b1, b3)))
         else:
             if ASM:
                 o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = tl.inline_asm_elementwise(
-                    _ASM2, _CON2, [w, z0, z1, z2, z3, z4, z5, z6, z7, s0, s1, s2, s3, s4, s5, s6, s7],
+                    PTX, CON, [w, z0, z1, z2, z3, z4, z5, z6, z7, s0, s1, s2, s3, s4, s5, s6, s7],
                     dtype=(tl.int16,) * 16, is_pure=True, pack=1)
                 a0, b0 = o0.to(tl.float16, bitcast=True), o1.to(tl.float16, bitcast=True)
                 a1, b1 = o2.to(tl.float16, bitcast=True), o3.to(tl.float16, bitcast=True)
@@ -144,50 +187,79 @@ if triton is not None:
                 a6, b6 = o12.to(tl.float16, bitcast=True), o13.to(tl.float16, bitcast=True)
                 a7, b7 = o14.to(tl.float16, bitcast=True), o15.to(tl.float16, bitcast=True)
             else:
-                a0, b0 = _pair_ref(w, z0, s0, 0, BITS)
-                a1, b1 = _pair_ref(w, z1, s1, 1, BITS)
-                a2, b2 = _pair_ref(w, z2, s2, 2, BITS)
-                a3, b3 = _pair_ref(w, z3, s3, 3, BITS)
-                a4, b4 = _pair_ref(w, z4, s4, 4, BITS)
-                a5, b5 = _pair_ref(w, z5, s5, 5, BITS)
-                a6, b6 = _pair_ref(w, z6, s6, 6, BITS)
-                a7, b7 = _pair_ref(w, z7, s7, 7, BITS)
+                a0, b0 = _pair_ref(w, z0, s0, 0, BITS, NAT)
+                a1, b1 = _pair_ref(w, z1, s1, 1, BITS, NAT)
+                a2, b2 = _pair_ref(w, z2, s2, 2, BITS, NAT)
+                a3, b3 = _pair_ref(w, z3, s3, 3, BITS, NAT)
+                a4, b4 = _pair_ref(w, z4, s4, 4, BITS, NAT)
+                a5, b5 = _pair_ref(w, z5, s5, 5, BITS, NAT)
+                a6, b6 = _pair_ref(w, z6, s6, 6, BITS, NAT)
+                a7, b7 = _pair_ref(w, z7, s7, 7, BITS, NAT)
             out = _cat(_cat(_cat(_cat(a0, a4), _cat(a2, a6)), _cat(_cat(a1, a5), _cat(a3, a7))),
                        _cat(_cat(_cat(b0, b4), _cat(b2, b6)), _cat(_cat(b1, b5), _cat(b3, b7))))
         return out
 
     @triton.jit
-    def _codes(w, BITS: tl.constexpr, ASM: tl.constexpr):
+    def _codes_packed(w, BITS: tl.constexpr, PTX: tl.constexpr, CON: tl.constexpr):
+        """``_codes`` with the word repeated ``32 / BITS`` times in-thread (``tl.join``) and one packed asm per
+        word: the codes come out as float16 pairs already in the registers a 128-bit shared store takes."""
+        w2 = tl.reshape(tl.join(w, w), [w.shape[0], w.shape[1] * 2])
+        w4 = tl.reshape(tl.join(w2, w2), [w.shape[0], w.shape[1] * 4])
+        if BITS == 8:
+            out = tl.inline_asm_elementwise(PTX, CON, [w4], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            w8 = tl.reshape(tl.join(w4, w4), [w.shape[0], w.shape[1] * 8])
+            if BITS == 4:
+                out = tl.inline_asm_elementwise(PTX, CON, [w8], dtype=tl.float16, is_pure=True, pack=8)
+            else:
+                w16 = tl.reshape(tl.join(w8, w8), [w.shape[0], w.shape[1] * 16])
+                out = tl.inline_asm_elementwise(PTX, CON, [w16], dtype=tl.float16, is_pure=True, pack=16)
+        return out
+
+    @triton.jit
+    def _codes(w, BITS: tl.constexpr, ASM: tl.constexpr, PTX: tl.constexpr, CON: tl.constexpr, NAT: tl.constexpr):
         """int32 words ``[...]`` -> float16 ``[..., 32 / BITS]`` in ``PERM`` order: each field's ``u * 2**e``
         (exact; the query carries the scales and ``2**-e``): one LOP3 and one HSUB2 per pair."""
         c = 0x64006400 + tl.zeros_like(w)
         if ASM:
             if BITS == 8:
-                o0, o1, o2, o3 = tl.inline_asm_elementwise(_CODES8, _CCON8, [w, c], dtype=(tl.int16,) * 4,
+                o0, o1, o2, o3 = tl.inline_asm_elementwise(PTX, CON, [w, c], dtype=(tl.int16,) * 4,
                                                            is_pure=True, pack=1)
                 out = _cat(_cat(o0, o2), _cat(o1, o3))
             elif BITS == 4:
-                o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(_CODES4, _CCON4, [w, c],
+                o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(PTX, CON, [w, c],
                                                                            dtype=(tl.int16,) * 8, is_pure=True, pack=1)
                 out = _cat(_cat(_cat(o0, o4), _cat(o2, o6)), _cat(_cat(o1, o5), _cat(o3, o7)))
             else:
                 o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = tl.inline_asm_elementwise(
-                    _CODES2, _CCON2, [w, c], dtype=(tl.int16,) * 16, is_pure=True, pack=1)
+                    PTX, CON, [w, c], dtype=(tl.int16,) * 16, is_pure=True, pack=1)
                 out = _cat(_cat(_cat(_cat(o0, o8), _cat(o4, o12)), _cat(_cat(o2, o10), _cat(o6, o14))),
                            _cat(_cat(_cat(o1, o9), _cat(o5, o13)), _cat(_cat(o3, o11), _cat(o7, o15))))
             out = out.to(tl.float16, bitcast=True)
         else:
             one = ONE2 + tl.zeros_like(w)
-            out = _dequant(w, c, c, c, c, c, c, c, c, one, one, one, one, one, one, one, one, BITS, False)
+            out = _dequant(w, c, c, c, c, c, c, c, c, one, one, one, one, one, one, one, one, BITS, False, PTX, CON,
+                           NAT)
         return out
 
     @triton.jit
-    def _value_pair(vz, vs, r: tl.constexpr, BITS: tl.constexpr):
+    def _value_pair(vz, vs, r: tl.constexpr, BITS: tl.constexpr, NAT: tl.constexpr):
         """Pair ``r``'s packed biased zeros and scales from a token group's zero ``vz`` (int32) and scale ``vs``
-        (float32): both fields share them."""
-        m = _pair_mult(r, BITS)
-        h = _half_bits(vs * (1.0 / m))
-        return 0x64006400 + (m * vz) * 0x10001, h | (h << 16)
+        (float32), each half divided by its field's ``2**e`` (``pair_spec``)."""
+        PB: tl.constexpr = 8 // BITS
+        if NAT and BITS < 8:
+            P: tl.constexpr = r % (PB // 2)
+            ML: tl.constexpr = 1 << (2 * P * BITS)
+            MH: tl.constexpr = 1 << ((2 * P + 1) * BITS)
+        elif NAT:
+            ML: tl.constexpr = 1
+            MH: tl.constexpr = 1
+        else:
+            ML: tl.constexpr = 1 << (BITS * (r % PB))
+            MH: tl.constexpr = ML
+        lo = _half_bits(vs * (1.0 / ML))
+        hi = _half_bits(vs * (1.0 / MH))
+        return 0x64006400 + ML * vz + ((MH * vz) << 16), lo | (hi << 16)
 
     @triton.jit
     def _perm_chan(l, BITS: tl.constexpr):
@@ -204,6 +276,7 @@ if triton is not None:
         s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split,
         HQ: tl.constexpr, GROUPS: tl.constexpr, GP: tl.constexpr, JB: tl.constexpr, RM: tl.constexpr,
         D: tl.constexpr, BITS: tl.constexpr, K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, ASM: tl.constexpr,
+        NAT: tl.constexpr, KPTX: tl.constexpr, KCON: tl.constexpr, VPTX: tl.constexpr, VCON: tl.constexpr,
     ):
         """One (sequence, kv head, chunk): the group's ``GROUPS`` query heads (``GP``: padded to a power of two)
         over the chunk's quantized tokens in ``[lo, hi)``, ``JB`` key blocks per step. MMA row ``i`` is (key block
@@ -226,7 +299,10 @@ if triton is not None:
         rh = rows % GP  # its head in the group
         live = (rh < GROUPS) & (rj < JB)
         heads = kvh * GROUPS + rh
-        cols = _perm_chan(tl.arange(0, D), BITS)  # [D] logical column -> channel
+        if NAT:
+            cols = tl.arange(0, D)
+        else:
+            cols = _perm_chan(tl.arange(0, D), BITS)  # [D] logical column -> channel
         tn = tl.arange(0, T)
         word = tl.arange(0, DW)[None, :]  # [1, DW]
         kw_off = tn[:, None] * DW + word  # [T, DW]
@@ -246,7 +322,10 @@ if triton is not None:
         vz_base = VZ + b * s_vsb + kvh * s_vsh
         q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + cols[None, :], mask=live[:, None], other=0.0)
         qf = q.to(tl.float32) * qk_scale  # [RM, D]
-        mcol = _pair_mult(((tl.arange(0, D) % PERW) // 2) % (16 // BITS), BITS).to(tl.float32)  # [D] 2**e
+        if NAT:  # channel c is field c % (8 / BITS) of its byte
+            mcol = (1 << (BITS * (tl.arange(0, D) % (8 // BITS)))).to(tl.float32)
+        else:
+            mcol = _pair_mult(((tl.arange(0, D) % PERW) // 2) % (16 // BITS), BITS).to(tl.float32)  # [D] 2**e
         inv_m = 1.0 / mcol
         m_i = tl.full([RM], -float("inf"), dtype=tl.float32)
         l_i = tl.zeros([RM], dtype=tl.float32)
@@ -269,7 +348,10 @@ if triton is not None:
             qs = (qf * ks * inv_m[None, :]).to(tl.float16)  # [RM, D]
             corr = tl.sum(qs.to(tl.float32) * kzm, 1)  # [RM]
             kx = tl.load(kw_base + n0 * DW + kw_off, mask=valid[:, None], other=0)  # [T, DW]
-            k16 = tl.reshape(_codes(kx, BITS, ASM), [T, D])  # u * 2**e
+            if ASM == 2:
+                k16 = tl.reshape(_codes_packed(kx, BITS, KPTX, KCON), [T, D])  # u * 2**e
+            else:
+                k16 = tl.reshape(_codes(kx, BITS, ASM, KPTX, KCON, NAT), [T, D])
             s = tl.dot(qs, tl.trans(k16)) - corr[:, None]  # [RM, T], log2 units
             if JB == 1:
                 s = tl.where(valid[None, :], s, -float("inf"))
@@ -286,23 +368,24 @@ if triton is not None:
             vx = tl.load(vw_base + n0 * DW + vw_off, mask=vmask, other=0)  # [T, NG, WPG]
             vz = tl.load(vz_base + n0 * NG + vg_off, mask=vmask, other=0).to(tl.int32)  # [T, NG, 1]
             vs = tl.load(vs_base + n0 * NG + vg_off, mask=vmask, other=0.0).to(tl.float32)
-            vz0, vp0 = _value_pair(vz, vs, 0, BITS)
+            vz0, vp0 = _value_pair(vz, vs, 0, BITS, NAT)
             if BITS == 8:
                 vz1, vp1 = vz0, vp0
                 vz2, vp2, vz3, vp3 = vzero, vzero, vzero, vzero
             else:
-                vz1, vp1 = _value_pair(vz, vs, 1, BITS)
+                vz1, vp1 = _value_pair(vz, vs, 1, BITS, NAT)
                 if BITS == 4:
                     vz2, vp2, vz3, vp3 = vz0, vp0, vz1, vp1
                 else:
-                    vz2, vp2 = _value_pair(vz, vs, 2, BITS)
-                    vz3, vp3 = _value_pair(vz, vs, 3, BITS)
+                    vz2, vp2 = _value_pair(vz, vs, 2, BITS, NAT)
+                    vz3, vp3 = _value_pair(vz, vs, 3, BITS, NAT)
             bv: tl.constexpr = [T, NG, WPG]
             z0, z1, z2, z3 = (tl.broadcast_to(vz0, bv), tl.broadcast_to(vz1, bv), tl.broadcast_to(vz2, bv),
                               tl.broadcast_to(vz3, bv))
             p0, p1, p2, p3 = (tl.broadcast_to(vp0, bv), tl.broadcast_to(vp1, bv), tl.broadcast_to(vp2, bv),
                               tl.broadcast_to(vp3, bv))
-            v16 = _dequant(vx, z0, z1, z2, z3, z0, z1, z2, z3, p0, p1, p2, p3, p0, p1, p2, p3, BITS, ASM)
+            v16 = _dequant(vx, z0, z1, z2, z3, z0, z1, z2, z3, p0, p1, p2, p3, p0, p1, p2, p3, BITS, ASM, VPTX,
+                           VCON, NAT)
             v16 = tl.reshape(v16, [T, D])
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16)
         if JB == 1:
@@ -336,7 +419,7 @@ def tc_supported(d: int, bits: int, k_block: int, v_group: int) -> str | None:
 
 
 def launch_tc(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, *, bits, k_block, v_group, groups,
-              qk_scale, split, num_warps, num_stages, asm, waves, blocks=None):
+              qk_scale, split, num_warps, num_stages, asm, waves, blocks=None, natural=True):
     """Run ``_split_kernel_tc``: grid ``(B * Hkv, chunks)``; returns ``decode_attention``'s partials."""
     import os
 
@@ -365,6 +448,8 @@ def launch_tc(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32,
     den = torch.empty_like(m)
     kw, vw = k_codes.view(torch.int32), v_codes.view(torch.int32)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    kptx, kcon = codes_asm_packed(bits, natural) if asm == 2 else dequant_asm(bits, scaled=False, natural=natural)
+    vptx, vcon = dequant_asm(bits, natural=natural)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _split_kernel_tc[(b * hkv, n_split)](
         q, kw, k_scale, k_zero, vw, v_scale, v_zero, lo32, hi32, acc, m, den,
@@ -372,5 +457,6 @@ def launch_tc(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32,
         vw.stride(0), vw.stride(1), v_scale.stride(0), v_scale.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), qk_scale, split,
         HQ=hq, GROUPS=groups, GP=gp, JB=jb, RM=max(16, jb * gp), D=d, BITS=bits, K_BLOCK=k_block,
-        V_GROUP=v_group, ASM=bool(asm) and not interpret, num_warps=num_warps, **extra)
+        V_GROUP=v_group, ASM=0 if interpret else int(asm), NAT=bool(natural), KPTX=kptx, KCON=kcon, VPTX=vptx,
+        VCON=vcon, num_warps=num_warps, **extra)
     return acc, m, den, n_split
