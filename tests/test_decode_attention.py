@@ -199,9 +199,10 @@ def test_triton_kernel_real_layout_matches_reference():
 
 # v3 (tensor cores, lowbit.kernels.decode_attention_tc): (bits, q heads, kv heads, v_group, launch) at head dim 128,
 # key blocks of 32; float16 MMA operands, so 2e-3 (the scores' float16 query carries ~11 bits)
-TC_CASES = [(4, 8, 2, 32, {"variant": "v3", "split": 64}), (2, 8, 2, 16, {"variant": "v3"}),
+TC_CASES = [(4, 8, 2, 32, {"variant": "v3", "split": 96}), (2, 8, 2, 16, {"variant": "v3", "blocks": 1}),
             (8, 4, 4, 32, {"variant": "v3", "split": 96}), (4, 4, 4, 32, {"variant": "v3", "natural": False}),
-            (4, 6, 2, 32, {"variant": "v3", "num_warps": 4, "blocks": 1}), (8, 6, 2, 32, {"variant": "v3", "blocks": 2})]
+            (4, 6, 2, 32, {"variant": "v3", "st": False, "vt": True, "blocks": 1}),
+            (8, 6, 2, 32, {"variant": "v3", "blocks": 2, "st": False})]
 
 
 def _check_tc(bits: int, hq: int, hkv: int, v_group: int, **launch) -> None:
@@ -226,7 +227,8 @@ def _check_tc(bits: int, hq: int, hkv: int, v_group: int, **launch) -> None:
 
 def test_tensor_core_kernel_matches_reference():
     """v3 over the kv8 / kv4 / kv2 layouts: GQA groups of 4 and 3 (padded to 4), MHA, 1, 2 and 4 key blocks per
-    step (MMA rows = key block x head), chunks that start inside a key block, channels in memory order and in the dequantization's pair order, float16 and float32 scales
+    step (MMA rows = key block x head), scores and output transposed (st) or not, chunks that start inside a key
+    block, channels in memory order and in the dequantization's pair order, float16 and float32 scales
     (TRITON_INTERPRET=1 on CPU runs the twin, which rounds exactly as the PTX does)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():

@@ -23,15 +23,15 @@ sys.path.insert(0, str(ROOT))
 LAYOUT = {"int8": (8, 32, 32, 32), "int4": (4, 32, 32, 32), "int2": (2, 32, 16, 64)}
 """name -> (bits, k_block, v_group, window), as tools/bench_attention.py."""
 
-V3 = [{"variant": "v3"}, {"variant": "v3", "num_warps": 2}, {"variant": "v3", "num_warps": 8},
-      {"variant": "v3", "blocks": 1}, {"variant": "v3", "blocks": 2}, {"variant": "v3", "num_warps": 4, "blocks": 1},
-      {"variant": "v3", "num_warps": 4, "num_stages": 2}, {"variant": "v3", "asm": False},
-      {"variant": "v3", "waves": 4}, {"variant": "v3", "waves": 16}, {"variant": "v3", "num_warps": 1},
-      {"variant": "v3", "natural": False}, {"variant": "v3", "asm": 2}, {"variant": "v3", "natural": False, "num_warps": 8}]
+V3 = [{"variant": "v3"}, {"variant": "v3", "num_warps": 4}, {"variant": "v3", "st": False, "num_warps": 4},
+      {"variant": "v3", "blocks": 1}, {"variant": "v3", "blocks": 2}, {"variant": "v3", "st": False, "vt": True},
+      {"variant": "v3", "num_stages": 2}, {"variant": "v3", "asm": False},
+      {"variant": "v3", "waves": 4}, {"variant": "v3", "waves": 16}, {"variant": "v3", "natural": False},
+      {"variant": "v3", "asm": 2}, {"variant": "v3", "st": False, "vt": True, "num_warps": 4}]
 
 SHAPES = [  # (batch, q heads, kv heads, context, kinds, launches; {} = DEFAULT_CONFIG) in priority order
-    (16, 32, 8, 32768, ["int4", "int2"], [{}, V3[0], V3[2], V3[11]]),
-    (16, 32, 32, 32768, ["int4", "int2", "int8"], [{}, V3[0], V3[2]]),
+    (16, 32, 8, 32768, ["int4", "int2"], [{}, V3[0], V3[1], V3[2]]),
+    (16, 32, 32, 32768, ["int4", "int2", "int8"], [{}, V3[0], V3[1]]),
     (1, 32, 8, 4096, ["int4"], [{}, V3[0]]),
     (1, 32, 32, 4096, ["int4"], [{}, V3[0]]),
     (1, 32, 8, 32768, ["int4"], [{}, V3[0]]),
@@ -39,11 +39,10 @@ SHAPES = [  # (batch, q heads, kv heads, context, kinds, launches; {} = DEFAULT_
     (1, 32, 32, 768, ["int4"], [{}, V3[0], {"split": 64}, {"split": 128}, V3[3], V3[8]]),
     (16, 32, 32, 768, ["int4"], [{}, V3[0], V3[8], V3[9]]),
     "step",
-    (16, 32, 8, 32768, ["int4"], V3[1:2] + V3[3:11] + V3[12:] + [{"variant": "v2", "heads": 2},
-                                                                 {"variant": "v2", "heads": 1}]),
-    (16, 32, 32, 32768, ["int4"], V3[1:2] + V3[3:7] + V3[10:]),  # (natural=False first: V3[11])
-    (16, 32, 8, 32768, ["int2"], V3[1:2] + V3[3:6]),
-    (16, 32, 8, 32768, ["int8"], [{}, V3[0], V3[2]]),
+    (16, 32, 8, 32768, ["int4"], V3[3:] + [{"variant": "v2", "heads": 2}, {"variant": "v2", "heads": 1}]),
+    (16, 32, 32, 32768, ["int4"], V3[2:7] + V3[10:]),
+    (16, 32, 8, 32768, ["int2"], V3[3:6] + V3[10:]),
+    (16, 32, 8, 32768, ["int8"], [{}, V3[0], V3[1]]),
 ]
 
 
