@@ -43,7 +43,7 @@ SWEEPS = {
         {"variant": "v3"},
         {"variant": "v3", "num_warps": 8},
         {"variant": "v3", "blocks": 1},
-        {"variant": "v3", "natural": False},
+        {"variant": "v3", "natural": True},
         {"variant": "v2", "heads": 2},
     ],
     "final": [  # most informative first: the budget may cut the tail

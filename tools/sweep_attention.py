@@ -26,7 +26,7 @@ LAYOUT = {"int8": (8, 32, 32, 32), "int4": (4, 32, 32, 32), "int2": (2, 32, 16, 
 V3 = [{"variant": "v3"}, {"variant": "v3", "num_warps": 4}, {"variant": "v3", "st": False, "num_warps": 4},
       {"variant": "v3", "blocks": 1}, {"variant": "v3", "blocks": 2}, {"variant": "v3", "st": False, "vt": True},
       {"variant": "v3", "num_stages": 2}, {"variant": "v3", "asm": False},
-      {"variant": "v3", "waves": 4}, {"variant": "v3", "waves": 16}, {"variant": "v3", "natural": False},
+      {"variant": "v3", "waves": 4}, {"variant": "v3", "waves": 16}, {"variant": "v3", "natural": True},
       {"variant": "v3", "asm": 2}, {"variant": "v3", "st": False, "vt": True, "num_warps": 4}]
 
 SHAPES = [  # (batch, q heads, kv heads, context, kinds, launches; {} = DEFAULT_CONFIG) in priority order

@@ -680,7 +680,7 @@ VARIANT_CONFIGS = {
            "vchain": True},
     "v2p": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": 1},
     "v3": {"num_warps": 8, "split": None, "block_n": None, "num_stages": 1, "chunk": None, "asm": 1,
-           "waves": 8, "natural": True, "st": True, "vt": False},
+           "waves": 8, "natural": None, "st": True, "vt": False},
 }
 """Each variant's launch when the caller names the variant but not the option. v1: 4 warps, 32-token steps, 16
 channels per thread chunk (the previous session's fastest on the H200 for int4 and int2 with float16 scales:
@@ -759,7 +759,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     group: each code is unpacked once for all of them); v3 (``decode_attention_tc``): ``asm`` (the inline-PTX
     dequantization, else Triton ops), ``waves`` (the default split aims at this many programs per SM), ``blocks``
     (key blocks per step: default 16 / the group, at most 4), ``natural`` (channels in memory order; else the
-    dequantization's pair order, one PRMT less per pair), ``st`` (scores as ``K Q^T`` and the output as
+    dequantization's pair order, one PRMT less per pair; default: pair order for int4 only, the fewer
+    instructions by an offline sm_90 compile), ``st`` (scores as ``K Q^T`` and the output as
     ``V^T P^T``: tokens and channels as the MMA's M, warpgroup MMAs on Hopper), ``vt`` (only the output
     transposed)."""
     if triton is None:
