@@ -23,14 +23,15 @@ sys.path.insert(0, str(ROOT))
 LAYOUT = {"int8": (8, 32, 32, 32), "int4": (4, 32, 32, 32), "int2": (2, 32, 16, 64)}
 """name -> (bits, k_block, v_group, window), as tools/bench_attention.py."""
 
-V3 = [{"variant": "v3"}, {"variant": "v3", "num_warps": 4}, {"variant": "v3", "st": False, "num_warps": 4},
+V3 = [{"variant": "v3"}, {"variant": "v3", "maxnreg": 128}, {"variant": "v3", "st": False, "num_warps": 4},
       {"variant": "v3", "blocks": 1}, {"variant": "v3", "blocks": 2}, {"variant": "v3", "st": False, "vt": True},
       {"variant": "v3", "num_stages": 2}, {"variant": "v3", "asm": False},
       {"variant": "v3", "waves": 4}, {"variant": "v3", "waves": 16}, {"variant": "v3", "natural": True},
-      {"variant": "v3", "asm": 2}, {"variant": "v3", "st": False, "vt": True, "num_warps": 4}]
+      {"variant": "v3", "asm": 2}, {"variant": "v3", "st": False, "vt": True, "num_warps": 4},
+      {"variant": "v3", "num_stages": 2, "maxnreg": 128}, {"variant": "v3", "num_warps": 4}]
 
 SHAPES = [  # (batch, q heads, kv heads, context, kinds, launches; {} = DEFAULT_CONFIG) in priority order
-    (16, 32, 8, 32768, ["int4", "int2"], [{}, V3[0], V3[1], V3[2]]),
+    (16, 32, 8, 32768, ["int4", "int2"], [{}, V3[0], V3[1], V3[6], V3[13]]),
     (16, 32, 32, 32768, ["int4", "int2", "int8"], [{}, V3[0], V3[1]]),
     (1, 32, 8, 4096, ["int4"], [{}, V3[0]]),
     (1, 32, 32, 4096, ["int4"], [{}, V3[0]]),
@@ -41,6 +42,7 @@ SHAPES = [  # (batch, q heads, kv heads, context, kinds, launches; {} = DEFAULT_
     "step",
     (16, 32, 8, 32768, ["int4"], V3[3:] + [{"variant": "v2", "heads": 2}, {"variant": "v2", "heads": 1}]),
     (16, 32, 32, 32768, ["int4"], V3[2:7] + V3[10:]),
+    (1, 32, 32, 768, ["int4"], [V3[1], V3[13]]),
     (16, 32, 8, 32768, ["int2"], V3[3:6] + V3[10:]),
     (16, 32, 8, 32768, ["int8"], [{}, V3[0], V3[1]]),
 ]

@@ -680,7 +680,7 @@ VARIANT_CONFIGS = {
            "vchain": True},
     "v2p": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": 1},
     "v3": {"num_warps": 8, "split": None, "block_n": None, "num_stages": 1, "chunk": None, "asm": 1,
-           "waves": 8, "natural": None, "st": True, "vt": False},
+           "waves": 8, "natural": None, "st": True, "vt": False, "maxnreg": None},
 }
 """Each variant's launch when the caller names the variant but not the option. v1: 4 warps, 32-token steps, 16
 channels per thread chunk (the previous session's fastest on the H200 for int4 and int2 with float16 scales:
@@ -751,7 +751,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      chunk: int | None = None, variant: str | None = None, heads: int | None = None,
                      vchain: bool | None = None, asm: bool | None = None, waves: int | None = None,
                      blocks: int | None = None, natural: bool | None = None, st: bool | None = None,
-                     vt: bool | None = None) -> torch.Tensor:
+                     vt: bool | None = None, maxnreg: int | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
     ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole key
     blocks / steps); ``block_n``: tokens per inner step (v2: clamped to one key block, at least one row per token
@@ -762,7 +762,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     dequantization's pair order, one PRMT less per pair; default: pair order for int4 only, the fewer
     instructions by an offline sm_90 compile), ``st`` (scores as ``K Q^T`` and the output as
     ``V^T P^T``: tokens and channels as the MMA's M, warpgroup MMAs on Hopper), ``vt`` (only the output
-    transposed)."""
+    transposed), ``maxnreg`` (a register cap: 128 at 8 warps fits two programs per SM)."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
@@ -789,7 +789,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
             v_group=v_group, groups=groups, qk_scale=qk_scale, split=split, num_warps=num_warps or base["num_warps"],
             num_stages=num_stages, asm=base["asm"] if asm is None else asm, waves=waves or base["waves"], blocks=blocks,
             natural=base["natural"] if natural is None else natural, st=base["st"] if st is None else st,
-            vt=base["vt"] if vt is None else vt)
+            vt=base["vt"] if vt is None else vt, maxnreg=maxnreg or base["maxnreg"])
         return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale)
     block_n = block_n or base["block_n"]
     num_warps = num_warps or base["num_warps"]

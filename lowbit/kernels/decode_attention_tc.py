@@ -463,7 +463,8 @@ def tc_supported(d: int, bits: int, k_block: int, v_group: int) -> str | None:
 
 
 def launch_tc(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, *, bits, k_block, v_group, groups,
-              qk_scale, split, num_warps, num_stages, asm, waves, blocks=None, natural=True, vt=False, st=False):
+              qk_scale, split, num_warps, num_stages, asm, waves, blocks=None, natural=True, vt=False, st=False,
+              maxnreg=None):
     """Run ``_split_kernel_tc``: grid ``(B * Hkv, chunks)``; returns ``decode_attention``'s partials."""
     import os
 
