@@ -23,8 +23,13 @@ accumulate in float32. The kernel writes flash-decoding partials in ``decode_att
 ``_reduce_kernel`` merges them with the float buffer. ``ASM=0`` (the interpreter, and a sweep option) computes
 the same float16 values with Triton integer ops and float16 arithmetic instead of the inline PTX.
 
-Offline sm_90 compiles (Triton 3.6, the H200's): ~4.9 SASS instructions per code per program (int4, 8 warps,
-GQA 4: ~1.2 per code and query head; v2: 2.9), MHA 4.8 (v2: 5.2), int2 4.6, int8 4.6.
+The softmax's running sum is kept per token slot (``l_s``) and summed once after the loop: only the running max
+needs a reduction over the step's tokens.
+
+Offline sm_90 compiles (Triton 3.6, the H200's; ``tools/gpu_round_attention.sh`` has the GPU round that decides
+the default): SASS instructions per code per program in the main loop, 8 warps: int4 GQA 4 4.26 (~1.07 per code
+and query head; v2 2.9), int4 MHA 4.08 (v2 5.2), int2 4.36, int8 4.34, int4 GQA 8 6.9 (0.87 per code and head);
+180 registers (one program of 8 warps per SM; ``maxnreg=128``: two, 4.47 per code).
 """
 
 from __future__ import annotations
@@ -348,7 +353,10 @@ if triton is not None:
             mcol = _pair_mult(((tl.arange(0, D) % PERW) // 2) % (16 // BITS), BITS).to(tl.float32)  # [D] 2**e
         inv_m = 1.0 / mcol
         m_i = tl.full([RM], -float("inf"), dtype=tl.float32)
-        l_i = tl.zeros([RM], dtype=tl.float32)
+        if ST:  # per token slot: summed over the slots once, after the loop (no reduction per step)
+            l_s = tl.zeros([T, RM], dtype=tl.float32)
+        else:
+            l_i = tl.zeros([RM], dtype=tl.float32)
         if VT or ST:
             acc = tl.zeros([D, RM], dtype=tl.float32)
         else:
@@ -387,7 +395,7 @@ if triton is not None:
                 m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
                 alpha = tl.exp2(m_i - m_safe)
                 p = tl.exp2(s - m_safe[None, :])  # [T, RM]
-                l_i = l_i * alpha + tl.sum(p, 0)
+                l_s = l_s * alpha[None, :] + p
             else:
                 s = tl.dot(qs, tl.trans(k16)) - corr[:, None]  # [RM, T], log2 units
                 if JB == 1:
@@ -432,6 +440,8 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16)
         if VT or ST:
             acc = tl.trans(acc)
+        if ST:
+            l_i = tl.sum(l_s, 0)
         if JB == 1:
             a_ptr = ACC + b * s_ab + pid_s * s_as + heads[:, None] * s_ah + cols[None, :]
             tl.store(a_ptr, acc, mask=live[:, None])
