@@ -53,11 +53,12 @@ def compile_v3(bits: int, groups: int, d: int = 128, k_block: int = 32, v_group:
     from lowbit.kernels import decode_attention_tc as T
 
     v_group = v_group or (16 if bits == 2 else 32)
-    num_warps, num_stages = cfg.get("num_warps", 8), cfg.get("num_stages", 1)
+    num_stages = cfg.get("num_stages", 1)
     natural = cfg.get("natural")
     natural = bits != 4 if natural is None else natural
     gp = triton.next_power_of_2(groups)
     jb = cfg.get("blocks") or max(1, min(4, 16 // gp))
+    num_warps = cfg.get("num_warps") or (8 if jb * k_block * d >= 128 * 128 else 4)  # as launch_tc
     asm = cfg.get("asm", 1)
     kp, kc = T.codes_asm_packed(bits, natural) if asm == 2 else T.dequant_asm(bits, scaled=False, natural=natural)
     vp, vc = T.dequant_asm(bits, natural=natural)

@@ -679,7 +679,7 @@ VARIANT_CONFIGS = {
     "v2": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None,
            "vchain": True},
     "v2p": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": 1},
-    "v3": {"num_warps": 8, "split": None, "block_n": None, "num_stages": 1, "chunk": None, "asm": 1,
+    "v3": {"num_warps": None, "split": None, "block_n": None, "num_stages": 1, "chunk": None, "asm": 1,
            "waves": 8, "natural": None, "st": True, "vt": False, "maxnreg": None},
 }
 """Each variant's launch when the caller names the variant but not the option. v1: 4 warps, 32-token steps, 16

@@ -494,6 +494,10 @@ def launch_tc(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32,
     gp = triton.next_power_of_2(groups)
     jb = blocks or max(1, min(4, 16 // gp))  # key blocks per step: fill the 16 MMA rows, at most 128 tokens
     step = jb * k_block
+    if not num_warps:  # 8 warps for a 128 x 128 step tile, else 4 (offline sm_90: int4 GQA 4 at head_dim 128: 4.3
+        # SASS instructions per code at 8 warps, 4.6 at 4; GQA 8 (64-token steps) 4.9 at 4, 6.9 at 8; head_dim 64
+        # 5.3 at 4, 6.4 at 8)
+        num_warps = 8 if step * d >= 128 * 128 else 4
     if split is None:
         split = _default_split(s, b * hkv, step, target=waves * 132)
     split = max(step, triton.cdiv(split, step) * step)
