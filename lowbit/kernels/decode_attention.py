@@ -696,8 +696,14 @@ to 12.2 SASS instructions per code and ran 1977 us at int4 (1804 us last session
 chunks: 10.1 per code); v2 as measured then compiled to 9.1 per code with 255 registers under Triton 3.6 (5.2
 under 3.8) and ran 2477 us, and its 4-head GQA form to ~49 per code (24 ms). This v2 compiles under 3.6 to 5.2
 per code with 164 registers (MHA int4; int2 5.8, int8 5.6) and, with 4 GQA heads per program, to 2.9 per code
-and head with no local memory; at round 1's issue rates (2.5-3.2 instructions per SM-cycle for v1, 1.9 for v2 at
-255 registers) that is ~0.9-1.4 ms at int4. The final sweep times v1 beside it."""
+and head; at round 1's issue rates (2.5-3.2 instructions per SM-cycle for v1, 1.9 for v2 at 255 registers) that is
+~0.9-1.4 ms at int4. The final sweep times v1 beside it.
+
+Session 5 (``tools/sass_attention.py``, Triton 3.6): that 4-head GQA form holds 255 registers and spills in its
+loop, 992 bytes per thread at int4 (320 at int2, 1360 at int8: the order of the measured 32 q / 8 kv times,
+1411 / 783 / 2489 us); v3 (``decode_attention_tc``) reads grouped heads without spills at 4.3 instructions per code
+(1.07 per code and head) and MHA at 4.1. It stays selectable only (``variant="v3"``, ``GROUPED_VARIANT``) until
+a GPU round (``tools/gpu_round_attention.sh``) times it."""
 
 GROUPED_VARIANT: str | None = None
 """The variant a caller that names none gets when ``GROUPED_MIN`` or more query heads share a kv head (and v3 can
