@@ -225,6 +225,26 @@ def _check_tc(bits: int, hq: int, hkv: int, v_group: int, **launch) -> None:
                                    da.decode_attention_reference(*args, **kwd), rtol=2e-3, atol=2e-3)
 
 
+def _check_grouped_dispatch() -> None:
+    """``GROUPED_VARIANT = "v3"``: a grouped call that names no variant runs v3 (the reference within v3's
+    float16 tolerance), a layout v3 cannot read (int2 values in groups of 8: half a word) keeps v2 (exact)."""
+    from lowbit.kernels import decode_attention_tc as tc
+
+    saved, launch, calls = da.GROUPED_VARIANT, tc.launch_tc, []
+    da.GROUPED_VARIANT = "v3"
+    tc.launch_tc = lambda *a, **k: calls.append(k["bits"]) or launch(*a, **k)
+    try:
+        for bits, tol in ((4, 2e-3), (2, 2e-5)):
+            c = _case(bits, hq=8, hkv=2)
+            args = [c[n] for n in ("q", "kc", "ks", "kz", "vc", "vs", "vz")]
+            kw = dict(bits=bits, lo=c["lo"], hi=c["hi"], k_float=c["k"], v_float=c["v"], float_valid=c["float_valid"])
+            torch.testing.assert_close(da.decode_attention(*args, **kw), da.decode_attention_reference(*args, **kw),
+                                       rtol=tol, atol=tol)
+        assert calls == [4], calls  # the int4 call ran v3, the int2 call v2
+    finally:
+        da.GROUPED_VARIANT, tc.launch_tc = saved, launch
+
+
 def test_tensor_core_kernel_matches_reference():
     """v3 over the kv8 / kv4 / kv2 layouts: GQA groups of 4 and 3 (padded to 4), MHA, 1, 2 and 4 key blocks per
     step (MMA rows = key block x head), scores and output transposed (st) or not, chunks that start inside a key
@@ -234,10 +254,12 @@ def test_tensor_core_kernel_matches_reference():
     if torch.cuda.is_available():
         for *case, launch in TC_CASES:
             _check_tc(*case, **launch)
+        _check_grouped_dispatch()
         return
     root = Path(__file__).resolve().parents[1]
     code = ("import tests.test_decode_attention as t\n"
-            "for *case, launch in t.TC_CASES:\n    t._check_tc(*case, **dict(launch))\nprint('ok')")
+            "for *case, launch in t.TC_CASES:\n    t._check_tc(*case, **dict(launch))\n"
+            "t._check_grouped_dispatch()\nprint('ok')")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
