@@ -83,6 +83,32 @@ def test_cache_attention_equals_the_accuracy_model(bits, kb, vg, window, sink):
     assert torch.equal(kv.dequantize_keys(cache[0], cache[1], cache[2], bits)[:, :, :full], kq)
 
 
+@pytest.mark.parametrize("bits,kb,vg,window,sink", CASES)
+def test_decode_writes_the_cache_in_place_as_the_reference_does(bits, kb, vg, window, sink):
+    """A decode step's in-place write (what the Triton backend's decode runs: no copy of the cache per step) leaves
+    exactly the tensors the out-of-place reference returns, step after step — through the sink, key-block
+    boundaries and the float ring's wrap-around, with the two sequences at different positions — and returns the
+    caller's own tensors. A prefill chunk asked to write in place is written out of place."""
+    q, k, v = _random_sequence(bits + 10)
+    b, h, n, d = k.shape
+    kw = dict(bits=bits, k_block=kb, v_group=vg, window=window, sink=sink)
+    ref = kv.empty_cache(kv.cache_layout(b, h, 128, d, **kw))
+    mine = [t.clone() for t in ref]
+    starts = torch.tensor([[0], [5]])  # the second sequence runs 5 positions ahead
+    for t in range(70):
+        pos = starts + t
+        idx = pos[:, None, :, None].expand(b, h, 1, d)
+        kt, vt = k.gather(2, idx), v.gather(2, idx)
+        ref = kv.cache_update(kt, vt, pos, ref, **kw)
+        got = kv.cache_update(kt, vt, pos, mine, inplace=True, **kw)
+        assert all(g is m for g, m in zip(got, mine))
+        for g, r in zip(got, ref):
+            assert torch.equal(g, r), t
+    before = [t.clone() for t in mine]
+    chunk = kv.cache_update(k[:, :, 70:74], v[:, :, 70:74], starts + 70 + torch.arange(4), mine, inplace=True, **kw)
+    assert all(torch.equal(a, m) for a, m in zip(before, mine)) and chunk[0] is not mine[0]
+
+
 def test_cache_attention_refuses_what_it_cannot_write():
     kw = dict(bits=4, k_block=16, v_group=8, window=16, sink=1)
     q, k, v = _random_sequence(0, n=4)

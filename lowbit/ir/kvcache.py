@@ -153,10 +153,15 @@ def _check_positions(positions: torch.Tensor, slots: int, k_block: int) -> None:
 
 def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor], *,
                  bits: int, k_block: int, v_group: int, window: int, sink: int,
-                 check: bool = True) -> list[torch.Tensor]:
+                 check: bool = True, inplace: bool = False) -> list[torch.Tensor]:
     """Write the new keys/values ``[B, H, L, D]`` at ``positions [B, L]``: values quantized per token, keys into
     the float ring and every key block they touch re-quantized (its older tokens from the ring), the sink kept.
-    Returns the new eight tensors (the inputs are not modified)."""
+    Returns the new eight tensors (the inputs are not modified).
+
+    ``inplace`` (a decode step, ``L == 1``, on a cache its caller hands over): the eight tensors are written in
+    place and returned, so a step touches one key block, one value row and one ring slot per sequence instead of
+    copying every cache tensor (out of place, a decode step over a packed cache copied the whole cache once per
+    layer, and the step's caller copied it back again). Prefill chunks are always written out of place."""
     kc, ks, kz, vc, vs, vz, kf, vf = cache
     b, h, n, d = k.shape
     slots = kc.shape[2]
@@ -168,11 +173,13 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
     ring = window
     p0 = pos[:, :1]  # [B, 1]
     # values: per token, quantized as they arrive
+    inplace = inplace and n == 1
+    scatter = torch.Tensor.scatter_ if inplace else torch.Tensor.scatter
     vcode, vscale, vzero = quantize_values(v, bits, v_group)
     idx = pos[:, None, :, None]
-    vc = vc.scatter(2, idx.expand(b, h, n, vcode.shape[-1]), vcode)
-    vs = vs.scatter(2, idx.expand(b, h, n, vscale.shape[-1]), vscale.to(vs.dtype))
-    vz = vz.scatter(2, idx.expand(b, h, n, vzero.shape[-1]), vzero)
+    vc = scatter(vc, 2, idx.expand(b, h, n, vcode.shape[-1]), vcode)
+    vs = scatter(vs, 2, idx.expand(b, h, n, vscale.shape[-1]), vscale.to(vs.dtype))
+    vz = scatter(vz, 2, idx.expand(b, h, n, vzero.shape[-1]), vzero)
     # keys: the blocks from p0's to the last token's, from the old ring (tokens before p0) and the new keys
     first = (p0 // k_block) * k_block
     if n == 1:  # a decode step touches one block (no host sync: the step can run under a CUDA graph)
@@ -195,6 +202,8 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
     pad = n_blocks * k_block
 
     def put(t: torch.Tensor, index: torch.Tensor, src: torch.Tensor, extra: int) -> torch.Tensor:
+        if inplace:  # one token: its block lies inside the cache (slots are whole blocks, the position < slots)
+            return t.scatter_(2, index[:, None, :, None].expand(b, h, index.shape[1], t.shape[3]), src)
         padded = torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], 2)
         out = padded.scatter(2, index[:, None, :, None].expand(b, h, index.shape[1], t.shape[3]), src)
         return out[:, :, : t.shape[2]]
@@ -207,15 +216,21 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
     last = min(n, ring)
     pl = pos[:, n - last:]
     ridx = (sink + pl.remainder(ring))[:, None, :, None].expand(b, h, last, d)
-    kf = kf.scatter(2, ridx, k[:, :, n - last:].to(kf.dtype))
-    vf = vf.scatter(2, ridx, v[:, :, n - last:].to(vf.dtype))
+    kf = scatter(kf, 2, ridx, k[:, :, n - last:].to(kf.dtype))
+    vf = scatter(vf, 2, ridx, v[:, :, n - last:].to(vf.dtype))
     if sink:  # the sink slots keep positions 0..sink-1
         sp = torch.arange(sink, device=k.device)
         hit = (sp[None] >= p0) & (sp[None] - p0 < n)  # [B, sink]
         si = (sp[None] - p0).clamp(0, n - 1)[:, None, :, None].expand(b, h, sink, d)
         m = hit[:, None, :, None]
-        kf = torch.cat([torch.where(m, k.gather(2, si).to(kf.dtype), kf[:, :, :sink]), kf[:, :, sink:]], 2)
-        vf = torch.cat([torch.where(m, v.gather(2, si).to(vf.dtype), vf[:, :, :sink]), vf[:, :, sink:]], 2)
+        k_sink = torch.where(m, k.gather(2, si).to(kf.dtype), kf[:, :, :sink])
+        v_sink = torch.where(m, v.gather(2, si).to(vf.dtype), vf[:, :, :sink])
+        if inplace:
+            kf[:, :, :sink].copy_(k_sink)
+            vf[:, :, :sink].copy_(v_sink)
+        else:
+            kf = torch.cat([k_sink, kf[:, :, sink:]], 2)
+            vf = torch.cat([v_sink, vf[:, :, sink:]], 2)
     return [kc, ks, kz, vc, vs, vz, kf, vf]
 
 

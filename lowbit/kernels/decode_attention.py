@@ -930,7 +930,7 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
                            *cache: torch.Tensor, bits: int, k_block: int, v_group: int, window: int, sink: int,
                            scale: float | None = None, split: int | None = None) -> tuple[torch.Tensor, ...]:
     """``cache_attention`` (lowbit.ir.kvcache) with a decode step's attention on the Triton kernel: the cache is
-    written as the reference writes it, then ``decode_attention`` reads the quantized tokens ``[sink, t - window]``
+    written as the reference writes it (in place: the step's caller hands its cache over), then ``decode_attention`` reads the quantized tokens ``[sink, t - window]``
     and the float candidates (old sink/ring slots and the new token). Prefill (several tokens per sequence) and
     inputs the kernel cannot read (CPU tensors without ``TRITON_INTERPRET=1``) take the reference."""
     from lowbit.ir.kvcache import cache_attention, cache_update, float_candidates
@@ -938,8 +938,9 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     kw = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink)
     if q.shape[2] != 1 or not _kernel_device(q):
         return cache_attention(q, k, v, positions, *cache, scale=scale, **kw)
-    new = cache_update(k, v, positions, list(cache), **kw)
+    # the float candidates read the ring/sink as they were BEFORE this step's write (which is in place)
     kf, vf, fmask = float_candidates(k.float(), v.float(), positions, cache[6], cache[7], window=window, sink=sink)
+    new = cache_update(k, v, positions, list(cache), inplace=True, **kw)
     pos = positions[:, 0].to(torch.int32)
     lo = torch.full_like(pos, sink)
     hi = torch.clamp(pos - window + 1, min=sink)
