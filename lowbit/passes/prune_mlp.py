@@ -27,27 +27,31 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
-from lowbit.calibration.engine import batches_from_ids, run
+from lowbit.calibration.engine import BlockRun, batches_from_ids, run
+from lowbit.calibration.structured_obs import augmented_hessian, remove_columns_obs
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.shapes import ShapeError, reinfer_shapes
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
-from lowbit.passes.pruning_sites import find_mlp_sites, slice_linear_cols, slice_linear_rows
+from lowbit.passes.pruning_sites import MLPSite, find_mlp_sites, slice_linear_cols, slice_linear_rows
 
 __all__ = ["PruneMLP", "PruneMLPOptions", "StructuredOptions", "InputStats", "collect_input_stats",
-           "channel_scores", "allocate", "add_bias", "refit_columns", "reinfer"]
+           "channel_scores", "allocate", "add_bias", "refit_columns", "reinfer", "Cut", "choose_cut"]
 
 
 class StructuredOptions(CalibrationOptions, ScopedOptions):
     ratio: float = Field(default=0.2, ge=0.0, lt=1.0)
     """Fraction of the prunable units removed (channels for prune-mlp, GQA groups for prune-heads)."""
-    score: Literal["wanda", "fluctuation", "magnitude"] = "wanda"
-    """Importance: activation-aware norm (Wanda), FLAP's fluctuation, or weight norm only (no calibration)."""
+    score: Literal["wanda", "fluctuation", "magnitude", "obs"] = "wanda"
+    """Importance: activation-aware norm (Wanda), FLAP's fluctuation, weight norm only (no calibration), or
+    ``obs``: remove greedily the unit whose loss, with the output projection's other columns and bias refit by
+    least squares, is least (whole-column OBS, ``lowbit.calibration.structured_obs``; implies the refit)."""
     allocation: Literal["uniform", "global"] = "uniform"
     """Same fraction per layer, or one global ranking of per-layer-normalised scores."""
     compensate: bool = False
@@ -57,7 +61,11 @@ class StructuredOptions(CalibrationOptions, ScopedOptions):
     (``W' = W·H[:,keep]·H[keep,keep]⁻¹`` over ``[x, 1]``): what the removed channels carried is rebuilt from the
     kept ones as far as they are correlated (the OBS/SparseGPT update, for whole channels). Implies ``compensate``."""
     damp: float = Field(default=0.01, gt=0.0, lt=1.0)
-    """``update``: diagonal damping relative to the mean diagonal of the kept block of ``XᵀX``."""
+    """``update``/``obs``: diagonal damping relative to the mean diagonal of ``XᵀX``."""
+    sequential: bool = False
+    """Calibrate block by block: block i's statistics come from the model whose blocks before i are already
+    pruned (and refit), as GPTQ and SparseGPT run, so each refit also absorbs the earlier blocks' errors.
+    Otherwise one run of the unpruned model scores every layer."""
     max_layer_ratio: float = Field(default=0.8, ge=0.0, lt=1.0)
     """Global allocation: the most any one layer loses."""
     spread: float | None = Field(default=None, gt=0.0, lt=1.0)
@@ -108,9 +116,11 @@ class _Collected:
 
 def collect_input_stats(graph: Graph, linears: list[Node], o: CalibrationOptions, pass_name: str,
                         residual_blocks: dict[int, tuple[str, bool]] | None = None,
-                        second_moment: bool = False) -> _Collected:
-    """One calibration run of the (unchanged) model: input channel statistics of ``linears``, and, for
-    ``residual_blocks`` (``id(residual_add)`` -> (block, is_last)), the block's mean ``1 - cos(in, out)``."""
+                        second_moment: bool = False,
+                        on_block: Callable[[BlockRun, _Collected], bool] | None = None) -> _Collected:
+    """One calibration run of the model: input channel statistics of ``linears``, and, for ``residual_blocks``
+    (``id(residual_add)`` -> (block, is_last)), the block's mean ``1 - cos(in, out)``. ``on_block(ctx, stats)``
+    may change the block once its statistics are in (its result is then what the next block reads)."""
     want = {id(n) for n in linears}
     out = _Collected()
     pending: dict[str, torch.Tensor] = {}
@@ -142,8 +152,9 @@ def collect_input_stats(graph: Graph, linears: list[Node], o: CalibrationOptions
     if not linears and not residual_blocks:
         return out
     ids = o.token_ids(graph, pass_name)
+    hook = (lambda ctx: on_block(ctx, out)) if on_block is not None else (lambda ctx: False)
     rep = run(graph, batches_from_ids(graph, ids, o.batch_size_for(graph)), on_node=on_node,
-              on_block=lambda ctx: False, progress=o.progress, device=o.torch_device(pass_name))
+              on_block=hook, progress=o.progress, device=o.torch_device(pass_name))
     out.tokens, out.seconds = int(ids.numel()), rep.seconds
     return out
 
@@ -214,6 +225,81 @@ def refit_columns(w: torch.Tensor, st: InputStats, keep: torch.Tensor, damp: flo
     return sol[:, :-1].to(w.device), sol[:, -1].to(w.device)
 
 
+@dataclass
+class Cut:
+    """One layer's cut: the units of the output projection's columns that stay, and its repair."""
+
+    keep: torch.Tensor
+    """Kept unit indices, ascending (units of ``unit`` consecutive columns: channels, or GQA groups of heads)."""
+    weight: torch.Tensor | None = None
+    """The output projection's new weight at full width (removed columns zero; float64), or None: unchanged."""
+    bias: torch.Tensor | None = None
+    """What the repair adds to the output projection's bias (float64), or None."""
+
+
+def unit_columns(units: torch.Tensor | list[int], unit: int) -> torch.Tensor:
+    """The column indices of ``units`` of ``unit`` consecutive columns each."""
+    u = torch.as_tensor(units, dtype=torch.long).reshape(-1, 1)
+    return (u * unit + torch.arange(unit)).reshape(-1)
+
+
+def choose_cut(w_out: torch.Tensor, st: InputStats | None, n_rm: int, unit: int, o: StructuredOptions) -> Cut:
+    """Which ``n_rm`` units of ``w_out [N, K]``'s input columns go, by ``o.score``, and the repair ``o`` asks for
+    (``obs``/``update``: least-squares refit of the rest and the bias; ``compensate``: the removed mean to the
+    bias)."""
+    k = w_out.shape[1]
+    if o.score == "obs":
+        assert st is not None and st.xtx is not None
+        r = remove_columns_obs(w_out, augmented_hessian(st.xtx, st.sum.to(st.xtx.device), st.rows), unit, n_rm,
+                               o.damp)
+        gone = set(r.removed)
+        return Cut(torch.tensor([u for u in range(k // unit) if u not in gone], dtype=torch.long),
+                   r.weight, r.bias_delta)
+    sc = channel_scores(w_out, st, o.score).reshape(-1, unit).sum(1).cpu()
+    order = torch.argsort(sc, stable=True)
+    keep = torch.sort(order[n_rm:]).values
+    if o.update:
+        assert st is not None
+        cols = unit_columns(keep, unit)
+        wk, b = refit_columns(w_out, st, cols, o.damp)
+        full = torch.zeros(w_out.shape, dtype=torch.float64, device=wk.device)
+        full[:, cols.to(wk.device)] = wk.double()
+        return Cut(keep, full, b.double())
+    if o.compensate:
+        assert st is not None
+        drop = unit_columns(torch.sort(order[:n_rm]).values, unit).to(w_out.device)
+        return Cut(keep, None, w_out.double()[:, drop] @ st.mean.to(w_out.device)[drop])
+    return Cut(keep)
+
+
+def apply_cut_masked(graph: Graph, out_proj: Node, cut: Cut, unit: int, users: dict[int, list[Node]],
+                     rows: list[tuple[Node, int]]) -> None:
+    """Apply ``cut`` as zeros, shapes unchanged (the masked dense model, which the slicing then equals): the
+    removed units' rows of each ``(producer, rows per unit)`` in ``rows`` and columns of ``out_proj`` are zeroed,
+    the repair written. Block-by-block calibration runs the next block on this."""
+    from lowbit.ir.rewrite import private_weight
+
+    k = out_proj.args[1].data.shape[1]
+    gone = torch.ones(k // unit, dtype=torch.bool)
+    gone[cut.keep] = False
+    units = gone.nonzero().flatten()
+    for p, per in rows:
+        for idx in (1, 2) if len(p.args) > 2 and p.args[2] is not None else (1,):
+            v = private_weight(graph, p, idx, users, p.args[idx].name)
+            d = v.data.clone()
+            d[unit_columns(units, per).to(d.device)] = 0
+            graph.set_param(v.name, d)
+    wv = private_weight(graph, out_proj, 1, users, out_proj.args[1].name)
+    if cut.weight is not None:
+        new = cut.weight.to(wv.data.device, wv.data.dtype)
+    else:
+        new = wv.data.clone()
+        new[:, unit_columns(units, unit).to(new.device)] = 0
+    graph.set_param(wv.name, new)
+    if cut.bias is not None:
+        add_bias(graph, out_proj, cut.bias)
+
+
 def add_bias(graph: Graph, lin: Node, delta: torch.Tensor) -> None:
     """``lin``'s bias += ``delta`` (a new bias param if it had none)."""
     from lowbit.passes.fold_norms import private_weight
@@ -254,37 +340,58 @@ class PruneMLP(Pass):
         if not sites:
             raise PassError(f"pass {self.name}: no prunable MLP found ({'; '.join(skipped[:3]) or 'no down_proj'})")
         calibrated = o.score != "magnitude" or o.compensate or o.update
-        col = collect_input_stats(graph, [s.down for s in sites] if calibrated else [], o, self.name,
-                                  second_moment=o.update)
-        scores = [channel_scores(s.down.args[1].data, col.inputs.get(id(s.down)), o.score) for s in sites]
-        counts = allocate(scores, o.ratio, o.allocation, o.multiple, o.max_layer_ratio, spread=o.spread)
-        users = graph.users()
-        params_before = sum(v.data.numel() for v in graph.params.values())
-        widths = {}
-        for site, sc, n_rm in zip(sites, scores, counts):
+        second = o.update or o.score == "obs"
+        counts: list[int] | None = None
+        col = _Collected()
+        if o.allocation == "global" or not o.sequential:
+            # the counts (global: one ranking; obs ranks by fluctuation here) from one run of the unpruned model
+            col = collect_input_stats(graph, [s.down for s in sites] if calibrated else [], o, self.name,
+                                      second_moment=second and not o.sequential)
+            rank = "fluctuation" if o.score == "obs" else o.score
+            scores = [channel_scores(s.down.args[1].data, col.inputs.get(id(s.down)), rank) for s in sites]
+            counts = allocate(scores, o.ratio, o.allocation, o.multiple, o.max_layer_ratio, spread=o.spread)
+        else:
+            counts = allocate([torch.zeros(s.width) for s in sites], o.ratio, "uniform", o.multiple, 1.0)
+        for site, n_rm in zip(sites, counts):
             if n_rm >= site.width:
                 raise PassError(f"pass {self.name}: layer {site.block}: removing {n_rm} of {site.width} channels "
                                 "would leave the MLP empty")
+        users = graph.users()
+        params_before = sum(v.data.numel() for v in graph.params.values())
+        n_of = {id(s.down): n for s, n in zip(sites, counts)}
+        cuts: dict[int, Cut] = {}
+
+        def cut_site(site: MLPSite, st: InputStats | None) -> None:
+            n_rm = n_of[id(site.down)]
             if n_rm == 0:
+                return
+            cuts[id(site.down)] = cut = choose_cut(site.down.args[1].data, st, n_rm, 1, o)
+            apply_cut_masked(graph, site.down, cut, 1, users, [(p, 1) for p in site.producers])
+
+        if o.sequential:
+            def on_block(ctx: BlockRun, got: _Collected) -> bool:
+                mine = [s for s in sites if id(s.down) in got.inputs]
+                for s in mine:
+                    cut_site(s, got.inputs.pop(id(s.down)))
+                return bool(mine)
+
+            col = collect_input_stats(graph, [s.down for s in sites] if calibrated else [], o, self.name,
+                                      second_moment=second, on_block=on_block)
+            if not calibrated:
+                for s in sites:
+                    cut_site(s, None)
+        else:
+            for s in sites:
+                cut_site(s, col.inputs.get(id(s.down)))
+        widths = {}
+        for site in sites:
+            cut = cuts.get(id(site.down))
+            if cut is None:
                 continue
-            order = torch.argsort(sc, stable=True)
-            keep = torch.sort(order[n_rm:]).values
-            refit = None
-            if o.update:
-                refit = refit_columns(site.down.args[1].data, col.inputs[id(site.down)], keep, o.damp)
-                add_bias(graph, site.down, refit[1])
-            elif o.compensate:
-                drop = order[:n_rm]
-                st = col.inputs[id(site.down)]
-                w = site.down.args[1].data.double()
-                add_bias(graph, site.down, w[:, drop.to(w.device)] @ st.mean.to(w.device)[drop.to(w.device)])
             for p in site.producers:
-                slice_linear_rows(graph, p, keep, users)
-            slice_linear_cols(graph, site.down, keep, users)
-            if refit is not None:
-                wv = site.down.args[1]
-                graph.set_param(wv.name, refit[0].to(wv.data.dtype))
-            widths[site.block] = int(keep.numel())
+                slice_linear_rows(graph, p, cut.keep, users)
+            slice_linear_cols(graph, site.down, cut.keep, users)
+            widths[site.block] = int(cut.keep.numel())
         from lowbit.passes.dce import eliminate_dead_code
 
         eliminate_dead_code(graph)
