@@ -407,6 +407,8 @@ def main() -> None:
     ap.add_argument("--recover-eval-every", type=int, default=0, help="steps between held-out KL measurements")
     ap.add_argument("--recover-ce", type=float, default=0.0, help="weight of an added next-token cross-entropy")
     ap.add_argument("--recover-wd", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--recover-best", action="store_true",
+                    help="of the rows --recover-match selects, recover only the one with the lowest one-shot ratio")
     ap.add_argument("--recover-generated", type=int, default=0,
                     help="tokens of text sampled from the float model added to the recovery's training windows "
                          "(data-free distillation; 0: the calibration text only)")
@@ -563,6 +565,9 @@ def main() -> None:
                 and re.search(args.recover_match, f"{scheme}:{method}:{variant}")):
             queued.append((g, row))  # recovered after every one-shot row, so a --deadline cuts only recoveries
         del g
+    if args.recover_best and queued:
+        # only the best one-shot row of those matched recovers (one long recovery for the best starting point)
+        queued = [min(queued, key=lambda q: q[1]["ratio"])]
     generated: dict = {}
     for g, row in queued:
         if args.recover_generated and not generated:

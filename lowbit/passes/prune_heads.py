@@ -33,8 +33,9 @@ from lowbit.ir.graph import Graph, TensorType, Value
 from lowbit.ir.shapes import EXPAND_OPS
 from lowbit.passes.base import NO_QLINEAR, Pass, PassError, PassResult, register_pass
 from lowbit.calibration.engine import BlockRun
-from lowbit.passes.prune_mlp import (Cut, InputStats, StructuredOptions, _Collected, allocate, apply_cut_masked,
-                                     channel_scores, choose_cut, collect_input_stats, reinfer)
+from lowbit.passes.prune_mlp import (Cut, InputStats, StructuredOptions, _bias, _Collected, allocate,
+                                     apply_cut_masked, channel_scores, check_target, choose_cut, collect_input_stats,
+                                     model_targets, reinfer)
 from lowbit.passes.pruning_sites import AttentionSite, find_attention_sites, slice_linear_cols, slice_linear_rows
 
 __all__ = ["PruneHeads", "PruneHeadsOptions"]
@@ -97,6 +98,7 @@ class PruneHeads(Pass):
                             f"({'; '.join(skipped[:3]) or 'no attention op'})")
         calibrated = o.score != "magnitude" or o.compensate or o.update
         second = o.update or o.score == "obs"
+        check_target(o, self.name)
         col = _Collected()
         if o.allocation == "global" or not o.sequential:
             col = collect_input_stats(graph, [s.o for s in sites] if calibrated else [], o, self.name,
@@ -125,7 +127,7 @@ class PruneHeads(Pass):
             if n_rm == 0:
                 return
             qw = s.group_size * s.head_dim
-            cuts[id(s.o)] = cut = choose_cut(s.o.args[1].data, st, n_rm, qw, o)
+            cuts[id(s.o)] = cut = choose_cut(s.o.args[1].data, st, n_rm, qw, o, _bias(s.o))
             apply_cut_masked(graph, s.o, cut, qw, users, [(s.q, qw), (s.k, s.head_dim), (s.v, s.head_dim)])
 
         if o.sequential:
@@ -135,8 +137,9 @@ class PruneHeads(Pass):
                     cut_site(s, got.inputs.pop(id(s.o)))
                 return bool(mine)
 
+            targets = model_targets(graph, [s.o for s in sites], o, self.name) if o.target == "model" else None
             col = collect_input_stats(graph, [s.o for s in sites] if calibrated else [], o, self.name,
-                                      second_moment=second, on_block=on_block)
+                                      second_moment=second, on_block=on_block, targets=targets)
             if not calibrated:
                 for s in sites:
                     cut_site(s, None)
