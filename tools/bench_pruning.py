@@ -108,6 +108,10 @@ ROWS += [
      "blocks 8-20",
      f"prune-mlp(ratio=0.25,score=fluctuation,update=true,sequential=true,{OBS}),"
      f"prune-mlp(ratio=0.0556,score=fluctuation,update=true,sequential=true,{MIDDLE},{OBS})"),
+    ("structured-20", "obs", "mlp channels, whole-column OBS + refit toward the unpruned model, sequential, uniform 25% "
+     "+ 64 more in blocks 8-20",
+     f"prune-mlp(ratio=0.25,score=obs,sequential=true,target=model,{OBS}),"
+     f"prune-mlp(ratio=0.0556,score=obs,sequential=true,target=model,{MIDDLE},{OBS})"),
     ("structured-20", "obs", "mlp channels (uniform 25%) + 9 kv groups (global), whole-column OBS + refit, sequential",
      f"prune-mlp(ratio=0.25,score=obs,sequential=true,{OBS}),"
      f"prune-heads(ratio=0.1,score=obs,allocation=global,sequential=true,{OBS})"),
@@ -407,6 +411,8 @@ def main() -> None:
     ap.add_argument("--recover-eval-every", type=int, default=0, help="steps between held-out KL measurements")
     ap.add_argument("--recover-ce", type=float, default=0.0, help="weight of an added next-token cross-entropy")
     ap.add_argument("--recover-wd", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--obs-calib", default="",
+                    help=f"options replacing the OBS rows' {OBS!r} (a CPU run: 'calib_n=32,obs_step=8')")
     ap.add_argument("--recover-best", action="store_true",
                     help="of the rows --recover-match selects, recover only the one with the lowest one-shot ratio")
     ap.add_argument("--recover-generated", type=int, default=0,
@@ -534,6 +540,8 @@ def main() -> None:
     for scheme, method, variant, pipeline in ROWS:
         if match and scheme != "float" and not re.search(match, f"{scheme}:{method}:{variant}"):
             continue
+        if pipeline and args.obs_calib:
+            pipeline = pipeline.replace(OBS, f"{args.obs_calib},progress=false")
         g = graph.clone()
         t1 = time.perf_counter()
         stats: dict = {}
