@@ -517,6 +517,11 @@ def test_head_pruning_on_a_step_graph_equals_the_masked_dense_step():
 
     want = Generator(run_m, masked.meta["generation"]).generate(ids, 8, stop_tokens=()).tokens
     assert pruned.generate(ids, 8, stop_tokens=()).tokens == want
+    # the packed quantized cache after the cut: each layer's eight cache tensors have its own head count
+    packed = compile_model(model.float(), generation=spec, pipeline=r"prune-heads(ratio=0.5,score=magnitude,"
+                           r"modules=layers\.0\.),kv-cache(bits=8,v_group=8,window=8,k_block=8)")
+    assert [v.tensor_type.shape[1] for v in packed.graph.inputs[2:]] == [2] * 8 + [4] * 8
+    assert len(packed.generate(ids, 8, stop_tokens=()).tokens[0]) == 8
 
 
 # ---- whole-column OBS -----------------------------------------------------------------------------

@@ -23,11 +23,13 @@ windows out and writes back the params with the lowest held-out KL; recoveries r
 ``--deadline`` shrinks them so the whole run ends in time (``--recover-match`` picks the rows that recover).
 
 Pruned speed (``--pruned-speed``): the 7B-shaped 4-layer Llama of tools/bench_generate.py, unpruned against 20% of
-its blocks' linear params removed by ``prune-mlp`` (uniform, 11008 -> 7680 channels: a multiple of 256, so the W4
-decode word layout and the tensor-core tiles still apply), float bf16 and W4A16 g128 on backend ``triton``:
-decode ms/step (``CompiledModel.generate``, CUDA graphs, batch 1 and 16, prompt 512, 128 new tokens) and the
-1x2048 prefill, speedups in the pruned rows. Only MLP channels are cut: ``prune-heads`` does not yet find the
-attention of a generation step graph (its k/v pass through the KV cache), so the cache and the attention stay.
+its blocks' linear params removed, float bf16 and W4A16 g128 on backend ``triton``: decode ms/step
+(``CompiledModel.generate``, CUDA graphs, batch 1 and 16, prompt 512, 128 new tokens) and the 1x2048 prefill,
+speedups in the pruned rows. ``--speed-heads F`` (default 0.1875: 6 of 32 heads) removes that fraction of the kv
+groups with ``prune-heads`` on the step graph (its KV cache shrinks with them) and the rest of ``--speed-target``
+through MLP channels (11008 -> 8704, a multiple of 256, so the W4 decode word layout and the tensor-core tiles
+still apply); ``--speed-heads 0`` is the MLP-only cut (11008 -> 7680). Rows: area ``pruned-speed-20-heads-mlp``
+(or ``pruned-speed-20``), keyed by phase and batch.
 
 2:4 speed on the GPU (issue 21 item 3: semi-structured sparse tensors against dense bf16, one run)::
 
