@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lowbit.ir.kvcache import layer_kv_heads
 from lowbit.models import CausalLMStep, GenerationError
 
 __all__ = ["GenerationSpec", "GenerationOutput", "Generator", "step_example", "GenerationError"]
@@ -193,14 +194,14 @@ class Generator:
             from lowbit.ir.kvcache import cache_layout, empty_cache
 
             kv = self.kv
-            layout = cache_layout(batch, self.meta["kv_heads"], self._slots(slots), self.meta["head_dim"],
-                                  bits=kv["bits"], k_block=kv["k_block"], v_group=kv["v_group"],
-                                  window=kv["window"], sink=kv["sink"], scale_dtype=getattr(torch, kv["scale_dtype"]),
-                                  float_dtype=self.cache_dtype)
-            return [t for _ in range(self.meta["n_layers"]) for t in empty_cache(layout, self.device)]
-        shape = (batch, self.meta["kv_heads"], slots, self.meta["head_dim"])
-        return [torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
-                for _ in range(2 * self.meta["n_layers"])]
+            return [t for heads in layer_kv_heads(self.meta)
+                    for t in empty_cache(cache_layout(batch, heads, self._slots(slots), self.meta["head_dim"],
+                                                      bits=kv["bits"], k_block=kv["k_block"], v_group=kv["v_group"],
+                                                      window=kv["window"], sink=kv["sink"],
+                                                      scale_dtype=getattr(torch, kv["scale_dtype"]),
+                                                      float_dtype=self.cache_dtype), self.device)]
+        return [torch.zeros((batch, heads, slots, self.meta["head_dim"]), dtype=self.cache_dtype, device=self.device)
+                for heads in layer_kv_heads(self.meta) for _ in range(2)]
 
     def check(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         spec = self.spec

@@ -23,11 +23,13 @@ windows out and writes back the params with the lowest held-out KL; recoveries r
 ``--deadline`` shrinks them so the whole run ends in time (``--recover-match`` picks the rows that recover).
 
 Pruned speed (``--pruned-speed``): the 7B-shaped 4-layer Llama of tools/bench_generate.py, unpruned against 20% of
-its blocks' linear params removed by ``prune-mlp`` (uniform, 11008 -> 7680 channels: a multiple of 256, so the W4
-decode word layout and the tensor-core tiles still apply), float bf16 and W4A16 g128 on backend ``triton``:
-decode ms/step (``CompiledModel.generate``, CUDA graphs, batch 1 and 16, prompt 512, 128 new tokens) and the
-1x2048 prefill, speedups in the pruned rows. Only MLP channels are cut: ``prune-heads`` does not yet find the
-attention of a generation step graph (its k/v pass through the KV cache), so the cache and the attention stay.
+its blocks' linear params removed, float bf16 and W4A16 g128 on backend ``triton``: decode ms/step
+(``CompiledModel.generate``, CUDA graphs, batch 1 and 16, prompt 512, 128 new tokens) and the 1x2048 prefill,
+speedups in the pruned rows. ``--speed-heads F`` (default 0.1875: 6 of 32 heads) removes that fraction of the kv
+groups with ``prune-heads`` on the step graph (its KV cache shrinks with them) and the rest of ``--speed-target``
+through MLP channels (11008 -> 8704, a multiple of 256, so the W4 decode word layout and the tensor-core tiles
+still apply); ``--speed-heads 0`` is the MLP-only cut (11008 -> 7680). Rows: area ``pruned-speed-20-heads-mlp``
+(or ``pruned-speed-20``), keyed by phase and batch.
 
 2:4 speed on the GPU (issue 21 item 3: semi-structured sparse tensors against dense bf16, one run)::
 
@@ -43,6 +45,7 @@ the dense one. A configuration that raises becomes a row with ``error``.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import re
@@ -93,6 +96,28 @@ ROWS: list[tuple[str, str, str, str | None]] = [
     ("structured-20", "flap", "mlp channels, fluctuation + bias compensation, uniform 25% + 64 more in blocks 8-20",
      f"prune-mlp(ratio=0.25,score=fluctuation,compensate=true,{CAL_S}),"
      rf"prune-mlp(ratio=0.0556,score=fluctuation,compensate=true,modules=model\.layers\.(8|9|1[0-9]|20)\.,{CAL_S})")]
+# whole-column OBS (greedy removal with the least-squares refit of the kept down_proj columns and bias), on every
+# shipped calibration window (117 x 512: the refit solves a 1537-wide least squares per layer), the same layout
+OBS = "calib_n=117,progress=false"
+MIDDLE = r"modules=model\.layers\.(8|9|1[0-9]|20)\."
+ROWS += [
+    ("structured-20", "obs", "mlp channels, whole-column OBS + refit, uniform 25% + 64 more in blocks 8-20",
+     f"prune-mlp(ratio=0.25,score=obs,{OBS}),prune-mlp(ratio=0.0556,score=obs,{MIDDLE},{OBS})"),
+    ("structured-20", "obs", "mlp channels, whole-column OBS + refit, sequential, uniform 25% + 64 more in blocks 8-20",
+     f"prune-mlp(ratio=0.25,score=obs,sequential=true,{OBS}),"
+     f"prune-mlp(ratio=0.0556,score=obs,sequential=true,{MIDDLE},{OBS})"),
+    ("structured-20", "flap", "mlp channels, fluctuation + least-squares refit, sequential, uniform 25% + 64 more in "
+     "blocks 8-20",
+     f"prune-mlp(ratio=0.25,score=fluctuation,update=true,sequential=true,{OBS}),"
+     f"prune-mlp(ratio=0.0556,score=fluctuation,update=true,sequential=true,{MIDDLE},{OBS})"),
+    ("structured-20", "obs", "mlp channels, whole-column OBS + refit toward the unpruned model, sequential, uniform 25% "
+     "+ 64 more in blocks 8-20",
+     f"prune-mlp(ratio=0.25,score=obs,sequential=true,target=model,{OBS}),"
+     f"prune-mlp(ratio=0.0556,score=obs,sequential=true,target=model,{MIDDLE},{OBS})"),
+    ("structured-20", "obs", "mlp channels (uniform 25%) + 9 kv groups (global), whole-column OBS + refit, sequential",
+     f"prune-mlp(ratio=0.25,score=obs,sequential=true,{OBS}),"
+     f"prune-heads(ratio=0.1,score=obs,allocation=global,sequential=true,{OBS})"),
+]
 
 
 def _block_linear_params(g) -> int:
@@ -199,20 +224,25 @@ def gpu_speed(args: argparse.Namespace) -> None:
     merge_rows(out, header, rows, key=SPEED_KEY)
 
 
-PRUNED_SPEED_KEY = ("area", "model", "scheme", "method", "pruned", "batch", "device")
+PRUNED_SPEED_KEY = ("area", "model", "scheme", "method", "pruned", "phase", "batch", "device")
 SPEED_TARGET = 0.2
 """Fraction of the blocks' linear params the speed mode removes (issue 21's structured-20)."""
 
 
-def _mlp_ratio(cfg, target: float, multiple: int) -> tuple[float, int]:
-    """The prune-mlp ratio that removes ``target`` of a block's linear params through MLP channels alone, with
-    the count removed a multiple of ``multiple`` (so the kept width stays one): (ratio, channels removed)."""
+def _speed_cut(cfg, target: float, multiple: int, heads: float) -> tuple[int, int, int]:
+    """How the speed mode removes ``target`` of a block's linear params: ``round(heads · kv_heads)`` whole GQA
+    groups (``prune-heads``), the rest through MLP channels, a multiple of ``multiple`` (so the kept width stays
+    one): (kv groups removed, channels removed, params removed per layer)."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     hd = h // cfg.num_attention_heads
-    attn = h * h * 2 + 2 * h * cfg.num_key_value_heads * hd
+    kv = cfg.num_key_value_heads
+    group = cfg.num_attention_heads // kv
+    attn = h * h * 2 + 2 * h * kv * hd
     per_layer = attn + 3 * h * i
-    rm = int(round(target * per_layer / (3 * h) / multiple)) * multiple
-    return rm / i, rm
+    groups = int(round(heads * kv))
+    attn_rm = groups * (2 * h * group * hd + 2 * h * hd)
+    rm = max(0, int(round((target * per_layer - attn_rm) / (3 * h) / multiple)) * multiple)
+    return groups, rm, attn_rm + 3 * h * rm
 
 
 def pruned_speed(args: argparse.Namespace) -> None:
@@ -232,19 +262,23 @@ def pruned_speed(args: argparse.Namespace) -> None:
     model = _llama(smoke)
     cfg = model.config
     multiple = 128 if smoke else 256  # smoke: K % 128 for the group-128 W4 rows
-    ratio, removed = _mlp_ratio(cfg, args.speed_target, multiple)
+    groups, removed, rm_layer = _speed_cut(cfg, args.speed_target, multiple, args.speed_heads)
+    ratio = removed / cfg.intermediate_size
     kept = cfg.intermediate_size - removed
+    kv_kept = cfg.num_key_value_heads - groups
     prompt, new, batches = (32, 8, [1, 2]) if smoke else (args.speed_prompt, args.speed_new, [1, 16])
     pre_len = 64 if smoke else 2048
     hd = cfg.hidden_size // cfg.num_attention_heads
     block = cfg.num_hidden_layers * (cfg.hidden_size ** 2 * 2 + 2 * cfg.hidden_size * cfg.num_key_value_heads * hd
                                      + 3 * cfg.hidden_size * cfg.intermediate_size)
     total = sum(p.numel() for p in model.parameters())
-    rm_params = cfg.num_hidden_layers * 3 * cfg.hidden_size * removed
+    rm_params = cfg.num_hidden_layers * rm_layer
     calib = torch.randint(3, cfg.vocab_size, (4, 128 if not smoke else 32), generator=torch.Generator().manual_seed(0))
     on = f",device={dev}" if cuda else ""
-    prune = (f"prune-mlp(ratio={ratio:.6f},multiple={multiple},calib_n=4,calib_len={calib.shape[1]},"
-             f"progress=false{on})")
+    cal = f"calib_n=4,calib_len={calib.shape[1]},progress=false{on}"
+    prune = ",".join(p for p in (
+        f"prune-heads(ratio={groups / cfg.num_key_value_heads:.6f},{cal})" if groups else "",
+        f"prune-mlp(ratio={ratio:.6f},multiple={multiple},{cal})" if removed else "") if p)
     schemes = {k: v for k, v in {"float-bf16": "", "w4a16-g128": "quantize(w=int4,group=128,sym=false)"}.items()
                if k in args.speed_schemes.split(",")}
     versions = results_versions()
@@ -253,7 +287,9 @@ def pruned_speed(args: argparse.Namespace) -> None:
     header = {"command": "python " + " ".join(sys.argv), "date": date, "device": dev_name, "versions": versions,
               "notes": (f"{shape} (random bf16, hidden {cfg.hidden_size}, MLP {cfg.intermediate_size}, "
                         f"{cfg.num_attention_heads} heads, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}); "
-                        f"pruned = {prune} (uniform: every MLP {cfg.intermediate_size} -> {kept} channels, a multiple "
+                        f"pruned = {prune} (uniform: every layer {cfg.num_key_value_heads} -> {kv_kept} kv heads "
+                        f"(and their query heads; the KV cache shrinks with them), every MLP "
+                        f"{cfg.intermediate_size} -> {kept} channels, a multiple "
                         f"of {multiple} so the W4 decode word layout (K % 256) and tensor-core tiles still apply; "
                         f"calibration on random ids, which only the speed needs): {rm_params / block:.4f} of the "
                         f"blocks' linear params, {rm_params / total:.4f} of all params (embedding and head "
@@ -274,13 +310,15 @@ def pruned_speed(args: argparse.Namespace) -> None:
     def out_of_time() -> bool:
         return time.perf_counter() - t_start > args.speed_budget
 
-    base = {"area": f"pruned-speed-{round(args.speed_target * 100)}", "model": shape, "device": dev_name, "date": date, "method": "lowbit-triton"}
+    area = f"pruned-speed-{round(args.speed_target * 100)}" + ("-heads-mlp" if groups else "")
+    base = {"area": area, "model": shape, "device": dev_name, "date": date, "method": "lowbit-triton"}
     measured: dict[tuple, dict] = {}
     for scheme, quant in schemes.items():
         for pruned in (False, True):
             pipe = ",".join(p for p in ((prune if pruned else ""), quant) if p)
             tag = {**base, "scheme": scheme, "pruned": pruned, "pipeline": pipe,
                    "mlp_width": kept if pruned else cfg.intermediate_size,
+                   "kv_heads": kv_kept if pruned else cfg.num_key_value_heads,
                    "params_removed_frac_blocks": round(rm_params / block, 4) if pruned else 0.0,
                    "params_removed_frac_total": round(rm_params / total, 4) if pruned else 0.0}
             for what, spec, bs in (("decode", GenerationSpec(max_length=prompt + new, max_batch=max(batches)),
@@ -375,6 +413,14 @@ def main() -> None:
     ap.add_argument("--recover-eval-every", type=int, default=0, help="steps between held-out KL measurements")
     ap.add_argument("--recover-ce", type=float, default=0.0, help="weight of an added next-token cross-entropy")
     ap.add_argument("--recover-wd", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--obs-calib", default="",
+                    help=f"options replacing the OBS rows' {OBS!r} (a CPU run: 'calib_n=32,obs_step=8')")
+    ap.add_argument("--recover-best", action="store_true",
+                    help="of the rows --recover-match selects, recover only the one with the lowest one-shot ratio")
+    ap.add_argument("--recover-generated", type=int, default=0,
+                    help="tokens of text sampled from the float model added to the recovery's training windows "
+                         "(data-free distillation; 0: the calibration text only)")
+    ap.add_argument("--recover-gen-batch", type=int, default=128, help="sequences per sampling batch")
     ap.add_argument("--allocation", default="all", choices=["global", "bounded", "middle", "all"],
                     help="with --rows structured: the FLAP rows' allocation (global: unbounded ranking; bounded: "
                          "each layer within ±5%% of the ratio; middle: uniform + more in the middle blocks, 20%% only)")
@@ -392,6 +438,9 @@ def main() -> None:
     ap.add_argument("--speed-new", type=int, default=128)
     ap.add_argument("--speed-target", type=float, default=SPEED_TARGET,
                     help="--pruned-speed: fraction of the blocks' linear params removed (MLP channels)")
+    ap.add_argument("--speed-heads", type=float, default=0.1875,
+                    help="--pruned-speed: fraction of the kv-head groups removed (prune-heads, uniform; the rest of "
+                         "--speed-target comes from MLP channels; 0: MLP only)")
     ap.add_argument("--speed-schemes", default="float-bf16,w4a16-g128", help="--pruned-speed: comma list")
     ap.add_argument("--speed-budget", type=float, default=150.0,
                     help="--pruned-speed: seconds after which the remaining configurations become skipped rows")
@@ -493,6 +542,8 @@ def main() -> None:
     for scheme, method, variant, pipeline in ROWS:
         if match and scheme != "float" and not re.search(match, f"{scheme}:{method}:{variant}"):
             continue
+        if pipeline and args.obs_calib:
+            pipeline = pipeline.replace(OBS, f"{args.obs_calib},progress=false")
         g = graph.clone()
         t1 = time.perf_counter()
         stats: dict = {}
@@ -524,8 +575,14 @@ def main() -> None:
                 and re.search(args.recover_match, f"{scheme}:{method}:{variant}")):
             queued.append((g, row))  # recovered after every one-shot row, so a --deadline cuts only recoveries
         del g
+    if args.recover_best and queued:
+        # only the best one-shot row of those matched recovers (one long recovery for the best starting point)
+        queued = [min(queued, key=lambda q: q[1]["ratio"])]
+    generated: dict = {}
     for g, row in queued:
-        emit(recover(args, graph, g, row, score, dev))
+        if args.recover_generated and not generated:
+            generated.update(generate_windows(model, args, dev))
+        emit(recover(args, graph, g, row, score, dev, generated))
 
 
 def _calib_tokens() -> int:
@@ -552,8 +609,45 @@ def _recover_seconds(args: argparse.Namespace) -> float | None:
     return cap
 
 
-def recover(args: argparse.Namespace, teacher, pruned, base: dict, score, dev: str) -> dict:
-    """The pruned graph after ``distill`` toward ``teacher`` (the float graph): a row beside ``base``."""
+def generate_windows(model, args: argparse.Namespace, dev: str) -> dict:
+    """``--recover-generated N``: about N tokens of text sampled from the float model itself (data-free
+    distillation, as LLM-QAT does), ``--recover-seq`` tokens per window: each window starts at a token drawn from
+    the shipped calibration text, the rest sampled at temperature 1 by Hugging Face ``generate`` with its KV cache.
+    Returns ``{"ids": [n, seq], "seconds": s}``."""
+    from lowbit.data import text_path
+    from lowbit.data.model_files import load_tokenizer
+    from lowbit.data.tokens import token_ids
+
+    t0 = time.perf_counter()
+    seq = args.recover_seq
+    n = max(1, args.recover_generated // seq)
+    stream = token_ids(text_path("wikitext2-valid-calib"), load_tokenizer("smollm2")).reshape(-1)
+    gen = torch.Generator().manual_seed(1)
+    first = stream[torch.randint(0, stream.numel(), (n,), generator=gen)].reshape(n, 1)
+    # a copy of the HF model: the captured graph may hold the model's own parameter tensors
+    m = copy.deepcopy(getattr(model, "model", model)).to(dev, torch.bfloat16 if dev != "cpu" else torch.float32)
+    torch.manual_seed(1)
+    out = []
+    with torch.no_grad():
+        for i in range(0, n, args.recover_gen_batch):
+            start = first[i:i + args.recover_gen_batch].to(dev)
+            ids = m.generate(start, attention_mask=torch.ones_like(start), do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, max_new_tokens=seq - 1, min_new_tokens=seq - 1, pad_token_id=0,
+                             eos_token_id=None)
+            out.append(ids[:, :seq].cpu())
+    del m
+    if dev != "cpu":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    ids = torch.cat(out)
+    return {"ids": ids, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def recover(args: argparse.Namespace, teacher, pruned, base: dict, score, dev: str,
+            generated: dict | None = None) -> dict:
+    """The pruned graph after ``distill`` toward ``teacher`` (the float graph): a row beside ``base``. With
+    ``generated`` (``generate_windows``) the training windows are those followed by the calibration windows
+    (the held-out windows are the last: real text)."""
     cap = _recover_seconds(args)
     if cap is not None and cap < 5:
         return {**{k: base[k] for k in ("model", "scheme", "method", "eval", "device", "date")},
@@ -564,12 +658,24 @@ def recover(args: argparse.Namespace, teacher, pruned, base: dict, score, dev: s
     variant = f"{base['variant']} + distill {args.recover_tokens} tokens"
     g = pruned.clone()
     n_windows = _calib_tokens() // args.recover_seq
+    extra = {}
+    if generated:
+        from lowbit.data import text_path
+        from lowbit.data.model_files import load_tokenizer
+        from lowbit.data.tokens import token_ids
+
+        stream = token_ids(text_path("wikitext2-valid-calib"), load_tokenizer("smollm2")).reshape(-1)
+        real = stream[:n_windows * args.recover_seq].reshape(n_windows, args.recover_seq)
+        extra["calib"] = torch.cat([generated["ids"], real])
+        n_windows = int(extra["calib"].shape[0])
+        variant += f" + {generated['ids'].numel()} generated tokens"
     d = Distill(tokens=args.recover_tokens, lr=args.recover_lr, batch_size=args.recover_batch,
                 calib_len=args.recover_seq, calib_n=n_windows, dtype="float32" if dev == "cpu" else "bfloat16",
                 device=None if dev == "cpu" else dev, max_seconds=cap, progress=False,
                 schedule=args.recover_schedule, warmup=args.recover_warmup, topk=args.recover_topk,
                 scope=args.recover_scope, random_offsets=args.recover_offsets, holdout=args.recover_holdout,
-                eval_every=args.recover_eval_every, ce_weight=args.recover_ce, weight_decay=args.recover_wd)
+                eval_every=args.recover_eval_every, ce_weight=args.recover_ce, weight_decay=args.recover_wd,
+                **extra)
     d.reference = teacher
     t1 = time.perf_counter()
     try:
@@ -582,6 +688,11 @@ def recover(args: argparse.Namespace, teacher, pruned, base: dict, score, dev: s
         return {**{k: base[k] for k in ("model", "scheme", "method", "eval", "device", "date")}, "variant": variant,
                 "pipeline": base["pipeline"] + "," + d.spec(), "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
     row["recovery"] = f"distill: {st['tokens']} tokens in {st['steps']} steps, {st['seconds']} s on {dev}"
+    if generated:
+        row["recovery"] += (f" (+ {generated['seconds']} s sampling {generated['ids'].numel()} tokens from the float "
+                            "model)")
+        row.update(recover_generated_tokens=int(generated["ids"].numel()),
+                   recover_generated_seconds=generated["seconds"])
     row.update(recover_tokens=st["tokens"], recover_token_budget=args.recover_tokens, recover_steps=st["steps"],
                recover_batch=st["batch_windows"],
                recover_seconds=st["seconds"], recover_stopped_early=st["stopped_early"],

@@ -359,8 +359,9 @@ def _step_batches(graph: Graph, step: dict[str, Any], ids: torch.Tensor,
     for chunk in ids.split(batch_size):
         b = chunk.shape[0]
         positions = torch.arange(length).expand(b, length).contiguous()
-        cache = [torch.zeros(b, int(step["kv_heads"]), length, int(step["head_dim"]), dtype=dtype)
-                 for _ in graph.inputs[2:]]
+        # each cache input's own head count (head pruning can leave layers with different counts)
+        cache = [torch.zeros(b, int(v.tensor_type.shape[1]), length, int(step["head_dim"]), dtype=dtype)
+                 for v in graph.inputs[2:]]
         out.append((chunk, positions, *cache))
     return out
 

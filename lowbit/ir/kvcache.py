@@ -24,16 +24,24 @@ re-quantized at every step from the float ring (its earlier, partial versions ar
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lowbit.ir.ops import register_op
 
-__all__ = ["pack_codes", "unpack_codes", "quantize_keys", "quantize_values", "dequantize_keys",
+__all__ = ["layer_kv_heads", "pack_codes", "unpack_codes", "quantize_keys", "quantize_values", "dequantize_keys",
            "dequantize_values", "cache_layout", "empty_cache", "cache_update", "cache_attention"]
 
 SCALE_EPS = 1e-12  # as lowbit.ir.quant.SCALE_EPS
+
+
+def layer_kv_heads(gen: dict[str, Any]) -> list[int]:
+    """Each layer's kv heads from a step graph's ``meta["generation"]``: one int for all layers, or a list when
+    head pruning left layers with different counts."""
+    kv = gen["kv_heads"]
+    return [int(h) for h in kv] if isinstance(kv, (list, tuple)) else [int(kv)] * int(gen["n_layers"])
 
 
 def _qrange(bits: int) -> tuple[int, int]:

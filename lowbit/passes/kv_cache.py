@@ -84,7 +84,7 @@ class KVCache(Pass):
         o: KVCacheOptions = self.options  # type: ignore[assignment]
         gen = graph.meta["generation"]
         names = list(gen["cache_inputs"])
-        head_dim, kv_heads = gen["head_dim"], gen["kv_heads"]
+        head_dim = gen["head_dim"]
         per = 8 // o.bits
         if head_dim % o.v_group or o.v_group % per:  # type: ignore[operator]
             raise PassError(f"pass kv-cache: v_group={o.v_group} must divide head_dim {head_dim} and be a multiple "
@@ -105,7 +105,7 @@ class KVCache(Pass):
             k_sc, v_sc = self._scatter(graph, users, k_in), self._scatter(graph, users, v_in)
             att = self._attention(graph, users, k_sc, v_sc)
             t = k_in.tensor_type
-            batch, slots = t.shape[0], t.shape[2]
+            batch, kv_heads, slots = t.shape[0], t.shape[1], t.shape[2]  # per layer: head pruning may differ
             types = {"k_codes": TensorType(torch.uint8, (batch, kv_heads, slots, head_dim * o.bits // 8)),
                      "k_scale": TensorType(scale_dtype, (batch, kv_heads, blocks, head_dim)),
                      "k_zero": TensorType(torch.uint8, (batch, kv_heads, blocks, head_dim)),

@@ -11,6 +11,12 @@ columns of ``o_proj``; the head counts baked into reshape/expand literals are re
 ``lowbit.ir.shapes.reinfer_shapes``. The result equals the dense model with those rows and columns zeroed
 (a zero value head contributes nothing through ``o_proj``), checked exactly in float64.
 
+On a generation step graph (``compile_model(..., generation=...)``) the removed kv heads leave the KV cache too:
+each pruned layer's cache inputs become ``[B, kept, S, head_dim]``, the scatter index that writes the new keys
+and values gets a copy expanded over the kept count (the captured one is shared by every layer), and
+``meta["generation"]["kv_heads"]`` records the count per layer (one int while all layers agree), which
+``lowbit.generate`` allocates. Prefill and decode then equal the dense step with those heads zeroed.
+
 Group importance sums the group's ``o_proj`` input-column scores (``wanda``: ``||X_c||·||W_o[:,c]||``,
 ``fluctuation``, ``magnitude``; see ``prune-mlp``). A budget that would remove every group of a layer is an
 error naming the layer and the number.
@@ -23,17 +29,48 @@ import time
 
 import torch
 
-from lowbit.ir.graph import Graph
+from lowbit.ir.graph import Graph, TensorType, Value
+from lowbit.ir.shapes import EXPAND_OPS
 from lowbit.passes.base import NO_QLINEAR, Pass, PassError, PassResult, register_pass
-from lowbit.passes.prune_mlp import (StructuredOptions, add_bias, allocate, channel_scores, collect_input_stats,
-                                     refit_columns, reinfer)
-from lowbit.passes.pruning_sites import find_attention_sites, slice_linear_cols, slice_linear_rows
+from lowbit.calibration.engine import BlockRun
+from lowbit.passes.prune_mlp import (Cut, InputStats, StructuredOptions, _bias, _Collected, allocate,
+                                     apply_cut_masked, channel_scores, check_target, choose_cut, collect_input_stats,
+                                     model_targets, reinfer)
+from lowbit.passes.pruning_sites import AttentionSite, find_attention_sites, slice_linear_cols, slice_linear_rows
 
 __all__ = ["PruneHeads", "PruneHeadsOptions"]
 
 
 class PruneHeadsOptions(StructuredOptions):
     pass
+
+
+def _shrink_cache(graph: Graph, s: AttentionSite, kept: int, made: dict[tuple[int, int], Value]) -> None:
+    """A step graph's layer keeps ``kept`` kv heads: its cache inputs and the index of its cache writes follow."""
+    for w in s.cache_writes:
+        cache, idx = w.args[0], w.args[2]
+        t = cache.tensor_type
+        if t.rank != 4 or t.shape[1] != s.kv_heads:
+            raise PassError(f"pass prune-heads: cache %{cache.name} of {s.block} is {t}, not [B, {s.kv_heads}, S, D]")
+        cache.type = TensorType(t.dtype, (t.shape[0], kept, *t.shape[2:]))
+        it = idx.tensor_type if isinstance(idx, Value) else None
+        if it is None or it.shape[1] == kept:
+            continue
+        new = made.get((id(idx), kept))
+        if new is None:
+            prod = idx.producer
+            if prod is None or prod.op not in EXPAND_OPS or not isinstance(prod.args[1], (list, tuple)) or \
+                    prod.args[1][1] != it.shape[1]:
+                raise PassError(f"pass prune-heads: the cache write %{w.name} of {s.block} takes index %{idx.name} "
+                                "which is not an expand over the kv heads; cannot shrink it")
+            target = list(prod.args[1])
+            target[1] = kept
+            node = graph.make_node(prod.op, [prod.args[0], target, *prod.args[2:]], dict(prod.kwargs),
+                                   name=f"{idx.name}_kv{kept}", module=prod.module,
+                                   types=[TensorType(it.dtype, (it.shape[0], kept, *it.shape[2:]))])
+            graph.insert_after(prod, node)
+            new = made[(id(idx), kept)] = node.output
+        w.args = (w.args[0], w.args[1], new, *w.args[3:])
 
 
 def _rows(groups: list[int], width: int) -> torch.Tensor:
@@ -60,15 +97,18 @@ class PruneHeads(Pass):
             raise PassError(f"pass {self.name}: no attention with q/k/v/o linears found "
                             f"({'; '.join(skipped[:3]) or 'no attention op'})")
         calibrated = o.score != "magnitude" or o.compensate or o.update
-        col = collect_input_stats(graph, [s.o for s in sites] if calibrated else [], o, self.name,
-                                  second_moment=o.update)
-        scores = []
-        for s in sites:
-            c = channel_scores(s.o.args[1].data, col.inputs.get(id(s.o)), o.score)
-            scores.append(c.reshape(s.kv_heads, s.group_size * s.head_dim).sum(1))
+        second = o.update or o.score == "obs"
+        check_target(o, self.name)
+        col = _Collected()
+        if o.allocation == "global" or not o.sequential:
+            col = collect_input_stats(graph, [s.o for s in sites] if calibrated else [], o, self.name,
+                                      second_moment=second and not o.sequential)
         if o.allocation == "uniform":
             counts = [int(round(o.ratio * s.kv_heads)) for s in sites]
         else:
+            rank = "fluctuation" if o.score == "obs" else o.score
+            scores = [channel_scores(s.o.args[1].data, col.inputs.get(id(s.o)), rank)
+                      .reshape(s.kv_heads, s.group_size * s.head_dim).sum(1) for s in sites]
             counts = allocate(scores, o.ratio, "global", 1, 1.0)
         for s, n_rm in zip(sites, counts):
             if n_rm >= s.kv_heads:
@@ -79,31 +119,55 @@ class PruneHeads(Pass):
             counts = [min(c, s.kv_heads - 1) for s, c in zip(sites, counts)]
         users = graph.users()
         params_before = sum(v.data.numel() for v in graph.params.values())
-        heads: dict[str, list[int]] = {}
-        for s, sc, n_rm in zip(sites, scores, counts):
+        n_of = {id(s.o): n for s, n in zip(sites, counts)}
+        cuts: dict[int, Cut] = {}
+
+        def cut_site(s: AttentionSite, st: InputStats | None) -> None:
+            n_rm = n_of[id(s.o)]
             if n_rm == 0:
+                return
+            qw = s.group_size * s.head_dim
+            cuts[id(s.o)] = cut = choose_cut(s.o.args[1].data, st, n_rm, qw, o, _bias(s.o))
+            apply_cut_masked(graph, s.o, cut, qw, users, [(s.q, qw), (s.k, s.head_dim), (s.v, s.head_dim)])
+
+        if o.sequential:
+            def on_block(ctx: BlockRun, got: _Collected) -> bool:
+                mine = [s for s in sites if id(s.o) in got.inputs]
+                for s in mine:
+                    cut_site(s, got.inputs.pop(id(s.o)))
+                return bool(mine)
+
+            targets = model_targets(graph, [s.o for s in sites], o, self.name) if o.target == "model" else None
+            col = collect_input_stats(graph, [s.o for s in sites] if calibrated else [], o, self.name,
+                                      second_moment=second, on_block=on_block, targets=targets)
+            if not calibrated:
+                for s in sites:
+                    cut_site(s, None)
+        else:
+            for s in sites:
+                cut_site(s, col.inputs.get(id(s.o)))
+        heads: dict[str, list[int]] = {}
+        made: dict[tuple[int, int], Value] = {}
+        for s in sites:
+            cut = cuts.get(id(s.o))
+            if cut is None:
                 heads[s.block] = [s.q_heads, s.kv_heads]
                 continue
-            order = torch.argsort(sc, stable=True)
-            drop = sorted(order[:n_rm].tolist())
-            keep = sorted(order[n_rm:].tolist())
+            keep = cut.keep.tolist()
             qw = s.group_size * s.head_dim
-            refit = None
-            if o.update:
-                refit = refit_columns(s.o.args[1].data, col.inputs[id(s.o)], _rows(keep, qw), o.damp)
-                add_bias(graph, s.o, refit[1])
-            elif o.compensate:
-                st = col.inputs[id(s.o)]
-                cols = _rows(drop, qw)
-                w = s.o.args[1].data.double()
-                add_bias(graph, s.o, w[:, cols.to(w.device)] @ st.mean.to(w.device)[cols.to(w.device)])
             slice_linear_rows(graph, s.q, _rows(keep, qw), users)
             slice_linear_rows(graph, s.k, _rows(keep, s.head_dim), users)
             slice_linear_rows(graph, s.v, _rows(keep, s.head_dim), users)
             slice_linear_cols(graph, s.o, _rows(keep, qw), users)
-            if refit is not None:
-                graph.set_param(s.o.args[1].name, refit[0].to(s.o.args[1].data.dtype))
             heads[s.block] = [len(keep) * s.group_size, len(keep)]
+            if s.cache_writes:
+                _shrink_cache(graph, s, len(keep), made)
+        gen = graph.meta.get("generation")
+        if gen and any(s.cache_writes for s in sites):
+            by_name = {v.name: v for v in graph.inputs}
+            kv = [int(by_name[n].tensor_type.shape[1]) for n in gen["cache_inputs"][::2]]
+            # a new dict: a clone of the graph shares the old one
+            graph.meta["generation"] = {**gen, "kv_heads": kv[0] if len(set(kv)) == 1 else kv}
         from lowbit.passes.dce import eliminate_dead_code
 
         eliminate_dead_code(graph)

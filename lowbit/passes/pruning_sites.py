@@ -7,6 +7,9 @@
 - ``AttentionSite``: an ``attention`` node with the q/k/v linears that feed it (through reshape, transpose,
   rotary, and the unsqueeze/expand/reshape of grouped-query attention) and the ``o_proj`` that reads it.
   The unit of removal is a GQA group: one kv head and the ``q_heads / kv_heads`` query heads that share it.
+  In a generation step graph the keys and values reach the attention through ``scatter`` into the layer's KV
+  cache (a graph input ``[B, kv_heads, S, head_dim]``); the site records the two scatters, whose caches and
+  index then shrink with the kv heads.
 - ``block_residuals``: the ``residual_add`` nodes of a block; removing the block makes each a pass-through.
 
 A structure that does not match (an op in the chain the walk does not know) is reported, never guessed.
@@ -60,6 +63,8 @@ class AttentionSite:
     q_heads: int
     kv_heads: int
     head_dim: int
+    cache_writes: tuple[Node, ...] = ()
+    """Step graphs: the ``scatter`` nodes writing the new keys and values into the cache inputs (k, v)."""
 
     @property
     def group_size(self) -> int:
@@ -115,14 +120,24 @@ def find_mlp_sites(graph: Graph) -> tuple[list[MLPSite], list[str]]:
     return sites, skipped
 
 
-def _walk_to_linear(v: Value) -> Node | None:
-    """From an attention operand back through layout ops and rotary to the linear that made it."""
+CACHE_WRITE = "aten.scatter.src"
+"""How a step graph writes new keys/values into its cache: ``scatter(cache, 2, index, new)``."""
+
+
+def _walk_to_linear(v: Value, writes: list[Node] | None = None) -> Node | None:
+    """From an attention operand back through layout ops, rotary and (step graphs) the cache write to the linear
+    that made it; the cache writes passed are appended to ``writes``."""
     while isinstance(v, Value) and v.producer is not None:
         n = v.producer
         if n.op == "linear":
             return n if _stored_linear(n) else None
         if n.op in _PASS_THROUGH or n.op == "rotary":
             v = n.args[0]
+            continue
+        if n.op == CACHE_WRITE and writes is not None and isinstance(n.args[0], Value) and \
+                n.args[0].kind == "input" and n.args[1] in (2, -2):
+            writes.append(n)
+            v = n.args[3]
             continue
         return None
     return None
@@ -132,7 +147,9 @@ def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
     users = graph.users()
     sites, skipped = [], []
     for att in graph.find("attention"):
-        q, k, v = (_walk_to_linear(a) for a in att.args[:3])
+        writes: list[Node] = []
+        q = _walk_to_linear(att.args[0])
+        k, v = (_walk_to_linear(a, writes) for a in att.args[1:3])
         o = None
         cur = att.output
         for _ in range(6):
@@ -146,7 +163,8 @@ def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
             if r.op not in _PASS_THROUGH:
                 break
             cur = r.output
-        block = block_of(att.module)
+        # a step graph's attention is the step function's own call (no module path): its o_proj says the block
+        block = block_of(att.module) or (block_of(o.module) if o is not None else None)
         out_t = att.output.tensor_type
         if None in (q, k, v, o) or block is None or out_t.rank != 4 or not isinstance(out_t.shape[1], int):
             skipped.append(f"{att.module or att.name}: q/k/v/o linears not found through layout ops")
@@ -158,7 +176,10 @@ def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
                 int(v.args[1].data.shape[0]) != kv * hd or int(o.args[1].data.shape[1]) != hq * hd:
             skipped.append(f"{att.module}: head layout not understood (q heads {hq}, head_dim {hd})")
             continue
-        sites.append(AttentionSite(block, att, q, k, v, o, hq, kv, hd))
+        if writes and len(writes) != 2:
+            skipped.append(f"{block}: only one of keys and values goes through a cache write")
+            continue
+        sites.append(AttentionSite(block, att, q, k, v, o, hq, kv, hd, tuple(writes)))
     return sites, skipped
 
 

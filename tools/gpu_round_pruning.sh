@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Issue 21's open GPU measurements (pruning), ready for the next H200 round; written in session 5, which had no
+# GPU round. Run from the repository root with SmolLM2 installed; every part writes rows into $OUT/pruning.json
+# (a copy of bench/results/pruning.json, so rows merge) and prints compact JSON rows.
+#
+#   OUT=/tmp/out bash tools/gpu_round_pruning.sh oneshot   # ~2.5 min: which one-shot start is best (x40)
+#   OUT=/tmp/out bash tools/gpu_round_pruning.sh speed     # ~1.2 min: heads + MLP pruned speed (goal B)
+#   OUT=/tmp/out bash tools/gpu_round_pruning.sh datafree  # ~1.7 min: 30 s recovery with sampled text added
+#   OUT=/tmp/out bash tools/gpu_round_pruning.sh profile   # ~1 min: where a distill step's GPU time goes
+#   OUT=/tmp/out bash tools/gpu_round_pruning.sh recover   # 9.5 min: the goal-A run (best start, ~7 min recovery)
+#
+# Expected (what would say the code works; numbers from the CPU at wt2-512x8 and the session-4 H200 run):
+# - oneshot: the float row 28.74 (x40); the FLAP baseline row "uniform 25% + 64 more in blocks 8-20" 1.85x;
+#   the OBS rows lower (CPU x8, calib 32 windows, obs_step 8: see bench/results/pruning.json's cpu rows); no
+#   error rows; the 30 s recovery of the best row prints recover_holdout_kl falling.
+# - speed: 8 rows per scheme, area pruned-speed-20-heads-mlp, kv_heads 26 of 32 and mlp_width 8704 in the
+#   pruned rows, params_removed_frac_blocks ~0.20, a speedup per pruned row (MLP-only measured 1.05x decode,
+#   1.15x prefill float); an error row names the failing configuration.
+# - datafree: one recovered row whose variant ends "+ 98304 generated tokens"; compare its ratio with the
+#   oneshot part's 30 s recovery of the same row (same seconds, same start).
+# - recover: one one-shot row per candidate, then one recovered row (the best start), recover_seconds <= 420,
+#   the whole run < 9.5 min; goal A is met if its ratio <= 1.25.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+: "${OUT:?set OUT to a folder for the results}"
+[ -f "$OUT/pruning.json" ] || cp bench/results/pruning.json "$OUT/pruning.json"
+quiet() { grep -v -i -E "warn|Loading weights" | cut -c1-900; }
+# the one-shot candidates: the FLAP baseline and the whole-column OBS rows (MLP-only, 20.1% of the blocks)
+CANDIDATES='structured-20:(obs:mlp channels, whole-column|flap:mlp channels, fluctuation \+ bias compensation, uniform)'
+RECOVER=(--recover-tokens 100000000 --recover-seq 1024 --recover-batch 16 --recover-lr 2e-4
+         --recover-schedule cosine --recover-warmup 0.03 --recover-offsets --recover-holdout 6)
+
+case "${1:-}" in
+oneshot)
+  timeout 150 python tools/bench_pruning.py --device cuda --windows 40 --match "$CANDIDATES" \
+    "${RECOVER[@]}" --recover-seconds 30 --deadline 145 --recover-eval-every 50 --recover-best \
+    --out "$OUT/pruning.json" 2>&1 | quiet ;;
+speed)
+  timeout 75 python tools/bench_pruning.py --pruned-speed --speed-heads 0.1875 --speed-budget 60 \
+    --out "$OUT/pruning.json" 2>&1 | quiet ;;
+datafree)
+  timeout 100 python tools/bench_pruning.py --device cuda --windows 40 \
+    --match 'structured-20:obs:mlp channels, whole-column OBS \+ refit, sequential, uniform' \
+    "${RECOVER[@]}" --recover-seconds 30 --deadline 95 --recover-eval-every 50 \
+    --recover-generated 98304 --recover-gen-batch 96 --out "$OUT/pruning.json" 2>&1 | quiet ;;
+profile)
+  timeout 60 python - <<'PY' 2>&1 | quiet
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lowbit.calibration.distill import distill_logits
+from lowbit.ir.capture import capture
+from lowbit.models import load_model
+from lowbit.passes.manager import PassManager
+
+model, tok, _ = load_model("smollm2")
+dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=64), 1: torch.export.Dim.DYNAMIC(min=2, max=8192)}}
+g0 = capture(model, (torch.randint(0, 49152, (2, 64)),), dynamic_shapes=dyn)
+g = g0.clone()
+PassManager("prune-mlp(ratio=0.25,score=fluctuation,compensate=true,calib_n=8,progress=false,device=cuda)").run(g)
+ids = torch.randint(0, 49152, (40, 1024))
+kw = dict(lr=2e-4, batch=16, device=torch.device("cuda"), dtype="bfloat16", progress=False)
+distill_logits(g.clone(), g0, ids, steps=4, **kw)
+torch.cuda.synchronize()
+t = time.perf_counter()
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    st = distill_logits(g.clone(), g0, ids, steps=6, **kw)
+    torch.cuda.synchronize()
+print("6 steps", round(time.perf_counter() - t, 2), "s (profiled), tokens/s", st.tokens_per_second)
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+PY
+  ;;
+recover)
+  # add --recover-generated 262144 if the datafree part beat the oneshot part's 30 s recovery
+  timeout 570 python tools/bench_pruning.py --device cuda --windows 40 --match "$CANDIDATES" \
+    "${RECOVER[@]}" --recover-seconds 420 --deadline 545 --recover-eval-every 100 --recover-best \
+    --out "$OUT/pruning.json" 2>&1 | quiet ;;
+*)
+  echo "usage: OUT=DIR bash tools/gpu_round_pruning.sh oneshot|speed|datafree|profile|recover" >&2
+  exit 2 ;;
+esac
