@@ -17,6 +17,30 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+def test_clip_activations_golden_on_a_tiny_graph():
+    """Starting from QuaRot's fixed 0.9: the up input's best ratio is 1 (the kwarg is dropped, as quantize writes an
+    unclipped chain), down_proj's input gets 0.975; nothing else in the graph changes."""
+    from test_rotation import TINY, _random_weights
+
+    from lowbit.ir.parser import parse_graph
+    from lowbit.ir.printer import print_graph
+    from lowbit.passes.clip_activations import ClipActivations
+    from lowbit.passes.insert_qdq import InsertQDQ
+
+    g = parse_graph(TINY, _random_weights(TINY))
+    PassManager([InsertQDQ(a="int4", a_clip=0.9)]).run(g)
+    before = print_graph(g)
+    ids = torch.randint(0, 10, (6, 3), generator=torch.Generator().manual_seed(0))
+    rec = PassManager([ClipActivations(calib=ids, calib_n=6, calib_len=3, progress=False, batch_size=1)]).run(g).records[0]
+    up = "block_size=4, clip_ratio=0.9)  # up"
+    down = "block_size=8, clip_ratio=0.9)  # down"
+    assert up in before and down in before
+    assert print_graph(g) == before.replace(up, "block_size=4)  # up").replace(
+        down, "block_size=8, clip_ratio=0.975)  # down")
+    assert rec.stats["ratios"]["down"] == {"ratio": 0.975, "was": 0.9, "error_vs_unclipped": 0.9506}
+    assert rec.stats["ratios"]["up"]["ratio"] == 1.0 and rec.stats["sites"] == 2
+
+
 @pytest.fixture(scope="module")
 def slice2(smollm2):
     from conftest import held_out_slice
