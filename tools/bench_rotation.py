@@ -91,28 +91,28 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     # quantizer on calibration data (clip-activations), asymmetric A4, and GPTQ calibrated on A4 inputs
     ("w4a4kv4", "kurtail-acs", "KurTail + GPTQ W4 per channel + A4 clip ratio searched per quantizer",
      f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,{{cal}}),quantize({A4}),clip-activations({{cal}})", QUICK),
-    ("w4a4kv4", "kurtail-o", "KurTail + online Hadamard before o_proj + GPTQ W4 per channel + A4 clipped 0.9",
-     f"fold-norms,{KURTAIL_O},gptq(w=int4,sym=false,{{cal}}),quantize({A4},a_clip=0.9)", QUICK),
-    ("w4a4kv4", "kurtail-o-acs", "KurTail + online Hadamard before o_proj + GPTQ W4 per channel + A4 clip ratio "
-     "searched per quantizer",
-     f"fold-norms,{KURTAIL_O},gptq(w=int4,sym=false,{{cal}}),quantize({A4}),clip-activations({{cal}})", QUICK),
-    ("w4a4kv4", "kurtail-o-asym", "KurTail + online Hadamard before o_proj + GPTQ W4 per channel + asymmetric A4 "
-     "clipped 0.9", f"fold-norms,{KURTAIL_O},gptq(w=int4,sym=false,{{cal}}),quantize({A4},a_sym=false,a_clip=0.9)",
-     QUICK),
-    ("w4a4kv4", "kurtail-o-gptqa4", "KurTail + online Hadamard before o_proj + A4 (clipped 0.9) in place before GPTQ "
-     "W4 per channel (GPTQ's Hessian from the quantized inputs)",
-     f"fold-norms,{KURTAIL_O},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,{{cal}}),quantize({KV})", QUICK),
-    ("w4a4kv4", "kurtail-o-wclip", "KurTail + online Hadamard before o_proj + GPTQ W4 per channel on the "
-     "output-aware clipped grid + A4 clipped 0.9",
-     f"fold-norms,{KURTAIL_O},gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({A4},a_clip=0.9)", QUICK),
     ("w4a4kv4", "kurtail-gptqa4-wclip-acs", "KurTail + A4 (clipped 0.9) in place before GPTQ W4 per channel on the "
      "output-aware clipped grid + KV4, then the A4 clip ratios searched per quantizer",
      f"fold-norms,{KURTAIL},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({KV}),"
      f"clip-activations({{cal}})", QUICK),
+    ("w4a4kv4", "kurtail-o", "KurTail + online Hadamard before o_proj + GPTQ W4 per channel + A4 clipped 0.9",
+     f"fold-norms,{KURTAIL_O},gptq(w=int4,sym=false,{{cal}}),quantize({A4},a_clip=0.9)", QUICK),
     ("w4a4kv4", "kurtail-o-gptqa4-wclip-acs", "KurTail + online Hadamard before o_proj + A4 (clipped 0.9) in place "
      "before GPTQ W4 per channel on the output-aware clipped grid + KV4, then the A4 clip ratios searched per "
      "quantizer", f"fold-norms,{KURTAIL_O},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,clip=true,{{cal}}),"
      f"quantize({KV}),clip-activations({{cal}})", QUICK),
+    ("w4a4kv4", "kurtail-o-acs", "KurTail + online Hadamard before o_proj + GPTQ W4 per channel + A4 clip ratio "
+     "searched per quantizer",
+     f"fold-norms,{KURTAIL_O},gptq(w=int4,sym=false,{{cal}}),quantize({A4}),clip-activations({{cal}})", QUICK),
+    ("w4a4kv4", "kurtail-o-wclip", "KurTail + online Hadamard before o_proj + GPTQ W4 per channel on the "
+     "output-aware clipped grid + A4 clipped 0.9",
+     f"fold-norms,{KURTAIL_O},gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({A4},a_clip=0.9)", QUICK),
+    ("w4a4kv4", "kurtail-o-gptqa4", "KurTail + online Hadamard before o_proj + A4 (clipped 0.9) in place before GPTQ "
+     "W4 per channel (GPTQ's Hessian from the quantized inputs)",
+     f"fold-norms,{KURTAIL_O},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,{{cal}}),quantize({KV})", QUICK),
+    ("w4a4kv4", "kurtail-o-asym", "KurTail + online Hadamard before o_proj + GPTQ W4 per channel + asymmetric A4 "
+     "clipped 0.9", f"fold-norms,{KURTAIL_O},gptq(w=int4,sym=false,{{cal}}),quantize({A4},a_sym=false,a_clip=0.9)",
+     QUICK),
     ("w4a8", "quarot-gptq-clip", "fold-norms + Hadamard + GPTQ g64 on the output-aware clipped grid (damp 0.001) + A8 "
      "per token", f"{ROT},gptq(w=int4,group=64,sym=false,clip=true,damp=0.001,{{cal}}),quantize(a=int8)", MAIN),
     # KV2 on an otherwise float model (issue 20: RotateKV-style, rotated keys): per token, one scale and zero
