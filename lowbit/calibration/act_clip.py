@@ -13,7 +13,9 @@ readers', concatenated along their outputs) — the search picks, over a grid of
 
 the error the quantized input adds to the readers' outputs (with their weights as the graph holds them: already
 quantized when a weight quantizer ran first). ``x̂(c)`` runs the chain's own ops with the chain's own kwargs, so
-the error searched is the graph's. The grid is coarse then refined once around the best point.
+the error searched is the graph's. The grid is coarse then refined once around the best point. The error is
+summed in float32 through whichever is smaller, ``W`` ([out, C]) or ``G`` ([C, C]): down_proj's readers have
+fewer outputs than inputs, q/k/v and gate/up more; the ratios compared differ far above float32 rounding.
 """
 
 from __future__ import annotations
@@ -48,18 +50,21 @@ def fake_quant(site: ClipSite, x: torch.Tensor, clip: float) -> torch.Tensor:
     return resolve("dequantize")(q, scale, zp_arg, **site.dequantize.kwargs)
 
 
-def output_error(site: ClipSite, x: torch.Tensor, gram: torch.Tensor, clip: float) -> float:
-    """Σ over the tokens of ``x`` ([N, C]) of ‖(x̂ − x)·Wᵀ‖², with ``gram`` = WᵀW ([C, C], float64)."""
-    d = (fake_quant(site, x, clip).to(torch.float64) - x.to(torch.float64))
-    return float(((d @ gram) * d).sum())
+def output_error(site: ClipSite, x: torch.Tensor, w: torch.Tensor, clip: float) -> float:
+    """Σ over the tokens of ``x`` ([N, C]) of ‖(x̂ − x)·Wᵀ‖²; ``w`` is ``W`` ([out, C]) or ``G`` = WᵀW ([C, C],
+    symmetric: told apart by shape only when out ≠ C, and for out = C both give the same sum)."""
+    d = fake_quant(site, x, clip).float() - x.float()
+    if w.shape[0] == w.shape[1]:
+        return float(((d @ w) * d).sum(dtype=torch.float64))
+    return float((d @ w.T).pow(2).sum(dtype=torch.float64))
 
 
 def search_clip(site: ClipSite, x: torch.Tensor, weights: Sequence[torch.Tensor], grid: Sequence[float],
                 refine: float) -> tuple[float, float, float]:
     """The ratio of ``grid`` (then ± ``refine`` around the best, kept in (0, 1]) with the lowest output error
     on ``x``; returns (ratio, its error, the error at ratio 1)."""
-    w = torch.cat([t.to(torch.float64) for t in weights], 0)
-    gram = w.T @ w
+    w = torch.cat([t.float() for t in weights], 0)
+    gram = w if w.shape[0] < w.shape[1] else (w.T.double() @ w.double()).float()
     errors = {c: output_error(site, x, gram, c) for c in grid}
     best = min(errors, key=errors.__getitem__)
     for c in (best - refine, best + refine):
