@@ -1,6 +1,7 @@
 """Where the W4A4KV4 error comes from: the best recipe with one quantizer group back at (near) float at a time.
 
     python tools/rotation_sensitivity.py                          # CPU, wt2-512x8
+    python tools/rotation_sensitivity.py --weights float         # the same with float weights (no GPTQ)
     python tools/rotation_sensitivity.py --device cuda --eval wt2-512x40 --out sens.json
 
 The rotated, GPTQ-quantized graph is built once (``--head``); each variant then runs the activation/KV
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--eval", default="wt2-512x8")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--match", default="", help="regex on variant names")
+    ap.add_argument("--weights", choices=("gptq", "float"), default="gptq",
+                    help="the variants on the GPTQ W4 graph, or on the rotated graph with float weights")
     ap.add_argument("--out", default="", help="JSON file for the results (default: print only)")
     args = ap.parse_args()
 
@@ -98,9 +101,11 @@ def main() -> None:
     PassManager(ROTATE_ONLY.replace("progress=false", f"progress=false{dev}")).run(rotated)
     head = rotated.clone()
     t = time.perf_counter()
-    PassManager(GPTQ.replace("progress=false", f"progress=false{dev}")).run(head)
+    if args.weights == "gptq":
+        PassManager(GPTQ.replace("progress=false", f"progress=false{dev}")).run(head)
     print(f"head built in {time.perf_counter() - t:.0f}s", flush=True)
-    todo = {"weights-float": TAIL, **variants(n_layers)}
+    results["weights"] = args.weights
+    todo = {**({"weights-float": TAIL} if args.weights == "gptq" else {}), **variants(n_layers)}
     for name, tail in todo.items():
         if args.match and not re.search(args.match, name):
             continue
