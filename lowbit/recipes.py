@@ -124,7 +124,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "clip-activations",
            "lowbit's best W4A4KV4: w4a4kv4-kurtail with each dynamic A4 quantizer's clip ratio searched on calibration "
            "text by the error it adds to its readers' outputs (clip-activations; ratios 0.65-1, mean 0.74); SmolLM2 "
-           "2.18x vs 2.36x for QuaRot's fixed 0.9 on wt2-512x8 (same GPTQ graph; the fixed 0.9: 2.41x on "
+           "2.18x vs 2.31x for QuaRot's fixed 0.9 on wt2-512x8 (same GPTQ graph; the fixed 0.9: 2.41x on "
            "wt2-512x40, KurTail 2.72x, QuaRot 2.83x); torch backend (a clipped QDQ is not fused into qlinear; ONNX "
            "refuses it)", ("fold-norms", "rotate", "gptq", "quantize", "clip-activations")),
     Recipe("w4a4kv4-rtn", f"fold-norms,rotate,quantize(w=int4,sym=false,a=int4,{_KV4_HEAD})",
