@@ -187,6 +187,21 @@ def test_rotate_exact_in_float64_on_smollm2(smollm2_slice_f64, wikitext_ids, kin
     assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
 
 
+def test_rotate_online_o_exact_in_float64_on_smollm2(smollm2_slice_f64, wikitext_ids):
+    """online_o: a full-width Hadamard before each o_proj (all heads), folded into o_proj's columns: exact."""
+    _, graph = smollm2_slice_f64
+    g = float64_norm_stats(graph.clone())
+    ids = wikitext_ids[:, 2000:2256]
+    ref = TorchCompiled(g)(ids)
+    stats = PassManager("fold-norms,rotate(online_o=true)").run(g).records[-1].stats
+    assert stats["online_hadamards"] == 2 + 2 * 2 + 2  # down_proj, q/k after rotary, o_proj inputs
+    o_in = [n for n in g.find("hadamard") if any(u.op == "linear" and u.module.endswith("o_proj")
+                                                 for u in g.users().get(id(n.output), []))]
+    assert len(o_in) == 2 and all(n.output.tensor_type.shape[-1] == 576 for n in o_in)
+    out = TorchCompiled(g)(ids)
+    assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+
+
 @pytest.fixture(scope="module")
 def rotated_f32(smollm2):
     """(real 1-layer float32 SmolLM2 slice rotated by fold-norms,rotate; a WikiText-2 window; float logits)."""

@@ -4,6 +4,7 @@ and the fold-norms effect on plain W4 RTN.
     python tools/bench_rotation.py                      # every row -> bench/results/accuracy.json
     python tools/bench_rotation.py --match quarot       # some rows (float references always run)
     python tools/bench_rotation.py --eval wt2-512x8     # every row on 8 windows (a quick look)
+    python tools/bench_rotation.py --device cuda --match ^w4a4kv4:best   # calibrate and score on a GPU
 
 One run: the float model is captured once; each row runs its pipeline on a clone and is scored on WikiText-2
 test windows of 512 tokens. Rows name their own eval (``wt2-512xN``: the first N windows; the float model is
@@ -11,7 +12,9 @@ scored on the same windows in the same run, and ``ratio`` divides by that): the 
 windows, the rest fewer, because the CPU is shared. Calibration (GPTQ, SmoothQuant): the shipped WikiText-2
 validation text, ``--calib-n`` × 512 tokens (never the test text). W4A4KV4 = int4 weights, int4 activations per
 token (dynamic, symmetric), int4 KV cache with one scale and zero point per token per head (64 channels).
-Rows record wall time of the passes and the process's peak RSS.
+Rows record wall time of the passes and the process's peak RSS. ``--device cuda``: every calibrating pass
+(``progress=false`` marks them) runs there (``device=cuda``) and so does the scoring; such rows carry the GPU's
+name in ``device`` and never replace the CPU rows.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ KV = "kv=int4,k_gran=per_token,v_gran=per_token,kv_group=64"
 A4 = f"a=int4,{KV}"
 ROT = "fold-norms,rotate"
 MAIN, QUICK = "wt2-512x40", "wt2-512x8"
-EXPENSIVE = {"rotate", "gptq", "smooth-quant", "awq", "autoround"}
+EXPENSIVE = {"rotate", "gptq", "smooth-quant", "awq", "autoround", "clip-activations"}
 """Passes after which a row's graph is kept for the next rows with the same pipeline up to there."""
 KURTAIL = "rotate(kind=kurtosis,progress=false)"
 """Defaults: 8 x 512 calibration tokens (WikiText-2 validation), 512 kept per norm, 100 Adam steps on the Cayley
 parameter, 4096 tokens a step."""
+KURTAIL_O = "rotate(kind=kurtosis,online_o=true,progress=false)"
+"""KurTail plus a full-width online Hadamard before each o_proj."""
 SPIN = "rotate(kind=learned,calib_n=16,calib_len=256,steps=16,progress=false)"
 """SpinQuant at the size a shared 2-core CPU affords: 16 steps, each a forward and backward of the whole W4A4
 fake-quantized model on one 256-token validation window (the paper: 100 steps of 8 x 2048 tokens); the learned R1
@@ -44,8 +49,9 @@ is kept only if its quantized loss on 8 calibration windows beats the Hadamard s
 
 # (scheme, method, variant, pipeline, eval); {cal} becomes the calibration options
 ROWS: list[tuple[str, str, str, str | None, str]] = [
-    # lowbit's best W4A4KV4 (what measurably helped at x8: KurTail R1 over QuaRot's Hadamard, GPTQ act-order,
-    # the dynamic A4 scales clipped to 0.9 of each token's range)
+    # lowbit's best W4A4KV4 until session 5 (what measurably helped at x8: KurTail R1 over QuaRot's Hadamard, GPTQ
+    # act-order, the dynamic A4 scales clipped to 0.9 of each token's range); the recipe w4a4kv4-best now searches
+    # the clip per quantizer instead: that pipeline is the kurtail-acs row below (not yet run through this bench)
     ("w4a4kv4", "best", "lowbit's best: fold-norms + KurTail-learned R1, Hadamard R2-R4 + GPTQ W4 per channel "
      "(act-order) + A4 per token clipped 0.9",
      f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,{{cal}}),quantize({A4},a_clip=0.9)", MAIN),
@@ -81,6 +87,35 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,{{cal}}),quantize({A4},a_clip=0.9,kv_clip=0.95)", QUICK),
     ("w4a4kv4", "kurtail-wclip", "KurTail + GPTQ W4 per channel on the output-aware clipped grid, A4 0.9, KV4 0.95",
      f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({A4},a_clip=0.9,kv_clip=0.95)", QUICK),
+    # session 5 (issue 20, where the error comes from: with float weights A4 alone costs 1.61x, KV4 alone 1.05x):
+    # a full-width online Hadamard before o_proj (rotate(online_o=true)), clip ratios searched per activation
+    # quantizer on calibration data (clip-activations), asymmetric A4, and GPTQ calibrated on A4 inputs
+    ("w4a4kv4", "kurtail-acs", "KurTail + GPTQ W4 per channel + A4 clip ratio searched per quantizer",
+     f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,{{cal}}),quantize({A4}),clip-activations({{cal}})", QUICK),
+    ("w4a4kv4", "kurtail-gptqa4-wclip-acs", "KurTail + A4 (clipped 0.9) in place before GPTQ W4 per channel on the "
+     "output-aware clipped grid + KV4, then the A4 clip ratios searched per quantizer",
+     f"fold-norms,{KURTAIL},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({KV}),"
+     f"clip-activations({{cal}})", QUICK),
+    ("w4a4kv4", "kurtail-o", "KurTail + online Hadamard before o_proj + GPTQ W4 per channel + A4 clipped 0.9",
+     f"fold-norms,{KURTAIL_O},gptq(w=int4,sym=false,{{cal}}),quantize({A4},a_clip=0.9)", QUICK),
+    ("w4a4kv4", "kurtail-o-gptqa4-wclip-acs", "KurTail + online Hadamard before o_proj + A4 (clipped 0.9) in place "
+     "before GPTQ W4 per channel on the output-aware clipped grid + KV4, then the A4 clip ratios searched per "
+     "quantizer", f"fold-norms,{KURTAIL_O},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,clip=true,{{cal}}),"
+     f"quantize({KV}),clip-activations({{cal}})", QUICK),
+    ("w4a4kv4", "kurtail-o-acs", "KurTail + online Hadamard before o_proj + GPTQ W4 per channel + A4 clip ratio "
+     "searched per quantizer",
+     f"fold-norms,{KURTAIL_O},gptq(w=int4,sym=false,{{cal}}),quantize({A4}),clip-activations({{cal}})", QUICK),
+    ("w4a4kv4", "kurtail-o-wclip", "KurTail + online Hadamard before o_proj + GPTQ W4 per channel on the "
+     "output-aware clipped grid + A4 clipped 0.9",
+     f"fold-norms,{KURTAIL_O},gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({A4},a_clip=0.9)", QUICK),
+    ("w4a4kv4", "kurtail-o-gptqa4", "KurTail + online Hadamard before o_proj + A4 (clipped 0.9) in place before GPTQ "
+     "W4 per channel (GPTQ's Hessian from the quantized inputs)",
+     f"fold-norms,{KURTAIL_O},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,{{cal}}),quantize({KV})", QUICK),
+    ("w4a4kv4", "kurtail-o-asym", "KurTail + online Hadamard before o_proj + GPTQ W4 per channel + asymmetric A4 "
+     "clipped 0.9", f"fold-norms,{KURTAIL_O},gptq(w=int4,sym=false,{{cal}}),quantize({A4},a_sym=false,a_clip=0.9)",
+     QUICK),
+    ("w4a8", "quarot-gptq-clip", "fold-norms + Hadamard + GPTQ g64 on the output-aware clipped grid (damp 0.001) + A8 "
+     "per token", f"{ROT},gptq(w=int4,group=64,sym=false,clip=true,damp=0.001,{{cal}}),quantize(a=int8)", MAIN),
     # KV2 on an otherwise float model (issue 20: RotateKV-style, rotated keys): per token, one scale and zero
     # point per head (64 channels), without and with the rotation (R3: online Hadamard on Q and K after rotary)
     ("kv2", "rtn", "no rotation; K and V int2 per token per head, weights and activations float",
@@ -140,6 +175,7 @@ def main() -> None:
     ap.add_argument("--match", default="", help="regex on 'scheme:method:variant' selecting rows")
     ap.add_argument("--calib", default="wikitext2-valid-calib", help="calibration text (shipped name or file)")
     ap.add_argument("--calib-n", type=int, default=32, help="calibration sequences of 512 tokens")
+    ap.add_argument("--device", default="cpu", help="where calibration and scoring run (cuda: on the GPU)")
     ap.add_argument("--dry", action="store_true", help="print rows, write nothing")
     args = ap.parse_args()
 
@@ -158,43 +194,46 @@ def main() -> None:
     header = {
         "command": "python " + " ".join(sys.argv),
         "date": datetime.date.today().isoformat(),
-        "device": machine("cpu"),
+        "device": machine(args.device),
         "versions": {"lowbit": getattr(lowbit, "__version__", "dev"), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
     }
+    device = torch.device(args.device)
     cal = f"calib={args.calib},calib_n={args.calib_n},calib_len=512,progress=false"
     floats: dict[str, float] = {}
 
     def score(g, ev: str):  # type: ignore[no-untyped-def]
-        return perplexity(TorchCompiled(g), "wikitext2-test", tokenizer=tok, progress=False, batch_size=4,
-                          **_eval_kwargs(ev))
+        return perplexity(TorchCompiled(g, device), "wikitext2-test", tokenizer=tok, progress=False, batch_size=4,
+                          device=device, **_eval_kwargs(ev))
 
     # rows whose pipelines share a prefix up to an expensive pass (rotation learning, GPTQ, ...) reuse that
-    # prefix's graph; a row's pass_seconds still counts the whole pipeline (the reused prefix's time included)
+    # prefix's graph (the longest one cached); a row's pass_seconds still counts the whole pipeline (the reused
+    # prefix's time included). Three prefixes are kept (each holds a model copy), the least recently used dropped.
     cache: dict[str, tuple[Graph, list[dict], float]] = {}
 
     def run_pipeline(pipeline: str) -> tuple[Graph, list[dict], float]:
         parts = _split_top(pipeline, ",", pipeline)
-        cut = max((i + 1 for i, p in enumerate(parts) if p.split("(")[0].strip() in EXPENSIVE), default=0)
-        head, tail = ",".join(parts[:cut]), ",".join(parts[cut:])
-        if head and head in cache:
-            base, stats, secs = cache[head]
-        else:
-            base, stats, secs = graph.clone(), [], 0.0
-            if head:
-                t = time.perf_counter()
-                report = PassManager(head, verify_each=True).run(base)
-                stats = [{"pass": rec.spec.split("(")[0], **rec.stats} for rec in report.records]
-                secs = time.perf_counter() - t
-                cache.clear()  # one cached prefix at a time: each holds a model copy
-                cache[head] = (base, stats, secs)
-        g = base.clone() if head and tail else base if head else graph.clone()
-        if tail:
+        cuts = [i + 1 for i, p in enumerate(parts) if p.split("(")[0].strip() in EXPENSIVE]
+        start = next((c for c in reversed(cuts) if ",".join(parts[:c]) in cache), 0)
+        if start:  # least recently used first
+            cache[",".join(parts[:start])] = cache.pop(",".join(parts[:start]))
+        base, stats, secs = (graph, [], 0.0) if not start else cache[",".join(parts[:start])]
+        base = base.clone()
+        for cut in [c for c in cuts if c > start]:
             t = time.perf_counter()
-            report = PassManager(tail, verify_each=True).run(g)
+            report = PassManager(",".join(parts[start:cut]), verify_each=True).run(base)
             stats = stats + [{"pass": rec.spec.split("(")[0], **rec.stats} for rec in report.records]
             secs += time.perf_counter() - t
-        return g, stats, secs
+            while len(cache) >= 3:
+                cache.pop(next(iter(cache)))
+            cache[",".join(parts[:cut])] = (base.clone(), stats, secs)
+            start = cut
+        if start < len(parts):
+            t = time.perf_counter()
+            report = PassManager(",".join(parts[start:]), verify_each=True).run(base)
+            stats = stats + [{"pass": rec.spec.split("(")[0], **rec.stats} for rec in report.records]
+            secs += time.perf_counter() - t
+        return base, stats, secs
 
     rows: list[dict] = []
     for scheme, method, variant, pipe, ev in ROWS:
@@ -210,6 +249,8 @@ def main() -> None:
                          "command": header["command"]})
             print(rows[-1], flush=True)
         pipeline = pipe.format(cal=cal) if pipe else None
+        if pipeline and device.type != "cpu":  # every calibrating pass says progress=false
+            pipeline = pipeline.replace("progress=false", f"progress=false,device={args.device}")
         try:
             g, stats, pass_s = run_pipeline(pipeline)
             r = score(g, ev)

@@ -9,7 +9,9 @@ all channels without changing the model. ``rotate`` applies, on the regions that
 * per-head V/O (R2): ``v_proj`` rows ``Rᵀ·W_h``, ``o_proj`` columns ``W·(I ⊗ R)``;
 * an online ``hadamard`` before each writer no fold reaches (``down_proj``, R4), its transpose folded into
   the weight;
-* an online ``hadamard`` on queries and keys after rotary (R3), so the KV cache holds rotated keys.
+* an online ``hadamard`` on queries and keys after rotary (R3), so the KV cache holds rotated keys;
+* with ``online_o=true``, an online ``hadamard`` over all heads before each ``o_proj`` (QuaRot's online part of
+  its o_proj rotation), its transpose folded into o_proj's columns.
 
 ``kind=hadamard`` uses the randomised Hadamard ``H·diag(±1)/√n`` (seeded), ``kind=random`` a Haar-random
 orthogonal matrix (QR of a seeded Gaussian) for R1/R2; ``kind=kurtosis`` (KurTail) learns R1 from that
@@ -40,7 +42,7 @@ from lowbit.calibration.rotation_learning import (
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.hadamard import HadamardError, hadamard, random_hadamard
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
-from lowbit.ir.rotation_regions import HeadRegion, ResidualRegion, find_rotation_regions
+from lowbit.ir.rotation_regions import HeadRegion, OnlineSite, ResidualRegion, find_rotation_regions
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.fold_norms import private_weight
 
@@ -89,6 +91,11 @@ class RotateOptions(CalibrationOptions):
     """Online Hadamard before linears writing the residual stream that no fold reaches (down_proj, R4)."""
     qk: bool = True
     """Online Hadamard on queries and keys after rotary (R3: rotated KV cache)."""
+    online_o: bool = False
+    """Online Hadamard over all heads before each o_proj (QuaRot's ``H_heads ⊗ H_head`` on the attention output):
+    R2 mixes channels only within a head, so a head whose output is larger than the others' stays an outlier of
+    the per-token A4 scale; the full-width Hadamard spreads it over every channel (its transpose folds into
+    o_proj's columns, so the model is unchanged)."""
 
 
 def rotation_matrix(kind: str, n: int, seed: int, what: str) -> torch.Tensor:
@@ -300,8 +307,10 @@ class Rotate(Pass):
                 heads += 1
         stats["head_regions"] = heads
         online = []
-        for site in regions.online:
-            if site.kind == "linear_input" and o.online:
+        o_sites = [OnlineSite("linear_input", h.o_proj, h.o_proj.args[1].tensor_type.shape[-1])
+                   for h in regions.heads] if o.online_o else []
+        for site in [*regions.online, *o_sites]:
+            if site.kind == "linear_input" and (o.online or any(site is s for s in o_sites)):
                 lin = site.node
                 x = lin.args[0]
                 try:
