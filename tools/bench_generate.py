@@ -471,6 +471,61 @@ def cpu_rows(new: int, rounds: int = 5, threads: int = 2, ppl_windows: int = 8, 
     return rows
 
 
+CACHE_PPL = {  # scheme: (accuracy model on CausalLMLogits, step graph with the packed cache)
+    "w8a8kv4": ("quantize(w=int8,a=int8,kv=int4,kv_group=32,kv_sink=1,kv_window=32)",
+                "quantize(w=int8,a=int8),kv-cache(bits=4)"),
+    "w8a8kv2": ("quantize(w=int8,a=int8,kv=int2,k_group=32,v_group=16,kv_sink=1,kv_window=64)",
+                "quantize(w=int8,a=int8),kv-cache(bits=2)"),
+}
+"""Issue 18's check that the real quantized cache keeps the accuracy model's perplexity: the same W8A8 (RTN) body
+with kv4 / kv2 as ``quantize(kv=...)``'s QDQ model and as the packed cache of ``kv-cache`` (same layouts: keys per
+channel over 32-token blocks, values per token in 32 / 16-channel groups, sink 1, window 32 / 64)."""
+
+
+def cache_ppl_rows(windows: int, seq_len: int = 512) -> list[dict]:
+    """SmolLM2 WikiText-2 perplexity of each ``CACHE_PPL`` scheme twice in one process: through the accuracy model
+    and through the step graph's packed cache (torch backend: each window is a prefill into a fresh packed cache,
+    whose ``cache_attention`` writes the codes and attends over them; decode steps read the same cache, and equal
+    that prefill's rows to fp32 rounding: tests/test_kv_cache.py)."""
+    from lowbit.api import compile_model
+    from lowbit.eval.perplexity import perplexity
+    from lowbit.generate import GenerationSpec, Generator
+    from lowbit.models import CausalLMLogits, load_smollm2
+
+    model, tok = load_smollm2()
+    rows = []
+    ev = f"wt2-{seq_len}x{windows}"
+    float_ppl = perplexity(CausalLMLogits(model), "wikitext2-test", seq_len=seq_len, max_windows=windows,
+                           tokenizer=tok, progress=False).ppl
+    for scheme, (acc_pipe, step_pipe) in CACHE_PPL.items():
+        t = time.perf_counter()
+        acc = compile_model(CausalLMLogits(model), tokenizer=tok, pipeline=acc_pipe)
+        acc_ppl = perplexity(acc.runner, "wikitext2-test", seq_len=seq_len, max_windows=windows, tokenizer=tok,
+                             progress=False).ppl
+        acc_s = time.perf_counter() - t
+        t = time.perf_counter()
+        step = compile_model(model, tokenizer=tok, pipeline=step_pipe,
+                             generation=GenerationSpec(max_length=seq_len, max_batch=1))
+        gen = Generator(step.runner, step.graph.meta["generation"], "cpu")
+
+        def logits(ids: torch.Tensor, gen=gen, step=step) -> torch.Tensor:
+            pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+            return step.runner(ids, pos, *gen._cache(ids.shape[0], seq_len))[0]
+
+        cache_ppl = perplexity(logits, "wikitext2-test", seq_len=seq_len, max_windows=windows, tokenizer=tok,
+                               progress=False).ppl
+        base = {"area": "cache-ppl", "model": "smollm2-135m", "scheme": scheme, "eval": ev,
+                "float_value": round(float_ppl, 4)}
+        rows.append({**base, "method": "accuracy-model", "pipeline": acc_pipe, "value": round(acc_ppl, 4),
+                     "ratio": round(acc_ppl / float_ppl, 4), "seconds": round(acc_s, 1)})
+        rows.append({**base, "method": "packed-cache", "pipeline": step_pipe, "value": round(cache_ppl, 4),
+                     "ratio": round(cache_ppl / float_ppl, 4), "seconds": round(time.perf_counter() - t, 1),
+                     "vs_accuracy_model": round(cache_ppl / acc_ppl - 1, 6),
+                     "cache_ops": step.graph.op_counts().get("cache_attention", 0)})
+        print(rows[-2], rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true")
@@ -496,6 +551,8 @@ def main() -> None:
     ap.add_argument("--spinning", action="store_true",
                     help="--cpu: let idle ORT threads spin (ORT's default; slow on a shared CPU)")
     ap.add_argument("--only", default=None, help="--cpu: regex over 'graph:method' of the ORT variants to run")
+    ap.add_argument("--cache-ppl", type=int, default=0, metavar="WINDOWS",
+                    help="SmolLM2 perplexity through the packed KV cache vs the accuracy model (CACHE_PPL), on CPU")
     a = ap.parse_args()
     rows: list[dict] = []
     if a.gpu or (a.smoke and not a.cpu):
@@ -518,6 +575,9 @@ def main() -> None:
         command = "python tools/bench_generate.py " + " ".join(sys.argv[1:])
         rows += [{**r, "device": machine("cpu"), "command": command}
                  for r in cpu_rows(a.new, a.rounds, a.threads, a.ppl_windows, a.torch_rows, a.only, a.spinning)]
+    if a.cache_ppl:
+        command = "python tools/bench_generate.py " + " ".join(sys.argv[1:])
+        rows += [{**r, "device": machine("cpu"), "command": command} for r in cache_ppl_rows(a.cache_ppl)]
     date = datetime.date.today().isoformat()
     rows = [{**r, "date": date} for r in rows]
     for r in rows:
