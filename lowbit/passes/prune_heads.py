@@ -32,10 +32,9 @@ import torch
 from lowbit.ir.graph import Graph, TensorType, Value
 from lowbit.ir.shapes import EXPAND_OPS
 from lowbit.passes.base import NO_QLINEAR, Pass, PassError, PassResult, register_pass
-from lowbit.calibration.engine import BlockRun
 from lowbit.passes.prune_mlp import (Cut, InputStats, StructuredOptions, _bias, _Collected, allocate,
                                      apply_cut_masked, channel_scores, check_target, choose_cut, collect_input_stats,
-                                     model_targets, reinfer)
+                                     cut_sites, reinfer)
 from lowbit.passes.pruning_sites import AttentionSite, find_attention_sites, slice_linear_cols, slice_linear_rows
 
 __all__ = ["PruneHeads", "PruneHeadsOptions"]
@@ -130,22 +129,7 @@ class PruneHeads(Pass):
             cuts[id(s.o)] = cut = choose_cut(s.o.args[1].data, st, n_rm, qw, o, _bias(s.o))
             apply_cut_masked(graph, s.o, cut, qw, users, [(s.q, qw), (s.k, s.head_dim), (s.v, s.head_dim)])
 
-        if o.sequential:
-            def on_block(ctx: BlockRun, got: _Collected) -> bool:
-                mine = [s for s in sites if id(s.o) in got.inputs]
-                for s in mine:
-                    cut_site(s, got.inputs.pop(id(s.o)))
-                return bool(mine)
-
-            targets = model_targets(graph, [s.o for s in sites], o, self.name) if o.target == "model" else None
-            col = collect_input_stats(graph, [s.o for s in sites] if calibrated else [], o, self.name,
-                                      second_moment=second, on_block=on_block, targets=targets)
-            if not calibrated:
-                for s in sites:
-                    cut_site(s, None)
-        else:
-            for s in sites:
-                cut_site(s, col.inputs.get(id(s.o)))
+        cut_sites(graph, sites, lambda s: s.o, cut_site, col, o, self.name, calibrated, second)
         heads: dict[str, list[int]] = {}
         made: dict[tuple[int, int], Value] = {}
         for s in sites:

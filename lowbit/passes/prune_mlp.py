@@ -54,7 +54,7 @@ from lowbit.passes.pruning_sites import MLPSite, find_mlp_sites, slice_linear_co
 
 __all__ = ["PruneMLP", "PruneMLPOptions", "StructuredOptions", "InputStats", "collect_input_stats",
            "channel_scores", "allocate", "add_bias", "refit_columns", "reinfer", "Cut", "choose_cut",
-           "model_targets", "refit_to_target", "check_target"]
+           "model_targets", "refit_to_target", "check_target", "cut_sites"]
 
 
 class StructuredOptions(CalibrationOptions, ScopedOptions):
@@ -136,6 +136,33 @@ class _Collected:
     block_change: dict[str, list[float]] = field(default_factory=dict)
     tokens: int = 0
     seconds: float = 0.0
+
+
+def cut_sites(graph: Graph, sites: list[Any], out_linear: Callable[[Any], Node],
+              cut_site: Callable[[Any, InputStats | None], None], col: _Collected, o: Any, pass_name: str,
+              calibrated: bool, second: bool) -> None:
+    """Cut every site (``out_linear(site)``: the linear whose input channels go): with ``o.sequential`` in one
+    block-by-block calibration run, each block cut as soon as its statistics are in (the next block then reads the
+    pruned model; ``o.target == "model"`` refits toward the unpruned model), else from ``col``, the statistics of
+    one run of the unpruned model. Shared by prune-mlp and prune-heads."""
+    if not o.sequential:
+        for s in sites:
+            cut_site(s, col.inputs.get(id(out_linear(s))))
+        return
+
+    def on_block(ctx: BlockRun, got: _Collected) -> bool:
+        mine = [s for s in sites if id(out_linear(s)) in got.inputs]
+        for s in mine:
+            cut_site(s, got.inputs.pop(id(out_linear(s))))
+        return bool(mine)
+
+    linears = [out_linear(s) for s in sites]
+    targets = model_targets(graph, linears, o, pass_name) if o.target == "model" else None
+    collect_input_stats(graph, linears if calibrated else [], o, pass_name, second_moment=second, on_block=on_block,
+                        targets=targets)
+    if not calibrated:
+        for s in sites:
+            cut_site(s, None)
 
 
 def collect_input_stats(graph: Graph, linears: list[Node], o: CalibrationOptions, pass_name: str,
@@ -469,22 +496,7 @@ class PruneMLP(Pass):
             cuts[id(site.down)] = cut = choose_cut(site.down.args[1].data, st, n_rm, 1, o, _bias(site.down))
             apply_cut_masked(graph, site.down, cut, 1, users, [(p, 1) for p in site.producers])
 
-        if o.sequential:
-            def on_block(ctx: BlockRun, got: _Collected) -> bool:
-                mine = [s for s in sites if id(s.down) in got.inputs]
-                for s in mine:
-                    cut_site(s, got.inputs.pop(id(s.down)))
-                return bool(mine)
-
-            targets = model_targets(graph, [s.down for s in sites], o, self.name) if o.target == "model" else None
-            col = collect_input_stats(graph, [s.down for s in sites] if calibrated else [], o, self.name,
-                                      second_moment=second, on_block=on_block, targets=targets)
-            if not calibrated:
-                for s in sites:
-                    cut_site(s, None)
-        else:
-            for s in sites:
-                cut_site(s, col.inputs.get(id(s.down)))
+        cut_sites(graph, sites, lambda s: s.down, cut_site, col, o, self.name, calibrated, second)
         widths = {}
         for site in sites:
             cut = cuts.get(id(site.down))
