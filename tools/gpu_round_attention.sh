@@ -29,21 +29,21 @@ mode=${1:-sweep}
 case "$mode" in
   check)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    python -c "import torch, triton; print(torch.__version__, triton.__version__)"
-    timeout 280 python -m pytest -x -q tests/test_decode_attention.py 2>&1 | tail -15
+    python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
+    timeout 280 python3 -m pytest -x -q tests/test_decode_attention.py 2>&1 | tail -15
     ;;
   sweep)
-    timeout 285 python tools/sweep_attention.py --out "$OUT/sweep.jsonl" --budget 240 2>&1 \
+    timeout 285 python3 tools/sweep_attention.py --out "$OUT/sweep.jsonl" --budget 240 2>&1 \
       | tee "$OUT/sweep.log" | cut -c1-400
     ;;
   final)
     cp bench/results/attention.json "$OUT/attention.json"
-    timeout 285 python tools/bench_attention.py --budget 235 --sweep v3 --scales float16 \
+    timeout 285 python3 tools/bench_attention.py --budget 235 --sweep v3 --scales float16 \
       --shapes 16x32x32x32768,16x32x8x32768,1x32x32x32768,1x32x8x32768,16x32x32x4096,16x32x8x4096,1x32x32x4096,1x32x8x4096,1x32x32x768,16x32x32x768 \
       --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench.log" | cut -c1-300
     ;;
   sass)
-    python tools/sass_attention.py
+    python3 tools/sass_attention.py
     ;;
   *)
     echo "usage: $0 check|sweep|final|sass" >&2

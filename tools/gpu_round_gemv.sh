@@ -27,10 +27,10 @@ OUT=${OUT:-/tmp/gemv_round}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
-python -c "import torch, triton; print(torch.__version__, triton.__version__)"
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
 cp bench/results/gemv.json "$OUT/gemv.json"
 # 1) the sweep: 5 shapes x M in {1, 16}; cc_sk 28 configs, tc_sk 21 (9 PAIRS; EPI 3 = deterministic), tc_sk1 4
-timeout 165 python tools/bench_gemv.py --only cc_sk,tc_sk,tc_sk1 --run R5a --out "$OUT/gemv.json" --budget-s 145 \
+timeout 165 python3 tools/bench_gemv.py --only cc_sk,tc_sk,tc_sk1 --run R5a --out "$OUT/gemv.json" --budget-s 145 \
   --workers 12 2>&1 | tee "$OUT/sweep.log" | grep -v '^kernel=gemv_sweep/compiled' | cut -c1-330
 echo "exit sweep: ${PIPESTATUS[0]}"
 grep '^BEST' "$OUT/sweep.log"
@@ -39,10 +39,10 @@ grep '^BEST' "$OUT/sweep.log"
 #    twice; 12 launches profiled; cc_sk at M = 16 prints an error line by design (M = 1 only).
 timeout 80 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
   --section LaunchStats --section InstructionStats --section SchedulerStats -k regex:'_gemv_sk|_tc_sk' -c 12 \
-  python tools/bench_gemv.py --once cc_sk:1,cc_sk:13,cc_sk:18,cc_sk:21,tc_sk:13 --ms 1,16 --shapes 4096x11008 \
+  python3 tools/bench_gemv.py --once cc_sk:1,cc_sk:13,cc_sk:18,cc_sk:21,tc_sk:13 --ms 1,16 --shapes 4096x11008 \
   > "$OUT/ncu_sk.txt" 2>&1
 echo "exit ncu: $?"
 grep -E '^once|_gemv_sk \(|_tc_sk \(|Duration|DRAM Throughput|Compute \(SM\)|Registers Per|Achieved Occ|Executed Ipc A|Warp Cycles Per Issued|Executed Instructions  ' \
   "$OUT/ncu_sk.txt" | cut -c1-160
 # 3) the new kernels' tests on the GPU (N = 40 masks, bias, int8/uint4, EPI 0/1/2/3, cached workspace reuse)
-timeout 40 python -m pytest -x -q tests/test_kernels.py -k "split_k and cuda" 2>&1 | tail -3
+timeout 40 python3 -m pytest -x -q tests/test_kernels.py -k "split_k and cuda" 2>&1 | tail -3

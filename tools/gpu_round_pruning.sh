@@ -32,19 +32,19 @@ RECOVER=(--recover-tokens 100000000 --recover-seq 1024 --recover-batch 16 --reco
 
 case "${1:-}" in
 oneshot)
-  timeout 150 python tools/bench_pruning.py --device cuda --windows 40 --match "$CANDIDATES" \
+  timeout 150 python3 tools/bench_pruning.py --device cuda --windows 40 --match "$CANDIDATES" \
     "${RECOVER[@]}" --recover-seconds 30 --deadline 145 --recover-eval-every 50 --recover-best \
     --out "$OUT/pruning.json" 2>&1 | quiet ;;
 speed)
-  timeout 75 python tools/bench_pruning.py --pruned-speed --speed-heads 0.1875 --speed-budget 60 \
+  timeout 75 python3 tools/bench_pruning.py --pruned-speed --speed-heads 0.1875 --speed-budget 60 \
     --out "$OUT/pruning.json" 2>&1 | quiet ;;
 datafree)
-  timeout 100 python tools/bench_pruning.py --device cuda --windows 40 \
+  timeout 100 python3 tools/bench_pruning.py --device cuda --windows 40 \
     --match 'structured-20:obs:mlp channels, whole-column OBS \+ refit, sequential, uniform' \
     "${RECOVER[@]}" --recover-seconds 30 --deadline 95 --recover-eval-every 50 \
     --recover-generated 98304 --recover-gen-batch 96 --out "$OUT/pruning.json" 2>&1 | quiet ;;
 profile)
-  timeout 60 python - <<'PY' 2>&1 | quiet
+  timeout 60 python3 - <<'PY' 2>&1 | quiet
 import time
 
 import torch
@@ -74,7 +74,7 @@ PY
   ;;
 recover)
   # add --recover-generated 262144 if the datafree part beat the oneshot part's 30 s recovery
-  timeout 570 python tools/bench_pruning.py --device cuda --windows 40 --match "$CANDIDATES" \
+  timeout 570 python3 tools/bench_pruning.py --device cuda --windows 40 --match "$CANDIDATES" \
     "${RECOVER[@]}" --recover-seconds 420 --deadline 545 --recover-eval-every 100 --recover-best \
     --out "$OUT/pruning.json" 2>&1 | quiet ;;
 *)

