@@ -482,7 +482,7 @@ with kv4 / kv2 as ``quantize(kv=...)``'s QDQ model and as the packed cache of ``
 channel over 32-token blocks, values per token in 32 / 16-channel groups, sink 1, window 32 / 64)."""
 
 
-def cache_ppl_rows(windows: int, seq_len: int = 512) -> list[dict]:
+def cache_ppl_rows(windows: int, seq_len: int = 512, schemes: list[str] | None = None) -> list[dict]:
     """SmolLM2 WikiText-2 perplexity of each ``CACHE_PPL`` scheme twice in one process: through the accuracy model
     and through the step graph's packed cache (torch backend: each window is a prefill into a fresh packed cache,
     whose ``cache_attention`` writes the codes and attends over them; decode steps read the same cache, and equal
@@ -498,6 +498,8 @@ def cache_ppl_rows(windows: int, seq_len: int = 512) -> list[dict]:
     float_ppl = perplexity(CausalLMLogits(model), "wikitext2-test", seq_len=seq_len, max_windows=windows,
                            tokenizer=tok, progress=False).ppl
     for scheme, (acc_pipe, step_pipe) in CACHE_PPL.items():
+        if schemes is not None and scheme not in schemes:
+            continue
         t = time.perf_counter()
         acc = compile_model(CausalLMLogits(model), tokenizer=tok, pipeline=acc_pipe)
         acc_ppl = perplexity(acc.runner, "wikitext2-test", seq_len=seq_len, max_windows=windows, tokenizer=tok,
@@ -539,7 +541,8 @@ def main() -> None:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--deadline", type=float, default=1e9,
                     help="seconds after which HF compile runs are skipped (rows say so)")
-    ap.add_argument("--schemes", default=None, help=f"comma list of lowbit schemes (default all: {', '.join(QUANTIZED)})")
+    ap.add_argument("--schemes", default=None, help=f"comma list of lowbit schemes (default all: {', '.join(QUANTIZED)}; "
+                    f"with --cache-ppl: of {', '.join(CACHE_PPL)})")
     ap.add_argument("--compile-step", action="store_true", help="triton backend: run the step under torch.compile")
     ap.add_argument("--only-schemes", action="store_true", help="no HF and no lowbit float rows (just --schemes)")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -577,7 +580,7 @@ def main() -> None:
                  for r in cpu_rows(a.new, a.rounds, a.threads, a.ppl_windows, a.torch_rows, a.only, a.spinning)]
     if a.cache_ppl:
         command = "python tools/bench_generate.py " + " ".join(sys.argv[1:])
-        rows += [{**r, "device": machine("cpu"), "command": command} for r in cache_ppl_rows(a.cache_ppl)]
+        rows += [{**r, "device": machine("cpu"), "command": command} for r in cache_ppl_rows(a.cache_ppl, schemes=a.schemes.split(",") if a.schemes else None)]
     date = datetime.date.today().isoformat()
     rows = [{**r, "date": date} for r in rows]
     for r in rows:
