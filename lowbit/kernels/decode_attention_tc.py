@@ -480,7 +480,7 @@ def launch_tc(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32,
 
     import torch
 
-    from lowbit.kernels.decode_attention import _default_split
+    from lowbit.kernels._common import default_split
 
     b, hq, d = q.shape
     hkv, s = k_codes.shape[1], k_codes.shape[2]
@@ -499,7 +499,7 @@ def launch_tc(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32,
         # 5.3 at 4, 6.4 at 8)
         num_warps = 8 if step * d >= 128 * 128 else 4
     if split is None:
-        split = _default_split(s, b * hkv, step, target=waves * 132)
+        split = default_split(s, b * hkv, step, target=waves * 132)
     split = max(step, triton.cdiv(split, step) * step)
     n_split = triton.cdiv(s, split)
     acc = torch.empty(b, hq, n_split, d, device=q.device, dtype=torch.float32)
