@@ -55,6 +55,14 @@ tokens), by name: every test runs on a fresh clone, with nothing beside the repo
 
 # CI must not fail on a draw it never saw before: property tests replay the same examples on every run unless
 # HYPOTHESIS_PROFILE=explore asks for fresh ones (run that locally when changing an invariant).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N (the README's test command runs two workers on CI's two cores): each worker gets its share of the
+    # cores for torch's intra-op threads, not all of them (oversubscribed matmuls run slower than serial ones)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    # and xdist hands its workers the controller's COLUMNS (80 when piped), which would narrow the CLI's tables
+    # below the 160 columns a piped `lowbit` prints (what the CLI tests read)
+    os.environ.pop("COLUMNS", None)
+
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("explore", derandomize=False, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -79,6 +79,38 @@ def test_reference_equals_the_accuracy_models_attention(bits):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _apply(check, case: tuple) -> None:
+    """``check(*case)``, a trailing dict of the case being its launch options."""
+    if isinstance(case[-1], dict):
+        check(*case[:-1], **dict(case[-1]))
+    else:
+        check(*case)
+
+
+def _run_cases(cases: str, check, which: str) -> None:
+    """``check`` on the cases of the list named ``cases``: the first ones its ``CORE`` entry names (``which`` =
+    "core") or all of them. On CUDA in process; on CPU under TRITON_INTERPRET=1 in a fresh interpreter (triton reads
+    it when its own functions are decorated, at import, and torch may have imported triton already)."""
+    pytest.importorskip("triton")
+    idx = CORE[cases] if which == "core" else tuple(range(len(globals()[cases])))
+    if torch.cuda.is_available():
+        for i in idx:
+            _apply(check, globals()[cases][i])
+        return
+    code = (f"import tests.test_decode_attention as t\nfor i in {list(idx)}:\n"
+            f"    t._apply(t.{check.__name__}, t.{cases}[i])\nprint('ok')")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+CORE = {"KERNEL_CASES": (0, 2, 7), "LAUNCH_CASES": (5, 6), "REAL_LAYOUT_CASES": (0, 7)}
+CORE_OR_ALL = [pytest.param("core", id="core"), pytest.param("all", id="all", marks=pytest.mark.slow)]
+"""Each kernel test runs a few representative cases by default and every case as ``slow`` (the interpreter takes
+~4 s a case on CI's two cores)."""
+
+
 # (bits, split, query heads, kv heads, block_n): 64 tokens, key blocks of 16
 KERNEL_CASES = [(8, 64, 4, 2, 16), (4, 16, 4, 2, 16), (2, 32, 4, 2, 32), (4, 48, 4, 2, 16), (4, 32, 2, 2, 32),
                 (2, 16, 2, 2, 16), (4, 32, 8, 1, 16), (4, None, 2, 2, None)]
@@ -106,22 +138,13 @@ def _check_kernel(bits: int, split: int | None, hq: int, hkv: int, block_n: int 
                                da.decode_attention_reference(*half, **kw), rtol=tol, atol=tol)
 
 
-def test_triton_kernel_matches_reference():
+@pytest.mark.parametrize("which", CORE_OR_ALL)
+def test_triton_kernel_matches_reference(which):
     """Several splits per sequence, queries at different positions, GQA (2 and 4 query heads per kv head) and
     MHA, 8/4/2-bit codes, chunks that start/end inside a key block and inside an inner step. On CPU the kernel runs
     under TRITON_INTERPRET=1 in a fresh interpreter (triton reads it when its own functions are decorated, at
     import, and torch may have imported triton already)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        for case in KERNEL_CASES:
-            _check_kernel(*case)
-        return
-    root = Path(__file__).resolve().parents[1]
-    code = ("import tests.test_decode_attention as t\n"
-            "for case in t.KERNEL_CASES:\n    t._check_kernel(*case)\nprint('ok')")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    _run_cases("KERNEL_CASES", _check_kernel, which)
 
 
 # launch options of the split kernel (key blocks of 16 tokens, head dim 16, value groups of 8): steps shorter than a
@@ -139,20 +162,11 @@ LAUNCH_CASES = [
 ]
 
 
-def test_triton_kernel_launch_options_match_reference():
+@pytest.mark.parametrize("which", CORE_OR_ALL)
+def test_triton_kernel_launch_options_match_reference(which):
     """Every launch the benchmark sweeps computes the reference: block_n below/above k_block, channel chunks of
     2..8, bf16 scales (TRITON_INTERPRET=1 on CPU, as above)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        for *case, launch in LAUNCH_CASES:
-            _check_kernel(*case, **launch)
-        return
-    root = Path(__file__).resolve().parents[1]
-    code = ("import tests.test_decode_attention as t\n"
-            "for *case, launch in t.LAUNCH_CASES:\n    t._check_kernel(*case, **dict(launch))\nprint('ok')")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    _run_cases("LAUNCH_CASES", _check_kernel, which)
 
 
 def _check_real_layout(bits: int, hq: int, hkv: int, v_group: int, **launch) -> None:
@@ -182,119 +196,7 @@ REAL_LAYOUT_CASES = [(4, 4, 4, 32, {}), (2, 4, 2, 16, {}), (8, 4, 1, 32, {"split
                      (4, 6, 2, 32, {})]  # 3 query heads per kv head (SmolLM2's 9 / 3): one head per program
 
 
-def test_triton_kernel_real_layout_matches_reference():
+@pytest.mark.parametrize("which", CORE_OR_ALL)
+def test_triton_kernel_real_layout_matches_reference(which):
     """The kv4 / kv2 / kv8 cache layouts at head dim 128 (TRITON_INTERPRET=1 on CPU, as above)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        for *case, launch in REAL_LAYOUT_CASES:
-            _check_real_layout(*case, **launch)
-        return
-    root = Path(__file__).resolve().parents[1]
-    code = ("import tests.test_decode_attention as t\n"
-            "for *case, launch in t.REAL_LAYOUT_CASES:\n    t._check_real_layout(*case, **dict(launch))\nprint('ok')")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
-
-
-# v3 (tensor cores, lowbit.kernels.decode_attention_tc): (bits, q heads, kv heads, v_group, launch) at head dim 128,
-# key blocks of 32; float16 MMA operands, so 2e-3 (the scores' float16 query carries ~11 bits)
-TC_CASES = [(4, 8, 2, 32, {"variant": "v3", "split": 96}), (2, 8, 2, 16, {"variant": "v3", "blocks": 1}),
-            (8, 4, 4, 32, {"variant": "v3", "split": 96}), (4, 4, 4, 32, {"variant": "v3", "natural": True}),
-            (4, 6, 2, 32, {"variant": "v3", "st": False, "vt": True, "blocks": 1}),
-            (8, 6, 2, 32, {"variant": "v3", "blocks": 2, "st": False})]
-
-
-def _check_tc(bits: int, hq: int, hkv: int, v_group: int, **launch) -> None:
-    g = torch.Generator().manual_seed(bits + hq)
-    b, d, s = 2, 128, 192
-    k, v = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
-    q = torch.randn(b, hq, d, generator=g)
-    k[:, :, :, 5] *= 8  # an outlier channel: its own key scale
-    kc, ks, kz = da.quantize_keys(k, bits, 32)
-    vc, vs, vz = da.quantize_values(v, bits, v_group)
-    float_valid = torch.ones(b, 8, dtype=torch.bool)
-    float_valid[1, 3:] = False
-    kw = dict(bits=bits, lo=torch.tensor([1, 5]), hi=torch.tensor([s - 16, s - 70]), k_float=k[:, :, -8:],
-              v_float=v[:, :, -8:], float_valid=float_valid)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    for scale_dtype in (torch.float16, torch.float32):
-        args = [t.to(dev) for t in (q, kc, ks.to(scale_dtype), kz, vc, vs.to(scale_dtype), vz)]
-        kwd = {key: t.to(dev) if isinstance(t, torch.Tensor) else t for key, t in kw.items()}
-        torch.testing.assert_close(da.decode_attention(*args, **launch, **kwd),
-                                   da.decode_attention_reference(*args, **kwd), rtol=2e-3, atol=2e-3)
-
-
-def _check_grouped_dispatch() -> None:
-    """``GROUPED_VARIANT = "v3"``: a grouped call that names no variant runs v3 (the reference within v3's
-    float16 tolerance), a layout v3 cannot read (int2 values in groups of 8: half a word) keeps v2 (exact)."""
-    from lowbit.kernels import decode_attention_tc as tc
-
-    saved, launch, calls = da.GROUPED_VARIANT, tc.launch_tc, []
-    da.GROUPED_VARIANT = "v3"
-    tc.launch_tc = lambda *a, **k: calls.append(k["bits"]) or launch(*a, **k)
-    try:
-        for bits, tol in ((4, 2e-3), (2, 2e-5)):
-            c = _case(bits, hq=8, hkv=2)
-            args = [c[n] for n in ("q", "kc", "ks", "kz", "vc", "vs", "vz")]
-            kw = dict(bits=bits, lo=c["lo"], hi=c["hi"], k_float=c["k"], v_float=c["v"], float_valid=c["float_valid"])
-            torch.testing.assert_close(da.decode_attention(*args, **kw), da.decode_attention_reference(*args, **kw),
-                                       rtol=tol, atol=tol)
-        assert calls == [4], calls  # the int4 call ran v3, the int2 call v2
-    finally:
-        da.GROUPED_VARIANT, tc.launch_tc = saved, launch
-
-
-def test_tensor_core_kernel_matches_reference():
-    """v3 over the kv8 / kv4 / kv2 layouts: GQA groups of 4 and 3 (padded to 4), MHA, 1, 2 and 4 key blocks per
-    step (MMA rows = key block x head), scores and output transposed (st) or not, chunks that start inside a key
-    block, channels in memory order and in the dequantization's pair order, float16 and float32 scales
-    (TRITON_INTERPRET=1 on CPU runs the twin, which rounds exactly as the PTX does)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        for *case, launch in TC_CASES:
-            _check_tc(*case, **launch)
-        _check_grouped_dispatch()
-        return
-    root = Path(__file__).resolve().parents[1]
-    code = ("import tests.test_decode_attention as t\n"
-            "for *case, launch in t.TC_CASES:\n    t._check_tc(*case, **dict(launch))\n"
-            "t._check_grouped_dispatch()\nprint('ok')")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
-
-
-def _prmt(a: int, b: int, sel: int) -> int:
-    """PTX prmt.b32 (default mode): byte i of the result is byte ``sel`` nibble i of the 8 bytes (a, b)."""
-    src = a | (b << 32)
-    return sum(((src >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
-
-
-def test_dequant_ptx_pairs_decode_the_packed_codes():
-    """``pair_spec`` (what the PTX strings and the Triton twin do), emulated in Python on random words: each
-    output pair is ``1024 + 2**e * code`` of the channels the kernel assumes (natural: 2r, 2r + 1; else r, r + R),
-    and the PTX text carries those selectors and masks."""
-    from lowbit.kernels.decode_attention_tc import dequant_asm, pair_spec
-
-    g = torch.Generator().manual_seed(0)
-    for bits in (8, 4, 2):
-        perw, r_n = 32 // bits, 16 // bits
-        codes = torch.randint(0, 2**bits, (64, perw), generator=g)
-        words = da.pack_codes(codes - 2 ** (bits - 1), bits).view(torch.int32)[:, 0].tolist()  # stored code - qmin
-        for natural in (True, False):
-            spec = pair_spec(bits, natural)
-            asm, con = dequant_asm(bits, natural=natural)
-            assert con.count("=h") == perw and con.count(",r") == 1 + 2 * r_n
-            for r, (sel, sh, mask, m_lo, m_hi) in enumerate(spec):
-                assert (f"{sel:#06x}" if sel >= 0 else f"{mask:#010x}") in asm
-                ch = (2 * r, 2 * r + 1) if natural else (r, r + r_n)
-                for w, c in zip(words, codes.tolist()):
-                    w &= 0xFFFFFFFF
-                    if natural and bits == 8:
-                        t = _prmt(w, 0x64006400, sel)
-                    elif natural:
-                        t = (_prmt(w, 0, sel) & mask) | 0x64006400
-                    else:
-                        t = ((w >> sh) & mask) | 0x64006400
-                    assert (t & 0xFFFF) - 0x6400 == m_lo * c[ch[0]] and (t >> 16) - 0x6400 == m_hi * c[ch[1]]
+    _run_cases("REAL_LAYOUT_CASES", _check_real_layout, which)

@@ -556,21 +556,29 @@ def test_whole_column_obs_is_the_least_squares_refit_and_greedy(unit, n_remove):
     assert r.loss == pytest.approx(err, rel=1e-6)
 
 
-def test_obs_refit_beats_bias_compensation_on_a_smollm2_slice(slice_f32):
-    """prune-mlp score=obs (greedy whole-column OBS with the down_proj refit), block by block, against FLAP's
-    fluctuation score with bias compensation, both at 25% on 2 real blocks: held-out logits error."""
+@pytest.mark.parametrize("which", [pytest.param("core", id="core"),
+                                   pytest.param("all", id="all", marks=pytest.mark.slow)])
+def test_obs_refit_beats_bias_compensation_on_a_smollm2_slice(slice_f32, which):
+    """prune-mlp score=obs (greedy whole-column OBS with the down_proj refit), against FLAP's fluctuation score with
+    bias compensation, both at 25% on 2 real blocks: held-out logits error; ``slow`` adds the sequential and
+    model-target forms (block by block through the pruned blocks; refit against the model's output)."""
     graph, ids, ref = slice_f32
     cal = "calib_n=16,calib_len=256,progress=false"
+    specs = [f"prune-mlp(ratio=0.25,score=fluctuation,compensate=true,{cal})", f"prune-mlp(ratio=0.25,score=obs,{cal})"]
+    if which == "all":
+        specs += [f"prune-mlp(ratio=0.25,score=obs,sequential=true,{cal})",
+                  f"prune-mlp(ratio=0.25,score=obs,sequential=true,target=model,obs_step=8,{cal})"]
     errs = {}
-    for spec in (f"prune-mlp(ratio=0.25,score=fluctuation,compensate=true,{cal})",
-                 f"prune-mlp(ratio=0.25,score=obs,{cal})", f"prune-mlp(ratio=0.25,score=obs,sequential=true,{cal})",
-                 f"prune-mlp(ratio=0.25,score=obs,sequential=true,target=model,obs_step=8,{cal})"):
+    for spec in specs:
         g = graph.clone()
         rec = PassManager(spec).run(g).records[0]
         assert rec.stats["widths"] == {"model.layers.0": 1152, "model.layers.1": 1152}
         errs[spec] = _rel_err(g, ids, ref)
-    flap, obs, seq, model = errs.values()
+    flap, obs, *more = errs.values()
     # measured on 4 blocks (16 x 256 calibration tokens): FLAP 0.124, OBS sequential 0.100, target=model 0.110
-    assert obs < 0.9 * flap and seq < 0.9 * flap and model < flap, errs
+    assert obs < 0.9 * flap, errs
+    if more:
+        seq, model = more
+        assert seq < 0.9 * flap and model < flap, errs
     with pytest.raises(PipelineError, match="target=model .* needs sequential=true and a refit"):
         PassManager("prune-mlp(ratio=0.25,score=fluctuation,target=model)").run(graph.clone())

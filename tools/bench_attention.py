@@ -38,14 +38,6 @@ BITS = {"int8": (8, 32, 32, 32), "int4": (4, 32, 32, 32), "int2": (2, 32, 16, 64
 
 SWEEPS = {
     "none": [],
-    "v3": [  # issue 18 session 5: the tensor-core kernel (whole GQA group per program) beside v2
-        {"variant": "v2"},
-        {"variant": "v3"},
-        {"variant": "v3", "num_warps": 8},
-        {"variant": "v3", "blocks": 1},
-        {"variant": "v3", "natural": True},
-        {"variant": "v2", "heads": 2},
-    ],
     "final": [  # most informative first: the budget may cut the tail
         {"variant": "v1"},  # v1 at its best launch of last session (32-token steps, 16-channel chunks)
         {"variant": "v2", "heads": 1},  # GQA: one query head per program (the kv tiles re-read from L2)

@@ -49,15 +49,6 @@ def _tc(bn, sw, w, sk, pf=0, st=2):
     return {"BLOCK_N": bn, "SWAP": sw, "num_warps": w, "num_stages": st, "SPLIT_K": sk, "PREFETCH": pf}
 
 
-def _sk(jw, bn, w, extra=None):
-    return {"SK": True, "JW": jw, "BLOCK_N": bn, "num_warps": w, "num_stages": 1, "EPI": 2} | (extra or {})
-
-
-def _tsk(bn, sw, w, ch, extra=None):
-    return {"SK": True, "BLOCK_N": bn, "SWAP": sw, "num_warps": w, "num_stages": 1, "CH_SPLIT": ch,
-            "EPI": 2} | (extra or {})
-
-
 VARIANTS: dict[str, list[dict]] = {
     # CUDA cores, M = 1, N-major words: [U, CW, BLOCK_N] tiles, 4 rows per thread, split-K partials + reduce
     "cc_t": [_cc(*c) for c in (
@@ -82,41 +73,12 @@ VARIANTS: dict[str, list[dict]] = {
     "tc_p": [dict(_tc(*c), PAIRS=True) for c in (
         (64, True, 4, 2), (64, True, 4, 4), (128, True, 4, 4), (128, True, 8, 4), (64, False, 4, 4),
         (128, False, 4, 4), (32, False, 4, 8), (64, True, 4, 8), (256, True, 8, 2))],
-    # split-K with atomics (``_gemv_sk``): one [JW, BLOCK_N] word tile per program, no K loop; EPI 2 = one launch
-    # (last program finishes), EPI 1 = zeroed workspace + cast kernel; TILE = one 2-D load (all loads first),
-    # EARLY = row loads hoisted before the arithmetic
-    "cc_sk": [_sk(*c) for c in (
-        (8, 256, 1), (8, 512, 2), (8, 1024, 4), (16, 512, 2), (16, 256, 1), (4, 512, 1), (32, 256, 2),
-        (8, 128, 1), (16, 1024, 4), (8, 512, 2, {"EPI": 1}), (8, 512, 2, {"WS_CACHED": True}),
-        (8, 1024, 4, {"WS_CACHED": True}), (8, 512, 2, {"INPLACE": False}), (8, 256, 1, {"TILE": True}),
-        (8, 512, 2, {"TILE": True}), (16, 256, 2, {"TILE": True}), (32, 128, 1, {"TILE": True}),
-        (16, 512, 4, {"TILE": True}), (8, 512, 2, {"EARLY": True}), (16, 512, 2, {"EARLY": True}),
-        (8, 1024, 4, {"EARLY": True}),
-        # WK slabs of JW rows side by side (warps along K, one sum through shared memory, WK-fold fewer atomics)
-        (8, 256, 8, {"WK": 4, "EARLY": True}), (8, 128, 4, {"WK": 4, "EARLY": True}),
-        (4, 512, 8, {"WK": 4, "EARLY": True}), (8, 512, 8, {"WK": 2, "EARLY": True}),
-        # EPI 3: deterministic (per-slice partials, the last program sums them in order)
-        (8, 512, 2, {"EPI": 3, "WS_CACHED": True}), (8, 256, 8, {"WK": 4, "EARLY": True, "EPI": 3, "WS_CACHED": True}),
-        (8, 512, 2, {"EARLY": True, "EPI": 3, "WS_CACHED": True}))],
-    # tensor cores with the same atomics (``_tc_sk``): CH_SPLIT chunks per program
-    "tc_sk": [_tsk(*c) for c in (
-        (64, True, 4, 1), (128, True, 4, 1), (128, True, 8, 1), (64, True, 4, 2), (128, True, 4, 2),
-        (64, False, 4, 1), (128, False, 4, 1), (256, True, 8, 1), (64, True, 4, 1, {"WS_CACHED": True}),
-        (128, True, 4, 1, {"EPI": 1}), (64, True, 4, 1, {"INPLACE": False}), (64, True, 4, 4),
-        (64, True, 4, 1, {"PAIRS": True}), (128, True, 4, 1, {"PAIRS": True}), (128, True, 8, 1, {"PAIRS": True}),
-        (64, True, 4, 2, {"PAIRS": True}), (128, True, 4, 2, {"PAIRS": True}),
-        (128, True, 4, 1, {"PAIRS": True, "WS_CACHED": True}), (128, True, 4, 1, {"PAIRS": True, "EPI": 3}),
-        (128, True, 4, 1, {"PAIRS": True, "EPI": 3, "WS_CACHED": True}),
-        (128, True, 4, 2, {"PAIRS": True, "EPI": 3, "WS_CACHED": True}))],
-    # _tc_sk at M = 1 (x padded to the dot's 16 rows by masks, no extra traffic): the pair-unpacked codes
-    "tc_sk1": [_tsk(*c) for c in ((64, True, 4, 1, {"PAIRS": True}), (128, True, 4, 1, {"PAIRS": True}),
-                                  (128, True, 8, 1, {"PAIRS": True}), (64, True, 4, 2, {"PAIRS": True}))],
     # the K-major kernels' previous sweep winners (run C), for the same-run comparison
     "cc_k": [_cc(2, 4, 1, 1), _cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1, 2)],
     "tc_k": [_tc(128, True, 4, 4), _tc(64, True, 4, 8)],
 }
 ROW_KEY = ("run", "kernel", "variant", "M", "K", "N", "device")
-N_MAJOR = {"cc_t", "tc_t", "tc_p", "cc_sk", "tc_sk", "tc_sk1"}
+N_MAJOR = {"cc_t", "tc_t", "tc_p"}
 """Variants that run on the N-major words (``pack_words(..., n_major=True)``); the others on the K-major ones."""
 FINAL: dict[str, list[dict]] = {
     "cc_t": [_cc(64, 1, 2, 4), _cc(64, 1, 2, 16), _cc(64, 1, 2, 2), _cc(256, 1, 4, 16), _cc(64, 1, 4, 4),
@@ -126,9 +88,6 @@ FINAL: dict[str, list[dict]] = {
     "tc_p": [dict(_tc(*c), PAIRS=True) for c in ((64, True, 4, 4), (64, True, 4, 3), (128, True, 4, 4))],
     "cc_k": [_cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1)],
     "tc_k": [_tc(64, True, 4, 8)],
-    "cc_sk": [_sk(8, 512, 2), _sk(8, 1024, 4), _sk(16, 512, 2), _sk(8, 512, 2, {"WS_CACHED": True})],
-    "tc_sk": [_tsk(64, True, 4, 1), _tsk(128, True, 4, 1), _tsk(64, True, 4, 2)],
-    "tc_sk1": [_tsk(128, True, 4, 1, {"PAIRS": True})],
 }
 """``--set final``: the op's table entries and their neighbours (the variants' full lists are ``VARIANTS``)."""
 SMOKE_SHAPES = ((768, 40), (512, 64))
@@ -136,7 +95,7 @@ SMOKE_SHAPES = ((768, 40), (512, 64))
 
 def kinds_for(m: int, only: set[str]) -> list[str]:
     """The variant families run at ``m`` (CUDA cores at M = 1, tensor cores from ``WORDS_TC_MIN_M``)."""
-    names = ("tc_sk", "tc_t", "tc_p", "tc_k") if m >= wo.WORDS_TC_MIN_M else ("cc_sk", "tc_sk1", "cc_t", "cc_k")
+    names = ("tc_t", "tc_p", "tc_k") if m >= wo.WORDS_TC_MIN_M else ("cc_t", "cc_k")
     return [v for v in names if not only or v in only]
 
 
@@ -233,7 +192,7 @@ def compiled_rows() -> list[dict]:
     """Registers, spills and shared memory of every word-layout GEMV kernel this process compiled (what bounds
     its occupancy), from Triton's in-memory kernel cache; best effort (the cache's shape is Triton-internal)."""
     rows = []
-    for fn in (wo._gemv_sk, wo._tc_sk, wo._gemv_t, wo._tc_t, wo._tc_pairs, wo._gemv_words, wo._tc_words,
+    for fn in (wo._gemv_t, wo._tc_t, wo._tc_pairs, wo._gemv_words, wo._tc_words,
                wo._splitk_reduce):
         try:
             for i, cache in enumerate(fn.device_caches.values()):
@@ -377,7 +336,7 @@ def main() -> None:
                         if not args.smoke:
                             t = bk.bench_graph([lambda w=w, c=cfg, x=x, out=out, v=v: launch(x, *w, out, v, c)
                                                 for w in weights[nm]], warmup=5, rep=20)
-                            # again after the replays: a workspace left dirty (EPI 2) would show here
+                            # again after the replays: state a launch leaves behind would show here
                             launch(x, w0[0], w0[1], w0[2], out, v, cfg)
                             r["rel_err_after"] = round(rel_err(out, ref), 5)
                             if r["rel_err_after"] > 1e-2:

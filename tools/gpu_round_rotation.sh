@@ -37,6 +37,6 @@ timeout 80 python3 tools/bench_rotation.py --device cuda --calib-n 64 --eval wt2
   --match '^w4a4kv4:(best|kurtail-acs|kurtail-gptqa4-wclip-acs):' --out "$OUT/rot_gpu_calib64.json" 2>&1 | grep -v "$F" | cut -c1-500
 echo "exit C: ${PIPESTATUS[0]}"
 # W4A8 (goal <= 1.05x; CPU QuaRot + GPTQ g64 on 16 x 512 tokens: 1.106x): the clipped GPTQ grid, more calibration
-timeout 90 python3 tools/bench_rotation.py --device cuda --calib-n 128 --match "^w4a8:quarot-gptq(-clip)?:" \
+timeout 90 python3 tools/bench_rotation.py --device cuda --calib-n 120 --match "^w4a8:quarot-gptq(-clip)?:" \
   --out "$OUT/rot_gpu_w4a8.json" 2>&1 | grep -v "$F" | cut -c1-500
 echo "exit D: ${PIPESTATUS[0]}"

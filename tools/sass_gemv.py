@@ -1,6 +1,6 @@
 """Offline sm_90 SASS of the decode GEMV kernels, no GPU: registers, spills, instructions per int4 word.
 
-    python tools/sass_gemv.py [--out bench/results/gemv_sass.json] [--only op_default,cc_sk,...] [--shape 4096x11008]
+    python tools/sass_gemv.py [--out bench/results/gemv_sass.json] [--only op_default,cc_t,...] [--shape 4096x11008]
 
 Each config is launched through ``weight_only._launch_words`` on ``meta`` tensors with a recording launcher, so the
 kernel, its arguments and its constexprs are exactly those of a real launch; it is then compiled by Triton for
@@ -9,13 +9,14 @@ JIT would make on the GPU (integers equal to 1 become constants, pointers and in
 so). Per config (int4 g128 asymmetric, bf16 activations, ``--shape`` K x N at M = 1 and 16): registers, local
 memory spill instructions, and the dynamic instructions per word per thread: the loop body (the span of the
 backward branch) times the program's chunk steps plus the rest, over the words one thread handles in the program
-(an ``if last program`` epilogue counts as executed: a slight overcount for ``EPI`` 2/3), with the mix of that
-count; ``loads_first``: how many of the 16-byte loads precede the first FMA/MMA of the loop body or kernel (all
+with the mix of that count; ``loads_first``: how many of the 16-byte loads precede the first FMA/MMA of the loop body or kernel (all
 of a program's word loads up front means one memory round trip per program).
 
 What it cannot say: time. The lead's ncu of the default path (H200) found it issue-bound at low occupancy
 (``_gemv_t``: 168 registers, 18.75% theoretical occupancy, Compute (SM) 43.5%, 20.4 µs at 4096x11008), so
-instructions per word and registers are the levers this measures; ``tools/gpu_round_gemv.sh`` times them.
+instructions per word and registers are the levers this measures; ``tools/bench_gemv.py`` times them. What it
+measures is not what decides: the split-K atomic kernels of session 5 had 26-31 instructions per word here against
+40-53 for the looped ones and were slower on the H200 (27-29 µs against 18-24 µs at 4096x11008, session 6).
 Rows go to ``--out`` (``kernel`` = ``gemv_sass/<variant>``; device ``sm_90 offline``).
 """
 
@@ -150,15 +151,13 @@ def words_per_step(kernel, kw: dict) -> tuple[int, int]:
     """(words one thread handles per chunk step, chunk steps per program) of a recorded launch."""
     threads = 32 * kw["num_warps"]
     cw, bn = kw["CW"], kw["BLOCK_N"]
-    if kernel is wo._gemv_sk:
-        return kw.get("WK", 1) * kw["JW"] * bn // threads, 1
     return kw.get("U", 1) * cw * bn // threads, 0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/gemv_sass.json")
-    ap.add_argument("--only", default="op_default,cc_sk,tc_sk,tc_sk1", help="variants (bench_gemv's names) and/or "
+    ap.add_argument("--only", default="op_default,cc_t,tc_t,tc_p", help="variants (bench_gemv's names) and/or "
                     "op_default (what the op launches today)")
     ap.add_argument("--shape", default="4096x11008", help="KxN")
     ap.add_argument("--set", choices=("all", "final"), default="all")

@@ -63,7 +63,7 @@ EXIT_CODES_HELP = "Exit codes: " + "; ".join(f"{int(c)} {d}" for c, d in _EXIT_D
 
 def fail(message: str, code: Exit) -> NoReturn:
     """Print ``message`` on stderr and exit with ``code``; every expected error goes through here."""
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)  # paths stay whole
     raise typer.Exit(int(code))
 
 

@@ -681,8 +681,6 @@ VARIANT_CONFIGS = {
     "v2": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None,
            "vchain": True},
     "v2p": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": 1},
-    "v3": {"num_warps": None, "split": None, "block_n": None, "num_stages": 1, "chunk": None, "asm": 1,
-           "waves": 8, "natural": None, "st": True, "vt": False, "maxnreg": None},
 }
 """Each variant's launch when the caller names the variant but not the option. v1: 4 warps, 32-token steps, 16
 channels per thread chunk (the previous session's fastest on the H200 for int4 and int2 with float16 scales:
@@ -703,14 +701,11 @@ and head; at round 1's issue rates (2.5-3.2 instructions per SM-cycle for v1, 1.
 
 Session 5 (``tools/sass_attention.py``, Triton 3.6): that 4-head GQA form holds 255 registers and spills in its
 loop, 992 bytes per thread at int4 (320 at int2, 1360 at int8: the order of the measured 32 q / 8 kv times,
-1411 / 783 / 2489 us); v3 (``decode_attention_tc``) reads grouped heads without spills at 4.3 instructions per code
-(1.07 per code and head) and MHA at 4.1. It stays selectable only (``variant="v3"``, ``GROUPED_VARIANT``) until
-a GPU round (``tools/gpu_round_attention.sh``) times it."""
+1411 / 783 / 2489 us). A tensor-core kernel for grouped heads (whole GQA group per program, no spills offline at
+4.3 instructions per code) was written in session 5 and removed in session 6: on the H200 it returned NaN for
+every launch of 4 key blocks per step, with or without its inline PTX, at 4 or 8 warps, while the interpreter
+agreed with the reference; its source is in the git history (commit 0b1f8ca, lowbit/kernels/decode_attention_tc.py)."""
 
-GROUPED_VARIANT: str | None = None
-"""The variant a caller that names none gets when ``GROUPED_MIN`` or more query heads share a kv head (and v3 can
-read the layout); None: ``DEFAULT_CONFIG`` everywhere."""
-GROUPED_MIN = 4
 
 def _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
     b, hq, d = q.shape
@@ -742,48 +737,24 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      sm_scale: float | None = None, split: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
                      chunk: int | None = None, variant: str | None = None, heads: int | None = None,
-                     vchain: bool | None = None, asm: bool | None = None, waves: int | None = None,
-                     blocks: int | None = None, natural: bool | None = None, st: bool | None = None,
-                     vt: bool | None = None, maxnreg: int | None = None) -> torch.Tensor:
+                     vchain: bool | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
     ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole key
     blocks / steps); ``block_n``: tokens per inner step (v2: clamped to one key block, at least one row per token
     thread); ``chunk``: channels per thread; ``heads`` (v2): query heads per program (a divisor of the GQA
-    group: each code is unpacked once for all of them); v3 (``decode_attention_tc``): ``asm`` (the inline-PTX
-    dequantization, else Triton ops), ``waves`` (the default split aims at this many programs per SM), ``blocks``
-    (key blocks per step: default 16 / the group, at most 4), ``natural`` (channels in memory order; else the
-    dequantization's pair order, one PRMT less per pair; default: pair order for int4 only, the fewer
-    instructions by an offline sm_90 compile), ``st`` (scores as ``K Q^T`` and the output as
-    ``V^T P^T``: tokens and channels as the MMA's M, warpgroup MMAs on Hopper), ``vt`` (only the output
-    transposed), ``maxnreg`` (a register cap: 128 at 8 warps fits two programs per SM)."""
+    group: each code is unpacked once for all of them)."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
     groups = hq // hkv
     sm_scale = sm_scale if sm_scale is not None else 1 / math.sqrt(d)
     qk_scale = sm_scale * LOG2E
-    if variant is None and GROUPED_VARIANT and groups >= GROUPED_MIN:
-        from lowbit.kernels.decode_attention_tc import tc_supported
-
-        if tc_supported(d, bits, k_block, v_group) is None:
-            variant = GROUPED_VARIANT
     variant = variant or DEFAULT_CONFIG["variant"]
     if variant not in VARIANT_CONFIGS:
         raise ValueError(f"decode_attention: variant={variant!r} (one of {sorted(VARIANT_CONFIGS)})")
     base = DEFAULT_CONFIG if variant == DEFAULT_CONFIG["variant"] else VARIANT_CONFIGS[variant]
     q = q.contiguous()
     lo32, hi32 = lo.to(torch.int32).contiguous(), hi.clamp(max=s).to(torch.int32).contiguous()  # never past the cache
-    if variant == "v3":
-        from lowbit.kernels.decode_attention_tc import launch_tc
-
-        num_stages = num_stages if num_stages is not None else base["num_stages"]
-        acc, m, den, n_split = launch_tc(
-            q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, bits=bits, k_block=k_block,
-            v_group=v_group, groups=groups, qk_scale=qk_scale, split=split, num_warps=num_warps or base["num_warps"],
-            num_stages=num_stages, asm=base["asm"] if asm is None else asm, waves=waves or base["waves"], blocks=blocks,
-            natural=base["natural"] if natural is None else natural, st=base["st"] if st is None else st,
-            vt=base["vt"] if vt is None else vt, maxnreg=maxnreg or base["maxnreg"])
-        return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale)
     block_n = block_n or base["block_n"]
     num_warps = num_warps or base["num_warps"]
     if block_n & (block_n - 1) or block_n < 1 or num_warps & (num_warps - 1):
