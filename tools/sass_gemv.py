@@ -88,7 +88,8 @@ def compile_sass(kernel, args: tuple, kwargs: dict) -> tuple[str, str]:
 
     names = kernel.arg_names
     params = {p.name: p for p in kernel.params}
-    opts = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+    opts = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3),
+            **({"maxnreg": kwargs["maxnreg"]} if kwargs.get("maxnreg") else {})}
     sig, const, attrs = {}, {}, {}
     for i, name in enumerate(names):
         if i < len(args):

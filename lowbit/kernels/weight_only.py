@@ -1154,6 +1154,8 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
     meta = {"BITS": bits, "SIGNED": signed, "GROUP": group, "GI": per if group == 0 else min(per, group // cw),
             "HAS_ZP": zero_point is not None, "XOR": WORD_XOR[bits], "CW": cw, "BLOCK_M": cfg["BLOCK_M"],
             "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg.get("maxnreg"):  # a register cap (more resident programs per SM), for the sweeps
+        meta["maxnreg"] = cfg["maxnreg"]
     n_major = is_n_major(words)
     if cfg["TC"]:
         kernel = _tc_t if n_major else _tc_words
