@@ -120,15 +120,17 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "w4a4kv4 with a KurTail-learned residual rotation (R1 from the randomised Hadamard, per-token kurtosis of "
            "the normalised residual streams brought to 1.8 on 8x512 calibration tokens, ~60 s on a CPU); SmolLM2 "
            "2.62x vs QuaRot's 2.80x on wt2-512x8", ("fold-norms", "rotate", "gptq", "quantize")),
-    Recipe("w4a4kv4-best", f"fold-norms,rotate(kind=kurtosis),gptq(w=int4,sym=false),quantize(a=int4,{_KV4_HEAD}),"
-           "clip-activations",
-           "lowbit's best W4A4KV4: w4a4kv4-kurtail with each dynamic A4 quantizer's clip ratio searched on calibration "
-           "text by the error it adds to its readers' outputs (clip-activations; ratios 0.65-1, mean 0.74); SmolLM2 "
-           "2.18x vs 2.31x for QuaRot's fixed 0.9 on wt2-512x8 (same GPTQ graph; the fixed 0.9: 2.41x on "
-           "wt2-512x40, KurTail 2.72x, QuaRot 2.83x); torch backend (a clipped QDQ is not fused into qlinear; ONNX "
-           "refuses it)", ("fold-norms", "rotate", "gptq", "quantize", "clip-activations")),
+    Recipe("w4a4kv4-best", "fold-norms,rotate(kind=kurtosis),quantize(a=int4,a_clip=0.9),"
+           f"gptq(w=int4,sym=false,clip=true),quantize({_KV4_HEAD}),clip-activations",
+           "lowbit's best W4A4KV4: a KurTail-learned residual rotation; the int4 activations (clipped to 0.9) in place "
+           "before GPTQ, so GPTQ calibrates on the inputs the model will see, on the output-aware clipped weight grid; "
+           "then the KV4 cache and each dynamic A4 quantizer's clip ratio searched on calibration text by the error "
+           "it adds to its readers' outputs (clip-activations); SmolLM2 1.85x on wt2-512x40 (GPTQ on 16x512 tokens; "
+           "KurTail + GPTQ + clip 0.9 2.41x, QuaRot + GPTQ 2.83x); torch backend (a clipped QDQ is not fused into "
+           "qlinear; ONNX refuses it)", ("fold-norms", "rotate", "quantize", "gptq", "clip-activations")),
     Recipe("w4a4kv4-rtn", f"fold-norms,rotate,quantize(w=int4,sym=false,a=int4,{_KV4_HEAD})",
-           "w4a4kv4 without calibration (RTN weights); SmolLM2 9.40x on wt2-512x8 (508x without rotation)", ("fold-norms", "rotate", "quantize")),
+           "w4a4kv4 without calibration (RTN weights); SmolLM2 9.40x on wt2-512x8 (508x without rotation)",
+           ("fold-norms", "rotate", "quantize")),
 )}
 
 

@@ -50,8 +50,8 @@ is kept only if its quantized loss on 8 calibration windows beats the Hadamard s
 # (scheme, method, variant, pipeline, eval); {cal} becomes the calibration options
 ROWS: list[tuple[str, str, str, str | None, str]] = [
     # lowbit's best W4A4KV4 until session 5 (what measurably helped at x8: KurTail R1 over QuaRot's Hadamard, GPTQ
-    # act-order, the dynamic A4 scales clipped to 0.9 of each token's range); the recipe w4a4kv4-best now searches
-    # the clip per quantizer instead: that pipeline is the kurtail-acs row below (not yet run through this bench)
+    # act-order, the dynamic A4 scales clipped to 0.9 of each token's range); the recipe w4a4kv4-best is now the
+    # kurtail-gptqa4-wclip-acs row below (session 6: 1.850x on wt2-512x40 against this row's 2.41x)
     ("w4a4kv4", "best", "lowbit's best: fold-norms + KurTail-learned R1, Hadamard R2-R4 + GPTQ W4 per channel "
      "(act-order) + A4 per token clipped 0.9",
      f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,{{cal}}),quantize({A4},a_clip=0.9)", MAIN),
