@@ -32,9 +32,8 @@ import torch
 from lowbit.ir.graph import Graph, TensorType, Value
 from lowbit.ir.shapes import EXPAND_OPS
 from lowbit.passes.base import NO_QLINEAR, Pass, PassError, PassResult, register_pass
-from lowbit.passes.prune_mlp import (Cut, InputStats, StructuredOptions, _bias, _Collected, allocate,
-                                     apply_cut_masked, channel_scores, check_target, choose_cut, collect_input_stats,
-                                     cut_sites, reinfer)
+from lowbit.passes.prune_mlp import (StructuredOptions, _Collected, allocate, channel_scores, check_target,
+                                     collect_input_stats, cut_sites, reinfer)
 from lowbit.passes.pruning_sites import AttentionSite, find_attention_sites, slice_linear_cols, slice_linear_rows
 
 __all__ = ["PruneHeads", "PruneHeadsOptions"]
@@ -118,18 +117,9 @@ class PruneHeads(Pass):
             counts = [min(c, s.kv_heads - 1) for s, c in zip(sites, counts)]
         users = graph.users()
         params_before = sum(v.data.numel() for v in graph.params.values())
-        n_of = {id(s.o): n for s, n in zip(sites, counts)}
-        cuts: dict[int, Cut] = {}
-
-        def cut_site(s: AttentionSite, st: InputStats | None) -> None:
-            n_rm = n_of[id(s.o)]
-            if n_rm == 0:
-                return
-            qw = s.group_size * s.head_dim
-            cuts[id(s.o)] = cut = choose_cut(s.o.args[1].data, st, n_rm, qw, o, _bias(s.o))
-            apply_cut_masked(graph, s.o, cut, qw, users, [(s.q, qw), (s.k, s.head_dim), (s.v, s.head_dim)])
-
-        cut_sites(graph, sites, lambda s: s.o, cut_site, col, o, self.name, calibrated, second)
+        cuts = cut_sites(graph, sites, lambda s: s.o, counts, lambda s: s.group_size * s.head_dim,
+                         lambda s: [(s.q, s.group_size * s.head_dim), (s.k, s.head_dim), (s.v, s.head_dim)],
+                         users, col, o, self.name, calibrated, second)
         heads: dict[str, list[int]] = {}
         made: dict[tuple[int, int], Value] = {}
         for s in sites:

@@ -50,7 +50,7 @@ from lowbit.calibration.structured_obs import augmented_hessian, remove_columns_
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.shapes import ShapeError, reinfer_shapes
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
-from lowbit.passes.pruning_sites import MLPSite, find_mlp_sites, slice_linear_cols, slice_linear_rows
+from lowbit.passes.pruning_sites import find_mlp_sites, slice_linear_cols, slice_linear_rows
 
 __all__ = ["PruneMLP", "PruneMLPOptions", "StructuredOptions", "InputStats", "collect_input_stats",
            "channel_scores", "allocate", "add_bias", "refit_columns", "reinfer", "Cut", "choose_cut",
@@ -138,17 +138,29 @@ class _Collected:
     seconds: float = 0.0
 
 
-def cut_sites(graph: Graph, sites: list[Any], out_linear: Callable[[Any], Node],
-              cut_site: Callable[[Any, InputStats | None], None], col: _Collected, o: Any, pass_name: str,
-              calibrated: bool, second: bool) -> None:
-    """Cut every site (``out_linear(site)``: the linear whose input channels go): with ``o.sequential`` in one
-    block-by-block calibration run, each block cut as soon as its statistics are in (the next block then reads the
-    pruned model; ``o.target == "model"`` refits toward the unpruned model), else from ``col``, the statistics of
-    one run of the unpruned model. Shared by prune-mlp and prune-heads."""
+def cut_sites(graph: Graph, sites: list[Any], out_linear: Callable[[Any], Node], counts: list[int],
+              unit: Callable[[Any], int], rows: Callable[[Any], list[tuple[Node, int]]], users: dict[int, list[Node]],
+              col: _Collected, o: Any, pass_name: str, calibrated: bool, second: bool) -> dict[int, Cut]:
+    """Cut ``counts[i]`` units of ``unit(site)`` input columns of each site's ``out_linear(site)`` (``choose_cut``)
+    and zero them with the producers' rows (``rows(site)``: ``(producer, rows per unit)``, ``apply_cut_masked``);
+    returns the cuts by ``id(out_linear(site))``. With ``o.sequential`` in one block-by-block calibration run, each
+    block cut as soon as its statistics are in (the next block then reads the pruned model; ``o.target ==
+    "model"`` refits toward the unpruned model), else from ``col``, the statistics of one run of the unpruned
+    model. Shared by prune-mlp and prune-heads."""
+    n_of = {id(out_linear(s)): n for s, n in zip(sites, counts)}
+    cuts: dict[int, Cut] = {}
+
+    def cut_site(s: Any, st: InputStats | None) -> None:
+        out = out_linear(s)
+        if n_of[id(out)] == 0:
+            return
+        cuts[id(out)] = cut = choose_cut(out.args[1].data, st, n_of[id(out)], unit(s), o, _bias(out))
+        apply_cut_masked(graph, out, cut, unit(s), users, rows(s))
+
     if not o.sequential:
         for s in sites:
             cut_site(s, col.inputs.get(id(out_linear(s))))
-        return
+        return cuts
 
     def on_block(ctx: BlockRun, got: _Collected) -> bool:
         mine = [s for s in sites if id(out_linear(s)) in got.inputs]
@@ -163,6 +175,7 @@ def cut_sites(graph: Graph, sites: list[Any], out_linear: Callable[[Any], Node],
     if not calibrated:
         for s in sites:
             cut_site(s, None)
+    return cuts
 
 
 def collect_input_stats(graph: Graph, linears: list[Node], o: CalibrationOptions, pass_name: str,
@@ -486,17 +499,8 @@ class PruneMLP(Pass):
                                 "would leave the MLP empty")
         users = graph.users()
         params_before = sum(v.data.numel() for v in graph.params.values())
-        n_of = {id(s.down): n for s, n in zip(sites, counts)}
-        cuts: dict[int, Cut] = {}
-
-        def cut_site(site: MLPSite, st: InputStats | None) -> None:
-            n_rm = n_of[id(site.down)]
-            if n_rm == 0:
-                return
-            cuts[id(site.down)] = cut = choose_cut(site.down.args[1].data, st, n_rm, 1, o, _bias(site.down))
-            apply_cut_masked(graph, site.down, cut, 1, users, [(p, 1) for p in site.producers])
-
-        cut_sites(graph, sites, lambda s: s.down, cut_site, col, o, self.name, calibrated, second)
+        cuts = cut_sites(graph, sites, lambda s: s.down, counts, lambda s: 1, lambda s: [(p, 1) for p in s.producers],
+                         users, col, o, self.name, calibrated, second)
         widths = {}
         for site in sites:
             cut = cuts.get(id(site.down))
