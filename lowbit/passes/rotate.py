@@ -307,10 +307,13 @@ class Rotate(Pass):
                 heads += 1
         stats["head_regions"] = heads
         online = []
-        o_sites = [OnlineSite("linear_input", h.o_proj, h.o_proj.args[1].tensor_type.shape[-1])
-                   for h in regions.heads] if o.online_o else []
-        for site in [*regions.online, *o_sites]:
-            if site.kind == "linear_input" and (o.online or any(site is s for s in o_sites)):
+        enabled = {"linear_input": o.online, "rotary_output": o.qk}
+        sites = [s for s in regions.online if enabled.get(s.kind)]
+        if o.online_o:
+            sites += [OnlineSite("linear_input", h.o_proj, h.o_proj.args[1].tensor_type.shape[-1])
+                      for h in regions.heads]
+        for site in sites:
+            if site.kind == "linear_input":
                 lin = site.node
                 x = lin.args[0]
                 try:
@@ -323,7 +326,7 @@ class Rotate(Pass):
                 lin.args = (node.output, *lin.args[1:])
                 _set(graph, lin, 1, users, lambda w, hm=hm: w @ hm)
                 online.append(lin.module or lin.name)
-            elif site.kind == "rotary_output" and o.qk:
+            elif site.kind == "rotary_output":
                 rot = site.node
                 try:
                     hadamard(site.dim)
