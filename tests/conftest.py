@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 
 def _cuda_device_count() -> int:
@@ -29,7 +32,22 @@ from hypothesis import settings
 
 from lowbit.models import SentenceEmbedder, load_minilm, load_smollm2
 
+ROOT = Path(__file__).resolve().parents[1]
 CALIB_TEXT = "wikitext2-valid-calib"
+"""The calibration text the package ships (``lowbit/data``: WikiText-2 validation, first ~250 KB, ~60k SmolLM2
+tokens), by name: every test runs on a fresh clone, with nothing beside the repository."""
+
+
+def run_interpreted(code: str, timeout: int = 600) -> None:
+    """Run ``code`` in a fresh Python under TRITON_INTERPRET=1 with the repository and ``tests/`` on its path (test
+    modules import this conftest); it must print ``ok`` last. A fresh process because Triton reads the variable when
+    it decorates its own functions, at import, and torch may have imported Triton already in this one."""
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
 
 def _int8_gemm_exact() -> bool:
     """Whether ONNX Runtime's CPU int8 GEMMs (MatMulIntegerToFloat, DynamicQuantizeMatMul) compute exact integer
@@ -50,11 +68,8 @@ def _int8_gemm_exact() -> bool:
 needs_exact_int8_gemm = pytest.mark.skipif(
     not _int8_gemm_exact(), reason="this CPU has no VNNI: ONNX Runtime's u8 x s8 GEMM saturates int16 pair sums "
     "(~2% error on full-range int8 weights), so ORT int8 outputs cannot match the reference to rounding here")
-"""The calibration text the package ships (``lowbit/data``: WikiText-2 validation, first ~250 KB, ~60k SmolLM2
-tokens), by name: every test runs on a fresh clone, with nothing beside the repository."""
 
-# CI must not fail on a draw it never saw before: property tests replay the same examples on every run unless
-# HYPOTHESIS_PROFILE=explore asks for fresh ones (run that locally when changing an invariant).
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n N (the README's test command runs two workers on CI's two cores): each worker gets its share of the
     # cores for torch's intra-op threads, not all of them (oversubscribed matmuls run slower than serial ones)
@@ -63,6 +78,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # below the 160 columns a piped `lowbit` prints (what the CLI tests read)
     os.environ.pop("COLUMNS", None)
 
+
+# CI must not fail on a draw it never saw before: property tests replay the same examples on every run unless
+# HYPOTHESIS_PROFILE=explore asks for fresh ones (run that locally when changing an invariant).
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("explore", derandomize=False, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -3,13 +3,9 @@ attention, and the Triton kernel (TRITON_INTERPRET=1 on CPU) is its reference.""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import run_interpreted
 
 from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
 from lowbit.kernels import decode_attention as da
@@ -89,20 +85,15 @@ def _apply(check, case: tuple) -> None:
 
 def _run_cases(cases: str, check, which: str) -> None:
     """``check`` on the cases of the list named ``cases``: the first ones its ``CORE`` entry names (``which`` =
-    "core") or all of them. On CUDA in process; on CPU under TRITON_INTERPRET=1 in a fresh interpreter (triton reads
-    it when its own functions are decorated, at import, and torch may have imported triton already)."""
+    "core") or all of them. On CUDA in process; on CPU in a fresh interpreter (``run_interpreted``)."""
     pytest.importorskip("triton")
     idx = CORE[cases] if which == "core" else tuple(range(len(globals()[cases])))
     if torch.cuda.is_available():
         for i in idx:
             _apply(check, globals()[cases][i])
         return
-    code = (f"import tests.test_decode_attention as t\nfor i in {list(idx)}:\n"
-            f"    t._apply(t.{check.__name__}, t.{cases}[i])\nprint('ok')")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    run_interpreted(f"import tests.test_decode_attention as t\nfor i in {list(idx)}:\n"
+                    f"    t._apply(t.{check.__name__}, t.{cases}[i])\nprint('ok')")
 
 
 CORE = {"KERNEL_CASES": (0, 2, 7), "LAUNCH_CASES": (5, 6), "REAL_LAYOUT_CASES": (0, 7)}

@@ -4,19 +4,14 @@ SmolLM2 slice generates through it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import run_interpreted
 
 from lowbit.ir import kvcache as kv
 from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
 
 QDTYPE = {8: "int8", 4: "int4", 2: "int2"}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _qdq(x: torch.Tensor, bits: int, layout: dict) -> torch.Tensor:
@@ -150,10 +145,7 @@ def test_triton_decode_equals_the_reference(stride):
     if torch.cuda.is_available():
         _kernel_decode_check(stride)
         return
-    code = f"import tests.test_kv_cache as t\nt._kernel_decode_check({stride})\nprint('ok')"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    run_interpreted(f"import tests.test_kv_cache as t\nt._kernel_decode_check({stride})\nprint('ok')")
 
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village, there lived an old"]
@@ -245,11 +237,7 @@ def test_smollm2_greedy_tokens_kernel_equal_reference(smollm2):
     if torch.cuda.is_available():
         _greedy_kernel_vs_reference()
         return
-    code = ("import sys; sys.path.insert(0, 'tests')\nimport tests.test_kv_cache as t\n"
-            "t._greedy_kernel_vs_reference()\nprint('ok')")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    run_interpreted("import tests.test_kv_cache as t\nt._greedy_kernel_vs_reference()\nprint('ok')", timeout=900)
 
 
 def test_onnx_refuses_the_packed_cache_before_loading():
