@@ -33,21 +33,6 @@ def launcher(t: torch.Tensor, kernel):
     return wrap_triton(kernel)
 
 
-PROGRAMS_PER_SM = 16
-"""``default_split``'s target: the grid has at least this many programs per SM (of 132 on an H200) when the
-context allows."""
-
-
-def default_split(s: int, programs: int, block: int, target: int | None = None) -> int:
-    """Chunk length of a split over the sequence (decode attention, v2 and v3): 2048 tokens, halved while the grid
-    has fewer than ``target`` programs (default ``PROGRAMS_PER_SM * 132``), never below one ``block``."""
-    target = target or PROGRAMS_PER_SM * 132
-    split = 2048
-    while split > block and programs * triton.cdiv(s, split) < target:
-        split //= 2
-    return max(split, block)
-
-
 def check(cond: bool, op: str, msg: str) -> None:
     """Raise ``ValueError`` naming the op when a kernel's precondition fails (the backend falls back first)."""
     if not cond:

@@ -59,8 +59,6 @@ import torch
 try:
     import triton
     import triton.language as tl
-
-    from lowbit.kernels._common import default_split
 except ImportError:  # pragma: no cover - torch-only installs use the reference
     triton = None
     tl = None
@@ -706,6 +704,20 @@ loop, 992 bytes per thread at int4 (320 at int2, 1360 at int8: the order of the 
 every launch of 4 key blocks per step, with or without its inline PTX, at 4 or 8 warps, while the interpreter
 agreed with the reference; its source is in the git history (commit 0b1f8ca, lowbit/kernels/decode_attention_tc.py)."""
 
+PROGRAMS_PER_SM = 16
+"""``_default_split``'s target: the grid has at least this many programs per SM (of 132 on an H200) when the
+context allows."""
+
+
+def _default_split(s: int, programs: int, block: int, target: int | None = None) -> int:
+    """Chunk length of the split over the sequence: 2048 tokens, halved while the grid has fewer than ``target``
+    programs (default ``PROGRAMS_PER_SM * 132``), never below one ``block``."""
+    target = target or PROGRAMS_PER_SM * 132
+    split = 2048
+    while split > block and programs * triton.cdiv(s, split) < target:
+        split //= 2
+    return max(split, block)
+
 
 def _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
     b, hq, d = q.shape
@@ -768,7 +780,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         chunk = max(8 // bits, min(chunk, v_group, d))
         step = max(block_n, k_block)  # the kernel's iteration: one key block, or one step of several
         if split is None:
-            split = default_split(s, b * hq, step, target=8 * 132)
+            split = _default_split(s, b * hq, step, target=8 * 132)
         split = max(step, triton.cdiv(split, step) * step)
         n_split = triton.cdiv(s, split)
         acc = torch.empty(b, hq, n_split, d, device=q.device, dtype=torch.float32)
@@ -837,7 +849,7 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
         raise ValueError(f"variant v2p: a step must be one key block ({g['N0']} rows x {g['TT']} token threads "
                          f"!= k_block {k_block}); raise block_n or lower num_warps")
     if split is None:
-        split = default_split(s, b * hq // g["GH"], k_block)
+        split = _default_split(s, b * hq // g["GH"], k_block)
     split = max(k_block, triton.cdiv(split, k_block) * k_block)
     n_split = triton.cdiv(s, split)
     acc = torch.empty(b, hq, n_split, d, device=q.device, dtype=torch.float32)
