@@ -558,6 +558,8 @@ def main() -> None:
                     help="SmolLM2 perplexity through the packed KV cache vs the accuracy model (CACHE_PPL), on CPU")
     a = ap.parse_args()
     rows: list[dict] = []
+    command = "python tools/bench_generate.py " + " ".join(sys.argv[1:])
+    schemes = a.schemes.split(",") if a.schemes else None
     if a.gpu or (a.smoke and not a.cpu):
         # --smoke without CUDA: the attention sweep on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1)
         cuda = torch.cuda.is_available()
@@ -572,21 +574,20 @@ def main() -> None:
             batches = [int(x) for x in a.batches.split(",")]
             rows += [{**r, "device": dev}
                      for r in e2e_rows(a.prompt, a.new, batches, a.smoke, not a.no_hf_compile, a.deadline,
-                                       a.schemes.split(",") if a.schemes else None, a.compile_step,
+                                       schemes, a.compile_step,
                                        with_hf=not a.only_schemes, lowbit_float=not a.only_schemes)]
     if a.cpu:
-        command = "python tools/bench_generate.py " + " ".join(sys.argv[1:])
         rows += [{**r, "device": machine("cpu"), "command": command}
                  for r in cpu_rows(a.new, a.rounds, a.threads, a.ppl_windows, a.torch_rows, a.only, a.spinning)]
     if a.cache_ppl:
-        command = "python tools/bench_generate.py " + " ".join(sys.argv[1:])
-        rows += [{**r, "device": machine("cpu"), "command": command} for r in cache_ppl_rows(a.cache_ppl, schemes=a.schemes.split(",") if a.schemes else None)]
+        rows += [{**r, "device": machine("cpu"), "command": command}
+                 for r in cache_ppl_rows(a.cache_ppl, schemes=schemes)]
     date = datetime.date.today().isoformat()
     rows = [{**r, "date": date} for r in rows]
     for r in rows:
         print(r)
     if not a.smoke:
-        header = {"command": "python tools/bench_generate.py " + " ".join(sys.argv[1:]), "date": date,
+        header = {"command": command, "date": date,
                   "device": rows[0]["device"] if rows else "", "versions": results_versions()}
         merge_rows(a.out, header, rows, key=("area", "model", "kernel", "scheme", "method", "batch", "device"),
                    replace_header=False)
