@@ -229,10 +229,10 @@ SPEED_TARGET = 0.2
 """Fraction of the blocks' linear params the speed mode removes (issue 21's structured-20)."""
 
 
-def _speed_cut(cfg, target: float, multiple: int, heads: float) -> tuple[int, int, int]:
+def _speed_cut(cfg, target: float, multiple: int, heads: float) -> tuple[int, int, int, int]:
     """How the speed mode removes ``target`` of a block's linear params: ``round(heads · kv_heads)`` whole GQA
     groups (``prune-heads``), the rest through MLP channels, a multiple of ``multiple`` (so the kept width stays
-    one): (kv groups removed, channels removed, params removed per layer)."""
+    one): (kv groups removed, channels removed, params removed per layer, a layer's linear params)."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     hd = h // cfg.num_attention_heads
     kv = cfg.num_key_value_heads
@@ -242,7 +242,7 @@ def _speed_cut(cfg, target: float, multiple: int, heads: float) -> tuple[int, in
     groups = int(round(heads * kv))
     attn_rm = groups * (2 * h * group * hd + 2 * h * hd)
     rm = max(0, int(round((target * per_layer - attn_rm) / (3 * h) / multiple)) * multiple)
-    return groups, rm, attn_rm + 3 * h * rm
+    return groups, rm, attn_rm + 3 * h * rm, per_layer
 
 
 def pruned_speed(args: argparse.Namespace) -> None:
@@ -262,15 +262,13 @@ def pruned_speed(args: argparse.Namespace) -> None:
     model = _llama(smoke)
     cfg = model.config
     multiple = 128 if smoke else 256  # smoke: K % 128 for the group-128 W4 rows
-    groups, removed, rm_layer = _speed_cut(cfg, args.speed_target, multiple, args.speed_heads)
+    groups, removed, rm_layer, per_layer = _speed_cut(cfg, args.speed_target, multiple, args.speed_heads)
     ratio = removed / cfg.intermediate_size
     kept = cfg.intermediate_size - removed
     kv_kept = cfg.num_key_value_heads - groups
     prompt, new, batches = (32, 8, [1, 2]) if smoke else (args.speed_prompt, args.speed_new, [1, 16])
     pre_len = 64 if smoke else 2048
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    block = cfg.num_hidden_layers * (cfg.hidden_size ** 2 * 2 + 2 * cfg.hidden_size * cfg.num_key_value_heads * hd
-                                     + 3 * cfg.hidden_size * cfg.intermediate_size)
+    block = cfg.num_hidden_layers * per_layer
     total = sum(p.numel() for p in model.parameters())
     rm_params = cfg.num_hidden_layers * rm_layer
     calib = torch.randint(3, cfg.vocab_size, (4, 128 if not smoke else 32), generator=torch.Generator().manual_seed(0))
