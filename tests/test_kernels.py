@@ -286,6 +286,12 @@ N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major ke
     ("uint4", 0, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "U": 1, "SPLIT_K": 1, "PREFETCH": 2}),
     ("int4", 64, True, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "U": 2, "SPLIT_K": 2, "RED": True}),
     ("int4", 0, True, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 1, "SPLIT_K": 1, "RED": True}),
+    # _gemv_r (ROWS): g128 asym split over steps of one chunk, per channel, g32 (8 groups per step), symmetric g64
+    ("int4", 128, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "ROWS": 8, "SPLIT_K": 3}),
+    ("int4", 128, True, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "ROWS": 8, "SPLIT_K": 5, "PREFETCH": 1}),
+    ("uint4", 0, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "ROWS": 4, "SPLIT_K": 1}),
+    ("int4", 32, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "ROWS": 16, "SPLIT_K": 2}),
+    ("int4", 64, True, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 64, "ROWS": 32, "SPLIT_K": 1}),
     ("int8", 64, True, 3, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2}),
     ("int4", 32, False, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PREFETCH": 1}),
     ("int4", 128, False, 5, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2, "PAIRS": True}),

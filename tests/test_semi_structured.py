@@ -108,7 +108,7 @@ def test_semi_structured_equals_dense_on_cuda_bf16(smollm2, library):
     g = capture(smollm2_slice(smollm2[0], 2, torch.bfloat16), (torch.ones(1, 16, dtype=torch.long),),
                 {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=512)}})
     PassManager("sparsify(method=magnitude,pattern=2:4)").run(g)
-    ids = torch.randint(0, 49152, (2, 128), device="cuda")
+    ids = torch.randint(0, 49152, (1, 128), device="cuda")  # the capture's batch is static (1)
     sparse = TorchCompiled(g, "cuda", semi_structured=True, sparse_library=library)
     assert len(sparse.sparse_report["semi_structured"]) == 2 * BLOCK_LINEARS, sparse.report_text()
     dense = TorchCompiled(g, "cuda", semi_structured=False)
@@ -126,7 +126,8 @@ def test_triton_backend_runs_2to4_semi_structured_under_compile(smollm2):
     PassManager("sparsify(method=magnitude,pattern=2:4)").run(g)
     ids = torch.randint(0, 49152, (1, 64), device="cuda")
     runner = triton_lower(g, "cuda", semi_structured=True)  # torch.compile over the semi-structured buffers
-    assert len(runner.sparse_report["semi_structured"]) == 2 * BLOCK_LINEARS, runner.report_text()
+    # merge-linears first: per block q/k/v -> 1 and gate/up -> 1, so 7 linears become 4
+    assert len(runner.sparse_report["semi_structured"]) == 2 * (BLOCK_LINEARS - 3), runner.report_text()
     a = runner(ids).float()
     b = TorchCompiled(g, "cuda", semi_structured=False)(ids).float()
     assert float((a - b).pow(2).mean() / b.pow(2).mean()) < 1e-3

@@ -45,6 +45,10 @@ def _cc(bn, u, w, sk, pf=0, st=1):
     return {"BLOCK_N": bn, "U": u, "num_warps": w, "num_stages": st, "SPLIT_K": sk, "PREFETCH": pf}
 
 
+def _r(bn, rows, w, sk, pf=0, st=1):
+    return {"BLOCK_N": bn, "ROWS": rows, "num_warps": w, "num_stages": st, "SPLIT_K": sk, "PREFETCH": pf}
+
+
 def _tc(bn, sw, w, sk, pf=0, st=2):
     return {"BLOCK_N": bn, "SWAP": sw, "num_warps": w, "num_stages": st, "SPLIT_K": sk, "PREFETCH": pf}
 
@@ -63,6 +67,12 @@ VARIANTS: dict[str, list[dict]] = {
         dict(_cc(*c), RED=True) for c in (
             (128, 1, 1, 4), (128, 1, 1, 8), (256, 1, 2, 4), (256, 1, 2, 8), (512, 1, 4, 4), (512, 1, 4, 8),
             (64, 1, 1, 8), (128, 1, 1, 2), (128, 1, 4, 4), (256, 1, 2, 16))],
+    # CUDA cores, M = 1, N-major words, ``_gemv_r``: ROWS word rows in a thread, codes by and-xor at 3 exponents
+    "cc_r": [_r(*c) for c in (
+        (128, 8, 1, 8), (128, 8, 1, 16), (128, 8, 1, 24), (128, 8, 1, 32), (128, 8, 1, 64), (128, 4, 1, 16),
+        (128, 4, 1, 32), (128, 4, 1, 64), (128, 16, 1, 8), (128, 16, 1, 16), (256, 8, 2, 8), (256, 8, 2, 16),
+        (256, 4, 2, 16), (256, 4, 2, 32), (256, 4, 1, 8), (256, 4, 1, 16), (512, 4, 4, 16), (64, 8, 1, 16),
+        (64, 8, 1, 32), (128, 2, 1, 64))],
     # tensor cores, M = 2..16, N-major words: per chunk [CW, BLOCK_N] codes, one dot per code position
     "tc_t": [_tc(*c) for c in (
         (64, True, 4, 1), (64, True, 4, 2), (64, True, 4, 4), (64, False, 4, 2), (64, False, 4, 4),
@@ -78,9 +88,14 @@ VARIANTS: dict[str, list[dict]] = {
     "tc_k": [_tc(128, True, 4, 4), _tc(64, True, 4, 8)],
 }
 ROW_KEY = ("run", "kernel", "variant", "M", "K", "N", "device")
-N_MAJOR = {"cc_t", "tc_t", "tc_p"}
+N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p"}
 """Variants that run on the N-major words (``pack_words(..., n_major=True)``); the others on the K-major ones."""
 FINAL: dict[str, list[dict]] = {
+    "cc_r": [_r(*c) for c in (
+        (128, 16, 1, 16), (128, 16, 1, 8), (64, 8, 1, 32), (128, 8, 1, 8, 1), (128, 8, 1, 16, 1), (128, 8, 1, 4, 1),
+        (64, 8, 1, 16, 1), (64, 8, 1, 32, 1), (128, 4, 1, 8, 1), (128, 4, 1, 16, 1), (256, 8, 2, 8, 1),
+        (128, 16, 1, 16, 0, 2), (128, 8, 1, 8, 0, 3), (128, 8, 1, 16, 0, 2), (64, 16, 1, 16), (64, 16, 1, 32),
+        (128, 16, 1, 32), (128, 8, 2, 16), (128, 16, 2, 16))],
     "cc_t": [_cc(64, 1, 2, 4), _cc(64, 1, 2, 16), _cc(64, 1, 2, 2), _cc(256, 1, 4, 16), _cc(64, 1, 4, 4),
              _cc(64, 1, 8, 4), _cc(64, 1, 2, 2, 2), _cc(64, 1, 4, 2, 2), _cc(32, 1, 2, 8),
              _cc(64, 4, 8, 4), _cc(64, 2, 4, 8)],  # a program's whole K slice in one load (latency hidden by warps)
@@ -95,7 +110,7 @@ SMOKE_SHAPES = ((768, 40), (512, 64))
 
 def kinds_for(m: int, only: set[str]) -> list[str]:
     """The variant families run at ``m`` (CUDA cores at M = 1, tensor cores from ``WORDS_TC_MIN_M``)."""
-    names = ("tc_t", "tc_p", "tc_k") if m >= wo.WORDS_TC_MIN_M else ("cc_t", "cc_k")
+    names = ("tc_t", "tc_p", "tc_k") if m >= wo.WORDS_TC_MIN_M else ("cc_r", "cc_t", "cc_k")
     return [v for v in names if not only or v in only]
 
 
@@ -192,7 +207,7 @@ def compiled_rows() -> list[dict]:
     """Registers, spills and shared memory of every word-layout GEMV kernel this process compiled (what bounds
     its occupancy), from Triton's in-memory kernel cache; best effort (the cache's shape is Triton-internal)."""
     rows = []
-    for fn in (wo._gemv_t, wo._tc_t, wo._tc_pairs, wo._gemv_words, wo._tc_words,
+    for fn in (wo._gemv_r, wo._gemv_t, wo._tc_t, wo._tc_pairs, wo._gemv_words, wo._tc_words,
                wo._splitk_reduce):
         try:
             for i, cache in enumerate(fn.device_caches.values()):

@@ -21,8 +21,9 @@ at the shapes of ``K_MAJOR_SHAPES``), from the H200 sweep (``tools/bench_gemv.py
 
 Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted into the top mantissa bits of
 1.0 (``f = 1 + u/2**b``, one shift and one and-or), and ``s*(q - z)`` is algebra around the products.
-- N-major words (the default): ``_gemv_t`` (M = 1: ``[U, CW, BLOCK_N]`` tiles coalesced along N, the activation
-  a broadcast load, split-K partials + a reduce kernel) and ``_tc_t`` (2 <= M <= 16: one ``[CW, BLOCK_N]`` tile
+- N-major words (the default): ``_gemv_r`` (M = 1 int4 at the shapes of ``_R_TABLE``: 16 word rows per thread,
+  codes by one and-xor each at three exponents, split-K partials + a reduce kernel), ``_gemv_t`` (M = 1 elsewhere:
+  ``[U, CW, BLOCK_N]`` tiles coalesced along N, the activation a broadcast load, split-K partials + a reduce) and ``_tc_t`` (2 <= M <= 16: one ``[CW, BLOCK_N]`` tile
   per chunk, one dot per code position); ``_tc_pairs`` (opt-in ``PAIRS``: int4 codes unpacked two per ``lop3`` +
   ``sub.bf16x2`` inline asm on the GPU) is swept but not a default (not yet checked on a GPU).
 - K-major words, M = 1, CUDA cores (``_gemv_words``): ``[BLOCK_N, U, CW]`` word tiles, one FMA per code into a deferred fp32
@@ -839,6 +840,124 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
         tl.store(o_ptr + offs_n, y.to(o_ptr.dtype.element_ty), mask=n_ok1)
 
 
+# Where ``_gemv_r`` finds each int4 code: code ``i`` sits at bits ``[4i, 4i+4)``; four shifts of the word bring
+# every code to bit 12 or 16, where one and-xor with a magic exponent makes it the fp32 ``2**(23-b) + u``: 12
+# integer ops per 8 codes instead of a shift and an and-or per code. (Bit 8 would save two shifts but makes the
+# constant ``2**15`` dominate the fp32 partial sums: 4e-4 relative error against 3e-5.)
+_R_SRC = (3, 1, 1, 0, 0, 2, 2, 4)
+"""0: the word, 1: ``w << 8``, 2: ``w >> 8``, 3: ``w << 16``, 4: ``w >> 16``."""
+_R_BIT = (16, 12, 16, 12, 16, 12, 16, 12)
+
+
+def r_constants(signed: bool) -> tuple[int, int, int, int]:
+    """``_gemv_r``'s run-time masks and magics (``m12, m16, k12, k16``): ``(w & m_b) ^ k_b`` is the fp32
+    ``2**(23-b) + u`` with ``u`` the offset-binary code (signed codes: the xor flips their top bit too). Run-time
+    values, not constexprs: in registers the and-xor is one LOP3."""
+    return (0xF << 12, 0xF << 16, *[((127 + 23 - b) << 23) | ((8 << b) if signed else 0) for b in (12, 16)])
+
+
+@triton.jit
+def _r_code(w0, w1, w2, w3, w4, p: tl.constexpr, m12, m16, k12, k16):
+    """Code ``p`` of the words as the fp32 ``2**(23-b) + u`` (``_R_SRC``/``_R_BIT``): one and-xor."""
+    if p == 0:
+        src = w3
+    elif p == 1 or p == 2:
+        src = w1
+    elif p == 5 or p == 6:
+        src = w2
+    elif p == 7:
+        src = w4
+    else:
+        src = w0
+    if p % 2 == 0:
+        t = (src & m16) ^ k16
+    else:
+        t = (src & m12) ^ k12
+    return t.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_r(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, N, NSTEP, STEP_SPLIT, swk, ssn, ssg, sos,
+            m12, m16, k12, k16,
+            SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr, HAS_ZP: tl.constexpr,
+            HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, CW: tl.constexpr, ROWS: tl.constexpr,
+            BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = False):
+    """CUDA-core GEMV (M = 1) on N-major int4 words with a step's ``ROWS`` word rows inside one thread: per step a
+    ``[ROWS, BLOCK_N]`` word tile (``BLOCK_N >= 128 * num_warps``: 16-byte loads along N, rows in-thread), so the
+    activations a thread needs for one code position are ``ROWS`` contiguous values (one vector load shared by the
+    thread's columns) and the sum over rows is in-thread adds. Per word: four shifts, 8 and-xors (``_r_code``: the
+    code lands as ``2**c + u`` at a per-position exponent, no conversion), 8 FMAs; per step and scale group
+    ``y += s * (sum f*x - C - (off + z) * X)`` with ``X = sum x`` and ``C = sum 2**c * x`` over the group's codes
+    (the activation sums kept per row and summed once per group: in the broadcast layout, no shuffles).
+    ``STEP_SPLIT`` steps per program (split-K partials + ``_splitk_reduce`` when a column tile has several);
+    ``PREFETCH``: the next step's words are loaded before this step's arithmetic (a load always in flight)."""
+    OFF: tl.constexpr = 8 if SIGNED else 0
+    SPC: tl.constexpr = CW // ROWS
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = tl.arange(0, ROWS)
+    y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    x_pc = 0.0
+    s_lo = pid_k * STEP_SPLIT
+    s_hi = tl.minimum(s_lo + STEP_SPLIT, NSTEP)
+    if PREFETCH:  # step st's words sit at rows st * ROWS + rows: chunks are CW consecutive rows
+        wv_n = tl.load(w_ptr + (s_lo * ROWS + rows)[:, None] * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
+    for st in range(s_lo, s_hi):
+        c = st // SPC
+        r0 = (st % SPC) * ROWS
+        if PREFETCH:
+            wv = wv_n
+            wv_n = tl.load(w_ptr + ((st + 1) * ROWS + rows)[:, None] * swk + offs_n[None, :],
+                           mask=n_ok[None, :] & (st + 1 < s_hi), other=0)
+        else:
+            wv = tl.load(w_ptr + (c * CW + r0 + rows)[:, None] * swk + offs_n[None, :], mask=n_ok[None, :],
+                         other=0)
+        w1 = wv << 8
+        w2 = wv >> 8
+        w3 = wv << 16
+        w4 = wv >> 16
+        xb = x_ptr + c * (8 * CW) + r0 + rows
+        for gi in tl.static_range(8 // GI):
+            for i in tl.static_range(GI):
+                xi = tl.load(xb + (gi * GI + i) * CW).to(tl.float32)
+                t_i = _r_code(wv, w1, w2, w3, w4, gi * GI + i, m12, m16, k12, k16) * xi[:, None]
+                if i == 0:
+                    t = t_i
+                    xv = xi
+                    cv = xi * (128.0 if (gi * GI + i) % 2 == 0 else 2048.0)
+                else:
+                    t += t_i
+                    xv += xi
+                    cv += xi * (128.0 if (gi * GI + i) % 2 == 0 else 2048.0)
+            a = tl.sum(t, axis=0) - tl.sum(cv, axis=0)
+            if GROUP == 0:  # per channel: the scale at the end; the constant off each step (it would dominate)
+                y += a
+                x_pc += tl.sum(xv, axis=0)
+            else:
+                g = (c * (8 * CW) + gi * GI * CW) // GROUP
+                s = tl.load(s_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+                if HAS_ZP:
+                    zq = OFF + tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
+                else:
+                    zq = OFF
+                y += s * (a - zq * tl.sum(xv, axis=0))
+    if GROUP == 0:
+        s = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZP:
+            zq = OFF + tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
+        else:
+            zq = OFF
+        y = s * (y - zq * x_pc)
+    if PARTIAL:
+        tl.store(o_ptr + pid_k * sos + offs_n, y, mask=n_ok)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+        tl.store(o_ptr + offs_n, y.to(o_ptr.dtype.element_ty), mask=n_ok)
+
+
 @triton.jit
 def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos, mant, one,
           BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
@@ -1094,6 +1213,16 @@ def _t_rule(tc: bool, n: int, nch: int) -> dict:
             "SPLIT_K": max(1, min(16, nch, pow2_at_most(max(1, T_TARGET_PROGRAMS // cdiv(n, 64)), 16)))}
 
 
+_R_TABLE: dict[tuple[int, int], dict] = {  # run R8 of bench/results/gemv.json (µs: _gemv_r vs _gemv_t's best)
+    (11008, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 16},  # 16.41 vs 18.40
+    (4096, 11008): {'BLOCK_N': 64, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 32},  # 18.25 vs 20.58
+    (12288, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 2, 'SPLIT_K': 16},  # 16.77 vs 18.31
+    (22016, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 8},  # 24.82 vs 28.58
+}
+"""(N, K) -> ``_gemv_r`` config: the shapes where the H200 sweep measured it faster than ``_gemv_t`` at M = 1
+(``tools/bench_gemv.py``, family ``cc_r``); other shapes keep ``_gemv_t``."""
+
+
 def words_n_major(n: int, k: int) -> bool:
     """The decode layout ``pack_words`` makes for an ``[N, K]`` weight by default."""
     return WORDS_N_MAJOR and (n, k) not in K_MAJOR_SHAPES
@@ -1107,6 +1236,8 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = Fal
     per = 32 // bits
     nch = k // (per * cw)
     if n_major:
+        if not tc and m == 1 and bits == 4 and (n, k) in _R_TABLE:
+            return dict(_R_TABLE[(n, k)], BLOCK_M=1, TC=False)
         cfg = _WORDS_T_TABLE.get(("tc" if tc else "cc", bm, n, k)) or _t_rule(tc, n, nch)
         return dict(cfg, BLOCK_M=bm, TC=tc)
     cfg = _WORDS_TABLE.get(("tc" if tc else "cc", bm, n, k))
@@ -1169,6 +1300,8 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
         if n_major:
             meta.update(RED=cfg.get("RED", False))
     sw = words.stride(1) if n_major else words.stride(0)
+    if cfg.get("ROWS") and n_major and bits == 4 and not cfg["TC"] and m == 1:
+        return _launch_r(x2, words, scale, zp, b, bias, out, signed, group, cw, nch, sw, ssn, ssg, meta, cfg)
     if split == 1:
         launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), sw,
                                    ssn, ssg, out.stride(0), 0, *_word_masks(bits), HAS_BIAS=bias is not None, PARTIAL=False,
@@ -1180,6 +1313,34 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
     block = 1024
     launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
                                                         HAS_BIAS=bias is not None, BLOCK=block)
+    return out
+
+
+def _launch_r(x2, words, scale, zp, b, bias, out, signed, group, cw, nch, sw, ssn, ssg, meta, cfg):
+    """``_gemv_r`` (+ ``_splitk_reduce`` when K is split): ``ROWS`` word rows per step, ``SPLIT_K`` programs per
+    column tile along K."""
+    n = words.shape[0]
+    rows = min(cfg["ROWS"], cw)
+    nstep = nch * (cw // rows)
+    per_prog = cdiv(nstep, cfg["SPLIT_K"])
+    split = cdiv(nstep, per_prog)
+    grid = (cdiv(n, cfg["BLOCK_N"]), split)
+    rmeta = {"SIGNED": signed, "GROUP": group, "GI": meta["GI"], "HAS_ZP": meta["HAS_ZP"], "CW": cw, "ROWS": rows,
+             "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 1),
+             "PREFETCH": bool(cfg.get("PREFETCH"))}
+    if cfg.get("maxnreg"):
+        rmeta["maxnreg"] = cfg["maxnreg"]
+    consts = r_constants(signed)
+    if split == 1:
+        launcher(x2, _gemv_r)[grid](x2, words, scale, zp, b, out, n, nstep, per_prog, sw, ssn, ssg, 0, *consts,
+                                    HAS_BIAS=bias is not None, PARTIAL=False, **rmeta)
+        return out
+    part = torch.empty((split, 1, n), device=x2.device, dtype=torch.float32)
+    launcher(x2, _gemv_r)[grid](x2, words, scale, zp, b, part, n, nstep, per_prog, sw, ssn, ssg, n, *consts,
+                                HAS_BIAS=False, PARTIAL=True, **rmeta)
+    block = 128  # 8-32 partial rows: 1024-wide programs (11-22 of them) took 3.5 µs per reduce (H200 profile)
+    launcher(x2, _splitk_reduce)[(cdiv(n, block),)](part, b, out, n, n, SPLIT=split, HAS_BIAS=bias is not None,
+                                                    BLOCK=block)
     return out
 
 
