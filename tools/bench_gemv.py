@@ -91,11 +91,11 @@ ROW_KEY = ("run", "kernel", "variant", "M", "K", "N", "device")
 N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p"}
 """Variants that run on the N-major words (``pack_words(..., n_major=True)``); the others on the K-major ones."""
 FINAL: dict[str, list[dict]] = {
+    # R8/R9's winners and neighbours (R9 also ran them with the split-K reduce fused into the last program of each
+    # column tile: correct, not faster; removed)
     "cc_r": [_r(*c) for c in (
-        (128, 16, 1, 16), (128, 16, 1, 8), (64, 8, 1, 32), (128, 8, 1, 8, 1), (128, 8, 1, 16, 1), (128, 8, 1, 4, 1),
-        (64, 8, 1, 16, 1), (64, 8, 1, 32, 1), (128, 4, 1, 8, 1), (128, 4, 1, 16, 1), (256, 8, 2, 8, 1),
-        (128, 16, 1, 16, 0, 2), (128, 8, 1, 8, 0, 3), (128, 8, 1, 16, 0, 2), (64, 16, 1, 16), (64, 16, 1, 32),
-        (128, 16, 1, 32), (128, 8, 2, 16), (128, 16, 2, 16))],
+        (128, 16, 1, 16), (128, 16, 1, 8), (64, 16, 1, 32), (64, 16, 1, 16), (128, 16, 1, 16, 0, 2), (64, 8, 1, 32),
+        (128, 8, 1, 16), (128, 16, 1, 32))],
     "cc_t": [_cc(64, 1, 2, 4), _cc(64, 1, 2, 16), _cc(64, 1, 2, 2), _cc(256, 1, 4, 16), _cc(64, 1, 4, 4),
              _cc(64, 1, 8, 4), _cc(64, 1, 2, 2, 2), _cc(64, 1, 4, 2, 2), _cc(32, 1, 2, 8),
              _cc(64, 4, 8, 4), _cc(64, 2, 4, 8)],  # a program's whole K slice in one load (latency hidden by warps)

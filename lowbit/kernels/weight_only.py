@@ -23,8 +23,8 @@ Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted i
 1.0 (``f = 1 + u/2**b``, one shift and one and-or), and ``s*(q - z)`` is algebra around the products.
 - N-major words (the default): ``_gemv_r`` (M = 1 int4 at the shapes of ``_R_TABLE``: 16 word rows per thread,
   codes by one and-xor each at three exponents, split-K partials + a reduce kernel), ``_gemv_t`` (M = 1 elsewhere:
-  ``[U, CW, BLOCK_N]`` tiles coalesced along N, the activation a broadcast load, split-K partials + a reduce) and ``_tc_t`` (2 <= M <= 16: one ``[CW, BLOCK_N]`` tile
-  per chunk, one dot per code position); ``_tc_pairs`` (opt-in ``PAIRS``: int4 codes unpacked two per ``lop3`` +
+  ``[U, CW, BLOCK_N]`` tiles coalesced along N, the activation a broadcast load, split-K partials + a reduce) and
+  ``_tc_t`` (2 <= M <= 16: one ``[CW, BLOCK_N]`` tile per chunk, one dot per code position); ``_tc_pairs`` (opt-in ``PAIRS``: int4 codes unpacked two per ``lop3`` +
   ``sub.bf16x2`` inline asm on the GPU) is swept but not a default (not yet checked on a GPU).
 - K-major words, M = 1, CUDA cores (``_gemv_words``): ``[BLOCK_N, U, CW]`` word tiles, one FMA per code into a deferred fp32
   accumulator, the activation's running sum times ``d = 1 + (off + z)/2**b`` and the scale applied once per group,
@@ -1183,9 +1183,9 @@ N-major vs best K-major config, µs at M = 1 / M = 16: 4096x11008 18.3 vs 22.3 /
 22.8 / 26.4 vs 26.5; 4096x12288 (merged qkv) 18.3 vs 24.3 / 24.4 vs 26.4; 4096x22016 (merged gate/up) 29.5 vs
 38.4 / 39.0 vs 45.0."""
 
-K_MAJOR_SHAPES = {(4096, 4096)}
-"""(N, K) whose default decode layout stays K-major: at 4096x4096 the K-major GEMV won at M = 1 (10.1 vs 11.7 µs;
-M = 16: 13.3 vs 12.9), run R1 of bench/results/gemv.json."""
+K_MAJOR_SHAPES: set[tuple[int, int]] = set()
+"""(N, K) whose default decode layout stays K-major. Was {(4096, 4096)} (K-major GEMV 10.1 vs ``_gemv_t`` 11.7 µs at
+M = 1, run R1); ``_gemv_r`` on N-major words took 8.86 µs there (run R9) and N-major won at M = 16 (12.9 vs 13.3)."""
 
 _WORDS_T_TABLE: dict[tuple[str, int, int, int], dict] = {
     **{("cc", 1, n, k): {"BLOCK_N": 64, "U": 1, "num_warps": 2, "num_stages": 1, "SPLIT_K": sk}
@@ -1213,11 +1213,12 @@ def _t_rule(tc: bool, n: int, nch: int) -> dict:
             "SPLIT_K": max(1, min(16, nch, pow2_at_most(max(1, T_TARGET_PROGRAMS // cdiv(n, 64)), 16)))}
 
 
-_R_TABLE: dict[tuple[int, int], dict] = {  # run R8 of bench/results/gemv.json (µs: _gemv_r vs _gemv_t's best)
-    (11008, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 16},  # 16.41 vs 18.40
-    (4096, 11008): {'BLOCK_N': 64, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 32},  # 18.25 vs 20.58
-    (12288, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 2, 'SPLIT_K': 16},  # 16.77 vs 18.31
-    (22016, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 8},  # 24.82 vs 28.58
+_R_TABLE: dict[tuple[int, int], dict] = {  # run R9 of bench/results/gemv.json (µs vs _gemv_t's best, R8)
+    (11008, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 16},  # 14.34 vs 18.40
+    (4096, 11008): {'BLOCK_N': 64, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 32},  # 15.55 vs 20.58
+    (4096, 4096): {'BLOCK_N': 64, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 16},  # 8.86 vs 10.21 (K-major)
+    (12288, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 2, 'SPLIT_K': 16},  # 14.70 vs 18.31
+    (22016, 4096): {'BLOCK_N': 64, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 16},  # 22.46 vs 28.58
 }
 """(N, K) -> ``_gemv_r`` config: the shapes where the H200 sweep measured it faster than ``_gemv_t`` at M = 1
 (``tools/bench_gemv.py``, family ``cc_r``); other shapes keep ``_gemv_t``."""
@@ -1338,7 +1339,7 @@ def _launch_r(x2, words, scale, zp, b, bias, out, signed, group, cw, nch, sw, ss
     part = torch.empty((split, 1, n), device=x2.device, dtype=torch.float32)
     launcher(x2, _gemv_r)[grid](x2, words, scale, zp, b, part, n, nstep, per_prog, sw, ssn, ssg, n, *consts,
                                 HAS_BIAS=False, PARTIAL=True, **rmeta)
-    block = 128  # 8-32 partial rows: 1024-wide programs (11-22 of them) took 3.5 µs per reduce (H200 profile)
+    block = 128  # 8-32 partial rows: 1024-wide programs made the op 2 µs slower at 11008x4096 (runs R8 vs R9)
     launcher(x2, _splitk_reduce)[(cdiv(n, block),)](part, b, out, n, n, SPLIT=split, HAS_BIAS=bias is not None,
                                                     BLOCK=block)
     return out
