@@ -49,27 +49,6 @@ def run_interpreted(code: str, timeout: int = 600) -> None:
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
-def _int8_gemm_exact() -> bool:
-    """Whether ONNX Runtime's CPU int8 GEMMs (MatMulIntegerToFloat, DynamicQuantizeMatMul) compute exact integer
-    dot products here. On x86-64 without VNNI (AVX2-only, e.g. this 2-core CI machine) MLAS multiplies u8 x s8
-    pairs with ``vpmaddubsw``, which saturates the int16 pair sums: full-range int8 weights then come out ~2%
-    off (measured: 0.0207 relative on SmolLM2's MLP). VNNI / AMX x86 and ARM's sdot are exact."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return True
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return True
-    return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
-needs_exact_int8_gemm = pytest.mark.skipif(
-    not _int8_gemm_exact(), reason="this CPU has no VNNI: ONNX Runtime's u8 x s8 GEMM saturates int16 pair sums "
-    "(~2% error on full-range int8 weights), so ORT int8 outputs cannot match the reference to rounding here")
-
-
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n N (the README's test command runs two workers on CI's two cores): each worker gets its share of the
     # cores for torch's intra-op threads, not all of them (oversubscribed matmuls run slower than serial ones)

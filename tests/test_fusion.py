@@ -28,7 +28,6 @@ from lowbit.ir.quant import qlinear
 from lowbit.ir.verifier import verify
 from lowbit.passes.insert_qdq import InsertQDQ
 from lowbit.passes.manager import PassManager
-from conftest import needs_exact_int8_gemm
 
 # ---- golden IR ---------------------------------------------------------------------------------
 
@@ -226,10 +225,9 @@ LINEAR_32 = """graph main(%x: f32[1,s0,32]) {
 
 @pytest.mark.parametrize("pipeline, form, fused_ops", [
     ("quantize(w=int4,group=16,sym=false)", "matmulnbits", {"com.microsoft::MatMulNBits"}),
-    pytest.param("quantize(w=int8,a=int8)", "ort-default", {"com.microsoft::MatMulIntegerToFloat"},
-                 marks=needs_exact_int8_gemm),
-    pytest.param("quantize(w=int8,a=uint8,a_gran=per_tensor,a_sym=false)", "ort-default",
-                 {"DynamicQuantizeLinear", "com.microsoft::MatMulIntegerToFloat"}, marks=needs_exact_int8_gemm),
+    ("quantize(w=int8,a=int8)", "ort-default", {"com.microsoft::MatMulIntegerToFloat"}),
+    ("quantize(w=int8,a=uint8,a_gran=per_tensor,a_sym=false)", "ort-default",
+     {"DynamicQuantizeLinear", "com.microsoft::MatMulIntegerToFloat"}),
     ("quantize(w=fp8e4m3,a=fp8e4m3)", "ort-default", {"QuantizeLinear", "DequantizeLinear", "MatMul"}),
     ("quantize(w=int4,group=16,a=int8)", "matmulnbits", {"QuantizeLinear", "DequantizeLinear", "MatMul"}),
 ])

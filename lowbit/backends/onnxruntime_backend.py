@@ -25,6 +25,7 @@ import torch
 
 from lowbit.backends.onnx import LoweringOptions, load_onnx, save_onnx, to_onnx
 from lowbit.backends.onnx.io import EXTERNAL_DATA_THRESHOLD, OnnxFileError, initializer_bytes
+from lowbit.backends.onnx.context import int8_gemm_exact
 from lowbit.ir.graph import Graph
 from lowbit.ir.signature import InputChecker
 
@@ -88,6 +89,10 @@ def session_options(threads: int | None = None, optimization: str = "all",
     ``accuracy_level`` is what ORT's fusion of ``DequantizeLinear(int4) → MatMul`` into MatMulNBits may
     use for activations: ORT's default (4) quantizes them to int8 per block, which moves W4A16 logits by
     ~1% from the reference; 0 keeps float activations, i.e. the numerics of the graph as written.
+
+    On x86 CPUs without VNNI/AMX (``int8_gemm_exact`` False) ORT's QDQ fusion turns int8 Q/DQ → MatMul into u8·s8
+    GEMMs whose int16 pair sums saturate (a full-range int8 MatMul measured 2.1 relative error); with
+    ``session.qdqisint8allowed=1`` it keeps int8 activations (s8·s8 kernels): exact (2.6e-7), so it is set there.
     """
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -107,6 +112,8 @@ def session_options(threads: int | None = None, optimization: str = "all",
     if spinning is not None:
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    if not int8_gemm_exact():
+        so.add_session_config_entry("session.qdqisint8allowed", "1")
     return so
 
 

@@ -78,6 +78,11 @@ class LoweringOptions:
     zero point (ORT fuses a single reader into ``DynamicQuantizeMatMul``).
     ONNX Runtime's u8·s8 CPU GEMM is several times faster than float; TensorRT takes none of these ops, so
     ``"onnx"`` exports keep QDQ.
+    ``int8_weights``: the integer GEMM's weight codes. "s8": int8 (ORT's u8·s8 kernels; exact with VNNI, AMX or
+    ARM's sdot, but on x86 CPUs with only AVX2 MLAS multiplies u8·s8 pairs with ``vpmaddubsw``, whose int16 pair
+    sums saturate: ~2% error on full-range weights); "u8": the same codes + 128 as uint8 with weight zero point
+    128 (MLAS's u8·u8 kernels widen to 16 bits first: exact everywhere, ~20% slower on the AVX2 machine measured);
+    "auto": "u8" when the exporting CPU is x86 without VNNI/AMX (``int8_gemm_exact``), else "s8".
     """
 
     opset: int = 21
@@ -86,6 +91,7 @@ class LoweringOptions:
     weight_format: str = "qdq"
     accuracy_level: int = 0
     integer_matmul: bool = False
+    int8_weights: str = "auto"
 
     def __post_init__(self) -> None:
         if self.opset < 21:
@@ -101,6 +107,29 @@ class LoweringOptions:
             raise ValueError("rotary='onnx' needs opset 23 (the RotaryEmbedding op); pass opset=23")
         if self.weight_format not in ("qdq", "matmulnbits"):
             raise ValueError(f"weight_format must be 'qdq' or 'matmulnbits', got {self.weight_format!r}")
+        if self.int8_weights not in ("auto", "s8", "u8"):
+            raise ValueError(f"int8_weights must be 'auto', 's8' or 'u8', got {self.int8_weights!r}")
+
+    @property
+    def u8_weights(self) -> bool:
+        """Whether the integer GEMM takes uint8 weight codes (``int8_weights``, "auto" resolved on this CPU)."""
+        return self.int8_weights == "u8" or (self.int8_weights == "auto" and not int8_gemm_exact())
+
+
+def int8_gemm_exact() -> bool:
+    """Whether ONNX Runtime's CPU u8·s8 GEMMs (MatMulIntegerToFloat, DynamicQuantizeMatMul) compute exact integer
+    dot products on this machine: not on x86-64 without VNNI or AMX (AVX2 only), where MLAS's ``vpmaddubsw``
+    saturates int16 pair sums (measured 0.0207 relative error on SmolLM2's MLP; onnxruntime 1.23.2 and 1.32.0)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return True
+    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 LowerFn = Callable[["LoweringContext", Node], "ir.Value | Sequence[ir.Value]"]

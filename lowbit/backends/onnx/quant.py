@@ -554,22 +554,31 @@ def _integer_qlinear(ctx: LoweringContext, node: Node, parts: _QLinearParts) -> 
         return ctx.op("QuantizeLinear", [ctx.tensor(x0, torch.float32), s, zp], _qdq_attrs(qx, kind_x, ctx.rank(x0)))
 
     q_u8 = ctx.derived(("u8-codes",) + parts.act_key, codes)
-    w_t = _int8_weight_t(ctx, dqw.args[0])
     # ORT's MatMulIntegerToFloat applies the weight scales (per column) in the GEMM's epilogue and a per-row
     # activation scale ([.., S, 1], per token) to its output inside the same kernel — (acc · s_w) · s_x, the
     # rounding order of the reference's DQ·DQ product; a per-tensor activation scale joins the epilogue
-    return ctx.op("MatMulIntegerToFloat", [q_u8, w_t, _scale(ctx, dqx.args[1], kind_x),
-                                           _scale(ctx, dqw.args[1], kind_w),
-                                           ctx.const(np.uint8(_U8_OFFSET), ir.DataType.UINT8)],
+    u8_zero = ctx.const(np.uint8(_U8_OFFSET), ir.DataType.UINT8)
+    return ctx.op("MatMulIntegerToFloat", [q_u8, *_int8_weight_t(ctx, dqw.args[0], _scale(ctx, dqx.args[1], kind_x),
+                                                                 _scale(ctx, dqw.args[1], kind_w), u8_zero)],
                   domain="com.microsoft")
 
 
-def _int8_weight_t(ctx: LoweringContext, wq: Value) -> ir.Value:
-    """The transposed ``[K, N]`` INT8 initializer of an int8 weight (one per weight, shared by its readers)."""
+def _int8_weight_t(ctx: LoweringContext, wq: Value, a_scale: ir.Value, b_scale: ir.Value,
+                   a_zero_point: ir.Value) -> list[ir.Value]:
+    """MatMulIntegerToFloat's inputs from B on: the transposed ``[K, N]`` initializer of an int8 weight (one per
+    weight, shared by its readers), the scales, A's zero point, and with uint8 weights (``int8_weights``) B's zero
+    point 128 — the codes + 128, the same products."""
     n_k = list(_logical_shape(wq, get_qdtype("int8")))
-    return ctx.derived(("i8T", id(wq)), lambda: ctx.initializer(wq.name + ".T", ir.LazyTensor(
-        lambda: _weight_tensor(wq.name + ".T", wq, get_qdtype("int8"), ir.DataType.INT8, True),
-        dtype=ir.DataType.INT8, shape=ir.Shape(n_k[::-1]), name=wq.name + ".T")))
+    if not ctx.options.u8_weights:
+        b = ctx.derived(("i8T", id(wq)), lambda: ctx.initializer(wq.name + ".T", ir.LazyTensor(
+            lambda: _weight_tensor(wq.name + ".T", wq, get_qdtype("int8"), ir.DataType.INT8, True),
+            dtype=ir.DataType.INT8, shape=ir.Shape(n_k[::-1]), name=wq.name + ".T")))
+        return [b, a_scale, b_scale, a_zero_point]
+    name = wq.name + ".T.u8"
+    b = ctx.derived(("u8T", id(wq)), lambda: ctx.initializer(name, ir.LazyTensor(
+        lambda: _q_tensor(name, (wq.data.t().to(torch.int16) + _U8_OFFSET).to(torch.uint8), ir.DataType.UINT8),
+        dtype=ir.DataType.UINT8, shape=ir.Shape(n_k[::-1]), name=name)))
+    return [b, a_scale, b_scale, a_zero_point, ctx.const(np.uint8(_U8_OFFSET), ir.DataType.UINT8)]
 
 
 def _dynamic_u8_qlinear(ctx: LoweringContext, node: Node, parts: _QLinearParts) -> ir.Value | None:
@@ -597,8 +606,8 @@ def _dynamic_u8_qlinear(ctx: LoweringContext, node: Node, parts: _QLinearParts) 
     y = ctx.derived(("dql",) + parts.act_key,
                     lambda: ctx.op("DynamicQuantizeLinear", [ctx.v(x0)], num_outputs=3)[0])
     _, s, zp = y.producer().outputs
-    return ctx.op("MatMulIntegerToFloat", [y, _int8_weight_t(ctx, dqw.args[0]), s, _scale(ctx, dqw.args[1], kind_w),
-                                           zp], domain="com.microsoft")
+    return ctx.op("MatMulIntegerToFloat", [y, *_int8_weight_t(ctx, dqw.args[0], s, _scale(ctx, dqw.args[1], kind_w),
+                                                              zp)], domain="com.microsoft")
 
 
 QLINEAR_FORMS.append(_integer_qlinear)
