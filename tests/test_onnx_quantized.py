@@ -296,10 +296,9 @@ def test_per_tensor_dynamic_u8_lowers_to_dynamic_quantize_linear(quantized, ort_
         assert n.inputs[2] is dql.outputs[1] and n.inputs[4] is dql.outputs[2]
 
 
-def test_per_tensor_dynamic_u8_gemm_is_the_reference_quantizer(smollm2, windows):
-    """On the same real activations (SmolLM2 layer 1's MLP, its real weights), ORT's DynamicQuantizeLinear +
-    MatMulIntegerToFloat (gate/up, shared) and fused DynamicQuantizeMatMul (down) give lowbit's codes: the
-    outputs differ by float rounding only."""
+def _layer1_mlp(smollm2, ids: torch.Tensor, pipeline: str) -> tuple[Graph, torch.Tensor]:
+    """SmolLM2 layer 1's MLP (its real weights) captured and quantized by ``pipeline``, and the real activations
+    that reach it on ``ids`` (``[B, L, 576]``)."""
     from lowbit.ir.capture import capture
 
     model = smollm2[0]
@@ -308,16 +307,23 @@ def test_per_tensor_dynamic_u8_gemm_is_the_reference_quantizer(smollm2, windows)
         lambda mod, inp, out: hidden.append(out.detach()))
     try:
         with torch.no_grad():
-            model(windows[:, :96])
+            model(ids)
     finally:
         hook.remove()
-    mlp = copy.deepcopy(model.model.layers[1].mlp).eval()
-    g = capture(mlp, (hidden[0][:1, :16],), {"x": {1: SEQ}})
-    PassManager(parse_pipeline(W8A8_PT_DYN)).run(g)
+    g = capture(copy.deepcopy(model.model.layers[1].mlp).eval(), (hidden[0][:1, :16],), {"x": {1: SEQ}})
+    PassManager(parse_pipeline(pipeline)).run(g)
+    return g, hidden[0]
+
+
+def test_per_tensor_dynamic_u8_gemm_is_the_reference_quantizer(smollm2, windows):
+    """On the same real activations (SmolLM2 layer 1's MLP, its real weights), ORT's DynamicQuantizeLinear +
+    MatMulIntegerToFloat (gate/up, shared) and fused DynamicQuantizeMatMul (down) give lowbit's codes: the
+    outputs differ by float rounding only."""
+    g, hidden = _layer1_mlp(smollm2, windows[:, :96], W8A8_PT_DYN)
     ort_mlp = OrtCompiled(g, **FORMS["ort-default"])
     assert lowered_op_types(ort_mlp.onnx_model).get("DynamicQuantizeLinear") == 2
     ref = TorchCompiled(g)
-    for h in hidden[0]:
+    for h in hidden:
         r, o = ref(h[None]), ort_mlp(h[None])
         rel = ((r - o).abs().max() / r.abs().max()).item()
         assert rel < 1e-5, rel  # measured ≤ 3e-7
@@ -333,24 +339,13 @@ def test_uint8_weight_codes_are_exact_on_every_cpu(smollm2, windows, pipeline):
     import onnx_ir as ir
 
     from lowbit.backends.onnx.context import LoweringOptions
-    from lowbit.ir.capture import capture
 
-    model = smollm2[0]
-    hidden: list[torch.Tensor] = []
-    hook = model.model.layers[1].post_attention_layernorm.register_forward_hook(
-        lambda mod, inp, out: hidden.append(out.detach()))
-    try:
-        with torch.no_grad():
-            model(windows[:1, :64])
-    finally:
-        hook.remove()
-    g = capture(copy.deepcopy(model.model.layers[1].mlp).eval(), (hidden[0][:1, :16],), {"x": {1: SEQ}})
-    PassManager(parse_pipeline(pipeline)).run(g)
-    ref = TorchCompiled(g)(hidden[0])
+    g, hidden = _layer1_mlp(smollm2, windows[:1, :64], pipeline)
+    ref = TorchCompiled(g)(hidden)
     u8 = OrtCompiled(g, int8_weights="u8")
     gemms = [n for n in u8.onnx_model.graph if n.op_type == "MatMulIntegerToFloat"]
     assert gemms and all(n.inputs[1].dtype == ir.DataType.UINT8 and len(n.inputs) == 6 for n in gemms)
-    out = u8(hidden[0])
+    out = u8(hidden)
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
     s8 = OrtCompiled(g, int8_weights="s8")
     assert all(n.inputs[1].dtype == ir.DataType.INT8 and len(n.inputs) == 5

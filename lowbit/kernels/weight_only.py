@@ -252,6 +252,18 @@ def _store_tile(acc, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, 
 
 
 @triton.jit
+def _store_row(y, o_ptr, b_ptr, pid_k, offs_n, n_ok, sos, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """An M = 1 GEMV's epilogue (``_store_tile`` for one row): the fp32 partial of split ``pid_k``, or the output
+    (+ bias) cast to the output dtype."""
+    if PARTIAL:
+        tl.store(o_ptr + pid_k * sos + offs_n, y, mask=n_ok)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+        tl.store(o_ptr + offs_n, y.to(o_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
 def _col_scale(t, s, SWAP: tl.constexpr):
     """``t`` times the per-output-channel ``s``: channels run along rows when ``SWAP`` (the tensor-core word
     kernels' ``out.T`` tile), along columns otherwise."""
@@ -594,12 +606,7 @@ def _gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, s
     n_ok1 = offs_n < N
     if GROUP == 0:
         y = y * tl.load(s_ptr + offs_n * ssn, mask=n_ok1, other=0).to(tl.float32)
-    if PARTIAL:
-        tl.store(o_ptr + pid_k * sos + offs_n, y, mask=n_ok1)
-    else:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_ok1, other=0).to(tl.float32)
-        tl.store(o_ptr + offs_n, y.to(o_ptr.dtype.element_ty), mask=n_ok1)
+    _store_row(y, o_ptr, b_ptr, pid_k, offs_n, n_ok1, sos, PARTIAL, HAS_BIAS)
 
 
 @triton.jit
@@ -832,12 +839,7 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
         y = (y - d_n * tl.sum(tl.sum(xacc, axis=1), axis=0)) * tl.load(s_ptr + offs_n * ssn, mask=n_ok1,
                                                                         other=0).to(tl.float32)
     y = y * ONE
-    if PARTIAL:
-        tl.store(o_ptr + pid_k * sos + offs_n, y, mask=n_ok1)
-    else:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_ok1, other=0).to(tl.float32)
-        tl.store(o_ptr + offs_n, y.to(o_ptr.dtype.element_ty), mask=n_ok1)
+    _store_row(y, o_ptr, b_ptr, pid_k, offs_n, n_ok1, sos, PARTIAL, HAS_BIAS)
 
 
 # Where ``_gemv_r`` finds each int4 code: code ``i`` sits at bits ``[4i, 4i+4)``; four shifts of the word bring
@@ -874,6 +876,15 @@ def _r_code(w0, w1, w2, w3, w4, p: tl.constexpr, m12, m16, k12, k16):
     else:
         t = (src & m12) ^ k12
     return t.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _r_scale(s_ptr, z_ptr, offs, ok, OFF: tl.constexpr, HAS_ZP: tl.constexpr):
+    """A scale group's scales and ``off + z`` at ``offs`` (fp32)."""
+    s = tl.load(s_ptr + offs, mask=ok, other=0).to(tl.float32)
+    if HAS_ZP:
+        return s, OFF + tl.load(z_ptr + offs, mask=ok, other=0).to(tl.float32)
+    return s, tl.zeros_like(s) + OFF
 
 
 @triton.jit
@@ -936,26 +947,13 @@ def _gemv_r(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, N, NSTEP, STEP_SPLIT, swk,
                 y += a
                 x_pc += tl.sum(xv, axis=0)
             else:
-                g = (c * (8 * CW) + gi * GI * CW) // GROUP
-                s = tl.load(s_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
-                if HAS_ZP:
-                    zq = OFF + tl.load(z_ptr + offs_n * ssn + g * ssg, mask=n_ok, other=0).to(tl.float32)
-                else:
-                    zq = OFF
+                s, zq = _r_scale(s_ptr, z_ptr, offs_n * ssn + ((c * (8 * CW) + gi * GI * CW) // GROUP) * ssg, n_ok,
+                                 OFF, HAS_ZP)
                 y += s * (a - zq * tl.sum(xv, axis=0))
     if GROUP == 0:
-        s = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
-        if HAS_ZP:
-            zq = OFF + tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)
-        else:
-            zq = OFF
+        s, zq = _r_scale(s_ptr, z_ptr, offs_n * ssn, n_ok, OFF, HAS_ZP)
         y = s * (y - zq * x_pc)
-    if PARTIAL:
-        tl.store(o_ptr + pid_k * sos + offs_n, y, mask=n_ok)
-    else:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
-        tl.store(o_ptr + offs_n, y.to(o_ptr.dtype.element_ty), mask=n_ok)
+    _store_row(y, o_ptr, b_ptr, pid_k, offs_n, n_ok, sos, PARTIAL, HAS_BIAS)
 
 
 @triton.jit
