@@ -172,12 +172,16 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     # issue 20, weight-only with rotation before GPTQ (session 7): the Hadamard spreads the input-channel outliers
     # that fold-norms' gains put into the weights; AWQ's scales can then go back into the (now unit-gain) norms as
     # a gain, exactly, and GPTQ runs on the output-aware clipped grid. Measured (--calib-n 120): g64 1.101x, worse
-    # than the same GPTQ without rotation (1.089x): the folded gains no longer shield the low-gain channels
-    # (where the sink tokens' normalised streams sit) from weight error, and in the rotated basis no diagonal
-    # scale can give that back. rotate(residual=false) keeps the gains (R2-R4 only).
+    # than the same GPTQ without rotation (1.089x, GPU-calibrated on 128): the folded gains no longer shield the
+    # low-gain channels (where the sink tokens' normalised streams sit) from weight error, and in the rotated basis
+    # no diagonal scale can give that back. rotate(residual=false) keeps the gains (R2-R4 only). Per channel the
+    # rotation pays (--calib-n 32: 1.144x against AutoRound's 1.170x without rotation).
     ("w4a16-g64", "quarot-gptq-awq-clip", "fold-norms + Hadamard R1-R4, then AWQ scales + GPTQ g64 on the "
      "output-aware clipped grid (damp 0.001)",
      f"{ROT},gptq(w=int4,group=64,sym=false,awq=true,clip=true,damp=0.001,{{cal}})", MAIN),
+    ("w4a16-g64", "had-r2r4-gptq-awq-clip", "Hadamard R2-R4 only (rotate(residual=false): no fold-norms, the norm "
+     "gains kept), then AWQ scales + GPTQ g64 on the output-aware clipped grid (damp 0.001)",
+     "rotate(residual=false),gptq(w=int4,group=64,sym=false,awq=true,clip=true,damp=0.001,{cal})", QUICK),
     ("w4a8", "quarot-gptq-awq-clip", "fold-norms + Hadamard R1-R4, then AWQ scales + GPTQ g64 on the output-aware "
      "clipped grid (damp 0.001) + A8 per token",
      f"{ROT},gptq(w=int4,group=64,sym=false,awq=true,clip=true,damp=0.001,{{cal}}),quantize(a=int8)", MAIN),
