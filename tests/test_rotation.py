@@ -202,6 +202,26 @@ def test_rotate_online_o_exact_in_float64_on_smollm2(smollm2_slice_f64, wikitext
     assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
 
 
+def test_rotate_without_residual_keeps_the_gains_and_is_exact_in_float64(smollm2_slice_f64, wikitext_ids):
+    """residual=false: R2 (v/o per head) and the online R3/R4 only, no fold-norms needed: the norms keep their
+    gains, the embedding and lm_head are untouched (nothing untied), and the outputs are unchanged."""
+    _, graph = smollm2_slice_f64
+    g = float64_norm_stats(graph.clone())
+    ids = wikitext_ids[:, 2000:2256]
+    ref = TorchCompiled(g)(ids)
+    gains = {n.name: n.args[1].data.clone() for n in g.find("rms_norm")}
+    emb = next(g.find("embedding")).args[0].data.clone()
+    stats = PassManager("rotate(residual=false)").run(g).records[0].stats
+    assert stats["readers"] == 0 and stats["untied"] == [] and stats["head_regions"] == 2
+    assert stats["online_hadamards"] == 2 + 2 * 2  # down_proj inputs; q and k after rotary
+    assert all(torch.equal(n.args[1].data, gains[n.name]) for n in g.find("rms_norm"))
+    assert torch.equal(next(g.find("embedding")).args[0].data, emb)
+    out = TorchCompiled(g)(ids)
+    assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+    with pytest.raises(PipelineError, match="kind=kurtosis learns the residual rotation R1, so it needs residual=true"):
+        PassManager("rotate(kind=kurtosis,residual=false)").run(graph.clone())
+
+
 @pytest.fixture(scope="module")
 def rotated_f32(smollm2):
     """(real 1-layer float32 SmolLM2 slice rotated by fold-norms,rotate; a WikiText-2 window; float logits)."""

@@ -61,6 +61,25 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     ("kv2", "quarot-kivi", "fold-norms + Hadamard R1-R4 (keys rotated after rotary); K int2 per channel / 32 tokens, "
      "V int2 per token / 32 channels, 4 sink tokens float",
      f"{ROT},quantize(kv=int2,k_gran=per_channel,v_gran=per_token,kv_group=32,kv_sink=4)", MAIN),
+    # session 7: KIVI's float residual (kv_window=R: each query reads its R most recent tokens float, what a cache
+    # holding its last, not yet full, blocks float computes; R >= the key block so no block's scale sees a token
+    # the query has not). Memory: int2 codes + an fp16 scale and zero point per group (g32: 3 bits a value, g16:
+    # 4 bits) plus R float tokens per layer whatever the context length.
+    ("kv2", "quarot-kivi-w32", "fold-norms + Hadamard R1-R4 (keys rotated after rotary); K int2 per channel / 32 "
+     "tokens, V int2 per token / 32 channels, 4 sink tokens and the 32 most recent tokens float",
+     f"{ROT},quantize(kv=int2,k_gran=per_channel,v_gran=per_token,kv_group=32,kv_sink=4,kv_window=32)", MAIN),
+    ("kv2", "quarot-kivi-g16-w32", "fold-norms + Hadamard R1-R4 (keys rotated after rotary); K int2 per channel / 16 "
+     "tokens, V int2 per token / 16 channels, 4 sink tokens and the 32 most recent tokens float",
+     f"{ROT},quantize(kv=int2,k_gran=per_channel,v_gran=per_token,kv_group=16,kv_sink=4,kv_window=32)", MAIN),
+    ("kv2", "quarot-kivi-w64", "fold-norms + Hadamard R1-R4 (keys rotated after rotary); K int2 per channel / 32 "
+     "tokens, V int2 per token / 32 channels, 4 sink tokens and the 64 most recent tokens float",
+     f"{ROT},quantize(kv=int2,k_gran=per_channel,v_gran=per_token,kv_group=32,kv_sink=4,kv_window=64)", MAIN),
+    ("kv2", "quarot-kivi-w128", "fold-norms + Hadamard R1-R4 (keys rotated after rotary); K int2 per channel / 32 "
+     "tokens, V int2 per token / 32 channels, 4 sink tokens and the 128 most recent tokens float (KIVI's R=128)",
+     f"{ROT},quantize(kv=int2,k_gran=per_channel,v_gran=per_token,kv_group=32,kv_sink=4,kv_window=128)", MAIN),
+    ("kv2", "kivi-w64", "no rotation; K int2 per channel / 32 tokens, V int2 per token / 32 channels, 4 sink tokens "
+     "and the 64 most recent tokens float",
+     "quantize(kv=int2,k_gran=per_channel,v_gran=per_token,kv_group=32,kv_sink=4,kv_window=64)", MAIN),
     ("w4a4kv4", "rtn", "no rotation; W4 per channel asym", f"quantize(w=int4,sym=false,{A4})", MAIN),
     ("w4a4kv4", "quarot-rtn", "fold-norms + randomised Hadamard (R1-R4) + RTN W4 per channel",
      f"{ROT},quantize(w=int4,sym=false,{A4})", MAIN),
@@ -150,6 +169,25 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      f"{ROT},gptq(w=int4,group=64,sym=false,{{cal}}),quantize(a=int8)", MAIN),
     ("kv2", "kivi", "no rotation; K int2 per channel / 32 tokens, V int2 per token / 32 channels, 4 sink tokens "
      "float", "quantize(kv=int2,k_gran=per_channel,v_gran=per_token,kv_group=32,kv_sink=4)", MAIN),
+    # issue 20, weight-only with rotation before GPTQ (session 7): the Hadamard spreads the input-channel outliers
+    # that fold-norms' gains put into the weights; AWQ's scales can then go back into the (now unit-gain) norms as
+    # a gain, exactly, and GPTQ runs on the output-aware clipped grid. Measured (--calib-n 120): g64 1.101x, worse
+    # than the same GPTQ without rotation (1.089x, GPU-calibrated on 128): the folded gains no longer shield the
+    # low-gain channels (where the sink tokens' normalised streams sit) from weight error, and in the rotated basis
+    # no diagonal scale can give that back. rotate(residual=false) keeps the gains (R2-R4 only). Per channel the
+    # rotation pays (--calib-n 32: 1.144x against AutoRound's 1.170x without rotation).
+    ("w4a16-g64", "quarot-gptq-awq-clip", "fold-norms + Hadamard R1-R4, then AWQ scales + GPTQ g64 on the "
+     "output-aware clipped grid (damp 0.001)",
+     f"{ROT},gptq(w=int4,group=64,sym=false,awq=true,clip=true,damp=0.001,{{cal}})", MAIN),
+    ("w4a16-g64", "had-r2r4-gptq-awq-clip", "Hadamard R2-R4 only (rotate(residual=false): no fold-norms, the norm "
+     "gains kept), then AWQ scales + GPTQ g64 on the output-aware clipped grid (damp 0.001)",
+     "rotate(residual=false),gptq(w=int4,group=64,sym=false,awq=true,clip=true,damp=0.001,{cal})", QUICK),
+    ("w4a8", "quarot-gptq-awq-clip", "fold-norms + Hadamard R1-R4, then AWQ scales + GPTQ g64 on the output-aware "
+     "clipped grid (damp 0.001) + A8 per token",
+     f"{ROT},gptq(w=int4,group=64,sym=false,awq=true,clip=true,damp=0.001,{{cal}}),quantize(a=int8)", MAIN),
+    ("w4a16-pc", "quarot-gptq-awq-clip", "fold-norms + Hadamard R1-R4, then AWQ scales + GPTQ per channel on the "
+     "output-aware clipped grid (damp 0.001)",
+     f"{ROT},gptq(w=int4,sym=false,awq=true,clip=true,damp=0.001,{{cal}})", MAIN),
     # SpinQuant-style (item 4a), at CPU size: R1 = Hadamard·U, U learned on the W4A4 fake-quantized next-token loss
     ("w4a4kv4", "spinquant", "fold-norms + Hadamard R1-R4, R1 refined on the W4A4 fake-quant loss (Cayley/Adam, "
      "16 steps x 1 window of 256, kept only if it beats the start on 8 windows) + GPTQ W4 per channel", f"fold-norms,{SPIN},gptq(w=int4,sym=false,{{cal}}),quantize({A4})",

@@ -85,6 +85,11 @@ class RotateOptions(CalibrationOptions):
     the measured rows (bench/results/accuracy.json, ``kurtail-r2``) say whether R2 pays on SmolLM2."""
     target: float = Field(default=UNIFORM_KURTOSIS, ge=1, le=10)
     """kurtosis: the per-token kurtosis aimed at (1.8: uniform, what an integer grid covers best)."""
+    residual: bool = True
+    """Rotate the residual stream (R1). It needs ``fold-norms`` (RMSNorm commutes with a rotation only at unit
+    gain), and the folded gains then sit in every reader's weights, where they stop shielding the low-gain
+    channels (the attention-sink tokens' normalised streams) from weight error. Off: only R2-R4, which fold
+    without touching the norms, so weight-only schemes keep the gains (and AWQ can still scale into them)."""
     heads: bool = True
     """Rotate each head's values and o_proj's matching columns (R2)."""
     online: bool = True
@@ -253,11 +258,13 @@ class Rotate(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         o = self.options
+        if not o.residual and o.kind in ("kurtosis", "learned"):
+            raise PassError(f"pass rotate: kind={o.kind} learns the residual rotation R1, so it needs residual=true")
         regions = find_rotation_regions(graph)
         res = regions.residual
         if res is None:
             raise PassError("pass rotate: the residual stream cannot be rotated: " + "; ".join(regions.refused))
-        gained = [n for n in res.norms if n.arg(1, "weight") is not None]
+        gained = [n for n in res.norms if n.arg(1, "weight") is not None] if o.residual else []
         if gained:
             n = gained[0]
             raise PassError(f"pass rotate needs fold-norms first: rms_norm %{n.name} (module {n.module!r}) still has a "
@@ -277,10 +284,12 @@ class Rotate(Pass):
             r0 = rotation_matrix(base, heads[0].head_dim, o.seed + 1, f"head_dim {heads[0].head_dim}") if heads \
                 else None
             q, learned, r2 = learn_residual_rotation(graph, res, q, o, self.name, heads, r0)
-        untied = list(regions.tied)
-        _fold_residual(graph, res, users, q)
-        stats: dict[str, object] = {"kind": o.kind, "residual_dim": res.dim, "readers": len(res.readers),
-                                    "writers": len(res.writers), "untied": untied}
+        untied = list(regions.tied) if o.residual else []
+        if o.residual:
+            _fold_residual(graph, res, users, q)
+        stats: dict[str, object] = {"kind": o.kind, "residual_dim": res.dim if o.residual else None,
+                                    "readers": len(res.readers) if o.residual else 0,
+                                    "writers": len(res.writers) if o.residual else 0, "untied": untied}
         if learned is not None:
             stats["learned"] = learned
         heads = 0
