@@ -291,6 +291,57 @@ def test_sparsegpt_unstructured_exact_per_row_and_reduces_error():
     assert err(pruned) < 0.8 * err(naive)  # measured 0.71
 
 
+def test_sparsegpt_layer_selection_exact_per_matrix_and_uneven_rows():
+    """``selection=layer``: each stacked matrix (``groups``) loses exactly floor(s·R·K) weights, chosen over all its
+    rows (SparseGPT's reference choice), so rows end unevenly sparse; on correlated inputs it reconstructs no worse
+    than the per-row mask it generalises."""
+    torch.manual_seed(0)
+    x = torch.randn(2048, 64) @ torch.randn(64, 64)
+    w = torch.randn(40, 64) * torch.linspace(0.2, 3.0, 40)[:, None]  # rows of different scale: uneven is better
+    h = 2 * x.t().double() @ x.double() / x.shape[0]
+    p = parse_pattern("unstructured", 0.45)
+    pruned, mask, _ = sparsegpt_prune(w, h, p, block_size=16, selection="layer", groups=[24, 16])
+    assert torch.equal(pruned == 0, mask)
+    assert int(mask[:24].sum()) == int(0.45 * 24 * 64) and int(mask[24:].sum()) == int(0.45 * 16 * 64)
+    assert len(set(mask.sum(1).tolist())) > 5  # rows differ
+    by_row, _, _ = sparsegpt_prune(w, h, p, block_size=16)
+    err = lambda v: float((x @ (w - v).t()).pow(2).mean())
+    assert err(pruned) < 0.9 * err(by_row), (err(pruned), err(by_row))
+    with pytest.raises(ValueError, match="row groups"):
+        sparsegpt_prune(w, h, p, selection="layer", groups=[24, 10])
+    # the same selection for magnitude and Wanda masks: floor(s·N·K) over the whole matrix
+    assert int(prune_mask(w.abs(), p, "layer").sum()) == int(0.45 * 40 * 64)
+
+
+def test_owl_allocation_keeps_the_average_and_the_per_matrix_counts(slice_f32):
+    """OWL on a real 2-block SmolLM2 slice: the blocks get different sparsities within sparsity ± λ, their
+    parameter-weighted mean is the asked 50%, and every matrix has exactly floor(s_block·N·K) zeros."""
+    graph, ids, ref = slice_f32
+    calib = "calib_n=4,calib_len=256,progress=false"
+    g = graph.clone()
+    st = PassManager(f"sparsify(method=sparsegpt,sparsity=0.5,selection=layer,allocation=owl,owl_lambda=0.05,"
+                     f"{calib})").run(g).records[0].stats
+    alloc = st["block_sparsity"]
+    assert set(alloc) == {"model.layers.0", "model.layers.1"}
+    assert max(alloc.values()) - min(alloc.values()) == pytest.approx(0.1, abs=1e-4)  # two blocks: the ends of ±λ
+    ws = _block_weights(g)
+    sizes = {b: sum(w.numel() for m, w in ws.items() if m.startswith(b + ".")) for b in alloc}
+    mean = sum(alloc[b] * sizes[b] for b in alloc) / sum(sizes.values())
+    assert mean == pytest.approx(0.5, abs=1e-5)
+    zeros = 0
+    dense = _block_weights(graph)
+    for name, w in ws.items():
+        s_block = next(v for b, v in alloc.items() if name.startswith(b + "."))
+        z, want = int((w == 0).sum()), int(s_block * w.numel())
+        # SmolLM2's dequantized Q4_1 weights hold a few exact zeros already; the mask may leave them in the kept set
+        assert want <= z <= want + int((dense[name] == 0).sum()), name
+        zeros += z
+    assert abs(zeros / sum(sizes.values()) - 0.5) < 1e-3
+    assert _rel_err(g, ids, ref) < 0.5
+    with pytest.raises(PipelineError, match="allocation=owl needs unstructured"):
+        PassManager(f"sparsify(method=wanda,pattern=2:4,allocation=owl,{calib})").run(graph.clone())
+
+
 def _dequantized(lin) -> torch.Tensor:
     dq = lin.args[1].producer
     assert dq is not None and dq.op == "dequantize"

@@ -11,21 +11,28 @@ the two differ only in the score):
   not yet visited through the inverse Hessian, exactly as GPTQ spreads rounding errors (its Cholesky factor is
   GPTQ's, ``lowbit.calibration.gptq._inverse_cholesky``).
 
-Patterns: unstructured at a fraction ``s`` (every row loses exactly ``floor(s·K)`` weights), or N:M (``n`` of
-every ``m`` consecutive weights along K are kept: 2:4 keeps 2 of 4).
+Patterns: unstructured at a fraction ``s``, or N:M (``n`` of every ``m`` consecutive weights along K are kept: 2:4
+keeps 2 of 4). Unstructured masks are chosen per row (``selection="row"``: every row loses exactly ``floor(s·K)``
+weights, Wanda's comparison group) or per layer (``"layer"``: the lowest scores of the whole ``[N, K]`` matrix,
+``floor(s·N·K)`` of them, so rows that matter keep more; SparseGPT's reference selects this way, block of columns
+by block of columns).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 
 from lowbit.calibration.gptq import _inverse_cholesky, single_thread
 
-__all__ = ["SparsityPattern", "parse_pattern", "prune_mask", "sparsegpt_prune", "check_pattern"]
+__all__ = ["SparsityPattern", "Selection", "parse_pattern", "prune_mask", "sparsegpt_prune", "check_pattern"]
+
+Selection = Literal["row", "layer"]
+"""Where unstructured masks compare scores: within each output row, or over the whole weight matrix."""
 
 
 @dataclass(frozen=True)
@@ -75,28 +82,48 @@ def _smallest(score: torch.Tensor, count: int) -> torch.Tensor:
     return mask
 
 
-def prune_mask(score: torch.Tensor, p: SparsityPattern) -> torch.Tensor:
-    """Bool ``[N, K]``, True where a weight is zeroed: the lowest scores of each row, or of each M-group."""
+def _smallest_in_groups(score: torch.Tensor, counts: Sequence[int], groups: Sequence[int]) -> torch.Tensor:
+    """Bool mask of the ``counts[g]`` smallest entries of each block of rows ``groups[g]`` (rows of ``score``)."""
+    parts, r0 = [], 0
+    for rows, count in zip(groups, counts):
+        part = score[r0:r0 + rows]
+        parts.append(_smallest(part.reshape(1, -1), count).reshape(part.shape))
+        r0 += rows
+    return torch.cat(parts, 0)
+
+
+def prune_mask(score: torch.Tensor, p: SparsityPattern, selection: Selection = "row") -> torch.Tensor:
+    """Bool ``[N, K]``, True where a weight is zeroed: the lowest scores of each M-group, or (unstructured) of each
+    row (``floor(s·K)`` each) or of the whole matrix (``floor(s·N·K)``)."""
     n_rows, k = score.shape
     if p.is_nm:
         m = p.m
         assert m is not None and p.n is not None
         g = score.reshape(n_rows * (k // m), m)
         return _smallest(g, m - p.n).reshape(n_rows, k)
+    if selection == "layer":
+        return _smallest(score.reshape(1, -1), int(p.sparsity * n_rows * k)).reshape(n_rows, k)
     return _smallest(score, int(p.sparsity * k))
 
 
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: float = 0.01,
-                    block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+                    block_size: int = 128, selection: Selection = "row",
+                    groups: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """SparseGPT on ``w [N, K]`` with input Hessian ``h [K, K]``: (pruned weight in ``w``'s dtype, mask, stats).
 
-    Unstructured: each block of columns ``[i1, i2)`` zeroes ``floor(s·i2) - floor(s·i1)`` weights of every row,
-    so every row ends with exactly ``floor(s·K)`` zeros. Computation on ``h``'s device in float32 (the factor
-    in float64)."""
+    Unstructured, ``selection="row"``: each block of columns ``[i1, i2)`` zeroes ``floor(s·i2) - floor(s·i1)``
+    weights of every row, so every row ends with exactly ``floor(s·K)`` zeros. ``"layer"``: the block zeroes the
+    ``floor(s·R·i2) - floor(s·R·i1)`` lowest scores among all its ``R`` rows, so the matrix ends with exactly
+    ``floor(s·R·K)`` zeros and rows differ. ``groups`` (row counts summing to N) are matrices stacked because they
+    share ``h`` (q/k/v): each is its own layer for the selection. Computation on ``h``'s device in float32 (the
+    factor in float64)."""
     t0 = time.perf_counter()
     n, k = w.shape
     if h.shape != (k, k):
         raise ValueError(f"SparseGPT: Hessian shape {tuple(h.shape)} does not match the weight's input size {k}")
+    groups = [n] if groups is None else list(groups)
+    if sum(groups) != n or min(groups) < 1:
+        raise ValueError(f"SparseGPT: row groups {groups} do not split the weight's {n} rows")
     dev = h.device
     h = h.to(torch.float64).clone()
     dead = torch.diagonal(h) == 0
@@ -120,6 +147,9 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: 
             d1 = torch.diagonal(h1)
             if p.is_nm:
                 mask1 = torch.zeros_like(w1, dtype=torch.bool)
+            elif selection == "layer":
+                counts = [int(p.sparsity * r * i2) - int(p.sparsity * r * i1) for r in groups]
+                mask1 = _smallest_in_groups(w1.pow(2) / d1.pow(2)[None, :], counts, groups)
             else:
                 count = int(p.sparsity * i2) - int(p.sparsity * i1)
                 mask1 = _smallest(w1.pow(2) / d1.pow(2)[None, :], count)
