@@ -342,6 +342,36 @@ def test_owl_allocation_keeps_the_average_and_the_per_matrix_counts(slice_f32):
         PassManager(f"sparsify(method=wanda,pattern=2:4,allocation=owl,{calib})").run(graph.clone())
 
 
+def test_true_sequential_calibrates_each_linear_on_the_pruned_linears_before_it(slice_f32):
+    """``true_sequential``: block 0's down_proj mask is Wanda's score on the input it has in the final pruned model
+    (attention and gate/up already pruned), exactly; without it, on the unpruned block's input (so it differs). The
+    block's first linears (q/k/v) see the same input either way."""
+    from lowbit.calibration.engine import batches_from_ids, run
+    from lowbit.passes.sparsify import SparsifyOptions
+
+    graph, _, _ = slice_f32
+    calib = "calib_n=2,calib_len=128,progress=false"
+    seq, par = graph.clone(), graph.clone()
+    PassManager(f"sparsify(method=wanda,sparsity=0.5,true_sequential=true,{calib})").run(seq)
+    PassManager(f"sparsify(method=wanda,sparsity=0.5,{calib})").run(par)
+    ids = SparsifyOptions(calib_n=2, calib_len=128).token_ids(seq, "sparsify")
+    down = "model.layers.0.mlp.down_proj"
+    sq: list[torch.Tensor] = []
+
+    def hook(node, args, kwargs, outs):
+        if node.op == "linear" and node.module == down:
+            x = args[0].detach()
+            sq.append(x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).double())
+
+    run(seq, batches_from_ids(seq, ids, 8), on_node=hook, progress=False)
+    norm = sum(sq[1:], sq[0]).sqrt().float()
+    w_seq, w_par, w = _block_weights(seq)[down], _block_weights(par)[down], _block_weights(graph)[down]
+    assert torch.equal(w_seq == 0, prune_mask(w.abs() * norm[None, :], parse_pattern(None, 0.5)))
+    assert not torch.equal(w_seq == 0, w_par == 0)
+    q = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(_block_weights(seq)[q], _block_weights(par)[q])
+
+
 def _dequantized(lin) -> torch.Tensor:
     dq = lin.args[1].producer
     assert dq is not None and dq.op == "dequantize"

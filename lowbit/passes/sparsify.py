@@ -68,6 +68,10 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
     """OWL: a weight is an outlier when its Wanda score exceeds this many times its block's mean score."""
     owl_lambda: float = Field(default=0.08, ge=0.0, lt=0.5)
     """OWL: block sparsities span ``sparsity ± owl_lambda`` (least outliers: sparsest)."""
+    true_sequential: bool = False
+    """Within a block too, each linear is calibrated on what the block's already-pruned linears produce (GPTQ's
+    ``--true-sequential``): ``o_proj`` sees pruned q/k/v, the MLP a pruned attention. Costs one more run of the
+    block per linear input after the first."""
 
 
 def sparse_linears(graph: Graph, modules: str = "") -> list[Node]:
@@ -155,13 +159,15 @@ class Sparsify(Pass):
             block_p = {name: SparsityPattern(s) for name, s in sparsities.items()}
             out.update(block_sparsity=sparsities, seconds_owl=seconds)
 
-        def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
-            if id(node) not in want:
-                return
-            key = id(node.args[0])
-            if readers[key][0] is not node:
-                return
-            x = args[0].detach()
+        # true_sequential: only each block's first input is collected in the engine's run; the others after the
+        # linears before them are pruned
+        rx_block = re.compile(BLOCK_PATTERN)
+        first_keys: dict[str, int] = {}
+        for n in targets:
+            first_keys.setdefault(rx_block.match(n.module).group(1), id(n.args[0]))  # type: ignore[union-attr]
+        early = set(first_keys.values()) if o.true_sequential else set(readers)
+
+        def add(key: int, x: torch.Tensor) -> None:
             if o.method == "sparsegpt":
                 acc = accs.get(key)
                 if acc is None:
@@ -171,13 +177,31 @@ class Sparsify(Pass):
                 s = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).double()
                 sq[key] = sq[key] + s if key in sq else s
 
+        def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
+            if id(node) not in want:
+                return
+            key = id(node.args[0])
+            if readers[key][0] is node and key in early:
+                add(key, args[0].detach())
+
+        def recollect(ctx: BlockRun, key: int) -> None:
+            first = readers[key][0]
+
+            def hook(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
+                if node is first:
+                    add(key, args[0].detach())
+
+            ctx.run(on_node=hook, outputs=[])
+
         def on_block(ctx: BlockRun) -> bool:
             nonlocal sgpt_loss
-            keys = [k for k in list(accs) + list(sq) if readers[k][0] in ctx.nodes()]
+            keys = list(dict.fromkeys(id(n.args[0]) for n in ctx.nodes() if id(n) in want))
             if not keys:
                 return False
             bp = block_p.get(ctx.name, p)
             for key in keys:
+                if key not in early:
+                    recollect(ctx, key)
                 nodes = readers[key]
                 if o.method == "sparsegpt":
                     # linears reading one input share its Hessian: one call on their stacked rows (each row's mask
@@ -192,12 +216,10 @@ class Sparsify(Pass):
                         apply(n, stacked[row:row + w.shape[0]].clone(), masks[row:row + w.shape[0]], bp)
                         row += w.shape[0]
                     continue
+                norm = sq.pop(key).sqrt().float()
                 for n in nodes:
                     w = n.args[1].data
-                    norm = sq[key].sqrt().to(w.device).float()
-                    apply(n, w.clone(), prune_mask(w.float().abs() * norm[None, :], bp, o.selection), bp)
-                accs.pop(key, None)
-                sq.pop(key, None)
+                    apply(n, w.clone(), prune_mask(w.float().abs() * norm.to(w.device)[None, :], bp, o.selection), bp)
             return True
 
         report = run(graph, batches, on_node=on_node, on_block=on_block, progress=o.progress,
