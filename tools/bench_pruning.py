@@ -119,6 +119,27 @@ ROWS += [
      f"prune-heads(ratio=0.1,score=obs,allocation=global,sequential=true,{OBS})"),
 ]
 
+# SparseGPT as its reference runs it (issue 21's 50% / 2:4 goals): every shipped calibration window, the mask chosen
+# over each whole matrix per block of 128 columns (selection=layer), then OWL's outlier-weighted block sparsities
+# (average still 50%); the calibration and selection rows each change one thing against the rows above
+SGPT = "calib_n=117,progress=false"
+ROWS += [
+    ("unstructured-50", "sparsegpt", "per-row mask, 117 windows", f"sparsify(method=sparsegpt,sparsity=0.5,{SGPT})"),
+    ("unstructured-50", "sparsegpt", "per-matrix mask, 16 windows",
+     f"sparsify(method=sparsegpt,sparsity=0.5,selection=layer,{CAL})"),
+    ("unstructured-50", "sparsegpt", "per-matrix mask, OWL block sparsity (lambda 0.08, M 5), 16 windows",
+     f"sparsify(method=sparsegpt,sparsity=0.5,selection=layer,allocation=owl,{CAL})"),
+    ("unstructured-50", "sparsegpt", "per-matrix mask, 117 windows",
+     f"sparsify(method=sparsegpt,sparsity=0.5,selection=layer,{SGPT})"),
+    ("unstructured-50", "sparsegpt", "per-matrix mask, OWL block sparsity (lambda 0.08, M 5), 117 windows",
+     f"sparsify(method=sparsegpt,sparsity=0.5,selection=layer,allocation=owl,{SGPT})"),
+    ("unstructured-50", "sparsegpt", "per-row mask, OWL block sparsity (lambda 0.08, M 5), 117 windows",
+     f"sparsify(method=sparsegpt,sparsity=0.5,allocation=owl,{SGPT})"),
+    ("unstructured-50", "sparsegpt", "per-row mask, OWL block sparsity (lambda 0.08, M 5), true sequential, "
+     "117 windows", f"sparsify(method=sparsegpt,sparsity=0.5,allocation=owl,true_sequential=true,{SGPT})"),
+    ("2:4", "sparsegpt", "117 windows", f"sparsify(method=sparsegpt,pattern=2:4,{SGPT})"),
+]
+
 
 def _block_linear_params(g) -> int:
     return sum(n.args[1].data.numel() for n in g.find("linear", r"^model\.layers\.") if n.args[1].is_param)
