@@ -136,6 +136,8 @@ ROWS += [
     ("unstructured-50", "sparsegpt", "per-row mask, true sequential, 16 windows",
      f"sparsify(method=sparsegpt,sparsity=0.5,true_sequential=true,{CAL})"),
     ("2:4", "sparsegpt", "117 windows", f"sparsify(method=sparsegpt,pattern=2:4,{SGPT})"),
+    ("2:4", "sparsegpt", "true sequential, 16 windows",
+     f"sparsify(method=sparsegpt,pattern=2:4,true_sequential=true,{CAL})"),
 ]
 
 
