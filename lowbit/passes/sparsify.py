@@ -155,9 +155,9 @@ class Sparsify(Pass):
         out: dict[str, Any] = {"calib_tokens": int(ids.numel())}
         block_p: dict[str, SparsityPattern] = {}
         if o.allocation == "owl":
-            sparsities, seconds = self._owl_allocation(graph, targets, p, batches)
+            sparsities, outliers, seconds = self._owl_allocation(graph, targets, p, batches)
             block_p = {name: SparsityPattern(s) for name, s in sparsities.items()}
-            out.update(block_sparsity=sparsities, seconds_owl=seconds)
+            out.update(block_sparsity=sparsities, block_outlier_share=outliers, seconds_owl=seconds)
 
         # true_sequential: only each block's first input is collected in the engine's run; the others after the
         # linears before them are pruned
@@ -234,9 +234,9 @@ class Sparsify(Pass):
         return out
 
     def _owl_allocation(self, graph: Graph, targets: list[Node], p: SparsityPattern,
-                        batches: list[Any]) -> tuple[dict[str, float], float]:
+                        batches: list[Any]) -> tuple[dict[str, float], dict[str, float], float]:
         """OWL: each block's sparsity from its share of outlier Wanda scores on the unpruned model (block name ->
-        sparsity), and the seconds the extra calibration run took."""
+        sparsity), those shares, and the seconds the extra calibration run took."""
         o: SparsifyOptions = self.options  # type: ignore[assignment]
         readers: dict[int, list[Node]] = {}
         for n in targets:
@@ -279,4 +279,4 @@ class Sparsify(Pass):
             k, v = next(iter(bad.items()))
             raise PassError(f"pass sparsify: allocation=owl gives block {k} sparsity {v:.4f}, outside [0, 1) "
                             f"(sparsity={p.sparsity}, owl_lambda={o.owl_lambda})")
-        return out, round(report.seconds, 2)
+        return out, ratio, round(report.seconds, 2)
