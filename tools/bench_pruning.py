@@ -49,6 +49,7 @@ import copy
 import datetime
 import json
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -189,7 +190,7 @@ def gpu_speed(args: argparse.Namespace) -> None:
     except (AttributeError, RuntimeError) as exc:
         versions["cusparselt"] = f"unknown ({exc})"
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    header = {"command": "python " + " ".join(sys.argv), "date": date, "device": dev_name, "versions": versions,
+    header = {"command": "python " + shlex.join(sys.argv), "date": date, "device": dev_name, "versions": versions,
               "notes": ("2:4 semi-structured sparse GEMM vs dense bf16 F.linear, y = x @ W.T with x [M, K] bf16 "
                         "and W [N, K] bf16 (magnitude 2:4 mask on a random normal weight). us = median of "
                         "triton.testing.do_bench (warmup 25 ms, rep 100 ms); speedup = dense us / us in the same "
@@ -303,7 +304,7 @@ def pruned_speed(args: argparse.Namespace) -> None:
     versions = results_versions()
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     shape = "llama-7b-shape-4layer" if not smoke else "llama-tiny"
-    header = {"command": "python " + " ".join(sys.argv), "date": date, "device": dev_name, "versions": versions,
+    header = {"command": "python " + shlex.join(sys.argv), "date": date, "device": dev_name, "versions": versions,
               "notes": (f"{shape} (random bf16, hidden {cfg.hidden_size}, MLP {cfg.intermediate_size}, "
                         f"{cfg.num_attention_heads} heads, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}); "
                         f"pruned = {prune} (uniform: every layer {cfg.num_key_value_heads} -> {kv_kept} kv heads "
@@ -509,7 +510,7 @@ def main() -> None:
                          f"{_calib_tokens()} tokens, every whole window of {args.recover_seq}, repeated in shuffled "
                          "epochs; never the test text); row 'recovery' and 'recover_*' say what ran.")
     header = {
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),
         "date": datetime.date.today().isoformat(),
         "device": dev_name,
         "versions": results_versions(),
