@@ -12,8 +12,9 @@ the two differ only in the score):
   GPTQ's, ``lowbit.calibration.gptq._inverse_cholesky``).
 
 Patterns: unstructured at a fraction ``s``, or N:M (``n`` of every ``m`` consecutive weights along K are kept: 2:4
-keeps 2 of 4). Unstructured masks are chosen per row (``selection="row"``: every row loses exactly ``floor(s·K)``
-weights, Wanda's comparison group) or per layer (``"layer"``: the lowest scores of the whole ``[N, K]`` matrix,
+keeps 2 of 4). Unstructured masks are chosen per row (``selection="row"``: every row loses ``floor(s·K)`` weights, or
+one more in the first rows so that the matrix loses exactly ``floor(s·N·K)`` — a per-block OWL sparsity rarely makes
+``s·K`` whole —, Wanda's comparison group) or per layer (``"layer"``: the lowest scores of the whole ``[N, K]`` matrix,
 ``floor(s·N·K)`` of them, so rows that matter keep more; SparseGPT's reference selects this way, block of columns
 by block of columns).
 """
@@ -82,6 +83,26 @@ def _smallest(score: torch.Tensor, count: int) -> torch.Tensor:
     return mask
 
 
+def _row_counts(groups: Sequence[int], k: int, sparsity: float) -> torch.Tensor:
+    """Zeros per row: ``floor(s·R·K)`` per matrix of ``R`` rows (``groups``), as even over its rows as integers allow."""
+    out = []
+    for rows in groups:
+        total = int(sparsity * rows * k)
+        c = torch.full((rows,), total // rows, dtype=torch.long)
+        c[:total - (total // rows) * rows] += 1
+        out.append(c)
+    return torch.cat(out)
+
+
+def _smallest_per_row(score: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the ``counts[r]`` smallest entries of each row ``r`` (ties broken by position)."""
+    if bool((counts == counts[0]).all()):
+        return _smallest(score, int(counts[0]))
+    order = torch.sort(score, dim=1, stable=True).indices
+    rank = torch.arange(score.shape[1], device=score.device)[None, :] < counts.to(score.device)[:, None]
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, order, rank)
+
+
 def _smallest_in_groups(score: torch.Tensor, counts: Sequence[int], groups: Sequence[int]) -> torch.Tensor:
     """Bool mask of the ``counts[g]`` smallest entries of each block of rows ``groups[g]`` (rows of ``score``)."""
     parts, r0 = [], 0
@@ -103,7 +124,7 @@ def prune_mask(score: torch.Tensor, p: SparsityPattern, selection: Selection = "
         return _smallest(g, m - p.n).reshape(n_rows, k)
     if selection == "layer":
         return _smallest(score.reshape(1, -1), int(p.sparsity * n_rows * k)).reshape(n_rows, k)
-    return _smallest(score, int(p.sparsity * k))
+    return _smallest_per_row(score, _row_counts([n_rows], k, p.sparsity))
 
 
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: float = 0.01,
@@ -111,8 +132,8 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: 
                     groups: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """SparseGPT on ``w [N, K]`` with input Hessian ``h [K, K]``: (pruned weight in ``w``'s dtype, mask, stats).
 
-    Unstructured, ``selection="row"``: each block of columns ``[i1, i2)`` zeroes ``floor(s·i2) - floor(s·i1)``
-    weights of every row, so every row ends with exactly ``floor(s·K)`` zeros. ``"layer"``: the block zeroes the
+    Unstructured, ``selection="row"``: row ``r`` is to lose ``c_r`` weights (``_row_counts``: ``floor(s·K)`` or one
+    more), each block of columns ``[i1, i2)`` zeroes ``floor(c_r·i2/K) - floor(c_r·i1/K)`` of them. ``"layer"``: the block zeroes the
     ``floor(s·R·i2) - floor(s·R·i1)`` lowest scores among all its ``R`` rows, so the matrix ends with exactly
     ``floor(s·R·K)`` zeros and rows differ. ``groups`` (row counts summing to N) are matrices stacked because they
     share ``h`` (q/k/v): each is its own layer for the selection. Computation on ``h``'s device in float32 (the
@@ -133,6 +154,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: 
     del h, u
     wf = w.detach().float().to(dev).clone()
     mask = torch.zeros(n, k, dtype=torch.bool, device=dev)
+    row_counts = None if p.is_nm else _row_counts(groups, k, p.sparsity).to(dev)
     if p.is_nm:
         m = p.m
         assert m is not None
@@ -151,8 +173,9 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: 
                 counts = [int(p.sparsity * r * i2) - int(p.sparsity * r * i1) for r in groups]
                 mask1 = _smallest_in_groups(w1.pow(2) / d1.pow(2)[None, :], counts, groups)
             else:
-                count = int(p.sparsity * i2) - int(p.sparsity * i1)
-                mask1 = _smallest(w1.pow(2) / d1.pow(2)[None, :], count)
+                assert row_counts is not None
+                counts = row_counts * i2 // k - row_counts * i1 // k
+                mask1 = _smallest_per_row(w1.pow(2) / d1.pow(2)[None, :], counts)
             for i in range(i2 - i1):
                 if p.is_nm and i % p.m == 0:  # type: ignore[operator]
                     j = i + p.m  # type: ignore[operator]
