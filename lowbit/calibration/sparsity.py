@@ -11,21 +11,29 @@ the two differ only in the score):
   not yet visited through the inverse Hessian, exactly as GPTQ spreads rounding errors (its Cholesky factor is
   GPTQ's, ``lowbit.calibration.gptq._inverse_cholesky``).
 
-Patterns: unstructured at a fraction ``s`` (every row loses exactly ``floor(s·K)`` weights), or N:M (``n`` of
-every ``m`` consecutive weights along K are kept: 2:4 keeps 2 of 4).
+Patterns: unstructured at a fraction ``s``, or N:M (``n`` of every ``m`` consecutive weights along K are kept: 2:4
+keeps 2 of 4). Unstructured masks are chosen per row (``selection="row"``: every row loses ``floor(s·K)`` weights, or
+one more in the first rows so that the matrix loses exactly ``floor(s·N·K)`` — a per-block OWL sparsity rarely makes
+``s·K`` whole —, Wanda's comparison group) or per layer (``"layer"``: the lowest scores of the whole ``[N, K]`` matrix,
+``floor(s·N·K)`` of them, so rows that matter keep more; SparseGPT's reference selects this way, block of columns
+by block of columns).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 
 from lowbit.calibration.gptq import _inverse_cholesky, single_thread
 
-__all__ = ["SparsityPattern", "parse_pattern", "prune_mask", "sparsegpt_prune", "check_pattern"]
+__all__ = ["SparsityPattern", "Selection", "parse_pattern", "prune_mask", "sparsegpt_prune", "check_pattern"]
+
+Selection = Literal["row", "layer"]
+"""Where unstructured masks compare scores: within each output row, or over the whole weight matrix."""
 
 
 @dataclass(frozen=True)
@@ -75,28 +83,68 @@ def _smallest(score: torch.Tensor, count: int) -> torch.Tensor:
     return mask
 
 
-def prune_mask(score: torch.Tensor, p: SparsityPattern) -> torch.Tensor:
-    """Bool ``[N, K]``, True where a weight is zeroed: the lowest scores of each row, or of each M-group."""
+def _row_counts(groups: Sequence[int], k: int, sparsity: float) -> torch.Tensor:
+    """Zeros per row: ``floor(s·R·K)`` per matrix of ``R`` rows (``groups``), as even over its rows as integers allow."""
+    out = []
+    for rows in groups:
+        total = int(sparsity * rows * k)
+        c = torch.full((rows,), total // rows, dtype=torch.long)
+        c[:total - (total // rows) * rows] += 1
+        out.append(c)
+    return torch.cat(out)
+
+
+def _smallest_per_row(score: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the ``counts[r]`` smallest entries of each row ``r`` (ties broken by position)."""
+    if bool((counts == counts[0]).all()):
+        return _smallest(score, int(counts[0]))
+    order = torch.sort(score, dim=1, stable=True).indices
+    rank = torch.arange(score.shape[1], device=score.device)[None, :] < counts.to(score.device)[:, None]
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, order, rank)
+
+
+def _smallest_in_groups(score: torch.Tensor, counts: Sequence[int], groups: Sequence[int]) -> torch.Tensor:
+    """Bool mask of the ``counts[g]`` smallest entries of each block of rows ``groups[g]`` (rows of ``score``)."""
+    parts, r0 = [], 0
+    for rows, count in zip(groups, counts):
+        part = score[r0:r0 + rows]
+        parts.append(_smallest(part.reshape(1, -1), count).reshape(part.shape))
+        r0 += rows
+    return torch.cat(parts, 0)
+
+
+def prune_mask(score: torch.Tensor, p: SparsityPattern, selection: Selection = "row") -> torch.Tensor:
+    """Bool ``[N, K]``, True where a weight is zeroed: the lowest scores of each M-group, or (unstructured) of each
+    row (``floor(s·K)`` each) or of the whole matrix (``floor(s·N·K)``)."""
     n_rows, k = score.shape
     if p.is_nm:
         m = p.m
         assert m is not None and p.n is not None
         g = score.reshape(n_rows * (k // m), m)
         return _smallest(g, m - p.n).reshape(n_rows, k)
-    return _smallest(score, int(p.sparsity * k))
+    if selection == "layer":
+        return _smallest(score.reshape(1, -1), int(p.sparsity * n_rows * k)).reshape(n_rows, k)
+    return _smallest_per_row(score, _row_counts([n_rows], k, p.sparsity))
 
 
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: float = 0.01,
-                    block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+                    block_size: int = 128, selection: Selection = "row",
+                    groups: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """SparseGPT on ``w [N, K]`` with input Hessian ``h [K, K]``: (pruned weight in ``w``'s dtype, mask, stats).
 
-    Unstructured: each block of columns ``[i1, i2)`` zeroes ``floor(s·i2) - floor(s·i1)`` weights of every row,
-    so every row ends with exactly ``floor(s·K)`` zeros. Computation on ``h``'s device in float32 (the factor
-    in float64)."""
+    Unstructured, ``selection="row"``: row ``r`` is to lose ``c_r`` weights (``_row_counts``: ``floor(s·K)`` or one
+    more), each block of columns ``[i1, i2)`` zeroes ``floor(c_r·i2/K) - floor(c_r·i1/K)`` of them. ``"layer"``: the block zeroes the
+    ``floor(s·R·i2) - floor(s·R·i1)`` lowest scores among all its ``R`` rows, so the matrix ends with exactly
+    ``floor(s·R·K)`` zeros and rows differ. ``groups`` (row counts summing to N) are matrices stacked because they
+    share ``h`` (q/k/v): each is its own layer for the selection. Computation on ``h``'s device in float32 (the
+    factor in float64)."""
     t0 = time.perf_counter()
     n, k = w.shape
     if h.shape != (k, k):
         raise ValueError(f"SparseGPT: Hessian shape {tuple(h.shape)} does not match the weight's input size {k}")
+    groups = [n] if groups is None else list(groups)
+    if sum(groups) != n or min(groups) < 1:
+        raise ValueError(f"SparseGPT: row groups {groups} do not split the weight's {n} rows")
     dev = h.device
     h = h.to(torch.float64).clone()
     dead = torch.diagonal(h) == 0
@@ -106,6 +154,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: 
     del h, u
     wf = w.detach().float().to(dev).clone()
     mask = torch.zeros(n, k, dtype=torch.bool, device=dev)
+    row_counts = None if p.is_nm else _row_counts(groups, k, p.sparsity).to(dev)
     if p.is_nm:
         m = p.m
         assert m is not None
@@ -120,9 +169,13 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: 
             d1 = torch.diagonal(h1)
             if p.is_nm:
                 mask1 = torch.zeros_like(w1, dtype=torch.bool)
+            elif selection == "layer":
+                counts = [int(p.sparsity * r * i2) - int(p.sparsity * r * i1) for r in groups]
+                mask1 = _smallest_in_groups(w1.pow(2) / d1.pow(2)[None, :], counts, groups)
             else:
-                count = int(p.sparsity * i2) - int(p.sparsity * i1)
-                mask1 = _smallest(w1.pow(2) / d1.pow(2)[None, :], count)
+                assert row_counts is not None
+                counts = row_counts * i2 // k - row_counts * i1 // k
+                mask1 = _smallest_per_row(w1.pow(2) / d1.pow(2)[None, :], counts)
             for i in range(i2 - i1):
                 if p.is_nm and i % p.m == 0:  # type: ignore[operator]
                     j = i + p.m  # type: ignore[operator]

@@ -3,6 +3,8 @@ SparseGPT.
 
     sparsify(method=wanda,pattern=2:4)                  keep 2 of every 4 weights along K, by |W|·||X||
     sparsify(method=sparsegpt,sparsity=0.5)             50% per row, the rest updated through H⁻¹
+    sparsify(method=sparsegpt,selection=layer,allocation=owl)   50% on average: per matrix, more in blocks
+                                                        with fewer outlier weights (OWL)
     sparsify(method=magnitude,pattern=2:4)              no calibration
 
 Why: 2:4 weights run on sparse tensor cores (TensorRT, cuSPARSELt), and unstructured sparsity composes with
@@ -15,6 +17,12 @@ dequantizes to exactly 0 (tested).
 Wanda and SparseGPT calibrate block by block (``lowbit.calibration.engine``): block i is pruned, re-run, and
 block i+1 is calibrated on what the pruned block i produces (as both papers do). Linears outside the
 repeated blocks (``lm_head``) and modules not matching ``modules`` stay dense.
+
+``allocation=owl`` (Yin et al. 2024, "Outlier Weighed Layerwise sparsity") gives each block its own unstructured
+sparsity: blocks holding more outlier weights (Wanda scores above ``owl_threshold`` × the block's mean) stay
+denser, within ``sparsity ± owl_lambda``, and the parameter-weighted average is exactly ``sparsity``. The outlier
+counts come from one extra calibration run of the unpruned model (the allocation needs every block's count before
+the first is pruned).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from pydantic import Field
 
 from lowbit.calibration.engine import BLOCK_PATTERN, BlockRun, batches_from_ids, run
 from lowbit.calibration.gptq import HessianAccumulator
-from lowbit.calibration.sparsity import (SparsityPattern, check_pattern, parse_pattern, prune_mask,
+from lowbit.calibration.sparsity import (Selection, SparsityPattern, check_pattern, parse_pattern, prune_mask,
                                          sparsegpt_prune)
 from lowbit.ir.graph import Graph, Node
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
@@ -51,6 +59,19 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
     """SparseGPT: diagonal damping, relative to the Hessian's mean diagonal."""
     block_size: int = Field(default=128, ge=1)
     """SparseGPT: columns per lazy-batch update (and per mask selection)."""
+    selection: Selection = "row"
+    """Unstructured: compare scores within each output row (every row equally sparse, Wanda's choice) or over the
+    whole matrix (``layer``: rows that matter keep more weights; SparseGPT's reference choice)."""
+    allocation: Literal["uniform", "owl"] = "uniform"
+    """Unstructured: every block at ``sparsity``, or OWL's outlier-weighted sparsity per block (average kept)."""
+    owl_threshold: float = Field(default=5.0, gt=0.0)
+    """OWL: a weight is an outlier when its Wanda score exceeds this many times its block's mean score."""
+    owl_lambda: float = Field(default=0.08, ge=0.0, lt=0.5)
+    """OWL: block sparsities span ``sparsity ± owl_lambda`` (least outliers: sparsest)."""
+    true_sequential: bool = False
+    """Within a block too, each linear is calibrated on what the block's already-pruned linears produce (GPTQ's
+    ``--true-sequential``): ``o_proj`` sees pruned q/k/v, the MLP a pruned attention. Costs one more run of the
+    block per linear input after the first."""
 
 
 def sparse_linears(graph: Graph, modules: str = "") -> list[Node]:
@@ -87,6 +108,9 @@ class Sparsify(Pass):
         targets = sparse_linears(graph, o.modules)
         if not targets:
             raise PassError("pass sparsify: no linear inside a repeated block to sparsify")
+        if o.allocation == "owl" and (p.is_nm or o.method == "magnitude"):
+            raise PassError(f"pass sparsify: allocation=owl needs unstructured sparsity and calibration "
+                            f"(method={o.method}, pattern={o.pattern})")
         for n in targets:
             try:
                 check_pattern(int(n.args[1].data.shape[1]), p, f"pass sparsify: linear %{n.name} ({n.module})")
@@ -95,7 +119,7 @@ class Sparsify(Pass):
         users = graph.users()
         zeroed = total = 0
 
-        def apply(node: Node, new_w: torch.Tensor, mask: torch.Tensor) -> None:
+        def apply(node: Node, new_w: torch.Tensor, mask: torch.Tensor, p: SparsityPattern = p) -> None:
             nonlocal zeroed, total
             wv = private_weight(graph, node, 1, users, f"{node.module}.weight")
             home = wv.data.device
@@ -110,7 +134,7 @@ class Sparsify(Pass):
         if o.method == "magnitude":
             for n in targets:
                 w = n.args[1].data
-                apply(n, w.clone(), prune_mask(w.float().abs(), p))
+                apply(n, w.clone(), prune_mask(w.float().abs(), p, o.selection))
         else:
             stats.update(self._calibrated(graph, targets, p, apply))
         stats.update(weights_zeroed=zeroed, weights_in_pruned_linears=total,
@@ -126,14 +150,24 @@ class Sparsify(Pass):
         for n in targets:
             readers.setdefault(id(n.args[0]), []).append(n)
         sgpt_loss = 0.0
+        ids = o.token_ids(graph, self.name)
+        batches = batches_from_ids(graph, ids, o.batch_size_for(graph))
+        out: dict[str, Any] = {"calib_tokens": int(ids.numel())}
+        block_p: dict[str, SparsityPattern] = {}
+        if o.allocation == "owl":
+            sparsities, outliers, seconds = self._owl_allocation(graph, targets, p, batches)
+            block_p = {name: SparsityPattern(s) for name, s in sparsities.items()}
+            out.update(block_sparsity=sparsities, block_outlier_share=outliers, seconds_owl=seconds)
 
-        def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
-            if id(node) not in want:
-                return
-            key = id(node.args[0])
-            if readers[key][0] is not node:
-                return
-            x = args[0].detach()
+        # true_sequential: only each block's first input is collected in the engine's run; the others after the
+        # linears before them are pruned
+        rx_block = re.compile(BLOCK_PATTERN)
+        first_keys: dict[str, int] = {}
+        for n in targets:
+            first_keys.setdefault(rx_block.match(n.module).group(1), id(n.args[0]))  # type: ignore[union-attr]
+        early = set(first_keys.values()) if o.true_sequential else set(readers)
+
+        def add(key: int, x: torch.Tensor) -> None:
             if o.method == "sparsegpt":
                 acc = accs.get(key)
                 if acc is None:
@@ -143,41 +177,106 @@ class Sparsify(Pass):
                 s = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).double()
                 sq[key] = sq[key] + s if key in sq else s
 
+        def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
+            if id(node) not in want:
+                return
+            key = id(node.args[0])
+            if readers[key][0] is node and key in early:
+                add(key, args[0].detach())
+
+        def recollect(ctx: BlockRun, key: int) -> None:
+            first = readers[key][0]
+
+            def hook(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
+                if node is first:
+                    add(key, args[0].detach())
+
+            ctx.run(on_node=hook, outputs=[])
+
         def on_block(ctx: BlockRun) -> bool:
             nonlocal sgpt_loss
-            keys = [k for k in list(accs) + list(sq) if readers[k][0] in ctx.nodes()]
+            keys = list(dict.fromkeys(id(n.args[0]) for n in ctx.nodes() if id(n) in want))
             if not keys:
                 return False
+            bp = block_p.get(ctx.name, p)
             for key in keys:
+                if key not in early:
+                    recollect(ctx, key)
                 nodes = readers[key]
                 if o.method == "sparsegpt":
                     # linears reading one input share its Hessian: one call on their stacked rows (each row's mask
                     # and update depend only on that row and H, so this equals separate calls, at one factorisation)
                     ws = [n.args[1].data for n in nodes]
-                    stacked, masks, st = sparsegpt_prune(torch.cat(ws, 0), accs[key].hessian, p, damp=o.damp,
-                                                         block_size=o.block_size)
+                    stacked, masks, st = sparsegpt_prune(torch.cat(ws, 0), accs.pop(key).hessian, bp, damp=o.damp,
+                                                         block_size=o.block_size, selection=o.selection,
+                                                         groups=[int(w.shape[0]) for w in ws])
                     sgpt_loss += st["loss"]
                     row = 0
                     for n, w in zip(nodes, ws):
-                        apply(n, stacked[row:row + w.shape[0]].clone(), masks[row:row + w.shape[0]])
+                        apply(n, stacked[row:row + w.shape[0]].clone(), masks[row:row + w.shape[0]], bp)
                         row += w.shape[0]
                     continue
+                norm = sq.pop(key).sqrt().float()
                 for n in nodes:
                     w = n.args[1].data
-                    norm = sq[key].sqrt().to(w.device).float()
-                    apply(n, w.clone(), prune_mask(w.float().abs() * norm[None, :], p))
-                accs.pop(key, None)
-                sq.pop(key, None)
+                    apply(n, w.clone(), prune_mask(w.float().abs() * norm.to(w.device)[None, :], bp, o.selection), bp)
             return True
 
-        ids = o.token_ids(graph, self.name)
-        report = run(graph, batches_from_ids(graph, ids, o.batch_size_for(graph)), on_node=on_node,
-                     on_block=on_block, progress=o.progress, device=o.torch_device(self.name))
+        report = run(graph, batches, on_node=on_node, on_block=on_block, progress=o.progress,
+                     device=o.torch_device(self.name))
         missing = [n for n in targets if "sparsity" not in n.meta]
         if missing:
             raise PassError(f"pass sparsify: calibration never reached linear(s) "
                             f"{', '.join(f'%{n.name} ({n.module})' for n in missing[:5])}")
-        out: dict[str, Any] = {"calib_tokens": int(ids.numel()), "seconds_calibration": round(report.seconds, 2)}
+        out["seconds_calibration"] = round(report.seconds, 2)
         if o.method == "sparsegpt":
             out["sparsegpt_loss"] = round(sgpt_loss, 4)
         return out
+
+    def _owl_allocation(self, graph: Graph, targets: list[Node], p: SparsityPattern,
+                        batches: list[Any]) -> tuple[dict[str, float], dict[str, float], float]:
+        """OWL: each block's sparsity from its share of outlier Wanda scores on the unpruned model (block name ->
+        sparsity), those shares, and the seconds the extra calibration run took."""
+        o: SparsifyOptions = self.options  # type: ignore[assignment]
+        readers: dict[int, list[Node]] = {}
+        for n in targets:
+            readers.setdefault(id(n.args[0]), []).append(n)
+        want = {id(n) for n in targets}
+        sq: dict[int, torch.Tensor] = {}
+        ratio: dict[str, float] = {}
+        size: dict[str, int] = {}
+
+        def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
+            if id(node) in want and readers[id(node.args[0])][0] is node:
+                key = id(node.args[0])
+                s = args[0].detach().reshape(-1, args[0].shape[-1]).float().pow(2).sum(0).double()
+                sq[key] = sq[key] + s if key in sq else s
+
+        def on_block(ctx: BlockRun) -> bool:
+            keys = [k for k in list(sq) if readers[k][0] in ctx.nodes()]
+            scores = [(n.args[1].data.float().abs() * sq[k].sqrt().float().to(n.args[1].data.device)[None, :])
+                      .flatten() for k in keys for n in readers[k]]
+            for k in keys:
+                sq.pop(k)
+            if scores:
+                flat = torch.cat(scores)
+                ratio[ctx.name] = float((flat > o.owl_threshold * flat.mean()).double().mean())
+                size[ctx.name] = int(flat.numel())
+            return False  # nothing changed: the next block reads this one's unpruned output
+
+        report = run(graph, batches, on_node=on_node, on_block=on_block, progress=o.progress,
+                     device=o.torch_device(self.name))
+        names = list(ratio)
+        r = torch.tensor([ratio[k] for k in names], dtype=torch.float64)
+        w = torch.tensor([size[k] for k in names], dtype=torch.float64)
+        span = float(r.max() - r.min())
+        # density linear in the outlier share over [0, 2λ], shifted so the size-weighted mean density is 1 - s
+        dens = (r - r.min()) / span * 2 * o.owl_lambda if span > 0 else torch.zeros_like(r)
+        dens = dens - float((dens * w).sum() / w.sum()) + (1 - p.sparsity)
+        out = {k: 1 - float(d) for k, d in zip(names, dens)}
+        bad = {k: v for k, v in out.items() if not 0 <= v < 1}
+        if bad:
+            k, v = next(iter(bad.items()))
+            raise PassError(f"pass sparsify: allocation=owl gives block {k} sparsity {v:.4f}, outside [0, 1) "
+                            f"(sparsity={p.sparsity}, owl_lambda={o.owl_lambda})")
+        return out, ratio, round(report.seconds, 2)
