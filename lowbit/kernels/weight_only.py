@@ -846,9 +846,6 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
 # every code to bit 12 or 16, where one and-xor with a magic exponent makes it the fp32 ``2**(23-b) + u``: 12
 # integer ops per 8 codes instead of a shift and an and-or per code. (Bit 8 would save two shifts but makes the
 # constant ``2**15`` dominate the fp32 partial sums: 4e-4 relative error against 3e-5.)
-_R_SRC = (3, 1, 1, 0, 0, 2, 2, 4)
-"""0: the word, 1: ``w << 8``, 2: ``w >> 8``, 3: ``w << 16``, 4: ``w >> 16``."""
-_R_BIT = (16, 12, 16, 12, 16, 12, 16, 12)
 
 
 def r_constants(signed: bool) -> tuple[int, int, int, int]:
@@ -860,7 +857,9 @@ def r_constants(signed: bool) -> tuple[int, int, int, int]:
 
 @triton.jit
 def _r_code(w0, w1, w2, w3, w4, p: tl.constexpr, m12, m16, k12, k16):
-    """Code ``p`` of the words as the fp32 ``2**(23-b) + u`` (``_R_SRC``/``_R_BIT``): one and-xor."""
+    """Code ``p`` of the words as the fp32 ``2**(23-b) + u``: one and-xor. ``w0`` is the word, ``w1 = w << 8``,
+    ``w2 = w >> 8``, ``w3 = w << 16``, ``w4 = w >> 16``; code 0 is at bit 16 of ``w3``, 1 and 2 at bits 12 and 16
+    of ``w1``, 3 and 4 of ``w0``, 5 and 6 of ``w2``, 7 at bit 12 of ``w4`` (even codes at 16, odd at 12)."""
     if p == 0:
         src = w3
     elif p == 1 or p == 2:
@@ -1287,6 +1286,9 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
     if cfg.get("maxnreg"):  # a register cap (more resident programs per SM), for the sweeps
         meta["maxnreg"] = cfg["maxnreg"]
     n_major = is_n_major(words)
+    sw = words.stride(1) if n_major else words.stride(0)
+    if cfg.get("ROWS") and n_major and bits == 4 and not cfg["TC"] and m == 1:
+        return _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg)
     if cfg["TC"]:
         kernel = _tc_t if n_major else _tc_words
         meta.update(UPCAST=interpreting(), SWAP=cfg["SWAP"], PREFETCH=cfg.get("PREFETCH", 0))
@@ -1298,9 +1300,6 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
         meta.update(U=step, PREFETCH=cfg.get("PREFETCH", 0))
         if n_major:
             meta.update(RED=cfg.get("RED", False))
-    sw = words.stride(1) if n_major else words.stride(0)
-    if cfg.get("ROWS") and n_major and bits == 4 and not cfg["TC"] and m == 1:
-        return _launch_r(x2, words, scale, zp, b, bias, out, signed, group, cw, nch, sw, ssn, ssg, meta, cfg)
     if split == 1:
         launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), sw,
                                    ssn, ssg, out.stride(0), 0, *_word_masks(bits), HAS_BIAS=bias is not None, PARTIAL=False,
@@ -1315,21 +1314,20 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
     return out
 
 
-def _launch_r(x2, words, scale, zp, b, bias, out, signed, group, cw, nch, sw, ssn, ssg, meta, cfg):
+def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg):
     """``_gemv_r`` (+ ``_splitk_reduce`` when K is split): ``ROWS`` word rows per step, ``SPLIT_K`` programs per
-    column tile along K."""
+    column tile along K; ``meta``: ``_launch_words``' constexprs for the word layout."""
     n = words.shape[0]
+    cw = meta["CW"]
     rows = min(cfg["ROWS"], cw)
     nstep = nch * (cw // rows)
     per_prog = cdiv(nstep, cfg["SPLIT_K"])
     split = cdiv(nstep, per_prog)
     grid = (cdiv(n, cfg["BLOCK_N"]), split)
-    rmeta = {"SIGNED": signed, "GROUP": group, "GI": meta["GI"], "HAS_ZP": meta["HAS_ZP"], "CW": cw, "ROWS": rows,
-             "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 1),
-             "PREFETCH": bool(cfg.get("PREFETCH"))}
-    if cfg.get("maxnreg"):
-        rmeta["maxnreg"] = cfg["maxnreg"]
-    consts = r_constants(signed)
+    rmeta = {key: meta[key] for key in ("SIGNED", "GROUP", "GI", "HAS_ZP", "CW", "BLOCK_N", "num_warps", "num_stages",
+                                        "maxnreg") if key in meta}
+    rmeta.update(ROWS=rows, PREFETCH=bool(cfg.get("PREFETCH")))
+    consts = r_constants(meta["SIGNED"])
     if split == 1:
         launcher(x2, _gemv_r)[grid](x2, words, scale, zp, b, out, n, nstep, per_prog, sw, ssn, ssg, 0, *consts,
                                     HAS_BIAS=bias is not None, PARTIAL=False, **rmeta)
