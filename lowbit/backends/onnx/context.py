@@ -12,6 +12,7 @@ graph; ``shape_vector`` turns a torch-style size list (ints mixed with symbolic 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -116,10 +117,12 @@ class LoweringOptions:
         return self.int8_weights == "u8" or (self.int8_weights == "auto" and not int8_gemm_exact())
 
 
+@functools.cache
 def int8_gemm_exact() -> bool:
     """Whether ONNX Runtime's CPU u8·s8 GEMMs (MatMulIntegerToFloat, DynamicQuantizeMatMul) compute exact integer
     dot products on this machine: not on x86-64 without VNNI or AMX (AVX2 only), where MLAS's ``vpmaddubsw``
-    saturates int16 pair sums (measured 0.0207 relative error on SmolLM2's MLP; onnxruntime 1.23.2 and 1.32.0)."""
+    saturates int16 pair sums (measured 0.0207 relative error on SmolLM2's MLP; onnxruntime 1.23.2 and 1.32.0).
+    Read once per process (``/proc/cpuinfo``): the lowering asks per int8 weight, the ORT backend per session."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):

@@ -569,16 +569,18 @@ def _int8_weight_t(ctx: LoweringContext, wq: Value, a_scale: ir.Value, b_scale: 
     weight, shared by its readers), the scales, A's zero point, and with uint8 weights (``int8_weights``) B's zero
     point 128 — the codes + 128, the same products."""
     n_k = list(_logical_shape(wq, get_qdtype("int8")))
-    if not ctx.options.u8_weights:
-        b = ctx.derived(("i8T", id(wq)), lambda: ctx.initializer(wq.name + ".T", ir.LazyTensor(
-            lambda: _weight_tensor(wq.name + ".T", wq, get_qdtype("int8"), ir.DataType.INT8, True),
-            dtype=ir.DataType.INT8, shape=ir.Shape(n_k[::-1]), name=wq.name + ".T")))
-        return [b, a_scale, b_scale, a_zero_point]
-    name = wq.name + ".T.u8"
-    b = ctx.derived(("u8T", id(wq)), lambda: ctx.initializer(name, ir.LazyTensor(
-        lambda: _q_tensor(name, (wq.data.t().to(torch.int16) + _U8_OFFSET).to(torch.uint8), ir.DataType.UINT8),
-        dtype=ir.DataType.UINT8, shape=ir.Shape(n_k[::-1]), name=name)))
-    return [b, a_scale, b_scale, a_zero_point, ctx.const(np.uint8(_U8_OFFSET), ir.DataType.UINT8)]
+    u8 = ctx.options.u8_weights
+    name, dtype = (wq.name + ".T.u8", ir.DataType.UINT8) if u8 else (wq.name + ".T", ir.DataType.INT8)
+
+    def tensor() -> ir.TensorProtocol:
+        if u8:
+            return _q_tensor(name, (wq.data.t().to(torch.int16) + _U8_OFFSET).to(torch.uint8), dtype)
+        return _weight_tensor(name, wq, get_qdtype("int8"), dtype, True)
+
+    b = ctx.derived((name, id(wq)), lambda: ctx.initializer(name, ir.LazyTensor(tensor, dtype=dtype,
+                                                                                shape=ir.Shape(n_k[::-1]), name=name)))
+    b_zero_point = [ctx.const(np.uint8(_U8_OFFSET), ir.DataType.UINT8)] if u8 else []
+    return [b, a_scale, b_scale, a_zero_point, *b_zero_point]
 
 
 def _dynamic_u8_qlinear(ctx: LoweringContext, node: Node, parts: _QLinearParts) -> ir.Value | None:
