@@ -74,6 +74,12 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
     block per linear input after the first."""
 
 
+def _add_squares(sq: dict[int, torch.Tensor], key: int, x: torch.Tensor) -> None:
+    """Accumulate the per-channel sum of squares of ``x [..., K]`` under ``key`` (Wanda's ``||X_j||^2``)."""
+    s = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).double()
+    sq[key] = sq[key] + s if key in sq else s
+
+
 def sparse_linears(graph: Graph, modules: str = "") -> list[Node]:
     """Linears with a stored weight inside the repeated blocks whose module path matches ``modules``."""
     rx_block = re.compile(BLOCK_PATTERN)
@@ -155,7 +161,7 @@ class Sparsify(Pass):
         out: dict[str, Any] = {"calib_tokens": int(ids.numel())}
         block_p: dict[str, SparsityPattern] = {}
         if o.allocation == "owl":
-            sparsities, outliers, seconds = self._owl_allocation(graph, targets, p, batches)
+            sparsities, outliers, seconds = self._owl_allocation(graph, readers, p, batches)
             block_p = {name: SparsityPattern(s) for name, s in sparsities.items()}
             out.update(block_sparsity=sparsities, block_outlier_share=outliers, seconds_owl=seconds)
 
@@ -174,8 +180,7 @@ class Sparsify(Pass):
                     acc = accs[key] = HessianAccumulator(int(x.shape[-1]), device=x.device)
                 acc.add(x)
             else:
-                s = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).double()
-                sq[key] = sq[key] + s if key in sq else s
+                _add_squares(sq, key, x)
 
         def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
             if id(node) not in want:
@@ -233,24 +238,20 @@ class Sparsify(Pass):
             out["sparsegpt_loss"] = round(sgpt_loss, 4)
         return out
 
-    def _owl_allocation(self, graph: Graph, targets: list[Node], p: SparsityPattern,
+    def _owl_allocation(self, graph: Graph, readers: dict[int, list[Node]], p: SparsityPattern,
                         batches: list[Any]) -> tuple[dict[str, float], dict[str, float], float]:
         """OWL: each block's sparsity from its share of outlier Wanda scores on the unpruned model (block name ->
-        sparsity), those shares, and the seconds the extra calibration run took."""
+        sparsity), those shares, and the seconds the extra calibration run took. ``readers``: the target linears by
+        the id of the input they read."""
         o: SparsifyOptions = self.options  # type: ignore[assignment]
-        readers: dict[int, list[Node]] = {}
-        for n in targets:
-            readers.setdefault(id(n.args[0]), []).append(n)
-        want = {id(n) for n in targets}
+        want = {id(n) for nodes in readers.values() for n in nodes}
         sq: dict[int, torch.Tensor] = {}
         ratio: dict[str, float] = {}
         size: dict[str, int] = {}
 
         def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
             if id(node) in want and readers[id(node.args[0])][0] is node:
-                key = id(node.args[0])
-                s = args[0].detach().reshape(-1, args[0].shape[-1]).float().pow(2).sum(0).double()
-                sq[key] = sq[key] + s if key in sq else s
+                _add_squares(sq, id(node.args[0]), args[0].detach())
 
         def on_block(ctx: BlockRun) -> bool:
             keys = [k for k in list(sq) if readers[k][0] in ctx.nodes()]
