@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from lowbit.ir.kvcache import layer_kv_heads
+from lowbit.kernels.decode_step import row_argmax
 from lowbit.models import CausalLMStep, GenerationError
 
 __all__ = ["GenerationSpec", "GenerationOutput", "Generator", "step_example", "GenerationError"]
@@ -136,7 +137,7 @@ class _CudaGraphStep:
         with torch.cuda.graph(self.graph):
             self.out = runner(self.ids, self.positions, *self.cache)
             if greedy:
-                self.next = self.out[0][:, -1].float().argmax(-1)
+                self.next = row_argmax(self.out[0][:, -1])
                 self.ids.copy_(self.next.view_as(self.ids))
                 self.positions.add_(1)
 

@@ -296,7 +296,34 @@ N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major ke
     ("int4", 32, False, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PREFETCH": 1}),
     ("int4", 128, False, 5, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2, "PAIRS": True}),
     ("uint4", 0, True, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PAIRS": True}),
+    # prefill M (16 < M <= 256): 32- and 64-row tiles, a partial last row tile, split-K
+    ("int4", 128, False, 40, {"TC": True, "BLOCK_M": 32, "BLOCK_N": 16, "SWAP": False, "SPLIT_K": 2}),
+    ("int4", 64, True, 70, {"TC": True, "BLOCK_M": 64, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PREFETCH": 1}),
 ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_m_takes_the_tensor_core_words_only_where_swept(device, monkeypatch):
+    """16 < M <= 256 runs ``_tc_t`` at (M bucket, N, K) in ``_PREFILL_TC_TABLE`` and dequantize + cuBLAS
+    elsewhere; both agree with the reference."""
+    from lowbit.kernels import weight_only as wo
+
+    n, k = 48, 512
+    q, s, z = _quantized_weight(n, k, "int4", 128, False, device)
+    words, s2, z2 = wo.pack_words(q, s, z, "int4", 128, n_major=True)
+    x = torch.randn(50, k, device=device).to(torch.bfloat16)
+    ref = weight_only_linear_ref(x, q, s, z, None, "int4", 128)
+    launched = []
+    real = wo._launch_words
+    monkeypatch.setattr(wo, "_launch_words", lambda *a: launched.append(a[-1]) or real(*a))
+    assert wo.prefill_tc_config(50, n, k) is None
+    assert _rel(weight_only_linear(x, words, s2, z2, None, "int4", 128), ref) <= TOL[torch.bfloat16]
+    assert launched == []  # not swept: dequantize + F.linear
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 16, "SWAP": False, "num_warps": 4, "num_stages": 2, "SPLIT_K": 2}
+    monkeypatch.setitem(wo._PREFILL_TC_TABLE, (64, n, k), cfg)
+    assert wo.prefill_bucket(50) == 64 and wo.prefill_tc_config(300, n, k) is None
+    assert _rel(weight_only_linear(x, words, s2, z2, None, "int4", 128), ref) <= TOL[torch.bfloat16]
+    assert launched == [dict(cfg, TC=True)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,7 +3,7 @@
     python tools/bench_gemv.py [--out bench/results/gemv.json] [--ms 1,16] [--shapes 4096x11008,...]
                                [--budget-s 120] [--workers 8] [--only cc_t,tc_t,...] [--smoke]
 
-M in {1, 16} x (K, N) in ``SHAPES`` (int4 g128 asymmetric, bf16 activations): per shape cuBLAS bf16 ``F.linear``,
+M in ``--ms`` (default 1, 16; above 16 the prefill family ``tc_m``) x (K, N) in ``SHAPES`` (int4 g128 asymmetric, bf16 activations): per shape cuBLAS bf16 ``F.linear``,
 ``torch._weight_int4pack_mm`` (tinygemm) and the op's current default (``op_default``: what
 ``lowbit::weight_only_linear`` picks on the layout ``pack_words`` makes by default, as the triton backend deploys), then every config of the
 variants ``VARIANTS`` lists for that M: ``cc_k``/``tc_k`` on the K-major words (``pack_words``), ``cc_t``/``tc_t``/
@@ -53,6 +53,21 @@ def _tc(bn, sw, w, sk, pf=0, st=2):
     return {"BLOCK_N": bn, "SWAP": sw, "num_warps": w, "num_stages": st, "SPLIT_K": sk, "PREFETCH": pf}
 
 
+def _tm(bm, bn, w, st, sk, sw=False, pf=0):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "SWAP": sw, "num_warps": w, "num_stages": st, "SPLIT_K": sk, "PREFETCH": pf}
+
+
+PREFILL_CONFIGS = [_tm(*c) for c in (
+    (32, 64, 4, 2, 1), (32, 64, 4, 2, 2), (32, 128, 4, 2, 1), (32, 128, 4, 3, 2), (32, 64, 4, 3, 4),
+    (32, 128, 8, 3, 1), (32, 128, 4, 2, 1, True), (32, 64, 4, 2, 2, True),
+    (64, 64, 4, 2, 1), (64, 128, 4, 2, 1), (64, 128, 4, 3, 1), (64, 128, 8, 3, 1), (64, 256, 8, 3, 1),
+    (64, 64, 4, 3, 2), (64, 128, 4, 3, 2), (64, 128, 8, 2, 2),
+    (128, 64, 4, 2, 1), (128, 128, 4, 2, 1), (128, 128, 8, 2, 1), (128, 128, 8, 3, 1), (128, 256, 8, 2, 1),
+    (128, 64, 4, 3, 2), (128, 128, 8, 3, 2), (128, 128, 4, 3, 2))]
+"""``tc_m``: ``_tc_t`` at prefill M (16 < M <= 256) with 32/64/128-row tiles; a config runs only at the M whose
+bucket (``weight_only.prefill_bucket``) is its ``BLOCK_M``."""
+
+
 VARIANTS: dict[str, list[dict]] = {
     # CUDA cores, M = 1, N-major words: [U, CW, BLOCK_N] tiles, 4 rows per thread, split-K partials + reduce
     "cc_t": [_cc(*c) for c in (
@@ -86,9 +101,10 @@ VARIANTS: dict[str, list[dict]] = {
     # the K-major kernels' previous sweep winners (run C), for the same-run comparison
     "cc_k": [_cc(2, 4, 1, 1), _cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1, 2)],
     "tc_k": [_tc(128, True, 4, 4), _tc(64, True, 4, 8)],
+    "tc_m": PREFILL_CONFIGS,
 }
 ROW_KEY = ("run", "kernel", "variant", "M", "K", "N", "device")
-N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p"}
+N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p", "tc_m"}
 """Variants that run on the N-major words (``pack_words(..., n_major=True)``); the others on the K-major ones."""
 FINAL: dict[str, list[dict]] = {
     # R8/R9's winners and neighbours (R9 also ran them with the split-K reduce fused into the last program of each
@@ -103,14 +119,19 @@ FINAL: dict[str, list[dict]] = {
     "tc_p": [dict(_tc(*c), PAIRS=True) for c in ((64, True, 4, 4), (64, True, 4, 3), (128, True, 4, 4))],
     "cc_k": [_cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1)],
     "tc_k": [_tc(64, True, 4, 8)],
+    "tc_m": PREFILL_CONFIGS,
 }
 """``--set final``: the op's table entries and their neighbours (the variants' full lists are ``VARIANTS``)."""
 SMOKE_SHAPES = ((768, 40), (512, 64))
 
 
 def kinds_for(m: int, only: set[str]) -> list[str]:
-    """The variant families run at ``m`` (CUDA cores at M = 1, tensor cores from ``WORDS_TC_MIN_M``)."""
-    names = ("tc_t", "tc_p", "tc_k") if m >= wo.WORDS_TC_MIN_M else ("cc_r", "cc_t", "cc_k")
+    """The variant families run at ``m`` (CUDA cores at M = 1, tensor cores from ``WORDS_TC_MIN_M``, the prefill
+    tiles above 16)."""
+    if m > 16:
+        names: tuple[str, ...] = ("tc_m",)
+    else:
+        names = ("tc_t", "tc_p", "tc_k") if m >= wo.WORDS_TC_MIN_M else ("cc_r", "cc_t", "cc_k")
     return [v for v in names if not only or v in only]
 
 
@@ -126,13 +147,19 @@ def make_weight(n: int, k: int, device: str) -> dict:
 
 def launch(x, words, s, z, out, variant: str, cfg: dict):
     tc = variant.startswith("tc")
-    c = dict(cfg, BLOCK_M=16 if tc else 1, TC=tc)
+    c = dict(cfg, BLOCK_M=cfg.get("BLOCK_M", 16) if tc else 1, TC=tc)
     return wo._launch_words(x, words, s, z, None, out, "int4", GROUP, c)
 
 
 def jobs(ms, shapes, only, variants):
     """(M, K, N, variant, config index) in the timing loop's order: shape-major, so a cut budget loses shapes last."""
-    return [(m, k, n, v, i) for k, n in shapes for m in ms for v in kinds_for(m, only) for i in range(len(variants[v]))]
+    return [(m, k, n, v, i) for k, n in shapes for m in ms for v in kinds_for(m, only)
+            for i in range(len(variants[v])) if runs_at(m, variants[v][i])]
+
+
+def runs_at(m: int, cfg: dict) -> bool:
+    """A prefill config runs only at the M of its bucket; the decode configs at every M they are listed for."""
+    return m <= 16 or cfg.get("BLOCK_M") == wo.prefill_bucket(m)
 
 
 def warm(args) -> None:
@@ -338,6 +365,8 @@ def main() -> None:
                 nm = v in N_MAJOR
                 family = []
                 for i, cfg in enumerate(variants[v]):
+                    if not runs_at(m, cfg):
+                        continue
                     r = dict(base, kernel=f"gemv_sweep/{v}", variant=f"{v}#{i}", config=cfg)
                     if time.time() - t_start > args.budget_s:
                         emit(dict(r, skipped="budget"))

@@ -49,7 +49,15 @@ def scatter_into(dst: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Te
     """``dst.scatter_(dim, index, src)`` as an opaque mutating op. Why not ``aten.scatter_``: under
     ``torch.compile`` functionalization turns an in-place scatter into a graph input into a scatter into a fresh
     buffer plus a ``copy_`` of the whole buffer back (two passes over each KV cache per step: 8 whole-cache copies
-    per decode step on a 4-layer model, measured on the H200); a custom op's declared mutation is kept in place."""
+    per decode step on a 4-layer model, measured on the H200); a custom op's declared mutation is kept in place.
+    On CUDA a decode step's row write (positions broadcast over heads and head_dim) is one Triton launch
+    (``lowbit.kernels.decode_step``: 4.2 µs per aten scatter inside the H200 decode step)."""
+    if dst.is_cuda:
+        from lowbit.kernels.decode_step import cache_rows_index, write_cache_rows
+
+        if cache_rows_index(index, dim, src) and dst.dtype == src.dtype:
+            write_cache_rows(dst, index, src)
+            return
     dst.scatter_(dim, index, src)
 
 

@@ -16,12 +16,16 @@ ops of ``lowbit.ir.quant`` inside the ``*_ref`` functions. Every op is a ``torch
 - ``torch.ops.lowbit.a8_linear``: W8A8, W4A8 (int8 tensor-core dot) and FP8 e4m3 (rowwise or 64-blocked scales)
   with the activation quantization fused into the op (``a8_linear.py``); ``a8_linear_q`` takes codes + scales
   already quantized by ``torch.ops.lowbit.rms_norm_quant`` (RMSNorm + per-token quantization, ``norm_quant.py``).
+- ``torch.ops.lowbit.row_argmax`` and ``write_cache_rows``: a decode step's greedy argmax and float KV-cache row
+  write, one launch each where aten took a copy + a single-block reduction and a generic scatter
+  (``decode_step.py``).
 
 Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
 """
 
 from lowbit.kernels.a8_linear import a8_gemm, a8_linear, a8_linear_q, a8_linear_ref
 from lowbit.kernels.act_quant import quantize_activation, quantize_activation_ref
+from lowbit.kernels.decode_step import row_argmax, row_argmax_ref, write_cache_rows, write_cache_rows_ref
 from lowbit.kernels.hadamard import (
            hadamard_quantize,
            hadamard_quantize_ref,
@@ -49,6 +53,10 @@ __all__ = [
            "quantize_activation_ref",
            "rms_norm_quant",
            "rms_norm_quant_ref",
+           "row_argmax",
+           "row_argmax_ref",
            "weight_only_linear",
            "weight_only_linear_ref",
+           "write_cache_rows",
+           "write_cache_rows_ref",
 ]

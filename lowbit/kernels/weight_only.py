@@ -1216,9 +1216,33 @@ _R_TABLE: dict[tuple[int, int], dict] = {  # run R9 of bench/results/gemv.json (
     (4096, 4096): {'BLOCK_N': 64, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 16},  # 8.86 vs 10.21 (K-major)
     (12288, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 2, 'SPLIT_K': 16},  # 14.70 vs 18.31
     (22016, 4096): {'BLOCK_N': 64, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 16},  # 22.46 vs 28.58
+    (32000, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 2, 'SPLIT_K': 16, 'PREFETCH': 0},  # run S8a: 29.9 vs cc_t 38.24
 }
 """(N, K) -> ``_gemv_r`` config: the shapes where the H200 sweep measured it faster than ``_gemv_t`` at M = 1
 (``tools/bench_gemv.py``, family ``cc_r``); other shapes keep ``_gemv_t``."""
+
+
+_PREFILL_TC_TABLE: dict[tuple[int, int, int], dict] = {(32, 11008, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0}, (64, 11008, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 1, 'PREFETCH': 0}, (32, 4096, 11008): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4, 'PREFETCH': 0}, (64, 4096, 11008): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2, 'PREFETCH': 0}, (32, 4096, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4, 'PREFETCH': 0}, (64, 4096, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2, 'PREFETCH': 0}, (32, 12288, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0}, (64, 12288, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 1, 'PREFETCH': 0}, (32, 22016, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0}, (64, 22016, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 1, 'PREFETCH': 0}}
+"""(M bucket 32/64/128, N, K) -> ``_tc_t`` config for 16 < M <= 256 on the N-major words: the shapes where the H200
+sweep (``tools/bench_gemv.py``, family ``tc_m``) measured the fused dequantize + tensor-core loop faster than
+dequantize + cuBLAS; elsewhere those M take the dequantize + cuBLAS path."""
+
+PREFILL_TC_MAX_M = 256
+"""The largest M ``_PREFILL_TC_TABLE`` serves (M above 128 reuses the 128 bucket's tiles on more row tiles)."""
+
+
+def prefill_bucket(m: int) -> int:
+    """``_PREFILL_TC_TABLE``'s M key for ``16 < m <= PREFILL_TC_MAX_M``: 32, 64 or 128."""
+    return min(128, max(32, next_pow2(m)))
+
+
+def prefill_tc_config(m: int, n: int, k: int) -> dict | None:
+    """The tensor-core config for ``16 < m <= PREFILL_TC_MAX_M`` at a swept (N, K), else None (dequantize +
+    cuBLAS)."""
+    if not 16 < m <= PREFILL_TC_MAX_M:
+        return None
+    cfg = _PREFILL_TC_TABLE.get((prefill_bucket(m), n, k))
+    return None if cfg is None else dict(cfg, TC=True)
 
 
 def words_n_major(n: int, k: int) -> bool:
@@ -1422,15 +1446,22 @@ def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path):
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    bits = 4 if qdtype in PACKED_QDTYPES else 8
+    cfg = None
     if path == "auto":
-        path = "gemv" if m <= 16 else "dequant"
+        if m <= 16:
+            path = "gemv"
+        elif bits == 4 and is_n_major(words) and (cfg := prefill_tc_config(m, n, k)) is not None:
+            path = "gemv"
+        else:
+            path = "dequant"
     if path != "gemv":
         w = _dequantize_words(words, scale, zero_point, qdtype, group_size, k, x.dtype)
         return F.linear(x, w, bias)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    bits = 4 if qdtype in PACKED_QDTYPES else 8
-    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size,
-                  words_config(m, n, k, bits, cw, is_n_major(words), group_size))
+    if cfg is None:
+        cfg = words_config(m, n, k, bits, cw, is_n_major(words), group_size)
+    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, cfg)
     return out.reshape(*x.shape[:-1], n)
 
 
