@@ -182,6 +182,24 @@ def test_decode_step_captures_in_a_cuda_graph_with_the_same_tokens(smollm2, back
         assert sum(a == b for x, y in zip(out.tokens, ref.tokens) for a, b in zip(x, y)) >= 14  # bf16 near-ties
 
 
+@pytest.mark.gpu
+def test_cuda_graph_decode_with_the_row_write_and_argmax_kernels_keeps_the_cpu_tokens():
+    """On CUDA the step writes its keys/values through ``write_cache_rows`` and the greedy graph picks tokens with
+    ``row_argmax`` (one Triton launch each): a float32 model's greedy tokens, batch 2 with different prompt lengths,
+    equal the CPU reference's (no SmolLM2 needed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=1000, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    spec = GenerationSpec(max_length=40, max_batch=2)
+    prompts = [[5, 17, 300, 42, 7, 9], [11, 800, 3]]
+    gpu = compile_model(model, generation=spec, device="cuda").generate(prompts, 16, stop_tokens=())
+    cpu = compile_model(model, generation=spec).generate(prompts, 16, stop_tokens=())
+    assert gpu.tokens == cpu.tokens
+
+
 def test_step_graph_writes_every_cache_input_in_place():
     """The decode step overwrites each donated cache buffer instead of copying it: a cache input also read for its
     shape (the attention mask's length) must not cost a copy of a whole layer's cache per step."""

@@ -64,6 +64,20 @@ PREFILL_CONFIGS = [_tm(*c) for c in (
     (64, 64, 4, 3, 2), (64, 128, 4, 3, 2), (64, 128, 8, 2, 2),
     (128, 64, 4, 2, 1), (128, 128, 4, 2, 1), (128, 128, 8, 2, 1), (128, 128, 8, 3, 1), (128, 256, 8, 2, 1),
     (128, 64, 4, 3, 2), (128, 128, 8, 3, 2), (128, 128, 4, 3, 2))]
+
+
+def _tcc(bm, bn, ps, w, st, sk):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "PS": ps, "num_warps": w, "num_stages": st, "SPLIT_K": sk}
+
+
+CHUNK_CONFIGS = [_tcc(*c) for c in (
+    (16, 64, 4, 4, 2, 2), (16, 64, 8, 4, 2, 4), (16, 128, 4, 4, 2, 2), (16, 64, 4, 4, 3, 4), (16, 128, 4, 8, 3, 2),
+    (16, 32, 8, 4, 2, 4),
+    (32, 64, 4, 4, 2, 2), (32, 128, 4, 4, 3, 1), (32, 64, 8, 4, 3, 2), (32, 128, 4, 8, 3, 2),
+    (64, 64, 4, 4, 3, 1), (64, 128, 4, 4, 3, 1), (64, 128, 8, 8, 3, 1), (64, 128, 4, 8, 2, 2), (64, 64, 8, 4, 3, 2),
+    (128, 64, 4, 4, 3, 1), (128, 128, 4, 8, 3, 1), (128, 128, 8, 8, 3, 1), (128, 128, 4, 8, 4, 1),
+    (128, 256, 4, 8, 3, 1), (128, 128, 2, 4, 3, 1), (128, 64, 8, 4, 3, 2))]
+"""``tc_c``: ``_tc_chunk`` (``PS`` code positions per dot) at M = 16 (16-row tiles) and prefill M (the bucket's)."""
 """``tc_m``: ``_tc_t`` at prefill M (16 < M <= 256) with 32/64/128-row tiles; a config runs only at the M whose
 bucket (``weight_only.prefill_bucket``) is its ``BLOCK_M``."""
 
@@ -102,9 +116,10 @@ VARIANTS: dict[str, list[dict]] = {
     "cc_k": [_cc(2, 4, 1, 1), _cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1, 2)],
     "tc_k": [_tc(128, True, 4, 4), _tc(64, True, 4, 8)],
     "tc_m": PREFILL_CONFIGS,
+    "tc_c": CHUNK_CONFIGS,
 }
 ROW_KEY = ("run", "kernel", "variant", "M", "K", "N", "device")
-N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p", "tc_m"}
+N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p", "tc_m", "tc_c"}
 """Variants that run on the N-major words (``pack_words(..., n_major=True)``); the others on the K-major ones."""
 FINAL: dict[str, list[dict]] = {
     # R8/R9's winners and neighbours (R9 also ran them with the split-K reduce fused into the last program of each
@@ -120,6 +135,7 @@ FINAL: dict[str, list[dict]] = {
     "cc_k": [_cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1)],
     "tc_k": [_tc(64, True, 4, 8)],
     "tc_m": PREFILL_CONFIGS,
+    "tc_c": CHUNK_CONFIGS,
 }
 """``--set final``: the op's table entries and their neighbours (the variants' full lists are ``VARIANTS``)."""
 SMOKE_SHAPES = ((768, 40), (512, 64))
@@ -129,9 +145,9 @@ def kinds_for(m: int, only: set[str]) -> list[str]:
     """The variant families run at ``m`` (CUDA cores at M = 1, tensor cores from ``WORDS_TC_MIN_M``, the prefill
     tiles above 16)."""
     if m > 16:
-        names: tuple[str, ...] = ("tc_m",)
+        names: tuple[str, ...] = ("tc_m", "tc_c")
     else:
-        names = ("tc_t", "tc_p", "tc_k") if m >= wo.WORDS_TC_MIN_M else ("cc_r", "cc_t", "cc_k")
+        names = ("tc_t", "tc_p", "tc_k", "tc_c") if m >= wo.WORDS_TC_MIN_M else ("cc_r", "cc_t", "cc_k")
     return [v for v in names if not only or v in only]
 
 
@@ -158,8 +174,11 @@ def jobs(ms, shapes, only, variants):
 
 
 def runs_at(m: int, cfg: dict) -> bool:
-    """A prefill config runs only at the M of its bucket; the decode configs at every M they are listed for."""
-    return m <= 16 or cfg.get("BLOCK_M") == wo.prefill_bucket(m)
+    """A prefill config runs only at the M of its bucket, a 16-row one at M <= 16; the decode configs (no
+    ``BLOCK_M``) at every M they are listed for."""
+    if m <= 16:
+        return cfg.get("BLOCK_M", 16) <= 16
+    return cfg.get("BLOCK_M") == wo.prefill_bucket(m)
 
 
 def warm(args) -> None:

@@ -1037,6 +1037,67 @@ def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, sw
 
 
 @triton.jit
+def _tc_chunk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos,
+              SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+              PARTIAL: tl.constexpr, XOR: tl.constexpr, UPCAST: tl.constexpr, CW: tl.constexpr, PS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tensor-core GEMM for prefill M on the N-major int4 words: per chunk one ``[CW, BLOCK_N]`` word tile, its
+    codes of ``PS`` positions at once (``[PS, CW, BLOCK_N]`` by one broadcast shift), dequantized to the activation
+    dtype (``(q - z) * s`` rounded once, as the reference) and laid out as one ``[PS*CW, BLOCK_N]`` operand: one
+    ``[BLOCK_M, PS*CW] x [PS*CW, BLOCK_N]`` dot per ``PS`` positions, where ``_tc_t`` issues one K = CW dot per
+    position (short dots that kept it at ~160 TFLOPS at M = 128, run S8a). Positions ``i*CW + j`` of a chunk are
+    consecutive K, so the activation tile is a contiguous ``PS*CW`` run of the row."""
+    PER: tl.constexpr = 8
+    OFF: tl.constexpr = 8 if SIGNED else 0
+    KS: tl.constexpr = PS * CW
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, CW)
+    offs_p = tl.arange(0, PS)
+    offs_ks = tl.arange(0, KS)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GROUP == 0:
+        s_pc = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)[None, None, :]
+        zz_pc = tl.zeros((BLOCK_N,), dtype=tl.float32)[None, None, :] + OFF
+        if HAS_ZP:
+            zz_pc += tl.load(z_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)[None, None, :]
+    c_lo = pid_k * CH_SPLIT
+    c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
+    for c in range(c_lo, c_hi):
+        wv = tl.load(w_ptr + (c * CW + offs_j[:, None]) * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
+        if SIGNED:
+            wv = wv ^ XOR
+        for h in tl.static_range(PER // PS):
+            pos = h * PS + offs_p  # [PS] code positions of this dot
+            u = (wv[None, :, :] >> (pos * 4)[:, None, None]) & 15  # [PS, CW, BLOCK_N]
+            if GROUP == 0:
+                sc = s_pc
+                zz = zz_pc
+            else:
+                g = (c * (PER * CW) + pos * CW) // GROUP
+                sp = s_ptr + offs_n[None, :] * ssn + g[:, None] * ssg
+                sc = tl.load(sp, mask=n_ok[None, :], other=0).to(tl.float32)[:, None, :]
+                zz = tl.zeros((PS, 1, BLOCK_N), dtype=tl.float32) + OFF
+                if HAS_ZP:
+                    zp = z_ptr + offs_n[None, :] * ssn + g[:, None] * ssg
+                    zz += tl.load(zp, mask=n_ok[None, :], other=0).to(tl.float32)[:, None, :]
+            xk = tl.load(x_ptr + offs_m[:, None] * sxm + c * (PER * CW) + h * KS + offs_ks[None, :],
+                         mask=m_ok[:, None], other=0.0)
+            w = (u.to(tl.float32) - zz) * sc
+            if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8): the rounded weights in fp32
+                w = tl.reshape(w.to(xk.dtype).to(tl.float32), (KS, BLOCK_N))
+                acc += tl.dot(xk.to(tl.float32), w, input_precision="ieee")
+            else:
+                acc = tl.dot(xk, tl.reshape(w.to(xk.dtype), (KS, BLOCK_N)), acc)
+    _store_tile(acc, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL, HAS_BIAS)
+
+
+@triton.jit
 def _pair_codes(t, ccp, c_lo, c_hi, IS_BF16: tl.constexpr, ASM: tl.constexpr):
     """The 4-bit codes at bits ``[0, 4)`` and ``[16, 20)`` of ``t`` minus ``c_lo`` / ``c_hi`` (offset + zero point),
     as exact small integers in the activation dtype. ``ASM`` (sm_90): one ``lop3`` makes both codes a 16-bit float
@@ -1222,7 +1283,7 @@ _R_TABLE: dict[tuple[int, int], dict] = {  # run R9 of bench/results/gemv.json (
 (``tools/bench_gemv.py``, family ``cc_r``); other shapes keep ``_gemv_t``."""
 
 
-_PREFILL_TC_TABLE: dict[tuple[int, int, int], dict] = {(32, 11008, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0}, (64, 11008, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 1, 'PREFETCH': 0}, (32, 4096, 11008): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4, 'PREFETCH': 0}, (64, 4096, 11008): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2, 'PREFETCH': 0}, (32, 4096, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4, 'PREFETCH': 0}, (64, 4096, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2, 'PREFETCH': 0}, (32, 12288, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0}, (64, 12288, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 1, 'PREFETCH': 0}, (32, 22016, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0}, (64, 22016, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 1, 'PREFETCH': 0}}
+_PREFILL_TC_TABLE: dict[tuple[int, int, int], dict] = {(32, 4096, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4, 'PREFETCH': 0}, (32, 4096, 11008): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4, 'PREFETCH': 0}, (32, 11008, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0}, (32, 12288, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0}, (32, 22016, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0}, (64, 4096, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'PS': 8, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2}, (64, 4096, 11008): {'BLOCK_M': 64, 'BLOCK_N': 64, 'PS': 8, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2}, (64, 11008, 4096): {'BLOCK_M': 64, 'BLOCK_N': 128, 'PS': 8, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1}, (64, 12288, 4096): {'BLOCK_M': 64, 'BLOCK_N': 128, 'PS': 8, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1}, (64, 22016, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 1, 'PREFETCH': 0}, (128, 4096, 11008): {'BLOCK_M': 128, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2, 'PREFETCH': 0}}  # run S8b
 """(M bucket 32/64/128, N, K) -> ``_tc_t`` config for 16 < M <= 256 on the N-major words: the shapes where the H200
 sweep (``tools/bench_gemv.py``, family ``tc_m``) measured the fused dequantize + tensor-core loop faster than
 dequantize + cuBLAS; elsewhere those M take the dequantize + cuBLAS path."""
@@ -1313,7 +1374,14 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
     sw = words.stride(1) if n_major else words.stride(0)
     if cfg.get("ROWS") and n_major and bits == 4 and not cfg["TC"] and m == 1:
         return _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg)
-    if cfg["TC"]:
+    mask_args = _word_masks(bits)  # the exponent-trick kernels' constants (``_tc_chunk`` converts codes directly)
+    if cfg["TC"] and cfg.get("PS") and n_major and bits == 4:
+        kernel = _tc_chunk
+        meta = {key: meta[key] for key in ("SIGNED", "GROUP", "HAS_ZP", "XOR", "CW", "BLOCK_M", "BLOCK_N",
+                                           "num_warps", "num_stages")}
+        meta.update(UPCAST=interpreting(), PS=cfg["PS"])
+        mask_args = ()
+    elif cfg["TC"]:
         kernel = _tc_t if n_major else _tc_words
         meta.update(UPCAST=interpreting(), SWAP=cfg["SWAP"], PREFETCH=cfg.get("PREFETCH", 0))
         if n_major and cfg.get("PAIRS") and pairs_ok(bits, group, cw):
@@ -1326,12 +1394,12 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
             meta.update(RED=cfg.get("RED", False))
     if split == 1:
         launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), sw,
-                                   ssn, ssg, out.stride(0), 0, *_word_masks(bits), HAS_BIAS=bias is not None, PARTIAL=False,
+                                   ssn, ssg, out.stride(0), 0, *mask_args, HAS_BIAS=bias is not None, PARTIAL=False,
                                    **meta)
         return out
     part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
     launcher(x2, kernel)[grid](x2, words, scale, zp, b, part, m, n, nch, ch_split, x2.stride(0), sw,
-                               ssn, ssg, n, m * n, *_word_masks(bits), HAS_BIAS=False, PARTIAL=True, **meta)
+                               ssn, ssg, n, m * n, *mask_args, HAS_BIAS=False, PARTIAL=True, **meta)
     block = 1024
     launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
                                                         HAS_BIAS=bias is not None, BLOCK=block)
