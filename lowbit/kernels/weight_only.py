@@ -32,7 +32,13 @@ Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted i
 - 2 <= M <= 16, tensor cores (``_tc_words``): per chunk and code position one ``[16, CW] x [CW, BLOCK_N]`` dot on
   exact small integers ``q - z`` in the activation dtype (wgmma with the weights as the M side, ``SWAP``), the
   scale on the fp32 partial once per group; split-K with an fp32 partial buffer and a deterministic reduce kernel.
-- M > 16: one dequantize kernel (bit-exact ``(q - z) * s`` rounded once) and cuBLAS.
+- 16 < M <= 256 where ``_PREFILL_TC_TABLE`` has the shape (the H200 sweep's winners, runs S8a/S8b of gemv.json):
+  ``_tc_t`` with 32/64-row tiles, or ``_tc_chunk`` (one ``[BLOCK_M, PS*CW] x [PS*CW, BLOCK_N]`` dot per ``PS`` code
+  positions, the weights dequantized once to the activation dtype). Measured at 4096x11008: M = 32 26.3 µs (0.97x
+  cuBLAS bf16, dequantize + cuBLAS 61.9), M = 64 42.8 (0.62x; 62.4). Both are bound by the dequantize's ALU work
+  and the operand's trip through shared memory, not by tensor cores (~135-160 TFLOPS at M = 64-128), so M = 128
+  stays on dequantize + cuBLAS at four of the five 7B shapes.
+- M > 16 elsewhere: one dequantize kernel (bit-exact ``(q - z) * s`` rounded once) and cuBLAS.
 Configs: ``words_config`` (the H200 sweeps' tables at the decode shapes, ``_WORDS_T_TABLE`` / ``_WORDS_TABLE``,
 a rule elsewhere). Measured (R1, CUDA-graph replay, 4096x11008 int4 g128): M = 1 18.3 µs = 1.35x cuBLAS bf16
 (K-major 22.3 µs), M = 16 23.9 µs = 1.06x: both kernels are latency-bound per program (split 1 took ~40 µs at
