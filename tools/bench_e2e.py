@@ -41,6 +41,7 @@ PIPELINES = {  # the same schemes as lowbit pipelines, for --backend (compile_mo
     "w4a16-g128": "quantize(w=int4,group=128,sym=false)",
     "w8a8": "quantize(w=int8,a=int8)",
     "fp8": "quantize(w=fp8e4m3,a=fp8e4m3)",
+    "w4a16-g128-head4": "quantize(w=int4,group=128,sym=false,head=int4)",  # the 32000x4096 head int4 too
 }
 SCHEMES = {  # name -> (w qdtype, w group, symmetric, a qdtype, a group)
     "w4a16-g128": ("int4", 128, False, None, 0),
@@ -109,7 +110,8 @@ def main() -> None:
                     help="skip the QuantLinear rows: HF bf16 (eager, torch.compile) and, with --backend, the backend rows")
     ap.add_argument("--graphs", choices=("both", "on", "off"), default="both",
                     help="with --backend: time the triton rows with cuda_graphs on, off or both")
-    ap.add_argument("--schemes", default=",".join(PIPELINES), help="with --backend: which schemes (comma list)")
+    ap.add_argument("--schemes", default="w4a16-g128,w8a8,fp8", help="with --backend: which schemes (comma list "
+                    f"of {', '.join(PIPELINES)})")
     args = ap.parse_args()
     t_start = time.time()
     device, date = machine("cuda"), datetime.date.today().isoformat()
