@@ -442,6 +442,63 @@ graph t(%x: f32[1,s0,6]) {
         PassManager("sparsify(method=magnitude,pattern=4:4)").run(g)
 
 
+# ---- slicing the residual stream (SliceGPT-style) ------------------------------------------------------
+
+SLICE_CALIB = "calib_n=4,calib_len=128,progress=false"
+
+
+def test_slice_residual_at_ratio_zero_is_an_exact_rotation_in_float64(smollm2_slice_f64, wikitext_ids):
+    """``ratio=0`` folds the PCA rotation alone: the model is unchanged to float64 rounding."""
+    from conftest import float64_norm_stats
+
+    _, graph = smollm2_slice_f64
+    g = float64_norm_stats(graph.clone())
+    ids = wikitext_ids[:, 2000:2256]
+    ref = TorchCompiled(g)(ids)
+    st = PassManager(f"fold-norms,slice-residual(ratio=0,{SLICE_CALIB})").run(g).records[-1].stats
+    assert st["hidden_size"] == [576, 576] and st["energy_kept"] == 1.0 and st["calib_sites"] == 4
+    out = TorchCompiled(g)(ids)
+    assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+
+
+def test_slice_residual_narrows_every_layer_and_beats_a_random_rotation(slice_f32, monkeypatch):
+    """A quarter of the stream sliced: every block linear, the embedding and the (untied) head lose those
+    channels, the verifier passes, and the held-out logits stay closer to float than the same slice of a random
+    rotation (PCA keeps the energy the readers use; measured 0.038 vs 0.085 relative MSE with 1024 tokens)."""
+    import lowbit.passes.slice_residual as sr
+
+    graph, ids, ref = slice_f32
+    spec = f"fold-norms,slice-residual(ratio=0.25,{SLICE_CALIB})"
+    g = graph.clone()
+    st = PassManager(spec).run(g).records[-1].stats
+    verify(g)
+    assert st["hidden_size"] == [576, 432] and st["energy_kept"] > 0.9
+    shapes = {n.module: tuple(n.args[1].data.shape) for n in g.find("linear")}
+    assert shapes["model.layers.0.self_attn.q_proj"] == (576, 432)
+    assert shapes["model.layers.1.mlp.down_proj"] == (432, 1536) and shapes["lm_head"] == (49152, 432)
+    assert all(v.data.shape[-1] in (432, 1536, 576) or v.data.dim() == 1 for v in g.params.values())
+    err = _rel_err(g, ids, ref)
+    real = sr.principal_rotation
+
+    def random_rotation(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        q, _ = torch.linalg.qr(torch.randn(m.shape[0], m.shape[0], generator=gen, dtype=torch.float64))
+        return q, real(m)[1]
+
+    monkeypatch.setattr(sr, "principal_rotation", random_rotation)
+    g_random = graph.clone()
+    PassManager(spec).run(g_random)
+    assert err < 0.07 and err < 0.6 * _rel_err(g_random, ids, ref)
+
+
+def test_slice_residual_bad_input_names_the_norm_and_the_number(slice_f32):
+    graph, _, _ = slice_f32
+    with pytest.raises(PipelineError, match=r"needs fold-norms first: rms_norm %.* \(module 'model\.layers\.0"):
+        PassManager(f"slice-residual(ratio=0.2,{SLICE_CALIB})").run(graph.clone())
+    with pytest.raises(PipelineError, match=r"ratio=0\.99 keeps 0 of the residual stream's 576 channels"):
+        PassManager(f"fold-norms,slice-residual(ratio=0.99,{SLICE_CALIB})").run(graph.clone())
+
+
 # ---- lowering: a pruned model exports, saves and reloads like a dense one --------------------------
 
 def test_pruned_model_exports_to_onnx_and_round_trips_as_text(slice_f32, tmp_path):

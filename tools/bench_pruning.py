@@ -97,6 +97,10 @@ ROWS: list[tuple[str, str, str, str | None]] = [
     ("structured-20", "flap", "mlp channels, fluctuation + bias compensation, uniform 25% + 64 more in blocks 8-20",
      f"prune-mlp(ratio=0.25,score=fluctuation,compensate=true,{CAL_S}),"
      rf"prune-mlp(ratio=0.0556,score=fluctuation,compensate=true,modules=model\.layers\.(8|9|1[0-9]|20)\.,{CAL_S})")]
+# SliceGPT-style: the residual stream rotated onto its principal components (one rotation for every layer) and its
+# weakest channels dropped from every block's linears, the embedding and the head (which untie)
+ROWS += [(f"structured-{pct}", "slicegpt", f"residual stream 576 -> {w} (one PCA rotation; the tied embedding unties)",
+          f"fold-norms,slice-residual(ratio={r},multiple=8,{CAL_S})") for pct, r, w in ((10, 0.1, 512), (20, 0.2, 456))]
 # whole-column OBS (greedy removal with the least-squares refit of the kept down_proj columns and bias), on every
 # shipped calibration window (117 x 512: the refit solves a 1537-wide least squares per layer), the same layout
 OBS = "calib_n=117,progress=false"
@@ -540,7 +544,9 @@ def main() -> None:
             "param_mb": round(g.param_bytes() / 2**20, 1), "device": dev_name, "date": header["date"],
         }
         if scheme.startswith("structured"):
-            row["params_removed_frac_blocks"] = round(removed / block_params, 4)
+            # the blocks' own linears (a slice of the residual stream also unties the embedding: a whole-model
+            # count alone would hide that the blocks lost their share)
+            row["params_removed_frac_blocks"] = round((block_params - _block_linear_params(g)) / block_params, 4)
             row["params_removed_frac_total"] = round(removed / total_params, 4)
             row["recovery"] = "none"
         widths: dict = {}

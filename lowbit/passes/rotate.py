@@ -46,7 +46,7 @@ from lowbit.ir.rotation_regions import HeadRegion, OnlineSite, ResidualRegion, f
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.fold_norms import private_weight
 
-__all__ = ["Rotate", "RotateOptions", "rotation_matrix"]
+__all__ = ["Rotate", "RotateOptions", "fold_residual", "rotation_matrix", "set_weight"]
 
 
 class RotateOptions(CalibrationOptions):
@@ -115,7 +115,7 @@ def rotation_matrix(kind: str, n: int, seed: int, what: str) -> torch.Tensor:
         raise PassError(f"pass rotate: {what}: {exc}") from None
 
 
-def _set(graph: Graph, node: Node, index: int, users: dict, fn) -> None:  # type: ignore[no-untyped-def]
+def set_weight(graph: Graph, node: Node, index: int, users: dict, fn) -> None:  # type: ignore[no-untyped-def]
     """Replace ``node.args[index]`` (a param) by ``fn(float64 data)``, copying it first if shared (the use
     lists are updated in place, so the last reader of a once-shared param keeps the original)."""
     old = node.args[index]
@@ -233,16 +233,16 @@ def learn_extra_rotation(graph: Graph, res: ResidualRegion, o: RotateOptions, pa
     }
 
 
-def _fold_residual(graph: Graph, res: ResidualRegion, users: dict, q: torch.Tensor) -> None:
+def fold_residual(graph: Graph, res: ResidualRegion, users: dict, q: torch.Tensor) -> None:
     """x -> x·Q on the residual stream: embeddings E·Q, readers W·Q, writers Qᵀ·W (bias b·Q)."""
     for e in res.embeddings:
-        _set(graph, e, 0, users, lambda w: w @ q)
+        set_weight(graph, e, 0, users, lambda w: w @ q)
     for r in res.readers:
-        _set(graph, r, 1, users, lambda w: w @ q)
+        set_weight(graph, r, 1, users, lambda w: w @ q)
     for wr in res.writers:
-        _set(graph, wr, 1, users, lambda w: q.T @ w)
+        set_weight(graph, wr, 1, users, lambda w: q.T @ w)
         if wr.arg(2, "bias") is not None:
-            _set(graph, wr, 2, users, lambda b: b @ q)
+            set_weight(graph, wr, 2, users, lambda b: b @ q)
 
 
 @register_pass
@@ -286,7 +286,7 @@ class Rotate(Pass):
             q, learned, r2 = learn_residual_rotation(graph, res, q, o, self.name, heads, r0)
         untied = list(regions.tied) if o.residual else []
         if o.residual:
-            _fold_residual(graph, res, users, q)
+            fold_residual(graph, res, users, q)
         stats: dict[str, object] = {"kind": o.kind, "residual_dim": res.dim if o.residual else None,
                                     "readers": len(res.readers) if o.residual else 0,
                                     "writers": len(res.writers) if o.residual else 0, "untied": untied}
@@ -309,10 +309,10 @@ class Rotate(Pass):
                 def rot_cols(w: torch.Tensor, r: torch.Tensor = r, hd: int = hd) -> torch.Tensor:
                     return (w.reshape(w.shape[0], -1, hd) @ r).reshape(w.shape)
 
-                _set(graph, h.v_proj, 1, users, rot_rows)
+                set_weight(graph, h.v_proj, 1, users, rot_rows)
                 if h.v_proj.arg(2, "bias") is not None:
-                    _set(graph, h.v_proj, 2, users, rot_bias)
-                _set(graph, h.o_proj, 1, users, rot_cols)
+                    set_weight(graph, h.v_proj, 2, users, rot_bias)
+                set_weight(graph, h.o_proj, 1, users, rot_cols)
                 heads += 1
         stats["head_regions"] = heads
         online = []
@@ -333,7 +333,7 @@ class Rotate(Pass):
                 node = graph.make_node("hadamard", [x], name=f"{lin.name}_had", type=x.type, module=lin.module)
                 graph.insert_before(lin, node)
                 lin.args = (node.output, *lin.args[1:])
-                _set(graph, lin, 1, users, lambda w, hm=hm: w @ hm)
+                set_weight(graph, lin, 1, users, lambda w, hm=hm: w @ hm)
                 online.append(lin.module or lin.name)
             elif site.kind == "rotary_output":
                 rot = site.node
@@ -352,5 +352,5 @@ class Rotate(Pass):
         if o.kind == "learned":
             # learned on the graph as it runs now (R1-R4 in place), then folded on top: R1 = Q₀·U, exact
             u, stats["learned"] = learn_extra_rotation(graph, res, o, self.name)
-            _fold_residual(graph, res, users, u)
+            fold_residual(graph, res, users, u)
         return PassResult(True, stats)

@@ -1,0 +1,129 @@
+"""The ``slice-residual`` pass: SliceGPT-style slicing of the residual stream — rotate the stream onto its principal
+components (calibrated) and drop the weakest ones, so every layer's hidden size shrinks.
+
+    fold-norms,slice-residual(ratio=0.2)          576 -> 448 on SmolLM2 (kept width a multiple of 16)
+
+Why it is exact up to the slice: the stream rotates exactly as ``rotate`` does it (``lowbit.ir.rotation_regions``:
+the embedding ``E·Q``, the linears reading a unit-gain RMSNorm of it ``W·Q``, those writing it ``Qᵀ·W``; unit-gain
+RMSNorm is rotation invariant, hence ``fold-norms`` first). With ``Q`` the eigenvectors of the calibration
+activations' second moment, ordered by eigenvalue, the stream's last coordinates carry the least energy; keeping
+the first ``d'`` columns of ``Q`` drops them from every weight at once. ``ratio=0`` is then a pure rotation (exact
+in float64: a test). What is approximate, and compensated: RMSNorm divides by ``sqrt(mean(x²))`` over the kept
+``d'`` channels instead of all ``d``, so each reader's weight is scaled by ``sqrt(d/d')`` (the dropped energy is what
+remains of the error).
+
+Why one rotation for the whole stream: SliceGPT rotates each block's input with its own ``Q_l`` and puts
+``Q_lᵀ·Q_{l+1}`` on every residual connection, a ``d' × d'`` matmul per add that needs its own kernel and a format no
+serving runtime loads; one global ``Q`` keeps the model a plain, narrower Llama (``hidden_size`` = ``d'``,
+``head_dim`` unchanged, untied embedding and head). Its PCA is taken over the normed stream that the readers see
+(each block's inputs to its q/k/v and gate/up linears), so every layer counts alike although the raw stream grows
+with depth.
+
+Bad input: a stream the rotation analysis refuses (LayerNorm, an unknown reader), norms that still carry gains
+(run ``fold-norms`` first), quantized weights, and a ratio that keeps nothing: errors naming the node or number.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from pydantic import Field
+
+from lowbit.ir.graph import Graph
+from lowbit.ir.rotation_regions import find_rotation_regions
+from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
+from lowbit.passes.prune_mlp import collect_input_stats, reinfer
+from lowbit.passes.rotate import fold_residual, set_weight
+
+__all__ = ["SliceResidual", "SliceResidualOptions", "principal_rotation"]
+
+
+class SliceResidualOptions(CalibrationOptions):
+    ratio: float = Field(default=0.2, ge=0.0, lt=1.0)
+    """Fraction of the residual stream's channels removed."""
+    multiple: int = Field(default=16, ge=1)
+    """The kept width is rounded down to a multiple of this (tensor-core tiles and quantization groups; never
+    below one multiple)."""
+    calib_n: int = Field(default=32, ge=1)
+
+
+def principal_rotation(second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, eigenvalues): the eigenvectors of a symmetric ``Σ xᵀx`` as float64 columns, by decreasing eigenvalue."""
+    evals, evecs = torch.linalg.eigh(second_moment.to(torch.float64))
+    order = torch.argsort(evals, descending=True)
+    return evecs[:, order], evals[order]
+
+
+def kept_width(dim: int, ratio: float, multiple: int) -> int:
+    """``dim·(1 - ratio)`` rounded down to ``multiple`` (``dim`` itself at ratio 0)."""
+    if ratio == 0:
+        return dim
+    keep = int(dim * (1 - ratio)) // multiple * multiple
+    return keep
+
+
+@register_pass
+class SliceResidual(Pass):
+    """Rotate the residual stream onto its calibrated principal components and drop the weakest (SliceGPT)."""
+
+    name = "slice-residual"
+    Options = SliceResidualOptions
+    after = ("fold-norms",)
+    requires = (NO_QLINEAR,)
+
+    def run(self, graph: Graph) -> PassResult:
+        o: SliceResidualOptions = self.options  # type: ignore[assignment]
+        t0 = time.perf_counter()
+        regions = find_rotation_regions(graph)
+        res = regions.residual
+        if res is None:
+            raise PassError(f"pass {self.name}: the residual stream cannot be rotated: " + "; ".join(regions.refused))
+        gained = [n for n in res.norms if n.arg(1, "weight") is not None]
+        if gained:
+            n = gained[0]
+            raise PassError(f"pass {self.name} needs fold-norms first: rms_norm %{n.name} (module {n.module!r}) still "
+                            f"has a gain ({len(gained)} such norms); the stream rotates exactly only under unit gains")
+        computed = [n for n in (*res.readers, *res.writers) if not n.args[1].is_param]
+        if computed:
+            n = computed[0]
+            raise PassError(f"pass {self.name} must run before quantization: linear %{n.name} (module {n.module!r}) "
+                            f"reads a computed weight (%{n.args[1].name})")
+        params_before = sum(v.data.numel() for v in graph.params.values())
+        d = res.dim
+        keep = kept_width(d, o.ratio, o.multiple)
+        if keep < 1:
+            raise PassError(f"pass {self.name}: ratio={o.ratio} keeps {keep} of the residual stream's {d} channels "
+                            f"(multiple={o.multiple}); lower the ratio or the multiple")
+        # one reader per distinct normed input (q/k/v read the same one): each block's two norms count once
+        firsts: dict[int, object] = {}
+        for r in res.readers:
+            firsts.setdefault(id(r.args[0]), r)
+        sites = list(firsts.values())
+        col = collect_input_stats(graph, sites, o, self.name, second_moment=True)  # type: ignore[arg-type]
+        stats_in = [st for st in col.inputs.values() if st.xtx is not None and st.rows]
+        if not stats_in:
+            raise PassError(f"pass {self.name}: calibration reached none of the {len(sites)} linears reading the "
+                            "normed stream; no principal components to take")
+        moment = sum(st.xtx / st.rows for st in stats_in)
+        q, evals = principal_rotation(moment)
+        q = q[:, :keep]
+        energy = float(evals[:keep].sum() / evals.sum())
+        users = graph.users()
+        fold_residual(graph, res, users, q)
+        if keep < d:
+            gain = math.sqrt(d / keep)  # RMSNorm now averages over keep channels: restore the d-channel scale
+            for r in res.readers:
+                set_weight(graph, r, 1, users, lambda w: w * gain)
+        from lowbit.passes.dce import eliminate_dead_code
+
+        eliminate_dead_code(graph)
+        shapes = reinfer(graph, self.name)
+        graph.meta["pruned"] = {**graph.meta.get("pruned", {}), "hidden_size": keep}
+        return PassResult(True, {"hidden_size": [d, keep], "energy_kept": round(energy, 5),
+                                 "readers": len(res.readers), "writers": len(res.writers),
+                                 "untied": list(regions.tied), "calib_sites": len(stats_in), "tokens": col.tokens,
+                                 "params_before": params_before,
+                                 "params_after": sum(v.data.numel() for v in graph.params.values()), **shapes,
+                                 "seconds": round(time.perf_counter() - t0, 2)})
