@@ -165,6 +165,15 @@ def _dequant_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, k_hi, swn, ssn, s_n, z_
 
 
 @triton.jit
+def _tile_mn(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tiled kernels' grid ``(N tiles, K splits, M tiles)``: this program's K split, row and column offsets and
+    their bounds masks."""
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.program_id(1), offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
 def _mac(acc, x, w, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
     """acc += x @ w.T (fp32 accumulation); M = 1 is a CUDA-core multiply-reduce."""
     if BLOCK_M == 1:
@@ -188,13 +197,7 @@ def _wo_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, K, K_SPLIT, M_KEY
     needs made the tensor-core GEMM ~3x slower on the H200 (bench/results/kernels.json, M = 2048).
     ``DEFER`` (M = 1): accumulate elementwise products in a ``[BLOCK_N, BLOCK_K]`` fp32 tile and reduce over K once
     after the loop instead of once per step (a sweep candidate; not yet measured)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    pid_k, offs_m, offs_n, m_ok, n_ok = _tile_mn(M, N, BLOCK_M, BLOCK_N)
     s_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
     z_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if GROUP == 0:
@@ -629,14 +632,8 @@ def _tc_words(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
     PER: tl.constexpr = 32 // BITS
     ONE: tl.constexpr = 1 << BITS
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_k, offs_m, offs_n, m_ok, n_ok = _tile_mn(M, N, BLOCK_M, BLOCK_N)
     offs_j = tl.arange(0, CW)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -974,14 +971,8 @@ def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, sw
     PER: tl.constexpr = 32 // BITS
     ONE: tl.constexpr = 1 << BITS
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_k, offs_m, offs_n, m_ok, n_ok = _tile_mn(M, N, BLOCK_M, BLOCK_N)
     offs_j = tl.arange(0, CW)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -1056,16 +1047,10 @@ def _tc_chunk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
     PER: tl.constexpr = 8
     OFF: tl.constexpr = 8 if SIGNED else 0
     KS: tl.constexpr = PS * CW
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_k, offs_m, offs_n, m_ok, n_ok = _tile_mn(M, N, BLOCK_M, BLOCK_N)
     offs_j = tl.arange(0, CW)
     offs_p = tl.arange(0, PS)
     offs_ks = tl.arange(0, KS)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GROUP == 0:
         s_pc = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)[None, None, :]
@@ -1143,14 +1128,8 @@ def _tc_pairs(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
     32); codes 0-3 and 4-7 each accumulate one fp32 partial per chunk, scaled once."""
     BASE: tl.constexpr = 128.0 if IS_BF16 else 1024.0
     OFF: tl.constexpr = 8 if SIGNED else 0
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_k, offs_m, offs_n, m_ok, n_ok = _tile_mn(M, N, BLOCK_M, BLOCK_N)
     offs_j = tl.arange(0, CW)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:

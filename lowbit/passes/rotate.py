@@ -46,7 +46,7 @@ from lowbit.ir.rotation_regions import HeadRegion, OnlineSite, ResidualRegion, f
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.fold_norms import private_weight
 
-__all__ = ["Rotate", "RotateOptions", "fold_residual", "rotation_matrix", "set_weight"]
+__all__ = ["Rotate", "RotateOptions", "check_foldable", "fold_residual", "rotation_matrix", "set_weight"]
 
 
 class RotateOptions(CalibrationOptions):
@@ -245,6 +245,23 @@ def fold_residual(graph: Graph, res: ResidualRegion, users: dict, q: torch.Tenso
             set_weight(graph, wr, 2, users, lambda b: b @ q)
 
 
+def check_foldable(res: ResidualRegion, pass_name: str, gains: bool = True) -> None:
+    """Refuse a stream a rotation cannot fold into: norms that still carry gains (``gains``: RMSNorm is rotation
+    invariant only with unit gain, so ``fold-norms`` runs first) or readers/writers with computed (quantized)
+    weights. The error names the first offending node, its module and how many there are."""
+    gained = [n for n in res.norms if n.arg(1, "weight") is not None] if gains else []
+    if gained:
+        n = gained[0]
+        raise PassError(f"pass {pass_name} needs fold-norms first: rms_norm %{n.name} (module {n.module!r}) still has "
+                        f"a gain, and RMSNorm is rotation invariant only with unit gain ({len(gained)} such norms)")
+    computed = [n for n in (*res.readers, *res.writers) if not n.args[1].is_param]
+    if computed:
+        n = computed[0]
+        src = n.args[1].producer.op if n.args[1].producer else "?"
+        raise PassError(f"pass {pass_name} must run before quantization: linear %{n.name} (module {n.module!r}) reads "
+                        f"a computed weight (%{n.args[1].name}, from {src})")
+
+
 @register_pass
 class Rotate(Pass):
     """Fold orthogonal (Hadamard or random) rotations into the weights, plus online Hadamards where needed."""
@@ -264,16 +281,7 @@ class Rotate(Pass):
         res = regions.residual
         if res is None:
             raise PassError("pass rotate: the residual stream cannot be rotated: " + "; ".join(regions.refused))
-        gained = [n for n in res.norms if n.arg(1, "weight") is not None] if o.residual else []
-        if gained:
-            n = gained[0]
-            raise PassError(f"pass rotate needs fold-norms first: rms_norm %{n.name} (module {n.module!r}) still has a "
-                            f"gain, and RMSNorm is rotation invariant only with unit gain ({len(gained)} such norms)")
-        computed = [n for n in (*res.readers, *res.writers) if not n.args[1].is_param]
-        if computed:
-            n = computed[0]
-            raise PassError(f"pass rotate must run before quantization: linear %{n.name} (module {n.module!r}) reads a "
-                            f"computed weight (%{n.args[1].name}, from {n.args[1].producer.op if n.args[1].producer else '?'})")
+        check_foldable(res, self.name, gains=o.residual)
         users = graph.users()
         base = "hadamard" if o.kind in ("kurtosis", "learned") else o.kind
         q = rotation_matrix(base, res.dim, o.seed, f"residual stream of width {res.dim}")

@@ -35,7 +35,7 @@ from lowbit.ir.graph import Graph
 from lowbit.ir.rotation_regions import find_rotation_regions
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.prune_mlp import collect_input_stats, reinfer
-from lowbit.passes.rotate import fold_residual, set_weight
+from lowbit.passes.rotate import check_foldable, fold_residual, set_weight
 
 __all__ = ["SliceResidual", "SliceResidualOptions", "principal_rotation"]
 
@@ -80,16 +80,7 @@ class SliceResidual(Pass):
         res = regions.residual
         if res is None:
             raise PassError(f"pass {self.name}: the residual stream cannot be rotated: " + "; ".join(regions.refused))
-        gained = [n for n in res.norms if n.arg(1, "weight") is not None]
-        if gained:
-            n = gained[0]
-            raise PassError(f"pass {self.name} needs fold-norms first: rms_norm %{n.name} (module {n.module!r}) still "
-                            f"has a gain ({len(gained)} such norms); the stream rotates exactly only under unit gains")
-        computed = [n for n in (*res.readers, *res.writers) if not n.args[1].is_param]
-        if computed:
-            n = computed[0]
-            raise PassError(f"pass {self.name} must run before quantization: linear %{n.name} (module {n.module!r}) "
-                            f"reads a computed weight (%{n.args[1].name})")
+        check_foldable(res, self.name)
         params_before = sum(v.data.numel() for v in graph.params.values())
         d = res.dim
         keep = kept_width(d, o.ratio, o.multiple)
