@@ -174,6 +174,15 @@ def _tile_mn(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, SIGNED: tl.constexpr, XOR: tl.constexpr, CW: tl.constexpr):
+    """Chunk ``c``'s ``[CW, BLOCK_N]`` N-major word tile, signed codes moved to offset binary (``^ XOR``)."""
+    wv = tl.load(w_ptr + (c * CW + offs_j[:, None]) * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
+    if SIGNED:
+        wv = wv ^ XOR
+    return wv
+
+
+@triton.jit
 def _mac(acc, x, w, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
     """acc += x @ w.T (fp32 accumulation); M = 1 is a CUDA-core multiply-reduce."""
     if BLOCK_M == 1:
@@ -993,10 +1002,10 @@ def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, sw
             wv = wv_n
             wv_n = tl.load(w_ptr + ((c + 1) * CW + offs_j[:, None]) * swk + offs_n[None, :],
                            mask=n_ok[None, :] & (c + 1 < c_hi), other=0)
+            if SIGNED:
+                wv = wv ^ XOR
         else:
-            wv = tl.load(w_ptr + (c * CW + offs_j[:, None]) * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
-        if SIGNED:
-            wv = wv ^ XOR
+            wv = _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, SIGNED, XOR, CW)
         for i in tl.static_range(PER):
             if GROUP != 0 and i % GI == 0:
                 g = (c * (PER * CW) + i * CW) // GROUP
@@ -1060,9 +1069,7 @@ def _tc_chunk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
     for c in range(c_lo, c_hi):
-        wv = tl.load(w_ptr + (c * CW + offs_j[:, None]) * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
-        if SIGNED:
-            wv = wv ^ XOR
+        wv = _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, SIGNED, XOR, CW)
         for h in tl.static_range(PER // PS):
             pos = h * PS + offs_p  # [PS] code positions of this dot
             u = (wv[None, :, :] >> (pos * 4)[:, None, None]) & 15  # [PS, CW, BLOCK_N]
@@ -1146,9 +1153,7 @@ def _tc_pairs(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
     for c in range(c_lo, c_hi):
-        wv = tl.load(w_ptr + (c * CW + offs_j[:, None]) * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
-        if SIGNED:
-            wv = wv ^ XOR
+        wv = _word_tile(w_ptr, c, offs_j, offs_n, n_ok, swk, SIGNED, XOR, CW)
         if GROUP != 0:
             g_a = (c * (8 * CW)) // GROUP
             g_b = (c * (8 * CW) + 4 * CW) // GROUP
