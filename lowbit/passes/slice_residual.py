@@ -9,13 +9,14 @@ RMSNorm is rotation invariant, hence ``fold-norms`` first). With ``Q`` the eigen
 activations' second moment, ordered by eigenvalue, the stream's last coordinates carry the least energy; keeping
 the first ``d'`` columns of ``Q`` drops them from every weight at once. ``ratio=0`` is then a pure rotation (exact
 in float64: a test). What is approximate, and compensated: RMSNorm divides by ``sqrt(mean(x²))`` over the kept
-``d'`` channels instead of all ``d``, so each reader's weight is scaled by ``sqrt(d/d')`` (the dropped energy is what
-remains of the error).
+``d'`` channels instead of all ``d``, so each norm gets the constant gain ``sqrt(d/d')`` (the dropped energy is what
+remains of the error). A head still tied to the embedding stays tied (both become ``E·Q'``); on SmolLM2
+``fold-norms`` has already untied it (the final norm's gain folds into the head, not the embedding).
 
 Why one rotation for the whole stream: SliceGPT rotates each block's input with its own ``Q_l`` and puts
 ``Q_lᵀ·Q_{l+1}`` on every residual connection, a ``d' × d'`` matmul per add that needs its own kernel and a format no
 serving runtime loads; one global ``Q`` keeps the model a plain, narrower Llama (``hidden_size`` = ``d'``,
-``head_dim`` unchanged, untied embedding and head). Its PCA is taken over the normed stream that the readers see
+``head_dim`` unchanged). Its PCA is taken over the normed stream that the readers see
 (each block's inputs to its q/k/v and gate/up linears), so every layer counts alike although the raw stream grows
 with depth.
 
@@ -35,7 +36,7 @@ from lowbit.ir.graph import Graph
 from lowbit.ir.rotation_regions import find_rotation_regions
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.prune_mlp import collect_input_stats, reinfer
-from lowbit.passes.rotate import check_foldable, fold_residual, set_weight
+from lowbit.passes.rotate import check_foldable, fold_residual
 
 __all__ = ["SliceResidual", "SliceResidualOptions", "principal_rotation"]
 
@@ -102,11 +103,21 @@ class SliceResidual(Pass):
         q = q[:, :keep]
         energy = float(evals[:keep].sum() / evals.sum())
         users = graph.users()
+        # readers sharing the embedding's table (a tied head): fold_residual rotates both copies alike; they are
+        # tied again after it, so the sliced model keeps one table
+        tied = [(r, e) for e in res.embeddings for r in res.readers if r.args[1] is e.args[0]]
         fold_residual(graph, res, users, q)
+        for r, e in tied:
+            r.args = (r.args[0], e.args[0], *r.args[2:])
         if keep < d:
-            gain = math.sqrt(d / keep)  # RMSNorm now averages over keep channels: restore the d-channel scale
-            for r in res.readers:
-                set_weight(graph, r, 1, users, lambda w: w * gain)
+            # RMSNorm now averages over keep channels: a constant gain sqrt(d/keep) restores the d-channel scale
+            # (a gain, not a scaled reader weight, so a tied head stays tied and the norm keeps its HF form)
+            gain = math.sqrt(d / keep)
+            dtype = res.embeddings[0].args[0].data.dtype if res.embeddings else torch.float32
+            for n in res.norms:
+                w = graph.add_param(graph.fresh_param_name(f"{n.module or n.name}.weight"),
+                                    torch.full((keep,), gain, dtype=dtype))
+                n.args = (n.args[0], w, *n.args[2:])
         from lowbit.passes.dce import eliminate_dead_code
 
         eliminate_dead_code(graph)
@@ -114,7 +125,7 @@ class SliceResidual(Pass):
         graph.meta["pruned"] = {**graph.meta.get("pruned", {}), "hidden_size": keep}
         return PassResult(True, {"hidden_size": [d, keep], "energy_kept": round(energy, 5),
                                  "readers": len(res.readers), "writers": len(res.writers),
-                                 "untied": list(regions.tied), "calib_sites": len(stats_in), "tokens": col.tokens,
+                                 "tied": len(tied), "calib_sites": len(stats_in), "tokens": col.tokens,
                                  "params_before": params_before,
                                  "params_after": sum(v.data.numel() for v in graph.params.values()), **shapes,
                                  "seconds": round(time.perf_counter() - t0, 2)})
