@@ -188,6 +188,13 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     ("w4a16-pc", "quarot-gptq-awq-clip", "fold-norms + Hadamard R1-R4, then AWQ scales + GPTQ per channel on the "
      "output-aware clipped grid (damp 0.001)",
      f"{ROT},gptq(w=int4,sym=false,awq=true,clip=true,damp=0.001,{{cal}})", MAIN),
+    # session 8: the g64 "regression" above is awq=true's, not the rotation's: awq turns GPTQ's single pass off
+    # (wt2-512x8, calib 16: rotated GPTQ clip 1.092x; single_pass=false 1.119x; awq=true 1.114x). Screened the
+    # same way: GPTQ g64 clip 1.131x, fold-norms first 1.127x, + Hadamard R1-R4 1.092x (R1 only 1.101x, R2-R4
+    # only 1.097x); at x40 the A8 pair differs only in awq (1.084x without, 1.104x with); this row is the W4A16
+    # one without AWQ
+    ("w4a16-g64", "quarot-gptq-clip", "fold-norms + Hadamard R1-R4, then GPTQ g64 on the output-aware clipped grid "
+     "(damp 0.001), no AWQ", f"{ROT},gptq(w=int4,group=64,sym=false,clip=true,damp=0.001,{{cal}})", MAIN),
     # SpinQuant-style (item 4a), at CPU size: R1 = Hadamard·U, U learned on the W4A4 fake-quantized next-token loss
     ("w4a4kv4", "spinquant", "fold-norms + Hadamard R1-R4, R1 refined on the W4A4 fake-quant loss (Cayley/Adam, "
      "16 steps x 1 window of 256, kept only if it beats the start on 8 windows) + GPTQ W4 per channel", f"fold-norms,{SPIN},gptq(w=int4,sym=false,{{cal}}),quantize({A4})",
