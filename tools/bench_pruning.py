@@ -144,6 +144,45 @@ ROWS += [
     ("2:4", "sparsegpt", "true sequential, 16 windows",
      f"sparsify(method=sparsegpt,pattern=2:4,true_sequential=true,{CAL})"),
 ]
+# learned masks (issue 21: ProxSparse-style): per linear, ADMM on the output error + ProxSparse's 2:4 regulariser
+# (unstructured: exact-count projection), exact mask, kept weights refitted; same calibration as the rows above
+ROWS += [
+    ("2:4", "learned", "", f"sparsify(method=learned,pattern=2:4,{CAL})"),
+    ("unstructured-50", "learned", "", f"sparsify(method=learned,sparsity=0.5,{CAL})"),
+]
+
+
+class PeakRSS:
+    """The process's peak resident memory while the ``with`` body runs (MiB, sampled every 0.1 s from
+    /proc/self/status; the process's whole RSS, so the model and the float graph are in it)."""
+
+    def __enter__(self) -> "PeakRSS":
+        import threading
+
+        self.mb = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.1):
+            self.mb = max(self.mb, self._rss())
+
+    @staticmethod
+    def _rss() -> float:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+        return 0.0
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.mb = max(self.mb, self._rss())
 
 
 def _block_linear_params(g) -> int:
@@ -562,7 +601,7 @@ def main() -> None:
     def emit(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
-        merge_rows(out, header, rows)
+        merge_rows(out, header, rows, append_command=True)
 
     queued: list[tuple] = []
     for scheme, method, variant, pipeline in ROWS:
@@ -577,7 +616,8 @@ def main() -> None:
         try:
             if pipeline is not None:
                 try:
-                    report = PassManager(_on_device(pipeline, dev)).run(g)
+                    with PeakRSS() as peak:
+                        report = PassManager(_on_device(pipeline, dev)).run(g)
                 except Exception as exc:
                     if dev == "cpu":
                         raise
@@ -586,6 +626,8 @@ def main() -> None:
                     report = PassManager(pipeline).run(g)
                 stats = {r.spec: r.stats for r in report.records}
             row = score(g, scheme, method, variant, pipeline, time.perf_counter() - t1, stats)
+            if pipeline is not None and not fallback:
+                row["pass_peak_rss_mb"] = peak.mb
             if fallback:
                 row["calibration_fallback"] = fallback
         except Exception as exc:

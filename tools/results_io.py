@@ -56,12 +56,18 @@ def load_results(out: Path) -> dict:
 
 
 def merge_rows(out: Path, header: dict, rows: list[dict], key: Sequence[str] = ROW_KEY,
-               replace_header: bool = True) -> None:
+               replace_header: bool = True, append_command: bool = False) -> None:
     """Write ``rows`` into ``out``, replacing the rows with the same ``key`` values and keeping the others.
 
     ``replace_header``: the file's top level becomes ``header`` (the newest run's command and versions);
-    False keeps an existing top level (a run that only adds rows of another model)."""
+    False keeps an existing top level (a run that only adds rows of another model). ``append_command``: the
+    header's ``command`` is added after the file's earlier ones (``old; new``), so a file filled by several runs
+    keeps every command that produced its rows."""
     old = load_results(out)
+    earlier = old.get("command", "")
+    if append_command and earlier and header.get("command"):
+        new = header["command"]
+        header = {**header, "command": earlier if new in earlier else f"{earlier}; {new}"}
     ident = lambda r: tuple(r.get(k) for k in key)  # noqa: E731
     new_keys = {ident(r) for r in rows}
     merged = [r for r in old.get("rows", []) if ident(r) not in new_keys] + rows
