@@ -48,7 +48,18 @@ import torch
 from lowbit.ir.quant import QDType, get_qdtype, qparams_from_range
 
 __all__ = ["HessianAccumulator", "GPTQResult", "gptq_quantize", "rtn_quantize", "weight_qparams",
-           "quantize_with", "fake_quantize", "single_thread", "qdtype_of", "output_error"]
+           "quantize_with", "fake_quantize", "single_thread", "qdtype_of", "output_error", "check_weight_hessian"]
+
+
+def check_weight_hessian(w: torch.Tensor, h: torch.Tensor, what: str) -> tuple[int, int]:
+    """``(N, K)`` of a linear's ``[out, in]`` weight whose input Hessian ``h`` is ``[K, K]``; a ``ValueError`` naming
+    ``what`` (GPTQ, SparseGPT, the learned mask) otherwise."""
+    if w.dim() != 2:
+        raise ValueError(f"{what}: weight must be 2-d [out, in], got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"{what}: Hessian shape {tuple(h.shape)} does not match the weight's input size {k}")
+    return n, k
 
 
 @contextmanager
@@ -321,11 +332,7 @@ def gptq_quantize(
     Everything is computed on ``h``'s device (``w`` and ``qparams`` are moved there) and returned there.
     """
     t0 = time.perf_counter()
-    if w.dim() != 2:
-        raise ValueError(f"GPTQ: weight must be 2-d [out, in], got shape {tuple(w.shape)}")
-    n, k = w.shape
-    if h.shape != (k, k):
-        raise ValueError(f"GPTQ: Hessian shape {tuple(h.shape)} does not match the weight's input size {k}")
+    n, k = check_weight_hessian(w, h, "GPTQ")
     _check_group(k, group_size)
     if block_size < 1:
         raise ValueError(f"GPTQ: block_size must be positive, got {block_size}")

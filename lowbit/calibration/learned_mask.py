@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from lowbit.calibration.gptq import single_thread
+from lowbit.calibration.gptq import check_weight_hessian, single_thread
 from lowbit.calibration.sparsity import SparsityPattern, prune_mask
 
 __all__ = ["learn_mask", "prox_nm", "nm_regulariser"]
@@ -113,11 +113,7 @@ def learn_mask(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, *, steps: i
 def _learn_mask(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, steps: int, lam: float, rho: float,
                 rho_growth: float, refit_iters: int, damp: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     t0 = time.perf_counter()
-    if w.dim() != 2:
-        raise ValueError(f"weight is {w.dim()}-d; a linear's weight is [out, in]")
-    n, k = w.shape
-    if h.shape != (k, k):
-        raise ValueError(f"Hessian shape {tuple(h.shape)} does not match the weight's input size {k}")
+    n, k = check_weight_hessian(w, h, "learned mask")
     if p.is_nm and k % p.m:  # type: ignore[operator]
         raise ValueError(f"{p} needs the input size to be a multiple of {p.m}, but it is {k}")
     if not bool(torch.isfinite(h).all()) or not bool(torch.isfinite(w).all()):

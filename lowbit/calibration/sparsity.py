@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from lowbit.calibration.gptq import _inverse_cholesky, single_thread
+from lowbit.calibration.gptq import _inverse_cholesky, check_weight_hessian, single_thread
 
 __all__ = ["SparsityPattern", "Selection", "parse_pattern", "prune_mask", "sparsegpt_prune", "check_pattern"]
 
@@ -139,9 +139,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: 
     share ``h`` (q/k/v): each is its own layer for the selection. Computation on ``h``'s device in float32 (the
     factor in float64)."""
     t0 = time.perf_counter()
-    n, k = w.shape
-    if h.shape != (k, k):
-        raise ValueError(f"SparseGPT: Hessian shape {tuple(h.shape)} does not match the weight's input size {k}")
+    n, k = check_weight_hessian(w, h, "SparseGPT")
     groups = [n] if groups is None else list(groups)
     if sum(groups) != n or min(groups) < 1:
         raise ValueError(f"SparseGPT: row groups {groups} do not split the weight's {n} rows")
