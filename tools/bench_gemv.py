@@ -64,6 +64,8 @@ PREFILL_CONFIGS = [_tm(*c) for c in (
     (64, 64, 4, 3, 2), (64, 128, 4, 3, 2), (64, 128, 8, 2, 2),
     (128, 64, 4, 2, 1), (128, 128, 4, 2, 1), (128, 128, 8, 2, 1), (128, 128, 8, 3, 1), (128, 256, 8, 2, 1),
     (128, 64, 4, 3, 2), (128, 128, 8, 3, 2), (128, 128, 4, 3, 2))]
+"""``tc_m``: ``_tc_t`` at prefill M (16 < M <= 256) with 32/64/128-row tiles; a config runs only at the M whose
+bucket (``weight_only.prefill_bucket``) is its ``BLOCK_M``."""
 
 
 def _tcc(bm, bn, ps, w, st, sk):
@@ -78,8 +80,6 @@ CHUNK_CONFIGS = [_tcc(*c) for c in (
     (128, 64, 4, 4, 3, 1), (128, 128, 4, 8, 3, 1), (128, 128, 8, 8, 3, 1), (128, 128, 4, 8, 4, 1),
     (128, 256, 4, 8, 3, 1), (128, 128, 2, 4, 3, 1), (128, 64, 8, 4, 3, 2))]
 """``tc_c``: ``_tc_chunk`` (``PS`` code positions per dot) at M = 16 (16-row tiles) and prefill M (the bucket's)."""
-"""``tc_m``: ``_tc_t`` at prefill M (16 < M <= 256) with 32/64/128-row tiles; a config runs only at the M whose
-bucket (``weight_only.prefill_bucket``) is its ``BLOCK_M``."""
 
 
 VARIANTS: dict[str, list[dict]] = {

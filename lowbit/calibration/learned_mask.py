@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from lowbit.calibration.gptq import check_weight_hessian, single_thread
-from lowbit.calibration.sparsity import SparsityPattern, prune_mask
+from lowbit.calibration.sparsity import SparsityPattern, check_pattern, prune_mask
 
 __all__ = ["learn_mask", "prox_nm", "nm_regulariser"]
 
@@ -114,8 +114,7 @@ def _learn_mask(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, steps: int
                 rho_growth: float, refit_iters: int, damp: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     t0 = time.perf_counter()
     n, k = check_weight_hessian(w, h, "learned mask")
-    if p.is_nm and k % p.m:  # type: ignore[operator]
-        raise ValueError(f"{p} needs the input size to be a multiple of {p.m}, but it is {k}")
+    check_pattern(k, p, "learned mask")
     if not bool(torch.isfinite(h).all()) or not bool(torch.isfinite(w).all()):
         raise ValueError("the weight or its input Hessian holds non-finite values")
     dev = h.device

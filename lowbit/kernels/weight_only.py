@@ -1078,12 +1078,11 @@ def _tc_chunk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
                 zz = zz_pc
             else:
                 g = (c * (PER * CW) + pos * CW) // GROUP
-                sp = s_ptr + offs_n[None, :] * ssn + g[:, None] * ssg
-                sc = tl.load(sp, mask=n_ok[None, :], other=0).to(tl.float32)[:, None, :]
+                so = offs_n[None, :] * ssn + g[:, None] * ssg  # [PS, BLOCK_N]: each position's group, per column
+                sc = tl.load(s_ptr + so, mask=n_ok[None, :], other=0).to(tl.float32)[:, None, :]
                 zz = tl.zeros((PS, 1, BLOCK_N), dtype=tl.float32) + OFF
                 if HAS_ZP:
-                    zp = z_ptr + offs_n[None, :] * ssn + g[:, None] * ssg
-                    zz += tl.load(zp, mask=n_ok[None, :], other=0).to(tl.float32)[:, None, :]
+                    zz += tl.load(z_ptr + so, mask=n_ok[None, :], other=0).to(tl.float32)[:, None, :]
             xk = tl.load(x_ptr + offs_m[:, None] * sxm + c * (PER * CW) + h * KS + offs_ks[None, :],
                          mask=m_ok[:, None], other=0.0)
             w = (u.to(tl.float32) - zz) * sc
@@ -1273,10 +1272,23 @@ _R_TABLE: dict[tuple[int, int], dict] = {  # run R9 of bench/results/gemv.json (
 (``tools/bench_gemv.py``, family ``cc_r``); other shapes keep ``_gemv_t``."""
 
 
-_PREFILL_TC_TABLE: dict[tuple[int, int, int], dict] = {(32, 4096, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4, 'PREFETCH': 0}, (32, 4096, 11008): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4, 'PREFETCH': 0}, (32, 11008, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0}, (32, 12288, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0}, (32, 22016, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0}, (64, 4096, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'PS': 8, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2}, (64, 4096, 11008): {'BLOCK_M': 64, 'BLOCK_N': 64, 'PS': 8, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2}, (64, 11008, 4096): {'BLOCK_M': 64, 'BLOCK_N': 128, 'PS': 8, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1}, (64, 12288, 4096): {'BLOCK_M': 64, 'BLOCK_N': 128, 'PS': 8, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1}, (64, 22016, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 1, 'PREFETCH': 0}, (128, 4096, 11008): {'BLOCK_M': 128, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2, 'PREFETCH': 0}}  # run S8b
-"""(M bucket 32/64/128, N, K) -> ``_tc_t`` config for 16 < M <= 256 on the N-major words: the shapes where the H200
-sweep (``tools/bench_gemv.py``, family ``tc_m``) measured the fused dequantize + tensor-core loop faster than
-dequantize + cuBLAS; elsewhere those M take the dequantize + cuBLAS path."""
+_PREFILL_TC_TABLE: dict[tuple[int, int, int], dict] = {  # run S8b of bench/results/gemv.json
+    (32, 4096, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4, 'PREFETCH': 0},
+    (32, 4096, 11008): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4, 'PREFETCH': 0},
+    (32, 11008, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0},
+    (32, 12288, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0},
+    (32, 22016, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0},
+    (64, 4096, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'PS': 8, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2},
+    (64, 4096, 11008): {'BLOCK_M': 64, 'BLOCK_N': 64, 'PS': 8, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2},
+    (64, 11008, 4096): {'BLOCK_M': 64, 'BLOCK_N': 128, 'PS': 8, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1},
+    (64, 12288, 4096): {'BLOCK_M': 64, 'BLOCK_N': 128, 'PS': 8, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1},
+    (64, 22016, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 1, 'PREFETCH': 0},
+    (128, 4096, 11008): {'BLOCK_M': 128, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2, 'PREFETCH': 0},
+}
+"""(M bucket 32/64/128, N, K) -> tensor-core config for 16 < M <= 256 on the N-major words, ``_tc_t`` (family
+``tc_m``) or, where the config has ``PS``, ``_tc_chunk`` (``tc_c``): the fastest of the H200 sweep
+(``tools/bench_gemv.py``) at the shapes where it beat dequantize + cuBLAS by 3% or more; elsewhere those M take the
+dequantize + cuBLAS path."""
 
 PREFILL_TC_MAX_M = 256
 """The largest M ``_PREFILL_TC_TABLE`` serves (M above 128 reuses the 128 bucket's tiles on more row tiles)."""

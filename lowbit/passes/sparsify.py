@@ -229,6 +229,14 @@ class Sparsify(Pass):
 
             ctx.run(on_node=hook, outputs=[])
 
+        def apply_stacked(nodes: list[Node], ws: list[torch.Tensor], stacked: torch.Tensor, masks: torch.Tensor,
+                          bp: SparsityPattern) -> None:
+            """Hand each linear its rows of a solve over the stacked weights of the linears sharing one input."""
+            row = 0
+            for n, w in zip(nodes, ws):
+                apply(n, stacked[row:row + w.shape[0]].clone(), masks[row:row + w.shape[0]], bp)
+                row += w.shape[0]
+
         def on_block(ctx: BlockRun) -> bool:
             nonlocal sgpt_loss, learned_loss, learned_wanda
             keys = list(dict.fromkeys(id(n.args[0]) for n in ctx.nodes() if id(n) in want))
@@ -252,10 +260,7 @@ class Sparsify(Pass):
                         raise PassError(f"pass sparsify: method=learned on linear {where}: {exc}") from None
                     learned_loss += st["loss"]
                     learned_wanda += st["loss_wanda_mask"]
-                    row = 0
-                    for n, w in zip(nodes, ws):
-                        apply(n, stacked[row:row + w.shape[0]].clone(), masks[row:row + w.shape[0]], bp)
-                        row += w.shape[0]
+                    apply_stacked(nodes, ws, stacked, masks, bp)
                     bar.update(1)
                     continue
                 if o.method == "sparsegpt":
@@ -266,10 +271,7 @@ class Sparsify(Pass):
                                                          block_size=o.block_size, selection=o.selection,
                                                          groups=[int(w.shape[0]) for w in ws])
                     sgpt_loss += st["loss"]
-                    row = 0
-                    for n, w in zip(nodes, ws):
-                        apply(n, stacked[row:row + w.shape[0]].clone(), masks[row:row + w.shape[0]], bp)
-                        row += w.shape[0]
+                    apply_stacked(nodes, ws, stacked, masks, bp)
                     continue
                 norm = sq.pop(key).sqrt().float()
                 for n in nodes:
