@@ -195,6 +195,22 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     # one without AWQ
     ("w4a16-g64", "quarot-gptq-clip", "fold-norms + Hadamard R1-R4, then GPTQ g64 on the output-aware clipped grid "
      "(damp 0.001), no AWQ", f"{ROT},gptq(w=int4,group=64,sym=false,clip=true,damp=0.001,{{cal}})", MAIN),
+    # session 9 (GPU): AutoRound after the rotation. Without rotation AutoRound (AWQ+clip start) reached 1.050x at
+    # g64 and 1.063x at W4A8 (SmoothQuant first); GPTQ after the rotation 1.084x. AutoRound needs gradients through
+    # each block (hours on this CPU): these rows run with --device cuda.
+    ("w4a16-g64", "quarot-autoround-clip", "fold-norms + Hadamard R1-R4, then AutoRound g64 (clipped-grid start, "
+     "200 signed-gradient steps per block)", f"{ROT},autoround(w=int4,group=64,sym=false,clip=true,{{cal}})", MAIN),
+    ("w4a16-g64", "quarot-autoround-awq-clip", "fold-norms + Hadamard R1-R4, then AutoRound g64 (AWQ scales + "
+     "clipped-grid start, 200 steps per block)",
+     f"{ROT},autoround(w=int4,group=64,sym=false,awq=true,clip=true,{{cal}})", MAIN),
+    ("w4a8", "quarot-autoround-clip", "fold-norms + Hadamard R1-R4, then AutoRound g64 (clipped-grid start, 200 "
+     "steps per block) + A8 per token",
+     f"{ROT},autoround(w=int4,group=64,sym=false,clip=true,{{cal}}),quantize(a=int8)", MAIN),
+    ("w4a4kv4", "kurtail-a4-autoround-acs", "KurTail + A4 (clipped 0.9) in place before AutoRound W4 per channel "
+     "(clipped-grid start, 200 steps per block: the block learns around its A4 error) + KV4, then the A4 clip "
+     "ratios searched per quantizer",
+     f"fold-norms,{KURTAIL},quantize(a=int4,a_clip=0.9),autoround(w=int4,sym=false,clip=true,{{cal}}),"
+     f"quantize({KV}),clip-activations({{cal}})", MAIN),
     # SpinQuant-style (item 4a), at CPU size: R1 = Hadamard·U, U learned on the W4A4 fake-quantized next-token loss
     ("w4a4kv4", "spinquant", "fold-norms + Hadamard R1-R4, R1 refined on the W4A4 fake-quant loss (Cayley/Adam, "
      "16 steps x 1 window of 256, kept only if it beats the start on 8 windows) + GPTQ W4 per channel", f"fold-norms,{SPIN},gptq(w=int4,sym=false,{{cal}}),quantize({A4})",
