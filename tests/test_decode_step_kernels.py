@@ -53,6 +53,8 @@ def test_cache_row_write_equals_scatter(device):
     expect = cache.clone().scatter_(2, index, new)
     write_cache_rows(cache, index, new)
     assert torch.equal(cache, expect)
+    write_cache_rows(cache, index, -new, checked=True)  # scatter_into's path: it has checked the index itself
+    assert torch.equal(cache, expect.clone().scatter_(2, index, -new))
     full = index.contiguous()  # a materialised index may hold anything: not a row write
     assert not cache_rows_index(full, 2, new) and not cache_rows_index(index, 1, new)
     with pytest.raises(ValueError, match="write_cache_rows.*not a row index"):

@@ -498,6 +498,32 @@ def test_slice_residual_narrows_every_layer_and_beats_a_random_rotation(slice_f3
     assert err < 0.07 and err < 0.6 * _rel_err(g_random, ids, ref)
 
 
+def test_slice_residual_tied_head_matches_an_untied_copy_bit_for_bit(slice_f32):
+    """A head still tied to the embedding (retied here after fold-norms) reads the embedding's rotated table
+    after slicing (one table, rotated once), and the model is bit-identical to slicing the same head holding its
+    own copy of that table (rotated by the general reader path)."""
+    from lowbit.passes.dce import eliminate_dead_code
+
+    graph, ids, _ = slice_f32
+    tied = graph.clone()
+    PassManager("fold-norms").run(tied)
+    head = next(n for n in tied.find("linear") if n.module == "lm_head")
+    emb = next(n for n in tied.nodes if n.op == "embedding")
+    head.args = (head.args[0], emb.args[0], *head.args[2:])
+    eliminate_dead_code(tied)
+    untied = tied.clone()
+    head_u = next(n for n in untied.find("linear") if n.module == "lm_head")
+    own = untied.add_param(untied.fresh_param_name("lm_head.weight"), head_u.args[1].data.clone())
+    head_u.args = (head_u.args[0], own, *head_u.args[2:])
+    spec = f"slice-residual(ratio=0.25,{SLICE_CALIB})"
+    st_tied = PassManager(spec).run(tied).records[-1].stats
+    st_untied = PassManager(spec).run(untied).records[-1].stats
+    assert st_tied["tied"] == 1 and st_untied["tied"] == 0
+    assert head.args[1] is emb.args[0] and head.args[1].data.shape == (49152, 432)
+    assert torch.equal(head.args[1].data, head_u.args[1].data)
+    assert torch.equal(TorchCompiled(tied)(ids[:1, :64]), TorchCompiled(untied)(ids[:1, :64]))
+
+
 def test_slice_residual_bad_input_names_the_norm_and_the_number(slice_f32):
     graph, _, _ = slice_f32
     with pytest.raises(PipelineError, match=r"needs fold-norms first: rms_norm %.* \(module 'model\.layers\.0"):

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_io import machine, merge_rows
+from results_io import CALIB_ROW_KEY, machine, merge_rows
 
 KV = "kv=int4,k_gran=per_token,v_gran=per_token,kv_group=64"
 A4 = f"a=int4,{KV}"
@@ -310,6 +310,8 @@ def main() -> None:
                          "command": header["command"]})
             print(rows[-1], flush=True)
         pipeline = pipe.format(cal=cal) if pipe else None
+        # part of the row's key (CALIB_ROW_KEY): an error row carries it too, so a later success replaces it
+        calib = f"{args.calib} {args.calib_n}x512" if "{cal}" in (pipe or "") else None
         if pipeline and device.type != "cpu":  # every calibrating pass says progress=false
             pipeline = pipeline.replace("progress=false", f"progress=false,device={args.device}")
         try:
@@ -317,13 +319,13 @@ def main() -> None:
             r = score(g, ev)
         except Exception as exc:  # one failing row must not lose the others
             rows.append({"model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant, "eval": ev,
-                         "error": f"{type(exc).__name__}: {str(exc)[:400]}", "pipeline": pipeline,
+                         "error": f"{type(exc).__name__}: {str(exc)[:400]}", "calib": calib, "pipeline": pipeline,
                          "device": header["device"], "date": header["date"], "command": header["command"]})
             print(rows[-1], flush=True)
             continue
         finally:
             if not args.dry:
-                merge_rows(out, header, rows, replace_header=False)
+                merge_rows(out, header, rows, key=CALIB_ROW_KEY, replace_header=False)
         learned = next((st["learned"] for st in stats if isinstance(st.get("learned"), dict)), None)
         extra = {} if learned is None else {
             # the learning step alone: collecting the norm outputs once, then the optimiser (wall seconds), and
@@ -336,14 +338,14 @@ def main() -> None:
             **extra,
             "model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant, "eval": ev,
             "value": round(r.ppl, 4), "float_value": round(floats[ev], 4), "ratio": round(r.ppl / floats[ev], 4),
-            "calib": f"{args.calib} {args.calib_n}x512" if "{cal}" in (pipe or "") else None,
+            "calib": calib,
             "pipeline": pipeline, "pass_seconds": round(pass_s, 1), "seconds": round(r.seconds, 1),
             "peak_rss_mb": round(_rss_mb(), 1), "device": header["device"], "date": header["date"],
             "command": header["command"], "pass_stats": stats,
         })
         print({k: v for k, v in rows[-1].items() if k not in ("pass_stats", "command")}, flush=True)
         if not args.dry:
-            merge_rows(out, header, rows, replace_header=False)
+            merge_rows(out, header, rows, key=CALIB_ROW_KEY, replace_header=False)
 
 
 if __name__ == "__main__":

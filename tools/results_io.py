@@ -14,6 +14,11 @@ import torch
 ROW_KEY = ("model", "scheme", "method", "variant", "eval", "device")
 """Fields that identify a row: a new row replaces an old one with the same values, other rows are kept."""
 
+CALIB_ROW_KEY = (*ROW_KEY, "calib")
+"""``ROW_KEY`` and the calibration a row records (``"<text> <n>x<len>"``), for benches run at several calibration
+sizes: a ``--calib-n 16`` row then sits beside the ``--calib-n 120`` one instead of replacing it. A row without
+the field reads as ``calib`` None, so rows that calibrate nothing group exactly as under ``ROW_KEY``."""
+
 
 def machine(device: str | torch.device = "cpu") -> str:
     """``cuda: <GPU name>`` or ``cpu: <CPU model>, <cores> cores, <threads> threads``: a row's ``device``."""

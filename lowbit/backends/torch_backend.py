@@ -56,7 +56,7 @@ def scatter_into(dst: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Te
         from lowbit.kernels.decode_step import cache_rows_index, write_cache_rows
 
         if cache_rows_index(index, dim, src) and dst.dtype == src.dtype:
-            write_cache_rows(dst, index, src)
+            write_cache_rows(dst, index, src, checked=True)
             return
     dst.scatter_(dim, index, src)
 

@@ -94,11 +94,15 @@ def _write_rows(c_ptr, i_ptr, s_ptr, H, N, D, scb, sch, scs, sib, sin, ssb, ssh,
     tl.store(c_ptr + b * scb + h * sch + pos * scs + offs, row.to(c_ptr.dtype.element_ty), mask=ok)
 
 
-def write_cache_rows(cache: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+def write_cache_rows(cache: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, checked: bool = False) -> None:
     """``cache.scatter_(2, index, src)`` for an index ``cache_rows_index`` accepts, one launch on the kernel device
-    (the reference elsewhere). Positions must lie inside the cache (the caller's contract, as for ``scatter_``)."""
-    check(cache_rows_index(index, 2, src), "write_cache_rows",
-          f"index {tuple(index.shape)} strides {index.stride()} is not a row index for src {tuple(src.shape)}")
+    (the reference elsewhere). Positions must lie inside the cache (the caller's contract, as for ``scatter_``).
+
+    ``checked=True``: the caller has just called ``cache_rows_index`` itself (``scatter_into`` does, to pick this
+    path), so the check and its message are not built again on every decode step's cache write."""
+    if not checked:
+        check(cache_rows_index(index, 2, src), "write_cache_rows",
+              f"index {tuple(index.shape)} strides {index.stride()} is not a row index for src {tuple(src.shape)}")
     if not (on_kernel_device(cache) and on_kernel_device(src)) or cache.stride(3) != 1 or src.stride(3) != 1:
         write_cache_rows_ref(cache, index, src)
         return

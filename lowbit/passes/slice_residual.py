@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import torch
 from pydantic import Field
@@ -103,10 +104,12 @@ class SliceResidual(Pass):
         q = q[:, :keep]
         energy = float(evals[:keep].sum() / evals.sum())
         users = graph.users()
-        # readers sharing the embedding's table (a tied head): fold_residual rotates both copies alike; they are
-        # tied again after it, so the sliced model keeps one table
+        # readers sharing the embedding's table (a tied head) are left out of the fold and then read the
+        # embedding's rotated table: E·Q is computed once (it is the largest product) and the sliced model keeps
+        # one table
         tied = [(r, e) for e in res.embeddings for r in res.readers if r.args[1] is e.args[0]]
-        fold_residual(graph, res, users, q)
+        tied_readers = {id(r) for r, _ in tied}
+        fold_residual(graph, replace(res, readers=[r for r in res.readers if id(r) not in tied_readers]), users, q)
         for r, e in tied:
             r.args = (r.args[0], e.args[0], *r.args[2:])
         if keep < d:

@@ -1,0 +1,59 @@
+"""tools/results_io.merge_rows: which rows a new run replaces in a results file.
+
+The benchmarks under ``tools/`` are scripts, not a package; the test imports ``results_io`` from that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from results_io import CALIB_ROW_KEY, ROW_KEY, merge_rows  # noqa: E402
+
+
+def _row(method: str, value: float, **extra: object) -> dict:
+    return {"model": "m", "scheme": "w4a4kv4", "method": method, "variant": "", "eval": "wt2-512x40",
+            "device": "cpu", "value": value, **extra}
+
+
+def _rows(out: Path) -> list[dict]:
+    return json.loads(out.read_text())["rows"]
+
+
+def test_row_key_replaces_same_key_and_keeps_others(tmp_path):
+    out = tmp_path / "r.json"
+    merge_rows(out, {"command": "a"}, [_row("rtn", 1.0), _row("gptq", 2.0)])
+    merge_rows(out, {"command": "b"}, [_row("gptq", 3.0)])
+    assert [(r["method"], r["value"]) for r in _rows(out)] == [("rtn", 1.0), ("gptq", 3.0)]
+    assert json.loads(out.read_text())["command"] == "b"
+
+
+def test_row_key_ignores_calib(tmp_path):
+    """The default key leaves calibration out: benches that key on it opt in with CALIB_ROW_KEY."""
+    out = tmp_path / "r.json"
+    merge_rows(out, {}, [_row("gptq", 1.0, calib="c 120x512")])
+    merge_rows(out, {}, [_row("gptq", 2.0, calib="c 16x512")], key=ROW_KEY)
+    assert [r["value"] for r in _rows(out)] == [2.0]
+
+
+def test_calib_key_keeps_rows_of_other_calibration_sizes(tmp_path):
+    out = tmp_path / "r.json"
+    merge_rows(out, {}, [_row("gptq", 1.0, calib="c 120x512")], key=CALIB_ROW_KEY)
+    merge_rows(out, {}, [_row("gptq", 2.0, calib="c 16x512")], key=CALIB_ROW_KEY)
+    assert sorted((r["calib"], r["value"]) for r in _rows(out)) == [("c 120x512", 1.0), ("c 16x512", 2.0)]
+    merge_rows(out, {}, [_row("gptq", 3.0, calib="c 16x512")], key=CALIB_ROW_KEY)  # same calibration: replaced
+    assert sorted((r["calib"], r["value"]) for r in _rows(out)) == [("c 120x512", 1.0), ("c 16x512", 3.0)]
+
+
+def test_calib_key_groups_rows_without_calib_as_row_key_does(tmp_path):
+    """A missing field and ``calib: None`` (a row that calibrates nothing, a float row) are one key, so a re-run
+    neither duplicates nor drops rows written before the field existed."""
+    out = tmp_path / "r.json"
+    old = [_row("float", 1.0), _row("rtn", 2.0, calib=None), _row("gptq", 3.0, calib="c 16x512")]
+    merge_rows(out, {}, old, key=CALIB_ROW_KEY)
+    rerun = [_row("float", 1.5, calib=None), _row("rtn", 2.5), _row("gptq", 3.5, calib="c 16x512")]
+    merge_rows(out, {}, rerun, key=CALIB_ROW_KEY)
+    assert [(r["method"], r["value"]) for r in _rows(out)] == [("float", 1.5), ("rtn", 2.5), ("gptq", 3.5)]
