@@ -443,9 +443,5 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
         raise RuntimeError(f"backend 'triton' runs on CUDA, not {dev!r}: " + NO_CUDA.split(": ", 1)[1])
     # a step graph's cache inputs are handed over by the generator (written in place), as on the torch backend
     donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
-    from lowbit.kernels._common import splitk_counters
-
-    # made now, outside any CUDA-graph capture, so that a first call inside one still splits K in one launch
-    splitk_counters(torch.empty(0, device=dev), 0)
     return TritonCompiled(graph, dev, compile=compile and torch.device(dev).type == "cuda", cuda_graphs=cuda_graphs,
                           donated=donated, semi_structured=semi_structured, sparse_library=sparse_library)
