@@ -308,67 +308,6 @@ N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major ke
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("group,bias", [(128, True), (0, False)])
-def test_gemv_r_reduces_its_split_k_in_one_launch(device, group, bias, monkeypatch):
-    """``_gemv_r``'s one-launch split-K (the column tile's last program sums the partials) gives the bits of the
-    two-launch path (partials + ``_splitk_reduce``), leaves the shared counters zero for the next call, and is
-    what a traced call (torch.compile) reaches, through the opaque ``weight_only_gemv_eager``."""
-    from lowbit.kernels import _common
-    from lowbit.kernels import weight_only as wo
-
-    n, k = 40, 768
-    q, s, z = _quantized_weight(n, k, "int4", group, False, device)
-    words, s2, z2 = wo.pack_words(q, s, z, "int4", group, n_major=True)
-    x = torch.randn(1, k, device=device).to(torch.bfloat16)
-    b = torch.randn(n, device=device).to(torch.bfloat16) if bias else None
-    cfg = {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "ROWS": 8, "SPLIT_K": 5, "num_warps": 1, "num_stages": 1}
-    fused = torch.empty(1, n, device=device, dtype=torch.bfloat16)
-    wo._launch_words(x, words, s2, z2, b, fused, "int4", group, cfg)
-    counters = _common._COUNTERS[x.device]
-    assert int(counters.abs().sum()) == 0
-    monkeypatch.setattr(wo, "splitk_counters", lambda *a: None)  # the two-launch path
-    two = torch.empty_like(fused)
-    wo._launch_words(x, words, s2, z2, b, two, "int4", group, cfg)
-    assert torch.equal(fused, two)
-    assert _rel(fused, weight_only_linear_ref(x, q, s, z, b, "int4", group)) <= TOL[torch.bfloat16]
-    monkeypatch.setitem(wo._R_TABLE, (n, k), {kk: v for kk, v in cfg.items() if kk not in ("TC", "BLOCK_M")})
-    assert wo.words_config(1, n, k, 4, wo.chunk_words(k, group, 4), True, group)["SPLIT_K"] == 5
-    gm = torch.fx.experimental.proxy_tensor.make_fx(  # what Inductor traces of the triton_op: its impl
-        lambda *t: wo._wo_impl(*t, "int4", group, "auto"), tracing_mode="fake")(x, words, s2, z2, b)
-    assert "weight_only_gemv_eager" in str(gm.graph)
-    assert torch.equal(torch.ops.lowbit.weight_only_gemv_eager(x, words, s2, z2, b, "int4", group), two)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("m,cfg", [
-    (1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 1, "SPLIT_K": 3}),
-    (1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "U": 2, "SPLIT_K": 2, "RED": True}),
-    (5, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 3}),
-    (40, {"TC": True, "BLOCK_M": 32, "BLOCK_N": 16, "SWAP": False, "SPLIT_K": 2})])
-def test_word_kernels_reduce_their_split_k_in_one_launch(device, m, cfg, monkeypatch):
-    """``_gemv_t`` and ``_tc_t`` (several row tiles too) reduce their split-K partials in the launch itself: the
-    bits of the two-launch path, with bias, and the shared counters left zero."""
-    from lowbit.kernels import _common
-    from lowbit.kernels import weight_only as wo
-
-    n, k = 40, 768
-    q, s, z = _quantized_weight(n, k, "int4", 128, False, device)
-    words, s2, z2 = wo.pack_words(q, s, z, "int4", 128, n_major=True)
-    x = torch.randn(m, k, device=device).to(torch.bfloat16)
-    b = torch.randn(n, device=device).to(torch.bfloat16)
-    cfg = dict(cfg, num_warps=4, num_stages=2)
-    assert wo._one_launch_split(m, 4, True, cfg)
-    fused = torch.empty(m, n, device=device, dtype=torch.bfloat16)
-    wo._launch_words(x, words, s2, z2, b, fused, "int4", 128, cfg)
-    assert int(_common._COUNTERS[x.device].abs().sum()) == 0
-    monkeypatch.setattr(wo, "splitk_counters", lambda *a: None)
-    two = torch.empty_like(fused)
-    wo._launch_words(x, words, s2, z2, b, two, "int4", 128, cfg)
-    assert torch.equal(fused, two)
-    assert _rel(fused, weight_only_linear_ref(x, q, s, z, b, "int4", 128)) <= TOL[torch.bfloat16]
-
-
-@pytest.mark.parametrize("device", DEVICES)
 def test_prefill_m_takes_the_tensor_core_words_only_where_swept(device, monkeypatch):
     """16 < M <= 256 runs ``_tc_t`` at (M bucket, N, K) in ``_PREFILL_TC_TABLE`` and dequantize + cuBLAS
     elsewhere; both agree with the reference."""

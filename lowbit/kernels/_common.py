@@ -23,37 +23,14 @@ def on_kernel_device(t: torch.Tensor) -> bool:
     return t.is_cuda or interpreting()
 
 
-def tracing(t: torch.Tensor) -> bool:
-    """True while torch traces the call (fake or functional tensors, torch.compile)."""
-    return type(t) not in (torch.Tensor, torch.nn.Parameter) or torch.compiler.is_compiling()
-
-
 def launcher(t: torch.Tensor, kernel):
-    """``wrap_triton(kernel)`` while torch traces (``tracing``), else ``kernel``.
+    """``wrap_triton(kernel)`` while torch traces (fake or functional tensors, torch.compile), else ``kernel``.
 
     Eager calls skip the traceable wrapper: its per-launch Python cost is far above the kernel's run time at
     decode sizes, and outside a ``triton_op`` it re-ran the autotuner on every call."""
-    return wrap_triton(kernel) if tracing(t) else kernel
-
-
-SPLITK_COUNTERS = 4096
-"""Column tiles one split-K launch may count on (``splitk_counters``)."""
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def splitk_counters(t: torch.Tensor, tiles: int) -> torch.Tensor | None:
-    """The zeroed int32 counters a one-launch split-K kernel counts its programs on, one per device (each launch
-    leaves them zero again, so launches on one stream share them; lowbit runs its kernels on one stream), or None
-    where they cannot serve: while torch traces (the graph would hold a copy) and when they would first be made
-    inside a CUDA-graph capture (they must outlive the graph's memory pool)."""
-    if tracing(t) or tiles > SPLITK_COUNTERS:
-        return None
-    counters = _COUNTERS.get(t.device)
-    if counters is None:
-        if t.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _COUNTERS[t.device] = torch.zeros(SPLITK_COUNTERS, dtype=torch.int32, device=t.device)
-    return counters
+    if type(t) in (torch.Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling():
+        return kernel
+    return wrap_triton(kernel)
 
 
 def check(cond: bool, op: str, msg: str) -> None:

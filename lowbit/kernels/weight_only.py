@@ -64,8 +64,6 @@ from torch.library import triton_op
 
 from lowbit.kernels._common import (
     cdiv,
-    splitk_counters,
-    tracing,
     check,
     interpreting,
     is_pow2,
@@ -755,11 +753,10 @@ def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, swk, ssn, ssg, mant, o
 
 @triton.jit
 def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos, mant, one,
-            out_ptr, cnt_ptr,
             BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
             HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
             CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, U: tl.constexpr,
-            PREFETCH: tl.constexpr = 0, RED: tl.constexpr = False, FUSED: tl.constexpr = False):
+            PREFETCH: tl.constexpr = 0, RED: tl.constexpr = False):
     """CUDA-core GEMV (M = 1) on the N-major words: per step a ``[U, CW, BLOCK_N]`` word tile; per code a shift,
     an and-or (``f = 1 + u/2**b``) and one FMA into a deferred fp32 accumulator of the tile's shape; per group
     ``acc += s * (a - d * sum x)`` with ``d = 1 + (off + z)/2**b`` (the algebra of ``_gemv_words``); one sum over
@@ -855,8 +852,6 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
                                                                         other=0).to(tl.float32)
     y = y * ONE
     _store_row(y, o_ptr, b_ptr, pid_k, offs_n, n_ok1, sos, PARTIAL, HAS_BIAS)
-    if FUSED:
-        _last_reduce(o_ptr, b_ptr, out_ptr, cnt_ptr + tl.program_id(0), offs_n, n_ok1, sos, HAS_BIAS, BLOCK_N)
 
 
 # Where ``_gemv_r`` finds each int4 code: code ``i`` sits at bits ``[4i, 4i+4)``; four shifts of the word bring
@@ -905,10 +900,10 @@ def _r_scale(s_ptr, z_ptr, offs, ok, OFF: tl.constexpr, HAS_ZP: tl.constexpr):
 
 @triton.jit
 def _gemv_r(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, N, NSTEP, STEP_SPLIT, swk, ssn, ssg, sos,
-            m12, m16, k12, k16, out_ptr, cnt_ptr,
+            m12, m16, k12, k16,
             SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr, HAS_ZP: tl.constexpr,
             HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, CW: tl.constexpr, ROWS: tl.constexpr,
-            BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = False, FUSED: tl.constexpr = False):
+            BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = False):
     """CUDA-core GEMV (M = 1) on N-major int4 words with a step's ``ROWS`` word rows inside one thread: per step a
     ``[ROWS, BLOCK_N]`` word tile (``BLOCK_N >= 128 * num_warps``: 16-byte loads along N, rows in-thread), so the
     activations a thread needs for one code position are ``ROWS`` contiguous values (one vector load shared by the
@@ -917,9 +912,7 @@ def _gemv_r(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, N, NSTEP, STEP_SPLIT, swk,
     ``y += s * (sum f*x - C - (off + z) * X)`` with ``X = sum x`` and ``C = sum 2**c * x`` over the group's codes
     (the activation sums kept per row and summed once per group: in the broadcast layout, no shuffles).
     ``STEP_SPLIT`` steps per program (split-K partials + ``_splitk_reduce`` when a column tile has several);
-    ``PREFETCH``: the next step's words are loaded before this step's arithmetic (a load always in flight).
-    ``FUSED`` (with ``PARTIAL``): the column tile's last program to finish sums the partials itself (``_last_reduce``)
-    into ``out_ptr``, so split-K costs no second launch."""
+    ``PREFETCH``: the next step's words are loaded before this step's arithmetic (a load always in flight)."""
     OFF: tl.constexpr = 8 if SIGNED else 0
     SPC: tl.constexpr = CW // ROWS
     pid_n = tl.program_id(0)
@@ -972,54 +965,14 @@ def _gemv_r(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, N, NSTEP, STEP_SPLIT, swk,
         s, zq = _r_scale(s_ptr, z_ptr, offs_n * ssn, n_ok, OFF, HAS_ZP)
         y = s * (y - zq * x_pc)
     _store_row(y, o_ptr, b_ptr, pid_k, offs_n, n_ok, sos, PARTIAL, HAS_BIAS)
-    if FUSED:
-        _last_reduce(o_ptr, b_ptr, out_ptr, cnt_ptr + pid_n, offs_n, n_ok, sos, HAS_BIAS, BLOCK_N)
-
-
-@triton.jit
-def _last_reduce(p_ptr, b_ptr, out_ptr, cnt_ptr, offs_n, n_ok, sos, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Split-K without a reduce launch: after its partial is stored, each program of a column tile counts itself
-    in at ``cnt_ptr`` (the barrier first, so the whole program's stores precede the release); the one that counts
-    last sums every split's partial in split order (+ bias, as ``_splitk_reduce`` does: the same bits), stores the
-    output and zeroes the counter for the next launch. The partials are read past L1 (``.cg``): other SMs wrote
-    them."""
-    tl.debug_barrier()
-    split = tl.num_programs(1)
-    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == split - 1:
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for s in range(0, split):
-            acc += tl.load(p_ptr + s * sos + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
-        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
-        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _last_reduce_tile(p_ptr, b_ptr, out_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, som, sos, HAS_BIAS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``_last_reduce`` for a ``[BLOCK_M, BLOCK_N]`` output tile (partials ``[split, M, N]``, output ``[M, N]``)."""
-    tl.debug_barrier()
-    split = tl.num_programs(1)
-    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == split - 1:
-        mask = m_ok[:, None] & n_ok[None, :]
-        tile = offs_m[:, None] * som + offs_n[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in range(0, split):
-            acc += tl.load(p_ptr + s * sos + tile, mask=mask, other=0.0, cache_modifier=".cg")
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
-        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
 def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos, mant, one,
-          out_ptr, cnt_ptr,
           BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
           HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
           UPCAST: tl.constexpr, CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          SWAP: tl.constexpr, PREFETCH: tl.constexpr = 0, FUSED: tl.constexpr = False):
+          SWAP: tl.constexpr, PREFETCH: tl.constexpr = 0):
     """Tensor-core GEMV (2 <= M <= 16) on the N-major words: per chunk a ``[CW, BLOCK_N]`` word tile (coalesced
     along N); per code ``i`` the exact integers ``q - z`` in the activation dtype and one ``[BLOCK_M, CW] x [CW,
     BLOCK_N]`` dot (``SWAP``: ``[BLOCK_N, CW] x [CW, BLOCK_M]``, the weights as the wide M side); the scale on the
@@ -1087,9 +1040,6 @@ def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, sw
                 if i % GI == GI - 1:
                     acc += _col_scale(p, s, SWAP)
     _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, GROUP, SWAP, PARTIAL, HAS_BIAS)
-    if FUSED:
-        _last_reduce_tile(o_ptr, b_ptr, out_ptr, cnt_ptr + tl.program_id(0) + tl.program_id(2) * tl.num_programs(0),
-                          offs_m, offs_n, m_ok, n_ok, som, sos, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -1401,19 +1351,6 @@ def _word_masks(bits: int) -> tuple[int, int]:
     return ((1 << bits) - 1) << (23 - bits), 0x3F800000
 
 
-def _r_launch(m: int, bits: int, n_major: bool, cfg: dict) -> bool:
-    """Whether ``_launch_words`` runs this call on ``_gemv_r``."""
-    return bool(cfg.get("ROWS")) and n_major and bits == 4 and not cfg["TC"] and m == 1
-
-
-def _one_launch_split(m: int, bits: int, n_major: bool, cfg: dict) -> bool:
-    """Whether ``_launch_words`` splits K on a kernel that reduces its own partials (``_gemv_r``, ``_gemv_t``,
-    ``_tc_t``: the N-major kernels with ``FUSED``)."""
-    if cfg["SPLIT_K"] <= 1 or not n_major:
-        return False
-    return _r_launch(m, bits, n_major, cfg) or not (cfg["TC"] and (cfg.get("PS") or cfg.get("PAIRS")))
-
-
 def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
     m, k = x2.shape
     n = words.shape[0]
@@ -1437,7 +1374,7 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
         meta["maxnreg"] = cfg["maxnreg"]
     n_major = is_n_major(words)
     sw = words.stride(1) if n_major else words.stride(0)
-    if _r_launch(m, bits, n_major, cfg):
+    if cfg.get("ROWS") and n_major and bits == 4 and not cfg["TC"] and m == 1:
         return _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg)
     mask_args = _word_masks(bits)  # the exponent-trick kernels' constants (``_tc_chunk`` converts codes directly)
     if cfg["TC"] and cfg.get("PS") and n_major and bits == 4:
@@ -1457,21 +1394,12 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
         meta.update(U=step, PREFETCH=cfg.get("PREFETCH", 0))
         if n_major:
             meta.update(RED=cfg.get("RED", False))
-    fusable = kernel is _tc_t or kernel is _gemv_t  # the kernels with a one-launch split-K (``_last_reduce``)
-    if fusable:
-        meta.update(out_ptr=out, cnt_ptr=scale)
     if split == 1:
         launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), sw,
                                    ssn, ssg, out.stride(0), 0, *mask_args, HAS_BIAS=bias is not None, PARTIAL=False,
                                    **meta)
         return out
     part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
-    counters = splitk_counters(x2, grid[0] * grid[2]) if fusable and out.stride(0) == n else None
-    if counters is not None:  # one launch: the last program of each output tile reduces
-        meta.update(cnt_ptr=counters)
-        kernel[grid](x2, words, scale, zp, b, part, m, n, nch, ch_split, x2.stride(0), sw, ssn, ssg, n, m * n,
-                     *mask_args, HAS_BIAS=bias is not None, PARTIAL=True, FUSED=True, **meta)
-        return out
     launcher(x2, kernel)[grid](x2, words, scale, zp, b, part, m, n, nch, ch_split, x2.stride(0), sw,
                                ssn, ssg, n, m * n, *mask_args, HAS_BIAS=False, PARTIAL=True, **meta)
     block = 1024
@@ -1496,16 +1424,11 @@ def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg):
     consts = r_constants(meta["SIGNED"])
     if split == 1:
         launcher(x2, _gemv_r)[grid](x2, words, scale, zp, b, out, n, nstep, per_prog, sw, ssn, ssg, 0, *consts,
-                                    out, scale, HAS_BIAS=bias is not None, PARTIAL=False, **rmeta)
+                                    HAS_BIAS=bias is not None, PARTIAL=False, **rmeta)
         return out
     part = torch.empty((split, 1, n), device=x2.device, dtype=torch.float32)
-    counters = splitk_counters(x2, grid[0])
-    if counters is not None:  # one launch: the last program of each column tile reduces
-        _gemv_r[grid](x2, words, scale, zp, b, part, n, nstep, per_prog, sw, ssn, ssg, n, *consts, out, counters,
-                      HAS_BIAS=bias is not None, PARTIAL=True, FUSED=True, **rmeta)
-        return out
     launcher(x2, _gemv_r)[grid](x2, words, scale, zp, b, part, n, nstep, per_prog, sw, ssn, ssg, n, *consts,
-                                out, scale, HAS_BIAS=False, PARTIAL=True, **rmeta)
+                                HAS_BIAS=False, PARTIAL=True, **rmeta)
     block = 128  # 8-32 partial rows: 1024-wide programs made the op 2 µs slower at 11008x4096 (runs R8 vs R9)
     launcher(x2, _splitk_reduce)[(cdiv(n, block),)](part, b, out, n, n, SPLIT=split, HAS_BIAS=bias is not None,
                                                     BLOCK=block)
@@ -1605,29 +1528,11 @@ def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path):
     if path != "gemv":
         w = _dequantize_words(words, scale, zero_point, qdtype, group_size, k, x.dtype)
         return F.linear(x, w, bias)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if cfg is None:
         cfg = words_config(m, n, k, bits, cw, is_n_major(words), group_size)
-    if tracing(x2) and _one_launch_split(m, bits, is_n_major(words), cfg):
-        # the one-launch split-K counts on device-wide counters: kept out of the trace, called as it is
-        return torch.ops.lowbit.weight_only_gemv_eager(x, words, scale, zero_point, bias, qdtype, group_size)
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, cfg)
     return out.reshape(*x.shape[:-1], n)
-
-
-@torch.library.custom_op("lowbit::weight_only_gemv_eager", mutates_args=())
-def weight_only_gemv_eager(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
-                           zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str,
-                           group_size: int) -> torch.Tensor:
-    """``weight_only_linear``'s word GEMVs whose split-K reduces in the same launch (``_one_launch_split``), as an
-    op ``torch.compile`` calls instead of tracing: the reduce counts on per-device counters (``splitk_counters``)
-    that a traced graph would copy as a constant; under CUDA graphs the call is one captured launch all the same."""
-    return _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, "gemv")
-
-
-@weight_only_gemv_eager.register_fake
-def _(x, words, scale, zero_point, bias, qdtype, group_size):  # type: ignore[no-untyped-def]
-    return x.new_empty((*x.shape[:-1], words.shape[0]))
 
 
 @triton_op("lowbit::weight_only_linear", mutates_args=())
