@@ -14,6 +14,7 @@ from lowbit.eval import EVALS, embedding_similarity, load_sentences, perplexity,
 from lowbit.models import CausalLMLogits
 
 WT2_TEST_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+WT2_VALID_SHA256 = "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"  # lowbit/data/README.md
 
 
 def test_named_texts_decompress_to_the_sources():
@@ -24,7 +25,10 @@ def test_named_texts_decompress_to_the_sources():
     assert calib.stat().st_size == 249_925
     assert read_text(calib).startswith(" \n = Homarus gammarus = \n")
     assert "\r" not in read_text("wikitext2-test")  # text mode: CRLF -> LF
-    assert set(TEXTS) == {"wikitext2-test", "wikitext2-valid-calib"}
+    valid = text_path("wikitext2-valid")  # the whole split, of which the calibration text is the first 249,925 B
+    assert hashlib.sha256(valid.read_bytes()).hexdigest() == WT2_VALID_SHA256
+    assert valid.read_bytes()[:249_925] == calib.read_bytes()
+    assert set(TEXTS) == {"wikitext2-test", "wikitext2-valid-calib", "wikitext2-valid"}
 
 
 def test_text_path_rejects_missing_empty_and_directories(tmp_path):

@@ -458,6 +458,9 @@ def main() -> None:
                     help="after each structured row, also a row recovered by distill(tokens=N) toward the float "
                          "model's logits (0: none)")
     ap.add_argument("--recover-lr", type=float, default=2e-4)
+    ap.add_argument("--recover-text", default="wikitext2-valid-calib",
+                    help="shipped text the recovery trains on: the calibration excerpt (63K SmolLM2 tokens) or "
+                         "wikitext2-valid, the whole validation split (~4.5x; never the test text)")
     ap.add_argument("--recover-seconds", type=float, default=None,
                     help="cap on each recovery's wall time (the row says how many tokens ran)")
     ap.add_argument("--recover-match", default="", help="regex on 'scheme:method:variant': which rows recover")
@@ -549,8 +552,9 @@ def main() -> None:
                          f"{args.recover_topk}, scope {args.recover_scope}, random offsets {args.recover_offsets}, "
                          f"holdout {args.recover_holdout} windows, ce {args.recover_ce}, "
                          f"max_seconds={args.recover_seconds}) on the pruned graph, teacher = the float graph, "
-                         "KL to its logits on the shipped WikiText-2 validation excerpt (wikitext2-valid-calib, "
-                         f"{_calib_tokens()} tokens, every whole window of {args.recover_seq}, repeated in shuffled "
+                         f"KL to its logits on shipped WikiText-2 validation text ({args.recover_text}, "
+                         f"{_calib_tokens(args.recover_text)} tokens, every whole window of {args.recover_seq}, "
+                         "repeated in shuffled "
                          "epochs; never the test text); row 'recovery' and 'recover_*' say what ran.")
     header = {
         "command": "python " + shlex.join(sys.argv),
@@ -653,13 +657,13 @@ def main() -> None:
         emit(recover(args, graph, g, row, score, dev, generated))
 
 
-def _calib_tokens() -> int:
-    """Tokens of the shipped calibration text (wikitext2-valid-calib) under SmolLM2's tokenizer."""
+def _calib_tokens(text: str = "wikitext2-valid-calib") -> int:
+    """Tokens of a shipped text (the calibration excerpt by default) under SmolLM2's tokenizer."""
     from lowbit.data import text_path
     from lowbit.data.model_files import load_tokenizer
     from lowbit.data.tokens import token_ids
 
-    return int(token_ids(text_path("wikitext2-valid-calib"), load_tokenizer("smollm2")).numel())
+    return int(token_ids(text_path(text), load_tokenizer("smollm2")).numel())
 
 
 EVAL_SECONDS: list[float] = []
@@ -689,7 +693,7 @@ def generate_windows(model, args: argparse.Namespace, dev: str) -> dict:
     t0 = time.perf_counter()
     seq = args.recover_seq
     n = max(1, args.recover_generated // seq)
-    stream = token_ids(text_path("wikitext2-valid-calib"), load_tokenizer("smollm2")).reshape(-1)
+    stream = token_ids(text_path(args.recover_text), load_tokenizer("smollm2")).reshape(-1)
     gen = torch.Generator().manual_seed(1)
     first = stream[torch.randint(0, stream.numel(), (n,), generator=gen)].reshape(n, 1)
     # a copy of the HF model: the captured graph may hold the model's own parameter tensors
@@ -724,15 +728,17 @@ def recover(args: argparse.Namespace, teacher, pruned, base: dict, score, dev: s
     from lowbit.passes.distill import Distill
 
     variant = f"{base['variant']} + distill {args.recover_tokens} tokens"
+    if args.recover_text != "wikitext2-valid-calib":
+        variant += f" on {args.recover_text}"
     g = pruned.clone()
-    n_windows = _calib_tokens() // args.recover_seq
+    n_windows = _calib_tokens(args.recover_text) // args.recover_seq
     extra = {}
     if generated:
         from lowbit.data import text_path
         from lowbit.data.model_files import load_tokenizer
         from lowbit.data.tokens import token_ids
 
-        stream = token_ids(text_path("wikitext2-valid-calib"), load_tokenizer("smollm2")).reshape(-1)
+        stream = token_ids(text_path(args.recover_text), load_tokenizer("smollm2")).reshape(-1)
         real = stream[:n_windows * args.recover_seq].reshape(n_windows, args.recover_seq)
         extra["calib"] = torch.cat([generated["ids"], real])
         n_windows = int(extra["calib"].shape[0])
@@ -743,7 +749,7 @@ def recover(args: argparse.Namespace, teacher, pruned, base: dict, score, dev: s
                 schedule=args.recover_schedule, warmup=args.recover_warmup, topk=args.recover_topk,
                 scope=args.recover_scope, random_offsets=args.recover_offsets, holdout=args.recover_holdout,
                 eval_every=args.recover_eval_every, ce_weight=args.recover_ce, weight_decay=args.recover_wd,
-                **extra)
+                calib=args.recover_text, **extra)
     d.reference = teacher
     t1 = time.perf_counter()
     try:

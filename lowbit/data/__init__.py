@@ -23,6 +23,8 @@ TEXTS: dict[str, str] = {
     "wikitext2-test": "wikitext2_test.raw.xz",
     # WikiText-2 (tokenized, <unk>) validation split, first ~250 KB cut at a line end: calibration.
     "wikitext2-valid-calib": "wikitext2_valid_calib.txt.xz",
+    # The same validation split whole (~4.5x the excerpt): training text for recovery after pruning.
+    "wikitext2-valid": "wikitext2_valid.txt.xz",
 }
 
 
