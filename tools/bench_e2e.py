@@ -1,6 +1,9 @@
 """The 7B-shaped 4-layer Llama on the GPU: HF bf16 vs the same stack on lowbit's packed-weight kernels.
 
-    python tools/bench_e2e.py [--out bench/results/e2e.json] [--budget-s 240]
+    python tools/bench_e2e.py [--out bench/results/e2e.json] [--budget-s 240] [--run LABEL]
+
+Rows merge into ``--out`` labelled ``run`` (a re-run with the same label replaces its own rows; other runs' rows
+and commands are kept).
 
 Model: hidden 4096, MLP 11008, 32 heads, vocab 32000, 4 layers, random bf16 weights (issue 17's table). Rows:
 GPU memory of the weights (``torch.cuda.memory_allocated`` after building, whole model and the quantized linears
@@ -20,7 +23,6 @@ import copy
 import datetime
 import gc
 import itertools
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -31,12 +33,14 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import machine
+from results_io import machine, merge_rows
 
 from lowbit.ir.quant import qparams_from_range, quantize
 from lowbit.kernels.modules import QuantLinear
 
 SHAPES = ((1, 1), (1, 128), (1, 2048), (16, 1), (16, 128))
+E2E_ROW_KEY = ("model", "scheme", "path", "variant", "shape", "device", "run")
+"""What identifies a forward row in the results file: a re-run with the same ``--run`` label replaces its rows."""
 PIPELINES = {  # the same schemes as lowbit pipelines, for --backend (compile_model(backend="triton"))
     "w4a16-g128": "quantize(w=int4,group=128,sym=false)",
     "w8a8": "quantize(w=int8,a=int8)",
@@ -103,6 +107,8 @@ def time_forward(fn, batch: int, seq: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/e2e.json")
+    ap.add_argument("--run", default="", help="label written into every row (rows of other runs in --out are kept; "
+                                               "this run's replace those with the same label, shape and path)")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting compiled runs after this long")
     ap.add_argument("--backend", action="store_true",
                     help="also run compile_model(backend='triton') rows (capture + quantize + lower, per scheme)")
@@ -122,9 +128,9 @@ def main() -> None:
     rows: list[dict] = []
     out = Path(args.out)
 
-    def flush() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
+    def flush() -> None:  # merged into --out: the file keeps every run's rows, each labelled by its run
+        merge_rows(out, header, [dict(r, run=r.get("run", args.run)) for r in rows], key=E2E_ROW_KEY,
+                   append_command=True)
 
     ref = build_hf()
     bf16_linear = linear_bytes(ref)
