@@ -308,6 +308,42 @@ N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major ke
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n_major,cfg", [
+    (1, True, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "ROWS": 8, "SPLIT_K": 3}),  # _gemv_r
+    (1, True, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "ROWS": 8, "SPLIT_K": 1}),  # one split: still reduced
+    (1, True, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 1, "SPLIT_K": 2}),  # _gemv_t
+    (5, True, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2}),  # _tc_t
+    (1, False, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 2, "SPLIT_K": 2}),  # K-major _gemv_words
+    (40, True, None)])  # M > 16: dequantize + F.linear, the pairs combined after it
+def test_gated_weight_only_linear_is_silu_gate_times_up(device, m, n_major, cfg, monkeypatch):
+    """A merged gate/up weight with its rows interleaved (``interleave_rows``) and ``gated=True`` gives the
+    gated MLP's ``silu(gate) * up`` of the plain layout's split, half as wide, on every word path (the pairs
+    combined in the split-K reduce) and with a bias."""
+    from lowbit.kernels import weight_only as wo
+
+    n, k = 48, 768  # 24 gate rows, then 24 up rows
+    q, s, z = _quantized_weight(n, k, "int4", 128, False, device)
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    b = torch.randn(n, device=device).to(torch.bfloat16)
+    plain = weight_only_linear_ref(x, q, s, z, b, "int4", 128)
+    want = torch.nn.functional.silu(plain[:, : n // 2]) * plain[:, n // 2:]
+    qi, si, zi, bi = (wo.interleave_rows(t) for t in (q, s, z, b))
+    assert torch.equal(wo.gate_pairs(weight_only_linear_ref(x, qi, si, zi, bi, "int4", 128)), want)
+    words, s2, z2 = wo.pack_words(qi, si, zi, "int4", 128, n_major=n_major)
+    if cfg is not None:
+        monkeypatch.setattr(wo, "words_config", lambda *a, **kw: dict(cfg, num_warps=4, num_stages=2))
+    got = weight_only_linear(x, words, s2, z2, bi, "int4", 128, "auto", True)
+    assert got.shape == (m, n // 2) and got.dtype == torch.bfloat16
+    # the epilogue against the same GEMV ungated, then the pairs combined by torch: at most two bf16 steps apart
+    # (torch's silu and the kernel's x / (1 + exp(-x)) may round apart, and the product then too)
+    ref = wo.gate_pairs(weight_only_linear(x, words, s2, z2, bi, "int4", 128)).float()
+    assert bool(((got.float() - ref).abs() <= ref.abs() * 2 ** -6 + 1e-30).all())
+    assert _rel(got, want) <= 2 * TOL[torch.bfloat16]  # two bf16 GEMV outputs' errors in one product
+    with pytest.raises(ValueError, match="even N"):
+        weight_only_linear(x, words[:47], s2[:47], z2[:47], None, "int4", 128, "auto", True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_prefill_m_takes_the_tensor_core_words_only_where_swept(device, monkeypatch):
     """16 < M <= 256 runs ``_tc_t`` at (M bucket, N, K) in ``_PREFILL_TC_TABLE`` and dequantize + cuBLAS
     elsewhere; both agree with the reference."""
@@ -320,7 +356,7 @@ def test_prefill_m_takes_the_tensor_core_words_only_where_swept(device, monkeypa
     ref = weight_only_linear_ref(x, q, s, z, None, "int4", 128)
     launched = []
     real = wo._launch_words
-    monkeypatch.setattr(wo, "_launch_words", lambda *a: launched.append(a[-1]) or real(*a))
+    monkeypatch.setattr(wo, "_launch_words", lambda *a, **kw: launched.append(a[8]) or real(*a, **kw))
     assert wo.prefill_tc_config(50, n, k) is None
     assert _rel(weight_only_linear(x, words, s2, z2, None, "int4", 128), ref) <= TOL[torch.bfloat16]
     assert launched == []  # not swept: dequantize + F.linear

@@ -17,6 +17,7 @@ pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install 
 
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.backends.triton_backend import NO_CUDA, lower, plan_qlinear
+from lowbit.ir import ops as ir_ops
 from lowbit.passes.manager import PassManager
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -48,7 +49,9 @@ def test_triton_backend_runs_qlinear_on_kernels_like_the_reference(slice1_bf16, 
     ref = TorchCompiled(g)(ids).float()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     m = lower(g, dev)
-    assert m.report["kernels"] and set(m.report["kernels"].values()) == {form} and not m.report["fallback"]
+    # gate/up's merged weight-only GEMV also takes the SiLU·up of the gated MLP (_fuse_gated); A8 forms do not
+    forms = {form, f"{form}+silu*up"} if form == "w4a16" else {form}
+    assert m.report["kernels"] and set(m.report["kernels"].values()) == forms and not m.report["fallback"]
     # q, k, v, o, gate, up, down of the layer: q/k/v and gate/up each merged into one wider GEMM (merge-linears)
     assert len(m.report["kernels"]) == 4
     assert sorted(v.rsplit(".", 1)[-1] for m_ in m.report["merged"].values() for v in m_.split(", ")) == [
@@ -105,6 +108,37 @@ def test_compile_driver_reaches_the_triton_backend_through_the_registry(slice1_b
     ref = TorchCompiled(g)(ids).float()
     y = runner(ids).float().cpu()
     assert ((y - ref).norm() / ref.norm()).item() <= 2e-2
+
+
+@needs_kernels
+def test_gated_mlp_runs_in_the_gate_up_gemv(monkeypatch):
+    """A Llama MLP's merged gate/up GEMV takes ``split -> silu -> mul`` into its reduce (rows interleaved at
+    lowering): five FX nodes become one, and the logits are those of the unfused lowering but for SiLU's last bits,
+    on the decode layout (K = 256) through a decode step's M = 1 GEMV."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lowbit.backends.triton_backend as tb
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
+                      num_hidden_layers=1, vocab_size=1000, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    kw = dict(pipeline="quantize(w=int4,group=128,sym=false)", backend="triton", backend_options={"compile": False},
+              device=dev)
+    fused = compile_model(model, **kw)
+    gated = [n for n, f in fused.runner.report["kernels"].items() if f == "w4a16+silu*up"]
+    assert len(gated) == 1 and gated[0] in fused.runner.report["layout"]
+    assert not any(n.target in (ir_ops.silu, ir_ops.mul) for n in fused.runner.gm.graph.nodes)
+    monkeypatch.setattr(tb, "_fuse_gated", lambda *a: False)
+    plain = compile_model(model, **kw)
+    assert "w4a16+silu*up" not in plain.runner.report["kernels"].values()
+    for ids in (torch.randint(3, 1000, (1, 1)), torch.randint(3, 1000, (1, 9))):
+        y, ref = fused(ids).float().cpu(), plain(ids).float().cpu()
+        assert ((y - ref).norm() / ref.norm()).item() <= 1e-2
+        assert torch.equal(y.argmax(-1), ref.argmax(-1))
 
 
 @needs_kernels

@@ -139,6 +139,75 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int) -> Callable[..., torch.
     return run
 
 
+def _kernel_gated(w_group: int) -> Callable[..., torch.Tensor]:
+    """FX target replacing a merged gate/up weight-only qlinear and its ``split -> silu -> mul`` (``_fuse_gated``):
+    the rows interleaved at lowering, ``silu(gate) * up`` combined in the GEMV's reduce; the reference (then the
+    pairs' ops) for an input the kernel cannot read."""
+    from lowbit.kernels.weight_only import gate_pairs, unpack_words
+
+    def run(x, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, **kw):
+        if not _runs_kernel(x):
+            if qweight.dtype == torch.int32:
+                qweight = unpack_words(qweight, kw["w_qdtype"], x.shape[-1], w_group)
+            return gate_pairs(qlinear(x, qweight, w_scale, w_zero_point, bias, a_scale, a_zero_point, **kw))
+        return torch.ops.lowbit.weight_only_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
+                                                   w_group, "auto", True)
+
+    run.__name__ = "triton_weight_only_linear_gated"
+    return run
+
+
+def _gated_chain(q: torch.fx.Node) -> tuple[torch.fx.Node, ...] | None:
+    """``q``'s readers when they are exactly a gated MLP's ``split([I, I], -1) -> silu(first) -> mul(·, second)``
+    (the merged gate/up of ``merge_horizontal``): ``(split, first, second, silu, mul)``, else None."""
+    import operator
+
+    from lowbit.ir import ops as ir_ops
+
+    if len(q.users) != 1:
+        return None
+    split = next(iter(q.users))
+    if split.target is not torch.ops.aten.split_with_sizes.default or len(split.users) != 2:
+        return None
+    sizes = split.args[1]
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if len(sizes) != 2 or sizes[0] != sizes[1] or dim != -1:
+        return None
+    parts = {u.args[1]: u for u in split.users if u.target is operator.getitem}
+    if set(parts) != {0, 1} or len(parts[0].users) != 1 or len(parts[1].users) != 1:
+        return None
+    silu = next(iter(parts[0].users))
+    mul = next(iter(parts[1].users))
+    if silu.target is not ir_ops.silu or mul.target is not ir_ops.mul or mul.args != (silu, parts[1]):
+        return None
+    return split, parts[0], parts[1], silu, mul
+
+
+def _fuse_gated(gm: torch.fx.GraphModule, node: torch.fx.Node, w_group: int) -> bool:
+    """A weight-only qlinear read only by a gated MLP's ``split -> silu -> mul``: its weight, scale, zero point
+    and bias rows interleaved (gate, up pairs; the buffers are replaced, same bytes) and one node on
+    ``_kernel_gated`` in place of the five; False where the pattern or the buffers do not allow it."""
+    from lowbit.kernels.weight_only import interleave_rows
+
+    chain = _gated_chain(node)
+    if chain is None:
+        return False
+    operands = [node.args[i] if len(node.args) > i else node.kwargs.get(name)
+                for i, name in ((1, "qweight"), (2, "w_scale"), (3, "w_zero_point"), (4, "bias"))]
+    for a in operands:
+        if a is not None and not (isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1):
+            return False
+    for a in operands:
+        if a is not None:
+            gm.register_buffer(a.target, interleave_rows(getattr(gm, a.target)))
+    split, first, second, silu, mul = chain
+    node.target = _kernel_gated(w_group)
+    mul.replace_all_uses_with(node)
+    for dead in (mul, silu, second, first, split):
+        gm.graph.erase_node(dead)
+    return True
+
+
 def _kernel_qlinear_q(w_group: int, a_group: int) -> Callable[..., torch.Tensor]:
     """The FX target replacing one ``qlinear_q`` (its input arrives as codes + per-token scales)."""
     from lowbit.ir.normquant import qlinear_q
@@ -333,6 +402,8 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
         report["kernels"][node.name] = plan.form.name
         if plan.form.op == "a8_linear":
             a8[node] = plan
+        if plan.form.op == "weight_only_linear" and _fuse_gated(gm, node, plan.static["w_group"]):
+            report["kernels"][node.name] = f"{plan.form.name}+silu*up"
         if plan.form.op == "weight_only_linear" and _repack_words(gm, node, plan.static["w_group"]):
             report["layout"][node.name] = "words"
     _fuse_hadamard_a8(gm, a8, report)

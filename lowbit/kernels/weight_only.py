@@ -81,7 +81,9 @@ __all__ = [
     "PACKED_QDTYPES",
     "chunk_words",
     "dequantize_weight",
+    "gate_pairs",
     "gemv_config",
+    "interleave_rows",
     "pack_words",
     "unpack_words",
     "weight_only_linear",
@@ -305,8 +307,11 @@ def _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som,
 
 
 @triton.jit
-def _splitk_reduce(p_ptr, b_ptr, o_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """out = sum over splits of the fp32 partials (+ bias), cast: the second half of split-K."""
+def _splitk_reduce(p_ptr, b_ptr, o_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                   GATED: tl.constexpr = False):
+    """out = sum over splits of the fp32 partials (+ bias), cast: the second half of split-K. ``GATED``: the
+    columns are (gate, up) pairs and out is ``silu(gate) * up``, half as wide (``gate_pairs``' roundings: each
+    of gate, up, silu(gate) and the product rounded to the output dtype, as the unfused ops do)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -314,7 +319,30 @@ def _splitk_reduce(p_ptr, b_ptr, o_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl
         acc += tl.load(p_ptr + s * MN + offs, mask=ok, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=ok, other=0).to(tl.float32)
-    tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=ok)
+    if GATED:
+        dt = o_ptr.dtype.element_ty
+        g, u = tl.split(tl.reshape(acc.to(dt).to(tl.float32), (BLOCK // 2, 2)))
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        half = tl.program_id(0) * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+        tl.store(o_ptr + half, (act * u).to(dt), mask=half < MN // 2)
+    else:
+        tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=ok)
+
+
+def gate_pairs(y: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a linear whose output columns are interleaved (gate, up) pairs: what a gated MLP's
+    ``split -> silu -> mul`` computes on the plain layout, in the same ops (the reference of ``GATED``)."""
+    gate, up = y.unflatten(-1, (-1, 2)).unbind(-1)
+    return F.silu(gate) * up
+
+
+def interleave_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Rows ``[g0..g(I-1), u0..u(I-1)]`` (a merged gate/up weight, its scales or zero points) as ``[g0, u0, g1,
+    u1, ...]``: the layout whose GEMV output ``gate_pairs`` reads."""
+    if t is None:
+        return None
+    half = t.shape[0] // 2
+    return torch.stack((t[:half], t[half:]), dim=1).reshape(t.shape).contiguous()
 
 
 @triton.jit
@@ -1351,7 +1379,7 @@ def _word_masks(bits: int) -> tuple[int, int]:
     return ((1 << bits) - 1) << (23 - bits), 0x3F800000
 
 
-def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
+def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, gated=False):
     m, k = x2.shape
     n = words.shape[0]
     bits = 4 if qdtype in PACKED_QDTYPES else 8
@@ -1375,7 +1403,7 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
     n_major = is_n_major(words)
     sw = words.stride(1) if n_major else words.stride(0)
     if cfg.get("ROWS") and n_major and bits == 4 and not cfg["TC"] and m == 1:
-        return _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg)
+        return _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, gated)
     mask_args = _word_masks(bits)  # the exponent-trick kernels' constants (``_tc_chunk`` converts codes directly)
     if cfg["TC"] and cfg.get("PS") and n_major and bits == 4:
         kernel = _tc_chunk
@@ -1394,7 +1422,7 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
         meta.update(U=step, PREFETCH=cfg.get("PREFETCH", 0))
         if n_major:
             meta.update(RED=cfg.get("RED", False))
-    if split == 1:
+    if split == 1 and not gated:
         launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), sw,
                                    ssn, ssg, out.stride(0), 0, *mask_args, HAS_BIAS=bias is not None, PARTIAL=False,
                                    **meta)
@@ -1404,11 +1432,11 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg):
                                ssn, ssg, n, m * n, *mask_args, HAS_BIAS=False, PARTIAL=True, **meta)
     block = 1024
     launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
-                                                        HAS_BIAS=bias is not None, BLOCK=block)
+                                                        HAS_BIAS=bias is not None, BLOCK=block, GATED=gated)
     return out
 
 
-def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg):
+def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, gated=False):
     """``_gemv_r`` (+ ``_splitk_reduce`` when K is split): ``ROWS`` word rows per step, ``SPLIT_K`` programs per
     column tile along K; ``meta``: ``_launch_words``' constexprs for the word layout."""
     n = words.shape[0]
@@ -1422,7 +1450,7 @@ def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg):
                                         "maxnreg") if key in meta}
     rmeta.update(ROWS=rows, PREFETCH=bool(cfg.get("PREFETCH")))
     consts = r_constants(meta["SIGNED"])
-    if split == 1:
+    if split == 1 and not gated:
         launcher(x2, _gemv_r)[grid](x2, words, scale, zp, b, out, n, nstep, per_prog, sw, ssn, ssg, 0, *consts,
                                     HAS_BIAS=bias is not None, PARTIAL=False, **rmeta)
         return out
@@ -1431,7 +1459,7 @@ def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg):
                                 HAS_BIAS=False, PARTIAL=True, **rmeta)
     block = 128  # 8-32 partial rows: 1024-wide programs made the op 2 µs slower at 11008x4096 (runs R8 vs R9)
     launcher(x2, _splitk_reduce)[(cdiv(n, block),)](part, b, out, n, n, SPLIT=split, HAS_BIAS=bias is not None,
-                                                    BLOCK=block)
+                                                    BLOCK=block, GATED=gated)
     return out
 
 
@@ -1460,11 +1488,14 @@ def _words_meta(words: torch.Tensor, qdtype: str, group: int, k: int) -> int:
 
 
 def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-             bias: torch.Tensor | None, qdtype: str, group_size: int, path: str) -> torch.Tensor:
+             bias: torch.Tensor | None, qdtype: str, group_size: int, path: str, gated: bool = False) -> torch.Tensor:
     k = x.shape[-1]
     n = qweight.shape[0]
+    check(not gated or n % 2 == 0, "weight_only_linear", f"gated needs an even N (gate, up pairs), got N={n}")
     if qweight.dtype == torch.int32:
-        return _wo_words(x, qweight, scale, zero_point, bias, qdtype, group_size, path)
+        return _wo_words(x, qweight, scale, zero_point, bias, qdtype, group_size, path, gated)
+    if gated:  # the stored layout's kernels have no gated epilogue: the pairs' ops after them
+        return gate_pairs(_wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path))
     if scale.dim() == 2 and scale.stride(1) != 1:
         scale = scale.contiguous()
         zero_point = zero_point.contiguous() if zero_point is not None else None
@@ -1504,7 +1535,7 @@ def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_p
     return out.reshape(*x.shape[:-1], n)
 
 
-def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path):
+def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path, gated=False):
     """The decode layout: word GEMV for M <= 16 (CUDA cores below ``WORDS_TC_MIN_M``, tensor cores from it),
     dequantize + cuBLAS above."""
     k = x.shape[-1]
@@ -1527,19 +1558,24 @@ def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path):
             path = "dequant"
     if path != "gemv":
         w = _dequantize_words(words, scale, zero_point, qdtype, group_size, k, x.dtype)
-        return F.linear(x, w, bias)
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+        y = F.linear(x, w, bias)
+        return gate_pairs(y) if gated else y
+    n_out = n // 2 if gated else n
+    out = torch.empty((m, n_out), device=x.device, dtype=x.dtype)
     if cfg is None:
         cfg = words_config(m, n, k, bits, cw, is_n_major(words), group_size)
-    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, cfg)
-    return out.reshape(*x.shape[:-1], n)
+    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, cfg, gated=gated)
+    return out.reshape(*x.shape[:-1], n_out)
 
 
 @triton_op("lowbit::weight_only_linear", mutates_args=())
 def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                        zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str,
-                       group_size: int, path: str = "auto") -> torch.Tensor:
+                       group_size: int, path: str = "auto", gated: bool = False) -> torch.Tensor:
     """``x @ dequantize(qweight).T + bias`` with the dequantize fused; ``group_size`` 0 = per channel.
 
-    ``path``: ``auto`` (by M), ``gemv`` (split-K), ``gemm`` (tiled), ``dequant`` (dequantize + cuBLAS)."""
-    return _wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path)
+    ``path``: ``auto`` (by M), ``gemv`` (split-K), ``gemm`` (tiled), ``dequant`` (dequantize + cuBLAS).
+    ``gated``: the weight's rows are interleaved (gate, up) pairs (``interleave_rows``) and the op returns
+    ``silu(gate) * up`` (``gate_pairs``), half as wide: on the decode layout's split-K GEMVs the pairs are
+    combined in the reduce, so a gated MLP's activation costs no launch of its own."""
+    return _wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path, gated)
