@@ -202,6 +202,35 @@ def test_rotate_online_o_exact_in_float64_on_smollm2(smollm2_slice_f64, wikitext
     assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
 
 
+def test_smooth_quant_before_rotation_is_exact_and_norm_sites_fold_away(smollm2_slice_f64, wikitext_ids):
+    """SmoothRot's order (smooth-quant, then fold-norms and rotate) is exact. The gated scale (up_proj rows / s,
+    down_proj columns · s) stays in the weights, where rotate's online Hadamard before down_proj then reads x/s;
+    a norm site's scale does not: fold-norms multiplies the gain g/s back into columns W·s, giving fold-norms'
+    own W·g, so smoothing norm sites before fold-norms changes nothing."""
+    _, graph = smollm2_slice_f64
+    cal = "calib=wikitext2-valid-calib,calib_n=2,calib_len=64,progress=false"
+    ids = wikitext_ids[:, 2000:2256]
+    ref = TorchCompiled(float64_norm_stats(graph.clone()))(ids)
+    g = float64_norm_stats(graph.clone())
+    report = PassManager(f"smooth-quant(sites=[norm;gated],{cal}),fold-norms,rotate").run(g)
+    assert report.records[0].stats["sites"] == {"norm": 4, "gated": 2}
+    assert report.records[-1].stats["online_hadamards"] == 2 + 2 * 2
+    out = TorchCompiled(g)(ids)
+    assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+
+    def weights(pipeline: str) -> dict[str, torch.Tensor]:
+        g = graph.clone()
+        PassManager(pipeline).run(g)
+        return {n.module: n.args[1].data for n in g.nodes if n.op == "linear"}
+
+    folded = weights("fold-norms")
+    for sites, moved in (("norm", set()), ("gated", {"mlp.up_proj", "mlp.down_proj"})):
+        smoothed = weights(f"smooth-quant(sites=[{sites}],{cal}),fold-norms")
+        changed = {m.split(".", 3)[-1] for m, w in smoothed.items()
+                   if (w - folded[m]).abs().max().item() > 1e-12 * folded[m].abs().max().item()}
+        assert changed == moved, sites
+
+
 def test_rotate_without_residual_keeps_the_gains_and_is_exact_in_float64(smollm2_slice_f64, wikitext_ids):
     """residual=false: R2 (v/o per head) and the online R3/R4 only, no fold-norms needed: the norms keep their
     gains, the embedding and lm_head are untouched (nothing untied), and the outputs are unchanged."""

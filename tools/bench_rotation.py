@@ -46,6 +46,8 @@ SPIN = "rotate(kind=learned,calib_n=16,calib_len=256,steps=16,progress=false)"
 """SpinQuant at the size a shared 2-core CPU affords: 16 steps, each a forward and backward of the whole W4A4
 fake-quantized model on one 256-token validation window (the paper: 100 steps of 8 x 2048 tokens); the learned R1
 is kept only if its quantized loss on 8 calibration windows beats the Hadamard start (stats ``check``)."""
+SMOOTH_KEEP = ";".join(f"layers.{i}.mlp.down_proj" for i in range(30) if i not in (2, 11, 28, 29))
+"""The down_projs the smoothrot-gated-outliers row does not smooth: all but SmolLM2's massive-activation layers."""
 
 # (scheme, method, variant, pipeline, eval); {cal} becomes the calibration options
 ROWS: list[tuple[str, str, str, str | None, str]] = [
@@ -114,6 +116,43 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     ("w4a4kv4", "kurtail-gptqa4-wclip-acs", "KurTail + A4 (clipped 0.9) in place before GPTQ W4 per channel on the "
      "output-aware clipped grid + KV4, then the A4 clip ratios searched per quantizer",
      f"fold-norms,{KURTAIL},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({KV}),"
+     f"clip-activations({{cal}})", QUICK),
+    # session 10: SmoothQuant scales with the rotation, on the kurtail-gptqa4-wclip-acs pipeline. Smoothing a norm
+    # site before fold-norms is a no-op (the gain g/s and the columns W*s fold back into W*g; test_rotation's
+    # test_smooth_quant_before_rotation_is_exact_and_norm_sites_fold_away), so the norm sites are smoothed after
+    # the rotation: a gain 1/s back on each unit-gain norm (exact: nothing rotates the stream after it), q/k/v and
+    # gate/up columns times s, in KurTail's basis. No search=true rows: it picks a by the W8A8 error of the
+    # unrotated linear, not by the A4 error after the Hadamard. Measured on wt2-512x8, calib 16x512, CPU, against
+    # the row above's 1.844x in the same run: smooth-norm after KurTail 1.880x; smoothrot-gated (a 0.5, all 30
+    # layers) 1.911x; smoothrot-gated-outliers (4 layers) 1.832x, and on wt2-512x40 1.837x against the row above's
+    # 1.850x (scratch runs, not in accuracy.json: consistent, but 0.013 is no step toward 1.5x). A4 is per token
+    # and the Hadamard already spreads a token's massive channel over the whole row, so that channel costs only
+    # its own few (sink) tokens' precision; s, set from the channel maxima, rescales every token's channels and
+    # every weight column (the probe below: worse A4 error even with float weights in 26 of 30 layers).
+    ("w4a4kv4", "kurtail-smooth-norm-gptqa4-wclip-acs", "fold-norms + KurTail, then SmoothQuant alpha 0.5 on the "
+     "norm sites (a gain 1/s on each unit-gain RMSNorm, q/k/v and gate/up columns times s) + A4 (clipped 0.9) in "
+     "place before GPTQ W4 per channel on the output-aware clipped grid + KV4, then the A4 clip ratios searched",
+     f"fold-norms,{KURTAIL},smooth-quant(alpha=0.5,sites=[norm],{{cal}}),quantize(a=int4,a_clip=0.9),"
+     f"gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({KV}),clip-activations({{cal}})", QUICK),
+    # the smoothrot rows (SmoothRot, Czako et al. 2025): a SmoothQuant scale s = max|x|^a / max|W|^(1-a) folded
+    # from down_proj's input into up_proj's rows *before* the rotation, so the online Hadamard before down_proj
+    # spreads x/s instead of x (whose few massive channels it cannot flatten)
+    ("w4a4kv4", "smoothrot-gated-kurtail-gptqa4-wclip-acs", "SmoothQuant alpha 0.5 on down_proj's input (folded into "
+     "up_proj) before fold-norms + KurTail + A4 (clipped 0.9) in place before GPTQ W4 per channel on the "
+     "output-aware clipped grid + KV4, then the A4 clip ratios searched per quantizer",
+     f"smooth-quant(alpha=0.5,sites=[gated],{{cal}}),fold-norms,{KURTAIL},quantize(a=int4,a_clip=0.9),"
+     f"gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({KV}),clip-activations({{cal}})", QUICK),
+    # the probe (a scratch script, not kept: s from 4x512 validation tokens, error on 2 more, float weights): the
+    # relative down_proj output error of A4 clipped 0.9 after the online Hadamard, summed over layers, is lowest
+    # without smoothing (0.40; a 0.1-0.6: 0.63, 0.52, 0.47, 0.45, 0.45, 0.48). a = 0.5 lowers it only in layers 2,
+    # 11, 28 and 29, where down_proj's input has massive channels (max|x| 83, 3147, 2372, 486); this row smooths
+    # those four only. SmoothQuant's a < 0.5 is no milder smoothing: a -> 0 gives s = 1/max|W|.
+    ("w4a4kv4", "smoothrot-gated-outliers-kurtail-gptqa4-wclip-acs", "SmoothQuant alpha 0.5 on down_proj's input "
+     "(folded into up_proj) in layers 2, 11, 28 and 29 only (the massive-activation layers) before fold-norms + "
+     "KurTail + A4 (clipped 0.9) in place before GPTQ W4 per channel on the output-aware clipped grid + KV4, then "
+     "the A4 clip ratios searched per quantizer",
+     f"smooth-quant(alpha=0.5,sites=[gated],keep=[{SMOOTH_KEEP}],{{cal}}),fold-norms,{KURTAIL},"
+     f"quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({KV}),"
      f"clip-activations({{cal}})", QUICK),
     ("w4a4kv4", "kurtail-o", "KurTail + online Hadamard before o_proj + GPTQ W4 per channel + A4 clipped 0.9",
      f"fold-norms,{KURTAIL_O},gptq(w=int4,sym=false,{{cal}}),quantize({A4},a_clip=0.9)", QUICK),
