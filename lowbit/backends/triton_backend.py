@@ -119,8 +119,11 @@ def _on_kernel_device(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _kernel_qlinear(op: str, w_group: int, a_group: int) -> Callable[..., torch.Tensor]:
-    """The FX target replacing one qlinear: its kernel, or the reference for an input the kernel cannot read."""
+def _kernel_qlinear(op: str, w_group: int, a_group: int, gated: bool = False) -> Callable[..., torch.Tensor]:
+    """The FX target replacing one qlinear: its kernel, or the reference for an input the kernel cannot read.
+    ``gated`` (weight-only): the qlinear with its gated MLP's ``split -> silu -> mul`` (``_fuse_gated``): rows
+    interleaved at lowering, ``silu(gate) * up`` combined in the GEMV's reduce (the reference: then the pairs' ops)."""
+    from lowbit.kernels.weight_only import gate_pairs
 
     def run(x, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, **kw):
         if not _runs_kernel(x):
@@ -128,32 +131,15 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int) -> Callable[..., torch.
                 from lowbit.kernels.weight_only import unpack_words
 
                 qweight = unpack_words(qweight, kw["w_qdtype"], x.shape[-1], w_group)
-            return qlinear(x, qweight, w_scale, w_zero_point, bias, a_scale, a_zero_point, **kw)
+            y = qlinear(x, qweight, w_scale, w_zero_point, bias, a_scale, a_zero_point, **kw)
+            return gate_pairs(y) if gated else y
         if op == "weight_only_linear":
             return torch.ops.lowbit.weight_only_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
-                                                       w_group)
+                                                       w_group, "auto", gated)
         return torch.ops.lowbit.a8_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group,
                                           kw["a_qdtype"], a_group)
 
-    run.__name__ = f"triton_{op}"
-    return run
-
-
-def _kernel_gated(w_group: int) -> Callable[..., torch.Tensor]:
-    """FX target replacing a merged gate/up weight-only qlinear and its ``split -> silu -> mul`` (``_fuse_gated``):
-    the rows interleaved at lowering, ``silu(gate) * up`` combined in the GEMV's reduce; the reference (then the
-    pairs' ops) for an input the kernel cannot read."""
-    from lowbit.kernels.weight_only import gate_pairs, unpack_words
-
-    def run(x, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, **kw):
-        if not _runs_kernel(x):
-            if qweight.dtype == torch.int32:
-                qweight = unpack_words(qweight, kw["w_qdtype"], x.shape[-1], w_group)
-            return gate_pairs(qlinear(x, qweight, w_scale, w_zero_point, bias, a_scale, a_zero_point, **kw))
-        return torch.ops.lowbit.weight_only_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
-                                                   w_group, "auto", True)
-
-    run.__name__ = "triton_weight_only_linear_gated"
+    run.__name__ = f"triton_{op}" + ("_gated" if gated else "")
     return run
 
 
@@ -186,7 +172,7 @@ def _gated_chain(q: torch.fx.Node) -> tuple[torch.fx.Node, ...] | None:
 def _fuse_gated(gm: torch.fx.GraphModule, node: torch.fx.Node, w_group: int) -> bool:
     """A weight-only qlinear read only by a gated MLP's ``split -> silu -> mul``: its weight, scale, zero point
     and bias rows interleaved (gate, up pairs; the buffers are replaced, same bytes) and one node on
-    ``_kernel_gated`` in place of the five; False where the pattern or the buffers do not allow it."""
+    ``_kernel_qlinear(gated=True)`` in place of the five; False where the pattern or the buffers do not allow it."""
     from lowbit.kernels.weight_only import interleave_rows
 
     chain = _gated_chain(node)
@@ -201,7 +187,7 @@ def _fuse_gated(gm: torch.fx.GraphModule, node: torch.fx.Node, w_group: int) -> 
         if a is not None:
             gm.register_buffer(a.target, interleave_rows(getattr(gm, a.target)))
     split, first, second, silu, mul = chain
-    node.target = _kernel_gated(w_group)
+    node.target = _kernel_qlinear("weight_only_linear", w_group, 0, gated=True)
     mul.replace_all_uses_with(node)
     for dead in (mul, silu, second, first, split):
         gm.graph.erase_node(dead)
