@@ -129,7 +129,7 @@ def main() -> None:
     out = Path(args.out)
 
     def flush() -> None:  # merged into --out: the file keeps every run's rows, each labelled by its run
-        merge_rows(out, header, [dict(r, run=r.get("run", args.run)) for r in rows], key=E2E_ROW_KEY,
+        merge_rows(out, header, [dict(r, run=args.run) for r in rows], key=E2E_ROW_KEY,
                    append_command=True)
 
     ref = build_hf()

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import re
 import shlex
@@ -64,6 +65,8 @@ from lowbit.ir.capture import capture
 from lowbit.models import load_model
 from lowbit.passes.manager import PassManager
 
+CALIB_TEXT = "wikitext2-valid-calib"
+"""The shipped calibration excerpt: every calibrating row's text and the recovery's by default."""
 CAL = "calib_n=16,progress=false"
 CAL_S = "calib_n=8,progress=false"
 # (scheme, method, variant, pipeline)
@@ -462,7 +465,7 @@ def main() -> None:
                     help="after each structured row, also a row recovered by distill(tokens=N) toward the float "
                          "model's logits (0: none)")
     ap.add_argument("--recover-lr", type=float, default=2e-4)
-    ap.add_argument("--recover-text", default="wikitext2-valid-calib",
+    ap.add_argument("--recover-text", default=CALIB_TEXT,
                     help="shipped text the recovery trains on: the calibration excerpt (63K SmolLM2 tokens) or "
                          "wikitext2-valid, the whole validation split (~4.5x; never the test text)")
     ap.add_argument("--recover-seconds", type=float, default=None,
@@ -586,7 +589,7 @@ def main() -> None:
             "model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant, "eval": eval_name,
             "value": round(r.ppl, 4), "float_value": round(float_value, 4) if float_value else None,
             "ratio": round(r.ppl / float_value, 4) if float_value else None,
-            "pipeline": pipeline or "", "calib": "wikitext2-valid-calib" if pipeline and "calib_n" in pipeline else "",
+            "pipeline": pipeline or "", "calib": CALIB_TEXT if pipeline and "calib_n" in pipeline else "",
             "pass_seconds": round(pass_s, 1), "seconds": round(r.seconds, 1),
             "param_mb": round(g.param_bytes() / 2**20, 1), "device": dev_name, "date": header["date"],
         }
@@ -661,13 +664,20 @@ def main() -> None:
         emit(recover(args, graph, g, row, score, dev, generated))
 
 
-def _calib_tokens(text: str = "wikitext2-valid-calib") -> int:
-    """Tokens of a shipped text (the calibration excerpt by default) under SmolLM2's tokenizer."""
+@functools.cache
+def _token_stream(text: str) -> torch.Tensor:
+    """A shipped text as one stream of SmolLM2 token ids, tokenized once per process (the header, each recovery
+    and the sampled windows' prompts all read it)."""
     from lowbit.data import text_path
     from lowbit.data.model_files import load_tokenizer
     from lowbit.data.tokens import token_ids
 
-    return int(token_ids(text_path(text), load_tokenizer("smollm2")).numel())
+    return token_ids(text_path(text), load_tokenizer("smollm2")).reshape(-1)
+
+
+def _calib_tokens(text: str = CALIB_TEXT) -> int:
+    """Tokens of a shipped text (the calibration excerpt by default) under SmolLM2's tokenizer."""
+    return int(_token_stream(text).numel())
 
 
 EVAL_SECONDS: list[float] = []
@@ -690,14 +700,10 @@ def generate_windows(model, args: argparse.Namespace, dev: str) -> dict:
     distillation, as LLM-QAT does), ``--recover-seq`` tokens per window: each window starts at a token drawn from
     the shipped calibration text, the rest sampled at temperature 1 by Hugging Face ``generate`` with its KV cache.
     Returns ``{"ids": [n, seq], "seconds": s}``."""
-    from lowbit.data import text_path
-    from lowbit.data.model_files import load_tokenizer
-    from lowbit.data.tokens import token_ids
-
     t0 = time.perf_counter()
     seq = args.recover_seq
     n = max(1, args.recover_generated // seq)
-    stream = token_ids(text_path(args.recover_text), load_tokenizer("smollm2")).reshape(-1)
+    stream = _token_stream(args.recover_text)
     gen = torch.Generator().manual_seed(1)
     first = stream[torch.randint(0, stream.numel(), (n,), generator=gen)].reshape(n, 1)
     # a copy of the HF model: the captured graph may hold the model's own parameter tensors
@@ -732,17 +738,13 @@ def recover(args: argparse.Namespace, teacher, pruned, base: dict, score, dev: s
     from lowbit.passes.distill import Distill
 
     variant = f"{base['variant']} + distill {args.recover_tokens} tokens"
-    if args.recover_text != "wikitext2-valid-calib":
+    if args.recover_text != CALIB_TEXT:
         variant += f" on {args.recover_text}"
     g = pruned.clone()
     n_windows = _calib_tokens(args.recover_text) // args.recover_seq
     extra = {}
     if generated:
-        from lowbit.data import text_path
-        from lowbit.data.model_files import load_tokenizer
-        from lowbit.data.tokens import token_ids
-
-        stream = token_ids(text_path(args.recover_text), load_tokenizer("smollm2")).reshape(-1)
+        stream = _token_stream(args.recover_text)
         real = stream[:n_windows * args.recover_seq].reshape(n_windows, args.recover_seq)
         extra["calib"] = torch.cat([generated["ids"], real])
         n_windows = int(extra["calib"].shape[0])

@@ -117,7 +117,7 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      "output-aware clipped grid + KV4, then the A4 clip ratios searched per quantizer",
      f"fold-norms,{KURTAIL},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({KV}),"
      f"clip-activations({{cal}})", QUICK),
-    # session 10: SmoothQuant scales with the rotation, on the kurtail-gptqa4-wclip-acs pipeline. Smoothing a norm
+    # session 9: SmoothQuant scales with the rotation, on the kurtail-gptqa4-wclip-acs pipeline. Smoothing a norm
     # site before fold-norms is a no-op (the gain g/s and the columns W*s fold back into W*g; test_rotation's
     # test_smooth_quant_before_rotation_is_exact_and_norm_sites_fold_away), so the norm sites are smoothed after
     # the rotation: a gain 1/s back on each unit-gain norm (exact: nothing rotates the stream after it), q/k/v and
@@ -125,7 +125,8 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     # unrotated linear, not by the A4 error after the Hadamard. Measured on wt2-512x8, calib 16x512, CPU, against
     # the row above's 1.844x in the same run: smooth-norm after KurTail 1.880x; smoothrot-gated (a 0.5, all 30
     # layers) 1.911x; smoothrot-gated-outliers (4 layers) 1.832x, and on wt2-512x40 1.837x against the row above's
-    # 1.850x (scratch runs, not in accuracy.json: consistent, but 0.013 is no step toward 1.5x). A4 is per token
+    # 1.850x (the x40 row is in accuracy.json; the x8 rows were scratch runs: consistent, but 0.013 is no step
+    # toward 1.5x). A4 is per token
     # and the Hadamard already spreads a token's massive channel over the whole row, so that channel costs only
     # its own few (sink) tokens' precision; s, set from the channel maxima, rescales every token's channels and
     # every weight column (the probe below: worse A4 error even with float weights in 26 of 30 layers).
