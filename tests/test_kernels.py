@@ -11,6 +11,7 @@ nearest even, which roughly doubles that error), fp16 3e-3.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -307,40 +308,99 @@ N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major ke
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("m,n_major,cfg", [
-    (1, True, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "ROWS": 8, "SPLIT_K": 3}),  # _gemv_r
-    (1, True, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "ROWS": 8, "SPLIT_K": 1}),  # one split: still reduced
-    (1, True, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 1, "SPLIT_K": 2}),  # _gemv_t
-    (5, True, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2}),  # _tc_t
-    (1, False, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 2, "SPLIT_K": 2}),  # K-major _gemv_words
-    (40, True, None)])  # M > 16: dequantize + F.linear, the pairs combined after it
-def test_gated_weight_only_linear_is_silu_gate_times_up(device, m, n_major, cfg, monkeypatch):
-    """A merged gate/up weight with its rows interleaved (``interleave_rows``) and ``gated=True`` gives the
-    gated MLP's ``silu(gate) * up`` of the plain layout's split, half as wide, on every word path (the pairs
-    combined in the split-K reduce) and with a bias."""
-    from lowbit.kernels import weight_only as wo
+def _interleaved(n: int, k: int, qdtype: str, group: int, symmetric: bool, device: str):
+    """A weight (rows 0..n/2-1 the gate, then the up rows), its bias, and the same with rows interleaved
+    (``interleave_rows``): what a gated epilogue reads."""
+    from lowbit.kernels.weight_only import interleave_rows
 
-    n, k = 48, 768  # 24 gate rows, then 24 up rows
-    q, s, z = _quantized_weight(n, k, "int4", 128, False, device)
-    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    q, s, z = _quantized_weight(n, k, qdtype, group, symmetric, device)
     b = torch.randn(n, device=device).to(torch.bfloat16)
+    return (q, s, z, b), tuple(interleave_rows(t) for t in (q, s, z, b))
+
+
+def _near_epilogue(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    """The fused epilogue against the same product with the epilogue's torch ops after it: at most two bf16 steps
+    apart (torch's activation and the kernel's fp32 formula may round apart, and a gated product then too), plus
+    1e-5 absolute for GELU's ``1 + erf`` cancellation far below zero."""
+    return bool(((got.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -6 + 1e-5).all())
+
+
+WO_EPILOGUE_CASES = [  # epilogue, M, N-major words, the word-layout config forced (None: the op's choice)
+    ("silu*up", 1, True, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "ROWS": 8, "SPLIT_K": 3}),  # _gemv_r
+    ("gelu*up", 1, True, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "ROWS": 8, "SPLIT_K": 1}),  # one split: reduced
+    ("silu*up", 1, True, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 1, "SPLIT_K": 2}),  # _gemv_t
+    ("gelu_tanh*up", 5, True, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2}),  # _tc_t
+    ("silu*up", 1, False, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 2, "SPLIT_K": 2}),  # K-major _gemv_words
+    ("silu*up", 40, True, None),  # M > 16: dequantize + F.linear, the epilogue's ops after it
+    ("gelu", 1, True, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "ROWS": 8, "SPLIT_K": 1}),
+    ("gelu_tanh", 3, True, None),  # the op's own config at M = 3
+    ("silu", 5, True, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 1}),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("epilogue,m,n_major,cfg", WO_EPILOGUE_CASES)
+def test_weight_only_epilogue_is_the_unfused_activation(device, epilogue, m, n_major, cfg, monkeypatch):
+    """``epilogue``: an activation on the output, or on a merged gate/up weight with its rows interleaved
+    ``act(gate) * up`` of the plain layout's split, half as wide; on every word path (in the split-K reduce) and
+    with a bias. The reference (``weight_only_linear_ref(epilogue=...)``) is the unfused ops."""
+    from lowbit.kernels import weight_only as wo
+    from lowbit.kernels._common import activation_ref, epilogue_ref
+
+    n, k = 48, 768
+    act, _, up = epilogue.partition("*")
+    (q, s, z, b), inter = _interleaved(n, k, "int4", 128, False, device)
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
     plain = weight_only_linear_ref(x, q, s, z, b, "int4", 128)
-    want = torch.nn.functional.silu(plain[:, : n // 2]) * plain[:, n // 2:]
-    qi, si, zi, bi = (wo.interleave_rows(t) for t in (q, s, z, b))
-    assert torch.equal(wo.gate_pairs(weight_only_linear_ref(x, qi, si, zi, bi, "int4", 128)), want)
-    words, s2, z2 = wo.pack_words(qi, si, zi, "int4", 128, n_major=n_major)
+    if up:
+        q, s, z, b = inter
+        want = activation_ref(plain[:, : n // 2], act) * plain[:, n // 2:]
+    else:
+        want = activation_ref(plain, act)
+    assert torch.equal(weight_only_linear_ref(x, q, s, z, b, "int4", 128, epilogue), want)
+    words, s2, z2 = wo.pack_words(q, s, z, "int4", 128, n_major=n_major)
     if cfg is not None:
         monkeypatch.setattr(wo, "words_config", lambda *a, **kw: dict(cfg, num_warps=4, num_stages=2))
-    got = weight_only_linear(x, words, s2, z2, bi, "int4", 128, "auto", True)
-    assert got.shape == (m, n // 2) and got.dtype == torch.bfloat16
-    # the epilogue against the same GEMV ungated, then the pairs combined by torch: at most two bf16 steps apart
-    # (torch's silu and the kernel's x / (1 + exp(-x)) may round apart, and the product then too)
-    ref = wo.gate_pairs(weight_only_linear(x, words, s2, z2, bi, "int4", 128)).float()
-    assert bool(((got.float() - ref).abs() <= ref.abs() * 2 ** -6 + 1e-30).all())
+    got = weight_only_linear(x, words, s2, z2, b, "int4", 128, "auto", epilogue)
+    assert got.shape == (m, n // 2 if up else n) and got.dtype == torch.bfloat16
+    assert _near_epilogue(got, epilogue_ref(weight_only_linear(x, words, s2, z2, b, "int4", 128), epilogue))
     assert _rel(got, want) <= 2 * TOL[torch.bfloat16]  # two bf16 GEMV outputs' errors in one product
-    with pytest.raises(ValueError, match="even N"):
-        weight_only_linear(x, words[:47], s2[:47], z2[:47], None, "int4", 128, "auto", True)
+    if up:
+        with pytest.raises(ValueError, match="even N"):
+            weight_only_linear(x, words[:47], s2[:47], z2[:47], None, "int4", 128, "auto", epilogue)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_only_epilogue_names_a_bad_one(device):
+    q, s, z = _quantized_weight(16, 128, "int4", 64, True, device)
+    x = torch.randn(1, 128, device=device).to(torch.bfloat16)
+    for bad in ("relu", "*up", "silu*down", "up"):
+        with pytest.raises(ValueError, match=re.escape(f"epilogue {bad!r}")):
+            weight_only_linear(x, q, s, z, None, "int4", 64, "auto", bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("epilogue", ["gelu", "gelu_tanh", "silu*up", "gelu_tanh*up"])
+@pytest.mark.parametrize("w_qdtype,w_group,symmetric,a_qdtype,a_group,m",
+                         [A8_CASES[0], A8_CASES[2], A8_CASES[5]])
+def test_a8_linear_epilogue_is_the_unfused_activation(device, epilogue, w_qdtype, w_group, symmetric, a_qdtype,
+                                                      a_group, m):
+    """The A8 GEMM's store applies the epilogue (gated: interleaved rows of the weight, its scales and zero points,
+    the bias) as the unfused ops would after it: W8A8, W4A8 with zero points, block-scaled FP8."""
+    from lowbit.kernels._common import epilogue_ref
+
+    n, k = 48, 256
+    up = epilogue.endswith("*up")
+    plain, inter = _interleaved(n, k, w_qdtype, w_group, symmetric, device)
+    q, s, z, b = inter if up else plain
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    ref = a8_linear_ref(x, q, s, z, b, w_qdtype, w_group, a_qdtype, a_group, epilogue)
+    for scaled_mm in ([False, True] if device == "cuda" and w_qdtype == "fp8e4m3" else [False]):
+        y = a8_linear(x, q, s, z, b, w_qdtype, w_group, a_qdtype, a_group, scaled_mm, epilogue)
+        assert y.shape == (m, n // 2 if up else n)
+        unfused = a8_linear(x, q, s, z, b, w_qdtype, w_group, a_qdtype, a_group, scaled_mm)
+        assert _near_epilogue(y, epilogue_ref(unfused, epilogue)), (epilogue, w_qdtype, scaled_mm)
+        assert _rel(y, ref) <= 2 * TOL[torch.bfloat16], (epilogue, w_qdtype, scaled_mm)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -49,8 +49,8 @@ def test_triton_backend_runs_qlinear_on_kernels_like_the_reference(slice1_bf16, 
     ref = TorchCompiled(g)(ids).float()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     m = lower(g, dev)
-    # gate/up's merged weight-only GEMV also takes the SiLU·up of the gated MLP (_fuse_gated); A8 forms do not
-    forms = {form, f"{form}+silu*up"} if form == "w4a16" else {form}
+    # gate/up's merged GEMV/GEMM also takes the SiLU·up of the gated MLP in its epilogue (EPILOGUE_RULES)
+    forms = {form, f"{form}+silu*up"}
     assert m.report["kernels"] and set(m.report["kernels"].values()) == forms and not m.report["fallback"]
     # q, k, v, o, gate, up, down of the layer: q/k/v and gate/up each merged into one wider GEMM (merge-linears)
     assert len(m.report["kernels"]) == 4
@@ -110,33 +110,62 @@ def test_compile_driver_reaches_the_triton_backend_through_the_registry(slice1_b
     assert ((y - ref).norm() / ref.norm()).item() <= 2e-2
 
 
-@needs_kernels
-def test_gated_mlp_runs_in_the_gate_up_gemv(monkeypatch):
-    """A Llama MLP's merged gate/up GEMV takes ``split -> silu -> mul`` into its reduce (rows interleaved at
-    lowering): five FX nodes become one, and the logits are those of the unfused lowering but for SiLU's last bits,
-    on the decode layout (K = 256) through a decode step's M = 1 GEMV."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _epilogue_model(arch: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...] | None, list]:
+    """A random bf16 model of ``arch`` (one block, K = 256: the decode layout) and inputs for it."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-    import lowbit.backends.triton_backend as tb
-    from lowbit.api import compile_model
-    from lowbit.generate import GenerationSpec
+    from lowbit.models import SentenceEmbedder
 
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
-                      num_hidden_layers=1, vocab_size=1000, max_position_embeddings=256)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    if arch == "llama":  # merged gate/up -> split -> silu -> mul
+        cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
+                          num_hidden_layers=1, vocab_size=1000, max_position_embeddings=256)
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        return model, None, [(torch.randint(3, 1000, (1, 1)),), (torch.randint(3, 1000, (1, 9)),)]
+    cfg = BertConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                     num_hidden_layers=1, hidden_act="gelu")  # intermediate linear -> exact GELU
+    model = SentenceEmbedder(BertModel(cfg).to(torch.bfloat16).eval()).eval()
+    ids = torch.randint(3, 1000, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    return model, (ids, mask), [(ids, mask)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch,pipeline,form", [
+    ("llama", "quantize(w=int4,group=128,sym=false)", "w4a16+silu*up"),
+    ("llama", "quantize(w=int8,a=int8)", "w8a8+silu*up"),
+    ("bert", "quantize(w=int8,a=int8)", "w8a8+gelu"),
+    ("bert", "quantize(w=int4,group=64)", "w4a16+gelu"),
+])
+def test_mlp_activation_runs_in_the_linears_epilogue(arch, pipeline, form):
+    """``EPILOGUE_RULES``: a Llama MLP's merged gate/up takes ``split -> silu -> mul`` into its kernel (rows
+    interleaved at lowering; weight-only: in the GEMV's reduce, A8: in the GEMM's store; on by default), a BERT
+    MLP's first linear its GELU (``epilogues="all"``): the activation's FX nodes are gone, and the outputs are
+    those of the unfused lowering (``epilogues="none"``) but for the activation's last bits (one bf16 step per
+    element, so 1e-2 relative overall) with the same argmax."""
+    from lowbit.api import compile_model
+
+    model, example, inputs = _epilogue_model(arch)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    kw = dict(pipeline="quantize(w=int4,group=128,sym=false)", backend="triton", backend_options={"compile": False},
-              device=dev)
+    kw = dict(pipeline=pipeline, backend="triton", device=dev,
+              backend_options={"compile": False, **({"epilogues": "all"} if arch == "bert" else {})})
+    if example is not None:
+        kw["example_inputs"] = example
     fused = compile_model(model, **kw)
-    gated = [n for n, f in fused.runner.report["kernels"].items() if f == "w4a16+silu*up"]
-    assert len(gated) == 1 and gated[0] in fused.runner.report["layout"]
-    assert not any(n.target in (ir_ops.silu, ir_ops.mul) for n in fused.runner.gm.graph.nodes)
-    monkeypatch.setattr(tb, "_fuse_gated", lambda *a: False)
-    plain = compile_model(model, **kw)
-    assert "w4a16+silu*up" not in plain.runner.report["kernels"].values()
-    for ids in (torch.randint(3, 1000, (1, 1)), torch.randint(3, 1000, (1, 9))):
-        y, ref = fused(ids).float().cpu(), plain(ids).float().cpu()
+    names = [n for n, f in fused.runner.report["kernels"].items() if f == form]
+    assert len(names) == 1, fused.runner.report["kernels"]
+    if form.startswith("w4a16"):
+        assert names[0] in fused.runner.report["layout"]
+    assert not any(n.target in (ir_ops.silu, ir_ops.gelu, ir_ops.mul) for n in fused.runner.gm.graph.nodes)
+    if arch == "bert":  # not by default (measured slower at BERT-base: EPILOGUE_RULES)
+        assert form not in compile_model(model, **{**kw, "backend_options": {"compile": False}}
+                                         ).runner.report["kernels"].values()
+    plain = compile_model(model, **{**kw, "backend_options": {"compile": False, "epilogues": "none"}})
+    assert form not in plain.runner.report["kernels"].values()
+    for x in inputs:
+        x = tuple(t.to(dev) for t in x)
+        y, ref = fused(*x).float().cpu(), plain(*x).float().cpu()
         assert ((y - ref).norm() / ref.norm()).item() <= 1e-2
         assert torch.equal(y.argmax(-1), ref.argmax(-1))
 

@@ -31,7 +31,8 @@ from lowbit.ir.graph import Graph, TensorType
 from lowbit.ir.ops import hadamard as ir_hadamard
 from lowbit.ir.quant import qlinear
 
-__all__ = ["KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "lower", "plan_hadamard", "plan_qlinear"]
+__all__ = ["EPILOGUES", "EPILOGUE_RULES", "KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "lower", "plan_hadamard",
+           "plan_qlinear"]
 
 NO_CUDA = ("backend 'triton' runs lowbit's Triton kernels and needs a CUDA GPU, and none is visible: use "
            "backend='torch' (the CPU/CUDA reference) or backend='onnxruntime' (MatMulNBits / integer GEMM on CPU)")
@@ -119,11 +120,11 @@ def _on_kernel_device(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _kernel_qlinear(op: str, w_group: int, a_group: int, gated: bool = False) -> Callable[..., torch.Tensor]:
+def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "") -> Callable[..., torch.Tensor]:
     """The FX target replacing one qlinear: its kernel, or the reference for an input the kernel cannot read.
-    ``gated`` (weight-only): the qlinear with its gated MLP's ``split -> silu -> mul`` (``_fuse_gated``): rows
-    interleaved at lowering, ``silu(gate) * up`` combined in the GEMV's reduce (the reference: then the pairs' ops)."""
-    from lowbit.kernels.weight_only import gate_pairs
+    ``epilogue``: the activation (or gated MLP) after it that ``_fuse_epilogue`` folded into the op (the
+    reference: then the epilogue's ops, ``epilogue_ref``)."""
+    from lowbit.kernels._common import epilogue_ref
 
     def run(x, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, **kw):
         if not _runs_kernel(x):
@@ -132,20 +133,33 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int, gated: bool = False) ->
 
                 qweight = unpack_words(qweight, kw["w_qdtype"], x.shape[-1], w_group)
             y = qlinear(x, qweight, w_scale, w_zero_point, bias, a_scale, a_zero_point, **kw)
-            return gate_pairs(y) if gated else y
+            return epilogue_ref(y, epilogue) if epilogue else y
         if op == "weight_only_linear":
             return torch.ops.lowbit.weight_only_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
-                                                       w_group, "auto", gated)
+                                                       w_group, "auto", epilogue)
         return torch.ops.lowbit.a8_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group,
-                                          kw["a_qdtype"], a_group)
+                                          kw["a_qdtype"], a_group, epilogue=epilogue)
 
-    run.__name__ = f"triton_{op}" + ("_gated" if gated else "")
+    run.__name__ = f"triton_{op}" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
     return run
 
 
-def _gated_chain(q: torch.fx.Node) -> tuple[torch.fx.Node, ...] | None:
-    """``q``'s readers when they are exactly a gated MLP's ``split([I, I], -1) -> silu(first) -> mul(·, second)``
-    (the merged gate/up of ``merge_horizontal``): ``(split, first, second, silu, mul)``, else None."""
+def _activation(node: torch.fx.Node) -> str | None:
+    """The epilogue name of an IR activation node (``lowbit.kernels._common.ACTIVATIONS``), else None."""
+    from lowbit.ir import ops as ir_ops
+
+    if node.op != "call_function":
+        return None
+    if node.target is ir_ops.silu:
+        return "silu"
+    if node.target is ir_ops.gelu:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(node.kwargs.get("approximate", "none"))
+    return None
+
+
+def _gated_chain(q: torch.fx.Node) -> tuple[str, torch.fx.Node, tuple[torch.fx.Node, ...]] | None:
+    """``q``'s readers when they are exactly a gated MLP's ``split([I, I], -1) -> act(first) -> mul(·, second)``
+    (the merged gate/up of ``merge_horizontal``; act silu or GELU): ``("<act>*up", mul, the nodes it replaces)``."""
     import operator
 
     from lowbit.ir import ops as ir_ops
@@ -162,51 +176,90 @@ def _gated_chain(q: torch.fx.Node) -> tuple[torch.fx.Node, ...] | None:
     parts = {u.args[1]: u for u in split.users if u.target is operator.getitem}
     if set(parts) != {0, 1} or len(parts[0].users) != 1 or len(parts[1].users) != 1:
         return None
-    silu = next(iter(parts[0].users))
+    act = next(iter(parts[0].users))
     mul = next(iter(parts[1].users))
-    if silu.target is not ir_ops.silu or mul.target is not ir_ops.mul or mul.args != (silu, parts[1]):
+    name = _activation(act)
+    if name is None or mul.target is not ir_ops.mul or set(mul.args) != {act, parts[1]} or len(act.users) != 1:
         return None
-    return split, parts[0], parts[1], silu, mul
+    return f"{name}*up", mul, (mul, act, parts[1], parts[0], split)
 
 
-def _fuse_gated(gm: torch.fx.GraphModule, node: torch.fx.Node, w_group: int) -> bool:
-    """A weight-only qlinear read only by a gated MLP's ``split -> silu -> mul``: its weight, scale, zero point
-    and bias rows interleaved (gate, up pairs; the buffers are replaced, same bytes) and one node on
-    ``_kernel_qlinear(gated=True)`` in place of the five; False where the pattern or the buffers do not allow it."""
+def _activation_chain(q: torch.fx.Node) -> tuple[str, torch.fx.Node, tuple[torch.fx.Node, ...]] | None:
+    """``q`` read by one activation alone (BERT/ViT's ``linear -> GELU``): ``(act, it, (it,))``."""
+    if len(q.users) != 1:
+        return None
+    act = next(iter(q.users))
+    name = _activation(act)
+    return None if name is None else (name, act, (act,))
+
+
+EPILOGUE_RULES: tuple[tuple[str, str, Callable[[torch.fx.Node], Any]], ...] = (
+    ("gated", "gated MLP: split -> act(gate) -> mul(up); weight rows interleaved", _gated_chain),
+    ("activation", "activation: silu / gelu / gelu(tanh)", _activation_chain),
+)
+"""The epilogues ``_fuse_epilogue`` folds into a kernel's store, first match wins: each row (kind, what, matcher)
+finds the nodes after a quantized linear that its kernels can compute in their epilogue
+(``lowbit.kernels._common.parse_epilogue``).
+
+``EPILOGUES`` says which kinds a lowering applies (``TritonBackendOptions.epilogues``). Measured on the H200 (run
+E10b of ``bench/results/kernels.json``, ``tools/bench_epilogue.py``, the op + its activation as CUDA-graph
+replays): gated 1.15-1.32x faster than the op and then torch's silu*up (W4A16 M = 1 and 16, W8A8 M = 16 and 2048
+at the 7B gate/up); a lone GELU 1.05x at MiniLM's up-projection (W8A8, M = 2048) but 0.92x at BERT-base's (the
+erf in a short-K GEMM's store costs more than the separate kernel's pass) and 1.00x W4A16 M = 16 (the reduce
+launch replaces the activation's). So ``gated`` is the default and ``all`` adds the lone activation."""
+
+EPILOGUES = {"none": (), "gated": ("gated",), "all": ("gated", "activation")}
+"""``TritonBackendOptions.epilogues`` -> the ``EPILOGUE_RULES`` kinds it applies."""
+
+
+def _fuse_epilogue(gm: torch.fx.GraphModule, node: torch.fx.Node, slots: tuple[int, int, int, int],
+                   retarget_to: Callable[[str], Callable[..., torch.Tensor]], kinds: tuple[str, ...]) -> str:
+    """Fold the activation (or gated MLP) reading a retargeted qlinear into its op (``EPILOGUE_RULES``): the
+    node's target becomes ``retarget_to(epilogue)``, its readers' nodes are erased and their readers read it.
+    A gated epilogue interleaves the weight, scale, zero point and bias rows into (gate, up) pairs (buffers
+    replaced, same bytes); ``slots``: those operands' argument positions; ``kinds``: the rules applied
+    (``EPILOGUES``). Returns the epilogue, "" if none."""
     from lowbit.kernels.weight_only import interleave_rows
 
-    chain = _gated_chain(node)
-    if chain is None:
-        return False
-    operands = [node.args[i] if len(node.args) > i else node.kwargs.get(name)
-                for i, name in ((1, "qweight"), (2, "w_scale"), (3, "w_zero_point"), (4, "bias"))]
-    for a in operands:
-        if a is not None and not (isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1):
-            return False
-    for a in operands:
-        if a is not None:
-            gm.register_buffer(a.target, interleave_rows(getattr(gm, a.target)))
-    split, first, second, silu, mul = chain
-    node.target = _kernel_qlinear("weight_only_linear", w_group, 0, gated=True)
-    mul.replace_all_uses_with(node)
-    for dead in (mul, silu, second, first, split):
-        gm.graph.erase_node(dead)
-    return True
+    for kind, _, match in EPILOGUE_RULES:
+        found = match(node) if kind in kinds else None
+        if found is None:
+            continue
+        epilogue, last, replaced = found
+        if epilogue.endswith("*up"):
+            names = ("qweight", "w_scale", "w_zero_point", "bias")
+            operands = [node.args[i] if len(node.args) > i else node.kwargs.get(nm) for i, nm in zip(slots, names,
+                                                                                                     strict=True)]
+            if not all(a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1)
+                       for a in operands):
+                return ""
+            for a in operands:
+                if a is not None:
+                    gm.register_buffer(a.target, interleave_rows(getattr(gm, a.target)))
+        node.target = retarget_to(epilogue)
+        last.replace_all_uses_with(node)
+        for dead in replaced:
+            gm.graph.erase_node(dead)
+        return epilogue
+    return ""
 
 
-def _kernel_qlinear_q(w_group: int, a_group: int) -> Callable[..., torch.Tensor]:
-    """The FX target replacing one ``qlinear_q`` (its input arrives as codes + per-token scales)."""
+def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "") -> Callable[..., torch.Tensor]:
+    """The FX target replacing one ``qlinear_q`` (its input arrives as codes + per-token scales); ``epilogue`` as
+    in ``_kernel_qlinear``."""
     from lowbit.ir.normquant import qlinear_q
+    from lowbit.kernels._common import epilogue_ref
 
     def run(xq, x_scale, qweight, w_scale, w_zero_point=None, bias=None, **kw):
         out_dtype = kw.get("out_dtype", torch.float32)
         if not (_on_kernel_device(xq) and out_dtype in _KERNEL_DTYPES
                 and kw.get("x_dtype") == out_dtype):
-            return qlinear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, **kw)
+            y = qlinear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, **kw)
+            return epilogue_ref(y, epilogue) if epilogue else y
         return torch.ops.lowbit.a8_linear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
-                                            w_group, a_group, out_dtype)
+                                            w_group, a_group, out_dtype, epilogue=epilogue)
 
-    run.__name__ = "triton_a8_linear_q"
+    run.__name__ = "triton_a8_linear_q" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
     return run
 
 
@@ -324,16 +377,18 @@ def _repack_words(gm: torch.fx.GraphModule, node: torch.fx.Node, group: int) -> 
 
 
 def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = None,
-             device: str | torch.device | None = None) -> dict[str, dict[str, str]]:
+             device: str | torch.device | None = None, epilogues: str = "gated") -> dict[str, dict[str, str]]:
     """Point every qlinear (and online ``hadamard``) the kernels take at its op; returns ``{"kernels": {node:
     form}, "fallback": {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold
     the decode layout). ``types``: the lowered graph's value types by name (a hadamard's row length);
-    ``device``: where the hadamard tables go (the module's device)."""
+    ``device``: where the hadamard tables go (the module's device); ``epilogues``: which activations after a
+    qlinear its kernel computes (``EPILOGUES``)."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
     from lowbit.ir.kvcache import cache_attention
     from lowbit.ir.normquant import qlinear_q, rms_norm_quant
 
     report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}, "unfused": {}, "norm_quant": {}}
+    kinds = EPILOGUES[epilogues]
     tables: dict[int, torch.fx.Node] = {}
     a8: dict[torch.fx.Node, Plan] = {}
     for node in list(gm.graph.nodes):
@@ -367,8 +422,11 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             if plan.form is None or plan.form.op != "a8_linear":
                 report["fallback"][node.name] = plan.reason or "no a8 kernel for this form"
                 continue
-            node.target = _kernel_qlinear_q(plan.static["w_group"], plan.static["a_group"])
-            report["kernels"][node.name] = plan.form.name
+            wg, ag = plan.static["w_group"], plan.static["a_group"]
+            node.target = _kernel_qlinear_q(wg, ag)
+            epilogue = _fuse_epilogue(gm, node, (2, 3, 4, 5), lambda e, wg=wg, ag=ag: _kernel_qlinear_q(wg, ag, e),
+                                      kinds)
+            report["kernels"][node.name] = plan.form.name + (f"+{epilogue}" if epilogue else "")
             continue
         if node.op == "call_function" and node.target is cache_attention:
             # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape)
@@ -384,13 +442,14 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
         if plan.form is None:
             report["fallback"][node.name] = plan.reason
             continue
-        node.target = _kernel_qlinear(plan.form.op, plan.static["w_group"], plan.static["a_group"])
-        report["kernels"][node.name] = plan.form.name
-        if plan.form.op == "a8_linear":
+        op, wg, ag = plan.form.op, plan.static["w_group"], plan.static["a_group"]
+        node.target = _kernel_qlinear(op, wg, ag)
+        epilogue = _fuse_epilogue(gm, node, (1, 2, 3, 4),
+                                  lambda e, op=op, wg=wg, ag=ag: _kernel_qlinear(op, wg, ag, e), kinds)
+        report["kernels"][node.name] = plan.form.name + (f"+{epilogue}" if epilogue else "")
+        if op == "a8_linear" and not epilogue:  # (hadamard_a8_linear has no epilogue)
             a8[node] = plan
-        if plan.form.op == "weight_only_linear" and _fuse_gated(gm, node, plan.static["w_group"]):
-            report["kernels"][node.name] = f"{plan.form.name}+silu*up"
-        if plan.form.op == "weight_only_linear" and _repack_words(gm, node, plan.static["w_group"]):
+        if op == "weight_only_linear" and _repack_words(gm, node, wg):
             report["layout"][node.name] = "words"
     _fuse_hadamard_a8(gm, a8, report)
     gm.recompile()
@@ -425,7 +484,7 @@ class TritonCompiled(TorchCompiled):
 
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *, compile: bool = True,
                  cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset(),
-                 semi_structured: bool = False, sparse_library: str = "auto") -> None:
+                 semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated") -> None:
         from lowbit.ir.fusion import fuse_qlinear
         from lowbit.ir.merge import merge_horizontal
         from lowbit.ir.normquant import fuse_norm_quant
@@ -443,7 +502,7 @@ class TritonCompiled(TorchCompiled):
         super().__init__(fused, device, keep_packed=True, donated=donated, semi_structured=semi_structured,
                          sparse_library=sparse_library)
         types = {v.name: v.type for nd in fused.nodes for v in nd.outputs if isinstance(v.type, TensorType)}
-        self.report = retarget(self.gm, types, self.device)
+        self.report = retarget(self.gm, types, self.device, epilogues)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
         self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
                                  if n.meta.get("merged")}
@@ -488,10 +547,11 @@ class TritonCompiled(TorchCompiled):
 
 
 def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
-          semi_structured: bool = False, sparse_library: str = "auto") -> TritonCompiled:
+          semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated") -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
-    ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify."""
+    ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify;
+    ``epilogues``: the activations fused into their linear's kernel (``EPILOGUES``)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise RuntimeError(NO_CUDA)
@@ -501,4 +561,5 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     # a step graph's cache inputs are handed over by the generator (written in place), as on the torch backend
     donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
     return TritonCompiled(graph, dev, compile=compile and torch.device(dev).type == "cuda", cuda_graphs=cuda_graphs,
-                          donated=donated, semi_structured=semi_structured, sparse_library=sparse_library)
+                          donated=donated, semi_structured=semi_structured, sparse_library=sparse_library,
+                          epilogues=epilogues)

@@ -104,3 +104,77 @@ def unpack_nibbles(b, SIGNED: tl.constexpr):
     """uint8 bytes ``[R, C]`` -> int32 codes ``[R, 2C]`` in K order (an interleave of the two nibbles)."""
     lo, hi = nibbles(b, SIGNED)
     return tl.interleave(lo, hi)
+
+
+ACTIVATIONS = {"": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
+"""An epilogue's activation -> the ``ACT`` constexpr of ``activation`` (0: none)."""
+
+
+def parse_epilogue(epilogue: str, op: str) -> tuple[int, bool]:
+    """``(ACT, gated)`` of an op's ``epilogue``: ``""``, an activation (``silu``, ``gelu``, ``gelu_tanh``: applied
+    to the output) or ``<activation>*up`` (a gated MLP: the output columns are interleaved (gate, up) pairs and
+    the op returns ``act(gate) * up``, half as wide)."""
+    act, star, up = epilogue.partition("*")
+    ok = act in ACTIVATIONS and (not star or (up == "up" and act != ""))
+    names = ", ".join(repr(a) for a in ACTIVATIONS if a) + " or one of them followed by '*up'"
+    check(ok, op, f"epilogue {epilogue!r} is not '' (none), {names}")
+    return ACTIVATIONS[act], bool(star)
+
+
+def activation_ref(y: torch.Tensor, act: str) -> torch.Tensor:
+    """The IR's activation op in plain torch (``lowbit.ir.ops.silu`` / ``gelu``)."""
+    if act == "silu":
+        return torch.nn.functional.silu(y)
+    if act in ("gelu", "gelu_tanh"):
+        return torch.nn.functional.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
+    return y
+
+
+def epilogue_ref(y: torch.Tensor, epilogue: str) -> torch.Tensor:
+    """What the unfused ops compute after a linear whose op fused ``epilogue`` (``parse_epilogue``): the
+    activation, or for ``act*up`` the gated MLP's ``act(gate) * up`` on interleaved (gate, up) columns."""
+    act, _, up = epilogue.partition("*")
+    if up:
+        gate, upv = y.unflatten(-1, (-1, 2)).unbind(-1)
+        return activation_ref(gate, act) * upv
+    return activation_ref(y, act)
+
+
+@triton.jit
+def activation(g, ACT: tl.constexpr):
+    """fp32 ``g`` through the ``ACT`` activation (``ACTIVATIONS``): silu, exact (erf) GELU or tanh-approximated
+    GELU (tanh as ``1 - 2 / (1 + exp(2z))``, which saturates to +-1 without a NaN), or unchanged."""
+    if ACT == 1:
+        r = g / (1.0 + tl.exp(-g))
+    elif ACT == 2:
+        r = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    elif ACT == 3:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        r = 0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z)))
+    else:
+        r = g
+    return r
+
+
+@triton.jit
+def store_epilogue(acc, o_ptr, offs_m, n0, m_ok, som, N, ACT: tl.constexpr, GATED: tl.constexpr):
+    """Store an fp32 output tile ``[BM, BN]`` (bias already added) with its epilogue, rounding where the unfused
+    ops round: the linear's output to the output dtype first, then the activation's. The tile's columns start at
+    ``n0`` of the ``N``-wide product; ``GATED``: they are (gate, up) pairs and the tile's ``BN / 2`` outputs
+    ``act(gate) * up`` go to columns ``n0 / 2 ...`` of the ``N / 2``-wide output, rounded as ``epilogue_ref``
+    rounds them."""
+    dt = o_ptr.dtype.element_ty
+    if GATED:
+        BM: tl.constexpr = acc.shape[0]
+        BH: tl.constexpr = acc.shape[1] // 2
+        g, u = tl.split(tl.reshape(acc.to(dt).to(tl.float32), (BM, BH, 2)))
+        a = activation(g, ACT).to(dt).to(tl.float32)
+        half = n0 // 2 + tl.arange(0, BH)
+        tl.store(o_ptr + offs_m[:, None] * som + half[None, :], (a * u).to(dt),
+                 mask=m_ok[:, None] & (half < N // 2)[None, :])
+    else:
+        offs_n = n0 + tl.arange(0, acc.shape[1])
+        if ACT != 0:
+            acc = activation(acc.to(dt).to(tl.float32), ACT)
+        tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], acc.to(dt),
+                 mask=m_ok[:, None] & (offs_n < N)[None, :])

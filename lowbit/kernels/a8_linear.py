@@ -34,7 +34,10 @@ from lowbit.kernels._common import (
     interpreting,
     is_pow2,
     launcher,
+    epilogue_ref,
     m_bucket,
+    parse_epilogue,
+    store_epilogue,
     unpack_nibbles,
 )
 from lowbit.kernels.act_quant import quantize_activation
@@ -49,10 +52,10 @@ W_QDTYPES = {"int8": (False, True), "int4": (True, True), "uint4": (True, False)
 
 
 def a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor | None,
-                  bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int
-                  ) -> torch.Tensor:
+                  bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
+                  epilogue: str = "") -> torch.Tensor:
     """Plain torch, the qlinear reference: activation dynamic_qparams -> quantize -> dequantize (to x.dtype),
-    weight dequantize (to x.dtype), ``F.linear``."""
+    weight dequantize (to x.dtype), ``F.linear``, then the epilogue's ops (``epilogue_ref``)."""
     from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
 
     k = x.shape[-1]
@@ -63,7 +66,7 @@ def a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
     xd = dequantize(xq, sa, za, qdtype=a_qdtype, axis=-1, block_size=bs, out_dtype=x.dtype)
     w = dequantize(qweight, w_scale, w_zero_point, qdtype=w_qdtype, axis=1 if w_group else 0,
                    block_size=w_group or None, out_dtype=x.dtype)
-    return F.linear(xd, w, bias)
+    return epilogue_ref(F.linear(xd, w, bias), epilogue)
 
 
 @triton.jit
@@ -71,7 +74,8 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
                sam, ssam, swn, sswn, som,
                W_PACKED: tl.constexpr, W_SIGNED: tl.constexpr, HAS_WZ: tl.constexpr, IS_FP8: tl.constexpr,
                A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               ACT: tl.constexpr = 0, GATED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -134,8 +138,7 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
         acc = acc * tl.load(sw_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
-    tl.store(o_ptr + offs_m[:, None] * som + offs_n[None, :], acc.to(o_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    store_epilogue(acc, o_ptr, offs_m, pid_n * BLOCK_N, m_ok, som, N, ACT, GATED)
 
 
 def _configs() -> list[triton.Config]:
@@ -159,16 +162,19 @@ def _prune(configs, named_args, **kw):
 
 
 _a8_kernel_tuned = triton.autotune(configs=_configs(), key=["M_KEY", "N", "K", "A_GROUP", "W_GROUP", "W_PACKED",
-                                                            "IS_FP8"],
+                                                            "IS_FP8", "ACT", "GATED"],
                                    prune_configs_by={"early_config_prune": _prune}, warmup=5, rep=20)(_a8_kernel)
 
 
 def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
             w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_group: int,
-            out_dtype: torch.dtype) -> torch.Tensor:
-    """The GEMM half on already-quantized activations ``xq [M, K]`` with scales ``[M, K/a_group or 1]``."""
+            out_dtype: torch.dtype, epilogue: str = "") -> torch.Tensor:
+    """The GEMM half on already-quantized activations ``xq [M, K]`` with scales ``[M, K/a_group or 1]``;
+    ``epilogue`` (``parse_epilogue``) applied in the store (gated: the output is ``N / 2`` wide)."""
     m, k = xq.shape
     n = qweight.shape[0]
+    act, gated = parse_epilogue(epilogue, "a8_linear")
+    check(not gated or n % 2 == 0, "a8_linear", f"a gated epilogue needs an even N (gate, up pairs), got N={n}")
     packed, signed = W_QDTYPES[w_qdtype]
     is_fp8 = w_qdtype == "fp8e4m3"
     check(not is_fp8 or xq.dtype == torch.float8_e4m3fn, "a8_linear", "fp8 weights need fp8 activations")
@@ -177,13 +183,13 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
           "reference")
     groups = [g for g in (a_group, w_group) if g]
     check(all(is_pow2(g) and g >= 32 for g in groups), "a8_linear", f"groups {groups} must be powers of two >= 32")
-    out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
+    out = torch.empty((m, n // 2 if gated else n), device=xq.device, dtype=out_dtype)
     wz = w_zero_point if w_zero_point is not None else w_scale
     b = bias if bias is not None else w_scale
     args = (xq, x_scale, qweight, w_scale, wz, b, out, m, n, k, m_bucket(m), xq.stride(0), x_scale.stride(0),
             qweight.stride(0), w_scale.stride(0), out.stride(0))
     meta = {"W_PACKED": packed, "W_SIGNED": signed, "HAS_WZ": w_zero_point is not None, "IS_FP8": is_fp8,
-                "A_GROUP": a_group, "W_GROUP": w_group, "HAS_BIAS": bias is not None}
+                "A_GROUP": a_group, "W_GROUP": w_group, "HAS_BIAS": bias is not None, "ACT": act, "GATED": gated}
     if interpreting():
         bk = min(groups) if groups else 64
         cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(bk, 64)}
@@ -198,42 +204,50 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
 
 def _a8_product(xq: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                 w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
-                a_group: int, use_scaled_mm: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """The GEMM on codes ``[M, K]`` and scales ``[M, K/a_group or 1]``: ``_scaled_mm`` or ``a8_gemm``."""
+                a_group: int, use_scaled_mm: bool, out_dtype: torch.dtype, epilogue: str = "") -> torch.Tensor:
+    """The GEMM on codes ``[M, K]`` and scales ``[M, K/a_group or 1]``: ``_scaled_mm`` (then the epilogue's ops)
+    or ``a8_gemm`` (the epilogue in its store)."""
     k = xq.shape[-1]
     n = qweight.shape[0]
     if (w_qdtype == "fp8e4m3" and use_scaled_mm and a_group == 0 and w_group == 0 and xq.is_cuda
             and k % 16 == 0 and n % 16 == 0):
-        return torch._scaled_mm(xq, qweight.t(), scale_a=sa, scale_b=w_scale.float().reshape(1, n), bias=bias,
-                                out_dtype=out_dtype)
-    return a8_gemm(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, out_dtype)
+        parse_epilogue(epilogue, "a8_linear")
+        y = torch._scaled_mm(xq, qweight.t(), scale_a=sa, scale_b=w_scale.float().reshape(1, n), bias=bias,
+                             out_dtype=out_dtype)
+        return epilogue_ref(y, epilogue) if epilogue else y
+    return a8_gemm(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, out_dtype, epilogue)
 
 
 @triton_op("lowbit::a8_linear", mutates_args=())
 def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor | None,
               bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
-              use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM) -> torch.Tensor:
+              use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM, epilogue: str = "") -> torch.Tensor:
     """Quantize ``x`` per token (or per ``a_group`` channels) and multiply with the quantized weight.
 
     ``w_group``/``a_group`` 0 = per channel / per token. fp8 per-token x per-channel goes through
-    ``torch._scaled_mm`` when ``use_scaled_mm`` (CUDA only)."""
-    n = qweight.shape[0]
+    ``torch._scaled_mm`` when ``use_scaled_mm`` (CUDA only). ``epilogue``: an activation (``silu``, ``gelu``,
+    ``gelu_tanh``) applied in the GEMM's store, or ``<act>*up`` for interleaved (gate, up) weight rows
+    (``weight_only.interleave_rows``): the output is ``act(gate) * up``, half as wide (``epilogue_ref``)."""
+    n = qweight.shape[0] // 2 if epilogue.endswith("*up") else qweight.shape[0]
     check(w_qdtype in W_QDTYPES, "a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
     check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), "a8_linear",
           f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
     xq, sa = quantize_activation(x, a_qdtype, a_group)
-    y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm, x.dtype)
+    y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm, x.dtype,
+                    epilogue)
     return y.reshape(*x.shape[:-1], n)
 
 
 @triton_op("lowbit::a8_linear_q", mutates_args=())
 def a8_linear_q(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                 w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
-                a_group: int, out_dtype: torch.dtype, use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM) -> torch.Tensor:
+                a_group: int, out_dtype: torch.dtype, use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM,
+                epilogue: str = "") -> torch.Tensor:
     """``a8_linear`` on an activation already quantized (``rms_norm_quant``): codes ``[..., K]`` (int8 /
-    float8_e4m3fn) and fp32 scales ``[..., K/a_group or 1]``; the output is ``out_dtype``."""
+    float8_e4m3fn) and fp32 scales ``[..., K/a_group or 1]``; the output is ``out_dtype``, ``epilogue`` as in
+    ``a8_linear``."""
     k = xq.shape[-1]
-    n = qweight.shape[0]
+    n = qweight.shape[0] // 2 if epilogue.endswith("*up") else qweight.shape[0]
     check(w_qdtype in W_QDTYPES, "a8_linear_q", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
     xq2 = xq.reshape(-1, k)
     sa = x_scale.reshape(xq2.shape[0], -1)
@@ -242,5 +256,5 @@ def a8_linear_q(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
     if sa.dtype != torch.float32 or sa.stride(-1) != 1:
         sa = sa.float().contiguous()
     y = _a8_product(xq2, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm,
-                    out_dtype)
+                    out_dtype, epilogue)
     return y.reshape(*xq.shape[:-1], n)

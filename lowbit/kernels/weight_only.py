@@ -56,6 +56,8 @@ both differ from the reference by accumulation order and that rounding only (tes
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -63,14 +65,17 @@ import triton.language as tl
 from torch.library import triton_op
 
 from lowbit.kernels._common import (
+    activation,
     cdiv,
     check,
+    epilogue_ref,
     interpreting,
     is_pow2,
     launcher,
     m_bucket,
     next_pow2,
     nibbles,
+    parse_epilogue,
     pow2_at_most,
     unpack_nibbles,
 )
@@ -81,7 +86,6 @@ __all__ = [
     "PACKED_QDTYPES",
     "chunk_words",
     "dequantize_weight",
-    "gate_pairs",
     "gemv_config",
     "interleave_rows",
     "pack_words",
@@ -105,15 +109,16 @@ the sweep's best split at 4096x11008 (bench/results/kernels.json, ``w4a16_gemv_s
 
 def weight_only_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                            zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str,
-                           group_size: int) -> torch.Tensor:
-    """Plain torch: ``dequantize(qweight)`` to ``x.dtype`` (lowbit's reference op), then ``F.linear``."""
+                           group_size: int, epilogue: str = "") -> torch.Tensor:
+    """Plain torch: ``dequantize(qweight)`` to ``x.dtype`` (lowbit's reference op), ``F.linear``, then the
+    epilogue's ops (``epilogue_ref``)."""
     from lowbit.ir.quant import dequantize
 
     if qweight.dtype == torch.int32:  # the decode layout (``pack_words``): back to the stored form
         qweight = unpack_words(qweight, qdtype, x.shape[-1], group_size)
     w = dequantize(qweight, scale, zero_point, qdtype=qdtype, axis=1 if group_size else 0,
                    block_size=group_size or None, out_dtype=x.dtype)
-    return F.linear(x, w, bias)
+    return epilogue_ref(F.linear(x, w, bias), epilogue)
 
 
 @triton.jit
@@ -308,10 +313,11 @@ def _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som,
 
 @triton.jit
 def _splitk_reduce(p_ptr, b_ptr, o_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                   GATED: tl.constexpr = False):
-    """out = sum over splits of the fp32 partials (+ bias), cast: the second half of split-K. ``GATED``: the
-    columns are (gate, up) pairs and out is ``silu(gate) * up``, half as wide (``gate_pairs``' roundings: each
-    of gate, up, silu(gate) and the product rounded to the output dtype, as the unfused ops do)."""
+                   ACT: tl.constexpr = 0, GATED: tl.constexpr = False):
+    """out = sum over splits of the fp32 partials (+ bias), cast: the second half of split-K, and the op's
+    epilogue (``parse_epilogue``): ``ACT`` applied to the cast output, or with ``GATED`` the columns are (gate,
+    up) pairs and out is ``act(gate) * up``, half as wide (``epilogue_ref``'s roundings: each of gate, up,
+    act(gate) and the product rounded to the output dtype, as the unfused ops do)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -319,26 +325,41 @@ def _splitk_reduce(p_ptr, b_ptr, o_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl
         acc += tl.load(p_ptr + s * MN + offs, mask=ok, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=ok, other=0).to(tl.float32)
+    dt = o_ptr.dtype.element_ty
     if GATED:
-        dt = o_ptr.dtype.element_ty
         g, u = tl.split(tl.reshape(acc.to(dt).to(tl.float32), (BLOCK // 2, 2)))
-        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        a = activation(g, ACT).to(dt).to(tl.float32)
         half = tl.program_id(0) * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
-        tl.store(o_ptr + half, (act * u).to(dt), mask=half < MN // 2)
+        tl.store(o_ptr + half, (a * u).to(dt), mask=half < MN // 2)
     else:
-        tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=ok)
+        if ACT != 0:
+            acc = activation(acc.to(dt).to(tl.float32), ACT)
+        tl.store(o_ptr + offs, acc.to(dt), mask=ok)
 
 
-def gate_pairs(y: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of a linear whose output columns are interleaved (gate, up) pairs: what a gated MLP's
-    ``split -> silu -> mul`` computes on the plain layout, in the same ops (the reference of ``GATED``)."""
-    gate, up = y.unflatten(-1, (-1, 2)).unbind(-1)
-    return F.silu(gate) * up
+def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torch.Tensor, int, int], tuple],
+                     meta: dict, split: int, n: int, out: torch.Tensor, bias: torch.Tensor | None,
+                     b: torch.Tensor, epilogue: str, block: int) -> torch.Tensor:
+    """Launch a GEMV/GEMM kernel of this module: straight into ``out`` (+ bias) when K is not split and there is
+    no epilogue, else fp32 partials ``[split, M, n]`` summed by ``_splitk_reduce``, which also applies the
+    epilogue (so a one-split epilogue costs the reduce launch its unfused op would have cost).
+    ``args(target, som, sos)``: the kernel's positional arguments writing to ``target`` with row and split
+    strides ``som``/``sos``; ``block``: the reduce's program width."""
+    act, gated = parse_epilogue(epilogue, "weight_only_linear")
+    if split == 1 and not epilogue:
+        launcher(x2, kernel)[grid](*args(out, out.stride(0), 0), HAS_BIAS=bias is not None, PARTIAL=False, **meta)
+        return out
+    m = x2.shape[0]
+    part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+    launcher(x2, kernel)[grid](*args(part, n, m * n), HAS_BIAS=False, PARTIAL=True, **meta)
+    launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
+                                                        HAS_BIAS=bias is not None, BLOCK=block, ACT=act, GATED=gated)
+    return out
 
 
 def interleave_rows(t: torch.Tensor | None) -> torch.Tensor | None:
     """Rows ``[g0..g(I-1), u0..u(I-1)]`` (a merged gate/up weight, its scales or zero points) as ``[g0, u0, g1,
-    u1, ...]``: the layout whose GEMV output ``gate_pairs`` reads."""
+    u1, ...]``: the layout a gated epilogue (``act*up``, ``epilogue_ref``) reads."""
     if t is None:
         return None
     half = t.shape[0] // 2
@@ -409,7 +430,7 @@ def _meta(qweight: torch.Tensor, qdtype: str, k: int) -> tuple[bool, bool]:
     return False, BYTE_QDTYPES[qdtype]
 
 
-def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, group, cfg):
+def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, group, cfg, epilogue=""):
     m, k = x2.shape
     n = qweight.shape[0]
     split = cfg["SPLIT_K"]
@@ -423,19 +444,10 @@ def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, grou
                 "HALVES": True, "DEFER": cfg.get("DEFER", False),
                 "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    if split == 1:
-        launcher(x2, _wo_kernel)[grid](x2, qweight, scale, zp, b, out, m, n, k, k_split, m,
-                                      x2.stride(0), qweight.stride(0), ssn, out.stride(0), 0,
-                                      HAS_BIAS=bias is not None, PARTIAL=False, **meta)
-        return out
-    part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
-    launcher(x2, _wo_kernel)[grid](x2, qweight, scale, zp, b, part, m, n, k, k_split, m,
-                                  x2.stride(0), qweight.stride(0), ssn, n, m * n,
-                                  HAS_BIAS=False, PARTIAL=True, **meta)
-    block = 1024
-    launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
-                                                             HAS_BIAS=bias is not None, BLOCK=block)
-    return out
+    def args(t, som, sos):
+        return (x2, qweight, scale, zp, b, t, m, n, k, k_split, m, x2.stride(0), qweight.stride(0), ssn, som, sos)
+
+    return _direct_or_split(x2, _wo_kernel, grid, args, meta, split, n, out, bias, b, epilogue, 1024)
 
 
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str,
@@ -1379,7 +1391,7 @@ def _word_masks(bits: int) -> tuple[int, int]:
     return ((1 << bits) - 1) << (23 - bits), 0x3F800000
 
 
-def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, gated=False):
+def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, epilogue=""):
     m, k = x2.shape
     n = words.shape[0]
     bits = 4 if qdtype in PACKED_QDTYPES else 8
@@ -1403,7 +1415,7 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, g
     n_major = is_n_major(words)
     sw = words.stride(1) if n_major else words.stride(0)
     if cfg.get("ROWS") and n_major and bits == 4 and not cfg["TC"] and m == 1:
-        return _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, gated)
+        return _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, epilogue)
     mask_args = _word_masks(bits)  # the exponent-trick kernels' constants (``_tc_chunk`` converts codes directly)
     if cfg["TC"] and cfg.get("PS") and n_major and bits == 4:
         kernel = _tc_chunk
@@ -1422,21 +1434,13 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, g
         meta.update(U=step, PREFETCH=cfg.get("PREFETCH", 0))
         if n_major:
             meta.update(RED=cfg.get("RED", False))
-    if split == 1 and not gated:
-        launcher(x2, kernel)[grid](x2, words, scale, zp, b, out, m, n, nch, ch_split, x2.stride(0), sw,
-                                   ssn, ssg, out.stride(0), 0, *mask_args, HAS_BIAS=bias is not None, PARTIAL=False,
-                                   **meta)
-        return out
-    part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
-    launcher(x2, kernel)[grid](x2, words, scale, zp, b, part, m, n, nch, ch_split, x2.stride(0), sw,
-                               ssn, ssg, n, m * n, *mask_args, HAS_BIAS=False, PARTIAL=True, **meta)
-    block = 1024
-    launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
-                                                        HAS_BIAS=bias is not None, BLOCK=block, GATED=gated)
-    return out
+    def args(t, som, sos):
+        return (x2, words, scale, zp, b, t, m, n, nch, ch_split, x2.stride(0), sw, ssn, ssg, som, sos, *mask_args)
+
+    return _direct_or_split(x2, kernel, grid, args, meta, split, n, out, bias, b, epilogue, 1024)
 
 
-def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, gated=False):
+def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, epilogue=""):
     """``_gemv_r`` (+ ``_splitk_reduce`` when K is split): ``ROWS`` word rows per step, ``SPLIT_K`` programs per
     column tile along K; ``meta``: ``_launch_words``' constexprs for the word layout."""
     n = words.shape[0]
@@ -1450,17 +1454,11 @@ def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, 
                                         "maxnreg") if key in meta}
     rmeta.update(ROWS=rows, PREFETCH=bool(cfg.get("PREFETCH")))
     consts = r_constants(meta["SIGNED"])
-    if split == 1 and not gated:
-        launcher(x2, _gemv_r)[grid](x2, words, scale, zp, b, out, n, nstep, per_prog, sw, ssn, ssg, 0, *consts,
-                                    HAS_BIAS=bias is not None, PARTIAL=False, **rmeta)
-        return out
-    part = torch.empty((split, 1, n), device=x2.device, dtype=torch.float32)
-    launcher(x2, _gemv_r)[grid](x2, words, scale, zp, b, part, n, nstep, per_prog, sw, ssn, ssg, n, *consts,
-                                HAS_BIAS=False, PARTIAL=True, **rmeta)
-    block = 128  # 8-32 partial rows: 1024-wide programs made the op 2 µs slower at 11008x4096 (runs R8 vs R9)
-    launcher(x2, _splitk_reduce)[(cdiv(n, block),)](part, b, out, n, n, SPLIT=split, HAS_BIAS=bias is not None,
-                                                    BLOCK=block, GATED=gated)
-    return out
+    def args(t, som, sos):
+        return (x2, words, scale, zp, b, t, n, nstep, per_prog, sw, ssn, ssg, sos, *consts)
+
+    # a 128-wide reduce: over 8-32 partial rows, 1024-wide programs made the op 2 µs slower at 11008x4096 (R8 vs R9)
+    return _direct_or_split(x2, _gemv_r, grid, args, rmeta, split, n, out, bias, b, epilogue, 128)
 
 
 def _dequantize_words(words, scale, zero_point, qdtype, group, k, dtype):
@@ -1488,14 +1486,16 @@ def _words_meta(words: torch.Tensor, qdtype: str, group: int, k: int) -> int:
 
 
 def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-             bias: torch.Tensor | None, qdtype: str, group_size: int, path: str, gated: bool = False) -> torch.Tensor:
+             bias: torch.Tensor | None, qdtype: str, group_size: int, path: str, epilogue: str = "") -> torch.Tensor:
     k = x.shape[-1]
     n = qweight.shape[0]
-    check(not gated or n % 2 == 0, "weight_only_linear", f"gated needs an even N (gate, up pairs), got N={n}")
+    _, gated = parse_epilogue(epilogue, "weight_only_linear")
+    check(not gated or n % 2 == 0, "weight_only_linear",
+          f"a gated epilogue needs an even N (gate, up pairs), got N={n}")
     if qweight.dtype == torch.int32:
-        return _wo_words(x, qweight, scale, zero_point, bias, qdtype, group_size, path, gated)
-    if gated:  # the stored layout's kernels have no gated epilogue: the pairs' ops after them
-        return gate_pairs(_wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path))
+        return _wo_words(x, qweight, scale, zero_point, bias, qdtype, group_size, path, epilogue)
+    if epilogue:  # the stored layout's kernels have no epilogue: its ops after them
+        return epilogue_ref(_wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path), epilogue)
     if scale.dim() == 2 and scale.stride(1) != 1:
         scale = scale.contiguous()
         zero_point = zero_point.contiguous() if zero_point is not None else None
@@ -1535,7 +1535,7 @@ def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_p
     return out.reshape(*x.shape[:-1], n)
 
 
-def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path, gated=False):
+def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path, epilogue=""):
     """The decode layout: word GEMV for M <= 16 (CUDA cores below ``WORDS_TC_MIN_M``, tensor cores from it),
     dequantize + cuBLAS above."""
     k = x.shape[-1]
@@ -1559,23 +1559,24 @@ def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path, gated
     if path != "gemv":
         w = _dequantize_words(words, scale, zero_point, qdtype, group_size, k, x.dtype)
         y = F.linear(x, w, bias)
-        return gate_pairs(y) if gated else y
-    n_out = n // 2 if gated else n
+        return epilogue_ref(y, epilogue) if epilogue else y
+    n_out = n // 2 if epilogue.endswith("*up") else n
     out = torch.empty((m, n_out), device=x.device, dtype=x.dtype)
     if cfg is None:
         cfg = words_config(m, n, k, bits, cw, is_n_major(words), group_size)
-    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, cfg, gated=gated)
+    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, cfg, epilogue)
     return out.reshape(*x.shape[:-1], n_out)
 
 
 @triton_op("lowbit::weight_only_linear", mutates_args=())
 def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                        zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str,
-                       group_size: int, path: str = "auto", gated: bool = False) -> torch.Tensor:
+                       group_size: int, path: str = "auto", epilogue: str = "") -> torch.Tensor:
     """``x @ dequantize(qweight).T + bias`` with the dequantize fused; ``group_size`` 0 = per channel.
 
     ``path``: ``auto`` (by M), ``gemv`` (split-K), ``gemm`` (tiled), ``dequant`` (dequantize + cuBLAS).
-    ``gated``: the weight's rows are interleaved (gate, up) pairs (``interleave_rows``) and the op returns
-    ``silu(gate) * up`` (``gate_pairs``), half as wide: on the decode layout's split-K GEMVs the pairs are
-    combined in the reduce, so a gated MLP's activation costs no launch of its own."""
-    return _wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path, gated)
+    ``epilogue`` (``parse_epilogue``): an activation (``silu``, ``gelu``, ``gelu_tanh``) applied to the output, or
+    ``<act>*up`` when the weight's rows are interleaved (gate, up) pairs (``interleave_rows``): the op returns
+    ``act(gate) * up``, half as wide (``epilogue_ref``). On the decode layout's GEMVs the epilogue runs in the
+    split-K reduce, so an MLP's activation costs no launch of its own; elsewhere its ops follow the product."""
+    return _wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path, epilogue)
