@@ -156,6 +156,10 @@ ROWS += [
     ("unstructured-50", "learned", "117 windows", f"sparsify(method=learned,sparsity=0.5,{SGPT})"),
     ("unstructured-50", "learned", "117 windows, 48 ADMM steps (rho x1.12 a step: the same final rho), 100 refit",
      f"sparsify(method=learned,sparsity=0.5,learn_steps=48,learn_rho_growth=1.12,learn_refit=100,{SGPT})"),
+    # session 10: calibrated on 256 windows of the whole validation split (wikitext2-valid holds 534; never the test)
+    ("unstructured-50", "learned", "256 windows of wikitext2-valid, 48 ADMM steps (rho x1.12 a step), 100 refit",
+     "sparsify(method=learned,sparsity=0.5,learn_steps=48,learn_rho_growth=1.12,learn_refit=100,"
+     "calib=wikitext2-valid,calib_n=256,progress=false)"),
 ]
 
 
@@ -589,7 +593,7 @@ def main() -> None:
             "model": "smollm2-135m", "scheme": scheme, "method": method, "variant": variant, "eval": eval_name,
             "value": round(r.ppl, 4), "float_value": round(float_value, 4) if float_value else None,
             "ratio": round(r.ppl / float_value, 4) if float_value else None,
-            "pipeline": pipeline or "", "calib": CALIB_TEXT if pipeline and "calib_n" in pipeline else "",
+            "pipeline": pipeline or "", "calib": _row_calib(pipeline),
             "pass_seconds": round(pass_s, 1), "seconds": round(r.seconds, 1),
             "param_mb": round(g.param_bytes() / 2**20, 1), "device": dev_name, "date": header["date"],
         }
@@ -673,6 +677,17 @@ def _token_stream(text: str) -> torch.Tensor:
     from lowbit.data.tokens import token_ids
 
     return token_ids(text_path(text), load_tokenizer("smollm2")).reshape(-1)
+
+
+def _row_calib(pipeline: str | None) -> str:
+    """A row's ``calib``: the text its passes calibrate on (a ``calib=`` option, else the default excerpt), or ""
+    for a pipeline that calibrates nothing."""
+    texts = []
+    for step in re.findall(r"[\w-]+\([^()]*\)", pipeline or ""):
+        if "calib_n" in step:
+            named = re.search(r"\bcalib=([^,)]+)", step)
+            texts.append(named.group(1) if named else CALIB_TEXT)
+    return ", ".join(dict.fromkeys(texts))
 
 
 def _calib_tokens(text: str = CALIB_TEXT) -> int:
