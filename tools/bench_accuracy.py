@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_io import machine, merge_rows
+from results_io import CALIB_ROW_KEY, machine, merge_rows
 
 CALIB = "../shared/data/wikitext2_valid_tokenized.txt"
 CAL_N, CAL_LEN = 128, 512
@@ -225,7 +225,7 @@ def main() -> None:
             if not args.no_peers:
                 rows.append(_run_peer(args, method, float_value, header, calib_desc))
                 print(json.dumps(rows[-1]), flush=True)
-                merge_rows(out, header, rows)
+                merge_rows(out, header, rows, key=CALIB_ROW_KEY)
             continue
         pipeline = pipe.format(cal=cal, cal_base=cal_base) if pipe else None
         g = graph.clone()
@@ -248,7 +248,7 @@ def main() -> None:
                    "device": header["device"], "date": header["date"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            merge_rows(out, header, rows)
+            merge_rows(out, header, rows, key=CALIB_ROW_KEY)
             continue
         if scheme == "float":
             float_value = r.ppl
@@ -266,7 +266,7 @@ def main() -> None:
             row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        merge_rows(out, header, rows)
+        merge_rows(out, header, rows, key=CALIB_ROW_KEY)
         del g
 
 
