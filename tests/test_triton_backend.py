@@ -172,8 +172,8 @@ def test_mlp_activation_runs_in_the_linears_epilogue(arch, pipeline, form):
 
 @needs_kernels
 def test_generation_runs_on_the_triton_backend():
-    """A step graph (KV cache in, logits and cache out) lowers to the Triton kernels: the first decode logits match
-    the torch reference's on the same quantized graph, and generate() runs its steps over the donated cache."""
+    """A step graph (KV cache in, logits and cache out) lowers to the Triton kernels: generate() runs its steps over
+    the donated cache and its tokens are the torch reference's on the same quantized graph (two sequences)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lowbit.api import compile_model
@@ -191,9 +191,9 @@ def test_generation_runs_on_the_triton_backend():
                         generation=spec, device=dev)
     assert tri.runner.report["kernels"] and not tri.runner.report["fallback"]
     ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
-    out_ref, out_tri = ref.generate(ids, 1, stop_tokens=()), tri.generate(ids, 6, stop_tokens=())
+    out_ref, out_tri = ref.generate(ids, 6, stop_tokens=()), tri.generate(ids, 6, stop_tokens=())
     assert out_tri.decode_steps == 5 and all(len(t) == 6 for t in out_tri.tokens)
-    assert [t[0] for t in out_tri.tokens] == [t[0] for t in out_ref.tokens]  # prefill's argmax agrees
+    assert out_tri.tokens == out_ref.tokens  # prefill's argmax and every decode step's
 
 
 @pytest.mark.gpu
