@@ -16,6 +16,10 @@ ops of ``lowbit.ir.quant`` inside the ``*_ref`` functions. Every op is a ``torch
 - ``torch.ops.lowbit.a8_linear``: W8A8, W4A8 (int8 tensor-core dot) and FP8 e4m3 (rowwise or 64-blocked scales)
   with the activation quantization fused into the op (``a8_linear.py``); ``a8_linear_q`` takes codes + scales
   already quantized by ``torch.ops.lowbit.rms_norm_quant`` (RMSNorm + per-token quantization, ``norm_quant.py``).
+- Epilogues: ``weight_only_linear``, ``a8_linear`` and ``a8_linear_q`` take ``epilogue`` — an activation (``silu``,
+  ``gelu``, ``gelu_tanh``) applied to their output, or ``<act>*up`` for a merged gate/up weight with interleaved
+  rows, returning ``act(gate) * up`` (``_common.parse_epilogue``; reference ``_common.epilogue_ref``): computed in
+  the weight-only GEMVs' split-K reduce and in the A8 GEMM's store.
 - ``torch.ops.lowbit.row_argmax`` and ``write_cache_rows``: a decode step's greedy argmax and float KV-cache row
   write, one launch each where aten took a copy + a single-block reduction and a generic scatter
   (``decode_step.py``).

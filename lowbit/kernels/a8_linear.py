@@ -31,10 +31,10 @@ from torch.library import triton_op
 from lowbit.kernels._common import (
     cdiv,
     check,
+    epilogue_ref,
     interpreting,
     is_pow2,
     launcher,
-    epilogue_ref,
     m_bucket,
     parse_epilogue,
     store_epilogue,
