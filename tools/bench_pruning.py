@@ -160,6 +160,8 @@ ROWS += [
     ("unstructured-50", "learned", "256 windows of wikitext2-valid, 48 ADMM steps (rho x1.12 a step), 100 refit",
      "sparsify(method=learned,sparsity=0.5,learn_steps=48,learn_rho_growth=1.12,learn_refit=100,"
      "calib=wikitext2-valid,calib_n=256,progress=false)"),
+    ("2:4", "learned", "256 windows of wikitext2-valid",
+     "sparsify(method=learned,pattern=2:4,calib=wikitext2-valid,calib_n=256,progress=false)"),
 ]
 
 
