@@ -110,15 +110,20 @@ ACTIVATIONS = {"": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
 """An epilogue's activation -> the ``ACT`` constexpr of ``activation`` (0: none)."""
 
 
+EPILOGUE_CODES = {**{act: (code, False) for act, code in ACTIVATIONS.items()},
+                  **{f"{act}*up": (code, True) for act, code in ACTIVATIONS.items() if act}}
+"""Every epilogue an op takes -> ``(ACT, gated)``."""
+
+
 def parse_epilogue(epilogue: str, op: str) -> tuple[int, bool]:
     """``(ACT, gated)`` of an op's ``epilogue``: ``""``, an activation (``silu``, ``gelu``, ``gelu_tanh``: applied
     to the output) or ``<activation>*up`` (a gated MLP: the output columns are interleaved (gate, up) pairs and
-    the op returns ``act(gate) * up``, half as wide)."""
-    act, star, up = epilogue.partition("*")
-    ok = act in ACTIVATIONS and (not star or (up == "up" and act != ""))
-    names = ", ".join(repr(a) for a in ACTIVATIONS if a) + " or one of them followed by '*up'"
-    check(ok, op, f"epilogue {epilogue!r} is not '' (none), {names}")
-    return ACTIVATIONS[act], bool(star)
+    the op returns ``act(gate) * up``, half as wide). One dict lookup: ops parse it on every call."""
+    parsed = EPILOGUE_CODES.get(epilogue)
+    if parsed is None:
+        names = ", ".join(repr(a) for a in ACTIVATIONS if a) + " or one of them followed by '*up'"
+        check(False, op, f"epilogue {epilogue!r} is not '' (none), {names}")
+    return parsed
 
 
 def activation_ref(y: torch.Tensor, act: str) -> torch.Tensor:

@@ -430,7 +430,7 @@ def _meta(qweight: torch.Tensor, qdtype: str, k: int) -> tuple[bool, bool]:
     return False, BYTE_QDTYPES[qdtype]
 
 
-def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, group, cfg, epilogue=""):
+def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, group, cfg):
     m, k = x2.shape
     n = qweight.shape[0]
     split = cfg["SPLIT_K"]
@@ -447,7 +447,7 @@ def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, grou
     def args(t, som, sos):
         return (x2, qweight, scale, zp, b, t, m, n, k, k_split, m, x2.stride(0), qweight.stride(0), ssn, som, sos)
 
-    return _direct_or_split(x2, _wo_kernel, grid, args, meta, split, n, out, bias, b, epilogue, 1024)
+    return _direct_or_split(x2, _wo_kernel, grid, args, meta, split, n, out, bias, b, "", 1024)
 
 
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str,
