@@ -126,10 +126,10 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     # the row above's 1.844x in the same run: smooth-norm after KurTail 1.880x; smoothrot-gated (a 0.5, all 30
     # layers) 1.911x; smoothrot-gated-outliers (4 layers) 1.832x, and on wt2-512x40 1.837x against the row above's
     # 1.850x (the x40 row is in accuracy.json; the x8 rows were scratch runs: consistent, but 0.013 is no step
-    # toward 1.5x). A4 is per token
-    # and the Hadamard already spreads a token's massive channel over the whole row, so that channel costs only
-    # its own few (sink) tokens' precision; s, set from the channel maxima, rescales every token's channels and
-    # every weight column (the probe below: worse A4 error even with float weights in 26 of 30 layers).
+    # toward 1.5x). A4 is per token and the Hadamard already spreads a token's massive channel over the whole
+    # row, so that channel costs only its own few (sink) tokens' precision; s, set from the channel maxima,
+    # rescales every token's channels and every weight column (the probe below: worse A4 error even with float
+    # weights in 26 of 30 layers).
     ("w4a4kv4", "kurtail-smooth-norm-gptqa4-wclip-acs", "fold-norms + KurTail, then SmoothQuant alpha 0.5 on the "
      "norm sites (a gain 1/s on each unit-gain RMSNorm, q/k/v and gate/up columns times s) + A4 (clipped 0.9) in "
      "place before GPTQ W4 per channel on the output-aware clipped grid + KV4, then the A4 clip ratios searched",

@@ -133,7 +133,7 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "") -> 
 
                 qweight = unpack_words(qweight, kw["w_qdtype"], x.shape[-1], w_group)
             y = qlinear(x, qweight, w_scale, w_zero_point, bias, a_scale, a_zero_point, **kw)
-            return epilogue_ref(y, epilogue) if epilogue else y
+            return epilogue_ref(y, epilogue)
         if op == "weight_only_linear":
             return torch.ops.lowbit.weight_only_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
                                                        w_group, "auto", epilogue)
@@ -212,6 +212,21 @@ EPILOGUES = {"none": (), "gated": ("gated",), "all": ("gated", "activation")}
 """``TritonBackendOptions.epilogues`` -> the ``EPILOGUE_RULES`` kinds it applies."""
 
 
+_OPERAND_NAMES = ("qweight", "w_scale", "w_zero_point", "bias")
+
+
+def _own_buffers(node: torch.fx.Node, slots: tuple[int, ...]) -> list[torch.fx.Node | None] | None:
+    """The node's weight operands at argument positions ``slots`` (named as ``qlinear``'s: qweight, w_scale,
+    w_zero_point, bias), when each is absent or a buffer no other node reads, so rewriting it in place is safe;
+    else None."""
+    operands = [node.args[i] if len(node.args) > i else node.kwargs.get(name)
+                for i, name in zip(slots, _OPERAND_NAMES, strict=False)]
+    if all(a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1)
+           for a in operands):
+        return operands
+    return None
+
+
 def _fuse_epilogue(gm: torch.fx.GraphModule, node: torch.fx.Node, slots: tuple[int, int, int, int],
                    retarget_to: Callable[[str], Callable[..., torch.Tensor]], kinds: tuple[str, ...]) -> str:
     """Fold the activation (or gated MLP) reading a retargeted qlinear into its op (``EPILOGUE_RULES``): the
@@ -227,11 +242,8 @@ def _fuse_epilogue(gm: torch.fx.GraphModule, node: torch.fx.Node, slots: tuple[i
             continue
         epilogue, last, replaced = found
         if epilogue.endswith("*up"):
-            names = ("qweight", "w_scale", "w_zero_point", "bias")
-            operands = [node.args[i] if len(node.args) > i else node.kwargs.get(nm) for i, nm in zip(slots, names,
-                                                                                                     strict=True)]
-            if not all(a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1)
-                       for a in operands):
+            operands = _own_buffers(node, slots)
+            if operands is None:
                 return ""
             for a in operands:
                 if a is not None:
@@ -255,7 +267,7 @@ def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "") -> Callabl
         if not (_on_kernel_device(xq) and out_dtype in _KERNEL_DTYPES
                 and kw.get("x_dtype") == out_dtype):
             y = qlinear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, **kw)
-            return epilogue_ref(y, epilogue) if epilogue else y
+            return epilogue_ref(y, epilogue)
         return torch.ops.lowbit.a8_linear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
                                             w_group, a_group, out_dtype, epilogue=epilogue)
 
@@ -361,11 +373,9 @@ def _repack_words(gm: torch.fx.GraphModule, node: torch.fx.Node, group: int) -> 
     stored layout stays) where a buffer is shared with another node or K/group do not allow the layout."""
     from lowbit.kernels.weight_only import pack_words
 
-    nodes = [node.args[i] if len(node.args) > i else node.kwargs.get(name)
-             for i, name in ((1, "qweight"), (2, "w_scale"), (3, "w_zero_point"))]
-    for a in nodes:
-        if a is not None and not (isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1):
-            return False
+    nodes = _own_buffers(node, (1, 2, 3))
+    if nodes is None:
+        return False
     qw, s, z = (getattr(gm, a.target) if a is not None else None for a in nodes)
     words, s2, z2 = pack_words(qw, s, z, node.kwargs["w_qdtype"], group)
     if words.dtype != torch.int32:

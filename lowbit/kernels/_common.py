@@ -137,7 +137,10 @@ def activation_ref(y: torch.Tensor, act: str) -> torch.Tensor:
 
 def epilogue_ref(y: torch.Tensor, epilogue: str) -> torch.Tensor:
     """What the unfused ops compute after a linear whose op fused ``epilogue`` (``parse_epilogue``): the
-    activation, or for ``act*up`` the gated MLP's ``act(gate) * up`` on interleaved (gate, up) columns."""
+    activation, or for ``act*up`` the gated MLP's ``act(gate) * up`` on interleaved (gate, up) columns; ``y``
+    itself for no epilogue."""
+    if not epilogue:
+        return y
     act, _, up = epilogue.partition("*")
     if up:
         gate, upv = y.unflatten(-1, (-1, 2)).unbind(-1)

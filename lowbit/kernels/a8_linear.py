@@ -214,7 +214,7 @@ def _a8_product(xq: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_sca
         parse_epilogue(epilogue, "a8_linear")
         y = torch._scaled_mm(xq, qweight.t(), scale_a=sa, scale_b=w_scale.float().reshape(1, n), bias=bias,
                              out_dtype=out_dtype)
-        return epilogue_ref(y, epilogue) if epilogue else y
+        return epilogue_ref(y, epilogue)
     return a8_gemm(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, out_dtype, epilogue)
 
 
@@ -228,14 +228,13 @@ def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_z
     ``torch._scaled_mm`` when ``use_scaled_mm`` (CUDA only). ``epilogue``: an activation (``silu``, ``gelu``,
     ``gelu_tanh``) applied in the GEMM's store, or ``<act>*up`` for interleaved (gate, up) weight rows
     (``weight_only.interleave_rows``): the output is ``act(gate) * up``, half as wide (``epilogue_ref``)."""
-    n = qweight.shape[0] // 2 if epilogue.endswith("*up") else qweight.shape[0]
     check(w_qdtype in W_QDTYPES, "a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
     check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), "a8_linear",
           f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
     xq, sa = quantize_activation(x, a_qdtype, a_group)
     y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm, x.dtype,
                     epilogue)
-    return y.reshape(*x.shape[:-1], n)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @triton_op("lowbit::a8_linear_q", mutates_args=())
@@ -247,7 +246,6 @@ def a8_linear_q(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
     float8_e4m3fn) and fp32 scales ``[..., K/a_group or 1]``; the output is ``out_dtype``, ``epilogue`` as in
     ``a8_linear``."""
     k = xq.shape[-1]
-    n = qweight.shape[0] // 2 if epilogue.endswith("*up") else qweight.shape[0]
     check(w_qdtype in W_QDTYPES, "a8_linear_q", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
     xq2 = xq.reshape(-1, k)
     sa = x_scale.reshape(xq2.shape[0], -1)
@@ -257,4 +255,4 @@ def a8_linear_q(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
         sa = sa.float().contiguous()
     y = _a8_product(xq2, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm,
                     out_dtype, epilogue)
-    return y.reshape(*xq.shape[:-1], n)
+    return y.reshape(*xq.shape[:-1], y.shape[-1])

@@ -1559,7 +1559,7 @@ def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path, epilo
     if path != "gemv":
         w = _dequantize_words(words, scale, zero_point, qdtype, group_size, k, x.dtype)
         y = F.linear(x, w, bias)
-        return epilogue_ref(y, epilogue) if epilogue else y
+        return epilogue_ref(y, epilogue)
     n_out = n // 2 if epilogue.endswith("*up") else n
     out = torch.empty((m, n_out), device=x.device, dtype=x.dtype)
     if cfg is None:
