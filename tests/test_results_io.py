@@ -57,3 +57,16 @@ def test_calib_key_groups_rows_without_calib_as_row_key_does(tmp_path):
     rerun = [_row("float", 1.5, calib=None), _row("rtn", 2.5), _row("gptq", 3.5, calib="c 16x512")]
     merge_rows(out, {}, rerun, key=CALIB_ROW_KEY)
     assert [(r["method"], r["value"]) for r in _rows(out)] == [("float", 1.5), ("rtn", 2.5), ("gptq", 3.5)]
+
+
+def test_a_kept_header_still_takes_the_appended_command(tmp_path):
+    """``replace_header=False`` keeps the file's versions and notes; ``append_command`` still records the run
+    (once, even when it runs again)."""
+    out = tmp_path / "r.json"
+    merge_rows(out, {"command": "a", "note": "first", "versions": {"torch": "1"}}, [_row("rtn", 1.0)])
+    for _ in range(2):
+        merge_rows(out, {"command": "b", "versions": {"torch": "2"}}, [_row("gptq", 2.0)], replace_header=False,
+                   append_command=True)
+    top = json.loads(out.read_text())
+    assert top["command"] == "a; b" and top["note"] == "first" and top["versions"] == {"torch": "1"}
+    assert [r["method"] for r in top["rows"]] == ["rtn", "gptq"]

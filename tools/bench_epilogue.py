@@ -89,22 +89,22 @@ def main() -> None:
         rows.append(row)
     out = Path(args.out)
     command = "python " + shlex.join(sys.argv)
-    header = {"command": command, "date": datetime.date.today().isoformat(), "device": machine(dev),
-              "versions": versions()}
-    merge_rows(out, header, rows, key=("kernel", "shape", "M", "K", "N", "run"), replace_header=False)
-    add_run_note(out, f"run {args.run}: {command}",
-                 f" Run {args.run} ({header['date']}, {header['device']}, torch {torch.__version__}, "
-                 f"triton {header['versions'].get('triton')}): tools/bench_epilogue.py's rows (epilogue fusion).")
+    header = {"command": f"run {args.run}: {command}", "date": datetime.date.today().isoformat(),
+              "device": machine(dev), "versions": versions()}
+    # the file keeps its header (other runs' rows share it): this run's command is appended, its versions go
+    # into the note
+    merge_rows(out, header, rows, key=("kernel", "shape", "M", "K", "N", "run"), replace_header=False,
+               append_command=True)
+    add_note(out, f" Run {args.run} ({header['date']}, {header['device']}, torch {torch.__version__}, "
+                  f"triton {header['versions'].get('triton')}): tools/bench_epilogue.py's rows (epilogue fusion).")
 
 
-def add_run_note(out: Path, command: str, note: str) -> None:
-    """The file keeps its header (other runs' rows share it); this run's command and a note sentence are added."""
+def add_note(out: Path, note: str) -> None:
+    """A sentence added to the results file's ``note`` (once)."""
     top = json.loads(out.read_text())
-    if command not in top.get("command", ""):
-        top["command"] = f"{top['command']}; {command}" if top.get("command") else command
     if note not in top.get("note", ""):
         top["note"] = top.get("note", "") + note
-    out.write_text(json.dumps(top, indent=1) + "\n")
+        out.write_text(json.dumps(top, indent=1) + "\n")
 
 
 if __name__ == "__main__":

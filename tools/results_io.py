@@ -67,7 +67,7 @@ def merge_rows(out: Path, header: dict, rows: list[dict], key: Sequence[str] = R
     ``replace_header``: the file's top level becomes ``header`` (the newest run's command and versions);
     False keeps an existing top level (a run that only adds rows of another model). ``append_command``: the
     header's ``command`` is added after the file's earlier ones (``old; new``), so a file filled by several runs
-    keeps every command that produced its rows."""
+    keeps every command that produced its rows (with either ``replace_header``)."""
     old = load_results(out)
     earlier = old.get("command", "")
     if append_command and earlier and header.get("command"):
@@ -77,5 +77,7 @@ def merge_rows(out: Path, header: dict, rows: list[dict], key: Sequence[str] = R
     new_keys = {ident(r) for r in rows}
     merged = [r for r in old.get("rows", []) if ident(r) not in new_keys] + rows
     top = header if replace_header else ({k: v for k, v in old.items() if k != "rows"} or header)
+    if append_command and header.get("command"):
+        top = {**top, "command": header["command"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**top, "rows": merged}, indent=1) + "\n")
