@@ -188,6 +188,18 @@ def _refuse_kv_simulation(passes: Sequence[Pass]) -> None:
                 "bits=2 for kv2), e.g. pipeline='...,quantize(w=int8,a=int8),kv-cache(bits=4)'")
 
 
+def _add_last_logits(plan: CompilePlan, generation: Any) -> None:
+    """``last-logits`` after the pipeline and the backend's passes when the spec asks for the last position's logits
+    only (the default): generation reads one row per prompt, so the final norm and the head run on that row
+    alone (a pipeline that names the pass keeps it where it is)."""
+    from lowbit.generate import GenerationSpec
+    from lowbit.passes.last_logits import LastLogits
+
+    spec = GenerationSpec() if generation is True else generation
+    if getattr(spec, "logits", "all") == "last" and not any(p.name == LastLogits.name for p in plan.passes):
+        plan.backend_passes.append(LastLogits())
+
+
 def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
     """The step module to capture for generation, its example inputs and dynamic shapes, and graph meta."""
     from lowbit.generate import GenerationSpec, step_example
@@ -207,7 +219,7 @@ def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn
     eos = getattr(getattr(model.model, "generation_config", None), "eos_token_id", None)
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     meta = {"eos_token_ids": eos, "max_length": spec.max_length, "max_batch": spec.max_batch, "cuda_graph": spec.cuda_graph,
-            "n_layers": model.n_layers, "kv_heads": model.kv_heads, "head_dim": model.head_dim}
+            "n_layers": model.n_layers, "kv_heads": model.kv_heads, "head_dim": model.head_dim, "logits": spec.logits}
     return model, example, dynamic, meta
 
 
@@ -352,6 +364,7 @@ def compile_model(
     plan = plan_compile(passes, backend, backend_options)  # so does a backend that cannot take the pipeline
     if generation:
         _refuse_kv_simulation(passes)
+        _add_last_logits(plan, generation)
     if isinstance(model, str):
         from lowbit.models import load_model
 

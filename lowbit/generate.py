@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -32,6 +32,10 @@ class GenerationSpec:
     max_length: int = 512
     max_batch: int = 8
     cuda_graph: bool = True
+    logits: Literal["last", "all"] = "last"
+    """``last``: the step computes the final norm and the head for the last position only (the ``last-logits``
+    pass; logits ``[B, 1, V]``), all that generation reads. ``all``: every position's (perplexity through the
+    step graph and its cache)."""
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
@@ -39,6 +43,9 @@ class GenerationSpec:
                                   "one new token)")
         if self.max_batch < 1:
             raise GenerationError(f"GenerationSpec.max_batch={self.max_batch}: need at least 1")
+        if self.logits not in ("last", "all"):
+            raise GenerationError(f"GenerationSpec.logits={self.logits!r}: 'last' (generation) or 'all' (every "
+                                  "position's logits)")
 
 
 def step_example(step: CausalLMStep, spec: GenerationSpec) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -175,7 +182,8 @@ class Generator:
                  tokenizer: Any = None) -> None:
         self.runner = runner
         self.meta = meta
-        self.spec = GenerationSpec(meta["max_length"], meta["max_batch"], meta.get("cuda_graph", True))
+        self.spec = GenerationSpec(meta["max_length"], meta["max_batch"], meta.get("cuda_graph", True),
+                                   meta.get("logits", "all"))
         self.cache_dtype: torch.dtype = getattr(torch, meta["cache_dtype"])
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.tokenizer = tokenizer
@@ -278,11 +286,16 @@ class Generator:
         batch = len(prompts)
         lengths = [len(p) for p in prompts]
         longest = max(lengths)
+        # left padding, so that every prompt ends in the last column (a last-logits step computes only that
+        # one): prompt b's tokens take positions 0..n-1 in the last n columns, its pad columns the positions
+        # n..longest-1, whose cache slots no real token attends to and its decode steps overwrite
         ids = torch.zeros(batch, longest, dtype=torch.long)
+        positions = torch.zeros(batch, longest, dtype=torch.long)
         for b, p in enumerate(prompts):
-            ids[b, : len(p)] = torch.tensor(p)
-        ids = ids.to(self.device)
-        positions = torch.arange(longest, device=self.device).expand(batch, longest).contiguous()
+            pad = longest - len(p)
+            ids[b, pad:] = torch.tensor(p)
+            positions[b] = torch.cat([torch.arange(len(p), longest), torch.arange(len(p))])
+        ids, positions = ids.to(self.device), positions.to(self.device)
 
         def pick(logits: torch.Tensor) -> torch.Tensor:
             logits = logits.float()
@@ -297,16 +310,16 @@ class Generator:
             # prompt is prefilled on its own, at its own length, straight into the full-length cache
             parts, rows = [], []
             for b, n in enumerate(lengths):
-                out = self.runner(ids[b:b + 1, :n], positions[b:b + 1, :n], *self._cache(1, self.spec.max_length))
-                rows.append(out[0][0, n - 1])
+                out = self.runner(ids[b:b + 1, longest - n:], positions[b:b + 1, longest - n:],
+                                  *self._cache(1, self.spec.max_length))
+                rows.append(out[0][0, -1])
                 parts.append(out[1:])
             next_tokens = pick(torch.stack(rows))
             cache = [torch.cat(ts, 0) for ts in zip(*parts)]
             del parts, out
         else:
             out = self.runner(ids, positions, *self._cache(batch, longest))
-            last = torch.tensor([n - 1 for n in lengths], device=self.device)
-            next_tokens = pick(out[0][torch.arange(batch, device=self.device), last])
+            next_tokens = pick(out[0][:, -1])
             cache = self._cache(batch, self.spec.max_length)
             for full, part in zip(cache, out[1:]):
                 full[:, :, :longest].copy_(part)

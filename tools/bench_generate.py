@@ -381,7 +381,9 @@ def cpu_rows(new: int, rounds: int = 5, threads: int = 2, ppl_windows: int = 8, 
 
     model, tok = load_smollm2()
     ids = tok("The capital of France is").input_ids
-    spec = GenerationSpec(max_length=len(ids) + new, max_batch=1)
+    # every position's logits: the perplexity below runs through the very session that decodes (a decode step is
+    # one position either way)
+    spec = GenerationSpec(max_length=len(ids) + new, max_batch=1, logits="all")
     base = {"area": "decode", "model": "smollm2-135m", "batch": 1, "prompt": len(ids), "new_tokens": new,
             "threads": threads}
     runners = [r for r in CPU_RUNNERS if only is None or re.search(only, f"{r[0]}:{r[1]}")]
@@ -507,7 +509,7 @@ def cache_ppl_rows(windows: int, seq_len: int = 512, schemes: list[str] | None =
         acc_s = time.perf_counter() - t
         t = time.perf_counter()
         step = compile_model(model, tokenizer=tok, pipeline=step_pipe,
-                             generation=GenerationSpec(max_length=seq_len, max_batch=1))
+                             generation=GenerationSpec(max_length=seq_len, max_batch=1, logits="all"))
         gen = Generator(step.runner, step.graph.meta["generation"], "cpu")
 
         def logits(ids: torch.Tensor, gen=gen, step=step) -> torch.Tensor:

@@ -372,7 +372,8 @@ def pruned_speed(args: argparse.Namespace) -> None:
                         "included: 4 layers make the head a large share). backend triton (compile=False); decode "
                         f"= CompiledModel.generate with CUDA graphs, prompt {prompt}, {new} new tokens, ms/step = "
                         "decode_seconds / decode_steps after a warm-up generate; prefill = the same step graph's "
-                        f"1x{pre_len} forward (prefill_seconds of generate with max_length {pre_len}+{new}, 1 new "
+                        f"1x{pre_len} forward (the head on the last position only, since session 11; prefill_seconds "
+                        f"of generate with max_length {pre_len}+8, 1 new "
                         "token, median of 3 after a warm-up). speedup = unpruned / pruned of the same scheme and "
                         "batch in this run." + (" SMOKE: tiny shapes." if smoke else ""))}
     out = Path(args.out)

@@ -101,6 +101,8 @@ class _Binding:
         old_val = self(old)
         if old_val == new:
             return old
+        if new == 1:  # a symbolic dim cut to one row (last-logits' slice): static, not s1/1031
+            return 1
         if old_val > 0:
             scaled = sympy.simplify(self.expr(old) * sympy.Rational(new, old_val))
             if not scaled.free_symbols:
