@@ -382,7 +382,7 @@ def pruned_speed(args: argparse.Namespace) -> None:
     def emit(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
-        merge_rows(out, header, rows, key=PRUNED_SPEED_KEY)
+        merge_rows(out, header, rows, key=PRUNED_SPEED_KEY, append_command=True)
 
     def out_of_time() -> bool:
         return time.perf_counter() - t_start > args.speed_budget
@@ -446,7 +446,7 @@ def pruned_speed(args: argparse.Namespace) -> None:
                 del cm
                 if cuda:
                     torch.cuda.empty_cache()
-    merge_rows(out, header, rows, key=PRUNED_SPEED_KEY)
+    merge_rows(out, header, rows, key=PRUNED_SPEED_KEY, append_command=True)
 
 
 STRUCTURED_ROWS = r"^structured-[123]0:flap:mlp channels, fluctuation"
