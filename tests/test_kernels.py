@@ -29,6 +29,7 @@ from lowbit.kernels import (
     weight_only_linear,
     weight_only_linear_ref,
 )
+from lowbit.kernels.weight_only import R_RULE
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERP, reason="CPU runs need TRITON_INTERPRET=1")),
@@ -293,6 +294,7 @@ N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major ke
     ("uint4", 0, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "ROWS": 4, "SPLIT_K": 1}),
     ("int4", 32, False, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "ROWS": 16, "SPLIT_K": 2}),
     ("int4", 64, True, 1, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 64, "ROWS": 32, "SPLIT_K": 1}),
+    ("int4", 128, False, 1, {"TC": False, "BLOCK_M": 1, **R_RULE}),  # the rule off _R_TABLE
     ("int8", 64, True, 3, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2}),
     ("int4", 32, False, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PREFETCH": 1}),
     ("int4", 128, False, 5, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2, "PAIRS": True}),
@@ -460,3 +462,18 @@ def test_n_major_words_match_reference(device, qdtype, group, symmetric, m, cfg)
     out = torch.empty(m, n, device=device, dtype=torch.bfloat16)
     wo._launch_words(x, words, s2, z2, None, out, qdtype, group, dict(cfg, num_warps=4, num_stages=2))
     assert _rel(out, weight_only_linear_ref(x, q, s, z, None, qdtype, group)) <= TOL[torch.bfloat16]
+
+
+def test_gemv_r_serves_large_int4_shapes_off_its_table():
+    """M = 1 int4 on N-major words: ``_R_TABLE``'s shapes get their sweep config, other weights of 12M or more
+    ``R_RULE`` (run S11: 1.20-1.35x the ``_t_rule`` config at the pruned Llama-7B widths), small ones, int8 and
+    M > 1 ``_gemv_t`` / tensor cores."""
+    from lowbit.kernels import weight_only as wo
+
+    table = wo.words_config(1, 11008, 4096, 4, 16, n_major=True)
+    assert table["ROWS"] == 16 and table["BLOCK_N"] == 128  # (11008, 4096) in _R_TABLE
+    for n, k in ((9984, 4096), (4096, 3328), (17408, 4096), (4096, 8704)):
+        assert wo.words_config(1, n, k, 4, 16, n_major=True) == dict(wo.R_RULE, BLOCK_M=1, TC=False)
+    assert "ROWS" not in wo.words_config(1, 1536, 576, 4, 16, n_major=True)  # SmolLM2's MLP: _gemv_t
+    assert "ROWS" not in wo.words_config(1, 9984, 4096, 8, 16, n_major=True)  # int8 codes
+    assert "ROWS" not in wo.words_config(4, 9984, 4096, 4, 16, n_major=True)  # tensor cores

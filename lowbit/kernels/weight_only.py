@@ -21,7 +21,8 @@ at the shapes of ``K_MAJOR_SHAPES``), from the H200 sweep (``tools/bench_gemv.py
 
 Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted into the top mantissa bits of
 1.0 (``f = 1 + u/2**b``, one shift and one and-or), and ``s*(q - z)`` is algebra around the products.
-- N-major words (the default): ``_gemv_r`` (M = 1 int4 at the shapes of ``_R_TABLE``: 16 word rows per thread,
+- N-major words (the default): ``_gemv_r`` (M = 1 int4 at the shapes of ``_R_TABLE``, ``R_RULE`` at other shapes of
+  12M weights or more: 16 word rows per thread,
   codes by one and-xor each at three exponents, split-K partials + a reduce kernel), ``_gemv_t`` (M = 1 elsewhere:
   ``[U, CW, BLOCK_N]`` tiles coalesced along N, the activation a broadcast load, split-K partials + a reduce) and
   ``_tc_t`` (2 <= M <= 16: one ``[CW, BLOCK_N]`` tile per chunk, one dot per code position); ``_tc_pairs`` (opt-in ``PAIRS``: int4 codes unpacked two per ``lop3`` +
@@ -1309,7 +1310,18 @@ _R_TABLE: dict[tuple[int, int], dict] = {  # run R9 of bench/results/gemv.json (
     (32000, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 2, 'SPLIT_K': 16, 'PREFETCH': 0},  # run S8a: 29.9 vs cc_t 38.24
 }
 """(N, K) -> ``_gemv_r`` config: the shapes where the H200 sweep measured it faster than ``_gemv_t`` at M = 1
-(``tools/bench_gemv.py``, family ``cc_r``); other shapes keep ``_gemv_t``."""
+(``tools/bench_gemv.py``, family ``cc_r``); other large shapes take ``R_RULE``, small ones ``_gemv_t``."""
+
+R_RULE: dict = {"BLOCK_N": 64, "ROWS": 16, "num_warps": 1, "num_stages": 1, "SPLIT_K": 32}
+"""``_gemv_r``'s config at an int4 M = 1 shape off ``_R_TABLE`` with at least ``R_RULE_MIN_ELEMENTS`` weights: run
+S11 of bench/results/gemv.json swept the heads + MLP pruned Llama-7B widths (N x K = 9984 x 4096, 4096 x 3328,
+17408 x 4096, 4096 x 8704); this config was within 8% of each shape's best ``_gemv_r`` config and 1.20-1.35x
+faster than the ``_t_rule`` config the op ran there (14.29 vs 17.95, 8.51 vs 11.25, 19.69 vs 26.55, 13.19 vs
+15.87 µs)."""
+
+R_RULE_MIN_ELEMENTS = 12 * 2**20
+"""The smallest weight ``R_RULE`` serves: the sweep's smallest shape was 4096 x 3328 (13.6M); smaller weights
+(SmolLM2's) keep ``_t_rule``, which no sweep has compared with ``_gemv_r`` there."""
 
 
 _PREFILL_TC_TABLE: dict[tuple[int, int, int], dict] = {  # run S8b of bench/results/gemv.json
@@ -1363,6 +1375,8 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = Fal
     if n_major:
         if not tc and m == 1 and bits == 4 and (n, k) in _R_TABLE:
             return dict(_R_TABLE[(n, k)], BLOCK_M=1, TC=False)
+        if not tc and m == 1 and bits == 4 and n * k >= R_RULE_MIN_ELEMENTS:
+            return dict(R_RULE, BLOCK_M=1, TC=False)
         cfg = _WORDS_T_TABLE.get(("tc" if tc else "cc", bm, n, k)) or _t_rule(tc, n, nch)
         return dict(cfg, BLOCK_M=bm, TC=tc)
     cfg = _WORDS_TABLE.get(("tc" if tc else "cc", bm, n, k))
