@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lowbit.kernels._common import cdiv, check, launcher, next_pow2, on_kernel_device
+from lowbit.kernels._common import cdiv, check, interpreting, launcher, next_pow2, on_kernel_device
 
 __all__ = ["cache_rows_index", "decode_sdpa", "decode_sdpa_ref", "decode_sdpa_supported", "row_argmax",
            "row_argmax_ref", "write_cache_rows", "write_cache_rows_ref"]
@@ -114,9 +114,9 @@ def write_cache_rows(cache: torch.Tensor, index: torch.Tensor, src: torch.Tensor
 
 
 DECODE_SDPA_CHUNK = 64
-"""Cache slots per split program of ``decode_sdpa`` for one query head per kv head (``G`` heads: ``64 / G``, at
-least 16, so the ``[G, chunk, D]`` products stay the same size): a 768-slot context is 12 chunks per kv head, so
-batch 1 of 32 kv heads launches 384 programs (the H200 has 132 SMs), each reading 2 x 64 x 128 bf16 = 32 KB."""
+"""Cache slots per split program of ``decode_sdpa``: a 768-slot context is 12 chunks per kv head, so batch 1 of 32
+kv heads launches 384 programs (the H200 has 132 SMs), each reading 2 x 64 x 128 bf16 = 32 KB. A kv head's query
+heads are the rows of two ``tl.dot``s (padded to 16): scores, then probabilities times values."""
 
 
 def decode_sdpa_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None,
@@ -151,7 +151,7 @@ def decode_sdpa_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 @triton.jit
 def _sdpa_split(q_ptr, k_ptr, v_ptr, m_ptr, p_ptr, l_ptr, a_ptr, S, HKV, NCH, scale,
                 sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sms,
-                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr):
+                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, UPCAST: tl.constexpr):
     """Program ``(b * HKV + h, c)``: the ``G`` query heads of kv head ``h`` over cache slots ``[c * CHUNK, ...)``:
     scores ``q . k * scale`` where the mask allows, their max, the sum of ``exp(score - max)`` and the
     un-normalised ``sum p v`` (fp32), written per (query head, chunk) for ``_sdpa_merge``. A chunk with no allowed
@@ -166,17 +166,19 @@ def _sdpa_split(q_ptr, k_ptr, v_ptr, m_ptr, p_ptr, l_ptr, a_ptr, S, HKV, NCH, sc
     slots = c * CHUNK + tl.arange(0, CHUNK)
     s_ok = slots < S
     allowed = tl.load(m_ptr + b * smb + slots * sms, mask=s_ok, other=0) != 0
-    q = tl.load(q_ptr + b * sqb + (h * G + gs)[:, None] * sqh + ds[None, :], mask=g_ok[:, None],
-                other=0.0).to(tl.float32)
-    kt = tl.load(k_ptr + b * skb + h * skh + slots[:, None] * sks + ds[None, :], mask=allowed[:, None],
-                 other=0.0).to(tl.float32)
-    s = tl.sum(q[:, None, :] * kt[None, :, :], axis=2) * scale  # [GP, CHUNK]
+    q = tl.load(q_ptr + b * sqb + (h * G + gs)[:, None] * sqh + ds[None, :], mask=g_ok[:, None], other=0.0)
+    kt = tl.load(k_ptr + b * skb + h * skh + slots[:, None] * sks + ds[None, :], mask=allowed[:, None], other=0.0)
+    if UPCAST:  # Triton's interpreter multiplies bf16 tiles wrongly: fp32 there (the kernels' tests)
+        q = q.to(tl.float32)
+        kt = kt.to(tl.float32)
+    s = tl.dot(q, tl.trans(kt)) * scale  # [GP, CHUNK] on tensor cores (GP >= 16 rows, the padding zero)
     s = tl.where(allowed[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)
     p = tl.where(allowed[None, :], tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None]), 0.0)
-    vt = tl.load(v_ptr + b * svb + h * svh + slots[:, None] * svs + ds[None, :], mask=allowed[:, None],
-                 other=0.0).to(tl.float32)
-    acc = tl.sum(p[:, :, None] * vt[None, :, :], axis=1)  # [GP, D]
+    vt = tl.load(v_ptr + b * svb + h * svh + slots[:, None] * svs + ds[None, :], mask=allowed[:, None], other=0.0)
+    if UPCAST:
+        vt = vt.to(tl.float32)
+    acc = tl.dot(p.to(vt.dtype), vt)  # [GP, D], p rounded to the cache dtype as flash attention does
     row = (bh * G + gs) * NCH + c  # (b, query head, chunk)
     tl.store(p_ptr + row, m, mask=g_ok)
     tl.store(l_ptr + row, tl.sum(p, axis=1), mask=g_ok)
@@ -214,8 +216,8 @@ def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     b, hq, _, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
-    gp = next_pow2(g)
-    chunk = max(16, DECODE_SDPA_CHUNK // gp)
+    gp = max(16, next_pow2(g))  # tl.dot's smallest M
+    chunk = DECODE_SDPA_CHUNK
     nch = cdiv(s, chunk)
     parts = torch.empty((b * hq * nch,), device=q.device, dtype=torch.float32)
     sums = torch.empty_like(parts)
@@ -225,7 +227,7 @@ def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     launcher(q, _sdpa_split)[(b * hkv, nch)](
         q, k, v, mask, parts, sums, accs, s, hkv, nch, scale if scale is not None else d ** -0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        mb, mask.stride(3), G=g, GP=gp, D=d, CHUNK=chunk, num_warps=4)
+        mb, mask.stride(3), G=g, GP=gp, D=d, CHUNK=chunk, UPCAST=interpreting(), num_warps=4)
     launcher(q, _sdpa_merge)[(b * hq,)](parts, sums, accs, out, nch, hq, out.stride(0), out.stride(1), D=d,
                                         NCP=next_pow2(nch), num_warps=4)
     return out
