@@ -59,3 +59,50 @@ def test_cache_row_write_equals_scatter(device):
     assert not cache_rows_index(full, 2, new) and not cache_rows_index(index, 1, new)
     with pytest.raises(ValueError, match="write_cache_rows.*not a row index"):
         write_cache_rows(cache, full, new)
+
+
+SDPA_CASES = [  # batch, query heads, kv heads, cache slots, head_dim, each sequence's position, dtype
+    (1, 4, 4, 100, 64, [99], torch.bfloat16),  # MHA, the last slot allowed
+    (2, 8, 2, 130, 128, [5, 129], torch.bfloat16),  # GQA 4, chunks past a short sequence's position all masked
+    (3, 6, 3, 40, 32, [0, 17, 39], torch.float16),  # GQA 2, one sequence at its first token
+    (2, 32, 1, 70, 16, [69, 1], torch.bfloat16),  # MQA: 32 query heads share a key
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b,hq,hkv,s,d,pos,dtype", SDPA_CASES)
+def test_decode_sdpa_is_torchs_masked_sdpa(device, b, hq, hkv, s, d, pos, dtype):
+    """One query row per sequence over a float cache with a decode step's mask (slots <= position): the split +
+    log-sum-exp merge equals fp32 SDPA on the same bf16/fp16 operands to the output's rounding (1 step of its
+    dtype), masked slots hold large values that must not leak, and a mask broadcast over the batch works too."""
+    from lowbit.kernels.decode_step import decode_sdpa, decode_sdpa_ref
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=g).to(dtype) for shape in ((b, hq, 1, d), (b, hkv, s, d), (b, hkv, s, d)))
+    positions = torch.tensor(pos).view(b, 1)
+    mask = torch.arange(s).view(1, 1, 1, -1) <= positions.view(b, 1, 1, 1)
+    k[~mask.expand(b, hkv, 1, s).squeeze(2)] = 1e4  # beyond each position: values that would dominate if read
+    v[~mask.expand(b, hkv, 1, s).squeeze(2)] = 1e4
+    ref = decode_sdpa_ref(q.float(), k.float(), v.float(), mask, None, hq != hkv)
+    got = decode_sdpa(q.to(device), k.to(device), v.to(device), mask.to(device), None, hq != hkv).cpu()
+    assert got.shape == ref.shape and got.dtype == dtype
+    step = 2.0 ** -(7 if dtype == torch.bfloat16 else 10)  # one step: the interpreter truncates its casts
+    assert bool(((got.float() - ref).abs() <= ref.abs() * step + 1e-3).all())
+    one = torch.arange(s).view(1, 1, 1, -1) <= 3  # one mask for every sequence (batch dim 1)
+    ref1 = decode_sdpa_ref(q.float(), k.float(), v.float(), one, 0.5, hq != hkv)
+    got1 = decode_sdpa(q.to(device), k.to(device), v.to(device), one.to(device), 0.5, hq != hkv).cpu()
+    assert bool(((got1.float() - ref1).abs() <= ref1.abs() * step + 1e-3).all())
+
+
+def test_decode_sdpa_says_what_it_does_not_take():
+    """Prefill rows, a float mask, fp32 and a head_dim that is not a power of two go to the reference, each
+    with its reason (the triton backend's attention target asks before every call)."""
+    from lowbit.kernels.decode_step import decode_sdpa_supported
+
+    q, k = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16), torch.zeros(1, 4, 10, 64, dtype=torch.bfloat16)
+    mask = torch.ones(1, 1, 1, 10, dtype=torch.bool)
+    assert "one query row" in decode_sdpa_supported(q.expand(1, 4, 3, 64), k, k, mask.expand(1, 1, 3, 10))
+    assert "boolean" in decode_sdpa_supported(q, k, k, mask.float())
+    assert "dtypes" in decode_sdpa_supported(q.float(), k.float(), k.float(), mask)
+    assert "head_dim" in decode_sdpa_supported(q[..., :48], k[..., :48], k[..., :48], mask)
+    assert "shapes" in decode_sdpa_supported(q, k[:, :3], k[:, :3], mask)

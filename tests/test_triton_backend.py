@@ -172,13 +172,19 @@ def test_mlp_activation_runs_in_the_linears_epilogue(arch, pipeline, form):
 
 
 @needs_kernels
-def test_generation_runs_on_the_triton_backend():
+def test_generation_runs_on_the_triton_backend(monkeypatch):
     """A step graph (KV cache in, logits and cache out) lowers to the Triton kernels: generate() runs its steps over
-    the donated cache and its tokens are the torch reference's on the same quantized graph (two sequences)."""
+    the donated cache, each decode step's attention on ``decode_sdpa`` (GQA, two sequences at their own
+    positions; the prefill on SDPA), and the tokens are the torch reference's on the same quantized graph."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
+    from lowbit.kernels import decode_step
+
+    asked: list[str | None] = []
+    supported = decode_step.decode_sdpa_supported
+    monkeypatch.setattr(decode_step, "decode_sdpa_supported", lambda *a: asked.append(supported(*a)) or asked[-1])
 
     cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                       num_hidden_layers=2, vocab_size=1000, max_position_embeddings=256)
@@ -191,10 +197,14 @@ def test_generation_runs_on_the_triton_backend():
     tri = compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": False},
                         generation=spec, device=dev)
     assert tri.runner.report["kernels"] and not tri.runner.report["fallback"]
+    assert len(tri.runner.report["attention"]) == cfg.num_hidden_layers
     ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
     out_ref, out_tri = ref.generate(ids, 6, stop_tokens=()), tri.generate(ids, 6, stop_tokens=())
     assert out_tri.decode_steps == 5 and all(len(t) == 6 for t in out_tri.tokens)
     assert out_tri.tokens == out_ref.tokens  # prefill's argmax and every decode step's
+    # 2 layers: the prefill's attention refused (12 query rows), then 5 decode steps on the kernel (the op asks
+    # again inside: two per call)
+    assert asked[:2] == ["not one query row per sequence"] * 2 and asked[2:] == [None] * 20
 
 
 @pytest.mark.gpu

@@ -28,6 +28,7 @@ import torch.fx
 from lowbit.backends.semi_structured import report_lines
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.ir.graph import Graph, TensorType
+from lowbit.ir import ops as ir_ops
 from lowbit.ir.ops import hadamard as ir_hadamard
 from lowbit.ir.quant import qlinear
 
@@ -146,8 +147,6 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "") -> 
 
 def _activation(node: torch.fx.Node) -> str | None:
     """The epilogue name of an IR activation node (``lowbit.kernels._common.ACTIVATIONS``), else None."""
-    from lowbit.ir import ops as ir_ops
-
     if node.op != "call_function":
         return None
     if node.target is ir_ops.silu:
@@ -161,8 +160,6 @@ def _gated_chain(q: torch.fx.Node) -> tuple[str, torch.fx.Node, tuple[torch.fx.N
     """``q``'s readers when they are exactly a gated MLP's ``split([I, I], -1) -> act(first) -> mul(·, second)``
     (the merged gate/up of ``merge_horizontal``; act silu or GELU): ``("<act>*up", mul, the nodes it replaces)``."""
     import operator
-
-    from lowbit.ir import ops as ir_ops
 
     if len(q.users) != 1:
         return None
@@ -360,6 +357,18 @@ def _cache_attention(*args: Any, **kwargs: Any) -> Any:
 _CACHE_ATTENTION = torch.compiler.disable(_cache_attention)
 
 
+def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+                      scale: float | None = None, is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
+    """FX target of the IR's ``attention``: a decode step's one query row per sequence over a float cache runs
+    ``lowbit::decode_sdpa`` (flash-decoding, the mask read as it is); anything else (prefill, no boolean mask,
+    fp32) the reference SDPA."""
+    from lowbit.kernels.decode_step import decode_sdpa_supported
+
+    if decode_sdpa_supported(q, k, v, mask, is_causal) is None:
+        return torch.ops.lowbit.decode_sdpa(q, k, v, mask, scale, enable_gqa)
+    return ir_ops.attention(q, k, v, mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa)
+
+
 def _operand(gm: torch.fx.GraphModule, node: torch.fx.Node, i: int, name: str) -> Any:
     a = node.args[i] if len(node.args) > i else node.kwargs.get(name)
     if isinstance(a, torch.fx.Node) and a.op == "get_attr":
@@ -397,7 +406,8 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     from lowbit.ir.kvcache import cache_attention
     from lowbit.ir.normquant import qlinear_q, rms_norm_quant
 
-    report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}, "unfused": {}, "norm_quant": {}}
+    report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}, "unfused": {}, "norm_quant": {},
+                                         "attention": {}}
     kinds = EPILOGUES[epilogues]
     tables: dict[int, torch.fx.Node] = {}
     a8: dict[torch.fx.Node, Plan] = {}
@@ -437,6 +447,10 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             epilogue = _fuse_epilogue(gm, node, (2, 3, 4, 5), lambda e, wg=wg, ag=ag: _kernel_qlinear_q(wg, ag, e),
                                       kinds)
             report["kernels"][node.name] = plan.form.name + (f"+{epilogue}" if epilogue else "")
+            continue
+        if node.op == "call_function" and node.target is ir_ops.attention:
+            node.target = _kernel_attention  # decided per call: one query row (a decode step) or not
+            report["attention"][node.name] = "decode-sdpa at one query row, SDPA otherwise"
             continue
         if node.op == "call_function" and node.target is cache_attention:
             # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape)
@@ -530,6 +544,9 @@ class TritonCompiled(TorchCompiled):
             lines.append(f"  merged: {len(merged)} wide linears replace {n} (same input, same scheme)")
         if self.report.get("norm_quant"):
             lines.append(f"  rms_norm + activation quantize fused: {len(self.report['norm_quant'])} norms")
+        if self.report.get("attention"):
+            lines.append(f"  attention: {len(self.report['attention'])} nodes on decode-sdpa at one query row "
+                         "(float cache), SDPA otherwise")
         by_form: dict[str, int] = {}
         for form in self.report["kernels"].values():
             by_form[form] = by_form.get(form, 0) + 1

@@ -22,9 +22,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lowbit.kernels._common import check, launcher, next_pow2, on_kernel_device
+from lowbit.kernels._common import cdiv, check, interpreting, launcher, next_pow2, on_kernel_device
 
-__all__ = ["cache_rows_index", "row_argmax", "row_argmax_ref", "write_cache_rows", "write_cache_rows_ref"]
+__all__ = ["cache_rows_index", "decode_sdpa", "decode_sdpa_ref", "decode_sdpa_supported", "row_argmax",
+           "row_argmax_ref", "write_cache_rows", "write_cache_rows_ref"]
 
 ARGMAX_TILE = 32768
 """Logits per program and loop step: a 32K vocabulary (Llama-2) is one load per row, read by 16 warps."""
@@ -110,3 +111,123 @@ def write_cache_rows(cache: torch.Tensor, index: torch.Tensor, src: torch.Tensor
     _write_rows[(b * h * n,)](cache, index, src, h, n, d, cache.stride(0), cache.stride(1), cache.stride(2),
                               index.stride(0), index.stride(2), src.stride(0), src.stride(1), src.stride(2),
                               BLOCK_D=next_pow2(d), num_warps=1)
+
+
+DECODE_SDPA_CHUNK = 64
+"""Cache slots per split program of ``decode_sdpa``: a 768-slot context is 12 chunks per kv head, so batch 1 of 32
+kv heads launches 384 programs (the H200 has 132 SMs), each reading 2 x 64 x 128 bf16 = 32 KB. A kv head's query
+heads are the rows of two ``tl.dot``s (padded to 16): scores, then probabilities times values."""
+
+
+def decode_sdpa_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None,
+                    enable_gqa: bool) -> torch.Tensor:
+    """torch's ``scaled_dot_product_attention`` with a boolean mask (the IR's ``attention`` op)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                            enable_gqa=enable_gqa)
+
+
+def decode_sdpa_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          is_causal: bool = False) -> str | None:
+    """Why ``decode_sdpa`` does not take these operands (None: it does): one query row per sequence, bf16/fp16,
+    ``[B, H, S, D]`` with D a power of two <= 256, whole kv-head groups, a boolean mask broadcastable to
+    ``[B, 1, 1, S]``, on the kernel device."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[2] != 1:
+        return "not one query row per sequence"
+    if is_causal or mask is None or mask.dtype != torch.bool or mask.dim() != 4:
+        return "no boolean [B, 1, 1, S] mask"
+    b, hq, _, d = q.shape
+    if (mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[0] not in (1, b) or mask.shape[3] != k.shape[2]
+            or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or hq % k.shape[1]):
+        return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, mask {tuple(mask.shape)}"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
+    if d > 256 or d & (d - 1) or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        return f"head_dim {d} (a power of two <= 256, contiguous)"
+    if not (on_kernel_device(q) and on_kernel_device(k) and on_kernel_device(v)):
+        return "not on the kernel device"
+    return None
+
+
+@triton.jit
+def _sdpa_split(q_ptr, k_ptr, v_ptr, m_ptr, p_ptr, l_ptr, a_ptr, S, HKV, NCH, scale,
+                sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sms,
+                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, UPCAST: tl.constexpr):
+    """Program ``(b * HKV + h, c)``: the ``G`` query heads of kv head ``h`` over cache slots ``[c * CHUNK, ...)``:
+    scores ``q . k * scale`` where the mask allows, their max, the sum of ``exp(score - max)`` and the
+    un-normalised ``sum p v`` (fp32), written per (query head, chunk) for ``_sdpa_merge``. A chunk with no allowed
+    slot writes max -inf, sum 0, zeros."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    gs = tl.arange(0, GP)
+    g_ok = gs < G
+    ds = tl.arange(0, D)
+    slots = c * CHUNK + tl.arange(0, CHUNK)
+    s_ok = slots < S
+    allowed = tl.load(m_ptr + b * smb + slots * sms, mask=s_ok, other=0) != 0
+    q = tl.load(q_ptr + b * sqb + (h * G + gs)[:, None] * sqh + ds[None, :], mask=g_ok[:, None], other=0.0)
+    kt = tl.load(k_ptr + b * skb + h * skh + slots[:, None] * sks + ds[None, :], mask=allowed[:, None], other=0.0)
+    if UPCAST:  # Triton's interpreter multiplies bf16 tiles wrongly: fp32 there (the kernels' tests)
+        q = q.to(tl.float32)
+        kt = kt.to(tl.float32)
+    s = tl.dot(q, tl.trans(kt)) * scale  # [GP, CHUNK] on tensor cores (GP >= 16 rows, the padding zero)
+    s = tl.where(allowed[None, :], s, float("-inf"))
+    m = tl.max(s, axis=1)
+    p = tl.where(allowed[None, :], tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None]), 0.0)
+    vt = tl.load(v_ptr + b * svb + h * svh + slots[:, None] * svs + ds[None, :], mask=allowed[:, None], other=0.0)
+    if UPCAST:
+        vt = vt.to(tl.float32)
+    acc = tl.dot(p.to(vt.dtype), vt)  # [GP, D], p rounded to the cache dtype as flash attention does
+    row = (bh * G + gs) * NCH + c  # (b, query head, chunk)
+    tl.store(p_ptr + row, m, mask=g_ok)
+    tl.store(l_ptr + row, tl.sum(p, axis=1), mask=g_ok)
+    tl.store(a_ptr + row[:, None] * D + ds[None, :], acc, mask=g_ok[:, None])
+
+
+@triton.jit
+def _sdpa_merge(p_ptr, l_ptr, a_ptr, o_ptr, NCH, H, sob, soh, D: tl.constexpr, NCP: tl.constexpr):
+    """Program ``b * H + hq``: the chunks' partials merged by log-sum-exp, ``sum_c w_c acc_c / sum_c w_c l_c``
+    with ``w_c = exp(max_c - max)``, written in the output dtype."""
+    r = tl.program_id(0)
+    cs = tl.arange(0, NCP)
+    c_ok = cs < NCH
+    m = tl.load(p_ptr + r * NCH + cs, mask=c_ok, other=float("-inf"))
+    top = tl.max(m, axis=0)
+    w = tl.where(c_ok, tl.exp(m - top), 0.0)
+    denom = tl.sum(w * tl.load(l_ptr + r * NCH + cs, mask=c_ok, other=0.0), axis=0)
+    ds = tl.arange(0, D)
+    acc = tl.load(a_ptr + (r * NCH + cs)[:, None] * D + ds[None, :], mask=c_ok[:, None], other=0.0)
+    out = tl.sum(w[:, None] * acc, axis=0) / denom
+    tl.store(o_ptr + (r // H) * sob + (r % H) * soh + ds, out.to(o_ptr.dtype.element_ty))
+
+
+@triton_op("lowbit::decode_sdpa", mutates_args=())
+def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None,
+                enable_gqa: bool = False) -> torch.Tensor:
+    """Decode-step attention over a float KV cache: ``scaled_dot_product_attention(q, k, v, attn_mask=mask)``
+    for one query row per sequence (``q [B, Hq, 1, D]``, ``k``/``v [B, Hkv, S, D]``, boolean ``mask
+    [B or 1, 1, 1, S]``), flash-decoding in two launches: ``_sdpa_split`` over ``DECODE_SDPA_CHUNK``-slot chunks
+    (each kv head's query heads together: GQA reads each key once), then ``_sdpa_merge``. Every sequence needs
+    one allowed slot (a decode step's slot 0 always is). The reference where ``decode_sdpa_supported`` says
+    no."""
+    if decode_sdpa_supported(q, k, v, mask) is not None:
+        return decode_sdpa_ref(q, k, v, mask, scale, enable_gqa)
+    b, hq, _, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    gp = max(16, next_pow2(g))  # tl.dot's smallest M
+    chunk = DECODE_SDPA_CHUNK
+    nch = cdiv(s, chunk)
+    parts = torch.empty((b * hq * nch,), device=q.device, dtype=torch.float32)
+    sums = torch.empty_like(parts)
+    accs = torch.empty((b * hq * nch, d), device=q.device, dtype=torch.float32)
+    out = torch.empty((b, hq, 1, d), device=q.device, dtype=q.dtype)
+    mb = mask.stride(0) if mask.shape[0] > 1 else 0
+    launcher(q, _sdpa_split)[(b * hkv, nch)](
+        q, k, v, mask, parts, sums, accs, s, hkv, nch, scale if scale is not None else d ** -0.5,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        mb, mask.stride(3), G=g, GP=gp, D=d, CHUNK=chunk, UPCAST=interpreting(), num_warps=4)
+    launcher(q, _sdpa_merge)[(b * hq,)](parts, sums, accs, out, nch, hq, out.stride(0), out.stride(1), D=d,
+                                        NCP=next_pow2(nch), num_warps=4)
+    return out
