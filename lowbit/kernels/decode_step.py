@@ -118,6 +118,9 @@ DECODE_SDPA_CHUNK = 64
 kv heads launches 384 programs (the H200 has 132 SMs), each reading 2 x 64 x 128 bf16 = 32 KB. A kv head's query
 heads are the rows of two ``tl.dot``s (padded to 16): scores, then probabilities times values."""
 
+DECODE_SDPA_WARPS = 4
+"""Warps per ``_sdpa_split`` program (``tools/bench_decode_sdpa.py`` sweeps it with the chunk)."""
+
 
 def decode_sdpa_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None,
                     enable_gqa: bool) -> torch.Tensor:
@@ -168,17 +171,25 @@ def _sdpa_split(q_ptr, k_ptr, v_ptr, m_ptr, p_ptr, l_ptr, a_ptr, S, HKV, NCH, sc
     allowed = tl.load(m_ptr + b * smb + slots * sms, mask=s_ok, other=0) != 0
     q = tl.load(q_ptr + b * sqb + (h * G + gs)[:, None] * sqh + ds[None, :], mask=g_ok[:, None], other=0.0)
     kt = tl.load(k_ptr + b * skb + h * skh + slots[:, None] * sks + ds[None, :], mask=allowed[:, None], other=0.0)
+    # the values' load issued with the keys' (it does not wait for the scores: one memory round trip, not two)
+    vt = tl.load(v_ptr + b * svb + h * svh + slots[:, None] * svs + ds[None, :], mask=allowed[:, None], other=0.0)
     if UPCAST:  # Triton's interpreter multiplies bf16 tiles wrongly: fp32 there (the kernels' tests)
         q = q.to(tl.float32)
         kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
     s = tl.dot(q, tl.trans(kt)) * scale  # [GP, CHUNK] on tensor cores (GP >= 16 rows, the padding zero)
     s = tl.where(allowed[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)
     p = tl.where(allowed[None, :], tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None]), 0.0)
-    vt = tl.load(v_ptr + b * svb + h * svh + slots[:, None] * svs + ds[None, :], mask=allowed[:, None], other=0.0)
     if UPCAST:
-        vt = vt.to(tl.float32)
-    acc = tl.dot(p.to(vt.dtype), vt)  # [GP, D], p rounded to the cache dtype as flash attention does
+        acc = tl.dot(p, vt)
+    else:
+        # p as a sum of two cache-dtype parts (16 mantissa bits): one bf16 p would be off by up to 2^-9 against
+        # its fp32 sum below (measured on the H200: outside the test's one-step bound); the second dot is free
+        # in a memory-bound kernel
+        p_hi = p.to(vt.dtype)
+        p_lo = (p - p_hi.to(tl.float32)).to(vt.dtype)
+        acc = tl.dot(p_hi, vt) + tl.dot(p_lo, vt)  # [GP, D]
     row = (bh * G + gs) * NCH + c  # (b, query head, chunk)
     tl.store(p_ptr + row, m, mask=g_ok)
     tl.store(l_ptr + row, tl.sum(p, axis=1), mask=g_ok)
@@ -227,7 +238,7 @@ def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     launcher(q, _sdpa_split)[(b * hkv, nch)](
         q, k, v, mask, parts, sums, accs, s, hkv, nch, scale if scale is not None else d ** -0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        mb, mask.stride(3), G=g, GP=gp, D=d, CHUNK=chunk, UPCAST=interpreting(), num_warps=4)
+        mb, mask.stride(3), G=g, GP=gp, D=d, CHUNK=chunk, UPCAST=interpreting(), num_warps=DECODE_SDPA_WARPS)
     launcher(q, _sdpa_merge)[(b * hq,)](parts, sums, accs, out, nch, hq, out.stride(0), out.stride(1), D=d,
                                         NCP=next_pow2(nch), num_warps=4)
     return out
