@@ -95,8 +95,8 @@ def test_decode_sdpa_is_torchs_masked_sdpa(device, b, hq, hkv, s, d, pos, dtype)
 
 
 def test_decode_sdpa_says_what_it_does_not_take():
-    """Prefill rows, a float mask, fp32 and a head_dim that is not a power of two go to the reference, each
-    with its reason (the triton backend's attention target asks before every call)."""
+    """Prefill rows, a float mask, fp32, a head_dim that is not a power of two and batches past
+    ``DECODE_SDPA_MAX_HEADS`` go to the reference, each with its reason (the triton backend's attention target asks before every call)."""
     from lowbit.kernels.decode_step import decode_sdpa_supported
 
     q, k = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16), torch.zeros(1, 4, 10, 64, dtype=torch.bfloat16)
@@ -106,3 +106,5 @@ def test_decode_sdpa_says_what_it_does_not_take():
     assert "dtypes" in decode_sdpa_supported(q.float(), k.float(), k.float(), mask)
     assert "head_dim" in decode_sdpa_supported(q[..., :48], k[..., :48], k[..., :48], mask)
     assert "shapes" in decode_sdpa_supported(q, k[:, :3], k[:, :3], mask)
+    q17, k17 = q.expand(17, 4, 1, 64), k.expand(17, 4, 10, 64)  # 68 (sequence, kv head) pairs: torch's SDPA
+    assert "batch x kv heads = 68 > DECODE_SDPA_MAX_HEADS = 64" in decode_sdpa_supported(q17, k17, k17, mask)

@@ -118,6 +118,11 @@ DECODE_SDPA_CHUNK = 64
 kv heads launches 384 programs (the H200 has 132 SMs), each reading 2 x 64 x 128 bf16 = 32 KB. A kv head's query
 heads are the rows of two ``tl.dot``s (padded to 16): scores, then probabilities times values."""
 
+DECODE_SDPA_MAX_HEADS = 64
+"""Most (sequence, kv head) pairs ``decode_sdpa`` takes: H200 run of ``tools/bench_decode_sdpa.py`` (session 11)
+measured it 1.69x torch's SDPA at batch 1 x 32 kv heads (768 slots), 2.2x at 1 x 8 (GQA 4), a tie at 1 x 32 over
+4096 slots, and 0.96x at 16 x 32: torch's kernel beyond."""
+
 DECODE_SDPA_WARPS = 4
 """Warps per ``_sdpa_split`` program (``tools/bench_decode_sdpa.py`` sweeps it with the chunk)."""
 
@@ -133,7 +138,7 @@ def decode_sdpa_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
                           is_causal: bool = False) -> str | None:
     """Why ``decode_sdpa`` does not take these operands (None: it does): one query row per sequence, bf16/fp16,
     ``[B, H, S, D]`` with D a power of two <= 256, whole kv-head groups, a boolean mask broadcastable to
-    ``[B, 1, 1, S]``, on the kernel device."""
+    ``[B, 1, 1, S]``, at most ``DECODE_SDPA_MAX_HEADS`` (sequence, kv head) pairs, on the kernel device."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[2] != 1:
         return "not one query row per sequence"
     if is_causal or mask is None or mask.dtype != torch.bool or mask.dim() != 4:
@@ -146,6 +151,9 @@ def decode_sdpa_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
     if d > 256 or d & (d - 1) or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
         return f"head_dim {d} (a power of two <= 256, contiguous)"
+    if b * k.shape[1] > DECODE_SDPA_MAX_HEADS:
+        return (f"batch x kv heads = {b * k.shape[1]} > DECODE_SDPA_MAX_HEADS = {DECODE_SDPA_MAX_HEADS}: torch's "
+                "SDPA measured faster there")
     if not (on_kernel_device(q) and on_kernel_device(k) and on_kernel_device(v)):
         return "not on the kernel device"
     return None
