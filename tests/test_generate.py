@@ -274,6 +274,9 @@ def test_last_logits_is_the_last_row_of_every_positions_logits_exactly(smollm2):
     # float64 rounding only: the one-row GEMMs sum in another order (measured 9e-14 of logits up to 75)
     assert (out_l[0] - out_a[0][:, -1:]).abs().max().item() <= 1e-12 * out_a[0].abs().max().item()
     assert all(torch.equal(a, b) for a, b in zip(out_l[1:], out_a[1:]))
+    from lowbit.instruments import compare_outputs  # debug compare: the reference's last rows against [B, 1, V]
+
+    assert compare_outputs(out_a[0], out_l[0]) == compare_outputs(out_a[0][:, -1:], out_l[0])
     prompts = [tok(p).input_ids for p in PROMPTS]
     batched = last.generate(prompts, 6, stop_tokens=()).tokens
     assert batched == [last.generate([p], 6, stop_tokens=()).tokens[0] for p in prompts]
