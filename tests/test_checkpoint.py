@@ -326,3 +326,32 @@ def test_codes_survive_compressed_tensors_and_gptq_packing(qdtype, rows8, cols8,
     if qd.bits in (4, 8):
         u = (codes.to(torch.int16) - int(qd.qmin)).t().contiguous()
         assert torch.equal(_unpack_rows(_pack_rows(u, qd.bits), qd.bits), u.to(torch.int64))
+
+
+def test_generation_step_graph_saves_and_generates_after_load(smollm2, tmp_path):
+    """A generation-compiled SmolLM2 slice (W4A16, the packed int4 KV cache; max_length 48, not a whole number of
+    32-slot key blocks) saved in the lowbit format reloads with its generation meta and generates the same greedy
+    tokens; a crafted manifest whose generation meta has a
+    bad field, or cache inputs the graph does not have, fails by name."""
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    model, tok = smollm2
+    sliced = smollm2_slice(model, 2).model
+    cm = compile_model(sliced, tokenizer=tok, pipeline="quantize(w=int4,group=64),kv-cache(bits=4)",
+                       generation=GenerationSpec(max_length=48, max_batch=2))
+    lowbit.save(cm, tmp_path / "gen", format="lowbit")
+    back = lowbit.load(tmp_path / "gen")
+    assert back.graph.meta["generation"] == cm.graph.meta["generation"]
+    prompts = [tok(p).input_ids for p in ("The capital of France is", "Once upon a time")]
+    assert back.generate(prompts, 6, stop_tokens=()).tokens == cm.generate(prompts, 6, stop_tokens=()).tokens
+    manifest = tmp_path / "gen" / "lowbit-manifest.json"
+    good = json.loads(manifest.read_text())
+    for field, value, match in (("cache_dtype", "os.system", r"lowbit\.generation\.cache_dtype"),
+                                ("max_length", -1, r"lowbit\.generation\.max_length"),
+                                ("cache_inputs", ["x"], r"cache_inputs' \['x'\] are not the graph's")):
+        bad = json.loads(json.dumps(good))
+        bad["lowbit"]["generation"][field] = value
+        manifest.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=match):
+            lowbit.load(tmp_path / "gen")

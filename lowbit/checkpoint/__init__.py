@@ -7,7 +7,9 @@ Formats (``save(compiled, directory, format=...)``):
   transformers load. See ``lowbit.checkpoint.hf``.
 * ``"gptq"`` — the HF GPTQ layout (``qweight``/``qzeros``/``scales``/``g_idx``), symmetric int4/int8.
 * ``"lowbit"`` — the IR text (``model.lowbit``) and ``params.safetensors``, exactly the compiled graph, whatever
-  passes ran (rotations, KV quantization, anything no HF format expresses).
+  passes ran (rotations, KV quantization, anything no HF format expresses); a generation step graph's meta
+  (cache layout, limits, stop tokens) goes into the manifest and is validated field by field on load, so the
+  reloaded model generates.
 
 Every directory gets ``lowbit-manifest.json`` (versions, and SHA-256 and size of every file, verified by ``load``;
 for HF formats other loaders ignore it). Writes go to a hidden temporary sibling renamed into place at the end,
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from lowbit.checkpoint.files import CheckpointError, atomic_checkpoint_dir, verify_manifest, write_manifest
 
@@ -113,7 +117,62 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any) -> dict[str, Any]:
         info["max_seq_length"] = src["max_seq_length"]
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
+    if graph.meta.get("generation") is not None:
+        info["generation"] = GenerationMeta.model_validate(graph.meta["generation"]).model_dump(exclude_none=True)
     return info
+
+
+class _KVLayout(BaseModel):
+    """The packed KV cache's layout (``kv-cache`` pass), as a step graph's meta records it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    bits: Literal[2, 4, 8]
+    k_block: int = Field(ge=1)
+    v_group: int = Field(ge=1)
+    window: int = Field(ge=0)
+    sink: int = Field(ge=0)
+    scale_dtype: Literal["float32", "float16", "bfloat16"]
+    parts: list[str]
+
+
+class GenerationMeta(BaseModel):
+    """``graph.meta["generation"]`` of a step graph, checked field by field when a lowbit checkpoint is saved and
+    loaded: the manifest is read from disk, so a crafted one must fail here with the field's name (the generator
+    turns ``cache_dtype`` into a torch dtype and sizes buffers from the ints)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    eos_token_ids: list[int]
+    max_length: int = Field(ge=2)
+    max_batch: int = Field(ge=1)
+    cuda_graph: bool = True
+    n_layers: int = Field(ge=1)
+    kv_heads: int | list[int]
+    head_dim: int = Field(ge=1)
+    logits: Literal["last", "all"] = "all"
+    cache_inputs: list[str]
+    cache_dtype: Literal["float32", "float16", "bfloat16"]
+    kv_cache: _KVLayout | None = None
+    float_cache_inputs: list[str] | None = None
+
+
+def _generation_meta(info: dict[str, Any], graph: Any, directory: Path) -> dict[str, Any] | None:
+    """The manifest's generation meta, validated against the schema and the parsed graph's inputs."""
+    import pydantic
+
+    raw = info.get("generation")
+    if raw is None:
+        return None
+    try:
+        meta = GenerationMeta.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise CheckpointError(f"{directory}: manifest 'lowbit.generation.{where}': {err['msg']}") from None
+    names = [v.name for v in graph.inputs]
+    if names[2:] != meta.cache_inputs:
+        raise CheckpointError(f"{directory}: manifest 'lowbit.generation.cache_inputs' {meta.cache_inputs} are not "
+                              f"the graph's cache inputs {names[2:]}")
+    return meta.model_dump(exclude_none=True)
 
 
 def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: str | None = None) -> Any:
@@ -174,4 +233,7 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
         if info.get("max_seq_length") is not None:
             src["max_seq_length"] = info["max_seq_length"]
         graph.meta["source"] = src
+    generation = _generation_meta(info, graph, directory)
+    if generation is not None:
+        graph.meta["generation"] = generation
     return graph, tokenizer

@@ -106,6 +106,9 @@ class KVCache(Pass):
             att = self._attention(graph, users, k_sc, v_sc)
             t = k_in.tensor_type
             batch, kv_heads, slots = t.shape[0], t.shape[1], t.shape[2]  # per layer: head pruning may differ
+            sym = graph.symbols.get(slots) if isinstance(slots, str) else None
+            if sym is not None and sym.max is not None:  # the packed cache holds whole key blocks: max_length
+                sym.max = max(sym.max, -(-max_len // o.k_block) * o.k_block)  # rounded up (48 -> 64 at k_block 32)
             types = {"k_codes": TensorType(torch.uint8, (batch, kv_heads, slots, head_dim * o.bits // 8)),
                      "k_scale": TensorType(scale_dtype, (batch, kv_heads, blocks, head_dim)),
                      "k_zero": TensorType(torch.uint8, (batch, kv_heads, blocks, head_dim)),
