@@ -24,9 +24,9 @@ __all__ = ["LastLogits", "final_norm"]
 NORM_OPS = ("rms_norm", "layer_norm", "rms_norm_quant")
 """Ops that read the residual stream at the head (``rms_norm_quant``: a norm fused with its activation quant)."""
 
-ROW_OPS = ("linear", "qlinear", "qlinear_q", "dequantize", "quantize", "quantize_per_token", "act_quant",
-           "rms_norm_quant", "aten.to.dtype", "aten._to_copy.default", "getitem")
-"""Row-wise ops a walk from the logits back to the final norm may pass (the head and what feeds it)."""
+ROW_OPS = ("linear", "qlinear", "qlinear_q", "dequantize", "quantize", "hadamard", "aten._to_copy.default")
+"""Row-wise ops a walk from the logits back to the final norm may pass: the head in each of its forms (float,
+QDQ, fused) and what quantizes or casts its input."""
 
 MAX_WALK = 8
 
