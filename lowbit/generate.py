@@ -2,7 +2,7 @@
 
 A model compiled with ``generation=GenerationSpec(...)`` is one graph ``(input_ids, positions, *cache) ->
 (logits, *cache')`` captured from ``lowbit.models.CausalLMStep``. ``Generator`` drives it: a prefill over the
-prompts (right-padded, per-sequence positions, a fresh cache of as many slots as the longest prompt), then one
+prompts (left-padded, per-sequence positions, a fresh cache of as many slots as the longest prompt), then one
 decode step per new token over a static cache of ``max_length`` slots. On CUDA the decode step is replayed
 from a CUDA graph over static buffers (the host work of a step is then one replay). Sampling follows
 transformers' order: temperature, then top-k, then top-p, then a draw from a seeded ``torch.Generator``.
@@ -21,7 +21,7 @@ from lowbit.ir.kvcache import layer_kv_heads
 from lowbit.kernels.decode_step import row_argmax
 from lowbit.models import CausalLMStep, GenerationError
 
-__all__ = ["GenerationSpec", "GenerationOutput", "Generator", "step_example", "GenerationError"]
+__all__ = ["GenerationSpec", "GenerationOutput", "Generator", "step_example", "GenerationError", "left_padded"]
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,20 @@ class _CudaGraphStep:
         return self.next.clone()
 
 
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, positions)`` of a prefill over prompts of different lengths, left-padded so that every prompt ends in
+    the last column (a ``last-logits`` step computes only that one): prompt b's tokens take positions 0..n-1 in
+    the last n columns, its pad columns (token 0) the positions n..L-1, whose cache slots none of its tokens
+    attends to and its decode steps overwrite before reading."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    positions = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        positions[b] = torch.cat([torch.arange(len(p), longest), torch.arange(len(p))])
+    return ids, positions
+
+
 class Generator:
     """Runs prefill and decode with a lowered step graph ``runner(ids, positions, *cache) -> (logits, *cache)``."""
 
@@ -286,16 +300,7 @@ class Generator:
         batch = len(prompts)
         lengths = [len(p) for p in prompts]
         longest = max(lengths)
-        # left padding, so that every prompt ends in the last column (a last-logits step computes only that
-        # one): prompt b's tokens take positions 0..n-1 in the last n columns, its pad columns the positions
-        # n..longest-1, whose cache slots no real token attends to and its decode steps overwrite
-        ids = torch.zeros(batch, longest, dtype=torch.long)
-        positions = torch.zeros(batch, longest, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            pad = longest - len(p)
-            ids[b, pad:] = torch.tensor(p)
-            positions[b] = torch.cat([torch.arange(len(p), longest), torch.arange(len(p))])
-        ids, positions = ids.to(self.device), positions.to(self.device)
+        ids, positions = (t.to(self.device) for t in left_padded(prompts))
 
         def pick(logits: torch.Tensor) -> torch.Tensor:
             logits = logits.float()

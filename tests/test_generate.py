@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowbit.api import compile_model
 from lowbit.generate import GenerationError, GenerationSpec
@@ -291,3 +293,22 @@ def test_last_logits_refuses_a_graph_without_a_norm_and_head_ending(minilm_graph
 
     with pytest.raises(PassError, match=r"found no final norm behind the graph's first output %\w+ \(walked "):
         LastLogits().run(minilm_graph.clone())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 999), min_size=1, max_size=9), min_size=1, max_size=6))
+def test_left_padding_ends_every_prompt_in_the_last_column(prompts):
+    """``left_padded``: each row holds its prompt in its last n columns at positions 0..n-1 (so the last column is
+    every prompt's last token), its pads at the positions n..L-1 (each slot written once: a permutation of 0..L-1),
+    so no real token's mask (slot <= position) reaches a pad's slot."""
+    from lowbit.generate import left_padded
+
+    ids, pos = left_padded(prompts)
+    longest = max(len(p) for p in prompts)
+    assert ids.shape == pos.shape == (len(prompts), longest)
+    for b, p in enumerate(prompts):
+        n = len(p)
+        assert ids[b, longest - n:].tolist() == p and ids[b, -1].item() == p[-1]
+        assert pos[b, longest - n:].tolist() == list(range(n))
+        assert sorted(pos[b].tolist()) == list(range(longest))
+        assert all(q >= n for q in pos[b, : longest - n].tolist())  # pads sit past every real position
