@@ -360,8 +360,8 @@ _CACHE_ATTENTION = torch.compiler.disable(_cache_attention)
 def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
                       scale: float | None = None, is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
     """FX target of the IR's ``attention``: a decode step's one query row per sequence over a float cache runs
-    ``lowbit::decode_sdpa`` (flash-decoding, the mask read as it is); anything else (prefill, no boolean mask,
-    fp32) the reference SDPA."""
+    ``lowbit::decode_sdpa`` (flash-decoding, the mask read as it is) up to ``DECODE_SDPA_MAX_HEADS`` (sequence,
+    kv head) pairs; anything else (prefill, no boolean mask, fp32, larger batches) the reference SDPA."""
     from lowbit.kernels.decode_step import decode_sdpa_supported
 
     if decode_sdpa_supported(q, k, v, mask, is_causal) is None:
@@ -450,7 +450,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             continue
         if node.op == "call_function" and node.target is ir_ops.attention:
             node.target = _kernel_attention  # decided per call: one query row (a decode step) or not
-            report["attention"][node.name] = "decode-sdpa at one query row, SDPA otherwise"
+            report["attention"][node.name] = "decode-sdpa at one query row and small batches, SDPA otherwise"
             continue
         if node.op == "call_function" and node.target is cache_attention:
             # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape)
@@ -546,7 +546,7 @@ class TritonCompiled(TorchCompiled):
             lines.append(f"  rms_norm + activation quantize fused: {len(self.report['norm_quant'])} norms")
         if self.report.get("attention"):
             lines.append(f"  attention: {len(self.report['attention'])} nodes on decode-sdpa at one query row "
-                         "(float cache), SDPA otherwise")
+                         "(float cache, batch x kv heads <= 64), SDPA otherwise")
         by_form: dict[str, int] = {}
         for form in self.report["kernels"].values():
             by_form[form] = by_form.get(form, 0) + 1
