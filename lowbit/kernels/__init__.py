@@ -21,7 +21,8 @@ ops of ``lowbit.ir.quant`` inside the ``*_ref`` functions. Every op is a ``torch
   rows, returning ``act(gate) * up`` (``_common.parse_epilogue``; reference ``_common.epilogue_ref``): computed in
   the weight-only GEMVs' split-K reduce and in the A8 GEMM's store.
 - ``torch.ops.lowbit.row_argmax`` and ``write_cache_rows``: a decode step's greedy argmax and float KV-cache row
-  write, one launch each where aten took a copy + a single-block reduction and a generic scatter
+  write, one launch each where aten took a copy + a single-block reduction and a generic scatter; and
+  ``torch.ops.lowbit.decode_sdpa``, the step's attention over a float cache (flash-decoding) at small batches
   (``decode_step.py``).
 
 Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).

@@ -1,5 +1,5 @@
-"""Two small kernels of a decode step whose aten forms cost more than their work: the greedy argmax of the logits
-and the write of a step's keys/values into a float KV cache.
+"""Kernels of a decode step whose aten forms cost more than their work: the greedy argmax of the logits, the write of
+a step's keys/values into a float KV cache, and the step's attention over that cache (``decode_sdpa``).
 
 Measured inside the 7B-shaped stack's CUDA-graph decode step on the H200 (``tools/profile_decode.py``, session 7):
 ``logits.float().argmax(-1)`` took a 3.5 µs copy plus a 10.3 µs single-block reduction over 32000 logits, and
@@ -13,6 +13,11 @@ one ``head_dim`` row per program to the slot its position names.
 - ``write_cache_rows(cache, positions, new)``: ``cache[b, h, positions[b, n], :] = new[b, h, n, :]``, in place:
   the form of ``cache.scatter_(2, index, new)`` whose index is the positions broadcast over heads and head_dim
   (``cache_rows_index`` recognises it, so callers keep the general scatter for any other index).
+- ``torch.ops.lowbit.decode_sdpa(q, k, v, mask, scale, enable_gqa)``: one query row per sequence over a float
+  cache, flash-decoding (chunks of ``DECODE_SDPA_CHUNK`` slots, then a log-sum-exp merge): 1.69x torch's SDPA at
+  batch 1 x 32 kv heads over 768 slots on the H200 (``tools/bench_decode_sdpa.py``, session 11); where
+  ``decode_sdpa_supported`` names a reason (prefill rows, more than ``DECODE_SDPA_MAX_HEADS`` pairs, fp32, ...)
+  the reference runs. Reference: ``decode_sdpa_ref`` (torch's SDPA).
 """
 
 from __future__ import annotations
