@@ -345,6 +345,10 @@ def test_generation_step_graph_saves_and_generates_after_load(smollm2, tmp_path)
     assert back.graph.meta["generation"] == cm.graph.meta["generation"]
     prompts = [tok(p).input_ids for p in ("The capital of France is", "Once upon a time")]
     assert back.generate(prompts, 6, stop_tokens=()).tokens == cm.generate(prompts, 6, stop_tokens=()).tokens
+    odd = cm.graph.clone()
+    odd.meta["generation"] = {**cm.graph.meta["generation"], "beam_width": 4}
+    with pytest.raises(CheckpointError, match=r"graph.meta\['generation'\].beam_width: Extra inputs"):
+        lowbit.save(odd, tmp_path / "odd", format="lowbit")
     manifest = tmp_path / "gen" / "lowbit-manifest.json"
     good = json.loads(manifest.read_text())
     for field, value, match in (("cache_dtype", "os.system", r"lowbit\.generation\.cache_dtype"),

@@ -118,7 +118,15 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any) -> dict[str, Any]:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     if graph.meta.get("generation") is not None:
-        info["generation"] = GenerationMeta.model_validate(graph.meta["generation"]).model_dump(exclude_none=True)
+        import pydantic
+
+        try:
+            meta = GenerationMeta.model_validate(graph.meta["generation"])
+        except pydantic.ValidationError as exc:
+            err = exc.errors()[0]
+            raise CheckpointError(f"graph.meta['generation'].{'.'.join(str(x) for x in err['loc'])}: {err['msg']} "
+                                  "(the lowbit format stores only the fields GenerationMeta knows)") from None
+        info["generation"] = meta.model_dump(exclude_none=True)
     return info
 
 
