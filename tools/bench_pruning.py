@@ -162,6 +162,15 @@ ROWS += [
      "calib=wikitext2-valid,calib_n=256,progress=false)"),
     ("2:4", "learned", "256 windows of wikitext2-valid",
      "sparsify(method=learned,pattern=2:4,calib=wikitext2-valid,calib_n=256,progress=false)"),
+    # session 11, on the GPU: the longer ADMM schedule at 2:4, and every window of the validation split (534 of 512)
+    ("2:4", "learned", "256 windows of wikitext2-valid, 48 ADMM steps (rho x1.12 a step), 100 refit",
+     "sparsify(method=learned,pattern=2:4,learn_steps=48,learn_rho_growth=1.12,learn_refit=100,"
+     "calib=wikitext2-valid,calib_n=256,progress=false)"),
+    ("2:4", "learned", "534 windows of wikitext2-valid, 48 ADMM steps (rho x1.12 a step), 100 refit",
+     "sparsify(method=learned,pattern=2:4,learn_steps=48,learn_rho_growth=1.12,learn_refit=100,"
+     "calib=wikitext2-valid,calib_n=534,progress=false)"),
+    ("2:4", "sparsegpt", "534 windows of wikitext2-valid",
+     "sparsify(method=sparsegpt,pattern=2:4,calib=wikitext2-valid,calib_n=534,progress=false)"),
 ]
 
 
