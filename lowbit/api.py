@@ -192,22 +192,28 @@ def _add_last_logits(plan: CompilePlan, generation: Any) -> None:
     """``last-logits`` after the pipeline and the backend's passes when the spec asks for the last position's logits
     only (the default): generation reads one row per prompt, so the final norm and the head run on that row
     alone (a pipeline that names the pass keeps it where it is)."""
-    from lowbit.generate import GenerationSpec
     from lowbit.passes.last_logits import LastLogits
 
-    spec = GenerationSpec() if generation is True else generation
-    if getattr(spec, "logits", "all") == "last" and not any(p.name == LastLogits.name for p in plan.passes):
+    if _generation_spec(generation).logits == "last" and not any(p.name == LastLogits.name for p in plan.passes):
         plan.backend_passes.append(LastLogits())
 
 
-def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
-    """The step module to capture for generation, its example inputs and dynamic shapes, and graph meta."""
-    from lowbit.generate import GenerationSpec, step_example
-    from lowbit.models import CausalLMLogits, CausalLMStep, GenerationError
+def _generation_spec(generation: Any) -> Any:
+    """``compile_model``'s ``generation=`` as a ``GenerationSpec`` (``True``: the defaults)."""
+    from lowbit.generate import GenerationSpec
 
     spec = GenerationSpec() if generation is True else generation
     if not isinstance(spec, GenerationSpec):
         raise TypeError(f"generation= takes a GenerationSpec or True, got {type(generation).__name__}")
+    return spec
+
+
+def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
+    """The step module to capture for generation, its example inputs and dynamic shapes, and graph meta."""
+    from lowbit.generate import step_example
+    from lowbit.models import CausalLMLogits, CausalLMStep, GenerationError
+
+    spec = _generation_spec(generation)
     if isinstance(model, CausalLMLogits):
         model = model.model
     if not isinstance(model, CausalLMStep):

@@ -299,8 +299,8 @@ class Generator:
 
         batch = len(prompts)
         lengths = [len(p) for p in prompts]
-        longest = max(lengths)
         ids, positions = (t.to(self.device) for t in left_padded(prompts))
+        longest = ids.shape[1]
 
         def pick(logits: torch.Tensor) -> torch.Tensor:
             logits = logits.float()

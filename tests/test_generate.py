@@ -252,7 +252,7 @@ def test_compiled_step_writes_the_cache_without_copying_it():
         torch.testing.assert_close(b, e)
 
 
-def test_last_logits_is_the_last_row_of_every_positions_logits_exactly(smollm2):
+def test_last_logits_is_the_last_row_of_every_positions_logits(smollm2):
     """The default step graph (``last-logits``) computes the final norm and the head on the last position only: on a
     real float64 SmolLM2 slice its logits are the last row of the every-position graph's to float64 rounding, and
     the caches it writes are bit-identical; a left-padded batch of different prompt lengths gives each prompt's own greedy

@@ -10,7 +10,8 @@ it to the pipeline (``GenerationSpec(logits="all")`` leaves it out, for perplexi
 ``Generator`` left-pads a batch so that every prompt ends in the last column.
 
 It runs after every pass that calibrates or rewrites the head (their calibration sees every position) and after
-the fusions; the rows it keeps are bit-identical to the last rows of the unsliced graph (tested in float64).
+the fusions; the rows it keeps equal the last rows of the unsliced graph to float64 rounding (the one-row GEMMs
+sum in another order: 9e-14 of logits up to 75 on a float64 SmolLM2 slice, tests/test_generate.py).
 """
 
 from __future__ import annotations
@@ -67,10 +68,8 @@ class LastLogits(Pass):
         if len(shape) != 3:
             raise PassError(f"last-logits: the final norm {norm.module or norm.op} reads %{stream.name} of shape "
                             f"{list(shape)}; expected [batch, positions, hidden]")
-        if shape[1] == 1:
+        if shape[1] == 1:  # one position already (a decode-only graph, or this pass ran before)
             return PassResult(False, {"reason": "one position already"})
-        if stream.producer is not None and stream.producer.op == "aten.slice.Tensor":
-            return PassResult(False, {"reason": "already sliced"})
         cut = graph.make_node("aten.slice.Tensor", (stream, 1, -1, 9223372036854775807), name="last_position",
                               type=TensorType(stream.tensor_type.dtype, (shape[0], 1, shape[2])),
                               module=norm.module)
