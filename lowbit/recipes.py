@@ -49,6 +49,12 @@ _GPTQ_G64 = "gptq(w=int4,group=64,sym=false,awq=true,clip=true,damp=0.001,n_grid
 # AutoRound from AWQ's start: the best group-64 int4 weights measured (H100 rows of accuracy.json)
 _AUTOROUND_G64 = "autoround(w=int4,group=64,sym=false,awq=true,clip=true)"
 
+# End-to-end scale tuning after the rotation and GPTQ (bench_rotation's *-e2e rows, H200): KL to the float logits
+# on the whole shipped validation split, 8 windows held out for early stopping; a GPU step (device=cuda)
+_E2E = ("tune-qparams(calib=wikitext2-valid,calib_n=512,holdout=8,random_offsets=true,tokens=2000000,batch_size=16,"
+        "schedule=cosine,warmup=0.05,eval_every=25,dtype=bfloat16)")
+_ROT_GPTQ_G64 = "fold-norms,rotate,gptq(w=int4,group=64,sym=false,clip=true,damp=0.001,calib_n=120)"
+
 # Measured ratios quoted below: SmolLM2-135M wt2-512x40 perplexity over float, 128 x 512 calibration tokens
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("w8a8", f"{_SQ},{_W8A8}",
@@ -108,6 +114,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "int4 weights, group 64: AWQ scales and clipping, then AutoRound block tuning (200 signed-gradient steps "
            "per block against the float model's block output); a GPU recipe: add device=cuda (minutes per block on a "
            "CPU); SmolLM2 1.050x (wt2-2048-full 1.061x)", ("autoround",)),
+    Recipe("w4a16-e2e", f"{_ROT_GPTQ_G64},{_E2E}",
+           "int4 weights, group 64: fold-norms + Hadamard rotation, GPTQ on the output-aware clipped grid, then the "
+           "group scales distilled end to end toward the float logits (tune-qparams, 2M tokens, codes fixed); a GPU "
+           "recipe (add device=cuda to gptq and tune-qparams; ~30 tokens/s on a CPU); SmolLM2 1.042x",
+           ("fold-norms", "rotate", "gptq", "tune-qparams")),
+    Recipe("w4a8-e2e", f"{_ROT_GPTQ_G64},quantize(a=int8),{_E2E}",
+           "w4a16-e2e with int8 activations per token, in the tuning's forward (straight-through); a GPU recipe; "
+           "SmolLM2 1.041x", ("fold-norms", "rotate", "gptq", "quantize", "tune-qparams")),
     Recipe("w4a16-awq", "awq(w=int4,group=64,sym=false)",
            "AWQ activation-aware scales + clipping search, then int4 group 64 weights (RTN); SmolLM2 1.163x",
            ("awq",)),

@@ -46,6 +46,20 @@ SPIN = "rotate(kind=learned,calib_n=16,calib_len=256,steps=16,progress=false)"
 """SpinQuant at the size a shared 2-core CPU affords: 16 steps, each a forward and backward of the whole W4A4
 fake-quantized model on one 256-token validation window (the paper: 100 steps of 8 x 2048 tokens); the learned R1
 is kept only if its quantized loss on 8 calibration windows beats the Hadamard start (stats ``check``)."""
+E2E = ("tune-qparams(calib=wikitext2-valid,calib_n=512,holdout=8,random_offsets=true,tokens={tokens},batch_size=16,"
+       "lr={lr},schedule=cosine,warmup=0.05,eval_every=25,dtype=bfloat16,progress=false)")
+"""End-to-end scale tuning after quantization (EfficientQAT's E2E-QP): KL to the float logits on the whole
+WikiText-2 validation split (512 windows of 512, 8 held out for early stopping; never the test text), the codes
+fixed. A GPU step: ~28 tokens/s through the reference interpreter on this CPU."""
+
+
+def e2e(lr: str = "2e-5", tokens: int = 2_000_000) -> str:
+    return E2E.format(lr=lr, tokens=tokens)
+
+
+GPTQ_G64_CLIP = "gptq(w=int4,group=64,sym=false,clip=true,damp=0.001,{cal})"
+BEST_A4 = (f"fold-norms,{KURTAIL},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,clip=true,{{cal}}),"
+           f"quantize({KV}),clip-activations({{cal}})")
 SMOOTH_KEEP = ";".join(f"layers.{i}.mlp.down_proj" for i in range(30) if i not in (2, 11, 28, 29))
 """The down_projs the smoothrot-gated-outliers row does not smooth: all but SmolLM2's massive-activation layers."""
 
@@ -115,8 +129,7 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,{{cal}}),quantize({A4}),clip-activations({{cal}})", QUICK),
     ("w4a4kv4", "kurtail-gptqa4-wclip-acs", "KurTail + A4 (clipped 0.9) in place before GPTQ W4 per channel on the "
      "output-aware clipped grid + KV4, then the A4 clip ratios searched per quantizer",
-     f"fold-norms,{KURTAIL},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({KV}),"
-     f"clip-activations({{cal}})", QUICK),
+     BEST_A4, QUICK),
     # session 9: SmoothQuant scales with the rotation, on the kurtail-gptqa4-wclip-acs pipeline. Smoothing a norm
     # site before fold-norms is a no-op (the gain g/s and the columns W*s fold back into W*g; test_rotation's
     # test_smooth_quant_before_rotation_is_exact_and_norm_sites_fold_away), so the norm sites are smoothed after
@@ -251,6 +264,20 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      "ratios searched per quantizer",
      f"fold-norms,{KURTAIL},quantize(a=int4,a_clip=0.9),autoround(w=int4,sym=false,clip=true,{{cal}}),"
      f"quantize({KV}),clip-activations({{cal}})", MAIN),
+    # session 12 (GPU): tune-qparams after the quantizers, scales trained end to end toward the float logits
+    ("w4a16-g64", "quarot-gptq-clip-e2e", "fold-norms + Hadamard R1-R4, GPTQ g64 on the clipped grid, then the "
+     "scales tuned end to end (tune-qparams, 2M tokens, lr 2e-5)", f"{ROT},{GPTQ_G64_CLIP},{e2e()}", MAIN),
+    ("w4a8", "quarot-gptq-clip-e2e", "fold-norms + Hadamard R1-R4, GPTQ g64 on the clipped grid, A8 per token, then "
+     "the scales tuned end to end through the A8 rounding (straight-through; 2M tokens, lr 2e-5)",
+     f"{ROT},{GPTQ_G64_CLIP},quantize(a=int8),{e2e()}", MAIN),
+    ("w4a16-g64", "quarot-gptq-clip-e2e-lr1e-5", "as quarot-gptq-clip-e2e with lr 1e-5",
+     f"{ROT},{GPTQ_G64_CLIP},{e2e('1e-5')}", MAIN),
+    ("w4a16-g64", "quarot-gptq-clip-e2e-lr5e-5", "as quarot-gptq-clip-e2e with lr 5e-5",
+     f"{ROT},{GPTQ_G64_CLIP},{e2e('5e-5')}", MAIN),
+    ("w4a16-g64", "gptq-clip-e2e", "no rotation: GPTQ g64 on the clipped grid, then the scales tuned end to end "
+     "(tune-qparams, 2M tokens, lr 2e-5)", f"{GPTQ_G64_CLIP},{e2e()}", MAIN),
+    ("w4a4kv4", "kurtail-gptqa4-wclip-acs-e2e", "the kurtail-gptqa4-wclip-acs row, then its weight scales tuned end "
+     "to end through the A4 and KV4 rounding (straight-through; 2M tokens, lr 2e-5)", f"{BEST_A4},{e2e()}", MAIN),
     # SpinQuant-style (item 4a), at CPU size: R1 = Hadamard·U, U learned on the W4A4 fake-quantized next-token loss
     ("w4a4kv4", "spinquant", "fold-norms + Hadamard R1-R4, R1 refined on the W4A4 fake-quant loss (Cayley/Adam, "
      "16 steps x 1 window of 256, kept only if it beats the start on 8 windows) + GPTQ W4 per channel", f"fold-norms,{SPIN},gptq(w=int4,sym=false,{{cal}}),quantize({A4})",
@@ -308,7 +335,8 @@ def main() -> None:
                           device=device, **_eval_kwargs(ev))
 
     # rows whose pipelines share a prefix up to an expensive pass (rotation learning, GPTQ, ...) reuse that
-    # prefix's graph (the longest one cached); a row's pass_seconds still counts the whole pipeline (the reused
+    # prefix's graph (the longest one cached; a pass reading a reference, tune-qparams' teacher, is handed the float
+    # graph, not the cached prefix); a row's pass_seconds still counts the whole pipeline (the reused
     # prefix's time included). Three prefixes are kept (each holds a model copy), the least recently used dropped.
     cache: dict[str, tuple[Graph, list[dict], float]] = {}
 
@@ -322,7 +350,7 @@ def main() -> None:
         base = base.clone()
         for cut in [c for c in cuts if c > start]:
             t = time.perf_counter()
-            report = PassManager(",".join(parts[start:cut]), verify_each=True).run(base)
+            report = PassManager(",".join(parts[start:cut]), verify_each=True).run(base, reference=graph)
             stats = stats + [{"pass": rec.spec.split("(")[0], **rec.stats} for rec in report.records]
             secs += time.perf_counter() - t
             while len(cache) >= 3:
@@ -331,7 +359,7 @@ def main() -> None:
             start = cut
         if start < len(parts):
             t = time.perf_counter()
-            report = PassManager(",".join(parts[start:]), verify_each=True).run(base)
+            report = PassManager(",".join(parts[start:]), verify_each=True).run(base, reference=graph)
             stats = stats + [{"pass": rec.spec.split("(")[0], **rec.stats} for rec in report.records]
             secs += time.perf_counter() - t
         return base, stats, secs

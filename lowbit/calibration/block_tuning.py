@@ -39,7 +39,7 @@ from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.ops import resolve
 from lowbit.ir.quant import QDType, get_qdtype, stored_codes, unpack_int4
 
-__all__ = ["TuneOptions", "TuneStats", "TunedWeight", "tune_block", "float_targets"]
+__all__ = ["TuneOptions", "TuneStats", "TunedWeight", "activation_straight_through", "tune_block", "float_targets"]
 
 Target = Literal["float", "quantized-input"]
 
@@ -190,14 +190,17 @@ def _straight_through(q_node: Node) -> tuple[Replacement, Replacement]:
     return passthrough, fake
 
 
-def _replacements(nodes: Sequence[Node], tuned: Sequence[TunedWeight]) -> dict[int, Replacement]:
-    out: dict[int, Replacement] = {id(t.node): t.replacement() for t in tuned}
+def activation_straight_through(nodes: Sequence[Node], skip: set[int] | None = None) -> dict[int, Replacement]:
+    """Every activation ``quantize → dequantize`` pair of ``nodes`` (the quantize reads no param; only dequantizes
+    read it) as straight-through replacements for ``engine._execute``: the forward value is the real fake-quant,
+    the gradient the identity. Without them ``round`` gives every earlier param a zero gradient."""
+    out: dict[int, Replacement] = {}
     readers: dict[int, list[Node]] = {}
     for n in nodes:
         for v in n.inputs():
             readers.setdefault(id(v), []).append(n)
     for n in nodes:
-        if n.op != "quantize" or n.args[0].is_param or id(n) in out:
+        if n.op != "quantize" or n.args[0].is_param or (skip and id(n) in skip):
             continue
         users = readers.get(id(n.output), [])
         if users and all(u.op == "dequantize" and u.args[0] is n.output for u in users):
@@ -205,6 +208,12 @@ def _replacements(nodes: Sequence[Node], tuned: Sequence[TunedWeight]) -> dict[i
             out[id(n)] = through
             for u in users:
                 out[id(u)] = fake
+    return out
+
+
+def _replacements(nodes: Sequence[Node], tuned: Sequence[TunedWeight]) -> dict[int, Replacement]:
+    out: dict[int, Replacement] = {id(t.node): t.replacement() for t in tuned}
+    out.update(activation_straight_through(nodes, skip=set(out)))
     return out
 
 

@@ -25,22 +25,25 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lowbit.calibration.block_tuning import activation_straight_through
 from lowbit.calibration.engine import (
     BLOCK_PATTERN,
     CalibrationError,
+    Replacement,
     _DeviceParams,
     _execute,
     home_device,
 )
-from lowbit.ir.graph import Graph, Value
+from lowbit.ir.graph import Graph, Node, Value
 
-__all__ = ["DistillError", "DistillStats", "distill_logits", "logit_kl", "trainable_params"]
+__all__ = ["DistillError", "DistillStats", "ParamRole", "distill_logits", "logit_kl", "trainable_params"]
 
 
 class DistillError(CalibrationError):
@@ -70,16 +73,35 @@ class DistillStats:
     restored_best: bool = False
 
 
-def trainable_params(graph: Graph, scope: Literal["blocks", "all"] = "blocks") -> list[Value]:
+ParamRole = Literal["scales", "norms", "biases"]
+"""What a quantized graph's end-to-end tuning may train (its codes stay): ``scales`` of the weights'
+``dequantize`` nodes, ``norms``' gains and biases, the linears' ``biases``."""
+
+
+def _role_inputs(node: Node, roles: frozenset[str]) -> list[Any]:
+    if node.op == "dequantize" and node.args[0].is_param:
+        return [node.args[1]] if "scales" in roles else []
+    if node.op in ("rms_norm", "layer_norm"):
+        return list(node.args[1:]) + list(node.kwargs.values()) if "norms" in roles else []
+    if node.op == "linear":
+        return list(node.args[2:3]) + [node.kwargs.get("bias")] if "biases" in roles else []
+    return []
+
+
+def trainable_params(graph: Graph, scope: Literal["blocks", "all"] = "blocks",
+                     roles: Sequence[ParamRole] | None = None) -> list[Value]:
     """The floating-point params the step trains: those read by nodes of the repeated blocks (``blocks``: the
-    linears and norms pruning changed; the tied embedding and head stay) or every floating param (``all``)."""
+    linears and norms pruning changed; the tied embedding and head stay) or every floating param (``all``);
+    with ``roles``, only the params of those roles (``ParamRole``), so a quantized graph keeps its codes."""
     rx = re.compile(BLOCK_PATTERN)
+    wanted = frozenset(roles) if roles is not None else None
     seen: dict[int, Value] = {}
     for n in graph.nodes:
         if scope == "blocks" and not rx.match(n.module):
             continue
-        for v in n.inputs():
-            if v.is_param and isinstance(v.data, torch.Tensor) and v.data.is_floating_point():
+        for v in (n.inputs() if wanted is None else _role_inputs(n, wanted)):
+            if (isinstance(v, Value) and v.is_param and isinstance(v.data, torch.Tensor)
+                    and v.data.is_floating_point()):
                 seen.setdefault(id(v), v)
     return list(seen.values())
 
@@ -119,10 +141,11 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, topk: int = 0) -> tor
     return kl.mean()
 
 
-def _forward(graph: Graph, ids: torch.Tensor, params: _DeviceParams) -> torch.Tensor:
+def _forward(graph: Graph, ids: torch.Tensor, params: _DeviceParams,
+             replace: dict[int, Replacement] | None = None) -> torch.Tensor:
     env: dict[Value, Any] = {graph.inputs[0]: ids}
     out = graph.outputs[0]
-    _execute(graph.nodes, env, None, {out}, params)
+    _execute(graph.nodes, env, None, {out}, params, replace)
     return env[out]
 
 
@@ -164,7 +187,8 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
                    seed: int = 0, max_seconds: float | None = None, progress: bool = True,
                    what: str = "distill", schedule: Literal["linear", "cosine"] = "linear", warmup: float = 0.0,
                    topk: int = 0, random_offsets: bool = False, holdout: int = 0, eval_every: int = 0,
-                   ce_weight: float = 0.0, log_every: int = 16) -> DistillStats:
+                   ce_weight: float = 0.0, log_every: int = 16, roles: Sequence[ParamRole] | None = None
+                   ) -> DistillStats:
     """Train ``student``'s params (``trainable_params(scope)``) for ``steps`` AdamW steps of ``batch`` windows
     (``windows``: ``[n, L]`` token ids, visited in shuffled epochs) toward ``teacher``'s logits; write them back.
 
@@ -176,7 +200,11 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
     last ``holdout`` windows are not trained on; every ``eval_every`` steps (and at the end) the KL on them is
     measured and the params with the lowest held-out KL are the ones written back (early stopping: many epochs
     over a short text can overfit it). ``ce_weight`` adds that much cross-entropy to the text's next token.
-    ``topk``: see ``logit_kl``. The loss is read back to the host only every ``log_every`` steps."""
+    ``topk``: see ``logit_kl``. The loss is read back to the host only every ``log_every`` steps.
+
+    ``roles`` (a quantized student): train only those params (``trainable_params``), the codes fixed; its
+    activation quantizers (A8/A4, the KV cache) pass gradients straight through (``activation_straight_through``)
+    while the forward computes their real fake-quant."""
     t0 = time.perf_counter()
     if len(student.inputs) != 1 or len(teacher.inputs) != 1:
         raise DistillError(f"{what}: distillation runs input_ids -> logits graphs; the student takes "
@@ -189,11 +217,12 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
         dev = torch.device("cpu")
     cuda = dev.type == "cuda"
     masters: dict[int, tuple[Value, torch.Tensor]] = {}
-    for v in trainable_params(student, scope):
+    for v in trainable_params(student, scope, roles):
         m = v.data.detach().to(dev, torch.float32, copy=True).requires_grad_(True)
         masters[id(v)] = (v, m)
     if not masters:
-        raise DistillError(f"{what}: the student graph has no floating-point param to train (scope={scope})")
+        raise DistillError(f"{what}: the student graph has no floating-point param to train (scope={scope}"
+                           + (f", roles={list(roles)})" if roles is not None else ")"))
     plist = [m for _, m in masters.values()]
     opt = torch.optim.AdamW(plist, lr=lr, weight_decay=weight_decay, **({"fused": True} if cuda else {}))
 
@@ -206,6 +235,7 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(frac(i), schedule, warmup))
     autocast = dtype == "bfloat16"
     s_params = _Params(dev, masters)
+    ste = activation_straight_through(student.nodes)
     t_params = _TeacherParams(dev, torch.bfloat16 if autocast else None)
     gen = torch.Generator().manual_seed(seed)
     seq = int(windows.shape[1])
@@ -242,7 +272,7 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
                 if len(held_ref) <= j // per_step:
                     ref = _forward(teacher, ids, t_params)
                     held_ref.append(ref.to(torch.bfloat16) if autocast else ref)
-                s = _forward(student, ids, s_params)
+                s = _forward(student, ids, s_params, ste)
                 total += float(logit_kl(s, held_ref[j // per_step], topk)) * ids.shape[0]
         return total / holdout
 
@@ -281,7 +311,7 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
                     raise DistillError(f"{what}: step {step}: teacher: {exc}") from None
             with torch.enable_grad():
                 try:
-                    logits = _forward(student, ids, s_params)
+                    logits = _forward(student, ids, s_params, ste)
                 except CalibrationError as exc:
                     raise DistillError(f"{what}: step {step}: student: {exc}") from None
                 if logits.shape != target.shape:

@@ -189,7 +189,7 @@ def _dead_nodes(graph: Graph) -> list[str]:
 
 NO_DEAD_NODES = Condition("no node whose results nothing reads", _dead_nodes)
 WEIGHT_REWRITES = ("rotate", "sparsify", "prune-mlp", "prune-heads", "prune-blocks", "slice-residual", "distill")
-WEIGHT_PASSES = ("quantize", "gptq", "awq", "autoround", "smooth-quant", "fold-norms", *WEIGHT_REWRITES)
+WEIGHT_PASSES = ("quantize", "gptq", "awq", "autoround", "smooth-quant", "fold-norms", "tune-qparams", *WEIGHT_REWRITES)
 """Every pass that calibrates or rewrites the model's own linears: the fusion passes (fuse-qlinear, merge-linears,
 fuse-norm-quant) run after all of them."""
 """Passes that rewrite float weights or shapes: a quantizer in the same pipeline must come after them (it

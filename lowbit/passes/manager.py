@@ -260,7 +260,10 @@ class PassManager:
     def pipeline(self) -> str:
         return format_pipeline(self.passes)
 
-    def run(self, graph: Graph) -> PipelineReport:
+    def run(self, graph: Graph, reference: Graph | None = None) -> PipelineReport:
+        """Run the passes on ``graph`` in place. ``reference``: the model passes that read one (``distill``,
+        ``tune-qparams``: their teacher) compare against; unset, the graph as this run received it (give the
+        float model when resuming a pipeline from a graph an earlier run already quantized)."""
         report = PipelineReport(self.pipeline)
         t_start = time.perf_counter()
         if self.verify_each:
@@ -270,7 +273,9 @@ class PassManager:
                 raise PipelineError(f"the input IR is invalid before any pass ran:\n{exc}",
                                     PassRecord(-1, "(input)", "(input)"), None) from exc
         # the model as the pipeline received it, for passes that read it (distill's teacher); tensors are shared
-        start = graph.clone() if any(p.needs_reference for p in self.passes) else None
+        start = None
+        if any(p.needs_reference for p in self.passes):
+            start = reference if reference is not None else graph.clone()
         for i, p in enumerate(self.passes):
             rec = PassRecord(i, p.name, p.spec(), nodes_before=len(graph.nodes))
             report.records.append(rec)
