@@ -87,9 +87,9 @@ def test_autoround_beats_rtn_on_held_out_text(block1):
     windows, and the tuned block's calibration loss went down (the stats say the block was kept). Measured:
     RTN 0.322, GPTQ 0.19–0.20, AutoRound 100 steps 0.167 (mean squared logit error); AutoRound 60 steps on 16 x 256
     tokens of the shipped calibration text 0.183 (tuning loss 0.0318 -> 0.0105, 14% of the codes changed); here 60
-    steps on 8 x 256 (the default suite's time)."""
+    steps on 8 x 128 (the default suite's time): 0.195 against RTN's 0.322 (tuning loss 0.0315 -> 0.0082)."""
     graph, ids, ref = block1
-    cal = f"calib={CALIB_TEXT},calib_n=8,calib_len=256,progress=false"
+    cal = f"calib={CALIB_TEXT},calib_n=8,calib_len=128,progress=false"
     errors, stats = {}, {}
     for name, pipe in (("rtn", "quantize(w=int4,group=64,sym=false)"),
                        ("autoround", f"autoround(w=int4,group=64,iters=60,{cal})")):

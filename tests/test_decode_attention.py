@@ -83,23 +83,29 @@ def _apply(check, case: tuple) -> None:
         check(*case)
 
 
-def _run_cases(cases: str, check, which: str) -> None:
-    """``check`` on the cases of the list named ``cases``: the first ones its ``CORE`` entry names (``which`` =
-    "core") or all of them. On CUDA in process; on CPU in a fresh interpreter (``run_interpreted``)."""
+def _run_cases(runs: list[tuple[str, object]], which: str) -> None:
+    """For each (name of a case list, check): ``check`` on the cases its ``CORE`` entry names (``which`` = "core")
+    or on all of them. On CUDA in process; on CPU in one fresh interpreter (``run_interpreted``: its start and
+    triton's import under the interpreter cost ~10 s, so the core cases of every list share one)."""
     pytest.importorskip("triton")
-    idx = CORE[cases] if which == "core" else tuple(range(len(globals()[cases])))
+    plan = [(cases, check, CORE[cases] if which == "core" else tuple(range(len(globals()[cases]))))
+            for cases, check in runs]
     if torch.cuda.is_available():
-        for i in idx:
-            _apply(check, globals()[cases][i])
+        for cases, check, idx in plan:
+            for i in idx:
+                _apply(check, globals()[cases][i])
         return
-    run_interpreted(f"import tests.test_decode_attention as t\nfor i in {list(idx)}:\n"
-                    f"    t._apply(t.{check.__name__}, t.{cases}[i])\nprint('ok')")
+    code = "import tests.test_decode_attention as t\n" + "".join(
+        f"for i in {list(idx)}:\n    t._apply(t.{check.__name__}, t.{cases}[i])\n" for cases, check, idx in plan)
+    run_interpreted(code + "print('ok')")
 
 
-CORE = {"KERNEL_CASES": (0, 2, 7), "LAUNCH_CASES": (5, 6), "REAL_LAYOUT_CASES": (0, 7)}
-CORE_OR_ALL = [pytest.param("core", id="core"), pytest.param("all", id="all", marks=pytest.mark.slow)]
-"""Each kernel test runs a few representative cases by default and every case as ``slow`` (the interpreter takes
-~4 s a case on CI's two cores)."""
+CORE = {"KERNEL_CASES": (2, 7), "LAUNCH_CASES": (5, 6), "REAL_LAYOUT_CASES": (7,)}
+ALL = [pytest.param("all", id="all", marks=pytest.mark.slow)]
+"""The default suite runs a few representative cases of each list (``test_triton_kernels_core_cases``), each kernel
+test every case as ``slow`` (the interpreter takes ~4 s a case on CI's two cores). Between them the default cases
+cover 2-, 4- and 8-bit codes (8: LAUNCH_CASES[6]), split and unsplit launches, GQA and SmolLM2's 3 query heads per
+kv head at head dim 128."""
 
 
 # (bits, split, query heads, kv heads, block_n): 64 tokens, key blocks of 16
@@ -129,13 +135,13 @@ def _check_kernel(bits: int, split: int | None, hq: int, hkv: int, block_n: int 
                                da.decode_attention_reference(*half, **kw), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("which", CORE_OR_ALL)
+@pytest.mark.parametrize("which", ALL)
 def test_triton_kernel_matches_reference(which):
     """Several splits per sequence, queries at different positions, GQA (2 and 4 query heads per kv head) and
     MHA, 8/4/2-bit codes, chunks that start/end inside a key block and inside an inner step. On CPU the kernel runs
     under TRITON_INTERPRET=1 in a fresh interpreter (triton reads it when its own functions are decorated, at
     import, and torch may have imported triton already)."""
-    _run_cases("KERNEL_CASES", _check_kernel, which)
+    _run_cases([("KERNEL_CASES", _check_kernel)], which)
 
 
 # launch options of the split kernel (key blocks of 16 tokens, head dim 16, value groups of 8): steps shorter than a
@@ -153,11 +159,11 @@ LAUNCH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("which", CORE_OR_ALL)
+@pytest.mark.parametrize("which", ALL)
 def test_triton_kernel_launch_options_match_reference(which):
     """Every launch the benchmark sweeps computes the reference: block_n below/above k_block, channel chunks of
     2..8, bf16 scales (TRITON_INTERPRET=1 on CPU, as above)."""
-    _run_cases("LAUNCH_CASES", _check_kernel, which)
+    _run_cases([("LAUNCH_CASES", _check_kernel)], which)
 
 
 def _check_real_layout(bits: int, hq: int, hkv: int, v_group: int, **launch) -> None:
@@ -187,7 +193,13 @@ REAL_LAYOUT_CASES = [(4, 4, 4, 32, {}), (2, 4, 2, 16, {}), (8, 4, 1, 32, {"split
                      (4, 6, 2, 32, {})]  # 3 query heads per kv head (SmolLM2's 9 / 3): one head per program
 
 
-@pytest.mark.parametrize("which", CORE_OR_ALL)
+@pytest.mark.parametrize("which", ALL)
 def test_triton_kernel_real_layout_matches_reference(which):
     """The kv4 / kv2 / kv8 cache layouts at head dim 128 (TRITON_INTERPRET=1 on CPU, as above)."""
-    _run_cases("REAL_LAYOUT_CASES", _check_real_layout, which)
+    _run_cases([("REAL_LAYOUT_CASES", _check_real_layout)], which)
+
+
+def test_triton_kernels_core_cases():
+    """The core cases of the three lists above in one interpreter (CPU) or in process (CUDA)."""
+    _run_cases([("KERNEL_CASES", _check_kernel), ("LAUNCH_CASES", _check_kernel),
+                ("REAL_LAYOUT_CASES", _check_real_layout)], "core")

@@ -276,6 +276,9 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      f"{ROT},{GPTQ_G64_CLIP},{e2e('5e-5')}", MAIN),
     ("w4a16-g64", "gptq-clip-e2e", "no rotation: GPTQ g64 on the clipped grid, then the scales tuned end to end "
      "(tune-qparams, 2M tokens, lr 2e-5)", f"{GPTQ_G64_CLIP},{e2e()}", MAIN),
+    ("w4a16-g64", "autoround-awq-clip-e2e", "no rotation: AutoRound g64 from AWQ scales + clipping (the best g64 "
+     "start, 1.050x), then the scales tuned end to end (tune-qparams, 2M tokens, lr 2e-5)",
+     f"autoround(w=int4,group=64,sym=false,awq=true,clip=true,{{cal}}),{e2e()}", MAIN),
     ("w4a4kv4", "kurtail-gptqa4-wclip-acs-e2e", "the kurtail-gptqa4-wclip-acs row, then its weight scales tuned end "
      "to end through the A4 and KV4 rounding (straight-through; 2M tokens, lr 2e-5)", f"{BEST_A4},{e2e()}", MAIN),
     # SpinQuant-style (item 4a), at CPU size: R1 = Hadamard·U, U learned on the W4A4 fake-quantized next-token loss

@@ -17,6 +17,10 @@ under ``dtype=bfloat16``). The shipped calibration text is short (~60K tokens), 
 lowest KL on them (early stopping), and the loss reaches the host only every few steps (no sync per step).
 At the end every trained param is written back with ``graph.set_param`` in its own dtype and device; the
 teacher's tensors are never touched (clones share tensors, so the masters are always copies).
+
+The same loop tunes a quantized model after its quantizers (``tune-qparams``): ``roles`` limits the trained params
+to the weights' scales, the norms and the biases (the integer codes stay), and the activation quantizers pass their
+gradient straight through.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
