@@ -131,6 +131,15 @@ def held_out_slice(smollm2: tuple, n_layers: int, n_windows: int) -> tuple:
     return graph, ids, ref
 
 
+def held_out_kl(graph, ids: torch.Tensor, ref: torch.Tensor) -> float:
+    """KL of ``graph``'s logits on ``ids`` to the float logits ``ref`` (``held_out_slice``'s windows)."""
+    from lowbit.backends.torch_backend import TorchCompiled
+    from lowbit.calibration.distill import logit_kl
+
+    with torch.no_grad():
+        return float(logit_kl(TorchCompiled(graph)(ids), ref))
+
+
 @pytest.fixture(scope="session")
 def wikitext_ids(smollm2) -> torch.Tensor:
     """The WikiText-2 test split tokenized with SmolLM2's tokenizer (shape [1, N])."""

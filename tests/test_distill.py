@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import held_out_slice
+from conftest import held_out_kl, held_out_slice
 
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.calibration.distill import logit_kl, lr_factor
@@ -22,11 +22,6 @@ DISTILL = "distill(tokens=768,calib_n=24,calib_len=64,batch_size=2,lr=0.0005,pro
 @pytest.fixture(scope="module")
 def slice2(smollm2):
     return held_out_slice(smollm2, 2, 2)  # 2 x 256 WikiText-2 *test* tokens; training reads the validation text
-
-
-def _kl(g, ids, ref) -> float:
-    with torch.no_grad():
-        return float(logit_kl(TorchCompiled(g)(ids), ref))
 
 
 def test_distill_lowers_held_out_kl_to_the_float_model(slice2):
@@ -45,7 +40,7 @@ def test_distill_lowers_held_out_kl_to_the_float_model(slice2):
     assert torch.equal(graph.params[q].data, q0) and not torch.equal(recovered.params[q].data, q0)
     for name, v in pruned.params.items():
         assert recovered.params[name].data.shape == v.data.shape
-    before, after = _kl(pruned, ids, ref), _kl(recovered, ids, ref)
+    before, after = held_out_kl(pruned, ids, ref), held_out_kl(recovered, ids, ref)
     assert after < 0.85 * before, (before, after, st)  # measured 0.714 -> 0.526
 
 
@@ -114,4 +109,4 @@ def test_distill_on_cuda_bf16_lowers_held_out_kl(slice2):
     st = PassManager(f"{PRUNE},{spec}").run(recovered).records[1].stats
     assert st["steps"] == 16
     assert all(v.data.device.type == "cpu" for v in recovered.params.values())  # written back where they were
-    assert _kl(recovered, ids, ref) < 0.8 * _kl(pruned, ids, ref)
+    assert held_out_kl(recovered, ids, ref) < 0.8 * held_out_kl(pruned, ids, ref)

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import held_out_slice
+from conftest import held_out_kl, held_out_slice
 
-from lowbit.backends.torch_backend import TorchCompiled
-from lowbit.calibration.distill import logit_kl, trainable_params
+from lowbit.calibration.distill import trainable_params
 from lowbit.passes.base import PassError
 from lowbit.passes.manager import PassManager, PipelineError, PipelineSpecError
 from lowbit.passes.tune_qparams import TuneQParams
@@ -22,11 +21,6 @@ TUNE = "tune-qparams(tokens=1536,calib_n=16,calib_len=64,batch_size=2,lr=0.0002,
 @pytest.fixture(scope="module")
 def slice2(smollm2):
     return held_out_slice(smollm2, 2, 2)
-
-
-def _kl(g, ids, ref) -> float:
-    with torch.no_grad():
-        return float(logit_kl(TorchCompiled(g)(ids), ref))
 
 
 def test_tune_qparams_lowers_held_out_kl_and_keeps_the_codes(slice2):
@@ -45,7 +39,7 @@ def test_tune_qparams_lowers_held_out_kl_and_keeps_the_codes(slice2):
         elif name in scales:
             # every scale moved, q/k/v and gate/up too: their gradient crosses o_proj's and down_proj's A8 rounding
             assert not torch.equal(new, v.data), name
-    before, after = _kl(quantized, ids, ref), _kl(tuned, ids, ref)
+    before, after = held_out_kl(quantized, ids, ref), held_out_kl(tuned, ids, ref)
     assert after < 0.85 * before, (before, after, st)  # measured 0.0498 -> 0.0369
 
 

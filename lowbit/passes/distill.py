@@ -25,11 +25,11 @@ spent (``batch_size`` windows per step). ``max_seconds`` caps the wall time (the
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
-from lowbit.calibration.distill import DistillError, distill_logits
+from lowbit.calibration.distill import DistillError, DistillStats, ParamRole, distill_logits
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import (
     NO_QLINEAR,
@@ -42,7 +42,7 @@ from lowbit.passes.base import (
     register_pass,
 )
 
-__all__ = ["Distill", "DistillOptions"]
+__all__ = ["Distill", "DistillOptions", "run_distillation"]
 
 
 class DistillOptions(CalibrationOptions):
@@ -96,26 +96,34 @@ class Distill(Pass):
         if teacher is None:
             raise PassError("pass distill: no teacher: run it in a pipeline (the PassManager hands it the model "
                             "as the pipeline received it) or set the pass's .reference to the float graph")
-        ids = o.token_ids(graph, self.name)
-        if o.holdout >= ids.shape[0]:
-            raise PassError(f"pass distill: option holdout={o.holdout} leaves none of the {ids.shape[0]} "
-                            "calibration windows to train on")
-        batch = min(o.batch_size_for(graph), ids.shape[0] - o.holdout)
-        steps = max(1, math.ceil(o.tokens / (batch * ids.shape[1])))
-        try:
-            st = distill_logits(graph, teacher, ids, steps=steps, lr=o.lr, batch=batch,
-                                device=o.torch_device(self.name), dtype=o.dtype, weight_decay=o.weight_decay,
-                                clip=o.clip, scope=o.scope, seed=o.seed, max_seconds=o.max_seconds,
-                                progress=o.progress, what="pass distill", schedule=o.schedule, warmup=o.warmup,
-                                topk=o.topk, random_offsets=o.random_offsets, holdout=o.holdout,
-                                eval_every=o.eval_every, ce_weight=o.ce_weight)
-        except DistillError as exc:
-            raise PassError(str(exc)) from None
-        stats = {"steps": st.steps, "steps_planned": steps, "tokens": st.tokens, "token_budget": o.tokens,
-                 "kl_first": st.kl_first, "kl_last": st.kl_last, "kl_last_10pct": st.kl_mean_last_10pct,
-                 "trained_params": st.trained_params, "trained_tensors": st.trained_tensors,
-                 "stopped_early": st.stopped_early, "seconds": st.seconds, "calib_windows": int(ids.shape[0]),
-                 "batch_windows": batch, "tokens_per_second": st.tokens_per_second,
-                 "train_tokens": st.train_tokens, "epochs": round(st.tokens / max(st.train_tokens, 1), 2),
-                 "holdout_kl": st.holdout_kl, "best_step": st.best_step, "restored_best": st.restored_best}
+        st, stats = run_distillation(self.name, graph, teacher, o)
         return PassResult(st.steps > 0, stats)
+
+
+def run_distillation(pass_name: str, graph: Graph, teacher: Graph, o: DistillOptions,
+                     roles: list[ParamRole] | None = None) -> tuple[DistillStats, dict[str, Any]]:
+    """The training loop of ``distill`` and ``tune-qparams`` with ``o``'s options: the calibration windows, the
+    steps the token budget buys, the run, and the stats both passes report (errors as ``PassError``)."""
+    ids = o.token_ids(graph, pass_name)
+    if o.holdout >= ids.shape[0]:
+        raise PassError(f"pass {pass_name}: option holdout={o.holdout} leaves none of the {ids.shape[0]} "
+                        "calibration windows to train on")
+    batch = min(o.batch_size_for(graph), ids.shape[0] - o.holdout)
+    steps = max(1, math.ceil(o.tokens / (batch * ids.shape[1])))
+    try:
+        st = distill_logits(graph, teacher, ids, steps=steps, lr=o.lr, batch=batch,
+                            device=o.torch_device(pass_name), dtype=o.dtype, weight_decay=o.weight_decay,
+                            clip=o.clip, scope=o.scope, seed=o.seed, max_seconds=o.max_seconds,
+                            progress=o.progress, what=f"pass {pass_name}", schedule=o.schedule, warmup=o.warmup,
+                            topk=o.topk, random_offsets=o.random_offsets, holdout=o.holdout,
+                            eval_every=o.eval_every, ce_weight=o.ce_weight, roles=roles)
+    except DistillError as exc:
+        raise PassError(str(exc)) from None
+    stats = {"steps": st.steps, "steps_planned": steps, "tokens": st.tokens, "token_budget": o.tokens,
+             "kl_first": st.kl_first, "kl_last": st.kl_last, "kl_last_10pct": st.kl_mean_last_10pct,
+             "trained_params": st.trained_params, "trained_tensors": st.trained_tensors,
+             "stopped_early": st.stopped_early, "seconds": st.seconds, "calib_windows": int(ids.shape[0]),
+             "batch_windows": batch, "tokens_per_second": st.tokens_per_second,
+             "train_tokens": st.train_tokens, "epochs": round(st.tokens / max(st.train_tokens, 1), 2),
+             "holdout_kl": st.holdout_kl, "best_step": st.best_step, "restored_best": st.restored_best}
+    return st, stats

@@ -26,15 +26,14 @@ lr, schedule, holdout, ...), with ``train`` choosing the roles and a learning ra
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import Field
 
-from lowbit.calibration.distill import DistillError, ParamRole, distill_logits, trainable_params
+from lowbit.calibration.distill import ParamRole, trainable_params
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import NO_QLINEAR, WEIGHT_PASSES, Condition, Pass, PassError, PassResult, register_pass
-from lowbit.passes.distill import DistillOptions
+from lowbit.passes.distill import DistillOptions, run_distillation
 
 __all__ = ["TuneQParams", "TuneQParamsOptions"]
 
@@ -86,21 +85,7 @@ class TuneQParams(Pass):
         if not params:
             raise PassError(f"pass {self.name}: nothing to train for train={roles} (scope={o.scope})")
         before = {id(v): v.data.detach().float().clone() for v in params}
-        ids = o.token_ids(graph, self.name)
-        if o.holdout >= ids.shape[0]:
-            raise PassError(f"pass {self.name}: option holdout={o.holdout} leaves none of the {ids.shape[0]} "
-                            "calibration windows to train on")
-        batch = min(o.batch_size_for(graph), ids.shape[0] - o.holdout)
-        steps = max(1, math.ceil(o.tokens / (batch * ids.shape[1])))
-        try:
-            st = distill_logits(graph, teacher, ids, steps=steps, lr=o.lr, batch=batch,
-                                device=o.torch_device(self.name), dtype=o.dtype, weight_decay=o.weight_decay,
-                                clip=o.clip, scope=o.scope, seed=o.seed,
-                                max_seconds=o.max_seconds, progress=o.progress, what=f"pass {self.name}",
-                                schedule=o.schedule, warmup=o.warmup, topk=o.topk, random_offsets=o.random_offsets,
-                                holdout=o.holdout, eval_every=o.eval_every, ce_weight=o.ce_weight, roles=roles)
-        except DistillError as exc:
-            raise PassError(str(exc)) from None
+        st, stats = run_distillation(self.name, graph, teacher, o, roles)
         moved = []
         for v in trainable_params(graph, o.scope, ["scales"]):
             if id(v) in before:
@@ -108,13 +93,7 @@ class TuneQParams(Pass):
                 moved.append(float(((v.data.float() - old).abs() / old.abs().clamp_min(1e-12)).mean()))
         per_role = {r: sum(v.data.numel() for v in trainable_params(graph, o.scope, [r]))
                     for r in roles}
-        stats = {"steps": st.steps, "steps_planned": steps, "tokens": st.tokens, "token_budget": o.tokens,
-                 "kl_first": st.kl_first, "kl_last": st.kl_last, "kl_last_10pct": st.kl_mean_last_10pct,
-                 "trained_params": st.trained_params, "trained_tensors": st.trained_tensors,
-                 "params_per_role": per_role, "stopped_early": st.stopped_early, "seconds": st.seconds,
-                 "calib_windows": int(ids.shape[0]), "batch_windows": batch,
-                 "tokens_per_second": st.tokens_per_second, "epochs": round(st.tokens / max(st.train_tokens, 1), 2),
-                 "holdout_kl": st.holdout_kl, "best_step": st.best_step, "restored_best": st.restored_best,
-                 "scale_change_mean": round(sum(moved) / len(moved), 5) if moved else 0.0}
+        stats.update(params_per_role=per_role,
+                     scale_change_mean=round(sum(moved) / len(moved), 5) if moved else 0.0)
         return PassResult(st.steps > 0, stats)
 
