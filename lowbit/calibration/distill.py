@@ -47,7 +47,8 @@ from lowbit.calibration.engine import (
 )
 from lowbit.ir.graph import Graph, Node, Value
 
-__all__ = ["DistillError", "DistillStats", "ParamRole", "distill_logits", "logit_kl", "trainable_params"]
+__all__ = ["DistillError", "DistillStats", "ParamRole", "distill_logits", "is_weight_dequantize", "logit_kl",
+           "trainable_params"]
 
 
 class DistillError(CalibrationError):
@@ -82,8 +83,13 @@ ParamRole = Literal["scales", "norms", "biases"]
 ``dequantize`` nodes, ``norms``' gains and biases, the linears' ``biases``."""
 
 
+def is_weight_dequantize(node: Node) -> bool:
+    """A ``dequantize`` of stored codes (a quantized weight), not of an activation."""
+    return node.op == "dequantize" and node.args[0].is_param
+
+
 def _role_inputs(node: Node, roles: frozenset[str]) -> list[Any]:
-    if node.op == "dequantize" and node.args[0].is_param:
+    if is_weight_dequantize(node):
         return [node.args[1]] if "scales" in roles else []
     if node.op in ("rms_norm", "layer_norm"):
         return list(node.args[1:]) + list(node.kwargs.values()) if "norms" in roles else []

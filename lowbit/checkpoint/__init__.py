@@ -22,6 +22,7 @@ quantized weights.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,14 +119,8 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any) -> dict[str, Any]:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     if graph.meta.get("generation") is not None:
-        import pydantic
-
-        try:
-            meta = GenerationMeta.model_validate(graph.meta["generation"])
-        except pydantic.ValidationError as exc:
-            err = exc.errors()[0]
-            raise CheckpointError(f"graph.meta['generation'].{'.'.join(str(x) for x in err['loc'])}: {err['msg']} "
-                                  "(the lowbit format stores only the fields GenerationMeta knows)") from None
+        meta = _validated_generation(graph.meta["generation"], lambda field, msg: (
+            f"graph.meta['generation'].{field}: {msg} (the lowbit format stores only the fields GenerationMeta knows)"))
         info["generation"] = meta.model_dump(exclude_none=True)
     return info
 
@@ -163,19 +158,24 @@ class GenerationMeta(BaseModel):
     float_cache_inputs: list[str] | None = None
 
 
-def _generation_meta(info: dict[str, Any], graph: Any, directory: Path) -> dict[str, Any] | None:
-    """The manifest's generation meta, validated against the schema and the parsed graph's inputs."""
+def _validated_generation(raw: Any, message: Callable[[str, str], str]) -> GenerationMeta:
+    """``raw`` as ``GenerationMeta``, or a ``CheckpointError`` with ``message(field, why)`` of the first bad field
+    (save and load name it where each found it)."""
     import pydantic
 
+    try:
+        return GenerationMeta.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        raise CheckpointError(message(".".join(str(x) for x in err["loc"]), err["msg"])) from None
+
+
+def _generation_meta(info: dict[str, Any], graph: Any, directory: Path) -> dict[str, Any] | None:
+    """The manifest's generation meta, validated against the schema and the parsed graph's inputs."""
     raw = info.get("generation")
     if raw is None:
         return None
-    try:
-        meta = GenerationMeta.model_validate(raw)
-    except pydantic.ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise CheckpointError(f"{directory}: manifest 'lowbit.generation.{where}': {err['msg']}") from None
+    meta = _validated_generation(raw, lambda field, msg: f"{directory}: manifest 'lowbit.generation.{field}': {msg}")
     names = [v.name for v in graph.inputs]
     if names[2:] != meta.cache_inputs:
         raise CheckpointError(f"{directory}: manifest 'lowbit.generation.cache_inputs' {meta.cache_inputs} are not "

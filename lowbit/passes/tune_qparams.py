@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from lowbit.calibration.distill import ParamRole, trainable_params
+from lowbit.calibration.distill import ParamRole, is_weight_dequantize, trainable_params
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import NO_QLINEAR, WEIGHT_PASSES, Condition, Pass, PassError, PassResult, register_pass
 from lowbit.passes.distill import DistillOptions, run_distillation
@@ -39,7 +39,7 @@ __all__ = ["TuneQParams", "TuneQParamsOptions"]
 
 
 def _weight_dequantizes(graph: Graph) -> list[str]:
-    return [n.name for n in graph.nodes if n.op == "dequantize" and n.args[0].is_param]
+    return [n.name for n in graph.nodes if is_weight_dequantize(n)]
 
 
 QUANTIZED_WEIGHTS = Condition(
@@ -81,19 +81,14 @@ class TuneQParams(Pass):
             raise PassError(f"pass {self.name}: the teacher is quantized (%{quantized[0]} and {len(quantized) - 1} "
                             "more weight dequantizes): start the pipeline from the float model")
         roles = list(dict.fromkeys(o.train))
-        params = trainable_params(graph, o.scope, roles)
-        if not params:
+        by_role = {r: trainable_params(graph, o.scope, [r]) for r in roles}
+        if not any(by_role.values()):
             raise PassError(f"pass {self.name}: nothing to train for train={roles} (scope={o.scope})")
-        before = {id(v): v.data.detach().float().clone() for v in params}
+        scales_before = {v.name: v.data.detach().float().clone() for v in by_role.get("scales", [])}
         st, stats = run_distillation(self.name, graph, teacher, o, roles)
-        moved = []
-        for v in trainable_params(graph, o.scope, ["scales"]):
-            if id(v) in before:
-                old = before[id(v)]
-                moved.append(float(((v.data.float() - old).abs() / old.abs().clamp_min(1e-12)).mean()))
-        per_role = {r: sum(v.data.numel() for v in trainable_params(graph, o.scope, [r]))
-                    for r in roles}
-        stats.update(params_per_role=per_role,
+        moved = [float(((graph.params[name].data.float() - old).abs() / old.abs().clamp_min(1e-12)).mean())
+                 for name, old in scales_before.items()]
+        stats.update(params_per_role={r: sum(v.data.numel() for v in vs) for r, vs in by_role.items()},
                      scale_change_mean=round(sum(moved) / len(moved), 5) if moved else 0.0)
         return PassResult(st.steps > 0, stats)
 
