@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,7 +39,8 @@ from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.ops import resolve
 from lowbit.ir.quant import QDType, get_qdtype, stored_codes, unpack_int4
 
-__all__ = ["TuneOptions", "TuneStats", "TunedWeight", "activation_straight_through", "tune_block", "float_targets"]
+__all__ = ["TuneOptions", "TuneStats", "TunedWeight", "activation_straight_through", "tune_block", "float_targets",
+           "block_loss", "batch_cycle", "trainable_inputs"]
 
 Target = Literal["float", "quantized-input"]
 
@@ -237,6 +238,30 @@ def float_targets(ctx: BlockRun, float_inputs: Sequence[dict[Value, Any]] | None
         return ctx.run(inputs=merged)
 
 
+def block_loss(ctx: BlockRun, inputs: Sequence[dict[Value, Any]], targets: Sequence[dict[Value, Any]],
+               replace: dict[int, Replacement]) -> float:
+    """The block's loss against ``targets``, averaged over every calibration batch (the keep-or-discard test)."""
+    with torch.no_grad():
+        outs = ctx.run(inputs=inputs, replace=replace)
+        return float(sum(float(_loss(out, tgt)) for out, tgt in zip(outs, targets)) / len(inputs))
+
+
+def batch_cycle(n: int, seed: int) -> Iterator[int]:
+    """Calibration batch indices for training steps: each of ``n`` once per epoch, in a fresh random order."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while True:
+        if not order:
+            order = torch.randperm(n, generator=gen).tolist()
+        yield order.pop()
+
+
+def trainable_inputs(ctx: BlockRun) -> list[dict[Value, Any]]:
+    """The block's cached inputs as plain tensors that autograd may save for the backward pass."""
+    return [{v: (x.detach().clone() if isinstance(x, torch.Tensor) else x) for v, x in inp.items()}
+            for inp in ctx.inputs]
+
+
 def tune_block(ctx: BlockRun, weights: Sequence[tuple[Node, torch.Tensor | None]],
                targets: Sequence[dict[Value, Any]], o: TuneOptions, stats: TuneStats, graph: Graph) -> None:
     """Tune the weights behind ``weights`` (this block's weight dequantize nodes, each with the weights its
@@ -254,23 +279,12 @@ def tune_block(ctx: BlockRun, weights: Sequence[tuple[Node, torch.Tensor | None]
     lr = o.lr if o.lr is not None else 1.0 / max(o.iters, 1)
     limit = math.log(o.max_scale)
     params = [p for t in tuned for p in t.params(o.scales)]
-    nb = len(ctx.inputs)
-    gen = torch.Generator().manual_seed(o.seed + ctx.index)
-    inputs = [{v: (x.detach().clone() if isinstance(x, torch.Tensor) else x) for v, x in inp.items()}
-              for inp in ctx.inputs]
-
-    def full_loss() -> float:
-        with torch.no_grad():
-            outs = ctx.run(inputs=inputs, replace=replace)
-            return float(sum(float(_loss(out, tgt)) for out, tgt in zip(outs, targets)) / nb)
-
+    batches = batch_cycle(len(ctx.inputs), o.seed + ctx.index)
+    inputs = trainable_inputs(ctx)
     with torch.inference_mode(False), torch.enable_grad():
-        before = full_loss()
-        order: list[int] = []
+        before = block_loss(ctx, inputs, targets, replace)
         for step in range(o.iters):
-            if not order:
-                order = torch.randperm(nb, generator=gen).tolist()
-            b = order.pop()
+            b = next(batches)
             out = ctx.run(inputs=[inputs[b]], replace=replace)[0]
             loss = _loss(out, targets[b])
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -283,7 +297,7 @@ def tune_block(ctx: BlockRun, weights: Sequence[tuple[Node, torch.Tensor | None]
                 for t in tuned:
                     t.v.clamp_(-0.5, 0.5)
                     t.log_scale.clamp_(-limit, limit)
-        after = full_loss()
+        after = block_loss(ctx, inputs, targets, replace)
     keep = after < before
     changed = sum(t.changed() for t in tuned) if keep else 0
     if keep:
