@@ -41,9 +41,11 @@ import time
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
+from lowbit.calibration.block_refit import RefitOptions, RefitStats, refit_block
+from lowbit.calibration.block_tuning import float_targets
 from lowbit.calibration.engine import BLOCK_PATTERN, BlockRun, batches_from_ids, run
 from lowbit.calibration.gptq import HessianAccumulator
 from lowbit.calibration.learned_mask import learn_mask
@@ -95,6 +97,31 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
     """Within a block too, each linear is calibrated on what the block's already-pruned linears produce (GPTQ's
     ``--true-sequential``): ``o_proj`` sees pruned q/k/v, the MLP a pruned attention. Costs one more run of the
     block per linear input after the first."""
+    refit: Literal["none", "block"] = "none"
+    """``block``: after a block's linears are pruned, train its kept weights (masks fixed, zeros exact) with Adam so
+    the pruned block's output matches the float block's on the calibration batches (EBFT-style block
+    reconstruction). Every method above fits each linear against its own output error; the block's output mixes
+    those errors through attention, the MLP's gate and the residual, and only a block-level fit sees that. The
+    next block calibrates on the refitted block's output. Kept per block only if it lowers the block's loss over
+    the whole calibration set. Needs calibration (not ``method=magnitude``)."""
+    refit_iters: int = Field(default=200, ge=1, le=100000)
+    """refit: Adam steps per block, one calibration batch (``batch_size`` windows) per step."""
+    refit_lr: float = Field(default=1e-4, gt=0.0, le=0.1)
+    """refit: Adam's first step size in weight units (SmolLM2's block weights have an RMS of ~0.02-0.05),
+    decaying linearly to 0."""
+    refit_target: Literal["float", "pruned-input"] = "float"
+    """refit: match the float model's block output on the float model's own input (``float``: a block also learns
+    to undo what earlier pruned blocks got wrong), or the float block on the pruned model's input."""
+
+    @model_validator(mode="after")
+    def _refit_needs_calibration(self) -> SparsifyOptions:
+        if self.refit == "block" and self.method == "magnitude":
+            raise ValueError("refit=block trains on calibration batches; method=magnitude calibrates nothing "
+                             "(use wanda, sparsegpt or learned)")
+        given = sorted(k for k in self.model_fields_set if k.startswith("refit_"))
+        if self.refit == "none" and given:
+            raise ValueError(f"{', '.join(given)} set but refit=none: add refit=block")
+        return self
 
 
 def _add_squares(sq: dict[int, torch.Tensor], key: int, x: torch.Tensor) -> None:
@@ -199,6 +226,12 @@ class Sparsify(Pass):
             first_keys.setdefault(rx_block.match(n.module).group(1), id(n.args[0]))  # type: ignore[union-attr]
         early = set(first_keys.values()) if o.true_sequential else set(readers)
 
+        refit = RefitOptions(iters=o.refit_iters, lr=o.refit_lr, target=o.refit_target) if o.refit == "block" else None
+        refit_stats = RefitStats()
+        float_stream: list[dict[Any, Any]] | None = None  # the float model's outputs of the last block (refit)
+        refit_bar = tqdm(total=len(first_keys), desc="block refit", unit="block",
+                         disable=not (o.progress and refit is not None))
+
         hessian = o.method in ("sparsegpt", "learned")
         learned_loss = learned_wanda = 0.0
         bar = tqdm(total=len(readers), desc="learn mask", unit="input", disable=not (o.progress and
@@ -238,7 +271,11 @@ class Sparsify(Pass):
                 row += w.shape[0]
 
         def on_block(ctx: BlockRun) -> bool:
-            nonlocal sgpt_loss, learned_loss, learned_wanda
+            nonlocal sgpt_loss, learned_loss, learned_wanda, float_stream
+            targets = None
+            if refit is not None and ctx.stage.kind != "prefix":  # before pruning: the block is still float
+                targets = float_targets(ctx, float_stream if refit.target == "float" else None)
+                float_stream = targets if refit.target == "float" else None
             keys = list(dict.fromkeys(id(n.args[0]) for n in ctx.nodes() if id(n) in want))
             if not keys:
                 return False
@@ -277,6 +314,10 @@ class Sparsify(Pass):
                 for n in nodes:
                     w = n.args[1].data
                     apply(n, w.clone(), prune_mask(w.float().abs() * norm.to(w.device)[None, :], bp, o.selection), bp)
+            if refit is not None and targets is not None:
+                refit_bar.set_postfix_str(ctx.name)
+                refit_block(ctx, [n for n in ctx.nodes() if id(n) in want], targets, refit, refit_stats, graph)
+                refit_bar.update(1)
             return True
 
         try:
@@ -284,6 +325,7 @@ class Sparsify(Pass):
                          device=o.torch_device(self.name))
         finally:
             bar.close()
+            refit_bar.close()
         missing = [n for n in targets if "sparsity" not in n.meta]
         if missing:
             raise PassError(f"pass sparsify: calibration never reached linear(s) "
@@ -293,6 +335,12 @@ class Sparsify(Pass):
             out["sparsegpt_loss"] = round(sgpt_loss, 4)
         if o.method == "learned":  # normalised output error (row-RMS units) summed over the inputs; and Wanda's
             out.update(learned_loss=round(learned_loss, 4), wanda_mask_loss=round(learned_wanda, 4))
+        if refit is not None:  # block output MSE against the target, summed over the blocks
+            out.update(refit_blocks=refit_stats.blocks, refit_blocks_kept=refit_stats.kept,
+                       refit_loss_before=round(refit_stats.loss_before, 6),
+                       refit_loss_after=round(refit_stats.loss_after, 6), seconds_refit=round(refit_stats.seconds, 2),
+                       refit_per_block=[{k: round(v, 6) if isinstance(v, float) else v for k, v in b.items()}
+                                        for b in refit_stats.per_block])
         return out
 
     def _owl_allocation(self, graph: Graph, readers: dict[int, list[Node]], p: SparsityPattern,
