@@ -37,7 +37,7 @@ __all__ = ["RefitOptions", "RefitStats", "refit_block"]
 class RefitOptions:
     iters: int = 200
     """Adam steps per block (one calibration batch per step, cycling through them)."""
-    lr: float = 1e-4
+    lr: float = 1e-3
     """Adam's first step size (weight units), decaying linearly to 0."""
     target: Literal["float", "pruned-input"] = "float"
     seed: int = 0

@@ -8,6 +8,8 @@ SparseGPT or a learned mask.
     sparsify(method=magnitude,pattern=2:4)              no calibration
     sparsify(method=learned,pattern=2:4)                mask and kept weights learned per linear against the
                                                         input Hessian, ProxSparse's 2:4 regulariser (ADMM)
+    sparsify(method=sparsegpt,pattern=2:4,refit=block)  then each block's kept weights trained toward the float
+                                                        block's output (masks fixed)
 
 Why: 2:4 weights run on sparse tensor cores (TensorRT, cuSPARSELt), and unstructured sparsity composes with
 quantization for smaller checkpoints. The shape of the graph does not change: weights get exact zeros, and
@@ -32,6 +34,14 @@ learns the mask and the kept weights together: ADMM on the layer's output error 
 It costs ``2·learn_steps + learn_refit`` ``[N, K]·[K, K]`` GEMMs per linear input: on one loaded CPU core about
 12 s per SmolLM2 block against SparseGPT's ~2 s; its layer-wise output error is ~0.65x SparseGPT's on the same
 Hessians (2:4, blocks 0/5/15/28).
+
+``refit=block`` (``lowbit.calibration.block_refit``; EBFT, Guo et al. 2024) adds a block-level step to any calibrated
+method: once a block's linears are pruned, their kept weights are trained with Adam (masks fixed, zeros exact) so
+that the block's output matches the float model's on the calibration batches, before the engine hands the refitted
+block's output to the next block. Every method above minimises each linear's own output error; attention, the MLP's
+gate and the residual sum mix those errors, and only the block's output shows what the next block will read. It is
+still one-shot calibration, one block at a time against that block's float output: the ``distill`` pass is the
+end-to-end recovery against the float logits.
 """
 
 from __future__ import annotations
@@ -106,9 +116,10 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
     the whole calibration set. Needs calibration (not ``method=magnitude``)."""
     refit_iters: int = Field(default=200, ge=1, le=100000)
     """refit: Adam steps per block, one calibration batch (``batch_size`` windows) per step."""
-    refit_lr: float = Field(default=1e-4, gt=0.0, le=0.1)
-    """refit: Adam's first step size in weight units (SmolLM2's block weights have an RMS of ~0.02-0.05),
-    decaying linearly to 0."""
+    refit_lr: float = Field(default=1e-3, gt=0.0, le=0.1)
+    """refit: Adam's first step size in weight units (SmolLM2's block weights have an RMS of ~0.02-0.05), decaying
+    linearly to 0. Measured on 2 SmolLM2 blocks after SparseGPT 2:4 (16 x 128 calibration tokens, 40 steps): the
+    held-out error falls more at 1e-3 than at 1e-4 or 3e-4 (3e-3 no better), and keeps falling up to 160 steps."""
     refit_target: Literal["float", "pruned-input"] = "float"
     """refit: match the float model's block output on the float model's own input (``float``: a block also learns
     to undo what earlier pruned blocks got wrong), or the float block on the pruned model's input."""
@@ -272,10 +283,10 @@ class Sparsify(Pass):
 
         def on_block(ctx: BlockRun) -> bool:
             nonlocal sgpt_loss, learned_loss, learned_wanda, float_stream
-            targets = None
+            block_targets = None
             if refit is not None and ctx.stage.kind != "prefix":  # before pruning: the block is still float
-                targets = float_targets(ctx, float_stream if refit.target == "float" else None)
-                float_stream = targets if refit.target == "float" else None
+                block_targets = float_targets(ctx, float_stream if refit.target == "float" else None)
+                float_stream = block_targets if refit.target == "float" else None
             keys = list(dict.fromkeys(id(n.args[0]) for n in ctx.nodes() if id(n) in want))
             if not keys:
                 return False
@@ -314,9 +325,9 @@ class Sparsify(Pass):
                 for n in nodes:
                     w = n.args[1].data
                     apply(n, w.clone(), prune_mask(w.float().abs() * norm.to(w.device)[None, :], bp, o.selection), bp)
-            if refit is not None and targets is not None:
+            if refit is not None and block_targets is not None:
                 refit_bar.set_postfix_str(ctx.name)
-                refit_block(ctx, [n for n in ctx.nodes() if id(n) in want], targets, refit, refit_stats, graph)
+                refit_block(ctx, [n for n in ctx.nodes() if id(n) in want], block_targets, refit, refit_stats, graph)
                 refit_bar.update(1)
             return True
 
