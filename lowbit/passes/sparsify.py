@@ -129,7 +129,9 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
         if self.refit == "block" and self.method == "magnitude":
             raise ValueError("refit=block trains on calibration batches; method=magnitude calibrates nothing "
                              "(use wanda, sparsegpt or learned)")
-        given = sorted(k for k in self.model_fields_set if k.startswith("refit_"))
+        # by value, not model_fields_set: the debug tools rebuild a pass from all of its options (cli/restrict.py)
+        given = sorted(k for k, f in type(self).model_fields.items()
+                       if k.startswith("refit_") and getattr(self, k) != f.default)
         if self.refit == "none" and given:
             raise ValueError(f"{', '.join(given)} set but refit=none: add refit=block")
         return self
