@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from lowbit.calibration.block_tuning import (_loss, activation_straight_through, batch_cycle, block_loss,
-                                             trainable_inputs)
+from lowbit.calibration.block_tuning import (BlockFitStats, activation_straight_through, batch_cycle, block_loss,
+                                             output_loss, trainable_inputs)
 from lowbit.calibration.engine import BlockRun, Replacement
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.ops import resolve
@@ -43,15 +43,9 @@ class RefitOptions:
     seed: int = 0
 
 
-@dataclass
-class RefitStats:
-    blocks: int = 0
-    kept: int = 0
-    """Blocks whose refitted weights lowered the whole-calibration loss (the others keep the one-shot ones)."""
-    loss_before: float = 0.0
-    loss_after: float = 0.0
-    seconds: float = 0.0
-    per_block: list[dict[str, Any]] = field(default_factory=list)
+RefitStats = BlockFitStats
+"""The refit's stats: ``kept`` counts the blocks whose refitted weights lowered the whole-calibration loss (the
+others keep the one-shot weights)."""
 
 
 class _MaskedWeight:
@@ -92,7 +86,7 @@ def refit_block(ctx: BlockRun, linears: Sequence[Node], targets: Sequence[dict[A
             for group in opt.param_groups:
                 group["lr"] = o.lr * (1 - step / o.iters)
             b = next(batches)
-            loss = _loss(ctx.run(inputs=[inputs[b]], replace=replace)[0], targets[b])
+            loss = output_loss(ctx.run(inputs=[inputs[b]], replace=replace)[0], targets[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -39,8 +39,8 @@ from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.ops import resolve
 from lowbit.ir.quant import QDType, get_qdtype, stored_codes, unpack_int4
 
-__all__ = ["TuneOptions", "TuneStats", "TunedWeight", "activation_straight_through", "tune_block", "float_targets",
-           "block_loss", "batch_cycle", "trainable_inputs"]
+__all__ = ["BlockFitStats", "TuneOptions", "TuneStats", "TunedWeight", "activation_straight_through", "tune_block",
+           "float_targets", "block_loss", "batch_cycle", "output_loss", "trainable_inputs"]
 
 Target = Literal["float", "quantized-input"]
 
@@ -59,16 +59,21 @@ class TuneOptions:
 
 
 @dataclass
-class TuneStats:
+class BlockFitStats:
+    """What a block-by-block fit (block tuning, the sparse block refit) did, summed over the blocks."""
     blocks: int = 0
     kept: int = 0
-    """Blocks whose tuned weights lowered the whole-calibration loss (the others keep their rounding)."""
+    """Blocks whose fitted weights lowered the whole-calibration loss (the others keep what they had)."""
     loss_before: float = 0.0
     loss_after: float = 0.0
-    codes_changed: int = 0
-    codes_total: int = 0
     seconds: float = 0.0
     per_block: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TuneStats(BlockFitStats):
+    codes_changed: int = 0
+    codes_total: int = 0
 
 
 class TunedWeight:
@@ -218,7 +223,8 @@ def _replacements(nodes: Sequence[Node], tuned: Sequence[TunedWeight]) -> dict[i
     return out
 
 
-def _loss(out: dict[Value, Any], target: dict[Value, Any]) -> torch.Tensor:
+def output_loss(out: dict[Value, Any], target: dict[Value, Any]) -> torch.Tensor:
+    """Mean squared error summed over the block's float outputs that ``target`` holds (the fit's objective)."""
     total = None
     for v, t in target.items():
         if isinstance(t, torch.Tensor) and t.is_floating_point():
@@ -243,7 +249,7 @@ def block_loss(ctx: BlockRun, inputs: Sequence[dict[Value, Any]], targets: Seque
     """The block's loss against ``targets``, averaged over every calibration batch (the keep-or-discard test)."""
     with torch.no_grad():
         outs = ctx.run(inputs=inputs, replace=replace)
-        return float(sum(float(_loss(out, tgt)) for out, tgt in zip(outs, targets)) / len(inputs))
+        return float(sum(float(output_loss(out, tgt)) for out, tgt in zip(outs, targets)) / len(inputs))
 
 
 def batch_cycle(n: int, seed: int) -> Iterator[int]:
@@ -286,7 +292,7 @@ def tune_block(ctx: BlockRun, weights: Sequence[tuple[Node, torch.Tensor | None]
         for step in range(o.iters):
             b = next(batches)
             out = ctx.run(inputs=[inputs[b]], replace=replace)[0]
-            loss = _loss(out, targets[b])
+            loss = output_loss(out, targets[b])
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             step_lr = lr * (1 - step / o.iters)
             with torch.no_grad():
