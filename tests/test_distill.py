@@ -66,12 +66,19 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert lr_factor(0.5, "linear", 0.0) == 0.5 and lr_factor(0.0, "linear", 0.0) == 1.0
 
 
-def test_distill_holdout_keeps_the_best_params_and_random_offsets(slice2):
+def test_distill_holdout_keeps_the_best_params_and_random_offsets(slice2, monkeypatch):
+    """Also: a run whose first steps project past ``SLOW_RUN_WARN_SECONDS`` says how long it will take (here the
+    threshold is 0 s, so this 12-step run must warn once, naming its steps and the device)."""
+    from lowbit.calibration import distill as distill_mod
+
     graph, _, _ = slice2
     spec = ("distill(tokens=1536,calib_n=16,calib_len=64,batch_size=2,lr=0.0005,schedule=cosine,warmup=0.2,"
             "random_offsets=true,holdout=4,eval_every=3,topk=256,progress=false)")
     g = graph.clone()
-    st = PassManager(f"{PRUNE},{spec}").run(g).records[1].stats
+    monkeypatch.setattr(distill_mod, "SLOW_RUN_WARN_SECONDS", 0.0)
+    with pytest.warns(UserWarning, match=r"pass distill: 12 steps at .* s a step will take about .* on cpu") as rec:
+        st = PassManager(f"{PRUNE},{spec}").run(g).records[1].stats
+    assert len([w for w in rec if "s a step" in str(w.message)]) == 1
     assert st["steps"] == 12 and st["tokens"] == 12 * 2 * 64 and st["train_tokens"] == 12 * 64
     steps = [s for s, _ in st["holdout_kl"]]
     assert steps == [0, 3, 6, 9, 12]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -49,6 +50,11 @@ from lowbit.ir.graph import Graph, Node, Value
 
 __all__ = ["DistillError", "DistillStats", "ParamRole", "distill_logits", "is_weight_dequantize", "logit_kl",
            "trainable_params"]
+
+SLOW_RUN_WARN_SECONDS = 1800.0
+"""A run whose first steps project past this (and that has no ``max_seconds``) warns with the projection: the
+reference interpreter trains SmolLM2 at ~28 tokens/s on a CPU, so a GPU-sized token budget there runs for hours."""
+
 
 
 class DistillError(CalibrationError):
@@ -340,6 +346,12 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
         sched.step()
         pending.append(kl)
         done += 1
+        if done == 2 and max_seconds is None and steps > done:  # the first step pays one-off costs; two are a rate
+            per_step_s = (time.perf_counter() - t0) / done
+            if per_step_s * steps > SLOW_RUN_WARN_SECONDS:
+                warnings.warn(f"{what}: {steps} steps at {per_step_s:.1f} s a step will take about "
+                              f"{per_step_s * steps / 60:.0f} minutes on {dev}; use a GPU (device=cuda), fewer "
+                              "tokens, or max_seconds to cap it", stacklevel=2)
         if done % log_every == 0:
             flush(step)
             if progress:
