@@ -189,6 +189,10 @@ ROWS += [
      "sparsify(method=sparsegpt,pattern=2:4,calib=wikitext2-valid,calib_n=534,refit=block,refit_iters=134,"
      "refit_lr=1e-3,progress=false)"),
     # Wanda leaves the kept weights as they were: on 2 CPU blocks its refit beat SparseGPT's (held-out logits)
+    # the 2:4 + W4A16 row with the refit between the two passes (CPU size: 16 windows, 32 steps a block)
+    ("2:4+w4a16", "sparsegpt+gptq", "sparsegpt 2:4, block refit 32 Adam steps lr 1e-3, then gptq w4 g64 asym keeping "
+     "the zeros", f"sparsify(method=sparsegpt,pattern=2:4,refit=block,refit_iters=32,{CAL}),"
+     f"gptq(w=int4,group=64,sym=false,{CAL})"),
     ("2:4", "wanda", "block refit 134 Adam steps lr 1e-3, 534 windows of wikitext2-valid",
      "sparsify(method=wanda,pattern=2:4,calib=wikitext2-valid,calib_n=534,refit=block,refit_iters=134,"
      "refit_lr=1e-3,progress=false)"),
