@@ -57,7 +57,6 @@ def _hf_logits(directory: Path, ids: torch.Tensor, **kwargs) -> torch.Tensor:
 
 
 # scheme -> (pipeline, expected compressed-tensors format, tolerance on max |logit diff| / max |logit|)
-SLOW = pytest.mark.slow  # same code paths as a default-suite row; kept out of the 2-core CI budget
 
 SCHEMES = {
     "w4a16-g64-sym": ("quantize(w=int4,group=64)", "pack-quantized", 0.0),
@@ -73,9 +72,7 @@ SCHEMES = {
 }
 
 
-@pytest.mark.parametrize("scheme", [pytest.param(s, marks=SLOW) if s in ("w4a16-channel-sym", "w8a16-channel-sym",
-                                                                         "w4a16-g64-sym", "fp8-w-a-per-token")
-                                    else s for s in SCHEMES])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_transformers_loads_compressed_tensors(float_slice, tmp_path, scheme):
     pipeline, fmt, tol = SCHEMES[scheme]
     graph = _compiled(float_slice, pipeline)
@@ -95,7 +92,7 @@ def test_transformers_loads_compressed_tensors(float_slice, tmp_path, scheme):
 
 
 @pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=64,sym=false)",
-                                      pytest.param("quantize(w=uint4,sym=false)", marks=SLOW)])
+                                      "quantize(w=uint4,sym=false)"])
 def test_transformers_loads_asymmetric_compressed_tensors(float_slice, tmp_path, pipeline):
     """Asymmetric int4 (zero points packed along N, as compressed-tensors' compressor writes them) loads exactly
     through transformers' dequantize-at-load route. Its default route does not load asymmetric pack-quantized
@@ -119,7 +116,7 @@ def _assert_same_graph(a, b) -> None:
 @pytest.mark.parametrize("fmt,pipeline", [
     ("lowbit", "quantize(w=uint4,group=64,sym=false,a=int8,kv=int4),fuse-qlinear"),
     ("compressed-tensors", "quantize(w=uint4,group=64,sym=false)"),
-    pytest.param("compressed-tensors", "quantize(w=int8,a=int8)", marks=SLOW),
+    ("compressed-tensors", "quantize(w=int8,a=int8)"),
 ])
 def test_round_trip_bit_exact(float_slice, tmp_path, fmt, pipeline):
     graph = _compiled(float_slice, pipeline)
@@ -152,7 +149,7 @@ def _gptq_reference_dequant(qweight, qzeros, scales, g_idx, bits):
 
 
 @pytest.mark.parametrize("pipeline,bits", [("quantize(w=int4,group=64)", 4),
-                                           pytest.param("quantize(w=int8)", 8, marks=SLOW)])
+                                           ("quantize(w=int8)", 8)])
 def test_gptq_layout_and_round_trip(float_slice, tmp_path, pipeline, bits):
     """GPTQModel needs a minutes-long source build (README; slow test below), so the layout is checked against a
     reference dequantizer written from the format's description: every weight equals lowbit's dequantized weight;

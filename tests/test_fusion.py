@@ -197,8 +197,8 @@ def slice2(smollm2):
     ("quantize(w=int8,a=int8)", "w8a8"),                                    # w8a8's quantize step
     ("quantize(w=fp8e4m3,group=64,a=fp8e4m3,a_group=64)", "fp8"),          # fp8-block
     ("quantize(w=int4,group=64,a=int8)", "w4a8"),                          # w4a8's weights and activations
-    pytest.param("gptq(w=int4,group=64,sym=false,calib_n=2,calib_len=32,progress=false)", "w4a16",
-                 marks=pytest.mark.slow),  # gptq writes its codes through quantize's QDQ writer (27 s on CPU)
+    # gptq writes its codes through quantize's QDQ writer
+    ("gptq(w=int4,group=64,sym=false,calib_n=2,calib_len=32,progress=false)", "w4a16"),
 ])
 def test_fuse_qlinear_is_bit_identical_on_a_real_slice(slice2, pipeline, form):
     graph, ids = slice2

@@ -392,8 +392,8 @@ def one_block(smollm2):
 
 @pytest.mark.parametrize("pipeline,bound", [
     ("gptq(w=int4,group=64,sym=false,{cal})", 0.8),
-    pytest.param("gptq(w=int4,group=64,sym=false,single_pass=false,{cal})", 0.8, marks=pytest.mark.slow),
-    pytest.param("awq(w=int4,group=64,sym=false,{cal})", 1.0, marks=pytest.mark.slow),
+    ("gptq(w=int4,group=64,sym=false,single_pass=false,{cal})", 0.8),
+    ("awq(w=int4,group=64,sym=false,{cal})", 1.0),
 ])
 def test_weight_passes_beat_rtn_on_a_real_block(one_block, pipeline, bound):
     """On a real SmolLM2 block, the passes' logits are closer to float than RTN's on held-out WikiText-2 test text.

@@ -47,7 +47,7 @@ def slice2(smollm2):
 @pytest.mark.parametrize("pipeline, rule", [
     ("quantize(w=int8,a=int8)", "rms_norm+int8"),
     ("quantize(w=fp8e4m3,group=64,a=fp8e4m3,a_group=64)", "rms_norm+fp8"),
-    pytest.param("quantize(w=int4,group=64,a=int8)", "rms_norm+int8", marks=pytest.mark.slow),
+    ("quantize(w=int4,group=64,a=int8)", "rms_norm+int8"),
 ], ids=["w8a8", "fp8-block", "w4a8"])
 def test_norm_quant_is_bit_identical_on_a_real_slice(slice2, pipeline, rule):
     graph, ids = slice2

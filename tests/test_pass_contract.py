@@ -137,9 +137,8 @@ CHANGES = {"fold-norms", "smooth-quant", "fuse-qlinear", "rotate"}
 
 
 VARIANTS = ["rotate(kind=kurtosis,calib_n=2,calib_len=32,samples=32,steps=3,batch_tokens=128,progress=false)",
-            # slow: float64 forward and backward of the slice per step; its fold is kurtosis's (_fold_residual)
-            pytest.param("rotate(kind=learned,calib_n=1,calib_len=16,steps=2,progress=false)",
-                         marks=pytest.mark.slow)]
+            # float64 forward and backward of the slice per step (~6 s); its fold is kurtosis's (_fold_residual)
+            "rotate(kind=learned,calib_n=1,calib_len=16,steps=2,progress=false)"]
 """Exact passes whose kinds take different code paths: a learned rotation folds through the same code as the
 Hadamard but computes its matrix from calibration data (here at the smallest size that still learns)."""
 

@@ -411,7 +411,6 @@ def _sparse(graph: Graph) -> Graph:
     return _SPARSE_CACHE[id(graph)]
 
 
-@pytest.mark.slow  # the control of test_quantized_zero_stays_zero's gptq case
 def test_gptq_without_the_mask_fills_zeros_in(slice_f32):
     """The control: GPTQ's error feedback does move pruned zeros when the linear is not marked sparse."""
     graph, _, _ = slice_f32
@@ -727,7 +726,6 @@ def test_pruned_model_exports_to_onnx_and_round_trips_as_text(slice_f32, tmp_pat
 
 # ---- the debugging tools on pruning passes --------------------------------------------------------
 
-@pytest.mark.slow  # three CLI runs (~40 s on an idle 2-core CPU)
 def test_debug_tools_on_pruning_passes(tmp_path):
     import json
 

@@ -439,7 +439,6 @@ def test_kurtosis_rotation_exact_and_orthogonal_in_float64_on_smollm2(smollm2_sl
 
 # ---- learned rotations: SpinQuant-style (kind=learned) ---------------------------------------------------
 
-@pytest.mark.slow  # a whole-model forward and backward per step (the lm_head alone is 49152 × 576): ~30-90 s
 def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(smollm2):
     """kind=learned on a real 1-layer SmolLM2: the W4A4 fake-quantized loss on its (fixed) calibration window
     falls over a few Cayley/Adam steps; the float32 model is unchanged (≤ 1e-4) and R1 stays orthogonal."""

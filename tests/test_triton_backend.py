@@ -135,9 +135,9 @@ def _epilogue_model(arch: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...
 @pytest.mark.parametrize("arch,pipeline,form", [
     ("llama", "quantize(w=int4,group=128,sym=false)", "w4a16+silu*up"),
     # the A8 gated store is also covered on real SmolLM2 weights by test_norm_quant's triton test
-    pytest.param("llama", "quantize(w=int8,a=int8)", "w8a8+silu*up", marks=pytest.mark.slow),
+    ("llama", "quantize(w=int8,a=int8)", "w8a8+silu*up"),
     ("bert", "quantize(w=int8,a=int8)", "w8a8+gelu"),
-    pytest.param("bert", "quantize(w=int4,group=64)", "w4a16+gelu", marks=pytest.mark.slow),
+    ("bert", "quantize(w=int4,group=64)", "w4a16+gelu"),
 ])
 def test_mlp_activation_runs_in_the_linears_epilogue(arch, pipeline, form):
     """``EPILOGUE_RULES``: a Llama MLP's merged gate/up takes ``split -> silu -> mul`` into its kernel (rows
