@@ -685,7 +685,10 @@ def test_block_refit_keeps_the_zeros_and_lowers_held_out_block_error(slice_f32):
 def test_block_refit_bad_options(spec, message):
     with pytest.raises(PassError, match=message):
         parse_pipeline(f"sparsify({spec})")
-    # the debug tools rebuild a pass from every option's value: the refit defaults must not read as "set"
+
+
+def test_block_refit_defaults_survive_a_rebuild_from_every_option():
+    """The debug tools rebuild a pass from every option's value: the refit defaults must not read as "set"."""
     p = parse_pipeline("sparsify(method=sparsegpt)")[0]
     assert type(p)(**p.options.model_dump()).options.refit == "none"
 

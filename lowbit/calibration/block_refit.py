@@ -30,7 +30,7 @@ from lowbit.calibration.engine import BlockRun, Replacement
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.ops import resolve
 
-__all__ = ["RefitOptions", "RefitStats", "refit_block"]
+__all__ = ["RefitOptions", "refit_block"]
 
 
 @dataclass
@@ -41,11 +41,6 @@ class RefitOptions:
     """Adam's first step size (weight units), decaying linearly to 0."""
     target: Literal["float", "pruned-input"] = "float"
     seed: int = 0
-
-
-RefitStats = BlockFitStats
-"""The refit's stats: ``kept`` counts the blocks whose refitted weights lowered the whole-calibration loss (the
-others keep the one-shot weights)."""
 
 
 class _MaskedWeight:
@@ -67,7 +62,7 @@ class _MaskedWeight:
 
 
 def refit_block(ctx: BlockRun, linears: Sequence[Node], targets: Sequence[dict[Any, Any]], o: RefitOptions,
-                stats: RefitStats, graph: Graph) -> None:
+                stats: BlockFitStats, graph: Graph) -> None:
     """Refit the kept weights of ``linears`` (this block's pruned linears, each with a private weight param) toward
     ``targets`` (per batch, the block's exports to match) and write them back into the graph if the block's
     loss over every batch went down."""

@@ -39,8 +39,8 @@ from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.ops import resolve
 from lowbit.ir.quant import QDType, get_qdtype, stored_codes, unpack_int4
 
-__all__ = ["BlockFitStats", "TuneOptions", "TuneStats", "TunedWeight", "activation_straight_through", "tune_block",
-           "float_targets", "block_loss", "batch_cycle", "output_loss", "trainable_inputs"]
+__all__ = ["BlockFitStats", "FloatTargetStream", "TuneOptions", "TuneStats", "TunedWeight",
+           "activation_straight_through", "tune_block", "float_targets", "block_loss", "batch_cycle", "output_loss", "trainable_inputs"]
 
 Target = Literal["float", "quantized-input"]
 
@@ -242,6 +242,24 @@ def float_targets(ctx: BlockRun, float_inputs: Sequence[dict[Value, Any]] | None
     merged = [{v: f.get(v, x) for v, x in inp.items()} for inp, f in zip(ctx.inputs, float_inputs)]
     with torch.no_grad():
         return ctx.run(inputs=merged)
+
+
+class FloatTargetStream:
+    """Each block's float targets, block after block (``float_targets``). ``chained`` (``target="float"``): a
+    block's float input is the previous block's float output, so the float model's own stream runs beside the
+    quantized or pruned one and a block also learns to undo what earlier blocks got wrong; otherwise the float
+    block's output on the block's actual input."""
+
+    def __init__(self, chained: bool) -> None:
+        self.chained = chained
+        self._last: list[dict[Value, Any]] | None = None
+
+    def next(self, ctx: BlockRun) -> list[dict[Value, Any]]:
+        """Call once per block, before its weights change (the block is still float)."""
+        out = float_targets(ctx, self._last if self.chained else None)
+        if self.chained:
+            self._last = out
+        return out
 
 
 def block_loss(ctx: BlockRun, inputs: Sequence[dict[Value, Any]], targets: Sequence[dict[Value, Any]],

@@ -56,7 +56,6 @@ SLOW_RUN_WARN_SECONDS = 1800.0
 reference interpreter trains SmolLM2 at ~28 tokens/s on a CPU, so a GPU-sized token budget there runs for hours."""
 
 
-
 class DistillError(CalibrationError):
     """Distillation cannot run (graphs that do not match) or diverged (a non-finite loss), named with its step."""
 

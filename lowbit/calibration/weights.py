@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from lowbit.calibration.awq import awq_search_clip, awq_search_scale, scaled_hessian
-from lowbit.calibration.block_tuning import TuneOptions, TuneStats, float_targets, tune_block
+from lowbit.calibration.block_tuning import FloatTargetStream, TuneOptions, TuneStats, tune_block
 from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages, static_batch
 from lowbit.calibration.gptq import HessianAccumulator, gptq_quantize, quantize_with, weight_qparams
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites, site_for
@@ -216,8 +216,7 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
     st = _Stats(linears=len(targets), groups=len(groups))
     users = graph.users()
     tune_stats = TuneStats()
-    float_stream: list[dict[Any, Any]] | None = None
-    """Block tuning toward the float model: the float block outputs of the previous block, per batch."""
+    float_stream = FloatTargetStream(chained=r.tune is not None and r.tune.target == "float")
 
     def round_in_flight(g: _Group, x: torch.Tensor) -> None:
         """All sequences' input of the group is here and its linears have not run: quantize them now."""
@@ -246,13 +245,11 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
         g.acc.add(x)
 
     def on_block(ctx: BlockRun) -> bool:
-        nonlocal float_stream
         flown = [g for g in groups.values() if g.pending]
         ready = [g for g in groups.values() if g.acc is not None and not g.done]
         targets = None
         if r.tune is not None and ctx.stage.kind != "prefix":  # before any rounding: the block is still float
-            targets = float_targets(ctx, float_stream if r.tune.target == "float" else None)
-            float_stream = targets if r.tune.target == "float" else None
+            targets = float_stream.next(ctx)
         if not ready and not flown:
             return False
         hessians: dict[int, torch.Tensor | None] = {}

@@ -54,8 +54,8 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from lowbit.calibration.block_refit import RefitOptions, RefitStats, refit_block
-from lowbit.calibration.block_tuning import float_targets
+from lowbit.calibration.block_refit import RefitOptions, refit_block
+from lowbit.calibration.block_tuning import BlockFitStats, FloatTargetStream
 from lowbit.calibration.engine import BLOCK_PATTERN, BlockRun, batches_from_ids, run
 from lowbit.calibration.gptq import HessianAccumulator
 from lowbit.calibration.learned_mask import learn_mask
@@ -240,8 +240,8 @@ class Sparsify(Pass):
         early = set(first_keys.values()) if o.true_sequential else set(readers)
 
         refit = RefitOptions(iters=o.refit_iters, lr=o.refit_lr, target=o.refit_target) if o.refit == "block" else None
-        refit_stats = RefitStats()
-        float_stream: list[dict[Any, Any]] | None = None  # the float model's outputs of the last block (refit)
+        refit_stats = BlockFitStats()
+        float_stream = FloatTargetStream(chained=refit is not None and refit.target == "float")
         refit_bar = tqdm(total=len(first_keys), desc="block refit", unit="block",
                          disable=not (o.progress and refit is not None))
 
@@ -284,11 +284,10 @@ class Sparsify(Pass):
                 row += w.shape[0]
 
         def on_block(ctx: BlockRun) -> bool:
-            nonlocal sgpt_loss, learned_loss, learned_wanda, float_stream
+            nonlocal sgpt_loss, learned_loss, learned_wanda
             block_targets = None
             if refit is not None and ctx.stage.kind != "prefix":  # before pruning: the block is still float
-                block_targets = float_targets(ctx, float_stream if refit.target == "float" else None)
-                float_stream = block_targets if refit.target == "float" else None
+                block_targets = float_stream.next(ctx)
             keys = list(dict.fromkeys(id(n.args[0]) for n in ctx.nodes() if id(n) in want))
             if not keys:
                 return False
