@@ -27,6 +27,7 @@ from lowbit.kernels import (
     quantize_activation,
     quantize_activation_ref,
     weight_only_linear,
+    weight_only_linear_add_norm,
     weight_only_linear_ref,
 )
 from lowbit.kernels.weight_only import R_RULE
@@ -387,6 +388,56 @@ def test_weight_only_epilogue_is_the_unfused_activation(device, epilogue, m, n_m
     if up:
         with pytest.raises(ValueError, match="even N"):
             weight_only_linear(x, words[:47], s2[:47], z2[:47], None, "int4", 128, "auto", epilogue)
+
+
+NORM_RESIDUAL_CASES = [  # qdtype, group, symmetric, M, bias, the word config forced (None: the op's own)
+    ("int4", 128, False, 1, True, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "ROWS": 8, "SPLIT_K": 3}),  # _gemv_r
+    ("uint4", 0, False, 1, False, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "ROWS": 4, "SPLIT_K": 1}),  # one split
+    ("int4", 128, False, 1, True, {"TC": False, "BLOCK_M": 1, "BLOCK_N": 16, "U": 1, "SPLIT_K": 2}),  # _gemv_t
+    ("int4", 64, True, 5, False, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2}),  # _tc_t
+    ("int4", 128, False, 40, True, None),  # M > 16: dequantize + F.linear
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype,group,symmetric,m,bias,cfg", NORM_RESIDUAL_CASES)
+def test_block_add_and_norm_split_around_weight_only_linears(device, qdtype, group, symmetric, m, bias, cfg,
+                                                             monkeypatch):
+    """A block's ``stream = residual + linear(x)`` then ``linear2(rms_norm(stream))`` as
+    ``weight_only_linear_add_norm`` (the stream, gain * stream and partial sums of its squares) and
+    ``weight_only_linear(gained, norm_sumsq=...)``: the unfused ops on every path (the split-K reduces at M = 1,
+    torch ops elsewhere) to bf16 rounding — the split rounds ``gain * stream`` where the IR's norm rounds the
+    normalised row. The stream's RMS (~7) and a gain far from 1 make a norm left out or doubled miss by O(1)."""
+    from lowbit.ir import ops as ir_ops
+    from lowbit.kernels import weight_only as wo
+    from lowbit.kernels._common import norm_from_parts_ref, norm_parts_ref
+
+    n, k, eps = 256, 768, 1e-5  # n = the stream's width = linear2's K
+    q, s, z = _quantized_weight(n, k, qdtype, group, symmetric, device)
+    q2, s2_, z2_ = _quantized_weight(40, n, qdtype, min(group, 64), symmetric, device)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(device)
+    g = (0.5 + torch.rand(n, generator=gen)).to(torch.bfloat16).to(device)
+    r = (7 * torch.randn(m, n, generator=gen)).to(torch.bfloat16).to(device)
+    b = torch.randn(n, generator=gen).to(torch.bfloat16).to(device) if bias else None
+    stream = r + weight_only_linear_ref(x, q, s, z, b, qdtype, group)
+    normed = ir_ops.rms_norm(stream, g, eps=eps, compute_dtype=torch.float32)
+    assert _rel(norm_from_parts_ref(*norm_parts_ref(stream, g), eps), normed) <= 2 ** -7
+    want = weight_only_linear_ref(normed, q2, s2_, z2_, None, qdtype, min(group, 64))
+    words, ws, wz = wo.pack_words(q, s, z, qdtype, group, n_major=True)
+    words2, ws2, wz2 = wo.pack_words(q2, s2_, z2_, qdtype, min(group, 64), n_major=True)
+    if cfg is not None:
+        monkeypatch.setattr(wo, "words_config", lambda *a, **kw: dict(cfg, num_warps=4, num_stages=2))
+    for w, sc, zp in ((words, ws, wz), (q, s, z)):  # the decode layout, then the stored one (torch ops)
+        got_stream, gained, sumsq = weight_only_linear_add_norm(x, w, sc, zp, b, qdtype, group, r, g)
+        assert got_stream.shape == (m, n) and gained.shape == (m, n) and sumsq.shape[0] == m
+        assert _rel(got_stream, stream) <= TOL[torch.bfloat16]
+        assert _rel(gained, g * got_stream) <= 2 ** -7
+        assert _rel(sumsq.sum(-1), got_stream.float().pow(2).sum(-1)) <= 2 ** -7  # of the stream it returns
+        got = weight_only_linear(gained, words2, ws2, wz2, None, qdtype, min(group, 64), norm_sumsq=sumsq,
+                                 norm_eps=eps)
+        assert _rel(got, want) <= 2 * TOL[torch.bfloat16]
+        assert _rel(weight_only_linear(gained, words2, ws2, wz2, None, qdtype, min(group, 64)), want) > 0.5
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -154,7 +154,7 @@ def test_mlp_activation_runs_in_the_linears_epilogue(arch, pipeline, form):
     if example is not None:
         kw["example_inputs"] = example
     fused = compile_model(model, **kw)
-    names = [n for n, f in fused.runner.report["kernels"].items() if f == form]
+    names = [n for n, f in fused.runner.report["kernels"].items() if f.removesuffix("+norm") == form]
     assert len(names) == 1, fused.runner.report["kernels"]
     if form.startswith("w4a16"):
         assert names[0] in fused.runner.report["layout"]
@@ -169,6 +169,56 @@ def test_mlp_activation_runs_in_the_linears_epilogue(arch, pipeline, form):
         y, ref = fused(*x).float().cpu(), plain(*x).float().cpu()
         assert ((y - ref).norm() / ref.norm()).item() <= 1e-2
         assert torch.equal(y.argmax(-1), ref.argmax(-1))
+
+
+@needs_kernels
+def test_block_add_and_norm_run_in_the_weight_only_reduces(monkeypatch):
+    """``norm_residual`` (on by default): a block's ``residual_add`` + ``rms_norm`` between two weight-only linears
+    leave the FX graph — the linear before becomes ``+add+norm`` (o_proj, down_proj), the one after reads the
+    gained stream (``+norm``) — except the first block's input norm (of the embedding) and the final norm (behind
+    the ``last-logits`` slice). Greedy generation gives the torch reference's tokens, with the decode steps'
+    GEMVs forced onto ``_gemv_r`` (128-wide reduces: several partial sums of squares per row) and with
+    ``norm_residual=False``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+    from lowbit.kernels import weight_only as wo
+
+    config = wo.words_config
+    used_r: list[int] = []
+
+    def r_at_decode(m, n, k, bits, cw, n_major=False, group=128):
+        if m == 1 and bits == 4 and n_major:
+            used_r.append(n)
+            return {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "ROWS": 8, "SPLIT_K": 2, "num_warps": 1,
+                    "num_stages": 1}
+        return config(m, n, k, bits, cw, n_major, group)
+
+    monkeypatch.setattr(wo, "words_config", r_at_decode)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
+                      num_hidden_layers=2, vocab_size=512, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    spec = GenerationSpec(max_length=16, max_batch=1)
+    pipeline = "quantize(w=int4,group=64,sym=false,head=int4)"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fused = compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": False},
+                          generation=spec, device=dev)
+    forms = list(fused.runner.report["kernels"].values())
+    assert sum(f.endswith("+add+norm") for f in forms) == 3  # o_proj 0, down_proj 0, o_proj 1
+    assert sum(f.endswith("+norm") and "+add" not in f for f in forms) == 3  # gate/up 0, qkv 1, gate/up 1
+    left = [n.target for n in fused.runner.gm.graph.nodes if n.op == "call_function"]
+    assert left.count(ir_ops.rms_norm) == 2 and left.count(ir_ops.residual_add) == 1
+    plain = compile_model(model, pipeline=pipeline, backend="triton",
+                          backend_options={"compile": False, "norm_residual": False}, generation=spec, device=dev)
+    assert not any("norm" in f for f in plain.runner.report["kernels"].values())
+    ref = compile_model(model, pipeline=pipeline, generation=spec, device=dev)
+    ids = torch.randint(3, 512, (1, 5), generator=torch.Generator().manual_seed(1))
+    used_r.clear()
+    out = fused.generate(ids, 4, stop_tokens=())
+    assert len(used_r) >= 3 * 9  # 3 decode steps x 9 weight-only linears on _gemv_r
+    assert out.tokens == ref.generate(ids, 4, stop_tokens=()).tokens == plain.generate(ids, 4, stop_tokens=()).tokens
 
 
 @needs_kernels

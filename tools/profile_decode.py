@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: torch.profiler over ``generate``'s CUDA-graph replays, kernels by name.
 
-    python tools/profile_decode.py [--schemes w4a16-g128,float-bf16] [--batch 1] [--no-compile]
+    python tools/profile_decode.py [--schemes w4a16-g128,float-bf16] [--batch 1] [--no-compile] [--no-norm-residual]
 
 On the 7B-shaped 4-layer Llama of ``bench_generate`` (prompt 512): each scheme is compiled on the triton backend
 (step under ``torch.compile`` unless ``--no-compile``), warmed up, timed, then profiled over 32 decode steps; the
@@ -27,14 +27,16 @@ from lowbit.api import compile_model  # noqa: E402
 from lowbit.generate import GenerationSpec  # noqa: E402
 
 
-def profile_scheme(model: torch.nn.Module, scheme: str, batch: int, compiled: bool, top: int) -> None:
+def profile_scheme(model: torch.nn.Module, scheme: str, batch: int, compiled: bool, top: int,
+                   norm_residual: bool = True) -> None:
     cm = compile_model(model, pipeline=bench_generate.QUANTIZED[scheme], backend="triton",
-                       backend_options={"compile": compiled},
+                       backend_options={"compile": compiled, "norm_residual": norm_residual},
                        generation=GenerationSpec(max_length=512 + 64, max_batch=batch), device="cuda")
     ids = torch.randint(3, model.config.vocab_size, (batch, 512))
     cm.generate(ids, 8, stop_tokens=())
     out = cm.generate(ids, 48, stop_tokens=())
-    print(f"== {scheme} batch {batch} compile={compiled}: {out.decode_seconds * 1000 / out.decode_steps:.3f} ms/step")
+    print(f"== {scheme} batch {batch} compile={compiled} norm_residual={norm_residual}: "
+          f"{out.decode_seconds * 1000 / out.decode_steps:.3f} ms/step")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         out = cm.generate(ids, 33, stop_tokens=())
     steps = out.decode_steps
@@ -52,12 +54,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--top", type=int, default=28)
+    ap.add_argument("--no-norm-residual", action="store_true",
+                    help="keep RMSNorms and residual adds out of the weight-only kernels (the A/B baseline)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode needs CUDA")
     model = bench_generate._llama(False)
     for scheme in a.schemes.split(","):
-        profile_scheme(model, scheme, a.batch, not a.no_compile, a.top)
+        profile_scheme(model, scheme, a.batch, not a.no_compile, a.top, not a.no_norm_residual)
         torch.cuda.empty_cache()
 
 

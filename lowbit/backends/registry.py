@@ -211,6 +211,10 @@ class TritonBackendOptions(BackendOptions):
     """Activations computed in their linear's kernel: ``gated`` (a gated MLP's ``act(gate) * up`` in the merged
     gate/up's, measured 1.15-1.32x on the H200), ``all`` (also a lone silu/GELU after a linear: BERT/ViT's, measured
     0.92-1.05x), ``none`` (``lowbit.backends.triton_backend.EPILOGUES``)."""
+    norm_residual: bool = True
+    """An RMSNorm before a weight-only linear (int4/int8 on the decode layout) and a residual add after it run in
+    that linear's kernels: in a decode step the norm in the GEMV and its split-K reduce, the add in the reduce
+    (``lowbit.backends.triton_backend._fuse_norm_residual``); ``False`` keeps them as their own ops."""
 
 
 def _triton_unavailable() -> str | None:

@@ -124,24 +124,53 @@ def _on_kernel_device(x: torch.Tensor) -> bool:
 def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "") -> Callable[..., torch.Tensor]:
     """The FX target replacing one qlinear: its kernel, or the reference for an input the kernel cannot read.
     ``epilogue``: the activation (or gated MLP) after it that ``_fuse_epilogue`` folded into the op (the
-    reference: then the epilogue's ops, ``epilogue_ref``)."""
-    from lowbit.kernels._common import epilogue_ref
+    reference: then the epilogue's ops, ``epilogue_ref``); ``norm_sumsq``/``norm_eps`` (weight-only): its input
+    is the gained half of an RMSNorm that ``_fuse_norm_residual`` split (the reference: ``norm_from_parts_ref``
+    first)."""
+    from lowbit.kernels._common import epilogue_ref, norm_from_parts_ref
 
-    def run(x, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, **kw):
+    def run(x, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, *,
+            norm_sumsq=None, norm_eps=0.0, **kw):
         if not _runs_kernel(x):
-            if qweight.dtype == torch.int32:  # repacked at lowering: the reference reads the stored form
-                from lowbit.kernels.weight_only import unpack_words
-
-                qweight = unpack_words(qweight, kw["w_qdtype"], x.shape[-1], w_group)
-            y = qlinear(x, qweight, w_scale, w_zero_point, bias, a_scale, a_zero_point, **kw)
+            if norm_sumsq is not None:
+                x = norm_from_parts_ref(x, norm_sumsq, norm_eps)
+            y = qlinear(x, _stored(qweight, x, kw["w_qdtype"], w_group), w_scale, w_zero_point, bias, a_scale,
+                        a_zero_point, **kw)
             return epilogue_ref(y, epilogue)
         if op == "weight_only_linear":
             return torch.ops.lowbit.weight_only_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
-                                                       w_group, "auto", epilogue)
+                                                       w_group, "auto", epilogue, norm_sumsq, norm_eps)
         return torch.ops.lowbit.a8_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group,
                                           kw["a_qdtype"], a_group, epilogue=epilogue)
 
     run.__name__ = f"triton_{op}" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
+    return run
+
+
+def _stored(qweight: torch.Tensor, x: torch.Tensor, qdtype: str, group: int) -> torch.Tensor:
+    """A weight as the reference reads it: the stored form of one repacked into int32 words at lowering."""
+    if qweight.dtype != torch.int32:
+        return qweight
+    from lowbit.kernels.weight_only import unpack_words
+
+    return unpack_words(qweight, qdtype, x.shape[-1], group)
+
+
+def _kernel_qlinear_add_norm(w_group: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The FX target replacing a weight-only qlinear whose output a ``residual_add`` adds to the stream that an
+    RMSNorm then reads (``_fuse_norm_residual``): ``(stream, gain * stream, sums of stream**2)``
+    (``weight_only_linear_add_norm``; the reference: the add, then ``norm_parts_ref``)."""
+    from lowbit.kernels._common import norm_parts_ref
+
+    def run(x, qweight, w_scale, w_zero_point=None, bias=None, *, residual, norm_weight, **kw):
+        if not _runs_kernel(x):
+            y = qlinear(x, _stored(qweight, x, kw["w_qdtype"], w_group), w_scale, w_zero_point, bias, **kw)
+            stream = ir_ops.residual_add(residual, y)
+            return (stream, *norm_parts_ref(stream, norm_weight))
+        return torch.ops.lowbit.weight_only_linear_add_norm(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
+                                                            w_group, residual, norm_weight)
+
+    run.__name__ = "triton_weight_only_linear_add_norm"
     return run
 
 
@@ -395,13 +424,72 @@ def _repack_words(gm: torch.fx.GraphModule, node: torch.fx.Node, group: int) -> 
     return True
 
 
+def _fusible_norm(x: torch.fx.Node, readers: set[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node, float] | None:
+    """``(norm, gain, eps)`` of the one RMSNorm among ``x``'s readers when every reader of that norm is in
+    ``readers`` (weight-only linears on the decode layout), with fp32 statistics (the kernels' arithmetic) and a
+    gain; else None."""
+    norms = [u for u in x.users if u.op == "call_function" and u.target is ir_ops.rms_norm]
+    if len(norms) != 1 or not norms[0].users or set(norms[0].users) - readers:
+        return None
+    norm = norms[0]
+    gain = norm.args[1] if len(norm.args) > 1 else norm.kwargs.get("weight")
+    if (norm.args[0] is not x or not isinstance(gain, torch.fx.Node)
+            or norm.kwargs.get("compute_dtype") is not torch.float32):
+        return None
+    return norm, gain, float(norm.kwargs["eps"])
+
+
+def _fuse_norm_residual(gm: torch.fx.GraphModule, linears: dict[torch.fx.Node, tuple[str, int]],
+                        report: dict[str, dict[str, str]]) -> None:
+    """Split each block's ``stream = residual_add(s, linear(...))`` then ``rms_norm(stream)`` read by weight-only
+    linears (``linears``: node -> (epilogue, weight group), decode layout): the linear making the update becomes
+    ``weight_only_linear_add_norm`` (the stream, gain * stream, partial sums of squares: its split-K reduce
+    writes all three), the norm's readers read ``gain * stream`` and finish the norm in their reduce
+    (``norm_sumsq``). Why: in a decode step the add + norm is a launch-bound Inductor kernel (2.2-4.2 µs on the
+    H200, two per block) between two GEMVs that already have a reduce each. The stream's other readers (the next
+    residual add) read it from the new node. A first block's norm (of the embedding) and a norm behind a slice
+    (``last-logits``) keep their ops."""
+    import operator
+
+    readers = set(linears)
+    for node, (epilogue, group) in linears.items():
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}  # (each rewrite adds getitem nodes)
+        add = next(iter(node.users)) if len(node.users) == 1 else None
+        if (epilogue or add is None or add.target is not ir_ops.residual_add or len(add.args) != 2
+                or add.args[1] is not node or not isinstance(add.args[0], torch.fx.Node)
+                or order[add.args[0]] > order[node]):
+            continue
+        found = _fusible_norm(add, readers)
+        if found is None:
+            continue
+        norm, gain, eps = found
+        node.target = _kernel_qlinear_add_norm(group)
+        node.kwargs = {**node.kwargs, "residual": add.args[0], "norm_weight": gain}
+        with gm.graph.inserting_after(node):
+            sumsq = gm.graph.call_function(operator.getitem, (node, 2))
+        with gm.graph.inserting_after(node):
+            gained = gm.graph.call_function(operator.getitem, (node, 1))
+        with gm.graph.inserting_after(node):
+            stream = gm.graph.call_function(operator.getitem, (node, 0))
+        for reader in list(norm.users):
+            reader.args = (gained, *reader.args[1:])
+            reader.kwargs = {**reader.kwargs, "norm_sumsq": sumsq, "norm_eps": eps}
+            report["kernels"][reader.name] += "+norm"
+        gm.graph.erase_node(norm)
+        add.replace_all_uses_with(stream)
+        gm.graph.erase_node(add)
+        report["kernels"][node.name] += "+add+norm"
+
+
 def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = None,
-             device: str | torch.device | None = None, epilogues: str = "gated") -> dict[str, dict[str, str]]:
+             device: str | torch.device | None = None, epilogues: str = "gated",
+             norm_residual: bool = True) -> dict[str, dict[str, str]]:
     """Point every qlinear (and online ``hadamard``) the kernels take at its op; returns ``{"kernels": {node:
     form}, "fallback": {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold
     the decode layout). ``types``: the lowered graph's value types by name (a hadamard's row length);
     ``device``: where the hadamard tables go (the module's device); ``epilogues``: which activations after a
-    qlinear its kernel computes (``EPILOGUES``)."""
+    qlinear its kernel computes (``EPILOGUES``); ``norm_residual``: fold RMSNorms and residual adds into the
+    weight-only linears around them (``_fuse_norm_residual``)."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
     from lowbit.ir.kvcache import cache_attention
     from lowbit.ir.normquant import qlinear_q, rms_norm_quant
@@ -411,6 +499,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     kinds = EPILOGUES[epilogues]
     tables: dict[int, torch.fx.Node] = {}
     a8: dict[torch.fx.Node, Plan] = {}
+    words: dict[torch.fx.Node, tuple[str, int]] = {}
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is ir_hadamard:
             why = plan_hadamard((types or {}).get(node.name))
@@ -475,7 +564,10 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             a8[node] = plan
         if op == "weight_only_linear" and _repack_words(gm, node, wg):
             report["layout"][node.name] = "words"
+            words[node] = (epilogue, wg)
     _fuse_hadamard_a8(gm, a8, report)
+    if norm_residual:
+        _fuse_norm_residual(gm, words, report)
     gm.recompile()
     return report
 
@@ -508,7 +600,8 @@ class TritonCompiled(TorchCompiled):
 
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *, compile: bool = True,
                  cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset(),
-                 semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated") -> None:
+                 semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
+                 norm_residual: bool = True) -> None:
         from lowbit.ir.fusion import fuse_qlinear
         from lowbit.ir.merge import merge_horizontal
         from lowbit.ir.normquant import fuse_norm_quant
@@ -526,7 +619,7 @@ class TritonCompiled(TorchCompiled):
         super().__init__(fused, device, keep_packed=True, donated=donated, semi_structured=semi_structured,
                          sparse_library=sparse_library)
         types = {v.name: v.type for nd in fused.nodes for v in nd.outputs if isinstance(v.type, TensorType)}
-        self.report = retarget(self.gm, types, self.device, epilogues)
+        self.report = retarget(self.gm, types, self.device, epilogues, norm_residual)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
         self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
                                  if n.meta.get("merged")}
@@ -574,11 +667,13 @@ class TritonCompiled(TorchCompiled):
 
 
 def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
-          semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated") -> TritonCompiled:
+          semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
+          norm_residual: bool = True) -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
     ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify;
-    ``epilogues``: the activations fused into their linear's kernel (``EPILOGUES``)."""
+    ``epilogues``: the activations fused into their linear's kernel (``EPILOGUES``); ``norm_residual``: RMSNorms
+    and residual adds fused into the weight-only linears around them."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise RuntimeError(NO_CUDA)
@@ -589,4 +684,4 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
     return TritonCompiled(graph, dev, compile=compile and torch.device(dev).type == "cuda", cuda_graphs=cuda_graphs,
                           donated=donated, semi_structured=semi_structured, sparse_library=sparse_library,
-                          epilogues=epilogues)
+                          epilogues=epilogues, norm_residual=norm_residual)

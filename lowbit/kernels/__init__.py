@@ -6,7 +6,8 @@ ops of ``lowbit.ir.quant`` inside the ``*_ref`` functions. Every op is a ``torch
 
 - ``torch.ops.lowbit.weight_only_linear``: W4A16 / W8A16 (and int3/int2 in 4-bit storage) on the stored layout or
   the int32 decode layout (``weight_only.pack_words``, made once at lowering; N-major words by default): GEMVs
-  for M <= 16, dequantize + cuBLAS or a tiled GEMM above (``weight_only.py``).
+  for M <= 16, dequantize + cuBLAS or a tiled GEMM above (``weight_only.py``); ``weight_only_linear_add_norm``:
+  the same + a residual add, leaving the next RMSNorm's halves (a decode step's block glue in the split-K reduce).
 - ``torch.ops.lowbit.quantize_activation``: dynamic per-token / per-group int8 or fp8 quantization in one pass
   (``act_quant.py``).
 - ``torch.ops.lowbit.hadamard`` / ``hadamard_quantize``: the online Hadamard rotation (the IR's ``hadamard``)
@@ -41,6 +42,7 @@ from lowbit.kernels.norm_quant import rms_norm_quant, rms_norm_quant_ref
 from lowbit.kernels.weight_only import (
            dequantize_weight,
            weight_only_linear,
+           weight_only_linear_add_norm,
            weight_only_linear_ref,
 )
 
@@ -61,6 +63,7 @@ __all__ = [
            "row_argmax",
            "row_argmax_ref",
            "weight_only_linear",
+           "weight_only_linear_add_norm",
            "weight_only_linear_ref",
            "write_cache_rows",
            "write_cache_rows_ref",

@@ -148,6 +148,20 @@ def epilogue_ref(y: torch.Tensor, epilogue: str) -> torch.Tensor:
     return activation_ref(y, act)
 
 
+def norm_parts_ref(stream: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An RMSNorm split in two (the residual stream's half): the stream times the gain, and the row's sum of squares
+    in fp32 as ``[..., 1]`` (the kernels leave ``[..., P]`` partial sums: ``norm_from_parts_ref`` adds them)."""
+    return weight * stream, stream.float().pow(2).sum(-1, keepdim=True)
+
+
+def norm_from_parts_ref(gained: torch.Tensor, sumsq: torch.Tensor, eps: float) -> torch.Tensor:
+    """The other half: ``gained * rsqrt(mean of squares + eps)``. Against the IR's ``rms_norm`` (fp32 statistics,
+    the gain applied to the normalised row in the input dtype) it rounds ``gain * stream`` where that rounds
+    ``stream * rsqrt``: one bf16 step per element either way."""
+    r = torch.rsqrt(sumsq.sum(-1, keepdim=True) / gained.shape[-1] + eps)
+    return (gained.float() * r).to(gained.dtype)
+
+
 @triton.jit
 def activation(g, ACT: tl.constexpr):
     """fp32 ``g`` through the ``ACT`` activation (``ACTIVATIONS``): silu, exact (erf) GELU or tanh-approximated

@@ -58,6 +58,7 @@ both differ from the reference by accumulation order and that rounding only (tes
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,8 @@ from lowbit.kernels._common import (
     m_bucket,
     next_pow2,
     nibbles,
+    norm_from_parts_ref,
+    norm_parts_ref,
     parse_epilogue,
     pow2_at_most,
     unpack_nibbles,
@@ -92,6 +95,7 @@ __all__ = [
     "pack_words",
     "unpack_words",
     "weight_only_linear",
+    "weight_only_linear_add_norm",
     "weight_only_linear_ref",
 ]
 
@@ -313,17 +317,31 @@ def _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som,
 
 
 @triton.jit
-def _splitk_reduce(p_ptr, b_ptr, o_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                   ACT: tl.constexpr = 0, GATED: tl.constexpr = False):
+def _splitk_reduce(p_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, MN, N, K, eps, SPLIT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ACT: tl.constexpr = 0, GATED: tl.constexpr = False,
+                   NQ: tl.constexpr = 0, HAS_RES: tl.constexpr = False, NORM_OUT: tl.constexpr = False):
     """out = sum over splits of the fp32 partials (+ bias), cast: the second half of split-K, and the op's
     epilogue (``parse_epilogue``): ``ACT`` applied to the cast output, or with ``GATED`` the columns are (gate,
     up) pairs and out is ``act(gate) * up``, half as wide (``epilogue_ref``'s roundings: each of gate, up,
-    act(gate) and the product rounded to the output dtype, as the unfused ops do)."""
+    act(gate) and the product rounded to the output dtype, as the unfused ops do).
+
+    A transformer block's RMSNorm and residual add, split around it (``ReduceFusion``): ``NQ > 0``: the input was
+    the norm's gain times the residual stream, and ``q_ptr`` (``[M, NQ]``) holds partial sums of the stream's
+    squares: the sum is scaled by ``rsqrt(mean + eps)`` over ``K`` (``norm_from_parts_ref``). ``HAS_RES``: out =
+    the residual ``r_ptr`` (``[M, N]``) + the product rounded to the output dtype (``residual_add``); with
+    ``NORM_OUT`` (M = 1) the next norm's first half too: ``gx = g * out`` and this program's sum of ``out**2`` at
+    ``qo_ptr[program]`` (``norm_parts_ref``)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLIT):
         acc += tl.load(p_ptr + s * MN + offs, mask=ok, other=0.0)
+    if NQ > 0:
+        row = offs // N
+        ss = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(NQ):
+            ss += tl.load(q_ptr + row * NQ + j, mask=ok, other=0.0)
+        acc = acc / tl.sqrt(ss / K + eps)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=ok, other=0).to(tl.float32)
     dt = o_ptr.dtype.element_ty
@@ -335,26 +353,58 @@ def _splitk_reduce(p_ptr, b_ptr, o_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl
     else:
         if ACT != 0:
             acc = activation(acc.to(dt).to(tl.float32), ACT)
-        tl.store(o_ptr + offs, acc.to(dt), mask=ok)
+        if HAS_RES:
+            acc = acc.to(dt).to(tl.float32) + tl.load(r_ptr + offs, mask=ok, other=0).to(tl.float32)
+        out = acc.to(dt)
+        tl.store(o_ptr + offs, out, mask=ok)
+        if NORM_OUT:
+            h = tl.where(ok, out.to(tl.float32), 0.0)
+            gain = tl.load(g_ptr + offs % N, mask=ok, other=0).to(tl.float32)
+            tl.store(gx_ptr + offs, (gain * h).to(dt), mask=ok)
+            tl.store(qo_ptr + tl.program_id(0), tl.sum(h * h, axis=0))
+
+
+@dataclass
+class ReduceFusion:
+    """What a split-K reduce does besides the sum (``_splitk_reduce``), for the RMSNorm and residual add around a
+    weight-only linear of a decode step: ``sumsq`` (``[M, NQ]`` partial sums of squares of the stream whose
+    gained row is this op's input, with ``eps``) scales the product by the norm; ``residual`` is added to it;
+    ``gain`` with ``gained`` (M = 1) also writes the next norm's halves of the result: ``gained`` and
+    ``sumsq_out``, which ``_direct_or_split`` allocates (one partial per reduce program)."""
+
+    residual: torch.Tensor | None = None
+    sumsq: torch.Tensor | None = None
+    eps: float = 0.0
+    gain: torch.Tensor | None = None
+    gained: torch.Tensor | None = None
+    sumsq_out: torch.Tensor | None = None
 
 
 def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torch.Tensor, int, int], tuple],
                      meta: dict, split: int, n: int, out: torch.Tensor, bias: torch.Tensor | None,
-                     b: torch.Tensor, epilogue: str, block: int) -> torch.Tensor:
+                     b: torch.Tensor, epilogue: str, block: int, fusion: ReduceFusion | None = None) -> torch.Tensor:
     """Launch a GEMV/GEMM kernel of this module: straight into ``out`` (+ bias) when K is not split and there is
-    no epilogue, else fp32 partials ``[split, M, n]`` summed by ``_splitk_reduce``, which also applies the
-    epilogue (so a one-split epilogue costs the reduce launch its unfused op would have cost).
-    ``args(target, som, sos)``: the kernel's positional arguments writing to ``target`` with row and split
-    strides ``som``/``sos``; ``block``: the reduce's program width."""
+    no epilogue or ``fusion``, else fp32 partials ``[split, M, n]`` summed by ``_splitk_reduce``, which also
+    applies the epilogue (so a one-split epilogue costs the reduce launch its unfused op would have cost) and the
+    fusion. ``args(target, som, sos)``: the kernel's positional arguments writing to ``target`` with row and split
+    strides ``som``/``sos``; ``block``: the reduce's program width (``reduce_programs``)."""
     act, gated = parse_epilogue(epilogue, "weight_only_linear")
-    if split == 1 and not epilogue:
+    if split == 1 and not epilogue and fusion is None:
         launcher(x2, kernel)[grid](*args(out, out.stride(0), 0), HAS_BIAS=bias is not None, PARTIAL=False, **meta)
         return out
-    m = x2.shape[0]
+    m, k = x2.shape
     part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
     launcher(x2, kernel)[grid](*args(part, n, m * n), HAS_BIAS=False, PARTIAL=True, **meta)
-    launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](part, b, out, m * n, n, SPLIT=split,
-                                                        HAS_BIAS=bias is not None, BLOCK=block, ACT=act, GATED=gated)
+    f = fusion or ReduceFusion()
+    nq = 0 if f.sumsq is None else f.sumsq.shape[-1]
+    if f.gain is not None:  # one partial sum of squares per reduce program: programs must not straddle rows
+        check(m == 1 and f.residual is not None and not epilogue, "weight_only_linear",
+              f"the next norm's halves come from a residual add at M = 1, got M={m}, epilogue {epilogue!r}")
+        f.sumsq_out = torch.empty((1, cdiv(n, block)), device=x2.device, dtype=torch.float32)
+    launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](
+        part, b, out, *(t if t is not None else part for t in (f.sumsq, f.residual, f.gain, f.gained, f.sumsq_out)),
+        m * n, n, k, f.eps, SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block, ACT=act, GATED=gated, NQ=nq,
+        HAS_RES=f.residual is not None, NORM_OUT=f.gain is not None)
     return out
 
 
@@ -1405,7 +1455,7 @@ def _word_masks(bits: int) -> tuple[int, int]:
     return ((1 << bits) - 1) << (23 - bits), 0x3F800000
 
 
-def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, epilogue=""):
+def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, epilogue="", fusion=None):
     m, k = x2.shape
     n = words.shape[0]
     bits = 4 if qdtype in PACKED_QDTYPES else 8
@@ -1429,7 +1479,7 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
     n_major = is_n_major(words)
     sw = words.stride(1) if n_major else words.stride(0)
     if cfg.get("ROWS") and n_major and bits == 4 and not cfg["TC"] and m == 1:
-        return _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, epilogue)
+        return _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, epilogue, fusion)
     mask_args = _word_masks(bits)  # the exponent-trick kernels' constants (``_tc_chunk`` converts codes directly)
     if cfg["TC"] and cfg.get("PS") and n_major and bits == 4:
         kernel = _tc_chunk
@@ -1451,10 +1501,10 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
     def args(t, som, sos):
         return (x2, words, scale, zp, b, t, m, n, nch, ch_split, x2.stride(0), sw, ssn, ssg, som, sos, *mask_args)
 
-    return _direct_or_split(x2, kernel, grid, args, meta, split, n, out, bias, b, epilogue, 1024)
+    return _direct_or_split(x2, kernel, grid, args, meta, split, n, out, bias, b, epilogue, 1024, fusion)
 
 
-def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, epilogue=""):
+def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, epilogue="", fusion=None):
     """``_gemv_r`` (+ ``_splitk_reduce`` when K is split): ``ROWS`` word rows per step, ``SPLIT_K`` programs per
     column tile along K; ``meta``: ``_launch_words``' constexprs for the word layout."""
     n = words.shape[0]
@@ -1472,7 +1522,7 @@ def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, 
         return (x2, words, scale, zp, b, t, n, nstep, per_prog, sw, ssn, ssg, sos, *consts)
 
     # a 128-wide reduce: over 8-32 partial rows, 1024-wide programs made the op 2 µs slower at 11008x4096 (R8 vs R9)
-    return _direct_or_split(x2, _gemv_r, grid, args, rmeta, split, n, out, bias, b, epilogue, 128)
+    return _direct_or_split(x2, _gemv_r, grid, args, rmeta, split, n, out, bias, b, epilogue, 128, fusion)
 
 
 def _dequantize_words(words, scale, zero_point, qdtype, group, k, dtype):
@@ -1499,15 +1549,33 @@ def _words_meta(words: torch.Tensor, qdtype: str, group: int, k: int) -> int:
     return cw
 
 
+def _unfused(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             fusion: ReduceFusion) -> torch.Tensor:
+    """``product(x)`` with a ``ReduceFusion``'s norm and residual add as torch ops around it (where its reduce does
+    not run them), filling ``fusion.gained`` / ``sumsq_out`` when it asks for the next norm's halves."""
+    if fusion.sumsq is not None:
+        x = norm_from_parts_ref(x, fusion.sumsq, fusion.eps)
+    y = product(x)
+    if fusion.residual is not None:
+        y = fusion.residual.reshape(y.shape) + y
+    if fusion.gain is not None:
+        fusion.gained, fusion.sumsq_out = norm_parts_ref(y, fusion.gain)
+    return y
+
+
 def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-             bias: torch.Tensor | None, qdtype: str, group_size: int, path: str, epilogue: str = "") -> torch.Tensor:
+             bias: torch.Tensor | None, qdtype: str, group_size: int, path: str, epilogue: str = "",
+             fusion: ReduceFusion | None = None) -> torch.Tensor:
     k = x.shape[-1]
     n = qweight.shape[0]
     _, gated = parse_epilogue(epilogue, "weight_only_linear")
     check(not gated or n % 2 == 0, "weight_only_linear",
           f"a gated epilogue needs an even N (gate, up pairs), got N={n}")
     if qweight.dtype == torch.int32:
-        return _wo_words(x, qweight, scale, zero_point, bias, qdtype, group_size, path, epilogue)
+        return _wo_words(x, qweight, scale, zero_point, bias, qdtype, group_size, path, epilogue, fusion)
+    if fusion is not None:  # the stored layout's kernels fuse none of it
+        return _unfused(lambda v: _wo_impl(v, qweight, scale, zero_point, bias, qdtype, group_size, path, epilogue),
+                        x, fusion)
     if epilogue:  # the stored layout's kernels have no epilogue: its ops after them
         return epilogue_ref(_wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path), epilogue)
     if scale.dim() == 2 and scale.stride(1) != 1:
@@ -1549,9 +1617,10 @@ def _wo_impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_p
     return out.reshape(*x.shape[:-1], n)
 
 
-def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path, epilogue=""):
+def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path, epilogue="", fusion=None):
     """The decode layout: word GEMV for M <= 16 (CUDA cores below ``WORDS_TC_MIN_M``, tensor cores from it),
-    dequantize + cuBLAS above."""
+    dequantize + cuBLAS above. ``fusion`` runs in the GEMVs' split-K reduce (the next norm's halves at M = 1
+    only), elsewhere as torch ops (``_unfused``)."""
     k = x.shape[-1]
     n = words.shape[0]
     check(group_size == 0 or (is_pow2(group_size) and group_size >= 16 and k % group_size == 0),
@@ -1570,27 +1639,61 @@ def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path, epilo
             path = "gemv"
         else:
             path = "dequant"
+    if fusion is not None and (path != "gemv" or (fusion.gain is not None and m != 1)):
+        return _unfused(lambda v: _wo_words(v, words, scale, zero_point, bias, qdtype, group_size, path, epilogue),
+                        x, fusion)
     if path != "gemv":
         w = _dequantize_words(words, scale, zero_point, qdtype, group_size, k, x.dtype)
         y = F.linear(x, w, bias)
         return epilogue_ref(y, epilogue)
     n_out = n // 2 if epilogue.endswith("*up") else n
     out = torch.empty((m, n_out), device=x.device, dtype=x.dtype)
+    if fusion is not None:
+        if fusion.residual is not None:
+            fusion.residual = fusion.residual.reshape(m, n_out).contiguous()
+        if fusion.gain is not None:
+            fusion.gained = torch.empty_like(out)
+        if fusion.sumsq is not None:
+            fusion.sumsq = fusion.sumsq.reshape(m, -1).contiguous()
     if cfg is None:
         cfg = words_config(m, n, k, bits, cw, is_n_major(words), group_size)
-    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, cfg, epilogue)
+    _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, cfg, epilogue, fusion)
+    if fusion is not None and fusion.gain is not None:
+        fusion.gained = fusion.gained.reshape(*x.shape[:-1], n_out)
+        fusion.sumsq_out = fusion.sumsq_out.reshape(*x.shape[:-1], -1)
     return out.reshape(*x.shape[:-1], n_out)
 
 
 @triton_op("lowbit::weight_only_linear", mutates_args=())
 def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                        zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str,
-                       group_size: int, path: str = "auto", epilogue: str = "") -> torch.Tensor:
+                       group_size: int, path: str = "auto", epilogue: str = "",
+                       norm_sumsq: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
     """``x @ dequantize(qweight).T + bias`` with the dequantize fused; ``group_size`` 0 = per channel.
 
     ``path``: ``auto`` (by M), ``gemv`` (split-K), ``gemm`` (tiled), ``dequant`` (dequantize + cuBLAS).
     ``epilogue`` (``parse_epilogue``): an activation (``silu``, ``gelu``, ``gelu_tanh``) applied to the output, or
     ``<act>*up`` when the weight's rows are interleaved (gate, up) pairs (``interleave_rows``): the op returns
     ``act(gate) * up``, half as wide (``epilogue_ref``). On the decode layout's GEMVs the epilogue runs in the
-    split-K reduce, so an MLP's activation costs no launch of its own; elsewhere its ops follow the product."""
-    return _wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path, epilogue)
+    split-K reduce, so an MLP's activation costs no launch of its own; elsewhere its ops follow the product.
+
+    ``norm_sumsq`` (``[..., P]``, with ``norm_eps``): ``x`` is an RMSNorm's gain times its input row and these
+    are partial sums of that row's squares (``weight_only_linear_add_norm`` makes both): the op is the linear of
+    the norm's output (``norm_from_parts_ref``), the scaling done in the GEMVs' reduce."""
+    fusion = None if norm_sumsq is None else ReduceFusion(sumsq=norm_sumsq, eps=norm_eps)
+    return _wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, path, epilogue, fusion)
+
+
+@triton_op("lowbit::weight_only_linear_add_norm", mutates_args=())
+def weight_only_linear_add_norm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                                zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str,
+                                group_size: int, residual: torch.Tensor,
+                                norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block's ``residual + linear(x)`` (the new residual stream) and the first half of the RMSNorm that reads
+    it: ``(stream, norm_weight * stream, partial sums of stream**2 [..., P])`` (``norm_parts_ref``), which the
+    next ``weight_only_linear(..., norm_sumsq=...)`` finishes. In a decode step (M = 1, decode layout) all of it
+    runs in the GEMV's split-K reduce, so the add and the norm cost no launch of their own (they were a ~3 µs
+    Inductor kernel each, two per block, on the H200); elsewhere torch ops follow the product."""
+    fusion = ReduceFusion(residual=residual, gain=norm_weight)
+    stream = _wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, "auto", "", fusion)
+    return stream, fusion.gained, fusion.sumsq_out
