@@ -57,19 +57,20 @@ FUSED_CONFIGS = "mma/64/4096/4/1/0,mma/64/4096/4/2/3,bfly/64/4096/4/2/4,bfly/409
 # --variants: per length, the candidates timed next to its current CONFIGS / FUSED_CONFIGS entries (these two come
 # first, whatever is listed). Why each: "/p" = Triton's cp.async pipeline (Config.pipeline) with stages 1 and
 # persistent programs, bytes in flight from shared memory instead of registers; "/1" = Config.split (76 = 64 + 16,
-# 36 = 32 + 16: less padding, fewer registers); bigger tiles amortize the blocked path's table reads (11008).
+# 36 = 32 + 16: less padding, fewer registers); 11008: more rows per tile (2-4) so each 32 KB table block read from
+# L2 serves more than one row (at one row per tile the table reads are ~13x the row's bytes), more warps per SM.
 VARIANTS = ("4096=bfly/64/4096/4/1/4/4,mma/64/4096/4/1/3/4,bfly/4096/4096/2/2/7,bfly/4096/8192/4/2/4,"
             "bfly/64/4096/4/1/5/3;"
             "1536=bfly/64/4096/4/1/4,mma/64/4096/4/1/4/4,bfly/64/4096/4/1/6/4,bfly/128/4096/4/1/4/4,"
             "mma/64/4096/4/2/4;"
             "576=mma/64/4096/4/1/0/3/1,mma/64/4096/4/1/4/4/1,mma/64/8192/4/1/3/3/1,bfly/64/4096/4/1/4/4/1,"
             "mma/64/4096/4/1/4/4;"
-            "4864=mma/64/4096/4/2/3/3/1,mma/64/4096/4/1/3/3/1,bfly/64/4096/4/2/4/3/1,bfly/64/4096/4/1/4/3/1,"
+            "4864=mma/64/4096/4/2/3/3/1,mma/64/4096/4/1/3/3/1,bfly/64/4096/4/1/4/3/1,bfly/64/4096/8/1/2/3/1,"
             "bfly/64/4096/4/2/4;"
-            "14336=bfly/4096/4096/8/1/2,bfly/4096/4096/8/1/2/2,bfly/256/16384/8/1/2/2,bfly/4096/4096/4/1/2/2,"
+            "14336=bfly/4096/4096/8/1/2,bfly/4096/4096/8/1/2/2,bfly/4096/4096/16/1/1/2,bfly/256/16384/16/1/1/2,"
             "bfly/128/16384/8/1/1/2;"
-            "11008=mma/64/4096/4/1/3/2,mma/64/4096/4/1/3/1,mma/64/8192/8/1/2/2,bfly/64/4096/4/1/3/2,"
-            "bfly/64/8192/4/1/2/1")
+            "11008=mma/64/4096/4/1/3/2,mma/64/8192/8/1/2/2,bfly/64/8192/8/1/2/2,bfly/64/16384/8/1/1/2,"
+            "bfly/64/16384/16/1/1/2")
 
 
 def parse_config(spec: str) -> K.Config:
