@@ -102,18 +102,20 @@ class Config(NamedTuple):
     n2_cap: int = 64
     """``N2 = min(p, n2_cap)``: the order of ``R``; the rest of ``p`` goes into ``L`` (the first product)."""
     tile: int = 4096
-    """Elements per loop step (``RB`` rows of ``BA·N2``)."""
+    """Elements per loop step: ``RB`` rows of ``(BA + BB)·N2``, RB the largest power of two within ``tile`` (at
+    least one row, and what the MMA shapes need)."""
     warps: int = 4
     stages: int = 2
-    """2: each loop step issues the next tile's loads before its own math (a hand-made two-stage pipeline;
-    Triton's pipeliner leaves this loop alone: no cp.async in the sm_90 PTX); 1: load, then compute."""
+    """2: each loop step issues the next tile's loads before its own math (a hand-made two-stage pipeline in
+    registers; Triton's pipeliner leaves this loop alone: no cp.async in the sm_90 PTX); 1: the loads as written,
+    which Triton's pipeliner streams where they feed ``tl.dot`` (``pipeline``)."""
     waves: int = 3
     """Persistent programs per SM, each looping over row tiles with ``L`` and ``R`` made once (0: one tile per
     program, the table and ``R`` re-made per tile)."""
     pipeline: int = 3
-    """Triton's ``num_stages``: with ``stages = 1`` its pipeliner streams the loads that feed ``tl.dot`` (the row
-    tiles, the blocked path's K blocks) through ``pipeline - 1`` shared-memory buffers by cp.async: bytes in
-    flight without registers, at a cost in shared memory (fewer programs per SM)."""
+    """Triton's ``num_stages``: its pipeliner streams the loads that feed ``tl.dot`` (the row tiles with
+    ``stages = 1``, the blocked path's K blocks always) through ``pipeline - 1`` shared-memory buffers by cp.async:
+    bytes in flight without registers, at a cost in shared memory (fewer programs per SM)."""
     split: bool = False
     """``n1`` not a power of two (one block): ``Lᵀ`` as 2 x 2 blocks of two power-of-two parts ``BA + BB`` (76 =
     64 + 16 padded to 80, 36 = 32 + 16 to 48) instead of one block padded to the next power of two (128, 64):
