@@ -133,10 +133,11 @@ def _check_exact(x: torch.Tensor, dtype: torch.dtype, cfg: K.Config) -> None:
     assert ((y.float() - exact.float()).abs() <= ulp * 1.01).all()
 
 
-@pytest.mark.parametrize("cfg", [K.Config(tile=256, waves=1), K.Config(stage2="bfly", tile=256, waves=1)])
+@pytest.mark.parametrize("cfg", [K.Config(tile=256, waves=1), K.Config(stage2="bfly", tile=256, waves=1),
+                                 K.Config(stage2="bfly", n2_cap=4096, tile=256, stages=1, waves=1, pipeline=4)])
 def test_persistent_programs_cover_every_tile(cfg):
     """Few programs looping over many row tiles (37 rows, 4 per tile, 2 programs): every row lands in its place,
-    the same as one tile per program."""
+    the same as one tile per program (also the butterfly-only loop left to Triton's pipeline)."""
     x = torch.randn(37, 64, device=DEV, dtype=torch.bfloat16)
     y = _run(x, cfg)[0]
     assert torch.equal(y, _run(x, cfg._replace(waves=0))[0])
@@ -318,31 +319,39 @@ MMA, BFLY = K.Config(), K.Config(stage2="bfly", n2_cap=4096)
 SPLIT = K.Config(split=True, stages=1, waves=4, pipeline=4)
 for n, in_dtype, quant, cfg in [(4096, "bf16", 0, MMA), (11008, "fp32", 0, MMA), (576, "bf16", 2, MMA),
                                 (4864, "fp16", 3, MMA), (4096, "bf16", 0, BFLY), (576, "bf16", 1, BFLY),
-                                (14336, "bf16", 0, BFLY), (4864, "bf16", 1, SPLIT), (576, "fp32", 0, SPLIT)]:
+                                (14336, "bf16", 0, BFLY), (4864, "bf16", 1, SPLIT), (576, "fp32", 0, SPLIT),
+                                (4096, "bf16", 0, BFLY._replace(stages=1, waves=8))]:
     n1, n2, ba, nkb, bb = K._geometry(n, cfg)
     const = {"N1": n1, "BA": ba, "NKB": nkb, "BB": bb, "N2": n2,
              "RB": pow2_at_most(cfg.tile // ((ba + bb) * n2), cfg.tile),
              "SCALE": K._scale_const(n, torch.bfloat16), "IN_KIND": {"bf16": 0, "fp16": 1, "fp32": 2}[in_dtype],
              "MID_PARTS": 3, "QUANT": quant, "QMAX": {0: 0.0, 1: 127.0, 2: 7.0, 3: 448.0}[quant],
              "RCP": {0: 0.0, 1: 1 / 127, 2: 1 / 7, 3: 1 / 448}[quant], "STORE_Y": quant == 0, "UPCAST": False,
-             "BFLY": cfg.stage2 == "bfly", "LOG_N2": n2.bit_length() - 1, "PREFETCH": cfg.stages > 1 and nkb == 1}
+             "BFLY": cfg.stage2 == "bfly", "LOG_N2": n2.bit_length() - 1, "PREFETCH": cfg.stages > 1 and nkb == 1,
+             "LOOP_STAGES": cfg.pipeline if cfg.stages == 1 else 1}
     sig = {"x_ptr": f"*{in_dtype}", "lt_ptr": "*bf16", "y_ptr": f"*{in_dtype}",
            "q_ptr": {0: "*i8", 1: "*i8", 2: "*u8", 3: "*fp8e4nv"}[quant], "s_ptr": "*fp32", "M": "i32", "sxm": "i32",
            "sym": "i32", "sqm": "i32", "NPROG": "i32", **dict.fromkeys(const, "constexpr")}
-    k = triton.compile(ASTSource(K._hadamard_kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+    # 16-byte aligned pointers and strides, as the launcher specializes them (vector loads, cp.async)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig)
+             if a.endswith("_ptr") or a in ("sxm", "sym", "sqm")}
+    k = triton.compile(ASTSource(K._hadamard_kernel, sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": cfg.warps, "num_stages": cfg.pipeline})
-    out[f"{n}-{in_dtype}-{quant}-{cfg.stage2}-{int(cfg.split)}"] = {"mma": "mma" in k.asm["ptx"] or n1 == 1,
-                                                   "cubin": len(k.asm.get("cubin", b""))}
+    out[f"{n}-{in_dtype}-{quant}-{cfg.stage2}-{int(cfg.split)}-{cfg.stages}"] = {
+        "mma": "mma" in k.asm["ptx"] or n1 == 1, "cubin": len(k.asm.get("cubin", b"")),
+        "cp.async": "cp.async" in k.asm["ptx"]}
 print(json.dumps(out))
 """
 
 
 def test_kernel_compiles_for_sm90_without_a_gpu():
     """The GPU compiler (not the interpreter) accepts the kernel: an ahead-of-time compile for sm_90 through
-    Triton's bundled ptxas (no device needed) of nine variants (bf16 / fp32 blocked 11008 / fused int4 / fp16
+    Triton's bundled ptxas (no device needed) of ten variants (bf16 / fp32 blocked 11008 / fused int4 / fp16
     fused fp8 on the MMA path; pure butterflies for 4096, fused int8 576 and 14336 = 28·512 on the butterfly
-    path; two-part L, fused int8 4864 and fp32 576, with Triton's 4-stage pipeline), each with tensor-core MMAs
-    where it has a first product, and a cubin. A subprocess:
+    path; two-part L, fused int8 4864 and fp32 576, with Triton's 4-stage pipeline; 4096's butterflies with the
+    tile loop left to Triton's pipeline), each with tensor-core MMAs where it has a first product, and a cubin;
+    the last one streams its tiles by cp.async (the loop's own num_stages: no tl.dot consumes them). A subprocess:
     TRITON_INTERPRET=1 replaces the jit."""
     import json
     import subprocess
@@ -359,4 +368,5 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
         pytest.skip("no ptxas in this Triton install")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(res) == 9 and all(v["mma"] and v["cubin"] > 0 for v in res.values()), res
+    assert len(res) == 10 and all(v["mma"] and v["cubin"] > 0 for v in res.values()), res
+    assert res["4096-bf16-0-bfly-0-1"]["cp.async"] and not res["4096-bf16-0-bfly-0-2"]["cp.async"], res

@@ -55,12 +55,14 @@ CONFIGS = ("mma/64/4096/4/1/0,mma/64/4096/4/2/3,bfly/64/4096/4/2/4,bfly/4096/409
            "bfly/4096/4096/2/2/8,bfly/4096/4096/8/2/2,bfly/4096/8192/8/2/2")
 FUSED_CONFIGS = "mma/64/4096/4/1/0,mma/64/4096/4/2/3,bfly/64/4096/4/2/4,bfly/4096/4096/4/2/4,bfly/4096/8192/8/2/2"
 # --variants: per length, the candidates timed next to its current CONFIGS / FUSED_CONFIGS entries (these two come
-# first, whatever is listed). Why each: "/p" = Triton's cp.async pipeline (Config.pipeline) with stages 1 and
-# persistent programs, bytes in flight from shared memory instead of registers; "/1" = Config.split (76 = 64 + 16,
-# 36 = 32 + 16: less padding, fewer registers); 11008: more rows per tile (2-4) so each 32 KB table block read from
-# L2 serves more than one row (at one row per tile the table reads are ~13x the row's bytes), more warps per SM.
-VARIANTS = ("4096=bfly/64/4096/4/1/4/4,mma/64/4096/4/1/3/4,bfly/4096/4096/2/2/7,bfly/4096/8192/4/2/4,"
-            "bfly/64/4096/4/1/5/3;"
+# first, whatever is listed). Why each: stages 1 with persistent programs = Triton's cp.async pipeline of the
+# tile loop (Config.pipeline, 3 unless a 7th field says otherwise), bytes in flight from shared memory instead of
+# registers (4096's butterflies: 62 registers at 4 warps, 8 programs per SM, against 128 at 2 warps with the
+# register prefetch); an 8th field 1 = Config.split (76 = 64 + 16, 36 = 32 + 16: less padding, fewer registers);
+# 11008: more rows per tile (2-4) so each 32 KB table block read from L2 serves more than one row (at one row per
+# tile the table reads are ~13x the row's bytes), more warps per SM.
+VARIANTS = ("4096=bfly/4096/4096/4/1/8,bfly/4096/4096/4/1/6/4,bfly/4096/4096/2/1/10,bfly/4096/8192/8/1/4,"
+            "bfly/64/4096/4/1/4/4,mma/64/4096/4/1/3/4;"
             "1536=bfly/64/4096/4/1/4,mma/64/4096/4/1/4/4,bfly/64/4096/4/1/6/4,bfly/128/4096/4/1/4/4,"
             "mma/64/4096/4/2/4;"
             "576=mma/64/4096/4/1/0/3/1,mma/64/4096/4/1/4/4/1,mma/64/8192/4/1/3/3/1,bfly/64/4096/4/1/4/4/1,"

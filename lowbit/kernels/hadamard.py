@@ -28,10 +28,10 @@ kernel). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to
    ``log2(N2)`` adds per element where the MMA path costs ``6·N2`` tensor-core flops plus the splitting.
 
 Programs are persistent (``Config.waves`` per SM): each makes ``Lᵀ`` and ``R`` once and loops over row tiles,
-issuing the next tile's loads before the current tile's math (``Config.stages = 2``, in registers; Triton's
-pipeliner does not pipeline that loop) or (``stages = 1``) leaving them to Triton's pipeliner, which streams the
-loads that feed ``tl.dot`` through ``Config.pipeline - 1`` shared-memory buffers by cp.async (sm_90 PTX of the
-AOT compile; the butterfly-only path, ``n1 = 1``, has no dot and no such pipeline). ``CONFIGS`` /
+issuing the next tile's loads before the current tile's math (``Config.stages = 2``, in registers) or
+(``stages = 1``) leaving them to Triton's pipeliner: the loop's own ``num_stages = Config.pipeline`` streams them
+through ``pipeline - 1`` shared-memory buffers by cp.async (sm_90 PTX of the AOT compile; without it, as before
+round 14, only loads that feed ``tl.dot`` were pipelined, not the butterfly-only path's). ``CONFIGS`` /
 ``FUSED_CONFIGS`` hold, per length, the configs ``tools/bench_hadamard.py --sweep`` / ``--variants`` measured
 fastest on the H200; ``EAGER_ROWS`` / ``GRAPH_ROWS`` the measured
 row ranges where the kernel beats the reference op, outside which the triton backend runs the reference
@@ -107,15 +107,16 @@ class Config(NamedTuple):
     warps: int = 4
     stages: int = 2
     """2: each loop step issues the next tile's loads before its own math (a hand-made two-stage pipeline in
-    registers; Triton's pipeliner leaves this loop alone: no cp.async in the sm_90 PTX); 1: the loads as written,
-    which Triton's pipeliner streams where they feed ``tl.dot`` (``pipeline``)."""
+    registers; Triton's pipeliner is told to leave this loop alone); 1: the loads as written, which Triton's
+    pipeliner streams (``pipeline``)."""
     waves: int = 3
     """Persistent programs per SM, each looping over row tiles with ``L`` and ``R`` made once (0: one tile per
     program, the table and ``R`` re-made per tile)."""
     pipeline: int = 3
-    """Triton's ``num_stages``: its pipeliner streams the loads that feed ``tl.dot`` (the row tiles with
-    ``stages = 1``, the blocked path's K blocks always) through ``pipeline - 1`` shared-memory buffers by cp.async:
-    bytes in flight without registers, at a cost in shared memory (fewer programs per SM)."""
+    """Triton's ``num_stages``, for the kernel and (``stages = 1``) the row-tile loop: its pipeliner streams the
+    loop's loads (the row tiles, on every path) and the blocked path's K blocks through ``pipeline - 1``
+    shared-memory buffers by cp.async: bytes in flight without registers, at a cost in shared memory (fewer
+    programs per SM)."""
     split: bool = False
     """``n1`` not a power of two (one block): ``Lᵀ`` as 2 x 2 blocks of two power-of-two parts ``BA + BB`` (76 =
     64 + 16 padded to 80, 36 = 32 + 16 to 48) instead of one block padded to the next power of two (128, 64):
@@ -458,11 +459,14 @@ def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm, NPROG
                      N1: tl.constexpr, BA: tl.constexpr, NKB: tl.constexpr, BB: tl.constexpr, N2: tl.constexpr,
                      RB: tl.constexpr, SCALE: tl.constexpr, IN_KIND: tl.constexpr, MID_PARTS: tl.constexpr,
                      QUANT: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr, STORE_Y: tl.constexpr,
-                     UPCAST: tl.constexpr, BFLY: tl.constexpr, LOG_N2: tl.constexpr, PREFETCH: tl.constexpr):
+                     UPCAST: tl.constexpr, BFLY: tl.constexpr, LOG_N2: tl.constexpr, PREFETCH: tl.constexpr,
+                     LOOP_STAGES: tl.constexpr):
     # Programs: NKB output blocks (pa) x NPROG row programs, each looping over the row tiles pr = p0 + k·NPROG
     # (RB rows each). IN_KIND: 0 bf16, 1 fp16, 2 fp32 input. QUANT: 0 none, 1 int8, 2 int4 (packed), 3 fp8 e4m3
     # (the host allows it only with NKB == 1). BFLY: R by fp32 butterflies instead of three MMAs. BB > 0 (only
     # with NKB == 1): rows BA..BA+BB of L are a second part ("b"), the tile's first product four MMAs.
+    # LOOP_STAGES: the tile loop's own num_stages (> 1: Triton streams all its loads through shared memory, the
+    # butterfly-only path's too, which the kernel-wide num_stages leaves alone: no tl.dot consumes them).
     pid = tl.program_id(0)
     pa = pid % NKB  # the NKB programs of the same rows run next to each other: their x re-reads hit L2
     p0 = pid // NKB
@@ -497,7 +501,7 @@ def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm, NPROG
         x_next = _load_x(x_ptr, p0, M, sxm, j, b, kk, N1, N2, RB)
         if BB > 0:
             xb_next = _load_x(x_ptr, p0, M, sxm, j, b, ab, N1, N2, RB)
-    for pr in tl.range(p0, n_tiles, NPROG):
+    for pr in tl.range(p0, n_tiles, NPROG, num_stages=LOOP_STAGES):
         rows = pr * RB + j
         row_base = rows[None, :].to(tl.int64)
         # 1. W = Lᵀ · X_cat over K blocks, X_cat[k, j·N2 + b] = x[row j, k·N2 + b]; exact products, fp32 sums
@@ -605,8 +609,8 @@ def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None, cfg: Config |
             N1=n1, BA=ba, NKB=nkb, BB=bb, N2=n2, RB=rb, SCALE=_scale_const(n, x.dtype),
             IN_KIND=_IN_KIND[x.dtype], MID_PARTS=3, QUANT=quant, QMAX=qmax, RCP=rcp,
             STORE_Y=qdtype is None, UPCAST=interpreting(), BFLY=cfg.stage2 == "bfly",
-            LOG_N2=n2.bit_length() - 1, PREFETCH=cfg.stages > 1 and nkb == 1, num_warps=cfg.warps,
-            num_stages=cfg.pipeline)
+            LOG_N2=n2.bit_length() - 1, PREFETCH=cfg.stages > 1 and nkb == 1,
+            LOOP_STAGES=cfg.pipeline if cfg.stages == 1 else 1, num_warps=cfg.warps, num_stages=cfg.pipeline)
     if qdtype is None:
         return (y.reshape(x.shape),)
     return q, s
