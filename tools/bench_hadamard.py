@@ -233,6 +233,9 @@ def winners(rows: list[dict]) -> str:
     """Per length, the fastest plain variant (graph time, outputs within the near-tie bound) and the fastest
     fused one sharing its arithmetic (same path and geometry: fused codes = quantize(plain output)), as the
     ``CONFIGS`` / ``FUSED_CONFIGS`` entries to paste into lowbit/kernels/hadamard.py."""
+    def arithmetic(r: dict) -> tuple:  # what fixes the plain output's rounding: the path and the geometry
+        return r["variant"].split("/")[0], tuple(r["geometry"])
+
     plain, fused = [], []
     for n in dict.fromkeys(r["K"] for r in rows):
         ok = [r for r in rows if r["K"] == n and r.get("graph_us") and r.get("mismatch_frac", 1) <= 2e-3]
@@ -243,15 +246,14 @@ def winners(rows: list[dict]) -> str:
         was = f" (current {cur['variant']}: {cur['graph_us']} µs)" if cur else ""
         cfg = parse_config(best["variant"])
         plain.append(f"    {n}: {cfg!r},  # {best['graph_us']} µs, {best['graph_eff_bw_frac']} of copy bandwidth{was}")
-        same = [r for r in ok if r.get("int8_graph_us") and r.get("int8_vs_plain_mismatch") == 0
-                and r["geometry"] == best["geometry"] and parse_config(r["variant"]).stage2 == cfg.stage2]
+        fusable = [r for r in ok if r.get("int8_graph_us") and r.get("int8_vs_plain_mismatch") == 0]
+        same = [r for r in fusable if arithmetic(r) == arithmetic(best)]
         if same:
             fb = min(same, key=lambda r: r["int8_graph_us"])
             fcur = next((r for r in rows if r["K"] == n and r["fused_current"] and r.get("int8_graph_us")), None)
             fwas = f" (current {fcur['variant']}: {fcur['int8_graph_us']} µs)" if fcur else ""
             fused.append(f"    {n}: {parse_config(fb['variant'])!r},  # int8 {fb['int8_graph_us']} µs{fwas}")
-        pairs = [(p, f) for p in ok for f in ok if f.get("int8_graph_us") and f.get("int8_vs_plain_mismatch") == 0
-                 and f["geometry"] == p["geometry"] and f["variant"].split("/")[0] == p["variant"].split("/")[0]]
+        pairs = [(p, f) for p in ok for f in fusable if arithmetic(f) == arithmetic(p)]
         if pairs:  # the plain pick can cost the fused op more than it saves: the best pair by summed time
             p, f = min(pairs, key=lambda pf: pf[0]["graph_us"] + pf[1]["int8_graph_us"])
             if p is not best:
