@@ -46,14 +46,27 @@ def _ref64(x: torch.Tensor) -> torch.Tensor:
     return (x.double() @ hadamard_matrix(n, torch.float64).to(x.device)) * c
 
 
-@pytest.mark.parametrize("n", [*SIZES, MULTI])
-def test_kernel_factors_are_lowbits_hadamard_matrix(n):
-    n1, n2, ba, nkb = K._geometry(n)
-    assert n1 * n2 == n and (nkb == 1) == (n1 <= K.BLOCK_A) and ba * nkb >= n1
-    lt = K._left_t(n).double()
+SPLIT = K.Config(split=True)  # one block of L as two power-of-two parts where that pads less (76 = 64 + 16)
+
+
+@pytest.mark.parametrize("n, cfg", [(n, None) for n in [*SIZES, MULTI]] + [(576, SPLIT), (4864, SPLIT)])
+def test_kernel_factors_are_lowbits_hadamard_matrix(n, cfg):
+    n1, n2, ba, nkb, bb = K._geometry(n, cfg)
+    assert n1 * n2 == n and (nkb == 1) == (n1 <= K.BLOCK_A) and ba * nkb + bb >= n1
+    lt = K._left_t(n, cfg).double()
+    assert lt.shape == (K._table_side(n, cfg),) * 2
     assert not lt[n1:].any() and not lt[:, n1:].any()  # zero padding
     assert torch.equal(torch.kron(lt[:n1, :n1].T.contiguous(), sylvester(n2).double()), hadamard_matrix(n, torch.float64))
 
+
+def test_split_geometry_pads_less_or_keeps_one_block():
+    """``Config.split``: n1 = BA + BB with BA the largest power of two below n1 and BB >= 16 the rest padded, only
+    where that is below the one-block padding; otherwise (and for the blocked path, n1 = 1) the plain geometry."""
+    assert K._geometry(4864, SPLIT) == (76, 64, 64, 1, 16)  # 80 rows instead of 128
+    assert K._geometry(576, SPLIT) == (36, 16, 32, 1, 16)  # 48 instead of 64
+    assert K._geometry(3072, SPLIT) == (48, 64, 32, 1, 16)  # 12·256: exactly 48
+    for n in (1536, 64, 4096, 11008, 7168):  # 24 = 16 + 16 saves nothing; 1; 64; blocked 344; 112 = 64 + 64
+        assert K._geometry(n, SPLIT) == K._geometry(n, K.Config()), n
 
 @pytest.mark.parametrize("n, dtype", [(n, d) for n in SIZES for d in (torch.bfloat16, torch.float16, torch.float32)]
                          + [(MULTI, torch.bfloat16), (MULTI, torch.float32)])
@@ -91,7 +104,24 @@ def _run(x: torch.Tensor, cfg: K.Config, qdtype: str | None = None) -> tuple[tor
                                            (96, torch.bfloat16, BFLY), (96, torch.float32, BFLY)])
 def test_butterfly_configs_match_the_reference(n, dtype, cfg):
     """The butterfly path (and 96 = 12·8, which only it takes: no MMA needs K >= 16 on the Sylvester side)."""
-    x = (torch.randn(3, n, device=DEV) * 3).to(dtype)
+    _check_exact(torch.randn(3, n, device=DEV), dtype, cfg)
+
+
+@pytest.mark.parametrize("n, dtype, cfg", [(576, torch.bfloat16, SPLIT), (4864, torch.bfloat16, SPLIT),
+                                           (576, torch.float16, SPLIT._replace(stages=1, waves=1, pipeline=4)),
+                                           (4864, torch.float16, SPLIT._replace(stages=1, waves=1)),
+                                           (576, torch.float32, SPLIT._replace(stage2="bfly", waves=1)),
+                                           (4864, torch.float32, SPLIT._replace(stage2="bfly"))])
+def test_split_configs_match_the_reference(n, dtype, cfg):
+    """L as two parts (four MMAs per tile), on both paths for R, with the hand-made prefetch and without it (Triton's
+    pipeline); 9 rows: 576's tiles hold 4 (80 rows of L leave 4864 one), so persistent programs loop over several
+    tiles, the last one partial."""
+    _check_exact(torch.randn(9, n, device=DEV), dtype, cfg)
+
+
+def _check_exact(x: torch.Tensor, dtype: torch.dtype, cfg: K.Config) -> None:
+    """The config's output is the float64 transform rounded once (near-ties aside; fp32: within FP32_TOL)."""
+    x = (x * 3).to(dtype)
     y = _run(x, cfg)[0]
     ref64 = _ref64(x)
     if dtype == torch.float32:
@@ -103,10 +133,11 @@ def test_butterfly_configs_match_the_reference(n, dtype, cfg):
     assert ((y.float() - exact.float()).abs() <= ulp * 1.01).all()
 
 
-@pytest.mark.parametrize("cfg", [K.Config(tile=256, waves=1), K.Config(stage2="bfly", tile=256, waves=1)])
+@pytest.mark.parametrize("cfg", [K.Config(tile=256, waves=1), K.Config(stage2="bfly", tile=256, waves=1),
+                                 K.Config(stage2="bfly", n2_cap=4096, tile=256, stages=1, waves=1, pipeline=4)])
 def test_persistent_programs_cover_every_tile(cfg):
     """Few programs looping over many row tiles (37 rows, 4 per tile, 2 programs): every row lands in its place,
-    the same as one tile per program."""
+    the same as one tile per program (also the butterfly-only loop left to Triton's pipeline)."""
     x = torch.randn(37, 64, device=DEV, dtype=torch.bfloat16)
     y = _run(x, cfg)[0]
     assert torch.equal(y, _run(x, cfg._replace(waves=0))[0])
@@ -149,17 +180,20 @@ def test_hadamard_kernel_rows_shapes_and_strides():
     assert torch.equal(K.online_hadamard(x)[11], K.online_hadamard(x[11:12])[0])
 
 
-def test_llama_mlp_width_11008_on_the_blocked_path():
+@pytest.mark.parametrize("cfg", [None, K.Config(tile=8192, warps=8, stages=1, waves=1, pipeline=2),
+                                 K.Config(stage2="bfly", tile=8192, stages=1, waves=1, pipeline=1)])
+def test_llama_mlp_width_11008_on_the_blocked_path(cfg):
     """11008 = 344·32 (Paley I, q = 343 = 7^3): Lᵀ in 3 x 3 blocks; checked against the Kronecker form in float64
-    (A_344ᵀ · X · S_32 per row: the full 11008² matrix is too big for a unit test)."""
-    assert K._geometry(11008) == (344, 32, 128, 3)
-    x = torch.randn(2, 11008, device=DEV, dtype=torch.bfloat16)
-    y = K.online_hadamard(x)
+    (A_344ᵀ · X · S_32 per row: the full 11008² matrix is too big for a unit test). Also two rows per tile (the
+    table blocks read once per two rows), persistent programs looping over three tiles, the last one partial."""
+    assert K._geometry(11008, cfg) == (344, 32, 128, 3, 0)
+    x = torch.randn(5, 11008, device=DEV, dtype=torch.bfloat16)
+    y = K.online_hadamard(x) if cfg is None else _run(x, cfg)[0]
     a, s = hadamard_matrix(344, torch.float64), sylvester(32).double()
-    ref = torch.stack([a.T @ r.double().cpu().reshape(344, 32) @ s for r in x]).reshape(2, 11008)
+    ref = torch.stack([a.T @ r.double().cpu().reshape(344, 32) @ s for r in x]).reshape(5, 11008)
     exact = (ref * K._scale_const(11008, torch.bfloat16)).to(torch.bfloat16)
     assert (y.cpu() != exact).float().mean().item() <= 2e-3
-    assert "whole row" in K.unsupported_fused(11008)
+    assert "whole row" in K.unsupported_fused(11008, cfg)
     with pytest.raises(ValueError, match="hadamard_quantize"):
         K.hadamard_quantize(x, "int8")
 
@@ -177,7 +211,9 @@ FUSED = ([(576, d, q) for d in (torch.bfloat16, torch.float16, torch.float32) fo
 
 
 @pytest.mark.parametrize("n, dtype, qdtype, cfg", [(*f, None) for f in FUSED]
-                         + [(576, torch.bfloat16, "int4", BFLY), (1536, torch.float16, "fp8e4m3", BFLY)])
+                         + [(576, torch.bfloat16, "int4", BFLY), (1536, torch.float16, "fp8e4m3", BFLY),
+                            (4864, torch.bfloat16, "int8", SPLIT), (576, torch.float16, "int4", SPLIT),
+                            (576, torch.bfloat16, "fp8e4m3", SPLIT._replace(stage2="bfly", stages=1, pipeline=4))])
 def test_fused_quantize_codes(n, dtype, qdtype, cfg):
     from lowbit.ir.quant import dynamic_qparams, quantize
 
@@ -277,33 +313,45 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import lowbit.kernels.hadamard as K
+from lowbit.kernels._common import pow2_at_most
 out = {}
 MMA, BFLY = K.Config(), K.Config(stage2="bfly", n2_cap=4096)
+SPLIT = K.Config(split=True, stages=1, waves=4, pipeline=4)
 for n, in_dtype, quant, cfg in [(4096, "bf16", 0, MMA), (11008, "fp32", 0, MMA), (576, "bf16", 2, MMA),
                                 (4864, "fp16", 3, MMA), (4096, "bf16", 0, BFLY), (576, "bf16", 1, BFLY),
-                                (14336, "bf16", 0, BFLY)]:
-    n1, n2, ba, nkb = K._geometry(n, cfg)
-    const = {"N1": n1, "BA": ba, "NKB": nkb, "N2": n2, "RB": max(1, cfg.tile // (ba * n2)),
+                                (14336, "bf16", 0, BFLY), (4864, "bf16", 1, SPLIT), (576, "fp32", 0, SPLIT),
+                                (4096, "bf16", 0, BFLY._replace(stages=1, waves=8))]:
+    n1, n2, ba, nkb, bb = K._geometry(n, cfg)
+    const = {"N1": n1, "BA": ba, "NKB": nkb, "BB": bb, "N2": n2,
+             "RB": pow2_at_most(cfg.tile // ((ba + bb) * n2), cfg.tile),
              "SCALE": K._scale_const(n, torch.bfloat16), "IN_KIND": {"bf16": 0, "fp16": 1, "fp32": 2}[in_dtype],
              "MID_PARTS": 3, "QUANT": quant, "QMAX": {0: 0.0, 1: 127.0, 2: 7.0, 3: 448.0}[quant],
              "RCP": {0: 0.0, 1: 1 / 127, 2: 1 / 7, 3: 1 / 448}[quant], "STORE_Y": quant == 0, "UPCAST": False,
-             "BFLY": cfg.stage2 == "bfly", "LOG_N2": n2.bit_length() - 1, "PREFETCH": cfg.stages > 1 and nkb == 1}
+             "BFLY": cfg.stage2 == "bfly", "LOG_N2": n2.bit_length() - 1, "PREFETCH": cfg.stages > 1 and nkb == 1,
+             "LOOP_STAGES": cfg.pipeline if cfg.stages == 1 else 1}
     sig = {"x_ptr": f"*{in_dtype}", "lt_ptr": "*bf16", "y_ptr": f"*{in_dtype}",
            "q_ptr": {0: "*i8", 1: "*i8", 2: "*u8", 3: "*fp8e4nv"}[quant], "s_ptr": "*fp32", "M": "i32", "sxm": "i32",
            "sym": "i32", "sqm": "i32", "NPROG": "i32", **dict.fromkeys(const, "constexpr")}
-    k = triton.compile(ASTSource(K._hadamard_kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": cfg.warps})
-    out[f"{n}-{in_dtype}-{quant}-{cfg.stage2}"] = {"mma": "mma" in k.asm["ptx"] or n1 == 1,
-                                                   "cubin": len(k.asm.get("cubin", b""))}
+    # 16-byte aligned pointers and strides, as the launcher specializes them (vector loads, cp.async)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig)
+             if a.endswith("_ptr") or a in ("sxm", "sym", "sqm")}
+    k = triton.compile(ASTSource(K._hadamard_kernel, sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg.warps, "num_stages": cfg.pipeline})
+    out[f"{n}-{in_dtype}-{quant}-{cfg.stage2}-{int(cfg.split)}-{cfg.stages}"] = {
+        "mma": "mma" in k.asm["ptx"] or n1 == 1, "cubin": len(k.asm.get("cubin", b"")),
+        "cp.async": "cp.async" in k.asm["ptx"]}
 print(json.dumps(out))
 """
 
 
 def test_kernel_compiles_for_sm90_without_a_gpu():
     """The GPU compiler (not the interpreter) accepts the kernel: an ahead-of-time compile for sm_90 through
-    Triton's bundled ptxas (no device needed) of seven variants (bf16 / fp32 blocked 11008 / fused int4 / fp16
+    Triton's bundled ptxas (no device needed) of ten variants (bf16 / fp32 blocked 11008 / fused int4 / fp16
     fused fp8 on the MMA path; pure butterflies for 4096, fused int8 576 and 14336 = 28·512 on the butterfly
-    path), each with tensor-core MMAs where it has a first product, and a cubin. A subprocess:
+    path; two-part L, fused int8 4864 and fp32 576, with Triton's 4-stage pipeline; 4096's butterflies with the
+    tile loop left to Triton's pipeline), each with tensor-core MMAs where it has a first product, and a cubin;
+    the last one streams its tiles by cp.async (the loop's own num_stages: no tl.dot consumes them). A subprocess:
     TRITON_INTERPRET=1 replaces the jit."""
     import json
     import subprocess
@@ -320,4 +368,5 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
         pytest.skip("no ptxas in this Triton install")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(res) == 7 and all(v["mma"] and v["cubin"] > 0 for v in res.values()), res
+    assert len(res) == 10 and all(v["mma"] and v["cubin"] > 0 for v in res.values()), res
+    assert res["4096-bf16-0-bfly-0-1"]["cp.async"] and not res["4096-bf16-0-bfly-0-2"]["cp.async"], res

@@ -2,7 +2,7 @@
 (``lowbit::hadamard_quantize``) against the torch reference op and a plain device copy, in one run.
 
     python tools/bench_hadamard.py --out bench/results/hadamard.json [--ms 1,16,128,2048,8192]
-        [--ns 4096,1536,576,4864,14336,11008] [--sweep [--no-main]] [--budget-s 120]
+        [--ns 4096,1536,576,4864,14336,11008] [--sweep] [--variants [SPEC]] [--no-main] [--budget-s 120]
     TRITON_INTERPRET=1 python tools/bench_hadamard.py --smoke --sweep --out /tmp/hadamard.json   # CPU check
 
 Times are medians of ``triton.testing.do_bench`` in µs, bf16 activations ``[M, n]``. Rows:
@@ -12,6 +12,10 @@ Times are medians of ``triton.testing.do_bench`` in µs, bf16 activations ``[M, 
   can go into ``lowbit.kernels.hadamard.CONFIGS``; ``eff_bw_frac`` = bytes / time / copy bandwidth (goal >= 0.70).
   ``graph_*``: the same from one CUDA-graph replay — device time; eager timings of a fast kernel are bounded by
   its Python launch (40-80 µs on the H200 host of round 1), so the eager ``eff_bw_frac`` is a lower bound there.
+* ``hadamard_variant`` (``--variants``, at ``--sweep-m``): per length its current ``CONFIGS`` / ``FUSED_CONFIGS``
+  entries next to candidates (``VARIANTS`` or the given ``n=cfg,cfg;n=...``), CUDA-graph time only, plain and fused
+  int8 (``int8_vs_plain_mismatch``: 0 when the fused codes are the quantized plain output), then the per-length
+  winners printed as ``CONFIGS`` / ``FUSED_CONFIGS`` entries ready to paste.
 * ``hadamard`` / ``bf16`` per (M, n): the op with its default config (``us``), the IR's reference op
   (``baseline_us``: matmul by the cached ``H/sqrt(n)``), ``graph_us`` / ``baseline_graph_us`` (one CUDA-graph
   replay: device time without the Python launch cost) and their ``*_eff_bw_frac``, ``direct_us`` (``hadamard_direct``: the launch
@@ -43,24 +47,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from results_io import machine, merge_rows
 
 import lowbit.kernels.hadamard as K
-from lowbit.ir.hadamard import hadamard_matrix
+from lowbit.ir.hadamard import hadamard_matrix, hadamard_order_split, sylvester
 from lowbit.kernels.act_quant import quantize_activation
 
 KEY = ("kernel", "variant", "M", "K", "device")
 CONFIGS = ("mma/64/4096/4/1/0,mma/64/4096/4/2/3,bfly/64/4096/4/2/4,bfly/4096/4096/4/1/0,bfly/4096/4096/4/2/4,"
            "bfly/4096/4096/2/2/8,bfly/4096/4096/8/2/2,bfly/4096/8192/8/2/2")
 FUSED_CONFIGS = "mma/64/4096/4/1/0,mma/64/4096/4/2/3,bfly/64/4096/4/2/4,bfly/4096/4096/4/2/4,bfly/4096/8192/8/2/2"
+# --variants: per length, the candidates timed next to its current CONFIGS / FUSED_CONFIGS entries (these two come
+# first, whatever is listed). Why each: stages 1 with persistent programs = Triton's cp.async pipeline of the
+# tile loop (Config.pipeline, 3 unless a 7th field says otherwise), bytes in flight from shared memory instead of
+# registers (4096's butterflies: 62 registers at 4 warps, 8 programs per SM, against 128 at 2 warps with the
+# register prefetch); an 8th field 1 = Config.split (76 = 64 + 16, 36 = 32 + 16: less padding, fewer registers);
+# 11008: more rows per tile (2-4) so each 32 KB table block read from L2 serves more than one row (at one row per
+# tile the table reads are ~13x the row's bytes), more warps per SM.
+VARIANTS = ("4096=bfly/4096/4096/4/1/8,bfly/4096/4096/4/1/6/4,bfly/4096/4096/2/1/10,bfly/4096/8192/8/1/4,"
+            "bfly/64/4096/4/1/4/4,mma/64/4096/4/1/3/4;"
+            "1536=bfly/64/4096/4/1/4,mma/64/4096/4/1/4/4,bfly/64/4096/4/1/6/4,bfly/128/4096/4/1/4/4,"
+            "mma/64/4096/4/2/4;"
+            "576=mma/64/4096/4/1/0/3/1,mma/64/4096/4/1/4/4/1,mma/64/8192/4/1/3/3/1,bfly/64/4096/4/1/4/4/1,"
+            "mma/64/4096/4/1/4/4;"
+            "4864=mma/64/4096/4/2/3/3/1,mma/64/4096/4/1/3/3/1,bfly/64/4096/4/1/4/3/1,bfly/64/4096/8/1/2/3/1,"
+            "bfly/64/4096/4/2/4;"
+            "14336=bfly/4096/4096/8/1/2,bfly/4096/4096/8/1/2/2,bfly/4096/4096/16/1/1/2,bfly/256/16384/16/1/1/2,"
+            "bfly/128/16384/8/1/1/2;"
+            "11008=mma/64/4096/4/1/3/2,mma/64/8192/8/1/2/2,bfly/64/8192/8/1/2/2,bfly/64/16384/8/1/1/2,"
+            "bfly/64/16384/16/1/1/2")
 
 
 def parse_config(spec: str) -> K.Config:
-    """``stage2/n2_cap/tile/warps/stages/waves`` -> ``Config``."""
-    st, cap, tile, warps, stages, waves = spec.split("/")
+    """``stage2/n2_cap/tile/warps/stages/waves[/pipeline[/split]]`` -> ``Config`` (pipeline 3, split 0 if left
+    out)."""
+    st, cap, tile, warps, stages, waves, *rest = spec.split("/")
+    pipeline, split = (*map(int, rest), *(3, 0)[len(rest):])
     return K.Config(stage2=st, n2_cap=int(cap), tile=int(tile), warps=int(warps), stages=int(stages),
-                    waves=int(waves))
+                    waves=int(waves), pipeline=pipeline, split=bool(split))
 
 
 def config_name(c: K.Config) -> str:
-    return f"{c.stage2}/{c.n2_cap}/{c.tile}/{c.warps}/{c.stages}/{c.waves}"
+    tail = f"/{c.pipeline}/{int(c.split)}" if (c.pipeline, c.split) != (3, False) else ""
+    return f"{c.stage2}/{c.n2_cap}/{c.tile}/{c.warps}/{c.stages}/{c.waves}{tail}"
 
 
 def timer(smoke: bool):
@@ -104,12 +130,17 @@ def _mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _exact(x: torch.Tensor) -> torch.Tensor:
-    """The float64 transform (the reference's constant), rounded once to x.dtype: what the kernel should give."""
+    """The float64 transform (the reference's constant), rounded once to x.dtype: what the kernel should give. In
+    its Kronecker form ``H_n = kron(A_m, S_p)``: ``x · H_n = Aᵀ · X · S`` per row (``X [m, p]``), no n² matrix
+    (building the 14336² one took seconds of the bench's budget)."""
     n = x.shape[-1]
-    h = hadamard_matrix(n, torch.float64).to(x.device)
+    m, p = hadamard_order_split(n)
+    a, s = hadamard_matrix(m, torch.float64).to(x.device), sylvester(p).double().to(x.device)
     out = torch.empty_like(x)
     for i in range(0, x.shape[0], 1024):  # float64 [1024, n] at a time
-        out[i:i + 1024] = ((x[i:i + 1024].double() @ h) * K._scale_const(n, x.dtype)).to(x.dtype)
+        xs = x[i:i + 1024].double().reshape(-1, m, p)
+        y = torch.einsum("ka,rkp,pq->raq", a, xs, s).reshape(-1, n)
+        out[i:i + 1024] = (y * K._scale_const(n, x.dtype)).to(x.dtype)
     return out
 
 
@@ -150,6 +181,85 @@ def sweep_rows(m: int, n: int, dev: str, bw: float, bench, gbench, configs: list
         except Exception as e:  # noqa: BLE001 - one failing config must not lose the others
             rows.append({**r, "error": repr(e)[:300]})
     return rows
+
+
+def parse_variants(spec: str) -> dict[int, list[K.Config]]:
+    """``n=cfg,cfg;n=cfg`` -> per length, its current plain and fused configs first, then the listed ones."""
+    out: dict[int, list[K.Config]] = {}
+    for part in filter(None, spec.split(";")):
+        n, cfgs = part.split("=")
+        cur = [K.config_for(int(n)), K.config_for(int(n), fused=True)]
+        out[int(n)] = list(dict.fromkeys(cur + [parse_config(c) for c in cfgs.split(",") if c]))
+    return out
+
+
+def variant_rows(m: int, n: int, dev: str, bw: float, gbench, configs: list[K.Config], base: dict, over
+                 ) -> list[dict]:
+    """Each config of one length at M = m: graph time (``gbench``; wall clock under --smoke) of the plain
+    transform and of the fused int8 quantize (where it runs), the plain output against the float64 transform
+    and the fused codes against the reference quantize of the same config's plain output (0 when the two share
+    their arithmetic, as CONFIGS needs)."""
+    x = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    exact = _exact(x[:256])
+    rows = []
+    for cfg in configs:
+        r = {**base, "kernel": "hadamard_variant", "variant": config_name(cfg), "M": m, "K": n, "N": n,
+             "current": cfg == K.config_for(n), "fused_current": cfg == K.config_for(n, fused=True)}
+        why = K.unsupported(n, cfg)
+        if why is not None or over():
+            rows.append({**r, "error": f"unsupported: {why}" if why else "skipped: past --budget-s"})
+            continue
+        try:
+            t0 = time.time()
+            lt = K.hadamard_factors(n, dev, cfg)
+            y = K._launch(x, lt, None, cfg)[0]
+            g = gbench(lambda cfg=cfg, lt=lt: K._launch(x, lt, None, cfg))
+            r.update(graph_us=g and round(g, 2), graph_eff_bw_frac=g and r3(4 * m * n / (g * 1e-6) / bw),
+                     mismatch_frac=_mismatch(y[:256], exact), geometry=list(K._geometry(n, cfg)))
+            if K.unsupported_fused(n, cfg) is None:
+                q = K._launch(x, lt, "int8", cfg)[0]
+                gf = gbench(lambda cfg=cfg, lt=lt: K._launch(x, lt, "int8", cfg))
+                r.update(int8_graph_us=gf and round(gf, 2),
+                         int8_graph_eff_bw_frac=gf and r3((3 * m * n + 4 * m) / (gf * 1e-6) / bw),
+                         int8_vs_plain_mismatch=_mismatch(q[:256], quantize_activation(y[:256], "int8", 0)[0]))
+            r["seconds"] = round(time.time() - t0, 1)
+            rows.append(r)
+        except Exception as e:  # noqa: BLE001 - one failing config must not lose the others
+            rows.append({**r, "error": repr(e)[:300]})
+    return rows
+
+
+def winners(rows: list[dict]) -> str:
+    """Per length, the fastest plain variant (graph time, outputs within the near-tie bound) and the fastest
+    fused one sharing its arithmetic (same path and geometry: fused codes = quantize(plain output)), as the
+    ``CONFIGS`` / ``FUSED_CONFIGS`` entries to paste into lowbit/kernels/hadamard.py."""
+    def arithmetic(r: dict) -> tuple:  # what fixes the plain output's rounding: the path and the geometry
+        return r["variant"].split("/")[0], tuple(r["geometry"])
+
+    plain, fused = [], []
+    for n in dict.fromkeys(r["K"] for r in rows):
+        ok = [r for r in rows if r["K"] == n and r.get("graph_us") and r.get("mismatch_frac", 1) <= 2e-3]
+        if not ok:
+            continue
+        best = min(ok, key=lambda r: r["graph_us"])
+        cur = next((r for r in ok if r["current"]), None)
+        was = f" (current {cur['variant']}: {cur['graph_us']} µs)" if cur else ""
+        cfg = parse_config(best["variant"])
+        plain.append(f"    {n}: {cfg!r},  # {best['graph_us']} µs, {best['graph_eff_bw_frac']} of copy bandwidth{was}")
+        fusable = [r for r in ok if r.get("int8_graph_us") and r.get("int8_vs_plain_mismatch") == 0]
+        same = [r for r in fusable if arithmetic(r) == arithmetic(best)]
+        if same:
+            fb = min(same, key=lambda r: r["int8_graph_us"])
+            fcur = next((r for r in rows if r["K"] == n and r["fused_current"] and r.get("int8_graph_us")), None)
+            fwas = f" (current {fcur['variant']}: {fcur['int8_graph_us']} µs)" if fcur else ""
+            fused.append(f"    {n}: {parse_config(fb['variant'])!r},  # int8 {fb['int8_graph_us']} µs{fwas}")
+        pairs = [(p, f) for p in ok for f in fusable if arithmetic(f) == arithmetic(p)]
+        if pairs:  # the plain pick can cost the fused op more than it saves: the best pair by summed time
+            p, f = min(pairs, key=lambda pf: pf[0]["graph_us"] + pf[1]["int8_graph_us"])
+            if p is not best:
+                plain.append(f"    # {n}, best plain + fused pair instead: {p['variant']} ({p['graph_us']} µs) + "
+                             f"{f['variant']} (int8 {f['int8_graph_us']} µs)")
+    return "CONFIGS = {\n" + "\n".join(plain) + "\n}\nFUSED_CONFIGS = {\n" + "\n".join(fused) + "\n}"
 
 
 def bench_config(m: int, n: int, dev: str, bw: float, bench, gbench, big: bool, base: dict) -> list[dict]:
@@ -236,7 +346,10 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time every --configs entry per n at --sweep-m first")
     ap.add_argument("--sweep-m", type=int, default=8192)
     ap.add_argument("--configs", default=CONFIGS, help="stage2/n2_cap/tile/warps/stages/waves, comma separated")
-    ap.add_argument("--no-main", action="store_true", help="only the sweep")
+    ap.add_argument("--variants", nargs="?", const=VARIANTS, default=None,
+                    help="time per length its current configs and these (n=cfg,cfg;n=cfg; default: VARIANTS) at "
+                         "--sweep-m, CUDA-graph time only, and print the winners as CONFIGS / FUSED_CONFIGS")
+    ap.add_argument("--no-main", action="store_true", help="only the sweep / variants")
     ap.add_argument("--fused-configs", default=FUSED_CONFIGS, help="the configs the sweep also times fused (int8)")
     ap.add_argument("--budget-s", type=float, default=120.0, help="start no new config after this many seconds")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
@@ -291,6 +404,22 @@ def main() -> None:
                          if "us" in r else str(r.get("error"))), flush=True)
             rows.extend(new)
             merge_rows(out, header, rows, key=KEY)
+    if args.variants:
+        var_rows: list[dict] = []
+        for n, cfgs in parse_variants(args.variants).items():
+            if n in ns:
+                new = variant_rows(sweep_m, n, dev, bw, bench if args.smoke else gbench, cfgs, base, over)
+                for r in new:
+                    print(f"variant M={r['M']} n={n} {r['variant']}{' (current)' * r['current']}"
+                          f"{' (fused current)' * r['fused_current']}: "
+                          + (f"graph {r['graph_us']} us eff_bw {r['graph_eff_bw_frac']} mismatch {r['mismatch_frac']} "
+                             f"int8 graph {r.get('int8_graph_us')} us eff_bw {r.get('int8_graph_eff_bw_frac')} "
+                             f"int8 vs plain {r.get('int8_vs_plain_mismatch')} ({r['seconds']} s)"
+                             if "graph_us" in r else str(r.get("error"))), flush=True)
+                var_rows.extend(new)
+                rows.extend(new)
+                merge_rows(out, header, rows, key=KEY)
+        print("per-length winners (paste into lowbit/kernels/hadamard.py):\n" + winners(var_rows), flush=True)
     big = max(ms)
     for m in ([] if args.no_main else ms):
         for n in ns:

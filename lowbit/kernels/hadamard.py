@@ -16,9 +16,10 @@ kernel). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to
 1. ``W = Lᵀ · [X_1 | X_2 | ...]``: ``tl.dot`` over the ``RB`` rows of the tile side by side. Its operands are
    exact in 16 bits (±1 and the bf16/fp16 input), so the MMA with fp32 accumulation is exact up to fp32
    summation; an fp32 input is split into three bf16 pieces (hi + mid + lo = the fp32 value) and takes three
-   MMAs. ``n1 <= 128``: one block (``BA`` = n1 padded to a power of two >= 16); larger (11008 = 344·32):
-   ``BA = 128`` output blocks, one program each, and a loop over 128-wide K blocks. ``n1 = 1`` (a power of two
-   with ``n2_cap >= n``): no first product.
+   MMAs. ``n1 <= 128``: one block (``BA`` = n1 padded to a power of two >= 16), or with ``Config.split`` two
+   parts ``BA + BB`` (76 = 64 + 16: 2 x 2 blocks, four MMAs, 80 rows of padding-and-data instead of 128); larger
+   (11008 = 344·32): ``BA = 128`` output blocks, one program each, and a loop over 128-wide K blocks. ``n1 = 1``
+   (a power of two with ``n2_cap >= n``): no first product.
 2. ``Y = W · R``, by ``Config.stage2``: "mma" — the tile reshaped ``[BA·RB, N2]`` times ``R`` on tensor cores,
    ``W`` (fp32) split into three bf16 pieces (all 24 bits; two pieces flip ~0.4% of bf16 outputs by one ulp);
    "bfly" — ``log2(N2)`` butterfly stages in fp32 (reshape / permute / split / join along the last axis: the
@@ -27,9 +28,12 @@ kernel). A row viewed as ``X [n1, N2]`` (row-major: index ``a·N2 + b``) maps to
    ``log2(N2)`` adds per element where the MMA path costs ``6·N2`` tensor-core flops plus the splitting.
 
 Programs are persistent (``Config.waves`` per SM): each makes ``Lᵀ`` and ``R`` once and loops over row tiles,
-issuing the next tile's loads before the current tile's math (``Config.stages = 2``; Triton's pipeliner does
-not pipeline this loop). ``CONFIGS`` / ``FUSED_CONFIGS`` hold, per length, the configs
-``tools/bench_hadamard.py --sweep`` measured fastest on the H200; ``EAGER_ROWS`` / ``GRAPH_ROWS`` the measured
+issuing the next tile's loads before the current tile's math (``Config.stages = 2``, in registers) or
+(``stages = 1``) leaving them to Triton's pipeliner: the loop's own ``num_stages = Config.pipeline`` streams them
+through ``pipeline - 1`` shared-memory buffers by cp.async (sm_90 PTX of the AOT compile; without it, as before
+round 14, only loads that feed ``tl.dot`` were pipelined, not the butterfly-only path's). ``CONFIGS`` /
+``FUSED_CONFIGS`` hold, per length, the configs ``tools/bench_hadamard.py --sweep`` / ``--variants`` measured
+fastest on the H200; ``EAGER_ROWS`` / ``GRAPH_ROWS`` the measured
 row ranges where the kernel beats the reference op, outside which the triton backend runs the reference
 (``prefers_kernel``: at a few rows one cuBLAS launch beats the kernel's Python launch).
 
@@ -55,6 +59,7 @@ from lowbit.kernels._common import (
     interpreting,
     launcher,
     next_pow2,
+    pow2_at_most,
     round_half_even,
     round_to_e4m3,
 )
@@ -97,14 +102,26 @@ class Config(NamedTuple):
     n2_cap: int = 64
     """``N2 = min(p, n2_cap)``: the order of ``R``; the rest of ``p`` goes into ``L`` (the first product)."""
     tile: int = 4096
-    """Elements per loop step (``RB`` rows of ``BA·N2``)."""
+    """Elements per loop step: ``RB`` rows of ``(BA + BB)·N2``, RB the largest power of two within ``tile`` (at
+    least one row, and what the MMA shapes need)."""
     warps: int = 4
     stages: int = 2
-    """2: each loop step issues the next tile's loads before its own math (a hand-made two-stage pipeline;
-    Triton's pipeliner leaves this loop alone: no cp.async in the sm_90 PTX); 1: load, then compute."""
+    """2: each loop step issues the next tile's loads before its own math (a hand-made two-stage pipeline in
+    registers; Triton's pipeliner is told to leave this loop alone); 1: the loads as written, which Triton's
+    pipeliner streams (``pipeline``)."""
     waves: int = 3
     """Persistent programs per SM, each looping over row tiles with ``L`` and ``R`` made once (0: one tile per
     program, the table and ``R`` re-made per tile)."""
+    pipeline: int = 3
+    """Triton's ``num_stages``, for the kernel and (``stages = 1``) the row-tile loop: its pipeliner streams the
+    loop's loads (the row tiles, on every path) and the blocked path's K blocks through ``pipeline - 1``
+    shared-memory buffers by cp.async: bytes in flight without registers, at a cost in shared memory (fewer
+    programs per SM)."""
+    split: bool = False
+    """``n1`` not a power of two (one block): ``Lᵀ`` as 2 x 2 blocks of two power-of-two parts ``BA + BB`` (76 =
+    64 + 16 padded to 80, 36 = 32 + 16 to 48) instead of one block padded to the next power of two (128, 64):
+    the first product's work falls by up to (128/80)², the second's and the registers by 128/80. Lengths where it
+    saves nothing (``BA + BB`` would not be smaller) keep one block."""
 
 
 DEFAULT = Config(waves=3)
@@ -193,16 +210,29 @@ def _split(n: int, n2_cap: int = DEFAULT.n2_cap) -> tuple[int, int, int]:
 
 
 @functools.cache
-def _geometry(n: int, cfg: Config | None = None) -> tuple[int, int, int, int]:
-    """(n1, N2, BA, NKB): ``L`` of order n1, processed in NKB x NKB blocks of BA (one block, BA = n1 padded to a
-    power of two >= 16, when n1 <= BLOCK_A; BA = 1 when n1 = 1: no first product)."""
-    n2 = _split(n, (cfg or config_for(n)).n2_cap)[2]
+def _geometry(n: int, cfg: Config | None = None) -> tuple[int, int, int, int, int]:
+    """(n1, N2, BA, NKB, BB): ``L`` of order n1, processed in NKB x NKB blocks of BA (one block, BA = n1 padded to
+    a power of two >= 16, when n1 <= BLOCK_A; BA = 1 when n1 = 1: no first product); BB > 0 (``Config.split``):
+    one block as two parts, BA (a power of two) + BB (the rest padded to a power of two >= 16)."""
+    cfg = cfg or config_for(n)
+    n2 = _split(n, cfg.n2_cap)[2]
     n1 = n // n2
     if n1 == 1:
-        return 1, n2, 1, 1
-    if n1 <= BLOCK_A:
-        return n1, n2, max(MIN_N2, next_pow2(n1)), 1
-    return n1, n2, BLOCK_A, -(-n1 // BLOCK_A)
+        return 1, n2, 1, 1, 0
+    if n1 > BLOCK_A:
+        return n1, n2, BLOCK_A, -(-n1 // BLOCK_A), 0
+    ba = max(MIN_N2, next_pow2(n1))
+    if cfg.split and MIN_N2 < n1 < ba:
+        tail = max(MIN_N2, next_pow2(n1 - ba // 2))  # head: the largest power of two below n1
+        if ba // 2 + tail < ba:
+            return n1, n2, ba // 2, 1, tail
+    return n1, n2, ba, 1, 0
+
+
+def _table_side(n: int, cfg: Config | None = None) -> int:
+    """The side of the padded ``Lᵀ`` table: NKB·BA + BB."""
+    _, _, ba, nkb, bb = _geometry(n, cfg)
+    return ba * nkb + bb
 
 
 @functools.cache
@@ -233,14 +263,15 @@ def unsupported_fused(n: int, cfg: Config | None = None) -> str | None:
 
 @functools.lru_cache(maxsize=32)
 def _left_t(n: int, cfg: Config | None = None) -> torch.Tensor:
-    """``Lᵀ`` zero-padded to ``[NKB·BA, NKB·BA]``, bf16 on the CPU (±1 and 0 are exact)."""
+    """``Lᵀ`` zero-padded to ``[NKB·BA + BB, NKB·BA + BB]``, bf16 on the CPU (±1 and 0 are exact)."""
     from lowbit.ir.hadamard import hadamard_matrix, sylvester
 
     cfg = cfg or config_for(n)
     m, p, n2 = _split(n, cfg.n2_cap)
     left = torch.kron(hadamard_matrix(m, torch.float64), sylvester(p // n2).to(torch.float64))
-    n1, _, ba, nkb = _geometry(n, cfg)
-    out = torch.zeros(ba * nkb, ba * nkb, dtype=torch.float64)
+    n1 = _geometry(n, cfg)[0]
+    side = _table_side(n, cfg)
+    out = torch.zeros(side, side, dtype=torch.float64)
     out[:n1, :n1] = left.T
     return out.to(torch.bfloat16)
 
@@ -347,29 +378,115 @@ def _left_product(lt, x, w, IN_KIND: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_table(lt_ptr, r, k, LD: tl.constexpr, IN_KIND: tl.constexpr):
+    """The block ``Lᵀ[r, k]`` of the padded table (no mask): bf16 ±1 / 0, fp16 for an fp16 input."""
+    lt = tl.load(lt_ptr + r[:, None] * LD + k[None, :])
+    if IN_KIND == 1:
+        lt = lt.to(tl.float32).to(tl.float16)
+    return lt
+
+
+@triton.jit
+def _right_product(w, rmat, R: tl.constexpr, W: tl.constexpr, N2: tl.constexpr, EXACT_W: tl.constexpr,
+                   MID_PARTS: tl.constexpr, UPCAST: tl.constexpr, BFLY: tl.constexpr, LOG_N2: tl.constexpr):
+    """``W · R`` per N2-chunk of ``w [R, W]`` (fp32): butterflies, one MMA (EXACT_W: ``w`` is the bf16 input
+    itself) or MMAs of its bf16 pieces."""
+    w2 = tl.reshape(w, (R * (W // N2), N2))
+    if BFLY:
+        y = _fwht(w2, R * (W // N2), N2, LOG_N2)
+    elif EXACT_W:
+        y = _mma(w2.to(tl.bfloat16), rmat, tl.zeros((R * (W // N2), N2), dtype=tl.float32), UPCAST)
+    else:
+        w_hi, r2 = _split_bf16(w2)
+        y = _mma(w_hi, rmat, tl.zeros((R * (W // N2), N2), dtype=tl.float32), UPCAST)
+        if MID_PARTS == 2:
+            y = _mma(r2.to(tl.bfloat16), rmat, y, UPCAST)
+        else:
+            w_mid, r3 = _split_bf16(r2)
+            y = _mma(w_mid, rmat, y, UPCAST)
+            y = _mma(r3.to(tl.bfloat16), rmat, y, UPCAST)
+    return tl.reshape(y, (R, W))
+
+
+@triton.jit
+def _to_out(y, y_ptr, SCALE: tl.constexpr, UPCAST: tl.constexpr):
+    """``y · c`` rounded once to the output dtype."""
+    y = y * SCALE
+    if UPCAST and y_ptr.dtype.element_ty == tl.bfloat16:  # the GPU's cast already rounds to nearest even
+        y = _round_bf16(y)
+    return y.to(y_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _row_amax(y, R: tl.constexpr, RB: tl.constexpr, N2: tl.constexpr):
+    """Per tile row ``j``: the largest ``|y|`` of ``y [R, RB·N2]`` (padding is 0)."""
+    yf = tl.reshape(y.to(tl.float32), (R, RB, N2))
+    return tl.max(tl.max(tl.abs(yf), axis=2), axis=0)
+
+
+@triton.jit
+def _quant_store(q_ptr, y, s, ar, pr, M, sqm, N1: tl.constexpr, R: tl.constexpr, RB: tl.constexpr,
+                 N2: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr):
+    """Codes of ``y [R, RB·N2]`` (rows ``ar`` of ``L``) at per-row scales ``s [RB]``: IEEE division, then
+    round-half-even (int) / RTNE to e4m3, as the reference ``quantize``."""
+    W: tl.constexpr = RB * N2
+    c = tl.arange(0, W)
+    rows = pr * RB + c // N2
+    ok = (ar < N1)[:, None] & (rows < M)[None, :]
+    offs = rows[None, :].to(tl.int64) * sqm + ar[:, None] * N2 + (c % N2)[None, :]
+    yf = tl.reshape(y.to(tl.float32), (R, RB, N2))
+    t = tl.math.div_rn(yf, tl.zeros_like(yf) + s[None, :, None])
+    if QUANT == 3:
+        q = tl.reshape(round_to_e4m3(tl.clamp(t, -QMAX, QMAX)), (R, W)).to(tl.float8e4nv)
+        tl.store(q_ptr + offs, q, mask=ok)
+    elif QUANT == 1:
+        q = tl.reshape(tl.clamp(round_half_even(t), -128.0, 127.0), (R, W)).to(tl.int8)
+        tl.store(q_ptr + offs, q, mask=ok)
+    else:
+        q = tl.reshape(tl.clamp(round_half_even(t), -8.0, 7.0), (R, W // 2, 2)).to(tl.int32)
+        lo, hi = tl.split(q)  # even / odd index: low / high nibble (lowbit's packing)
+        byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+        HN: tl.constexpr = N2 // 2
+        ch = tl.arange(0, W // 2)
+        rows_h = pr * RB + ch // HN
+        ok_h = (ar < N1)[:, None] & (rows_h < M)[None, :]
+        tl.store(q_ptr + rows_h[None, :].to(tl.int64) * sqm + ar[:, None] * HN + (ch % HN)[None, :], byte,
+                 mask=ok_h)
+
+
+@triton.jit
 def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm, NPROG,
-                     N1: tl.constexpr, BA: tl.constexpr, NKB: tl.constexpr, N2: tl.constexpr, RB: tl.constexpr,
-                     SCALE: tl.constexpr, IN_KIND: tl.constexpr, MID_PARTS: tl.constexpr,
+                     N1: tl.constexpr, BA: tl.constexpr, NKB: tl.constexpr, BB: tl.constexpr, N2: tl.constexpr,
+                     RB: tl.constexpr, SCALE: tl.constexpr, IN_KIND: tl.constexpr, MID_PARTS: tl.constexpr,
                      QUANT: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr, STORE_Y: tl.constexpr,
-                     UPCAST: tl.constexpr, BFLY: tl.constexpr, LOG_N2: tl.constexpr, PREFETCH: tl.constexpr):
+                     UPCAST: tl.constexpr, BFLY: tl.constexpr, LOG_N2: tl.constexpr, PREFETCH: tl.constexpr,
+                     LOOP_STAGES: tl.constexpr):
     # Programs: NKB output blocks (pa) x NPROG row programs, each looping over the row tiles pr = p0 + k·NPROG
     # (RB rows each). IN_KIND: 0 bf16, 1 fp16, 2 fp32 input. QUANT: 0 none, 1 int8, 2 int4 (packed), 3 fp8 e4m3
-    # (the host allows it only with NKB == 1). BFLY: R by fp32 butterflies instead of three MMAs.
+    # (the host allows it only with NKB == 1). BFLY: R by fp32 butterflies instead of three MMAs. BB > 0 (only
+    # with NKB == 1): rows BA..BA+BB of L are a second part ("b"), the tile's first product four MMAs.
+    # LOOP_STAGES: the tile loop's own num_stages (> 1: Triton streams all its loads through shared memory, the
+    # butterfly-only path's too, which the kernel-wide num_stages leaves alone: no tl.dot consumes them).
     pid = tl.program_id(0)
     pa = pid % NKB  # the NKB programs of the same rows run next to each other: their x re-reads hit L2
     p0 = pid // NKB
     W: tl.constexpr = RB * N2
-    LD: tl.constexpr = NKB * BA
+    LD: tl.constexpr = NKB * BA + BB
+    EXACT_W: tl.constexpr = N1 == 1 and IN_KIND == 0
     a = pa * BA + tl.arange(0, BA)
     kk = tl.arange(0, BA)
     c = tl.arange(0, W)
     j = c // N2  # which row of the tile
     b = c % N2  # index inside the Sylvester factor
-    # made once per program: the table (one block) and R = Sylvester(N2)[i, k] = (-1)^popcount(i & k)
+    # made once per program: the table (one block, or the 2 x 2 blocks of two parts) and
+    # R = Sylvester(N2)[i, k] = (-1)^popcount(i & k)
     if N1 > 1 and NKB == 1:
-        lt0 = tl.load(lt_ptr + a[:, None] * LD + kk[None, :])  # bf16 ±1 / 0 (padded: no mask)
-        if IN_KIND == 1:
-            lt0 = lt0.to(tl.float32).to(tl.float16)
+        lt0 = _load_table(lt_ptr, a, kk, LD, IN_KIND)
+        if BB > 0:
+            ab = BA + tl.arange(0, BB)
+            lt_ab = _load_table(lt_ptr, a, ab, LD, IN_KIND)
+            lt_ba = _load_table(lt_ptr, ab, kk, LD, IN_KIND)
+            lt_bb = _load_table(lt_ptr, ab, ab, LD, IN_KIND)
     if not BFLY:
         i2 = tl.arange(0, N2)
         v = i2[:, None] & i2[None, :]
@@ -377,82 +494,69 @@ def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm, NPROG
         v = v ^ (v >> 2)
         v = v ^ (v >> 1)
         rmat = (1 - 2 * (v & 1)).to(tl.float32).to(tl.bfloat16)  # via fp32: the interpreter's int->bf16 is wrong
+    else:
+        rmat = 0  # _right_product's butterflies take no matrix
     n_tiles = tl.cdiv(M, RB)
     if PREFETCH:  # the first tile's x; each step then issues the next tile's loads before its own math
         x_next = _load_x(x_ptr, p0, M, sxm, j, b, kk, N1, N2, RB)
-    for pr in tl.range(p0, n_tiles, NPROG):
+        if BB > 0:
+            xb_next = _load_x(x_ptr, p0, M, sxm, j, b, ab, N1, N2, RB)
+    for pr in tl.range(p0, n_tiles, NPROG, num_stages=LOOP_STAGES):
         rows = pr * RB + j
         row_base = rows[None, :].to(tl.int64)
-        ok = (a < N1)[:, None] & (rows < M)[None, :]
         # 1. W = Lᵀ · X_cat over K blocks, X_cat[k, j·N2 + b] = x[row j, k·N2 + b]; exact products, fp32 sums
         if NKB == 1:
             if PREFETCH:
                 x = x_next
                 x_next = _load_x(x_ptr, pr + NPROG, M, sxm, j, b, kk, N1, N2, RB)  # masked past the last tile
+                if BB > 0:
+                    xb = xb_next
+                    xb_next = _load_x(x_ptr, pr + NPROG, M, sxm, j, b, ab, N1, N2, RB)
             else:
                 x = _load_x(x_ptr, pr, M, sxm, j, b, kk, N1, N2, RB)
+                if BB > 0:
+                    xb = _load_x(x_ptr, pr, M, sxm, j, b, ab, N1, N2, RB)
             if N1 == 1:
                 w = x.to(tl.float32)
             else:
                 w = _left_product(lt0, x, tl.zeros((BA, W), dtype=tl.float32), IN_KIND, UPCAST)
+                if BB > 0:
+                    w = _left_product(lt_ab, xb, w, IN_KIND, UPCAST)
+                    wb = _left_product(lt_ba, x, tl.zeros((BB, W), dtype=tl.float32), IN_KIND, UPCAST)
+                    wb = _left_product(lt_bb, xb, wb, IN_KIND, UPCAST)
         else:
             w = tl.zeros((BA, W), dtype=tl.float32)
             for kb in range(NKB):  # a loop, not unrolled: unrolled, every block kept its own shared memory
                 ak = kb * BA + kk
                 x = tl.load(x_ptr + row_base * sxm + ak[:, None] * N2 + b[None, :],
                             mask=(ak < N1)[:, None] & (rows < M)[None, :], other=0.0)
-                lt = tl.load(lt_ptr + a[:, None] * LD + ak[None, :])
-                if IN_KIND == 1:
-                    lt = lt.to(tl.float32).to(tl.float16)
-                w = _left_product(lt, x, w, IN_KIND, UPCAST)
-        # 2. Y = W · R
-        w2 = tl.reshape(w, (BA * RB, N2))
-        if BFLY:
-            y = _fwht(w2, BA * RB, N2, LOG_N2)
-        elif N1 == 1 and IN_KIND == 0:  # W is the bf16 input itself: one exact MMA
-            y = _mma(w2.to(tl.bfloat16), rmat, tl.zeros((BA * RB, N2), dtype=tl.float32), UPCAST)
-        else:  # W split into bf16 pieces
-            w_hi, r2 = _split_bf16(w2)
-            y = _mma(w_hi, rmat, tl.zeros((BA * RB, N2), dtype=tl.float32), UPCAST)
-            if MID_PARTS == 2:
-                y = _mma(r2.to(tl.bfloat16), rmat, y, UPCAST)
-            else:
-                w_mid, r3 = _split_bf16(r2)
-                y = _mma(w_mid, rmat, y, UPCAST)
-                y = _mma(r3.to(tl.bfloat16), rmat, y, UPCAST)
-        y = tl.reshape(y, (BA, W)) * SCALE
-        if UPCAST and y_ptr.dtype.element_ty == tl.bfloat16:  # the GPU's cast already rounds to nearest even
-            y = _round_bf16(y)
-        y = y.to(y_ptr.dtype.element_ty)
+                w = _left_product(_load_table(lt_ptr, a, ak, LD, IN_KIND), x, w, IN_KIND, UPCAST)
+        # 2. Y = W · R, scaled and rounded once
+        y = _to_out(_right_product(w, rmat, BA, W, N2, EXACT_W, MID_PARTS, UPCAST, BFLY, LOG_N2), y_ptr, SCALE,
+                    UPCAST)
+        if BB > 0:
+            yb = _to_out(_right_product(wb, rmat, BB, W, N2, EXACT_W, MID_PARTS, UPCAST, BFLY, LOG_N2), y_ptr,
+                         SCALE, UPCAST)
         if STORE_Y:
-            tl.store(y_ptr + row_base * sym + a[:, None] * N2 + b[None, :], y, mask=ok)
+            tl.store(y_ptr + row_base * sym + a[:, None] * N2 + b[None, :], y,
+                     mask=(a < N1)[:, None] & (rows < M)[None, :])
+            if BB > 0:
+                tl.store(y_ptr + row_base * sym + ab[:, None] * N2 + b[None, :], yb,
+                         mask=(ab < N1)[:, None] & (rows < M)[None, :])
         if QUANT != 0:
             # the reference quantizes the rounded hadamard output: per token (= per tile row j) symmetric scale
-            yf = tl.reshape(y.to(tl.float32), (BA, RB, N2))
-            amax = tl.max(tl.max(tl.abs(yf), axis=2), axis=0)  # [RB]; padding is 0
+            amax = _row_amax(y, BA, RB, N2)  # [RB]
+            if BB > 0:
+                amax = tl.maximum(amax, _row_amax(yb, BB, RB, N2))
             if RCP != 0.0:
                 s = tl.maximum(amax * RCP, 1e-12)
             else:
                 s = tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
             rows_s = pr * RB + tl.arange(0, RB)
             tl.store(s_ptr + rows_s, s, mask=rows_s < M)
-            t = tl.math.div_rn(yf, tl.zeros_like(yf) + s[None, :, None])
-            if QUANT == 3:
-                q = tl.reshape(round_to_e4m3(tl.clamp(t, -QMAX, QMAX)), (BA, W)).to(tl.float8e4nv)
-                tl.store(q_ptr + row_base * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
-            elif QUANT == 1:
-                q = tl.reshape(tl.clamp(round_half_even(t), -128.0, 127.0), (BA, W)).to(tl.int8)
-                tl.store(q_ptr + row_base * sqm + a[:, None] * N2 + b[None, :], q, mask=ok)
-            else:
-                q = tl.reshape(tl.clamp(round_half_even(t), -8.0, 7.0), (BA, W // 2, 2)).to(tl.int32)
-                lo, hi = tl.split(q)  # even / odd index: low / high nibble (lowbit's packing)
-                byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
-                HN: tl.constexpr = N2 // 2
-                ch = tl.arange(0, W // 2)
-                rows_h = pr * RB + ch // HN
-                ok_h = (a < N1)[:, None] & (rows_h < M)[None, :]
-                tl.store(q_ptr + rows_h[None, :].to(tl.int64) * sqm + a[:, None] * HN + (ch % HN)[None, :], byte,
-                         mask=ok_h)
+            _quant_store(q_ptr, y, s, a, pr, M, sqm, N1, BA, RB, N2, QUANT, QMAX)
+            if BB > 0:
+                _quant_store(q_ptr, yb, s, ab, pr, M, sqm, N1, BB, RB, N2, QUANT, QMAX)
 
 
 def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None, cfg: Config | None = None
@@ -465,15 +569,16 @@ def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None, cfg: Config |
     why = unsupported(n, cfg) if qdtype is None else unsupported_fused(n, cfg)
     if why is not None:
         check(False, "hadamard" if qdtype is None else "hadamard_quantize", why)
-    n1, n2, ba, nkb = _geometry(n, cfg)
-    if lt.shape != (ba * nkb, ba * nkb) or lt.dtype != torch.bfloat16:
-        check(False, "hadamard", f"table operand {tuple(lt.shape)} {lt.dtype}, expected ({ba * nkb}, {ba * nkb}) "
+    n1, n2, ba, nkb, bb = _geometry(n, cfg)
+    side = ba * nkb + bb
+    if lt.shape != (side, side) or lt.dtype != torch.bfloat16:
+        check(False, "hadamard", f"table operand {tuple(lt.shape)} {lt.dtype}, expected ({side}, {side}) "
               f"bfloat16 (hadamard_factors({n}))")
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != n):
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    rb = max(1, cfg.tile // (ba * n2))
+    rb = pow2_at_most(cfg.tile // ((ba + bb) * n2), cfg.tile)  # a power of two (two parts: 48 or 80 rows of L)
     if isinstance(rows, int):  # a symbolic M (torch.compile dynamic=True) keeps one specialization
         rb = max(1, min(rb, next_pow2(max(rows, 1))))
     if n1 > 1:  # the first product's N (RB·N2) is at least 16
@@ -501,10 +606,11 @@ def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None, cfg: Config |
             nprog = min(n_tiles, cfg.waves * _num_sms(str(x.device)))
         launcher(x2, _hadamard_kernel)[(nkb * nprog,)](
             x2, lt, y, q, s, rows, x2.stride(0), y.stride(0), q.stride(0), nprog,
-            N1=n1, BA=ba, NKB=nkb, N2=n2, RB=rb, SCALE=_scale_const(n, x.dtype),
+            N1=n1, BA=ba, NKB=nkb, BB=bb, N2=n2, RB=rb, SCALE=_scale_const(n, x.dtype),
             IN_KIND=_IN_KIND[x.dtype], MID_PARTS=3, QUANT=quant, QMAX=qmax, RCP=rcp,
             STORE_Y=qdtype is None, UPCAST=interpreting(), BFLY=cfg.stage2 == "bfly",
-            LOG_N2=n2.bit_length() - 1, PREFETCH=cfg.stages > 1 and nkb == 1, num_warps=cfg.warps)
+            LOG_N2=n2.bit_length() - 1, PREFETCH=cfg.stages > 1 and nkb == 1,
+            LOOP_STAGES=cfg.pipeline if cfg.stages == 1 else 1, num_warps=cfg.warps, num_stages=cfg.pipeline)
     if qdtype is None:
         return (y.reshape(x.shape),)
     return q, s
