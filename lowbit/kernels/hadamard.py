@@ -127,24 +127,30 @@ class Config(NamedTuple):
 DEFAULT = Config(waves=3)
 _BFLY = Config(stage2="bfly", n2_cap=4096, tile=4096, warps=4, stages=2, waves=4)
 CONFIGS: dict[int, Config] = {
-    4096: _BFLY._replace(warps=2, waves=8),  # 47.8 µs at M = 8192: 0.66 of copy bandwidth (4 warps: 83.0)
-    1536: DEFAULT._replace(stages=1, waves=0),  # 42.2 µs (butterflies 31.2, but fused 138.9 vs 91.3)
-    576: DEFAULT._replace(stages=1, waves=0),  # 83.3 µs (every config 75-88 µs; fused 72.0 vs 89.7)
-    4864: DEFAULT,  # 134.8 µs (butterflies 118.1, but fused 413.6 vs 360.9)
-    14336: _BFLY._replace(stages=1, waves=0),  # 320.7 µs (the MMA path runs out of shared memory: n1 = 224)
+    4096: _BFLY._replace(warps=2, waves=8),  # 47.6 µs at M = 8192: 0.67 of copy bandwidth (see below)
+    1536: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=2, waves=3, pipeline=3),  # 31.1 µs (was 43.0)
+    576: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=4, pipeline=4, split=True),  # 19.8 (26.0)
+    4864: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=3, pipeline=3, split=True),  # 64.9 (135.7)
+    14336: Config(stage2="bfly", n2_cap=4096, tile=4096, warps=8, stages=1, waves=2, pipeline=3),  # 308.8 (323.7)
+    11008: Config(stage2="bfly", n2_cap=64, tile=8192, warps=8, stages=1, waves=2, pipeline=2),  # 325.1 (535.7)
 }
-"""Per row length, the config ``tools/bench_hadamard.py --sweep`` measured fastest on the H200 (M = 8192, bf16,
-2026-12-01) for the plain transform plus its fused quantize (which must share its arithmetic: same path and
-geometry, so the fused codes are those of ``quantize(hadamard(x))``); ``DEFAULT`` elsewhere."""
+"""Per row length, the config ``tools/bench_hadamard.py --variants`` measured fastest on the H200 (M = 8192, bf16,
+CUDA-graph time, session 14: bench/results/hadamard.json, run ``s14``) for the plain transform plus its fused
+quantize (which must share its arithmetic: same path and geometry, so the fused codes are those of
+``quantize(hadamard(x))``); ``DEFAULT`` elsewhere. At 4096 the MMA path with a pipelined loop ran the plain op in
+43.8 µs (0.72 of copy bandwidth) but its fused int8 quantize in 89.0 µs against the butterflies' 74.5: the
+butterflies stay (the fused op is what a W4A4 model runs there). At 576 the pair kept is not the plain op's fastest
+(butterflies 17.3 µs, but fused 56.2 against 31.7)."""
 FUSED_CONFIGS: dict[int, Config] = {
-    4096: _BFLY,  # int8 76.1 µs (MMA path 89.7)
-    1536: DEFAULT,  # 91.3 µs
-    576: DEFAULT._replace(stages=1, waves=0),  # 72.0 µs
-    4864: DEFAULT._replace(stages=1, waves=0),  # 360.9 µs
-    14336: _BFLY,  # 572.6 µs
+    4096: Config(stage2="bfly", n2_cap=4096, tile=4096, warps=4, stages=1, waves=6, pipeline=4),  # int8 74.5 (76.1)
+    1536: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=2, waves=3, pipeline=3),  # 92.8 µs (92.8)
+    576: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=0, pipeline=3, split=True),  # 31.7 (48.2)
+    4864: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=3, pipeline=3, split=True),  # 218 (361)
+    14336: Config(stage2="bfly", n2_cap=4096, tile=4096, warps=4, stages=1, waves=0, pipeline=3),  # 538.8 (577.2)
 }
 """The same for the fused quantize (int8 timings): each differs from its length's ``CONFIGS`` entry only in the
-launch (warps, tile, persistence), never in the arithmetic (path, ``N2``: one table operand serves both)."""
+launch (warps, tile, persistence, pipeline depth), never in the arithmetic (path, ``N2``, split: one table operand
+serves both). 11008 has no fused form (``unsupported_fused``)."""
 
 
 def config_for(n: int, fused: bool = False) -> Config:
