@@ -154,8 +154,8 @@ LAUNCH_CASES = [
     (4, 64, 2, 2, 4, {"chunk": 2, "variant": "v1"}),
     (2, 48, 4, 1, 4, {"chunk": 8, "variant": "v1"}),
     # v2: GQA heads per program, two warps, the value rows as a tree (vchain=False)
-    (4, 32, 8, 2, 16, {"heads": 2, "num_warps": 2}),
-    (8, 48, 4, 1, 16, {"heads": 1, "vchain": False}),
+    (4, 32, 8, 2, 16, {"variant": "v2", "heads": 2, "num_warps": 2}),
+    (8, 48, 4, 1, 16, {"variant": "v2", "heads": 1, "vchain": False}),
 ]
 
 
