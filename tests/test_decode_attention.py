@@ -154,8 +154,8 @@ LAUNCH_CASES = [
     (4, 64, 2, 2, 4, {"chunk": 2, "variant": "v1"}),
     (2, 48, 4, 1, 4, {"chunk": 8, "variant": "v1"}),
     # v2: GQA heads per program, two warps, the value rows as a tree (vchain=False)
-    (4, 32, 8, 2, 16, {"heads": 2, "num_warps": 2}),
-    (8, 48, 4, 1, 16, {"heads": 1, "vchain": False}),
+    (4, 32, 8, 2, 16, {"variant": "v2", "heads": 2, "num_warps": 2}),
+    (8, 48, 4, 1, 16, {"variant": "v2", "heads": 1, "vchain": False}),
 ]
 
 
@@ -197,6 +197,26 @@ REAL_LAYOUT_CASES = [(4, 4, 4, 32, {}), (2, 4, 2, 16, {}), (8, 4, 1, 32, {"split
 def test_triton_kernel_real_layout_matches_reference(which):
     """The kv4 / kv2 / kv8 cache layouts at head dim 128 (TRITON_INTERPRET=1 on CPU, as above)."""
     _run_cases([("REAL_LAYOUT_CASES", _check_real_layout)], which)
+
+
+# v3 / v4 (row tiles; v4 with subnormal code fields): MHA and GQA (4 heads per program, 2, SmolLM2's 3 -> 1) at
+# 4/2/8 bits, quantized ranges that start and end inside key blocks, the float sink + window; a split over several
+# chunks and half-block steps
+_ROW_CASES = [(4, 4, 4, 32, {}), (2, 4, 4, 16, {}), (8, 4, 4, 32, {}), (4, 8, 2, 32, {}),
+              (2, 8, 2, 16, {"heads": 2, "split": 64}), (8, 8, 2, 32, {"block_n": 16}), (4, 6, 2, 32, {})]
+V3_CASES = [(*c[:-1], {**c[-1], "variant": v}) for c in _ROW_CASES for v in ("v3", "v4")]
+# and at head dim 16 / key blocks of 16 (_check_kernel: without a float buffer too, float16 and bfloat16 scales)
+_ROW_KERNEL_CASES = [(4, 16, 4, 2, 16, {}), (2, 16, 2, 2, 16, {}), (8, 48, 4, 1, 16, {}),
+                     (2, 32, 4, 2, 32, {"scale_dtype": torch.bfloat16}), (4, None, 2, 2, None, {})]
+V3_KERNEL_CASES = [(*c[:-1], {**c[-1], "variant": v}) for c in _ROW_KERNEL_CASES for v in ("v3", "v4")]
+CORE.update({"V3_CASES": (7,), "V3_KERNEL_CASES": (2, 5)})
+
+
+@pytest.mark.parametrize("which", [pytest.param("core", id="core"), *ALL])
+def test_triton_kernel_v3_v4_match_reference(which):
+    """The v3 / v4 split kernel against the reference (TRITON_INTERPRET=1 on CPU, as above): by default v4 on GQA
+    int4 at head dim 128 (4 heads per program) and on 4-head GQA int8 at head dim 16, v3 on MHA int2."""
+    _run_cases([("V3_CASES", _check_real_layout), ("V3_KERNEL_CASES", _check_kernel)], which)
 
 
 def test_triton_kernels_core_cases():

@@ -38,6 +38,12 @@ BITS = {"int8": (8, 32, 32, 32), "int4": (4, 32, 32, 32), "int2": (2, 32, 16, 64
 
 SWEEPS = {
     "none": [],
+    "s14": [  # v4 / v3 (row tiles; Triton 3.6 offline: MHA int4 v2 5.17 instructions per code, v3 4.79, v4 3.96)
+        {"variant": "v4"},
+        {"variant": "v3"},
+        {"variant": "v4", "heads": 2},  # GQA: 164 registers (12 warps per SM), no spills; 4 heads: 255, 48 B
+        {"variant": "v4", "num_warps": 2},  # MHA int4 95 registers, 4.45 per code; GQA 4 heads 243, no spills
+    ],
     "final": [  # most informative first: the budget may cut the tail
         {"variant": "v1"},  # v1 at its best launch of last session (32-token steps, 16-channel chunks)
         {"variant": "v2", "heads": 1},  # GQA: one query head per program (the kv tiles re-read from L2)

@@ -1,9 +1,10 @@
-"""Offline sm_90 compile of the decode-attention split kernel (v2) and a count of the SASS instructions in
+"""Offline sm_90 compile of the decode-attention split kernels (v2, v3, v4) and a count of the SASS instructions in
 their main loop per K/V code, without a GPU: Triton's bundled ptxas and cuobjdump (issue 18: the kernels are bound
 by instruction issue, so this is the number the GPU rounds check).
 
-    python tools/sass_attention.py                    # the default table (int4/int2/int8, MHA and GQA)
+    python tools/sass_attention.py                    # the default table (int4/int2/int8, MHA and GQA, v2 to v4)
     python tools/sass_attention.py --v2 '{"heads": 1}' --bits 4 --groups 4
+    python tools/sass_attention.py --variant v3 --v2 '{"num_warps": 2}' --bits 2 --groups 1
     PYTHONPATH=/path/to/triton-3.6 python tools/sass_attention.py   # the H200's Triton (counts differ by version)
 
 Per row: registers, spills (stack bytes), shared memory, main-loop instructions and instructions per code per
@@ -47,7 +48,10 @@ def _pointers(scale: str) -> dict:
             "LO": "*i32", "HI": "*i32", "ACC": "*fp32", "M": "*fp32", "L": "*fp32"}
 
 
-def compile_v2(bits: int, groups: int, d: int = 128, k_block: int = 32, v_group: int | None = None, **cfg):
+def compile_v2(bits: int, groups: int, d: int = 128, k_block: int = 32, v_group: int | None = None,
+               variant: str = "v2", **cfg):
+    """The v2 (or v3 / v4: same tile and arguments) split kernel for one launch, compiled for sm_90; and the codes a
+    thread reads per main-loop iteration (one key block)."""
     from lowbit.kernels import decode_attention as da
 
     v_group = v_group or (16 if bits == 2 else 32)
@@ -55,10 +59,15 @@ def compile_v2(bits: int, groups: int, d: int = 128, k_block: int = 32, v_group:
     g = da.v2_geometry(d, bits, k_block, v_group, groups, block_n=cfg.get("block_n", 32), num_warps=num_warps,
                        chunk=cfg.get("chunk", 16), heads=cfg.get("heads"), vchain=cfg.get("vchain", True))
     const = dict(HQ=32, GROUPS=groups, GH=g["GH"], D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, N0=g["N0"],
-                 TT=g["TT"], CWW=g["CWW"], CV=g["CV"], ROWS=g["ROWS"])
+                 TT=g["TT"], CWW=g["CWW"], CV=g["CV"])
+    if variant == "v2":
+        const["ROWS"] = g["ROWS"]
+    else:
+        const["DEN"] = variant == "v4"
     sig = {**_pointers("fp16"), **dict.fromkeys(STRIDES_V2 + ["s_ab", "s_ah", "s_as", "s_mb", "s_mh"], "i32"),
            "qk_scale": "fp32", "split": "i32", "exp_bits": "i32"}
-    k = _compile(da._split_kernel_v2, sig, const, num_warps, cfg.get("num_stages"))
+    kernel = da._split_kernel_v2 if variant == "v2" else da._split_kernel_v3
+    k = _compile(kernel, sig, const, num_warps, cfg.get("num_stages"))
     return k, k_block * d * 2 / (num_warps * 32)
 
 
@@ -86,13 +95,15 @@ def loop_stats(k, codes_per_thread: float) -> dict:
             "mix": dict(mix.most_common(12))}
 
 
-DEFAULT_TABLE = [("v2", 4, 1, {}), ("v2", 4, 4, {}), ("v2", 4, 4, {"heads": 1}), ("v2", 2, 4, {}),
-                 ("v2", 8, 4, {})]
+DEFAULT_TABLE = [(v, bits, groups, cfg) for v in ("v2", "v3", "v4")
+                 for bits, groups, cfg in ((4, 1, {}), (4, 4, {}), (4, 4, {"heads": 1}), (2, 1, {}), (2, 4, {}),
+                                           (8, 4, {}))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--v2", default=None, help="one v2 launch (JSON) instead of the default table")
+    ap.add_argument("--variant", default="v2", choices=["v2", "v3", "v4"], help="the kernel of the --v2 launch")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--groups", type=int, default=4)
     a = ap.parse_args()
@@ -100,11 +111,11 @@ def main() -> None:
 
     rows = DEFAULT_TABLE
     if a.v2 is not None:
-        rows = [("v2", a.bits, a.groups, json.loads(a.v2))]
+        rows = [(a.variant, a.bits, a.groups, json.loads(a.v2))]
     print(f"triton {triton.__version__}, sm_90, head_dim 128, key blocks of 32", flush=True)
     for variant, bits, groups, cfg in rows:
         try:
-            k, cpt = compile_v2(bits, groups, **cfg)
+            k, cpt = compile_v2(bits, groups, variant=variant, **cfg)
             st = loop_stats(k, cpt)
             print(f"{variant} int{bits} group {groups} (heads per program: <= 4) {json.dumps(cfg)}: regs {st['regs']} "
                   f"stack {st['stack']} smem {st['smem']} loop {st['loop']} -> {st['per_code']} per code; {st['mix']}",

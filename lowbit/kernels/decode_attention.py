@@ -24,7 +24,7 @@ recent window) and merges it with every chunk by log-sum-exp.
 Decode attention over a packed cache is bound by instruction issue, not bytes (issue 18): batch 16 x 32 heads x 32K
 tokens at int4 is 4.3G codes, 2.5 GB; the H200 issues ~3.3e13 thread-instructions/s, so every instruction per code
 costs ~0.13 ms while the bytes cost ~0.6 ms; registers (warps per SM) set how much of the issue rate a kernel
-gets (``DEFAULT_CONFIG``'s note). Two split kernels (and ``_split_kernel_v2p``, v2 with the next key block
+gets (``DEFAULT_CONFIG``'s note). Three split kernels (and ``_split_kernel_v2p``, v2 with the next key block
 prefetched into registers):
 
 * ``_split_kernel_v2`` (``variant="v2"``, the default): grid ``(B * Hq / heads, chunks)``, one warp per program,
@@ -40,6 +40,22 @@ prefetched into registers):
   is unpacked once for all of them. Compiled offline for sm_90 (ptxas of Triton 3.8): ~4.8 SASS instructions per
   code (MHA int4 and int2, 106 registers, no shared memory or barrier in the loop; Triton 3.6: 5.2 and 164),
   ~2.5 per code and head with 4 GQA heads per program (3.6: 2.9), against 3 for the LOP3/FADD/FFMA floor.
+* ``_split_kernel_v3`` (``variant="v3"``): v2's arithmetic and grid on ``[channel lanes, token threads, heads,
+  channels]`` tiles, a step's token rows loaded and scored one row tile at a time (their scores a tuple). Why:
+  Triton 3.6 (the H200's) lays v2's ``[heads, rows, token threads, ...]`` code load out with the lanes on the rows
+  (a whole 128-channel row per thread), so under 3.6 v2 holds every scaled query channel per thread and moves them
+  through shared memory each key block. Offline sm_90 with Triton 3.6 (``tools/sass_attention.py``), v2 -> v3:
+  MHA int4 164 -> 124 registers, 5.17 -> 4.79 instructions per code, no shared memory in the loop (66 LDS);
+  int2 168 -> 110, 5.75 -> 4.77 (v2: 144 SHFL, 33 BAR); int8 254 -> 128, 5.57 -> 5.29; 4 GQA heads per program
+  (per code and head) int4 2.92 with 992 spilled bytes -> 2.45 with 64, int2 2.73 / 320 -> 2.36 / 0, int8
+  3.26 / 1360 -> 2.60 / 16. Under Triton 3.8 the two are alike (MHA int4 4.86, 101 registers) but for int2, where
+  v3's code lanes and query lanes are ordered differently (5.59 per code: 193 SHFL).
+* ``variant="v4"``: v3 with each code read as the subnormal float ``u * 2**(e - 149)`` its masked bits make
+  (``_split_kernel_v3``'s ``DEN``): no FADD per code to remove a bias or a zero point, so a code costs one LOP3
+  and one FFMA (v2/v3: LOP3, FADD, FFMA); the key zero points become one dot per key block. Triton 3.6 offline:
+  MHA int4 3.96 per code at 96 registers, int2 3.86 / 88, int8 4.49 / 101; 4 GQA heads per program 2.33 per
+  code and head at int4 (255 registers, 48 spilled bytes), 2 heads 2.80 (164, none). Error against the reference
+  as v2's (float32 rounding: ~1e-6 relative, ~3e-5 with 30x queries).
 * ``_split_kernel`` (``variant="v1"``): the previous session's kernel:
   ``[BLOCK_N, D / CW, CW]`` tiles, one program per query head and 4 warps, ~9.5 SASS instructions per code (a
   per-code zero subtraction, an FMUL+FADD tree for q.k and a per-code rescale of per-row accumulators).
@@ -269,7 +285,7 @@ if triton is not None:
         """int32 words ``[..., CWW]`` of packed codes -> float32 ``[..., CWW * 32 / BITS]`` in channel order, each
         ``2**23 + u * 2**e`` exactly: a field is masked where it lies (one LOP3 with the exponent's bits), so only
         the fields above bit 22 need one shared shift; ``e`` is ``_field_exponent``'s (a power of two the caller
-        folds into the query / the output)."""
+        folds into the query / the output). ``EXP`` = 0 (v4): the subnormal ``u * 2**(e - 149)``, one AND."""
         if BITS == 8:
             f0 = (w & 0xFF) | EXP
             f1 = (w & 0xFF00) | EXP
@@ -432,6 +448,73 @@ if triton is not None:
             r1, r5 = tl.split(ba)
             r3, r7 = tl.split(bb)
             return (r0, r1, r2, r3, r4, r5, r6, r7)
+
+    @triton.jit
+    def _parts(t, PERW: tl.constexpr):
+        """Channel-ordered ``[..., CWW * PERW]`` -> the tuple of its ``PERW`` field tiles ``[..., CWW]`` (part ``k``:
+        channels ``k mod PERW``, the ``k``-th field of each word), by register splits."""
+        e, o = _unzip(t)
+        ee, eo = _unzip(e)
+        oe, oo = _unzip(o)
+        if PERW == 4:
+            return (ee, oe, eo, oo)
+        elif PERW == 8:
+            p0, p4 = _unzip(ee)
+            p2, p6 = _unzip(eo)
+            p1, p5 = _unzip(oe)
+            p3, p7 = _unzip(oo)
+            return (p0, p1, p2, p3, p4, p5, p6, p7)
+        else:
+            eee, eeo = _unzip(ee)
+            eoe, eoo = _unzip(eo)
+            oee, oeo = _unzip(oe)
+            ooe, ooo = _unzip(oo)
+            p0, p8 = _unzip(eee)
+            p4, p12 = _unzip(eeo)
+            p2, p10 = _unzip(eoe)
+            p6, p14 = _unzip(eoo)
+            p1, p9 = _unzip(oee)
+            p5, p13 = _unzip(oeo)
+            p3, p11 = _unzip(ooe)
+            p7, p15 = _unzip(ooo)
+            return (p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15)
+
+    @triton.jit
+    def _field(w, EXP, K: tl.constexpr, BITS: tl.constexpr):
+        """Field ``K`` of int32 words as ``_fields_biased`` makes it: ``2**23 + u * 2**e`` (float32; ``EXP`` = 0:
+        ``u * 2**(e - 149)``), one LOP3 (the fields above bit 22 after one shared shift)."""
+        if BITS == 8:
+            if K == 0:
+                x = w & 0xFF
+            elif K == 1:
+                x = w & 0xFF00
+            else:
+                x = (w >> (8 * K - 8)) & 0xFF00
+        elif K * BITS + BITS <= 23:
+            x = w & (((1 << BITS) - 1) << (K * BITS))
+        else:
+            x = (w >> 12) & (((1 << BITS) - 1) << (K * BITS - 12))
+        return (x | EXP).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _dot_fields(kx, qs, zb, EXP, BITS: tl.constexpr, DEN: tl.constexpr):
+        """``sum_k (field_k(kx) - zb_k) qs_k`` over the fields of each int32 word (``_fma_fields`` without an
+        accumulator argument): the chain starts with a product, so it keeps the fields' register layout (Triton
+        3.6 moves a ``tl.zeros`` accumulator's layout through shared memory, ~0.25 instructions per code).
+        ``DEN``: the fields are read as subnormal floats ``u * 2**(e - 149)`` (``EXP`` = 0, one AND) and the zero
+        points are left to the caller (``zb`` unused): one LOP3 and one FFMA per code."""
+        PERW: tl.constexpr = 32 // BITS
+        qk = _parts(qs, PERW)
+        if DEN:
+            acc = _field(kx, 0, 0, BITS) * qk[0]
+            for k in tl.static_range(1, PERW):
+                acc = tl.fma(_field(kx, 0, k, BITS), qk[k], acc)
+        else:
+            zk = _parts(zb, PERW)
+            acc = (_field(kx, EXP, 0, BITS) - zk[0]) * qk[0]
+            for k in tl.static_range(1, PERW):
+                acc = tl.fma(_field(kx, EXP, k, BITS) - zk[k], qk[k], acc)
+        return acc
 
     @triton.jit
     def _field_exponent(chan, BITS: tl.constexpr):
@@ -670,6 +753,139 @@ if triton is not None:
         tl.store(M + b * s_mb + hh * s_mh + pid_s, mx)
         tl.store(L + b * s_mb + hh * s_mh + pid_s, den)
 
+    @triton.jit(do_not_specialize=["s_ab", "s_ah", "s_as", "s_mb", "s_mh", "exp_bits"])
+    def _split_kernel_v3(
+        Q, KW, KS, KZ, VW, VS, VZ, LO, HI, ACC, M, L,
+        s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh,
+        s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split, exp_bits,
+        HQ: tl.constexpr, GROUPS: tl.constexpr, GH: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, CWW: tl.constexpr,
+        CV: tl.constexpr, DEN: tl.constexpr,
+    ):
+        """``_split_kernel_v2``'s arithmetic on ``[X, TT, GH, C]`` tiles (channel chunk, token thread, head,
+        channel) without a token-row dim: each of a step's ``N0`` rows is loaded and scored as its own tile (the
+        rows' scores are a tuple), so Triton's layouts keep the lanes on (channel chunk, token thread) and the
+        heads and channels in-thread.
+
+        Why: Triton 3.6 (the H200's) lays v2's ``[GH, N0, TT, X, CWW]`` code load out with the lanes on the rows
+        (a whole token row per thread), so v2 holds all 128 scaled query channels per thread (164 registers at
+        int4) and moves them through shared memory every key block (66 LDS per step). The ``q.k`` chain starts
+        with a product (``_dot_fields``), so there is no zero tile whose layout must be converted.
+
+        ``DEN`` (variant v4): a field masked in place and read as a float is the subnormal ``u * 2**(e - 149)``,
+        exact, and FFMA takes subnormal operands at full rate (Triton emits ``fma.rn.f32``, no ``.ftz``). So a
+        code costs one LOP3 and one FFMA: keys against the query scaled by ``2**(100 - e)`` (products
+        ``q s u 2**-49``, normal for ``|q s|`` in ~[1e-20, 1e8]), the zero points as one per-block dot
+        ``sum_c q s z`` subtracted from each row's score; values times ``p * scale * 2**100`` (products
+        ``p s u 2**(e - 49)``), the 2**-e, 2**49 and 2**100 removed after the loop."""
+        pid_h = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        NHB: tl.constexpr = HQ // GH
+        b = pid_h // NHB
+        h0 = (pid_h % NHB) * GH
+        kvh = h0 // GROUPS
+        PERW: tl.constexpr = 32 // BITS
+        C: tl.constexpr = CWW * PERW
+        DW: tl.constexpr = D // PERW
+        X: tl.constexpr = DW // CWW
+        NG: tl.constexpr = D // V_GROUP
+        STEP: tl.constexpr = N0 * TT
+        SUB: tl.constexpr = K_BLOCK // STEP
+        x_i = tl.arange(0, X)[:, None, None, None]
+        t_i = tl.arange(0, TT)[None, :, None, None]
+        g_i = tl.arange(0, GH)[None, None, :, None]
+        chan_t = x_i * C + tl.arange(0, C)[None, None, None, :] + 0 * t_i  # [X, TT, 1, C]
+        r_off = t_i * DW + x_i * CWW + tl.arange(0, CWW)[None, None, None, :]  # [X, TT, 1, CWW]: a row's words
+        if CV == 1:  # a chunk lies in one value group: one scale/zero per (token, chunk)
+            g_off = t_i * NG + (x_i * C) // V_GROUP  # [X, TT, 1, 1]
+        else:
+            g_off = t_i * NG + chan_t // V_GROUP
+        e = _field_exponent(chan_t, BITS)
+        if DEN:
+            q_e = ((227 - e) << 23).to(tl.float32, bitcast=True)  # 2**(100 - e)
+            out_e = ((176 - e) << 23).to(tl.float32, bitcast=True)  # 2**(49 - e)
+        else:
+            q_e = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
+            out_e = q_e
+        lo = tl.load(LO + b)
+        hi = tl.load(HI + b)
+        start = (tl.maximum(pid_s * split, lo) // K_BLOCK) * K_BLOCK
+        end = tl.minimum(pid_s * split + split, hi)
+        kw_base = KW + b * s_kcb + kvh * s_kch
+        vw_base = VW + b * s_vcb + kvh * s_vch
+        ks_base = KS + b * s_ksb + kvh * s_ksh
+        kz_base = KZ + b * s_ksb + kvh * s_ksh
+        vs_base = VS + b * s_vsb + kvh * s_vsh
+        vz_base = VZ + b * s_vsb + kvh * s_vsh
+        q = tl.load(Q + b * s_qb + (h0 + g_i) * s_qh + chan_t).to(tl.float32) * (qk_scale * q_e)  # [X, TT, GH, C]
+        m_i = tl.full([1, TT, GH, 1], -float("inf"), dtype=tl.float32)
+        l_i = tl.zeros([1, TT, GH, 1], dtype=tl.float32)
+        acc = tl.zeros([X, TT, GH, C], dtype=tl.float32)  # sum_t p_t s_t u_t 2**e (DEN: 2**(e - 49))
+        accz = tl.zeros([X, TT, GH, CV], dtype=tl.float32)  # sum_t p_t s_t z_t (DEN: times 2**100)
+        for n0 in range(start, end, K_BLOCK):
+            kb = (n0 // K_BLOCK) * D + chan_t
+            qs = q * tl.load(ks_base + kb).to(tl.float32)
+            if DEN:  # the block's zero points, sum_c q s z 2**-49, taken off every row's score
+                zd = (tl.load(kz_base + kb).to(tl.int32) << e).to(tl.float32, bitcast=True)
+                zdot = tl.sum(tl.sum(qs * zd, 3, keep_dims=True), 0, keep_dims=True)  # [1, TT, GH, 1]
+                zb = zd  # not read by _dot_fields under DEN
+            else:
+                zb = ((tl.load(kz_base + kb).to(tl.int32) << e) | 0x4B000000).to(tl.float32, bitcast=True)
+            for j in tl.static_range(SUB):
+                t0 = n0 + j * STEP
+                ok = ()
+                sc = ()
+                for r in tl.static_range(N0):
+                    tok = t0 + r * TT + t_i  # [1, TT, 1, 1]
+                    valid = (tok >= lo) & (tok < end)
+                    kx = tl.load(kw_base + (t0 + r * TT) * DW + r_off, mask=valid, other=0)
+                    part = _dot_fields(kx, qs, zb, exp_bits, BITS, DEN)  # [X, TT, GH, CWW]
+                    s_r = tl.sum(tl.sum(part, 3, keep_dims=True), 0, keep_dims=True)  # [1, TT, GH, 1]
+                    if DEN:
+                        s_r = (s_r - zdot) * 562949953421312.0  # 2**49
+                    ok = ok + (valid,)
+                    sc = sc + (tl.where(valid, s_r, -float("inf")),)
+                m_blk = sc[0]
+                for r in tl.static_range(1, N0):
+                    m_blk = tl.maximum(m_blk, sc[r])
+                m_new = tl.maximum(m_i, m_blk)
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                acc = acc * alpha
+                accz = accz * alpha
+                l_i = l_i * alpha
+                m_i = m_new
+                for r in tl.static_range(N0):
+                    p = tl.exp2(sc[r] - m_safe)  # [1, TT, GH, 1]
+                    l_i += p
+                    tr = t0 + r * TT
+                    vx = tl.load(vw_base + tr * DW + r_off, mask=ok[r], other=0)
+                    vs = tl.load(vs_base + tr * NG + g_off, mask=ok[r], other=0.0).to(tl.float32)
+                    vz = tl.load(vz_base + tr * NG + g_off, mask=ok[r], other=0).to(tl.float32)
+                    if DEN:
+                        pv = p * (vs * 1.2676506002282294e30)  # 2**100
+                        acc = tl.fma(pv, _fields_biased(vx, 0, BITS), acc)
+                    else:
+                        pv = p * vs  # [X, TT, GH, 1]
+                        acc = tl.fma(pv, _fields_biased(vx, exp_bits, BITS) - 8388608.0, acc)
+                    accz = tl.fma(pv, vz, accz)
+        # the token threads' softmaxes merged; the fields' 2**e and the zero points applied
+        m_top = tl.max(m_i, 1, keep_dims=True)  # [1, 1, GH, 1]
+        m_top = tl.where(m_top == -float("inf"), 0.0, m_top)
+        c = tl.exp2(m_i - m_top)
+        if DEN:
+            out = tl.sum((acc * out_e - accz * 7.888609052210118e-31) * c, 1)  # [X, GH, C]; 2**-100
+        else:
+            out = tl.sum((acc * out_e - accz) * c, 1)  # [X, GH, C]
+        den = tl.sum(tl.reshape(l_i * c, [TT, GH]), 0)  # [GH]
+        mx = tl.max(tl.reshape(m_i, [TT, GH]), 0)
+        hh = h0 + tl.arange(0, GH)
+        a_ptr = ACC + b * s_ab + pid_s * s_as + hh[None, :, None] * s_ah \
+            + tl.arange(0, X)[:, None, None] * C + tl.arange(0, C)[None, None, :]
+        tl.store(a_ptr, out)
+        tl.store(M + b * s_mb + hh * s_mh + pid_s, mx)
+        tl.store(L + b * s_mb + hh * s_mh + pid_s, den)
+
 
 LOG2E = 1.4426950408889634
 
@@ -679,12 +895,14 @@ VARIANT_CONFIGS = {
     "v2": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None,
            "vchain": True},
     "v2p": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": 1},
+    "v3": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None},
+    "v4": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None},
 }
 """Each variant's launch when the caller names the variant but not the option. v1: 4 warps, 32-token steps, 16
 channels per thread chunk (the previous session's fastest on the H200 for int4 and int2 with float16 scales:
 1804 / 1770 us against 1970 for 16-token steps of 8 channels). v2: one warp per program, a whole 32-token key
 block per step (8 rows per thread at head dim 128 int4), 16 channels per thread, all the query heads of a kv head
-in one program up to 4 (``heads``)."""
+in one program up to 4 (``heads``). v3, v4: v2's launch."""
 
 DEFAULT_CONFIG = {"variant": "v2", **VARIANT_CONFIGS["v2"]}
 """``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): v2. Why, from the
@@ -752,9 +970,9 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      vchain: bool | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
     ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole key
-    blocks / steps); ``block_n``: tokens per inner step (v2: clamped to one key block, at least one row per token
-    thread); ``chunk``: channels per thread; ``heads`` (v2): query heads per program (a divisor of the GQA
-    group: each code is unpacked once for all of them)."""
+    blocks / steps); ``block_n``: tokens per inner step (v2-v4: clamped to one key block, at least one row per
+    token thread); ``chunk``: channels per thread; ``heads`` (v2-v4): query heads per program (a divisor of the GQA
+    group: each code is unpacked once for all of them); ``vchain`` (v2 only): value rows as FFMA chains."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
@@ -800,8 +1018,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         acc, m, den, n_split = _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32,
                                           bits=bits, k_block=k_block, v_group=v_group, groups=groups,
                                           qk_scale=qk_scale, split=split, block_n=block_n, num_warps=num_warps,
-                                          chunk=chunk, heads=heads, vchain=vchain, extra=extra,
-                                          prefetch=variant == "v2p")
+                                          chunk=chunk, heads=heads, vchain=vchain, extra=extra, variant=variant)
     return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale)
 
 
@@ -836,16 +1053,18 @@ mask and this OR into one LOP3 (with two immediates it emits two)."""
 
 
 def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, *, bits, k_block, v_group, groups,
-               qk_scale, split, block_n, num_warps, chunk, heads, vchain, extra, prefetch=False):
+               qk_scale, split, block_n, num_warps, chunk, heads, vchain, extra, variant):
     b, hq, d = q.shape
     s = k_codes.shape[2]
     for name, t, row in (("k_codes", k_codes, d * bits // 8), ("v_codes", v_codes, d * bits // 8),
                          ("k_scale", k_scale, d), ("v_scale", v_scale, d // v_group)):
         if t.stride(-2) != row:
             raise ValueError(f"decode_attention: {name} {tuple(t.shape)} stride {t.stride()}: rows must be packed")
+    if vchain is not None and variant != "v2":
+        raise ValueError(f"decode_attention: vchain is a v2 option (variant={variant!r})")
     g = v2_geometry(d, bits, k_block, v_group, groups, block_n=block_n, num_warps=num_warps, chunk=chunk,
                     heads=heads, vchain=VARIANT_CONFIGS["v2"]["vchain"] if vchain is None else vchain)
-    if prefetch and g["N0"] * g["TT"] != k_block:
+    if variant == "v2p" and g["N0"] * g["TT"] != k_block:
         raise ValueError(f"variant v2p: a step must be one key block ({g['N0']} rows x {g['TT']} token threads "
                          f"!= k_block {k_block}); raise block_n or lower num_warps")
     if split is None:
@@ -863,8 +1082,10 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
     const = dict(HQ=hq, GROUPS=groups, GH=g["GH"], D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, N0=g["N0"],
                  TT=g["TT"], CWW=g["CWW"], CV=g["CV"], num_warps=num_warps, **extra)
     grid = (b * hq // g["GH"], n_split)
-    if prefetch:
+    if variant == "v2p":
         _split_kernel_v2p[grid](*args, **const)
+    elif variant in ("v3", "v4"):
+        _split_kernel_v3[grid](*args, DEN=variant == "v4", **const)
     else:
         _split_kernel_v2[grid](*args, ROWS=g["ROWS"], **const)
     return acc, m, den, n_split
