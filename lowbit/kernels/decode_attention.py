@@ -27,7 +27,7 @@ costs ~0.13 ms while the bytes cost ~0.6 ms; registers (warps per SM) set how mu
 gets (``DEFAULT_CONFIG``'s note). Three split kernels (and ``_split_kernel_v2p``, v2 with the next key block
 prefetched into registers):
 
-* ``_split_kernel_v2`` (``variant="v2"``, the default): grid ``(B * Hq / heads, chunks)``, one warp per program,
+* ``_split_kernel_v2`` (``variant="v2"``): grid ``(B * Hq / heads, chunks)``, one warp per program,
   one 32-token key block per iteration. Tiles ``[heads, rows, token threads, channel lanes, channels]``: a thread
   owns 16 channels (one 8-byte load per token row at int4) of 8 token rows. Codes are read as int32 words and each
   field is masked where it lies with the float bits of 2**23 (one LOP3: ``2**23 + u * 2**e`` exactly; the fields
@@ -50,8 +50,8 @@ prefetched into registers):
   (per code and head) int4 2.92 with 992 spilled bytes -> 2.45 with 64, int2 2.73 / 320 -> 2.36 / 0, int8
   3.26 / 1360 -> 2.60 / 16. Under Triton 3.8 the two are alike (MHA int4 4.86, 101 registers) but for int2, where
   v3's code lanes and query lanes are ordered differently (5.59 per code: 193 SHFL).
-* ``variant="v4"``: v3 with each code read as the subnormal float ``u * 2**(e - 149)`` its masked bits make
-  (``_split_kernel_v3``'s ``DEN``): no FADD per code to remove a bias or a zero point, so a code costs one LOP3
+* ``variant="v4"`` (the default: ``DEFAULT_CONFIG``): v3 with each code read as the subnormal float
+  ``u * 2**(e - 149)`` its masked bits make (``_split_kernel_v3``'s ``DEN``): no FADD per code to remove a bias or a zero point, so a code costs one LOP3
   and one FFMA (v2/v3: LOP3, FADD, FFMA); the key zero points become one dot per key block. Triton 3.6 offline:
   MHA int4 3.96 per code at 96 registers, int2 3.86 / 88, int8 4.49 / 101; 4 GQA heads per program 2.33 per
   code and head at int4 (255 registers, 48 spilled bytes), 2 heads 2.80 (164, none). Error against the reference
@@ -904,8 +904,13 @@ channels per thread chunk (the previous session's fastest on the H200 for int4 a
 block per step (8 rows per thread at head dim 128 int4), 16 channels per thread, all the query heads of a kv head
 in one program up to 4 (``heads``). v3, v4: v2's launch."""
 
-DEFAULT_CONFIG = {"variant": "v2", **VARIANT_CONFIGS["v2"]}
-"""``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): v2. Why, from the
+DEFAULT_CONFIG = {"variant": "v4", **VARIANT_CONFIGS["v4"]}
+"""``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): v4, from the H200 run
+of session 14 (``tools/bench_attention.py --sweep s14``, batch 16, 32K tokens, float16 scales, bench/results/
+attention.json): MHA (32/32 heads) int4 828.8 us = 2.25x bf16 SDPA's 1862.7 (v2: 1136.4, 1.64x), int2 1098.6 (v2
+1364.0; v4 on 2 warps 869.3 = 2.14x); GQA (32/8) int4 572.7 (v2 1413.8; SDPA 525.3), int2 575.3 (v3 537.9, v2
+783.8). Max error against the reference 7e-8 (the subnormal codes are not flushed on the H200). v2, before it:
+why v2 was chosen then, from the
 H200 round (bench/results/attention_round1.json, batch 16 x 32 heads x 32K tokens, Triton 3.6) and offline sm_90
 compiles with Triton 3.6 (the GPU's) of each kernel: v1 as measured then (16-token steps, 8-channel chunks) compiles
 to 12.2 SASS instructions per code and ran 1977 us at int4 (1804 us last session with 32-token steps and 16-channel
