@@ -908,7 +908,7 @@ DEFAULT_CONFIG = {"variant": "v4", **VARIANT_CONFIGS["v4"]}
 """``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): v4, from the H200 run
 of session 14 (``tools/bench_attention.py --sweep s14``, batch 16, 32K tokens, float16 scales, bench/results/
 attention.json): MHA (32/32 heads) int4 828.8 us = 2.25x bf16 SDPA's 1862.7 (v2: 1136.4, 1.64x), int2 1098.6 (v2
-1364.0; v4 on 2 warps 869.3 = 2.14x); GQA (32/8) int4 572.7 (v2 1413.8; SDPA 525.3), int2 575.3 (v3 537.9, v2
+1364.0; on 2 warps, ``V4_INT2_MHA_WARPS``, 869.3 = 2.14x); GQA (32/8) int4 572.7 (v2 1413.8; SDPA 525.3), int2 575.3 (v3 537.9, v2
 783.8). Max error against the reference 7e-8 (the subnormal codes are not flushed on the H200). v2, before it:
 why v2 was chosen then, from the
 H200 round (bench/results/attention_round1.json, batch 16 x 32 heads x 32K tokens, Triton 3.6) and offline sm_90
@@ -926,6 +926,11 @@ loop, 992 bytes per thread at int4 (320 at int2, 1360 at int8: the order of the 
 4.3 instructions per code) was written in session 5 and removed in session 6: on the H200 it returned NaN for
 every launch of 4 key blocks per step, with or without its inline PTX, at 4 or 8 warps, while the interpreter
 agreed with the reference; its source is in the git history (commit 0b1f8ca, lowbit/kernels/decode_attention_tc.py)."""
+
+V4_INT2_MHA_WARPS = 2
+"""v4's warps for an int2 cache without GQA (one query head per kv head): 869.3 us against 1098.6 on one warp (H200,
+session 14, batch 16 x 32 heads x 32K); int4 and GQA int2 stay on one warp (828.8 vs 837.6; GQA int2 575.3 vs
+614.8)."""
 
 PROGRAMS_PER_SM = 16
 """``_default_split``'s target: the grid has at least this many programs per SM (of 132 on an H200) when the
@@ -991,6 +996,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     q = q.contiguous()
     lo32, hi32 = lo.to(torch.int32).contiguous(), hi.clamp(max=s).to(torch.int32).contiguous()  # never past the cache
     block_n = block_n or base["block_n"]
+    if num_warps is None and variant == "v4" and bits == 2 and groups == 1:
+        num_warps = V4_INT2_MHA_WARPS
     num_warps = num_warps or base["num_warps"]
     if block_n & (block_n - 1) or block_n < 1 or num_warps & (num_warps - 1):
         raise ValueError(f"block_n={block_n} and num_warps={num_warps} must be powers of two")
