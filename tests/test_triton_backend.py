@@ -171,6 +171,16 @@ def test_mlp_activation_runs_in_the_linears_epilogue(arch, pipeline, form):
         assert torch.equal(y.argmax(-1), ref.argmax(-1))
 
 
+def _tiny_llama(heads: int, kv_heads: int, vocab: int) -> torch.nn.Module:
+    """A random bf16 two-block Llama, hidden 128 (the decode layout's smallest K), MLP 256."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      num_hidden_layers=2, vocab_size=vocab, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
 @needs_kernels
 def test_block_add_and_norm_run_in_the_weight_only_reduces(monkeypatch):
     """``norm_residual`` (on by default): a block's ``residual_add`` + ``rms_norm`` between two weight-only linears
@@ -179,8 +189,6 @@ def test_block_add_and_norm_run_in_the_weight_only_reduces(monkeypatch):
     the ``last-logits`` slice). Greedy generation gives the torch reference's tokens, with the decode steps'
     GEMVs forced onto ``_gemv_r`` (128-wide reduces: several partial sums of squares per row) and with
     ``norm_residual=False``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
     from lowbit.kernels import weight_only as wo
@@ -196,10 +204,7 @@ def test_block_add_and_norm_run_in_the_weight_only_reduces(monkeypatch):
         return config(m, n, k, bits, cw, n_major, group)
 
     monkeypatch.setattr(wo, "words_config", r_at_decode)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
-                      num_hidden_layers=2, vocab_size=512, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model = _tiny_llama(heads=2, kv_heads=1, vocab=512)
     spec = GenerationSpec(max_length=16, max_batch=1)
     pipeline = "quantize(w=int4,group=64,sym=false,head=int4)"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -226,8 +231,6 @@ def test_generation_runs_on_the_triton_backend(monkeypatch):
     """A step graph (KV cache in, logits and cache out) lowers to the Triton kernels: generate() runs its steps over
     the donated cache, each decode step's attention on ``decode_sdpa`` (GQA, two sequences at their own
     positions; the prefill on SDPA), and the tokens are the torch reference's on the same quantized graph."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
     from lowbit.kernels import decode_step
@@ -236,10 +239,8 @@ def test_generation_runs_on_the_triton_backend(monkeypatch):
     supported = decode_step.decode_sdpa_supported
     monkeypatch.setattr(decode_step, "decode_sdpa_supported", lambda *a: asked.append(supported(*a)) or asked[-1])
 
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=2, vocab_size=1000, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model = _tiny_llama(heads=4, kv_heads=2, vocab=1000)
+    cfg = model.config
     spec = GenerationSpec(max_length=48, max_batch=2)
     pipeline = "quantize(w=int4,group=64,sym=false)"
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -162,9 +162,11 @@ def _kernel_qlinear_add_norm(w_group: int) -> Callable[..., tuple[torch.Tensor, 
     (``weight_only_linear_add_norm``; the reference: the add, then ``norm_parts_ref``)."""
     from lowbit.kernels._common import norm_parts_ref
 
-    def run(x, qweight, w_scale, w_zero_point=None, bias=None, *, residual, norm_weight, **kw):
+    def run(x, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, *, residual,
+            norm_weight, **kw):
         if not _runs_kernel(x):
-            y = qlinear(x, _stored(qweight, x, kw["w_qdtype"], w_group), w_scale, w_zero_point, bias, **kw)
+            y = qlinear(x, _stored(qweight, x, kw["w_qdtype"], w_group), w_scale, w_zero_point, bias, a_scale,
+                        a_zero_point, **kw)
             stream = ir_ops.residual_add(residual, y)
             return (stream, *norm_parts_ref(stream, norm_weight))
         return torch.ops.lowbit.weight_only_linear_add_norm(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
@@ -424,7 +426,8 @@ def _repack_words(gm: torch.fx.GraphModule, node: torch.fx.Node, group: int) -> 
     return True
 
 
-def _fusible_norm(x: torch.fx.Node, readers: set[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node, float] | None:
+def _fusible_norm(x: torch.fx.Node,
+                  readers: set[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node, float] | None:
     """``(norm, gain, eps)`` of the one RMSNorm among ``x``'s readers when every reader of that norm is in
     ``readers`` (weight-only linears on the decode layout), with fp32 statistics (the kernels' arithmetic) and a
     gain; else None."""
