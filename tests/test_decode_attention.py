@@ -189,7 +189,7 @@ def _check_real_layout(bits: int, hq: int, hkv: int, v_group: int, **launch) -> 
 
 REAL_LAYOUT_CASES = [(4, 4, 4, 32, {}), (2, 4, 2, 16, {}), (8, 4, 1, 32, {"split": 64}),
                      (4, 4, 4, 32, {"variant": "v2"}), (2, 8, 2, 16, {"variant": "v2", "heads": 4}),
-                     (4, 4, 2, 32, {"variant": "v2p", "split": 96}), (2, 4, 4, 16, {"variant": "v2p", "num_warps": 2}),
+                     (4, 4, 2, 32, {"variant": "v2", "split": 96}), (2, 4, 4, 16, {"variant": "v2", "num_warps": 2}),
                      (4, 6, 2, 32, {})]  # 3 query heads per kv head (SmolLM2's 9 / 3): one head per program
 
 

@@ -51,8 +51,6 @@ SWEEPS = {
         {"variant": "v1", "block_n": 16, "chunk": 8},  # v1's launch of round 1
         {"variant": "v2", "num_warps": 2},
         {"variant": "v2", "heads": 2},
-        {"variant": "v2p", "num_warps": 2},  # prefetch (3.6: 8.8 instructions per code, 241 registers)
-        {"variant": "v2p"},
     ],
     "round1": [
         {"variant": "v1"},

@@ -24,8 +24,9 @@ recent window) and merges it with every chunk by log-sum-exp.
 Decode attention over a packed cache is bound by instruction issue, not bytes (issue 18): batch 16 x 32 heads x 32K
 tokens at int4 is 4.3G codes, 2.5 GB; the H200 issues ~3.3e13 thread-instructions/s, so every instruction per code
 costs ~0.13 ms while the bytes cost ~0.6 ms; registers (warps per SM) set how much of the issue rate a kernel
-gets (``DEFAULT_CONFIG``'s note). Three split kernels (and ``_split_kernel_v2p``, v2 with the next key block
-prefetched into registers):
+gets (``DEFAULT_CONFIG``'s note). Three split kernels (a fourth, v2p — v2 with the next key block prefetched into
+registers — ran 0.56-0.84x v2 on the H200 in every configuration measured, bench/results/attention.json, and was
+removed in session 14):
 
 * ``_split_kernel_v2`` (``variant="v2"``): grid ``(B * Hq / heads, chunks)``, one warp per program,
   one 32-token key block per iteration. Tiles ``[heads, rows, token threads, channel lanes, channels]``: a thread
@@ -650,110 +651,6 @@ if triton is not None:
         tl.store(L + b * s_mb + hh * s_mh + pid_s, den)
 
     @triton.jit(do_not_specialize=["s_ab", "s_ah", "s_as", "s_mb", "s_mh", "exp_bits"])
-    def _split_kernel_v2p(
-        Q, KW, KS, KZ, VW, VS, VZ, LO, HI, ACC, M, L,
-        s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh,
-        s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split, exp_bits,
-        HQ: tl.constexpr, GROUPS: tl.constexpr, GH: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-        K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, CWW: tl.constexpr,
-        CV: tl.constexpr,
-    ):
-        """``_split_kernel_v2`` with the next key block's codes, scales and zeros loaded before the current block's
-        arithmetic (registers carried by the loop), so a warp's loads overlap its own work instead of only other
-        warps' (``variant="v2p"``; one step per key block: ``N0 * TT == K_BLOCK``; value rows reduced by
-        ``tl.sum``)."""
-        pid_h = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        NHB: tl.constexpr = HQ // GH
-        b = pid_h // NHB
-        h0 = (pid_h % NHB) * GH
-        kvh = h0 // GROUPS
-        PERW: tl.constexpr = 32 // BITS
-        C: tl.constexpr = CWW * PERW
-        DW: tl.constexpr = D // PERW
-        X: tl.constexpr = DW // CWW
-        NG: tl.constexpr = D // V_GROUP
-        g_i = tl.arange(0, GH)[:, None, None, None, None]
-        n_i = tl.arange(0, N0)[None, :, None, None, None]
-        t_i = tl.arange(0, TT)[None, None, :, None, None]
-        x_i = tl.arange(0, X)[None, None, None, :, None]
-        chan = x_i * C + tl.arange(0, C)[None, None, None, None, :]
-        chan_t = chan + 0 * t_i
-        word = x_i * CWW + tl.arange(0, CWW)[None, None, None, None, :]
-        if CV == 1:
-            vgrp = (x_i * C) // V_GROUP + 0 * t_i
-        else:
-            vgrp = chan_t // V_GROUP
-        rows = n_i * TT + t_i  # [1, N0, TT, 1, 1]: a block's tokens
-        k_off = rows * DW + word
-        g_off = rows * NG + vgrp
-        e = _field_exponent(chan_t, BITS)
-        inv_e = ((127 - e) << 23).to(tl.float32, bitcast=True)
-        lo = tl.load(LO + b)
-        hi = tl.load(HI + b)
-        start = (tl.maximum(pid_s * split, lo) // K_BLOCK) * K_BLOCK
-        end = tl.minimum(pid_s * split + split, hi)
-        kw_base = KW + b * s_kcb + kvh * s_kch
-        vw_base = VW + b * s_vcb + kvh * s_vch
-        ks_base = KS + b * s_ksb + kvh * s_ksh
-        kz_base = KZ + b * s_ksb + kvh * s_ksh
-        vs_base = VS + b * s_vsb + kvh * s_vsh
-        vz_base = VZ + b * s_vsb + kvh * s_vsh
-        q = tl.load(Q + b * s_qb + (h0 + g_i) * s_qh + chan_t).to(tl.float32) * (qk_scale * inv_e)
-        m_i = tl.full([GH, 1, TT, 1, 1], -float("inf"), dtype=tl.float32)
-        l_i = tl.zeros([GH, 1, TT, 1, 1], dtype=tl.float32)
-        acc = tl.zeros([GH, 1, TT, X, C], dtype=tl.float32)
-        accz = tl.zeros([GH, 1, TT, X, CV], dtype=tl.float32)
-        # the first block's loads (start < the cache's length: pid_s * split < S)
-        some = (start < end) & (chan_t >= 0)
-        ok = (start + rows >= lo) & (start + rows < end)
-        ks_n = tl.load(ks_base + (start // K_BLOCK) * D + chan_t, mask=some, other=0.0)
-        kz_n = tl.load(kz_base + (start // K_BLOCK) * D + chan_t, mask=some, other=0)
-        kx_n = tl.load(kw_base + start * DW + k_off, mask=ok, other=0)
-        vx_n = tl.load(vw_base + start * DW + k_off, mask=ok, other=0)
-        vs_n = tl.load(vs_base + start * NG + g_off, mask=ok, other=0.0)
-        vz_n = tl.load(vz_base + start * NG + g_off, mask=ok, other=0)
-        for n0 in range(start, end, K_BLOCK):
-            ks_c, kz_c, kx, vx, vs_c, vz_c = ks_n, kz_n, kx_n, vx_n, vs_n, vz_n
-            valid = (n0 + rows >= lo) & (n0 + rows < end)
-            nn = n0 + K_BLOCK  # the next block, loaded now (masked past the chunk)
-            some = (nn < end) & (chan_t >= 0)
-            ok = (nn + rows < end) & (nn + rows >= lo)
-            ks_n = tl.load(ks_base + (nn // K_BLOCK) * D + chan_t, mask=some, other=0.0)
-            kz_n = tl.load(kz_base + (nn // K_BLOCK) * D + chan_t, mask=some, other=0)
-            kx_n = tl.load(kw_base + nn * DW + k_off, mask=ok, other=0)
-            vx_n = tl.load(vw_base + nn * DW + k_off, mask=ok, other=0)
-            vs_n = tl.load(vs_base + nn * NG + g_off, mask=ok, other=0.0)
-            vz_n = tl.load(vz_base + nn * NG + g_off, mask=ok, other=0)
-            qs = q * ks_c.to(tl.float32)
-            zb = ((kz_c.to(tl.int32) << e) | 0x4B000000).to(tl.float32, bitcast=True)
-            ks_part = _fma_fields(kx, qs, zb, tl.zeros([GH, N0, TT, X, CWW], dtype=tl.float32), exp_bits, BITS)
-            s = tl.sum(tl.sum(ks_part, 4, keep_dims=True), 3, keep_dims=True)
-            s = tl.where(valid, s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1, keep_dims=True))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1, keep_dims=True)
-            m_i = m_new
-            pv = p * vs_c.to(tl.float32)
-            vf = _fields_biased(vx, exp_bits, BITS) - 8388608.0
-            acc = acc * alpha + tl.sum(pv * vf, 1, keep_dims=True)
-            accz = accz * alpha + tl.sum(pv * vz_c.to(tl.float32), 1, keep_dims=True)
-        m_top = tl.max(m_i, 2, keep_dims=True)
-        m_top = tl.where(m_top == -float("inf"), 0.0, m_top)
-        c = tl.exp2(m_i - m_top)
-        out = tl.sum(tl.reshape((acc * inv_e - accz) * c, [GH, TT, X, C]), 1)
-        den = tl.sum(tl.reshape(l_i * c, [GH, TT]), 1)
-        mx = tl.max(tl.reshape(m_i, [GH, TT]), 1)
-        hh = h0 + tl.arange(0, GH)
-        a_ptr = ACC + b * s_ab + pid_s * s_as + hh[:, None, None] * s_ah \
-            + tl.arange(0, X)[None, :, None] * C + tl.arange(0, C)[None, None, :]
-        tl.store(a_ptr, out)
-        tl.store(M + b * s_mb + hh * s_mh + pid_s, mx)
-        tl.store(L + b * s_mb + hh * s_mh + pid_s, den)
-
-    @triton.jit(do_not_specialize=["s_ab", "s_ah", "s_as", "s_mb", "s_mh", "exp_bits"])
     def _split_kernel_v3(
         Q, KW, KS, KZ, VW, VS, VZ, LO, HI, ACC, M, L,
         s_qb, s_qh, s_kcb, s_kch, s_ksb, s_ksh, s_vcb, s_vch, s_vsb, s_vsh,
@@ -894,7 +791,6 @@ VARIANT_CONFIGS = {
     "v1": {"num_warps": 4, "split": None, "block_n": 32, "num_stages": None, "chunk": 16},
     "v2": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None,
            "vchain": True},
-    "v2p": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": 1},
     "v3": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None},
     "v4": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None},
 }
@@ -1076,9 +972,6 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
         raise ValueError(f"decode_attention: vchain is a v2 option (variant={variant!r})")
     g = v2_geometry(d, bits, k_block, v_group, groups, block_n=block_n, num_warps=num_warps, chunk=chunk,
                     heads=heads, vchain=VARIANT_CONFIGS["v2"]["vchain"] if vchain is None else vchain)
-    if variant == "v2p" and g["N0"] * g["TT"] != k_block:
-        raise ValueError(f"variant v2p: a step must be one key block ({g['N0']} rows x {g['TT']} token threads "
-                         f"!= k_block {k_block}); raise block_n or lower num_warps")
     if split is None:
         split = _default_split(s, b * hq // g["GH"], k_block)
     split = max(k_block, triton.cdiv(split, k_block) * k_block)
@@ -1094,9 +987,7 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
     const = dict(HQ=hq, GROUPS=groups, GH=g["GH"], D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, N0=g["N0"],
                  TT=g["TT"], CWW=g["CWW"], CV=g["CV"], num_warps=num_warps, **extra)
     grid = (b * hq // g["GH"], n_split)
-    if variant == "v2p":
-        _split_kernel_v2p[grid](*args, **const)
-    elif variant in ("v3", "v4"):
+    if variant in ("v3", "v4"):
         _split_kernel_v3[grid](*args, DEN=variant == "v4", **const)
     else:
         _split_kernel_v2[grid](*args, ROWS=g["ROWS"], **const)
