@@ -227,6 +227,37 @@ def test_block_add_and_norm_run_in_the_weight_only_reduces(monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_block_add_and_norm_fuse_in_other_decoder_families(family):
+    """The add + norm split on the generation families beside Llama: Qwen2 (q/k/v biases, tied head), Qwen3 (q/k
+    RMSNorms that read the q/k/v split, not the residual stream: left alone), Mistral. Both blocks' post-attention
+    norms and the second block's input norm are split (3 producers, 3 readers) and greedy tokens equal the torch
+    reference's."""
+    import transformers
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    config = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+              "mistral": transformers.MistralConfig}[family]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+               num_hidden_layers=2, vocab_size=512, max_position_embeddings=128), dtype=torch.bfloat16).eval()
+    spec = GenerationSpec(max_length=16, max_batch=1)
+    pipeline = "quantize(w=int4,group=64,sym=false)"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tri = compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": False},
+                        generation=spec, device=dev)
+    forms = list(tri.runner.report["kernels"].values())
+    assert sum(f.endswith("+add+norm") for f in forms) == 3
+    assert sum(f.endswith("+norm") and "+add" not in f for f in forms) == 3
+    ref = compile_model(model, pipeline=pipeline, generation=spec, device=dev)
+    ids = torch.randint(3, 512, (1, 5), generator=torch.Generator().manual_seed(1))
+    assert tri.generate(ids, 4, stop_tokens=()).tokens == ref.generate(ids, 4, stop_tokens=()).tokens
+
+
+@needs_kernels
 def test_generation_runs_on_the_triton_backend(monkeypatch):
     """A step graph (KV cache in, logits and cache out) lowers to the Triton kernels: generate() runs its steps over
     the donated cache, each decode step's attention on ``decode_sdpa`` (GQA, two sequences at their own
