@@ -171,6 +171,21 @@ def test_mlp_activation_runs_in_the_linears_epilogue(arch, pipeline, form):
         assert torch.equal(y.argmax(-1), ref.argmax(-1))
 
 
+def _triton_step(model: torch.nn.Module, pipeline: str, spec, device: str, **options):
+    """``model`` compiled for generation on the triton backend, uncompiled by torch (the interpreter on CPU)."""
+    from lowbit.api import compile_model
+
+    return compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": False, **options},
+                         generation=spec, device=device)
+
+
+def _add_norm_split(compiled) -> tuple[int, int]:
+    """(linears that became ``+add+norm``, linears that read a gained stream ``+norm``) in a lowering's report."""
+    forms = list(compiled.runner.report["kernels"].values())
+    return (sum(f.endswith("+add+norm") for f in forms),
+            sum(f.endswith("+norm") and "+add" not in f for f in forms))
+
+
 def _tiny_llama(heads: int, kv_heads: int, vocab: int) -> torch.nn.Module:
     """A random bf16 two-block Llama, hidden 128 (the decode layout's smallest K), MLP 256."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -208,16 +223,12 @@ def test_block_add_and_norm_run_in_the_weight_only_reduces(monkeypatch):
     spec = GenerationSpec(max_length=16, max_batch=1)
     pipeline = "quantize(w=int4,group=64,sym=false,head=int4)"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    fused = compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": False},
-                          generation=spec, device=dev)
-    forms = list(fused.runner.report["kernels"].values())
-    assert sum(f.endswith("+add+norm") for f in forms) == 3  # o_proj 0, down_proj 0, o_proj 1
-    assert sum(f.endswith("+norm") and "+add" not in f for f in forms) == 3  # gate/up 0, qkv 1, gate/up 1
+    fused = _triton_step(model, pipeline, spec, dev)
+    assert _add_norm_split(fused) == (3, 3)  # o_proj 0, down_proj 0, o_proj 1; gate/up 0, qkv 1, gate/up 1
     left = [n.target for n in fused.runner.gm.graph.nodes if n.op == "call_function"]
     assert left.count(ir_ops.rms_norm) == 2 and left.count(ir_ops.residual_add) == 1
-    plain = compile_model(model, pipeline=pipeline, backend="triton",
-                          backend_options={"compile": False, "norm_residual": False}, generation=spec, device=dev)
-    assert not any("norm" in f for f in plain.runner.report["kernels"].values())
+    plain = _triton_step(model, pipeline, spec, dev, norm_residual=False)
+    assert _add_norm_split(plain) == (0, 0)
     ref = compile_model(model, pipeline=pipeline, generation=spec, device=dev)
     ids = torch.randint(3, 512, (1, 5), generator=torch.Generator().manual_seed(1))
     used_r.clear()
@@ -247,11 +258,8 @@ def test_block_add_and_norm_fuse_in_other_decoder_families(family):
     spec = GenerationSpec(max_length=16, max_batch=1)
     pipeline = "quantize(w=int4,group=64,sym=false)"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    tri = compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": False},
-                        generation=spec, device=dev)
-    forms = list(tri.runner.report["kernels"].values())
-    assert sum(f.endswith("+add+norm") for f in forms) == 3
-    assert sum(f.endswith("+norm") and "+add" not in f for f in forms) == 3
+    tri = _triton_step(model, pipeline, spec, dev)
+    assert _add_norm_split(tri) == (3, 3)
     ref = compile_model(model, pipeline=pipeline, generation=spec, device=dev)
     ids = torch.randint(3, 512, (1, 5), generator=torch.Generator().manual_seed(1))
     assert tri.generate(ids, 4, stop_tokens=()).tokens == ref.generate(ids, 4, stop_tokens=()).tokens
