@@ -442,6 +442,11 @@ def _fusible_norm(x: torch.fx.Node,
     return norm, gain, float(norm.kwargs["eps"])
 
 
+def _node_index(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
+    """``node``'s position in ``gm``'s graph."""
+    return next(i for i, n in enumerate(gm.graph.nodes) if n is node)
+
+
 def _fuse_norm_residual(gm: torch.fx.GraphModule, linears: dict[torch.fx.Node, tuple[str, int]],
                         report: dict[str, dict[str, str]]) -> None:
     """Split each block's ``stream = residual_add(s, linear(...))`` then ``rms_norm(stream)`` read by weight-only
@@ -456,14 +461,13 @@ def _fuse_norm_residual(gm: torch.fx.GraphModule, linears: dict[torch.fx.Node, t
 
     readers = set(linears)
     for node, (epilogue, group) in linears.items():
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}  # (each rewrite adds getitem nodes)
         add = next(iter(node.users)) if len(node.users) == 1 else None
         if (epilogue or add is None or add.target is not ir_ops.residual_add or len(add.args) != 2
-                or add.args[1] is not node or not isinstance(add.args[0], torch.fx.Node)
-                or order[add.args[0]] > order[node]):
+                or add.args[1] is not node or not isinstance(add.args[0], torch.fx.Node)):
             continue
         found = _fusible_norm(add, readers)
-        if found is None:
+        # the stream becomes the node's input: it must come before it (order taken afresh: rewrites add getitems)
+        if found is None or _node_index(gm, add.args[0]) > _node_index(gm, node):
             continue
         norm, gain, eps = found
         node.target = _kernel_qlinear_add_norm(group)

@@ -387,7 +387,8 @@ def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torc
     no epilogue or ``fusion``, else fp32 partials ``[split, M, n]`` summed by ``_splitk_reduce``, which also
     applies the epilogue (so a one-split epilogue costs the reduce launch its unfused op would have cost) and the
     fusion. ``args(target, som, sos)``: the kernel's positional arguments writing to ``target`` with row and split
-    strides ``som``/``sos``; ``block``: the reduce's program width (``reduce_programs``)."""
+    strides ``som``/``sos``; ``block``: the reduce's program width (with ``fusion.gain``: one partial sum of
+    squares per program)."""
     act, gated = parse_epilogue(epilogue, "weight_only_linear")
     if split == 1 and not epilogue and fusion is None:
         launcher(x2, kernel)[grid](*args(out, out.stride(0), 0), HAS_BIAS=bias is not None, PARTIAL=False, **meta)
