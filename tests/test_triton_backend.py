@@ -311,3 +311,23 @@ def test_repacked_weights_leave_one_copy_on_the_gpu(slice1_bf16):
     on_gpu = [n for n, v in g.params.items() if v.data.is_cuda]
     assert on_gpu and all(g.params[n].data.untyped_storage().data_ptr() in live for n in on_gpu)
     assert m(ids).isfinite().all()
+
+
+@pytest.mark.gpu
+def test_pdl_decode_step_generates_the_reference_tokens():
+    """``pdl=True``: the weight-only linears run as opaque ops whose ``_gemv_r`` + reduce launch with programmatic
+    dependent launch inside the compiled, CUDA-graph decode step; greedy tokens equal the torch reference's (each
+    kernel waits for its predecessor before it reads an activation or writes an output)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (programmatic dependent launch)")
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    model = _tiny_llama(heads=2, kv_heads=1, vocab=512)
+    spec = GenerationSpec(max_length=32, max_batch=1)
+    pipeline = "quantize(w=int4,group=64,sym=false,head=int4)"
+    ids = torch.randint(3, 512, (1, 7), generator=torch.Generator().manual_seed(1))
+    pdl = compile_model(model, pipeline=pipeline, backend="triton", backend_options={"pdl": True}, generation=spec,
+                        device="cuda")
+    ref = compile_model(model, pipeline=pipeline, generation=spec, device="cuda")
+    assert pdl.generate(ids, 12, stop_tokens=()).tokens == ref.generate(ids, 12, stop_tokens=()).tokens

@@ -28,14 +28,14 @@ from lowbit.generate import GenerationSpec  # noqa: E402
 
 
 def profile_scheme(model: torch.nn.Module, scheme: str, batch: int, compiled: bool, top: int,
-                   norm_residual: bool = True) -> None:
+                   norm_residual: bool = True, pdl: bool = False) -> None:
     cm = compile_model(model, pipeline=bench_generate.QUANTIZED[scheme], backend="triton",
-                       backend_options={"compile": compiled, "norm_residual": norm_residual},
+                       backend_options={"compile": compiled, "norm_residual": norm_residual, "pdl": pdl},
                        generation=GenerationSpec(max_length=512 + 64, max_batch=batch), device="cuda")
     ids = torch.randint(3, model.config.vocab_size, (batch, 512))
     cm.generate(ids, 8, stop_tokens=())
     out = cm.generate(ids, 48, stop_tokens=())
-    print(f"== {scheme} batch {batch} compile={compiled} norm_residual={norm_residual}: "
+    print(f"== {scheme} batch {batch} compile={compiled} norm_residual={norm_residual} pdl={pdl}: "
           f"{out.decode_seconds * 1000 / out.decode_steps:.3f} ms/step")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         out = cm.generate(ids, 33, stop_tokens=())
@@ -56,12 +56,13 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=28)
     ap.add_argument("--no-norm-residual", action="store_true",
                     help="keep RMSNorms and residual adds out of the weight-only kernels (the A/B baseline)")
+    ap.add_argument("--pdl", action="store_true", help="weight-only GEMVs with programmatic dependent launch")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode needs CUDA")
     model = bench_generate._llama(False)
     for scheme in a.schemes.split(","):
-        profile_scheme(model, scheme, a.batch, not a.no_compile, a.top, not a.no_norm_residual)
+        profile_scheme(model, scheme, a.batch, not a.no_compile, a.top, not a.no_norm_residual, a.pdl)
         torch.cuda.empty_cache()
 
 

@@ -215,6 +215,9 @@ class TritonBackendOptions(BackendOptions):
     """An RMSNorm before a weight-only linear (int4/int8 on the decode layout) and a residual add after it run in
     that linear's kernels: in a decode step the norm in the GEMV and its split-K reduce, the add in the reduce
     (``lowbit.backends.triton_backend._fuse_norm_residual``); ``False`` keeps them as their own ops."""
+    pdl: bool = False
+    """Weight-only linears as opaque ops whose M = 1 GEMV and split-K reduce launch with programmatic dependent
+    launch (Hopper+; ``lowbit.kernels._common.pdl_launches``). Off: not yet measured in a decode step."""
 
 
 def _triton_unavailable() -> str | None:

@@ -121,7 +121,8 @@ def _on_kernel_device(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "") -> Callable[..., torch.Tensor]:
+def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "",
+                    pdl: bool = False) -> Callable[..., torch.Tensor]:
     """The FX target replacing one qlinear: its kernel, or the reference for an input the kernel cannot read.
     ``epilogue``: the activation (or gated MLP) after it that ``_fuse_epilogue`` folded into the op (the
     reference: then the epilogue's ops, ``epilogue_ref``); ``norm_sumsq``/``norm_eps`` (weight-only): its input
@@ -137,6 +138,9 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "") -> 
             y = qlinear(x, _stored(qweight, x, kw["w_qdtype"], w_group), w_scale, w_zero_point, bias, a_scale,
                         a_zero_point, **kw)
             return epilogue_ref(y, epilogue)
+        if op == "weight_only_linear" and pdl:
+            return torch.ops.lowbit.weight_only_linear_pdl(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
+                                                           w_group, epilogue, norm_sumsq, norm_eps)
         if op == "weight_only_linear":
             return torch.ops.lowbit.weight_only_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
                                                        w_group, "auto", epilogue, norm_sumsq, norm_eps)
@@ -156,7 +160,8 @@ def _stored(qweight: torch.Tensor, x: torch.Tensor, qdtype: str, group: int) -> 
     return unpack_words(qweight, qdtype, x.shape[-1], group)
 
 
-def _kernel_qlinear_add_norm(w_group: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _kernel_qlinear_add_norm(w_group: int,
+                             pdl: bool = False) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The FX target replacing a weight-only qlinear whose output a ``residual_add`` adds to the stream that an
     RMSNorm then reads (``_fuse_norm_residual``): ``(stream, gain * stream, sums of stream**2)``
     (``weight_only_linear_add_norm``; the reference: the add, then ``norm_parts_ref``)."""
@@ -169,8 +174,9 @@ def _kernel_qlinear_add_norm(w_group: int) -> Callable[..., tuple[torch.Tensor, 
                         a_zero_point, **kw)
             stream = ir_ops.residual_add(residual, y)
             return (stream, *norm_parts_ref(stream, norm_weight))
-        return torch.ops.lowbit.weight_only_linear_add_norm(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
-                                                            w_group, residual, norm_weight)
+        op = (torch.ops.lowbit.weight_only_linear_add_norm_pdl if pdl
+              else torch.ops.lowbit.weight_only_linear_add_norm)
+        return op(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group, residual, norm_weight)
 
     run.__name__ = "triton_weight_only_linear_add_norm"
     return run
@@ -448,7 +454,7 @@ def _node_index(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
 
 
 def _fuse_norm_residual(gm: torch.fx.GraphModule, linears: dict[torch.fx.Node, tuple[str, int]],
-                        report: dict[str, dict[str, str]]) -> None:
+                        report: dict[str, dict[str, str]], pdl: bool = False) -> None:
     """Split each block's ``stream = residual_add(s, linear(...))`` then ``rms_norm(stream)`` read by weight-only
     linears (``linears``: node -> (epilogue, weight group), decode layout): the linear making the update becomes
     ``weight_only_linear_add_norm`` (the stream, gain * stream, partial sums of squares: its split-K reduce
@@ -470,7 +476,7 @@ def _fuse_norm_residual(gm: torch.fx.GraphModule, linears: dict[torch.fx.Node, t
         if found is None or _node_index(gm, add.args[0]) > _node_index(gm, node):
             continue
         norm, gain, eps = found
-        node.target = _kernel_qlinear_add_norm(group)
+        node.target = _kernel_qlinear_add_norm(group, pdl)
         node.kwargs = {**node.kwargs, "residual": add.args[0], "norm_weight": gain}
         with gm.graph.inserting_after(node):
             sumsq = gm.graph.call_function(operator.getitem, (node, 2))
@@ -490,13 +496,14 @@ def _fuse_norm_residual(gm: torch.fx.GraphModule, linears: dict[torch.fx.Node, t
 
 def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = None,
              device: str | torch.device | None = None, epilogues: str = "gated",
-             norm_residual: bool = True) -> dict[str, dict[str, str]]:
+             norm_residual: bool = True, pdl: bool = False) -> dict[str, dict[str, str]]:
     """Point every qlinear (and online ``hadamard``) the kernels take at its op; returns ``{"kernels": {node:
     form}, "fallback": {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold
     the decode layout). ``types``: the lowered graph's value types by name (a hadamard's row length);
     ``device``: where the hadamard tables go (the module's device); ``epilogues``: which activations after a
     qlinear its kernel computes (``EPILOGUES``); ``norm_residual``: fold RMSNorms and residual adds into the
-    weight-only linears around them (``_fuse_norm_residual``)."""
+    weight-only linears around them (``_fuse_norm_residual``); ``pdl``: weight-only linears as opaque ops whose
+    M = 1 GEMV and reduce launch with programmatic dependent launch (``weight_only_linear_pdl``)."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
     from lowbit.ir.kvcache import cache_attention
     from lowbit.ir.normquant import qlinear_q, rms_norm_quant
@@ -563,9 +570,9 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             report["fallback"][node.name] = plan.reason
             continue
         op, wg, ag = plan.form.op, plan.static["w_group"], plan.static["a_group"]
-        node.target = _kernel_qlinear(op, wg, ag)
+        node.target = _kernel_qlinear(op, wg, ag, "", pdl)
         epilogue = _fuse_epilogue(gm, node, (1, 2, 3, 4),
-                                  lambda e, op=op, wg=wg, ag=ag: _kernel_qlinear(op, wg, ag, e), kinds)
+                                  lambda e, op=op, wg=wg, ag=ag: _kernel_qlinear(op, wg, ag, e, pdl), kinds)
         report["kernels"][node.name] = plan.form.name + (f"+{epilogue}" if epilogue else "")
         if op == "a8_linear" and not epilogue:  # (hadamard_a8_linear has no epilogue)
             a8[node] = plan
@@ -574,7 +581,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             words[node] = (epilogue, wg)
     _fuse_hadamard_a8(gm, a8, report)
     if norm_residual:
-        _fuse_norm_residual(gm, words, report)
+        _fuse_norm_residual(gm, words, report, pdl)
     gm.recompile()
     return report
 
@@ -608,7 +615,7 @@ class TritonCompiled(TorchCompiled):
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *, compile: bool = True,
                  cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset(),
                  semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
-                 norm_residual: bool = True) -> None:
+                 norm_residual: bool = True, pdl: bool = False) -> None:
         from lowbit.ir.fusion import fuse_qlinear
         from lowbit.ir.merge import merge_horizontal
         from lowbit.ir.normquant import fuse_norm_quant
@@ -626,7 +633,7 @@ class TritonCompiled(TorchCompiled):
         super().__init__(fused, device, keep_packed=True, donated=donated, semi_structured=semi_structured,
                          sparse_library=sparse_library)
         types = {v.name: v.type for nd in fused.nodes for v in nd.outputs if isinstance(v.type, TensorType)}
-        self.report = retarget(self.gm, types, self.device, epilogues, norm_residual)
+        self.report = retarget(self.gm, types, self.device, epilogues, norm_residual, pdl)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
         self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
                                  if n.meta.get("merged")}
@@ -675,7 +682,7 @@ class TritonCompiled(TorchCompiled):
 
 def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
           semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
-          norm_residual: bool = True) -> TritonCompiled:
+          norm_residual: bool = True, pdl: bool = False) -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
     ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify;
@@ -691,4 +698,4 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
     return TritonCompiled(graph, dev, compile=compile and torch.device(dev).type == "cuda", cuda_graphs=cuda_graphs,
                           donated=donated, semi_structured=semi_structured, sparse_library=sparse_library,
-                          epilogues=epilogues, norm_residual=norm_residual)
+                          epilogues=epilogues, norm_residual=norm_residual, pdl=pdl)

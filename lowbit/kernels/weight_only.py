@@ -80,9 +80,12 @@ from lowbit.kernels._common import (
     norm_from_parts_ref,
     norm_parts_ref,
     parse_epilogue,
+    pdl_launches,
+    pdl_on,
     pow2_at_most,
     unpack_nibbles,
 )
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 __all__ = [
     "BYTE_QDTYPES",
@@ -319,7 +322,8 @@ def _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som,
 @triton.jit
 def _splitk_reduce(p_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, MN, N, K, eps, SPLIT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ACT: tl.constexpr = 0, GATED: tl.constexpr = False,
-                   NQ: tl.constexpr = 0, HAS_RES: tl.constexpr = False, NORM_OUT: tl.constexpr = False):
+                   NQ: tl.constexpr = 0, HAS_RES: tl.constexpr = False, NORM_OUT: tl.constexpr = False,
+                   PDL: tl.constexpr = False):
     """out = sum over splits of the fp32 partials (+ bias), cast: the second half of split-K, and the op's
     epilogue (``parse_epilogue``): ``ACT`` applied to the cast output, or with ``GATED`` the columns are (gate,
     up) pairs and out is ``act(gate) * up``, half as wide (``epilogue_ref``'s roundings: each of gate, up,
@@ -331,6 +335,9 @@ def _splitk_reduce(p_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, MN,
     the residual ``r_ptr`` (``[M, N]``) + the product rounded to the output dtype (``residual_add``); with
     ``NORM_OUT`` (M = 1) the next norm's first half too: ``gx = g * out`` and this program's sum of ``out**2`` at
     ``qo_ptr[program]`` (``norm_parts_ref``)."""
+    if PDL:  # (``pdl_launches``) the next kernel may launch now; this one waits for the GEMV's partials
+        gdc_launch_dependents()
+        gdc_wait()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -390,12 +397,14 @@ def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torc
     strides ``som``/``sos``; ``block``: the reduce's program width (with ``fusion.gain``: one partial sum of
     squares per program)."""
     act, gated = parse_epilogue(epilogue, "weight_only_linear")
+    pdl = {"PDL": True, "launch_pdl": True} if kernel is _gemv_r and pdl_on() else {}
     if split == 1 and not epilogue and fusion is None:
-        launcher(x2, kernel)[grid](*args(out, out.stride(0), 0), HAS_BIAS=bias is not None, PARTIAL=False, **meta)
+        launcher(x2, kernel)[grid](*args(out, out.stride(0), 0), HAS_BIAS=bias is not None, PARTIAL=False, **meta,
+                                   **pdl)
         return out
     m, k = x2.shape
     part = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
-    launcher(x2, kernel)[grid](*args(part, n, m * n), HAS_BIAS=False, PARTIAL=True, **meta)
+    launcher(x2, kernel)[grid](*args(part, n, m * n), HAS_BIAS=False, PARTIAL=True, **meta, **pdl)
     f = fusion or ReduceFusion()
     nq = 0 if f.sumsq is None else f.sumsq.shape[-1]
     if f.gain is not None:  # one partial sum of squares per reduce program: programs must not straddle rows
@@ -405,7 +414,7 @@ def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torc
     launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](
         part, b, out, *(t if t is not None else part for t in (f.sumsq, f.residual, f.gain, f.gained, f.sumsq_out)),
         m * n, n, k, f.eps, SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block, ACT=act, GATED=gated, NQ=nq,
-        HAS_RES=f.residual is not None, NORM_OUT=f.gain is not None)
+        HAS_RES=f.residual is not None, NORM_OUT=f.gain is not None, **pdl)
     return out
 
 
@@ -995,7 +1004,7 @@ def _gemv_r(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, N, NSTEP, STEP_SPLIT, swk,
             m12, m16, k12, k16,
             SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr, HAS_ZP: tl.constexpr,
             HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, CW: tl.constexpr, ROWS: tl.constexpr,
-            BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = False):
+            BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
     """CUDA-core GEMV (M = 1) on N-major int4 words with a step's ``ROWS`` word rows inside one thread: per step a
     ``[ROWS, BLOCK_N]`` word tile (``BLOCK_N >= 128 * num_warps``: 16-byte loads along N, rows in-thread), so the
     activations a thread needs for one code position are ``ROWS`` contiguous values (one vector load shared by the
@@ -1016,8 +1025,12 @@ def _gemv_r(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, N, NSTEP, STEP_SPLIT, swk,
     x_pc = 0.0
     s_lo = pid_k * STEP_SPLIT
     s_hi = tl.minimum(s_lo + STEP_SPLIT, NSTEP)
+    if PDL:
+        gdc_launch_dependents()
     if PREFETCH:  # step st's words sit at rows st * ROWS + rows: chunks are CW consecutive rows
         wv_n = tl.load(w_ptr + (s_lo * ROWS + rows)[:, None] * swk + offs_n[None, :], mask=n_ok[None, :], other=0)
+    if PDL:  # (``pdl_launches``) the weights never change: only x and the outputs wait for the previous kernel
+        gdc_wait()
     for st in range(s_lo, s_hi):
         c = st // SPC
         r0 = (st % SPC) * ROWS
@@ -1479,7 +1492,7 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
         meta["maxnreg"] = cfg["maxnreg"]
     n_major = is_n_major(words)
     sw = words.stride(1) if n_major else words.stride(0)
-    if cfg.get("ROWS") and n_major and bits == 4 and not cfg["TC"] and m == 1:
+    if _takes_r(cfg, n_major, bits, m):
         return _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, epilogue, fusion)
     mask_args = _word_masks(bits)  # the exponent-trick kernels' constants (``_tc_chunk`` converts codes directly)
     if cfg["TC"] and cfg.get("PS") and n_major and bits == 4:
@@ -1503,6 +1516,11 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
         return (x2, words, scale, zp, b, t, m, n, nch, ch_split, x2.stride(0), sw, ssn, ssg, som, sos, *mask_args)
 
     return _direct_or_split(x2, kernel, grid, args, meta, split, n, out, bias, b, epilogue, 1024, fusion)
+
+
+def _takes_r(cfg: dict, n_major: bool, bits: int, m: int) -> bool:
+    """A word-layout launch runs ``_gemv_r``: its config has ``ROWS``, int4 N-major words, M = 1."""
+    return bool(cfg.get("ROWS")) and n_major and bits == 4 and not cfg["TC"] and m == 1
 
 
 def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, epilogue="", fusion=None):
@@ -1695,6 +1713,58 @@ def weight_only_linear_add_norm(x: torch.Tensor, qweight: torch.Tensor, scale: t
     next ``weight_only_linear(..., norm_sumsq=...)`` finishes. In a decode step (M = 1, decode layout) all of it
     runs in the GEMV's split-K reduce, so the add and the norm cost no launch of their own (they were a ~3 µs
     Inductor kernel each, two per block, on the H200); elsewhere torch ops follow the product."""
+    return _add_norm(x, qweight, scale, zero_point, bias, qdtype, group_size, residual, norm_weight)
+
+
+def _add_norm(x, qweight, scale, zero_point, bias, qdtype, group_size, residual, norm_weight):
     fusion = ReduceFusion(residual=residual, gain=norm_weight)
     stream = _wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, "auto", "", fusion)
     return stream, fusion.gained, fusion.sumsq_out
+
+
+@torch.library.custom_op("lowbit::weight_only_linear_pdl", mutates_args=())
+def weight_only_linear_pdl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                           zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str, group_size: int,
+                           epilogue: str = "", norm_sumsq: torch.Tensor | None = None,
+                           norm_eps: float = 0.0) -> torch.Tensor:
+    """``weight_only_linear`` as an opaque op whose ``_gemv_r`` + reduce launch with programmatic dependent launch
+    (``pdl_launches``). Opaque because Inductor launches a ``triton_op``'s kernels itself, without PDL; in a
+    CUDA-graph decode step the op's Python runs once, at capture."""
+    fusion = None if norm_sumsq is None else ReduceFusion(sumsq=norm_sumsq, eps=norm_eps)
+    with pdl_launches():
+        return _wo_impl(x, qweight, scale, zero_point, bias, qdtype, group_size, "auto", epilogue, fusion)
+
+
+@weight_only_linear_pdl.register_fake
+def _(x, qweight, scale, zero_point, bias, qdtype, group_size, epilogue="", norm_sumsq=None, norm_eps=0.0):
+    n = qweight.shape[0]
+    return x.new_empty((*x.shape[:-1], n // 2 if epilogue.endswith("*up") else n))
+
+
+def add_norm_partials(x: torch.Tensor, qweight: torch.Tensor, qdtype: str, group_size: int) -> int:
+    """How many partial sums of squares per row ``weight_only_linear_add_norm`` returns: one per split-K reduce
+    program at M = 1 on the decode layout's GEMVs (128-wide on ``_gemv_r``, else 1024), one elsewhere."""
+    k, n = x.shape[-1], qweight.shape[0]
+    if qweight.dtype != torch.int32 or x.numel() != k:
+        return 1
+    bits = 4 if qdtype in PACKED_QDTYPES else 8
+    cfg = words_config(1, n, k, bits, _words_meta(qweight, qdtype, group_size, k), is_n_major(qweight), group_size)
+    return cdiv(n, 128 if _takes_r(cfg, is_n_major(qweight), bits, 1) else 1024)
+
+
+@torch.library.custom_op("lowbit::weight_only_linear_add_norm_pdl", mutates_args=())
+def weight_only_linear_add_norm_pdl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                                    zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str,
+                                    group_size: int, residual: torch.Tensor,
+                                    norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight_only_linear_add_norm`` with PDL launches (see ``weight_only_linear_pdl``)."""
+    with pdl_launches():
+        return _add_norm(x, qweight, scale, zero_point, bias, qdtype, group_size, residual, norm_weight)
+
+
+@weight_only_linear_add_norm_pdl.register_fake
+def _(x, qweight, scale, zero_point, bias, qdtype, group_size, residual, norm_weight):
+    rows = x.shape[:-1]
+    n = qweight.shape[0]
+    p = add_norm_partials(x, qweight, qdtype, group_size)
+    return x.new_empty((*rows, n)), x.new_empty((*rows, n)), x.new_empty((*rows, p), dtype=torch.float32)
