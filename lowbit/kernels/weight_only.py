@@ -397,7 +397,10 @@ def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torc
     strides ``som``/``sos``; ``block``: the reduce's program width (with ``fusion.gain``: one partial sum of
     squares per program)."""
     act, gated = parse_epilogue(epilogue, "weight_only_linear")
-    pdl = {"PDL": True, "launch_pdl": True} if kernel is _gemv_r and pdl_on() else {}
+    # PDL is always passed to the kernels that declare it: Inductor's launcher for a user kernel miscounts its
+    # arguments when a defaulted constexpr is left out (H200, torch 2.11: "launcher() missing ... '_grid_2'")
+    on = kernel is _gemv_r and pdl_on()
+    pdl = ({"PDL": on} | ({"launch_pdl": True} if on else {})) if kernel is _gemv_r else {}
     if split == 1 and not epilogue and fusion is None:
         launcher(x2, kernel)[grid](*args(out, out.stride(0), 0), HAS_BIAS=bias is not None, PARTIAL=False, **meta,
                                    **pdl)
@@ -414,7 +417,7 @@ def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torc
     launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](
         part, b, out, *(t if t is not None else part for t in (f.sumsq, f.residual, f.gain, f.gained, f.sumsq_out)),
         m * n, n, k, f.eps, SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block, ACT=act, GATED=gated, NQ=nq,
-        HAS_RES=f.residual is not None, NORM_OUT=f.gain is not None, **pdl)
+        HAS_RES=f.residual is not None, NORM_OUT=f.gain is not None, PDL=on, **({"launch_pdl": True} if on else {}))
     return out
 
 
