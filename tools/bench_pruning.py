@@ -389,7 +389,8 @@ def pruned_speed(args: argparse.Namespace) -> None:
     prune = ",".join(p for p in (
         f"prune-heads(ratio={groups / cfg.num_key_value_heads:.6f},{cal})" if groups else "",
         f"prune-mlp(ratio={ratio:.6f},multiple={multiple},{cal})" if removed else "") if p)
-    schemes = {k: v for k, v in {"float-bf16": "", "w4a16-g128": "quantize(w=int4,group=128,sym=false)"}.items()
+    schemes = {k: v for k, v in {"float-bf16": "", "w4a16-g128": "quantize(w=int4,group=128,sym=false)",
+                                 "w4a16-g128-head4": "quantize(w=int4,group=128,sym=false,head=int4)"}.items()
                if k in args.speed_schemes.split(",")}
     versions = results_versions()
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
@@ -403,7 +404,9 @@ def pruned_speed(args: argparse.Namespace) -> None:
                         f"of {multiple} so the W4 decode word layout (K % 256) and tensor-core tiles still apply; "
                         f"calibration on random ids, which only the speed needs): {rm_params / block:.4f} of the "
                         f"blocks' linear params, {rm_params / total:.4f} of all params (embedding and head "
-                        "included: 4 layers make the head a large share). backend triton (compile=False); decode "
+                        "included: 4 layers make the head a large share). backend triton (compile="
+                        f"{args.speed_compile}: method lowbit-triton-compiled runs the steps under torch.compile); "
+                        "decode "
                         f"= CompiledModel.generate with CUDA graphs, prompt {prompt}, {new} new tokens, ms/step = "
                         "decode_seconds / decode_steps after a warm-up generate; prefill = the same step graph's "
                         f"1x{pre_len} forward (the head on the last position only, since session 11; prefill_seconds "
@@ -422,7 +425,8 @@ def pruned_speed(args: argparse.Namespace) -> None:
         return time.perf_counter() - t_start > args.speed_budget
 
     area = f"pruned-speed-{round(args.speed_target * 100)}" + ("-heads-mlp" if groups else "")
-    base = {"area": area, "model": shape, "device": dev_name, "date": date, "method": "lowbit-triton"}
+    method = "lowbit-triton-compiled" if args.speed_compile else "lowbit-triton"
+    base = {"area": area, "model": shape, "device": dev_name, "date": date, "method": method}
     measured: dict[tuple, dict] = {}
     for scheme, quant in schemes.items():
         for pruned in (False, True):
@@ -442,7 +446,8 @@ def pruned_speed(args: argparse.Namespace) -> None:
                 t = time.perf_counter()
                 try:
                     cm = compile_model(model, pipeline=pipe or None, backend="triton", device=dev,
-                                       backend_options={"compile": False}, calib=calib if pruned else None,
+                                       backend_options={"compile": args.speed_compile},
+                                       calib=calib if pruned else None,
                                        generation=spec)
                     compile_s = time.perf_counter() - t
                     kernels = cm.runner.report_text().splitlines()[0] if hasattr(cm.runner, "report_text") else ""
@@ -558,6 +563,9 @@ def main() -> None:
                     help="--pruned-speed: fraction of the kv-head groups removed (prune-heads, uniform; the rest of "
                          "--speed-target comes from MLP channels; 0: MLP only)")
     ap.add_argument("--speed-schemes", default="float-bf16,w4a16-g128", help="--pruned-speed: comma list")
+    ap.add_argument("--speed-compile", action="store_true",
+                    help="--pruned-speed: the steps under torch.compile (the triton backend's default, as the README's "
+                         "decode rows run; rows get method lowbit-triton-compiled), not eager + CUDA graphs")
     ap.add_argument("--speed-budget", type=float, default=150.0,
                     help="--pruned-speed: seconds after which the remaining configurations become skipped rows")
     args = ap.parse_args()
