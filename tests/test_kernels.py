@@ -441,6 +441,34 @@ def test_block_add_and_norm_split_around_weight_only_linears(device, qdtype, gro
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 3])
+def test_pdl_ops_match_their_fake_impls_and_the_plain_ops(device, m):
+    """The opaque PDL ops (the default weight-only path on Hopper): ``torch.library.opcheck`` (schema, fake impl
+    shapes and dtypes, against the real op's) and the same outputs as the plain ops, at M = 1 on the decode layout
+    (the GEMV and its reduce) and M = 3 (torch ops after the product)."""
+    from lowbit.kernels import weight_only as wo
+
+    n, k = 256, 512
+    q, s, z = _quantized_weight(n, k, "int4", 128, False, device)
+    words, ws, wz = wo.pack_words(q, s, z, "int4", 128, n_major=True)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(device)
+    r = torch.randn(m, n, generator=gen).to(torch.bfloat16).to(device)
+    g = (0.5 + torch.rand(n, generator=gen)).to(torch.bfloat16).to(device)
+    sumsq = torch.rand(m, 2, generator=gen).to(device)
+    plain = (x, words, ws, wz, None, "int4", 128)
+    cases = ((torch.ops.lowbit.weight_only_linear_pdl, (*plain, "", sumsq, 1e-5),
+              lambda: weight_only_linear(*plain, "auto", "", sumsq, 1e-5)),
+             (torch.ops.lowbit.weight_only_linear_add_norm_pdl, (*plain, r, g),
+              lambda: weight_only_linear_add_norm(*plain, r, g)))
+    for op, args, ref in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        got, want = op(*args), ref()
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_weight_only_epilogue_names_a_bad_one(device):
     q, s, z = _quantized_weight(16, 128, "int4", 64, True, device)
     x = torch.randn(1, 128, device=device).to(torch.bfloat16)

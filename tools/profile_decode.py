@@ -1,6 +1,7 @@
 """Where a decode step's GPU time goes: torch.profiler over ``generate``'s CUDA-graph replays, kernels by name.
 
-    python tools/profile_decode.py [--schemes w4a16-g128,float-bf16] [--batch 1] [--no-compile] [--no-norm-residual]
+    python tools/profile_decode.py [--schemes w4a16-g128,float-bf16] [--batch 1] [--no-compile]
+        [--no-norm-residual] [--no-pdl]
 
 On the 7B-shaped 4-layer Llama of ``bench_generate`` (prompt 512): each scheme is compiled on the triton backend
 (step under ``torch.compile`` unless ``--no-compile``), warmed up, timed, then profiled over 32 decode steps; the
@@ -28,7 +29,7 @@ from lowbit.generate import GenerationSpec  # noqa: E402
 
 
 def profile_scheme(model: torch.nn.Module, scheme: str, batch: int, compiled: bool, top: int,
-                   norm_residual: bool = True, pdl: bool = False) -> None:
+                   norm_residual: bool = True, pdl: bool = True) -> None:
     cm = compile_model(model, pipeline=bench_generate.QUANTIZED[scheme], backend="triton",
                        backend_options={"compile": compiled, "norm_residual": norm_residual, "pdl": pdl},
                        generation=GenerationSpec(max_length=512 + 64, max_batch=batch), device="cuda")
@@ -56,13 +57,14 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=28)
     ap.add_argument("--no-norm-residual", action="store_true",
                     help="keep RMSNorms and residual adds out of the weight-only kernels (the A/B baseline)")
-    ap.add_argument("--pdl", action="store_true", help="weight-only GEMVs with programmatic dependent launch")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="weight-only GEMVs without programmatic dependent launch (the A/B baseline)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode needs CUDA")
     model = bench_generate._llama(False)
     for scheme in a.schemes.split(","):
-        profile_scheme(model, scheme, a.batch, not a.no_compile, a.top, not a.no_norm_residual, a.pdl)
+        profile_scheme(model, scheme, a.batch, not a.no_compile, a.top, not a.no_norm_residual, not a.no_pdl)
         torch.cuda.empty_cache()
 
 

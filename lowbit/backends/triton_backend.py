@@ -682,12 +682,13 @@ class TritonCompiled(TorchCompiled):
 
 def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
           semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
-          norm_residual: bool = True, pdl: bool = False) -> TritonCompiled:
+          norm_residual: bool = True, pdl: bool = True) -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
     ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify;
     ``epilogues``: the activations fused into their linear's kernel (``EPILOGUES``); ``norm_residual``: RMSNorms
-    and residual adds fused into the weight-only linears around them."""
+    and residual adds fused into the weight-only linears around them; ``pdl``: the weight-only linears' M = 1 GEMV
+    and reduce launch with programmatic dependent launch where the GPU has it (``pdl_supported``)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise RuntimeError(NO_CUDA)
@@ -698,4 +699,13 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
     return TritonCompiled(graph, dev, compile=compile and torch.device(dev).type == "cuda", cuda_graphs=cuda_graphs,
                           donated=donated, semi_structured=semi_structured, sparse_library=sparse_library,
-                          epilogues=epilogues, norm_residual=norm_residual, pdl=pdl)
+                          epilogues=epilogues, norm_residual=norm_residual, pdl=pdl and pdl_supported(dev))
+
+
+def pdl_supported(device: str | torch.device) -> bool:
+    """Programmatic dependent launch needs Hopper or newer (``griddepcontrol``, sm_90); under the interpreter the
+    PDL ops run (their kernels launch plainly there), so the CPU suite tests the path an H200 takes."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.get_device_capability(dev)[0] >= 9
