@@ -75,7 +75,7 @@ def test_decode_sdpa_is_torchs_masked_sdpa(device, b, hq, hkv, s, d, pos, dtype)
     """One query row per sequence over a float cache with a decode step's mask (slots <= position): the split +
     log-sum-exp merge equals fp32 SDPA on the same bf16/fp16 operands to the output's rounding (1 step of its
     dtype), masked slots hold large values that must not leak, and a mask broadcast over the batch works too."""
-    from lowbit.kernels.decode_step import decode_sdpa, decode_sdpa_ref
+    from lowbit.kernels.decode_step import decode_sdpa, decode_sdpa_pdl, decode_sdpa_ref
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(*shape, generator=g).to(dtype) for shape in ((b, hq, 1, d), (b, hkv, s, d), (b, hkv, s, d)))
@@ -92,6 +92,10 @@ def test_decode_sdpa_is_torchs_masked_sdpa(device, b, hq, hkv, s, d, pos, dtype)
     ref1 = decode_sdpa_ref(q.float(), k.float(), v.float(), one, 0.5, hq != hkv)
     got1 = decode_sdpa(q.to(device), k.to(device), v.to(device), one.to(device), 0.5, hq != hkv).cpu()
     assert bool(((got1.float() - ref1).abs() <= ref1.abs() * step + 1e-3).all())
+    # the opaque PDL op (the triton backend's default on Hopper): the same kernels, the same bits; its fake impl
+    args = (q.to(device), k.to(device), v.to(device), mask.to(device), None, hq != hkv)
+    assert torch.equal(decode_sdpa_pdl(*args).cpu(), got)
+    torch.library.opcheck(torch.ops.lowbit.decode_sdpa_pdl, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_decode_sdpa_says_what_it_does_not_take():

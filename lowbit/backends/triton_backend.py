@@ -406,6 +406,18 @@ def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return ir_ops.attention(q, k, v, mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa)
 
 
+def _kernel_attention_pdl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+                          scale: float | None = None, is_causal: bool = False,
+                          enable_gqa: bool = False) -> torch.Tensor:
+    """``_kernel_attention`` with ``lowbit::decode_sdpa_pdl`` (programmatic dependent launch, the backend's
+    ``pdl``)."""
+    from lowbit.kernels.decode_step import decode_sdpa_supported
+
+    if decode_sdpa_supported(q, k, v, mask, is_causal) is None:
+        return torch.ops.lowbit.decode_sdpa_pdl(q, k, v, mask, scale, enable_gqa)
+    return ir_ops.attention(q, k, v, mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa)
+
+
 def _operand(gm: torch.fx.GraphModule, node: torch.fx.Node, i: int, name: str) -> Any:
     a = node.args[i] if len(node.args) > i else node.kwargs.get(name)
     if isinstance(a, torch.fx.Node) and a.op == "get_attr":
@@ -552,7 +564,8 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             report["kernels"][node.name] = plan.form.name + (f"+{epilogue}" if epilogue else "")
             continue
         if node.op == "call_function" and node.target is ir_ops.attention:
-            node.target = _kernel_attention  # decided per call: one query row (a decode step) or not
+            # decided per call: one query row (a decode step) or not
+            node.target = _kernel_attention_pdl if pdl else _kernel_attention
             report["attention"][node.name] = "decode-sdpa at one query row and small batches, SDPA otherwise"
             continue
         if node.op == "call_function" and node.target is cache_attention:

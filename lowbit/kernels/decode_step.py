@@ -26,11 +26,21 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from lowbit.kernels._common import cdiv, check, interpreting, launcher, next_pow2, on_kernel_device
+from lowbit.kernels._common import (
+    cdiv,
+    check,
+    interpreting,
+    launcher,
+    next_pow2,
+    on_kernel_device,
+    pdl_launches,
+    pdl_on,
+)
 
-__all__ = ["cache_rows_index", "decode_sdpa", "decode_sdpa_ref", "decode_sdpa_supported", "row_argmax",
-           "row_argmax_ref", "write_cache_rows", "write_cache_rows_ref"]
+__all__ = ["cache_rows_index", "decode_sdpa", "decode_sdpa_pdl", "decode_sdpa_ref", "decode_sdpa_supported",
+           "row_argmax", "row_argmax_ref", "write_cache_rows", "write_cache_rows_ref"]
 
 ARGMAX_TILE = 32768
 """Logits per program and loop step: a 32K vocabulary (Llama-2) is one load per row, read by 16 warps."""
@@ -167,11 +177,16 @@ def decode_sdpa_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 @triton.jit
 def _sdpa_split(q_ptr, k_ptr, v_ptr, m_ptr, p_ptr, l_ptr, a_ptr, S, HKV, NCH, scale,
                 sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sms,
-                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, UPCAST: tl.constexpr):
+                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+                PDL: tl.constexpr):
     """Program ``(b * HKV + h, c)``: the ``G`` query heads of kv head ``h`` over cache slots ``[c * CHUNK, ...)``:
     scores ``q . k * scale`` where the mask allows, their max, the sum of ``exp(score - max)`` and the
     un-normalised ``sum p v`` (fp32), written per (query head, chunk) for ``_sdpa_merge``. A chunk with no allowed
-    slot writes max -inf, sum 0, zeros."""
+    slot writes max -inf, sum 0, zeros. ``PDL`` (``pdl_launches``): let the merge launch, then wait for the
+    kernels that wrote q and the cache's new row."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // HKV
@@ -210,9 +225,13 @@ def _sdpa_split(q_ptr, k_ptr, v_ptr, m_ptr, p_ptr, l_ptr, a_ptr, S, HKV, NCH, sc
 
 
 @triton.jit
-def _sdpa_merge(p_ptr, l_ptr, a_ptr, o_ptr, NCH, H, sob, soh, D: tl.constexpr, NCP: tl.constexpr):
+def _sdpa_merge(p_ptr, l_ptr, a_ptr, o_ptr, NCH, H, sob, soh, D: tl.constexpr, NCP: tl.constexpr,
+                PDL: tl.constexpr):
     """Program ``b * H + hq``: the chunks' partials merged by log-sum-exp, ``sum_c w_c acc_c / sum_c w_c l_c``
     with ``w_c = exp(max_c - max)``, written in the output dtype."""
+    if PDL:  # the next GEMV may launch and prefetch its weights; the partials come from _sdpa_split
+        gdc_launch_dependents()
+        gdc_wait()
     r = tl.program_id(0)
     cs = tl.arange(0, NCP)
     c_ok = cs < NCH
@@ -235,6 +254,11 @@ def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     (each kv head's query heads together: GQA reads each key once), then ``_sdpa_merge``. Every sequence needs
     one allowed slot (a decode step's slot 0 always is). The reference where ``decode_sdpa_supported`` says
     no."""
+    return _decode_sdpa(q, k, v, mask, scale, enable_gqa)
+
+
+def _decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None,
+                 enable_gqa: bool) -> torch.Tensor:
     if decode_sdpa_supported(q, k, v, mask) is not None:
         return decode_sdpa_ref(q, k, v, mask, scale, enable_gqa)
     b, hq, _, d = q.shape
@@ -248,10 +272,28 @@ def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     accs = torch.empty((b * hq * nch, d), device=q.device, dtype=torch.float32)
     out = torch.empty((b, hq, 1, d), device=q.device, dtype=q.dtype)
     mb = mask.stride(0) if mask.shape[0] > 1 else 0
+    on = pdl_on()
+    pdl = {"launch_pdl": True} if on else {}
     launcher(q, _sdpa_split)[(b * hkv, nch)](
         q, k, v, mask, parts, sums, accs, s, hkv, nch, scale if scale is not None else d ** -0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        mb, mask.stride(3), G=g, GP=gp, D=d, CHUNK=chunk, UPCAST=interpreting(), num_warps=DECODE_SDPA_WARPS)
+        mb, mask.stride(3), G=g, GP=gp, D=d, CHUNK=chunk, UPCAST=interpreting(), PDL=on,
+        num_warps=DECODE_SDPA_WARPS, **pdl)
     launcher(q, _sdpa_merge)[(b * hq,)](parts, sums, accs, out, nch, hq, out.stride(0), out.stride(1), D=d,
-                                        NCP=next_pow2(nch), num_warps=4)
+                                        NCP=next_pow2(nch), PDL=on, num_warps=4, **pdl)
     return out
+
+
+@torch.library.custom_op("lowbit::decode_sdpa_pdl", mutates_args=())
+def decode_sdpa_pdl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """``decode_sdpa`` as an opaque op whose two kernels launch with programmatic dependent launch
+    (``pdl_launches``; opaque because Inductor launches a ``triton_op``'s kernels itself, without it): the split
+    starts while the kernel before it drains, and the merge lets the next GEMV launch and prefetch its weights."""
+    with pdl_launches():
+        return _decode_sdpa(q, k, v, mask, scale, enable_gqa)
+
+
+@decode_sdpa_pdl.register_fake
+def _(q, k, v, mask, scale=None, enable_gqa=False):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
