@@ -78,9 +78,10 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
 
 def cache_rows_index(index: torch.Tensor, dim: int, src: torch.Tensor) -> bool:
     """True when ``scatter_(dim, index, src)`` on a ``[B, H, S, D]`` cache writes whole rows at per-(b, n)
-    positions: dim 2 and an index broadcast over heads and head_dim (strides 0), as a decode step's is."""
-    return (dim == 2 and index.dim() == 4 and index.shape == src.shape and index.stride(1) == 0
-            and index.stride(3) == 0)
+    positions: dim 2 and an index broadcast over heads and head_dim (strides 0), as a decode step's is. A dim of
+    size 1 broadcasts whatever its stride (``expand`` keeps it: one kv head, MQA)."""
+    return (dim == 2 and index.dim() == 4 and index.shape == src.shape
+            and (index.stride(1) == 0 or index.shape[1] == 1) and (index.stride(3) == 0 or index.shape[3] == 1))
 
 
 def write_cache_rows_ref(cache: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
