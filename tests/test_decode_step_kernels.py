@@ -174,3 +174,32 @@ def test_rotary_write_kv_refuses_a_head_dim_and_falls_back_where_the_kernel_cann
     ref = rotary_write_kv_ref(q, k, v, c, s, ref_k, ref_v, i)
     assert torch.equal(rotary_write_kv(q, k, v, c, s, got_k, got_v, i), ref)
     assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+
+
+@pytest.mark.skipif(not INTERP, reason="the CPU run needs TRITON_INTERPRET=1")
+def test_rotary_write_kv_writes_the_caches_in_place_under_torch_compile(monkeypatch):
+    """Under torch.compile (Inductor, CPU) the op writes straight into its cache inputs: no fresh cache copied back
+    (what functionalizing a mutation of a graph input can cost: a whole-cache copy per layer per step), the index
+    reaches it as a stride-0 view (its kernel runs, not the reference), and results equal the eager op's."""
+    from torch._inductor.utils import run_and_get_code
+
+    ran: list[str | None] = []
+    unsupported = decode_step.rotary_write_kv_unsupported
+    monkeypatch.setattr(decode_step, "rotary_write_kv_unsupported", lambda *a: ran.append(unsupported(*a)) or ran[-1])
+    q, k, v, cos, sin, kc, vc, index = _rotary_case(2, 4, 2, 1, 64, 16, [[3], [9]], torch.bfloat16, "cpu")
+    positions = index[:, 0, :, 0]
+
+    def step(q, k, v, cos, sin, k_cache, v_cache, positions):
+        rows = positions[:, None, :, None].expand(k.shape)
+        return torch.ops.lowbit.rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, rows) * 2, k_cache, v_cache
+
+    eager_k, eager_v = kc.clone(), vc.clone()
+    ref = step(q, k, v, cos, sin, eager_k, eager_v, positions)
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(step), q, k, v, cos, sin, kc, vc, positions)
+    calls = [line.strip() for src in code for line in src.splitlines() if "rotary_write_kv.default(" in line]
+    assert len(calls) == 1 and calls[0].split("(", 1)[1].startswith("arg"), calls
+    assert not any("copy_" in line for src in code for line in src.splitlines()), "a cache copied back"
+    assert ran and all(r is None for r in ran)
+    assert torch.equal(out[0], ref[0]) and torch.equal(kc, eager_k) and torch.equal(vc, eager_v)
+    assert out[1].data_ptr() == kc.data_ptr() and out[2].data_ptr() == vc.data_ptr()

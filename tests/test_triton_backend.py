@@ -355,6 +355,29 @@ def test_rotary_and_cache_writes_run_in_one_kernel_per_layer(family, monkeypatch
         assert plain.generate(prompts, 4, stop_tokens=()).tokens == out.tokens
 
 
+@pytest.mark.gpu
+def test_rotary_cache_under_torch_compile_and_cuda_graphs_keeps_the_tokens():
+    """On CUDA, the W4A16 step under torch.compile, its decode steps replayed from CUDA graphs (greedy: the graph
+    feeds itself its tokens): the fused kernel's tokens equal those of ``rotary_cache=False`` (Inductor's rotary,
+    the row writes) and the torch reference's, two sequences at different positions."""
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    model = _tiny_llama(heads=4, kv_heads=2, vocab=512)
+    spec = GenerationSpec(max_length=32, max_batch=2)
+    pipeline = "quantize(w=int4,group=64,sym=false)"
+    kw = {"pipeline": pipeline, "backend": "triton", "generation": spec, "device": "cuda"}
+    fused = compile_model(model, **kw)
+    plain = compile_model(model, **kw, backend_options={"rotary_cache": False})
+    assert fused.runner.compiled and _rotary_cache_nodes(fused) == (2, 0, 0)
+    assert _rotary_cache_nodes(plain) == (0, 4, 4)
+    prompts = [[5, 17, 300, 42, 7, 9], [11, 400, 3]]
+    out = fused.generate(prompts, 12, stop_tokens=())
+    assert out.tokens == plain.generate(prompts, 12, stop_tokens=()).tokens
+    assert out.tokens == compile_model(model, pipeline=pipeline, generation=spec, device="cuda").generate(
+        prompts, 12, stop_tokens=()).tokens
+
+
 def test_rotary_cache_pattern_leaves_what_it_does_not_cover():
     """The rewrite's matcher on hand-built FX graphs: the layer's form matches; a key QDQ'd between its rotary and
     the write (the kv accuracy model), q and k rotated with different cos/sin, a cache whose data another node
