@@ -55,6 +55,8 @@ def test_cache_row_write_equals_scatter(device):
     assert torch.equal(cache, expect)
     write_cache_rows(cache, index, -new, checked=True)  # scatter_into's path: it has checked the index itself
     assert torch.equal(cache, expect.clone().scatter_(2, index, -new))
+    one_head = positions[:, None, :, None].expand(b, 1, n, d)  # expand keeps a size-1 dim's stride (MQA)
+    assert one_head.stride(1) != 0 and cache_rows_index(one_head, 2, new[:, :1])
     full = index.contiguous()  # a materialised index may hold anything: not a row write
     assert not cache_rows_index(full, 2, new) and not cache_rows_index(index, 1, new)
     with pytest.raises(ValueError, match="write_cache_rows.*not a row index"):
@@ -112,3 +114,96 @@ def test_decode_sdpa_says_what_it_does_not_take():
     assert "shapes" in decode_sdpa_supported(q, k[:, :3], k[:, :3], mask)
     q17, k17 = q.expand(17, 4, 1, 64), k.expand(17, 4, 10, 64)  # 68 (sequence, kv head) pairs: torch's SDPA
     assert "batch x kv heads = 68 > DECODE_SDPA_MAX_HEADS = 64" in decode_sdpa_supported(q17, k17, k17, mask)
+
+
+def _rotary_case(b: int, hq: int, hkv: int, n: int, d: int, s: int, positions: list[list[int]], dtype: torch.dtype,
+                 device: str) -> tuple[torch.Tensor, ...]:
+    """A step's operands as the graph gives them: q/k/v strided views of one merged projection ``[B, N, (Hq +
+    2 Hkv) D]``, Llama's cos/sin ``[B, 1, N, D]`` (fp32 angles, cast), random caches and the positions' row index."""
+    g = torch.Generator().manual_seed(d + hq + n)
+    qkv = torch.randn(b, n, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    q, k, v = (t.unflatten(-1, (-1, d)).transpose(1, 2) for t in qkv.split([hq * d, hkv * d, hkv * d], -1))
+    pos = torch.tensor(positions)
+    freqs = pos[..., None].float() / (10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    k_cache, v_cache = (torch.randn(b, hkv, s, d, generator=g).to(dtype) for _ in range(2))
+    index = pos[:, None, :, None].expand(b, hkv, n, d)
+    return tuple(t.to(device) for t in (q, k, v, cos, sin, k_cache, v_cache, index))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hq,hkv,d,dtype", [(4, 4, 64, torch.bfloat16), (8, 2, 128, torch.bfloat16),
+                                            (8, 2, 64, torch.float32), (4, 4, 128, torch.float32),
+                                            (8, 1, 128, torch.float16)])
+def test_rotary_write_kv_is_rotary_then_the_cache_scatters(device, hq, hkv, d, dtype):
+    """``rotary_write_kv`` (one launch) equals the IR's ``rotary`` of q and k and the two ``scatter_`` writes bit for
+    bit: MHA and GQA, head_dim 64 and 128, bf16 (the interpreter's truncating cast would differ in about half the
+    elements without the kernel's own rounding), fp16 and fp32 (no FMA), two sequences at different positions, a
+    decode step and a 3-token prefill; cache rows not written keep their values."""
+    from lowbit.kernels.decode_step import rotary_write_kv, rotary_write_kv_ref, rotary_write_kv_unsupported
+
+    for n, positions in ((1, [[3], [14]]), (3, [[2, 0, 1], [5, 6, 7]])):
+        q, k, v, cos, sin, kc, vc, index = _rotary_case(2, hq, hkv, n, d, 16, positions, dtype, device)
+        assert rotary_write_kv_unsupported(q, k, v, cos, sin, kc, vc, index) is None  # the kernel runs
+        before_k, before_v = kc.clone(), vc.clone()
+        ref_k, ref_v = kc.clone(), vc.clone()
+        ref = rotary_write_kv_ref(q, k, v, cos, sin, ref_k, ref_v, index)
+        got = rotary_write_kv(q, k, v, cos, sin, kc, vc, index)
+        assert got.is_contiguous() and got.dtype == dtype
+        assert torch.equal(got, ref) and torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+        written = torch.zeros(2, 16, dtype=torch.bool)
+        written[torch.arange(2)[:, None], torch.tensor(positions)] = True
+        kept = ~written.to(device)[:, None, :, None].expand_as(kc)
+        assert torch.equal(kc[kept], before_k[kept]) and torch.equal(vc[kept], before_v[kept])
+        assert not torch.equal(kc, before_k) and not torch.equal(vc, before_v)
+
+
+def test_rotary_write_kv_refuses_a_head_dim_and_falls_back_where_the_kernel_cannot_read():
+    """A head_dim that is not a power of two is refused by name and shape; a materialised index (any write), cos/sin
+    per head or mixed dtypes run the reference, with the same result."""
+    from lowbit.kernels.decode_step import rotary_write_kv, rotary_write_kv_ref, rotary_write_kv_unsupported
+
+    q, k, v, cos, sin, kc, vc, index = _rotary_case(2, 4, 2, 1, 64, 8, [[1], [6]], torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match=r"rotary_write_kv: head_dim 48 \(q \(2, 4, 1, 48\)\)"):
+        rotary_write_kv(q[..., :48], k[..., :48], v[..., :48], cos[..., :48], sin[..., :48], kc[..., :48],
+                        vc[..., :48], index[..., :48])
+    per_head = cos.expand(2, 2, 1, 64)
+    cases = {"row index": (cos, sin, index.contiguous(), kc), "broadcast": (per_head, sin, index, kc),
+             "dtypes": (cos, sin, index, kc.float())}
+    for why, (c, s, i, k_cache) in cases.items():
+        assert why in rotary_write_kv_unsupported(q, k, v, c, s, k_cache, vc, i)
+    c, s, i, _ = cases["row index"]
+    ref_k, ref_v, got_k, got_v = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    ref = rotary_write_kv_ref(q, k, v, c, s, ref_k, ref_v, i)
+    assert torch.equal(rotary_write_kv(q, k, v, c, s, got_k, got_v, i), ref)
+    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+
+
+@pytest.mark.skipif(not INTERP, reason="the CPU run needs TRITON_INTERPRET=1")
+def test_rotary_write_kv_writes_the_caches_in_place_under_torch_compile(monkeypatch):
+    """Under torch.compile (Inductor, CPU) the op writes straight into its cache inputs: no fresh cache copied back
+    (what functionalizing a mutation of a graph input can cost: a whole-cache copy per layer per step), the index
+    reaches it as a stride-0 view (its kernel runs, not the reference), and results equal the eager op's."""
+    from torch._inductor.utils import run_and_get_code
+
+    ran: list[str | None] = []
+    unsupported = decode_step.rotary_write_kv_unsupported
+    monkeypatch.setattr(decode_step, "rotary_write_kv_unsupported", lambda *a: ran.append(unsupported(*a)) or ran[-1])
+    q, k, v, cos, sin, kc, vc, index = _rotary_case(2, 4, 2, 1, 64, 16, [[3], [9]], torch.bfloat16, "cpu")
+    positions = index[:, 0, :, 0]
+
+    def step(q, k, v, cos, sin, k_cache, v_cache, positions):
+        rows = positions[:, None, :, None].expand(k.shape)
+        return torch.ops.lowbit.rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, rows) * 2, k_cache, v_cache
+
+    eager_k, eager_v = kc.clone(), vc.clone()
+    ref = step(q, k, v, cos, sin, eager_k, eager_v, positions)
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(step), q, k, v, cos, sin, kc, vc, positions)
+    calls = [line.strip() for src in code for line in src.splitlines() if "rotary_write_kv.default(" in line]
+    assert len(calls) == 1 and calls[0].split("(", 1)[1].startswith("arg"), calls
+    assert not any("copy_" in line for src in code for line in src.splitlines()), "a cache copied back"
+    assert ran and all(r is None for r in ran)
+    assert torch.equal(out[0], ref[0]) and torch.equal(kc, eager_k) and torch.equal(vc, eager_v)
+    assert out[1].data_ptr() == kc.data_ptr() and out[2].data_ptr() == vc.data_ptr()

@@ -288,6 +288,7 @@ def test_generation_runs_on_the_triton_backend(monkeypatch):
                         generation=spec, device=dev)
     assert tri.runner.report["kernels"] and not tri.runner.report["fallback"]
     assert len(tri.runner.report["attention"]) == cfg.num_hidden_layers
+    assert len(tri.runner.report["rotary_cache"]) == cfg.num_hidden_layers  # rotary + cache writes: one kernel
     ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
     out_ref, out_tri = ref.generate(ids, 4, stop_tokens=()), tri.generate(ids, 4, stop_tokens=())
     assert out_tri.decode_steps == 3 and all(len(t) == 4 for t in out_tri.tokens)
@@ -295,6 +296,118 @@ def test_generation_runs_on_the_triton_backend(monkeypatch):
     # 2 layers: the prefill's attention refused (12 query rows), then 3 decode steps on the kernel (the op asks
     # again inside: two per call)
     assert asked[:2] == ["not one query row per sequence"] * 2 and asked[2:] == [None] * 12
+
+
+def _decoder(family: str) -> torch.nn.Module:
+    """A random bf16 two-block decoder of ``family``: Llama (GQA 2, head_dim 32), Qwen2 (q/k/v biases, MQA), Qwen3
+    (q/k RMSNorms between the projection and the rotary, MQA), head_dim 64 for the last two."""
+    import transformers
+
+    if family == "llama":
+        return _tiny_llama(heads=4, kv_heads=2, vocab=512)
+    config = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(
+        config(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+               num_hidden_layers=2, vocab_size=512, max_position_embeddings=128), dtype=torch.bfloat16).eval()
+
+
+def _rotary_cache_nodes(compiled) -> tuple[int, int, int]:
+    """(``rotary_write_kv`` nodes, IR rotaries, cache ``scatter_into`` writes) in a lowering's FX graph."""
+    targets = [n.target for n in compiled.runner.gm.graph.nodes if n.op == "call_function"]
+    return (targets.count(torch.ops.lowbit.rotary_write_kv.default), targets.count(ir_ops.rotary),
+            targets.count(torch.ops.lowbit.scatter_into.default))
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_rotary_and_cache_writes_run_in_one_kernel_per_layer(family, monkeypatch):
+    """``rotary_cache`` (on by default): each layer's rotary of q and k and its two float-cache writes become one
+    ``rotary_write_kv`` node (none of the four ops left), named in the report; the step's prefill and decode
+    steps run its kernel (two sequences of different lengths: positions differ per sequence) and greedy tokens
+    equal the torch reference's and, for Llama, those of ``rotary_cache=False`` (which keeps the four ops). Float
+    weights keep it to seconds under the interpreter (the rewrite does not look at the linears; the W4A16 step
+    of ``test_generation_runs_on_the_triton_backend`` runs it too)."""
+    pipeline = None
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+    from lowbit.kernels import decode_step
+
+    ran: list[str | None] = []
+    unsupported = decode_step.rotary_write_kv_unsupported
+    monkeypatch.setattr(decode_step, "rotary_write_kv_unsupported",
+                        lambda *a: ran.append(unsupported(*a)) or ran[-1])
+    model = _decoder(family)
+    spec = GenerationSpec(max_length=16, max_batch=2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fused = _triton_step(model, pipeline, spec, dev)
+    assert _rotary_cache_nodes(fused) == (2, 0, 0)
+    assert len(fused.runner.report["rotary_cache"]) == 2 and not fused.runner.report["unfused"]
+    assert "rotary + k/v cache write fused: 2 layers" in fused.runner.report_text()
+    prompts = [[5, 17, 300, 42, 7], [11, 400]]
+    out = fused.generate(prompts, 4, stop_tokens=())
+    assert ran == [None] * 2 * 4  # 2 layers x (prefill + 3 decode steps), all on the kernel
+    assert out.tokens == compile_model(model, pipeline=pipeline, generation=spec, device=dev).generate(
+        prompts, 4, stop_tokens=()).tokens
+    if family == "llama":
+        plain = _triton_step(model, pipeline, spec, dev, rotary_cache=False)
+        assert _rotary_cache_nodes(plain) == (0, 4, 4) and not plain.runner.report["rotary_cache"]
+        assert plain.generate(prompts, 4, stop_tokens=()).tokens == out.tokens
+
+
+@pytest.mark.gpu
+def test_rotary_cache_under_torch_compile_and_cuda_graphs_keeps_the_tokens():
+    """On CUDA, the W4A16 step under torch.compile, its decode steps replayed from CUDA graphs (greedy: the graph
+    feeds itself its tokens): the fused kernel's tokens equal those of ``rotary_cache=False`` (Inductor's rotary,
+    the row writes) and the torch reference's, two sequences at different positions."""
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    model = _tiny_llama(heads=4, kv_heads=2, vocab=512)
+    spec = GenerationSpec(max_length=32, max_batch=2)
+    pipeline = "quantize(w=int4,group=64,sym=false)"
+    kw = {"pipeline": pipeline, "backend": "triton", "generation": spec, "device": "cuda"}
+    fused = compile_model(model, **kw)
+    plain = compile_model(model, **kw, backend_options={"rotary_cache": False})
+    assert fused.runner.compiled and _rotary_cache_nodes(fused) == (2, 0, 0)
+    assert _rotary_cache_nodes(plain) == (0, 4, 4)
+    prompts = [[5, 17, 300, 42, 7, 9], [11, 400, 3]]
+    out = fused.generate(prompts, 12, stop_tokens=())
+    assert out.tokens == plain.generate(prompts, 12, stop_tokens=()).tokens
+    assert out.tokens == compile_model(model, pipeline=pipeline, generation=spec, device="cuda").generate(
+        prompts, 12, stop_tokens=()).tokens
+
+
+def test_rotary_cache_pattern_leaves_what_it_does_not_cover():
+    """The rewrite's matcher on hand-built FX graphs: the layer's form matches; a key QDQ'd between its rotary and
+    the write (the kv accuracy model), q and k rotated with different cos/sin, a cache whose data another node
+    reads, and head_dim 80 (refused by ``plan_rotary_cache``, with the reason) do not."""
+    import torch.fx
+
+    from lowbit.backends.triton_backend import _kernel_attention, plan_rotary_cache, rotary_cache_pattern
+    from lowbit.ir.graph import TensorType
+
+    def layer(*, qdq: bool = False, other_sin: bool = False, reader: bool = False) -> torch.fx.Node:
+        g = torch.fx.Graph()
+        q, k, v, cos, sin, sin2, kc, vc, idx, mask = (g.placeholder(n) for n in (
+            "q", "k", "v", "cos", "sin", "sin2", "k_cache", "v_cache", "index", "mask"))
+        q_rot = g.call_function(ir_ops.rotary, (q, cos, sin2 if other_sin else sin))
+        k_rot = g.call_function(ir_ops.rotary, (k, cos, sin))
+        src = g.call_function(torch.ops.aten.mul.Tensor, (k_rot, 1.0)) if qdq else k_rot
+        g.call_function(torch.ops.lowbit.scatter_into.default, (kc, 2, idx, src))
+        g.call_function(torch.ops.lowbit.scatter_into.default, (vc, 2, idx, v))
+        if reader:
+            g.call_function(torch.ops.aten.sum.default, (vc,))
+        attn = g.call_function(_kernel_attention, (q_rot, kc, vc, mask))
+        g.output((attn, kc, vc))
+        return attn
+
+    found = rotary_cache_pattern(layer())
+    assert found is not None and [found[r].target for r in ("q_rot", "k_rot")] == [ir_ops.rotary] * 2
+    assert all(rotary_cache_pattern(layer(**{case: True})) is None for case in ("qdq", "other_sin", "reader"))
+    bf16 = TensorType(torch.bfloat16, (1, 4, 1, 64))
+    assert plan_rotary_cache(bf16, bf16) is None
+    assert "head_dim 80" in plan_rotary_cache(bf16, TensorType(torch.bfloat16, (1, 4, 1, 80)))
 
 
 @pytest.mark.gpu

@@ -221,6 +221,11 @@ class TritonBackendOptions(BackendOptions):
     first weight tile before it waits. Hopper or newer only (ignored on older GPUs). Measured (H200, session 15,
     ``tools/profile_decode.py --schemes w4a16-g128-head4 [--no-pdl]``, 7B-shaped 4-layer stack, batch 1): 0.403 / 0.401
     ms per decode step without, 0.357 / 0.355 with."""
+    rotary_cache: bool = True
+    """Each layer's rotary of q and k and the write of its rotated keys and values into a float KV cache run as one
+    kernel (``lowbit::rotary_write_kv``, ``lowbit.backends.triton_backend._fuse_rotary_cache``): in the 7B-shaped
+    decode step on the H200 they were four launches per layer (21.6 µs per step over 4 layers); ``False`` keeps
+    Inductor's rotary kernels and the row writes (``tools/profile_decode.py --no-rotary-cache``, the A/B)."""
 
 
 def _triton_unavailable() -> str | None:

@@ -33,7 +33,7 @@ from lowbit.ir.ops import hadamard as ir_hadamard
 from lowbit.ir.quant import qlinear
 
 __all__ = ["EPILOGUES", "EPILOGUE_RULES", "KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "lower", "plan_hadamard",
-           "plan_qlinear"]
+           "plan_qlinear", "plan_rotary_cache", "rotary_cache_pattern"]
 
 NO_CUDA = ("backend 'triton' runs lowbit's Triton kernels and needs a CUDA GPU, and none is visible: use "
            "backend='torch' (the CPU/CUDA reference) or backend='onnxruntime' (MatMulNBits / integer GEMM on CPU)")
@@ -376,7 +376,7 @@ def _fuse_hadamard_a8(gm: torch.fx.GraphModule, a8: dict[torch.fx.Node, Plan], r
         n = int(h.args[1].meta.get("hadamard_n", 0)) if isinstance(h.args[1], torch.fx.Node) else 0
         why = unsupported_fused(n) if n else "row length unknown"
         if why is not None:
-            report["unfused"][q.name] = why
+            report["unfused"][q.name] = f"hadamard: {why}"
             continue
         q.args = (h.args[0], h.args[1], *q.args[1:])
         q.target = _kernel_hadamard_a8(plan.static["w_group"])
@@ -506,22 +506,112 @@ def _fuse_norm_residual(gm: torch.fx.GraphModule, linears: dict[torch.fx.Node, t
         report["kernels"][node.name] += "+add+norm"
 
 
+_SHAPE_READS = frozenset({torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default,
+                          torch.ops.aten.sym_stride.int, torch.ops.aten.sym_storage_offset.default})
+"""Readers of a cache input that see only its metadata (``torch_backend._SHAPE_ONLY``): a write before them is
+invisible to them."""
+
+
+def _cache_write(cache: torch.fx.Node, attn: torch.fx.Node) -> torch.fx.Node | None:
+    """The one ``scatter_into(cache, 2, index, src)`` writing a donated cache input that ``attn`` then reads,
+    when the cache's other readers are that attention, the graph's output and shape reads (nothing else sees its
+    data between the write and the attention); else None."""
+    if cache.op != "placeholder":
+        return None
+    writes = [u for u in cache.users if u.target is torch.ops.lowbit.scatter_into.default]
+    others = set(cache.users) - set(writes) - {attn}
+    if (len(writes) != 1 or writes[0].args[0] is not cache or writes[0].args[1] != 2 or writes[0].users
+            or any(u.op != "output" and u.target not in _SHAPE_READS for u in others)):
+        return None
+    return writes[0]
+
+
+def _is_rotary(node: Any, reader: torch.fx.Node) -> bool:
+    """``node`` is an IR ``rotary(x, cos, sin)`` (positional operands) read by ``reader`` alone."""
+    return (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is ir_ops.rotary
+            and len(node.args) == 3 and not node.kwargs and set(node.users) == {reader})
+
+
+def rotary_cache_pattern(attn: torch.fx.Node) -> dict[str, torch.fx.Node] | None:
+    """The nodes of one layer's ``rotary(q) -> attention`` whose caches were written by ``scatter_into(k_cache, 2,
+    index, rotary(k))`` and ``scatter_into(v_cache, 2, index, v)`` (one index, one cos/sin for q and k, each
+    rotary read by its consumer alone), by role: ``q_rot, k_rot, k_write, v_write``; else None."""
+    if attn.op != "call_function" or attn.target not in (_kernel_attention, ir_ops.attention) or len(attn.args) < 3:
+        return None
+    q_rot, k_cache, v_cache = attn.args[:3]
+    if not (_is_rotary(q_rot, attn) and isinstance(k_cache, torch.fx.Node) and isinstance(v_cache, torch.fx.Node)
+            and k_cache is not v_cache):
+        return None
+    k_write, v_write = _cache_write(k_cache, attn), _cache_write(v_cache, attn)
+    if k_write is None or v_write is None or k_write.args[2] is not v_write.args[2]:
+        return None
+    k_rot = k_write.args[3]
+    if not _is_rotary(k_rot, k_write) or k_rot.args[1:] != q_rot.args[1:]:
+        return None
+    return {"q_rot": q_rot, "k_rot": k_rot, "k_write": k_write, "v_write": v_write}
+
+
+def plan_rotary_cache(q: TensorType | None, k: TensorType | None) -> str | None:
+    """Why ``rotary_write_kv`` does not take a layer's rotated q and k of these types (None: it does): the
+    kernel's head_dims (a power of two from 16 to 256) and dtypes (``ROTARY_DTYPES``), one for both."""
+    from lowbit.kernels.decode_step import ROTARY_DTYPES
+
+    if q is None or k is None or not q.shape or not k.shape or not isinstance(k.shape[-1], int):
+        return "head_dim unknown at lowering"
+    d = int(k.shape[-1])
+    if not (_pow2(d) and 16 <= d <= 256):
+        return f"head_dim {d}: the kernel takes a power of two from 16 to 256"
+    if q.dtype != k.dtype or k.dtype not in ROTARY_DTYPES:
+        return f"dtypes {q.dtype}, {k.dtype}: the kernel takes one of bf16/fp16/fp32"
+    return None
+
+
+def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None,
+                       report: dict[str, dict[str, str]]) -> None:
+    """Each layer's ``rotary(q)``, ``rotary(k)`` and the two float-cache ``scatter_into`` writes
+    (``rotary_cache_pattern``) become one ``lowbit::rotary_write_kv`` node whose rotated queries the attention
+    reads. Why: in a decode step they were four launch-bound kernels per layer (Inductor's rotary of q and of k,
+    two ``_write_rows``: 21.6 µs per step over the 7B-shaped stack's 4 layers on the H200, ``profile_decode``).
+    A packed (quantized) cache is written by ``cache_attention`` and a QDQ'd key is no rotary's direct reader:
+    neither matches, both keep their ops. At run time operands the kernel cannot read run the reference."""
+    for attn in list(gm.graph.nodes):
+        found = rotary_cache_pattern(attn)
+        if found is None:
+            continue
+        q_rot, k_rot, k_write, v_write = found["q_rot"], found["k_rot"], found["k_write"], found["v_write"]
+        why = plan_rotary_cache((types or {}).get(q_rot.name), (types or {}).get(k_rot.name))
+        if why is not None:
+            report["unfused"][k_rot.name] = f"rotary + k/v cache write: {why}"
+            continue
+        q, cos, sin = q_rot.args
+        with gm.graph.inserting_before(attn):
+            fused = gm.graph.call_function(torch.ops.lowbit.rotary_write_kv.default,
+                                           (q, k_rot.args[0], v_write.args[3], cos, sin, k_write.args[0],
+                                            v_write.args[0], k_write.args[2]))
+        attn.args = (fused, *attn.args[1:])
+        for dead in (k_write, v_write, k_rot, q_rot):
+            gm.graph.erase_node(dead)
+        report["rotary_cache"][fused.name] = (f"rotary %{q_rot.name}, %{k_rot.name} + cache writes "
+                                              f"%{k_write.name}, %{v_write.name}")
+
+
 def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = None,
-             device: str | torch.device | None = None, epilogues: str = "gated",
-             norm_residual: bool = True, pdl: bool = False) -> dict[str, dict[str, str]]:
+             device: str | torch.device | None = None, epilogues: str = "gated", norm_residual: bool = True,
+             pdl: bool = False, rotary_cache: bool = True) -> dict[str, dict[str, str]]:
     """Point every qlinear (and online ``hadamard``) the kernels take at its op; returns ``{"kernels": {node:
     form}, "fallback": {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold
     the decode layout). ``types``: the lowered graph's value types by name (a hadamard's row length);
     ``device``: where the hadamard tables go (the module's device); ``epilogues``: which activations after a
     qlinear its kernel computes (``EPILOGUES``); ``norm_residual``: fold RMSNorms and residual adds into the
     weight-only linears around them (``_fuse_norm_residual``); ``pdl``: weight-only linears as opaque ops whose
-    M = 1 GEMV and reduce launch with programmatic dependent launch (``weight_only_linear_pdl``)."""
+    M = 1 GEMV and reduce launch with programmatic dependent launch (``weight_only_linear_pdl``); ``rotary_cache``:
+    each layer's rotary of q and k and its float-cache writes in one ``rotary_write_kv`` (``_fuse_rotary_cache``)."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
     from lowbit.ir.kvcache import cache_attention
     from lowbit.ir.normquant import qlinear_q, rms_norm_quant
 
     report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}, "unfused": {}, "norm_quant": {},
-                                         "attention": {}}
+                                         "attention": {}, "rotary_cache": {}}
     kinds = EPILOGUES[epilogues]
     tables: dict[int, torch.fx.Node] = {}
     a8: dict[torch.fx.Node, Plan] = {}
@@ -595,6 +685,8 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     _fuse_hadamard_a8(gm, a8, report)
     if norm_residual:
         _fuse_norm_residual(gm, words, report, pdl)
+    if rotary_cache:
+        _fuse_rotary_cache(gm, types, report)
     gm.recompile()
     return report
 
@@ -628,7 +720,7 @@ class TritonCompiled(TorchCompiled):
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *, compile: bool = True,
                  cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset(),
                  semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
-                 norm_residual: bool = True, pdl: bool = False) -> None:
+                 norm_residual: bool = True, pdl: bool = False, rotary_cache: bool = True) -> None:
         from lowbit.ir.fusion import fuse_qlinear
         from lowbit.ir.merge import merge_horizontal
         from lowbit.ir.normquant import fuse_norm_quant
@@ -646,7 +738,7 @@ class TritonCompiled(TorchCompiled):
         super().__init__(fused, device, keep_packed=True, donated=donated, semi_structured=semi_structured,
                          sparse_library=sparse_library)
         types = {v.name: v.type for nd in fused.nodes for v in nd.outputs if isinstance(v.type, TensorType)}
-        self.report = retarget(self.gm, types, self.device, epilogues, norm_residual, pdl)
+        self.report = retarget(self.gm, types, self.device, epilogues, norm_residual, pdl, rotary_cache)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
         self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
                                  if n.meta.get("merged")}
@@ -674,7 +766,10 @@ class TritonCompiled(TorchCompiled):
         if self.report["layout"]:
             lines.append(f"  decode layout (int32 words): {len(self.report['layout'])} weight-only nodes")
         lines += [f"  reference: %{name}: {why}" for name, why in self.report["fallback"].items()]
-        lines += [f"  hadamard not fused into %{name}: {why}" for name, why in self.report["unfused"].items()]
+        if self.report.get("rotary_cache"):
+            lines.append(f"  rotary + k/v cache write fused: {len(self.report['rotary_cache'])} layers on "
+                         "rotary_write_kv")
+        lines += [f"  not fused at %{name}: {why}" for name, why in self.report["unfused"].items()]
         lines += report_lines(self.sparse_report)
         return "\n".join(lines)
 
@@ -695,13 +790,14 @@ class TritonCompiled(TorchCompiled):
 
 def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
           semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
-          norm_residual: bool = True, pdl: bool = True) -> TritonCompiled:
+          norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True) -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
     ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify;
     ``epilogues``: the activations fused into their linear's kernel (``EPILOGUES``); ``norm_residual``: RMSNorms
     and residual adds fused into the weight-only linears around them; ``pdl``: the weight-only linears' M = 1 GEMV
-    and reduce launch with programmatic dependent launch where the GPU has it (``pdl_supported``)."""
+    and reduce launch with programmatic dependent launch where the GPU has it (``pdl_supported``); ``rotary_cache``:
+    each layer's rotary of q and k and its float KV-cache writes in one kernel."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise RuntimeError(NO_CUDA)
@@ -712,7 +808,8 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
     return TritonCompiled(graph, dev, compile=compile and torch.device(dev).type == "cuda", cuda_graphs=cuda_graphs,
                           donated=donated, semi_structured=semi_structured, sparse_library=sparse_library,
-                          epilogues=epilogues, norm_residual=norm_residual, pdl=pdl and pdl_supported(dev))
+                          epilogues=epilogues, norm_residual=norm_residual, pdl=pdl and pdl_supported(dev),
+                          rotary_cache=rotary_cache)
 
 
 def pdl_supported(device: str | torch.device) -> bool:

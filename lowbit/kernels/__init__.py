@@ -1,8 +1,9 @@
 """lowbit's GPU kernels: Triton kernels registered as torch custom ops, each with a plain-torch reference.
 
 A leaf package (torch + triton only): backends import it, it imports nothing of lowbit's but the reference
-ops of ``lowbit.ir.quant`` inside the ``*_ref`` functions. Every op is a ``torch.library.triton_op``, so
-``torch.compile`` traces through it (no graph break) and CUDA graphs capture its launches.
+ops of ``lowbit.ir`` (``quant``, ``ops``) inside the ``*_ref`` functions. Every op is a ``torch.library.triton_op``,
+so ``torch.compile`` traces through it (no graph break) and CUDA graphs capture its launches, but
+``rotary_write_kv``: it writes two graph inputs, an opaque ``custom_op`` (see its docstring).
 
 - ``torch.ops.lowbit.weight_only_linear``: W4A16 / W8A16 (and int3/int2 in 4-bit storage) on the stored layout or
   the int32 decode layout (``weight_only.pack_words``, made once at lowering; N-major words by default): GEMVs
@@ -23,8 +24,9 @@ ops of ``lowbit.ir.quant`` inside the ``*_ref`` functions. Every op is a ``torch
   the weight-only GEMVs' split-K reduce and in the A8 GEMM's store.
 - ``torch.ops.lowbit.row_argmax`` and ``write_cache_rows``: a decode step's greedy argmax and float KV-cache row
   write, one launch each where aten took a copy + a single-block reduction and a generic scatter; and
-  ``torch.ops.lowbit.decode_sdpa``, the step's attention over a float cache (flash-decoding) at small batches
-  (``decode_step.py``).
+  ``torch.ops.lowbit.decode_sdpa``, the step's attention over a float cache (flash-decoding) at small batches,
+  and ``torch.ops.lowbit.rotary_write_kv``: the rotary of a step's q and k with the write of its keys and values
+  into the float cache, one launch (``decode_step.py``).
 
 Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
 """

@@ -101,6 +101,17 @@ def round_half_even(y):
 
 
 @triton.jit
+def round_to_bf16(y):
+    """fp32 ``y`` (finite) rounded half-to-even onto the bfloat16 grid, still fp32: the cast that follows is then
+    exact whatever its rounding mode (the interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest
+    even, the same result). Add 0x7FFF plus the kept LSB to the bits, clear the low 16 (no int32 overflow for
+    finite values)."""
+    bits = y.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def round_to_e4m3(y):
     """fp32 ``y`` (|y| <= 448) rounded half-to-even onto the e4m3 grid, still fp32.
 
