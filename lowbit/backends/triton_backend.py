@@ -536,7 +536,8 @@ def rotary_cache_pattern(attn: torch.fx.Node) -> dict[str, torch.fx.Node] | None
     """The nodes of one layer's ``rotary(q) -> attention`` whose caches were written by ``scatter_into(k_cache, 2,
     index, rotary(k))`` and ``scatter_into(v_cache, 2, index, v)`` (one index, one cos/sin for q and k, each
     rotary read by its consumer alone), by role: ``q_rot, k_rot, k_write, v_write``; else None."""
-    if attn.op != "call_function" or attn.target not in (_kernel_attention, ir_ops.attention) or len(attn.args) < 3:
+    attention_ops = (_kernel_attention, _kernel_attention_pdl, ir_ops.attention)
+    if attn.op != "call_function" or attn.target not in attention_ops or len(attn.args) < 3:
         return None
     q_rot, k_cache, v_cache = attn.args[:3]
     if not (_is_rotary(q_rot, attn) and isinstance(k_cache, torch.fx.Node) and isinstance(v_cache, torch.fx.Node)
@@ -567,7 +568,7 @@ def plan_rotary_cache(q: TensorType | None, k: TensorType | None) -> str | None:
 
 
 def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None,
-                       report: dict[str, dict[str, str]]) -> None:
+                       report: dict[str, dict[str, str]], pdl: bool = False) -> None:
     """Each layer's ``rotary(q)``, ``rotary(k)`` and the two float-cache ``scatter_into`` writes
     (``rotary_cache_pattern``) become one ``lowbit::rotary_write_kv`` node whose rotated queries the attention
     reads. Why: in a decode step they were four launch-bound kernels per layer (Inductor's rotary of q and of k,
@@ -587,7 +588,7 @@ def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | 
         with gm.graph.inserting_before(attn):
             fused = gm.graph.call_function(torch.ops.lowbit.rotary_write_kv.default,
                                            (q, k_rot.args[0], v_write.args[3], cos, sin, k_write.args[0],
-                                            v_write.args[0], k_write.args[2]))
+                                            v_write.args[0], k_write.args[2], pdl))
         attn.args = (fused, *attn.args[1:])
         for dead in (k_write, v_write, k_rot, q_rot):
             gm.graph.erase_node(dead)
@@ -686,7 +687,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     if norm_residual:
         _fuse_norm_residual(gm, words, report, pdl)
     if rotary_cache:
-        _fuse_rotary_cache(gm, types, report)
+        _fuse_rotary_cache(gm, types, report, pdl)
     gm.recompile()
     return report
 

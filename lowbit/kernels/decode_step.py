@@ -203,11 +203,15 @@ def _round_to(y, IS_BF16: tl.constexpr, IS_FP16: tl.constexpr):
 def _rotary_write_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, kc_ptr, vc_ptr, i_ptr, o_ptr, N, HQ,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, scb, scn, ssb, ssn,
                      skcb, skch, skcs, svcb, svch, svcs, sib, sin_, sob, soh, son,
-                     HALF: tl.constexpr, IS_BF16: tl.constexpr, IS_FP16: tl.constexpr):
+                     HALF: tl.constexpr, IS_BF16: tl.constexpr, IS_FP16: tl.constexpr, PDL: tl.constexpr):
     """Program ``(b * N + n, h)``: for ``h < HQ``, query head ``h``'s row ``n`` rotated into the output; else kv
     head ``h - HQ``: its key row rotated and its value row copied, both to cache slot ``index[b, 0, n, 0]``.
     Rotate-half in two halves, ``(x1 c1 - x2 s1, x2 c2 + x1 s2)``, each product and the sum rounded to the
-    activation dtype as the IR's ``rotary`` rounds them (``-x2 * s1`` rounds to ``-(x2 * s1)``)."""
+    activation dtype as the IR's ``rotary`` rounds them (``-x2 * s1`` rounds to ``-(x2 * s1)``). ``PDL``: let the
+    attention launch, then wait for the GEMV that wrote q, k and v."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     r = tl.program_id(0)
     h = tl.program_id(1)
     b = r // N
@@ -240,13 +244,15 @@ def _rotary_write_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, kc_ptr, vc_ptr, i_ptr, o
 
 @torch.library.custom_op("lowbit::rotary_write_kv", mutates_args=("k_cache", "v_cache"))
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor,
+                    pdl: bool = False) -> torch.Tensor:
     """A decode step's attention inputs in one launch: the IR's ``rotary`` of ``q [B, Hq, N, D]`` and ``k [B,
     Hkv, N, D]`` (``cos``/``sin`` broadcast to ``[B, 1, N, D]``), the rotated keys and the values ``v`` written
     into the float caches ``[B, Hkv, S, D]`` at the slots a row ``index`` names (``cache_rows_index``: the
     step's positions broadcast over heads and head_dim, as ``scatter_into`` writes them); returns the rotated
     queries (contiguous). Grid ``(B * N, Hq + Hkv)``: one row per program, query heads and kv heads alike. The
-    reference where ``rotary_write_kv_unsupported`` names a reason.
+    reference where ``rotary_write_kv_unsupported`` names a reason. ``pdl``: launch with programmatic dependent
+    launch (the triton backend's ``pdl``, Hopper+; ignored under the interpreter).
 
     Why a ``custom_op`` and not a ``triton_op``: it writes two graph inputs, and an opaque op's declared
     mutation is what ``scatter_into`` measured staying in place under ``torch.compile`` (no whole-cache copy);
@@ -263,6 +269,7 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     hq = q.shape[1]
     c, s = _rows(cos, b, n, d), _rows(sin, b, n, d)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    on = pdl and not interpreting()
     # enable_fp_fusion=False: fp32's x1 * c1 - x2 * s1 must not become one FMA (torch rounds both products)
     _rotary_write_kv[(b * n, hq + hkv)](
         q, k, v, c, s, k_cache, v_cache, index, out, n, hq,
@@ -270,13 +277,14 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         v.stride(2), c.stride(0), c.stride(2), s.stride(0), s.stride(2), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), index.stride(0),
         index.stride(2), out.stride(0), out.stride(1), out.stride(2), HALF=d // 2,
-        IS_BF16=q.dtype == torch.bfloat16, IS_FP16=q.dtype == torch.float16, num_warps=1, enable_fp_fusion=False)
+        IS_BF16=q.dtype == torch.bfloat16, IS_FP16=q.dtype == torch.float16, PDL=on, num_warps=1,
+        enable_fp_fusion=False, **({"launch_pdl": True} if on else {}))
     return out
 
 
 @rotary_write_kv.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-      k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+      k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
