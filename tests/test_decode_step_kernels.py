@@ -121,15 +121,17 @@ def _rotary_case(b: int, hq: int, hkv: int, n: int, d: int, s: int, positions: l
     """A step's operands as the graph gives them: q/k/v strided views of one merged projection ``[B, N, (Hq +
     2 Hkv) D]``, Llama's cos/sin ``[B, 1, N, D]`` (fp32 angles, cast), random caches and the positions' row index."""
     g = torch.Generator().manual_seed(d + hq + n)
-    qkv = torch.randn(b, n, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    # views are taken on the device: .to() of a strided view (a split, a stride-0 expand) makes it contiguous,
+    # and a contiguous index is no row index (the kernel would be refused)
+    qkv = torch.randn(b, n, (hq + 2 * hkv) * d, generator=g).to(dtype).to(device)
     q, k, v = (t.unflatten(-1, (-1, d)).transpose(1, 2) for t in qkv.split([hq * d, hkv * d, hkv * d], -1))
     pos = torch.tensor(positions)
     freqs = pos[..., None].float() / (10000 ** (torch.arange(0, d, 2).float() / d))
     emb = torch.cat([freqs, freqs], -1)
-    cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-    k_cache, v_cache = (torch.randn(b, hkv, s, d, generator=g).to(dtype) for _ in range(2))
-    index = pos[:, None, :, None].expand(b, hkv, n, d)
-    return tuple(t.to(device) for t in (q, k, v, cos, sin, k_cache, v_cache, index))
+    cos, sin = (e.to(dtype).to(device)[:, None] for e in (emb.cos(), emb.sin()))
+    k_cache, v_cache = (torch.randn(b, hkv, s, d, generator=g).to(dtype).to(device) for _ in range(2))
+    index = pos.to(device)[:, None, :, None].expand(b, hkv, n, d)
+    return q, k, v, cos, sin, k_cache, v_cache, index
 
 
 @pytest.mark.parametrize("device", DEVICES)
