@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 """Activation dtypes the kernels take; anything else is the caller's reference fallback."""
@@ -98,6 +99,15 @@ def round_half_even(y):
     The add rounds to an integer in fp32's round-to-nearest-even mode; the subtract is exact. Used instead of
     libdevice's rint so the same code runs under the interpreter."""
     return (y + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def pdl_prologue(PDL: tl.constexpr):
+    """With ``PDL`` (``pdl_launches``): let the next kernel launch now, then wait until the kernels before this one
+    have finished and flushed: the first lines of a kernel every input of which another kernel may have written."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit

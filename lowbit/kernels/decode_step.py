@@ -30,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lowbit.kernels._common import (
     cdiv,
@@ -42,6 +41,7 @@ from lowbit.kernels._common import (
     on_kernel_device,
     pdl_launches,
     pdl_on,
+    pdl_prologue,
     round_to_bf16,
 )
 
@@ -209,9 +209,7 @@ def _rotary_write_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, kc_ptr, vc_ptr, i_ptr, o
     Rotate-half in two halves, ``(x1 c1 - x2 s1, x2 c2 + x1 s2)``, each product and the sum rounded to the
     activation dtype as the IR's ``rotary`` rounds them (``-x2 * s1`` rounds to ``-(x2 * s1)``). ``PDL``: let the
     attention launch, then wait for the GEMV that wrote q, k and v."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_prologue(PDL)
     r = tl.program_id(0)
     h = tl.program_id(1)
     b = r // N
@@ -344,9 +342,7 @@ def _sdpa_split(q_ptr, k_ptr, v_ptr, m_ptr, p_ptr, l_ptr, a_ptr, S, HKV, NCH, sc
     un-normalised ``sum p v`` (fp32), written per (query head, chunk) for ``_sdpa_merge``. A chunk with no allowed
     slot writes max -inf, sum 0, zeros. ``PDL`` (``pdl_launches``): let the merge launch, then wait for the
     kernels that wrote q and the cache's new row."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_prologue(PDL)
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // HKV
@@ -389,9 +385,7 @@ def _sdpa_merge(p_ptr, l_ptr, a_ptr, o_ptr, NCH, H, sob, soh, D: tl.constexpr, N
                 PDL: tl.constexpr):
     """Program ``b * H + hq``: the chunks' partials merged by log-sum-exp, ``sum_c w_c acc_c / sum_c w_c l_c``
     with ``w_c = exp(max_c - max)``, written in the output dtype."""
-    if PDL:  # the next GEMV may launch and prefetch its weights; the partials come from _sdpa_split
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_prologue(PDL)  # the next GEMV may launch and prefetch its weights; the partials come from _sdpa_split
     r = tl.program_id(0)
     cs = tl.arange(0, NCP)
     c_ok = cs < NCH

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import triton_op
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lowbit.kernels._common import (
     activation,
@@ -82,10 +83,10 @@ from lowbit.kernels._common import (
     parse_epilogue,
     pdl_launches,
     pdl_on,
+    pdl_prologue,
     pow2_at_most,
     unpack_nibbles,
 )
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 __all__ = [
     "BYTE_QDTYPES",
@@ -335,9 +336,7 @@ def _splitk_reduce(p_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, MN,
     the residual ``r_ptr`` (``[M, N]``) + the product rounded to the output dtype (``residual_add``); with
     ``NORM_OUT`` (M = 1) the next norm's first half too: ``gx = g * out`` and this program's sum of ``out**2`` at
     ``qo_ptr[program]`` (``norm_parts_ref``)."""
-    if PDL:  # (``pdl_launches``) the next kernel may launch now; this one waits for the GEMV's partials
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_prologue(PDL)  # (``pdl_launches``) the next kernel may launch now; this one waits for the GEMV's partials
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
