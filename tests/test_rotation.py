@@ -425,6 +425,7 @@ def test_kurtosis_rotation_exact_and_orthogonal_in_float64_on_smollm2(smollm2_sl
     assert learned["sites"] == 4 and learned["samples_per_site"] == 64 and learned["steps"] == 8
     assert learned["loss_end"] < learned["loss_start"]
     assert learned["head_rotations"] == 2 and learned["head_kurtosis_end"] < learned["head_kurtosis_start"]
+    assert learned["learn_rss_above_start_mb"] >= 0  # the collection's + learning's peak (PeakRss)
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
     lm = next(n for n in g.nodes if n.op == "linear" and n.module == "lm_head")
@@ -450,11 +451,39 @@ def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(smollm2):
     learned = PassManager(spec).run(g).records[-1].stats["learned"]
     assert learned["steps"] == 4 and learned["calib_tokens"] == 64 and len(learned["history"]) == 4
     assert learned["loss_end"] < learned["loss_start"], learned["history"]
-    assert learned["orthogonality"] < 1e-12
+    assert learned["orthogonality"] < 1e-12 and learned["learn_rss_above_start_mb"] >= 0
     check = learned["check"]  # the learned rotation is kept only when it beats its Hadamard start
     assert check["windows"] == 1 and (check["kept"] == "learned") == (check["loss_learned"] < check["loss_start"])
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_peak_rss_sees_a_tensor_that_lived_between_two_loop_points():
+    """``PeakRss`` (the learning passes' memory figure): a 64 MiB tensor made and freed inside the block shows in
+    the peak above the start though the resident size at both ends is the same. In a fresh process with
+    ``MALLOC_MMAP_THRESHOLD_`` fixed, as ``tools/bench_rotation_memory.py`` runs it: in a process that already
+    freed large blocks, glibc may serve the tensor from memory that is still resident (the figure's known limit)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = """if True:
+        import json, time, torch
+        from lowbit.calibration.memory import PeakRss, rss_mb
+        with PeakRss() as mem:
+            x = torch.ones(16 * 2**20)  # 64 MiB, every page touched
+            time.sleep(0.05)  # several of the sampler's 2 ms periods
+            del x
+        print(json.dumps([mem.start_mb, mem.peak_mb, mem.above_start_mb, rss_mb()]))
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    start, peak, above, after = json.loads(out.stdout.strip().splitlines()[-1])
+    if start is None:
+        pytest.skip("no /proc/self/statm")
+    assert above >= 56, (start, peak)
+    assert after < peak - 48  # freed: the peak was the tensor, not a leak
 
 
 def test_fake_quantizers_match_the_ir_quantizers():

@@ -60,6 +60,7 @@ from results_io import machine, merge_rows
 from results_io import versions as results_versions
 
 from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.calibration.memory import PeakRss
 from lowbit.eval import EVALS, perplexity
 from lowbit.ir.capture import capture
 from lowbit.models import load_model
@@ -197,39 +198,6 @@ ROWS += [
      "sparsify(method=wanda,pattern=2:4,calib=wikitext2-valid,calib_n=534,refit=block,refit_iters=134,"
      "refit_lr=1e-3,progress=false)"),
 ]
-
-
-class PeakRSS:
-    """The process's peak resident memory while the ``with`` body runs (MiB, sampled every 0.1 s from
-    /proc/self/status; the process's whole RSS, so the model and the float graph are in it)."""
-
-    def __enter__(self) -> "PeakRSS":
-        import threading
-
-        self.mb = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.1):
-            self.mb = max(self.mb, self._rss())
-
-    @staticmethod
-    def _rss() -> float:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-        except OSError:
-            pass
-        return 0.0
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.mb = max(self.mb, self._rss())
 
 
 def _block_linear_params(g) -> int:
@@ -683,7 +651,7 @@ def main() -> None:
         try:
             if pipeline is not None:
                 try:
-                    with PeakRSS() as peak:
+                    with PeakRss(interval=0.1) as peak:
                         report = PassManager(_on_device(pipeline, dev)).run(g)
                 except Exception as exc:
                     if dev == "cpu":
@@ -694,7 +662,7 @@ def main() -> None:
                 stats = {r.spec: r.stats for r in report.records}
             row = score(g, scheme, method, variant, pipeline, time.perf_counter() - t1, stats)
             if pipeline is not None and not fallback:
-                row["pass_peak_rss_mb"] = peak.mb
+                row["pass_peak_rss_mb"] = None if peak.peak_mb is None else round(peak.peak_mb, 1)
             if fallback:
                 row["calibration_fallback"] = fallback
         except Exception as exc:

@@ -30,29 +30,11 @@ import torch
 from lowbit.calibration.engine import CalibrationError
 from lowbit.ir.graph import Graph, Node
 
-__all__ = ["rss_mb", "RotationLearningError", "LearnedRotation", "kurtosis", "kurtosis_loss", "cayley", "learn_kurtosis_rotation",
+__all__ = ["RotationLearningError", "LearnedRotation", "kurtosis", "kurtosis_loss", "cayley", "learn_kurtosis_rotation",
            "orthogonal_polar", "fake_quant_weight", "fake_quant_tokens", "learn_quantized_rotation"]
 
 UNIFORM_KURTOSIS = 1.8
 """Kurtosis of a uniform distribution: the shape a uniform (integer) quantizer covers with the least error."""
-
-
-def rss_mb() -> float | None:
-    """The process's resident memory now, in MiB (Linux ``/proc``; None elsewhere): sampled while learning to
-    report the learning step's own peak above what the process already held."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-try:
-    import os as _os
-
-    _PAGE = _os.sysconf("SC_PAGE_SIZE")
-except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
-    _PAGE = 4096
 
 
 class RotationLearningError(CalibrationError):
@@ -74,8 +56,6 @@ class LearnedRotation:
     """``max|QQᵀ - I|`` of ``q`` in float64."""
     history: list[float] = field(default_factory=list)
     """Loss every tenth step (the minibatch loss, for a look at convergence)."""
-    peak_rss_mb: float | None = None
-    """Highest resident memory sampled during the steps (MiB; None where /proc is missing)."""
     check: dict[str, Any] | None = None
     """learned (SpinQuant): the quantized loss of the start and of the learned rotation on the same fixed windows,
     and which one was ``kept`` (the learned one only when it is lower: a learned method never ends worse than
@@ -115,13 +95,31 @@ def orthogonal_polar(q: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-def _pool(samples: Sequence[torch.Tensor]) -> torch.Tensor:
+def _check_samples(samples: Sequence[torch.Tensor]) -> None:
     if not samples:
         raise RotationLearningError("rotation learning got no activation samples")
     dims = {s.shape[-1] for s in samples}
     if len(dims) != 1:
         raise RotationLearningError(f"rotation learning: activation samples of different widths {sorted(dims)}")
-    return torch.cat([s.reshape(-1, s.shape[-1]) for s in samples])
+
+
+POOL_CHUNK = 16384
+"""Tokens per float64 chunk when the loss and kurtosis are taken over every sample (start and end of learning):
+the whole pool in float64 held several copies of the samples at once (a KurTail pass's host-memory peak)."""
+
+
+def _pool_means(sites: Sequence[torch.Tensor], q: torch.Tensor, target: float) -> tuple[float, float]:
+    """(mean ``|kurtosis(x·Q) - target|``, mean kurtosis) over every row of ``sites``, in float64, chunk by chunk."""
+    loss = kurt = 0.0
+    rows = 0
+    q = q.double()
+    for site in sites:
+        for start in range(0, site.shape[0], POOL_CHUNK):
+            k = kurtosis(rotate_tokens(site[start:start + POOL_CHUNK].double(), q))
+            loss += float((k - target).abs().sum())
+            kurt += float(k.sum())
+            rows += k.numel()
+    return loss / rows, kurt / rows
 
 
 def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *, steps: int, lr: float,
@@ -139,18 +137,16 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
     """
     t0 = time.perf_counter()
     d = q0.shape[0]
+    _check_samples(samples)
     sites = [s.reshape(-1, d * heads).to(dtype) for s in samples]
-    pool = _pool(sites)
     gen = torch.Generator().manual_seed(seed)
     per_site = max(1, batch_tokens // len(sites))
     q0c = q0.to(dtype)
     a = torch.zeros(d, d, dtype=dtype, requires_grad=True)
     opt = torch.optim.Adam([a], lr=lr)
     history: list[float] = []
-    peak = rss_mb()
     with torch.no_grad():
-        loss_start = float(kurtosis_loss(pool.double(), q0.double(), target))
-        kurt_start = float(kurtosis(rotate_tokens(pool.double(), q0.double())).mean())
+        loss_start, kurt_start = _pool_means(sites, q0, target)
     for step in range(steps):
         batch = torch.cat([s[torch.randint(0, s.shape[0], (min(per_site, s.shape[0]),), generator=gen)]
                            for s in sites])
@@ -169,17 +165,14 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
         opt.step()
         if step % 10 == 0 or step == steps - 1:
             history.append(round(float(loss.detach()), 5))
-            now = rss_mb()
-            peak = None if now is None or peak is None else max(peak, now)
     with torch.no_grad():
         q = orthogonal_polar(q0.double() @ cayley(a.detach().double()))
         if not torch.isfinite(q).all():
             raise RotationLearningError(f"{what}: after {steps} steps the rotation is not finite")
-        loss_end = float(kurtosis_loss(pool.double(), q, target))
-        kurt_end = float(kurtosis(rotate_tokens(pool.double(), q)).mean())
+        loss_end, kurt_end = _pool_means(sites, q, target)
         ortho = float((q @ q.T - torch.eye(d, dtype=torch.float64)).abs().max())
     return LearnedRotation(q, kurt_start, kurt_end, loss_start, loss_end, steps, time.perf_counter() - t0, ortho,
-                           history, peak)
+                           history)
 
 
 # ---- SpinQuant-style: the quantized network's own loss -------------------------------------------------------
@@ -258,7 +251,6 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
     replace.update({id(n): head for n in keep_float if id(n) in inputs_of_readers})
     out_value = graph.outputs[0]
     history: list[float] = []
-    peak = rss_mb()
     first = last = float("nan")
     for step in range(steps):
         pick = torch.randint(0, windows.shape[0], (min(batch, windows.shape[0]),), generator=gen)
@@ -285,8 +277,6 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
         first = value if step == 0 else first
         last = value
         history.append(round(value, 4))
-        now = rss_mb()
-        peak = None if now is None or peak is None else max(peak, now)
         del env, logits, loss
     with torch.no_grad():
         q = orthogonal_polar(cayley(a.detach().double()))
@@ -317,4 +307,4 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
         ortho = float((q @ q.T - eye).abs().max())
     box.clear()
     return LearnedRotation(q, float("nan"), float("nan"), first, last, steps, time.perf_counter() - t0, ortho, history,
-                           peak, check)
+                           check)

@@ -37,8 +37,8 @@ from lowbit.calibration.rotation_learning import (
     UNIFORM_KURTOSIS,
     learn_kurtosis_rotation,
     learn_quantized_rotation,
-    rss_mb,
 )
+from lowbit.calibration.memory import PeakRss
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.hadamard import HadamardError, hadamard, random_hadamard
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
@@ -138,9 +138,17 @@ def learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor,
                             pass_name: str, heads: list[HeadRegion] | None = None, r0: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, dict[str, Any], dict[int, torch.Tensor]]:
     """KurTail's R1 (and each layer's R2 for ``heads``): collect the normalised residual streams (and the head
-    outputs each o_proj reads) once, learn ``Q`` from ``q0`` (each R2 from ``r0``) on them."""
+    outputs each o_proj reads) once, learn ``Q`` from ``q0`` (each R2 from ``r0``) on them. The stats'
+    ``learn_rss_above_start_mb``: the host memory collecting and learning added at their peak (``PeakRss``)."""
+    with PeakRss() as mem:
+        q, stats, r2 = _learn_residual_rotation(graph, res, q0, o, pass_name, heads, r0)
+    return q, {**stats, "learn_rss_above_start_mb": mem.above_start_mb}, r2
+
+
+def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor, o: RotateOptions,
+                             pass_name: str, heads: list[HeadRegion] | None, r0: torch.Tensor | None
+                             ) -> tuple[torch.Tensor, dict[str, Any], dict[int, torch.Tensor]]:
     t0 = time.perf_counter()
-    rss0 = rss_mb()
     device = o.torch_device(pass_name)
     sites = _learning_sites(res)
     if not sites:
@@ -161,7 +169,9 @@ def learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor,
             t = outs[0] if i is not None else args[0]
             x = t.detach().reshape(-1, t.shape[-1])
             step = max(1, x.shape[0] // per_batch)
-            (kept[i] if i is not None else o_kept[j]).append(x[::step][:per_batch].to("cpu", torch.float32))
+            # a copy of the kept rows: a view (x[::1] on the CPU) would keep the whole batch's activation alive
+            (kept[i] if i is not None else o_kept[j]).append(x[::step][:per_batch].to("cpu", torch.float32,
+                                                                                        copy=True))
 
     try:
         calibrate(graph, batches, on_node=on_node, progress=o.progress, device=device)
@@ -172,6 +182,7 @@ def learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor,
         raise PassError(f"pass {pass_name}: kind=kurtosis: calibration never reached rms_norm %{missing[0].name} "
                         f"(module {missing[0].module!r})")
     samples = [torch.cat(k) for k in kept]
+    kept.clear()  # the per-batch pieces: samples holds them now
     collect_s = time.perf_counter() - t0
     try:
         learned = learn_kurtosis_rotation(samples, q0, steps=o.steps or 100, lr=o.lr or 3e-3,
@@ -191,7 +202,6 @@ def learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor,
             r2_kurt.append((lr2.kurtosis_start, lr2.kurtosis_end))
     except CalibrationError as exc:
         raise PassError(str(exc)) from None
-    peak = None if rss0 is None or learned.peak_rss_mb is None else round(learned.peak_rss_mb - rss0, 1)
     extra = {} if not r2_kurt else {
         "head_rotations": len(r2_kurt),
         "head_kurtosis_start": round(sum(a for a, _ in r2_kurt) / len(r2_kurt), 4),
@@ -205,30 +215,30 @@ def learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor,
         "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
         "steps": learned.steps, "orthogonality": learned.orthogonality, "history": learned.history,
         "collect_seconds": round(collect_s, 2), "learn_seconds": round(time.perf_counter() - t0 - collect_s, 2),
-        "learn_rss_above_start_mb": peak,
     }, r2
 
 
 def learn_extra_rotation(graph: Graph, res: ResidualRegion, o: RotateOptions, pass_name: str
                          ) -> tuple[torch.Tensor, dict[str, Any]]:
     """SpinQuant's R1, on a graph already rotated by the randomised Hadamard: the extra rotation ``U`` that
-    minimises the fake-quantized network's next-token loss (the caller folds it into the residual stream)."""
-    rss0 = rss_mb()
+    minimises the fake-quantized network's next-token loss (the caller folds it into the residual stream). The
+    stats' ``learn_rss_above_start_mb``: the host memory the learning added at its peak (``PeakRss``)."""
     keep = [r for r in res.readers if any(module_matches(r.module or "", k) for k in DEFAULT_KEEP_FLOAT)]
     ids = o.token_ids(graph, pass_name)
     try:
-        learned = learn_quantized_rotation(
-            graph, res.embeddings, res.readers, res.writers, keep, ids, steps=o.steps or 20, lr=o.lr or 1e-3,
-            batch=o.windows_per_step, w_bits=o.w_bits, a_bits=o.a_bits, seed=o.seed, check_windows=o.check_windows,
-            what=f"pass {pass_name}: kind=learned, residual stream of width {res.dim}")
+        with PeakRss() as mem:
+            learned = learn_quantized_rotation(
+                graph, res.embeddings, res.readers, res.writers, keep, ids, steps=o.steps or 20, lr=o.lr or 1e-3,
+                batch=o.windows_per_step, w_bits=o.w_bits, a_bits=o.a_bits, seed=o.seed,
+                check_windows=o.check_windows,
+                what=f"pass {pass_name}: kind=learned, residual stream of width {res.dim}")
     except CalibrationError as exc:
         raise PassError(str(exc)) from None
-    peak = None if rss0 is None or learned.peak_rss_mb is None else round(learned.peak_rss_mb - rss0, 1)
     return learned.q, {
         "calib_tokens": int(ids.numel()), "windows_per_step": o.windows_per_step, "steps": learned.steps,
         "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
         "orthogonality": learned.orthogonality, "history": learned.history, "collect_seconds": 0.0,
-        "learn_seconds": round(learned.seconds, 2), "learn_rss_above_start_mb": peak,
+        "learn_seconds": round(learned.seconds, 2), "learn_rss_above_start_mb": mem.above_start_mb,
         "samples_mb": 0.0, "kurtosis_start": None, "kurtosis_end": None, "check": learned.check,
     }
 
