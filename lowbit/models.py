@@ -273,8 +273,7 @@ class CausalLMStep(nn.Module):
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
                                                   enable_gqa=self.kv_heads != self.heads)
         # SDPA has no soft-capping: Gemma 2's eager attention, written out
-        groups = self.heads // self.kv_heads
-        keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+        keys, values = _repeat_kv(keys, self.heads // self.kv_heads), _repeat_kv(values, self.heads // self.kv_heads)
         scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling
         scores = torch.tanh(scores / cap) * cap
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
@@ -343,6 +342,15 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
         return x * cos + _rotate_half(x) * sin
     head, rest = x[..., :rot], x[..., rot:]
     return torch.cat((head * cos + _rotate_half(head) * sin, rest), dim=-1)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, kv_heads, S, D] -> [B, kv_heads * groups, S, D]`` as transformers' ``repeat_kv`` (expand + reshape:
+    ops the IR has; ``repeat_interleave`` is not one)."""
+    if groups == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@ families, each cell of the README's family × step matrix one test.
 
 A cell either works (with a numeric check: capture reproduces the HF model; fold-norms is exact in float64;
 quantized models stay close to float; ONNX Runtime matches the torch reference; transformers loads the
-compressed-tensors checkpoint with the same outputs and lowbit reloads it bit-exactly) or is refused with a
+compressed-tensors checkpoint with the same outputs and lowbit reloads it bit-exactly; greedy generation through
+the KV-cache step graph gives transformers' tokens) or is refused with a
 named reason that ``EXPECTED`` states. Any other exception fails the test. ``tools/arch_matrix.py`` runs these
 tests with ``LOWBIT_ARCH_MATRIX=FILE`` (each outcome is appended there) and writes the README table.
 
@@ -79,7 +80,7 @@ def _encoders() -> dict[str, Any]:
 
 
 FAMILIES = [*_decoders(), *_encoders()]
-STEPS = ["capture", "fold-norms", "smooth-quant", "quantize", "gptq", "onnx", "compressed-tensors"]
+STEPS = ["capture", "fold-norms", "smooth-quant", "quantize", "gptq", "onnx", "compressed-tensors", "generate"]
 SLOW_FAMILIES = {"qwen2-896"}
 
 _POST_NORM = "post-norm encoder: the norm's output feeds the residual stream"
@@ -89,6 +90,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     **{(f, "smooth-quant"): "no place to fold scales" for f in ("bert", "roberta", "distilbert")},
     **{("vit", s): "pixel" for s in ("smooth-quant", "gptq", "compressed-tensors")},
     **{(f, "fold-norms"): "Gemma's RMSNorm" for f in ("gemma2", "gemma3")},
+    **{(f, "generate"): "no causal-LM head" for f in ("bert", "roberta", "distilbert", "vit")},
 }
 
 
@@ -288,19 +290,45 @@ def step_compressed_tensors(family: str, tmp_path: Any) -> None:
     assert torch.equal(loaded(*x), ref)
 
 
+GEN_PROMPTS = ["The capital of France is", "Once upon a time, in a small village,"]
+
+
+def step_generate(family: str) -> None:
+    """Greedy tokens of a two-prompt batch (different lengths: left padding) through the compiled step graph with
+    its KV cache, on the torch reference in float32, equal transformers' ``generate`` prompt by prompt."""
+    from lowbit.generate import GenerationSpec
+
+    model, tok, _, _, _ = build(family)
+    if not isinstance(model, CausalLMLogits):  # the wrapper has no lm_head: lowbit's own refusal, before capture
+        lowbit.compile_model(model, generation=GenerationSpec(max_length=32, max_batch=2))
+        raise AssertionError(f"{family}: generation compiled an encoder")
+    hf = model.model
+    cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
+    assert cm.graph.outputs[0].tensor_type.shape[1] == 1  # last-logits found the final norm (Gemma's unraised too)
+    prompts = [tok(p).input_ids for p in GEN_PROMPTS]
+    got = cm.generate(prompts, 8).tokens
+    for p, tokens in zip(prompts, got):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        assert tokens == ref[0, len(p):].tolist(), f"{family}: {tokens} != transformers' {ref[0, len(p):].tolist()}"
+
+
 def run_step(family: str, step: str, tmp_path: Any) -> str:
-    """'works', or 'refused: <reason>' for a named refusal (Refused, PassError, CheckpointError, CaptureError)."""
+    """'works', or 'refused: <reason>' for a named refusal (Refused, PassError, CheckpointError, CaptureError,
+    GenerationError)."""
     from lowbit.checkpoint import CheckpointError
     from lowbit.ir.capture import CaptureError
+    from lowbit.models import GenerationError
     from lowbit.passes.base import PassError
     from lowbit.passes.manager import PipelineError
 
     fn = {"capture": step_capture, "fold-norms": step_fold_norms, "smooth-quant": step_smooth_quant,
           "quantize": step_quantize, "gptq": step_gptq, "onnx": step_onnx,
-          "compressed-tensors": step_compressed_tensors}[step]
+          "compressed-tensors": step_compressed_tensors, "generate": step_generate}[step]
     try:
         fn(family, tmp_path) if step in ("onnx", "compressed-tensors") else fn(family)
-    except (Refused, PassError, CheckpointError, CaptureError, PipelineError) as exc:
+    except (Refused, PassError, CheckpointError, CaptureError, PipelineError, GenerationError) as exc:
         return f"refused: {str(exc).splitlines()[0]}"
     return "works"
 
