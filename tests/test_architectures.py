@@ -9,8 +9,9 @@ named reason that ``EXPECTED`` states. Any other exception fails the test. ``too
 tests with ``LOWBIT_ARCH_MATRIX=FILE`` (each outcome is appended there) and writes the README table.
 
 Shapes: GQA ratios 8 (Llama, Qwen3, Granite, Phi-3) and 7 (Mistral, Qwen2), q/k/v biases (Qwen2), q/k norms
-(Qwen3, OLMo 2), sandwich norms and soft-capping (Gemma 2/3), tied (Qwen2, Gemma) and untied embeddings; the
-slow ``qwen2-896`` row has Qwen2-0.5B's 896/4864 sizes. Decoders use SmolLM2's 49152-token vocabulary so the
+(Qwen3, OLMo 2), sandwich norms and soft-capping (Gemma 2/3), Granite 3's multipliers (embedding 12, residual
+0.22, attention 1/64, logits / 8), tied (Qwen2, Gemma) and untied embeddings; the slow ``qwen2-896`` row has
+Qwen2-0.5B's 896/4864 sizes. Decoders use SmolLM2's 49152-token vocabulary so the
 shipped calibration text tokenizes for them.
 """
 
@@ -60,7 +61,8 @@ def _decoders() -> dict[str, Any]:
         "stablelm": lambda: t.StableLmConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                              num_key_value_heads=4, **DEC),
         "granite": lambda: t.GraniteConfig(hidden_size=64, intermediate_size=128, num_attention_heads=8,
-                                           num_key_value_heads=1, **DEC),
+                                           num_key_value_heads=1, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                           attention_multiplier=0.015625, logits_scaling=8.0, **DEC),
         "qwen2-896": lambda: t.Qwen2Config(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
                                            num_key_value_heads=2, tie_word_embeddings=True, **DEC),
     }
@@ -353,3 +355,33 @@ def test_architecture_step(family, step, tmp_path):
         assert outcome == "works", f"{family} / {step}: {outcome}"
     else:
         assert outcome.startswith("refused: ") and re.search(want, outcome), f"{family} / {step}: {outcome}"
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_generate_with_a_sliding_window_shorter_than_the_text(family):
+    """A 4-token sliding window (every Mistral layer; Gemma 3's sliding layer type, with its own rotary base) over
+    prompts and generations longer than it: the step's windowed mask gives transformers' greedy tokens, and the
+    packed KV cache, whose attention masks by position alone, refuses the window by layer instead of dropping it."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.generate import GenerationSpec
+    from lowbit.passes.base import PassError
+    from lowbit.passes.kv_cache import KVCache
+
+    config = _decoders()[family]()
+    config.sliding_window = 4
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    spec = GenerationSpec(max_length=32, max_batch=2)
+    cm = lowbit.compile_model(hf, generation=spec)
+    assert cm.graph.meta["generation"]["windows"] == [4]
+    prompts = [[1, 450, 7483, 310, 3444, 338], [5, 6, 7]]
+    got = cm.generate(prompts, 10, stop_tokens=()).tokens
+    for p, tokens in zip(prompts, got):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+                              do_sample=False)
+        assert tokens == ref[0, len(p):].tolist()
+    with pytest.raises(PassError, match=r"sliding-window attention in layer 0 \(window 4\) shorter than max_length=32"):
+        KVCache().run(cm.graph.clone())
