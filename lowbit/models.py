@@ -101,6 +101,13 @@ class GenerationError(ValueError):
 _STEP_ARCHITECTURES = ("Llama, SmolLM2, Mistral, Qwen2, Qwen3, Granite, Phi-3, OLMo 2, GPT-NeoX, StableLM, Gemma 2, "
                        "Gemma 3 (decoder layers of separate or fused q/k/v projections and an mlp)")
 
+STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
+                              "gemma2", "gemma3_text"})
+"""``config.model_type``s whose step is checked token for token against transformers' ``generate``
+(``tests/test_architectures.py``'s generate column; SmolLM2 is ``llama``). Another type is refused, not stepped on a
+guess: ``StepLayout`` reads module names, and a family can differ in what no module name shows (an interleaved
+rotary, an extra scale), which would make wrong tokens without an error."""
+
 _ATTENTION = ("self_attn", "attention")
 """Where a decoder layer keeps its attention (``attention``: GPT-NeoX)."""
 _OUT_PROJ = ("o_proj", "dense")
@@ -141,6 +148,11 @@ class StepLayout:
         """The layout of ``model``'s decoder, or ``GenerationError`` naming the module or setting the step lacks."""
         name = type(model).__name__
         config = model.config
+        if getattr(config, "model_type", None) not in STEP_MODEL_TYPES:
+            raise GenerationError(
+                f"{name} (model_type {getattr(config, 'model_type', None)!r}): generation's step function has not "
+                f"been checked against transformers' generate for this family, so it is refused rather than run on "
+                f"a guess; generation supports {_STEP_ARCHITECTURES}")
         base = model.base_model
         layers = getattr(base, "layers", None)
         if model.get_output_embeddings() is None or layers is None or not hasattr(base, "rotary_emb"):
