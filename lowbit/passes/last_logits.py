@@ -37,6 +37,12 @@ SCALAR_OPS = ("aten.mul.Tensor", "aten.div.Tensor", "aten.tanh.default")
 """Element-wise ops the walk may pass when every operand but the first is a number: Granite's logits divisor and
 Gemma 2's soft-capping ``tanh(logits / cap) * cap`` after the head."""
 
+UNRAISED_NORM_OPS = ("aten.pow.Tensor_Scalar", "aten.mean.dim", "aten.add.Tensor", "aten.sub.Tensor", "aten.rsqrt.default",
+                     "aten.mul.Tensor", "aten.div.Tensor", "aten.type_as.default", "aten.to.dtype",
+                     "aten._to_copy.default")
+"""Ops a norm module capture did not raise may hold (Gemma's RMSNorm: pow, mean, add, rsqrt, mul, type_as; casts in
+half precision): element-wise, and ``mean`` over the last dim only, so slicing rows before them is exact."""
+
 MAX_WALK = 8
 
 
@@ -56,12 +62,15 @@ def _row_wise(node: Node) -> bool:
 
 
 def _module_norm(graph: Graph, node: Node) -> NormSite | None:
-    """A norm capture did not raise to one op (Gemma's ``(1 + w)`` RMSNorm): the nodes of ``node``'s module, if they
-    read exactly one activation from outside the module (the stream; parameters aside) and only ``node``'s output
-    leaves it."""
+    """A norm capture did not raise to one op (Gemma's ``(1 + w)`` RMSNorm): the nodes of ``node``'s module, if all are
+    row-wise (``UNRAISED_NORM_OPS``), they read exactly one activation from outside the module (the stream; parameters
+    aside) and only ``node``'s output leaves it."""
     if not node.module:
         return None
     members = [n for n in graph.nodes if n.module == node.module]
+    if any(n.op not in UNRAISED_NORM_OPS or (n.op == "aten.mean.dim" and list(n.args[1]) not in ([-1], [2]))
+           for n in members):  # an op that could mix positions: slicing before it would change its rows
+        return None
     inside = {id(v) for n in members for v in n.outputs}
     outside = {id(v): v for n in members for v in n.inputs() if id(v) not in inside and not v.is_param}
     if len(outside) != 1:
