@@ -26,11 +26,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hashlib
+import inspect
 import json
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -96,44 +98,155 @@ class GenerationError(ValueError):
     """A model or a request that generation cannot serve; the message names the limit and how to raise it."""
 
 
-_STEP_ARCHITECTURES = "Llama, SmolLM2, Mistral, Qwen2, Qwen3 (decoder layers with self_attn.{q,k,v,o}_proj and mlp)"
+_STEP_ARCHITECTURES = ("Llama, SmolLM2, Mistral, Qwen2, Qwen3, Granite, Phi-3, OLMo 2, GPT-NeoX, StableLM, Gemma 2, "
+                       "Gemma 3 (decoder layers of separate or fused q/k/v projections and an mlp)")
+
+STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
+                              "gemma2", "gemma3_text"})
+"""``config.model_type``s whose step is checked token for token against transformers' ``generate``
+(``tests/test_architectures.py``'s generate column; SmolLM2 is ``llama``). Another type is refused, not stepped on a
+guess: ``StepLayout`` reads module names, and a family can differ in what no module name shows (an interleaved
+rotary, an extra scale), which would make wrong tokens without an error."""
+
+_ATTENTION = ("self_attn", "attention")
+"""Where a decoder layer keeps its attention (``attention``: GPT-NeoX)."""
+_OUT_PROJ = ("o_proj", "dense")
+_FINAL_NORM = ("norm", "final_layer_norm")
+
+
+def _first_attr(obj: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    return next((getattr(obj, n) for n in names if getattr(obj, n, None) is not None), None)
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """How one decoder family's layer reads: what ``CausalLMStep`` must reproduce beyond Llama's pre-norm block.
+
+    Found from the HF modules and config (``StepLayout.of``), never from the class name, so a family that shares a
+    block shape needs no entry; whatever the step cannot reproduce is refused by name there, before capture."""
+
+    qkv: Literal["split", "fused", "interleaved"]
+    """``split``: q/k/v_proj; ``fused``: Phi-3's qkv_proj, [q | k | v]; ``interleaved``: GPT-NeoX's
+    query_key_value, [q_h k_h v_h] per head."""
+    qk_norm: Literal["none", "head", "full"]
+    """``head``: a norm per head over head_dim (Qwen3, Gemma 3, StableLM's qk_layernorm); ``full``: over the whole
+    projection before the head split (OLMo 2)."""
+    residual: Literal["pre", "sandwich", "post", "parallel", "parallel-neox"]
+    """``pre``: Llama's; ``sandwich``: Gemma's norms before and after attention and mlp; ``post``: OLMo 2's norms
+    after them only; ``parallel``: StableLM's attention and mlp both on the input norm; ``parallel-neox``: the mlp on
+    its own norm of the layer input."""
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_divisor: float = 1.0
+    """Granite's multipliers (its attention_multiplier is the attention's own ``scaling``)."""
+    final_softcap: float | None = None
+    attn_softcap: float | None = None
+    """Gemma 2's tanh soft-capping of the logits and the attention scores."""
+
+    @staticmethod
+    def of(model: PreTrainedModel) -> StepLayout:
+        """The layout of ``model``'s decoder, or ``GenerationError`` naming the module or setting the step lacks."""
+        name = type(model).__name__
+        config = model.config
+        if getattr(config, "model_type", None) not in STEP_MODEL_TYPES:
+            raise GenerationError(
+                f"{name} (model_type {getattr(config, 'model_type', None)!r}): generation's step function has not "
+                f"been checked against transformers' generate for this family, so it is refused rather than run on "
+                f"a guess; generation supports {_STEP_ARCHITECTURES}")
+        base = model.base_model
+        layers = getattr(base, "layers", None)
+        if model.get_output_embeddings() is None or layers is None or not hasattr(base, "rotary_emb"):
+            raise GenerationError(
+                f"{name} has no causal-LM head over decoder layers with rotary positions lowbit can step (an output "
+                f"embedding, {type(base).__name__}.layers, {type(base).__name__}.rotary_emb); generation supports "
+                f"{_STEP_ARCHITECTURES}")
+        layer = layers[0]
+        attn = _first_attr(layer, _ATTENTION)
+        if attn is None or _first_attr(attn, _OUT_PROJ) is None or _first_attr(base, _FINAL_NORM) is None:
+            raise GenerationError(f"{name}: layer 0 has no attention ({'/'.join(_ATTENTION)}) with an output "
+                                  f"projection ({'/'.join(_OUT_PROJ)}), or the model no final norm; generation "
+                                  f"supports {_STEP_ARCHITECTURES}")
+        if all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
+            qkv = "split"
+        elif hasattr(attn, "qkv_proj"):
+            qkv = "fused"
+        elif hasattr(attn, "query_key_value"):
+            qkv = "interleaved"
+        else:
+            raise GenerationError(f"{name}: layer 0's attention {type(attn).__name__} has neither q/k/v_proj, "
+                                  f"qkv_proj nor query_key_value; generation supports {_STEP_ARCHITECTURES}")
+        q_norm = _first_attr(attn, ("q_norm", "q_layernorm")) if getattr(attn, "qk_layernorm", True) else None
+        qk_norm = "none"
+        if q_norm is not None:
+            width = q_norm.weight.shape[-1] if getattr(q_norm, "weight", None) is not None else None
+            head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            qk_norm = "full" if width is not None and width != head_dim else "head"
+        if hasattr(layer, "pre_feedforward_layernorm"):
+            residual = "sandwich"
+        elif not hasattr(layer, "input_layernorm") and hasattr(layer, "post_feedforward_layernorm"):
+            residual = "post"
+        elif getattr(layer, "use_parallel_residual", False):
+            residual = "parallel" if getattr(layer, "post_attention_layernorm", None) is None else "parallel-neox"
+        else:
+            residual = "pre"
+        for module, what in ((layer, "input_layernorm"), (layer, "mlp")):
+            if residual != "post" and not hasattr(module, what):
+                raise GenerationError(f"{name}: layer 0 ({type(layer).__name__}) has no {what}; generation supports "
+                                      f"{_STEP_ARCHITECTURES}")
+        if getattr(config, "use_bidirectional_attention", False):
+            raise GenerationError(f"{name}: config.use_bidirectional_attention is set; a causal step cannot attend "
+                                  "to later tokens")
+        return StepLayout(
+            qkv=qkv, qk_norm=qk_norm, residual=residual,
+            embedding_multiplier=float(getattr(config, "embedding_multiplier", 1.0) or 1.0),
+            residual_multiplier=float(getattr(config, "residual_multiplier", 1.0) or 1.0),
+            logits_divisor=float(getattr(config, "logits_scaling", 1.0) or 1.0),
+            final_softcap=getattr(config, "final_logit_softcapping", None),
+            attn_softcap=getattr(config, "attn_logit_softcapping", None))
 
 
 class CausalLMStep(nn.Module):
-    """One generation step of a Llama-family causal LM over an explicit, static-shape KV cache.
+    """One generation step of a decoder-only causal LM over an explicit, static-shape KV cache.
 
     ``(input_ids [B, L], positions [B, L], cache) -> (logits [B, L, V], *cache')`` where ``cache`` is the
     list ``[k_0, v_0, k_1, v_1, ...]`` of ``[B, kv_heads, S, head_dim]`` tensors. The new keys and values are
-    written at ``positions`` (per sequence) and each query attends to the slots at or before its position.
-    Prefill is the step over a prompt with a fresh cache of ``S = L`` slots, decode the step over one token
-    with the full cache (docs/design.md, "Program form"). The HF model's own submodules are called, so
-    module paths and parameter names are those ``CausalLMLogits`` captures.
+    written at ``positions`` (per sequence) and each query attends to the slots at or before its position (and,
+    in a sliding-window layer, after ``position - window``). Prefill is the step over a prompt with a fresh cache
+    of ``S = L`` slots, decode the step over one token with the full cache (docs/design.md, "Program form"). The
+    HF model's own submodules are called, so module paths and parameter names are those ``CausalLMLogits``
+    captures; what differs between families (fused projections, q/k norms, norm placement, partial rotary,
+    multipliers, soft-capping) is the model's ``StepLayout``.
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
-        base = getattr(model, "model", None)
-        layers = getattr(base, "layers", None)
-        if getattr(model, "lm_head", None) is None or layers is None or not hasattr(base, "rotary_emb"):
-            raise GenerationError(
-                f"{type(model).__name__} has no causal-LM head over decoder layers lowbit can step "
-                f"(model.lm_head, model.model.layers, model.model.rotary_emb); generation supports "
-                f"{_STEP_ARCHITECTURES}")
-        attn = layers[0].self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            if not hasattr(attn, name):
-                raise GenerationError(f"{type(model).__name__}: layer 0's attention has no {name}; generation "
-                                      f"supports {_STEP_ARCHITECTURES}")
-        if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", False):
-            raise GenerationError(f"{type(model).__name__} uses sliding-window attention, which the step "
-                                  "function does not model yet")
+        self.layout = StepLayout.of(model)
         self.model = model
         config = model.config
+        base = model.base_model
+        layers = base.layers
+        attn = _first_attr(layers[0], _ATTENTION)
         self.n_layers = len(layers)
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(attn, "head_dim", None) or config.hidden_size // self.heads
+        self.head_dim = (getattr(attn, "head_dim", None) or getattr(attn, "head_size", None)
+                         or config.hidden_size // self.heads)
+        layer_types = getattr(config, "layer_types", None)
+        self.layer_types: list[str | None] = list(layer_types) if layer_types else [None] * self.n_layers
+        self.windows = [self._window(config, _first_attr(layer, _ATTENTION), t)
+                        for layer, t in zip(layers, self.layer_types)]
+        """Per layer: the sliding window (a query at p reads slots p - window + 1 .. p), or None."""
+        # the rotary module takes the layer type where layer types have their own frequencies (Gemma 3)
+        self.typed_rotary = "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
         self.capture_prefix = "model."
+
+    @staticmethod
+    def _window(config: Any, attn: nn.Module, layer_type: str | None) -> int | None:
+        if hasattr(attn, "sliding_window"):  # Qwen2/3, Gemma: set per layer type
+            return attn.sliding_window or None
+        if layer_type is not None:
+            return config.sliding_window if layer_type == "sliding_attention" else None
+        return getattr(config, "sliding_window", None) or None  # Mistral: every layer
 
     def cache_shape(self, batch: int, slots: int) -> tuple[int, int, int, int]:
         return (batch, self.kv_heads, slots, self.head_dim)
@@ -145,38 +258,111 @@ class CausalLMStep(nn.Module):
         return [torch.zeros(self.cache_shape(batch, slots), dtype=dtype, device=device)
                 for _ in range(2 * self.n_layers)]
 
+    def _qkv(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``[B, heads, L, head_dim]`` of the normed input ``x``, q/k norms applied."""
+        batch, length = x.shape[:2]
+        d, lay = self.head_dim, self.layout
+        if lay.qkv == "interleaved":
+            qkv = attn.query_key_value(x).view(batch, length, -1, 3 * d).transpose(1, 2)
+            return qkv.chunk(3, dim=-1)
+        if lay.qkv == "fused":
+            qkv = attn.qkv_proj(x)
+            nq, nk = self.heads * d, self.kv_heads * d
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        if lay.qk_norm == "full":  # OLMo 2: over the whole projection, before the head split
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = (t.view(batch, length, -1, d).transpose(1, 2) for t in (q, k, v))
+        if lay.qk_norm == "head":
+            q, k = _first_attr(attn, ("q_norm", "q_layernorm"))(q), _first_attr(attn, ("k_norm", "k_layernorm"))(k)
+        return q, k, v
+
+    def _attend(self, attn: nn.Module, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        cap = self.layout.attn_softcap
+        if cap is None:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                                  enable_gqa=self.kv_heads != self.heads)
+        # SDPA has no soft-capping: Gemma 2's eager attention, written out
+        keys, values = _repeat_kv(keys, self.heads // self.kv_heads), _repeat_kv(values, self.heads // self.kv_heads)
+        scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling
+        scores = torch.tanh(scores / cap) * cap
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, values)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 cache: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        base = self.model.model
+        lay = self.layout
+        base = self.model.base_model
         batch, length = input_ids.shape
-        hidden = base.embed_tokens(input_ids)
-        cos, sin = base.rotary_emb(hidden, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        slots = torch.arange(cache[0].shape[2], device=input_ids.device)
-        mask = slots.view(1, 1, 1, -1) <= positions.view(batch, 1, length, 1)
-        index = positions.view(batch, 1, length, 1).expand(batch, self.kv_heads, length, self.head_dim)
+        hidden = base.get_input_embeddings()(input_ids)
+        if lay.embedding_multiplier != 1.0:
+            hidden = hidden * lay.embedding_multiplier
+        rotary: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        for t in dict.fromkeys(self.layer_types):
+            cos, sin = base.rotary_emb(hidden, positions, t) if self.typed_rotary else base.rotary_emb(hidden, positions)
+            rotary[t] = (cos.unsqueeze(1), sin.unsqueeze(1))
+        slots = torch.arange(cache[0].shape[2], device=input_ids.device).view(1, 1, 1, -1)
+        pos = positions.view(batch, 1, length, 1)
+        causal = slots <= pos
+        masks = {w: causal if w is None else causal & (slots > pos - w) for w in dict.fromkeys(self.windows)}
+        index = pos.expand(batch, self.kv_heads, length, self.head_dim)
+        m = lay.residual_multiplier
         new_cache: list[torch.Tensor] = []
         for i, layer in enumerate(base.layers):
-            attn = layer.self_attn
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-            if hasattr(attn, "q_norm"):  # Qwen3
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            attn = _first_attr(layer, _ATTENTION)
+            x = hidden if lay.residual == "post" else layer.input_layernorm(hidden)
+            q, k, v = self._qkv(attn, x)
+            cos, sin = rotary[self.layer_types[i]]
+            q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
             keys = cache[2 * i].scatter(2, index, k.to(cache[2 * i].dtype))
             values = cache[2 * i + 1].scatter(2, index, v.to(cache[2 * i + 1].dtype))
             new_cache += [keys, values]
-            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-                                                 scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
-            out = attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-            hidden = residual + out
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        logits = self.model.lm_head(base.norm(hidden))
+            out = self._attend(attn, q, keys.to(q.dtype), values.to(q.dtype), masks[self.windows[i]])
+            out = _first_attr(attn, _OUT_PROJ)(out.transpose(1, 2).reshape(batch, length, -1))
+            if lay.residual == "parallel":  # StableLM: residual + attention + mlp, both on the input norm
+                hidden = hidden + out + layer.mlp(x)
+            elif lay.residual == "parallel-neox":
+                hidden = layer.mlp(layer.post_attention_layernorm(hidden)) + out + hidden
+            elif lay.residual == "sandwich":
+                hidden = hidden + layer.post_attention_layernorm(out)
+                hidden = hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+            elif lay.residual == "post":
+                hidden = hidden + layer.post_attention_layernorm(out)
+                hidden = hidden + layer.post_feedforward_layernorm(layer.mlp(hidden))
+            elif m != 1.0:  # Granite
+                hidden = hidden + out * m
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden)) * m
+            else:
+                hidden = hidden + out
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = self.model.get_output_embeddings()(_first_attr(base, _FINAL_NORM)(hidden))
+        if lay.logits_divisor != 1.0:
+            logits = logits / lay.logits_divisor
+        if lay.final_softcap is not None:
+            logits = torch.tanh(logits / lay.final_softcap) * lay.final_softcap
         return (logits, *new_cache)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of the first ``cos.shape[-1]`` channels (all of them, or Phi-3/StableLM/GPT-NeoX's
+    partial rotary); the rest pass through."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    head, rest = x[..., :rot], x[..., rot:]
+    return torch.cat((head * cos + _rotate_half(head) * sin, rest), dim=-1)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, kv_heads, S, D] -> [B, kv_heads * groups, S, D]`` as transformers' ``repeat_kv`` (expand + reshape:
+    ops the IR has; ``repeat_interleave`` is not one)."""
+    if groups == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,15 @@ families, each cell of the README's family × step matrix one test.
 
 A cell either works (with a numeric check: capture reproduces the HF model; fold-norms is exact in float64;
 quantized models stay close to float; ONNX Runtime matches the torch reference; transformers loads the
-compressed-tensors checkpoint with the same outputs and lowbit reloads it bit-exactly) or is refused with a
+compressed-tensors checkpoint with the same outputs and lowbit reloads it bit-exactly; greedy generation through
+the KV-cache step graph gives transformers' tokens) or is refused with a
 named reason that ``EXPECTED`` states. Any other exception fails the test. ``tools/arch_matrix.py`` runs these
 tests with ``LOWBIT_ARCH_MATRIX=FILE`` (each outcome is appended there) and writes the README table.
 
 Shapes: GQA ratios 8 (Llama, Qwen3, Granite, Phi-3) and 7 (Mistral, Qwen2), q/k/v biases (Qwen2), q/k norms
-(Qwen3, OLMo 2), sandwich norms and soft-capping (Gemma 2/3), tied (Qwen2, Gemma) and untied embeddings; the
-slow ``qwen2-896`` row has Qwen2-0.5B's 896/4864 sizes. Decoders use SmolLM2's 49152-token vocabulary so the
+(Qwen3, OLMo 2), sandwich norms and soft-capping (Gemma 2/3), Granite 3's multipliers (embedding 12, residual
+0.22, attention 1/64, logits / 8), tied (Qwen2, Gemma) and untied embeddings; the slow ``qwen2-896`` row has
+Qwen2-0.5B's 896/4864 sizes. Decoders use SmolLM2's 49152-token vocabulary so the
 shipped calibration text tokenizes for them.
 """
 
@@ -59,7 +61,8 @@ def _decoders() -> dict[str, Any]:
         "stablelm": lambda: t.StableLmConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                              num_key_value_heads=4, **DEC),
         "granite": lambda: t.GraniteConfig(hidden_size=64, intermediate_size=128, num_attention_heads=8,
-                                           num_key_value_heads=1, **DEC),
+                                           num_key_value_heads=1, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                           attention_multiplier=0.015625, logits_scaling=8.0, **DEC),
         "qwen2-896": lambda: t.Qwen2Config(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
                                            num_key_value_heads=2, tie_word_embeddings=True, **DEC),
     }
@@ -79,7 +82,7 @@ def _encoders() -> dict[str, Any]:
 
 
 FAMILIES = [*_decoders(), *_encoders()]
-STEPS = ["capture", "fold-norms", "smooth-quant", "quantize", "gptq", "onnx", "compressed-tensors"]
+STEPS = ["capture", "fold-norms", "smooth-quant", "quantize", "gptq", "onnx", "compressed-tensors", "generate"]
 SLOW_FAMILIES = {"qwen2-896"}
 
 _POST_NORM = "post-norm encoder: the norm's output feeds the residual stream"
@@ -89,6 +92,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     **{(f, "smooth-quant"): "no place to fold scales" for f in ("bert", "roberta", "distilbert")},
     **{("vit", s): "pixel" for s in ("smooth-quant", "gptq", "compressed-tensors")},
     **{(f, "fold-norms"): "Gemma's RMSNorm" for f in ("gemma2", "gemma3")},
+    **{(f, "generate"): "no causal-LM head" for f in ("bert", "roberta", "distilbert", "vit")},
 }
 
 
@@ -288,19 +292,45 @@ def step_compressed_tensors(family: str, tmp_path: Any) -> None:
     assert torch.equal(loaded(*x), ref)
 
 
+GEN_PROMPTS = ["The capital of France is", "Once upon a time, in a small village,"]
+
+
+def step_generate(family: str) -> None:
+    """Greedy tokens of a two-prompt batch (different lengths: left padding) through the compiled step graph with
+    its KV cache, on the torch reference in float32, equal transformers' ``generate`` prompt by prompt."""
+    from lowbit.generate import GenerationSpec
+
+    model, tok, _, _, _ = build(family)
+    if not isinstance(model, CausalLMLogits):  # the wrapper has no lm_head: lowbit's own refusal, before capture
+        lowbit.compile_model(model, generation=GenerationSpec(max_length=32, max_batch=2))
+        raise AssertionError(f"{family}: generation compiled an encoder")
+    hf = model.model
+    cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
+    assert cm.graph.outputs[0].tensor_type.shape[1] == 1  # last-logits found the final norm (Gemma's unraised too)
+    prompts = [tok(p).input_ids for p in GEN_PROMPTS]
+    got = cm.generate(prompts, 8).tokens
+    for p, tokens in zip(prompts, got):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        assert tokens == ref[0, len(p):].tolist(), f"{family}: {tokens} != transformers' {ref[0, len(p):].tolist()}"
+
+
 def run_step(family: str, step: str, tmp_path: Any) -> str:
-    """'works', or 'refused: <reason>' for a named refusal (Refused, PassError, CheckpointError, CaptureError)."""
+    """'works', or 'refused: <reason>' for a named refusal (Refused, PassError, CheckpointError, CaptureError,
+    GenerationError)."""
     from lowbit.checkpoint import CheckpointError
     from lowbit.ir.capture import CaptureError
+    from lowbit.models import GenerationError
     from lowbit.passes.base import PassError
     from lowbit.passes.manager import PipelineError
 
     fn = {"capture": step_capture, "fold-norms": step_fold_norms, "smooth-quant": step_smooth_quant,
           "quantize": step_quantize, "gptq": step_gptq, "onnx": step_onnx,
-          "compressed-tensors": step_compressed_tensors}[step]
+          "compressed-tensors": step_compressed_tensors, "generate": step_generate}[step]
     try:
         fn(family, tmp_path) if step in ("onnx", "compressed-tensors") else fn(family)
-    except (Refused, PassError, CheckpointError, CaptureError, PipelineError) as exc:
+    except (Refused, PassError, CheckpointError, CaptureError, PipelineError, GenerationError) as exc:
         return f"refused: {str(exc).splitlines()[0]}"
     return "works"
 
@@ -308,7 +338,9 @@ def run_step(family: str, step: str, tmp_path: Any) -> str:
 def _cells() -> list[Any]:
     """Every (family, step) cell; the families in ``SLOW_FAMILIES`` (real-size widths) only with LOWBIT_SLOW=1. The
     rest of the matrix runs in the default suite: 87 cells took 72 s on 2 cores with two workers (qwen2-896's six
-    alone ~33 s), once triton 3.8's interpreter had halved the suite."""
+    alone ~33 s), once triton 3.8's interpreter had halved the suite. The generate column and the window tests added
+    54 s of the file's 396 s summed test time (14%, measured on a CPU another run was loading: ~3 s a decoder cell,
+    most of it capturing the step graph)."""
     return [pytest.param(family, step, marks=pytest.mark.slow) if family in SLOW_FAMILIES else (family, step)
             for family in FAMILIES for step in STEPS]
 
@@ -325,3 +357,50 @@ def test_architecture_step(family, step, tmp_path):
         assert outcome == "works", f"{family} / {step}: {outcome}"
     else:
         assert outcome.startswith("refused: ") and re.search(want, outcome), f"{family} / {step}: {outcome}"
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_generate_with_a_sliding_window_shorter_than_the_text(family):
+    """A 4-token sliding window (every Mistral layer; Gemma 3's sliding layer type, with its own rotary base) over
+    prompts and generations longer than it: the step's windowed mask gives transformers' greedy tokens, and the
+    packed KV cache, whose attention masks by position alone, refuses the window by layer instead of dropping it."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.generate import GenerationSpec
+    from lowbit.passes.base import PassError
+    from lowbit.passes.kv_cache import KVCache
+
+    config = _decoders()[family]()
+    config.sliding_window = 4
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    spec = GenerationSpec(max_length=32, max_batch=2)
+    cm = lowbit.compile_model(hf, generation=spec)
+    assert cm.graph.meta["generation"]["windows"] == [4]
+    prompts = [[1, 450, 7483, 310, 3444, 338], [5, 6, 7]]
+    got = cm.generate(prompts, 10, stop_tokens=()).tokens
+    for p, tokens in zip(prompts, got):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+                              do_sample=False)
+        assert tokens == ref[0, len(p):].tolist()
+    with pytest.raises(PassError, match=r"sliding-window attention in layer 0 \(window 4\) shorter than max_length=32"):
+        KVCache().run(cm.graph.clone())
+
+
+def test_generation_refuses_a_family_its_step_was_not_checked_on():
+    """GLM's layer has Llama's module names (q/k/v/o_proj, input/post_attention_layernorm, mlp, rotary_emb) but
+    rotates interleaved channel pairs of a partial rotary: stepped by those names it made other tokens than
+    transformers' (measured: the 7th of 8 differed, logits off by 4e-3 of 0.6) without an error, so a model_type
+    outside ``STEP_MODEL_TYPES`` is refused by name before capture."""
+    from transformers import GlmConfig, GlmForCausalLM
+
+    from lowbit.models import GenerationError
+
+    glm = GlmForCausalLM(GlmConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, num_hidden_layers=1, pad_token_id=0,
+                                   eos_token_id=1, bos_token_id=2)).eval()
+    with pytest.raises(GenerationError, match=r"GlmForCausalLM \(model_type 'glm'\).*not been checked against "
+                                              r"transformers' generate"):
+        lowbit.compile_model(glm, generation=True)

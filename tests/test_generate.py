@@ -295,6 +295,27 @@ def test_last_logits_refuses_a_graph_without_a_norm_and_head_ending(minilm_graph
         LastLogits().run(minilm_graph.clone())
 
 
+def test_last_logits_takes_an_unraised_module_only_if_it_is_row_wise():
+    """Behind the head, a module of one activation input is taken as an unraised norm only if its ops keep rows apart:
+    one that averages over positions (dim 1) would give other rows after the slice, so the pass refuses it."""
+    from lowbit.ir.parser import parse_graph
+    from lowbit.passes.base import PassError
+    from lowbit.passes.last_logits import LastLogits
+
+    ir = """graph g(%h: f32[2,3,4]) {
+  param @lm_head.weight: f32[8,4]
+  %m: f32[2,1,4] = aten.mean.dim(%h, [1], True)  # model.pool
+  %t: f32[2,3,4] = aten.sub.Tensor(%h, %m)  # model.pool
+  %logits: f32[2,3,8] = linear(%t, @lm_head.weight)  # lm_head
+  return %logits
+}"""
+    with pytest.raises(PassError, match=r"found no final norm .*aten.sub.Tensor \(model.pool\)"):
+        LastLogits().run(parse_graph(ir, {"lm_head.weight": torch.randn(8, 4)}))
+    row_wise = ir.replace("[1], True", "[-1], True").replace("f32[2,1,4] = aten.mean", "f32[2,3,1] = aten.mean")
+    g = parse_graph(row_wise, {"lm_head.weight": torch.randn(8, 4)})
+    assert LastLogits().run(g).changed and g.outputs[0].tensor_type.shape == (2, 1, 8)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.integers(1, 999), min_size=1, max_size=9), min_size=1, max_size=6))
 def test_left_padding_ends_every_prompt_in_the_last_column(prompts):

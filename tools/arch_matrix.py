@@ -30,6 +30,7 @@ SHORT = [
     (r"no rms_norm in the graph: Gemma.*", "refused: Gemma's (1 + w) RMSNorm not raised"),
     (r"calibration reads text.*|GPTQ calibrates on text.*", "refused: no text calibration for pixel inputs"),
     (r"lowbit records no HF wrapper.*", "refused: no HF wrapper recorded for pixel models"),
+    (r"has no causal-LM head.*", "refused: not a causal LM (no lm_head to generate with)"),
 ]
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -156,6 +156,8 @@ class GenerationMeta(BaseModel):
     cache_dtype: Literal["float32", "float16", "bfloat16"]
     kv_cache: _KVLayout | None = None
     float_cache_inputs: list[str] | None = None
+    windows: list[Annotated[int, Field(ge=1)] | None] | None = None
+    """Each layer's sliding window (None: full causal); absent in checkpoints written before it was recorded."""
 
 
 def _validated_generation(raw: Any, message: Callable[[str, str], str]) -> GenerationMeta:

@@ -85,6 +85,12 @@ class KVCache(Pass):
         gen = graph.meta["generation"]
         names = list(gen["cache_inputs"])
         head_dim = gen["head_dim"]
+        windowed = [f"layer {i} (window {w})" for i, w in enumerate(gen.get("windows") or [])
+                    if w is not None and w < gen["max_length"]]
+        if windowed:  # cache_attention masks by position alone: a sliding window would be dropped, not kept
+            raise PassError(f"pass kv-cache: sliding-window attention in {', '.join(windowed)} shorter than "
+                            f"max_length={gen['max_length']}; the packed cache's attention reads every slot up to "
+                            "the position (compile with max_length <= the window, or without kv-cache)")
         per = 8 // o.bits
         if head_dim % o.v_group or o.v_group % per:  # type: ignore[operator]
             raise PassError(f"pass kv-cache: v_group={o.v_group} must divide head_dim {head_dim} and be a multiple "

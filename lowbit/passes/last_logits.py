@@ -16,11 +16,15 @@ sum in another order: 9e-14 of logits up to 75 on a float64 SmolLM2 slice, tests
 
 from __future__ import annotations
 
-from lowbit.ir.graph import Graph, Node, TensorType
+from dataclasses import dataclass
+
+import torch.utils._pytree as pytree
+
+from lowbit.ir.graph import Graph, Node, TensorType, Value
 from lowbit.ir.shapes import ShapeError, reinfer_shapes
 from lowbit.passes.base import WEIGHT_PASSES, Pass, PassError, PassResult, register_pass
 
-__all__ = ["LastLogits", "final_norm"]
+__all__ = ["LastLogits", "NormSite", "final_norm"]
 
 NORM_OPS = ("rms_norm", "layer_norm", "rms_norm_quant")
 """Ops that read the residual stream at the head (``rms_norm_quant``: a norm fused with its activation quant)."""
@@ -29,12 +33,62 @@ ROW_OPS = ("linear", "qlinear", "qlinear_q", "dequantize", "quantize", "hadamard
 """Row-wise ops a walk from the logits back to the final norm may pass: the head in each of its forms (float,
 QDQ, fused) and what quantizes or casts its input."""
 
+SCALAR_OPS = ("aten.mul.Tensor", "aten.div.Tensor", "aten.tanh.default")
+"""Element-wise ops the walk may pass when every operand but the first is a number: Granite's logits divisor and
+Gemma 2's soft-capping ``tanh(logits / cap) * cap`` after the head."""
+
+UNRAISED_NORM_OPS = ("aten.pow.Tensor_Scalar", "aten.mean.dim", "aten.add.Tensor", "aten.sub.Tensor", "aten.rsqrt.default",
+                     "aten.mul.Tensor", "aten.div.Tensor", "aten.type_as.default", "aten.to.dtype",
+                     "aten._to_copy.default")
+"""Ops a norm module capture did not raise may hold (Gemma's RMSNorm: pow, mean, add, rsqrt, mul, type_as; casts in
+half precision): element-wise, and ``mean`` over the last dim only, so slicing rows before them is exact."""
+
 MAX_WALK = 8
 
 
-def final_norm(graph: Graph) -> Node:
+@dataclass
+class NormSite:
+    """Where the final norm reads the residual stream: ``stream``, the norm's nodes that read it, and its name."""
+
+    stream: Value
+    readers: list[Node]
+    name: str
+
+
+def _row_wise(node: Node) -> bool:
+    if node.op in ROW_OPS:
+        return True
+    return node.op in SCALAR_OPS and all(isinstance(a, (int, float)) for a in node.args[1:]) and not node.kwargs
+
+
+def _module_norm(graph: Graph, node: Node) -> NormSite | None:
+    """A norm capture did not raise to one op (Gemma's ``(1 + w)`` RMSNorm): the nodes of ``node``'s module, if all are
+    row-wise (``UNRAISED_NORM_OPS``), they read exactly one activation from outside the module (the stream; parameters
+    aside) and only ``node``'s output leaves it."""
+    if not node.module:
+        return None
+    members = [n for n in graph.nodes if n.module == node.module]
+    if any(n.op not in UNRAISED_NORM_OPS or (n.op == "aten.mean.dim" and list(n.args[1]) not in ([-1], [2]))
+           for n in members):  # an op that could mix positions: slicing before it would change its rows
+        return None
+    inside = {id(v) for n in members for v in n.outputs}
+    outside = {id(v): v for n in members for v in n.inputs() if id(v) not in inside and not v.is_param}
+    if len(outside) != 1:
+        return None
+    users = graph.users()
+    leaving = {id(v) for n in members for v in n.outputs
+               if any(u.module != node.module for u in users.get(id(v), []))
+               or any(v is o for o in graph.outputs)}
+    if leaving != {id(node.output)}:
+        return None
+    stream = next(iter(outside.values()))
+    return NormSite(stream, [n for n in members if any(v is stream for v in n.inputs())], node.module)
+
+
+def final_norm(graph: Graph) -> NormSite:
     """The norm whose output the head reads: a walk back from the first graph output along each node's first
-    argument, through at most ``MAX_WALK`` row-wise ops. Raises ``PassError`` naming what it found instead."""
+    argument, through at most ``MAX_WALK`` row-wise ops, to a norm op or an unraised norm module. Raises
+    ``PassError`` naming what it found instead."""
     if not graph.outputs:
         raise PassError("last-logits: the graph has no outputs")
     v = graph.outputs[0]
@@ -45,13 +99,15 @@ def final_norm(graph: Graph) -> Node:
             break
         seen.append(f"{node.op} ({node.module or '-'})")
         if node.op in NORM_OPS:
-            return node
-        if node.op not in ROW_OPS or not node.args or not hasattr(node.args[0], "producer"):
+            return NormSite(node.args[0], [node], node.module or node.op)
+        if not _row_wise(node) or not node.args or not hasattr(node.args[0], "producer"):
+            site = _module_norm(graph, node) if seen[:-1] else None  # a norm only behind the head
+            if site is not None:
+                return site
             break
         v = node.args[0]
     raise PassError(f"last-logits: found no final norm behind the graph's first output %{graph.outputs[0].name} "
-                    f"(walked {' <- '.join(seen) or 'nothing'}); the pass needs a causal LM's "
-                    "'norm -> head' ending")
+                    f"(walked {' <- '.join(seen) or 'nothing'}); the pass needs a causal LM's 'norm -> head' ending")
 
 
 @register_pass
@@ -62,21 +118,23 @@ class LastLogits(Pass):
     after = (*WEIGHT_PASSES, "fuse-qlinear", "merge-linears", "fuse-norm-quant", "kv-cache")
 
     def run(self, graph: Graph) -> PassResult:
-        norm = final_norm(graph)
-        stream = norm.args[0]
+        site = final_norm(graph)
+        stream = site.stream
         shape = stream.tensor_type.shape if isinstance(stream.type, TensorType) else ()
         if len(shape) != 3:
-            raise PassError(f"last-logits: the final norm {norm.module or norm.op} reads %{stream.name} of shape "
+            raise PassError(f"last-logits: the final norm {site.name} reads %{stream.name} of shape "
                             f"{list(shape)}; expected [batch, positions, hidden]")
         if shape[1] == 1:  # one position already (a decode-only graph, or this pass ran before)
             return PassResult(False, {"reason": "one position already"})
         cut = graph.make_node("aten.slice.Tensor", (stream, 1, -1, 9223372036854775807), name="last_position",
                               type=TensorType(stream.tensor_type.dtype, (shape[0], 1, shape[2])),
-                              module=norm.module)
-        graph.insert_before(norm, cut)
-        norm.args = (cut.output, *norm.args[1:])
+                              module=site.readers[0].module)
+        graph.insert_before(site.readers[0], cut)
+        for reader in site.readers:
+            reader.args, reader.kwargs = pytree.tree_map(lambda a: cut.output if a is stream else a,
+                                                         (reader.args, reader.kwargs))
         try:
             report = reinfer_shapes(graph)
         except ShapeError as exc:
             raise PassError(f"last-logits: {exc}") from None
-        return PassResult(True, {"norm": norm.module or norm.op, "retyped": len(report.retyped)})
+        return PassResult(True, {"norm": site.name, "retyped": len(report.retyped)})
