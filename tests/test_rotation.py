@@ -461,7 +461,7 @@ def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(smollm2):
 def test_peak_rss_sees_a_tensor_that_lived_between_two_loop_points():
     """``PeakRss`` (the learning passes' memory figure): a 64 MiB tensor made and freed inside the block shows in
     the peak above the start though the resident size at both ends is the same. In a fresh process with
-    ``MALLOC_MMAP_THRESHOLD_`` fixed, as ``tools/bench_rotation_memory.py`` runs it: in a process that already
+    ``MALLOC_MMAP_THRESHOLD_`` fixed, as ``tools/bench_learning_memory.py`` runs it: in a process that already
     freed large blocks, glibc may serve the tensor from memory that is still resident (the figure's known limit)."""
     import json
     import os
@@ -470,12 +470,12 @@ def test_peak_rss_sees_a_tensor_that_lived_between_two_loop_points():
 
     code = """if True:
         import json, time, torch
-        from lowbit.calibration.memory import PeakRss, rss_mb
+        from lowbit.calibration.memory import PeakRss, anon_rss_mb
         with PeakRss() as mem:
             x = torch.ones(16 * 2**20)  # 64 MiB, every page touched
             time.sleep(0.05)  # several of the sampler's 2 ms periods
             del x
-        print(json.dumps([mem.start_mb, mem.peak_mb, mem.above_start_mb, rss_mb()]))
+        print(json.dumps([mem.start_mb, mem.peak_mb, mem.above_start_mb, anon_rss_mb()]))
     """
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

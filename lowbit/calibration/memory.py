@@ -1,11 +1,11 @@
-"""A calibrating pass's own peak host memory: resident memory sampled by a thread while the pass works.
+"""A calibrating pass's own peak host memory: anonymous resident memory sampled by a thread while the pass works.
 
 Why a thread: a step's peak (a forward's activations, a backward's saved tensors) lives for milliseconds to
 seconds between two points a loop could sample, and ``ru_maxrss`` is the process's high-water mark since it
 started, which loading the model usually set already. Why the number can still be low: glibc keeps freed heap
 memory for reuse, so an allocation that fits in what an earlier step freed does not raise the resident size.
 Large blocks (above ``M_MMAP_THRESHOLD``) are mapped and unmapped one by one; glibc raises that threshold after
-the first large free unless ``MALLOC_MMAP_THRESHOLD_`` fixes it, which is why ``tools/bench_rotation_memory.py``
+the first large free unless ``MALLOC_MMAP_THRESHOLD_`` fixes it, which is why ``tools/bench_learning_memory.py``
 runs each method in a fresh process with it set: then every tensor over the threshold is resident exactly while
 it lives.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["PeakRss", "rss_mb"]
+__all__ = ["PeakRss", "anon_rss_mb", "rss_mb"]
 
 try:
     _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -32,10 +32,24 @@ def rss_mb() -> float | None:
         return None
 
 
+def anon_rss_mb() -> float | None:
+    """The process's resident *anonymous* memory now (``RssAnon``, MiB): heap and mapped allocations, without the
+    shared libraries' code pages that a first call of a kernel maps in (hundreds of MB for torch and MKL on a
+    first forward and backward, which are not the method's memory). None where ``/proc`` lacks it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class PeakRss:
-    """``with PeakRss() as mem: ...``: ``mem.start_mb`` (resident memory at entry), ``mem.peak_mb`` (the highest
-    sample while the body ran, every ``interval`` seconds, the exit included) and ``mem.above_start_mb`` (their
-    difference: what the body added at its peak). All None where ``/proc`` is missing."""
+    """``with PeakRss() as mem: ...``: ``mem.start_mb`` (anonymous resident memory at entry, ``anon_rss_mb``),
+    ``mem.peak_mb`` (the highest sample while the body ran, every ``interval`` seconds, the exit included) and
+    ``mem.above_start_mb`` (their difference: what the body added at its peak). None where ``/proc`` is missing."""
 
     def __init__(self, interval: float = 0.002) -> None:
         self.interval = interval
@@ -49,7 +63,7 @@ class PeakRss:
         return round(self.peak_mb - self.start_mb, 1)
 
     def _sample(self) -> None:
-        now = rss_mb()
+        now = anon_rss_mb()
         if now is not None:
             self.peak_mb = now if self.peak_mb is None else max(self.peak_mb, now)
 
@@ -58,7 +72,7 @@ class PeakRss:
             self._sample()
 
     def __enter__(self) -> PeakRss:
-        self.start_mb = self.peak_mb = rss_mb()
+        self.start_mb = self.peak_mb = anon_rss_mb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="lowbit-peak-rss", daemon=True)
         if self.start_mb is not None:

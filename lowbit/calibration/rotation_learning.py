@@ -103,9 +103,10 @@ def _check_samples(samples: Sequence[torch.Tensor]) -> None:
         raise RotationLearningError(f"rotation learning: activation samples of different widths {sorted(dims)}")
 
 
-POOL_CHUNK = 16384
+POOL_CHUNK = 2048
 """Tokens per float64 chunk when the loss and kurtosis are taken over every sample (start and end of learning):
-the whole pool in float64 held several copies of the samples at once (a KurTail pass's host-memory peak)."""
+the whole pool in float64 held several copies of the samples at once (a KurTail pass's host-memory peak; a chunk
+of 2048 SmolLM2 tokens is five 9 MB temporaries)."""
 
 
 def _pool_means(sites: Sequence[torch.Tensor], q: torch.Tensor, target: float) -> tuple[float, float]:

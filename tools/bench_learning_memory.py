@@ -1,14 +1,17 @@
 """Host memory of learning a rotation (issue 20: KurTail at most a quarter of SpinQuant's peak), SmolLM2-135M.
 
-    python tools/bench_rotation_memory.py                  # both methods -> bench/results/accuracy.json
-    python tools/bench_rotation_memory.py --steps 4 --out /tmp/mem.json
+    python tools/bench_learning_memory.py                  # both methods -> bench/results/accuracy.json
+    python tools/bench_learning_memory.py --steps 4 --out /tmp/mem.json
 
-Each method runs ``fold-norms,rotate(kind=...)`` with ``bench_rotation``'s row settings (KurTail: the residual
-streams collected once, then the kurtosis steps; SpinQuant: Cayley/Adam steps through the whole fake-quantized
-network, ``calib_n=16, calib_len=256``, one window a step) in a fresh process with ``MALLOC_MMAP_THRESHOLD_``
+Each method runs ``fold-norms,rotate(kind=...)`` with ``bench_rotation``'s row settings and its smallest batch
+(KurTail: the residual streams collected once, one calibration sequence per forward (``batch_size=1``; the rows
+use 8: the same tokens, the kept rows drawn per batch), then the kurtosis steps; SpinQuant: Cayley/Adam steps
+through the whole fake-quantized network, ``calib_n=16, calib_len=256``, one window a step) in a fresh process with
+``MALLOC_MMAP_THRESHOLD_``
 fixed, so that every tensor above 128 KiB is resident exactly while it lives (``lowbit.calibration.memory``).
-The number is the pass's ``learn_rss_above_start_mb``: the peak resident memory its learning (KurTail: the
-collection too) added above what the process held when it began, sampled every 2 ms by a thread. Memory per step
+The number is the pass's ``learn_rss_above_start_mb``: the peak anonymous resident memory (``RssAnon``: without
+the code pages a first forward and backward map in) its learning (KurTail: the collection too) added above what
+the process held when it began, sampled every 2 ms by a thread. Memory per step
 does not depend on how many steps run, so ``--steps`` (default 4) keeps the run short; the accuracy rows use 100
 (KurTail) and 16 (SpinQuant). The model itself (~540 MB in float32) is resident before the pass for both and is
 not in the number.
@@ -29,7 +32,7 @@ from results_io import machine, merge_rows
 from results_io import versions as results_versions
 
 METHODS = {
-    "kurtail": "fold-norms,rotate(kind=kurtosis,steps={steps},progress=false)",
+    "kurtail": "fold-norms,rotate(kind=kurtosis,steps={steps},batch_size=1,progress=false)",
     "spinquant": "fold-norms,rotate(kind=learned,calib_n=16,calib_len=256,steps={steps},progress=false)",
 }
 MMAP_THRESHOLD = "131072"
@@ -88,7 +91,8 @@ def main() -> None:
             "ratio_to_spinquant": round(mb / spin, 4) if mb is not None and spin else None,
             "rss_before_mb": None if m["rss_before_mb"] is None else round(m["rss_before_mb"], 1),
             "steps": m["steps"], "calib_tokens": m["calib_tokens"], "learn_seconds": m["learn_seconds"],
-            "collect_seconds": m["collect_seconds"], "pipeline": m["pipeline"], "device": device, "date": date})
+            "collect_seconds": m["collect_seconds"], "pipeline": m["pipeline"], "command": header["command"],
+            "device": device, "date": date})
     merge_rows(Path(args.out), header, rows, key=ROW_KEY, replace_header=False, append_command=True)
 
 
