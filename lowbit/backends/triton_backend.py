@@ -394,28 +394,26 @@ def _cache_attention(*args: Any, **kwargs: Any) -> Any:
 _CACHE_ATTENTION = torch.compiler.disable(_cache_attention)
 
 
-def _kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
-                      scale: float | None = None, is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
+def _attention_target(op: str) -> Callable[..., torch.Tensor]:
     """FX target of the IR's ``attention``: a decode step's one query row per sequence over a float cache runs
-    ``lowbit::decode_sdpa`` (flash-decoding, the mask read as it is) up to ``DECODE_SDPA_MAX_HEADS`` (sequence,
-    kv head) pairs; anything else (prefill, no boolean mask, fp32, larger batches) the reference SDPA."""
-    from lowbit.kernels.decode_step import decode_sdpa_supported
+    ``lowbit::<op>`` (``decode_sdpa``, flash-decoding, the mask read as it is; ``decode_sdpa_pdl`` the same with
+    programmatic dependent launch, the backend's ``pdl``) up to ``DECODE_SDPA_MAX_HEADS`` (sequence, kv head)
+    pairs; anything else (prefill, no boolean mask, fp32, larger batches) the reference SDPA."""
 
-    if decode_sdpa_supported(q, k, v, mask, is_causal) is None:
-        return torch.ops.lowbit.decode_sdpa(q, k, v, mask, scale, enable_gqa)
-    return ir_ops.attention(q, k, v, mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa)
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+            scale: float | None = None, is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
+        from lowbit.kernels.decode_step import decode_sdpa_supported
+
+        if decode_sdpa_supported(q, k, v, mask, is_causal) is None:
+            return getattr(torch.ops.lowbit, op)(q, k, v, mask, scale, enable_gqa)
+        return ir_ops.attention(q, k, v, mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa)
+
+    run.__name__ = f"triton_attention_{op}"
+    return run
 
 
-def _kernel_attention_pdl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
-                          scale: float | None = None, is_causal: bool = False,
-                          enable_gqa: bool = False) -> torch.Tensor:
-    """``_kernel_attention`` with ``lowbit::decode_sdpa_pdl`` (programmatic dependent launch, the backend's
-    ``pdl``)."""
-    from lowbit.kernels.decode_step import decode_sdpa_supported
-
-    if decode_sdpa_supported(q, k, v, mask, is_causal) is None:
-        return torch.ops.lowbit.decode_sdpa_pdl(q, k, v, mask, scale, enable_gqa)
-    return ir_ops.attention(q, k, v, mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa)
+_kernel_attention = _attention_target("decode_sdpa")
+_kernel_attention_pdl = _attention_target("decode_sdpa_pdl")
 
 
 def _operand(gm: torch.fx.GraphModule, node: torch.fx.Node, i: int, name: str) -> Any:
@@ -555,13 +553,14 @@ def rotary_cache_pattern(attn: torch.fx.Node) -> dict[str, torch.fx.Node] | None
 def plan_rotary_cache(q: TensorType | None, k: TensorType | None) -> str | None:
     """Why ``rotary_write_kv`` does not take a layer's rotated q and k of these types (None: it does): the
     kernel's head_dims (a power of two from 16 to 256) and dtypes (``ROTARY_DTYPES``), one for both."""
-    from lowbit.kernels.decode_step import ROTARY_DTYPES
+    from lowbit.kernels.decode_step import ROTARY_DTYPES, rotary_head_dim_unsupported
 
     if q is None or k is None or not q.shape or not k.shape or not isinstance(k.shape[-1], int):
         return "head_dim unknown at lowering"
     d = int(k.shape[-1])
-    if not (_pow2(d) and 16 <= d <= 256):
-        return f"head_dim {d}: the kernel takes a power of two from 16 to 256"
+    why = rotary_head_dim_unsupported(d)
+    if why is not None:
+        return f"head_dim {d}: {why}"
     if q.dtype != k.dtype or k.dtype not in ROTARY_DTYPES:
         return f"dtypes {q.dtype}, {k.dtype}: the kernel takes one of bf16/fp16/fp32"
     return None

@@ -46,8 +46,8 @@ from lowbit.kernels._common import (
 )
 
 __all__ = ["cache_rows_index", "decode_sdpa", "decode_sdpa_pdl", "decode_sdpa_ref", "decode_sdpa_supported",
-           "rotary_write_kv", "rotary_write_kv_ref", "rotary_write_kv_unsupported", "row_argmax", "row_argmax_ref",
-           "write_cache_rows", "write_cache_rows_ref"]
+           "rotary_head_dim_unsupported", "rotary_write_kv", "rotary_write_kv_ref", "rotary_write_kv_unsupported",
+           "row_argmax", "row_argmax_ref", "write_cache_rows", "write_cache_rows_ref"]
 
 ARGMAX_TILE = 32768
 """Logits per program and loop step: a 32K vocabulary (Llama-2) is one load per row, read by 16 warps."""
@@ -138,6 +138,12 @@ def write_cache_rows(cache: torch.Tensor, index: torch.Tensor, src: torch.Tensor
 
 ROTARY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 """Activation (and float cache) dtypes ``rotary_write_kv``'s kernel takes: it rounds as torch rounds each of them."""
+
+
+def rotary_head_dim_unsupported(d: int) -> str | None:
+    """Why ``rotary_write_kv``'s kernel cannot take rows of ``d`` channels (None: it can): the op refuses them,
+    the triton backend does not fuse them (``plan_rotary_cache``); each names the head_dim its own way."""
+    return None if is_pow2(d) and 16 <= d <= 256 else "the kernel takes a power of two from 16 to 256"
 
 
 def rotary_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -259,8 +265,8 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
           and q.shape[2:] == k.shape[2:], "rotary_write_kv",
           f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not [B, H, N, D] of one B, N and D")
     d = q.shape[3]
-    check(is_pow2(d) and 16 <= d <= 256, "rotary_write_kv",
-          f"head_dim {d} (q {tuple(q.shape)}): the kernel takes a power of two from 16 to 256")
+    why = rotary_head_dim_unsupported(d)
+    check(why is None, "rotary_write_kv", f"head_dim {d} (q {tuple(q.shape)}): {why}")
     if rotary_write_kv_unsupported(q, k, v, cos, sin, k_cache, v_cache, index) is not None:
         return rotary_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, index).contiguous()
     b, hkv, n, _ = k.shape
