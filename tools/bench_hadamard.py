@@ -403,7 +403,7 @@ def main() -> None:
                          f"{r.get('int8_graph_us')} us eff_bw {r.get('int8_graph_eff_bw_frac')}"
                          if "us" in r else str(r.get("error"))), flush=True)
             rows.extend(new)
-            merge_rows(out, header, rows, key=KEY)
+            merge_rows(out, header, rows, key=KEY, append_command=True)
     if args.variants:
         var_rows: list[dict] = []
         for n, cfgs in parse_variants(args.variants).items():
@@ -418,7 +418,7 @@ def main() -> None:
                              if "graph_us" in r else str(r.get("error"))), flush=True)
                 var_rows.extend(new)
                 rows.extend(new)
-                merge_rows(out, header, rows, key=KEY)
+                merge_rows(out, header, rows, key=KEY, append_command=True)
         print("per-length winners (paste into lowbit/kernels/hadamard.py):\n" + winners(var_rows), flush=True)
     big = max(ms)
     for m in ([] if args.no_main else ms):
@@ -444,13 +444,13 @@ def main() -> None:
                          f"mismatch {r['mismatch_frac']}" if "us" in r
                          else f"{r.get('error')} ref {r.get('baseline_us')}"), flush=True)
             rows.extend(new)
-            merge_rows(out, header, rows, key=KEY)
+            merge_rows(out, header, rows, key=KEY, append_command=True)
     cross = crossover_rows(rows, base)
     for r in cross:
         print(f"crossover n={r['K']}: eager from M={r['eager_min_m']} {r['eager_kernel_wins']}, graph from "
               f"M={r['graph_min_m']} {r['graph_kernel_wins']}", flush=True)
     rows.extend(cross)
-    merge_rows(out, header, rows, key=KEY)
+    merge_rows(out, header, rows, key=KEY, append_command=True)
     print(f"wrote {out} ({len(rows)} rows, {time.time() - t_start:.0f} s)", flush=True)
 
 

@@ -1,12 +1,14 @@
-"""Where a decode step's GPU time goes: torch.profiler over ``generate``'s CUDA-graph replays, kernels by name.
+"""Where a decode step's (or a prefill's) GPU time goes: torch.profiler over ``generate``, kernels by name.
 
     python tools/profile_decode.py [--schemes w4a16-g128,float-bf16] [--batch 1] [--no-compile]
-        [--no-norm-residual] [--no-pdl] [--no-rotary-cache]
+        [--no-norm-residual] [--no-pdl] [--no-rotary-cache] [--prefill 2048]
 
 On the 7B-shaped 4-layer Llama of ``bench_generate`` (prompt 512): each scheme is compiled on the triton backend
 (step under ``torch.compile`` unless ``--no-compile``), warmed up, timed, then profiled over 32 decode steps; the
-table is device µs per step and launches per step for the heaviest kernels (the prefill's kernels are in the totals,
-divided over the steps: they are the large-tile GEMMs and ``_dequant_words``). Prints; writes nothing.
+table is device µs per step and launches per step for the heaviest kernels. The prefill's kernels are taken out:
+a prefill-only ``generate`` (one new token) is profiled too and its kernels subtracted, so the table is the decode
+steps' alone. ``--prefill N``: the table of one batch-1 prefill of N tokens instead (µs and launches per prefill).
+Prints; writes nothing.
 """
 
 from __future__ import annotations
@@ -28,27 +30,49 @@ from lowbit.api import compile_model  # noqa: E402
 from lowbit.generate import GenerationSpec  # noqa: E402
 
 
+def _kernels(cm, ids: torch.Tensor, new_tokens: int) -> tuple[dict[str, tuple[float, int]], int]:
+    """Device µs and launches per kernel name over one ``generate(ids, new_tokens)``, and its decode steps."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = cm.generate(ids, new_tokens, stop_tokens=())
+    table = {e.key: (e.self_device_time_total, e.count) for e in prof.key_averages() if e.self_device_time_total > 0}
+    return table, out.decode_steps
+
+
+def _print_table(table: dict[str, tuple[float, int]], per: int, unit: str, top: int) -> None:
+    rows = sorted(table.items(), key=lambda kv: -kv[1][0])
+    print(f"device us per {unit}: {sum(us for us, _ in table.values()) / per:.1f}")
+    for name, (us, count) in rows[:top]:
+        print(f"{us / per:9.1f} us/{unit} {count / per:6.1f}x  {name[:110]}")
+
+
 def profile_scheme(model: torch.nn.Module, scheme: str, batch: int, compiled: bool, top: int,
-                   norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True) -> None:
+                   norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True,
+                   prefill: int = 0) -> None:
+    prompt = prefill or 512
     cm = compile_model(model, pipeline=bench_generate.QUANTIZED[scheme], backend="triton",
                        backend_options={"compile": compiled, "norm_residual": norm_residual, "pdl": pdl,
                                         "rotary_cache": rotary_cache},
-                       generation=GenerationSpec(max_length=512 + 64, max_batch=batch), device="cuda")
-    ids = torch.randint(3, model.config.vocab_size, (batch, 512))
+                       generation=GenerationSpec(max_length=prompt + 64, max_batch=batch), device="cuda")
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt))
+    flags = (f"compile={compiled} norm_residual={norm_residual} pdl={pdl} rotary_cache={rotary_cache}")
     cm.generate(ids, 8, stop_tokens=())
+    if prefill:
+        cm.generate(ids, 1, stop_tokens=())
+        ms = sorted(cm.generate(ids, 1, stop_tokens=()).prefill_seconds * 1000 for _ in range(3))[1]
+        print(f"== {scheme} prefill {batch}x{prefill} {flags}: {ms:.3f} ms (median of 3)")
+        table, _ = _kernels(cm, ids, 1)
+        _print_table(table, 1, "prefill", top)
+        return
     out = cm.generate(ids, 48, stop_tokens=())
-    print(f"== {scheme} batch {batch} compile={compiled} norm_residual={norm_residual} pdl={pdl} "
-          f"rotary_cache={rotary_cache}: "
-          f"{out.decode_seconds * 1000 / out.decode_steps:.3f} ms/step")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out = cm.generate(ids, 33, stop_tokens=())
-    steps = out.decode_steps
-    events = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
-                    key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in events)
-    print(f"device us per step (prefill's share included): {total / steps:.1f}")
-    for e in events[:top]:
-        print(f"{e.self_device_time_total / steps:9.1f} us/step {e.count / steps:6.1f}x  {e.key[:110]}")
+    print(f"== {scheme} batch {batch} {flags}: {out.decode_seconds * 1000 / out.decode_steps:.3f} ms/step")
+    pre, _ = _kernels(cm, ids, 1)
+    both, steps = _kernels(cm, ids, 33)
+    decode = {}
+    for name, (us, count) in both.items():
+        us0, count0 = pre.get(name, (0.0, 0))
+        if count > count0:
+            decode[name] = (us - us0, count - count0)
+    _print_table(decode, steps, "step", top)
 
 
 def main() -> None:
@@ -63,13 +87,15 @@ def main() -> None:
                     help="weight-only GEMVs without programmatic dependent launch (the A/B baseline)")
     ap.add_argument("--no-rotary-cache", action="store_true",
                     help="keep the rotary of q/k and the float KV-cache writes as their own kernels (the A/B baseline)")
+    ap.add_argument("--prefill", type=int, default=0, metavar="N",
+                    help="profile one batch-1 prefill of N tokens instead of the decode steps")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode needs CUDA")
     model = bench_generate._llama(False)
     for scheme in a.schemes.split(","):
-        profile_scheme(model, scheme, a.batch, not a.no_compile, a.top, not a.no_norm_residual, not a.no_pdl,
-                       not a.no_rotary_cache)
+        profile_scheme(model, scheme, 1 if a.prefill else a.batch, not a.no_compile, a.top, not a.no_norm_residual,
+                       not a.no_pdl, not a.no_rotary_cache, a.prefill)
         torch.cuda.empty_cache()
 
 
