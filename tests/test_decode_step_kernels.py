@@ -142,11 +142,16 @@ def test_rotary_write_kv_is_rotary_then_the_cache_scatters(device, hq, hkv, d, d
     """``rotary_write_kv`` (one launch) equals the IR's ``rotary`` of q and k and the two ``scatter_`` writes bit for
     bit: MHA and GQA, head_dim 64 and 128, bf16 (the interpreter's truncating cast would differ in about half the
     elements without the kernel's own rounding), fp16 and fp32 (no FMA), two sequences at different positions, a
-    decode step and a 3-token prefill; cache rows not written keep their values."""
-    from lowbit.kernels.decode_step import rotary_write_kv, rotary_write_kv_ref, rotary_write_kv_unsupported
+    decode step, a 3-token prefill and a 19-token one (more tokens than a program's ``ROTARY_ROWS``: a full block
+    and a partial one); cache rows not written keep their values."""
+    from lowbit.kernels.decode_step import (ROTARY_ROWS, rotary_write_kv, rotary_write_kv_ref,
+                                            rotary_write_kv_unsupported)
 
-    for n, positions in ((1, [[3], [14]]), (3, [[2, 0, 1], [5, 6, 7]])):
-        q, k, v, cos, sin, kc, vc, index = _rotary_case(2, hq, hkv, n, d, 16, positions, dtype, device)
+    slots = 24
+    long = ROTARY_ROWS + 3
+    for n, positions in ((1, [[3], [14]]), (3, [[2, 0, 1], [5, 6, 7]]),
+                         (long, [list(range(long))[::-1], list(range(2, 2 + long))])):
+        q, k, v, cos, sin, kc, vc, index = _rotary_case(2, hq, hkv, n, d, slots, positions, dtype, device)
         assert rotary_write_kv_unsupported(q, k, v, cos, sin, kc, vc, index) is None  # the kernel runs
         before_k, before_v = kc.clone(), vc.clone()
         ref_k, ref_v = kc.clone(), vc.clone()
@@ -154,7 +159,7 @@ def test_rotary_write_kv_is_rotary_then_the_cache_scatters(device, hq, hkv, d, d
         got = rotary_write_kv(q, k, v, cos, sin, kc, vc, index)
         assert got.is_contiguous() and got.dtype == dtype
         assert torch.equal(got, ref) and torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
-        written = torch.zeros(2, 16, dtype=torch.bool)
+        written = torch.zeros(2, slots, dtype=torch.bool)
         written[torch.arange(2)[:, None], torch.tensor(positions)] = True
         kept = ~written.to(device)[:, None, :, None].expand_as(kc)
         assert torch.equal(kc[kept], before_k[kept]) and torch.equal(vc[kept], before_v[kept])

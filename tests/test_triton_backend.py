@@ -371,11 +371,35 @@ def test_rotary_cache_under_torch_compile_and_cuda_graphs_keeps_the_tokens():
     plain = compile_model(model, **kw, backend_options={"rotary_cache": False})
     assert fused.runner.compiled and _rotary_cache_nodes(fused) == (2, 0, 0)
     assert _rotary_cache_nodes(plain) == (0, 4, 4)
+    # captured on CUDA the rotary angles are a matmul over a contraction of 1: a multiply on the backend
+    assert ir_ops.matmul not in {n.target for n in fused.runner.gm.graph.nodes}
     prompts = [[5, 17, 300, 42, 7, 9], [11, 400, 3]]
     out = fused.generate(prompts, 12, stop_tokens=())
     assert out.tokens == plain.generate(prompts, 12, stop_tokens=()).tokens
     assert out.tokens == compile_model(model, pipeline=pipeline, generation=spec, device="cuda").generate(
         prompts, 12, stop_tokens=()).tokens
+
+
+def test_a_matmul_over_a_contraction_of_one_runs_as_a_multiply():
+    """``retarget`` makes a ``matmul`` of ``[..., m, 1]`` by ``[..., 1, n]`` (Llama's fp32 rotary angles, ``inv_freq
+    @ positions``, captured on CUDA) a broadcast multiply, reported, its result bit for bit the matmul's (batch 1
+    and 2, a 2-D left operand broadcast over a batch); a real contraction (K = 2) stays a matmul."""
+    import torch.fx
+
+    from lowbit.backends.triton_backend import retarget
+    from lowbit.ir.graph import TensorType
+
+    for sa, sb in (((1, 64, 1), (1, 1, 7)), ((2, 64, 1), (2, 1, 7)), ((64, 1), (3, 1, 5)), ((1, 64, 2), (1, 2, 7))):
+        g = torch.fx.Graph()
+        a, b = g.placeholder("a"), g.placeholder("b")
+        mm = g.call_function(ir_ops.matmul, (a, b))
+        g.output(mm)
+        gm = torch.fx.GraphModule(torch.nn.Module(), g)
+        report = retarget(gm, {"a": TensorType(torch.float32, sa), "b": TensorType(torch.float32, sb)}, "cpu")
+        outer = sa[-1] == 1
+        assert (mm.target is torch.mul) == outer and (mm.name in report["outer"]) == outer
+        x, y = torch.randn(sa) * 1e3, torch.randn(sb)
+        assert torch.equal(gm(x, y), torch.matmul(x, y))
 
 
 def test_rotary_cache_pattern_leaves_what_it_does_not_cover():

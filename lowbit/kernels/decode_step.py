@@ -209,41 +209,52 @@ def _round_to(y, IS_BF16: tl.constexpr, IS_FP16: tl.constexpr):
 def _rotary_write_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, kc_ptr, vc_ptr, i_ptr, o_ptr, N, HQ,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, scb, scn, ssb, ssn,
                      skcb, skch, skcs, svcb, svch, svcs, sib, sin_, sob, soh, son,
-                     HALF: tl.constexpr, IS_BF16: tl.constexpr, IS_FP16: tl.constexpr, PDL: tl.constexpr):
-    """Program ``(b * N + n, h)``: for ``h < HQ``, query head ``h``'s row ``n`` rotated into the output; else kv
-    head ``h - HQ``: its key row rotated and its value row copied, both to cache slot ``index[b, 0, n, 0]``.
-    Rotate-half in two halves, ``(x1 c1 - x2 s1, x2 c2 + x1 s2)``, each product and the sum rounded to the
-    activation dtype as the IR's ``rotary`` rounds them (``-x2 * s1`` rounds to ``-(x2 * s1)``). ``PDL``: let the
-    attention launch, then wait for the GEMV that wrote q, k and v."""
+                     HALF: tl.constexpr, ROWS: tl.constexpr, IS_BF16: tl.constexpr, IS_FP16: tl.constexpr,
+                     PDL: tl.constexpr):
+    """Program ``(b * cdiv(N, ROWS) + block, h)``: rows ``block * ROWS ...`` (``ROWS`` tokens) of one head. For
+    ``h < HQ``, query head ``h``'s rows rotated into the output; else kv head ``h - HQ``: its key rows rotated and
+    its value rows copied, both to cache slots ``index[b, 0, n, 0]``. Rotate-half in two halves, ``(x1 c1 - x2 s1,
+    x2 c2 + x1 s2)``, each product and the sum rounded to the activation dtype as the IR's ``rotary`` rounds them
+    (``-x2 * s1`` rounds to ``-(x2 * s1)``). ``PDL``: let the attention launch, then wait for the GEMV that wrote
+    q, k and v."""
     pdl_prologue(PDL)
+    nblocks = tl.cdiv(N, ROWS)
     r = tl.program_id(0)
     h = tl.program_id(1)
-    b = r // N
-    n = r % N
-    lo = tl.arange(0, HALF)
+    b = r // nblocks
+    n = (r % nblocks) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
+    ok = n < N
+    lo = tl.arange(0, HALF)[None, :]
     hi = lo + HALF
-    c1 = tl.load(c_ptr + b * scb + n * scn + lo).to(tl.float32)
-    c2 = tl.load(c_ptr + b * scb + n * scn + hi).to(tl.float32)
-    s1 = tl.load(s_ptr + b * ssb + n * ssn + lo).to(tl.float32)
-    s2 = tl.load(s_ptr + b * ssb + n * ssn + hi).to(tl.float32)
+    c1 = tl.load(c_ptr + b * scb + n * scn + lo, mask=ok).to(tl.float32)
+    c2 = tl.load(c_ptr + b * scb + n * scn + hi, mask=ok).to(tl.float32)
+    s1 = tl.load(s_ptr + b * ssb + n * ssn + lo, mask=ok).to(tl.float32)
+    s2 = tl.load(s_ptr + b * ssb + n * ssn + hi, mask=ok).to(tl.float32)
     if h < HQ:
         src = q_ptr + b * sqb + h * sqh + n * sqn
         dst = o_ptr + b * sob + h * soh + n * son
     else:
         j = h - HQ
-        pos = tl.load(i_ptr + b * sib + n * sin_)
+        pos = tl.load(i_ptr + b * sib + n * sin_, mask=ok, other=0)
         src = k_ptr + b * skb + j * skh + n * skn
         dst = kc_ptr + b * skcb + j * skch + pos * skcs
         vs = v_ptr + b * svb + j * svh + n * svn
         vd = vc_ptr + b * svcb + j * svch + pos * svcs
-        tl.store(vd + lo, tl.load(vs + lo))
-        tl.store(vd + hi, tl.load(vs + hi))
-    x1 = tl.load(src + lo).to(tl.float32)
-    x2 = tl.load(src + hi).to(tl.float32)
+        tl.store(vd + lo, tl.load(vs + lo, mask=ok), mask=ok)
+        tl.store(vd + hi, tl.load(vs + hi, mask=ok), mask=ok)
+    x1 = tl.load(src + lo, mask=ok).to(tl.float32)
+    x2 = tl.load(src + hi, mask=ok).to(tl.float32)
     y1 = _round_to(_round_to(x1 * c1, IS_BF16, IS_FP16) - _round_to(x2 * s1, IS_BF16, IS_FP16), IS_BF16, IS_FP16)
     y2 = _round_to(_round_to(x2 * c2, IS_BF16, IS_FP16) + _round_to(x1 * s2, IS_BF16, IS_FP16), IS_BF16, IS_FP16)
-    tl.store(dst + lo, y1.to(dst.dtype.element_ty))
-    tl.store(dst + hi, y2.to(dst.dtype.element_ty))
+    tl.store(dst + lo, y1.to(dst.dtype.element_ty), mask=ok)
+    tl.store(dst + hi, y2.to(dst.dtype.element_ty), mask=ok)
+
+
+ROTARY_ROWS = 16
+"""Tokens per ``_rotary_write_kv`` program when a call has more than one (a prefill): one row per program made a
+1x2048 prefill's rotary 158 µs per layer on the H200 (131K one-warp programs of 256 bytes each), 16 rows on four
+warps 31 µs (``tools/profile_decode.py --prefill 2048``, 7B-shaped stack); a decode step (one token) keeps one row
+per program."""
 
 
 @torch.library.custom_op("lowbit::rotary_write_kv", mutates_args=("k_cache", "v_cache"))
@@ -254,7 +265,8 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     Hkv, N, D]`` (``cos``/``sin`` broadcast to ``[B, 1, N, D]``), the rotated keys and the values ``v`` written
     into the float caches ``[B, Hkv, S, D]`` at the slots a row ``index`` names (``cache_rows_index``: the
     step's positions broadcast over heads and head_dim, as ``scatter_into`` writes them); returns the rotated
-    queries (contiguous). Grid ``(B * N, Hq + Hkv)``: one row per program, query heads and kv heads alike. The
+    queries (contiguous). Grid ``(B * cdiv(N, rows), Hq + Hkv)``: ``rows`` tokens of one head per program (one in a
+    decode step, up to ``ROTARY_ROWS``), query heads and kv heads alike. The
     reference where ``rotary_write_kv_unsupported`` names a reason. ``pdl``: launch with programmatic dependent
     launch (the triton backend's ``pdl``, Hopper+; ignored under the interpreter).
 
@@ -275,13 +287,14 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     on = pdl and not interpreting()
     # enable_fp_fusion=False: fp32's x1 * c1 - x2 * s1 must not become one FMA (torch rounds both products)
-    _rotary_write_kv[(b * n, hq + hkv)](
+    rows = min(ROTARY_ROWS, next_pow2(n))
+    _rotary_write_kv[(b * cdiv(n, rows), hq + hkv)](
         q, k, v, c, s, k_cache, v_cache, index, out, n, hq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), c.stride(0), c.stride(2), s.stride(0), s.stride(2), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), index.stride(0),
-        index.stride(2), out.stride(0), out.stride(1), out.stride(2), HALF=d // 2,
-        IS_BF16=q.dtype == torch.bfloat16, IS_FP16=q.dtype == torch.float16, PDL=on, num_warps=1,
+        index.stride(2), out.stride(0), out.stride(1), out.stride(2), HALF=d // 2, ROWS=rows,
+        IS_BF16=q.dtype == torch.bfloat16, IS_FP16=q.dtype == torch.float16, PDL=on, num_warps=1 if rows == 1 else 4,
         enable_fp_fusion=False, **({"launch_pdl": True} if on else {}))
     return out
 
