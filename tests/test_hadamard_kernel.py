@@ -213,7 +213,10 @@ FUSED = ([(576, d, q) for d in (torch.bfloat16, torch.float16, torch.float32) fo
 @pytest.mark.parametrize("n, dtype, qdtype, cfg", [(*f, None) for f in FUSED]
                          + [(576, torch.bfloat16, "int4", BFLY), (1536, torch.float16, "fp8e4m3", BFLY),
                             (4864, torch.bfloat16, "int8", SPLIT), (576, torch.float16, "int4", SPLIT),
-                            (576, torch.bfloat16, "fp8e4m3", SPLIT._replace(stage2="bfly", stages=1, pipeline=4))])
+                            (576, torch.bfloat16, "fp8e4m3", SPLIT._replace(stage2="bfly", stages=1, pipeline=4)),
+                            (4096, torch.bfloat16, "int8", K.Config(stage2="mma", n2_cap=64, stages=1, waves=3,
+                                                                    pipeline=4)),
+                            (4096, torch.float16, "fp8e4m3", K.Config(stage2="mma", n2_cap=64, stages=1))])
 def test_fused_quantize_codes(n, dtype, qdtype, cfg):
     from lowbit.ir.quant import dynamic_qparams, quantize
 

@@ -125,9 +125,8 @@ class Config(NamedTuple):
 
 
 DEFAULT = Config(waves=3)
-_BFLY = Config(stage2="bfly", n2_cap=4096, tile=4096, warps=4, stages=2, waves=4)
 CONFIGS: dict[int, Config] = {
-    4096: _BFLY._replace(warps=2, waves=8),  # 47.6 µs at M = 8192: 0.67 of copy bandwidth (see below)
+    4096: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=3, pipeline=4),  # 43.3 µs (see below)
     1536: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=2, waves=3, pipeline=3),  # 31.1 µs (was 43.0)
     576: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=4, pipeline=4, split=True),  # 19.8 (26.0)
     4864: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=3, pipeline=3, split=True),  # 64.9 (135.7)
@@ -137,12 +136,14 @@ CONFIGS: dict[int, Config] = {
 """Per row length, the config ``tools/bench_hadamard.py --variants`` measured fastest on the H200 (M = 8192, bf16,
 CUDA-graph time, session 14: bench/results/hadamard.json, run ``s14``) for the plain transform plus its fused
 quantize (which must share its arithmetic: same path and geometry, so the fused codes are those of
-``quantize(hadamard(x))``); ``DEFAULT`` elsewhere. At 4096 the MMA path with a pipelined loop ran the plain op in
-43.8 µs (0.72 of copy bandwidth) but its fused int8 quantize in 89.0 µs against the butterflies' 74.5: the
-butterflies stay (the fused op is what a W4A4 model runs there). At 576 the pair kept is not the plain op's fastest
-(butterflies 17.3 µs, but fused 56.2 against 31.7)."""
+``quantize(hadamard(x))``); ``DEFAULT`` elsewhere. 4096 (session 16, run ``s16``): the MMA path with a pipelined
+loop, 43.3 / 43.7 µs in two runs (0.728 / 0.721 of copy bandwidth; the rotation issue asks >= 0.70) against the
+butterflies' 46.7 (0.675); its fused int8 quantize 77.3 µs against the butterflies' 69.0 (both after the one-row
+tile's quantize stopped reshaping, 83.3 and 74.1 before), so a W4A4 model's fused op pays ~12% at this length for
+the plain op's 8%. At 576 the pair kept is not the plain op's fastest (butterflies 17.3 µs, but fused 56.2
+against 31.7)."""
 FUSED_CONFIGS: dict[int, Config] = {
-    4096: Config(stage2="bfly", n2_cap=4096, tile=4096, warps=4, stages=1, waves=6, pipeline=4),  # int8 74.5 (76.1)
+    4096: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=4, pipeline=3),  # int8 77.3 (bfly 69.0)
     1536: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=2, waves=3, pipeline=3),  # 92.8 µs (92.8)
     576: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=0, pipeline=3, split=True),  # 31.7 (48.2)
     4864: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=3, pipeline=3, split=True),  # 218 (361)
@@ -425,7 +426,11 @@ def _to_out(y, y_ptr, SCALE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _row_amax(y, R: tl.constexpr, RB: tl.constexpr, N2: tl.constexpr):
-    """Per tile row ``j``: the largest ``|y|`` of ``y [R, RB·N2]`` (padding is 0)."""
+    """Per tile row ``j``: the largest ``|y|`` of ``y [R, RB·N2]`` (padding is 0). One row per tile (``RB`` = 1:
+    the MMA path at 4096 = 64 x 64) reduces the tile as it lies: no reshape, whose new layout Triton reaches
+    through shared memory."""
+    if RB == 1:
+        return tl.zeros((1,), dtype=tl.float32) + tl.max(tl.max(tl.abs(y.to(tl.float32)), axis=1), axis=0)
     yf = tl.reshape(y.to(tl.float32), (R, RB, N2))
     return tl.max(tl.max(tl.abs(yf), axis=2), axis=0)
 
@@ -440,24 +445,32 @@ def _quant_store(q_ptr, y, s, ar, pr, M, sqm, N1: tl.constexpr, R: tl.constexpr,
     rows = pr * RB + c // N2
     ok = (ar < N1)[:, None] & (rows < M)[None, :]
     offs = rows[None, :].to(tl.int64) * sqm + ar[:, None] * N2 + (c % N2)[None, :]
-    yf = tl.reshape(y.to(tl.float32), (R, RB, N2))
-    t = tl.math.div_rn(yf, tl.zeros_like(yf) + s[None, :, None])
-    if QUANT == 3:
-        q = tl.reshape(round_to_e4m3(tl.clamp(t, -QMAX, QMAX)), (R, W)).to(tl.float8e4nv)
-        tl.store(q_ptr + offs, q, mask=ok)
-    elif QUANT == 1:
-        q = tl.reshape(tl.clamp(round_half_even(t), -128.0, 127.0), (R, W)).to(tl.int8)
-        tl.store(q_ptr + offs, q, mask=ok)
+    if RB == 1 and QUANT != 2:  # one row: the tile as it lies (see _row_amax), its one scale broadcast
+        yf = y.to(tl.float32)
+        t = tl.math.div_rn(yf, tl.zeros_like(yf) + tl.sum(s, 0))
+        if QUANT == 3:
+            tl.store(q_ptr + offs, round_to_e4m3(tl.clamp(t, -QMAX, QMAX)).to(tl.float8e4nv), mask=ok)
+        else:
+            tl.store(q_ptr + offs, tl.clamp(round_half_even(t), -128.0, 127.0).to(tl.int8), mask=ok)
     else:
-        q = tl.reshape(tl.clamp(round_half_even(t), -8.0, 7.0), (R, W // 2, 2)).to(tl.int32)
-        lo, hi = tl.split(q)  # even / odd index: low / high nibble (lowbit's packing)
-        byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
-        HN: tl.constexpr = N2 // 2
-        ch = tl.arange(0, W // 2)
-        rows_h = pr * RB + ch // HN
-        ok_h = (ar < N1)[:, None] & (rows_h < M)[None, :]
-        tl.store(q_ptr + rows_h[None, :].to(tl.int64) * sqm + ar[:, None] * HN + (ch % HN)[None, :], byte,
-                 mask=ok_h)
+        yf = tl.reshape(y.to(tl.float32), (R, RB, N2))
+        t = tl.math.div_rn(yf, tl.zeros_like(yf) + s[None, :, None])
+        if QUANT == 3:
+            q = tl.reshape(round_to_e4m3(tl.clamp(t, -QMAX, QMAX)), (R, W)).to(tl.float8e4nv)
+            tl.store(q_ptr + offs, q, mask=ok)
+        elif QUANT == 1:
+            q = tl.reshape(tl.clamp(round_half_even(t), -128.0, 127.0), (R, W)).to(tl.int8)
+            tl.store(q_ptr + offs, q, mask=ok)
+        else:
+            q = tl.reshape(tl.clamp(round_half_even(t), -8.0, 7.0), (R, W // 2, 2)).to(tl.int32)
+            lo, hi = tl.split(q)  # even / odd index: low / high nibble (lowbit's packing)
+            byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+            HN: tl.constexpr = N2 // 2
+            ch = tl.arange(0, W // 2)
+            rows_h = pr * RB + ch // HN
+            ok_h = (ar < N1)[:, None] & (rows_h < M)[None, :]
+            tl.store(q_ptr + rows_h[None, :].to(tl.int64) * sqm + ar[:, None] * HN + (ch % HN)[None, :], byte,
+                     mask=ok_h)
 
 
 @triton.jit
