@@ -136,11 +136,11 @@ CONFIGS: dict[int, Config] = {
 """Per row length, the config ``tools/bench_hadamard.py --variants`` measured fastest on the H200 (M = 8192, bf16,
 CUDA-graph time, session 14: bench/results/hadamard.json, run ``s14``) for the plain transform plus its fused
 quantize (which must share its arithmetic: same path and geometry, so the fused codes are those of
-``quantize(hadamard(x))``); ``DEFAULT`` elsewhere. 4096 (session 16, run ``s16``): the MMA path with a pipelined
-loop, 43.3 / 43.7 µs in two runs (0.728 / 0.721 of copy bandwidth; the rotation issue asks >= 0.70) against the
-butterflies' 46.7 (0.675); its fused int8 quantize 77.3 µs against the butterflies' 69.0 (both after the one-row
-tile's quantize stopped reshaping, 83.3 and 74.1 before), so a W4A4 model's fused op pays ~12% at this length for
-the plain op's 8%. At 576 the pair kept is not the plain op's fastest (butterflies 17.3 µs, but fused 56.2
+``quantize(hadamard(x))``); ``DEFAULT`` elsewhere. 4096 (session 16, its 4096 variant rows): the MMA path
+with a pipelined loop, 43.3 / 43.7 µs in two runs (0.728 / 0.721 of copy bandwidth; the rotation issue asks >=
+0.70) against the butterflies' 46.7 (0.675); its fused int8 quantize 77.3 µs against the butterflies' 69.0 (both
+after the one-row tile's quantize stopped reshaping, 83.3 and 74.1 before), so a W4A4 model's fused op pays ~12% at
+this length for the plain op's 8%. At 576 the pair kept is not the plain op's fastest (butterflies 17.3 µs, but fused 56.2
 against 31.7)."""
 FUSED_CONFIGS: dict[int, Config] = {
     4096: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=4, pipeline=3),  # int8 77.3 (bfly 69.0)
