@@ -592,7 +592,7 @@ def main() -> None:
         header = {"command": command, "date": date,
                   "device": rows[0]["device"] if rows else "", "versions": results_versions()}
         merge_rows(a.out, header, rows, key=("area", "model", "kernel", "scheme", "method", "batch", "device"),
-                   replace_header=False)
+                   replace_header=False, append_command=True)
 
 
 if __name__ == "__main__":
