@@ -8,6 +8,7 @@
 #   OUT=/tmp/out bash tools/gpu_round_pruning.sh datafree  # ~1.7 min: 30 s recovery with sampled text added
 #   OUT=/tmp/out bash tools/gpu_round_pruning.sh profile   # ~1 min: where a distill step's GPU time goes
 #   OUT=/tmp/out bash tools/gpu_round_pruning.sh recover   # 9.5 min: the goal-A run (best start, ~7 min recovery)
+#   OUT=/tmp/out bash tools/gpu_round_pruning.sh pdlspeed  # ~9 min: compiled pruned speed with PDL + GEMV sweep
 #
 # Expected (what would say the code works; numbers from the CPU at wt2-512x8 and the session-4 H200 run):
 # - oneshot: the float row 28.74 (x40); the FLAP baseline row "uniform 25% + 64 more in blocks 8-20" 1.85x;
@@ -20,6 +21,10 @@
 #   oneshot part's 30 s recovery of the same row (same seconds, same start).
 # - recover: one one-shot row per candidate, then one recovered row (the best start), recover_seconds <= 420,
 #   the whole run < 9.5 min; goal A is met if its ratio <= 1.25.
+# - pdlspeed (session 16 left it open): the compiled W4A16 + int4-head rows with PDL on, the pruned prefill row
+#   included (session 16: decode 0.345 -> 0.346 ms at batch 1, 0.997x; 0.748 -> 0.674 at batch 16), then the M = 1
+#   GEMV sweep at the pruned widths, which run R_RULE's config (64-wide tiles, 32 splits): a variant well under
+#   R_RULE's time there says a tuned table entry would give the pruned step its bytes back.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 : "${OUT:?set OUT to a folder for the results}"
@@ -77,7 +82,13 @@ recover)
   timeout 570 python3 tools/bench_pruning.py --device cuda --windows 40 --match "$CANDIDATES" \
     "${RECOVER[@]}" --recover-seconds 420 --deadline 545 --recover-eval-every 100 --recover-best \
     --out "$OUT/pruning.json" 2>&1 | quiet ;;
+pdlspeed)
+  timeout 260 python3 tools/bench_pruning.py --pruned-speed --speed-compile --speed-schemes w4a16-g128-head4 \
+    --speed-budget 230 --out "$OUT/pruning.json" 2>&1 | quiet
+  [ -f "$OUT/gemv.json" ] || cp bench/results/gemv.json "$OUT/gemv.json"
+  timeout 280 python3 tools/bench_gemv.py --ms 1 --shapes 4096x9984,3328x4096,4096x17408,8704x4096 \
+    --budget-s 240 --run S16-pruned-widths --out "$OUT/gemv.json" 2>&1 | quiet ;;
 *)
-  echo "usage: OUT=DIR bash tools/gpu_round_pruning.sh oneshot|speed|datafree|profile|recover" >&2
+  echo "usage: OUT=DIR bash tools/gpu_round_pruning.sh oneshot|speed|datafree|profile|recover|pdlspeed" >&2
   exit 2 ;;
 esac
