@@ -130,7 +130,11 @@ def _check_exact(x: torch.Tensor, dtype: torch.dtype, cfg: K.Config) -> None:
     exact = ref64.to(dtype)
     assert (y != exact).float().mean().item() <= 2e-3
     ulp = torch.finfo(dtype).eps * exact.float().abs().clamp(min=torch.finfo(dtype).tiny)
-    assert ((y.float() - exact.float()).abs() <= ulp * 1.01).all()
+    # one ulp, plus the fp32 sums' own error (FP32_TOL of the row's scale): it exceeds an fp16 ulp at outputs near
+    # zero (subnormal fp16, ulp 6e-8), where even an IEEE fp32 GEMM misses the rounded transform in ~1/3 of 3 x 4096
+    # draws (measured); the H200 failed 4096-fp16-BFLY64 that way
+    fp32_sums = FP32_TOL * ref64.abs().amax(dim=-1, keepdim=True).float()
+    assert ((y.float() - exact.float()).abs() <= ulp * 1.01 + fp32_sums).all()
 
 
 @pytest.mark.parametrize("cfg", [K.Config(tile=256, waves=1), K.Config(stage2="bfly", tile=256, waves=1),

@@ -325,6 +325,21 @@ def _speed_cut(cfg, target: float, multiple: int, heads: float) -> tuple[int, in
     return groups, rm, attn_rm + 3 * h * rm, per_layer
 
 
+def speed_calib(cfg, smoke: bool = False) -> torch.Tensor:
+    """The speed mode's calibration ids: 4 random windows (seeded), which only the pruned shapes need."""
+    return torch.randint(3, cfg.vocab_size, (4, 32 if smoke else 128), generator=torch.Generator().manual_seed(0))
+
+
+def speed_prune_pipeline(cfg, groups: int, removed: int, multiple: int, calib_len: int, dev: str) -> str:
+    """The speed mode's pruning pipeline for ``_speed_cut``'s (kv groups, MLP channels) removed (calibrated on 4
+    random windows: only the pruned shapes matter to speed); also what ``profile_decode --pruned`` runs."""
+    on = f",device={dev}" if dev != "cpu" else ""
+    cal = f"calib_n=4,calib_len={calib_len},progress=false{on}"
+    return ",".join(p for p in (
+        f"prune-heads(ratio={groups / cfg.num_key_value_heads:.6f},{cal})" if groups else "",
+        f"prune-mlp(ratio={removed / cfg.intermediate_size:.6f},multiple={multiple},{cal})" if removed else "") if p)
+
+
 def pruned_speed(args: argparse.Namespace) -> None:
     """Prefill and decode of the 7B-shaped 4-layer Llama, unpruned vs 20% of its blocks' params removed by
     ``prune-mlp``, float bf16 and W4A16 on backend="triton", one run (rows with speedups)."""
@@ -351,12 +366,8 @@ def pruned_speed(args: argparse.Namespace) -> None:
     block = cfg.num_hidden_layers * per_layer
     total = sum(p.numel() for p in model.parameters())
     rm_params = cfg.num_hidden_layers * rm_layer
-    calib = torch.randint(3, cfg.vocab_size, (4, 128 if not smoke else 32), generator=torch.Generator().manual_seed(0))
-    on = f",device={dev}" if cuda else ""
-    cal = f"calib_n=4,calib_len={calib.shape[1]},progress=false{on}"
-    prune = ",".join(p for p in (
-        f"prune-heads(ratio={groups / cfg.num_key_value_heads:.6f},{cal})" if groups else "",
-        f"prune-mlp(ratio={ratio:.6f},multiple={multiple},{cal})" if removed else "") if p)
+    calib = speed_calib(cfg, smoke)
+    prune = speed_prune_pipeline(cfg, groups, removed, multiple, calib.shape[1], dev)
     schemes = {k: v for k, v in {"float-bf16": "", "w4a16-g128": "quantize(w=int4,group=128,sym=false)",
                                  "w4a16-g128-head4": "quantize(w=int4,group=128,sym=false,head=int4)"}.items()
                if k in args.speed_schemes.split(",")}

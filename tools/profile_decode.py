@@ -1,14 +1,16 @@
 """Where a decode step's (or a prefill's) GPU time goes: torch.profiler over ``generate``, kernels by name.
 
     python tools/profile_decode.py [--schemes w4a16-g128,float-bf16] [--batch 1] [--no-compile]
-        [--no-norm-residual] [--no-pdl] [--no-rotary-cache] [--prefill 2048]
+        [--no-norm-residual] [--no-pdl] [--no-rotary-cache] [--prefill 2048] [--pruned]
 
 On the 7B-shaped 4-layer Llama of ``bench_generate`` (prompt 512): each scheme is compiled on the triton backend
 (step under ``torch.compile`` unless ``--no-compile``), warmed up, timed, then profiled over 32 decode steps; the
 table is device µs per step and launches per step for the heaviest kernels. The prefill's kernels are taken out:
 a prefill-only ``generate`` (one new token) is profiled too and its kernels subtracted, so the table is the decode
 steps' alone. ``--prefill N``: the table of one batch-1 prefill of N tokens instead (µs and launches per prefill).
-Prints; writes nothing.
+``--pruned``: each scheme also on ``bench_pruning --pruned-speed``'s pruned model (6 of 32 KV-head groups and
+MLP 11008 -> 8704 channels removed, 20% of the blocks' params), profiled right after the unpruned one. Prints;
+writes nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import bench_generate  # noqa: E402
+import bench_pruning  # noqa: E402
 
 from lowbit.api import compile_model  # noqa: E402
 from lowbit.generate import GenerationSpec  # noqa: E402
@@ -47,14 +50,17 @@ def _print_table(table: dict[str, tuple[float, int]], per: int, unit: str, top: 
 
 def profile_scheme(model: torch.nn.Module, scheme: str, batch: int, compiled: bool, top: int,
                    norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True,
-                   prefill: int = 0) -> None:
+                   prefill: int = 0, prune: str = "") -> None:
     prompt = prefill or 512
-    cm = compile_model(model, pipeline=bench_generate.QUANTIZED[scheme], backend="triton",
+    pipeline = ",".join(p for p in (prune, bench_generate.QUANTIZED[scheme] or "") if p) or None
+    calib = bench_pruning.speed_calib(model.config) if prune else None
+    cm = compile_model(model, pipeline=pipeline, backend="triton", calib=calib,
                        backend_options={"compile": compiled, "norm_residual": norm_residual, "pdl": pdl,
                                         "rotary_cache": rotary_cache},
                        generation=GenerationSpec(max_length=prompt + 64, max_batch=batch), device="cuda")
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt))
-    flags = (f"compile={compiled} norm_residual={norm_residual} pdl={pdl} rotary_cache={rotary_cache}")
+    flags = (f"compile={compiled} norm_residual={norm_residual} pdl={pdl} rotary_cache={rotary_cache}"
+             + (" PRUNED" if prune else ""))
     cm.generate(ids, 8, stop_tokens=())
     if prefill:
         cm.generate(ids, 1, stop_tokens=())
@@ -89,14 +95,21 @@ def main() -> None:
                     help="keep the rotary of q/k and the float KV-cache writes as their own kernels (the A/B baseline)")
     ap.add_argument("--prefill", type=int, default=0, metavar="N",
                     help="profile one batch-1 prefill of N tokens instead of the decode steps")
+    ap.add_argument("--pruned", action="store_true",
+                    help="each scheme on the unpruned and on bench_pruning's 20%% pruned model, one after the other")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode needs CUDA")
     model = bench_generate._llama(False)
+    prunes = [""]
+    if a.pruned:
+        cut = bench_pruning._speed_cut(model.config, bench_pruning.SPEED_TARGET, 256, 0.1875)
+        prunes.append(bench_pruning.speed_prune_pipeline(model.config, cut[0], cut[1], 256, 128, "cuda"))
     for scheme in a.schemes.split(","):
-        profile_scheme(model, scheme, 1 if a.prefill else a.batch, not a.no_compile, a.top, not a.no_norm_residual,
-                       not a.no_pdl, not a.no_rotary_cache, a.prefill)
-        torch.cuda.empty_cache()
+        for prune in prunes:
+            profile_scheme(model, scheme, 1 if a.prefill else a.batch, not a.no_compile, a.top,
+                           not a.no_norm_residual, not a.no_pdl, not a.no_rotary_cache, a.prefill, prune)
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
