@@ -1374,6 +1374,9 @@ _R_TABLE: dict[tuple[int, int], dict] = {  # run R9 of bench/results/gemv.json (
     (12288, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 2, 'SPLIT_K': 16},  # 14.70 vs 18.31
     (22016, 4096): {'BLOCK_N': 64, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 16},  # 22.46 vs 28.58
     (32000, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 2, 'SPLIT_K': 16, 'PREFETCH': 0},  # run S8a: 29.9 vs cc_t 38.24
+    # run S11 (the 20% heads + MLP pruned widths) where a config beat R_RULE: q/k/v of 26 kv heads, o_proj's K 3328
+    (9984, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 2, 'SPLIT_K': 16},  # 13.79 vs R_RULE 14.29
+    (4096, 3328): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 32},  # 7.89 vs R_RULE 8.51
 }
 """(N, K) -> ``_gemv_r`` config: the shapes where the H200 sweep measured it faster than ``_gemv_t`` at M = 1
 (``tools/bench_gemv.py``, family ``cc_r``); other large shapes take ``R_RULE``, small ones ``_gemv_t``."""
@@ -1383,7 +1386,7 @@ R_RULE: dict = {"BLOCK_N": 64, "ROWS": 16, "num_warps": 1, "num_stages": 1, "SPL
 S11 of bench/results/gemv.json swept the heads + MLP pruned Llama-7B widths (N x K = 9984 x 4096, 4096 x 3328,
 17408 x 4096, 4096 x 8704); this config was within 8% of each shape's best ``_gemv_r`` config and 1.20-1.35x
 faster than the ``_t_rule`` config the op ran there (14.29 vs 17.95, 8.51 vs 11.25, 19.69 vs 26.55, 13.19 vs
-15.87 µs)."""
+15.87 µs); the two shapes where a config beat it by 3.5-7% (9984 x 4096, 4096 x 3328) are ``_R_TABLE`` entries."""
 
 R_RULE_MIN_ELEMENTS = 12 * 2**20
 """The smallest weight ``R_RULE`` serves: the sweep's smallest shape was 4096 x 3328 (13.6M); smaller weights
