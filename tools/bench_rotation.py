@@ -113,6 +113,12 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      f"fold-norms,{KURTAIL},gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
     ("w4a4kv4", "kurtail-r2", "fold-norms + KurTail-learned R1 and per-layer R2, Hadamard R3/R4 + GPTQ W4 per channel",
      f"fold-norms,{KURTAIL[:-1]},learn_heads=true),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
+    # session 17: the default learns R1 from 8 x 512 tokens (512 kept per norm output) in 100 steps; does more data
+    # (32 sequences, 4096 tokens per norm output) and 3x the steps carry over to the test text better?
+    ("w4a4kv4", "kurtail-data", "as kurtail, R1 learned from 32 calibration sequences (4096 tokens kept per norm "
+     "output) in 300 steps",
+     f"fold-norms,{KURTAIL[:-1]},calib_n=32,samples=4096,steps=300),gptq(w=int4,sym=false,{{cal}}),quantize({A4})",
+     MAIN),
     ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
     ("w4a4kv4", "smoothquant", "no rotation; SmoothQuant alpha searched per site + GPTQ W4 per channel",
      f"smooth-quant(search=true,{{cal}}),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
