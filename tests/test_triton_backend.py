@@ -344,7 +344,10 @@ def test_rotary_and_cache_writes_run_in_one_kernel_per_layer(family, monkeypatch
     assert _rotary_cache_nodes(fused) == (2, 0, 0)
     assert len(fused.runner.report["rotary_cache"]) == 2 and not fused.runner.report["unfused"]
     assert "rotary + k/v cache write fused: 2 layers" in fused.runner.report_text()
-    prompts = [[5, 17, 300, 42, 7], [11, 400]]
+    # prompts whose greedy steps have clear winners in all three random models (top-2 logits >= 2.3% apart at every
+    # step, HF on the CPU): the first prompts tried had exact bf16 ties (0.6484 = 0.6484), which the H200's
+    # flash-decoding attention resolved the other way from the reference's SDPA (the Llama case failed there)
+    prompts = [[451, 113, 120, 50, 400], [422, 455]]
     out = fused.generate(prompts, 4, stop_tokens=())
     assert ran == [None] * 2 * 4  # 2 layers x (prefill + 3 decode steps), all on the kernel
     assert out.tokens == compile_model(model, pipeline=pipeline, generation=spec, device=dev).generate(
