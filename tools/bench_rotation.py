@@ -119,6 +119,15 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      "output) in 300 steps",
      f"fold-norms,{KURTAIL[:-1]},calib_n=32,samples=4096,steps=300),gptq(w=int4,sym=false,{{cal}}),quantize({A4})",
      MAIN),
+    # session 17: how far to pull R1 from the Hadamard: a softer kurtosis target, fewer or more steps (KurTail's R1
+    # hurts RTN weights, 11.87x vs QuaRot's 9.40x on wt2-512x8: the learned rotation trades weight incoherence for
+    # activation kurtosis)
+    *[("w4a4kv4", f"kurtail-{tag}", f"as kurtail, {what}",
+       f"fold-norms,{KURTAIL[:-1]},{opt}),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", QUICK)
+      for tag, what, opt in (("t22", "kurtosis target 2.2 (default 1.8)", "target=2.2"),
+                             ("t20", "kurtosis target 2.0 (default 1.8)", "target=2.0"),
+                             ("s30", "30 steps (default 100)", "steps=30"),
+                             ("s300", "300 steps (default 100)", "steps=300"))],
     ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
     ("w4a4kv4", "smoothquant", "no rotation; SmoothQuant alpha searched per site + GPTQ W4 per channel",
      f"smooth-quant(search=true,{{cal}}),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
