@@ -128,6 +128,10 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
                              ("t20", "kurtosis target 2.0 (default 1.8)", "target=2.0"),
                              ("s30", "30 steps (default 100)", "steps=30"),
                              ("s300", "300 steps (default 100)", "steps=300"))],
+    # the seeds' spread (the random Hadamard signs; KurTail also its token draws), to read the rows above against
+    *[("w4a4kv4", f"{m}-seed{sd}", f"as {m}, rotation seed {sd} (default 0)",
+       f"fold-norms,{rot.format(sd=sd)},gptq(w=int4,sym=false,{{cal}}),quantize({A4})", QUICK)
+      for m, rot in (("quarot", "rotate(seed={sd})"), ("kurtail", KURTAIL[:-1] + ",seed={sd})")) for sd in (1, 2)],
     ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
     ("w4a4kv4", "smoothquant", "no rotation; SmoothQuant alpha searched per site + GPTQ W4 per channel",
      f"smooth-quant(search=true,{{cal}}),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
