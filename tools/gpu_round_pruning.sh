@@ -21,10 +21,10 @@
 #   oneshot part's 30 s recovery of the same row (same seconds, same start).
 # - recover: one one-shot row per candidate, then one recovered row (the best start), recover_seconds <= 420,
 #   the whole run < 9.5 min; goal A is met if its ratio <= 1.25.
-# - pdlspeed (session 16 left it open): the compiled W4A16 + int4-head rows with PDL on, the pruned prefill row
-#   included (session 16: decode 0.345 -> 0.346 ms at batch 1, 0.997x; 0.748 -> 0.674 at batch 16), then the M = 1
-#   GEMV sweep at the pruned widths, which run R_RULE's config (64-wide tiles, 32 splits): a variant well under
-#   R_RULE's time there says a tuned table entry would give the pruned step its bytes back.
+# - pdlspeed: the compiled W4A16 + int4-head rows with PDL on, the pruned prefill row included (session 17: decode
+#   0.337 -> 0.321 ms at batch 1, 1.05x; 0.743 -> 0.658 at batch 16, 1.13x; prefill 6.49 -> 5.56 ms, 1.17x; measured
+#   before _R_TABLE took the 9984 x 4096 and 4096 x 3328 entries, so a re-run shows what those give), then the M = 1
+#   GEMV sweep at the pruned widths (run S11 measured it before: R_RULE within 8% of each shape's best).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 : "${OUT:?set OUT to a folder for the results}"
