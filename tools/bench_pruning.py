@@ -308,6 +308,12 @@ PRUNED_SPEED_KEY = ("area", "model", "scheme", "method", "pruned", "phase", "bat
 SPEED_TARGET = 0.2
 """Fraction of the blocks' linear params the speed mode removes (issue 21's structured-20)."""
 
+SPEED_HEADS = 0.1875
+"""The share of KV-head groups the speed mode removes (6 of the 7B shape's 32); the rest of the cut is MLP channels."""
+
+SPEED_MULTIPLE = 256
+"""The kept MLP width stays a multiple of this (the W4 decode word layout wants K % 256)."""
+
 
 def _speed_cut(cfg, target: float, multiple: int, heads: float) -> tuple[int, int, int, int]:
     """How the speed mode removes ``target`` of a block's linear params: ``round(heads · kv_heads)`` whole GQA
@@ -356,7 +362,7 @@ def pruned_speed(args: argparse.Namespace) -> None:
     smoke = args.smoke
     model = _llama(smoke)
     cfg = model.config
-    multiple = 128 if smoke else 256  # smoke: K % 128 for the group-128 W4 rows
+    multiple = 128 if smoke else SPEED_MULTIPLE  # smoke: K % 128 for the group-128 W4 rows
     groups, removed, rm_layer, per_layer = _speed_cut(cfg, args.speed_target, multiple, args.speed_heads)
     ratio = removed / cfg.intermediate_size
     kept = cfg.intermediate_size - removed
@@ -538,7 +544,7 @@ def main() -> None:
     ap.add_argument("--speed-new", type=int, default=128)
     ap.add_argument("--speed-target", type=float, default=SPEED_TARGET,
                     help="--pruned-speed: fraction of the blocks' linear params removed (MLP channels)")
-    ap.add_argument("--speed-heads", type=float, default=0.1875,
+    ap.add_argument("--speed-heads", type=float, default=SPEED_HEADS,
                     help="--pruned-speed: fraction of the kv-head groups removed (prune-heads, uniform; the rest of "
                          "--speed-target comes from MLP channels; 0: MLP only)")
     ap.add_argument("--speed-schemes", default="float-bf16,w4a16-g128", help="--pruned-speed: comma list")

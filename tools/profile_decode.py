@@ -103,8 +103,10 @@ def main() -> None:
     model = bench_generate._llama(False)
     prunes = [""]
     if a.pruned:
-        cut = bench_pruning._speed_cut(model.config, bench_pruning.SPEED_TARGET, 256, 0.1875)
-        prunes.append(bench_pruning.speed_prune_pipeline(model.config, cut[0], cut[1], 256, 128, "cuda"))
+        bp = bench_pruning
+        groups, removed, _, _ = bp._speed_cut(model.config, bp.SPEED_TARGET, bp.SPEED_MULTIPLE, bp.SPEED_HEADS)
+        prunes.append(bp.speed_prune_pipeline(model.config, groups, removed, bp.SPEED_MULTIPLE,
+                                              bp.speed_calib(model.config).shape[1], "cuda"))
     for scheme in a.schemes.split(","):
         for prune in prunes:
             profile_scheme(model, scheme, 1 if a.prefill else a.batch, not a.no_compile, a.top,
