@@ -104,8 +104,10 @@ def test_dequantize_weight_is_bit_exact(device, qdtype, group, symmetric):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("qdtype", ["int8", "fp8e4m3"])
 @pytest.mark.parametrize("group", [0, 32, 64])
-def test_activation_quantization_is_bit_exact(device, qdtype, group):
-    x = (torch.randn(6, 192, device=device) * 4).to(torch.bfloat16)
+@pytest.mark.parametrize("k", [192, 4352])
+def test_activation_quantization_is_bit_exact(device, qdtype, group, k):
+    """K = 4352 (> ``ACT_QUANT_CHUNK`` after rounding up): the chunked kernel, its last chunk partly past K."""
+    x = (torch.randn(6, k, device=device) * 4).to(torch.bfloat16)
     x[1] = 0  # an all-zero token: scale 1e-12, codes 0
     x[2, :64] *= 100  # one loud group
     q, s = quantize_activation(x, qdtype, group)
@@ -117,9 +119,11 @@ def test_activation_quantization_is_bit_exact(device, qdtype, group):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("w_qdtype,w_group,zero_point", [("int8", 0, False), ("int4", 0, False), ("int4", 64, True),
                                                          ("fp8e4m3", 0, False)])
-def test_a8_gemm_accumulates_exactly(device, w_qdtype, w_group, zero_point):
-    """Unit scales and an fp32 output: the kernel's result is the integer dot product itself."""
-    m, n, k = 20, 40, 256
+@pytest.mark.parametrize("m,n,k", [(20, 40, 256), (40, 72, 192)])
+def test_a8_gemm_accumulates_exactly(device, w_qdtype, w_group, zero_point, m, n, k):
+    """Unit scales and an fp32 output: the kernel's result is the integer dot product itself. (40, 72, 192): under
+    the interpreter 3 row tiles in bands of 2 (``_grouped_tile``'s short last band) by 3 column tiles, and with
+    groups an odd number of them (3) in steps of 2 (``SUBK``: the last step's second group is past K)."""
     if w_qdtype == "fp8e4m3":  # small integers are exact in e4m3 and their products and sums in fp32
         xq = torch.randint(-8, 9, (m, k)).float().to(torch.float8_e4m3fn)
         wq = torch.randint(-8, 9, (n, k)).float().to(torch.float8_e4m3fn)

@@ -325,9 +325,12 @@ def test_rotary_and_cache_writes_run_in_one_kernel_per_layer(family, monkeypatch
     """``rotary_cache`` (on by default): each layer's rotary of q and k and its two float-cache writes become one
     ``rotary_write_kv`` node (none of the four ops left), named in the report; the step's prefill and decode
     steps run its kernel (two sequences of different lengths: positions differ per sequence) and greedy tokens
-    equal the torch reference's and, for Llama, those of ``rotary_cache=False`` (which keeps the four ops). Float
-    weights keep it to seconds under the interpreter (the rewrite does not look at the linears; the W4A16 step
-    of ``test_generation_runs_on_the_triton_backend`` runs it too)."""
+    equal those of ``rotary_cache=False`` (which keeps the four ops) and the torch reference's. On CUDA the
+    reference's attention is another kernel (SDPA against flash-decoding), so bf16 near-ties can break the other
+    way there: the H200 run of session 18 had qwen2 and qwen3 differ from it at steps whose top-2 logits were
+    0.56% and 0.66% apart (the fused and unfused backends agreed); there only the first new token (the prefill's)
+    is compared with the reference. Float weights keep it to seconds under the interpreter (the rewrite does not
+    look at the linears; the W4A16 step of ``test_generation_runs_on_the_triton_backend`` runs it too)."""
     pipeline = None
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
@@ -350,12 +353,14 @@ def test_rotary_and_cache_writes_run_in_one_kernel_per_layer(family, monkeypatch
     prompts = [[451, 113, 120, 50, 400], [422, 455]]
     out = fused.generate(prompts, 4, stop_tokens=())
     assert ran == [None] * 2 * 4  # 2 layers x (prefill + 3 decode steps), all on the kernel
-    assert out.tokens == compile_model(model, pipeline=pipeline, generation=spec, device=dev).generate(
-        prompts, 4, stop_tokens=()).tokens
-    if family == "llama":
-        plain = _triton_step(model, pipeline, spec, dev, rotary_cache=False)
-        assert _rotary_cache_nodes(plain) == (0, 4, 4) and not plain.runner.report["rotary_cache"]
-        assert plain.generate(prompts, 4, stop_tokens=()).tokens == out.tokens
+    plain = _triton_step(model, pipeline, spec, dev, rotary_cache=False)
+    assert _rotary_cache_nodes(plain) == (0, 4, 4) and not plain.runner.report["rotary_cache"]
+    assert plain.generate(prompts, 4, stop_tokens=()).tokens == out.tokens
+    ref = compile_model(model, pipeline=pipeline, generation=spec, device=dev).generate(prompts, 4, stop_tokens=())
+    if dev == "cpu":
+        assert out.tokens == ref.tokens
+    else:
+        assert [t[:1] for t in out.tokens] == [t[:1] for t in ref.tokens]
 
 
 @pytest.mark.gpu

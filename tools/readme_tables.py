@@ -28,6 +28,7 @@ COLUMNS = {
 }
 """Per results file: its own columns, in order, instead of ``PREFERRED``."""
 PIVOT_ID = {
+    "a8_gemm": ["run", "M", "kernel", "config", "gemm"],
     "e2e_backend": ["run", "scheme", "path", "variant"],
     "generate": ["model", "scheme", "method"],
 }

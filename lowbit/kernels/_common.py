@@ -131,7 +131,8 @@ def round_to_e4m3(y):
     e = ((bits >> 23) & 0xFF) - 127
     e = tl.maximum(e, -6)
     ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    return round_half_even(y / ulp) * ulp
+    r = round_half_even(y / ulp) * ulp
+    return tl.where(r == 0.0, y * 0.0, r)  # a negative y that rounds to zero is -0 (torch's cast: code 0x80, not 0)
 
 
 @triton.jit

@@ -70,14 +70,28 @@ def a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
 
 
 @triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of a 1-D grid, column tiles swept ``GROUP_M`` row tiles at a time: the programs
+    resident together read ``GROUP_M`` activation tiles and a band of weight tiles that stay in L2, where a row-major
+    order (``GROUP_M = 1``) streams the whole weight through L2 once per row tile."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * tiles_n
+    first_m = (pid // band) * GROUP_M
+    rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % band) % rows, (pid % band) // rows
+
+
+@triton.jit
 def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KEY,
                sam, ssam, swn, sswn, som,
                W_PACKED: tl.constexpr, W_SIGNED: tl.constexpr, HAS_WZ: tl.constexpr, IS_FP8: tl.constexpr,
                A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               ACT: tl.constexpr = 0, GATED: tl.constexpr = False):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+               ACT: tl.constexpr = 0, GATED: tl.constexpr = False, GROUP_M: tl.constexpr = 1,
+               SUBK: tl.constexpr = 1):
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -88,48 +102,47 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        if GROUPED:
-            base = tl.zeros_like(acc_i)
-        else:
-            base = acc_i
-        if W_PACKED:  # int4 -> int8 in registers, interleaved to K order (even/odd halves measured slower)
+    for k_step in range(0, K, BLOCK_K * SUBK):
+        for sub in tl.static_range(SUBK):  # SUBK scale groups per loop step: independent dots, one loop overhead
+            k0 = k_step + sub * BLOCK_K
+            if GROUPED:
+                base = tl.zeros_like(acc_i)
+            else:
+                base = acc_i
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(a_ptr + offs_m[:, None] * sam + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :],
                         other=0.0)
-            offs_c = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            b = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :],
-                        mask=n_ok[:, None] & (offs_c * 2 < K)[None, :], other=0)
-            q = unpack_nibbles(b, W_SIGNED)
-            if HAS_WZ:  # BLOCK_K <= W_GROUP: one zero point per row in this step
-                if W_GROUP > 0:
-                    zp = tl.load(zw_ptr + offs_n * sswn + k0 // W_GROUP, mask=n_ok, other=0).to(tl.int32)
-                else:
-                    zp = tl.load(zw_ptr + offs_n, mask=n_ok, other=0).to(tl.int32)
-                q = q - zp[:, None]
-            part = tl.dot(a, tl.trans(q.to(tl.int8)), base, out_dtype=tl.int32)
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            a = tl.load(a_ptr + offs_m[:, None] * sam + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            w = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            if IS_FP8:
-                part = tl.dot(a, tl.trans(w), base)
+            if W_PACKED:  # int4 -> int8 in registers, interleaved to K order (even/odd halves measured slower)
+                offs_c = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                b = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :],
+                            mask=n_ok[:, None] & (offs_c * 2 < K)[None, :], other=0)
+                q = unpack_nibbles(b, W_SIGNED)
+                if HAS_WZ:  # BLOCK_K <= W_GROUP: one zero point per row in this step
+                    if W_GROUP > 0:
+                        zp = tl.load(zw_ptr + offs_n * sswn + k0 // W_GROUP, mask=n_ok & (k0 < K),
+                                     other=0).to(tl.int32)
+                    else:
+                        zp = tl.load(zw_ptr + offs_n, mask=n_ok, other=0).to(tl.int32)
+                    q = q - zp[:, None]
+                part = tl.dot(a, tl.trans(q.to(tl.int8)), base, out_dtype=tl.int32)
             else:
-                part = tl.dot(a, tl.trans(w), base, out_dtype=tl.int32)
-        if GROUPED:
-            pf = part.to(tl.float32)
-            if A_GROUP > 0:
-                sa = tl.load(sa_ptr + offs_m * ssam + k0 // A_GROUP, mask=m_ok, other=0)
-                pf = pf * sa[:, None]
-            if W_GROUP > 0:
-                sw = tl.load(sw_ptr + offs_n * sswn + k0 // W_GROUP, mask=n_ok, other=0).to(tl.float32)
-                pf = pf * sw[None, :]
-            acc += pf
-        else:
-            acc_i = part
+                w = tl.load(w_ptr + offs_n[:, None] * swn + offs_k[None, :],
+                            mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+                if IS_FP8:
+                    part = tl.dot(a, tl.trans(w), base)
+                else:
+                    part = tl.dot(a, tl.trans(w), base, out_dtype=tl.int32)
+            if GROUPED:
+                pf = part.to(tl.float32)
+                if A_GROUP > 0:
+                    sa = tl.load(sa_ptr + offs_m * ssam + k0 // A_GROUP, mask=m_ok & (k0 < K), other=0)
+                    pf = pf * sa[:, None]
+                if W_GROUP > 0:
+                    sw = tl.load(sw_ptr + offs_n * sswn + k0 // W_GROUP, mask=n_ok & (k0 < K), other=0).to(tl.float32)
+                    pf = pf * sw[None, :]
+                acc += pf
+            else:
+                acc_i = part
     if not GROUPED:
         acc = acc_i.to(tl.float32)
     if A_GROUP == 0:
@@ -141,8 +154,32 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
     store_epilogue(acc, o_ptr, offs_m, pid_n * BLOCK_N, m_ok, som, N, ACT, GATED)
 
 
+A8_GROUP_M = 8
+"""Row tiles per band of the grouped program order (``_grouped_tile``) for the autotuned configs."""
+
+
+A8_STATIC_MIN_M = 1024
+"""From this M on, int8 / fp8 weights (not packed int4) take ``a8_static_config`` instead of the autotuner."""
+
+
+def a8_static_config(group: int) -> dict:
+    """The tile for M >= ``A8_STATIC_MIN_M``: the best of the H200 sweep (session 18, ``tools/bench_a8.py``, run
+    S18-a8 of bench/results/a8_gemm.json, M = 2048 at five 7B shapes). Per token x per channel: 128 x 128 x 128, 8
+    warps, 3 stages, bands of 8 row tiles — 1.53-1.83x cuBLAS bf16 for the GEMM; the autotuner's pick from
+    ``_configs`` measured 1.39x at 4096 x 22016 (the merged gate/up) where this tile took 1.72x. Scale groups
+    (``group``, the smaller of the two sides'): 64 x 128 x ``group`` with two groups per loop step, 4 warps, 4
+    stages (0.44-0.50x; the autotuned 0.31-0.47x): each group's partial is scaled on CUDA cores, as long as its
+    tensor-core product at fp8."""
+    if group:
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": group, "GROUP_M": A8_GROUP_M, "SUBK": 2, "num_warps": 4,
+                "num_stages": 4}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": A8_GROUP_M, "SUBK": 1, "num_warps": 8,
+            "num_stages": 3}
+
+
 def _configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": A8_GROUP_M, "SUBK": 1},
+                          num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 8, 4),
                                      (64, 128, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 64, 4, 4),
                                      (64, 64, 64, 4, 4))]
@@ -154,10 +191,10 @@ def _prune(configs, named_args, **kw):
     m = named_args["M"]
     out = [c for c in configs if (g == 0 or c.kwargs["BLOCK_K"] <= g) and (m > 64 or c.kwargs["BLOCK_M"] <= 64)]
     if not out:
-        out = [triton.Config({"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 128, "BLOCK_K": g},
-                             num_warps=4, num_stages=4),
-               triton.Config({"BLOCK_M": 128 if m > 64 else 64, "BLOCK_N": 128, "BLOCK_K": g},
-                             num_warps=8, num_stages=3)]
+        out = [triton.Config({"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 128, "BLOCK_K": g,
+                              "GROUP_M": A8_GROUP_M, "SUBK": 1}, num_warps=4, num_stages=4),
+               triton.Config({"BLOCK_M": 128 if m > 64 else 64, "BLOCK_N": 128, "BLOCK_K": g,
+                              "GROUP_M": A8_GROUP_M, "SUBK": 1}, num_warps=8, num_stages=3)]
     return out
 
 
@@ -190,14 +227,19 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
             qweight.stride(0), w_scale.stride(0), out.stride(0))
     meta = {"W_PACKED": packed, "W_SIGNED": signed, "HAS_WZ": w_zero_point is not None, "IS_FP8": is_fp8,
                 "A_GROUP": a_group, "W_GROUP": w_group, "HAS_BIAS": bias is not None, "ACT": act, "GATED": gated}
-    if interpreting():
+    static = None if interpreting() or packed or m < A8_STATIC_MIN_M else a8_static_config(min(groups or [0]))
+    if static is not None:
+        cfg = dict(static)
+        grid = (cdiv(n, cfg["BLOCK_N"]) * cdiv(m, cfg["BLOCK_M"]),)
+        launcher(xq, _a8_kernel)[grid](*args, **meta, **cfg)
+    elif interpreting():
         bk = min(groups) if groups else 64
-        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(bk, 64)}
-        grid = (cdiv(n, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"]))
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(bk, 64), "GROUP_M": 2, "SUBK": 2 if groups else 1}
+        grid = (cdiv(n, cfg["BLOCK_N"]) * cdiv(m, cfg["BLOCK_M"]),)
         launcher(xq, _a8_kernel)[grid](*args, **meta, **cfg)
     else:
         def grid(meta):
-            return (cdiv(n, meta["BLOCK_N"]), cdiv(m, meta["BLOCK_M"]))
+            return (cdiv(n, meta["BLOCK_N"]) * cdiv(m, meta["BLOCK_M"]),)
         launcher(xq, _a8_kernel_tuned)[grid](*args, **meta)
     return out
 

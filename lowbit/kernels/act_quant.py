@@ -28,6 +28,12 @@ __all__ = ["QMAX", "cuda_reciprocal", "quantize_activation", "quantize_activatio
            "row_quant_setup"]
 
 QMAX = {"int8": 127.0, "fp8e4m3": 448.0}
+ACT_QUANT_CHUNK = 4096
+"""Rows wider than this (after rounding K up to a power of two) are quantized in chunks of this many channels:
+a whole 11008-wide row per program (16384 lanes, 64 per thread at 8 warps) took ~67 µs for 2048 tokens on the
+H200 (session 18, ``tools/bench_a8.py``: the W8A8 op at 11008 x 4096 minus its GEMM) and 41 µs in 2048-wide
+chunks, while whole 4096-wide rows took ~11 µs and 22 µs in 2048-wide chunks: so 4096 is whole, wider rows go
+in 4096-wide chunks."""
 _STORAGE = {"int8": torch.int8, "fp8e4m3": torch.float8_e4m3fn}
 
 
@@ -56,40 +62,67 @@ def quantize_store_row(x, q_ptr, s_ptr, offs, ok, K, QMAX: tl.constexpr, RCP: tl
     scale(s) at ``s_ptr`` (one, or one per ``GROUP`` channels): shared by this kernel and the fused
     RMSNorm+quantize (``norm_quant.py``)."""
     if GROUP == 0:
-        amax = tl.max(tl.abs(x), axis=0)
-        if RCP != 0.0:
-            s = tl.maximum(amax * RCP, 1e-12)
-        else:
-            s = tl.maximum(tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1e-12)
+        s = _scale(tl.max(tl.abs(x), axis=0), QMAX, RCP)
         tl.store(s_ptr, s)
         y = tl.math.div_rn(x, tl.zeros_like(x) + s)
     else:
         NG: tl.constexpr = BLOCK_K // GROUP
         x3 = tl.reshape(x, (NG, GROUP))
-        amax = tl.max(tl.abs(x3), axis=1)
-        if RCP != 0.0:
-            s = tl.maximum(amax * RCP, 1e-12)
-        else:
-            s = tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
+        s = _scale(tl.max(tl.abs(x3), axis=1), QMAX, RCP)
         offs_g = tl.arange(0, NG)
         tl.store(s_ptr + offs_g, s, mask=offs_g * GROUP < K)
         y = tl.reshape(tl.math.div_rn(x3, tl.zeros_like(x3) + s[:, None]), (BLOCK_K,))
+    _store_codes(y, q_ptr + offs, ok, QMAX, IS_FP8)
+
+
+@triton.jit
+def _scale(amax, QMAX: tl.constexpr, RCP: tl.constexpr):
+    """``max(amax / qmax, 1e-12)`` as the reference computes it on the device (``RCP``: CUDA's reciprocal)."""
+    if RCP != 0.0:
+        return tl.maximum(amax * RCP, 1e-12)
+    return tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
+
+
+@triton.jit
+def _store_codes(y, ptrs, ok, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
+    """``y = x / scale`` rounded to the code (int8: half to even, clamped; fp8: clamped, RTNE cast) and stored."""
     if IS_FP8:
         q = round_to_e4m3(tl.clamp(y, -QMAX, QMAX)).to(tl.float8e4nv)
     else:
         q = tl.clamp(round_half_even(y), -128.0, 127.0).to(tl.int8)
-    tl.store(q_ptr + offs, q, mask=ok)
+    tl.store(ptrs, q, mask=ok)
 
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm,
                       QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr = False):
+    """One row per program. ``CHUNKED``: the row in ``BLOCK_K``-wide chunks — per group, each chunk quantized
+    on its own (its groups lie inside it); per token, a first pass for the row's amax and a second (the row again,
+    from L2) for the codes."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
-    ok = offs < K
-    x = tl.load(x_ptr + row * sxm + offs, mask=ok, other=0.0).to(tl.float32)
-    quantize_store_row(x, q_ptr + row * sqm, s_ptr + row * ssm, offs, ok, K, QMAX, RCP, IS_FP8, GROUP, BLOCK_K)
+    if not CHUNKED:
+        ok = offs < K
+        x = tl.load(x_ptr + row * sxm + offs, mask=ok, other=0.0).to(tl.float32)
+        quantize_store_row(x, q_ptr + row * sqm, s_ptr + row * ssm, offs, ok, K, QMAX, RCP, IS_FP8, GROUP, BLOCK_K)
+    elif GROUP > 0:
+        for c in range(0, K, BLOCK_K):
+            ok = offs < K - c
+            x = tl.load(x_ptr + row * sxm + c + offs, mask=ok, other=0.0).to(tl.float32)
+            quantize_store_row(x, q_ptr + row * sqm + c, s_ptr + row * ssm + c // GROUP, offs, ok, K - c, QMAX, RCP,
+                               IS_FP8, GROUP, BLOCK_K)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for c in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + row * sxm + c + offs, mask=offs < K - c, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        s = _scale(tl.max(amax, axis=0), QMAX, RCP)
+        tl.store(s_ptr + row * ssm, s)
+        for c in range(0, K, BLOCK_K):
+            ok = offs < K - c
+            x = tl.load(x_ptr + row * sxm + c + offs, mask=ok, other=0.0).to(tl.float32)
+            _store_codes(tl.math.div_rn(x, tl.zeros_like(x) + s), q_ptr + row * sqm + c + offs, ok, QMAX, IS_FP8)
 
 
 def row_quant_setup(x: torch.Tensor, qdtype: str, group_size: int, op: str
@@ -116,6 +149,10 @@ def row_quant_setup(x: torch.Tensor, qdtype: str, group_size: int, op: str
 def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes ``[M, K]`` (int8 / float8_e4m3fn) and fp32 scales ``[M, K/g]`` (``[M, 1]`` when ``group_size`` is 0)."""
     x2, q, s, meta = row_quant_setup(x, qdtype, group_size, "quantize_activation")
+    # every constexpr passed, defaults too: torch.compile's launch of a traced Triton kernel needs them all
+    meta = dict(meta, CHUNKED=False)
+    if meta["BLOCK_K"] > ACT_QUANT_CHUNK:
+        meta.update(BLOCK_K=max(ACT_QUANT_CHUNK, group_size), CHUNKED=True, num_warps=4)
     launcher(x2, _act_quant_kernel)[(x2.shape[0],)](x2, q, s, x2.shape[1], x2.stride(0), q.stride(0), s.stride(0),
                                                    **meta)
     return q, s

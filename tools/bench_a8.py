@@ -1,0 +1,181 @@
+"""The A8 GEMM (W8A8 int8, FP8 block-scaled) tile configs against cuBLAS bf16, ``_int_mm`` and ``_scaled_mm``, one run.
+
+    python tools/bench_a8.py [--ms 2048,128] [--shapes 4096x11008,...] [--out bench/results/a8_gemm.json]
+                             [--run NAME] [--budget-s 300] [--no-sweep]
+
+Issue 17's prefill goals (W8A8 and FP8 at M = 2048 >= 1.6x cuBLAS bf16 *including* the activation quantization)
+are bound by ``lowbit.kernels.a8_linear._a8_kernel``'s tiles and program order. For every shape this times, in
+CUDA-graph replays over rotated weight copies (weights cold in L2, ``bench_kernels.measure``): cuBLAS bf16
+``F.linear``; ``torch._int_mm`` and ``torch._scaled_mm`` (fp8 rowwise) raw; the GEMM half alone (``a8_gemm``:
+"op launch" = the op's own choice, the autotuner or ``a8_static_config`` from M = 1024) and at each config of
+``CONFIGS`` (``GROUP_M`` 1 = row-major program order, 8 = grouped); and the op a model calls
+(``torch.ops.lowbit.a8_linear``: activation quantization + that GEMM). Rows are merged into ``--out`` under
+``--run`` (``results_io.merge_rows``). Needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import copy_bandwidth, measure, qweight
+from results_io import machine, merge_rows, versions
+
+from lowbit.kernels import quantize_activation
+from lowbit.kernels._common import cdiv, launcher
+
+a8mod = importlib.import_module("lowbit.kernels.a8_linear")  # the module (the package re-exports the op by this name)
+
+SHAPES = ((4096, 11008), (11008, 4096), (4096, 12288), (4096, 22016), (4096, 4096))
+"""(K, N): the issue's two goal shapes and the 7B stack's merged q/k/v, merged gate/up and o_proj."""
+
+CONFIGS = [(bm, bn, bk, w, s, g, sub) for bm, bn, bk, w, s, g, sub in (
+    (128, 128, 128, 8, 3, 1, 1), (128, 128, 128, 8, 3, 8, 1), (128, 256, 128, 8, 3, 1, 1), (128, 256, 128, 8, 3, 8, 1),
+    (256, 128, 128, 8, 3, 8, 1), (128, 128, 128, 4, 4, 8, 1), (64, 128, 128, 4, 4, 8, 1), (128, 256, 128, 8, 4, 8, 1),
+    (128, 128, 64, 8, 4, 1, 1), (128, 128, 64, 8, 4, 8, 1), (128, 256, 64, 8, 4, 8, 1), (256, 128, 64, 8, 4, 8, 1),
+    (128, 128, 64, 4, 5, 8, 1), (128, 128, 64, 8, 4, 8, 2), (128, 256, 64, 8, 3, 8, 2), (128, 128, 64, 4, 4, 8, 2),
+    (64, 128, 64, 4, 4, 8, 2), (128, 128, 64, 8, 6, 8, 1))]
+"""(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, GROUP_M, SUBK) tried for each scheme (BLOCK_K above a scale
+group, or SUBK > 1 without groups, is skipped); the first is the kernel's old tile and program order."""
+
+SCHEMES = {  # name -> (weight qdtype, weight group, activation qdtype, activation group)
+    "w8a8": ("int8", 0, "int8", 0),
+    "fp8-block64": ("fp8e4m3", 64, "fp8e4m3", 64),
+    "fp8-rowwise": ("fp8e4m3", 0, "fp8e4m3", 0),
+}
+"""The op rows run the Triton GEMM; fp8-rowwise also gets an op row through ``torch._scaled_mm`` (the default
+where ``FP8_ROWWISE_SCALED_MM``)."""
+
+
+def a8_call(xq, xs, q, s, wq: str, wg: int, ag: int, cfg: tuple | None):
+    """The GEMM half at ``cfg`` (None: the op's own launch)."""
+    if cfg is None:
+        return lambda: a8mod.a8_gemm(xq, xs, q, s, None, None, wq, wg, ag, torch.bfloat16)
+    bm, bn, bk, w, st, g, sub = cfg
+    m, k = xq.shape
+    n = q.shape[0]
+    out = torch.empty((m, n), device=xq.device, dtype=torch.bfloat16)
+    args = (xq, xs, q, s, s, s, out, m, n, k, 0, xq.stride(0), xs.stride(0), q.stride(0), s.stride(0), out.stride(0))
+    meta = dict(W_PACKED=False, W_SIGNED=True, HAS_WZ=False, IS_FP8=wq == "fp8e4m3", A_GROUP=ag, W_GROUP=wg,
+                HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, SUBK=sub, num_warps=w, num_stages=st)
+    grid = (cdiv(m, bm) * cdiv(n, bn),)
+    kern = launcher(xq, a8mod._a8_kernel)
+    return lambda: kern[grid](*args, **meta)
+
+
+SWEEP = [True]
+"""``--no-sweep`` clears it: the baselines and the op's own launch only."""
+
+
+def bench_shape(m: int, k: int, n: int, common: dict, deadline: float) -> list[dict]:
+    rows = []
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * m * n * k
+
+    def add(kernel: str, t: tuple[float, float], base: float | None, **extra) -> None:
+        r = {**common, "kernel": kernel, "M": m, "K": k, "N": n, "us": round(t[0], 2),
+             "tflops": round(flops / t[0] / 1e6, 1), **extra}
+        if base:
+            r.update(baseline="cublas_bf16", baseline_us=round(base, 2), speedup=round(base / t[0], 3))
+        rows.append(r)
+
+    def dense():
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        return lambda: F.linear(x, wb)
+    base = measure(dense, 2 * n * k)[0]
+    add("cublas_bf16", (base, 0), None)
+    xq8, xs8 = quantize_activation(x, "int8", 0)
+
+    def int_mm():
+        q8 = qweight(n, k, "int8", 0, True)[0]
+        return lambda: torch._int_mm(xq8, q8.t())
+    add("torch_int_mm_raw", measure(int_mm, n * k), base)
+    xf8, xfs = quantize_activation(x, "fp8e4m3", 0)
+
+    def scaled_mm():
+        qf, sf = qweight(n, k, "fp8e4m3", 0, True)[:2]
+        return lambda: torch._scaled_mm(xf8, qf.t(), scale_a=xfs, scale_b=sf.reshape(1, n), out_dtype=torch.bfloat16)
+    add("torch_scaled_mm_fp8_rowwise_raw", measure(scaled_mm, n * k), base)
+    for scheme, (wq, wg, aq, ag) in SCHEMES.items():
+        xq, xs = quantize_activation(x, aq, ag)
+        groups = [g for g in (wg, ag) if g]
+        best = None
+        for cfg in [None, *CONFIGS] if SWEEP[0] else [None]:
+            if cfg is not None and (groups and cfg[2] > min(groups) or not groups and cfg[6] > 1
+                                    or time.time() > deadline):
+                continue
+
+            def make(cfg=cfg):
+                q, s = qweight(n, k, wq, wg, True)[:2]
+                return a8_call(xq, xs, q, s, wq, wg, ag, cfg)
+            try:
+                t = measure(make, n * k)
+            except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory) is a row, not a stop
+                rows.append({**common, "kernel": f"{scheme}_gemm", "M": m, "K": k, "N": n,
+                             "config": "op launch" if cfg is None else str(cfg), "error": repr(e)[:200]})
+                continue
+            name = "op launch" if cfg is None else "BM{}_BN{}_BK{}_w{}_s{}_G{}_S{}".format(*cfg)
+            add(f"{scheme}_gemm", t, base, config=name)
+            if cfg is not None and (best is None or t[0] < best[1]["us"]):
+                best = (cfg, rows[-1])
+        if best is not None:
+            best[1]["best"] = True
+
+        for scaled_mm in (False, True) if scheme == "fp8-rowwise" else (False,):
+            def op(scaled_mm=scaled_mm):
+                q, s = qweight(n, k, wq, wg, True)[:2]
+                return lambda: torch.ops.lowbit.a8_linear(x, q, s, None, None, wq, wg, aq, ag, scaled_mm)
+            add(f"{scheme}_op_incl_act_quant", measure(op, n * k), base,
+                gemm="torch._scaled_mm" if scaled_mm else "triton")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/a8_gemm.json")
+    ap.add_argument("--ms", default="2048,128")
+    ap.add_argument("--shapes", default="")
+    ap.add_argument("--run", default="")
+    ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--no-sweep", action="store_true", help="skip CONFIGS: baselines and the op's launch only")
+    args = ap.parse_args()
+    SWEEP[0] = not args.no_sweep
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_a8 needs CUDA")
+    deadline = time.time() + args.budget_s
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else list(SHAPES)
+    date = datetime.date.today().isoformat()
+    common = {"device": machine("cuda"), "date": date, "run": args.run or date}
+    bw = copy_bandwidth()
+    rows = [{**common, "kernel": "copy_bandwidth", "bytes_per_s": round(bw)}]
+    header = {"command": "python " + " ".join(sys.argv), "date": date, "device": common["device"],
+              "versions": {**versions(), "triton": triton.__version__}}
+    out = Path(args.out)
+    key = ("run", "kernel", "M", "K", "N", "config")
+    for m in map(int, args.ms.split(",")):
+        for k, n in shapes:
+            if time.time() > deadline:
+                print(f"budget: M={m} {k}x{n} not run", flush=True)
+                continue
+            t0 = time.time()
+            new = bench_shape(m, k, n, common, deadline)
+            rows.extend(new)
+            merge_rows(out, header, rows, key=key)
+            brief = " ".join(f"{r.get('config', r['kernel'])}{'/' + r['gemm'] if 'gemm' in r else ''}="
+                             f"{r.get('speedup', r.get('us', 'err'))}"
+                             for r in new if "error" not in r)
+            print(f"M={m} {k}x{n} ({time.time() - t0:.0f}s): {brief}", flush=True)
+    merge_rows(out, header, rows, key=key)
+
+
+if __name__ == "__main__":
+    main()
