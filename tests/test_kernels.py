@@ -312,6 +312,9 @@ N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major ke
     ("int4", 0, False, 20, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "PS": 8, "SPLIT_K": 1}),
     ("int4", 32, True, 3, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "PS": 2, "SPLIT_K": 3}),
     ("uint4", 64, True, 17, {"TC": True, "BLOCK_M": 32, "BLOCK_N": 16, "PS": 4, "SPLIT_K": 1}),
+    # _tc_chunk with SWAP (the weights as the dot's first operand): g128 asym split-K, per channel
+    ("int4", 128, False, 40, {"TC": True, "BLOCK_M": 32, "BLOCK_N": 16, "PS": 4, "SPLIT_K": 2, "SWAP": True}),
+    ("int4", 0, True, 20, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "PS": 8, "SPLIT_K": 1, "SWAP": True}),
 ]
 
 

@@ -43,7 +43,10 @@ CONFIGS = [(bm, bn, bk, w, s, g, sub) for bm, bn, bk, w, s, g, sub in (
     (256, 128, 128, 8, 3, 8, 1), (128, 128, 128, 4, 4, 8, 1), (64, 128, 128, 4, 4, 8, 1), (128, 256, 128, 8, 4, 8, 1),
     (128, 128, 64, 8, 4, 1, 1), (128, 128, 64, 8, 4, 8, 1), (128, 256, 64, 8, 4, 8, 1), (256, 128, 64, 8, 4, 8, 1),
     (128, 128, 64, 4, 5, 8, 1), (128, 128, 64, 8, 4, 8, 2), (128, 256, 64, 8, 3, 8, 2), (128, 128, 64, 4, 4, 8, 2),
-    (64, 128, 64, 4, 4, 8, 2), (128, 128, 64, 8, 6, 8, 1))]
+    (64, 128, 64, 4, 4, 8, 2), (128, 128, 64, 8, 6, 8, 1),
+    # for M = 128 at N = 4096 (32 column tiles of 128 leave most of the 132 SMs idle): narrower tiles (not yet run)
+    (64, 64, 128, 4, 4, 8, 1), (64, 64, 64, 4, 5, 8, 1), (32, 64, 128, 4, 4, 8, 1), (64, 32, 128, 4, 4, 8, 1),
+    (64, 64, 64, 4, 4, 8, 2))]
 """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, GROUP_M, SUBK) tried for each scheme (BLOCK_K above a scale
 group, or SUBK > 1 without groups, is skipped); the first is the kernel's old tile and program order."""
 

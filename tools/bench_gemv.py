@@ -68,8 +68,9 @@ PREFILL_CONFIGS = [_tm(*c) for c in (
 bucket (``weight_only.prefill_bucket``) is its ``BLOCK_M``."""
 
 
-def _tcc(bm, bn, ps, w, st, sk):
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "PS": ps, "num_warps": w, "num_stages": st, "SPLIT_K": sk}
+def _tcc(bm, bn, ps, w, st, sk, swap=False):
+    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "PS": ps, "num_warps": w, "num_stages": st, "SPLIT_K": sk}
+    return dict(cfg, SWAP=True) if swap else cfg
 
 
 CHUNK_CONFIGS = [_tcc(*c) for c in (
@@ -82,7 +83,12 @@ CHUNK_CONFIGS = [_tcc(*c) for c in (
     # session 17: every 128-row config above ran out of shared memory in run S8b (233-356 KB of 227): the same tiles
     # with Triton's pipeline at 2 stages or none
     (128, 64, 4, 4, 2, 1), (128, 64, 2, 4, 2, 1), (128, 128, 2, 4, 2, 1), (128, 128, 4, 8, 2, 1),
-    (128, 64, 8, 4, 2, 1), (128, 64, 4, 4, 1, 1), (128, 128, 4, 8, 1, 1), (128, 64, 4, 4, 2, 2))]
+    (128, 64, 8, 4, 2, 1), (128, 64, 4, 4, 1, 1), (128, 128, 4, 8, 1, 1), (128, 64, 4, 4, 2, 2),
+    # session 18: SWAP (the dequantized weights as the dot's register operand, the activations through shared
+    # memory); not yet run on the GPU
+    (128, 64, 4, 4, 2, 1, True), (128, 128, 4, 8, 2, 1, True), (128, 128, 8, 8, 2, 1, True),
+    (128, 64, 2, 4, 3, 1, True), (64, 128, 4, 4, 3, 1, True), (64, 64, 8, 4, 3, 2, True),
+    (128, 128, 4, 8, 3, 1, True), (128, 64, 4, 4, 3, 2, True))]
 """``tc_c``: ``_tc_chunk`` (``PS`` code positions per dot) at M = 16 (16-row tiles) and prefill M (the bucket's)."""
 
 

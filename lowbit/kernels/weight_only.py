@@ -1153,13 +1153,16 @@ def _tc_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, sw
 def _tc_chunk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos,
               SIGNED: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
               PARTIAL: tl.constexpr, XOR: tl.constexpr, UPCAST: tl.constexpr, CW: tl.constexpr, PS: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr = False):
     """Tensor-core GEMM for prefill M on the N-major int4 words: per chunk one ``[CW, BLOCK_N]`` word tile, its
     codes of ``PS`` positions at once (``[PS, CW, BLOCK_N]`` by one broadcast shift), dequantized to the activation
     dtype (``(q - z) * s`` rounded once, as the reference) and laid out as one ``[PS*CW, BLOCK_N]`` operand: one
     ``[BLOCK_M, PS*CW] x [PS*CW, BLOCK_N]`` dot per ``PS`` positions, where ``_tc_t`` issues one K = CW dot per
     position (short dots that kept it at ~160 TFLOPS at M = 128, run S8a). Positions ``i*CW + j`` of a chunk are
-    consecutive K, so the activation tile is a contiguous ``PS*CW`` run of the row."""
+    consecutive K, so the activation tile is a contiguous ``PS*CW`` run of the row. ``SWAP``: the product is
+    taken transposed, ``[BLOCK_N, PS*CW] x [PS*CW, BLOCK_M]``, so the dequantized weights are the dot's first
+    operand, which Hopper's wgmma reads from registers (the second must sit in shared memory): the activation tile
+    goes through shared memory instead of the weights (a candidate for M = 128, not yet measured)."""
     PER: tl.constexpr = 8
     OFF: tl.constexpr = 8 if SIGNED else 0
     KS: tl.constexpr = PS * CW
@@ -1167,7 +1170,10 @@ def _tc_chunk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
     offs_j = tl.arange(0, CW)
     offs_p = tl.arange(0, PS)
     offs_ks = tl.arange(0, KS)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GROUP == 0:
         s_pc = tl.load(s_ptr + offs_n * ssn, mask=n_ok, other=0).to(tl.float32)[None, None, :]
         zz_pc = tl.zeros((BLOCK_N,), dtype=tl.float32)[None, None, :] + OFF
@@ -1193,11 +1199,19 @@ def _tc_chunk(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm
             xk = tl.load(x_ptr + offs_m[:, None] * sxm + c * (PER * CW) + h * KS + offs_ks[None, :],
                          mask=m_ok[:, None], other=0.0)
             w = (u.to(tl.float32) - zz) * sc
-            if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8): the rounded weights in fp32
+            if SWAP:
+                wt = tl.reshape(tl.permute(w.to(xk.dtype), (2, 0, 1)), (BLOCK_N, KS))  # [n, (position, j)]
+                if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8): the rounded weights in fp32
+                    acc_t += tl.dot(wt.to(tl.float32), tl.trans(xk.to(tl.float32)), input_precision="ieee")
+                else:
+                    acc_t = tl.dot(wt, tl.trans(xk), acc_t)
+            elif UPCAST:
                 w = tl.reshape(w.to(xk.dtype).to(tl.float32), (KS, BLOCK_N))
                 acc += tl.dot(xk.to(tl.float32), w, input_precision="ieee")
             else:
                 acc = tl.dot(xk, tl.reshape(w.to(xk.dtype), (KS, BLOCK_N)), acc)
+    if SWAP:
+        acc = tl.trans(acc_t)
     _store_tile(acc, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som, sos, PARTIAL, HAS_BIAS)
 
 
@@ -1504,7 +1518,7 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
         kernel = _tc_chunk
         meta = {key: meta[key] for key in ("SIGNED", "GROUP", "HAS_ZP", "XOR", "CW", "BLOCK_M", "BLOCK_N",
                                            "num_warps", "num_stages")}
-        meta.update(UPCAST=interpreting(), PS=cfg["PS"])
+        meta.update(UPCAST=interpreting(), PS=cfg["PS"], SWAP=cfg.get("SWAP", False))
         mask_args = ()
     elif cfg["TC"]:
         kernel = _tc_t if n_major else _tc_words
