@@ -5,15 +5,20 @@ GEMM below, which accumulates exact int32 (or fp32 for fp8) dot products and app
 
 - per-token activation scale and per-channel weight scale: both in the epilogue (``acc * sa[m] * sw[n]``);
 - per-group scales on either side (``w8a8-g64``: activation groups of 64; ``fp8``: weight and activation groups
-  of 64; W4A8: int4 weight groups): the K loop steps one group at a time (BLOCK_K = the smaller group) and
-  adds ``dot * sa[m, g] * sw[n, g]`` to an fp32 accumulator.
+  of 64; W4A8: int4 weight groups): one dot per group (BLOCK_K = the smaller group, ``SUBK`` groups per loop
+  step), each adding ``dot * sa[m, g] * sw[n, g]`` to an fp32 accumulator.
+
+Programs take their output tiles in bands of ``A8_GROUP_M`` row tiles (``_grouped_tile``) so the weight tiles a
+band reads stay in L2; from M = ``A8_STATIC_MIN_M`` the tile is ``a8_static_config`` (measured), below it the
+autotuner's pick from ``_configs``.
 
 Weights are lowbit's stored form: int8 ``[N, K]`` (symmetric), int4 packed ``[N, K/2]`` unpacked to int8 in
 registers (an int4 zero point is subtracted there: ``q - zp`` stays in [-15, 15]), float8_e4m3fn ``[N, K]``.
 ``[N, K]`` K-contiguous is the K-major B operand Hopper's int8/fp8 wgmma needs, so no repack either.
 
 FP8 per-token x per-channel can instead run on ``torch._scaled_mm`` (cuBLASLt rowwise); ``FP8_ROWWISE_SCALED_MM``
-says which is the default, chosen from ``tools/bench_kernels.py``'s side-by-side timing.
+says which is the default, chosen from ``tools/bench_kernels.py``'s and ``tools/bench_a8.py``'s side-by-side timing
+(session 18: ``_scaled_mm`` 1.60x / 1.19x cuBLAS bf16 incl. the quantize at M = 2048, the Triton GEMM 1.49x / 1.29x).
 
 Numerics vs the reference (activation fake-quant to x.dtype, weight dequantize to x.dtype, bf16 ``linear``):
 the kernel's products are exact and scaled once in fp32, the reference rounds each dequantized operand to bf16
