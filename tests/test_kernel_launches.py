@@ -1,0 +1,126 @@
+"""Every Triton launch an op makes passes every parameter of its kernel, defaults included.
+
+Why: under ``torch.compile`` a ``triton_op``'s launches are traced (``wrap_triton``) and Inductor launches the kernel
+with exactly the arguments the trace saw, so a constexpr left to its Python default is a missing argument there
+("Incorrect number of arguments passed to kernel", or a shifted grid argument), while the eager and interpreted
+calls, which use the default, run. Session 18 lost two H200 calls to two such defaults (``_a8_kernel``'s ``SUBK``
+in the autotune configs, ``_act_quant_kernel``'s ``CHUNKED``). The interpreter never takes the GPU's configs, so
+this test runs the ops with ``interpreting()`` reporting False (the GPU's tables, the autotuner's configs, the
+static tiles) and a launcher that records each launch instead of running it: it checks arguments, not results.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+import torch
+from triton.runtime.autotuner import Autotuner
+
+from lowbit.ir.quant import qparams_from_range, quantize
+
+MODULES = ("a8_linear", "act_quant", "norm_quant", "weight_only", "hadamard", "decode_step")
+
+
+def _missing(kernel, args: tuple, kwargs: dict) -> list[str]:
+    """Parameters of ``kernel`` (a JITFunction or an Autotuner) that neither the call nor every autotune config
+    supplies."""
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel  # a JITFunction, or the interpreter's wrapper
+    names = getattr(fn, "arg_names", None) or list(inspect.signature(fn.fn).parameters)
+    configs = getattr(kernel, "configs", None) or []
+    from_configs = set.intersection(*(set(c.kwargs) for c in configs)) if configs else set()
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune is not None:  # the prune's fallback configs (built when no listed config fits) must carry them too
+        named = dict(zip(names, args)) | kwargs
+        kept = prune(configs, named)
+        from_configs &= set.intersection(*(set(c.kwargs) for c in kept)) if kept else set()
+    return [a for a in names[len(args):] if a not in kwargs and a not in from_configs]
+
+
+@pytest.fixture
+def launches(monkeypatch) -> list[tuple[str, list[str]]]:
+    """(kernel name, parameters not passed) for every launch the ops make while the fixture is active."""
+    seen: list[tuple[str, list[str]]] = []
+
+    def launcher(_t, kernel):
+        class Launch:
+            def __getitem__(self, grid):
+                def call(*args, **kwargs):
+                    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+                    seen.append((getattr(fn, "__name__", None) or fn.fn.__name__, _missing(kernel, args, kwargs)))
+                return call
+        return Launch()
+
+    for name in MODULES:
+        mod = importlib.import_module(f"lowbit.kernels.{name}")
+        if hasattr(mod, "launcher"):
+            monkeypatch.setattr(mod, "launcher", launcher)
+        if hasattr(mod, "interpreting"):
+            monkeypatch.setattr(mod, "interpreting", lambda: False)
+    return seen
+
+
+def _weight(n: int, k: int, qdtype: str, group: int, symmetric: bool):
+    w = torch.randn(n, k)
+    wv = w.view(n, k // group, group) if group else w
+    s, z = qparams_from_range(wv.amin(-1), wv.amax(-1), qdtype, symmetric)
+    q = quantize(w, s, z, qdtype=qdtype, axis=1 if group else 0, block_size=group or None)
+    return q, s, (None if symmetric else z)
+
+
+@pytest.mark.parametrize("m", [3, 40, 1024])
+@pytest.mark.parametrize("w_qdtype,w_group,a_qdtype,a_group", [
+    ("int8", 0, "int8", 0), ("int8", 0, "int8", 64), ("int4", 64, "int8", 0), ("fp8e4m3", 64, "fp8e4m3", 64),
+    ("fp8e4m3", 0, "fp8e4m3", 0)])
+def test_a8_and_activation_quantize_pass_every_parameter(launches, m, w_qdtype, w_group, a_qdtype, a_group):
+    """``a8_linear`` at decode, autotuned and static-tile M; the activation quantize whole-row and chunked."""
+    k, n = (4352 if m == 40 else 256), 128
+    q, s, z = _weight(n, k, w_qdtype, w_group, w_qdtype != "int4")
+    x = torch.randn(m, k).to(torch.bfloat16)
+    torch.ops.lowbit.a8_linear(x, q, s, z, None, w_qdtype, w_group, a_qdtype, a_group, False)
+    names = {name for name, _ in launches}
+    assert {"_act_quant_kernel", "_a8_kernel"} <= names
+    assert all(not missing for _, missing in launches), launches
+
+
+@pytest.mark.parametrize("m", [1, 5, 40, 128])
+@pytest.mark.parametrize("k,group", [(4096, 128), (512, 0)])
+def test_weight_only_linear_passes_every_parameter(launches, m, k, group):
+    """The word-layout GEMVs (M = 1 and tensor-core M), the prefill tables' tiles, the split-K reduce."""
+    from lowbit.kernels import weight_only as wo
+
+    n = 256
+    q, s, z = _weight(n, k, "int4", group, False)
+    words, ws, wz = wo.pack_words(q, s, z, "int4", group)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    torch.ops.lowbit.weight_only_linear(x, words, ws, wz, None, "int4", group, "auto")
+    assert launches and all(not missing for _, missing in launches), launches
+
+
+@pytest.mark.parametrize("qdtype,group", [("int8", 0), ("fp8e4m3", 64)])
+def test_rms_norm_quant_and_weight_only_add_norm_pass_every_parameter(launches, qdtype, group):
+    """The fused RMSNorm + quantize, and the GEMV whose split-K reduce adds the residual and takes the norm's
+    partial sums (``norm_residual``)."""
+    from lowbit.kernels import weight_only as wo
+
+    x = torch.randn(4, 512).to(torch.bfloat16)
+    torch.ops.lowbit.rms_norm_quant(x, torch.randn(512).to(torch.bfloat16), 1e-6, True, qdtype, group)
+    q, s, z = _weight(512, 512, "int4", 128, False)
+    words, ws, wz = wo.pack_words(q, s, z, "int4", 128)
+    wo.weight_only_linear_add_norm(x[:1], words, ws, wz, None, "int4", 128, x[:1].clone(),
+                                   torch.randn(512).to(torch.bfloat16))
+    assert len(launches) >= 2 and all(not missing for _, missing in launches), launches
+
+
+def test_decode_step_kernels_pass_every_parameter(launches):
+    """The greedy argmax and a decode step's attention over a float cache (GQA: 4 query heads on 2 kv heads)."""
+    torch.ops.lowbit.row_argmax(torch.randn(2, 1000).to(torch.bfloat16))
+    q = torch.randn(2, 4, 1, 32).to(torch.bfloat16)
+    k, v = (torch.randn(2, 2, 64, 32).to(torch.bfloat16) for _ in range(2))
+    mask = torch.zeros(2, 1, 1, 64, dtype=torch.bool)
+    mask[..., :9] = True
+    torch.ops.lowbit.decode_sdpa(q, k, v, mask, None, True)
+    names = {name for name, _ in launches}
+    assert {"_row_argmax", "_sdpa_split", "_sdpa_merge"} <= names, names
+    assert all(not missing for _, missing in launches), launches
