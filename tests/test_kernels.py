@@ -106,7 +106,7 @@ def test_dequantize_weight_is_bit_exact(device, qdtype, group, symmetric):
 @pytest.mark.parametrize("group", [0, 32, 64])
 @pytest.mark.parametrize("k", [192, 4352])
 def test_activation_quantization_is_bit_exact(device, qdtype, group, k):
-    """K = 4352 (> ``ACT_QUANT_CHUNK`` after rounding up): the chunked kernel, its last chunk partly past K."""
+    """K = 4352 (> ``ACT_QUANT_WHOLE_ROW`` after rounding up): the chunked kernel, its last chunk partly past K."""
     x = (torch.randn(6, k, device=device) * 4).to(torch.bfloat16)
     x[1] = 0  # an all-zero token: scale 1e-12, codes 0
     x[2, :64] *= 100  # one loud group

@@ -28,12 +28,13 @@ __all__ = ["QMAX", "cuda_reciprocal", "quantize_activation", "quantize_activatio
            "row_quant_setup"]
 
 QMAX = {"int8": 127.0, "fp8e4m3": 448.0}
-ACT_QUANT_CHUNK = 4096
-"""Rows wider than this (after rounding K up to a power of two) are quantized in chunks of this many channels:
-a whole 11008-wide row per program (16384 lanes, 64 per thread at 8 warps) took ~67 µs for 2048 tokens on the
-H200 (session 18, ``tools/bench_a8.py``: the W8A8 op at 11008 x 4096 minus its GEMM) and 41 µs in 2048-wide
-chunks, while whole 4096-wide rows took ~11 µs and 22 µs in 2048-wide chunks: so 4096 is whole, wider rows go
-in 4096-wide chunks."""
+ACT_QUANT_WHOLE_ROW = 4096
+"""Rows up to this wide (after rounding K up to a power of two) are quantized whole, one row per program; wider
+ones in ``ACT_QUANT_CHUNK``-wide chunks. Session 18 on the H200 (``tools/bench_a8.py``: the W8A8 op minus its GEMM
+in one run, 2048 tokens, estimates within ~10 µs): 11008-wide rows whole (16384 lanes, 64 per thread at 8 warps)
+~67 µs, in 2048-wide chunks ~41, in 4096-wide chunks ~46; 4096-wide rows whole ~11 µs, in 2048-wide chunks ~22."""
+ACT_QUANT_CHUNK = 2048
+"""The chunk width of rows wider than ``ACT_QUANT_WHOLE_ROW``."""
 _STORAGE = {"int8": torch.int8, "fp8e4m3": torch.float8_e4m3fn}
 
 
@@ -151,7 +152,7 @@ def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[
     x2, q, s, meta = row_quant_setup(x, qdtype, group_size, "quantize_activation")
     # every constexpr passed, defaults too: torch.compile's launch of a traced Triton kernel needs them all
     meta = dict(meta, CHUNKED=False)
-    if meta["BLOCK_K"] > ACT_QUANT_CHUNK:
+    if meta["BLOCK_K"] > ACT_QUANT_WHOLE_ROW:
         meta.update(BLOCK_K=max(ACT_QUANT_CHUNK, group_size), CHUNKED=True, num_warps=4)
     launcher(x2, _act_quant_kernel)[(x2.shape[0],)](x2, q, s, x2.shape[1], x2.stride(0), q.stride(0), s.stride(0),
                                                    **meta)
