@@ -16,9 +16,8 @@ import inspect
 
 import pytest
 import torch
+from conftest import quantized_weight
 from triton.runtime.autotuner import Autotuner
-
-from lowbit.ir.quant import qparams_from_range, quantize
 
 MODULES = ("a8_linear", "act_quant", "norm_quant", "weight_only", "hadamard", "decode_step")
 
@@ -61,14 +60,6 @@ def launches(monkeypatch) -> list[tuple[str, list[str]]]:
     return seen
 
 
-def _weight(n: int, k: int, qdtype: str, group: int, symmetric: bool):
-    w = torch.randn(n, k)
-    wv = w.view(n, k // group, group) if group else w
-    s, z = qparams_from_range(wv.amin(-1), wv.amax(-1), qdtype, symmetric)
-    q = quantize(w, s, z, qdtype=qdtype, axis=1 if group else 0, block_size=group or None)
-    return q, s, (None if symmetric else z)
-
-
 @pytest.mark.parametrize("m", [3, 40, 1024])
 @pytest.mark.parametrize("w_qdtype,w_group,a_qdtype,a_group", [
     ("int8", 0, "int8", 0), ("int8", 0, "int8", 64), ("int4", 64, "int8", 0), ("fp8e4m3", 64, "fp8e4m3", 64),
@@ -76,7 +67,7 @@ def _weight(n: int, k: int, qdtype: str, group: int, symmetric: bool):
 def test_a8_and_activation_quantize_pass_every_parameter(launches, m, w_qdtype, w_group, a_qdtype, a_group):
     """``a8_linear`` at decode, autotuned and static-tile M; the activation quantize whole-row and chunked."""
     k, n = (4352 if m == 40 else 256), 128
-    q, s, z = _weight(n, k, w_qdtype, w_group, w_qdtype != "int4")
+    q, s, z = quantized_weight(n, k, w_qdtype, w_group, w_qdtype != "int4")
     x = torch.randn(m, k).to(torch.bfloat16)
     torch.ops.lowbit.a8_linear(x, q, s, z, None, w_qdtype, w_group, a_qdtype, a_group, False)
     names = {name for name, _ in launches}
@@ -91,7 +82,7 @@ def test_weight_only_linear_passes_every_parameter(launches, m, k, group):
     from lowbit.kernels import weight_only as wo
 
     n = 256
-    q, s, z = _weight(n, k, "int4", group, False)
+    q, s, z = quantized_weight(n, k, "int4", group, False)
     words, ws, wz = wo.pack_words(q, s, z, "int4", group)
     x = torch.randn(m, k).to(torch.bfloat16)
     torch.ops.lowbit.weight_only_linear(x, words, ws, wz, None, "int4", group, "auto")
@@ -106,7 +97,7 @@ def test_rms_norm_quant_and_weight_only_add_norm_pass_every_parameter(launches, 
 
     x = torch.randn(4, 512).to(torch.bfloat16)
     torch.ops.lowbit.rms_norm_quant(x, torch.randn(512).to(torch.bfloat16), 1e-6, True, qdtype, group)
-    q, s, z = _weight(512, 512, "int4", 128, False)
+    q, s, z = quantized_weight(512, 512, "int4", 128, False)
     words, ws, wz = wo.pack_words(q, s, z, "int4", 128)
     wo.weight_only_linear_add_norm(x[:1], words, ws, wz, None, "int4", 128, x[:1].clone(),
                                    torch.randn(512).to(torch.bfloat16))

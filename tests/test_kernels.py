@@ -15,10 +15,11 @@ import re
 
 import pytest
 import torch
+from conftest import quantized_weight
 
 pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install -e '.[dev]' brings it)")
 
-from lowbit.ir.quant import dequantize, qparams_from_range, quantize
+from lowbit.ir.quant import dequantize, quantize
 from lowbit.kernels import (
     a8_gemm,
     a8_linear,
@@ -43,16 +44,7 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def _quantized_weight(n: int, k: int, qdtype: str, group: int, symmetric: bool, device: str):
-    """A random weight quantized by lowbit's own ops: (stored codes, scale, zero point)."""
-    w = torch.randn(n, k)
-    if group:
-        wv = w.view(n, k // group, group)
-        scale, zp = qparams_from_range(wv.amin(-1), wv.amax(-1), qdtype, symmetric)
-    else:
-        scale, zp = qparams_from_range(w.amin(-1), w.amax(-1), qdtype, symmetric)
-    q = quantize(w, scale, zp, qdtype=qdtype, axis=1 if group else 0, block_size=group or None)
-    return q.to(device), scale.to(device), None if zp is None else zp.to(device)
+_quantized_weight = quantized_weight
 
 
 WO_CASES = [  # qdtype, group, symmetric, activation dtype, M, path

@@ -31,7 +31,6 @@ from bench_kernels import copy_bandwidth, measure, qweight
 from results_io import machine, merge_rows, versions
 
 from lowbit.kernels import quantize_activation
-from lowbit.kernels._common import cdiv, launcher
 
 a8mod = importlib.import_module("lowbit.kernels.a8_linear")  # the module (the package re-exports the op by this name)
 
@@ -61,25 +60,16 @@ where ``FP8_ROWWISE_SCALED_MM``)."""
 
 def a8_call(xq, xs, q, s, wq: str, wg: int, ag: int, cfg: tuple | None):
     """The GEMM half at ``cfg`` (None: the op's own launch)."""
-    if cfg is None:
-        return lambda: a8mod.a8_gemm(xq, xs, q, s, None, None, wq, wg, ag, torch.bfloat16)
-    bm, bn, bk, w, st, g, sub = cfg
-    m, k = xq.shape
-    n = q.shape[0]
-    out = torch.empty((m, n), device=xq.device, dtype=torch.bfloat16)
-    args = (xq, xs, q, s, s, s, out, m, n, k, 0, xq.stride(0), xs.stride(0), q.stride(0), s.stride(0), out.stride(0))
-    meta = dict(W_PACKED=False, W_SIGNED=True, HAS_WZ=False, IS_FP8=wq == "fp8e4m3", A_GROUP=ag, W_GROUP=wg,
-                HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, SUBK=sub, num_warps=w, num_stages=st)
-    grid = (cdiv(m, bm) * cdiv(n, bn),)
-    kern = launcher(xq, a8mod._a8_kernel)
-    return lambda: kern[grid](*args, **meta)
+    tile = None
+    if cfg is not None:
+        bm, bn, bk, w, st, g, sub = cfg
+        tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "SUBK": sub, "num_warps": w,
+                "num_stages": st}
+    return lambda: a8mod.a8_gemm(xq, xs, q, s, None, None, wq, wg, ag, torch.bfloat16, config=tile)
 
 
-SWEEP = [True]
-"""``--no-sweep`` clears it: the baselines and the op's own launch only."""
-
-
-def bench_shape(m: int, k: int, n: int, common: dict, deadline: float) -> list[dict]:
+def bench_shape(m: int, k: int, n: int, common: dict, deadline: float, sweep: bool = True) -> list[dict]:
+    """One shape's rows; ``sweep`` False: the baselines and the op's own launch only (no ``CONFIGS``)."""
     rows = []
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     flops = 2 * m * n * k
@@ -112,7 +102,7 @@ def bench_shape(m: int, k: int, n: int, common: dict, deadline: float) -> list[d
         xq, xs = quantize_activation(x, aq, ag)
         groups = [g for g in (wg, ag) if g]
         best = None
-        for cfg in [None, *CONFIGS] if SWEEP[0] else [None]:
+        for cfg in [None, *CONFIGS] if sweep else [None]:
             if cfg is not None and (groups and cfg[2] > min(groups) or not groups and cfg[6] > 1
                                     or time.time() > deadline):
                 continue
@@ -151,7 +141,6 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--no-sweep", action="store_true", help="skip CONFIGS: baselines and the op's launch only")
     args = ap.parse_args()
-    SWEEP[0] = not args.no_sweep
     if not torch.cuda.is_available():
         raise SystemExit("bench_a8 needs CUDA")
     deadline = time.time() + args.budget_s
@@ -170,7 +159,7 @@ def main() -> None:
                 print(f"budget: M={m} {k}x{n} not run", flush=True)
                 continue
             t0 = time.time()
-            new = bench_shape(m, k, n, common, deadline)
+            new = bench_shape(m, k, n, common, deadline, sweep=not args.no_sweep)
             rows.extend(new)
             merge_rows(out, header, rows, key=key)
             brief = " ".join(f"{r.get('config', r['kernel'])}{'/' + r['gemm'] if 'gemm' in r else ''}="

@@ -210,9 +210,11 @@ _a8_kernel_tuned = triton.autotune(configs=_configs(), key=["M_KEY", "N", "K", "
 
 def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
             w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_group: int,
-            out_dtype: torch.dtype, epilogue: str = "") -> torch.Tensor:
+            out_dtype: torch.dtype, epilogue: str = "", config: dict | None = None) -> torch.Tensor:
     """The GEMM half on already-quantized activations ``xq [M, K]`` with scales ``[M, K/a_group or 1]``;
-    ``epilogue`` (``parse_epilogue``) applied in the store (gated: the output is ``N / 2`` wide)."""
+    ``epilogue`` (``parse_epilogue``) applied in the store (gated: the output is ``N / 2`` wide). ``config``: a
+    tile to launch instead of the op's own choice (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, ``SUBK``,
+    ``num_warps``, ``num_stages``; ``tools/bench_a8.py``'s sweep)."""
     m, k = xq.shape
     n = qweight.shape[0]
     act, gated = parse_epilogue(epilogue, "a8_linear")
@@ -232,14 +234,13 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
             qweight.stride(0), w_scale.stride(0), out.stride(0))
     meta = {"W_PACKED": packed, "W_SIGNED": signed, "HAS_WZ": w_zero_point is not None, "IS_FP8": is_fp8,
                 "A_GROUP": a_group, "W_GROUP": w_group, "HAS_BIAS": bias is not None, "ACT": act, "GATED": gated}
-    static = None if interpreting() or packed or m < A8_STATIC_MIN_M else a8_static_config(min(groups or [0]))
-    if static is not None:
-        cfg = dict(static)
-        grid = (cdiv(n, cfg["BLOCK_N"]) * cdiv(m, cfg["BLOCK_M"]),)
-        launcher(xq, _a8_kernel)[grid](*args, **meta, **cfg)
-    elif interpreting():
+    cfg = config
+    if cfg is None and interpreting():
         bk = min(groups) if groups else 64
         cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(bk, 64), "GROUP_M": 2, "SUBK": 2 if groups else 1}
+    elif cfg is None and not packed and m >= A8_STATIC_MIN_M:
+        cfg = a8_static_config(min(groups or [0]))
+    if cfg is not None:
         grid = (cdiv(n, cfg["BLOCK_N"]) * cdiv(m, cfg["BLOCK_M"]),)
         launcher(xq, _a8_kernel)[grid](*args, **meta, **cfg)
     else:
