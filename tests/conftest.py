@@ -105,15 +105,13 @@ SEQ = torch.export.Dim.DYNAMIC(min=2, max=8192)
 
 
 def quantized_weight(n: int, k: int, qdtype: str, group: int, symmetric: bool, device: str = "cpu"):
-    """A random weight quantized by lowbit's own ops: (stored codes, scale, zero point)."""
-    from lowbit.ir.quant import qparams_from_range, quantize
+    """A random weight quantized by lowbit's own ops (min-max ``weight_qparams``, then ``quantize``): (stored
+    codes, scale, zero point)."""
+    from lowbit.calibration.gptq import weight_qparams
+    from lowbit.ir.quant import get_qdtype, quantize
 
     w = torch.randn(n, k)
-    if group:
-        wv = w.view(n, k // group, group)
-        scale, zp = qparams_from_range(wv.amin(-1), wv.amax(-1), qdtype, symmetric)
-    else:
-        scale, zp = qparams_from_range(w.amin(-1), w.amax(-1), qdtype, symmetric)
+    scale, zp = weight_qparams(w, get_qdtype(qdtype), symmetric, group or None)
     q = quantize(w, scale, zp, qdtype=qdtype, axis=1 if group else 0, block_size=group or None)
     return q.to(device), scale.to(device), None if zp is None else zp.to(device)
 
