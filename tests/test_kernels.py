@@ -137,6 +137,24 @@ def test_a8_gemm_accumulates_exactly(device, w_qdtype, w_group, zero_point, m, n
     assert torch.equal(y.cpu(), (xq.double() @ w_int.double().T).float())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_qdtype", ["int8", "fp8e4m3"])
+@pytest.mark.parametrize("width", [4096, 11008, 22016])
+def test_a8_measured_tiles_accumulate_exactly(device, w_qdtype, width):
+    """The tiles the op takes without the autotuner at M = 65..256 (``a8_mid_config``, one per width class) launch
+    through ``config=`` as on the GPU: 100 rows (a partial row tile), 72 columns (a partial column tile), the
+    integer dot product exactly."""
+    from lowbit.kernels.a8_linear import a8_mid_config
+
+    m, n, k = 100, 72, 256
+    dt = torch.float8_e4m3fn if w_qdtype == "fp8e4m3" else torch.int8
+    xq = torch.randint(-8, 9, (m, k)).float().to(dt)
+    wq = torch.randint(-8, 9, (n, k)).float().to(dt)
+    y = a8_gemm(xq.to(device), torch.ones(m, 1, device=device), wq.to(device), torch.ones(n, device=device), None,
+                None, w_qdtype, 0, 0, torch.float32, config=a8_mid_config(width))
+    assert torch.equal(y.cpu(), (xq.double() @ wq.double().T).float())
+
+
 A8_CASES = [  # weight qdtype, weight group, symmetric, activation qdtype, activation group, M
     ("int8", 0, True, "int8", 0, 3),       # w8a8
     ("int8", 0, True, "int8", 64, 17),     # w8a8-g64

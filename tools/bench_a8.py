@@ -161,12 +161,12 @@ def main() -> None:
             t0 = time.time()
             new = bench_shape(m, k, n, common, deadline, sweep=not args.no_sweep)
             rows.extend(new)
-            merge_rows(out, header, rows, key=key)
+            merge_rows(out, header, rows, key=key, append_command=True)
             brief = " ".join(f"{r.get('config', r['kernel'])}{'/' + r['gemm'] if 'gemm' in r else ''}="
                              f"{r.get('speedup', r.get('us', 'err'))}"
                              for r in new if "error" not in r)
             print(f"M={m} {k}x{n} ({time.time() - t0:.0f}s): {brief}", flush=True)
-    merge_rows(out, header, rows, key=key)
+    merge_rows(out, header, rows, key=key, append_command=True)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,22 @@ SWEEPS = {
         {"variant": "v4", "heads": 2},  # GQA: 164 registers (12 warps per SM), no spills; 4 heads: 255, 48 B
         {"variant": "v4", "num_warps": 2},  # MHA int4 95 registers, 4.45 per code; GQA 4 heads 243, no spills
     ],
+    "s19": [  # v4's launch knobs no sweep has moved: pipeline stages and the split's chunk length (default 2048
+        # tokens at batch 16 x 32 kv heads x 32K: 8192 programs)
+        {"variant": "v4", "num_stages": 2},
+        {"variant": "v4", "num_stages": 3},
+        {"variant": "v4", "split": 4096},
+        {"variant": "v4", "split": 1024},
+        {"variant": "v4", "split": 8192},
+        {"variant": "v4", "num_stages": 4},
+        {"variant": "v4", "num_warps": 2, "num_stages": 3},
+        {"variant": "v4", "num_warps": 2, "split": 4096},
+        # the same call's follow-up (run s19b): shorter chunks around the winner
+        {"variant": "v4", "split": 512},
+        {"variant": "v4", "split": 256},
+        {"variant": "v4", "split": 1024, "num_stages": 2},
+        {"variant": "v4", "split": 512, "num_warps": 2},
+    ],
     "final": [  # most informative first: the budget may cut the tail
         {"variant": "v1"},  # v1 at its best launch of last session (32-token steps, 16-channel chunks)
         {"variant": "v2", "heads": 1},  # GQA: one query head per program (the kv tiles re-read from L2)
@@ -252,7 +268,8 @@ def main() -> None:
         header = {"command": "python tools/bench_attention.py " + " ".join(sys.argv[1:]), "date": date,
                   "device": devname, "versions": results_versions()}
         merge_rows(a.out or OUT, header, rows,
-                   key=("area", "kernel", "scheme", "config", "batch", "heads", "kv_heads", "context", "device"))
+                   key=("area", "kernel", "scheme", "config", "batch", "heads", "kv_heads", "context", "device"),
+                   append_command=True)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ pdlspeed)
     --speed-budget 230 --out "$OUT/pruning.json" 2>&1 | quiet
   [ -f "$OUT/gemv.json" ] || cp bench/results/gemv.json "$OUT/gemv.json"
   timeout 280 python3 tools/bench_gemv.py --ms 1 --shapes 4096x9984,3328x4096,4096x17408,8704x4096 \
-    --budget-s 240 --run S16-pruned-widths --out "$OUT/gemv.json" 2>&1 | quiet ;;
+    --budget-s 240 --run "$(date +%F)-pruned-widths" --out "$OUT/gemv.json" 2>&1 | quiet ;;
 *)
   echo "usage: OUT=DIR bash tools/gpu_round_pruning.sh oneshot|speed|datafree|profile|recover|pdlspeed" >&2
   exit 2 ;;

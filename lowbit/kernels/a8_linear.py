@@ -9,8 +9,9 @@ GEMM below, which accumulates exact int32 (or fp32 for fp8) dot products and app
   step), each adding ``dot * sa[m, g] * sw[n, g]`` to an fp32 accumulator.
 
 Programs take their output tiles in bands of ``A8_GROUP_M`` row tiles (``_grouped_tile``) so the weight tiles a
-band reads stay in L2; from M = ``A8_STATIC_MIN_M`` the tile is ``a8_static_config`` (measured), below it the
-autotuner's pick from ``_configs``.
+band reads stay in L2; from M = ``A8_STATIC_MIN_M`` the tile is ``a8_static_config`` and for per-token x
+per-channel scales at ``A8_MID_M`` rows ``a8_mid_config`` (both measured), elsewhere the autotuner's pick from
+``_configs``.
 
 Weights are lowbit's stored form: int8 ``[N, K]`` (symmetric), int4 packed ``[N, K/2]`` unpacked to int8 in
 registers (an int4 zero point is subtracted there: ``q - zp`` stays in [-15, 15]), float8_e4m3fn ``[N, K]``.
@@ -182,6 +183,24 @@ def a8_static_config(group: int) -> dict:
             "num_stages": 3}
 
 
+A8_MID_M = (64, 256)
+"""``a8_mid_config`` serves ``A8_MID_M[0] < M <= A8_MID_M[1]`` (measured at M = 128; up to 256 its 64-row tiles
+still give every SM a program at these widths)."""
+
+
+def a8_mid_config(n: int) -> dict:
+    """The tile for ``A8_MID_M`` rows per token x per channel: the best of the H200 sweep at M = 128 (session 19,
+    ``tools/bench_a8.py --ms 128``, run 2026-12-03-m128 of bench/results/a8_gemm.json; the int8 GEMM x cuBLAS
+    bf16). 64-row tiles, their width by N so ~250-350 programs share the 132 SMs: N <= 4096 64 x 32 (1.06x /
+    1.08x at 11008x4096 / 4096x4096, the autotuner's pick 0.82x / 0.84x), N < 16384 64 x 64 (1.35x / 1.45x at
+    4096x11008 / 4096x12288; autotuned 1.26x / 1.35x), wider 128 x 128 (1.50x at the merged gate/up 4096x22016;
+    autotuned 1.49x)."""
+    if n >= 16384:
+        return a8_static_config(0)
+    return {"BLOCK_M": 64, "BLOCK_N": 32 if n <= 4096 else 64, "BLOCK_K": 128, "GROUP_M": A8_GROUP_M, "SUBK": 1,
+            "num_warps": 4, "num_stages": 4}
+
+
 def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": A8_GROUP_M, "SUBK": 1},
                           num_warps=w, num_stages=s)
@@ -240,6 +259,8 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
         cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(bk, 64), "GROUP_M": 2, "SUBK": 2 if groups else 1}
     elif cfg is None and not packed and m >= A8_STATIC_MIN_M:
         cfg = a8_static_config(min(groups or [0]))
+    elif cfg is None and not packed and not groups and A8_MID_M[0] < m <= A8_MID_M[1]:
+        cfg = a8_mid_config(n)
     if cfg is not None:
         grid = (cdiv(n, cfg["BLOCK_N"]) * cdiv(m, cfg["BLOCK_M"]),)
         launcher(xq, _a8_kernel)[grid](*args, **meta, **cfg)

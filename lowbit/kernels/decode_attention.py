@@ -755,11 +755,18 @@ PROGRAMS_PER_SM = 16
 context allows."""
 
 
+SPLIT_START = 1024
+"""``_default_split``'s longest chunk. Session 19, H200 (``tools/bench_attention.py --sweep s19``, batch 16 x 32 heads
+x 32K, v4, float16 scales, one run): 1024-token chunks 795.0 us int4 / 852.3 int2 against 828.6 / 869.7 at 2048
+(the default until then), 4096 and 8192 slower, 512 796.8 / 869.1, 256 807.5 / 916.1. Grids with fewer programs
+(batch 1, GQA) were already halved to 1024 or below by the target."""
+
+
 def _default_split(s: int, programs: int, block: int, target: int | None = None) -> int:
-    """Chunk length of the split over the sequence: 2048 tokens, halved while the grid has fewer than ``target``
-    programs (default ``PROGRAMS_PER_SM * 132``), never below one ``block``."""
+    """Chunk length of the split over the sequence: ``SPLIT_START`` tokens, halved while the grid has fewer than
+    ``target`` programs (default ``PROGRAMS_PER_SM * 132``), never below one ``block``."""
     target = target or PROGRAMS_PER_SM * 132
-    split = 2048
+    split = SPLIT_START
     while split > block and programs * triton.cdiv(s, split) < target:
         split //= 2
     return max(split, block)
