@@ -35,7 +35,8 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import machine, merge_rows
 
-from lowbit.ir.quant import qparams_from_range, quantize
+from lowbit.calibration.gptq import weight_qparams
+from lowbit.ir.quant import get_qdtype, quantize
 from lowbit.kernels.modules import QuantLinear
 
 SHAPES = ((1, 1), (1, 128), (1, 2048), (16, 1), (16, 128))
@@ -76,11 +77,7 @@ def quantize_linears(model: torch.nn.Module, scheme: tuple, lm_head_int8: bool =
         qd, g, s_, a = ("int8", 0, True, None) if is_head else (wq, wg, sym, aq)
         w = lin.weight.detach().float()
         n, k = w.shape
-        if g:
-            wv = w.view(n, k // g, g)
-            scale, zp = qparams_from_range(wv.amin(-1), wv.amax(-1), qd, s_)
-        else:
-            scale, zp = qparams_from_range(w.amin(-1), w.amax(-1), qd, s_)
+        scale, zp = weight_qparams(w, get_qdtype(qd), s_, g or None)
         q = quantize(w, scale, zp, qdtype=qd, axis=1 if g else 0, block_size=g or None)
         new = QuantLinear(q, scale, zp, None, qd, g, a, 0 if is_head else ag)
         packed += sum(t.numel() * t.element_size() for t in (q, scale, zp) if t is not None)

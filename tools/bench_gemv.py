@@ -34,7 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import load_results, machine, merge_rows
 
-from lowbit.ir.quant import qparams_from_range, quantize
+from lowbit.calibration.gptq import weight_qparams
+from lowbit.ir.quant import get_qdtype, quantize
 from lowbit.kernels import weight_only as wo
 
 SHAPES = ((4096, 11008), (11008, 4096), (4096, 4096), (4096, 12288), (4096, 22016))
@@ -165,8 +166,7 @@ def make_weight(n: int, k: int, device: str) -> dict:
     """A random weight's int4 g128 asymmetric codes in both decode layouts (False: K-major, True: N-major) and
     the stored form (``"stored"``, the reference's input)."""
     w = torch.randn(n, k, device=device)
-    wv = w.view(n, k // GROUP, GROUP)
-    s, z = qparams_from_range(wv.amin(-1), wv.amax(-1), "int4", False)
+    s, z = weight_qparams(w, get_qdtype("int4"), False, GROUP)
     q = quantize(w, s, z, qdtype="int4", axis=1, block_size=GROUP)
     return {nm: wo.pack_words(q, s, z, "int4", GROUP, n_major=nm) for nm in (False, True)} | {"stored": (q, s, z)}
 

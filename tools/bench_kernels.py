@@ -32,7 +32,8 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import machine
 
-from lowbit.ir.quant import qparams_from_range, quantize
+from lowbit.calibration.gptq import weight_qparams
+from lowbit.ir.quant import get_qdtype, quantize
 from lowbit.kernels import a8_gemm, quantize_activation
 from lowbit.kernels import weight_only as wo
 
@@ -98,11 +99,7 @@ def copy_bandwidth() -> float:
 
 def qweight(n: int, k: int, qdtype: str, group: int, symmetric: bool):
     w = torch.randn(n, k, device="cuda")
-    if group:
-        wv = w.view(n, k // group, group)
-        s, z = qparams_from_range(wv.amin(-1), wv.amax(-1), qdtype, symmetric)
-    else:
-        s, z = qparams_from_range(w.amin(-1), w.amax(-1), qdtype, symmetric)
+    s, z = weight_qparams(w, get_qdtype(qdtype), symmetric, group or None)
     return quantize(w, s, z, qdtype=qdtype, axis=1 if group else 0, block_size=group or None), s, z, w
 
 
