@@ -152,6 +152,13 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     ("w4a4kv4", "kurtail-gptqa4-wclip-acs", "KurTail + A4 (clipped 0.9) in place before GPTQ W4 per channel on the "
      "output-aware clipped grid + KV4, then the A4 clip ratios searched per quantizer",
      BEST_A4, QUICK),
+    # session 19: the same pipeline with QuaRot's Hadamard R1 (the KurTail-vs-QuaRot goal read on lowbit's best
+    # pipeline instead of the plain GPTQ rows), and both with the other two rotation seeds
+    ("w4a4kv4", "quarot-gptqa4-wclip-acs", "as kurtail-gptqa4-wclip-acs with QuaRot's randomised Hadamard R1 (no "
+     "learning)", BEST_A4.replace(KURTAIL, "rotate"), MAIN),
+    *[("w4a4kv4", f"{m}-gptqa4-wclip-acs-seed{sd}", f"as {m}-gptqa4-wclip-acs, rotation seed {sd} (default 0)",
+       BEST_A4.replace(KURTAIL, rot.format(sd=sd)), MAIN)
+      for m, rot in (("quarot", "rotate(seed={sd})"), ("kurtail", KURTAIL[:-1] + ",seed={sd})")) for sd in (1, 2)],
     # session 9: SmoothQuant scales with the rotation, on the kurtail-gptqa4-wclip-acs pipeline. Smoothing a norm
     # site before fold-norms is a no-op (the gain g/s and the columns W*s fold back into W*g; test_rotation's
     # test_smooth_quant_before_rotation_is_exact_and_norm_sites_fold_away), so the norm sites are smoothed after
