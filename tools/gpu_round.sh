@@ -12,14 +12,13 @@
 #   gemv       (170) the W4A16 decode GEMV sweep (tools/bench_gemv.py) -> $OUT/res/gemv.json
 #   attention  (120) decode attention over the quantized cache vs SDPA (tools/bench_attention.py)
 #   profile    (120) kernel breakdown of a compiled decode step (torch.profiler over the CUDA-graph replays)
-#   a8m128     (150) the A8 GEMM tile sweep at M = 128 (tools/bench_a8.py; session 18 added narrower tiles for
-#                    N = 4096, where the autotuned op is 0.64-0.83x cuBLAS incl. quantize) -> $OUT/res/a8_gemm.json
-#   a8         (120) the A8 ops as they stand (tools/bench_a8.py --no-sweep, M = 2048 and 128; session 18's final
-#                    activation quantize, 2048-wide chunks above K = 4096, was not run as one) -> $OUT/res/a8_gemm.json
+#   a8m128     (150) the A8 GEMM tile sweep at M = 128 (tools/bench_a8.py; session 19 ran it: a8_mid_config took its
+#                    64-row winners) -> $OUT/res/a8_gemm.json
+#   a8         (120) the A8 ops as they stand (tools/bench_a8.py --no-sweep, M = 2048 and 128) -> $OUT/res/a8_gemm.json
 #   e2e        (330) compile_model(backend="triton") forwards, W4A16 / W8A8 / FP8 vs HF bf16 eager and compile, CUDA
 #                    graphs (tools/bench_e2e.py --backend) -> $OUT/res/e2e_backend.json
 #   tcswap     (150) _tc_chunk with SWAP (dequantized weights as the dot's register operand) at M = 128 against the
-#                    unswapped tiles and dequantize + cuBLAS (session 18, not yet run) -> $OUT/res/gemv.json
+#                    unswapped tiles and dequantize + cuBLAS (session 19: 0.13-0.23x cuBLAS, slower) -> $OUT/res/gemv.json
 #
 # Python packages the image lacks travel as wheels in .whl/ (carry it): pydantic, pydantic_core, annotated-types,
 # typing-inspection, gguf, compressed-tensors, loguru, torchao. Do not put a `python` wrapper or link on PATH there:
