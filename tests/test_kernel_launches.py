@@ -60,12 +60,13 @@ def launches(monkeypatch) -> list[tuple[str, list[str]]]:
     return seen
 
 
-@pytest.mark.parametrize("m", [3, 40, 1024])
+@pytest.mark.parametrize("m", [3, 40, 128, 1024])
 @pytest.mark.parametrize("w_qdtype,w_group,a_qdtype,a_group", [
     ("int8", 0, "int8", 0), ("int8", 0, "int8", 64), ("int4", 64, "int8", 0), ("fp8e4m3", 64, "fp8e4m3", 64),
     ("fp8e4m3", 0, "fp8e4m3", 0)])
 def test_a8_and_activation_quantize_pass_every_parameter(launches, m, w_qdtype, w_group, a_qdtype, a_group):
-    """``a8_linear`` at decode, autotuned and static-tile M; the activation quantize whole-row and chunked."""
+    """``a8_linear`` at decode, autotuned, mid-size (``a8_mid_config``) and static-tile M; the activation quantize
+    whole-row and chunked."""
     k, n = (4352 if m == 40 else 256), 128
     q, s, z = quantized_weight(n, k, w_qdtype, w_group, w_qdtype != "int4")
     x = torch.randn(m, k).to(torch.bfloat16)

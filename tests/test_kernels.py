@@ -44,9 +44,6 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-_quantized_weight = quantized_weight
-
-
 WO_CASES = [  # qdtype, group, symmetric, activation dtype, M, path
     ("int4", 128, True, torch.bfloat16, 1, "gemv"),
     ("int4", 64, False, torch.bfloat16, 5, "gemv"),
@@ -65,7 +62,7 @@ WO_CASES = [  # qdtype, group, symmetric, activation dtype, M, path
 @pytest.mark.parametrize("qdtype,group,symmetric,dtype,m,path", WO_CASES)
 def test_weight_only_linear_matches_reference(device, qdtype, group, symmetric, dtype, m, path):
     n, k = 48, 256
-    q, s, z = _quantized_weight(n, k, qdtype, group, symmetric, device)
+    q, s, z = quantized_weight(n, k, qdtype, group, symmetric, device)
     x = torch.randn(m, k, device=device).to(dtype)
     bias = torch.randn(n, device=device).to(dtype)
     y = weight_only_linear(x, q, s, z, bias, qdtype, group, path)
@@ -76,7 +73,7 @@ def test_weight_only_linear_matches_reference(device, qdtype, group, symmetric, 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_weight_only_linear_keeps_leading_dims_and_no_bias(device):
-    q, s, z = _quantized_weight(40, 128, "int4", 64, False, device)
+    q, s, z = quantized_weight(40, 128, "int4", 64, False, device)
     x = torch.randn(2, 3, 128, device=device).to(torch.bfloat16)
     y = weight_only_linear(x, q, s, z, None, "int4", 64)
     assert y.shape == (2, 3, 40)
@@ -87,7 +84,7 @@ def test_weight_only_linear_keeps_leading_dims_and_no_bias(device):
 @pytest.mark.parametrize("qdtype,group,symmetric", [("int4", 32, False), ("int4", 0, True), ("uint8", 128, False)])
 def test_dequantize_weight_is_bit_exact(device, qdtype, group, symmetric):
     # fp16 output: the interpreter's fp32 -> fp16 cast rounds to nearest even like the GPU's (its bf16 cast does not)
-    q, s, z = _quantized_weight(40, 256, qdtype, group, symmetric, device)
+    q, s, z = quantized_weight(40, 256, qdtype, group, symmetric, device)
     w = dequantize_weight(q, s, z, qdtype, group, 256, torch.float16)
     ref = dequantize(q, s, z, qdtype=qdtype, axis=1 if group else 0, block_size=group or None, out_dtype=torch.float16)
     assert torch.equal(w, ref)
@@ -169,7 +166,7 @@ A8_CASES = [  # weight qdtype, weight group, symmetric, activation qdtype, activ
 @pytest.mark.parametrize("w_qdtype,w_group,symmetric,a_qdtype,a_group,m", A8_CASES)
 def test_a8_linear_matches_reference(device, w_qdtype, w_group, symmetric, a_qdtype, a_group, m):
     n, k = 48, 256
-    q, s, z = _quantized_weight(n, k, w_qdtype, w_group, symmetric, device)
+    q, s, z = quantized_weight(n, k, w_qdtype, w_group, symmetric, device)
     x = torch.randn(m, k, device=device).to(torch.bfloat16)
     bias = torch.randn(n, device=device).to(torch.bfloat16)
     ref = a8_linear_ref(x, q, s, z, bias, w_qdtype, w_group, a_qdtype, a_group)
@@ -181,7 +178,7 @@ def test_a8_linear_matches_reference(device, w_qdtype, w_group, symmetric, a_qdt
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernels_refuse_shapes_they_do_not_take(device):
-    q, s, z = _quantized_weight(16, 96, "int4", 32, True, device)
+    q, s, z = quantized_weight(16, 96, "int4", 32, True, device)
     x = torch.randn(1, 96, device=device).to(torch.bfloat16)
     with pytest.raises(ValueError, match="weight_only_linear.*group 48"):
         weight_only_linear(x, q, s.repeat_interleave(2, 1)[:, :2], z, None, "int4", 48)
@@ -191,8 +188,8 @@ def test_kernels_refuse_shapes_they_do_not_take(device):
 
 @pytest.mark.gpu
 def test_ops_compose_with_torch_compile_and_cuda_graphs():
-    q, s, z = _quantized_weight(256, 512, "int4", 128, False, "cuda")
-    q8, s8, _ = _quantized_weight(256, 512, "int8", 0, True, "cuda")
+    q, s, z = quantized_weight(256, 512, "int4", 128, False, "cuda")
+    q8, s8, _ = quantized_weight(256, 512, "int8", 0, True, "cuda")
     x = torch.randn(4, 512, device="cuda").to(torch.bfloat16)
     from lowbit.kernels.weight_only import pack_words
 
@@ -220,12 +217,12 @@ def test_ops_compose_with_torch_compile_and_cuda_graphs():
 def test_quant_linear_module_calls_the_ops(device):
     from lowbit.kernels.modules import QuantLinear
 
-    q, s, z = _quantized_weight(32, 128, "int4", 64, False, device)
+    q, s, z = quantized_weight(32, 128, "int4", 64, False, device)
     x = torch.randn(3, 128, device=device).to(torch.bfloat16)
     mod = QuantLinear(q, s, z, None, "int4", 64)
     assert mod.qweight.dtype == torch.int32 and mod.qweight.numel() * 4 == q.numel()  # the decode layout
     assert _rel(mod(x), weight_only_linear_ref(x, q, s, z, None, "int4", 64)) <= TOL[torch.bfloat16]
-    q8, s8, _ = _quantized_weight(32, 128, "int8", 0, True, device)
+    q8, s8, _ = quantized_weight(32, 128, "int8", 0, True, device)
     mod8 = QuantLinear(q8, s8, None, None, "int8", 0, "int8", 0)
     assert _rel(mod8(x), a8_linear_ref(x, q8, s8, None, None, "int8", 0, "int8", 0)) <= TOL[torch.bfloat16]
     assert "w=int4/g64" in repr(mod) and "a=int8" in repr(mod8)
@@ -236,7 +233,7 @@ def test_quant_linear_module_calls_the_ops(device):
 def test_gemv_with_deferred_reduction_matches_reference(device, qdtype, group):
     from lowbit.kernels import weight_only as wo
 
-    q, s, z = _quantized_weight(48, 512, qdtype, group, False, device)
+    q, s, z = quantized_weight(48, 512, qdtype, group, False, device)
     x = torch.randn(1, 512, device=device).to(torch.bfloat16)
     out = torch.empty(1, 48, device=device, dtype=torch.bfloat16)
     cfg = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "DEFER": True, "SPLIT_K": 2}
@@ -264,7 +261,7 @@ def test_word_layout_gemv_matches_reference(device, qdtype, group, symmetric, dt
     from lowbit.kernels.weight_only import pack_words, unpack_words
 
     n = 48
-    q, s, z = _quantized_weight(n, k, qdtype, group, symmetric, device)
+    q, s, z = quantized_weight(n, k, qdtype, group, symmetric, device)
     words, s2, z2 = pack_words(q, s, z, qdtype, group)
     assert words.dtype == torch.int32 and words.numel() * 4 == q.numel()  # same bytes
     assert torch.equal(unpack_words(words, qdtype, k, group).view(torch.uint8), q.view(torch.uint8))
@@ -290,7 +287,7 @@ def test_word_layout_gemv_configs_match_reference(device, cfg):
     """Split-K partials, a chunk step past the last chunk (3 chunks, U = 2), both dot orientations, prefetching."""
     from lowbit.kernels import weight_only as wo
 
-    q, s, z = _quantized_weight(40, 768, "int4", 128, False, device)
+    q, s, z = quantized_weight(40, 768, "int4", 128, False, device)
     words, s2, z2 = wo.pack_words(q, s, z, "int4", 128, n_major=False)
     x = torch.randn(1, 768, device=device).to(torch.bfloat16)
     out = torch.empty(1, 40, device=device, dtype=torch.bfloat16)
@@ -333,7 +330,7 @@ def _interleaved(n: int, k: int, qdtype: str, group: int, symmetric: bool, devic
     (``interleave_rows``): what a gated epilogue reads."""
     from lowbit.kernels.weight_only import interleave_rows
 
-    q, s, z = _quantized_weight(n, k, qdtype, group, symmetric, device)
+    q, s, z = quantized_weight(n, k, qdtype, group, symmetric, device)
     b = torch.randn(n, device=device).to(torch.bfloat16)
     return (q, s, z, b), tuple(interleave_rows(t) for t in (q, s, z, b))
 
@@ -430,8 +427,8 @@ def test_block_add_and_norm_split_around_weight_only_linears(device, qdtype, gro
     from lowbit.kernels._common import norm_from_parts_ref, norm_parts_ref
 
     n, k, eps = 256, 768, 1e-5  # n = the stream's width = linear2's K
-    q, s, z = _quantized_weight(n, k, qdtype, group, symmetric, device)
-    q2, s2_, z2_ = _quantized_weight(40, n, qdtype, min(group, 64), symmetric, device)
+    q, s, z = quantized_weight(n, k, qdtype, group, symmetric, device)
+    q2, s2_, z2_ = quantized_weight(40, n, qdtype, min(group, 64), symmetric, device)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(device)
     g = (0.5 + torch.rand(n, generator=gen)).to(torch.bfloat16).to(device)
@@ -466,7 +463,7 @@ def test_pdl_ops_match_their_fake_impls_and_the_plain_ops(device, m):
     from lowbit.kernels import weight_only as wo
 
     n, k = 256, 512
-    q, s, z = _quantized_weight(n, k, "int4", 128, False, device)
+    q, s, z = quantized_weight(n, k, "int4", 128, False, device)
     words, ws, wz = wo.pack_words(q, s, z, "int4", 128, n_major=True)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(device)
@@ -487,7 +484,7 @@ def test_pdl_ops_match_their_fake_impls_and_the_plain_ops(device, m):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_weight_only_epilogue_names_a_bad_one(device):
-    q, s, z = _quantized_weight(16, 128, "int4", 64, True, device)
+    q, s, z = quantized_weight(16, 128, "int4", 64, True, device)
     x = torch.randn(1, 128, device=device).to(torch.bfloat16)
     for bad in ("relu", "*up", "silu*down", "up"):
         with pytest.raises(ValueError, match=re.escape(f"epilogue {bad!r}")):
@@ -525,7 +522,7 @@ def test_prefill_m_takes_the_tensor_core_words_only_where_swept(device, monkeypa
     from lowbit.kernels import weight_only as wo
 
     n, k = 48, 512
-    q, s, z = _quantized_weight(n, k, "int4", 128, False, device)
+    q, s, z = quantized_weight(n, k, "int4", 128, False, device)
     words, s2, z2 = wo.pack_words(q, s, z, "int4", 128, n_major=True)
     x = torch.randn(50, k, device=device).to(torch.bfloat16)
     ref = weight_only_linear_ref(x, q, s, z, None, "int4", 128)
@@ -548,7 +545,7 @@ def test_k_major_words_through_the_op(device, qdtype, group, m):
     """The K-major decode layout (``n_major=False``) still runs through the op (its own config table and rule)."""
     from lowbit.kernels import weight_only as wo
 
-    q, s, z = _quantized_weight(48, 512, qdtype, group, False, device)
+    q, s, z = quantized_weight(48, 512, qdtype, group, False, device)
     words, s2, z2 = wo.pack_words(q, s, z, qdtype, group, n_major=False)
     assert not wo.is_n_major(words) and words.is_contiguous()
     x = torch.randn(m, 512, device=device).to(torch.bfloat16)
@@ -564,7 +561,7 @@ def test_n_major_words_match_reference(device, qdtype, group, symmetric, m, cfg)
     from lowbit.kernels import weight_only as wo
 
     n, k = 40, 768
-    q, s, z = _quantized_weight(n, k, qdtype, group, symmetric, device)
+    q, s, z = quantized_weight(n, k, qdtype, group, symmetric, device)
     words, s2, z2 = wo.pack_words(q, s, z, qdtype, group, n_major=True)
     assert wo.is_n_major(words) and words.shape == (n, k * (4 if qdtype.endswith("4") else 8) // 32)
     assert torch.equal(wo.unpack_words(words, qdtype, k, group).view(torch.uint8), q.view(torch.uint8))

@@ -201,6 +201,21 @@ def a8_mid_config(n: int) -> dict:
             "num_warps": 4, "num_stages": 4}
 
 
+def _fixed_tile(m: int, n: int, packed: bool, groups: list[int]) -> dict | None:
+    """The op's own tile where it does not autotune: the interpreter's small one, ``a8_static_config`` from
+    ``A8_STATIC_MIN_M`` rows, ``a8_mid_config`` at ``A8_MID_M`` rows per token x per channel; None: autotune."""
+    if interpreting():
+        bk = min(groups) if groups else 64
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(bk, 64), "GROUP_M": 2, "SUBK": 2 if groups else 1}
+    if packed:
+        return None
+    if m >= A8_STATIC_MIN_M:
+        return a8_static_config(min(groups or [0]))
+    if not groups and A8_MID_M[0] < m <= A8_MID_M[1]:
+        return a8_mid_config(n)
+    return None
+
+
 def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": A8_GROUP_M, "SUBK": 1},
                           num_warps=w, num_stages=s)
@@ -253,14 +268,7 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
             qweight.stride(0), w_scale.stride(0), out.stride(0))
     meta = {"W_PACKED": packed, "W_SIGNED": signed, "HAS_WZ": w_zero_point is not None, "IS_FP8": is_fp8,
                 "A_GROUP": a_group, "W_GROUP": w_group, "HAS_BIAS": bias is not None, "ACT": act, "GATED": gated}
-    cfg = config
-    if cfg is None and interpreting():
-        bk = min(groups) if groups else 64
-        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(bk, 64), "GROUP_M": 2, "SUBK": 2 if groups else 1}
-    elif cfg is None and not packed and m >= A8_STATIC_MIN_M:
-        cfg = a8_static_config(min(groups or [0]))
-    elif cfg is None and not packed and not groups and A8_MID_M[0] < m <= A8_MID_M[1]:
-        cfg = a8_mid_config(n)
+    cfg = config if config is not None else _fixed_tile(m, n, packed, groups)
     if cfg is not None:
         grid = (cdiv(n, cfg["BLOCK_N"]) * cdiv(m, cfg["BLOCK_M"]),)
         launcher(xq, _a8_kernel)[grid](*args, **meta, **cfg)
