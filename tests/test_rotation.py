@@ -458,6 +458,44 @@ def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(smollm2):
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_learned_rotation_runs_its_steps_on_the_device_option(smollm2, device):
+    """``device=`` moves kind=learned's steps there (the params are read through device copies, as calibration
+    reads them): on the CPU the losses equal the default run's step for step; on a GPU they agree to float32
+    accumulation order and the folded rotation still leaves the model unchanged."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from conftest import held_out_slice
+
+    graph, ids, ref = held_out_slice(smollm2, 1, 1)
+    spec = "fold-norms,rotate(kind=learned,calib_n=1,calib_len=64,steps=3,lr=2e-3,progress=false{})"
+    runs = []
+    for extra in ("", f",device={device}"):
+        g = graph.clone()
+        runs.append((g, PassManager(spec.format(extra)).run(g).records[-1].stats["learned"]))
+    (_, base), (g, moved) = runs
+    if device == "cpu":
+        assert moved["history"] == base["history"]
+    else:  # another reduction order, and the round-to-nearest in the loss can flip a code
+        assert moved["history"] == pytest.approx(base["history"], rel=2e-2)
+    assert moved["orthogonality"] < 1e-12
+    out = TorchCompiled(g)(ids)
+    assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_learned_rotation_16_bits_leaves_that_side_float():
+    """SpinQuant's GPTQ recipe learns R1 against activation quantization only: ``w_bits=16`` makes the weight
+    fake-quantizer the identity (and ``a_bits=16`` the activation one); 9-15 bits are refused by name."""
+    from lowbit.calibration.rotation_learning import fake_quant_tokens, fake_quant_weight
+
+    w = torch.randn(8, 16, dtype=torch.float64)
+    assert fake_quant_weight(w, 16) is w and fake_quant_tokens(w, 16) is w
+    assert (fake_quant_weight(w, 4) - w).abs().max() > 0
+    PassManager("rotate(kind=learned,w_bits=16,a_bits=4)")
+    with pytest.raises(PipelineError, match="w_bits: 12 bits"):
+        PassManager("rotate(kind=learned,w_bits=12)")
+
+
 def test_peak_rss_sees_a_tensor_that_lived_between_two_loop_points():
     """``PeakRss`` (the learning passes' memory figure): a 64 MiB tensor made and freed inside the block shows in
     the peak above the start though the resident size at both ends is the same. In a fresh process with

@@ -60,6 +60,19 @@ SWEEPS = {
         {"variant": "v4", "split": 1024, "num_stages": 2},
         {"variant": "v4", "split": 512, "num_warps": 2},
     ],
+    "s20": [  # 32-channel chunks (int4/int8): 4 lanes share a token row instead of 8, so each lane's softmax,
+        # shuffle-reduce and p * scale work per token covers twice the codes; int2's 16-channel value groups cap
+        # its chunk at 16, so int2 rows repeat the default launch
+        {"variant": "v4", "split": 1024, "num_stages": 2},  # session 19's best, for the same-run comparison
+        {"variant": "v4", "chunk": 32},
+        {"variant": "v4", "chunk": 32, "num_stages": 2},
+        {"variant": "v4", "chunk": 32, "split": 512},
+        {"variant": "v4", "chunk": 32, "split": 2048},
+        {"variant": "v4", "chunk": 32, "num_warps": 2},
+        {"variant": "v4", "chunk": 32, "num_warps": 2, "num_stages": 2},
+        {"variant": "v4", "chunk": 32, "heads": 2},  # GQA only
+        {"variant": "v4", "chunk": 32, "heads": 1},  # GQA only
+    ],
     "final": [  # most informative first: the budget may cut the tail
         {"variant": "v1"},  # v1 at its best launch of last session (32-token steps, 16-channel chunks)
         {"variant": "v2", "heads": 1},  # GQA: one query head per program (the kv tiles re-read from L2)

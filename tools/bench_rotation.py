@@ -42,6 +42,14 @@ KURTAIL = "rotate(kind=kurtosis,progress=false)"
 parameter, 4096 tokens a step."""
 KURTAIL_O = "rotate(kind=kurtosis,online_o=true,progress=false)"
 """KurTail plus a full-width online Hadamard before each o_proj."""
+SPIN_GPU = ("rotate(kind=learned,calib=wikitext2-valid,calib_n=256,calib_len=512,steps=300,windows_per_step=8,"
+            "w_bits=16,check_windows=32,progress=false)")
+"""SpinQuant at a GPU's size (run with ``--device cuda``), its recipe for GPTQ: R1 learned against the A4
+fake-quantized loss with float weights (GPTQ sets the weights afterwards), 300 steps of 8 x 512 tokens drawn from
+256 windows of the WikiText-2 validation split (the paper: 100 steps of 8 x 2048 on a 7B model), kept only if its
+quantized loss on 32 of those windows beats the Hadamard start."""
+SPIN_GPU_W4 = SPIN_GPU.replace("w_bits=16,", "")
+"""As ``SPIN_GPU`` with W4 round-to-nearest in the learning loss too (SpinQuant's RTN recipe) before GPTQ."""
 SPIN = "rotate(kind=learned,calib_n=16,calib_len=256,steps=16,progress=false)"
 """SpinQuant at the size a shared 2-core CPU affords: 16 steps, each a forward and backward of the whole W4A4
 fake-quantized model on one 256-token validation window (the paper: 100 steps of 8 x 2048 tokens); the learned R1
@@ -322,6 +330,21 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     ("w4a4kv4", "spinquant", "fold-norms + Hadamard R1-R4, R1 refined on the W4A4 fake-quant loss (Cayley/Adam, "
      "16 steps x 1 window of 256, kept only if it beats the start on 8 windows) + GPTQ W4 per channel", f"fold-norms,{SPIN},gptq(w=int4,sym=false,{{cal}}),quantize({A4})",
      MAIN),
+    # session 20 (GPU): SpinQuant trained at a GPU's size, beside the QuaRot and KurTail rows of the same run
+    ("w4a4kv4", "spinquant-gpu-w4", "fold-norms + Hadamard R1-R4, R1 refined on the W4A4 fake-quant loss (RTN "
+     "weights; Cayley/Adam, 300 steps x 8 windows of 512 from the validation split, kept only if it beats the start "
+     "on 32 windows) + GPTQ W4 per channel", f"fold-norms,{SPIN_GPU_W4},gptq(w=int4,sym=false,{{cal}}),quantize({A4})",
+     MAIN),
+    ("w4a4kv4", "spinquant-gpu-w4-gptqa4-wclip-acs", "as kurtail-gptqa4-wclip-acs with the spinquant-gpu-w4 R1",
+     f"fold-norms,{SPIN_GPU_W4},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,clip=true,{{cal}}),"
+     f"quantize({KV}),clip-activations({{cal}})", MAIN),
+    ("w4a4kv4", "spinquant-gpu", "fold-norms + Hadamard R1-R4, R1 refined on the A4 fake-quant loss with float "
+     "weights (SpinQuant's GPTQ recipe; Cayley/Adam, 300 steps x 8 windows of 512 from the validation split, kept "
+     "only if it beats the start on 32 windows) + GPTQ W4 per channel",
+     f"fold-norms,{SPIN_GPU},gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
+    ("w4a4kv4", "spinquant-gpu-gptqa4-wclip-acs", "as kurtail-gptqa4-wclip-acs with the spinquant-gpu R1",
+     f"fold-norms,{SPIN_GPU},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({KV}),"
+     "clip-activations({cal})", MAIN),
 ]
 
 

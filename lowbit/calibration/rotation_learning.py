@@ -179,7 +179,10 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
 # ---- SpinQuant-style: the quantized network's own loss -------------------------------------------------------
 
 def fake_quant_weight(w: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """Asymmetric per-output-channel round-to-nearest with a straight-through gradient (what RTN/GPTQ store)."""
+    """Asymmetric per-output-channel round-to-nearest with a straight-through gradient (what RTN/GPTQ store);
+    ``bits`` >= 16: ``w`` itself (float weights)."""
+    if bits >= 16:
+        return w
     top = 2**bits - 1
     lo, hi = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
     scale = ((hi - lo) / top).clamp_min(1e-8)
@@ -189,7 +192,10 @@ def fake_quant_weight(w: torch.Tensor, bits: int = 4) -> torch.Tensor:
 
 
 def fake_quant_tokens(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """Symmetric per-token round-to-nearest with a straight-through gradient (dynamic per-token activations)."""
+    """Symmetric per-token round-to-nearest with a straight-through gradient (dynamic per-token activations);
+    ``bits`` >= 16: ``x`` itself."""
+    if bits >= 16:
+        return x
     top = 2 ** (bits - 1) - 1
     scale = (x.detach().abs().amax(-1, keepdim=True) / top).clamp_min(1e-8)
     dq = torch.clamp(torch.round(x / scale), -top - 1, top) * scale
@@ -199,7 +205,8 @@ def fake_quant_tokens(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
 def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: Sequence[Node],
                              writers: Sequence[Node], keep_float: Sequence[Node], windows: torch.Tensor, *,
                              steps: int, lr: float, batch: int, w_bits: int = 4, a_bits: int = 4, seed: int = 0,
-                             check_windows: int = 8, what: str = "rotation") -> LearnedRotation:
+                             check_windows: int = 8, what: str = "rotation",
+                             device: torch.device | None = None) -> LearnedRotation:
     """Learn an extra residual rotation ``U = C(S)`` (from ``I``) minimising the next-token loss of the
     fake-quantized network on ``windows`` (SpinQuant's objective, Adam on the Cayley parameter).
 
@@ -212,8 +219,11 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
     Minibatch steps are noisy: after the last one, the start (``U = I``) and the learned ``U`` are both scored on
     the first ``check_windows`` windows and ``U = I`` is returned unless the learned one scores lower (0: no
     check, always the learned one).
+
+    ``device``: where the steps run (a GPU makes the paper's hundreds of steps affordable); the graph's params stay
+    where they are and are read through device copies, as calibration reads them. The returned ``q`` is on the CPU.
     """
-    from lowbit.calibration.engine import _execute  # same layer: the engine's node-by-node runner
+    from lowbit.calibration.engine import _DeviceParams, _execute  # same layer: the engine's node-by-node runner
 
     t0 = time.perf_counter()
     d = None
@@ -222,7 +232,9 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
     if d is None:
         raise RotationLearningError(f"{what}: no embedding starts the residual stream")
     dtype = next(iter(graph.params.values())).data.dtype
-    a = torch.zeros(d, d, dtype=dtype, requires_grad=True)
+    params = _DeviceParams(device)
+    windows = windows.to(device) if device is not None else windows
+    a = torch.zeros(d, d, dtype=dtype, device=device, requires_grad=True)
     opt = torch.optim.Adam([a], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     box: dict[str, torch.Tensor] = {}
@@ -261,7 +273,7 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
         env = {graph.inputs[0]: ids}
         with torch.enable_grad():
             try:
-                _execute(graph.nodes, env, None, {out_value}, None, replace)
+                _execute(graph.nodes, env, None, {out_value}, params, replace)
             except CalibrationError as exc:
                 raise RotationLearningError(f"{what}: step {step}: {exc}") from None
             logits = env[out_value]
@@ -280,25 +292,25 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
         history.append(round(value, 4))
         del env, logits, loss
     with torch.no_grad():
-        q = orthogonal_polar(cayley(a.detach().double()))
+        q = orthogonal_polar(cayley(a.detach().double())).to(a.device)
         if not torch.isfinite(q).all():
             raise RotationLearningError(f"{what}: after {steps} steps the rotation is not finite")
 
         def check_loss(u: torch.Tensor) -> float:
             """Mean quantized loss with ``U = u`` on the first ``check_windows`` windows (the same for both)."""
-            box["u"] = u.to(dtype)
+            box["u"] = u.to(a.device, dtype)
             total = 0.0
             n = min(check_windows, windows.shape[0])
             for i in range(0, n, batch):
                 ids = windows[i:min(i + batch, n)]
                 env = {graph.inputs[0]: ids}
-                _execute(graph.nodes, env, None, {out_value}, None, replace)
+                _execute(graph.nodes, env, None, {out_value}, params, replace)
                 logits = env[out_value]
                 total += float(torch.nn.functional.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))) * ids.shape[0]
             return total / n
 
-        eye = torch.eye(d, dtype=torch.float64)
+        eye = torch.eye(d, dtype=torch.float64, device=a.device)
         start_loss, learned_loss = (check_loss(eye), check_loss(q)) if check_windows else (float("nan"),) * 2
         keep_learned = not check_windows or learned_loss < start_loss
         check = {"windows": min(check_windows, windows.shape[0]), "loss_start": round(start_loss, 4),
@@ -306,6 +318,7 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
         if not keep_learned:
             q = eye
         ortho = float((q @ q.T - eye).abs().max())
+        q = q.cpu()
     box.clear()
     return LearnedRotation(q, float("nan"), float("nan"), first, last, steps, time.perf_counter() - t0, ortho, history,
                            check)

@@ -29,7 +29,7 @@ import time
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lowbit.calibration.engine import CalibrationError, batches_from_ids
 from lowbit.calibration.engine import run as calibrate
@@ -70,10 +70,19 @@ class RotateOptions(CalibrationOptions):
     """Adam step on the Cayley parameter of the rotation; unset: 3e-3 (kurtosis), 1e-3 (learned)."""
     windows_per_step: int = Field(default=1, ge=1, le=1024)
     """learned: calibration windows per step (of the ``calib_n`` × ``calib_len`` drawn once)."""
-    w_bits: int = Field(default=4, ge=2, le=8)
-    """learned: weight bits of the fake quantizer (asymmetric per output channel, round to nearest)."""
+    w_bits: int = Field(default=4, ge=2, le=16)
+    """learned: weight bits of the fake quantizer (asymmetric per output channel, round to nearest); 16: weights
+    stay float (SpinQuant's recipe for GPTQ: the rotation learns against activation quantization only, since
+    GPTQ, not round-to-nearest, will set the weights)."""
     a_bits: int = Field(default=4, ge=2, le=16)
-    """learned: activation bits of the fake quantizer (symmetric per token, dynamic)."""
+    """learned: activation bits of the fake quantizer (symmetric per token, dynamic); 16: activations stay float."""
+
+    @field_validator("w_bits", "a_bits")
+    @classmethod
+    def _bits_or_float(cls, v: int) -> int:
+        if 8 < v < 16:
+            raise ValueError(f"{v} bits: the fake quantizer takes 2-8 bits, or 16 for float")
+        return v
     batch_tokens: int = Field(default=4096, ge=8, le=1_000_000)
     """kurtosis: tokens per step, drawn evenly from every norm output."""
     check_windows: int = Field(default=8, ge=0, le=1024)
@@ -230,7 +239,7 @@ def learn_extra_rotation(graph: Graph, res: ResidualRegion, o: RotateOptions, pa
             learned = learn_quantized_rotation(
                 graph, res.embeddings, res.readers, res.writers, keep, ids, steps=o.steps or 20, lr=o.lr or 1e-3,
                 batch=o.windows_per_step, w_bits=o.w_bits, a_bits=o.a_bits, seed=o.seed,
-                check_windows=o.check_windows,
+                check_windows=o.check_windows, device=o.torch_device(pass_name),
                 what=f"pass {pass_name}: kind=learned, residual stream of width {res.dim}")
     except CalibrationError as exc:
         raise PassError(str(exc)) from None
