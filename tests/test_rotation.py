@@ -454,6 +454,7 @@ def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(smollm2):
     assert learned["orthogonality"] < 1e-12 and learned["learn_rss_above_start_mb"] >= 0
     check = learned["check"]  # the learned rotation is kept only when it beats its Hadamard start
     assert check["windows"] == 1 and (check["kept"] == "learned") == (check["loss_learned"] < check["loss_start"])
+    assert check["held_out"] is False  # one window: the check has to reuse it
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
@@ -481,6 +482,31 @@ def test_learned_rotation_runs_its_steps_on_the_device_option(smollm2, device):
     assert moved["orthogonality"] < 1e-12
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_learned_rotation_checks_on_windows_its_steps_never_read(smollm2, monkeypatch):
+    """With windows to spare, kind=learned holds its check windows out of the steps: no step's batch holds the
+    window the start and the learned rotation are finally compared on."""
+    from conftest import held_out_slice
+
+    import lowbit.calibration.engine as engine
+
+    graph, _, _ = held_out_slice(smollm2, 1, 1)
+    g = graph.clone()
+    seen: list[torch.Tensor] = []
+    real = engine._execute
+
+    def spy(nodes, env, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(env[g.inputs[0]].clone())
+        return real(nodes, env, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_execute", spy)
+    spec = "fold-norms,rotate(kind=learned,calib_n=3,calib_len=32,steps=4,check_windows=1,lr=2e-3,progress=false)"
+    check = PassManager(spec).run(g).records[-1].stats["learned"]["check"]
+    assert check["held_out"] is True and check["windows"] == 1
+    steps, checks = seen[:4], seen[4:]
+    assert len(checks) == 2 and torch.equal(checks[0], checks[1]) and checks[0].shape[0] == 1
+    assert not any((batch == checks[0]).all(-1).any() for batch in steps)
 
 
 def test_learned_rotation_16_bits_leaves_that_side_float():

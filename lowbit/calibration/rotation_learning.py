@@ -218,7 +218,8 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
 
     Minibatch steps are noisy: after the last one, the start (``U = I``) and the learned ``U`` are both scored on
     the first ``check_windows`` windows and ``U = I`` is returned unless the learned one scores lower (0: no
-    check, always the learned one).
+    check, always the learned one). Those windows are held out of the steps when the other windows leave at least
+    one batch to learn from (stats ``check.held_out``); a check on trained windows rewards memorising them.
 
     ``device``: where the steps run (a GPU makes the paper's hundreds of steps affordable); the graph's params stay
     where they are and are read through device copies, as calibration reads them. The returned ``q`` is on the CPU.
@@ -265,9 +266,12 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
     out_value = graph.outputs[0]
     history: list[float] = []
     first = last = float("nan")
+    n_check = min(check_windows, windows.shape[0])
+    held_out = n_check > 0 and windows.shape[0] - n_check >= batch
+    train = windows[n_check:] if held_out else windows
     for step in range(steps):
-        pick = torch.randint(0, windows.shape[0], (min(batch, windows.shape[0]),), generator=gen)
-        ids = windows[pick]
+        pick = torch.randint(0, train.shape[0], (min(batch, train.shape[0]),), generator=gen)
+        ids = train[pick]
         opt.zero_grad(set_to_none=True)
         box["u"] = cayley(a)
         env = {graph.inputs[0]: ids}
@@ -300,7 +304,7 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
             """Mean quantized loss with ``U = u`` on the first ``check_windows`` windows (the same for both)."""
             box["u"] = u.to(a.device, dtype)
             total = 0.0
-            n = min(check_windows, windows.shape[0])
+            n = n_check
             for i in range(0, n, batch):
                 ids = windows[i:min(i + batch, n)]
                 env = {graph.inputs[0]: ids}
@@ -313,7 +317,7 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
         eye = torch.eye(d, dtype=torch.float64, device=a.device)
         start_loss, learned_loss = (check_loss(eye), check_loss(q)) if check_windows else (float("nan"),) * 2
         keep_learned = not check_windows or learned_loss < start_loss
-        check = {"windows": min(check_windows, windows.shape[0]), "loss_start": round(start_loss, 4),
+        check = {"windows": n_check, "held_out": held_out, "loss_start": round(start_loss, 4),
                  "loss_learned": round(learned_loss, 4), "kept": "learned" if keep_learned else "start"}
         if not keep_learned:
             q = eye

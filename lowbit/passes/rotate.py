@@ -87,7 +87,8 @@ class RotateOptions(CalibrationOptions):
     """kurtosis: tokens per step, drawn evenly from every norm output."""
     check_windows: int = Field(default=8, ge=0, le=1024)
     """learned: after the steps, score the start and the learned rotation on this many calibration windows and
-    keep the learned one only if its quantized loss is lower (stats ``check``); 0 keeps it unchecked."""
+    keep the learned one only if its quantized loss is lower (stats ``check``); 0 keeps it unchecked. The steps
+    draw from the other windows when at least ``windows_per_step`` remain (``check.held_out``)."""
     learn_heads: bool = False
     """kurtosis (with ``heads``): also learn each layer's R2 from the Hadamard, on the head outputs its o_proj
     reads (collected in the same run: R1 does not change them). Off by default: KurTail's paper learns R1, and
