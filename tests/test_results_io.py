@@ -70,3 +70,28 @@ def test_a_kept_header_still_takes_the_appended_command(tmp_path):
     top = json.loads(out.read_text())
     assert top["command"] == "a; b" and top["note"] == "first" and top["versions"] == {"torch": "1"}
     assert [r["method"] for r in top["rows"]] == ["rtn", "gptq"]
+
+
+def test_readme_table_filters_exact_substring_and_not(tmp_path, monkeypatch):
+    """``tools/readme_tables.py``'s marker filters: ``=`` (one of ``a|b``), ``~`` (substring) and ``!=`` (none of
+    ``a|b``) pick the rows of one results file, in the README's own marker syntax."""
+    import readme_tables
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    path = tmp_path / "bench" / "results" / "accuracy.json"
+    rows = [_row("rtn", 1.0, device="cuda: H200"), _row("gptq", 2.0, device="cuda: H200"),
+            _row("kurtail", 3.0, device="cpu", eval="host-memory"), _row("spin", 4.0, eval="gpu-memory")]
+    path.write_text(json.dumps({"command": "x", "rows": rows}))
+
+    def methods(filters: str) -> list[str]:
+        return [r["method"] for r in rows if readme_tables._keep(r, {}, filters)]
+
+    assert methods("device~cuda") == ["rtn", "gptq"]
+    assert methods("method=rtn|spin") == ["rtn", "spin"]
+    assert methods("eval!=gpu-memory|host-memory") == ["rtn", "gptq"]
+    assert methods("device~cuda eval!=gpu-memory method!=rtn") == ["gptq"]
+    monkeypatch.setattr(readme_tables, "ROOT", tmp_path)
+    marker = "<!-- results:accuracy eval!=gpu-memory device~cuda -->\nold\n<!-- /results:accuracy -->"
+    out = readme_tables.render(marker)
+    assert out.startswith("<!-- results:accuracy eval!=gpu-memory device~cuda -->") and "old" not in out
+    assert "| rtn |" in out and "| gptq |" in out and "| spin |" not in out and "| kurtail |" not in out

@@ -3,7 +3,7 @@
 Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in README.md, where NAME is
 a results file's stem (``accuracy``, ``onnx``, ...). Filters after the name pick rows of a file that holds
 several models or runs: ``<!-- results:accuracy model=minilm-l6 device~cuda -->`` (``=`` exact, ``~``
-substring; all must hold); ``cols=a,b,c`` picks the columns of that one table. Usage:
+substring, ``!=`` anything but; all must hold); ``cols=a,b,c`` picks the columns of that one table. Usage:
 ``python tools/readme_tables.py [--check]``; ``--check`` exits 1 when the README is stale.
 """
 
@@ -63,12 +63,13 @@ def _sort_key(row: dict, keys: tuple[str, ...]) -> tuple:
 
 
 def _keep(row: dict, data: dict, filters: str) -> bool:
-    """Whether ``row`` passes every ``key=value`` / ``key~substring`` filter (``device`` falls back to the file's);
-    ``key=a|b`` keeps either value."""
+    """Whether ``row`` passes every ``key=value`` / ``key~substring`` / ``key!=value`` filter (``device`` falls back
+    to the file's); ``key=a|b`` keeps either value, ``key!=a|b`` neither."""
     for f in filters.split():
-        key, op, want = re.match(r"(\w+)([=~])(.*)", f).groups()  # type: ignore[union-attr]
+        key, op, want = re.match(r"(\w+)(!=|[=~])(.*)", f).groups()  # type: ignore[union-attr]
         have = str(row.get(key, data.get(key, "")))
-        if (op == "=" and have not in want.split("|")) or (op == "~" and want not in have):
+        if ((op == "=" and have not in want.split("|")) or (op == "~" and want not in have)
+                or (op == "!=" and have in want.split("|"))):
             return False
     return True
 
@@ -143,7 +144,7 @@ def render(readme: str) -> str:
         opening = f"<!-- results:{name} {filters} -->" if filters else f"<!-- results:{name} -->"
         return f"{opening}\n{body}\n<!-- /results:{name} -->"
 
-    return re.sub(r"<!-- results:(\w+)((?: [\w]+[=~][^ >]+)*) ?-->.*?<!-- /results:\1 -->", repl, readme, flags=re.S)
+    return re.sub(r"<!-- results:(\w+)((?: [\w]+(?:!=|[=~])[^ >]+)*) ?-->.*?<!-- /results:\1 -->", repl, readme, flags=re.S)
 
 
 def main() -> int:
