@@ -293,7 +293,8 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
         opt.step()
         first = value if step == 0 else first
         last = value
-        history.append(round(value, 4))
+        if step % 10 == 0 or step == steps - 1:  # as the kurtosis learning: every tenth step and the last
+            history.append(round(value, 4))
         del env, logits, loss
     with torch.no_grad():
         q = orthogonal_polar(cayley(a.detach().double())).to(a.device)
