@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_rotation import SPIN_GPU_STEPS
 from results_io import machine, merge_rows
 from results_io import versions as results_versions
 
@@ -43,8 +44,7 @@ METHODS = {
 }
 METHODS_GPU = {
     "kurtail": "fold-norms,rotate(kind=kurtosis,steps={steps},progress=false,device=cuda)",
-    "spinquant": ("fold-norms,rotate(kind=learned,calib=wikitext2-valid,calib_n=256,calib_len=512,steps={steps},"
-                  "windows_per_step=8,w_bits=16,check_windows=32,progress=false,device=cuda)"),
+    "spinquant": f"fold-norms,{SPIN_GPU_STEPS.replace('progress=false', 'progress=false,device=cuda')}",
 }
 MMAP_THRESHOLD = "131072"
 ROW_KEY = ("model", "scheme", "method", "variant", "eval", "device")

@@ -42,8 +42,10 @@ KURTAIL = "rotate(kind=kurtosis,progress=false)"
 parameter, 4096 tokens a step."""
 KURTAIL_O = "rotate(kind=kurtosis,online_o=true,progress=false)"
 """KurTail plus a full-width online Hadamard before each o_proj."""
-SPIN_GPU = ("rotate(kind=learned,calib=wikitext2-valid,calib_n=256,calib_len=512,steps=300,windows_per_step=8,"
-            "w_bits=16,check_windows=32,progress=false)")
+SPIN_GPU_STEPS = ("rotate(kind=learned,calib=wikitext2-valid,calib_n=256,calib_len=512,steps={steps},"
+                  "windows_per_step=8,w_bits=16,check_windows=32,progress=false)")
+"""``SPIN_GPU`` with its step count open (``tools/bench_learning_memory.py --device cuda`` runs a few steps)."""
+SPIN_GPU = SPIN_GPU_STEPS.format(steps=300)
 """SpinQuant at a GPU's size (run with ``--device cuda``), its recipe for GPTQ: R1 learned against the A4
 fake-quantized loss with float weights (GPTQ sets the weights afterwards), 300 steps of 8 x 512 tokens drawn from
 256 windows of the WikiText-2 validation split (the paper: 100 steps of 8 x 2048 on a 7B model), kept only if its
@@ -336,15 +338,13 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      "on 32 windows) + GPTQ W4 per channel", f"fold-norms,{SPIN_GPU_W4},gptq(w=int4,sym=false,{{cal}}),quantize({A4})",
      MAIN),
     ("w4a4kv4", "spinquant-gpu-w4-gptqa4-wclip-acs", "as kurtail-gptqa4-wclip-acs with the spinquant-gpu-w4 R1",
-     f"fold-norms,{SPIN_GPU_W4},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,clip=true,{{cal}}),"
-     f"quantize({KV}),clip-activations({{cal}})", MAIN),
+     BEST_A4.replace(KURTAIL, SPIN_GPU_W4), MAIN),
     ("w4a4kv4", "spinquant-gpu", "fold-norms + Hadamard R1-R4, R1 refined on the A4 fake-quant loss with float "
      "weights (SpinQuant's GPTQ recipe; Cayley/Adam, 300 steps x 8 windows of 512 from the validation split, kept "
      "only if it beats the start on 32 windows) + GPTQ W4 per channel",
      f"fold-norms,{SPIN_GPU},gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
     ("w4a4kv4", "spinquant-gpu-gptqa4-wclip-acs", "as kurtail-gptqa4-wclip-acs with the spinquant-gpu R1",
-     f"fold-norms,{SPIN_GPU},quantize(a=int4,a_clip=0.9),gptq(w=int4,sym=false,clip=true,{{cal}}),quantize({KV}),"
-     "clip-activations({cal})", MAIN),
+     BEST_A4.replace(KURTAIL, SPIN_GPU), MAIN),
 ]
 
 
