@@ -99,10 +99,32 @@ def test_activation_quantization_is_bit_exact(device, qdtype, group, k):
     x = (torch.randn(6, k, device=device) * 4).to(torch.bfloat16)
     x[1] = 0  # an all-zero token: scale 1e-12, codes 0
     x[2, :64] *= 100  # one loud group
+    x[3, :8] = -0.0  # fp8 keeps the sign of a zero quotient (code 0x80)
     q, s = quantize_activation(x, qdtype, group)
     q_ref, s_ref = quantize_activation_ref(x, qdtype, group)
     assert q.dtype == q_ref.dtype and torch.equal(s, s_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype", ["int8", "fp8e4m3"])
+def test_activation_quantization_divides_exactly_over_wide_exponents(device, qdtype):
+    """On the GPU the quantize divides by a reciprocal and two FMA corrections (``act_quant.divide_exact``), not
+    an IEEE division per element: codes and scales must still be torch's, for values of every magnitude (tiny
+    quotients, subnormal fp8 codes, exact ties) and for whole and chunked rows."""
+    g = torch.Generator().manual_seed(1)
+    for k in (1024, 4352):
+        mant = torch.rand(48, k, generator=g) + 1.0
+        exp = torch.randint(-30, 12, (48, k), generator=g).float()
+        sign = torch.randint(0, 2, (48, k), generator=g).float() * 2 - 1
+        x = (sign * mant * torch.exp2(exp)).to(torch.bfloat16)
+        x[:4, :k // 512 * 256] = torch.arange(-128, 128, dtype=torch.float32).mul(0.5).repeat(k // 512)
+        x[:4, -1] = 127.0  # scale 1 (or its neighbour): the halves above are exact ties
+        x = x.to(device)
+        q, s = quantize_activation(x, qdtype, 0)
+        q_ref, s_ref = quantize_activation_ref(x, qdtype, 0)
+        assert torch.equal(s, s_ref)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), (qdtype, k)
 
 
 @pytest.mark.parametrize("device", DEVICES)

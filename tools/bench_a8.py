@@ -75,7 +75,7 @@ def bench_shape(m: int, k: int, n: int, common: dict, deadline: float, sweep: bo
     flops = 2 * m * n * k
 
     def add(kernel: str, t: tuple[float, float], base: float | None, **extra) -> None:
-        r = {**common, "kernel": kernel, "M": m, "K": k, "N": n, "us": round(t[0], 2),
+        r = {**common, "kernel": kernel, "M": m, "K": k, "N": n, "shape": f"{k}x{n}", "us": round(t[0], 2),
              "tflops": round(flops / t[0] / 1e6, 1), **extra}
         if base:
             r.update(baseline="cublas_bf16", baseline_us=round(base, 2), speedup=round(base / t[0], 3))

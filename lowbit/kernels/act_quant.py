@@ -35,6 +35,12 @@ in one run, 2048 tokens, estimates within ~10 µs): 11008-wide rows whole (16384
 ~67 µs, in 2048-wide chunks ~41, in 4096-wide chunks ~46; 4096-wide rows whole ~11 µs, in 2048-wide chunks ~22."""
 ACT_QUANT_CHUNK = 2048
 """The chunk width of rows wider than ``ACT_QUANT_WHOLE_ROW``."""
+ACT_QUANT_CHUNK_WARPS = 8
+"""Warps of the chunked launch. Session 21 on the H200 (``tools/bench_act_quant.py``, run 2026-12-03-S21-aq2 of
+bench/results/a8_gemm.json, 2048 x 11008 bf16, with ``divide_exact``): 2048-wide chunks on 8 warps 31.8 µs int8 /
+42.1 fp8 against 35.7 / 47.8 on 4 (4096-wide chunks on 8: 30.8 / 42.2). At 45-50% of the copy bandwidth either
+way: the two passes over each row (amax, then codes) bound it, and the whole A8 op at 11008 x 4096 stays ~1.4x
+cuBLAS bf16 with it (the GEMM alone 1.78x)."""
 _STORAGE = {"int8": torch.int8, "fp8e4m3": torch.float8_e4m3fn}
 
 
@@ -65,15 +71,33 @@ def quantize_store_row(x, q_ptr, s_ptr, offs, ok, K, QMAX: tl.constexpr, RCP: tl
     if GROUP == 0:
         s = _scale(tl.max(tl.abs(x), axis=0), QMAX, RCP)
         tl.store(s_ptr, s)
-        y = tl.math.div_rn(x, tl.zeros_like(x) + s)
+        y = divide_exact(x, s, RCP)
     else:
         NG: tl.constexpr = BLOCK_K // GROUP
         x3 = tl.reshape(x, (NG, GROUP))
         s = _scale(tl.max(tl.abs(x3), axis=1), QMAX, RCP)
         offs_g = tl.arange(0, NG)
         tl.store(s_ptr + offs_g, s, mask=offs_g * GROUP < K)
-        y = tl.reshape(tl.math.div_rn(x3, tl.zeros_like(x3) + s[:, None]), (BLOCK_K,))
+        y = tl.reshape(divide_exact(x3, s[:, None], RCP), (BLOCK_K,))
     _store_codes(y, q_ptr + offs, ok, QMAX, IS_FP8)
+
+
+@triton.jit
+def divide_exact(x, s, RCP: tl.constexpr):
+    """``x / s`` (``s`` broadcast to ``x``) with the IEEE quotient's bits, as torch divides. On the GPU (``RCP``
+    nonzero): ``s``'s correctly rounded reciprocal ``r`` (one division per scale, not per element), ``q = x r``,
+    then twice ``q += fma(-q, s, x) r`` (the remainder is exact in an FMA; Markstein's correction) — H200,
+    ``tools/probe_div.py``: 0 of 2**30 random quotients differ from ``div_rn``, and the 2048 x 11008 per-token
+    int8 quantize took 32.8 µs against 38.8 with ``div_rn`` per element. A zero quotient keeps ``x r``'s sign
+    (the corrections add +0). The interpreter's fma rounds twice, so there (``RCP`` 0): ``div_rn``."""
+    if RCP != 0.0:
+        r = tl.broadcast_to(tl.math.div_rn(tl.zeros_like(s) + 1.0, s), x.shape)
+        sb = tl.broadcast_to(s, x.shape)
+        q = x * r
+        q = tl.fma(tl.fma(-q, sb, x), r, q)
+        q = tl.fma(tl.fma(-q, sb, x), r, q)
+        return tl.where(q == 0.0, x * r, q)
+    return tl.math.div_rn(x, tl.zeros_like(x) + s)
 
 
 @triton.jit
@@ -123,7 +147,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm,
         for c in range(0, K, BLOCK_K):
             ok = offs < K - c
             x = tl.load(x_ptr + row * sxm + c + offs, mask=ok, other=0.0).to(tl.float32)
-            _store_codes(tl.math.div_rn(x, tl.zeros_like(x) + s), q_ptr + row * sqm + c + offs, ok, QMAX, IS_FP8)
+            _store_codes(divide_exact(x, s, RCP), q_ptr + row * sqm + c + offs, ok, QMAX, IS_FP8)
 
 
 def row_quant_setup(x: torch.Tensor, qdtype: str, group_size: int, op: str
@@ -153,7 +177,7 @@ def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[
     # every constexpr passed, defaults too: torch.compile's launch of a traced Triton kernel needs them all
     meta = dict(meta, CHUNKED=False)
     if meta["BLOCK_K"] > ACT_QUANT_WHOLE_ROW:
-        meta.update(BLOCK_K=max(ACT_QUANT_CHUNK, group_size), CHUNKED=True, num_warps=4)
+        meta.update(BLOCK_K=max(ACT_QUANT_CHUNK, group_size), CHUNKED=True, num_warps=ACT_QUANT_CHUNK_WARPS)
     launcher(x2, _act_quant_kernel)[(x2.shape[0],)](x2, q, s, x2.shape[1], x2.stride(0), q.stride(0), s.stride(0),
                                                    **meta)
     return q, s

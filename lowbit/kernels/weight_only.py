@@ -1563,16 +1563,17 @@ def _launch_r(x2, words, scale, zp, b, bias, out, nch, sw, ssn, ssg, meta, cfg, 
     return _direct_or_split(x2, _gemv_r, grid, args, rmeta, split, n, out, bias, b, epilogue, 128, fusion)
 
 
-def _dequantize_words(words, scale, zero_point, qdtype, group, k, dtype):
+def _dequantize_words(words, scale, zero_point, qdtype, group, k, dtype, out=None, block_n=32, num_warps=4):
     n = words.shape[0]
     bits = 4 if qdtype in PACKED_QDTYPES else 8
     cw = chunk_words(k, group, bits)
-    out = torch.empty((n, k), device=words.device, dtype=dtype)
-    launcher(words, _dequant_words)[(cdiv(n, 32), k // (32 // bits * cw))](
+    out = torch.empty((n, k), device=words.device, dtype=dtype) if out is None else out
+    launcher(words, _dequant_words)[(cdiv(n, block_n), k // (32 // bits * cw))](
         words, scale, zero_point if zero_point is not None else scale, out, n, k, words.stride(0), words.stride(1),
         scale.stride(0),
         scale.stride(1) if scale.dim() == 2 else 0, *_word_masks(bits), BITS=bits, SIGNED=(PACKED_QDTYPES | BYTE_QDTYPES)[qdtype],
-        GROUP=group, HAS_ZP=zero_point is not None, XOR=WORD_XOR[bits], CW=cw, BLOCK_N=32)
+        GROUP=group, HAS_ZP=zero_point is not None, XOR=WORD_XOR[bits], CW=cw, BLOCK_N=block_n,
+        num_warps=num_warps)
     return out
 
 
