@@ -54,7 +54,8 @@ SWEEPS = {
         {"variant": "v4", "num_stages": 4},
         {"variant": "v4", "num_warps": 2, "num_stages": 3},
         {"variant": "v4", "num_warps": 2, "split": 4096},
-        # the same call's follow-up (run s19b): shorter chunks around the winner
+    ],
+    "s19b": [  # the same call's follow-up (run s19b): shorter chunks around s19's winner
         {"variant": "v4", "split": 512},
         {"variant": "v4", "split": 256},
         {"variant": "v4", "split": 1024, "num_stages": 2},
