@@ -91,7 +91,6 @@ EXPECTED: dict[tuple[str, str], str] = {
     **{(f, "fold-norms"): _POST_NORM for f in ("bert", "roberta", "distilbert")},
     **{(f, "smooth-quant"): "no place to fold scales" for f in ("bert", "roberta", "distilbert")},
     **{("vit", s): "pixel" for s in ("smooth-quant", "gptq", "compressed-tensors")},
-    **{(f, "fold-norms"): "Gemma's RMSNorm" for f in ("gemma2", "gemma3")},
     **{(f, "generate"): "no causal-LM head" for f in ("bert", "roberta", "distilbert", "vit")},
 }
 
@@ -216,9 +215,6 @@ def step_fold_norms(family: str) -> None:
     stats = result.records[0].stats
     if not stats.get("folded"):
         reasons = "; ".join(stats.get("not_folded", [])) or "no norm the pass recognises (rms_norm/layer_norm)"
-        if family.startswith("gemma"):
-            reasons = ("no rms_norm in the graph: Gemma's RMSNorm scales by (1 + weight), which capture's raising "
-                       "table does not match, so there is no gain to fold")
         if any("residual" in r or "read by" in r for r in stats.get("not_folded", [])):
             raise Refused(f"{_POST_NORM} ({reasons})")
         raise Refused(reasons)
@@ -306,7 +302,7 @@ def step_generate(family: str) -> None:
         raise AssertionError(f"{family}: generation compiled an encoder")
     hf = model.model
     cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
-    assert cm.graph.outputs[0].tensor_type.shape[1] == 1  # last-logits found the final norm (Gemma's unraised too)
+    assert cm.graph.outputs[0].tensor_type.shape[1] == 1  # last-logits found the final norm
     prompts = [tok(p).input_ids for p in GEN_PROMPTS]
     got = cm.generate(prompts, 8).tokens
     for p, tokens in zip(prompts, got):

@@ -463,7 +463,8 @@ def _fusible_norm(x: torch.fx.Node,
     norm = norms[0]
     gain = norm.args[1] if len(norm.args) > 1 else norm.kwargs.get("weight")
     if (norm.args[0] is not x or not isinstance(gain, torch.fx.Node)
-            or norm.kwargs.get("compute_dtype") is not torch.float32):
+            or norm.kwargs.get("compute_dtype") is not torch.float32
+            or norm.kwargs.get("offset") or norm.kwargs.get("gain_in_compute")):  # Gemma's form: not the kernels'
         return None
     return norm, gain, float(norm.kwargs["eps"])
 

@@ -31,7 +31,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph, Node, Value
-from lowbit.ir.rewrite import private_weight
+from lowbit.ir.rewrite import gain_weight, norm_gain, private_weight
 
 __all__ = ["divide_norm", "divide_rows", "multiply_columns", "gqa_expand_index", "MigrationSite", "find_sites",
            "site_for", "apply_scale", "MigrationError", "VIEW_OPS"]
@@ -276,14 +276,14 @@ def apply_scale(graph: Graph, site: MigrationSite, s: torch.Tensor) -> None:
         gain = p.arg(1, "weight")
         bias = p.arg(2, "bias") if p.op == "layer_norm" else None
         dtype = p.output.tensor_type.dtype
-        g_new, b_new = divide_norm(gain.data if gain is not None else None,
-                                   bias.data if bias is not None else None, s, dtype)
+        g_new, b_new = divide_norm(norm_gain(p), bias.data if bias is not None else None, s, dtype)
         args = list(p.args) + [None] * max(0, 2 - len(p.args))
         if gain is not None:
             gv = private_weight(graph, p, 1, users, f"{p.module}.weight")
-            graph.set_param(gv.name, g_new)
+            graph.set_param(gv.name, gain_weight(p, g_new, gain.data.dtype))
         else:
-            args[1] = graph.add_param(graph.fresh_param_name(f"{p.module or p.name}.weight"), g_new)
+            args[1] = graph.add_param(graph.fresh_param_name(f"{p.module or p.name}.weight"),
+                                      gain_weight(p, (1.0 / s.double()) if p.kwargs.get("offset") else g_new, dtype))
             p.args = tuple(args)
         if bias is not None and b_new is not None:
             bv = private_weight(graph, p, 2, users, f"{p.module}.bias")

@@ -207,7 +207,10 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
                 v = node.arg(idx, name)
                 if v is None:
                     if key in hf_keys:  # folded away: the HF norm needs an identity gain / zero bias
-                        _put(view, key, fill(hf_keys[key], dtype=torch.float32), node)
+                        t = fill(hf_keys[key], dtype=torch.float32)
+                        if name == "weight":  # stored as gain - offset (Gemma: 1 + w, so an identity gain is 0)
+                            t = t - float(node.kwargs.get("offset", 0.0))
+                        _put(view, key, t, node)
                     continue
                 if key not in hf_keys:
                     raise CheckpointError(f"{node.op} %{node.name} (module {node.module!r}) has a {name} but the HF "

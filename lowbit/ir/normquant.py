@@ -134,6 +134,9 @@ def fuse_norm_quant(graph: Graph, rules: tuple[NormQuantRule, ...] = NORM_QUANT_
         readers = users.get(id(h), [])
         if not readers or id(h) in outputs:
             continue
+        if norm.kwargs.get("gain_in_compute") and norm.arg(1, "weight") is not None:
+            stats.declined[norm.name] = "its gain applies before the cast back (Gemma's form): no fused kernel"
+            continue
         schemes = {_reader_scheme(r, h) for r in readers}
         if any(isinstance(s, str) for s in schemes) or len(schemes) != 1:
             if any(r.op == "qlinear" and r.kwargs.get("a_qdtype") for r in readers):  # only report near misses

@@ -77,15 +77,29 @@ def rms_norm(
     *,
     eps: float,
     compute_dtype: torch.dtype | None = None,
+    offset: float = 0.0,
+    gain_in_compute: bool = False,
 ) -> torch.Tensor:
-    """RMSNorm as HF Llama computes it: statistics in ``compute_dtype``, gain applied in the input dtype."""
+    """RMSNorm as HF Llama computes it: statistics in ``compute_dtype``, gain applied in the input dtype.
+
+    ``offset``, ``gain_in_compute``: Gemma's form, whose gain is ``offset + weight`` (``1 + w``, weights stored
+    around 0) applied in the compute dtype before the cast back (HF's ``(x * (1 + w.float())).type_as(x)``).
+    ``offset`` is how the architecture stores the gain, kept when a pass removes or rewrites the weight (a norm
+    without a weight has gain 1, whatever its offset): passes read and write the gain through ``norm_gain`` /
+    ``gain_weight``, checkpoints write the weight as stored."""
     in_dtype = x.dtype
     xc = x.to(compute_dtype) if compute_dtype is not None and compute_dtype != in_dtype else x
     var = aten.mean.dim(aten.pow.Tensor_Scalar(xc, 2), [-1], True)
     y = aten.mul.Tensor(xc, aten.rsqrt.default(aten.add.Tensor(var, eps)))
+    if gain_in_compute and weight is not None:
+        w = weight.to(y.dtype) if weight.dtype != y.dtype else weight
+        y = aten.mul.Tensor(y, aten.add.Tensor(w, offset) if offset else w)
+        weight = None
     if y.dtype != in_dtype:
         y = y.to(in_dtype)
-    return y if weight is None else aten.mul.Tensor(weight, y)
+    if weight is None:
+        return y
+    return aten.mul.Tensor(aten.add.Tensor(weight, offset) if offset else weight, y)
 
 
 @register_op("layer_norm")

@@ -34,7 +34,8 @@ def _identity_input(node: Node) -> Value | None:
     elif op == "aten.dropout.default":
         train = node.arg(2, "train", False)
         src = node.args[0] if train is False else None
-    elif op in {"aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.to.device"}:
+    elif op in {"aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy.default", "aten.to.device",
+                "aten.type_as.default"}:
         src = node.args[0]
     elif op == "aten.slice.Tensor":
         # x[:, 0:MAX] keeps everything: identity when it starts at 0 with step 1 and the type is unchanged
@@ -118,6 +119,27 @@ def _rewrite_rms_norm(graph: Graph, node: Node, b: Bindings) -> Node | None:
     return _node("rms_norm", x, w, eps=b["eps"], compute_dtype=b.get("compute_dtype"))
 
 
+_GEMMA_GAIN = P("aten.add.Tensor", Opt(lambda i: _cast(i, "w_dtype"), X("w", _is_param)), X("offset", _is_float))
+_GEMMA_SCALED = Alt(P("aten.mul.Tensor", _RMS_NORMED, _GEMMA_GAIN), P("aten.mul.Tensor", _GEMMA_GAIN, _RMS_NORMED))
+GEMMA_RMS_NORM = Alt(P("aten.type_as.default", _GEMMA_SCALED, X("like", _is_tensor)),
+                     Opt(lambda i: _cast(i, "out_dtype"), _GEMMA_SCALED))
+"""Gemma's RMSNorm: ``(normed(x.float()) * (1.0 + w.float())).type_as(x)`` — the gain stored around 0 and applied in
+float32 before the cast back."""
+
+
+def _rewrite_gemma_rms_norm(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    x: Value = b["x"]
+    out_t = node.output.type
+    if not isinstance(out_t, TensorType) or x.tensor_type.dtype != out_t.dtype:
+        return None
+    w: Value = b["w"]
+    compute = b.get("compute_dtype") or x.tensor_type.dtype
+    if w.tensor_type.rank != 1 or (b.get("w_dtype") or w.tensor_type.dtype) != compute:
+        return None
+    return _node("rms_norm", x, w, eps=b["eps"], compute_dtype=b.get("compute_dtype"), offset=b["offset"],
+                 gain_in_compute=True)
+
+
 _ROT_X = X("x", _is_tensor)
 ROTARY = P(
     "aten.add.Tensor",
@@ -145,6 +167,7 @@ def _rewrite_rotary(graph: Graph, node: Node, b: Bindings) -> Node | None:
 
 COMPOSITE_RULES = [
     Rule("rms_norm", RMS_NORM, _rewrite_rms_norm),
+    Rule("gemma_rms_norm", GEMMA_RMS_NORM, _rewrite_gemma_rms_norm),
     Rule("rotary", ROTARY, _rewrite_rotary),
 ]
 

@@ -1,4 +1,5 @@
-"""Small in-place IR rewrites that every layer needs: dead-code elimination and private parameter copies.
+"""Small in-place IR rewrites that every layer needs: dead-code elimination, private parameter copies and a
+norm's gain read and written through its stored form.
 
 They live in the IR, not in ``lowbit.passes``, because capture and raising (``lowbit.ir``), scale migration
 (``lowbit.calibration``) and the passes all call them, and a layer never imports one above it. The ``dce``
@@ -7,9 +8,11 @@ pass (``lowbit.passes.dce``) is a thin wrapper over ``eliminate_dead_code``.
 
 from __future__ import annotations
 
+import torch
+
 from lowbit.ir.graph import Graph, Node, Value
 
-__all__ = ["eliminate_dead_code", "private_weight"]
+__all__ = ["eliminate_dead_code", "gain_weight", "norm_gain", "private_weight"]
 
 
 def eliminate_dead_code(graph: Graph) -> tuple[int, int]:
@@ -42,3 +45,18 @@ def private_weight(graph: Graph, reader: Node, index: int, users: dict[int, list
         args[index] = w
         reader.args = tuple(args)
     return w
+
+
+def norm_gain(norm: Node) -> torch.Tensor | None:
+    """The gain an ``rms_norm`` / ``layer_norm`` multiplies by, in float64: its weight plus its ``offset``
+    (Gemma stores ``w`` for a gain ``1 + w``); None when the norm has no weight (gain 1)."""
+    w = norm.arg(1, "weight")
+    if w is None:
+        return None
+    return w.data.to(torch.float64) + float(norm.kwargs.get("offset", 0.0))
+
+
+def gain_weight(norm: Node, gain: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight that stores ``gain`` in ``norm``'s form (``gain - offset``), in ``dtype``."""
+    offset = float(norm.kwargs.get("offset", 0.0))
+    return (gain.to(torch.float64) - offset).to(dtype) if offset else gain.to(dtype)

@@ -1,7 +1,9 @@
 """Fold norm gains into the linears that read the norm: the first step of rotation.
 
 RMSNorm(x)·g feeding ``y = W·(...)`` equals ``(W·diag(g))·RMSNorm₁(x)`` with a unit-gain norm; a LayerNorm's
-bias β moves into the linear's bias as ``b + W·β``. Once every norm has unit gain, an orthogonal rotation
+bias β moves into the linear's bias as ``b + W·β``. The gain is the norm's (``norm_gain``: Gemma's ``1 + w``);
+the folded norm keeps its ``offset`` (the form a checkpoint writes its unit gain in). Once every norm has unit
+gain, an orthogonal rotation
 can pass through it (QuaRot/SpinQuant). A norm whose output also feeds anything but a linear's input
 (MiniLM's post-attention LayerNorm feeds the residual stream) cannot be folded: it is listed in the stats
 with the reason, never skipped silently.
@@ -14,7 +16,7 @@ import re
 import torch
 
 from lowbit.ir.graph import Graph, Node
-from lowbit.ir.rewrite import eliminate_dead_code, private_weight
+from lowbit.ir.rewrite import eliminate_dead_code, norm_gain, private_weight
 from lowbit.passes.base import NO_QLINEAR, Pass, PassResult, ScopedOptions, register_pass
 
 NORM_OPS = ("rms_norm", "layer_norm")
@@ -63,7 +65,7 @@ class FoldNorms(Pass):
             if reason is not None:
                 skipped.append(f"{norm.module or norm.name}: {reason}")
                 continue
-            g = gain.data.to(torch.float64) if gain is not None else None
+            g = norm_gain(norm)
             for r in readers:
                 w = private_weight(graph, r, 1, users, f"{r.module}.weight")
                 w64 = w.data.to(torch.float64)

@@ -40,8 +40,9 @@ Gemma 2's soft-capping ``tanh(logits / cap) * cap`` after the head."""
 UNRAISED_NORM_OPS = ("aten.pow.Tensor_Scalar", "aten.mean.dim", "aten.add.Tensor", "aten.sub.Tensor", "aten.rsqrt.default",
                      "aten.mul.Tensor", "aten.div.Tensor", "aten.type_as.default", "aten.to.dtype",
                      "aten._to_copy.default")
-"""Ops a norm module capture did not raise may hold (Gemma's RMSNorm: pow, mean, add, rsqrt, mul, type_as; casts in
-half precision): element-wise, and ``mean`` over the last dim only, so slicing rows before them is exact."""
+"""Ops a norm module capture did not raise may hold (an RMSNorm written another way than Llama's or Gemma's: pow,
+mean, add, rsqrt, mul, type_as; casts in half precision): element-wise, and ``mean`` over the last dim only, so
+slicing rows before them is exact."""
 
 MAX_WALK = 8
 
@@ -62,9 +63,9 @@ def _row_wise(node: Node) -> bool:
 
 
 def _module_norm(graph: Graph, node: Node) -> NormSite | None:
-    """A norm capture did not raise to one op (Gemma's ``(1 + w)`` RMSNorm): the nodes of ``node``'s module, if all are
-    row-wise (``UNRAISED_NORM_OPS``), they read exactly one activation from outside the module (the stream; parameters
-    aside) and only ``node``'s output leaves it."""
+    """A norm capture did not raise to one op (a variant the raising table lacks): the nodes of ``node``'s module,
+    if all are row-wise (``UNRAISED_NORM_OPS``), they read exactly one activation from outside the module (the
+    stream; parameters aside) and only ``node``'s output leaves it."""
     if not node.module:
         return None
     members = [n for n in graph.nodes if n.module == node.module]

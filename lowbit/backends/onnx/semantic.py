@@ -89,24 +89,33 @@ def _rms_norm(ctx: LoweringContext, node: Node) -> ir.Value:
     x = node.args[0]
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     eps = float(node.kwargs["eps"])
+    offset = float(node.kwargs.get("offset", 0.0))
     in_dtype = ctx.dtype(x)
     compute = node.kwargs.get("compute_dtype") or in_dtype
+
+    def gain(dtype: torch.dtype) -> ir.Value:  # offset + weight (Gemma stores its gain around 0)
+        g = ctx.tensor(weight, dtype)
+        return ctx.op("Add", [g, ctx.const(offset, dtype)]) if offset else g
+
     if ctx.options.opset >= 23 and compute == in_dtype:
         hidden = x.tensor_type.shape[-1]
         if weight is None and not isinstance(hidden, int):
             raise NotLowerable("rms_norm without a weight needs a static hidden size")
-        scale = ctx.v(weight) if weight is not None else ctx.const(np.ones(hidden), in_dtype)
+        scale = gain(in_dtype) if weight is not None else ctx.const(np.ones(hidden), in_dtype)
         return ctx.op("RMSNormalization", [ctx.v(x), scale],
                       {"axis": -1, "epsilon": eps, "stash_type": to_onnx_dtype(compute).value})
-    # The reference: statistics in compute dtype, cast back, then the gain in the input dtype.
+    # The reference: statistics in compute dtype, cast back, then the gain in the input dtype (Gemma's form,
+    # ``gain_in_compute``: the gain before the cast).
     # Pow→ReduceMean→Add→Sqrt→Div is the chain ORT fuses into SimplifiedLayerNormalization.
     xc = ctx.tensor(x, compute)
     var = ctx.op("ReduceMean", [ctx.op("Pow", [xc, ctx.const(2.0, compute)]), ctx.axes([-1])], {"keepdims": 1})
     y = ctx.op("Div", [xc, ctx.op("Sqrt", [ctx.op("Add", [var, ctx.const(eps, compute)])])])
+    if weight is not None and node.kwargs.get("gain_in_compute"):
+        return ctx.cast(ctx.op("Mul", [y, gain(compute)]), compute, in_dtype)
     y = ctx.cast(y, compute, in_dtype)
     if weight is None:
         return y
-    return ctx.op("Mul", [ctx.tensor(weight, in_dtype), y])
+    return ctx.op("Mul", [gain(in_dtype), y])
 
 
 @lowering("layer_norm")
