@@ -7,6 +7,7 @@ gain written as 0)."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -24,7 +25,10 @@ from test_architectures import _decoders, _inputs, _smollm2_tokenizer
 FAMILIES = ["gemma2", "gemma3"]
 
 
+@functools.cache
 def _gemma(family: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, captured graph, norm count), built once per (family, dtype): tests clone the graph
+    before they change it."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -109,7 +113,7 @@ def test_gemma_norms_lower_to_onnx(family, dtype, tmp_path):
 
     model, tok, graph, _ = _gemma(family, dtype)
     x = _inputs(family, model, tok)
-    path = lowbit.export(graph, tmp_path / "m.onnx")
+    path = lowbit.export(graph.clone(), tmp_path / "m.onnx")
     ref = TorchCompiled(graph)(*x)
     assert _rel(OrtCompiled.load(path)(*x), ref) <= 1e-4
 

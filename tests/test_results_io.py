@@ -72,6 +72,19 @@ def test_a_kept_header_still_takes_the_appended_command(tmp_path):
     assert [r["method"] for r in top["rows"]] == ["rtn", "gptq"]
 
 
+def test_an_appended_command_that_begins_an_earlier_one_is_still_recorded(tmp_path):
+    """``run --run x2`` recorded first does not make ``run --run x`` look recorded (session 21 lost a command so);
+    a command recorded with a note after it counts as recorded."""
+    out = tmp_path / "r.json"
+    merge_rows(out, {"command": "run --run x2"}, [_row("rtn", 1.0)])
+    merge_rows(out, {"command": "run --run x"}, [_row("gptq", 2.0)], append_command=True)
+    assert json.loads(out.read_text())["command"] == "run --run x2; run --run x"
+    top = json.loads(out.read_text())
+    out.write_text(json.dumps({**top, "command": "run --run x2 (session 21: a note)"}))
+    merge_rows(out, {"command": "run --run x2"}, [_row("awq", 3.0)], append_command=True)
+    assert json.loads(out.read_text())["command"] == "run --run x2 (session 21: a note)"
+
+
 def test_readme_table_filters_exact_substring_and_not(tmp_path, monkeypatch):
     """``tools/readme_tables.py``'s marker filters: ``=`` (one of ``a|b``), ``~`` (substring) and ``!=`` (none of
     ``a|b``) pick the rows of one results file, in the README's own marker syntax."""

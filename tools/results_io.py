@@ -72,7 +72,10 @@ def merge_rows(out: Path, header: dict, rows: list[dict], key: Sequence[str] = R
     earlier = old.get("command", "")
     if append_command and earlier and header.get("command"):
         new = header["command"]
-        header = {**header, "command": earlier if new in earlier else f"{earlier}; {new}"}
+        # recorded already: one of the earlier commands, as run or with a note after it ("cmd (session N: ...)");
+        # not a substring test, which took "--run a" for recorded when "--run a2" was
+        known = any(c == new or c.startswith(new + " (") for c in earlier.split("; "))
+        header = {**header, "command": earlier if known else f"{earlier}; {new}"}
     ident = lambda r: tuple(r.get(k) for k in key)  # noqa: E731
     new_keys = {ident(r) for r in rows}
     merged = [r for r in old.get("rows", []) if ident(r) not in new_keys] + rows
