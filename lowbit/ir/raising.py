@@ -108,15 +108,18 @@ _RMS_OUT = Opt(lambda i: _cast(i, "out_dtype"), _RMS_NORMED)
 RMS_NORM = Alt(P("aten.mul.Tensor", X("w", _is_param), _RMS_OUT), P("aten.mul.Tensor", _RMS_OUT, X("w", _is_param)))
 
 
-def _rewrite_rms_norm(graph: Graph, node: Node, b: Bindings) -> Node | None:
+def _norm_operands(node: Node, b: Bindings) -> tuple[Value, Value] | None:
+    """(x, weight) of a matched RMSNorm whose output keeps x's dtype and whose weight is one gain per channel."""
     x: Value = b["x"]
     out_t = node.output.type
-    if not isinstance(out_t, TensorType) or x.tensor_type.dtype != out_t.dtype:
+    if not isinstance(out_t, TensorType) or x.tensor_type.dtype != out_t.dtype or b["w"].tensor_type.rank != 1:
         return None
-    w: Value = b["w"]
-    if w.tensor_type.rank != 1:
-        return None
-    return _node("rms_norm", x, w, eps=b["eps"], compute_dtype=b.get("compute_dtype"))
+    return x, b["w"]
+
+
+def _rewrite_rms_norm(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    xw = _norm_operands(node, b)
+    return None if xw is None else _node("rms_norm", *xw, eps=b["eps"], compute_dtype=b.get("compute_dtype"))
 
 
 _GEMMA_GAIN = P("aten.add.Tensor", Opt(lambda i: _cast(i, "w_dtype"), X("w", _is_param)), X("offset", _is_float))
@@ -128,15 +131,11 @@ float32 before the cast back."""
 
 
 def _rewrite_gemma_rms_norm(graph: Graph, node: Node, b: Bindings) -> Node | None:
-    x: Value = b["x"]
-    out_t = node.output.type
-    if not isinstance(out_t, TensorType) or x.tensor_type.dtype != out_t.dtype:
-        return None
-    w: Value = b["w"]
-    compute = b.get("compute_dtype") or x.tensor_type.dtype
-    if w.tensor_type.rank != 1 or (b.get("w_dtype") or w.tensor_type.dtype) != compute:
-        return None
-    return _node("rms_norm", x, w, eps=b["eps"], compute_dtype=b.get("compute_dtype"), offset=b["offset"],
+    xw = _norm_operands(node, b)
+    if xw is None or (b.get("w_dtype") or xw[1].tensor_type.dtype) != (b.get("compute_dtype")
+                                                                        or xw[0].tensor_type.dtype):
+        return None  # the gain must be added and applied in the statistics' dtype
+    return _node("rms_norm", *xw, eps=b["eps"], compute_dtype=b.get("compute_dtype"), offset=b["offset"],
                  gain_in_compute=True)
 
 
