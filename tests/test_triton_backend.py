@@ -266,6 +266,35 @@ def test_block_add_and_norm_fuse_in_other_decoder_families(family):
 
 
 @needs_kernels
+def test_gemma_norms_stay_on_the_reference_op_and_keep_the_tokens():
+    """Gemma 2's norms (``rms_norm(offset=1.0, gain_in_compute=True)``: gain ``1 + w`` before the cast back) are not
+    the add + norm kernels' form: no linear takes a norm, and greedy tokens equal the torch reference's, with norm
+    weights drawn away from HF's initial 0 so a dropped offset would change them."""
+    import transformers
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+        num_hidden_layers=2, vocab_size=512, max_position_embeddings=128), dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight.copy_((torch.randn(m.weight.shape, generator=g) * 0.5).to(m.weight.dtype))
+    spec = GenerationSpec(max_length=16, max_batch=1)
+    pipeline = "quantize(w=int4,group=64,sym=false)"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tri = _triton_step(model, pipeline, spec, dev)
+    assert _add_norm_split(tri) == (0, 0)
+    ref = compile_model(model, pipeline=pipeline, generation=spec, device=dev)
+    ids = torch.randint(3, 512, (1, 5), generator=torch.Generator().manual_seed(1))
+    assert tri.generate(ids, 4, stop_tokens=()).tokens == ref.generate(ids, 4, stop_tokens=()).tokens
+
+
+@needs_kernels
 def test_generation_runs_on_the_triton_backend(monkeypatch):
     """A step graph (KV cache in, logits and cache out) lowers to the Triton kernels: generate() runs its steps over
     the donated cache, each decode step's attention on ``decode_sdpa`` (GQA, two sequences at their own
