@@ -82,13 +82,17 @@ def _encoders() -> dict[str, Any]:
 
 
 FAMILIES = [*_decoders(), *_encoders()]
-STEPS = ["capture", "fold-norms", "smooth-quant", "quantize", "gptq", "onnx", "compressed-tensors", "generate"]
+STEPS = ["capture", "fold-norms", "rotate", "smooth-quant", "quantize", "gptq", "onnx", "compressed-tensors",
+         "generate"]
 SLOW_FAMILIES = {"qwen2-896"}
 
 _POST_NORM = "post-norm encoder: the norm's output feeds the residual stream"
 EXPECTED: dict[tuple[str, str], str] = {
     # (family, step) -> regex of the refusal; cells not listed must work
     **{(f, "fold-norms"): _POST_NORM for f in ("bert", "roberta", "distilbert")},
+    **{(f, "rotate"): "sandwich / post-norm" for f in ("gemma2", "gemma3", "olmo2")},
+    **{(f, "rotate"): "is a LayerNorm" for f in ("gpt-neox", "stablelm", "bert", "roberta", "distilbert")},
+    ("vit", "rotate"): "no embedding node",
     **{(f, "smooth-quant"): "no place to fold scales" for f in ("bert", "roberta", "distilbert")},
     **{("vit", s): "pixel" for s in ("smooth-quant", "gptq", "compressed-tensors")},
     **{(f, "generate"): "no causal-LM head" for f in ("bert", "roberta", "distilbert", "vit")},
@@ -223,6 +227,21 @@ def step_fold_norms(family: str) -> None:
     _close(TorchCompiled(graph)(*x), ref, 1e-12)
 
 
+def step_rotate(family: str) -> None:
+    """fold-norms + the Hadamard rotation (residual stream, per-head V/O, online down_proj and keys) leave the
+    float64 graph's outputs unchanged to 1e-9, with float64 norm statistics (HF's RMSNorm takes them in float32
+    even in a float64 model, a 1e-7 rounding of a rotated stream)."""
+    from conftest import float64_norm_stats
+
+    model, tok, _, _, graph = build(family, torch.float64)
+    base = float64_norm_stats(graph.clone())
+    rotated = base.clone()
+    PassManager(parse_pipeline("fold-norms,rotate(kind=hadamard)")).run(rotated)
+    x = _inputs(family, model, tok)
+    x = tuple(t.double() if t.is_floating_point() else t for t in x)
+    _close(TorchCompiled(rotated)(*x), TorchCompiled(base)(*x), 1e-9)
+
+
 def step_smooth_quant(family: str) -> None:
     model, tok, _, _, graph = build(family)
     if tok is None:
@@ -321,7 +340,8 @@ def run_step(family: str, step: str, tmp_path: Any) -> str:
     from lowbit.passes.base import PassError
     from lowbit.passes.manager import PipelineError
 
-    fn = {"capture": step_capture, "fold-norms": step_fold_norms, "smooth-quant": step_smooth_quant,
+    fn = {"capture": step_capture, "fold-norms": step_fold_norms, "rotate": step_rotate,
+          "smooth-quant": step_smooth_quant,
           "quantize": step_quantize, "gptq": step_gptq, "onnx": step_onnx,
           "compressed-tensors": step_compressed_tensors, "generate": step_generate}[step]
     try:

@@ -135,6 +135,52 @@ def test_rotate_golden_unties_and_is_exact():
     assert not torch.equal(g.params["emb"].data, parse_graph(TINY, _random_weights(TINY)).params["emb"].data)
 
 
+SCALED = """\
+graph g(%ids: i64[1,3]) {
+  param @emb: f64[10,4]
+  param @c: f64[]
+  param @q: f64[4,4]
+  param @up: f64[8,4]
+  param @down: f64[4,8]
+  param @head: f64[10,4]
+  %e0: f64[1,3,4] = embedding(@emb, %ids)  # embed
+  %e: f64[1,3,4] = aten.mul.Tensor(%e0, @c)  # embed
+  %a: f64[1,3,4] = linear(%e, @q)  # block.attn
+  %a2: f64[1,3,4] = aten.mul.Tensor(%a, 0.22)  # block
+  %r0: f64[1,3,4] = residual_add(%e, %a2)  # block
+  %n: f64[1,3,4] = rms_norm(%r0, None, eps=1e-06)  # norm
+  %u: f64[1,3,8] = linear(%n, @up)  # up
+  %s: f64[1,3,8] = silu(%u)  # act
+  %d: f64[1,3,4] = linear(%s, @down)  # down
+  %d2: f64[1,3,4] = aten.div.Tensor(%d, 3.0)  # block
+  %r: f64[1,3,4] = residual_add(%r0, %d2)  # block
+  %h: f64[1,3,4] = aten.mul.Tensor(%r, 0.5)  # final
+  %m: f64[1,3,4] = rms_norm(%h, None, eps=1e-06)  # final_norm
+  %o: f64[1,3,10] = linear(%m, @head)  # lm_head
+  return %o
+}
+"""
+
+
+def test_rotate_passes_products_with_numbers_and_a_linear_on_the_stream():
+    """Granite's multipliers (the embedding's, each block output's before its add), Gemma's 0-d ``sqrt(hidden)``
+    constant and a linear reading the stream with no norm between (OLMo 2's blocks) all commute with a rotation:
+    the region takes them, and the rotated graph computes the same."""
+    weights = _random_weights(SCALED)
+    weights["c"] = torch.tensor(8.0, dtype=torch.float64)
+    g = parse_graph(SCALED, weights)
+    regions = find_rotation_regions(g)
+    res = regions.residual
+    assert res is not None, regions.refused
+    assert {n.output.name for n in res.scales} == {"e", "a2", "d2", "h"}
+    assert {n.module for n in res.readers} == {"block.attn", "up", "lm_head"}
+    assert {n.module for n in res.writers} == {"block.attn", "down"}
+    ids = torch.tensor([[1, 5, 7]])
+    before = TorchCompiled(g)(ids)
+    PassManager("rotate").run(g)
+    assert (TorchCompiled(g)(ids) - before).abs().max() < 1e-13 * before.abs().max()
+
+
 def test_rotate_refuses_before_fold_norms_and_on_layernorm():
     gained = TINY.replace("param @down: f64[4,8]", "param @down: f64[4,8]\n  param @g: f64[4]").replace(
         "rms_norm(%e, None, eps=1e-06)", "rms_norm(%e, @g, eps=1e-06)")

@@ -30,6 +30,9 @@ SHORT = [
     (r"calibration reads text.*|GPTQ calibrates on text.*", "refused: no text calibration for pixel inputs"),
     (r"lowbit records no HF wrapper.*", "refused: no HF wrapper recorded for pixel models"),
     (r"has no causal-LM head.*", "refused: not a causal LM (no lm_head to generate with)"),
+    (r"sandwich / post-norm.*", "refused: post-norm gains on the residual stream"),
+    (r"residual stream cannot be rotated: .*is a LayerNorm.*", "refused: LayerNorm subtracts the mean"),
+    (r"residual stream cannot be rotated: .*no embedding node.*", "refused: no token embedding starts the stream"),
 ]
 
 

@@ -8,7 +8,11 @@ An analysis, separate from the ``rotate`` pass that uses it (pruning's channel r
   ``b·Q``), and each linear *reading* a norm of it (q/k/v, gate/up, lm_head) becomes ``W·Q``: unit-gain RMSNorm
   is rotation invariant (``‖x·Q‖ = ‖x‖``), which is why norm gains must be folded first. LayerNorm subtracts
   the mean — ``mean(x·Q) ≠ mean(x)·Q`` — so a stream normalised by LayerNorm is refused with that reason.
-  Anything else that reads the stream (a graph output, an elementwise op) is refused, naming the node.
+  A product of the stream with a number (Granite's embedding and residual multipliers, Gemma's ``sqrt(hidden)``)
+  commutes with Q and is passed; a linear reading the stream with no norm between is a reader like the others. A
+  norm between a writer and its add (Gemma's sandwich norms, OLMo 2's post-norms) is refused: its gain cannot fold
+  into the writer, and with a gain it does not commute with Q. Anything else that reads the stream (a graph
+  output, an elementwise op) is refused, naming the node.
 * **Per-head V/O** (R2): the values read by ``attention`` are a per-head linear map of ``v_proj``'s output and
   ``o_proj`` reads the heads concatenated, so a ``head_dim`` rotation R folds as ``v_proj`` rows ``Rᵀ·W_h``
   and ``o_proj`` columns ``W·(I ⊗ R)``, when the view ops between keep ``head_dim`` as the last axis.
@@ -33,6 +37,43 @@ _VIEW_OPS = {"reshape", "transpose", "permute", "aten.reshape.default", "aten.vi
 _ADD_OPS = ("residual_add", "add", "aten.add.Tensor")
 """Sums that carry the stream (an encoder's word + position embeddings is an ``add``)."""
 
+_SCALE_OPS = ("mul", "aten.mul.Tensor", "aten.div.Tensor")
+"""Products with a number, which commute with a rotation (``(x·c)·Q = (x·Q)·c``): Granite's embedding and residual
+multipliers, Gemma's ``sqrt(hidden)`` on the embedding."""
+
+
+def _is_number(x: object) -> bool:
+    """A plain number, or a tensor of one element (Gemma's ``sqrt(hidden)`` is a 0-d constant)."""
+    if isinstance(x, Value):
+        shape = x.tensor_type.shape if x.tensor_type is not None else None
+        return shape is not None and all(d == 1 for d in shape)
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _scaled(u: Node, v: Value) -> bool:
+    """Whether ``u`` multiplies (or divides) ``v`` by a number and nothing else."""
+    if u.op not in _SCALE_OPS or len(u.args) != 2 or u.kwargs:
+        return False
+    a, b = u.args
+    if u.op == "aten.div.Tensor":
+        return a is v and _is_number(b)
+    return (a is v and _is_number(b)) or (b is v and _is_number(a))
+
+
+def _writer_through_scales(other: Value, users: dict[int, list[Node]]) -> tuple[Node | None, list[Node]]:
+    """The node that makes ``other`` once the products with numbers between it and the add are stepped over, and
+    those products; None when a value on the way (the node's output included) has another reader."""
+    scales: list[Node] = []
+    while True:
+        if len(users.get(id(other), [])) != 1:
+            return None, scales
+        p = other.producer
+        tensor_in = next((a for a in p.args if isinstance(a, Value) and not _is_number(a)), None) if p else None
+        if tensor_in is None or tensor_in.producer is None or not _scaled(p, tensor_in):
+            return p, scales
+        scales.append(p)
+        other = tensor_in
+
 
 @dataclass
 class ResidualRegion:
@@ -46,6 +87,8 @@ class ResidualRegion:
     """Linears whose output is added to the stream: rotate their output side (Qᵀ·W, b·Q)."""
     norms: list[Node] = field(default_factory=list)
     adds: list[Node] = field(default_factory=list)
+    scales: list[Node] = field(default_factory=list)
+    """Products of the stream (or of a writer's output) with a number: a rotation passes them unchanged."""
 
 
 @dataclass
@@ -130,15 +173,22 @@ def _residual(graph: Graph, users: dict[int, list[Node]], refused: list[str]) ->
                 for other in u.args[:2]:
                     if other is v or id(other) in seen or other.producer is None:
                         continue
-                    p = other.producer
-                    if p.op in _ADD_OPS or p.op == "embedding":
+                    if other.producer.op in _ADD_OPS or other.producer.op == "embedding":
                         continue
-                    if p.op != "linear" or len(users.get(id(other), [])) != 1:
-                        refused.append(f"residual stream: {_where(u)} adds {_where(p)}, which is not a linear "
-                                       "read only by this add")
+                    p, scales = _writer_through_scales(other, users)
+                    if p is not None and p.op == "rms_norm":
+                        refused.append(f"residual stream: {_where(u)} adds {_where(p)}, a norm of a block's output "
+                                       "(a sandwich / post-norm): its gain cannot fold into the linear before it, and "
+                                       "with a gain it does not commute with a rotation")
                         ok = False
-                    elif p not in region.writers:
-                        region.writers.append(p)
+                    elif p is None or p.op != "linear":
+                        refused.append(f"residual stream: {_where(u)} adds {_where(other.producer)}, which is not a "
+                                       "linear read only by this add (or by a product with a number before it)")
+                        ok = False
+                    else:
+                        if p not in region.writers:
+                            region.writers.append(p)
+                        region.scales.extend(n for n in scales if n not in region.scales)
             elif u.op == "rms_norm" and u.args[0] is v:
                 region.norms.append(u)
                 for r in users.get(id(u.output), []):
@@ -147,6 +197,13 @@ def _residual(graph: Graph, users: dict[int, list[Node]], refused: list[str]) ->
                         ok = False
                     elif r not in region.readers:
                         region.readers.append(r)
+            elif u.op == "linear" and u.args[0] is v and all(a is not v for a in u.args[1:]):
+                if u not in region.readers:  # a linear reading the stream itself (no norm between): W·Q as well
+                    region.readers.append(u)
+            elif _scaled(u, v):
+                if u not in region.scales:
+                    region.scales.append(u)
+                stream.append(u.output)
             elif u.op == "layer_norm":
                 refused.append(f"residual stream: {_where(u)} is a LayerNorm: it subtracts the mean, and "
                                "mean(x·Q) != mean(x)·Q, so no rotation folds through it exactly")

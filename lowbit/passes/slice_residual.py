@@ -34,6 +34,7 @@ import torch
 from pydantic import Field
 
 from lowbit.ir.graph import Graph
+from lowbit.ir.rewrite import gain_weight
 from lowbit.ir.rotation_regions import find_rotation_regions
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.prune_mlp import collect_input_stats, reinfer
@@ -119,7 +120,7 @@ class SliceResidual(Pass):
             dtype = res.embeddings[0].args[0].data.dtype if res.embeddings else torch.float32
             for n in res.norms:
                 w = graph.add_param(graph.fresh_param_name(f"{n.module or n.name}.weight"),
-                                    torch.full((keep,), gain, dtype=dtype))
+                                    gain_weight(n, torch.full((keep,), gain, dtype=torch.float64), dtype))
                 n.args = (n.args[0], w, *n.args[2:])
         from lowbit.passes.dce import eliminate_dead_code
 
