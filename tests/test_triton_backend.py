@@ -246,23 +246,37 @@ def test_block_add_and_norm_fuse_in_other_decoder_families(family):
     reference's."""
     import transformers
 
+    config = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+              "mistral": transformers.MistralConfig}[family]
+    assert _split_and_tokens(_tiny_decoder(config)) == ((3, 3), True)
+
+
+def _tiny_decoder(config_class) -> torch.nn.Module:
+    """A random bf16 two-block decoder of ``config_class``, hidden 128 (the decode layout's smallest K), 4 heads
+    sharing one kv head."""
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(
+        config_class(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=1,
+                     head_dim=32, num_hidden_layers=2, vocab_size=512, max_position_embeddings=128),
+        dtype=torch.bfloat16).eval()
+
+
+def _split_and_tokens(model: torch.nn.Module) -> tuple[tuple[int, int], bool]:
+    """W4A16 on the triton backend: its add + norm split (``_add_norm_split``) and whether 4 greedy tokens equal
+    the torch reference's."""
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
 
-    config = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-              "mistral": transformers.MistralConfig}[family]
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        config(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
-               num_hidden_layers=2, vocab_size=512, max_position_embeddings=128), dtype=torch.bfloat16).eval()
     spec = GenerationSpec(max_length=16, max_batch=1)
     pipeline = "quantize(w=int4,group=64,sym=false)"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tri = _triton_step(model, pipeline, spec, dev)
-    assert _add_norm_split(tri) == (3, 3)
     ref = compile_model(model, pipeline=pipeline, generation=spec, device=dev)
     ids = torch.randint(3, 512, (1, 5), generator=torch.Generator().manual_seed(1))
-    assert tri.generate(ids, 4, stop_tokens=()).tokens == ref.generate(ids, 4, stop_tokens=()).tokens
+    same = tri.generate(ids, 4, stop_tokens=()).tokens == ref.generate(ids, 4, stop_tokens=()).tokens
+    return _add_norm_split(tri), same
 
 
 @needs_kernels
@@ -272,26 +286,13 @@ def test_gemma_norms_stay_on_the_reference_op_and_keep_the_tokens():
     weights drawn away from HF's initial 0 so a dropped offset would change them."""
     import transformers
 
-    from lowbit.api import compile_model
-    from lowbit.generate import GenerationSpec
-
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(
-        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
-        num_hidden_layers=2, vocab_size=512, max_position_embeddings=128), dtype=torch.bfloat16).eval()
+    model = _tiny_decoder(transformers.Gemma2Config)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for m in model.modules():
             if type(m).__name__.endswith("RMSNorm"):
                 m.weight.copy_((torch.randn(m.weight.shape, generator=g) * 0.5).to(m.weight.dtype))
-    spec = GenerationSpec(max_length=16, max_batch=1)
-    pipeline = "quantize(w=int4,group=64,sym=false)"
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    tri = _triton_step(model, pipeline, spec, dev)
-    assert _add_norm_split(tri) == (0, 0)
-    ref = compile_model(model, pipeline=pipeline, generation=spec, device=dev)
-    ids = torch.randint(3, 512, (1, 5), generator=torch.Generator().manual_seed(1))
-    assert tri.generate(ids, 4, stop_tokens=()).tokens == ref.generate(ids, 4, stop_tokens=()).tokens
+    assert _split_and_tokens(model) == ((0, 0), True)
 
 
 @needs_kernels
