@@ -151,3 +151,17 @@ def test_norm_quant_fusion_declines_gemmas_norm_and_keeps_its_function():
     assert not any(n.op == "rms_norm_quant" for n in g.nodes)
     assert stats["declined"] and all("Gemma" in why for why in stats["declined"].values())
     assert torch.equal(TorchCompiled(g)(*x), before)
+
+
+def test_norm_quant_fusion_takes_folded_gemma_norms_with_their_form():
+    """After fold-norms a Gemma norm has no weight (gain 1 in either form): it fuses, the fused node keeps the
+    norm's ``offset`` / ``gain_in_compute`` (the IR stays valid) and the function is unchanged."""
+    model, tok, graph, _ = _gemma("gemma2")
+    g = graph.clone()
+    PassManager(parse_pipeline("fold-norms,quantize(w=int8,a=int8),fuse-qlinear")).run(g)
+    x = _inputs("gemma2", model, tok)
+    before = TorchCompiled(g)(*x)
+    PassManager(parse_pipeline("fuse-norm-quant")).run(g)
+    fused = [n for n in g.nodes if n.op == "rms_norm_quant"]
+    assert fused and all(n.kwargs["offset"] == 1.0 and n.arg(1, "weight") is None for n in fused)
+    assert torch.equal(TorchCompiled(g)(*x), before)

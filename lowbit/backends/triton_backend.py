@@ -319,18 +319,22 @@ def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "") -> Callabl
     return run
 
 
-def _kernel_rms_norm_quant(x, weight=None, *, eps, compute_dtype=None, a_qdtype, a_block_size=None):
+def _kernel_rms_norm_quant(x, weight=None, *, eps, compute_dtype=None, a_qdtype, a_block_size=None, offset=0.0,
+                           gain_in_compute=False):
     """The FX target replacing ``rms_norm_quant``: the fused kernel, or the reference where it cannot run (float32
-    or CPU input, a weight of another dtype, statistics in another dtype, a group that is not a power of two)."""
+    or CPU input, a weight of another dtype, statistics in another dtype, a group that is not a power of two, a
+    gain in Gemma's form)."""
     from lowbit.ir.normquant import rms_norm_quant
 
     k = x.shape[-1]
     group = 0 if a_block_size in (None, k) else int(a_block_size)
+    form = {"offset": offset, "gain_in_compute": gain_in_compute}
     if (_runs_kernel(x) and (weight is None or weight.dtype == x.dtype) and compute_dtype in (None, torch.float32)
-            and a_qdtype in ("int8", "fp8e4m3") and (group == 0 or (_pow2(group) and k % group == 0))):
+            and a_qdtype in ("int8", "fp8e4m3") and (group == 0 or (_pow2(group) and k % group == 0))
+            and ir_ops.llama_gain_form(form, weight is not None)):
         return torch.ops.lowbit.rms_norm_quant(x, weight, eps, compute_dtype == torch.float32, a_qdtype, group)
     return rms_norm_quant(x, weight, eps=eps, compute_dtype=compute_dtype, a_qdtype=a_qdtype,
-                          a_block_size=a_block_size)
+                          a_block_size=a_block_size, **form)
 
 
 def plan_hadamard(t: TensorType | None) -> str | None:
@@ -463,8 +467,7 @@ def _fusible_norm(x: torch.fx.Node,
     norm = norms[0]
     gain = norm.args[1] if len(norm.args) > 1 else norm.kwargs.get("weight")
     if (norm.args[0] is not x or not isinstance(gain, torch.fx.Node)
-            or norm.kwargs.get("compute_dtype") is not torch.float32
-            or norm.kwargs.get("offset") or norm.kwargs.get("gain_in_compute")):  # Gemma's form: not the kernels'
+            or norm.kwargs.get("compute_dtype") is not torch.float32 or not ir_ops.llama_gain_form(norm.kwargs, True)):
         return None
     return norm, gain, float(norm.kwargs["eps"])
 

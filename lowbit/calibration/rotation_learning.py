@@ -305,15 +305,14 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
             """Mean quantized loss with ``U = u`` on the first ``check_windows`` windows (the same for both)."""
             box["u"] = u.to(a.device, dtype)
             total = 0.0
-            n = n_check
-            for i in range(0, n, batch):
-                ids = windows[i:min(i + batch, n)]
+            for i in range(0, n_check, batch):
+                ids = windows[i:min(i + batch, n_check)]
                 env = {graph.inputs[0]: ids}
                 _execute(graph.nodes, env, None, {out_value}, params, replace)
                 logits = env[out_value]
                 total += float(torch.nn.functional.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))) * ids.shape[0]
-            return total / n
+            return total / n_check
 
         eye = torch.eye(d, dtype=torch.float64, device=a.device)
         start_loss, learned_loss = (check_loss(eye), check_loss(q)) if check_windows else (float("nan"),) * 2

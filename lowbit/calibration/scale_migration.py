@@ -276,14 +276,17 @@ def apply_scale(graph: Graph, site: MigrationSite, s: torch.Tensor) -> None:
         gain = p.arg(1, "weight")
         bias = p.arg(2, "bias") if p.op == "layer_norm" else None
         dtype = p.output.tensor_type.dtype
-        g_new, b_new = divide_norm(norm_gain(p), bias.data if bias is not None else None, s, dtype)
-        args = list(p.args) + [None] * max(0, 2 - len(p.args))
+        g_old = norm_gain(p)  # float64: the new gain is rounded once, into the weight's stored form
+        if g_old is None:
+            g_old = torch.ones(site.channels, dtype=torch.float64, device=s.device)
+        g_new, b_new = divide_norm(g_old, bias.data if bias is not None else None, s, dtype)
         if gain is not None:
             gv = private_weight(graph, p, 1, users, f"{p.module}.weight")
             graph.set_param(gv.name, gain_weight(p, g_new, gain.data.dtype))
         else:
+            args = list(p.args) + [None] * max(0, 2 - len(p.args))
             args[1] = graph.add_param(graph.fresh_param_name(f"{p.module or p.name}.weight"),
-                                      gain_weight(p, (1.0 / s.double()) if p.kwargs.get("offset") else g_new, dtype))
+                                      gain_weight(p, g_new, dtype))
             p.args = tuple(args)
         if bias is not None and b_new is not None:
             bv = private_weight(graph, p, 2, users, f"{p.module}.bias")

@@ -19,6 +19,7 @@ import torch
 from lowbit.checkpoint.files import CheckpointError
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.quant import get_qdtype, unpack_int4
+from lowbit.ir.rewrite import gain_weight
 
 __all__ = ["ActScheme", "QuantWeight", "HFView", "hf_view"]
 
@@ -208,8 +209,8 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
                 if v is None:
                     if key in hf_keys:  # folded away: the HF norm needs an identity gain / zero bias
                         t = fill(hf_keys[key], dtype=torch.float32)
-                        if name == "weight":  # stored as gain - offset (Gemma: 1 + w, so an identity gain is 0)
-                            t = t - float(node.kwargs.get("offset", 0.0))
+                        if name == "weight":  # in the norm's stored form (Gemma's 1 + w: an identity gain is 0)
+                            t = gain_weight(node, t, torch.float32)
                         _put(view, key, t, node)
                     continue
                 if key not in hf_keys:

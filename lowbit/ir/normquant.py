@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from lowbit.ir.graph import Graph, Node, TensorType, Value
-from lowbit.ir.ops import register_op, rms_norm
+from lowbit.ir.ops import llama_gain_form, register_op, rms_norm
 from lowbit.ir.quant import ceil_div_dim, dequantize, dynamic_qparams, get_qdtype, quantize
 
 __all__ = ["NORM_QUANT_RULES", "NormQuantRule", "NormQuantStats", "fuse_norm_quant", "qlinear_q",
@@ -41,9 +41,11 @@ def rms_norm_quant(
     compute_dtype: torch.dtype | None = None,
     a_qdtype: str,
     a_block_size: int | None = None,
+    offset: float = 0.0,
+    gain_in_compute: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm then symmetric per-token dynamic quantization: (codes, fp32 scales), exactly the unfused ops."""
-    h = rms_norm(x, weight, eps=eps, compute_dtype=compute_dtype)
+    h = rms_norm(x, weight, eps=eps, compute_dtype=compute_dtype, offset=offset, gain_in_compute=gain_in_compute)
     scale, _ = dynamic_qparams(h, qdtype=a_qdtype, granularity="per_token", symmetric=True, axis=-1,
                                block_size=a_block_size)
     return quantize(h, scale, None, qdtype=a_qdtype, axis=-1, block_size=a_block_size), scale
@@ -134,7 +136,7 @@ def fuse_norm_quant(graph: Graph, rules: tuple[NormQuantRule, ...] = NORM_QUANT_
         readers = users.get(id(h), [])
         if not readers or id(h) in outputs:
             continue
-        if norm.kwargs.get("gain_in_compute") and norm.arg(1, "weight") is not None:
+        if not llama_gain_form(norm.kwargs, norm.arg(1, "weight") is not None):
             stats.declined[norm.name] = "its gain applies before the cast back (Gemma's form): no fused kernel"
             continue
         schemes = {_reader_scheme(r, h) for r in readers}

@@ -91,15 +91,22 @@ def rms_norm(
     xc = x.to(compute_dtype) if compute_dtype is not None and compute_dtype != in_dtype else x
     var = aten.mean.dim(aten.pow.Tensor_Scalar(xc, 2), [-1], True)
     y = aten.mul.Tensor(xc, aten.rsqrt.default(aten.add.Tensor(var, eps)))
-    if gain_in_compute and weight is not None:
-        w = weight.to(y.dtype) if weight.dtype != y.dtype else weight
-        y = aten.mul.Tensor(y, aten.add.Tensor(w, offset) if offset else w)
-        weight = None
+    gain = None
+    if weight is not None:
+        w = weight.to(y.dtype) if gain_in_compute and weight.dtype != y.dtype else weight
+        gain = aten.add.Tensor(w, offset) if offset else w
+        if gain_in_compute:
+            y, gain = aten.mul.Tensor(y, gain), None
     if y.dtype != in_dtype:
         y = y.to(in_dtype)
-    if weight is None:
-        return y
-    return aten.mul.Tensor(aten.add.Tensor(weight, offset) if offset else weight, y)
+    return y if gain is None else aten.mul.Tensor(gain, y)
+
+
+def llama_gain_form(kwargs: dict, has_weight: bool) -> bool:
+    """Whether an ``rms_norm``'s gain is applied as Llama's — the weight as stored, after the cast back, which is
+    what the fused norm kernels compute — rather than Gemma's (``offset + w`` before the cast). A norm without a
+    weight has gain 1 in either form."""
+    return not has_weight or not (kwargs.get("offset") or kwargs.get("gain_in_compute"))
 
 
 @register_op("layer_norm")
