@@ -177,13 +177,23 @@ def main() -> None:
     flush()
 
 
+def compile_triton(ref: torch.nn.Module, pipeline: str, graphs: bool):
+    """``compile_model`` of a copy of ``ref`` on the triton backend, as the backend rows time it: batch and sequence
+    both dynamic from 1, so the decode shapes (1x1, 16x1) run on the same program."""
+    import lowbit
+    from lowbit.models import CausalLMLogits
+
+    ids = torch.arange(1, 129, dtype=torch.long, device="cuda").reshape(2, 64)
+    dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=64), 1: torch.export.Dim.DYNAMIC(min=1, max=4096)}}
+    return lowbit.compile_model(CausalLMLogits(copy.deepcopy(ref)).eval(), (ids,), dynamic_shapes=dyn,
+                                pipeline=pipeline, backend="triton", device="cuda",
+                                backend_options={"cuda_graphs": graphs})
+
+
 def backend_rows(ref: torch.nn.Module, device: str, date: str, graph_modes: tuple[bool, ...] = (False, True),
                  schemes: list[str] | None = None, rows: list[dict] | None = None,
                  flush: Callable[[], None] = lambda: None) -> list[dict]:
     """``compile_model(wrapped HF model, pipeline=..., backend="triton")``: memory and forward µs per scheme."""
-    import lowbit
-    from lowbit.models import CausalLMLogits
-
     rows = [] if rows is None else rows
     for (name, pipeline), graphs in itertools.product([(k, v) for k, v in PIPELINES.items() if schemes is None or k in schemes], graph_modes):
         gc.collect()
@@ -192,13 +202,7 @@ def backend_rows(ref: torch.nn.Module, device: str, date: str, graph_modes: tupl
         base = {"model": "llama-7b-shaped-4l", "scheme": name, "device": device, "date": date,
                 "path": "compile_model(backend='triton'" + (", cuda_graphs=True)" if graphs else ")"), "pipeline": pipeline}
         try:
-            # batch and sequence both dynamic, from 1: the decode shapes (1x1, 16x1) run on the same program
-            ids = torch.arange(1, 129, dtype=torch.long, device="cuda").reshape(2, 64)
-            dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=64),
-                                 1: torch.export.Dim.DYNAMIC(min=1, max=4096)}}
-            compiled = lowbit.compile_model(CausalLMLogits(copy.deepcopy(ref)).eval(), (ids,), dynamic_shapes=dyn,
-                                            pipeline=pipeline, backend="triton", device="cuda",
-                                            backend_options={"cuda_graphs": graphs})
+            compiled = compile_triton(ref, pipeline, graphs)
             gc.collect()
             torch.cuda.empty_cache()
             mem = torch.cuda.memory_allocated() - before

@@ -14,7 +14,6 @@ so the gap between the two paths is read kernel by kind instead of guessed. Rows
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import sys
 from pathlib import Path
@@ -75,19 +74,12 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/profile_forward.json", help="rows merge here ('' : print only)")
     ap.add_argument("--run", default="", help="a label every row carries (rows of other runs are kept)")
     a = ap.parse_args()
-    import lowbit
-    from lowbit.models import CausalLMLogits
-
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     ref = bench_e2e.build_hf()
     paths = {"hf-bf16 torch.compile": torch.compile(ref, dynamic=True)}
     paths = {k: (lambda ids, m=m: m(ids, use_cache=False).logits) for k, m in paths.items()}
     for name in a.schemes.split(","):
-        ids = torch.arange(1, 129, dtype=torch.long, device="cuda").reshape(2, 64)
-        dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=64), 1: torch.export.Dim.DYNAMIC(min=1, max=4096)}}
-        paths[f"lowbit {name} triton+cudagraphs"] = lowbit.compile_model(
-            CausalLMLogits(copy.deepcopy(ref)).eval(), (ids,), dynamic_shapes=dyn, pipeline=bench_e2e.PIPELINES[name],
-            backend="triton", device="cuda", backend_options={"cuda_graphs": True})
+        paths[f"lowbit {name} triton+cudagraphs"] = bench_e2e.compile_triton(ref, bench_e2e.PIPELINES[name], True)
     device, date = machine("cuda"), datetime.date.today().isoformat()
     rows = []
     for b, s in shapes:
