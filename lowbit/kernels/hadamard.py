@@ -64,7 +64,7 @@ from lowbit.kernels._common import (
     round_to_e4m3,
 )
 from lowbit.kernels.a8_linear import FP8_ROWWISE_SCALED_MM, W_QDTYPES, a8_gemm
-from lowbit.kernels.act_quant import cuda_reciprocal
+from lowbit.kernels.act_quant import cuda_reciprocal, divide_exact
 
 __all__ = [
     "CONFIGS",
@@ -437,9 +437,10 @@ def _row_amax(y, R: tl.constexpr, RB: tl.constexpr, N2: tl.constexpr):
 
 @triton.jit
 def _quant_store(q_ptr, y, s, ar, pr, M, sqm, N1: tl.constexpr, R: tl.constexpr, RB: tl.constexpr,
-                 N2: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr):
-    """Codes of ``y [R, RB·N2]`` (rows ``ar`` of ``L``) at per-row scales ``s [RB]``: IEEE division, then
-    round-half-even (int) / RTNE to e4m3, as the reference ``quantize``."""
+                 N2: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr):
+    """Codes of ``y [R, RB·N2]`` (rows ``ar`` of ``L``) at per-row scales ``s [RB]``: the IEEE quotient
+    (``divide_exact``: one division per row on the GPU, ``RCP`` nonzero), then round-half-even (int) / RTNE to
+    e4m3, as the reference ``quantize``."""
     W: tl.constexpr = RB * N2
     c = tl.arange(0, W)
     rows = pr * RB + c // N2
@@ -447,14 +448,14 @@ def _quant_store(q_ptr, y, s, ar, pr, M, sqm, N1: tl.constexpr, R: tl.constexpr,
     offs = rows[None, :].to(tl.int64) * sqm + ar[:, None] * N2 + (c % N2)[None, :]
     if RB == 1 and QUANT != 2:  # one row: the tile as it lies (see _row_amax), its one scale broadcast
         yf = y.to(tl.float32)
-        t = tl.math.div_rn(yf, tl.zeros_like(yf) + tl.sum(s, 0))
+        t = divide_exact(yf, tl.sum(s, 0), RCP)
         if QUANT == 3:
             tl.store(q_ptr + offs, round_to_e4m3(tl.clamp(t, -QMAX, QMAX)).to(tl.float8e4nv), mask=ok)
         else:
             tl.store(q_ptr + offs, tl.clamp(round_half_even(t), -128.0, 127.0).to(tl.int8), mask=ok)
     else:
         yf = tl.reshape(y.to(tl.float32), (R, RB, N2))
-        t = tl.math.div_rn(yf, tl.zeros_like(yf) + s[None, :, None])
+        t = divide_exact(yf, s[None, :, None], RCP)
         if QUANT == 3:
             q = tl.reshape(round_to_e4m3(tl.clamp(t, -QMAX, QMAX)), (R, W)).to(tl.float8e4nv)
             tl.store(q_ptr + offs, q, mask=ok)
@@ -573,9 +574,9 @@ def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm, NPROG
                 s = tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
             rows_s = pr * RB + tl.arange(0, RB)
             tl.store(s_ptr + rows_s, s, mask=rows_s < M)
-            _quant_store(q_ptr, y, s, a, pr, M, sqm, N1, BA, RB, N2, QUANT, QMAX)
+            _quant_store(q_ptr, y, s, a, pr, M, sqm, N1, BA, RB, N2, QUANT, QMAX, RCP)
             if BB > 0:
-                _quant_store(q_ptr, yb, s, ab, pr, M, sqm, N1, BB, RB, N2, QUANT, QMAX)
+                _quant_store(q_ptr, yb, s, ab, pr, M, sqm, N1, BB, RB, N2, QUANT, QMAX, RCP)
 
 
 def _launch(x: torch.Tensor, lt: torch.Tensor, qdtype: str | None, cfg: Config | None = None
