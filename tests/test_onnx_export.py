@@ -246,3 +246,30 @@ def test_rotary_lowers_to_rotary_embedding_only_when_the_tables_repeat_their_hal
     torch.testing.assert_close(out, TorchCompiled(g)(x, pos), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rotary='onnx' needs opset 23"):
         to_onnx(g, opset=21, rotary="onnx")
+
+
+@pytest.mark.parametrize("recipe", [None, "w4a16-g64"])
+def test_bfloat16_model_runs_on_the_cpu_provider_in_float32(smollm2, recipe):
+    """ORT's CPU provider has no bfloat16 kernels (session creation failed with NOT_IMPLEMENTED on ``Mul``); the
+    backend widens the bfloat16 ONNX model to float32, says so in the compile report and returns bfloat16. A real
+    2-layer SmolLM2 in bfloat16: its ORT logits equal the same bfloat16 weights run in float32 by torch (the
+    compile of the float32 copy) to float32 rounding, and differ from the bfloat16 torch run by bfloat16 rounding
+    only."""
+    from conftest import smollm2_slice
+
+    from lowbit.backends.onnx.widen import has_bfloat16
+
+    wrapper = smollm2_slice(smollm2[0], 2, torch.bfloat16)
+    ids = smollm2[1]("The tower is 324 metres tall, about the same height as", return_tensors="pt").input_ids
+    cm = lowbit.compile_model(wrapper, recipe=recipe, backend="onnxruntime", device="cpu", example_inputs=(ids,))
+    assert cm.runner.providers == ["CPUExecutionProvider"] and not has_bfloat16(cm.runner.onnx_model)
+    assert any("bfloat16 runs as float32" in line for line in cm.report.lowering), cm.report.lowering
+    got = cm(ids)
+    assert got.dtype == torch.bfloat16
+    wide = lowbit.compile_model(smollm2_slice(smollm2[0], 2, torch.bfloat16).float(), recipe=recipe,
+                                backend="onnxruntime", device="cpu", example_inputs=(ids,))
+    assert not any("bfloat16" in line for line in wide.report.lowering)
+    torch.testing.assert_close(got, wide(ids).to(torch.bfloat16), rtol=0, atol=0)
+    with torch.inference_mode():
+        ref = lowbit.compile_model(wrapper, recipe=recipe, backend="torch", example_inputs=(ids,))(ids)
+    assert (got.float() - ref.float()).abs().max() < 0.05 * ref.float().abs().max()

@@ -26,6 +26,7 @@ import torch
 from lowbit.backends.onnx import LoweringOptions, load_onnx, save_onnx, to_onnx
 from lowbit.backends.onnx.io import EXTERNAL_DATA_THRESHOLD, OnnxFileError, initializer_bytes
 from lowbit.backends.onnx.context import int8_gemm_exact
+from lowbit.backends.onnx.widen import has_bfloat16, widen_bfloat16
 from lowbit.ir.graph import Graph
 from lowbit.ir.signature import InputChecker
 
@@ -196,6 +197,16 @@ class OrtCompiled(torch.nn.Module):
             self.onnx_model = model if isinstance(model, ir.Model) else None
             source = model  # type: ignore[assignment]
         self.requested_providers = choose_providers(providers, device)
+        self.widened_outputs: list[bool] = []
+        self.notes: list[str] = []
+        if (self.onnx_model is not None and self.requested_providers == ["CPUExecutionProvider"]
+                and has_bfloat16(self.onnx_model)):
+            # ORT's CPU provider has no bfloat16 Mul/MatMul/...: run the graph in float32, hand back bfloat16
+            self.widened_outputs = [o.dtype == ir.DataType.BFLOAT16 for o in self.onnx_model.graph.outputs]
+            n = widen_bfloat16(self.onnx_model)
+            source = self.onnx_model
+            self.notes.append(f"bfloat16 runs as float32 on CPUExecutionProvider (no bfloat16 kernels there): {n} "
+                              "tensors widened, outputs cast back to bfloat16")
         accuracy = self.options.accuracy_level if self.options is not None else \
             accuracy_from_metadata(model if isinstance(model, ir.Model) else load_onnx(model, check=False))
         self.session = create_session(source, self.requested_providers,
@@ -211,12 +222,18 @@ class OrtCompiled(torch.nn.Module):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.check_inputs = InputChecker(graph) if graph is not None else None
 
+    def report_text(self) -> str:
+        """The session's providers and what the backend changed to run on them (``CompileReport.lowering``)."""
+        return "\n".join([f"onnxruntime {ort.__version__} on {', '.join(self.providers)}", *self.notes])
+
     @classmethod
     def load(cls, path: str | os.PathLike[str], **kwargs: Any) -> OrtCompiled:
         """Run an ONNX file (lowbit's or anyone's); a missing or damaged file raises ``OnnxFileError``."""
         return cls(model=path, **kwargs)
 
     def save(self, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
+        """The model this session runs (widened to float32 where ``report_text`` says so; ``lowbit.export``
+        writes the graph's own dtypes)."""
         if self.onnx_model is None:
             raise ValueError("this session was loaded from a file; copy that file instead")
         return save_onnx(self.onnx_model, path, external_data=external_data)
@@ -242,6 +259,8 @@ class OrtCompiled(torch.nn.Module):
             feeds[name] = t.detach().cpu().contiguous().numpy()
         outs = self.session.run(self.output_names, feeds)
         tensors = [torch.from_numpy(np.ascontiguousarray(o)).to(out_device) for o in outs]
+        if self.widened_outputs:
+            tensors = [t.to(torch.bfloat16) if w else t for t, w in zip(tensors, self.widened_outputs)]
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 
