@@ -249,12 +249,12 @@ def test_rotary_lowers_to_rotary_embedding_only_when_the_tables_repeat_their_hal
 
 
 @pytest.mark.parametrize("recipe", [None, "w4a16-g64"])
-def test_bfloat16_model_runs_on_the_cpu_provider_in_float32(smollm2, recipe):
+def test_bfloat16_model_runs_on_the_cpu_provider_in_float32(smollm2, recipe, tmp_path):
     """ORT's CPU provider has no bfloat16 kernels (session creation failed with NOT_IMPLEMENTED on ``Mul``); the
     backend widens the bfloat16 ONNX model to float32, says so in the compile report and returns bfloat16. A real
-    2-layer SmolLM2 in bfloat16: its ORT logits equal the same bfloat16 weights run in float32 by torch (the
-    compile of the float32 copy) to float32 rounding, and differ from the bfloat16 torch run by bfloat16 rounding
-    only."""
+    2-layer SmolLM2 in bfloat16: its ORT logits equal those of the ORT compile of its float32 copy (the same
+    weights) bit for bit and the bfloat16 torch run's to bfloat16 rounding; the exported bfloat16 file, loaded
+    for the CPU, runs the same way (to one bfloat16 step: the file is the portable opset-21 form)."""
     from conftest import smollm2_slice
 
     from lowbit.backends.onnx.widen import has_bfloat16
@@ -273,3 +273,10 @@ def test_bfloat16_model_runs_on_the_cpu_provider_in_float32(smollm2, recipe):
     with torch.inference_mode():
         ref = lowbit.compile_model(wrapper, recipe=recipe, backend="torch", example_inputs=(ids,))(ids)
     assert (got.float() - ref.float()).abs().max() < 0.05 * ref.float().abs().max()
+    path = lowbit.export(cm, tmp_path / "m.onnx", format="onnx")
+    assert has_bfloat16(load_onnx(path))  # the file keeps the graph's dtypes
+    loaded = load(path, device="cpu")
+    assert any("bfloat16 runs as float32" in line for line in loaded.report_text().splitlines())
+    # the file is the portable opset-21 form (attention and rotary decomposed): float32 rounding apart, so one
+    # bfloat16 step at most
+    torch.testing.assert_close(loaded(ids).float(), got.float(), rtol=2**-7, atol=2**-7)

@@ -197,18 +197,19 @@ class OrtCompiled(torch.nn.Module):
             self.onnx_model = model if isinstance(model, ir.Model) else None
             source = model  # type: ignore[assignment]
         self.requested_providers = choose_providers(providers, device)
+        on_file = load_onnx(model, check=False) if model is not None and not isinstance(model, ir.Model) else None
         self.widened_outputs: list[bool] = []
         self.notes: list[str] = []
-        if (self.onnx_model is not None and self.requested_providers == ["CPUExecutionProvider"]
-                and has_bfloat16(self.onnx_model)):
+        target = self.onnx_model if self.onnx_model is not None else on_file
+        if target is not None and self.requested_providers == ["CPUExecutionProvider"] and has_bfloat16(target):
             # ORT's CPU provider has no bfloat16 Mul/MatMul/...: run the graph in float32, hand back bfloat16
-            self.widened_outputs = [o.dtype == ir.DataType.BFLOAT16 for o in self.onnx_model.graph.outputs]
-            n = widen_bfloat16(self.onnx_model)
-            source = self.onnx_model
+            self.widened_outputs = [o.dtype == ir.DataType.BFLOAT16 for o in target.graph.outputs]
+            n = widen_bfloat16(target)
+            source = target
             self.notes.append(f"bfloat16 runs as float32 on CPUExecutionProvider (no bfloat16 kernels there): {n} "
                               "tensors widened, outputs cast back to bfloat16")
         accuracy = self.options.accuracy_level if self.options is not None else \
-            accuracy_from_metadata(model if isinstance(model, ir.Model) else load_onnx(model, check=False))
+            accuracy_from_metadata(model if isinstance(model, ir.Model) else on_file)
         self.session = create_session(source, self.requested_providers,
                                       session_options(threads, optimization, accuracy_level=accuracy,
                                                       spinning=spinning))
