@@ -280,3 +280,43 @@ def test_bfloat16_model_runs_on_the_cpu_provider_in_float32(smollm2, recipe, tmp
     # the file is the portable opset-21 form (attention and rotary decomposed): float32 rounding apart, so one
     # bfloat16 step at most
     torch.testing.assert_close(loaded(ids).float(), got.float(), rtol=2**-7, atol=2**-7)
+
+
+def test_widen_bfloat16_rewrites_initializers_constants_and_casts():
+    """Every way a bfloat16 tensor enters a graph — an input, an initializer, a ``Constant``, a
+    ``ConstantOfShape`` fill, a ``Cast`` target — becomes float32, and ORT's CPU provider runs the result (it
+    refuses the original: no bfloat16 ``Mul``)."""
+    import ml_dtypes
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowbit.backends.onnx.widen import has_bfloat16, widen_bfloat16
+
+    w = np.array([1.5, -2.25, 0.0078125], dtype=ml_dtypes.bfloat16)
+    c = np.array([0.5, 3.0, -1.0], dtype=ml_dtypes.bfloat16)
+    bf16 = lambda name, a: helper.make_tensor(name, TensorProto.BFLOAT16, a.shape,  # noqa: E731
+                                              a.astype(np.float32).tolist())  # exact: the values are bfloat16
+    nodes = [helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16),
+             helper.make_node("Mul", ["xb", "w"], ["m"]),
+             helper.make_node("Constant", [], ["c"], value=bf16("cv", c)),
+             helper.make_node("Add", ["m", "c"], ["a"]),
+             helper.make_node("ConstantOfShape", ["shape"], ["f"], value=bf16("fv", np.array([0.25], dtype=c.dtype))),
+             helper.make_node("Add", ["a", "f"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 3])],
+                              [bf16("w", w), numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "shape")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED"):
+        ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    model = ir.serde.deserialize_model(proto)
+    assert has_bfloat16(model)
+    assert widen_bfloat16(model) >= 5 and not has_bfloat16(model)
+    wide = ir.serde.serialize_model(model)
+    onnx.checker.check_model(wide)
+    x = np.array([[1.0, 2.0, 3.0], [-0.5, 0.25, 100.0]], dtype=np.float32)
+    (y,) = ort.InferenceSession(wide.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, x * w.astype(np.float32) + c.astype(np.float32) + np.float32(0.25))
