@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 
 def _cuda_device_count() -> int:
@@ -30,7 +33,8 @@ import pytest
 import torch
 from hypothesis import settings
 
-from lowbit.models import SentenceEmbedder, load_minilm, load_smollm2
+if TYPE_CHECKING:
+    from lowbit.models import SentenceEmbedder
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIB_TEXT = "wikitext2-valid-calib"
@@ -65,6 +69,35 @@ settings.register_profile("explore", derandomize=False, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def _frame_with_room(slots: int) -> Callable[..., Any]:
+    """``run(fn, *args)``: ``fn(*args)`` called from a frame of ``slots`` local variables (never assigned).
+
+    CPython (3.11+) keeps frames on a per-thread stack of 16 KiB chunks, mmapped when a call does not fit in the
+    current one and unmapped when its first frame returns. A hot call that sits at a chunk boundary maps and unmaps a
+    chunk on every call. Under pytest's and xdist's frames Triton's interpreter and torch.export's tracing landed
+    there: 1.2 million mmap/munmap pairs in one triton-backend test (82 s, 22 s with this frame below it); with
+    ``-n 2``, tests/test_triton_backend.py took 109 s (59 s of it system time) against 65 s (4 s), and
+    tests/test_architectures.py 98 s against 77 s. A frame this large gets a chunk of its own with ~250 KB to spare
+    (33,000 slots: 264 KB, in a 512 KiB chunk), so everything a test runs above it stays in one chunk; the frame
+    costs ~0.2 ms a test. Python 3.10 (heap frames) only allocates and frees it."""
+    names = [f"_slot{i}" for i in range(slots)]
+    src = f"def run(fn, *args):\n    if fn is None:\n        {' = '.join(names)} = None\n    return fn(*args)\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(src, "<conftest: frame with room>", "exec"), namespace)
+    return namespace["run"]
+
+
+_with_room = _frame_with_room(33_000)
+
+
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool:
+    """pytest's own protocol (setup, call, teardown, reports) for ``item``, run above ``_frame_with_room``'s frame;
+    pytest's and the plugins' hook wrappers still wrap it."""
+    from _pytest.runner import pytest_runtest_protocol as protocol
+
+    return _with_room(protocol, item, nextitem)
+
+
 @pytest.fixture(autouse=True)
 def _seeded_torch() -> None:
     """Every test starts from the same torch RNG state, so a random input that fails once fails every time."""
@@ -90,12 +123,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def smollm2():
     """(SmolLM2-135M-Instruct float32 HF model in eval mode, tokenizer); builds the cache once (~30 s)."""
+    from lowbit.models import load_smollm2  # here, not at the top: xdist's controller imports this file too
+
     return load_smollm2()
 
 
 @pytest.fixture(scope="session")
 def minilm() -> tuple[SentenceEmbedder, object]:
     """(all-MiniLM-L6-v2 as a SentenceEmbedder in eval mode, tokenizer)."""
+    from lowbit.models import load_minilm
+
     return load_minilm()
 
 
@@ -118,8 +155,6 @@ def quantized_weight(n: int, k: int, qdtype: str, group: int, symmetric: bool, d
 
 def smollm2_slice(model: torch.nn.Module, n_layers: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A real SmolLM2 cut to its first ``n_layers`` blocks (final norm and lm_head kept), as CausalLMLogits."""
-    import copy
-
     from lowbit.models import CausalLMLogits
 
     m = copy.deepcopy(model).to(dtype)
@@ -128,16 +163,49 @@ def smollm2_slice(model: torch.nn.Module, n_layers: int, dtype: torch.dtype = to
     return CausalLMLogits(m).eval()
 
 
-def held_out_slice(smollm2: tuple, n_layers: int, n_windows: int) -> tuple:
-    """(captured real SmolLM2 cut to ``n_layers`` blocks — float32, dynamic batch and sequence —, ``n_windows``
-    256-token WikiText-2 test windows, their float logits): the pass tests' real model and held-out data."""
-    from lowbit.eval.perplexity import token_ids, windows
+_CAPTURED: dict[tuple, tuple[torch.nn.Module, Any]] = {}
+_TEST_IDS: dict[int, torch.Tensor] = {}
+
+
+def captured_slice(smollm2: tuple, n_layers: int, dtype: torch.dtype = torch.float32,
+                   batch: bool = True) -> tuple[torch.nn.Module, Any]:
+    """(``smollm2_slice(smollm2[0], n_layers, dtype)``, its captured graph). ``batch``: dynamic batch 1-1024 and
+    sequence 2-4096 from a [2, 16] example (the calibration passes' form); else one sequence of 2-8192 from [1, 16].
+
+    Captured once per process and form (torch.export takes ~2.5 s a slice, and a dozen modules' fixtures ask for
+    the same few); every call gets its own ``clone`` with its own copy of the parameter tensors and graph meta, so a
+    test can change its graph however it likes: what it gets is what a fresh capture gives. The slice module is
+    shared: read it, do not change it."""
     from lowbit.ir.capture import capture
 
-    wrapper = smollm2_slice(smollm2[0], n_layers)
-    dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=1024), 1: torch.export.Dim.DYNAMIC(min=2, max=4096)}}
-    graph = capture(wrapper, (torch.ones(2, 16, dtype=torch.long),), dyn)
-    ids = windows(token_ids("wikitext2-test", smollm2[1]), 256, n_windows)
+    key = (id(smollm2[0]), n_layers, dtype, batch)
+    if key not in _CAPTURED:
+        wrapper = smollm2_slice(smollm2[0], n_layers, dtype)
+        if batch:
+            example = torch.ones(2, 16, dtype=torch.long)
+            dyn = {0: torch.export.Dim.DYNAMIC(min=1, max=1024), 1: torch.export.Dim.DYNAMIC(min=2, max=4096)}
+        else:
+            example, dyn = torch.ones(1, 16, dtype=torch.long), {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}
+        _CAPTURED[key] = wrapper, capture(wrapper, (example,), {"input_ids": dyn})
+    wrapper, graph = _CAPTURED[key]
+    g = graph.clone()
+    g.meta = copy.deepcopy(graph.meta)
+    params = list(g.params.values())
+    for v, data in zip(params, copy.deepcopy([v.data for v in params])):  # one deepcopy: shared storage stays shared
+        v.data = data
+    return wrapper, g
+
+
+def held_out_slice(smollm2: tuple, n_layers: int, n_windows: int) -> tuple:
+    """(captured real SmolLM2 cut to ``n_layers`` blocks — float32, dynamic batch and sequence —, ``n_windows``
+    256-token WikiText-2 test windows, their float logits): the pass tests' real model and held-out data
+    (``captured_slice``: the capture is shared, the graph each caller gets is its own)."""
+    from lowbit.eval.perplexity import token_ids, windows
+
+    wrapper, graph = captured_slice(smollm2, n_layers)
+    if id(smollm2[1]) not in _TEST_IDS:
+        _TEST_IDS[id(smollm2[1])] = token_ids("wikitext2-test", smollm2[1])
+    ids = windows(_TEST_IDS[id(smollm2[1])], 256, n_windows).clone()
     with torch.inference_mode():
         ref = wrapper(ids)
     return graph, ids, ref

@@ -91,13 +91,9 @@ def test_engine_retargets_device_literals_and_keeps_params():
 @pytest.fixture(scope="module")
 def two_blocks(smollm2):
     """A real 2-block SmolLM2 (float32, dynamic batch and sequence), captured."""
-    from conftest import smollm2_slice
+    from conftest import captured_slice
 
-    from lowbit.ir.capture import capture
-
-    wrapper = smollm2_slice(smollm2[0], 2)
-    dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=1024), 1: torch.export.Dim.DYNAMIC(min=2, max=4096)}}
-    return capture(wrapper, (torch.ones(2, 16, dtype=torch.long),), dyn)
+    return captured_slice(smollm2, 2)[1]
 
 
 def _codes(g, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -20,10 +20,9 @@ import lowbit
 from lowbit.api import describe_source
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.checkpoint import CheckpointError
-from lowbit.ir.capture import capture
 from lowbit.passes.manager import PassManager, parse_pipeline
 
-from conftest import smollm2_slice
+from conftest import captured_slice, smollm2_slice
 
 pytest.importorskip("compressed_tensors")
 
@@ -33,9 +32,7 @@ def float_slice(smollm2):
     """(float graph of a 2-layer SmolLM2 with its HF source recorded, 2 WikiText-2 windows of 128, tokenizer)."""
     from lowbit.eval.perplexity import token_ids, windows
 
-    wrapper = smollm2_slice(smollm2[0], 2)
-    dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=1024), 1: torch.export.Dim.DYNAMIC(min=2, max=4096)}}
-    graph = capture(wrapper, (torch.ones(2, 16, dtype=torch.long),), dyn)
+    wrapper, graph = captured_slice(smollm2, 2)
     graph.meta["source"] = describe_source(wrapper)
     graph.meta["tokenizer"] = smollm2[1]
     ids = windows(token_ids("wikitext2-test", smollm2[1]), 128, 2)

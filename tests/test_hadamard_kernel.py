@@ -243,13 +243,9 @@ def test_fused_quantize_codes(n, dtype, qdtype, cfg):
 @pytest.fixture(scope="module")
 def rotated_layer(smollm2):
     """A real 1-layer SmolLM2 slice in bf16, fold-norms + rotate (online hadamards: down_proj 1536, q/k 64)."""
-    from conftest import smollm2_slice
+    from conftest import captured_slice
 
-    from lowbit.ir.capture import capture
-
-    wrapper = smollm2_slice(smollm2[0], 1, torch.bfloat16)
-    g = capture(wrapper, (torch.ones(1, 16, dtype=torch.long),),
-                {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
+    _, g = captured_slice(smollm2, 1, torch.bfloat16, batch=False)
     PassManager("fold-norms,rotate").run(g)
     ids = smollm2[1]("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids[:, :6]
     return g, ids

@@ -4,6 +4,8 @@ SmolLM2 slice generates through it."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import run_interpreted
@@ -140,10 +142,12 @@ def _kernel_decode_check(stride: int = 3) -> None:
 
 @pytest.mark.parametrize("stride", [pytest.param(13, id="core"), pytest.param(3, id="all", marks=pytest.mark.slow)])
 def test_triton_decode_equals_the_reference(stride):
-    """TRITON_INTERPRET=1 in a fresh interpreter on CPU (triton reads it at import), directly on CUDA; every third
+    """In process on CUDA, and on CPU where this process already runs Triton's interpreter (conftest sets
+    TRITON_INTERPRET=1 before anything imports triton, as for the triton backend's tests): a fresh interpreter only
+    otherwise (triton reads the variable at import), its start and imports ~10 s of the test's time. Every third
     position as ``slow``."""
     pytest.importorskip("triton")
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         _kernel_decode_check(stride)
         return
     run_interpreted(f"import tests.test_kv_cache as t\nt._kernel_decode_check({stride})\nprint('ok')")

@@ -23,13 +23,9 @@ from lowbit.passes.manager import PassManager
 
 @pytest.fixture(scope="module")
 def slice2(smollm2):
-    from conftest import smollm2_slice
+    from conftest import captured_slice
 
-    from lowbit.ir.capture import capture
-
-    wrapper = smollm2_slice(smollm2[0], 2)
-    g = capture(wrapper, (torch.ones(1, 16, dtype=torch.long),),
-                {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
+    _, g = captured_slice(smollm2, 2, batch=False)
     ids = smollm2[1]("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt").input_ids[:, :48]
     return g, ids
 

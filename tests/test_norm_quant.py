@@ -33,13 +33,9 @@ DEV = "cuda" if torch.cuda.is_available() and not INTERP else "cpu"
 
 @pytest.fixture(scope="module")
 def slice2(smollm2):
-    from conftest import smollm2_slice
+    from conftest import captured_slice
 
-    from lowbit.ir.capture import capture
-
-    wrapper = smollm2_slice(smollm2[0], 2)
-    g = capture(wrapper, (torch.ones(1, 16, dtype=torch.long),),
-                {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
+    _, g = captured_slice(smollm2, 2, batch=False)
     ids = smollm2[1]("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt").input_ids[:, :40]
     return g, ids
 
@@ -151,14 +147,12 @@ def test_triton_backend_runs_the_fused_norm_like_the_torch_backend(smollm2):
     """W8A8 through ``backend="triton"`` under the interpreter: merged q/k/v and gate/up, each norm fused with the
     quantization (the gate/up's ``a8_linear_q`` with the gated MLP's silu*up in its store), logits equal the torch
     backend's on the same quantized graph within test_triton_backend's tolerance (2e-2 relative; every argmax)."""
-    from conftest import smollm2_slice
+    from conftest import captured_slice
 
     from lowbit.api import compile_graph, plan_compile
-    from lowbit.ir.capture import capture
     from lowbit.passes.manager import parse_pipeline
 
-    g = capture(smollm2_slice(smollm2[0], 1, torch.bfloat16), (torch.ones(1, 16, dtype=torch.long),),
-                {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
+    _, g = captured_slice(smollm2, 1, torch.bfloat16, batch=False)
     ids = smollm2[1]("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids[:, :6]
     PassManager("quantize(w=int8,a=int8)").run(g)
     ref = TorchCompiled(g)(ids).float()

@@ -7,7 +7,6 @@ max |Δ| ≈ 6e-5 (logits up to ~75), MiniLM embeddings max |Δ| ≈ 2e-7. The b
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import onnx
@@ -27,19 +26,13 @@ from lowbit.backends.onnxruntime_backend import OrtCompiled
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.ir.graph import Graph, TensorType
 
-SEQ = torch.export.Dim.DYNAMIC(min=2, max=8192)
-
 
 @pytest.fixture(scope="module")
 def smol_slice(smollm2) -> Graph:
     """A real 2-layer SmolLM2 (final norm and tied lm_head kept), captured with a dynamic sequence."""
-    from lowbit.ir.capture import capture
-    from lowbit.models import CausalLMLogits
+    from conftest import captured_slice
 
-    m = copy.deepcopy(smollm2[0])
-    m.model.layers = m.model.layers[:2]
-    m.config.num_hidden_layers = 2
-    return capture(CausalLMLogits(m).eval(), (torch.ones(1, 16, dtype=torch.long),), {"input_ids": {1: SEQ}})
+    return captured_slice(smollm2, 2, batch=False)[1]
 
 
 def test_every_captured_op_has_a_lowering(smol_slice, minilm_graph):

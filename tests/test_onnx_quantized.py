@@ -46,13 +46,9 @@ W8A8_PT_DYN = "quantize(w=int8,a=uint8,a_gran=per_tensor,a_sym=false)"  # ORT qu
 
 @pytest.fixture(scope="module")
 def smol_float(smollm2) -> Graph:
-    from lowbit.ir.capture import capture
-    from lowbit.models import CausalLMLogits
+    from conftest import captured_slice
 
-    m = copy.deepcopy(smollm2[0])
-    m.model.layers = m.model.layers[:2]
-    m.config.num_hidden_layers = 2
-    return capture(CausalLMLogits(m).eval(), (torch.ones(1, 16, dtype=torch.long),), {"input_ids": {1: SEQ}})
+    return captured_slice(smollm2, 2, batch=False)[1]
 
 
 @pytest.fixture(scope="module")

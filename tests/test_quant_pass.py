@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -11,12 +10,10 @@ import torch
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.calibration import engine
 from lowbit.data import read_text
-from lowbit.ir.capture import capture
 from lowbit.ir.graph import Graph
 from lowbit.ir.parser import parse_graph
 from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
 from lowbit.ir.verifier import verify
-from lowbit.models import CausalLMLogits
 from lowbit.passes.base import PassError
 from lowbit.passes.insert_qdq import InsertQDQ
 from lowbit.passes.manager import PassManager, parse_pipeline
@@ -56,15 +53,11 @@ def test_golden_ir_w4_group4_a8_per_token():
 @pytest.fixture(scope="module")
 def slice2(smollm2):
     """A 2-layer SmolLM2 slice (real weights), its captured graph, and 128 real WikiText tokens."""
-    model, tok = smollm2
-    small = copy.deepcopy(model)
-    small.model.layers = small.model.layers[:2]
-    small.config.num_hidden_layers = 2
-    wrapper = CausalLMLogits(small).eval()
-    ids = tok(read_text("wikitext2-valid-calib")[:3000], return_tensors="pt", add_special_tokens=False).input_ids
-    ids = ids[:, :128]
-    graph = capture(wrapper, (ids[:, :16],),
-                    dynamic_shapes={"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
+    from conftest import captured_slice
+
+    wrapper, graph = captured_slice(smollm2, 2, batch=False)
+    ids = smollm2[1](read_text("wikitext2-valid-calib")[:3000], return_tensors="pt",
+                     add_special_tokens=False).input_ids[:, :128]
     with torch.no_grad():
         ref = wrapper(ids).detach()
     return graph, ids, ref

@@ -26,13 +26,9 @@ needs_kernels = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()), re
 
 @pytest.fixture(scope="module")
 def slice1_bf16(smollm2):
-    from conftest import smollm2_slice
+    from conftest import captured_slice
 
-    from lowbit.ir.capture import capture
-
-    wrapper = smollm2_slice(smollm2[0], 1, torch.bfloat16)
-    g = capture(wrapper, (torch.ones(1, 16, dtype=torch.long),),
-                {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
+    _, g = captured_slice(smollm2, 1, torch.bfloat16, batch=False)
     ids = smollm2[1]("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids[:, :6]
     return g, ids
 
@@ -203,7 +199,9 @@ def test_block_add_and_norm_run_in_the_weight_only_reduces(monkeypatch):
     gained stream (``+norm``) — except the first block's input norm (of the embedding) and the final norm (behind
     the ``last-logits`` slice). Greedy generation gives the torch reference's tokens, with the decode steps'
     GEMVs forced onto ``_gemv_r`` (128-wide reduces: several partial sums of squares per row) and with
-    ``norm_residual=False``."""
+    ``norm_residual=False``. The forced ``_gemv_r`` tile is one ``_R_TABLE`` runs (128 columns, one warp) with
+    8-row steps and a split K, so every decode GEMV writes partials into the fused reduce; 32-wide tiles only made
+    4x the programs (half the test's time under the interpreter) without reaching another path."""
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
     from lowbit.kernels import weight_only as wo
@@ -214,7 +212,7 @@ def test_block_add_and_norm_run_in_the_weight_only_reduces(monkeypatch):
     def r_at_decode(m, n, k, bits, cw, n_major=False, group=128):
         if m == 1 and bits == 4 and n_major:
             used_r.append(n)
-            return {"TC": False, "BLOCK_M": 1, "BLOCK_N": 32, "ROWS": 8, "SPLIT_K": 2, "num_warps": 1,
+            return {"TC": False, "BLOCK_M": 1, "BLOCK_N": 128, "ROWS": 8, "SPLIT_K": 2, "num_warps": 1,
                     "num_stages": 1}
         return config(m, n, k, bits, cw, n_major, group)
 
