@@ -24,8 +24,8 @@ from lowbit.kernels._common import (
     round_to_e4m3,
 )
 
-__all__ = ["QMAX", "cuda_reciprocal", "quantize_activation", "quantize_activation_ref", "quantize_store_row",
-           "row_quant_setup"]
+__all__ = ["QMAX", "cuda_reciprocal", "divide_exact", "quantize_activation", "quantize_activation_ref",
+           "quantize_store_row", "row_quant_setup", "row_scale"]
 
 QMAX = {"int8": 127.0, "fp8e4m3": 448.0}
 ACT_QUANT_WHOLE_ROW = 4096
@@ -69,13 +69,13 @@ def quantize_store_row(x, q_ptr, s_ptr, offs, ok, K, QMAX: tl.constexpr, RCP: tl
     scale(s) at ``s_ptr`` (one, or one per ``GROUP`` channels): shared by this kernel and the fused
     RMSNorm+quantize (``norm_quant.py``)."""
     if GROUP == 0:
-        s = _scale(tl.max(tl.abs(x), axis=0), QMAX, RCP)
+        s = row_scale(tl.max(tl.abs(x), axis=0), QMAX, RCP)
         tl.store(s_ptr, s)
         y = divide_exact(x, s, RCP)
     else:
         NG: tl.constexpr = BLOCK_K // GROUP
         x3 = tl.reshape(x, (NG, GROUP))
-        s = _scale(tl.max(tl.abs(x3), axis=1), QMAX, RCP)
+        s = row_scale(tl.max(tl.abs(x3), axis=1), QMAX, RCP)
         offs_g = tl.arange(0, NG)
         tl.store(s_ptr + offs_g, s, mask=offs_g * GROUP < K)
         y = tl.reshape(divide_exact(x3, s[:, None], RCP), (BLOCK_K,))
@@ -101,7 +101,7 @@ def divide_exact(x, s, RCP: tl.constexpr):
 
 
 @triton.jit
-def _scale(amax, QMAX: tl.constexpr, RCP: tl.constexpr):
+def row_scale(amax, QMAX: tl.constexpr, RCP: tl.constexpr):
     """``max(amax / qmax, 1e-12)`` as the reference computes it on the device (``RCP``: CUDA's reciprocal)."""
     if RCP != 0.0:
         return tl.maximum(amax * RCP, 1e-12)
@@ -142,7 +142,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm,
         for c in range(0, K, BLOCK_K):
             x = tl.load(x_ptr + row * sxm + c + offs, mask=offs < K - c, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        s = _scale(tl.max(amax, axis=0), QMAX, RCP)
+        s = row_scale(tl.max(amax, axis=0), QMAX, RCP)
         tl.store(s_ptr + row * ssm, s)
         for c in range(0, K, BLOCK_K):
             ok = offs < K - c

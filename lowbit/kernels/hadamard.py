@@ -64,7 +64,7 @@ from lowbit.kernels._common import (
     round_to_e4m3,
 )
 from lowbit.kernels.a8_linear import FP8_ROWWISE_SCALED_MM, W_QDTYPES, a8_gemm
-from lowbit.kernels.act_quant import cuda_reciprocal, divide_exact
+from lowbit.kernels.act_quant import cuda_reciprocal, divide_exact, row_scale
 
 __all__ = [
     "CONFIGS",
@@ -568,10 +568,7 @@ def _hadamard_kernel(x_ptr, lt_ptr, y_ptr, q_ptr, s_ptr, M, sxm, sym, sqm, NPROG
             amax = _row_amax(y, BA, RB, N2)  # [RB]
             if BB > 0:
                 amax = tl.maximum(amax, _row_amax(yb, BB, RB, N2))
-            if RCP != 0.0:
-                s = tl.maximum(amax * RCP, 1e-12)
-            else:
-                s = tl.maximum(tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), 1e-12)
+            s = row_scale(amax, QMAX, RCP)
             rows_s = pr * RB + tl.arange(0, RB)
             tl.store(s_ptr + rows_s, s, mask=rows_s < M)
             _quant_store(q_ptr, y, s, a, pr, M, sqm, N1, BA, RB, N2, QUANT, QMAX, RCP)
