@@ -7,7 +7,6 @@ max |Δ| ≈ 6e-5 (logits up to ~75), MiniLM embeddings max |Δ| ≈ 2e-7. The b
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import onnx_ir as ir

@@ -39,47 +39,40 @@ def _nodes(model: ir.Model):
         yield from ir.traversal.RecursiveGraphIterator(fn)
 
 
+def _values(model: ir.Model):
+    """Every value of ``model``: graph and function inputs and outputs, initializers, node inputs and outputs (a
+    value can come more than once)."""
+    for g in _graphs(model):
+        yield from g.inputs
+        yield from g.outputs
+        if isinstance(g, ir.Graph):
+            yield from g.initializers.values()
+    for node in _nodes(model):
+        yield from (v for v in node.inputs if v is not None)
+        yield from node.outputs
+
+
 def _widened(t: ir.TensorProtocol, name: str | None) -> ir.Tensor:
     return ir.tensor(np.asarray(t.numpy(), dtype=np.float32), name=name)
 
 
 def has_bfloat16(model: ir.Model) -> bool:
     """Whether any value or initializer of ``model`` is bfloat16 (what ``widen_bfloat16`` would change)."""
-    for g in _graphs(model):
-        if any(v.dtype == _BF16 for v in (*g.inputs, *g.outputs)):
-            return True
-        if isinstance(g, ir.Graph) and any(v.dtype == _BF16 for v in g.initializers.values()):
-            return True
-    return any(v.dtype == _BF16 for n in _nodes(model) for v in n.outputs)
+    return any(v.dtype == _BF16 for v in _values(model))
 
 
 def widen_bfloat16(model: ir.Model) -> int:
     """Rewrite every bfloat16 tensor of ``model`` (in place) as float32; return how many values, initializers and
     attributes changed."""
     changed = 0
-    seen: set[int] = set()
-
-    def widen_value(v: ir.Value | None) -> None:
-        nonlocal changed
-        if v is None or id(v) in seen:
-            return
-        seen.add(id(v))
+    for v in _values(model):  # a value met again is float32 by then: counted once
         if v.dtype == _BF16:
             v.dtype = _F32
             changed += 1
         if v.const_value is not None and v.const_value.dtype == _BF16:
             v.const_value = _widened(v.const_value, v.name)
             changed += 1
-
-    for g in _graphs(model):
-        for v in (*g.inputs, *g.outputs):
-            widen_value(v)
-        if isinstance(g, ir.Graph):
-            for v in g.initializers.values():
-                widen_value(v)
     for node in _nodes(model):
-        for v in (*node.inputs, *node.outputs):
-            widen_value(v)
         for name, attr in list(node.attributes.items()):
             if name in _TYPE_ATTRS and attr.type == ir.AttributeType.INT and attr.value == int(_BF16):
                 node.attributes[name] = ir.AttrInt64(name, int(_F32))
