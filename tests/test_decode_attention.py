@@ -3,6 +3,8 @@ attention, and the Triton kernel (TRITON_INTERPRET=1 on CPU) is its reference.""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import run_interpreted
@@ -85,12 +87,13 @@ def _apply(check, case: tuple) -> None:
 
 def _run_cases(runs: list[tuple[str, object]], which: str) -> None:
     """For each (name of a case list, check): ``check`` on the cases its ``CORE`` entry names (``which`` = "core")
-    or on all of them. On CUDA in process; on CPU in one fresh interpreter (``run_interpreted``: its start and
-    triton's import under the interpreter cost ~10 s, so the core cases of every list share one)."""
+    or on all of them. In process on CUDA, and on CPU where this process already runs Triton's interpreter (conftest
+    sets TRITON_INTERPRET=1 before anything imports triton); otherwise in one fresh interpreter (``run_interpreted``:
+    triton reads the variable at import; its start and imports cost ~10 s, so the core cases of every list share one)."""
     pytest.importorskip("triton")
     plan = [(cases, check, CORE[cases] if which == "core" else tuple(range(len(globals()[cases]))))
             for cases, check in runs]
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         for cases, check, idx in plan:
             for i in idx:
                 _apply(check, globals()[cases][i])
@@ -139,8 +142,7 @@ def _check_kernel(bits: int, split: int | None, hq: int, hkv: int, block_n: int 
 def test_triton_kernel_matches_reference(which):
     """Several splits per sequence, queries at different positions, GQA (2 and 4 query heads per kv head) and
     MHA, 8/4/2-bit codes, chunks that start/end inside a key block and inside an inner step. On CPU the kernel runs
-    under TRITON_INTERPRET=1 in a fresh interpreter (triton reads it when its own functions are decorated, at
-    import, and torch may have imported triton already)."""
+    under TRITON_INTERPRET=1 (``_run_cases``)."""
     _run_cases([("KERNEL_CASES", _check_kernel)], which)
 
 
@@ -220,6 +222,6 @@ def test_triton_kernel_v3_v4_match_reference(which):
 
 
 def test_triton_kernels_core_cases():
-    """The core cases of the three lists above in one interpreter (CPU) or in process (CUDA)."""
+    """The core cases of the three lists above, in one run (``_run_cases``)."""
     _run_cases([("KERNEL_CASES", _check_kernel), ("LAUNCH_CASES", _check_kernel),
                 ("REAL_LAYOUT_CASES", _check_real_layout)], "core")
