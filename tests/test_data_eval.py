@@ -56,6 +56,23 @@ def test_wikitext2_test_token_and_window_counts(smollm2):
     assert torch.equal(token_ids("wikitext2-test", tokenizer), ids)  # cached copy is the same
 
 
+def test_tokenizer_fingerprint_follows_the_split_not_call_state(smollm2):
+    """The token cache's key: a call that leaves truncation and padding set does not change it (the split is the
+    same), an added token does (the split changes), and a fresh load of the same files gives the same key."""
+    from lowbit.data.model_files import load_smollm2_tokenizer
+    from lowbit.data.tokens import tokenizer_fingerprint
+
+    tokenizer = copy.deepcopy(smollm2[1])
+    before = tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(load_smollm2_tokenizer()) == before
+    tokenizer(["a b c d e f", "g"], truncation=True, max_length=3, padding=True)
+    assert tokenizer.backend_tokenizer.truncation is not None and tokenizer.backend_tokenizer.padding is not None
+    assert tokenizer_fingerprint(tokenizer) == before
+    tokenizer.add_tokens(["zqxjlowbit"])
+    assert tokenizer("zqxjlowbit", add_special_tokens=False)["input_ids"] == [len(tokenizer) - 1]
+    assert tokenizer_fingerprint(tokenizer) != before
+
+
 def test_float_smollm2_perplexity_on_two_windows(smollm2):
     model, tokenizer = smollm2
     logits_fn = CausalLMLogits(model)

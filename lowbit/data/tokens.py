@@ -7,11 +7,11 @@ the texts, below both.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 
 import torch
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from lowbit.cache import atomic_file, cache_dir
@@ -21,14 +21,22 @@ __all__ = ["token_ids", "tokenizer_fingerprint"]
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash that changes whenever the tokenizer would split text differently."""
+    """A hash that changes whenever the tokenizer would split text differently.
+
+    A fast tokenizer hashes its backend's serialised definition (deterministic: the vocabulary is written in id
+    order). Truncation and padding are call-time state a tokenizer call may leave set; they do not change the split,
+    so when either is set the hash is taken of a copy without them. Hashing the string as written, not a re-sorted
+    JSON of it, keeps this at ~0.04 s for SmolLM2's 1.5 MB definition (the JSON round trip took ~0.45 s, paid by
+    every calibrating pass)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        # truncation/padding are call-time state a tokenizer call may change; they do not change the split
-        spec = json.loads(backend.to_str())
-        spec.pop("truncation", None)
-        spec.pop("padding", None)
-        described = json.dumps(spec, sort_keys=True)
+        if backend.truncation is None and backend.padding is None:
+            described = backend.to_str()
+        else:
+            plain = Tokenizer.from_str(backend.to_str())
+            plain.no_truncation()
+            plain.no_padding()
+            described = plain.to_str()
     else:  # slow (Python) tokenizer: its vocabulary and class stand in for its definition
         described = f"{type(tokenizer).__qualname__}:{sorted(tokenizer.get_vocab().items())}"
     return hashlib.sha256(described.encode()).hexdigest()[:16]
