@@ -141,6 +141,16 @@ def test_truncated_onnx_is_reported(exported):
         OrtCompiled.load(exported)
 
 
+def test_session_from_a_file_reads_its_protobuf_once(exported, monkeypatch):
+    """``OrtCompiled.load`` reads the file once for its checks and metadata (a large ONNX file took two reads)."""
+    import lowbit.backends.onnxruntime_backend as backend
+
+    reads = []
+    monkeypatch.setattr(backend, "load_onnx", lambda *a, **k: reads.append(a) or load_onnx(*a, **k))
+    compiled = OrtCompiled.load(exported)
+    assert len(reads) == 1 and compiled.session is not None
+
+
 def test_garbage_and_missing_files_are_reported(exported, tmp_path):
     exported.write_bytes(b"\x00\xff" * 50 + b"not an onnx model")
     with pytest.raises(OnnxFileError, match="truncated or corrupted"):

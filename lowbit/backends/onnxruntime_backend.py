@@ -118,9 +118,10 @@ def session_options(threads: int | None = None, optimization: str = "all",
     return so
 
 
-def create_session(model: ir.Model | str | os.PathLike[str], providers: list[str], so: ort.SessionOptions
-                   ) -> ort.InferenceSession:
-    """An InferenceSession from an in-memory model (via a temporary external-data file when > 2 GB) or a path."""
+def create_session(model: ir.Model | str | os.PathLike[str], providers: list[str], so: ort.SessionOptions, *,
+                   file_checked: bool = False) -> ort.InferenceSession:
+    """An InferenceSession from an in-memory model (via a temporary external-data file when > 2 GB) or a path.
+    ``file_checked``: the caller has already read the file with ``load_onnx`` (no second read of its protobuf)."""
     if isinstance(model, ir.Model):
         if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
             # protobuf cannot hold > 2 GB in memory: go through a file with external data; ORT has read (or
@@ -130,7 +131,8 @@ def create_session(model: ir.Model | str | os.PathLike[str], providers: list[str
                 return ort.InferenceSession(os.fspath(path), so, providers=providers)
         return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), so, providers=providers)
     path = Path(model)
-    load_onnx(path, check=False)  # clear errors for missing/truncated/corrupted files before ORT's own
+    if not file_checked:
+        load_onnx(path, check=False)  # clear errors for missing/truncated/corrupted files before ORT's own
     try:
         return ort.InferenceSession(os.fspath(path), so, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises several untyped Fail/InvalidProtobuf errors
@@ -212,7 +214,8 @@ class OrtCompiled(torch.nn.Module):
             accuracy_from_metadata(model if isinstance(model, ir.Model) else on_file)
         self.session = create_session(source, self.requested_providers,
                                       session_options(threads, optimization, accuracy_level=accuracy,
-                                                      spinning=spinning))
+                                                      spinning=spinning),
+                                      file_checked=on_file is not None)
         self.providers = self.session.get_providers()
         dropped = [p for p in self.requested_providers if p not in self.providers]
         if dropped:
