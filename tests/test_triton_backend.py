@@ -140,7 +140,8 @@ def test_mlp_activation_runs_in_the_linears_epilogue(arch, pipeline, form):
     interleaved at lowering; weight-only: in the GEMV's reduce, A8: in the GEMM's store; on by default), a BERT
     MLP's first linear its GELU (``epilogues="all"``): the activation's FX nodes are gone, and the outputs are
     those of the unfused lowering (``epilogues="none"``) but for the activation's last bits (one bf16 step per
-    element, so 1e-2 relative overall) with the same argmax."""
+    element, so 1e-2 relative overall) with the same argmax wherever the unfused top two are further apart than
+    that difference can move them (the tiny Llama's closest pair was one bf16 step, 0.0078, apart)."""
     from lowbit.api import compile_model
 
     model, example, inputs = _epilogue_model(arch)
@@ -160,11 +161,18 @@ def test_mlp_activation_runs_in_the_linears_epilogue(arch, pipeline, form):
                                          ).runner.report["kernels"].values()
     plain = compile_model(model, **{**kw, "backend_options": {"compile": False, "epilogues": "none"}})
     assert form not in plain.runner.report["kernels"].values()
+    clear_rows = []
     for x in inputs:
         x = tuple(t.to(dev) for t in x)
         y, ref = fused(*x).float().cpu(), plain(*x).float().cpu()
         assert ((y - ref).norm() / ref.norm()).item() <= 1e-2
-        assert torch.equal(y.argmax(-1), ref.argmax(-1))
+        # the same argmax wherever the unfused top two differ by more than twice the largest elementwise
+        # difference (a closer pair may flip on the activation's last bit: one step of bf16 at the logit's size)
+        top2 = ref.topk(2, dim=-1).values
+        clear = top2[..., 0] - top2[..., 1] > 2 * (y - ref).abs().max()
+        assert torch.equal(y.argmax(-1)[clear], ref.argmax(-1)[clear])
+        clear_rows.append(clear.flatten())
+    assert torch.cat(clear_rows).float().mean() >= 0.5, "too few clear decisions to compare the argmax on"
 
 
 def _triton_step(model: torch.nn.Module, pipeline: str, spec, device: str, **options):
