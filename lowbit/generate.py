@@ -11,7 +11,7 @@ transformers' order: temperature, then top-k, then top-p, then a draw from a see
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -87,9 +87,14 @@ class GenerationOutput:
         return [list(p) + t for p, t in zip(prompts, self.tokens)]
 
 
-def _prompts(input_ids: Any, attention_mask: Any) -> list[list[int]]:
+def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list[list[int]]:
     """Prompts as lists of ids: from a list of lists, or a ``[B, L]`` tensor whose ``attention_mask`` (left or
-    right padding) says which ids are real."""
+    right padding) says which ids are real. A flat list of ids is one prompt (as a 1-D tensor is); strings are
+    encoded with ``tokenizer`` (``int('h')`` on each character was the error a user saw)."""
+    if isinstance(input_ids, Mapping) and "input_ids" in input_ids:  # a tokenizer's output (BatchEncoding)
+        if attention_mask is None:
+            attention_mask = input_ids.get("attention_mask")
+        input_ids = input_ids["input_ids"]
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -101,7 +106,29 @@ def _prompts(input_ids: Any, attention_mask: Any) -> list[list[int]]:
             raise GenerationError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
                                   f"{tuple(input_ids.shape)}")
         return [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
-    prompts = [list(map(int, p)) for p in input_ids]
+    if isinstance(input_ids, str):
+        input_ids = [input_ids]
+    input_ids = list(input_ids)
+    if input_ids and all(isinstance(p, int) for p in input_ids):
+        input_ids = [input_ids]
+    prompts = []
+    for i, p in enumerate(input_ids):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise GenerationError(f"prompt {i} is text ({p[:40]!r}) and this model has no tokenizer: pass token "
+                                      "ids (lists of ints or a [batch, length] tensor)")
+            p = tokenizer(p).input_ids
+        try:
+            ids = [int(t) for t in p]
+        except (TypeError, ValueError):
+            raise GenerationError(f"prompt {i} is {type(p).__name__} {str(p)[:40]!r}: expected a list of token ids "
+                                  "(or text, with a tokenizer)") from None
+        if attention_mask is not None:  # a padded list batch: keep the ids the mask marks real
+            mask = [bool(m) for m in attention_mask[i]]
+            if len(mask) != len(ids):
+                raise GenerationError(f"attention_mask row {i} has {len(mask)} entries for {len(ids)} ids")
+            ids = [t for t, m in zip(ids, mask) if m]
+        prompts.append(ids)
     return prompts
 
 
@@ -269,11 +296,11 @@ class Generator:
                  on_token: Callable[[int, int], None] | None = None) -> GenerationOutput:
         """Generate up to ``max_new_tokens`` per prompt; a sequence ends at its first stop token.
 
-        ``input_ids``: a list of token-id lists (any lengths) or a ``[B, L]`` tensor (with ``attention_mask``
-        when padded, left or right). ``stop_tokens`` defaults to the model's end-of-sequence ids (``()`` for
+        ``input_ids``: a list of token-id lists (any lengths), of strings (encoded with the model's tokenizer),
+        or a ``[B, L]`` tensor (with ``attention_mask`` when padded, left or right). ``stop_tokens`` defaults to the model's end-of-sequence ids (``()`` for
         none). ``on_token(sequence_index, token)`` is called as tokens are made (streaming).
         """
-        prompts = _prompts(input_ids, attention_mask)
+        prompts = _prompts(input_ids, attention_mask, self.tokenizer)
         self.check(prompts, max_new_tokens)
         if do_sample and temperature <= 0:
             raise GenerationError(f"temperature={temperature}: must be > 0 when sampling (use do_sample=False "

@@ -85,6 +85,22 @@ def test_stop_tokens_and_left_padded_tensor_input(smollm2, compiled):
     assert compiled.generate(ids, 5, attention_mask=mask, stop_tokens=()).tokens == free
 
 
+def test_text_flat_ids_and_tokenizer_output_are_prompts(smollm2, compiled):
+    """Strings are encoded with the model's tokenizer (``int('T')`` on each character was a raw ValueError), a flat
+    list of ids is one prompt (as a 1-D tensor is), and a tokenizer's padded output keeps only the real ids (its
+    keys were read as two text prompts); other items are refused by index."""
+    _, tok = smollm2
+    a, b = tok(PROMPTS[0]).input_ids, tok(PROMPTS[1]).input_ids
+    ref = compiled.generate([a, b], 3, stop_tokens=()).tokens
+    assert compiled.generate(PROMPTS[:2], 3, stop_tokens=()).tokens == ref
+    assert compiled.generate(a, 3, stop_tokens=()).tokens == ref[:1]
+    padded = tok(PROMPTS[:2], padding=True)
+    assert len(set(map(len, padded["input_ids"]))) == 1
+    assert compiled.generate(padded, 3, stop_tokens=()).tokens == ref
+    with pytest.raises(GenerationError, match="prompt 1 is NoneType"):
+        compiled.generate([a, None], 3)
+
+
 def test_bad_requests_name_the_limit(smollm2, compiled):
     _, tok = smollm2
     prompt = tok(PROMPTS[0]).input_ids
