@@ -136,6 +136,8 @@ def bench_shape(b: int, hq: int, hkv: int, s: int, d: int, dev: str, sweep: list
     from lowbit.kernels import decode_attention as da
 
     base = {"area": "decode-attention", "batch": b, "heads": hq, "kv_heads": hkv, "head_dim": d, "context": s}
+    if graph:  # device time of 20 replayed calls; do_bench rows (no "timing") include the Python launch path
+        base["timing"] = "cuda-graph"
     rows: list[dict] = []
     torch.manual_seed(0)
     q = torch.randn(b, hq, d, device=dev, dtype=torch.bfloat16)
@@ -282,7 +284,8 @@ def main() -> None:
         header = {"command": "python tools/bench_attention.py " + " ".join(sys.argv[1:]), "date": date,
                   "device": devname, "versions": results_versions()}
         merge_rows(a.out or OUT, header, rows,
-                   key=("area", "kernel", "scheme", "config", "batch", "heads", "kv_heads", "context", "device"),
+                   key=("area", "kernel", "scheme", "config", "batch", "heads", "kv_heads", "context", "timing",
+                        "device"),
                    append_command=True)
 
 
