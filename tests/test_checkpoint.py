@@ -127,6 +127,24 @@ def test_round_trip_bit_exact(float_slice, tmp_path, fmt, pipeline):
     assert loaded.tokenizer is not None
 
 
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_bfloat16_model_round_trips_in_bfloat16(tmp_path, fmt):
+    """A bf16 model's checkpoint says dtype bfloat16 (it said float32, so transformers and vLLM loaded it in
+    float32 and lowbit.load rebuilt a float32 graph whose logits differed), and reloads bit-exactly in bf16."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=1, vocab_size=97, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()  # as from_pretrained builds it
+    compiled = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32)")
+    out = lowbit.save(compiled, tmp_path / "ck", format=fmt)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = lowbit.load(out)
+    _assert_same_graph(compiled.graph, loaded.graph)
+    ids = torch.randint(0, 97, (2, 12))
+    assert loaded(ids).dtype == torch.bfloat16 and torch.equal(loaded(ids), compiled(ids))
+
+
 def _gptq_reference_dequant(qweight, qzeros, scales, g_idx, bits):
     """Written from the GPTQ (AutoGPTQ v1) format description, one bit field at a time: ``qweight[i, n]`` holds
     input rows ``i·(32/b) + j`` at bits ``j·b``; ``qzeros[g, c]`` holds output columns ``c·(32/b) + j`` as

@@ -57,14 +57,31 @@ def _auto_class(kind: str) -> Any:
     return AutoModelForCausalLM if kind == "causal-lm" else AutoModel
 
 
-def skeleton(config: Any, kind: str, device: str = "meta") -> torch.nn.Module:
+def skeleton(config: Any, kind: str, device: str = "meta", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The HF model ``config`` describes (on ``meta``: shapes only), with the quantization config dropped."""
     cfg = copy.deepcopy(config)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     with torch.device(device):
-        model = _auto_class(kind).from_config(cfg, dtype=torch.float32)
+        model = _auto_class(kind).from_config(cfg, dtype=dtype)
     return model.eval()
+
+
+_HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _float_dtype(view: HFView) -> str:
+    """The checkpoint's ``dtype``: the one dtype of the graph's float tensors when it is bfloat16/float16, else
+    float32. The HF config's own ``dtype`` may name what the model was stored in, not what was compiled; a bf16
+    model written as "float32" loaded in float32 in transformers and vLLM, and in lowbit.load (not bit-exact)."""
+    dtypes = {t.dtype for t in view.tensors.values() if t.is_floating_point()}
+    return _HALF[dtypes.pop()] if len(dtypes) == 1 and next(iter(dtypes)) in _HALF else "float32"
+
+
+def _config_dtype(raw: dict[str, Any]) -> torch.dtype:
+    """The float dtype a saved checkpoint's model runs in (``_float_dtype`` wrote it; float32 otherwise)."""
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    return {v: k for k, v in _HALF.items()}.get(name, torch.float32)
 
 
 def _hf_keys(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -157,9 +174,10 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path) -> list[str
     return files
 
 
-def _write_config(cfg: Any, directory: Path, quantization_config: dict[str, Any], tokenizer: Any) -> None:
+def _write_config(cfg: Any, directory: Path, quantization_config: dict[str, Any], tokenizer: Any,
+                  dtype: str = "float32") -> None:
     d = cfg.to_dict()
-    d["dtype"] = "float32"
+    d["dtype"] = dtype
     d.pop("torch_dtype", None)
     d["quantization_config"] = quantization_config
     (directory / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
@@ -282,7 +300,7 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise CheckpointError(f"compressed-tensors rejects the quantization_config lowbit built: {exc}") from exc
     files = _write_shards(tensors, directory)
-    _write_config(cfg, directory, qcfg, tokenizer)
+    _write_config(cfg, directory, qcfg, tokenizer, _float_dtype(view))
     return {"format": "compressed-tensors", "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
             "float_linears": sorted(view.float_linears), "not_in_graph": missing,
             "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()}}
@@ -359,7 +377,7 @@ def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: A
             "sym": True, "checkpoint_format": "gptq", "true_sequential": True, "damp_percent": 0.01,
             "modules_in_block_to_quantize": None}
     files = _write_shards(tensors, directory)
-    _write_config(cfg, directory, qcfg, tokenizer)
+    _write_config(cfg, directory, qcfg, tokenizer, _float_dtype(view))
     return {"format": "gptq", "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
             "float_linears": sorted(view.float_linears), "not_in_graph": missing,
             "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()}}
@@ -462,7 +480,7 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None) -> tupl
                                                  for a in (config.architectures or [])) else "encoder")
     hints = lb.get("lowbit_qdtypes", {})
     tensors = _read_weights(directory)
-    model = skeleton(config, kind, device="cpu")
+    model = skeleton(config, kind, device="cpu", dtype=_config_dtype(raw))
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     # decide, per linear, whether it is quantized and how
     plan: dict[str, tuple[QScheme, QScheme | None, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
