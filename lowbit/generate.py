@@ -216,6 +216,35 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, positions
 
 
+def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens: int, *, do_sample: bool = False,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """Refuse a request the step graph of ``spec`` cannot serve, naming the limit. Separate from ``Generator`` so
+    ``lowbit generate`` checks its flags before the compile (a bad -n or --top-k failed only after it)."""
+    if max_new_tokens <= 0:
+        raise GenerationError(f"max_new_tokens={max_new_tokens}: must be at least 1")
+    if not prompts:
+        raise GenerationError("no prompts given")
+    if len(prompts) > spec.max_batch:
+        raise GenerationError(f"batch of {len(prompts)} prompts is larger than the captured max_batch="
+                              f"{spec.max_batch}: compile with generation=GenerationSpec(max_batch="
+                              f"{len(prompts)}) (CLI: --max-batch)")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise GenerationError(f"prompt {i} is empty")
+        if len(p) + max_new_tokens > spec.max_length:
+            raise GenerationError(
+                f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} = {len(p) + max_new_tokens}"
+                f" > the cache's max_length={spec.max_length}: compile with generation=GenerationSpec("
+                f"max_length={len(p) + max_new_tokens}) (CLI: --max-length), or ask for fewer tokens")
+    if do_sample and temperature <= 0:
+        raise GenerationError(f"temperature={temperature}: must be > 0 when sampling (use do_sample=False "
+                              "for greedy)")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"top_k={top_k}: must be >= 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GenerationError(f"top_p={top_p}: must be in (0, 1]")
+
+
 class Generator:
     """Runs prefill and decode with a lowered step graph ``runner(ids, positions, *cache) -> (logits, *cache)``."""
 
@@ -254,23 +283,7 @@ class Generator:
                 for heads in layer_kv_heads(self.meta) for _ in range(2)]
 
     def check(self, prompts: list[list[int]], max_new_tokens: int) -> None:
-        spec = self.spec
-        if max_new_tokens <= 0:
-            raise GenerationError(f"max_new_tokens={max_new_tokens}: must be at least 1")
-        if not prompts:
-            raise GenerationError("no prompts given")
-        if len(prompts) > spec.max_batch:
-            raise GenerationError(f"batch of {len(prompts)} prompts is larger than the captured max_batch="
-                                  f"{spec.max_batch}: compile with generation=GenerationSpec(max_batch="
-                                  f"{len(prompts)}) (CLI: --max-batch)")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise GenerationError(f"prompt {i} is empty")
-            if len(p) + max_new_tokens > spec.max_length:
-                raise GenerationError(
-                    f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} = {len(p) + max_new_tokens}"
-                    f" > the cache's max_length={spec.max_length}: compile with generation=GenerationSpec("
-                    f"max_length={len(p) + max_new_tokens}) (CLI: --max-length), or ask for fewer tokens")
+        check_request(self.spec, prompts, max_new_tokens)
 
     def _decode_fn(self, batch: int, ids: torch.Tensor, positions: torch.Tensor,
                    cache: list[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], Any]:
@@ -301,14 +314,8 @@ class Generator:
         none). ``on_token(sequence_index, token)`` is called as tokens are made (streaming).
         """
         prompts = _prompts(input_ids, attention_mask, self.tokenizer)
-        self.check(prompts, max_new_tokens)
-        if do_sample and temperature <= 0:
-            raise GenerationError(f"temperature={temperature}: must be > 0 when sampling (use do_sample=False "
-                                  "for greedy)")
-        if top_k is not None and top_k < 1:
-            raise GenerationError(f"top_k={top_k}: must be >= 1")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise GenerationError(f"top_p={top_p}: must be in (0, 1]")
+        check_request(self.spec, prompts, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                      top_p=top_p)
         if stop_tokens is None:  # the model's end-of-sequence tokens, as transformers' generate stops on
             stop_tokens = self.meta.get("eos_token_ids", ())
         stops = {stop_tokens} if isinstance(stop_tokens, int) else set(stop_tokens)

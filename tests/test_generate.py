@@ -157,6 +157,27 @@ def test_cli_generate_streams_and_reports_speed(capsys):
     assert res.exit_code == 2 and "--max-length" in res.output
 
 
+def test_cli_generate_refuses_bad_requests_before_compiling(monkeypatch):
+    """-n, --max-length, --max-batch and the sampling flags are checked before the compile (they failed only after
+    it, minutes on a large model, the message glued to the echoed prompt), and --max-batch 0 is refused, not read
+    as unset."""
+    from typer.testing import CliRunner
+
+    import lowbit.api
+    from lowbit.cli.main import app
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before checking the request")
+
+    monkeypatch.setattr(lowbit.api, "compile_model", no_compile)
+    for flags, needle in [(["-n", "0"], "max_new_tokens=0"), (["-n", "40", "--max-length", "32"], "--max-length"),
+                          (["--max-batch", "0"], "max_batch=0"), (["--sample", "--temperature", "0"], "temperature"),
+                          (["--sample", "--top-p", "1.5"], "top_p=1.5")]:
+        res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi there", *flags])
+        assert res.exit_code == 2 and needle in res.output, (flags, res.output)
+        assert not res.output.startswith("hi there"), res.output
+
+
 @pytest.mark.parametrize("recipe", [None, "w4a16-g64"])
 def test_onnxruntime_generation_matches_the_torch_reference(smollm2, recipe):
     """The same step graph exported to ONNX (past_key_values in, present out; the cache write is ScatterElements,

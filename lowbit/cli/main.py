@@ -446,7 +446,7 @@ def generate_cmd(
     import resource
 
     from lowbit.api import compile_model
-    from lowbit.generate import GenerationError, GenerationSpec
+    from lowbit.generate import GenerationError, GenerationSpec, check_request
 
     text = pipeline_text(pipeline, recipe) if pipeline or recipe else ""
     loaded = load(model)
@@ -454,13 +454,15 @@ def generate_cmd(
         fail(f"model {model!r} is a {loaded.kind} with no causal-LM head: `lowbit generate` needs a decoder LM "
              "(smollm2, an HF *ForCausalLM directory, a .gguf)", Exit.USAGE)
     try:
-        spec = GenerationSpec(max_length=max_length, max_batch=max_batch or len(prompt))
+        spec = GenerationSpec(max_length=max_length, max_batch=len(prompt) if max_batch is None else max_batch)
+        tok = loaded.tokenizer
+        ids = [tok(p).input_ids for p in prompt]
+        # the request is checked before the compile, which takes minutes on a large model
+        check_request(spec, ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p)
         t0 = time.perf_counter()
         compiled = compile_model(loaded.module, pipeline=text or None, device=device, tokenizer=loaded.tokenizer,
                                  generation=spec)
         compile_s = time.perf_counter() - t0
-        tok = loaded.tokenizer
-        ids = [tok(p).input_ids for p in prompt]
         streamed: list[int] = []
         shown = [""]
 
