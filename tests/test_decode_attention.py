@@ -7,6 +7,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import run_interpreted
 
 from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
@@ -103,7 +105,7 @@ def _run_cases(runs: list[tuple[str, object]], which: str) -> None:
     run_interpreted(code + "print('ok')")
 
 
-CORE = {"KERNEL_CASES": (2, 7), "LAUNCH_CASES": (5, 6), "REAL_LAYOUT_CASES": (7,)}
+CORE = {"KERNEL_CASES": (2, 7), "LAUNCH_CASES": (5, 6, 7), "REAL_LAYOUT_CASES": (7,)}
 ALL = [pytest.param("all", id="all", marks=pytest.mark.slow)]
 """The default suite runs a few representative cases of each list (``test_triton_kernels_core_cases``), each kernel
 test every case as ``slow`` (the interpreter takes ~4 s a case on CI's two cores). Between them the default cases
@@ -158,6 +160,8 @@ LAUNCH_CASES = [
     # v2: GQA heads per program, two warps, the value rows as a tree (vchain=False)
     (4, 32, 8, 2, 16, {"variant": "v2", "heads": 2, "num_warps": 2}),
     (8, 48, 4, 1, 16, {"variant": "v2", "heads": 1, "vchain": False}),
+    # the merge two chunks a step (REDUCE_CHUNKS is 128): four chunks a head, merged with a running maximum
+    (4, 16, 4, 2, 16, {"reduce_chunks": 2}),
 ]
 
 
@@ -225,3 +229,18 @@ def test_triton_kernels_core_cases():
     """The core cases of the three lists above, in one run (``_run_cases``)."""
     _run_cases([("KERNEL_CASES", _check_kernel), ("LAUNCH_CASES", _check_kernel),
                 ("REAL_LAYOUT_CASES", _check_real_layout)], "core")
+
+@settings(max_examples=200)
+@given(s=st.integers(1, 1 << 20), programs=st.integers(1, 4096), block=st.sampled_from([16, 32, 64]))
+def test_default_split_keeps_the_merge_to_one_step(s, programs, block):
+    """The split's chunk length: a power of two of at least one key block, at most ``REDUCE_CHUNKS`` chunks a head
+    (the merge's one tile), and no longer than needed to give the grid its target of programs when it can."""
+    pytest.importorskip("triton")
+    split = da._default_split(s, programs, block)
+    chunks = -(-s // split)
+    assert split >= block and split & (split - 1) == 0
+    assert chunks <= da.REDUCE_CHUNKS
+    if split > block and split > da.SPLIT_START:
+        assert -(-s // (split // 2)) > da.REDUCE_CHUNKS  # only the merge's cap made it longer than the start
+    elif split > block and -(-s // (split // 2)) <= da.REDUCE_CHUNKS:
+        assert programs * chunks >= da.PROGRAMS_PER_SM * 132  # halving stopped because the grid was full

@@ -74,6 +74,20 @@ SWEEPS = {
         {"variant": "v4", "chunk": 32, "heads": 2},  # GQA only
         {"variant": "v4", "chunk": 32, "heads": 1},  # GQA only
     ],
+    "s23": [  # batch-1 / short grids (session 23, CUDA-graph timing): the default split targets 16 programs per SM,
+        # which at 1 x 8 kv heads x 32K makes 128-token chunks and a 256-row merge per head
+        {"reduce_chunks": 512},  # every chunk in one tile (the merge before session 23)
+        {"reduce_chunks": 128},
+        {"reduce_chunks": 128, "reduce_warps": 8},
+        {"reduce_chunks": 64, "reduce_warps": 8},
+        {"reduce_chunks": 32, "reduce_warps": 8},
+        {"split": 128, "reduce_chunks": 128, "reduce_warps": 8},
+        {"split": 256, "reduce_chunks": 128, "reduce_warps": 8},
+        {"split": 256, "reduce_chunks": 128},
+        {"split": 512, "reduce_chunks": 128, "reduce_warps": 8},
+        {"heads": 2, "split": 128, "reduce_chunks": 128, "reduce_warps": 8},
+        {"heads": 2, "reduce_chunks": 128, "reduce_warps": 8},
+    ],
     "final": [  # most informative first: the budget may cut the tail
         {"variant": "v1"},  # v1 at its best launch of last session (32-token steps, 16-channel chunks)
         {"variant": "v2", "heads": 1},  # GQA: one query head per program (the kv tiles re-read from L2)

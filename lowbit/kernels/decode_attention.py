@@ -251,17 +251,16 @@ if triton is not None:
         qk_scale, n_split, n_float,
         GROUPS: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, F: tl.constexpr, HAS_FLOAT: tl.constexpr,
     ):
-        """One (sequence, query head): the float tokens' softmax and every chunk's, merged by log-sum-exp."""
+        """One (sequence, query head): the float tokens' softmax and every chunk's, merged by log-sum-exp, ``NS``
+        chunks at a time (a running maximum rescales what is merged so far): short chunks for a small grid
+        (batch 1, grouped heads: hundreds of chunks per head) then cost no more registers than a few."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_d = tl.arange(0, D)
         offs_s = tl.arange(0, NS)
-        sm = offs_s < n_split
-        m = tl.load(M + b * s_mb + h * s_mh + offs_s, mask=sm, other=-float("inf"))
-        den = tl.load(L + b * s_mb + h * s_mh + offs_s, mask=sm, other=0.0)
-        acc = tl.load(ACC + b * s_ab + h * s_ah + offs_s[:, None] * s_as + offs_d[None, :], mask=sm[:, None],
-                      other=0.0)
-        top = tl.max(m, 0)
+        top = -float("inf")
+        num = tl.zeros([D], dtype=tl.float32)
+        total = 0.0
         if HAS_FLOAT:
             offs_f = tl.arange(0, F)
             kvh = h // GROUPS
@@ -273,15 +272,23 @@ if triton is not None:
             vf = tl.load(VF + b * s_vb + kvh * s_vh + offs_f[:, None] * s_vs + offs_d[None, :], mask=fm[:, None],
                          other=0.0).to(tl.float32)
             sf = tl.where(ok, tl.sum(kf * q[None, :], 1), -float("inf"))
-            top = tl.maximum(top, tl.max(sf, 0))
-        top = tl.where(top == -float("inf"), 0.0, top)
-        w = tl.exp2(m - top)
-        num = tl.sum(acc * w[:, None], 0)
-        total = tl.sum(den * w, 0)
-        if HAS_FLOAT:
-            pf = tl.exp2(sf - top)
-            num += tl.sum(pf[:, None] * vf, 0)
-            total += tl.sum(pf, 0)
+            top = tl.max(sf, 0)
+            pf = tl.exp2(sf - tl.where(top == -float("inf"), 0.0, top))
+            num = tl.sum(pf[:, None] * vf, 0)
+            total = tl.sum(pf, 0)
+        for s0 in range(0, n_split, NS):
+            sm = s0 + offs_s < n_split
+            m = tl.load(M + b * s_mb + h * s_mh + s0 + offs_s, mask=sm, other=-float("inf"))
+            den = tl.load(L + b * s_mb + h * s_mh + s0 + offs_s, mask=sm, other=0.0)
+            acc = tl.load(ACC + b * s_ab + h * s_ah + (s0 + offs_s)[:, None] * s_as + offs_d[None, :],
+                          mask=sm[:, None], other=0.0)
+            new_top = tl.maximum(top, tl.max(m, 0))
+            safe = tl.where(new_top == -float("inf"), 0.0, new_top)
+            c = tl.exp2(top - safe)  # what is merged so far, moved to the new maximum (0 while nothing is)
+            w = tl.exp2(m - safe)
+            num = num * c + tl.sum(acc * w[:, None], 0)
+            total = total * c + tl.sum(den * w, 0)
+            top = new_top
         tl.store(OUT + b * s_ob + h * s_oh + offs_d, num / total)
 
     @triton.jit
@@ -765,14 +772,29 @@ x 32K, v4, float16 scales, one run): 1024-token chunks 795.0 us int4 / 852.3 int
 (batch 1, GQA) were already halved to 1024 or below by the target."""
 
 
+REDUCE_CHUNKS = 128
+"""Chunks ``_reduce_kernel`` merges per step (a ``[128, head_dim]`` float32 tile), and the most chunks per head
+``_default_split`` makes (so one step merges them all). Session 23, H200, CUDA graphs of 20 calls, int4 cache,
+float16 scales (``tools/bench_attention.py --graph --sweep s23``, bench/results/attention.json): the merge loaded
+every chunk at once before, and at batch 1 x 32 q / 8 kv heads x 32K the split made 512 chunks of 64 tokens a head:
+104.6 us against bf16 SDPA's 37.7, most of it the ``[512, 128]`` merge; merging 128 chunks a step took it to 56.9,
+and 256-token chunks (128 a head) to 45.8 (1 x 32/32 heads x 32K: 67.5, unchanged; 1 x 32/8 x 4K and 8K, 16 x 32/8
+x 4K: within 5%). Steps of 32 or 64 chunks, or 8 warps, were slower at every shape tried."""
+
+REDUCE_WARPS = 4
+"""``_reduce_kernel``'s warps (8 was 1-7% slower at the session-23 shapes)."""
+
+
 def _default_split(s: int, programs: int, block: int, target: int | None = None) -> int:
     """Chunk length of the split over the sequence: ``SPLIT_START`` tokens, halved while the grid has fewer than
-    ``target`` programs (default ``PROGRAMS_PER_SM * 132``), never below one ``block``."""
+    ``target`` programs (default ``PROGRAMS_PER_SM * 132``), never below one ``block`` nor so short that a head has
+    more than ``REDUCE_CHUNKS`` chunks to merge."""
     target = target or PROGRAMS_PER_SM * 132
+    floor = max(block, triton.next_power_of_2(triton.cdiv(s, REDUCE_CHUNKS)))
     split = SPLIT_START
-    while split > block and programs * triton.cdiv(s, split) < target:
+    while split > floor and programs * triton.cdiv(s, split) < target:
         split //= 2
-    return max(split, block)
+    return max(split, floor)
 
 
 def _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
@@ -805,12 +827,14 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      sm_scale: float | None = None, split: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
                      chunk: int | None = None, variant: str | None = None, heads: int | None = None,
-                     vchain: bool | None = None) -> torch.Tensor:
+                     vchain: bool | None = None, reduce_chunks: int | None = None,
+                     reduce_warps: int | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
     ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole key
     blocks / steps); ``block_n``: tokens per inner step (v2-v4: clamped to one key block, at least one row per
     token thread); ``chunk``: channels per thread; ``heads`` (v2-v4): query heads per program (a divisor of the GQA
-    group: each code is unpacked once for all of them); ``vchain`` (v2 only): value rows as FFMA chains."""
+    group: each code is unpacked once for all of them); ``vchain`` (v2 only): value rows as FFMA chains;
+    ``reduce_chunks`` / ``reduce_warps``: the merge's chunks per step and warps (``REDUCE_CHUNKS``, ``REDUCE_WARPS``)."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
@@ -859,7 +883,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                                           bits=bits, k_block=k_block, v_group=v_group, groups=groups,
                                           qk_scale=qk_scale, split=split, block_n=block_n, num_warps=num_warps,
                                           chunk=chunk, heads=heads, vchain=vchain, extra=extra, variant=variant)
-    return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale)
+    return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale,
+                   chunks=reduce_chunks or REDUCE_CHUNKS, num_warps=reduce_warps or REDUCE_WARPS)
 
 
 def v2_geometry(d: int, bits: int, k_block: int, v_group: int, groups: int, *, block_n: int, num_warps: int,
@@ -926,7 +951,8 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
     return acc, m, den, n_split
 
 
-def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale):
+def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale, *, chunks: int = REDUCE_CHUNKS,
+            num_warps: int = REDUCE_WARPS):
     b, hq, d = q.shape
     out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
     has_float = k_float is not None
@@ -942,8 +968,8 @@ def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_s
         q, acc, m, den, kf, vf, valid, out,
         q.stride(0), q.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
         *fstr, out.stride(0), out.stride(1), qk_scale, n_split, n_float,
-        GROUPS=groups, D=d, NS=max(2, triton.next_power_of_2(n_split)),
-        F=max(2, triton.next_power_of_2(max(n_float, 1))), HAS_FLOAT=has_float, num_warps=4,
+        GROUPS=groups, D=d, NS=min(triton.next_power_of_2(chunks), max(2, triton.next_power_of_2(n_split))),
+        F=max(2, triton.next_power_of_2(max(n_float, 1))), HAS_FLOAT=has_float, num_warps=num_warps,
     )
     return out
 
