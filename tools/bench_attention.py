@@ -88,6 +88,12 @@ SWEEPS = {
         {"heads": 2, "split": 128, "reduce_chunks": 128, "reduce_warps": 8},
         {"heads": 2, "reduce_chunks": 128, "reduce_warps": 8},
     ],
+    "s23w": [  # warps per program at small grids: int2 without GQA runs on 2 (V4_INT2_MHA_WARPS, from 16 x 32K),
+        # the rest on 1; a batch-1 program is latency-bound (~3.4 us per 32-token block at 4 GQA heads, one warp)
+        {"num_warps": 1},
+        {"num_warps": 2},
+        {"num_warps": 4},
+    ],
     "final": [  # most informative first: the budget may cut the tail
         {"variant": "v1"},  # v1 at its best launch of last session (32-token steps, 16-channel chunks)
         {"variant": "v2", "heads": 1},  # GQA: one query head per program (the kv tiles re-read from L2)
