@@ -93,6 +93,9 @@ SWEEPS = {
         {"num_warps": 1},
         {"num_warps": 2},
         {"num_warps": 4},
+        {"heads": 2},  # GQA only: twice the programs, each code unpacked for 2 heads instead of 4
+        {"heads": 1},
+        {"heads": 2, "num_warps": 2},
     ],
     "final": [  # most informative first: the budget may cut the tail
         {"variant": "v1"},  # v1 at its best launch of last session (32-token steps, 16-channel chunks)
