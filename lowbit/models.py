@@ -538,6 +538,7 @@ def load_model(
         return CausalLMLogits(model).eval(), tokenizer, "causal-lm"
     if path.is_dir() and (path / "config.json").is_file():
         check_model_dir(path)
+        _refuse_quantized_dir(path, name)
         try:
             if _is_causal_lm(path):
                 model, tokenizer = _load_causal_lm(path, dtype)
@@ -550,6 +551,19 @@ def load_model(
     what = "directory without config.json" if path.is_dir() else "file that is not .gguf"
     raise ValueError(f"model {name!r} is a {what}; accepted: {_ACCEPTED}")
 
+
+
+def _refuse_quantized_dir(path: Path, name: str) -> None:
+    """A quantized HF checkpoint (``lowbit.save``'s compressed-tensors/GPTQ output among them) is not a model to
+    compile: transformers built it with packed or decompressed linears that torch.export cannot trace, or asked
+    for optimum, and the CLI ended in a raw traceback."""
+    qcfg = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    if not isinstance(qcfg, dict):
+        return
+    method = qcfg.get("quant_method", "unknown method")
+    raise ValueError(f"model {name!r} is a quantized checkpoint (quantization_config: {method}); lowbit compiles "
+                     "float models: pass the float model it was made from, or run this one with "
+                     f"lowbit.load({name!r}) (checkpoints lowbit.save wrote)")
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

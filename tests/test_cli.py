@@ -122,6 +122,26 @@ def test_bad_input_exit_codes(args, code, needle):
     assert needle in invoke(*args, code=code).output
 
 
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_quantized_checkpoint_as_model_is_refused_by_name(tmp_path, fmt):
+    """lowbit.save's own output given back as MODEL: compile and generate exit 2 naming the quantization_config and
+    lowbit.load (torch.export failed on compressed-tensors' linears, transformers asked for optimum: exit 1 with a
+    traceback)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lowbit
+    from lowbit.models import load_smollm2_tokenizer
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                      num_hidden_layers=1, vocab_size=49152, max_position_embeddings=32)
+    compiled = lowbit.compile_model(LlamaForCausalLM(cfg).eval(), pipeline="quantize(w=int4,group=32)",
+                                    tokenizer=load_smollm2_tokenizer())
+    out = lowbit.save(compiled, tmp_path / "ck", format=fmt)
+    for args in (["compile", out, "-p", "dce", "-o", tmp_path / "o"], ["generate", out, "--prompt", "hi"]):
+        res = invoke(*args, code=2).output
+        assert f"quantization_config: {fmt}" in res and "lowbit.load" in res, res
+
+
 def test_help_documents_exit_codes():
     out = " ".join(invoke("--help").output.replace("│", " ").split())
     assert "Exit codes" in out and "4 a pass failed" in out and "6 debug bisect" in out
