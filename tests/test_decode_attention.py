@@ -105,7 +105,7 @@ def _run_cases(runs: list[tuple[str, object]], which: str) -> None:
     run_interpreted(code + "print('ok')")
 
 
-CORE = {"KERNEL_CASES": (2, 7), "LAUNCH_CASES": (5, 6, 7), "REAL_LAYOUT_CASES": (7,)}
+CORE = {"KERNEL_CASES": (2, 7), "LAUNCH_CASES": (5, 6, 7, 8), "REAL_LAYOUT_CASES": (7,)}
 ALL = [pytest.param("all", id="all", marks=pytest.mark.slow)]
 """The default suite runs a few representative cases of each list (``test_triton_kernels_core_cases``), each kernel
 test every case as ``slow`` (the interpreter takes ~4 s a case on CI's two cores). Between them the default cases
@@ -162,6 +162,8 @@ LAUNCH_CASES = [
     (8, 48, 4, 1, 16, {"variant": "v2", "heads": 1, "vchain": False}),
     # the merge two chunks a step (REDUCE_CHUNKS is 128): four chunks a head, merged with a running maximum
     (4, 16, 4, 2, 16, {"reduce_chunks": 2}),
+    # int2 without GQA on v4: two warps a program once a chunk holds V4_INT2_MHA_MIN_BLOCKS key blocks (4 x 16 here)
+    (2, 64, 2, 2, 16, {}),
 ]
 
 

@@ -756,9 +756,15 @@ every launch of 4 key blocks per step, with or without its inline PTX, at 4 or 8
 agreed with the reference; its source is in the git history (commit 0b1f8ca, lowbit/kernels/decode_attention_tc.py)."""
 
 V4_INT2_MHA_WARPS = 2
-"""v4's warps for an int2 cache without GQA (one query head per kv head): 869.3 us against 1098.6 on one warp (H200,
-session 14, batch 16 x 32 heads x 32K); int4 and GQA int2 stay on one warp (828.8 vs 837.6; GQA int2 575.3 vs
-614.8)."""
+"""v4's warps for an int2 cache without GQA (one query head per kv head) when a program reads at least
+``V4_INT2_MHA_MIN_BLOCKS`` key blocks: 869.3 us against 1098.6 on one warp (H200, session 14, batch 16 x 32 heads x
+32K); int4 and GQA int2 stay on one warp (828.8 vs 837.6; GQA int2 575.3 vs 614.8)."""
+
+V4_INT2_MHA_MIN_BLOCKS = 4
+"""Below this many key blocks per program (short contexts at small batch: the split then makes one-block chunks)
+int2 without GQA runs on one warp. Session 23, H200, CUDA graphs (``--sweep s23w``): 1 x 32 heads x 4K (1 block a
+program) 18.4 us on one warp against 27.1 on two; 1 x 32K (8 blocks) 87.6 against 74.1; 16 x 4K (16 blocks) 166.6
+against 131.0."""
 
 PROGRAMS_PER_SM = 16
 """``_default_split``'s target: the grid has at least this many programs per SM (of 132 on an H200) when the
@@ -849,7 +855,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     lo32, hi32 = lo.to(torch.int32).contiguous(), hi.clamp(max=s).to(torch.int32).contiguous()  # never past the cache
     block_n = block_n or base["block_n"]
     if num_warps is None and variant == "v4" and bits == 2 and groups == 1:
-        num_warps = V4_INT2_MHA_WARPS
+        chunk_len = split if split is not None else _default_split(s, b * hq, k_block)
+        num_warps = V4_INT2_MHA_WARPS if chunk_len >= V4_INT2_MHA_MIN_BLOCKS * k_block else 1
     num_warps = num_warps or base["num_warps"]
     if block_n & (block_n - 1) or block_n < 1 or num_warps & (num_warps - 1):
         raise ValueError(f"block_n={block_n} and num_warps={num_warps} must be powers of two")
