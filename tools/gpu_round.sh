@@ -7,7 +7,8 @@
 #
 # Stages (seconds are their limits; keep one call's sum under the device's per-call limit):
 #   tests      (400) the GPU-marked tests on 4 xdist workers sharing the GPU: kernels, triton backend, generation
-#                    (SmolLM2 ones need its wheel); session 22: 148 passed, 1 skipped in 173 s (one worker: > 280 s)
+#                    (SmolLM2 ones need its wheel); session 22: 148 passed, 1 skipped in 173 s (one worker: > 280 s);
+#                    then (150) the decode-attention and KV-cache tests, unmarked, whose cases run on CUDA when present
 #   generate   (380) decode ms/step, batch 1 and 16, step under torch.compile: W4A16 (+ int4 head), float, vs HF
 #                    eager and static cache + torch.compile in the same run -> $OUT/res/generate.json
 #   gemv       (170) the W4A16 decode GEMV sweep (tools/bench_gemv.py) -> $OUT/res/gemv.json
@@ -53,7 +54,10 @@ stage() {  # name, limit, command...: runs one stage, its output to $OUT/<name>.
 
 for s in "$@"; do
   case "$s" in
-    tests) stage tests 400 python3 -m pytest -q -p no:cacheprovider -m gpu -n 4 tests/ ;;
+    tests) stage tests 400 python3 -m pytest -q -p no:cacheprovider -m gpu -n 4 tests/
+        # the decode-attention and KV-cache tests carry no gpu mark: on CUDA they run their cases in process there
+        stage tests-cuda 150 python3 -m pytest -q -p no:cacheprovider -n 2 tests/test_decode_attention.py \
+          tests/test_kv_cache.py ;;
     generate) stage generate 380 python3 tools/bench_generate.py --gpu --skip-attention --compile-step \
         --deadline 330 --schemes w4a16-g128,w4a16-g128-head4,float-bf16 --out "$OUT/res/generate.json" ;;
     gemv) stage gemv 170 python3 tools/bench_gemv.py --set final --run "$(date +%F)" --budget-s 120 --workers 12 \
