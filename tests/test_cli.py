@@ -142,6 +142,33 @@ def test_quantized_checkpoint_as_model_is_refused_by_name(tmp_path, fmt):
         assert f"quantization_config: {fmt}" in res and "lowbit.load" in res, res
 
 
+def test_out_that_holds_other_files_is_not_replaced(tmp_path, monkeypatch):
+    """-o naming the model's own directory (or any directory of files lowbit did not write) replaced it whole,
+    deleting the model; -o . crashed with a traceback renaming the working directory. Both exit 2 before loading
+    anything, and lowbit.save refuses the same; an empty directory or an earlier output is still replaced."""
+    import lowbit
+    from lowbit.checkpoint import CheckpointError
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    res = invoke("compile", "minilm", "-p", "dce", "-o", model, code=2).output
+    assert "holds files lowbit did not write (config.json" in res and (model / "config.json").is_file()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                      num_hidden_layers=1, vocab_size=61, max_position_embeddings=32)
+    compiled = lowbit.compile_model(LlamaForCausalLM(cfg).eval(), pipeline="dce")
+    with pytest.raises(CheckpointError, match="config.json"):
+        lowbit.save(compiled, model, format="lowbit")
+    assert (model / "config.json").is_file()
+    (tmp_path / "out").mkdir()
+    for _ in range(2):  # empty, then its own earlier output
+        lowbit.save(compiled, tmp_path / "out", format="lowbit")
+    monkeypatch.chdir(model)
+    assert "working directory" in invoke("compile", "minilm", "-p", "dce", "-o", ".", code=2).output
+
+
 def test_help_documents_exit_codes():
     out = " ".join(invoke("--help").output.replace("│", " ").split())
     assert "Exit codes" in out and "4 a pass failed" in out and "6 debug bisect" in out
@@ -235,12 +262,13 @@ def test_compile_minilm_diff_and_failure_leaves_out_untouched(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
+    (out / "lowbit-manifest.json").write_text("{}")  # an earlier output: one lowbit may replace
     repro = tmp_path / "repro"
     res = invoke("compile", "minilm", "--pipeline", "fold-norms,test-explode,dce", "-o", out,
                  "--reproducer", repro, "--print-ir-after-all", "--filter", r"^pooler", "--no-verify-each", code=4)
     assert "// ----- IR after fold-norms" in res.output
     assert "test-explode" in res.output and "lowbit replay" in res.output
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # OUT is untouched by the failed run
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "lowbit-manifest.json"]  # untouched by the failure
     manifest = json.loads((repro / "reproducer.json").read_text())
     assert manifest["failing_pass"] == "test-explode" and manifest["replay_pipeline"] == "test-explode,dce"
     assert {"before.lowbit", "before.safetensors", "inputs.pt", "error.txt", "pipeline.txt"} <= \

@@ -23,13 +23,34 @@ from lowbit.cache import clean_stale_temporaries, replacing_dir
 from lowbit.errors import LowbitError
 
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
-           "verify_manifest", "read_safetensors", "write_safetensors", "MANIFEST", "sha256_file"]
+           "verify_manifest", "read_safetensors", "write_safetensors", "MANIFEST", "sha256_file", "not_replaceable"]
 
 MANIFEST = "lowbit-manifest.json"
 
 
 class CheckpointError(LowbitError, ValueError):
     """A checkpoint cannot be written or read; the message names the directory, file and tensor."""
+
+
+LOWBIT_MARKERS = (MANIFEST, "reproducer.json", "model.lowbit")
+"""Files only lowbit's outputs hold (checkpoints and compile -o, reproducers, IR artefacts)."""
+
+
+def not_replaceable(final: Path) -> str | None:
+    """Why the existing directory ``final`` must not be replaced by an output, or None when it may be: it is empty
+    or one lowbit wrote. Replacing removes the old directory whole: ``-o`` naming the model's own directory (or
+    any directory of other files) deleted them, and ``-o .`` crashed renaming the working directory."""
+    final = Path(final).expanduser()
+    if not final.is_dir():
+        return None
+    if final.resolve() == Path.cwd().resolve() or final.resolve() in Path.cwd().resolve().parents:
+        return "it is the working directory (or holds it): give a directory below it"
+    names = sorted(p.name for p in final.iterdir())
+    if not names or any(m in names for m in LOWBIT_MARKERS):
+        return None
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"it holds files lowbit did not write ({shown}; no {MANIFEST}) and replacing it would delete "
+            "them: give a new or empty directory")
 
 
 @contextmanager
@@ -40,6 +61,9 @@ def atomic_checkpoint_dir(final: Path, overwrite: bool = True) -> Iterator[Path]
         raise CheckpointError(f"cannot save to {str(final)!r}: it exists and is not a directory")
     if final.exists() and not overwrite:
         raise CheckpointError(f"cannot save to {str(final)!r}: the directory exists (pass overwrite=True)")
+    reason = not_replaceable(final)
+    if reason is not None:
+        raise CheckpointError(f"cannot save to {str(final)!r}: {reason}")
     with replacing_dir(final) as tmp:
         yield tmp
 

@@ -272,6 +272,12 @@ def check_output(path: Path | None, flag: str, *, directory: bool) -> None:
         fail(f"{flag} {str(p)!r} cannot be written in {str(parent)!r}: {exc.strerror or exc}", Exit.NOT_FOUND)
     if p.exists() and not os.access(p, os.W_OK):
         fail(f"{flag} {str(p)!r} exists and is not writable", Exit.NOT_FOUND)
+    if directory:
+        from lowbit.checkpoint.files import not_replaceable
+
+        reason = not_replaceable(p)
+        if reason is not None:
+            fail(f"{flag} {str(p)!r}: {reason}", Exit.USAGE)
 
 
 @contextlib.contextmanager
