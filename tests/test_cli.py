@@ -169,6 +169,24 @@ def test_out_that_holds_other_files_is_not_replaced(tmp_path, monkeypatch):
     assert "working directory" in invoke("compile", "minilm", "-p", "dce", "-o", ".", code=2).output
 
 
+def test_inspect_and_graph_read_a_compressed_tensors_checkpoint(tmp_path):
+    """lowbit.save's default format (and compile -f compressed-tensors) is inspectable: inspect and graph said
+    "has no model.lowbit or model.onnx" (exit 3) although lowbit.load reads it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lowbit
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                      num_hidden_layers=1, vocab_size=61, max_position_embeddings=32)
+    compiled = lowbit.compile_model(LlamaForCausalLM(cfg).eval(), pipeline="quantize(w=int4,group=32)")
+    out = lowbit.save(compiled, tmp_path / "ck", format="compressed-tensors")
+    assert "int4 weight ×7" in invoke("inspect", out).output
+    invoke("graph", out, "--format", "html", "-o", tmp_path / "g.html")
+    assert "self_attn.q_proj" in (tmp_path / "g.html").read_text()
+    (tmp_path / "empty").mkdir()
+    assert "config.json" in invoke("inspect", tmp_path / "empty", code=3).output
+
+
 def test_help_documents_exit_codes():
     out = " ".join(invoke("--help").output.replace("│", " ").split())
     assert "Exit codes" in out and "4 a pass failed" in out and "6 debug bisect" in out

@@ -28,6 +28,17 @@ def _read_lowbit(path: Path) -> tuple[Any, bool]:
         return load_graph(path)
 
 
+def _read_checkpoint(path: Path) -> tuple[Any, bool]:
+    """The graph ``lowbit.load`` rebuilds from an HF checkpoint directory (its codes installed)."""
+    from lowbit.checkpoint import CheckpointError, load
+    from lowbit.errors import LowbitError
+
+    try:
+        return load(path).graph, True
+    except (CheckpointError, LowbitError, OSError) as exc:
+        fail(f"{str(path)!r}: cannot be loaded as a checkpoint: {exc}", Exit.NOT_FOUND)
+
+
 def _resolve(file: Path) -> tuple[Path, str]:
     if not file.exists():
         fail(f"{str(file)!r}: no such file or directory", Exit.NOT_FOUND)
@@ -36,7 +47,10 @@ def _resolve(file: Path) -> tuple[Path, str]:
             return file / "model.lowbit", "lowbit"
         if (file / "model.onnx").is_file():
             return file / "model.onnx", "onnx"
-        fail(f"directory {str(file)!r} has no model.lowbit or model.onnx", Exit.NOT_FOUND)
+        if (file / "config.json").is_file():  # lowbit.save's compressed-tensors/GPTQ output (or another tool's)
+            return file, "checkpoint"
+        fail(f"directory {str(file)!r} has no model.lowbit, model.onnx or config.json (a compressed-tensors/GPTQ "
+             "checkpoint)", Exit.NOT_FOUND)
     if file.suffix == ".onnx":
         return file, "onnx"
     if file.suffix in (".lowbit", ".ir", ".txt"):
@@ -58,7 +72,7 @@ def inspect_file(file: Path, top: int = 20) -> None:
     path, kind = _resolve(file)
     if kind == "onnx":
         return _inspect_onnx(path, top)
-    graph, has_weights = _read_lowbit(path)
+    graph, has_weights = _read_checkpoint(path) if kind == "checkpoint" else _read_lowbit(path)
     total = sum(_bytes(v) for v in graph.params.values())
     console.print(f"{path}: graph {graph.name}, {len(graph.inputs)} inputs "
                   f"({', '.join(f'{v.name}: {v.type}' for v in graph.inputs)}), {len(graph.nodes)} nodes, "
@@ -262,10 +276,10 @@ def draw_graph(file: Path, fmt: str, out: Path | None) -> None:
     if fmt not in ("dot", "html"):
         fail(f"--format {fmt!r}{closest(fmt, ['dot', 'html'])}; give dot or html", Exit.USAGE)
     path, kind = _resolve(file)
-    if kind != "lowbit":
-        fail("lowbit graph draws lowbit IR (.lowbit or a compile output directory); use Netron for ONNX",
+    if kind == "onnx":
+        fail("lowbit graph draws lowbit IR (.lowbit, a compile output or checkpoint directory); use Netron for ONNX",
              Exit.USAGE)
-    graph, _ = _read_lowbit(path)
+    graph, _ = _read_checkpoint(path) if kind == "checkpoint" else _read_lowbit(path)
     title = re.sub(r"\s+", " ", str(path))
     text = to_dot(graph, title) if fmt == "dot" else to_html(graph, title)
     target = out or path.with_suffix(f".{fmt}")
