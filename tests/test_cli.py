@@ -117,6 +117,8 @@ def test_recipes_listing_or_clear_absence():
     (["debug", "bisect", "minilm", "--pipeline", "dce", "--metric", "pll"], 2, "did you mean 'ppl'"),
     (["debug", "bisect", "minilm", "--pipeline", "dce"], 2, "absolute amount"),
     (["debug", "sensitivity", "minilm", "--scheme", "w4x4"], 2, "give wNaM"),
+    (["debug", "compare", "smollm2:1", "-p", "dce", "--windows", "1", "--seq-len", "9000"], 2,
+     "max_position_embeddings=8192"),
 ])
 def test_bad_input_exit_codes(args, code, needle):
     assert needle in invoke(*args, code=code).output

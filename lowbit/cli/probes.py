@@ -32,6 +32,14 @@ def make_inputs(model: LoadedModel, *, windows: int = 4, seq_len: int = 128, n_s
         from lowbit.eval.perplexity import token_ids
         from lowbit.eval.perplexity import windows as cut
 
+        # the graph is captured for at most max_position_embeddings tokens: longer windows failed mid-run with an
+        # InputError traceback (exit 1)
+        config = getattr(getattr(model.module, "model", None), "config", None)
+        limit = getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int) and seq_len > limit:
+            fail(f"--seq-len {seq_len} is longer than the model's max_position_embeddings={limit}, the longest input "
+                 f"its graph is captured for: give --seq-len {limit} or less", Exit.USAGE)
+
         try:
             ids = cut(token_ids("wikitext2-test", model.tokenizer), seq_len, windows)
         except (FileNotFoundError, ValueError) as exc:
