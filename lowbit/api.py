@@ -352,7 +352,10 @@ def compile_model(
     generation step instead (``lowbit.models.CausalLMStep``: ids, positions, KV cache -> logits, cache; see
     docs/design.md "Program form"), so ``CompiledModel.generate`` works; passes calibrate on its prefill.
     """
+    from lowbit.errors import check_device
+
     t0 = time.perf_counter()
+    check_device(device)
     passes = resolve_pipeline(pipeline, recipe)  # bad specs fail before the slow capture
     if calib is not None:
         from lowbit.passes.base import CalibrationOptions

@@ -26,3 +26,28 @@ class CorruptFileError(LowbitError, ValueError):
     def __init__(self, path: object, what: str) -> None:
         self.path = str(path)
         super().__init__(f"{self.path!r} {what}")
+
+
+class DeviceError(LowbitError, ValueError):
+    """A ``device=`` that is not a torch device, or names a GPU this machine or torch build does not have."""
+
+
+def check_device(device: object) -> None:
+    """Refuse a device the compile could not run on, before the slow capture: ``device="cuda"`` on a CPU-only
+    torch raised torch's bare ``AssertionError: Torch not compiled with CUDA enabled`` from deep in lowering,
+    and ``"gpu"`` a RuntimeError listing every device type torch knows."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        d = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device={device!r} is not a torch device: give 'cpu', 'cuda' or 'cuda:N'") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DeviceError(f"device={device!r}: {why} here (torch {torch.__version__}); use device='cpu'")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise DeviceError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")

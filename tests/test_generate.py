@@ -112,6 +112,27 @@ def test_bad_requests_name_the_limit(smollm2, compiled):
         compiled.generate([prompt], 0)
 
 
+def test_bad_device_is_refused_before_capture():
+    """device="gpu" raised torch's RuntimeError listing every device type, device="cuda" on a CPU-only torch a bare
+    AssertionError from lowering (a traceback, exit 1, from lowbit generate --device cuda): both are a DeviceError
+    naming the device, before the capture."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+    from lowbit.errors import DeviceError
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                      num_hidden_layers=1, vocab_size=61, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg).eval()
+    with pytest.raises(DeviceError, match="'gpu' is not a torch device"):
+        compile_model(model, device="gpu")
+    with pytest.raises(DeviceError, match="device='cuda:99'"):  # no machine has 100 GPUs
+        compile_model(model, device="cuda:99", generation=GenerationSpec(max_length=8, max_batch=1))
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi", "--device", "cuda:99"])
+    assert res.exit_code == 2 and "--device: device='cuda:99'" in res.output, res.output
+
+
 def test_models_without_generation_refuse_clearly(smollm2, minilm):
     embedder, _ = minilm
     with pytest.raises(GenerationError, match="no causal-LM head"):

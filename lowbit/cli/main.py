@@ -448,7 +448,13 @@ def generate_cmd(
     from lowbit.api import compile_model
     from lowbit.generate import GenerationError, GenerationSpec, check_request
 
+    from lowbit.errors import DeviceError, check_device
+
     text = pipeline_text(pipeline, recipe) if pipeline or recipe else ""
+    try:
+        check_device(device)
+    except DeviceError as exc:
+        fail(f"--device: {exc}", Exit.USAGE)
     loaded = load(model)
     if loaded.kind != "causal-lm":
         fail(f"model {model!r} is a {loaded.kind} with no causal-LM head: `lowbit generate` needs a decoder LM "
