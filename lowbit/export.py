@@ -52,8 +52,22 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
         from lowbit.backends.tensorrt import export_engine
 
         return export_engine(graph, path, **options)
-    from lowbit.backends.onnx import check_onnx, save_onnx, to_onnx
+    from dataclasses import fields
 
+    from lowbit.backends.onnx import LoweringOptions, check_onnx, save_onnx, to_onnx
+
+    # named here: a misspelt option was LoweringOptions' bare "unexpected keyword argument", and a directory path
+    # an IsADirectoryError from the writer after the whole lowering
+    known = sorted(f.name for f in fields(LoweringOptions) if f.name != "weight_format")
+    for key in options:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise TypeError(f"unknown ONNX export option {key!r}{hint}; options are: {', '.join(known)} (the "
+                            "format picks weight_format: 'onnx' is QDQ, 'onnx-matmulnbits' MatMulNBits)")
+    if Path(path).is_dir():
+        raise ValueError(f"export path {str(path)!r} is a directory: give a file path such as "
+                         f"{str(Path(path) / 'model.onnx')!r}")
     weight_format = "matmulnbits" if format == "onnx-matmulnbits" else "qdq"
     model = to_onnx(graph, weight_format=weight_format, **options)
     out = save_onnx(model, path, external_data=external_data)

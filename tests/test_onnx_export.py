@@ -124,6 +124,11 @@ def test_unknown_format_and_input_are_clear(tmp_path):
         lowbit.export(g, tmp_path / "m.onnx", format="onnx-matmulbits")
     with pytest.raises(TypeError, match="a lowbit Graph or a compiled model with a .graph, got Linear"):
         lowbit.export(torch.nn.Linear(2, 2), tmp_path / "m.onnx")
+    # a misspelt option was LoweringOptions' bare "unexpected keyword argument"; a directory an IsADirectoryError
+    with pytest.raises(TypeError, match="unknown ONNX export option 'opsett' \\(did you mean 'opset'.*accuracy_level"):
+        lowbit.export(g, tmp_path / "m.onnx", opsett=21)
+    with pytest.raises(ValueError, match="is a directory: give a file path such as .*model.onnx"):
+        lowbit.export(g, tmp_path)
 
 
 @pytest.fixture
