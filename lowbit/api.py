@@ -153,9 +153,11 @@ def own_tokenizer(model: torch.nn.Module) -> Any:
 
 def describe_source(model: torch.nn.Module) -> dict[str, Any]:
     """What a checkpoint needs to rebuild the HF model a graph was captured from: its config and wrapper kind."""
-    from lowbit.models import CausalLMLogits, SentenceEmbedder
+    from lowbit.models import CausalLMLogits, CausalLMStep, SentenceEmbedder
 
-    if isinstance(model, CausalLMLogits):
+    # a generation step graph has the logits graph's parameter names (CausalLMStep calls the HF submodules):
+    # without its source, lowbit.save(format="compressed-tensors"/"gptq") told the user to use compile_model
+    if isinstance(model, (CausalLMLogits, CausalLMStep)):
         return {"kind": "causal-lm", "config": model.model.config}
     if isinstance(model, SentenceEmbedder):
         return {"kind": "encoder", "config": model.encoder.config, "max_seq_length": model.max_seq_length}

@@ -145,6 +145,27 @@ def test_bfloat16_model_round_trips_in_bfloat16(tmp_path, fmt):
     assert loaded(ids).dtype == torch.bfloat16 and torch.equal(loaded(ids), compiled(ids))
 
 
+def test_generation_model_saves_as_compressed_tensors(tmp_path):
+    """A model compiled with generation= (its step graph) saves in the HF formats: it raised "no
+    graph.meta['source']: compile it with lowbit.compile_model" although it was compiled so. The checkpoint holds
+    the same codes as the logits model's, and transformers' greedy tokens are lowbit's."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from lowbit.generate import GenerationSpec
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=1, vocab_size=97, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    pipeline = "quantize(w=int4,group=32)"
+    gen = lowbit.compile_model(model, pipeline=pipeline, generation=GenerationSpec(max_length=16, max_batch=1))
+    out = lowbit.save(gen, tmp_path / "ck", format="compressed-tensors")
+    ids = torch.tensor([[5, 17, 30, 42]])
+    assert torch.equal(lowbit.load(out)(ids), lowbit.compile_model(model, pipeline=pipeline)(ids))
+    hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert gen.generate(ids, 6, stop_tokens=()).tokens[0] == ref[0, 4:].tolist()
+
+
 def _gptq_reference_dequant(qweight, qzeros, scales, g_idx, bits):
     """Written from the GPTQ (AutoGPTQ v1) format description, one bit field at a time: ``qweight[i, n]`` holds
     input rows ``i·(32/b) + j`` at bits ``j·b``; ``qzeros[g, c]`` holds output columns ``c·(32/b) + j`` as
