@@ -114,6 +114,7 @@ def test_recipes_listing_or_clear_absence():
     (["compile", "smollm2:0", "--pipeline", "dce"], 2, "at least 1"),
     (["compile", "minilm", "--pipeline", "dce", "--print-ir-after", "fold-norm"], 2, "did you mean"),
     (["inspect", "/no/such/file.lowbit"], 3, "no such file"),
+    (["inspect", "/no/such/file.lowbit", "--top", "-1"], 2, "--top -1"),
     (["debug", "bisect", "minilm", "--pipeline", "dce", "--metric", "pll"], 2, "did you mean 'ppl'"),
     (["debug", "bisect", "minilm", "--pipeline", "dce"], 2, "absolute amount"),
     (["debug", "sensitivity", "minilm", "--scheme", "w4x4"], 2, "give wNaM"),

@@ -516,12 +516,15 @@ def replay_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    file: Path = typer.Argument(..., help="a .lowbit IR file, a compile output directory, or an .onnx file"),
+    file: Path = typer.Argument(..., help="a .lowbit IR file, a compile output or checkpoint directory (compressed-"
+                                "tensors, GPTQ), or an .onnx file"),
     top: int = typer.Option(20, help="show at most this many rows per table"),
 ) -> None:
     """Summarise a compiled artefact: ops, quantized tensors (qdtype, granularity), dtypes and sizes."""
     from lowbit.cli.inspect import inspect_file
 
+    if top < 1:  # a negative --top sliced the tables from the end: every row but the last -N, silently
+        fail(f"--top {top}: give at least 1 row per table", Exit.USAGE)
     inspect_file(file, top=top)
 
 
