@@ -111,6 +111,7 @@ def test_recipes_listing_or_clear_absence():
     (["compile", "minilm", "--recipe", "no-such-recipe"], 2, "recipe"),
     (["compile", "minilm"], 2, "--pipeline"),
     (["compile", "/no/such/model", "--pipeline", "dce"], 3, "no such file"),
+    (["compile", "/no/such/[model]", "--pipeline", "dce"], 3, "'/no/such/[model]': no such file"),  # not markup
     (["compile", "smollm2:0", "--pipeline", "dce"], 2, "at least 1"),
     (["compile", "minilm", "--pipeline", "dce", "--print-ir-after", "fold-norm"], 2, "did you mean"),
     (["inspect", "/no/such/file.lowbit"], 3, "no such file"),

@@ -63,7 +63,11 @@ EXIT_CODES_HELP = "Exit codes: " + "; ".join(f"{int(c)} {d}" for c, d in _EXIT_D
 
 def fail(message: str, code: Exit) -> NoReturn:
     """Print ``message`` on stderr and exit with ``code``; every expected error goes through here."""
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)  # paths stay whole
+    from rich.markup import escape
+
+    # the message is text, not markup: "keep=[lm_head]" or a path with [brackets] lost them as style tags
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False,
+                      soft_wrap=True)  # paths stay whole
     raise typer.Exit(int(code))
 
 
