@@ -292,6 +292,8 @@ def options_error(pass_name: str, exc: Any) -> PassError:
                       for v in (err.get("ctx") or {}).values()), None)
         if bound is not None:
             msg += f"; option {loc}={err.get('input')} must be {bound[0]} {bound[1]}"
+        if err["type"] == "list_type" and isinstance(err.get("input"), str):  # the pipeline text's list syntax
+            msg += f"; write a list in brackets: {loc}=[{err['input']}] ({loc}=[a;b] for several)"
         msgs.append(msg)
     return PassError(f"pass {pass_name}: " + "; ".join(msgs))
 
