@@ -282,9 +282,6 @@ class Generator:
         return [torch.zeros((batch, heads, slots, self.meta["head_dim"]), dtype=self.cache_dtype, device=self.device)
                 for heads in layer_kv_heads(self.meta) for _ in range(2)]
 
-    def check(self, prompts: list[list[int]], max_new_tokens: int) -> None:
-        check_request(self.spec, prompts, max_new_tokens)
-
     def _decode_fn(self, batch: int, ids: torch.Tensor, positions: torch.Tensor,
                    cache: list[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], Any]:
         """The decode step: a CUDA graph replay on CUDA (captured once per batch size), else a plain call."""

@@ -28,8 +28,11 @@ def _read_lowbit(path: Path) -> tuple[Any, bool]:
         return load_graph(path)
 
 
-def _read_checkpoint(path: Path) -> tuple[Any, bool]:
-    """The graph ``lowbit.load`` rebuilds from an HF checkpoint directory (its codes installed)."""
+def _read_graph(path: Path, kind: str) -> tuple[Any, bool]:
+    """The graph of a ``_resolve``d lowbit file, or the one ``lowbit.load`` rebuilds from an HF checkpoint directory
+    (its codes installed), and whether it holds weights."""
+    if kind != "checkpoint":
+        return _read_lowbit(path)
     from lowbit.checkpoint import CheckpointError, load
     from lowbit.errors import LowbitError
 
@@ -72,7 +75,7 @@ def inspect_file(file: Path, top: int = 20) -> None:
     path, kind = _resolve(file)
     if kind == "onnx":
         return _inspect_onnx(path, top)
-    graph, has_weights = _read_checkpoint(path) if kind == "checkpoint" else _read_lowbit(path)
+    graph, has_weights = _read_graph(path, kind)
     total = sum(_bytes(v) for v in graph.params.values())
     console.print(f"{path}: graph {graph.name}, {len(graph.inputs)} inputs "
                   f"({', '.join(f'{v.name}: {v.type}' for v in graph.inputs)}), {len(graph.nodes)} nodes, "
@@ -279,7 +282,7 @@ def draw_graph(file: Path, fmt: str, out: Path | None) -> None:
     if kind == "onnx":
         fail("lowbit graph draws lowbit IR (.lowbit, a compile output or checkpoint directory); use Netron for ONNX",
              Exit.USAGE)
-    graph, _ = _read_checkpoint(path) if kind == "checkpoint" else _read_lowbit(path)
+    graph, _ = _read_graph(path, kind)
     title = re.sub(r"\s+", " ", str(path))
     text = to_dot(graph, title) if fmt == "dot" else to_html(graph, title)
     target = out or path.with_suffix(f".{fmt}")

@@ -446,9 +446,8 @@ def generate_cmd(
     import resource
 
     from lowbit.api import compile_model
-    from lowbit.generate import GenerationError, GenerationSpec, check_request
-
     from lowbit.errors import DeviceError, check_device
+    from lowbit.generate import GenerationError, GenerationSpec, check_request
 
     text = pipeline_text(pipeline, recipe) if pipeline or recipe else ""
     try:
