@@ -117,6 +117,16 @@ def test_modules_scope_limits_what_a_pass_changes(pipeline):
         assert changed == {"fc2"} and "fc1.weight" in g.params
 
 
+@pytest.mark.parametrize("pipeline", ["quantize(w=int8,modules=\"^fc3$\")", "fold-norms(modules=layers)"])
+def test_modules_scope_matching_nothing_is_an_error(pipeline):
+    """A scope that matches no module (a typo, or a model without such layers) fails before the pass runs and
+    names the pattern and the modules the graph has, instead of a pipeline that silently changes nothing."""
+    g = _two()
+    with pytest.raises(PipelineError, match=r"matches no module of the graph .*'fc\d'") as exc:
+        PassManager(pipeline).run(g)
+    assert exc.value.record.name == pipeline.split("(")[0] and not any(n.op == "dequantize" for n in g.nodes)
+
+
 def test_bisect_and_sensitivity_restrict_passes_through_modules():
     (q,) = parse_pipeline("quantize(w=int4,group=8)")
     assert how_restricted(q) == "modules"

@@ -23,7 +23,7 @@ from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
 from lowbit.ir.printer import print_graph
 from lowbit.ir.verifier import VerificationError, verify
-from lowbit.passes.base import Pass, PassError, PassFileError, closest, get_pass
+from lowbit.passes.base import Pass, PassError, PassFileError, ScopedOptions, closest, get_pass
 
 
 # ---- pipeline text -------------------------------------------------------------------------------
@@ -284,6 +284,7 @@ class PassManager:
                 rec.nodes_after = rec.nodes_before
                 continue
             before = graph.clone() if self.keep_before_failure else None
+            _check_scope(p, i, graph, rec, before)
             _check_conditions(p, i, "requires", p.requires, graph, rec, before)
             for ins in self.instruments:
                 ins.before_pass(rec, p, graph)
@@ -320,6 +321,20 @@ class PassManager:
                 ins.after_pass(rec, p, graph)
         report.seconds = time.perf_counter() - t_start
         return report
+
+
+def _check_scope(p: Pass, index: int, graph: Graph, rec: PassRecord, before: Graph | None) -> None:
+    """A ``modules`` scope that matches no module of the graph is a typo, not a pass with nothing to do: raise a
+    PipelineError naming the pattern and modules it could have meant, before the pass runs."""
+    opts = getattr(p, "options", None)
+    if not isinstance(opts, ScopedOptions) or not opts.modules:
+        return
+    modules = sorted({n.module for n in graph.nodes if n.module})
+    if any(opts.in_scope(m) for m in modules):
+        return
+    near = difflib.get_close_matches(opts.modules, modules, n=3, cutoff=0.5) or modules[:3]
+    raise PipelineError(f"pass {p.spec()} (#{index}): modules={opts.modules!r} matches no module of the graph "
+                        f"(a regex searched in module paths such as {', '.join(map(repr, near))})", rec, before)
 
 
 def _check_conditions(p: Pass, index: int, kind: str, conditions: Sequence[Any], graph: Graph, rec: PassRecord,
