@@ -178,6 +178,25 @@ def test_cli_generate_streams_and_reports_speed(capsys):
     assert res.exit_code == 2 and "--max-length" in res.output
 
 
+def test_cli_generate_error_after_the_echoed_prompt_starts_a_line(monkeypatch):
+    """An error while generating (after the prompt was streamed) is printed on a line of its own, not glued to the
+    prompt text."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+    from lowbit.generate import GenerationError
+    import lowbit.api
+
+    class Broken:
+        def generate(self, *args, **kwargs):
+            raise GenerationError("the decode step ran out of cache")
+
+    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: Broken())
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi there", "-n", "2"])
+    assert res.exit_code == 2, res.output
+    assert res.stdout == "hi there\n" and "error: the decode step ran out of cache" in res.stderr, res.output
+
+
 def test_cli_generate_refuses_bad_requests_before_compiling(monkeypatch):
     """-n, --max-length, --max-batch and the sampling flags are checked before the compile (they failed only after
     it, minutes on a large model, the message glued to the echoed prompt), and --max-batch 0 is refused, not read

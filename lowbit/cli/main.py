@@ -481,8 +481,13 @@ def generate_cmd(
 
         if len(prompt) == 1:
             console.print(prompt[0], end="", markup=False, highlight=False, soft_wrap=True)
-        out = compiled.generate(ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed, on_token=on_token)
+        try:
+            out = compiled.generate(ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, seed=seed, on_token=on_token)
+        except BaseException:
+            if len(prompt) == 1:  # an error (or Ctrl-C) ends the streamed line: its message starts a line of its own
+                console.print()
+            raise
     except GenerationError as exc:
         fail(str(exc), Exit.USAGE)
     if len(prompt) == 1:
