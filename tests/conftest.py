@@ -123,7 +123,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def smollm2():
     """(SmolLM2-135M-Instruct float32 HF model in eval mode, tokenizer); builds the cache once (~30 s)."""
-    from lowbit.models import load_smollm2  # here, not at the top: xdist's controller imports this file too
+    from lowbit.models import (
+        load_smollm2,  # here, not at the top: xdist's controller imports this file too
+    )
 
     return load_smollm2()
 
@@ -151,6 +153,23 @@ def quantized_weight(n: int, k: int, qdtype: str, group: int, symmetric: bool, d
     scale, zp = weight_qparams(w, get_qdtype(qdtype), symmetric, group or None)
     q = quantize(w, scale, zp, qdtype=qdtype, axis=1 if group else 0, block_size=group or None)
     return q.to(device), scale.to(device), None if zp is None else zp.to(device)
+
+
+def tiny_llama_config(hidden: int = 32, inter: int = 64, heads: int = 2, kv_heads: int = 1, layers: int = 1,
+                      vocab: int = 61, max_positions: int = 32, **kw: Any):
+    """A randomly initialised Llama's config, small enough for a CLI or API test (no download)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=vocab,
+                       max_position_embeddings=max_positions, **kw)
+
+
+def tiny_llama(**kw: Any) -> torch.nn.Module:
+    """``LlamaForCausalLM(tiny_llama_config(**kw))`` in eval mode, initialised from torch's current seed."""
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(tiny_llama_config(**kw)).eval()
 
 
 def smollm2_slice(model: torch.nn.Module, n_layers: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import captured_slice, smollm2_slice, tiny_llama, tiny_llama_config
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,8 +22,6 @@ from lowbit.api import describe_source
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.checkpoint import CheckpointError
 from lowbit.passes.manager import PassManager, parse_pipeline
-
-from conftest import captured_slice, smollm2_slice
 
 pytest.importorskip("compressed_tensors")
 
@@ -95,7 +94,9 @@ def test_transformers_loads_asymmetric_compressed_tensors(float_slice, tmp_path,
     through transformers' dequantize-at-load route. Its default route does not load asymmetric pack-quantized
     checkpoints with compressed-tensors 0.20 (the meta-device layout has unpacked zero points;
     vllm-project/llm-compressor#1618), whoever wrote them."""
-    from lowbit.checkpoint.hf_check import transformers_logits  # what `python -m lowbit` runs after saving
+    from lowbit.checkpoint.hf_check import (
+        transformers_logits,  # what `python -m lowbit` runs after saving
+    )
 
     graph = _compiled(float_slice, pipeline)
     ids = float_slice[1]
@@ -131,10 +132,9 @@ def test_round_trip_bit_exact(float_slice, tmp_path, fmt, pipeline):
 def test_bfloat16_model_round_trips_in_bfloat16(tmp_path, fmt):
     """A bf16 model's checkpoint says dtype bfloat16 (it said float32, so transformers and vLLM loaded it in
     float32 and lowbit.load rebuilt a float32 graph whose logits differed), and reloads bit-exactly in bf16."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=1, vocab_size=97, max_position_embeddings=64)
+    cfg = tiny_llama_config(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97, max_positions=64)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()  # as from_pretrained builds it
     compiled = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32)")
     out = lowbit.save(compiled, tmp_path / "ck", format=fmt)
@@ -149,13 +149,11 @@ def test_generation_model_saves_as_compressed_tensors(tmp_path):
     """A model compiled with generation= (its step graph) saves in the HF formats: it raised "no
     graph.meta['source']: compile it with lowbit.compile_model" although it was compiled so. The checkpoint holds
     the same codes as the logits model's, and transformers' greedy tokens are lowbit's."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from lowbit.generate import GenerationSpec
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=1, vocab_size=97, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97, max_positions=64)
     pipeline = "quantize(w=int4,group=32)"
     gen = lowbit.compile_model(model, pipeline=pipeline, generation=GenerationSpec(max_length=16, max_batch=1))
     out = lowbit.save(gen, tmp_path / "ck", format="compressed-tensors")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama
 from typer.testing import CliRunner
 
 from lowbit.cli.main import app
@@ -131,14 +132,11 @@ def test_quantized_checkpoint_as_model_is_refused_by_name(tmp_path, fmt):
     """lowbit.save's own output given back as MODEL: compile and generate exit 2 naming the quantization_config and
     lowbit.load (torch.export failed on compressed-tensors' linears, transformers asked for optimum: exit 1 with a
     traceback)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import lowbit
     from lowbit.models import load_smollm2_tokenizer
 
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                      num_hidden_layers=1, vocab_size=49152, max_position_embeddings=32)
-    compiled = lowbit.compile_model(LlamaForCausalLM(cfg).eval(), pipeline="quantize(w=int4,group=32)",
+    compiled = lowbit.compile_model(tiny_llama(vocab=49152), pipeline="quantize(w=int4,group=32)",
                                     tokenizer=load_smollm2_tokenizer())
     out = lowbit.save(compiled, tmp_path / "ck", format=fmt)
     for args in (["compile", out, "-p", "dce", "-o", tmp_path / "o"], ["generate", out, "--prompt", "hi"]):
@@ -158,11 +156,8 @@ def test_out_that_holds_other_files_is_not_replaced(tmp_path, monkeypatch):
     (model / "config.json").write_text("{}")
     res = invoke("compile", "minilm", "-p", "dce", "-o", model, code=2).output
     assert "holds files lowbit did not write (config.json" in res and (model / "config.json").is_file()
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                      num_hidden_layers=1, vocab_size=61, max_position_embeddings=32)
-    compiled = lowbit.compile_model(LlamaForCausalLM(cfg).eval(), pipeline="dce")
+    compiled = lowbit.compile_model(tiny_llama(), pipeline="dce")
     with pytest.raises(CheckpointError, match="config.json"):
         lowbit.save(compiled, model, format="lowbit")
     assert (model / "config.json").is_file()
@@ -176,13 +171,10 @@ def test_out_that_holds_other_files_is_not_replaced(tmp_path, monkeypatch):
 def test_inspect_and_graph_read_a_compressed_tensors_checkpoint(tmp_path):
     """lowbit.save's default format (and compile -f compressed-tensors) is inspectable: inspect and graph said
     "has no model.lowbit or model.onnx" (exit 3) although lowbit.load reads it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import lowbit
 
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                      num_hidden_layers=1, vocab_size=61, max_position_embeddings=32)
-    compiled = lowbit.compile_model(LlamaForCausalLM(cfg).eval(), pipeline="quantize(w=int4,group=32)")
+    compiled = lowbit.compile_model(tiny_llama(), pipeline="quantize(w=int4,group=32)")
     out = lowbit.save(compiled, tmp_path / "ck", format="compressed-tensors")
     assert "int4 weight ×7" in invoke("inspect", out).output
     invoke("graph", out, "--format", "html", "-o", tmp_path / "g.html")

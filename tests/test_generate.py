@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -116,15 +117,12 @@ def test_bad_device_is_refused_before_capture():
     """device="gpu" raised torch's RuntimeError listing every device type, device="cuda" on a CPU-only torch a bare
     AssertionError from lowering (a traceback, exit 1, from lowbit generate --device cuda): both are a DeviceError
     naming the device, before the capture."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     from typer.testing import CliRunner
 
     from lowbit.cli.main import app
     from lowbit.errors import DeviceError
 
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                      num_hidden_layers=1, vocab_size=61, max_position_embeddings=32)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama()
     with pytest.raises(DeviceError, match="'gpu' is not a torch device"):
         compile_model(model, device="gpu")
     with pytest.raises(DeviceError, match="device='cuda:99'"):  # no machine has 100 GPUs
@@ -183,9 +181,9 @@ def test_cli_generate_error_after_the_echoed_prompt_starts_a_line(monkeypatch):
     prompt text."""
     from typer.testing import CliRunner
 
+    import lowbit.api
     from lowbit.cli.main import app
     from lowbit.generate import GenerationError
-    import lowbit.api
 
     class Broken:
         def generate(self, *args, **kwargs):
@@ -267,12 +265,8 @@ def test_cuda_graph_decode_with_the_row_write_and_argmax_kernels_keeps_the_cpu_t
     """On CUDA the step writes its keys/values through ``write_cache_rows`` and the greedy graph picks tokens with
     ``row_argmax`` (one Triton launch each): a float32 model's greedy tokens, batch 2 with different prompt lengths,
     equal the CPU reference's (no SmolLM2 needed)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=2, vocab_size=1000, max_position_embeddings=64)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(hidden=128, inter=256, heads=4, kv_heads=2, layers=2, vocab=1000, max_positions=64)
     spec = GenerationSpec(max_length=40, max_batch=2)
     prompts = [[5, 17, 300, 42, 7, 9], [11, 800, 3]]
     gpu = compile_model(model, generation=spec, device="cuda").generate(prompts, 16, stop_tokens=())
@@ -283,12 +277,10 @@ def test_cuda_graph_decode_with_the_row_write_and_argmax_kernels_keeps_the_cpu_t
 def test_step_graph_writes_every_cache_input_in_place():
     """The decode step overwrites each donated cache buffer instead of copying it: a cache input also read for its
     shape (the attention mask's length) must not cost a copy of a whole layer's cache per step."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=2, vocab_size=97, max_position_embeddings=64)
     torch.manual_seed(0)
-    cm = compile_model(LlamaForCausalLM(cfg).eval(), generation=GenerationSpec(max_length=16, max_batch=1))
+    cm = compile_model(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, layers=2, vocab=97, max_positions=64),
+                       generation=GenerationSpec(max_length=16, max_batch=1))
     gm = cm.runner.gm
     cache = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("past_key_values")]
     assert len(cache) == 4
@@ -308,12 +300,9 @@ def test_compiled_step_writes_the_cache_without_copying_it():
     a cache input (functionalizing ``aten.scatter_`` made a fresh cache plus a whole-cache copy per layer per step,
     measured on the H200), and the compiled step's logits and cache equal the eager step's."""
     from torch._inductor.utils import run_and_get_code
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                      num_hidden_layers=1, vocab_size=61, max_position_embeddings=32)
     torch.manual_seed(0)
-    cm = compile_model(LlamaForCausalLM(cfg).eval(), generation=GenerationSpec(max_length=16, max_batch=1))
+    cm = compile_model(tiny_llama(), generation=GenerationSpec(max_length=16, max_batch=1))
     ids, pos = torch.tensor([[5, 7, 9]]), torch.arange(3).view(1, 3)
     eager = [torch.zeros(1, 1, 16, 16) for _ in range(2)]
     ref = cm.runner(ids, pos, *eager)
@@ -353,7 +342,9 @@ def test_last_logits_is_the_last_row_of_every_positions_logits(smollm2):
     # float64 rounding only: the one-row GEMMs sum in another order (measured 9e-14 of logits up to 75)
     assert (out_l[0] - out_a[0][:, -1:]).abs().max().item() <= 1e-12 * out_a[0].abs().max().item()
     assert all(torch.equal(a, b) for a, b in zip(out_l[1:], out_a[1:]))
-    from lowbit.instruments import compare_outputs  # debug compare: the reference's last rows against [B, 1, V]
+    from lowbit.instruments import (
+        compare_outputs,  # debug compare: the reference's last rows against [B, 1, V]
+    )
 
     assert compare_outputs(out_a[0], out_l[0]) == compare_outputs(out_a[0][:, -1:], out_l[0])
     prompts = [tok(p).input_ids for p in PROMPTS]
