@@ -215,15 +215,17 @@ _ROW_CASES = [(4, 4, 4, 32, {}), (2, 4, 4, 16, {}), (8, 4, 4, 32, {}), (4, 8, 2,
 V3_CASES = [(*c[:-1], {**c[-1], "variant": v}) for c in _ROW_CASES for v in ("v3", "v4")]
 # and at head dim 16 / key blocks of 16 (_check_kernel: without a float buffer too, float16 and bfloat16 scales)
 _ROW_KERNEL_CASES = [(4, 16, 4, 2, 16, {}), (2, 16, 2, 2, 16, {}), (8, 48, 4, 1, 16, {}),
-                     (2, 32, 4, 2, 32, {"scale_dtype": torch.bfloat16}), (4, None, 2, 2, None, {})]
+                     (2, 32, 4, 2, 32, {"scale_dtype": torch.bfloat16}), (4, None, 2, 2, None, {}),
+                     (4, 48, 4, 1, 16, {"interior": False})]  # every key block through the masked path
 V3_KERNEL_CASES = [(*c[:-1], {**c[-1], "variant": v}) for c in _ROW_KERNEL_CASES for v in ("v3", "v4")]
-CORE.update({"V3_CASES": (7,), "V3_KERNEL_CASES": (2, 5)})
+CORE.update({"V3_CASES": (7,), "V3_KERNEL_CASES": (2, 5, 11)})
 
 
 @pytest.mark.parametrize("which", [pytest.param("core", id="core"), *ALL])
 def test_triton_kernel_v3_v4_match_reference(which):
     """The v3 / v4 split kernel against the reference (TRITON_INTERPRET=1 on CPU, as above): by default v4 on GQA
-    int4 at head dim 128 (4 heads per program) and on 4-head GQA int8 at head dim 16, v3 on MHA int2."""
+    int4 at head dim 128 (4 heads per program) and on 4-head GQA int8 at head dim 16 (interior key blocks unmasked,
+    and with ``interior=False``), v3 on MHA int2."""
     _run_cases([("V3_CASES", _check_real_layout), ("V3_KERNEL_CASES", _check_kernel)], which)
 
 

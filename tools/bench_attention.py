@@ -97,6 +97,14 @@ SWEEPS = {
         {"heads": 1},
         {"heads": 2, "num_warps": 2},
     ],
+    "s24": [  # v4's unmasked interior blocks and per-block pointer tiles (session 24; Triton 3.6 offline, MHA int4:
+        # session 23's loop 3.96 instructions per code at 96 registers; interior loop now 3.31 at 128, 3.33 at a
+        # cap of 104, 3.34 at 96; the masked edge loop 3.69; int2 3.86 -> 3.23 at 96)
+        {"variant": "v4", "interior": True},
+        {"variant": "v4", "interior": False},
+        {"variant": "v4", "interior": True, "maxnreg": 104},
+        {"variant": "v4", "interior": True, "maxnreg": 96},
+    ],
     "final": [  # most informative first: the budget may cut the tail
         {"variant": "v1"},  # v1 at its best launch of last session (32-token steps, 16-channel chunks)
         {"variant": "v2", "heads": 1},  # GQA: one query head per program (the kv tiles re-read from L2)

@@ -8,7 +8,9 @@ by instruction issue, so this is the number the GPU rounds check).
     PYTHONPATH=/path/to/triton-3.6 python tools/sass_attention.py   # the H200's Triton (counts differ by version)
 
 Per row: registers, spills (stack bytes), shared memory, main-loop instructions and instructions per code per
-thread (a code = one K or one V field; the loop's tokens x head_dim x 2 / threads), and the instruction mix.
+thread (a code = one K or one V field; the loop's tokens x head_dim x 2 / threads), the same for every loop of the
+kernel (v3/v4 with ``interior``: the masked first block, the unmasked middle, the masked last block), and the
+longest loop's instruction mix.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def compile_v2(bits: int, groups: int, d: int = 128, k_block: int = 32, v_group:
         const["ROWS"] = g["ROWS"]
     else:
         const["DEN"] = variant == "v4"
+        const["INTERIOR"] = cfg.get("interior", True)
     sig = {**_pointers("fp16"), **dict.fromkeys(STRIDES_V2 + ["s_ab", "s_ah", "s_as", "s_mb", "s_mh"], "i32"),
            "qk_scale": "fp32", "split": "i32", "exp_bits": "i32"}
     kernel = da._split_kernel_v2 if variant == "v2" else da._split_kernel_v3
@@ -82,16 +85,23 @@ def loop_stats(k, codes_per_thread: float) -> dict:
         res = subprocess.run([str(tool), "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
         sass = subprocess.run([str(tool), "-sass", cubin], capture_output=True, text=True).stdout
     ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4})\*/\s*(.*?);", sass)]
-    body: list[str] = []
+    loop: list[tuple[int, str]] = []
     for addr, txt in ins:  # the longest backward branch's body is the main loop
         t = re.search(r"BRA .*?0x([0-9a-f]+)", txt)
         if t and int(t.group(1), 16) < addr:
-            cand = [x for a, x in ins if int(t.group(1), 16) <= a <= addr]
-            body = cand if len(cand) > len(body) else body
+            cand = [(a, x) for a, x in ins if int(t.group(1), 16) <= a <= addr]
+            loop = cand if len(cand) > len(loop) else loop
+    body = [x for _, x in loop]
+    loops = []  # every loop's length in address order (v3/v4 INTERIOR: masked head, unmasked middle, masked tail)
+    for addr, txt in ins:
+        t = re.search(r"BRA .*?0x([0-9a-f]+)", txt)
+        if t and int(t.group(1), 16) < addr:
+            loops.append(sum(1 for a, _ in ins if int(t.group(1), 16) <= a <= addr))
     mix = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body)
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
     return {"regs": int(usage.get("REG", 0)), "stack": int(usage.get("STACK", 0)),
             "smem": k.metadata.shared, "loop": len(body), "per_code": round(len(body) / codes_per_thread, 2),
+            "loops_per_code": [round(n / codes_per_thread, 2) for n in loops],
             "mix": dict(mix.most_common(12))}
 
 
@@ -118,7 +128,8 @@ def main() -> None:
             k, cpt = compile_v2(bits, groups, variant=variant, **cfg)
             st = loop_stats(k, cpt)
             print(f"{variant} int{bits} group {groups} (heads per program: <= 4) {json.dumps(cfg)}: regs {st['regs']} "
-                  f"stack {st['stack']} smem {st['smem']} loop {st['loop']} -> {st['per_code']} per code; {st['mix']}",
+                  f"stack {st['stack']} smem {st['smem']} loop {st['loop']} -> {st['per_code']} per code (each loop: "
+                  f"{st['loops_per_code']}); {st['mix']}",
                   flush=True)
         except Exception as exc:  # noqa: BLE001 - a config that does not compile is a line
             print(f"{variant} int{bits} group {groups} {json.dumps(cfg)}: {type(exc).__name__}: {exc}"[:400], flush=True)

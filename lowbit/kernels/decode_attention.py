@@ -57,6 +57,11 @@ removed in session 14):
   MHA int4 3.96 per code at 96 registers, int2 3.86 / 88, int8 4.49 / 101; 4 GQA heads per program 2.33 per
   code and head at int4 (255 registers, 48 spilled bytes), 2 heads 2.80 (164, none). Error against the reference
   as v2's (float32 rounding: ~1e-6 relative, ~3e-5 with 30x queries).
+  Session 24 (``interior``, the default but for int2 with several heads per program: ``V4_INT2_GQA_INTERIOR``):
+  the key blocks wholly inside a program's tokens run in a loop of their own without token masks (``_v3_block``
+  with ``MASKED`` = False), and the pointer tiles move once per block so a row's load is an immediate offset:
+  MHA int4 3.31 per code in that loop (128 registers; the masked first / last block 3.69), int2 3.23. H200: batch
+  16 x 32 heads x 32K int4 708.9 us = 2.69x SDPA (797.4 before, same call).
 * ``_split_kernel`` (``variant="v1"``): the previous session's kernel:
   ``[BLOCK_N, D / CW, CW]`` tiles, one program per query head and 4 warps, ~9.5 SASS instructions per code (a
   per-code zero subtraction, an FMUL+FADD tree for q.k and a per-code rescale of per-row accumulators).
@@ -582,6 +587,82 @@ if triton is not None:
         tl.store(M + b * s_mb + hh * s_mh + pid_s, mx)
         tl.store(L + b * s_mb + hh * s_mh + pid_s, den)
 
+    @triton.jit
+    def _v3_block(n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
+                  t_i, e, exp_bits, D: tl.constexpr, BITS: tl.constexpr, K_BLOCK: tl.constexpr, DW: tl.constexpr,
+                  NG: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, DEN: tl.constexpr, MASKED: tl.constexpr):
+        """One key block of ``_split_kernel_v3``: the running ``(m_i, l_i, acc, accz)`` after its tokens.
+        ``MASKED`` = False for a block wholly inside ``[lo, end)`` (every block of a chunk but its first and last):
+        no token masks and no ``-inf`` scores. The pointer tiles (``*_rows``: token 0's codes / value scales of
+        each thread, ``*_chan``: block 0's key scales) move once per block; each row is a constant offset from
+        there (an immediate in the load, not a 64-bit address computed per row)."""
+        STEP: tl.constexpr = N0 * TT
+        SUB: tl.constexpr = K_BLOCK // STEP
+        kb = (n0 // K_BLOCK) * D
+        qs = q * tl.load(ks_chan + kb).to(tl.float32)
+        kw_blk = kw_rows + n0 * DW
+        vw_blk = vw_rows + n0 * DW
+        vs_blk = vs_rows + n0 * NG
+        vz_blk = vz_rows + n0 * NG
+        if DEN:  # the block's zero points, sum_c q s z 2**-49, taken off every row's score
+            zd = (tl.load(kz_chan + kb).to(tl.int32) << e).to(tl.float32, bitcast=True)
+            zdot = tl.sum(tl.sum(qs * zd, 3, keep_dims=True), 0, keep_dims=True)  # [1, TT, GH, 1]
+            zb = zd  # not read by _dot_fields under DEN
+        else:
+            zb = ((tl.load(kz_chan + kb).to(tl.int32) << e) | 0x4B000000).to(tl.float32, bitcast=True)
+        for j in tl.static_range(SUB):
+            t0 = n0 + j * STEP
+            ok = ()
+            sc = ()
+            for r in tl.static_range(N0):
+                tok = t0 + r * TT + t_i  # [1, TT, 1, 1]
+                if MASKED:
+                    valid = (tok >= lo) & (tok < end)
+                    kx = tl.load(kw_blk + (j * STEP + r * TT) * DW, mask=valid, other=0)
+                else:
+                    kx = tl.load(kw_blk + (j * STEP + r * TT) * DW)
+                part = _dot_fields(kx, qs, zb, exp_bits, BITS, DEN)  # [X, TT, GH, CWW]
+                s_r = tl.sum(tl.sum(part, 3, keep_dims=True), 0, keep_dims=True)  # [1, TT, GH, 1]
+                if DEN:
+                    s_r = (s_r - zdot) * 562949953421312.0  # 2**49
+                if MASKED:
+                    ok = ok + (valid,)
+                    sc = sc + (tl.where(valid, s_r, -float("inf")),)
+                else:
+                    sc = sc + (s_r,)
+            m_blk = sc[0]
+            for r in tl.static_range(1, N0):
+                m_blk = tl.maximum(m_blk, sc[r])
+            m_new = tl.maximum(m_i, m_blk)
+            if MASKED:  # a block of masked tokens only leaves the maximum at -inf
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            else:
+                m_safe = m_new
+            alpha = tl.exp2(m_i - m_safe)
+            acc = acc * alpha
+            accz = accz * alpha
+            l_i = l_i * alpha
+            m_i = m_new
+            for r in tl.static_range(N0):
+                p = tl.exp2(sc[r] - m_safe)  # [1, TT, GH, 1]
+                l_i += p
+                if MASKED:
+                    vx = tl.load(vw_blk + (j * STEP + r * TT) * DW, mask=ok[r], other=0)
+                    vs = tl.load(vs_blk + (j * STEP + r * TT) * NG, mask=ok[r], other=0.0).to(tl.float32)
+                    vz = tl.load(vz_blk + (j * STEP + r * TT) * NG, mask=ok[r], other=0).to(tl.float32)
+                else:
+                    vx = tl.load(vw_blk + (j * STEP + r * TT) * DW)
+                    vs = tl.load(vs_blk + (j * STEP + r * TT) * NG).to(tl.float32)
+                    vz = tl.load(vz_blk + (j * STEP + r * TT) * NG).to(tl.float32)
+                if DEN:
+                    pv = p * (vs * 1.2676506002282294e30)  # 2**100
+                    acc = tl.fma(pv, _fields_biased(vx, 0, BITS), acc)
+                else:
+                    pv = p * vs  # [X, TT, GH, 1]
+                    acc = tl.fma(pv, _fields_biased(vx, exp_bits, BITS) - 8388608.0, acc)
+                accz = tl.fma(pv, vz, accz)
+        return m_i, l_i, acc, accz
+
     @triton.jit(do_not_specialize=["s_ab", "s_ah", "s_as", "s_mb", "s_mh", "exp_bits"])
     def _split_kernel_v3(
         Q, KW, KS, KZ, VW, VS, VZ, LO, HI, ACC, M, L,
@@ -589,7 +670,7 @@ if triton is not None:
         s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split, exp_bits,
         HQ: tl.constexpr, GROUPS: tl.constexpr, GH: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, CWW: tl.constexpr,
-        CV: tl.constexpr, DEN: tl.constexpr,
+        CV: tl.constexpr, DEN: tl.constexpr, INTERIOR: tl.constexpr,
     ):
         """``_split_kernel_v2``'s arithmetic on ``[X, TT, GH, C]`` tiles (channel chunk, token thread, head,
         channel) without a token-row dim: each of a step's ``N0`` rows is loaded and scored as its own tile (the
@@ -618,8 +699,6 @@ if triton is not None:
         DW: tl.constexpr = D // PERW
         X: tl.constexpr = DW // CWW
         NG: tl.constexpr = D // V_GROUP
-        STEP: tl.constexpr = N0 * TT
-        SUB: tl.constexpr = K_BLOCK // STEP
         x_i = tl.arange(0, X)[:, None, None, None]
         t_i = tl.arange(0, TT)[None, :, None, None]
         g_i = tl.arange(0, GH)[None, None, :, None]
@@ -646,58 +725,41 @@ if triton is not None:
         kz_base = KZ + b * s_ksb + kvh * s_ksh
         vs_base = VS + b * s_vsb + kvh * s_vsh
         vz_base = VZ + b * s_vsb + kvh * s_vsh
+        kw_rows = kw_base + r_off  # [X, TT, 1, CWW]: token 0's words of each thread
+        vw_rows = vw_base + r_off
+        ks_chan = ks_base + chan_t
+        kz_chan = kz_base + chan_t
+        vs_rows = vs_base + g_off
+        vz_rows = vz_base + g_off
         q = tl.load(Q + b * s_qb + (h0 + g_i) * s_qh + chan_t).to(tl.float32) * (qk_scale * q_e)  # [X, TT, GH, C]
         m_i = tl.full([1, TT, GH, 1], -float("inf"), dtype=tl.float32)
         l_i = tl.zeros([1, TT, GH, 1], dtype=tl.float32)
         acc = tl.zeros([X, TT, GH, C], dtype=tl.float32)  # sum_t p_t s_t u_t 2**e (DEN: 2**(e - 49))
         accz = tl.zeros([X, TT, GH, CV], dtype=tl.float32)  # sum_t p_t s_t z_t (DEN: times 2**100)
-        for n0 in range(start, end, K_BLOCK):
-            kb = (n0 // K_BLOCK) * D + chan_t
-            qs = q * tl.load(ks_base + kb).to(tl.float32)
-            if DEN:  # the block's zero points, sum_c q s z 2**-49, taken off every row's score
-                zd = (tl.load(kz_base + kb).to(tl.int32) << e).to(tl.float32, bitcast=True)
-                zdot = tl.sum(tl.sum(qs * zd, 3, keep_dims=True), 0, keep_dims=True)  # [1, TT, GH, 1]
-                zb = zd  # not read by _dot_fields under DEN
-            else:
-                zb = ((tl.load(kz_base + kb).to(tl.int32) << e) | 0x4B000000).to(tl.float32, bitcast=True)
-            for j in tl.static_range(SUB):
-                t0 = n0 + j * STEP
-                ok = ()
-                sc = ()
-                for r in tl.static_range(N0):
-                    tok = t0 + r * TT + t_i  # [1, TT, 1, 1]
-                    valid = (tok >= lo) & (tok < end)
-                    kx = tl.load(kw_base + (t0 + r * TT) * DW + r_off, mask=valid, other=0)
-                    part = _dot_fields(kx, qs, zb, exp_bits, BITS, DEN)  # [X, TT, GH, CWW]
-                    s_r = tl.sum(tl.sum(part, 3, keep_dims=True), 0, keep_dims=True)  # [1, TT, GH, 1]
-                    if DEN:
-                        s_r = (s_r - zdot) * 562949953421312.0  # 2**49
-                    ok = ok + (valid,)
-                    sc = sc + (tl.where(valid, s_r, -float("inf")),)
-                m_blk = sc[0]
-                for r in tl.static_range(1, N0):
-                    m_blk = tl.maximum(m_blk, sc[r])
-                m_new = tl.maximum(m_i, m_blk)
-                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                acc = acc * alpha
-                accz = accz * alpha
-                l_i = l_i * alpha
-                m_i = m_new
-                for r in tl.static_range(N0):
-                    p = tl.exp2(sc[r] - m_safe)  # [1, TT, GH, 1]
-                    l_i += p
-                    tr = t0 + r * TT
-                    vx = tl.load(vw_base + tr * DW + r_off, mask=ok[r], other=0)
-                    vs = tl.load(vs_base + tr * NG + g_off, mask=ok[r], other=0.0).to(tl.float32)
-                    vz = tl.load(vz_base + tr * NG + g_off, mask=ok[r], other=0).to(tl.float32)
-                    if DEN:
-                        pv = p * (vs * 1.2676506002282294e30)  # 2**100
-                        acc = tl.fma(pv, _fields_biased(vx, 0, BITS), acc)
-                    else:
-                        pv = p * vs  # [X, TT, GH, 1]
-                        acc = tl.fma(pv, _fields_biased(vx, exp_bits, BITS) - 8388608.0, acc)
-                    accz = tl.fma(pv, vz, accz)
+        if INTERIOR:  # the key blocks wholly inside [lo, end) in a loop of their own, without token masks
+            mid0 = tl.minimum(tl.maximum(start, tl.cdiv(lo, K_BLOCK) * K_BLOCK), end)
+            mid1 = tl.maximum(mid0, (end // K_BLOCK) * K_BLOCK)
+            for n0 in range(start, mid0, K_BLOCK):
+                m_i, l_i, acc, accz = _v3_block(
+                    n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
+                    t_i, e, exp_bits, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT, DEN=DEN,
+                    MASKED=True)
+            for n0 in range(mid0, mid1, K_BLOCK):
+                m_i, l_i, acc, accz = _v3_block(
+                    n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
+                    t_i, e, exp_bits, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT, DEN=DEN,
+                    MASKED=False)
+            for n0 in range(mid1, end, K_BLOCK):
+                m_i, l_i, acc, accz = _v3_block(
+                    n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
+                    t_i, e, exp_bits, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT, DEN=DEN,
+                    MASKED=True)
+        else:
+            for n0 in range(start, end, K_BLOCK):
+                m_i, l_i, acc, accz = _v3_block(
+                    n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
+                    t_i, e, exp_bits, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT, DEN=DEN,
+                    MASKED=True)
         # the token threads' softmaxes merged; the fields' 2**e and the zero points applied
         m_top = tl.max(m_i, 1, keep_dims=True)  # [1, 1, GH, 1]
         m_top = tl.where(m_top == -float("inf"), 0.0, m_top)
@@ -723,8 +785,10 @@ VARIANT_CONFIGS = {
     "v1": {"num_warps": 4, "split": None, "block_n": 32, "num_stages": None, "chunk": 16},
     "v2": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None,
            "vchain": True},
-    "v3": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None},
-    "v4": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None},
+    "v3": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None,
+           "interior": True},
+    "v4": {"num_warps": 1, "split": None, "block_n": 32, "num_stages": None, "chunk": 16, "heads": None,
+           "interior": True},
 }
 """Each variant's launch when the caller names the variant but not the option. v1: 4 warps, 32-token steps, 16
 channels per thread chunk (the previous session's fastest on the H200 for int4 and int2 with float16 scales:
@@ -733,8 +797,8 @@ block per step (8 rows per thread at head dim 128 int4), 16 channels per thread,
 in one program up to 4 (``heads``). v3, v4: v2's launch."""
 
 DEFAULT_CONFIG = {"variant": "v4", **VARIANT_CONFIGS["v4"]}
-"""``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): v4, from the H200 run
-of session 14 (``tools/bench_attention.py --sweep s14``, batch 16, 32K tokens, float16 scales, bench/results/
+"""``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): v4 with unmasked
+interior blocks (session 24, ``V4_INT2_GQA_INTERIOR``'s note), from the H200 run of session 14 (``tools/bench_attention.py --sweep s14``, batch 16, 32K tokens, float16 scales, bench/results/
 attention.json): MHA (32/32 heads) int4 828.8 us = 2.25x bf16 SDPA's 1862.7 (v2: 1136.4, 1.64x), int2 1098.6 (v2
 1364.0; on 2 warps, ``V4_INT2_MHA_WARPS``, 869.3 = 2.14x); GQA (32/8) int4 572.7 (v2 1413.8; SDPA 525.3), int2 575.3 (v3 537.9, v2
 783.8). Max error against the reference 7e-8 (the subnormal codes are not flushed on the H200). v2, before it:
@@ -765,6 +829,13 @@ V4_INT2_MHA_MIN_BLOCKS = 4
 int2 without GQA runs on one warp. Session 23, H200, CUDA graphs (``--sweep s23w``): 1 x 32 heads x 4K (1 block a
 program) 18.4 us on one warp against 27.1 on two; 1 x 32K (8 blocks) 87.6 against 74.1; 16 x 4K (16 blocks) 166.6
 against 131.0."""
+
+V4_INT2_GQA_INTERIOR = False
+"""v4's ``interior`` for an int2 cache with several query heads per program: every key block through the masked path. Session 24,
+H200 (``tools/bench_attention.py --sweep s24``, one run): batch 16 x 32 q / 8 kv heads x 32K, 469.4 us against 526.9
+with interior blocks unmasked (CUDA graphs at batch 1: 37.2 against 39.9 us); int4 GQA and every MHA cache gain from
+them (16 x 32 heads x 32K int4 708.9 against 742.0 masked and 797.4 for session 23's kernel; int2 704.3 against
+761.3 and 839.5; 16 x 32/8 int4 510.1 against 533.4 and 568.0)."""
 
 PROGRAMS_PER_SM = 16
 """``_default_split``'s target: the grid has at least this many programs per SM (of 132 on an H200) when the
@@ -833,13 +904,15 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      sm_scale: float | None = None, split: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
                      chunk: int | None = None, variant: str | None = None, heads: int | None = None,
-                     vchain: bool | None = None, reduce_chunks: int | None = None,
-                     reduce_warps: int | None = None) -> torch.Tensor:
+                     vchain: bool | None = None, interior: bool | None = None, maxnreg: int | None = None,
+                     reduce_chunks: int | None = None, reduce_warps: int | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
     ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole key
     blocks / steps); ``block_n``: tokens per inner step (v2-v4: clamped to one key block, at least one row per
     token thread); ``chunk``: channels per thread; ``heads`` (v2-v4): query heads per program (a divisor of the GQA
     group: each code is unpacked once for all of them); ``vchain`` (v2 only): value rows as FFMA chains;
+    ``interior`` (v3/v4): key blocks wholly inside a program's tokens read without masks (False: all masked);
+    ``maxnreg``: the split kernel's register cap per thread (ptxas; fewer registers, more resident warps);
     ``reduce_chunks`` / ``reduce_warps``: the merge's chunks per step and warps (``REDUCE_CHUNKS``, ``REDUCE_WARPS``)."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
@@ -851,6 +924,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     if variant not in VARIANT_CONFIGS:
         raise ValueError(f"decode_attention: variant={variant!r} (one of {sorted(VARIANT_CONFIGS)})")
     base = DEFAULT_CONFIG if variant == DEFAULT_CONFIG["variant"] else VARIANT_CONFIGS[variant]
+    if interior is not None and variant not in ("v3", "v4"):
+        raise ValueError(f"decode_attention: interior is a v3/v4 option (variant={variant!r})")
     q = q.contiguous()
     lo32, hi32 = lo.to(torch.int32).contiguous(), hi.clamp(max=s).to(torch.int32).contiguous()  # never past the cache
     block_n = block_n or base["block_n"]
@@ -858,6 +933,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         chunk_len = split if split is not None else _default_split(s, b * hq, k_block)
         num_warps = V4_INT2_MHA_WARPS if chunk_len >= V4_INT2_MHA_MIN_BLOCKS * k_block else 1
     num_warps = num_warps or base["num_warps"]
+    if interior is None and variant == "v4" and bits == 2 and (heads or _default_heads(groups)) > 1:
+        interior = V4_INT2_GQA_INTERIOR
     if block_n & (block_n - 1) or block_n < 1 or num_warps & (num_warps - 1):
         raise ValueError(f"block_n={block_n} and num_warps={num_warps} must be powers of two")
     chunk = chunk or base["chunk"]
@@ -865,6 +942,9 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         raise ValueError(f"chunk={chunk} must be a power of two")
     num_stages = num_stages if num_stages is not None else base["num_stages"]
     extra = {} if num_stages is None else {"num_stages": num_stages}
+    maxnreg = maxnreg if maxnreg is not None else base.get("maxnreg")
+    if maxnreg is not None:
+        extra["maxnreg"] = maxnreg
     if variant == "v1":
         chunk = max(8 // bits, min(chunk, v_group, d))
         step = max(block_n, k_block)  # the kernel's iteration: one key block, or one step of several
@@ -889,9 +969,16 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         acc, m, den, n_split = _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32,
                                           bits=bits, k_block=k_block, v_group=v_group, groups=groups,
                                           qk_scale=qk_scale, split=split, block_n=block_n, num_warps=num_warps,
-                                          chunk=chunk, heads=heads, vchain=vchain, extra=extra, variant=variant)
+                                          chunk=chunk, heads=heads, vchain=vchain, extra=extra, variant=variant,
+                                          interior=base.get("interior", True) if interior is None else interior)
     return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale,
                    chunks=reduce_chunks or REDUCE_CHUNKS, num_warps=reduce_warps or REDUCE_WARPS)
+
+
+def _default_heads(groups: int) -> int:
+    """Query heads per v2-v4 program when the launch names none: the largest power of two up to 4 that divides the
+    GQA group (SmolLM2's 3 -> 1)."""
+    return next(h for h in (4, 2, 1) if groups % h == 0)
 
 
 def v2_geometry(d: int, bits: int, k_block: int, v_group: int, groups: int, *, block_n: int, num_warps: int,
@@ -910,8 +997,7 @@ def v2_geometry(d: int, bits: int, k_block: int, v_group: int, groups: int, *, b
         raise ValueError(f"num_warps={num_warps} is more than k_block={k_block} token rows")
     tt = tl_ * num_warps
     n0 = max(1, min(block_n, k_block) // tt)
-    if heads is None:  # the largest power of two up to 4 that divides the group (SmolLM2: 3 -> 1)
-        heads = next(h for h in (4, 2, 1) if groups % h == 0)
+    heads = heads or _default_heads(groups)
     gh = max(1, min(heads, groups))
     if groups % gh or gh & (gh - 1):
         raise ValueError(f"heads={heads}: must be a power of two dividing the {groups} query heads per kv head")
@@ -925,7 +1011,7 @@ mask and this OR into one LOP3 (with two immediates it emits two)."""
 
 
 def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, *, bits, k_block, v_group, groups,
-               qk_scale, split, block_n, num_warps, chunk, heads, vchain, extra, variant):
+               qk_scale, split, block_n, num_warps, chunk, heads, vchain, extra, variant, interior=True):
     b, hq, d = q.shape
     s = k_codes.shape[2]
     for name, t, row in (("k_codes", k_codes, d * bits // 8), ("v_codes", v_codes, d * bits // 8),
@@ -952,14 +1038,14 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
                  TT=g["TT"], CWW=g["CWW"], CV=g["CV"], num_warps=num_warps, **extra)
     grid = (b * hq // g["GH"], n_split)
     if variant in ("v3", "v4"):
-        _split_kernel_v3[grid](*args, DEN=variant == "v4", **const)
+        _split_kernel_v3[grid](*args, DEN=variant == "v4", INTERIOR=bool(interior), **const)
     else:
         _split_kernel_v2[grid](*args, ROWS=g["ROWS"], **const)
     return acc, m, den, n_split
 
 
-def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale, *, chunks: int = REDUCE_CHUNKS,
-            num_warps: int = REDUCE_WARPS):
+def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale, *, chunks: int,
+            num_warps: int):
     b, hq, d = q.shape
     out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
     has_float = k_float is not None
