@@ -105,7 +105,7 @@ def _run_cases(runs: list[tuple[str, object]], which: str) -> None:
     run_interpreted(code + "print('ok')")
 
 
-CORE = {"KERNEL_CASES": (2, 7), "LAUNCH_CASES": (5, 6, 7, 8), "REAL_LAYOUT_CASES": (7,)}
+CORE = {"KERNEL_CASES": (2, 7), "LAUNCH_CASES": (5, 6, 7, 8, 9), "REAL_LAYOUT_CASES": (7,)}
 ALL = [pytest.param("all", id="all", marks=pytest.mark.slow)]
 """The default suite runs a few representative cases of each list (``test_triton_kernels_core_cases``), each kernel
 test every case as ``slow`` (the interpreter takes ~4 s a case on CI's two cores). Between them the default cases
@@ -164,7 +164,22 @@ LAUNCH_CASES = [
     (4, 16, 4, 2, 16, {"reduce_chunks": 2}),
     # int2 without GQA on v4: two warps a program once a chunk holds V4_INT2_MHA_MIN_BLOCKS key blocks (4 x 16 here)
     (2, 64, 2, 2, 16, {}),
+    # a register cap (ptxas' maxnreg; on the GPU the kernel may spill, never change its result)
+    (4, 48, 4, 2, 16, {"maxnreg": 96}),
 ]
+
+
+def test_launch_option_of_another_variant_is_an_error():
+    """``interior`` belongs to the v3/v4 split kernel: asked of v1/v2 it is refused by name, not ignored."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(0)
+    k, v, q = torch.randn(1, 2, 64, 16, generator=g), torch.randn(1, 2, 64, 16, generator=g), torch.randn(1, 2, 16)
+    kc, ks, kz = da.quantize_keys(k, 4, 16)
+    vc, vs, vz = da.quantize_values(v, 4, 16)
+    for variant in ("v1", "v2"):
+        with pytest.raises(ValueError, match=f"interior is a v3/v4 option \\(variant='{variant}'\\)"):
+            da.decode_attention(q, kc, ks, kz, vc, vs, vz, bits=4, lo=torch.tensor([0]), hi=torch.tensor([64]),
+                                variant=variant, interior=False)
 
 
 @pytest.mark.parametrize("which", ALL)
