@@ -615,8 +615,8 @@ if triton is not None:
             ok = ()
             sc = ()
             for r in tl.static_range(N0):
-                tok = t0 + r * TT + t_i  # [1, TT, 1, 1]
                 if MASKED:
+                    tok = t0 + r * TT + t_i  # [1, TT, 1, 1]
                     valid = (tok >= lo) & (tok < end)
                     kx = tl.load(kw_blk + (j * STEP + r * TT) * DW, mask=valid, other=0)
                 else:
@@ -798,19 +798,19 @@ in one program up to 4 (``heads``). v3, v4: v2's launch."""
 
 DEFAULT_CONFIG = {"variant": "v4", **VARIANT_CONFIGS["v4"]}
 """``decode_attention``'s launch when the caller gives none (the Triton backend's decode step): v4 with unmasked
-interior blocks (session 24, ``V4_INT2_GQA_INTERIOR``'s note), from the H200 run of session 14 (``tools/bench_attention.py --sweep s14``, batch 16, 32K tokens, float16 scales, bench/results/
-attention.json): MHA (32/32 heads) int4 828.8 us = 2.25x bf16 SDPA's 1862.7 (v2: 1136.4, 1.64x), int2 1098.6 (v2
-1364.0; on 2 warps, ``V4_INT2_MHA_WARPS``, 869.3 = 2.14x); GQA (32/8) int4 572.7 (v2 1413.8; SDPA 525.3), int2 575.3 (v3 537.9, v2
-783.8). Max error against the reference 7e-8 (the subnormal codes are not flushed on the H200). v2, before it:
-why v2 was chosen then, from the
-H200 round (bench/results/attention_round1.json, batch 16 x 32 heads x 32K tokens, Triton 3.6) and offline sm_90
-compiles with Triton 3.6 (the GPU's) of each kernel: v1 as measured then (16-token steps, 8-channel chunks) compiles
-to 12.2 SASS instructions per code and ran 1977 us at int4 (1804 us last session with 32-token steps and 16-channel
-chunks: 10.1 per code); v2 as measured then compiled to 9.1 per code with 255 registers under Triton 3.6 (5.2
-under 3.8) and ran 2477 us, and its 4-head GQA form to ~49 per code (24 ms). This v2 compiles under 3.6 to 5.2
-per code with 164 registers (MHA int4; int2 5.8, int8 5.6) and, with 4 GQA heads per program, to 2.9 per code
-and head; at round 1's issue rates (2.5-3.2 instructions per SM-cycle for v1, 1.9 for v2 at 255 registers) that is
-~0.9-1.4 ms at int4. The final sweep times v1 beside it.
+interior blocks (session 24, ``V4_INT2_GQA_INTERIOR``'s note), from the H200 run of session 14
+(``tools/bench_attention.py --sweep s14``, batch 16, 32K tokens, float16 scales, bench/results/attention.json): MHA
+(32/32 heads) int4 828.8 us = 2.25x bf16 SDPA's 1862.7 (v2: 1136.4, 1.64x), int2 1098.6 (v2 1364.0; on 2 warps,
+``V4_INT2_MHA_WARPS``, 869.3 = 2.14x); GQA (32/8) int4 572.7 (v2 1413.8; SDPA 525.3), int2 575.3 (v3 537.9, v2
+783.8). Max error against the reference 7e-8 (the subnormal codes are not flushed on the H200). v2, before it: why v2
+was chosen then, from the H200 round (bench/results/attention_round1.json, batch 16 x 32 heads x 32K tokens, Triton
+3.6) and offline sm_90 compiles with Triton 3.6 (the GPU's) of each kernel: v1 as measured then (16-token steps,
+8-channel chunks) compiles to 12.2 SASS instructions per code and ran 1977 us at int4 (1804 us last session with
+32-token steps and 16-channel chunks: 10.1 per code); v2 as measured then compiled to 9.1 per code with 255 registers
+under Triton 3.6 (5.2 under 3.8) and ran 2477 us, and its 4-head GQA form to ~49 per code (24 ms). This v2 compiles
+under 3.6 to 5.2 per code with 164 registers (MHA int4; int2 5.8, int8 5.6) and, with 4 GQA heads per program, to 2.9
+per code and head; at round 1's issue rates (2.5-3.2 instructions per SM-cycle for v1, 1.9 for v2 at 255 registers)
+that is ~0.9-1.4 ms at int4. The final sweep times v1 beside it.
 
 Session 5 (``tools/sass_attention.py``, Triton 3.6): that 4-head GQA form holds 255 registers and spills in its
 loop, 992 bytes per thread at int4 (320 at int2, 1360 at int8: the order of the measured 32 q / 8 kv times,
@@ -831,11 +831,11 @@ program) 18.4 us on one warp against 27.1 on two; 1 x 32K (8 blocks) 87.6 agains
 against 131.0."""
 
 V4_INT2_GQA_INTERIOR = False
-"""v4's ``interior`` for an int2 cache with several query heads per program: every key block through the masked path. Session 24,
-H200 (``tools/bench_attention.py --sweep s24``, one run): batch 16 x 32 q / 8 kv heads x 32K, 469.4 us against 526.9
-with interior blocks unmasked (CUDA graphs at batch 1: 37.2 against 39.9 us); int4 GQA and every MHA cache gain from
-them (16 x 32 heads x 32K int4 708.9 against 742.0 masked and 797.4 for session 23's kernel; int2 704.3 against
-761.3 and 839.5; 16 x 32/8 int4 510.1 against 533.4 and 568.0)."""
+"""v4's ``interior`` for an int2 cache with several query heads per program: every key block through the masked path.
+Session 24, H200 (``tools/bench_attention.py --sweep s24``, one run): batch 16 x 32 q / 8 kv heads x 32K, 469.4 us
+against 526.9 with interior blocks unmasked (CUDA graphs at batch 1: 37.2 against 39.9 us); int4 GQA and every MHA
+cache gain from them (16 x 32 heads x 32K int4 708.9 against 742.0 masked and 797.4 for session 23's kernel; int2
+704.3 against 761.3 and 839.5; 16 x 32/8 int4 510.1 against 533.4 and 568.0)."""
 
 PROGRAMS_PER_SM = 16
 """``_default_split``'s target: the grid has at least this many programs per SM (of 132 on an H200) when the
