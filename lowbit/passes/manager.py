@@ -333,7 +333,7 @@ def _check_scope(p: Pass, index: int, graph: Graph, rec: PassRecord, before: Gra
     if any(opts.in_scope(m) for m in modules):
         return
     near = difflib.get_close_matches(opts.modules, modules, n=3, cutoff=0.5) or modules[:3]
-    raise PipelineError(f"pass {p.spec()} (#{index}): modules={opts.modules!r} matches no module of the graph "
+    raise PipelineError(f"pass {p.spec()} (#{index}): modules={opts.modules} matches no module of the graph "
                         f"(a regex searched in module paths such as {', '.join(map(repr, near))})", rec, before)
 
 
