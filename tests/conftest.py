@@ -123,9 +123,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def smollm2():
     """(SmolLM2-135M-Instruct float32 HF model in eval mode, tokenizer); builds the cache once (~30 s)."""
-    from lowbit.models import (
-        load_smollm2,  # here, not at the top: xdist's controller imports this file too
-    )
+    from lowbit.models import load_smollm2  # here, not at the top: xdist's controller imports this file too
 
     return load_smollm2()
 

@@ -94,9 +94,7 @@ def test_transformers_loads_asymmetric_compressed_tensors(float_slice, tmp_path,
     through transformers' dequantize-at-load route. Its default route does not load asymmetric pack-quantized
     checkpoints with compressed-tensors 0.20 (the meta-device layout has unpacked zero points;
     vllm-project/llm-compressor#1618), whoever wrote them."""
-    from lowbit.checkpoint.hf_check import (
-        transformers_logits,  # what `python -m lowbit` runs after saving
-    )
+    from lowbit.checkpoint.hf_check import transformers_logits  # what `python -m lowbit` runs after saving
 
     graph = _compiled(float_slice, pipeline)
     ids = float_slice[1]

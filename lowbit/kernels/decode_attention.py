@@ -1011,7 +1011,7 @@ mask and this OR into one LOP3 (with two immediates it emits two)."""
 
 
 def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, *, bits, k_block, v_group, groups,
-               qk_scale, split, block_n, num_warps, chunk, heads, vchain, extra, variant, interior=True):
+               qk_scale, split, block_n, num_warps, chunk, heads, vchain, extra, variant, interior):
     b, hq, d = q.shape
     s = k_codes.shape[2]
     for name, t, row in (("k_codes", k_codes, d * bits // 8), ("v_codes", v_codes, d * bits // 8),
