@@ -36,7 +36,7 @@ def _block_ctx(graph, ids):
 
 
 @pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=64,sym=false)", "quantize(w=int4,sym=true)",
-                                      "quantize(w=uint4,group=32)", "quantize(w=fp8e4m3,group=64)"])
+                                      "quantize(w=uint4,group=32,sym=false)", "quantize(w=fp8e4m3,group=64)"])
 def test_tuning_starts_exactly_at_the_rounding(block1, pipeline):
     """At v = 0, λ = 0 every parametrised weight is the dequantize op's output bit for bit, whether its base is
     the float weight RTN rounded or the dequantized weight itself, and ``final`` writes back the same codes and

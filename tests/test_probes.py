@@ -48,6 +48,11 @@ BEFORE_LOAD = [
     (["compile", "smollm2:2", "-p", "smooth-quant(alpha=1.5)"], Exit.USAGE, "option alpha"),
     (["compile", "smollm2:2", "-p", "awq(sites=[norm;nope])"], Exit.USAGE, "unknown site(s) ['nope']"),
     (["compile", "smollm2:2", "-p", "quantize(w=fp8e4m3,sym=false)"], Exit.USAGE, "symmetric only"),
+    # an unsigned grid asked to be symmetric (the default) would clamp every negative weight/activation to 0
+    (["compile", "smollm2:2", "-p", "quantize(w=uint4,group=32)"], Exit.USAGE,
+     "qdtype uint4 has no negative codes, so a symmetric scheme"),
+    (["compile", "smollm2:2", "-p", "quantize(w=int8,a=uint8)"], Exit.USAGE, "sym=false / a_sym=false"),
+    (["compile", "smollm2:2", "-p", "gptq(w=uint4,sym=true)"], Exit.USAGE, "qdtype uint4 has no negative codes"),
     (["compile", "smollm2:2", "-p", "quantize(w=int4,w=int8)"], Exit.USAGE, "option 'w' is given twice"),
     (["compile", "smollm2:2", "-p", "quantize(w=int4,nonfinite=maybe)"], Exit.USAGE, "option nonfinite"),
     # missing files named by pass options: exit 3 (files), every pass of the pipeline checked

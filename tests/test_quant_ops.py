@@ -183,6 +183,11 @@ def test_scales_are_never_zero_or_nan_on_zero_and_constant_data(qdtype, symmetri
             dynamic_qparams(torch.zeros(2, 4, 16), qdtype=qdtype, granularity=gran, symmetric=False, axis=axis,
                             block_size=block)
         return
+    if symmetric and get_qdtype(qdtype).qmin == 0:  # an unsigned grid has no negative codes to be symmetric with
+        with pytest.raises(ValueError, match="no negative codes"):
+            dynamic_qparams(torch.zeros(2, 4, 16), qdtype=qdtype, granularity=gran, symmetric=True, axis=axis,
+                            block_size=block)
+        return
     x = torch.zeros(2, 6, 16)
     x[1] = 3.25  # one batch all zeros, one constant
     x[0, 2] = -0.5  # one token constant negative

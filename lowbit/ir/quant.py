@@ -265,6 +265,9 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, qdtype: str | QDType,
     if symmetric or qd.is_float:
         if qd.is_float and not symmetric:
             raise ValueError(f"qdtype {qd.name} is symmetric only (ONNX fp8 zero points are 0): set symmetric=True")
+        if not qd.is_float and qd.qmin == 0:
+            raise ValueError(f"qdtype {qd.name} has no negative codes: symmetric qparams (zero point 0) would clamp "
+                             f"every negative value to 0; use int{qd.bits} or symmetric=False")
         amax = torch.maximum(lo.abs(), hi.abs())
         return (amax / qd.qmax).clamp(min=SCALE_EPS), None
     lo = torch.minimum(lo, torch.zeros_like(lo))

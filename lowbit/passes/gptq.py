@@ -63,6 +63,13 @@ class WeightCalibrationOptions(CalibrationOptions, ScopedOptions):
         get_qdtype(w)  # ValueError naming the known ones
         return w
 
+    @model_validator(mode="after")
+    def _valid_scheme(self) -> WeightCalibrationOptions:
+        """The weight scheme these options make, checked when the pipeline is parsed (``gptq(w=uint4,sym=true)``,
+        ``awq(w=fp8e4m3,sym=false)`` fail before the model is loaded)."""
+        _weight_scheme(self)
+        return self
+
     @field_validator("sites", check_fields=False)
     @classmethod
     def _known_sites(cls, sites: list[str]) -> list[str]:
@@ -103,22 +110,29 @@ class GPTQOptions(WeightCalibrationOptions):
         return self
 
 
-def _config(o: WeightCalibrationOptions, pass_name: str) -> tuple[QuantConfig, QScheme]:
-    """The quantize pass's annotation for our options. fp8 is symmetric whatever ``sym``'s default says: the
-    default (false) is chosen for int4, and an fp8 user who never wrote ``sym`` asked for nothing asymmetric."""
+def _weight_scheme(o: WeightCalibrationOptions) -> QScheme:
+    """The weight scheme of our options (ValueError naming the option when they make none). fp8 is symmetric
+    whatever ``sym``'s default says: the default (false) is chosen for int4, and an fp8 user who never wrote
+    ``sym`` asked for nothing asymmetric."""
+    symmetric = o.sym
+    if get_qdtype(o.w).is_float:
+        if "sym" in o.model_fields_set and not o.sym:
+            raise ValueError(f"option sym=false: w={o.w} is a float format with no zero point (symmetric only); "
+                             "drop sym or set sym=true")
+        symmetric = True
     try:
-        symmetric = o.sym
-        if get_qdtype(o.w).is_float:
-            if "sym" in o.model_fields_set and not o.sym:
-                raise PassError(f"pass {pass_name}: option sym=false: w={o.w} is a float format with no zero point "
-                                "(symmetric only); drop sym or set sym=true")
-            symmetric = True
-        scheme = QScheme(qdtype=o.w, symmetric=symmetric, granularity="per_group" if o.group else "per_channel",
-                         group_size=o.group)
+        return QScheme(qdtype=o.w, symmetric=symmetric, granularity="per_group" if o.group else "per_channel",
+                       group_size=o.group)
     except ValueError as exc:
-        if isinstance(exc, PassError):
-            raise
-        raise PassError(f"pass {pass_name}: option w={o.w!r}: {exc}") from None
+        raise ValueError(f"option w={o.w!r}: {exc}") from None
+
+
+def _config(o: WeightCalibrationOptions, pass_name: str) -> tuple[QuantConfig, QScheme]:
+    """The quantize pass's annotation for our options."""
+    try:
+        scheme = _weight_scheme(o)
+    except ValueError as exc:
+        raise PassError(f"pass {pass_name}: {exc}") from None
     cfg = QuantConfig(weight=scheme)
     if o.keep:  # model_copy: the defaults must not count as patterns the user wrote (each must match)
         cfg = cfg.model_copy(update={"keep_float": list(DEFAULT_KEEP_FLOAT) + list(o.keep)})
