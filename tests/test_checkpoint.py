@@ -87,6 +87,23 @@ def test_transformers_loads_compressed_tensors(float_slice, tmp_path, scheme):
         assert cos > 0.999
 
 
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "lowbit"])
+def test_quantized_head_of_a_tied_model_unties_and_loads(float_slice, tmp_path, fmt):
+    """SmolLM2 ties its head to the embedding; quantizing the head alone (head=int8) must untie them in the
+    checkpoint: the embedding stays float, the head is stored quantized and not ignored. (The tie check looked
+    the head up under its parameter name where quantized linears are keyed by module, kept the tie and dropped
+    the float table: every reload's logits were garbage, transformers did not load.)"""
+    graph = _compiled(float_slice, "quantize(w=int4,group=64,head=int8)")
+    ids = float_slice[1][:1, :64]
+    ref = TorchCompiled(graph)(ids)
+    out = lowbit.save(graph, tmp_path / "ct", format=fmt)
+    assert (lowbit.load(out)(ids) - ref).abs().max().item() == 0.0
+    if fmt == "compressed-tensors":
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["tie_word_embeddings"] is False and "lm_head" not in cfg["quantization_config"]["ignore"]
+        assert (_hf_logits(out, ids) - ref).abs().max().item() == 0.0
+
+
 @pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=64,sym=false)",
                                       "quantize(w=uint4,sym=false)"])
 def test_transformers_loads_asymmetric_compressed_tensors(float_slice, tmp_path, pipeline):
@@ -291,6 +308,65 @@ def test_unknown_quantization_config_and_missing_shard(saved_w4, tmp_path, monke
     shards[1].unlink()
     with pytest.raises(CheckpointError, match=rf"shard '{shards[1].name}' is missing .* e\.g\. 'model\."):
         lowbit.load(sharded)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_online_hadamard_is_refused_and_folded_rotations_round_trip(float_slice, tmp_path, fmt):
+    """An online Hadamard (rotate's default R4 before down_proj) has no HF-format field: saving it would drop it
+    and the checkpoint would be another model (logits off by more than their range). It is refused, naming the
+    node and the way out; with only the rotations that fold into weights the checkpoint loads in transformers to
+    the compiled model's logits."""
+    online = _compiled(float_slice, "fold-norms,rotate,quantize(w=int4,group=64)")
+    with pytest.raises(CheckpointError, match=r"\(hadamard, module 'model\.layers\.0\.mlp\.down_proj'\).*online Hadamard"
+                                              r".*rotate\(online=false,qk=false\).*format='lowbit'"):
+        lowbit.save(online, tmp_path / "online", format=fmt)
+    assert not (tmp_path / "online").exists()
+    graph = _compiled(float_slice, "fold-norms,rotate(online=false,qk=false),quantize(w=int4,group=64)")
+    assert not any(n.op == "hadamard" for n in graph.nodes)
+    lowbit.save(graph, tmp_path / "folded", format=fmt)
+    ids = float_slice[1][:1, :32]
+    ref = TorchCompiled(graph)(ids)
+    got = lowbit.load(tmp_path / "folded")(ids)
+    assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    if fmt == "compressed-tensors":
+        hf = _hf_logits(tmp_path / "folded", ids)
+        assert (hf - ref).abs().max().item() <= 1e-3 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("pipeline,field,value", [
+    ("prune-mlp(ratio=0.25,score=magnitude),quantize(w=int4,group=64)", "intermediate_size", 1152),
+    ("prune-heads(ratio=0.34,score=magnitude),quantize(w=int4,group=64)", "num_attention_heads", 6),
+    ("prune-blocks(blocks=[model.layers.0]),quantize(w=int8)", "num_hidden_layers", 1),
+])
+def test_pruned_model_saves_with_its_smaller_config(float_slice, tmp_path, pipeline, field, value):
+    """A structurally pruned model is a smaller dense one: its compressed-tensors checkpoint carries the pruned
+    sizes in config.json (kept blocks renumbered from 0) and transformers loads it to the compiled logits. The
+    lowbit format keeps the prune record, so its reload saves to compressed-tensors too."""
+    import json
+
+    graph = _compiled(float_slice, pipeline)
+    ids = float_slice[1][:1, :32]
+    ref = TorchCompiled(graph)(ids)
+    lowbit.save(graph, tmp_path / "ct", format="compressed-tensors")
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())[field] == value
+    assert (_hf_logits(tmp_path / "ct", ids) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    lowbit.save(graph, tmp_path / "lb", format="lowbit")
+    lowbit.save(lowbit.load(tmp_path / "lb"), tmp_path / "ct2", format="compressed-tensors")
+    assert (lowbit.load(tmp_path / "ct2")(ids) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_pruned_widths_an_hf_config_cannot_hold_are_refused(float_slice, tmp_path):
+    """Per-layer MLP widths (global allocation) or a sliced stream transformers' config rejects: a clear error,
+    never a checkpoint whose config.json disagrees with its weights."""
+    graph = _compiled(float_slice, "quantize(w=int4,group=64)")
+    graph.meta["pruned"] = {"intermediate_size": {"model.layers.0": 1152, "model.layers.1": 1536}}
+    with pytest.raises(CheckpointError, match=r"MLP widths that differ between blocks \(model\.layers\.0: 1152, "
+                                              r"model\.layers\.1: 1536\).*allocation=uniform.*format='lowbit'"):
+        lowbit.save(graph, tmp_path / "ct", format="compressed-tensors")
+    graph.meta["pruned"] = {"hidden_size": 512}
+    with pytest.raises(CheckpointError, match=r"not one transformers accepts .*hidden size \(512\) is not a multiple"):
+        lowbit.save(graph, tmp_path / "ct", format="gptq")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_save_leaves_nothing_and_stale_temporaries_are_cleaned(float_slice, tmp_path):

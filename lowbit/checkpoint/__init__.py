@@ -116,6 +116,8 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any) -> dict[str, Any]:
         (directory / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
     if src.get("max_seq_length") is not None:
         info["max_seq_length"] = src["max_seq_length"]
+    if graph.meta.get("pruned"):
+        info["pruned"] = _validated(PrunedMeta, graph.meta["pruned"], "graph.meta['pruned']")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     if graph.meta.get("generation") is not None:
@@ -160,6 +162,17 @@ class GenerationMeta(BaseModel):
     """Each layer's sliding window (None: full causal); absent in checkpoints written before it was recorded."""
 
 
+class PrunedMeta(BaseModel):
+    """``graph.meta["pruned"]`` (the structural prune passes' record, per block): kept in a lowbit checkpoint so a
+    reloaded pruned graph still saves to the HF formats with its smaller config."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    intermediate_size: dict[str, Annotated[int, Field(ge=1)]] | None = None
+    heads: dict[str, list[Annotated[int, Field(ge=1)]]] | None = None
+    layers_kept: list[str] | None = None
+    hidden_size: int | None = Field(default=None, ge=1)
+
+
 def _validated_generation(raw: Any, message: Callable[[str, str], str]) -> GenerationMeta:
     """``raw`` as ``GenerationMeta``, or a ``CheckpointError`` with ``message(field, why)`` of the first bad field
     (save and load name it where each found it)."""
@@ -170,6 +183,17 @@ def _validated_generation(raw: Any, message: Callable[[str, str], str]) -> Gener
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
         raise CheckpointError(message(".".join(str(x) for x in err["loc"]), err["msg"])) from None
+
+
+def _validated(model: type[BaseModel], raw: Any, where: str) -> dict[str, Any]:
+    """``raw`` checked against ``model`` (a dict of its set fields), or a ``CheckpointError`` naming the field."""
+    import pydantic
+
+    try:
+        return model.model_validate(raw).model_dump(exclude_none=True)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        raise CheckpointError(f"{where}.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
 
 
 def _generation_meta(info: dict[str, Any], graph: Any, directory: Path) -> dict[str, Any] | None:
@@ -243,6 +267,8 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
         if info.get("max_seq_length") is not None:
             src["max_seq_length"] = info["max_seq_length"]
         graph.meta["source"] = src
+    if info.get("pruned") is not None:
+        graph.meta["pruned"] = _validated(PrunedMeta, info["pruned"], f"{directory}: manifest 'lowbit.pruned'")
     generation = _generation_meta(info, graph, directory)
     if generation is not None:
         graph.meta["generation"] = generation

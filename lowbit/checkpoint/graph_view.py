@@ -24,6 +24,11 @@ from lowbit.ir.rewrite import gain_weight
 __all__ = ["ActScheme", "QuantWeight", "HFView", "hf_view"]
 
 QDQ_OPS = {"quantize", "dequantize", "dynamic_qparams"}
+NO_HF_FIELD = {
+    "hadamard": "an online Hadamard rotation (rotate's online / qk / online_o) has no field in the HF formats lowbit "
+                "writes; rotate(online=false,qk=false) keeps only the rotations that fold into the weights",
+}
+"""Ops a pass adds that change a model's outputs and that no HF checkpoint field expresses, with what to do."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,23 @@ def _put(view: HFView, key: str, t: torch.Tensor, node: Node) -> None:
     view.tensors[key] = t
 
 
+def _qk_rotations(graph: Graph) -> set[int]:
+    """The online Hadamards on rotary outputs (rotate's R3) of the attention modules whose queries and keys all
+    get one: ``(qH)(kH)^T = q k^T``, so without them the float model is the same (a quantized KV cache, where they
+    matter, is refused by the HF writers on its own)."""
+    by_module: dict[str | None, list[Node]] = {}
+    for node in graph.nodes:
+        if node.op == "rotary":
+            by_module.setdefault(node.module, []).append(node)
+    users = graph.users()
+    exact: set[int] = set()
+    for rotaries in by_module.values():
+        hads = [[u for u in users.get(id(r.output), [])] for r in rotaries]
+        if len(rotaries) == 2 and all(len(h) == 1 and h[0].op == "hadamard" for h in hads):
+            exact.update(id(h[0]) for h in hads)
+    return exact
+
+
 def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str] = frozenset()) -> HFView:
     """Map ``graph`` onto the HF parameter names ``hf_keys`` (name → shape) of the model it was captured from.
 
@@ -171,6 +193,7 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
     so they are not written."""
     view = HFView()
     used: set[str] = set(derived)
+    exact_qk = _qk_rotations(graph)
     for node in graph.nodes:
         if node.op == "linear":
             w, qw = _weight(node)
@@ -179,6 +202,10 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
                 raise CheckpointError(f"linear %{node.name} has module path {node.module!r}, but the HF model has no "
                                       f"parameter {key!r}; cannot name its weight in an HF checkpoint")
             if qw is not None:
+                if tuple(qw.codes.shape) != tuple(hf_keys[key]):
+                    raise CheckpointError(f"linear %{node.name} (module {node.module!r}): its quantized weight is "
+                                          f"{tuple(qw.codes.shape)}, but the model's config makes {key!r} "
+                                          f"{tuple(hf_keys[key])}; the checkpoint would not load")
                 qw.act, qw.act_scale = _act(node, qw.codes.shape[1])
                 view.quantized[node.module] = qw
                 used.update(v.name for v in node.args[1].producer.inputs())
@@ -221,6 +248,12 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
             continue
         if node.op in QDQ_OPS:
             continue
+        if node.op == "hadamard" and id(node) in exact_qk:
+            continue
+        if node.op in NO_HF_FIELD:
+            raise CheckpointError(f"node %{node.name} ({node.op}, module {node.module!r}): {NO_HF_FIELD[node.op]}; "
+                                  "an HF checkpoint would be read without it (a different model). Save it with "
+                                  "format='lowbit', which keeps the whole graph")
         if node.op in ("embedding", "aten.embedding.default") and f"{node.module}.weight" in hf_keys:
             table = node.args[0]  # named by module: a tied table may carry the head's name (lm_head.weight)
             if isinstance(table, Value) and table.is_param:

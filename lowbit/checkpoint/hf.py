@@ -109,12 +109,96 @@ def _source(graph: Graph) -> tuple[Any, str]:
     return config, src.get("kind", "causal-lm")
 
 
+def _uniform(what: str, per_block: dict[str, Any], field: str) -> Any:
+    """The one value every block has, or a CheckpointError naming the blocks that differ."""
+    values = {json.dumps(v) for v in per_block.values()}
+    if len(values) != 1:
+        shown = ", ".join(f"{b}: {v}" for b, v in list(per_block.items())[:6])
+        raise CheckpointError(f"the graph was pruned to {what} that differ between blocks ({shown}"
+                              f"{', ...' if len(per_block) > 6 else ''}); an HF config.json has one {field} for all "
+                              "layers: prune with allocation=uniform, or save with format='lowbit'")
+    return next(iter(per_block.values()))
+
+
+def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
+    """The HF config of a structurally pruned graph (``graph.meta["pruned"]``, written by the prune passes) and
+    the module renames it needs: MLP width (``intermediate_size``), attention heads (``num_attention_heads``,
+    ``num_key_value_heads``, with ``head_dim`` kept explicit), a sliced residual stream (``hidden_size``) and
+    removed blocks (``num_hidden_layers``; the kept blocks renumbered from 0). Widths must be the same in every
+    block: HF configs have one per model."""
+    if not pruned:
+        return config, {}
+    cfg = copy.deepcopy(config)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads0 = getattr(text, "num_attention_heads", None)
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads0 if heads0 else None)
+    if "intermediate_size" in pruned:
+        text.intermediate_size = int(_uniform("MLP widths", pruned["intermediate_size"], "intermediate_size"))
+    if "heads" in pruned:
+        q, kv = _uniform("attention head counts", pruned["heads"], "num_attention_heads")
+        text.num_attention_heads, text.num_key_value_heads = int(q), int(kv)
+    if "hidden_size" in pruned:
+        text.hidden_size = int(pruned["hidden_size"])
+    if ("heads" in pruned or "hidden_size" in pruned) and head_dim is not None:
+        text.head_dim = int(head_dim)  # no longer hidden_size / num_attention_heads
+    renames: dict[str, str] = {}
+    if "layers_kept" in pruned:
+        kept = list(pruned["layers_kept"])
+        for i, block in enumerate(kept):
+            prefix, _, index = block.rpartition(".")
+            if not index.isdigit():
+                raise CheckpointError(f"pruned block {block!r} is not named <prefix>.<index>; cannot renumber the "
+                                      "kept layers for an HF checkpoint (save with format='lowbit')")
+            renames[block] = f"{prefix}.{i}"
+        keep_index = [int(b.rpartition(".")[2]) for b in kept]
+        text.num_hidden_layers = len(kept)
+        for name in ("layer_types", "sliding_window_pattern_list"):  # per-layer lists follow the kept layers
+            per_layer = getattr(text, name, None)
+            if isinstance(per_layer, list):
+                setattr(text, name, [per_layer[i] for i in keep_index])
+    try:  # what a loader does with config.json: transformers validates the sizes against each other
+        type(cfg).from_dict(cfg.to_dict())
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise several kinds
+        why = " ".join(str(exc).split())  # transformers' validation text spans lines
+        raise CheckpointError(f"the pruned model's HF config is not one transformers accepts ({why}); save with "
+                              "format='lowbit', or prune to sizes the architecture allows") from None
+    return cfg, renames
+
+
+def _renamed(graph: Graph, renames: dict[str, str]) -> Graph:
+    """A clone of ``graph`` whose nodes' module paths (and params named after them) follow ``renames``."""
+    if not renames:
+        return graph
+    graph = graph.clone()
+
+    def move(path: str | None) -> str | None:
+        if not path:
+            return path
+        for old, new in renames.items():
+            if path == old or path.startswith(old + "."):
+                return new + path[len(old):]
+        return path
+
+    for node in graph.nodes:
+        node.module = move(node.module)
+    read = {v.name for n in graph.nodes for v in n.inputs() if v.is_param}
+    params = {}
+    for name, v in graph.params.items():
+        if name in read:  # a removed block's params may linger unread; its index is a kept block's now
+            v.name = move(name)
+            params[v.name] = v
+    graph.params = params
+    return graph
+
+
 def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
     if any(n.op == "qlinear" for n in graph.nodes):  # fused: HF formats store the unfused QDQ weights
         from lowbit.ir.fusion import unfuse_qlinear
 
         graph = graph.clone()
         unfuse_qlinear(graph)
+    config, renames = pruned_config(config, graph.meta.get("pruned"))
+    graph = _renamed(graph, renames)
     model = skeleton(config, kind)
     keys = _hf_keys(model)
     derived = {n for n, _ in model.named_buffers()} - set(keys)
@@ -128,7 +212,8 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
         if emb not in view.tensors and head in view.tensors and head not in view.quantized:
             view.tensors[emb] = view.tensors[head]  # capture named the shared tensor after the head
         head_t = view.tensors.get(head)
-        if head in view.quantized or (head_t is not None and emb in view.tensors
+        head_quantized = head.rsplit(".", 1)[0] in view.quantized  # quantized linears are keyed by module
+        if head_quantized or (head_t is not None and emb in view.tensors
                                       and not torch.equal(head_t, view.tensors[emb])):
             # a pass changed or quantized the head alone: the checkpoint unties it
             cfg.tie_word_embeddings = False
