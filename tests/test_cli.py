@@ -374,6 +374,31 @@ def test_debug_sensitivity_and_compile_overrides(tmp_path):
     assert not re.search(rf"dequantize\(@{re.escape(kept_block)}\.", text)
 
 
+def test_debug_sensitivity_of_a_pruning_scheme_feeds_compile_overrides(tmp_path):
+    """The follow-up command ``debug sensitivity`` prints for a pruning scheme works: sparsify takes ``keep``
+    (the damaged layers stay dense); it was refused with 'no pass in the pipeline can keep modules float'."""
+    overrides = tmp_path / "sens.json"
+    res = invoke("debug", "sensitivity", "smollm2:2", "--scheme", "sparsify(method=magnitude,pattern=2:4)", *SMALL,
+                 "-o", overrides)
+    follow = re.search(r"lowbit compile smollm2:2 --pipeline '([^']+)' --overrides", res.output)
+    assert follow is not None, res.output
+    kept = json.loads(overrides.read_text())["keep_float"]
+    out = tmp_path / "sparse"
+    invoke("compile", "smollm2:2", "--pipeline", follow.group(1), "--overrides", overrides, "-o", out)
+    stats = json.loads((out / "report.json").read_text())["pipeline"]["passes"][0]["stats"]
+    from lowbit.cli.artifacts import load_graph
+
+    graph, _ = load_graph(out)
+    kept_block = kept[0].rstrip(".*")
+    for node in (n for n in graph.nodes if n.op == "linear" and n.module.startswith("model.layers.")):
+        w = node.args[1].data
+        assert (w == 0).float().mean().item() < 0.1 if node.module.startswith(kept_block + ".") else \
+            (w.reshape(-1, 4) == 0).sum(1).ge(2).all(), (node.module, stats)
+    bad = CliRunner().invoke(app, ["compile", "smollm2:2", "--pipeline",  # a keep glob matching nothing: an error
+                                   "sparsify(method=magnitude,pattern=2:4,keep=[nope.*])", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "option keep: 'nope.*' matches no linear this pass would prune" in bad.output
+
+
 # ---- the HTML report in a real browser ----------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

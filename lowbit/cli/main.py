@@ -212,7 +212,8 @@ def apply_overrides(passes: list[Any], keep: list[str], graph: Any, path: Path) 
         touched += q is not None
         out.append(q if q is not None else p)
     if not touched:
-        fail(f"--overrides {str(path)!r}: no pass in the pipeline can keep modules float (quantize can)",
+        fail(f"--overrides {str(path)!r}: no pass in the pipeline can keep modules float or dense (quantize, gptq "
+             "and sparsify can)",
              Exit.USAGE)
     return out
 

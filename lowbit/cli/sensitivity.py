@@ -3,7 +3,8 @@
 Each unit (a block, or one linear) gets the ``quantize`` pass restricted to it (``lowbit.cli.restrict``) on top of
 the float graph (after an optional prefix such as ``fold-norms``), and the end metric is measured on real inputs.
 The most damaging units are the ones worth keeping at higher precision: the result is an override file that
-``lowbit compile --overrides`` reads (it adds those units to ``quantize``'s ``keep`` list).
+``lowbit compile --overrides`` reads (it adds those units to the ``keep`` list of ``quantize``, ``gptq`` or
+``sparsify``).
 """
 
 from __future__ import annotations
@@ -109,10 +110,11 @@ def run_sensitivity(model_spec: str, scheme: str, *, group: int | None, prefix: 
                   f"(float {m} {fmt_metric(m, res['baseline'])}, all quantized {fmt_metric(m, res['all_quantized'])})")
     for col in ("rank", granularity, m, "damage", "override"):
         table.add_column(col, justify="left" if col in (granularity, "override") else "right")
+    kept_as = "keep dense" if res["quantize"].startswith("sparsify") else "keep float"
     for i, r in enumerate(res["ranking"], 1):
         rel = f" ({r['damage'] / res['baseline']:+.1%})" if res["baseline"] else ""
         table.add_row(str(i), r["module"], fmt_metric(m, r["metric"]), f"{r['damage']:+.4g}{rel}",
-                      "keep float" if r["glob"] in keep else "")
+                      kept_as if r["glob"] in keep else "")
     console.print(table)
     atomic_write_text(out, json.dumps(res, indent=2) + "\n")
     pipe = ",".join(x for x in (res["prefix"], res["quantize"]) if x)

@@ -62,6 +62,7 @@ from lowbit.calibration.learned_mask import learn_mask
 from lowbit.calibration.sparsity import (Selection, SparsityPattern, check_pattern, parse_pattern, prune_mask,
                                          sparsegpt_prune)
 from lowbit.ir.graph import Graph, Node
+from lowbit.ir.qscheme import module_matches
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
 from lowbit.passes.fold_norms import private_weight
 
@@ -78,6 +79,9 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
     modules: str = ""
     """Regex searched in module paths: only block linears matching it are pruned (empty: all of them). The
     debugging tools restrict the pass to some layers through it (``debug bisect``/``sensitivity``)."""
+    keep: list[str] = []
+    """Module globs left dense (as ``quantize``'s ``keep``): the layers ``debug sensitivity`` found most damaged,
+    applied with ``lowbit compile --overrides``; each must match a linear the pass would prune."""
     damp: float = Field(default=0.01, gt=0.0, lt=1.0)
     """SparseGPT and learned: diagonal damping, relative to the Hessian's mean diagonal."""
     learn_steps: int = Field(default=16, ge=1, le=10000)
@@ -175,6 +179,11 @@ class Sparsify(Pass):
         except ValueError as exc:
             raise PassError(f"pass sparsify: option pattern/sparsity: {exc}") from None
         targets = sparse_linears(graph, o.modules)
+        for glob in o.keep:
+            if not any(module_matches(n.module, glob) for n in targets):
+                raise PassError(f"pass sparsify: option keep: {glob!r} matches no linear this pass would prune "
+                                f"({', '.join(n.module for n in targets[:3])}, ...)")
+        targets = [n for n in targets if not any(module_matches(n.module, g) for g in o.keep)]
         if not targets:
             raise PassError("pass sparsify: no linear inside a repeated block to sparsify")
         if o.method == "learned" and not p.is_nm and o.selection == "layer":
