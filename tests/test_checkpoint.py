@@ -369,6 +369,16 @@ def test_pruned_widths_an_hf_config_cannot_hold_are_refused(float_slice, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_save_where_no_directory_can_be_made_is_a_checkpoint_error(float_slice, tmp_path):
+    """A place where the checkpoint (or its temporary sibling) cannot be created: a CheckpointError naming the path
+    asked for, not an OSError naming lowbit's hidden temporary."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    graph = _compiled(float_slice, "quantize(w=int8)")
+    with pytest.raises(CheckpointError, match=r"cannot save to '.*file/sub/out': .*\(creating it or a temporary"):
+        lowbit.save(graph, blocker / "sub" / "out", format="lowbit")
+
+
 def test_failed_save_leaves_nothing_and_stale_temporaries_are_cleaned(float_slice, tmp_path):
     graph = _compiled(float_slice, "quantize(w=int8,a=int8,kv=int8)")
     with pytest.raises(CheckpointError, match=r"quantizes the KV cache .* kv_cache_scheme"):

@@ -51,8 +51,17 @@ BEFORE_LOAD = [
     # an unsigned grid asked to be symmetric (the default) would clamp every negative weight/activation to 0
     (["compile", "smollm2:2", "-p", "quantize(w=uint4,group=32)"], Exit.USAGE,
      "qdtype uint4 has no negative codes, so a symmetric scheme"),
-    (["compile", "smollm2:2", "-p", "quantize(w=int8,a=uint8)"], Exit.USAGE, "sym=false / a_sym=false"),
+    (["compile", "smollm2:2", "-p", "quantize(w=int8,a=uint8)"], Exit.USAGE, "sym / a_sym / kv_sym=false"),
     (["compile", "smollm2:2", "-p", "gptq(w=uint4,sym=true)"], Exit.USAGE, "qdtype uint4 has no negative codes"),
+    # options that would silently do nothing or the opposite of what they say
+    (["compile", "smollm2:2", "-p", "fold-norms,dce", "--print-ir-after", "quantize"], Exit.USAGE,
+     "the pipeline has no quantize pass (it runs fold-norms, dce)"),
+    (["debug", "bisect", "smollm2:2", "-p", "quantize(w=int8)", "--max-increase", "-5%"], Exit.USAGE,
+     "--max-increase -5%: must be above 0"),
+    (["debug", "sensitivity", "smollm2:2", "--scheme", "w4", "--group", "0"], Exit.USAGE, "--group 0: a weight group"),
+    (["debug", "sensitivity", "smollm2:2", "--scheme", "w4", "--keep-top", "-1"], Exit.USAGE, "--keep-top -1"),
+    (["generate", "smollm2:2", "--prompt", "Hi", "--top-k", "50", "--temperature", "0.7"], Exit.USAGE,
+     "--temperature, --top-k only apply when sampling: add --sample"),
     (["compile", "smollm2:2", "-p", "quantize(w=int4,w=int8)"], Exit.USAGE, "option 'w' is given twice"),
     (["compile", "smollm2:2", "-p", "quantize(w=int4,nonfinite=maybe)"], Exit.USAGE, "option nonfinite"),
     # missing files named by pass options: exit 3 (files), every pass of the pipeline checked

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,12 @@ def atomic_checkpoint_dir(final: Path, overwrite: bool = True) -> Iterator[Path]
     reason = not_replaceable(final)
     if reason is not None:
         raise CheckpointError(f"cannot save to {str(final)!r}: {reason}")
-    with replacing_dir(final) as tmp:
+    with ExitStack() as stack:
+        try:  # the parent directory and the temporary beside it: an OSError there names lowbit's hidden temp path
+            tmp = stack.enter_context(replacing_dir(final))
+        except OSError as exc:
+            raise CheckpointError(f"cannot save to {str(final)!r}: {exc.strerror or exc} (creating it or a "
+                                  f"temporary directory in {str(final.parent)!r})") from None
         yield tmp
 
 

@@ -30,6 +30,7 @@ from lowbit.cli.common import (
     fail,
     load,
     parse,
+    parse_percent_or_number,
     pipeline_text,
     recipes_module,
 )
@@ -329,9 +330,13 @@ def compile_cmd(
     except BackendError as exc:
         fail(str(exc), Exit.USAGE)
     registry = all_passes()
+    names = [p.name for p in passes]
     for name in print_ir_after:
         if name not in registry:
             fail(f"--print-ir-after: unknown pass {name!r}{closest(name, sorted(registry))}", Exit.USAGE)
+        if name not in names:
+            fail(f"--print-ir-after {name}: the pipeline has no {name} pass (it runs {', '.join(names) or 'none'}), "
+                 "so nothing would be printed", Exit.USAGE)
     if filter is not None:
         try:
             re.compile(filter)
@@ -451,6 +456,11 @@ def generate_cmd(
     from lowbit.generate import GenerationError, GenerationSpec, check_request
 
     text = pipeline_text(pipeline, recipe) if pipeline or recipe else ""
+    ignored = [flag for flag, given in (("--temperature", temperature != 1.0), ("--top-k", top_k is not None),
+                                        ("--top-p", top_p is not None), ("--seed", seed is not None)) if given]
+    if ignored and not sample:
+        fail(f"{', '.join(ignored)} only apply when sampling: add --sample (without it decoding is greedy)",
+             Exit.USAGE)
     try:
         check_device(device)
     except DeviceError as exc:
@@ -588,6 +598,9 @@ def bisect_cmd(
     from lowbit.cli.bisect import run_bisect
 
     check_output(json_out, "--json", directory=False)
+    if parse_percent_or_number(max_increase)[0] <= 0:
+        fail(f"--max-increase {max_increase}: must be above 0 (the threshold is the float model's metric plus "
+             "this; at or below it every evaluation, the float model's included, fails)", Exit.USAGE)
     run_bisect(model, pipeline_text(pipeline, recipe), metric=metric, max_increase=max_increase,
                windows=windows, seq_len=seq_len, n_sentences=sentences, json_out=json_out)
 
@@ -612,6 +625,11 @@ def sensitivity_cmd(
     from lowbit.cli.sensitivity import run_sensitivity
 
     check_output(out, "--out", directory=False)
+    if group is not None and group < 1:
+        fail(f"--group {group}: a weight group size is at least 1 (leave --group out for one scale per channel)",
+             Exit.USAGE)
+    if keep_top < 0:
+        fail(f"--keep-top {keep_top}: the number of units kept must be 0 or more", Exit.USAGE)
     run_sensitivity(model, scheme, group=group, prefix=pipeline, granularity=granularity, metric=metric,
                     keep_top=keep_top, windows=windows, seq_len=seq_len, n_sentences=sentences, out=out)
 
