@@ -323,6 +323,16 @@ def test_debug_compare_smollm2_slice(tmp_path):
     assert html_text.count("<svg") == 2 and "http" not in html_text.replace("http://www.w3.org/2000/svg", "")
 
 
+def test_debug_compare_marks_removed_blocks_not_comparable():
+    """A block a pass removed has no output to compare: its cell reads n/a, not inf (which means exact)."""
+    res = invoke("debug", "compare", "smollm2:2", "--pipeline", "prune-blocks(blocks=[model.layers.1])", *SMALL)
+    row = next(line for line in res.output.splitlines() if line.lstrip("│ ").startswith("model.layers.1"))
+    assert "n/a" in row and "inf" not in row, res.output
+    row0 = next(line for line in res.output.splitlines() if line.lstrip("│ ").startswith("model.layers.0") and
+                "│" in line and "prune" not in line)
+    assert "inf" in row0  # the block before it is untouched: exact
+
+
 def test_debug_compare_minilm():
     res = invoke("debug", "compare", "minilm", "--pipeline", "quantize(w=int8,a=int8)", "--sentences", "4")
     assert "encoder.layer.5" in res.output and "1 - emb. cosine" in res.output

@@ -114,7 +114,10 @@ def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128,
 
 
 def _db(x: float) -> str:
-    return "inf" if not math.isfinite(x) else f"{x:.1f}"
+    """SQNR in dB: ``inf`` for an exact match, ``n/a`` for no comparison (NaN)."""
+    if math.isnan(x):
+        return "n/a"
+    return "inf" if math.isinf(x) else f"{x:.1f}"
 
 
 def summary_table(res: CompareResult) -> Table:
@@ -134,7 +137,9 @@ def summary_table(res: CompareResult) -> Table:
 def layer_table(res: CompareResult) -> Table:
     """Layers × passes, SQNR in dB: where along depth each pass's error appears."""
     last = [s for s in res.stages if s.index >= 0]
-    table = Table(title="per-layer SQNR (dB) of the block output after each pass")
+    table = Table(title="per-layer SQNR (dB) of the block output after each pass",
+                  caption="n/a: a pass removed the block or changed its output's shape (a sliced residual stream): "
+                          "not comparable with the float model's")
     table.add_column("layer")
     for s in last:
         table.add_column(f"#{s.index} {s.spec[:24]}", justify="right")
