@@ -87,6 +87,14 @@ def test_transformers_loads_compressed_tensors(float_slice, tmp_path, scheme):
         assert cos > 0.999
 
 
+def test_fold_norms_reports_the_head_it_unties(float_slice):
+    """Folding the final norm into a tied head copies the shared table (+108 MiB on SmolLM2): the pass's stats say
+    so, with the size, instead of the params growing unexplained."""
+    graph = float_slice[0].clone()
+    rec = PassManager(parse_pipeline("fold-norms")).run(graph).records[0]
+    assert rec.stats["untied"] == ["lm_head: own copy of @lm_head.weight, shared with model.embed_tokens (+108.0 MiB)"]
+
+
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "lowbit"])
 def test_quantized_head_of_a_tied_model_unties_and_loads(float_slice, tmp_path, fmt):
     """SmolLM2 ties its head to the embedding; quantizing the head alone (head=int8) must untie them in the

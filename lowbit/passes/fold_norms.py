@@ -52,7 +52,7 @@ class FoldNorms(Pass):
     def run(self, graph: Graph) -> PassResult:
         rx = re.compile(self.options.modules) if self.options.modules else None
         users = graph.users()
-        folded, skipped = [], []
+        folded, skipped, untied = [], [], []
         for norm in graph.nodes:
             if norm.op not in NORM_OPS or (rx is not None and not rx.search(norm.module)):
                 continue
@@ -67,7 +67,13 @@ class FoldNorms(Pass):
                 continue
             g = norm_gain(norm)
             for r in readers:
+                shared = r.args[1]
                 w = private_weight(graph, r, 1, users, f"{r.module}.weight")
+                if w is not shared:  # a tied weight (the head of a tied embedding) gets its own copy to fold into
+                    mib = shared.data.numel() * shared.data.element_size() / 2**20
+                    others = sorted({n.module or n.name for n in users.get(id(shared), []) if n is not r})
+                    untied.append(f"{r.module}: own copy of @{shared.name}, shared with {', '.join(others)} "
+                                  f"(+{mib:.1f} MiB)")
                 w64 = w.data.to(torch.float64)
                 if beta is not None:
                     shift = w64 @ beta.data.to(torch.float64)
@@ -88,4 +94,7 @@ class FoldNorms(Pass):
             folded.append(norm.module or norm.name)
         if folded:
             eliminate_dead_code(graph)
-        return PassResult(bool(folded), {"folded": len(folded), "not_folded": skipped})
+        stats: dict = {"folded": len(folded), "not_folded": skipped}
+        if untied:
+            stats["untied"] = untied
+        return PassResult(bool(folded), stats)
