@@ -79,8 +79,9 @@ class GenerationOutput:
 
     @property
     def decode_tokens_per_second(self) -> float:
-        """Tokens produced per second by decode steps (all sequences of the batch)."""
-        n = self.decode_steps * len(self.tokens)
+        """Tokens the decode steps produced per second, over the batch: each sequence's tokens after its first
+        (which prefill makes), so a sequence that stopped early adds nothing for the steps it sat out."""
+        n = sum(max(0, len(t) - 1) for t in self.tokens)
         return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
     def sequences(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:

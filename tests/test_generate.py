@@ -75,8 +75,13 @@ def test_stop_tokens_and_left_padded_tensor_input(smollm2, compiled):
     a, b = tok(PROMPTS[0]).input_ids, tok(PROMPTS[1]).input_ids
     free = compiled.generate([a, b], 5, stop_tokens=()).tokens
     stop = free[0][2]
-    stopped = compiled.generate([a, b], 5, stop_tokens=[stop]).tokens
+    run = compiled.generate([a, b], 5, stop_tokens=[stop])
+    stopped = run.tokens
     assert stopped[0] == free[0][: free[0].index(stop) + 1]
+    # throughput counts the tokens decode steps made (a stopped sequence adds none for the steps it sat out)
+    made = sum(len(t) - 1 for t in stopped)
+    assert made < run.decode_steps * 2
+    assert run.decode_tokens_per_second * run.decode_seconds == pytest.approx(made)
     width = max(len(a), len(b))
     ids = torch.zeros(2, width, dtype=torch.long)
     mask = torch.zeros(2, width, dtype=torch.long)
