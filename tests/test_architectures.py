@@ -30,7 +30,7 @@ from lowbit.api import describe_source
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.ir.capture import capture
 from lowbit.models import CausalLMLogits, SentenceEmbedder
-from lowbit.passes.manager import PassManager, parse_pipeline
+from lowbit.passes.manager import PassManager, build_pass, parse_pipeline
 
 VOCAB = 49152
 DEC = dict(vocab_size=VOCAB, num_hidden_layers=1, max_position_embeddings=256)
@@ -94,7 +94,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     **{(f, "rotate"): "is a LayerNorm" for f in ("gpt-neox", "stablelm", "bert", "roberta", "distilbert")},
     ("vit", "rotate"): "no embedding node",
     **{(f, "smooth-quant"): "no place to fold scales" for f in ("bert", "roberta", "distilbert")},
-    **{("vit", s): "pixel" for s in ("smooth-quant", "gptq", "compressed-tensors")},
+    ("vit", "compressed-tensors"): "pixel",
     **{(f, "generate"): "no causal-LM head" for f in ("bert", "roberta", "distilbert", "vit")},
 }
 
@@ -193,10 +193,21 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> float:
 CALIB = "calib_n=4,calib_len=32,batch_size=4,progress=false"
 
 
-def _quantized(graph: Any, pipeline: str = "quantize(w=int4,group=16)") -> Any:
+def _quantized(graph: Any, pipeline: str = "quantize(w=int4,group=16)", calib: Any = None) -> Any:
+    """``graph`` through ``pipeline``; ``calib``: the calibrating passes' data instead of their text (a pixel
+    model's float inputs)."""
     g = graph.clone()
-    PassManager(parse_pipeline(pipeline)).run(g)
+    passes = parse_pipeline(pipeline)
+    if calib is not None:
+        passes = [build_pass(type(p), {**p.options.model_dump(), "calib": calib}) if "calib" in p.Options.model_fields
+                  else p for p in passes]
+    PassManager(passes).run(g)
     return g
+
+
+def _pixels(x: tuple[Any, ...]) -> Any:
+    """Calibration inputs for a pixel model: float images shaped like its example input (a text cannot be)."""
+    return torch.randn(4, *x[0].shape[1:], generator=torch.Generator().manual_seed(1), dtype=x[0].dtype)
 
 
 # ---- the steps ----------------------------------------------------------------------------------
@@ -244,10 +255,8 @@ def step_rotate(family: str) -> None:
 
 def step_smooth_quant(family: str) -> None:
     model, tok, _, _, graph = build(family)
-    if tok is None:
-        raise Refused("calibration reads text; a pixel-input model has no calibration data in lowbit")
-    g = _quantized(graph, f"smooth-quant({CALIB}),quantize(w=int8,a=int8)")
     x = _inputs(family, model, tok)
+    g = _quantized(graph, f"smooth-quant({CALIB}),quantize(w=int8,a=int8)", _pixels(x) if tok is None else None)
     with torch.no_grad():
         ref = model(*x)
     cos = torch.nn.functional.cosine_similarity(TorchCompiled(g)(*x).flatten(), ref.flatten(), dim=0).item()
@@ -267,10 +276,8 @@ def step_quantize(family: str) -> None:
 
 def step_gptq(family: str) -> None:
     model, tok, _, _, graph = build(family)
-    if tok is None:
-        raise Refused("GPTQ calibrates on text; a pixel-input model has no calibration data in lowbit")
-    g = _quantized(graph, f"gptq(w=int4,group=16,sym=true,{CALIB})")
     x = _inputs(family, model, tok)
+    g = _quantized(graph, f"gptq(w=int4,group=16,sym=true,{CALIB})", _pixels(x) if tok is None else None)
     assert torch.isfinite(TorchCompiled(g)(*x)).all()
 
 
@@ -373,6 +380,21 @@ def test_architecture_step(family, step, tmp_path):
         assert outcome == "works", f"{family} / {step}: {outcome}"
     else:
         assert outcome.startswith("refused: ") and re.search(want, outcome), f"{family} / {step}: {outcome}"
+
+
+def test_pixel_model_calibrates_on_float_inputs_not_text():
+    """A text cannot calibrate a model that reads pixels: the error says what to give (it was a dtype error from
+    deep inside the patch convolution); float inputs of the right rank calibrate it."""
+    from lowbit.passes.manager import PipelineError
+
+    model, tok, _, _, graph = build("vit")
+    with pytest.raises(PipelineError, match=r"input %pixel_values is f32\[.*\], not token ids, so a text cannot "
+                                            r"calibrate it: give calib= float model inputs \[n, 3, "):
+        _quantized(graph, f"gptq(w=int4,group=16,{CALIB})")
+    x = _inputs("vit", model, tok)
+    with pytest.raises(PipelineError, match=r"calibration inputs \(4, 3\) do not fit the graph's input"):
+        _quantized(graph, f"gptq(w=int4,group=16,{CALIB})", torch.randn(4, 3))
+    assert torch.isfinite(TorchCompiled(_quantized(graph, f"gptq(w=int4,group=16,{CALIB})", _pixels(x)))(*x)).all()
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])

@@ -27,7 +27,6 @@ sys.path.insert(0, str(ROOT))
 SHORT = [
     (r"post-norm encoder.*", "refused: post-norm (norm output feeds the residual)"),
     (r"no place to fold scales.*", "refused: no norm/gated site to fold scales into"),
-    (r"calibration reads text.*|GPTQ calibrates on text.*", "refused: no text calibration for pixel inputs"),
     (r"lowbit records no HF wrapper.*", "refused: no HF wrapper recorded for pixel models"),
     (r"has no causal-LM head.*", "refused: not a causal LM (no lm_head to generate with)"),
     (r"sandwich / post-norm.*", "refused: post-norm gains on the residual stream"),

@@ -86,7 +86,9 @@ class CalibrationOptions(PassOptions):
 
     calib: str | torch.Tensor = DEFAULT_CALIBRATION_TEXT
     """Calibration data: a shipped text name, a text file, a ``.safetensors`` file of token ids, or (Python API)
-    a tensor of token ids — ``[n, L]`` windows used as they are, or a 1-D stream cut like a text."""
+    a tensor of token ids — ``[n, L]`` windows used as they are, or a 1-D stream cut like a text. A model whose
+    input is float (a ViT's pixels, features) takes float inputs ``[n, ...]`` instead (a tensor or a
+    ``.safetensors`` file of one)."""
     calib_n: int = Field(default=32, ge=1)
     """Calibration sequences (the shipped text has 117 windows of 512; give a longer file for more)."""
     calib_len: int = Field(default=512, ge=2)
@@ -105,8 +107,9 @@ class CalibrationOptions(PassOptions):
     @field_validator("calib")
     @classmethod
     def _calib_ids(cls, calib: str | torch.Tensor) -> str | torch.Tensor:
-        """A tensor must be integer token ids, ``[n, L]`` windows or a 1-D stream (checked when the pass is built)."""
-        if isinstance(calib, torch.Tensor):
+        """A tensor must be integer token ids, ``[n, L]`` windows or a 1-D stream (checked when the pass is built),
+        or float model inputs (a model whose input is pixels or features; checked against the graph's input)."""
+        if isinstance(calib, torch.Tensor) and not calib.dtype.is_floating_point:
             given_windows(calib if calib.dim() != 1 else calib[:2], 1, 2, "calib")  # ValueError: dtype or shape
         return calib
 
@@ -131,6 +134,9 @@ class CalibrationOptions(PassOptions):
         shown = _fmt(self.calib) if isinstance(self.calib, torch.Tensor) else repr(self.calib)
         try:
             given = calibration_tensor(self.calib)
+            first = graph.inputs[0].tensor_type if graph.inputs else None
+            if first is not None and first.dtype.is_floating_point:
+                return _float_inputs(given, graph.inputs[0].name, first, self.calib_n)
             if given is not None:
                 ids, source = given_windows(given, self.calib_n, self.calib_len, shown), "the given token ids"
             else:
@@ -147,6 +153,20 @@ class CalibrationOptions(PassOptions):
         """``batch_size``, unless ``graph`` was captured with a static batch: it can take no other."""
         static = static_batch(graph)
         return static if static is not None else self.batch_size
+
+
+def _float_inputs(given: torch.Tensor | None, name: str, expected: Any, n: int) -> torch.Tensor:
+    """Calibration inputs of a model that reads floats (pixels, features), not token ids: the given float tensor
+    ``[n, ...]`` of the graph's input rank, its first ``n`` rows in the input's dtype."""
+    if given is None or not given.dtype.is_floating_point:
+        what = "a text" if given is None else f"{given.dtype} token ids"
+        raise ValueError(f"the graph's input %{name} is {expected}, not token ids, so {what} cannot calibrate it: "
+                         f"give calib= float model inputs [n, {', '.join(str(d) for d in expected.shape[1:])}] (a "
+                         "tensor in Python, or a .safetensors file holding one)")
+    if given.dim() != expected.rank or given.shape[0] < 1:
+        raise ValueError(f"calibration inputs {tuple(given.shape)} do not fit the graph's input %{name} {expected} "
+                         f"(rank {expected.rank}, one row per sample)")
+    return given[:n].to(expected.dtype)
 
 
 @dataclass
