@@ -332,7 +332,7 @@ N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major ke
     ("int8", 64, True, 3, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2}),
     ("int4", 32, False, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PREFETCH": 1}),
     ("int4", 128, False, 5, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "SWAP": True, "SPLIT_K": 2, "PAIRS": True}),
-    ("uint4", 0, True, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PAIRS": True}),
+    ("uint4", 0, False, 16, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PAIRS": True}),
     # prefill M (16 < M <= 256): 32- and 64-row tiles, a partial last row tile, split-K
     ("int4", 128, False, 40, {"TC": True, "BLOCK_M": 32, "BLOCK_N": 16, "SWAP": False, "SPLIT_K": 2}),
     ("int4", 64, True, 70, {"TC": True, "BLOCK_M": 64, "BLOCK_N": 32, "SWAP": False, "SPLIT_K": 1, "PREFETCH": 1}),
@@ -340,7 +340,7 @@ N_MAJOR_CASES = [  # qdtype, group, symmetric, M, launch config: both N-major ke
     ("int4", 128, False, 40, {"TC": True, "BLOCK_M": 32, "BLOCK_N": 16, "PS": 4, "SPLIT_K": 2}),
     ("int4", 0, False, 20, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "PS": 8, "SPLIT_K": 1}),
     ("int4", 32, True, 3, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 16, "PS": 2, "SPLIT_K": 3}),
-    ("uint4", 64, True, 17, {"TC": True, "BLOCK_M": 32, "BLOCK_N": 16, "PS": 4, "SPLIT_K": 1}),
+    ("uint4", 64, False, 17, {"TC": True, "BLOCK_M": 32, "BLOCK_N": 16, "PS": 4, "SPLIT_K": 1}),
     # _tc_chunk with SWAP (the weights as the dot's first operand): g128 asym split-K, per channel
     ("int4", 128, False, 40, {"TC": True, "BLOCK_M": 32, "BLOCK_N": 16, "PS": 4, "SPLIT_K": 2, "SWAP": True}),
     ("int4", 0, True, 20, {"TC": True, "BLOCK_M": 16, "BLOCK_N": 32, "PS": 8, "SPLIT_K": 1, "SWAP": True}),
