@@ -387,6 +387,19 @@ def test_save_where_no_directory_can_be_made_is_a_checkpoint_error(float_slice, 
         lowbit.save(graph, blocker / "sub" / "out", format="lowbit")
 
 
+def test_saving_over_a_lowbit_output_keeps_files_the_user_added(float_slice, tmp_path):
+    """A directory lowbit wrote is replaced whole by the next save: a file the user put there (notes, a graph
+    drawing) was deleted without a word. Now only what the manifest lists may go; anything else refuses the save."""
+    graph = _compiled(float_slice, "quantize(w=int8)")
+    out = lowbit.save(graph, tmp_path / "out", format="lowbit")
+    (out / "NOTES.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"also holds files lowbit did not write there \(NOTES\.txt\)"):
+        lowbit.save(graph, out, format="lowbit")
+    assert (out / "NOTES.txt").read_text() == "mine"
+    (out / "NOTES.txt").unlink()
+    lowbit.save(graph, out, format="compressed-tensors")  # only its own files: replaced
+
+
 def test_failed_save_leaves_nothing_and_stale_temporaries_are_cleaned(float_slice, tmp_path):
     graph = _compiled(float_slice, "quantize(w=int8,a=int8,kv=int8)")
     with pytest.raises(CheckpointError, match=r"quantizes the KV cache .* kv_cache_scheme"):

@@ -276,7 +276,7 @@ def test_compile_minilm_diff_and_failure_leaves_out_untouched(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    (out / "lowbit-manifest.json").write_text("{}")  # an earlier output: one lowbit may replace
+    (out / "lowbit-manifest.json").write_text('{"files": {"keep.txt": {}}}')  # an earlier output lowbit may replace
     repro = tmp_path / "repro"
     res = invoke("compile", "minilm", "--pipeline", "fold-norms,test-explode,dce", "-o", out,
                  "--reproducer", repro, "--print-ir-after-all", "--filter", r"^pooler", "--no-verify-each", code=4)

@@ -33,6 +33,9 @@ class CheckpointError(LowbitError, ValueError):
 
 
 LOWBIT_MARKERS = (MANIFEST, "reproducer.json", "model.lowbit")
+REPRODUCER_FILES = ("reproducer.json", "README.md", "before.lowbit", "before.safetensors", "inputs.pt", "pipeline.txt",
+                    "error.txt")
+"""What ``lowbit.cli.reproducer.write_reproducer`` writes."""
 """Files only lowbit's outputs hold (checkpoints and compile -o, reproducers, IR artefacts)."""
 
 
@@ -46,11 +49,39 @@ def not_replaceable(final: Path) -> str | None:
     if final.resolve() == Path.cwd().resolve() or final.resolve() in Path.cwd().resolve().parents:
         return "it is the working directory (or holds it): give a directory below it"
     names = sorted(p.name for p in final.iterdir())
-    if not names or any(m in names for m in LOWBIT_MARKERS):
+    if not names:
         return None
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return (f"it holds files lowbit did not write ({shown}; no {MANIFEST}) and replacing it would delete "
-            "them: give a new or empty directory")
+    if not any(m in names for m in LOWBIT_MARKERS):
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return (f"it holds files lowbit did not write ({shown}; no {MANIFEST}) and replacing it would delete "
+                "them: give a new or empty directory")
+    foreign = sorted(set(_files_below(final)) - _lowbit_files(final))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return (f"it is a lowbit output that also holds files lowbit did not write there ({shown}), and replacing "
+                "it would delete them: move them out, or give another directory")
+    return None
+
+
+def _files_below(directory: Path) -> list[str]:
+    return [p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() or p.is_symlink()]
+
+
+def _lowbit_files(directory: Path) -> set[str]:
+    """The files a lowbit output directory's own records name: its manifest's list (plus the manifest), a
+    reproducer's fixed set. A directory whose records cannot be read names none, so nothing in it is taken for
+    lowbit's."""
+    names: set[str] = set()
+    try:
+        if (directory / MANIFEST).is_file():
+            names |= {MANIFEST, *json.loads((directory / MANIFEST).read_text()).get("files", {})}
+        if (directory / "reproducer.json").is_file():
+            names |= set(REPRODUCER_FILES)
+        elif (directory / "model.lowbit").is_file() and not (directory / MANIFEST).is_file():
+            names |= set(_files_below(directory))  # an IR written before manifests existed: as it was accepted
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()
+    return names
 
 
 @contextmanager
