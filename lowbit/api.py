@@ -267,7 +267,11 @@ def plan_compile(passes: Sequence[Pass], backend: str,
     spec.check_built()
     opts = spec.parse_options(dict(backend_options or {})).model_dump()
     spec.check_available()
-    extra = parse_pipeline(spec.passes) if spec.passes else []
+    # the backend's own passes, but for those the pipeline already runs where the user put them: appended again
+    # they would follow passes that must come after them (merge-linears after fuse-qlinear), an order no pipeline
+    # could then satisfy
+    given = {p.name for p in passes}
+    extra = [p for p in (parse_pipeline(spec.passes) if spec.passes else []) if p.name not in given]
     gaps = []
     for p in [*passes, *extra]:
         for op in getattr(p, "creates", ()):

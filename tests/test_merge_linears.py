@@ -122,3 +122,23 @@ def test_float_linears_merge_too():
     assert "linear(%x, @a_b_c.weight, @a_b_c.bias)  #  | fused a, b, c" in print_graph(g)
     for a, b in zip(TorchCompiled(g)(x), ref, strict=True):  # toy widths: to float32 rounding (module doc)
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_pipeline_running_a_backend_pass_itself_compiles(backend):
+    """The backend appends its passes (fuse-qlinear for ONNX Runtime) only where the pipeline lacks them: a user
+    pipeline with fuse-qlinear then merge-linears got a second fuse-qlinear after merge-linears and was refused
+    whatever the user wrote. It compiles now, with merge-linears in the report, and matches the torch reference."""
+    from conftest import tiny_llama
+
+    import lowbit
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97, max_positions=64)
+    ids = torch.randint(0, 97, (1, 12))
+    pipe = "quantize(w=int8,a=int8),fuse-qlinear,merge-linears"
+    compiled = lowbit.compile_model(model, (ids,), pipeline=pipe, backend=backend)
+    names = [r.name for r in compiled.report.pipeline.records]
+    assert names.count("fuse-qlinear") == 1 and "merge-linears" in names
+    ref = lowbit.compile_model(model, (ids,), pipeline=pipe, backend="torch")
+    assert (compiled(ids) - ref(ids)).abs().max().item() <= 1e-4 * ref(ids).abs().max().item()
