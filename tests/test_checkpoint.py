@@ -400,6 +400,18 @@ def test_saving_over_a_lowbit_output_keeps_files_the_user_added(float_slice, tmp
     lowbit.save(graph, out, format="compressed-tensors")  # only its own files: replaced
 
 
+def test_generate_on_a_loaded_hf_checkpoint_says_what_to_do(float_slice, tmp_path):
+    """An HF-format checkpoint holds the logits forward only: generate() on its load said "compile it with
+    compile_model(generation=...)", which refuses quantized checkpoints and points back at lowbit.load (a loop).
+    It now names the format and the ways that work."""
+    from lowbit.generate import GenerationError
+
+    out = lowbit.save(_compiled(float_slice, "quantize(w=int4,group=64)"), tmp_path / "ct", format="compressed-tensors")
+    with pytest.raises(GenerationError, match=r"loaded from a compressed-tensors checkpoint.*cannot generate from it "
+                                              r"yet.*format='lowbit'"):
+        lowbit.load(out).generate([[1, 2, 3]], 4)
+
+
 def test_failed_save_leaves_nothing_and_stale_temporaries_are_cleaned(float_slice, tmp_path):
     graph = _compiled(float_slice, "quantize(w=int8,a=int8,kv=int8)")
     with pytest.raises(CheckpointError, match=r"quantizes the KV cache .* kv_cache_scheme"):

@@ -619,6 +619,7 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None) -> tupl
     cfg = QuantConfig(rules=rules, keep_float=[])
     quantize_graph(graph, cfg)
     _install_codes(graph, plan, directory)
+    graph.meta["loaded_format"] = method  # what generate() names when asked for a step graph this is not
     return graph, tokenizer, kind
 
 
