@@ -148,6 +148,17 @@ AFTER_LOAD = [
 ]
 
 
+def test_debug_windows_that_cannot_fit_in_memory_are_refused(monkeypatch):
+    """debug compare/bisect/sensitivity hold every window's logits: a request past the machine's memory was an
+    allocator traceback (or swapped the machine at 22.8 GB); it is refused with the window count that fits."""
+    from lowbit.cli import probes
+
+    monkeypatch.setattr(probes, "_available_bytes", lambda: 4 * 2**30)
+    got, out = run(["debug", "compare", "smollm2:2", "-p", "quantize(w=int4)", "--windows", "16", "--seq-len", "512"])
+    assert got == int(Exit.USAGE), out
+    assert "--windows 16 x --seq-len 512 needs ~21.0 GiB" in out and "use --windows 2 or fewer" in out, out
+
+
 @pytest.mark.parametrize("args, code, fragment", AFTER_LOAD, ids=[" ".join(a[:5]) for a, _, _ in AFTER_LOAD])
 def test_probe_silent_no_ops_are_errors(tmp_path, args, code, fragment):
     files = _files(tmp_path)

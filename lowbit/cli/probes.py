@@ -17,6 +17,24 @@ from lowbit.instruments import compare_outputs
 from lowbit.ir.graph import Graph, Value, blocks
 
 
+PROBE_COPIES = 14
+"""Float32 copies of a run's logits alive at once while comparing, for the memory check before a run (measured:
+debug compare on 16 x 512 windows of a 2-layer SmolLM2 peaked at 22.8 GB RSS, ~14x one copy's 1.6 GB). Runs that
+would need more than 80% of the available memory are refused with the window count that fits."""
+
+
+def _available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 @dataclass
 class EvalInputs:
     """The real inputs one evaluation uses, and how they were chosen (reported alongside the numbers)."""
@@ -36,6 +54,17 @@ def make_inputs(model: LoadedModel, *, windows: int = 4, seq_len: int = 128, n_s
         # InputError traceback (exit 1)
         config = getattr(getattr(model.module, "model", None), "config", None)
         limit = getattr(config, "max_position_embeddings", None)
+        vocab = getattr(config, "vocab_size", None)
+        if isinstance(vocab, int):
+            # a probe holds every window's logits (float32) a few times over (reference, candidate, the loss)
+            need = windows * seq_len * vocab * 4 * PROBE_COPIES
+            avail = _available_bytes()
+            if avail is not None and need > 0.8 * avail:
+                fit = max(1, int(0.8 * avail // (seq_len * vocab * 4 * PROBE_COPIES)))
+                fail(f"--windows {windows} x --seq-len {seq_len} needs ~{need / 2**30:.1f} GiB for the logits "
+                     f"({vocab} per token, kept for the float model and each stage) and this machine has "
+                     f"{avail / 2**30:.1f} GiB available: use --windows {fit} or fewer (or a shorter --seq-len)",
+                     Exit.USAGE)
         if isinstance(limit, int) and seq_len > limit:
             fail(f"--seq-len {seq_len} is longer than the model's max_position_embeddings={limit}, the longest input "
                  f"its graph is captured for: give --seq-len {limit} or less", Exit.USAGE)
