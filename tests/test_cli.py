@@ -323,6 +323,13 @@ def test_debug_compare_smollm2_slice(tmp_path):
     assert html_text.count("<svg") == 2 and "http" not in html_text.replace("http://www.w3.org/2000/svg", "")
 
 
+def test_compile_of_a_compiled_output_says_so(compiled_slice):
+    """A `lowbit compile -o` directory given as the model: it is already compiled (it said 'has a config.json but
+    no weights')."""
+    res = invoke("compile", compiled_slice, "-p", "dce", code=2)
+    assert "is a compiled lowbit model (model.lowbit), not a float model to compile" in res.output
+
+
 def test_debug_compare_marks_removed_blocks_not_comparable():
     """A block a pass removed has no output to compare: its cell reads n/a, not inf (which means exact)."""
     res = invoke("debug", "compare", "smollm2:2", "--pipeline", "prune-blocks(blocks=[model.layers.1])", *SMALL)

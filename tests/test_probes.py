@@ -53,6 +53,9 @@ BEFORE_LOAD = [
      "qdtype uint4 has no negative codes, so a symmetric scheme"),
     (["compile", "smollm2:2", "-p", "quantize(w=int8,a=uint8)"], Exit.USAGE, "sym / a_sym / kv_sym=false"),
     (["compile", "smollm2:2", "-p", "gptq(w=uint4,sym=true)"], Exit.USAGE, "qdtype uint4 has no negative codes"),
+    (["compile", "smollm2:2", "-p", "sparsify(pattern=5:4)"], Exit.USAGE, "pattern '5:4': need 0 < N < M"),
+    (["compile", "smollm2:2", "-p", "dce", "-b", "onnxruntime", "--backend-option", "weight_format=foo"], Exit.USAGE,
+     "option weight_format: Input should be 'qdq' or 'matmulnbits'"),
     # options that would silently do nothing or the opposite of what they say
     (["compile", "smollm2:2", "-p", "fold-norms,dce", "--print-ir-after", "quantize"], Exit.USAGE,
      "the pipeline has no quantize pass (it runs fold-norms, dce)"),

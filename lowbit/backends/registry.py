@@ -179,7 +179,7 @@ class OrtBackendOptions(BackendOptions):
     opset: int | None = None
     attention: str | None = None
     rotary: str | None = None
-    weight_format: str | None = None
+    weight_format: Literal["qdq", "matmulnbits"] | None = None
     accuracy_level: int | None = None
     integer_matmul: bool | None = None
     """Unset options keep ``ORT_LOWERING``'s choices (opset 23, ONNX Attention and RotaryEmbedding, integer GEMM)."""

@@ -511,11 +511,13 @@ def generate_cmd(
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS"
     n_tokens = sum(len(t) for t in out.tokens)
+    decode = (f"decode {out.decode_steps} steps, {out.decode_tokens_per_second:.1f} tokens/s "
+              f"({out.decode_seconds * 1000 / out.decode_steps:.1f} ms/step, batch {len(prompt)})"
+              if out.decode_steps else "no decode step (prefill made every token)")
     err_console.print(
         f"compile {compile_s:.1f} s ({text or 'float'}); prefill {out.prefill_seconds * 1000:.1f} ms for "
-        f"{sum(out.prompt_lengths)} tokens; decode {out.decode_steps} steps, {out.decode_tokens_per_second:.1f} "
-        f"tokens/s ({out.decode_seconds * 1000 / max(out.decode_steps, 1):.1f} ms/step, batch {len(prompt)}); "
-        f"{n_tokens} new tokens; peak memory {peak}", markup=False, highlight=False)
+        f"{sum(out.prompt_lengths)} tokens; {decode}; {n_tokens} new tokens; peak memory {peak}", markup=False,
+        highlight=False)
 
 
 @app.command("replay")

@@ -51,7 +51,7 @@ import time
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from lowbit.calibration.block_refit import RefitOptions, refit_block
@@ -127,6 +127,13 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
     refit_target: Literal["float", "pruned-input"] = "float"
     """refit: match the float model's block output on the float model's own input (``float``: a block also learns
     to undo what earlier pruned blocks got wrong), or the float block on the pruned model's input."""
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        """``unstructured`` or ``N:M`` with 0 < N < M, checked when the pipeline is parsed (not after capture)."""
+        parse_pattern(v, 0.5)
+        return v
 
     @model_validator(mode="after")
     def _refit_needs_calibration(self) -> SparsifyOptions:
