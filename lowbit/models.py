@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import hashlib
 import inspect
 import json
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ MINILM_MAX_SEQ_LENGTH = 256
 
 _ACCEPTED = (
     '"smollm2", "minilm", a local Hugging Face model directory (with config.json), '
-    "or a .gguf file"
+    "or a .gguf file; NAME:N keeps its first N blocks (smollm2:2)"
 )
 
 
@@ -511,6 +512,47 @@ def _is_causal_lm(directory: Path) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
+SLICE = re.compile(r"^(?P<name>.+):(?P<n>\d+)$")
+"""``NAME:N``: the model ``NAME`` cut to its first ``N`` blocks (``smollm2:2``)."""
+
+
+def layer_list(module: nn.Module) -> tuple[Any, Any] | None:
+    """(container holding the block list, config) of a CausalLMLogits or SentenceEmbedder, if recognisable."""
+    inner = getattr(module, "model", None)
+    if inner is not None and hasattr(getattr(inner, "model", None), "layers"):
+        return inner.model, inner.config
+    enc = getattr(module, "encoder", None)
+    if enc is not None and hasattr(getattr(enc, "encoder", None), "layer"):
+        return enc.encoder, enc.config
+    return None
+
+
+def cut_layers(module: nn.Module, n_layers: int, spec: str) -> nn.Module:
+    """A copy of ``module`` keeping its first ``n_layers`` blocks (final norm and head kept) that shares every
+    weight tensor with it: cutting the copy must not touch the original, and duplicating its weights would cost
+    seconds. ValueError naming ``spec`` when the count or the model does not allow it."""
+    import copy
+
+    if n_layers < 1:
+        raise ValueError(f"model {spec!r}: the layer count after ':' must be at least 1")
+    found = layer_list(module)
+    if found is None:
+        raise ValueError(f"model {spec!r}: cannot cut {type(module).__name__} to {n_layers} layers (no decoder/"
+                         "encoder layer list found)")
+    holder, _ = found
+    attr = "layers" if hasattr(holder, "layers") else "layer"
+    total = len(getattr(holder, attr))
+    if n_layers > total:
+        raise ValueError(f"model {spec!r}: the model has only {total} layers")
+    memo: dict[int, Any] = {id(t): t for t in module.parameters()}
+    memo.update({id(t): t for t in module.buffers()})
+    cut = copy.deepcopy(module, memo)
+    holder, config = layer_list(cut)  # type: ignore[misc]
+    setattr(holder, attr, getattr(holder, attr)[:n_layers])
+    config.num_hidden_layers = n_layers
+    return cut.eval()
+
+
 def load_model(
     name_or_path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, ModelKind]:
@@ -518,9 +560,14 @@ def load_model(
 
     The module is a `CausalLMLogits` (kind "causal-lm": ids -> logits) or a `SentenceEmbedder`
     (kind "encoder": ids, mask -> embeddings), in eval mode; the HF model is its `.model` /
-    `.encoder`. A GGUF file is dequantized to float once and cached, like SmolLM2.
+    `.encoder`. A GGUF file is dequantized to float once and cached, like SmolLM2. ``NAME:N`` (``smollm2:2``)
+    is that model cut to its first N blocks, as the CLI reads it.
     """
     name = str(name_or_path)
+    m = SLICE.match(name)
+    if m and not Path(name).expanduser().exists():
+        module, tokenizer, kind = load_model(m.group("name"), dtype)
+        return cut_layers(module, int(m.group("n")), name), tokenizer, kind
     if name == "smollm2":
         model, tokenizer = load_smollm2(dtype)
         return CausalLMLogits(model).eval(), tokenizer, "causal-lm"

@@ -323,6 +323,17 @@ def test_debug_compare_smollm2_slice(tmp_path):
     assert html_text.count("<svg") == 2 and "http" not in html_text.replace("http://www.w3.org/2000/svg", "")
 
 
+def test_python_api_takes_the_cli_slice_spec():
+    """``NAME:N`` works in lowbit.compile_model as in every CLI command (it was 'no such file or directory')."""
+    import lowbit
+
+    compiled = lowbit.compile_model("smollm2:2", pipeline="quantize(w=int8)")
+    assert sorted({n.module.split(".")[2] for n in compiled.graph.nodes if n.op == "linear" and
+                   n.module.startswith("model.layers.")}) == ["0", "1"]
+    with pytest.raises(ValueError, match=r"'smollm2:99': the model has only 30 layers"):
+        lowbit.compile_model("smollm2:99")
+
+
 def test_compile_of_a_compiled_output_says_so(compiled_slice):
     """A `lowbit compile -o` directory given as the model: it is already compiled (it said 'has a config.json but
     no weights')."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -73,8 +72,6 @@ def fail(message: str, code: Exit) -> NoReturn:
 
 # ---- models -------------------------------------------------------------------------------------
 
-_SLICE = re.compile(r"^(?P<name>.+):(?P<n>\d+)$")
-
 
 @dataclass
 class LoadedModel:
@@ -91,17 +88,6 @@ _MODELS: dict[str, LoadedModel] = {}
 _GRAPHS: dict[str, Any] = {}
 
 
-def _decoder_layers(module: Any) -> tuple[Any, Any] | None:
-    """(container holding the layer list, config) of a CausalLMLogits or SentenceEmbedder, if recognisable."""
-    inner = getattr(module, "model", None)
-    if inner is not None and hasattr(getattr(inner, "model", None), "layers"):
-        return inner.model, inner.config
-    enc = getattr(module, "encoder", None)
-    if enc is not None and hasattr(getattr(enc, "encoder", None), "layer"):
-        return enc.encoder, enc.config
-    return None
-
-
 def load(spec: str) -> LoadedModel:
     """Load ``spec`` (``smollm2``, ``minilm``, a path; ``NAME:N`` keeps the first N blocks) once per process.
 
@@ -110,14 +96,12 @@ def load(spec: str) -> LoadedModel:
     """
     if spec in _MODELS:
         return _MODELS[spec]
-    from lowbit.models import load_model
+    from lowbit.models import SLICE, load_model
 
     name, n_layers = spec, None
-    m = _SLICE.match(spec)
+    m = SLICE.match(spec)
     if m and not Path(spec).exists():
         name, n_layers = m.group("name"), int(m.group("n"))
-        if n_layers < 1:
-            fail(f"model {spec!r}: the layer count after ':' must be at least 1", Exit.USAGE)
     base = _MODELS.get(name)
     if base is None:
         from lowbit.errors import CorruptFileError
@@ -131,26 +115,13 @@ def load(spec: str) -> LoadedModel:
         base = _MODELS[name] = LoadedModel(name, module, tokenizer, kind)
     if n_layers is None:
         return base
-    import copy
+    from lowbit.models import cut_layers
 
-    found = _decoder_layers(base.module)
-    if found is None:
-        fail(f"model {spec!r}: cannot cut {type(base.module).__name__} to {n_layers} layers "
-             "(no decoder/encoder layer list found)", Exit.USAGE)
-    holder, config = found
-    attr = "layers" if hasattr(holder, "layers") else "layer"
-    total = len(getattr(holder, attr))
-    if n_layers > total:
-        fail(f"model {spec!r}: {name} has only {total} layers", Exit.USAGE)
-    # copy the module tree but share every weight tensor: cutting the copy's layer list must not touch the
-    # cached full model, and duplicating 500 MB of weights would cost seconds
-    memo: dict[int, Any] = {id(t): t for t in base.module.parameters()}
-    memo.update({id(t): t for t in base.module.buffers()})
-    module = copy.deepcopy(base.module, memo)
-    holder, config = _decoder_layers(module)  # type: ignore[misc]
-    setattr(holder, attr, getattr(holder, attr)[:n_layers])
-    config.num_hidden_layers = n_layers
-    sliced = _MODELS[spec] = LoadedModel(spec, module.eval(), base.tokenizer, base.kind, n_layers)
+    try:
+        module = cut_layers(base.module, n_layers, spec)
+    except ValueError as exc:
+        fail(str(exc), Exit.USAGE)
+    sliced = _MODELS[spec] = LoadedModel(spec, module, base.tokenizer, base.kind, n_layers)
     return sliced
 
 
