@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m lowbit", description=__doc__.splitlines()[0],
                                      epilog=EXIT_CODES_HELP)
-    parser.add_argument("--model", default="smollm2", help="smollm2, minilm, an HF directory or a .gguf file; "
-                        "NAME:N keeps the first N blocks (smollm2:2)")
+    parser.add_argument("--model", default="smollm2", help="a causal LM (perplexity needs one): smollm2, an HF "
+                        "*ForCausalLM directory or a .gguf file; NAME:N keeps the first N blocks (smollm2:2). "
+                        "Encoders (minilm): `lowbit debug compare minilm ...` measures them")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--recipe", default=None, help=f"named recipe (default {DEFAULT_RECIPE} when it exists)")
     group.add_argument("--pipeline", default=None, help='pass pipeline text, e.g. "fold-norms,dce"')
@@ -85,7 +86,9 @@ def run(args: argparse.Namespace, recipe: str | None, pipeline: str | None, pass
     loaded = load(args.model)
     model, tokenizer, kind = loaded.module, loaded.tokenizer, loaded.kind
     if kind != "causal-lm":
-        fail(f"--model {args.model}: an encoder; perplexity needs a causal LM", Exit.USAGE)
+        fail(f"--model {args.model}: an encoder; perplexity needs a causal LM (smollm2, an HF *ForCausalLM "
+             f"directory, a .gguf). Measure an encoder with `lowbit debug compare {args.model} --pipeline ...` "
+             "(1 - embedding cosine)", Exit.USAGE)
     n_windows = args.windows or None
     try:
         windows(token_ids(args.text, tokenizer), args.seq_len, n_windows)

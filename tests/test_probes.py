@@ -106,6 +106,7 @@ MAIN_PROBES = [
     (["--pipeline", "gptq(calib=/no/calib.txt)"], Exit.NOT_FOUND, "option calib='/no/calib.txt'"),
     (["--model", "/no/such/model", "--pipeline", "dce"], Exit.NOT_FOUND, "no such file or directory"),
     (["--model", "smollm2:0", "--pipeline", "dce"], Exit.USAGE, "at least 1"),
+    (["--model", "minilm", "--pipeline", "dce"], Exit.USAGE, "Measure an encoder with `lowbit debug compare minilm"),
 ]
 
 
