@@ -623,8 +623,9 @@ def check_model_dir(path: Path) -> None:
     found before transformers is asked (it would say "not valid JSON" about a GGUF, or fail deep inside)."""
     config = path / "config.json"
     if (path / "model.lowbit").is_file():  # `lowbit compile -o` / save(format="lowbit") output: already compiled
-        raise ValueError(f"model {str(path)!r} is a compiled lowbit model (model.lowbit), not a float model to compile: "
-                         f"run it with lowbit.load({str(path)!r}), or compile the float model it was made from")
+        raise ValueError(f"model {str(path)!r} is a compiled lowbit model (model.lowbit), not a float model to "
+                         f"compile: run it with lowbit.load({str(path)!r}), or compile the float model it was made "
+                         "from")
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -325,8 +325,8 @@ def test_online_hadamard_is_refused_and_folded_rotations_round_trip(float_slice,
     node and the way out; with only the rotations that fold into weights the checkpoint loads in transformers to
     the compiled model's logits."""
     online = _compiled(float_slice, "fold-norms,rotate,quantize(w=int4,group=64)")
-    with pytest.raises(CheckpointError, match=r"\(hadamard, module 'model\.layers\.0\.mlp\.down_proj'\).*online Hadamard"
-                                              r".*rotate\(online=false,qk=false\).*format='lowbit'"):
+    with pytest.raises(CheckpointError, match=r"\(hadamard, module 'model\.layers\.0\.mlp\.down_proj'\).*online "
+                                              r"Hadamard.*rotate\(online=false,qk=false\).*format='lowbit'"):
         lowbit.save(online, tmp_path / "online", format=fmt)
     assert not (tmp_path / "online").exists()
     graph = _compiled(float_slice, "fold-norms,rotate(online=false,qk=false),quantize(w=int4,group=64)")

@@ -33,10 +33,10 @@ class CheckpointError(LowbitError, ValueError):
 
 
 LOWBIT_MARKERS = (MANIFEST, "reproducer.json", "model.lowbit")
+"""Files only lowbit's outputs hold (checkpoints and compile -o, reproducers, IR artefacts)."""
 REPRODUCER_FILES = ("reproducer.json", "README.md", "before.lowbit", "before.safetensors", "inputs.pt", "pipeline.txt",
                     "error.txt")
 """What ``lowbit.cli.reproducer.write_reproducer`` writes."""
-"""Files only lowbit's outputs hold (checkpoints and compile -o, reproducers, IR artefacts)."""
 
 
 def not_replaceable(final: Path) -> str | None:

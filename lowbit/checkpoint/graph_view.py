@@ -180,7 +180,7 @@ def _qk_rotations(graph: Graph) -> set[int]:
     users = graph.users()
     exact: set[int] = set()
     for rotaries in by_module.values():
-        hads = [[u for u in users.get(id(r.output), [])] for r in rotaries]
+        hads = [users.get(id(r.output), []) for r in rotaries]
         if len(rotaries) == 2 and all(len(h) == 1 and h[0].op == "hadamard" for h in hads):
             exact.update(id(h[0]) for h in hads)
     return exact

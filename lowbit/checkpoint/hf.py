@@ -209,10 +209,10 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
     tied = _tied(model)
     if tied is not None:
         head, emb = tied
-        if emb not in view.tensors and head in view.tensors and head not in view.quantized:
+        head_quantized = head.rsplit(".", 1)[0] in view.quantized  # quantized linears are keyed by module
+        if emb not in view.tensors and head in view.tensors and not head_quantized:
             view.tensors[emb] = view.tensors[head]  # capture named the shared tensor after the head
         head_t = view.tensors.get(head)
-        head_quantized = head.rsplit(".", 1)[0] in view.quantized  # quantized linears are keyed by module
         if head_quantized or (head_t is not None and emb in view.tensors
                                       and not torch.equal(head_t, view.tensors[emb])):
             # a pass changed or quantized the head alone: the checkpoint unties it

@@ -102,6 +102,8 @@ def load(spec: str) -> LoadedModel:
     m = SLICE.match(spec)
     if m and not Path(spec).exists():
         name, n_layers = m.group("name"), int(m.group("n"))
+        if n_layers < 1:  # before loading the model (cut_layers says the same after)
+            fail(f"model {spec!r}: the layer count after ':' must be at least 1", Exit.USAGE)
     base = _MODELS.get(name)
     if base is None:
         from lowbit.errors import CorruptFileError

@@ -72,7 +72,8 @@ class QScheme(BaseModel):
         if self.symmetric and not qd.is_float and qd.qmin == 0:
             raise ValueError(f"qdtype {self.qdtype} has no negative codes, so a symmetric scheme (zero point 0) would "
                              f"clamp every negative value to 0: use int{qd.bits} for a symmetric grid, or an "
-                             "asymmetric one with a zero point (symmetric=false; pass options sym / a_sym / kv_sym=false)")
+                             "asymmetric one with a zero point (symmetric=false; pass options sym / a_sym / "
+                             "kv_sym=false)")
         if self.granularity == "per_group" and self.group_size is None:
             raise ValueError("granularity per_group needs group_size")
         if self.clip_ratio != 1.0 and not self.dynamic:
