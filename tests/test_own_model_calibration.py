@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import lowbit
 from lowbit.passes.base import PassError
+from lowbit.passes.manager import PipelineError
 
 GPTQ = "gptq(w=int4,group=32,calib_n=2,calib_len=16,progress=false)"
 
@@ -58,5 +59,6 @@ def test_calibration_token_ids_from_a_tensor_or_a_safetensors_file(tmp_path):
 
     with pytest.raises(Exception, match="the given token ids produces id 300, outside the model's vocabulary of 128"):
         lowbit.compile_model(model, pipeline=GPTQ, calib=torch.full((2, 16), 300))
-    with pytest.raises(PassError, match="must be integers"):
+    with pytest.raises(PipelineError, match=r"must be integers, got torch.float32 \(float inputs calibrate a model "
+                                            r"whose input is float; this graph's input %input_ids is i64"):
         lowbit.compile_model(model, pipeline=GPTQ, calib=torch.rand(2, 16))

@@ -54,6 +54,9 @@ def make_inputs(model: LoadedModel, *, windows: int = 4, seq_len: int = 128, n_s
         # InputError traceback (exit 1)
         config = getattr(getattr(model.module, "model", None), "config", None)
         limit = getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int) and seq_len > limit:
+            fail(f"--seq-len {seq_len} is longer than the model's max_position_embeddings={limit}, the longest input "
+                 f"its graph is captured for: give --seq-len {limit} or less", Exit.USAGE)
         vocab = getattr(config, "vocab_size", None)
         if isinstance(vocab, int):
             # a probe holds every window's logits (float32) a few times over (reference, candidate, the loss)
@@ -65,9 +68,6 @@ def make_inputs(model: LoadedModel, *, windows: int = 4, seq_len: int = 128, n_s
                      f"({vocab} per token, kept for the float model and each stage) and this machine has "
                      f"{avail / 2**30:.1f} GiB available: use --windows {fit} or fewer (or a shorter --seq-len)",
                      Exit.USAGE)
-        if isinstance(limit, int) and seq_len > limit:
-            fail(f"--seq-len {seq_len} is longer than the model's max_position_embeddings={limit}, the longest input "
-                 f"its graph is captured for: give --seq-len {limit} or less", Exit.USAGE)
 
         try:
             ids = cut(token_ids("wikitext2-test", model.tokenizer), seq_len, windows)

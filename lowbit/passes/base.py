@@ -138,6 +138,10 @@ class CalibrationOptions(PassOptions):
             if first is not None and first.dtype.is_floating_point:
                 return _float_inputs(given, graph.inputs[0].name, first, self.calib_n)
             if given is not None:
+                if given.dtype.is_floating_point:
+                    raise ValueError(f"calibration token ids must be integers, got {given.dtype} (float inputs "
+                                     f"calibrate a model whose input is float; this graph's input "
+                                     f"%{graph.inputs[0].name} is {first})")
                 ids, source = given_windows(given, self.calib_n, self.calib_len, shown), "the given token ids"
             else:
                 check_default_tokenizer(graph, self.tokenizer)
