@@ -9,7 +9,6 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import lowbit
-from lowbit.passes.base import PassError
 from lowbit.passes.manager import PipelineError
 
 GPTQ = "gptq(w=int4,group=32,calib_n=2,calib_len=16,progress=false)"
