@@ -98,10 +98,9 @@ class CompiledModel(torch.nn.Module):
         meta = self.graph.meta.get("generation")
         if meta is None and self.graph.meta.get("loaded_format") in ("compressed-tensors", "gptq"):
             raise GenerationError(
-                f"this model was loaded from a {self.graph.meta['loaded_format']} checkpoint, which holds the weights "
-                "of the input_ids -> logits forward only: lowbit cannot generate from it yet. Generate from the "
-                "float model it was made from (compile_model(float_model, pipeline=..., generation=GenerationSpec("
-                "...))), or save that compile with format='lowbit', which keeps the generation step")
+                f"this model was loaded from a {self.graph.meta['loaded_format']} checkpoint as input_ids -> logits "
+                "(no KV cache): load it with lowbit.load(directory, generation=GenerationSpec(max_length=..., "
+                "max_batch=...)) to generate")
         if meta is None:
             raise GenerationError(
                 "this model was compiled as input_ids -> logits, with no KV cache: compile it with "

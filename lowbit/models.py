@@ -609,9 +609,8 @@ def _refuse_quantized_dir(path: Path, name: str) -> None:
         return
     method = qcfg.get("quant_method", "unknown method")
     raise ValueError(f"model {name!r} is a quantized checkpoint (quantization_config: {method}); lowbit compiles "
-                     "float models: pass the float model it was made from, or run this one's forward with "
-                     f"lowbit.load({name!r}) (checkpoints lowbit.save wrote; generation needs the float model's "
-                     "compile, or a checkpoint saved with format='lowbit' from one)")
+                     "float models: pass the float model it was made from, or run this one with "
+                     f"lowbit.load({name!r}) (add generation=GenerationSpec(...) to generate with it)")
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

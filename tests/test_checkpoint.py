@@ -400,16 +400,25 @@ def test_saving_over_a_lowbit_output_keeps_files_the_user_added(float_slice, tmp
     lowbit.save(graph, out, format="compressed-tensors")  # only its own files: replaced
 
 
-def test_generate_on_a_loaded_hf_checkpoint_says_what_to_do(float_slice, tmp_path):
-    """An HF-format checkpoint holds the logits forward only: generate() on its load said "compile it with
-    compile_model(generation=...)", which refuses quantized checkpoints and points back at lowbit.load (a loop).
-    It now names the format and the ways that work."""
-    from lowbit.generate import GenerationError
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_hf_checkpoint_loads_for_generation(tmp_path, fmt):
+    """lowbit.load(dir, generation=...) captures the generation step with the stored codes: its greedy tokens are
+    those of the compile that wrote the checkpoint. generate() on a plain load says how (it pointed at
+    compile_model(generation=), which refuses quantized checkpoints and points back at lowbit.load: a loop)."""
+    from lowbit.generate import GenerationError, GenerationSpec
 
-    out = lowbit.save(_compiled(float_slice, "quantize(w=int4,group=64)"), tmp_path / "ct", format="compressed-tensors")
-    with pytest.raises(GenerationError, match=r"loaded from a compressed-tensors checkpoint.*cannot generate from it "
-                                              r"yet.*format='lowbit'"):
-        lowbit.load(out).generate([[1, 2, 3]], 4)
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97, max_positions=64)
+    spec = GenerationSpec(max_length=16, max_batch=1)
+    gen = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32)", generation=spec)
+    out = lowbit.save(gen, tmp_path / "ck", format=fmt)
+    ids = torch.tensor([[5, 17, 30, 42]])
+    loaded = lowbit.load(out, generation=spec)
+    assert loaded.generate(ids, 6, stop_tokens=()).tokens == gen.generate(ids, 6, stop_tokens=()).tokens
+    with pytest.raises(GenerationError, match=rf"loaded from a {fmt} checkpoint as input_ids -> logits .*"
+                                              r"lowbit\.load\(directory, generation=GenerationSpec"):
+        lowbit.load(out).generate(ids, 4)
+    with pytest.raises(CheckpointError, match="generation= applies to compressed-tensors/GPTQ checkpoints"):
+        lowbit.load(lowbit.save(gen, tmp_path / "lb", format="lowbit"), generation=spec)
 
 
 def test_failed_save_leaves_nothing_and_stale_temporaries_are_cleaned(float_slice, tmp_path):

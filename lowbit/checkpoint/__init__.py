@@ -209,9 +209,14 @@ def _generation_meta(info: dict[str, Any], graph: Any, directory: Path) -> dict[
     return meta.model_dump(exclude_none=True)
 
 
-def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: str | None = None) -> Any:
+def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: str | None = None,
+         generation: Any = None) -> Any:
     """A ``CompiledModel`` from a directory ``save`` wrote (any format), or a compressed-tensors/GPTQ directory
-    another tool wrote. Files listed in ``lowbit-manifest.json`` are checked against their SHA-256 first."""
+    another tool wrote. Files listed in ``lowbit-manifest.json`` are checked against their SHA-256 first.
+
+    ``generation=GenerationSpec(...)`` (HF formats): capture the generation step (prefill and decode with a KV cache,
+    as ``compile_model(..., generation=)``) instead of the logits forward, with the stored codes, so ``generate``
+    works; a lowbit-format checkpoint keeps whichever graph it was compiled as."""
     from lowbit.api import CompiledModel, CompileReport, lower
     from lowbit.passes.manager import PipelineReport
 
@@ -221,13 +226,17 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     manifest = verify_manifest(directory)
     fmt = (manifest or {}).get("format")
     if fmt == "lowbit" or (fmt is None and (directory / IR_FILE).is_file()):
+        if generation:
+            raise CheckpointError(f"{directory}: a lowbit-format checkpoint holds the graph it was compiled as (with "
+                                  "its generation step or without); generation= applies to compressed-tensors/GPTQ "
+                                  "checkpoints. Compile the float model with generation= and save that")
         graph, tokenizer = _load_lowbit(directory, manifest)
     else:
         from lowbit.checkpoint.hf import load_hf_checkpoint
 
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{directory}: neither {IR_FILE} nor config.json: not a checkpoint lowbit reads")
-        graph, tokenizer, _ = load_hf_checkpoint(directory, manifest)
+        graph, tokenizer, _ = load_hf_checkpoint(directory, manifest, generation=generation)
         fmt = fmt or "hf"
     runner = lower(graph, backend, device)
     from lowbit.ir.ops import is_semantic

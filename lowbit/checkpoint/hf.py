@@ -538,8 +538,10 @@ def _ct_scheme_of(module: str, groups: dict[str, Any], ignore: list[str]) -> Any
     return None
 
 
-def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None) -> tuple[Graph, Any, str]:
-    """(graph with QDQ weights and activations, tokenizer or None, kind) from a compressed-tensors/GPTQ directory."""
+def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generation: Any = None
+                       ) -> tuple[Graph, Any, str]:
+    """(graph with QDQ weights and activations, tokenizer or None, kind) from a compressed-tensors/GPTQ directory;
+    with ``generation`` the graph is the generation step (``compile_model(..., generation=)``'s capture)."""
     from transformers import AutoConfig
 
     from lowbit.ir.qscheme import ModuleRule, QScheme, QuantConfig
@@ -614,12 +616,17 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None) -> tupl
     if missing:
         raise CheckpointError(f"{directory}: the checkpoint has no tensor {missing[0]!r} (and {len(missing) - 1} "
                               "more) that the model built from config.json needs")
-    graph, tokenizer = _capture(model, kind, directory)
+    graph, tokenizer = _capture(model, kind, directory, generation)
     rules = [ModuleRule(pattern=_glob_escape(m), weight=p[0], input=p[1]) for m, p in plan.items()]
     cfg = QuantConfig(rules=rules, keep_float=[])
     quantize_graph(graph, cfg)
     _install_codes(graph, plan, directory)
     graph.meta["loaded_format"] = method  # what generate() names when asked for a step graph this is not
+    if generation and graph.meta["generation"]["logits"] == "last":  # as compile_model's plan adds it
+        from lowbit.passes.last_logits import LastLogits
+        from lowbit.passes.manager import PassManager
+
+        PassManager([LastLogits()]).run(graph)
     return graph, tokenizer, kind
 
 
@@ -716,8 +723,8 @@ def _gptq_linear(module: str, bits: int, group: int, tensors: dict[str, torch.Te
     return ws, None, q, scale, None
 
 
-def _capture(model: torch.nn.Module, kind: str, directory: Path) -> tuple[Graph, Any]:
-    from lowbit.api import _default_example, describe_source
+def _capture(model: torch.nn.Module, kind: str, directory: Path, generation: Any = None) -> tuple[Graph, Any]:
+    from lowbit.api import _default_example, _generation_model, _name_step_io, describe_source
     from lowbit.ir.capture import capture
     from lowbit.models import CausalLMLogits, SentenceEmbedder
 
@@ -726,6 +733,19 @@ def _capture(model: torch.nn.Module, kind: str, directory: Path) -> tuple[Graph,
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    if generation:
+        if kind != "causal-lm":
+            raise CheckpointError(f"{directory}: generation= needs a causal LM checkpoint; this one is a {kind}")
+        step, example, dyn, meta = _generation_model(model, generation)
+        graph = capture(step, example, dyn)
+        graph.meta["source"] = describe_source(step)
+        _name_step_io(graph)
+        meta["cache_inputs"] = [v.name for v in graph.inputs[2:]]
+        meta["cache_dtype"] = str(graph.inputs[2].tensor_type.dtype).removeprefix("torch.")
+        graph.meta["generation"] = meta
+        if tokenizer is not None:
+            graph.meta["tokenizer"] = tokenizer
+        return graph, tokenizer
     wrapper = CausalLMLogits(model).eval() if kind == "causal-lm" else SentenceEmbedder(model).eval()
     if kind != "causal-lm" and tokenizer is None:
         raise CheckpointError(f"{directory}: an encoder checkpoint needs its tokenizer files to build example "
