@@ -421,6 +421,22 @@ def test_hf_checkpoint_loads_for_generation(tmp_path, fmt):
         lowbit.load(lowbit.save(gen, tmp_path / "lb", format="lowbit"), generation=spec)
 
 
+def test_cli_generates_from_a_quantized_checkpoint(float_slice, tmp_path):
+    """`lowbit generate DIR` on a compressed-tensors checkpoint loads it as the generation step (it was refused as
+    'a quantized checkpoint' with advice to use lowbit.load); a pipeline for it is refused, it is compiled already."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    out = lowbit.save(_compiled(float_slice, "quantize(w=int4,group=64)"), tmp_path / "ct", format="compressed-tensors")
+    res = CliRunner().invoke(app, ["generate", str(out), "--prompt", "The capital of France is", "-n", "3",
+                                   "--max-length", "32"])
+    assert res.exit_code == 0, res.output
+    assert "loaded from the checkpoint" in res.output and "decode 2 steps" in res.output
+    res = CliRunner().invoke(app, ["generate", str(out), "-p", "dce", "--prompt", "hi"])
+    assert res.exit_code == 2 and "already compiled" in res.output
+
+
 def test_failed_save_leaves_nothing_and_stale_temporaries_are_cleaned(float_slice, tmp_path):
     graph = _compiled(float_slice, "quantize(w=int8,a=int8,kv=int8)")
     with pytest.raises(CheckpointError, match=r"quantizes the KV cache .* kv_cache_scheme"):

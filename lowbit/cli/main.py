@@ -465,19 +465,32 @@ def generate_cmd(
         check_device(device)
     except DeviceError as exc:
         fail(f"--device: {exc}", Exit.USAGE)
-    loaded = load(model)
-    if loaded.kind != "causal-lm":
-        fail(f"model {model!r} is a {loaded.kind} with no causal-LM head: `lowbit generate` needs a decoder LM "
-             "(smollm2, an HF *ForCausalLM directory, a .gguf)", Exit.USAGE)
+    ckpt = _quantized_checkpoint(model)
+    if ckpt is not None:  # compressed-tensors / GPTQ: already compiled, loaded as the generation step
+        if text:
+            fail(f"model {model!r} is a quantized checkpoint (already compiled): drop --pipeline/--recipe", Exit.USAGE)
+        from transformers import AutoTokenizer
+
+        from lowbit.checkpoint import load as load_checkpoint
+
+        tok = AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
+        build = lambda spec: load_checkpoint(ckpt, device=device, generation=spec)  # noqa: E731
+        text = "loaded from the checkpoint"
+    else:
+        loaded = load(model)
+        if loaded.kind != "causal-lm":
+            fail(f"model {model!r} is a {loaded.kind} with no causal-LM head: `lowbit generate` needs a decoder LM "
+                 "(smollm2, an HF *ForCausalLM directory, a .gguf)", Exit.USAGE)
+        tok = loaded.tokenizer
+        build = lambda spec: compile_model(loaded.module, pipeline=text or None, device=device,  # noqa: E731
+                                           tokenizer=loaded.tokenizer, generation=spec)
     try:
         spec = GenerationSpec(max_length=max_length, max_batch=len(prompt) if max_batch is None else max_batch)
-        tok = loaded.tokenizer
         ids = [tok(p).input_ids for p in prompt]
         # the request is checked before the compile, which takes minutes on a large model
         check_request(spec, ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p)
         t0 = time.perf_counter()
-        compiled = compile_model(loaded.module, pipeline=text or None, device=device, tokenizer=loaded.tokenizer,
-                                 generation=spec)
+        compiled = build(spec)
         compile_s = time.perf_counter() - t0
         streamed: list[int] = []
         shown = [""]
@@ -518,6 +531,16 @@ def generate_cmd(
         f"compile {compile_s:.1f} s ({text or 'float'}); prefill {out.prefill_seconds * 1000:.1f} ms for "
         f"{sum(out.prompt_lengths)} tokens; {decode}; {n_tokens} new tokens; peak memory {peak}", markup=False,
         highlight=False)
+
+
+def _quantized_checkpoint(model: str) -> Path | None:
+    """``model`` as a compressed-tensors/GPTQ checkpoint directory (a config.json with a quantization_config)."""
+    path = Path(model).expanduser()
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8")) if path.is_dir() else None
+    except (OSError, ValueError):
+        return None
+    return path if isinstance(raw, dict) and isinstance(raw.get("quantization_config"), dict) else None
 
 
 @app.command("replay")
