@@ -169,6 +169,15 @@ def describe_source(model: torch.nn.Module) -> dict[str, Any]:
     return {}
 
 
+def record_step_graph(graph: Graph, meta: dict[str, Any]) -> None:
+    """A captured generation step: its cache inputs/outputs named, and ``meta`` (``_generation_model``'s) completed
+    with them and recorded as ``graph.meta["generation"]``, which ``generate`` reads."""
+    _name_step_io(graph)
+    meta["cache_inputs"] = [v.name for v in graph.inputs[2:]]
+    meta["cache_dtype"] = str(graph.inputs[2].tensor_type.dtype).removeprefix("torch.")
+    graph.meta["generation"] = meta
+
+
 def _name_step_io(graph: Graph) -> None:
     """A step graph's cache inputs and outputs under the names ONNX generation runtimes use
     (``past_key_values_<layer>_key`` in, ``present_<layer>_key`` out)."""
@@ -407,10 +416,7 @@ def compile_model(
     graph = capture(model, example_inputs, dynamic_shapes)
     graph.meta["source"] = describe_source(model)
     if generation:
-        _name_step_io(graph)
-        gen_meta["cache_inputs"] = [v.name for v in graph.inputs[2:]]
-        gen_meta["cache_dtype"] = str(graph.inputs[2].tensor_type.dtype).removeprefix("torch.")
-        graph.meta["generation"] = gen_meta
+        record_step_graph(graph, gen_meta)
     if tokenizer is not None:
         graph.meta["tokenizer"] = tokenizer
     runner, report = compile_graph(graph, plan, device=device, verify=verify, instruments=instruments, started=t0)

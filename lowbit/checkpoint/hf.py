@@ -724,7 +724,7 @@ def _gptq_linear(module: str, bits: int, group: int, tensors: dict[str, torch.Te
 
 
 def _capture(model: torch.nn.Module, kind: str, directory: Path, generation: Any = None) -> tuple[Graph, Any]:
-    from lowbit.api import _default_example, _generation_model, _name_step_io, describe_source
+    from lowbit.api import _default_example, _generation_model, describe_source, record_step_graph
     from lowbit.ir.capture import capture
     from lowbit.models import CausalLMLogits, SentenceEmbedder
 
@@ -739,10 +739,7 @@ def _capture(model: torch.nn.Module, kind: str, directory: Path, generation: Any
         step, example, dyn, meta = _generation_model(model, generation)
         graph = capture(step, example, dyn)
         graph.meta["source"] = describe_source(step)
-        _name_step_io(graph)
-        meta["cache_inputs"] = [v.name for v in graph.inputs[2:]]
-        meta["cache_dtype"] = str(graph.inputs[2].tensor_type.dtype).removeprefix("torch.")
-        graph.meta["generation"] = meta
+        record_step_graph(graph, meta)
         if tokenizer is not None:
             graph.meta["tokenizer"] = tokenizer
         return graph, tokenizer
