@@ -129,9 +129,9 @@ def test_bad_input_exit_codes(args, code, needle):
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 def test_quantized_checkpoint_as_model_is_refused_by_name(tmp_path, fmt):
-    """lowbit.save's own output given back as MODEL: compile and generate exit 2 naming the quantization_config and
-    lowbit.load (torch.export failed on compressed-tensors' linears, transformers asked for optimum: exit 1 with a
-    traceback)."""
+    """lowbit.save's own output given back as MODEL: compile exits 2 naming the quantization_config and lowbit.load
+    (torch.export failed on compressed-tensors' linears, transformers asked for optimum: exit 1 with a traceback);
+    generate loads it as the generation step instead (it was refused the same way)."""
 
     import lowbit
     from lowbit.models import load_smollm2_tokenizer
@@ -139,9 +139,10 @@ def test_quantized_checkpoint_as_model_is_refused_by_name(tmp_path, fmt):
     compiled = lowbit.compile_model(tiny_llama(vocab=49152), pipeline="quantize(w=int4,group=32)",
                                     tokenizer=load_smollm2_tokenizer())
     out = lowbit.save(compiled, tmp_path / "ck", format=fmt)
-    for args in (["compile", out, "-p", "dce", "-o", tmp_path / "o"], ["generate", out, "--prompt", "hi"]):
-        res = invoke(*args, code=2).output
-        assert f"quantization_config: {fmt}" in res and "lowbit.load" in res, res
+    res = invoke("compile", out, "-p", "dce", "-o", tmp_path / "o", code=2).output
+    assert f"quantization_config: {fmt}" in res and "lowbit.load" in res, res
+    res = invoke("generate", out, "--prompt", "hi", "-n", "2", "--max-length", "16").output
+    assert "loaded from the checkpoint" in res and "decode 1 steps" in res, res
 
 
 def test_out_that_holds_other_files_is_not_replaced(tmp_path, monkeypatch):
