@@ -600,12 +600,24 @@ def load_model(
 
 
 
+def quantization_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``quantization_config`` of a HF model directory's config.json (a compressed-tensors/GPTQ checkpoint), or
+    None: not a directory, no readable config.json, or a float model."""
+    config = Path(path).expanduser() / "config.json"
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    qcfg = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return qcfg if isinstance(qcfg, dict) else None
+
+
 def _refuse_quantized_dir(path: Path, name: str) -> None:
     """A quantized HF checkpoint (``lowbit.save``'s compressed-tensors/GPTQ output among them) is not a model to
     compile: transformers built it with packed or decompressed linears that torch.export cannot trace, or asked
     for optimum, and the CLI ended in a raw traceback."""
-    qcfg = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-    if not isinstance(qcfg, dict):
+    qcfg = quantization_config(path)
+    if qcfg is None:
         return
     method = qcfg.get("quant_method", "unknown method")
     raise ValueError(f"model {name!r} is a quantized checkpoint (quantization_config: {method}); lowbit compiles "

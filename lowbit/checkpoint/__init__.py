@@ -173,27 +173,25 @@ class PrunedMeta(BaseModel):
     hidden_size: int | None = Field(default=None, ge=1)
 
 
-def _validated_generation(raw: Any, message: Callable[[str, str], str]) -> GenerationMeta:
-    """``raw`` as ``GenerationMeta``, or a ``CheckpointError`` with ``message(field, why)`` of the first bad field
-    (save and load name it where each found it)."""
+def _checked(model: type[BaseModel], raw: Any, message: Callable[[str, str], str]) -> Any:
+    """``raw`` as ``model``, or a ``CheckpointError`` with ``message(field, why)`` of the first bad field (save and
+    load name it where each found it)."""
     import pydantic
 
     try:
-        return GenerationMeta.model_validate(raw)
+        return model.model_validate(raw)
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
         raise CheckpointError(message(".".join(str(x) for x in err["loc"]), err["msg"])) from None
 
 
-def _validated(model: type[BaseModel], raw: Any, where: str) -> dict[str, Any]:
-    """``raw`` checked against ``model`` (a dict of its set fields), or a ``CheckpointError`` naming the field."""
-    import pydantic
+def _validated_generation(raw: Any, message: Callable[[str, str], str]) -> GenerationMeta:
+    return _checked(GenerationMeta, raw, message)
 
-    try:
-        return model.model_validate(raw).model_dump(exclude_none=True)
-    except pydantic.ValidationError as exc:
-        err = exc.errors()[0]
-        raise CheckpointError(f"{where}.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+
+def _validated(model: type[BaseModel], raw: Any, where: str) -> dict[str, Any]:
+    """``raw`` checked against ``model`` (a dict of its set fields), or a ``CheckpointError`` naming ``where``."""
+    return _checked(model, raw, lambda field, msg: f"{where}.{field}: {msg}").model_dump(exclude_none=True)
 
 
 def _generation_meta(info: dict[str, Any], graph: Any, directory: Path) -> dict[str, Any] | None:

@@ -465,7 +465,9 @@ def generate_cmd(
         check_device(device)
     except DeviceError as exc:
         fail(f"--device: {exc}", Exit.USAGE)
-    ckpt = _quantized_checkpoint(model)
+    from lowbit.models import quantization_config
+
+    ckpt = Path(model).expanduser() if quantization_config(model) is not None else None
     if ckpt is not None:  # compressed-tensors / GPTQ: already compiled, loaded as the generation step
         if text:
             fail(f"model {model!r} is a quantized checkpoint (already compiled): drop --pipeline/--recipe", Exit.USAGE)
@@ -531,16 +533,6 @@ def generate_cmd(
         f"compile {compile_s:.1f} s ({text or 'float'}); prefill {out.prefill_seconds * 1000:.1f} ms for "
         f"{sum(out.prompt_lengths)} tokens; {decode}; {n_tokens} new tokens; peak memory {peak}", markup=False,
         highlight=False)
-
-
-def _quantized_checkpoint(model: str) -> Path | None:
-    """``model`` as a compressed-tensors/GPTQ checkpoint directory (a config.json with a quantization_config)."""
-    path = Path(model).expanduser()
-    try:
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8")) if path.is_dir() else None
-    except (OSError, ValueError):
-        return None
-    return path if isinstance(raw, dict) and isinstance(raw.get("quantization_config"), dict) else None
 
 
 @app.command("replay")

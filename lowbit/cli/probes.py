@@ -60,10 +60,11 @@ def make_inputs(model: LoadedModel, *, windows: int = 4, seq_len: int = 128, n_s
         vocab = getattr(config, "vocab_size", None)
         if isinstance(vocab, int):
             # a probe holds every window's logits (float32) a few times over (reference, candidate, the loss)
-            need = windows * seq_len * vocab * 4 * PROBE_COPIES
+            per_window = seq_len * vocab * 4 * PROBE_COPIES
+            need = windows * per_window
             avail = _available_bytes()
             if avail is not None and need > 0.8 * avail:
-                fit = max(1, int(0.8 * avail // (seq_len * vocab * 4 * PROBE_COPIES)))
+                fit = max(1, int(0.8 * avail // per_window))
                 fail(f"--windows {windows} x --seq-len {seq_len} needs ~{need / 2**30:.1f} GiB for the logits "
                      f"({vocab} per token, kept for the float model and each stage) and this machine has "
                      f"{avail / 2**30:.1f} GiB available: use --windows {fit} or fewer (or a shorter --seq-len)",
