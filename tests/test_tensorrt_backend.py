@@ -93,6 +93,23 @@ def test_missing_tensorrt_says_what_to_do(minilm_graph, tmp_path):
         TensorRTCompiled(minilm_graph)
 
 
+@pytest.mark.skipif(HAS_TENSORRT, reason="checks the refusal where tensorrt is missing")
+def test_missing_tensorrt_is_refused_before_capture():
+    """As backend='triton' without CUDA: the plan refuses before capture and calibration, and the CLI exits as
+    it does for triton (usage), not after a pipeline's work with a backend failure."""
+    from typer.testing import CliRunner
+
+    from lowbit.api import plan_compile
+    from lowbit.backends.registry import BackendError
+    from lowbit.cli.main import app
+
+    with pytest.raises(BackendError, match="'tensorrt' Python package is not installed.*format='onnx'"):
+        plan_compile([], "tensorrt")
+    result = CliRunner().invoke(app, ["compile", "smollm2:1", "-b", "tensorrt", "--pipeline", "dce"])
+    assert result.exit_code == 2, result.output
+    assert "tensorrt" in result.output and "not installed" in result.output
+
+
 def test_optimization_profile_comes_from_the_symbols(minilm_graph):
     profile = profile_from_symbols(to_onnx(minilm_graph), max_default=512)
     # batch s0 in [2, 256] (torch.export reports 2 as the least dynamic size), sequence s1 in [2, 512];

@@ -195,9 +195,24 @@ register_backend("torch", "lowbit.backends.torch_backend:lower",
 register_backend("onnxruntime", "lowbit.backends.onnxruntime_backend:lower",
                  summary="ONNX Runtime session (MatMulNBits, integer GEMM, QDQ)", passes="fuse-qlinear",
                  ops="lowbit.backends.onnx.registry:LOWERINGS", options=OrtBackendOptions)
+def _tensorrt_unavailable() -> str | None:
+    """No ``tensorrt`` package or no CUDA device: said before capture and calibration, as triton says it."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return ("the 'tensorrt' Python package is not installed (pip install tensorrt, or lowbit[tensorrt]); "
+                "lowbit.export(..., format='onnx') writes the QDQ ONNX TensorRT builds from, and "
+                "backend='onnxruntime' runs it here")
+    if not torch.cuda.is_available():
+        return "TensorRT needs an NVIDIA GPU and none is visible: use backend='onnxruntime' or backend='torch'"
+    return None
+
+
 register_backend("tensorrt", "lowbit.backends.tensorrt:lower",
                  summary="TensorRT engine from the explicit-quantization (QDQ) ONNX form",
-                 ops="lowbit.backends.onnx.registry:LOWERINGS")
+                 ops="lowbit.backends.onnx.registry:LOWERINGS", unavailable=_tensorrt_unavailable)
 class TritonBackendOptions(BackendOptions):
     compile: bool = True
     """Run the lowered module under ``torch.compile`` (the kernels are ``triton_op``s it sees through)."""
