@@ -459,3 +459,14 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1200, 900)
     # a blank or text-only page compresses to a few kB; tables, lines and heat-map cells do not
     assert len(png) > 30_000
+
+
+def test_reports_write_non_finite_numbers_as_null():
+    """report.json, compare/bisect/sensitivity JSON: a NaN loss (a learned rotation with check_windows=0) was
+    written as the bare token NaN, which strict JSON parsers refuse."""
+    from lowbit import jsonio
+
+    text = jsonio.dumps({"check": {"loss": float("nan"), "sqnr": [float("inf"), 1.5]}, "p": Path("x")},
+                        default=str)
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == \
+        {"check": {"loss": None, "sqnr": [None, 1.5]}, "p": "x"}

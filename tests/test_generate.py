@@ -179,6 +179,11 @@ def test_cli_generate_streams_and_reports_speed(capsys):
     assert res.exit_code == 2 and "no causal-LM head" in res.output
     res = CliRunner().invoke(app, ["generate", "smollm2:2", "--prompt", "hi there", "-n", "40", "--max-length", "32"])
     assert res.exit_code == 2 and "--max-length" in res.output
+    # a failing pass is reported as `lowbit compile` reports it (exit 4, the pass and the layer), not a traceback
+    res = CliRunner().invoke(app, ["generate", "smollm2:2", "--pipeline", "prune-heads(ratio=0.9,calib_n=2,calib_len=32)",
+                                   "--prompt", "hi"])
+    assert res.exit_code == 4, res.output
+    assert "prune-heads" in res.output and "model.layers.0" in res.output and "--reproducer" in res.output
 
 
 def test_cli_generate_error_after_the_echoed_prompt_starts_a_line(monkeypatch):

@@ -142,6 +142,21 @@ def test_main_job_runs_on_a_slice(capsys, tmp_path):
     assert diff < 1e-3, line
 
 
+def test_main_job_saves_lowbit_format_when_compressed_tensors_cannot_express_the_graph(capsys, tmp_path):
+    """An online Hadamard (w4a4kv4-rtn) has no compressed-tensors field: the main job said so and saved nothing,
+    pointing at a format option it does not have; it now saves lowbit's own format and checks the reload."""
+    from lowbit.__main__ import main
+
+    save = tmp_path / "ckpt"
+    assert main(["--model", "smollm2:2", "--recipe", "w4a4kv4-rtn", "--windows", "1", "--seq-len", "32",
+                 "--save", str(save)]) == 0
+    out = capsys.readouterr().out
+    assert "not expressible as compressed-tensors" in out and "online Hadamard" in out, out
+    assert (save / "model.lowbit").is_file() and (save / "lowbit-manifest.json").is_file()
+    line = next(ln for ln in out.splitlines() if "lowbit.load reloads it" in ln)
+    assert float(line.split("max |logit diff| vs lowbit ")[1].split()[0]) == 0.0, line
+
+
 # ---- probes that need the model (they are about the model) ------------------------------------------
 
 AFTER_LOAD = [

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import typer
 from rich.table import Table
 
+from lowbit import jsonio
 from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse, \
     parse_percent_or_number
 from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_name, run_probe
@@ -211,7 +212,7 @@ def run_bisect(model_spec: str, text: str, *, metric: str, max_increase: str, wi
             compact = json.dumps(json.loads(Path(config.group(1)).read_text()), separators=(",", ":"))
             console.print(f"  where {config.group(1)} is: {compact}", markup=False)
     if json_out is not None:
-        atomic_write_text(json_out, json.dumps(res.to_dict(), indent=2) + "\n")
+        atomic_write_text(json_out, jsonio.dumps(res.to_dict(), indent=2) + "\n")
     if res.culprit_pass is None:
         from lowbit.cli.common import err_console
 

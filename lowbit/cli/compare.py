@@ -8,7 +8,6 @@ error comes from.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 from rich.table import Table
 
+from lowbit import jsonio
 from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse
 from lowbit.cli.probes import EvalInputs, Probe, end_metric, fmt_metric, layer_stats, make_inputs, metric_name, \
     run_probe
@@ -157,7 +157,7 @@ def run_compare(model_spec: str, text: str, *, windows: int, seq_len: int, n_sen
     console.print(layer_table(res))
     console.print(f"compare took {res.seconds:.1f} s", markup=False)
     if json_out is not None:
-        atomic_write_text(json_out, json.dumps(res.to_dict(), indent=2) + "\n")
+        atomic_write_text(json_out, jsonio.dumps(res.to_dict(), indent=2) + "\n")
         console.print(f"wrote {json_out}", markup=False)
     if html_out is not None:
         from lowbit.cli.report_html import render_report

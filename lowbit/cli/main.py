@@ -19,6 +19,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from lowbit import jsonio
 from lowbit.cli.common import (
     EXIT_CODES_HELP,
     Exit,
@@ -409,7 +410,7 @@ def _write_compile_output(out: Path, graph: Any, report: Any, runner: Any, backe
         if backend == "onnxruntime":
             _export_onnx(runner, graph, report, tmp / "model.onnx")
         data["files"] = sorted([p.name for p in tmp.iterdir()] + ["report.json", MANIFEST])
-        (tmp / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        (tmp / "report.json").write_text(jsonio.dumps(data, indent=2, default=str) + "\n")
         write_manifest(tmp, fmt, {"lowbit": info})
 
 
@@ -454,6 +455,7 @@ def generate_cmd(
     from lowbit.api import compile_model
     from lowbit.errors import DeviceError, check_device
     from lowbit.generate import GenerationError, GenerationSpec, check_request
+    from lowbit.passes.manager import PipelineError
 
     text = pipeline_text(pipeline, recipe) if pipeline or recipe else ""
     ignored = [flag for flag, given in (("--temperature", temperature != 1.0), ("--top-k", top_k is not None),
@@ -516,6 +518,9 @@ def generate_cmd(
             raise
     except GenerationError as exc:
         fail(str(exc), Exit.USAGE)
+    except PipelineError as exc:  # as `lowbit compile` reports a failing pass (exit 4), not a traceback
+        fail(f"{exc}\n(rerun `lowbit compile {model} --pipeline ... --reproducer DIR` to save the IR before this "
+             "pass and replay it)", Exit.PIPELINE)
     if len(prompt) == 1:
         console.print()
     else:

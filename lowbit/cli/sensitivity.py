@@ -9,7 +9,6 @@ The most damaging units are the ones worth keeping at higher precision: the resu
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from rich.progress import Progress
 from rich.table import Table
 
+from lowbit import jsonio
 from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse
 from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_name, run_probe
 from lowbit.cli.restrict import block_units, how_restricted, linear_units, restrict
@@ -116,7 +116,7 @@ def run_sensitivity(model_spec: str, scheme: str, *, group: int | None, prefix: 
         table.add_row(str(i), r["module"], fmt_metric(m, r["metric"]), f"{r['damage']:+.4g}{rel}",
                       kept_as if r["glob"] in keep else "")
     console.print(table)
-    atomic_write_text(out, json.dumps(res, indent=2) + "\n")
+    atomic_write_text(out, jsonio.dumps(res, indent=2) + "\n")
     pipe = ",".join(x for x in (res["prefix"], res["quantize"]) if x)
     console.print(f"wrote {out} ({res['seconds']:.1f} s); use it with:\n"
                   f"  lowbit compile {model_spec} --pipeline '{pipe}' --overrides {out} -o OUT", markup=False)
