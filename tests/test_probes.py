@@ -61,6 +61,10 @@ BEFORE_LOAD = [
      "the pipeline has no quantize pass (it runs fold-norms, dce)"),
     (["debug", "bisect", "smollm2:2", "-p", "quantize(w=int8)", "--max-increase", "-5%"], Exit.USAGE,
      "--max-increase -5%: must be above 0"),
+    (["debug", "bisect", "smollm2:2", "-p", "quantize(w=int8)", "--max-increase", "nan"], Exit.USAGE,
+     "--max-increase 'nan': give a percentage like 5%"),
+    (["debug", "bisect", "smollm2:2", "-p", "quantize(w=int8)", "--max-increase", "inf%"], Exit.USAGE,
+     "--max-increase 'inf%': give a percentage like 5%"),
     (["debug", "sensitivity", "smollm2:2", "--scheme", "w4", "--group", "0"], Exit.USAGE, "--group 0: a weight group"),
     (["debug", "sensitivity", "smollm2:2", "--scheme", "w4", "--keep-top", "-1"], Exit.USAGE, "--keep-top -1"),
     (["generate", "smollm2:2", "--prompt", "Hi", "--top-k", "50", "--temperature", "0.7"], Exit.USAGE,
@@ -197,3 +201,16 @@ def test_every_probe_code_is_one_lowbit_help_documents(capsys):
     assert " ".join(EXIT_CODES_HELP.split()) in " ".join(capsys.readouterr().out.split())
     for _, code, _ in BEFORE_LOAD + MAIN_PROBES + AFTER_LOAD:
         assert f"{int(code)} " in EXIT_CODES_HELP
+
+
+def test_bisect_and_sensitivity_point_at_the_compile_that_saves_a_reproducer():
+    """They have no --reproducer flag; a failing pass told the user to rerun with one ("No such option")."""
+    for args in (["debug", "bisect", "smollm2:2", "--windows", "1", "--seq-len", "32", "-p",
+                  "fold-norms,quantize(w=int4,group=100)"],
+                 ["debug", "sensitivity", "smollm2:2", "--windows", "1", "--seq-len", "32", "--scheme",
+                  "w=int4,group=100"]):
+        got, out = run(args)
+        out = " ".join(out.split())
+        assert got == int(Exit.PIPELINE), out
+        assert "rerun with --reproducer" not in out, out
+        assert "`lowbit compile smollm2:2 --pipeline" in out and "--reproducer DIR` saves the IR" in out, out

@@ -96,7 +96,7 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
         g = graph0.clone()
         from lowbit.cli.pipeline import run_pipeline
 
-        run_pipeline(g, passes, limit=k, model_spec=model_spec)
+        run_pipeline(g, passes, limit=k, model_spec=model_spec, takes_reproducer=False)
         return g
 
     log(f"float baseline {metric} {fmt_metric(metric, baseline)}; threshold {fmt_metric(metric, threshold)}")
@@ -138,7 +138,8 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
                 g = before.clone()
                 from lowbit.cli.pipeline import run_pipeline
 
-                run_pipeline(g, [restrict(culprit, chosen, units)], model_spec=model_spec)
+                run_pipeline(g, [restrict(culprit, chosen, units)], model_spec=model_spec, takes_reproducer=False,
+                             ran_before=passes[:k])
                 seen[key] = evaluate(g)
                 label = ",".join(u.name.rsplit(".", 1)[-1] for u in chosen)
                 return record(f"{culprit.name} on blocks [{label}]", seen[key])

@@ -302,10 +302,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def parse_percent_or_number(text: str) -> tuple[float, bool]:
     """``"5%"`` → (0.05, relative=True); ``"0.3"`` → (0.3, relative=False)."""
+    import math
+
     t = text.strip()
     try:
-        if t.endswith("%"):
-            return float(t[:-1]) / 100.0, True
-        return float(t), False
+        value, relative = (float(t[:-1]) / 100.0, True) if t.endswith("%") else (float(t), False)
     except ValueError:
+        value, relative = math.nan, False
+    if not math.isfinite(value):  # nan/inf passed float(): a nan threshold let every pass through as "ok"
         fail(f"--max-increase {text!r}: give a percentage like 5% or an absolute amount like 0.5", Exit.USAGE)
+    return value, relative

@@ -7,20 +7,24 @@ importing the command table that imports them.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
 from lowbit.cli.common import Exit, fail
 from lowbit.cli.reproducer import write_reproducer
-from lowbit.passes.manager import PassManager, PipelineError, PipelineReport
+from lowbit.passes.manager import PassManager, PipelineError, PipelineReport, format_pipeline
 
 __all__ = ["run_pipeline"]
 
 
 def run_pipeline(graph: Any, passes: list[Any], *, instruments: list[Any] = (), verify_each: bool = True,
                  measure_memory: bool = False, reproducer: Path | None = None, model_spec: str = "",
-                 limit: int | None = None) -> PipelineReport:
-    """Run a PassManager; a failing pass exits 4 after saving a reproducer when asked."""
+                 limit: int | None = None, takes_reproducer: bool = True,
+                 ran_before: list[Any] = ()) -> PipelineReport:
+    """Run a PassManager; a failing pass exits 4 after saving a reproducer when asked. ``takes_reproducer``:
+    whether the command running it has ``--reproducer`` (``debug bisect`` and ``sensitivity`` do not: their hint
+    is the ``compile`` command that saves one, with the passes ``ran_before`` on this graph in front)."""
     original = graph.clone() if reproducer is not None else None
     pm = PassManager(passes, verify_each=verify_each, instruments=list(instruments), limit=limit,
                      measure_memory=measure_memory, keep_before_failure=reproducer is not None)
@@ -33,6 +37,10 @@ def run_pipeline(graph: Any, passes: list[Any], *, instruments: list[Any] = (), 
             start = max(exc.record.index, 0)
             write_reproducer(reproducer, before, passes, start, msg, model_spec)
             msg += f"\nreproducer written to {reproducer} (run `lowbit replay {reproducer}`)"
-        elif exc.record.index >= 0:
+        elif exc.record.index >= 0 and takes_reproducer:
             msg += "\n(rerun with --reproducer DIR to save the IR before this pass and replay it)"
+        elif exc.record.index >= 0:
+            upto = format_pipeline([*ran_before, *passes[:exc.record.index + 1]])
+            msg += (f"\n(`lowbit compile {model_spec or 'MODEL'} --pipeline {shlex.quote(upto)} --reproducer DIR` "
+                    "saves the IR before this pass to replay it)")
         fail(msg, Exit.PIPELINE)

@@ -70,7 +70,7 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
     from lowbit.cli.pipeline import run_pipeline
 
     if pre:
-        run_pipeline(graph, pre, model_spec=model_spec)
+        run_pipeline(graph, pre, model_spec=model_spec, takes_reproducer=False)
 
     def score(g: Any) -> float:
         return end_metric(metric, inputs, run_probe(g, inputs, with_layers=False).output, reference)
@@ -84,12 +84,13 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
         task = bar.add_task(f"{qtext} one {granularity} at a time", total=len(units) + 1)
         for u in units:
             g = graph.clone()
-            run_pipeline(g, [restrict(qpass, [u], units)], model_spec=model_spec)
+            run_pipeline(g, [restrict(qpass, [u], units)], model_spec=model_spec, takes_reproducer=False,
+                         ran_before=pre)
             value = score(g)
             rows.append({"module": u.name, "glob": u.glob, "metric": value, "damage": value - baseline})
             bar.advance(task)
         g = graph.clone()
-        run_pipeline(g, [qpass], model_spec=model_spec)
+        run_pipeline(g, [qpass], model_spec=model_spec, takes_reproducer=False, ran_before=pre)
         everything = score(g)
         bar.advance(task)
     rows.sort(key=lambda r: -r["damage"])
