@@ -70,6 +70,10 @@ BEFORE_LOAD = [
     (["generate", "smollm2:2", "--prompt", "Hi", "--top-k", "50", "--temperature", "0.7"], Exit.USAGE,
      "--temperature, --top-k only apply when sampling: add --sample"),
     (["compile", "smollm2:2", "-p", "quantize(w=int4,w=int8)"], Exit.USAGE, "option 'w' is given twice"),
+    (["compile", "smollm2:2", "-p", "DCE"], Exit.USAGE, "unknown pass 'DCE'; did you mean 'dce'?"),
+    (["compile", "smollm2:2", "-p", "quantize(w=int4 group=64)"], Exit.USAGE, "options are separated by commas"),
+    (["compile", "smollm2:2", "-p", "kv-cache(bits=5)"], Exit.USAGE,
+     "pass kv-cache: bits=5: the packed cache stores 8, 4 or 2-bit codes"),
     (["compile", "smollm2:2", "-p", "quantize(w=int4,nonfinite=maybe)"], Exit.USAGE, "option nonfinite"),
     # missing files named by pass options: exit 3 (files), every pass of the pipeline checked
     (["compile", "smollm2:2", "-p", "fold-norms,gptq(calib=/no/such/text.txt)"], Exit.NOT_FOUND,

@@ -309,9 +309,13 @@ def options_error(pass_name: str, exc: Any) -> PassError:
     for err in exc.errors():
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, PassError):
-            return type(cause)(str(cause))
-        loc = ".".join(str(x) for x in err["loc"]) or "(options)"
-        msg = f"option {loc}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
+            return type(cause)(str(cause) + missing_comma(err.get("input")))
+        loc = ".".join(str(x) for x in err["loc"])
+        text = err["msg"].removeprefix("Value error, ")
+        if not loc:  # a check across options: its message names them; the input is every option given
+            msgs.append(text)
+            continue
+        msg = f"option {loc}: {text} (got {err.get('input')!r}){missing_comma(err.get('input'))}"
         bound = next(((op, v) for k, op in _BOUNDS.items() if err["type"] == k
                       for v in (err.get("ctx") or {}).values()), None)
         if bound is not None:
@@ -320,6 +324,13 @@ def options_error(pass_name: str, exc: Any) -> PassError:
             msg += f"; write a list in brackets: {loc}=[{err['input']}] ({loc}=[a;b] for several)"
         msgs.append(msg)
     return PassError(f"pass {pass_name}: " + "; ".join(msgs))
+
+
+def missing_comma(value: Any) -> str:
+    """A hint when an option's value holds ``... key=``: ``quantize(w=int4 group=64)`` lost a comma."""
+    if isinstance(value, str) and re.search(r"\s[A-Za-z_]\w*=", value):
+        return "; options are separated by commas"
+    return ""
 
 
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
@@ -338,7 +349,11 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def closest(name: str, choices: list[str]) -> str:
-    near = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    """``; did you mean ...?`` for the nearest names, compared case-insensitively (``DCE`` -> ``dce``)."""
+    lowered: dict[str, str] = {}
+    for c in choices:
+        lowered.setdefault(c.lower(), c)
+    near = [lowered[n] for n in difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.5)]
     return f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
 
 

@@ -46,7 +46,7 @@ from lowbit.ir.qscheme import (
 from lowbit.ir.quant import QDTYPES, Layout, ceil_div_dim, get_qdtype, layout_for, mul_dim, quantize
 from lowbit.ir.qdq import WeightPlan, write_weight_qdq
 from lowbit.ir.rewrite import eliminate_dead_code
-from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
+from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass, missing_comma
 
 __all__ = ["InsertQDQ", "InsertQDQOptions", "config_from_options", "quantize_weight", "insert_dynamic_qdq",
            "quantize_graph", "VIEW_OPS"]
@@ -181,7 +181,7 @@ def config_from_options(o: InsertQDQOptions) -> QuantConfig:
             continue
         if value not in QDTYPES:
             raise PassError(f"pass quantize: option {qopt}={value}: unknown qdtype {value!r}; known: "
-                            f"{', '.join(QDTYPES)} (or none)")
+                            f"{', '.join(QDTYPES)} (or none){missing_comma(value)}")
         if QDTYPES[value].is_float and not getattr(o, sopt):
             raise PassError(f"pass quantize: option {qopt}={value} is symmetric only (fp8 has no zero point): "
                             f"set {sopt}=true")
