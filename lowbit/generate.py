@@ -10,11 +10,13 @@ transformers' order: temperature, then top-k, then top-p, then a draw from a see
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from lowbit.ir.kvcache import layer_kv_heads
@@ -38,6 +40,11 @@ class GenerationSpec:
     step graph and its cache)."""
 
     def __post_init__(self) -> None:
+        for name in ("max_length", "max_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise GenerationError(f"GenerationSpec.{name}={value!r}: must be an integer")
+            object.__setattr__(self, name, int(value))
         if self.max_length < 2:
             raise GenerationError(f"GenerationSpec.max_length={self.max_length}: need at least 2 (one prompt token, "
                                   "one new token)")
@@ -88,6 +95,15 @@ class GenerationOutput:
         return [list(p) + t for p, t in zip(prompts, self.tokens)]
 
 
+def _integral(t: Any) -> int:
+    """A token id: an integer, or a float/0-d tensor holding one exactly (5.7 was silently read as 5)."""
+    if isinstance(t, torch.Tensor):
+        t = t.item()
+    if isinstance(t, bool) or not float(t).is_integer():
+        raise ValueError(t)
+    return int(t)
+
+
 def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list[list[int]]:
     """Prompts as lists of ids: from a list of lists, or a ``[B, L]`` tensor whose ``attention_mask`` (left or
     right padding) says which ids are real. A flat list of ids is one prompt (as a 1-D tensor is); strings are
@@ -120,7 +136,9 @@ def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list
                                       "ids (lists of ints or a [batch, length] tensor)")
             p = tokenizer(p).input_ids
         try:
-            ids = [int(t) for t in p]
+            if isinstance(p, torch.Tensor):
+                p = p.tolist()
+            ids = [t if isinstance(t, int) else _integral(t) for t in p]
         except (TypeError, ValueError):
             raise GenerationError(f"prompt {i} is {type(p).__name__} {str(p)[:40]!r}: expected a list of token ids "
                                   "(or text, with a tokenizer)") from None
@@ -221,6 +239,8 @@ def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
     """Refuse a request the step graph of ``spec`` cannot serve, naming the limit. Separate from ``Generator`` so
     ``lowbit generate`` checks its flags before the compile (a bad -n or --top-k failed only after it)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise GenerationError(f"max_new_tokens={max_new_tokens!r}: must be an integer")
     if max_new_tokens <= 0:
         raise GenerationError(f"max_new_tokens={max_new_tokens}: must be at least 1")
     if not prompts:
@@ -237,13 +257,40 @@ def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens
                 f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} = {len(p) + max_new_tokens}"
                 f" > the cache's max_length={spec.max_length}: compile with generation=GenerationSpec("
                 f"max_length={len(p) + max_new_tokens}) (CLI: --max-length), or ask for fewer tokens")
-    if do_sample and temperature <= 0:
-        raise GenerationError(f"temperature={temperature}: must be > 0 when sampling (use do_sample=False "
-                              "for greedy)")
+    ignored = [f"{name}={value}" for name, value, given in (
+        ("temperature", temperature, temperature != 1.0), ("top_k", top_k, top_k is not None),
+        ("top_p", top_p, top_p is not None)) if given]
+    if ignored and not do_sample:  # as the CLI refuses --temperature without --sample: greedy would ignore them
+        raise GenerationError(f"{', '.join(ignored)} only {'applies' if len(ignored) == 1 else 'apply'} when "
+                              "sampling: pass do_sample=True (without it "
+                              "decoding is greedy)")
+    if do_sample and not (math.isfinite(temperature) and temperature > 0):
+        raise GenerationError(f"temperature={temperature}: must be a finite number > 0 when sampling (use "
+                              "do_sample=False for greedy)")
     if top_k is not None and top_k < 1:
         raise GenerationError(f"top_k={top_k}: must be >= 1")
     if top_p is not None and not 0 < top_p <= 1:
         raise GenerationError(f"top_p={top_p}: must be in (0, 1]")
+
+
+def _stop_ids(stop_tokens: Any) -> set[int]:
+    """Stop tokens as ints from an int, a sequence, a numpy array or scalar, or a tensor: a tensor's elements
+    hash by identity, so ``set(tensor)`` never matched a token and generation ran past every stop."""
+    if isinstance(stop_tokens, torch.Tensor):
+        stop_tokens = stop_tokens.reshape(-1).tolist()
+    elif isinstance(stop_tokens, np.ndarray):
+        stop_tokens = stop_tokens.reshape(-1).tolist()
+    elif isinstance(stop_tokens, (int, np.integer)):
+        stop_tokens = [stop_tokens]
+    try:
+        items = list(stop_tokens)
+    except TypeError:
+        raise GenerationError(f"stop_tokens={stop_tokens!r}: expected token ids (an int or a sequence of ints)") \
+            from None
+    bad = [t for t in items if isinstance(t, bool) or not isinstance(t, (int, np.integer))]
+    if bad:
+        raise GenerationError(f"stop_tokens: {bad[0]!r} is not a token id (an integer)")
+    return {int(t) for t in items}
 
 
 class Generator:
@@ -316,11 +363,16 @@ class Generator:
                       top_p=top_p)
         if stop_tokens is None:  # the model's end-of-sequence tokens, as transformers' generate stops on
             stop_tokens = self.meta.get("eos_token_ids", ())
-        stops = {stop_tokens} if isinstance(stop_tokens, int) else set(stop_tokens)
+        stops = _stop_ids(stop_tokens)
+        if seed is not None and not do_sample:
+            raise GenerationError(f"seed={seed} only applies when sampling: pass do_sample=True (without it "
+                                  "decoding is greedy)")
         gen = None
         if do_sample:
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed if seed is not None else torch.seed())
+            # unseeded: a seed drawn from torch's global generator, so torch.manual_seed makes it reproducible
+            # (torch.seed() re-seeded the global generator from the clock)
+            gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)

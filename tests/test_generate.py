@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_llama
@@ -89,6 +90,11 @@ def test_stop_tokens_and_left_padded_tensor_input(smollm2, compiled):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     assert compiled.generate(ids, 5, attention_mask=mask, stop_tokens=()).tokens == free
+    # stop tokens as a tensor (its elements hash by identity: set(tensor) never matched), 0-d tensor, numpy
+    for given in (torch.tensor([stop]), torch.tensor(stop), np.int64(stop), np.array([stop])):
+        assert compiled.generate([a, b], 5, stop_tokens=given).tokens == stopped, type(given)
+    with pytest.raises(GenerationError, match="stop_tokens: 1.5 is not a token id"):
+        compiled.generate([a], 2, stop_tokens=[1.5])
 
 
 def test_text_flat_ids_and_tokenizer_output_are_prompts(smollm2, compiled):
@@ -116,6 +122,35 @@ def test_bad_requests_name_the_limit(smollm2, compiled):
         compiled.generate([prompt] * 5, 2)
     with pytest.raises(GenerationError, match="max_new_tokens=0"):
         compiled.generate([prompt], 0)
+    # loose inputs that were silently rounded, ignored or raised raw errors
+    with pytest.raises(GenerationError, match="max_new_tokens=2.5: must be an integer"):
+        compiled.generate([prompt], 2.5)
+    with pytest.raises(GenerationError, match="prompt 0 is list"):
+        compiled.generate([[5.7, 17.2]], 2)
+    assert compiled.generate([[float(t) for t in prompt]], 2, stop_tokens=()).tokens == \
+        compiled.generate([prompt], 2, stop_tokens=()).tokens
+    with pytest.raises(GenerationError, match="temperature=0.5, top_k=3 only apply when sampling"):
+        compiled.generate([prompt], 2, temperature=0.5, top_k=3)
+    with pytest.raises(GenerationError, match="seed=1 only applies when sampling"):
+        compiled.generate([prompt], 2, seed=1)
+    with pytest.raises(GenerationError, match="temperature=nan: must be a finite number"):
+        compiled.generate([prompt], 2, do_sample=True, temperature=float("nan"))
+    for bad in (dict(max_batch="4"), dict(max_length=10.5), dict(max_length=True)):
+        with pytest.raises(GenerationError, match="must be an integer"):
+            GenerationSpec(**bad)
+
+
+def test_unseeded_sampling_follows_torch_manual_seed(smollm2, compiled):
+    """Without seed=, a draw's seed comes from torch's global generator, as transformers' sampling does; it
+    called torch.seed(), which re-seeded the global generator from the clock (torch.manual_seed had no effect
+    on the tokens, and every later torch.rand in the user's program changed)."""
+    _, tok = smollm2
+    prompt = [tok(PROMPTS[0]).input_ids]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append((compiled.generate(prompt, 4, do_sample=True, stop_tokens=()).tokens, torch.rand(1).item()))
+    assert runs[0] == runs[1]
 
 
 def test_bad_device_is_refused_before_capture():
