@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from lowbit.api import CompiledModel, CompileReport, compile_model
+# ``lowbit.export(compiled, path, format=...)`` writes ONNX (QDQ / MatMulNBits) or a TensorRT engine and
+# ``lowbit.export.load(path)`` runs such a file: both are the module ``lowbit.export``, which is callable. A function
+# of that name here was replaced by the module the first time anything imported it, so ``lowbit.export.load``
+# failed in a fresh process until ``lowbit.export(...)`` had run once.
+from lowbit import export
 from lowbit.version import __version__
 
 __all__ = ["compile_model", "CompiledModel", "CompileReport", "GenerationSpec", "__version__", "export", "save", "load"]
@@ -15,13 +20,6 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
 
         return GenerationSpec
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
-
-
-def export(compiled, path, format: str = "onnx", **kwargs):  # type: ignore[no-untyped-def]
-    """Write a compiled model as ONNX (QDQ), ONNX with MatMulNBits, or a TensorRT engine."""
-    from lowbit.export import export as _export
-
-    return _export(compiled, path, format=format, **kwargs)
 
 
 def save(compiled, directory, format: str = "compressed-tensors", **kwargs):  # type: ignore[no-untyped-def]

@@ -25,6 +25,7 @@ LAYER_OF: dict[str, str] = {
     "lowbit.cache": "base",
     "lowbit.version": "base",
     "lowbit.errors": "base",
+    "lowbit.jsonio": "base",
     "lowbit.data": "data",
     "lowbit.kernels": "kernels",
     "lowbit.ir": "ir",

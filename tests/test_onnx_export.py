@@ -335,3 +335,14 @@ def test_widen_bfloat16_rewrites_initializers_constants_and_casts():
     (y,) = ort.InferenceSession(wide.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     assert y.dtype == np.float32
     np.testing.assert_array_equal(y, x * w.astype(np.float32) + c.astype(np.float32) + np.float32(0.25))
+
+
+def test_export_load_works_in_a_fresh_process():
+    """``lowbit.export.load`` (README) raised AttributeError until ``lowbit.export(...)`` had run once in the
+    process: the package's ``export`` was a function that the submodule replaced only when first imported."""
+    import subprocess
+    import sys
+
+    code = "import lowbit; assert callable(lowbit.export); print(lowbit.export.load.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "lowbit.export", out.stderr[-2000:]
