@@ -268,8 +268,8 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
                 _put(view, v.name, v.data, node)
                 used.add(v.name)
     for node in graph.nodes:
-        if node.op == "dequantize" and node.meta.get("kv"):
-            view.kv.append(node)
+        if (node.op == "dequantize" and node.meta.get("kv")) or node.op == "cache_attention":
+            view.kv.append(node)  # QDQ of the accuracy model, or the generation step's packed cache (kv-cache)
     read = {id(v) for n in graph.nodes for v in n.inputs() if v.is_param}
     for name, v in graph.params.items():
         if name not in used and name not in view.tensors and id(v) in read:

@@ -344,9 +344,9 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
     view, (cfg, missing) = _prepare(graph, config, kind)
     if view.kv:
         raise CheckpointError(
-            f"the graph quantizes the KV cache ({len(view.kv)} key/value QDQ nodes, e.g. %{view.kv[0].name} in "
-            f"{view.kv[0].module!r}); compressed-tensors' kv_cache_scheme holds one static or per-head scale "
-            "per tensor, which lowbit's dynamic per-channel/per-token KV scales are not: save without kv=, or use "
+            f"the graph quantizes the KV cache ({len(view.kv)} key/value quantizers, e.g. %{view.kv[0].name} "
+            f"({view.kv[0].op}) in {view.kv[0].module!r}); compressed-tensors' kv_cache_scheme holds one static or per-head scale "
+            "per tensor, which lowbit's dynamic per-channel/per-token KV scales are not: save without kv= / kv-cache, or use "
             "format='lowbit'")
     if not view.quantized:
         raise CheckpointError("the graph has no quantized linear: nothing for compressed-tensors to describe "
@@ -421,7 +421,8 @@ def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: A
     kind = kind or "causal-lm"
     view, (cfg, missing) = _prepare(graph, config, kind)
     if view.kv:
-        raise CheckpointError(f"the graph quantizes the KV cache (%{view.kv[0].name}); the GPTQ format has no KV "
+        raise CheckpointError(f"the graph quantizes the KV cache (%{view.kv[0].name} ({view.kv[0].op}) in "
+                              f"{view.kv[0].module!r}); the GPTQ format has no KV "
                               "scheme: use format='lowbit'")
     if not view.quantized:
         raise CheckpointError("the graph has no quantized linear: nothing to write in GPTQ format")
