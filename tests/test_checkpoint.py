@@ -522,6 +522,18 @@ def test_generation_step_graph_saves_and_generates_after_load(smollm2, tmp_path)
     assert back.graph.meta["generation"] == cm.graph.meta["generation"]
     prompts = [tok(p).input_ids for p in ("The capital of France is", "Once upon a time")]
     assert back.generate(prompts, 6, stop_tokens=()).tokens == cm.generate(prompts, 6, stop_tokens=()).tokens
+    # the CLI generates from it too (it refused: "a compiled lowbit model, not a float model to compile")
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    res = CliRunner().invoke(app, ["generate", str(tmp_path / "gen"), "--prompt", "The capital of France is",
+                                   "-n", "4"])
+    assert res.exit_code == 0, res.output
+    expected = tok.decode(cm.generate([prompts[0]], 4, stop_tokens=()).tokens[0], skip_special_tokens=True)
+    assert "The capital of France is" + expected in res.output and "loaded from the lowbit directory" in res.output
+    res = CliRunner().invoke(app, ["generate", str(tmp_path / "gen"), "--prompt", "hi", "-n", "60"])
+    assert res.exit_code == 2 and "max_length=48" in res.output, res.output
     odd = cm.graph.clone()
     odd.meta["generation"] = {**cm.graph.meta["generation"], "beam_width": 4}
     with pytest.raises(CheckpointError, match=r"graph.meta\['generation'\].beam_width: Extra inputs"):

@@ -453,7 +453,7 @@ def generate_cmd(
     import resource
 
     from lowbit.api import compile_model
-    from lowbit.errors import DeviceError, check_device
+    from lowbit.errors import DeviceError, LowbitError, check_device
     from lowbit.generate import GenerationError, GenerationSpec, check_request
     from lowbit.passes.manager import PipelineError
 
@@ -470,7 +470,26 @@ def generate_cmd(
     from lowbit.models import quantization_config
 
     ckpt = Path(model).expanduser() if quantization_config(model) is not None else None
-    if ckpt is not None:  # compressed-tensors / GPTQ: already compiled, loaded as the generation step
+    lowbit_dir = Path(model).expanduser()
+    if (lowbit_dir / "model.lowbit").is_file():  # lowbit's format: the step graph as compiled (its spec fixed)
+        if text:
+            fail(f"model {model!r} is a compiled lowbit model (already compiled): drop --pipeline/--recipe",
+                 Exit.USAGE)
+        from lowbit.checkpoint import load as load_checkpoint
+
+        try:
+            stored = load_checkpoint(lowbit_dir, device=device)
+        except LowbitError as exc:
+            fail(str(exc), Exit.NOT_FOUND)
+        meta = stored.graph.meta.get("generation")
+        if meta is None or stored.tokenizer is None:
+            fail(f"model {model!r} was compiled without " + ("generation=GenerationSpec(...): it has no decode step"
+                 if meta is None else "a tokenizer: give token ids through lowbit.load(...).generate"), Exit.USAGE)
+        tok = stored.tokenizer
+        max_length, max_batch = meta["max_length"], meta["max_batch"]  # the cache it was captured with
+        build = lambda spec: stored  # noqa: E731
+        text = "loaded from the lowbit directory"
+    elif ckpt is not None:  # compressed-tensors / GPTQ: already compiled, loaded as the generation step
         if text:
             fail(f"model {model!r} is a quantized checkpoint (already compiled): drop --pipeline/--recipe", Exit.USAGE)
         from transformers import AutoTokenizer
