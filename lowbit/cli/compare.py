@@ -8,6 +8,7 @@ error comes from.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,19 +48,10 @@ class CompareResult:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite({"model": self.model, "pipeline": self.pipeline, "inputs": self.inputs, "metric": self.metric,
-                        "seconds": round(self.seconds, 3), "stages": [asdict(s) for s in self.stages]})
-
-
-def _finite(x: Any) -> Any:
-    """JSON has no infinity: an identical layer's SQNR (inf dB) is written as null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
+        """JSON-ready data: JSON has no infinity, so an identical layer's SQNR (inf dB) is null."""
+        return json.loads(jsonio.dumps({"model": self.model, "pipeline": self.pipeline, "inputs": self.inputs,
+                                        "metric": self.metric, "seconds": round(self.seconds, 3),
+                                        "stages": [asdict(s) for s in self.stages]}))
 
 
 class LayerCompare(Instrument):
