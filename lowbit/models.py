@@ -89,10 +89,26 @@ class CausalLMLogits(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
+        _refuse_dynamic_rope(model)
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def _refuse_dynamic_rope(model: nn.Module) -> None:
+    """Dynamic NTK RoPE scaling recomputes the rotary frequencies when a forward's length passes the trained
+    context (a branch on the sequence length): torch.export cannot capture it for every length, and failed with
+    a data-dependent-guard error and a page of FX graph. Refused by name; linear, llama3 and yarn scaling (fixed
+    frequencies) capture and match transformers."""
+    from lowbit.ir.capture import CaptureError
+
+    rotary = getattr(getattr(model, "base_model", model), "rotary_emb", None)
+    rope_type = str(getattr(rotary, "rope_type", "") or "")
+    if "dynamic" in rope_type:
+        raise CaptureError(f"{type(model).__name__}: rope_type {rope_type!r} (dynamic NTK scaling) changes the "
+                           "rotary frequencies with the sequence length at run time, which a captured graph cannot "
+                           "follow; use a fixed scaling (linear, llama3, yarn) or none")
 
 
 class GenerationError(ValueError):
@@ -221,6 +237,7 @@ class CausalLMStep(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
+        _refuse_dynamic_rope(model)
         self.layout = StepLayout.of(model)
         self.model = model
         config = model.config

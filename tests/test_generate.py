@@ -446,3 +446,19 @@ def test_left_padding_ends_every_prompt_in_the_last_column(prompts):
         assert pos[b, longest - n:].tolist() == list(range(n))
         assert sorted(pos[b].tolist()) == list(range(longest))
         assert all(q >= n for q in pos[b, : longest - n].tolist())  # pads sit past every real position
+
+
+def test_dynamic_rope_scaling_is_refused_by_name():
+    """Dynamic NTK RoPE branches on the sequence length: capture failed with a data-dependent-guard error and a
+    page of FX graph, with or without generation; it is refused naming the rope type and the alternatives."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.ir.capture import CaptureError
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1,
+                      rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    model = LlamaForCausalLM(cfg).eval()
+    for generation in (None, GenerationSpec(max_length=16)):
+        with pytest.raises(CaptureError, match=r"rope_type 'dynamic'.*linear, llama3, yarn"):
+            compile_model(model, generation=generation)

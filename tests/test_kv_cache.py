@@ -245,7 +245,7 @@ def test_smollm2_greedy_tokens_kernel_equal_reference(smollm2):
     run_interpreted("import tests.test_kv_cache as t\nt._greedy_kernel_vs_reference()\nprint('ok')", timeout=900)
 
 
-def test_onnx_refuses_the_packed_cache_before_loading():
+def test_onnx_refuses_the_packed_cache_before_loading(tmp_path):
     """ONNX has no lowering for cache_attention: the compile plan says so (and which backends lower it) before the
     model is loaded; a float cache still exports (tests/test_generate.py)."""
     from lowbit.api import compile_model
@@ -255,3 +255,13 @@ def test_onnx_refuses_the_packed_cache_before_loading():
     with pytest.raises(LowbitError, match=r"cache_attention.*torch, triton"):
         compile_model("smollm2", pipeline="kv-cache(bits=4)", generation=GenerationSpec(max_length=64),
                       backend="onnxruntime")
+
+    # lowbit.export of such a model says what to export instead ("no lowering for op" was all it said)
+    import lowbit
+    from conftest import tiny_llama
+
+    cm = compile_model(tiny_llama(hidden=64, heads=2, kv_heads=1), pipeline="kv-cache(bits=4)",
+                       generation=GenerationSpec(max_length=64))
+    with pytest.raises(LowbitError, match=r"cache_attention.*has no ONNX form: export the generation model "
+                                          r"compiled without kv-cache"):
+        lowbit.export(cm, tmp_path / "step.onnx")

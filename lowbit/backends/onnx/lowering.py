@@ -33,6 +33,12 @@ from lowbit.ir.graph import Graph, SymType, TensorType, Value
 
 PRODUCER = "lowbit"
 
+_WHY_NOT = {  # ops with no ONNX form by design: what to export instead
+    "cache_attention": " (the packed int8/int4/int2 KV cache of the kv-cache pass has no ONNX form: export the "
+                       "generation model compiled without kv-cache, whose float cache ONNX Runtime runs, or keep this "
+                       "one with lowbit.save(..., format='lowbit'))",
+}
+
 
 def _onnx_shape(t: TensorType) -> ir.Shape:
     return ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(str(d)) for d in t.shape])
@@ -124,7 +130,7 @@ def to_onnx(graph: Graph, options: LoweringOptions | None = None, **kwargs: Any)
         ctx.current = node
         fn = LOWERINGS.get(node.op)
         if fn is None:
-            problems.append(f"{where(node)}: no ONNX lowering for op {node.op!r}")
+            problems.append(f"{where(node)}: no ONNX lowering for op {node.op!r}{_WHY_NOT.get(node.op, '')}")
             missing_ops.append(node.op)
             continue
         operands = node.inputs()
