@@ -12,6 +12,7 @@ Formats:
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import sys
 import types
@@ -70,25 +71,66 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
                          f"{str(Path(path) / 'model.onnx')!r}")
     weight_format = "matmulnbits" if format == "onnx-matmulnbits" else "qdq"
     model = to_onnx(graph, weight_format=weight_format, **options)
+    if graph.meta.get("generation") is not None:  # what generate() needs beside the step: load() reads it back
+        from lowbit.checkpoint import GenerationMeta, _validated
+
+        meta = _validated(GenerationMeta, graph.meta["generation"], "graph.meta['generation']")
+        model.metadata_props[GENERATION_KEY] = json.dumps(meta)
     out = save_onnx(model, path, external_data=external_data)
     if check:
         check_onnx(out, full_check=True)
     return out
 
 
-def load(path: str | os.PathLike[str], **options: Any) -> torch.nn.Module:
+def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any) -> torch.nn.Module:
     """A runnable module for an exported file: ``.onnx`` → ONNX Runtime, anything else → a TensorRT engine.
 
-    A missing, truncated or corrupted file raises ``OnnxFileError`` / ``EngineFileError`` saying so.
+    A step graph exported from a ``generation=`` compile carries its generation meta (``lowbit.generation``), so
+    the loaded file has ``generate()`` like the compiled model (``tokenizer=`` for text prompts). A missing,
+    truncated or corrupted file raises ``OnnxFileError`` / ``EngineFileError`` saying so.
     """
     path = Path(path)
     if path.suffix == ".onnx":
         from lowbit.backends.onnxruntime_backend import OrtCompiled
 
-        return OrtCompiled.load(path, **options)
+        ort = OrtCompiled.load(path, **options)
+        raw = ort.session.get_modelmeta().custom_metadata_map.get(GENERATION_KEY)
+        if raw is None:
+            return ort
+        from lowbit.checkpoint import CheckpointError, GenerationMeta, _validated
+
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: metadata {GENERATION_KEY!r} is not JSON: {exc}") from None
+        return GeneratingOnnx(ort, _validated(GenerationMeta, parsed, f"{path}: metadata {GENERATION_KEY!r}"),
+                              tokenizer)
     from lowbit.backends.tensorrt import TensorRTCompiled
 
     return TensorRTCompiled.load(path)
+
+
+GENERATION_KEY = "lowbit.generation"
+"""ONNX metadata key holding a step graph's generation meta (the lowbit format's manifest field, same schema)."""
+
+
+class GeneratingOnnx(torch.nn.Module):
+    """An exported step graph run by ONNX Runtime, with ``generate()`` from the meta the file carries."""
+
+    def __init__(self, runner: torch.nn.Module, meta: dict[str, Any], tokenizer: Any = None) -> None:
+        super().__init__()
+        from lowbit.generate import Generator
+
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.generator = Generator(runner, meta, None, tokenizer)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.runner(*args, **kwargs)
+
+    def generate(self, input_ids: Any, max_new_tokens: int, **kwargs: Any) -> Any:
+        """As ``CompiledModel.generate`` (greedy or sampling, stop tokens default to the model's EOS ids)."""
+        return self.generator.generate(input_ids, max_new_tokens, **kwargs)
 
 
 class _CallableModule(types.ModuleType):

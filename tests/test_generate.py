@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -283,6 +285,16 @@ def test_onnxruntime_generation_matches_the_torch_reference(smollm2, recipe):
     prompts = [tok(p).input_ids for p in PROMPTS[:2]]
     ort_tokens = Generator(runner, graph.meta["generation"], "cpu").generate(prompts, 12, stop_tokens=()).tokens
     assert ort_tokens == torch_cm.generate(prompts, 12, stop_tokens=()).tokens
+    if recipe is None:  # an exported file carries the generation meta: lowbit.export.load(path) generates alone
+        import tempfile
+
+        import lowbit
+
+        with tempfile.TemporaryDirectory() as d:
+            path = lowbit.export(torch_cm, Path(d) / "step.onnx")
+            loaded = lowbit.export.load(path, tokenizer=tok)
+            assert loaded.generate(PROMPTS[:2], 12, stop_tokens=()).tokens == ort_tokens
+            assert loaded.generate(prompts, 12).tokens == torch_cm.generate(prompts, 12).tokens  # the EOS ids kept
 
 
 @pytest.mark.gpu
