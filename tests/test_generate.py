@@ -216,6 +216,17 @@ def test_cli_generate_streams_and_reports_speed(capsys):
     assert res.exit_code == 2 and "no causal-LM head" in res.output
     res = CliRunner().invoke(app, ["generate", "smollm2:2", "--prompt", "hi there", "-n", "40", "--max-length", "32"])
     assert res.exit_code == 2 and "--max-length" in res.output
+    # --stop-token and --backend reach generate(): stopping at the first free token, through ONNX Runtime
+    free = CliRunner().invoke(app, ["generate", "smollm2:2", "--prompt", "The capital of France is", "-n", "4",
+                                    "--max-length", "32", "--stop-token", "-1", "-b", "onnxruntime"])
+    assert free.exit_code == 0 and "; 4 new tokens;" in free.output, free.output
+    tokens = compile_model("smollm2:2", generation=GenerationSpec(max_length=32, max_batch=1)).generate(
+        ["The capital of France is"], 4, stop_tokens=()).tokens[0]
+    res = CliRunner().invoke(app, ["generate", "smollm2:2", "--prompt", "The capital of France is", "-n", "4",
+                                   "--max-length", "32", "--stop-token", str(tokens[1])])
+    assert res.exit_code == 0 and "; 2 new tokens;" in res.output, (tokens, res.output)
+    res = CliRunner().invoke(app, ["generate", "smollm2:2", "--prompt", "hi", "-b", "tritn"])
+    assert res.exit_code == 2 and "'triton'" in res.output, res.output
     # a failing pass is reported as `lowbit compile` reports it (exit 4, the pass and the layer), not a traceback
     res = CliRunner().invoke(app, ["generate", "smollm2:2", "--pipeline", "prune-heads(ratio=0.9,calib_n=2,calib_len=32)",
                                    "--prompt", "hi"])

@@ -448,6 +448,11 @@ def generate_cmd(
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     top_p: Optional[float] = typer.Option(None, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed (reproducible draws)"),
+    stop_token: Optional[list[int]] = typer.Option(None, "--stop-token", help="token id that ends a sequence "
+                                                   "(repeat for several; default: the model's end-of-sequence "
+                                                   "ids; --stop-token -1 for none)"),
+    backend: str = typer.Option("torch", "--backend", "-b", help="torch (reference), onnxruntime, or triton "
+                                "(CUDA)"),
 ) -> None:
     """Compile MODEL for generation (one step graph: prefill and decode), stream the text, print timings."""
     import resource
@@ -455,6 +460,7 @@ def generate_cmd(
     from lowbit.api import compile_model
     from lowbit.errors import DeviceError, LowbitError, check_device
     from lowbit.generate import GenerationError, GenerationSpec, check_request
+    from lowbit.backends.registry import BackendError
     from lowbit.passes.manager import PipelineError
 
     text = pipeline_text(pipeline, recipe) if pipeline or recipe else ""
@@ -463,6 +469,9 @@ def generate_cmd(
     if ignored and not sample:
         fail(f"{', '.join(ignored)} only apply when sampling: add --sample (without it decoding is greedy)",
              Exit.USAGE)
+    stops = None if not stop_token else () if stop_token == [-1] else tuple(stop_token)
+    if stops and any(t < 0 for t in stops):
+        fail(f"--stop-token {min(stops)}: token ids are 0 or more (-1 alone: no stop token)", Exit.USAGE)
     try:
         check_device(device)
     except DeviceError as exc:
@@ -478,7 +487,7 @@ def generate_cmd(
         from lowbit.checkpoint import load as load_checkpoint
 
         try:
-            stored = load_checkpoint(lowbit_dir, device=device)
+            stored = load_checkpoint(lowbit_dir, device=device, backend=backend)
         except LowbitError as exc:
             fail(str(exc), Exit.NOT_FOUND)
         meta = stored.graph.meta.get("generation")
@@ -497,7 +506,7 @@ def generate_cmd(
         from lowbit.checkpoint import load as load_checkpoint
 
         tok = AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
-        build = lambda spec: load_checkpoint(ckpt, device=device, generation=spec)  # noqa: E731
+        build = lambda spec: load_checkpoint(ckpt, device=device, generation=spec, backend=backend)  # noqa: E731
         text = "loaded from the checkpoint"
     else:
         loaded = load(model)
@@ -506,7 +515,7 @@ def generate_cmd(
                  "(smollm2, an HF *ForCausalLM directory, a .gguf)", Exit.USAGE)
         tok = loaded.tokenizer
         build = lambda spec: compile_model(loaded.module, pipeline=text or None, device=device,  # noqa: E731
-                                           tokenizer=loaded.tokenizer, generation=spec)
+                                           tokenizer=loaded.tokenizer, generation=spec, backend=backend)
     try:
         spec = GenerationSpec(max_length=max_length, max_batch=len(prompt) if max_batch is None else max_batch)
         ids = [tok(p).input_ids for p in prompt]
@@ -530,12 +539,14 @@ def generate_cmd(
             console.print(prompt[0], end="", markup=False, highlight=False, soft_wrap=True)
         try:
             out = compiled.generate(ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=seed, on_token=on_token)
+                                    top_p=top_p, seed=seed, on_token=on_token, stop_tokens=stops)
         except BaseException:
             if len(prompt) == 1:  # an error (or Ctrl-C) ends the streamed line: its message starts a line of its own
                 console.print()
             raise
     except GenerationError as exc:
+        fail(str(exc), Exit.USAGE)
+    except BackendError as exc:  # unknown, unbuilt or unavailable here (triton without CUDA): as compile says it
         fail(str(exc), Exit.USAGE)
     except PipelineError as exc:  # as `lowbit compile` reports a failing pass (exit 4), not a traceback
         fail(f"{exc}\n(rerun `lowbit compile {model} --pipeline ... --reproducer DIR` to save the IR before this "
