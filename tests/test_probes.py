@@ -67,6 +67,8 @@ BEFORE_LOAD = [
      "--max-increase 'inf%': give a percentage like 5%"),
     (["debug", "sensitivity", "smollm2:2", "--scheme", "w4", "--group", "0"], Exit.USAGE, "--group 0: a weight group"),
     (["debug", "sensitivity", "smollm2:2", "--scheme", "w4", "--keep-top", "-1"], Exit.USAGE, "--keep-top -1"),
+    (["debug", "sensitivity", "smollm2:2", "--scheme", "w=int4,group=32", "--group", "64"], Exit.USAGE,
+     "--group 64 applies to wNaM schemes"),
     (["generate", "smollm2:2", "--prompt", "Hi", "--top-k", "50", "--temperature", "0.7"], Exit.USAGE,
      "--temperature, --top-k only apply when sampling: add --sample"),
     (["compile", "smollm2:2", "-p", "quantize(w=int4,w=int8)"], Exit.USAGE, "option 'w' is given twice"),

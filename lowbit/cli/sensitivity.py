@@ -34,6 +34,9 @@ def scheme_to_pipeline(scheme: str, group: int | None) -> str:
     name = s.split("(", 1)[0]
     from lowbit.passes.base import all_passes
 
+    if group is not None and (name in all_passes() or "=" in s):  # it was silently dropped for these
+        fail(f"--group {group} applies to wNaM schemes (w4, w4a8, ...); --scheme {scheme!r} gives its options "
+             "itself: put group=N there", Exit.USAGE)
     if name in all_passes() and (name != "quantize" or "(" in s):
         return s
     if "=" in s:
