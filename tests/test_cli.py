@@ -272,6 +272,10 @@ def test_compile_minilm_diff_and_failure_leaves_out_untouched(tmp_path):
                  r"encoder\.layer\.0\.attention\.self\.query", "--print-ir-after-change")
     assert "// ----- IR after quantize(w=int8)" in res.output and "IR after dce" not in res.output
     assert "// dce: no change" in res.output
+    # a pass that changed what the filter hides says so (it printed "no change" beside --timing's "yes")
+    hidden = invoke("compile", "minilm", "--pipeline", r"quantize(w=int8,modules=layer\.1\.)",
+                    "--print-ir-diff", "--filter", r"encoder\.layer\.0\.attention\.self\.query").output
+    assert "changed, but not in the lines --filter keeps" in hidden, hidden
     assert "--- before quantize(w=int8)" in res.output and "+++ after quantize(w=int8)" in res.output
     assert re.search(r"^\+.*dequantize\(@encoder\.layer\.0\.attention\.self\.query", res.output, re.M)
     out = tmp_path / "out"

@@ -213,7 +213,13 @@ class PrintIR(Instrument):
             after = self._text(graph)
             lines = list(difflib.unified_diff(self._before.splitlines(), after.splitlines(),
                                               f"before {record.spec}", f"after {record.spec}", lineterm="", n=1))
-            self.stream.write("\n".join(lines) + ("\n" if lines else f"// {record.spec}: no change\n"))
+            if lines:
+                self.stream.write("\n".join(lines) + "\n")
+            elif record.changed:  # the pass changed weights (no IR text) or lines outside the filter
+                where = "the lines --filter keeps" if self.filter else "the IR text (weights only)"
+                self.stream.write(f"// {record.spec}: changed, but not in {where}\n")
+            else:
+                self.stream.write(f"// {record.spec}: no change\n")
         show = self.after_all or (self.after_change and record.changed) or record.name in self.after
         if show:
             self.stream.write(f"// ----- IR after {record.spec} -----\n{self._text(graph)}")
