@@ -129,7 +129,7 @@ def recipes_cmd() -> None:
         return
     table = Table(title="lowbit recipes", show_lines=True)
     table.add_column("recipe", style="bold cyan", no_wrap=True)
-    table.add_column("pipeline")
+    table.add_column("pipeline", overflow="fold")
     table.add_column("about")
     table.add_column("status")
     for rname, entry in sorted(getattr(mod, "RECIPES", {}).items()):
