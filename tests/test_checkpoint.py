@@ -548,3 +548,25 @@ def test_generation_step_graph_saves_and_generates_after_load(smollm2, tmp_path)
         manifest.write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match=match):
             lowbit.load(tmp_path / "gen")
+
+
+@pytest.mark.parametrize("prune", ["prune-mlp(ratio=0.25,score=fluctuation,compensate=true)",
+                                   "prune-heads(ratio=0.5,score=obs)"])
+def test_pruning_compensation_biases_save_with_the_configs_bias_switch(prune, tmp_path):
+    """FLAP compensation and the OBS refit give down_proj / o_proj a bias a Llama config has off: the save
+    refused ("a pass such as fold-norms on a LayerNorm added it"); it now turns on mlp_bias / attention_bias and
+    writes zeros for the linears the switch gives a bias the graph lacks. transformers loads it to lowbit's
+    logits."""
+    from conftest import tiny_llama
+
+    from lowbit.api import compile_model
+    from lowbit.checkpoint.hf_check import transformers_logits
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, inter=256, heads=4, kv_heads=2, layers=2, vocab=256)
+    cm = compile_model(model, pipeline=f"{prune},quantize(w=int4,group=32)", calib=torch.randint(0, 256, (8, 32)))
+    out = lowbit.save(cm, tmp_path / "ct", format="compressed-tensors")
+    config = json.loads((out / "config.json").read_text())
+    assert config["mlp_bias" if "mlp" in prune else "attention_bias"] is True
+    ids = torch.randint(0, 256, (1, 16))
+    torch.testing.assert_close(transformers_logits(out, ids), cm(ids), rtol=0, atol=1e-5)

@@ -223,7 +223,10 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
                 if bkey not in hf_keys:
                     raise CheckpointError(f"linear %{node.name} (module {node.module!r}) has a bias "
                                           f"(@{getattr(b, 'name', b)}) but the HF model has no {bkey!r} "
-                                          "(a pass such as fold-norms on a LayerNorm added it); not expressible")
+                                          "(a pass added it: prune-mlp/prune-heads compensation, the OBS refit, "
+                                          "fold-norms on a LayerNorm), and this architecture's config has no switch "
+                                          "that gives it one (Llama-style configs' mlp_bias / attention_bias); "
+                                          "save with format='lowbit'")
                 _put(view, bkey, _param(b, node, "bias"), node)
                 used.add(b.name)
             continue

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,25 @@ def _renamed(graph: Graph, renames: dict[str, str]) -> Graph:
     return graph
 
 
+_BIAS_SWITCHES = (("mlp_bias", ".mlp."), ("attention_bias", ".self_attn."))
+"""Config switches that give a family's MLP / attention linears biases (Llama-style configs)."""
+
+
+def _bias_switches(graph: Graph, config: Any) -> tuple[Any, Callable[[dict[str, Any]], list[str]]]:
+    """Turn on ``mlp_bias``/``attention_bias`` where a pass gave such linears a bias the config has off (prune-mlp's
+    and prune-heads' compensation, the OBS refit): the config then declares a bias for every one of them, and the
+    returned function lists the bias keys the switch added (written as zeros where the graph has none)."""
+    with_bias = {n.module for n in graph.nodes if n.op == "linear" and n.arg(2, "bias") is not None}
+    switched = [(flag, part) for flag, part in _BIAS_SWITCHES
+                if getattr(config, flag, None) is False and any(part in m for m in with_bias)]
+    if not switched:
+        return config, lambda keys: []
+    config = copy.deepcopy(config)
+    for flag, _ in switched:
+        setattr(config, flag, True)
+    return config, lambda keys: [k for k in keys if k.endswith(".bias") and any(part in k for _, part in switched)]
+
+
 def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
     if any(n.op == "qlinear" for n in graph.nodes):  # fused: HF formats store the unfused QDQ weights
         from lowbit.ir.fusion import unfuse_qlinear
@@ -199,10 +219,14 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
         unfuse_qlinear(graph)
     config, renames = pruned_config(config, graph.meta.get("pruned"))
     graph = _renamed(graph, renames)
+    config, added = _bias_switches(graph, config)
     model = skeleton(config, kind)
     keys = _hf_keys(model)
     derived = {n for n, _ in model.named_buffers()} - set(keys)
     view = hf_view(graph, keys, derived)
+    for key in added(keys):  # the switch gives every such linear a bias: the ones the graph lacks are zero
+        if key not in view.tensors:
+            view.tensors[key] = torch.zeros(keys[key])
     cfg = copy.deepcopy(config)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
