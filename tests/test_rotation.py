@@ -615,3 +615,60 @@ def test_fake_quantizers_match_the_ir_quantizers():
     w.requires_grad_(True)
     fake_quant_weight(w).sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))  # straight through
+
+
+# ---- generation step graphs (the KV cache write between rotary / v_proj and attention) ---------------------------
+
+def _gained_tiny_llama(seed: int = 0, **kw):  # type: ignore[no-untyped-def]
+    """A tiny random Llama (GQA) with non-trivial norm gains, so fold-norms has something to fold."""
+    from conftest import tiny_llama
+
+    torch.manual_seed(seed)
+    model = tiny_llama(**{"hidden": 64, "inter": 128, "heads": 4, "kv_heads": 2, "layers": 2, "vocab": 97,
+                          "max_positions": 64, **kw})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    return model
+
+
+def _prefill_and_decode(cm, ids: torch.Tensor, steps: int, tokens: list[int] | None = None
+                        ) -> tuple[list[torch.Tensor], list[int]]:  # type: ignore[no-untyped-def]
+    """Each call's logits for a prefill of ``ids`` then ``steps`` one-token steps through the step graph's own
+    (float) cache, fed ``tokens`` (else its own greedy choices); and the tokens fed."""
+    g = cm.report.capture["generation"]
+    cache = [torch.zeros(1, g["kv_heads"], g["max_length"], g["head_dim"]) for _ in range(2 * g["n_layers"])]
+    n = ids.shape[1]
+    out = cm.runner(ids, torch.arange(n)[None], *cache)
+    logits, fed = [out[0][0]], []
+    for i in range(steps):
+        tok = tokens[i] if tokens is not None else int(logits[-1][-1].argmax())
+        fed.append(tok)
+        out = cm.runner(torch.tensor([[tok]]), torch.tensor([[n + i]]), *out[1:])
+        logits.append(out[0][0])
+    return logits, fed
+
+
+def test_rotate_in_generation_mode_rotates_cached_keys_and_values_and_keeps_the_model():
+    """Step graphs write the new keys and values into the cache before attention reads them: q and k both get the
+    online Hadamard (k before it is cached) and v/o their per-head rotation, so prefill and decode logits are
+    fold-norms' own (float32 rounding), and the stats say every part was applied."""
+    from lowbit import GenerationSpec, compile_model
+
+    spec = GenerationSpec(max_length=32, max_batch=1, logits="all")
+    ref = compile_model(_gained_tiny_llama(), pipeline="fold-norms", generation=spec)
+    rot = compile_model(_gained_tiny_llama(), pipeline="fold-norms,rotate", generation=spec)
+    stats = rot.report.pipeline.records[-1].stats
+    assert stats["head_regions"] == 2 and stats["online_hadamards"] == 2 + 4 and stats["refused"] == []
+    ids = torch.tensor([[5, 7, 9, 11, 3, 2, 40]])
+    want, fed = _prefill_and_decode(ref, ids, 4)
+    got, _ = _prefill_and_decode(rot, ids, 4, fed)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert _rel_err(a, b) <= 1e-4, (i, _rel_err(a, b))
+    assert rot.generate([ids[0].tolist()], 6).tokens == ref.generate([ids[0].tolist()], 6).tokens
+    # the packed int4 cache quantizes the rotated keys/values (blocks of 8 tokens past a window of 8)
+    kv4 = compile_model(_gained_tiny_llama(), generation=spec,
+                        pipeline="fold-norms,rotate,kv-cache(bits=4,v_group=16,window=8,k_block=8)")
+    assert kv4.generate([ids[0].tolist()], 8).tokens == ref.generate([ids[0].tolist()], 8).tokens
+

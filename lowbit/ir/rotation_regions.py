@@ -19,6 +19,13 @@ An analysis, separate from the ``rotate`` pass that uses it (pruning's channel r
 * **Online sites**: a writer whose input no fold reaches (``down_proj`` reads ``silu(gate)·up``, a product)
   needs ``x → x·H`` computed at run time, folded as ``W·H`` (R4); queries and keys after rotary need ``q·H``
   and ``k·H`` (``q·kᵀ`` is unchanged) so the KV cache stores rotated keys (R3).
+
+In a generation step graph the keys and values reach ``attention`` through the write of the new tokens into the
+layer's cache (``scatter(cache, 2, index, new)``, the cache a graph input). Both walks step through that write to
+``new``: the rotation then applies to every token as it is written, so the cache holds rotated keys and per-head
+rotated values in prefill and decode alike, and what attention reads is rotated consistently. The write is
+stepped over only when it cannot mix the rotated (last) axis: it scatters along the sequence axis, its index is
+broadcast along the last axis, and the cache is a graph input.
 """
 
 from __future__ import annotations
@@ -215,11 +222,41 @@ def _residual(graph: Graph, users: dict[int, list[Node]], refused: list[str]) ->
     return region if ok else None
 
 
+CACHE_WRITE = "aten.scatter.src"
+"""How a generation step graph writes the new keys/values into a layer's cache: ``scatter(cache, 2, index, new)``."""
+
+
+def cache_write_source(v: Value) -> Value | None:
+    """``new`` when ``v`` is a step graph's cache write ``scatter(cache, dim, index, new)`` that a rotation of the
+    last axis commutes with: ``cache`` a graph input, ``dim`` not the last axis and ``index`` an expand of a
+    tensor whose last axis has size 1 (the same slot for every channel); else None."""
+    n = v.producer
+    if n is None or n.op != CACHE_WRITE or len(n.args) != 4 or n.kwargs:
+        return None
+    cache, dim, index, new = n.args
+    if not isinstance(cache, Value) or cache.kind != "input" or not isinstance(dim, int) or \
+            not isinstance(index, Value) or not isinstance(new, Value):
+        return None
+    shape = cache.tensor_type.shape if cache.tensor_type is not None else None
+    if not shape or dim % len(shape) == len(shape) - 1:
+        return None
+    src = index.producer
+    if src is None or src.op != "aten.expand.default" or not isinstance(src.args[0], Value) or \
+            _last_dim(src.args[0]) != 1:
+        return None
+    return new
+
+
 def _view_source(v: Value, users: dict[int, list[Node]], hd: int) -> tuple[Value, bool]:
-    """Walk back through view ops keeping ``hd`` last; (source, whether every step kept it)."""
+    """Walk back through view ops (and a step graph's cache write) keeping ``hd`` last; (source, whether every
+    step kept it)."""
     kept = True
-    while v.producer is not None and v.producer.op in _VIEW_OPS:
+    while v.producer is not None and (v.producer.op in _VIEW_OPS or cache_write_source(v) is not None):
         p = v.producer
+        if p.op == CACHE_WRITE:
+            v = cache_write_source(v)
+            kept = kept and _last_dim(v) == hd
+            continue
         src = p.args[0]
         if _last_dim(src) != hd:
             # the split of [.., H·hd] into [.., H, hd] is the first step after the linear, and only that one
@@ -279,11 +316,17 @@ def _heads(graph: Graph, users: dict[int, list[Node]], refused: list[str]) -> li
 
 
 def _rotary_sources(att: Node, users: dict[int, list[Node]]) -> list[Node]:
+    """The rotary nodes making the query and key ``att`` reads (through views and a step graph's cache write)."""
     out = []
     for operand in att.args[:2]:
         v = operand
-        while v.producer is not None and v.producer.op in _VIEW_OPS:
-            v = v.producer.args[0]
+        while v.producer is not None:
+            if v.producer.op in _VIEW_OPS:
+                v = v.producer.args[0]
+            elif (new := cache_write_source(v)) is not None:  # a step graph's key: rotate it before the cache
+                v = new
+            else:
+                break
         if v.producer is not None and v.producer.op == "rotary":
             out.append(v.producer)
     return out
@@ -302,7 +345,14 @@ def find_rotation_regions(graph: Graph) -> RotationRegions:
             if id(w) not in o_projs:
                 online.append(OnlineSite("linear_input", w, _last_dim(w.args[0]) or 0))
     for att in (n for n in graph.nodes if n.op == "attention"):
-        for rot in _rotary_sources(att, users):
+        rotaries = _rotary_sources(att, users)
+        if len(rotaries) != 2:  # q·H with k unrotated (or the reverse) would change q·kᵀ: both or neither
+            if any(n.op == "rotary" for n in graph.nodes):
+                refused.append(f"q/k after rotary: the query and key of {_where(att)} do not both come from a "
+                               "rotary through views and a cache write (a partial rotary's concatenation is not "
+                               "passed), so neither gets the online Hadamard")
+            continue
+        for rot in rotaries:
             if all(s.node is not rot for s in online):
                 online.append(OnlineSite("rotary_output", rot, _last_dim(rot.output) or 0))
     tied = []
