@@ -672,3 +672,28 @@ def test_rotate_in_generation_mode_rotates_cached_keys_and_values_and_keeps_the_
                         pipeline="fold-norms,rotate,kv-cache(bits=4,v_group=16,window=8,k_block=8)")
     assert kv4.generate([ids[0].tolist()], 8).tokens == ref.generate([ids[0].tolist()], 8).tokens
 
+
+def test_rotate_without_residual_on_a_layernorm_model_is_exact_in_float64():
+    """residual=false asks for no rotation of the stream, so a LayerNorm (which only that rotation cannot pass)
+    does not refuse the rest: per-head V/O and the online down_proj Hadamards apply, exactly. StableLM's partial
+    rotary concatenates the rotated and the passed channels, so q/k get no Hadamard, and the stats say why."""
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    cfg = StableLmConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=97, num_hidden_layers=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = StableLmForCausalLM(cfg).to(torch.float64).eval()
+    g = capture(CausalLMLogits(model).eval(), (torch.ones(1, 6, dtype=torch.long),),
+                {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=64)}})
+    with pytest.raises(PipelineError, match=r"is a LayerNorm.*rotate\(residual=false\) applies the rotations"):
+        PassManager("rotate").run(g.clone())
+    ids = torch.randint(0, 97, (1, 9))
+    ref = TorchCompiled(g)(ids)
+    stats = PassManager("rotate(residual=false)").run(g).records[-1].stats
+    assert stats["residual_dim"] is None and stats["head_regions"] == 2 and stats["online_hadamards"] == 2
+    assert any(r.startswith("q/k after rotary: the query and key of %attention") for r in stats["refused"])
+    out = TorchCompiled(g)(ids)
+    assert (out - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()

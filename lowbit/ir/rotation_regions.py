@@ -150,11 +150,13 @@ def _last_dim(v: Value) -> int | None:
     return shape[-1] if shape and isinstance(shape[-1], int) else None
 
 
-def _residual(graph: Graph, users: dict[int, list[Node]], refused: list[str]) -> ResidualRegion | None:
+def _residual(graph: Graph, users: dict[int, list[Node]], refused: list[str]) -> tuple[ResidualRegion | None, bool]:
+    """The stream's region and whether a rotation folds into all of it; the region is returned even when it does
+    not (a LayerNorm), since its writers still take an online Hadamard, which needs no fold through the norms."""
     embeddings = [n for n in graph.nodes if n.op == "embedding"]
     if not embeddings:
         refused.append("residual stream: no embedding node starts one")
-        return None
+        return None, False
     dim = _last_dim(embeddings[0].output)
     region = ResidualRegion(dim=dim or 0, embeddings=embeddings)
     outputs = graph.output_ids()
@@ -219,7 +221,7 @@ def _residual(graph: Graph, users: dict[int, list[Node]], refused: list[str]) ->
                 refused.append(f"residual stream: %{v.name} is read by {_where(u)}, through which a rotation does "
                                "not fold")
                 ok = False
-    return region if ok else None
+    return region, ok
 
 
 CACHE_WRITE = "aten.scatter.src"
@@ -336,12 +338,13 @@ def find_rotation_regions(graph: Graph) -> RotationRegions:
     """Every place a rotation folds exactly, every place one must run online, and what is refused and why."""
     users = graph.users()
     refused: list[str] = []
-    residual = _residual(graph, users, refused)
+    stream, foldable = _residual(graph, users, refused)
+    residual = stream if foldable else None
     heads = _heads(graph, users, refused)
     online: list[OnlineSite] = []
     o_projs = {id(h.o_proj) for h in heads}
-    if residual is not None:
-        for w in residual.writers:
+    if stream is not None:  # x·H before a writer, W·H in it: exact whatever normalises the stream
+        for w in stream.writers:
             if id(w) not in o_projs:
                 online.append(OnlineSite("linear_input", w, _last_dim(w.args[0]) or 0))
     for att in (n for n in graph.nodes if n.op == "attention"):

@@ -299,12 +299,14 @@ class Rotate(Pass):
             raise PassError(f"pass rotate: kind={o.kind} learns the residual rotation R1, so it needs residual=true")
         regions = find_rotation_regions(graph)
         res = regions.residual
-        if res is None:
-            raise PassError("pass rotate: the residual stream cannot be rotated: " + "; ".join(regions.refused))
-        check_foldable(res, self.name, gains=o.residual)
+        if res is None and o.residual:
+            raise PassError("pass rotate: the residual stream cannot be rotated: " + "; ".join(regions.refused) +
+                            " (rotate(residual=false) applies the rotations that do not fold through the norms)")
+        if res is not None:
+            check_foldable(res, self.name, gains=o.residual)
         users = graph.users()
         base = "hadamard" if o.kind in ("kurtosis", "learned") else o.kind
-        q = rotation_matrix(base, res.dim, o.seed, f"residual stream of width {res.dim}")
+        q = rotation_matrix(base, res.dim, o.seed, f"residual stream of width {res.dim}") if o.residual else None
         learned = None
         r2: dict[int, torch.Tensor] = {}
         if o.kind == "kurtosis":
