@@ -697,3 +697,42 @@ def test_rotate_without_residual_on_a_layernorm_model_is_exact_in_float64():
     assert any(r.startswith("q/k after rotary: the query and key of %attention") for r in stats["refused"])
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+
+
+def test_rotate_refuses_options_its_kind_does_not_read():
+    """An option set for a kind that never reads it would be silently ignored: refused when the pipeline is
+    parsed, naming the option and the kinds that read it; defaults (options not written) stay fine."""
+    for spec, msg in [
+        ("rotate(kind=hadamard,steps=5,learn_heads=true,target=2.0,w_bits=8,samples=64)",
+         r"kind=hadamard does not read learn_heads, samples, steps, target, w_bits \(learn_heads is read only by "
+         r"kind=kurtosis; samples .*; steps is read only by kind=kurtosis/learned"),
+        ("rotate(kind=kurtosis,w_bits=8)", r"kind=kurtosis does not read w_bits \(w_bits is read only by kind=learned\)"),
+        ("rotate(kind=kurtosis,windows_per_step=2,check_windows=4)", r"does not read check_windows, windows_per_step"),
+        ("rotate(kind=learned,learn_heads=true)", r"kind=learned does not read learn_heads"),
+        ("rotate(kind=learned,target=2.0)", r"kind=learned does not read target"),
+        ("rotate(kind=random,lr=0.01)", r"kind=random does not read lr"),
+    ]:
+        with pytest.raises(PipelineError, match=msg):
+            PassManager(spec)
+    PassManager("rotate,rotate(kind=random,seed=3,online_o=true)")
+    PassManager("rotate(kind=kurtosis,samples=64,steps=3,lr=0.01,batch_tokens=64,learn_heads=true,target=2.0)")
+    PassManager("rotate(kind=learned,steps=3,lr=0.01,windows_per_step=2,w_bits=16,a_bits=4,check_windows=2)")
+
+
+def test_learned_rotation_adapts_to_a_fixed_batch_and_reports_the_windows_it_ran():
+    """A graph captured with a fixed batch runs exactly that many windows per forward: kind=learned steps (and
+    checks) on that many, and refuses a windows_per_step written otherwise; stats report the windows each step
+    really ran (fewer than asked when calibration has fewer)."""
+    from lowbit import compile_model
+
+    calib = torch.randint(0, 97, (7, 16), generator=torch.Generator().manual_seed(0))
+    spec = "fold-norms,rotate(kind=learned,steps=2,calib_n=7,calib_len=16,check_windows=3,progress=false{})"
+    fixed = (torch.randint(0, 97, (2, 16)),)
+    learned = compile_model(_gained_tiny_llama(), fixed, pipeline=spec.format(""), calib=calib
+                            ).report.pipeline.records[-1].stats["learned"]
+    assert learned["windows_per_step"] == 2 and learned["check"]["windows"] == 4
+    with pytest.raises(PipelineError, match=r"windows_per_step=3, but the graph was captured with a fixed batch of 2"):
+        compile_model(_gained_tiny_llama(), fixed, pipeline=spec.format(",windows_per_step=3"), calib=calib)
+    few = compile_model(_gained_tiny_llama(), pipeline=spec.format(",windows_per_step=8").replace("calib_n=7",
+                        "calib_n=4"), calib=calib[:4]).report.pipeline.records[-1].stats["learned"]
+    assert few["windows_per_step"] == 4

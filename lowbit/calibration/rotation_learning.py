@@ -60,6 +60,8 @@ class LearnedRotation:
     """learned (SpinQuant): the quantized loss of the start and of the learned rotation on the same fixed windows,
     and which one was ``kept`` (the learned one only when it is lower: a learned method never ends worse than
     its start)."""
+    windows_per_step: int | None = None
+    """learned: calibration windows each step ran on (``batch``, or fewer when fewer windows remain to train on)."""
 
 
 def kurtosis(y: torch.Tensor) -> torch.Tensor:
@@ -206,7 +208,7 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
                              writers: Sequence[Node], keep_float: Sequence[Node], windows: torch.Tensor, *,
                              steps: int, lr: float, batch: int, w_bits: int = 4, a_bits: int = 4, seed: int = 0,
                              check_windows: int = 8, what: str = "rotation",
-                             device: torch.device | None = None) -> LearnedRotation:
+                             device: torch.device | None = None, fixed_batch: bool = False) -> LearnedRotation:
     """Learn an extra residual rotation ``U = C(S)`` (from ``I``) minimising the next-token loss of the
     fake-quantized network on ``windows`` (SpinQuant's objective, Adam on the Cayley parameter).
 
@@ -220,6 +222,9 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
     the first ``check_windows`` windows and ``U = I`` is returned unless the learned one scores lower (0: no
     check, always the learned one). Those windows are held out of the steps when the other windows leave at least
     one batch to learn from (stats ``check.held_out``); a check on trained windows rewards memorising them.
+
+    ``fixed_batch``: the graph was captured with a static batch of ``batch`` rows, so every forward (each step and
+    each chunk of the check) runs exactly ``batch`` windows: the check windows round up to a multiple of it.
 
     ``device``: where the steps run (a GPU makes the paper's hundreds of steps affordable); the graph's params stay
     where they are and are read through device copies, as calibration reads them. The returned ``q`` is on the CPU.
@@ -267,6 +272,13 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
     history: list[float] = []
     first = last = float("nan")
     n_check = min(check_windows, windows.shape[0])
+    if fixed_batch:
+        if windows.shape[0] < batch:
+            raise RotationLearningError(f"{what}: the graph was captured with a fixed batch of {batch}, so every "
+                                        f"step runs {batch} windows, but calibration has {windows.shape[0]} "
+                                        f"(raise calib_n to at least {batch})")
+        whole = windows.shape[0] - windows.shape[0] % batch
+        n_check = min(-(-n_check // batch) * batch, whole)
     held_out = n_check > 0 and windows.shape[0] - n_check >= batch
     train = windows[n_check:] if held_out else windows
     for step in range(steps):
@@ -325,4 +337,4 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
         q = q.cpu()
     box.clear()
     return LearnedRotation(q, float("nan"), float("nan"), first, last, steps, time.perf_counter() - t0, ortho, history,
-                           check)
+                           check, windows_per_step=min(batch, train.shape[0]))

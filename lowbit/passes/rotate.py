@@ -29,9 +29,9 @@ import time
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from lowbit.calibration.engine import CalibrationError, batches_from_ids
+from lowbit.calibration.engine import CalibrationError, batches_from_ids, static_batch
 from lowbit.calibration.engine import run as calibrate
 from lowbit.calibration.rotation_learning import (
     UNIFORM_KURTOSIS,
@@ -47,6 +47,14 @@ from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, 
 from lowbit.passes.fold_norms import private_weight
 
 __all__ = ["Rotate", "RotateOptions", "check_foldable", "fold_residual", "rotation_matrix", "set_weight"]
+
+
+_KIND_OPTIONS: dict[str, frozenset[str]] = {
+    "kurtosis": frozenset({"samples", "steps", "lr", "batch_tokens", "learn_heads", "target"}),
+    "learned": frozenset({"steps", "lr", "windows_per_step", "w_bits", "a_bits", "check_windows"}),
+}
+"""The learning options each learned kind reads (hadamard and random read none of them)."""
+_LEARNING_OPTIONS = frozenset().union(*_KIND_OPTIONS.values())
 
 
 class RotateOptions(CalibrationOptions):
@@ -83,6 +91,18 @@ class RotateOptions(CalibrationOptions):
         if 8 < v < 16:
             raise ValueError(f"{v} bits: the fake quantizer takes 2-8 bits, or 16 for float")
         return v
+
+    @model_validator(mode="after")
+    def _options_of_the_kind(self) -> RotateOptions:
+        """A learning option set for a kind that never reads it is a mistake the user would not see (the run
+        succeeds with the option ignored): refuse it, naming the kinds that read it. Defaults stay fine."""
+        wrong = sorted((self.model_fields_set & _LEARNING_OPTIONS) - _KIND_OPTIONS.get(self.kind, frozenset()))
+        if wrong:
+            readers = "; ".join(f"{name} is read only by kind="
+                                f"{'/'.join(k for k, names in _KIND_OPTIONS.items() if name in names)}"
+                                for name in wrong)
+            raise ValueError(f"kind={self.kind} does not read {', '.join(wrong)} ({readers})")
+        return self
     batch_tokens: int = Field(default=4096, ge=8, le=1_000_000)
     """kurtosis: tokens per step, drawn evenly from every norm output."""
     check_windows: int = Field(default=8, ge=0, le=1024)
@@ -235,17 +255,24 @@ def learn_extra_rotation(graph: Graph, res: ResidualRegion, o: RotateOptions, pa
     stats' ``learn_rss_above_start_mb``: the host memory the learning added at its peak (``PeakRss``)."""
     keep = [r for r in res.readers if any(module_matches(r.module or "", k) for k in DEFAULT_KEEP_FLOAT)]
     ids = o.token_ids(graph, pass_name)
+    batch, fixed = o.windows_per_step, static_batch(graph)
+    if fixed is not None:  # every forward of this graph takes exactly `fixed` windows
+        if "windows_per_step" in o.model_fields_set and batch != fixed:
+            raise PassError(f"pass {pass_name}: kind=learned: windows_per_step={batch}, but the graph was captured "
+                            f"with a fixed batch of {fixed}, so each step runs exactly {fixed} windows: set "
+                            f"windows_per_step={fixed} (or leave it unset), or capture with a dynamic batch")
+        batch = fixed
     try:
         with PeakRss() as mem:
             learned = learn_quantized_rotation(
                 graph, res.embeddings, res.readers, res.writers, keep, ids, steps=o.steps or 20, lr=o.lr or 1e-3,
-                batch=o.windows_per_step, w_bits=o.w_bits, a_bits=o.a_bits, seed=o.seed,
+                batch=batch, w_bits=o.w_bits, a_bits=o.a_bits, seed=o.seed, fixed_batch=fixed is not None,
                 check_windows=o.check_windows, device=o.torch_device(pass_name),
                 what=f"pass {pass_name}: kind=learned, residual stream of width {res.dim}")
     except CalibrationError as exc:
         raise PassError(str(exc)) from None
     return learned.q, {
-        "calib_tokens": int(ids.numel()), "windows_per_step": o.windows_per_step, "steps": learned.steps,
+        "calib_tokens": int(ids.numel()), "windows_per_step": learned.windows_per_step, "steps": learned.steps,
         "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
         "orthogonality": learned.orthogonality, "history": learned.history, "collect_seconds": 0.0,
         "learn_seconds": round(learned.seconds, 2), "learn_rss_above_start_mb": mem.above_start_mb,
