@@ -449,13 +449,23 @@ def test_cayley_is_orthogonal_and_learning_lowers_kurtosis_on_smollm2_streams(sm
     assert int4_error(r.q) < 0.9 * int4_error(q0), (int4_error(r.q), int4_error(q0))
 
 
-def test_kurtosis_learning_divergence_names_the_step():
+def test_kurtosis_learning_on_non_finite_activations_names_the_site_not_the_learning_rate():
+    """A NaN in the collected activations (or a loss that is not finite before any update) is the model's, not
+    the learning's: the error names the site and says it comes before any step, never "lower lr"."""
     from lowbit.calibration.rotation_learning import RotationLearningError, learn_kurtosis_rotation
 
     x = torch.randn(64, 16, dtype=torch.float64)
     x[5, 3] = float("nan")
-    with pytest.raises(RotationLearningError, match=r"residual: step 0 of 3: the kurtosis loss is nan"):
-        learn_kurtosis_rotation([x], random_hadamard(16, 0), steps=3, lr=1e-3, batch_tokens=64, what="residual")
+    with pytest.raises(RotationLearningError, match=r"residual: the activations collected at rms_norm %n hold 1 "
+                                                    r"non-finite values of 1024: .*before any learning step") as e:
+        learn_kurtosis_rotation([torch.randn(8, 16), x], random_hadamard(16, 0), steps=3, lr=1e-3, batch_tokens=64,
+                                what="residual", site_names=["rms_norm %m", "rms_norm %n"])
+    assert "lower lr" not in str(e.value)
+    huge = torch.randn(64, 16) * 1e12  # finite, but x⁴ overflows float32
+    with pytest.raises(RotationLearningError, match=r"step 0 of 3, before any update: the kurtosis loss is (nan|inf) "
+                                                    r"on the activations collected at site 1"):
+        learn_kurtosis_rotation([torch.randn(8, 16), huge], random_hadamard(16, 0), steps=3, lr=1e-3,
+                                batch_tokens=64, what="residual")
 
 
 def test_kurtosis_rotation_exact_and_orthogonal_in_float64_on_smollm2(smollm2_slice_f64, wikitext_ids):
@@ -736,3 +746,23 @@ def test_learned_rotation_adapts_to_a_fixed_batch_and_reports_the_windows_it_ran
     few = compile_model(_gained_tiny_llama(), pipeline=spec.format(",windows_per_step=8").replace("calib_n=7",
                         "calib_n=4"), calib=calib[:4]).report.pipeline.records[-1].stats["learned"]
     assert few["windows_per_step"] == 4
+
+
+def test_learned_rotation_non_finite_before_any_update_names_the_node():
+    from lowbit.calibration.rotation_learning import RotationLearningError, learn_quantized_rotation
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    model = _gained_tiny_llama(layers=1)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 5] = float("inf")
+    g = capture(CausalLMLogits(model).eval(), (torch.ones(1, 6, dtype=torch.long),),
+                {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=64)}})
+    regions = find_rotation_regions(g)
+    res = regions.residual
+    with pytest.raises(RotationLearningError, match=r"R1: step 0 of 2, before any update: the quantized loss is nan, "
+                                                    r"so the fake-quantized model is not finite .*node %\w+ "
+                                                    r"\(linear, module 'model.layers.0.mlp.up_proj'\) is the first") as e:
+        learn_quantized_rotation(g, res.embeddings, res.readers, res.writers, [], torch.randint(0, 97, (2, 8)),
+                                 steps=2, lr=1e-3, batch=1, check_windows=0, what="R1")
+    assert "lower lr" not in str(e.value)

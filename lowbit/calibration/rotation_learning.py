@@ -128,7 +128,7 @@ def _pool_means(sites: Sequence[torch.Tensor], q: torch.Tensor, target: float) -
 def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *, steps: int, lr: float,
                             batch_tokens: int, target: float = UNIFORM_KURTOSIS, seed: int = 0,
                             dtype: torch.dtype = torch.float32, what: str = "rotation",
-                            heads: int = 1) -> LearnedRotation:
+                            heads: int = 1, site_names: Sequence[str] | None = None) -> LearnedRotation:
     """Learn ``Q = Q₀·C(S)`` minimising the mean ``|kurtosis(x·Q) - target|`` over the rows of ``samples``.
 
     ``samples``: one ``[tokens, d]`` tensor per site (each normalised residual stream a rotated linear reads);
@@ -136,11 +136,19 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
     the ``heads`` slices of a token (R2: the per-head values o_proj reads), the kurtosis still taken over the
     whole token (its quantizer sees all heads at once). Each step draws ``batch_tokens`` rows spread evenly over the sites (a
     seeded draw). ``q0`` is the start (a randomised Hadamard). A NaN or infinite loss, or a singular Cayley
-    system, is a :class:`RotationLearningError` naming ``what`` and the step.
+    system, is a :class:`RotationLearningError` naming ``what`` and the step; non-finite samples (the model's own
+    activations, before any step) are one naming the site (``site_names``, else its index).
     """
     t0 = time.perf_counter()
     d = q0.shape[0]
     _check_samples(samples)
+    for i, s in enumerate(samples):
+        bad = int((~torch.isfinite(s)).sum())
+        if bad:
+            name = site_names[i] if site_names is not None else f"site {i}"
+            raise RotationLearningError(f"{what}: the activations collected at {name} hold {bad} non-finite values "
+                                        f"of {s.numel()}: the model produces them on the calibration text, before "
+                                        "any learning step (not a learning-rate problem)")
     sites = [s.reshape(-1, d * heads).to(dtype) for s in samples]
     gen = torch.Generator().manual_seed(seed)
     per_site = max(1, batch_tokens // len(sites))
@@ -159,6 +167,13 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
         except torch.linalg.LinAlgError as exc:
             raise RotationLearningError(f"{what}: step {step}: the Cayley system is singular ({exc})") from None
         loss = kurtosis_loss(batch, q, target)
+        if not math.isfinite(float(loss.detach())) and step == 0:
+            with torch.no_grad():
+                i = next((i for i, x in enumerate(sites) if not math.isfinite(float(kurtosis_loss(x, q, target)))), 0)
+            name = site_names[i] if site_names is not None else f"site {i}"
+            raise RotationLearningError(f"{what}: step 0 of {steps}, before any update: the kurtosis loss is "
+                                        f"{float(loss.detach())} on the activations collected at {name} (finite, "
+                                        f"but their fourth powers overflow {dtype}): not a learning-rate problem")
         if not math.isfinite(float(loss.detach())):
             raise RotationLearningError(f"{what}: step {step} of {steps}: the kurtosis loss is {float(loss.detach())} "
                                         f"(diverged; lower lr={lr})")
@@ -202,6 +217,25 @@ def fake_quant_tokens(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
     scale = (x.detach().abs().amax(-1, keepdim=True) / top).clamp_min(1e-8)
     dq = torch.clamp(torch.round(x / scale), -top - 1, top) * scale
     return x + (dq - x).detach()
+
+
+def _first_non_finite(graph: Graph, ids: torch.Tensor, params: Any, replace: dict[int, Any]) -> str:
+    """The first node whose output is not finite when ``graph`` runs ``ids`` (as the learning runs it)."""
+    from lowbit.calibration.engine import _execute  # same layer: the engine's node-by-node runner
+
+    found: list[Node] = []
+
+    def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
+        if not found and any(isinstance(o, torch.Tensor) and o.is_floating_point() and not torch.isfinite(o).all()
+                             for o in outs):
+            found.append(node)
+
+    with torch.no_grad():
+        _execute(graph.nodes, {graph.inputs[0]: ids}, on_node, {graph.outputs[0]}, params, replace)
+    if not found:
+        return "no node's output is, only the loss"
+    n = found[0]
+    return f"node %{n.name} ({n.op}, module {n.module!r}) is the first whose output is not finite"
 
 
 def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: Sequence[Node],
@@ -296,6 +330,10 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                                      ids[:, 1:].reshape(-1))
         value = float(loss.detach())
+        if not math.isfinite(value) and step == 0:
+            raise RotationLearningError(f"{what}: step 0 of {steps}, before any update: the quantized loss is {value}"
+                                        f", so the fake-quantized model is not finite on these windows (not a "
+                                        f"learning-rate problem): {_first_non_finite(graph, ids, params, replace)}")
         if not math.isfinite(value):
             raise RotationLearningError(f"{what}: step {step} of {steps}: the quantized loss is {value} "
                                         f"(diverged; lower lr={lr})")

@@ -216,8 +216,8 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
     collect_s = time.perf_counter() - t0
     try:
         learned = learn_kurtosis_rotation(samples, q0, steps=o.steps or 100, lr=o.lr or 3e-3,
-                                          batch_tokens=o.batch_tokens,
-                                          target=o.target, seed=o.seed,
+                                          batch_tokens=o.batch_tokens, target=o.target, seed=o.seed,
+                                          site_names=[f"rms_norm %{n.name} (module {n.module!r})" for n in sites],
                                           what=f"pass {pass_name}: kind=kurtosis, residual stream of width {res.dim}")
         r2: dict[int, torch.Tensor] = {}
         r2_kurt = []
@@ -227,6 +227,8 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
             lr2 = learn_kurtosis_rotation([torch.cat(k)], r0, steps=o.steps or 100, lr=o.lr or 3e-3,
                                           batch_tokens=o.batch_tokens, target=o.target, seed=o.seed,
                                           heads=torch.cat(k).shape[-1] // r0.shape[0],
+                                          site_names=[f"the input of o_proj %{h.o_proj.name} (module "
+                                                      f"{h.o_proj.module!r})"],
                                           what=f"pass {pass_name}: kind=kurtosis, head rotation of %{h.o_proj.name}")
             r2[id(h.o_proj)] = lr2.q
             r2_kurt.append((lr2.kurtosis_start, lr2.kurtosis_end))
