@@ -766,3 +766,32 @@ def test_learned_rotation_non_finite_before_any_update_names_the_node():
         learn_quantized_rotation(g, res.embeddings, res.readers, res.writers, [], torch.randint(0, 97, (2, 8)),
                                  steps=2, lr=1e-3, batch=1, check_windows=0, what="R1")
     assert "lower lr" not in str(e.value)
+
+
+def test_rotate_after_slice_residual_is_exact_and_prune_passes_must_come_before_it():
+    """slice-residual leaves each norm the gain sqrt(d/d'), one number in every channel, which commutes with a
+    rotation: rotate runs after it, exactly in float64. prune-heads / prune-mlp find their sites by patterns the
+    online Hadamards break, so the pipeline refuses them after rotate when it is parsed."""
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+    from lowbit.passes.fold_norms import FoldNorms
+    from lowbit.passes.rotate import Rotate
+    from lowbit.passes.slice_residual import SliceResidual
+
+    g = capture(CausalLMLogits(_gained_tiny_llama().to(torch.float64)).eval(), (torch.ones(1, 6, dtype=torch.long),),
+                {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=64)}})
+    float64_norm_stats(g)
+    calib = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
+    PassManager([FoldNorms(), SliceResidual(ratio=0.25, calib=calib, calib_n=4, calib_len=16, progress=False)]).run(g)
+    ids = torch.randint(0, 97, (1, 9))
+    ref = TorchCompiled(g)(ids)
+    stats = PassManager([Rotate()]).run(g).records[-1].stats
+    assert stats["residual_dim"] == 48 and stats["head_regions"] == 2 and stats["online_hadamards"] == 6
+    out = TorchCompiled(g)(ids)
+    assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+    for prune in ("prune-heads(ratio=0.5)", "prune-mlp(ratio=0.5)"):
+        name = prune.split("(")[0]
+        with pytest.raises(PipelineError, match=rf"pass rotate \(#1\) must come after {name}, which the pipeline runs "
+                                                rf"later \(#2\): move {name} before rotate"):
+            PassManager(f"fold-norms,rotate,{prune}")
+        PassManager(f"{prune},fold-norms,rotate")

@@ -21,6 +21,11 @@ gain RMSNorm makes them independent of R1 — and the rotation is learned offlin
 runs per step); R2 stays the randomised Hadamard. Online rotations are always the plain Hadamard, so backends
 can run them as a fast transform. Every rotation is exact: the model's outputs change by float
 rounding only. A tied embedding/lm_head weight is untied (stats ``untied``).
+
+In a generation step graph keys and values are rotated before they are written to the KV cache, so the cache
+holds them rotated in prefill and decode alike. ``residual=false`` needs no foldable stream: on a LayerNorm model
+it applies R2-R4 alone (where found). After ``slice-residual`` the norms' gain is one number, which commutes with
+a rotation; ``prune-heads`` and ``prune-mlp`` must come before ``rotate`` (its online Hadamards hide their sites).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from lowbit.calibration.rotation_learning import (
     learn_quantized_rotation,
 )
 from lowbit.calibration.memory import PeakRss
-from lowbit.ir.graph import Graph, Node
+from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.hadamard import HadamardError, hadamard, random_hadamard
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
 from lowbit.ir.rotation_regions import HeadRegion, OnlineSite, ResidualRegion, find_rotation_regions
@@ -294,11 +299,19 @@ def fold_residual(graph: Graph, res: ResidualRegion, users: dict, q: torch.Tenso
             set_weight(graph, wr, 2, users, lambda b: b @ q)
 
 
-def check_foldable(res: ResidualRegion, pass_name: str, gains: bool = True) -> None:
+def _scalar_gain(w: object) -> bool:
+    """A stored gain with one value in every channel (slice-residual's ``sqrt(d/d')``): a product with a number,
+    which commutes with a rotation."""
+    return isinstance(w, Value) and w.is_param and w.data.numel() > 0 and bool((w.data == w.data.reshape(-1)[0]).all())
+
+
+def check_foldable(res: ResidualRegion, pass_name: str, gains: bool = True, scalar_gains: bool = False) -> None:
     """Refuse a stream a rotation cannot fold into: norms that still carry gains (``gains``: RMSNorm is rotation
-    invariant only with unit gain, so ``fold-norms`` runs first) or readers/writers with computed (quantized)
-    weights. The error names the first offending node, its module and how many there are."""
-    gained = [n for n in res.norms if n.arg(1, "weight") is not None] if gains else []
+    invariant only with unit gain, so ``fold-norms`` runs first; ``scalar_gains``: a gain equal in every channel
+    is let through, since it commutes with the rotation) or readers/writers with computed (quantized) weights. The
+    error names the first offending node, its module and how many there are."""
+    gained = [n for n in res.norms if n.arg(1, "weight") is not None
+              and not (scalar_gains and _scalar_gain(n.arg(1, "weight")))] if gains else []
     if gained:
         n = gained[0]
         raise PassError(f"pass {pass_name} needs fold-norms first: rms_norm %{n.name} (module {n.module!r}) still has "
@@ -318,7 +331,9 @@ class Rotate(Pass):
     name = "rotate"
     Options = RotateOptions
     exact = True
-    after = ("fold-norms",)
+    after = ("fold-norms", "prune-heads", "prune-mlp")
+    """prune-heads and prune-mlp find their sites by the q/k/v/o and gate/up/down patterns, which the online
+    Hadamards rotate inserts break: they run on the unrotated graph."""
     requires = (NO_QLINEAR,)
     creates = ("hadamard",)
 
@@ -332,7 +347,7 @@ class Rotate(Pass):
             raise PassError("pass rotate: the residual stream cannot be rotated: " + "; ".join(regions.refused) +
                             " (rotate(residual=false) applies the rotations that do not fold through the norms)")
         if res is not None:
-            check_foldable(res, self.name, gains=o.residual)
+            check_foldable(res, self.name, gains=o.residual, scalar_gains=True)
         users = graph.users()
         base = "hadamard" if o.kind in ("kurtosis", "learned") else o.kind
         q = rotation_matrix(base, res.dim, o.seed, f"residual stream of width {res.dim}") if o.residual else None
