@@ -923,3 +923,61 @@ def test_obs_refit_beats_bias_compensation_on_a_smollm2_slice(slice_f32, which):
         assert seq < 0.9 * flap and model < flap, errs
     with pytest.raises(PipelineError, match="target=model .* needs sequential=true and a refit"):
         PassManager("prune-mlp(ratio=0.25,score=fluctuation,target=model)").run(graph.clone())
+
+
+# ---- passes after sparsify keep its masks, or are refused ------------------------------------------
+
+def _tiny_m(layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    from conftest import tiny_llama
+
+    torch.manual_seed(seed)
+    return tiny_llama(hidden=64, inter=256, heads=4, kv_heads=2, layers=layers, vocab=256, max_positions=64)
+
+
+def _tiny_cal() -> torch.Tensor:
+    return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _assert_2_4(graph: Graph) -> None:
+    lins = list(graph.find("linear", r"^model\.layers\."))
+    assert lins and all(n.meta.get("sparsity") == "2:4" for n in lins)
+    for n in lins:
+        w = graph.params[n.args[1].name].data
+        assert int((w.reshape(-1, 4) != 0).sum(1).max()) <= 2, n.module
+
+
+def test_distill_after_sparsify_keeps_the_2_4_masks():
+    """distill is the recovery after pruning: its AdamW steps (and weight decay) must not fill a sparsified linear's
+    zeros in; the mask is re-applied after every step, so the pattern the meta records stays exact."""
+    from lowbit.api import compile_model
+
+    c = compile_model(_tiny_m(), pipeline="sparsify(method=magnitude,pattern=2:4),distill(tokens=2000,calib_n=4,"
+                      "calib_len=32,batch_size=2,lr=0.01,progress=false)", calib=_tiny_cal())
+    _assert_2_4(c.graph)
+    assert c.report.pipeline.records[1].stats["steps"] > 1
+
+
+def test_prune_blocks_after_sparsify_keeps_the_other_blocks_masks():
+    from lowbit.api import compile_model
+
+    c = compile_model(_tiny_m(3), pipeline="sparsify(method=magnitude,pattern=2:4),prune-blocks(n=1)",
+                      calib=_tiny_cal())
+    assert c.report.pipeline.records[1].stats["blocks_removed"]
+    _assert_2_4(c.graph)
+
+
+@pytest.mark.parametrize("later, first", [("fold-norms,slice-residual(ratio=0.25)", "slice-residual"),
+                                          ("prune-mlp(ratio=0.25)", "prune-mlp"),
+                                          ("prune-heads(ratio=0.5)", "prune-heads"),
+                                          ("fold-norms,rotate", "rotate")])
+def test_passes_that_break_sparsity_masks_are_refused_after_sparsify(later, first):
+    """A rotation makes every pruned weight nonzero, an MLP cut shifts 2:4 groups along K, slicing rotates: the
+    pipeline is refused when parsed (before capture), with the order that works."""
+    from lowbit.api import compile_model
+    from lowbit.passes.manager import PipelineSpecError
+
+    with pytest.raises(PipelineSpecError, match=f"pass sparsify .*must come after {first}"):
+        parse_pipeline(f"sparsify(method=magnitude,pattern=2:4),{later}")
+    with pytest.raises(PipelineSpecError, match=f"must come after {first}"):
+        compile_model(_tiny_m(), pipeline=f"sparsify(method=magnitude,pattern=2:4),{later}", calib=_tiny_cal())
+    parse_pipeline(f"{later},sparsify(method=magnitude,pattern=2:4)")  # the other order is fine

@@ -121,6 +121,21 @@ def trainable_params(graph: Graph, scope: Literal["blocks", "all"] = "blocks",
     return list(seen.values())
 
 
+def sparsity_masks(graph: Graph, masters: dict[int, tuple[Value, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(master, nonzero mask) for each trained weight of a linear that ``sparsify`` pruned (``meta["sparsity"]``):
+    re-applied after every step, so the zeros stay exact and a 2:4 pattern stays 2:4 (AdamW's update and weight
+    decay would otherwise fill them in: recovery after pruning must not undo it)."""
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for n in graph.nodes:
+        if n.op != "linear" or "sparsity" not in n.meta or len(n.args) < 2:
+            continue
+        w = n.args[1]
+        if isinstance(w, Value) and id(w) in masters and id(w) not in out:
+            m = masters[id(w)][1]
+            out[id(w)] = (m, (m.detach() != 0).to(m.dtype))
+    return list(out.values())
+
+
 class _Params(_DeviceParams):
     """The engine's param reader with the trained params replaced by their masters (in the graph's dtype)."""
 
@@ -239,6 +254,7 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
         raise DistillError(f"{what}: the student graph has no floating-point param to train (scope={scope}"
                            + (f", roles={list(roles)})" if roles is not None else ")"))
     plist = [m for _, m in masters.values()]
+    masks = sparsity_masks(student, masters)
     opt = torch.optim.AdamW(plist, lr=lr, weight_decay=weight_decay, **({"fused": True} if cuda else {}))
 
     def frac(i: int) -> float:
@@ -342,6 +358,9 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(plist, clip)
         opt.step()
+        with torch.no_grad():
+            for m, keep in masks:
+                m.mul_(keep)
         sched.step()
         pending.append(kl)
         done += 1

@@ -177,6 +177,10 @@ class Sparsify(Pass):
     name = "sparsify"
     Options = SparsifyOptions
     requires = (NO_QLINEAR,)
+    after = ("rotate", "prune-mlp", "prune-heads", "slice-residual")
+    """Passes that would break the masks, run later: a rotation makes every weight nonzero, cutting MLP channels
+    shifts the N:M groups along K (down_proj), and the head and MLP refits (``score=obs``) rewrite kept columns.
+    ``prune-blocks`` (whole blocks go, the others keep their masks) and ``distill`` (masks fixed) may follow."""
 
     def run(self, graph: Graph) -> PassResult:
         o: SparsifyOptions = self.options  # type: ignore[assignment]
