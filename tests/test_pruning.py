@@ -981,3 +981,39 @@ def test_passes_that_break_sparsity_masks_are_refused_after_sparsify(later, firs
     with pytest.raises(PipelineSpecError, match=f"must come after {first}"):
         compile_model(_tiny_m(), pipeline=f"sparsify(method=magnitude,pattern=2:4),{later}", calib=_tiny_cal())
     parse_pipeline(f"{later},sparsify(method=magnitude,pattern=2:4)")  # the other order is fine
+
+
+# ---- block removal on generation step graphs ------------------------------------------------------
+
+@pytest.mark.parametrize("pipe", ["prune-blocks(n=1)", "prune-blocks(blocks=[model.layers.1])"])
+def test_prune_blocks_on_a_step_graph_removes_the_block_and_its_cache(pipe):
+    """The step graph's residual adds carry no module (the update's producer names the block): the same block goes
+    as on the logits graph, with its cache slot; the others are renumbered and generate() equals a greedy loop over
+    the pruned logits model."""
+    import lowbit
+    from lowbit.api import compile_model
+
+    m, cal = _tiny_m(3), _tiny_cal()
+    ref = compile_model(m, pipeline=pipe, calib=cal)
+    step = compile_model(m, pipeline=pipe, calib=cal, generation=lowbit.GenerationSpec(max_length=64))
+    removed = ref.report.pipeline.records[0].stats["blocks_removed"]
+    assert removed and step.report.pipeline.records[0].stats["blocks_removed"] == removed
+    gen = step.graph.meta["generation"]
+    names = [f"past_key_values_{i}_{kv}" for i in range(2) for kv in ("key", "value")]
+    assert gen["n_layers"] == 2 and gen["cache_inputs"] == names and len(gen["windows"]) == 2
+    assert [v.name for v in step.graph.inputs[2:]] == names
+    assert [v.name for v in step.graph.outputs[1:]] == [n.replace("past_key_values", "present") for n in names]
+    assert not any(removed[0] + "." in n.module for n in step.graph.nodes)
+    verify(step.graph)
+    ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(1))
+    x = ids
+    for _ in range(8):
+        x = torch.cat([x, ref(x)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert step.generate(ids, 8, stop_tokens=()).tokens == x[:, 5:].tolist()
+
+
+def test_prune_blocks_refuses_a_graph_without_blocks():
+    g = parse_graph(GQA_IR, {"k.weight": torch.randn(8, 8), "o.weight": torch.randn(8, 16)})
+    with pytest.raises(PipelineError, match="no decoder block"):
+        PassManager("prune-blocks(n=1)").run(g)
+

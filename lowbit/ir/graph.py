@@ -231,6 +231,13 @@ class Graph:
         self.inputs.append(v)
         return v
 
+    def remove_input(self, value: Value) -> None:
+        """Drop an input nothing reads any more (a pruned block's KV cache); its name is released."""
+        if any(v is value for n in self.nodes for v in n.inputs()):
+            raise ValueError(f"input %{value.name} of graph {self.name} is still read")
+        self.inputs = [v for v in self.inputs if v is not value]
+        self._names.discard(value.name)
+
     def add_param(self, name: str, data: torch.Tensor | None, type: ValueType = None) -> Value:
         """Register a parameter; ``data`` may be None only for IR parsed without weights."""
         if name in self.params:

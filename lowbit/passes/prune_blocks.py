@@ -7,18 +7,24 @@ Why: a pre-norm block adds updates to the residual stream (``residual_add(stream
 block makes every such add a pass-through, so the model equals the dense one with the block's output
 projections zeroed (``stream + 0``) exactly. Importance is ``1 - cos(block input, block output)`` averaged over
 the calibration tokens (ShortGPT): blocks that barely turn the stream go first. Removing every block, or a
-block with no ``residual_add``, is an error naming it.
+block with no ``residual_add``, is an error naming it, as is a graph with no block to remove (never a no-op).
+
+On a generation step graph (``compile_model(..., generation=...)``) a removed block's KV cache goes with it: its
+cache inputs and outputs leave the graph, the others are renumbered (``past_key_values_<i>_key``: layer i of the
+pruned model), and ``meta["generation"]`` (``n_layers``, ``kv_heads``, ``windows``, ``cache_inputs``) follows, so
+``generate`` allocates one cache slot per kept block.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 from pydantic import Field
 
 from lowbit.calibration.engine import split_stages
-from lowbit.ir.graph import Graph
+from lowbit.ir.graph import Graph, Value
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
 from lowbit.passes.prune_mlp import collect_input_stats, reinfer
 from lowbit.passes.pruning_sites import block_residuals
@@ -51,6 +57,9 @@ class PruneBlocks(Pass):
         t0 = time.perf_counter()
         names = [s.name for s in split_stages(graph) if s.kind == "block"]
         residuals = {b: block_residuals(graph, b) for b in names}
+        if not any(residuals.values()):
+            raise PassError(f"pass {self.name}: no decoder block with a residual_add in this graph "
+                            f"({len(names)} blocks found: {', '.join(names[:3]) or 'none'}): nothing can be removed")
         influence: dict[str, float] = {}
         if o.blocks:
             unknown = [b for b in o.blocks if b not in residuals]
@@ -82,9 +91,14 @@ class PruneBlocks(Pass):
                 raise PassError(f"pass {self.name}: block {b} has no residual_add: it cannot be bypassed")
             for r in reversed(rs):
                 graph.replace_all_uses(r.output, r.args[0])
+        gen = graph.meta.get("generation")
+        if gen and chosen:
+            gone = _drop_cache_slots(graph, gen, [names.index(b) for b in chosen], self.name)
         from lowbit.passes.dce import eliminate_dead_code
 
         eliminate_dead_code(graph)
+        if gen and chosen:
+            _drop_cache_inputs(graph, gone, self.name)
         stats = reinfer(graph, self.name)
         kept = [b for b in names if b not in chosen]
         graph.meta["pruned"] = {**graph.meta.get("pruned", {}), "layers_kept": kept}
@@ -93,3 +107,55 @@ class PruneBlocks(Pass):
                      params_removed=params_before - params_after, params_before=params_before,
                      seconds=round(time.perf_counter() - t0, 2))
         return PassResult(bool(chosen), stats)
+
+
+def _drop_cache_slots(graph: Graph, gen: dict[str, Any], layers: list[int], pass_name: str) -> list[Value]:
+    """A step graph without the blocks ``layers`` (indices in block order, which is the cache's layer order): their
+    present outputs leave the graph (dead code then takes their cache writes), the cache inputs left are renamed
+    as ``record_step_graph`` names them, and ``meta["generation"]`` is rebuilt for the kept layers."""
+    n_layers = int(gen["n_layers"])
+    caches = list(gen["cache_inputs"])
+    if len(caches) != 2 * n_layers or len(graph.inputs) != 2 + len(caches) or len(graph.outputs) != 1 + len(caches):
+        raise PassError(f"pass {pass_name}: the step graph has {len(graph.inputs) - 2} cache inputs and "
+                        f"{len(graph.outputs) - 1} cache outputs for {n_layers} layers (a key and a value each, "
+                        "expected): cannot tell which cache slot a block owns")
+    drop = {2 * i for i in layers} | {2 * i + 1 for i in layers}
+    keep = [j for j in range(len(caches)) if j not in drop]
+    gone = [graph.inputs[2 + j] for j in sorted(drop)]
+    graph.outputs = [graph.outputs[0], *(graph.outputs[1 + j] for j in keep)]
+    kv = gen.get("kv_heads")
+    kv_list = [int(h) for h in kv] if isinstance(kv, (list, tuple)) else None
+    windows = gen.get("windows")
+    kept_layers = [i for i in range(n_layers) if i not in set(layers)]
+    kv_new: Any = kv if kv_list is None else [kv_list[i] for i in kept_layers]
+    if isinstance(kv_new, list) and len(set(kv_new)) == 1:
+        kv_new = kv_new[0]
+    new = {**gen, "n_layers": len(kept_layers), "kv_heads": kv_new}  # a new dict: a clone shares the old one
+    if isinstance(windows, (list, tuple)) and len(windows) == n_layers:
+        new["windows"] = [windows[i] for i in kept_layers]
+    graph.meta["generation"] = new
+    return gone
+
+
+def _drop_cache_inputs(graph: Graph, gone: list[Value], pass_name: str) -> None:
+    """After dead code is gone: the removed blocks' cache inputs (nothing reads them now) leave the graph and the
+    cache values are renumbered in layer order. A size read off a removed cache (the capture reads the batch
+    size from layer 0's value cache) is read off a kept cache of the same dimension instead."""
+    kept = [v for v in graph.inputs[2:] if all(v is not g for g in gone)]
+    for n in graph.nodes:
+        if n.op != "aten.sym_size.int" or not any(n.args[0] is g for g in gone):
+            continue
+        d = int(n.args[1])
+        same = [v for v in kept if v.tensor_type.shape[d] == n.args[0].tensor_type.shape[d]]
+        if same:
+            n.args = (same[0], *n.args[1:])
+    for v in gone:
+        try:
+            graph.remove_input(v)
+        except ValueError as exc:
+            raise PassError(f"pass {pass_name}: a removed block's cache: {exc}") from None
+    for i, v in enumerate(graph.inputs[2:]):
+        graph.rename(v, f"past_key_values_{i // 2}_{'value' if i % 2 else 'key'}")
+    for i, v in enumerate(graph.outputs[1:]):
+        graph.rename(v, f"present_{i // 2}_{'value' if i % 2 else 'key'}")
+    graph.meta["generation"] = {**graph.meta["generation"], "cache_inputs": [v.name for v in graph.inputs[2:]]}

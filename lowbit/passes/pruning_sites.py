@@ -209,8 +209,17 @@ def slice_linear_cols(graph: Graph, n: Node, keep: torch.Tensor, users: dict[int
     graph.set_param(w.name, w.data.index_select(1, keep.to(w.data.device)).contiguous())
 
 
+def residual_block(node: Node) -> str | None:
+    """The block a ``residual_add(stream, update)`` closes: its own module's, else the update's producer's (a
+    generation step graph's adds carry no module; the update is the block's ``o_proj``/``down_proj``)."""
+    b = block_of(node.module)
+    if b is None and len(node.args) > 1 and isinstance(node.args[1], Value) and node.args[1].producer is not None:
+        b = block_of(node.args[1].producer.module)
+    return b
+
+
 def block_residuals(graph: Graph, block: str) -> list[Node]:
-    return [n for n in graph.nodes if n.op == "residual_add" and block_of(n.module) == block]
+    return [n for n in graph.nodes if n.op == "residual_add" and residual_block(n) == block]
 
 
 def model_sizes(graph: Graph) -> dict[str, object]:
