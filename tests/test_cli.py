@@ -432,6 +432,19 @@ def test_debug_sensitivity_of_a_pruning_scheme_feeds_compile_overrides(tmp_path)
     assert bad.exit_code != 0 and "option keep: 'nope.*' matches no linear this pass would prune" in bad.output
 
 
+def test_debug_sensitivity_of_a_structured_cut_prints_no_overrides_command(tmp_path):
+    """prune-mlp has no keep option: compile --overrides would refuse the file ('no pass in the pipeline can keep
+    modules'), so sensitivity ranks the layers, labels them as pruned, and prints no follow-up command."""
+    out = tmp_path / "s.json"
+    res = invoke("debug", "sensitivity", "smollm2:2", "--scheme", "prune-mlp(ratio=0.25,score=magnitude)", *SMALL,
+                 "-o", out)
+    text = " ".join(res.output.split())
+    assert "lowbit compile" not in text and "keep float" not in text and "all quantized" not in text
+    assert "all pruned" in text and "prune-mlp has no keep option" in text and "modules=" in text
+    data = json.loads(out.read_text())
+    assert data["keep_float"] == [] and len(data["ranking"]) == 2
+
+
 # ---- the HTML report in a real browser ----------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -4,7 +4,8 @@ Each unit (a block, or one linear) gets the ``quantize`` pass restricted to it (
 the float graph (after an optional prefix such as ``fold-norms``), and the end metric is measured on real inputs.
 The most damaging units are the ones worth keeping at higher precision: the result is an override file that
 ``lowbit compile --overrides`` reads (it adds those units to the ``keep`` list of ``quantize``, ``gptq`` or
-``sparsify``).
+``sparsify``). A structured cut (``prune-mlp``, ``prune-heads``, ...) has no ``keep``: its file is the ranking
+alone (``keep_float`` empty, no ``--overrides`` command printed).
 """
 
 from __future__ import annotations
@@ -108,19 +109,30 @@ def run_sensitivity(model_spec: str, scheme: str, *, group: int | None, prefix: 
     res = sensitivity(model_spec, scheme, group=group, prefix=prefix, granularity=granularity, metric=metric,
                       windows=windows, seq_len=seq_len, n_sentences=n_sentences)
     m = res["metric"]
-    keep = [r["glob"] for r in res["ranking"][:max(0, keep_top)]]
+    (qpass,) = parse(res["quantize"])
+    # compile --overrides adds the damaged layers to a keep list (quantize/gptq/sparsify); a structured cut has none
+    keepable = "keep" in qpass.Options.model_fields or "config" in qpass.Options.model_fields
+    keep = [r["glob"] for r in res["ranking"][:max(0, keep_top)]] if keepable else []
     res["keep_float"] = keep
+    pruning = qpass.name == "sparsify" or qpass.name.startswith("prune-") or qpass.name == "slice-residual"
+    every = "all pruned" if pruning else "all quantized"
     table = Table(title=f"{res['quantize']} one {granularity} at a time on {res['model']} "
-                  f"(float {m} {fmt_metric(m, res['baseline'])}, all quantized {fmt_metric(m, res['all_quantized'])})")
-    for col in ("rank", granularity, m, "damage", "override"):
+                  f"(float {m} {fmt_metric(m, res['baseline'])}, {every} {fmt_metric(m, res['all_quantized'])})")
+    cols = ("rank", granularity, m, "damage", "override") if keepable else ("rank", granularity, m, "damage")
+    for col in cols:
         table.add_column(col, justify="left" if col in (granularity, "override") else "right")
-    kept_as = "keep dense" if res["quantize"].startswith("sparsify") else "keep float"
+    kept_as = "keep dense" if pruning else "keep float"
     for i, r in enumerate(res["ranking"], 1):
         rel = f" ({r['damage'] / res['baseline']:+.1%})" if res["baseline"] else ""
-        table.add_row(str(i), r["module"], fmt_metric(m, r["metric"]), f"{r['damage']:+.4g}{rel}",
-                      kept_as if r["glob"] in keep else "")
+        row = [str(i), r["module"], fmt_metric(m, r["metric"]), f"{r['damage']:+.4g}{rel}"]
+        table.add_row(*row, *([kept_as if r["glob"] in keep else ""] if keepable else []))
     console.print(table)
     atomic_write_text(out, jsonio.dumps(res, indent=2) + "\n")
+    if not keepable:
+        console.print(f"wrote {out} ({res['seconds']:.1f} s): the ranking only; pass {qpass.name} has no keep option, "
+                      "so compile --overrides cannot keep the damaged layers out of it: restrict it to the others with "
+                      f"its modules= option (a regex on module paths)", markup=False)
+        return
     pipe = ",".join(x for x in (res["prefix"], res["quantize"]) if x)
     console.print(f"wrote {out} ({res['seconds']:.1f} s); use it with:\n"
                   f"  lowbit compile {model_spec} --pipeline '{pipe}' --overrides {out} -o OUT", markup=False)
