@@ -1017,3 +1017,47 @@ def test_prune_blocks_refuses_a_graph_without_blocks():
     with pytest.raises(PipelineError, match="no decoder block"):
         PassManager("prune-blocks(n=1)").run(g)
 
+
+# ---- budgets: rounding and ratios that remove nothing --------------------------------------------
+
+def test_global_head_allocation_keeps_one_group_per_layer():
+    """ratio=0.75 of 2 layers x 2 groups is 3 groups: the global ranking clamps each layer to one kept group
+    (as its error message promises) before the check that a layer keeps a head."""
+    from lowbit.api import compile_model
+
+    c = compile_model(_tiny_m(), pipeline="prune-heads(ratio=0.75,allocation=global,score=magnitude)")
+    st = c.report.pipeline.records[0].stats
+    assert st["heads"] == {"model.layers.0": [2, 1], "model.layers.1": [2, 1]} and st["groups_removed"] == 2
+
+
+def test_ratios_round_half_up_in_every_allocation():
+    from lowbit.passes.prune_mlp import allocate, round_half_up
+
+    assert [round_half_up(x) for x in (0.5, 1.5, 2.5, 0.15 * 10, 0.49)] == [1, 2, 3, 2, 0]
+    flat = [torch.zeros(3), torch.zeros(5)]
+    assert allocate(flat, 0.5, "uniform", 1, 1.0) == [2, 3]  # round(2.5) would be 2 of 5 but 2 of 3
+    assert sum(allocate([torch.rand(5)], 0.5, "global", 1, 1.0)) == 3
+
+
+@pytest.mark.parametrize("pipe, message", [
+    ("prune-mlp(ratio=0.1,score=magnitude)", r"prune-mlp: ratio=0.1 removes no channel: layer model\.layers\.0 has "
+                                             r"256 channels .*multiple of 64.*at least 0\.125 or lower multiple"),
+    ("prune-heads(ratio=0.2,score=magnitude)", r"prune-heads: ratio=0.2 removes no kv-head group: layer "
+                                               r"model\.layers\.0 has 2 kv-head groups .*at least 0\.25")])
+def test_a_ratio_that_removes_nothing_is_an_error(pipe, message):
+    from lowbit.api import compile_model
+
+    with pytest.raises(PipelineError, match=message):
+        compile_model(_tiny_m(), pipeline=pipe)
+
+
+def test_head_ratio_rounds_half_up_on_the_model():
+    from lowbit.api import compile_model
+    from conftest import tiny_llama
+
+    c = compile_model(_tiny_m(), pipeline="prune-heads(ratio=0.25,score=magnitude)")
+    assert c.report.pipeline.records[0].stats["groups_removed"] == 2  # 0.25 x 2 = 0.5: one group per layer
+    torch.manual_seed(0)
+    five = tiny_llama(hidden=80, inter=64, heads=5, kv_heads=5, layers=1, vocab=64)
+    c = compile_model(five, pipeline="prune-heads(ratio=0.5,score=magnitude)")
+    assert c.report.pipeline.records[0].stats["heads"] == {"model.layers.0": [2, 2]}  # 2.5 -> 3 removed

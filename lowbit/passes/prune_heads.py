@@ -33,7 +33,8 @@ from lowbit.ir.graph import Graph, TensorType, Value
 from lowbit.ir.shapes import EXPAND_OPS
 from lowbit.passes.base import NO_QLINEAR, Pass, PassError, PassResult, register_pass
 from lowbit.passes.prune_mlp import (StructuredOptions, _Collected, allocate, channel_scores, check_target,
-                                     collect_input_stats, cut_sites, reinfer)
+                                     collect_input_stats, cut_sites, nothing_removed, reinfer,
+                                     round_half_up)
 from lowbit.passes.pruning_sites import AttentionSite, find_attention_sites, slice_linear_cols, slice_linear_rows
 
 __all__ = ["PruneHeads", "PruneHeadsOptions"]
@@ -102,19 +103,21 @@ class PruneHeads(Pass):
             col = collect_input_stats(graph, [s.o for s in sites] if calibrated else [], o, self.name,
                                       second_moment=second and not o.sequential)
         if o.allocation == "uniform":
-            counts = [int(round(o.ratio * s.kv_heads)) for s in sites]
+            counts = [round_half_up(o.ratio * s.kv_heads) for s in sites]
         else:
             rank = "fluctuation" if o.score == "obs" else o.score
             scores = [channel_scores(s.o.args[1].data, col.inputs.get(id(s.o)), rank)
                       .reshape(s.kv_heads, s.group_size * s.head_dim).sum(1) for s in sites]
             counts = allocate(scores, o.ratio, "global", 1, 1.0)
+        if o.allocation == "global":  # before the check: global allocation keeps one group per layer, as it says
+            counts = [min(c, s.kv_heads - 1) for s, c in zip(sites, counts)]
+        if o.ratio > 0 and not any(counts):
+            raise nothing_removed(self.name, o.ratio, sites[0].block, sites[0].kv_heads, "kv-head group")
         for s, n_rm in zip(sites, counts):
             if n_rm >= s.kv_heads:
                 raise PassError(f"pass {self.name}: layer {s.block}: ratio={o.ratio} would remove {n_rm} of its "
                                 f"{s.kv_heads} kv-head groups ({s.q_heads} query heads), leaving no attention head; "
                                 "lower the ratio (or use allocation=global, which keeps one group per layer)")
-        if o.allocation == "global":
-            counts = [min(c, s.kv_heads - 1) for s, c in zip(sites, counts)]
         users = graph.users()
         params_before = sum(v.data.numel() for v in graph.params.values())
         cuts = cut_sites(graph, sites, lambda s: s.o, counts, lambda s: s.group_size * s.head_dim,

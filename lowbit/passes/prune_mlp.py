@@ -30,12 +30,15 @@ Allocation under the budget ``ratio`` (simple, stated): ``uniform`` removes the 
 model (each layer losing at most ``max_layer_ratio``, and with ``spread`` within ``ratio ± spread``). On SmolLM2
 at 18.75% (x8) uniform measured 1.786x, bounded global (±5%) 1.852x and the unbounded ranking worse still: keep
 the per-layer share even; ``modules`` then adds a little more to chosen (middle) blocks. Counts per layer are rounded to ``multiple``
-(default 64: a pruned width still splits into group-64 quantization groups and tensor-core tiles).
+(default 64: a pruned width still splits into group-64 quantization groups and tensor-core tiles), halves up
+(``prune-heads`` too: 0.5 of 3 groups is 2, of 5 is 3); a nonzero ratio that rounds to nothing everywhere is an
+error naming the layer, its width and the multiple, not a silent no-op.
 After the cut, ``lowbit.ir.shapes.reinfer_shapes`` re-derives every declared type.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable
@@ -284,6 +287,22 @@ def channel_scores(w_out: torch.Tensor, st: InputStats | None, score: str) -> to
     return st.var.to(col.device) * col
 
 
+def round_half_up(x: float) -> int:
+    """``x`` rounded to the nearest integer, halves up (Python's ``round`` goes to the even one: 2.5 -> 2 but
+    1.5 -> 2, so the same ratio cut 2 of 3 groups and 2 of 5); the tolerance keeps 0.15 * 10 a half."""
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def nothing_removed(pass_name: str, ratio: float, block: str, units: int, what: str, multiple: int = 1) -> PassError:
+    """A nonzero ``ratio`` whose rounding removes nothing: the error names the layer, the count, the multiple and the
+    smallest ratio that removes one step (a silent no-op would look like a pruned model)."""
+    least = multiple / 2 / units
+    rounding = f"rounded to a multiple of {multiple} (option multiple)" if multiple > 1 else "rounded to a whole unit"
+    fix = f"raise ratio to at least {least:.4g}" + (" or lower multiple" if multiple > 1 else "")
+    return PassError(f"pass {pass_name}: ratio={ratio} removes no {what}: layer {block} has {units} {what}s and "
+                     f"{ratio} x {units} = {ratio * units:.4g} {rounding} is 0; {fix}")
+
+
 def allocate(scores: list[torch.Tensor], ratio: float, allocation: str, multiple: int, max_layer_ratio: float,
              unit: int = 1, spread: float | None = None) -> list[int]:
     """Units removed per layer. ``scores[i]`` has one entry per unit of layer i (lower = removed first).
@@ -292,8 +311,8 @@ def allocate(scores: list[torch.Tensor], ratio: float, allocation: str, multiple
     and with ``spread`` between ``ratio - spread`` and ``ratio + spread`` (counts in multiples of ``multiple``)."""
     sizes = [len(s) for s in scores]
     if allocation == "uniform":
-        return [min(n, int(round(ratio * n / multiple)) * multiple) for n in sizes]
-    total = int(round(ratio * sum(sizes)))
+        return [min(n, round_half_up(ratio * n / multiple) * multiple) for n in sizes]
+    total = round_half_up(ratio * sum(sizes))
     normed = [s / s.mean().clamp(min=1e-30) for s in scores]
     flat = torch.cat([torch.stack([v, torch.full_like(v, i)], 1) for i, v in enumerate(normed)])
     order = torch.argsort(flat[:, 0], stable=True)
@@ -319,7 +338,7 @@ def allocate(scores: list[torch.Tensor], ratio: float, allocation: str, multiple
         if counts[layer] < caps[layer]:
             counts[layer] += 1
             removed += 1
-    return [min(caps[i], int(round(c / multiple)) * multiple) for i, c in enumerate(counts)]
+    return [min(caps[i], round_half_up(c / multiple) * multiple) for i, c in enumerate(counts)]
 
 
 def refit_columns(w: torch.Tensor, st: InputStats, keep: torch.Tensor, damp: float) -> tuple[torch.Tensor,
@@ -493,6 +512,8 @@ class PruneMLP(Pass):
             counts = allocate(scores, o.ratio, o.allocation, o.multiple, o.max_layer_ratio, spread=o.spread)
         else:
             counts = allocate([torch.zeros(s.width) for s in sites], o.ratio, "uniform", o.multiple, 1.0)
+        if o.ratio > 0 and not any(counts):
+            raise nothing_removed(self.name, o.ratio, sites[0].block, sites[0].width, "channel", o.multiple)
         for site, n_rm in zip(sites, counts):
             if n_rm >= site.width:
                 raise PassError(f"pass {self.name}: layer {site.block}: removing {n_rm} of {site.width} channels "
