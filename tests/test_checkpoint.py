@@ -368,13 +368,51 @@ def test_pruned_widths_an_hf_config_cannot_hold_are_refused(float_slice, tmp_pat
     never a checkpoint whose config.json disagrees with its weights."""
     graph = _compiled(float_slice, "quantize(w=int4,group=64)")
     graph.meta["pruned"] = {"intermediate_size": {"model.layers.0": 1152, "model.layers.1": 1536}}
-    with pytest.raises(CheckpointError, match=r"MLP widths that differ between blocks \(model\.layers\.0: 1152, "
-                                              r"model\.layers\.1: 1536\).*allocation=uniform.*format='lowbit'"):
+    with pytest.raises(CheckpointError, match=r"different MLP widths: per-layer intermediate_size \[1152, 1536\] "
+                                              r".*format='lowbit'.*allocation=uniform"):
         lowbit.save(graph, tmp_path / "ct", format="compressed-tensors")
     graph.meta["pruned"] = {"hidden_size": 512}
     with pytest.raises(CheckpointError, match=r"not one transformers accepts .*hidden size \(512\) is not a multiple"):
         lowbit.save(graph, tmp_path / "ct", format="gptq")
     assert list(tmp_path.iterdir()) == []
+
+
+def _tiny3() -> torch.nn.Module:
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    return tiny_llama(hidden=64, inter=256, heads=4, kv_heads=2, layers=3, vocab=256, max_positions=64)
+
+
+@pytest.mark.parametrize("prune, message", [
+    (r"prune-mlp(ratio=0.25,score=magnitude,modules=layers\.0\.)", r"per-layer intermediate_size \[192, 256, 256\]"),
+    (r"prune-heads(ratio=0.5,score=magnitude,modules=layers\.0\.)",
+     r"per-layer \[num_attention_heads, num_key_value_heads\] \[\[2, 1\], \[4, 2\], \[4, 2\]\]")])
+def test_layers_pruned_to_different_sizes_are_refused_listing_them(tmp_path, prune, message):
+    """One layer pruned (modules=): the refusal lists every layer's size, not an unpruned layer's weight against a
+    config made from the pruned one (the prune passes record every block's size, not only those they cut)."""
+    c = lowbit.compile_model(_tiny3(), pipeline=f"{prune},quantize(w=int4,group=32)")
+    with pytest.raises(CheckpointError, match=message + r".*one number for all layers.*format='lowbit'"):
+        lowbit.save(c, tmp_path / "ct", format="compressed-tensors")
+    lowbit.save(c, tmp_path / "lb", format="lowbit")  # the lowbit format holds them; no config.json with wrong sizes
+    assert not (tmp_path / "lb" / "config.json").exists()
+    ids = torch.randint(0, 256, (1, 8))
+    assert torch.equal(lowbit.load(tmp_path / "lb")(ids), c(ids))
+
+
+def test_lowbit_format_writes_the_pruned_config(tmp_path):
+    """config.json of a structurally pruned model in the lowbit format has the pruned sizes (what AutoConfig reads),
+    and the reloaded checkpoint still saves to compressed-tensors with them."""
+    from transformers import AutoConfig
+
+    c = lowbit.compile_model(_tiny3(), pipeline="prune-mlp(ratio=0.25,score=magnitude),"
+                             "prune-blocks(blocks=[model.layers.1]),quantize(w=int8)")
+    lowbit.save(c, tmp_path / "lb", format="lowbit")
+    cfg = AutoConfig.from_pretrained(tmp_path / "lb")
+    assert (cfg.intermediate_size, cfg.num_hidden_layers) == (192, 2)
+    lowbit.save(lowbit.load(tmp_path / "lb"), tmp_path / "ct", format="compressed-tensors")
+    cfg = AutoConfig.from_pretrained(tmp_path / "ct")
+    assert (cfg.intermediate_size, cfg.num_hidden_layers) == (192, 2)
 
 
 def test_save_where_no_directory_can_be_made_is_a_checkpoint_error(float_slice, tmp_path):

@@ -100,6 +100,21 @@ def _gptq_actorder(compiled: Any) -> str | None:
     return None
 
 
+def _pruned_source_config(config: Any, pruned: dict[str, Any] | None) -> Any:
+    """The config.json of a lowbit checkpoint: the source model's, with a structural cut's sizes (the same
+    ``hf.pruned_config`` the HF formats write), so ``AutoConfig`` reads the model that is stored. Per-layer sizes
+    an HF config cannot hold (layers pruned differently): no config.json rather than one with wrong sizes (the IR
+    and the manifest's prune record hold them)."""
+    if config is None or not pruned:
+        return config
+    from lowbit.checkpoint.hf import pruned_config
+
+    try:
+        return pruned_config(config, pruned)[0]
+    except CheckpointError:
+        return None
+
+
 def _save_lowbit(graph: Any, directory: Path, tokenizer: Any) -> dict[str, Any]:
     import json
 
@@ -110,8 +125,9 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any) -> dict[str, Any]:
     write_safetensors({n: v.data for n, v in graph.params.items() if v.data is not None}, directory / PARAMS_FILE)
     src = graph.meta.get("source") or {}
     info: dict[str, Any] = {"format": "lowbit", "kind": src.get("kind")}
-    if src.get("config") is not None:
-        d = src["config"].to_dict()
+    config = _pruned_source_config(src.get("config"), graph.meta.get("pruned"))
+    if config is not None:
+        d = config.to_dict()
         d.pop("quantization_config", None)
         (directory / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
     if src.get("max_seq_length") is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,14 +111,18 @@ def _source(graph: Graph) -> tuple[Any, str]:
     return config, src.get("kind", "causal-lm")
 
 
-def _uniform(what: str, per_block: dict[str, Any], field: str) -> Any:
-    """The one value every block has, or a CheckpointError naming the blocks that differ."""
+def _uniform(what: str, per_block: dict[str, Any], field: str, kept: list[str] | None) -> Any:
+    """The one value every (kept) block has, or a CheckpointError listing the per-layer values: an HF config
+    holds one number for all layers."""
+    if kept is not None:
+        per_block = {b: v for b, v in per_block.items() if b in kept}
     values = {json.dumps(v) for v in per_block.values()}
     if len(values) != 1:
-        shown = ", ".join(f"{b}: {v}" for b, v in list(per_block.items())[:6])
-        raise CheckpointError(f"the graph was pruned to {what} that differ between blocks ({shown}"
-                              f"{', ...' if len(per_block) > 6 else ''}); an HF config.json has one {field} for all "
-                              "layers: prune with allocation=uniform, or save with format='lowbit'")
+        blocks = sorted(per_block, key=lambda b: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", b)])
+        shown = [per_block[b] for b in blocks]
+        raise CheckpointError(f"the pruned layers have different {what}: per-layer {field} {shown} (blocks "
+                              f"{blocks[0]} ... {blocks[-1]}); an HF config.json holds one number for all layers: "
+                              "save with format='lowbit', or prune every layer alike (allocation=uniform, no modules=)")
     return next(iter(per_block.values()))
 
 
@@ -133,10 +138,13 @@ def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     heads0 = getattr(text, "num_attention_heads", None)
     head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads0 if heads0 else None)
+    kept_blocks = list(pruned["layers_kept"]) if pruned.get("layers_kept") else None
     if "intermediate_size" in pruned:
-        text.intermediate_size = int(_uniform("MLP widths", pruned["intermediate_size"], "intermediate_size"))
+        text.intermediate_size = int(_uniform("MLP widths", pruned["intermediate_size"], "intermediate_size",
+                                              kept_blocks))
     if "heads" in pruned:
-        q, kv = _uniform("attention head counts", pruned["heads"], "num_attention_heads")
+        q, kv = _uniform("attention head counts", pruned["heads"], "[num_attention_heads, num_key_value_heads]",
+                         kept_blocks)
         text.num_attention_heads, text.num_key_value_heads = int(q), int(kv)
     if "hidden_size" in pruned:
         text.hidden_size = int(pruned["hidden_size"])
@@ -155,7 +163,7 @@ def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict
         text.num_hidden_layers = len(kept)
         for name in ("layer_types", "sliding_window_pattern_list"):  # per-layer lists follow the kept layers
             per_layer = getattr(text, name, None)
-            if isinstance(per_layer, list):
+            if isinstance(per_layer, list) and len(per_layer) > len(kept):  # not a config already pruned
                 setattr(text, name, [per_layer[i] for i in keep_index])
     try:  # what a loader does with config.json: transformers validates the sizes against each other
         type(cfg).from_dict(cfg.to_dict())

@@ -150,7 +150,9 @@ class PruneHeads(Pass):
         eliminate_dead_code(graph)
         stats = reinfer(graph, self.name)
         params_after = sum(v.data.numel() for v in graph.params.values())
-        graph.meta["pruned"] = {**graph.meta.get("pruned", {}), "heads": heads}
+        old = graph.meta.get("pruned", {})  # every block's counts, those this pass left (``modules``) too
+        every = {s.block: [s.q_heads, s.kv_heads] for s in find_attention_sites(graph)[0]}
+        graph.meta["pruned"] = {**old, "heads": {**old.get("heads", {}), **every}}
         stats.update(layers=len(sites), groups_removed=sum(counts), heads=heads, skipped=skipped,
                      params_removed=params_before - params_after, params_before=params_before,
                      calib_tokens=col.tokens, seconds=round(time.perf_counter() - t0, 2))

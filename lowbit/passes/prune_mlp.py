@@ -481,6 +481,14 @@ def reinfer(graph: Graph, pass_name: str) -> dict[str, int]:
     return {"values_retyped": len(rep.retyped), "literals_rewritten": len(rep.literals)}
 
 
+def record_widths(graph: Graph) -> None:
+    """``meta["pruned"]["intermediate_size"]``: every block's MLP width after the cut, the blocks this pass left
+    (``modules``) too, so a checkpoint sees layers of different widths instead of one width for all."""
+    old = graph.meta.get("pruned", {})
+    widths = {**old.get("intermediate_size", {}), **{s.block: s.width for s in find_mlp_sites(graph)[0]}}
+    graph.meta["pruned"] = {**old, "intermediate_size": widths}
+
+
 @register_pass
 class PruneMLP(Pass):
     """Remove MLP intermediate channels (gate/up rows, down columns) by calibrated importance."""
@@ -536,7 +544,7 @@ class PruneMLP(Pass):
         eliminate_dead_code(graph)
         stats = reinfer(graph, self.name)
         params_after = sum(v.data.numel() for v in graph.params.values())
-        graph.meta["pruned"] = {**graph.meta.get("pruned", {}), "intermediate_size": widths}
+        record_widths(graph)
         stats.update(layers=len(sites), channels_removed=sum(counts), widths=widths, skipped=skipped,
                      params_removed=params_before - params_after, params_before=params_before,
                      calib_tokens=col.tokens, seconds=round(time.perf_counter() - t0, 2))
