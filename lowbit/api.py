@@ -30,6 +30,7 @@ from lowbit.passes.manager import (
     PipelineReport,
     parse_pipeline,
 )
+from lowbit.remote_code import from_pretrained
 
 BACKENDS = tuple(all_backends())
 """Backend names registered when lowbit.api was imported (``lowbit.backends.registry.all_backends()`` is live)."""
@@ -151,7 +152,7 @@ def own_tokenizer(model: torch.nn.Module) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+        return from_pretrained(AutoTokenizer, str(where))
     except (OSError, ValueError, KeyError):
         return None
 

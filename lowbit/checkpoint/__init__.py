@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lowbit.checkpoint.files import CheckpointError, atomic_checkpoint_dir, verify_manifest, write_manifest
+from lowbit.remote_code import from_pretrained
 
 __all__ = ["save", "load", "FORMATS", "CheckpointError", "write_checkpoint_files"]
 
@@ -279,14 +280,14 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
     if (directory / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        tokenizer = from_pretrained(AutoTokenizer, str(directory))
         graph.meta["tokenizer"] = tokenizer
     info = manifest.get("lowbit", {})
     if (directory / "config.json").is_file() and info.get("kind"):
         from transformers import AutoConfig
 
         src: dict[str, Any] = {"kind": info["kind"],
-                               "config": AutoConfig.from_pretrained(str(directory), local_files_only=True)}
+                               "config": from_pretrained(AutoConfig, str(directory))}
         if info.get("max_seq_length") is not None:
             src["max_seq_length"] = info["max_seq_length"]
         graph.meta["source"] = src

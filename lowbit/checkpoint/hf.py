@@ -39,8 +39,10 @@ import torch
 
 from lowbit.checkpoint.files import CheckpointError, read_json, read_safetensors, write_safetensors
 from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
+from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
 from lowbit.ir.quant import get_qdtype, pack_int4
+from lowbit.remote_code import from_pretrained
 
 __all__ = ["save_compressed_tensors", "save_gptq", "load_hf_checkpoint", "skeleton", "SHARD_BYTES"]
 
@@ -65,7 +67,7 @@ def skeleton(config: Any, kind: str, device: str = "meta", dtype: torch.dtype = 
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     with torch.device(device):
-        model = _auto_class(kind).from_config(cfg, dtype=dtype)
+        model = _auto_class(kind).from_config(cfg, dtype=dtype, trust_remote_code=False)
     return model.eval()
 
 
@@ -591,7 +593,9 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
         raise CheckpointError(f"{cfg_path}: quantization_config.quant_method {method!r} is not one lowbit reads "
                               "(compressed-tensors, gptq)")
     try:
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        config = from_pretrained(AutoConfig, str(directory))
+    except LowbitError:
+        raise
     except Exception as exc:  # noqa: BLE001 - re-raised naming the file
         raise CheckpointError(f"{cfg_path}: transformers cannot read this config ({type(exc).__name__}: {exc})"
                               ) from None
@@ -765,7 +769,7 @@ def _capture(model: torch.nn.Module, kind: str, directory: Path, generation: Any
     if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        tokenizer = from_pretrained(AutoTokenizer, str(directory))
     if generation:
         if kind != "causal-lm":
             raise CheckpointError(f"{directory}: generation= needs a causal LM checkpoint; this one is a {kind}")

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from lowbit.remote_code import from_pretrained
+
 
 def transformers_logits(directory: str | Path, ids: torch.Tensor) -> torch.Tensor:
     """Logits of ``AutoModelForCausalLM.from_pretrained(directory)`` on ``ids`` (CPU).
@@ -26,6 +28,6 @@ def transformers_logits(directory: str | Path, ids: torch.Tensor) -> torch.Tenso
         from transformers import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, **kwargs).eval()
+    model = from_pretrained(AutoModelForCausalLM, str(directory), **kwargs).eval()
     with torch.no_grad():
         return model(ids).logits

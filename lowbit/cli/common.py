@@ -106,11 +106,11 @@ def load(spec: str) -> LoadedModel:
             fail(f"model {spec!r}: the layer count after ':' must be at least 1", Exit.USAGE)
     base = _MODELS.get(name)
     if base is None:
-        from lowbit.errors import CorruptFileError
+        from lowbit.errors import CorruptFileError, UntrustedInputError
 
         try:
             module, tokenizer, kind = load_model(name)
-        except (FileNotFoundError, CorruptFileError) as exc:
+        except (FileNotFoundError, CorruptFileError, UntrustedInputError) as exc:
             fail(str(exc), Exit.NOT_FOUND)
         except ValueError as exc:
             fail(str(exc), Exit.USAGE)

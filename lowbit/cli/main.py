@@ -36,6 +36,7 @@ from lowbit.cli.common import (
     recipes_module,
 )
 from lowbit.cli.pipeline import run_pipeline
+from lowbit.remote_code import from_pretrained
 
 app = typer.Typer(
     name="lowbit",
@@ -505,7 +506,7 @@ def generate_cmd(
 
         from lowbit.checkpoint import load as load_checkpoint
 
-        tok = AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
+        tok = from_pretrained(AutoTokenizer, str(ckpt))
         build = lambda spec: load_checkpoint(ckpt, device=device, generation=spec, backend=backend)  # noqa: E731
         text = "loaded from the checkpoint"
     else:

@@ -21,6 +21,7 @@ from pathlib import Path  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
 from lowbit.cache import atomic_dir, cache_dir  # noqa: E402
+from lowbit.remote_code import from_pretrained  # noqa: E402
 
 __all__ = ["packaged_path", "smollm2_gguf_path", "minilm_dir", "load_smollm2_tokenizer", "load_tokenizer",
            "SMOLLM2_CACHE"]
@@ -89,9 +90,9 @@ def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
     """
     cached = cache_dir() / SMOLLM2_CACHE
     if (cached / "config.json").is_file():
-        return AutoTokenizer.from_pretrained(cached, local_files_only=True)
+        return from_pretrained(AutoTokenizer, cached)
     gguf = smollm2_gguf_path()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    return from_pretrained(AutoTokenizer, gguf.parent, gguf_file=gguf.name)
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -99,7 +100,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if name_or_path == "smollm2":
         return load_smollm2_tokenizer()
     if name_or_path == "minilm":
-        return AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+        return from_pretrained(AutoTokenizer, minilm_dir())
     if not os.path.isdir(name_or_path):
         raise ValueError(f"tokenizer {name_or_path!r}: give 'smollm2', 'minilm' or a local tokenizer directory")
-    return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    return from_pretrained(AutoTokenizer, name_or_path)
