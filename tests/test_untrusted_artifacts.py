@@ -189,6 +189,36 @@ def test_reproducer_paths_are_confined(tmp_path, key, path):
     assert "leaves the reproducer directory" in out and key in out
 
 
+@pytest.mark.parametrize("option", ["config", "calib", "tokenizer"])
+def test_replay_refuses_pipeline_options_that_read_files(tmp_path, option):
+    """``replay_pipeline`` is text from the reproducer's author: ``quantize(config=/path/secret.json)`` read the file
+    and printed it in pydantic's error, ``calib=``/``tokenizer=`` read files outside the directory."""
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"api_token": "SECRET-abc123"}))
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    value = {"config": secret, "calib": secret, "tokenizer": tok}[option]
+    pipeline = {"config": f"quantize(config={value})",
+                "calib": f"quantize(w=int8,a=int8,a_static=true,a_gran=per_tensor,calib={value})",
+                "tokenizer": f"quantize(w=int8,a=int8,a_static=true,a_gran=per_tensor,tokenizer={value})"}[option]
+    out = invoke("replay", _reproducer(tmp_path, replay_pipeline=pipeline), code=3).output
+    assert f"option {option}=" in out and "only reads its own files" in out and "SECRET" not in out
+    from lowbit.passes.manager import parse_pipeline
+
+    parse_pipeline("quantize(w=int8,a=int8,a_static=true,a_gran=per_tensor,calib=wikitext2-valid,tokenizer=smollm2)",
+                   read_files=False)  # shipped data: fine
+
+
+def test_quant_config_errors_do_not_quote_the_file(tmp_path):
+    from lowbit.ir.qscheme import QuantConfig
+
+    f = tmp_path / "q.json"
+    f.write_text(json.dumps({"api_token": "SECRET-abc123", "rules": [{"match": "SECRET2"}]}))
+    with pytest.raises(ValueError, match="api_token: Extra inputs") as err:
+        QuantConfig.from_file(f)
+    assert "SECRET" not in str(err.value)
+
+
 def test_reproducer_symlink_out_of_its_directory_is_refused(tmp_path):
     outside = tmp_path / "secret.lowbit"
     outside.write_text(SAFE)

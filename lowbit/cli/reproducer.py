@@ -113,6 +113,23 @@ def load_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def _replay_passes(directory: Path, text: str) -> list[Any]:
+    """The reproducer's ``replay_pipeline``, parsed without reading any file it names: a reproducer reads only its
+    own files, and ``quantize(config=/path/secret.json)`` read (and echoed) that file while its options were built.
+    A file option exits 3 naming it; a bad pass or option exits 2."""
+    from lowbit.errors import UntrustedInputError
+    from lowbit.passes.base import PassError
+    from lowbit.passes.manager import parse_pipeline
+
+    try:
+        return parse_pipeline(text, read_files=False)
+    except UntrustedInputError as exc:
+        fail(f"reproducer {str(directory)!r}: replay_pipeline {exc}; a reproducer only reads its own files",
+             Exit.NOT_FOUND)
+    except PassError as exc:
+        fail(f"reproducer {str(directory)!r}: replay_pipeline: {exc}", Exit.USAGE)
+
+
 def replay(directory: Path, verify_each: bool = True) -> None:
     """Parse the saved IR and run the saved pipeline; exit 4 if it fails again, 0 if it no longer does.
 
@@ -120,7 +137,6 @@ def replay(directory: Path, verify_each: bool = True) -> None:
     allowlisted) before anything runs.
     """
     from lowbit.cli.artifacts import read_graph
-    from lowbit.cli.common import parse
     from lowbit.errors import UntrustedInputError
     from lowbit.passes.manager import PassManager, PipelineError
 
@@ -137,7 +153,7 @@ def replay(directory: Path, verify_each: bool = True) -> None:
 
     with artifact_errors(ir_file):
         graph = read_graph(ir_file, params_file if params_file.is_file() else None)
-    passes = parse(manifest["replay_pipeline"])
+    passes = _replay_passes(directory, manifest["replay_pipeline"])
     versions = manifest.get("versions", {})
     console.print(f"replaying {manifest['replay_pipeline']!r} on {ir_file} "
                   f"({len(graph.nodes)} nodes); recorded with {versions.get('lowbit')} / torch "

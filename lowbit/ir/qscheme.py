@@ -16,7 +16,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lowbit.ir.quant import QDTYPES, get_qdtype
 
@@ -186,7 +186,12 @@ class QuantConfig(BaseModel):
             data = json.loads(p.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"quantization config {str(p)!r} is not valid JSON: {exc}") from exc
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:  # its text quotes each bad value: the file's contents
+            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or '(top level)'}: {e['msg']}"
+                                 for e in exc.errors()[:5])
+            raise ValueError(f"quantization config {str(p)!r} is not a QuantConfig: {problems}") from None
 
     def user_patterns(self) -> list[tuple[str, str]]:
         """(where, pattern) of every pattern the user wrote: each must match something.

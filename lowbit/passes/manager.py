@@ -64,8 +64,12 @@ def _parse_value(raw: str) -> Any:
     return raw
 
 
-def parse_pipeline(text: str) -> list[Pass]:
-    """``"a,b(x=1,y=\\"s\\")"`` → ``[A(), B(x=1, y="s")]``; errors name the pass and the option."""
+def parse_pipeline(text: str, *, read_files: bool = True) -> list[Pass]:
+    """``"a,b(x=1,y=\\"s\\")"`` → ``[A(), B(x=1, y="s")]``; errors name the pass and the option.
+
+    ``read_files=False`` (a pipeline from a stranger's file: a reproducer's ``replay_pipeline``) refuses every option
+    that names a file (each pass's ``input_files``: ``config=``, ``calib=``, ``tokenizer=``) with an
+    UntrustedInputError before any file is read: building ``quantize(config=PATH)`` already reads PATH."""
     if not text or not text.strip():
         raise PassError("empty pipeline: give pass names separated by commas, e.g. 'fold-norms,dce'")
     passes = []
@@ -93,10 +97,22 @@ def parse_pipeline(text: str) -> list[Pass]:
                     raise PassError(f"pass {name}: option {key!r} is given twice in {item.strip()!r}; give it "
                                     "once (the last would silently win)")
                 options[key] = _parse_value(value)
+        if not read_files:
+            _refuse_file_options(name, cls, options)
         passes.append(build_pass(cls, options))
     check_order(passes)
     check_input_files(passes)
     return passes
+
+
+def _refuse_file_options(name: str, cls: type[Pass], options: dict[str, Any]) -> None:
+    """UntrustedInputError naming the first option of ``options`` that is a file path. The options are read
+    unvalidated (``model_construct``): validating them would read the file."""
+    from lowbit.errors import UntrustedInputError
+
+    for option, path in cls.Options.model_construct(**options).input_files():
+        raise UntrustedInputError(f"pass {name}: option {option}={path!r} names a path; a pipeline read from an "
+                                  "artefact may only use lowbit's shipped data (wikitext2-valid, smollm2, ...)")
 
 
 def check_input_files(passes: Sequence[Pass]) -> None:
