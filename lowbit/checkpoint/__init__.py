@@ -278,9 +278,9 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
     graph = parse_graph(ir.read_text(), params)
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+        from lowbit.checkpoint.files import read_tokenizer
 
-        tokenizer = from_pretrained(AutoTokenizer, str(directory))
+        tokenizer = read_tokenizer(directory)
         graph.meta["tokenizer"] = tokenizer
     info = manifest.get("lowbit", {})
     if (directory / "config.json").is_file() and info.get("kind"):

@@ -23,7 +23,7 @@ from lowbit.cache import clean_stale_temporaries, replacing_dir
 from lowbit.errors import LowbitError
 
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
-           "verify_manifest", "read_safetensors", "write_safetensors", "MANIFEST", "sha256_file", "not_replaceable"]
+           "verify_manifest", "read_safetensors", "read_tokenizer", "write_safetensors", "MANIFEST", "sha256_file", "not_replaceable"]
 
 MANIFEST = "lowbit-manifest.json"
 
@@ -227,3 +227,20 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except SafetensorError as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     return out
+
+
+def read_tokenizer(directory: Path) -> Any:
+    """The directory's tokenizer (transformers' AutoTokenizer, never the directory's own code); a tokenizer
+    config transformers cannot load (an unknown ``tokenizer_class``, a damaged tokenizer.json) is a
+    CheckpointError naming the file, not transformers' ValueError."""
+    from transformers import AutoTokenizer
+
+    from lowbit.remote_code import from_pretrained
+
+    try:
+        return from_pretrained(AutoTokenizer, str(directory))
+    except LowbitError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{directory / 'tokenizer_config.json'}: transformers cannot load this tokenizer "
+                              f"({type(exc).__name__}: {str(exc).strip()[:300]})") from None

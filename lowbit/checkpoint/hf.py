@@ -37,7 +37,13 @@ from typing import Any
 
 import torch
 
-from lowbit.checkpoint.files import CheckpointError, read_json, read_safetensors, write_safetensors
+from lowbit.checkpoint.files import (
+    CheckpointError,
+    read_json,
+    read_safetensors,
+    read_tokenizer,
+    write_safetensors,
+)
 from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
 from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
@@ -541,6 +547,31 @@ def _need(tensors: dict[str, torch.Tensor], name: str, directory: Path) -> torch
     return t
 
 
+def _tensor_file(directory: Path, name: str) -> Path:
+    """The safetensors file holding tensor ``name`` (the index's shard, else model.safetensors), for messages."""
+    index = directory / SAFE_INDEX
+    if index.is_file():
+        try:
+            return directory / str(json.loads(index.read_text())["weight_map"][name])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return directory / "model.safetensors"
+
+
+def _check_tensor(tensors: dict[str, torch.Tensor], name: str, directory: Path, shapes: list[list[int]],
+                  dtypes: tuple[torch.dtype, ...] | None, why: str) -> torch.Tensor:
+    """Tensor ``name``, refused unless its shape is one of ``shapes`` and its dtype one of ``dtypes`` (None: any):
+    config.json and the tensors are separate files, and a false ``num_bits`` or ``group_size`` unpacked 4-bit
+    data as 3-bit (garbage) or crashed in a reshape."""
+    t = _need(tensors, name, directory)
+    if (dtypes is not None and t.dtype not in dtypes) or list(t.shape) not in shapes:
+        want = " or ".join(str(d).removeprefix("torch.") for d in dtypes) if dtypes else "shape"
+        got = f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+        raise CheckpointError(f"{_tensor_file(directory, name)}: tensor {name!r} is {got}, but {why} needs {want} "
+                              f"{' or '.join(str(x) for x in shapes)}")
+    return t
+
+
 def _lowbit_qdtype(bits: int, symmetric: bool, is_float: bool, hint: str | None) -> str:
     if is_float:
         return "fp8e4m3"
@@ -622,7 +653,8 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
             scheme = _ct_scheme_of(module, parsed.config_groups, parsed.ignore or [])
             if scheme is None or scheme.weights is None:
                 continue
-            plan[module] = _ct_linear(module, scheme, parsed.format, tensors, directory, hints.get(module))
+            plan[module] = _ct_linear(module, scheme, parsed.format, tensors, directory, hints.get(module),
+                                      tuple(model.get_submodule(module).weight.shape))
     else:
         bits, group = int(qcfg.get("bits", 4)), int(qcfg.get("group_size", -1))
         if not qcfg.get("sym", True):
@@ -643,6 +675,12 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
         float_state[name] = t
     for module in plan:  # placeholders: the real codes replace the RTN of these zeros below
         float_state[f"{module}.weight"] = torch.zeros(model.get_submodule(module).weight.shape)
+    own = model.state_dict()
+    for name, t in float_state.items():
+        if name in own and own[name].shape != t.shape:
+            raise CheckpointError(f"{_tensor_file(directory, name)}: tensor {name!r} is {list(t.shape)}, but "
+                                  f"{type(model).__name__} built from config.json has {list(own[name].shape)} "
+                                  "(config.json and the weights disagree)")
     result = model.load_state_dict(float_state, strict=False)
     unexpected = [k for k in result.unexpected_keys]
     if unexpected:
@@ -676,8 +714,15 @@ def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_INTS = (torch.int64, torch.int32)
+
+
 def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tensor], directory: Path,
-               hint: str | None) -> tuple[Any, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               hint: str | None, shape: tuple[int, int]
+               ) -> tuple[Any, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One compressed-tensors linear's (weight scheme, input scheme, codes, scale, zero point); ``shape`` is the
+    linear's [out, in] in the model built from config.json, which every stored tensor must agree with."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     from lowbit.ir.qscheme import QScheme
@@ -692,25 +737,43 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
                               "reads contiguous groups only")
     is_float = wa.type == "float"
     qdtype = _lowbit_qdtype(wa.num_bits, wa.symmetric, is_float, hint)
-    scale = _need(tensors, f"{module}.weight_scale", directory).to(torch.float32)
+    n, k = shape
+    group = wa.group_size if wa.strategy == "group" else None
+    cfg = f"config.json's quantization_config ({wa.num_bits} bits, group {group}) for linear {module!r} [{n}, {k}]"
+    if group is not None and (group < 1 or k % group):
+        raise CheckpointError(f"{directory / 'config.json'}: group_size {group} does not divide the input size {k} "
+                              f"of linear {module!r}")
+    n_scales = 1 if group is None else k // group
+    per_row = [[n, n_scales]] + ([[n]] if group is None else [])
+    scale = _check_tensor(tensors, f"{module}.weight_scale", directory, per_row, _FLOATS, cfg).to(torch.float32)
+    scale = scale.reshape(n) if group is None else scale
     zp = None
     if fmt == "pack-quantized":
-        packed = _need(tensors, f"{module}.weight_packed", directory)
-        shape = _need(tensors, f"{module}.weight_shape", directory).tolist()
-        q = unpack_from_int32(packed, wa.num_bits, torch.Size(shape))
+        if not 1 <= wa.num_bits <= 8:
+            raise CheckpointError(f"{directory / 'config.json'}: num_bits {wa.num_bits} of linear {module!r} is not "
+                                  "a packed integer width (1..8)")
+        stored = _check_tensor(tensors, f"{module}.weight_shape", directory, [[2]], _INTS,
+                               f"linear {module!r}").tolist()
+        if stored != [n, k]:
+            raise CheckpointError(f"{_tensor_file(directory, module + '.weight_shape')}: tensor "
+                                  f"'{module}.weight_shape' says {stored}, but linear {module!r} built from "
+                                  f"config.json is [{n}, {k}]")
+        packed = _check_tensor(tensors, f"{module}.weight_packed", directory, [[n, -(-k * wa.num_bits // 32)]],
+                               (torch.int32,), cfg)
+        q = unpack_from_int32(packed, wa.num_bits, torch.Size([n, k]))
         if not wa.symmetric:
-            zpk = _need(tensors, f"{module}.weight_zero_point", directory)
-            zp = unpack_from_int32(zpk, wa.num_bits, torch.Size([shape[0], scale.shape[-1]]), packed_dim=0)
+            zpk = _check_tensor(tensors, f"{module}.weight_zero_point", directory,
+                                [[-(-n * wa.num_bits // 32), n_scales]], (torch.int32,), cfg)
+            zp = unpack_from_int32(zpk, wa.num_bits, torch.Size([n, n_scales]), packed_dim=0)
     elif fmt in ("int-quantized", "float-quantized", "naive-quantized"):
-        q = _need(tensors, f"{module}.weight", directory)
+        exact = {"int-quantized": (torch.int8,), "float-quantized": (torch.float8_e4m3fn,)}.get(fmt)
+        q = _check_tensor(tensors, f"{module}.weight", directory, [[n, k]], exact, cfg)
         if not wa.symmetric:
-            zp = _need(tensors, f"{module}.weight_zero_point", directory).to(torch.int8)
+            zp = _check_tensor(tensors, f"{module}.weight_zero_point", directory, per_row,
+                               (torch.int8, torch.int32, torch.int64), cfg).to(torch.int8)
     else:
         raise CheckpointError(f"{directory}: linear {module!r}: compressed-tensors format {fmt!r} is not one lowbit "
                               "reads (pack-quantized, int-quantized, float-quantized, naive-quantized)")
-    n, k = q.shape
-    group = wa.group_size if wa.strategy == "group" else None
-    scale = scale.reshape(n) if group is None else scale.reshape(n, k // group)
     if zp is not None:
         zp = zp.reshape(scale.shape)
     q, zp = _from_signed(q, zp, qdtype)
@@ -767,9 +830,7 @@ def _capture(model: torch.nn.Module, kind: str, directory: Path, generation: Any
 
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = from_pretrained(AutoTokenizer, str(directory))
+        tokenizer = read_tokenizer(directory)
     if generation:
         if kind != "causal-lm":
             raise CheckpointError(f"{directory}: generation= needs a causal LM checkpoint; this one is a {kind}")

@@ -1,0 +1,134 @@
+"""Checkpoints edited or damaged after they were written, their manifest rehashed to match: each is refused with a
+CheckpointError naming the file and the tensor, key or line (CLI exit 3), never loaded as garbage or crashed on.
+
+All on a tiny random Llama saved once per module in compressed-tensors and lowbit format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import lowbit
+from lowbit.checkpoint import CheckpointError
+from lowbit.cli.main import app
+
+pytest.importorskip("compressed_tensors")
+
+DOWN = "model.layers.0.mlp.down_proj"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{format: directory} of one tiny Llama (hidden 64, MLP 128) quantized to int4 in groups of 32."""
+    torch.manual_seed(0)
+    compiled = lowbit.compile_model(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97),
+                                    pipeline="quantize(w=int4,group=32)")
+    root = tmp_path_factory.mktemp("saved")
+    return {fmt: lowbit.save(compiled, root / fmt, format=fmt) for fmt in ("compressed-tensors", "lowbit")}
+
+
+def _copy(saved, fmt: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(saved[fmt], tmp_path / fmt))
+
+
+def _rehash(d: Path) -> None:
+    """As an attacker (or a careless editor) would: the manifest's hashes made to match the edited files."""
+    m = json.loads((d / "lowbit-manifest.json").read_text())
+    for rel in m["files"]:
+        data = (d / rel).read_bytes()
+        m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (d / "lowbit-manifest.json").write_text(json.dumps(m))
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _edit_tensors(path: Path, edit) -> None:
+    t = load_file(str(path))
+    edit(t)
+    save_file(t, str(path), metadata={"format": "pt"})
+
+
+def _refused(d: Path, *match: str) -> None:
+    """lowbit.load and `lowbit inspect` refuse ``d`` with every string of ``match`` in the message."""
+    with pytest.raises(CheckpointError) as err:
+        lowbit.load(d)
+    for m in match:
+        assert m in str(err.value), (m, str(err.value))
+    res = CliRunner().invoke(app, ["inspect", str(d)])
+    assert res.exit_code == 3, (res.exit_code, res.output, res.exception)
+    assert match[0] in res.output.replace("\n", "")
+
+
+def _weights(c):
+    return c["quantization_config"]["config_groups"]["group_0"]["weights"]
+
+
+def test_false_num_bits_is_refused_not_unpacked_as_garbage(saved, tmp_path):
+    """num_bits 4 -> 3 in config.json: the 4-bit words were unpacked as 3-bit codes and the model ran."""
+    d = _copy(saved, "compressed-tensors", tmp_path)
+    _edit_json(d / "config.json", lambda c: _weights(c).__setitem__("num_bits", 3))
+    _rehash(d)
+    _refused(d, "model.safetensors", f"{DOWN}.weight_packed", "3 bits")
+
+
+@pytest.mark.parametrize("shape", [[64, 4096], [-1, 128], [128, 64]])
+def test_weight_shape_that_is_not_the_linears_is_refused(saved, tmp_path, shape):
+    d = _copy(saved, "compressed-tensors", tmp_path)
+    _edit_tensors(d / "model.safetensors", lambda t: t.__setitem__(f"{DOWN}.weight_shape", torch.tensor(shape)))
+    _rehash(d)
+    _refused(d, "model.safetensors", f"{DOWN}.weight_shape", "[64, 128]")
+
+
+def test_false_group_size_is_refused_naming_the_scale(saved, tmp_path):
+    """group_size 32 -> 16: a raw RuntimeError from scale.reshape."""
+    d = _copy(saved, "compressed-tensors", tmp_path)
+    _edit_json(d / "config.json", lambda c: _weights(c).__setitem__("group_size", 16))
+    _rehash(d)
+    _refused(d, "model.safetensors", f"{DOWN}.weight_scale")
+
+
+@pytest.mark.parametrize("damage", ["cut", "int64"])
+def test_damaged_packed_weights_are_refused(saved, tmp_path, damage):
+    """weight_packed cut, or stored as int64: compressed_tensors' ValueError / a reshape error."""
+    d = _copy(saved, "compressed-tensors", tmp_path)
+    name = f"{DOWN}.weight_packed"
+    fix = {"cut": lambda t: t[:, :8].contiguous(), "int64": lambda t: t.to(torch.int64)}[damage]
+    _edit_tensors(d / "model.safetensors", lambda t: t.__setitem__(name, fix(t[name])))
+    _rehash(d)
+    _refused(d, "model.safetensors", name)
+
+
+def test_config_disagreeing_with_the_weights_is_refused(saved, tmp_path):
+    """hidden_size 64 -> 128: a RuntimeError from load_state_dict."""
+    d = _copy(saved, "compressed-tensors", tmp_path)
+    _edit_json(d / "config.json", lambda c: c.__setitem__("hidden_size", 128))
+    _rehash(d)
+    _refused(d, "model.safetensors", "config.json")
+
+
+def test_float_tensor_of_the_wrong_shape_is_refused(saved, tmp_path):
+    d = _copy(saved, "compressed-tensors", tmp_path)
+    name = "model.embed_tokens.weight"
+    _edit_tensors(d / "model.safetensors", lambda t: t.__setitem__(name, t[name][:50].contiguous()))
+    _rehash(d)
+    _refused(d, "model.safetensors", name, "[97, 64]")
+
+
+def test_tokenizer_config_naming_an_unknown_class_is_refused(saved, tmp_path):
+    """tokenizer_class 'EvilTokenizer' (no auto_map): transformers' ValueError escaped."""
+    d = _copy(saved, "compressed-tensors", tmp_path)
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "EvilTokenizer"}))
+    _refused(d, "tokenizer_config.json")
