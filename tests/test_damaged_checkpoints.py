@@ -132,3 +132,30 @@ def test_tokenizer_config_naming_an_unknown_class_is_refused(saved, tmp_path):
     d = _copy(saved, "compressed-tensors", tmp_path)
     (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "EvilTokenizer"}))
     _refused(d, "tokenizer_config.json")
+
+
+# ---- the manifest --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("edit", "key"), [
+    (lambda m: m.__setitem__("lowbit", []), "'lowbit'"),
+    (lambda m: m["files"].__setitem__("model.lowbit", "abc"), "'files.model.lowbit'"),
+    (lambda m: m.__setitem__("files", []), "'files'"),
+    (lambda m: m.__setitem__("versions", 5), "'versions'"),
+    (lambda m: m.__setitem__("format", 7), "'format'"),
+    (lambda m: m["lowbit"].__setitem__("kind", "evil"), "'lowbit.kind'"),
+    (lambda m: m["files"]["model.lowbit"].__setitem__("bytes", "12"), "'files.model.lowbit.bytes'"),
+])
+def test_manifest_of_the_wrong_structure_is_refused_naming_the_key(saved, tmp_path, edit, key):
+    """``"lowbit": []`` raised AttributeError ('list' object has no attribute 'get') and `lowbit inspect` exited 0;
+    ``"files": {"model.lowbit": "abc"}`` an AttributeError in verify_manifest."""
+    d = _copy(saved, "lowbit", tmp_path)
+    _edit_json(d / "lowbit-manifest.json", edit)
+    _refused(d, "lowbit-manifest.json", key)
+
+
+def test_validation_messages_of_a_whole_entry_have_no_stray_period(saved, tmp_path):
+    d = _copy(saved, "lowbit", tmp_path)
+    _edit_json(d / "lowbit-manifest.json", lambda m: m["lowbit"].__setitem__("pruned", "x"))
+    with pytest.raises(CheckpointError, match=r"manifest 'lowbit\.pruned': Input should be"):
+        lowbit.load(d)

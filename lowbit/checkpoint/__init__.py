@@ -208,7 +208,8 @@ def _validated_generation(raw: Any, message: Callable[[str, str], str]) -> Gener
 
 def _validated(model: type[BaseModel], raw: Any, where: str) -> dict[str, Any]:
     """``raw`` checked against ``model`` (a dict of its set fields), or a ``CheckpointError`` naming ``where``."""
-    return _checked(model, raw, lambda field, msg: f"{where}.{field}: {msg}").model_dump(exclude_none=True)
+    return _checked(model, raw, lambda field, msg: f"{where}{'.' + field if field else ''}: {msg}"
+                    ).model_dump(exclude_none=True)
 
 
 def _generation_meta(info: dict[str, Any], graph: Any, directory: Path) -> dict[str, Any] | None:

@@ -15,9 +15,10 @@ import json
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lowbit.cache import clean_stale_temporaries, replacing_dir
 from lowbit.errors import LowbitError
@@ -147,6 +148,46 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+class FileRecord(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    sha256: str
+    bytes: int = Field(ge=0)
+
+
+class LowbitInfo(BaseModel):
+    """The manifest's ``lowbit`` table: only what every reader relies on is checked here (its ``generation`` and
+    ``pruned`` entries are validated field by field where they are used)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    kind: Literal["causal-lm", "encoder"] | None = None
+    max_seq_length: int | None = Field(default=None, ge=1)
+    not_in_graph: list[str] = []
+    lowbit_qdtypes: dict[str, str] = {}
+
+
+class Manifest(BaseModel):
+    """``lowbit-manifest.json``'s structure, checked before any entry is used: a crafted ``"lowbit": []`` or
+    ``"files": {"model.lowbit": "abc"}`` ended in AttributeErrors."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    format: str | None = None
+    versions: dict[str, Any] = {}
+    files: dict[str, FileRecord]
+    lowbit: LowbitInfo | None = None
+
+
+def _checked_manifest(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (the manifest at ``path``) when its structure is a manifest's; else a CheckpointError naming the
+    file and the first bad key."""
+    try:
+        Manifest.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        raise CheckpointError(f"{path}: key {key!r}: {err['msg']}") from None
+    return raw
+
+
 def verify_manifest(directory: Path, required: bool = False) -> dict[str, Any] | None:
     """Check every file the manifest lists against its SHA-256; None when there is no manifest and not ``required``."""
     path = directory / MANIFEST
@@ -154,10 +195,8 @@ def verify_manifest(directory: Path, required: bool = False) -> dict[str, Any] |
         if required:
             raise CheckpointError(f"{directory}: no {MANIFEST} (a lowbit-format checkpoint always has one)")
         return None
-    manifest = read_json(path)
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise CheckpointError(f"{path}: has no 'files' table")
+    manifest = _checked_manifest(path, read_json(path))
+    files = manifest["files"]
     for rel, info in files.items():
         p = (directory / rel).resolve()
         if directory.resolve() not in p.parents:
