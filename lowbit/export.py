@@ -21,19 +21,9 @@ from typing import Any
 
 import torch
 
-from lowbit.ir.graph import Graph
+from lowbit.ir.graph import graph_of
 
 FORMATS = ("onnx", "onnx-matmulnbits", "tensorrt")
-
-
-def graph_of(compiled: Any) -> Graph:
-    """The IR behind a compiled model (anything with ``.graph``) or the Graph itself."""
-    if isinstance(compiled, Graph):
-        return compiled
-    graph = getattr(compiled, "graph", None)
-    if isinstance(graph, Graph):
-        return graph
-    raise TypeError(f"export takes a lowbit Graph or a compiled model with a .graph, got {type(compiled).__name__}")
 
 
 def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *, check: bool = True,

@@ -39,7 +39,7 @@ PARAMS_FILE = "params.safetensors"
 
 
 def _graph_and_tokenizer(compiled: Any) -> tuple[Any, Any]:
-    from lowbit.export import graph_of
+    from lowbit.ir.graph import graph_of
 
     graph = graph_of(compiled)
     tokenizer = getattr(compiled, "tokenizer", None) or graph.meta.get("tokenizer")

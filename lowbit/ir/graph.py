@@ -445,3 +445,13 @@ def blocks(graph: Graph, pattern: str = r"^(model\.layers\.\d+|encoder\.layer\.\
         if m:
             regions.setdefault(m.group(1), Region(m.group(1))).nodes.append(n)
     return list(regions.values())
+
+
+def graph_of(compiled: Any) -> Graph:
+    """The IR behind a compiled model (anything with ``.graph``) or the Graph itself (export and save take both)."""
+    if isinstance(compiled, Graph):
+        return compiled
+    graph = getattr(compiled, "graph", None)
+    if isinstance(graph, Graph):
+        return graph
+    raise TypeError(f"expected a lowbit Graph or a compiled model with a .graph, got {type(compiled).__name__}")

@@ -361,6 +361,9 @@ class Rotate(Pass):
         untied = list(regions.tied) if o.residual else []
         if o.residual:
             fold_residual(graph, res, users, q)
+            # the residual stream now holds x Q: debug compare marks block outputs not comparable with the float
+            # model's (a block-by-block difference read as -3 dB of damage after this exact pass)
+            graph.meta["residual_rotated"] = True
         stats: dict[str, object] = {"kind": o.kind, "residual_dim": res.dim if o.residual else None,
                                     "readers": len(res.readers) if o.residual else 0,
                                     "writers": len(res.writers) if o.residual else 0, "untied": untied}
