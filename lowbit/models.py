@@ -476,8 +476,18 @@ def _float_cache_from_gguf(gguf: Path, cache_name: str) -> Path:
     return target
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+"""A directory with none of these has no tokenizer: transformers then built an empty GPT-2 tokenizer for some
+families (every prompt encoded to nothing: "prompt 0 is empty") or failed with a backend error."""
+
+
 def _load_causal_lm(directory: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model = from_pretrained(AutoModelForCausalLM, directory, dtype=dtype)
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{str(directory)!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}): "
+                                "lowbit reads text through the model's tokenizer; save it there "
+                                "(tokenizer.save_pretrained(directory))")
     tokenizer = from_pretrained(AutoTokenizer, directory)
     return model.eval(), tokenizer
 

@@ -73,6 +73,7 @@ def _tiny_llama_dir(directory: Path) -> Path:
     ("not-a-config", "has no 'model_type'"),
     ("weightless", "no weights"),
     ("truncated-weights", "model.safetensors' is not a readable safetensors file"),
+    ("no-tokenizer", "has no tokenizer files"),
 ])
 def test_corrupt_model_directory_exits_3_naming_the_file(tmp_path, case, fragment):
     d = _tiny_llama_dir(tmp_path / "model")
@@ -82,6 +83,9 @@ def test_corrupt_model_directory_exits_3_naming_the_file(tmp_path, case, fragmen
         (d / "config.json").write_text("[1, 2, 3]")
     elif case == "weightless":
         (d / "model.safetensors").unlink()
+    elif case == "no-tokenizer":  # as saved by model.save_pretrained alone: an empty tokenizer, "prompt 0 is empty"
+        out = invoke("generate", d, "--prompt", "hi there", "-n", "2", code=3)
+        assert fragment in out and str(d) in " ".join(out.split()), out
     else:
         data = (d / "model.safetensors").read_bytes()
         (d / "model.safetensors").write_bytes(data[: len(data) // 2])
