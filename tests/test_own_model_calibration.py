@@ -61,3 +61,22 @@ def test_calibration_token_ids_from_a_tensor_or_a_safetensors_file(tmp_path):
     with pytest.raises(PipelineError, match=r"must be integers, got torch.float32 \(float inputs calibrate a model "
                                             r"whose input is float; this graph's input %input_ids is i64"):
         lowbit.compile_model(model, pipeline=GPTQ, calib=torch.rand(2, 16))
+
+
+def test_calibration_batches_that_do_not_fit_a_fixed_shape_capture_name_the_input():
+    """Explicit example inputs fix the captured sizes; a calibration set of another length failed inside an
+    expand node ('the expanded size of the tensor (2) must match the existing size (4)')."""
+    import pytest
+    import torch
+    from conftest import tiny_llama
+
+    from lowbit.api import compile_model
+    from lowbit.errors import LowbitError
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, layers=1, vocab=256)
+    x = torch.randint(0, 256, (2, 16))
+    with pytest.raises(LowbitError, match=r"calibration input %input_ids is \[2, 32\], but the graph takes "
+                                          r"\[2, 16\].*capture without them"):
+        compile_model(model, (x,), pipeline="gptq(w=int4,group=32,calib_n=4,calib_len=32)",
+                      calib=torch.randint(0, 256, (4, 32)))

@@ -366,6 +366,21 @@ def _step_batches(graph: Graph, step: dict[str, Any], ids: torch.Tensor,
     return out
 
 
+def _check_static_dims(graph: Graph, batch: Sequence[Any]) -> None:
+    """A graph captured from explicit example inputs has their sizes baked in: a calibration batch of another
+    shape failed deep inside (an expand or attention node: 'the expanded size (2) must match (4)')."""
+    for v, t in zip(graph.inputs, batch):
+        if not isinstance(t, torch.Tensor) or v.tensor_type is None:
+            continue
+        shape = v.tensor_type.shape
+        if len(shape) == t.dim() and all(not isinstance(d, int) or d == n for d, n in zip(shape, t.shape)):
+            continue
+        raise CalibrationError(
+            f"calibration input %{v.name} is {list(t.shape)}, but the graph takes {list(shape)}: a graph captured "
+            "from explicit example inputs has their sizes fixed; capture without them (compile_model(model) makes "
+            "batch and length dynamic) or calibrate with batches of that shape (calib_n, calib_len)")
+
+
 def run(
     graph: Graph,
     batches: Sequence[Sequence[torch.Tensor]],
@@ -390,6 +405,7 @@ def run(
     for b in batches:
         if len(b) != len(graph.inputs):
             raise CalibrationError(f"a batch has {len(b)} tensors but the graph takes {len(graph.inputs)} inputs")
+        _check_static_dims(graph, b)
     t0 = time.perf_counter()
     stages = split_stages(graph, pattern)
     store: list[dict[Value, Any]] = [
