@@ -1052,8 +1052,9 @@ def test_a_ratio_that_removes_nothing_is_an_error(pipe, message):
 
 
 def test_head_ratio_rounds_half_up_on_the_model():
-    from lowbit.api import compile_model
     from conftest import tiny_llama
+
+    from lowbit.api import compile_model
 
     c = compile_model(_tiny_m(), pipeline="prune-heads(ratio=0.25,score=magnitude)")
     assert c.report.pipeline.records[0].stats["groups_removed"] == 2  # 0.25 x 2 = 0.5: one group per layer
@@ -1061,3 +1062,11 @@ def test_head_ratio_rounds_half_up_on_the_model():
     five = tiny_llama(hidden=80, inter=64, heads=5, kv_heads=5, layers=1, vocab=64)
     c = compile_model(five, pipeline="prune-heads(ratio=0.5,score=magnitude)")
     assert c.report.pipeline.records[0].stats["heads"] == {"model.layers.0": [2, 2]}  # 2.5 -> 3 removed
+
+
+def test_prune_blocks_modules_matching_no_block_is_an_error():
+    from lowbit.api import compile_model
+
+    # 'mlp' is in module paths (the manager's scope check passes) but in no block's path
+    with pytest.raises(PipelineError, match=r"modules='mlp' matches none of the 2 blocks"):
+        compile_model(_tiny_m(), pipeline="prune-blocks(n=1,modules=mlp)", calib=_tiny_cal())

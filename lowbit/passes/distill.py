@@ -15,7 +15,8 @@ Place in the pass contract: after the pruning passes, before any quantizer (it i
 ``quantize``/``gptq``/``awq``/``autoround`` must come after it) and on a float graph (no ``qlinear`` nor weight
 ``dequantize``). Approximating, not exact: the stats carry the KL on the first and last training batches, the
 steps and tokens run and the trained params. The graph's shapes do not change; trained params are replaced with
-``graph.set_param`` in their own dtype and device.
+``graph.set_param`` in their own dtype and device. A linear ``sparsify`` pruned (``meta["sparsity"]``) keeps its
+mask: its zeros are re-applied after every step, so recovery never undoes the sparsity the meta promises.
 
 The tokens come from the calibration options: ``calib_n`` windows of ``calib_len`` from ``calib`` (default the
 shipped WikiText-2 validation excerpt, 117 windows of 512), visited in shuffled epochs until ``tokens`` are

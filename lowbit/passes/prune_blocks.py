@@ -82,6 +82,9 @@ class PruneBlocks(Pass):
                 col = collect_input_stats(graph, [], o, self.name, marks)
                 influence = {b: sum(v) / len(v) for b, v in col.block_change.items()}
                 chosen = sorted(influence, key=lambda b: influence[b])[:o.n]
+                if not chosen:
+                    raise PassError(f"pass {self.name}: option modules={o.modules!r} matches none of the "
+                                    f"{len(names)} blocks ({names[0]} ... {names[-1]}): nothing to remove")
         if len(set(chosen)) >= len(names):
             raise PassError(f"pass {self.name}: removing {len(set(chosen))} blocks would leave none of {len(names)}")
         params_before = sum(v.data.numel() for v in graph.params.values())
@@ -92,6 +95,7 @@ class PruneBlocks(Pass):
             for r in reversed(rs):
                 graph.replace_all_uses(r.output, r.args[0])
         gen = graph.meta.get("generation")
+        gone: list[Value] = []
         if gen and chosen:
             gone = _drop_cache_slots(graph, gen, [names.index(b) for b in chosen], self.name)
         from lowbit.passes.dce import eliminate_dead_code

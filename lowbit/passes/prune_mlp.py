@@ -290,7 +290,7 @@ def channel_scores(w_out: torch.Tensor, st: InputStats | None, score: str) -> to
 def round_half_up(x: float) -> int:
     """``x`` rounded to the nearest integer, halves up (Python's ``round`` goes to the even one: 2.5 -> 2 but
     1.5 -> 2, so the same ratio cut 2 of 3 groups and 2 of 5); the tolerance keeps 0.15 * 10 a half."""
-    return int(math.floor(x + 0.5 + 1e-9))
+    return math.floor(x + 0.5 + 1e-9)
 
 
 def nothing_removed(pass_name: str, ratio: float, block: str, units: int, what: str, multiple: int = 1) -> PassError:
