@@ -61,12 +61,15 @@ def _edit_tensors(path: Path, edit) -> None:
     save_file(t, str(path), metadata={"format": "pt"})
 
 
-def _refused(d: Path, *match: str) -> None:
-    """lowbit.load and `lowbit inspect` refuse ``d`` with every string of ``match`` in the message."""
+def _refused(d: Path, *match: str, cli: bool = True) -> None:
+    """lowbit.load (and `lowbit inspect`, with ``cli``) refuse ``d`` with every string of ``match`` in the
+    message."""
     with pytest.raises(CheckpointError) as err:
         lowbit.load(d)
     for m in match:
         assert m in str(err.value), (m, str(err.value))
+    if not cli:
+        return
     res = CliRunner().invoke(app, ["inspect", str(d)])
     assert res.exit_code == 3, (res.exit_code, res.output, res.exception)
     assert match[0] in res.output.replace("\n", "")
@@ -159,3 +162,66 @@ def test_validation_messages_of_a_whole_entry_have_no_stray_period(saved, tmp_pa
     _edit_json(d / "lowbit-manifest.json", lambda m: m["lowbit"].__setitem__("pruned", "x"))
     with pytest.raises(CheckpointError, match=r"manifest 'lowbit\.pruned': Input should be"):
         lowbit.load(d)
+
+
+# ---- model.lowbit and params.safetensors, rehashed -----------------------------------------------
+
+
+def _edit_ir(d: Path, old: str, new: str) -> None:
+    text = (d / "model.lowbit").read_text()
+    assert old in text, old
+    (d / "model.lowbit").write_text(text.replace(old, new, 1))
+    _rehash(d)
+
+
+def _first_line(d: Path, start: str) -> str:
+    return next(line for line in (d / "model.lowbit").read_text().splitlines() if line.strip().startswith(start))
+
+
+def test_ir_declaring_a_wrong_dtype_is_refused_by_the_verifier(saved, tmp_path):
+    """``%embedding: f16[...]`` where f32 is computed loaded and ran: load never ran the verifier."""
+    d = _copy(saved, "lowbit", tmp_path)
+    line = _first_line(d, "%embedding")
+    _edit_ir(d, line, line.replace(": f32[", ": f16[", 1))
+    _refused(d, "model.lowbit", "does not verify", "%embedding", cli=False)  # inspect shows IR as it is
+
+
+def test_ir_declaring_an_impossible_size_is_refused_by_the_verifier(saved, tmp_path):
+    d = _copy(saved, "lowbit", tmp_path)
+    line = _first_line(d, "%embedding")
+    _edit_ir(d, line, line.replace(",64]", ",65]", 1))
+    _refused(d, "model.lowbit", "does not verify", cli=False)
+
+
+@pytest.mark.parametrize(("new", "why"), [
+    ("symbol s0 in [1, 2]", "symbol s0 is declared twice"),
+    ("symbol s9 in [-5, 1024]", "expected a size"),
+    ("symbol s9 in [1024, 2]", "empty range"),
+])
+def test_symbol_lines_that_contradict_or_are_empty_are_parse_errors(saved, tmp_path, new, why):
+    """A second ``symbol s0`` line silently replaced the first; ``[-5, 1024]`` was accepted."""
+    d = _copy(saved, "lowbit", tmp_path)
+    line = _first_line(d, "symbol s0")
+    _edit_ir(d, line, f"{line}\n  {new}")
+    _refused(d, "model.lowbit", why, "line ")
+
+
+@pytest.mark.parametrize(("damage", "why"), [("truncated", "expected"), ("not-utf8", "not UTF-8")])
+def test_unreadable_ir_names_the_file(saved, tmp_path, damage, why):
+    """A truncated model.lowbit said "line 76, col 6: expected ':'" without the path; a non-UTF-8 one raised a raw
+    UnicodeDecodeError."""
+    d = _copy(saved, "lowbit", tmp_path)
+    f = d / "model.lowbit"
+    f.write_bytes(f.read_bytes()[:3000] if damage == "truncated" else b"\xff\xfe\x00garbage")
+    _rehash(d)
+    with pytest.raises(CheckpointError, match=why) as err:
+        lowbit.load(d)
+    assert str(f) in str(err.value)
+
+
+def test_a_tensor_missing_from_params_names_params_safetensors(saved, tmp_path):
+    """It said "parameter @x has no tensor (IR parsed without weights?)" from the backend, naming no file."""
+    d = _copy(saved, "lowbit", tmp_path)
+    _edit_tensors(d / "params.safetensors", lambda t: t.pop("model.norm.weight"))
+    _rehash(d)
+    _refused(d, "params.safetensors", "@model.norm.weight", "model.lowbit", cli=False)

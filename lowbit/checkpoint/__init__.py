@@ -265,9 +265,34 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     return CompiledModel(runner, graph, report, tokenizer)
 
 
+def _parsed_and_verified(ir: Path, params: dict[str, Any]) -> Any:
+    """The graph of ``ir`` with ``params``, verified: the manifest proves only that the files are the ones it lists,
+    and a rehashed model.lowbit declaring f16 where f32 is computed, or a size no tensor has, loaded and ran. Every
+    error names ``ir`` (or the params file), as the parser's line numbers alone did not."""
+    from lowbit.ir.parser import IRParseError, parse_graph
+    from lowbit.ir.verifier import VerificationError, verify
+
+    try:
+        text = ir.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{ir}: is not UTF-8 text, so not lowbit IR ({exc})") from None
+    try:
+        graph = parse_graph(text, params)
+    except IRParseError as exc:
+        raise CheckpointError(f"{ir}: not valid lowbit IR: {exc}") from None
+    missing = sorted(n for n, v in graph.params.items() if v.data is None)
+    if missing:
+        raise CheckpointError(f"{ir.parent / PARAMS_FILE}: has no tensor for parameter @{missing[0]} declared in "
+                              f"{ir.name}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    try:
+        verify(graph)
+    except VerificationError as exc:
+        raise CheckpointError(f"{ir}: the IR does not verify: {exc}") from None
+    return graph
+
+
 def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any, Any]:
     from lowbit.checkpoint.files import read_safetensors
-    from lowbit.ir.parser import parse_graph
 
     if manifest is None:
         raise CheckpointError(f"{directory}: a lowbit-format checkpoint needs its lowbit-manifest.json (it holds the "
@@ -276,7 +301,7 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
     if not ir.is_file():
         raise CheckpointError(f"{directory}: {IR_FILE} is missing")
     params = read_safetensors(directory / PARAMS_FILE)
-    graph = parse_graph(ir.read_text(), params)
+    graph = _parsed_and_verified(ir, params)
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file():
         from lowbit.checkpoint.files import read_tokenizer

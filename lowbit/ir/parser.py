@@ -291,19 +291,33 @@ class Parser:
         assert self.graph is not None
         c.expect("symbol")
         name = c.next().text
+        if name in self.graph.symbols:  # a second line silently replaced the first range
+            raise c.error(f"symbol {name} is declared twice")
         sym = Symbol(name)
         if c.accept("in"):
             c.expect("[")
-            lo = c.next().text
+            sym.min = self._bound(c)
             c.expect(",")
-            hi = c.next().text
+            sym.max = self._bound(c)
             c.expect("]")
-            sym.min = None if lo == "?" else int(lo)
-            sym.max = None if hi == "?" else int(hi)
+            if sym.min is not None and sym.max is not None and sym.max < sym.min:
+                raise c.error(f"symbol {name} has an empty range [{sym.min}, {sym.max}]")
         if c.accept("hint"):
-            sym.hint = int(c.next().text)
+            sym.hint = self._bound(c, unknown=False)
         c.done()
         self.graph.symbols[name] = sym
+
+    @staticmethod
+    def _bound(c: _Line, unknown: bool = True) -> int | None:
+        """A symbol's bound or hint: a size (an integer >= 0), or ``?`` (unbounded) where ``unknown``."""
+        t = c.peek()
+        if t is not None and unknown and t.text == "?":
+            c.next()
+            return None
+        if t is None or t.kind != "number" or not t.text.isdigit():
+            found = t.text if t else "end of line"
+            raise c.error(f"expected a size (an integer >= 0){' or ?' if unknown else ''}, found {found!r}")
+        return int(c.next().text)
 
     def _param(self, c: _Line) -> None:
         assert self.graph is not None
