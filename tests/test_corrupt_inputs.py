@@ -172,3 +172,31 @@ def test_corrupt_model_cache_entry_is_rebuilt_with_a_warning(tmp_path, monkeypat
 def test_corrupt_file_error_names_the_file():
     err = CorruptFileError("/x/params.safetensors", "is truncated")
     assert "/x/params.safetensors" in str(err) and isinstance(err, ValueError)
+
+
+def test_replay_without_its_weights_file_says_it_is_missing(tmp_path):
+    """before.safetensors deleted: replay exited 4 claiming "reproduced: the input IR is invalid before any pass
+    ran"."""
+    save_graph(parse_graph(SAFE, {"proj.weight": torch.randn(16, 8)}), tmp_path, "before.lowbit", "before.safetensors")
+    (tmp_path / "reproducer.json").write_text(json.dumps({"ir": "before.lowbit", "params": "before.safetensors",
+                                                          "replay_pipeline": "dce"}))
+    (tmp_path / "before.safetensors").unlink()
+    out = invoke("replay", tmp_path, code=3)
+    assert "before.safetensors" in out and "missing" in out and "reproduced" not in out
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_inspect_of_a_damaged_onnx_file_exits_3(tmp_path, damage):
+    """A truncated or random .onnx exited 2 (a usage error); a 0-byte one was shown as a valid model, exit 0."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    f = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(f))
+    invoke("inspect", f, code=0)
+    data = f.read_bytes()
+    f.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "random": bytes(range(7, 250, 3)) * 9}[damage])
+    assert "model.onnx" in invoke("inspect", f, code=3)

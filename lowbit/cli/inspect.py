@@ -136,8 +136,11 @@ def _inspect_onnx(path: Path, top: int) -> None:
 
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        fail(f"{str(path)!r} is not a readable ONNX file: {exc}", Exit.USAGE)
+    except Exception as exc:  # a damaged file, like a truncated .lowbit: exit 3, not a usage error
+        fail(f"{str(path)!r} is not a readable ONNX file (truncated or corrupt?): {exc}", Exit.NOT_FOUND)
+    if model.ir_version == 0 or not model.HasField("graph"):  # protobuf parses 0 bytes as an empty message
+        fail(f"{str(path)!r} holds no ONNX model ({path.stat().st_size} bytes, no ir_version or graph): "
+             "truncated or not ONNX", Exit.NOT_FOUND)
     g = model.graph
     opsets = ", ".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import)
     console.print(f"{path}: ONNX opsets {opsets}, "

@@ -149,10 +149,13 @@ def replay(directory: Path, verify_each: bool = True) -> None:
         fail(str(exc), Exit.NOT_FOUND)
     if not ir_file.is_file():
         fail(f"reproducer {str(directory)!r}: IR file {str(ir_file)!r} is missing", Exit.NOT_FOUND)
+    if not params_file.is_file():  # without weights every pass "reproduces" a failure on an IR with no tensors
+        fail(f"reproducer {str(directory)!r}: weights file {str(params_file)!r} ('params' in {MANIFEST}) is missing",
+             Exit.NOT_FOUND)
     from lowbit.cli.common import artifact_errors
 
     with artifact_errors(ir_file):
-        graph = read_graph(ir_file, params_file if params_file.is_file() else None)
+        graph = read_graph(ir_file, params_file)
     passes = _replay_passes(directory, manifest["replay_pipeline"])
     versions = manifest.get("versions", {})
     console.print(f"replaying {manifest['replay_pipeline']!r} on {ir_file} "
