@@ -339,9 +339,9 @@ def test_checkpoint_with_its_own_tokenizer_class_is_refused_without_running_it(t
     """tokenizer_config.json's auto_map in a compressed-tensors directory: `echo y | lowbit inspect DIR` and
     lowbit.load ran evil.py after transformers' trust_remote_code prompt."""
     pytest.importorskip("compressed_tensors")
-    import lowbit
     from conftest import tiny_llama
 
+    import lowbit
     from lowbit.errors import RemoteCodeError
 
     d, marker = tmp_path / "ck", tmp_path / "PWNED"
