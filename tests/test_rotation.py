@@ -795,3 +795,17 @@ def test_rotate_after_slice_residual_is_exact_and_prune_passes_must_come_before_
                                                 rf"later \(#2\): move {name} before rotate"):
             PassManager(f"fold-norms,rotate,{prune}")
         PassManager(f"{prune},fold-norms,rotate")
+
+
+def test_hadamard_constants_cached_under_inference_mode_still_train():
+    """The online Hadamard's matrix is cached per size: made first under torch.inference_mode (a perplexity or
+    debug compare of a rotated model), it was an inference tensor, and a learned rotation in the same process then
+    failed with 'Inference tensors cannot be saved for backward'."""
+    from lowbit.ir import ops
+
+    ops._hadamard_const.cache_clear()
+    with torch.inference_mode():
+        ops.hadamard(torch.randn(2, 64))
+    x = torch.randn(2, 64, requires_grad=True)
+    ops.hadamard(x * 2).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -366,19 +366,21 @@ def _step_batches(graph: Graph, step: dict[str, Any], ids: torch.Tensor,
     return out
 
 
-def _check_static_dims(graph: Graph, batch: Sequence[Any]) -> None:
-    """A graph captured from explicit example inputs has their sizes baked in: a calibration batch of another
-    shape failed deep inside (an expand or attention node: 'the expanded size (2) must match (4)')."""
+def _static_misfit(graph: Graph, batch: Sequence[Any]) -> str | None:
+    """Why ``batch`` may not fit a graph captured from explicit example inputs (their sizes baked in), said when
+    calibration fails: the failure itself is deep inside ('the expanded size (2) must match (4)'). Not an error on
+    its own: many graphs run at other sizes than the ones they were captured with."""
     for v, t in zip(graph.inputs, batch):
         if not isinstance(t, torch.Tensor) or v.tensor_type is None:
             continue
         shape = v.tensor_type.shape
         if len(shape) == t.dim() and all(not isinstance(d, int) or d == n for d, n in zip(shape, t.shape)):
             continue
-        raise CalibrationError(
-            f"calibration input %{v.name} is {list(t.shape)}, but the graph takes {list(shape)}: a graph captured "
-            "from explicit example inputs has their sizes fixed; capture without them (compile_model(model) makes "
-            "batch and length dynamic) or calibrate with batches of that shape (calib_n, calib_len)")
+        return (f"calibration input %{v.name} is {list(t.shape)}, but the graph takes {list(shape)}: a graph "
+                "captured from explicit example inputs has their sizes fixed; capture without them "
+                "(compile_model(model) makes batch and length dynamic) or calibrate with batches of that shape "
+                "(calib_n, calib_len)")
+    return None
 
 
 def run(
@@ -405,7 +407,19 @@ def run(
     for b in batches:
         if len(b) != len(graph.inputs):
             raise CalibrationError(f"a batch has {len(b)} tensors but the graph takes {len(graph.inputs)} inputs")
-        _check_static_dims(graph, b)
+    misfit = next((m for b in batches if (m := _static_misfit(graph, b))), None)
+    try:
+        return _run(graph, batches, on_node=on_node, on_block=on_block, run_suffix=run_suffix, pattern=pattern,
+                    progress=progress, dev=dev)
+    except CalibrationError as exc:
+        if misfit is None:
+            raise
+        raise CalibrationError(f"{exc}; {misfit}") from exc
+
+
+def _run(graph: Graph, batches: Sequence[Sequence[torch.Tensor]], *, on_node: NodeHook | None,
+         on_block: BlockHook | None, run_suffix: bool, pattern: str, progress: bool,
+         dev: torch.device | None) -> CalibrationReport:
     t0 = time.perf_counter()
     stages = split_stages(graph, pattern)
     store: list[dict[Value, Any]] = [

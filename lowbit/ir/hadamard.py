@@ -271,10 +271,11 @@ def _constructible(m: int) -> bool:
 
 @functools.lru_cache(maxsize=32)
 def _hadamard_int(n: int) -> torch.Tensor:
-    m, p2 = hadamard_order_split(n)
-    hm = sylvester(m) if m & (m - 1) == 0 else _base(m)
-    assert hm is not None
-    return torch.kron(hm, sylvester(p2)) if p2 > 1 else hm
+    with torch.inference_mode(False):  # cached: never an inference tensor (see lowbit.ir.ops._hadamard_const)
+        m, p2 = hadamard_order_split(n)
+        hm = sylvester(m) if m & (m - 1) == 0 else _base(m)
+        assert hm is not None
+        return torch.kron(hm, sylvester(p2)) if p2 > 1 else hm
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

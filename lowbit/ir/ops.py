@@ -151,7 +151,10 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def _hadamard_const(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     from lowbit.ir.hadamard import hadamard as orthogonal_hadamard
 
-    return orthogonal_hadamard(n, torch.float64).to(device=device, dtype=dtype)
+    # made outside inference mode whatever the caller's: a matrix first cached under torch.inference_mode (a
+    # perplexity or debug compare of a rotated model) cannot be saved for backward by a learned rotation later
+    with torch.inference_mode(False):
+        return orthogonal_hadamard(n, torch.float64).to(device=device, dtype=dtype)
 
 
 @register_op("hadamard")
