@@ -42,7 +42,7 @@ class GenerationSpec:
     def __post_init__(self) -> None:
         for name in ("max_length", "max_batch"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            if not _is_int(value):
                 raise GenerationError(f"GenerationSpec.{name}={value!r}: must be an integer")
             object.__setattr__(self, name, int(value))
         if self.max_length < 2:
@@ -93,6 +93,20 @@ class GenerationOutput:
 
     def sequences(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         return [list(p) + t for p, t in zip(prompts, self.tokens)]
+
+
+def _is_int(x: Any) -> bool:
+    """An integer (Python or numpy), not a bool: what sizes, counts and token ids must be."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def sampling_only(*, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  seed: int | None = None) -> list[tuple[str, Any]]:
+    """The sampling options given (name, value) that greedy decoding would ignore: refused without sampling, by
+    ``check_request`` and, before the model loads, by ``lowbit generate``."""
+    return [(name, value) for name, value, given in (
+        ("temperature", temperature, temperature != 1.0), ("top_k", top_k, top_k is not None),
+        ("top_p", top_p, top_p is not None), ("seed", seed, seed is not None)) if given]
 
 
 def _integral(t: Any) -> int:
@@ -236,10 +250,11 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens: int, *, do_sample: bool = False,
-                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  seed: int | None = None) -> None:
     """Refuse a request the step graph of ``spec`` cannot serve, naming the limit. Separate from ``Generator`` so
     ``lowbit generate`` checks its flags before the compile (a bad -n or --top-k failed only after it)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+    if not _is_int(max_new_tokens):
         raise GenerationError(f"max_new_tokens={max_new_tokens!r}: must be an integer")
     if max_new_tokens <= 0:
         raise GenerationError(f"max_new_tokens={max_new_tokens}: must be at least 1")
@@ -257,13 +272,11 @@ def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens
                 f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} = {len(p) + max_new_tokens}"
                 f" > the cache's max_length={spec.max_length}: compile with generation=GenerationSpec("
                 f"max_length={len(p) + max_new_tokens}) (CLI: --max-length), or ask for fewer tokens")
-    ignored = [f"{name}={value}" for name, value, given in (
-        ("temperature", temperature, temperature != 1.0), ("top_k", top_k, top_k is not None),
-        ("top_p", top_p, top_p is not None)) if given]
+    ignored = sampling_only(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if ignored and not do_sample:  # as the CLI refuses --temperature without --sample: greedy would ignore them
-        raise GenerationError(f"{', '.join(ignored)} only {'applies' if len(ignored) == 1 else 'apply'} when "
-                              "sampling: pass do_sample=True (without it "
-                              "decoding is greedy)")
+        raise GenerationError(f"{', '.join(f'{n}={v}' for n, v in ignored)} only "
+                              f"{'applies' if len(ignored) == 1 else 'apply'} when sampling: pass do_sample=True "
+                              "(without it decoding is greedy)")
     if do_sample and not (math.isfinite(temperature) and temperature > 0):
         raise GenerationError(f"temperature={temperature}: must be a finite number > 0 when sampling (use "
                               "do_sample=False for greedy)")
@@ -276,9 +289,7 @@ def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens
 def _stop_ids(stop_tokens: Any) -> set[int]:
     """Stop tokens as ints from an int, a sequence, a numpy array or scalar, or a tensor: a tensor's elements
     hash by identity, so ``set(tensor)`` never matched a token and generation ran past every stop."""
-    if isinstance(stop_tokens, torch.Tensor):
-        stop_tokens = stop_tokens.reshape(-1).tolist()
-    elif isinstance(stop_tokens, np.ndarray):
+    if isinstance(stop_tokens, (torch.Tensor, np.ndarray)):
         stop_tokens = stop_tokens.reshape(-1).tolist()
     elif isinstance(stop_tokens, (int, np.integer)):
         stop_tokens = [stop_tokens]
@@ -287,7 +298,7 @@ def _stop_ids(stop_tokens: Any) -> set[int]:
     except TypeError:
         raise GenerationError(f"stop_tokens={stop_tokens!r}: expected token ids (an int or a sequence of ints)") \
             from None
-    bad = [t for t in items if isinstance(t, bool) or not isinstance(t, (int, np.integer))]
+    bad = [t for t in items if not _is_int(t)]
     if bad:
         raise GenerationError(f"stop_tokens: {bad[0]!r} is not a token id (an integer)")
     return {int(t) for t in items}
@@ -360,13 +371,10 @@ class Generator:
         """
         prompts = _prompts(input_ids, attention_mask, self.tokenizer)
         check_request(self.spec, prompts, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                      top_p=top_p)
+                      top_p=top_p, seed=seed)
         if stop_tokens is None:  # the model's end-of-sequence tokens, as transformers' generate stops on
             stop_tokens = self.meta.get("eos_token_ids", ())
         stops = _stop_ids(stop_tokens)
-        if seed is not None and not do_sample:
-            raise GenerationError(f"seed={seed} only applies when sampling: pass do_sample=True (without it "
-                                  "decoding is greedy)")
         gen = None
         if do_sample:
             gen = torch.Generator(device=self.device)

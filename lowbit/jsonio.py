@@ -8,16 +8,17 @@ import json
 import math
 from typing import Any
 
-__all__ = ["dumps"]
+__all__ = ["dumps", "finite"]
 
 
-def _finite(x: Any) -> Any:
+def finite(x: Any) -> Any:
+    """``x`` with every non-finite float (nested in dicts, lists, tuples) replaced by None."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: finite(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [finite(v) for v in x]
     return x
 
 
@@ -26,4 +27,4 @@ def dumps(obj: Any, **kwargs: Any) -> str:
     default = kwargs.pop("default", None)
     if default is not None:  # run the conversions first, so what they return is sanitised too
         obj = json.loads(json.dumps(obj, default=default))
-    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)

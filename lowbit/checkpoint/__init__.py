@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lowbit.checkpoint.files import CheckpointError, atomic_checkpoint_dir, verify_manifest, write_manifest
+from lowbit.checkpoint.files import CheckpointError, atomic_checkpoint_dir, checked, verify_manifest, write_manifest
 from lowbit.remote_code import from_pretrained
 
 __all__ = ["save", "load", "FORMATS", "CheckpointError", "write_checkpoint_files"]
@@ -190,25 +190,13 @@ class PrunedMeta(BaseModel):
     hidden_size: int | None = Field(default=None, ge=1)
 
 
-def _checked(model: type[BaseModel], raw: Any, message: Callable[[str, str], str]) -> Any:
-    """``raw`` as ``model``, or a ``CheckpointError`` with ``message(field, why)`` of the first bad field (save and
-    load name it where each found it)."""
-    import pydantic
-
-    try:
-        return model.model_validate(raw)
-    except pydantic.ValidationError as exc:
-        err = exc.errors()[0]
-        raise CheckpointError(message(".".join(str(x) for x in err["loc"]), err["msg"])) from None
-
-
 def _validated_generation(raw: Any, message: Callable[[str, str], str]) -> GenerationMeta:
-    return _checked(GenerationMeta, raw, message)
+    return checked(GenerationMeta, raw, message)
 
 
 def _validated(model: type[BaseModel], raw: Any, where: str) -> dict[str, Any]:
     """``raw`` checked against ``model`` (a dict of its set fields), or a ``CheckpointError`` naming ``where``."""
-    return _checked(model, raw, lambda field, msg: f"{where}{'.' + field if field else ''}: {msg}"
+    return checked(model, raw, lambda field, msg: f"{where}{'.' + field if field else ''}: {msg}"
                     ).model_dump(exclude_none=True)
 
 

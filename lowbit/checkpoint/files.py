@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -176,15 +176,20 @@ class Manifest(BaseModel):
     lowbit: LowbitInfo | None = None
 
 
+def checked(model: type[BaseModel], raw: Any, message: Callable[[str, str], str]) -> Any:
+    """``raw`` as ``model``, or a ``CheckpointError`` with ``message(field, why)`` of the first bad field (each
+    reader names it where it found it: the manifest, a config, a metadata entry)."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise CheckpointError(message(".".join(str(x) for x in err["loc"]), err["msg"])) from None
+
+
 def _checked_manifest(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` (the manifest at ``path``) when its structure is a manifest's; else a CheckpointError naming the
     file and the first bad key."""
-    try:
-        Manifest.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(x) for x in err["loc"])
-        raise CheckpointError(f"{path}: key {key!r}: {err['msg']}") from None
+    checked(Manifest, raw, lambda key, msg: f"{path}: key {key!r}: {msg}")
     return raw
 
 

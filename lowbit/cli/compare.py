@@ -8,7 +8,6 @@ error comes from.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,9 +48,9 @@ class CompareResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data: JSON has no infinity, so an identical layer's SQNR (inf dB) is null."""
-        return json.loads(jsonio.dumps({"model": self.model, "pipeline": self.pipeline, "inputs": self.inputs,
-                                        "metric": self.metric, "seconds": round(self.seconds, 3),
-                                        "stages": [asdict(s) for s in self.stages]}))
+        return jsonio.finite({"model": self.model, "pipeline": self.pipeline, "inputs": self.inputs,
+                              "metric": self.metric, "seconds": round(self.seconds, 3),
+                              "stages": [asdict(s) for s in self.stages]})
 
 
 class LayerCompare(Instrument):

@@ -36,7 +36,6 @@ from lowbit.cli.common import (
     recipes_module,
 )
 from lowbit.cli.pipeline import run_pipeline
-from lowbit.remote_code import from_pretrained
 
 app = typer.Typer(
     name="lowbit",
@@ -460,13 +459,13 @@ def generate_cmd(
 
     from lowbit.api import compile_model
     from lowbit.errors import DeviceError, LowbitError, check_device
-    from lowbit.generate import GenerationError, GenerationSpec, check_request
     from lowbit.backends.registry import BackendError
+    from lowbit.generate import GenerationError, GenerationSpec, check_request, sampling_only
     from lowbit.passes.manager import PipelineError
 
     text = pipeline_text(pipeline, recipe) if pipeline or recipe else ""
-    ignored = [flag for flag, given in (("--temperature", temperature != 1.0), ("--top-k", top_k is not None),
-                                        ("--top-p", top_p is not None), ("--seed", seed is not None)) if given]
+    ignored = ["--" + name.replace("_", "-")
+               for name, _ in sampling_only(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)]
     if ignored and not sample:
         fail(f"{', '.join(ignored)} only apply when sampling: add --sample (without it decoding is greedy)",
              Exit.USAGE)
@@ -502,11 +501,13 @@ def generate_cmd(
     elif ckpt is not None:  # compressed-tensors / GPTQ: already compiled, loaded as the generation step
         if text:
             fail(f"model {model!r} is a quantized checkpoint (already compiled): drop --pipeline/--recipe", Exit.USAGE)
-        from transformers import AutoTokenizer
-
         from lowbit.checkpoint import load as load_checkpoint
+        from lowbit.checkpoint.files import read_tokenizer
 
-        tok = from_pretrained(AutoTokenizer, str(ckpt))
+        try:
+            tok = read_tokenizer(ckpt)
+        except LowbitError as exc:  # an unloadable or code-shipping tokenizer: named, exit 3
+            fail(str(exc), Exit.NOT_FOUND)
         build = lambda spec: load_checkpoint(ckpt, device=device, generation=spec, backend=backend)  # noqa: E731
         text = "loaded from the checkpoint"
     else:
