@@ -685,8 +685,9 @@ def test_rotate_in_generation_mode_rotates_cached_keys_and_values_and_keeps_the_
 
 def test_rotate_without_residual_on_a_layernorm_model_is_exact_in_float64():
     """residual=false asks for no rotation of the stream, so a LayerNorm (which only that rotation cannot pass)
-    does not refuse the rest: per-head V/O and the online down_proj Hadamards apply, exactly. StableLM's partial
-    rotary concatenates the rotated and the passed channels, so q/k get no Hadamard, and the stats say why."""
+    does not refuse the rest: per-head V/O, the online down_proj Hadamards and the q/k Hadamards apply, exactly.
+    StableLM's partial rotary concatenates the rotated and the passed channels: the Hadamard goes after that
+    concatenation (the whole head vector), on the query and the key alike."""
     from transformers import StableLmConfig, StableLmForCausalLM
 
     from lowbit.ir.capture import capture
@@ -703,10 +704,41 @@ def test_rotate_without_residual_on_a_layernorm_model_is_exact_in_float64():
     ids = torch.randint(0, 97, (1, 9))
     ref = TorchCompiled(g)(ids)
     stats = PassManager("rotate(residual=false)").run(g).records[-1].stats
-    assert stats["residual_dim"] is None and stats["head_regions"] == 2 and stats["online_hadamards"] == 2
-    assert any(r.startswith("q/k after rotary: the query and key of %attention") for r in stats["refused"])
+    assert stats["residual_dim"] is None and stats["head_regions"] == 2 and stats["online_hadamards"] == 2 + 4
+    assert not any(r.startswith("q/k after rotary") for r in stats["refused"]), stats["refused"]
+    cats = [n for n in g.nodes if n.op == "hadamard" and n.args[0].producer.op == "aten.cat.default"]
+    assert len(cats) == 4 and {n.output.tensor_type.shape[-1] for n in cats} == {16}
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+
+
+def test_partial_rotary_step_graph_rotates_the_cached_keys_after_the_concatenation():
+    """In generation mode a partial rotary's key is concatenated, then written to the cache: the Hadamard goes
+    between the two (the cache holds rotated keys) and on the query alike, so prefill and decode logits are the
+    unrotated model's (float32 rounding) and a 4-bit cache quantizes the rotated keys."""
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    from lowbit import GenerationSpec, compile_model
+
+    cfg = StableLmConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=97, num_hidden_layers=2, max_position_embeddings=64)
+
+    def model():  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        return StableLmForCausalLM(cfg).eval()
+
+    spec = GenerationSpec(max_length=32, max_batch=1, logits="all")
+    ref = compile_model(model(), pipeline="dce", generation=spec)
+    rot = compile_model(model(), pipeline="rotate(residual=false)", generation=spec)
+    stats = rot.report.pipeline.records[-1].stats
+    assert stats["online_hadamards"] == 2 + 4, stats
+    assert not any(r.startswith("q/k after rotary") for r in stats["refused"]), stats["refused"]
+    ids = torch.tensor([[5, 7, 9, 11, 3, 2, 40]])
+    want, fed = _prefill_and_decode(ref, ids, 4)
+    got, _ = _prefill_and_decode(rot, ids, 4, fed)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert _rel_err(a, b) <= 1e-4, (i, _rel_err(a, b))
+    assert rot.generate([ids[0].tolist()], 6).tokens == ref.generate([ids[0].tolist()], 6).tokens
 
 
 def test_rotate_refuses_options_its_kind_does_not_read():

@@ -329,9 +329,21 @@ def _rotary_sources(att: Node, users: dict[int, list[Node]]) -> list[Node]:
                 v = new
             else:
                 break
-        if v.producer is not None and v.producer.op == "rotary":
+        if v.producer is not None and (v.producer.op == "rotary" or _partial_rotary(v.producer)):
             out.append(v.producer)
     return out
+
+
+def _partial_rotary(node: Node) -> bool:
+    """A partial rotary's ``cat([rotary(x[..., :r]), x[..., r:]], -1)`` (StableLM, GPT-NeoX, Phi): the whole head
+    vector after its rotary, where a Hadamard on both query and key leaves q·kᵀ exact as after a full rotary."""
+    if node.op not in ("aten.cat.default", "cat") or not node.args or not isinstance(node.args[0], (list, tuple)):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    shape = node.output.tensor_type.shape
+    if not isinstance(dim, int) or not shape or dim % len(shape) != len(shape) - 1:
+        return False
+    return any(isinstance(p, Value) and p.producer is not None and p.producer.op == "rotary" for p in node.args[0])
 
 
 def find_rotation_regions(graph: Graph) -> RotationRegions:
@@ -352,8 +364,8 @@ def find_rotation_regions(graph: Graph) -> RotationRegions:
         if len(rotaries) != 2:  # q·H with k unrotated (or the reverse) would change q·kᵀ: both or neither
             if any(n.op == "rotary" for n in graph.nodes):
                 refused.append(f"q/k after rotary: the query and key of {_where(att)} do not both come from a "
-                               "rotary through views and a cache write (a partial rotary's concatenation is not "
-                               "passed), so neither gets the online Hadamard")
+                               "rotary (or a partial rotary's concatenation) through views and a cache write, so "
+                               "neither gets the online Hadamard")
             continue
         for rot in rotaries:
             if all(s.node is not rot for s in online):
