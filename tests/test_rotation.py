@@ -660,6 +660,15 @@ def _prefill_and_decode(cm, ids: torch.Tensor, steps: int, tokens: list[int] | N
     return logits, fed
 
 
+def _assert_same_steps(rot, ref, ids: torch.Tensor) -> None:  # type: ignore[no-untyped-def]
+    """Prefill and 4 decode steps of ``rot`` give ``ref``'s logits (float32 rounding), and 6 greedy tokens match."""
+    want, fed = _prefill_and_decode(ref, ids, 4)
+    got, _ = _prefill_and_decode(rot, ids, 4, fed)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert _rel_err(a, b) <= 1e-4, (i, _rel_err(a, b))
+    assert rot.generate([ids[0].tolist()], 6).tokens == ref.generate([ids[0].tolist()], 6).tokens
+
+
 def test_rotate_in_generation_mode_rotates_cached_keys_and_values_and_keeps_the_model():
     """Step graphs write the new keys and values into the cache before attention reads them: q and k both get the
     online Hadamard (k before it is cached) and v/o their per-head rotation, so prefill and decode logits are
@@ -672,11 +681,7 @@ def test_rotate_in_generation_mode_rotates_cached_keys_and_values_and_keeps_the_
     stats = rot.report.pipeline.records[-1].stats
     assert stats["head_regions"] == 2 and stats["online_hadamards"] == 2 + 4 and stats["refused"] == []
     ids = torch.tensor([[5, 7, 9, 11, 3, 2, 40]])
-    want, fed = _prefill_and_decode(ref, ids, 4)
-    got, _ = _prefill_and_decode(rot, ids, 4, fed)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert _rel_err(a, b) <= 1e-4, (i, _rel_err(a, b))
-    assert rot.generate([ids[0].tolist()], 6).tokens == ref.generate([ids[0].tolist()], 6).tokens
+    _assert_same_steps(rot, ref, ids)
     # the packed int4 cache quantizes the rotated keys/values (blocks of 8 tokens past a window of 8)
     kv4 = compile_model(_gained_tiny_llama(), generation=spec,
                         pipeline="fold-norms,rotate,kv-cache(bits=4,v_group=16,window=8,k_block=8)")
@@ -734,11 +739,7 @@ def test_partial_rotary_step_graph_rotates_the_cached_keys_after_the_concatenati
     assert stats["online_hadamards"] == 2 + 4, stats
     assert not any(r.startswith("q/k after rotary") for r in stats["refused"]), stats["refused"]
     ids = torch.tensor([[5, 7, 9, 11, 3, 2, 40]])
-    want, fed = _prefill_and_decode(ref, ids, 4)
-    got, _ = _prefill_and_decode(rot, ids, 4, fed)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert _rel_err(a, b) <= 1e-4, (i, _rel_err(a, b))
-    assert rot.generate([ids[0].tolist()], 6).tokens == ref.generate([ids[0].tolist()], 6).tokens
+    _assert_same_steps(rot, ref, ids)
 
 
 def test_rotate_refuses_options_its_kind_does_not_read():
