@@ -155,7 +155,7 @@ def test_verifier_and_quantize_probe_refuse_code_in_api_built_dims(tmp_path):
 
 def _reproducer(tmp_path: Path, ir_text: str = SAFE, **manifest: str) -> Path:
     d = tmp_path / "repro"
-    d.mkdir()
+    d.mkdir(parents=True)
     (d / "before.lowbit").write_text(ir_text)
     from safetensors.torch import save_file
 
@@ -357,3 +357,25 @@ def test_checkpoint_with_its_own_tokenizer_class_is_refused_without_running_it(t
     res = CliRunner().invoke(app, ["inspect", str(d)], input="y\n")
     assert res.exit_code == 3 and "never runs a checkpoint's code" in res.output, res.output
     assert not marker.exists()
+
+
+def test_reproducer_carries_the_calibration_file_it_replays_with(tmp_path, monkeypatch):
+    """A pipeline with ``calib=PATH`` wrote a reproducer whose replay refused that path (exit 3): the reproducer
+    now holds a copy under files/ and replays from any directory; a path out of files/ is still refused."""
+    from lowbit.cli.reproducer import write_reproducer
+    from lowbit.passes.manager import parse_pipeline
+
+    calib = tmp_path / "my text.txt"
+    calib.write_text("some calibration text\n" * 50)
+    passes = parse_pipeline(f"dce,gptq(w=int4,group=16,calib={calib},calib_n=2,calib_len=8,progress=false)")
+    d = tmp_path / "repro"
+    write_reproducer(d, parse_graph(SAFE, WEIGHTS), passes, 1, "error", "tiny")
+    replay_pipeline = json.loads((d / "reproducer.json").read_text())["replay_pipeline"]
+    assert str(calib) not in replay_pipeline and "calib=files/" in replay_pipeline
+    calib.unlink()  # replay reads the copy
+    monkeypatch.chdir(tmp_path.parent)
+    out = invoke("replay", d, code=4).output
+    assert "reproduced" in out and "does not divide the input size 8" in out
+    escape = replay_pipeline.replace("calib=files/", "calib=files/../../")
+    out = invoke("replay", _reproducer(tmp_path / "b", replay_pipeline=escape), code=3).output
+    assert "option calib=" in out and "only reads its own files" in out

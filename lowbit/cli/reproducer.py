@@ -46,9 +46,43 @@ def _example_inputs(graph: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+FILES = "files"
+"""The reproducer's copies of the files its passes read (``calib=``, ``config=``, ``tokenizer=``)."""
+
+
+def _copy_input_files(tmp: Path, passes: list[Any], first: int) -> list[Any]:
+    """``passes`` with every file option pointing at a copy under ``tmp/files`` (a relative path): replay reads
+    only the reproducer's own files, so ``calib=/home/me/text.txt`` is carried along instead of refused."""
+    import copy
+    import re
+    import shutil
+
+    out = []
+    for i, p in enumerate(passes, start=first):
+        files = p.options.input_files()
+        if not files:
+            out.append(p)
+            continue
+        update = {}
+        for option, path in files:
+            src = Path(path).expanduser()
+            rel = f"{FILES}/{i}-{option}-{re.sub(r'[^A-Za-z0-9_.-]', '_', src.name) or option}"
+            (tmp / FILES).mkdir(exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, tmp / rel)
+            else:
+                shutil.copyfile(src, tmp / rel)
+            update[option] = rel
+        q = copy.copy(p)
+        q.options = p.options.model_copy(update=update)  # no validation: it would read the relative path here
+        out.append(q)
+    return out
+
+
 def write_reproducer(directory: Path, graph_before: Any, passes: list[Any], start: int, error: str,
                      model_spec: str) -> None:
-    """Write the reproducer for a failure of ``passes[start]`` on ``graph_before`` (atomically)."""
+    """Write the reproducer for a failure of ``passes[start]`` on ``graph_before`` (atomically), with copies of
+    the files the remaining passes read."""
     from lowbit.cli.artifacts import save_graph
     from lowbit.passes.manager import format_pipeline
 
@@ -58,7 +92,7 @@ def write_reproducer(directory: Path, graph_before: Any, passes: list[Any], star
             torch.save(_example_inputs(graph_before), tmp / "inputs.pt")
         except Exception:  # an input type the sampler cannot build: the reproducer still replays the passes
             pass
-        rest = format_pipeline(passes[start:])
+        rest = format_pipeline(_copy_input_files(tmp, passes[start:], start))
         (tmp / "pipeline.txt").write_text(rest + "\n")
         (tmp / "error.txt").write_text(error + "\n")
         manifest = {"model": model_spec, "full_pipeline": format_pipeline(passes), "failing_index": start,
@@ -114,15 +148,24 @@ def load_manifest(directory: Path) -> dict[str, Any]:
 
 
 def _replay_passes(directory: Path, text: str) -> list[Any]:
-    """The reproducer's ``replay_pipeline``, parsed without reading any file it names: a reproducer reads only its
-    own files, and ``quantize(config=/path/secret.json)`` read (and echoed) that file while its options were built.
-    A file option exits 3 naming it; a bad pass or option exits 2."""
+    """The reproducer's ``replay_pipeline``, parsed without reading any file outside the directory: a reproducer
+    reads only its own files (``files/...``, copied when it was written), and ``quantize(config=/path/secret.json)``
+    read (and echoed) that file while its options were built. A file option elsewhere exits 3 naming it; a bad
+    pass or option exits 2."""
     from lowbit.errors import UntrustedInputError
     from lowbit.passes.base import PassError
     from lowbit.passes.manager import parse_pipeline
 
+    def own_file(name: str, option: str, path: str) -> str:
+        where = f"pass {name}: option {option}={path!r}"
+        if not isinstance(path, str) or Path(path).is_absolute() or ".." in Path(path).parts:
+            raise UntrustedInputError(f"{where} names a path outside the reproducer; a pipeline read from an "
+                                      "artefact may only use lowbit's shipped data (wikitext2-valid, smollm2, ...) "
+                                      f"or the reproducer's own {FILES}/")
+        return str(confined(directory, path, f"pass {name} option {option}"))
+
     try:
-        return parse_pipeline(text, read_files=False)
+        return parse_pipeline(text, read_files=False, own_file=own_file)
     except UntrustedInputError as exc:
         fail(f"reproducer {str(directory)!r}: replay_pipeline {exc}; a reproducer only reads its own files",
              Exit.NOT_FOUND)

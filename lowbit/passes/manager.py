@@ -14,7 +14,7 @@ import re
 import sys
 import time
 import tracemalloc
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
@@ -64,12 +64,15 @@ def _parse_value(raw: str) -> Any:
     return raw
 
 
-def parse_pipeline(text: str, *, read_files: bool = True) -> list[Pass]:
+def parse_pipeline(text: str, *, read_files: bool = True,
+                   own_file: Callable[[str, str, str], str] | None = None) -> list[Pass]:
     """``"a,b(x=1,y=\\"s\\")"`` → ``[A(), B(x=1, y="s")]``; errors name the pass and the option.
 
     ``read_files=False`` (a pipeline from a stranger's file: a reproducer's ``replay_pipeline``) refuses every option
     that names a file (each pass's ``input_files``: ``config=``, ``calib=``, ``tokenizer=``) with an
-    UntrustedInputError before any file is read: building ``quantize(config=PATH)`` already reads PATH."""
+    UntrustedInputError before any file is read: building ``quantize(config=PATH)`` already reads PATH. With
+    ``own_file(pass, option, path)`` it instead maps each such path to the file the artefact may read (a
+    reproducer's own copy of its calibration text) or raises UntrustedInputError."""
     if not text or not text.strip():
         raise PassError("empty pipeline: give pass names separated by commas, e.g. 'fold-norms,dce'")
     passes = []
@@ -98,19 +101,24 @@ def parse_pipeline(text: str, *, read_files: bool = True) -> list[Pass]:
                                     "once (the last would silently win)")
                 options[key] = _parse_value(value)
         if not read_files:
-            _refuse_file_options(name, cls, options)
+            _refuse_file_options(name, cls, options, own_file)
         passes.append(build_pass(cls, options))
     check_order(passes)
     check_input_files(passes)
     return passes
 
 
-def _refuse_file_options(name: str, cls: type[Pass], options: dict[str, Any]) -> None:
-    """UntrustedInputError naming the first option of ``options`` that is a file path. The options are read
+def _refuse_file_options(name: str, cls: type[Pass], options: dict[str, Any],
+                         own_file: Callable[[str, str, str], str] | None = None) -> None:
+    """UntrustedInputError naming the first option of ``options`` that is a file path, unless ``own_file`` maps it
+    to a file the artefact may read (``options`` is then rewritten to that path). The options are read
     unvalidated (``model_construct``): validating them would read the file."""
     from lowbit.errors import UntrustedInputError
 
     for option, path in cls.Options.model_construct(**options).input_files():
+        if own_file is not None:
+            options[option] = own_file(name, option, path)
+            continue
         raise UntrustedInputError(f"pass {name}: option {option}={path!r} names a path; a pipeline read from an "
                                   "artefact may only use lowbit's shipped data (wikitext2-valid, smollm2, ...)")
 
