@@ -379,3 +379,37 @@ def test_reproducer_carries_the_calibration_file_it_replays_with(tmp_path, monke
     escape = replay_pipeline.replace("calib=files/", "calib=files/../../")
     out = invoke("replay", _reproducer(tmp_path / "b", replay_pipeline=escape), code=3).output
     assert "option calib=" in out and "only reads its own files" in out
+
+
+DEVICE_IR = """\
+graph tiny(%x: f32[2,8]) {
+  %z: f32[2,8] = aten.zeros.default([2, 8], dtype=f32, device=device("cpu"), pin_memory=False)
+  %y: f32[2,8] = aten.add.Tensor(%x, %z)
+  return %y
+}
+"""
+
+
+@pytest.mark.parametrize("old, new, needle", [
+    ('device("cpu")', 'device("meta")', "device 'meta'"),  # ran, then torch's bare 'Tensor on device meta'
+    ("(%x, %z)", "(%x, %z, out=%x)", "keyword out= writes into an operand"),
+    ("pin_memory=False", "pin_memory=False, dtype=f16", "keyword dtype= is given twice"),  # the last silently won
+])
+def test_parser_refuses_meta_devices_out_keywords_and_repeated_keywords(old, new, needle):
+    from lowbit.backends.torch_backend import TorchCompiled
+
+    assert TorchCompiled(parse_graph(DEVICE_IR))(torch.ones(2, 8)).sum() == 16
+    with pytest.raises(IRParseError, match=needle) as err:
+        parse_graph(DEVICE_IR.replace(old, new))
+    assert "line 2" in str(err.value) or "line 3" in str(err.value)
+
+
+def test_verifier_refuses_meta_devices_and_out_keywords_built_through_the_api():
+    g = parse_graph(DEVICE_IR)
+    zeros, add = g.nodes
+    zeros.kwargs["device"] = torch.device("meta")
+    add.kwargs["out"] = g.inputs[0]
+    with pytest.raises(VerificationError) as err:
+        verify(g)
+    assert f"%{zeros.name} = aten.zeros.default" in str(err.value) and "device 'meta'" in str(err.value)
+    assert f"%{add.name} = aten.add.Tensor" in str(err.value) and "keyword out=" in str(err.value)

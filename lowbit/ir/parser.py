@@ -19,6 +19,7 @@ from lowbit.ir.graph import DTYPES_BY_NAME, Graph, Node, SymType, Symbol, Tensor
 from lowbit.ir.ops import check_op
 from lowbit.ir.printer import ENUM_LITERALS
 from lowbit.ir.symexpr import DimParseError, parse_dim, parse_sym_value
+from lowbit.ir.verifier import WRITES_OPERAND, device_problem
 
 ENUMS_BY_NAME = {v: k for k, v in ENUM_LITERALS.items()}
 
@@ -215,7 +216,11 @@ class Parser:
                 c.expect("(")
                 s = c.next()
                 c.expect(")")
-                return torch.device(json.loads(s.text))
+                dev = torch.device(json.loads(s.text))
+                problem = device_problem(dev)
+                if problem is not None:
+                    raise IRParseError(problem, c.line_no, c.line, s.col)
+                return dev
         raise IRParseError(f"expected an operand, found {t.text!r}", c.line_no, c.line, t.col)
 
     # ---- statements ---------------------------------------------------------------------------
@@ -361,6 +366,13 @@ class Parser:
             while True:
                 t, t2 = c.peek(), c.peek(1)
                 if t is not None and t.kind == "name" and t2 is not None and t2.text == "=":
+                    if t.text in WRITES_OPERAND:
+                        raise IRParseError(f"op {op.text}: keyword {t.text}= writes into an operand; lowbit IR is SSA "
+                                           "(every node makes new values), so no node takes it", c.line_no, c.line,
+                                           t.col)
+                    if t.text in kwargs:
+                        raise IRParseError(f"op {op.text}: keyword {t.text}= is given twice", c.line_no, c.line,
+                                           t.col)
                     c.next()
                     c.next()
                     kwargs[t.text] = self.parse_operand(c)

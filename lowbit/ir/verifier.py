@@ -26,6 +26,19 @@ from lowbit.ir.symexpr import DimParseError, eval_dim, parse_sym_value
 _META_UNSUPPORTED = re.compile(r"meta|data.dependent|item\(\)|nonzero", re.IGNORECASE)
 
 
+WRITES_OPERAND = frozenset({"out"})
+"""Keywords that make an op write into an operand instead of a new value: IR is SSA, so no node may take one (a
+file's ``out=@weight`` would overwrite a parameter when the graph runs)."""
+
+
+def device_problem(device: torch.device) -> str | None:
+    """Why a device operand cannot appear in IR (None when it can): graphs run on the CPU or a CUDA GPU, and a
+    ``device("meta")`` tensor made by one node failed in the next with torch's bare 'Tensor on device meta'."""
+    if device.type in ("cpu", "cuda"):
+        return None
+    return f"device {str(device)!r}: a device operand of lowbit IR is 'cpu' or 'cuda[:N]'"
+
+
 class VerificationError(LowbitError, ValueError):
     """The IR is malformed; the message names each offending node, op and module."""
 
@@ -84,6 +97,11 @@ def check_structure(graph: Graph, *, require_data: bool = True) -> list[str]:
             resolve(node.op)
         except KeyError:
             problems.append(f"{_where(node)}: unknown op {node.op!r}")
+        for key in WRITES_OPERAND & set(node.kwargs):
+            problems.append(f"{_where(node)}: keyword {key}= writes into an operand (IR is SSA)")
+        for x in pytree.tree_leaves((node.args, node.kwargs)):
+            if isinstance(x, torch.device) and device_problem(x) is not None:
+                problems.append(f"{_where(node)}: {device_problem(x)}")
     for v in graph.outputs:
         if id(v) not in defined:
             problems.append(f"graph output {v!r} is not defined")
