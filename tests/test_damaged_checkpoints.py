@@ -225,3 +225,16 @@ def test_a_tensor_missing_from_params_names_params_safetensors(saved, tmp_path):
     _edit_tensors(d / "params.safetensors", lambda t: t.pop("model.norm.weight"))
     _rehash(d)
     _refused(d, "params.safetensors", "@model.norm.weight", "model.lowbit", cli=False)
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    (lambda t: t.update(extra=torch.zeros(3)), "tensor 'extra' is not a parameter the IR declares"),
+    (lambda t: t[f"{DOWN}.weight.scale"].view(-1).__setitem__(5, float("nan")),
+     f"@{DOWN}.weight.scale (scale of %"),
+])
+def test_an_undeclared_tensor_or_a_nan_scale_in_params_is_refused(saved, tmp_path, edit, why):
+    """Both loaded: the extra tensor silently ignored, the NaN scale making every logit NaN."""
+    d = _copy(saved, "lowbit", tmp_path)
+    _edit_tensors(d / "params.safetensors", edit)
+    _rehash(d)
+    _refused(d, "params.safetensors", why, "model.lowbit")

@@ -258,7 +258,7 @@ def _parsed_and_verified(ir: Path, params: dict[str, Any]) -> Any:
     and a rehashed model.lowbit declaring f16 where f32 is computed, or a size no tensor has, loaded and ran. Every
     error names ``ir`` (or the params file), as the parser's line numbers alone did not."""
     from lowbit.ir.parser import IRParseError, parse_graph
-    from lowbit.ir.verifier import VerificationError, verify
+    from lowbit.ir.verifier import VerificationError, check_stored, verify
 
     try:
         text = ir.read_text(encoding="utf-8")
@@ -268,6 +268,10 @@ def _parsed_and_verified(ir: Path, params: dict[str, Any]) -> Any:
         graph = parse_graph(text, params)
     except IRParseError as exc:
         raise CheckpointError(f"{ir}: not valid lowbit IR: {exc}") from None
+    stored = check_stored(graph, params)
+    if stored:
+        raise CheckpointError(f"{ir.parent / PARAMS_FILE}: does not fit {ir.name}: " + "; ".join(stored[:5])
+                              + (f"; ... ({len(stored)} in all)" if len(stored) > 5 else ""))
     missing = sorted(n for n, v in graph.params.items() if v.data is None)
     if missing:
         raise CheckpointError(f"{ir.parent / PARAMS_FILE}: has no tensor for parameter @{missing[0]} declared in "

@@ -57,18 +57,25 @@ def load_params(path: Path) -> dict[str, torch.Tensor]:
 def read_graph(ir_path: Path, params_path: Path | None = None) -> Any:
     """Parse the IR text at ``ir_path`` with the weights of ``params_path`` (or types only when None).
 
-    Raises ``CorruptFileError`` (unreadable text or weights) or ``IRParseError`` (not lowbit IR, or an op or
-    dimension lowbit refuses to run from a file); nothing in the file runs before it has parsed.
+    Raises ``CorruptFileError`` (unreadable text or weights, a tensor the IR does not declare, a non-finite
+    scale) or ``IRParseError`` (not lowbit IR, or an op or dimension lowbit refuses to run from a file); nothing
+    in the file runs before it has parsed. The verifier is the caller's (``inspect`` shows its errors).
     """
     from lowbit.errors import CorruptFileError
     from lowbit.ir.parser import parse_graph
+    from lowbit.ir.verifier import check_stored
 
     try:
         text = Path(ir_path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise CorruptFileError(ir_path, f"is not UTF-8 text, so not lowbit IR ({exc})") from exc
     params = load_params(params_path) if params_path is not None else None
-    return parse_graph(text, params)
+    graph = parse_graph(text, params)
+    problems = check_stored(graph, params) if params is not None else []
+    if problems:
+        raise CorruptFileError(params_path, f"does not fit {str(ir_path)!r}: " + "; ".join(problems[:5])
+                               + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else ""))
+    return graph
 
 
 def load_graph(path: Path) -> tuple[Any, bool]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +212,42 @@ def _compare(node: Node, v: Value, got: Any, dims: _Dims) -> list[str]:
         if want_s is not None and not math.isclose(float(got), float(want_s)):
             return [f"{_where(node)}: %{v.name} is declared {t} (= {want_s}) but the op produces {got}"]
     return []
+
+
+def _operand_names(node: Node) -> dict[str, Any]:
+    """A semantic op's operands by parameter name (empty for ATen ops, or operands its signature does not take)."""
+    import inspect
+
+    from lowbit.ir.ops import OPS
+
+    if node.op not in OPS:
+        return {}
+    try:
+        return dict(inspect.signature(OPS[node.op].fn).bind(*node.args, **node.kwargs).arguments)
+    except TypeError:  # the operands do not fit: the verifier's type check names the node
+        return {}
+
+
+def check_stored(graph: Graph, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """What a graph read from files must meet beyond ``verify``: every tensor of the weights file is a parameter
+    the IR declares (an extra one means weights for another IR, or a renamed parameter whose tensor is then
+    missing), and every quantization scale or zero point a node reads from a parameter is finite (a NaN scale
+    loaded and made every output NaN). Problems name the tensor and the node."""
+    problems = [f"tensor {name!r} is not a parameter the IR declares (no node reads it)"
+                for name in sorted(set(tensors) - set(graph.params))]
+    seen: set[str] = set()
+    for node in graph.nodes:
+        for key, v in _operand_names(node).items():
+            if not (key.endswith("scale") or "zero" in key) or not isinstance(v, Value) or not v.is_param:
+                continue
+            data = v.data
+            if v.name in seen or data is None or not data.is_floating_point() or bool(torch.isfinite(data).all()):
+                continue
+            seen.add(v.name)
+            bad = data[~torch.isfinite(data)]
+            what = "NaN" if bool(torch.isnan(bad).any()) else "inf"
+            problems.append(f"parameter @{v.name} ({key} of {_where(node)}) holds {bad.numel()} {what} value(s)")
+    return problems
 
 
 def verify(graph: Graph, *, types: bool = True, require_data: bool = True) -> VerifyReport:
