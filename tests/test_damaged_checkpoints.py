@@ -183,14 +183,14 @@ def test_ir_declaring_a_wrong_dtype_is_refused_by_the_verifier(saved, tmp_path):
     d = _copy(saved, "lowbit", tmp_path)
     line = _first_line(d, "%embedding")
     _edit_ir(d, line, line.replace(": f32[", ": f16[", 1))
-    _refused(d, "model.lowbit", "does not verify", "%embedding", cli=False)  # inspect shows IR as it is
+    _refused(d, "model.lowbit", "does not verify", "%embedding")  # inspect shows the IR, then the errors (exit 3)
 
 
 def test_ir_declaring_an_impossible_size_is_refused_by_the_verifier(saved, tmp_path):
     d = _copy(saved, "lowbit", tmp_path)
     line = _first_line(d, "%embedding")
     _edit_ir(d, line, line.replace(",64]", ",65]", 1))
-    _refused(d, "model.lowbit", "does not verify", cli=False)
+    _refused(d, "model.lowbit", "does not verify")
 
 
 @pytest.mark.parametrize(("new", "why"), [

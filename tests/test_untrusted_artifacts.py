@@ -413,3 +413,18 @@ def test_verifier_refuses_meta_devices_and_out_keywords_built_through_the_api():
         verify(g)
     assert f"%{zeros.name} = aten.zeros.default" in str(err.value) and "device 'meta'" in str(err.value)
     assert f"%{add.name} = aten.add.Tensor" in str(err.value) and "keyword out=" in str(err.value)
+
+
+@pytest.mark.parametrize("command", ["inspect", "graph"])
+@pytest.mark.parametrize("weights", [True, False])
+def test_inspect_and_graph_show_the_verifiers_errors(tmp_path, command, weights):
+    """A model.lowbit declaring a size its op does not produce was shown as if valid (exit 0): the output ends
+    with the verifier's problems, naming the node, and exits 3."""
+    save_graph(parse_graph(SAFE, WEIGHTS), tmp_path)
+    (tmp_path / "model.lowbit").write_text(SAFE.replace("%y: f32[2,s0,16]", "%y: f32[2,s0,17]"))
+    if not weights:
+        (tmp_path / "params.safetensors").unlink()
+    out = invoke(command, tmp_path, code=3).output
+    assert "does not verify" in out and "%y = linear(...) in proj" in out and "f32[2,4,16]" in out
+    save_graph(parse_graph(SAFE, WEIGHTS), tmp_path)
+    assert "does not verify" not in invoke(command, tmp_path, code=0).output

@@ -71,16 +71,39 @@ def _bytes(v: Any) -> int:
         return 0
 
 
+def _verifier_errors(graph: Any, kind: str, has_weights: bool) -> str | None:
+    """The verifier's refusal of a lowbit IR file, or None (a checkpoint was verified by ``lowbit.load``)."""
+    from lowbit.ir.verifier import VerificationError, verify
+
+    if kind == "checkpoint":
+        return None
+    try:
+        verify(graph, require_data=has_weights)
+    except VerificationError as exc:
+        return str(exc)
+    return None
+
+
+def _refuse_unverified(path: Path, errors: str | None, shown: str) -> None:
+    """Exit 3 with the verifier's problems after showing the file: the IR is readable but not valid, and
+    lowbit.load, replay and compile would refuse it."""
+    if errors is not None:
+        fail(f"{str(path)!r}: the IR does not verify ({shown} as written): {errors}", Exit.NOT_FOUND)
+
+
 def inspect_file(file: Path, top: int = 20) -> None:
     path, kind = _resolve(file)
     if kind == "onnx":
         return _inspect_onnx(path, top)
     graph, has_weights = _read_graph(path, kind)
+    errors = _verifier_errors(graph, kind, has_weights)
     total = sum(_bytes(v) for v in graph.params.values())
     console.print(f"{path}: graph {graph.name}, {len(graph.inputs)} inputs "
                   f"({', '.join(f'{v.name}: {v.type}' for v in graph.inputs)}), {len(graph.nodes)} nodes, "
                   f"{len(graph.params)} params, {total / MiB:.1f} MiB"
-                  + ("" if has_weights else " (types only: no params.safetensors beside it)"), markup=False)
+                  + ("" if has_weights else " (types only: no params.safetensors beside it)")
+                  + ("" if errors is None else "; INVALID: the verifier refuses it (its errors follow the tables)"),
+                  markup=False)
     ops = Table(title="ops")
     ops.add_column("op")
     ops.add_column("count", justify="right")
@@ -129,6 +152,7 @@ def inspect_file(file: Path, top: int = 20) -> None:
     for key, (n, b) in sorted(by.items(), key=lambda kv: -kv[1][1]):
         dt.add_row(key, str(n), f"{b / MiB:.2f}")
     console.print(dt)
+    _refuse_unverified(path, errors, "the tables above show it")
 
 
 def _inspect_onnx(path: Path, top: int) -> None:
@@ -285,9 +309,10 @@ def draw_graph(file: Path, fmt: str, out: Path | None) -> None:
     if kind == "onnx":
         fail("lowbit graph draws lowbit IR (.lowbit, a compile output or checkpoint directory); use Netron for ONNX",
              Exit.USAGE)
-    graph, _ = _read_graph(path, kind)
+    graph, has_weights = _read_graph(path, kind)
     title = re.sub(r"\s+", " ", str(path))
     text = to_dot(graph, title) if fmt == "dot" else to_html(graph, title)
     target = out or path.with_suffix(f".{fmt}")
     atomic_write_text(target, text)
     console.print(f"wrote {target} ({len(graph.nodes)} nodes, format {fmt})", markup=False)
+    _refuse_unverified(path, _verifier_errors(graph, kind, has_weights), f"{target} draws it")
