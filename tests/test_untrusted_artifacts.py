@@ -428,3 +428,13 @@ def test_inspect_and_graph_show_the_verifiers_errors(tmp_path, command, weights)
     assert "does not verify" in out and "%y = linear(...) in proj" in out and "f32[2,4,16]" in out
     save_graph(parse_graph(SAFE, WEIGHTS), tmp_path)
     assert "does not verify" not in invoke(command, tmp_path, code=0).output
+
+
+def test_replay_of_an_ir_that_does_not_verify_is_a_bad_reproducer_unless_that_was_the_failure(tmp_path):
+    """It exited 4 'reproduced: the input IR is invalid' for any edited before.lowbit; --reproducer saves the IR
+    before the failing pass, which verified, unless the recorded failure was the input's own."""
+    bad = SAFE.replace("%y: f32[2,s0,16]", "%y: f32[2,s0,17]")
+    out = invoke("replay", _reproducer(tmp_path / "a", bad), code=3).output
+    assert "before.lowbit" in out and "does not verify" in out and "%y = linear(...) in proj" in out
+    recorded = _reproducer(tmp_path / "b", bad, error="the input IR is invalid before any pass ran:\n...")
+    assert "reproduced: the input IR is invalid" in invoke("replay", recorded, code=4).output

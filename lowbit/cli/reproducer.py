@@ -18,6 +18,9 @@ import torch
 from lowbit.cli.common import Exit, atomic_output_dir, console, fail
 
 MANIFEST = "reproducer.json"
+INVALID_INPUT = "the input IR is invalid"
+"""How PassManager's error for an input that does not verify starts: the one failure a reproducer's IR may fail
+the verifier for."""
 
 
 def versions() -> dict[str, str]:
@@ -207,5 +210,9 @@ def replay(directory: Path, verify_each: bool = True) -> None:
     try:
         PassManager(passes, verify_each=verify_each).run(graph)
     except PipelineError as exc:
+        if exc.record.index < 0 and not str(manifest.get("error", "")).startswith(INVALID_INPUT):
+            # --reproducer saves the IR before the failing pass, which verified: this file was edited since
+            fail(f"reproducer {str(directory)!r}: {str(ir_file)!r} does not verify, so it is not the IR the recorded "
+                 f"failure happened on: {exc}", Exit.NOT_FOUND)
         fail(f"reproduced: {exc}", Exit.PIPELINE)
     console.print("the pipeline now succeeds: the failure no longer reproduces", markup=False)
