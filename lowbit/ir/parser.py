@@ -341,8 +341,14 @@ class Parser:
 
     def _node(self, c: _Line, comment: str) -> None:
         assert self.graph is not None
-        module, _, fused = comment.partition("| fused ")
-        module = module.strip()
+        if comment.startswith('"'):  # a module path the printer quoted (printer.format_module)
+            module, end = json.JSONDecoder().raw_decode(comment)
+            if not isinstance(module, str):
+                raise c.error("a quoted module path must be a JSON string")
+            _, _, fused = comment[end:].partition("| fused ")
+        else:
+            module, _, fused = comment.partition("| fused ")
+            module = module.strip()
         outs: list[tuple[str, ValueType]] = []
         while True:
             t = c.next()

@@ -61,13 +61,27 @@ def format_literal(x: Any) -> str:
     raise TypeError(f"cannot print literal {x!r} of type {type(x).__name__}")
 
 
+def format_type(t: Any) -> str:
+    """A value's type; ``?`` where it is unknown (the parser reads ``?``, not ``None``)."""
+    return "?" if t is None else str(t)
+
+
+_PLAIN_MODULE = re.compile(r'[^\s"|](?:[^|\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]*[^\s|])?')
+
+
+def format_module(module: str) -> str:
+    """A module path as the node's comment: as is, or as a JSON string where the plain text would not read back
+    (a line break, edge spaces, a ``|`` or a leading quote in a name a model chose)."""
+    return module if not module or _PLAIN_MODULE.fullmatch(module) else json.dumps(module)
+
+
 def format_node(node: Node) -> str:
-    lhs = ", ".join(f"%{v.name}: {v.type if v.type is not None else '?'}" for v in node.outputs)
+    lhs = ", ".join(f"%{v.name}: {format_type(v.type)}" for v in node.outputs)
     operands = [format_literal(a) for a in node.args]
     operands += [f"{k}={format_literal(v)}" for k, v in node.kwargs.items()]
     text = f"{lhs} = {node.op}({', '.join(operands)})"
     if node.module or node.meta.get("fused"):
-        text += f"  # {node.module}"
+        text += f"  # {format_module(node.module)}"
     if node.meta.get("fused"):  # what a fusion replaced (lowbit.ir.fusion); the parser reads it back
         text += f" | fused {node.meta['fused']}"
     return text
@@ -76,7 +90,7 @@ def format_node(node: Node) -> str:
 def print_graph(graph: Graph, *, filter: str | None = None, params: bool = True) -> str:
     """Render ``graph`` as text; ``filter`` keeps only nodes whose module path matches the regex."""
     rx = re.compile(filter) if filter else None
-    ins = ", ".join(f"%{v.name}: {v.type}" for v in graph.inputs)
+    ins = ", ".join(f"%{v.name}: {format_type(v.type)}" for v in graph.inputs)
     lines = [f"graph {graph.name}({ins}) {{"]
     for s in graph.symbols.values():
         rng = f" in [{s.min if s.min is not None else '?'}, {s.max if s.max is not None else '?'}]"
@@ -84,7 +98,7 @@ def print_graph(graph: Graph, *, filter: str | None = None, params: bool = True)
         lines.append(f"  symbol {s.name}{rng}{hint}")
     if params:
         for name, v in graph.params.items():
-            lines.append(f"  param @{name}: {v.type}")
+            lines.append(f"  param @{name}: {format_type(v.type)}")
     for n in graph.nodes:
         if rx is not None and not rx.search(n.module):
             continue
