@@ -22,6 +22,8 @@ from lowbit.ir.symexpr import DimParseError, parse_dim, parse_sym_value
 from lowbit.ir.verifier import WRITES_OPERAND, device_problem
 
 ENUMS_BY_NAME = {v: k for k, v in ENUM_LITERALS.items()}
+MAX_SIZE = 2**63 - 1
+"""The largest size or symbol bound a file may give: torch sizes are 64-bit."""
 
 
 class IRParseError(LowbitError, ValueError):
@@ -116,6 +118,8 @@ def _dim(text: str) -> int | str:
     if re.fullmatch(r"-?\d+", text):
         if int(text) < 0:
             raise DimParseError(text, 0, "a size cannot be negative")
+        if int(text) > MAX_SIZE:
+            raise DimParseError(text, 0, f"a size must fit 64 bits (at most {MAX_SIZE})")
         return int(text)
     parse_dim(text)
     return text
@@ -322,6 +326,8 @@ class Parser:
         if t is None or t.kind != "number" or not t.text.isdigit():
             found = t.text if t else "end of line"
             raise c.error(f"expected a size (an integer >= 0){' or ?' if unknown else ''}, found {found!r}")
+        if int(t.text) > MAX_SIZE:
+            raise c.error(f"a size must fit 64 bits (at most {MAX_SIZE}), found {t.text}")
         return int(c.next().text)
 
     def _param(self, c: _Line) -> None:

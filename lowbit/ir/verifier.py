@@ -150,7 +150,12 @@ def check_types(graph: Graph) -> tuple[list[str], VerifyReport]:
             if any(d < 0 for d in shape):
                 problems.append(f"%{v.name} is declared {t}: a dimension is negative or uses an undeclared symbol")
                 return None
-            return torch.empty(shape, dtype=t.dtype, device="meta")
+            try:
+                return torch.empty(shape, dtype=t.dtype, device="meta")
+            except (RuntimeError, TypeError, OverflowError):  # torch's 'Overflow when unpacking long long'
+                problems.append(f"%{v.name} is declared {t} (= {shape} at the symbol hints): no tensor has that "
+                                "many elements (the sizes overflow 64 bits)")
+                return None
         if isinstance(t, SymType) and t.expr is not None:
             try:
                 return dims.value(t.expr)
