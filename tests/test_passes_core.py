@@ -150,6 +150,14 @@ def test_bad_pipeline_specs(spec, message):
         parse_pipeline(spec)
 
 
+def test_a_directory_given_for_a_file_option_is_refused_when_parsed(tmp_path):
+    """``quantize(config=DIR)`` passed the up-front file check and failed after the model load (exit 4)."""
+    from lowbit.passes.base import PassFileError
+
+    with pytest.raises(PassFileError, match=r"pass quantize: option config=.*: is a directory; give a file"):
+        parse_pipeline(f"quantize(config={tmp_path})")
+
+
 @pytest.mark.parametrize("name, own", [("gptq", "damp=0.1"), ("awq", "n_grid=5"), ("autoround", "iters=9"),
                                        ("smooth-quant", "alpha=0.3"), ("quantize", "w=int8")])
 def test_calibrating_passes_share_one_calibration_option_set(name, own):

@@ -142,6 +142,8 @@ def check_input_files(passes: Sequence[Pass]) -> None:
                 raise PassFileError(f"{where}: a tokenizer is 'smollm2', 'minilm' or a tokenizer directory")
             if option == "calib" and os.path.isdir(full):
                 raise PassFileError(f"{where}: is a directory; give a text file or a .safetensors of token ids")
+            if option != "tokenizer" and os.path.isdir(full):  # config=DIR failed after the model load
+                raise PassFileError(f"{where}: is a directory; give a file")
 
 
 def build_pass(cls: type[Pass], options: dict[str, Any]) -> Pass:
