@@ -16,7 +16,7 @@ from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
 from lowbit.ir.verifier import verify
 from lowbit.passes.base import PassError
 from lowbit.passes.insert_qdq import InsertQDQ
-from lowbit.passes.manager import PassManager, parse_pipeline
+from lowbit.passes.manager import PassManager, PipelineError, parse_pipeline
 
 TINY = """graph main(%x: f32[1,s0,8]) {
   symbol s0 in [2, 64] hint 4
@@ -306,3 +306,14 @@ def test_activation_and_kv_clip_ratio_shrink_the_dynamic_range(slice2):
     assert not any(n.op == "qlinear" and n.kwargs.get("a_qdtype") for n in fused.nodes)
     with pytest.raises(PassError, match="a_clip"):
         parse_pipeline("quantize(a=int4,a_clip=0)")
+
+
+def test_quantizing_an_activation_twice_is_refused():
+    """``quantize(a=int8),quantize(a=int8)`` stacked a second dynamic QDQ chain on the first, silently (as the
+    second quantize of a weight is refused: 'has a computed weight')."""
+    g = _tiny()
+    with pytest.raises(PipelineError, match=r"input %x_dq of linear %y \(module 'fc'\) is already quantized"):
+        PassManager("quantize(a=int8),quantize(a=int4)").run(g)
+    g = _tiny()
+    PassManager("quantize(w=int4),quantize(a=int8)").run(g)  # weights, then activations: each once
+    assert g.op_counts()["dynamic_qparams"] == 1

@@ -602,6 +602,11 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
             p.weights.append(WeightPlan(n, ws, _check_group(n, w, ws, group_fallback)))
         if xs is not None:
             x = n.args[0]
+            if isinstance(x, Value) and x.producer is not None and x.producer.op == "dequantize":
+                # a second quantize(a=...) stacked another QDQ chain on the first, silently
+                raise PassError(f"pass {pass_name}: input %{x.name} of linear %{n.name} (module {n.module!r}) is "
+                                "already quantized (a dequantize from an earlier quantize(a=...)); quantize each "
+                                "activation once (or leave this linear to the earlier pass with keep=...)")
             _static_dim(x.tensor_type, -1, f"input %{x.name} of linear %{n.name}")
             if xs.granularity == "per_token" and xs.group_size and x.tensor_type.shape[-1] % xs.group_size:
                 raise PassError(f"pass quantize: option a_group={xs.group_size} does not divide the input size "
