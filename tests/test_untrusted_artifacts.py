@@ -438,3 +438,10 @@ def test_replay_of_an_ir_that_does_not_verify_is_a_bad_reproducer_unless_that_wa
     assert "before.lowbit" in out and "does not verify" in out and "%y = linear(...) in proj" in out
     recorded = _reproducer(tmp_path / "b", bad, error="the input IR is invalid before any pass ran:\n...")
     assert "reproduced: the input IR is invalid" in invoke("replay", recorded, code=4).output
+
+
+def test_graph_dot_quotes_a_path_with_a_quote():
+    """``lowbit graph 'q"dir' -f dot`` wrote ``digraph "q"dir/model.lowbit" {``, which Graphviz cannot read."""
+    from lowbit.cli.inspect import to_dot
+
+    assert to_dot(parse_graph(SAFE, WEIGHTS), 'q"dir/model.lowbit').startswith('digraph "q\\"dir/model.lowbit" {\n')

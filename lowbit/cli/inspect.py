@@ -262,10 +262,11 @@ def _walk(tree: dict[str, Any]) -> list[Any]:
 def to_dot(graph: Any, title: str) -> str:
     """Graphviz: one cluster per module path level, nodes labelled by op, edges along values."""
     ids: dict[int, str] = {}
-    lines = [f'digraph "{title}" {{', "  rankdir=TB; node [shape=box, fontsize=10, style=rounded];"]
 
     def q(s: str) -> str:
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [f"digraph {q(title)} {{", "  rankdir=TB; node [shape=box, fontsize=10, style=rounded];"]
 
     for i, v in enumerate(graph.inputs):
         ids[id(v)] = f"in{i}"
