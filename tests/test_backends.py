@@ -52,6 +52,14 @@ def test_a_backend_that_cannot_run_fails_before_the_model_is_read(monkeypatch):
         compile_model("no-such-model", backend="torch", backend_options={"keep_packd": True})
     with pytest.raises(BackendError, match="backend triton: option cuda_graph:.*options are: compile, cuda_graphs"):
         compile_model("no-such-model", backend="triton", backend_options={"cuda_graph": True})
+    # ONNX lowering options ORT would refuse at session creation, after capture and calibration: refused up front
+    with pytest.raises(BackendError, match="backend onnxruntime: accuracy_level must be an integer from 0 to 4 .*, got 9"
+                                           "; options are: accuracy_level"):
+        compile_model("no-such-model", backend="onnxruntime", backend_options={"accuracy_level": 9})
+    with pytest.raises(BackendError, match="backend onnxruntime: opset 99 is newer"):
+        compile_model("no-such-model", backend="onnxruntime", backend_options={"opset": 99})
+    with pytest.raises(BackendError, match="attention='onnx' needs opset 23"):
+        compile_model("no-such-model", backend="onnxruntime", backend_options={"opset": 21, "attention": "onnx"})
 
 
 def test_each_backend_declares_what_it_lowers_and_runs_first():

@@ -124,6 +124,22 @@ def test_bad_options_are_clear():
         LoweringOptions(opset=20)
     with pytest.raises(ValueError, match="needs opset 23"):
         LoweringOptions(attention="onnx")
+    # these wrote files ONNX Runtime then refused ("Opset 30 is under development", "accuracy level must be between 0
+    # and 4") or compared a str with an int
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    with pytest.raises(ValueError, match=f"opset {newest + 1} is newer .* pass an opset from 21 to {newest}"):
+        LoweringOptions(opset=newest + 1)
+    for bad in ("21", True, 21.0):
+        with pytest.raises(ValueError, match="opset must be an integer"):
+            LoweringOptions(opset=bad)
+    for bad in (-1, 5, "0", True):
+        with pytest.raises(ValueError, match="accuracy_level must be an integer from 0 to 4"):
+            LoweringOptions(weight_format="matmulnbits", accuracy_level=bad)
+    with pytest.raises(ValueError, match="integer_matmul must be True or False"):
+        LoweringOptions(integer_matmul="no")
+    assert LoweringOptions(opset=newest, accuracy_level=4).opset == newest
 
 
 def test_external_data_round_trip(smol_slice, tmp_path, wikitext_ids):

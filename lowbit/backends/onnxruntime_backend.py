@@ -46,6 +46,17 @@ RMSNormalization kernels and the integer-GEMM form of int8 linears — the same 
 (``lowbit.export(format="onnx")``), and faster on CPU (bench/results/onnx.json)."""
 
 
+def ort_lowering_options(**lowering: Any) -> LoweringOptions:
+    """``ORT_LOWERING`` with ``lowering`` over it; an opset below 23 keeps unset attention/rotary decomposed.
+    Raises ``ValueError`` for options the lowering refuses (the backend registry calls it before capture)."""
+    chosen = {**ORT_LOWERING, **lowering}
+    if isinstance(chosen["opset"], int) and chosen["opset"] < 23:  # Attention and RotaryEmbedding exist from 23
+        for key in ("attention", "rotary"):
+            if key not in lowering:
+                chosen[key] = "decompose"
+    return LoweringOptions(**chosen)
+
+
 class ProviderFallbackWarning(UserWarning):
     """A requested execution provider is not available; the message says which one runs instead."""
 
@@ -184,12 +195,7 @@ class OrtCompiled(torch.nn.Module):
         self.onnx_model: ir.Model | None
         self.options: LoweringOptions | None
         if graph is not None:
-            chosen = {**ORT_LOWERING, **lowering}
-            if chosen["opset"] < 23:  # the Attention and RotaryEmbedding ops exist from opset 23
-                for key in ("attention", "rotary"):
-                    if key not in lowering:
-                        chosen[key] = "decompose"
-            self.options = LoweringOptions(**chosen)
+            self.options = ort_lowering_options(**lowering)
             self.onnx_model = to_onnx(graph, self.options)
             source: ir.Model | str | os.PathLike[str] = self.onnx_model
         else:

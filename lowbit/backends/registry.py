@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lowbit.errors import LowbitError
 
@@ -82,8 +82,8 @@ class BackendSpec:
         try:
             return self.options(**(options or {}))
         except ValidationError as exc:
-            msgs = [f"option {'.'.join(str(x) for x in e['loc']) or '(options)'}: {e['msg']} "
-                    f"(got {e.get('input')!r})" for e in exc.errors()]
+            msgs = [f"option {'.'.join(str(x) for x in e['loc'])}: {e['msg']} (got {e.get('input')!r})" if e["loc"]
+                    else e["msg"].removeprefix("Value error, ") for e in exc.errors()]  # a whole-model check's own text
             fields = ", ".join(sorted(self.options.model_fields)) or "none"
             raise BackendError(f"backend {self.name}: " + "; ".join(msgs) + f"; options are: {fields}") from None
 
@@ -187,6 +187,16 @@ class OrtBackendOptions(BackendOptions):
     """ORT intra-op threads; unset: ORT's default (one per physical core)."""
     spinning: bool | None = None
     """Whether idle ORT worker threads spin; unset: ORT's default (on). Off on a CPU shared with other work."""
+
+    @model_validator(mode="after")
+    def _lowerable(self) -> OrtBackendOptions:
+        """The lowering options the backend will build, checked now: an opset no runtime loads or an accuracy level
+        MatMulNBits lacks is refused before capture and calibration, not by ONNX Runtime at session creation."""
+        from lowbit.backends.onnxruntime_backend import ort_lowering_options
+
+        keys = ("opset", "attention", "rotary", "weight_format", "accuracy_level", "integer_matmul")
+        ort_lowering_options(**{k: getattr(self, k) for k in keys if getattr(self, k) is not None})
+        return self
 
 
 register_backend("torch", "lowbit.backends.torch_backend:lower",

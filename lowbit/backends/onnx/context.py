@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
@@ -95,9 +96,21 @@ class LoweringOptions:
     int8_weights: str = "auto"
 
     def __post_init__(self) -> None:
+        if not _is_int(self.opset):
+            raise ValueError(f"opset must be an integer, got {self.opset!r}")
         if self.opset < 21:
             raise ValueError(f"opset {self.opset} is too old: lowbit lowers to opset 21+ "
                              "(INT4 and block-wise QuantizeLinear/DequantizeLinear need 21)")
+        newest = onnx.defs.onnx_opset_version()
+        if self.opset > newest:  # ONNX Runtime refuses to load a file stamped with an opset no onnx release defines
+            raise ValueError(f"opset {self.opset} is newer than any this onnx {onnx.__version__} defines (up to "
+                             f"{newest}): runtimes refuse such files; pass an opset from 21 to {newest}")
+        if not _is_int(self.accuracy_level) or not 0 <= self.accuracy_level <= 4:
+            # MatMulNBits' attribute and ORT's session entry both take 0-4; ORT fails session creation otherwise
+            raise ValueError(f"accuracy_level must be an integer from 0 to 4 (MatMulNBits' levels), got "
+                             f"{self.accuracy_level!r}")
+        if not isinstance(self.integer_matmul, bool):
+            raise ValueError(f"integer_matmul must be True or False, got {self.integer_matmul!r}")
         if self.attention not in ("decompose", "onnx"):
             raise ValueError(f"attention must be 'decompose' or 'onnx', got {self.attention!r}")
         if self.attention == "onnx" and self.opset < 23:
@@ -115,6 +128,10 @@ class LoweringOptions:
     def u8_weights(self) -> bool:
         """Whether the integer GEMM takes uint8 weight codes (``int8_weights``, "auto" resolved on this CPU)."""
         return self.int8_weights == "u8" or (self.int8_weights == "auto" and not int8_gemm_exact())
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @functools.cache
