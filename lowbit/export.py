@@ -39,6 +39,7 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ValueError(f"unknown export format {format!r}{hint}; known: {', '.join(FORMATS)}")
     graph = graph_of(compiled)
+    path = Path(path).expanduser()  # as lowbit.save: '~/m.onnx' was written under a directory named '~'
     if format == "tensorrt":
         from lowbit.backends.tensorrt import export_engine
 
@@ -56,9 +57,9 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise TypeError(f"unknown ONNX export option {key!r}{hint}; options are: {', '.join(known)} (the "
                             "format picks weight_format: 'onnx' is QDQ, 'onnx-matmulnbits' MatMulNBits)")
-    if Path(path).is_dir():
+    if path.is_dir():
         raise ValueError(f"export path {str(path)!r} is a directory: give a file path such as "
-                         f"{str(Path(path) / 'model.onnx')!r}")
+                         f"{str(path / 'model.onnx')!r}")
     weight_format = "matmulnbits" if format == "onnx-matmulnbits" else "qdq"
     model = to_onnx(graph, weight_format=weight_format, **options)
     if graph.meta.get("generation") is not None:  # what generate() needs beside the step: load() reads it back
@@ -79,7 +80,7 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
     the loaded file has ``generate()`` like the compiled model (``tokenizer=`` for text prompts). A missing,
     truncated or corrupted file raises ``OnnxFileError`` / ``EngineFileError`` saying so.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.suffix == ".onnx":
         from lowbit.backends.onnxruntime_backend import OrtCompiled
 

@@ -131,6 +131,18 @@ def test_unknown_format_and_input_are_clear(tmp_path):
         lowbit.export(g, tmp_path)
 
 
+def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
+    """'~/m.onnx' is the home directory's file, as lowbit.save takes it (it was written under ./~/)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
+    out = lowbit.export(g, "~/sub/m.onnx", external_data=True)
+    assert out == tmp_path / "home" / "sub" / "m.onnx" and out.is_file() and not (tmp_path / "~").exists()
+    x = torch.randn(1, 5, 8)
+    torch.testing.assert_close(load("~/sub/m.onnx")(x), TorchCompiled(g)(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(OrtCompiled.load("~/sub/m.onnx")(x), TorchCompiled(g)(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture
 def exported(tmp_path):
     g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})

@@ -141,7 +141,7 @@ def create_session(model: ir.Model | str | os.PathLike[str], providers: list[str
                 path = save_onnx(model, Path(tmp) / "model.onnx", external_data=True)
                 return ort.InferenceSession(os.fspath(path), so, providers=providers)
         return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), so, providers=providers)
-    path = Path(model)
+    path = Path(model).expanduser()
     if not file_checked:
         load_onnx(path, check=False)  # clear errors for missing/truncated/corrupted files before ORT's own
     try:

@@ -35,7 +35,7 @@ def save_onnx(model: ir.Model, path: str | os.PathLike[str], *, external_data: b
     Returns the path. The written model passes ``onnx.checker.check_model(full_check=True)``; run
     ``check_onnx(path)`` to verify.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
         external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
@@ -62,7 +62,7 @@ def check_onnx(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model, *, fu
 
 def load_onnx(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
     """Read an ONNX file (external tensors stay lazy); bad files raise ``OnnxFileError`` saying what is wrong."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise OnnxFileError(f"no ONNX file at {path}" + (" (it is a directory)" if path.is_dir() else ""))
     size = path.stat().st_size

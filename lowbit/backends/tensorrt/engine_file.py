@@ -48,7 +48,7 @@ class EngineHeader:
 
 def write_engine(path: str | os.PathLike[str], plan: bytes, header: EngineHeader) -> Path:
     """Write ``plan`` with its header; the header's length and checksum fields are filled in here."""
-    path = Path(path)
+    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     header.plan_bytes = len(plan)
     header.plan_sha256 = hashlib.sha256(plan).hexdigest()
@@ -64,7 +64,7 @@ def write_engine(path: str | os.PathLike[str], plan: bytes, header: EngineHeader
 
 def read_engine(path: str | os.PathLike[str]) -> tuple[bytes, EngineHeader | None]:
     """The plan bytes and lowbit's header (None for a raw plan from another tool), integrity checked."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise EngineFileError(f"no TensorRT engine file at {path}")
     data = path.read_bytes()
