@@ -358,3 +358,38 @@ def test_export_load_works_in_a_fresh_process():
     code = "import lowbit; assert callable(lowbit.export); print(lowbit.export.load.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "lowbit.export", out.stderr[-2000:]
+
+
+def test_an_exported_file_checks_its_inputs_as_the_compiled_model_does(tmp_path):
+    """A session run from a file had no input checks: float ids were truncated to int64, id -1 read the last row
+    of the embedding (ONNX Gather wraps negative indices) and lengths past the captured range ran; the file's
+    declared inputs and recorded symbol ranges now refuse what the compiled model refuses, with the same message."""
+    import re
+
+    import numpy as np
+
+    from conftest import tiny_llama
+    from lowbit.ir.signature import InputError
+
+    compiled = lowbit.compile_model(tiny_llama(max_positions=24), pipeline="dce")
+    path = lowbit.export(compiled, tmp_path / "m.onnx")
+    ort_file = load(path)
+    ids = torch.randint(0, 61, (3, 7))
+    torch.testing.assert_close(ort_file(ids), compiled(ids), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ort_file(ids.to(torch.int32)), ort_file(ids.numpy()), rtol=0, atol=0)
+    for bad, needle in [(ids.float(), "expected dtype torch.int64, got torch.float32"),
+                        (ids.clone().fill_(-1), "id -1 at position (0, 0) is outside the vocabulary"),
+                        (torch.zeros(1, 25, dtype=torch.long), "dim 1 (s1) is 25, outside the range [1, 24]"),
+                        (ids[0], "expected 2 dims, got 1")]:
+        with pytest.raises(InputError, match=f"input %input_ids.*{re.escape(needle)}"):
+            compiled(bad)
+        with pytest.raises(InputError, match=f"input %input_ids.*{re.escape(needle)}"):
+            ort_file(bad)
+    # a file from another producer: its dtypes and ranks are checked, its dim names promise nothing
+    model = load_onnx(path)
+    model.metadata_props.clear()
+    foreign = OrtCompiled(model=model)
+    assert foreign(torch.zeros(1, 25, dtype=torch.long)).shape == (1, 25, 61)
+    with pytest.raises(InputError, match="expected dtype torch.int64, got torch.float32"):
+        foreign(ids.float())
+    assert np.isfinite(foreign(ids).numpy()).all()

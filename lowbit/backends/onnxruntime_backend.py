@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import torch
+from onnx_ir.tensor_adapters import to_torch_dtype
 
 from lowbit.backends.onnx import LoweringOptions, load_onnx, save_onnx, to_onnx
 from lowbit.backends.onnx.io import EXTERNAL_DATA_THRESHOLD, OnnxFileError, initializer_bytes
@@ -166,6 +167,58 @@ def accuracy_from_metadata(model: ir.Model) -> int:
         return 0
 
 
+def declared_inputs(model: ir.Model) -> InputChecker:
+    """The input contract an ONNX file states, for a session run from a file (no lowbit Graph to read it from).
+
+    Every file: the inputs' dtypes and ranks (a float tensor fed as int64 ids was truncated by ``Tensor.to``). A
+    lowbit export also records its symbols' ranges (``lowbit.symbols``) and names its dims after them, and its
+    embedding tables are ``Gather`` nodes on an input: those are checked as the compiled model checks them (ONNX's
+    Gather wraps a negative id to a row from the end, a silent wrong result). A foreign file's dim names promise
+    nothing, so each of its dims is left free.
+    """
+    import json
+
+    from lowbit.ir.graph import TensorType
+
+    recorded = model.metadata_props.get("lowbit.symbols")
+    symbols: dict[str, tuple[int | None, int | None]] = {}
+    if recorded is not None:
+        try:
+            for name, r in json.loads(recorded).items():
+                lo, hi = r.get("min"), r.get("max")
+                symbols[str(name)] = (lo if isinstance(lo, int) else None, hi if isinstance(hi, int) else None)
+        except (ValueError, TypeError, AttributeError):
+            recorded, symbols = None, {}
+    names, types = [], []
+    for i, v in enumerate(model.graph.inputs):
+        dims: list[int | str] = []
+        for j, d in enumerate(v.shape.dims if v.shape is not None else ()):
+            if isinstance(d, int):
+                dims.append(d)
+            elif recorded is not None and d.value is not None and d.value in symbols:
+                dims.append(d.value)
+            else:
+                free = f"?{i}.{j}"
+                symbols[free] = (None, None)
+                dims.append(free)
+        names.append(v.name)
+        try:
+            dtype = to_torch_dtype(v.dtype)
+        except (TypeError, KeyError, ValueError):
+            dtype = None
+        types.append(TensorType(dtype, tuple(dims)) if dtype is not None and v.shape is not None else None)
+    vocab: dict[int, list[tuple[str, int]]] = {}
+    if recorded is not None:
+        index = {id(v): i for i, v in enumerate(model.graph.inputs)}
+        for node in model.graph:
+            if node.op_type != "Gather" or len(node.inputs) < 2 or id(node.inputs[1]) not in index:
+                continue
+            table = node.inputs[0]
+            if table is not None and table.const_value is not None and len(table.const_value.shape) == 2:
+                vocab.setdefault(index[id(node.inputs[1])], []).append((table.name, table.const_value.shape[0]))
+    return InputChecker.declared(names, types, symbols, vocab)
+
+
 class OrtCompiled(torch.nn.Module):
     """A graph lowered to ONNX and run by ONNX Runtime; same call interface as ``TorchCompiled``.
 
@@ -209,6 +262,9 @@ class OrtCompiled(torch.nn.Module):
         self.widened_outputs: list[bool] = []
         self.notes: list[str] = []
         target = self.onnx_model if self.onnx_model is not None else on_file
+        # a file's contract is read before widening: callers pass what the file declares (bfloat16 stays bfloat16)
+        self.check_inputs = InputChecker(graph) if graph is not None else \
+            declared_inputs(target) if target is not None else None
         if target is not None and self.requested_providers == ["CPUExecutionProvider"] and has_bfloat16(target):
             # ORT's CPU provider has no bfloat16 Mul/MatMul/...: run the graph in float32, hand back bfloat16
             self.widened_outputs = [o.dtype == ir.DataType.BFLOAT16 for o in target.graph.outputs]
@@ -230,7 +286,6 @@ class OrtCompiled(torch.nn.Module):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_dtypes = [_ONNX_TO_TORCH.get(i.type) for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.check_inputs = InputChecker(graph) if graph is not None else None
 
     def report_text(self) -> str:
         """The session's providers and what the backend changed to run on them (``CompileReport.lowering``)."""
@@ -259,6 +314,8 @@ class OrtCompiled(torch.nn.Module):
             raise TypeError(f"the model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
                             f"got {len(args)}")
         if self.check_inputs is not None:
+            if self.graph is None:  # a file's runner has always taken arrays and lists as well as tensors
+                args = tuple(a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args)
             args = self.check_inputs(args)
         out_device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         feeds: dict[str, np.ndarray] = {}

@@ -34,14 +34,7 @@ class InputChecker:
     """The graph's input contract, computed once; ``__call__`` checks (and converts) one call's inputs."""
 
     def __init__(self, graph: Graph) -> None:
-        self.names = [v.name for v in graph.inputs]
-        self.types = [v.type for v in graph.inputs]
-        # torch.export reports 2 as the lower bound of a dim declared from 0 or 1 (it reasons about sizes 0 and 1
-        # apart, "0/1 specialization"), yet the graph it traced runs at 1: accept 1, refuse only empty dims
-        self.symbols = {name: (1 if s.min is not None and s.min <= 2 else s.min, s.max)
-                        for name, s in graph.symbols.items()}
-        self.vocab: dict[int, list[tuple[str, int]]] = {}
-        """input index -> (embedding weight name, rows) of every embedding that reads that input directly."""
+        vocab: dict[int, list[tuple[str, int]]] = {}
         index = {id(v): i for i, v in enumerate(graph.inputs)}
         for node in graph.nodes:
             if node.op not in _EMBEDDING_OPS or len(node.args) < 2:
@@ -50,7 +43,28 @@ class InputChecker:
             i = index.get(id(ids))
             rows = weight.type.shape[0] if isinstance(getattr(weight, "type", None), TensorType) else None
             if i is not None and isinstance(rows, int):
-                self.vocab.setdefault(i, []).append((weight.name, rows))
+                vocab.setdefault(i, []).append((weight.name, rows))
+        self._declare([v.name for v in graph.inputs], [v.type for v in graph.inputs],
+                      {name: (s.min, s.max) for name, s in graph.symbols.items()}, vocab)
+
+    @classmethod
+    def declared(cls, names: Sequence[str], types: Sequence[Any], symbols: dict[str, tuple[int | None, int | None]],
+                 vocab: dict[int, list[tuple[str, int]]] | None = None) -> InputChecker:
+        """The contract of a graph known only by its declaration: an exported ONNX file's inputs, the symbol ranges
+        its metadata records and the embedding tables its ids index."""
+        checker = cls.__new__(cls)
+        checker._declare(list(names), list(types), symbols, vocab or {})
+        return checker
+
+    def _declare(self, names: list[str], types: list[Any], symbols: dict[str, tuple[int | None, int | None]],
+                 vocab: dict[int, list[tuple[str, int]]]) -> None:
+        self.names = names
+        self.types = types
+        # torch.export reports 2 as the lower bound of a dim declared from 0 or 1 (it reasons about sizes 0 and 1
+        # apart, "0/1 specialization"), yet the graph it traced runs at 1: accept 1, refuse only empty dims
+        self.symbols = {name: (1 if lo is not None and lo <= 2 else lo, hi) for name, (lo, hi) in symbols.items()}
+        self.vocab = vocab
+        """input index -> (embedding weight name, rows) of every embedding that reads that input directly."""
 
     def __call__(self, args: Sequence[Any]) -> tuple[Any, ...]:
         if len(args) != len(self.names):
