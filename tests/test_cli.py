@@ -208,6 +208,22 @@ def test_recipe_to_onnxruntime_then_inspect_in_subprocess(tmp_path):
     assert bad.returncode == 3 and "no such file" in bad.stderr
 
 
+def test_onnxruntime_backend_options_shape_the_written_model_onnx(tmp_path):
+    """--backend-option weight_format=matmulnbits / accuracy_level apply to out/model.onnx too: it was always the
+    opset-21 QDQ form with accuracy level 0, whatever the session ran."""
+    from lowbit.backends.onnx import load_onnx, lowered_op_types
+    from lowbit.backends.onnxruntime_backend import accuracy_from_metadata
+
+    out = tmp_path / "ort"
+    invoke("compile", "minilm", "-p", "quantize(w=int4,group=32)", "-b", "onnxruntime", "--backend-option",
+           "weight_format=matmulnbits", "--backend-option", "accuracy_level=4", "-o", out, "--quiet")
+    model = load_onnx(out / "model.onnx")
+    assert "com.microsoft::MatMulNBits" in lowered_op_types(model) and accuracy_from_metadata(model) == 4
+    invoke("compile", "minilm", "-p", "quantize(w=int4,group=32)", "-b", "onnxruntime", "-o", out, "--quiet")
+    model = load_onnx(out / "model.onnx")  # no options: the portable QDQ form, as before
+    assert "DequantizeLinear" in lowered_op_types(model) and model.opset_imports[""] == 21
+
+
 # ---- compile ------------------------------------------------------------------------------------
 
 def test_compile_format_compressed_tensors_loads_in_transformers(compiled_slice, tmp_path):

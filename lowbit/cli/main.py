@@ -386,7 +386,8 @@ def compile_cmd(
     if timing:
         console.print(timing_table(report, rss))
     if out is not None:
-        _write_compile_output(out, graph, compile_report, runner, backend, model, text, fmt)
+        _write_compile_output(out, graph, compile_report, runner, backend, model, text, fmt,
+                              onnx_options={k: v for k, v in plan.backend_options.items() if v is not None})
     if not quiet:
         console.print(compile_report.summary(), markup=False)
         if out is not None:
@@ -394,7 +395,7 @@ def compile_cmd(
 
 
 def _write_compile_output(out: Path, graph: Any, report: Any, runner: Any, backend: str, model: str,
-                          text: str, fmt: str = "lowbit") -> None:
+                          text: str, fmt: str = "lowbit", onnx_options: dict[str, Any] | None = None) -> None:
     from lowbit.checkpoint import CheckpointError, write_checkpoint_files
     from lowbit.checkpoint.files import MANIFEST, clean_stale_temporaries, write_manifest
 
@@ -408,14 +409,16 @@ def _write_compile_output(out: Path, graph: Any, report: Any, runner: Any, backe
         data["model"] = model
         data["pipeline_text"] = text
         if backend == "onnxruntime":
-            _export_onnx(runner, graph, report, tmp / "model.onnx")
+            _export_onnx(runner, graph, report, tmp / "model.onnx", onnx_options)
         data["files"] = sorted([p.name for p in tmp.iterdir()] + ["report.json", MANIFEST])
         (tmp / "report.json").write_text(jsonio.dumps(data, indent=2, default=str) + "\n")
         write_manifest(tmp, fmt, {"lowbit": info})
 
 
-def _export_onnx(runner: Any, graph: Any, report: Any, path: Path) -> bool:
-    """Write model.onnx through ``lowbit.export`` when that module exists in this install."""
+def _export_onnx(runner: Any, graph: Any, report: Any, path: Path, options: dict[str, Any] | None = None) -> bool:
+    """Write model.onnx through ``lowbit.export`` when that module exists in this install: the portable opset-21 QDQ
+    form, with the ONNX lowering options given as --backend-option (weight_format=matmulnbits, opset, ...) applied
+    to it too (they were dropped: the file had no MatMulNBits the session ran)."""
     try:
         from lowbit.export import export
     except ModuleNotFoundError:
@@ -423,8 +426,13 @@ def _export_onnx(runner: Any, graph: Any, report: Any, path: Path) -> bool:
         return False
     from lowbit.api import CompiledModel
 
+    lowering = {k: v for k, v in (options or {}).items()
+                if k in ("opset", "attention", "rotary", "weight_format", "accuracy_level", "integer_matmul")}
+    fmt = "onnx-matmulnbits" if lowering.pop("weight_format", "qdq") == "matmulnbits" else "onnx"
+    if "onnx" in (lowering.get("attention"), lowering.get("rotary")):
+        lowering.setdefault("opset", 23)  # as the backend lowers them (ORT_LOWERING's opset)
     try:
-        export(CompiledModel(runner, graph, report), path, "onnx")
+        export(CompiledModel(runner, graph, report), path, fmt, **lowering)
     except Exception as exc:
         fail(f"ONNX export failed: {type(exc).__name__}: {exc}", Exit.BACKEND)
     return path.exists()
