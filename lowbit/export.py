@@ -74,14 +74,15 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
 
 
 def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any) -> torch.nn.Module:
-    """A runnable module for an exported file: ``.onnx`` → ONNX Runtime, anything else → a TensorRT engine.
+    """A runnable module for an exported file: ONNX (``.onnx``, or an ONNX model under another name) → ONNX Runtime,
+    anything else → a TensorRT engine.
 
     A step graph exported from a ``generation=`` compile carries its generation meta (``lowbit.generation``), so
     the loaded file has ``generate()`` like the compiled model (``tokenizer=`` for text prompts). A missing,
     truncated or corrupted file raises ``OnnxFileError`` / ``EngineFileError`` saying so.
     """
     path = Path(path).expanduser()
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx" or _looks_like_onnx(path):
         from lowbit.backends.onnxruntime_backend import OrtCompiled
 
         ort = OrtCompiled.load(path, **options)
@@ -99,6 +100,17 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
     from lowbit.backends.tensorrt import TensorRTCompiled
 
     return TensorRTCompiled.load(path)
+
+
+def _looks_like_onnx(path: Path) -> bool:
+    """Whether a file named otherwise (``export(c, "model")`` writes ONNX at any path) holds an ONNX model: a
+    ModelProto starts with field 1, ``ir_version`` (tag byte 0x08); lowbit's engine files start ``LOWBIT-TRT``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x08 and 0 < head[1] < 0x80
 
 
 GENERATION_KEY = "lowbit.generation"

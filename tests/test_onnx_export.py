@@ -143,6 +143,22 @@ def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
     torch.testing.assert_close(OrtCompiled.load("~/sub/m.onnx")(x), TorchCompiled(g)(x), rtol=1e-5, atol=1e-5)
 
 
+def test_an_onnx_file_under_another_name_loads_as_onnx(tmp_path):
+    """export() writes ONNX at any path, but load() sent every name not ending '.onnx' to TensorRT ('needs the
+    tensorrt package'); ONNX content or an upper-case suffix now load in ONNX Runtime, engine files still go to
+    TensorRT."""
+    from lowbit.backends.tensorrt import EngineFileError, TensorRTUnavailable
+
+    g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
+    x = torch.randn(1, 5, 8)
+    for name in ("model", "model.ONNX", "model.bin"):
+        path = lowbit.export(g, tmp_path / name)
+        torch.testing.assert_close(load(path)(x), TorchCompiled(g)(x), rtol=1e-5, atol=1e-5)
+    (tmp_path / "m.engine").write_bytes(b"LOWBIT-TRT" + bytes(40))
+    with pytest.raises((EngineFileError, TensorRTUnavailable)):
+        load(tmp_path / "m.engine")
+
+
 @pytest.fixture
 def exported(tmp_path):
     g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
