@@ -77,7 +77,11 @@ def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
             if s is None:
                 raise TensorRTBuildError(f"input {value.name!r} has dim {name!r} with no recorded range: "
                                          "pass shapes={name: (min, opt, max)}")
-            smin = max(1, s.get("min") or 1)
+            # torch.export reports 2 as the least size of a dim declared from 0 or 1 ("0/1 specialization"), yet the
+            # graph runs at 1 and every other backend takes 1 (lowbit.ir.signature): a profile from 2 built engines
+            # that refused batch 1 and one-token calls
+            smin = s.get("min") or 1
+            smin = 1 if smin <= 2 else smin
             smax = s.get("max") or max_default
             smax = min(smax, max_default)
             sopt = (opt or {}).get(name) or min(max(s.get("hint") or smin, smin), smax)
