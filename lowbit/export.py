@@ -15,12 +15,14 @@ import difflib
 import json
 import os
 import sys
+import tempfile
 import types
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.ir.graph import graph_of
 
 FORMATS = ("onnx", "onnx-matmulnbits", "tensorrt")
@@ -43,6 +45,8 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     if format == "tensorrt":
         from lowbit.backends.tensorrt import export_engine
 
+        check_writable(path)
+
         return export_engine(graph, path, **options)
     from dataclasses import fields
 
@@ -60,6 +64,7 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     if path.is_dir():
         raise ValueError(f"export path {str(path)!r} is a directory: give a file path such as "
                          f"{str(path / 'model.onnx')!r}")
+    check_writable(path)
     weight_format = "matmulnbits" if format == "onnx-matmulnbits" else "qdq"
     model = to_onnx(graph, weight_format=weight_format, **options)
     if graph.meta.get("generation") is not None:  # what generate() needs beside the step: load() reads it back
@@ -71,6 +76,29 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     if check:
         check_onnx(out, full_check=True)
     return out
+
+
+class ExportPathError(LowbitError, OSError):
+    """The export path cannot be written: a parent is a file, or the directory is read-only or takes no files."""
+
+
+def check_writable(path: Path) -> None:
+    """Create ``path``'s directory and write a probe file there: an unwritable target fails before the lowering
+    (minutes on a large model) and names the export path, not after it with a bare OSError ('File exists' for a
+    parent that is a file)."""
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportPathError(f"cannot write export path {str(path)!r}: {str(parent)!r} is a file, not a "
+                                      "directory")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise ExportPathError(f"cannot write export path {str(path)!r}: {exc.strerror or exc} (in "
+                              f"{str(path.parent)!r})") from None
 
 
 def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any) -> torch.nn.Module:

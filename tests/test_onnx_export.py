@@ -159,6 +159,43 @@ def test_an_onnx_file_under_another_name_loads_as_onnx(tmp_path):
         load(tmp_path / "m.engine")
 
 
+def test_unwritable_export_paths_fail_before_the_lowering(tmp_path, monkeypatch):
+    """A parent that is a file was FileExistsError 'File exists: .../m.onnx' (the parent's name, after the whole
+    lowering); now ExportPathError names the export path before to_onnx runs."""
+    import lowbit.backends.onnx as onnx_backend
+    from lowbit.export import ExportPathError
+
+    g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
+    (tmp_path / "file").write_text("x")
+    lowered = []
+    monkeypatch.setattr(onnx_backend, "to_onnx", lambda *a, **k: lowered.append(a) or to_onnx(*a, **k))
+    for path in (tmp_path / "file" / "m.onnx", tmp_path / "file" / "sub" / "m.onnx"):
+        with pytest.raises(ExportPathError, match=f"cannot write export path '{path}': '{tmp_path / 'file'}' is a "
+                                                  "file, not a directory"):
+            lowbit.export(g, path)
+    assert not lowered
+    assert lowbit.export(g, tmp_path / "new" / "dir" / "m.onnx").is_file() and len(lowered) == 1
+
+
+def test_a_failed_rewrite_leaves_the_earlier_export_whole(tmp_path, monkeypatch):
+    """Exporting again to the same path wrote over the file in place: a save that failed part way (disk full,
+    interrupted) left a truncated model instead of the earlier one."""
+    import onnx_ir as ir
+
+    g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
+    path = lowbit.export(g, tmp_path / "m.onnx")
+    before = path.read_bytes()
+
+    def failing_save(model, target, **kw):
+        open(target, "wb").write(b"\x08\x0a partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ir, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        lowbit.export(g, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 @pytest.fixture
 def exported(tmp_path):
     g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})

@@ -44,9 +44,16 @@ def save_onnx(model: ir.Model, path: str | os.PathLike[str], *, external_data: b
     if external_data:
         ir.save(model, path, external_data=data_name, size_threshold_bytes=1024)
     else:
+        # written beside and renamed over: a save that fails part way (disk full, interrupted) leaves an earlier
+        # export at this path whole instead of truncated
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            ir.save(model, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         if data_path.exists():
             data_path.unlink()  # a stale side file from an earlier external-data save would mislead readers
-        ir.save(model, path)
     return path
 
 
