@@ -230,6 +230,10 @@ def test_garbage_and_missing_files_are_reported(exported, tmp_path):
     (tmp_path / "empty.onnx").write_bytes(b"")
     with pytest.raises(OnnxFileError, match="empty"):
         load(tmp_path / "empty.onnx")
+    (tmp_path / "out").mkdir()
+    exported.rename(tmp_path / "out" / "model.onnx")
+    with pytest.raises(OnnxFileError, match=r"out is a directory: .*lowbit.load .*out/model.onnx is the ONNX file"):
+        load(tmp_path / "out")  # was 'no TensorRT engine file at .../out'
 
 
 def test_missing_or_truncated_external_data_is_reported(tmp_path):
