@@ -196,6 +196,25 @@ def test_a_failed_rewrite_leaves_the_earlier_export_whole(tmp_path, monkeypatch)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
+def test_session_options_of_a_file_are_checked_by_name(exported):
+    """load(path, thread=2) was 'lowering options ['thread'] apply only when lowering a Graph' and threads='2'
+    pybind11's 'incompatible function arguments'; compile_model(backend_options={'threads': -1}) failed after
+    capture."""
+    from lowbit.backends.registry import BackendError
+
+    with pytest.raises(TypeError, match="unknown option 'thread' \\(did you mean 'threads'\\?\\) for a model run "
+                                        "from an ONNX file; options are: device, optimization, providers"):
+        load(exported, thread=2)
+    with pytest.raises(TypeError, match="lowering options \\['opset'\\] apply only when lowering a Graph"):
+        load(exported, opset=23)
+    for bad in ("2", -1, 1.5):
+        with pytest.raises(ValueError, match=f"threads must be an integer >= 0 .*got {bad!r}"):
+            load(exported, threads=bad)
+    with pytest.raises(BackendError, match="option threads: Input should be greater than or equal to 0"):
+        lowbit.compile_model("no-such-model", backend="onnxruntime", backend_options={"threads": -1})
+    assert load(exported, threads=1)(torch.randn(1, 3, 8)).shape == (1, 3, 4)
+
+
 @pytest.fixture
 def exported(tmp_path):
     g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})

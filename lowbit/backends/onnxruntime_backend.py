@@ -118,6 +118,8 @@ def session_options(threads: int | None = None, optimization: str = "all",
     so = ort.SessionOptions()
     so.graph_optimization_level = levels[optimization]
     if threads is not None:
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+            raise ValueError(f"threads must be an integer >= 0 (0: ONNX Runtime's default), got {threads!r}")
         so.intra_op_num_threads = threads
     if optimized_model_path is not None:
         so.optimized_model_filepath = optimized_model_path
@@ -253,7 +255,19 @@ class OrtCompiled(torch.nn.Module):
             source: ir.Model | str | os.PathLike[str] = self.onnx_model
         else:
             if lowering:
-                raise TypeError(f"lowering options {sorted(lowering)} apply only when lowering a Graph")
+                import difflib
+                from dataclasses import fields
+
+                known = {f.name for f in fields(LoweringOptions)}
+                session = ["device", "optimization", "providers", "spinning", "threads"]
+                for key in sorted(lowering):
+                    if key not in known:  # a misspelt session option was called a lowering option
+                        near = difflib.get_close_matches(key, session, n=1)
+                        hint = f" (did you mean {near[0]!r}?)" if near else ""
+                        raise TypeError(f"unknown option {key!r}{hint} for a model run from an ONNX file; options "
+                                        f"are: {', '.join(session)}")
+                raise TypeError(f"lowering options {sorted(lowering)} apply only when lowering a Graph: the file's "
+                                "lowering is fixed (export it again with them)")
             self.options = None
             self.onnx_model = model if isinstance(model, ir.Model) else None
             source = model  # type: ignore[assignment]

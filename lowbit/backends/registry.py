@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lowbit.errors import LowbitError
 
@@ -183,8 +183,8 @@ class OrtBackendOptions(BackendOptions):
     accuracy_level: int | None = None
     integer_matmul: bool | None = None
     """Unset options keep ``ORT_LOWERING``'s choices (opset 23, ONNX Attention and RotaryEmbedding, integer GEMM)."""
-    threads: int | None = None
-    """ORT intra-op threads; unset: ORT's default (one per physical core)."""
+    threads: int | None = Field(default=None, ge=0)
+    """ORT intra-op threads; unset or 0: ORT's default (one per physical core)."""
     spinning: bool | None = None
     """Whether idle ORT worker threads spin; unset: ORT's default (on). Off on a CPU shared with other work."""
 
