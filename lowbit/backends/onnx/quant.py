@@ -197,12 +197,19 @@ def _quantize(ctx: LoweringContext, node: Node) -> ir.Value:
         if kind == "block" and (not isinstance(x.tensor_type.shape[_axis(node, rank)], int)
                                 or x.tensor_type.shape[_axis(node, rank)] != node.kwargs["block_size"]):
             raise NotLowerable(f"{qd.name} activations with block-wise scales smaller than the axis")
+        # no ONNX type this narrow: clamp x to the codes' range first, x / s in [qmin - zp, qmax - zp] (with a zero
+        # point the range moves: clamping at s·qmin..s·qmax cut asymmetric int3/int2 activations, 30-70% error)
+        lo_code, hi_code = ctx.const(qd.qmin, torch.float32), ctx.const(qd.qmax, torch.float32)
+        if zp is not None and not _is_zero_by_construction(zp):
+            z = ctx.tensor(zp, torch.float32)
+            if kind == "tensor" and zp.tensor_type.rank != 0:
+                z = ctx.op("Reshape", [z, ctx.ints([])])
+            lo_code, hi_code = ctx.op("Sub", [lo_code, z]), ctx.op("Sub", [hi_code, z])
+        hi_x, lo_x = ctx.op("Mul", [s, hi_code]), ctx.op("Mul", [s, lo_code])
         if kind == "axis":
-            s_b = ctx.op("Reshape", [s, ctx.ints([-1] + [1] * (rank - 1 - _axis(node, rank)))])
-        else:
-            s_b = s
-        xv = ctx.op("Max", [ctx.op("Min", [xv, ctx.op("Mul", [s_b, ctx.const(qd.qmax, torch.float32)])]),
-                            ctx.op("Mul", [s_b, ctx.const(qd.qmin, torch.float32)])])
+            shape = ctx.ints([-1] + [1] * (rank - 1 - _axis(node, rank)))
+            hi_x, lo_x = ctx.op("Reshape", [hi_x, shape]), ctx.op("Reshape", [lo_x, shape])
+        xv = ctx.op("Max", [ctx.op("Min", [xv, hi_x]), lo_x])
     zpv = _zero_point(ctx, zp, qd, kind)
     attrs = _qdq_attrs(node, kind, rank)
     if zpv is None and scale.is_param:
