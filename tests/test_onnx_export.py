@@ -443,8 +443,8 @@ def test_an_exported_file_checks_its_inputs_as_the_compiled_model_does(tmp_path)
     import re
 
     import numpy as np
-
     from conftest import tiny_llama
+
     from lowbit.ir.signature import InputError
 
     compiled = lowbit.compile_model(tiny_llama(max_positions=24), pipeline="dce")
