@@ -500,3 +500,33 @@ def test_asymmetric_int3_int2_activations_keep_their_zero_point(qdtype, packed, 
     out = OrtCompiled(g)(x)
     for r, o in zip(ref, out):
         torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+
+
+CLIPPED_ACT_IR = """graph main(%x: f32[1,s0,32]) {
+  symbol s0 in [2, 64] hint 4
+  %s: f32[1,s0,1], %z: QC[1,s0,1] = dynamic_qparams(%x, qdtype="QD", granularity="per_token", symmetric=SYM, axis=-1, block_size=32, clip_ratio=0.8)
+  %q: QS = quantize(%x, %s, ZP, qdtype="QD", axis=-1, block_size=32)
+  %y: f32[1,s0,32] = dequantize(%q, %s, ZP, qdtype="QD", axis=-1, block_size=32, out_dtype=f32)
+  %s2: f32[], %z2: QC[] = dynamic_qparams(%x, qdtype="QD", granularity="per_tensor", symmetric=SYM, axis=None, block_size=None, clip_ratio=0.9)
+  %q2: QS = quantize(%x, %s2, ZP2, qdtype="QD", axis=None, block_size=None)
+  %y2: f32[1,s0,32] = dequantize(%q2, %s2, ZP2, qdtype="QD", axis=None, block_size=None, out_dtype=f32)
+  return %y, %y2
+}
+"""
+
+
+@pytest.mark.parametrize("qdtype, container, stored, symmetric", [
+    ("int8", "i8", "i8[1,s0,32]", True), ("int4", "i8", "u8[1,s0,16]", True), ("int4", "i8", "u8[1,s0,16]", False),
+    ("int3", "i8", "u8[1,s0,16]", False), ("fp8e4m3", "f8e4m3", "f8e4m3[1,s0,32]", True)])
+def test_clipped_activation_ranges_lower_to_onnx(qdtype, container, stored, symmetric):
+    """dynamic_qparams(clip_ratio<1) (quantize(a_clip=, kv_clip=), the w4a4kv4-best recipe) had no ONNX lowering:
+    export and the onnxruntime backend refused it. The range is scaled before the scale is taken and what lies
+    beyond saturates, as the reference's quantize clamps it: the same numbers."""
+    zp, zp2 = ("None", "None") if symmetric else ("%z", "%z2")
+    text = (CLIPPED_ACT_IR.replace("QD", qdtype).replace("QC", container).replace("QS", stored)
+            .replace("SYM", str(symmetric)).replace("ZP2", zp2).replace("ZP", zp))
+    g = parse_graph(text, {})
+    x = torch.randn(1, 9, 32) + 0.3
+    x[0, 3, 5] = 9.0  # an outlier the clip cuts
+    for r, o in zip(TorchCompiled(g)(x), OrtCompiled(g)(x)):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)

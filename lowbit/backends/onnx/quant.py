@@ -651,9 +651,7 @@ def _blocked_minmax(ctx: LoweringContext, x: ir.Value, rank: int, axis: int, blo
 @lowering("dynamic_qparams")
 def _dynamic_qparams(ctx: LoweringContext, node: Node) -> list[ir.Value]:
     x = node.args[0]
-    if node.kwargs.get("clip_ratio", 1.0) != 1.0:
-        raise NotLowerable(f"clip_ratio={node.kwargs['clip_ratio']} has no ONNX lowering yet (quantize with "
-                           "a_clip=1, kv_clip=1)")
+    clip = node.kwargs.get("clip_ratio", 1.0)
     qd = _qdtype(node)
     symmetric = bool(node.kwargs.get("symmetric", True))
     shape = x.tensor_type.shape
@@ -682,6 +680,14 @@ def _dynamic_qparams(ctx: LoweringContext, node: Node) -> list[ir.Value]:
         axis = layout.axis % rank
         lo, hi = _blocked_minmax(ctx, xv, rank, axis, int(layout.block_size), shape[axis])
     f32 = torch.float32
+    if clip != 1.0:
+        # the range shrunk to clip_ratio·[min, max] as the reference does (float32 products, so the same scales);
+        # what lies beyond saturates in QuantizeLinear (or the int3/int2 clamp) as the reference's quantize clamps it
+        r = ctx.const(float(clip), f32)
+        if absmax is not None:
+            absmax = ctx.op("Mul", [absmax, r])
+        else:
+            lo, hi = ctx.op("Mul", [lo, r]), ctx.op("Mul", [hi, r])
     eps = ctx.const(SCALE_EPS, f32)
     if symmetric or qd.is_float:
         if qd.is_float and not symmetric:
