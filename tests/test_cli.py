@@ -224,6 +224,22 @@ def test_onnxruntime_backend_options_shape_the_written_model_onnx(tmp_path):
     assert "DequantizeLinear" in lowered_op_types(model) and model.opset_imports[""] == 21
 
 
+def test_inspect_of_an_onnx_file_without_its_external_data_exits_3(tmp_path):
+    """inspect printed a normal summary (exit 0) of a model whose .data side file was missing or cut short."""
+    import lowbit
+    from lowbit.ir.parser import parse_graph
+
+    text = "graph main(%x: f32[2,64]) {\n  param @w: f32[64,64]\n  %y: f32[2,64] = linear(%x, @w)\n  return %y\n}\n"
+    g = parse_graph(text, {"w": torch.randn(64, 64)})  # over save_onnx's 1 KiB: stored in m.onnx.data
+    path = lowbit.export(g, tmp_path / "m.onnx", external_data=True)
+    assert "1 initializers" in " ".join(invoke("inspect", path).output.split())
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:40])
+    assert "is truncated" in invoke("inspect", path, code=3).output
+    data.unlink()
+    assert "which is missing" in invoke("inspect", path, code=3).output
+
+
 # ---- compile ------------------------------------------------------------------------------------
 
 def test_compile_format_compressed_tensors_loads_in_transformers(compiled_slice, tmp_path):

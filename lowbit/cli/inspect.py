@@ -165,6 +165,12 @@ def _inspect_onnx(path: Path, top: int) -> None:
     if model.ir_version == 0 or not model.HasField("graph"):  # protobuf parses 0 bytes as an empty message
         fail(f"{str(path)!r} holds no ONNX model ({path.stat().st_size} bytes, no ir_version or graph): "
              "truncated or not ONNX", Exit.NOT_FOUND)
+    from lowbit.backends.onnx.io import OnnxFileError, check_external_data
+
+    try:  # the summary reads no tensor bytes, but a model whose .data side file is gone or cut cannot run
+        check_external_data(model, path)
+    except OnnxFileError as exc:
+        fail(str(exc), Exit.NOT_FOUND)
     g = model.graph
     opsets = ", ".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import)
     console.print(f"{path}: ONNX opsets {opsets}, "

@@ -83,7 +83,7 @@ def load_onnx(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
     if not proto.graph.node and not proto.graph.output:
         raise OnnxFileError(f"{path} ({size} bytes) parsed to an empty model (no nodes, no outputs): "
                             "it is truncated or not an ONNX file")
-    _check_external_data(proto, path)
+    check_external_data(proto, path)
     if check:
         try:
             onnx.checker.check_model(os.fspath(path))
@@ -95,7 +95,7 @@ def load_onnx(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
     return model
 
 
-def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+def check_external_data(proto: onnx.ModelProto, path: Path) -> None:
     """Every external tensor's file exists and is long enough for its offset + length."""
     sizes: dict[str, int] = {}
     for tensor in proto.graph.initializer:
