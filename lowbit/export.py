@@ -167,6 +167,13 @@ class GeneratingOnnx(torch.nn.Module):
 
     def generate(self, input_ids: Any, max_new_tokens: int, **kwargs: Any) -> Any:
         """As ``CompiledModel.generate`` (greedy or sampling, stop tokens default to the model's EOS ids)."""
+        prompts = [input_ids] if isinstance(input_ids, str) else input_ids
+        if self.tokenizer is None and isinstance(prompts, (list, tuple)) and any(isinstance(p, str) for p in prompts):
+            from lowbit.models import GenerationError
+
+            # the file holds no tokenizer: the generator's own "pass token ids" leaves out where one goes
+            raise GenerationError("text prompts need a tokenizer and an exported file carries none: load it with "
+                                  "lowbit.export.load(path, tokenizer=...) or pass token ids")
         return self.generator.generate(input_ids, max_new_tokens, **kwargs)
 
 

@@ -530,3 +530,19 @@ def test_clipped_activation_ranges_lower_to_onnx(qdtype, container, stored, symm
     x[0, 3, 5] = 9.0  # an outlier the clip cuts
     for r, o in zip(TorchCompiled(g)(x), OrtCompiled(g)(x)):
         torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+
+
+def test_text_prompts_to_an_exported_step_graph_say_where_the_tokenizer_goes(tmp_path):
+    """A step graph loaded from its file without tokenizer= answered a text prompt with 'this model has no tokenizer:
+    pass token ids', not saying that load takes one."""
+    from conftest import tiny_llama
+
+    from lowbit.models import GenerationError
+
+    gen = lowbit.compile_model(tiny_llama(), pipeline="dce", generation=lowbit.GenerationSpec(max_length=16,
+                                                                                             max_batch=1))
+    loaded = load(lowbit.export(gen, tmp_path / "step.onnx"))
+    for prompt in ("hello", ["hello"]):
+        with pytest.raises(GenerationError, match=r"lowbit.export.load\(path, tokenizer=...\) or pass token ids"):
+            loaded.generate(prompt, 2)
+    assert loaded.generate([[1, 2]], 3).tokens == gen.generate([[1, 2]], 3).tokens
