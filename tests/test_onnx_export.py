@@ -546,3 +546,23 @@ def test_text_prompts_to_an_exported_step_graph_say_where_the_tokenizer_goes(tmp
         with pytest.raises(GenerationError, match=r"lowbit.export.load\(path, tokenizer=...\) or pass token ids"):
             loaded.generate(prompt, 2)
     assert loaded.generate([[1, 2]], 3).tokens == gen.generate([[1, 2]], 3).tokens
+
+
+def test_a_gather_along_another_axis_is_not_taken_for_an_embedding():
+    """The file's id check reads Gather tables on an input as embeddings (rows on axis 0); a Gather along axis 1
+    of a [2, 10] table takes ids up to 9."""
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    table = helper.make_tensor("table", TensorProto.FLOAT, [2, 10], np.arange(20, dtype=np.float32).tolist())
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "idx"], ["y"], axis=1)], "g",
+                              [helper.make_tensor_value_info("idx", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [table])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    helper.set_model_props(proto, {"lowbit.symbols": "{}"})
+    onnx.checker.check_model(proto)
+    model = OrtCompiled(model=ir.serde.deserialize_model(proto))
+    assert model(torch.tensor([0, 9, 4])).tolist() == [[0.0, 9.0, 4.0], [10.0, 19.0, 14.0]]

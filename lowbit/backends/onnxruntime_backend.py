@@ -215,6 +215,9 @@ def declared_inputs(model: ir.Model) -> InputChecker:
         for node in model.graph:
             if node.op_type != "Gather" or len(node.inputs) < 2 or id(node.inputs[1]) not in index:
                 continue
+            axis = node.attributes.get("axis")
+            if axis is not None and axis.as_int() != 0:  # rows of a table only: an id indexes axis 0
+                continue
             table = node.inputs[0]
             if table is not None and table.const_value is not None and len(table.const_value.shape) == 2:
                 vocab.setdefault(index[id(node.inputs[1])], []).append((table.name, table.const_value.shape[0]))
