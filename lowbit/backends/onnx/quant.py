@@ -194,9 +194,8 @@ def _quantize(ctx: LoweringContext, node: Node) -> ir.Value:
     s = _scale(ctx, scale, kind)
     xv = ctx.tensor(x, torch.float32)  # the reference divides in float32
     if qd.name in ("int3", "int2"):
-        if kind == "block" and (not isinstance(x.tensor_type.shape[_axis(node, rank)], int)
-                                or x.tensor_type.shape[_axis(node, rank)] != node.kwargs["block_size"]):
-            raise NotLowerable(f"{qd.name} activations with block-wise scales smaller than the axis")
+        spread = kind == "block" and (not isinstance(x.tensor_type.shape[_axis(node, rank)], int)
+                                      or x.tensor_type.shape[_axis(node, rank)] != node.kwargs["block_size"])
         # no ONNX type this narrow: clamp x to the codes' range first, x / s in [qmin - zp, qmax - zp] (with a zero
         # point the range moves: clamping at s·qmin..s·qmax cut asymmetric int3/int2 activations, 30-70% error)
         lo_code, hi_code = ctx.const(qd.qmin, torch.float32), ctx.const(qd.qmax, torch.float32)
@@ -209,6 +208,13 @@ def _quantize(ctx: LoweringContext, node: Node) -> ir.Value:
         if kind == "axis":
             shape = ctx.ints([-1] + [1] * (rank - 1 - _axis(node, rank)))
             hi_x, lo_x = ctx.op("Reshape", [hi_x, shape]), ctx.op("Reshape", [lo_x, shape])
+        elif spread:
+            # blocks shorter than the axis (KIVI's int2 keys and values): each block's bound reaches its elements
+            # through DequantizeLinear's own block broadcast, codes of 1 times the bound's magnitude (exact)
+            ones = ctx.op("ConstantOfShape", [ctx.op("Shape", [xv])], {"value": ir.tensor(np.ones(1, np.int8))})
+            block = _qdq_attrs(node, kind, rank)
+            hi_x = ctx.op("DequantizeLinear", [ones, hi_x], block)
+            lo_x = ctx.op("Neg", [ctx.op("DequantizeLinear", [ones, ctx.op("Neg", [lo_x])], block)])
         xv = ctx.op("Max", [ctx.op("Min", [xv, hi_x]), lo_x])
     zpv = _zero_point(ctx, zp, qd, kind)
     attrs = _qdq_attrs(node, kind, rank)
