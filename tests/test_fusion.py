@@ -168,7 +168,8 @@ def test_qlinear_equals_its_unfused_subgraph(w_qdtype, group, a_qdtype, a_gran, 
         g.nodes[0].args = g.nodes[0].args[:2]
     sym = w_qdtype in ("int8", "fp8e4m3", "int4")
     a_sym = a_qdtype != "uint8"
-    InsertQDQ(w=w_qdtype, group=group, sym=sym, a=a_qdtype, a_gran=a_gran, a_sym=a_sym).run(g)
+    act = {"a": a_qdtype, "a_gran": a_gran, "a_sym": a_sym} if a_qdtype else {}  # a_* without a= is refused
+    InsertQDQ(w=w_qdtype, group=group, sym=sym, **act).run(g)
     x = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(seed)) * 3
     ref = TorchCompiled(g, precompute_constants=False)(x)
     assert fuse_qlinear(g).rewritten == 1

@@ -99,7 +99,8 @@ def test_merged_qlinear_equals_the_unmerged_ones(w_qdtype, group, a_qdtype, a_gr
     params = {f"{m}.{p}": torch.randn(n, 16, generator=gen) if p == "weight" else torch.randn(n, generator=gen)
               for m, n in (("a", 8), ("b", 4), ("c", 12)) for p in ("weight", "bias")}
     g = parse_graph(THREE, params)
-    InsertQDQ(w=w_qdtype, group=group, sym=w_qdtype != "uint4", a=a_qdtype, a_gran=a_gran).run(g)
+    act = {"a": a_qdtype, "a_gran": a_gran} if a_qdtype else {}  # a_gran without a= is refused
+    InsertQDQ(w=w_qdtype, group=group, sym=w_qdtype != "uint4", **act).run(g)
     fuse_qlinear(g)
     x = torch.randn(1, 5, 16, generator=gen) * 3
     ref = TorchCompiled(g, precompute_constants=False)(x)

@@ -16,7 +16,7 @@ from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
 from lowbit.ir.verifier import verify
 from lowbit.passes.base import PassError
 from lowbit.passes.insert_qdq import InsertQDQ
-from lowbit.passes.manager import PassManager, PipelineError, parse_pipeline
+from lowbit.passes.manager import PassManager, PipelineError, PipelineSpecError, parse_pipeline
 
 TINY = """graph main(%x: f32[1,s0,8]) {
   symbol s0 in [2, 64] hint 4
@@ -243,14 +243,47 @@ def test_bad_options_raise_clear_errors(slice2, tmp_path):
     with pytest.raises(PassError, match="option group: Input should be greater than 0"):
         parse_pipeline("quantize(w=int4,group=0)")
     with pytest.raises(PassError, match="nothing to quantize"):
-        InsertQDQ().run(graph.clone())
+        InsertQDQ()
     with pytest.raises(PassError, match="static activation scales cannot be per token"):
-        InsertQDQ(a="int8", a_static=True).run(graph.clone())
+        InsertQDQ(a="int8", a_static=True)
     with pytest.raises(PassError, match="option kv_group=48 does not divide head_dim 64"):
         InsertQDQ(kv="int4", v_gran="per_token", kv_group=48).run(graph.clone())
     with pytest.raises(PassError, match="has no option 'bits'"):
         parse_pipeline("quantize(bits=4)")
     assert parse_pipeline("quantize(w=int4,group=64)")[0].spec() == "quantize(w=int4,group=64)"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("quantize", "nothing to quantize"),
+    ("quantize(w=none,a=float)", "nothing to quantize"),
+    ("quantize(a=int8,a_static=true)", "static activation scales cannot be per token"),
+    ("quantize(w=int4,a_static=true)", "option a_static=true is read only with a=; without that it would be silently"),
+    ("quantize(w=int8,kv_window=32)", "option kv_window=32 is read only with kv="),
+    ("quantize(a=int8,a_obs=mse)", "option a_obs=mse is read only with a= and a_static=true"),
+    ("quantize(w=int4,group_fallback=64)", "option group_fallback=64 is read only with group="),
+    ("quantize(w=int8,head_group=32)", "option head_group=32 is read only with head="),
+    ("quantize(a=int8,group=64,sym=false)", r"option group=64 is read only with w= \(or head=\).*\(so would sym\)"),
+])
+def test_options_nothing_reads_are_refused_when_parsed(spec, message):
+    """An option the run would ignore, and a quantize that quantizes nothing, fail when the pipeline is parsed
+    (before the model is loaded), not silently or after capture."""
+    with pytest.raises(PipelineSpecError, match=message):
+        parse_pipeline(spec)
+
+
+@pytest.mark.parametrize("spec", ["quantize(head=int8,group=64)", "quantize(w=int8,a_static=false,kv_window=0)",
+                                  "quantize(a=int8,a_static=true,a_gran=per_tensor,a_obs=mse)",
+                                  "quantize(w=int4,group=64,group_fallback=32,a=int8,a_clip=0.9)"])
+def test_options_read_by_what_is_given_parse(spec):
+    parse_pipeline(spec)
+
+
+def test_config_file_refuses_the_options_it_replaces(tmp_path):
+    cfg = tmp_path / "q.json"
+    cfg.write_text(json.dumps({"weight": {"qdtype": "int4"}}))
+    with pytest.raises(PassError, match="option kv_sink=1 is read only with kv=; config=.* replaces the w/a/kv"):
+        InsertQDQ(config=str(cfg), kv_sink=1)
+    assert InsertQDQ(config=str(cfg), group_fallback=32, keep=["*.fc1"]).options.group_fallback == 32
 
 
 def test_kv_window_refuses_bidirectional_attention(minilm_graph):

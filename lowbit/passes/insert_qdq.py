@@ -152,6 +152,7 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
 
         from lowbit.passes.base import PassFileError
 
+        _check_read_options(self)
         if self.config is None:
             config_from_options(self)
         elif os.path.isfile(self.config):
@@ -162,6 +163,44 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
             except (ValueError, OSError) as exc:
                 raise PassFileError(f"pass quantize: option config={self.config!r}: {exc}") from None
         return self
+
+
+def _unset(qdtype: str | None) -> bool:
+    return qdtype in (None, "none", "float")
+
+
+def _check_read_options(o: InsertQDQOptions) -> None:
+    """Refuse an option set to a non-default value that nothing reads (``quantize(w=int4,a_static=true)``,
+    ``kv_window=32`` without ``kv=``): the run would succeed with the option silently ignored. A ``config`` file
+    replaces the w/a/kv options (only the head, ``keep`` and ``group_fallback`` still apply); the head reads the
+    weight options. Static per-token scales are refused here too, before the model is loaded."""
+    if o.config is None and not _unset(o.a) and o.a_static and o.a_gran == "per_token":
+        raise PassError("pass quantize: static activation scales cannot be per token (tokens vary at run time): use "
+                        "a_gran=per_tensor or per_channel with a_static=true")
+    fields = type(o).model_fields
+    given = [k for k in fields if k in o.model_fields_set and getattr(o, k) != fields[k].default]
+    plain = o.config is None  # the w/a/kv options are read
+    head = not _unset(o.head)
+    reads = {
+        "a_gran": (plain and not _unset(o.a), "a="), "a_group": (plain and not _unset(o.a), "a="),
+        "a_sym": (plain and not _unset(o.a), "a="), "a_static": (plain and not _unset(o.a), "a="),
+        "a_clip": (plain and not _unset(o.a), "a="), "a_obs": (plain and not _unset(o.a) and o.a_static,
+                                                              "a= and a_static=true"),
+        **{k: (plain and not _unset(o.kv), "kv=") for k in ("k_gran", "v_gran", "kv_group", "k_group", "v_group",
+                                                           "kv_sym", "kv_clip", "kv_window", "kv_sink")},
+        **{k: (head or (plain and not _unset(o.w)), "w= (or head=)") for k in ("group", "sym", "w_obs")},
+        "group_fallback": (not plain or o.group is not None or o.head_group is not None, "group= (or head_group=)"),
+        "head_group": (head, "head="),
+    }
+    unread = [(k, reads[k][1]) for k in given if k in reads and not reads[k][0]]
+    if unread:
+        k, needs = unread[0]
+        value = getattr(o, k)
+        shown = ("true" if value else "false") if isinstance(value, bool) else value
+        why = (f"config={o.config!r} replaces the w/a/kv options: write it in the config file" if not plain and
+               needs[0] in "awk" else "without that it would be silently ignored")
+        more = f" (so would {', '.join(k for k, _ in unread[1:])})" if len(unread) > 1 else ""
+        raise PassError(f"pass quantize: option {k}={shown} is read only with {needs}; {why}{more}")
 
 
 def config_from_options(o: InsertQDQOptions) -> QuantConfig:
@@ -678,6 +717,10 @@ def quantize_graph(graph: Graph, cfg: QuantConfig, *, group_fallback: int | None
     return stats
 
 
+_NOTHING = ("pass quantize: nothing to quantize: set w=, a=, kv= or head= (e.g. quantize(w=int4,group=64)) or "
+            "config=path.json")
+
+
 @register_pass
 class InsertQDQ(Pass):
     """Insert quantize/dequantize nodes: packed RTN weights, dynamic/static input activations, the KV cache."""
@@ -691,12 +734,18 @@ class InsertQDQ(Pass):
                "aten.logical_not.default", "aten.where.ScalarOther", "aten.sym_size.int")
     """QDQ ops, and the KV window mask's ATen ops (kv_window/kv_sink)."""
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        # refused when the pipeline is parsed, not after capture (the Options' own defaults quantize nothing, so
+        # this cannot be a validator: spec() builds them)
+        if self.options.config is None and config_from_options(self.options).is_empty():
+            raise PassError(_NOTHING)
+
     def run(self, graph: Graph) -> PassResult:
         o = self.options
         cfg = config_from_options(o)
         if cfg.is_empty():
-            raise PassError("pass quantize: nothing to quantize: set w=, a= or kv= (e.g. quantize(w=int4,group=64)) "
-                            "or config=path.json")
+            raise PassError(_NOTHING)
         calibration = {"text": o.calib, "n": o.calib_n, "seq_len": o.calib_len, "tokenizer": o.tokenizer,
                        "observer": o.a_obs, "progress": o.progress, "batch_size": o.batch_size_for(graph),
                        "device": o.torch_device(self.name)}
