@@ -187,6 +187,16 @@ def test_inspect_and_graph_read_a_compressed_tensors_checkpoint(tmp_path):
     assert "config.json" in invoke("inspect", tmp_path / "empty", code=3).output
 
 
+def test_unreadable_calibration_file_exits_3(tmp_path):
+    """A binary calib= file is a file that cannot be read (exit 3, as a missing one), not a failed pass (exit 4 with a
+    reproducer hint and the codec's 'can't decode byte 0xbb')."""
+    garbage = tmp_path / "calib.bin"
+    garbage.write_bytes(b"\xbb\xff" * 100)
+    out = invoke("compile", "smollm2:1", "-p", f"gptq(w=int4,calib_n=1,calib_len=8,progress=false,calib={garbage})",
+                 "-o", tmp_path / "out", "--quiet", code=3).output
+    assert "option calib=" in out and "is not UTF-8 text" in out and "--reproducer" not in out
+
+
 def test_help_documents_exit_codes():
     out = " ".join(invoke("--help").output.replace("│", " ").split())
     assert "Exit codes" in out and "4 a pass failed" in out and "6 debug bisect" in out

@@ -15,6 +15,7 @@ from lowbit.calibration import engine
 from lowbit.calibration.data import calibration_ids
 from lowbit.calibration.observers import fake_quant
 from lowbit.data import read_text
+from lowbit.errors import CorruptFileError
 from lowbit.ir.capture import capture
 from lowbit.ir.graph import TensorType
 from lowbit.ir.qscheme import QScheme
@@ -53,6 +54,38 @@ def test_calibration_data_errors_say_what_is_wrong(smollm2, tmp_path):
         calibration_ids(tmp_path / "missing.txt", tok, 4, 32)
     with pytest.raises(ValueError, match="n >= 1"):
         calibration_ids(short, tok, 0, 32)
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(128, 256)) * 4)
+    with pytest.raises(CorruptFileError, match=r"weights.bin' is not UTF-8 text \(byte 0x80 at offset 0\)"):
+        calibration_ids(binary, tok, 1, 8)
+
+
+def test_unreadable_calibration_files_are_file_errors_naming_the_option(tmp_path):
+    """A binary, empty or corrupt calib= file is a PassFileError (the CLI's exit 3, as a missing one), not a pass
+    failure quoting the codec; too few given ids say 'token ids', quoted once."""
+    from safetensors.torch import save_file
+
+    from lowbit.passes.base import PassError, PassFileError
+    from lowbit.passes.gptq import GPTQ
+
+    (tmp_path / "g.bin").write_bytes(b"\xbb\xff" * 100)
+    (tmp_path / "e.txt").write_text("")
+    (tmp_path / "c.safetensors").write_bytes(b"garbage" * 10)
+    save_file({"input_ids": torch.arange(4)}, str(tmp_path / "few.safetensors"))
+    graph = engine_graph()
+    for name, message in (("g.bin", "not UTF-8 text"), ("e.txt", "is empty"), ("c.safetensors", "cannot be read as")):
+        with pytest.raises(PassFileError, match=f"pass gptq: option calib=.*{name}.*{message}"):
+            GPTQ(calib=str(tmp_path / name), calib_n=1, calib_len=8).options.token_ids(graph, "gptq")
+    with pytest.raises(PassError, match="calibration token ids '.*few.safetensors' has 4 tokens") as exc:
+        GPTQ(calib=str(tmp_path / "few.safetensors"), calib_n=1, calib_len=8).options.token_ids(graph, "gptq")
+    assert not isinstance(exc.value, PassFileError)
+
+
+def engine_graph():
+    """A captured 1-block random Llama with SmolLM2's vocabulary size, for calibration-data checks."""
+    from conftest import tiny_llama
+
+    return capture(CausalLMLogits(tiny_llama(vocab=49152)).eval(), (torch.randint(0, 61, (2, 8)),))
 
 
 # ---- engine -------------------------------------------------------------------------------------

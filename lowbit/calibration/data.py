@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lowbit.data.model_files import load_tokenizer
 from lowbit.data.tokens import token_ids
+from lowbit.errors import CorruptFileError
 from lowbit.ir.graph import Graph
 
 __all__ = ["calibration_ids", "load_tokenizer", "graph_tokenizer", "DEFAULT_CALIBRATION_TEXT", "calibration_tensor",
@@ -44,19 +45,20 @@ def calibration_ids(text: str | os.PathLike[str], tokenizer: PreTrainedTokenizer
     if cls is not None and sep is not None:
         if seq_len < 3:
             raise ValueError(f"calibration for a [CLS] ... [SEP] tokenizer needs seq_len >= 3, got {seq_len}")
-        body = calibration_ids_plain(ids, text, n, seq_len - 2)
+        body = calibration_ids_plain(ids, f"calibration text {str(text)!r}", n, seq_len - 2)
         return torch.cat([torch.full((n, 1), cls), body, torch.full((n, 1), sep)], dim=1)
-    return calibration_ids_plain(ids, text, n, seq_len)
+    return calibration_ids_plain(ids, f"calibration text {str(text)!r}", n, seq_len)
 
 
-def calibration_ids_plain(ids: torch.Tensor, text: str | os.PathLike[str], n: int, seq_len: int) -> torch.Tensor:
-    """``n`` windows of ``seq_len`` tokens of ``ids``, evenly spaced."""
+def calibration_ids_plain(ids: torch.Tensor, what: str, n: int, seq_len: int) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens of ``ids`` (``what``: where they came from, for the error), evenly
+    spaced."""
     available = ids.numel() // seq_len
     if available < n:
         raise ValueError(
-            f"calibration text {str(text)!r} has {ids.numel()} tokens: {available} non-overlapping windows of "
-            f"{seq_len}, but n={n} were asked ({n * seq_len} tokens); use a longer text, fewer sequences or "
-            "shorter ones")
+            f"{what} has {ids.numel()} tokens: {available} non-overlapping windows of {seq_len}, but n={n} were "
+            f"asked ({n * seq_len} tokens); give a longer text or more ids, fewer sequences (calib_n) or shorter "
+            "ones (calib_len)")
     starts = (torch.arange(n) * available // n) * seq_len
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
@@ -73,13 +75,15 @@ def calibration_tensor(calib: str | os.PathLike[str] | torch.Tensor) -> torch.Te
 
     try:
         tensors = load_file(os.path.expanduser(str(calib)))
+    except FileNotFoundError:
+        raise
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"cannot read token ids from {str(calib)!r}: {exc}") from exc
+        raise CorruptFileError(calib, f"cannot be read as token ids: {exc}") from None
     if "input_ids" in tensors:
         return tensors["input_ids"]
     if len(tensors) != 1:
-        raise ValueError(f"{str(calib)!r} holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:5])}); give one, "
-                         "or name the ids 'input_ids'")
+        raise CorruptFileError(calib, f"holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:5])}); give one, "
+                               "or name the ids 'input_ids'")
     return next(iter(tensors.values()))
 
 
@@ -89,7 +93,7 @@ def given_windows(ids: torch.Tensor, n: int, seq_len: int, what: str) -> torch.T
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"calibration token ids must be integers, got {ids.dtype}")
     if ids.dim() == 1:
-        return calibration_ids_plain(ids.to(torch.int64), what, n, seq_len)
+        return calibration_ids_plain(ids.to(torch.int64), f"calibration token ids {what}", n, seq_len)
     if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
         raise ValueError(f"calibration token ids must be [n, L] windows (n >= 1, L >= 2) or a 1-D stream, got "
                          f"shape {tuple(ids.shape)}")

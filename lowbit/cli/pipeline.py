@@ -13,6 +13,7 @@ from typing import Any
 
 from lowbit.cli.common import Exit, fail
 from lowbit.cli.reproducer import write_reproducer
+from lowbit.passes.base import PassFileError
 from lowbit.passes.manager import PassManager, PipelineError, PipelineReport, format_pipeline
 
 __all__ = ["run_pipeline"]
@@ -32,6 +33,8 @@ def run_pipeline(graph: Any, passes: list[Any], *, instruments: list[Any] = (), 
         return pm.run(graph)
     except PipelineError as exc:
         msg = str(exc)
+        if isinstance(exc.__cause__, PassFileError):  # a calibration file that cannot be read: no pass to replay
+            fail(msg, Exit.NOT_FOUND)
         if reproducer is not None:
             before = exc.graph_before if exc.graph_before is not None else original
             start = max(exc.record.index, 0)

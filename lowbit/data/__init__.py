@@ -14,6 +14,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from lowbit.cache import atomic_file, cache_dir
+from lowbit.errors import CorruptFileError
 
 __all__ = ["TEXTS", "text_path", "read_text"]
 
@@ -48,7 +49,7 @@ def text_path(name_or_path: str | os.PathLike[str]) -> Path:
     if not path.is_file():
         raise ValueError(f"text {name!r} is not a file; give a path to a text file or one of {sorted(TEXTS)}")
     if path.stat().st_size == 0:
-        raise ValueError(f"text file {str(path)!r} is empty")
+        raise CorruptFileError(path, "is empty: give a text file with some text in it")
     return path
 
 
@@ -58,4 +59,9 @@ def read_text(name_or_path: str | os.PathLike[str]) -> str:
     Reading in text mode is part of the evaluation protocol: the WikiText-2 token counts that
     lowbit checks (301,948 SmolLM2 tokens for the test split) are those of the "\\n" text.
     """
-    return text_path(name_or_path).read_text(encoding="utf-8")
+    path = text_path(name_or_path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # a binary file given as text: say so, not the codec's words
+        raise CorruptFileError(path, f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}):"
+                               " give a text file, or token ids as a .safetensors file") from None

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lowbit.errors import LowbitError
+from lowbit.errors import CorruptFileError, LowbitError
 from lowbit.calibration.data import (
     DEFAULT_CALIBRATION_TEXT,
     calibration_ids,
@@ -150,7 +150,10 @@ class CalibrationOptions(PassOptions):
                 source = f"tokenizer {getattr(tok, 'name_or_path', '') or type(tok).__name__!r}"
             check_vocabulary(ids, graph, source)
             return ids
-        except (ValueError, FileNotFoundError) as exc:
+        except (CorruptFileError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            # the file, not the pipeline: the CLI exits 3 for it, as for a missing one
+            raise PassFileError(f"pass {pass_name}: option calib={shown}: {exc}") from None
+        except ValueError as exc:
             raise PassError(f"pass {pass_name}: option calib={shown}: {exc}") from None
 
     def batch_size_for(self, graph: Graph) -> int:
