@@ -28,6 +28,7 @@ from lowbit.passes.manager import (
     Instrument,
     PassManager,
     PipelineReport,
+    check_order,
     parse_pipeline,
 )
 from lowbit.remote_code import from_pretrained
@@ -247,7 +248,7 @@ def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn
     return model, example, dynamic, meta
 
 
-def resolve_pipeline(pipeline: str | Sequence[Pass] | None, recipe: str | None) -> list[Pass]:
+def resolve_pipeline(pipeline: str | Sequence[Pass | str] | None, recipe: str | None) -> list[Pass]:
     if pipeline is not None and recipe is not None:
         raise PassError("give either pipeline= or recipe=, not both")
     if recipe is not None:
@@ -256,7 +257,21 @@ def resolve_pipeline(pipeline: str | Sequence[Pass] | None, recipe: str | None) 
         return parse_pipeline(get_recipe(recipe))
     if pipeline is None:
         return []
-    return parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+    if isinstance(pipeline, str):
+        return parse_pipeline(pipeline)
+    if not isinstance(pipeline, Sequence):
+        raise PassError(f"pipeline= takes pipeline text or a list of passes, got {type(pipeline).__name__}")
+    # a list may mix Pass objects and pipeline text ("quantize(w=int4)"): each string is parsed as a pipeline
+    passes: list[Pass] = []
+    for i, p in enumerate(pipeline):
+        if isinstance(p, str):
+            passes.extend(parse_pipeline(p))
+        elif isinstance(p, Pass):
+            passes.append(p)
+        else:
+            raise PassError(f"pipeline[{i}] is {type(p).__name__} {p!r}: give Pass objects or pipeline text")
+    check_order(passes)
+    return passes
 
 
 def lower(graph: Graph, backend: str, device: str | None = None, options: Mapping[str, Any] | None = None) -> Any:
@@ -346,7 +361,7 @@ def compile_model(
     model: torch.nn.Module | str,
     example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
     *,
-    pipeline: str | Sequence[Pass] | None = None,
+    pipeline: str | Sequence[Pass | str] | None = None,
     recipe: str | None = None,
     backend: str = "torch",
     device: str | None = None,
@@ -358,7 +373,8 @@ def compile_model(
     calib: str | torch.Tensor | None = None,
     generation: Any = None,
 ) -> CompiledModel:
-    """Capture ``model``, run ``pipeline`` (text like ``"fold-norms,dce"``) or ``recipe``, lower to ``backend``.
+    """Capture ``model``, run ``pipeline`` (text like ``"fold-norms,dce"``, or a list of passes and texts) or
+    ``recipe``, lower to ``backend``.
 
     ``model`` may be a name or path understood by ``lowbit.models.load_model`` (``"smollm2"``, ``"minilm"``,
     an HF directory, a ``.gguf`` file). ``backend_options`` are the backend's own (``{"keep_packed": True}`` on

@@ -111,3 +111,27 @@ def test_cli_compile_takes_backend_options_through_the_same_driver(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     triton = CliRunner().invoke(app, ["compile", "smollm2:1", "-p", "dce", "-b", "triton"])
     assert triton.exit_code == 2 and "backend='torch'" in triton.output
+
+
+def test_compile_model_takes_a_list_of_passes_and_pipeline_texts_and_refuses_other_types():
+    """pipeline=["quantize(w=int4)"] raised AttributeError "'str' object has no attribute 'name'" and pipeline=123
+    a TypeError from list(): a list may mix Pass objects and texts; anything else is a PassError naming it."""
+    from conftest import tiny_llama
+
+    from lowbit.api import resolve_pipeline
+    from lowbit.passes.base import PassError
+    from lowbit.passes.dce import DeadCodeElimination
+
+    passes = resolve_pipeline(["fold-norms", "quantize(w=int4,group=32)", DeadCodeElimination()], None)
+    assert [p.spec() for p in passes] == ["fold-norms", "quantize(w=int4,group=32)", "dce"]
+    with pytest.raises(PassError, match="pipeline= takes pipeline text or a list of passes, got int"):
+        resolve_pipeline(123, None)  # type: ignore[arg-type]
+    with pytest.raises(PassError, match=r"pipeline\[1\] is int 7: give Pass objects or pipeline text"):
+        resolve_pipeline(["dce", 7], None)  # type: ignore[list-item]
+    with pytest.raises(PassError, match="must come after"):  # order checked across the list's items
+        resolve_pipeline(["fuse-qlinear", "quantize(w=int8)"], None)
+    model = tiny_llama(vocab=49152)
+    ids = torch.randint(0, 100, (2, 8))
+    compiled = compile_model(model, (ids,), pipeline=["quantize(w=int4,group=32)"])
+    assert compiled.report.pipeline.records[0].stats["weights_quantized"] == 7
+
