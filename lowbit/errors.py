@@ -44,6 +44,8 @@ def check_device(device: object) -> None:
         d = torch.device(device)  # type: ignore[arg-type]
     except (RuntimeError, TypeError):
         raise DeviceError(f"device={device!r} is not a torch device: give 'cpu', 'cuda' or 'cuda:N'") from None
+    if d.type not in ("cpu", "cuda"):  # 'meta' holds no data: lowering failed in Tensor.item()
+        raise DeviceError(f"device={device!r}: lowbit runs models on 'cpu' or 'cuda' (cuda:N), not on {d.type!r}")
     if d.type == "cuda":
         if not torch.cuda.is_available():
             why = "torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"

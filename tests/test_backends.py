@@ -17,7 +17,7 @@ from lowbit.backends import registry
 from lowbit.backends.registry import BackendError, get_backend, register_backend
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.ir.parser import parse_graph
-from lowbit.passes.manager import PassManager, parse_pipeline
+from lowbit.passes.manager import PassManager, PipelineError, parse_pipeline
 
 LINEAR = """graph main(%x: f32[1,s0,64]) {
   symbol s0 in [2, 64] hint 4
@@ -135,3 +135,14 @@ def test_compile_model_takes_a_list_of_passes_and_pipeline_texts_and_refuses_oth
     compiled = compile_model(model, (ids,), pipeline=["quantize(w=int4,group=32)"])
     assert compiled.report.pipeline.records[0].stats["weights_quantized"] == 7
 
+
+def test_a_device_lowbit_cannot_run_on_is_refused_before_capture():
+    """device='meta' failed in lowering with torch's 'Tensor.item() cannot be called on meta tensors'."""
+    from conftest import tiny_llama
+
+    from lowbit.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="device='meta': lowbit runs models on 'cpu' or 'cuda'"):
+        compile_model(tiny_llama(), pipeline="quantize(w=int4,group=32)", device="meta")
+    with pytest.raises(PipelineError, match="option device='meta'.*calibration runs on cpu or cuda"):
+        PassManager("gptq(w=int4,group=32,calib_n=1,calib_len=8,progress=false,device=meta)").run(_linear_graph())

@@ -144,6 +144,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise CalibrationError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...): {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CalibrationError(f"device {device!r}: calibration runs on cpu or cuda (cuda:1, ...), not {dev.type!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CalibrationError(f"device {device!r}: CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
