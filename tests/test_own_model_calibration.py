@@ -80,3 +80,23 @@ def test_calibration_batches_that_do_not_fit_a_fixed_shape_capture_name_the_inpu
                                           r"\[2, 16\].*capture without them"):
         compile_model(model, (x,), pipeline="gptq(w=int4,group=32,calib_n=4,calib_len=32)",
                       calib=torch.randint(0, 256, (4, 32)))
+
+
+def test_distillation_batches_that_do_not_fit_a_fixed_shape_capture_name_the_input():
+    """tune-qparams on a graph captured at batch 2: its held-out window (holdout=1) failed inside attention with
+    only 'The size of tensor a (2) must match the size of tensor b (4)'; the failure now says which input and
+    shape, and that the capture fixed them (as the block-by-block engine's does)."""
+    import pytest
+    import torch
+    from conftest import tiny_llama
+
+    from lowbit.api import compile_model
+    from lowbit.errors import LowbitError
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, layers=1, vocab=256)
+    x = torch.randint(0, 256, (2, 16))
+    with pytest.raises(LowbitError, match=r"held-out windows 0..0: .*calibration input %input_ids is \[1, 16\], but "
+                                          r"the graph takes \[2, 16\].*capture without them"):
+        compile_model(model, (x,), pipeline="quantize(w=int4,group=32),tune-qparams(tokens=64,holdout=1,"
+                      "progress=false)", calib=torch.randint(0, 256, (4, 16)))

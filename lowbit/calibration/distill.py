@@ -45,6 +45,7 @@ from lowbit.calibration.engine import (
     _DeviceParams,
     _execute,
     home_device,
+    static_misfit,
 )
 from lowbit.ir.graph import Graph, Node, Value
 
@@ -175,7 +176,13 @@ def _forward(graph: Graph, ids: torch.Tensor, params: _DeviceParams,
              replace: dict[int, Replacement] | None = None) -> torch.Tensor:
     env: dict[Value, Any] = {graph.inputs[0]: ids}
     out = graph.outputs[0]
-    _execute(graph.nodes, env, None, {out}, params, replace)
+    try:
+        _execute(graph.nodes, env, None, {out}, params, replace)
+    except CalibrationError as exc:  # a held-out or training batch a fixed-shape capture cannot take: say so
+        misfit = static_misfit(graph, (ids,))
+        if misfit is None:
+            raise
+        raise CalibrationError(f"{exc}; {misfit}") from exc
     return env[out]
 
 
@@ -300,10 +307,13 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
             for j in range(0, holdout, per_step):
                 ids = held[j:j + per_step].to(dev)
-                if len(held_ref) <= j // per_step:
-                    ref = _forward(teacher, ids, t_params)
-                    held_ref.append(ref.to(torch.bfloat16) if autocast else ref)
-                s = _forward(student, ids, s_params, ste)
+                try:
+                    if len(held_ref) <= j // per_step:
+                        ref = _forward(teacher, ids, t_params)
+                        held_ref.append(ref.to(torch.bfloat16) if autocast else ref)
+                    s = _forward(student, ids, s_params, ste)
+                except CalibrationError as exc:
+                    raise DistillError(f"{what}: held-out windows {j}..{j + ids.shape[0] - 1}: {exc}") from None
                 total += float(logit_kl(s, held_ref[j // per_step], topk)) * ids.shape[0]
         return total / holdout
 

@@ -368,7 +368,7 @@ def _step_batches(graph: Graph, step: dict[str, Any], ids: torch.Tensor,
     return out
 
 
-def _static_misfit(graph: Graph, batch: Sequence[Any]) -> str | None:
+def static_misfit(graph: Graph, batch: Sequence[Any]) -> str | None:
     """Why ``batch`` may not fit a graph captured from explicit example inputs (their sizes baked in), said when
     calibration fails: the failure itself is deep inside ('the expanded size (2) must match (4)'). Not an error on
     its own: many graphs run at other sizes than the ones they were captured with."""
@@ -409,7 +409,7 @@ def run(
     for b in batches:
         if len(b) != len(graph.inputs):
             raise CalibrationError(f"a batch has {len(b)} tensors but the graph takes {len(graph.inputs)} inputs")
-    misfit = next((m for b in batches if (m := _static_misfit(graph, b))), None)
+    misfit = next((m for b in batches if (m := static_misfit(graph, b))), None)
     try:
         return _run(graph, batches, on_node=on_node, on_block=on_block, run_suffix=run_suffix, pattern=pattern,
                     progress=progress, dev=dev)
