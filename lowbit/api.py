@@ -29,6 +29,7 @@ from lowbit.passes.manager import (
     PassManager,
     PipelineReport,
     check_order,
+    format_pipeline,
     parse_pipeline,
 )
 from lowbit.remote_code import from_pretrained
@@ -274,6 +275,25 @@ def resolve_pipeline(pipeline: str | Sequence[Pass | str] | None, recipe: str | 
     return passes
 
 
+def _given_tokenizer(tokenizer: Any) -> Any:
+    """``compile_model``'s ``tokenizer=``: a tokenizer object, or a name or directory (``smollm2``, ``minilm``, a
+    local HF tokenizer directory) loaded here; anything else failed deep in a calibrating pass ("'str' object has
+    no attribute 'get_vocab'")."""
+    import os
+
+    if tokenizer is None or callable(getattr(tokenizer, "get_vocab", None)):
+        return tokenizer
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from lowbit.calibration.data import load_tokenizer
+
+        try:
+            return load_tokenizer(str(tokenizer))
+        except (OSError, ValueError) as exc:
+            raise PassError(f"tokenizer={str(tokenizer)!r}: {exc}") from None
+    raise PassError(f"tokenizer= takes a Hugging Face tokenizer, 'smollm2', 'minilm' or a tokenizer directory, got "
+                    f"{type(tokenizer).__name__}")
+
+
 def lower(graph: Graph, backend: str, device: str | None = None, options: Mapping[str, Any] | None = None) -> Any:
     """Lower ``graph`` to ``backend`` as it is (no backend passes: ``compile_graph`` runs those)."""
     return get_backend(backend).lower(graph, device, dict(options or {}))
@@ -381,9 +401,10 @@ def compile_model(
     torch; ONNX lowering options on onnxruntime). Returns a callable ``CompiledModel`` with ``.graph`` and
     ``.report``.
 
-    Calibrating passes tokenize their text with ``tokenizer``; unset, with the tokenizer saved beside a Hugging
-    Face model (its ``name_or_path`` directory). ``calib`` (a text name or path, a ``.safetensors`` file of
-    token ids, or a tensor of ids: ``[n, L]`` windows or a 1-D stream) replaces every calibrating pass's data.
+    Calibrating passes tokenize their text with ``tokenizer`` (a tokenizer, ``"smollm2"``, ``"minilm"`` or a
+    tokenizer directory); unset, with the tokenizer saved beside a Hugging Face model (its ``name_or_path``
+    directory). ``calib`` (a text name or path, a ``.safetensors`` file of token ids, or a tensor of ids: ``[n, L]``
+    windows or a 1-D stream) replaces the data of every pass that calibrates; a pipeline with none is refused.
 
     ``generation=GenerationSpec(max_length, max_batch)`` (or ``True`` for the defaults) captures the model's
     generation step instead (``lowbit.models.CausalLMStep``: ids, positions, KV cache -> logits, cache; see
@@ -394,19 +415,23 @@ def compile_model(
     t0 = time.perf_counter()
     check_device(device)
     passes = resolve_pipeline(pipeline, recipe)  # bad specs fail before the slow capture
+    tokenizer = _given_tokenizer(tokenizer)
     if calib is not None:
         from lowbit.passes.base import CalibrationOptions
         from lowbit.passes.manager import check_input_files
 
         import pydantic
 
-        for p in passes:
-            if isinstance(p.options, CalibrationOptions):
-                try:
-                    p.options.calib = calib
-                except pydantic.ValidationError as exc:
-                    raise PassError(f"pass {p.name}: calib: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
-                                    ) from None
+        readers = [p for p in passes if isinstance(p.options, CalibrationOptions) and p.options.reads_calibration()]
+        if not readers:  # it would be silently ignored
+            raise PassError(f"calib= is read by calibrating passes (gptq, awq, smooth-quant, quantize(a_static=true), "
+                            f"...); the pipeline {format_pipeline(passes) or '(empty)'!r} has none")
+        for p in readers:
+            try:
+                p.options.calib = calib
+            except pydantic.ValidationError as exc:
+                raise PassError(f"pass {p.name}: calib: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
+                                ) from None
         check_input_files(passes)
     plan = plan_compile(passes, backend, backend_options)  # so does a backend that cannot take the pipeline
     if generation:
@@ -415,7 +440,8 @@ def compile_model(
     if isinstance(model, str):
         from lowbit.models import load_model
 
-        model, tokenizer, _ = load_model(model)
+        model, loaded, _ = load_model(model)
+        tokenizer = loaded if tokenizer is None else tokenizer  # a tokenizer= given is kept
     elif tokenizer is None:
         tokenizer = own_tokenizer(model)
     if generation:

@@ -100,3 +100,44 @@ def test_distillation_batches_that_do_not_fit_a_fixed_shape_capture_name_the_inp
                                           r"the graph takes \[2, 16\].*capture without them"):
         compile_model(model, (x,), pipeline="quantize(w=int4,group=32),tune-qparams(tokens=64,holdout=1,"
                       "progress=false)", calib=torch.randint(0, 256, (4, 16)))
+
+
+def test_tokenizer_given_by_name_or_directory_and_bad_ones_refused():
+    """tokenizer='smollm2' (the form the CLI and the passes' option take) failed inside the first calibrating pass
+    with "'str' object has no attribute 'get_vocab'"; a name or directory is loaded, anything else refused."""
+    import pytest
+    from conftest import tiny_llama
+
+    import lowbit
+    from lowbit.passes.base import PassError
+
+    model = tiny_llama(vocab=49152)
+    compiled = lowbit.compile_model(model, pipeline=GPTQ, tokenizer="smollm2")
+    assert callable(compiled.tokenizer.get_vocab) and compiled.report.pipeline.records[0].changed
+    with pytest.raises(PassError, match="tokenizer='/nonexistent/tok'.*local tokenizer directory"):
+        lowbit.compile_model(model, pipeline=GPTQ, tokenizer="/nonexistent/tok")
+    with pytest.raises(PassError, match="tokenizer= takes a Hugging Face tokenizer.*got int"):
+        lowbit.compile_model(model, pipeline=GPTQ, tokenizer=123)
+
+
+def test_calib_that_no_pass_reads_is_refused():
+    """compile_model(calib=...) with no pass that calibrates (or quantize without static scales, a fixed rotation)
+    silently ignored it, a missing file included."""
+    import re
+
+    import pytest
+    import torch
+    from conftest import tiny_llama
+
+    import lowbit
+    from lowbit.passes.base import PassError
+
+    model = tiny_llama(vocab=256)
+    for pipeline in ("fold-norms", "fold-norms,rotate", "quantize(w=int4,group=32)"):
+        with pytest.raises(PassError, match=f"calib= is read by calibrating passes.*the pipeline "
+                                            f"'{re.escape(pipeline)}' has none"):
+            lowbit.compile_model(model, pipeline=pipeline, calib="/nonexistent/calib.txt")
+    ids = torch.randint(0, 256, (2, 16))
+    compiled = lowbit.compile_model(model, pipeline="quantize(w=int8,a=int8,a_static=true,a_gran=per_tensor,"
+                                    "progress=false)", calib=ids)
+    assert compiled.report.pipeline.records[0].stats["calibration"]

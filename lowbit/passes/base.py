@@ -113,6 +113,11 @@ class CalibrationOptions(PassOptions):
             given_windows(calib if calib.dim() != 1 else calib[:2], 1, 2, "calib")  # ValueError: dtype or shape
         return calib
 
+    def reads_calibration(self) -> bool:
+        """Whether the pass will read ``calib`` with these options (``compile_model(calib=)`` refuses a pipeline
+        where none does, which would ignore it)."""
+        return True
+
     def input_files(self) -> list[tuple[str, str]]:
         from lowbit.data import TEXTS
 

@@ -140,6 +140,9 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
     config: str | None = None
     """Path of a JSON ``QuantConfig`` (per-module rules); exclusive with w/a/kv."""
 
+    def reads_calibration(self) -> bool:
+        return self.a_static or self.config is not None  # a config file may ask for static scales
+
     def input_files(self) -> list[tuple[str, str]]:
         files = [("config", self.config)] if self.config is not None else []
         return files + (super().input_files() if self.a_static else [])

@@ -97,6 +97,9 @@ class RotateOptions(CalibrationOptions):
             raise ValueError(f"{v} bits: the fake quantizer takes 2-8 bits, or 16 for float")
         return v
 
+    def reads_calibration(self) -> bool:
+        return self.kind in ("kurtosis", "learned")  # the fixed rotations use no data
+
     @model_validator(mode="after")
     def _options_of_the_kind(self) -> RotateOptions:
         """A learning option set for a kind that never reads it is a mistake the user would not see (the run
