@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lowbit.calibration.weights import SITE_KINDS, Rounding, WeightCalibrationError, calibrate_weights
 from lowbit.ir.graph import Graph
@@ -123,6 +123,9 @@ def _weight_scheme(o: WeightCalibrationOptions) -> QScheme:
     try:
         return QScheme(qdtype=o.w, symmetric=symmetric, granularity="per_group" if o.group else "per_channel",
                        group_size=o.group)
+    except ValidationError as exc:  # its messages, not pydantic's dump of the QScheme's input
+        raise ValueError(f"option w={o.w}: " + "; ".join(e["msg"].removeprefix("Value error, ")
+                                                         for e in exc.errors())) from None
     except ValueError as exc:
         raise ValueError(f"option w={o.w!r}: {exc}") from None
 

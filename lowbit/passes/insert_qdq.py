@@ -185,12 +185,18 @@ def _check_read_options(o: InsertQDQOptions) -> None:
     plain = o.config is None  # the w/a/kv options are read
     head = not _unset(o.head)
     reads = {
-        "a_gran": (plain and not _unset(o.a), "a="), "a_group": (plain and not _unset(o.a), "a="),
+        "a_gran": (plain and not _unset(o.a), "a="),
+        "a_group": (plain and not _unset(o.a) and o.a_gran == "per_token", "a= and a_gran=per_token"),
         "a_sym": (plain and not _unset(o.a), "a="), "a_static": (plain and not _unset(o.a), "a="),
         "a_clip": (plain and not _unset(o.a), "a="), "a_obs": (plain and not _unset(o.a) and o.a_static,
                                                               "a= and a_static=true"),
-        **{k: (plain and not _unset(o.kv), "kv=") for k in ("k_gran", "v_gran", "kv_group", "k_group", "v_group",
-                                                           "kv_sym", "kv_clip", "kv_window", "kv_sink")},
+        **{k: (plain and not _unset(o.kv), "kv=") for k in ("k_gran", "v_gran", "kv_sym", "kv_clip", "kv_window",
+                                                           "kv_sink")},
+        "k_group": (plain and not _unset(o.kv) and o.k_gran != "per_tensor", "kv= and a k_gran but per_tensor"),
+        "v_group": (plain and not _unset(o.kv) and o.v_gran != "per_tensor", "kv= and a v_gran but per_tensor"),
+        "kv_group": (plain and not _unset(o.kv) and ((o.k_gran != "per_tensor" and o.k_group is None) or
+                                                     (o.v_gran != "per_tensor" and o.v_group is None)),
+                     "kv= and keys or values not per_tensor without their own k_group/v_group"),
         **{k: (head or (plain and not _unset(o.w)), "w= (or head=)") for k in ("group", "sym", "w_obs")},
         "group_fallback": (not plain or o.group is not None or o.head_group is not None, "group= (or head_group=)"),
         "head_group": (head, "head="),
