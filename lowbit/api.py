@@ -8,6 +8,7 @@ backend declares it needs (``lowbit.backends.registry``), and lowers.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -427,11 +428,15 @@ def compile_model(
             raise PassError(f"calib= is read by calibrating passes (gptq, awq, smooth-quant, quantize(a_static=true), "
                             f"...); the pipeline {format_pipeline(passes) or '(empty)'!r} has none")
         for p in readers:
+            # a copy: the caller's Pass objects (pipeline=[GPTQ(...)]) must not keep this call's data for the next
+            mine = copy.copy(p)
+            mine.options = p.options.model_copy()
             try:
-                p.options.calib = calib
+                mine.options.calib = calib
             except pydantic.ValidationError as exc:
                 raise PassError(f"pass {p.name}: calib: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
                                 ) from None
+            passes[passes.index(p)] = mine
         check_input_files(passes)
     plan = plan_compile(passes, backend, backend_options)  # so does a backend that cannot take the pipeline
     if generation:

@@ -141,3 +141,20 @@ def test_calib_that_no_pass_reads_is_refused():
     compiled = lowbit.compile_model(model, pipeline="quantize(w=int8,a=int8,a_static=true,a_gran=per_tensor,"
                                     "progress=false)", calib=ids)
     assert compiled.report.pipeline.records[0].stats["calibration"]
+
+
+def test_calib_does_not_change_the_callers_pass_objects():
+    """compile_model(pipeline=[pass], calib=ids) set the ids on the caller's pass: a later compile with the same
+    pass and no calib= silently calibrated on them again."""
+    import torch
+    from conftest import tiny_llama
+
+    import lowbit
+    from lowbit.data import TEXTS
+    from lowbit.passes.gptq import GPTQ
+
+    gptq = GPTQ(w="int4", group=32, calib_n=2, calib_len=16, progress=False)
+    ids = torch.randint(0, 256, (2, 16))
+    compiled = lowbit.compile_model(tiny_llama(vocab=256), pipeline=[gptq], calib=ids)
+    assert "calib=<tensor [2, 16] int64>" in compiled.report.pipeline.records[0].spec
+    assert gptq.options.calib in TEXTS and "calib" not in gptq.options.model_fields_set
