@@ -449,19 +449,25 @@ def compile_model(
         tokenizer = loaded if tokenizer is None else tokenizer  # a tokenizer= given is kept
     elif tokenizer is None:
         tokenizer = own_tokenizer(model)
-    if generation:
-        model, example_inputs, dynamic_shapes, gen_meta = _generation_model(model, generation)
-    elif hasattr(model, "lm_head") and hasattr(model, "generation_config"):
-        from lowbit.models import CausalLMLogits
+    # the wrappers below capture in eval mode, which .eval() sets on the caller's modules too: put them back after
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    try:
+        if generation:
+            model, example_inputs, dynamic_shapes, gen_meta = _generation_model(model, generation)
+        elif hasattr(model, "lm_head") and hasattr(model, "generation_config"):
+            from lowbit.models import CausalLMLogits
 
-        model = CausalLMLogits(model).eval()
-    if example_inputs is None:
-        example_inputs, auto_dyn = _default_example(model, tokenizer)
+            model = CausalLMLogits(model).eval()
+        if example_inputs is None:
+            example_inputs, auto_dyn = _default_example(model, tokenizer)
+            if dynamic_shapes == "auto":
+                dynamic_shapes = auto_dyn
         if dynamic_shapes == "auto":
-            dynamic_shapes = auto_dyn
-    if dynamic_shapes == "auto":
-        dynamic_shapes = None
-    graph = capture(model, example_inputs, dynamic_shapes)
+            dynamic_shapes = None
+        graph = capture(model, example_inputs, dynamic_shapes)
+    finally:
+        for m, training in modes:
+            m.training = training
     graph.meta["source"] = describe_source(model)
     if generation:
         record_step_graph(graph, gen_meta)

@@ -146,3 +146,18 @@ def test_a_device_lowbit_cannot_run_on_is_refused_before_capture():
         compile_model(tiny_llama(), pipeline="quantize(w=int4,group=32)", device="meta")
     with pytest.raises(PipelineError, match="option device='meta'.*calibration runs on cpu or cuda"):
         PassManager("gptq(w=int4,group=32,calib_n=1,calib_len=8,progress=false,device=meta)").run(_linear_graph())
+
+
+def test_compile_model_leaves_the_callers_training_flags_as_they_were():
+    """The causal-LM wrappers capture in eval mode, and .eval() on them switched the caller's model (every
+    submodule) to eval for good; the flags are put back, mixed ones included, in logits and generation mode."""
+    from conftest import tiny_llama
+
+    from lowbit.generate import GenerationSpec
+
+    for generation in (None, GenerationSpec(max_length=16, max_batch=1)):
+        model = tiny_llama().train()
+        model.model.layers[0].mlp.eval()
+        compile_model(model, pipeline="quantize(w=int8)", generation=generation)
+        assert model.training and model.model.layers[0].self_attn.training
+        assert not model.model.layers[0].mlp.training
