@@ -136,6 +136,18 @@ def test_main_job_probes_exit_with_documented_codes_before_any_float_run(capsys,
     assert fragment in err, err
 
 
+def test_main_job_binary_text_exits_3_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    """A binary --text exited 2 (a bad flag) after loading the model, quoting the codec's "can't decode byte"."""
+    from lowbit.__main__ import main
+
+    monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"\xbb\xff" * 64)
+    assert main(["--text", str(binary), "--pipeline", "dce"]) == int(Exit.NOT_FOUND)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "weights.bin' is not UTF-8 text (byte 0xbb at offset 0)" in err, err
+
+
 def test_main_job_runs_on_a_slice(capsys, tmp_path):
     """``--model smollm2:2`` (a slice, as the CLI takes it) runs end to end, prints both perplexities, saves a
     compressed-tensors checkpoint and reports transformers' logits on it."""

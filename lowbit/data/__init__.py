@@ -63,5 +63,5 @@ def read_text(name_or_path: str | os.PathLike[str]) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:  # a binary file given as text: say so, not the codec's words
-        raise CorruptFileError(path, f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}):"
-                               " give a text file, or token ids as a .safetensors file") from None
+        raise CorruptFileError(path, f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                               f"{exc.start}): give a text file") from None
