@@ -380,7 +380,7 @@ def _jsonable(v: Any) -> bool:
 
 def compile_model(
     model: torch.nn.Module | str,
-    example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
+    example_inputs: tuple[Any, ...] | Mapping[str, Any] | torch.Tensor | None = None,
     *,
     pipeline: str | Sequence[Pass | str] | None = None,
     recipe: str | None = None,

@@ -161,3 +161,14 @@ def test_compile_model_leaves_the_callers_training_flags_as_they_were():
         compile_model(model, pipeline="quantize(w=int8)", generation=generation)
         assert model.training and model.model.layers[0].self_attn.training
         assert not model.model.layers[0].mlp.training
+
+
+def test_a_lone_example_tensor_is_the_one_positional_input():
+    """compile_model(model, ids) split the [2, 8] tensor into two positional arguments (tuple(ids)) and capture
+    failed with 'too many positional arguments'."""
+    from conftest import tiny_llama
+
+    model = tiny_llama(vocab=61)
+    ids = torch.randint(0, 61, (2, 8))
+    compiled = compile_model(model, ids, pipeline="quantize(w=int8)")
+    assert torch.equal(compiled(ids), compile_model(model, (ids,), pipeline="quantize(w=int8)")(ids))

@@ -271,13 +271,13 @@ def from_exported(ep: ExportedProgram, *, prefix: str = "", example_inputs: list
 
 def capture(
     model: torch.nn.Module | torch.fx.GraphModule | ExportedProgram,
-    example_inputs: tuple[Any, ...] | Mapping[str, Any],
+    example_inputs: tuple[Any, ...] | Mapping[str, Any] | torch.Tensor,
     dynamic_shapes: Any = None,
     *,
     strict: bool = False,
     raise_ops: bool = True,
 ) -> Graph:
-    """Capture ``model`` called on ``example_inputs`` (a tuple of positional args or a dict of kwargs).
+    """Capture ``model`` called on ``example_inputs`` (a tuple of positional args, a dict of kwargs, or one tensor).
 
     ``dynamic_shapes`` follows torch.export (e.g. ``{"input_ids": {1: Dim("seq", min=2, max=8192)}}``).
     Wrappers may set ``capture_prefix`` (e.g. ``"model."``) so module paths read as in the wrapped model.
@@ -285,6 +285,8 @@ def capture(
     t0 = time.perf_counter()
     if isinstance(example_inputs, Mapping):
         args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, torch.Tensor):  # the one argument: tuple() would split its rows into arguments
+        args, kwargs = (example_inputs,), {}
     else:
         args, kwargs = tuple(example_inputs), {}
     if isinstance(model, ExportedProgram):
