@@ -158,3 +158,19 @@ def test_calib_does_not_change_the_callers_pass_objects():
     compiled = lowbit.compile_model(tiny_llama(vocab=256), pipeline=[gptq], calib=ids)
     assert "calib=<tensor [2, 16] int64>" in compiled.report.pipeline.records[0].spec
     assert gptq.options.calib in TEXTS and "calib" not in gptq.options.model_fields_set
+
+
+def test_an_empty_stream_of_calibration_ids_says_so():
+    """An empty 1-D tensor of ids was refused with 'calibration token ids calib has 0 tokens: ... but n=1 were asked
+    (2 tokens)', numbers the user never gave."""
+    import pytest
+    import torch
+    from conftest import tiny_llama
+
+    import lowbit
+    from lowbit.passes.base import PassError
+
+    for ids in (torch.zeros(0, dtype=torch.long), torch.tensor([7])):
+        with pytest.raises(PassError, match=f"pass gptq: calib: a 1-D stream of calibration token ids needs at "
+                                            f"least 2 ids, got {ids.numel()}$"):
+            lowbit.compile_model(tiny_llama(vocab=256), pipeline=GPTQ, calib=ids)

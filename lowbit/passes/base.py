@@ -110,6 +110,8 @@ class CalibrationOptions(PassOptions):
         """A tensor must be integer token ids, ``[n, L]`` windows or a 1-D stream (checked when the pass is built),
         or float model inputs (a model whose input is pixels or features; checked against the graph's input)."""
         if isinstance(calib, torch.Tensor) and not calib.dtype.is_floating_point:
+            if calib.dim() == 1 and calib.numel() < 2:  # not 'n=1 were asked (2 tokens)': the user asked for nothing
+                raise ValueError(f"a 1-D stream of calibration token ids needs at least 2 ids, got {calib.numel()}")
             given_windows(calib if calib.dim() != 1 else calib[:2], 1, 2, "calib")  # ValueError: dtype or shape
         return calib
 
