@@ -415,6 +415,12 @@ def compile_model(
 
     t0 = time.perf_counter()
     check_device(device)
+    if not isinstance(verify, bool):  # verify="no" is truthy: it verified
+        raise TypeError(f"verify= takes True or False, got {type(verify).__name__} {verify!r}")
+    for i, ins in enumerate(instruments):
+        if not (callable(getattr(ins, "before_pass", None)) and callable(getattr(ins, "after_pass", None))):
+            raise TypeError(f"instruments[{i}] is {type(ins).__name__}, not an Instrument (before_pass/after_pass): "
+                            "give lowbit.passes.manager.Instrument objects such as PrintIR or NumericCheck")
     passes = resolve_pipeline(pipeline, recipe)  # bad specs fail before the slow capture
     tokenizer = _given_tokenizer(tokenizer)
     if calib is not None:

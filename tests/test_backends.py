@@ -172,3 +172,12 @@ def test_a_lone_example_tensor_is_the_one_positional_input():
     ids = torch.randint(0, 61, (2, 8))
     compiled = compile_model(model, ids, pipeline="quantize(w=int8)")
     assert torch.equal(compiled(ids), compile_model(model, (ids,), pipeline="quantize(w=int8)")(ids))
+
+
+def test_compile_model_refuses_a_non_bool_verify_and_objects_that_are_not_instruments():
+    """verify="no" verified (a truthy string) and instruments=[1] failed in the first pass with "'int' object has no
+    attribute 'before_pass'"; both are refused before the model is read."""
+    with pytest.raises(TypeError, match="verify= takes True or False, got str 'no'"):
+        compile_model("no-such-model", pipeline="dce", verify="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"instruments\[0\] is int, not an Instrument"):
+        compile_model("no-such-model", pipeline="dce", instruments=[1])  # type: ignore[list-item]
