@@ -294,6 +294,22 @@ def test_config_file_refuses_the_options_it_replaces(tmp_path):
     assert InsertQDQ(config=str(cfg), group_fallback=32, keep=["*.fc1"]).options.group_fallback == 32
 
 
+def test_config_file_problems_are_named_when_parsed(tmp_path):
+    """A config asking for static per-token input scales was accepted when parsed and refused only after capture;
+    a binary config file quoted the codec ("'utf-8' codec can't decode byte 0xbb")."""
+    from lowbit.passes.base import PassFileError
+
+    static = tmp_path / "static.json"
+    static.write_text(json.dumps({"input": {"qdtype": "int8", "granularity": "per_token", "dynamic": False}}))
+    with pytest.raises(PassFileError, match=r"not a QuantConfig: \(top level\): input: static activation scales "
+                                            "cannot be per token"):
+        parse_pipeline(f"quantize(config={static})")
+    binary = tmp_path / "q.json"
+    binary.write_bytes(b"\xbb\xff" * 50)
+    with pytest.raises(PassFileError, match=r"q.json' is not UTF-8 text \(byte 0xbb at offset 0\): give a JSON"):
+        parse_pipeline(f"quantize(config={binary})")
+
+
 def test_kv_window_refuses_bidirectional_attention(minilm_graph):
     """MiniLM's attention reads later tokens: a float window of 'recent' tokens means nothing there."""
     with pytest.raises(PassError, match="needs causal attention.*encoder.layer.0.attention.self"):

@@ -182,6 +182,9 @@ class QuantConfig(BaseModel):
             if isinstance(s, QScheme) and s.granularity == "per_group":
                 raise ValueError(f"{where}: activations use per_token (group_size = channels per group), "
                                  "per_channel or per_tensor")
+            if isinstance(s, QScheme) and not s.dynamic and s.granularity == "per_token":  # refused only at run time
+                raise ValueError(f"{where}: static activation scales cannot be per token (tokens vary at run time): "
+                                 "use per_tensor or per_channel with dynamic=false")
         return self
 
     @classmethod
@@ -190,13 +193,17 @@ class QuantConfig(BaseModel):
         if not p.is_file():
             raise FileNotFoundError(f"quantization config {str(p)!r}: no such file")
         try:
-            data = json.loads(p.read_text())
+            data = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"quantization config {str(p)!r} is not valid JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:  # a binary file: not the codec's words
+            raise ValueError(f"quantization config {str(p)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                             f"at offset {exc.start}): give a JSON file") from None
         try:
             return cls.model_validate(data)
         except ValidationError as exc:  # its text quotes each bad value: the file's contents
-            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or '(top level)'}: {e['msg']}"
+            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or '(top level)'}: "
+                                 f"{e['msg'].removeprefix('Value error, ')}"
                                  for e in exc.errors()[:5])
             raise ValueError(f"quantization config {str(p)!r} is not a QuantConfig: {problems}") from None
 
