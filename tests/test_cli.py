@@ -197,6 +197,16 @@ def test_unreadable_calibration_file_exits_3(tmp_path):
     assert "option calib=" in out and "is not UTF-8 text" in out and "--reproducer" not in out
 
 
+def test_quiet_compile_turns_the_calibration_progress_bars_off(tmp_path):
+    """--quiet left every calibrating pass's tqdm bar on ('calibrate: 100%|...'); a pipeline's own progress=true
+    keeps its bar."""
+    gptq = "gptq(w=int4,calib_n=1,calib_len=8{})"
+    out = invoke("compile", "smollm2:1", "-p", gptq.format(""), "-o", tmp_path / "a", "--quiet").output
+    assert "calibrate:" not in out
+    out = invoke("compile", "smollm2:1", "-p", gptq.format(",progress=true"), "-o", tmp_path / "b", "--quiet").output
+    assert "calibrate:" in out
+
+
 def test_help_documents_exit_codes():
     out = " ".join(invoke("--help").output.replace("│", " ").split())
     assert "Exit codes" in out and "4 a pass failed" in out and "6 debug bisect" in out

@@ -309,7 +309,7 @@ def compile_cmd(
     timing: bool = typer.Option(False, "--timing", help="table of per-pass wall time and peak memory"),
     reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on failure, save the IR before the "
                                               "failing pass, the pipeline, inputs and versions here"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no summary"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no summary and no calibration progress bars"),
 ) -> None:
     """Capture MODEL, run the pipeline over its IR, lower it to BACKEND and write the artefact and a report."""
     from lowbit.api import compile_graph, plan_compile
@@ -326,6 +326,10 @@ def compile_cmd(
         if not eq or not key.strip():
             fail(f"--backend-option {item!r}: expected KEY=VALUE", Exit.USAGE)
         options[key.strip()] = value.strip()
+    if quiet:  # the calibration bars too, where the pipeline does not ask for them (progress=true)
+        for p in passes:
+            if "progress" in type(p.options).model_fields and "progress" not in p.options.model_fields_set:
+                p.options.progress = False
     try:
         plan = plan_compile(passes, backend, options)
     except BackendError as exc:
