@@ -435,6 +435,21 @@ def test_weight_pass_bad_options(smollm2_slice_f64):
     assert issubclass(PipelineError, Exception) and issubclass(PassError, ValueError)
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("smooth-quant(search=true,alpha=0.7)", "option alpha=0.7 is read only with search=false"),
+    ("smooth-quant(samples=100)", "option samples=100 is read only with search=true"),
+    ("smooth-quant(sites=[norm;bogus])", r"option sites: unknown \['bogus'\]"),
+])
+def test_smooth_quant_options_nothing_reads_or_unknown_sites_fail_when_parsed(spec, message):
+    """alpha with the search (and samples without it) were silently ignored; an unknown site failed only after
+    capture."""
+    from lowbit.passes.manager import PipelineSpecError, parse_pipeline
+
+    with pytest.raises(PipelineSpecError, match=message):
+        parse_pipeline(spec)
+    parse_pipeline("smooth-quant(search=true,samples=100),smooth-quant(alpha=0.7,sites=[gated])")
+
+
 def test_smooth_quant_on_a_post_norm_encoder_errors_or_leaves_it_unchanged(minilm_graph):
     """MiniLM's LayerNorms also feed the residual: no exact place for SmoothQuant scales. By default the pass
     says so; with require_sites=false (as the w8a8 recipe runs it) it warns and changes nothing."""

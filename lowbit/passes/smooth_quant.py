@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from lowbit.calibration.engine import BlockRun, batches_from_ids, run
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites
@@ -50,6 +50,24 @@ class SmoothQuantOptions(CalibrationOptions):
     set it so that ``w8a8`` runs on any model."""
     samples: int = Field(default=4096, ge=1)
     """Search: tokens kept per site (evenly spread over the calibration batches)."""
+
+    @field_validator("sites")
+    @classmethod
+    def _known_sites(cls, sites: list[str]) -> list[str]:
+        bad = sorted(set(sites) - set(SITE_KINDS))
+        if bad:  # when parsed, not after capture
+            raise ValueError(f"unknown {bad}; known: {', '.join(SITE_KINDS)}")
+        return sites
+
+    @model_validator(mode="after")
+    def _read_by_the_mode(self) -> SmoothQuantOptions:
+        """``alpha`` is read only without the search and ``samples`` only with it: the other would be silently
+        ignored."""
+        unread = "alpha" if self.search else "samples"
+        if unread in self.model_fields_set and getattr(self, unread) != type(self).model_fields[unread].default:
+            raise ValueError(f"option {unread}={getattr(self, unread)} is read only with search="
+                             f"{'false' if self.search else 'true'}; without that it would be silently ignored")
+        return self
 
 
 @dataclass
