@@ -439,15 +439,19 @@ def test_weight_pass_bad_options(smollm2_slice_f64):
     ("smooth-quant(search=true,alpha=0.7)", "option alpha=0.7 is read only with search=false"),
     ("smooth-quant(samples=100)", "option samples=100 is read only with search=true"),
     ("smooth-quant(sites=[norm;bogus])", r"option sites: unknown \['bogus'\]"),
+    ("gptq(n_grid=40)", "pass gptq: option n_grid=40 is read only with awq=true or clip=true"),
+    ("gptq(clip=true,sites=[norm])", r"pass gptq: option sites=\['norm'\] is read only with awq=true"),
+    ("autoround(n_grid=10)", "pass autoround: option n_grid=10 is read only with awq=true or clip=true"),
 ])
 def test_smooth_quant_options_nothing_reads_or_unknown_sites_fail_when_parsed(spec, message):
-    """alpha with the search (and samples without it) were silently ignored; an unknown site failed only after
-    capture."""
+    """alpha with the search (and samples without it), and gptq/autoround's n_grid without a search or sites without
+    awq=true, were silently ignored; an unknown site failed only after capture."""
     from lowbit.passes.manager import PipelineSpecError, parse_pipeline
 
     with pytest.raises(PipelineSpecError, match=message):
         parse_pipeline(spec)
     parse_pipeline("smooth-quant(search=true,samples=100),smooth-quant(alpha=0.7,sites=[gated])")
+    parse_pipeline("gptq(clip=true,n_grid=40),gptq(awq=true,sites=[norm]),autoround(awq=true,n_grid=10)")
 
 
 def test_smooth_quant_on_a_post_norm_encoder_errors_or_leaves_it_unchanged(minilm_graph):

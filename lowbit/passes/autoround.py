@@ -21,12 +21,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lowbit.calibration.block_tuning import TuneOptions
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, Pass, PassResult, register_pass
-from lowbit.passes.gptq import SITE_KINDS, WeightCalibrationOptions, rounding, run_weight_calibration
+from lowbit.passes.gptq import (
+    SITE_KINDS,
+    WeightCalibrationOptions,
+    check_awq_options,
+    rounding,
+    run_weight_calibration,
+)
 
 __all__ = ["AutoRound", "AutoRoundOptions"]
 
@@ -53,6 +59,11 @@ class AutoRoundOptions(WeightCalibrationOptions):
     """AWQ: where scales may be folded (norm, gated, attention-v)."""
     seed: int = 0
     """Order in which calibration batches are visited."""
+
+    @model_validator(mode="after")
+    def _searches_read(self) -> AutoRoundOptions:
+        check_awq_options(self)
+        return self
 
 
 @register_pass
