@@ -168,6 +168,21 @@ def test_bfloat16_model_round_trips_in_bfloat16(tmp_path, fmt):
     assert loaded(ids).dtype == torch.bfloat16 and torch.equal(loaded(ids), compiled(ids))
 
 
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_config_names_the_architecture_of_a_model_built_from_a_config(tmp_path, fmt):
+    """A model built in code (``LlamaForCausalLM(config)``) has no ``architectures``; config.json said null, which
+    vLLM refuses, and lowbit.load without the manifest (the directory as another tool sees it) took the causal LM for
+    an encoder ("tensor 'layers.0...weight_scale' is missing"). It now names the class the tensors belong to."""
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97, max_positions=64)
+    assert model.config.architectures is None
+    compiled = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32)")
+    out = lowbit.save(compiled, tmp_path / "ck", format=fmt)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    (out / "lowbit-manifest.json").unlink()
+    ids = torch.randint(0, 97, (2, 12))
+    assert torch.equal(lowbit.load(out)(ids), compiled(ids))
+
+
 def test_generation_model_saves_as_compressed_tensors(tmp_path):
     """A model compiled with generation= (its step graph) saves in the HF formats: it raised "no
     graph.meta['source']: compile it with lowbit.compile_model" although it was compiled so. The checkpoint holds

@@ -246,6 +246,9 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
     cfg = copy.deepcopy(config)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
+    # the class whose parameter names the checkpoint holds, as save_pretrained writes it: a config built in code
+    # has none, and vLLM refuses such a config.json while lowbit.load took a causal LM for an encoder
+    cfg.architectures = [type(model).__name__]
     tied = _tied(model)
     if tied is not None:
         head, emb = tied
