@@ -151,6 +151,30 @@ def test_round_trip_bit_exact(float_slice, tmp_path, fmt, pipeline):
     assert loaded.tokenizer is not None
 
 
+@pytest.mark.parametrize("w,a", [("int8", "int8"), ("fp8e4m3", "fp8e4m3")])
+def test_static_per_tensor_input_scales_save_and_load(float_slice, tmp_path, w, a):
+    """Static per-tensor activation scales (a_static, compressed-tensors' static W8A8/FP8) are written as
+    ``input_scale`` and read back: the save refused them ("read by a quantize/dequantize node that is not a linear's
+    weight") although the writer had their field, and the loader said "not read back yet". transformers' logits and
+    lowbit's reload are lowbit's, bit for bit; per-channel static scales stay refused by name."""
+    calib = "calib_n=2,calib_len=32,batch_size=2,progress=false"
+    graph = _compiled(float_slice, f"quantize(w={w},a={a},a_static=true,a_gran=per_tensor,{calib})")
+    ids = float_slice[1][:1, :64]
+    ref = TorchCompiled(graph)(ids)
+    out = lowbit.save(graph, tmp_path / "ct", format="compressed-tensors")
+    group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["input_activations"]["dynamic"] is False and group["input_activations"]["strategy"] == "tensor"
+    assert torch.equal(_hf_logits(out, ids), ref)
+    loaded = lowbit.load(out)
+    _assert_same_graph(graph, loaded.graph)
+    assert sum(n.op == "quantize" for n in loaded.graph.nodes) == sum(n.op == "quantize" for n in graph.nodes)
+    assert torch.equal(loaded(ids), ref)
+    per_channel = _compiled(float_slice, f"quantize(w={w},a={a},a_static=true,a_gran=per_channel,{calib})")
+    with pytest.raises(CheckpointError, match=r"static input scale of shape \(576,\); HF formats store static "
+                                              "input scales per tensor only"):
+        lowbit.save(per_channel, tmp_path / "pc", format="compressed-tensors")
+
+
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 def test_bfloat16_model_round_trips_in_bfloat16(tmp_path, fmt):
     """A bf16 model's checkpoint says dtype bfloat16 (it said float32, so transformers and vLLM loaded it in

@@ -209,6 +209,8 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
                 qw.act, qw.act_scale = _act(node, qw.codes.shape[1])
                 view.quantized[node.module] = qw
                 used.update(v.name for v in node.args[1].producer.inputs())
+                if qw.act_scale is not None:  # a static input scale (and zero zero point): written as input_scale
+                    used.update(v.name for v in node.args[0].producer.inputs() if v.is_param)
             else:
                 _put(view, key, w, node)
                 view.float_linears.append(node.module)

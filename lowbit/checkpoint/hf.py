@@ -8,7 +8,7 @@ package, whose packing helpers are used here):
   ``weight_scale`` ``[N, 1]`` (channel) or ``[N, K/g]`` (group), ``weight_zero_point`` (asymmetric: signed ints
   packed along N) and ``weight_shape``.
 * ``int-quantized`` — W8A8: ``weight`` int8 ``[N, K]``, ``weight_scale`` ``[N, 1]``; input activations dynamic
-  per token (``strategy: token``).
+  per token (``strategy: token``), or static per tensor (``input_scale`` ``[1]``, with FP8 too).
 * ``float-quantized`` — FP8 e4m3: ``weight`` float8_e4m3fn, ``weight_scale`` per channel or group.
 
 lowbit's unsigned codes (uint4 with zero points 0..15) are stored as compressed-tensors' signed ones by
@@ -695,10 +695,14 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
         raise CheckpointError(f"{directory}: the checkpoint has no tensor {missing[0]!r} (and {len(missing) - 1} "
                               "more) that the model built from config.json needs")
     graph, tokenizer = _capture(model, kind, directory, generation)
-    rules = [ModuleRule(pattern=_glob_escape(m), weight=p[0], input=p[1]) for m, p in plan.items()]
+    # static input scales are stored, not calibrated: the quantize pass gets the weights (and dynamic inputs) only
+    rules = [ModuleRule(pattern=_glob_escape(m), weight=p[0], input=p[1] if p[1] is None or p[1].dynamic else None)
+             for m, p in plan.items()]
     cfg = QuantConfig(rules=rules, keep_float=[])
     quantize_graph(graph, cfg)
     _install_codes(graph, plan, directory)
+    _install_static_inputs(graph, {m: (p[1], _ct_input_scale(m, tensors, directory)) for m, p in plan.items()
+                                   if p[1] is not None and not p[1].dynamic})
     graph.meta["loaded_format"] = method  # what generate() names when asked for a step graph this is not
     if generation and graph.meta["generation"]["logits"] == "last":  # as compile_model's plan adds it
         from lowbit.passes.last_logits import LastLogits
@@ -785,9 +789,14 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
     xs = None
     ia = scheme.input_activations
     if ia is not None:
-        if not ia.dynamic:
-            raise CheckpointError(f"{directory}: linear {module!r}: static input scales are not read back yet")
         a_qd = "fp8e4m3" if ia.type == "float" else f"int{ia.num_bits}"
+        if not ia.dynamic:
+            if ia.strategy != "tensor" or not ia.symmetric:
+                raise CheckpointError(f"{directory}: linear {module!r}: static {ia.strategy} input scales"
+                                      f"{'' if ia.symmetric else ' with zero points'}; lowbit reads static input "
+                                      "scales per tensor and symmetric")
+            xs = QScheme(qdtype=a_qd, symmetric=True, granularity="per_tensor", dynamic=False)
+            return ws, xs, q, scale, zp
         gran = {"token": ("per_token", None), "group": ("per_token", ia.group_size),
                 "tensor": ("per_tensor", None)}.get(ia.strategy)
         if gran is None:
@@ -854,6 +863,33 @@ def _capture(model: torch.nn.Module, kind: str, directory: Path, generation: Any
     if tokenizer is not None:
         graph.meta["tokenizer"] = tokenizer
     return graph, tokenizer
+
+
+def _ct_input_scale(module: str, tensors: dict[str, torch.Tensor], directory: Path) -> torch.Tensor:
+    """A static per-tensor ``input_scale`` (one finite positive float), as the scalar the quantize pass stores."""
+    t = _check_tensor(tensors, f"{module}.input_scale", directory, [[1], []], _FLOATS,
+                      f"linear {module!r}'s static per-tensor input quantization")
+    if not (torch.isfinite(t).all() and (t > 0).all()):
+        raise CheckpointError(f"{_tensor_file(directory, module + '.input_scale')}: tensor '{module}.input_scale' is "
+                              f"{t.item()}, not a positive finite scale")
+    return t.to(torch.float32).reshape(())
+
+
+def _install_static_inputs(graph: Graph, static: dict[str, tuple[Any, torch.Tensor]]) -> None:
+    """Give each linear in ``static`` (module -> (input scheme, stored scale)) its static input QDQ; linears that
+    read one value with the same scheme and scale share one, as the quantize pass writes them (q/k/v)."""
+    from lowbit.ir.qdq import write_static_input_qdq
+    from lowbit.ir.quant import layout_for
+
+    groups: dict[tuple[int, Any, float], list[Any]] = {}
+    for node in graph.nodes:
+        if node.op == "linear" and node.module in static:
+            scheme, scale = static[node.module]
+            groups.setdefault((id(node.args[0]), scheme, scale.item()), []).append(node)
+    for (_, scheme, _), readers in groups.items():
+        x = readers[0].args[0]
+        layout = layout_for(scheme, x.tensor_type.shape, "activation")
+        write_static_input_qdq(graph, x, readers, scheme, layout, static[readers[0].module][1], None)
 
 
 def _install_codes(graph: Graph, plan: dict[str, Any], directory: Path) -> None:
