@@ -454,6 +454,31 @@ def test_lowbit_format_writes_the_pruned_config(tmp_path):
     assert (cfg.intermediate_size, cfg.num_hidden_layers) == (192, 2)
 
 
+def test_save_and_load_arguments_are_checked_and_honoured(tmp_path):
+    """format=None was an AttributeError from the name suggester; kind='bogus' built a bare AutoModel and blamed
+    the embedding ("not a parameter of the HF model; a pass added it"); load(device='gpu') was torch's RuntimeError
+    after the whole capture; and format='lowbit' ignored config=/kind=, so a graph captured by hand and saved with
+    them reloaded without a source and could not be saved to an HF format."""
+    from lowbit.errors import DeviceError
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97, max_positions=64)
+    ids = torch.randint(0, 97, (2, 12))
+    graph = capture(CausalLMLogits(model).eval(), (ids,))  # no graph.meta["source"]
+    PassManager(parse_pipeline("quantize(w=int4,group=32)")).run(graph)
+    with pytest.raises(ValueError, match="unknown checkpoint format None; known: compressed-tensors"):
+        lowbit.save(graph, tmp_path / "a", format=None)
+    with pytest.raises(ValueError, match="unknown kind 'bogus': 'causal-lm' or 'encoder'"):
+        lowbit.save(graph, tmp_path / "a", kind="bogus", config=model.config)
+    out = lowbit.save(graph, tmp_path / "lb", format="lowbit", config=model.config, kind="causal-lm")
+    assert json.loads((out / "lowbit-manifest.json").read_text())["lowbit"]["kind"] == "causal-lm"
+    with pytest.raises(DeviceError, match="device='gpu' is not a torch device"):
+        lowbit.load(out, device="gpu")
+    ct = lowbit.save(lowbit.load(out), tmp_path / "ct", format="compressed-tensors")
+    assert torch.equal(lowbit.load(ct)(ids), TorchCompiled(graph)(ids))
+
+
 def test_save_where_no_directory_can_be_made_is_a_checkpoint_error(float_slice, tmp_path):
     """A place where the checkpoint (or its temporary sibling) cannot be created: a CheckpointError naming the path
     asked for, not an OSError naming lowbit's hidden temporary."""

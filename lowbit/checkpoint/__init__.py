@@ -34,6 +34,7 @@ from lowbit.remote_code import from_pretrained
 __all__ = ["save", "load", "FORMATS", "CheckpointError", "write_checkpoint_files"]
 
 FORMATS = ("compressed-tensors", "gptq", "lowbit")
+KINDS = ("causal-lm", "encoder")
 IR_FILE = "model.lowbit"
 PARAMS_FILE = "params.safetensors"
 
@@ -57,8 +58,11 @@ def save(compiled: Any, directory: str | os.PathLike[str], format: str = "compre
     if format not in FORMATS:
         from lowbit.passes.base import closest
 
-        raise ValueError(f"unknown checkpoint format {format!r}{closest(format, list(FORMATS))}; known: "
-                         f"{', '.join(FORMATS)}")
+        near = closest(format, list(FORMATS)) if isinstance(format, str) else ""
+        raise ValueError(f"unknown checkpoint format {format!r}{near}; known: {', '.join(FORMATS)}")
+    if kind not in (None, *KINDS):  # any other kind built a bare AutoModel whose names matched nothing
+        raise ValueError(f"unknown kind {kind!r}: {' or '.join(map(repr, KINDS))} (the HF wrapper the graph was "
+                         "captured through)")
     graph, tokenizer = _graph_and_tokenizer(compiled)
     directory = Path(directory)
     if actorder is None:
@@ -77,7 +81,7 @@ def write_checkpoint_files(graph: Any, directory: Path, format: str, *, tokenize
     ``save`` wraps this in a temporary directory and adds the manifest; ``lowbit compile --format`` adds its
     report first."""
     if format == "lowbit":
-        return _save_lowbit(graph, directory, tokenizer)
+        return _save_lowbit(graph, directory, tokenizer, config=config, kind=kind)
     if format == "compressed-tensors":
         from lowbit.checkpoint.hf import save_compressed_tensors
 
@@ -116,7 +120,9 @@ def _pruned_source_config(config: Any, pruned: dict[str, Any] | None) -> Any:
         return None
 
 
-def _save_lowbit(graph: Any, directory: Path, tokenizer: Any) -> dict[str, Any]:
+def _save_lowbit(graph: Any, directory: Path, tokenizer: Any, config: Any = None,
+                 kind: str | None = None) -> dict[str, Any]:
+    """``config``/``kind`` replace the recorded source's, as for the HF formats (they were ignored here)."""
     import json
 
     from lowbit.checkpoint.files import write_safetensors
@@ -125,8 +131,8 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any) -> dict[str, Any]:
     (directory / IR_FILE).write_text(print_graph(graph))
     write_safetensors({n: v.data for n, v in graph.params.items() if v.data is not None}, directory / PARAMS_FILE)
     src = graph.meta.get("source") or {}
-    info: dict[str, Any] = {"format": "lowbit", "kind": src.get("kind")}
-    config = _pruned_source_config(src.get("config"), graph.meta.get("pruned"))
+    info: dict[str, Any] = {"format": "lowbit", "kind": kind or src.get("kind")}
+    config = _pruned_source_config(config if config is not None else src.get("config"), graph.meta.get("pruned"))
     if config is not None:
         d = config.to_dict()
         d.pop("quantization_config", None)
@@ -222,8 +228,10 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     as ``compile_model(..., generation=)``) instead of the logits forward, with the stored codes, so ``generate``
     works; a lowbit-format checkpoint keeps whichever graph it was compiled as."""
     from lowbit.api import CompiledModel, CompileReport, lower
+    from lowbit.errors import check_device
     from lowbit.passes.manager import PipelineReport
 
+    check_device(device)  # before the capture: "gpu" was torch's RuntimeError after it
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
