@@ -1,7 +1,7 @@
 """Checkpoints edited or damaged after they were written, their manifest rehashed to match: each is refused with a
 CheckpointError naming the file and the tensor, key or line (CLI exit 3), never loaded as garbage or crashed on.
 
-All on a tiny random Llama saved once per module in compressed-tensors and lowbit format.
+All on a tiny random Llama saved once per module in compressed-tensors, GPTQ and lowbit format.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def saved(tmp_path_factory):
     compiled = lowbit.compile_model(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97),
                                     pipeline="quantize(w=int4,group=32)")
     root = tmp_path_factory.mktemp("saved")
-    return {fmt: lowbit.save(compiled, root / fmt, format=fmt) for fmt in ("compressed-tensors", "lowbit")}
+    return {fmt: lowbit.save(compiled, root / fmt, format=fmt) for fmt in ("compressed-tensors", "gptq", "lowbit")}
 
 
 def _copy(saved, fmt: str, tmp_path: Path) -> Path:
@@ -112,6 +112,57 @@ def test_damaged_packed_weights_are_refused(saved, tmp_path, damage):
     _edit_tensors(d / "model.safetensors", lambda t: t.__setitem__(name, fix(t[name])))
     _rehash(d)
     _refused(d, "model.safetensors", name)
+
+
+def _gptq(c):
+    return c["quantization_config"]
+
+
+@pytest.mark.parametrize("edit,match", [
+    # a false bits or group_size was reported as "g_idx is a permutation (desc_act GPTQ)"
+    (lambda c: _gptq(c).__setitem__("bits", 8), ["model.safetensors", f"{DOWN}.qweight", "8 bits, group 32"]),
+    (lambda c: _gptq(c).__setitem__("group_size", 64), ["model.safetensors", f"{DOWN}.qzeros", "group 64"]),
+    # int()'s ValueError, a ZeroDivisionError
+    (lambda c: _gptq(c).__setitem__("bits", "four"), ["config.json", "quantization_config.bits is 'four'"]),
+    (lambda c: _gptq(c).__setitem__("group_size", 0), ["config.json", "group_size=0"]),
+    (lambda c: _gptq(c).__setitem__("checkpoint_format", "marlin"), ["config.json", "checkpoint_format 'marlin'"]),
+])
+def test_gptq_config_disagreeing_with_its_tensors_is_refused(saved, tmp_path, edit, match):
+    d = _copy(saved, "gptq", tmp_path)
+    _edit_json(d / "config.json", edit)
+    _rehash(d)
+    _refused(d, *match)
+
+
+@pytest.mark.parametrize("name,fix", [
+    ("qweight", lambda t: t.float()),  # loaded: the float codes were cast and unpacked
+    ("qzeros", lambda t: t[:1].contiguous()),  # loaded: only the values were checked
+    ("scales", lambda t: t.to(torch.int32)),  # loaded with integer scales
+    ("qweight", lambda t: t.flatten()),  # a RuntimeError from the unpacking
+    ("g_idx", lambda t: t[:10].contiguous()),  # "a permutation (desc_act GPTQ)"
+])
+def test_damaged_gptq_tensors_are_refused(saved, tmp_path, name, fix):
+    d = _copy(saved, "gptq", tmp_path)
+    key = f"{DOWN}.{name}"
+    _edit_tensors(d / "model.safetensors", lambda t: t.__setitem__(key, fix(t[key])))
+    _rehash(d)
+    _refused(d, "model.safetensors", key, "[64, 128]")
+
+
+def test_gptq_v2_zeros_are_read_as_v2(saved, tmp_path):
+    """checkpoint_format gptq_v2 stores the zero points themselves (v1: zero - 1): a v2 symmetric checkpoint was
+    refused as "asymmetric GPTQ", and a v1 one relabelled v2 loaded as if it were v1."""
+    d = _copy(saved, "gptq", tmp_path)
+    ref = lowbit.load(d)
+    _edit_json(d / "config.json", lambda c: _gptq(c).__setitem__("checkpoint_format", "gptq_v2"))
+    _rehash(d)
+    _refused(d, "qzeros are not all 8 (asymmetric GPTQ)", cli=False)
+    # zero - 1 = 7 in every 4-bit field -> 8 in every field: 0x77777777 + 0x11111111
+    _edit_tensors(d / "model.safetensors", lambda t: t.update(
+        {k: (v.to(torch.int64) + 0x11111111).to(torch.int32) for k, v in t.items() if k.endswith(".qzeros")}))
+    _rehash(d)
+    ids = torch.randint(0, 97, (1, 9))
+    assert torch.equal(lowbit.load(d)(ids), ref(ids))
 
 
 def test_config_disagreeing_with_the_weights_is_refused(saved, tmp_path):

@@ -659,12 +659,11 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
             plan[module] = _ct_linear(module, scheme, parsed.format, tensors, directory, hints.get(module),
                                       tuple(model.get_submodule(module).weight.shape))
     else:
-        bits, group = int(qcfg.get("bits", 4)), int(qcfg.get("group_size", -1))
-        if not qcfg.get("sym", True):
-            raise CheckpointError(f"{cfg_path}: asymmetric GPTQ (sym=false); lowbit reads symmetric GPTQ only")
+        bits, group, zero_offset = _gptq_config(qcfg, cfg_path)
         for module in sorted(names):
-            if f"{module}.qweight" in tensors:
-                plan[module] = _gptq_linear(module, bits, group, tensors, directory, hints.get(module))
+            if any(f"{module}.{s}" in tensors for s in _GPTQ_TENSORS):
+                plan[module] = _gptq_linear(module, bits, group, zero_offset, tensors, directory,
+                                            tuple(model.get_submodule(module).weight.shape))
     if not plan:
         raise CheckpointError(f"{directory}: the quantization_config matches no linear of "
                               f"{type(model).__name__}")
@@ -805,23 +804,61 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
     return ws, xs, q, scale, zp
 
 
-def _gptq_linear(module: str, bits: int, group: int, tensors: dict[str, torch.Tensor], directory: Path,
-                 hint: str | None) -> tuple[Any, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+_GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+_GPTQ_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
+"""``checkpoint_format`` -> what ``qzeros`` holds less the zero point: v1 stores ``zero - 1``, v2 the zero itself."""
+
+
+def _gptq_config(qcfg: dict[str, Any], cfg_path: Path) -> tuple[int, int, int]:
+    """(bits, group size or -1, zero offset) of a GPTQ quantization_config, each checked: a string or a 0 there was
+    int()'s ValueError or a ZeroDivisionError, and a v2 checkpoint's zeros were read as v1's."""
+    values = {}
+    for key, default in (("bits", 4), ("group_size", -1)):
+        v = qcfg.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise CheckpointError(f"{cfg_path}: quantization_config.{key} is {v!r}, not an integer")
+        values[key] = v
+    bits, group = values["bits"], values["group_size"]
+    if bits not in (4, 8):
+        raise CheckpointError(f"{cfg_path}: GPTQ bits={bits}; lowbit reads 4 and 8")
+    if group != -1 and group < 1:
+        raise CheckpointError(f"{cfg_path}: GPTQ group_size={group}; it is -1 (per channel) or a positive size")
+    if not qcfg.get("sym", True):
+        raise CheckpointError(f"{cfg_path}: asymmetric GPTQ (sym=false); lowbit reads symmetric GPTQ only")
+    fmt = qcfg.get("checkpoint_format", "gptq")
+    if fmt not in _GPTQ_ZERO_OFFSET:
+        raise CheckpointError(f"{cfg_path}: GPTQ checkpoint_format {fmt!r}; lowbit reads "
+                              f"{' and '.join(map(repr, _GPTQ_ZERO_OFFSET))} (other layouts pack the codes differently)")
+    return bits, group, _GPTQ_ZERO_OFFSET[fmt]
+
+
+def _gptq_linear(module: str, bits: int, group: int, zero_offset: int, tensors: dict[str, torch.Tensor],
+                 directory: Path, shape: tuple[int, int]
+                 ) -> tuple[Any, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One GPTQ linear's (weight scheme, None, codes, scale, None); every tensor is checked against config.json's
+    bits and group size and the linear's [out, in] ``shape`` first: a false bits or group_size was reported as a
+    desc_act permutation, and float codes, a cut qzeros or integer scales loaded without a word."""
     from lowbit.ir.qscheme import QScheme
 
-    if bits not in (4, 8):
-        raise CheckpointError(f"{directory}: GPTQ bits={bits}; lowbit reads 4 and 8")
-    qweight = _need(tensors, f"{module}.qweight", directory)
-    qzeros = _need(tensors, f"{module}.qzeros", directory)
-    scales = _need(tensors, f"{module}.scales", directory).to(torch.float32)
-    u = _unpack_rows(qweight, bits)  # [K, N]
-    k, n = u.shape
+    n, k = shape
+    per = 32 // bits
     g = k if group == -1 else group
+    cfg = f"config.json's quantization_config ({bits} bits, group {group}) for linear {module!r} [{n}, {k}]"
+    if k % per or n % per or k % g:
+        raise CheckpointError(f"{directory / 'config.json'}: linear {module!r} [{n}, {k}] cannot be stored as GPTQ "
+                              f"with {bits} bits and group {group} (whole int32 words and groups along both sides)")
+    n_groups = k // g
+    qweight = _check_tensor(tensors, f"{module}.qweight", directory, [[k // per, n]], (torch.int32,), cfg)
+    qzeros = _check_tensor(tensors, f"{module}.qzeros", directory, [[n_groups, n // per]], (torch.int32,), cfg)
+    scales = _check_tensor(tensors, f"{module}.scales", directory, [[n_groups, n]], _FLOATS, cfg).to(torch.float32)
     g_idx = tensors.get(f"{module}.g_idx")
-    if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(k) // g):
-        raise CheckpointError(f"{directory}: linear {module!r}: g_idx is a permutation (desc_act GPTQ); lowbit "
-                              "reads contiguous groups only")
-    zeros = _unpack_rows(qzeros.t().contiguous(), bits).t() + 1  # v1 stores zero - 1
+    if g_idx is not None:
+        g_idx = _check_tensor(tensors, f"{module}.g_idx", directory, [[k]], _INTS, cfg)
+        if not torch.equal(g_idx.to(torch.int64), torch.arange(k) // g):
+            raise CheckpointError(f"{directory}: linear {module!r}: g_idx is a permutation (desc_act GPTQ); lowbit "
+                                  "reads contiguous groups only")
+    u = _unpack_rows(qweight, bits)  # [K, N]
+    zeros = _unpack_rows(qzeros.t().contiguous(), bits).t() + zero_offset
     off = 1 << (bits - 1)
     if not bool((zeros == off).all()):
         raise CheckpointError(f"{directory}: linear {module!r}: qzeros are not all {off} (asymmetric GPTQ); lowbit "
