@@ -165,6 +165,19 @@ def test_gptq_v2_zeros_are_read_as_v2(saved, tmp_path):
     assert torch.equal(lowbit.load(d)(ids), ref(ids))
 
 
+@pytest.mark.parametrize("where", ["../outside.safetensors", "ABS", 3])
+def test_index_naming_a_shard_outside_the_directory_is_refused(saved, tmp_path, where):
+    """model.safetensors.index.json's weight_map named files by any path: '../x' or an absolute path was read from
+    outside the checkpoint (the manifest refuses such entries), and a non-string entry was a raw TypeError."""
+    d = _copy(saved, "compressed-tensors", tmp_path)
+    outside = Path(shutil.copy(d / "model.safetensors", tmp_path / "outside.safetensors"))
+    names = list(load_file(str(d / "model.safetensors")))
+    where = str(outside) if where == "ABS" else where
+    weight_map = {n: (where if i == 0 else "model.safetensors") for i, n in enumerate(names)}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _refused(d, "model.safetensors.index.json", f"puts tensor {names[0]!r} in {where!r}, which is not a file name")
+
+
 def test_config_disagreeing_with_the_weights_is_refused(saved, tmp_path):
     """hidden_size 64 -> 128: a RuntimeError from load_state_dict."""
     d = _copy(saved, "compressed-tensors", tmp_path)

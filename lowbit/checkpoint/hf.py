@@ -521,6 +521,10 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: has no 'weight_map'")
+        for name, f in weight_map.items():  # shard files beside the index only, as the manifest's files are
+            if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
+                raise CheckpointError(f"{index}: 'weight_map' puts tensor {name!r} in {f!r}, which is not a file "
+                                      "name in the checkpoint directory")
         files = sorted(set(weight_map.values()))
         out: dict[str, torch.Tensor] = {}
         for f in files:
