@@ -207,6 +207,23 @@ def test_config_names_the_architecture_of_a_model_built_from_a_config(tmp_path, 
     assert torch.equal(lowbit.load(out)(ids), compiled(ids))
 
 
+@pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=32,sym=false)", "quantize(w=uint4,group=16,sym=false)"])
+def test_asymmetric_linear_with_eight_outputs_reloads(tmp_path, pipeline):
+    """A 4-bit linear with 8 output channels (k_proj of 8 query heads over 1 kv head of 8) packs its zero points
+    into one int32 row; compressed_tensors' unpack_from_int32(packed_dim=0) cannot view that row's transpose as
+    bytes, so every lowbit.load of such a checkpoint was a RuntimeError."""
+    model = tiny_llama(hidden=64, inter=128, heads=8, kv_heads=1, vocab=97, max_positions=64)
+    compiled = lowbit.compile_model(model, pipeline=pipeline)
+    out = lowbit.save(compiled, tmp_path / "ck", format="compressed-tensors")
+    from safetensors.torch import load_file
+
+    assert load_file(str(out / "model.safetensors"))["model.layers.0.self_attn.k_proj.weight_zero_point"].shape[0] == 1
+    loaded = lowbit.load(out)
+    _assert_same_graph(compiled.graph, loaded.graph)
+    ids = torch.randint(0, 97, (2, 12))
+    assert torch.equal(loaded(ids), compiled(ids))
+
+
 def test_generation_model_saves_as_compressed_tensors(tmp_path):
     """A model compiled with generation= (its step graph) saves in the HF formats: it raised "no
     graph.meta['source']: compile it with lowbit.compile_model" although it was compiled so. The checkpoint holds

@@ -774,7 +774,10 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
         if not wa.symmetric:
             zpk = _check_tensor(tensors, f"{module}.weight_zero_point", directory,
                                 [[-(-n * wa.num_bits // 32), n_scales]], (torch.int32,), cfg)
-            zp = unpack_from_int32(zpk, wa.num_bits, torch.Size([n, n_scales]), packed_dim=0)
+            # unpacked along rows by hand: the helper's own packed_dim=0 transpose of a one-word [1, G] tensor (8
+            # output channels at 4 bits) keeps a stride it cannot view as bytes (a RuntimeError on every load)
+            rows = zpk.t().flatten().view(n_scales, zpk.shape[0])
+            zp = unpack_from_int32(rows, wa.num_bits, torch.Size([n_scales, n])).t()
     elif fmt in ("int-quantized", "float-quantized", "naive-quantized"):
         exact = {"int-quantized": (torch.int8,), "float-quantized": (torch.float8_e4m3fn,)}.get(fmt)
         q = _check_tensor(tensors, f"{module}.weight", directory, [[n, k]], exact, cfg)
