@@ -221,6 +221,18 @@ def test_manifest_of_the_wrong_structure_is_refused_naming_the_key(saved, tmp_pa
     _refused(d, "lowbit-manifest.json", key)
 
 
+@pytest.mark.parametrize("hint", ["fp8e4m3", "uint4", "int8", "bogus"])
+def test_manifest_qdtype_the_config_cannot_be_is_refused(saved, tmp_path, hint):
+    """lowbit_qdtypes (what lowbit wrote, so uint4 reloads as uint4) was trusted wherever the bit width matched: an
+    8-bit hint on int8 codes as fp8e4m3 loaded another model, 'uint4' on symmetric codes was a pydantic
+    ValidationError, an unknown name a ValueError; a width that did not match was silently ignored."""
+    d = _copy(saved, "compressed-tensors", tmp_path)
+    _edit_json(d / "lowbit-manifest.json",
+               lambda m: m["lowbit"]["lowbit_qdtypes"].__setitem__(DOWN, hint))
+    _refused(d, "lowbit-manifest.json", f"'lowbit.lowbit_qdtypes.{DOWN}': gives {hint!r}, which config.json's 4-bit "
+                                        "symmetric integer scheme cannot be")
+
+
 def test_validation_messages_of_a_whole_entry_have_no_stray_period(saved, tmp_path):
     d = _copy(saved, "lowbit", tmp_path)
     _edit_json(d / "lowbit-manifest.json", lambda m: m["lowbit"].__setitem__("pruned", "x"))

@@ -579,11 +579,20 @@ def _check_tensor(tensors: dict[str, torch.Tensor], name: str, directory: Path, 
     return t
 
 
-def _lowbit_qdtype(bits: int, symmetric: bool, is_float: bool, hint: str | None) -> str:
+def _lowbit_qdtype(bits: int, symmetric: bool, is_float: bool, hint: str | None, where: str) -> str:
+    """The lowbit qdtype of a stored integer or float scheme; ``hint`` is the manifest's record of what lowbit wrote
+    (uint4 round-trips as uint4), used only where config.json's scheme can be it: "fp8e4m3" for int8 codes loaded
+    them as fp8 (another model), "uint4" for symmetric ones or an unknown name were raw pydantic/ValueErrors."""
+    from lowbit.ir.quant import QDTYPES
+
     if is_float:
         return "fp8e4m3"
-    if hint is not None and get_qdtype(hint).bits == bits:
-        return hint  # what lowbit wrote (uint4 round-trips as uint4)
+    if hint is not None:
+        qd = QDTYPES.get(hint)
+        if qd is None or qd.is_float or qd.bits != bits or (symmetric and not qd.signed):
+            raise CheckpointError(f"{where}: gives {hint!r}, which config.json's {bits}-bit "
+                                  f"{'symmetric' if symmetric else 'asymmetric'} integer scheme cannot be")
+        return hint
     if bits not in (2, 3, 4, 8):
         raise CheckpointError(f"{bits}-bit integer weights: lowbit has int2/int3/int4/int8")
     return f"int{bits}"
@@ -746,7 +755,8 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
         raise CheckpointError(f"{directory}: linear {module!r}: actorder 'group' (a g_idx permutation); lowbit "
                               "reads contiguous groups only")
     is_float = wa.type == "float"
-    qdtype = _lowbit_qdtype(wa.num_bits, wa.symmetric, is_float, hint)
+    qdtype = _lowbit_qdtype(wa.num_bits, wa.symmetric, is_float, hint,
+                            f"{directory / 'lowbit-manifest.json'}: 'lowbit.lowbit_qdtypes.{module}'")
     n, k = shape
     group = wa.group_size if wa.strategy == "group" else None
     cfg = f"config.json's quantization_config ({wa.num_bits} bits, group {group}) for linear {module!r} [{n}, {k}]"
