@@ -151,6 +151,28 @@ def test_round_trip_bit_exact(float_slice, tmp_path, fmt, pipeline):
     assert loaded.tokenizer is not None
 
 
+@pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=64)", "quantize(w=int8,a=int8)"])
+def test_graph_after_the_triton_backends_fusions_saves_as_the_unfused_one(float_slice, tmp_path, pipeline):
+    """compile_model(..., backend="triton") runs fuse-qlinear, merge-linears and fuse-norm-quant on the graph it
+    returns; saving that to an HF format was refused ("no parameter 'model.layers.0.self_attn.weight'", "param
+    ...q_proj_k_proj_v_proj.weight.qdata ... a pass added it (e.g. a rotation)"). The writers undo the three
+    rewrites (each exact): the checkpoint holds the very tensors the unfused graph's does."""
+    from safetensors.torch import load_file
+
+    plain = _compiled(float_slice, pipeline)
+    fused = _compiled(float_slice, pipeline + ",fuse-qlinear,merge-linears,fuse-norm-quant")
+    assert any(n.meta.get("merged") for n in fused.nodes)
+    assert ("rms_norm_quant" in fused.op_counts()) == ("a=" in pipeline)
+    for fmt in ("compressed-tensors", "gptq") if "a=" not in pipeline else ("compressed-tensors",):
+        a = load_file(str(lowbit.save(plain, tmp_path / f"plain-{fmt}", format=fmt) / "model.safetensors"))
+        b = load_file(str(lowbit.save(fused, tmp_path / f"fused-{fmt}", format=fmt) / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert (json.loads((tmp_path / f"plain-{fmt}" / "config.json").read_text())
+                == json.loads((tmp_path / f"fused-{fmt}" / "config.json").read_text()))
+    ids = float_slice[1][:1, :64]
+    assert torch.equal(lowbit.load(tmp_path / "fused-compressed-tensors")(ids), TorchCompiled(plain)(ids))
+
+
 @pytest.mark.parametrize("w,a", [("int8", "int8"), ("fp8e4m3", "fp8e4m3")])
 def test_static_per_tensor_input_scales_save_and_load(float_slice, tmp_path, w, a):
     """Static per-tensor activation scales (a_static, compressed-tensors' static W8A8/FP8) are written as

@@ -228,10 +228,16 @@ def _bias_switches(graph: Graph, config: Any) -> tuple[Any, Callable[[dict[str, 
 
 
 def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
-    if any(n.op == "qlinear" for n in graph.nodes):  # fused: HF formats store the unfused QDQ weights
+    if any(n.op in ("qlinear", "qlinear_q") or n.meta.get("merged") for n in graph.nodes):
+        # fused (fuse-qlinear, and the triton backend's merge-linears / fuse-norm-quant): HF formats store each
+        # linear's own QDQ weights (merged q/k/v were refused as "no parameter model.layers.0.self_attn.weight")
         from lowbit.ir.fusion import unfuse_qlinear
+        from lowbit.ir.merge import unmerge_horizontal
+        from lowbit.ir.normquant import unfuse_norm_quant
 
         graph = graph.clone()
+        unfuse_norm_quant(graph)
+        unmerge_horizontal(graph)
         unfuse_qlinear(graph)
     config, renames = pruned_config(config, graph.meta.get("pruned"))
     graph = _renamed(graph, renames)

@@ -31,7 +31,7 @@ import torch
 
 from lowbit.ir.graph import Graph, Node, TensorType, Value
 
-__all__ = ["MERGE_RULES", "SPLIT_OP", "MergeRule", "MergeStats", "merge_horizontal"]
+__all__ = ["MERGE_RULES", "SPLIT_OP", "MergeRule", "MergeStats", "merge_horizontal", "unmerge_horizontal"]
 
 SPLIT_OP = "aten.split_with_sizes.default"
 
@@ -167,3 +167,42 @@ def merge_horizontal(graph: Graph, rules: tuple[MergeRule, ...] = MERGE_RULES,
             stats.merged[rule.name] = stats.merged.get(rule.name, 0) + 1
             stats.nodes[rule.name] = stats.nodes.get(rule.name, 0) + len(members)
     return stats
+
+
+def unmerge_horizontal(graph: Graph, rules: tuple[MergeRule, ...] = MERGE_RULES) -> int:
+    """The inverse of ``merge_horizontal`` (in place): each merged node (``meta["merged"]``, read by its split)
+    becomes its members again, each under its own module with its rows of the concatenated parameters, and each
+    split output is a member's output. For writers that name tensors by module (the HF checkpoint formats, whose
+    q_proj/k_proj/v_proj are separate); returns how many merged nodes were split back."""
+    by_op = {r.op: r for r in rules}
+    users = graph.users()
+    count = 0
+    for merged in [n for n in graph.nodes if n.meta.get("merged") and n.op in by_op]:
+        rule = by_op[merged.op]
+        readers = users.get(id(merged.output), [])
+        if len(readers) != 1 or readers[0].op != SPLIT_OP:
+            continue
+        split = readers[0]
+        sizes = [int(v.tensor_type.shape[-1]) for v in split.outputs]
+        modules = list(merged.meta["merged"])
+        start = 0
+        members = []
+        for module, n, out in zip(modules, sizes, split.outputs, strict=True):
+            args = list(merged.args)
+            for i in rule.concat:
+                a = merged.arg(i)
+                if a is not None:
+                    name = graph.fresh_param_name(f"{module}.{a.name.rsplit('.', 1)[-1]}")
+                    args[i] = graph.add_param(name, a.data[start:start + n].clone())
+            meta = {k: v for k, v in merged.meta.items() if k not in ("merged", "fused")}
+            member = Node(merged.op, tuple(args), dict(merged.kwargs), module=module, meta=meta)
+            split.outputs = [v for v in split.outputs if v is not out]
+            member.add_output(out)
+            members.append(member)
+            start += n
+        for member in members:
+            graph.insert_before(merged, member)
+        graph.remove(merged)
+        graph.remove(split)
+        count += 1
+    return count

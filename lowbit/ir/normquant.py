@@ -29,7 +29,7 @@ from lowbit.ir.ops import llama_gain_form, register_op, rms_norm
 from lowbit.ir.quant import ceil_div_dim, dequantize, dynamic_qparams, get_qdtype, quantize
 
 __all__ = ["NORM_QUANT_RULES", "NormQuantRule", "NormQuantStats", "fuse_norm_quant", "qlinear_q",
-           "rms_norm_quant"]
+           "rms_norm_quant", "unfuse_norm_quant"]
 
 
 @register_op("rms_norm_quant", num_outputs=2)
@@ -178,3 +178,31 @@ def fuse_norm_quant(graph: Graph, rules: tuple[NormQuantRule, ...] = NORM_QUANT_
         stats.fused[rule.name] = stats.fused.get(rule.name, 0) + 1
         stats.readers[rule.name] = stats.readers.get(rule.name, 0) + len(readers)
     return stats
+
+
+def unfuse_norm_quant(graph: Graph) -> int:
+    """The inverse of ``fuse_norm_quant`` (in place): each fused norm is the plain norm again and each ``qlinear_q``
+    the ``qlinear`` it was, quantizing that output itself (the same ops, so outputs are unchanged). For writers
+    that store the unfused form (the HF checkpoint formats); returns how many norms were unfused."""
+    count = 0
+    for fused in [n for n in graph.nodes if n.op in {r.fused: r for r in NORM_QUANT_RULES}]:
+        rule = next(r for r in NORM_QUANT_RULES if r.fused == fused.op)
+        xq, xs = fused.outputs
+        kw = {k: v for k, v in fused.kwargs.items() if k not in ("a_qdtype", "a_block_size")}
+        readers = [n for n in graph.nodes if n.op == "qlinear_q" and n.args[0] is xq]
+        dtype = readers[0].kwargs.get("x_dtype", torch.float32) if readers else torch.float32
+        norm = graph.make_node(rule.norm, fused.args, kw, name=f"{fused.name}_norm",
+                               type=TensorType(dtype, tuple(xq.tensor_type.shape)), module=fused.module)
+        graph.insert_before(fused, norm)
+        for r in readers:
+            kw_r = {k: r.kwargs[k] for k in ("w_qdtype", "w_axis", "w_block_size") if k in r.kwargs}
+            kw_r.update(a_qdtype=r.kwargs["a_qdtype"], a_granularity="per_token", a_symmetric=True,
+                        a_block_size=r.kwargs.get("a_block_size"), out_dtype=r.kwargs.get("out_dtype", torch.float32))
+            q = Node("qlinear", (norm.output, *r.args[2:6]), kw_r, module=r.module, meta=dict(r.meta))
+            out = r.output
+            r.outputs = []
+            q.add_output(out)
+            graph.nodes[graph.index(r)] = q
+        graph.remove(fused)
+        count += 1
+    return count
