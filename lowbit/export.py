@@ -37,7 +37,7 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     ``external_data`` forces (or forbids) a ``.data`` side file; by default models over ~1.8 GB use one.
     """
     if format not in FORMATS:
-        near = difflib.get_close_matches(format, FORMATS, n=1)
+        near = difflib.get_close_matches(format, FORMATS, n=1) if isinstance(format, str) else []
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ValueError(f"unknown export format {format!r}{hint}; known: {', '.join(FORMATS)}")
     graph = graph_of(compiled)

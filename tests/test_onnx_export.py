@@ -129,6 +129,14 @@ def test_unknown_format_and_input_are_clear(tmp_path):
         lowbit.export(g, tmp_path / "m.onnx", opsett=21)
     with pytest.raises(ValueError, match="is a directory: give a file path such as .*model.onnx"):
         lowbit.export(g, tmp_path)
+    # a TypeError from difflib, one from '<' between str and int, a FileExistsError after the lowering
+    with pytest.raises(ValueError, match="unknown export format None; known: onnx"):
+        lowbit.export(g, tmp_path / "m.onnx", format=None)
+    with pytest.raises(ValueError, match="opset must be an integer, got '21'"):
+        lowbit.export(g, tmp_path / "m.onnx", opset="21")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match="cannot write export path .*: '.*file' is a file, not a"):
+        lowbit.export(g, tmp_path / "file" / "sub" / "m.onnx")
 
 
 def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
