@@ -221,16 +221,23 @@ def test_manifest_of_the_wrong_structure_is_refused_naming_the_key(saved, tmp_pa
     _refused(d, "lowbit-manifest.json", key)
 
 
-@pytest.mark.parametrize("hint", ["fp8e4m3", "uint4", "int8", "bogus"])
+@pytest.mark.parametrize("hint", ["uint4", "bogus", "fp8e4m3"])
 def test_manifest_qdtype_the_config_cannot_be_is_refused(saved, tmp_path, hint):
-    """lowbit_qdtypes (what lowbit wrote, so uint4 reloads as uint4) was trusted wherever the bit width matched: an
-    8-bit hint on int8 codes as fp8e4m3 loaded another model, 'uint4' on symmetric codes was a pydantic
-    ValidationError, an unknown name a ValueError; a width that did not match was silently ignored."""
-    d = _copy(saved, "compressed-tensors", tmp_path)
+    """lowbit_qdtypes (what lowbit wrote, so uint4 reloads as uint4) was trusted wherever the bit width matched:
+    'fp8e4m3' recorded for int8 codes loaded them as fp8 (another model, no error), 'uint4' for symmetric codes was
+    a pydantic ValidationError, an unknown name a ValueError."""
+    if hint == "fp8e4m3":
+        torch.manual_seed(0)
+        compiled = lowbit.compile_model(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97),
+                                        pipeline="quantize(w=int8)")
+        d = lowbit.save(compiled, tmp_path / "w8", format="compressed-tensors")
+    else:
+        d = _copy(saved, "compressed-tensors", tmp_path)
     _edit_json(d / "lowbit-manifest.json",
                lambda m: m["lowbit"]["lowbit_qdtypes"].__setitem__(DOWN, hint))
-    _refused(d, "lowbit-manifest.json", f"'lowbit.lowbit_qdtypes.{DOWN}': gives {hint!r}, which config.json's 4-bit "
-                                        "symmetric integer scheme cannot be")
+    bits = 8 if hint == "fp8e4m3" else 4
+    _refused(d, "lowbit-manifest.json", f"'lowbit.lowbit_qdtypes.{DOWN}': gives {hint!r}, which config.json's "
+                                        f"{bits}-bit symmetric integer scheme cannot be")
 
 
 def test_validation_messages_of_a_whole_entry_have_no_stray_period(saved, tmp_path):

@@ -593,11 +593,11 @@ def _lowbit_qdtype(bits: int, symmetric: bool, is_float: bool, hint: str | None,
 
     if is_float:
         return "fp8e4m3"
-    if hint is not None:
-        qd = QDTYPES.get(hint)
-        if qd is None or qd.is_float or qd.bits != bits or (symmetric and not qd.signed):
-            raise CheckpointError(f"{where}: gives {hint!r}, which config.json's {bits}-bit "
-                                  f"{'symmetric' if symmetric else 'asymmetric'} integer scheme cannot be")
+    qd = QDTYPES.get(hint) if hint is not None else None
+    if hint is not None and (qd is None or (qd.bits == bits and (qd.is_float or (symmetric and not qd.signed)))):
+        raise CheckpointError(f"{where}: gives {hint!r}, which config.json's {bits}-bit "
+                              f"{'symmetric' if symmetric else 'asymmetric'} integer scheme cannot be")
+    if qd is not None and qd.bits == bits:  # another width: config.json (checked against the tensors) decides
         return hint
     if bits not in (2, 3, 4, 8):
         raise CheckpointError(f"{bits}-bit integer weights: lowbit has int2/int3/int4/int8")
