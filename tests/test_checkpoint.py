@@ -246,6 +246,30 @@ def test_asymmetric_linear_with_eight_outputs_reloads(tmp_path, pipeline):
     assert torch.equal(loaded(ids), compiled(ids))
 
 
+def test_gptq_names_the_block_linears_it_quantizes(tmp_path):
+    """GPTQ loaders (transformers + optimum) quantize every linear of the decoder blocks and nothing else, unless
+    modules_in_block_to_quantize says which: float MLPs (keep=) were written with that field null, so such loaders
+    expected qweights the checkpoint does not have; a quantized head (head=int8) was written although they load
+    lm_head as a float linear whose weight the checkpoint lacks. Now the field lists the quantized ones, and what
+    it cannot say (a quantized head, blocks that differ) is refused by name."""
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, layers=2, vocab=128, max_positions=64)
+    compiled = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32,keep=[*mlp*])")
+    out = lowbit.save(compiled, tmp_path / "ck", format="gptq")
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["modules_in_block_to_quantize"] == [["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj",
+                                                     "self_attn.v_proj"]]
+    ids = torch.randint(0, 128, (2, 12))
+    assert torch.equal(lowbit.load(out)(ids), compiled(ids))
+    full = lowbit.save(lowbit.compile_model(model, pipeline="quantize(w=int4,group=32)"), tmp_path / "f",
+                       format="gptq")
+    assert json.loads((full / "config.json").read_text())["quantization_config"]["modules_in_block_to_quantize"] is None
+    with pytest.raises(CheckpointError, match="linear 'lm_head' is quantized but is not in a decoder block"):
+        lowbit.save(lowbit.compile_model(model, pipeline="quantize(w=int8,head=int8)"), tmp_path / "h", format="gptq")
+    one = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32,keep=[model.layers.0.mlp.down_proj])")
+    with pytest.raises(CheckpointError, match="the blocks quantize different linears .*model.layers.0.mlp.down_proj"):
+        lowbit.save(one, tmp_path / "o", format="gptq")
+
+
 def test_generation_model_saves_as_compressed_tensors(tmp_path):
     """A model compiled with generation= (its step graph) saves in the HF formats: it raised "no
     graph.meta['source']: compile it with lowbit.compile_model" although it was compiled so. The checkpoint holds

@@ -510,12 +510,43 @@ def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: A
                               f"{sorted(bits_seen)} and groups {sorted(groups_seen)}: use compressed-tensors")
     qcfg = {"quant_method": "gptq", "bits": bits_seen.pop(), "group_size": groups_seen.pop(), "desc_act": False,
             "sym": True, "checkpoint_format": "gptq", "true_sequential": True, "damp_percent": 0.01,
-            "modules_in_block_to_quantize": None}
+            "modules_in_block_to_quantize": _gptq_block_modules(view)}
     files = _write_shards(tensors, directory)
     _write_config(cfg, directory, qcfg, tokenizer, _float_dtype(view))
     return {"format": "gptq", "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
             "float_linears": sorted(view.float_linears), "not_in_graph": missing,
             "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()}}
+
+
+def _gptq_block_modules(view: HFView) -> list[list[str]] | None:
+    """``modules_in_block_to_quantize``: GPTQ loaders (transformers + optimum) turn every linear of the decoder
+    blocks into a quantized one and no other, so a float linear in a block must be left out by name (it loaded as
+    a missing qweight) and a quantized one outside the blocks (``head=``) cannot be expressed (its float weight
+    was missing). None when every block linear is quantized."""
+    blocks: dict[str, tuple[str, str]] = {}  # module -> (block, name within the block)
+    for module in [*view.quantized, *view.float_linears]:
+        m = re.match(r"(.+?\.\d+)\.(.+)$", module)  # the first numbered level: the decoder block
+        if m:
+            blocks[module] = (m.group(1), m.group(2))
+    outside = sorted(m for m in view.quantized if m not in blocks)
+    if outside:
+        raise CheckpointError(f"linear {outside[0]!r} is quantized but is not in a decoder block; HF GPTQ loaders "
+                              "quantize the blocks' linears only and would load it with its float weight missing: "
+                              "keep it float (no head=), or use format='compressed-tensors'")
+    floats = {m for m in view.float_linears if m in blocks}
+    if not floats:
+        return None
+    per_block: dict[str, set[str]] = {}
+    for module, (block, name) in blocks.items():
+        per_block.setdefault(block, set())
+        if module in view.quantized:
+            per_block[block].add(name)
+    kinds = {tuple(sorted(v)) for v in per_block.values()}
+    if len(kinds) != 1:
+        raise CheckpointError(f"the blocks quantize different linears (e.g. {sorted(floats)[0]!r} is float); the GPTQ "
+                              "format's modules_in_block_to_quantize names one set for every block: use "
+                              "compressed-tensors")
+    return [list(next(iter(kinds)))]
 
 
 # ---- reading -----------------------------------------------------------------------------------
