@@ -240,6 +240,21 @@ def test_manifest_qdtype_the_config_cannot_be_is_refused(saved, tmp_path, hint):
                                         f"{bits}-bit symmetric integer scheme cannot be")
 
 
+@pytest.mark.parametrize("edit,why", [
+    (lambda p: p.write_text(p.read_text()[:40]), "not valid JSON"),  # blamed tokenizer_config.json
+    (lambda p: p.write_text("[]"), "expected a JSON object, got list"),  # blamed tokenizer_config.json
+    (lambda p: _edit_json(p, lambda c: c.__setitem__("model_type", "bogus")),  # transformers' ValueError
+     "transformers cannot read this config (ValueError: The checkpoint you are trying to load has model type `bogus`"),
+    (lambda p: _edit_json(p, lambda c: c.__setitem__("hidden_size", "x")),  # huggingface_hub's validation error
+     "transformers cannot read this config (StrictDataclassFieldValidationError"),
+])
+def test_damaged_config_of_a_lowbit_checkpoint_names_config_json(saved, tmp_path, edit, why):
+    d = _copy(saved, "lowbit", tmp_path)
+    edit(d / "config.json")
+    _rehash(d)
+    _refused(d, "config.json: " + why, cli=False)  # lowbit inspect reads the IR and params only
+
+
 def test_validation_messages_of_a_whole_entry_have_no_stray_period(saved, tmp_path):
     d = _copy(saved, "lowbit", tmp_path)
     _edit_json(d / "lowbit-manifest.json", lambda m: m["lowbit"].__setitem__("pruned", "x"))

@@ -29,7 +29,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lowbit.checkpoint.files import CheckpointError, atomic_checkpoint_dir, checked, verify_manifest, write_manifest
-from lowbit.remote_code import from_pretrained
 
 __all__ = ["save", "load", "FORMATS", "CheckpointError", "write_checkpoint_files"]
 
@@ -302,18 +301,20 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
         raise CheckpointError(f"{directory}: {IR_FILE} is missing")
     params = read_safetensors(directory / PARAMS_FILE)
     graph = _parsed_and_verified(ir, params)
+    info = manifest.get("lowbit", {})
+    config = None
+    if (directory / "config.json").is_file() and info.get("kind"):  # before the tokenizer, which reads it too
+        from lowbit.checkpoint.files import read_config
+
+        config = read_config(directory)
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file():
         from lowbit.checkpoint.files import read_tokenizer
 
         tokenizer = read_tokenizer(directory)
         graph.meta["tokenizer"] = tokenizer
-    info = manifest.get("lowbit", {})
-    if (directory / "config.json").is_file() and info.get("kind"):
-        from transformers import AutoConfig
-
-        src: dict[str, Any] = {"kind": info["kind"],
-                               "config": from_pretrained(AutoConfig, str(directory))}
+    if config is not None:
+        src: dict[str, Any] = {"kind": info["kind"], "config": config}
         if info.get("max_seq_length") is not None:
             src["max_seq_length"] = info["max_seq_length"]
         graph.meta["source"] = src

@@ -24,7 +24,7 @@ from lowbit.cache import clean_stale_temporaries, replacing_dir
 from lowbit.errors import LowbitError
 
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
-           "verify_manifest", "read_safetensors", "read_tokenizer", "write_safetensors", "MANIFEST", "sha256_file", "not_replaceable"]
+           "verify_manifest", "read_safetensors", "read_config", "read_tokenizer", "write_safetensors", "MANIFEST", "sha256_file", "not_replaceable"]
 
 MANIFEST = "lowbit-manifest.json"
 
@@ -271,6 +271,25 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except SafetensorError as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     return out
+
+
+def read_config(directory: Path) -> Any:
+    """The directory's config.json as transformers' AutoConfig (never the directory's own code); JSON that is not
+    an object, or a config transformers rejects (an unknown model_type, a field of the wrong type), is a
+    CheckpointError naming config.json, not transformers' ValueError or a tokenizer error that read it first."""
+    from transformers import AutoConfig
+
+    from lowbit.remote_code import from_pretrained
+
+    path = directory / "config.json"
+    read_json(path)
+    try:
+        return from_pretrained(AutoConfig, str(directory))
+    except LowbitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise several kinds; re-raised naming the file
+        why = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path}: transformers cannot read this config ({type(exc).__name__}: {why})") from None
 
 
 def read_tokenizer(directory: Path) -> Any:

@@ -39,16 +39,15 @@ import torch
 
 from lowbit.checkpoint.files import (
     CheckpointError,
+    read_config,
     read_json,
     read_safetensors,
     read_tokenizer,
     write_safetensors,
 )
 from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
-from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
 from lowbit.ir.quant import get_qdtype, pack_int4
-from lowbit.remote_code import from_pretrained
 
 __all__ = ["save_compressed_tensors", "save_gptq", "load_hf_checkpoint", "skeleton", "SHARD_BYTES"]
 
@@ -661,8 +660,6 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
                        ) -> tuple[Graph, Any, str]:
     """(graph with QDQ weights and activations, tokenizer or None, kind) from a compressed-tensors/GPTQ directory;
     with ``generation`` the graph is the generation step (``compile_model(..., generation=)``'s capture)."""
-    from transformers import AutoConfig
-
     from lowbit.ir.qscheme import ModuleRule, QScheme, QuantConfig
     from lowbit.passes.insert_qdq import quantize_graph
 
@@ -676,13 +673,7 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
     if method not in ("compressed-tensors", "gptq"):
         raise CheckpointError(f"{cfg_path}: quantization_config.quant_method {method!r} is not one lowbit reads "
                               "(compressed-tensors, gptq)")
-    try:
-        config = from_pretrained(AutoConfig, str(directory))
-    except LowbitError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - re-raised naming the file
-        raise CheckpointError(f"{cfg_path}: transformers cannot read this config ({type(exc).__name__}: {exc})"
-                              ) from None
+    config = read_config(directory)
     lb = (manifest or {}).get("lowbit", {})
     kind = lb.get("kind") or ("causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel"))
                                                  for a in (config.architectures or [])) else "encoder")
