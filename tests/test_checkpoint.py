@@ -522,6 +522,7 @@ def test_save_and_load_arguments_are_checked_and_honoured(tmp_path):
     the embedding ("not a parameter of the HF model; a pass added it"); load(device='gpu') was torch's RuntimeError
     after the whole capture; and format='lowbit' ignored config=/kind=, so a graph captured by hand and saved with
     them reloaded without a source and could not be saved to an HF format."""
+    from lowbit.backends.registry import BackendError
     from lowbit.errors import DeviceError
     from lowbit.ir.capture import capture
     from lowbit.models import CausalLMLogits
@@ -538,6 +539,8 @@ def test_save_and_load_arguments_are_checked_and_honoured(tmp_path):
     assert json.loads((out / "lowbit-manifest.json").read_text())["lowbit"]["kind"] == "causal-lm"
     with pytest.raises(DeviceError, match="device='gpu' is not a torch device"):
         lowbit.load(out, device="gpu")
+    with pytest.raises(BackendError, match="unknown backend 'trch' \\(did you mean 'torch'"):
+        lowbit.load(tmp_path / "no-such-dir", backend="trch")
     ct = lowbit.save(lowbit.load(out), tmp_path / "ct", format="compressed-tensors")
     assert torch.equal(lowbit.load(ct)(ids), TorchCompiled(graph)(ids))
 

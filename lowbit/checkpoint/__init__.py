@@ -231,6 +231,9 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     from lowbit.passes.manager import PipelineReport
 
     check_device(device)  # before the capture: "gpu" was torch's RuntimeError after it
+    from lowbit.backends.registry import get_backend
+
+    get_backend(backend).check_built()  # a misspelt backend was found only after the whole load
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
