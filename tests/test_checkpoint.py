@@ -535,6 +535,9 @@ def test_save_and_load_arguments_are_checked_and_honoured(tmp_path):
         lowbit.save(graph, tmp_path / "a", format=None)
     with pytest.raises(ValueError, match="unknown kind 'bogus': 'causal-lm' or 'encoder'"):
         lowbit.save(graph, tmp_path / "a", kind="bogus", config=model.config)
+    # written as compressed-tensors' actorder "group": loaders then permute by a weight_g_idx that is not there
+    with pytest.raises(ValueError, match="actorder='group': lowbit keeps act-order groups contiguous"):
+        lowbit.save(graph, tmp_path / "a", actorder="group", config=model.config)
     out = lowbit.save(graph, tmp_path / "lb", format="lowbit", config=model.config, kind="causal-lm")
     assert json.loads((out / "lowbit-manifest.json").read_text())["lowbit"]["kind"] == "causal-lm"
     with pytest.raises(DeviceError, match="device='gpu' is not a torch device"):

@@ -62,6 +62,9 @@ def save(compiled: Any, directory: str | os.PathLike[str], format: str = "compre
     if kind not in (None, *KINDS):  # any other kind built a bare AutoModel whose names matched nothing
         raise ValueError(f"unknown kind {kind!r}: {' or '.join(map(repr, KINDS))} (the HF wrapper the graph was "
                          "captured through)")
+    if actorder not in (None, "static", "weight"):  # "group"/"dynamic" promise a g_idx lowbit never writes
+        raise ValueError(f"actorder={actorder!r}: lowbit keeps act-order groups contiguous, which is 'static' or "
+                         "'weight' (or None); 'group' and 'dynamic' need a g_idx permutation lowbit does not write")
     graph, tokenizer = _graph_and_tokenizer(compiled)
     directory = Path(directory)
     if actorder is None:
