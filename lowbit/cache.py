@@ -94,6 +94,8 @@ def replacing_dir(final: Path, finish: Callable[[Path], None] | None = None) -> 
     moved aside and removed only after the new one is in place. ``finish(tmp)`` runs just before the swap (file
     modes, say); temporaries of killed writers are cleaned first.
     """
+    if final.is_symlink():  # replace what it points to: renaming the link itself swapped it for a directory
+        final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(final.parent, final.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))

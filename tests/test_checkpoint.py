@@ -548,6 +548,17 @@ def test_save_and_load_arguments_are_checked_and_honoured(tmp_path):
     assert torch.equal(lowbit.load(ct)(ids), TorchCompiled(graph)(ids))
 
 
+def test_saving_through_a_symlink_replaces_its_target(float_slice, tmp_path):
+    """A save to a symlink to a checkpoint directory renamed the link itself aside: the link became a plain directory,
+    its target kept the old checkpoint, and a stale '.link.*.old' link was left beside it."""
+    graph = _compiled(float_slice, "quantize(w=int8)")
+    real = lowbit.save(graph, tmp_path / "real", format="lowbit")
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    lowbit.save(graph, tmp_path / "link", format="compressed-tensors")
+    assert (tmp_path / "link").is_symlink() and (real / "config.json").is_file() and not (real / "model.lowbit").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
 def test_save_where_no_directory_can_be_made_is_a_checkpoint_error(float_slice, tmp_path):
     """A place where the checkpoint (or its temporary sibling) cannot be created: a CheckpointError naming the path
     asked for, not an OSError naming lowbit's hidden temporary."""
