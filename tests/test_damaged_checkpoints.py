@@ -336,3 +336,15 @@ def test_an_undeclared_tensor_or_a_nan_scale_in_params_is_refused(saved, tmp_pat
     _edit_tensors(d / "params.safetensors", edit)
     _rehash(d)
     _refused(d, "params.safetensors", why, "model.lowbit")
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_a_nan_scale_in_an_hf_format_checkpoint_is_refused(saved, tmp_path, fmt):
+    """A compressed-tensors or GPTQ file whose scales hold a NaN (no manifest: another tool's checkpoint, or one
+    whose manifest an editor removed) loaded, and every logit was NaN; it is refused naming the parameter."""
+    d = _copy(saved, fmt, tmp_path)
+    name = f"{DOWN}.weight_scale" if fmt == "compressed-tensors" else f"{DOWN}.scales"
+    _edit_tensors(d / "model.safetensors", lambda t: t[name].view(-1).__setitem__(3, float("nan")))
+    (d / "lowbit-manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"do not make a usable model: parameter @.*holds 1 NaN value"):
+        lowbit.load(d)

@@ -255,6 +255,13 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
             raise CheckpointError(f"{directory}: neither {IR_FILE} nor config.json: not a checkpoint lowbit reads")
         graph, tokenizer, _ = load_hf_checkpoint(directory, manifest, generation=generation)
         fmt = fmt or "hf"
+        from lowbit.ir.verifier import check_stored
+
+        # its NaN/inf scale or zero point check (every tensor is declared: the graph was built from the files)
+        stored = check_stored(graph, {})
+        if stored:  # a crafted scale loaded and made every logit NaN
+            raise CheckpointError(f"{directory}: the checkpoint's tensors do not make a usable model: "
+                                  + "; ".join(stored[:5]) + (f"; ... ({len(stored)} in all)" if len(stored) > 5 else ""))
     runner = lower(graph, backend, device)
     from lowbit.ir.ops import is_semantic
 
