@@ -40,6 +40,8 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
         near = difflib.get_close_matches(format, FORMATS, n=1) if isinstance(format, str) else []
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ValueError(f"unknown export format {format!r}{hint}; known: {', '.join(FORMATS)}")
+    if external_data is not None and not isinstance(external_data, bool):  # "false" is truthy: it wrote a .data file
+        raise ValueError(f"external_data takes True, False or None (by size), got {external_data!r}")
     graph = graph_of(compiled)
     path = Path(path).expanduser()  # as lowbit.save: '~/m.onnx' was written under a directory named '~'
     if format == "tensorrt":

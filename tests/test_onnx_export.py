@@ -130,6 +130,9 @@ def test_unknown_format_and_input_are_clear(tmp_path):
     with pytest.raises(ValueError, match="is a directory: give a file path such as .*model.onnx"):
         lowbit.export(g, tmp_path)
     # a TypeError from difflib, one from '<' between str and int, a FileExistsError after the lowering
+    with pytest.raises(ValueError, match="external_data takes True, False or None .*got 'false'"):
+        lowbit.export(g, tmp_path / "m.onnx", external_data="false")
+    assert not (tmp_path / "m.onnx").exists()
     with pytest.raises(ValueError, match="unknown export format None; known: onnx"):
         lowbit.export(g, tmp_path / "m.onnx", format=None)
     with pytest.raises(ValueError, match="opset must be an integer, got '21'"):
