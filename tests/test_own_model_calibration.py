@@ -58,6 +58,10 @@ def test_calibration_token_ids_from_a_tensor_or_a_safetensors_file(tmp_path):
 
     with pytest.raises(Exception, match="the given token ids produces id 300, outside the model's vocabulary of 128"):
         lowbit.compile_model(model, pipeline=GPTQ, calib=torch.full((2, 16), 300))
+    # a negative id is no tokenizer's: it was blamed on "tokenized for another model"
+    with pytest.raises(Exception, match=r"the given token ids holds id -1: token ids are 0..127 \(a negative id is a "
+                                        r"pad or sentinel"):
+        lowbit.compile_model(model, pipeline=GPTQ, calib=torch.full((2, 16), -1))
     with pytest.raises(PipelineError, match=r"must be integers, got torch.float32 \(float inputs calibrate a model "
                                             r"whose input is float; this graph's input %input_ids is i64"):
         lowbit.compile_model(model, pipeline=GPTQ, calib=torch.rand(2, 16))

@@ -119,8 +119,11 @@ def check_vocabulary(ids: torch.Tensor, graph: Graph, source: str) -> None:
     if vocab is None or not ids.numel():
         return
     lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab:
-        raise ValueError(f"{source} produces id {hi if hi >= vocab else lo}, outside the model's vocabulary of "
+    if lo < 0:  # no tokenizer makes one: padding or a sentinel left in given ids
+        raise ValueError(f"{source} holds id {lo}: token ids are 0..{vocab - 1} (a negative id is a pad or sentinel "
+                         "value left in the data, not a token)")
+    if hi >= vocab:
+        raise ValueError(f"{source} produces id {hi}, outside the model's vocabulary of "
                          f"{vocab} (ids 0..{vocab - 1}): the calibration data was tokenized for another model; "
                          "give the model's own tokenizer (tokenizer=DIR, or compile_model(..., tokenizer=...))")
 
