@@ -118,7 +118,7 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
         inside = f" ({path / 'model.onnx'} is the ONNX file in it)" if (path / "model.onnx").is_file() else ""
         raise OnnxFileError(f"{path} is a directory: lowbit.export.load reads one exported file (.onnx or a TensorRT "
                             f"engine); lowbit.load reads a lowbit.save or `lowbit compile -o` directory{inside}")
-    if path.suffix.lower() == ".onnx" or _looks_like_onnx(path):
+    if path.suffix.lower() == ".onnx" or looks_like_onnx(path):
         from lowbit.backends.onnxruntime_backend import OrtCompiled
 
         ort = OrtCompiled.load(path, **options)
@@ -138,7 +138,7 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
     return TensorRTCompiled.load(path)
 
 
-def _looks_like_onnx(path: Path) -> bool:
+def looks_like_onnx(path: Path) -> bool:
     """Whether a file named otherwise (``export(c, "model")`` writes ONNX at any path) holds an ONNX model: a
     ModelProto starts with field 1, ``ir_version`` (tag byte 0x08); lowbit's engine files start ``LOWBIT-TRT``."""
     try:

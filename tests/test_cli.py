@@ -255,6 +255,8 @@ def test_inspect_of_an_onnx_file_without_its_external_data_exits_3(tmp_path):
     assert "1 initializers" in " ".join(invoke("inspect", path).output.split())
     upper = lowbit.export(g, tmp_path / "M.ONNX")  # was exit 2: 'expected ... an .onnx file'
     assert "1 initializers" in " ".join(invoke("inspect", upper).output.split())
+    bare = lowbit.export(g, tmp_path / "model")  # ONNX under no suffix: exit 2 too, though export.load reads it
+    assert "1 initializers" in " ".join(invoke("inspect", bare).output.split())
     data = tmp_path / "m.onnx.data"
     data.write_bytes(data.read_bytes()[:40])
     assert "is truncated" in invoke("inspect", path, code=3).output

@@ -54,7 +54,9 @@ def _resolve(file: Path) -> tuple[Path, str]:
             return file, "checkpoint"
         fail(f"directory {str(file)!r} has no model.lowbit, model.onnx or config.json (a compressed-tensors/GPTQ "
              "checkpoint)", Exit.NOT_FOUND)
-    if file.suffix.lower() == ".onnx":  # model.ONNX too, as lowbit.export.load reads it
+    from lowbit.export import looks_like_onnx
+
+    if file.suffix.lower() == ".onnx" or looks_like_onnx(file):  # model.ONNX or no suffix, as export.load reads it
         return file, "onnx"
     if file.suffix in (".lowbit", ".ir", ".txt"):
         return file, "lowbit"
