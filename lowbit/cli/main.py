@@ -330,6 +330,9 @@ def compile_cmd(
         for p in passes:
             if "progress" in type(p.options).model_fields and "progress" not in p.options.model_fields_set:
                 p.options.progress = False
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar when the model loads
     try:
         plan = plan_compile(passes, backend, options)
     except BackendError as exc:
