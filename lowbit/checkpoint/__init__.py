@@ -255,13 +255,12 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
             raise CheckpointError(f"{directory}: neither {IR_FILE} nor config.json: not a checkpoint lowbit reads")
         graph, tokenizer, _ = load_hf_checkpoint(directory, manifest, generation=generation)
         fmt = fmt or "hf"
-        from lowbit.ir.verifier import check_stored
+        from lowbit.ir.verifier import check_stored, listed
 
         # its NaN/inf scale or zero point check (every tensor is declared: the graph was built from the files)
         stored = check_stored(graph, {})
         if stored:  # a crafted scale loaded and made every logit NaN
-            raise CheckpointError(f"{directory}: the checkpoint's tensors do not make a usable model: "
-                                  + "; ".join(stored[:5]) + (f"; ... ({len(stored)} in all)" if len(stored) > 5 else ""))
+            raise CheckpointError(f"{directory}: the checkpoint's tensors do not make a usable model: {listed(stored)}")
     runner = lower(graph, backend, device)
     from lowbit.ir.ops import is_semantic
 
@@ -278,7 +277,7 @@ def _parsed_and_verified(ir: Path, params: dict[str, Any]) -> Any:
     and a rehashed model.lowbit declaring f16 where f32 is computed, or a size no tensor has, loaded and ran. Every
     error names ``ir`` (or the params file), as the parser's line numbers alone did not."""
     from lowbit.ir.parser import IRParseError, parse_graph
-    from lowbit.ir.verifier import VerificationError, check_stored, verify
+    from lowbit.ir.verifier import VerificationError, check_stored, listed, verify
 
     try:
         text = ir.read_text(encoding="utf-8")
@@ -290,8 +289,7 @@ def _parsed_and_verified(ir: Path, params: dict[str, Any]) -> Any:
         raise CheckpointError(f"{ir}: not valid lowbit IR: {exc}") from None
     stored = check_stored(graph, params)
     if stored:
-        raise CheckpointError(f"{ir.parent / PARAMS_FILE}: does not fit {ir.name}: " + "; ".join(stored[:5])
-                              + (f"; ... ({len(stored)} in all)" if len(stored) > 5 else ""))
+        raise CheckpointError(f"{ir.parent / PARAMS_FILE}: does not fit {ir.name}: {listed(stored)}")
     missing = sorted(n for n, v in graph.params.items() if v.data is None)
     if missing:
         raise CheckpointError(f"{ir.parent / PARAMS_FILE}: has no tensor for parameter @{missing[0]} declared in "

@@ -63,7 +63,7 @@ def read_graph(ir_path: Path, params_path: Path | None = None) -> Any:
     """
     from lowbit.errors import CorruptFileError
     from lowbit.ir.parser import parse_graph
-    from lowbit.ir.verifier import check_stored
+    from lowbit.ir.verifier import check_stored, listed
 
     try:
         text = Path(ir_path).read_text(encoding="utf-8")
@@ -73,8 +73,7 @@ def read_graph(ir_path: Path, params_path: Path | None = None) -> Any:
     graph = parse_graph(text, params)
     problems = check_stored(graph, params) if params is not None else []
     if problems:
-        raise CorruptFileError(params_path, f"does not fit {str(ir_path)!r}: " + "; ".join(problems[:5])
-                               + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else ""))
+        raise CorruptFileError(params_path, f"does not fit {str(ir_path)!r}: {listed(problems)}")
     return graph
 
 

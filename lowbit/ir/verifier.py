@@ -255,6 +255,11 @@ def check_stored(graph: Graph, tensors: Mapping[str, torch.Tensor]) -> list[str]
     return problems
 
 
+def listed(problems: list[str], most: int = 5) -> str:
+    """The first ``most`` problems joined for one message line, with how many there are in all past that."""
+    return "; ".join(problems[:most]) + (f"; ... ({len(problems)} in all)" if len(problems) > most else "")
+
+
 def verify(graph: Graph, *, types: bool = True, require_data: bool = True) -> VerifyReport:
     """Raise ``VerificationError`` listing every problem; return what was (and was not) type-checked."""
     problems = check_structure(graph, require_data=require_data)

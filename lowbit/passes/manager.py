@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
 from lowbit.ir.printer import print_graph
-from lowbit.ir.verifier import VerificationError, verify
+from lowbit.ir.verifier import VerificationError, listed, verify
 from lowbit.passes.base import Pass, PassError, PassFileError, ScopedOptions, closest, get_pass
 
 
@@ -375,7 +375,7 @@ def _check_conditions(p: Pass, index: int, kind: str, conditions: Sequence[Any],
     for cond in conditions:
         problems = cond(graph)
         if problems:
-            shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+            shown = listed(problems)
             when = "before it runs" if kind == "requires" else "after it ran"
             raise PipelineError(f"pass {p.spec()} (#{index}) {kind} {cond.name}, which does not hold {when}: "
                                 f"{shown}", rec, before)
