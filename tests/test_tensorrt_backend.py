@@ -152,3 +152,24 @@ def test_tensorrt_engine_matches_reference_and_survives_save_load(smol_w4, wikit
     path = engine.save(tmp_path / "slice.engine")
     again = TensorRTCompiled.load(path)
     assert torch.equal(again(ids.cuda()), engine(ids.cuda()))
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"workspace": 1 << 30}, TypeError, "unknown TensorRT build option 'workspace'.*did you mean 'workspace_bytes'"),
+    ({"max_dim": 0}, ValueError, "max_dim=0: give a positive integer"),
+    ({"workspace_bytes": "4G"}, ValueError, "workspace_bytes='4G'"),
+    ({"strongly_typed": "no"}, ValueError, "strongly_typed='no'"),
+    ({"opt": {"seq": -3}}, ValueError, "opt=.*positive size"),
+    ({"shapes": {"input_ids": ((1, 8), (1, 4), (1, 16))}}, ValueError, "min <= opt <= max"),
+    ({"shapes": {"input_ids": ((1, 8), (1, 16))}}, ValueError, r"give \(min, opt, max\)"),
+])
+def test_build_options_are_checked_before_tensorrt_or_lowering(minilm_graph, tmp_path, options, error, match):
+    """A misspelt or ill-typed build option is named as such whether or not TensorRT is installed (it was
+    reported as "tensorrt is not installed", or failed inside the builder after the whole lowering)."""
+    import lowbit
+
+    with pytest.raises(error, match=match):
+        lowbit.export(minilm_graph, tmp_path / "m.engine", format="tensorrt", **options)
+    with pytest.raises(error, match=match):
+        TensorRTCompiled(minilm_graph, **options)
+    assert not (tmp_path / "m.engine").exists()

@@ -25,6 +25,7 @@ from lowbit.backends.tensorrt.engine import (
     TensorRTRunner,
     TensorRTUnavailable,
     build_engine,
+    check_build_options,
     import_tensorrt,
     load_engine,
     profile_from_symbols,
@@ -45,6 +46,7 @@ __all__ = [
     "TensorRTUnavailable",
     "Violation",
     "build_engine",
+    "check_build_options",
     "check_tensorrt_qdq",
     "export_engine",
     "import_tensorrt",
@@ -82,6 +84,7 @@ def _checked_onnx(graph: Graph, directory: Path) -> Path:
 def export_engine(graph: Graph, path: str | os.PathLike[str], *, onnx_dir: str | os.PathLike[str] | None = None,
                   **build: Any) -> Path:
     """Lower, check and build ``graph`` into an engine file at ``path`` (build options: ``build_engine``)."""
+    check_build_options(build)
     import_tensorrt()  # fail before the lowering work when TensorRT is absent
     with tempfile.TemporaryDirectory(prefix="lowbit-trt-") as tmp:
         onnx_path = _checked_onnx(graph, Path(onnx_dir or tmp))
@@ -99,6 +102,7 @@ class TensorRTCompiled(torch.nn.Module):
             raise TypeError("TensorRTCompiled takes a lowbit Graph or an engine file (engine=...), exactly one")
         self.graph = graph
         if graph is not None:
+            check_build_options({"shapes": shapes, **build})
             import_tensorrt()
             with tempfile.TemporaryDirectory(prefix="lowbit-trt-") as tmp:
                 onnx_path = _checked_onnx(graph, Path(tmp))

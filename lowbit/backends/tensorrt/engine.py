@@ -16,6 +16,8 @@ engine-file integrity checks) works where it is not installed.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -90,6 +92,43 @@ def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
             hi.append(smax)
         profile[value.name] = (lo, mid, hi)
     return profile
+
+
+def check_build_options(options: Mapping[str, Any]) -> None:
+    """Names and values of ``build_engine``'s options, checked before TensorRT is imported or anything is lowered:
+    a misspelt or ill-typed option was reported as "TensorRT is not installed" on a machine without it, and
+    otherwise only after the whole lowering, inside TensorRT's builder."""
+    known = [n for n in inspect.signature(build_engine).parameters if n != "onnx_path"]
+    for key, value in options.items():
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise TypeError(f"unknown TensorRT build option {key!r}{hint}; options are: {', '.join(known)}")
+        if key in ("max_dim", "workspace_bytes") and (isinstance(value, bool) or not isinstance(value, int)
+                                                       or value <= 0):
+            raise ValueError(f"TensorRT option {key}={value!r}: give a positive integer")
+        if key == "strongly_typed" and not isinstance(value, bool):
+            raise ValueError(f"TensorRT option strongly_typed={value!r}: give True or False")
+        if key == "timing_cache" and value is not None and not isinstance(value, (str, os.PathLike)):
+            raise ValueError(f"TensorRT option timing_cache={value!r}: give a file path or None")
+        if key == "opt" and value is not None:
+            if not isinstance(value, Mapping) or any(
+                    not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v <= 0
+                    for k, v in value.items()):
+                raise ValueError(f"TensorRT option opt={value!r}: give {{symbol name: positive size}}")
+        if key == "shapes" and value is not None:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"TensorRT option shapes={value!r}: give {{input name: (min, opt, max)}}")
+            for name, triple in value.items():
+                if not isinstance(triple, (tuple, list)) or len(triple) != 3:
+                    raise ValueError(f"TensorRT option shapes[{name!r}]={triple!r}: give (min, opt, max) shapes")
+                dims = [list(s) if isinstance(s, (tuple, list, torch.Size)) else None for s in triple]
+                if any(d is None for d in dims) or len({len(d) for d in dims}) != 1 or any(  # type: ignore[arg-type]
+                        isinstance(x, bool) or not isinstance(x, int) or x < 0 for d in dims for x in d):  # type: ignore[union-attr]
+                    raise ValueError(f"TensorRT option shapes[{name!r}]={triple!r}: min, opt and max must be shapes "
+                                     "of the same rank with non-negative integer sizes")
+                if any(not lo <= mid <= hi for lo, mid, hi in zip(*dims)):  # type: ignore[misc]
+                    raise ValueError(f"TensorRT option shapes[{name!r}]={triple!r}: each size needs min <= opt <= max")
 
 
 def build_engine(
