@@ -246,7 +246,8 @@ def test_bad_options_raise_clear_errors(slice2, tmp_path):
         InsertQDQ()
     with pytest.raises(PassError, match="static activation scales cannot be per token"):
         InsertQDQ(a="int8", a_static=True)
-    with pytest.raises(PassError, match="option kv_group=48 does not divide head_dim 64"):
+    with pytest.raises(PassError, match=r"option kv_group=48 \(or v_group for the values alone\) does not divide "
+                                        r"head_dim 64.*e\.g\. kv_group=16"):
         InsertQDQ(kv="int4", v_gran="per_token", kv_group=48).run(graph.clone())
     with pytest.raises(PassError, match="has no option 'bits'"):
         parse_pipeline("quantize(bits=4)")

@@ -25,6 +25,7 @@ Options are short so pipelines stay readable: ``quantize(w=int4,group=64)``,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -449,8 +450,12 @@ def _kv_layout(scheme: QScheme, src: Value, role: str, node: Node) -> Layout:
     d = _static_dim(t, 3, f"{role} %{src.name} of attention %{node.name}")
     layout = layout_for(scheme, t.shape, role)  # type: ignore[arg-type]
     if layout.axis == -1 and layout.block_size is not None and d % layout.block_size:
-        raise PassError(f"pass quantize: option kv_group={layout.block_size} does not divide head_dim {d} of the "
-                        f"{role}s of attention %{node.name} (module {node.module!r})")
+        # named with both options that set it and a group that fits: a recipe's kv_group=32 on a model with 16-wide
+        # heads read as if the user had asked for it, with nothing to change it to
+        fit = math.gcd(layout.block_size, d)
+        raise PassError(f"pass quantize: option kv_group={layout.block_size} (or {role[0]}_group for the {role}s alone) "
+                        f"does not divide head_dim {d} of the {role}s of attention %{node.name} (module "
+                        f"{node.module!r}); give a divisor of {d}, e.g. kv_group={fit}")
     return layout
 
 
