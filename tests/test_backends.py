@@ -181,3 +181,29 @@ def test_compile_model_refuses_a_non_bool_verify_and_objects_that_are_not_instru
         compile_model("no-such-model", pipeline="dce", verify="no")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"instruments\[0\] is int, not an Instrument"):
         compile_model("no-such-model", pipeline="dce", instruments=[1])  # type: ignore[list-item]
+
+
+def test_onnxruntime_without_a_kernel_for_the_opset_says_which_opset_to_use(tmp_path):
+    """onnx defines opset 28, but ONNX Runtime 1.32 has no opset-28 QuantizeLinear kernel: compiling or loading
+    such a model was ORT's raw NOT_IMPLEMENTED; it now names the op, the opset and the option that fixes it."""
+    import lowbit
+    from lowbit.backends.onnx.io import OnnxFileError
+    from lowbit.export import load as load_file
+
+    from conftest import tiny_llama
+
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2).eval()
+    ids = torch.randint(0, 60, (1, 16), generator=torch.Generator().manual_seed(0))
+    try:
+        compiled = compile_model(model, (ids,), pipeline="quantize(w=int8,a=int8)", backend="onnxruntime",
+                                 backend_options={"opset": 28})
+    except OnnxFileError as exc:
+        message = str(exc)
+    else:
+        compiled(ids)
+        pytest.skip("this onnxruntime runs opset-28 Q/DQ")
+    assert "no QuantizeLinear kernel at opset 28" in message and "opset=23" in message
+    torch_model = compile_model(model, (ids,), pipeline="quantize(w=int8,a=int8)")
+    path = lowbit.export(torch_model, tmp_path / "m.onnx", opset=28)
+    with pytest.raises(OnnxFileError, match=r"m\.onnx: this onnxruntime .* no QuantizeLinear kernel at opset 28"):
+        load_file(path)

@@ -12,6 +12,7 @@ instead; so is ORT silently dropping a provider it failed to initialise (CUDA li
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -137,20 +138,39 @@ def create_session(model: ir.Model | str | os.PathLike[str], providers: list[str
     """An InferenceSession from an in-memory model (via a temporary external-data file when > 2 GB) or a path.
     ``file_checked``: the caller has already read the file with ``load_onnx`` (no second read of its protobuf)."""
     if isinstance(model, ir.Model):
-        if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-            # protobuf cannot hold > 2 GB in memory: go through a file with external data; ORT has read (or
-            # mapped) it once the session exists, so the directory can go (a mapped file outlives its name)
-            with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as tmp:
-                path = save_onnx(model, Path(tmp) / "model.onnx", external_data=True)
-                return ort.InferenceSession(os.fspath(path), so, providers=providers)
-        return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), so, providers=providers)
+        try:
+            if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+                # protobuf cannot hold > 2 GB in memory: go through a file with external data; ORT has read (or
+                # mapped) it once the session exists, so the directory can go (a mapped file outlives its name)
+                with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as tmp:
+                    path = save_onnx(model, Path(tmp) / "model.onnx", external_data=True)
+                    return ort.InferenceSession(os.fspath(path), so, providers=providers)
+            return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), so, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - ORT's errors are untyped
+            hint = _missing_kernel_hint(exc)
+            if hint is None:
+                raise
+            raise OnnxFileError(f"onnxruntime cannot run the lowered model: {hint}") from exc
     path = Path(model).expanduser()
     if not file_checked:
         load_onnx(path, check=False)  # clear errors for missing/truncated/corrupted files before ORT's own
     try:
         return ort.InferenceSession(os.fspath(path), so, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises several untyped Fail/InvalidProtobuf errors
-        raise OnnxFileError(f"onnxruntime cannot load {path}: {str(exc).strip()[:300]}") from exc
+        hint = _missing_kernel_hint(exc)
+        raise OnnxFileError(f"onnxruntime cannot load {path}: {hint or str(exc).strip()[:300]}") from exc
+
+
+def _missing_kernel_hint(exc: BaseException) -> str | None:
+    """ORT's "Could not find an implementation for QuantizeLinear(28) node ..." as what to do about it: an opset
+    onnx defines can still be newer than this ONNX Runtime's kernels (ORT 1.32 has no opset-28 Q/DQ)."""
+    match = re.search(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'", str(exc))
+    if match is None:
+        return None
+    op, version, node = match.groups()
+    return (f"this onnxruntime {ort.__version__} has no {op} kernel at opset {version} (node {node!r}); lower to an "
+            f"older opset (e.g. opset=23, the onnxruntime backend's default: backend_options={{'opset': 23}} "
+            f"or `--backend-option opset=23`)")
 
 
 def accuracy_from_metadata(model: ir.Model) -> int:
