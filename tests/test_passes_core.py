@@ -198,6 +198,27 @@ def test_verify_each_names_the_pass_that_broke_the_ir(smollm2_slice_f64):
     assert info.value.graph_before is not None and len(info.value.graph_before.nodes) == len(g.nodes) + 1
 
 
+@register_pass
+class _NaNScaleForTest(Pass):
+    """Test-only pass standing in for a quantizer whose scales diverged: one weight scale becomes NaN."""
+
+    name = "test-nan-scale"
+
+    def run(self, graph: Graph) -> PassResult:
+        dq = next(n for n in graph.nodes if n.op.startswith("dequantize") and n.args[1].is_param)
+        dq.args[1].data.view(-1)[3] = float("nan")
+        return PassResult(True)
+
+
+def test_verify_each_names_the_pass_that_left_a_nan_scale(smollm2_slice_f64):
+    """A NaN quantization scale a pass computed was caught only when the saved model was loaded again; the
+    verifier after each pass names the pass, the parameter and the node."""
+    g = smollm2_slice_f64[1].clone()
+    with pytest.raises(PipelineError, match=r"pass test-nan-scale \(#1\) left invalid IR:\n(?s:.*)parameter @\S+ "
+                                            r"\(scale of .*\) holds 1 NaN value"):
+        PassManager("quantize(w=int4,group=32),test-nan-scale,dce").run(g)
+
+
 def test_limit_skips_later_passes(smollm2_slice_f64):
     g = smollm2_slice_f64[1].clone()
     report = PassManager("fold-norms,dce", limit=0).run(g)

@@ -236,17 +236,24 @@ def _operand_names(node: Node) -> dict[str, Any]:
 def check_stored(graph: Graph, tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """What a graph read from files must meet beyond ``verify``: every tensor of the weights file is a parameter
     the IR declares (an extra one means weights for another IR, or a renamed parameter whose tensor is then
-    missing), and every quantization scale or zero point a node reads from a parameter is finite (a NaN scale
-    loaded and made every output NaN). Problems name the tensor and the node."""
-    problems = [f"tensor {name!r} is not a parameter the IR declares (no node reads it)"
-                for name in sorted(set(tensors) - set(graph.params))]
+    missing), and the quantization parameters are finite (``check_qparams``). Problems name the tensor and the node."""
+    return [f"tensor {name!r} is not a parameter the IR declares (no node reads it)"
+            for name in sorted(set(tensors) - set(graph.params))] + check_qparams(graph)
+
+
+def check_qparams(graph: Graph) -> list[str]:
+    """Every quantization scale or zero point a node reads from a parameter is finite: a NaN scale made every
+    output NaN, and one a pass computed (a diverged tuning step, a NaN weight) surfaced only when the saved
+    model was loaded again. Problems name the parameter and the node."""
+    problems = []
     seen: set[str] = set()
     for node in graph.nodes:
         for key, v in _operand_names(node).items():
             if not (key.endswith("scale") or "zero" in key) or not isinstance(v, Value) or not v.is_param:
                 continue
             data = v.data
-            if v.name in seen or data is None or not data.is_floating_point() or bool(torch.isfinite(data).all()):
+            if v.name in seen or data is None or not data.is_floating_point() or data.is_meta \
+                    or bool(torch.isfinite(data).all()):
                 continue
             seen.add(v.name)
             bad = data[~torch.isfinite(data)]
@@ -263,6 +270,9 @@ def listed(problems: list[str], most: int = 5) -> str:
 def verify(graph: Graph, *, types: bool = True, require_data: bool = True) -> VerifyReport:
     """Raise ``VerificationError`` listing every problem; return what was (and was not) type-checked."""
     problems = check_structure(graph, require_data=require_data)
+    if problems:
+        raise VerificationError(problems)
+    problems = check_qparams(graph)
     if problems:
         raise VerificationError(problems)
     report = VerifyReport(len(graph.nodes), 0)
