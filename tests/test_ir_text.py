@@ -101,7 +101,8 @@ def graphs(draw):
     if g.symbols:
         sym = st.sampled_from(list(g.symbols))
         dim = dim | sym | st.builds("{1}*{0}".format, sym, st.integers(2, 9)) | \
-            st.builds("{}+{}".format, sym, st.integers(1, 9))
+            st.builds("{}+{}".format, sym, st.integers(1, 9)) | st.builds("{} + {}".format, sym, st.integers(1, 9)) | \
+            st.builds("{1} * {0}".format, sym, st.integers(2, 9))  # as sympy writes them
     ttype = st.builds(lambda dt, dims: TensorType(dt, tuple(dims)), DTYPES, st.lists(dim, max_size=3))
     values = [g.add_input(f"in{i}", draw(ttype | st.none())) for i in range(draw(st.integers(1, 2)))]
     for name in draw(st.lists(st.from_regex(r"[A-Za-z_][A-Za-z0-9_.\-/]{0,8}", fullmatch=True), max_size=2,
@@ -134,7 +135,8 @@ def graphs(draw):
 @given(graphs())
 def test_printed_graphs_parse_back_to_the_same_text(g):
     """Found by this test: an untyped input printed as ``None`` (the parser reads ``?``) and a module path with a
-    line break, edge spaces or ``| fused`` printed text that did not parse, or parsed to another module."""
+    line break, edge spaces or ``| fused`` printed text that did not parse, or parsed to another module; a
+    dimension with spaces (``s0 + 1``) printed as given and read back without them."""
     text = print_graph(g)
     back = parse_graph(text)
     assert print_graph(back) == text

@@ -47,6 +47,13 @@ class TensorType:
     dtype: torch.dtype
     shape: tuple[Dim, ...]
 
+    def __post_init__(self) -> None:
+        # symbolic dims without whitespace, as the parser reads them: "s0 + 1" given through the API printed as
+        # written and read back as "s0+1", so the first print/parse round trip changed the IR text
+        if any(isinstance(d, str) and not d.isidentifier() for d in self.shape):
+            object.__setattr__(self, "shape", tuple("".join(d.split()) if isinstance(d, str) else d
+                                                    for d in self.shape))
+
     def __str__(self) -> str:
         return f"{DTYPE_NAMES.get(self.dtype, str(self.dtype))}[{','.join(str(d) for d in self.shape)}]"
 
