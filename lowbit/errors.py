@@ -64,3 +64,12 @@ class RemoteCodeError(UntrustedInputError):
         super().__init__(f"{self.directory!r} needs its own Python code to load (an 'auto_map' in config.json or "
                          "tokenizer_config.json naming a class transformers does not ship); lowbit never runs a "
                          "checkpoint's code: use a directory whose model and tokenizer classes are transformers' own")
+
+
+def did_you_mean(name: object, choices: list[str], n: int = 1, cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` for the nearest of ``choices``, or ``""``: the hint every "unknown option/format/
+    backend" message ends its name with (a non-string name has none)."""
+    import difflib
+
+    near = difflib.get_close_matches(name, choices, n=n, cutoff=cutoff) if isinstance(name, str) else []
+    return f" (did you mean {' or '.join(repr(c) for c in near)}?)" if near else ""

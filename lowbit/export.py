@@ -11,7 +11,6 @@ Formats:
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, did_you_mean
 from lowbit.ir.graph import graph_of
 
 FORMATS = ("onnx", "onnx-matmulnbits", "tensorrt")
@@ -37,9 +36,7 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     ``external_data`` forces (or forbids) a ``.data`` side file; by default models over ~1.8 GB use one.
     """
     if format not in FORMATS:
-        near = difflib.get_close_matches(format, FORMATS, n=1) if isinstance(format, str) else []
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ValueError(f"unknown export format {format!r}{hint}; known: {', '.join(FORMATS)}")
+        raise ValueError(f"unknown export format {format!r}{did_you_mean(format, list(FORMATS))}; known: {', '.join(FORMATS)}")
     if external_data is not None and not isinstance(external_data, bool):  # "false" is truthy: it wrote a .data file
         raise ValueError(f"external_data takes True, False or None (by size), got {external_data!r}")
     graph = graph_of(compiled)
@@ -59,9 +56,7 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     known = sorted(f.name for f in fields(LoweringOptions) if f.name != "weight_format")
     for key in options:
         if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise TypeError(f"unknown ONNX export option {key!r}{hint}; options are: {', '.join(known)} (the "
+            raise TypeError(f"unknown ONNX export option {key!r}{did_you_mean(key, known)}; options are: {', '.join(known)} (the "
                             "format picks weight_format: 'onnx' is QDQ, 'onnx-matmulnbits' MatMulNBits)")
     if path.is_dir():
         raise ValueError(f"export path {str(path)!r} is a directory: give a file path such as "

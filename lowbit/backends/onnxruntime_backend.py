@@ -26,9 +26,14 @@ import torch
 from onnx_ir.tensor_adapters import to_torch_dtype
 
 from lowbit.backends.onnx import LoweringOptions, load_onnx, save_onnx, to_onnx
-from lowbit.backends.onnx.io import EXTERNAL_DATA_THRESHOLD, OnnxFileError, initializer_bytes
 from lowbit.backends.onnx.context import int8_gemm_exact
+from lowbit.backends.onnx.io import (
+    EXTERNAL_DATA_THRESHOLD,
+    OnnxFileError,
+    initializer_bytes,
+)
 from lowbit.backends.onnx.widen import has_bfloat16, widen_bfloat16
+from lowbit.errors import did_you_mean
 from lowbit.ir.graph import Graph
 from lowbit.ir.signature import InputChecker
 
@@ -278,16 +283,13 @@ class OrtCompiled(torch.nn.Module):
             source: ir.Model | str | os.PathLike[str] = self.onnx_model
         else:
             if lowering:
-                import difflib
                 from dataclasses import fields
 
                 known = {f.name for f in fields(LoweringOptions)}
                 session = ["device", "optimization", "providers", "spinning", "threads"]
                 for key in sorted(lowering):
                     if key not in known:  # a misspelt session option was called a lowering option
-                        near = difflib.get_close_matches(key, session, n=1)
-                        hint = f" (did you mean {near[0]!r}?)" if near else ""
-                        raise TypeError(f"unknown option {key!r}{hint} for a model run from an ONNX file; options "
+                        raise TypeError(f"unknown option {key!r}{did_you_mean(key, session)} for a model run from an ONNX file; options "
                                         f"are: {', '.join(session)}")
                 raise TypeError(f"lowering options {sorted(lowering)} apply only when lowering a Graph: the file's "
                                 "lowering is fixed (export it again with them)")

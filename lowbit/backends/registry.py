@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, did_you_mean
 
 __all__ = [
     "BACKENDS",
@@ -151,11 +151,7 @@ def all_backends() -> dict[str, BackendSpec]:
 def get_backend(name: str) -> BackendSpec:
     """The backend registered as ``name``; an unknown name lists the known ones."""
     if name not in BACKENDS:
-        import difflib
-
-        near = difflib.get_close_matches(name, list(BACKENDS), n=2, cutoff=0.5)
-        hint = f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
-        raise BackendError(f"unknown backend {name!r}{hint}; known: {', '.join(BACKENDS)}")
+        raise BackendError(f"unknown backend {name!r}{did_you_mean(name, list(BACKENDS), n=2, cutoff=0.5)}; known: {', '.join(BACKENDS)}")
     return BACKENDS[name]
 
 

@@ -16,7 +16,6 @@ engine-file integrity checks) works where it is not installed.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import json
 import os
@@ -27,7 +26,13 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from lowbit.backends.tensorrt.engine_file import EngineFileError, EngineHeader, read_engine, write_engine
+from lowbit.backends.tensorrt.engine_file import (
+    EngineFileError,
+    EngineHeader,
+    read_engine,
+    write_engine,
+)
+from lowbit.errors import did_you_mean
 
 Shape = Sequence[int]
 ProfileShapes = Mapping[str, tuple[Shape, Shape, Shape]]
@@ -101,9 +106,8 @@ def check_build_options(options: Mapping[str, Any]) -> None:
     known = [n for n in inspect.signature(build_engine).parameters if n != "onnx_path"]
     for key, value in options.items():
         if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise TypeError(f"unknown TensorRT build option {key!r}{hint}; options are: {', '.join(known)}")
+            raise TypeError(f"unknown TensorRT build option {key!r}{did_you_mean(key, known)}; options are: "
+                            f"{', '.join(known)}")
         if key in ("max_dim", "workspace_bytes") and (isinstance(value, bool) or not isinstance(value, int)
                                                        or value <= 0):
             raise ValueError(f"TensorRT option {key}={value!r}: give a positive integer")
@@ -111,11 +115,10 @@ def check_build_options(options: Mapping[str, Any]) -> None:
             raise ValueError(f"TensorRT option strongly_typed={value!r}: give True or False")
         if key == "timing_cache" and value is not None and not isinstance(value, (str, os.PathLike)):
             raise ValueError(f"TensorRT option timing_cache={value!r}: give a file path or None")
-        if key == "opt" and value is not None:
-            if not isinstance(value, Mapping) or any(
-                    not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v <= 0
-                    for k, v in value.items()):
-                raise ValueError(f"TensorRT option opt={value!r}: give {{symbol name: positive size}}")
+        if key == "opt" and value is not None and (not isinstance(value, Mapping) or any(
+                not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v <= 0
+                for k, v in value.items())):
+            raise ValueError(f"TensorRT option opt={value!r}: give {{symbol name: positive size}}")
         if key == "shapes" and value is not None:
             if not isinstance(value, Mapping):
                 raise ValueError(f"TensorRT option shapes={value!r}: give {{input name: (min, opt, max)}}")
