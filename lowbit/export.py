@@ -65,9 +65,9 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     weight_format = "matmulnbits" if format == "onnx-matmulnbits" else "qdq"
     model = to_onnx(graph, weight_format=weight_format, **options)
     if graph.meta.get("generation") is not None:  # what generate() needs beside the step: load() reads it back
-        from lowbit.checkpoint import GenerationMeta, _validated
+        from lowbit.checkpoint import GenerationMeta, validated_meta
 
-        meta = _validated(GenerationMeta, graph.meta["generation"], "graph.meta['generation']")
+        meta = validated_meta(GenerationMeta, graph.meta["generation"], "graph.meta['generation']")
         model.metadata_props[GENERATION_KEY] = json.dumps(meta)
     out = save_onnx(model, path, external_data=external_data)
     if check:
@@ -120,13 +120,13 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
         raw = ort.session.get_modelmeta().custom_metadata_map.get(GENERATION_KEY)
         if raw is None:
             return ort
-        from lowbit.checkpoint import CheckpointError, GenerationMeta, _validated
+        from lowbit.checkpoint import CheckpointError, GenerationMeta, validated_meta
 
         try:
             parsed = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path}: metadata {GENERATION_KEY!r} is not JSON: {exc}") from None
-        return GeneratingOnnx(ort, _validated(GenerationMeta, parsed, f"{path}: metadata {GENERATION_KEY!r}"),
+        return GeneratingOnnx(ort, validated_meta(GenerationMeta, parsed, f"{path}: metadata {GENERATION_KEY!r}"),
                               tokenizer)
     from lowbit.backends.tensorrt import TensorRTCompiled
 

@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lowbit.checkpoint.files import CheckpointError, atomic_checkpoint_dir, checked, verify_manifest, write_manifest
 
-__all__ = ["save", "load", "FORMATS", "CheckpointError", "write_checkpoint_files"]
+__all__ = ["save", "load", "FORMATS", "CheckpointError", "GenerationMeta", "validated_meta",
+           "write_checkpoint_files"]
 
 FORMATS = ("compressed-tensors", "gptq", "lowbit")
 KINDS = ("causal-lm", "encoder")
@@ -142,7 +143,7 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any, config: Any = None
     if src.get("max_seq_length") is not None:
         info["max_seq_length"] = src["max_seq_length"]
     if graph.meta.get("pruned"):
-        info["pruned"] = _validated(PrunedMeta, graph.meta["pruned"], "graph.meta['pruned']")
+        info["pruned"] = validated_meta(PrunedMeta, graph.meta["pruned"], "graph.meta['pruned']")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     if graph.meta.get("generation") is not None:
@@ -202,8 +203,9 @@ def _validated_generation(raw: Any, message: Callable[[str, str], str]) -> Gener
     return checked(GenerationMeta, raw, message)
 
 
-def _validated(model: type[BaseModel], raw: Any, where: str) -> dict[str, Any]:
-    """``raw`` checked against ``model`` (a dict of its set fields), or a ``CheckpointError`` naming ``where``."""
+def validated_meta(model: type[BaseModel], raw: Any, where: str) -> dict[str, Any]:
+    """``raw`` checked against ``model`` (a dict of its set fields), or a ``CheckpointError`` naming ``where``;
+    public because ``lowbit.export`` checks the generation meta it writes into (and reads from) ONNX files too."""
     return checked(model, raw, lambda field, msg: f"{where}{'.' + field if field else ''}: {msg}"
                     ).model_dump(exclude_none=True)
 
@@ -330,7 +332,7 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
             src["max_seq_length"] = info["max_seq_length"]
         graph.meta["source"] = src
     if info.get("pruned") is not None:
-        graph.meta["pruned"] = _validated(PrunedMeta, info["pruned"], f"{directory}: manifest 'lowbit.pruned'")
+        graph.meta["pruned"] = validated_meta(PrunedMeta, info["pruned"], f"{directory}: manifest 'lowbit.pruned'")
     generation = _generation_meta(info, graph, directory)
     if generation is not None:
         graph.meta["generation"] = generation
