@@ -1070,3 +1070,18 @@ def test_prune_blocks_modules_matching_no_block_is_an_error():
     # 'mlp' is in module paths (the manager's scope check passes) but in no block's path
     with pytest.raises(PipelineError, match=r"modules='mlp' matches none of the 2 blocks"):
         compile_model(_tiny_m(), pipeline="prune-blocks(n=1,modules=mlp)", calib=_tiny_cal())
+
+
+@pytest.mark.parametrize("pipe", ["prune-blocks(n=1)", "prune-blocks(blocks=[gpt_neox.layers.1])"])
+def test_prune_blocks_refuses_a_parallel_residual_block(pipe):
+    """GPT-NeoX adds its MLP and attention updates to each other, then the stream with a plain add: bypassing the
+    block's one residual_add dropped the attention and kept the MLP, and the checkpoint then said one layer less."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from lowbit.api import compile_model
+
+    torch.manual_seed(0)
+    m = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                         num_hidden_layers=2, vocab_size=256, max_position_embeddings=64)).eval()
+    with pytest.raises(PipelineError, match=r"block gpt_neox\.layers\.\d: its residual_add .*parallel-residual"):
+        compile_model(m, pipeline=pipe, calib=_tiny_cal())

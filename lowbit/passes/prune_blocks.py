@@ -7,7 +7,9 @@ Why: a pre-norm block adds updates to the residual stream (``residual_add(stream
 block makes every such add a pass-through, so the model equals the dense one with the block's output
 projections zeroed (``stream + 0``) exactly. Importance is ``1 - cos(block input, block output)`` averaged over
 the calibration tokens (ShortGPT): blocks that barely turn the stream go first. Removing every block, or a
-block with no ``residual_add``, is an error naming it, as is a graph with no block to remove (never a no-op).
+block with no ``residual_add``, is an error naming it, as is a graph with no block to remove (never a no-op). So is a
+parallel-residual block (GPT-NeoX: ``x + (mlp(ln2(x)) + attn(ln1(x)))``): its ``residual_add`` adds the block's two
+updates to each other, not to the stream, and bypassing it would drop the attention and keep the MLP.
 
 On a generation step graph (``compile_model(..., generation=...)``) a removed block's KV cache goes with it: its
 cache inputs and outputs leave the graph, the others are renumbered (``past_key_values_<i>_key``: layer i of the
@@ -24,10 +26,10 @@ from typing import Any
 from pydantic import Field
 
 from lowbit.calibration.engine import split_stages
-from lowbit.ir.graph import Graph, Value
+from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
 from lowbit.passes.prune_mlp import collect_input_stats, reinfer
-from lowbit.passes.pruning_sites import block_residuals
+from lowbit.passes.pruning_sites import block_of, block_residuals
 
 __all__ = ["PruneBlocks", "PruneBlocksOptions"]
 
@@ -61,6 +63,12 @@ class PruneBlocks(Pass):
             raise PassError(f"pass {self.name}: no decoder block with a residual_add in this graph "
                             f"({len(names)} blocks found: {', '.join(names[:3]) or 'none'}): nothing can be removed")
         influence: dict[str, float] = {}
+        rx = re.compile(o.modules) if o.modules else None
+        for b, rs in residuals.items():  # the candidates, before the calibration that would rank them
+            problem = _not_bypassable(b, rs) if (b in o.blocks if o.blocks else o.n and (
+                rx is None or rx.search(b))) else None
+            if problem:
+                raise PassError(f"pass {self.name}: {problem}")
         if o.blocks:
             unknown = [b for b in o.blocks if b not in residuals]
             if unknown:
@@ -73,7 +81,6 @@ class PruneBlocks(Pass):
             chosen = []
             if o.n:
                 marks = {}
-                rx = re.compile(o.modules) if o.modules else None
                 for b, rs in residuals.items():
                     if rx is not None and not rx.search(b):
                         continue
@@ -111,6 +118,20 @@ class PruneBlocks(Pass):
                      params_removed=params_before - params_after, params_before=params_before,
                      seconds=round(time.perf_counter() - t0, 2))
         return PassResult(bool(chosen), stats)
+
+
+def _not_bypassable(block: str, rs: list[Node]) -> str | None:
+    """Why replacing each of ``block``'s ``residual_add(stream, update)`` by its stream would not remove the block:
+    a stream computed inside the block by anything but an earlier residual_add of it (a parallel-residual block
+    adds its two updates first; its add of the stream is a plain ``add``), or None."""
+    own = {id(r) for r in rs}
+    for r in rs:
+        p = r.args[0].producer if isinstance(r.args[0], Value) else None
+        if p is not None and id(p) not in own and block_of(p.module or "") == block:
+            return (f"block {block}: its residual_add %{r.name} adds %{r.args[1].name} to %{r.args[0].name}, which "
+                    f"the block computes itself ({p.op} in {p.module!r}), not to the residual stream: a "
+                    "parallel-residual block (GPT-NeoX style) that removing its residual_adds would not remove")
+    return None
 
 
 def _drop_cache_slots(graph: Graph, gen: dict[str, Any], layers: list[int], pass_name: str) -> list[Value]:
