@@ -1085,3 +1085,17 @@ def test_prune_blocks_refuses_a_parallel_residual_block(pipe):
                                          num_hidden_layers=2, vocab_size=256, max_position_embeddings=64)).eval()
     with pytest.raises(PipelineError, match=r"block gpt_neox\.layers\.\d: its residual_add .*parallel-residual"):
         compile_model(m, pipeline=pipe, calib=_tiny_cal())
+
+
+def test_sparsegpt_on_non_finite_activations_names_the_linear():
+    """An inf weight upstream makes down_proj's Hessian non-finite: the error names the linear (it was GPTQ's bare
+    ValueError about 'the calibration inputs', naming no layer), as method=learned and gptq do."""
+    from lowbit.api import compile_model
+
+    m = _tiny_m()
+    with torch.no_grad():
+        m.model.layers[1].mlp.up_proj.weight[3, 5] = float("inf")
+    with pytest.raises(PipelineError, match=r"pass sparsify: method=sparsegpt on linear %\w+ "
+                                            r"\(model\.layers\.1\.mlp\.down_proj\): .*not finite"):
+        compile_model(m, pipeline="sparsify(method=sparsegpt,pattern=2:4,calib_n=4,calib_len=32,progress=false)",
+                      calib=_tiny_cal())

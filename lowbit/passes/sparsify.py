@@ -336,9 +336,14 @@ class Sparsify(Pass):
                     # linears reading one input share its Hessian: one call on their stacked rows (each row's mask
                     # and update depend only on that row and H, so this equals separate calls, at one factorisation)
                     ws = [n.args[1].data for n in nodes]
-                    stacked, masks, st = sparsegpt_prune(torch.cat(ws, 0), accs.pop(key).hessian, bp, damp=o.damp,
-                                                         block_size=o.block_size, selection=o.selection,
-                                                         groups=[int(w.shape[0]) for w in ws])
+                    try:
+                        stacked, masks, st = sparsegpt_prune(torch.cat(ws, 0), accs.pop(key).hessian, bp,
+                                                             damp=o.damp, block_size=o.block_size,
+                                                             selection=o.selection,
+                                                             groups=[int(w.shape[0]) for w in ws])
+                    except ValueError as exc:  # a non-finite Hessian: name the linears that read it
+                        where = ", ".join(f"%{n.name} ({n.module})" for n in nodes)
+                        raise PassError(f"pass sparsify: method=sparsegpt on linear {where}: {exc}") from None
                     sgpt_loss += st["loss"]
                     apply_stacked(nodes, ws, stacked, masks, bp)
                     continue
