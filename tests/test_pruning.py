@@ -1099,3 +1099,36 @@ def test_sparsegpt_on_non_finite_activations_names_the_linear():
                                             r"\(model\.layers\.1\.mlp\.down_proj\): .*not finite"):
         compile_model(m, pipeline="sparsify(method=sparsegpt,pattern=2:4,calib_n=4,calib_len=32,progress=false)",
                       calib=_tiny_cal())
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("prune-mlp(ratio=0.5,spread=0.05)", r"option spread=0\.05 is read only with allocation=global"),
+    ("prune-heads(ratio=0.5,max_layer_ratio=0.5)", r"option max_layer_ratio=0\.5 is read only with allocation=global"),
+    ("prune-heads(ratio=0.5,allocation=global,max_layer_ratio=0.5)", r"max_layer_ratio=0\.5 is not read by prune-heads"),
+    ("prune-mlp(ratio=0.9,allocation=global)", r"ratio=0\.9 with allocation=global: no layer loses more than "
+                                               r"max_layer_ratio=0\.8")])
+def test_structured_options_that_would_be_ignored_are_refused(spec, message):
+    """The global allocation's bounds were read only by prune-mlp's global allocation: given with uniform, or to
+    prune-heads, they did nothing, and a global ratio above the per-layer cap removed less than asked."""
+    from lowbit.passes.manager import PipelineSpecError
+
+    with pytest.raises(PipelineSpecError, match=message):
+        parse_pipeline(spec)
+
+
+def test_global_head_allocation_honours_spread():
+    """prune-heads' global ranking took every group it could from the layer with the weakest groups: spread= (which
+    it accepted) bounds each layer to ratio ± spread, as in prune-mlp."""
+    from conftest import tiny_llama
+
+    from lowbit.api import compile_model
+
+    torch.manual_seed(0)
+    m = tiny_llama(hidden=128, inter=64, heads=8, kv_heads=8, layers=2, vocab=64)
+    with torch.no_grad():  # layer 0: one strong head, seven weak ones (relative to the layer's mean)
+        m.model.layers[0].self_attn.o_proj.weight.mul_(torch.tensor([1.0] * 7 + [50.0]).repeat_interleave(16))
+    pipe = "prune-heads(ratio=0.5,allocation=global,score=magnitude{})"
+    free = compile_model(m, pipeline=pipe.format("")).report.pipeline.records[0].stats["heads"]
+    bounded = compile_model(m, pipeline=pipe.format(",spread=0.1")).report.pipeline.records[0].stats["heads"]
+    assert free == {"model.layers.0": [1, 1], "model.layers.1": [7, 7]}
+    assert bounded == {"model.layers.0": [4, 4], "model.layers.1": [4, 4]}

@@ -28,6 +28,7 @@ import re
 import time
 
 import torch
+from pydantic import model_validator
 
 from lowbit.ir.graph import Graph, TensorType, Value
 from lowbit.ir.shapes import EXPAND_OPS
@@ -41,7 +42,12 @@ __all__ = ["PruneHeads", "PruneHeadsOptions"]
 
 
 class PruneHeadsOptions(StructuredOptions):
-    pass
+    @model_validator(mode="after")
+    def _no_layer_cap(self) -> PruneHeadsOptions:
+        if self.max_layer_ratio != type(self).model_fields["max_layer_ratio"].default:
+            raise ValueError(f"option max_layer_ratio={self.max_layer_ratio} is not read by prune-heads: its global "
+                             "allocation keeps one kv-head group per layer (spread= bounds each layer's share)")
+        return self
 
 
 def _shrink_cache(graph: Graph, s: AttentionSite, kept: int, made: dict[tuple[int, int], Value]) -> None:
@@ -108,7 +114,7 @@ class PruneHeads(Pass):
             rank = "fluctuation" if o.score == "obs" else o.score
             scores = [channel_scores(s.o.args[1].data, col.inputs.get(id(s.o)), rank)
                       .reshape(s.kv_heads, s.group_size * s.head_dim).sum(1) for s in sites]
-            counts = allocate(scores, o.ratio, "global", 1, 1.0)
+            counts = allocate(scores, o.ratio, "global", 1, 1.0, spread=o.spread)
         if o.allocation == "global":  # before the check: global allocation keeps one group per layer, as it says
             counts = [min(c, s.kv_heads - 1) for s, c in zip(sites, counts)]
         if o.ratio > 0 and not any(counts):

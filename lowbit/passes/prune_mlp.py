@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lowbit.calibration.engine import BlockRun, batches_from_ids, run
 from lowbit.calibration.structured_obs import augmented_hessian, remove_columns_obs
@@ -91,7 +91,7 @@ class StructuredOptions(CalibrationOptions, ScopedOptions):
     pruned (and refit), as GPTQ and SparseGPT run, so each refit also absorbs the earlier blocks' errors.
     Otherwise one run of the unpruned model scores every layer."""
     max_layer_ratio: float = Field(default=0.8, ge=0.0, lt=1.0)
-    """Global allocation: the most any one layer loses."""
+    """Global allocation: the most any one layer loses (prune-mlp; prune-heads keeps one group per layer)."""
     spread: float | None = Field(default=None, gt=0.0, lt=1.0)
     """Global allocation: every layer loses ``ratio ± spread`` (OWL/ECoFLaP-style bounded deviation from the
     uniform budget; unset: only ``max_layer_ratio`` bounds it). An unbounded ranking of per-layer-normalised
@@ -101,10 +101,28 @@ class StructuredOptions(CalibrationOptions, ScopedOptions):
     """Regex searched in module paths: only layers whose output projection (``down_proj``/``o_proj``) matches are
     pruned (empty: all). The debugging tools restrict the pass to some layers through it."""
 
+    @model_validator(mode="after")
+    def _global_options_need_global(self) -> StructuredOptions:
+        # by value, not model_fields_set: the debug tools rebuild a pass from all of its options (cli/restrict.py)
+        given = [f"{k}={getattr(self, k)}" for k in ("max_layer_ratio", "spread")
+                 if getattr(self, k) != type(self).model_fields[k].default]
+        if given and self.allocation != "global":
+            raise ValueError(f"option {', '.join(given)} is read only with allocation=global; with "
+                             f"allocation={self.allocation} it would be silently ignored")
+        return self
+
 
 class PruneMLPOptions(StructuredOptions):
     multiple: int = Field(default=64, ge=1)
     """Channels removed per layer are a multiple of this (the kept width stays a multiple if the width is)."""
+
+    @model_validator(mode="after")
+    def _ratio_within_the_layer_cap(self) -> PruneMLPOptions:
+        if self.allocation == "global" and self.ratio > self.max_layer_ratio:
+            raise ValueError(f"ratio={self.ratio} with allocation=global: no layer loses more than "
+                             f"max_layer_ratio={self.max_layer_ratio}, so at most that fraction of the channels can "
+                             "go; raise max_layer_ratio or lower ratio")
+        return self
 
 
 @dataclass
