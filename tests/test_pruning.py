@@ -1132,3 +1132,18 @@ def test_global_head_allocation_honours_spread():
     bounded = compile_model(m, pipeline=pipe.format(",spread=0.1")).report.pipeline.records[0].stats["heads"]
     assert free == {"model.layers.0": [1, 1], "model.layers.1": [7, 7]}
     assert bounded == {"model.layers.0": [4, 4], "model.layers.1": [4, 4]}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("sparsify(pattern=2:4,sparsity=0.3)", r"option sparsity=0\.3 is not read: pattern=2:4 keeps 2 of every 4"),
+    ("sparsify(method=sparsegpt,pattern=2:4,selection=layer)", r"option selection=layer is not read: pattern=2:4"),
+    ("sparsify(method=magnitude,true_sequential=true)", r"option true_sequential=True is not read: method=magnitude"),
+    ("sparsify(method=sparsegpt,learn_steps=8)", r"option learn_steps=8 is not read: method=sparsegpt")])
+def test_sparsify_options_the_pattern_or_method_never_reads_are_refused(spec, message):
+    """Each was accepted and did nothing (sparsity=0.3 with 2:4 still zeroed 50%)."""
+    from lowbit.passes.manager import PipelineSpecError
+
+    with pytest.raises(PipelineSpecError, match=message):
+        parse_pipeline(spec)
+    parse_pipeline("sparsify(method=learned,pattern=2:4,learn_steps=8),sparsify(method=sparsegpt,sparsity=0.3,"
+                   "selection=layer,true_sequential=true)")

@@ -73,7 +73,7 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
     method: Literal["magnitude", "wanda", "sparsegpt", "learned"] = "wanda"
     """How weights are chosen (and, for sparsegpt and learned, how the rest is updated)."""
     sparsity: float = Field(default=0.5, ge=0.0, lt=1.0)
-    """Fraction of each row zeroed (unstructured); ignored with an N:M pattern."""
+    """Fraction of each row zeroed (unstructured); an N:M pattern sets its own (refused with one)."""
     pattern: str = "unstructured"
     """``unstructured`` or ``N:M`` (``2:4``: keep 2 of every 4 consecutive weights along the input dim)."""
     modules: str = ""
@@ -145,6 +145,17 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
                        if k.startswith("refit_") and getattr(self, k) != f.default)
         if self.refit == "none" and given:
             raise ValueError(f"{', '.join(given)} set but refit=none: add refit=block")
+        # options the chosen pattern or method never reads (by value, as above): given, each did nothing
+        fields = type(self).model_fields
+        p = parse_pattern(self.pattern, 0.5)
+        unread = [(k, f"pattern={self.pattern} keeps {p.n} of every {p.m} weights along K in every row") for k in
+                  ("sparsity", "selection") if p.is_nm and getattr(self, k) != fields[k].default]
+        unread += [(k, f"method={self.method} is not method=learned") for k in fields
+                   if k.startswith("learn_") and self.method != "learned" and getattr(self, k) != fields[k].default]
+        unread += [(k, "method=magnitude calibrates nothing") for k in ("true_sequential",)
+                   if self.method == "magnitude" and getattr(self, k) != fields[k].default]
+        if unread:
+            raise ValueError("; ".join(f"option {k}={getattr(self, k)} is not read: {why}" for k, why in unread))
         return self
 
 
