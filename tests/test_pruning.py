@@ -1043,7 +1043,10 @@ def test_ratios_round_half_up_in_every_allocation():
     ("prune-mlp(ratio=0.1,score=magnitude)", r"prune-mlp: ratio=0.1 removes no channel: layer model\.layers\.0 has "
                                              r"256 channels .*multiple of 64.*at least 0\.125 or lower multiple"),
     ("prune-heads(ratio=0.2,score=magnitude)", r"prune-heads: ratio=0.2 removes no kv-head group: layer "
-                                               r"model\.layers\.0 has 2 kv-head groups .*at least 0\.25")])
+                                               r"model\.layers\.0 has 2 kv-head groups .*at least 0\.25"),
+    # a ratio of at least 1 is refused by the option itself: the advice is the multiple, not the ratio
+    ("prune-mlp(ratio=0.3,multiple=512,score=magnitude)", r"256 channels .*is 0; no ratio below 1 removes one "
+                                                          r"multiple of 512: lower multiple below 256$")])
 def test_a_ratio_that_removes_nothing_is_an_error(pipe, message):
     from lowbit.api import compile_model
 

@@ -317,6 +317,8 @@ def nothing_removed(pass_name: str, ratio: float, block: str, units: int, what: 
     least = multiple / 2 / units
     rounding = f"rounded to a multiple of {multiple} (option multiple)" if multiple > 1 else "rounded to a whole unit"
     fix = f"raise ratio to at least {least:.4g}" + (" or lower multiple" if multiple > 1 else "")
+    if least >= 1:  # ratio must stay below 1: no ratio removes one multiple of this layer
+        fix = f"no ratio below 1 removes one multiple of {multiple}: lower multiple below {units}"
     return PassError(f"pass {pass_name}: ratio={ratio} removes no {what}: layer {block} has {units} {what}s and "
                      f"{ratio} x {units} = {ratio * units:.4g} {rounding} is 0; {fix}")
 
