@@ -1090,6 +1090,21 @@ def test_prune_blocks_refuses_a_parallel_residual_block(pipe):
         compile_model(m, pipeline=pipe, calib=_tiny_cal())
 
 
+def test_prune_blocks_refuses_a_post_norm_block():
+    """BERT's block is ln2(ln1(x + attn) + mlp): bypassing its two residual_adds left ln2(ln1(x)) in the model."""
+    from transformers import BertConfig, BertModel
+
+    from lowbit.api import compile_model
+    from lowbit.models import SentenceEmbedder
+
+    torch.manual_seed(0)
+    m = SentenceEmbedder(BertModel(BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                              num_attention_heads=4, num_hidden_layers=2)).eval()).eval()
+    ids = torch.randint(0, 256, (2, 8))
+    with pytest.raises(PipelineError, match=r"block encoder\.layer\.1: .*layer_norm .*post-norm"):
+        compile_model(m, (ids, torch.ones_like(ids)), pipeline="prune-blocks(blocks=[encoder.layer.1])")
+
+
 def test_sparsegpt_on_non_finite_activations_names_the_linear():
     """An inf weight upstream makes down_proj's Hessian non-finite: the error names the linear (it was GPTQ's bare
     ValueError about 'the calibration inputs', naming no layer), as method=learned and gptq do."""

@@ -8,8 +8,9 @@ block makes every such add a pass-through, so the model equals the dense one wit
 projections zeroed (``stream + 0``) exactly. Importance is ``1 - cos(block input, block output)`` averaged over
 the calibration tokens (ShortGPT): blocks that barely turn the stream go first. Removing every block, or a
 block with no ``residual_add``, is an error naming it, as is a graph with no block to remove (never a no-op). So is a
-parallel-residual block (GPT-NeoX: ``x + (mlp(ln2(x)) + attn(ln1(x)))``): its ``residual_add`` adds the block's two
-updates to each other, not to the stream, and bypassing it would drop the attention and keep the MLP.
+block whose ``residual_add`` adds to something the block computed, not to the stream entering it: parallel residual
+(GPT-NeoX: ``x + (mlp(ln2(x)) + attn(ln1(x)))``, bypassing would drop the attention and keep the MLP) or post-norm
+(BERT: ``ln2(ln1(x + attn) + mlp)``, the norms would stay).
 
 On a generation step graph (``compile_model(..., generation=...)``) a removed block's KV cache goes with it: its
 cache inputs and outputs leave the graph, the others are renumbered (``past_key_values_<i>_key``: layer i of the
@@ -129,8 +130,9 @@ def _not_bypassable(block: str, rs: list[Node]) -> str | None:
         p = r.args[0].producer if isinstance(r.args[0], Value) else None
         if p is not None and id(p) not in own and block_of(p.module or "") == block:
             return (f"block {block}: its residual_add %{r.name} adds %{r.args[1].name} to %{r.args[0].name}, which "
-                    f"the block computes itself ({p.op} in {p.module!r}), not to the residual stream: a "
-                    "parallel-residual block (GPT-NeoX style) that removing its residual_adds would not remove")
+                    f"the block computes itself ({p.op} in {p.module!r}), not to the residual stream entering it: "
+                    "a parallel-residual (GPT-NeoX) or post-norm (BERT) block, which bypassing its residual_adds "
+                    "would leave partly in the model")
     return None
 
 
