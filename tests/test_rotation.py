@@ -754,12 +754,22 @@ def test_rotate_refuses_options_its_kind_does_not_read():
         ("rotate(kind=learned,learn_heads=true)", r"kind=learned does not read learn_heads"),
         ("rotate(kind=learned,target=2.0)", r"kind=learned does not read target"),
         ("rotate(kind=random,lr=0.01)", r"kind=random does not read lr"),
+        # the fixed kinds use no data: calibration options were accepted and ignored (a device=cuda ran on the CPU)
+        ("rotate(calib_n=4,device=cuda)", r"kind=hadamard does not read calib_n, device \(calib_n is read only by "
+                                          r"kind=kurtosis/learned"),
+        ("rotate(kind=random,calib=wikitext2-valid)", r"kind=random does not read calib "),
+        ("rotate(kind=learned,batch_size=2)", r"kind=learned does not read batch_size \(batch_size is read only by "
+                                              r"kind=kurtosis\)"),
+        # learn_heads learns R2, which heads=false turns off: it learned nothing and said nothing
+        ("rotate(kind=kurtosis,heads=false,learn_heads=true)", r"learn_heads=true .* heads=false"),
     ]:
         with pytest.raises(PipelineError, match=msg):
             PassManager(spec)
     PassManager("rotate,rotate(kind=random,seed=3,online_o=true)")
     PassManager("rotate(kind=kurtosis,samples=64,steps=3,lr=0.01,batch_tokens=64,learn_heads=true,target=2.0)")
     PassManager("rotate(kind=learned,steps=3,lr=0.01,windows_per_step=2,w_bits=16,a_bits=4,check_windows=2)")
+    PassManager("rotate(progress=false),rotate(kind=learned,calib_n=2,calib_len=16,device=cpu,progress=false)")
+    PassManager("rotate(kind=kurtosis,calib=wikitext2-valid,tokenizer=smollm2,batch_size=1)")
 
 
 def test_learned_rotation_adapts_to_a_fixed_batch_and_reports_the_windows_it_ran():

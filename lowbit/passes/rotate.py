@@ -54,17 +54,20 @@ from lowbit.passes.fold_norms import private_weight
 __all__ = ["Rotate", "RotateOptions", "check_foldable", "fold_residual", "rotation_matrix", "set_weight"]
 
 
+_CALIBRATION_DATA = frozenset({"calib", "calib_n", "calib_len", "tokenizer", "device"})
+"""The calibration options both learned kinds read (``progress`` is display only, so it is not checked)."""
 _KIND_OPTIONS: dict[str, frozenset[str]] = {
-    "kurtosis": frozenset({"samples", "steps", "lr", "batch_tokens", "learn_heads", "target"}),
-    "learned": frozenset({"steps", "lr", "windows_per_step", "w_bits", "a_bits", "check_windows"}),
+    "kurtosis": _CALIBRATION_DATA | {"samples", "steps", "lr", "batch_tokens", "learn_heads", "target", "batch_size"},
+    "learned": _CALIBRATION_DATA | {"steps", "lr", "windows_per_step", "w_bits", "a_bits", "check_windows"},
 }
-"""The learning options each learned kind reads (hadamard and random read none of them)."""
+"""The learning and calibration options each learned kind reads (hadamard and random read none of them: they use
+no data; learned runs ``windows_per_step`` windows a step, not ``batch_size``)."""
 _LEARNING_OPTIONS = frozenset().union(*_KIND_OPTIONS.values())
 
 
 class RotateOptions(CalibrationOptions):
-    """The rotation and, for ``kind=kurtosis``, its learning: the calibration options (``calib``, ``calib_n``,
-    ...) are read only by the learned kinds."""
+    """The rotation and, for the learned kinds, its learning: the calibration options (``calib``, ``calib_n``,
+    ...) are read only by the learned kinds, and refused for the others (they would be silently ignored)."""
 
     kind: Literal["hadamard", "random", "kurtosis", "learned"] = "hadamard"
     """hadamard: randomised Hadamard (QuaRot); random: Haar-random orthogonal; kurtosis: learned from the
@@ -110,6 +113,8 @@ class RotateOptions(CalibrationOptions):
                                 f"{'/'.join(k for k, names in _KIND_OPTIONS.items() if name in names)}"
                                 for name in wrong)
             raise ValueError(f"kind={self.kind} does not read {', '.join(wrong)} ({readers})")
+        if self.learn_heads and not self.heads:
+            raise ValueError("learn_heads=true learns the head rotations R2, which heads=false turns off")
         return self
     batch_tokens: int = Field(default=4096, ge=8, le=1_000_000)
     """kurtosis: tokens per step, drawn evenly from every norm output."""
