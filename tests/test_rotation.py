@@ -791,6 +791,25 @@ def test_learned_rotation_adapts_to_a_fixed_batch_and_reports_the_windows_it_ran
     assert few["windows_per_step"] == 4
 
 
+def test_learned_rotation_on_a_generation_step_graph_learns_on_its_prefill_and_keeps_the_model():
+    """kind=learned ran its forward with the token ids alone, so a step graph (ids, positions, KV caches) failed at
+    step 0 ('value %positions is needed but was not computed'); it now feeds the step the prefill calibration
+    builds (positions, empty caches; split by max_batch), learns what the logits graph learns, and stays exact."""
+    from lowbit import GenerationSpec, compile_model
+
+    calib = torch.randint(0, 97, (5, 16), generator=torch.Generator().manual_seed(0))
+    pipe = "fold-norms,rotate(kind=learned,steps=2,calib_n=5,calib_len=16,windows_per_step=2,check_windows=2)"
+    spec = GenerationSpec(max_length=32, max_batch=1, logits="all")  # 2 windows a step: two feeds of one
+    rot = compile_model(_gained_tiny_llama(), pipeline=pipe, calib=calib, generation=spec)
+    step = rot.report.pipeline.records[-1].stats["learned"]
+    logits = compile_model(_gained_tiny_llama(), pipeline=pipe, calib=calib).report.pipeline.records[-1].stats
+    for key in ("loss_start", "loss_end"):
+        assert step[key] == pytest.approx(logits["learned"][key], rel=1e-4), (key, step, logits["learned"])
+    assert step["check"]["windows"] == 2 and step["windows_per_step"] == 2
+    ref = compile_model(_gained_tiny_llama(), pipeline="fold-norms", generation=spec)
+    _assert_same_steps(rot, ref, torch.tensor([[5, 7, 9, 11, 3, 2, 40]]))
+
+
 def test_learned_rotation_non_finite_before_any_update_names_the_node():
     from lowbit.calibration.rotation_learning import RotationLearningError, learn_quantized_rotation
     from lowbit.ir.capture import capture

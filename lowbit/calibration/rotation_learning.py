@@ -219,6 +219,33 @@ def fake_quant_tokens(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
     return x + (dq - x).detach()
 
 
+def _feeds(graph: Graph, ids: torch.Tensor) -> list[dict[Any, torch.Tensor]]:
+    """The graph's inputs for the windows ``ids``, as calibration builds them (``batches_from_ids``): a generation
+    step graph also takes positions and empty caches (its prefill of the windows), and its ``max_batch`` may split
+    them; each feed's tensors on ``ids``' device."""
+    from lowbit.calibration.engine import batches_from_ids
+
+    return [{v: t.to(ids.device) for v, t in zip(graph.inputs, batch)}
+            for batch in batches_from_ids(graph, ids.cpu(), ids.shape[0])]
+
+
+def _quantized_loss(graph: Graph, ids: torch.Tensor, params: Any, replace: dict[int, Any]) -> torch.Tensor:
+    """Mean next-token loss of the graph run with ``replace`` (the fake-quantized, rotated linears) on ``ids``."""
+    from lowbit.calibration.engine import _execute  # same layer: the engine's node-by-node runner
+
+    out_value, total = graph.outputs[0], None
+    for env in _feeds(graph, ids):
+        rows = env[graph.inputs[0]]
+        _execute(graph.nodes, env, None, {out_value}, params, replace)
+        logits = env[out_value]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                 rows[:, 1:].reshape(-1)) * (rows.shape[0] / ids.shape[0])
+        total = loss if total is None else total + loss
+        del env, logits
+    assert total is not None
+    return total
+
+
 def _first_non_finite(graph: Graph, ids: torch.Tensor, params: Any, replace: dict[int, Any]) -> str:
     """The first node whose output is not finite when ``graph`` runs ``ids`` (as the learning runs it)."""
     from lowbit.calibration.engine import _execute  # same layer: the engine's node-by-node runner
@@ -231,7 +258,8 @@ def _first_non_finite(graph: Graph, ids: torch.Tensor, params: Any, replace: dic
             found.append(node)
 
     with torch.no_grad():
-        _execute(graph.nodes, {graph.inputs[0]: ids}, on_node, {graph.outputs[0]}, params, replace)
+        for env in _feeds(graph, ids):
+            _execute(graph.nodes, env, on_node, {graph.outputs[0]}, params, replace)
     if not found:
         return "no node's output is, only the loss"
     n = found[0]
@@ -263,7 +291,7 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
     ``device``: where the steps run (a GPU makes the paper's hundreds of steps affordable); the graph's params stay
     where they are and are read through device copies, as calibration reads them. The returned ``q`` is on the CPU.
     """
-    from lowbit.calibration.engine import _DeviceParams, _execute  # same layer: the engine's node-by-node runner
+    from lowbit.calibration.engine import _DeviceParams  # same layer: device copies of the params, as calibration
 
     t0 = time.perf_counter()
     d = None
@@ -302,7 +330,6 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
     replace.update({id(n): reader for n in readers if id(n) not in {id(k) for k in keep_float}})
     replace.update({id(n): writer for n in writers})
     replace.update({id(n): head for n in keep_float if id(n) in inputs_of_readers})
-    out_value = graph.outputs[0]
     history: list[float] = []
     first = last = float("nan")
     n_check = min(check_windows, windows.shape[0])
@@ -320,15 +347,11 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
         ids = train[pick]
         opt.zero_grad(set_to_none=True)
         box["u"] = cayley(a)
-        env = {graph.inputs[0]: ids}
         with torch.enable_grad():
             try:
-                _execute(graph.nodes, env, None, {out_value}, params, replace)
+                loss = _quantized_loss(graph, ids, params, replace)
             except CalibrationError as exc:
                 raise RotationLearningError(f"{what}: step {step}: {exc}") from None
-            logits = env[out_value]
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                     ids[:, 1:].reshape(-1))
         value = float(loss.detach())
         if not math.isfinite(value) and step == 0:
             raise RotationLearningError(f"{what}: step 0 of {steps}, before any update: the quantized loss is {value}"
@@ -345,7 +368,7 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
         last = value
         if step % 10 == 0 or step == steps - 1:  # as the kurtosis learning: every tenth step and the last
             history.append(round(value, 4))
-        del env, logits, loss
+        del loss
     with torch.no_grad():
         q = orthogonal_polar(cayley(a.detach().double())).to(a.device)
         if not torch.isfinite(q).all():
@@ -357,11 +380,7 @@ def learn_quantized_rotation(graph: Graph, embeddings: Sequence[Node], readers: 
             total = 0.0
             for i in range(0, n_check, batch):
                 ids = windows[i:min(i + batch, n_check)]
-                env = {graph.inputs[0]: ids}
-                _execute(graph.nodes, env, None, {out_value}, params, replace)
-                logits = env[out_value]
-                total += float(torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))) * ids.shape[0]
+                total += float(_quantized_loss(graph, ids, params, replace)) * ids.shape[0]
             return total / n_check
 
         eye = torch.eye(d, dtype=torch.float64, device=a.device)
