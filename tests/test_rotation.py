@@ -217,6 +217,24 @@ def test_hadamard_op_reference():
     assert OPS["hadamard"].fn(x.float()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("shape,dtype,needle", [
+    ("2,172", "f32", r"hadamard\(\.\.\.\): the op rejects its operands: HadamardError: no Hadamard construction "
+                     r"known for dimension 172"),
+    ("2,16", "i64", r"hadamard\(\.\.\.\): the op rejects its operands: TypeError: hadamard rotates floating-point "
+                    r"values, got torch.int64"),
+])
+def test_hadamard_ir_the_op_cannot_run_fails_verification_naming_the_node(shape, dtype, needle):
+    """The meta run skipped the construction and the dtype: IR text with hadamard over 172 channels verified and
+    failed at its first real input without naming the node, and over int64 it verified and returned zeros (x times
+    H/sqrt(n) rounded to integers). Both are now verifier problems at %y."""
+    from lowbit.ir.parser import parse_graph
+    from lowbit.ir.verifier import VerificationError, verify
+
+    g = parse_graph(f"graph g(%x: {dtype}[{shape}]) {{\n  %y: {dtype}[{shape}] = hadamard(%x)\n  return %y\n}}\n")
+    with pytest.raises(VerificationError, match=r"%y = " + needle):
+        verify(g)
+
+
 # ---- on SmolLM2 ----------------------------------------------------------------------------------
 
 def test_rotate_exact_in_float64_on_smollm2(smollm2_slice_f64, wikitext_ids, kind="hadamard"):

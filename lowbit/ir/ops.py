@@ -160,7 +160,14 @@ def _hadamard_const(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
 @register_op("hadamard")
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """x·H/sqrt(n) along the last axis (n = its size, H from lowbit.ir.hadamard): an online rotation."""
+    from lowbit.ir.hadamard import hadamard_order_split
+
     n = x.shape[-1]
+    # checked on meta tensors too, so the verifier names the node: an integer x would be multiplied by H/sqrt(n)
+    # rounded to integers (zeros), and a size with no construction ran until the first real input
+    if not x.is_floating_point():
+        raise TypeError(f"hadamard rotates floating-point values, got {x.dtype}")
+    hadamard_order_split(int(n))
     if x.device.type == "meta":
         return aten.matmul.default(x, torch.empty(n, n, dtype=x.dtype, device="meta"))
     return aten.matmul.default(x, _hadamard_const(int(n), x.dtype, str(x.device)))
