@@ -760,6 +760,19 @@ def test_partial_rotary_step_graph_rotates_the_cached_keys_after_the_concatenati
     _assert_same_steps(rot, ref, ids)
 
 
+def test_rotate_that_rotates_nothing_reports_no_change():
+    """With every part turned off (or none found) the pass reported changed=True on an untouched graph, so
+    --print-ir-after-change printed it and the report said it changed the model."""
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    g = capture(CausalLMLogits(_gained_tiny_llama(layers=1)).eval(), (torch.ones(1, 6, dtype=torch.long),))
+    before = str(g)
+    rec = PassManager("rotate(residual=false,heads=false,online=false,qk=false)").run(g).records[-1]
+    assert not rec.changed and str(g) == before and rec.stats["online_hadamards"] == 0
+    assert PassManager("rotate(residual=false,heads=false,online=false)").run(g).records[-1].changed  # q/k
+
+
 def test_rotate_refuses_options_its_kind_does_not_read():
     """An option set for a kind that never reads it would be silently ignored: refused when the pipeline is
     parsed, naming the option and the kinds that read it; defaults (options not written) stay fine."""

@@ -438,4 +438,5 @@ class Rotate(Pass):
             # learned on the graph as it runs now (R1-R4 in place), then folded on top: R1 = Q₀·U, exact
             u, stats["learned"] = learn_extra_rotation(graph, res, o, self.name)
             fold_residual(graph, res, users, u)
-        return PassResult(True, stats)
+        # nothing found (or every part turned off) leaves the graph as it was: say so, as every pass does
+        return PassResult(bool(o.residual or heads or online), stats)
