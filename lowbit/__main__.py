@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 DEFAULT_RECIPE = "w4a16-g64"
+CHECK_TOKENS = 128
+"""Tokens of the one window on which a saved checkpoint's logits are compared with lowbit's."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +148,9 @@ def _save_and_check(compiled: torch.nn.Module, directory: str, text: str, tokeni
     from lowbit.checkpoint.hf_check import transformers_logits
     from lowbit.eval.perplexity import token_ids, windows
 
-    ids = windows(token_ids(text, tokenizer), 128, 1)
+    stream = token_ids(text, tokenizer)
+    n = min(CHECK_TOKENS, stream.numel())  # a text shorter than the check window (it passed --seq-len) is checked whole
+    ids = windows(stream, n, 1)
     try:
         out = lowbit.save(compiled, directory, format="compressed-tensors")
     except CheckpointError as exc:
@@ -154,12 +158,12 @@ def _save_and_check(compiled: torch.nn.Module, directory: str, text: str, tokeni
         out = lowbit.save(compiled, directory, format="lowbit")
         diff = (compiled(ids) - lowbit.load(out)(ids)).abs().max().item()
         print(f"saved {out}/ in lowbit's own format instead (the whole graph; `lowbit compile ... -o DIR` writes the "
-              f"same); lowbit.load reloads it: max |logit diff| vs lowbit {diff:.3g} on 128 tokens")
+              f"same); lowbit.load reloads it: max |logit diff| vs lowbit {diff:.3g} on {n} tokens")
         return
     ours, theirs = compiled(ids), transformers_logits(out, ids)
     same = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
     print(f"saved {out}/ (compressed-tensors); transformers.AutoModelForCausalLM loads it: max |logit diff| vs lowbit "
-          f"{(ours - theirs).abs().max().item():.3g} on 128 tokens, same next-token argmax {same:.1%}")
+          f"{(ours - theirs).abs().max().item():.3g} on {n} tokens, same next-token argmax {same:.1%}")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,22 @@ def test_main_job_saves_lowbit_format_when_compressed_tensors_cannot_express_the
     assert float(line.split("max |logit diff| vs lowbit ")[1].split()[0]) == 0.0, line
 
 
+def test_main_job_checks_the_saved_checkpoint_on_a_text_shorter_than_128_tokens(capsys, tmp_path):
+    """The checkpoint check cut one 128-token window from --text: a text long enough for --seq-len but shorter
+    than 128 tokens ended the whole run in a ValueError traceback (exit 1) after the compile; it is checked on
+    the whole text."""
+    from lowbit.__main__ import main
+
+    text = tmp_path / "short.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    save = tmp_path / "ckpt"
+    assert main(["--model", "smollm2:1", "--recipe", "w4a16-g64", "--windows", "2", "--seq-len", "16",
+                 "--text", str(text), "--save", str(save)]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "transformers.AutoModelForCausalLM loads it" in ln)
+    assert " on 81 tokens," in line, line
+
+
 # ---- probes that need the model (they are about the model) ------------------------------------------
 
 AFTER_LOAD = [
