@@ -132,3 +132,40 @@ def test_unbounded_dynamic_dims_become_symbols_without_a_maximum():
     verify(g)
     y = torch.randn(7, 2, 8)
     torch.testing.assert_close(TorchCompiled(g)(y), model(y), rtol=0, atol=1e-6)
+
+
+def test_torch_integer_functions_in_dims_are_written_in_the_ir_grammar():
+    """``math.ceil(n / 3)`` in a model is ``CeilToInt(IntTrueDiv(s0, 3))`` to torch.export: capture wrote that as
+    the dimension, and verify (so every compile) and reading the IR text back raised a raw DimParseError
+    ('CeilToInt' is not a dimension function). It is now ``ceiling(s0/3)``, and Python's ``%`` is ``Mod``."""
+    import math
+
+    from lowbit.ir.parser import parse_graph
+    from lowbit.ir.verifier import verify
+
+    class Thirds(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.proj(x[:, :math.ceil(x.shape[1] / 3)]), x[:, :x.shape[1] % 5 + 1]
+
+    model = Thirds().eval()
+    g = capture(model, (torch.randn(2, 7, 4),), ({1: torch.export.Dim.DYNAMIC},))
+    text = str(g)
+    assert "f32[2,ceiling(s0/3),4]" in text and "Mod(s0,5)" in text and "CeilToInt" not in text, text
+    verify(g)
+    assert str(parse_graph(text, {name: v.data for name, v in g.params.items()})) == text
+    y = torch.randn(2, 11, 4)
+    for got, want in zip(TorchCompiled(g)(y), model(y)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_a_dim_the_ir_grammar_cannot_write_is_refused_at_capture_naming_the_node():
+    class Square(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.new_zeros(x.shape[1] ** 2)
+
+    with pytest.raises(CaptureError, match=r"node pow_1 \(operator.pow\) .*'s0\*\*2'.*mark that dimension static"):
+        capture(Square().eval(), (torch.randn(2, 7),), ({1: torch.export.Dim.DYNAMIC},))

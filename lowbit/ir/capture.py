@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph, Node, SymType, Symbol, TensorType, Value, ValueType
 from lowbit.ir.rewrite import eliminate_dead_code
+from lowbit.ir.symexpr import DimParseError, parse_dim
 
 
 def _finite_int(bound: Any) -> int | None:
@@ -47,6 +48,40 @@ _HINTS = [
      "a dimension you marked dynamic is fixed by the model's code: mark it static or widen its range"),
     (r"Unsupported|unsupported", "an operation torch.export does not support: see the message above"),
 ]
+
+
+def _trunc(x: sympy.Expr) -> sympy.Expr | None:
+    return sympy.floor(x) if x.is_nonnegative else sympy.ceiling(x) if x.is_nonpositive else None
+
+
+_DIM_FORMS: dict[str, Any] = {
+    "CeilToInt": sympy.ceiling,
+    "FloorToInt": sympy.floor,
+    "TruncToInt": _trunc,
+    "IntTrueDiv": lambda a, b: a / b,
+    "FloatTrueDiv": lambda a, b: a / b,
+    "ToFloat": lambda x: x,
+    "Identity": lambda x: x,
+    "PythonMod": sympy.Mod,
+    "CleanDiv": lambda a, b: sympy.floor(a / b),
+    "ModularIndexing": lambda base, div, mod: sympy.Mod(sympy.floor(base / div), mod),
+}
+"""torch's sympy functions (``torch.utils._sympy.functions``) that a dimension may use, as the plain sympy the IR's
+dimension grammar prints: ``math.ceil(n / 3)`` in a model is ``CeilToInt(IntTrueDiv(s0, 3))`` to torch.export and
+``ceiling(s0/3)`` in the IR. A form that is None for its arguments (a truncation of unknown sign) stays as it is and
+is refused by name."""
+
+
+def _plain_dim(expr: sympy.Expr) -> sympy.Expr:
+    """``expr`` with torch's integer functions rewritten as ``_DIM_FORMS`` says (innermost first)."""
+    def rewrite(e: sympy.Expr) -> sympy.Expr:
+        if not e.args:
+            return e
+        args = [rewrite(a) for a in e.args]
+        form = _DIM_FORMS.get(type(e).__name__)
+        out = form(*args) if form is not None else None
+        return out if out is not None else (e.func(*args) if args != list(e.args) else e)
+    return rewrite(expr)
 
 
 def _advice(message: str) -> str:
@@ -140,7 +175,13 @@ class _Converter:
             expr = d.node.expr
             if expr.is_number:
                 return int(expr)
-            return str(expr.xreplace(self.sym_names)).replace(" ", "")
+            text = str(_plain_dim(expr.xreplace(self.sym_names))).replace(" ", "")
+            try:
+                parse_dim(text)
+            except DimParseError as exc:  # a torch function the IR's grammar has no form for
+                raise CaptureError(f"torch.export expressed a dimension as {text!r}, which lowbit's IR cannot "
+                                   f"write ({str(exc).splitlines()[0]}): mark that dimension static") from None
+            return text
         return int(d)
 
     def vtype(self, val: Any) -> ValueType:
@@ -237,13 +278,17 @@ class _Converter:
         args, kwargs = pytree.tree_map(arg, (tuple(fx_node.args), dict(fx_node.kwargs)))
         val = fx_node.meta.get("val")
         node = Node(op, tuple(args), kwargs, module=self.module_path(fx_node))
-        if isinstance(val, (list, tuple)):
-            for i, item in enumerate(val):
-                node.add_output(Value(g.fresh_name(f"{fx_node.name}_{i}"), self.vtype(item)))
+        try:
+            types = [self.vtype(item) for item in val] if isinstance(val, (list, tuple)) else self.vtype(val)
+        except CaptureError as exc:
+            raise CaptureError(f"node {fx_node.name} ({op}) in module {node.module or '(top level)'!r}: {exc}") from None
+        if isinstance(types, list):
+            for i, vt in enumerate(types):
+                node.add_output(Value(g.fresh_name(f"{fx_node.name}_{i}"), vt))
                 g._names.add(node.outputs[-1].name)
             self.env[fx_node] = list(node.outputs)
         else:
-            node.add_output(Value(g.fresh_name(fx_node.name), self.vtype(val)))
+            node.add_output(Value(g.fresh_name(fx_node.name), types))
             g._names.add(node.outputs[-1].name)
             self.env[fx_node] = node.outputs[0]
         g.append(node)
