@@ -178,3 +178,19 @@ def test_an_empty_stream_of_calibration_ids_says_so():
         with pytest.raises(PassError, match=f"pass gptq: calib: a 1-D stream of calibration token ids needs at "
                                             f"least 2 ids, got {ids.numel()}$"):
             lowbit.compile_model(tiny_llama(vocab=256), pipeline=GPTQ, calib=ids)
+
+
+def test_static_activation_scales_from_non_finite_calibration_inputs_are_refused_naming_the_input():
+    """A NaN in the float calibration inputs of a static activation scale made the scale NaN, and the compiled
+    model returned NaN for every input without an error; it is a CalibrationError naming the value and its
+    reader."""
+    net = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)).eval()
+    x = torch.randn(4, 5, 16)
+    bad = torch.randn(8, 5, 16)
+    bad[3, 2, 1] = float("nan")
+    pipeline = "quantize(w=int8,a=int8,a_static=true,a_gran=per_tensor,progress=false)"
+    with pytest.raises(PipelineError, match=r"static activation scale of %layer_norm \(the input of 1\): the "
+                       "calibration activations there are not finite"):
+        lowbit.compile_model(net, example_inputs=(x,), pipeline=pipeline, calib=bad)
+    ok = lowbit.compile_model(net, example_inputs=(x,), pipeline=pipeline, calib=torch.randn(8, 5, 16))
+    assert torch.isfinite(ok(x)).all()

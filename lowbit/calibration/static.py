@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, check_default_tokenizer, graph_tokenizer
-from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages
+from lowbit.calibration.engine import BlockRun, CalibrationError, batches_from_ids, home_device, run, split_stages
 from lowbit.calibration.observers import Observer, make_observer
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.qdq import write_static_input_qdq
@@ -70,6 +70,12 @@ def calibrate_static_inputs(graph: Graph, targets: list[tuple[Node, QScheme]], *
             scheme = key[1]
             # static layouts are per-tensor or per-channel (last dim): only the channel count matters
             scale, zp = obs.qparams([1] * (x.tensor_type.rank - 1) + [int(x.tensor_type.shape[-1])])
+            if not bool(torch.isfinite(scale).all()):  # a NaN scale makes every output of the model NaN
+                modules = ", ".join(sorted({r.module or f"%{r.name}" for r in readers}))
+                raise CalibrationError(f"static activation scale of %{x.name} (the input of {modules}): the "
+                                       f"calibration activations there are not finite ({obs.name} range "
+                                       f"[{obs.range()[0].min().item()}, {obs.range()[1].max().item()}]); give "
+                                       "finite calibration data")
             write_static_input_qdq(graph, x, readers, scheme, obs.layout, scale.to(home),
                               None if zp is None else zp.to(home))
             done.add(key)
