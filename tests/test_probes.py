@@ -148,6 +148,23 @@ def test_main_job_binary_text_exits_3_before_the_model_loads(capsys, monkeypatch
     assert "weights.bin' is not UTF-8 text (byte 0xbb at offset 0)" in err, err
 
 
+@pytest.mark.parametrize("content, fragment", [(b"", "is empty"), (b"\xff\xfe text", "is not UTF-8 text"),
+                                               (b"abc", "cannot be read as token ids")],
+                         ids=["empty", "binary", "bad-safetensors"])
+def test_main_job_unreadable_calibration_file_exits_3_before_the_model_loads(capsys, monkeypatch, tmp_path, content,
+                                                                             fragment):
+    """An empty or binary calib= file was found only inside the pass: after the model load and the float
+    perplexity run, as a pass failure (exit 4); it is a file problem (exit 3) before the model is loaded."""
+    from lowbit.__main__ import main
+
+    monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    calib = tmp_path / ("calib.safetensors" if fragment.startswith("cannot") else "calib.txt")
+    calib.write_bytes(content)
+    assert main(["--pipeline", f"gptq(calib={calib})", "--save", ""]) == int(Exit.NOT_FOUND)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"option calib='{calib}'" in err and fragment in err, err
+
+
 def test_main_job_runs_on_a_slice(capsys, tmp_path):
     """``--model smollm2:2`` (a slice, as the CLI takes it) runs end to end, prints both perplexities, saves a
     compressed-tensors checkpoint and reports transformers' logits on it."""

@@ -144,6 +144,23 @@ def check_input_files(passes: Sequence[Pass]) -> None:
                 raise PassFileError(f"{where}: is a directory; give a text file or a .safetensors of token ids")
             if option != "tokenizer" and os.path.isdir(full):  # config=DIR failed after the model load
                 raise PassFileError(f"{where}: is a directory; give a file")
+            if option == "calib":  # an empty or binary text failed in the pass, after the model load
+                _check_calibration_file(full, where)
+
+
+def _check_calibration_file(path: str, where: str) -> None:
+    """Read a calibration file as the pass will (a text, or token ids in a ``.safetensors``): what cannot be read is a
+    ``PassFileError`` now rather than a pass failure after the model is loaded and captured."""
+    from lowbit.calibration.data import calibration_tensor
+    from lowbit.data import read_text
+    from lowbit.errors import CorruptFileError
+    from lowbit.passes.base import PassFileError
+
+    try:
+        if calibration_tensor(path) is None:
+            read_text(path)
+    except (CorruptFileError, OSError) as exc:
+        raise PassFileError(f"{where}: {exc}") from None
 
 
 def build_pass(cls: type[Pass], options: dict[str, Any]) -> Pass:
