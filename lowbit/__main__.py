@@ -91,6 +91,11 @@ def run(args: argparse.Namespace, recipe: str | None, pipeline: str | None, pass
         fail(f"--model {args.model}: an encoder; perplexity needs a causal LM (smollm2, an HF *ForCausalLM "
              f"directory, a .gguf). Measure an encoder with `lowbit debug compare {args.model} --pipeline ...` "
              "(1 - embedding cosine)", Exit.USAGE)
+    config = getattr(getattr(model, "model", model), "config", None)
+    longest = getattr(config, "max_position_embeddings", None)
+    if isinstance(longest, int) and args.seq_len > longest:  # the compiled graph is captured for at most that many
+        fail(f"--seq-len {args.seq_len}: {args.model} takes at most {longest} tokens (max_position_embeddings in its "
+             f"config); give --seq-len {longest} or less", Exit.USAGE)
     n_windows = args.windows or None
     try:
         windows(token_ids(args.text, tokenizer), args.seq_len, n_windows)
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace, recipe: str | None, pipeline: str | None, pass
           f"params {compiled.report.param_bytes_before / 2**20:.1f} -> {compiled.report.param_bytes_after / 2**20:.1f} MiB; "
           f"{time.perf_counter() - t0:.0f} s")
     if args.save:
-        _save_and_check(compiled, args.save, args.text, tokenizer)
+        _save_and_check(compiled, args.save, args.text, args.seq_len, tokenizer)
     return 0
 
 
@@ -139,18 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(code)
 
 
-def _save_and_check(compiled: torch.nn.Module, directory: str, text: str, tokenizer: object) -> None:
-    """Save as compressed-tensors, load it with transformers, compare its logits with lowbit's on one window; a
-    graph compressed-tensors cannot express (online rotations, int4 activations) is saved in lowbit's own format
-    instead and checked by reloading it with ``lowbit.load``."""
+def _save_and_check(compiled: torch.nn.Module, directory: str, text: str, seq_len: int, tokenizer: object) -> None:
+    """Save as compressed-tensors, load it with transformers, compare its logits with lowbit's on one window
+    (``CHECK_TOKENS``, or ``seq_len`` if shorter); a graph compressed-tensors cannot express (online rotations, int4
+    activations) is saved in lowbit's own format instead and checked by reloading it with ``lowbit.load``."""
     import lowbit
     from lowbit.checkpoint import CheckpointError
     from lowbit.checkpoint.hf_check import transformers_logits
     from lowbit.eval.perplexity import token_ids, windows
 
-    stream = token_ids(text, tokenizer)
-    n = min(CHECK_TOKENS, stream.numel())  # a text shorter than the check window (it passed --seq-len) is checked whole
-    ids = windows(stream, n, 1)
+    n = min(CHECK_TOKENS, seq_len)  # a --seq-len window fits the text and the model: perplexity ran on it
+    ids = windows(token_ids(text, tokenizer), n, 1)
     try:
         out = lowbit.save(compiled, directory, format="compressed-tensors")
     except CheckpointError as exc:

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lowbit.cli import common
@@ -165,6 +166,29 @@ def test_main_job_unreadable_calibration_file_exits_3_before_the_model_loads(cap
     assert f"option calib='{calib}'" in err and fragment in err, err
 
 
+def test_main_job_fits_seq_len_and_the_checkpoint_check_to_the_models_positions(capsys, monkeypatch, tmp_path):
+    """A model of 32 positions: --seq-len 64 ran the float perplexity and the compile, then failed as a pipeline
+    error (exit 4) on the graph's input range; it is exit 2 before the float run. With --seq-len 16 the checkpoint
+    check cut a 128-token window the graph cannot take, and exited 4 after saving; it checks 16 tokens."""
+    from conftest import tiny_llama
+
+    from lowbit.__main__ import main
+    from lowbit.data.model_files import load_tokenizer
+
+    torch.manual_seed(0)
+    tiny_llama(vocab=49152, max_positions=32).save_pretrained(tmp_path / "tiny")
+    load_tokenizer("smollm2").save_pretrained(tmp_path / "tiny")
+    argv = ["--model", str(tmp_path / "tiny"), "--pipeline", "quantize(w=int4,group=16)", "--windows", "1"]
+    with monkeypatch.context() as m:
+        m.setattr("lowbit.eval.perplexity", lambda *a, **k: pytest.fail("perplexity ran"))
+        assert main([*argv, "--seq-len", "64", "--save", ""]) == int(Exit.USAGE)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--seq-len 64: " in err and "takes at most 32 tokens (max_position_embeddings" in err, err
+    assert main([*argv, "--seq-len", "16", "--save", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "max |logit diff| vs lowbit 0 on 16 tokens" in out, out
+
+
 def test_main_job_runs_on_a_slice(capsys, tmp_path):
     """``--model smollm2:2`` (a slice, as the CLI takes it) runs end to end, prints both perplexities, saves a
     compressed-tensors checkpoint and reports transformers' logits on it."""
@@ -209,7 +233,7 @@ def test_main_job_checks_the_saved_checkpoint_on_a_text_shorter_than_128_tokens(
                  "--text", str(text), "--save", str(save)]) == 0
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if "transformers.AutoModelForCausalLM loads it" in ln)
-    assert " on 81 tokens," in line, line
+    assert " on 16 tokens," in line, line
 
 
 # ---- probes that need the model (they are about the model) ------------------------------------------
