@@ -169,3 +169,23 @@ def test_a_dim_the_ir_grammar_cannot_write_is_refused_at_capture_naming_the_node
 
     with pytest.raises(CaptureError, match=r"node pow_1 \(operator.pow\) .*'s0\*\*2'.*mark that dimension static"):
         capture(Square().eval(), (torch.randn(2, 7),), ({1: torch.export.Dim.DYNAMIC},))
+
+
+def test_in_place_ops_are_functionalized_so_falcon_captures_and_matches_transformers():
+    """torch.export keeps in-place ATen ops (Falcon's ``mlp_output += attention_output`` is ``aten.add_``), which
+    the IR does not run: every compile of a Falcon failed with 'the input IR is invalid before any pass ran:
+    unknown op aten.add_.Tensor'. A graph with one is functionalized at capture."""
+    import transformers as t
+
+    import lowbit
+
+    torch.manual_seed(0)
+    cfg = t.FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=512,
+                         new_decoder_architecture=False, multi_query=True)
+    model = t.AutoModelForCausalLM.from_config(cfg).eval()
+    compiled = lowbit.compile_model(model, pipeline="dce")
+    assert "aten.add_.Tensor" not in compiled.graph.op_counts()
+    ids = torch.randint(0, 512, (2, 37))
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    torch.testing.assert_close(compiled(ids), want, rtol=0, atol=1e-5)

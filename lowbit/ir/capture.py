@@ -294,6 +294,13 @@ class _Converter:
         g.append(node)
 
 
+def _mutates(ep: ExportedProgram) -> bool:
+    """Whether the exported graph holds an in-place ATen op (``aten.add_``): torch.export keeps them, and the IR
+    runs pure functions only."""
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               for n in ep.graph.nodes)
+
+
 def _wrapper_prefix(model: torch.nn.Module) -> str:
     """A wrapper holding one HF model (``CausalLMLogits.model``) is transparent in module paths."""
     children = list(model.named_children())
@@ -346,6 +353,8 @@ def capture(
             raise CaptureError(f"{type(model).__name__} has modules in training mode ({', '.join(training[:3])}): "
                                "call .eval() first, or dropout and batch-norm updates would be captured")
         ep = _export(model, args, kwargs, dynamic_shapes, strict)
+        if _mutates(ep):
+            ep = ep.run_decompositions({})  # functionalize only: `a += b` (Falcon's MLP) becomes aten.add
         prefix = getattr(model, "capture_prefix", None)
         if prefix is None:
             prefix = _wrapper_prefix(model)
