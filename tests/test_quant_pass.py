@@ -375,3 +375,21 @@ def test_quantizing_an_activation_twice_is_refused():
     g = _tiny()
     PassManager("quantize(w=int4),quantize(a=int8)").run(g)  # weights, then activations: each once
     assert g.op_counts()["dynamic_qparams"] == 1
+
+
+def test_gpt2_conv1d_projections_are_named_not_silently_left_float():
+    """GPT-2's Conv1D projections capture as aten.addmm on a stored [in, out] weight, not as linear: quantize(w=int4)
+    quantized nothing and reported 'no change' (the lm_head is kept float by default), and gptq blamed the keep rules
+    ('every linear is kept float'); both now name the unraised projections."""
+    import transformers as t
+
+    import lowbit
+
+    torch.manual_seed(0)
+    model = t.GPT2LMHeadModel(t.GPT2Config(n_embd=64, n_layer=1, n_head=4, n_positions=64, vocab_size=256,
+                                           bos_token_id=0, eos_token_id=0)).eval()
+    for pipeline in ("quantize(w=int4,group=16)", "gptq(w=int4,group=16,calib_n=2,calib_len=16,progress=false)"):
+        with pytest.raises(PipelineError, match=r"no linear to quantize: the model's projections are ATen matrix "
+                           r"products .* \(4: transformer\.h\.0\.attn\.c_attn, .*GPT-2's Conv1D is aten\.addmm\)"):
+            lowbit.compile_model(model, pipeline=pipeline, calib=torch.randint(0, 256, (2, 16)) if "gptq" in pipeline
+                                 else None)

@@ -615,6 +615,17 @@ class QuantizePlan:
     """Modules left float because their weight holds NaN/inf (``nonfinite="keep-float"``)."""
 
 
+_MATMULS = ("aten.addmm.default", "aten.mm.default", "aten.matmul.default")
+
+
+def unraised_projections(graph: Graph) -> list[str]:
+    """Modules (or node names) of ATen matrix products with a stored 2-D weight: projections raising did not make
+    ``linear`` nodes (GPT-2's Conv1D is ``addmm(bias, x, W[in, out])``), which the quantizers never see."""
+    return [n.module or f"%{n.name}" for n in graph.nodes if n.op in _MATMULS and any(
+        isinstance(a, Value) and a.is_param and a.tensor_type is not None and a.tensor_type.rank == 2
+        for a in n.args)]
+
+
 def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
          extra_patterns: Sequence[tuple[str, str]] = (), scope: Callable[[str], bool] | None = None,
          nonfinite: NonFinitePolicy = "error", pass_name: str = "quantize") -> QuantizePlan:
@@ -668,6 +679,13 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
                 raise PassError("pass quantize: static activation scales cannot be per token (tokens vary at run "
                                 "time): use a_gran=per_tensor or per_channel with a_static=true")
             p.inputs.append((n, xs))
+    if cfg.weight is not None and not p.weights:
+        unraised = [m for m in unraised_projections(graph) if in_scope(m)]
+        if unraised:
+            sample = ", ".join(unraised[:3]) + (", ..." if len(unraised) > 3 else "")
+            raise PassError(f"pass {pass_name}: no linear to quantize: the model's projections are ATen matrix "
+                            f"products on stored weights that lowbit does not raise to linear ({len(unraised)}: "
+                            f"{sample}; GPT-2's Conv1D is aten.addmm), so they would all stay float")
     if cfg.kv is not None:
         p.attention = [n for n in graph.nodes if n.op == "attention" and module_matches(n.module, cfg.kv.modules)]
         if not p.attention:
