@@ -1165,3 +1165,16 @@ def test_sparsify_options_the_pattern_or_method_never_reads_are_refused(spec, me
         parse_pipeline(spec)
     parse_pipeline("sparsify(method=learned,pattern=2:4,learn_steps=8),sparsify(method=sparsegpt,sparsity=0.3,"
                    "selection=layer,true_sequential=true)")
+
+
+@pytest.mark.parametrize("pipe", ["prune-mlp(ratio=0.5,score=magnitude)", "prune-heads(ratio=0.5,score=magnitude)",
+                                  "sparsify(method=magnitude,pattern=2:4)", "slice-residual(ratio=0.25)"])
+def test_pruning_a_quantized_graph_says_prune_before_quantizing(pipe):
+    """A quantized graph (a loaded checkpoint, or a pipeline resumed on one) has its linears read dequantize nodes:
+    the pruning passes said 'no prunable MLP found (no down_proj)' / 'no linear inside a repeated block'."""
+    from lowbit.api import compile_model
+
+    g = compile_model(_tiny_m(), pipeline="fold-norms,quantize(w=int4,group=16)").graph
+    with pytest.raises(PipelineError, match=r"requires no dequantize node .*prune before quantizing.*"
+                                            r"%\w+ \(dequantize\) in module 'model\.layers\.0\."):
+        PassManager(pipe).run(g)

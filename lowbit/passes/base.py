@@ -231,6 +231,8 @@ rounds the weights they leave; GPTQ keeps a sparsified weight's zeros)."""
 
 NO_QLINEAR = no_op("qlinear", "it rewrites linear nodes and a fused qlinear is already quantized: run fuse-qlinear "
                    "after it")
+NO_DEQUANTIZE = no_op("dequantize", "it rewrites float weights; a quantized graph's linears read dequantize "
+                      "nodes, whose scales fit the unpruned weights: prune before quantizing")
 
 
 class Pass:

@@ -32,7 +32,7 @@ from pydantic import model_validator
 
 from lowbit.ir.graph import Graph, TensorType, Value
 from lowbit.ir.shapes import EXPAND_OPS
-from lowbit.passes.base import NO_QLINEAR, Pass, PassError, PassResult, register_pass
+from lowbit.passes.base import NO_DEQUANTIZE, NO_QLINEAR, Pass, PassError, PassResult, register_pass
 from lowbit.passes.prune_mlp import (StructuredOptions, _Collected, allocate, channel_scores, check_target,
                                      collect_input_stats, cut_sites, nothing_removed, reinfer,
                                      round_half_up)
@@ -89,7 +89,7 @@ class PruneHeads(Pass):
 
     name = "prune-heads"
     Options = PruneHeadsOptions
-    requires = (NO_QLINEAR,)
+    requires = (NO_QLINEAR, NO_DEQUANTIZE)
 
     def run(self, graph: Graph) -> PassResult:
         o: PruneHeadsOptions = self.options  # type: ignore[assignment]

@@ -52,7 +52,8 @@ from lowbit.calibration.engine import BlockRun, batches_from_ids, run
 from lowbit.calibration.structured_obs import augmented_hessian, remove_columns_obs
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.shapes import ShapeError, reinfer_shapes
-from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
+from lowbit.passes.base import (NO_DEQUANTIZE, NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult,
+                                ScopedOptions, register_pass)
 from lowbit.passes.pruning_sites import find_mlp_sites, slice_linear_cols, slice_linear_rows
 
 __all__ = ["PruneMLP", "PruneMLPOptions", "StructuredOptions", "InputStats", "collect_input_stats",
@@ -515,7 +516,7 @@ class PruneMLP(Pass):
 
     name = "prune-mlp"
     Options = PruneMLPOptions
-    requires = (NO_QLINEAR,)
+    requires = (NO_QLINEAR, NO_DEQUANTIZE)
 
     def run(self, graph: Graph) -> PassResult:
         o: PruneMLPOptions = self.options  # type: ignore[assignment]

@@ -36,7 +36,7 @@ from pydantic import Field
 from lowbit.ir.graph import Graph
 from lowbit.ir.rewrite import gain_weight
 from lowbit.ir.rotation_regions import find_rotation_regions
-from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
+from lowbit.passes.base import NO_DEQUANTIZE, NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.prune_mlp import collect_input_stats, reinfer
 from lowbit.passes.rotate import check_foldable, fold_residual
 
@@ -74,7 +74,7 @@ class SliceResidual(Pass):
     name = "slice-residual"
     Options = SliceResidualOptions
     after = ("fold-norms",)
-    requires = (NO_QLINEAR,)
+    requires = (NO_QLINEAR, NO_DEQUANTIZE)
 
     def run(self, graph: Graph) -> PassResult:
         o: SliceResidualOptions = self.options  # type: ignore[assignment]

@@ -63,7 +63,8 @@ from lowbit.calibration.sparsity import (Selection, SparsityPattern, check_patte
                                          sparsegpt_prune)
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.qscheme import module_matches
-from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
+from lowbit.passes.base import (NO_DEQUANTIZE, NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult,
+                                ScopedOptions, register_pass)
 from lowbit.passes.fold_norms import private_weight
 
 __all__ = ["Sparsify", "SparsifyOptions", "sparse_linears"]
@@ -187,7 +188,7 @@ class Sparsify(Pass):
 
     name = "sparsify"
     Options = SparsifyOptions
-    requires = (NO_QLINEAR,)
+    requires = (NO_QLINEAR, NO_DEQUANTIZE)
     after = ("rotate", "prune-mlp", "prune-heads", "slice-residual")
     """Passes that would break the masks, run later: a rotation makes every weight nonzero, cutting MLP channels
     shifts the N:M groups along K (down_proj), and the head and MLP refits (``score=obs``) rewrite kept columns.
