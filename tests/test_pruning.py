@@ -1178,3 +1178,20 @@ def test_pruning_a_quantized_graph_says_prune_before_quantizing(pipe):
     with pytest.raises(PipelineError, match=r"requires no dequantize node .*prune before quantizing.*"
                                             r"%\w+ \(dequantize\) in module 'model\.layers\.0\."):
         PassManager(pipe).run(g)
+
+
+def test_prune_blocks_list_is_scoped_by_modules_and_refuses_n():
+    """blocks= ignored n= and modules= (the debug tools restrict a pass through modules=: a restricted
+    prune-blocks(blocks=[...]) removed every listed block whatever the subset), and a block listed twice was
+    reported removed twice."""
+    from lowbit.api import compile_model
+    from lowbit.passes.manager import PipelineSpecError
+
+    with pytest.raises(PipelineSpecError, match=r"option n=2 is not read with blocks="):
+        parse_pipeline("prune-blocks(n=2,blocks=[model.layers.1])")
+    m = _tiny_m(3)
+    pipe = "prune-blocks(blocks=[model.layers.1,model.layers.2,model.layers.1]{})"
+    for scope, removed in [("", ["model.layers.1", "model.layers.2"]), (r",modules=layers\.2", ["model.layers.2"]),
+                           (r",modules=layers\.0", [])]:
+        st = compile_model(m, pipeline=pipe.format(scope)).report.pipeline.records[0].stats
+        assert st["blocks_removed"] == removed, scope

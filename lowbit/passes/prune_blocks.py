@@ -24,7 +24,7 @@ import re
 import time
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lowbit.calibration.engine import split_stages
 from lowbit.ir.graph import Graph, Node, Value
@@ -38,13 +38,20 @@ __all__ = ["PruneBlocks", "PruneBlocksOptions"]
 class PruneBlocksOptions(CalibrationOptions, ScopedOptions):
     n: int = Field(default=1, ge=0)
     """How many blocks to remove (the least important by Block Influence; at most as many as ``modules``
-    matches); ignored when ``blocks`` is given."""
+    matches); not read when ``blocks`` is given (refused unless left at 1)."""
     blocks: list[str] = []
     """Module paths of the blocks to remove (``model.layers.5``), instead of choosing by importance."""
     calib_n: int = Field(default=16, ge=1)
     modules: str = ""
-    """Regex searched in block paths: only matching blocks are candidates (empty: all). The debugging tools
-    restrict the pass to some layers through it."""
+    """Regex searched in block paths: only matching blocks are candidates (empty: all), of ``blocks`` too. The
+    debugging tools restrict the pass to some layers through it."""
+
+    @model_validator(mode="after")
+    def _n_or_blocks(self) -> PruneBlocksOptions:
+        # by value: the debug tools rebuild a pass from all of its options (cli/restrict.py)
+        if self.blocks and self.n != type(self).model_fields["n"].default:
+            raise ValueError(f"option n={self.n} is not read with blocks= (the listed blocks are removed): give one")
+        return self
 
 
 @register_pass
@@ -65,8 +72,9 @@ class PruneBlocks(Pass):
                             f"({len(names)} blocks found: {', '.join(names[:3]) or 'none'}): nothing can be removed")
         influence: dict[str, float] = {}
         rx = re.compile(o.modules) if o.modules else None
+        listed = [b for b in dict.fromkeys(o.blocks) if rx is None or rx.search(b)]  # modules scopes blocks too
         for b, rs in residuals.items():  # the candidates, before the calibration that would rank them
-            problem = _not_bypassable(b, rs) if (b in o.blocks if o.blocks else o.n and (
+            problem = _not_bypassable(b, rs) if (b in listed if o.blocks else o.n and (
                 rx is None or rx.search(b))) else None
             if problem:
                 raise PassError(f"pass {self.name}: {problem}")
@@ -75,7 +83,7 @@ class PruneBlocks(Pass):
             if unknown:
                 raise PassError(f"pass {self.name}: option blocks: {unknown} are not blocks of this graph "
                                 f"({len(names)} blocks: {names[0]} ... {names[-1]})")
-            chosen = list(o.blocks)
+            chosen = listed
         else:
             if o.n >= len(names):
                 raise PassError(f"pass {self.name}: option n={o.n} would remove every one of the {len(names)} blocks")
