@@ -499,7 +499,12 @@ def test_layers_pruned_to_different_sizes_are_refused_listing_them(tmp_path, pru
     lowbit.save(c, tmp_path / "lb", format="lowbit")  # the lowbit format holds them; no config.json with wrong sizes
     assert not (tmp_path / "lb" / "config.json").exists()
     ids = torch.randint(0, 256, (1, 8))
-    assert torch.equal(lowbit.load(tmp_path / "lb")(ids), c(ids))
+    again = lowbit.load(tmp_path / "lb")
+    assert torch.equal(again(ids), c(ids))
+    # its reload has no source config (there is no config.json): the sizes are still the reason given, not
+    # "compile it with lowbit.compile_model or pass config="
+    with pytest.raises(CheckpointError, match=message + r".*one number for all layers"):
+        lowbit.save(again, tmp_path / "ct", format="compressed-tensors")
 
 
 def test_lowbit_format_writes_the_pruned_config(tmp_path):

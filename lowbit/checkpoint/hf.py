@@ -113,6 +113,9 @@ def _source(graph: Graph) -> tuple[Any, str]:
     src = graph.meta.get("source") or {}
     config = src.get("config")
     if config is None:
+        # a lowbit checkpoint of layers pruned differently has no config.json, so its reload has no source: the
+        # per-layer sizes are why, and what no config= can fix
+        _check_uniform(graph.meta.get("pruned") or {})
         raise CheckpointError("the graph does not say which Hugging Face model it was captured from (no "
                               "graph.meta['source']): compile it with lowbit.compile_model or pass config=")
     return config, src.get("kind", "causal-lm")
@@ -131,6 +134,15 @@ def _uniform(what: str, per_block: dict[str, Any], field: str, kept: list[str] |
                               f"{blocks[0]} ... {blocks[-1]}); an HF config.json holds one number for all layers: "
                               "save with format='lowbit', or prune every layer alike (allocation=uniform, no modules=)")
     return next(iter(per_block.values()))
+
+
+def _check_uniform(pruned: dict[str, Any]) -> None:
+    """The CheckpointError of ``_uniform`` when the prune record holds per-layer MLP widths or head counts."""
+    kept = list(pruned["layers_kept"]) if pruned.get("layers_kept") else None
+    if "intermediate_size" in pruned:
+        _uniform("MLP widths", pruned["intermediate_size"], "intermediate_size", kept)
+    if "heads" in pruned:
+        _uniform("attention head counts", pruned["heads"], "[num_attention_heads, num_key_value_heads]", kept)
 
 
 def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
