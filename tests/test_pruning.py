@@ -1195,3 +1195,17 @@ def test_prune_blocks_list_is_scoped_by_modules_and_refuses_n():
                            (r",modules=layers\.0", [])]:
         st = compile_model(m, pipeline=pipe.format(scope)).report.pipeline.records[0].stats
         assert st["blocks_removed"] == removed, scope
+
+
+@pytest.mark.parametrize("pipe, message", [
+    ("prune-mlp(ratio=0.5,score=magnitude,modules=self_attn)",
+     r"modules='self_attn' matches none of the 2 MLPs' down projections \(model\.layers\.0\.mlp\.down_proj \.\.\. "),
+    ("prune-heads(ratio=0.5,score=magnitude,modules=mlp)",
+     r"modules='mlp' matches none of the 2 attention output projections \(model\.layers\.0\.self_attn\.o_proj")])
+def test_structured_modules_matching_no_site_says_so(pipe, message):
+    """A modules= regex that matches modules of the graph but no prunable site read 'no prunable MLP found (no
+    down_proj)' on a model full of down_proj."""
+    from lowbit.api import compile_model
+
+    with pytest.raises(PipelineError, match=message):
+        compile_model(_tiny_m(), pipeline=pipe)

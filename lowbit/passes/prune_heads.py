@@ -97,7 +97,10 @@ class PruneHeads(Pass):
         sites, skipped = find_attention_sites(graph)
         if o.modules:
             rx = re.compile(o.modules)
-            sites = [s for s in sites if rx.search(s.o.module)]
+            found, sites = sites, [s for s in sites if rx.search(s.o.module)]
+            if found and not sites:
+                raise PassError(f"pass {self.name}: modules={o.modules!r} matches none of the {len(found)} "
+                                f"attention output projections ({found[0].o.module} ... {found[-1].o.module})")
         if not sites:
             raise PassError(f"pass {self.name}: no attention with q/k/v/o linears found "
                             f"({'; '.join(skipped[:3]) or 'no attention op'})")

@@ -524,7 +524,10 @@ class PruneMLP(Pass):
         sites, skipped = find_mlp_sites(graph)
         if o.modules:
             rx = re.compile(o.modules)
-            sites = [s for s in sites if rx.search(s.down.module)]
+            found, sites = sites, [s for s in sites if rx.search(s.down.module)]
+            if found and not sites:
+                raise PassError(f"pass {self.name}: modules={o.modules!r} matches none of the {len(found)} MLPs' "
+                                f"down projections ({found[0].down.module} ... {found[-1].down.module})")
         if not sites:
             raise PassError(f"pass {self.name}: no prunable MLP found ({'; '.join(skipped[:3]) or 'no down_proj'})")
         calibrated = o.score != "magnitude" or o.compensate or o.update
