@@ -757,3 +757,24 @@ def test_pruning_compensation_biases_save_with_the_configs_bias_switch(prune, tm
     assert config["mlp_bias" if "mlp" in prune else "attention_bias"] is True
     ids = torch.randint(0, 256, (1, 16))
     torch.testing.assert_close(transformers_logits(out, ids), cm(ids), rtol=0, atol=1e-5)
+
+
+def test_sliced_gemma_is_refused_by_the_hf_formats(tmp_path):
+    """Gemma scales its embedding by sqrt(hidden_size), a buffer transformers recomputes from config.json: after
+    slice-residual the checkpoint's config says 48 and transformers ran the model with sqrt(48) for the graph's
+    sqrt(64) (logits off by 1.3% of their range, no error)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    m = GemmaForCausalLM(GemmaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=256,
+                                     max_position_embeddings=64)).eval()
+    c = lowbit.compile_model(m, pipeline="fold-norms,slice-residual(ratio=0.25,calib_n=4,calib_len=32,progress=false),"
+                             "quantize(w=int8)", calib=torch.randint(0, 256, (4, 32)))
+    for fmt in ("compressed-tensors", "gptq"):
+        with pytest.raises(CheckpointError, match=r"sliced to hidden_size=48, but the HF model recomputes "
+                                                  r"model\.embed_tokens\.embed_scale .*format='lowbit'"):
+            lowbit.save(c, tmp_path / fmt, format=fmt)
+    lowbit.save(c, tmp_path / "lb", format="lowbit")
+    ids = torch.randint(0, 256, (1, 8))
+    assert torch.equal(lowbit.load(tmp_path / "lb")(ids), c(ids))

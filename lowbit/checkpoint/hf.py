@@ -256,6 +256,17 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
     model = skeleton(config, kind)
     keys = _hf_keys(model)
     derived = {n for n, _ in model.named_buffers()} - set(keys)
+    if "hidden_size" in (graph.meta.get("pruned") or {}):
+        # a scalar HF recomputes from config.json (Gemma's embedding scale, sqrt(hidden_size)) would follow the
+        # sliced width, while the graph keeps the value it was captured with: transformers would run another model
+        scalars = sorted(n for n in derived if n in graph.params and graph.params[n].data is not None
+                         and graph.params[n].data.dim() == 0)
+        if scalars:
+            raise CheckpointError(f"the residual stream was sliced to hidden_size={graph.meta['pruned']['hidden_size']}"
+                                  f", but the HF model recomputes {', '.join(scalars)} from config.json (a "
+                                  f"non-persistent buffer; the graph's is {float(graph.params[scalars[0]].data):g}): "
+                                  "a loader would compute it from the sliced size and run another model; save with "
+                                  "format='lowbit'")
     view = hf_view(graph, keys, derived)
     for key in added(keys):  # the switch gives every such linear a bias: the ones the graph lacks are zero
         if key not in view.tensors:
