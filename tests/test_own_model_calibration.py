@@ -194,3 +194,22 @@ def test_static_activation_scales_from_non_finite_calibration_inputs_are_refused
         lowbit.compile_model(net, example_inputs=(x,), pipeline=pipeline, calib=bad)
     ok = lowbit.compile_model(net, example_inputs=(x,), pipeline=pipeline, calib=torch.randn(8, 5, 16))
     assert torch.isfinite(ok(x)).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_calibration_windows_longer_than_the_models_positions_are_refused(family):
+    """A model of 64 positions calibrated on 512-token windows (the default calib_len): a rotary model was
+    calibrated without a word on positions it never saw, one with learned positions (OPT) failed inside the
+    embedding ('IndexError: index out of range in self'); both name the limit and the option."""
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(family, hidden_size=32, intermediate_size=64, ffn_dim=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, word_embed_proj_dim=32, vocab_size=128,
+                               max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    pipeline = "gptq(w=int4,group=32,calib_n=2,progress=false)"
+    with pytest.raises(PipelineError, match=r"calibration windows of 512 tokens are longer than the graph takes: "
+                       r"%input_ids dim 1 \(s1\) is at most 64 tokens .* give calib_len=64 or less"):
+        lowbit.compile_model(model, pipeline=pipeline, calib=torch.randint(0, 128, (2048,)))
+    compiled = lowbit.compile_model(model, pipeline=pipeline.replace("calib_n=2", "calib_n=2,calib_len=64"),
+                                    calib=torch.randint(0, 128, (2048,)))
+    assert compiled.report.pipeline.records[0].stats["weights_quantized"] > 0

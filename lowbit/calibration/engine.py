@@ -337,6 +337,7 @@ def batches_from_ids(graph: Graph, ids: torch.Tensor, batch_size: int | None = N
         raise CalibrationError(f"the graph takes {len(graph.inputs)} inputs ({', '.join(names)}); calibration "
                                "from token ids feeds (input_ids) or (input_ids, attention_mask): build the batches "
                                "yourself")
+    _check_length(graph, ids)
     static_b = static_batch(graph)
     if batch_size is None:
         batch_size = static_b or 8
@@ -346,6 +347,20 @@ def batches_from_ids(graph: Graph, ids: torch.Tensor, batch_size: int | None = N
         mask_dtype = graph.inputs[1].tensor_type.dtype
         return [(chunk, torch.ones(chunk.shape, dtype=mask_dtype)) for chunk in ids.split(batch_size)]
     return [(chunk,) for chunk in ids.split(batch_size)]
+
+
+def _check_length(graph: Graph, ids: torch.Tensor) -> None:
+    """Refuse windows longer than the graph's sequence dim may be: the engine runs nodes directly, past the input
+    check a compiled model makes, so a model of 128 positions calibrated on 512 without a word (on positions it never
+    saw; an IndexError deep in the embedding where positions are learned)."""
+    first = graph.inputs[0].tensor_type
+    dim = first.shape[1] if first is not None and len(first.shape) > 1 else None
+    symbol = graph.symbols.get(dim) if isinstance(dim, str) else None
+    if symbol is not None and symbol.max is not None and ids.shape[1] > symbol.max:
+        raise CalibrationError(f"calibration windows of {ids.shape[1]} tokens are longer than the graph takes: "
+                               f"%{graph.inputs[0].name} dim 1 ({dim}) is at most {symbol.max} tokens (the model's "
+                               f"positions at capture); give calib_len={symbol.max} or less, or token-id windows "
+                               "that long")
 
 
 def _step_batches(graph: Graph, step: dict[str, Any], ids: torch.Tensor,
