@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from lowbit.cli import common
@@ -103,6 +104,41 @@ def test_probe_refused_before_loading_the_model(tmp_path, no_model_load, args, c
     got, out = run([files.get(a, a) if isinstance(a, str) else a for a in args])
     assert got == int(code), out
     assert fragment in out, out
+
+
+def test_a_model_lowbit_cannot_capture_is_an_error_line_not_a_traceback(tmp_path, monkeypatch):
+    """A dynamic-RoPE model (refused when wrapped) and one whose forward writes a buffer (refused at capture) ended
+    `lowbit compile` and `debug compare` in a CaptureError traceback (exit 1); they are one error line, exit 4, as
+    `python -m lowbit` reports them."""
+    from conftest import tiny_llama
+
+    from lowbit.data.model_files import load_tokenizer
+
+    monkeypatch.setattr(common, "_MODELS", {})
+    monkeypatch.setattr(common, "_GRAPHS", {})
+    tok = load_tokenizer("smollm2")
+    torch.manual_seed(0)
+    tiny_llama(vocab=49152, rope_scaling={"rope_type": "dynamic", "factor": 2.0}).save_pretrained(tmp_path / "dyn")
+    tok.save_pretrained(tmp_path / "dyn")
+
+    class Counter(torch.nn.Module):  # a buffer written in forward, which capture refuses
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls.add_(1)
+            return x * 2
+
+    for args, fragment in [(["compile", tmp_path / "dyn", "-p", "dce"], "rope_type 'dynamic' (dynamic NTK scaling)"),
+                           (["debug", "compare", tmp_path / "dyn", "-p", "dce"], "rope_type 'dynamic'")]:
+        got, out = run(args)
+        assert got == int(Exit.PIPELINE) and fragment in out, out
+    monkeypatch.setattr(common, "_MODELS", {"counter": common.LoadedModel("counter", Counter(), None, "other")})
+    monkeypatch.setattr("lowbit.api._default_example", lambda m, t: ((torch.ones(2, 3),), None))
+    with pytest.raises(typer.Exit) as info:
+        common.capture_model(common.load("counter"))
+    assert info.value.exit_code == int(Exit.PIPELINE)
 
 
 # ---- python -m lowbit ---------------------------------------------------------------------------

@@ -107,6 +107,7 @@ def load(spec: str) -> LoadedModel:
     base = _MODELS.get(name)
     if base is None:
         from lowbit.errors import CorruptFileError, UntrustedInputError
+        from lowbit.ir.capture import CaptureError
 
         try:
             module, tokenizer, kind = load_model(name)
@@ -114,6 +115,8 @@ def load(spec: str) -> LoadedModel:
             fail(str(exc), Exit.NOT_FOUND)
         except ValueError as exc:
             fail(str(exc), Exit.USAGE)
+        except CaptureError as exc:  # refused by name when wrapped (dynamic RoPE): as `python -m lowbit` reports it
+            fail(str(exc), Exit.PIPELINE)
         base = _MODELS[name] = LoadedModel(name, module, tokenizer, kind)
     if n_layers is None:
         return base
@@ -131,10 +134,13 @@ def capture_model(model: LoadedModel) -> Any:
     """The model's captured IR (a fresh clone each call: passes mutate graphs in place)."""
     if model.spec not in _GRAPHS:
         from lowbit.api import _default_example
-        from lowbit.ir.capture import capture
+        from lowbit.ir.capture import CaptureError, capture
 
         example, dynamic = _default_example(model.module, model.tokenizer)
-        graph = capture(model.module, example, dynamic)
+        try:
+            graph = capture(model.module, example, dynamic)
+        except CaptureError as exc:  # the message names the module and what to try: no traceback
+            fail(str(exc), Exit.PIPELINE)
         graph.meta["tokenizer"] = model.tokenizer
         from lowbit.api import describe_source
 
