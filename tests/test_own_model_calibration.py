@@ -213,3 +213,21 @@ def test_calibration_windows_longer_than_the_models_positions_are_refused(family
     compiled = lowbit.compile_model(model, pipeline=pipeline.replace("calib_n=2", "calib_n=2,calib_len=64"),
                                     calib=torch.randint(0, 128, (2048,)))
     assert compiled.report.pipeline.records[0].stats["weights_quantized"] > 0
+
+
+def test_calib_takes_a_pathlib_path_like_its_string(tmp_path):
+    """compile_model(calib=Path(...)) was refused with pydantic's 'Input should be a valid string' although calib is
+    documented as 'a text name or path'; a Path now calibrates exactly as its string, and another type is named."""
+    from pathlib import Path
+
+    from lowbit.passes.base import PassError
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    torch.manual_seed(0)
+    model = tiny_llama(49152)
+    runs = [lowbit.compile_model(model, pipeline=GPTQ, calib=c, tokenizer="smollm2") for c in (Path(text), str(text))]
+    a, b = (r.graph.params for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k].data, b[k].data) for k in a)
+    with pytest.raises(PassError, match="calib takes a text name or file path, .* got int"):
+        lowbit.compile_model(model, pipeline=GPTQ, calib=123)

@@ -25,6 +25,7 @@ What a pass declares besides (docs/design.md "Pass contract"):
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,18 @@ class CalibrationOptions(PassOptions):
     device: str | None = None
     """Where calibration runs (``cuda``: block runs and statistics on the GPU); unset: where the params are.
     The graph's params, and what the pass computes for them, stay on their device either way."""
+
+    @field_validator("calib", mode="before")
+    @classmethod
+    def _calib_path(cls, calib: Any) -> Any:
+        """A ``pathlib.Path`` is a file like its string (it was refused as 'Input should be a valid string'); any
+        other type is named with what calib takes."""
+        if isinstance(calib, os.PathLike):
+            return os.fspath(calib)
+        if not isinstance(calib, (str, torch.Tensor)):
+            raise ValueError(f"calib takes a text name or file path, a .safetensors file of token ids or a tensor "
+                             f"of token ids, got {type(calib).__name__}")
+        return calib
 
     @field_validator("calib")
     @classmethod
