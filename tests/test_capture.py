@@ -189,3 +189,18 @@ def test_in_place_ops_are_functionalized_so_falcon_captures_and_matches_transfor
     with torch.no_grad():
         want = model(ids, use_cache=False).logits
     torch.testing.assert_close(compiled(ids), want, rtol=0, atol=1e-5)
+
+
+def test_a_size_export_pinned_to_the_example_is_refused_not_computed_wrong():
+    """``int(n / 2)`` under Dim.DYNAMIC: torch.export keeps the example's value (3 for n=7) behind a guard
+    ``math.trunc(n / 2) == 3`` that only its own module checks; the IR kept the dynamic range, so at n=11 the
+    compiled graph returned 3 columns where the model returns 5, without an error. Such a guard is refused."""
+    class Half(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :int(x.shape[1] / 2)] * 2
+
+    with pytest.raises(CaptureError, match=r"for some input sizes only: its guard \"math\.trunc\(L\['x'\]\.size\(\)"
+                       r"\[1\] / 2\) == 3\" fails at sizes inside the dynamic range"):
+        capture(Half().eval(), (torch.randn(2, 7, 4),), ({1: torch.export.Dim.DYNAMIC},))
+    static = capture(Half().eval(), (torch.randn(2, 7, 4),))  # static shapes: the graph takes n=7 only, and says so
+    torch.testing.assert_close(TorchCompiled(static)(torch.ones(2, 7, 4)), torch.full((2, 3, 4), 2.0))

@@ -281,7 +281,8 @@ class _Converter:
         try:
             types = [self.vtype(item) for item in val] if isinstance(val, (list, tuple)) else self.vtype(val)
         except CaptureError as exc:
-            raise CaptureError(f"node {fx_node.name} ({op}) in module {node.module or '(top level)'!r}: {exc}") from None
+            where = node.module or "(top level)"
+            raise CaptureError(f"node {fx_node.name} ({op}) in module {where!r}: {exc}") from None
         if isinstance(types, list):
             for i, vt in enumerate(types):
                 node.add_output(Value(g.fresh_name(f"{fx_node.name}_{i}"), vt))
@@ -292,6 +293,69 @@ class _Converter:
             g._names.add(node.outputs[-1].name)
             self.env[fx_node] = node.outputs[0]
         g.append(node)
+
+
+class _GuardArg:
+    """An input as a guard reads it (``L['x'].size()[1]``), at chosen sizes."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+
+def _narrowing_guards(ep: ExportedProgram) -> list[str]:
+    """Equality guards torch.export assumed that do not hold over the dimensions' declared ranges.
+
+    ``Dim.DYNAMIC`` lets export specialise silently: ``int(n / 2)`` in the model becomes the constant of the example
+    and a guard ``math.trunc(n / 2) == 3`` that only the ExportedProgram's own module checks; the IR keeps the ranges,
+    not the guards, so at other lengths it computed a wrong result without an error. Each guard is evaluated (it is
+    torch's text for the model in this process, not a file's) at a few sizes per symbol: the range's ends, the hint
+    and its neighbours; one that is False at any of them is returned. A guard it cannot evaluate is left out."""
+    import math
+
+    # equalities only: they pin a size to the example's; '!= 1' / '>= 3' are export's 0/1 and range assumptions,
+    # which the symbols' ranges and the ops' own checks cover
+    guards = [g for g in getattr(ep, "_guards_code", None) or [] if isinstance(g, str) and " == " in g]
+    if not guards:
+        return []
+    user = [ph for ph, spec in zip((n for n in ep.graph.nodes if n.op == "placeholder"), ep.graph_signature.input_specs)
+            if spec.kind == InputKind.USER_INPUT and isinstance(ph.meta.get("val"), torch.Tensor)]
+    hints: dict[sympy.Symbol, int] = {}
+    for ph in user:
+        for d in ph.meta["val"].shape:
+            if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol) and d.node.hint is not None:
+                hints[d.node.expr] = int(d.node.hint)
+    if not hints:
+        return []
+
+    def samples(sym: sympy.Symbol) -> set[int]:
+        rng = ep.range_constraints.get(sym)
+        lo = _finite_int(rng.lower) if rng is not None else None
+        hi = _finite_int(rng.upper) if rng is not None else None
+        lo = 0 if lo is None else lo
+        hint = hints[sym]
+        values = {lo, lo + 1, hint - 1, hint + 1, 2 * hint + 1} | ({hi} if hi is not None else set())
+        return {v for v in values if v >= lo and (hi is None or v <= hi)}
+
+    bad = []
+    for guard in guards:
+        for sym in hints:
+            for value in samples(sym):
+                at = {**hints, sym: value}
+                env = {ph.name: _GuardArg(tuple(int(d.node.expr.xreplace(at)) if isinstance(d, torch.SymInt) else int(d)
+                                                for d in ph.meta["val"].shape)) for ph in user}
+                try:
+                    ok = bool(eval(guard, {"__builtins__": {}, "math": math, "L": env}))  # noqa: S307 - torch's text
+                except Exception:  # noqa: BLE001 - a guard on something else (strides, globals): not ours to judge
+                    ok = True
+                if not ok:
+                    bad.append(guard)
+                    break
+            if bad and bad[-1] == guard:
+                break
+    return bad
 
 
 def _mutates(ep: ExportedProgram) -> bool:
@@ -353,6 +417,13 @@ def capture(
             raise CaptureError(f"{type(model).__name__} has modules in training mode ({', '.join(training[:3])}): "
                                "call .eval() first, or dropout and batch-norm updates would be captured")
         ep = _export(model, args, kwargs, dynamic_shapes, strict)
+        narrowing = _narrowing_guards(ep)
+        if narrowing:
+            raise CaptureError(f"torch.export captured {type(model).__name__} for some input sizes only: its guard "
+                               f"{narrowing[0]!r} fails at sizes inside the dynamic range (the model's code computes "
+                               "a size from a dynamic dimension, e.g. int(n / 2)); the graph would silently compute "
+                               "for the example's sizes. Mark that dimension static (dynamic_shapes) or compute the "
+                               "size with tensor ops")
         if _mutates(ep):
             ep = ep.run_decompositions({})  # functionalize only: `a += b` (Falcon's MLP) becomes aten.add
         prefix = getattr(model, "capture_prefix", None)
