@@ -47,8 +47,8 @@ class SliceResidualOptions(CalibrationOptions):
     ratio: float = Field(default=0.2, ge=0.0, lt=1.0)
     """Fraction of the residual stream's channels removed."""
     multiple: int = Field(default=16, ge=1)
-    """The kept width is rounded down to a multiple of this (tensor-core tiles and quantization groups; never
-    below one multiple)."""
+    """The kept width is rounded down to a multiple of this (tensor-core tiles and quantization groups); a ratio
+    that keeps less than one multiple is an error naming both."""
     calib_n: int = Field(default=32, ge=1)
 
 
