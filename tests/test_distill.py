@@ -117,3 +117,12 @@ def test_distill_on_cuda_bf16_lowers_held_out_kl(slice2):
     assert st["steps"] == 16
     assert all(v.data.device.type == "cpu" for v in recovered.params.values())  # written back where they were
     assert held_out_kl(recovered, ids, ref) < 0.8 * held_out_kl(pruned, ids, ref)
+
+
+def test_eval_every_without_holdout_is_refused():
+    """eval_every measures the held-out windows' KL: without holdout it was accepted and measured nothing."""
+    from lowbit.passes.manager import parse_pipeline
+
+    with pytest.raises(PipelineSpecError, match=r"option eval_every=5 .*without holdout=N it would be silently"):
+        parse_pipeline("distill(tokens=100,eval_every=5)")
+    parse_pipeline("distill(tokens=100,eval_every=5,holdout=2)")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lowbit.calibration.distill import DistillError, DistillStats, ParamRole, distill_logits
 from lowbit.ir.graph import Graph
@@ -79,6 +79,13 @@ class DistillOptions(CalibrationOptions):
     """Steps between held-out KL measurements (0: only at the start and the end)."""
     ce_weight: float = Field(default=0.0, ge=0.0)
     """Weight of an added cross-entropy to the text's next token (0: pure distillation)."""
+
+    @model_validator(mode="after")
+    def _eval_every_needs_holdout(self) -> DistillOptions:
+        if self.eval_every and not self.holdout:  # it measures the held-out windows: without them it did nothing
+            raise ValueError(f"option eval_every={self.eval_every} measures the KL on held-out windows; without "
+                             "holdout=N it would be silently ignored")
+        return self
 
 
 @register_pass
