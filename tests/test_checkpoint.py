@@ -778,3 +778,14 @@ def test_sliced_gemma_is_refused_by_the_hf_formats(tmp_path):
     lowbit.save(c, tmp_path / "lb", format="lowbit")
     ids = torch.randint(0, 256, (1, 8))
     assert torch.equal(lowbit.load(tmp_path / "lb")(ids), c(ids))
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_a_pruned_float_model_is_not_sent_to_save_pretrained(tmp_path, fmt):
+    """A float graph is refused by the HF formats; the advice was transformers' save_pretrained, which for a
+    structurally pruned model writes the unpruned module it was captured from."""
+    c = lowbit.compile_model(_tiny3(), pipeline="prune-mlp(ratio=0.25,score=magnitude)")
+    with pytest.raises(CheckpointError, match=r"no quantized linear.*structurally pruned float model: save with "
+                                              r"format='lowbit'.*quantize\(w=int8\)") as info:
+        lowbit.save(c, tmp_path / "x", format=fmt)
+    assert "save_pretrained" not in str(info.value)

@@ -405,6 +405,15 @@ def _ct_tensors(qw: QuantWeight, fmt: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _float_advice(graph: Graph) -> str:
+    """Where a float graph goes instead: the source model's save_pretrained holds it only when no pass changed its
+    shapes (a structurally pruned model is not the module it was captured from)."""
+    if graph.meta.get("pruned"):
+        return ("a structurally pruned float model: save with format='lowbit' (its config.json has the pruned sizes), "
+                "or quantize it, e.g. quantize(w=int8), for an HF directory")
+    return "save a float model with format='lowbit' or transformers' save_pretrained"
+
+
 def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = None, config: Any = None,
                             kind: str | None = None, actorder: str | None = None) -> dict[str, Any]:
     """Write ``graph`` as a compressed-tensors HF directory into ``directory`` (which exists and is empty)."""
@@ -421,7 +430,7 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
             "format='lowbit'")
     if not view.quantized:
         raise CheckpointError("the graph has no quantized linear: nothing for compressed-tensors to describe "
-                              "(save a float model with format='lowbit' or transformers' save_pretrained)")
+                              f"({_float_advice(graph)})")
     tensors = dict(view.tensors)
     groups: dict[str, dict[str, Any]] = {}
     members: dict[str, list[str]] = {}
@@ -496,7 +505,8 @@ def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: A
                               f"{view.kv[0].module!r}); the GPTQ format has no KV "
                               "scheme: use format='lowbit'")
     if not view.quantized:
-        raise CheckpointError("the graph has no quantized linear: nothing to write in GPTQ format")
+        raise CheckpointError(f"the graph has no quantized linear: nothing to write in GPTQ format "
+                              f"({_float_advice(graph)})")
     tensors = dict(view.tensors)
     bits_seen, groups_seen = set(), set()
     for module, qw in view.quantized.items():
