@@ -22,7 +22,7 @@ from lowbit.backends.registry import (
     all_backends,
     get_backend,
 )
-from lowbit.ir.capture import capture
+from lowbit.ir.capture import capture, refuse_unrunnable
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import Pass, PassError
 from lowbit.passes.manager import (
@@ -471,6 +471,7 @@ def compile_model(
         if dynamic_shapes == "auto":
             dynamic_shapes = None
         graph = capture(model, example_inputs, dynamic_shapes)
+        refuse_unrunnable(graph, model)
     finally:
         for m, training in modes:
             m.training = training

@@ -204,3 +204,20 @@ def test_a_size_export_pinned_to_the_example_is_refused_not_computed_wrong():
         capture(Half().eval(), (torch.randn(2, 7, 4),), ({1: torch.export.Dim.DYNAMIC},))
     static = capture(Half().eval(), (torch.randn(2, 7, 4),))  # static shapes: the graph takes n=7 only, and says so
     torch.testing.assert_close(TorchCompiled(static)(torch.ones(2, 7, 4)), torch.full((2, 3, 4), 2.0))
+
+
+def test_an_architecture_with_ops_lowbit_cannot_run_is_refused_by_name():
+    """Bloom captures to aten.baddbmm and aten.repeat, which lowbit's allowlist does not run: compile_model (and
+    lowbit compile, exit 4) failed in the first pass with 'the input IR is invalid before any pass ran', which reads
+    as a lowbit bug; capture now refuses the architecture by name, listing each op and where it sits."""
+    import transformers as t
+
+    import lowbit
+
+    torch.manual_seed(0)
+    model = t.AutoModelForCausalLM.from_config(t.BloomConfig(hidden_size=32, n_layer=1, n_head=4,
+                                                             vocab_size=128)).eval()
+    with pytest.raises(CaptureError, match=r"BloomForCausalLM: capture produced ops lowbit cannot run: "
+                       r"aten\.repeat\.default x1 \(transformer\); aten\.baddbmm\.default x1 "
+                       r"\(transformer\.h\.0\.self_attention\); this architecture is not supported"):
+        lowbit.compile_model(model, pipeline="dce")

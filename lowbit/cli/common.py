@@ -134,11 +134,12 @@ def capture_model(model: LoadedModel) -> Any:
     """The model's captured IR (a fresh clone each call: passes mutate graphs in place)."""
     if model.spec not in _GRAPHS:
         from lowbit.api import _default_example
-        from lowbit.ir.capture import CaptureError, capture
+        from lowbit.ir.capture import CaptureError, capture, refuse_unrunnable
 
         example, dynamic = _default_example(model.module, model.tokenizer)
         try:
             graph = capture(model.module, example, dynamic)
+            refuse_unrunnable(graph, model.module)
         except CaptureError as exc:  # the message names the module and what to try: no traceback
             fail(str(exc), Exit.PIPELINE)
         graph.meta["tokenizer"] = model.tokenizer

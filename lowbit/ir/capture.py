@@ -385,6 +385,27 @@ def from_exported(ep: ExportedProgram, *, prefix: str = "", example_inputs: list
     return graph
 
 
+def refuse_unrunnable(graph: Graph, model: object = None) -> None:
+    """Refuse a captured graph holding ops lowbit cannot run (ATen overloads outside its allowlist: Bloom's
+    ``baddbmm``, GPT-J's ``repeat_interleave``), naming the model class, each op and where it sits. Without this the
+    first pass reported 'the input IR is invalid before any pass ran', which reads as a lowbit bug. Not part of
+    ``capture`` itself: ``tools/aten_allowlist.py`` captures such graphs to list what is missing."""
+    from lowbit.ir.ops import check_op
+
+    found: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        if check_op(node.op) is not None:
+            found.setdefault(node.op, []).append(node.module or f"%{node.name}")
+    if found:
+        ops = "; ".join(f"{op} x{len(mods)} ({', '.join(list(dict.fromkeys(mods))[:2])}"
+                        f"{', ...' if len(set(mods)) > 2 else ''})" for op, mods in found.items())
+        inner = getattr(model, "model", model)  # the HF model inside lowbit's wrappers names the architecture
+        name = type(inner).__name__ if inner is not None else graph.meta.get("model_class", "the model")
+        raise CaptureError(f"{name}: capture produced ops lowbit cannot run: "
+                           f"{ops}; this architecture is not supported (lowbit.ir.allowlist lists the ATen ops it "
+                           "runs; README 'Any architecture' the families checked)")
+
+
 def capture(
     model: torch.nn.Module | torch.fx.GraphModule | ExportedProgram,
     example_inputs: tuple[Any, ...] | Mapping[str, Any] | torch.Tensor,
