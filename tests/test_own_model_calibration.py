@@ -231,3 +231,20 @@ def test_calib_takes_a_pathlib_path_like_its_string(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k].data, b[k].data) for k in a)
     with pytest.raises(PassError, match="calib takes a text name or file path, .* got int"):
         lowbit.compile_model(model, pipeline=GPTQ, calib=123)
+
+
+def test_calib_n_and_calib_len_given_with_token_id_windows_are_not_ignored():
+    """calib=[16, 32] windows with gptq(calib_n=4) calibrated on all 16 (and calib_len=16 on 32-token windows)
+    without a word; an explicit calib_n now takes the first windows, a calib_len that is not L is refused, and
+    unset options keep the documented 'used as they are'."""
+    torch.manual_seed(0)
+    model = tiny_llama(128)
+    ids = torch.randint(0, 128, (16, 32))
+
+    def tokens(pipeline: str) -> int:
+        return lowbit.compile_model(model, pipeline=pipeline, calib=ids).report.pipeline.records[0].stats["calib_tokens"]
+
+    assert tokens("gptq(w=int4,group=32,progress=false)") == 16 * 32
+    assert tokens("gptq(w=int4,group=32,calib_n=4,progress=false)") == 4 * 32
+    with pytest.raises(PipelineError, match="the given windows are 32 tokens long, but calib_len=16 was asked"):
+        tokens("gptq(w=int4,group=32,calib_len=16,progress=false)")

@@ -87,7 +87,8 @@ class CalibrationOptions(PassOptions):
 
     calib: str | torch.Tensor = DEFAULT_CALIBRATION_TEXT
     """Calibration data: a shipped text name, a text file, a ``.safetensors`` file of token ids, or (Python API)
-    a tensor of token ids — ``[n, L]`` windows used as they are, or a 1-D stream cut like a text. A model whose
+    a tensor of token ids — ``[n, L]`` windows used as they are (the first ``calib_n`` when it is set), or a 1-D
+    stream cut like a text. A model whose
     input is float (a ViT's pixels, features) takes float inputs ``[n, ...]`` instead (a tensor or a
     ``.safetensors`` file of one)."""
     calib_n: int = Field(default=32, ge=1)
@@ -163,6 +164,8 @@ class CalibrationOptions(PassOptions):
                                      f"calibrate a model whose input is float; this graph's input "
                                      f"%{graph.inputs[0].name} is {first})")
                 ids, source = given_windows(given, self.calib_n, self.calib_len, shown), "the given token ids"
+                if given.dim() == 2:  # [n, L] windows are used as given, but not against options the user set
+                    ids = self._fit_given_windows(ids)
             else:
                 check_default_tokenizer(graph, self.tokenizer)
                 tok = graph_tokenizer(graph, self.tokenizer)
@@ -175,6 +178,15 @@ class CalibrationOptions(PassOptions):
             raise PassFileError(f"pass {pass_name}: option calib={shown}: {exc}") from None
         except ValueError as exc:
             raise PassError(f"pass {pass_name}: option calib={shown}: {exc}") from None
+
+    def _fit_given_windows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Given ``[n, L]`` windows under options set explicitly: ``calib_n`` caps the windows taken (the first ones,
+        as for float inputs); a ``calib_len`` other than ``L`` is refused. Both were ignored without a word."""
+        if "calib_len" in self.model_fields_set and self.calib_len != ids.shape[1]:
+            raise ValueError(f"the given windows are {ids.shape[1]} tokens long, but calib_len={self.calib_len} was "
+                             "asked; given [n, L] windows are used as they are: drop calib_len, or give a 1-D stream "
+                             "of ids to cut")
+        return ids[:self.calib_n] if "calib_n" in self.model_fields_set else ids
 
     def batch_size_for(self, graph: Graph) -> int:
         """``batch_size``, unless ``graph`` was captured with a static batch: it can take no other."""
