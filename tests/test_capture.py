@@ -221,3 +221,31 @@ def test_an_architecture_with_ops_lowbit_cannot_run_is_refused_by_name():
                        r"aten\.repeat\.default x1 \(transformer\); aten\.baddbmm\.default x1 "
                        r"\(transformer\.h\.0\.self_attention\); this architecture is not supported"):
         lowbit.compile_model(model, pipeline="dce")
+
+
+def test_phi3_longrope_captures_both_factor_sets_and_leaves_the_callers_model_as_it_was():
+    """Phi-3 longrope (the 128k models) writes ``where(length > original_max, long, short)`` into its rotary's
+    inv_freq on every forward: capture refused it as state ('BUFFER_MUTATION of ...inv_freq', and before that as
+    unknown ops aten.max/aten.pow.Scalar); and the trace cached a traced long_inv_freq on the caller's model, whose
+    logits past original_max then changed. The write is scratch, so the graph follows transformers on both sides
+    of original_max, and attributes a forward first caches while traced are removed."""
+    import copy
+
+    import transformers as t
+
+    import lowbit
+
+    torch.manual_seed(0)
+    cfg = t.Phi3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       pad_token_id=0, num_hidden_layers=1, vocab_size=256, max_position_embeddings=128,
+                       original_max_position_embeddings=32,
+                       rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [3.0] * 4})
+    model = t.AutoModelForCausalLM.from_config(cfg).eval()
+    untouched = copy.deepcopy(model)
+    compiled = lowbit.compile_model(model, pipeline="dce")
+    for length in (8, 33, 80):
+        ids = torch.randint(0, 256, (2, length))
+        with torch.no_grad():
+            want = untouched(ids, use_cache=False).logits
+            torch.testing.assert_close(model(ids, use_cache=False).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(compiled(ids), want, rtol=0, atol=1e-5)

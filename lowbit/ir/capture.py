@@ -35,6 +35,13 @@ def _finite_int(bound: Any) -> int | None:
         return None
 
 
+_ROTARY_SCRATCH = re.compile(r"(^|\.)rotary_emb\.(\w+_)?inv_freq$")
+"""Buffers an HF rotary embedding writes in forward and reads back at once: longrope (Phi-3 128k, Phi-3.5) copies
+``where(length > original_max, long_inv_freq, original_inv_freq)`` into ``inv_freq`` on every call
+(``transformers.modeling_rope_utils.dynamic_rope_update``), so the write is scratch, not state carried between calls,
+and the graph keeps the value it computed. Any other buffer a forward writes is refused."""
+
+
 class CaptureError(LowbitError, RuntimeError):
     """The model could not be captured; the message says where and what to try."""
 
@@ -108,6 +115,9 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     for m in model.modules():
         hooks.append(m.register_forward_pre_hook(pre))
         hooks.append(m.register_forward_hook(post))
+    # attributes a forward caches on its module the first time (longrope's long_inv_freq) are made while tracing:
+    # left in place they hold what the trace computed, and the caller's model then returned other logits
+    before = {id(m): set(vars(m)) for m in model.modules()}
     try:
         with torch.no_grad():
             return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
@@ -122,6 +132,9 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             f"What you can do: {_advice(str(exc))}."
         ) from exc
     finally:
+        for m in model.modules():
+            for name in set(vars(m)) - before.get(id(m), set(vars(m))):
+                delattr(m, name)
         for h in hooks:
             h.remove()
 
@@ -225,16 +238,22 @@ class _Converter:
                 raise CaptureError(f"input {target!r} of kind {spec.kind.name} is not a tensor ({type(data).__name__})")
             name = self.strip(target)
             self.env[ph] = g.params[name] if name in g.params else g.add_param(name, data)
+        user_outputs = []
         for spec in sig.output_specs:
+            if spec.kind == OutputKind.BUFFER_MUTATION and _ROTARY_SCRATCH.search(self.strip(str(spec.target))):
+                user_outputs.append(False)  # rewritten from the positions before each read: nothing carries over
+                continue
             if spec.kind not in (OutputKind.USER_OUTPUT,):
                 raise CaptureError(f"the model mutates state during forward ({spec.kind.name} of {spec.target!r}); "
                                    "lowbit captures pure inference graphs: disable caches and in-place buffer updates")
+            user_outputs.append(True)
         for fx_node in self.ep.graph.nodes:
             if fx_node.op == "call_function":
                 self._call(fx_node)
             elif fx_node.op == "output":
                 outs = pytree.tree_leaves(fx_node.args[0])
-                g.outputs = [self.env[o] for o in outs if isinstance(o, torch.fx.Node)]
+                g.outputs = [self.env[o] for o, keep in zip(outs, user_outputs)
+                             if keep and isinstance(o, torch.fx.Node)]
             elif fx_node.op == "get_attr":
                 raise CaptureError(f"unexpected get_attr {fx_node.target!r} at {self.module_path(fx_node)!r}: "
                                    "a higher-order op (cond/map/while) is not supported by lowbit's capture yet")
