@@ -131,6 +131,16 @@ def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list
             input_ids = input_ids[None]
         if input_ids.dim() != 2:
             raise GenerationError(f"input_ids has shape {tuple(input_ids.shape)}; expected [batch, length]")
+        # as a list's ids are (``_integral``): a float tensor's 3.7 was read as 3 and a bool tensor as ids 0/1
+        if input_ids.dtype == torch.bool or input_ids.is_complex():
+            raise GenerationError(f"input_ids is a {input_ids.dtype} tensor: token ids are integers (torch.long)")
+        if input_ids.is_floating_point():
+            fractional = (input_ids != input_ids.round()).nonzero()
+            if len(fractional):
+                at = tuple(fractional[0].tolist())
+                raise GenerationError(f"input_ids holds {input_ids[at].item()} at position {at}: token ids are "
+                                      "integers")
+            input_ids = input_ids.long()
         if attention_mask is None:
             return [row.tolist() for row in input_ids]
         if attention_mask.shape != input_ids.shape:

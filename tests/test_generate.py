@@ -131,6 +131,13 @@ def test_bad_requests_name_the_limit(smollm2, compiled):
         compiled.generate([[5.7, 17.2]], 2)
     assert compiled.generate([[float(t) for t in prompt]], 2, stop_tokens=()).tokens == \
         compiled.generate([prompt], 2, stop_tokens=()).tokens
+    # a tensor's ids as a list's: a float tensor's fractions and a bool tensor were read as other ids
+    with pytest.raises(GenerationError, match=r"input_ids holds 17.5 at position \(0, 1\): token ids are integers"):
+        compiled.generate(torch.tensor([[5.0, 17.5]]), 2)
+    with pytest.raises(GenerationError, match="input_ids is a torch.bool tensor"):
+        compiled.generate(torch.tensor([[True, False]]), 2)
+    assert compiled.generate(torch.tensor([prompt], dtype=torch.float32), 2, stop_tokens=()).tokens == \
+        compiled.generate([prompt], 2, stop_tokens=()).tokens
     with pytest.raises(GenerationError, match="temperature=0.5, top_k=3 only apply when sampling"):
         compiled.generate([prompt], 2, temperature=0.5, top_k=3)
     with pytest.raises(GenerationError, match="seed=1 only applies when sampling"):
