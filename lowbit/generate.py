@@ -311,6 +311,9 @@ def _stop_ids(stop_tokens: Any) -> set[int]:
     bad = [t for t in items if not _is_int(t)]
     if bad:
         raise GenerationError(f"stop_tokens: {bad[0]!r} is not a token id (an integer)")
+    negative = [t for t in items if int(t) < 0]
+    if negative:  # no token is ever negative: the run went on to max_new_tokens as if no stop had been asked for
+        raise GenerationError(f"stop_tokens: {int(negative[0])} is not a token id (ids are >= 0)")
     return {int(t) for t in items}
 
 

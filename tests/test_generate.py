@@ -134,6 +134,8 @@ def test_bad_requests_name_the_limit(smollm2, compiled):
     # a tensor's ids as a list's: a float tensor's fractions and a bool tensor were read as other ids
     with pytest.raises(GenerationError, match=r"input_ids holds 17.5 at position \(0, 1\): token ids are integers"):
         compiled.generate(torch.tensor([[5.0, 17.5]]), 2)
+    with pytest.raises(GenerationError, match=r"stop_tokens: -1 is not a token id \(ids are >= 0\)"):
+        compiled.generate([prompt], 2, stop_tokens=[2, -1])
     with pytest.raises(GenerationError, match="input_ids is a torch.bool tensor"):
         compiled.generate(torch.tensor([[True, False]]), 2)
     assert compiled.generate(torch.tensor([prompt], dtype=torch.float32), 2, stop_tokens=()).tokens == \
