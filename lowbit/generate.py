@@ -290,8 +290,10 @@ def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens
     if do_sample and not (math.isfinite(temperature) and temperature > 0):
         raise GenerationError(f"temperature={temperature}: must be a finite number > 0 when sampling (use "
                               "do_sample=False for greedy)")
-    if top_k is not None and top_k < 1:
-        raise GenerationError(f"top_k={top_k}: must be >= 1")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise GenerationError(f"top_k={top_k!r}: must be an integer >= 1")
+    if seed is not None and (not _is_int(seed) or not -2**63 <= seed < 2**64):  # torch.Generator's range
+        raise GenerationError(f"seed={seed!r}: must be an integer from -2**63 to 2**64 - 1")
     if top_p is not None and not 0 < top_p <= 1:
         raise GenerationError(f"top_p={top_p}: must be in (0, 1]")
 
@@ -382,6 +384,8 @@ class Generator:
         or a ``[B, L]`` tensor (with ``attention_mask`` when padded, left or right). ``stop_tokens`` defaults to the model's end-of-sequence ids (``()`` for
         none). ``on_token(sequence_index, token)`` is called as tokens are made (streaming).
         """
+        if on_token is not None and not callable(on_token):  # it failed at the first token, after the prefill
+            raise GenerationError(f"on_token={on_token!r}: expected a callable on_token(sequence_index, token)")
         prompts = _prompts(input_ids, attention_mask, self.tokenizer)
         check_request(self.spec, prompts, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed)
