@@ -48,6 +48,8 @@ def _decoders() -> dict[str, Any]:
                                        num_key_value_heads=1, tie_word_embeddings=True, **DEC),
         "qwen3": lambda: t.Qwen3Config(hidden_size=64, intermediate_size=128, num_attention_heads=8,
                                        num_key_value_heads=1, head_dim=16, tie_word_embeddings=False, **DEC),
+        "gemma": lambda: t.GemmaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=16, **DEC),
         "gemma2": lambda: t.Gemma2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                          num_key_value_heads=2, head_dim=16, **DEC),
         "gemma3": lambda: t.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
