@@ -340,6 +340,36 @@ def step_generate(family: str) -> None:
         assert tokens == ref[0, len(p):].tolist(), f"{family}: {tokens} != transformers' {ref[0, len(p):].tolist()}"
 
 
+@pytest.mark.parametrize("family", ["olmo", "starcoder2"])
+def test_generate_matches_transformers_beyond_the_matrix(family):
+    """OLMo (non-parametric LayerNorm) and StarCoder2 (LayerNorm with biases, a c_fc/c_proj GELU MLP, biased
+    projections) step as transformers' generate does token for token, so ``STEP_MODEL_TYPES`` takes them; only
+    their generate cell is checked (the matrix's other steps would add ~30 s a family to the default suite)."""
+    import transformers as t
+
+    from lowbit.generate import GenerationSpec
+
+    cfg = {"olmo": lambda: t.OlmoConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                        num_key_value_heads=4, pad_token_id=0, **DEC),
+           "starcoder2": lambda: t.Starcoder2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                                    num_key_value_heads=2, **DEC)}[family]()
+    torch.manual_seed(0)
+    hf = t.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
+        for p in hf.parameters():
+            p.mul_(4)
+    tok = _smollm2_tokenizer()
+    cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
+    prompts = [tok(p).input_ids for p in GEN_PROMPTS]
+    got = cm.generate(prompts, 8, stop_tokens=()).tokens
+    for p, tokens in zip(prompts, got):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                              do_sample=False)
+        assert tokens == ref[0, len(p):].tolist(), f"{family}: {tokens} != transformers' {ref[0, len(p):].tolist()}"
+
+
 def run_step(family: str, step: str, tmp_path: Any) -> str:
     """'works', or 'refused: <reason>' for a named refusal (Refused, PassError, CheckpointError, CaptureError,
     GenerationError)."""
