@@ -99,6 +99,13 @@ def split_stages(graph: Graph, pattern: str = BLOCK_PATTERN) -> list[Stage]:
     """Prefix, one stage per block (in graph order), suffix; empty prefix/suffix are left out."""
     regions = blocks(graph, pattern)
     block_of: dict[int, int] = {id(n): i for i, r in enumerate(regions) for n in r.nodes}
+    for n in graph.nodes:
+        # a generation step graph's residual adds carry no module: the one closing block i (its update from block i's
+        # down_proj) belongs to block i, as on the logits graph, not to the next stage (whose hooks then saw block i's
+        # output projection's add after block i was done: prune-mlp's target=model lost it)
+        if n.op == "residual_add" and not n.module and id(n) not in block_of and len(n.args) > 1 and \
+                isinstance(n.args[1], Value) and n.args[1].producer is not None and id(n.args[1].producer) in block_of:
+            block_of[id(n)] = block_of[id(n.args[1].producer)]
     positions = [p for p, n in enumerate(graph.nodes) if id(n) in block_of]
     if not positions:
         return [Stage(0, "graph", "prefix", list(graph.nodes))]
