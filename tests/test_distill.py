@@ -126,3 +126,16 @@ def test_eval_every_without_holdout_is_refused():
     with pytest.raises(PipelineSpecError, match=r"option eval_every=5 .*without holdout=N it would be silently"):
         parse_pipeline("distill(tokens=100,eval_every=5)")
     parse_pipeline("distill(tokens=100,eval_every=5,holdout=2)")
+
+
+def test_distill_on_a_step_graph_says_why_it_is_refused():
+    """compile_model(..., generation=) with distill read 'the student takes 8 inputs and the teacher 8'."""
+    import lowbit
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    m = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, layers=2, vocab=256, max_positions=64)
+    with pytest.raises(PipelineError, match=r"a generation step graph: its positions and KV cache are inputs too; "
+                                            r"distill the logits graph, compiled without generation="):
+        lowbit.compile_model(m, pipeline="distill(tokens=100,calib_n=2,calib_len=16,progress=false)",
+                             calib=torch.randint(0, 256, (2, 16)), generation=lowbit.GenerationSpec(max_length=32))

@@ -244,8 +244,10 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
     while the forward computes their real fake-quant."""
     t0 = time.perf_counter()
     if len(student.inputs) != 1 or len(teacher.inputs) != 1:
+        step = " (a generation step graph: its positions and KV cache are inputs too; distill the logits graph, " \
+            "compiled without generation=)" if student.meta.get("generation") else ""
         raise DistillError(f"{what}: distillation runs input_ids -> logits graphs; the student takes "
-                           f"{len(student.inputs)} inputs and the teacher {len(teacher.inputs)}")
+                           f"{len(student.inputs)} inputs and the teacher {len(teacher.inputs)}{step}")
     if holdout >= windows.shape[0]:
         raise DistillError(f"{what}: holdout={holdout} leaves no training window of the {windows.shape[0]} given")
     home = home_device(student)
