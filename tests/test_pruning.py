@@ -472,6 +472,9 @@ def test_slice_residual_narrows_every_layer_and_beats_a_random_rotation(slice_f3
     st = PassManager(spec).run(g).records[-1].stats
     verify(g)
     assert st["hidden_size"] == [576, 432] and st["energy_kept"] > 0.9
+    from lowbit.passes.pruning_sites import model_sizes
+
+    assert model_sizes(g)["hidden_size"] == 432  # the config's size, read back from the IR
     shapes = {n.module: tuple(n.args[1].data.shape) for n in g.find("linear")}
     assert shapes["model.layers.0.self_attn.q_proj"] == (576, 432)
     assert shapes["model.layers.1.mlp.down_proj"] == (432, 1536) and shapes["lm_head"] == (49152, 432)
@@ -719,8 +722,8 @@ def test_pruned_model_exports_to_onnx_and_round_trips_as_text(slice_f32, tmp_pat
     from lowbit.passes.pruning_sites import model_sizes
 
     assert model_sizes(graph) == {"num_hidden_layers": 2, "layers": ["model.layers.0", "model.layers.1"],
-                                  "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
-                                  "head_dim": 64}
+                                  "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                                  "num_key_value_heads": 3, "head_dim": 64}
     assert model_sizes(again) == {**model_sizes(graph), "intermediate_size": 1152, "num_attention_heads": 6,
                                   "num_key_value_heads": 2}
     assert print_graph(again) == print_graph(g)

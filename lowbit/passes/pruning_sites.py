@@ -223,9 +223,10 @@ def block_residuals(graph: Graph, block: str) -> list[Node]:
 
 
 def model_sizes(graph: Graph) -> dict[str, object]:
-    """The sizes a model config records, read from the IR itself (so they survive save and reload): blocks,
-    and per block the MLP width and the query/kv head counts. A per-layer list where layers differ (a Hugging
-    Face config holds one number; a pruned model with uneven layers needs a per-layer config), else one int."""
+    """The sizes a model config records, read from the IR itself (so they survive save and reload): blocks, the
+    residual stream's width, and per block the MLP width and the query/kv head counts. A per-layer list where
+    layers differ (a Hugging Face config holds one number; a pruned model with uneven layers needs a per-layer
+    config), else one int."""
     mlps, _ = find_mlp_sites(graph)
     atts, _ = find_attention_sites(graph)
     layers = sorted({s.block for s in mlps} | {s.block for s in atts}, key=lambda b: [int(x) if x.isdigit() else x
@@ -237,6 +238,9 @@ def model_sizes(graph: Graph) -> dict[str, object]:
     return {
         "num_hidden_layers": len(layers),
         "layers": layers,
+        # the residual stream's width (slice-residual narrows it): what each block's output projections write
+        "hidden_size": one_or_list([int(n.outputs[0].tensor_type.shape[-1]) for n in
+                                    [s.down for s in mlps] + [s.o for s in atts]]),
         "intermediate_size": one_or_list([s.width for s in mlps]),
         "num_attention_heads": one_or_list([s.q_heads for s in atts]),
         "num_key_value_heads": one_or_list([s.kv_heads for s in atts]),
