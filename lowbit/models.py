@@ -91,6 +91,14 @@ class CausalLMLogits(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            from lowbit.ir.capture import CaptureError
+
+            # its decoder needs decoder_input_ids: export failed deep in the decoder stack ('You must specify
+            # exactly one of input_ids or inputs_embeds')
+            raise CaptureError(f"{type(model).__name__} is an encoder-decoder model; lowbit captures decoder-only "
+                               "causal LMs (input_ids -> logits) and encoders: give example_inputs and a wrapper "
+                               "module that calls it with the inputs it needs, or capture its encoder alone")
         _refuse_dynamic_rope(model)
         self.model = model
 

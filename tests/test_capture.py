@@ -249,3 +249,18 @@ def test_phi3_longrope_captures_both_factor_sets_and_leaves_the_callers_model_as
             want = untouched(ids, use_cache=False).logits
             torch.testing.assert_close(model(ids, use_cache=False).logits, want, rtol=0, atol=0)
         torch.testing.assert_close(compiled(ids), want, rtol=0, atol=1e-5)
+
+
+def test_an_encoder_decoder_model_is_refused_by_name():
+    """T5ForConditionalGeneration has an lm_head, so compile_model wrapped it as a causal LM and export failed deep
+    in its decoder ('You must specify exactly one of input_ids or inputs_embeds', advice: 'capture a smaller
+    submodule'); it is refused naming the class and what lowbit captures."""
+    import transformers as t
+
+    import lowbit
+
+    model = t.T5ForConditionalGeneration(t.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
+                                                    vocab_size=128)).eval()
+    with pytest.raises(CaptureError, match="T5ForConditionalGeneration is an encoder-decoder model; lowbit captures "
+                       "decoder-only causal LMs"):
+        lowbit.compile_model(model, pipeline="dce")
