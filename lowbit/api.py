@@ -9,6 +9,7 @@ backend declares it needs (``lowbit.backends.registry``), and lowers.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -379,7 +380,7 @@ def _jsonable(v: Any) -> bool:
 
 
 def compile_model(
-    model: torch.nn.Module | str,
+    model: torch.nn.Module | str | os.PathLike[str],
     example_inputs: tuple[Any, ...] | Mapping[str, Any] | torch.Tensor | None = None,
     *,
     pipeline: str | Sequence[Pass | str] | None = None,
@@ -421,6 +422,11 @@ def compile_model(
         if not (callable(getattr(ins, "before_pass", None)) and callable(getattr(ins, "after_pass", None))):
             raise TypeError(f"instruments[{i}] is {type(ins).__name__}, not an Instrument (before_pass/after_pass): "
                             "give lowbit.passes.manager.Instrument objects such as PrintIR or NumericCheck")
+    if isinstance(model, os.PathLike):  # a Path to a model directory or .gguf, like its string
+        model = os.fspath(model)
+    if not isinstance(model, (str, torch.nn.Module, torch.export.ExportedProgram)):  # None was 'no example inputs'
+        raise TypeError(f"model must be an nn.Module (or an ExportedProgram) or a name or path (smollm2, minilm, an "
+                        f"HF directory, a .gguf), got {type(model).__name__}")
     passes = resolve_pipeline(pipeline, recipe)  # bad specs fail before the slow capture
     tokenizer = _given_tokenizer(tokenizer)
     if calib is not None:

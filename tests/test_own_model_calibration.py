@@ -248,3 +248,19 @@ def test_calib_n_and_calib_len_given_with_token_id_windows_are_not_ignored():
     assert tokens("gptq(w=int4,group=32,calib_n=4,progress=false)") == 4 * 32
     with pytest.raises(PipelineError, match="the given windows are 32 tokens long, but calib_len=16 was asked"):
         tokens("gptq(w=int4,group=32,calib_len=16,progress=false)")
+
+
+def test_compile_model_takes_a_path_and_names_a_wrong_type(tmp_path):
+    """compile_model(Path(dir)) is documented ('a name or path') but a Path was taken for a module: 'no example
+    inputs given for PosixPath'; None said the same for NoneType. A Path is its string; another type a TypeError."""
+    from pathlib import Path
+
+    from lowbit.data.model_files import load_tokenizer
+
+    torch.manual_seed(0)
+    tiny_llama(49152).save_pretrained(tmp_path)
+    load_tokenizer("smollm2").save_pretrained(tmp_path)
+    compiled = lowbit.compile_model(Path(tmp_path), pipeline="dce")
+    assert compiled.graph.find("linear")
+    with pytest.raises(TypeError, match="model must be an nn.Module .* or a name or path .* got NoneType"):
+        lowbit.compile_model(None, pipeline="dce")
