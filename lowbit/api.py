@@ -127,9 +127,11 @@ def _default_example(model: torch.nn.Module, tokenizer: Any) -> tuple[tuple[Any,
     from lowbit.models import CausalLMLogits, SentenceEmbedder
 
     if isinstance(model, CausalLMLogits):
-        # batch 2 in the example so export does not specialise the batch to 1
-        ids = torch.arange(1, 129, dtype=torch.long).reshape(2, 64) % model.model.config.vocab_size
-        max_len = getattr(model.model.config, "max_position_embeddings", 8192)
+        # batch 2 in the example so export does not specialise the batch to 1; 64 tokens, or the model's positions
+        # when fewer (a 32-position model was captured at 64, recorded as "s1 in [2, 32] hint 64")
+        max_len = getattr(model.model.config, "max_position_embeddings", None) or 8192
+        seq = max(2, min(64, max_len))
+        ids = torch.arange(1, 2 * seq + 1, dtype=torch.long).reshape(2, seq) % model.model.config.vocab_size
         return (ids,), {"input_ids": {0: dynamic_dim(1, 1024), 1: dynamic_dim(2, max_len)}}
     if isinstance(model, SentenceEmbedder):
         enc = tokenizer(["lowbit compiles models.", "A second, longer example sentence for capture."],

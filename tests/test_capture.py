@@ -264,3 +264,16 @@ def test_an_encoder_decoder_model_is_refused_by_name():
     with pytest.raises(CaptureError, match="T5ForConditionalGeneration is an encoder-decoder model; lowbit captures "
                        "decoder-only causal LMs"):
         lowbit.compile_model(model, pipeline="dce")
+
+
+def test_default_example_fits_a_model_with_fewer_positions_than_it():
+    """A causal LM with 32 positions was captured from the default 64-token example, so its sequence symbol read
+    "in [2, 32] hint 64": an example outside the range the graph declares (ONNX/TensorRT profiles take the hint)."""
+    import lowbit
+
+    from conftest import tiny_llama
+
+    graph = lowbit.compile_model(tiny_llama(max_positions=32), pipeline="dce").graph
+    seq = graph.inputs[0].tensor_type.shape[1]
+    sym = graph.symbols[seq]
+    assert sym.max == 32 and sym.min <= sym.hint <= sym.max, (sym.min, sym.hint, sym.max)
