@@ -773,6 +773,27 @@ def test_rotate_that_rotates_nothing_reports_no_change():
     assert PassManager("rotate(residual=false,heads=false,online=false)").run(g).records[-1].changed  # q/k
 
 
+def test_rotate_twice_refuses_a_second_online_hadamard_that_would_undo_the_first():
+    """A second rotate put hadamard(hadamard(x)) before each down_proj: H·H/n = I for the Sylvester matrix, so
+    down_proj read its unrotated input again while the run succeeded. It is refused (graph untouched), naming the
+    linear; folding another rotation on top with the online part off stays allowed and exact."""
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    g = capture(CausalLMLogits(_gained_tiny_llama(layers=1)).eval(), (torch.ones(1, 6, dtype=torch.long),))
+    float64_norm_stats(g)
+    PassManager("fold-norms,rotate").run(g)
+    before, ids = str(g), torch.tensor([[5, 7, 9, 11, 3, 2]])
+    ref = TorchCompiled(g)(ids)
+    with pytest.raises(PipelineError, match=r"linear %\w+ \(module 'model\.layers\.0\.mlp\.down_proj'\) already "
+                                             r"reads an online Hadamard .* a second one would undo it"):
+        PassManager("rotate(kind=random,seed=5)").run(g)
+    assert str(g) == before
+    PassManager("rotate(kind=random,seed=5,online=false)").run(g)
+    assert sum(n.op == "hadamard" for n in g.nodes) == 3
+    assert _rel_err(TorchCompiled(g)(ids), ref) < 1e-5
+
+
 def test_rotate_refuses_options_its_kind_does_not_read():
     """An option set for a kind that never reads it would be silently ignored: refused when the pipeline is
     parsed, naming the option and the kinds that read it; defaults (options not written) stay fine."""

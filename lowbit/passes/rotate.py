@@ -332,6 +332,20 @@ def check_foldable(res: ResidualRegion, pass_name: str, gains: bool = True, scal
                         f"a computed weight (%{n.args[1].name}, from {src})")
 
 
+def check_not_rotated_online(sites: list[OnlineSite], pass_name: str) -> None:
+    """Refuse an online site whose input already is an online Hadamard's output (rotate ran before): a second
+    ``x·H`` on top of the first undoes it for a symmetric H (Sylvester: ``H·H/n = I``), so the linear would read
+    its outliers again while the run succeeded. Checked before anything changes."""
+    again = [s.node for s in sites if s.kind == "linear_input" and isinstance(s.node.args[0], Value)
+             and s.node.args[0].producer is not None and s.node.args[0].producer.op == "hadamard"]
+    if again:
+        n = again[0]
+        raise PassError(f"pass {pass_name}: linear %{n.name} (module {n.module!r}) already reads an online Hadamard "
+                        f"(%{n.args[0].name}): the graph was rotated before, and a second one would undo it "
+                        f"({len(again)} such linears); run rotate once, or rotate(online=false,online_o=false) to fold "
+                        "another rotation on top")
+
+
 @register_pass
 class Rotate(Pass):
     """Fold orthogonal (Hadamard or random) rotations into the weights, plus online Hadamards where needed."""
@@ -356,6 +370,12 @@ class Rotate(Pass):
                             " (rotate(residual=false) applies the rotations that do not fold through the norms)")
         if res is not None:
             check_foldable(res, self.name, gains=o.residual, scalar_gains=True)
+        enabled = {"linear_input": o.online, "rotary_output": o.qk}
+        sites = [s for s in regions.online if enabled.get(s.kind)]
+        if o.online_o:
+            sites += [OnlineSite("linear_input", h.o_proj, h.o_proj.args[1].tensor_type.shape[-1])
+                      for h in regions.heads]
+        check_not_rotated_online(sites, self.name)
         users = graph.users()
         base = "hadamard" if o.kind in ("kurtosis", "learned") else o.kind
         q = rotation_matrix(base, res.dim, o.seed, f"residual stream of width {res.dim}") if o.residual else None
@@ -401,11 +421,6 @@ class Rotate(Pass):
                 heads += 1
         stats["head_regions"] = heads
         online = []
-        enabled = {"linear_input": o.online, "rotary_output": o.qk}
-        sites = [s for s in regions.online if enabled.get(s.kind)]
-        if o.online_o:
-            sites += [OnlineSite("linear_input", h.o_proj, h.o_proj.args[1].tensor_type.shape[-1])
-                      for h in regions.heads]
         for site in sites:
             if site.kind == "linear_input":
                 lin = site.node
