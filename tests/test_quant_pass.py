@@ -249,6 +249,10 @@ def test_bad_options_raise_clear_errors(slice2, tmp_path):
     with pytest.raises(PassError, match=r"option kv_group=48 \(or v_group for the values alone\) does not divide "
                                         r"head_dim 64.*e\.g\. kv_group=16"):
         InsertQDQ(kv="int4", v_gran="per_token", kv_group=48).run(graph.clone())
+    for unread in ("calib_n=4", "calib_len=64", "device=cpu", "batch_size=2"):  # dynamic scales read no data
+        with pytest.raises(PassError, match=f"option {unread} is read only with a_static=true"):
+            parse_pipeline(f"quantize(w=int4,a=int8,{unread})")
+    assert parse_pipeline("quantize(a=int8,a_gran=per_tensor,a_static=true,calib_n=4)")[0].options.calib_n == 4
     with pytest.raises(PassError, match="has no option 'bits'"):
         parse_pipeline("quantize(bits=4)")
     assert parse_pipeline("quantize(w=int4,group=64)")[0].spec() == "quantize(w=int4,group=64)"

@@ -201,6 +201,9 @@ def _check_read_options(o: InsertQDQOptions) -> None:
         **{k: (head or (plain and not _unset(o.w)), "w= (or head=)") for k in ("group", "sym", "w_obs")},
         "group_fallback": (not plain or o.group is not None or o.head_group is not None, "group= (or head_group=)"),
         "head_group": (head, "head="),
+        # dynamic scales read no data: quantize(w=int4,calib_n=4) ran with calib_n silently ignored
+        **{k: (o.reads_calibration(), "a_static=true (static activation scales) or config=")
+           for k in ("calib", "calib_n", "calib_len", "tokenizer", "batch_size", "device")},
     }
     unread = [(k, reads[k][1]) for k in given if k in reads and not reads[k][0]]
     if unread:
