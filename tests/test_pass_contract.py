@@ -68,6 +68,10 @@ def test_order_constraints_fail_when_the_pipeline_is_parsed():
     with pytest.raises(PassError, match=r"pass fuse-qlinear \(#0\) must come after gptq, which the pipeline runs "
                                         r"later \(#1\): move gptq before fuse-qlinear"):
         parse_pipeline("fuse-qlinear,gptq(w=int4)")
+    # a repeat after the pass was read as if the earlier one were missing ("move fold-norms before rotate")
+    with pytest.raises(PassError, match=r"pass rotate \(#1\) must come after every fold-norms: it runs at #0 and "
+                                        r"again at #2, after rotate; drop the later one"):
+        parse_pipeline("fold-norms,rotate,fold-norms")
     with pytest.raises(PipelineError, match="must come after quantize"):  # the same error, whichever is caught
         PassManager("dce,fuse-qlinear,quantize(w=int8)")
     assert [p.name for p in parse_pipeline("fold-norms,quantize(w=int8),fuse-qlinear")] == \

@@ -179,6 +179,11 @@ def check_order(passes: Sequence[Pass]) -> None:
     for i, p in enumerate(passes):
         for j in range(i + 1, len(passes)):
             if passes[j].name in p.after:
+                earlier = [k for k in range(i) if passes[k].name == passes[j].name]
+                if earlier:  # "move fold-norms before rotate" read wrong where fold-norms already ran first
+                    raise PipelineSpecError(
+                        f"pass {p.name} (#{i}) must come after every {passes[j].name}: it runs at #{earlier[0]} "
+                        f"and again at #{j}, after {p.name}; drop the later one in {format_pipeline(passes)!r}")
                 raise PipelineSpecError(
                     f"pass {p.name} (#{i}) must come after {passes[j].name}, which the pipeline runs later "
                     f"(#{j}): move {passes[j].name} before {p.name} in {format_pipeline(passes)!r}")
