@@ -73,6 +73,25 @@ def test_tokenizer_fingerprint_follows_the_split_not_call_state(smollm2):
     assert tokenizer_fingerprint(tokenizer) != before
 
 
+def test_slow_tokenizer_fingerprint_follows_its_settings(tmp_path):
+    """A slow (Python) tokenizer's key was its class and vocabulary only: BertTokenizer with do_lower_case=False
+    shared cached ids with the lower-casing one, so one of them read the other's split."""
+    from transformers import BertTokenizer
+
+    from lowbit.data.tokens import tokenizer_fingerprint
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "Hello", "world"]) + "\n")
+    lower, cased = BertTokenizer(str(vocab), do_lower_case=True), BertTokenizer(str(vocab), do_lower_case=False)
+    assert lower.tokenize("Hello") != cased.tokenize("Hello")
+    assert tokenizer_fingerprint(lower) != tokenizer_fingerprint(cased)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (moved / "vocab.txt").write_text(vocab.read_text())
+    assert tokenizer_fingerprint(BertTokenizer(str(moved / "vocab.txt"), do_lower_case=True)) == \
+        tokenizer_fingerprint(lower)
+
+
 def test_float_smollm2_perplexity_on_two_windows(smollm2):
     model, tokenizer = smollm2
     logits_fn = CausalLMLogits(model)

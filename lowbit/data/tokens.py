@@ -7,6 +7,7 @@ the texts, below both.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 
@@ -37,8 +38,12 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
             plain.no_truncation()
             plain.no_padding()
             described = plain.to_str()
-    else:  # slow (Python) tokenizer: its vocabulary and class stand in for its definition
-        described = f"{type(tokenizer).__qualname__}:{sorted(tokenizer.get_vocab().items())}"
+    else:  # slow (Python) tokenizer: its class, vocabulary and settings stand in for its definition (settings:
+        # BertTokenizer's do_lower_case=False shared cached ids with the lower-casing one); paths are left out
+        settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items()
+                    if not k.endswith("_file") and k not in ("name_or_path", "_name_or_path")}
+        described = (f"{type(tokenizer).__qualname__}:{sorted(tokenizer.get_vocab().items())}:"
+                     f"{json.dumps(settings, sort_keys=True, default=str)}")
     return hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
