@@ -283,7 +283,10 @@ def test_cli_generate_refuses_bad_requests_before_compiling(monkeypatch):
     monkeypatch.setattr(lowbit.api, "compile_model", no_compile)
     for flags, needle in [(["-n", "0"], "max_new_tokens=0"), (["-n", "40", "--max-length", "32"], "--max-length"),
                           (["--max-batch", "0"], "max_batch=0"), (["--sample", "--temperature", "0"], "temperature"),
-                          (["--sample", "--top-p", "1.5"], "top_p=1.5")]:
+                          (["--sample", "--top-p", "1.5"], "top_p=1.5"),
+                          # as `lowbit compile` parses them (an unknown pass was a traceback, a bad option exit 4)
+                          (["--pipeline", "kv-cach(bits=4)"], "did you mean 'kv-cache'"),
+                          (["--pipeline", "kv-cache(bits=3)"], "bits=3")]:
         res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi there", *flags])
         assert res.exit_code == 2 and needle in res.output, (flags, res.output)
         assert not res.output.startswith("hi there"), res.output

@@ -479,6 +479,8 @@ def generate_cmd(
     from lowbit.passes.manager import PipelineError
 
     text = pipeline_text(pipeline, recipe) if pipeline or recipe else ""
+    if text:  # as `lowbit compile` does: an unknown pass or a bad option exits 2 (it was a traceback or exit 4)
+        parse(text)
     ignored = ["--" + name.replace("_", "-")
                for name, _ in sampling_only(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)]
     if ignored and not sample:
