@@ -126,6 +126,14 @@ def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list
         if attention_mask is None:
             attention_mask = input_ids.get("attention_mask")
         input_ids = input_ids["input_ids"]
+    if isinstance(input_ids, np.ndarray):  # as a tensor (a 1-D array is one prompt, not prompts of one int each)
+        input_ids = torch.from_numpy(input_ids)
+    if isinstance(input_ids, torch.Tensor) and attention_mask is not None and not isinstance(attention_mask,
+                                                                                           torch.Tensor):
+        attention_mask = torch.as_tensor(np.asarray(attention_mask))  # a list mask ("'list' has no attribute 'shape'")
+    if not hasattr(input_ids, "__iter__"):  # None, an int: "'NoneType' object is not iterable"
+        raise GenerationError(f"input_ids is {type(input_ids).__name__} {str(input_ids)[:40]!r}: expected token ids "
+                              "(a list of lists of ints or a [batch, length] tensor) or text (with a tokenizer)")
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -150,7 +158,7 @@ def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list
     if isinstance(input_ids, str):
         input_ids = [input_ids]
     input_ids = list(input_ids)
-    if input_ids and all(isinstance(p, int) for p in input_ids):
+    if input_ids and all(_is_int(p) for p in input_ids):  # numpy ints too (np.int64 ids read as prompts)
         input_ids = [input_ids]
     prompts = []
     for i, p in enumerate(input_ids):
@@ -282,6 +290,16 @@ def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens
                 f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} = {len(p) + max_new_tokens}"
                 f" > the cache's max_length={spec.max_length}: compile with generation=GenerationSpec("
                 f"max_length={len(p) + max_new_tokens}) (CLI: --max-length), or ask for fewer tokens")
+    if not isinstance(do_sample, bool):  # do_sample="no" is truthy: it sampled
+        raise GenerationError(f"do_sample={do_sample!r}: must be True or False")
+    # a wrong type failed deep in torch (topk(): argument 'k' must be int; manual_seed expected a long) or not at all
+    for name, value, kind in (("temperature", temperature, "a number"), ("top_p", top_p, "a number"),
+                              ("top_k", top_k, "an integer"), ("seed", seed, "an integer")):
+        if value is None or _is_int(value) or (kind == "a number" and isinstance(value, (float, np.floating))):
+            continue
+        raise GenerationError(f"{name}={value!r}: must be {kind}")
+    if seed is not None and not -2**63 <= seed < 2**64:
+        raise GenerationError(f"seed={seed}: must fit in 64 bits")
     ignored = sampling_only(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if ignored and not do_sample:  # as the CLI refuses --temperature without --sample: greedy would ignore them
         raise GenerationError(f"{', '.join(f'{n}={v}' for n, v in ignored)} only "

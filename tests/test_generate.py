@@ -157,6 +157,36 @@ def test_bad_requests_name_the_limit(smollm2, compiled):
             GenerationSpec(**bad)
 
 
+@pytest.fixture(scope="module")
+def tiny_compiled():
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, layers=2, vocab=97, max_positions=64)
+    return compile_model(model, generation=GenerationSpec(max_length=32, max_batch=3))
+
+
+def test_prompt_containers_and_option_types_are_checked(tiny_compiled):
+    """numpy prompts are read as tensors are (a 1-D array was refused as prompts of one int each), a list mask beside a
+    tensor is taken (``'list' object has no attribute 'shape'``), and input_ids or sampling options of the wrong type
+    are refused by name: they raised torch's TypeError/RuntimeError (``topk(): argument 'k' must be int``, ``manual_seed
+    expected a long``), and do_sample="no" sampled."""
+    cm = tiny_compiled
+    ref = cm.generate([[5, 17, 30]], 3, stop_tokens=()).tokens
+    for ids in (np.array([5, 17, 30]), np.array([[5, 17, 30]]), [np.int64(5), np.int64(17), np.int64(30)]):
+        assert cm.generate(ids, 3, stop_tokens=()).tokens == ref, ids
+    ids = torch.tensor([[0, 5, 17, 30], [9, 5, 17, 30]])
+    assert cm.generate(ids, 3, attention_mask=[[0, 1, 1, 1], [0, 1, 1, 1]], stop_tokens=()).tokens == ref * 2
+    for bad, needle in [(None, "input_ids is NoneType"), (5, "input_ids is int")]:
+        with pytest.raises(GenerationError, match=needle):
+            cm.generate(bad, 3)
+    for kw, needle in [(dict(top_k=2.5), "top_k=2.5: must be an integer"), (dict(top_k="5"), "top_k='5'"),
+                       (dict(temperature="0.5"), "temperature='0.5': must be a number"),
+                       (dict(seed="a"), "seed='a': must be an integer"), (dict(seed=1.5), "seed=1.5"),
+                       (dict(seed=2**70), "seed=1180591620717411303424: must fit in 64 bits"),
+                       (dict(do_sample="no"), "do_sample='no': must be True or False")]:
+        with pytest.raises(GenerationError, match=needle):
+            cm.generate([[5, 17, 30]], 3, **{"do_sample": True, **kw})
+
+
 def test_unseeded_sampling_follows_torch_manual_seed(smollm2, compiled):
     """Without seed=, a draw's seed comes from torch's global generator, as transformers' sampling does; it
     called torch.seed(), which re-seeded the global generator from the clock (torch.manual_seed had no effect
