@@ -185,8 +185,11 @@ def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
             generator: torch.Generator | None) -> torch.Tensor:
-    """Next tokens ``[B]`` from last-position logits ``[B, V]`` (float32)."""
-    logits = logits / temperature
+    """Next tokens ``[B]`` from last-position logits ``[B, V]``."""
+    # shifted so the largest is 0 before dividing (softmax, top-k and top-p are shift-invariant), in float64: a small
+    # temperature (1e-40) overflowed float32 logits to inf (or 0/0) and multinomial failed on NaN probabilities
+    logits = logits.double()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -197,7 +200,14 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
         drop[..., -1] = False  # keep at least the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    try:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    except RuntimeError:  # "probability tensor contains either inf, nan or element < 0", naming no sequence
+        bad = (~torch.isfinite(probs).all(-1)).nonzero()
+        if not len(bad):
+            raise
+        raise GenerationError(f"sequence {bad[0].item()}: the model's logits are not finite (NaN or inf), so there "
+                              "is no distribution to sample from") from None
 
 
 class _CudaGraphStep:

@@ -187,6 +187,21 @@ def test_prompt_containers_and_option_types_are_checked(tiny_compiled):
             cm.generate([[5, 17, 30]], 3, **{"do_sample": True, **kw})
 
 
+def test_sampling_at_a_tiny_temperature_is_greedy(tiny_compiled):
+    """A temperature near 0 samples the argmax (logits / 1e-40 overflowed float32 to inf, and the draw failed with
+    multinomial's "probability tensor contains either inf, nan or element < 0"); non-finite logits are named."""
+    from lowbit.generate import _sample
+
+    cm = tiny_compiled
+    greedy = cm.generate([[5, 17, 30], [9]], 4, stop_tokens=()).tokens
+    for t in (1e-40, 1e-300):
+        assert cm.generate([[5, 17, 30], [9]], 4, do_sample=True, temperature=t, seed=0, stop_tokens=()).tokens == greedy
+    logits = torch.randn(2, 10)
+    logits[1, 3] = float("nan")
+    with pytest.raises(GenerationError, match="sequence 1: the model's logits are not finite"):
+        _sample(logits, 1.0, None, None, torch.Generator().manual_seed(0))
+
+
 def test_unseeded_sampling_follows_torch_manual_seed(smollm2, compiled):
     """Without seed=, a draw's seed comes from torch's global generator, as transformers' sampling does; it
     called torch.seed(), which re-seeded the global generator from the clock (torch.manual_seed had no effect
