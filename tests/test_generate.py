@@ -313,6 +313,31 @@ def test_cli_generate_error_after_the_echoed_prompt_starts_a_line(monkeypatch):
     assert res.stdout == "hi there\n" and "error: the decode step ran out of cache" in res.stderr, res.output
 
 
+def test_cli_generate_streams_characters_split_over_tokens(monkeypatch):
+    """SmolLM2's byte-level BPE splits "😀" and "日本語" over several tokens whose prefixes decode to U+FFFD: the
+    stream printed those and then nothing for the completed character ("\ufffd" for "😀"); it now holds them back."""
+    from typer.testing import CliRunner
+
+    import lowbit.api
+    from lowbit.calibration.data import load_tokenizer
+    from lowbit.cli.main import app
+    from lowbit.generate import GenerationOutput
+
+    tok = load_tokenizer("smollm2")
+    made = tok("😀日本語").input_ids
+
+    class Scripted:
+        def generate(self, ids, n, on_token=None, **kwargs):
+            for t in made:
+                on_token(0, t)
+            return GenerationOutput([made], [len(ids[0])], 0.01, 0.01, len(made) - 1)
+
+    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: Scripted())
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi", "-n", str(len(made))])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "hi😀日本語\n", res.stdout
+
+
 def test_cli_generate_refuses_bad_requests_before_compiling(monkeypatch):
     """-n, --max-length, --max-batch and the sampling flags are checked before the compile (they failed only after
     it, minutes on a large model, the message glued to the echoed prompt), and --max-batch 0 is refused, not read

@@ -447,6 +447,34 @@ def _export_onnx(runner: Any, graph: Any, report: Any, path: Path, options: dict
 
 # ---- replay / inspect / graph -------------------------------------------------------------------
 
+class _TextStream:
+    """Streams generated tokens as text: each token prints what it adds to the decoded text so far.
+
+    Why not print each token's own decode: byte-level BPE splits a character (an emoji, CJK) over several tokens,
+    whose prefixes decode to U+FFFD; printed as they came, "😀" streamed as one U+FFFD and "日本語" as U+FFFD, "本",
+    U+FFFD. Text ending in U+FFFD is held back until the character completes (as transformers' TextStreamer does)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.shown = ""
+
+    def push(self, token: int) -> None:
+        self.tokens.append(token)
+        self._show(self.tokenizer.decode(self.tokens, skip_special_tokens=True), final=False)
+
+    def flush(self) -> None:
+        """Print what was held back (a character the last tokens left incomplete prints as U+FFFD)."""
+        self._show(self.tokenizer.decode(self.tokens, skip_special_tokens=True), final=True)
+
+    def _show(self, text: str, final: bool) -> None:
+        if not final:
+            text = text.rstrip("\ufffd")
+        if len(text) > len(self.shown):
+            console.print(text[len(self.shown):], end="", markup=False, highlight=False, soft_wrap=True)
+            self.shown = text
+
+
 @app.command("generate")
 def generate_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -543,16 +571,11 @@ def generate_cmd(
         t0 = time.perf_counter()
         compiled = build(spec)
         compile_s = time.perf_counter() - t0
-        streamed: list[int] = []
-        shown = [""]
+        stream = _TextStream(tok)
 
         def on_token(seq: int, token: int) -> None:
-            if len(prompt) != 1:
-                return
-            streamed.append(token)
-            now = tok.decode(streamed, skip_special_tokens=True)
-            console.print(now[len(shown[0]):], end="", markup=False, highlight=False, soft_wrap=True)
-            shown[0] = now
+            if len(prompt) == 1:
+                stream.push(token)
 
         if len(prompt) == 1:
             console.print(prompt[0], end="", markup=False, highlight=False, soft_wrap=True)
@@ -571,6 +594,7 @@ def generate_cmd(
         fail(f"{exc}\n(rerun `lowbit compile {model} --pipeline ... --reproducer DIR` to save the IR before this "
              "pass and replay it)", Exit.PIPELINE)
     if len(prompt) == 1:
+        stream.flush()
         console.print()
     else:
         for p, t in zip(prompt, out.texts or []):
