@@ -1232,3 +1232,24 @@ def test_block_calibration_on_a_step_graph_equals_the_logits_graph(pipe):
     for _ in range(6):
         x = torch.cat([x, ref(x)[:, -1].argmax(-1, keepdim=True)], 1)
     assert step.generate(ids, 6, stop_tokens=()).tokens == x[:, 5:].tolist()
+
+
+def test_slice_residual_slices_an_already_sliced_stream():
+    """The first slice leaves each norm the constant gain sqrt(d/d'), which commutes with the rotation: a second
+    slice-residual was refused with 'needs fold-norms first', and fold-norms may not follow slice-residual, so a
+    stream could be sliced only once. The gains multiply; a second slice at ratio 0 is a pure rotation."""
+    from lowbit.api import compile_model
+
+    m, cal = _tiny_m(), _tiny_cal()
+    once = "fold-norms,slice-residual(ratio=0.25,multiple=16,calib_n=4,calib_len=32,progress=false)"
+    a = compile_model(m, pipeline=once, calib=cal)
+    b = compile_model(m, pipeline=once + ",slice-residual(ratio=0.34,multiple=16,calib_n=4,calib_len=32,"
+                      "progress=false)", calib=cal)
+    assert b.report.pipeline.records[-1].stats["hidden_size"] == [48, 16]  # 48 x 0.66 = 31.7 -> 16
+    verify(b.graph)
+    assert all(torch.allclose(n.args[1].data, torch.full((16,), 2.0)) for n in b.graph.find("rms_norm"))
+    same = compile_model(m, pipeline=once + ",slice-residual(ratio=0,calib_n=4,calib_len=32,progress=false)",
+                         calib=cal)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    ref = a(ids)
+    assert (same(ids) - ref).abs().max() <= 1e-5 * ref.abs().max()

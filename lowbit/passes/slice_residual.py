@@ -20,8 +20,9 @@ serving runtime loads; one global ``Q`` keeps the model a plain, narrower Llama 
 (each block's inputs to its q/k/v and gate/up linears), so every layer counts alike although the raw stream grows
 with depth.
 
-Bad input: a stream the rotation analysis refuses (LayerNorm, an unknown reader), norms that still carry gains
-(run ``fold-norms`` first), quantized weights, and a ratio that keeps nothing: errors naming the node or number.
+Bad input: a stream the rotation analysis refuses (LayerNorm, an unknown reader), norms that still carry per-channel
+gains (run ``fold-norms`` first; an earlier slice's constant gain is kept and multiplied, so a stream slices
+again), quantized weights, and a ratio that keeps nothing: errors naming the node or number.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from pydantic import Field
 
 from lowbit.ir.graph import Graph
-from lowbit.ir.rewrite import gain_weight
+from lowbit.ir.rewrite import gain_weight, norm_gain
 from lowbit.ir.rotation_regions import find_rotation_regions
 from lowbit.passes.base import NO_DEQUANTIZE, NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.prune_mlp import collect_input_stats, reinfer
@@ -83,7 +84,8 @@ class SliceResidual(Pass):
         res = regions.residual
         if res is None:
             raise PassError(f"pass {self.name}: the residual stream cannot be rotated: " + "; ".join(regions.refused))
-        check_foldable(res, self.name)
+        # a gain equal in every channel commutes with the rotation: an earlier slice's sqrt(d/d') (slicing again)
+        check_foldable(res, self.name, scalar_gains=True)
         params_before = sum(v.data.numel() for v in graph.params.values())
         d = res.dim
         keep = kept_width(d, o.ratio, o.multiple)
@@ -119,8 +121,10 @@ class SliceResidual(Pass):
             gain = math.sqrt(d / keep)
             dtype = res.embeddings[0].args[0].data.dtype if res.embeddings else torch.float32
             for n in res.norms:
+                old = norm_gain(n)  # a scalar (check_foldable): an earlier slice's factor, kept
+                g = gain * (float(old.reshape(-1)[0]) if old is not None else 1.0)
                 w = graph.add_param(graph.fresh_param_name(f"{n.module or n.name}.weight"),
-                                    gain_weight(n, torch.full((keep,), gain, dtype=torch.float64), dtype))
+                                    gain_weight(n, torch.full((keep,), g, dtype=torch.float64), dtype))
                 n.args = (n.args[0], w, *n.args[2:])
         from lowbit.passes.dce import eliminate_dead_code
 
