@@ -1127,7 +1127,9 @@ def test_sparsegpt_on_non_finite_activations_names_the_linear():
     ("prune-heads(ratio=0.5,max_layer_ratio=0.5)", r"option max_layer_ratio=0\.5 is read only with allocation=global"),
     ("prune-heads(ratio=0.5,allocation=global,max_layer_ratio=0.5)", r"max_layer_ratio=0\.5 is not read by prune-heads"),
     ("prune-mlp(ratio=0.9,allocation=global)", r"ratio=0\.9 with allocation=global: no layer loses more than "
-                                               r"max_layer_ratio=0\.8")])
+                                               r"max_layer_ratio=0\.8"),
+    ("prune-heads(ratio=0.5,score=magnitude,sequential=true)", r"sequential=true .*score=magnitude without "
+                                                               r"compensate or update calibrates nothing")])
 def test_structured_options_that_would_be_ignored_are_refused(spec, message):
     """The global allocation's bounds were read only by prune-mlp's global allocation: given with uniform, or to
     prune-heads, they did nothing, and a global ratio above the per-layer cap removed less than asked."""

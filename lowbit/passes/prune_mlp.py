@@ -110,6 +110,9 @@ class StructuredOptions(CalibrationOptions, ScopedOptions):
         if given and self.allocation != "global":
             raise ValueError(f"option {', '.join(given)} is read only with allocation=global; with "
                              f"allocation={self.allocation} it would be silently ignored")
+        if self.sequential and self.score == "magnitude" and not (self.compensate or self.update):
+            raise ValueError("option sequential=true calibrates block by block, but score=magnitude without "
+                             "compensate or update calibrates nothing: it would be silently ignored")
         return self
 
 
