@@ -721,6 +721,13 @@ def test_generation_step_graph_saves_and_generates_after_load(smollm2, tmp_path)
     assert "The capital of France is" + expected in res.output and "loaded from the lowbit directory" in res.output
     res = CliRunner().invoke(app, ["generate", str(tmp_path / "gen"), "--prompt", "hi", "-n", "60"])
     assert res.exit_code == 2 and "max_length=48" in res.output, res.output
+    # the step graph's limits are fixed: other --max-length/--max-batch values were silently ignored
+    res = CliRunner().invoke(app, ["generate", str(tmp_path / "gen"), "--prompt", "hi", "-n", "60", "--max-length",
+                                   "96", "--max-batch", "1"])
+    assert res.exit_code == 2 and "--max-length 96, --max-batch 1 cannot change it" in res.output, res.output
+    res = CliRunner().invoke(app, ["generate", str(tmp_path / "gen"), "--prompt", "hi", "-n", "2", "--max-length",
+                                   "48", "--max-batch", "2"])
+    assert res.exit_code == 0, res.output
     odd = cm.graph.clone()
     odd.meta["generation"] = {**cm.graph.meta["generation"], "beam_width": 4}
     with pytest.raises(CheckpointError, match=r"graph.meta\['generation'\].beam_width: Extra inputs"):

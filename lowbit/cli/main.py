@@ -482,7 +482,8 @@ def generate_cmd(
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate per prompt"),
-    max_length: int = typer.Option(512, "--max-length", help="KV-cache slots: prompt + new tokens must fit"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="KV-cache slots: prompt + new tokens must "
+                                             "fit (default: 512)"),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="largest batch the step graph takes "
                                             "(default: the number of prompts)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (decode steps replay a CUDA graph there)"),
@@ -540,7 +541,15 @@ def generate_cmd(
             fail(f"model {model!r} was compiled without " + ("generation=GenerationSpec(...): it has no decode step"
                  if meta is None else "a tokenizer: give token ids through lowbit.load(...).generate"), Exit.USAGE)
         tok = stored.tokenizer
-        max_length, max_batch = meta["max_length"], meta["max_batch"]  # the cache it was captured with
+        # the cache it was captured with: a --max-length or --max-batch asking for other limits was ignored
+        changed = [f"{flag} {given}" for flag, given, captured in (
+            ("--max-length", max_length, meta["max_length"]), ("--max-batch", max_batch, meta["max_batch"]))
+            if given is not None and given != captured]
+        if changed:
+            fail(f"model {model!r} is a compiled lowbit directory whose step graph was captured with max_length="
+                 f"{meta['max_length']}, max_batch={meta['max_batch']}: {', '.join(changed)} cannot change it "
+                 "(compile the original model again with these flags)", Exit.USAGE)
+        max_length, max_batch = meta["max_length"], meta["max_batch"]
         build = lambda spec: stored  # noqa: E731
         text = "loaded from the lowbit directory"
     elif ckpt is not None:  # compressed-tensors / GPTQ: already compiled, loaded as the generation step
@@ -564,7 +573,8 @@ def generate_cmd(
         build = lambda spec: compile_model(loaded.module, pipeline=text or None, device=device,  # noqa: E731
                                            tokenizer=loaded.tokenizer, generation=spec, backend=backend)
     try:
-        spec = GenerationSpec(max_length=max_length, max_batch=len(prompt) if max_batch is None else max_batch)
+        spec = GenerationSpec(max_length=512 if max_length is None else max_length,
+                              max_batch=len(prompt) if max_batch is None else max_batch)
         ids = [tok(p).input_ids for p in prompt]
         # the request is checked before the compile, which takes minutes on a large model
         check_request(spec, ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p)
