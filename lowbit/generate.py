@@ -415,6 +415,7 @@ class Generator:
         prompts = _prompts(input_ids, attention_mask, self.tokenizer)
         check_request(self.spec, prompts, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed)
+        given_stops = stop_tokens is not None
         if stop_tokens is None:  # the model's end-of-sequence tokens, as transformers' generate stops on
             stop_tokens = self.meta.get("eos_token_ids", ())
         stops = _stop_ids(stop_tokens)
@@ -437,7 +438,15 @@ class Generator:
         ids, positions = (t.to(self.device) for t in left_padded(prompts))
         longest = ids.shape[1]
 
+        vocab: list[int] = []
+
         def pick(logits: torch.Tensor) -> torch.Tensor:
+            if not vocab:
+                vocab.append(logits.shape[-1])
+                outside = sorted(t for t in stops if t >= vocab[0]) if given_stops else []
+                if outside:  # a stop the head can never choose: the run went on to max_new_tokens, silently
+                    raise GenerationError(f"stop_tokens: {outside[0]} is outside the vocabulary ({vocab[0]} "
+                                          f"logits: ids 0..{vocab[0] - 1}); it can never be generated")
             logits = logits.float()
             if not do_sample:
                 return logits.argmax(-1)

@@ -97,6 +97,9 @@ def test_stop_tokens_and_left_padded_tensor_input(smollm2, compiled):
         assert compiled.generate([a, b], 5, stop_tokens=given).tokens == stopped, type(given)
     with pytest.raises(GenerationError, match="stop_tokens: 1.5 is not a token id"):
         compiled.generate([a], 2, stop_tokens=[1.5])
+    vocab = len(tok)
+    with pytest.raises(GenerationError, match=f"stop_tokens: {vocab} is outside the vocabulary"):  # never chosen
+        compiled.generate([a], 2, stop_tokens=[stop, vocab])
 
 
 def test_text_flat_ids_and_tokenizer_output_are_prompts(smollm2, compiled):
