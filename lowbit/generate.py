@@ -118,6 +118,15 @@ def _integral(t: Any) -> int:
     return int(t)
 
 
+def _check_mask(mask: torch.Tensor) -> None:
+    """An attention mask marks real tokens 1 and padding 0: a 0.5 was counted as a real token without a word."""
+    bad = ((mask != 0) & (mask != 1)).nonzero()
+    if len(bad):
+        at = tuple(bad[0].tolist())
+        raise GenerationError(f"attention_mask holds {mask[at].item()} at position {at}: it takes 1 (a real token) "
+                              "or 0 (padding)")
+
+
 def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list[list[int]]:
     """Prompts as lists of ids: from a list of lists, or a ``[B, L]`` tensor whose ``attention_mask`` (left or
     right padding) says which ids are real. A flat list of ids is one prompt (as a 1-D tensor is); strings are
@@ -154,6 +163,7 @@ def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list
         if attention_mask.shape != input_ids.shape:
             raise GenerationError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
                                   f"{tuple(input_ids.shape)}")
+        _check_mask(attention_mask)
         return [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
     if isinstance(input_ids, str):
         input_ids = [input_ids]
@@ -175,6 +185,7 @@ def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list
             raise GenerationError(f"prompt {i} is {type(p).__name__} {str(p)[:40]!r}: expected a list of token ids "
                                   "(or text, with a tokenizer)") from None
         if attention_mask is not None:  # a padded list batch: keep the ids the mask marks real
+            _check_mask(torch.as_tensor(np.asarray(attention_mask[i], dtype=np.float64))[None])
             mask = [bool(m) for m in attention_mask[i]]
             if len(mask) != len(ids):
                 raise GenerationError(f"attention_mask row {i} has {len(mask)} entries for {len(ids)} ids")
@@ -345,6 +356,16 @@ def _stop_ids(stop_tokens: Any) -> set[int]:
     return {int(t) for t in items}
 
 
+_HF_NAMES = {
+    "eos_token_id": "use stop_tokens= (ids that end a sequence)",
+    "max_length": "give max_new_tokens (the cache's max_length is fixed when compiling: GenerationSpec(max_length=))",
+    "num_beams": "lowbit decodes greedily or by sampling (do_sample=True), no beam search",
+    "pad_token_id": "not needed: give prompts as lists of ids, or a padded tensor with attention_mask=",
+    "generator": "use seed= for reproducible sampling",
+}
+"""transformers' ``generate`` options that users carry over, with what lowbit takes instead."""
+
+
 class Generator:
     """Runs prefill and decode with a lowered step graph ``runner(ids, positions, *cache) -> (logits, *cache)``."""
 
@@ -403,13 +424,16 @@ class Generator:
     def generate(self, input_ids: Any, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] | int | None = None,
-                 on_token: Callable[[int, int], None] | None = None) -> GenerationOutput:
+                 on_token: Callable[[int, int], None] | None = None, **unknown: Any) -> GenerationOutput:
         """Generate up to ``max_new_tokens`` per prompt; a sequence ends at its first stop token.
 
         ``input_ids``: a list of token-id lists (any lengths), of strings (encoded with the model's tokenizer),
         or a ``[B, L]`` tensor (with ``attention_mask`` when padded, left or right). ``stop_tokens`` defaults to the model's end-of-sequence ids (``()`` for
         none). ``on_token(sequence_index, token)`` is called as tokens are made (streaming).
         """
+        if unknown:  # transformers' names were a bare "unexpected keyword argument"
+            raise GenerationError("; ".join(f"generate() has no option {k!r}" + (f": {_HF_NAMES[k]}" if k in _HF_NAMES
+                                                                                  else "") for k in unknown))
         if on_token is not None and not callable(on_token):  # it failed at the first token, after the prefill
             raise GenerationError(f"on_token={on_token!r}: expected a callable on_token(sequence_index, token)")
         prompts = _prompts(input_ids, attention_mask, self.tokenizer)

@@ -139,6 +139,12 @@ def test_bad_requests_name_the_limit(smollm2, compiled):
         compiled.generate(torch.tensor([[5.0, 17.5]]), 2)
     with pytest.raises(GenerationError, match=r"stop_tokens: -1 is not a token id \(ids are >= 0\)"):
         compiled.generate([prompt], 2, stop_tokens=[2, -1])
+    with pytest.raises(GenerationError, match=r"no option 'eos_token_id': use stop_tokens="):
+        compiled.generate([prompt], 2, eos_token_id=2)  # transformers' name: a bare TypeError before
+    with pytest.raises(GenerationError, match=r"attention_mask holds 0.5 at position \(0, 0\): it takes 1"):
+        compiled.generate(torch.tensor([prompt]), 2, attention_mask=torch.full((1, len(prompt)), 0.5))
+    with pytest.raises(GenerationError, match="attention_mask holds 2"):
+        compiled.generate([prompt], 2, attention_mask=[[2] * len(prompt)])
     with pytest.raises(GenerationError, match="on_token=5: expected a callable"):
         compiled.generate([prompt], 2, on_token=5)
     with pytest.raises(GenerationError, match="input_ids is a torch.bool tensor"):
