@@ -319,6 +319,17 @@ def step_compressed_tensors(family: str, tmp_path: Any) -> None:
 GEN_PROMPTS = ["The capital of France is", "Once upon a time, in a small village,"]
 
 
+def _assert_greedy_as_transformers(hf: Any, prompts: list[list[int]], got: list[list[int]], new: int,
+                                   family: str = "") -> None:
+    """Each prompt's tokens from lowbit equal transformers' greedy ``generate`` of ``new`` tokens on it alone."""
+    for p, tokens in zip(prompts, got):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False)
+        assert tokens == ref[0, len(p):].tolist(), f"{family}: {tokens} != transformers' {ref[0, len(p):].tolist()}"
+
+
 def step_generate(family: str) -> None:
     """Greedy tokens of a two-prompt batch (different lengths: left padding) through the compiled step graph with
     its KV cache, on the torch reference in float32, equal transformers' ``generate`` prompt by prompt."""
@@ -332,12 +343,7 @@ def step_generate(family: str) -> None:
     cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
     assert cm.graph.outputs[0].tensor_type.shape[1] == 1  # last-logits found the final norm
     prompts = [tok(p).input_ids for p in GEN_PROMPTS]
-    got = cm.generate(prompts, 8).tokens
-    for p, tokens in zip(prompts, got):
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
-        assert tokens == ref[0, len(p):].tolist(), f"{family}: {tokens} != transformers' {ref[0, len(p):].tolist()}"
+    _assert_greedy_as_transformers(hf, prompts, cm.generate(prompts, 8, stop_tokens=()).tokens, 8, family)
 
 
 @pytest.mark.parametrize("family", ["olmo", "starcoder2"])
@@ -361,13 +367,7 @@ def test_generate_matches_transformers_beyond_the_matrix(family):
     tok = _smollm2_tokenizer()
     cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
     prompts = [tok(p).input_ids for p in GEN_PROMPTS]
-    got = cm.generate(prompts, 8, stop_tokens=()).tokens
-    for p, tokens in zip(prompts, got):
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
-                              do_sample=False)
-        assert tokens == ref[0, len(p):].tolist(), f"{family}: {tokens} != transformers' {ref[0, len(p):].tolist()}"
+    _assert_greedy_as_transformers(hf, prompts, cm.generate(prompts, 8, stop_tokens=()).tokens, 8, family)
 
 
 def run_step(family: str, step: str, tmp_path: Any) -> str:
@@ -448,13 +448,7 @@ def test_generate_with_a_sliding_window_shorter_than_the_text(family):
     cm = lowbit.compile_model(hf, generation=spec)
     assert cm.graph.meta["generation"]["windows"] == [4]
     prompts = [[1, 450, 7483, 310, 3444, 338], [5, 6, 7]]
-    got = cm.generate(prompts, 10, stop_tokens=()).tokens
-    for p, tokens in zip(prompts, got):
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
-                              do_sample=False)
-        assert tokens == ref[0, len(p):].tolist()
+    _assert_greedy_as_transformers(hf, prompts, cm.generate(prompts, 10, stop_tokens=()).tokens, 10, family)
     with pytest.raises(PassError, match=r"sliding-window attention in layer 0 \(window 4\) shorter than max_length=32"):
         KVCache().run(cm.graph.clone())
 
