@@ -201,8 +201,9 @@ def _quantized(graph: Any, pipeline: str = "quantize(w=int4,group=16)", calib: A
     g = graph.clone()
     passes = parse_pipeline(pipeline)
     if calib is not None:
-        passes = [build_pass(type(p), {**p.options.model_dump(), "calib": calib}) if "calib" in p.Options.model_fields
-                  else p for p in passes]
+        # the passes that read data (as compile_model(calib=) picks them): quantize with dynamic scales reads none
+        passes = [build_pass(type(p), {**p.options.model_dump(), "calib": calib})
+                  if "calib" in p.Options.model_fields and p.options.reads_calibration() else p for p in passes]
     PassManager(passes).run(g)
     return g
 

@@ -159,7 +159,8 @@ def test_a_directory_given_for_a_file_option_is_refused_when_parsed(tmp_path):
 
 
 @pytest.mark.parametrize("name, own", [("gptq", "damp=0.1"), ("awq", "n_grid=5"), ("autoround", "iters=9"),
-                                       ("smooth-quant", "alpha=0.3"), ("quantize", "w=int8")])
+                                       ("smooth-quant", "alpha=0.3"),
+                                       ("quantize", "a=int8,a_gran=per_tensor,a_static=true")])
 def test_calibrating_passes_share_one_calibration_option_set(name, own):
     """Every pass that reads calibration text takes the same options with the same checks, and prints what it
     does before the data it read."""
