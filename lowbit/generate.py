@@ -462,15 +462,7 @@ class Generator:
         ids, positions = (t.to(self.device) for t in left_padded(prompts))
         longest = ids.shape[1]
 
-        vocab: list[int] = []
-
         def pick(logits: torch.Tensor) -> torch.Tensor:
-            if not vocab:
-                vocab.append(logits.shape[-1])
-                outside = sorted(t for t in stops if t >= vocab[0]) if given_stops else []
-                if outside:  # a stop the head can never choose: the run went on to max_new_tokens, silently
-                    raise GenerationError(f"stop_tokens: {outside[0]} is outside the vocabulary ({vocab[0]} "
-                                          f"logits: ids 0..{vocab[0] - 1}); it can never be generated")
             logits = logits.float()
             if not do_sample:
                 return logits.argmax(-1)
@@ -487,7 +479,7 @@ class Generator:
                                   *self._cache(1, self.spec.max_length))
                 rows.append(out[0][0, -1])
                 parts.append(out[1:])
-            next_tokens = pick(torch.stack(rows))
+            first = torch.stack(rows)
             cache = [torch.cat(ts, 0) for ts in zip(*parts)]
             del parts, out
         else:
@@ -495,9 +487,15 @@ class Generator:
             # cost 16 fills and 8 copies per prefill of the 7B-shaped 4-layer stack (~0.3 ms of a 1x2048 prefill on
             # the H200); attention over the slots past the prompt is masked
             out = self.runner(ids, positions, *self._cache(batch, self.spec.max_length))
-            next_tokens = pick(out[0][:, -1])
+            first = out[0][:, -1]
             cache = list(out[1:])
             del out
+        vocab = first.shape[-1]  # known from the logits: the generation meta does not record it
+        outside = sorted(t for t in stops if t >= vocab) if given_stops else []
+        if outside:  # a stop the head can never choose: the run went on to max_new_tokens, silently
+            raise GenerationError(f"stop_tokens: {outside[0]} is outside the vocabulary ({vocab} logits: ids "
+                                  f"0..{vocab - 1}); it can never be generated")
+        next_tokens = pick(first)
         sync()
         t1 = time.perf_counter()
 

@@ -170,7 +170,7 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
 
 
 def _unset(qdtype: str | None) -> bool:
-    return qdtype in (None, "none", "float")
+    return qdtype in (None, "none", "float")  # "none"/"float": that part asked, explicitly, to stay float
 
 
 def _check_read_options(o: InsertQDQOptions) -> None:
@@ -229,7 +229,7 @@ def config_from_options(o: InsertQDQOptions) -> QuantConfig:
         return _with_head(cfg, o)
     for qopt, sopt in (("w", "sym"), ("a", "a_sym"), ("kv", "kv_sym")):
         value = getattr(o, qopt)
-        if value in (None, "none", "float"):
+        if _unset(value):
             continue
         if value not in QDTYPES:
             raise PassError(f"pass quantize: option {qopt}={value}: unknown qdtype {value!r}; known: "
@@ -238,14 +238,14 @@ def config_from_options(o: InsertQDQOptions) -> QuantConfig:
             raise PassError(f"pass quantize: option {qopt}={value} is symmetric only (fp8 has no zero point): "
                             f"set {sopt}=true")
     try:
-        weight = None if o.w in (None, "none", "float") else QScheme(
+        weight = None if _unset(o.w) else QScheme(
             qdtype=o.w, symmetric=o.sym, granularity="per_group" if o.group else "per_channel",
             group_size=o.group, observer=o.w_obs)
-        inp = None if o.a in (None, "none", "float") else QScheme(
+        inp = None if _unset(o.a) else QScheme(
             qdtype=o.a, symmetric=o.a_sym, granularity=o.a_gran, group_size=o.a_group,
             dynamic=not o.a_static, observer=o.a_obs, clip_ratio=o.a_clip)
         kv = None
-        if o.kv not in (None, "none", "float"):
+        if not _unset(o.kv):
             k_group = (o.k_group or o.kv_group) if o.k_gran != "per_tensor" else None
             v_group = (o.v_group or o.kv_group) if o.v_gran != "per_tensor" else None
             kv = KVCacheScheme(
@@ -265,7 +265,7 @@ HEAD_MODULE = "lm_head"
 
 def _with_head(cfg: QuantConfig, o: InsertQDQOptions) -> QuantConfig:
     """``cfg`` with the output head quantized weight-only as the ``head`` options say (unchanged when unset)."""
-    if o.head in (None, "none", "float"):
+    if _unset(o.head):
         return cfg
     if o.head not in QDTYPES:
         raise PassError(f"pass quantize: option head={o.head}: unknown qdtype {o.head!r}; known: "
