@@ -440,7 +440,7 @@ def test_weight_pass_bad_options(smollm2_slice_f64):
     ("smooth-quant(samples=100)", "option samples=100 is read only with search=true"),
     ("smooth-quant(sites=[norm;bogus])", r"option sites: unknown \['bogus'\]"),
     ("gptq(n_grid=40)", "pass gptq: option n_grid=40 is read only with awq=true or clip=true"),
-    ("gptq(clip=true,sites=[norm])", r"pass gptq: option sites=\['norm'\] is read only with awq=true"),
+    ("gptq(clip=true,sites=[norm])", r"pass gptq: option sites=\[norm\] is read only with awq=true"),
     ("autoround(n_grid=10)", "pass autoround: option n_grid=10 is read only with awq=true or clip=true"),
 ])
 def test_smooth_quant_options_nothing_reads_or_unknown_sites_fail_when_parsed(spec, message):

@@ -680,7 +680,7 @@ def test_block_refit_keeps_the_zeros_and_lowers_held_out_block_error(slice_f32):
 
 @pytest.mark.parametrize("spec, message", [
     ("method=magnitude,pattern=2:4,refit=block", r"method=magnitude calibrates nothing"),
-    ("method=sparsegpt,refit_iters=50", r"refit_iters set but refit=none"),
+    ("method=sparsegpt,refit_iters=50", r"option refit_iters=50 is read only with refit=block"),
     ("method=sparsegpt,refit=block,refit_lr=0", r"option refit_lr.*greater than 0"),
     ("method=sparsegpt,refit=layer", r"option refit.*'none' or 'block'"),
     ("method=sparsegpt,refit=block,refit_target=quantized", r"option refit_target.*'float' or 'pruned-input'"),
@@ -1158,10 +1158,10 @@ def test_global_head_allocation_honours_spread():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("sparsify(pattern=2:4,sparsity=0.3)", r"option sparsity=0\.3 is not read: pattern=2:4 keeps 2 of every 4"),
-    ("sparsify(method=sparsegpt,pattern=2:4,selection=layer)", r"option selection=layer is not read: pattern=2:4"),
-    ("sparsify(method=magnitude,true_sequential=true)", r"option true_sequential=True is not read: method=magnitude"),
-    ("sparsify(method=sparsegpt,learn_steps=8)", r"option learn_steps=8 is not read: method=sparsegpt")])
+    ("sparsify(pattern=2:4,sparsity=0.3)", r"option sparsity=0\.3 is read only with an unstructured pattern \(pattern=2:4 keeps 2 of every 4"),
+    ("sparsify(method=sparsegpt,pattern=2:4,selection=layer)", r"option selection=layer is read only with an unstructured pattern \(pattern=2:4"),
+    ("sparsify(method=magnitude,true_sequential=true)", r"option true_sequential=true is read only with a calibrating method \(method=magnitude"),
+    ("sparsify(method=sparsegpt,learn_steps=8)", r"option learn_steps=8 is read only with method=learned")])
 def test_sparsify_options_the_pattern_or_method_never_reads_are_refused(spec, message):
     """Each was accepted and did nothing (sparsity=0.3 with 2:4 still zeroed 50%)."""
     from lowbit.passes.manager import PipelineSpecError
@@ -1192,7 +1192,7 @@ def test_prune_blocks_list_is_scoped_by_modules_and_refuses_n():
     from lowbit.api import compile_model
     from lowbit.passes.manager import PipelineSpecError
 
-    with pytest.raises(PipelineSpecError, match=r"option n=2 is not read with blocks="):
+    with pytest.raises(PipelineSpecError, match=r"option n=2 is read only with no blocks="):
         parse_pipeline("prune-blocks(n=2,blocks=[model.layers.1])")
     m = _tiny_m(3)
     pipe = "prune-blocks(blocks=[model.layers.1,model.layers.2,model.layers.1]{})"
@@ -1255,3 +1255,4 @@ def test_slice_residual_slices_an_already_sliced_stream():
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
     ref = a(ids)
     assert (same(ids) - ref).abs().max() <= 1e-5 * ref.abs().max()
+

@@ -27,7 +27,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -57,6 +57,28 @@ class PassOptions(BaseModel):
         """(option, path) of every file the pass will read, checked when the pipeline is parsed (before the
         model is loaded): a typo in a path must not cost a model load and a capture."""
         return []
+
+    def unread_message(self, needs: Mapping[str, str | None],
+                       note: str = "without that it would be silently ignored") -> str | None:
+        """The refusal for options set away from their default that the other options leave unread
+        (``quantize(w=int4,kv_window=32)``): the run would succeed with the option silently ignored. ``needs``
+        maps an option to ``None`` when it is read, else to what would make it read (``"kv="``). Compared by
+        value, not ``model_fields_set``: the debug tools rebuild a pass from all of its options
+        (cli/restrict.py), so a default restated is no mistake."""
+        fields = type(self).model_fields
+        unread = [(k, why) for k, why in needs.items()
+                  if why is not None and getattr(self, k) != fields[k].get_default(call_default_factory=True)]
+        if not unread:
+            return None
+        (k, why), rest = unread[0], unread[1:]
+        more = f" (so would {', '.join(k for k, _ in rest)})" if rest else ""
+        return f"option {k}={_fmt(getattr(self, k))} is read only with {why}; {note}{more}"
+
+    def refuse_unread(self, needs: Mapping[str, str | None]) -> None:
+        """Raise ``ValueError`` (the parser names the pass) with :meth:`unread_message`'s refusal, if any."""
+        message = self.unread_message(needs)
+        if message:
+            raise ValueError(message)
 
 
 class ScopedOptions(PassOptions):

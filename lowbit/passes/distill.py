@@ -82,9 +82,8 @@ class DistillOptions(CalibrationOptions):
 
     @model_validator(mode="after")
     def _eval_every_needs_holdout(self) -> DistillOptions:
-        if self.eval_every and not self.holdout:  # it measures the held-out windows: without them it did nothing
-            raise ValueError(f"option eval_every={self.eval_every} measures the KL on held-out windows; without "
-                             "holdout=N it would be silently ignored")
+        # eval_every measures the KL on the held-out windows: without them it did nothing
+        self.refuse_unread({"eval_every": None if self.holdout else "holdout=N"})
         return self
 
 

@@ -114,11 +114,8 @@ class GPTQOptions(WeightCalibrationOptions):
 def check_awq_options(o: Any) -> None:
     """``n_grid`` is read only by the AWQ scale search or the clip search and ``sites`` only by the scale search
     (``awq=true``): given otherwise, each would be silently ignored (gptq, autoround)."""
-    for name, read, needs in (("n_grid", o.awq or o.clip, "awq=true or clip=true"), ("sites", o.awq, "awq=true")):
-        if name in o.model_fields_set and getattr(o, name) != type(o).model_fields[name].get_default(
-                call_default_factory=True) and not read:
-            raise ValueError(f"option {name}={getattr(o, name)} is read only with {needs}; without that it would be "
-                             "silently ignored")
+    o.refuse_unread({"n_grid": None if o.awq or o.clip else "awq=true or clip=true",
+                     "sites": None if o.awq else "awq=true"})
 
 
 def _weight_scheme(o: WeightCalibrationOptions) -> QScheme:

@@ -181,8 +181,6 @@ def _check_read_options(o: InsertQDQOptions) -> None:
     if o.config is None and not _unset(o.a) and o.a_static and o.a_gran == "per_token":
         raise PassError("pass quantize: static activation scales cannot be per token (tokens vary at run time): use "
                         "a_gran=per_tensor or per_channel with a_static=true")
-    fields = type(o).model_fields
-    given = [k for k in fields if k in o.model_fields_set and getattr(o, k) != fields[k].default]
     plain = o.config is None  # the w/a/kv options are read
     head = not _unset(o.head)
     reads = {
@@ -205,15 +203,14 @@ def _check_read_options(o: InsertQDQOptions) -> None:
         **{k: (o.reads_calibration(), "a_static=true (static activation scales) or config=")
            for k in ("calib", "calib_n", "calib_len", "tokenizer", "batch_size", "device")},
     }
-    unread = [(k, reads[k][1]) for k in given if k in reads and not reads[k][0]]
-    if unread:
-        k, needs = unread[0]
-        value = getattr(o, k)
-        shown = ("true" if value else "false") if isinstance(value, bool) else value
-        why = (f"config={o.config!r} replaces the w/a/kv options: write it in the config file" if not plain and
-               needs[0] in "awk" else "without that it would be silently ignored")
-        more = f" (so would {', '.join(k for k, _ in unread[1:])})" if len(unread) > 1 else ""
-        raise PassError(f"pass quantize: option {k}={shown} is read only with {needs}; {why}{more}")
+    needs = {k: None if read else why for k, (read, why) in reads.items()}
+    message = o.unread_message(needs)
+    if message and not plain:  # the first unread option is a w/a/kv one that the config file replaces
+        replaced = {k: why for k, why in needs.items() if why is not None and why[0] in "awk"}
+        message = o.unread_message(replaced, f"config={o.config!r} replaces the w/a/kv options: write it in the "
+                                   "config file") or message
+    if message:
+        raise PassError(f"pass quantize: {message}")
 
 
 def config_from_options(o: InsertQDQOptions) -> QuantConfig:

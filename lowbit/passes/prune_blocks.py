@@ -48,9 +48,8 @@ class PruneBlocksOptions(CalibrationOptions, ScopedOptions):
 
     @model_validator(mode="after")
     def _n_or_blocks(self) -> PruneBlocksOptions:
-        # by value: the debug tools rebuild a pass from all of its options (cli/restrict.py)
-        if self.blocks and self.n != type(self).model_fields["n"].default:
-            raise ValueError(f"option n={self.n} is not read with blocks= (the listed blocks are removed): give one")
+        self.refuse_unread({"n": "no blocks= (the listed blocks are removed): give n or blocks" if self.blocks
+                            else None})
         return self
 
 

@@ -104,12 +104,8 @@ class StructuredOptions(CalibrationOptions, ScopedOptions):
 
     @model_validator(mode="after")
     def _global_options_need_global(self) -> StructuredOptions:
-        # by value, not model_fields_set: the debug tools rebuild a pass from all of its options (cli/restrict.py)
-        given = [f"{k}={getattr(self, k)}" for k in ("max_layer_ratio", "spread")
-                 if getattr(self, k) != type(self).model_fields[k].default]
-        if given and self.allocation != "global":
-            raise ValueError(f"option {', '.join(given)} is read only with allocation=global; with "
-                             f"allocation={self.allocation} it would be silently ignored")
+        self.refuse_unread({k: None if self.allocation == "global" else "allocation=global"
+                            for k in ("max_layer_ratio", "spread")})
         if self.sequential and self.score == "magnitude" and not (self.compensate or self.update):
             raise ValueError("option sequential=true calibrates block by block, but score=magnitude without "
                              "compensate or update calibrates nothing: it would be silently ignored")

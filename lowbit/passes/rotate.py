@@ -106,13 +106,12 @@ class RotateOptions(CalibrationOptions):
     @model_validator(mode="after")
     def _options_of_the_kind(self) -> RotateOptions:
         """A learning option set for a kind that never reads it is a mistake the user would not see (the run
-        succeeds with the option ignored): refuse it, naming the kinds that read it. Defaults stay fine."""
-        wrong = sorted((self.model_fields_set & _LEARNING_OPTIONS) - _KIND_OPTIONS.get(self.kind, frozenset()))
-        if wrong:
-            readers = "; ".join(f"{name} is read only by kind="
-                                f"{'/'.join(k for k, names in _KIND_OPTIONS.items() if name in names)}"
-                                for name in wrong)
-            raise ValueError(f"kind={self.kind} does not read {', '.join(wrong)} ({readers})")
+        succeeds with the option ignored): refuse it, naming the kinds that read it. Defaults stay fine (by
+        value: ``rotate(calib_n=8)`` restates the default)."""
+        own = _KIND_OPTIONS.get(self.kind, frozenset())
+        self.refuse_unread({name: None if name in own else
+                            "kind=" + " or kind=".join(k for k, names in _KIND_OPTIONS.items() if name in names)
+                            for name in sorted(_LEARNING_OPTIONS)})
         if self.learn_heads and not self.heads:
             raise ValueError("learn_heads=true learns the head rotations R2, which heads=false turns off")
         return self

@@ -63,10 +63,8 @@ class SmoothQuantOptions(CalibrationOptions):
     def _read_by_the_mode(self) -> SmoothQuantOptions:
         """``alpha`` is read only without the search and ``samples`` only with it: the other would be silently
         ignored."""
-        unread = "alpha" if self.search else "samples"
-        if unread in self.model_fields_set and getattr(self, unread) != type(self).model_fields[unread].default:
-            raise ValueError(f"option {unread}={getattr(self, unread)} is read only with search="
-                             f"{'false' if self.search else 'true'}; without that it would be silently ignored")
+        self.refuse_unread({"alpha": "search=false" if self.search else None,
+                            "samples": None if self.search else "search=true"})
         return self
 
 

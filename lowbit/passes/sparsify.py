@@ -141,22 +141,15 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
         if self.refit == "block" and self.method == "magnitude":
             raise ValueError("refit=block trains on calibration batches; method=magnitude calibrates nothing "
                              "(use wanda, sparsegpt or learned)")
-        # by value, not model_fields_set: the debug tools rebuild a pass from all of its options (cli/restrict.py)
-        given = sorted(k for k, f in type(self).model_fields.items()
-                       if k.startswith("refit_") and getattr(self, k) != f.default)
-        if self.refit == "none" and given:
-            raise ValueError(f"{', '.join(given)} set but refit=none: add refit=block")
-        # options the chosen pattern or method never reads (by value, as above): given, each did nothing
         fields = type(self).model_fields
         p = parse_pattern(self.pattern, 0.5)
-        unread = [(k, f"pattern={self.pattern} keeps {p.n} of every {p.m} weights along K in every row") for k in
-                  ("sparsity", "selection") if p.is_nm and getattr(self, k) != fields[k].default]
-        unread += [(k, f"method={self.method} is not method=learned") for k in fields
-                   if k.startswith("learn_") and self.method != "learned" and getattr(self, k) != fields[k].default]
-        unread += [(k, "method=magnitude calibrates nothing") for k in ("true_sequential",)
-                   if self.method == "magnitude" and getattr(self, k) != fields[k].default]
-        if unread:
-            raise ValueError("; ".join(f"option {k}={getattr(self, k)} is not read: {why}" for k, why in unread))
+        self.refuse_unread({
+            **{k: "refit=block" if self.refit == "none" else None for k in fields if k.startswith("refit_")},
+            **{k: f"an unstructured pattern (pattern={self.pattern} keeps {p.n} of every {p.m} weights along K "
+                  "in every row)" if p.is_nm else None for k in ("sparsity", "selection")},
+            **{k: None if self.method == "learned" else "method=learned" for k in fields if k.startswith("learn_")},
+            "true_sequential": "a calibrating method (method=magnitude calibrates nothing)"
+            if self.method == "magnitude" else None})
         return self
 
 
