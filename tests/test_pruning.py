@@ -1256,3 +1256,60 @@ def test_slice_residual_slices_an_already_sliced_stream():
     ref = a(ids)
     assert (same(ids) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
+
+@pytest.mark.parametrize("family", ["qwen3", "stablelm", "phi"])
+def test_prune_heads_through_per_head_norms_and_partial_rotary_equals_masked_dense(family):
+    """Qwen3's per-head q/k norms and the partial rotary of StableLM and Phi (``cat([rotary(x[..., :r]),
+    x[..., r:]], -1)``) act on one head vector at a time: prune-heads refused these models ('q/k/v/o linears not
+    found'). Now it prunes them, and the result equals the HF model with the removed groups zeroed (float64)."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
+    config = {"qwen3": lambda: tf.Qwen3Config(num_attention_heads=8, num_key_value_heads=2, head_dim=16, **shape),
+              "stablelm": lambda: tf.StableLmConfig(num_attention_heads=4, num_key_value_heads=4, **shape),
+              "phi": lambda: tf.PhiConfig(num_attention_heads=4, **shape)}[family]()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).double().eval()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    c = compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
+    assert c.report.pipeline.records[0].stats["groups_removed"] == 2 * config.num_key_value_heads // 2
+    out = "dense" if family == "phi" else "o_proj"
+    hd = 64 // config.num_attention_heads if family != "qwen3" else 16
+    rep = config.num_attention_heads // config.num_key_value_heads
+    for i in range(2):
+        p = f"model.layers.{i}.self_attn."
+        k = dense[p + "k_proj.weight"]
+        kept = _kept(k.reshape(config.num_key_value_heads, -1), c.graph.params[p + "k_proj.weight"].data.reshape(
+            -1, hd * 64))
+        for grp in sorted(set(range(config.num_key_value_heads)) - set(kept.tolist())):
+            kv, q = slice(grp * hd, (grp + 1) * hd), slice(grp * rep * hd, (grp + 1) * rep * hd)
+            for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                dense[p + name + ".weight"][rows] = 0
+                if p + name + ".bias" in dense:
+                    dense[p + name + ".bias"][rows] = 0
+            dense[p + out + ".weight"][:, q] = 0
+    model.load_state_dict(dense)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    got = c(ids)
+    got = got.logits if hasattr(got, "logits") else got
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_prune_heads_names_the_norm_that_mixes_heads():
+    """OLMo 2 normalises q and k over all heads' width before splitting them: removing a head would change the
+    others' norms, so prune-heads refuses it, naming that norm (it said only 'not found through layout ops')."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.Olmo2Config(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1,
+        vocab_size=128, max_position_embeddings=64, eos_token_id=0, pad_token_id=0)).eval()
+    with pytest.raises(PipelineError, match=r"rms_norm of model\.layers\.0\.self_attn\.q_norm on f32\[s0,s1,64\] "
+                                            r"mixes heads"):
+        compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")

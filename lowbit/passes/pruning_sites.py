@@ -124,23 +124,59 @@ CACHE_WRITE = "aten.scatter.src"
 """How a step graph writes new keys/values into its cache: ``scatter(cache, 2, index, new)``."""
 
 
-def _walk_to_linear(v: Value, writes: list[Node] | None = None) -> Node | None:
+def _walk_to_linear(v: Value, writes: list[Node] | None = None, stops: list[Node] | None = None) -> Node | None:
     """From an attention operand back through layout ops, rotary and (step graphs) the cache write to the linear
-    that made it; the cache writes passed are appended to ``writes``."""
+    that made it; the cache writes passed are appended to ``writes``, and the node the walk cannot pass (when it
+    finds no linear) to ``stops``."""
     while isinstance(v, Value) and v.producer is not None:
         n = v.producer
-        if n.op == "linear":
-            return n if _stored_linear(n) else None
-        if n.op in _PASS_THROUGH or n.op == "rotary":
+        if n.op == "linear" and _stored_linear(n):
+            return n
+        if n.op in _PASS_THROUGH or n.op == "rotary" or _per_head_norm(n) or _last_dim_slice(n):
             v = n.args[0]
             continue
-        if n.op == CACHE_WRITE and writes is not None and isinstance(n.args[0], Value) and \
+        if _last_dim_cat(n):  # a partial rotary: cat([rotary(x[..., :r]), x[..., r:]], -1) of one linear's heads
+            found = {id(m): m for m in (_walk_to_linear(p, None, stops) for p in n.args[0])}
+            if len(found) == 1 and None not in found:
+                return next(iter(found.values()))
+        elif n.op == CACHE_WRITE and writes is not None and isinstance(n.args[0], Value) and \
                 n.args[0].kind == "input" and n.args[1] in (2, -2):
             writes.append(n)
             v = n.args[3]
             continue
+        if stops is not None:
+            stops.append(n)
         return None
     return None
+
+
+def _last_dim(v: object, dim: object) -> bool:
+    """Whether ``dim`` is the last dimension of ``v`` (a head vector's, in the attention's operands)."""
+    rank = v.tensor_type.rank if isinstance(v, Value) else None
+    return isinstance(dim, int) and isinstance(rank, int) and rank > 0 and dim % rank == rank - 1
+
+
+def _per_head_norm(n: Node) -> bool:
+    """A q/k norm over each head's vector (Qwen3's ``q_norm`` on ``[B, S, H, D]``): it reads one head at a time, so
+    heads leave it as they leave a reshape. A norm over all heads' width (OLMo 2's, on ``[B, S, H·D]``) mixes
+    heads and is not one."""
+    if n.op != "rms_norm" or not isinstance(n.args[0], Value) or n.args[0].tensor_type.rank != 4:
+        return False
+    w = n.args[1] if len(n.args) > 1 else None
+    return w is None or (isinstance(w, Value) and w.is_param and w.data.dim() == 1 and
+                         w.data.shape[0] == n.args[0].tensor_type.shape[-1])
+
+
+def _last_dim_slice(n: Node) -> bool:
+    """``x[..., a:b]`` of a head vector (the halves of a partial rotary): per head."""
+    return n.op == "aten.slice.Tensor" and len(n.args) > 1 and _last_dim(n.args[0], n.args[1])
+
+
+def _last_dim_cat(n: Node) -> bool:
+    if n.op not in ("aten.cat.default", "cat") or not n.args or not isinstance(n.args[0], (list, tuple)):
+        return False
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    return len(n.args[0]) > 0 and all(_last_dim(p, dim) for p in n.args[0])
 
 
 def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
@@ -148,8 +184,9 @@ def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
     sites, skipped = [], []
     for att in graph.find("attention"):
         writes: list[Node] = []
-        q = _walk_to_linear(att.args[0])
-        k, v = (_walk_to_linear(a, writes) for a in att.args[1:3])
+        stops: list[Node] = []
+        q = _walk_to_linear(att.args[0], None, stops)
+        k, v = (_walk_to_linear(a, writes, stops) for a in att.args[1:3])
         o = None
         cur = att.output
         for _ in range(6):
@@ -167,7 +204,13 @@ def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
         block = block_of(att.module) or (block_of(o.module) if o is not None else None)
         out_t = att.output.tensor_type
         if None in (q, k, v, o) or block is None or out_t.rank != 4 or not isinstance(out_t.shape[1], int):
-            skipped.append(f"{att.module or att.name}: q/k/v/o linears not found through layout ops")
+            why = ""
+            if stops:
+                s0 = stops[0]
+                why = (f" (%{s0.name} = {s0.op}{f' of {s0.module}' if s0.module else ''} on "
+                       f"{s0.args[0].tensor_type if isinstance(s0.args[0], Value) else '?'} "
+                       f"{'mixes heads' if s0.op == 'rms_norm' else 'is not a per-head op the walk knows'})")
+            skipped.append(f"{att.module or att.name}: q/k/v/o linears not found through layout ops{why}")
             continue
         assert q is not None and k is not None and v is not None and o is not None
         hq, hd = int(out_t.shape[1]), int(out_t.shape[3])
