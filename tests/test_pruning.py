@@ -1313,3 +1313,33 @@ def test_prune_heads_names_the_norm_that_mixes_heads():
     with pytest.raises(PipelineError, match=r"rms_norm of model\.layers\.0\.self_attn\.q_norm on f32\[s0,s1,64\] "
                                             r"mixes heads"):
         compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
+
+
+def test_head_pruned_qwen3_checkpoint_loads_in_transformers_and_stablelm_says_why_not(tmp_path):
+    """Qwen3 reads head_dim from config.json: its head-pruned, quantized checkpoint loads in transformers with the
+    compiled model's logits. StableLM derives head_dim from hidden_size / heads, so pruned heads cannot be described
+    in its config: refused naming that (it said only that a shape differed), before any file is written."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+    from lowbit.checkpoint import save
+    from lowbit.checkpoint.files import CheckpointError
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    qwen = tf.AutoModelForCausalLM.from_config(tf.Qwen3Config(num_attention_heads=8, num_key_value_heads=2,
+                                                              head_dim=16, **shape)).eval()
+    c = compile_model(qwen, pipeline="prune-heads(ratio=0.5,score=magnitude),quantize(w=int8)")
+    save(c, tmp_path / "qwen3")
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3").eval()
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads) == (4, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, c(ids), rtol=1e-4, atol=1e-4)
+    stablelm = tf.AutoModelForCausalLM.from_config(tf.StableLmConfig(num_attention_heads=4, num_key_value_heads=4,
+                                                                     **shape)).eval()
+    c = compile_model(stablelm, pipeline="prune-heads(ratio=0.5,score=magnitude),quantize(w=int8)")
+    with pytest.raises(CheckpointError, match=r"model_type 'stablelm' derives head_dim from hidden_size / "
+                                              r"num_attention_heads .*save with format='lowbit'"):
+        save(c, tmp_path / "stablelm")
+    assert not (tmp_path / "stablelm").exists() or not any((tmp_path / "stablelm").iterdir())

@@ -145,6 +145,23 @@ def _check_uniform(pruned: dict[str, Any]) -> None:
         _uniform("attention head counts", pruned["heads"], "[num_attention_heads, num_key_value_heads]", kept)
 
 
+def _check_head_dim(graph: Graph, config: Any, keys: dict[str, tuple[int, ...]]) -> None:
+    """Pruned heads keep their ``head_dim``, written into config.json; an architecture that derives it as
+    ``hidden_size / num_attention_heads`` (StableLM, Phi) ignores that, so its query projection would be the
+    wrong size for the checkpoint: say so (the generic shape mismatch did not say why)."""
+    if "heads" not in (graph.meta.get("pruned") or {}):
+        return
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    want = text.num_attention_heads * text.head_dim
+    for key, shape in keys.items():
+        if key.endswith("q_proj.weight") and shape[0] != want:
+            raise CheckpointError(f"model_type {text.model_type!r} derives head_dim from hidden_size / num_attention_heads "
+                                  f"(ignoring config.json's head_dim={text.head_dim}), so the pruned "
+                                  f"{text.num_attention_heads} heads would make {key!r} {tuple(shape)} instead of "
+                                  f"the graph's ({want}, ...): its HF config cannot describe pruned heads; save "
+                                  "with format='lowbit'")
+
+
 def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
     """The HF config of a structurally pruned graph (``graph.meta["pruned"]``, written by the prune passes) and
     the module renames it needs: MLP width (``intermediate_size``), attention heads (``num_attention_heads``,
@@ -267,6 +284,7 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
                                   f"non-persistent buffer; the graph's is {float(graph.params[scalars[0]].data):g}): "
                                   "a loader would compute it from the sliced size and run another model; save with "
                                   "format='lowbit'")
+    _check_head_dim(graph, config, keys)
     view = hf_view(graph, keys, derived)
     for key in added(keys):  # the switch gives every such linear a bias: the ones the graph lacks are zero
         if key not in view.tensors:
