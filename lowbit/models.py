@@ -125,22 +125,22 @@ class GenerationError(ValueError):
     """A model or a request that generation cannot serve; the message names the limit and how to raise it."""
 
 
-_STEP_ARCHITECTURES = ("Llama, SmolLM2, Mistral, Qwen2, Qwen3, Granite, Phi-3, OLMo, OLMo 2, GPT-NeoX, StableLM, "
+_STEP_ARCHITECTURES = ("Llama, SmolLM2, Mistral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, OLMo 2, GPT-NeoX, StableLM, "
                        "StarCoder2, Gemma, Gemma 2, Gemma 3 (decoder layers of separate or fused q/k/v projections and "
                        "an mlp)")
 
 STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
-                              "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2"})
+                              "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi"})
 """``config.model_type``s whose step is checked token for token against transformers' ``generate``
 (``tests/test_architectures.py``'s generate column, and ``test_generate_matches_transformers_beyond_the_matrix``
-for OLMo and StarCoder2; SmolLM2 is ``llama``). Another type is refused, not stepped on a
+for OLMo, StarCoder2 and Phi; SmolLM2 is ``llama``). Another type is refused, not stepped on a
 guess: ``StepLayout`` reads module names, and a family can differ in what no module name shows (an interleaved
 rotary, an extra scale), which would make wrong tokens without an error."""
 
 _ATTENTION = ("self_attn", "attention")
 """Where a decoder layer keeps its attention (``attention``: GPT-NeoX)."""
 _OUT_PROJ = ("o_proj", "dense")
-_FINAL_NORM = ("norm", "final_layer_norm")
+_FINAL_NORM = ("norm", "final_layer_norm", "final_layernorm")
 
 
 def _first_attr(obj: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
@@ -214,7 +214,8 @@ class StepLayout:
             residual = "sandwich"
         elif not hasattr(layer, "input_layernorm") and hasattr(layer, "post_feedforward_layernorm"):
             residual = "post"
-        elif getattr(layer, "use_parallel_residual", False):
+        elif getattr(layer, "use_parallel_residual", False) or not hasattr(layer, "post_attention_layernorm"):
+            # no norm of the mlp's own: it reads the input norm beside the attention (Phi, StableLM's parallel)
             residual = "parallel" if getattr(layer, "post_attention_layernorm", None) is None else "parallel-neox"
         else:
             residual = "pre"
