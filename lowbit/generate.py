@@ -119,12 +119,21 @@ def _integral(t: Any) -> int:
 
 
 def _check_mask(mask: torch.Tensor) -> None:
-    """An attention mask marks real tokens 1 and padding 0: a 0.5 was counted as a real token without a word."""
+    """An attention mask marks real tokens 1 and padding 0, padding at the ends: a 0.5 was counted as a real token
+    and a 0 between real tokens dropped that token, both without a word."""
     bad = ((mask != 0) & (mask != 1)).nonzero()
     if len(bad):
         at = tuple(bad[0].tolist())
         raise GenerationError(f"attention_mask holds {mask[at].item()} at position {at}: it takes 1 (a real token) "
                               "or 0 (padding)")
+    for b, row in enumerate(mask.reshape(-1, mask.shape[-1]) if mask.dim() else mask.reshape(1, 1)):
+        real = row.nonzero().flatten()
+        if len(real) and int(real[-1] - real[0]) + 1 != len(real):
+            hole = int(next(i for i in range(int(real[0]), int(real[-1])) if not row[i]))
+            raise GenerationError(f"attention_mask row {b} holds 0 at position {hole}, between real tokens: padding "
+                                  "sits at either end of a prompt. A masked token inside a prompt (which transformers "
+                                  "keeps in place, unattended) would be dropped here, giving another result: remove "
+                                  "it from the prompt")
 
 
 def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list[list[int]]:

@@ -145,6 +145,11 @@ def test_bad_requests_name_the_limit(smollm2, compiled):
         compiled.generate(torch.tensor([prompt]), 2, attention_mask=torch.full((1, len(prompt)), 0.5))
     with pytest.raises(GenerationError, match="attention_mask holds 2"):
         compiled.generate([prompt], 2, attention_mask=[[2] * len(prompt)])
+    # a 0 between real tokens dropped that token (transformers keeps it in place, unattended): another result
+    hole = [1] * len(prompt)
+    hole[1] = 0
+    with pytest.raises(GenerationError, match=r"attention_mask row 0 holds 0 at position 1, between real tokens"):
+        compiled.generate(torch.tensor([prompt]), 2, attention_mask=torch.tensor([hole]))
     with pytest.raises(GenerationError, match="on_token=5: expected a callable"):
         compiled.generate([prompt], 2, on_token=5)
     with pytest.raises(GenerationError, match="input_ids is a torch.bool tensor"):
