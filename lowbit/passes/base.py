@@ -352,6 +352,17 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def nonfinite_problem(w: torch.Tensor) -> str | None:
+    """Where ``w`` holds NaN or inf (count, first row and column), or None when every value is finite."""
+    bad = ~torch.isfinite(w)
+    if not bool(bad.any()):
+        return None
+    idx = bad.nonzero()[0].tolist()
+    kinds = [k for k, m in (("nan", torch.isnan(w)), ("inf", torch.isinf(w))) if bool(m.any())]
+    at = f"row {idx[0]}" + (f", column {idx[1]}" if len(idx) > 1 else "")
+    return f"{int(bad.sum())} non-finite value(s) ({'/'.join(kinds)}), the first at {at}"
+
+
 class PassError(LowbitError, ValueError):
     """A pipeline or pass cannot run as asked; the message names the pass, option or node."""
 

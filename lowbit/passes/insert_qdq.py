@@ -47,7 +47,7 @@ from lowbit.ir.qscheme import (
 from lowbit.ir.quant import QDTYPES, Layout, ceil_div_dim, get_qdtype, layout_for, mul_dim, quantize
 from lowbit.ir.qdq import WeightPlan, write_weight_qdq
 from lowbit.ir.rewrite import eliminate_dead_code
-from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass, missing_comma
+from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass, missing_comma, nonfinite_problem
 
 __all__ = ["InsertQDQ", "InsertQDQOptions", "config_from_options", "quantize_weight", "insert_dynamic_qdq",
            "quantize_graph", "VIEW_OPS"]
@@ -68,17 +68,6 @@ def _is_view(node: Node) -> bool:
 
 
 NonFinitePolicy = Literal["error", "keep-float"]
-
-
-def nonfinite_problem(w: torch.Tensor) -> str | None:
-    """Where ``w`` holds NaN or inf (count, first row and column), or None when every value is finite."""
-    bad = ~torch.isfinite(w)
-    if not bool(bad.any()):
-        return None
-    idx = bad.nonzero()[0].tolist()
-    kinds = [k for k, m in (("nan", torch.isnan(w)), ("inf", torch.isinf(w))) if bool(m.any())]
-    at = f"row {idx[0]}" + (f", column {idx[1]}" if len(idx) > 1 else "")
-    return f"{int(bad.sum())} non-finite value(s) ({'/'.join(kinds)}), the first at {at}"
 
 
 class InsertQDQOptions(CalibrationOptions, ScopedOptions):

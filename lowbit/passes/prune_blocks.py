@@ -30,7 +30,7 @@ from lowbit.calibration.engine import split_stages
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
 from lowbit.passes.prune_mlp import collect_input_stats, reinfer
-from lowbit.passes.pruning_sites import block_of, block_residuals
+from lowbit.passes.pruning_sites import block_of, block_residuals, refuse_nonfinite_weights
 
 __all__ = ["PruneBlocks", "PruneBlocksOptions"]
 
@@ -77,6 +77,9 @@ class PruneBlocks(Pass):
                 rx is None or rx.search(b))) else None
             if problem:
                 raise PassError(f"pass {self.name}: {problem}")
+        candidates = set(listed) if o.blocks else {b for b in residuals if rx is None or rx.search(b)}
+        refuse_nonfinite_weights(self.name, [n for n in graph.nodes if n.op == "linear" and
+                                             block_of(n.module or "") in candidates])
         if o.blocks:
             unknown = [b for b in o.blocks if b not in residuals]
             if unknown:

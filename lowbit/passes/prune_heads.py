@@ -36,7 +36,8 @@ from lowbit.passes.base import NO_DEQUANTIZE, NO_QLINEAR, Pass, PassError, PassR
 from lowbit.passes.prune_mlp import (StructuredOptions, _Collected, allocate, channel_scores, check_target,
                                      collect_input_stats, cut_sites, nothing_removed, reinfer,
                                      round_half_up)
-from lowbit.passes.pruning_sites import AttentionSite, find_attention_sites, slice_linear_cols, slice_linear_rows
+from lowbit.passes.pruning_sites import (AttentionSite, find_attention_sites, refuse_nonfinite_weights,
+                                         slice_linear_cols, slice_linear_rows)
 
 __all__ = ["PruneHeads", "PruneHeadsOptions"]
 
@@ -104,6 +105,7 @@ class PruneHeads(Pass):
         if not sites:
             raise PassError(f"pass {self.name}: no attention with q/k/v/o linears found "
                             f"({'; '.join(skipped[:3]) or 'no attention op'})")
+        refuse_nonfinite_weights(self.name, [n for s in sites for n in (s.q, s.k, s.v, s.o)])
         calibrated = o.score != "magnitude" or o.compensate or o.update
         second = o.update or o.score == "obs"
         check_target(o, self.name)

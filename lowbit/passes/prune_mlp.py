@@ -54,7 +54,8 @@ from lowbit.ir.graph import Graph, Node
 from lowbit.ir.shapes import ShapeError, reinfer_shapes
 from lowbit.passes.base import (NO_DEQUANTIZE, NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult,
                                 ScopedOptions, register_pass)
-from lowbit.passes.pruning_sites import find_mlp_sites, slice_linear_cols, slice_linear_rows
+from lowbit.passes.pruning_sites import (find_mlp_sites, refuse_nonfinite_weights, slice_linear_cols,
+                                         slice_linear_rows)
 
 __all__ = ["PruneMLP", "PruneMLPOptions", "StructuredOptions", "InputStats", "collect_input_stats",
            "channel_scores", "allocate", "add_bias", "refit_columns", "reinfer", "Cut", "choose_cut",
@@ -529,6 +530,7 @@ class PruneMLP(Pass):
                                 f"down projections ({found[0].down.module} ... {found[-1].down.module})")
         if not sites:
             raise PassError(f"pass {self.name}: no prunable MLP found ({'; '.join(skipped[:3]) or 'no down_proj'})")
+        refuse_nonfinite_weights(self.name, [n for s in sites for n in (*s.producers, s.down)])
         calibrated = o.score != "magnitude" or o.compensate or o.update
         second = o.update or o.score == "obs"
         check_target(o, self.name)

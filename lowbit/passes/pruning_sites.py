@@ -18,15 +18,17 @@ A structure that does not match (an op in the chain the walk does not know) is r
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from lowbit.calibration.engine import BLOCK_PATTERN
 from lowbit.ir.graph import Graph, Node, Value
+from lowbit.passes.base import PassError, nonfinite_problem
 
 __all__ = ["MLPSite", "AttentionSite", "find_mlp_sites", "find_attention_sites", "block_of", "slice_linear_rows",
-           "slice_linear_cols", "block_residuals", "linear_params"]
+           "slice_linear_cols", "block_residuals", "linear_params", "refuse_nonfinite_weights"]
 
 _ELEMENTWISE = {"mul", "silu", "gelu", "aten.mul.Tensor", "aten.silu.default", "aten.gelu.default",
                 "aten.relu.default", "relu"}
@@ -224,6 +226,20 @@ def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
             continue
         sites.append(AttentionSite(block, att, q, k, v, o, hq, kv, hd, tuple(writes)))
     return sites, skipped
+
+
+def refuse_nonfinite_weights(pass_name: str, linears: Iterable[Node]) -> None:
+    """A NaN/inf weight or bias among ``linears``: ``PassError`` naming it, before anything is pruned. Scores
+    over it are NaN, so which units go would be arbitrary, and a removed NaN row would vanish without a word (the
+    quantizers refuse such weights the same way)."""
+    for n in linears:
+        for v in n.args[1:3]:
+            if isinstance(v, Value) and v.data is not None and v.data.is_floating_point():
+                problem = nonfinite_problem(v.data)
+                if problem:
+                    raise PassError(f"pass {pass_name}: parameter {v.name} of linear %{n.name} ({n.module}) holds "
+                                    f"{problem}; pruning scores over it are meaningless, so nothing was pruned: "
+                                    "fix the weights (reload the checkpoint)")
 
 
 def linear_params(n: Node) -> tuple[Value, Value | None]:

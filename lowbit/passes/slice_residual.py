@@ -39,6 +39,7 @@ from lowbit.ir.rewrite import gain_weight, norm_gain
 from lowbit.ir.rotation_regions import find_rotation_regions
 from lowbit.passes.base import NO_DEQUANTIZE, NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.prune_mlp import collect_input_stats, reinfer
+from lowbit.passes.pruning_sites import refuse_nonfinite_weights
 from lowbit.passes.rotate import check_foldable, fold_residual
 
 __all__ = ["SliceResidual", "SliceResidualOptions", "principal_rotation"]
@@ -86,6 +87,7 @@ class SliceResidual(Pass):
             raise PassError(f"pass {self.name}: the residual stream cannot be rotated: " + "; ".join(regions.refused))
         # a gain equal in every channel commutes with the rotation: an earlier slice's sqrt(d/d') (slicing again)
         check_foldable(res, self.name, scalar_gains=True)
+        refuse_nonfinite_weights(self.name, [*res.readers, *res.writers])
         params_before = sum(v.data.numel() for v in graph.params.values())
         d = res.dim
         keep = kept_width(d, o.ratio, o.multiple)

@@ -66,6 +66,7 @@ from lowbit.ir.qscheme import module_matches
 from lowbit.passes.base import (NO_DEQUANTIZE, NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult,
                                 ScopedOptions, register_pass)
 from lowbit.passes.fold_norms import private_weight
+from lowbit.passes.pruning_sites import refuse_nonfinite_weights
 
 __all__ = ["Sparsify", "SparsifyOptions", "sparse_linears"]
 
@@ -202,6 +203,7 @@ class Sparsify(Pass):
         targets = [n for n in targets if not any(module_matches(n.module, g) for g in o.keep)]
         if not targets:
             raise PassError("pass sparsify: no linear inside a repeated block to sparsify")
+        refuse_nonfinite_weights(self.name, targets)
         if o.method == "learned" and not p.is_nm and o.selection == "layer":
             raise PassError("pass sparsify: method=learned chooses unstructured masks per row; selection=layer is "
                             "not supported with it")
