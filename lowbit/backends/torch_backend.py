@@ -205,21 +205,31 @@ class TorchCompiled(torch.nn.Module):
         """What the lowering did beyond the reference (the 2:4 weights), one line per decision; may be empty."""
         return "\n".join(report_lines(self.sparse_report))
 
-    @torch.no_grad()
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def bind_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """One call's inputs in the graph's order, checked against its declared inputs (``InputChecker``) and on
+        the module's device. Every runner built on this one calls it, so all refuse the same calls by name."""
+        names = [v.name for v in self.graph.inputs]
         if kwargs:
-            names = [v.name for v in self.graph.inputs]
             extra = set(kwargs) - set(names)
             if extra:
                 raise TypeError(f"unexpected inputs {sorted(extra)}; the graph takes {names}")
+            twice = sorted(set(kwargs) & set(names[:len(args)]))
+            if twice:
+                raise TypeError(f"inputs {twice} given both by position and by name")
+            missing = [n for n in names[len(args):] if n not in kwargs]
+            if missing:
+                raise TypeError(f"missing inputs {missing}; the graph takes {names}")
             args = tuple(args) + tuple(kwargs[n] for n in names[len(args):])
-        if len(args) != len(self.graph.inputs):
-            raise TypeError(f"the graph takes {len(self.graph.inputs)} inputs "
-                            f"({', '.join(v.name for v in self.graph.inputs)}), got {len(args)}")
+        if len(args) != len(names):
+            raise TypeError(f"the graph takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
         args = self.check_inputs(args)
         if self.device is not None:
             args = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)
-        return self.gm(*args)
+        return args
+
+    @torch.no_grad()
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.gm(*self.bind_inputs(args, kwargs))
 
 
 def _params_device(graph: Graph) -> torch.device:

@@ -808,17 +808,10 @@ class TritonCompiled(TorchCompiled):
 
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        names = [v.name for v in self.graph.inputs]
-        if kwargs:
-            extra = set(kwargs) - set(names)
-            if extra:
-                raise TypeError(f"unexpected inputs {sorted(extra)}; the graph takes {names}")
-            args = tuple(args) + tuple(kwargs[n] for n in names[len(args):])
-        if len(args) != len(names):
-            raise TypeError(f"the graph takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
-        if self.device is not None:
-            args = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)
-        return self._run(*args)
+        # checked as the torch backend checks them: an empty sequence or an id past the vocabulary was a raw
+        # reshape/IndexError from inside the module, float ids an embedding error, a sequence beyond the captured
+        # range ran silently
+        return self._run(*self.bind_inputs(args, kwargs))
 
 
 def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
