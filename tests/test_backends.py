@@ -52,6 +52,15 @@ def test_a_backend_that_cannot_run_fails_before_the_model_is_read(monkeypatch):
         compile_model("no-such-model", backend="torch", backend_options={"keep_packd": True})
     with pytest.raises(BackendError, match="backend triton: option cuda_graph:.*options are: compile, cuda_graphs"):
         compile_model("no-such-model", backend="triton", backend_options={"cuda_graph": True})
+    # an option that only another option turns on was silently ignored (cuda_graphs without torch.compile ran eagerly)
+    with pytest.raises(BackendError, match="backend triton: option cuda_graphs=true applies only with compile=true, "
+                                           "and compile is false"):
+        compile_model("no-such-model", backend="triton", backend_options={"compile": False, "cuda_graphs": True})
+    with pytest.raises(BackendError, match="option sparse_library=cutlass applies only with semi_structured=true"):
+        compile_model("no-such-model", backend="torch", backend_options={"sparse_library": "cutlass"})
+    for backend in ("torch", "triton"):  # the defaults said out loud are fine
+        get_backend(backend).parse_options({"sparse_library": "auto", "semi_structured": False})
+    get_backend("triton").parse_options({"compile": False, "cuda_graphs": False})
     # ONNX lowering options ORT would refuse at session creation, after capture and calibration: refused up front
     with pytest.raises(BackendError, match="backend onnxruntime: accuracy_level must be an integer from 0 to 4 .*, got 9"
                                            "; options are: accuracy_level"):

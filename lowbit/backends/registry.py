@@ -170,6 +170,20 @@ class TorchBackendOptions(BackendOptions):
     sparse_library: Literal["auto", "cusparselt", "cutlass"] = "auto"
     """Which sparse GEMM: cuSPARSELt where torch has it (``auto``), or CUTLASS."""
 
+    @model_validator(mode="after")
+    def _sparse_library_needs_semi_structured(self) -> TorchBackendOptions:
+        _refuse_unread(self, "sparse_library", "semi_structured", self.semi_structured)
+        return self
+
+
+def _refuse_unread(opts: BackendOptions, option: str, needs: str, on: bool) -> None:
+    """An option set away from its default that only ``needs=true`` reads is an error while ``needs`` is off: it
+    would be silently ignored (``cuda_graphs=true, compile=false`` ran eagerly with no CUDA graph)."""
+    given = getattr(opts, option)
+    if not on and given != type(opts).model_fields[option].default:
+        raise ValueError(f"option {option}={str(given).lower() if isinstance(given, bool) else given} applies only "
+                         f"with {needs}=true, and {needs} is false: drop {option} or set {needs}=true")
+
 
 class OrtBackendOptions(BackendOptions):
     opset: int | None = None
@@ -247,6 +261,12 @@ class TritonBackendOptions(BackendOptions):
     kernel (``lowbit::rotary_write_kv``, ``lowbit.backends.triton_backend._fuse_rotary_cache``): in the 7B-shaped
     decode step on the H200 they were four launches per layer (21.6 µs per step over 4 layers); ``False`` keeps
     Inductor's rotary kernels and the row writes (``tools/profile_decode.py --no-rotary-cache``, the A/B)."""
+
+    @model_validator(mode="after")
+    def _read_options(self) -> TritonBackendOptions:
+        _refuse_unread(self, "cuda_graphs", "compile", self.compile)  # reduce-overhead is a torch.compile mode
+        _refuse_unread(self, "sparse_library", "semi_structured", self.semi_structured)
+        return self
 
 
 def _triton_unavailable() -> str | None:
