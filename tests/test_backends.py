@@ -111,6 +111,21 @@ def test_keep_packed_keeps_packed_weights_on_the_device_with_the_same_numbers():
                                                                        packed(x))
 
 
+def test_the_compile_report_says_the_torch_module_holds_float_weights():
+    """The summary's "params A -> B MiB" is the graph's stored form; by default the torch module runs on float copies
+    of the quantized weights (the size of the float model), which no line of the report said."""
+    g = _linear_graph()
+    PassManager("quantize(w=int4,group=32,sym=false)").run(g)
+    runner, report = compile_graph(g, plan_compile([], "torch"))
+    assert runner.buffer_bytes == 8 * 64 * 4  # the float32 weight; the codes stay in the graph
+    assert report.lowering == [f"torch: 1 quantized weights dequantized at lowering: the module holds 0.0 MiB (the "
+                               f"graph's stored form: 0.0 MiB); keep_packed=true runs on the stored form"]
+    assert report.lowering[0] in report.summary()
+    packed, report = compile_graph(g, plan_compile([], "torch", {"keep_packed": True}))
+    assert report.lowering == [] and packed.buffer_bytes == g.param_bytes()
+    assert compile_graph(_linear_graph(), plan_compile([], "torch"))[1].lowering == []  # a float graph: nothing
+
+
 def test_cli_compile_takes_backend_options_through_the_same_driver(monkeypatch):
     from lowbit.cli.main import app
 

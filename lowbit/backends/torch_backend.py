@@ -200,10 +200,21 @@ class TorchCompiled(torch.nn.Module):
         self.sparse_report = apply_semi_structured(self.gm, dev, enabled=semi_structured, library=sparse_library,
                                                    marked=marked)
         self.check_inputs = InputChecker(graph)
+        self.buffer_bytes = buffer_bytes(self.gm)
+        """Bytes of the tensors the lowered module holds (each storage once): what running it keeps in memory."""
+        self.dequantized_weights = 0 if keep_packed or not precompute_constants else packed_weight_reads(graph)
 
     def report_text(self) -> str:
-        """What the lowering did beyond the reference (the 2:4 weights), one line per decision; may be empty."""
-        return "\n".join(report_lines(self.sparse_report))
+        """What the lowering did beyond the reference (the 2:4 weights, quantized weights made float), one line per
+        decision; may be empty."""
+        lines = report_lines(self.sparse_report)
+        if self.dequantized_weights:
+            # the compile summary's "params A -> B MiB" is the graph's stored form: the module runs on float copies
+            mib = 2**20
+            lines.append(f"torch: {self.dequantized_weights} quantized weights dequantized at lowering: the module "
+                         f"holds {self.buffer_bytes / mib:.1f} MiB (the graph's stored form: "
+                         f"{self.graph.param_bytes() / mib:.1f} MiB); keep_packed=true runs on the stored form")
+        return "\n".join(lines)
 
     def bind_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         """One call's inputs in the graph's order, checked against its declared inputs (``InputChecker``) and on
@@ -230,6 +241,25 @@ class TorchCompiled(torch.nn.Module):
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.gm(*self.bind_inputs(args, kwargs))
+
+
+def buffer_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s buffers, each storage counted once (a semi-structured sparse weight: its parts)."""
+    seen: dict[int, int] = {}
+    for t in module.buffers():
+        parts = ([p for p in (getattr(t, a, None) for a in t.__slots__) if isinstance(p, torch.Tensor)]
+                 if isinstance(t, torch.sparse.SparseSemiStructuredTensor) else [t])
+        for p in parts:
+            seen[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def packed_weight_reads(graph: Graph) -> int:
+    """How many ``dequantize``/``qlinear`` nodes read a stored (quantized) weight parameter directly."""
+    params = {id(v) for v in graph.params.values()}
+    slot = {"dequantize": 0, "qlinear": 1}
+    return sum(1 for n in graph.nodes
+               if n.op in slot and len(n.args) > slot[n.op] and id(n.args[slot[n.op]]) in params)
 
 
 def _params_device(graph: Graph) -> torch.device:
