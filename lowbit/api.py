@@ -366,9 +366,14 @@ def compile_graph(graph: Graph, plan: CompilePlan, *, device: str | None = None,
         pipeline=pipeline_report, backend=plan.backend.name, nodes_before=nodes_before,
         nodes_after=len(graph.nodes), param_bytes_before=bytes_before, param_bytes_after=graph.param_bytes(),
         generic_ops=generic, seconds=time.perf_counter() - t0,
-        lowering=runner.report_text().splitlines() if callable(getattr(runner, "report_text", None)) else [],
+        lowering=lowering_lines(runner),
     )
     return runner, report
+
+
+def lowering_lines(runner: Any) -> list[str]:
+    """What a backend's lowering decided (its runner's ``report_text()``), as the report's ``lowering`` lines."""
+    return runner.report_text().splitlines() if callable(getattr(runner, "report_text", None)) else []
 
 
 def _jsonable(v: Any) -> bool:

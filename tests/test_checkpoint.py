@@ -553,6 +553,25 @@ def test_save_and_load_arguments_are_checked_and_honoured(tmp_path):
     assert torch.equal(lowbit.load(ct)(ids), TorchCompiled(graph)(ids))
 
 
+def test_a_reload_reports_what_its_lowering_decided(tmp_path):
+    """``lowbit.load`` lowers the graph afresh, but its report had no ``lowering`` lines: a reload on triton did not
+    say which nodes fell back to the reference, on torch that the weights were dequantized into float copies."""
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97, max_positions=64)
+    graph = capture(CausalLMLogits(model).eval(), (torch.randint(0, 97, (2, 12)),))
+    PassManager(parse_pipeline("quantize(w=int4,group=32)")).run(graph)
+    out = lowbit.save(graph, tmp_path / "lb", format="lowbit", config=model.config, kind="causal-lm")
+    loaded = lowbit.load(out)
+    assert loaded.report.lowering == loaded.runner.report_text().splitlines()
+    assert "7 quantized weights dequantized at lowering" in loaded.report.summary()
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+        on_triton = lowbit.load(out, backend="triton")  # a float32 graph: every qlinear on the reference, named
+        assert on_triton.report.lowering[0].startswith("triton: 0 nodes on kernels, 4 on the reference")
+        assert "out_dtype torch.float32: the kernels take bf16/fp16" in on_triton.report.summary()
+
+
 def test_saving_through_a_symlink_replaces_its_target(float_slice, tmp_path):
     """A save to a symlink to a checkpoint directory renamed the link itself aside: the link became a plain directory,
     its target kept the old checkpoint, and a stale '.link.*.old' link was left beside it."""

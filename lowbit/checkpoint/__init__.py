@@ -231,7 +231,7 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     ``generation=GenerationSpec(...)`` (HF formats): capture the generation step (prefill and decode with a KV cache,
     as ``compile_model(..., generation=)``) instead of the logits forward, with the stored codes, so ``generate``
     works; a lowbit-format checkpoint keeps whichever graph it was compiled as."""
-    from lowbit.api import CompiledModel, CompileReport, lower
+    from lowbit.api import CompiledModel, CompileReport, lower, lowering_lines
     from lowbit.errors import check_device
     from lowbit.passes.manager import PipelineReport
 
@@ -270,7 +270,8 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
         capture={"loaded_from": str(directory), "format": fmt}, pipeline=PipelineReport(f"(loaded {fmt})"),
         backend=backend, nodes_before=len(graph.nodes), nodes_after=len(graph.nodes),
         param_bytes_before=graph.param_bytes(), param_bytes_after=graph.param_bytes(),
-        generic_ops={k: v for k, v in graph.op_counts().items() if not is_semantic(k)})
+        generic_ops={k: v for k, v in graph.op_counts().items() if not is_semantic(k)},
+        lowering=lowering_lines(runner))  # a reload lowers afresh: its kernels and fallbacks are said as a compile's
     return CompiledModel(runner, graph, report, tokenizer)
 
 
