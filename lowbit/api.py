@@ -314,13 +314,14 @@ class CompilePlan:
 
 
 def plan_compile(passes: Sequence[Pass], backend: str,
-                 backend_options: Mapping[str, Any] | None = None) -> CompilePlan:
-    """Check the pipeline against the backend before capture and calibration: the backend exists and is built,
-    its options are valid, and every op a pass declares it creates (``Pass.creates``) is one it lowers."""
+                 backend_options: Mapping[str, Any] | None = None, device: str | None = None) -> CompilePlan:
+    """Check the pipeline against the backend before capture and calibration: the backend exists, is built and runs
+    here (on ``device`` when given), its options are valid, and every op a pass declares it creates
+    (``Pass.creates``) is one it lowers."""
     spec = get_backend(backend)
     spec.check_built()
     opts = spec.parse_options(dict(backend_options or {})).model_dump()
-    spec.check_available()
+    spec.check_available(device)
     # the backend's own passes, but for those the pipeline already runs where the user put them: appended again
     # they would follow passes that must come after them (merge-linears after fuse-qlinear), an order no pipeline
     # could then satisfy
@@ -457,7 +458,7 @@ def compile_model(
                                 ) from None
             passes[passes.index(p)] = mine
         check_input_files(passes)
-    plan = plan_compile(passes, backend, backend_options)  # so does a backend that cannot take the pipeline
+    plan = plan_compile(passes, backend, backend_options, device)  # so does a backend that cannot take the pipeline
     if generation:
         _refuse_kv_simulation(passes)
         _add_last_logits(plan, generation)

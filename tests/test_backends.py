@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import lowbit
 from lowbit.api import compile_graph, compile_model, plan_compile
 from lowbit.backends import registry
 from lowbit.backends.registry import BackendError, get_backend, register_backend
@@ -45,6 +46,16 @@ def test_a_backend_that_cannot_run_fails_before_the_model_is_read(monkeypatch):
     assert get_backend("triton").built and get_backend("triton").passes == "fuse-qlinear,merge-linears,fuse-norm-quant"
     with pytest.raises(BackendError, match="cannot run here: .*CUDA GPU.*backend='torch'.*'onnxruntime'"):
         compile_model("no-such-model", pipeline="dce", backend="triton")
+    # a GPU but device='cpu' (`lowbit generate -b triton` without --device cuda): was a RuntimeError from the
+    # lowering, after capture and calibration (exit 1 with a traceback); now before the model is read, as for no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for device in ("cpu", "cpu:0"):
+        with pytest.raises(BackendError, match=f"cannot run here: .*run on CUDA, not on device='{device}': give "
+                                               "device='cuda' \\(CLI: --device cuda\\)"):
+            compile_model("no-such-model", pipeline="dce", backend="triton", device=device)
+    with pytest.raises(BackendError, match="run on CUDA, not on device='cpu'"):
+        lowbit.load("no-such-dir", backend="triton", device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BackendError, match="unknown backend 'onnxrt' \\(did you mean 'onnxruntime'\\?\\); known: "
                                            "torch, onnxruntime, tensorrt, triton"):
         compile_model("no-such-model", backend="onnxrt")

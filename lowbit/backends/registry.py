@@ -61,8 +61,9 @@ class BackendSpec:
     ops_ref: str | Callable[[str], bool] | None = None
     options: type[BackendOptions] = BackendOptions
     not_built: str = ""
-    unavailable: Callable[[], str | None] | None = None
-    """Why the backend cannot run on this machine (no CUDA for triton), or None; checked before capture."""
+    unavailable: Callable[[str | None], str | None] | None = None
+    """Why the backend cannot run on this machine, or on the device asked for (``None``: its default), or None;
+    checked before capture (no CUDA, or ``device="cpu"``, for triton)."""
     _ops_cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -73,8 +74,8 @@ class BackendSpec:
         if not self.built:
             raise BackendError(f"backend {self.name!r} is declared but not built yet: {self.not_built}")
 
-    def check_available(self) -> None:
-        reason = self.unavailable() if self.unavailable is not None else None
+    def check_available(self, device: str | None = None) -> None:
+        reason = self.unavailable(device) if self.unavailable is not None else None
         if reason:
             raise BackendError(f"backend {self.name!r} cannot run here: {reason}")
 
@@ -112,7 +113,7 @@ class BackendSpec:
     def lower(self, graph: Any, device: str | None = None, options: dict[str, Any] | None = None) -> Any:
         """Build the runner (imports the backend module now)."""
         self.check_built()
-        self.check_available()
+        self.check_available(device)
         opts = self.parse_options(options)
         fn = _load(self.lower_ref)  # type: ignore[arg-type]
         return fn(graph, device, **opts.model_dump())
@@ -131,7 +132,7 @@ BACKENDS: dict[str, BackendSpec] = {}
 
 def register_backend(name: str, lower: str | None, *, summary: str = "", passes: str = "",
                      ops: str | Callable[[str], bool] | None = None, options: type[BackendOptions] = BackendOptions,
-                     not_built: str = "", unavailable: Callable[[], str | None] | None = None,
+                     not_built: str = "", unavailable: Callable[[str | None], str | None] | None = None,
                      replace: bool = False) -> BackendSpec:
     """Declare a backend (see the module docstring); ``replace=True`` lets a later registration win (the Triton
     backend replacing its not-built declaration)."""
@@ -215,8 +216,9 @@ register_backend("torch", "lowbit.backends.torch_backend:lower",
 register_backend("onnxruntime", "lowbit.backends.onnxruntime_backend:lower",
                  summary="ONNX Runtime session (MatMulNBits, integer GEMM, QDQ)", passes="fuse-qlinear",
                  ops="lowbit.backends.onnx.registry:LOWERINGS", options=OrtBackendOptions)
-def _tensorrt_unavailable() -> str | None:
-    """No ``tensorrt`` package or no CUDA device: said before capture and calibration, as triton says it."""
+def _tensorrt_unavailable(device: str | None = None) -> str | None:
+    """No ``tensorrt`` package or no CUDA device: said before capture and calibration, as triton says it (TensorRT
+    runs on CUDA whatever ``device`` says)."""
     import importlib.util
 
     import torch
@@ -269,17 +271,24 @@ class TritonBackendOptions(BackendOptions):
         return self
 
 
-def _triton_unavailable() -> str | None:
-    """No CUDA device and no Triton interpreter (``TRITON_INTERPRET=1``, how the kernels are tested on CPU)."""
+def _triton_unavailable(device: str | None = None) -> str | None:
+    """No CUDA device and no Triton interpreter (``TRITON_INTERPRET=1``, how the kernels are tested on CPU), or a
+    device that is not CUDA outside the interpreter: found by the lowering after capture and calibration, as a
+    RuntimeError."""
     import os
 
     import torch
 
-    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return None
-    return ("lowbit's Triton kernels need a CUDA GPU and none is visible: use backend='torch' (the CPU/CUDA "
-            "reference; keep_packed=True keeps weights packed) or backend='onnxruntime' (MatMulNBits / integer "
-            "GEMM on CPU)")
+    if not torch.cuda.is_available():
+        return ("lowbit's Triton kernels need a CUDA GPU and none is visible: use backend='torch' (the CPU/CUDA "
+                "reference; keep_packed=True keeps weights packed) or backend='onnxruntime' (MatMulNBits / integer "
+                "GEMM on CPU)")
+    if device is not None and torch.device(device).type != "cuda":
+        return (f"lowbit's Triton kernels run on CUDA, not on device={device!r}: give device='cuda' (CLI: --device "
+                "cuda), or use backend='torch' on the CPU")
+    return None
 
 
 register_backend("triton", "lowbit.backends.triton_backend:lower",

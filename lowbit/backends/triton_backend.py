@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from lowbit.backends.registry import BackendError
 from lowbit.backends.semi_structured import report_lines
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.ir.graph import Graph, TensorType
@@ -32,8 +33,14 @@ from lowbit.ir import ops as ir_ops
 from lowbit.ir.ops import hadamard as ir_hadamard
 from lowbit.ir.quant import qlinear
 
-__all__ = ["EPILOGUES", "EPILOGUE_RULES", "KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "lower", "plan_hadamard",
-           "plan_qlinear", "plan_rotary_cache", "rotary_cache_pattern"]
+__all__ = ["EPILOGUES", "EPILOGUE_RULES", "KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "TritonUnavailable", "lower",
+           "plan_hadamard", "plan_qlinear", "plan_rotary_cache", "rotary_cache_pattern"]
+
+
+class TritonUnavailable(BackendError, RuntimeError):
+    """No CUDA to run the kernels on (a ``BackendError``, so the CLI says it as a usage error; a ``RuntimeError`` as
+    it always was)."""
+
 
 NO_CUDA = ("backend 'triton' runs lowbit's Triton kernels and needs a CUDA GPU, and none is visible: use "
            "backend='torch' (the CPU/CUDA reference) or backend='onnxruntime' (MatMulNBits / integer GEMM on CPU)")
@@ -826,10 +833,11 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     each layer's rotary of q and k and its float KV-cache writes in one kernel."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
-        raise RuntimeError(NO_CUDA)
+        raise TritonUnavailable(NO_CUDA)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(dev).type != "cuda" and not interpret:
-        raise RuntimeError(f"backend 'triton' runs on CUDA, not {dev!r}: " + NO_CUDA.split(": ", 1)[1])
+        raise TritonUnavailable(f"backend 'triton' runs on CUDA, not {dev!r}: give device='cuda', or use "
+                                "backend='torch' on the CPU")
     # a step graph's cache inputs are handed over by the generator (written in place), as on the torch backend
     donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
     return TritonCompiled(graph, dev, compile=compile and torch.device(dev).type == "cuda", cuda_graphs=cuda_graphs,

@@ -239,6 +239,7 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     from lowbit.backends.registry import get_backend
 
     get_backend(backend).check_built()  # a misspelt backend was found only after the whole load
+    get_backend(backend).check_available(device)  # and triton without CUDA, or on device='cpu', after it too
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
