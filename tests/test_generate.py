@@ -272,6 +272,22 @@ def test_w4a16_generation_runs_on_a_two_layer_slice(smollm2):
     torch.testing.assert_close(prefill, logits_model(ids), rtol=0, atol=0)
 
 
+def test_cli_generate_refuses_a_backend_before_reading_a_lowbit_directory(tmp_path, monkeypatch):
+    """A misspelt or unavailable backend was exit 3 ("cannot be read") for a lowbit-format directory (its load raised
+    the BackendError) and exit 2 for every other MODEL; now exit 2 for all, before anything is read."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    (tmp_path / "model.lowbit").write_text("not read")
+    res = CliRunner().invoke(app, ["generate", str(tmp_path), "--prompt", "hi", "-b", "tritn"])
+    assert res.exit_code == 2 and "unknown backend 'tritn' (did you mean 'triton'?)" in res.output, res.output
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = CliRunner().invoke(app, ["generate", str(tmp_path), "--prompt", "hi", "-b", "triton"])
+    assert res.exit_code == 2 and "backend 'triton' cannot run here" in res.output, res.output
+
+
 def test_cli_generate_streams_and_reports_speed(capsys):
     from typer.testing import CliRunner
 

@@ -522,6 +522,13 @@ def generate_cmd(
         check_device(device)
     except DeviceError as exc:
         fail(f"--device: {exc}", Exit.USAGE)
+    try:  # before any model is read, whichever kind MODEL is (a lowbit directory's load said it as exit 3)
+        from lowbit.backends.registry import get_backend
+
+        get_backend(backend).check_built()
+        get_backend(backend).check_available(device)
+    except BackendError as exc:
+        fail(str(exc), Exit.USAGE)
     from lowbit.models import quantization_config
 
     ckpt = Path(model).expanduser() if quantization_config(model) is not None else None
