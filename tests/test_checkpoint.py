@@ -555,7 +555,9 @@ def test_save_and_load_arguments_are_checked_and_honoured(tmp_path):
 
 def test_a_reload_reports_what_its_lowering_decided(tmp_path):
     """``lowbit.load`` lowers the graph afresh, but its report had no ``lowering`` lines: a reload on triton did not
-    say which nodes fell back to the reference, on torch that the weights were dequantized into float copies."""
+    say which nodes fell back to the reference, on torch that the weights were dequantized into float copies. And it
+    took no backend options."""
+    from lowbit.backends.registry import BackendError
     from lowbit.ir.capture import capture
     from lowbit.models import CausalLMLogits
 
@@ -566,6 +568,13 @@ def test_a_reload_reports_what_its_lowering_decided(tmp_path):
     loaded = lowbit.load(out)
     assert loaded.report.lowering == loaded.runner.report_text().splitlines()
     assert "7 quantized weights dequantized at lowering" in loaded.report.summary()
+    # load took no backend options: a reload could not keep the stored codes (keep_packed) and always held floats
+    packed = lowbit.load(out, backend_options={"keep_packed": True})
+    assert packed.report.lowering == [] and packed.runner.buffer_bytes < loaded.runner.buffer_bytes / 2
+    ids = torch.randint(0, 97, (2, 12))
+    assert torch.equal(packed(ids), loaded(ids))
+    with pytest.raises(BackendError, match="backend torch: option keep_packd: Extra inputs"):
+        lowbit.load(tmp_path / "no-such-dir", backend_options={"keep_packd": True})  # before anything is read
     if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
         on_triton = lowbit.load(out, backend="triton")  # a float32 graph: every qlinear on the reference, named
         assert on_triton.report.lowering[0].startswith("triton: 0 nodes on kernels, 4 on the reference")

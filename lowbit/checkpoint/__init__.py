@@ -22,7 +22,7 @@ quantized weights.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -224,9 +224,12 @@ def _generation_meta(info: dict[str, Any], graph: Any, directory: Path) -> dict[
 
 
 def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: str | None = None,
-         generation: Any = None) -> Any:
+         generation: Any = None, backend_options: Mapping[str, Any] | None = None) -> Any:
     """A ``CompiledModel`` from a directory ``save`` wrote (any format), or a compressed-tensors/GPTQ directory
     another tool wrote. Files listed in ``lowbit-manifest.json`` are checked against their SHA-256 first.
+
+    ``backend_options`` are the backend's own, as ``compile_model`` takes them (``{"keep_packed": True}`` on torch,
+    so the reloaded module holds the stored codes and not float copies); checked before anything is read.
 
     ``generation=GenerationSpec(...)`` (HF formats): capture the generation step (prefill and decode with a KV cache,
     as ``compile_model(..., generation=)``) instead of the logits forward, with the stored codes, so ``generate``
@@ -239,6 +242,7 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     from lowbit.backends.registry import get_backend
 
     get_backend(backend).check_built()  # a misspelt backend was found only after the whole load
+    get_backend(backend).parse_options(dict(backend_options or {}))
     get_backend(backend).check_available(device)  # and triton without CUDA, or on device='cpu', after it too
     directory = Path(directory)
     if not directory.is_dir():
@@ -264,7 +268,7 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
         stored = check_stored(graph, {})
         if stored:  # a crafted scale loaded and made every logit NaN
             raise CheckpointError(f"{directory}: the checkpoint's tensors do not make a usable model: {listed(stored)}")
-    runner = lower(graph, backend, device)
+    runner = lower(graph, backend, device, backend_options)
     from lowbit.ir.ops import is_semantic
 
     report = CompileReport(
