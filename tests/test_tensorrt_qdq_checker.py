@@ -194,3 +194,21 @@ def test_violations_read_well(violation_str):
         t, scale=np.full(K, 0.01, np.float32), attrs={"axis": 0})]))
     text = str(check_tensorrt_qdq(model)[0])
     assert text.startswith(violation_str) and "docs.nvidia.com" in text
+
+
+@pytest.mark.parametrize("attr, value", [("value_float", 0.05), ("value_floats", [0.05])])
+def test_scales_from_constant_nodes_of_any_attribute_are_build_time_constants(attr, value):
+    def build(t: Tape, x: ir.Value) -> ir.Value:
+        scale = t.op("Constant", [], {attr: value})
+        return t.op("MatMul", [_q_dq_act(t, x, scale=scale), _weight_dq(t)])
+
+    assert check_tensorrt_qdq(_model(build)) == []
+
+
+def test_a_constant_node_of_a_non_positive_scale_is_still_rejected():
+    def build(t: Tape, x: ir.Value) -> ir.Value:
+        scale = t.op("Constant", [], {"value_float": -0.05})
+        return t.op("MatMul", [_q_dq_act(t, x, scale=scale), _weight_dq(t)])
+
+    found = [v for v in check_tensorrt_qdq(_model(build)) if v.rule == "scale-constant-positive"]
+    assert found and all("non-positive" in v.message for v in found)

@@ -78,8 +78,8 @@ class QDQView:
             p = v.producer()
             if p is None:
                 return None
-            if p.op_type == "Constant" and "value" in p.attributes:
-                return p.attributes["value"].as_tensor().numpy()
+            if p.op_type == "Constant":
+                return _constant_value(p)
             if p.op_type in ("Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze"):
                 v = p.inputs[0]
                 continue
@@ -150,6 +150,21 @@ class QDQView:
     def where(self, node: ir.Node) -> str:
         module = node.metadata_props.get("lowbit.module")
         return f"{node.op_type} {node.name!r}" + (f" (module {module})" if module else "")
+
+
+_CONSTANT_DTYPES = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+                    "value_ints": np.int64}
+
+
+def _constant_value(node: ir.Node) -> np.ndarray | None:
+    """A ``Constant`` node's value, whichever attribute holds it: a scale written ``value_float=0.05`` (as
+    hand-made and some exporters' graphs do) was taken for one computed at run time and refused."""
+    if "value" in node.attributes:
+        return node.attributes["value"].as_tensor().numpy()
+    for key, dtype in _CONSTANT_DTYPES.items():
+        if key in node.attributes:
+            return np.asarray(node.attributes[key].value, dtype=dtype)
+    return None  # sparse_value, value_string(s): never a Q/DQ scale or zero point
 
 
 def _v(view: QDQView, node: ir.Node, rule: str, severity: Severity, message: str, doc: str) -> Violation:
