@@ -212,3 +212,23 @@ def test_a_constant_node_of_a_non_positive_scale_is_still_rejected():
 
     found = [v for v in check_tensorrt_qdq(_model(build)) if v.rule == "scale-constant-positive"]
     assert found and all("non-positive" in v.message for v in found)
+
+
+def test_a_per_channel_scale_of_the_wrong_length_is_rejected():
+    # axis 1 (the output channels, N of them) with K scales: every other rule passed it
+    model = _model(lambda t, x: t.op("MatMul", [_q_dq_act(t, x), _weight_dq(t, scale=np.full(K, 0.01, np.float32))]))
+    found = check_tensorrt_qdq(model)
+    assert [v.rule for v in found] == ["scale-shape"]
+    assert f"[{K}] does not match axis 1 of the input [{K}, {N}]: it needs [{N}]" in found[0].message
+
+
+@pytest.mark.parametrize("scale_shape, attrs, match", [
+    ((K // 32, N), {"axis": 0, "block_size": 64}, f"needs [{K // 64}, {N}]"),
+    ((K // 64, N), {"axis": 0}, "without a block_size attribute"),
+])
+def test_a_block_scale_of_the_wrong_shape_is_rejected(scale_shape, attrs, match):
+    def build(t: Tape, x: ir.Value) -> ir.Value:
+        return t.op("MatMul", [x, _weight_dq(t, I4, scale=np.full(scale_shape, 0.01, np.float32), attrs=attrs)])
+
+    found = [v for v in check_tensorrt_qdq(_model(build)) if v.rule == "scale-shape"]
+    assert len(found) == 1 and match in found[0].message

@@ -124,6 +124,17 @@ class QDQView:
         attr = node.attributes.get("block_size")
         return attr.as_int() if attr is not None else 0
 
+    def dims(self, v: ir.Value | None) -> tuple[int | None, ...] | None:
+        """``v``'s shape, None for each symbolic dim (None when the rank is unknown)."""
+        if v is None:
+            return None
+        if v.const_value is not None:
+            return tuple(v.const_value.shape)
+        if v.shape is not None:
+            return tuple(d if isinstance(d, int) else None for d in v.shape.dims)
+        c = self.const(v)
+        return tuple(c.shape) if c is not None else None
+
     def rank(self, v: ir.Value | None) -> int | None:
         if v is None:
             return None
@@ -219,7 +230,10 @@ def _scale_shapes(view: QDQView) -> Iterable[Violation]:
     for n in view.qdq_nodes():
         data_rank = view.rank(n.inputs[0])
         s_rank = view.rank(n.inputs[1])
-        if data_rank is None or s_rank is None or s_rank <= 1:
+        if data_rank is None or s_rank is None or s_rank == 0:
+            continue
+        yield from _scale_extents(view, n, data_rank, s_rank)
+        if s_rank == 1:
             continue
         if s_rank != data_rank:
             yield _v(view, n, "scale-shape", "error",
@@ -231,6 +245,33 @@ def _scale_shapes(view: QDQView) -> Iterable[Violation]:
             yield _v(view, n, "scale-shape", "error",
                      f"block quantization along axis {axis} of a rank-{data_rank} tensor: TensorRT blocks only the "
                      "last or second-to-last dimension", DOC_DQL + " (block quantization)")
+
+
+def _scale_extents(view: QDQView, n: ir.Node, data_rank: int, s_rank: int) -> Iterable[Violation]:
+    """A per-channel scale as long as the quantized axis, a block scale the input's shape with the blocked axis
+    divided (rounded up) by the block size: a per-channel scale of the weight's other dimension passed every rule
+    and failed only in the TensorRT build (ONNX Runtime refuses it at session creation too)."""
+    data, scale = view.dims(n.inputs[0]), view.dims(n.inputs[1])
+    if data is None or scale is None or (s_rank == 1 and scale[0] == 1) or (s_rank != 1 and s_rank != data_rank):
+        return
+    axis = view.axis(n, data_rank)
+    block = view.block_size(n)
+    if s_rank == 1:
+        want: tuple[int | None, ...] = (data[axis],)
+    elif not block:
+        yield _v(view, n, "scale-shape", "error",
+                 f"a rank-{s_rank} scale {list(scale)} without a block_size attribute: a same-rank scale is block "
+                 "quantization, which names its block size", DOC_DQL + " (block quantization)")
+        return
+    else:
+        want = tuple(-(-d // block) if i == axis and d is not None else d for i, d in enumerate(data))
+    if any(w is not None and s is not None and w != s for w, s in zip(want, scale)):
+        shown = ["?" if d is None else d for d in data]
+        what = f"axis {axis} of the input {shown}" if s_rank == 1 else \
+            f"the input {shown} in blocks of {block} along axis {axis}"
+        yield _v(view, n, "scale-shape", "error",
+                 f"scale of shape {list(scale)} does not match {what}: it needs "
+                 f"{['?' if w is None else w for w in want]}", DOC_DQL + " (scale shape)")
 
 
 def _is_per_tensor(view: QDQView, scale: ir.Value) -> bool:
