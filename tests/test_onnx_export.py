@@ -8,7 +8,7 @@ import torch
 
 import lowbit
 from lowbit.backends.onnx import OnnxFileError, load_onnx, lowered_op_types, to_onnx
-from lowbit.backends.onnxruntime_backend import OrtCompiled
+from lowbit.backends.onnxruntime_backend import OrtCompiled, ProviderFallbackWarning
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.export import load
 from lowbit.ir.parser import parse_graph
@@ -230,6 +230,21 @@ def test_session_options_of_a_file_are_checked_by_name(exported):
 def exported(tmp_path):
     g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
     return lowbit.export(g, tmp_path / "m.onnx")
+
+
+def test_providers_take_one_name_as_a_string_and_ort_option_pairs(exported):
+    """providers='CUDAExecutionProvider' was iterated letter by letter: providers 'C', 'U', 'D', ... "not
+    available", and the session fell back to the CPU with nothing asked for by name."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load(exported, providers="CPUExecutionProvider").providers == ["CPUExecutionProvider"]
+        assert load(exported, providers=[("CPUExecutionProvider", {})]).providers == ["CPUExecutionProvider"]
+    with pytest.warns(ProviderFallbackWarning, match=r"provider\(s\) NoSuchExecutionProvider not available"):
+        load(exported, providers="NoSuchExecutionProvider")
+    with pytest.raises(TypeError, match=r"providers\[0\] is \{'CPUExecutionProvider': 1\}: give an execution provider"):
+        load(exported, providers=[{"CPUExecutionProvider": 1}])
 
 
 def test_truncated_onnx_is_reported(exported):

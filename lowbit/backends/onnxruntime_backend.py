@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,31 +68,57 @@ class ProviderFallbackWarning(UserWarning):
     """A requested execution provider is not available; the message says which one runs instead."""
 
 
-def choose_providers(requested: Sequence[str] | None = None, device: str | torch.device | None = None
-                     ) -> list[str]:
+def provider_name(p: str | tuple[str, Any]) -> str:
+    """An execution provider as ORT takes one, its name or (name, provider options), by name."""
+    return p if isinstance(p, str) else p[0]
+
+
+def _checked_requested(requested: str | Sequence[Any]) -> list[str | tuple[str, dict[str, Any]]]:
+    """``providers=`` as a list of names and (name, options) pairs: one name given as a string was iterated
+    character by character (providers 'C', 'P', 'U', ... "not available", a silent fall back to CPU)."""
+    if isinstance(requested, str):
+        return [requested]
+    if not isinstance(requested, Sequence):
+        raise TypeError(f"providers must be a list of execution provider names, got {type(requested).__name__}")
+    out: list[str | tuple[str, dict[str, Any]]] = []
+    for i, p in enumerate(requested):
+        if isinstance(p, str):
+            out.append(p)
+        elif isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], Mapping):
+            out.append((p[0], dict(p[1])))
+        else:
+            raise TypeError(f"providers[{i}] is {p!r}: give an execution provider name ('CUDAExecutionProvider') or "
+                            "a (name, provider options) pair as ONNX Runtime takes them")
+    return out
+
+
+def choose_providers(requested: str | Sequence[Any] | None = None, device: str | torch.device | None = None
+                     ) -> list[str | tuple[str, dict[str, Any]]]:
     """Providers to ask ORT for: ``requested`` filtered to the available ones, else the best available.
 
-    ``device="cpu"`` means CPU only; ``"cuda"`` prefers the GPU providers and warns when there are none.
+    ``requested`` holds names or (name, options) pairs (a single name may be a string). ``device="cpu"`` means CPU
+    only; ``"cuda"`` prefers the GPU providers and warns when there are none.
     """
     available = ort.get_available_providers()
     dev = torch.device(device).type if device is not None else None
     if requested is None:
         if dev == "cpu":
             return ["CPUExecutionProvider"]
-        chosen = [p for p in PREFERRED_PROVIDERS if p in available]
+        chosen: list[str | tuple[str, dict[str, Any]]] = [p for p in PREFERRED_PROVIDERS if p in available]
         if dev == "cuda" and not any(p in _GPU_PROVIDERS for p in chosen):
             warnings.warn(f"device='cuda' asked for, but this onnxruntime build ({ort.__version__}) has no GPU "
                           f"provider (available: {', '.join(available)}); running on CPUExecutionProvider. "
                           "Install onnxruntime-gpu for CUDA/TensorRT.", ProviderFallbackWarning, stacklevel=3)
         return chosen or ["CPUExecutionProvider"]
-    chosen = [p for p in requested if p in available]
-    missing = [p for p in requested if p not in available]
+    wanted = _checked_requested(requested)
+    chosen = [p for p in wanted if provider_name(p) in available]
+    missing = [provider_name(p) for p in wanted if provider_name(p) not in available]
     if not chosen:
         chosen = ["CPUExecutionProvider"]
     if missing:
         warnings.warn(f"execution provider(s) {', '.join(missing)} not available in this onnxruntime build "
                       f"({ort.__version__}; available: {', '.join(available)}); falling back to "
-                      f"{', '.join(chosen)}", ProviderFallbackWarning, stacklevel=3)
+                      f"{', '.join(map(provider_name, chosen))}", ProviderFallbackWarning, stacklevel=3)
     return chosen
 
 
@@ -138,7 +164,7 @@ def session_options(threads: int | None = None, optimization: str = "all",
     return so
 
 
-def create_session(model: ir.Model | str | os.PathLike[str], providers: list[str], so: ort.SessionOptions, *,
+def create_session(model: ir.Model | str | os.PathLike[str], providers: list[Any], so: ort.SessionOptions, *,
                    file_checked: bool = False) -> ort.InferenceSession:
     """An InferenceSession from an in-memory model (via a temporary external-data file when > 2 GB) or a path.
     ``file_checked``: the caller has already read the file with ``load_onnx`` (no second read of its protobuf)."""
@@ -254,7 +280,7 @@ class OrtCompiled(torch.nn.Module):
 
     ``lowering`` takes ``LoweringOptions`` fields (``opset``, ``attention``, ``weight_format`` =
     ``"qdq"`` | ``"matmulnbits"``, ``integer_matmul``; defaults ``ORT_LOWERING``). ``providers`` overrides
-    the automatic choice (missing ones fall back with a warning); ``threads`` / ``spinning`` set ORT's intra-op
+    the automatic choice (names or ORT's (name, options) pairs; missing ones fall back with a warning); ``threads`` / ``spinning`` set ORT's intra-op
     pool (``session_options``).
     """
 
@@ -263,7 +289,7 @@ class OrtCompiled(torch.nn.Module):
         graph: Graph | None = None,
         device: str | torch.device | None = None,
         *,
-        providers: Sequence[str] | None = None,
+        providers: str | Sequence[Any] | None = None,
         threads: int | None = None,
         spinning: bool | None = None,
         optimization: str = "all",
@@ -318,7 +344,7 @@ class OrtCompiled(torch.nn.Module):
                                                       spinning=spinning),
                                       file_checked=on_file is not None)
         self.providers = self.session.get_providers()
-        dropped = [p for p in self.requested_providers if p not in self.providers]
+        dropped = [provider_name(p) for p in self.requested_providers if provider_name(p) not in self.providers]
         if dropped:
             warnings.warn(f"onnxruntime could not initialise {', '.join(dropped)} (see its log); running on "
                           f"{', '.join(self.providers)}", ProviderFallbackWarning, stacklevel=2)
