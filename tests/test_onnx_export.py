@@ -247,6 +247,25 @@ def test_providers_take_one_name_as_a_string_and_ort_option_pairs(exported):
         load(exported, providers=[{"CPUExecutionProvider": 1}])
 
 
+def test_the_device_picks_the_gpu_and_other_devices_are_refused(exported, monkeypatch):
+    """device='cuda:1' asked ORT for its CUDA provider with no device_id (GPU 0 ran it), and device='mps' got a CPU
+    session without a word."""
+    import onnxruntime
+
+    from lowbit.backends.onnxruntime_backend import choose_providers
+    from lowbit.errors import DeviceError
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert choose_providers(None, "cuda:1") == [("CUDAExecutionProvider", {"device_id": "1"}), "CPUExecutionProvider"]
+    assert choose_providers(None, "cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.undo()
+    for bad, match in (("mps", "onnxruntime runs on 'cpu' or 'cuda' \\(cuda:N\\), not on 'mps'"),
+                       ("gpu", "'gpu' is not a device")):
+        with pytest.raises(DeviceError, match=match):
+            load(exported, device=bad)
+
+
 def test_truncated_onnx_is_reported(exported):
     data = exported.read_bytes()
     exported.write_bytes(data[: len(data) // 2])

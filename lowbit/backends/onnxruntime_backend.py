@@ -33,7 +33,7 @@ from lowbit.backends.onnx.io import (
     initializer_bytes,
 )
 from lowbit.backends.onnx.widen import has_bfloat16, widen_bfloat16
-from lowbit.errors import did_you_mean
+from lowbit.errors import DeviceError, did_you_mean
 from lowbit.ir.graph import Graph
 from lowbit.ir.signature import InputChecker
 
@@ -92,20 +92,37 @@ def _checked_requested(requested: str | Sequence[Any]) -> list[str | tuple[str, 
     return out
 
 
+def ort_device(device: str | torch.device | None) -> torch.device | None:
+    """``device=`` as a torch device; a string torch cannot read ('gpu') is a ``DeviceError``, not torch's
+    RuntimeError listing every device type it knows."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device={device!r} is not a device: give 'cpu', 'cuda' or 'cuda:N'") from None
+
+
 def choose_providers(requested: str | Sequence[Any] | None = None, device: str | torch.device | None = None
                      ) -> list[str | tuple[str, dict[str, Any]]]:
     """Providers to ask ORT for: ``requested`` filtered to the available ones, else the best available.
 
     ``requested`` holds names or (name, options) pairs (a single name may be a string). ``device="cpu"`` means CPU
-    only; ``"cuda"`` prefers the GPU providers and warns when there are none.
+    only; ``"cuda"`` prefers the GPU providers (``"cuda:N"`` with ``device_id`` N) and warns when there are none.
     """
     available = ort.get_available_providers()
-    dev = torch.device(device).type if device is not None else None
+    where = ort_device(device)
+    dev = where.type if where is not None else None
     if requested is None:
         if dev == "cpu":
             return ["CPUExecutionProvider"]
+        if dev not in (None, "cuda"):  # 'mps', 'meta': was a silent CPU session
+            raise DeviceError(f"device={str(device)!r}: onnxruntime runs on 'cpu' or 'cuda' (cuda:N), not on {dev!r}")
         chosen: list[str | tuple[str, dict[str, Any]]] = [p for p in PREFERRED_PROVIDERS if p in available]
-        if dev == "cuda" and not any(p in _GPU_PROVIDERS for p in chosen):
+        if where is not None and where.index is not None:
+            # ORT picks the GPU by provider option, not by torch's device: cuda:1 ran on GPU 0
+            chosen = [(p, {"device_id": str(where.index)}) if p in _GPU_PROVIDERS else p for p in chosen]
+        if dev == "cuda" and not any(provider_name(p) in _GPU_PROVIDERS for p in chosen):
             warnings.warn(f"device='cuda' asked for, but this onnxruntime build ({ort.__version__}) has no GPU "
                           f"provider (available: {', '.join(available)}); running on CPUExecutionProvider. "
                           "Install onnxruntime-gpu for CUDA/TensorRT.", ProviderFallbackWarning, stacklevel=3)
@@ -300,7 +317,7 @@ class OrtCompiled(torch.nn.Module):
         if (graph is None) == (model is None):
             raise TypeError("OrtCompiled takes a lowbit Graph or an ONNX model/path (model=...), exactly one")
         self.graph = graph
-        self.device = torch.device(device) if device is not None else None
+        self.device = ort_device(device)
         self.onnx_model: ir.Model | None
         self.options: LoweringOptions | None
         if graph is not None:
