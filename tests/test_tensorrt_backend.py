@@ -17,6 +17,7 @@ from lowbit.backends.onnx import to_onnx
 from lowbit.backends.tensorrt import (
     EngineFileError,
     EngineHeader,
+    TensorRTBuildError,
     TensorRTCompiled,
     TensorRTUnavailable,
     profile_from_symbols,
@@ -120,6 +121,20 @@ def test_optimization_profile_comes_from_the_symbols(minilm_graph):
     assert profile["attention_mask"] == profile["input_ids"]
     capped = profile_from_symbols(to_onnx(minilm_graph), max_default=128)
     assert capped["input_ids"][2] == [128, 128]
+
+
+def test_shapes_for_some_inputs_keep_the_others_from_the_symbols(minilm_graph):
+    """shapes= for input_ids alone replaced the whole profile (attention_mask had none: TensorRT's build failed),
+    and a misspelt input name reached TensorRT's set_shape."""
+    model = to_onnx(minilm_graph)
+    profile = profile_from_symbols(model, max_default=512, shapes={"input_ids": ((1, 8), (4, 64), (8, 128))})
+    assert profile["input_ids"] == ([1, 8], [4, 64], [8, 128])
+    assert profile["attention_mask"] == profile_from_symbols(model, max_default=512)["attention_mask"]
+    with pytest.raises(TensorRTBuildError, match="'input_id', which the model has no input called \\(did you mean "
+                                                 "'input_ids'\\?\\); its inputs are: input_ids, attention_mask"):
+        profile_from_symbols(model, shapes={"input_id": ((1, 8), (4, 64), (8, 128))})
+    with pytest.raises(TensorRTBuildError, match="shapes\\['input_ids'\\] has rank 3; the input is rank 2"):
+        profile_from_symbols(model, shapes={"input_ids": ((1, 8, 1), (4, 64, 1), (8, 128, 1))})
 
 
 # ---- with TensorRT ------------------------------------------------------------------------------------

@@ -63,11 +63,25 @@ def _trt_logger(trt: Any) -> Any:
 
 
 def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
-                         max_default: int = 4096) -> dict[str, tuple[list[int], list[int], list[int]]]:
-    """[min, opt, max] shapes per input from the symbols lowbit records (``lowbit.symbols`` metadata)."""
+                         max_default: int = 4096, shapes: ProfileShapes | None = None
+                         ) -> dict[str, tuple[list[int], list[int], list[int]]]:
+    """[min, opt, max] shapes per input from the symbols lowbit records (``lowbit.symbols`` metadata); ``shapes``
+    (input name -> (min, opt, max)) gives some or all of them instead.
+
+    ``shapes`` for one input of several used to replace the whole profile (the others had none, and TensorRT's build
+    failed on them), and a name no input has reached TensorRT's ``set_shape``: both are refused or completed here."""
     symbols = json.loads(model.metadata_props.get("lowbit.symbols", "{}"))
+    given = dict(shapes or {})
+    names = [v.name for v in model.graph.inputs]
+    unknown = [k for k in given if k not in names]
+    if unknown:
+        raise TensorRTBuildError(f"shapes= names {', '.join(map(repr, unknown))}, which the model has no input "
+                                 f"called{did_you_mean(unknown[0], names)}; its inputs are: {', '.join(names)}")
     profile: dict[str, tuple[list[int], list[int], list[int]]] = {}
     for value in model.graph.inputs:
+        if value.name in given:
+            profile[value.name] = _given_profile(value, given[value.name])
+            continue
         if value.shape is None:
             raise TensorRTBuildError(f"input {value.name!r} has no shape: pass shapes= for the profile")
         lo: list[int] = []
@@ -97,6 +111,21 @@ def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
             hi.append(smax)
         profile[value.name] = (lo, mid, hi)
     return profile
+
+
+def _given_profile(value: ir.Value, triple: tuple[Shape, Shape, Shape]) -> tuple[list[int], list[int], list[int]]:
+    """One input's (min, opt, max) from ``shapes=``, checked against its rank and static sizes."""
+    lo, mid, hi = (list(s) for s in triple)
+    if value.shape is not None:
+        dims = list(value.shape)
+        if len(lo) != len(dims):
+            raise TensorRTBuildError(f"shapes[{value.name!r}] has rank {len(lo)}; the input is rank {len(dims)} "
+                                     f"({[d if isinstance(d, int) else str(d) for d in dims]})")
+        for i, d in enumerate(dims):
+            if isinstance(d, int) and not lo[i] == mid[i] == hi[i] == d:
+                raise TensorRTBuildError(f"shapes[{value.name!r}]: dim {i} of the input is static ({d}), the "
+                                         f"profile gives {lo[i]}, {mid[i]}, {hi[i]}")
+    return lo, mid, hi
 
 
 def check_build_options(options: Mapping[str, Any]) -> None:
@@ -146,8 +175,8 @@ def build_engine(
 ) -> tuple[bytes, EngineHeader]:
     """Build a serialized engine (plan bytes) from an ONNX file; returns it with lowbit's header.
 
-    ``shapes`` overrides the optimization profile (input → (min, opt, max)); by default it comes from the
-    model's symbol ranges, with dynamic maxima capped at ``max_dim`` and optima at ``opt`` (symbol → size)
+    ``shapes`` sets the optimization profile of the inputs it names (input → (min, opt, max)); the others come from
+    the model's symbol ranges, with dynamic maxima capped at ``max_dim`` and optima at ``opt`` (symbol → size)
     or the capture hint.
     """
     trt = import_tensorrt()
@@ -176,8 +205,7 @@ def build_engine(
         # weakly typed explicit quantization (TensorRT 8.x) needs the INT8 flag; FP16 lets unquantized layers
         # pick half precision as TensorRT's QAT examples do
         config.set_flag(trt.BuilderFlag.INT8)
-    profile_shapes = {k: tuple(list(s) for s in v) for k, v in (shapes or {}).items()} or \
-        profile_from_symbols(model, opt, max_dim)
+    profile_shapes = profile_from_symbols(model, opt, max_dim, shapes)
     profile = builder.create_optimization_profile()
     for name, (lo, mid, hi) in profile_shapes.items():
         profile.set_shape(name, lo, mid, hi)
