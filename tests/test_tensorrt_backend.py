@@ -137,6 +137,56 @@ def test_shapes_for_some_inputs_keep_the_others_from_the_symbols(minilm_graph):
         profile_from_symbols(model, shapes={"input_ids": ((1, 8, 1), (4, 64, 1), (8, 128, 1))})
 
 
+class _FakeRunner:
+    """Stands in for TensorRTRunner where TensorRT is absent: records what the engine would be called with."""
+
+    def __init__(self, plan: bytes, header: EngineHeader | None = None, where: str = "<memory>") -> None:
+        self.inputs = list(header.inputs) if header is not None else []
+        self.calls: list[tuple[torch.Tensor, ...]] = []
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        self.calls.append(args)
+        return [torch.zeros(1)]
+
+
+def test_an_engine_built_from_a_graph_checks_its_inputs_as_the_other_backends(minilm_graph, monkeypatch):
+    """TensorRTCompiled handed any tensor to the engine: float ids were cast to int64 (truncated), an id past the
+    vocabulary went to TensorRT's Gather."""
+    import lowbit.backends.tensorrt as trt_backend
+    from lowbit.ir.signature import InputError
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: None)
+    monkeypatch.setattr(trt_backend, "build_engine", lambda path, **kw: (b"plan", EngineHeader(
+        0, "", "10.0", inputs=["input_ids", "attention_mask"], outputs=["out"])))
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", _FakeRunner)
+    model = TensorRTCompiled(minilm_graph)
+    ids, mask = torch.tensor([[101, 2023, 102]]), torch.ones(1, 3, dtype=torch.long)
+    model(ids, mask)
+    assert len(model.runner.calls) == 1
+    with pytest.raises(InputError, match="input %input_ids .*expected dtype torch.int64, got torch.float32"):
+        model(ids.float(), mask)
+    with pytest.raises(InputError, match="id 40000 .* outside the vocabulary"):
+        model(torch.tensor([[101, 40000, 102]]), mask)
+    assert len(model.runner.calls) == 1
+
+
+def test_a_call_outside_the_engine_profile_names_the_input_and_the_profile():
+    """set_input_shape's False was ignored: the outputs got -1 sizes and torch.empty failed on them."""
+    from lowbit.backends.tensorrt.engine import TensorRTRunner
+    from lowbit.ir.signature import InputError
+
+    class Context:
+        def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+            return shape[1] <= 128
+
+    runner = TensorRTRunner.__new__(TensorRTRunner)
+    runner.inputs, runner.outputs, runner.context = ["input_ids"], [], Context()
+    runner.header = EngineHeader(0, "", "10.0", inputs=["input_ids"], profile={"input_ids": [[1, 1], [1, 64], [8, 128]]})
+    with pytest.raises(InputError, match="input 'input_ids': shape \\(1, 300\\) is outside the engine's optimization "
+                                         "profile \\(the engine was built for min \\[1, 1\\], max \\[8, 128\\]"):
+        runner(torch.ones(1, 300, dtype=torch.long))
+
+
 # ---- with TensorRT ------------------------------------------------------------------------------------
 
 

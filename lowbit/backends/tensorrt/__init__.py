@@ -35,6 +35,7 @@ from lowbit.backends.tensorrt.engine_file import EngineFileError, EngineHeader, 
 from lowbit.backends.tensorrt.qdq_rules import RULES, Violation, check_tensorrt_qdq, errors
 from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
+from lowbit.ir.signature import InputChecker
 
 __all__ = [
     "EngineFileError",
@@ -112,6 +113,9 @@ class TensorRTCompiled(torch.nn.Module):
             self.plan, self.header = read_engine(engine)  # type: ignore[arg-type]
             self.runner = TensorRTRunner(self.plan, self.header, where=os.fspath(engine))  # type: ignore[arg-type]
         self.input_names = self.runner.inputs
+        # as every other backend: a float tensor of ids, a wrong rank or an id outside the vocabulary is named here,
+        # not cast by the binding (ids were truncated) or read out of bounds by TensorRT's Gather
+        self.check_inputs = InputChecker(graph) if graph is not None else None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TensorRTCompiled:
@@ -129,6 +133,8 @@ class TensorRTCompiled(torch.nn.Module):
             if extra:
                 raise TypeError(f"unexpected inputs {sorted(extra)}; the engine takes {self.input_names}")
             args = tuple(args) + tuple(kwargs[n] for n in self.input_names[len(args):])
+        if self.check_inputs is not None:
+            args = self.check_inputs(args)
         outs = self.runner(*args)
         return outs[0] if len(outs) == 1 else tuple(outs)
 

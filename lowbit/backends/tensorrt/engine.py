@@ -33,6 +33,7 @@ from lowbit.backends.tensorrt.engine_file import (
     write_engine,
 )
 from lowbit.errors import did_you_mean
+from lowbit.ir.signature import InputError
 
 Shape = Sequence[int]
 ProfileShapes = Mapping[str, tuple[Shape, Shape, Shape]]
@@ -276,9 +277,16 @@ class TensorRTRunner:
             raise TypeError(f"the engine takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), got {len(args)}")
         keep = []
         for name, a in zip(self.inputs, args):
+            if not self.context.set_input_shape(name, tuple(a.shape)):
+                # outside the optimization profile: TensorRT said False and the outputs got -1 sizes (torch.empty
+                # then failed with "negative dimension")
+                profile = (self.header.profile or {}).get(name) if self.header is not None else None
+                built = f" (the engine was built for min {profile[0]}, max {profile[2]}: rebuild it with " \
+                        "shapes= covering this call)" if profile else ""
+                raise InputError(f"input {name!r}: shape {tuple(a.shape)} is outside the engine's optimization "
+                                 f"profile{built}")
             t = a.to(device="cuda", dtype=self._torch_dtype(name)).contiguous()
             keep.append(t)
-            self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
         outs = []
         for name in self.outputs:
