@@ -24,6 +24,7 @@ from lowbit.backends.tensorrt import (
     read_engine,
     write_engine,
 )
+from lowbit.errors import LowbitError
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_tensorrt = pytest.mark.skipif(
@@ -88,8 +89,9 @@ def test_raw_plans_from_other_tools_are_passed_through(tmp_path):
 def test_missing_tensorrt_says_what_to_do(minilm_graph, tmp_path):
     import lowbit
 
-    with pytest.raises(TensorRTUnavailable, match="needs the 'tensorrt' Python package.*format='onnx'"):
+    with pytest.raises(TensorRTUnavailable, match="needs the 'tensorrt' Python package.*format='onnx'") as info:
         lowbit.export(minilm_graph, tmp_path / "m.engine", format="tensorrt")
+    assert isinstance(info.value, LowbitError)  # a deliberate refusal, as README's "every deliberate refusal" says
     with pytest.raises(TensorRTUnavailable):
         TensorRTCompiled(minilm_graph)
 

@@ -32,19 +32,21 @@ from lowbit.backends.tensorrt.engine_file import (
     read_engine,
     write_engine,
 )
-from lowbit.errors import did_you_mean
+from lowbit.errors import LowbitError, did_you_mean
 from lowbit.ir.signature import InputError
 
 Shape = Sequence[int]
 ProfileShapes = Mapping[str, tuple[Shape, Shape, Shape]]
 
 
-class TensorRTUnavailable(ImportError):
-    """The ``tensorrt`` package (or a CUDA GPU) is not available here."""
+class TensorRTUnavailable(LowbitError, ImportError):
+    """The ``tensorrt`` package (or a CUDA GPU) is not available here (a ``LowbitError``: a deliberate refusal
+    that says what to do, which ``except LowbitError`` around an export missed)."""
 
 
-class TensorRTBuildError(RuntimeError):
-    """TensorRT could not parse the ONNX model or build an engine; the message carries its errors."""
+class TensorRTBuildError(LowbitError, RuntimeError):
+    """TensorRT could not parse the ONNX model or build an engine, or the profile asked for does not fit the
+    model; the message carries its errors."""
 
 
 def import_tensorrt() -> Any:
