@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.backends.onnx import OnnxFileError, load_onnx, lowered_op_types, to_onnx
+from lowbit.backends.onnx import OnnxFileError, OnnxLoweringError, load_onnx, lowered_op_types, to_onnx
 from lowbit.backends.onnxruntime_backend import OrtCompiled, ProviderFallbackWarning
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.export import load
@@ -80,6 +80,18 @@ def test_golden_qdq_lowering():
     assert dq.attributes["axis"].as_int() == 0 and dq.attributes["block_size"].as_int() == 4
     x = torch.randn(1, 5, 8)
     torch.testing.assert_close(OrtCompiled(g)(x), TorchCompiled(g)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_non_finite_quantization_scale_is_refused_by_name(tmp_path):
+    """A NaN scale was exported, checked and loaded without a word, and every output of the file was NaN (lowbit.load
+    refuses the same scale in a checkpoint)."""
+    params = _quant_params()
+    params["w.scale"][2, 1] = float("nan")
+    g = parse_graph(QUANT_IR, params)
+    with pytest.raises(OnnxLoweringError, match="parameter @w.scale \\(scale of %w = dequantize\\(...\\)\\) holds 1 NaN "
+                                                "value\\(s\\): the exported model would compute NaN"):
+        lowbit.export(g, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_export_formats(tmp_path):

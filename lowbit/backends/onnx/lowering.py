@@ -30,6 +30,7 @@ from lowbit.backends.onnx.context import (
 )
 from lowbit.backends.onnx.registry import LOWERINGS
 from lowbit.ir.graph import Graph, SymType, TensorType, Value
+from lowbit.ir.verifier import check_qparams
 
 PRODUCER = "lowbit"
 
@@ -89,7 +90,7 @@ def to_onnx(graph: Graph, options: LoweringOptions | None = None, **kwargs: Any)
     When the options ask for fused kernels (``needs_fusion``), quantized linears are fused into ``qlinear``
     nodes on a copy first (``graph`` is not changed); a ``qlinear`` always lowers, to its QDQ reference where
     no fused kernel applies. Raises ``OnnxLoweringError`` naming every node that cannot be lowered (and every
-    op with no lowering).
+    op with no lowering), or every NaN/inf quantization scale or zero point.
     """
     if options is None:
         options = LoweringOptions(**kwargs)
@@ -101,6 +102,9 @@ def to_onnx(graph: Graph, options: LoweringOptions | None = None, **kwargs: Any)
         fused = graph.clone()
         if fuse_qlinear(fused).rewritten:
             graph = fused
+    nonfinite = check_qparams(graph)
+    if nonfinite:  # the file was written and ran, every output NaN; lowbit.load refuses such a checkpoint by name
+        raise OnnxLoweringError([f"{p}: the exported model would compute NaN/inf from it" for p in nonfinite])
     live = _live(graph)
     ctx = LoweringContext(graph, options)
     for v in graph.inputs:
