@@ -41,6 +41,9 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
         raise ValueError(f"external_data takes True, False or None (by size), got {external_data!r}")
     graph = graph_of(compiled)
     path = Path(path).expanduser()  # as lowbit.save: '~/m.onnx' was written under a directory named '~'
+    if path.is_dir():  # an engine too: it was found only when the built plan was renamed onto the directory
+        suggestion = path / ("model.engine" if format == "tensorrt" else "model.onnx")
+        raise ValueError(f"export path {str(path)!r} is a directory: give a file path such as {str(suggestion)!r}")
     if format == "tensorrt":
         from lowbit.backends.tensorrt import export_engine
 
@@ -58,9 +61,6 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
         if key not in known:
             raise TypeError(f"unknown ONNX export option {key!r}{did_you_mean(key, known)}; options are: {', '.join(known)} (the "
                             "format picks weight_format: 'onnx' is QDQ, 'onnx-matmulnbits' MatMulNBits)")
-    if path.is_dir():
-        raise ValueError(f"export path {str(path)!r} is a directory: give a file path such as "
-                         f"{str(path / 'model.onnx')!r}")
     check_writable(path)
     weight_format = "matmulnbits" if format == "onnx-matmulnbits" else "qdq"
     model = to_onnx(graph, weight_format=weight_format, **options)

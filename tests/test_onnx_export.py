@@ -141,6 +141,9 @@ def test_unknown_format_and_input_are_clear(tmp_path):
         lowbit.export(g, tmp_path / "m.onnx", opsett=21)
     with pytest.raises(ValueError, match="is a directory: give a file path such as .*model.onnx"):
         lowbit.export(g, tmp_path)
+    # an engine path that is a directory was found only when the built plan was renamed onto it
+    with pytest.raises(ValueError, match="is a directory: give a file path such as .*model.engine"):
+        lowbit.export(g, tmp_path, format="tensorrt")
     # a TypeError from difflib, one from '<' between str and int, a FileExistsError after the lowering
     with pytest.raises(ValueError, match="external_data takes True, False or None .*got 'false'"):
         lowbit.export(g, tmp_path / "m.onnx", external_data="false")
