@@ -39,6 +39,11 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
         raise ValueError(f"unknown export format {format!r}{did_you_mean(format, list(FORMATS))}; known: {', '.join(FORMATS)}")
     if external_data is not None and not isinstance(external_data, bool):  # "false" is truthy: it wrote a .data file
         raise ValueError(f"external_data takes True, False or None (by size), got {external_data!r}")
+    inner = getattr(compiled, "runner", compiled)  # GeneratingOnnx runs an OrtCompiled
+    if getattr(compiled, "graph", None) is None and hasattr(inner, "graph") and inner.graph is None:
+        # was "expected ... a compiled model with a .graph, got OrtCompiled": it has one, empty
+        raise TypeError(f"this {type(compiled).__name__} runs a file (lowbit.export.load) and holds no lowbit graph to "
+                        "export again: copy that file, or export the compiled model it was written from")
     graph = graph_of(compiled)
     path = Path(path).expanduser()  # as lowbit.save: '~/m.onnx' was written under a directory named '~'
     if path.is_dir():  # an engine too: it was found only when the built plan was renamed onto the directory

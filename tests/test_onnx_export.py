@@ -281,6 +281,11 @@ def test_the_device_picks_the_gpu_and_other_devices_are_refused(exported, monkey
             load(exported, device=bad)
 
 
+def test_a_loaded_file_cannot_be_exported_again_and_says_so(exported, tmp_path):
+    with pytest.raises(TypeError, match="this OrtCompiled runs a file \\(lowbit.export.load\\) and holds no lowbit graph"):
+        lowbit.export(load(exported), tmp_path / "again.onnx")
+
+
 def test_truncated_onnx_is_reported(exported):
     data = exported.read_bytes()
     exported.write_bytes(data[: len(data) // 2])
