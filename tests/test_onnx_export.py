@@ -239,6 +239,10 @@ def test_session_options_of_a_file_are_checked_by_name(exported):
     with pytest.raises(BackendError, match="option threads: Input should be greater than or equal to 0"):
         lowbit.compile_model("no-such-model", backend="onnxruntime", backend_options={"threads": -1})
     assert load(exported, threads=1)(torch.randn(1, 3, 8)).shape == (1, 3, 4)
+    # spinning='false' is truthy: idle workers spun on a shared CPU, the opposite of what was asked
+    with pytest.raises(ValueError, match="spinning must be True, False or None .*got 'false'"):
+        load(exported, spinning="false")
+    assert load(exported, spinning=False)(torch.randn(1, 3, 8)).shape == (1, 3, 4)
 
 
 @pytest.fixture

@@ -174,6 +174,8 @@ def session_options(threads: int | None = None, optimization: str = "all",
         so.optimized_model_filepath = optimized_model_path
     so.log_severity_level = 3
     if spinning is not None:
+        if not isinstance(spinning, bool):  # "false" is truthy: the workers spun
+            raise ValueError(f"spinning must be True, False or None (ORT's default), got {spinning!r}")
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
     if not int8_gemm_exact():
