@@ -294,6 +294,28 @@ def declared_inputs(model: ir.Model) -> InputChecker:
     return InputChecker.declared(names, types, symbols, vocab)
 
 
+def unfused_matmulnbits(model: ir.Model, most: int = 5) -> str | None:
+    """What ``weight_format="matmulnbits"`` left in another form, for the compile report: an int8
+    weight at accuracy level 0 or a linear with quantized activations has no MatMulNBits form, and the backend chose
+    the QDQ one without a word (the report said only "onnxruntime on CPUExecutionProvider")."""
+    qlinears: dict[str, str] = {}
+    fused: set[str] = set()
+    for node in model.graph:
+        if node.metadata_props.get("lowbit.op") != "qlinear":
+            continue
+        value = node.metadata_props.get("lowbit.value", "")
+        qlinears.setdefault(value, node.metadata_props.get("lowbit.module") or f"%{value}")
+        if node.op_type == "MatMulNBits":
+            fused.add(value)
+    rest = [where for value, where in qlinears.items() if value not in fused]
+    if not rest:
+        return None
+    shown = ", ".join(rest[:most]) + (f", ... ({len(rest)} in all)" if len(rest) > most else "")
+    return (f"weight_format=matmulnbits: {len(fused)} of {len(qlinears)} quantized linears run as MatMulNBits; "
+            f"{len(rest)} keep the QDQ or integer-GEMM form (MatMulNBits takes weight-only 4-bit weights, 8-bit ones "
+            f"at accuracy_level=4): {shown}")
+
+
 class OrtCompiled(torch.nn.Module):
     """A graph lowered to ONNX and run by ONNX Runtime; same call interface as ``TorchCompiled``.
 
@@ -345,6 +367,10 @@ class OrtCompiled(torch.nn.Module):
         on_file = load_onnx(model, check=False) if model is not None and not isinstance(model, ir.Model) else None
         self.widened_outputs: list[bool] = []
         self.notes: list[str] = []
+        if self.options is not None and self.options.weight_format == "matmulnbits" and self.onnx_model is not None:
+            note = unfused_matmulnbits(self.onnx_model)
+            if note is not None:
+                self.notes.append(note)
         target = self.onnx_model if self.onnx_model is not None else on_file
         # a file's contract is read before widening: callers pass what the file declares (bfloat16 stays bfloat16)
         self.check_inputs = InputChecker(graph) if graph is not None else \
