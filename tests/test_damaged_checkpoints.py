@@ -348,3 +348,33 @@ def test_a_nan_scale_in_an_hf_format_checkpoint_is_refused(saved, tmp_path, fmt)
     (d / "lowbit-manifest.json").unlink()
     with pytest.raises(CheckpointError, match=r"do not make a usable model: parameter @.*holds 1 NaN value"):
         lowbit.load(d)
+
+
+def _crafted_safetensors(path: Path, header: bytes) -> None:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+
+
+@pytest.mark.parametrize(("header", "why"), [
+    (b"[1, 2]", "header is a JSON list"),
+    (b'"abc"', "header is a JSON str"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}', "tensor 'w' has no 'data_offsets'"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": {"a": 1}}}', "tensor 'w' has no 'data_offsets'"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+], ids=["list", "string", "short-offsets", "dict-offsets", "nested"])
+@pytest.mark.parametrize("fmt", ["lowbit", "compressed-tensors"])
+def test_crafted_safetensors_headers_are_refused_naming_the_file(saved, tmp_path, header, why, fmt):
+    """A header that is JSON but not an object of tensors was an AttributeError, short or dict data_offsets an
+    IndexError / KeyError, deeply nested brackets a RecursionError: all exit 1 with a traceback."""
+    d = _copy(saved, fmt, tmp_path)
+    name = "params.safetensors" if fmt == "lowbit" else "model.safetensors"
+    _crafted_safetensors(d / name, header)
+    _rehash(d)
+    _refused(d, name, why)
+
+
+def test_config_json_nested_too_deeply_is_refused(saved, tmp_path):
+    """json's RecursionError escaped read_json (exit 1)."""
+    d = _copy(saved, "compressed-tensors", tmp_path)
+    (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    _rehash(d)
+    _refused(d, "config.json", "nested too deeply")

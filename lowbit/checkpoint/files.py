@@ -143,6 +143,8 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: file is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:  # a crafted file of nested brackets: json's recursion, not a lowbit bug
+        raise CheckpointError(f"{path}: JSON nested too deeply to be a checkpoint file") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -252,11 +254,20 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise CheckpointError(f"{path}: safetensors header is JSON nested too deeply") from None
+    if not isinstance(header, dict):  # a crafted list or string header was an AttributeError
+        raise CheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object of "
+                              "tensors")
     data_len = size - 8 - header_len
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        end = (info.get("data_offsets") or [0, 0])[1] if isinstance(info, dict) else None
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2):  # [0] or {...} were IndexError / KeyError
+            raise CheckpointError(f"{path}: tensor {name!r} has no 'data_offsets' [begin, end] in the safetensors "
+                                  f"header (got {str(offsets)[:60]})")
+        end = offsets[1]
         if not isinstance(end, int) or end > data_len:
             raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of the data section, which has "
                                   f"{data_len} bytes (the file is truncated)")
