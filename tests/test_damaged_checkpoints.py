@@ -378,3 +378,31 @@ def test_config_json_nested_too_deeply_is_refused(saved, tmp_path):
     (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     _rehash(d)
     _refused(d, "config.json", "nested too deeply")
+
+
+_INT16_TOKENS = {"num_bits": 16, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+_FP4_TOKENS = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    (lambda c: c["quantization_config"].__setitem__("transform_config", {"config_groups": {"R4": {
+        "type": "hadamard", "apply": [{"targets": ["re:.*down_proj$"], "location": "input"}]}}}),
+     "transform_config (groups R4) asks for transforms"),
+    (lambda c: c["quantization_config"].__setitem__("sparsity_config", {"format": "sparse-bitmask"}),
+     "sparsity_config has format 'sparse-bitmask'"),
+    (lambda c: c["quantization_config"]["config_groups"]["group_0"].__setitem__("output_activations", _INT16_TOKENS
+                                                                                 | {"num_bits": 8}),
+     "output_activations are quantized"),
+    (lambda c: c["quantization_config"]["config_groups"]["group_0"].__setitem__("input_activations", _INT16_TOKENS),
+     "16-bit int input activations"),
+    (lambda c: c["quantization_config"]["config_groups"]["group_0"].__setitem__("input_activations", _FP4_TOKENS),
+     "4-bit float input activations"),
+], ids=["transform_config", "sparse-bitmask", "output_activations", "int16-inputs", "fp4-inputs"])
+def test_compressed_tensors_fields_lowbit_does_not_read_are_refused(saved, tmp_path, edit, why):
+    """A transform_config (vLLM's online rotations), a compressed sparsity format and output activation quantization
+    were ignored: the checkpoint loaded as another model without a word. 4-bit float activations were read as fp8,
+    16-bit integer ones were a raw pydantic ValidationError (exit 1)."""
+    d = _copy(saved, "compressed-tensors", tmp_path)
+    _edit_json(d / "config.json", edit)
+    _rehash(d)
+    _refused(d, "config.json", why)

@@ -47,7 +47,7 @@ from lowbit.checkpoint.files import (
 )
 from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
 from lowbit.ir.graph import Graph
-from lowbit.ir.quant import get_qdtype, pack_int4
+from lowbit.ir.quant import QDTYPES, get_qdtype, pack_int4
 
 __all__ = ["save_compressed_tensors", "save_gptq", "load_hf_checkpoint", "skeleton", "SHARD_BYTES"]
 
@@ -744,6 +744,7 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
         if parsed.kv_cache_scheme is not None:
             raise CheckpointError(f"{cfg_path}: kv_cache_scheme is set; lowbit reads compressed-tensors checkpoints "
                                   "with a float KV cache only")
+        _refuse_unread_ct_fields(qcfg, cfg_path)
         for module in sorted(names):
             scheme = _ct_scheme_of(module, parsed.config_groups, parsed.ignore or [])
             if scheme is None or scheme.weights is None:
@@ -803,6 +804,24 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
     return graph, tokenizer, kind
 
 
+def _refuse_unread_ct_fields(qcfg: dict[str, Any], cfg_path: Path) -> None:
+    """A compressed-tensors ``transform_config`` (online Hadamard/rotation transforms vLLM applies at run time) or a
+    ``sparsity_config`` in a compressed sparse format changes what the stored tensors compute; both were ignored, so
+    such a checkpoint loaded as another model without a word."""
+    transform = qcfg.get("transform_config")
+    if transform:
+        groups = transform.get("config_groups") if isinstance(transform, dict) else None
+        shown = f" (groups {', '.join(map(str, groups))})" if isinstance(groups, dict) and groups else ""
+        raise CheckpointError(f"{cfg_path}: quantization_config.transform_config{shown} asks for transforms "
+                              "(rotations) applied at run time, which lowbit does not read; loading the weights "
+                              "without them would run another model")
+    sparsity = qcfg.get("sparsity_config")
+    if sparsity and not (isinstance(sparsity, dict) and sparsity.get("format") in (None, "dense")):
+        fmt = sparsity.get("format") if isinstance(sparsity, dict) else sparsity
+        raise CheckpointError(f"{cfg_path}: quantization_config.sparsity_config has format {fmt!r}; lowbit reads "
+                              "dense weights only (sparsity format 'dense' or none)")
+
+
 def _is_tied_key(model: torch.nn.Module, key: str) -> bool:
     tied = _tied(model)
     return tied is not None and key == tied[0]
@@ -827,6 +846,12 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
 
     wa = scheme.weights
     fmt = scheme.format or fmt
+    if scheme.output_activations is not None:  # was ignored: the model loaded without its output quantization
+        raise CheckpointError(f"{directory / 'config.json'}: linear {module!r}: output_activations are quantized; "
+                              "lowbit reads weight and input-activation quantization only")
+    if wa.type == "float" and wa.num_bits != 8:  # a 4-bit float scheme was read as fp8
+        raise CheckpointError(f"{directory / 'config.json'}: linear {module!r}: {wa.num_bits}-bit float weights; "
+                              "lowbit reads 8-bit float (fp8e4m3) weights")
     if wa.strategy not in ("channel", "group"):
         raise CheckpointError(f"{directory}: linear {module!r}: weight strategy {wa.strategy!r}; lowbit reads "
                               "channel and group (block and tensor scales are not lowbit weight layouts)")
@@ -885,6 +910,10 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
     ia = scheme.input_activations
     if ia is not None:
         a_qd = "fp8e4m3" if ia.type == "float" else f"int{ia.num_bits}"
+        # int16 was a raw pydantic error from QScheme, 4-bit float activations were read as fp8
+        if a_qd not in QDTYPES or (ia.type == "float" and ia.num_bits != 8):
+            raise CheckpointError(f"{directory / 'config.json'}: linear {module!r}: {ia.num_bits}-bit {ia.type} "
+                                  "input activations; lowbit has int8/int4/int3/int2 and fp8e4m3 activations")
         if not ia.dynamic:
             if ia.strategy != "tensor" or not ia.symmetric:
                 raise CheckpointError(f"{directory}: linear {module!r}: static {ia.strategy} input scales"
