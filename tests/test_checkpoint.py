@@ -581,6 +581,20 @@ def test_a_reload_reports_what_its_lowering_decided(tmp_path):
         assert "out_dtype torch.float32: the kernels take bf16/fp16" in on_triton.report.summary()
 
 
+@pytest.mark.parametrize("fmt", ["lowbit", "compressed-tensors"])
+def test_save_refuses_a_config_that_is_not_a_pretrained_config(tmp_path, fmt):
+    """config={...} was an AttributeError ('dict' object has no attribute 'to_dict') in the lowbit format and
+    transformers' "Unrecognized configuration class" with every config class listed in the HF ones."""
+    graph = _compiled_tiny("quantize(w=int4,group=32)")
+    with pytest.raises(TypeError, match="config= takes a transformers PretrainedConfig .*got dict"):
+        lowbit.save(graph, tmp_path / "out", format=fmt, config={"model_type": "llama"})
+    assert not (tmp_path / "out").exists()
+
+
+def _compiled_tiny(pipeline: str):
+    return lowbit.compile_model(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97), pipeline=pipeline)
+
+
 def test_saving_through_a_symlink_replaces_its_target(float_slice, tmp_path):
     """A save to a symlink to a checkpoint directory renamed the link itself aside: the link became a plain directory,
     its target kept the old checkpoint, and a stale '.link.*.old' link was left beside it."""

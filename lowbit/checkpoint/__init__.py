@@ -66,6 +66,10 @@ def save(compiled: Any, directory: str | os.PathLike[str], format: str = "compre
     if actorder not in (None, "static", "weight"):  # "group"/"dynamic" promise a g_idx lowbit never writes
         raise ValueError(f"actorder={actorder!r}: lowbit keeps act-order groups contiguous, which is 'static' or "
                          "'weight' (or None); 'group' and 'dynamic' need a g_idx permutation lowbit does not write")
+    if config is not None and not callable(getattr(config, "to_dict", None)):
+        # a dict was an AttributeError (lowbit format) or transformers' "Unrecognized configuration class" list
+        raise TypeError(f"config= takes a transformers PretrainedConfig (model.config, "
+                        f"AutoConfig.from_pretrained(DIR)), got {type(config).__name__}")
     graph, tokenizer = _graph_and_tokenizer(compiled)
     directory = Path(directory)
     if actorder is None:
