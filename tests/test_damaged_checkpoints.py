@@ -175,6 +175,7 @@ def test_index_naming_a_shard_outside_the_directory_is_refused(saved, tmp_path, 
     where = str(outside) if where == "ABS" else where
     weight_map = {n: (where if i == 0 else "model.safetensors") for i, n in enumerate(names)}
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "lowbit-manifest.json").unlink()  # another tool's checkpoint (with it, the unlisted index is refused first)
     _refused(d, "model.safetensors.index.json", f"puts tensor {names[0]!r} in {where!r}, which is not a file name")
 
 
@@ -406,3 +407,18 @@ def test_compressed_tensors_fields_lowbit_does_not_read_are_refused(saved, tmp_p
     _edit_json(d / "config.json", edit)
     _rehash(d)
     _refused(d, "config.json", why)
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("lowbit", "params.safetensors"), ("lowbit", "model.lowbit"),
+                                           ("compressed-tensors", "model.safetensors"),
+                                           ("compressed-tensors", "config.json")])
+def test_a_file_the_manifest_does_not_list_is_not_read_unverified(saved, tmp_path, fmt, name):
+    """verify_manifest checks the files it lists; a params.safetensors (or model.safetensors, config.json) replaced
+    after the save and dropped from the list was read without any hash check, and loaded."""
+    d = _copy(saved, fmt, tmp_path)
+    if name.endswith(".safetensors"):
+        _edit_tensors(d / name, lambda t: t.__setitem__(next(iter(t)), torch.zeros_like(t[next(iter(t))])))
+    m = json.loads((d / "lowbit-manifest.json").read_text())
+    del m["files"][name]
+    (d / "lowbit-manifest.json").write_text(json.dumps(m))
+    _refused(d, name, "not listed in lowbit-manifest.json")

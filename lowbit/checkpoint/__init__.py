@@ -314,7 +314,7 @@ def _parsed_and_verified(ir: Path, params: dict[str, Any]) -> Any:
 
 
 def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any, Any]:
-    from lowbit.checkpoint.files import read_safetensors
+    from lowbit.checkpoint.files import check_listed, read_safetensors
 
     if manifest is None:
         raise CheckpointError(f"{directory}: a lowbit-format checkpoint needs its lowbit-manifest.json (it holds the "
@@ -322,6 +322,7 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
     ir = directory / IR_FILE
     if not ir.is_file():
         raise CheckpointError(f"{directory}: {IR_FILE} is missing")
+    check_listed(directory, manifest, IR_FILE, PARAMS_FILE)
     params = read_safetensors(directory / PARAMS_FILE)
     graph = _parsed_and_verified(ir, params)
     info = manifest.get("lowbit", {})
@@ -329,6 +330,7 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
     if (directory / "config.json").is_file() and info.get("kind"):  # before the tokenizer, which reads it too
         from lowbit.checkpoint.files import read_config
 
+        check_listed(directory, manifest, "config.json")
         config = read_config(directory)
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file():

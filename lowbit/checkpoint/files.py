@@ -24,7 +24,7 @@ from lowbit.cache import clean_stale_temporaries, replacing_dir
 from lowbit.errors import LowbitError
 
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
-           "verify_manifest", "read_safetensors", "read_config", "read_tokenizer", "write_safetensors", "MANIFEST", "sha256_file", "not_replaceable"]
+           "verify_manifest", "check_listed", "read_safetensors", "read_config", "read_tokenizer", "write_safetensors", "MANIFEST", "sha256_file", "not_replaceable"]
 
 MANIFEST = "lowbit-manifest.json"
 
@@ -218,6 +218,18 @@ def verify_manifest(directory: Path, required: bool = False) -> dict[str, Any] |
             raise CheckpointError(f"{p}: SHA-256 {digest[:16]}… does not match {MANIFEST} "
                                   f"({str(info.get('sha256'))[:16]}…): the file was modified or corrupted")
     return manifest
+
+
+def check_listed(directory: Path, manifest: dict[str, Any] | None, *names: str) -> None:
+    """Refuse a file lowbit is about to read from ``directory`` that its manifest does not list: ``verify_manifest``
+    checks the listed files only, so a params.safetensors or config.json added (or dropped from the list) after the
+    save was read unverified. Nothing to check without a manifest (another tool's checkpoint)."""
+    if manifest is None:
+        return
+    for name in names:
+        if name not in manifest.get("files", {}):
+            raise CheckpointError(f"{directory / name}: not listed in {MANIFEST}, so its SHA-256 cannot be checked "
+                                  "(added or replaced after the save, or the manifest was edited)")
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -39,6 +39,7 @@ import torch
 
 from lowbit.checkpoint.files import (
     CheckpointError,
+    check_listed,
     read_config,
     read_json,
     read_safetensors,
@@ -602,9 +603,10 @@ def _gptq_block_modules(view: HFView) -> list[list[str]] | None:
 # ---- reading -----------------------------------------------------------------------------------
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def _read_weights(directory: Path, manifest: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     index = directory / SAFE_INDEX
     if index.is_file():
+        check_listed(directory, manifest, SAFE_INDEX)
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: has no 'weight_map'")
@@ -619,6 +621,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
                 names = [k for k, v in weight_map.items() if v == f]
                 raise CheckpointError(f"{directory}: shard {f!r} is missing ({len(names)} tensors, e.g. "
                                       f"{names[0]!r}, are listed in it by {SAFE_INDEX})")
+            check_listed(directory, manifest, f)
             part = read_safetensors(directory / f)
             for name, where in weight_map.items():
                 if where == f and name not in part:
@@ -631,6 +634,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{directory}: has only pickle weights (.bin/.pt); lowbit reads safetensors only "
                                   "(pickle can run code)")
         raise CheckpointError(f"{directory}: no model.safetensors and no {SAFE_INDEX}")
+    check_listed(directory, manifest, single.name)
     return read_safetensors(single)
 
 
@@ -715,6 +719,7 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
     from lowbit.passes.insert_qdq import quantize_graph
 
     cfg_path = directory / "config.json"
+    check_listed(directory, manifest, cfg_path.name)
     raw = read_json(cfg_path)
     qcfg = raw.get("quantization_config")
     if not isinstance(qcfg, dict):
@@ -729,7 +734,7 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
     kind = lb.get("kind") or ("causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel"))
                                                  for a in (config.architectures or [])) else "encoder")
     hints = lb.get("lowbit_qdtypes", {})
-    tensors = _read_weights(directory)
+    tensors = _read_weights(directory, manifest)
     model = skeleton(config, kind, device="cpu", dtype=_config_dtype(raw))
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     # decide, per linear, whether it is quantized and how

@@ -82,15 +82,17 @@ def load_graph(path: Path) -> tuple[Any, bool]:
 
     Weights come from ``params.safetensors`` beside the IR when present; without it the graph has types only.
     """
-    from lowbit.checkpoint.files import verify_manifest
+    from lowbit.checkpoint.files import check_listed, verify_manifest
 
     path = Path(path)
     if path.is_dir():
         path = path / IR_FILE
-    verify_manifest(path.parent)  # a directory lowbit wrote: its files' SHA-256 first (no manifest: nothing to check)
+    manifest = verify_manifest(path.parent)  # a directory lowbit wrote: its files' SHA-256 first (none: no check)
     params_path = path.with_name(PARAMS_FILE)
     if path.name != IR_FILE:
         alt = path.with_suffix(".safetensors")
         params_path = alt if alt.is_file() else params_path
     has = params_path.is_file()
+    if path.name == IR_FILE:  # a checkpoint's own files; a loose .lowbit beside a manifest is not one
+        check_listed(path.parent, manifest, IR_FILE, *([PARAMS_FILE] if has else []))
     return read_graph(path, params_path if has else None), has
