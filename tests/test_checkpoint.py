@@ -591,6 +591,18 @@ def test_save_refuses_a_config_that_is_not_a_pretrained_config(tmp_path, fmt):
     assert not (tmp_path / "out").exists()
 
 
+def test_lowbit_checkpoint_of_merged_linears_still_saves_to_hf_formats(tmp_path):
+    """merge-linears' member modules (node.meta["merged"]) were not in the IR text: a triton-style graph saved with
+    format='lowbit' reloaded exactly but then refused every HF format ("the HF model has no parameter
+    'model.layers.0.self_attn.weight'"), while the graph before the save was written unmerged."""
+    graph = _compiled_tiny("quantize(w=int4,group=32),fuse-qlinear,merge-linears").graph
+    ids = torch.randint(0, 97, (1, 12))
+    reloaded = lowbit.load(lowbit.save(graph, tmp_path / "lb", format="lowbit"))
+    for fmt in ("compressed-tensors", "gptq"):
+        out = lowbit.save(reloaded, tmp_path / fmt, format=fmt)
+        assert torch.equal(lowbit.load(out)(ids), TorchCompiled(graph)(ids))
+
+
 def _compiled_tiny(pipeline: str):
     return lowbit.compile_model(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97), pipeline=pipeline)
 

@@ -345,16 +345,30 @@ class Parser:
         if data is not None and v.type != typ:
             raise c.error(f"parameter @{name} is declared {typ} but the given tensor is {v.type}")
 
+    @staticmethod
+    def _merged_members(c: _Line, text: str) -> tuple[str, ...]:
+        """The ``| merged [...]`` comment: the module paths a horizontal merge joined (a JSON list of strings)."""
+        try:
+            members = json.loads(text)
+        except (ValueError, RecursionError):
+            members = None
+        if not (isinstance(members, list) and len(members) >= 2 and all(isinstance(m, str) for m in members)):
+            raise c.error("'| merged' must be followed by a JSON list of two or more module paths")
+        return tuple(members)
+
     def _node(self, c: _Line, comment: str) -> None:
         assert self.graph is not None
         if comment.startswith('"'):  # a module path the printer quoted (printer.format_module)
             module, end = json.JSONDecoder().raw_decode(comment)
             if not isinstance(module, str):
                 raise c.error("a quoted module path must be a JSON string")
-            _, _, fused = comment[end:].partition("| fused ")
-        else:
+            tail, _, merged = comment[end:].partition("| merged ")
+            _, _, fused = tail.partition("| fused ")
+        else:  # a plain module path has no '|' (the printer quotes one that has)
+            comment, _, merged = comment.partition("| merged ")
             module, _, fused = comment.partition("| fused ")
             module = module.strip()
+        members = self._merged_members(c, merged) if merged else None
         outs: list[tuple[str, ValueType]] = []
         while True:
             t = c.next()
@@ -399,6 +413,8 @@ class Parser:
         node = Node(op.text, tuple(args), kwargs, module=module)
         if fused:
             node.meta["fused"] = fused.strip()
+        if members is not None:
+            node.meta["merged"] = members
         for name, typ in outs:
             if name in self.values:
                 raise c.error(f"%{name} is defined twice")

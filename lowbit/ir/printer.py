@@ -8,7 +8,8 @@
       return %rms_norm
     }
 
-A fused node's comment also says what it replaced: ``# model.layers.0.mlp.down_proj | fused dequantize+linear``.
+A fused node's comment also says what it replaced: ``# model.layers.0.mlp.down_proj | fused dequantize+linear``;
+a horizontally merged one also lists its members' modules: ``... | merged ["model.layers.0.self_attn.q_proj", ...]``.
 
 Literals: ints, floats (``inf``, ``-inf``, ``nan``), ``True``/``False``/``None``, JSON strings, dtypes by
 short name (``f32``), ``device("cpu")``, memory formats and layouts by name, lists in brackets.
@@ -84,6 +85,8 @@ def format_node(node: Node) -> str:
         text += f"  # {format_module(node.module)}"
     if node.meta.get("fused"):  # what a fusion replaced (lowbit.ir.fusion); the parser reads it back
         text += f" | fused {node.meta['fused']}"
+    if node.meta.get("merged"):  # the member modules of a horizontal merge: what unmerging (HF saves) needs back
+        text += f" | merged {json.dumps(list(node.meta['merged']))}"
     return text
 
 
