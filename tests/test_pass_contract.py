@@ -141,6 +141,18 @@ def test_bisect_and_sensitivity_restrict_passes_through_modules():
     assert {n.module for n in g.nodes if n.op == "dequantize"} == {"fc2"}
 
 
+def test_restricting_a_scope_with_alternatives_keeps_every_alternative():
+    """A pass scoped to 'c1|c2' restricted to fc2 (debug bisect / sensitivity) became '(?=.*c1|c2)^(fc2$)': the
+    second alternative sat outside the lookahead, anchored at the path's start, so fc2 fell out of the scope."""
+    (q,) = parse_pipeline("quantize(w=int4,group=8,modules=c1|c2)")
+    units = [Unit("fc1", r"^fc1$", "fc1"), Unit("fc2", r"^fc2$", "fc2")]
+    r = restrict(q, [units[1]], units)
+    assert r.options.in_scope("fc2") and not r.options.in_scope("fc1")
+    g = _two()
+    PassManager([r]).run(g)
+    assert {n.module for n in g.nodes if n.op == "dequantize"} == {"fc2"}
+
+
 # ---- Pass.exact, read: float64 on a real model ---------------------------------------------------
 
 PREPARE = {"fuse-qlinear": "quantize(w=int8,a=int8)", "rotate": "fold-norms"}

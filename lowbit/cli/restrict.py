@@ -120,7 +120,9 @@ def restrict(p: Any, chosen: list[Unit], all_units: list[Unit]) -> Any | None:
         names = "|".join(u.regex.lstrip("^") for u in chosen) or r"(?!)"
         rx = f"^({names})" if chosen else r"(?!)"
         old = opts.get("modules") or ""
-        opts["modules"] = f"(?=.*{old}){rx}" if old else rx
+        # the old scope in a group of its own: 'down_proj|up_proj' unwrapped made 'up_proj' a branch of the
+        # lookahead anchored at the start of the path, so restricted up_projs silently stayed unquantized
+        opts["modules"] = f"(?=.*(?:{old})){rx}" if old else rx
     else:
         chosen_names = {u.name for u in chosen}
         keep = list(opts.get("keep") or [])
