@@ -179,6 +179,20 @@ def test_pipeline_spec_round_trips():
     assert [p.spec() for p in passes] == ["constant-fold(max_elements=10)", "fold-norms(modules=layers\\.1)", "dce"]
 
 
+@pytest.mark.parametrize("text", ['fold-norms(modules="layers\\.\\d{1,2}\\.")', "fold-norms(modules='[(]')",
+                                  'fold-norms(modules="[01]")', "fold-norms(modules=\"it's\")",
+                                  'fold-norms(modules=" x")', "quantize(w=int4,keep=['a;b';c.*])"])
+def test_pipeline_spec_quotes_what_would_not_parse_back(text):
+    """spec() wrote string options bare: a regex with a comma ('\\d{1,2}'), an unbalanced bracket, a quote or edge
+    spaces printed as pipeline text that failed to parse or parsed as something else, and that text is what
+    reproducers, bisect's reproduce command and reports replay. A list element holding ';' split at it."""
+    (p,) = parse_pipeline(text)
+    (q,) = parse_pipeline(p.spec())
+    assert q.options == p.options, (p.spec(), q.options)
+    if "keep" in text:
+        assert p.options.keep == ["a;b", "c.*"]
+
+
 @register_pass
 class _CorruptForTest(Pass):
     """Test-only pass that breaks the IR (drops the producer of the first linear's input)."""

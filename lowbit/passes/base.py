@@ -340,16 +340,55 @@ def _all_defaulted(options: type[PassOptions]) -> bool:
     return all(not f.is_required() for f in options.model_fields.values())
 
 
-def _fmt(v: Any) -> str:
+def split_top(text: str, seps: str, where: str) -> list[str]:
+    """Split on any character of ``seps`` outside parentheses, brackets and quotes (pipeline text)."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+            if depth < 0:
+                raise PassError(f"unbalanced ')' at column {i + 1} in {where!r}")
+        elif ch in seps and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth or quote:
+        raise PassError(f"unclosed {'quote' if quote else 'parenthesis'} in {where!r}")
+    parts.append(text[start:])
+    return parts
+
+
+def _text(s: str, seps: str) -> str:
+    """``s`` as an option value in pipeline text: quoted where the bare text would not parse back as ``s`` (a comma
+    in ``layers\\.\\d{1,2}``, an unbalanced ``[(]``, a quote, edge spaces), so ``spec()`` round-trips: it is what
+    reproducers, bisect's and sensitivity's commands and reports replay."""
+    bare = s == s.strip() and not any(q in s for q in "\"'") and not (s.startswith("[") and s.endswith("]"))
+    if bare:
+        try:
+            bare = len(split_top(s, seps, s)) == 1
+        except PassError:
+            bare = False
+    if bare:
+        return s
+    quote = next((q for q in "\"'" if q not in s), None)
+    return s if quote is None else f"{quote}{s}{quote}"  # both quote kinds inside: no form parses back
+
+
+def _fmt(v: Any, seps: str = ",") -> str:
     if isinstance(v, torch.Tensor):  # calibration ids given in Python: shown, not replayable as text
         return f"<tensor {list(v.shape)} {str(v.dtype).removeprefix('torch.')}>"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (list, tuple)):
-        return "[" + ";".join(_fmt(e) for e in v) + "]"
+        return "[" + ";".join(_fmt(e, ";,") for e in v) + "]"
     if hasattr(v, "value"):
         return str(v.value)
-    return str(v)
+    return _text(v, seps) if isinstance(v, str) else str(v)
 
 
 def nonfinite_problem(w: torch.Tensor) -> str | None:

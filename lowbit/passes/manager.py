@@ -23,32 +23,14 @@ from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
 from lowbit.ir.printer import print_graph
 from lowbit.ir.verifier import VerificationError, listed, verify
-from lowbit.passes.base import Pass, PassError, PassFileError, ScopedOptions, closest, get_pass
+from lowbit.passes.base import Pass, PassError, PassFileError, ScopedOptions, closest, get_pass, split_top
 
 
 # ---- pipeline text -------------------------------------------------------------------------------
 
 def _split_top(text: str, sep: str, where: str) -> list[str]:
     """Split on ``sep`` outside parentheses, brackets and quotes."""
-    parts, depth, quote, start = [], 0, "", 0
-    for i, ch in enumerate(text):
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "([":
-            depth += 1
-        elif ch in ")]":
-            depth -= 1
-            if depth < 0:
-                raise PassError(f"unbalanced ')' at column {i + 1} in {where!r}")
-        elif ch == sep and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    if depth or quote:
-        raise PassError(f"unclosed {'quote' if quote else 'parenthesis'} in {where!r}")
-    parts.append(text[start:])
-    return parts
+    return split_top(text, sep, where)
 
 
 _ITEM = re.compile(r"^\s*([A-Za-z][\w\-]*)\s*(?:\((.*)\))?\s*$", re.S)
@@ -60,7 +42,8 @@ def _parse_value(raw: str) -> Any:
         return raw[1:-1]
     if raw.startswith("[") and raw.endswith("]"):
         inner = raw[1:-1].strip()
-        return [_parse_value(x) for x in re.split(r"[;,]", inner)] if inner else []
+        # quote-aware, as spec() writes an element holding a ';' or ',' ("['a;b';c]" was "'a", "b'", "c")
+        return [_parse_value(x) for x in split_top(inner, ";,", raw)] if inner else []
     return raw
 
 
