@@ -123,6 +123,7 @@ def test_recipes_listing_or_clear_absence():
     (["debug", "bisect", "minilm", "--pipeline", "dce", "--metric", "pll"], 2, "did you mean 'ppl'"),
     (["debug", "bisect", "minilm", "--pipeline", "dce"], 2, "absolute amount"),
     (["debug", "sensitivity", "minilm", "--scheme", "w4x4"], 2, "give wNaM"),
+    (["debug", "sensitivity", "minilm", "--scheme", "quantize(w=int4),dce"], 2, "is 2 passes"),  # was a traceback
     (["debug", "compare", "smollm2:1", "-p", "dce", "--windows", "1", "--seq-len", "9000"], 2,
      "max_position_embeddings=8192"),
 ])

@@ -59,7 +59,11 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
                 n_sentences: int = 32, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     qtext = scheme_to_pipeline(scheme, group)
-    (qpass,) = parse(qtext)
+    parsed = parse(qtext)
+    if len(parsed) != 1:  # 'quantize(w=int4),dce' unpacked into one pass: a ValueError traceback (exit 1)
+        fail(f"--scheme {scheme!r} is {len(parsed)} passes: give the one pass to apply a layer at a time, and the "
+             "passes to run before it with --pipeline", Exit.USAGE)
+    (qpass,) = parsed
     pre = parse(prefix) if prefix else []
     if how_restricted(qpass) is None:
         fail(f"pass {qpass.name} has no 'modules' or 'keep' option: it cannot be applied one layer at a time",
