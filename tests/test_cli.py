@@ -58,6 +58,22 @@ class PlantBad(Pass):
 
 
 @register_pass
+class PlantNaN(Pass):
+    """Test only: block ``layer``'s down_proj weight becomes NaN (a pass that poisons the output)."""
+
+    name = "test-plant-nan"
+    Options = PlantOptions
+
+    def run(self, graph):
+        rx = re.compile(self.options.modules) if self.options.modules else None
+        for node in graph.nodes:
+            if (node.op == "linear" and node.module == f"model.layers.{self.options.layer}.mlp.down_proj"
+                    and (rx is None or rx.search(node.module))):
+                graph.set_param(node.args[1].name, torch.full_like(node.args[1].data, float("nan")))
+        return PassResult(True)
+
+
+@register_pass
 class ScaleAll(Pass):
     """Test only: a damaging pass with no option to restrict it to some layers."""
 
@@ -450,6 +466,16 @@ def test_debug_bisect_names_planted_pass_and_layer(tmp_path):
     invoke("debug", "compare", "smollm2:2", "--pipeline", repro_pipeline, *SMALL, "--json", rerun)
     final = json.loads(rerun.read_text())["stages"][-1]["metric"]
     assert final > data["threshold"]
+
+
+def test_debug_bisect_takes_a_nan_metric_as_past_the_threshold(tmp_path):
+    """A pass that makes the output NaN read 'ppl nan ok' (NaN > threshold is False): bisect exited 6, 'the whole
+    pipeline stays within the threshold'. NaN is now bad, so the pass and the block are found."""
+    js = tmp_path / "b.json"
+    res = invoke("debug", "bisect", "smollm2:2", "--pipeline", "dce,test-plant-nan,dce", *SMALL, "--json", js)
+    data = json.loads(js.read_text())
+    assert data["culprit_pass"] == "test-plant-nan" and data["culprit_layers"] == ["model.layers.1"], res.output
+    assert "ppl nan BAD" in res.output
 
 
 def test_debug_bisect_pass_without_module_option_reports_pass_only():

@@ -68,6 +68,11 @@ class Evaluator:
         return end_metric(self.metric, self.inputs, out, self.reference)
 
 
+def exceeds(value: float, threshold: float) -> bool:
+    """Whether a metric is past the threshold; NaN is (a pass that makes the output NaN read as "ok": exit 6)."""
+    return not value <= threshold
+
+
 def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: str = "5%", windows: int = 4,
            seq_len: int = 128, n_sentences: int = 32, log: Callable[[str], None] = lambda s: None) -> BisectResult:
     t0 = time.perf_counter()
@@ -87,7 +92,7 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
     probes: list[Probe] = []
 
     def record(what: str, value: float) -> bool:
-        bad = value > threshold
+        bad = exceeds(value, threshold)
         probes.append(Probe(what, value, bad))
         log(f"{what:<70} {metric} {fmt_metric(metric, value)} {'BAD' if bad else 'ok'}")
         return bad
@@ -143,7 +148,7 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
                 seen[key] = evaluate(g)
                 label = ",".join(u.name.rsplit(".", 1)[-1] for u in chosen)
                 return record(f"{culprit.name} on blocks [{label}]", seen[key])
-            return seen[key] > threshold
+            return exceeds(seen[key], threshold)
 
         if not bad_with(units):
             result.note = (f"{culprit.name} restricted to all blocks stays within the threshold: the damage comes from "
