@@ -447,6 +447,22 @@ def test_debug_compare_marks_a_rotated_residual_stream_not_comparable():
     assert "n/a" in row and "-3" not in row, res.output
 
 
+def test_debug_compare_shows_a_nan_output_as_nan(tmp_path):
+    """A pass that made block 1's output NaN read 'n/a' in the terminal (the caption: 'not comparable ... removed the
+    block') and, in the HTML report, '∞' everywhere (NaN and inf were both null there): identical to float."""
+    page = tmp_path / "r.html"
+    res = invoke("debug", "compare", "smollm2:2", "--pipeline", "test-plant-nan", *SMALL, "--html", page)
+    row = next(line for line in res.output.splitlines() if line.lstrip("│ ").startswith("model.layers.1"))
+    assert "nan" in row and "n/a" not in row and "not comparable" not in res.output, res.output
+    worst = next(line for line in res.output.splitlines() if "test-plant-nan" in line and "│ 0" in line)
+    assert "model.layers.1" in worst, res.output  # the NaN layer is the worst one
+    text = page.read_text()
+    per_pass = text.split("<h2>Per pass</h2>")[1].split("</table>")[0]
+    nan_row = next(r for r in per_pass.split("<tr>") if "test-plant-nan" in r)
+    assert "∞" not in nan_row and "NaN" in nan_row, nan_row
+    assert "NaN / NaN" in text.split("<h2>Per-layer numbers")[1] and "#000000" in text
+
+
 def test_debug_compare_minilm():
     res = invoke("debug", "compare", "minilm", "--pipeline", "quantize(w=int8,a=int8)", "--sentences", "4")
     assert "encoder.layer.5" in res.output and "1 - emb. cosine" in res.output

@@ -46,11 +46,12 @@ class CompareResult:
     stages: list[Stage]
     seconds: float
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready data: JSON has no infinity, so an identical layer's SQNR (inf dB) is null."""
-        return jsonio.finite({"model": self.model, "pipeline": self.pipeline, "inputs": self.inputs,
-                              "metric": self.metric, "seconds": round(self.seconds, 3),
-                              "stages": [asdict(s) for s in self.stages]})
+    def to_dict(self, finite: bool = True) -> dict[str, Any]:
+        """JSON-ready data: JSON has no infinity, so an identical layer's SQNR (inf dB) is null (and so is a NaN;
+        its ``max_abs`` is null too, an identical layer's 0). ``finite=False`` keeps the floats as they are."""
+        data = {"model": self.model, "pipeline": self.pipeline, "inputs": self.inputs, "metric": self.metric,
+                "seconds": round(self.seconds, 3), "stages": [asdict(s) for s in self.stages]}
+        return jsonio.finite(data) if finite else data
 
 
 class LayerCompare(Instrument):
@@ -108,10 +109,17 @@ def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128,
 
 
 def _db(x: float) -> str:
-    """SQNR in dB: ``inf`` for an exact match, ``n/a`` for no comparison (NaN)."""
+    """SQNR in dB: ``inf`` for an exact match, ``nan`` for a NaN output (shown as ``n/a`` it read as "not
+    comparable", the caption's removed or rotated block, for a pass that poisoned the numbers)."""
     if math.isnan(x):
-        return "n/a"
+        return "nan"
     return "inf" if math.isinf(x) else f"{x:.1f}"
+
+
+def _worst_key(kv: tuple[str, dict[str, float]]) -> float:
+    """A layer's rank for 'worst layer': a NaN output is the worst there is (``min`` over NaN is arbitrary)."""
+    v = kv[1]["sqnr_db"]
+    return -math.inf if math.isnan(v) else v
 
 
 def summary_table(res: CompareResult) -> Table:
@@ -120,7 +128,7 @@ def summary_table(res: CompareResult) -> Table:
     for col in ("#", "pass", name, "out SQNR dB", "out cosine", "worst layer", "its SQNR dB", "pass ms"):
         table.add_column(col, justify="left" if col in ("pass", "worst layer") else "right")
     for s in res.stages:
-        worst = min(s.layers.items(), key=lambda kv: kv[1]["sqnr_db"], default=None)
+        worst = min(s.layers.items(), key=_worst_key, default=None)
         table.add_row("" if s.index < 0 else str(s.index), s.spec + ("" if s.changed or s.index < 0 else " (no change)"),
                       fmt_metric(res.metric, s.metric), _db(s.output["sqnr_db"]), f"{s.output['cosine']:.6f}",
                       worst[0] if worst else "-", _db(worst[1]["sqnr_db"]) if worst else "-",
@@ -132,7 +140,7 @@ def layer_table(res: CompareResult) -> Table:
     """Layers × passes, SQNR in dB: where along depth each pass's error appears."""
     last = [s for s in res.stages if s.index >= 0]
     layers = list(res.stages[0].layers)
-    cells = [[_db(s.layers.get(layer, {}).get("sqnr_db", float("nan"))) for s in last] for layer in layers]
+    cells = [["n/a" if layer not in s.layers else _db(s.layers[layer]["sqnr_db"]) for s in last] for layer in layers]
     caption = None
     if any("n/a" in row for row in cells):  # said only where a cell is n/a
         caption = ("n/a: not comparable with the float model's block output: a pass removed the block or changed "
@@ -160,5 +168,6 @@ def run_compare(model_spec: str, text: str, *, windows: int, seq_len: int, n_sen
     if html_out is not None:
         from lowbit.cli.report_html import render_report
 
-        atomic_write_text(html_out, render_report(res.to_dict()))
+        # the numbers as measured: in the JSON form NaN and inf are both null, and the report drew a NaN as ∞
+        atomic_write_text(html_out, render_report(res.to_dict(finite=False)))
         console.print(f"wrote {html_out}", markup=False)

@@ -25,14 +25,26 @@ def _esc(x: Any) -> str:
 def _num(x: Any, digits: int = 2) -> str:
     if x is None:
         return "∞"
+    if isinstance(x, float) and math.isnan(x):  # a NaN output: it printed as -∞
+        return "NaN"
     if isinstance(x, float) and not math.isfinite(x):
         return "∞" if x > 0 else "-∞"
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
 def _sqnr(stage: dict[str, Any], layer: str) -> float | None:
+    """A layer's SQNR: None where it is identical to float (inf, or null in the JSON form); NaN stays NaN."""
     v = stage["layers"].get(layer, {}).get("sqnr_db")
-    return None if v is None else float(v)
+    return None if v is None or v == math.inf else float(v)
+
+
+def _is_nan(v: float | None) -> bool:
+    return v is not None and math.isnan(v)
+
+
+def _cell(stage: dict[str, Any], layer: str, key: str, digits: int) -> str:
+    """A layer's number, or n/a where the stage has no comparable output for it (a removed or rotated block)."""
+    return "n/a" if layer not in stage["layers"] else _num(stage["layers"][layer].get(key), digits)
 
 
 def line_chart(stages: list[dict[str, Any]], layers: list[str], width: int = 960, height: int = 360) -> str:
@@ -40,15 +52,18 @@ def line_chart(stages: list[dict[str, Any]], layers: list[str], width: int = 960
     ml, mr, mt, mb = 60, 300, 20, 60
     pw, ph = width - ml - mr, height - mt - mb
     series = []
+    nan = [s for s in stages if any(_is_nan(_sqnr(s, layer)) for layer in layers)]
     for s in stages:
-        vals = [_sqnr(s, layer) for layer in layers]
+        vals = [None if _is_nan(v) else v for v in (_sqnr(s, layer) for layer in layers)]  # NaN: not on the axis
         if any(v is not None for v in vals):
             series.append((s, vals))
     finite = [v for _, vals in series for v in vals if v is not None]
     if not layers:
         return "<p>The graph has no repeated blocks (model.layers.N / encoder.layer.N) to compare layer by layer.</p>"
+    nan_note = ("<p><b>NaN</b> block outputs after " + ", ".join(f"#{s['index']} <code>{_esc(s['spec'])}</code>"
+                                                                   for s in nan) + " (not drawn).</p>") if nan else ""
     if not finite:
-        return "<p>No pass changed any layer output (every SQNR is infinite).</p>"
+        return nan_note or "<p>No pass changed any layer output (every SQNR is infinite).</p>"
     # exact passes sit at 120+ dB (float rounding); clipping there keeps quantization's 10-40 dB readable
     series = [(s, [None if v is None else min(v, CLIP_DB) for v in vals]) for s, vals in series]
     finite = [min(v, CLIP_DB) for v in finite]
@@ -92,13 +107,15 @@ def line_chart(stages: list[dict[str, Any]], layers: list[str], width: int = 960
                    f'<text x="{ml + pw + 30}" y="{ly + 1}" font-size="12">#{s["index"]} '
                    f'{_esc(s["spec"][:38])}</text>')
     out.append("</svg>")
-    return "\n".join(out)
+    return nan_note + "\n".join(out)
 
 
 def _heat_colour(v: float | None, lo: float, hi: float) -> str:
-    """Low SQNR (bad) red, high (good) green, identical (∞) light grey."""
+    """Low SQNR (bad) red, high (good) green, identical (∞) light grey, NaN black."""
     if v is None:
         return "#eeeeee"
+    if math.isnan(v):
+        return "#000000"
     t = 0.0 if hi == lo else max(0.0, min(1.0, (v - lo) / (hi - lo)))
     r, g = int(215 - 150 * t), int(48 + 150 * t)
     return f"rgb({r},{g},80)"
@@ -108,7 +125,7 @@ def heat_map(stages: list[dict[str, Any]], layers: list[str]) -> str:
     """Layers (columns) × passes (rows), coloured by SQNR, value written in each cell."""
     cw, chh, left, top = max(20, min(70, 900 // max(1, len(layers)))), 26, 240, 30
     width, height = left + cw * len(layers) + 10, top + chh * len(stages) + 40
-    finite = [v for s in stages for layer in layers if (v := _sqnr(s, layer)) is not None]
+    finite = [v for s in stages for layer in layers if (v := _sqnr(s, layer)) is not None and not _is_nan(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     hi = min(hi, HEAT_TOP_DB)  # above this everything is "fine"; the colours resolve the lossy range
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
@@ -122,14 +139,19 @@ def heat_map(stages: list[dict[str, Any]], layers: list[str]) -> str:
                    f'#{s["index"]} {_esc(s["spec"][:30])}</text>')
         for j, layer in enumerate(layers):
             v = _sqnr(s, layer)
+            missing = layer not in s["layers"]  # removed or rotated block: not comparable (it drew as ∞, identical)
+            label = "n/a" if missing else _num(v, 0)
+            ink = ' fill="#ffffff"' if _is_nan(v) else ""  # readable on the black cell
             out.append(f'<rect x="{left + cw * j}" y="{yy}" width="{cw - 1}" height="{chh - 1}" '
-                       f'fill="{_heat_colour(v, lo, hi)}"><title>{_esc(layer)} after {_esc(s["spec"])}: '
-                       f'{_num(v, 1)} dB</title></rect>')
+                       f'fill="{"#ffffff" if missing else _heat_colour(v, lo, hi)}"><title>{_esc(layer)} after '
+                       f'{_esc(s["spec"])}: {"n/a" if missing else _num(v, 1)} dB</title></rect>')
             if cw >= 28:
                 out.append(f'<text x="{left + cw * j + cw / 2}" y="{yy + chh / 2 + 4}" font-size="10" '
-                           f'text-anchor="middle">{_num(v, 0)}</text>')
+                           f'text-anchor="middle"{ink}>'
+                           f'{label}</text>')
     out.append(f'<text x="{left}" y="{height - 12}" font-size="11">SQNR dB: red = low (more error), green = '
-               f'high (≥ {HEAT_TOP_DB:.0f} dB full green); grey = identical to float.</text>')
+               f'high (≥ {HEAT_TOP_DB:.0f} dB full green); grey = identical to float; black = NaN; white = n/a '
+               '(block removed or residual stream rotated).</text>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -142,8 +164,8 @@ def render_report(data: dict[str, Any]) -> str:
     metric = "perplexity" if data["metric"] == "ppl" else "1 − embedding cosine"
     rows = []
     for s in stages:
-        worst = min(((k, v["sqnr_db"]) for k, v in s["layers"].items() if v["sqnr_db"] is not None),
-                    key=lambda kv: kv[1], default=("-", None))
+        worst = min(((k, v["sqnr_db"]) for k, v in s["layers"].items() if v["sqnr_db"] not in (None, math.inf)),
+                    key=lambda kv: -math.inf if math.isnan(kv[1]) else kv[1], default=("-", None))
         rows.append(
             f"<tr><td>{'' if s['index'] < 0 else s['index']}</td><td><code>{_esc(s['spec'])}</code></td>"
             f"<td>{'yes' if s['changed'] else ('—' if s['index'] < 0 else 'no')}</td>"
@@ -153,8 +175,7 @@ def render_report(data: dict[str, Any]) -> str:
     layer_rows = []
     for layer in layers:
         cells = "".join(
-            f"<td>{_num(s['layers'].get(layer, {}).get('sqnr_db'), 1)} / "
-            f"{_num(s['layers'].get(layer, {}).get('cosine'), 5)}</td>" for s in passes)
+            f"<td>{_cell(s, layer, 'sqnr_db', 1)} / {_cell(s, layer, 'cosine', 5)}</td>" for s in passes)
         layer_rows.append(f"<tr><td>{_esc(layer)}</td>{cells}</tr>")
     head = "".join(f"<th>#{s['index']} <code>{_esc(s['spec'])}</code></th>" for s in passes)
     return f"""<!DOCTYPE html>
