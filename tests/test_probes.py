@@ -325,3 +325,18 @@ def test_bisect_and_sensitivity_point_at_the_compile_that_saves_a_reproducer():
         assert got == int(Exit.PIPELINE), out
         assert "rerun with --reproducer" not in out, out
         assert "`lowbit compile smollm2:2 --pipeline" in out and "--reproducer DIR` saves the IR" in out, out
+
+
+def test_a_perplexity_past_the_float_range_is_inf_not_an_overflow_traceback():
+    """Logits a pass blew up (mean loss > 709 nats) made math.exp raise OverflowError: debug compare, bisect and
+    sensitivity ended in a traceback (exit 1) instead of reporting the pass as infinitely bad."""
+    import math
+
+    from lowbit.cli.bisect import exceeds
+    from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric
+
+    ids = torch.arange(8)[None, :] % 4
+    logits = torch.zeros(1, 8, 4)
+    logits[..., 0] = 1e5  # every prediction is token 0 with certainty; most targets are not
+    ppl = end_metric("ppl", EvalInputs("causal-lm", (ids,), "x"), logits, None)
+    assert ppl == math.inf and fmt_metric("ppl", ppl) == "inf" and exceeds(ppl, 40.0)

@@ -8,6 +8,7 @@ each graph by module path, so a pass that renames or replaces nodes is still com
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
@@ -161,7 +162,9 @@ def end_metric(metric: str, inputs: EvalInputs, output: torch.Tensor, reference:
         ids = inputs.args[0]
         logits = output[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        return math.exp(nll.double().item() / ids[:, 1:].numel())
+        mean = nll.double().item() / ids[:, 1:].numel()
+        # a pass that blows the logits up (mean loss > 709 nats) is infinitely bad, not an OverflowError traceback
+        return math.inf if mean > math.log(sys.float_info.max) else math.exp(mean)
     assert reference is not None
     cos = F.cosine_similarity(output.double(), reference.double(), dim=-1)
     return float(1.0 - cos.mean().item())
