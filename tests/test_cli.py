@@ -549,6 +549,14 @@ def test_debug_sensitivity_of_a_pruning_scheme_feeds_compile_overrides(tmp_path)
     assert bad.exit_code != 0 and "option keep: 'nope.*' matches no linear this pass would prune" in bad.output
 
 
+def test_debug_sensitivity_ranks_a_unit_that_turns_the_output_nan_first(tmp_path):
+    """A NaN damage was sorted as NaN: the block that poisons the output kept its place (here last) instead of
+    heading the ranking the override file's keep_float is cut from."""
+    out = tmp_path / "s.json"
+    invoke("debug", "sensitivity", "smollm2:2", "--scheme", "test-plant-nan(layer=1)", *SMALL, "-o", out)
+    assert [r["module"] for r in json.loads(out.read_text())["ranking"]] == ["model.layers.1", "model.layers.0"]
+
+
 def test_debug_sensitivity_of_a_structured_cut_prints_no_overrides_command(tmp_path):
     """prune-mlp has no keep option: compile --overrides would refuse the file ('no pass in the pipeline can keep
     modules'), so sensitivity ranks the layers, labels them as pruned, and prints no follow-up command."""

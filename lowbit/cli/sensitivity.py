@@ -10,6 +10,7 @@ alone (``keep_float`` empty, no ``--overrides`` command printed).
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -101,7 +102,8 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
         run_pipeline(g, [qpass], model_spec=model_spec, takes_reproducer=False, ran_before=pre)
         everything = score(g)
         bar.advance(task)
-    rows.sort(key=lambda r: -r["damage"])
+    # a unit whose output turns NaN does the most damage (sorted as NaN it stayed wherever it was)
+    rows.sort(key=lambda r: -math.inf if math.isnan(r["damage"]) else -r["damage"])
     return {"format": OVERRIDES_FORMAT, "model": model_spec, "scheme": scheme, "quantize": qpass.spec(),
             "prefix": ",".join(p.spec() for p in pre), "granularity": granularity, "metric": metric,
             "inputs": inputs.description, "baseline": baseline, "all_quantized": everything, "ranking": rows,
