@@ -549,6 +549,21 @@ def test_debug_sensitivity_of_a_pruning_scheme_feeds_compile_overrides(tmp_path)
     assert bad.exit_code != 0 and "option keep: 'nope.*' matches no linear this pass would prune" in bad.output
 
 
+def test_debug_sensitivity_prints_a_command_the_shell_reads_back(tmp_path):
+    """The follow-up command was written as --pipeline '{pipe}' --overrides {out}: a quoted option value holding a
+    double quote (spec() then quotes with ') or an output path with a space split into other words."""
+    import shlex
+
+    out = tmp_path / "my dir" / "s.json"
+    res = invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w4", "--pipeline", "fold-norms(modules='layers|\"')",
+                 *SMALL, "-o", out)
+    line = next(ln for ln in res.output.splitlines() if "lowbit compile" in ln)
+    words = shlex.split(line)
+    assert words[words.index("--overrides") + 1] == str(out), line
+    pipe = words[words.index("--pipeline") + 1]
+    assert pipe == "fold-norms(modules='layers|\"'),quantize(w=int4)", line
+
+
 def test_debug_sensitivity_ranks_a_unit_that_turns_the_output_nan_first(tmp_path):
     """A NaN damage was sorted as NaN: the block that poisons the output kept its place (here last) instead of
     heading the ranking the override file's keep_float is cut from."""

@@ -212,7 +212,7 @@ def run_bisect(model_spec: str, text: str, *, metric: str, max_increase: str, wi
     console.print(table)
     if res.reproduce and res.culprit_pass is not None:
         console.print("reproduce with:", markup=False)
-        console.print(f"  {res.reproduce}", markup=False)
+        console.print(f"  {res.reproduce}", markup=False, soft_wrap=True)  # a wrapped command does not paste
         config = re.search(r"config=([^,)]+)", res.restricted_spec or "")
         if config and Path(config.group(1)).is_file():  # the restricted QuantConfig, shown so it can be read
             compact = json.dumps(json.loads(Path(config.group(1)).read_text()), separators=(",", ":"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -140,5 +141,7 @@ def run_sensitivity(model_spec: str, scheme: str, *, group: int | None, prefix: 
                       f"its modules= option (a regex on module paths)", markup=False)
         return
     pipe = ",".join(x for x in (res["prefix"], res["quantize"]) if x)
+    # shell-quoted as bisect's reproduce command: '{pipe}' broke on a quoted option, {out} on a space
     console.print(f"wrote {out} ({res['seconds']:.1f} s); use it with:\n"
-                  f"  lowbit compile {model_spec} --pipeline '{pipe}' --overrides {out} -o OUT", markup=False)
+                  f"  lowbit compile {shlex.quote(model_spec)} --pipeline {shlex.quote(pipe)} --overrides "
+                  f"{shlex.quote(str(out))} -o OUT", markup=False, soft_wrap=True)  # no line breaks inside it
