@@ -61,6 +61,8 @@ BEFORE_LOAD = [
     # options that would silently do nothing or the opposite of what they say
     (["compile", "smollm2:2", "-p", "fold-norms,dce", "--print-ir-after", "quantize"], Exit.USAGE,
      "the pipeline has no quantize pass (it runs fold-norms, dce)"),
+    (["compile", "smollm2:2", "-p", "dce", "--filter", "mlp"], Exit.USAGE,  # it was ignored: no IR printed
+     "--filter 'mlp' selects the nodes of printed IR, and nothing is printed"),
     (["debug", "bisect", "smollm2:2", "-p", "quantize(w=int8)", "--max-increase", "-5%"], Exit.USAGE,
      "--max-increase -5%: must be above 0"),
     (["debug", "bisect", "smollm2:2", "-p", "quantize(w=int8)", "--max-increase", "nan"], Exit.USAGE,

@@ -345,11 +345,16 @@ def compile_cmd(
         if name not in names:
             fail(f"--print-ir-after {name}: the pipeline has no {name} pass (it runs {', '.join(names) or 'none'}), "
                  "so nothing would be printed", Exit.USAGE)
+    printing = print_ir_after_all or print_ir_after_change or print_ir_diff or print_ir_after or print_ir_before
     if filter is not None:
         try:
             re.compile(filter)
         except re.error as exc:
             fail(f"--filter {filter!r} is not a valid regex: {exc}", Exit.USAGE)
+        if not printing:  # it only narrows printed IR: alone it was silently ignored
+            fail(f"--filter {filter!r} selects the nodes of printed IR, and nothing is printed: add "
+                 "--print-ir-after-all, --print-ir-after-change, --print-ir-diff, --print-ir-after PASS or "
+                 "--print-ir-before", Exit.USAGE)
     keep = read_overrides(overrides) if overrides is not None else None
     check_output(out, "--out", directory=True)
     check_output(reproducer, "--reproducer", directory=True)
@@ -368,7 +373,7 @@ def compile_cmd(
                       f"{','.join(p.spec() for p in passes)}", markup=False)
         plan = plan_compile(passes, backend, options)
     instruments = []
-    if print_ir_after_all or print_ir_after_change or print_ir_diff or print_ir_after or print_ir_before:
+    if printing:
         instruments.append(PrintIR(after_all=print_ir_after_all, after_change=print_ir_after_change,
                                    diff=print_ir_diff, after=print_ir_after, before_first=print_ir_before,
                                    filter=filter, stream=_RichStream(colour_diff=print_ir_diff)))
