@@ -74,6 +74,23 @@ class PlantNaN(Pass):
 
 
 @register_pass
+class Flaky(Pass):
+    """Test only: wrecks every down_proj on its odd-numbered runs and does nothing on the others (unseeded)."""
+
+    name = "test-flaky"
+    runs = 0
+
+    def run(self, graph):
+        Flaky.runs += 1
+        if Flaky.runs % 2 == 0:
+            return PassResult(False)
+        for node in graph.nodes:
+            if node.op == "linear" and node.module.endswith("mlp.down_proj"):
+                graph.set_param(node.args[1].name, node.args[1].data * -20.0)
+        return PassResult(True)
+
+
+@register_pass
 class ScaleAll(Pass):
     """Test only: a damaging pass with no option to restrict it to some layers."""
 
@@ -492,6 +509,16 @@ def test_debug_bisect_takes_a_nan_metric_as_past_the_threshold(tmp_path):
     data = json.loads(js.read_text())
     assert data["culprit_pass"] == "test-plant-nan" and data["culprit_layers"] == ["model.layers.1"], res.output
     assert "ppl nan BAD" in res.output
+
+
+def test_debug_bisect_refuses_to_name_a_culprit_when_a_pass_is_not_deterministic():
+    """A pass that wrecked the model on one run and not the next made the full pipeline bad and every prefix fine,
+    so bisect named the innocent last pass ('culprit pass #2 dce', exit 0). The verdict is now re-checked and a
+    flipped one exits 4 naming the pipeline."""
+    Flaky.runs = 0
+    res = invoke("debug", "bisect", "smollm2:2", "--pipeline", "dce,test-flaky,dce", *SMALL, code=4)
+    out = " ".join(res.output.split())
+    assert "is not deterministic" in out and "'dce,test-flaky,dce'" in out and "culprit pass" not in out, out
 
 
 def test_debug_bisect_pass_without_module_option_reports_pass_only():

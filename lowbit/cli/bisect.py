@@ -1,7 +1,8 @@
 """``lowbit debug bisect``: the first pass that breaks the metric, then the fewest layers inside it that do.
 
 Stage 1 is LLVM's ``-opt-bisect-limit``: run prefixes of the pipeline (``PassManager(limit=k)``) and binary-search
-the first k whose metric exceeds the threshold (assumes the damage, once done, is not undone by a later pass).
+the first k whose metric exceeds the threshold (assumes the damage, once done, is not undone by a later pass), then
+check both sides of that verdict again (passes that are not deterministic would make it name an innocent pass).
 Stage 2 is ``polygraphy debug reduce`` over layers: re-run the culprit pass, on the IR it saw, restricted to
 subsets of blocks (``lowbit.cli.restrict``); halve while one half alone is still bad, then drop single blocks
 while the rest stays bad, which leaves a set where every block is needed.
@@ -125,8 +126,27 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
     result.culprit_index, result.culprit_pass = k, culprit.spec()
     prefix = format_pipeline(passes[:k])
 
-    # stage 2: layers within the culprit
+    # the verdict rests on one run of the first k passes being fine and one of the first k+1 being bad; a pass that
+    # is not deterministic (random numbers without a seed, state outside the graph) flipped between runs and an
+    # innocent pass (dce) was named: both are checked again (the culprit on the very IR it then sees)
+    from lowbit.cli.pipeline import run_pipeline
+
     before = run_prefix(k)
+    changed = []
+    if k > 0 and record(f"first {k} passes again", evaluate(before)):
+        changed.append(f"the first {k} passes, within the threshold before, now give {metric} "
+                       f"{fmt_metric(metric, probes[-1].metric)}")
+    again = before.clone()
+    run_pipeline(again, [culprit], model_spec=model_spec, takes_reproducer=False, ran_before=passes[:k])
+    if not changed and not record(f"#{k} {culprit.name} again, on that IR", evaluate(again)):
+        changed.append(f"the first {k + 1} passes, past the threshold before, now give {metric} "
+                       f"{fmt_metric(metric, probes[-1].metric)}")
+    if changed:
+        fail(f"bisect needs passes that give the same result each run: {changed[0]} (threshold "
+             f"{fmt_metric(metric, threshold)}); a pass of {format_pipeline(passes[:k + 1])!r} is not deterministic "
+             "(an unseeded random choice?), so no culprit can be named", Exit.PIPELINE)
+
+    # stage 2: layers within the culprit
     units = block_units(before)
     how = how_restricted(culprit)
     if how is None:
