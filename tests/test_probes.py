@@ -70,6 +70,10 @@ BEFORE_LOAD = [
     (["debug", "bisect", "smollm2:2", "-p", "quantize(w=int8)", "--max-increase", "inf%"], Exit.USAGE,
      "--max-increase 'inf%': give a percentage like 5%"),
     (["debug", "sensitivity", "smollm2:2", "--scheme", "w4", "--group", "0"], Exit.USAGE, "--group 0: a weight group"),
+    # they failed after the model load naming internal names ("max_windows must be at least 1", "n must be ...")
+    (["debug", "compare", "smollm2:2", "-p", "dce", "--windows", "0"], Exit.USAGE, "--windows 0: give at least 1"),
+    (["debug", "bisect", "smollm2:2", "-p", "dce", "--seq-len", "1"], Exit.USAGE, "--seq-len 1: give at least 2"),
+    (["debug", "sensitivity", "minilm", "--sentences", "0"], Exit.USAGE, "--sentences 0: give at least 1"),
     (["debug", "sensitivity", "smollm2:2", "--scheme", "w4", "--keep-top", "-1"], Exit.USAGE, "--keep-top -1"),
     (["debug", "sensitivity", "smollm2:2", "--scheme", "w=int4,group=32", "--group", "64"], Exit.USAGE,
      "--group 64 applies to wNaM schemes"),

@@ -307,6 +307,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(name, path)
 
 
+def check_eval_sizes(windows: int, seq_len: int, sentences: int) -> None:
+    """The debug commands' input sizes, refused before the model loads (they failed after it, naming
+    ``max_windows`` / ``n`` rather than the flag)."""
+    for flag, value, least in (("--windows", windows, 1), ("--seq-len", seq_len, 2), ("--sentences", sentences, 1)):
+        if value < least:
+            fail(f"{flag} {value}: give at least {least}" + (" (one context token, one predicted)"
+                                                             if flag == "--seq-len" else ""), Exit.USAGE)
+
+
 def parse_percent_or_number(text: str) -> tuple[float, bool]:
     """``"5%"`` → (0.05, relative=True); ``"0.3"`` → (0.3, relative=False)."""
     import math

@@ -25,6 +25,7 @@ from lowbit.cli.common import (
     Exit,
     atomic_output_dir,
     capture_model,
+    check_eval_sizes,
     check_output,
     console,
     err_console,
@@ -691,6 +692,7 @@ def compare_cmd(
     """Run real inputs through the float graph and after every pass: per-pass, per-layer error and end metric."""
     from lowbit.cli.compare import run_compare
 
+    check_eval_sizes(windows, seq_len, sentences)
     check_output(json_out, "--json", directory=False)
     check_output(html_out, "--html", directory=False)
     check_output(reproducer, "--reproducer", directory=True)
@@ -714,6 +716,7 @@ def bisect_cmd(
     """Find the first pass that pushes the metric past the threshold, then the fewest layers responsible."""
     from lowbit.cli.bisect import run_bisect
 
+    check_eval_sizes(windows, seq_len, sentences)
     check_output(json_out, "--json", directory=False)
     if parse_percent_or_number(max_increase)[0] <= 0:
         fail(f"--max-increase {max_increase}: must be above 0 (the threshold is the float model's metric plus "
@@ -741,6 +744,7 @@ def sensitivity_cmd(
     """Quantize (or prune) one layer at a time, rank layers by metric damage, write an override file compile accepts."""
     from lowbit.cli.sensitivity import run_sensitivity
 
+    check_eval_sizes(windows, seq_len, sentences)
     check_output(out, "--out", directory=False)
     if group is not None and group < 1:
         fail(f"--group {group}: a weight group size is at least 1 (leave --group out for one scale per channel)",
