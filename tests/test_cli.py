@@ -159,6 +159,8 @@ def test_recipes_listing_or_clear_absence():
     (["debug", "sensitivity", "minilm", "--scheme", "quantize(w=int4),dce"], 2, "is 2 passes"),  # was a traceback
     (["debug", "compare", "smollm2:1", "-p", "dce", "--windows", "1", "--seq-len", "9000"], 2,
      "max_position_embeddings=8192"),
+    (["debug", "bisect", "smollm2:1", "-p", "last-logits", "--windows", "1", "--seq-len", "16"], 2,
+     "perplexity needs the logits of every position, and the graph gives 1 of the window's 16"),  # a traceback
 ])
 def test_bad_input_exit_codes(args, code, needle):
     assert needle in invoke(*args, code=code).output

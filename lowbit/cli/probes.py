@@ -160,6 +160,11 @@ def end_metric(metric: str, inputs: EvalInputs, output: torch.Tensor, reference:
     between the embeddings and the float model's."""
     if metric == "ppl":
         ids = inputs.args[0]
+        given = output.shape[1] if output.dim() > 1 else 0
+        if given != ids.shape[1]:  # it was cross_entropy's batch-size ValueError, a traceback
+            fail(f"perplexity needs the logits of every position, and the graph gives {given} of the window's "
+                 f"{ids.shape[1]} (the last-logits pass keeps only the last position's: leave it out of a pipeline "
+                 "measured by perplexity)", Exit.USAGE)
         logits = output[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
         mean = nll.double().item() / ids[:, 1:].numel()
