@@ -38,8 +38,10 @@ def run(args: list[object]) -> tuple[int, str]:
 def _files(tmp: Path) -> dict[str, Path]:
     (tmp / "a_file").write_text("x")
     (tmp / "empty.json").write_text(json.dumps({"keep_float": ["no.such.module*"]}))
+    (tmp / "binary.json").write_bytes(b"\xff\xfe\x00 not text")
+    (tmp / "list.json").write_text("[1, 2]")
     return {"FILE": tmp / "a_file", "UNDER_FILE": tmp / "a_file" / "out", "OVERRIDES": tmp / "empty.json",
-            "TMP": tmp}
+            "TMP": tmp, "BINARY_JSON": tmp / "binary.json", "LIST_JSON": tmp / "list.json"}
 
 
 BEFORE_LOAD = [
@@ -101,6 +103,12 @@ BEFORE_LOAD = [
     (["debug", "bisect", "smollm2:2", "-p", "dce", "--json", "UNDER_FILE"], Exit.NOT_FOUND, "cannot be written"),
     (["debug", "sensitivity", "smollm2:2", "--out", "/proc/x.json"], Exit.NOT_FOUND, "cannot be written"),
     (["graph", "/no/such.lowbit", "--out", "/proc/x.html"], Exit.NOT_FOUND, "cannot be written"),
+    # an override file that cannot be read as one: exit 3 as any unreadable input (binary: a traceback; not JSON: 2)
+    (["compile", "smollm2:2", "-p", "quantize(w=int8)", "--overrides", "BINARY_JSON"], Exit.NOT_FOUND, "is not JSON"),
+    (["compile", "smollm2:2", "-p", "quantize(w=int8)", "--overrides", "FILE"], Exit.NOT_FOUND, "is not JSON"),
+    (["compile", "smollm2:2", "-p", "quantize(w=int8)", "--overrides", "LIST_JSON"], Exit.NOT_FOUND,
+     "needs a 'keep_float' list"),
+    (["compile", "smollm2:2", "-p", "quantize(w=int8)", "--overrides", "TMP"], Exit.NOT_FOUND, "is a directory"),
 ]
 
 

@@ -179,16 +179,24 @@ class _RichStream:
 
 
 def read_overrides(path: Path) -> list[str]:
-    """The ``keep_float`` module globs of an override file written by ``lowbit debug sensitivity``."""
+    """The ``keep_float`` module globs of an override file written by ``lowbit debug sensitivity``.
+
+    A file that cannot be read as one (binary, not JSON, no ``keep_float`` list) exits 3 as every unreadable input
+    file does (a binary one was a UnicodeDecodeError traceback, a non-JSON one exit 2)."""
+    if path.is_dir():
+        fail(f"overrides file {str(path)!r} is a directory; give the JSON file `lowbit debug sensitivity -o` wrote",
+             Exit.NOT_FOUND)
     if not path.is_file():
         fail(f"overrides file {str(path)!r}: no such file", Exit.NOT_FOUND)
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        fail(f"overrides file {str(path)!r} is not JSON: {exc}", Exit.USAGE)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        fail(f"overrides file {str(path)!r} is not JSON: {exc}", Exit.NOT_FOUND)
+    except OSError as exc:
+        fail(f"overrides file {str(path)!r} cannot be read: {exc.strerror or exc}", Exit.NOT_FOUND)
     keep = data.get("keep_float") if isinstance(data, dict) else None
     if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
-        fail(f"overrides file {str(path)!r} needs a 'keep_float' list of module globs", Exit.USAGE)
+        fail(f"overrides file {str(path)!r} needs a 'keep_float' list of module globs", Exit.NOT_FOUND)
     return keep
 
 
