@@ -593,6 +593,20 @@ def test_debug_sensitivity_prints_a_command_the_shell_reads_back(tmp_path):
     assert pipe == "fold-norms(modules='layers|\"'),quantize(w=int4)", line
 
 
+def test_debug_tools_restrict_a_scoped_pass_to_the_blocks_its_scope_reaches(tmp_path):
+    """A pass given modules=layers\\.1\\. restricted to block 0 had a scope matching no module, which the
+    PassManager refuses: sensitivity stopped at the first block with exit 4, and bisect's halving did too."""
+    pipeline = r"quantize(w=int2,modules=layers\.1\.)"
+    out = tmp_path / "s.json"
+    invoke("debug", "sensitivity", "smollm2:2", "--scheme", pipeline, *SMALL, "-o", out)
+    assert [r["module"] for r in json.loads(out.read_text())["ranking"]] == ["model.layers.1"]
+    js = tmp_path / "b.json"
+    invoke("debug", "bisect", "smollm2:2", "--pipeline", f"dce,{pipeline}", *SMALL, "--max-increase", "0.1%",
+           "--json", js)
+    data = json.loads(js.read_text())
+    assert data["culprit_index"] == 1 and data["culprit_layers"] == ["model.layers.1"], data
+
+
 def test_debug_sensitivity_ranks_a_unit_that_turns_the_output_nan_first(tmp_path):
     """A NaN damage was sorted as NaN: the block that poisons the output kept its place (here last) instead of
     heading the ranking the override file's keep_float is cut from."""

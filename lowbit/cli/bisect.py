@@ -25,7 +25,7 @@ from lowbit import jsonio
 from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse, \
     parse_percent_or_number
 from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_name, run_probe
-from lowbit.cli.restrict import Unit, block_units, how_restricted, restrict
+from lowbit.cli.restrict import Unit, block_units, how_restricted, restrict, units_in_scope
 from lowbit.passes.manager import format_pipeline
 
 
@@ -147,13 +147,17 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
              "(an unseeded random choice?), so no culprit can be named", Exit.PIPELINE)
 
     # stage 2: layers within the culprit
-    units = block_units(before)
+    blocks_ = block_units(before)
+    units = units_in_scope(culprit, blocks_, before)  # a pass given modules= is bisected over the blocks it reaches
     how = how_restricted(culprit)
     if how is None:
         result.note = (f"pass {culprit.name} has no 'modules' or 'keep' option, so it cannot be applied to a subset "
                        "of layers: the culprit is the pass as a whole")
-    elif not units:
+    elif not blocks_:
         result.note = "the graph has no repeated blocks (model.layers.N / encoder.layer.N) to bisect over"
+    elif not units:
+        result.note = (f"the modules= scope of {culprit.name} reaches no block (model.layers.N / encoder.layer.N): "
+                       "the culprit is the pass as a whole")
     else:
         seen: dict[tuple[str, ...], float] = {}
 

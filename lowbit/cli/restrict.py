@@ -110,6 +110,17 @@ def keep_float(p: Any, globs: list[str], graph: Graph) -> Any | None:
     return build_pass(type(p), opts)
 
 
+def units_in_scope(p: Any, units: list[Unit], graph: Graph) -> list[Unit]:
+    """The units ``p``'s own ``modules`` scope reaches. Restricted to another one (block 0 of a pass given
+    ``modules=layers\\.1\\.``) its scope matches no module, which the PassManager refuses: sensitivity and bisect
+    stopped there with exit 4."""
+    own = getattr(p.options, "modules", "") if how_restricted(p) == "modules" else ""
+    if not own:
+        return units
+    modules = {n.module for n in graph.nodes if n.module}
+    return [u for u in units if any(re.search(u.regex, m) and re.search(own, m) for m in modules)]
+
+
 def restrict(p: Any, chosen: list[Unit], all_units: list[Unit]) -> Any | None:
     """A copy of pass ``p`` that applies only to ``chosen``; None if ``p`` has no option to restrict it with."""
     how = how_restricted(p)

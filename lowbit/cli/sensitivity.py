@@ -23,7 +23,7 @@ from rich.table import Table
 from lowbit import jsonio
 from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse
 from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_name, run_probe
-from lowbit.cli.restrict import block_units, how_restricted, linear_units, restrict
+from lowbit.cli.restrict import block_units, how_restricted, linear_units, restrict, units_in_scope
 
 OVERRIDES_FORMAT = "lowbit-overrides/1"
 _SCHEME = re.compile(r"^w(?P<w>\d+)(?:a(?P<a>\d+))?$", re.I)
@@ -89,6 +89,9 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
     units = block_units(graph) if granularity == "block" else linear_units(graph)
     if not units:
         fail("the graph has no blocks (model.layers.N / encoder.layer.N) to quantize one at a time", Exit.USAGE)
+    units = units_in_scope(qpass, units, graph)  # a pass given modules= ranks the units it reaches
+    if not units:
+        fail(f"pass {qpass.spec()}: its modules= scope reaches no {granularity} of the graph", Exit.USAGE)
     rows = []
     with Progress(console=console, transient=True, disable=not progress) as bar:
         task = bar.add_task(f"{qtext} one {granularity} at a time", total=len(units) + 1)
