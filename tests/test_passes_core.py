@@ -144,6 +144,10 @@ def test_pipeline_with_instruments_on_smollm2(smollm2_slice_f64, wikitext_ids):
     ("constant-fold(max_elements)", "needs a value"),
     ("quantize(w=int4,keep=lm_head)", "write a list in brackets: keep=[lm_head] (keep=[a;b] for several)"),
     ("", "empty pipeline"),
+    # a missing comma between passes, or a stray one at an end, was 'expected NAME' / 'two commas in a row?'
+    ("fold-norms dce", "passes are separated by commas: 'fold-norms,dce'"),
+    ("fold-norms;quantize(w=int4)", "passes are separated by commas: 'fold-norms,quantize(w=int4)'"),
+    ("dce,", "(a trailing comma?)"),
 ])
 def test_bad_pipeline_specs(spec, message):
     with pytest.raises(PassError, match=re.escape(message)):

@@ -23,7 +23,8 @@ from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
 from lowbit.ir.printer import print_graph
 from lowbit.ir.verifier import VerificationError, listed, verify
-from lowbit.passes.base import Pass, PassError, PassFileError, ScopedOptions, closest, get_pass, split_top
+from lowbit.passes.base import (Pass, PassError, PassFileError, ScopedOptions, all_passes, closest, get_pass,
+                                 split_top)
 
 
 # ---- pipeline text -------------------------------------------------------------------------------
@@ -59,12 +60,15 @@ def parse_pipeline(text: str, *, read_files: bool = True,
     if not text or not text.strip():
         raise PassError("empty pipeline: give pass names separated by commas, e.g. 'fold-norms,dce'")
     passes = []
-    for item in _split_top(text, ",", text):
+    items = _split_top(text, ",", text)
+    for i, item in enumerate(items):
         if not item.strip():
-            raise PassError(f"empty pass name in pipeline {text!r} (two commas in a row?)")
+            where = "a trailing comma" if i == len(items) - 1 else "a leading comma" if i == 0 else "two commas in a row"
+            raise PassError(f"empty pass name in pipeline {text!r} ({where}?)")
         m = _ITEM.match(item)
         if not m:
-            raise PassError(f"cannot read pipeline item {item.strip()!r}: expected NAME or NAME(key=value,...)")
+            raise PassError(f"cannot read pipeline item {item.strip()!r}: expected NAME or NAME(key=value,...)"
+                            + _separator_hint(item))
         name, body = m.group(1), m.group(2)
         cls = get_pass(name)
         options: dict[str, Any] = {}
@@ -89,6 +93,14 @@ def parse_pipeline(text: str, *, read_files: bool = True,
     check_order(passes)
     check_input_files(passes)
     return passes
+
+
+def _separator_hint(item: str) -> str:
+    """'fold-norms dce' or 'fold-norms;dce' is two passes without the comma between them: say so."""
+    words = [w for w in split_top(item.strip(), " \t\n;", item) if w.strip()]
+    if len(words) > 1 and all(m and m.group(1) in all_passes() for m in map(_ITEM.match, words)):
+        return f"; passes are separated by commas: {','.join(w.strip() for w in words)!r}"
+    return ""
 
 
 def _refuse_file_options(name: str, cls: type[Pass], options: dict[str, Any],
