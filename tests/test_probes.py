@@ -100,6 +100,8 @@ BEFORE_LOAD = [
     (["compile", "smollm2:2", "-p", "dce", "--out", "/proc/lowbit-out"], Exit.NOT_FOUND, "cannot be written"),
     (["compile", "smollm2:2", "-p", "dce", "--reproducer", "FILE"], Exit.USAGE, "--reproducer"),
     (["debug", "compare", "smollm2:2", "-p", "dce", "--json", "TMP"], Exit.USAGE, "is a directory"),
+    (["debug", "compare", "smollm2:2", "-p", "dce", "--json", "FILE", "--html", "FILE"], Exit.USAGE,
+     "--json and --html both name"),  # the HTML report silently replaced the JSON numbers
     (["debug", "bisect", "smollm2:2", "-p", "dce", "--json", "UNDER_FILE"], Exit.NOT_FOUND, "cannot be written"),
     (["debug", "sensitivity", "smollm2:2", "--out", "/proc/x.json"], Exit.NOT_FOUND, "cannot be written"),
     (["graph", "/no/such.lowbit", "--out", "/proc/x.html"], Exit.NOT_FOUND, "cannot be written"),

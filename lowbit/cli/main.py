@@ -703,6 +703,9 @@ def compare_cmd(
     check_eval_sizes(windows, seq_len, sentences)
     check_output(json_out, "--json", directory=False)
     check_output(html_out, "--html", directory=False)
+    if json_out is not None and html_out is not None and \
+            json_out.expanduser().resolve() == html_out.expanduser().resolve():  # the report overwrote the numbers
+        fail(f"--json and --html both name {str(json_out)!r}: give two files", Exit.USAGE)
     check_output(reproducer, "--reproducer", directory=True)
     run_compare(model, pipeline_text(pipeline, recipe), windows=windows, seq_len=seq_len, n_sentences=sentences,
                 json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer)
