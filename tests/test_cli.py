@@ -482,6 +482,19 @@ def test_debug_compare_shows_a_nan_output_as_nan(tmp_path):
     assert "NaN / NaN" in text.split("<h2>Per-layer numbers")[1] and "#000000" in text
 
 
+def test_debug_tools_refuse_a_tokenizer_that_does_not_fit_the_model(tmp_path):
+    """A model directory whose tokenizer is another model's (ids past its config.vocab_size) ended debug compare and
+    bisect in the torch backend's InputError traceback (exit 1) on the float reference run."""
+    from lowbit.models import load_smollm2_tokenizer
+
+    tiny_llama(layers=2).save_pretrained(tmp_path / "tiny")  # vocab 61
+    load_smollm2_tokenizer().save_pretrained(tmp_path / "tiny")
+    for cmd in ("compare", "bisect"):
+        res = invoke("debug", cmd, tmp_path / "tiny", "-p", "quantize(w=int4,group=32)", "--windows", "1",
+                     "--seq-len", "16", code=3)
+        assert "outside the model's vocabulary of 61" in res.output, res.output
+
+
 def test_debug_compare_minilm():
     res = invoke("debug", "compare", "minilm", "--pipeline", "quantize(w=int8,a=int8)", "--sentences", "4")
     assert "encoder.layer.5" in res.output and "1 - emb. cosine" in res.output

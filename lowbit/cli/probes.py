@@ -75,6 +75,10 @@ def make_inputs(model: LoadedModel, *, windows: int = 4, seq_len: int = 128, n_s
             ids = cut(token_ids("wikitext2-test", model.tokenizer), seq_len, windows)
         except (FileNotFoundError, ValueError) as exc:
             fail(f"evaluation text: {exc}", Exit.NOT_FOUND if isinstance(exc, FileNotFoundError) else Exit.USAGE)
+        if isinstance(vocab, int) and ids.numel() and int(ids.max()) >= vocab:  # an InputError traceback in the run
+            fail(f"model {model.spec!r}: its tokenizer gives id {int(ids.max())} for the evaluation text, outside the "
+                 f"model's vocabulary of {vocab} (config.vocab_size): the tokenizer files beside it belong to another "
+                 "model", Exit.NOT_FOUND)
         return EvalInputs("causal-lm", (ids,), f"{ids.shape[0]} WikiText-2 test windows × {seq_len} tokens")
     from lowbit.eval.embedding import load_sentences
 
