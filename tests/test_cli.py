@@ -410,6 +410,19 @@ def test_inspect_and_graph(compiled_slice, tmp_path):
     assert "did you mean 'dot'" in invoke("graph", compiled_slice, "--format", "dott", code=2).output
 
 
+def test_graph_of_an_output_directory_writes_beside_it(compiled_slice):
+    """lowbit graph OUT wrote OUT/model.html, a file lowbit's manifest does not list, so the next
+    `lowbit compile ... -o OUT` refused to replace OUT (exit 2): README's compile / inspect / graph loop broke."""
+    before = sorted(p.name for p in compiled_slice.iterdir())
+    res = invoke("graph", compiled_slice, "--format", "dot")
+    target = compiled_slice.parent / f"{compiled_slice.name}.dot"
+    assert target.read_text().startswith("digraph") and str(target) in " ".join(res.output.split())
+    assert sorted(p.name for p in compiled_slice.iterdir()) == before
+    from lowbit.checkpoint.files import not_replaceable
+
+    assert not_replaceable(compiled_slice) is None
+
+
 # ---- debug compare / bisect / sensitivity --------------------------------------------------------
 
 def test_debug_compare_smollm2_slice(tmp_path):

@@ -321,7 +321,10 @@ def draw_graph(file: Path, fmt: str, out: Path | None) -> None:
     graph, has_weights = _read_graph(path, kind)
     title = re.sub(r"\s+", " ", str(path))
     text = to_dot(graph, title) if fmt == "dot" else to_html(graph, title)
-    target = out or path.with_suffix(f".{fmt}")
+    # beside a directory, not inside it: out/model.html made `lowbit compile -o out` refuse to replace out/ (a file
+    # lowbit did not write there), breaking README's compile / inspect / graph / compile-again loop
+    default = file.expanduser().resolve() if file.is_dir() else path
+    target = out or (default.parent / f"{default.name}.{fmt}" if file.is_dir() else path.with_suffix(f".{fmt}"))
     atomic_write_text(target, text)
     console.print(f"wrote {target} ({len(graph.nodes)} nodes, format {fmt})", markup=False)
     _refuse_unverified(path, _verifier_errors(graph, kind, has_weights), f"{target} draws it")

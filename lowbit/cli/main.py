@@ -673,7 +673,8 @@ def inspect_cmd(
 def graph_cmd(
     file: Path = typer.Argument(..., help="a .lowbit IR file or a compile output directory"),
     format: str = typer.Option("html", "--format", "-f", help="dot or html"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file (default: beside FILE)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file (default: beside FILE, with the "
+                                       "format's suffix; for a directory OUT, OUT.html / OUT.dot next to it)"),
 ) -> None:
     """Draw the graph grouped by module: Graphviz dot (clusters) or HTML (collapsible, no JavaScript)."""
     from lowbit.cli.inspect import draw_graph
