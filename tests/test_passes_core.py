@@ -148,6 +148,7 @@ def test_pipeline_with_instruments_on_smollm2(smollm2_slice_f64, wikitext_ids):
     ("fold-norms dce", "passes are separated by commas: 'fold-norms,dce'"),
     ("fold-norms;quantize(w=int4)", "passes are separated by commas: 'fold-norms,quantize(w=int4)'"),
     ("dce,", "(a trailing comma?)"),
+    ("fold-norms(modules=a)(b)", "unbalanced ')' at column 21 in 'fold-norms(modules=a)(b)'"),  # was column 10
 ])
 def test_bad_pipeline_specs(spec, message):
     with pytest.raises(PassError, match=re.escape(message)):

@@ -340,8 +340,9 @@ def _all_defaulted(options: type[PassOptions]) -> bool:
     return all(not f.is_required() for f in options.model_fields.values())
 
 
-def split_top(text: str, seps: str, where: str) -> list[str]:
-    """Split on any character of ``seps`` outside parentheses, brackets and quotes (pipeline text)."""
+def split_top(text: str, seps: str, where: str, offset: int = 0) -> list[str]:
+    """Split on any character of ``seps`` outside parentheses, brackets and quotes (pipeline text); ``text`` starts
+    at column ``offset + 1`` of ``where`` (error columns count in ``where``)."""
     parts, depth, quote, start = [], 0, "", 0
     for i, ch in enumerate(text):
         if quote:
@@ -353,7 +354,7 @@ def split_top(text: str, seps: str, where: str) -> list[str]:
         elif ch in ")]":
             depth -= 1
             if depth < 0:
-                raise PassError(f"unbalanced ')' at column {i + 1} in {where!r}")
+                raise PassError(f"unbalanced ')' at column {offset + i + 1} in {where!r}")
         elif ch in seps and depth == 0:
             parts.append(text[start:i])
             start = i + 1

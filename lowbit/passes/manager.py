@@ -74,7 +74,7 @@ def parse_pipeline(text: str, *, read_files: bool = True,
         options: dict[str, Any] = {}
         if body and body.strip():
             fields = sorted(cls.Options.model_fields)
-            for opt in _split_top(body, ",", item):
+            for opt in split_top(body, ",", item, offset=m.start(2)):  # columns of item, not of the body
                 if "=" not in opt:
                     raise PassError(f"pass {name}: option {opt.strip()!r} needs a value (key=value); "
                                     f"options are: {', '.join(fields) or 'none'}")
