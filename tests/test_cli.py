@@ -508,6 +508,23 @@ def test_debug_tools_refuse_a_tokenizer_that_does_not_fit_the_model(tmp_path):
         assert "outside the model's vocabulary of 61" in res.output, res.output
 
 
+def test_debug_bisect_hint_quotes_a_model_path_with_a_space(tmp_path):
+    """The 'lowbit compile MODEL --pipeline ... --reproducer DIR' hint of a pass failing under bisect wrote the model
+    path bare: a directory with a space in its name split into two arguments when pasted."""
+    import shlex
+
+    from lowbit.models import load_smollm2_tokenizer
+
+    model = tmp_path / "my model"
+    tiny_llama(vocab=49152).save_pretrained(model)
+    load_smollm2_tokenizer().save_pretrained(model)
+    res = invoke("debug", "bisect", model, "-p", "quantize(w=int4,group=100)", "--windows", "1", "--seq-len", "16",
+                 code=4)
+    hint = " ".join(res.output.split()).split("(`", 1)[1].split("`", 1)[0]
+    words = shlex.split(hint)
+    assert words[:3] == ["lowbit", "compile", str(model)], hint
+
+
 def test_debug_compare_minilm():
     res = invoke("debug", "compare", "minilm", "--pipeline", "quantize(w=int8,a=int8)", "--sentences", "4")
     assert "encoder.layer.5" in res.output and "1 - emb. cosine" in res.output
