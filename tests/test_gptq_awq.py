@@ -469,3 +469,30 @@ def test_smooth_quant_on_a_post_norm_encoder_errors_or_leaves_it_unchanged(minil
         result = SmoothQuant(require_sites=False).run(g)
     assert not result.changed and result.stats["sites"] == 0
     assert print_graph(g) == before
+
+
+ODD_K = """graph main(%x: f32[s1,s0,7]) {
+  symbol s0 in [2, 64] hint 4
+  symbol s1 in [1, 64] hint 2
+  param @fc1.weight: f32[8,7]
+  param @fc2.weight: f32[4,8]
+  %h: f32[s1,s0,8] = linear(%x, @fc1.weight)  # fc1
+  %y: f32[s1,s0,4] = linear(%h, @fc2.weight)  # fc2
+  return %y
+}
+"""
+
+
+@pytest.mark.parametrize("name", ["gptq", "awq", "autoround"])
+def test_weight_passes_refuse_packed_weights_of_odd_width_before_calibrating(name):
+    """A 4-bit weight of odd input size cannot be packed two per byte: ``quantize`` named the linear, but gptq,
+    awq and autoround calibrated first and then failed in ``pack_int4`` with a bare ValueError naming no linear."""
+    from lowbit.ir.parser import parse_graph
+    from lowbit.passes.base import PassError, get_pass
+
+    g = parse_graph(ODD_K, {"fc1.weight": torch.randn(8, 7), "fc2.weight": torch.randn(4, 8)})
+    with pytest.raises(PassError, match=rf"pass {name}: int4 weights are packed two per byte .* linear %h \(module "
+                                        r"'fc1'\) has odd input size 7"):
+        get_pass(name)(w="int4", calib=torch.randn(4, 6, 7), progress=False).run(g.clone())
+    result = get_pass(name)(w="int8", calib=torch.randn(4, 6, 7), progress=False).run(g.clone())
+    assert result.changed

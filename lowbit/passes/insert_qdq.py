@@ -338,10 +338,6 @@ def _insert_weight_qdq(graph: Graph, node: Node, scheme: QScheme, group: int | N
                        users: dict[int, list[Node]]) -> tuple[int, int]:
     """Replace the linear's weight by packed params + dequantize; returns (float bytes, quantized bytes)."""
     w: Value = node.args[1]
-    qd = get_qdtype(scheme.qdtype)
-    if qd.packed and w.tensor_type.shape[-1] % 2:  # type: ignore[operator]
-        raise PassError(f"pass quantize: {scheme.qdtype} weights are packed two per byte along the input dim, but "
-                        f"linear %{node.name} (module {node.module!r}) has odd input size {w.tensor_type.shape[-1]}")
     q, scale, zp, _ = quantize_weight(w.data, scheme, group)
     return write_weight_qdq(graph, node, scheme, group, q, scale, zp, users)
 
@@ -652,6 +648,11 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
                 raise PassError(f"pass {pass_name}: weight @{w.name} of linear %{n.name} (module {n.module!r}) has "
                                 f"{problem}; quantizing it would make the model NaN. Fix the checkpoint, or keep "
                                 "that linear float with nonfinite=keep-float (or keep=MODULE)")
+            k = w.tensor_type.shape[-1]
+            if get_qdtype(ws.qdtype).packed and isinstance(k, int) and k % 2:  # before any calibration runs
+                raise PassError(f"pass {pass_name}: {ws.qdtype} weights are packed two per byte along the input "
+                                f"dim, but linear %{n.name} (module {n.module!r}) has odd input size {k}; keep it "
+                                "float with keep=..., or use 8-bit weights")
             p.weights.append(WeightPlan(n, ws, _check_group(n, w, ws, group_fallback)))
         if xs is not None:
             x = n.args[0]
