@@ -442,16 +442,22 @@ def test_weight_pass_bad_options(smollm2_slice_f64):
     ("gptq(n_grid=40)", "pass gptq: option n_grid=40 is read only with awq=true or clip=true"),
     ("gptq(clip=true,sites=[norm])", r"pass gptq: option sites=\[norm\] is read only with awq=true"),
     ("autoround(n_grid=10)", "pass autoround: option n_grid=10 is read only with awq=true or clip=true"),
+    ("gptq(group_fallback=64)", "pass gptq: option group_fallback=64 is read only with group="),
+    ("awq(group_fallback=64)", "pass awq: option group_fallback=64 is read only with group="),
+    ("awq(clip=false,max_shrink=0.3)", "pass awq: option max_shrink=0.3 is read only with clip=true"),
+    ("autoround(scales=false,max_scale=2)", "pass autoround: option max_scale=2.0 is read only with scales=true"),
 ])
 def test_smooth_quant_options_nothing_reads_or_unknown_sites_fail_when_parsed(spec, message):
-    """alpha with the search (and samples without it), and gptq/autoround's n_grid without a search or sites without
-    awq=true, were silently ignored; an unknown site failed only after capture."""
+    """alpha with the search (and samples without it), gptq/autoround's n_grid without a search or sites without
+    awq=true, the weight passes' group_fallback without group, awq's max_shrink without clip and autoround's max_scale
+    without scales were silently ignored; an unknown site failed only after capture."""
     from lowbit.passes.manager import PipelineSpecError, parse_pipeline
 
     with pytest.raises(PipelineSpecError, match=message):
         parse_pipeline(spec)
     parse_pipeline("smooth-quant(search=true,samples=100),smooth-quant(alpha=0.7,sites=[gated])")
     parse_pipeline("gptq(clip=true,n_grid=40),gptq(awq=true,sites=[norm]),autoround(awq=true,n_grid=10)")
+    parse_pipeline("gptq(group=128,group_fallback=64),awq(max_shrink=0.3),autoround(max_scale=2)")
 
 
 def test_smooth_quant_on_a_post_norm_encoder_errors_or_leaves_it_unchanged(minilm_graph):

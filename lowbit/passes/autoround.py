@@ -63,6 +63,7 @@ class AutoRoundOptions(WeightCalibrationOptions):
     @model_validator(mode="after")
     def _searches_read(self) -> AutoRoundOptions:
         check_awq_options(self)
+        self.refuse_unread({"max_scale": None if self.scales else "scales=true"})
         return self
 
 

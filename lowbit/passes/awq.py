@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, Pass, PassResult, register_pass
@@ -35,6 +35,11 @@ class AWQOptions(WeightCalibrationOptions):
     sites: list[str] = list(SITE_KINDS)
     """Where scales may be folded: norm (RMSNorm/LayerNorm → linears), gated (up_proj → down_proj),
     attention-v (v_proj → o_proj)."""
+
+    @model_validator(mode="after")
+    def _clip_reads_max_shrink(self) -> AWQOptions:
+        self.refuse_unread({"max_shrink": None if self.clip else "clip=true"})
+        return self
 
 
 @register_pass

@@ -68,6 +68,7 @@ class WeightCalibrationOptions(CalibrationOptions, ScopedOptions):
         """The weight scheme these options make, checked when the pipeline is parsed (``gptq(w=uint4,sym=true)``,
         ``awq(w=fp8e4m3,sym=false)`` fail before the model is loaded)."""
         _weight_scheme(self)
+        self.refuse_unread({"group_fallback": None if self.group is not None else "group="})
         return self
 
     @field_validator("sites", check_fields=False)
