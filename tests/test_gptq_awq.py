@@ -115,6 +115,20 @@ def test_gptq_codes_follow_the_qdq_contract(layer3):
         assert r.scale.shape == ((w.shape[0], w.shape[1] // group) if group else (w.shape[0],))
 
 
+@pytest.mark.parametrize("qdtype,group,act_order", [("int4", None, False), ("int4", 64, True), ("fp8e4m3", 64, True)])
+def test_gptq_loss_statistic_is_the_objective_it_minimises(layer3, qdtype, group, act_order):
+    """``stats["loss"]`` is GPTQ's ``½ Σ err²/H⁻¹_jj``, which sums to ``½ ΔW·(H + λI)·ΔWᵀ`` of the result; it was
+    ``½ Σ (w - q)²`` of the error-compensated weights (err² multiplied by H⁻¹_jj instead of divided), a number
+    with no fixed relation to the layer's output error (80-110x too large on this layer)."""
+    weights, cal, _ = layer3
+    w = weights["self_attn.o_proj"]
+    h = _hessian(cal["o"]).hessian
+    r = gptq_quantize(w, h, qdtype, group, symmetric=qdtype.startswith("fp8"), act_order=act_order, damp=0.01)
+    d = r.weight.double() - w.double()
+    damped = h + 0.01 * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    assert r.stats["loss"] == pytest.approx(0.5 * float(torch.einsum("nk,kl,nl->", d, damped, d)), rel=1e-3)
+
+
 def test_gptq_dead_inputs_and_bad_arguments(layer3):
     weights, cal, _ = layer3
     w = weights["self_attn.q_proj"]

@@ -328,7 +328,8 @@ def gptq_quantize(
     quantization, as SparseGPT's joint prune-and-quantize does.
 
     Returns ``GPTQResult(weight, qdata, scale, zero_point, stats)``; ``stats`` has the GPTQ loss
-    ``Σ err²/H⁻¹_jj`` (what the algorithm minimises), the damping used, dead columns and seconds.
+    ``½ Σ err²/H⁻¹_jj`` (what the algorithm minimises; it equals ``½ ΔW·(H + λI)·ΔWᵀ`` of the returned weight), the
+    damping used, dead columns and seconds.
     Everything is computed on ``h``'s device (``w`` and ``qparams`` are moved there) and returned there.
     """
     t0 = time.perf_counter()
@@ -433,7 +434,7 @@ def gptq_quantize(
                 if i + 1 < i2 - i1:
                     w1[i + 1:].addmm_(h1[i, i + 1:, None], e[None, :], alpha=-1.0)
                 err1[i] = e
-            loss += (err1.double().pow(2).sum(1) * torch.diagonal(h1).double().pow(2)).sum() / 2
+            loss += err1.double().pow(2).sum() / 2  # err = (w - q) / U_jj, so err² = (w - q)² / H⁻¹_jj
             if i2 < k:
                 wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
 
