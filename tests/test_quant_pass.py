@@ -397,3 +397,17 @@ def test_gpt2_conv1d_projections_are_named_not_silently_left_float():
                            r"products .* \(4: transformer\.h\.0\.attn\.c_attn, .*GPT-2's Conv1D is aten\.addmm\)"):
             lowbit.compile_model(model, pipeline=pipeline, calib=torch.randint(0, 256, (2, 16)) if "gptq" in pipeline
                                  else None)
+
+
+def test_packed_activations_of_odd_width_are_refused_before_calibrating():
+    """Static int4 activation scales on an input of odd width were calibrated block by block and then failed in
+    ``pack_int4`` ('needs an even last dimension'); dynamic ones were refused with their own message. Both are now
+    refused by the plan, naming the linear, before any data is read."""
+    g = parse_graph(TINY.replace("8]", "7]").replace("f32[1,s0,8]", "f32[1,s0,7]"),
+                    {"fc.weight": torch.randn(4, 7)})
+    for options in ({"a_static": True, "a_gran": "per_tensor", "calib": torch.randn(2, 4, 7), "progress": False}, {}):
+        with pytest.raises(PassError, match=r"int4 activations are packed two per byte .* input %x of linear %y "
+                                            r"\(module 'fc'\) has odd size 7"):
+            InsertQDQ(a="int4", **options).run(g.clone())
+    assert InsertQDQ(a="int8", a_static=True, a_gran="per_tensor", calib=torch.randn(2, 4, 7),
+                     progress=False).run(g.clone()).changed

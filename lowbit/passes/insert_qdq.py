@@ -661,7 +661,11 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
                 raise PassError(f"pass {pass_name}: input %{x.name} of linear %{n.name} (module {n.module!r}) is "
                                 "already quantized (a dequantize from an earlier quantize(a=...)); quantize each "
                                 "activation once (or leave this linear to the earlier pass with keep=...)")
-            _static_dim(x.tensor_type, -1, f"input %{x.name} of linear %{n.name}")
+            k_in = _static_dim(x.tensor_type, -1, f"input %{x.name} of linear %{n.name}")
+            if get_qdtype(xs.qdtype).packed and k_in % 2:  # static scales would fail only after calibrating
+                raise PassError(f"pass {pass_name}: {xs.qdtype} activations are packed two per byte along the last "
+                                f"dim, but input %{x.name} of linear %{n.name} (module {n.module!r}) has odd size "
+                                f"{k_in}; keep that linear float with keep=..., or use 8-bit activations")
             if xs.granularity == "per_token" and xs.group_size and x.tensor_type.shape[-1] % xs.group_size:
                 raise PassError(f"pass quantize: option a_group={xs.group_size} does not divide the input size "
                                 f"{x.tensor_type.shape[-1]} of linear %{n.name} (module {n.module!r})")
