@@ -372,13 +372,28 @@ def test_activation_and_kv_clip_ratio_shrink_the_dynamic_range(slice2):
 
 def test_quantizing_an_activation_twice_is_refused():
     """``quantize(a=int8),quantize(a=int8)`` stacked a second dynamic QDQ chain on the first, silently (as the
-    second quantize of a weight is refused: 'has a computed weight')."""
+    second quantize of a weight is refused: 'is already quantized')."""
     g = _tiny()
     with pytest.raises(PipelineError, match=r"input %x_dq of linear %y \(module 'fc'\) is already quantized"):
         PassManager("quantize(a=int8),quantize(a=int4)").run(g)
     g = _tiny()
     PassManager("quantize(w=int4),quantize(a=int8)").run(g)  # weights, then activations: each once
     assert g.op_counts()["dynamic_qparams"] == 1
+
+
+def test_quantizing_a_weight_twice_names_the_earlier_quantization():
+    """A second weight quantizer on an already quantized linear said it 'has a computed weight; only stored weights
+    can be quantized', as if the model computed it; it now says the weight is already quantized."""
+    from lowbit.passes.gptq import GPTQ
+
+    g = _tiny()
+    with pytest.raises(PipelineError, match=r"weight %y_wdq of linear %y \(module 'fc'\) is "
+                                            r"already quantized \(a dequantize from an earlier quantize"):
+        PassManager("quantize(w=int4),quantize(w=int8)").run(g)
+    g = _tiny()
+    PassManager("quantize(w=int4)").run(g)
+    with pytest.raises(PassError, match=r"pass gptq: weight %y_wdq of linear %y \(module 'fc'\) is already quantized"):
+        GPTQ(w="int4", calib=torch.randn(2, 4, 8), progress=False).run(g)
 
 
 def test_gpt2_conv1d_projections_are_named_not_silently_left_float():

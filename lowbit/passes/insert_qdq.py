@@ -635,6 +635,10 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
         ws, xs = cfg.resolve(n.module)
         if ws is not None:
             w = n.args[1]
+            if isinstance(w, Value) and w.producer is not None and w.producer.op == "dequantize":
+                raise PassError(f"pass {pass_name}: weight %{w.name} of linear %{n.name} (module {n.module!r}) is "
+                                "already quantized (a dequantize from an earlier quantize, gptq, awq or autoround); "
+                                "quantize each weight once (or leave this linear to the earlier pass with keep=...)")
             if not isinstance(w, Value) or not w.is_param:
                 raise PassError(f"pass quantize: linear %{n.name} (module {n.module!r}) has a computed weight; only "
                                 "stored weights can be quantized (keep it float with keep=...)")
