@@ -62,3 +62,27 @@ def test_tune_qparams_contract_and_bad_input(slice2):
     assert st["steps"] == 1 and st["scale_change_mean"] > 0
     with pytest.raises(PassError, match="option train"):
         TuneQParams(train=["codes"])
+
+
+def test_tuned_scales_stay_positive():
+    """AdamW steps larger than a small group scale made it negative (60 of one tiny model's q_proj scales at
+    lr=0.01), flipping the sign of that group's weights and breaking the QDQ contract (scales finite and positive)
+    that every backend and checkpoint writer relies on; each step now keeps them at SCALE_EPS or above."""
+    from conftest import tiny_llama
+
+    from lowbit.ir.capture import capture
+    from lowbit.ir.quant import SCALE_EPS
+    from lowbit.models import CausalLMLogits
+    from lowbit.passes.insert_qdq import InsertQDQ
+
+    model = CausalLMLogits(tiny_llama()).eval()
+    graph = capture(model, (torch.ones(2, 16, dtype=torch.long),),
+                    {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=64),
+                                   1: torch.export.Dim.DYNAMIC(min=2, max=32)}})
+    ids = torch.randint(0, 61, (16, 16), generator=torch.Generator().manual_seed(1))
+    PassManager([InsertQDQ(w="int4", group=8),
+                 TuneQParams(calib=ids, lr=0.01, tokens=2000, batch_size=4, progress=False)]).run(graph)
+    scales = trainable_params(graph, "all", ["scales"])
+    assert len(scales) == 7
+    for v in scales:
+        assert bool(torch.isfinite(v.data).all()) and bool((v.data >= torch.tensor(SCALE_EPS)).all()), v.name

@@ -48,6 +48,7 @@ from lowbit.calibration.engine import (
     static_misfit,
 )
 from lowbit.ir.graph import Graph, Node, Value
+from lowbit.ir.quant import SCALE_EPS
 
 __all__ = ["DistillError", "DistillStats", "ParamRole", "distill_logits", "is_weight_dequantize", "logit_kl",
            "trainable_params"]
@@ -134,6 +135,17 @@ def sparsity_masks(graph: Graph, masters: dict[int, tuple[Value, torch.Tensor]])
         if isinstance(w, Value) and id(w) in masters and id(w) not in out:
             m = masters[id(w)][1]
             out[id(w)] = (m, (m.detach() != 0).to(m.dtype))
+    return list(out.values())
+
+
+def weight_scale_masters(graph: Graph, masters: dict[int, tuple[Value, torch.Tensor]]) -> list[torch.Tensor]:
+    """The trained copies of the weights' quantization scales: kept at ``SCALE_EPS`` or above after every step, as
+    every scale lowbit writes is (an AdamW step larger than a small group scale made it negative, flipping the
+    sign of the group's weights and breaking the QDQ contract that backends and checkpoint formats rely on)."""
+    out: dict[int, torch.Tensor] = {}
+    for n in graph.nodes:
+        if is_weight_dequantize(n) and isinstance(n.args[1], Value) and id(n.args[1]) in masters:
+            out[id(n.args[1])] = masters[id(n.args[1])][1]
     return list(out.values())
 
 
@@ -264,6 +276,7 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
                            + (f", roles={list(roles)})" if roles is not None else ")"))
     plist = [m for _, m in masters.values()]
     masks = sparsity_masks(student, masters)
+    scales = weight_scale_masters(student, masters)
     opt = torch.optim.AdamW(plist, lr=lr, weight_decay=weight_decay, **({"fused": True} if cuda else {}))
 
     def frac(i: int) -> float:
@@ -373,6 +386,8 @@ def distill_logits(student: Graph, teacher: Graph, windows: torch.Tensor, *, ste
         with torch.no_grad():
             for m, keep in masks:
                 m.mul_(keep)
+            for m in scales:
+                m.clamp_(min=SCALE_EPS)
         sched.step()
         pending.append(kl)
         done += 1
