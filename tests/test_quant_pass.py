@@ -396,6 +396,14 @@ def test_quantizing_a_weight_twice_names_the_earlier_quantization():
         GPTQ(w="int4", calib=torch.randn(2, 4, 8), progress=False).run(g)
 
 
+def test_head_option_on_a_graph_without_a_head_names_the_option():
+    """``quantize(head=int4)`` on a graph with no ``lm_head`` linear (an encoder, a hand-written graph) failed with
+    "rules[0].pattern 'lm_head' matches no linear module", a rule the user never wrote; it now names the option."""
+    with pytest.raises(PipelineError, match=r"pass quantize: option head=int4: the graph has no output head linear "
+                                            r"'lm_head' \(linears: fc\)"):
+        PassManager("quantize(w=int8,head=int4)").run(_tiny())
+
+
 def test_gpt2_conv1d_projections_are_named_not_silently_left_float():
     """GPT-2's Conv1D projections capture as aten.addmm on a stored [in, out] weight, not as linear: quantize(w=int4)
     quantized nothing and reported 'no change' (the lm_head is kept float by default), and gptq blamed the keep rules

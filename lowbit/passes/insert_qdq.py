@@ -782,6 +782,13 @@ class InsertQDQ(Pass):
         if o.a_static or isinstance(o.calib, torch.Tensor):  # token ids checked against the vocabulary
             calibration["ids"] = o.token_ids(graph, self.name)
         extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
+        if not _unset(o.head):  # else plan() names the rule head= adds ("rules[0].pattern 'lm_head'"), never written
+            linears = sorted({n.module for n in graph.nodes if n.op == "linear"})
+            if not any(module_matches(m, HEAD_MODULE) for m in linears):
+                sample = ", ".join(linears[:4]) + (", ..." if len(linears) > 4 else "")
+                raise PassError(f"pass quantize: option head={o.head}: the graph has no output head linear "
+                                f"{HEAD_MODULE!r} (linears: {sample}); drop head=, or quantize that linear with "
+                                "w= or a config rule")
         stats = quantize_graph(graph, cfg, group_fallback=o.group_fallback, calibration=calibration,
                                extra_patterns=extra, scope=o.in_scope, nonfinite=o.nonfinite)
         changed = bool(stats["weights_quantized"] or stats["inputs_quantized"] or stats["kv_qdq_chains"])
