@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -313,6 +314,28 @@ def test_config_file_problems_are_named_when_parsed(tmp_path):
     binary.write_bytes(b"\xbb\xff" * 50)
     with pytest.raises(PassFileError, match=r"q.json' is not UTF-8 text \(byte 0xbb at offset 0\): give a JSON"):
         parse_pipeline(f"quantize(config={binary})")
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"weight": {"qdtype": "int8", "granularity": "per_token"}}, "weight: granularity per_token applies to activations"),
+    ({"weight": {"qdtype": "int4"}, "rules": [{"pattern": "fc", "weight": {"qdtype": "int4", "group_size": 4}}]},
+     "rule 'fc' weight: group_size=4 is read only with granularity per_group"),
+    ({"weight": {"qdtype": "int8", "dynamic": True}}, "weight: dynamic=true applies to inputs only"),
+    ({"input": {"qdtype": "int8", "granularity": "per_channel", "group_size": 4}},
+     "input: group_size=4 is read only with granularity per_token"),
+    ({"input": {"qdtype": "int8", "granularity": "per_token", "dynamic": True, "observer": "mse"}},
+     "input: observer mse is read only with dynamic=false"),
+])
+def test_config_fields_a_role_would_ignore_are_refused_when_parsed(tmp_path, config, message):
+    """A config's per-token weights failed after capture with a bare ValueError from layout_for; a per-channel
+    weight's group_size, a weight's dynamic=true, a per-channel input's group_size and a dynamic input's observer
+    were silently ignored (the quantize options refuse each of these)."""
+    from lowbit.passes.base import PassFileError
+
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(PassFileError, match=re.escape(message)):
+        parse_pipeline(f"quantize(config={path})")
 
 
 def test_kv_window_refuses_bidirectional_attention(minilm_graph):

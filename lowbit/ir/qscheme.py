@@ -177,6 +177,35 @@ class QuantConfig(BaseModel):
     """Linears matching any of these stay float whatever the rules say."""
 
     @model_validator(mode="after")
+    def _fields_each_role_reads(self) -> QuantConfig:
+        """Refuse what a weight or input scheme would silently ignore (or fail on only after capture): weights are
+        quantized once, per tensor, channel or group; an input reads ``group_size`` per token only and its
+        ``observer`` only with static scales."""
+        weights = [(self.weight, "weight")] + [(r.weight, f"rule {r.pattern!r} weight") for r in self.rules]
+        for s, where in weights:
+            if not isinstance(s, QScheme):
+                continue
+            if s.granularity == "per_token":
+                raise ValueError(f"{where}: granularity per_token applies to activations; weights use per_tensor, "
+                                 "per_channel or per_group")
+            if s.group_size is not None and s.granularity != "per_group":
+                raise ValueError(f"{where}: group_size={s.group_size} is read only with granularity per_group "
+                                 f"(granularity {s.granularity} would ignore it)")
+            if s.dynamic:
+                raise ValueError(f"{where}: dynamic=true applies to inputs only (a weight is quantized once, when the pass runs)")
+        inputs = [(self.input, "input")] + [(r.input, f"rule {r.pattern!r} input") for r in self.rules]
+        for s, where in inputs:
+            if not isinstance(s, QScheme):
+                continue
+            if s.group_size is not None and s.granularity != "per_token":
+                raise ValueError(f"{where}: group_size={s.group_size} is read only with granularity per_token "
+                                 f"(channels per scale within a token; {s.granularity} would ignore it)")
+            if s.dynamic and s.observer != "minmax":
+                raise ValueError(f"{where}: observer {s.observer} is read only with dynamic=false (dynamic scales "
+                                 "are each token's min/max, computed in the graph)")
+        return self
+
+    @model_validator(mode="after")
     def _input_needs_scheme(self) -> QuantConfig:
         for s, where in [(self.input, "input")] + [(r.input, f"rule {r.pattern!r} input") for r in self.rules]:
             if isinstance(s, QScheme) and s.granularity == "per_group":
