@@ -338,6 +338,26 @@ def test_config_fields_a_role_would_ignore_are_refused_when_parsed(tmp_path, con
         parse_pipeline(f"quantize(config={path})")
 
 
+def test_config_static_scales_read_the_calib_file_given():
+    """A config file asking for static input scales read ``calib=x.safetensors`` as if it were a text file (to be
+    tokenized with SmolLM2's tokenizer), so the calibration data given was never used; it is now read as
+    ``a_static=true`` reads it."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, data = f"{tmp}/q.json", f"{tmp}/x.safetensors"
+        with open(cfg, "w") as f:
+            json.dump({"input": {"qdtype": "int8", "granularity": "per_tensor"}}, f)
+        x = torch.randn(3, 4, 8)
+        save_file({"x": x}, data)
+        g = _tiny()
+        stats = InsertQDQ(config=cfg, calib=data, progress=False).run(g).stats
+    assert stats["calibration"]["sequences"] == 3
+    assert torch.equal(g.params["fc.input_scale"].data, x.abs().amax() / 127)
+
+
 def test_kv_window_refuses_bidirectional_attention(minilm_graph):
     """MiniLM's attention reads later tokens: a float window of 'recent' tokens means nothing there."""
     with pytest.raises(PassError, match="needs causal attention.*encoder.layer.0.attention.self"):

@@ -779,7 +779,10 @@ class InsertQDQ(Pass):
         calibration = {"text": o.calib, "n": o.calib_n, "seq_len": o.calib_len, "tokenizer": o.tokenizer,
                        "observer": o.a_obs, "progress": o.progress, "batch_size": o.batch_size_for(graph),
                        "device": o.torch_device(self.name)}
-        if o.a_static or isinstance(o.calib, torch.Tensor):  # token ids checked against the vocabulary
+        # static scales read the calibration data through token_ids (a .safetensors of ids, the vocabulary check,
+        # errors named as the pass's), a config file's as well as a_static's
+        static = any(isinstance(s, QScheme) and not s.dynamic for s in [cfg.input, *(r.input for r in cfg.rules)])
+        if static or isinstance(o.calib, torch.Tensor):
             calibration["ids"] = o.token_ids(graph, self.name)
         extra = [(f"option keep[{i}]", pat) for i, pat in enumerate(o.keep)]
         if not _unset(o.head):  # else plan() names the rule head= adds ("rules[0].pattern 'lm_head'"), never written
