@@ -358,6 +358,26 @@ def test_config_static_scales_read_the_calib_file_given():
     assert torch.equal(g.params["fc.input_scale"].data, x.abs().amax() / 127)
 
 
+def test_static_chains_are_counted_once_per_shared_input():
+    """Two linears reading one input share one static QDQ chain, as dynamic ones do, but the stats counted a chain per
+    linear (7 on a one-block Llama that has 4)."""
+    text = """graph main(%x: f32[1,s0,8]) {
+  symbol s0 in [2, 64] hint 4
+  param @a.weight: f32[4,8]
+  param @b.weight: f32[4,8]
+  %y: f32[1,s0,4] = linear(%x, @a.weight)  # a
+  %z: f32[1,s0,4] = linear(%x, @b.weight)  # b
+  %o: f32[1,s0,4] = aten.add.Tensor(%y, %z)
+  return %o
+}
+"""
+    for static in (True, False):
+        g = parse_graph(text, {"a.weight": torch.randn(4, 8), "b.weight": torch.randn(4, 8)})
+        options = {"a_static": True, "a_gran": "per_tensor", "calib": torch.randn(2, 4, 8)} if static else {}
+        stats = InsertQDQ(a="int8", progress=False, **options).run(g).stats
+        assert stats["inputs_quantized"] == 2 and stats["activation_qdq_chains"] == g.op_counts()["quantize"] == 1
+
+
 def test_kv_window_refuses_bidirectional_attention(minilm_graph):
     """MiniLM's attention reads later tokens: a float window of 'recent' tokens means nothing there."""
     with pytest.raises(PassError, match="needs causal attention.*encoder.layer.0.attention.self"):

@@ -733,7 +733,7 @@ def quantize_graph(graph: Graph, cfg: QuantConfig, *, group_fallback: int | None
     stats: dict[str, Any] = {
         "weights_quantized": len(p.weights),
         "inputs_quantized": len(p.inputs),
-        "activation_qdq_chains": len(chains) + len(static),
+        "activation_qdq_chains": len(chains) + calib_stats.get("static_inputs", 0),  # q/k/v share one chain
         "kv_qdq_chains": kv_chains,
         "param_bytes_before": bytes_before,
         "param_bytes_after": graph.param_bytes(),
