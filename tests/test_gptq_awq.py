@@ -516,3 +516,17 @@ def test_weight_passes_refuse_packed_weights_of_odd_width_before_calibrating(nam
         get_pass(name)(w="int4", calib=torch.randn(4, 6, 7), progress=False).run(g.clone())
     result = get_pass(name)(w="int8", calib=torch.randn(4, 6, 7), progress=False).run(g.clone())
     assert result.changed
+
+
+def test_smooth_quant_alpha_zero_leaves_the_model_alone(smollm2_slice_f64):
+    """``alpha=0`` is documented as leaving the activations alone, as the search's α = 0 candidate does (s = 1), but the
+    formula at α = 0 gave s = 1/max|W|: every site's weight columns were rescaled to max 1 and the activations
+    multiplied by max|W|."""
+    from lowbit.passes.manager import PassManager
+
+    _, graph = smollm2_slice_f64
+    g = graph.clone()
+    PassManager("smooth-quant(alpha=0,calib_n=2,calib_len=16,progress=false)").run(g)
+    for name, v in graph.params.items():
+        if name.endswith("proj.weight"):
+            assert torch.equal(g.params[name].data, v.data), name

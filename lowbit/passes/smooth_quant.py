@@ -36,7 +36,8 @@ SITE_KINDS = ("norm", "gated", "attention-v")
 
 class SmoothQuantOptions(CalibrationOptions):
     alpha: float = Field(default=0.5, ge=0, le=1)
-    """Migration strength: 0 leaves activations alone, 1 moves all of their range into the weights."""
+    """Migration strength: 0 leaves activations alone (no smoothing, as the search's α = 0), 1 moves all of their
+    range into the weights."""
     search: bool = False
     """Choose α per site from {0, 0.3, ..., 0.8} by the W8A8 output error on ``samples`` calibration tokens."""
     sites: list[str] = ["norm", "gated"]
@@ -127,8 +128,10 @@ class SmoothQuant(Pass):
                 weights = [c.args[1].data for c in ss.site.consumers]
                 if o.search:
                     alpha, s, _ = search_alpha(torch.cat(ss.sample), ss.absmax, weights, expand=ss.site.expand)
-                else:
+                elif o.alpha > 0:
                     alpha, s = o.alpha, smoothquant_scale(ss.absmax, weights, o.alpha, ss.site.expand)
+                else:  # as documented and as the search's α = 0: no smoothing (the formula would give s = 1/max|W|)
+                    alpha, s = 0.0, torch.ones(ss.site.channels)
                 apply_scale(graph, ss.site, s)
                 alphas.append(alpha)
                 ss.done, ss.sample = True, []
