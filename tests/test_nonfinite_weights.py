@@ -90,3 +90,19 @@ def test_pruning_refuses_a_nonfinite_weight_naming_parameter_and_row(slice_graph
                                             r"value\(s\) \(nan\), the first at row 3, column 5"):
         PassManager(spec).run(g)
     assert {k: tuple(v.data.shape) for k, v in g.params.items() if v.data is not None} == shapes
+
+
+@pytest.mark.parametrize("spec", ["awq(w=int4,group=64,calib_n=2,calib_len=16,progress=false)",
+                                  "autoround(w=int4,group=64,iters=2,calib_n=2,calib_len=16,progress=false)"])
+def test_awq_and_autoround_refuse_nonfinite_calibration_inputs(slice_graph, spec):
+    """GPTQ's Cholesky failed on NaN activations, but AWQ's searches kept the unscaled grid (every candidate's error
+    NaN: 'mean_error_gain: nan') and block tuning's NaN loss never beat its start, so both returned plain RTN
+    without a word; every weight pass now refuses them naming the linears."""
+    g = slice_graph.clone()
+    norm = g.params["model.layers.0.input_layernorm.weight"].data.clone()
+    norm[5] = float("nan")
+    g.set_param("model.layers.0.input_layernorm.weight", norm)
+    name = spec.split("(")[0]
+    with pytest.raises(PassError, match=rf"pass {name}: linear\(s\) model\.layers\.0\.self_attn\.(q|k|v)_proj.*"
+                                        r"calibration inputs are not finite"):
+        parse_pipeline(spec)[0].run(g)

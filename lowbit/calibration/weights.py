@@ -126,6 +126,18 @@ def _emit(graph: Graph, results: list[_Result]) -> tuple[int, int]:
     return before, after
 
 
+def _check_finite_inputs(g: _Group, acc: HessianAccumulator, caller: str) -> None:
+    """A NaN/inf calibration input poisons every statistic: GPTQ's Cholesky failed on it, but AWQ's searches kept the
+    unscaled grid (every candidate's error NaN) and block tuning's NaN loss never beat its start, so awq and autoround
+    returned plain RTN without a word. Refused for every method, naming the linears."""
+    if bool(torch.isfinite(acc.abs_sum).all()) and bool(torch.isfinite(acc.abs_max).all()):
+        return
+    names = ", ".join(f"{wp.node.module or wp.node.name} (@{wp.node.args[1].name})" for wp in g.plans)
+    bad = int((~torch.isfinite(acc.abs_max)).sum())
+    raise WeightCalibrationError(f"{caller}: linear(s) {names}: the calibration inputs are not finite (NaN/inf in "
+                                 f"{bad} of {acc.features} input channels); give finite calibration data")
+
+
 def _round_group(graph: Graph, g: _Group, r: Rounding, h: torch.Tensor | None, device: torch.device, st: _Stats,
                  unrounded: dict[int, torch.Tensor] | None = None, caller: str = "weight calibration"
                  ) -> list[_Result]:
@@ -222,6 +234,7 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
         """All sequences' input of the group is here and its linears have not run: quantize them now."""
         acc = HessianAccumulator(int(x.shape[-1]), device=x.device, second_moment=r.needs_hessian)
         acc.add(x)
+        _check_finite_inputs(g, acc, caller)
         g.pending = _round_group(graph, g, r, acc.hessian if r.needs_hessian else None, acc.device, st,
                                  caller=caller)
         for wp, *_, deq in g.pending:  # the block's run continues with the quantized weights
@@ -256,6 +269,7 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
         t0 = time.perf_counter()
         for g in ready:  # all scales of the block first: v→o and up→down change weights of other groups
             assert g.acc is not None
+            _check_finite_inputs(g, g.acc, caller)
             h = g.acc.hessian if r.needs_hessian else None
             if r.scale_search and g.site is not None:
                 found = awq_search_scale(
