@@ -106,3 +106,15 @@ def test_awq_and_autoround_refuse_nonfinite_calibration_inputs(slice_graph, spec
     with pytest.raises(PassError, match=rf"pass {name}: linear\(s\) model\.layers\.0\.self_attn\.(q|k|v)_proj.*"
                                         r"calibration inputs are not finite"):
         parse_pipeline(spec)[0].run(g)
+
+
+def test_smooth_quant_refuses_nonfinite_calibration_inputs(slice_graph):
+    """A NaN activation made that channel's scale 1 (a never-firing channel's rule), so a NaN calibration set left the
+    model unsmoothed and the pass reported success; it now names the site."""
+    g = slice_graph.clone()
+    norm = g.params["model.layers.0.input_layernorm.weight"].data.clone()
+    norm[5] = float("nan")
+    g.set_param("model.layers.0.input_layernorm.weight", norm)
+    with pytest.raises(PassError, match=r"pass smooth-quant: site .*model\.layers\.0\.input_layernorm.*: the "
+                                        r"calibration inputs are not finite"):
+        parse_pipeline("smooth-quant(calib_n=2,calib_len=16,progress=false)")[0].run(g)

@@ -125,6 +125,11 @@ class SmoothQuant(Pass):
             for ss in stats_of.values():
                 if ss.absmax is None or ss.done:
                     continue
+                if not bool(torch.isfinite(ss.absmax).all()):  # s would be 1 there: no smoothing, without a word
+                    bad = int((~torch.isfinite(ss.absmax)).sum())
+                    raise PassError(f"pass smooth-quant: site {ss.site.name}: the calibration inputs are not finite "
+                                    f"(NaN/inf in {bad} of {ss.absmax.numel()} channels); give finite calibration "
+                                    "data")
                 weights = [c.args[1].data for c in ss.site.consumers]
                 if o.search:
                     alpha, s, _ = search_alpha(torch.cat(ss.sample), ss.absmax, weights, expand=ss.site.expand)
