@@ -41,6 +41,31 @@ def test_clip_activations_golden_on_a_tiny_graph():
     assert rec.stats["ratios"]["up"]["ratio"] == 1.0 and rec.stats["sites"] == 2
 
 
+def test_clip_activations_refuses_nonfinite_calibration_inputs():
+    """With a NaN in the calibration inputs every ratio's error was NaN, min() kept the grid's first ratio (0.5, the
+    harshest clip) and the pass reported success; it now refuses, naming the quantizer."""
+    from lowbit.ir.parser import parse_graph
+    from lowbit.passes.base import PassError
+    from lowbit.passes.clip_activations import ClipActivations
+    from lowbit.passes.insert_qdq import InsertQDQ
+
+    text = """graph main(%x: f32[s1,s0,8]) {
+  symbol s0 in [2, 64] hint 4
+  symbol s1 in [1, 64] hint 2
+  param @fc.weight: f32[4,8]
+  %y: f32[s1,s0,4] = linear(%x, @fc.weight)  # fc
+  return %y
+}
+"""
+    g = parse_graph(text, {"fc.weight": torch.randn(4, 8)})
+    InsertQDQ(a="int4").run(g)
+    x = torch.randn(4, 6, 8)
+    x[1, 2, 3] = float("nan")
+    with pytest.raises(PassError, match="pass clip-activations: the calibration inputs of the quantizer of 'fc' are not "
+                                        "finite"):
+        ClipActivations(calib=x, progress=False).run(g)
+
+
 @pytest.fixture(scope="module")
 def slice2(smollm2):
     from conftest import held_out_slice

@@ -105,6 +105,10 @@ class ClipActivations(Pass):
             for key in [k for k in kept if k in by_qp]:
                 site = by_qp[key]
                 x = torch.cat(kept.pop(key))
+                if not bool(torch.isfinite(x).all()):  # every error NaN: min() kept the grid's first ratio (0.5)
+                    raise PassError(f"pass {self.name}: the calibration inputs of the quantizer of "
+                                    f"{site.qparams.module or site.qparams.name!r} are not finite (NaN/inf); give "
+                                    "finite calibration data")
                 ws = [weights.pop(id(r)) for r in site.readers if id(r) in weights]
                 if len(ws) != len(site.readers):
                     continue  # a reader in a later stage: cannot happen for a block's own chains
