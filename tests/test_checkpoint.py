@@ -846,7 +846,30 @@ def test_a_pruned_float_model_is_not_sent_to_save_pretrained(tmp_path, fmt):
     """A float graph is refused by the HF formats; the advice was transformers' save_pretrained, which for a
     structurally pruned model writes the unpruned module it was captured from."""
     c = lowbit.compile_model(_tiny3(), pipeline="prune-mlp(ratio=0.25,score=magnitude)")
-    with pytest.raises(CheckpointError, match=r"no quantized linear.*structurally pruned float model: save with "
-                                              r"format='lowbit'.*quantize\(w=int8\)") as info:
+    with pytest.raises(CheckpointError, match=r"no quantized linear.*save a float model with format='hf' \(a plain "
+                                              r"transformers directory\) or format='lowbit'") as info:
         lowbit.save(c, tmp_path / "x", format=fmt)
     assert "save_pretrained" not in str(info.value)
+
+
+def test_a_pruned_float_model_saves_as_a_plain_transformers_directory(tmp_path):
+    """A structurally pruned (and folded) float model had no form transformers loads (the HF formats describe
+    quantized linears only, lowbit's format is lowbit's): format='hf' writes its float weights under the HF names
+    with the pruned sizes in config.json and no quantization_config, and transformers runs the compiled model.
+    A quantized graph is refused, pointing to the quantized formats, before any file is written."""
+    import transformers
+
+    c = lowbit.compile_model(_tiny3(), pipeline="fold-norms,prune-mlp(ratio=0.25,score=magnitude),"
+                                                "prune-heads(ratio=0.5,score=magnitude)")
+    out = lowbit.save(c, tmp_path / "hf", format="hf")
+    raw = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in raw and raw["intermediate_size"] < _tiny3().config.intermediate_size
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, c(ids), rtol=1e-5, atol=1e-5)
+    q = lowbit.compile_model(_tiny3(), pipeline="quantize(w=int8)")
+    with pytest.raises(CheckpointError, match=r"format='hf' writes float weights, but the graph has \d+ quantized "
+                                              r"linears .*format='compressed-tensors' or 'gptq'"):
+        lowbit.save(q, tmp_path / "q", format="hf")
+    assert not (tmp_path / "q").exists()

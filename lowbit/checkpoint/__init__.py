@@ -33,7 +33,7 @@ from lowbit.checkpoint.files import CheckpointError, atomic_checkpoint_dir, chec
 __all__ = ["save", "load", "FORMATS", "CheckpointError", "GenerationMeta", "validated_meta",
            "write_checkpoint_files"]
 
-FORMATS = ("compressed-tensors", "gptq", "lowbit")
+FORMATS = ("compressed-tensors", "gptq", "hf", "lowbit")
 KINDS = ("causal-lm", "encoder")
 IR_FILE = "model.lowbit"
 PARAMS_FILE = "params.safetensors"
@@ -94,6 +94,10 @@ def write_checkpoint_files(graph: Any, directory: Path, format: str, *, tokenize
 
         return save_compressed_tensors(graph, directory, tokenizer=tokenizer, config=config, kind=kind,
                                        actorder=actorder)
+    if format == "hf":
+        from lowbit.checkpoint.hf import save_hf_float
+
+        return save_hf_float(graph, directory, tokenizer=tokenizer, config=config, kind=kind)
     if format == "gptq":
         from lowbit.checkpoint.hf import save_gptq
 

@@ -425,12 +425,9 @@ def _ct_tensors(qw: QuantWeight, fmt: str) -> dict[str, torch.Tensor]:
 
 
 def _float_advice(graph: Graph) -> str:
-    """Where a float graph goes instead: the source model's save_pretrained holds it only when no pass changed its
-    shapes (a structurally pruned model is not the module it was captured from)."""
-    if graph.meta.get("pruned"):
-        return ("a structurally pruned float model: save with format='lowbit' (its config.json has the pruned sizes), "
-                "or quantize it, e.g. quantize(w=int8), for an HF directory")
-    return "save a float model with format='lowbit' or transformers' save_pretrained"
+    """Where a float graph goes instead (a pruned one is not the module it was captured from, so its source's
+    save_pretrained would not hold it)."""
+    return "save a float model with format='hf' (a plain transformers directory) or format='lowbit'"
 
 
 def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = None, config: Any = None,
@@ -488,6 +485,36 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
     return {"format": "compressed-tensors", "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
             "float_linears": sorted(view.float_linears), "not_in_graph": missing,
             "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()}}
+
+
+# ---- float (plain transformers) ---------------------------------------------------------------
+
+
+def save_hf_float(graph: Graph, directory: Path, *, tokenizer: Any = None, config: Any = None,
+                  kind: str | None = None) -> dict[str, Any]:
+    """Write a float ``graph`` as a plain transformers directory (no ``quantization_config``): the form of a
+    structurally pruned, sliced or rotated float model, which is no longer the module it was captured from, so the
+    source's ``save_pretrained`` cannot write it. A quantized graph is refused (its HF forms are
+    compressed-tensors and GPTQ)."""
+    if config is None:
+        config, kind0 = _source(graph)
+        kind = kind or kind0
+    kind = kind or "causal-lm"
+    view, (cfg, missing) = _prepare(graph, config, kind)
+    if view.quantized or view.kv:
+        what = (f"{len(view.quantized)} quantized linears (e.g. {next(iter(view.quantized))!r})" if view.quantized
+                else f"a quantized KV cache (%{view.kv[0].name})")
+        raise CheckpointError(f"format='hf' writes float weights, but the graph has {what}: save it with "
+                              "format='compressed-tensors' or 'gptq'")
+    files = _write_shards(dict(view.tensors), directory)
+    d = cfg.to_dict()
+    d["dtype"] = _float_dtype(view)
+    d.pop("torch_dtype", None)
+    d.pop("quantization_config", None)  # a float model: a source's own config must not make it load as quantized
+    (directory / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    return {"format": "hf", "kind": kind, "shards": files, "not_in_graph": missing}
 
 
 # ---- gptq ---------------------------------------------------------------------------------------

@@ -300,8 +300,8 @@ def compile_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (model.lowbit, "
                                        "params.safetensors, report.json); replaced only when the run succeeds"),
     fmt: str = typer.Option("lowbit", "--format", "-f", help="what -o holds: lowbit (IR text + safetensors), "
-                            "compressed-tensors (an HF directory vLLM/SGLang/transformers load) or gptq (HF GPTQ "
-                            "layout); each with lowbit-manifest.json (SHA-256 of every file)"),
+                            "compressed-tensors (an HF directory vLLM/SGLang/transformers load), gptq (HF GPTQ "
+                            "layout) or hf (a float model, e.g. pruned, as plain transformers weights); each with lowbit-manifest.json (SHA-256 of every file)"),
     overrides: Optional[Path] = typer.Option(None, "--overrides", help="override file from `lowbit debug "
                                              "sensitivity` (modules kept float)"),
     print_ir_after_all: bool = typer.Option(False, "--print-ir-after-all", help="print the IR after every pass"),
