@@ -207,20 +207,53 @@ def test_a_size_export_pinned_to_the_example_is_refused_not_computed_wrong():
 
 
 def test_an_architecture_with_ops_lowbit_cannot_run_is_refused_by_name():
-    """Bloom captures to aten.baddbmm and aten.repeat, which lowbit's allowlist does not run: compile_model (and
-    lowbit compile, exit 4) failed in the first pass with 'the input IR is invalid before any pass ran', which reads
-    as a lowbit bug; capture now refuses the architecture by name, listing each op and where it sits."""
+    """A model capturing to ATen ops outside lowbit's allowlist (here ``aten.flip``, ``aten.cumprod``): compile_model
+    (and lowbit compile, exit 4) failed in the first pass with 'the input IR is invalid before any pass ran', which
+    reads as a lowbit bug; capture refuses the model by name, listing each op and where it sits."""
+    import lowbit
+
+    class Odd(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x).flip(-1).cumprod(-1)
+
+    with pytest.raises(CaptureError, match=r"Odd: capture produced ops lowbit cannot run: "
+                       r"aten\.flip\.default x1 .*aten\.cumprod\.default x1 .*this architecture is not supported"):
+        lowbit.compile_model(Odd().eval(), pipeline="dce", example_inputs=(torch.randn(2, 8),))
+
+
+@pytest.mark.parametrize("family", ["bloom", "gptj", "cohere"])
+def test_interleaved_rotary_and_alibi_families_capture_and_quantize(family):
+    """Bloom (ALiBi scores through baddbmm, heads repeated), GPT-J and Cohere (interleaved rotary:
+    repeat_interleave of cos/sin, stack of the rotated pairs) were refused at capture for those four ops. They
+    run now: the float graph equals transformers exactly, the IR text round trip keeps it, and weight-only int8
+    stays within 2% of the logits' range."""
     import transformers as t
 
     import lowbit
+    from lowbit.ir.parser import parse_graph
+    from lowbit.ir.printer import print_graph
 
+    small = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = {"bloom": lambda: t.BloomConfig(hidden_size=64, n_head=4, n_layer=2, **small),
+           "gptj": lambda: t.GPTJConfig(n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=64, **small),
+           "cohere": lambda: t.CohereConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                            num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64,
+                                            **small)}[family]()
     torch.manual_seed(0)
-    model = t.AutoModelForCausalLM.from_config(t.BloomConfig(hidden_size=32, n_layer=1, n_head=4,
-                                                             vocab_size=128)).eval()
-    with pytest.raises(CaptureError, match=r"BloomForCausalLM: capture produced ops lowbit cannot run: "
-                       r"aten\.repeat\.default x1 \(transformer\); aten\.baddbmm\.default x1 "
-                       r"\(transformer\.h\.0\.self_attention\); this architecture is not supported"):
-        lowbit.compile_model(model, pipeline="dce")
+    model = t.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    c = lowbit.compile_model(model, pipeline="dce")
+    torch.testing.assert_close(c(ids), want, rtol=0, atol=1e-5)
+    again = parse_graph(print_graph(c.graph), {k: v.data for k, v in c.graph.params.items()})
+    torch.testing.assert_close(TorchCompiled(again)(ids), want, rtol=0, atol=1e-5)
+    q = lowbit.compile_model(model, pipeline="quantize(w=int8)")
+    assert float((q(ids) - want).abs().max()) < 0.02 * float(want.max() - want.min())
 
 
 def test_phi3_longrope_captures_both_factor_sets_and_leaves_the_callers_model_as_it_was():

@@ -40,6 +40,9 @@ CAPTURED: frozenset[str] = frozenset({
     "aten.matmul.default", "aten.mean.dim", "aten.mul.Tensor", "aten.ne.Scalar", "aten.neg.default",
     "aten.new_ones.default", "aten.ones.default", "aten.pow.Tensor_Scalar", "aten.relu.default",
     "aten.max.default", "aten.pow.Scalar",  # Phi-3 longrope's rotary: the longest position, base ** exponents
+    # interleaved rotary (Cohere, GPT-J: repeat_interleave of cos/sin, stack of the rotated pairs), Bloom's ALiBi
+    # scores (baddbmm) and its head repeat
+    "aten.stack.default", "aten.repeat_interleave.self_int", "aten.baddbmm.default", "aten.repeat.default",
     "aten.reshape.default", "aten.rsqrt.default", "aten.scaled_dot_product_attention.default", "aten.scatter.src", "aten.silu.default",
     "aten.sin.default", "aten.slice.Tensor", "aten.softmax.int", "aten.split.Tensor", "aten.sub.Tensor",
     "aten.sum.dim_IntList", "aten.sym_size.int", "aten.tanh.default", "aten.to.device", "aten.to.dtype",

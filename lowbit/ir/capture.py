@@ -405,8 +405,8 @@ def from_exported(ep: ExportedProgram, *, prefix: str = "", example_inputs: list
 
 
 def refuse_unrunnable(graph: Graph, model: object = None) -> None:
-    """Refuse a captured graph holding ops lowbit cannot run (ATen overloads outside its allowlist: Bloom's
-    ``baddbmm``, GPT-J's ``repeat_interleave``), naming the model class, each op and where it sits. Without this the
+    """Refuse a captured graph holding ops lowbit cannot run (ATen overloads outside its allowlist, e.g.
+    ``aten.flip``), naming the model class, each op and where it sits. Without this the
     first pass reported 'the input IR is invalid before any pass ran', which reads as a lowbit bug. Not part of
     ``capture`` itself: ``tools/aten_allowlist.py`` captures such graphs to list what is missing."""
     from lowbit.ir.ops import check_op
