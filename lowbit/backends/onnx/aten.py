@@ -367,6 +367,61 @@ def _cat(ctx: LoweringContext, node: Node) -> ir.Value:
     return ctx.op("Concat", [ctx.tensor(t, out) for t in parts], {"axis": b["dim"]})
 
 
+@lowering("aten.stack.default")
+def _stack(ctx: LoweringContext, node: Node) -> ir.Value:
+    """``stack`` as Concat of the operands unsqueezed at ``dim`` (GPT-J/Cohere's interleaved rotary pairs)."""
+    b = bind(node)
+    out = ctx.out_dtype(node)
+    dim = _norm_dim(b["dim"], node.outputs[0].tensor_type.rank)
+    parts = [ctx.op("Unsqueeze", [ctx.tensor(t, out), ctx.axes([dim])]) for t in b["tensors"]]
+    return ctx.op("Concat", parts, {"axis": dim})
+
+
+@lowering("aten.repeat.default")
+def _repeat(ctx: LoweringContext, node: Node) -> ir.Value:
+    """``repeat`` as Tile; repeats longer than the rank add leading dims first, as torch does."""
+    b = bind(node)
+    x, reps = b["self"], list(b["repeats"])
+    extra = len(reps) - ctx.rank(x)
+    xv = ctx.op("Unsqueeze", [ctx.v(x), ctx.axes(list(range(extra)))]) if extra > 0 else ctx.v(x)
+    return ctx.op("Tile", [xv, ctx.shape_vector(reps)])
+
+
+@lowering("aten.repeat_interleave.self_int")
+def _repeat_interleave(ctx: LoweringContext, node: Node) -> ir.Value:
+    """Each element ``r`` times along ``dim``: unsqueeze after it, expand that axis to ``r``, merge the two."""
+    b = bind(node)
+    x, r, dim = b["self"], b["repeats"], b["dim"]
+    if dim is None or not isinstance(r, int) or isinstance(r, bool):
+        raise NotLowerable("repeat_interleave without a dim (over the flattened tensor) or with symbolic repeats")
+    rank = ctx.rank(x)
+    d = _norm_dim(dim, rank)
+    shape = ctx.op("Shape", [ctx.v(x)])
+    head, at = ctx.op("Slice", [shape, ctx.ints([0]), ctx.ints([d])]), ctx.op("Slice", [shape, ctx.ints([d]),
+                                                                                       ctx.ints([d + 1])])
+    tail = ctx.op("Slice", [shape, ctx.ints([d + 1]), ctx.ints([_INT64_MAX])])
+    grown = ctx.op("Expand", [ctx.op("Unsqueeze", [ctx.v(x), ctx.axes([d + 1])]),
+                              ctx.op("Concat", [head, at, ctx.ints([r]), tail], {"axis": 0})])
+    merged = ctx.op("Concat", [head, ctx.op("Mul", [at, ctx.ints([r])]), tail], {"axis": 0})
+    return ctx.op("Reshape", [grown, merged])
+
+
+@lowering("aten.baddbmm.default")
+def _baddbmm(ctx: LoweringContext, node: Node) -> ir.Value:
+    """``beta · self + alpha · (batch1 @ batch2)`` (Bloom's ALiBi-biased attention scores)."""
+    b = bind(node)
+    out = ctx.out_dtype(node)
+    prod = ctx.op("MatMul", [ctx.tensor(b["batch1"], out), ctx.tensor(b["batch2"], out)])
+    if b["alpha"] != 1:
+        prod = ctx.op("Mul", [prod, ctx.const(b["alpha"], out)])
+    if b["beta"] == 0:  # torch ignores self then (even NaN in it)
+        return prod
+    base = ctx.tensor(b["self"], out)
+    if b["beta"] != 1:
+        base = ctx.op("Mul", [base, ctx.const(b["beta"], out)])
+    return ctx.op("Add", [base, prod])
+
+
 @lowering("aten.split_with_sizes.default", "aten.split.Tensor", "aten.chunk.default")
 def _split(ctx: LoweringContext, node: Node) -> list[ir.Value]:
     b = bind(node)
