@@ -272,6 +272,42 @@ def test_w4a16_generation_runs_on_a_two_layer_slice(smollm2):
     torch.testing.assert_close(prefill, logits_model(ids), rtol=0, atol=0)
 
 
+STEP_POSITIONS = """
+import torch
+from conftest import tiny_llama
+from lowbit.api import compile_model
+from lowbit.generate import GenerationSpec
+from lowbit.ir.signature import InputError
+from lowbit.models import CausalLMStep
+
+torch.manual_seed(0)
+model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, max_positions=64)
+cache = CausalLMStep(model).empty_cache(1, 16)
+for backend in BACKENDS:
+    step = compile_model(model, pipeline="quantize(w=int8)", generation=GenerationSpec(max_length=16, max_batch=2),
+                         backend=backend)
+    assert step(torch.tensor([[3]]), torch.tensor([[15]]), *[c.clone() for c in cache])[0].shape == (1, 1, 61)
+    for bad in (16, -1, 100):
+        try:
+            step(torch.tensor([[3]]), torch.tensor([[bad]]), *[c.clone() for c in cache])
+            raise AssertionError(f"position {bad} ran on {backend}")
+        except InputError as exc:
+            assert str(exc) == (f"input %positions: position {bad} at (0, 0) is outside the 16 slots of the cache "
+                                "input %past_key_values_0_key (positions 0..15)"), str(exc)
+"""
+
+
+def test_a_step_graph_refuses_positions_outside_its_cache():
+    """A step graph called directly with a position past its cache's slots: torch's scatter_ raised an IndexError-like
+    RuntimeError naming no input, and the triton backend's fused rotary + cache-write kernel wrote past the buffer
+    (under the interpreter the process died: 'mremap_chunk(): invalid pointer'). Now an InputError on every backend,
+    before anything runs; the triton half runs in a fresh interpreter so a regression cannot take pytest down."""
+    from conftest import run_interpreted
+
+    exec(compile("BACKENDS = ('torch',)\n" + STEP_POSITIONS, "step_positions", "exec"), {})
+    run_interpreted("BACKENDS = ('triton',)\n" + STEP_POSITIONS + "print('ok')")
+
+
 def test_cli_generate_refuses_a_backend_before_reading_a_lowbit_directory(tmp_path, monkeypatch):
     """A misspelt or unavailable backend was exit 3 ("cannot be read") for a lowbit-format directory (its load raised
     the BackendError) and exit 2 for every other MODEL; now exit 2 for all, before anything is read."""

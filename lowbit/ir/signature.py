@@ -46,6 +46,10 @@ class InputChecker:
                 vocab.setdefault(i, []).append((weight.name, rows))
         self._declare([v.name for v in graph.inputs], [v.type for v in graph.inputs],
                       {name: (s.min, s.max) for name, s in graph.symbols.items()}, vocab)
+        cache = (graph.meta.get("generation") or {}).get("cache_inputs") or []
+        names = [v.name for v in graph.inputs]
+        if cache and names[1:3] == ["positions", cache[0]]:
+            self.slots = (1, 2)
 
     @classmethod
     def declared(cls, names: Sequence[str], types: Sequence[Any], symbols: dict[str, tuple[int | None, int | None]],
@@ -65,6 +69,10 @@ class InputChecker:
         self.symbols = {name: (1 if lo is not None and lo <= 2 else lo, hi) for name, (lo, hi) in symbols.items()}
         self.vocab = vocab
         """input index -> (embedding weight name, rows) of every embedding that reads that input directly."""
+        self.slots: tuple[int, int] | None = None
+        """A step graph's (positions input, first cache input) indices: each position is a slot of that cache (dim
+        2), written in place there; one past it crashed the process or wrote past the buffer on the Triton cache
+        write kernels (``scatter_`` raised only on the CPU reference)."""
 
     def __call__(self, args: Sequence[Any]) -> tuple[Any, ...]:
         if len(args) != len(self.names):
@@ -125,4 +133,15 @@ class InputChecker:
                     pos = tuple((a == bad).nonzero()[0].tolist())
                     raise InputError(f"input %{self.names[i]}: id {bad} at position {pos} is outside the "
                                      f"vocabulary of embedding @{weight} ({rows} rows: ids 0..{rows - 1})")
+        if self.slots is not None:
+            p, cache = out[self.slots[0]], out[self.slots[1]]
+            n = cache.shape[2]
+            if p.numel() and not (capturing and p.is_cuda):
+                lo, hi = (int(x) for x in torch.aminmax(p))
+                if lo < 0 or hi >= n:
+                    bad = lo if lo < 0 else hi
+                    pos = tuple((p == bad).nonzero()[0].tolist())
+                    raise InputError(f"input %{self.names[self.slots[0]]}: position {bad} at {pos} is outside the "
+                                     f"{n} slots of the cache input %{self.names[self.slots[1]]} (positions "
+                                     f"0..{n - 1})")
         return tuple(out)
