@@ -101,7 +101,12 @@ def test_compile_driver_reaches_the_triton_backend_through_the_registry(slice1_b
     assert report.pipeline.records[2].stats["nodes_merged"] == {"qlinear": 5}  # q/k/v -> 1, gate/up -> 1
     assert isinstance(runner, TritonCompiled) and len(runner.report["kernels"]) == 4
     assert torch.uint8 in {b.dtype for b in runner.gm.buffers()}  # packed int4 codes, not float weights
-    ref = TorchCompiled(g)(ids).float()
+    # the report says what the module holds (it said nothing of memory but the graph's params)
+    torch_runner = TorchCompiled(g)
+    assert runner.buffer_bytes < torch_runner.buffer_bytes
+    assert report.lowering[0].endswith(f"on the reference; the module holds {runner.buffer_bytes / 2**20:.1f} MiB "
+                                       "(weights as stored, not dequantized)"), report.lowering
+    ref = torch_runner(ids).float()
     y = runner(ids).float().cpu()
     assert ((y - ref).norm() / ref.norm()).item() <= 2e-2
 

@@ -27,7 +27,7 @@ import torch.fx
 
 from lowbit.backends.registry import BackendError
 from lowbit.backends.semi_structured import report_lines
-from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.backends.torch_backend import TorchCompiled, buffer_bytes
 from lowbit.ir.graph import Graph, TensorType
 from lowbit.ir import ops as ir_ops
 from lowbit.ir.ops import hadamard as ir_hadamard
@@ -778,6 +778,7 @@ class TritonCompiled(TorchCompiled):
         types = {v.name: v.type for nd in fused.nodes for v in nd.outputs if isinstance(v.type, TensorType)}
         self.report = retarget(self.gm, types, self.device, epilogues, norm_residual, pdl, rotary_cache)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
+        self.buffer_bytes = buffer_bytes(self.gm)  # after the decode-layout repack: what the device holds
         self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
                                  if n.meta.get("merged")}
         self.compiled = compile
@@ -787,7 +788,8 @@ class TritonCompiled(TorchCompiled):
 
     def report_text(self) -> str:
         lines = [(f"triton: {len(self.report['kernels'])} nodes on kernels, "
-                 f"{len(self.report['fallback'])} on the reference")]
+                 f"{len(self.report['fallback'])} on the reference; the module holds "
+                 f"{self.buffer_bytes / 2**20:.1f} MiB (weights as stored, not dequantized)")]
         merged = self.report.get("merged", {})
         if merged:
             n = sum(len(v.split(", ")) for v in merged.values())
