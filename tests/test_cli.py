@@ -283,6 +283,18 @@ def test_onnxruntime_backend_options_shape_the_written_model_onnx(tmp_path):
     assert "DequantizeLinear" in lowered_op_types(model) and model.opset_imports[""] == 21
 
 
+def test_inspect_counts_the_weights_of_fused_qlinears(tmp_path):
+    """After fuse-qlinear (and the onnxruntime/triton backends' own fusions) the codes sit in qlinear nodes: inspect
+    counted dequantize nodes only and said 'no quantized weights' for an int4 model."""
+    import lowbit
+
+    compiled = lowbit.compile_model(tiny_llama(), pipeline="quantize(w=int4,group=32,a=int8),fuse-qlinear")
+    out = lowbit.save(compiled, tmp_path / "fused", format="lowbit")
+    text = " ".join(invoke("inspect", out).output.split())
+    assert "no quantized weights" not in text and "int4 weight ×7" in text and "int8 activation ×7" in text, text
+    assert "f32[64,32] (qlinear)" in text, text  # the float weight's shape, not the packed codes'
+
+
 def test_inspect_of_an_onnx_file_without_its_external_data_exits_3(tmp_path):
     """inspect printed a normal summary (exit 0) of a model whose .data side file was missing or cut short."""
     import lowbit

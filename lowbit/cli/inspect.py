@@ -63,6 +63,10 @@ def _resolve(file: Path) -> tuple[Path, str]:
     fail(f"{str(file)!r}: expected a .lowbit IR dump, a compile output directory or an .onnx file", Exit.USAGE)
 
 
+_FUSED_WEIGHT = {"qlinear": 1, "qlinear_q": 2}
+"""Fused quantized linears: the position of their weight codes (the scale follows)."""
+
+
 def _bytes(v: Any) -> int:
     if v.data is not None:
         return v.data.numel() * v.data.element_size()
@@ -116,25 +120,39 @@ def inspect_file(file: Path, top: int = 20) -> None:
         ops.add_row(f"... {len(counts) - top} more", "")
     console.print(ops)
 
-    q = Table(title="quantized tensors (dequantize nodes)")
+    q = Table(title="quantized tensors (dequantize and fused qlinear nodes)")
     for col in ("tensor", "qdtype", "granularity", "shape", "bytes"):
         q.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
     qcount: Counter[str] = Counter()
     shown = 0
     for n in graph.nodes:
-        if n.op != "dequantize":
+        # a fused qlinear (fuse-qlinear, and the onnxruntime/triton backends' passes) holds its weight's codes
+        # itself: counted only dequantize nodes, such a graph read "no quantized weights"
+        fused = _FUSED_WEIGHT.get(n.op)
+        if n.op != "dequantize" and fused is None:
             continue
-        src = n.args[0]
-        qd = n.kwargs.get("qdtype", "?")
+        if fused is not None:
+            src, scale = n.args[fused], n.args[fused + 1]
+            qd, axis, block = n.kwargs.get("w_qdtype", "?"), n.kwargs.get("w_axis"), n.kwargs.get("w_block_size")
+            if n.kwargs.get("a_qdtype"):
+                qcount[f"{n.kwargs['a_qdtype']} activation"] += 1
+            # the float weight it stands for, as a dequantize prints it: codes of 4 bits or fewer hold two a byte
+            from lowbit.ir.quant import QDTYPES
+
+            packed = qd in QDTYPES and QDTYPES[qd].packed
+            rows, cols = src.type.shape[0], src.type.shape[-1] * (2 if packed else 1)
+            shape = f"{str(n.output.type).split('[')[0]}[{rows},{cols}] ({n.op})"
+        else:
+            src, scale = n.args[0], (n.args[1] if len(n.args) > 1 else None)
+            qd, axis, block = n.kwargs.get("qdtype", "?"), n.kwargs.get("axis"), n.kwargs.get("block_size")
+            shape = str(n.output.type)
         qcount[f"{qd} {'weight' if src.is_param else 'activation'}"] += 1
         if not src.is_param:
             continue
-        axis, block = n.kwargs.get("axis"), n.kwargs.get("block_size")
-        scale = n.args[1] if len(n.args) > 1 else None
         gran = (f"block {block} along axis {axis}" if block else
                 "per-tensor" if scale is not None and getattr(scale.type, "rank", 1) == 0 else f"per-axis {axis}")
         if shown < top:
-            q.add_row(src.name, str(qd), gran, str(n.output.type), f"{_bytes(src):,}")
+            q.add_row(src.name, str(qd), gran, shape, f"{_bytes(src):,}")
         shown += 1
     if shown > top:
         q.add_row(f"... {shown - top} more", "", "", "", "")
