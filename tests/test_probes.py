@@ -82,6 +82,8 @@ BEFORE_LOAD = [
     (["generate", "smollm2:2", "--prompt", "Hi", "--top-k", "50", "--temperature", "0.7"], Exit.USAGE,
      "--temperature, --top-k only apply when sampling: add --sample"),
     (["compile", "smollm2:2", "-p", "quantize(w=int4,w=int8)"], Exit.USAGE, "option 'w' is given twice"),
+    (["compile", "smollm2:2", "-p", "dce", "--backend-option", "keep_packed=true", "--backend-option",
+      "keep_packed=false"], Exit.USAGE, "--backend-option keep_packed is given twice"),  # the last silently won
     (["compile", "smollm2:2", "-p", "DCE"], Exit.USAGE, "unknown pass 'DCE'; did you mean 'dce'?"),
     (["compile", "smollm2:2", "-p", "quantize(w=int4 group=64)"], Exit.USAGE, "options are separated by commas"),
     (["compile", "smollm2:2", "-p", "kv-cache(bits=5)"], Exit.USAGE,
