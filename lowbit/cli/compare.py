@@ -140,7 +140,8 @@ def layer_table(res: CompareResult) -> Table:
     """Layers × passes, SQNR in dB: where along depth each pass's error appears."""
     last = [s for s in res.stages if s.index >= 0]
     layers = list(res.stages[0].layers)
-    cells = [["n/a" if layer not in s.layers else _db(s.layers[layer]["sqnr_db"]) for s in last] for layer in layers]
+    cells = [["n/a" if layer not in s.layers else _db(s.layers[layer]["sqnr_db"]) for s in last]
+             for layer in layers]
     caption = None
     if any("n/a" in row for row in cells):  # said only where a cell is n/a
         caption = ("n/a: not comparable with the float model's block output: a pass removed the block or changed "

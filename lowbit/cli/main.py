@@ -335,8 +335,8 @@ def compile_cmd(
         if not eq or not key.strip():
             fail(f"--backend-option {item!r}: expected KEY=VALUE", Exit.USAGE)
         if key.strip() in options:  # as a pipeline option given twice: the last silently won
-            fail(f"--backend-option {key.strip()} is given twice ({key.strip()}={options[key.strip()]}, {item.strip()}); "
-                 "give it once", Exit.USAGE)
+            fail(f"--backend-option {key.strip()} is given twice ({key.strip()}={options[key.strip()]}, "
+                 f"{item.strip()}); give it once", Exit.USAGE)
         options[key.strip()] = value.strip()
     if quiet:  # the calibration bars too, where the pipeline does not ask for them (progress=true)
         for p in passes:

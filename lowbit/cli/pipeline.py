@@ -44,6 +44,7 @@ def run_pipeline(graph: Any, passes: list[Any], *, instruments: list[Any] = (), 
             msg += "\n(rerun with --reproducer DIR to save the IR before this pass and replay it)"
         elif exc.record.index >= 0:
             upto = format_pipeline([*ran_before, *passes[:exc.record.index + 1]])
-            msg += (f"\n(`lowbit compile {shlex.quote(model_spec or 'MODEL')} --pipeline {shlex.quote(upto)} --reproducer "
-                    "DIR` saves the IR before this pass to replay it)")  # the model quoted too: a path with a space
+            model = shlex.quote(model_spec or "MODEL")  # quoted as the pipeline: a path with a space
+            msg += (f"\n(`lowbit compile {model} --pipeline {shlex.quote(upto)} --reproducer DIR` saves the IR "
+                    "before this pass to replay it)")
         fail(msg, Exit.PIPELINE)

@@ -63,7 +63,8 @@ def parse_pipeline(text: str, *, read_files: bool = True,
     items = _split_top(text, ",", text)
     for i, item in enumerate(items):
         if not item.strip():
-            where = "a trailing comma" if i == len(items) - 1 else "a leading comma" if i == 0 else "two commas in a row"
+            where = ("a trailing comma" if i == len(items) - 1 else "a leading comma" if i == 0
+                     else "two commas in a row")
             raise PassError(f"empty pass name in pipeline {text!r} ({where}?)")
         m = _ITEM.match(item)
         if not m:
