@@ -41,7 +41,8 @@ def _files(tmp: Path) -> dict[str, Path]:
     (tmp / "binary.json").write_bytes(b"\xff\xfe\x00 not text")
     (tmp / "list.json").write_text("[1, 2]")
     return {"FILE": tmp / "a_file", "UNDER_FILE": tmp / "a_file" / "out", "OVERRIDES": tmp / "empty.json",
-            "TMP": tmp, "BINARY_JSON": tmp / "binary.json", "LIST_JSON": tmp / "list.json"}
+            "TMP": tmp, "BINARY_JSON": tmp / "binary.json", "LIST_JSON": tmp / "list.json", "NEW_DIR": tmp / "new",
+            "NEW_SUBDIR": tmp / "new" / "repro"}
 
 
 BEFORE_LOAD = [
@@ -101,6 +102,9 @@ BEFORE_LOAD = [
     (["compile", "smollm2:2", "-p", "dce", "--out", "UNDER_FILE"], Exit.NOT_FOUND, "is not a directory"),
     (["compile", "smollm2:2", "-p", "dce", "--out", "/proc/lowbit-out"], Exit.NOT_FOUND, "cannot be written"),
     (["compile", "smollm2:2", "-p", "dce", "--reproducer", "FILE"], Exit.USAGE, "--reproducer"),
+    # a failing run wrote its reproducer over an earlier output (OUT is replaced only when the run succeeds)
+    (["compile", "smollm2:2", "-p", "dce", "-o", "NEW_DIR", "--reproducer", "NEW_DIR"], Exit.USAGE, "overlap"),
+    (["compile", "smollm2:2", "-p", "dce", "-o", "NEW_DIR", "--reproducer", "NEW_SUBDIR"], Exit.USAGE, "overlap"),
     (["debug", "compare", "smollm2:2", "-p", "dce", "--json", "TMP"], Exit.USAGE, "is a directory"),
     (["debug", "compare", "smollm2:2", "-p", "dce", "--json", "FILE", "--html", "FILE"], Exit.USAGE,
      "--json and --html both name"),  # the HTML report silently replaced the JSON numbers

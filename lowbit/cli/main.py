@@ -370,6 +370,12 @@ def compile_cmd(
     keep = read_overrides(overrides) if overrides is not None else None
     check_output(out, "--out", directory=True)
     check_output(reproducer, "--reproducer", directory=True)
+    if out is not None and reproducer is not None:
+        o, r = out.expanduser().resolve(), reproducer.expanduser().resolve()
+        if o == r or o in r.parents or r in o.parents:  # a failing run replaced an earlier OUT with the reproducer
+            fail(f"--out {str(out)!r} and --reproducer {str(reproducer)!r} overlap: a failing run would write the "
+                 "reproducer over (or into) the output, which only a successful run may replace; give two separate "
+                 "directories", Exit.USAGE)
     from lowbit.checkpoint import FORMATS
 
     if fmt not in FORMATS:
