@@ -409,6 +409,15 @@ def test_compile_minilm_diff_and_failure_leaves_out_untouched(tmp_path):
     assert "layer_norm" in (repro / "before.lowbit").read_text()
 
 
+def test_print_ir_after_a_pass_the_backend_adds():
+    """-b onnxruntime runs fuse-qlinear after the pipeline (with the same instruments), but --print-ir-after
+    fuse-qlinear was refused: 'the pipeline has no fuse-qlinear pass (it runs quantize)'."""
+    res = invoke("compile", "minilm", "-p", "quantize(w=int8)", "-b", "onnxruntime", "--print-ir-after",
+                 "fuse-qlinear", "--filter", r"encoder\.layer\.0\.attention\.self\.query", "-q")
+    printed = res.output.split("// ----- IR after fuse-qlinear")[1]
+    assert "qlinear(" in printed, res.output
+
+
 def test_inspect_and_graph(compiled_slice, tmp_path):
     res = invoke("inspect", compiled_slice)
     assert "quantized tensors" in res.output and "int4" in res.output and "int8 activation" in res.output

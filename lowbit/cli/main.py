@@ -350,7 +350,7 @@ def compile_cmd(
     except BackendError as exc:
         fail(str(exc), Exit.USAGE)
     registry = all_passes()
-    names = [p.name for p in passes]
+    names = [p.name for p in [*plan.passes, *plan.backend_passes]]  # the backend's own (fuse-qlinear) print too
     for name in print_ir_after:
         if name not in registry:
             fail(f"--print-ir-after: unknown pass {name!r}{closest(name, sorted(registry))}", Exit.USAGE)
