@@ -546,6 +546,14 @@ def test_debug_bisect_hint_quotes_a_model_path_with_a_space(tmp_path):
     assert words[:3] == ["lowbit", "compile", str(model)], hint
 
 
+def test_debug_sensitivity_of_an_encoder_shows_no_percentage_of_a_zero_baseline(tmp_path):
+    """The encoders' metric (1 - cosine) is 0 for the float model up to rounding, and each damage was also printed
+    relative to it: '+0.0292 (-6575409664623125.0%)'."""
+    res = invoke("debug", "sensitivity", "minilm", "--scheme", "w4a8", "--sentences", "4", "-o", tmp_path / "s.json")
+    rows = [line for line in res.output.splitlines() if "encoder.layer." in line]
+    assert len(rows) == 6 and not any("%" in row for row in rows), res.output
+
+
 def test_debug_compare_minilm():
     res = invoke("debug", "compare", "minilm", "--pipeline", "quantize(w=int8,a=int8)", "--sentences", "4")
     assert "encoder.layer.5" in res.output and "1 - emb. cosine" in res.output

@@ -133,7 +133,9 @@ def run_sensitivity(model_spec: str, scheme: str, *, group: int | None, prefix: 
         table.add_column(col, justify="left" if col in (granularity, "override") else "right")
     kept_as = "keep dense" if pruning else "keep float"
     for i, r in enumerate(res["ranking"], 1):
-        rel = f" ({r['damage'] / res['baseline']:+.1%})" if res["baseline"] else ""
+        # relative to a perplexity only: the encoders' 1 - cosine is 0 for float, up to rounding (-4e-18), and a
+        # damage over it printed as "+0.0292 (-6575409664623125.0%)"
+        rel = f" ({r['damage'] / res['baseline']:+.1%})" if m == "ppl" and res["baseline"] else ""
         row = [str(i), r["module"], fmt_metric(m, r["metric"]), f"{r['damage']:+.4g}{rel}"]
         table.add_row(*row, *([kept_as if r["glob"] in keep else ""] if keepable else []))
     console.print(table)
