@@ -174,3 +174,23 @@ def test_cache_writes_are_all_or_nothing(tmp_path, monkeypatch):
     with atomic_dir(root / "entry") as tmp:
         (tmp / "whole").write_text("done")
     assert (root / "entry" / "whole").read_text() == "done"
+
+
+def test_perplexity_of_a_blown_up_model_is_inf_not_an_overflow(smollm2):
+    """A model whose logits blew up (mean loss past 709 nats) made perplexity() raise OverflowError from
+    math.exp (the debug tools had been fixed alone); it now reports inf, as they do."""
+    import math
+
+    from lowbit.eval.perplexity import perplexity, ppl_of
+
+    _, tok = smollm2
+    vocab = len(tok)
+
+    def blown(ids: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*ids.shape, vocab)
+        logits[..., 0] = 1e4  # every next token but id 0 costs 1e4 nats
+        return logits
+
+    r = perplexity(blown, "wikitext2-test", seq_len=16, max_windows=1, tokenizer=tok, progress=False)
+    assert r.ppl == math.inf and r.nll_sum > 709 * r.n_predicted
+    assert ppl_of(1.0) == math.e and ppl_of(710.0) == math.inf

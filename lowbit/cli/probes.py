@@ -7,13 +7,13 @@ each graph by module path, so a pass that renames or replaces nodes is still com
 
 from __future__ import annotations
 
-import math
-import sys
 from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
 from lowbit.cli.common import Exit, LoadedModel, fail
+from lowbit.eval.perplexity import ppl_of
 from lowbit.instruments import compare_outputs
 from lowbit.ir.graph import Graph, Value, blocks
 
@@ -172,8 +172,7 @@ def end_metric(metric: str, inputs: EvalInputs, output: torch.Tensor, reference:
         logits = output[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
         mean = nll.double().item() / ids[:, 1:].numel()
-        # a pass that blows the logits up (mean loss > 709 nats) is infinitely bad, not an OverflowError traceback
-        return math.inf if mean > math.log(sys.float_info.max) else math.exp(mean)
+        return ppl_of(mean)
     assert reference is not None
     cos = F.cosine_similarity(output.double(), reference.double(), dim=-1)
     return float(1.0 - cos.mean().item())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lowbit.data.tokens import token_ids
 
-__all__ = ["PerplexityResult", "EVALS", "perplexity", "run_eval", "token_ids", "windows"]
+__all__ = ["PerplexityResult", "EVALS", "perplexity", "ppl_of", "run_eval", "token_ids", "windows"]
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -57,6 +58,12 @@ def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> 
     if n == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
     return ids[: n * seq_len].view(n, seq_len)
+
+
+def ppl_of(mean_nll: float) -> float:
+    """``exp(mean_nll)``, or inf past the float range: a model whose logits blew up (mean loss > 709 nats) is
+    infinitely bad, not an OverflowError traceback."""
+    return math.inf if mean_nll > math.log(sys.float_info.max) else math.exp(mean_nll)
 
 
 def _logits_of(model: LogitsFn, batch: torch.Tensor) -> torch.Tensor:
@@ -105,10 +112,10 @@ def perplexity(
             nll_sum += nll.double().sum().item()
             n_predicted += targets.numel()
             bar.update(batch.shape[0])
-            bar.set_postfix(ppl=f"{math.exp(nll_sum / n_predicted):.3f}")
+            bar.set_postfix(ppl=f"{ppl_of(nll_sum / n_predicted):.3f}")
     seconds = time.perf_counter() - start
     return PerplexityResult(
-        ppl=math.exp(nll_sum / n_predicted),
+        ppl=ppl_of(nll_sum / n_predicted),
         nll_sum=nll_sum,
         n_predicted=n_predicted,
         n_windows=n_windows,
