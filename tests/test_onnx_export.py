@@ -316,6 +316,18 @@ def test_the_report_names_linears_that_weight_format_matmulnbits_left_in_another
     assert "matmulnbits" not in OrtCompiled(w4, weight_format="matmulnbits").report_text()
 
 
+@pytest.mark.parametrize("external_data", [False, True])
+def test_saving_a_session_model_onto_a_directory_is_refused(tmp_path, external_data):
+    """OrtCompiled.save(dir) raised a bare IsADirectoryError from the rename, and with external data left an empty
+    <dir>.data beside the directory."""
+    model = OrtCompiled(parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)}))
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(OnnxFileError, match="out: it is a directory; give a file path such as .*out/model.onnx"):
+        model.save(target, external_data=external_data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_truncated_onnx_is_reported(exported):
     data = exported.read_bytes()
     exported.write_bytes(data[: len(data) // 2])

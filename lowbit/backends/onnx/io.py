@@ -36,6 +36,9 @@ def save_onnx(model: ir.Model, path: str | os.PathLike[str], *, external_data: b
     ``check_onnx(path)`` to verify.
     """
     path = Path(path).expanduser()
+    if path.is_dir():  # was a bare IsADirectoryError from the rename (and an empty <dir>.data left beside it)
+        raise OnnxFileError(f"cannot write an ONNX model to {path}: it is a directory; give a file path such as "
+                            f"{path / 'model.onnx'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
         external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
