@@ -328,6 +328,20 @@ def test_saving_a_session_model_onto_a_directory_is_refused(tmp_path, external_d
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_the_onnxruntime_backend_takes_providers_as_an_option():
+    """compile_model(backend='onnxruntime') could not be told which providers to use (backend_options had none: a GPU
+    build always put the TensorRT EP first); the CLI gives them as one comma-separated value."""
+    from lowbit.api import lower
+    from lowbit.backends.registry import get_backend
+
+    assert get_backend("onnxruntime").parse_options({"providers": "NoSuchExecutionProvider, CPUExecutionProvider"}
+                                                    ).providers == ("NoSuchExecutionProvider", "CPUExecutionProvider")
+    g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
+    with pytest.warns(ProviderFallbackWarning, match=r"provider\(s\) NoSuchExecutionProvider not available"):
+        model = lower(g, "onnxruntime", options={"providers": ["NoSuchExecutionProvider", "CPUExecutionProvider"]})
+    assert model.providers == ["CPUExecutionProvider"]
+
+
 def test_truncated_onnx_is_reported(exported):
     data = exported.read_bytes()
     exported.write_bytes(data[: len(data) // 2])

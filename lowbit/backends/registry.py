@@ -27,7 +27,14 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lowbit.errors import LowbitError, did_you_mean
 
@@ -198,6 +205,15 @@ class OrtBackendOptions(BackendOptions):
     """ORT intra-op threads; unset or 0: ORT's default (one per physical core)."""
     spinning: bool | None = None
     """Whether idle ORT worker threads spin; unset: ORT's default (on). Off on a CPU shared with other work."""
+    providers: tuple[str, ...] | None = None
+    """Execution providers in order of preference (``CUDAExecutionProvider,CPUExecutionProvider`` on the CLI); unset:
+    the best this onnxruntime build has (TensorRT EP, CUDA, CPU). One it lacks falls back with a warning."""
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _provider_list(cls, value: Any) -> Any:
+        """A CLI value is one string: names separated by commas."""
+        return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _lowerable(self) -> OrtBackendOptions:
