@@ -108,7 +108,8 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
     anything else → a TensorRT engine.
 
     A step graph exported from a ``generation=`` compile carries its generation meta (``lowbit.generation``), so
-    the loaded file has ``generate()`` like the compiled model (``tokenizer=`` for text prompts). A missing,
+    the loaded file has ``generate()`` like the compiled model (``tokenizer=`` for text prompts). ``options`` are
+    ``OrtCompiled``'s session options (``threads``, ``providers``, ...); an engine file takes none. A missing,
     truncated or corrupted file raises ``OnnxFileError`` / ``EngineFileError`` saying so.
     """
     path = Path(path).expanduser()
@@ -124,6 +125,10 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
         ort = OrtCompiled.load(path, **options)
         raw = ort.session.get_modelmeta().custom_metadata_map.get(GENERATION_KEY)
         if raw is None:
+            if tokenizer is not None:  # was dropped: the runner takes token ids, and nothing said so
+                raise TypeError(f"tokenizer= is for a step graph exported from compile_model(generation=...), whose "
+                                f"generate() reads text; {path} is not one (no {GENERATION_KEY!r} metadata): call it "
+                                "with token ids")
             return ort
         from lowbit.checkpoint import CheckpointError, GenerationMeta, validated_meta
 
@@ -133,6 +138,10 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
             raise CheckpointError(f"{path}: metadata {GENERATION_KEY!r} is not JSON: {exc}") from None
         return GeneratingOnnx(ort, validated_meta(GenerationMeta, parsed, f"{path}: metadata {GENERATION_KEY!r}"),
                               tokenizer)
+    if (options or tokenizer is not None) and path.is_file():  # were dropped without a word: an engine takes none
+        given = sorted(options) + (["tokenizer"] if tokenizer is not None else [])
+        raise TypeError(f"{path} is read as a TensorRT engine (not an ONNX file), which takes no options: got "
+                        f"{', '.join(given)} (ONNX Runtime session options apply to .onnx files)")
     from lowbit.backends.tensorrt import TensorRTCompiled
 
     return TensorRTCompiled.load(path)

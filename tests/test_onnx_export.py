@@ -342,6 +342,22 @@ def test_the_onnxruntime_backend_takes_providers_as_an_option():
     assert model.providers == ["CPUExecutionProvider"]
 
 
+def test_a_tokenizer_for_a_file_that_does_not_generate_is_refused(exported):
+    with pytest.raises(TypeError, match="tokenizer= is for a step graph exported from compile_model\\(generation=...\\).*"
+                                        "no 'lowbit.generation' metadata"):
+        load(exported, tokenizer=object())
+
+
+def test_options_for_an_engine_file_are_refused_not_dropped(tmp_path):
+    """load('m.engine', threads=2) dropped the option (and a tokenizer) and went on to load the engine."""
+    from lowbit.backends.tensorrt import EngineHeader, write_engine
+
+    path = write_engine(tmp_path / "m.engine", b"plan", EngineHeader(0, "", "10.0", inputs=["x"], outputs=["y"]))
+    with pytest.raises(TypeError, match="m.engine is read as a TensorRT engine .*which takes no options: got providers, "
+                                        "threads"):
+        load(path, threads=2, providers=["CPUExecutionProvider"])
+
+
 def test_truncated_onnx_is_reported(exported):
     data = exported.read_bytes()
     exported.write_bytes(data[: len(data) // 2])
