@@ -111,6 +111,10 @@ def test_missing_tensorrt_is_refused_before_capture():
     result = CliRunner().invoke(app, ["compile", "smollm2:1", "-b", "tensorrt", "--pipeline", "dce"])
     assert result.exit_code == 2, result.output
     assert "tensorrt" in result.output and "not installed" in result.output
+    # generate said so only after loading the model: a missing model directory exited 3 before the backend was named
+    result = CliRunner().invoke(app, ["generate", "no/such/model", "-b", "tensorrt", "--prompt", "hi"])
+    assert result.exit_code == 2, result.output
+    assert "tensorrt" in result.output and "not installed" in result.output
 
 
 def test_optimization_profile_comes_from_the_symbols(minilm_graph):

@@ -531,8 +531,13 @@ def generate_cmd(
     from lowbit.passes.manager import PipelineError
 
     text = pipeline_text(pipeline, recipe) if pipeline or recipe else ""
-    if text:  # as `lowbit compile` does: an unknown pass or a bad option exits 2 (it was a traceback or exit 4)
-        parse(text)
+    passes = parse(text) if text else []  # as `lowbit compile`: an unknown pass or a bad option exits 2
+    try:  # and a backend that cannot run here, or cannot lower what the pipeline creates, is said before the load
+        from lowbit.api import plan_compile
+
+        plan_compile(passes, backend)
+    except BackendError as exc:
+        fail(str(exc), Exit.USAGE)
     ignored = ["--" + name.replace("_", "-")
                for name, _ in sampling_only(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)]
     if ignored and not sample:
