@@ -358,6 +358,26 @@ def test_options_for_an_engine_file_are_refused_not_dropped(tmp_path):
         load(path, threads=2, providers=["CPUExecutionProvider"])
 
 
+def test_an_input_of_unknown_shape_still_has_its_dtype_checked(tmp_path):
+    """A file that gives an input's dtype but not its shape had no checker entry: floats fed to its int64 input were
+    truncated by the cast to the declared dtype."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from lowbit.ir.signature import InputError
+
+    graph = helper.make_graph([helper.make_node("Identity", ["ids"], ["out"])], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
+                              [helper.make_tensor_value_info("out", TensorProto.INT64, None)])
+    path = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    model = load(path)
+    with pytest.raises(InputError, match="input 'ids' \\(declared torch.int64, shape not given by the file\\): "
+                                         "expected dtype torch.int64, got torch.float32"):
+        model(torch.tensor([[1.7, 2.2]]))
+    assert model(torch.tensor([[1, 2]], dtype=torch.int32)).tolist() == [[1, 2]]  # integers widen as before
+
+
 def test_truncated_onnx_is_reported(exported):
     data = exported.read_bytes()
     exported.write_bytes(data[: len(data) // 2])
