@@ -290,7 +290,7 @@ def test_a_loaded_file_cannot_be_exported_again_and_says_so(exported, tmp_path):
         lowbit.export(load(exported), tmp_path / "again.onnx")
 
 
-WEIGHT_ONLY_IR = """graph main(%x: f32[1,s0,32]) {{
+REPORTED_LINEAR_IR = """graph main(%x: f32[1,s0,32]) {{
   symbol s0 in [2, 64] hint 4
   param @w.qdata: {container}[4,{stored}]
   param @w.scale: f32[{scale}]
@@ -304,13 +304,13 @@ WEIGHT_ONLY_IR = """graph main(%x: f32[1,s0,32]) {{
 def test_the_report_names_linears_that_weight_format_matmulnbits_left_in_another_form():
     """An int8 weight at accuracy level 0 has no MatMulNBits form: the backend kept QDQ and its report said only
     which provider ran."""
-    w8 = parse_graph(WEIGHT_ONLY_IR.format(container="i8", stored=32, scale="4", qdtype="int8", axis=0, block="None"),
+    w8 = parse_graph(REPORTED_LINEAR_IR.format(container="i8", stored=32, scale="4", qdtype="int8", axis=0, block="None"),
                      {"w.qdata": torch.randint(-127, 128, (4, 32), dtype=torch.int8), "w.scale": torch.full((4,), 0.01)})
     text = OrtCompiled(w8, weight_format="matmulnbits").report_text()
     assert "weight_format=matmulnbits: 0 of 1 quantized linears run as MatMulNBits; 1 keep the QDQ or integer-GEMM " \
            "form (MatMulNBits takes weight-only 4-bit weights, 8-bit ones at accuracy_level=4): proj" in text
     assert "matmulnbits" not in OrtCompiled(w8, weight_format="matmulnbits", accuracy_level=4).report_text()
-    w4 = parse_graph(WEIGHT_ONLY_IR.format(container="u8", stored=16, scale="4,2", qdtype="int4", axis=1, block=16),
+    w4 = parse_graph(REPORTED_LINEAR_IR.format(container="u8", stored=16, scale="4,2", qdtype="int4", axis=1, block=16),
                      {"w.qdata": pack_int4(torch.randint(-8, 8, (4, 32), dtype=torch.int8)),
                       "w.scale": torch.full((4, 2), 0.01)})
     assert "matmulnbits" not in OrtCompiled(w4, weight_format="matmulnbits").report_text()
