@@ -378,6 +378,27 @@ def test_static_chains_are_counted_once_per_shared_input():
         assert stats["inputs_quantized"] == 2 and stats["activation_qdq_chains"] == g.op_counts()["quantize"] == 1
 
 
+@pytest.mark.parametrize("observer", ["percentile", "histogram"])
+def test_config_static_input_observer_is_used(tmp_path, observer):
+    """A config file's static input ``observer`` was overridden by the ``a_obs`` option's default (minmax), which a
+    config cannot even set, so a percentile or histogram observer got min-max scales without a word."""
+    from lowbit.calibration.observers import make_observer
+    from lowbit.ir.quant import Layout
+
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps({"input": {"qdtype": "int8", "granularity": "per_tensor", "observer": observer}}))
+    x = torch.randn(3, 40, 8)
+    x[0, 0, 0] = 100.0  # one outlier: min-max's scale is 100/127
+    g = _tiny()
+    InsertQDQ(config=str(path), calib=x, progress=False).run(g)
+    obs = make_observer(observer, "int8", True, Layout(None, None))
+    for row in x.split(1):  # the graph's batch is static 1: one calibration batch per sequence
+        obs.observe(row)
+    expected, _ = obs.qparams([1, 1, 8])
+    minmax = x.abs().amax() / 127
+    assert torch.allclose(g.params["fc.input_scale"].data, expected) and not torch.allclose(expected, minmax)
+
+
 def test_kv_window_refuses_bidirectional_attention(minilm_graph):
     """MiniLM's attention reads later tokens: a float window of 'recent' tokens means nothing there."""
     with pytest.raises(PassError, match="needs causal attention.*encoder.layer.0.attention.self"):

@@ -777,7 +777,7 @@ class InsertQDQ(Pass):
         if cfg.is_empty():
             raise PassError(_NOTHING)
         calibration = {"text": o.calib, "n": o.calib_n, "seq_len": o.calib_len, "tokenizer": o.tokenizer,
-                       "observer": o.a_obs, "progress": o.progress, "batch_size": o.batch_size_for(graph),
+                       "progress": o.progress, "batch_size": o.batch_size_for(graph),
                        "device": o.torch_device(self.name)}
         # static scales read the calibration data through token_ids (a .safetensors of ids, the vocabulary check,
         # errors named as the pass's), a config file's as well as a_static's
