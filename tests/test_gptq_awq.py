@@ -530,3 +530,28 @@ def test_smooth_quant_alpha_zero_leaves_the_model_alone(smollm2_slice_f64):
     for name, v in graph.params.items():
         if name.endswith("proj.weight"):
             assert torch.equal(g.params[name].data, v.data), name
+
+
+def test_weight_pass_scope_without_linears_names_the_scope():
+    """A ``modules`` scope that matches a norm but no linear said 'every linear is kept float', blaming keep rules
+    the user never wrote; it now names the scope and the linears it could have meant."""
+    from lowbit.ir.parser import parse_graph
+    from lowbit.passes.gptq import GPTQ
+    from lowbit.passes.manager import PassManager, PipelineError
+
+    text = """graph main(%x: f32[s1,s0,8]) {
+  symbol s0 in [2, 64] hint 4
+  symbol s1 in [1, 64] hint 2
+  param @n.weight: f32[8]
+  param @fc1.weight: f32[8,8]
+  param @fc2.weight: f32[4,8]
+  %n: f32[s1,s0,8] = rms_norm(%x, @n.weight, eps=1e-06, compute_dtype=None)  # n
+  %h: f32[s1,s0,8] = linear(%n, @fc1.weight)  # fc1
+  %y: f32[s1,s0,4] = linear(%h, @fc2.weight)  # fc2
+  return %y
+}
+"""
+    g = parse_graph(text, {"n.weight": torch.ones(8), "fc1.weight": torch.randn(8, 8), "fc2.weight": torch.randn(4, 8)})
+    with pytest.raises(PipelineError, match=r"pass gptq: option modules=\^n\$ matches no linear's module \(linears: "
+                                            r"fc1, fc2\)"):
+        PassManager([GPTQ(w="int4", modules="^n$", calib=torch.randn(2, 4, 8), progress=False)]).run(g)

@@ -162,6 +162,11 @@ def run_weight_calibration(graph: Graph, o: WeightCalibrationOptions, r: Roundin
     except PassError as exc:
         raise PassError(str(exc).replace("pass quantize:", f"pass {pass_name}:", 1)) from None
     if not p.weights:
+        linears = sorted({n.module for n in graph.nodes if n.op == "linear"})
+        if o.modules and not any(o.in_scope(m) for m in linears):  # not the keep rules' doing: say what the scope hit
+            sample = ", ".join(linears[:4]) + (", ..." if len(linears) > 4 else "")
+            raise PassError(f"pass {pass_name}: option modules={o.modules} matches no linear's module (linears: "
+                            f"{sample})")
         raise PassError(f"pass {pass_name}: no linear to quantize (every linear is kept float)")
     ids = o.token_ids(graph, pass_name)
     try:
