@@ -399,6 +399,22 @@ def test_config_static_input_observer_is_used(tmp_path, observer):
     assert torch.allclose(g.params["fc.input_scale"].data, expected) and not torch.allclose(expected, minmax)
 
 
+def test_a_group_that_does_not_divide_names_where_it_came_from(tmp_path):
+    """The error named ``option group=12`` when the user wrote ``head_group=12`` (with a group that divides) or a
+    config file's ``group_size``; it now names the option or field that set it, and its hint uses that name."""
+    text = TINY.replace("fc.weight: f32[4,8]", "fc.weight: f32[4,8]\n  param @lm_head.weight: f32[6,4]").replace(
+        "  return %y", "  %l: f32[1,s0,6] = linear(%y, @lm_head.weight)  # lm_head\n  return %l")
+    params = {"fc.weight": torch.randn(4, 8), "lm_head.weight": torch.randn(6, 4)}
+    with pytest.raises(PassError, match=r"option head_group=3 does not divide the input size 4 of linear %l "
+                                        r"\(module 'lm_head'.*use head_group=2"):
+        InsertQDQ(w="int4", group=4, head="int4", head_group=3).run(parse_graph(text, params))
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps({"weight": {"qdtype": "int4", "granularity": "per_group", "group_size": 3}}))
+    with pytest.raises(PassError, match=r"config group_size=3 does not divide the input size 8 of linear %y .*use "
+                                        r"group_size=2"):
+        InsertQDQ(config=str(path)).run(_tiny())
+
+
 def test_kv_window_refuses_bidirectional_attention(minilm_graph):
     """MiniLM's attention reads later tokens: a float window of 'recent' tokens means nothing there."""
     with pytest.raises(PassError, match="needs causal attention.*encoder.layer.0.attention.self"):

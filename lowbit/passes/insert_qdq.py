@@ -299,8 +299,10 @@ def _static_dim(t: TensorType, i: int, what: str) -> int:
     return d
 
 
-def _check_group(node: Node, w: Value, scheme: QScheme, fallback: int | None) -> int | None:
-    """The group size to use on this linear, or an error naming option, node and dimension."""
+def _check_group(node: Node, w: Value, scheme: QScheme, fallback: int | None, option: str = "option group"
+                 ) -> int | None:
+    """The group size to use on this linear, or an error naming option, node and dimension. ``option`` is where the
+    group came from (``option head_group`` for the head, ``config group_size`` from a config file)."""
     if scheme.granularity != "per_group":
         return None
     g = scheme.group_size
@@ -311,13 +313,14 @@ def _check_group(node: Node, w: Value, scheme: QScheme, fallback: int | None) ->
     if fallback is not None and k % fallback == 0:  # type: ignore[operator]
         return fallback
     ok = _pow2_divisors(int(k), g)
-    hint = f"use group={' or group='.join(map(str, ok))}" if ok else "use per-channel scales (no group)"
-    extra = (f", or keep group={g} with group_fallback={ok[0]} (group {g} where it divides, {ok[0]} elsewhere)"
+    key = option.split()[-1]
+    hint = f"use {key}={f' or {key}='.join(map(str, ok))}" if ok else "use per-channel scales (no group)"
+    extra = (f", or keep {key}={g} with group_fallback={ok[0]} (group {g} where it divides, {ok[0]} elsewhere)"
              if ok and fallback is None else "")
-    what = "group_fallback" if fallback is not None else "group"
+    what = "option group_fallback" if fallback is not None else option
     gval = fallback if fallback is not None else g
     raise PassError(
-        f"pass quantize: option {what}={gval} does not divide the input size {k} of linear %{node.name} "
+        f"pass quantize: {what}={gval} does not divide the input size {k} of linear %{node.name} "
         f"(module {node.module!r}, weight @{w.name} [{n}, {k}]): {k} is not a multiple of {gval}; {hint}{extra}")
 
 
@@ -613,13 +616,15 @@ def unraised_projections(graph: Graph) -> list[str]:
 
 def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
          extra_patterns: Sequence[tuple[str, str]] = (), scope: Callable[[str], bool] | None = None,
-         nonfinite: NonFinitePolicy = "error", pass_name: str = "quantize") -> QuantizePlan:
+         nonfinite: NonFinitePolicy = "error", pass_name: str = "quantize",
+         group_option: Callable[[str], str] = lambda module: "option group") -> QuantizePlan:
     """Resolve ``cfg`` against the graph; every error (bad pattern, group, weight) is raised before any change.
 
     ``extra_patterns`` are (where, glob) pairs the user wrote outside the config (the ``keep`` option): like
     the config's own rules, each must match a linear's module. ``scope`` (the ``modules`` option) limits the
     linears and attention nodes changed to those whose module it accepts. A weight with NaN/inf would give NaN
     scales and an all-NaN model; ``nonfinite`` says whether that refuses the pass or keeps the linear float.
+    ``group_option(module)`` names where a linear's group size came from, for the error when it does not divide.
     """
     linears = [n for n in graph.nodes if n.op == "linear"]
     in_scope = scope if scope is not None else (lambda module: True)
@@ -657,7 +662,7 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
                 raise PassError(f"pass {pass_name}: {ws.qdtype} weights are packed two per byte along the input "
                                 f"dim, but linear %{n.name} (module {n.module!r}) has odd input size {k}; keep it "
                                 "float with keep=..., or use 8-bit weights")
-            p.weights.append(WeightPlan(n, ws, _check_group(n, w, ws, group_fallback)))
+            p.weights.append(WeightPlan(n, ws, _check_group(n, w, ws, group_fallback, group_option(n.module))))
         if xs is not None:
             x = n.args[0]
             if isinstance(x, Value) and x.producer is not None and x.producer.op == "dequantize":
@@ -697,9 +702,10 @@ def quantize_graph(graph: Graph, cfg: QuantConfig, *, group_fallback: int | None
                    calibration: dict[str, Any] | None = None,
                    extra_patterns: Sequence[tuple[str, str]] = (),
                    scope: Callable[[str], bool] | None = None,
-                   nonfinite: NonFinitePolicy = "error") -> dict[str, Any]:
+                   nonfinite: NonFinitePolicy = "error",
+                   group_option: Callable[[str], str] = lambda module: "option group") -> dict[str, Any]:
     """Apply ``cfg`` to ``graph`` in place (only to modules ``scope`` accepts); returns the pass's statistics."""
-    p = plan(graph, cfg, group_fallback, extra_patterns, scope, nonfinite)
+    p = plan(graph, cfg, group_fallback, extra_patterns, scope, nonfinite, group_option=group_option)
     bytes_before = graph.param_bytes()
     users = graph.users()
     w_float = w_quant = 0
@@ -792,8 +798,13 @@ class InsertQDQ(Pass):
                 raise PassError(f"pass quantize: option head={o.head}: the graph has no output head linear "
                                 f"{HEAD_MODULE!r} (linears: {sample}); drop head=, or quantize that linear with "
                                 "w= or a config rule")
+        def group_option(module: str) -> str:  # the head's group is head_group's (else group's), the rest the config's
+            if not _unset(o.head) and module_matches(module, HEAD_MODULE):
+                return "option head_group" if o.head_group is not None else "option group"
+            return "config group_size" if o.config is not None else "option group"
+
         stats = quantize_graph(graph, cfg, group_fallback=o.group_fallback, calibration=calibration,
-                               extra_patterns=extra, scope=o.in_scope, nonfinite=o.nonfinite)
+                               extra_patterns=extra, scope=o.in_scope, nonfinite=o.nonfinite, group_option=group_option)
         changed = bool(stats["weights_quantized"] or stats["inputs_quantized"] or stats["kv_qdq_chains"])
         return PassResult(changed, stats)
 
