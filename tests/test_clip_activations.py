@@ -112,3 +112,28 @@ def test_clip_activations_on_smollm2_lowers_the_held_out_error(slice2):
                 {v["ratio"] for v in st["ratios"].values()}
     assert errs["searched"] <= errs["none"], errs
     assert errs["searched"] <= 1.02 * errs["0.9"], errs
+
+
+def test_clip_activations_scope_matching_no_quantizer_names_the_scope():
+    """A ``modules`` scope that left out every activation quantizer said 'run quantize(a=...) first', though the graph
+    had them; it now names the scope and where the quantizers are."""
+    from lowbit.ir.parser import parse_graph
+    from lowbit.passes.base import PassError
+    from lowbit.passes.clip_activations import ClipActivations
+    from lowbit.passes.insert_qdq import InsertQDQ
+
+    text = """graph main(%x: f32[s1,s0,8]) {
+  symbol s0 in [2, 64] hint 4
+  symbol s1 in [1, 64] hint 2
+  param @fc.weight: f32[4,8]
+  param @out.weight: f32[4,4]
+  %y: f32[s1,s0,4] = linear(%x, @fc.weight)  # fc
+  %z: f32[s1,s0,4] = linear(%y, @out.weight)  # out
+  return %z
+}
+"""
+    g = parse_graph(text, {"fc.weight": torch.randn(4, 8), "out.weight": torch.randn(4, 4)})
+    InsertQDQ(a="int4", keep=["out"]).run(g)
+    with pytest.raises(PassError, match=r"option modules=\^out\$ matches none of the 1 dynamic activation quantizers "
+                                        r"feeding linears \(at fc"):
+        ClipActivations(modules="^out$", calib=torch.randn(4, 6, 8), progress=False).run(g)

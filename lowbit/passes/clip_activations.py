@@ -79,7 +79,12 @@ class ClipActivations(Pass):
     def run(self, graph: Graph) -> PassResult:
         o: ClipActivationsOptions = self.options  # type: ignore[assignment]
         t0 = time.perf_counter()
-        sites = [s for s in find_clip_sites(graph) if o.in_scope(s.qparams.module or "")]
+        found_sites = find_clip_sites(graph)
+        sites = [s for s in found_sites if o.in_scope(s.qparams.module or "")]
+        if found_sites and not sites:  # not 'run quantize(a=...) first': the scope left none of them
+            where = ", ".join(sorted({s.qparams.module or s.qparams.name for s in found_sites})[:4])
+            raise PassError(f"pass {self.name}: option modules={o.modules} matches none of the {len(found_sites)} "
+                            f"dynamic activation quantizers feeding linears (at {where}, ...)")
         if not sites:
             raise PassError(f"pass {self.name}: no dynamic activation quantizer feeds a linear (run quantize(a=...) "
                             "first)")
