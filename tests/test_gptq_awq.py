@@ -129,6 +129,21 @@ def test_gptq_loss_statistic_is_the_objective_it_minimises(layer3, qdtype, group
     assert r.stats["loss"] == pytest.approx(0.5 * float(torch.einsum("nk,kl,nl->", d, damped, d)), rel=1e-3)
 
 
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_sparsegpt_loss_statistic_is_the_objective_it_minimises(layer3, pattern):
+    """SparseGPT's ``stats["loss"]`` had GPTQ's old mistake (err² multiplied by H⁻¹_jj instead of divided: 61 for
+    a true 117 on a random layer); it is ``½ Σ err²/H⁻¹_jj`` = ``½ ΔW·(H + λI)·ΔWᵀ`` of the pruned weight."""
+    from lowbit.calibration.sparsity import parse_pattern, sparsegpt_prune
+
+    weights, cal, _ = layer3
+    w = weights["self_attn.o_proj"]
+    h = _hessian(cal["o"]).hessian
+    pruned, _, stats = sparsegpt_prune(w, h, parse_pattern(pattern, 0.5), damp=0.01)
+    d = pruned.double() - w.double()
+    damped = h + stats["damp"] * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    assert stats["loss"] == pytest.approx(0.5 * float(torch.einsum("nk,kl,nl->", d, damped, d)), rel=1e-3)
+
+
 def test_gptq_dead_inputs_and_bad_arguments(layer3):
     weights, cal, _ = layer3
     w = weights["self_attn.q_proj"]

@@ -185,7 +185,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: 
                 if i + 1 < i2 - i1:
                     w1[:, i + 1:].addmm_(e[:, None], h1[i, i + 1:][None, :], alpha=-1.0)
                 err1[:, i] = e
-                loss += float((e.double() * d1[i].double()).pow(2).sum()) / 2
+                loss += float(e.double().pow(2).sum()) / 2  # e = (w - q) / U_jj: e² = (w - q)² / H⁻¹_jj
             wf[:, i1:i2] = w1
             mask[:, i1:i2] = mask1
             if i2 < k:
