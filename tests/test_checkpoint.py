@@ -603,6 +603,19 @@ def test_lowbit_checkpoint_of_merged_linears_still_saves_to_hf_formats(tmp_path)
         assert torch.equal(lowbit.load(out)(ids), TorchCompiled(graph)(ids))
 
 
+@pytest.mark.parametrize("kv", ["kv=int4,kv_group=16", "kv=int4,kv_group=16,kv_window=4,kv_sink=1"])
+def test_kv_quantized_graph_reloaded_from_lowbit_format_is_still_refused_by_hf_formats(tmp_path, kv):
+    """The HF writers found KV quantizers by node.meta['kv'], which the IR text does not keep: the same graph was
+    refused before a lowbit save and, after reload, written as compressed-tensors / GPTQ without its KV
+    quantization (transformers then ran another model, logits 2.6% of their range away)."""
+    graph = _compiled_tiny(f"quantize(w=int4,group=32,{kv})").graph
+    reloaded = lowbit.load(lowbit.save(graph, tmp_path / "lb", format="lowbit"))
+    for fmt in ("compressed-tensors", "gptq"):
+        with pytest.raises(CheckpointError, match="quantizes the KV cache"):
+            lowbit.save(reloaded, tmp_path / fmt, format=fmt)
+        assert not (tmp_path / fmt).exists()
+
+
 def _compiled_tiny(pipeline: str):
     return lowbit.compile_model(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97), pipeline=pipeline)
 

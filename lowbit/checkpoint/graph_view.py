@@ -186,6 +186,28 @@ def _qk_rotations(graph: Graph) -> set[int]:
     return exact
 
 
+def _quantizes_kv(dq: Node, users: dict[int, list[Node]], depth: int = 8) -> bool:
+    """Whether ``dq`` dequantizes an activation that reaches an attention before any linear: the KV cache's QDQ.
+    Found by structure as well as by ``meta["kv"]``, which the IR text does not keep: a lowbit checkpoint of a
+    KV-quantized graph reloaded without it, and its compressed-tensors save dropped the KV quantization."""
+    if dq.meta.get("kv"):
+        return True
+    if not isinstance(dq.args[0], Value) or dq.args[0].is_param:  # a weight's codes
+        return False
+    frontier, seen = [dq.output], set()
+    for _ in range(depth):  # the view chain (GQA's repeat, a float window's cat) between the QDQ and attention
+        nxt = []
+        for v in frontier:
+            for u in users.get(id(v), []):
+                if "attention" in u.op:
+                    return True
+                if u.op != "linear" and id(u) not in seen:
+                    seen.add(id(u))
+                    nxt.extend(u.outputs)
+        frontier = nxt
+    return False
+
+
 def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str] = frozenset()) -> HFView:
     """Map ``graph`` onto the HF parameter names ``hf_keys`` (name → shape) of the model it was captured from.
 
@@ -272,8 +294,9 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
                                           "(e.g. a rotation) and HF formats cannot express it")
                 _put(view, v.name, v.data, node)
                 used.add(v.name)
+    users = graph.users()
     for node in graph.nodes:
-        if (node.op == "dequantize" and node.meta.get("kv")) or node.op == "cache_attention":
+        if (node.op == "dequantize" and _quantizes_kv(node, users)) or node.op == "cache_attention":
             view.kv.append(node)  # QDQ of the accuracy model, or the generation step's packed cache (kv-cache)
     read = {id(v) for n in graph.nodes for v in n.inputs() if v.is_param}
     for name, v in graph.params.items():
