@@ -422,3 +422,26 @@ def test_a_file_the_manifest_does_not_list_is_not_read_unverified(saved, tmp_pat
     del m["files"][name]
     (d / "lowbit-manifest.json").write_text(json.dumps(m))
     _refused(d, name, "not listed in lowbit-manifest.json")
+
+
+def test_config_declaring_a_huge_model_is_refused_before_allocating_it(saved, tmp_path, monkeypatch):
+    """vocab_size 97 -> 10**10 in config.json: the model was built on the CPU from config.json before its sizes were
+    checked against the tensors (256 GB at 10**9: a raw RuntimeError, or the OOM killer where memory
+    overcommits). It is checked on the meta device first; the CPU model is never built."""
+    import lowbit.checkpoint.hf as hf
+
+    built = []
+
+    def skeleton(config, kind, device="meta", dtype=torch.float32):
+        if device != "meta":
+            built.append(device)
+            raise AssertionError(f"the {config.vocab_size}-token model was allocated on {device}")
+        return real(config, kind, device, dtype)
+
+    real = hf.skeleton
+    monkeypatch.setattr(hf, "skeleton", skeleton)
+    d = _copy(saved, "compressed-tensors", tmp_path)
+    _edit_json(d / "config.json", lambda c: c.__setitem__("vocab_size", 10**10))
+    _rehash(d)
+    _refused(d, "model.safetensors", "[97, 64], but LlamaForCausalLM built from config.json has [10000000000, 64]")
+    assert not built

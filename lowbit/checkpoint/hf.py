@@ -762,7 +762,9 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
                                                  for a in (config.architectures or [])) else "encoder")
     hints = lb.get("lowbit_qdtypes", {})
     tensors = _read_weights(directory, manifest)
-    model = skeleton(config, kind, device="cpu", dtype=_config_dtype(raw))
+    # on meta first: config.json's sizes are checked against the stored tensors before anything is allocated (a
+    # crafted vocab_size of 1e9 allocated 256 GB: a raw RuntimeError at best, the OOM killer at worst)
+    model = skeleton(config, kind, dtype=_config_dtype(raw))
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     # decide, per linear, whether it is quantized and how
     plan: dict[str, tuple[QScheme, QScheme | None, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
@@ -800,24 +802,27 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
         if mod in plan and (name.endswith(quant_suffixes) or name == f"{mod}.weight"):
             continue
         float_state[name] = t
-    for module in plan:  # placeholders: the real codes replace the RTN of these zeros below
-        float_state[f"{module}.weight"] = torch.zeros(model.get_submodule(module).weight.shape)
+    # placeholders: the real codes replace the RTN of these zeros below
+    placeholders = {f"{module}.weight": model.get_submodule(module).weight.shape for module in plan}
     own = model.state_dict()
     for name, t in float_state.items():
         if name in own and own[name].shape != t.shape:
             raise CheckpointError(f"{_tensor_file(directory, name)}: tensor {name!r} is {list(t.shape)}, but "
                                   f"{type(model).__name__} built from config.json has {list(own[name].shape)} "
                                   "(config.json and the weights disagree)")
-    result = model.load_state_dict(float_state, strict=False)
-    unexpected = [k for k in result.unexpected_keys]
+    unexpected = [k for k in float_state if k not in own]
     if unexpected:
         raise CheckpointError(f"{directory}: tensors {unexpected[:4]} are not parameters of "
                               f"{type(model).__name__} built from config.json")
     unused = set((manifest or {}).get("lowbit", {}).get("not_in_graph", []))  # never read by the captured forward
-    missing = [k for k in result.missing_keys if not _is_tied_key(model, k) and k not in unused]
+    missing = [k for k in own if k not in float_state and k not in placeholders and not _is_tied_key(model, k)
+               and k not in unused]
     if missing:
         raise CheckpointError(f"{directory}: the checkpoint has no tensor {missing[0]!r} (and {len(missing) - 1} "
                               "more) that the model built from config.json needs")
+    model = skeleton(config, kind, device="cpu", dtype=_config_dtype(raw))
+    float_state.update({k: torch.zeros(shape) for k, shape in placeholders.items()})
+    model.load_state_dict(float_state, strict=False)
     graph, tokenizer = _capture(model, kind, directory, generation)
     # static input scales are stored, not calibrated: the quantize pass gets the weights (and dynamic inputs) only
     rules = [ModuleRule(pattern=_glob_escape(m), weight=p[0], input=p[1] if p[1] is None or p[1].dynamic else None)
