@@ -445,3 +445,16 @@ def test_config_declaring_a_huge_model_is_refused_before_allocating_it(saved, tm
     _rehash(d)
     _refused(d, "model.safetensors", "[97, 64], but LlamaForCausalLM built from config.json has [10000000000, 64]")
     assert not built
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    (lambda c: c.__setitem__("hidden_act", "os.system"), "cannot build the model this config describes (KeyError"),
+    (lambda c: c.__setitem__("max_position_embeddings", 1), "max_position_embeddings 1; lowbit captures"),
+])
+def test_config_fields_transformers_or_capture_cannot_use_are_refused(saved, tmp_path, edit, why):
+    """An unknown hidden_act was transformers' raw KeyError while building the model, max_position_embeddings 1
+    torch.export's AssertionError (min must be <= max) in capture: both exit 1 with a traceback."""
+    d = _copy(saved, "compressed-tensors", tmp_path)
+    _edit_json(d / "config.json", edit)
+    _rehash(d)
+    _refused(d, "config.json", why)

@@ -762,9 +762,18 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
                                                  for a in (config.architectures or [])) else "encoder")
     hints = lb.get("lowbit_qdtypes", {})
     tensors = _read_weights(directory, manifest)
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and not isinstance(positions, bool) and positions < 2:  # torch.export's assert
+        raise CheckpointError(f"{cfg_path}: max_position_embeddings {positions}; lowbit captures sequences of at "
+                              "least 2 tokens")
     # on meta first: config.json's sizes are checked against the stored tensors before anything is allocated (a
     # crafted vocab_size of 1e9 allocated 256 GB: a raw RuntimeError at best, the OOM killer at worst)
-    model = skeleton(config, kind, dtype=_config_dtype(raw))
+    try:
+        model = skeleton(config, kind, dtype=_config_dtype(raw))
+    except Exception as exc:  # noqa: BLE001 - a field transformers reads only while building (hidden_act: KeyError)
+        why = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{cfg_path}: transformers cannot build the model this config describes "
+                              f"({type(exc).__name__}: {why})") from None
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     # decide, per linear, whether it is quantized and how
     plan: dict[str, tuple[QScheme, QScheme | None, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
