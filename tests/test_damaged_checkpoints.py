@@ -458,3 +458,14 @@ def test_config_fields_transformers_or_capture_cannot_use_are_refused(saved, tmp
     _edit_json(d / "config.json", edit)
     _rehash(d)
     _refused(d, "config.json", why)
+
+
+def test_gptq_settings_in_quantize_config_json_are_named(saved, tmp_path):
+    """An older AutoGPTQ directory keeps its settings in quantize_config.json: it was called "a float HF model: load
+    it with lowbit.compile_model", which then found no float weights."""
+    d = _copy(saved, "gptq", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "quantize_config.json").write_text(json.dumps(cfg.pop("quantization_config")))
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "lowbit-manifest.json").unlink()
+    _refused(d, "config.json", "quantize_config.json is beside it (an older AutoGPTQ layout)")

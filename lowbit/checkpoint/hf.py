@@ -750,6 +750,10 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
     raw = read_json(cfg_path)
     qcfg = raw.get("quantization_config")
     if not isinstance(qcfg, dict):
+        if (directory / "quantize_config.json").is_file():  # was "a float HF model": compiling it found no weights
+            raise CheckpointError(f"{cfg_path}: no quantization_config, but quantize_config.json is beside it (an "
+                                  "older AutoGPTQ layout); lowbit, like transformers, reads the GPTQ settings from "
+                                  "config.json's quantization_config: copy them there (with quant_method 'gptq')")
         raise CheckpointError(f"{cfg_path}: no quantization_config (a float HF model: load it with "
                               "lowbit.compile_model instead)")
     method = qcfg.get("quant_method")
