@@ -616,6 +616,18 @@ def test_kv_quantized_graph_reloaded_from_lowbit_format_is_still_refused_by_hf_f
         assert not (tmp_path / fmt).exists()
 
 
+def test_lowbit_save_of_a_graph_without_weights_is_refused_before_writing(tmp_path):
+    """A graph parsed from IR text without its params was written with an empty params.safetensors and a valid
+    manifest: a checkpoint that no load could ever read ("has no tensor for parameter ...")."""
+    from lowbit.ir.parser import parse_graph
+    from lowbit.ir.printer import print_graph
+
+    graph = parse_graph(print_graph(_compiled_tiny("quantize(w=int4,group=32)").graph))  # types only
+    with pytest.raises(CheckpointError, match=r"parameter @\S+ \(and \d+ more\) has no tensor"):
+        lowbit.save(graph, tmp_path / "lb", format="lowbit")
+    assert not (tmp_path / "lb").exists()
+
+
 def _compiled_tiny(pipeline: str):
     return lowbit.compile_model(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97), pipeline=pipeline)
 

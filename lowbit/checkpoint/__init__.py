@@ -139,6 +139,10 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any, config: Any = None
     from lowbit.checkpoint.files import write_safetensors
     from lowbit.ir.printer import print_graph
 
+    empty = [n for n, v in graph.params.items() if v.data is None]
+    if empty:  # written without them, the checkpoint (manifest and all) could never be loaded
+        raise CheckpointError(f"parameter @{empty[0]} (and {len(empty) - 1} more) has no tensor (a graph parsed "
+                              "without its weights?); the lowbit format stores every declared parameter")
     (directory / IR_FILE).write_text(print_graph(graph))
     write_safetensors({n: v.data for n, v in graph.params.items() if v.data is not None}, directory / PARAMS_FILE)
     src = graph.meta.get("source") or {}
