@@ -603,6 +603,17 @@ def test_lowbit_checkpoint_of_merged_linears_still_saves_to_hf_formats(tmp_path)
         assert torch.equal(lowbit.load(out)(ids), TorchCompiled(graph)(ids))
 
 
+def test_lowbit_checkpoint_keeps_the_sparsity_marks(tmp_path):
+    """sparsify's per-linear pattern (node.meta["sparsity"]) was not in the IR text: a lowbit-format reload lost it,
+    so a later gptq refilled the pruned zeros (tests/test_pruning.py checks that through the text) and the 2:4
+    kernels lost their marks. The reloaded graph carries the marks of the saved one."""
+    graph = _compiled_tiny("sparsify(method=magnitude,pattern=2:4)").graph
+    marked = {n.module for n in graph.nodes if n.meta.get("sparsity") == "2:4"}
+    assert len(marked) == 7  # q/k/v/o and gate/up/down of its block
+    reloaded = lowbit.load(lowbit.save(graph, tmp_path / "lb", format="lowbit")).graph
+    assert {n.module for n in reloaded.nodes if n.meta.get("sparsity") == "2:4"} == marked
+
+
 @pytest.mark.parametrize("kv", ["kv=int4,kv_group=16", "kv=int4,kv_group=16,kv_window=4,kv_sink=1"])
 def test_kv_quantized_graph_reloaded_from_lowbit_format_is_still_refused_by_hf_formats(tmp_path, kv):
     """The HF writers found KV quantizers by node.meta['kv'], which the IR text does not keep: the same graph was

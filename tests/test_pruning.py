@@ -606,6 +606,25 @@ def test_learned_mask_exact_and_beats_magnitude_wanda_and_sparsegpt_on_a_real_la
         learn_mask(w, h[:8, :8], p)
 
 
+def test_sparsity_marks_survive_the_ir_text_so_gptq_keeps_the_zeros(slice_f32):
+    """The IR text dropped sparsify's marks (node.meta["sparsity"]): after a lowbit-format reload or a reproducer's
+    before.lowbit, gptq no longer pinned the pruned weights and its error feedback refilled them. Through the text
+    the marks come back and gptq keeps every pruned zero."""
+    from lowbit.ir.parser import parse_graph
+    from lowbit.ir.printer import print_graph
+
+    graph, _, _ = slice_f32
+    g = graph.clone()
+    PassManager(f"sparsify(method=magnitude,pattern=2:4,{LEARNED})").run(g)
+    back = parse_graph(print_graph(g), {k: v.data for k, v in g.params.items()})
+    sparse = {n.module: n.args[1].data == 0 for n in back.find("linear", r"^model\.layers\.") if n.meta.get("sparsity")}
+    assert set(sparse) == {"model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"}
+    PassManager(f"gptq(w=int4,group=64,sym=false,{LEARNED},{CALIB})").run(back)
+    for lin in back.find("linear", r"^model\.layers\.0\."):
+        if lin.module in sparse:
+            assert float(_dequantized(lin)[sparse[lin.module]].abs().sum()) == 0.0, lin.module
+
+
 def test_learned_sparsify_pass_exact_and_its_zeros_stay_through_gptq(slice_f32):
     graph, _, _ = slice_f32
     g = graph.clone()

@@ -25,6 +25,9 @@ ENUMS_BY_NAME = {v: k for k, v in ENUM_LITERALS.items()}
 MAX_SIZE = 2**63 - 1
 """The largest size or symbol bound a file may give: torch sizes are 64-bit."""
 
+_SPARSITY = re.compile(r"\d{1,4}:\d{1,4}|unstructured-[0-9.e+-]{1,24}")
+"""What ``| sparsity`` may say: the pattern ``sparsify`` recorded (``SparsityPattern.__str__``)."""
+
 
 class IRParseError(LowbitError, ValueError):
     """IR text that is not lowbit IR, or asks for an op or an expression lowbit does not run from a file."""
@@ -362,13 +365,18 @@ class Parser:
             module, end = json.JSONDecoder().raw_decode(comment)
             if not isinstance(module, str):
                 raise c.error("a quoted module path must be a JSON string")
-            tail, _, merged = comment[end:].partition("| merged ")
+            tail, _, sparsity = comment[end:].partition("| sparsity ")
+            tail, _, merged = tail.partition("| merged ")
             _, _, fused = tail.partition("| fused ")
         else:  # a plain module path has no '|' (the printer quotes one that has)
+            comment, _, sparsity = comment.partition("| sparsity ")
             comment, _, merged = comment.partition("| merged ")
             module, _, fused = comment.partition("| fused ")
             module = module.strip()
         members = self._merged_members(c, merged) if merged else None
+        sparsity = sparsity.strip()
+        if sparsity and not _SPARSITY.fullmatch(sparsity):
+            raise c.error(f"'| sparsity' must be followed by a pattern like 2:4 or unstructured-0.5, got {sparsity!r}")
         outs: list[tuple[str, ValueType]] = []
         while True:
             t = c.next()
@@ -415,6 +423,8 @@ class Parser:
             node.meta["fused"] = fused.strip()
         if members is not None:
             node.meta["merged"] = members
+        if sparsity:
+            node.meta["sparsity"] = sparsity
         for name, typ in outs:
             if name in self.values:
                 raise c.error(f"%{name} is defined twice")

@@ -9,7 +9,8 @@
     }
 
 A fused node's comment also says what it replaced: ``# model.layers.0.mlp.down_proj | fused dequantize+linear``;
-a horizontally merged one also lists its members' modules: ``... | merged ["model.layers.0.self_attn.q_proj", ...]``.
+a horizontally merged one also lists its members' modules: ``... | merged ["model.layers.0.self_attn.q_proj", ...]``;
+a linear ``sparsify`` pruned, its pattern: ``... | sparsity 2:4``.
 
 Literals: ints, floats (``inf``, ``-inf``, ``nan``), ``True``/``False``/``None``, JSON strings, dtypes by
 short name (``f32``), ``device("cpu")``, memory formats and layouts by name, lists in brackets.
@@ -81,12 +82,14 @@ def format_node(node: Node) -> str:
     operands = [format_literal(a) for a in node.args]
     operands += [f"{k}={format_literal(v)}" for k, v in node.kwargs.items()]
     text = f"{lhs} = {node.op}({', '.join(operands)})"
-    if node.module or node.meta.get("fused"):
+    if node.module or any(node.meta.get(k) for k in ("fused", "merged", "sparsity")):
         text += f"  # {format_module(node.module)}"
     if node.meta.get("fused"):  # what a fusion replaced (lowbit.ir.fusion); the parser reads it back
         text += f" | fused {node.meta['fused']}"
     if node.meta.get("merged"):  # the member modules of a horizontal merge: what unmerging (HF saves) needs back
         text += f" | merged {json.dumps(list(node.meta['merged']))}"
+    if node.meta.get("sparsity"):  # the pattern sparsify pruned to: a later gptq/distill keeps those zeros
+        text += f" | sparsity {node.meta['sparsity']}"
     return text
 
 
