@@ -66,9 +66,10 @@ def test_int32_ids_run_the_same_on_every_backend(compiled):
     torch.testing.assert_close(runners["onnxruntime"](ids.to(torch.int32)), ref, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "triton"])
 def test_inputs_by_name_are_bound_once_each(compiled, backend):
-    """An input given by position and again by name ran with the positional one; a missing name was a KeyError."""
+    """An input given by position and again by name ran with the positional one; a missing name was a KeyError
+    (onnxruntime too: every runner binds through ``signature.ordered_inputs``)."""
     _, runners = compiled
     if backend not in runners:
         pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")

@@ -35,7 +35,7 @@ from lowbit.backends.onnx.io import (
 from lowbit.backends.onnx.widen import has_bfloat16, widen_bfloat16
 from lowbit.errors import DeviceError, did_you_mean
 from lowbit.ir.graph import Graph
-from lowbit.ir.signature import InputChecker, InputError
+from lowbit.ir.signature import InputChecker, InputError, ordered_inputs
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
@@ -415,14 +415,7 @@ class OrtCompiled(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs:
-            extra = set(kwargs) - set(self.input_names)
-            if extra:
-                raise TypeError(f"unexpected inputs {sorted(extra)}; the model takes {self.input_names}")
-            args = tuple(args) + tuple(kwargs[n] for n in self.input_names[len(args):])
-        if len(args) != len(self.input_names):
-            raise TypeError(f"the model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
-                            f"got {len(args)}")
+        args = ordered_inputs(self.input_names, args, kwargs)
         if self.check_inputs is not None:
             if self.graph is None:  # a file's runner has always taken arrays and lists as well as tensors
                 args = tuple(a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args)

@@ -26,7 +26,7 @@ from lowbit.ir.fold import drop_unused_params, fold_constants
 from lowbit.ir.fusion import unfuse_qlinear
 from lowbit.ir.graph import Graph, Value
 from lowbit.ir.ops import resolve
-from lowbit.ir.signature import InputChecker
+from lowbit.ir.signature import InputChecker, ordered_inputs
 
 
 class LoweringError(LowbitError, RuntimeError):
@@ -219,20 +219,7 @@ class TorchCompiled(torch.nn.Module):
     def bind_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         """One call's inputs in the graph's order, checked against its declared inputs (``InputChecker``) and on
         the module's device. Every runner built on this one calls it, so all refuse the same calls by name."""
-        names = [v.name for v in self.graph.inputs]
-        if kwargs:
-            extra = set(kwargs) - set(names)
-            if extra:
-                raise TypeError(f"unexpected inputs {sorted(extra)}; the graph takes {names}")
-            twice = sorted(set(kwargs) & set(names[:len(args)]))
-            if twice:
-                raise TypeError(f"inputs {twice} given both by position and by name")
-            missing = [n for n in names[len(args):] if n not in kwargs]
-            if missing:
-                raise TypeError(f"missing inputs {missing}; the graph takes {names}")
-            args = tuple(args) + tuple(kwargs[n] for n in names[len(args):])
-        if len(args) != len(names):
-            raise TypeError(f"the graph takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+        args = ordered_inputs([v.name for v in self.graph.inputs], args, kwargs)
         args = self.check_inputs(args)
         if self.device is not None:
             args = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)

@@ -26,6 +26,27 @@ class InputError(LowbitError, ValueError):
     """A call's input does not match the graph's declared input; the message names the input."""
 
 
+def ordered_inputs(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """A call's inputs in the model's order, from positions then names: an unknown name, an input given both ways
+    (the name was silently ignored) and a missing one (a KeyError) are ``TypeError``s naming them, as a Python
+    call's would be. Every runner binds its calls here."""
+    names = list(names)
+    if kwargs:
+        extra = sorted(set(kwargs) - set(names))
+        if extra:
+            raise TypeError(f"unexpected inputs {extra}; the model takes {names}")
+        twice = sorted(set(kwargs) & set(names[:len(args)]))
+        if twice:
+            raise TypeError(f"inputs {twice} given both by position and by name")
+        missing = [n for n in names[len(args):] if n not in kwargs]
+        if missing:
+            raise TypeError(f"missing inputs {missing}; the model takes {names}")
+        args = tuple(args) + tuple(kwargs[n] for n in names[len(args):])
+    if len(args) != len(names):
+        raise TypeError(f"the model takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+    return args
+
+
 def _is_int(dtype: torch.dtype) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 

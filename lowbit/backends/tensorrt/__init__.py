@@ -35,7 +35,7 @@ from lowbit.backends.tensorrt.engine_file import EngineFileError, EngineHeader, 
 from lowbit.backends.tensorrt.qdq_rules import RULES, Violation, check_tensorrt_qdq, errors
 from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
-from lowbit.ir.signature import InputChecker
+from lowbit.ir.signature import InputChecker, ordered_inputs
 
 __all__ = [
     "EngineFileError",
@@ -128,11 +128,7 @@ class TensorRTCompiled(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs:
-            extra = set(kwargs) - set(self.input_names)
-            if extra:
-                raise TypeError(f"unexpected inputs {sorted(extra)}; the engine takes {self.input_names}")
-            args = tuple(args) + tuple(kwargs[n] for n in self.input_names[len(args):])
+        args = ordered_inputs(self.input_names, args, kwargs)
         if self.check_inputs is not None:
             args = self.check_inputs(args)
         outs = self.runner(*args)
