@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -637,6 +638,20 @@ def test_lowbit_save_of_a_graph_without_weights_is_refused_before_writing(tmp_pa
     with pytest.raises(CheckpointError, match=r"parameter @\S+ \(and \d+ more\) has no tensor"):
         lowbit.save(graph, tmp_path / "lb", format="lowbit")
     assert not (tmp_path / "lb").exists()
+
+
+@pytest.mark.parametrize("fmt", ["lowbit", "compressed-tensors", "gptq"])
+def test_save_refuses_a_nan_scale_that_load_would_refuse(tmp_path, fmt):
+    """A graph with a NaN weight scale saved without a word, and lowbit.load then refused the directory: a
+    checkpoint nothing could load. save refuses it, naming the parameter, before anything is written."""
+    graph = _compiled_tiny("quantize(w=int4,group=16)").graph
+    name = next(k for k in graph.params if k.endswith(".scale"))
+    scale = graph.params[name].data.clone()
+    scale[0, 0] = float("nan")
+    graph.set_param(name, scale)
+    with pytest.raises(CheckpointError, match=rf"quantization parameters are not finite.*{re.escape(name)}"):
+        lowbit.save(graph, tmp_path / "out", format=fmt)
+    assert not (tmp_path / "out").exists()
 
 
 def _compiled_tiny(pipeline: str):

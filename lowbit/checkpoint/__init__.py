@@ -71,6 +71,12 @@ def save(compiled: Any, directory: str | os.PathLike[str], format: str = "compre
         raise TypeError(f"config= takes a transformers PretrainedConfig (model.config, "
                         f"AutoConfig.from_pretrained(DIR)), got {type(config).__name__}")
     graph, tokenizer = _graph_and_tokenizer(compiled)
+    from lowbit.ir.verifier import check_qparams, listed
+
+    bad = check_qparams(graph)
+    if bad:  # load refuses such a file (check_stored): writing it made a checkpoint nothing can load
+        raise CheckpointError(f"the graph's quantization parameters are not finite, so no checkpoint would load: "
+                              f"{listed(bad)}")
     directory = Path(directory)
     if actorder is None:
         actorder = _gptq_actorder(compiled)
