@@ -231,20 +231,13 @@ def test_interleaved_rotary_and_alibi_families_capture_and_quantize(family):
     repeat_interleave of cos/sin, stack of the rotated pairs) were refused at capture for those four ops. They
     run now: the float graph equals transformers exactly, the IR text round trip keeps it, and weight-only int8
     stays within 2% of the logits' range."""
-    import transformers as t
-
     import lowbit
     from lowbit.ir.parser import parse_graph
     from lowbit.ir.printer import print_graph
 
-    small = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = {"bloom": lambda: t.BloomConfig(hidden_size=64, n_head=4, n_layer=2, **small),
-           "gptj": lambda: t.GPTJConfig(n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=64, **small),
-           "cohere": lambda: t.CohereConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                            num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64,
-                                            **small)}[family]()
-    torch.manual_seed(0)
-    model = t.AutoModelForCausalLM.from_config(cfg).eval()
+    from conftest import tiny_outside_family
+
+    model = tiny_outside_family(family)
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids).logits

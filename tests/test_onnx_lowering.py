@@ -216,20 +216,13 @@ def test_alibi_and_interleaved_rotary_families_match_in_onnx_runtime(family):
     """Bloom's baddbmm/repeat and GPT-J/Cohere's repeat_interleave/stack had no ONNX lowering (refused by name);
     each lowers now, and the exported model equals the torch reference in ONNX Runtime at two sequence lengths (the
     sequence axis stays dynamic through the interleave's Shape/Expand/Reshape)."""
-    import transformers as t
-
     from lowbit.ir.capture import capture
     from lowbit.models import CausalLMLogits
 
-    small = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = {"bloom": lambda: t.BloomConfig(hidden_size=64, n_head=4, n_layer=1, **small),
-           "gptj": lambda: t.GPTJConfig(n_embd=64, n_head=4, n_layer=1, rotary_dim=8, n_positions=64, **small),
-           "cohere": lambda: t.CohereConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                            num_key_value_heads=2, num_hidden_layers=1, max_position_embeddings=64,
-                                            **small)}[family]()
-    torch.manual_seed(0)
-    graph = capture(CausalLMLogits(t.AutoModelForCausalLM.from_config(cfg).eval()).eval(),
-                    (torch.randint(3, 128, (2, 16)),), ({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC},))
+    from conftest import tiny_outside_family
+
+    graph = capture(CausalLMLogits(tiny_outside_family(family, layers=1)).eval(), (torch.randint(3, 128, (2, 16)),),
+                    ({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC},))
     assert missing_lowerings(graph) == {}
     ort_model, reference = OrtCompiled(graph), TorchCompiled(graph)
     for length in (5, 11):
