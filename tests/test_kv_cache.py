@@ -265,3 +265,23 @@ def test_onnx_refuses_the_packed_cache_before_loading(tmp_path):
     with pytest.raises(LowbitError, match=r"cache_attention.*has no ONNX form: export the generation model "
                                           r"compiled without kv-cache"):
         lowbit.export(cm, tmp_path / "step.onnx")
+
+
+def test_a_v_group_that_does_not_fit_head_dim_names_the_default_and_one_that_fits():
+    """kv-cache(bits=4) on head_dim 16 said only 'v_group=32 must divide head_dim 16', a value the user never
+    wrote: the message says it is bits=4's default and gives a group that fits."""
+    from conftest import tiny_llama
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+    from lowbit.passes.manager import PipelineError
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97, max_positions=64)
+    with pytest.raises(PipelineError, match=r"v_group=32 \(bits=4's default unless given\) must divide head_dim 16 "
+                                            r"and be a multiple of the 2 codes per byte; give v_group=16"):
+        compile_model(model, pipeline="kv-cache(bits=4,k_block=8,window=8)",
+                      generation=GenerationSpec(max_length=32, max_batch=1))
+    with pytest.raises(PipelineError, match=r"v_group=12 must divide head_dim 16 .*; give v_group=8"):
+        compile_model(model, pipeline="kv-cache(bits=4,k_block=8,window=8,v_group=12)",
+                      generation=GenerationSpec(max_length=32, max_batch=1))

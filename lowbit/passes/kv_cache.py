@@ -93,8 +93,13 @@ class KVCache(Pass):
                             "the position (compile with max_length <= the window, or without kv-cache)")
         per = 8 // o.bits
         if head_dim % o.v_group or o.v_group % per:  # type: ignore[operator]
-            raise PassError(f"pass kv-cache: v_group={o.v_group} must divide head_dim {head_dim} and be a multiple "
-                            f"of the {per} codes per byte")
+            fits = [g for g in range(per, head_dim + 1, per) if head_dim % g == 0]
+            # the options validator fills the default in, so whether it was given is not known here
+            picked = f" (bits={o.bits}'s default unless given)" if o.v_group == (16 if o.bits == 2 else 32) else ""
+            hint = f"; give v_group={max(g for g in fits if g <= o.v_group) if min(fits) <= o.v_group else fits[0]}" \
+                if fits else ""
+            raise PassError(f"pass kv-cache: v_group={o.v_group}{picked} must divide head_dim {head_dim} and be a "
+                            f"multiple of the {per} codes per byte{hint}")
         by_name = {v.name: v for v in graph.inputs}
         users = graph.users()
         positions = graph.inputs[1]
