@@ -35,7 +35,7 @@ from lowbit.backends.onnx.io import (
 from lowbit.backends.onnx.widen import has_bfloat16, widen_bfloat16
 from lowbit.errors import DeviceError, did_you_mean
 from lowbit.ir.graph import Graph
-from lowbit.ir.signature import InputChecker, InputError, ordered_inputs
+from lowbit.ir.signature import InputChecker, InputError, is_int_dtype, ordered_inputs
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
@@ -427,7 +427,7 @@ class OrtCompiled(torch.nn.Module):
         for name, dtype, a, free in zip(self.input_names, self.input_dtypes, args, unchecked):
             t = a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
             if dtype is not None and t.dtype != dtype:
-                if free and not (_is_integer(t.dtype) and _is_integer(dtype)):
+                if free and not (is_int_dtype(t.dtype) and is_int_dtype(dtype)):
                     # a file input of unknown shape has no checker entry: floats fed as int64 were truncated here
                     raise InputError(f"input {name!r} (declared {dtype}, shape not given by the file): expected "
                                      f"dtype {dtype}, got {t.dtype}")
@@ -438,10 +438,6 @@ class OrtCompiled(torch.nn.Module):
         if self.widened_outputs:
             tensors = [t.to(torch.bfloat16) if w else t for t, w in zip(tensors, self.widened_outputs)]
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
-
-
-def _is_integer(dtype: torch.dtype) -> bool:
-    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
 OnnxRuntimeCompiled = OrtCompiled

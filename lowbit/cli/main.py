@@ -532,10 +532,16 @@ def generate_cmd(
 
     text = pipeline_text(pipeline, recipe) if pipeline or recipe else ""
     passes = parse(text) if text else []  # as `lowbit compile`: an unknown pass or a bad option exits 2
-    try:  # and a backend that cannot run here, or cannot lower what the pipeline creates, is said before the load
+    try:
+        check_device(device)
+    except DeviceError as exc:
+        fail(f"--device: {exc}", Exit.USAGE)
+    # and a backend that is not built, cannot run here (on --device), or cannot lower what the pipeline creates, is
+    # said before any model is read, whichever kind MODEL is (a lowbit directory's load said it as exit 3)
+    try:
         from lowbit.api import plan_compile
 
-        plan_compile(passes, backend)
+        plan_compile(passes, backend, device=device)
     except BackendError as exc:
         fail(str(exc), Exit.USAGE)
     ignored = ["--" + name.replace("_", "-")
@@ -546,17 +552,6 @@ def generate_cmd(
     stops = None if not stop_token else () if stop_token == [-1] else tuple(stop_token)
     if stops and any(t < 0 for t in stops):
         fail(f"--stop-token {min(stops)}: token ids are 0 or more (-1 alone: no stop token)", Exit.USAGE)
-    try:
-        check_device(device)
-    except DeviceError as exc:
-        fail(f"--device: {exc}", Exit.USAGE)
-    try:  # before any model is read, whichever kind MODEL is (a lowbit directory's load said it as exit 3)
-        from lowbit.backends.registry import get_backend
-
-        get_backend(backend).check_built()
-        get_backend(backend).check_available(device)
-    except BackendError as exc:
-        fail(str(exc), Exit.USAGE)
     from lowbit.models import quantization_config
 
     ckpt = Path(model).expanduser() if quantization_config(model) is not None else None

@@ -47,7 +47,8 @@ def ordered_inputs(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str
     return args
 
 
-def _is_int(dtype: torch.dtype) -> bool:
+def is_int_dtype(dtype: torch.dtype) -> bool:
+    """An integer dtype (bool is not one): what token ids may be given as."""
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
@@ -110,7 +111,7 @@ class InputChecker:
             if a.dim() != len(t.shape):
                 raise InputError(f"{where}: expected {len(t.shape)} dims, got {a.dim()} (shape {tuple(a.shape)})")
             if a.dtype != t.dtype:
-                if not (_is_int(a.dtype) and _is_int(t.dtype)):
+                if not (is_int_dtype(a.dtype) and is_int_dtype(t.dtype)):
                     raise InputError(f"{where}: expected dtype {t.dtype}, got {a.dtype}")
                 if a.numel() and (int(a.min()) < torch.iinfo(t.dtype).min or int(a.max()) > torch.iinfo(t.dtype).max):
                     raise InputError(f"{where}: {a.dtype} values do not fit {t.dtype}")
