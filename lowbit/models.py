@@ -591,21 +591,41 @@ def cut_layers(module: nn.Module, n_layers: int, spec: str) -> nn.Module:
     return cut.eval()
 
 
+_CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(directory: Path) -> torch.dtype:
+    """The float dtype a HF directory's weights are stored in (config.json's ``dtype`` / ``torch_dtype``), float32
+    when it names none. Loading in it keeps transformers' memory-mapped weights as they are: any other dtype
+    converts every weight into a copy in RAM, which is what kept models larger than RAM from compiling."""
+    try:
+        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    name = (raw.get("dtype") or raw.get("torch_dtype")) if isinstance(raw, dict) else None
+    return _CONFIG_DTYPES.get(name, torch.float32) if isinstance(name, str) else torch.float32
+
+
 def load_model(
-    name_or_path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+    name_or_path: str | os.PathLike[str], dtype: torch.dtype | Literal["auto"] = torch.float32
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, ModelKind]:
     """Load a model by name or path as the module lowbit compiles, its tokenizer, and its kind.
 
     The module is a `CausalLMLogits` (kind "causal-lm": ids -> logits) or a `SentenceEmbedder`
     (kind "encoder": ids, mask -> embeddings), in eval mode; the HF model is its `.model` /
     `.encoder`. A GGUF file is dequantized to float once and cached, like SmolLM2. ``NAME:N`` (``smollm2:2``)
-    is that model cut to its first N blocks, as the CLI reads it.
+    is that model cut to its first N blocks, as the CLI reads it. ``dtype="auto"`` loads an HF directory in the dtype
+    its weights are stored in (``checkpoint_dtype``: no copy of the weights is made, so a model larger than RAM can
+    be compiled and saved) and the packaged models and GGUF files in float32.
     """
     name = str(name_or_path)
     m = SLICE.match(name)
     if m and not Path(name).expanduser().exists():
         module, tokenizer, kind = load_model(m.group("name"), dtype)
         return cut_layers(module, int(m.group("n")), name), tokenizer, kind
+    if dtype == "auto":
+        path = Path(name).expanduser()
+        dtype = checkpoint_dtype(path) if path.is_dir() else torch.float32
     if name == "smollm2":
         model, tokenizer = load_smollm2(dtype)
         return CausalLMLogits(model).eval(), tokenizer, "causal-lm"

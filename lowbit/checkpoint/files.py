@@ -232,20 +232,64 @@ def check_listed(directory: Path, manifest: dict[str, Any] | None, *names: str) 
                                   "(added or replaced after the save, or the manifest was edited)")
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors.save_file after making every tensor contiguous and unshared (safetensors refuses aliases)."""
-    from safetensors.torch import save_file
+_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+}
+"""The safetensors format's name of each dtype lowbit writes."""
+_SAFETENSORS_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2",
+                      "I8", "U8", "BOOL")
+"""The order safetensors' writer lays dtypes out in (alignment first); tensors of one dtype go by name."""
 
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+_WRITE_CHUNK = 64 * 2**20
+"""Bytes handed to one ``write`` call: bounds the copy a non-contiguous tensor needs to the chunk, not the tensor."""
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as one safetensors file, streaming each tensor's bytes to disk.
+
+    Why not ``safetensors.torch.save_file``: it builds the whole file in memory before writing it, and needs every
+    tensor contiguous and unshared (mmapped weights that share a file's storage were cloned first), so saving a
+    model took its size again in RAM on top of the model, which stopped models larger than RAM from being saved.
+    Here the header is written first and then each tensor's bytes in turn, so saving holds at most one chunk
+    beyond the tensors themselves; the file is what ``save_file`` writes (tensors ordered by alignment then name,
+    header padded to 8 bytes: byte for byte the same) and any safetensors reader takes it.
+    """
+    entries = []
     for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
-    save_file(out, str(path), metadata=metadata)
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: {name!r} is a {type(t).__name__}, not a tensor")
+        code = _SAFETENSORS_DTYPES.get(t.dtype)
+        if code is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store "
+                                  f"(it stores {', '.join(str(d).removeprefix('torch.') for d in _SAFETENSORS_DTYPES)})")
+        if t.is_sparse or t.layout != torch.strided:
+            raise CheckpointError(f"{path}: tensor {name!r} has layout {t.layout}; safetensors stores dense tensors")
+        entries.append((name, t.detach(), code))
+    # widest elements first, in safetensors' own order (so the file is byte for byte what save_file writes): every
+    # tensor then starts at a multiple of its element size
+    entries.sort(key=lambda e: (_SAFETENSORS_ORDER.index(e[2]), e[0]))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, t, code in entries:
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for _, t, _ in entries:
+            flat = t.reshape(-1)
+            step = max(1, _WRITE_CHUNK // max(1, t.element_size()))
+            for start in range(0, flat.numel(), step):
+                piece = flat[start:start + step].cpu().contiguous()
+                f.write(memoryview(piece.view(torch.uint8).numpy()))
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

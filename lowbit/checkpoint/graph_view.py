@@ -44,17 +44,35 @@ class ActScheme:
 
 @dataclass
 class QuantWeight:
-    """One linear's stored weight: codes unpacked to ``[N, K]`` in lowbit's qdtype, scales ``[N]`` or ``[N, K/g]``."""
+    """One linear's stored weight: codes in lowbit's qdtype, scales ``[N]`` or ``[N, K/g]``.
+
+    ``stored`` is the graph's tensor as it is (``packed``: int4 two codes a byte); ``codes`` unpacks it to
+    ``[N, K]`` on each read. Why not once, here: a view holds every linear of the model at once, and unpacked int4
+    codes are twice the packed bytes, so a save held the whole model's codes at a byte each on top of the model
+    (0.34 GiB for a 1.1 GB model); unpacked on read, only the linear being written is.
+    """
 
     module: str
     qdtype: str
-    codes: torch.Tensor
+    stored: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor | None
     group: int | None
     out_dtype: torch.dtype
     act: ActScheme | None = None
     act_scale: torch.Tensor | None = None
+    packed: bool = False
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The codes as ``[N, K]`` integers (or fp8 values) in the qdtype's container."""
+        return unpack_int4(self.stored, signed=get_qdtype(self.qdtype).signed) if self.packed else self.stored
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(N, K)`` of the weight, without unpacking it."""
+        n, k = self.stored.shape
+        return (int(n), int(k) * 2 if self.packed else int(k))
 
     @property
     def symmetric(self) -> bool:
@@ -106,9 +124,8 @@ def _weight(node: Node) -> tuple[torch.Tensor | None, QuantWeight | None]:
     zp = _param(zv, dq, "weight zero point") if zv is not None else None
     qdtype = dq.kwargs["qdtype"]
     qd = get_qdtype(qdtype)
-    codes = unpack_int4(q, signed=qd.signed) if qd.packed else q
     axis, block = dq.kwargs.get("axis"), dq.kwargs.get("block_size")
-    n, k = codes.shape
+    n, k = q.shape[0], q.shape[1] * 2 if qd.packed else q.shape[1]
     if block is None and axis in (0, -2) and scale.shape == (n,):
         group = None
     elif block is not None and axis in (1, -1) and scale.shape == (n, -(-k // block)):
@@ -120,7 +137,8 @@ def _weight(node: Node) -> tuple[torch.Tensor | None, QuantWeight | None]:
         raise CheckpointError(f"linear %{node.name} (module {node.module!r}): weight scale {tuple(scale.shape)} "
                               f"with axis={axis}, block_size={block} is neither per channel nor per group "
                               f"(per-tensor weight scales are not written to HF formats)")
-    return None, QuantWeight(node.module, qdtype, codes, scale, zp, group, dq.kwargs.get("out_dtype", torch.float32))
+    return None, QuantWeight(node.module, qdtype, q, scale, zp, group, dq.kwargs.get("out_dtype", torch.float32),
+                             packed=qd.packed)
 
 
 def _act(node: Node, k: int) -> tuple[ActScheme | None, torch.Tensor | None]:
@@ -224,11 +242,11 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
                 raise CheckpointError(f"linear %{node.name} has module path {node.module!r}, but the HF model has no "
                                       f"parameter {key!r}; cannot name its weight in an HF checkpoint")
             if qw is not None:
-                if tuple(qw.codes.shape) != tuple(hf_keys[key]):
+                if qw.shape != tuple(hf_keys[key]):
                     raise CheckpointError(f"linear %{node.name} (module {node.module!r}): its quantized weight is "
-                                          f"{tuple(qw.codes.shape)}, but the model's config makes {key!r} "
+                                          f"{qw.shape}, but the model's config makes {key!r} "
                                           f"{tuple(hf_keys[key])}; the checkpoint would not load")
-                qw.act, qw.act_scale = _act(node, qw.codes.shape[1])
+                qw.act, qw.act_scale = _act(node, qw.shape[1])
                 view.quantized[node.module] = qw
                 used.update(v.name for v in node.args[1].producer.inputs())
                 if qw.act_scale is not None:  # a static input scale (and zero zero point): written as input_scale

@@ -403,7 +403,7 @@ def _ct_format(qw: QuantWeight) -> str:
 def _ct_tensors(qw: QuantWeight, fmt: str) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    n, k = qw.codes.shape
+    n, k = qw.shape
     scale = qw.scale.reshape(n, -1).to(torch.float32)
     out = {"weight_scale": scale}
     q, zp = qw.signed_codes()
@@ -566,7 +566,7 @@ def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: A
         if qw.act is not None:
             raise CheckpointError(f"linear {module!r}: quantized input activations ({qw.act.qdtype}); the GPTQ "
                                   "format is weight-only: use format='compressed-tensors'")
-        n, k = qw.codes.shape
+        n, k = qw.shape
         g = qw.group or k
         bits = qd.bits
         bits_seen.add(bits)

@@ -30,6 +30,7 @@ from lowbit.cli.common import (
     console,
     err_console,
     fail,
+    limit_heap_retention,
     load,
     parse,
     parse_percent_or_number,
@@ -53,6 +54,13 @@ debug_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(debug_app, name="debug")
+
+
+@app.callback()
+def _process_setup() -> None:
+    """Before any command: freed tensors go back to the system (``limit_heap_retention``), so a compile's resident
+    memory follows what is live, which is what lets a model larger than the memory left be compiled and saved."""
+    limit_heap_retention()
 
 MODEL_HELP = ("smollm2, minilm, an HF model directory or a .gguf file; NAME:N keeps the first N blocks "
               "(smollm2:2 is a 2-layer SmolLM2)")
@@ -338,6 +346,10 @@ def compile_cmd(
             fail(f"--backend-option {key.strip()} is given twice ({key.strip()}={options[key.strip()]}, "
                  f"{item.strip()}); give it once", Exit.USAGE)
         options[key.strip()] = value.strip()
+    if backend == "torch" and "keep_packed" not in options:
+        # the command writes the graph (or a checkpoint of it) and never runs the module it lowers: dequantizing
+        # every weight to float there only took the float model's size again in memory
+        options["keep_packed"] = "true"
     if quiet:  # the calibration bars too, where the pipeline does not ask for them (progress=true)
         for p in passes:
             if "progress" in type(p.options).model_fields and "progress" not in p.options.model_fields_set:
