@@ -411,6 +411,32 @@ def test_scale_migration_sites_exact_on_captured_smollm2(smollm2_slice_f64):
     assert float((after - before).abs().max() / before.abs().max()) < 1e-12
 
 
+def test_attention_v_site_with_one_kv_head_is_found_and_exact():
+    """Multi-query attention (one KV head, as Gemma-2B and Falcon) splits v into ``[..., 1, channels]``: the site
+    finder took no reshape for a head split, so smooth-quant(sites=[attention-v]) refused the graph and AWQ left
+    every v→o group unscaled. Its head is every v channel, read by all query heads."""
+    from conftest import float64_norm_stats, tiny_llama
+
+    from lowbit.backends.torch_backend import TorchCompiled
+    from lowbit.calibration.scale_migration import find_sites
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+    from lowbit.passes.manager import PassManager
+    from lowbit.passes.smooth_quant import SmoothQuant
+
+    model = CausalLMLogits(tiny_llama(hidden=32, heads=4, kv_heads=1)).double()
+    g = float64_norm_stats(capture(model, (torch.ones(1, 12, dtype=torch.long),), None))
+    (site,) = find_sites(g, ("attention-v",))
+    assert site.channels == 8 and site.expand is not None and site.expand.tolist() == list(range(8)) * 4
+    ids = torch.randint(0, 61, (1, 12), generator=torch.Generator().manual_seed(1))
+    before = TorchCompiled(g)(ids)
+    calib = torch.randint(0, 61, (1, 12), generator=torch.Generator().manual_seed(2))
+    report = PassManager([SmoothQuant(sites=["attention-v"], calib=calib, progress=False)]).run(g)
+    assert report.records[0].stats["sites"] == {"attention-v": 1}
+    after = TorchCompiled(g)(ids)
+    assert float((after - before).abs().max() / before.abs().max()) < 1e-12
+
+
 @pytest.fixture(scope="module")
 def one_block(smollm2):
     """A real 1-block SmolLM2 (float32, dynamic batch and sequence), captured, two held-out windows, their logits."""

@@ -166,13 +166,18 @@ def _full_slice(n: Node) -> bool:
 
 
 def _head_dim(chain: list[Node], channels: int) -> int | None:
-    """The head size of the first reshape that splits ``channels`` into heads (``[..., heads, d]``)."""
+    """The head size of the first reshape that splits ``channels`` into heads (``[..., heads, d]``).
+
+    One KV head (multi-query attention: Gemma-2B, Falcon) splits into ``[..., 1, channels]``: its head size is
+    every channel, and each query head reads it."""
     for n in chain:
         if n.op in ("reshape", "aten.reshape.default", "aten.view.default"):
             t = n.output.type
             shape = getattr(t, "shape", None)
             if shape and isinstance(shape[-1], int) and shape[-1] < channels and channels % shape[-1] == 0:
                 return int(shape[-1])
+            if shape and len(shape) >= 2 and shape[-2] == 1 and shape[-1] == channels:
+                return channels
     return None
 
 
