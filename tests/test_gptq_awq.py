@@ -387,6 +387,21 @@ def test_smooth_quant_golden_ir_and_exact():
     assert torch.allclose(TorchCompiled(g)(ids), before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("first,what", [("quantize(w=int8)", "weight %q_wdq"),
+                                        ("quantize(a=int8)", "input %n_dq")])
+@pytest.mark.parametrize("require_sites", ["true", "false"])
+def test_smooth_quant_after_a_quantizer_names_the_pipeline_order(first, what, require_sites):
+    """Put after a quantizer, smooth-quant found no site (the norm feeds quantize nodes, the linears read
+    dequantized weights) and said 'no place to fold scales in this graph', or with require_sites=false warned and
+    did nothing: the user's pipeline order was the problem, and it is now named before any calibration."""
+    from lowbit.passes.manager import PassManager, PipelineError
+
+    g = _tiny()
+    with pytest.raises(PipelineError, match=rf"pass smooth-quant: the {what} of linear %q \(module 'layers.0.q'\) is "
+                                        r"already quantized .* must run before quantize, gptq, awq and autoround"):
+        PassManager(f"{first},smooth-quant(require_sites={require_sites},{TINY_CAL})").run(g)
+
+
 def test_scale_migration_sites_exact_on_captured_smollm2(smollm2_slice_f64):
     """find_sites sees every foldable place of a real 2-block SmolLM2 graph; random scales there change nothing."""
     from lowbit.backends.torch_backend import TorchCompiled

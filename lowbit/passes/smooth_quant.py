@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from lowbit.calibration.engine import BlockRun, batches_from_ids, run
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites
 from lowbit.calibration.smoothquant import search_alpha, smoothquant_scale
-from lowbit.ir.graph import Graph, Node
+from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 
@@ -77,6 +77,19 @@ class _SiteStats:
     done: bool = False
 
 
+def _quantized_linear(graph: Graph, keep: list[str]) -> str | None:
+    """The first linear SmoothQuant would smooth whose weight or input an earlier pass already quantized (a
+    ``dequantize`` output), described; None when there is none."""
+    for n in graph.nodes:
+        if n.op != "linear" or any(module_matches(n.module, p) for p in keep):
+            continue
+        for what, v in (("weight", n.args[1]), ("input", n.args[0])):
+            if isinstance(v, Value) and v.producer is not None and v.producer.op == "dequantize":
+                return (f"the {what} %{v.name} of linear %{n.name} (module {n.module!r}) is already quantized (a "
+                        "dequantize from an earlier pass)")
+    return None
+
+
 @register_pass
 class SmoothQuant(Pass):
     """SmoothQuant: per-channel scales from activation and weight ranges, folded into norms/linears (exact)."""
@@ -97,6 +110,11 @@ class SmoothQuant(Pass):
         for pat in o.keep:
             if not any(module_matches(m, pat) for m in modules):
                 raise PassError(f"pass smooth-quant: option keep {pat!r} matches no linear module")
+        quantized = _quantized_linear(graph, keep)
+        if quantized is not None:  # its sites vanish: "no place to fold scales" (or, with require_sites=false,
+            # a warning and nothing done) sent the user looking for a model problem, not a pipeline order one
+            raise PassError(f"pass smooth-quant: {quantized}; SmoothQuant moves scales between float weights and "
+                            "must run before quantize, gptq, awq and autoround (move smooth-quant first)")
         sites = [s for s in find_sites(graph, o.sites)
                  if not any(module_matches(c.module, p) for c in s.consumers for p in keep)]
         if not sites:
