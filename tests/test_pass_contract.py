@@ -99,6 +99,9 @@ def test_a_backend_gap_is_reported_before_capture_and_calibration(monkeypatch):
     ("awq(max_shrink=1)", "option max_shrink=1 must be < 1"),
     ("autoround(lr=0)", "option lr=0 must be > 0"),
     ("smooth-quant(alpha=1.5)", "option alpha=1.5 must be <= 1"),
+    # an empty list failed only after capture and calibration data, as 'no place to fold scales ()'
+    ("smooth-quant(sites=[])", "option sites: sites=[] names no place to fold scales; give one or more of norm, "
+                               "gated, attention-v"),
     ("quantize(w=int8,modules=\"layers[\")", "option modules: not a valid regex"),
 ])
 def test_option_ranges_fail_at_parse_time(spec, rule):

@@ -58,6 +58,9 @@ class SmoothQuantOptions(CalibrationOptions):
         bad = sorted(set(sites) - set(SITE_KINDS))
         if bad:  # when parsed, not after capture
             raise ValueError(f"unknown {bad}; known: {', '.join(SITE_KINDS)}")
+        if not sites:  # it failed after calibration data and capture as 'no place to fold scales ()', or did nothing
+            raise ValueError(f"sites=[] names no place to fold scales; give one or more of {', '.join(SITE_KINDS)} "
+                             "(sites=[norm;gated])")
         return sites
 
     @model_validator(mode="after")
