@@ -199,6 +199,21 @@ def test_rotate_refuses_before_fold_norms_and_on_layernorm():
         PassManager("rotate").run(parse_graph(odd, _random_weights(odd)))
 
 
+def test_rotate_after_smooth_quant_says_to_move_smooth_quant():
+    """fold-norms, smooth-quant, rotate: smooth-quant gives the folded norm a gain again (1/s), and rotate said
+    only 'needs fold-norms first', which the pipeline had done. It now names the pass that re-gains norms."""
+    from lowbit.passes.fold_norms import FoldNorms
+    from lowbit.passes.rotate import Rotate
+    from lowbit.passes.smooth_quant import SmoothQuant
+
+    g = parse_graph(TINY, _random_weights(TINY))
+    calib = torch.randint(0, 10, (2, 3), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(PipelineError, match=r"needs fold-norms first: rms_norm %n \(module 'norm'\) still has a "
+                                            r"gain.*smooth-quant and awq fold their scales into norm gains, so after "
+                                            r"fold-norms they go after rotate too"):
+        PassManager([FoldNorms(), SmoothQuant(calib=calib, progress=False), Rotate()]).run(g)
+
+
 def test_rotate_refuses_minilm_with_the_layernorm_reason(minilm_graph):
     regions = find_rotation_regions(minilm_graph)
     assert regions.residual is None

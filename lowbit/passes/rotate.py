@@ -322,7 +322,9 @@ def check_foldable(res: ResidualRegion, pass_name: str, gains: bool = True, scal
     if gained:
         n = gained[0]
         raise PassError(f"pass {pass_name} needs fold-norms first: rms_norm %{n.name} (module {n.module!r}) still has "
-                        f"a gain, and RMSNorm is rotation invariant only with unit gain ({len(gained)} such norms)")
+                        f"a gain, and RMSNorm is rotation invariant only with unit gain ({len(gained)} such norms); "
+                        "smooth-quant and awq fold their scales into norm gains, so after fold-norms they go after "
+                        f"{pass_name} too")
     computed = [n for n in (*res.readers, *res.writers) if not n.args[1].is_param]
     if computed:
         n = computed[0]
