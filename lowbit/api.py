@@ -95,10 +95,25 @@ class CompiledModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.runner(*args, **kwargs)
 
+    def prefill_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Every position's logits ``[B, L, V]`` of a generation step graph compiled with
+        ``GenerationSpec(logits="all")``: one prefill over a fresh cache (``lowbit.eval.perplexity`` calls it)."""
+        return self._step_generator().prefill_logits(input_ids)
+
+    def _step_generator(self) -> Any:
+        from lowbit.generate import GenerationError, Generator
+
+        meta = self.graph.meta.get("generation")
+        if meta is None:
+            raise GenerationError("this model was compiled as input_ids -> logits, with no KV cache: call it directly")
+        if getattr(self, "_generator", None) is None:
+            self._generator = Generator(self.runner, meta, getattr(self.runner, "device", None), self.tokenizer)
+        return self._generator
+
     def generate(self, input_ids: Any, max_new_tokens: int, **kwargs: Any) -> Any:
         """Generate text tokens (``lowbit.generate.Generator.generate``: greedy or sampling, stop tokens, batches
         of different prompt lengths). Needs a model compiled with ``generation=GenerationSpec(...)``."""
-        from lowbit.generate import GenerationError, Generator
+        from lowbit.generate import GenerationError
 
         meta = self.graph.meta.get("generation")
         if meta is None and self.graph.meta.get("loaded_format") in ("compressed-tensors", "gptq"):
@@ -111,9 +126,7 @@ class CompiledModel(torch.nn.Module):
                 "this model was compiled as input_ids -> logits, with no KV cache: compile it with "
                 "compile_model(model, generation=GenerationSpec(max_length=..., max_batch=...)) "
                 "(CLI: lowbit generate) to generate")
-        if getattr(self, "_generator", None) is None:
-            self._generator = Generator(self.runner, meta, getattr(self.runner, "device", None), self.tokenizer)
-        return self._generator.generate(input_ids, max_new_tokens, **kwargs)
+        return self._step_generator().generate(input_ids, max_new_tokens, **kwargs)
 
 
 def dynamic_dim(lo: int, hi: int) -> Any:

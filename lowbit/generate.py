@@ -412,6 +412,27 @@ class Generator:
         return [torch.zeros((batch, heads, slots, self.meta["head_dim"]), dtype=self.cache_dtype, device=self.device)
                 for heads in layer_kv_heads(self.meta) for _ in range(2)]
 
+    @torch.no_grad()
+    def prefill_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every position's logits ``[B, L, V]`` of ``ids`` ``[B, L]``: one prefill over a fresh cache of ``L``
+        slots, what perplexity through the step graph reads. Needs a step compiled with ``logits="all"``."""
+        if self.spec.logits != "all":
+            raise GenerationError("this step graph computes the logits of the last position only "
+                                  "(GenerationSpec(logits='last'), the default for generation); every position's "
+                                  "logits (perplexity) need compile_model(..., generation=GenerationSpec(..., "
+                                  "logits='all'))")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
+            raise GenerationError(f"prefill_logits takes input_ids as an int64 [B, L] tensor, got "
+                                  f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+        batch, length = ids.shape
+        if batch > self.spec.max_batch or length > self.spec.max_length:
+            raise GenerationError(f"input_ids {tuple(ids.shape)} do not fit the step graph, captured for at most "
+                                  f"max_batch={self.spec.max_batch} sequences of max_length={self.spec.max_length} "
+                                  "tokens: compile with a larger GenerationSpec, or give fewer/shorter windows")
+        ids = ids.to(self.device)
+        positions = torch.arange(length, device=self.device)[None].expand(batch, -1)
+        return self.runner(ids, positions, *self._cache(batch, length))[0]
+
     def _decode_fn(self, batch: int, ids: torch.Tensor, positions: torch.Tensor,
                    cache: list[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], Any]:
         """The decode step: a CUDA graph replay on CUDA (captured once per batch size), else a plain call."""

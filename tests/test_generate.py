@@ -635,3 +635,27 @@ def test_dynamic_rope_scaling_is_refused_by_name():
     for generation in (None, GenerationSpec(max_length=16)):
         with pytest.raises(CaptureError, match=r"rope_type 'dynamic'.*linear, llama3, yarn"):
             compile_model(model, generation=generation)
+
+
+def test_perplexity_runs_through_a_logits_all_step_graph(tiny_compiled):
+    """The README's 'GenerationSpec(logits="all") keeps every position's logits, e.g. for perplexity through the
+    step graph': perplexity() called the step with the ids alone and failed ('the model takes 6 inputs'). It now runs
+    each batch as a prefill over a fresh cache, and equals the logits model's perplexity; a last-logits step is
+    refused by name."""
+    from lowbit.eval import perplexity
+    from lowbit.models import load_smollm2_tokenizer
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=32, inter=64, heads=2, kv_heads=1, vocab=49152, max_positions=64)
+    tok = load_smollm2_tokenizer()
+    cm = compile_model(model, generation=GenerationSpec(max_length=32, max_batch=2, logits="all"))
+    kw = dict(seq_len=32, max_windows=3, tokenizer=tok, progress=False)
+    ref = perplexity(CausalLMLogits(model), "wikitext2-test", **kw)
+    for batch_size in (1, 2):
+        got = perplexity(cm, "wikitext2-test", batch_size=batch_size, **kw)
+        assert got.n_predicted == ref.n_predicted == 3 * 31
+        assert got.ppl == pytest.approx(ref.ppl, rel=1e-5), batch_size
+    with pytest.raises(GenerationError, match=r"input_ids \(1, 48\) do not fit the step graph.*max_length=32"):
+        perplexity(cm, "wikitext2-test", **{**kw, "seq_len": 48})
+    with pytest.raises(GenerationError, match=r"last position only.*GenerationSpec\(\.\.\., logits='all'\)"):
+        perplexity(tiny_compiled, "wikitext2-test", **kw)  # a generation step: logits="last"

@@ -67,7 +67,12 @@ def ppl_of(mean_nll: float) -> float:
 
 
 def _logits_of(model: LogitsFn, batch: torch.Tensor) -> torch.Tensor:
-    out = model(batch)
+    graph = getattr(model, "graph", None)
+    if getattr(graph, "meta", {}).get("generation") is not None and callable(getattr(model, "prefill_logits", None)):
+        # a compiled generation step takes (ids, positions, cache): called with the ids alone it was a TypeError
+        out = model.prefill_logits(batch)  # type: ignore[attr-defined]
+    else:
+        out = model(batch)
     logits = getattr(out, "logits", out)  # a bare HF model returns a ModelOutput
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != batch.shape:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -86,6 +91,9 @@ def perplexity(
     device: torch.device | str = "cpu",
 ) -> PerplexityResult:
     """Perplexity of `model` (input_ids [B, L] -> logits [B, L, V]) on `text` (a name or a path).
+
+    A `CompiledModel` of a generation step (`GenerationSpec(logits="all")`) is scored through its step graph: each
+    batch is one prefill over a fresh KV cache (its quantized cache included).
 
     `tokenizer` defaults to SmolLM2's. Cross-entropy is taken in float32 (logits of lower
     precision are upcast first) and summed in float64, so the result does not depend on
