@@ -272,6 +272,10 @@ def resolve_pipeline(pipeline: str | Sequence[Pass | str] | None, recipe: str | 
     if recipe is not None:
         from lowbit.recipes import get_recipe
 
+        if not isinstance(recipe, str):  # recipe=3 was an AttributeError from inside the name lookup
+            raise PassError(f"recipe= takes a recipe name such as 'w4a16-g64' (see lowbit recipes), got "
+                            f"{type(recipe).__name__} {recipe!r}")
+
         return parse_pipeline(get_recipe(recipe))
     if pipeline is None:
         return []

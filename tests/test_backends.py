@@ -8,6 +8,8 @@ packed weights as the module's buffers and dequantizes per call — the same num
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -169,6 +171,18 @@ def test_compile_model_takes_a_list_of_passes_and_pipeline_texts_and_refuses_oth
     ids = torch.randint(0, 100, (2, 8))
     compiled = compile_model(model, (ids,), pipeline=["quantize(w=int4,group=32)"])
     assert compiled.report.pipeline.records[0].stats["weights_quantized"] == 7
+
+
+def test_a_recipe_that_is_not_a_name_is_refused_naming_its_type():
+    """recipe=3 raised AttributeError "'int' object has no attribute 'lower'" from the closest-name search, and
+    recipe=["w4a16-g64"] a TypeError (unhashable list)."""
+    from lowbit.api import resolve_pipeline
+    from lowbit.passes.base import PassError
+
+    for bad, shown in ((3, "int 3"), (["w4a16-g64"], "list ['w4a16-g64']")):
+        with pytest.raises(PassError, match=rf"recipe= takes a recipe name such as 'w4a16-g64' .*got {re.escape(shown)}"):
+            resolve_pipeline(None, bad)  # type: ignore[arg-type]
+    assert [p.name for p in resolve_pipeline(None, "w4a16-g64")] == ["quantize"]
 
 
 def test_a_device_lowbit_cannot_run_on_is_refused_before_capture():
