@@ -409,6 +409,9 @@ class SentenceEmbedder(nn.Module):
     written out so that no sentence-transformers install is needed.
     """
 
+    INPUTS = ("input_ids", "attention_mask")
+    """``forward``'s inputs, in order: what the tokenizer ``load_model`` returns with it produces."""
+
     def __init__(self, encoder: PreTrainedModel, max_seq_length: int = MINILM_MAX_SEQ_LENGTH) -> None:
         super().__init__()
         self.encoder = encoder
@@ -533,7 +536,9 @@ def load_minilm() -> tuple[SentenceEmbedder, PreTrainedTokenizerBase]:
 
 def _load_encoder(directory: Path) -> tuple[SentenceEmbedder, PreTrainedTokenizerBase]:
     encoder = from_pretrained(AutoModel, directory)
-    tokenizer = from_pretrained(AutoTokenizer, directory)
+    # the tokenizer returns what the embedder takes: BERT's also returned token_type_ids, which SentenceEmbedder
+    # (and every model compiled from it) refuses, so model(**tokenizer(texts)) failed; a save keeps the setting
+    tokenizer = from_pretrained(AutoTokenizer, directory, model_input_names=list(SentenceEmbedder.INPUTS))
     max_len = MINILM_MAX_SEQ_LENGTH
     st_config = directory / "sentence_bert_config.json"
     if st_config.is_file():

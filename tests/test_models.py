@@ -85,6 +85,23 @@ def test_minilm_pools_over_mask_and_exports(minilm):
         torch.testing.assert_close(program.module()(alone["input_ids"], alone["attention_mask"]), emb[:1], atol=1e-5, rtol=0)
 
 
+def test_an_encoders_tokenizer_output_is_what_the_compiled_model_takes(minilm, minilm_graph, tmp_path):
+    """BERT's tokenizer also returned token_type_ids, so compiled(**compiled.tokenizer(texts)) -- the usual HF call
+    -- was a TypeError ("unexpected inputs ['token_type_ids']") on every MiniLM, eager, compiled or reloaded."""
+    from lowbit.api import lower
+    from lowbit.checkpoint.files import read_tokenizer
+
+    embedder, tokenizer = minilm
+    enc = tokenizer(["A short one.", "A longer sentence, padded in the batch."], padding=True, return_tensors="pt")
+    assert list(enc) == ["input_ids", "attention_mask"] == [v.name for v in minilm_graph.inputs]
+    with torch.no_grad():
+        want = embedder(enc["input_ids"], enc["attention_mask"])
+        torch.testing.assert_close(embedder(**enc), want)
+    torch.testing.assert_close(lower(minilm_graph, "torch")(**enc), want, atol=1e-5, rtol=0)
+    tokenizer.save_pretrained(str(tmp_path))  # what every checkpoint format writes, and lowbit.load reads back
+    assert list(read_tokenizer(tmp_path)(["A short one."], return_tensors="pt")) == ["input_ids", "attention_mask"]
+
+
 def test_load_model_by_name_and_directory(minilm):
     module, _, kind = load_model("minilm")
     assert kind == "encoder" and isinstance(module, SentenceEmbedder)
