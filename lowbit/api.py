@@ -66,8 +66,12 @@ class CompileReport:
         }
 
     def summary(self) -> str:
-        lines = [(f"captured {self.capture.get('model_class')} in {self.capture.get('export_seconds')} s: "
-                 f"{self.capture.get('aten_nodes')} ATen nodes -> {self.nodes_before} IR nodes")]
+        if "loaded_from" in self.capture:  # lowbit.load: no capture ran ("captured None in None s: None ATen nodes")
+            lines = [f"loaded {self.capture.get('format')} checkpoint {self.capture['loaded_from']}: "
+                     f"{self.nodes_before} IR nodes"]
+        else:
+            lines = [(f"captured {self.capture.get('model_class')} in {self.capture.get('export_seconds')} s: "
+                      f"{self.capture.get('aten_nodes')} ATen nodes -> {self.nodes_before} IR nodes")]
         for r in self.pipeline.records:
             state = "skipped" if r.skipped else ("changed" if r.changed else "no change")
             lines.append(f"  {r.spec:<40} {state:<9} {r.seconds * 1000:8.1f} ms  {r.stats}")
