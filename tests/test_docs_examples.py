@@ -1,0 +1,151 @@
+"""README's examples, run as written (on a 1- or 2-block SmolLM2 slice where they name the full model), so the docs
+cannot drift from what lowbit does.
+
+The Python blocks are read out of README.md and executed; the few edits that make them cheap (a model slice, fewer
+windows and tokens) are a table here, each checked to apply, so a changed example fails here until the table follows.
+Shell examples run through typer's CliRunner, in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import lowbit
+from lowbit.cli.main import app
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def fenced_blocks(text: str, lang: str | None = None) -> list[str]:
+    """The bodies of the ```-fenced blocks of ``text`` (only those tagged ``lang`` when given)."""
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
+    return [body for tag, body in blocks if lang is None or tag == lang]
+
+
+def section(title: str) -> str:
+    """README's text from the heading ``title`` to the next heading of the same or a higher level (a ``#`` line
+    inside a fenced block is a comment, not a heading)."""
+    lines = README.read_text(encoding="utf-8").splitlines(keepends=True)
+    start, level, fenced = None, 0, False
+    for i, line in enumerate(lines):
+        if line.startswith("```"):
+            fenced = not fenced
+        m = None if fenced else re.match(r"(#+) (.*)\n", line)
+        if m and start is None and m.group(2) == title:
+            start, level = i + 1, len(m.group(1))
+        elif m and start is not None and len(m.group(1)) <= level:
+            return "".join(lines[start:i])
+    assert start is not None, f"README.md has no heading {title!r}: update tests/test_docs_examples.py"
+    return "".join(lines[start:])
+
+
+def cheap(code: str, edits: list[tuple[str, str]]) -> str:
+    """``code`` with each (old, new) edit applied; an edit that no longer matches is the docs having changed."""
+    for old, new in edits:
+        assert old in code, f"README example no longer contains {old!r}: update the edits in tests/test_docs_examples.py"
+        code = code.replace(old, new)
+    return code
+
+
+def invoke(line: str, code: int = 0) -> str:
+    args = shlex.split(line)
+    assert args[0] == "lowbit", line
+    res = CliRunner().invoke(app, args[1:])
+    if res.exit_code != code:
+        if res.exception is not None and not isinstance(res.exception, SystemExit):
+            raise res.exception
+        raise AssertionError(f"`{line}` exited {res.exit_code} (wanted {code}):\n{res.output}")
+    return res.output
+
+
+PYTHON_EDITS = [
+    ('"smollm2"', '"smollm2:1"'),  # both compile_model calls
+    ("seq_len=512, max_windows=40", "seq_len=32, max_windows=1"),
+    ("GenerationSpec(max_length=512)", "GenerationSpec(max_length=16)"),
+    ('.input_ids], 32)', '.input_ids], 3)'),
+]
+
+
+def test_readme_python_examples_run_as_written(tmp_path, monkeypatch, capsys):
+    """"Using it from Python" then "Checkpoints", in one namespace (the second block uses the first's ``compiled``):
+    compile, report, perplexity, IR text, ONNX export, save, bit-exact reload, generation."""
+    monkeypatch.chdir(tmp_path)
+    (using,) = fenced_blocks(section("Using it from Python"), "python")
+    (checkpoints,) = fenced_blocks(section("Checkpoints: serving runtimes, transformers, and lowbit's own reload"),
+                                   "python")
+    scope: dict = {}
+    exec(compile(cheap(using, PYTHON_EDITS), "README.md:Using it from Python", "exec"), scope)
+    # the first block saved and reloaded compressed-tensors already: this one takes the format its comment offers
+    # (a compressed-tensors reload captures the model again, ~8 s)
+    exec(compile(cheap(checkpoints, [('format="compressed-tensors")', 'format="lowbit")')]), "README.md:Checkpoints",
+                 "exec"), scope)
+    out = capsys.readouterr().out
+    compiled, reloaded, model = scope["compiled"], scope["reloaded"], scope["model"]
+    assert "quantize(w=int4,group=64,sym=false)" in out and "graph main(%input_ids" in out  # summary, then the IR
+    assert (tmp_path / "smollm2-w4.onnx").is_file() and (tmp_path / "smollm2-w4" / "config.json").is_file()
+    ids = compiled.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    want = compiled(ids)
+    assert (reloaded(ids) == want).all() and (model(ids) == want).all()  # "bit-exact"
+    gen_out = scope["out"]
+    assert len(gen_out.tokens[0]) == 3 and gen_out.texts[0] in out and gen_out.decode_tokens_per_second > 0
+
+
+def test_readme_cli_listing_runs(tmp_path, monkeypatch):
+    """The command listing under "Debugging a pipeline": list passes and recipes, compile with the IR diff of one
+    linear, inspect the output directory, draw its graph."""
+    monkeypatch.chdir(tmp_path)
+    (listing,) = [b for b in fenced_blocks(section("Debugging a pipeline"), "") if b.startswith("lowbit passes")]
+    lines = [line.split("#")[0].strip() for line in listing.splitlines()]
+    edits = [(" smollm2 ", " smollm2:1 "), (r"layers\.29\.mlp", r"layers\.0\.mlp")]
+    outputs = [invoke(cheap(line, edits) if line.startswith("lowbit compile") else line) for line in lines]
+    passes, recipes, compiled, inspected, drawn = outputs
+    assert "`lowbit passes quantize` adds option docs" in listing
+    quantize_docs = invoke("lowbit passes quantize")
+    assert "fold-norms" in passes and "Regex searched in module paths" in quantize_docs and "w4a8-rtn" in recipes
+    assert "+++ after quantize(" in compiled and "model.layers.0.mlp.down_proj" in compiled
+    assert "pass timing" in compiled and (tmp_path / "out" / "model.lowbit").is_file()
+    assert "quantized tensors" in inspected and "wrote" in drawn
+
+
+def test_readme_reproducer_example_prints_what_readme_shows(tmp_path, monkeypatch):
+    """"When a pass fails": the command (already on smollm2:2) exits 4 with README's error line, writes the listed
+    reproducer files and no ``out/``; ``lowbit replay`` reproduces it and exits 4 too."""
+    monkeypatch.chdir(tmp_path)
+    (session,) = fenced_blocks(section("When a pass fails: `--reproducer DIR` and `lowbit replay DIR`"), "")
+    commands = [line[2:] for line in session.splitlines() if line.startswith("$ ")]
+    compile_line, ls_line, replay_line = commands
+    shown = session.splitlines()
+    error = shown[shown.index(f"$ {compile_line}") + 1]
+    assert error.startswith("error: ")
+    out = invoke(compile_line, code=4)
+    assert error in out and "reproducer written to repro" in out and not (tmp_path / "out").exists()
+    listed = shown[shown.index(f"$ {ls_line}") + 1].split()
+    assert ls_line == "ls repro" and sorted(p.name for p in (tmp_path / "repro").iterdir()) == sorted(listed)
+    replay = replay_line.split(";")[0].strip()
+    out = invoke(replay, code=4)
+    assert "error: reproduced: pass quantize(w=int4,group=128) (#0) failed" in out
+
+
+def test_readme_exit_codes_match_the_cli_help():
+    """README lists the exit codes as `lowbit --help` does: the same codes, in the same order, each one described."""
+    readme = re.search(r"Exit codes \(also in `lowbit --help`\): (.*?)\n\n", README.read_text(encoding="utf-8"), re.S)
+    assert readme, "README.md no longer lists the exit codes after 'Exit codes (also in `lowbit --help`)'"
+    from lowbit.cli.common import EXIT_CODES_HELP
+
+    codes = [re.findall(r"(?:^|; )(\d) ", " ".join(t.split())) for t in (readme.group(1),
+                                                                       EXIT_CODES_HELP.removeprefix("Exit codes: "))]
+    assert codes[0] == codes[1] == [str(i) for i in range(7)]
+
+
+def test_the_public_names_readme_uses_exist():
+    """``lowbit.X`` names the README's prose and examples use are exported (``lowbit.export.load`` included)."""
+    used = set(re.findall(r"\blowbit\.([A-Za-z_]\w*)\(", README.read_text(encoding="utf-8")))
+    assert {"compile_model", "save", "load", "export", "GenerationSpec"} <= used
+    for name in sorted(used):
+        assert callable(getattr(lowbit, name)), name
+    assert callable(lowbit.export.load)
