@@ -44,6 +44,8 @@ def test_graph_declares_what_the_checks_read(compiled):
     (lambda: torch.tensor([[1, 2, -3, 4]]), "id -3 at position (0, 2)"),
     (lambda: torch.ones(1, 8), "expected dtype torch.int64, got torch.float32"),
     (lambda: [[1, 2, 3]], "expected a tensor, got list"),
+    (lambda: torch.ones(1, 8, dtype=torch.long, device="meta"), "input %input_ids (declared i64[s0,s1]): is on the "
+                                                                "meta device, which holds shapes but no values"),
 ])
 def test_bad_inputs_are_refused_naming_the_input(compiled, backend, make, fragment):
     """triton's runner did not check at all: an empty sequence was a raw reshape error, an id past the vocabulary

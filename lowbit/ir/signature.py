@@ -108,6 +108,9 @@ class InputChecker:
             where = f"input %{name} (declared {t})"
             if not isinstance(a, torch.Tensor):
                 raise InputError(f"{where}: expected a tensor, got {type(a).__name__}")
+            if a.device.type == "meta":  # was torch's "Tensor.item() cannot be called on meta tensors" further down
+                raise InputError(f"{where}: is on the meta device, which holds shapes but no values: give a tensor "
+                                 "with values, on 'cpu' or 'cuda'")
             if a.dim() != len(t.shape):
                 raise InputError(f"{where}: expected {len(t.shape)} dims, got {a.dim()} (shape {tuple(a.shape)})")
             if a.dtype != t.dtype:
