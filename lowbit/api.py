@@ -114,6 +114,19 @@ class CompiledModel(torch.nn.Module):
             self._generator = Generator(self.runner, meta, getattr(self.runner, "device", None), self.tokenizer)
         return self._generator
 
+    def extra_repr(self) -> str:
+        """What was compiled: ``print(compiled)`` showed only the runner's module tree (``LowbitModule()``)."""
+        rep = self.report
+        source = (f"loaded={rep.capture['loaded_from']!r}" if "loaded_from" in rep.capture
+                  else f"pipeline={rep.pipeline.pipeline or '(none)'!r}")
+        inputs = ", ".join(f"{v.name}: {v.type}" for v in self.graph.inputs)
+        text = (f"backend={rep.backend!r}, {source}, inputs=({inputs}), nodes={len(self.graph.nodes)}, "
+                f"params={self.graph.param_bytes() / 2**20:.1f} MiB")
+        gen = self.graph.meta.get("generation")
+        if gen:
+            text += f", generation(max_length={gen.get('max_length')}, max_batch={gen.get('max_batch')})"
+        return text
+
     def generate(self, input_ids: Any, max_new_tokens: int, **kwargs: Any) -> Any:
         """Generate text tokens (``lowbit.generate.Generator.generate``: greedy or sampling, stop tokens, batches
         of different prompt lengths). Needs a model compiled with ``generation=GenerationSpec(...)``."""

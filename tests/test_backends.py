@@ -256,3 +256,17 @@ def test_onnxruntime_without_a_kernel_for_the_opset_says_which_opset_to_use(tmp_
     path = lowbit.export(torch_model, tmp_path / "m.onnx", opset=28)
     with pytest.raises(OnnxFileError, match=r"m\.onnx: this onnxruntime .* no QuantizeLinear kernel at opset 28"):
         load_file(path)
+
+
+def test_a_compiled_models_repr_says_what_was_compiled(tmp_path):
+    """print(compiled) showed only the runner's module tree, "(gm): LowbitModule()": nothing of the backend, the
+    pipeline, the inputs or the size; a reload says where it came from instead of a pipeline."""
+    from conftest import tiny_llama
+
+    model = tiny_llama(vocab=97)
+    compiled = compile_model(model, pipeline="quantize(w=int4,group=32)")
+    head = repr(compiled).splitlines()[1].strip()
+    assert head == (f"backend='torch', pipeline='quantize(w=int4,group=32)', inputs=(input_ids: i64[s0,s1]), "
+                    f"nodes={len(compiled.graph.nodes)}, params={compiled.graph.param_bytes() / 2**20:.1f} MiB")
+    reloaded = lowbit.load(lowbit.save(compiled, tmp_path / "c", format="lowbit"))
+    assert f"backend='torch', loaded='{tmp_path / 'c'}', inputs=(input_ids: i64[s0,s1])" in repr(reloaded)
