@@ -111,3 +111,30 @@ def test_autoround_bad_options(block1):
     for bad in ("iters=0", "lr=0", "max_scale=0.5"):
         with pytest.raises(PipelineError, match=f"option {bad.split('=')[0]}=.* must be"):
             PassManager(f"autoround(w=int4,group=64,calib_n=2,calib_len=16,{bad})").run(graph.clone())
+
+
+def test_learning_passes_run_under_the_callers_inference_mode():
+    """compile_model under torch.inference_mode() failed in autoround ("Inference tensors cannot be saved for
+    backward", at the first rotary) and in learned rotations ("element 0 of tensors does not require grad"): passes
+    now run outside inference mode, to the same result as a run outside it."""
+    from conftest import tiny_llama
+
+    from lowbit.api import _default_example
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+    from lowbit.passes.manager import parse_pipeline
+
+    model = CausalLMLogits(tiny_llama(vocab=49152)).eval()
+    graph = capture(model, *_default_example(model, None))
+    calib = torch.randint(0, 1000, (2, 16))
+    for pipeline in ("autoround(w=int4,group=32,iters=2)", "fold-norms,rotate(kind=learned,steps=2)"):
+        runs = []
+        for mode in (False, True):
+            passes = parse_pipeline(pipeline)
+            passes[-1].options.calib = calib
+            g = graph.clone()
+            with torch.inference_mode(mode):
+                PassManager(passes).run(g)
+            runs.append(g.params)
+        assert runs[0].keys() == runs[1].keys()
+        assert all(torch.equal(runs[0][k].data, runs[1][k].data) for k in runs[0]), pipeline

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
+import torch
 
 from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
@@ -313,7 +314,15 @@ class PassManager:
     def run(self, graph: Graph, reference: Graph | None = None) -> PipelineReport:
         """Run the passes on ``graph`` in place. ``reference``: the model passes that read one (``distill``,
         ``tune-qparams``: their teacher) compare against; unset, the graph as this run received it (give the
-        float model when resuming a pipeline from a graph an earlier run already quantized)."""
+        float model when resuming a pipeline from a graph an earlier run already quantized).
+
+        Passes run outside ``torch.inference_mode`` whatever the caller's mode: those that learn (autoround, learned
+        rotations, distill, refits) take gradients, which tensors made in inference mode cannot have (under the
+        caller's ``inference_mode()`` autoround failed with "Inference tensors cannot be saved for backward")."""
+        with torch.inference_mode(False):
+            return self._run(graph, reference)
+
+    def _run(self, graph: Graph, reference: Graph | None) -> PipelineReport:
         report = PipelineReport(self.pipeline)
         t_start = time.perf_counter()
         if self.verify_each:
