@@ -1363,3 +1363,31 @@ def test_head_pruned_qwen3_checkpoint_loads_in_transformers_and_stablelm_says_wh
                                               r"num_attention_heads .*save with format='lowbit'"):
         save(c, tmp_path / "stablelm")
     assert not (tmp_path / "stablelm").exists() or not any((tmp_path / "stablelm").iterdir())
+
+
+@pytest.mark.parametrize("ratio, heads", [(0.25, 3), (0.5, 2)])
+def test_head_pruned_bert_checkpoint_is_refused_naming_the_derived_head_size(tmp_path, ratio, heads):
+    """BERT has no head_dim setting: its attention's head size is hidden_size / num_attention_heads, so config.json
+    cannot describe pruned heads. 3 heads of a 64-wide stream were transformers' bare 'hidden size (64) is not a
+    multiple of the number of attention heads (3)' ValueError from inside the HF constructor; 2 heads built a
+    model with 32-channel heads and failed only on 'query.weight has shape (64, 64) ... the graph holds (32, 64)'.
+    Both are refused by name, pointing to format='lowbit'; nothing is written."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+    from lowbit.checkpoint import save
+    from lowbit.checkpoint.files import CheckpointError
+    from lowbit.models import SentenceEmbedder
+
+    torch.manual_seed(0)
+    bert = tf.BertModel(tf.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_hidden_layers=1)).eval()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    c = compile_model(SentenceEmbedder(bert), (ids, torch.ones_like(ids)),
+                      pipeline=f"prune-heads(ratio={ratio},score=magnitude)")
+    assert c.graph.meta["pruned"]["heads"]["encoder.layer.0"] == [heads, heads]
+    with pytest.raises(CheckpointError, match=rf"model_type 'bert' derives head_dim from hidden_size / "
+                                              rf"num_attention_heads .*{heads} heads of 16 channels.*"
+                                              r"save with format='lowbit'"):
+        save(c, tmp_path / "bert", format="compressed-tensors")
+    assert not (tmp_path / "bert").exists() or not any((tmp_path / "bert").iterdir())

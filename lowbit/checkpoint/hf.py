@@ -47,7 +47,7 @@ from lowbit.checkpoint.files import (
     write_safetensors,
 )
 from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
-from lowbit.ir.graph import Graph
+from lowbit.ir.graph import Graph, TensorType
 from lowbit.ir.quant import QDTYPES, get_qdtype, pack_int4
 
 __all__ = ["save_compressed_tensors", "save_gptq", "load_hf_checkpoint", "skeleton", "SHARD_BYTES"]
@@ -146,21 +146,43 @@ def _check_uniform(pruned: dict[str, Any]) -> None:
         _uniform("attention head counts", pruned["heads"], "[num_attention_heads, num_key_value_heads]", kept)
 
 
+def _derived_head_dim(config: Any, why: str) -> CheckpointError:
+    """The refusal of a head-pruned graph whose architecture computes its head size instead of reading it."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return CheckpointError(f"model_type {text.model_type!r} derives head_dim from hidden_size / num_attention_heads "
+                           f"(ignoring config.json's head_dim={text.head_dim}), so it cannot hold the pruned "
+                           f"{text.num_attention_heads} heads of {text.head_dim} channels: {why}; its HF config cannot "
+                           "describe pruned heads; save with format='lowbit'")
+
+
+def _pruned_skeleton(graph: Graph, config: Any, kind: str) -> torch.nn.Module:
+    """``skeleton``, with the constructor's refusal of a head-pruned config (BERT: 'hidden size (384) is not a
+    multiple of the number of attention heads (9)', a bare ValueError from inside transformers) said as such."""
+    try:
+        return skeleton(config, kind)
+    except ValueError as exc:
+        if "heads" not in (graph.meta.get("pruned") or {}):
+            raise
+        raise _derived_head_dim(config, f"transformers refuses it ({' '.join(str(exc).split())})") from None
+
+
 def _check_head_dim(graph: Graph, config: Any, keys: dict[str, tuple[int, ...]]) -> None:
     """Pruned heads keep their ``head_dim``, written into config.json; an architecture that derives it as
-    ``hidden_size / num_attention_heads`` (StableLM, Phi) ignores that, so its query projection would be the
-    wrong size for the checkpoint: say so (the generic shape mismatch did not say why)."""
+    ``hidden_size / num_attention_heads`` (StableLM, Phi, BERT) ignores that, so its attention projections would be
+    the wrong size for the checkpoint: say so (the generic shape mismatch did not say why). Every linear is looked
+    at by its module path, whatever the family calls its projections (q_proj, query, q_lin)."""
     if "heads" not in (graph.meta.get("pruned") or {}):
         return
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     want = text.num_attention_heads * text.head_dim
-    for key, shape in keys.items():
-        if key.endswith("q_proj.weight") and shape[0] != want:
-            raise CheckpointError(f"model_type {text.model_type!r} derives head_dim from hidden_size / num_attention_heads "
-                                  f"(ignoring config.json's head_dim={text.head_dim}), so the pruned "
-                                  f"{text.num_attention_heads} heads would make {key!r} {tuple(shape)} instead of "
-                                  f"the graph's ({want}, ...): its HF config cannot describe pruned heads; save "
-                                  "with format='lowbit'")
+    for node in graph.nodes:
+        key = f"{node.module}.weight"
+        w = node.args[1] if node.op == "linear" and len(node.args) > 1 else None
+        if key not in keys or not isinstance(getattr(w, "type", None), TensorType):
+            continue
+        shape = tuple(w.type.shape)
+        if shape != tuple(keys[key]) and want in shape:
+            raise _derived_head_dim(config, f"{key!r} would be {tuple(keys[key])} instead of the graph's {shape}")
 
 
 def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
@@ -271,7 +293,7 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
     config, renames = pruned_config(config, graph.meta.get("pruned"))
     graph = _renamed(graph, renames)
     config, added = _bias_switches(graph, config)
-    model = skeleton(config, kind)
+    model = _pruned_skeleton(graph, config, kind)
     keys = _hf_keys(model)
     derived = {n for n, _ in model.named_buffers()} - set(keys)
     if "hidden_size" in (graph.meta.get("pruned") or {}):
