@@ -414,6 +414,7 @@ class SentenceEmbedder(nn.Module):
 
     def __init__(self, encoder: PreTrainedModel, max_seq_length: int = MINILM_MAX_SEQ_LENGTH) -> None:
         super().__init__()
+        _refuse_non_text_encoder(encoder)
         self.encoder = encoder
         self.max_seq_length = max_seq_length
 
@@ -423,6 +424,27 @@ class SentenceEmbedder(nn.Module):
         summed = (tokens * mask).sum(dim=1)
         counts = mask.sum(dim=1).clamp(min=1e-9)
         return F.normalize(summed / counts, p=2, dim=1)
+
+
+def _refuse_non_text_encoder(model: nn.Module) -> None:
+    """A sentence embedder calls ``model(input_ids=, attention_mask=)``: a model that reads other inputs (a ViT's
+    pixel_values, Whisper's input_features) or has a decoder (T5, BART) is refused by name here, not by
+    torch.export deep inside it ('You must specify exactly one of input_ids or inputs_embeds' in T5's decoder)."""
+    from lowbit.ir.capture import CaptureError
+
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and getattr(model, "decoder", None) is not None:
+        raise CaptureError(f"{name} is an encoder-decoder model; a sentence embedder runs a text encoder alone "
+                           "(input_ids, attention_mask -> mean-pooled embeddings): wrap its encoder "
+                           "(model.get_encoder()) instead, or give compile_model a wrapper module and example_inputs "
+                           "that call it with the inputs it needs")
+    main = getattr(model, "main_input_name", "input_ids")
+    if main != "input_ids":
+        raise CaptureError(f"{name} (model_type {getattr(config, 'model_type', '?')!r}) reads {main}, not token ids: "
+                           "lowbit loads a model directory as a causal LM or a text encoder (input_ids, "
+                           f"attention_mask -> embeddings); compile it from Python with its own inputs: "
+                           f"compile_model(model, ({main},))")
 
 
 GGUF_MAGIC = b"GGUF"
@@ -536,14 +558,17 @@ def load_minilm() -> tuple[SentenceEmbedder, PreTrainedTokenizerBase]:
 
 def _load_encoder(directory: Path) -> tuple[SentenceEmbedder, PreTrainedTokenizerBase]:
     encoder = from_pretrained(AutoModel, directory)
-    # the tokenizer returns what the embedder takes: BERT's also returned token_type_ids, which SentenceEmbedder
-    # (and every model compiled from it) refuses, so model(**tokenizer(texts)) failed; a save keeps the setting
-    tokenizer = from_pretrained(AutoTokenizer, directory, model_input_names=list(SentenceEmbedder.INPUTS))
     max_len = MINILM_MAX_SEQ_LENGTH
     st_config = directory / "sentence_bert_config.json"
     if st_config.is_file():
         max_len = int(json.loads(st_config.read_text()).get("max_seq_length", max_len))
-    return SentenceEmbedder(encoder, max_seq_length=max_len).eval(), tokenizer
+    # wrapped before the tokenizer is read: a ViT directory has none, and transformers' "Couldn't instantiate the
+    # backend tokenizer" hid that lowbit cannot run the model as a text encoder at all
+    embedder = SentenceEmbedder(encoder, max_seq_length=max_len).eval()
+    # the tokenizer returns what the embedder takes: BERT's also returned token_type_ids, which SentenceEmbedder
+    # (and every model compiled from it) refuses, so model(**tokenizer(texts)) failed; a save keeps the setting
+    tokenizer = from_pretrained(AutoTokenizer, directory, model_input_names=list(SentenceEmbedder.INPUTS))
+    return embedder, tokenizer
 
 
 def _is_causal_lm(directory: Path) -> bool:

@@ -129,6 +129,33 @@ def test_load_model_rejects_bad_paths(tmp_path):
         load_model(text)
 
 
+def test_load_model_refuses_a_directory_that_is_no_text_encoder(tmp_path, minilm):
+    """A model directory that is not a causal LM is loaded as a sentence embedder (input_ids, attention_mask): a ViT
+    directory failed on transformers' "Couldn't instantiate the backend tokenizer" (it has none), a T5 one inside
+    torch.export in its decoder ('You must specify exactly one of input_ids or inputs_embeds'). Both are refused by
+    class, before a tokenizer is asked for, saying what the model reads."""
+    import transformers as tf
+
+    from lowbit.ir.capture import CaptureError
+
+    torch.manual_seed(0)
+    tf.ViTModel(tf.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                             image_size=16, patch_size=8)).save_pretrained(tmp_path / "vit")
+    with pytest.raises(CaptureError, match=r"ViTModel \(model_type 'vit'\) reads pixel_values, not token ids.*"
+                                           r"compile_model\(model, \(pixel_values,\)\)"):
+        load_model(tmp_path / "vit")
+    t5 = tmp_path / "t5"
+    tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                              d_kv=8)).save_pretrained(t5)
+    minilm[1].save_pretrained(t5)
+    with pytest.raises(CaptureError, match=r"T5Model is an encoder-decoder model.*model\.get_encoder\(\)"):
+        load_model(t5)
+    encoder = SentenceEmbedder(tf.T5EncoderModel(tf.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1,
+                                                             num_heads=2, d_kv=8)))  # an encoder alone is one
+    ids = torch.randint(0, 64, (2, 5))
+    assert encoder(ids, torch.ones_like(ids)).shape == (2, 16)
+
+
 def _tiny_wheel(directory: Path, dist: str, module: str, version: str) -> None:
     name = f"{dist.replace('-', '_')}-{version}"
     with zipfile.ZipFile(directory / f"{name}-py3-none-any.whl", "w") as wheel:
