@@ -518,14 +518,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 families (every prompt encoded to nothing: "prompt 0 is empty") or failed with a backend error."""
 
 
-def _load_causal_lm(directory: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = from_pretrained(AutoModelForCausalLM, directory, dtype=dtype)
+def _directory_tokenizer(directory: Path, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a model directory; none there is an error (transformers would build an empty one).
+    ``kwargs`` go to ``AutoTokenizer.from_pretrained``."""
     if not any((directory / f).is_file() for f in TOKENIZER_FILES):
         raise FileNotFoundError(f"{str(directory)!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}): "
                                 "lowbit reads text through the model's tokenizer; save it there "
                                 "(tokenizer.save_pretrained(directory))")
-    tokenizer = from_pretrained(AutoTokenizer, directory)
-    return model.eval(), tokenizer
+    return from_pretrained(AutoTokenizer, directory, **kwargs)
+
+
+def _load_causal_lm(directory: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = from_pretrained(AutoModelForCausalLM, directory, dtype=dtype)
+    return model.eval(), _directory_tokenizer(directory)
 
 
 def _load_cached_causal_lm(gguf: Path, cache_name: str,
@@ -566,9 +571,10 @@ def _load_encoder(directory: Path) -> tuple[SentenceEmbedder, PreTrainedTokenize
     # backend tokenizer" hid that lowbit cannot run the model as a text encoder at all
     embedder = SentenceEmbedder(encoder, max_seq_length=max_len).eval()
     # the tokenizer returns what the embedder takes: BERT's also returned token_type_ids, which SentenceEmbedder
-    # (and every model compiled from it) refuses, so model(**tokenizer(texts)) failed; a save keeps the setting
-    tokenizer = from_pretrained(AutoTokenizer, directory, model_input_names=list(SentenceEmbedder.INPUTS))
-    return embedder, tokenizer
+    # (and every model compiled from it) refuses, so model(**tokenizer(texts)) failed; a save keeps the setting.
+    # A BERT directory without tokenizer files got a 5-token BertTokenizer (every word [UNK]): calibration and
+    # debug compare then ran on [CLS] [UNK] ... [SEP], and compile -o wrote that tokenizer beside the model
+    return embedder, _directory_tokenizer(directory, model_input_names=list(SentenceEmbedder.INPUTS))
 
 
 def _is_causal_lm(directory: Path) -> bool:

@@ -93,6 +93,18 @@ def test_corrupt_model_directory_exits_3_naming_the_file(tmp_path, case, fragmen
     assert fragment in out
 
 
+def test_encoder_directory_without_tokenizer_exits_3(tmp_path):
+    """A BERT directory as model.save_pretrained alone leaves it: transformers built a 5-token BertTokenizer for it
+    (every word [UNK]), which compile calibrated with and wrote beside the model; refused as for a causal LM."""
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         num_hidden_layers=1)).save_pretrained(tmp_path / "bert")
+    out = invoke("compile", tmp_path / "bert", "--pipeline", "dce", "-o", tmp_path / "out", code=3)
+    assert "has no tokenizer files" in out and "bert" in out
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", ["inspect", "graph", "replay"])
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "not-utf8-ir"])
 def test_corrupt_artifacts_exit_3_in_inspect_graph_replay(tmp_path, command, damage):
