@@ -595,6 +595,30 @@ def test_save_refuses_a_config_that_is_not_a_pretrained_config(tmp_path, fmt):
     assert not (tmp_path / "out").exists()
 
 
+def test_hf_model_compiled_as_is_is_told_to_pass_config_and_kind(tmp_path):
+    """A BertModel / ViTModel given to compile_model as is records no source (compile_model wraps only causal LMs and
+    SentenceEmbedder), and saving it to an HF format said 'compile it with lowbit.compile_model', which it was. The
+    refusal names the class it was captured from and config= / kind=; a pixel model is told lowbit.load has no
+    wrapper for it. With config= and kind= the encoder saves."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    bert = tf.BertModel(tf.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                      num_hidden_layers=1)).eval()
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    c = lowbit.compile_model(bert, (ids,), pipeline="quantize(w=int8)")
+    with pytest.raises(CheckpointError, match=r"captured from BertModel\): pass config=model\.config and "
+                                              r"kind='causal-lm' or 'encoder'"):
+        lowbit.save(c, tmp_path / "bert", format="compressed-tensors")
+    lowbit.save(c, tmp_path / "bert", format="compressed-tensors", config=bert.config, kind="encoder")
+    vit = tf.ViTModel(tf.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                   image_size=16, patch_size=8)).eval()
+    c = lowbit.compile_model(vit, (torch.randn(2, 3, 16, 16),), pipeline="quantize(w=int8)")
+    with pytest.raises(CheckpointError, match=r"float input %pixel_values \(f32\[2,3,16,16\].*"
+                                              r"format='lowbit'"):
+        lowbit.save(c, tmp_path / "vit", format="gptq")
+
+
 def test_lowbit_checkpoint_of_merged_linears_still_saves_to_hf_formats(tmp_path):
     """merge-linears' member modules (node.meta["merged"]) were not in the IR text: a triton-style graph saved with
     format='lowbit' reloaded exactly but then refused every HF format ("the HF model has no parameter

@@ -117,8 +117,22 @@ def _source(graph: Graph) -> tuple[Any, str]:
         # a lowbit checkpoint of layers pruned differently has no config.json, so its reload has no source: the
         # per-layer sizes are why, and what no config= can fix
         _check_uniform(graph.meta.get("pruned") or {})
+        first = graph.inputs[0] if graph.inputs else None
+        if first is not None and isinstance(first.type, TensorType) and first.type.dtype.is_floating_point:
+            raise CheckpointError(f"the graph reads float input %{first.name} ({first.type}; a vision model's "
+                                  "pixel_values?) and records no Hugging Face wrapper: lowbit.load rebuilds an HF "
+                                  "checkpoint only as a causal LM (input_ids -> logits) or a text encoder "
+                                  "(input_ids, attention_mask -> embeddings); save it with format='lowbit', which "
+                                  "keeps the graph as compiled (config= writes the HF files for other loaders)")
+        # "compile it with lowbit.compile_model" was the advice even for a graph compile_model made: it records the
+        # source only for the modules it wraps, not for an HF model given as is (BertModel, ViTModel)
+        captured = graph.meta.get("model_class")
         raise CheckpointError("the graph does not say which Hugging Face model it was captured from (no "
-                              "graph.meta['source']): compile it with lowbit.compile_model or pass config=")
+                              "graph.meta['source']; compile_model records it for the models lowbit wraps: a name "
+                              "or directory, a causal LM with an lm_head, a lowbit.models.SentenceEmbedder"
+                              f"{f'; this graph was captured from {captured}' if captured else ''}): pass "
+                              "config=model.config and kind='causal-lm' or 'encoder' (the wrapper lowbit.load "
+                              "rebuilds), or save with format='lowbit'")
     return config, src.get("kind", "causal-lm")
 
 
