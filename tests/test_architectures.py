@@ -473,3 +473,25 @@ def test_generation_refuses_a_family_its_step_was_not_checked_on():
     with pytest.raises(GenerationError, match=r"GlmForCausalLM \(model_type 'glm'\).*not been checked against "
                                               r"transformers' generate"):
         lowbit.compile_model(glm, generation=True)
+
+
+def test_static_batch_graph_refuses_calibration_samples_that_do_not_fill_it():
+    """A ViT compiled from a 3-image example has a static batch of 3: calib_n=4 made a last batch of 1 that failed
+    inside the class-token cat ('Expected size 3 but got size 1'), with advice (compile_model(model)) that cannot
+    capture a pixel model. Refused before calibration runs, naming the batch and what to give; 6 samples work."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+    from lowbit.passes.manager import PipelineError
+
+    torch.manual_seed(0)
+    vit = t.ViTModel(t.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                 image_size=16, patch_size=8)).eval()
+    x = torch.randn(3, 3, 16, 16)
+    pipeline = "smooth-quant(calib_n={n},progress=false),quantize(w=int8,a=int8)"
+    with pytest.raises(PipelineError, match=r"static batch of 3 \(%pixel_values f32\[3,3,16,16\].*4 calibration "
+                                            r"samples do not fill \(a last batch of 1\): give calib_n as a multiple "
+                                            r"of 3.*dynamic_shapes="):
+        compile_model(vit, (x,), pipeline=pipeline.format(n=4), calib=torch.randn(4, 3, 16, 16))
+    c = compile_model(vit, (x,), pipeline=pipeline.format(n=6), calib=torch.randn(6, 3, 16, 16))
+    torch.testing.assert_close(c(x)[0], vit(x)[0], rtol=0.05, atol=0.05)

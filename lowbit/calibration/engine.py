@@ -350,6 +350,14 @@ def batches_from_ids(graph: Graph, ids: torch.Tensor, batch_size: int | None = N
         batch_size = static_b or 8
     if static_b is not None and batch_size != static_b:
         raise CalibrationError(f"the graph was captured with a static batch of {static_b}; batch_size={batch_size}")
+    if static_b is not None and len(ids) % static_b:
+        # the last, smaller batch failed deep inside ('Sizes of tensors must match ... Expected size 3 but got size 1'
+        # at a ViT's class-token cat), and the advice then given, compile_model(model), cannot capture a pixel model
+        raise CalibrationError(f"the graph was captured with a static batch of {static_b} (%{names[0]} "
+                               f"{graph.inputs[0].tensor_type}: the example inputs' batch), which {len(ids)} "
+                               f"calibration samples do not fill (a last batch of {len(ids) % static_b}): give "
+                               f"calib_n as a multiple of {static_b}, or capture with a dynamic batch "
+                               f"(compile_model(..., dynamic_shapes={{{names[0]!r}: {{0: torch.export.Dim.DYNAMIC}}}}))")
     if with_mask:
         mask_dtype = graph.inputs[1].tensor_type.dtype
         return [(chunk, torch.ones(chunk.shape, dtype=mask_dtype)) for chunk in ids.split(batch_size)]
