@@ -155,6 +155,23 @@ def test_bad_pipeline_specs(spec, message):
         parse_pipeline(spec)
 
 
+@pytest.mark.parametrize("spec,message", [
+    ("quantize(w=int4", "unclosed parenthesis '(' opened at column 9 in 'quantize(w=int4': add ')'"),
+    ("fold-norms,quantize(w=int4,group=64", "'(' opened at column 20"),
+    ("quantize(w=int4)(", "'(' opened at column 17"),
+    ("gptq(w=int4))", "unbalanced ')' at column 13 in 'gptq(w=int4))': no '(' before it"),
+    ("quantize(w=int4,keep=[a;b)", "mismatched ')' at column 26 in 'quantize(w=int4,keep=[a;b)': it closes the '[' "
+                                   "opened at column 22, which needs ']'"),
+    ("quantize(w=int4,keep=[lm_head]]", "mismatched ']' at column 31"),
+    ('quantize(w=int4,modules="^(a|b)', "unclosed quote '\"' opened at column 25"),
+])
+def test_a_bracket_error_names_the_bracket_and_its_column(spec, message):
+    """Mismatched brackets said 'unclosed parenthesis' (which one, where?) and a ')' closing a '[' counted as
+    balanced; the error now names the bracket and the column it was opened at."""
+    with pytest.raises(PassError, match=re.escape(message)):
+        parse_pipeline(spec)
+
+
 def test_a_directory_given_for_a_file_option_is_refused_when_parsed(tmp_path):
     """``quantize(config=DIR)`` passed the up-front file check and failed after the model load (exit 4)."""
     from lowbit.passes.base import PassFileError

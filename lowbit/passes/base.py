@@ -342,26 +342,42 @@ def _all_defaulted(options: type[PassOptions]) -> bool:
 
 def split_top(text: str, seps: str, where: str, offset: int = 0) -> list[str]:
     """Split on any character of ``seps`` outside parentheses, brackets and quotes (pipeline text); ``text`` starts
-    at column ``offset + 1`` of ``where`` (error columns count in ``where``)."""
-    parts, depth, quote, start = [], 0, "", 0
+    at column ``offset + 1`` of ``where`` (error columns count in ``where``). A bracket that is never closed, or
+    closed by the other kind, is named with its column: 'unclosed parenthesis' alone left the user counting."""
+    parts: list[str] = []
+    opened: list[tuple[str, int]] = []  # (bracket, column) of each bracket still open, innermost last
+    quote, quote_col, start = "", 0, 0
     for i, ch in enumerate(text):
+        col = offset + i + 1
         if quote:
             quote = "" if ch == quote else quote
         elif ch in "\"'":
-            quote = ch
+            quote, quote_col = ch, col
         elif ch in "([":
-            depth += 1
+            opened.append((ch, col))
         elif ch in ")]":
-            depth -= 1
-            if depth < 0:
-                raise PassError(f"unbalanced ')' at column {offset + i + 1} in {where!r}")
-        elif ch in seps and depth == 0:
+            if not opened:
+                raise PassError(f"unbalanced {ch!r} at column {col} in {where!r}: no {_OPENING[ch]!r} before it")
+            ch_open, col_open = opened.pop()
+            if _OPENING[ch] != ch_open:
+                raise PassError(f"mismatched {ch!r} at column {col} in {where!r}: it closes the {ch_open!r} opened at "
+                                f"column {col_open}, which needs {_CLOSING[ch_open]!r}")
+        elif ch in seps and not opened:
             parts.append(text[start:i])
             start = i + 1
-    if depth or quote:
-        raise PassError(f"unclosed {'quote' if quote else 'parenthesis'} in {where!r}")
+    if quote:
+        raise PassError(f"unclosed quote {quote!r} opened at column {quote_col} in {where!r}")
+    if opened:
+        ch_open, col_open = opened[-1]
+        kind = "parenthesis" if ch_open == "(" else "bracket"
+        raise PassError(f"unclosed {kind} {ch_open!r} opened at column {col_open} in {where!r}: add "
+                        f"{_CLOSING[ch_open]!r}" + (f" (and {len(opened) - 1} more)" if len(opened) > 1 else ""))
     parts.append(text[start:])
     return parts
+
+
+_OPENING = {")": "(", "]": "["}
+_CLOSING = {"(": ")", "[": "]"}
 
 
 def _text(s: str, seps: str) -> str:
