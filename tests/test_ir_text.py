@@ -152,3 +152,26 @@ def test_printed_graphs_parse_back_to_the_same_text(g):
     assert [n.meta.get("merged") for n in back.nodes] == [n.meta.get("merged") for n in g.nodes]
     # a sparsified linear's pattern (lost in the text: after a lowbit reload, gptq refilled the pruned zeros)
     assert [n.meta.get("sparsity") for n in back.nodes] == [n.meta.get("sparsity") for n in g.nodes]
+
+
+@pytest.mark.parametrize("kv", ["kv=int4,kv_group=16", "kv=int8,kv_group=16,kv_window=4,kv_sink=1"])
+def test_kv_quantized_attention_keeps_its_kv_scheme_through_text(kv):
+    """``meta["qscheme_kv"]`` (the kv accuracy model ``quantize(kv=...)`` wrote, which the kv-cache pass refuses to
+    stack on) was not in the text form: a printed and parsed graph lost it, and the graph read back looked float."""
+    import lowbit
+    from conftest import tiny_llama
+
+    graph = lowbit.compile_model(tiny_llama(), pipeline=f"quantize({kv})").graph
+    marked = {n.name: n.meta["qscheme_kv"] for n in graph.nodes if "qscheme_kv" in n.meta}
+    assert marked and all("window:" in m for m in marked.values())
+    text = print_graph(graph)
+    reparsed = parse_graph(text, {k: v.data for k, v in graph.params.items()})
+    assert {n.name: n.meta["qscheme_kv"] for n in reparsed.nodes if "qscheme_kv" in n.meta} == marked
+    assert print_graph(reparsed) == text
+
+
+def test_a_malformed_qscheme_kv_comment_is_a_parse_error():
+    text = print_graph(parse_graph(GOLDEN)).replace("# proj", "# proj | qscheme_kv k:int4 v:int4 window:x", 1)
+    assert "qscheme_kv" in text
+    with pytest.raises(IRParseError, match="'| qscheme_kv' must be followed by"):
+        parse_graph(text)

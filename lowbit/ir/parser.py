@@ -27,6 +27,8 @@ MAX_SIZE = 2**63 - 1
 
 _SPARSITY = re.compile(r"\d{1,4}:\d{1,4}|unstructured-[0-9.e+-]{1,24}")
 """What ``| sparsity`` may say: the pattern ``sparsify`` recorded (``SparsityPattern.__str__``)."""
+_QSCHEME_KV = re.compile(r"k:[\w.-]{1,64} v:[\w.-]{1,64} window:\d{1,9} sink:\d{1,9}")
+"""What ``| qscheme_kv`` may say: the KV scheme ``quantize(kv=...)`` recorded on an attention node."""
 
 
 class IRParseError(LowbitError, ValueError):
@@ -365,10 +367,12 @@ class Parser:
             module, end = json.JSONDecoder().raw_decode(comment)
             if not isinstance(module, str):
                 raise c.error("a quoted module path must be a JSON string")
-            tail, _, sparsity = comment[end:].partition("| sparsity ")
+            tail, _, qscheme_kv = comment[end:].partition("| qscheme_kv ")
+            tail, _, sparsity = tail.partition("| sparsity ")
             tail, _, merged = tail.partition("| merged ")
             _, _, fused = tail.partition("| fused ")
         else:  # a plain module path has no '|' (the printer quotes one that has)
+            comment, _, qscheme_kv = comment.partition("| qscheme_kv ")
             comment, _, sparsity = comment.partition("| sparsity ")
             comment, _, merged = comment.partition("| merged ")
             module, _, fused = comment.partition("| fused ")
@@ -377,6 +381,10 @@ class Parser:
         sparsity = sparsity.strip()
         if sparsity and not _SPARSITY.fullmatch(sparsity):
             raise c.error(f"'| sparsity' must be followed by a pattern like 2:4 or unstructured-0.5, got {sparsity!r}")
+        qscheme_kv = qscheme_kv.strip()
+        if qscheme_kv and not _QSCHEME_KV.fullmatch(qscheme_kv):
+            raise c.error("'| qscheme_kv' must be followed by 'k:SCHEME v:SCHEME window:N sink:N', got "
+                          f"{qscheme_kv!r}")
         outs: list[tuple[str, ValueType]] = []
         while True:
             t = c.next()
@@ -425,6 +433,8 @@ class Parser:
             node.meta["merged"] = members
         if sparsity:
             node.meta["sparsity"] = sparsity
+        if qscheme_kv:
+            node.meta["qscheme_kv"] = qscheme_kv
         for name, typ in outs:
             if name in self.values:
                 raise c.error(f"%{name} is defined twice")

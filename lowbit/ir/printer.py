@@ -10,7 +10,8 @@
 
 A fused node's comment also says what it replaced: ``# model.layers.0.mlp.down_proj | fused dequantize+linear``;
 a horizontally merged one also lists its members' modules: ``... | merged ["model.layers.0.self_attn.q_proj", ...]``;
-a linear ``sparsify`` pruned, its pattern: ``... | sparsity 2:4``.
+a linear ``sparsify`` pruned, its pattern: ``... | sparsity 2:4``; an attention ``quantize(kv=...)`` quantized, its
+KV scheme: ``... | qscheme_kv k:int4-asym-tok16-dyn v:int4-asym-tok16-dyn window:0 sink:0``.
 
 Literals: ints, floats (``inf``, ``-inf``, ``nan``), ``True``/``False``/``None``, JSON strings, dtypes by
 short name (``f32``), ``device("cpu")``, memory formats and layouts by name, lists in brackets.
@@ -82,7 +83,7 @@ def format_node(node: Node) -> str:
     operands = [format_literal(a) for a in node.args]
     operands += [f"{k}={format_literal(v)}" for k, v in node.kwargs.items()]
     text = f"{lhs} = {node.op}({', '.join(operands)})"
-    if node.module or any(node.meta.get(k) for k in ("fused", "merged", "sparsity")):
+    if node.module or any(node.meta.get(k) for k in ("fused", "merged", "sparsity", "qscheme_kv")):
         text += f"  # {format_module(node.module)}"
     if node.meta.get("fused"):  # what a fusion replaced (lowbit.ir.fusion); the parser reads it back
         text += f" | fused {node.meta['fused']}"
@@ -90,6 +91,8 @@ def format_node(node: Node) -> str:
         text += f" | merged {json.dumps(list(node.meta['merged']))}"
     if node.meta.get("sparsity"):  # the pattern sparsify pruned to: a later gptq/distill keeps those zeros
         text += f" | sparsity {node.meta['sparsity']}"
+    if node.meta.get("qscheme_kv"):  # the kv accuracy model quantize(kv=) wrote: the kv-cache pass refuses it
+        text += f" | qscheme_kv {node.meta['qscheme_kv']}"
     return text
 
 
