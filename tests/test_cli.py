@@ -500,6 +500,41 @@ def test_debug_compare_marks_a_rotated_residual_stream_not_comparable():
     assert "n/a" in row and "-3" not in row, res.output
 
 
+def test_nan_and_infinite_errors_rank_worst_in_every_debug_ranking():
+    """'NaN ranks worst' was written three ways: compare's table let an infinite error (SQNR -inf) tie with a NaN
+    (the first listed won) and named a 'worst layer' (SQNR inf) for a stage that changed no layer, where the HTML
+    report said '-'; sensitivity let a +inf damage tie with a NaN. One rule now: NaN, then infinite, then finite
+    worst to best, and an unchanged stage has no worst layer, in the terminal table, the HTML and sensitivity."""
+    from rich.console import Console
+
+    from lowbit.cli.compare import CompareResult, Stage, summary_table
+    from lowbit.cli.report_html import render_report
+    from lowbit.cli.sensitivity import ranked
+
+    nan, inf = float("nan"), float("inf")
+
+    def layers(*sqnr):
+        return {f"model.layers.{i}": {"sqnr_db": v, "cosine": 1.0, "max_abs": 0.0} for i, v in enumerate(sqnr)}
+
+    out = {"sqnr_db": 20.0, "cosine": 0.9, "max_abs": 1.0}
+    stages = [Stage(-1, "float", False, 0.0, 10.0, out, layers(inf, inf, inf)),
+              Stage(0, "p-ninf", True, 0.0, 11.0, out, layers(30.0, -inf, nan)),
+              Stage(1, "p-fin", True, 0.0, 11.0, out, layers(inf, 12.0, 3.0))]
+    res = CompareResult("m", "p", "in", "ppl", stages, 0.0)
+    console = Console(width=400, record=True)
+    console.print(summary_table(res))
+    rows = {line.split("│")[2].strip(): [c.strip() for c in line.split("│")] for line in console.export_text().splitlines()
+            if line.count("│") > 8}
+    assert rows["float"][6] == "-" and rows["p-ninf"][6] == "model.layers.2" and rows["p-fin"][6] == "model.layers.2"
+    stages[1].layers = layers(30.0, 40.0, nan)
+    html = render_report(res.to_dict(finite=False)).split("<h2>")[1]
+    cells = {r.split("<code>")[1].split("</code>")[0]: r for r in html.split("<tr>") if "<code>" in r}
+    assert "<td>-</td>" in cells["float"] and "model.layers.2" in cells["p-ninf"] and "model.layers.2" in cells["p-fin"]
+    damage = [{"module": "a", "damage": 0.5}, {"module": "b", "damage": inf}, {"module": "c", "damage": nan},
+              {"module": "d", "damage": 2.0}, {"module": "e", "damage": -inf}]
+    assert [r["module"] for r in ranked(damage)] == ["c", "b", "d", "a", "e"]
+
+
 def test_debug_compare_shows_a_nan_output_as_nan(tmp_path):
     """A pass that made block 1's output NaN read 'n/a' in the terminal (the caption: 'not comparable ... removed the
     block') and, in the HTML report, '∞' everywhere (NaN and inf were both null there): identical to float."""

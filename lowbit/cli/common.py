@@ -9,6 +9,7 @@ capture once and run many pipelines) pay for loading only once.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -326,6 +327,25 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.write(text)
     os.chmod(name, 0o666 & ~_umask())
     os.replace(name, path)
+
+
+def worst_first(value: float | None, *, higher_is_worse: bool) -> tuple[int, float]:
+    """A sort key that puts the worst value first, one rule for every ranking the debug commands show (compare's
+    worst layer, its HTML report, sensitivity's units): a NaN (a poisoned output) is the worst there is, then an
+    infinite error (SQNR -inf, damage +inf), then finite values from worst to best; an exact result (SQNR +inf, or
+    None: JSON's form of it) last. ``min``/``sort`` over NaN alone is arbitrary."""
+    if value is None:  # an identical output (infinite SQNR) stored as null
+        value = -math.inf if higher_is_worse else math.inf
+    if math.isnan(value):
+        return (0, 0.0)
+    return (1, -value if higher_is_worse else value)
+
+
+def worst_layer(layers: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]] | None:
+    """The layer with the lowest SQNR (a NaN one first, ``worst_first``); None where every layer is identical to
+    float (infinite SQNR): no layer is worse than another then, as the HTML report says ('-')."""
+    changed = [kv for kv in layers.items() if kv[1]["sqnr_db"] not in (None, math.inf)]
+    return min(changed, key=lambda kv: worst_first(kv[1]["sqnr_db"], higher_is_worse=False), default=None)
 
 
 def check_eval_sizes(windows: int, seq_len: int, sentences: int) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from rich.table import Table
 
 from lowbit import jsonio
-from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse
+from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse, worst_layer
 from lowbit.cli.probes import EvalInputs, Probe, end_metric, fmt_metric, layer_stats, make_inputs, metric_name, \
     run_probe
 from lowbit.instruments import compare_outputs
@@ -116,19 +116,13 @@ def _db(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.1f}"
 
 
-def _worst_key(kv: tuple[str, dict[str, float]]) -> float:
-    """A layer's rank for 'worst layer': a NaN output is the worst there is (``min`` over NaN is arbitrary)."""
-    v = kv[1]["sqnr_db"]
-    return -math.inf if math.isnan(v) else v
-
-
 def summary_table(res: CompareResult) -> Table:
     name = "perplexity" if res.metric == "ppl" else "1 - emb. cosine"
     table = Table(title=f"{res.model}: per-pass error on {res.inputs}")
     for col in ("#", "pass", name, "out SQNR dB", "out cosine", "worst layer", "its SQNR dB", "pass ms"):
         table.add_column(col, justify="left" if col in ("pass", "worst layer") else "right")
     for s in res.stages:
-        worst = min(s.layers.items(), key=_worst_key, default=None)
+        worst = worst_layer(s.layers)
         table.add_row("" if s.index < 0 else str(s.index), s.spec + ("" if s.changed or s.index < 0 else " (no change)"),
                       fmt_metric(res.metric, s.metric), _db(s.output["sqnr_db"]), f"{s.output['cosine']:.6f}",
                       worst[0] if worst else "-", _db(worst[1]["sqnr_db"]) if worst else "-",

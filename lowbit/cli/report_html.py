@@ -10,6 +10,8 @@ import html
 import math
 from typing import Any
 
+from lowbit.cli.common import worst_layer
+
 CLIP_DB = 80.0
 """The line chart's top: above this an output is float-exact for practical purposes."""
 HEAT_TOP_DB = 60.0
@@ -164,8 +166,8 @@ def render_report(data: dict[str, Any]) -> str:
     metric = "perplexity" if data["metric"] == "ppl" else "1 − embedding cosine"
     rows = []
     for s in stages:
-        worst = min(((k, v["sqnr_db"]) for k, v in s["layers"].items() if v["sqnr_db"] not in (None, math.inf)),
-                    key=lambda kv: -math.inf if math.isnan(kv[1]) else kv[1], default=("-", None))
+        found = worst_layer(s["layers"])
+        worst = (found[0], found[1]["sqnr_db"]) if found else ("-", None)
         rows.append(
             f"<tr><td>{'' if s['index'] < 0 else s['index']}</td><td><code>{_esc(s['spec'])}</code></td>"
             f"<td>{'yes' if s['changed'] else ('—' if s['index'] < 0 else 'no')}</td>"

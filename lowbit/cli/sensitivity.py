@@ -10,7 +10,6 @@ alone (``keep_float`` empty, no ``--overrides`` command printed).
 
 from __future__ import annotations
 
-import math
 import re
 import shlex
 import time
@@ -21,7 +20,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from lowbit import jsonio
-from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse
+from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse, worst_first
 from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_name, run_probe
 from lowbit.cli.restrict import block_units, how_restricted, linear_units, restrict, units_in_scope
 
@@ -106,12 +105,17 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
         run_pipeline(g, [qpass], model_spec=model_spec, takes_reproducer=False, ran_before=pre)
         everything = score(g)
         bar.advance(task)
-    # a unit whose output turns NaN does the most damage (sorted as NaN it stayed wherever it was)
-    rows.sort(key=lambda r: -math.inf if math.isnan(r["damage"]) else -r["damage"])
+    rows = ranked(rows)
     return {"format": OVERRIDES_FORMAT, "model": model_spec, "scheme": scheme, "quantize": qpass.spec(),
             "prefix": ",".join(p.spec() for p in pre), "granularity": granularity, "metric": metric,
             "inputs": inputs.description, "baseline": baseline, "all_quantized": everything, "ranking": rows,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Units by damage, worst first: a unit whose output turns NaN does the most damage (sorted as NaN it stayed
+    wherever it was), then an infinite one (``worst_first``)."""
+    return sorted(rows, key=lambda r: worst_first(r["damage"], higher_is_worse=True))
 
 
 def run_sensitivity(model_spec: str, scheme: str, *, group: int | None, prefix: str | None, granularity: str,
