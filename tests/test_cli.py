@@ -535,6 +535,28 @@ def test_nan_and_infinite_errors_rank_worst_in_every_debug_ranking():
     assert [r["module"] for r in ranked(damage)] == ["c", "b", "d", "a", "e"]
 
 
+def test_compare_html_report_draws_a_layer_whose_output_overflowed():
+    """A layer output that overflowed to inf has SQNR -inf dB: the HTML report raised OverflowError (the line chart's
+    axis floor), and the heat map's colour scale, floored at -inf, painted every finite cell full green."""
+    from lowbit.cli.compare import CompareResult, Stage
+    from lowbit.cli.report_html import render_report
+
+    def layers(*sqnr):
+        return {f"model.layers.{i}": {"sqnr_db": v, "cosine": 1.0, "max_abs": 0.0} for i, v in enumerate(sqnr)}
+
+    out = {"sqnr_db": 20.0, "cosine": 0.9, "max_abs": 1.0}
+    stages = [Stage(-1, "float", False, 0.0, 10.0, out, layers(float("inf"), float("inf"))),
+              Stage(0, "overflowing", True, 0.0, 11.0, out, layers(10.0, float("-inf"))),
+              Stage(1, "fine", True, 0.0, 11.0, out, layers(40.0, 60.0))]
+    page = render_report(CompareResult("m", "p", "in", "ppl", stages, 0.0).to_dict(finite=False))
+    assert "-∞ dB</b> block outputs after #0 <code>overflowing</code>" in page
+    cells = {title: fill for fill, title in re.findall(r'fill="([^"]+)"><title>([^<]+)</title>',
+                                                       page.split('aria-label="heat map')[1])}
+    red, green = "rgb(215,48,80)", "rgb(65,198,80)"  # the scale's ends: 10 dB (the lowest finite) and 60 dB
+    assert cells["model.layers.1 after overflowing: -∞ dB"] == red and cells["model.layers.0 after overflowing: 10.0 dB"] == red
+    assert cells["model.layers.1 after fine: 60.0 dB"] == green and cells["model.layers.0 after fine: 40.0 dB"] not in (red, green)
+
+
 def test_debug_compare_shows_a_nan_output_as_nan(tmp_path):
     """A pass that made block 1's output NaN read 'n/a' in the terminal (the caption: 'not comparable ... removed the
     block') and, in the HTML report, '∞' everywhere (NaN and inf were both null there): identical to float."""

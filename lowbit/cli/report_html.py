@@ -44,6 +44,11 @@ def _is_nan(v: float | None) -> bool:
     return v is not None and math.isnan(v)
 
 
+def _off_axis(v: float | None) -> bool:
+    """NaN or -inf dB: no place on a dB axis or colour scale (an infinite error is shown as a value, '-∞')."""
+    return v is not None and not math.isfinite(v)
+
+
 def _cell(stage: dict[str, Any], layer: str, key: str, digits: int) -> str:
     """A layer's number, or n/a where the stage has no comparable output for it (a removed or rotated block)."""
     return "n/a" if layer not in stage["layers"] else _num(stage["layers"][layer].get(key), digits)
@@ -54,15 +59,16 @@ def line_chart(stages: list[dict[str, Any]], layers: list[str], width: int = 960
     ml, mr, mt, mb = 60, 300, 20, 60
     pw, ph = width - ml - mr, height - mt - mb
     series = []
-    nan = [s for s in stages if any(_is_nan(_sqnr(s, layer)) for layer in layers)]
+    # NaN, and -inf (an output that overflowed to inf): not on the axis (-inf made the axis' floor an OverflowError)
+    nan = [s for s in stages if any(_off_axis(_sqnr(s, layer)) for layer in layers)]
     for s in stages:
-        vals = [None if _is_nan(v) else v for v in (_sqnr(s, layer) for layer in layers)]  # NaN: not on the axis
+        vals = [None if _off_axis(v) else v for v in (_sqnr(s, layer) for layer in layers)]
         if any(v is not None for v in vals):
             series.append((s, vals))
     finite = [v for _, vals in series for v in vals if v is not None]
     if not layers:
         return "<p>The graph has no repeated blocks (model.layers.N / encoder.layer.N) to compare layer by layer.</p>"
-    nan_note = ("<p><b>NaN</b> block outputs after " + ", ".join(f"#{s['index']} <code>{_esc(s['spec'])}</code>"
+    nan_note = ("<p><b>NaN</b> or <b>-∞ dB</b> block outputs after " + ", ".join(f"#{s['index']} <code>{_esc(s['spec'])}</code>"
                                                                    for s in nan) + " (not drawn).</p>") if nan else ""
     if not finite:
         return nan_note or "<p>No pass changed any layer output (every SQNR is infinite).</p>"
@@ -127,7 +133,8 @@ def heat_map(stages: list[dict[str, Any]], layers: list[str]) -> str:
     """Layers (columns) × passes (rows), coloured by SQNR, value written in each cell."""
     cw, chh, left, top = max(20, min(70, 900 // max(1, len(layers)))), 26, 240, 30
     width, height = left + cw * len(layers) + 10, top + chh * len(stages) + 40
-    finite = [v for s in stages for layer in layers if (v := _sqnr(s, layer)) is not None and not _is_nan(v)]
+    # -inf set the scale's floor: every finite cell then coloured (v - lo) / (hi - lo) = NaN, i.e. full green
+    finite = [v for s in stages for layer in layers if (v := _sqnr(s, layer)) is not None and not _off_axis(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     hi = min(hi, HEAT_TOP_DB)  # above this everything is "fine"; the colours resolve the lossy range
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
