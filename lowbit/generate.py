@@ -253,6 +253,7 @@ class _CudaGraphStep:
             self.out = runner(self.ids, self.positions, *self.cache)
             if greedy:
                 self.next = row_argmax(self.out[0][:, -1])
+                self.bad = not_finite_rows(self.out[0][:, -1])  # read with the tokens: NaN logits are named
                 self.ids.copy_(self.next.view_as(self.ids))
                 self.positions.add_(1)
 
@@ -277,10 +278,18 @@ class _CudaGraphStep:
             dst.copy_(src)
 
     def step(self) -> torch.Tensor:
-        """One greedy step: replay, then a copy of the chosen tokens (the next replay overwrites them)."""
+        """One greedy step: replay, then a copy of the chosen tokens and their rows' not-finite flags ``[2, B]``
+        (the next replay overwrites both)."""
         self.graph.replay()
         self._copy_cache_back()
-        return self.next.clone()
+        return torch.stack((self.next, self.bad))
+
+
+def not_finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``[B]`` int64, 1 where a row of ``[B, V]`` logits has no finite maximum (a NaN, +inf, or every logit -inf):
+    there is no token to choose. Greedy argmax returned a token for such a row without a word (torch: the first
+    NaN's index; the Triton kernel: token 0)."""
+    return (~torch.isfinite(logits.amax(-1))).long()
 
 
 def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -493,10 +502,26 @@ class Generator:
         longest = ids.shape[1]
 
         def pick(logits: torch.Tensor) -> torch.Tensor:
+            """``[2, B]``: the next tokens and 1 where a row's logits are not finite (named when the host reads the
+            tokens, with the step: one read for both, so the device still runs a step ahead of the host)."""
             logits = logits.float()
+            bad = not_finite_rows(logits)
             if not do_sample:
-                return logits.argmax(-1)
-            return _sample(logits, temperature, top_k, top_p, gen)
+                return torch.stack((logits.argmax(-1), bad))
+            # such a row is reported by step when read; sampled as uniform meanwhile (multinomial fails on it)
+            logits = logits.masked_fill(bad.bool().unsqueeze(-1), 0.0)
+            return torch.stack((_sample(logits, temperature, top_k, top_p, gen), bad))
+
+        def check_finite(flags: list[int], step: int) -> None:
+            for b, flag in enumerate(flags):
+                if flag and not done[b]:
+                    where = "the prefill (its first new token)" if step == 0 else \
+                        f"decode step {step} (its new token {len(tokens[b]) + 1})"
+                    raise GenerationError(
+                        f"sequence {b}: the model's logits at {where} are not finite (NaN or inf), so there is no "
+                        f"token to choose ({'sampling' if do_sample else 'greedy'}); {len(tokens[b])} token(s) were "
+                        "made before it. The compiled model's numerics broke: `lowbit debug compare` shows the pass "
+                        "and layer")
 
         sync()
         t0 = time.perf_counter()
@@ -533,10 +558,11 @@ class Generator:
         done = [False] * batch
         pos = torch.tensor(lengths, device=self.device).view(batch, 1)
         steps = 0
+        read = 0  # the step whose tokens the host reads next: 0 is the prefill's
         decode = None
         greedy_graph = None
         if cuda and self.spec.cuda_graph and not do_sample and max_new_tokens > 1:
-            greedy_graph = self._graph(batch, next_tokens.view(batch, 1), pos, cache, greedy=True)
+            greedy_graph = self._graph(batch, next_tokens[0].view(batch, 1), pos, cache, greedy=True)
         pending = next_tokens
         while True:
             # Launch the next step before reading this one's tokens on the host: the tokens stay on the device, so
@@ -544,7 +570,7 @@ class Generator:
             # sequence stopped is wasted, never seen.
             launched = None
             if steps < max_new_tokens - 1:
-                step_ids = pending.view(batch, 1)
+                step_ids = pending[0].view(batch, 1)
                 if greedy_graph is not None:  # greedy on CUDA graphs: the graph feeds itself its tokens
                     if steps == 0:
                         greedy_graph.start(step_ids, pos, cache)
@@ -559,7 +585,10 @@ class Generator:
                     launched = pick(out[0][:, -1])
                     pos = pos + 1
                 steps += 1
-            for b, t in enumerate(pending.tolist()):
+            picked, flags = pending.tolist()
+            check_finite(flags, read)
+            read += 1
+            for b, t in enumerate(picked):
                 if done[b]:
                     continue
                 tokens[b].append(t)

@@ -659,3 +659,32 @@ def test_perplexity_runs_through_a_logits_all_step_graph(tiny_compiled):
         perplexity(cm, "wikitext2-test", **{**kw, "seq_len": 48})
     with pytest.raises(GenerationError, match=r"last position only.*GenerationSpec\(\.\.\., logits='all'\)"):
         perplexity(tiny_compiled, "wikitext2-test", **kw)  # a generation step: logits="last"
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_non_finite_logits_are_named_with_their_step(do_sample):
+    """Greedy decoding on NaN logits returned tokens without a word (torch's argmax: the first NaN's index), and
+    sampling named the sequence but not the step. A step runner whose logits turn NaN at position 4 for sequence 1
+    (prompt of 3: its 3rd new token, decode step 2), or +inf at the prefill, is refused by sequence and step."""
+    from lowbit.generate import Generator
+
+    vocab = 11
+
+    def runner(ids, positions, k, v):
+        logits = torch.nn.functional.one_hot((ids + 1) % vocab, vocab).double()
+        logits[1:2][positions[1:2] == 4] = float("nan")
+        return logits, k, v
+
+    meta = {"max_length": 16, "max_batch": 2, "cache_dtype": "float32", "n_layers": 1, "kv_heads": 1, "head_dim": 4}
+    gen, how = Generator(runner, meta), dict(do_sample=do_sample, stop_tokens=(), **({"temperature": 1e-3} if
+                                                                                   do_sample else {}))
+    with pytest.raises(GenerationError, match=r"sequence 1: the model's logits at decode step 2 \(its new token 3\) "
+                                              r"are not finite .* 2 token\(s\) were made before it"):
+        gen.generate([[1, 2, 3, 4], [1, 2, 3]], 6, **how)
+    assert gen.generate([[1, 2, 3, 4], [1, 2, 3]], 2, **how).tokens == [[5, 6], [4, 5]]  # before the NaN: as ever
+
+    def inf_runner(ids, positions, k, v):
+        return torch.full((*ids.shape, vocab), float("inf")), k, v
+
+    with pytest.raises(GenerationError, match=r"sequence 0: the model's logits at the prefill \(its first new token\)"):
+        Generator(inf_runner, meta).generate([[1, 2]], 3, **how)
