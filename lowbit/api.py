@@ -9,6 +9,7 @@ backend declares it needs (``lowbit.backends.registry``), and lowers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -261,6 +262,22 @@ def _generation_spec(generation: Any) -> Any:
     return spec
 
 
+def _within_positions(spec: Any, hf_model: torch.nn.Module, defaults: bool) -> Any:
+    """``spec`` checked against the model's ``max_position_embeddings``: a cache longer than the positions the model
+    was trained on ran positions it never saw (rotary tables past their range; the logits drift without an error).
+    ``generation=True`` (the defaults) takes the model's length where it is shorter than the default 512."""
+    from lowbit.models import GenerationError
+
+    limit = getattr(getattr(hf_model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit < 2 or spec.max_length <= limit:
+        return spec
+    if defaults:
+        return dataclasses.replace(spec, max_length=limit)
+    raise GenerationError(f"GenerationSpec.max_length={spec.max_length} is longer than the model's "
+                          f"max_position_embeddings={limit} ({type(hf_model).__name__}'s config): positions past "
+                          f"{limit - 1} are outside what it was trained on; give max_length <= {limit}")
+
+
 def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
     """The step module to capture for generation, its example inputs and dynamic shapes, and graph meta."""
     from lowbit.generate import step_example
@@ -274,6 +291,7 @@ def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn
             raise GenerationError(f"{type(model).__name__} has no causal-LM head (lm_head): generation needs a "
                                   "decoder LM such as smollm2; an encoder compiles without generation=")
         model = CausalLMStep(model).eval()
+    spec = _within_positions(spec, model.model, generation is True)
     example, dynamic = step_example(model, spec)
     eos = getattr(getattr(model.model, "generation_config", None), "eos_token_id", None)
     eos = [eos] if isinstance(eos, int) else list(eos or [])

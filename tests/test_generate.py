@@ -688,3 +688,21 @@ def test_non_finite_logits_are_named_with_their_step(do_sample):
 
     with pytest.raises(GenerationError, match=r"sequence 0: the model's logits at the prefill \(its first new token\)"):
         Generator(inf_runner, meta).generate([[1, 2]], 3, **how)
+
+
+def test_a_cache_longer_than_the_models_positions_is_refused_before_capture(monkeypatch):
+    """GenerationSpec(max_length=) above the model's max_position_embeddings was captured and run: positions the
+    model never saw, drifting logits, no word. It is refused naming both numbers, before the capture;
+    ``generation=True`` (the defaults, 512) takes the model's length where it is shorter."""
+    import lowbit.api
+
+    model = tiny_llama(max_positions=24)
+    captures: list[object] = []
+    monkeypatch.setattr(lowbit.api, "capture", lambda *a, **k: captures.append(a) or 1 / 0)
+    with pytest.raises(GenerationError, match=r"GenerationSpec.max_length=40 is longer than the model's "
+                                              r"max_position_embeddings=24 \(LlamaForCausalLM's config\).*"
+                                              r"give max_length <= 24"):
+        compile_model(model, generation=GenerationSpec(max_length=40, max_batch=1))
+    assert captures == []
+    monkeypatch.undo()
+    assert compile_model(model, generation=True).graph.meta["generation"]["max_length"] == 24

@@ -510,6 +510,16 @@ class _TextStream:
             self.shown = text
 
 
+def _config_positions(directory: Path) -> int | None:
+    """``max_position_embeddings`` of an HF directory's config.json, or None where it has none (or no config)."""
+    try:
+        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = raw.get("max_position_embeddings") if isinstance(raw, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 @app.command("generate")
 def generate_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -567,6 +577,7 @@ def generate_cmd(
     from lowbit.models import quantization_config
 
     ckpt = Path(model).expanduser() if quantization_config(model) is not None else None
+    positions = None  # the model's max_position_embeddings, where known: --max-length's default stays within it
     lowbit_dir = Path(model).expanduser()
     if (lowbit_dir / "model.lowbit").is_file():  # lowbit's format: the step graph as compiled (its spec fixed)
         if text:
@@ -606,16 +617,21 @@ def generate_cmd(
             fail(str(exc), Exit.NOT_FOUND)
         build = lambda spec: load_checkpoint(ckpt, device=device, generation=spec, backend=backend)  # noqa: E731
         text = "loaded from the checkpoint"
+        positions = _config_positions(ckpt)
     else:
         loaded = load(model)
         if loaded.kind != "causal-lm":
             fail(f"model {model!r} is a {loaded.kind} with no causal-LM head: `lowbit generate` needs a decoder LM "
                  "(smollm2, an HF *ForCausalLM directory, a .gguf)", Exit.USAGE)
         tok = loaded.tokenizer
+        positions = getattr(getattr(getattr(loaded.module, "model", None), "config", None), "max_position_embeddings",
+                            None)
         build = lambda spec: compile_model(loaded.module, pipeline=text or None, device=device,  # noqa: E731
                                            tokenizer=loaded.tokenizer, generation=spec, backend=backend)
     try:
-        spec = GenerationSpec(max_length=512 if max_length is None else max_length,
+        if max_length is None:  # 512, or the model's positions where fewer (a longer cache is refused by name)
+            max_length = min(512, positions) if isinstance(positions, int) and positions >= 2 else 512
+        spec = GenerationSpec(max_length=max_length,
                               max_batch=len(prompt) if max_batch is None else max_batch)
         ids = [tok(p).input_ids for p in prompt]
         # the request is checked before the compile, which takes minutes on a large model
