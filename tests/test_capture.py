@@ -303,3 +303,30 @@ def test_default_example_fits_a_model_with_fewer_positions_than_it():
     seq = graph.inputs[0].tensor_type.shape[1]
     sym = graph.symbols[seq]
     assert sym.max == 32 and sym.min <= sym.hint <= sym.max, (sym.min, sym.hint, sym.max)
+
+
+@pytest.mark.parametrize("dtype, affine, eps", [(torch.bfloat16, True, None), (torch.float32, False, 1e-5)])
+def test_torch_rms_norm_is_raised_to_lowbit_rms_norm(dtype, affine, eps):
+    """``torch.nn.RMSNorm`` is captured as one ``aten.rms_norm``, which lowbit could not run: a model using it was
+    refused as 'capture produced ops lowbit cannot run', and a bare capture failed the verifier. It is raised to
+    ``rms_norm`` (torch's definition: float32 statistics and gain for 16-bit inputs, eps=None that dtype's epsilon),
+    bit-identical to torch, and fold-norms folds it like an HF norm."""
+    from lowbit.ir.capture import refuse_unrunnable
+    from lowbit.ir.verifier import verify
+    from lowbit.passes.manager import PassManager
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.RMSNorm(16, eps=eps, elementwise_affine=affine),
+                                torch.nn.Linear(16, 8)).to(dtype).eval()
+    if affine:
+        with torch.no_grad():
+            model[0].weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 16, dtype=dtype)
+    graph = capture(model, (x,))
+    refuse_unrunnable(graph, model)
+    verify(graph)
+    assert [n.op for n in graph.nodes] == ["rms_norm", "linear"]
+    assert torch.equal(TorchCompiled(graph)(x), model(x))
+    if affine:
+        PassManager("fold-norms").run(graph)
+        assert graph.nodes[0].arg(1) is None  # the gain went into the linear

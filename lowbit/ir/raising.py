@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lowbit.ir.graph import Graph, Node, TensorType, Value
 from lowbit.ir.pattern import Alt, Bindings, Opt, P, Rule, X, apply_rules
 from lowbit.ir.rewrite import eliminate_dead_code
@@ -223,7 +225,32 @@ def _rewrite_gelu(graph: Graph, node: Node, b: Bindings) -> Node | None:
     return _node("gelu", node.args[0], approximate=node.kwargs.get("approximate", "none"))
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _rewrite_aten_rms_norm(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    """``torch.nn.RMSNorm`` / ``F.rms_norm`` over the last dimension: captured as one ``aten.rms_norm``, which lowbit
+    could not run (the model was refused as an unsupported architecture). Its definition (torch's decomposition):
+    statistics and gain in the computation dtype (float32 for 16-bit inputs), ``eps=None`` that dtype's epsilon."""
+    x: Value = b["x"]
+    shape, weight, eps = node.arg(1, "normalized_shape"), node.arg(2, "weight"), node.arg(3, "eps")
+    t = x.tensor_type
+    if not isinstance(shape, (list, tuple)) or len(shape) != 1 or shape[0] != t.shape[-1]:
+        return None  # over several dims: no rms_norm form
+    if weight is not None and not (_is_param(weight) and weight.tensor_type.rank == 1):
+        return None
+    half = t.dtype in _HALF
+    compute = torch.float32 if half else None
+    if eps is None:
+        eps = torch.finfo(compute or t.dtype).eps
+    kw: dict[str, Any] = {"eps": float(eps), "compute_dtype": compute}
+    if half and weight is not None:
+        kw["gain_in_compute"] = True
+    return _node("rms_norm", x, *([weight] if weight is not None else []), **kw)
+
+
 SINGLE_OP_RULES = [
+    Rule("aten_rms_norm", P("aten.rms_norm.default", X("x", _is_tensor), exact_arity=False), _rewrite_aten_rms_norm),
     Rule("linear", P("aten.linear.default", X("x", _is_tensor), X("w", _is_tensor), exact_arity=False),
          _rewrite_linear),
     Rule("matmul", P(("aten.matmul.default", "aten.bmm.default", "aten.mm.default"), X("a"), X("b")),
