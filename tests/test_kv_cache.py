@@ -260,7 +260,7 @@ def test_onnx_refuses_the_packed_cache_before_loading(tmp_path):
     import lowbit
     from conftest import tiny_llama
 
-    cm = compile_model(tiny_llama(hidden=64, heads=2, kv_heads=1), pipeline="kv-cache(bits=4)",
+    cm = compile_model(tiny_llama(hidden=64, heads=2, kv_heads=1, max_positions=64), pipeline="kv-cache(bits=4)",
                        generation=GenerationSpec(max_length=64))
     with pytest.raises(LowbitError, match=r"cache_attention.*has no ONNX form: export the generation model "
                                           r"compiled without kv-cache"):
