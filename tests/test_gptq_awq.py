@@ -530,6 +530,27 @@ def test_smooth_quant_options_nothing_reads_or_unknown_sites_fail_when_parsed(sp
     parse_pipeline("gptq(group=128,group_fallback=64),awq(max_shrink=0.3),autoround(max_scale=2)")
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("awq(n_grid=2)", r"pass awq: option n_grid=2, max_shrink=0.5: the clipping search tries .* for i < "
+                      r"round\(max_shrink·n_grid\) = 1, i.e. min-max alone, so clip=true would clip nothing"),
+    ("awq(max_shrink=0.02)", r"option n_grid=20, max_shrink=0.02: .* = 1, i.e. min-max alone"),
+    ("gptq(clip=true,n_grid=2)", r"pass gptq: option n_grid=2: .* round\(0.5·n_grid\) = 1, i.e. min-max alone"),
+    ("autoround(clip=true,n_grid=1)", r"pass autoround: option n_grid=1: .* i.e. min-max alone"),
+])
+def test_a_clip_search_that_tries_only_min_max_is_refused(spec, message):
+    """The clip search tries 1 - i/n_grid for i < round(max_shrink·n_grid): at n_grid=2 (or a tiny max_shrink) that
+    is min-max alone, and clip=true ran as plain RTN with no word. The search itself shows it: one candidate."""
+    from lowbit.calibration.awq import awq_search_clip
+    from lowbit.passes.manager import PipelineSpecError, parse_pipeline
+
+    with pytest.raises(PipelineSpecError, match=message):
+        parse_pipeline(spec)
+    w, h = torch.randn(8, 16), torch.eye(16)
+    assert awq_search_clip(w, h, 4, 8, n_grid=2)[0].eq(1).all()  # what n_grid=2 ran: nothing clipped
+    assert awq_search_clip(w, h, 4, 8, n_grid=20)[0].lt(1).any()
+    parse_pipeline("awq(n_grid=3),gptq(clip=true,n_grid=3),awq(clip=false,n_grid=1),gptq(awq=true,n_grid=2)")
+
+
 def test_smooth_quant_on_a_post_norm_encoder_errors_or_leaves_it_unchanged(minilm_graph):
     """MiniLM's LayerNorms also feed the residual: no exact place for SmoothQuant scales. By default the pass
     says so; with require_sites=false (as the w8a8 recipe runs it) it warns and changes nothing."""

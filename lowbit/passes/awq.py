@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, Pass, PassResult, register_pass
-from lowbit.passes.gptq import SITE_KINDS, WeightCalibrationOptions, rounding, run_weight_calibration
+from lowbit.passes.gptq import SITE_KINDS, WeightCalibrationOptions, check_clip_grid, rounding, run_weight_calibration
 
 __all__ = ["AWQ", "AWQOptions"]
 
@@ -31,7 +31,8 @@ class AWQOptions(WeightCalibrationOptions):
     clip: bool = True
     """Search each group's clipping range by output error (AWQ's auto-clip)."""
     max_shrink: float = Field(default=0.5, ge=0, lt=1)
-    """Clipping: smallest range tried is (1 - max_shrink) of min-max."""
+    """Clipping: the ranges tried are 1 - i/n_grid of min-max for i < round(max_shrink·n_grid) (AutoAWQ's grid: 1
+    down to 0.55 at the defaults)."""
     sites: list[str] = list(SITE_KINDS)
     """Where scales may be folded: norm (RMSNorm/LayerNorm → linears), gated (up_proj → down_proj),
     attention-v (v_proj → o_proj)."""
@@ -39,6 +40,7 @@ class AWQOptions(WeightCalibrationOptions):
     @model_validator(mode="after")
     def _clip_reads_max_shrink(self) -> AWQOptions:
         self.refuse_unread({"max_shrink": None if self.clip else "clip=true"})
+        check_clip_grid(self.clip, self.n_grid, self.max_shrink, f", max_shrink={self.max_shrink}")
         return self
 
 

@@ -117,6 +117,20 @@ def check_awq_options(o: Any) -> None:
     (``awq=true``): given otherwise, each would be silently ignored (gptq, autoround)."""
     o.refuse_unread({"n_grid": None if o.awq or o.clip else "awq=true or clip=true",
                      "sites": None if o.awq else "awq=true"})
+    check_clip_grid(o.clip, o.n_grid, 0.5, "")
+
+
+def check_clip_grid(clip: bool, n_grid: int, max_shrink: float, shrink_option: str) -> None:
+    """The clipping search (``lowbit.calibration.awq.awq_search_clip``) tries the ranges ``1 - i/n_grid`` of
+    min-max for ``i < round(max_shrink·n_grid)``: a grid that coarse tries min-max alone, and ``clip=true`` ran
+    as plain RTN without a word (``n_grid=2``). ``shrink_option`` names ``max_shrink`` where the pass has it."""
+    tried = max(1, int(round(max_shrink * n_grid)))
+    if clip and tried < 2:
+        shrink = "max_shrink" if shrink_option else f"{max_shrink:g}"
+        raise ValueError(f"option n_grid={n_grid}{shrink_option}: the clipping search tries the ranges 1 - i/n_grid of "
+                         f"min-max for i < round({shrink}·n_grid) = {tried}, i.e. min-max alone, so clip=true would "
+                         "clip nothing; raise n_grid" + (" or max_shrink" if shrink_option else "") +
+                         " (n_grid=20 tries 1, 0.95, ..., 0.55), or set clip=false")
 
 
 def _weight_scheme(o: WeightCalibrationOptions) -> QScheme:
