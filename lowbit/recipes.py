@@ -37,8 +37,8 @@ _W8A8 = "quantize(w=int8,a=int8)"
 # (MiniLM), where there is no place to fold the scales and W8A8 alone is already within goal
 _SQ = "smooth-quant(search=true,require_sites=false)"
 # KV settings chosen on SmolLM2 wt2-512x40 (bench/results/accuracy_rtn_draft.json has the variants tried):
-# keys per channel over 32-token blocks, values per token, the first token (attention sink) and each query's
-# most recent tokens float.
+# keys per channel over 32-token blocks, values per token in 32-channel groups (kv_group sets both), the first
+# token (attention sink) and each query's most recent tokens float.
 _KV4 = "kv=int4,kv_group=32,kv_sink=1,kv_window=32"
 # QuaRot's KV cache: one scale and zero point per token per head (head_dim 64), no float window
 _KV4_HEAD = "kv=int4,k_gran=per_token,v_gran=per_token,kv_group=64"
@@ -100,7 +100,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "int4 weights (asymmetric, group 64, RTN) + int8 activations per token (dynamic); SmolLM2 1.372x",
            ("quantize",)),
     Recipe("kv4", f"quantize({_KV4})",
-           "KV cache int4, asymmetric: keys (after rotary) per channel over 32-token blocks, values per token; "
+           "KV cache int4, asymmetric: keys (after rotary) per channel over 32-token blocks, values per token in "
+           "32-channel groups; "
            "the first token and each query's 32 most recent tokens float", ("quantize",)),
     Recipe("kv2", f"quantize({_KV2})",
            "KV cache int2 as KIVI: keys per channel over 32-token blocks, values per token in 16-channel groups, "
