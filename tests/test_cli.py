@@ -161,6 +161,11 @@ def test_recipes_listing_or_clear_absence():
      "max_position_embeddings=8192"),
     (["debug", "bisect", "smollm2:1", "-p", "last-logits", "--windows", "1", "--seq-len", "16"], 2,
      "perplexity needs the logits of every position, and the graph gives 1 of the window's 16"),  # a traceback
+    # the other kind's size flags were silently ignored (an encoder embeds sentences, a causal LM reads windows)
+    (["debug", "compare", "minilm", "-p", "dce", "--windows", "2", "--seq-len", "64"], 2,
+     "--windows and --seq-len do not apply to 'minilm', an encoder: it is measured on --sentences N"),
+    (["debug", "sensitivity", "smollm2:1", "--sentences", "4"], 2,
+     "--sentences does not apply to 'smollm2:1', a causal LM: it is measured on --windows N and --seq-len L"),
 ])
 def test_bad_input_exit_codes(args, code, needle):
     assert needle in invoke(*args, code=code).output

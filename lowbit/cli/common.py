@@ -357,6 +357,23 @@ def check_eval_sizes(windows: int, seq_len: int, sentences: int) -> None:
                                                              if flag == "--seq-len" else ""), Exit.USAGE)
 
 
+def check_eval_flags_fit(model: str, given: set[str]) -> None:
+    """Refuse the input-size flags the model's kind does not read: ``--windows``/``--seq-len`` size a causal LM's
+    WikiText-2 windows, ``--sentences`` an encoder's sentences; the others were silently ignored. ``given``: the
+    flags on the command line (the model is loaded here, once per process: the command reuses it)."""
+    causal = ("--windows", "--seq-len")
+    if not given:
+        return
+    loaded = load(model)
+    wrong = [f for f in causal if f in given] if loaded.kind != "causal-lm" else \
+        [f for f in ("--sentences",) if f in given]
+    if wrong:
+        what, use = (("an encoder", "--sentences N (sentences embedded)") if loaded.kind != "causal-lm" else
+                     ("a causal LM", "--windows N and --seq-len L (WikiText-2 windows)"))
+        fail(f"{' and '.join(wrong)} {'do' if len(wrong) > 1 else 'does'} not apply to {model!r}, {what}: it is "
+             f"measured on {use}", Exit.USAGE)
+
+
 def parse_percent_or_number(text: str) -> tuple[float, bool]:
     """``"5%"`` → (0.05, relative=True); ``"0.3"`` → (0.3, relative=False)."""
     import math

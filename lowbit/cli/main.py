@@ -25,6 +25,7 @@ from lowbit.cli.common import (
     Exit,
     atomic_output_dir,
     capture_model,
+    check_eval_flags_fit,
     check_eval_sizes,
     check_output,
     console,
@@ -722,8 +723,19 @@ def graph_cmd(
 
 # ---- debug --------------------------------------------------------------------------------------
 
+def _given_flags(ctx: typer.Context, flags: dict[str, str]) -> set[str]:
+    """The flags (``{"--windows": "windows"}``: flag to parameter) given on the command line, not defaulted (by the
+    source's name: typer may run on a click of its own, whose ParameterSource is another enum)."""
+    return {flag for flag, param in flags.items()
+            if getattr(ctx.get_parameter_source(param), "name", None) == "COMMANDLINE"}
+
+
+_EVAL_FLAGS = {"--windows": "windows", "--seq-len": "seq_len", "--sentences": "sentences"}
+
+
 @debug_app.command("compare")
 def compare_cmd(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help=MODEL_HELP),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
@@ -745,12 +757,14 @@ def compare_cmd(
             json_out.expanduser().resolve() == html_out.expanduser().resolve():  # the report overwrote the numbers
         fail(f"--json and --html both name {str(json_out)!r}: give two files", Exit.USAGE)
     check_output(reproducer, "--reproducer", directory=True)
+    check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS))
     run_compare(model, pipeline_text(pipeline, recipe), windows=windows, seq_len=seq_len, n_sentences=sentences,
                 json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer)
 
 
 @debug_app.command("bisect")
 def bisect_cmd(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help=MODEL_HELP),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
@@ -770,12 +784,14 @@ def bisect_cmd(
     if parse_percent_or_number(max_increase)[0] <= 0:
         fail(f"--max-increase {max_increase}: must be above 0 (the threshold is the float model's metric plus "
              "this; at or below it every evaluation, the float model's included, fails)", Exit.USAGE)
+    check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS))
     run_bisect(model, pipeline_text(pipeline, recipe), metric=metric, max_increase=max_increase,
                windows=windows, seq_len=seq_len, n_sentences=sentences, json_out=json_out)
 
 
 @debug_app.command("sensitivity")
 def sensitivity_cmd(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help=MODEL_HELP),
     scheme: str = typer.Option("w4a4", help="w4a4, w8a8, w4 (weights only), ... or quantize options "
                                "'w=int4,group=64,a=int8', or one pass as pipeline text (a pruning pass: "
@@ -800,6 +816,7 @@ def sensitivity_cmd(
              Exit.USAGE)
     if keep_top < 0:
         fail(f"--keep-top {keep_top}: the number of units kept must be 0 or more", Exit.USAGE)
+    check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS))
     run_sensitivity(model, scheme, group=group, prefix=pipeline, granularity=granularity, metric=metric,
                     keep_top=keep_top, windows=windows, seq_len=seq_len, n_sentences=sentences, out=out)
 
