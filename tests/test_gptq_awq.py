@@ -632,3 +632,35 @@ def test_weight_pass_scope_without_linears_names_the_scope():
     with pytest.raises(PipelineError, match=r"pass gptq: option modules=\^n\$ matches no linear's module \(linears: "
                                             r"fc1, fc2\)"):
         PassManager([GPTQ(w="int4", modules="^n$", calib=torch.randn(2, 4, 8), progress=False)]).run(g)
+
+
+def test_attention_v_site_through_a_generation_step_cache_is_found_and_exact():
+    """A generation step writes v into its cache input (``scatter``) and attends over the new cache, a step output:
+    the site finder stopped there, so AWQ scaled no v→o group of a model compiled with ``generation=`` (listed as
+    unscaled) while the same model without it had them. The cache holds only what v wrote, so the scale passes
+    through it: prefill and the decode step that reads the cache back are unchanged (float64)."""
+    from lowbit.api import compile_model
+    from lowbit.backends.torch_backend import TorchCompiled
+    from lowbit.calibration.scale_migration import apply_scale, find_sites
+    from lowbit.generate import GenerationSpec
+    from lowbit.models import CausalLMStep
+
+    from conftest import float64_norm_stats, tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=32, heads=4, kv_heads=2, max_positions=32).double()
+    cm = compile_model(model, generation=GenerationSpec(max_length=16, max_batch=1, logits="all"))
+    base = float64_norm_stats(cm.graph.clone())
+    scaled = base.clone()
+    (site,) = find_sites(scaled, ("attention-v",))
+    assert site.channels == 16 and site.expand is not None
+    apply_scale(scaled, site, torch.exp(torch.randn(16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)))
+    ids = torch.randint(0, 61, (1, 6), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for g in (base, scaled):
+        run = TorchCompiled(g)
+        logits, *cache = run(ids, torch.arange(6)[None], *CausalLMStep(model).empty_cache(1, 16))
+        step, *_ = run(ids[:, -1:], torch.tensor([[6]]), *cache)  # decode: reads the prefill's cache back
+        outs.append((logits, step))
+    for a, b in zip(*outs):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-12

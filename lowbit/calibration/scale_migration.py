@@ -219,23 +219,46 @@ def _gated_site(mul: Node, users: dict[int, list[Node]], outputs: set[int]) -> M
     return None
 
 
+def _cache_write(n: Node) -> bool:
+    """A generation step's value-cache write: ``scatter(past_cache, dim, slots, v)`` into a graph input, along the
+    slot axis. The cache then holds only what this v projection wrote (now or at an earlier step, both scaled
+    alike), so the scale passes through it as through a view."""
+    if n.op != "aten.scatter.src" or len(n.args) < 4 or not isinstance(n.args[0], Value):
+        return False
+    past, dim, rank = n.args[0], n.args[1], getattr(n.output.type, "rank", None)
+    return (past.producer is None and not past.is_param and isinstance(dim, int) and isinstance(rank, int)
+            and dim % rank != rank - 1)
+
+
 def _attention_v_site(att: Node, users: dict[int, list[Node]], outputs: set[int]) -> MigrationSite | None:
     v_in = att.arg(2, "v")
     if not isinstance(v_in, Value):
         return None
-    # walk back from attention's value operand to the linear that produced it, through views only
+    # walk back from attention's value operand to the linear that produced it, through views (and a step graph's
+    # cache write) only
     chain_back: list[Node] = []
     cur = v_in
-    while cur.producer is not None and cur.producer.op in VIEW_OPS:
+    write: Node | None = None
+    while cur.producer is not None and (cur.producer.op in VIEW_OPS or (write is None and _cache_write(cur.producer))):
         p = cur.producer
         if p.op == "aten.slice.Tensor" and not _full_slice(p):
             return None
-        chain_back.append(p)
-        cur = p.args[0]
+        if p.op in VIEW_OPS:
+            chain_back.append(p)
+            cur = p.args[0]
+        else:
+            write, cur = p, p.args[3]
     v_lin = cur.producer
     if v_lin is None or not _is_linear_with_param_weight(v_lin):
         return None
     forward = _follow_views(users, v_lin.output, outputs)
+    if write is not None:  # v → views → the cache write (its only reader) → the new cache (a step output) → views
+        if forward is None or forward[0] is not write.args[3] or _readers(users, write.args[3]) != [write]:
+            return None
+        after_write = _follow_views(users, write.output, outputs - {id(write.output)})
+        if after_write is None or after_write[0] is not v_in:
+            return None
+        forward = (v_in, forward[1] + after_write[1])
     if forward is None or forward[0] is not v_in:
         return None  # v's output is read by something else on the way (a KV cache output, say)
     if any(r is not att for r in _readers(users, v_in)):
