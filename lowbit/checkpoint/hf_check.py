@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,10 @@ def transformers_logits(directory: str | Path, ids: torch.Tensor) -> torch.Tenso
         from transformers import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    model = from_pretrained(AutoModelForCausalLM, str(directory), **kwargs).eval()
+    with warnings.catch_warnings():
+        # passing that config is the route, not a mistake: transformers' "You passed `quantization_config` ... The
+        # rest will be ignored" warning was printed in the middle of the main job's (python -m lowbit) output
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        model = from_pretrained(AutoModelForCausalLM, str(directory), **kwargs).eval()
     with torch.no_grad():
         return model(ids).logits
