@@ -101,3 +101,27 @@ def test_encoder_inputs_must_agree_on_shared_symbols(minilm):
         runner(ids, mask[:, :5])
     with pytest.raises(TypeError, match=r"missing inputs \['attention_mask'\]"):  # was KeyError('attention_mask')
         runner(input_ids=ids)
+
+
+def test_a_static_size_refusal_says_how_to_capture_it_dynamic():
+    """compile_model(model, example_inputs) captures every size as given: a ViT compiled on a batch of 2 refused a
+    batch of 1 with "the graph takes exactly 2" and no word on how to make the batch vary. The message now gives
+    the dynamic_shapes= that does, and that call works."""
+    from lowbit.api import compile_model
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 3)
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.proj(pixel_values).softmax(-1)
+
+    model, x = Head().eval(), torch.randn(2, 4)
+    with pytest.raises(InputError) as info:
+        compile_model(model, (x,))(x[:1])
+    hint = "compile_model(model, example_inputs, dynamic_shapes={'pixel_values': {0: torch.export.Dim.AUTO}})"
+    assert "dim 0 is 1, the graph takes exactly 2 (the size it was captured at" in str(info.value)
+    assert hint in str(info.value)
+    dynamic = compile_model(model, (x,), dynamic_shapes={"pixel_values": {0: torch.export.Dim.AUTO}})
+    torch.testing.assert_close(dynamic(x[:1]), model(x[:1]))

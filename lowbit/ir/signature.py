@@ -122,7 +122,12 @@ class InputChecker:
             for i, (d, n) in enumerate(zip(t.shape, a.shape)):
                 if isinstance(d, int):
                     if d != n:
-                        raise InputError(f"{where}: dim {i} is {n}, the graph takes exactly {d}")
+                        # example inputs given without dynamic_shapes capture every size as it was: say how to
+                        # make one vary (a ViT compiled on a batch of 2 refused a batch of 1 with no hint)
+                        raise InputError(f"{where}: dim {i} is {n}, the graph takes exactly {d} (the size it was "
+                                         "captured at; for a dim that varies, capture with dynamic_shapes=, e.g. "
+                                         f"compile_model(model, example_inputs, dynamic_shapes={{{name!r}: "
+                                         f"{{{i}: torch.export.Dim.AUTO}}}}))")
                 elif d in self.symbols:
                     lo, hi = self.symbols[d]
                     if (lo is not None and n < lo) or (hi is not None and n > hi):
