@@ -153,7 +153,7 @@ def dynamic_dim(lo: int, hi: int) -> Any:
     return torch.export.Dim.DYNAMIC(min=lo, max=hi)
 
 
-def _default_example(model: torch.nn.Module, tokenizer: Any) -> tuple[tuple[Any, ...], Any]:
+def _default_example(model: torch.nn.Module, tokenizer: Any) -> tuple[tuple[Any, ...] | dict[str, Any], Any]:
     """Example inputs and dynamic shapes for the models lowbit ships wrappers for."""
     from lowbit.models import CausalLMLogits, SentenceEmbedder
 
@@ -170,6 +170,12 @@ def _default_example(model: torch.nn.Module, tokenizer: Any) -> tuple[tuple[Any,
         seq, batch = dynamic_dim(2, 512), dynamic_dim(1, 1024)
         dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
         return (enc["input_ids"], enc["attention_mask"]), dyn
+    if isinstance(model, torch.export.ExportedProgram) and model.example_inputs is not None:
+        # export recorded the inputs it ran on (its dynamic dims are already in the program); asking for them again
+        # refused compile_model(exported_program), which the docstring accepts
+        args, kwargs = model.example_inputs
+        if not kwargs or not args:
+            return (dict(kwargs) if kwargs else tuple(args)), None
     raise ValueError(f"no example inputs given for {type(model).__name__}: pass example_inputs=(...)")
 
 

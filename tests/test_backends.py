@@ -270,3 +270,16 @@ def test_a_compiled_models_repr_says_what_was_compiled(tmp_path):
                     f"nodes={len(compiled.graph.nodes)}, params={compiled.graph.param_bytes() / 2**20:.1f} MiB")
     reloaded = lowbit.load(lowbit.save(compiled, tmp_path / "c", format="lowbit"))
     assert f"backend='torch', loaded='{tmp_path / 'c'}', inputs=(input_ids: i64[s0,s1])" in repr(reloaded)
+
+
+def test_an_exported_program_compiles_on_the_inputs_it_was_exported_with():
+    """compile_model takes an ExportedProgram, but without example_inputs it said "no example inputs given for
+    ExportedProgram": the program records the inputs export ran on (and its dynamic dims), which are now used."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 4)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    compiled = compile_model(ep, pipeline="quantize(w=int8)")
+    assert compiled.report.pipeline.records[0].stats["weights_quantized"] == 2
+    assert str(compiled.graph.inputs[0].type) == "f32[s0,4]"  # the program's dynamic batch, kept
+    y = torch.randn(5, 4)
+    torch.testing.assert_close(compiled(y), model(y), atol=0.05, rtol=0)  # int8 weights
