@@ -455,7 +455,7 @@ def compile_model(
     device: str | None = None,
     dynamic_shapes: Any = "auto",
     verify: bool = True,
-    instruments: Sequence[Instrument] = (),
+    instruments: Sequence[Instrument] | None = (),
     tokenizer: Any = None,
     backend_options: Mapping[str, Any] | None = None,
     calib: str | torch.Tensor | None = None,
@@ -484,6 +484,12 @@ def compile_model(
     check_device(device)
     if not isinstance(verify, bool):  # verify="no" is truthy: it verified
         raise TypeError(f"verify= takes True or False, got {type(verify).__name__} {verify!r}")
+    if instruments is None:  # "no instruments", as the default () says it
+        instruments = ()
+    if not isinstance(instruments, Sequence) or isinstance(instruments, str):  # was "object is not iterable"
+        kind = type(instruments).__name__
+        hint = f": pass [{kind}(...)]" if hasattr(instruments, "after_pass") else ""
+        raise TypeError(f"instruments= takes a list of Instrument objects, got {kind}{hint}")
     for i, ins in enumerate(instruments):
         if not (callable(getattr(ins, "before_pass", None)) and callable(getattr(ins, "after_pass", None))):
             raise TypeError(f"instruments[{i}] is {type(ins).__name__}, not an Instrument (before_pass/after_pass): "

@@ -232,6 +232,21 @@ def test_compile_model_refuses_a_non_bool_verify_and_objects_that_are_not_instru
         compile_model("no-such-model", pipeline="dce", instruments=[1])  # type: ignore[list-item]
 
 
+def test_compile_model_takes_instruments_none_and_names_a_lone_instrument():
+    """instruments=None (no instruments) and instruments=PrintIR() (one, not in a list) both failed with "object is
+    not iterable"; None is now the default's empty list, and a lone instrument is named with the list to pass."""
+    from conftest import tiny_llama
+
+    from lowbit.passes.manager import PrintIR
+
+    with pytest.raises(TypeError, match=r"instruments= takes a list of Instrument objects, got PrintIR: "
+                                        r"pass \[PrintIR\(...\)\]"):
+        compile_model("no-such-model", pipeline="dce", instruments=PrintIR())  # type: ignore[arg-type]
+    model = tiny_llama(vocab=61)
+    compiled = compile_model(model, pipeline="dce", instruments=None)  # type: ignore[arg-type]
+    assert [r.spec for r in compiled.report.pipeline.records] == ["dce"]
+
+
 def test_onnxruntime_without_a_kernel_for_the_opset_says_which_opset_to_use(tmp_path):
     """onnx defines opset 28, but ONNX Runtime 1.32 has no opset-28 QuantizeLinear kernel: compiling or loading
     such a model was ORT's raw NOT_IMPLEMENTED; it now names the op, the opset and the option that fixes it."""
