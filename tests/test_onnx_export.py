@@ -290,6 +290,14 @@ def test_a_loaded_file_cannot_be_exported_again_and_says_so(exported, tmp_path):
         lowbit.export(load(exported), tmp_path / "again.onnx")
 
 
+def test_generate_on_a_file_without_a_step_graph_says_what_file_generates(exported):
+    """lowbit.export.load(file).generate(...) was "AttributeError: 'OrtCompiled' object has no attribute 'generate'"
+    for a file exported from a logits compile; it now says the file has no generation metadata and what to export."""
+    with pytest.raises(TypeError, match=r"no 'lowbit.generation' metadata. To generate from a file, export a model "
+                                        r"compiled with compile_model\(..., generation=GenerationSpec\(...\)\)"):
+        load(exported).generate([[1, 2, 3]], 4)
+
+
 REPORTED_LINEAR_IR = """graph main(%x: f32[1,s0,32]) {{
   symbol s0 in [2, 64] hint 4
   param @w.qdata: {container}[4,{stored}]

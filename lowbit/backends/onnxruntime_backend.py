@@ -413,6 +413,13 @@ class OrtCompiled(torch.nn.Module):
             raise ValueError("this session was loaded from a file; copy that file instead")
         return save_onnx(self.onnx_model, path, external_data=external_data)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused by name: ``lowbit.export.load`` gives a file's step graph (its ``lowbit.generation`` metadata)
+        a ``generate()``; this session maps ids to logits, and ``.generate`` was an AttributeError."""
+        raise TypeError("this ONNX model maps inputs to outputs (input_ids -> logits) and has no KV cache: it holds no "
+                        "'lowbit.generation' metadata. To generate from a file, export a model compiled with "
+                        "compile_model(..., generation=GenerationSpec(...)) and load that with lowbit.export.load")
+
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         args = ordered_inputs(self.input_names, args, kwargs)
