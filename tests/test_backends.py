@@ -180,7 +180,8 @@ def test_a_recipe_that_is_not_a_name_is_refused_naming_its_type():
     from lowbit.passes.base import PassError
 
     for bad, shown in ((3, "int 3"), (["w4a16-g64"], "list ['w4a16-g64']")):
-        with pytest.raises(PassError, match=rf"recipe= takes a recipe name such as 'w4a16-g64' .*got {re.escape(shown)}"):
+        with pytest.raises(PassError, match=rf"recipe= takes a recipe name such as 'w4a16-g64' .*got "
+                                            rf"{re.escape(shown)}"):
             resolve_pipeline(None, bad)  # type: ignore[arg-type]
     assert [p.name for p in resolve_pipeline(None, "w4a16-g64")] == ["quantize"]
 

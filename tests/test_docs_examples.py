@@ -47,7 +47,7 @@ def section(title: str) -> str:
 def cheap(code: str, edits: list[tuple[str, str]]) -> str:
     """``code`` with each (old, new) edit applied; an edit that no longer matches is the docs having changed."""
     for old, new in edits:
-        assert old in code, f"README example no longer contains {old!r}: update the edits in tests/test_docs_examples.py"
+        assert old in code, f"README example no longer has {old!r}: update the edits in tests/test_docs_examples.py"
         code = code.replace(old, new)
     return code
 
