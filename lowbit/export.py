@@ -142,9 +142,27 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
         given = sorted(options) + (["tokenizer"] if tokenizer is not None else [])
         raise TypeError(f"{path} is read as a TensorRT engine (not an ONNX file), which takes no options: got "
                         f"{', '.join(given)} (ONNX Runtime session options apply to .onnx files)")
+    _refuse_unreadable_as_engine(path)
     from lowbit.backends.tensorrt import TensorRTCompiled
 
     return TensorRTCompiled.load(path)
+
+
+def _refuse_unreadable_as_engine(path: Path) -> None:
+    """A file that is neither ONNX nor lowbit's engine could only be a raw TensorRT plan; without the tensorrt
+    package the error was "the TensorRT backend needs the 'tensorrt' Python package", for a text file too."""
+    import importlib.util
+
+    from lowbit.backends.tensorrt.engine_file import MAGIC, EngineFileError
+
+    if not path.is_file() or importlib.util.find_spec("tensorrt") is not None:
+        return
+    with open(path, "rb") as f:
+        head = f.read(len(MAGIC))
+    if head and head != MAGIC:
+        raise EngineFileError(f"{path} is neither an ONNX model nor a lowbit TensorRT engine (it starts with "
+                              f"{head!r}); lowbit.export.load reads what lowbit.export writes. Read as a raw "
+                              "TensorRT plan it would need the 'tensorrt' package, which is not installed here")
 
 
 def looks_like_onnx(path: Path) -> bool:

@@ -298,6 +298,22 @@ def test_generate_on_a_file_without_a_step_graph_says_what_file_generates(export
         load(exported).generate([[1, 2, 3]], 4)
 
 
+def test_a_file_that_is_neither_onnx_nor_an_engine_is_named_as_such(tmp_path):
+    """export.load("notes.txt") said "the TensorRT backend needs the 'tensorrt' Python package" (any file that is
+    not ONNX was read as an engine); without TensorRT installed it now says the file is neither format."""
+    import importlib.util
+
+    from lowbit.backends.tensorrt import EngineFileError
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("with TensorRT installed the file is tried as a raw plan, and TensorRT's error names it")
+    path = tmp_path / "notes.txt"
+    path.write_text("not a model")
+    with pytest.raises(EngineFileError, match=r"notes.txt is neither an ONNX model nor a lowbit TensorRT engine "
+                                              r"\(it starts with b'not a mode'\)"):
+        load(path)
+
+
 REPORTED_LINEAR_IR = """graph main(%x: f32[1,s0,32]) {{
   symbol s0 in [2, 64] hint 4
   param @w.qdata: {container}[4,{stored}]
