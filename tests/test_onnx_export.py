@@ -290,6 +290,14 @@ def test_a_loaded_file_cannot_be_exported_again_and_says_so(exported, tmp_path):
         lowbit.export(load(exported), tmp_path / "again.onnx")
 
 
+def test_a_loaded_files_repr_names_the_file_providers_and_inputs(exported):
+    """print(lowbit.export.load(path)) was "OrtCompiled()": not which file, nor on which providers."""
+    runner = load(exported)
+    assert repr(runner) == (f"OrtCompiled(file={str(exported)!r}, providers={runner.providers}, "
+                            f"inputs={runner.input_names}, outputs={runner.output_names})")
+    assert runner.input_names == ["x"] and "CPUExecutionProvider" in runner.providers
+
+
 def test_generate_on_a_file_without_a_step_graph_says_what_file_generates(exported):
     """lowbit.export.load(file).generate(...) was "AttributeError: 'OrtCompiled' object has no attribute 'generate'"
     for a file exported from a logits compile; it now says the file has no generation metadata and what to export."""

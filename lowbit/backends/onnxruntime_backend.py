@@ -365,6 +365,7 @@ class OrtCompiled(torch.nn.Module):
             source = model  # type: ignore[assignment]
         self.requested_providers = choose_providers(providers, device)
         on_file = load_onnx(model, check=False) if model is not None and not isinstance(model, ir.Model) else None
+        self.source_path = Path(model).expanduser() if on_file is not None else None
         self.widened_outputs: list[bool] = []
         self.notes: list[str] = []
         if self.options is not None and self.options.weight_format == "matmulnbits" and self.onnx_model is not None:
@@ -412,6 +413,12 @@ class OrtCompiled(torch.nn.Module):
         if self.onnx_model is None:
             raise ValueError("this session was loaded from a file; copy that file instead")
         return save_onnx(self.onnx_model, path, external_data=external_data)
+
+    def extra_repr(self) -> str:
+        """Which file or graph, on which providers, taking what: ``OrtCompiled()`` said none of it."""
+        source = f"file={str(self.source_path)!r}" if self.source_path is not None else "graph"
+        return (f"{source}, providers={self.providers}, inputs={self.input_names}, "
+                f"outputs={self.output_names}")
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Refused by name: ``lowbit.export.load`` gives a file's step graph (its ``lowbit.generation`` metadata)
