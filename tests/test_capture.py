@@ -105,6 +105,18 @@ def test_capture_error_names_module_and_advice():
         capture(Outer().eval(), (torch.randn(2, 4),))
 
 
+def test_dynamic_dim_given_an_example_of_size_one_says_so():
+    """A dim marked dynamic whose example has size 1 fails in torch.export's 0/1 specialization; the advice was 'a
+    dimension you marked dynamic is fixed by the model's code: mark it static', and the dim itself was on a line the
+    error left out. It names the input dim and asks for an example of size 2 or more (which then captures)."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()).eval()
+    dyn = {"input": {0: torch.export.Dim.DYNAMIC}}
+    with pytest.raises(CaptureError, match=r"example input has size 1 in inputs\['input'\]\.shape\[0\], which you "
+                                           r"marked dynamic: .*size 2 or more"):
+        capture(net, (torch.randn(1, 4),), dyn)
+    assert isinstance(capture(net, (torch.randn(2, 4),), dyn).inputs[0].type.shape[0], str)
+
+
 def test_raw_hf_causal_lm_gets_cache_advice(smollm2):
     from conftest import smollm2_slice
 

@@ -51,6 +51,10 @@ _HINTS = [
      "and return plain tensors (wrap an HF causal LM with lowbit.models.CausalLMLogits)"),
     (r"data.dependent|GuardOnDataDependentSymNode|Could not guard on data-dependent",
      "a Python branch depends on tensor values: make it static, or use torch.cond"),
+    # before the next row: its advice (the model fixes the dim) is wrong here, where the example's own size did
+    (r"0/1 specialized due to hint of (\d) for dimension (\S+?)\.?$",
+     "the example input has size {0} in {1}, which you marked dynamic: torch.export specializes sizes 0 and 1, "
+     "so give an example of size 2 or more there (e.g. two images or sentences)"),
     (r"Constraints violated|specialized|not in range",
      "a dimension you marked dynamic is fixed by the model's code: mark it static or widen its range"),
     (r"Unsupported|unsupported", "an operation torch.export does not support: see the message above"),
@@ -93,8 +97,9 @@ def _plain_dim(expr: sympy.Expr) -> sympy.Expr:
 
 def _advice(message: str) -> str:
     for pattern, advice in _HINTS:
-        if re.search(pattern, message):
-            return advice
+        m = re.search(pattern, message, re.MULTILINE)
+        if m:
+            return advice.format(*m.groups()) if m.groups() else advice
     return "see torch.export's message above; capture a smaller submodule to narrow it down"
 
 
