@@ -250,6 +250,30 @@ def test_engine_errors(slice2_graph):
     assert len(engine.batches_from_ids(slice2_graph, torch.zeros(4, 8, dtype=torch.long))) == 4
 
 
+def test_static_example_sizes_refusal_says_how_to_declare_them_dynamic():
+    """An HF BertModel compiled from (ids, mask) of [2, 10] and calibrated on 32-token windows: the advice was
+    'capture without them (compile_model(model) makes batch and length dynamic)', which fails for a model lowbit
+    does not wrap ('no example inputs given for BertModel'). It names the dims to declare and dynamic_shapes=;
+    declared so, the same calibration runs."""
+    from transformers import BertConfig, BertModel
+
+    from lowbit.api import compile_model
+    from lowbit.passes.manager import PipelineError
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                num_hidden_layers=1)).eval()
+    ids = torch.randint(0, 64, (2, 10))
+    calib = torch.randint(0, 64, (4, 32))
+    with pytest.raises(PipelineError, match=r"%input_ids is \[2, 32\], but the graph takes \[2, 10\].*"
+                                            r"dynamic_shapes=\{'input_ids': \{1: torch\.export\.Dim\.DYNAMIC\}"):
+        compile_model(bert, (ids, torch.ones_like(ids)), pipeline="gptq(w=int4,group=16,progress=false)", calib=calib)
+    seq = torch.export.Dim("seq", min=2, max=64)
+    c = compile_model(bert, (ids, torch.ones_like(ids)), pipeline="gptq(w=int4,group=16,progress=false)", calib=calib,
+                      dynamic_shapes={"input_ids": {1: seq}, "attention_mask": {1: seq}})
+    assert c.report.pipeline.records[0].stats["calib_tokens"] == 4 * 32
+
+
 # ---- encoders (MiniLM): (input_ids, attention_mask) graphs, post-norm blocks --------------------------------
 
 

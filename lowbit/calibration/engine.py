@@ -408,10 +408,16 @@ def static_misfit(graph: Graph, batch: Sequence[Any]) -> str | None:
         shape = v.tensor_type.shape
         if len(shape) == t.dim() and all(not isinstance(d, int) or d == n for d, n in zip(shape, t.shape)):
             continue
+        # "capture without them (compile_model(model) ...)" was the advice, which an HF BertModel or a ViT given as
+        # is cannot follow: compile_model finds example inputs only for the models lowbit wraps
+        dims = ", ".join(f"{i}: torch.export.Dim.DYNAMIC" for i, (d, n) in enumerate(zip(shape, t.shape))
+                         if isinstance(d, int) and d != n) if len(shape) == t.dim() else ""
+        declare = (f"compile_model(..., dynamic_shapes={{{v.name!r}: {{{dims}}}, ...}}) with the inputs that share "
+                   "those dims") if dims else "compile_model(..., dynamic_shapes=...)"
         return (f"calibration input %{v.name} is {list(t.shape)}, but the graph takes {list(shape)}: a graph "
-                "captured from explicit example inputs has their sizes fixed; capture without them "
-                "(compile_model(model) makes batch and length dynamic) or calibrate with batches of that shape "
-                "(calib_n, calib_len)")
+                "captured from explicit example inputs has their sizes fixed unless declared dynamic; declare them "
+                f"({declare}; compile_model(model) alone does so for the models lowbit wraps: a name or directory, "
+                "a causal LM, a SentenceEmbedder) or calibrate with batches of that shape (calib_n, calib_len)")
     return None
 
 
