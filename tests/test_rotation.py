@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -220,6 +222,25 @@ def test_rotate_refuses_minilm_with_the_layernorm_reason(minilm_graph):
     assert any("is a LayerNorm: it subtracts the mean" in r for r in regions.refused)
     with pytest.raises(PipelineError, match="LayerNorm"):
         PassManager("fold-norms,rotate").run(minilm_graph.clone())
+
+
+def test_rotate_says_why_an_encoder_with_written_out_attention_gets_no_head_rotation():
+    """DeBERTa-v2 computes attention with its own matmul/softmax (not raised to attention): rotate(residual=false)
+    left the graph unchanged listing only the LayerNorm refusal, so the skipped per-head V/O rotation was silent."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+    from lowbit.models import SentenceEmbedder
+
+    torch.manual_seed(0)
+    deberta = tf.AutoModel.from_config(tf.DebertaV2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                          num_attention_heads=2, num_hidden_layers=1)).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    c = compile_model(SentenceEmbedder(deberta), (ids, torch.ones_like(ids)), pipeline="rotate(residual=false)")
+    stats = c.report.pipeline.records[0].stats
+    assert stats["head_regions"] == 0
+    assert any(re.match(r"per-head V/O: the graph has no attention op \(its attention is written out: softmax in "
+                        r"encoder\.layer\.0\.attention", r) for r in stats["refused"]), stats["refused"]
 
 
 def test_hadamard_op_reference():

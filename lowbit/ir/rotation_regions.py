@@ -276,6 +276,12 @@ def _view_source(v: Value, users: dict[int, list[Node]], hd: int) -> tuple[Value
 
 def _heads(graph: Graph, users: dict[int, list[Node]], refused: list[str]) -> list[HeadRegion]:
     found = []
+    if not any(n.op == "attention" for n in graph.nodes):
+        # said, not silent: rotate(residual=false) on DeBERTa reported 'no change' naming only the residual stream
+        written_out = [n for n in graph.nodes if n.op in ("softmax", "aten.softmax.int", "aten._softmax.default")]
+        refused.append("per-head V/O: the graph has no attention op" + (
+            f" (its attention is written out: {written_out[0].op} in {written_out[0].module or '?'}; lowbit raises "
+            "scaled-dot-product attention only)" if written_out else ""))
     for att in (n for n in graph.nodes if n.op == "attention"):
         v_in = att.args[2]
         hd = _last_dim(v_in)
