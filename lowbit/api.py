@@ -134,6 +134,11 @@ class CompiledModel(torch.nn.Module):
         from lowbit.generate import GenerationError
 
         meta = self.graph.meta.get("generation")
+        if meta is None and (self.graph.meta.get("source") or {}).get("kind") == "encoder":
+            # was 'compiled as input_ids -> logits ... compile it with generation=', which an encoder cannot be
+            names = ", ".join(v.name for v in self.graph.inputs)
+            raise GenerationError(f"this model is a text encoder ({names} -> embeddings) with no causal-LM head: "
+                                  "nothing to generate with; generation needs a decoder LM such as smollm2")
         if meta is None and self.graph.meta.get("loaded_format") in ("compressed-tensors", "gptq"):
             raise GenerationError(
                 f"this model was loaded from a {self.graph.meta['loaded_format']} checkpoint as input_ids -> logits "

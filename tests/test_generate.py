@@ -251,6 +251,23 @@ def test_models_without_generation_refuse_clearly(smollm2, minilm):
         compile_model(smollm2[0], recipe="w8a8kv4", generation=True)
 
 
+def test_generate_on_a_compiled_encoder_says_it_is_an_encoder():
+    """CompiledModel.generate on a sentence encoder said 'compiled as input_ids -> logits, with no KV cache: compile it
+    with generation=', advice an encoder cannot follow (that compile is refused: no causal-LM head)."""
+    from transformers import BertConfig, BertModel
+
+    from lowbit.models import SentenceEmbedder
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                num_hidden_layers=1)).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    c = compile_model(SentenceEmbedder(bert), (ids, torch.ones_like(ids)))
+    with pytest.raises(GenerationError, match=r"a text encoder \(input_ids, attention_mask -> embeddings\) with no "
+                                              r"causal-LM head"):
+        c.generate(ids, 3)
+
+
 def test_w4a16_generation_runs_on_a_two_layer_slice(smollm2):
     """RTN int4 weights through the same step graph: generation runs and its prefill is the logits model's (every
     position's logits: ``logits="all"``, so the head's GEMM has the logits model's shape and the match is exact)."""
