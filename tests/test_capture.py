@@ -203,6 +203,32 @@ def test_in_place_ops_are_functionalized_so_falcon_captures_and_matches_transfor
     torch.testing.assert_close(compiled(ids), want, rtol=0, atol=1e-5)
 
 
+def test_falcon_projections_raise_to_linear_so_they_quantize():
+    """Falcon's ``FalconLinear`` computes ``x @ self.weight.T``: captured as a matmul on a permuted parameter, its
+    projections were no ``linear`` nodes, so gptq on a Falcon said 'no linear to quantize (every linear is kept
+    float)', smooth-quant found no site and quantize(w=...) left every block float. ``x @ W.T`` raises to
+    ``linear(x, W)``, bit for bit, so the graph still equals transformers and every projection quantizes."""
+    import transformers as t
+
+    import lowbit
+    from lowbit.models import CausalLMLogits
+
+    torch.manual_seed(0)
+    cfg = t.FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=512)
+    model = t.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    q = lowbit.compile_model(model, pipeline="quantize(w=int8)")
+    quantized = sorted(n.module for n in q.graph.nodes if n.op == "linear" and n.module.startswith("transformer.h")
+                       and n.args[1].producer is not None and n.args[1].producer.op == "dequantize")
+    assert quantized == sorted(f"transformer.h.{i}.{m}" for i in range(2) for m in (
+        "self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
+    assert float((q(ids) - want).abs().max()) < 0.02 * float(want.max() - want.min())
+    float_graph = capture(CausalLMLogits(model), (ids,))
+    torch.testing.assert_close(TorchCompiled(float_graph)(ids), want, rtol=0, atol=0)
+
+
 def test_a_size_export_pinned_to_the_example_is_refused_not_computed_wrong():
     """``int(n / 2)`` under Dim.DYNAMIC: torch.export keeps the example's value (3 for n=7) behind a guard
     ``math.trunc(n / 2) == 3`` that only its own module checks; the IR kept the dynamic range, so at n=11 the

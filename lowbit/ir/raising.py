@@ -1,7 +1,7 @@
 """Raising: rewrite exported ATen calls into lowbit's semantic ops, as tables of (pattern, rewrite) rows.
 
 Two phases, because a single-op rename must not eat a node that a multi-node pattern still needs:
-``COMPOSITE_RULES`` (rms_norm, rotary) first, then ``SINGLE_OP_RULES``. Every semantic op's reference
+``COMPOSITE_RULES`` (rms_norm, rotary, ``x @ W.T``) first, then ``SINGLE_OP_RULES``. Every semantic op's reference
 implementation (``lowbit.ir.ops``) makes the same ATen calls in the same order as the nodes it replaces,
 so raising is bit-exact; ``tests/test_capture.py`` checks that on SmolLM2 and MiniLM.
 
@@ -166,10 +166,27 @@ def _rewrite_rotary(graph: Graph, node: Node, b: Bindings) -> Node | None:
     return _node("rotary", b["x"], b["cos"], b["sin"])
 
 
+_TRANSPOSED = Alt(P("aten.permute.default", X("w"), [1, 0]), P("aten.t.default", X("w")),
+                  *(P("aten.transpose.int", X("w"), a, b) for a, b in ((0, 1), (1, 0), (-1, -2), (-2, -1))))
+"""``W.T`` of a weight as export writes it (``.T``, ``.t()``, ``.transpose(0, 1)``)."""
+
+
+def _rewrite_transposed_linear(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    """``x @ W.T`` with a stored ``W [out, in]`` is ``linear(x, W)``, bit for bit (``aten.linear`` without a bias is
+    that matmul): Falcon's ``FalconLinear`` computes its projections so, and left as a matmul on a permuted
+    parameter no quantizer, smoother or checkpoint writer saw them (gptq said 'every linear is kept float')."""
+    x, w = b["x"], b["w"]
+    if not _is_param(w) or w.tensor_type.rank != 2 or x.tensor_type.rank < 1:
+        return None
+    return _node("linear", x, w)
+
+
 COMPOSITE_RULES = [
     Rule("rms_norm", RMS_NORM, _rewrite_rms_norm),
     Rule("gemma_rms_norm", GEMMA_RMS_NORM, _rewrite_gemma_rms_norm),
     Rule("rotary", ROTARY, _rewrite_rotary),
+    Rule("transposed_linear", P(("aten.matmul.default", "aten.mm.default"), X("x", _is_tensor), _TRANSPOSED),
+         _rewrite_transposed_linear),
 ]
 
 
