@@ -133,6 +133,24 @@ def test_transformers_loads_asymmetric_compressed_tensors(float_slice, tmp_path,
     assert not [w for w in caught if "quantization_config" in str(w.message)]
 
 
+def test_transformers_check_loads_a_falcon_compressed_tensors_checkpoint(tmp_path):
+    """Falcon's projections are ``FalconLinear`` (an ``nn.Linear`` subclass): transformers' default compressed-
+    tensors route fails inside ``from_pretrained`` ('FalconLinear' object has no attribute 'weight', from Falcon's
+    ``_init_weights``), so the check ``python -m lowbit --save`` runs after saving raised that AttributeError. It
+    loads such a checkpoint through the dequantize-at-load route, to lowbit's logits."""
+    import transformers as t
+
+    from lowbit.checkpoint.hf_check import transformers_logits
+
+    torch.manual_seed(0)
+    model = t.AutoModelForCausalLM.from_config(t.FalconConfig(hidden_size=64, num_attention_heads=4, vocab_size=256,
+                                                              num_hidden_layers=1)).eval()
+    cm = lowbit.compile_model(model, pipeline="quantize(w=int4,group=16)")
+    out = lowbit.save(cm, tmp_path / "ct", format="compressed-tensors")
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(transformers_logits(out, ids), cm(ids), rtol=0, atol=1e-5)
+
+
 def _assert_same_graph(a, b) -> None:
     assert set(a.params) == set(b.params)
     for name, v in a.params.items():

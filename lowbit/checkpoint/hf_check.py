@@ -12,20 +12,35 @@ import torch
 from lowbit.remote_code import from_pretrained
 
 
+def linear_subclasses(directory: Path, ignore: list[str]) -> list[str]:
+    """Modules of the checkpoint's model, outside ``ignore``, whose class subclasses ``nn.Linear`` (Falcon's
+    ``FalconLinear``): transformers' default compressed-tensors route replaces their ``weight`` by the packed
+    tensors, and the family's own ``_init_weights`` then fails on ``module.weight`` inside ``from_pretrained``."""
+    from transformers import AutoConfig
+
+    from lowbit.checkpoint.hf import skeleton
+
+    model = skeleton(from_pretrained(AutoConfig, str(directory)), "causal-lm")
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and type(m) is not torch.nn.Linear and name not in ignore]
+
+
 def transformers_logits(directory: str | Path, ids: torch.Tensor) -> torch.Tensor:
     """Logits of ``AutoModelForCausalLM.from_pretrained(directory)`` on ``ids`` (CPU).
 
-    Asymmetric pack-quantized checkpoints go through transformers' dequantize-at-load route: its default route
-    does not load any asymmetric pack-quantized checkpoint with compressed-tensors 0.20 (vllm-project/
-    llm-compressor#1618)."""
+    Two kinds of checkpoint go through transformers' dequantize-at-load route, where its default route fails with
+    compressed-tensors 0.20: asymmetric pack-quantized ones (vllm-project/llm-compressor#1618), and any whose
+    quantized linears are a family's ``nn.Linear`` subclass (Falcon: 'FalconLinear' object has no attribute
+    'weight', raised while loading)."""
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
     qcfg = json.loads((directory / "config.json").read_text()).get("quantization_config", {})
     kwargs: dict[str, Any] = {}
     groups = qcfg.get("config_groups", {}).values()
-    if qcfg.get("quant_method") == "compressed-tensors" and any(
-            not (g.get("weights") or {}).get("symmetric", True) for g in groups):
+    if qcfg.get("quant_method") == "compressed-tensors" and (
+            any(not (g.get("weights") or {}).get("symmetric", True) for g in groups)
+            or linear_subclasses(directory, qcfg.get("ignore", []))):
         from transformers import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
