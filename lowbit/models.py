@@ -125,15 +125,15 @@ class GenerationError(ValueError):
     """A model or a request that generation cannot serve; the message names the limit and how to raise it."""
 
 
-_STEP_ARCHITECTURES = ("Llama, SmolLM2, Mistral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, OLMo 2, GPT-NeoX, StableLM, "
-                       "StarCoder2, Gemma, Gemma 2, Gemma 3 (decoder layers of separate or fused q/k/v projections and "
-                       "an mlp)")
+_STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, OLMo 2, "
+                       "GPT-NeoX, StableLM, StarCoder2, Gemma, Gemma 2, Gemma 3 (decoder layers of separate or fused "
+                       "q/k/v projections and an mlp)")
 
 STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
-                              "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi"})
+                              "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi", "smollm3"})
 """``config.model_type``s whose step is checked token for token against transformers' ``generate``
 (``tests/test_architectures.py``'s generate column, and ``test_generate_matches_transformers_beyond_the_matrix``
-for OLMo, StarCoder2 and Phi; SmolLM2 is ``llama``). Another type is refused, not stepped on a
+for OLMo, StarCoder2, Phi and SmolLM3; SmolLM2 is ``llama``). Another type is refused, not stepped on a
 guess: ``StepLayout`` reads module names, and a family can differ in what no module name shows (an interleaved
 rotary, an extra scale), which would make wrong tokens without an error."""
 
@@ -346,8 +346,9 @@ class CausalLMStep(nn.Module):
             attn = _first_attr(layer, _ATTENTION)
             x = hidden if lay.residual == "post" else layer.input_layernorm(hidden)
             q, k, v = self._qkv(attn, x)
-            cos, sin = rotary[self.layer_types[i]]
-            q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
+            if getattr(attn, "use_rope", True):  # SmolLM3's NoPE layers (no_rope_layers) take no rotary
+                cos, sin = rotary[self.layer_types[i]]
+                q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
             keys = cache[2 * i].scatter(2, index, k.to(cache[2 * i].dtype))
             values = cache[2 * i + 1].scatter(2, index, v.to(cache[2 * i + 1].dtype))
             new_cache += [keys, values]

@@ -347,11 +347,13 @@ def step_generate(family: str) -> None:
     _assert_greedy_as_transformers(hf, prompts, cm.generate(prompts, 8, stop_tokens=()).tokens, 8, family)
 
 
-@pytest.mark.parametrize("family", ["olmo", "starcoder2", "phi"])
+@pytest.mark.parametrize("family", ["olmo", "starcoder2", "phi", "smollm3"])
 def test_generate_matches_transformers_beyond_the_matrix(family):
     """OLMo (non-parametric LayerNorm), StarCoder2 (LayerNorm with biases, a c_fc/c_proj GELU MLP, biased
-    projections) and Phi 1/2 (parallel attention and mlp on one norm, partial rotary, final_layernorm) step as transformers' generate does token for token, so ``STEP_MODEL_TYPES`` takes them; only
-    their generate cell is checked (the matrix's other steps would add ~30 s a family to the default suite)."""
+    projections), Phi 1/2 (parallel attention and mlp on one norm, partial rotary, final_layernorm) and SmolLM3 (NoPE
+    layers: ``no_rope_layers`` leaves rotary out of some layers' attention) step as transformers' generate does token
+    for token, so ``STEP_MODEL_TYPES`` takes them; only their generate cell is checked (the matrix's other steps would
+    add ~30 s a family to the default suite)."""
     import transformers as t
 
     from lowbit.generate import GenerationSpec
@@ -363,7 +365,11 @@ def test_generate_matches_transformers_beyond_the_matrix(family):
            # Phi 1/2: parallel attention and gelu fc1/fc2 mlp on one LayerNorm, partial rotary, final_layernorm,
            # biased lm_head; qk_layernorm on
            "phi": lambda: t.PhiConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                      partial_rotary_factor=0.5, qk_layernorm=True, **DEC)}[family]()
+                                      partial_rotary_factor=0.5, qk_layernorm=True, **DEC),
+           # SmolLM3: a rotary layer and a NoPE one (its default makes every 4th layer NoPE)
+           "smollm3": lambda: t.SmolLM3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                              num_key_value_heads=2, pad_token_id=0,
+                                              **{**DEC, "num_hidden_layers": 2}, no_rope_layers=[1, 0])}[family]()
     torch.manual_seed(0)
     hf = t.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
