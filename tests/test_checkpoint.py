@@ -489,6 +489,27 @@ def test_pruned_model_saves_with_its_smaller_config(float_slice, tmp_path, pipel
     assert (lowbit.load(tmp_path / "ct2")(ids) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
+def test_a_pruned_opt_saves_its_mlp_width_as_ffn_dim(tmp_path):
+    """OPT keeps its MLP width in ``ffn_dim``: the save wrote the pruned width into ``intermediate_size``, a field
+    OPT never reads, and then refused its own checkpoint ('fc1 ... quantized weight is (64, 64), but the model's
+    config makes (128, 64)'). It writes the family's field, and transformers loads it to lowbit's logits."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+    from lowbit.checkpoint.hf_check import transformers_logits
+
+    torch.manual_seed(0)
+    model = t.AutoModelForCausalLM.from_config(t.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4,
+                                                           word_embed_proj_dim=64, num_hidden_layers=2,
+                                                           vocab_size=256)).eval()
+    cm = compile_model(model, pipeline="prune-mlp(ratio=0.5),quantize(w=int8)", calib=torch.randint(0, 256, (4, 16)))
+    out = lowbit.save(cm, tmp_path / "ct", format="compressed-tensors")
+    config = json.loads((out / "config.json").read_text())
+    assert config["ffn_dim"] == 64 and "intermediate_size" not in config
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(transformers_logits(out, ids), cm(ids), rtol=0, atol=1e-5)
+
+
 def test_pruned_widths_an_hf_config_cannot_hold_are_refused(float_slice, tmp_path):
     """Per-layer MLP widths (global allocation) or a sliced stream transformers' config rejects: a clear error,
     never a checkpoint whose config.json disagrees with its weights."""

@@ -199,10 +199,15 @@ def _check_head_dim(graph: Graph, config: Any, keys: dict[str, tuple[int, ...]])
             raise _derived_head_dim(config, f"{key!r} would be {tuple(keys[key])} instead of the graph's {shape}")
 
 
+MLP_WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner")
+"""Where a family's config holds its MLP width: Llama's and most, OPT's, Falcon's, GPT-2's and GPT-J's (None there
+means 4 x hidden_size). Setting ``intermediate_size`` on an OPT config added a field OPT never reads."""
+
+
 def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
     """The HF config of a structurally pruned graph (``graph.meta["pruned"]``, written by the prune passes) and
-    the module renames it needs: MLP width (``intermediate_size``), attention heads (``num_attention_heads``,
-    ``num_key_value_heads``, with ``head_dim`` kept explicit), a sliced residual stream (``hidden_size``) and
+    the module renames it needs: MLP width (``intermediate_size``, or the family's field of ``MLP_WIDTH_FIELDS``),
+    attention heads (``num_attention_heads``, ``num_key_value_heads``, with ``head_dim`` kept explicit), a sliced residual stream (``hidden_size``) and
     removed blocks (``num_hidden_layers``; the kept blocks renumbered from 0). Widths must be the same in every
     block: HF configs have one per model."""
     if not pruned:
@@ -213,8 +218,13 @@ def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict
     head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads0 if heads0 else None)
     kept_blocks = list(pruned["layers_kept"]) if pruned.get("layers_kept") else None
     if "intermediate_size" in pruned:
-        text.intermediate_size = int(_uniform("MLP widths", pruned["intermediate_size"], "intermediate_size",
-                                              kept_blocks))
+        width = int(_uniform("MLP widths", pruned["intermediate_size"], "intermediate_size", kept_blocks))
+        field = next((f for f in MLP_WIDTH_FIELDS if hasattr(text, f)), None)
+        if field is None:
+            raise CheckpointError(f"model_type {text.model_type!r} has no MLP width in its config (none of "
+                                  f"{', '.join(MLP_WIDTH_FIELDS)}: it derives the width from hidden_size), so "
+                                  f"config.json cannot describe the pruned width {width}; save with format='lowbit'")
+        setattr(text, field, width)
     if "heads" in pruned:
         q, kv = _uniform("attention head counts", pruned["heads"], "[num_attention_heads, num_key_value_heads]",
                          kept_blocks)
