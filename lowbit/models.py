@@ -125,15 +125,16 @@ class GenerationError(ValueError):
     """A model or a request that generation cannot serve; the message names the limit and how to raise it."""
 
 
-_STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, OLMo 2, "
+_STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Ministral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, OLMo 2, "
                        "GPT-NeoX, StableLM, StarCoder2, Gemma, Gemma 2, Gemma 3 (decoder layers of separate or fused "
                        "q/k/v projections and an mlp)")
 
 STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
-                              "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi", "smollm3"})
+                              "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi", "smollm3",
+                              "ministral"})
 """``config.model_type``s whose step is checked token for token against transformers' ``generate``
 (``tests/test_architectures.py``'s generate column, and ``test_generate_matches_transformers_beyond_the_matrix``
-for OLMo, StarCoder2, Phi and SmolLM3; SmolLM2 is ``llama``). Another type is refused, not stepped on a
+for OLMo, StarCoder2, Phi, SmolLM3 and Ministral; SmolLM2 is ``llama``). Another type is refused, not stepped on a
 guess: ``StepLayout`` reads module names, and a family can differ in what no module name shows (an interleaved
 rotary, an extra scale), which would make wrong tokens without an error."""
 
