@@ -125,9 +125,9 @@ class GenerationError(ValueError):
     """A model or a request that generation cannot serve; the message names the limit and how to raise it."""
 
 
-_STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Ministral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, OLMo 2, "
-                       "GPT-NeoX, StableLM, StarCoder2, Gemma, Gemma 2, Gemma 3 (decoder layers of separate or fused "
-                       "q/k/v projections and an mlp)")
+_STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Ministral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, "
+                       "OLMo 2, GPT-NeoX, StableLM, StarCoder2, Gemma, Gemma 2, Gemma 3 (decoder layers of separate or "
+                       "fused q/k/v projections and an mlp)")
 
 STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
                               "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi", "smollm3",

@@ -352,9 +352,9 @@ def test_generate_matches_transformers_beyond_the_matrix(family):
     """OLMo (non-parametric LayerNorm), StarCoder2 (LayerNorm with biases, a c_fc/c_proj GELU MLP, biased
     projections), Phi 1/2 (parallel attention and mlp on one norm, partial rotary, final_layernorm), SmolLM3 (NoPE
     layers: ``no_rope_layers`` leaves rotary out of some layers' attention) and Ministral (a 4-token sliding window
-    on some layers, by ``layer_types``, shorter than the prompts; against transformers' forward) step as transformers'
-    generate does token for token, so ``STEP_MODEL_TYPES`` takes them; only their generate cell is checked (the matrix's other steps would
-    add ~30 s a family to the default suite)."""
+    on some layers, by ``layer_types``, shorter than the prompts; against transformers' forward) step as
+    transformers' generate does token for token, so ``STEP_MODEL_TYPES`` takes them; only their generate cell is
+    checked (the matrix's other steps would add ~30 s a family to the default suite)."""
     import transformers as t
 
     from lowbit.generate import GenerationSpec

@@ -207,9 +207,9 @@ means 4 x hidden_size). Setting ``intermediate_size`` on an OPT config added a f
 def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
     """The HF config of a structurally pruned graph (``graph.meta["pruned"]``, written by the prune passes) and
     the module renames it needs: MLP width (``intermediate_size``, or the family's field of ``MLP_WIDTH_FIELDS``),
-    attention heads (``num_attention_heads``, ``num_key_value_heads``, with ``head_dim`` kept explicit), a sliced residual stream (``hidden_size``) and
-    removed blocks (``num_hidden_layers``; the kept blocks renumbered from 0). Widths must be the same in every
-    block: HF configs have one per model."""
+    attention heads (``num_attention_heads``, ``num_key_value_heads``, with ``head_dim`` kept explicit), a sliced
+    residual stream (``hidden_size``) and removed blocks (``num_hidden_layers``; the kept blocks renumbered from 0).
+    Widths must be the same in every block: HF configs have one per model."""
     if not pruned:
         return config, {}
     cfg = copy.deepcopy(config)
