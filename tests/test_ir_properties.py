@@ -1,0 +1,229 @@
+"""IR invariants under hypothesis, on graphs captured from random small modules (the ops lowbit captures: linears,
+HF-style and torch RMSNorms, LayerNorm, activations, softmax, residual adds, reshapes, scalar ops; f32 or f64;
+a dynamic sequence length or a static one):
+
+- the text form is a fixed point: print -> parse -> print gives the same text, and the parsed graph computes the same,
+  captured and after quantization (packed params, dynamic activation qparams, fused qlinear);
+- the verifier accepts every captured graph, and rejects a dangling operand or a wrong declared shape naming the node;
+- the exact rewrites (``dce``, ``constant-fold``, ``fold-norms``) keep the outputs in float64, and ``dce`` removes
+  exactly the dead nodes added to a graph.
+
+Each example captures a module through torch.export (about a second), so ``max_examples`` stays small.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lowbit.backends.torch_backend import TorchCompiled
+from lowbit.ir.capture import capture, refuse_unrunnable
+from lowbit.ir.graph import Graph, TensorType, Value
+from lowbit.ir.parser import parse_graph
+from lowbit.ir.printer import print_graph
+from lowbit.ir.verifier import VerificationError, verify
+from lowbit.passes.manager import PassManager
+
+STEPS = ("linear", "linear_nobias", "hf_rms_norm", "torch_rms_norm", "layer_norm", "silu", "gelu", "relu", "softmax",
+         "residual", "gate", "split_heads", "scale", "mean_shift", "attention", "glu", "cat_slice", "matmul", "tanh")
+
+
+class HFRMSNorm(nn.Module):
+    """Llama's RMSNorm as HF writes it (statistics in float32, gain in the input dtype): the raising pattern."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * h.to(x.dtype)
+
+
+class Random(nn.Module):
+    """A chain of ``steps`` over ``[B, S, D]`` activations; each step's modules named after it (``s3_linear``)."""
+
+    def __init__(self, steps: list[tuple[str, int]], d: int) -> None:
+        super().__init__()
+        self.steps = steps
+        for i, (kind, out) in enumerate(steps):
+            name = f"s{i}"
+            if kind in ("linear", "linear_nobias"):
+                setattr(self, name, nn.Linear(d, out, bias=kind == "linear"))
+                d = out
+            elif kind == "residual":
+                setattr(self, name, nn.Linear(d, d))
+            elif kind == "hf_rms_norm":
+                setattr(self, name, HFRMSNorm(d))
+            elif kind == "torch_rms_norm":
+                setattr(self, name, nn.RMSNorm(d, eps=1e-6))
+                with torch.no_grad():
+                    getattr(self, name).weight.uniform_(0.5, 1.5)
+            elif kind == "layer_norm":
+                setattr(self, name, nn.LayerNorm(d))
+        self.d_out = d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for i, (kind, _) in enumerate(self.steps):
+            m = getattr(self, f"s{i}", None)
+            if kind in ("linear", "linear_nobias", "hf_rms_norm", "torch_rms_norm", "layer_norm"):
+                h = m(h)
+            elif kind == "residual":
+                h = h + m(h)
+            elif kind in ("silu", "gelu", "relu"):
+                h = getattr(nn.functional, kind)(h)
+            elif kind == "softmax":
+                h = h.softmax(-1)
+            elif kind == "gate":
+                h = h * torch.sigmoid(h)
+            elif kind == "split_heads" and h.shape[-1] % 2 == 0:
+                h = h.reshape(h.shape[0], h.shape[1], 2, -1).transpose(1, 2).transpose(1, 2).reshape(
+                    h.shape[0], h.shape[1], -1)
+            elif kind == "scale":
+                h = h * 0.5 + 1.0
+            elif kind == "mean_shift":
+                h = h - h.mean(-1, keepdim=True)
+            elif kind == "attention" and h.shape[-1] % 2 == 0:
+                q = h.reshape(h.shape[0], h.shape[1], 2, -1).transpose(1, 2)
+                h = nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(
+                    h.shape[0], h.shape[1], -1)
+            elif kind == "glu" and h.shape[-1] % 2 == 0:
+                a, b = h.chunk(2, -1)
+                h = torch.cat([nn.functional.silu(a) * b, a], -1)
+            elif kind == "cat_slice":
+                h = torch.cat([h, -h], -1)[..., 1:h.shape[-1] + 1]
+            elif kind == "matmul":
+                h = (h @ h.transpose(-1, -2)) @ h / (h.shape[-1] * h.shape[1])
+            elif kind == "tanh":
+                h = torch.tanh(h)
+        return h
+
+
+@st.composite
+def programs(draw: st.DrawFn) -> tuple[list[tuple[str, int]], int, torch.dtype, bool]:
+    steps = draw(st.lists(st.tuples(st.sampled_from(STEPS), st.sampled_from([4, 6, 8])), min_size=1, max_size=6))
+    d = draw(st.sampled_from([4, 6, 8]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    dynamic = draw(st.booleans())
+    return steps, d, dtype, dynamic
+
+
+def captured(program: tuple[list[tuple[str, int]], int, torch.dtype, bool]) -> tuple[Graph, nn.Module, torch.Tensor]:
+    steps, d, dtype, dynamic = program
+    torch.manual_seed(0)
+    model = Random(steps, d).to(dtype).eval()
+    x = torch.randn(2, 5, d, dtype=dtype)
+    dyn = {"x": {1: torch.export.Dim("seq", min=2, max=64)}} if dynamic else None
+    graph = capture(model, (x,), dyn)
+    refuse_unrunnable(graph, model)  # every op of the menu is one lowbit runs
+    return graph, model, x
+
+
+def _weights(graph: Graph) -> dict[str, torch.Tensor]:
+    return {k: v.data for k, v in graph.params.items()}
+
+
+SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+@SETTINGS
+@given(programs())
+def test_text_form_is_a_fixed_point_and_the_parsed_graph_computes_the_same(program):
+    graph, model, x = captured(program)
+    text = print_graph(graph)
+    parsed = parse_graph(text, _weights(graph))
+    assert print_graph(parsed) == text
+    verify(parsed)
+    assert torch.equal(TorchCompiled(parsed)(x), TorchCompiled(graph)(x))
+    tol = 2e-2 if x.dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(TorchCompiled(graph)(x), model(x), rtol=tol, atol=tol)
+
+
+def _corruptible(graph: Graph):
+    """The nodes that read an activation (a value another node made, or the input)."""
+    return [n for n in graph.nodes if any(not v.is_param for v in n.inputs())]
+
+
+@SETTINGS
+@given(programs(), st.integers(min_value=0, max_value=99))
+def test_verifier_accepts_captured_graphs_and_names_the_node_of_a_corruption(program, pick):
+    graph, _, _ = captured(program)
+    verify(graph)
+    nodes = _corruptible(graph)
+    if not nodes:
+        return
+    # a dangling operand: the node reads a value nothing defines
+    node = nodes[pick % len(nodes)]
+    bad = graph.clone()
+    target = next(n for n in bad.nodes if n.name == node.name)
+    read = next(v for v in target.inputs() if not v.is_param)
+    ghost = Value("ghost", read.type)
+    target.map_values(lambda v: ghost if v is read else v)
+    with pytest.raises(VerificationError, match=rf"%{target.name} = {target.op}\(\.\.\.\).*reads %ghost, which is "
+                                                r"not defined before use"):
+        verify(bad)
+    # a wrong declared shape: the node's output claims one more element on its last dim
+    bad = graph.clone()
+    target = next(n for n in bad.nodes if n.name == node.name)
+    out = target.outputs[0]
+    if not isinstance(out.type, TensorType) or not out.type.shape:
+        return
+    shape = list(out.type.shape)
+    shape[-1] = shape[-1] + 1 if isinstance(shape[-1], int) else f"{shape[-1]}+1"
+    out.type = TensorType(out.type.dtype, tuple(shape))
+    with pytest.raises(VerificationError, match=rf"%{target.name}\b"):
+        verify(bad)
+
+
+@SETTINGS
+@given(programs())
+def test_exact_rewrites_keep_outputs_in_float64(program):
+    steps, d, _, dynamic = program
+    graph, _, x = captured((steps, d, torch.float64, dynamic))
+    ref = TorchCompiled(graph)(x)
+    for pipeline in ("dce", "constant-fold", "fold-norms", "fold-norms,dce,constant-fold"):
+        g = graph.clone()
+        PassManager(pipeline, verify_each=True).run(g)
+        out = TorchCompiled(g)(x)
+        assert (out - ref).abs().max() <= 1e-12 * max(1.0, ref.abs().max().item()), pipeline
+
+
+@SETTINGS
+@given(programs(), st.integers(min_value=1, max_value=3))
+def test_dce_removes_exactly_the_dead_nodes_added(program, n_dead):
+    graph, _, x = captured(program)
+    text = print_graph(graph)
+    g = graph.clone()
+    live = list(g.nodes)
+    for i in range(n_dead):  # a copy of a node whose output nothing reads
+        src = live[(i * 7) % len(live)]
+        dead = g.make_node(src.op, src.args, dict(src.kwargs), name=f"dead{i}", types=[v.type for v in src.outputs],
+                           module=src.module)
+        g.append(dead)
+    verify(g)
+    assert len(g.nodes) == len(graph.nodes) + n_dead
+    PassManager("dce").run(g)
+    assert print_graph(g) == text
+    assert torch.equal(TorchCompiled(g)(x), TorchCompiled(graph)(x))
+
+
+@SETTINGS
+@given(programs(), st.sampled_from(["quantize(w=int8)", "quantize(w=int4,group=2,sym=false)",
+                                    "quantize(w=int8,a=int8),fuse-qlinear", "fold-norms,quantize(w=fp8e4m3,a=fp8e4m3)",
+                                    "quantize(w=int4,group=2,a=int8,a_gran=per_tensor,a_sym=false),fuse-qlinear"]))
+def test_quantized_graphs_keep_the_text_fixed_point(program, pipeline):
+    """The QDQ form (packed int4 params, dynamic activation qparams, fused qlinear and what it replaced) prints and
+    parses back to the same text and computes the same."""
+    steps, d, dtype, dynamic = program
+    graph, _, x = captured((steps, d, torch.float32 if dtype == torch.float64 else dtype, dynamic))
+    PassManager(pipeline).run(graph)
+    text = print_graph(graph)
+    parsed = parse_graph(text, _weights(graph))
+    assert print_graph(parsed) == text
+    verify(parsed)
+    assert torch.equal(TorchCompiled(parsed)(x), TorchCompiled(graph)(x))
