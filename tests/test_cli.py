@@ -505,6 +505,30 @@ def test_debug_compare_marks_a_rotated_residual_stream_not_comparable():
     assert "n/a" in row and "-3" not in row, res.output
 
 
+def test_dtype_option_loads_the_model_in_that_dtype(tmp_path):
+    """The CLI had no --dtype: every model was compiled in float32, so the triton backend (16-bit kernels) ran every
+    op on its reference path. --dtype bfloat16 loads (and captures) the model in bfloat16; a dtype it does not take
+    is refused before any model is read, and an already compiled model refuses it by name."""
+    from lowbit.cli.artifacts import load_graph
+    from lowbit.data.model_files import load_tokenizer
+
+    torch.manual_seed(0)
+    tiny_llama(vocab=49152).save_pretrained(tmp_path / "tiny")
+    load_tokenizer("smollm2").save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "bf16"
+    invoke("compile", tmp_path / "tiny", "-p", "dce", "--dtype", "bfloat16", "-o", out, "-q")
+    graph, _ = load_graph(out)
+    assert graph.inputs[0].type.dtype == torch.int64
+    assert {v.type.dtype for k, v in graph.params.items() if k.endswith(".weight")} == {torch.bfloat16}
+    assert "bf16[" in (out / "model.lowbit").read_text()
+    for cmd in (["compile", "smollm2:1"], ["generate", "smollm2:1", "--prompt", "hi"],
+                ["debug", "compare", "smollm2:1"], ["debug", "bisect", "smollm2:1"], ["debug", "sensitivity", "smollm2:1"]):
+        res = invoke(*cmd, "--dtype", "float64", code=2)
+        assert "--dtype 'float64': give one of float32, bfloat16, float16" in res.output, res.output
+    res = invoke("generate", out, "--prompt", "hi", "--dtype", "float16", code=2)
+    assert "is already compiled, in the dtype it was compiled in" in res.output, res.output
+
+
 def test_nan_and_infinite_errors_rank_worst_in_every_debug_ranking():
     """'NaN ranks worst' was written three ways: compare's table let an infinite error (SQNR -inf) tie with a NaN
     (the first listed won) and named a 'worst layer' (SQNR inf) for a stage that changed no layer, where the HTML

@@ -75,11 +75,12 @@ def exceeds(value: float, threshold: float) -> bool:
 
 
 def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: str = "5%", windows: int = 4,
-           seq_len: int = 128, n_sentences: int = 32, log: Callable[[str], None] = lambda s: None) -> BisectResult:
+           seq_len: int = 128, n_sentences: int = 32, log: Callable[[str], None] = lambda s: None,
+           dtype: str = "float32") -> BisectResult:
     t0 = time.perf_counter()
     amount, relative = parse_percent_or_number(max_increase)
     passes = parse(text)
-    loaded = load(model_spec)
+    loaded = load(model_spec, dtype)
     metric = metric_name(loaded.kind, metric)
     if relative and metric == "cos":
         fail("--metric cos starts at 0 for the float model: give --max-increase as an absolute amount "
@@ -217,9 +218,9 @@ def _reduce(units: list[Unit], bad: Callable[[list[Unit]], bool]) -> list[Unit]:
 
 
 def run_bisect(model_spec: str, text: str, *, metric: str, max_increase: str, windows: int, seq_len: int,
-               n_sentences: int, json_out: Path | None) -> None:
+               n_sentences: int, json_out: Path | None, dtype: str = "float32") -> None:
     res = bisect(model_spec, text, metric=metric, max_increase=max_increase, windows=windows, seq_len=seq_len,
-                 n_sentences=n_sentences, log=lambda s: console.print(s, markup=False))
+                 n_sentences=n_sentences, log=lambda s: console.print(s, markup=False), dtype=dtype)
     table = Table(title=f"bisect {res.model} ({res.metric}, threshold {fmt_metric(res.metric, res.threshold)})",
                   show_header=False)
     table.add_row("float baseline", fmt_metric(res.metric, res.baseline))

@@ -110,36 +110,62 @@ _MODELS: dict[str, LoadedModel] = {}
 _GRAPHS: dict[str, Any] = {}
 
 
-def load(spec: str) -> LoadedModel:
-    """Load ``spec`` (``smollm2``, ``minilm``, a path; ``NAME:N`` keeps the first N blocks) once per process.
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_HELP = ("dtype the model is loaded in: float32 (default), bfloat16 or float16 (the triton backend's kernels "
+              "take 16-bit activations: on a float32 model every op runs its reference)")
+
+
+def check_dtype(dtype: str) -> None:
+    """``--dtype`` is one of ``DTYPES``, checked before any model is read."""
+    if dtype not in DTYPES:
+        fail(f"--dtype {dtype!r}: give one of {', '.join(DTYPES)}", Exit.USAGE)
+
+
+def load(spec: str, dtype: str = "float32") -> LoadedModel:
+    """Load ``spec`` (``smollm2``, ``minilm``, a path; ``NAME:N`` keeps the first N blocks) once per process, in
+    ``dtype`` (``DTYPES``).
 
     ``smollm2:2`` is a real SmolLM2 cut to two decoder layers (final norm and lm_head kept): the debugging
     commands are exercised on it in seconds. Missing paths exit with code 3, bad specs with 2.
     """
+    check_dtype(dtype)
+    if dtype != "float32":  # cached (and captured) per dtype: the key carries it
+        key = f"{spec}@{dtype}"
+        if key not in _MODELS:
+            import torch
+
+            _MODELS[key] = _load(spec, getattr(torch, dtype), key)
+        return _MODELS[key]
     if spec in _MODELS:
         return _MODELS[spec]
+    return _load(spec, None, spec)
+
+
+def _load(spec: str, torch_dtype: Any, key: str) -> LoadedModel:
+    """``load``'s work: ``torch_dtype`` None is float32, cached under the bare spec (``key``)."""
     from lowbit.models import SLICE, load_model
 
+    suffix = "" if torch_dtype is None else key[len(spec):]
     name, n_layers = spec, None
     m = SLICE.match(spec)
     if m and not Path(spec).exists():
         name, n_layers = m.group("name"), int(m.group("n"))
         if n_layers < 1:  # before loading the model (cut_layers says the same after)
             fail(f"model {spec!r}: the layer count after ':' must be at least 1", Exit.USAGE)
-    base = _MODELS.get(name)
+    base = _MODELS.get(name + suffix)
     if base is None:
         from lowbit.errors import CorruptFileError, UntrustedInputError
         from lowbit.ir.capture import CaptureError
 
         try:
-            module, tokenizer, kind = load_model(name)
+            module, tokenizer, kind = load_model(name) if torch_dtype is None else load_model(name, torch_dtype)
         except (FileNotFoundError, CorruptFileError, UntrustedInputError) as exc:
             fail(str(exc), Exit.NOT_FOUND)
         except ValueError as exc:
             fail(str(exc), Exit.USAGE)
         except CaptureError as exc:  # refused by name when wrapped (dynamic RoPE): as `python -m lowbit` reports it
             fail(str(exc), Exit.PIPELINE)
-        base = _MODELS[name] = LoadedModel(name, module, tokenizer, kind)
+        base = _MODELS[name + suffix] = LoadedModel(name + suffix, module, tokenizer, kind)
     if n_layers is None:
         return base
     from lowbit.models import cut_layers
@@ -148,7 +174,7 @@ def load(spec: str) -> LoadedModel:
         module = cut_layers(base.module, n_layers, spec)
     except ValueError as exc:
         fail(str(exc), Exit.USAGE)
-    sliced = _MODELS[spec] = LoadedModel(spec, module, base.tokenizer, base.kind, n_layers)
+    sliced = _MODELS[key] = LoadedModel(key, module, base.tokenizer, base.kind, n_layers)
     return sliced
 
 

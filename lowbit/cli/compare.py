@@ -82,7 +82,8 @@ class LayerCompare(Instrument):
 
 
 def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128, n_sentences: int = 32,
-            verify_each: bool = True, reproducer: Path | None = None, progress: bool = True) -> CompareResult:
+            verify_each: bool = True, reproducer: Path | None = None, progress: bool = True,
+            dtype: str = "float32") -> CompareResult:
     """Capture the model, run the pipeline with a LayerCompare instrument, return every stage's numbers."""
     from rich.progress import Progress
 
@@ -90,7 +91,7 @@ def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128,
 
     t0 = time.perf_counter()
     passes = parse(text)
-    loaded = load(model_spec)
+    loaded = load(model_spec, dtype)
     metric = metric_name(loaded.kind, "auto")
     inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
     graph = capture_model(loaded)
@@ -151,9 +152,10 @@ def layer_table(res: CompareResult) -> Table:
 
 
 def run_compare(model_spec: str, text: str, *, windows: int, seq_len: int, n_sentences: int,
-                json_out: Path | None, html_out: Path | None, verify_each: bool, reproducer: Path | None) -> None:
+                json_out: Path | None, html_out: Path | None, verify_each: bool, reproducer: Path | None,
+                dtype: str = "float32") -> None:
     res = compare(model_spec, text, windows=windows, seq_len=seq_len, n_sentences=n_sentences,
-                  verify_each=verify_each, reproducer=reproducer)
+                  verify_each=verify_each, reproducer=reproducer, dtype=dtype)
     console.print(summary_table(res))
     console.print(layer_table(res))
     console.print(f"compare took {res.seconds:.1f} s", markup=False)

@@ -21,11 +21,13 @@ from rich.text import Text
 
 from lowbit import jsonio
 from lowbit.cli.common import (
+    DTYPE_HELP,
     EXIT_CODES_HELP,
     Exit,
     atomic_output_dir,
     capture_model,
     check_eval_flags_fit,
+    check_dtype,
     check_eval_sizes,
     check_output,
     console,
@@ -328,6 +330,7 @@ def compile_cmd(
     reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on failure, save the IR before the "
                                               "failing pass, the pipeline, inputs and versions here"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no summary and no calibration progress bars"),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Capture MODEL, run the pipeline over its IR, lower it to BACKEND and write the artefact and a report."""
     from lowbit.api import compile_graph, plan_compile
@@ -336,6 +339,7 @@ def compile_cmd(
     from lowbit.passes.manager import PrintIR
 
     t0 = time.perf_counter()
+    check_dtype(dtype)
     text = pipeline_text(pipeline, recipe)
     passes = parse(text)
     options: dict[str, str] = {}
@@ -396,7 +400,7 @@ def compile_cmd(
     if fmt != "lowbit" and out is None:
         fail(f"--format {fmt} writes a checkpoint directory: give -o DIR", Exit.USAGE)
 
-    loaded = load(model)
+    loaded = load(model, dtype)
     graph = capture_model(loaded)
     if keep is not None:
         passes = apply_overrides(passes, keep, graph, overrides)
@@ -543,6 +547,7 @@ def generate_cmd(
                                                    "ids; --stop-token -1 for none)"),
     backend: str = typer.Option("torch", "--backend", "-b", help="torch (reference), onnxruntime, or triton "
                                 "(CUDA)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Compile MODEL for generation (one step graph: prefill and decode), stream the text, print timings."""
     import resource
@@ -553,6 +558,8 @@ def generate_cmd(
     from lowbit.generate import GenerationError, GenerationSpec, check_request, sampling_only
     from lowbit.passes.manager import PipelineError
 
+    if dtype is not None:
+        check_dtype(dtype)
     text = pipeline_text(pipeline, recipe) if pipeline or recipe else ""
     passes = parse(text) if text else []  # as `lowbit compile`: an unknown pass or a bad option exits 2
     try:
@@ -580,6 +587,9 @@ def generate_cmd(
     ckpt = Path(model).expanduser() if quantization_config(model) is not None else None
     positions = None  # the model's max_position_embeddings, where known: --max-length's default stays within it
     lowbit_dir = Path(model).expanduser()
+    if dtype is not None and ((lowbit_dir / "model.lowbit").is_file() or ckpt is not None):
+        fail(f"--dtype {dtype}: model {model!r} is already compiled, in the dtype it was compiled in; --dtype applies "
+             "to a model lowbit compiles here (drop it)", Exit.USAGE)
     if (lowbit_dir / "model.lowbit").is_file():  # lowbit's format: the step graph as compiled (its spec fixed)
         if text:
             fail(f"model {model!r} is a compiled lowbit model (already compiled): drop --pipeline/--recipe",
@@ -620,11 +630,15 @@ def generate_cmd(
         text = "loaded from the checkpoint"
         positions = _config_positions(ckpt)
     else:
-        loaded = load(model)
+        loaded = load(model, dtype or "float32")
         if loaded.kind != "causal-lm":
             fail(f"model {model!r} is a {loaded.kind} with no causal-LM head: `lowbit generate` needs a decoder LM "
                  "(smollm2, an HF *ForCausalLM directory, a .gguf)", Exit.USAGE)
         tok = loaded.tokenizer
+        if backend == "triton" and dtype in (None, "float32"):  # it ran, every op on the reference, without a word
+            err_console.print("note: the triton backend's kernels take bfloat16/float16 activations; this float32 "
+                              "model runs every op on its reference path: add --dtype bfloat16", markup=False,
+                              highlight=False)
         positions = getattr(getattr(getattr(loaded.module, "model", None), "config", None), "max_position_embeddings",
                             None)
         build = lambda spec: compile_model(loaded.module, pipeline=text or None, device=device,  # noqa: E731
@@ -746,10 +760,12 @@ def compare_cmd(
     html_out: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report here"),
     verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each"),
     reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on a failing pass, save a replay here"),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Run real inputs through the float graph and after every pass: per-pass, per-layer error and end metric."""
     from lowbit.cli.compare import run_compare
 
+    check_dtype(dtype)
     check_eval_sizes(windows, seq_len, sentences)
     check_output(json_out, "--json", directory=False)
     check_output(html_out, "--html", directory=False)
@@ -759,7 +775,7 @@ def compare_cmd(
     check_output(reproducer, "--reproducer", directory=True)
     check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS))
     run_compare(model, pipeline_text(pipeline, recipe), windows=windows, seq_len=seq_len, n_sentences=sentences,
-                json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer)
+                json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer, dtype=dtype)
 
 
 @debug_app.command("bisect")
@@ -775,10 +791,12 @@ def bisect_cmd(
     seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),
     sentences: int = typer.Option(32, help="encoders: sentences per evaluation"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON here"),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Find the first pass that pushes the metric past the threshold, then the fewest layers responsible."""
     from lowbit.cli.bisect import run_bisect
 
+    check_dtype(dtype)
     check_eval_sizes(windows, seq_len, sentences)
     check_output(json_out, "--json", directory=False)
     if parse_percent_or_number(max_increase)[0] <= 0:
@@ -786,7 +804,7 @@ def bisect_cmd(
              "this; at or below it every evaluation, the float model's included, fails)", Exit.USAGE)
     check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS))
     run_bisect(model, pipeline_text(pipeline, recipe), metric=metric, max_increase=max_increase,
-               windows=windows, seq_len=seq_len, n_sentences=sentences, json_out=json_out)
+               windows=windows, seq_len=seq_len, n_sentences=sentences, json_out=json_out, dtype=dtype)
 
 
 @debug_app.command("sensitivity")
@@ -805,10 +823,12 @@ def sensitivity_cmd(
     windows: int = typer.Option(4), seq_len: int = typer.Option(128), sentences: int = typer.Option(32),
     out: Path = typer.Option(Path("sensitivity.json"), "--out", "-o", help="override file for `lowbit compile "
                              "--overrides`"),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Quantize (or prune) one layer at a time, rank layers by metric damage, write an override file compile accepts."""
     from lowbit.cli.sensitivity import run_sensitivity
 
+    check_dtype(dtype)
     check_eval_sizes(windows, seq_len, sentences)
     check_output(out, "--out", directory=False)
     if group is not None and group < 1:
@@ -818,7 +838,7 @@ def sensitivity_cmd(
         fail(f"--keep-top {keep_top}: the number of units kept must be 0 or more", Exit.USAGE)
     check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS))
     run_sensitivity(model, scheme, group=group, prefix=pipeline, granularity=granularity, metric=metric,
-                    keep_top=keep_top, windows=windows, seq_len=seq_len, n_sentences=sentences, out=out)
+                    keep_top=keep_top, windows=windows, seq_len=seq_len, n_sentences=sentences, out=out, dtype=dtype)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m lowbit.cli.main`

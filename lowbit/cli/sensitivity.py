@@ -57,7 +57,7 @@ def scheme_to_pipeline(scheme: str, group: int | None) -> str:
 
 def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefix: str | None = None,
                 granularity: str = "block", metric: str = "auto", windows: int = 4, seq_len: int = 128,
-                n_sentences: int = 32, progress: bool = True) -> dict[str, Any]:
+                n_sentences: int = 32, progress: bool = True, dtype: str = "float32") -> dict[str, Any]:
     t0 = time.perf_counter()
     qtext = scheme_to_pipeline(scheme, group)
     parsed = parse(qtext)
@@ -71,7 +71,7 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
              Exit.USAGE)
     if granularity not in ("block", "linear"):
         fail(f"--granularity {granularity!r}: give block or linear", Exit.USAGE)
-    loaded = load(model_spec)
+    loaded = load(model_spec, dtype)
     metric = metric_name(loaded.kind, metric)
     inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
     graph = capture_model(loaded)
@@ -119,9 +119,10 @@ def ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_sensitivity(model_spec: str, scheme: str, *, group: int | None, prefix: str | None, granularity: str,
-                    metric: str, keep_top: int, windows: int, seq_len: int, n_sentences: int, out: Path) -> None:
+                    metric: str, keep_top: int, windows: int, seq_len: int, n_sentences: int, out: Path,
+                    dtype: str = "float32") -> None:
     res = sensitivity(model_spec, scheme, group=group, prefix=prefix, granularity=granularity, metric=metric,
-                      windows=windows, seq_len=seq_len, n_sentences=n_sentences)
+                      windows=windows, seq_len=seq_len, n_sentences=n_sentences, dtype=dtype)
     m = res["metric"]
     (qpass,) = parse(res["quantize"])
     # compile --overrides adds the damaged layers to a keep list (quantize/gptq/sparsify); a structured cut has none
