@@ -529,6 +529,25 @@ def test_dtype_option_loads_the_model_in_that_dtype(tmp_path):
     assert "is already compiled, in the dtype it was compiled in" in res.output, res.output
 
 
+@pytest.mark.parametrize("fmt, pipeline, message", [
+    ("hf", "prune-mlp(ratio=0.25),quantize(w=int4,group=32)",
+     "format 'hf' writes float weights, but pass quantize(w=int4,group=32) quantizes the model"),
+    ("hf", "gptq(w=int8)", "but pass gptq(w=int8) quantizes the model"),
+    ("compressed-tensors", "fold-norms,dce", "format 'compressed-tensors' describes quantized linears, and the "
+                                             "pipeline (fold-norms, dce) quantizes none"),
+    ("gptq", "prune-mlp(ratio=0.25)", "format 'gptq' describes quantized linears"),
+])
+def test_hf_format_refusals_the_pipeline_shows_come_before_the_compile(tmp_path, monkeypatch, fmt, pipeline, message):
+    """`lowbit compile -f hf` with a quantizing pipeline (or -f compressed-tensors/gptq with none) loaded the model,
+    captured, calibrated and compiled, then the checkpoint writer refused. What the pipeline already shows is refused
+    first (exit 2), before any model is read."""
+    monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    res = invoke("compile", "smollm2:1", "-p", pipeline, "-f", fmt, "-o", tmp_path / "out", code=2)
+    out = " ".join(res.output.split())
+    assert f"cannot write --format {fmt}: " in out and message in out, res.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_nan_and_infinite_errors_rank_worst_in_every_debug_ranking():
     """'NaN ranks worst' was written three ways: compare's table let an infinite error (SQNR -inf) tie with a NaN
     (the first listed won) and named a 'worst layer' (SQNR inf) for a stage that changed no layer, where the HTML

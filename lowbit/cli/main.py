@@ -399,6 +399,9 @@ def compile_cmd(
         fail(f"unknown --format {fmt!r}{closest(fmt, list(FORMATS))}; known: {', '.join(FORMATS)}", Exit.USAGE)
     if fmt != "lowbit" and out is None:
         fail(f"--format {fmt} writes a checkpoint directory: give -o DIR", Exit.USAGE)
+    refused = hf_format_refusal(fmt, passes)
+    if refused:
+        fail(f"cannot write --format {fmt}: {refused}", Exit.USAGE)
 
     loaded = load(model, dtype)
     graph = capture_model(loaded)
@@ -439,6 +442,23 @@ def compile_cmd(
         console.print(compile_report.summary(), markup=False)
         if out is not None:
             console.print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})", markup=False)
+
+
+def hf_format_refusal(fmt: str, passes: list[Any]) -> str | None:
+    """What an HF format refuses that the pipeline already shows, said before the model is loaded and compiled (the
+    writer said it after the whole compile ran): ``hf`` writes float weights, so no quantizing pass and no packed KV
+    cache; ``compressed-tensors`` and ``gptq`` describe quantized linears, so some pass must quantize weights."""
+    quantizers = [p for p in passes if "dequantize" in getattr(p, "creates", ())]
+    if fmt == "hf":
+        writes = quantizers or [p for p in passes if "cache_attention" in getattr(p, "creates", ())]
+        if writes:
+            return (f"format 'hf' writes float weights, but pass {writes[0].spec()} quantizes the model: write "
+                    "--format compressed-tensors or gptq, or drop the pass")
+    elif fmt in ("compressed-tensors", "gptq") and not quantizers:
+        names = ", ".join(p.spec() for p in passes) or "no pass"
+        return (f"format {fmt!r} describes quantized linears, and the pipeline ({names}) quantizes none: add a "
+                "quantizing pass (quantize, gptq, awq, autoround), or write --format hf (a float model) or lowbit")
+    return None
 
 
 def _write_compile_output(out: Path, graph: Any, report: Any, runner: Any, backend: str, model: str,
