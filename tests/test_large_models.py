@@ -149,3 +149,26 @@ def test_compile_and_save_hold_far_less_than_the_model(tmp_path: Path) -> None:
         logits = reloaded(torch.tensor([[1, 20, 300, 4000, 50]]))
     torch.testing.assert_close(logits[0, -1, :8].float(), torch.tensor(got["logits"], dtype=torch.float32),
                                rtol=0, atol=2e-2)
+
+
+def test_cli_dtype_auto_loads_an_hf_directory_in_its_stored_dtype(tmp_path: Path) -> None:
+    """``--dtype auto`` is the checkpoint's own dtype (bf16 here, so its weights stay memory-mapped), where float32,
+    the default, converts them; an unknown dtype is refused before anything loads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.cli.common import load
+    from lowbit.data.model_files import load_smollm2_tokenizer
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=49152, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    load_smollm2_tokenizer().save_pretrained(tmp_path / "m")
+    spec = str(tmp_path / "m")
+    assert next(load(spec, "auto").module.parameters()).dtype == torch.bfloat16
+    assert next(load(spec).module.parameters()).dtype == torch.float32
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    res = CliRunner().invoke(app, ["compile", spec, "--dtype", "int8", "-p", "dce"])
+    assert res.exit_code == 2 and "--dtype 'int8': give one of float32, bfloat16, float16, auto" in res.output

@@ -110,9 +110,10 @@ _MODELS: dict[str, LoadedModel] = {}
 _GRAPHS: dict[str, Any] = {}
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 DTYPE_HELP = ("dtype the model is loaded in: float32 (default), bfloat16 or float16 (the triton backend's kernels "
-              "take 16-bit activations: on a float32 model every op runs its reference)")
+              "take 16-bit activations: on a float32 model every op runs its reference), or auto: an HF directory's "
+              "own (its weights stay memory-mapped, no copy: a model larger than RAM compiles and saves)")
 
 
 def check_dtype(dtype: str) -> None:
@@ -134,7 +135,7 @@ def load(spec: str, dtype: str = "float32") -> LoadedModel:
         if key not in _MODELS:
             import torch
 
-            _MODELS[key] = _load(spec, getattr(torch, dtype), key)
+            _MODELS[key] = _load(spec, "auto" if dtype == "auto" else getattr(torch, dtype), key)
         return _MODELS[key]
     if spec in _MODELS:
         return _MODELS[spec]
