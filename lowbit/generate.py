@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lowbit.ir.kvcache import layer_kv_heads
-from lowbit.kernels.decode_step import row_argmax
+from lowbit.kernels.decode_step import not_finite_rows, row_argmax_checked
 from lowbit.models import CausalLMStep, GenerationError
 
 __all__ = ["GenerationSpec", "GenerationOutput", "Generator", "step_example", "GenerationError", "left_padded"]
@@ -252,9 +252,9 @@ class _CudaGraphStep:
         with torch.cuda.graph(self.graph):
             self.out = runner(self.ids, self.positions, *self.cache)
             if greedy:
-                self.next = row_argmax(self.out[0][:, -1])
-                self.bad = not_finite_rows(self.out[0][:, -1])  # read with the tokens: NaN logits are named
-                self.ids.copy_(self.next.view_as(self.ids))
+                # the tokens and their rows' not-finite flags in one kernel, read together: NaN logits are named
+                self.picked = row_argmax_checked(self.out[0][:, -1])
+                self.ids.copy_(self.picked[0].view_as(self.ids))
                 self.positions.add_(1)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -282,14 +282,7 @@ class _CudaGraphStep:
         (the next replay overwrites both)."""
         self.graph.replay()
         self._copy_cache_back()
-        return torch.stack((self.next, self.bad))
-
-
-def not_finite_rows(logits: torch.Tensor) -> torch.Tensor:
-    """``[B]`` int64, 1 where a row of ``[B, V]`` logits has no finite maximum (a NaN, +inf, or every logit -inf):
-    there is no token to choose. Greedy argmax returned a token for such a row without a word (torch: the first
-    NaN's index; the Triton kernel: token 0)."""
-    return (~torch.isfinite(logits.amax(-1))).long()
+        return self.picked.clone()
 
 
 def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install -e '.[dev]' brings it)")
 
 from lowbit.kernels import decode_step
-from lowbit.kernels.decode_step import cache_rows_index, row_argmax, write_cache_rows
+from lowbit.kernels.decode_step import cache_rows_index, row_argmax, row_argmax_checked, write_cache_rows
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERP, reason="CPU runs need TRITON_INTERPRET=1")),
@@ -37,6 +37,26 @@ def test_row_argmax_is_torchs_first_index_of_the_maximum(device, tile, monkeypat
     assert got.tolist() == [7, 300, 999, 0]
     with pytest.raises(ValueError, match="row_argmax.*\\[B, V\\]"):
         row_argmax(x[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tile", [256, decode_step.ARGMAX_TILE])
+def test_row_argmax_checked_flags_the_rows_with_no_finite_maximum(device, tile, monkeypatch):
+    """One pass gives the tokens and, per row, whether its logits have a NaN or an infinite maximum (what greedy
+    decoding refuses by name), as torch's amax + isfinite say; finite rows keep torch's argmax."""
+    monkeypatch.setattr(decode_step, "ARGMAX_TILE", tile)
+    x = torch.randn(6, 1000, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x[1, 700] = float("nan")  # a NaN in a later tile, the maximum elsewhere
+    x[2, 5] = float("inf")
+    x[3] = float("-inf")  # nothing to choose
+    x[4, 999] = float("-inf")  # one -inf logit is fine
+    x[5, :300] = float("nan")
+    got = row_argmax_checked(x.to(device)).cpu()
+    assert got.shape == (2, 6) and got.dtype == torch.int64
+    assert got[1].tolist() == [0, 1, 1, 1, 0, 1]
+    assert torch.equal(got[1], (~torch.isfinite(x.float().amax(-1))).long())
+    finite = got[1] == 0
+    assert torch.equal(got[0][finite], x.float().argmax(-1)[finite])
 
 
 @pytest.mark.parametrize("device", DEVICES)
