@@ -156,6 +156,9 @@ def test_embedding_similarity_of_minilm(minilm):
 
     with pytest.raises(ValueError, match="sentences is empty"):
         embedding_similarity(embedder, embedder, tokenizer, [])
+    # past the model's 512 positions a long sentence failed inside the encoder with torch's 'expanded size' error
+    with pytest.raises(ValueError, match=r"max_length=1000 is longer than the tokenizer's model_max_length=512"):
+        embedding_similarity(embedder, embedder, tokenizer, ["word " * 700], max_length=1000)
 
 
 def test_cache_writes_are_all_or_nothing(tmp_path, monkeypatch):

@@ -75,6 +75,11 @@ def embedding_similarity(
         raise ValueError("sentences is empty")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    longest = getattr(tokenizer, "model_max_length", None)
+    if isinstance(longest, int) and longest < 10**6 and max_length > longest:
+        # a longer sentence then reached the model past its positions: torch's 'expanded size of the tensor' error
+        raise ValueError(f"max_length={max_length} is longer than the tokenizer's model_max_length={longest} (the "
+                         f"model's positions): give max_length={longest} or less")
     cosines: list[torch.Tensor] = []
     with torch.inference_mode():
         for start in range(0, len(sentences), batch_size):
