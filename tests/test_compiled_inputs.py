@@ -125,3 +125,20 @@ def test_a_static_size_refusal_says_how_to_capture_it_dynamic():
     assert hint in str(info.value)
     dynamic = compile_model(model, (x,), dynamic_shapes={"pixel_values": {0: torch.export.Dim.AUTO}})
     torch.testing.assert_close(dynamic(x[:1]), model(x[:1]))
+
+
+def test_python_constant_input_other_than_the_traced_one_is_refused():
+    """A bool given at capture (ViT's interpolate_pos_encoding=True) is a constant of the graph: a call with False was
+    accepted and silently computed with True. Refused naming the input and the captured value; True still runs."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+
+    torch.manual_seed(0)
+    vit = tf.ViTModel(tf.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                   image_size=16, patch_size=8)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    c = compile_model(vit, {"pixel_values": x, "interpolate_pos_encoding": True})
+    torch.testing.assert_close(c(x, True)[0], vit(x, interpolate_pos_encoding=True).last_hidden_state)
+    with pytest.raises(InputError, match=r"input %interpolate_pos_encoding was True at capture.*got False: pass True"):
+        c(pixel_values=x, interpolate_pos_encoding=False)

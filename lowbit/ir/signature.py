@@ -47,6 +47,27 @@ def ordered_inputs(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str
     return args
 
 
+_LITERALS = {"True": True, "False": False}
+
+
+def _check_constant(name: str, t: Any, a: Any) -> None:
+    """A Python bool or number given at capture (``interpolate_pos_encoding=True``) is traced as that constant: the
+    graph computes with the value it saw whatever a call passes, so another value is refused, not ignored."""
+    expr = getattr(t, "expr", None)
+    if not isinstance(expr, str):
+        return
+    try:
+        traced = _LITERALS[expr] if expr in _LITERALS else float(expr)
+    except ValueError:  # a symbol (s0), not a literal
+        return
+    if isinstance(a, torch.Tensor) and a.numel() == 1:
+        a = a.item()
+    if not isinstance(a, (bool, int, float)) or isinstance(a, bool) != isinstance(traced, bool) or a != traced:
+        raise InputError(f"input %{name} was {expr} at capture, and the graph computes with that value (torch.export "
+                         f"fixes a Python {type(traced).__name__} it is given); got {a!r}: pass {expr}, or capture "
+                         "again with the value you need")
+
+
 def is_int_dtype(dtype: torch.dtype) -> bool:
     """An integer dtype (bool is not one): what token ids may be given as."""
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
@@ -103,6 +124,7 @@ class InputChecker:
         bound: dict[str, tuple[int, str, int]] = {}
         for name, t, a in zip(self.names, self.types, args):
             if not isinstance(t, TensorType):
+                _check_constant(name, t, a)
                 out.append(a)
                 continue
             where = f"input %{name} (declared {t})"
