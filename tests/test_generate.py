@@ -268,6 +268,18 @@ def test_generate_on_a_compiled_encoder_says_it_is_an_encoder():
         c.generate(ids, 3)
 
 
+def test_cli_generate_on_an_encoder_names_what_it_is(minilm):
+    """`lowbit generate minilm` said "model 'minilm' is a encoder with no causal-LM head"."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    res = CliRunner().invoke(app, ["generate", "minilm", "--prompt", "hi"])
+    assert res.exit_code == 2, res.output
+    assert "model 'minilm' is a text encoder (input_ids, attention_mask -> embeddings) with no causal-LM head" in \
+        " ".join(res.output.split())
+
+
 def test_w4a16_generation_runs_on_a_two_layer_slice(smollm2):
     """RTN int4 weights through the same step graph: generation runs and its prefill is the logits model's (every
     position's logits: ``logits="all"``, so the head's GEMM has the logits model's shape and the match is exact)."""

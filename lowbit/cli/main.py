@@ -652,7 +652,9 @@ def generate_cmd(
     else:
         loaded = load(model, dtype or "float32")
         if loaded.kind != "causal-lm":
-            fail(f"model {model!r} is a {loaded.kind} with no causal-LM head: `lowbit generate` needs a decoder LM "
+            what = "a text encoder (input_ids, attention_mask -> embeddings)" if loaded.kind == "encoder" else \
+                f"a {loaded.kind} model"
+            fail(f"model {model!r} is {what} with no causal-LM head: `lowbit generate` needs a decoder LM "
                  "(smollm2, an HF *ForCausalLM directory, a .gguf)", Exit.USAGE)
         tok = loaded.tokenizer
         if backend == "triton" and dtype in (None, "float32"):  # it ran, every op on the reference, without a word
