@@ -99,11 +99,32 @@ class CausalLMLogits(nn.Module):
             raise CaptureError(f"{type(model).__name__} is an encoder-decoder model; lowbit captures decoder-only "
                                "causal LMs (input_ids -> logits) and encoders: give example_inputs and a wrapper "
                                "module that calls it with the inputs it needs, or capture its encoder alone")
+        _refuse_mixture_of_experts(model)
         _refuse_dynamic_rope(model)
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def _refuse_mixture_of_experts(model: nn.Module) -> None:
+    """A mixture-of-experts model (Mixtral, Qwen2/3-MoE, GraniteMoE, ...) routes each token to its top-k experts:
+    torch.export writes that as data-dependent ops (topk, sort, histc, transformers' grouped_mm) the IR does not
+    run. Capture refused it only after tracing the whole model (10 s for a 2-layer toy, far longer for a real one)
+    with a list of ops; it is refused before, saying why."""
+    from lowbit.ir.capture import CaptureError
+
+    experts = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "experts"]
+    if experts:
+        config = getattr(model, "config", None)
+        n = next((getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                  if isinstance(getattr(config, k, None), int)), None)
+        k = getattr(config, "num_experts_per_tok", None)
+        routing = f" ({n} experts, top-{k} routing)" if n and k else ""
+        raise CaptureError(f"{type(model).__name__} is a mixture-of-experts model{routing}, in {experts[0]}"
+                           f"{f' and {len(experts) - 1} more' if len(experts) > 1 else ''}: its per-token "
+                           "expert routing captures to data-dependent ops (topk, sort, histc, grouped_mm) lowbit "
+                           "cannot run, so it compiles dense decoders only (README 'Any architecture')")
 
 
 def _refuse_dynamic_rope(model: nn.Module) -> None:
@@ -251,6 +272,7 @@ class CausalLMStep(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
+        _refuse_mixture_of_experts(model)
         _refuse_dynamic_rope(model)
         self.layout = StepLayout.of(model)
         self.model = model
