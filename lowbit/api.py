@@ -31,6 +31,7 @@ from lowbit.passes.manager import (
     Instrument,
     PassManager,
     PipelineReport,
+    check_calibration_texts,
     check_order,
     format_pipeline,
     parse_pipeline,
@@ -538,6 +539,7 @@ def compile_model(
         tokenizer = loaded if tokenizer is None else tokenizer  # a tokenizer= given is kept
     elif tokenizer is None:
         tokenizer = own_tokenizer(model)
+    check_calibration_texts(passes, tokenizer)  # a text too short for calib_n x calib_len: before the capture
     # the wrappers below capture in eval mode, which .eval() sets on the caller's modules too: put them back after
     modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
     try:

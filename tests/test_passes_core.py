@@ -261,3 +261,21 @@ def test_limit_skips_later_passes(smollm2_slice_f64):
     report = PassManager("fold-norms,dce", limit=0).run(g)
     assert [r.skipped for r in report.records] == [True, True]
     assert all(n.args[1] is not None for n in g.find("rms_norm"))
+
+
+def test_a_calibration_text_too_short_is_refused_before_the_capture(tmp_path, monkeypatch):
+    """A text with fewer tokens than calib_n x calib_len was found by the pass, after the capture and every pass
+    before it; compile_model now tokenizes it (cached, so the pass does not again) as soon as the tokenizer is known."""
+    import lowbit.api
+    from conftest import tiny_llama
+
+    text = tmp_path / "short.txt"
+    text.write_text("a short text, only a few words in it.\n")
+    monkeypatch.setattr(lowbit.api, "capture", lambda *a, **k: pytest.fail("captured before the check"))
+    with pytest.raises(PassError, match=r"pass gptq: option calib=.*short.txt.*has \d+ tokens: 0 non-overlapping windows "
+                                        r"of 32, but n=2 were asked \(64 tokens\)"):
+        lowbit.api.compile_model(tiny_llama(), tokenizer="smollm2",
+                                 pipeline=f"fold-norms,gptq(w=int4,calib={text},calib_n=2,calib_len=32)")
+    long_enough = f"gptq(w=int4,calib={text},calib_n=1,calib_len=4)"
+    with pytest.raises(BaseException, match="captured before the check"):  # enough text: on to the capture
+        lowbit.api.compile_model(tiny_llama(), tokenizer="smollm2", pipeline=long_enough)

@@ -201,6 +201,28 @@ class CalibrationOptions(PassOptions):
         except ValueError as exc:
             raise PassError(f"pass {pass_name}: option calib={shown}: {exc}") from None
 
+    def check_text_length(self, tokenizer: Any, pass_name: str) -> None:
+        """Refuse a calibration text too short for ``calib_n`` windows of ``calib_len`` tokens before the model is
+        captured (the pass found it after capture and every pass before it had run). ``tokenizer``: the model's
+        (the pass' own ``tokenizer=`` wins); nothing is checked without one, nor for given token ids (a tensor or a
+        ``.safetensors`` file: checked when the pass reads them). The token ids are cached, so the pass does not
+        tokenize the text again."""
+        if not self.reads_calibration() or isinstance(self.calib, torch.Tensor) or \
+                str(self.calib).endswith(".safetensors"):
+            return
+        if self.tokenizer is not None:
+            from lowbit.calibration.data import load_tokenizer
+
+            tokenizer = load_tokenizer(self.tokenizer)
+        if tokenizer is None:
+            return
+        try:
+            calibration_ids(self.calib, tokenizer, self.calib_n, self.calib_len)
+        except (CorruptFileError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            raise PassFileError(f"pass {pass_name}: option calib={self.calib!r}: {exc}") from None
+        except ValueError as exc:
+            raise PassError(f"pass {pass_name}: option calib={self.calib!r}: {exc}") from None
+
     def _fit_given_windows(self, ids: torch.Tensor) -> torch.Tensor:
         """Given ``[n, L]`` windows under options set explicitly: ``calib_n`` caps the windows taken (the first ones,
         as for float inputs); a ``calib_len`` other than ``L`` is refused. Both were ignored without a word."""

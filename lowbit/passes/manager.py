@@ -120,6 +120,16 @@ def _refuse_file_options(name: str, cls: type[Pass], options: dict[str, Any],
                                   "artefact may only use lowbit's shipped data (wikitext2-valid, smollm2, ...)")
 
 
+def check_calibration_texts(passes: Sequence[Pass], tokenizer: Any) -> None:
+    """Every calibration text of the pipeline holds the ``calib_n x calib_len`` tokens its pass asks for, checked
+    once the model's tokenizer is known and before the capture (``CalibrationOptions.check_text_length``)."""
+    from lowbit.passes.base import CalibrationOptions
+
+    for p in passes:
+        if isinstance(p.options, CalibrationOptions):
+            p.options.check_text_length(tokenizer, p.name)
+
+
 def check_input_files(passes: Sequence[Pass]) -> None:
     """Every file any pass of the pipeline reads exists and is readable, checked before the first pass (and
     before the model is loaded): ``PassFileError`` names the pass, the option and the path."""
