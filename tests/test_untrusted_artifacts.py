@@ -445,3 +445,23 @@ def test_graph_dot_quotes_a_path_with_a_quote():
     from lowbit.cli.inspect import to_dot
 
     assert to_dot(parse_graph(SAFE, WEIGHTS), 'q"dir/model.lowbit').startswith('digraph "q\\"dir/model.lowbit" {\n')
+
+
+def test_a_symlink_out_of_an_artifact_directory_without_a_manifest_is_refused(tmp_path):
+    """A directory without lowbit-manifest.json was read through its symlinks: model.lowbit -> a private file outside
+    it was parsed, and the parse error quoted that file's first line. The link is refused, named, before reading."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    secret = tmp_path / "private.txt"
+    secret.write_text("api-key-0123456789 do not print me\n")
+    art = tmp_path / "downloaded"
+    art.mkdir()
+    (art / "model.lowbit").symlink_to(secret)
+    for cmd in (["inspect", str(art)], ["graph", str(art), "-o", str(tmp_path / "g.html")]):
+        res = CliRunner().invoke(app, cmd)
+        assert res.exit_code == 3, res.output
+        out = " ".join(res.output.split())
+        assert "model.lowbit: is a symlink to" in out and "outside the directory" in out, res.output
+        assert "api-key" not in res.output

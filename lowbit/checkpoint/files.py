@@ -220,6 +220,20 @@ def verify_manifest(directory: Path, required: bool = False) -> dict[str, Any] |
     return manifest
 
 
+def check_inside(directory: Path, *names: str) -> None:
+    """Refuse a file of an artifact directory read without a manifest that is a symlink leading out of the
+    directory, naming it: with a manifest, ``verify_manifest`` refuses such a file, but without one a
+    ``model.lowbit -> ~/.ssh/id_rsa`` in a downloaded directory was read (and a parse error quoted its first line)."""
+    from lowbit.errors import UntrustedInputError
+
+    root = directory.resolve()
+    for name in names:
+        path = directory / name
+        if path.is_symlink() and root not in path.resolve().parents:
+            raise UntrustedInputError(f"{path}: is a symlink to {str(path.resolve())!r}, outside the directory; an "
+                                      "artifact's files must be inside it (copy the file in instead of linking it)")
+
+
 def check_listed(directory: Path, manifest: dict[str, Any] | None, *names: str) -> None:
     """Refuse a file lowbit is about to read from ``directory`` that its manifest does not list: ``verify_manifest``
     checks the listed files only, so a params.safetensors or config.json added (or dropped from the list) after the
