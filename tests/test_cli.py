@@ -548,6 +548,14 @@ def test_hf_format_refusals_the_pipeline_shows_come_before_the_compile(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_generate_max_length_help_says_its_default_follows_the_model():
+    """--max-length's help said 'default: 512'; a model with fewer positions gets its own length (and a longer
+    --max-length is refused)."""
+    res = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "240"})
+    out = " ".join(res.output.replace("│", " ").split())
+    assert "at most the model's max_position_embeddings (default: 512, or that when smaller)" in out, out
+
+
 def test_nan_and_infinite_errors_rank_worst_in_every_debug_ranking():
     """'NaN ranks worst' was written three ways: compare's table let an infinite error (SQNR -inf) tie with a NaN
     (the first listed won) and named a 'worst layer' (SQNR inf) for a stage that changed no layer, where the HTML

@@ -560,7 +560,8 @@ def generate_cmd(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate per prompt"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="KV-cache slots: prompt + new tokens must "
-                                             "fit (default: 512)"),
+                                             "fit, at most the model's max_position_embeddings (default: 512, or "
+                                             "that when smaller)"),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="largest batch the step graph takes "
                                             "(default: the number of prompts)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (decode steps replay a CUDA graph there)"),
