@@ -102,25 +102,12 @@ print(json.dumps({"before": before, "loaded": loaded, "peak": peak[0], "dtype": 
 
 
 def _bf16_llama_dir(directory: Path) -> int:
-    """A random bf16 Llama (~150 MB of weights, mostly the 49152-token embedding and head) with SmolLM2's tokenizer;
-    returns the weights' bytes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random bf16 Llama (~150 MB of weights, mostly the 49152-token embedding and head) with SmolLM2's tokenizer,
+    built as ``tools/bench_memory.py`` builds its 1 GB one; returns the weights' bytes."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_memory import make_model
 
-    from lowbit.data.model_files import load_smollm2_tokenizer
-
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
-    model.save_pretrained(directory)
-    load_smollm2_tokenizer().save_pretrained(directory)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    return make_model(directory, layers=8, hidden=512, intermediate=1536)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux /proc for resident memory")
