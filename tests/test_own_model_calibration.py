@@ -81,7 +81,8 @@ def test_calibration_batches_that_do_not_fit_a_fixed_shape_capture_name_the_inpu
     model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, layers=1, vocab=256)
     x = torch.randint(0, 256, (2, 16))
     with pytest.raises(LowbitError, match=r"calibration input %input_ids is \[2, 32\], but the graph takes "
-                                          r"\[2, 16\].*capture without them"):
+                                          r"\[2, 16\].*declare them \(compile_model\(\.\.\., dynamic_shapes="
+                                          r"\{'input_ids': \{1: torch\.export\.Dim\.DYNAMIC\}"):
         compile_model(model, (x,), pipeline="gptq(w=int4,group=32,calib_n=4,calib_len=32)",
                       calib=torch.randint(0, 256, (4, 32)))
 
@@ -101,7 +102,8 @@ def test_distillation_batches_that_do_not_fit_a_fixed_shape_capture_name_the_inp
     model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, layers=1, vocab=256)
     x = torch.randint(0, 256, (2, 16))
     with pytest.raises(LowbitError, match=r"held-out windows 0..0: .*calibration input %input_ids is \[1, 16\], but "
-                                          r"the graph takes \[2, 16\].*capture without them"):
+                                          r"the graph takes \[2, 16\].*declare them \(compile_model\(\.\.\., "
+                                          r"dynamic_shapes=\{'input_ids': \{0: torch\.export\.Dim\.DYNAMIC\}"):
         compile_model(model, (x,), pipeline="quantize(w=int4,group=32),tune-qparams(tokens=64,holdout=1,"
                       "progress=false)", calib=torch.randint(0, 256, (4, 16)))
 
