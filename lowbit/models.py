@@ -654,16 +654,29 @@ def cut_layers(module: nn.Module, n_layers: int, spec: str) -> nn.Module:
 _CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def checkpoint_dtype(directory: Path) -> torch.dtype:
-    """The float dtype a HF directory's weights are stored in (config.json's ``dtype`` / ``torch_dtype``), float32
-    when it names none. Loading in it keeps transformers' memory-mapped weights as they are: any other dtype
-    converts every weight into a copy in RAM, which is what kept models larger than RAM from compiling."""
+def config_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """An HF model directory's config.json as a dict, or None: not a directory, no readable config.json, or not a
+    JSON object. For the quick looks taken before transformers is asked (its dtype, quantization, positions)."""
     try:
-        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        raw = json.loads((Path(path).expanduser() / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return torch.float32
-    name = (raw.get("dtype") or raw.get("torch_dtype")) if isinstance(raw, dict) else None
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def config_dtype(raw: dict[str, Any]) -> torch.dtype:
+    """The float dtype a config.json dict names (``dtype``, or the older ``torch_dtype``): float32, bfloat16 or
+    float16; float32 when it names none or another."""
+    name = raw.get("dtype") or raw.get("torch_dtype")
     return _CONFIG_DTYPES.get(name, torch.float32) if isinstance(name, str) else torch.float32
+
+
+def checkpoint_dtype(directory: Path) -> torch.dtype:
+    """The float dtype a HF directory's weights are stored in (``config_dtype`` of its config.json), float32 when it
+    names none. Loading in it keeps transformers' memory-mapped weights as they are: any other dtype converts every
+    weight into a copy in RAM, which is what kept models larger than RAM from compiling."""
+    raw = config_json(directory)
+    return config_dtype(raw) if raw is not None else torch.float32
 
 
 def load_model(
@@ -723,12 +736,8 @@ def load_model(
 def quantization_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The ``quantization_config`` of a HF model directory's config.json (a compressed-tensors/GPTQ checkpoint), or
     None: not a directory, no readable config.json, or a float model."""
-    config = Path(path).expanduser() / "config.json"
-    try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    qcfg = raw.get("quantization_config") if isinstance(raw, dict) else None
+    raw = config_json(path)
+    qcfg = raw.get("quantization_config") if raw is not None else None
     return qcfg if isinstance(qcfg, dict) else None
 
 

@@ -88,12 +88,6 @@ def _float_dtype(view: HFView) -> str:
     return _HALF[dtypes.pop()] if len(dtypes) == 1 and next(iter(dtypes)) in _HALF else "float32"
 
 
-def _config_dtype(raw: dict[str, Any]) -> torch.dtype:
-    """The float dtype a saved checkpoint's model runs in (``_float_dtype`` wrote it; float32 otherwise)."""
-    name = raw.get("dtype") or raw.get("torch_dtype")
-    return {v: k for k, v in _HALF.items()}.get(name, torch.float32)
-
-
 def _hf_keys(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
 
@@ -789,6 +783,7 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
     """(graph with QDQ weights and activations, tokenizer or None, kind) from a compressed-tensors/GPTQ directory;
     with ``generation`` the graph is the generation step (``compile_model(..., generation=)``'s capture)."""
     from lowbit.ir.qscheme import ModuleRule, QScheme, QuantConfig
+    from lowbit.models import config_dtype  # the float dtype _float_dtype wrote (float32 where none)
     from lowbit.passes.insert_qdq import quantize_graph
 
     cfg_path = directory / "config.json"
@@ -819,7 +814,7 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
     # on meta first: config.json's sizes are checked against the stored tensors before anything is allocated (a
     # crafted vocab_size of 1e9 allocated 256 GB: a raw RuntimeError at best, the OOM killer at worst)
     try:
-        model = skeleton(config, kind, dtype=_config_dtype(raw))
+        model = skeleton(config, kind, dtype=config_dtype(raw))
     except Exception as exc:  # noqa: BLE001 - a field transformers reads only while building (hidden_act: KeyError)
         why = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"{cfg_path}: transformers cannot build the model this config describes "
@@ -879,7 +874,7 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
     if missing:
         raise CheckpointError(f"{directory}: the checkpoint has no tensor {missing[0]!r} (and {len(missing) - 1} "
                               "more) that the model built from config.json needs")
-    model = skeleton(config, kind, device="cpu", dtype=_config_dtype(raw))
+    model = skeleton(config, kind, device="cpu", dtype=config_dtype(raw))
     float_state.update({k: torch.zeros(shape) for k, shape in placeholders.items()})
     model.load_state_dict(float_state, strict=False)
     graph, tokenizer = _capture(model, kind, directory, generation)

@@ -544,11 +544,10 @@ class _TextStream:
 
 def _config_positions(directory: Path) -> int | None:
     """``max_position_embeddings`` of an HF directory's config.json, or None where it has none (or no config)."""
-    try:
-        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    value = raw.get("max_position_embeddings") if isinstance(raw, dict) else None
+    from lowbit.models import config_json
+
+    raw = config_json(directory)
+    value = raw.get("max_position_embeddings") if raw is not None else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -803,7 +802,7 @@ def compare_cmd(
             json_out.expanduser().resolve() == html_out.expanduser().resolve():  # the report overwrote the numbers
         fail(f"--json and --html both name {str(json_out)!r}: give two files", Exit.USAGE)
     check_output(reproducer, "--reproducer", directory=True)
-    check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS))
+    check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS), dtype)
     run_compare(model, pipeline_text(pipeline, recipe), windows=windows, seq_len=seq_len, n_sentences=sentences,
                 json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer, dtype=dtype)
 
@@ -832,7 +831,7 @@ def bisect_cmd(
     if parse_percent_or_number(max_increase)[0] <= 0:
         fail(f"--max-increase {max_increase}: must be above 0 (the threshold is the float model's metric plus "
              "this; at or below it every evaluation, the float model's included, fails)", Exit.USAGE)
-    check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS))
+    check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS), dtype)
     run_bisect(model, pipeline_text(pipeline, recipe), metric=metric, max_increase=max_increase,
                windows=windows, seq_len=seq_len, n_sentences=sentences, json_out=json_out, dtype=dtype)
 
@@ -866,7 +865,7 @@ def sensitivity_cmd(
              Exit.USAGE)
     if keep_top < 0:
         fail(f"--keep-top {keep_top}: the number of units kept must be 0 or more", Exit.USAGE)
-    check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS))
+    check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS), dtype)
     run_sensitivity(model, scheme, group=group, prefix=pipeline, granularity=granularity, metric=metric,
                     keep_top=keep_top, windows=windows, seq_len=seq_len, n_sentences=sentences, out=out, dtype=dtype)
 
