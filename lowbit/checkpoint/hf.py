@@ -389,12 +389,17 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path) -> list[str
     return files
 
 
-def _write_config(cfg: Any, directory: Path, quantization_config: dict[str, Any], tokenizer: Any,
+def _write_config(cfg: Any, directory: Path, quantization_config: dict[str, Any] | None, tokenizer: Any,
                   dtype: str = "float32") -> None:
+    """config.json (in ``dtype``, with ``quantization_config``; None: a float model, so any the source config had is
+    dropped, or it would load as quantized) and the tokenizer."""
     d = cfg.to_dict()
     d["dtype"] = dtype
     d.pop("torch_dtype", None)
-    d["quantization_config"] = quantization_config
+    if quantization_config is None:
+        d.pop("quantization_config", None)
+    else:
+        d["quantization_config"] = quantization_config
     (directory / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
@@ -547,13 +552,7 @@ def save_hf_float(graph: Graph, directory: Path, *, tokenizer: Any = None, confi
         raise CheckpointError(f"format='hf' writes float weights, but the graph has {what}: save it with "
                               "format='compressed-tensors' or 'gptq'")
     files = _write_shards(dict(view.tensors), directory)
-    d = cfg.to_dict()
-    d["dtype"] = _float_dtype(view)
-    d.pop("torch_dtype", None)
-    d.pop("quantization_config", None)  # a float model: a source's own config must not make it load as quantized
-    (directory / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
+    _write_config(cfg, directory, None, tokenizer, _float_dtype(view))
     return {"format": "hf", "kind": kind, "shards": files, "not_in_graph": missing}
 
 
