@@ -151,6 +151,10 @@ def test_cli_dtype_auto_loads_an_hf_directory_in_its_stored_dtype(tmp_path: Path
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "m")
     load_smollm2_tokenizer().save_pretrained(tmp_path / "m")
     spec = str(tmp_path / "m")
+    from lowbit.cli.common import _MODELS, check_eval_flags_fit
+
+    check_eval_flags_fit(spec, {"--windows"}, "auto")  # the debug commands' flag check loads what they then run
+    assert f"{spec}@auto" in _MODELS and spec not in _MODELS
     assert next(load(spec, "auto").module.parameters()).dtype == torch.bfloat16
     assert next(load(spec).module.parameters()).dtype == torch.float32
     from typer.testing import CliRunner

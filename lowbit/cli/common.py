@@ -384,14 +384,15 @@ def check_eval_sizes(windows: int, seq_len: int, sentences: int) -> None:
                                                              if flag == "--seq-len" else ""), Exit.USAGE)
 
 
-def check_eval_flags_fit(model: str, given: set[str]) -> None:
+def check_eval_flags_fit(model: str, given: set[str], dtype: str = "float32") -> None:
     """Refuse the input-size flags the model's kind does not read: ``--windows``/``--seq-len`` size a causal LM's
     WikiText-2 windows, ``--sentences`` an encoder's sentences; the others were silently ignored. ``given``: the
-    flags on the command line (the model is loaded here, once per process: the command reuses it)."""
+    flags on the command line (the model is loaded here, in the command's ``dtype``, once per process: the command
+    reuses it)."""
     causal = ("--windows", "--seq-len")
     if not given:
         return
-    loaded = load(model)
+    loaded = load(model, dtype)
     wrong = [f for f in causal if f in given] if loaded.kind != "causal-lm" else \
         [f for f in ("--sentences",) if f in given]
     if wrong:
