@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lowbit.ir.kvcache import layer_kv_heads
-from lowbit.kernels.decode_step import not_finite_rows, row_argmax_checked
+from lowbit.kernels.decode_step import not_finite_rows, row_argmax_checked, row_argmax_checked_ref
 from lowbit.models import CausalLMStep, GenerationError
 
 __all__ = ["GenerationSpec", "GenerationOutput", "Generator", "step_example", "GenerationError", "left_padded"]
@@ -498,9 +498,9 @@ class Generator:
             """``[2, B]``: the next tokens and 1 where a row's logits are not finite (named when the host reads the
             tokens, with the step: one read for both, so the device still runs a step ahead of the host)."""
             logits = logits.float()
-            bad = not_finite_rows(logits)
             if not do_sample:
-                return torch.stack((logits.argmax(-1), bad))
+                return row_argmax_checked_ref(logits)  # the greedy graph's kernel, in torch
+            bad = not_finite_rows(logits)
             # such a row is reported by step when read; sampled as uniform meanwhile (multinomial fails on it)
             logits = logits.masked_fill(bad.bool().unsqueeze(-1), 0.0)
             return torch.stack((_sample(logits, temperature, top_k, top_p, gen), bad))
