@@ -98,14 +98,18 @@ class HessianAccumulator:
     The sums live on ``device`` (the inputs' device when calibrating on a GPU; default CPU).
     """
 
-    def __init__(self, features: int, chunk_rows: int = 16384, device: torch.device | str | None = None,
+    def __init__(self, features: int, chunk_rows: int | None = None, device: torch.device | str | None = None,
                  second_moment: bool = True) -> None:
         """``second_moment=False`` keeps only the per-channel statistics: plain RTN starts (block tuning without
-        AWQ) never read ``XᵀX``, and its GEMM is the dominant cost of a calibration pass on a CPU."""
+        AWQ) never read ``XᵀX``, and its GEMM is the dominant cost of a calibration pass on a CPU.
+
+        ``chunk_rows`` (default: 16384 rows, fewer where that would pass 64 MiB of float32) bounds the float32 copy of the input that
+        ``add`` makes: a single-pass GPTQ hands it every calibration token of a linear's input at once (at 64
+        sequences of 512 a down_proj input of 11008 channels is 1.4 GiB in float32)."""
         if features < 1:
             raise ValueError(f"HessianAccumulator: features must be positive, got {features}")
         self.features = features
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = chunk_rows if chunk_rows is not None else min(16384, max(256, (64 << 20) // (4 * features)))
         self.second_moment = second_moment
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         k2 = features if second_moment else 0
@@ -119,24 +123,24 @@ class HessianAccumulator:
         if x.shape[-1] != self.features:
             raise ValueError(f"HessianAccumulator: input has {x.shape[-1]} features, expected {self.features}")
         x2 = x.detach().reshape(-1, self.features)
-        if x2.dtype != torch.float32:
-            x2 = x2.float()
-        x2 = x2.to(self.device)
         if not x2.shape[0]:
             return
         half = self.features // 2
-        for chunk in x2.split(self.chunk_rows) if self.second_moment else ():
-            # Symmetric: the two diagonal blocks and one off-diagonal block, 3/4 of the full product's work
-            # (the one GEMM that matters for GPTQ's cost; 30% faster measured at K = 1536).
-            a, b = chunk[:, :half], chunk[:, half:]
-            self.sum[:half, :half] += torch.mm(a.t(), a).double()
-            off = torch.mm(a.t(), b).double()
-            self.sum[:half, half:] += off
-            self.sum[half:, :half] += off.t()
-            self.sum[half:, half:] += torch.mm(b.t(), b).double()
-        a = x2.abs()
-        self.abs_sum += a.sum(0).double()
-        self.abs_max = torch.maximum(self.abs_max, a.amax(0))
+        for part in x2.split(self.chunk_rows):  # float32 copies a chunk at a time, never the whole input
+            chunk = part.to(device=self.device, dtype=torch.float32)
+            if self.second_moment:
+                # Symmetric: the two diagonal blocks and one off-diagonal block, 3/4 of the full product's work
+                # (the one GEMM that matters for GPTQ's cost; 30% faster measured at K = 1536).
+                a, b = chunk[:, :half], chunk[:, half:]
+                self.sum[:half, :half] += torch.mm(a.t(), a).double()
+                off = torch.mm(a.t(), b).double()
+                self.sum[:half, half:] += off
+                self.sum[half:, :half] += off.t()
+                del off
+                self.sum[half:, half:] += torch.mm(b.t(), b).double()
+            mag = chunk.abs()  # not in place: ``chunk`` is the caller's own tensor when it was float32 already
+            self.abs_sum += mag.sum(0).double()
+            self.abs_max = torch.maximum(self.abs_max, mag.amax(0))
         self.rows += x2.shape[0]
 
     def _need_rows(self) -> None:
@@ -148,8 +152,22 @@ class HessianAccumulator:
         """``2/n · XᵀX`` in float64 (GPTQ only needs it up to scale; the 2/n matches the paper's loss)."""
         self._need_rows()
         if not self.second_moment:
-            raise ValueError("HessianAccumulator: built with second_moment=False, so it has no XᵀX")
+            raise ValueError("HessianAccumulator: built with second_moment=False (or its Hessian was taken already), "
+                             "so it has no XᵀX")
         return self.sum * (2.0 / self.rows)
+
+    def take_hessian(self) -> torch.Tensor:
+        """``hessian``, scaled in place and handed over: the accumulator keeps no ``XᵀX`` after this (reading
+        ``hessian`` or ``sum`` again is an error), so the caller holds the only ``K × K`` float64 copy and may let
+        GPTQ spend it (``gptq_quantize(..., consume_h=True)``)."""
+        self._need_rows()
+        if not self.second_moment:
+            raise ValueError("HessianAccumulator: built with second_moment=False (or its Hessian was taken already), "
+                             "so it has no XᵀX")
+        out = self.sum.mul_(2.0 / self.rows)
+        self.sum = torch.empty(0, dtype=torch.float64, device=self.device)
+        self.second_moment = False
+        return out
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -277,30 +295,62 @@ def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
     return float(d.double().pow(2).mean())
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (float64) and the relative damping λ/mean(diag H) used.
+def reversed_hessian(h: torch.Tensor, order: torch.Tensor | None = None, *, consume: bool = False) -> torch.Tensor:
+    """``P·H·P`` in float64: ``H``'s rows and columns in ``order`` (act-order; default the identity), then reversed —
+    what ``_inverse_cholesky`` factors. Dead inputs (``H[j, j] = 0``) get 1 on the diagonal.
+
+    One gather makes the only new ``K × K`` matrix (the permutation and the reversal together); ``consume=True``
+    releases ``h``'s storage as soon as the gather is done (``h`` is left empty), so a caller that owns its Hessian
+    holds one ``K × K`` float64 matrix here, not three (at ``K = 11008``, a 7B model's down_proj, each is 0.9 GiB).
+    """
+    k = h.shape[0]
+    idx = (order if order is not None else torch.arange(k, device=h.device)).flip(0)
+    out = h.to(torch.float64)[idx[:, None], idx]
+    if consume:
+        h.set_()
+    diag = out.diagonal()
+    diag.masked_fill_(diag == 0, 1.0)
+    return out
+
+
+def _inverse_cholesky(hr: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` in float32 and the relative damping λ/mean(diag H) used, from
+    ``hr = P·H·P`` (``reversed_hessian``; float64), which this *consumes*: it is damped in place and released.
 
     Computed without forming the inverse: with ``P`` the index reversal and ``P·H·P = L·Lᵀ``,
     ``U = P·L⁻¹·P`` is upper triangular with ``UᵀU = H⁻¹`` — one Cholesky and one triangular solve instead of
     Cholesky, inverse and a second Cholesky (4× faster at K = 1536 here, and no explicit inverse to lose
     precision in). A Hessian from few tokens or with collinear inputs can be numerically singular even after
     the usual 1%; the damping then grows tenfold until the factorisation succeeds (the stats say so).
+
+    Memory: at most two ``K × K`` float64 matrices at once (``hr`` and ``L`` while factoring; ``L`` and ``L⁻¹``,
+    solved in place into an identity, after): LAPACK takes the column-major views as they are, with no copy.
     """
-    mean_diag = float(torch.diagonal(h).mean())
+    mean_diag = float(torch.diagonal(hr).mean())
     if not math.isfinite(mean_diag) or mean_diag <= 0:
         raise ValueError(f"GPTQ: the Hessian's mean diagonal is {mean_diag}; the calibration inputs are not "
                          "finite")
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    flipped = h.flip(0, 1)
-    rel = damp
+    k = hr.shape[0]
+    factor = torch.empty_like(hr)  # L in column-major order: ``factor.mT`` is L
+    info = torch.empty((), dtype=torch.int32, device=hr.device)
+    rel, added = damp, 0.0
     for _ in range(6):
-        l_factor, info = torch.linalg.cholesky_ex(flipped + rel * mean_diag * eye)
+        hr.diagonal().add_(rel * mean_diag - added)
+        added = rel * mean_diag
+        torch.linalg.cholesky_ex(hr.mT, out=(factor.mT, info))  # hr is symmetric: its transpose is itself
         if int(info) == 0:
-            l_inv = torch.linalg.solve_triangular(l_factor, eye, upper=False)
-            return l_inv.flip(0, 1), rel
+            break
         rel *= 10
-    raise ValueError(f"GPTQ: the Hessian is not positive definite even with damping {rel / 10:g}× its mean "
-                     "diagonal (non-finite calibration inputs?)")
+    else:
+        raise ValueError(f"GPTQ: the Hessian is not positive definite even with damping {rel / 10:g}× its mean "
+                         "diagonal (non-finite calibration inputs?)")
+    hr.set_()
+    l_inv = torch.eye(k, dtype=torch.float64, device=factor.device)
+    torch.linalg.solve_triangular(factor.mT, l_inv, upper=False, out=l_inv)
+    factor.set_()
+    u = l_inv.float()
+    l_inv.set_()
+    return u.flip(0, 1), rel
 
 
 def gptq_quantize(
@@ -315,6 +365,9 @@ def gptq_quantize(
     block_size: int = 128,
     qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     zero_mask: torch.Tensor | None = None,
+    *,
+    consume_h: bool = False,
+    unrounded: bool = True,
 ) -> GPTQResult:
     """GPTQ-quantize ``w [N, K]`` given the Hessian ``h [K, K]`` of its input.
 
@@ -331,6 +384,11 @@ def gptq_quantize(
     ``½ Σ err²/H⁻¹_jj`` (what the algorithm minimises; it equals ``½ ΔW·(H + λI)·ΔWᵀ`` of the returned weight), the
     damping used, dead columns and seconds.
     Everything is computed on ``h``'s device (``w`` and ``qparams`` are moved there) and returned there.
+
+    Memory (it bounds what calibrating a large model needs): ``consume_h=True`` hands ``h`` over (it is left empty),
+    so the factorisation holds at most two ``K × K`` float64 matrices beside the caller's nothing; the weight side
+    holds ``[N, K]`` float32 work rows, the dequantized result and the codes. ``unrounded=False`` skips
+    ``GPTQResult.unrounded`` (only block tuning reads it).
     """
     t0 = time.perf_counter()
     n, k = check_weight_hessian(w, h, "GPTQ")
@@ -346,17 +404,19 @@ def gptq_quantize(
         raise ValueError(f"GPTQ: qparams has a zero point, but {qd.name} takes none (fp8 is symmetric only)")
 
     dev = h.device
-    h = h.to(torch.float64).clone()
-    wf = w.detach().float().to(dev).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    diag = torch.diagonal(h).to(torch.float64)
+    dead = diag == 0
+    # act-order ranks dead columns as if their diagonal were 1 (what the factorisation sees)
+    perm = torch.argsort(diag.masked_fill(dead, 1.0), descending=True, stable=True) if act_order else None
+    hinv, rel_damp = _inverse_cholesky(reversed_hessian(h, perm, consume=consume_h), damp)
+    del h
 
     # Grid: fixed up front (given, per channel, or static groups), or found per group as GPTQ reaches it.
     dynamic_groups = qparams is None and group_size is not None and not act_order
     if qparams is not None:
         scale, zp = (None if t is None else t.to(dev) for t in qparams)
     elif not dynamic_groups:
-        scale, zp = weight_qparams(wf, qd, symmetric, group_size)
+        scale, zp = weight_qparams(w.detach().to(dev), qd, symmetric, group_size)
     else:
         g = group_size
         assert g is not None
@@ -365,30 +425,29 @@ def gptq_quantize(
 
     if zero_mask is not None and tuple(zero_mask.shape) != (n, k):
         raise ValueError(f"GPTQ: zero_mask shape {tuple(zero_mask.shape)} does not match the weight's {(n, k)}")
-    zm = zero_mask.to(dev) if zero_mask is not None else None
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
-    if perm is not None:
-        zm = zm[:, perm] if zm is not None else None
-        wf = wf[:, perm]
-        h = h[perm][:, perm]
-    u, rel_damp = _inverse_cholesky(h, damp)
-    hinv = u.float()
-    del h, u
 
-    # Work on Wᵀ [K, N] so a column of W is a contiguous row. fp8 codes are kept as their (exact) float32 values
-    # until the end: float8 tensors support little beyond casts.
-    wt = wf.t().contiguous()
-    zm_t = zm.t().contiguous() if zm is not None else None
+    # Work on Wᵀ [K, N] (columns in act-order) so a column of W is a contiguous row; rows are updated in place, so
+    # when a block is done its rows hold the values that were rounded (``unrounded``). fp8 codes are kept as their
+    # (exact) float32 values until the end: float8 tensors support little beyond casts.
+    wt_view = w.detach().to(dev).t()
+    if perm is not None:
+        wt = wt_view[perm]  # a gather: already a new, contiguous tensor
+        wt = wt if wt.dtype == torch.float32 else wt.float()
+    else:
+        wt = torch.empty(k, n, device=dev)
+        wt.copy_(wt_view)
+    del wt_view
+    zm_t = None
+    if zero_mask is not None:
+        zm_t = zero_mask.to(dev).t()
+        zm_t = (zm_t[perm] if perm is not None else zm_t).contiguous()
     qt = torch.empty(k, n, dtype=torch.float32 if qd.is_float else qd.container, device=dev)
     deq_t = torch.empty(k, n, device=dev)
-    pre_t = torch.empty(k, n, device=dev)
-    if not dynamic_groups:
-        s_cols = _expand_cols(scale.float(), n, k, group_size).t()
-        z_cols = _expand_cols(zp.float(), n, k, group_size).t() if zp is not None else None
-        if perm is not None:
-            s_cols, z_cols = s_cols[perm], (z_cols[perm] if z_cols is not None else None)
-        s_cols = s_cols.contiguous()
-        z_cols = z_cols.contiguous() if z_cols is not None else None
+    if not dynamic_groups:  # each column's qparams: a row of the [K/g, N] (or [1, N]) transposed grid
+        s_rows = scale.float().reshape(n, -1).t().contiguous()
+        z_rows = zp.float().reshape(n, -1).t().contiguous() if zp is not None else None
+        cols = perm.tolist() if perm is not None else range(k)
+        row_of = [c // group_size for c in cols] if group_size is not None else [0] * k
 
     if group_size is not None and dynamic_groups:  # a group must start on a block boundary or inside one block
         block_size = max(group_size, block_size // group_size * group_size)
@@ -398,7 +457,7 @@ def gptq_quantize(
     with single_thread():
         for i1 in range(0, k, block_size):
             i2 = min(i1 + block_size, k)
-            w1 = wt[i1:i2].clone()
+            w1 = wt[i1:i2]
             err1 = torch.empty_like(w1)
             h1 = hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
@@ -412,9 +471,9 @@ def gptq_quantize(
                         zp[:, gi] = z_g  # type: ignore[index]
                     s_cur, z_cur = s_g, (z_g.float() if z_g is not None else None)
                 elif not dynamic_groups:
-                    s_cur, z_cur = s_cols[col], (z_cols[col] if z_cols is not None else None)
+                    r = row_of[col]
+                    s_cur, z_cur = s_rows[r], (z_rows[r] if z_rows is not None else None)
                 wcol = w1[i]
-                pre_t[col] = wcol
                 if qd.is_float:  # the quantize op's fp8 rounding: clamp, cast (round to nearest even fp8 value)
                     q = _round_codes(wcol / s_cur, qd).float()
                     dq = q * s_cur
@@ -437,12 +496,23 @@ def gptq_quantize(
             loss += err1.double().pow(2).sum() / 2  # err = (w - q) / U_jj, so err² = (w - q)² / H⁻¹_jj
             if i2 < k:
                 wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
+    del hinv
 
-    if perm is not None:
-        inv = torch.argsort(perm)
-        qt, deq_t, pre_t = qt[inv], deq_t[inv], pre_t[inv]
-    if qd.is_float:
-        qt = qt.to(qd.container)
+    def untransposed(t_kn: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[K, N]`` rows in act-order -> ``[N, K]`` in the weight's column order, one new tensor at a time."""
+        out = torch.empty(n, k, dtype=dtype, device=dev)
+        if perm is None:
+            out.copy_(t_kn.t())
+        else:
+            out[:, perm] = t_kn.t().to(dtype)
+        return out
+
+    weight = untransposed(deq_t, w.dtype)
+    del deq_t
+    codes = untransposed(qt, qd.container)
+    del qt
+    pre = untransposed(wt, torch.float32) if unrounded else None
+    del wt
     stats = {
         "method": "gptq",
         "loss": float(loss),
@@ -451,5 +521,4 @@ def gptq_quantize(
         "act_order": act_order,
         "seconds": time.perf_counter() - t0,
     }
-    return GPTQResult(deq_t.t().contiguous().to(w.dtype), qt.t().contiguous(), scale, zp, stats,
-                      pre_t.t().contiguous())
+    return GPTQResult(weight, codes, scale, zp, stats, pre)

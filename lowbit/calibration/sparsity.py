@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from lowbit.calibration.gptq import _inverse_cholesky, check_weight_hessian, single_thread
+from lowbit.calibration.gptq import _inverse_cholesky, check_weight_hessian, reversed_hessian, single_thread
 
 __all__ = ["SparsityPattern", "Selection", "parse_pattern", "prune_mask", "sparsegpt_prune", "check_pattern"]
 
@@ -144,12 +144,8 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: 
     if sum(groups) != n or min(groups) < 1:
         raise ValueError(f"SparseGPT: row groups {groups} do not split the weight's {n} rows")
     dev = h.device
-    h = h.to(torch.float64).clone()
     dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    u, rel_damp = _inverse_cholesky(h, damp)
-    hinv = u.float()
-    del h, u
+    hinv, rel_damp = _inverse_cholesky(reversed_hessian(h), damp)
     wf = w.detach().float().to(dev).clone()
     mask = torch.zeros(n, k, dtype=torch.bool, device=dev)
     row_counts = None if p.is_nm else _row_counts(groups, k, p.sparsity).to(dev)

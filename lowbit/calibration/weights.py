@@ -139,23 +139,24 @@ def _check_finite_inputs(g: _Group, acc: HessianAccumulator, caller: str) -> Non
 
 
 def _round_group(graph: Graph, g: _Group, r: Rounding, h: torch.Tensor | None, device: torch.device, st: _Stats,
-                 unrounded: dict[int, torch.Tensor] | None = None, caller: str = "weight calibration"
-                 ) -> list[_Result]:
+                 unrounded: dict[int, torch.Tensor] | None = None, caller: str = "weight calibration",
+                 h_owned: bool = False) -> list[_Result]:
     """Quantize the (already scaled) weights of one group; (plan, codes, scale, zero point, dequantized) each.
 
     ``h`` is ``None`` exactly when ``r`` does not need it (a plain RTN start). The rounding runs on ``device``
     (the calibration device); the results go back to each weight's device.
     ``unrounded`` receives, per linear node id, the weights the rounding rounded (GPTQ's error-compensated ones),
-    on the calibration device: block tuning starts from them."""
+    on the calibration device: block tuning starts from them. ``h_owned``: nobody else holds ``h``, so the last GPTQ
+    call may spend it (one ``K × K`` float64 matrix less at the peak: 0.9 GiB at a 7B model's down_proj)."""
     t0 = time.perf_counter()
     out = []
     # Linears with one scheme and group share a GPTQ call on their stacked rows (identical to separate calls).
     buckets: dict[tuple[QScheme, int | None], list[WeightPlan]] = {}
     for wp in g.plans:
         buckets.setdefault((wp.scheme, wp.group), []).append(wp)
-    for (scheme, group), wps in buckets.items():
+    for b, ((scheme, group), wps) in enumerate(buckets.items()):
         ws = [wp.node.args[1].data for wp in wps]
-        w = torch.cat([x.float() for x in ws], 0).to(device)
+        w = torch.cat(ws, 0).to(device=device, dtype=torch.float32)
         qd = get_qdtype(scheme.qdtype)
         qparams = None
         if r.clip:
@@ -171,7 +172,8 @@ def _round_group(graph: Graph, g: _Group, r: Rounding, h: torch.Tensor | None, d
             try:
                 res = gptq_quantize(w, h, scheme.qdtype, group, scheme.symmetric, act_order=r.act_order,
                                     static_groups=r.static_groups, damp=r.damp, block_size=r.block_size,
-                                    qparams=qparams, zero_mask=zero_mask)
+                                    qparams=qparams, zero_mask=zero_mask,
+                                    consume_h=h_owned and b == len(buckets) - 1, unrounded=unrounded is not None)
             except ValueError as exc:  # a non-finite Hessian: name the linears, not "the calibration inputs"
                 names = ", ".join(f"{wp.node.module or wp.node.name} (@{wp.node.args[1].name})" for wp in wps)
                 raise WeightCalibrationError(f"{caller}: linear(s) {names}: {exc}") from None
@@ -235,8 +237,8 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
         acc = HessianAccumulator(int(x.shape[-1]), device=x.device, second_moment=r.needs_hessian)
         acc.add(x)
         _check_finite_inputs(g, acc, caller)
-        g.pending = _round_group(graph, g, r, acc.hessian if r.needs_hessian else None, acc.device, st,
-                                 caller=caller)
+        g.pending = _round_group(graph, g, r, acc.take_hessian() if r.needs_hessian else None, acc.device, st,
+                                 caller=caller, h_owned=True)
         for wp, *_, deq in g.pending:  # the block's run continues with the quantized weights
             wv = private_weight(graph, wp.node, 1, users, f"{wp.node.module}.weight")
             graph.set_param(wv.name, deq)
@@ -270,7 +272,8 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
         for g in ready:  # all scales of the block first: v→o and up→down change weights of other groups
             assert g.acc is not None
             _check_finite_inputs(g, g.acc, caller)
-            h = g.acc.hessian if r.needs_hessian else None
+            # each Hessian is taken from its accumulator (scaled in place), never copied: the block's groups all
+            # hold theirs until the rounding below, and GPTQ then spends each one
             if r.scale_search and g.site is not None:
                 found = awq_search_scale(
                     g.acc.sum, g.acc.abs_mean, [wp.node.args[1].data for wp in g.plans], g.plans[0].scheme.qdtype,
@@ -278,12 +281,14 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
                     duo={"x": False, "xw": True, "both": None}[r.scales], expand=g.site.expand)
                 apply_scale(graph, g.site, found.scale)
                 full = found.scale if g.site.expand is None else found.scale[g.site.expand.to(found.scale.device)]
-                h = scaled_hessian(h, full)
+                h = scaled_hessian(g.acc.take_hessian(), full) if r.needs_hessian else None
                 st.scaled_groups += 1
                 st.alphas.append(found.alpha)
                 st.awq_gain.append(found.error_unscaled / max(found.error, 1e-30))
-            elif r.scale_search:
-                st.unscaled.append(g.plans[0].node.module)
+            else:
+                h = g.acc.take_hessian() if r.needs_hessian else None
+                if r.scale_search:
+                    st.unscaled.append(g.plans[0].node.module)
             hessians[g.key] = h
         st.seconds_search += time.perf_counter() - t0
         results = [res for g in flown for res in g.pending]
@@ -292,7 +297,8 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
         bases: dict[int, torch.Tensor] | None = {} if r.tune is not None else None
         for g in ready:
             assert g.acc is not None
-            results += _round_group(graph, g, r, hessians[g.key], g.acc.device, st, bases, caller=caller)
+            results += _round_group(graph, g, r, hessians.pop(g.key), g.acc.device, st, bases, caller=caller,
+                                    h_owned=True)
             g.done, g.acc = True, None
         b, a = _emit(graph, results)
         st.bytes_before += b

@@ -330,7 +330,7 @@ class Sparsify(Pass):
                     where = ", ".join(f"%{n.name} ({n.module})" for n in nodes)
                     try:
                         stacked, masks, st = learn_mask(
-                            torch.cat(ws, 0), accs.pop(key).hessian, bp, steps=o.learn_steps, lam=o.learn_lambda,
+                            torch.cat(ws, 0), accs.pop(key).take_hessian(), bp, steps=o.learn_steps, lam=o.learn_lambda,
                             rho=o.learn_rho, rho_growth=o.learn_rho_growth, refit_iters=o.learn_refit, damp=o.damp)
                     except ValueError as exc:
                         raise PassError(f"pass sparsify: method=learned on linear {where}: {exc}") from None
@@ -344,7 +344,7 @@ class Sparsify(Pass):
                     # and update depend only on that row and H, so this equals separate calls, at one factorisation)
                     ws = [n.args[1].data for n in nodes]
                     try:
-                        stacked, masks, st = sparsegpt_prune(torch.cat(ws, 0), accs.pop(key).hessian, bp,
+                        stacked, masks, st = sparsegpt_prune(torch.cat(ws, 0), accs.pop(key).take_hessian(), bp,
                                                              damp=o.damp, block_size=o.block_size,
                                                              selection=o.selection,
                                                              groups=[int(w.shape[0]) for w in ws])
