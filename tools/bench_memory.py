@@ -3,6 +3,7 @@ as a compressed-tensors checkpoint inside a memory cgroup smaller than the model
 
     python tools/bench_memory.py                       # 1.1 GB model, 900 MiB limit -> bench/results/memory.json
     python tools/bench_memory.py --layers 4 --limit-mib 700 --out /tmp/memory.json
+    python tools/bench_memory.py --layers 4 --runs auto --pipeline "gptq(w=int4,group=128,sym=false,calib_n=16)"
 
 Each run is a fresh process. Rows:
 
@@ -11,6 +12,9 @@ Each run is a fresh process. Rows:
   says whether it finished; ``cgroup_peak_mib`` is the cgroup's own high-water mark.
 * ``unlimited``: the same run with no limit, and the same command as lowbit ran it before models larger than RAM
   were handled (float32 weights, quantized weights dequantized at lowering): peak resident and anonymous memory.
+
+``--runs`` picks rows (``limit``, ``auto``: unlimited in the stored dtype, ``float32``: unlimited as before);
+``--pipeline`` another pipeline (GPTQ's peak is its largest linear's float64 Hessian work, not the model).
 
 The checkpoint is then loaded by ``transformers`` (CPU) and by ``lowbit.load``; ``max_logit_diff`` is the largest
 difference of their logits on one prompt.
@@ -106,12 +110,13 @@ class Cgroup:
             pass
 
 
-def run_child(src: Path, out: Path, dtype: str, keep_packed: bool, cgroup: Cgroup | None) -> dict:
+def run_child(src: Path, out: Path, dtype: str, keep_packed: bool, cgroup: Cgroup | None,
+              pipeline: str = PIPELINE) -> dict:
     """One compile + save in a fresh process; peak resident and anonymous memory sampled from /proc."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(src), str(out), dtype, "1" if keep_packed else "0",
-                             PIPELINE], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             pipeline], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=cgroup.join if cgroup else None)
     peak = {"VmRSS": 0.0, "RssAnon": 0.0}
     stop = threading.Event()
@@ -160,7 +165,9 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--limit-mib", type=int, default=900)
-    ap.add_argument("--skip-unlimited", action="store_true", help="only the run inside the limit")
+    ap.add_argument("--runs", default="limit,auto,float32",
+                    help="rows to run, comma-separated: limit (inside the cgroup), auto, float32 (unlimited)")
+    ap.add_argument("--pipeline", default=PIPELINE, help=f"the compile pipeline (default {PIPELINE})")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json")
     args = ap.parse_args()
     rows = []
@@ -168,16 +175,19 @@ def main() -> int:
         src = Path(tmp) / "model"
         model_bytes = make_model(src, args.layers, args.hidden, args.intermediate)
         base = {"area": "memory", "model": f"llama-random-{args.layers}x{args.hidden}-bf16",
-                "model_mib": round(model_bytes / 2**20, 1), "pipeline": PIPELINE, "format": "compressed-tensors"}
+                "model_mib": round(model_bytes / 2**20, 1), "pipeline": args.pipeline, "format": "compressed-tensors"}
+        runs = set(args.runs.split(","))
+        if runs - {"limit", "auto", "float32"}:
+            ap.error(f"--runs: unknown row(s) {sorted(runs - {'limit', 'auto', 'float32'})}; known: limit, auto, float32")
         print(f"model: {base['model']}, {base['model_mib']} MiB of bf16 weights", flush=True)
+        cgroup = None
         try:
-            cgroup = Cgroup(args.limit_mib * 2**20)
+            cgroup = Cgroup(args.limit_mib * 2**20) if "limit" in runs else None
         except OSError as exc:
             print(f"no memory cgroup here ({exc}); the limited row is skipped", flush=True)
-            cgroup = None
         if cgroup is not None:
             try:
-                row = run_child(src, Path(tmp) / "ct", "auto", True, cgroup)
+                row = run_child(src, Path(tmp) / "ct", "auto", True, cgroup, args.pipeline)
                 row.update(cgroup_peak_mib=cgroup.peak_mib())
             finally:
                 cgroup.remove()
@@ -187,9 +197,9 @@ def main() -> int:
                 row["max_logit_diff"] = round(check_checkpoint(Path(tmp) / "ct"), 5)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        if not args.skip_unlimited:
-            for dtype, keep in (("auto", True), ("float32", False)):
-                row = run_child(src, Path(tmp) / f"ct-{dtype}", dtype, keep, None)
+        for dtype, keep in (("auto", True), ("float32", False)):
+            if dtype in runs:
+                row = run_child(src, Path(tmp) / f"ct-{dtype}", dtype, keep, None, args.pipeline)
                 row.update(base, run="unlimited", limit_mib=None,
                            dtype="auto (bf16)" if dtype == "auto" else dtype,
                            lowering="keep_packed" if keep else "dequantized (float)")
@@ -201,7 +211,8 @@ def main() -> int:
               "date": date, "device": machine(), "versions": versions()}
     for r in rows:
         r.update(device=header["device"], date=date, command=header["command"])
-    merge_rows(args.out, header, rows, key=("area", "model", "run", "dtype", "lowering", "limit_mib", "device"))
+    merge_rows(args.out, header, rows, key=("area", "model", "pipeline", "run", "dtype", "lowering", "limit_mib", "device"),
+               append_command=True)
     print(f"wrote {args.out}")
     return 0 if all(r["ok"] for r in rows) else 1
 
