@@ -780,8 +780,14 @@ def test_hf_checkpoint_loads_for_generation(tmp_path, fmt):
     with pytest.raises(GenerationError, match=rf"loaded from a {fmt} checkpoint as input_ids -> logits .*"
                                               r"lowbit\.load\(directory, generation=GenerationSpec"):
         lowbit.load(out).generate(ids, 4)
-    with pytest.raises(CheckpointError, match="generation= applies to compressed-tensors/GPTQ checkpoints"):
-        lowbit.load(lowbit.save(gen, tmp_path / "lb", format="lowbit"), generation=spec)
+    # a lowbit-format directory keeps its step graph: the spec it was saved with is accepted, another refused by field
+    lb = lowbit.save(gen, tmp_path / "lb", format="lowbit")
+    assert lowbit.load(lb, generation=spec).generate(ids, 6, stop_tokens=()).tokens == \
+        gen.generate(ids, 6, stop_tokens=()).tokens
+    with pytest.raises(CheckpointError, match=r"max_length=32 \(saved with 16\)"):
+        lowbit.load(lb, generation=GenerationSpec(max_length=32, max_batch=1))
+    with pytest.raises(CheckpointError, match="compiled without generation="):
+        lowbit.load(lowbit.save(lowbit.compile_model(model), tmp_path / "plain", format="lowbit"), generation=spec)
 
 
 def test_cli_generates_from_a_quantized_checkpoint(float_slice, tmp_path):

@@ -241,6 +241,31 @@ def _generation_meta(info: dict[str, Any], graph: Any, directory: Path) -> dict[
     return meta.model_dump(exclude_none=True)
 
 
+_SPEC_FIELDS = ("max_length", "max_batch", "cuda_graph", "logits")
+
+
+def _check_stored_spec(directory: Path, meta: dict[str, Any] | None, generation: Any) -> None:
+    """``generation=`` on a lowbit-format checkpoint: its graph is fixed as compiled, so a spec equal to the one it
+    was captured with is accepted (``True``: whichever it was captured with) and a different one is refused naming
+    the field, rather than every ``generation=`` being refused (a caller reloading what it saved passed its own)."""
+    from lowbit.api import _generation_spec
+
+    if meta is None:
+        raise CheckpointError(f"{directory}: this lowbit-format checkpoint was compiled without generation= (an "
+                              "input_ids -> logits graph, no decode step); its graph is fixed as compiled, so "
+                              "generation= cannot add one: compile the float model with generation= and save that")
+    if generation is True:
+        return
+    spec = _generation_spec(generation)
+    differ = [f"{name}={getattr(spec, name)!r} (saved with {meta.get(name)!r})" for name in _SPEC_FIELDS
+              if getattr(spec, name) != meta.get(name)]
+    if differ:
+        raise CheckpointError(f"{directory}: this lowbit-format checkpoint's step graph was captured with "
+                              + ", ".join(f"{n}={meta.get(n)!r}" for n in _SPEC_FIELDS)
+                              + f"; generation= asks for {', '.join(differ)}, which the stored graph cannot change: "
+                              "pass the spec it was saved with (or none), or compile the float model again with it")
+
+
 def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: str | None = None,
          generation: Any = None, backend_options: Mapping[str, Any] | None = None) -> Any:
     """A ``CompiledModel`` from a directory ``save`` wrote (any format), or a compressed-tensors/GPTQ directory
@@ -251,7 +276,8 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
 
     ``generation=GenerationSpec(...)`` (HF formats): capture the generation step (prefill and decode with a KV cache,
     as ``compile_model(..., generation=)``) instead of the logits forward, with the stored codes, so ``generate``
-    works; a lowbit-format checkpoint keeps whichever graph it was compiled as."""
+    works; a lowbit-format checkpoint keeps whichever graph it was compiled as: ``generation=`` there must be the
+    spec it was saved with (``True``: any), and a different one is refused naming the field."""
     from lowbit.api import CompiledModel, CompileReport, lower, lowering_lines
     from lowbit.errors import check_device
     from lowbit.passes.manager import PipelineReport
@@ -268,11 +294,9 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     manifest = verify_manifest(directory)
     fmt = (manifest or {}).get("format")
     if fmt == "lowbit" or (fmt is None and (directory / IR_FILE).is_file()):
-        if generation:
-            raise CheckpointError(f"{directory}: a lowbit-format checkpoint holds the graph it was compiled as (with "
-                                  "its generation step or without); generation= applies to compressed-tensors/GPTQ "
-                                  "checkpoints. Compile the float model with generation= and save that")
         graph, tokenizer = _load_lowbit(directory, manifest)
+        if generation:
+            _check_stored_spec(directory, graph.meta.get("generation"), generation)
     else:
         from lowbit.checkpoint.hf import load_hf_checkpoint
 
