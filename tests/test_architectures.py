@@ -518,3 +518,20 @@ def test_static_batch_graph_refuses_calibration_samples_that_do_not_fill_it():
         compile_model(vit, (x,), pipeline=pipeline.format(n=4), calib=torch.randn(4, 3, 16, 16))
     c = compile_model(vit, (x,), pipeline=pipeline.format(n=6), calib=torch.randn(6, 3, 16, 16))
     torch.testing.assert_close(c(x)[0], vit(x)[0], rtol=0.05, atol=0.05)
+
+
+def test_pixel_model_calibration_counts_images_not_pixels():
+    """A ViT's calibration stats counted every pixel as a token (calib_tokens=4*3*16*16=3072 for 4 images): they
+    count the images now, under a name that says so, in the weight calibration (gptq) and the activation passes."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+
+    vit = t.ViTModel(t.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                 image_size=16, patch_size=8)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    pipeline = "smooth-quant(progress=false),gptq(w=int8,progress=false)"
+    c = compile_model(vit, (x,), pipeline=pipeline, calib=torch.randn(4, 3, 16, 16),
+                      dynamic_shapes={"pixel_values": {0: torch.export.Dim.DYNAMIC}})
+    for rec in c.report.pipeline.records:
+        assert rec.stats["calib_images"] == 4 and "calib_tokens" not in rec.stats, (rec.spec, rec.stats)

@@ -22,7 +22,7 @@ from lowbit.errors import CorruptFileError
 from lowbit.ir.graph import Graph
 
 __all__ = ["calibration_ids", "load_tokenizer", "graph_tokenizer", "DEFAULT_CALIBRATION_TEXT", "calibration_tensor",
-           "given_windows", "check_vocabulary", "vocabulary_size", "check_default_tokenizer"]
+           "given_windows", "check_vocabulary", "vocabulary_size", "check_default_tokenizer", "calib_size"]
 
 SMOLLM2_VOCAB = 49152
 PACKAGED_TOKENIZERS = ("smollm2", "minilm")
@@ -31,6 +31,15 @@ PACKAGED_TOKENIZERS = ("smollm2", "minilm")
 DEFAULT_CALIBRATION_TEXT = "wikitext2-valid-calib"
 """Shipped with lowbit (WikiText-2 validation, first ~250 KB: ~60k SmolLM2 tokens, 117 windows of 512).
 For 128 × 512 tokens give a longer file of text (the whole WikiText-2 validation split, say)."""
+
+
+def calib_size(inputs: torch.Tensor) -> dict[str, int]:
+    """How much calibration data a pass ran, as its stats name it: token ids count tokens (``calib_tokens``);
+    float model inputs count samples, not their elements (a ViT's ``[n, 3, 224, 224]`` pixels were reported as
+    150528·n "tokens"): ``calib_images`` for ``[n, C, H, W]`` images, ``calib_samples`` for other float inputs."""
+    if not inputs.dtype.is_floating_point:
+        return {"calib_tokens": int(inputs.numel())}
+    return {"calib_images" if inputs.dim() == 4 else "calib_samples": int(inputs.shape[0])}
 
 
 def calibration_ids(text: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase, n: int, seq_len: int

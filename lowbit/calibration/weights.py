@@ -24,6 +24,7 @@ import torch
 
 from lowbit.calibration.awq import awq_search_clip, awq_search_scale, scaled_hessian
 from lowbit.calibration.block_tuning import FloatTargetStream, TuneOptions, TuneStats, tune_block
+from lowbit.calibration.data import calib_size
 from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages, static_batch
 from lowbit.calibration.gptq import HessianAccumulator, gptq_quantize, quantize_with, weight_qparams
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites, site_for
@@ -326,7 +327,7 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
     stats: dict[str, Any] = {
         "weights_quantized": st.linears,
         "input_groups": st.groups,
-        "calib_tokens": int(ids.numel()),
+        **calib_size(ids),
         "seconds": round(time.perf_counter() - t_start, 2),
         "seconds_calibration_engine": round(report.seconds, 2),
         "seconds_rounding": round(st.seconds_round, 2),

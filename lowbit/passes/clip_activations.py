@@ -25,6 +25,7 @@ import torch
 from pydantic import Field, field_validator
 
 from lowbit.calibration.act_clip import ClipSite, search_clip
+from lowbit.calibration.data import calib_size
 from lowbit.calibration.engine import CalibrationError, batches_from_ids
 from lowbit.calibration.engine import run as calibrate
 from lowbit.ir.graph import Graph, Node
@@ -139,5 +140,5 @@ class ClipActivations(Pass):
         ratios = [v["ratio"] for v in found.values()]
         return PassResult(True, {
             "sites": len(found), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "ratio_mean": round(sum(ratios) / len(ratios), 4), "calib_tokens": int(ids.numel()),
+            "ratio_mean": round(sum(ratios) / len(ratios), 4), **calib_size(ids),
             "seconds": round(time.perf_counter() - t0, 2), "ratios": found})

@@ -166,5 +166,5 @@ class PruneHeads(Pass):
         graph.meta["pruned"] = {**old, "heads": {**old.get("heads", {}), **every}}
         stats.update(layers=len(sites), groups_removed=sum(counts), heads=heads, skipped=skipped,
                      params_removed=params_before - params_after, params_before=params_before,
-                     calib_tokens=col.tokens, seconds=round(time.perf_counter() - t0, 2))
+                     **(col.size or {"calib_tokens": 0}), seconds=round(time.perf_counter() - t0, 2))
         return PassResult(sum(counts) > 0, stats)

@@ -48,6 +48,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from lowbit.calibration.data import calib_size
 from lowbit.calibration.engine import BlockRun, batches_from_ids, run
 from lowbit.calibration.structured_obs import augmented_hessian, remove_columns_obs
 from lowbit.ir.graph import Graph, Node
@@ -156,7 +157,8 @@ class InputStats:
 class _Collected:
     inputs: dict[int, InputStats] = field(default_factory=dict)
     block_change: dict[str, list[float]] = field(default_factory=dict)
-    tokens: int = 0
+    size: dict[str, int] = field(default_factory=dict)
+    """``calib_size`` of the calibration inputs (empty: none ran)."""
     seconds: float = 0.0
 
 
@@ -257,7 +259,7 @@ def collect_input_stats(graph: Graph, linears: list[Node], o: CalibrationOptions
     hook = (lambda ctx: on_block(ctx, out)) if on_block is not None else (lambda ctx: False)
     rep = run(graph, batches_from_ids(graph, ids, o.batch_size_for(graph)), on_node=on_node,
               on_block=hook, progress=o.progress, device=o.torch_device(pass_name))
-    out.tokens, out.seconds = int(ids.numel()), rep.seconds
+    out.size, out.seconds = calib_size(ids), rep.seconds
     return out
 
 
@@ -572,5 +574,5 @@ class PruneMLP(Pass):
         record_widths(graph)
         stats.update(layers=len(sites), channels_removed=sum(counts), widths=widths, skipped=skipped,
                      params_removed=params_before - params_after, params_before=params_before,
-                     calib_tokens=col.tokens, seconds=round(time.perf_counter() - t0, 2))
+                     **(col.size or {"calib_tokens": 0}), seconds=round(time.perf_counter() - t0, 2))
         return PassResult(sum(counts) > 0, stats)

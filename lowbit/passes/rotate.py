@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from lowbit.calibration.data import calib_size
 from lowbit.calibration.engine import CalibrationError, batches_from_ids, static_batch
 from lowbit.calibration.engine import run as calibrate
 from lowbit.calibration.rotation_learning import (
@@ -252,7 +253,7 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
         "head_kurtosis_end": round(sum(b for _, b in r2_kurt) / len(r2_kurt), 4)}
     return learned.q, {
         **extra,
-        "sites": len(sites), "calib_tokens": int(ids.numel()), "samples_per_site": samples[0].shape[0],
+        "sites": len(sites), **calib_size(ids), "samples_per_site": samples[0].shape[0],
         "samples_mb": round(sum(t.numel() * t.element_size() for t in [*samples, *(x for k in o_kept for x in k)])
                             / 2**20, 1),
         "kurtosis_start": round(learned.kurtosis_start, 4), "kurtosis_end": round(learned.kurtosis_end, 4),
@@ -286,7 +287,7 @@ def learn_extra_rotation(graph: Graph, res: ResidualRegion, o: RotateOptions, pa
     except CalibrationError as exc:
         raise PassError(str(exc)) from None
     return learned.q, {
-        "calib_tokens": int(ids.numel()), "windows_per_step": learned.windows_per_step, "steps": learned.steps,
+        **calib_size(ids), "windows_per_step": learned.windows_per_step, "steps": learned.steps,
         "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
         "orthogonality": learned.orthogonality, "history": learned.history, "collect_seconds": 0.0,
         "learn_seconds": round(learned.seconds, 2), "learn_rss_above_start_mb": mem.above_start_mb,

@@ -135,7 +135,7 @@ class SliceResidual(Pass):
         graph.meta["pruned"] = {**graph.meta.get("pruned", {}), "hidden_size": keep}
         return PassResult(True, {"hidden_size": [d, keep], "energy_kept": round(energy, 5),
                                  "readers": len(res.readers), "writers": len(res.writers),
-                                 "tied": len(tied), "calib_sites": len(stats_in), "tokens": col.tokens,
+                                 "tied": len(tied), "calib_sites": len(stats_in), **col.size,
                                  "params_before": params_before,
                                  "params_after": sum(v.data.numel() for v in graph.params.values()), **shapes,
                                  "seconds": round(time.perf_counter() - t0, 2)})

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from lowbit.calibration.data import calib_size
 from lowbit.calibration.engine import BlockRun, batches_from_ids, run
 from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites
 from lowbit.calibration.smoothquant import search_alpha, smoothquant_scale
@@ -177,7 +178,7 @@ class SmoothQuant(Pass):
             "sites": by_kind,
             "alpha_mean": round(sum(alphas) / len(alphas), 3),
             "alpha_search": o.search,
-            "calib_tokens": int(ids.numel()),
+            **calib_size(ids),
             "seconds": round(time.perf_counter() - t0, 2),
             "seconds_calibration_engine": round(report.seconds, 2),
         })

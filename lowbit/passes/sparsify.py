@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration.block_refit import RefitOptions, refit_block
 from lowbit.calibration.block_tuning import BlockFitStats, FloatTargetStream
+from lowbit.calibration.data import calib_size
 from lowbit.calibration.engine import BLOCK_PATTERN, BlockRun, batches_from_ids, run
 from lowbit.calibration.gptq import HessianAccumulator
 from lowbit.calibration.learned_mask import learn_mask
@@ -251,7 +252,7 @@ class Sparsify(Pass):
         sgpt_loss = 0.0
         ids = o.token_ids(graph, self.name)
         batches = batches_from_ids(graph, ids, o.batch_size_for(graph))
-        out: dict[str, Any] = {"calib_tokens": int(ids.numel())}
+        out: dict[str, Any] = calib_size(ids)
         block_p: dict[str, SparsityPattern] = {}
         if o.allocation == "owl":
             sparsities, outliers, seconds = self._owl_allocation(graph, readers, p, batches)
