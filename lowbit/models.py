@@ -89,6 +89,9 @@ class CausalLMLogits(nn.Module):
     signature to one tensor in, one tensor out, which is what export and evaluation need.
     """
 
+    capture_outputs = ("logits",)
+    """The captured graph's output name (``capture``), as the generation step's: its ONNX export's too."""
+
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
@@ -435,6 +438,9 @@ class SentenceEmbedder(nn.Module):
 
     INPUTS = ("input_ids", "attention_mask")
     """``forward``'s inputs, in order: what the tokenizer ``load_model`` returns with it produces."""
+    capture_outputs = ("sentence_embedding",)
+    """The captured graph's output name (``capture``), as sentence-transformers names it: the ONNX export's output
+    was the last node's, ``div_1``."""
 
     def __init__(self, encoder: PreTrainedModel, max_seq_length: int = MINILM_MAX_SEQ_LENGTH) -> None:
         super().__init__()

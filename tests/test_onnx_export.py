@@ -768,3 +768,19 @@ def test_int3_int2_blocks_shorter_than_their_axis_lower_to_onnx(pipeline):
     compiled = lowbit.compile_model(tiny_llama(max_positions=32), pipeline=pipeline)
     ids = torch.randint(0, 61, (2, 20))
     torch.testing.assert_close(OrtCompiled(compiled.graph)(ids), compiled(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_exported_models_name_their_outputs_for_what_they_are(minilm_graph):
+    """MiniLM's sentence embedding was exported as output 'div_1' and a causal LM's logits as 'linear_<n>' (the last
+    node's name): a runtime had to guess. The captured graph and its ONNX model name them 'sentence_embedding' and
+    'logits' (the generation step's name), beside the inputs 'input_ids' / 'attention_mask'."""
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+    from conftest import tiny_llama
+
+    model = to_onnx(minilm_graph)
+    assert [v.name for v in model.graph.inputs] == ["input_ids", "attention_mask"]
+    assert [v.name for v in model.graph.outputs] == ["sentence_embedding"]
+    lm = capture(CausalLMLogits(tiny_llama()).eval(), (torch.ones(1, 4, dtype=torch.long),))
+    assert [v.name for v in to_onnx(lm).graph.outputs] == ["logits"]
+    assert "return %logits" in str(lm)

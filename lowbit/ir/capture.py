@@ -430,6 +430,14 @@ def refuse_unrunnable(graph: Graph, model: object = None) -> None:
                            "runs; README 'Any architecture' the families checked)")
 
 
+def _name_outputs(graph: Graph, names: Any) -> None:
+    """The graph's outputs renamed to ``names`` in order (a computed value only: an input or a parameter passed
+    through keeps its own name)."""
+    for value, name in zip(graph.outputs, names or ()):
+        if value.producer is not None and value.name != name:
+            graph.rename(value, name)
+
+
 def capture(
     model: torch.nn.Module | torch.fx.GraphModule | ExportedProgram,
     example_inputs: tuple[Any, ...] | Mapping[str, Any] | torch.Tensor,
@@ -441,7 +449,9 @@ def capture(
     """Capture ``model`` called on ``example_inputs`` (a tuple of positional args, a dict of kwargs, or one tensor).
 
     ``dynamic_shapes`` follows torch.export (e.g. ``{"input_ids": {1: Dim("seq", min=2, max=8192)}}``).
-    Wrappers may set ``capture_prefix`` (e.g. ``"model."``) so module paths read as in the wrapped model.
+    Wrappers may set ``capture_prefix`` (e.g. ``"model."``) so module paths read as in the wrapped model, and
+    ``capture_outputs`` (e.g. ``("logits",)``) to name the graph's outputs: the names an ONNX export and the IR text
+    show, which were the last node's (``div_1``, ``linear_14``).
     """
     t0 = time.perf_counter()
     if isinstance(example_inputs, Mapping):
@@ -477,6 +487,7 @@ def capture(
     flat_examples = list(args) + list(kwargs.values())
     t1 = time.perf_counter()
     graph = from_exported(ep, prefix=prefix, example_inputs=flat_examples, raise_ops=raise_ops)
+    _name_outputs(graph, getattr(model, "capture_outputs", None))
     graph.meta.update(
         export_seconds=round(t1 - t0, 3),
         convert_seconds=round(time.perf_counter() - t1, 3),
