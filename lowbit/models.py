@@ -607,6 +607,38 @@ def _load_encoder(directory: Path) -> tuple[SentenceEmbedder, PreTrainedTokenize
     return embedder, _directory_tokenizer(directory, model_input_names=list(SentenceEmbedder.INPUTS))
 
 
+TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+"""Architectures whose output is their task head's: loaded as a sentence encoder (``AutoModel``, mean-pooled), the
+head was dropped without a word and the compiled model returned embeddings, not the classifier's logits."""
+
+
+def _refuse_task_head(directory: Path, name: str) -> None:
+    """Refuse a directory whose declared architecture ends in a task head (``TASK_HEADS``), naming the head's
+    modules (read off the class built on the meta device: no weights are loaded) and how to compile it with them."""
+    import transformers
+
+    config = from_pretrained(AutoConfig, directory)
+    arch = next((a for a in config.architectures or [] if a.endswith(TASK_HEADS)), None)
+    if arch is None:
+        return
+    heads: list[str] = []
+    cls = getattr(transformers, arch, None)
+    if cls is not None:
+        try:
+            with torch.device("meta"):
+                full = cls(config)
+            base = getattr(cls, "base_model_prefix", "")
+            heads = [n for n, m in full.named_children() if n != base and any(True for _ in m.parameters())]
+        except Exception:  # noqa: BLE001 - the names only make the message better; the refusal stands without them
+            heads = []
+    named = f" (module{'s' if len(heads) > 1 else ''} {', '.join(repr(h) for h in heads)})" if heads else ""
+    auto = "AutoModelFor" + arch[arch.index("For") + 3:]
+    raise ValueError(f"model {name!r} is a {arch}: lowbit loads a non-causal-LM directory as a sentence encoder "
+                     f"(mean-pooled embeddings), which would drop its task head{named} and return embeddings, not "
+                     f"its logits. Compile it with its head from Python: lowbit.compile_model(transformers.{auto}"
+                     f".from_pretrained({str(directory)!r}).eval(), (input_ids, attention_mask))")
+
+
 def _is_causal_lm(directory: Path) -> bool:
     """Whether a HF directory holds a decoder LM; judged by its declared architectures.
 
@@ -723,6 +755,8 @@ def load_model(
     if path.is_dir() and (path / "config.json").is_file():
         check_model_dir(path)
         _refuse_quantized_dir(path, name)
+        if not _is_causal_lm(path):
+            _refuse_task_head(path, name)  # outside the try: its ValueError is not a file transformers cannot read
         try:
             if _is_causal_lm(path):
                 model, tokenizer = _load_causal_lm(path, dtype)

@@ -156,6 +156,27 @@ def test_load_model_refuses_a_directory_that_is_no_text_encoder(tmp_path, minilm
     assert encoder(ids, torch.ones_like(ids)).shape == (2, 16)
 
 
+def test_load_model_refuses_a_classifier_directory_naming_its_head(tmp_path):
+    """A BertForSequenceClassification directory loaded as a sentence encoder (AutoModel): its 'classifier' head was
+    dropped without a word and the compiled model returned pooled embeddings, not the class logits. Refused naming
+    the head and the class to load it with; that route (compile_model on the HF model) keeps the head."""
+    import transformers as tf
+
+    import lowbit
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                        vocab_size=100, num_labels=3)
+    tf.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "cls")
+    with pytest.raises(ValueError, match=r"is a BertForSequenceClassification: .*drop its task head \(module "
+                                         r"'classifier'\).*AutoModelForSequenceClassification\.from_pretrained"):
+        load_model(tmp_path / "cls")
+    hf = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls").eval()
+    ids = torch.randint(0, 100, (2, 6))
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(lowbit.compile_model(hf, (ids, mask))(ids, mask), hf(ids, attention_mask=mask).logits)
+
+
 def _tiny_wheel(directory: Path, dist: str, module: str, version: str) -> None:
     name = f"{dist.replace('-', '_')}-{version}"
     with zipfile.ZipFile(directory / f"{name}-py3-none-any.whl", "w") as wheel:
