@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.cli.common import Exit, LoadedModel, fail
-from lowbit.eval.perplexity import ppl_of
+from lowbit.eval.perplexity import nll_sum, ppl_of
 from lowbit.instruments import compare_outputs
 from lowbit.ir.graph import Graph, Value, blocks
 
@@ -169,10 +169,7 @@ def end_metric(metric: str, inputs: EvalInputs, output: torch.Tensor, reference:
             fail(f"perplexity needs the logits of every position, and the graph gives {given} of the window's "
                  f"{ids.shape[1]} (the last-logits pass keeps only the last position's: leave it out of a pipeline "
                  "measured by perplexity)", Exit.USAGE)
-        logits = output[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        mean = nll.double().item() / ids[:, 1:].numel()
-        return ppl_of(mean)
+        return ppl_of(nll_sum(output[:, :-1], ids[:, 1:]) / ids[:, 1:].numel())
     assert reference is not None
     cos = F.cosine_similarity(output.double(), reference.double(), dim=-1)
     return float(1.0 - cos.mean().item())

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lowbit.data.tokens import token_ids
 
-__all__ = ["PerplexityResult", "EVALS", "perplexity", "ppl_of", "run_eval", "token_ids", "windows"]
+__all__ = ["PerplexityResult", "EVALS", "nll_sum", "perplexity", "ppl_of", "run_eval", "token_ids", "windows"]
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -64,6 +64,15 @@ def ppl_of(mean_nll: float) -> float:
     """``exp(mean_nll)``, or inf past the float range: a model whose logits blew up (mean loss > 709 nats) is
     infinitely bad, not an OverflowError traceback."""
     return math.inf if mean_nll > math.log(sys.float_info.max) else math.exp(mean_nll)
+
+
+def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed next-token cross-entropy of ``logits [..., V]`` against ``targets [...]``: each token's loss in float32
+    (lower-precision logits upcast first), the sum in float64. A float32 sum drifts by ~1e-7 of the total per
+    10^4 tokens, so every perplexity lowbit reports (``perplexity``, ``lowbit debug``) sums the same way."""
+    logits = logits.float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return float(nll.double().sum().item())
 
 
 def _logits_of(model: LogitsFn, batch: torch.Tensor) -> torch.Tensor:
@@ -108,23 +117,21 @@ def perplexity(
     chunks = windows(token_ids(text, tokenizer), seq_len, max_windows)
     n_windows = chunks.shape[0]
 
-    nll_sum = 0.0
+    total = 0.0
     n_predicted = 0
     start = time.perf_counter()
     with torch.inference_mode(), tqdm(total=n_windows, disable=not progress, unit="win", desc="perplexity") as bar:
         for batch in chunks.split(batch_size):
             batch = batch.to(device)
-            logits = _logits_of(model, batch)[:, :-1].float()
             targets = batch[:, 1:]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-            nll_sum += nll.double().sum().item()
+            total += nll_sum(_logits_of(model, batch)[:, :-1], targets)
             n_predicted += targets.numel()
             bar.update(batch.shape[0])
-            bar.set_postfix(ppl=f"{ppl_of(nll_sum / n_predicted):.3f}")
+            bar.set_postfix(ppl=f"{ppl_of(total / n_predicted):.3f}")
     seconds = time.perf_counter() - start
     return PerplexityResult(
-        ppl=ppl_of(nll_sum / n_predicted),
-        nll_sum=nll_sum,
+        ppl=ppl_of(total / n_predicted),
+        nll_sum=total,
         n_predicted=n_predicted,
         n_windows=n_windows,
         seq_len=seq_len,
