@@ -382,3 +382,28 @@ def test_debug_perplexity_sums_the_loss_in_float64_on_a_long_text():
     exact = math.exp(-logp.sum().item() / ids[:, 1:].numel())
     assert abs(ppl / exact - 1) < 5e-8, (ppl, exact)
     assert ppl == math.exp(nll_sum(logits[:, :-1], ids[:, 1:]) / ids[:, 1:].numel())
+
+
+TOO_LONG = "smooth-quant(calib_n=500,calib_len=512)"
+
+
+@pytest.mark.parametrize("args", [
+    ["compile", "smollm2:2", "-p", TOO_LONG],
+    ["debug", "compare", "smollm2:2", "-p", TOO_LONG],
+    ["debug", "bisect", "smollm2:2", "-p", TOO_LONG],
+    ["debug", "sensitivity", "smollm2:2", "-p", TOO_LONG, "--scheme", "w8"],
+], ids=["compile", "compare", "bisect", "sensitivity"])
+def test_every_command_checks_the_calibration_length_before_the_capture(monkeypatch, args):
+    """`compile` refused a calibration text too short for calib_n x calib_len before capturing the model; the debug
+    commands captured it, ran the float reference (and bisect its baseline) and failed only when the pass ran. All
+    four now refuse it with exit 2 before the capture."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was captured before the short calibration text was found")
+
+    import sys
+
+    monkeypatch.setattr(common, "_GRAPHS", {})
+    monkeypatch.setattr(sys.modules["lowbit.ir.capture"], "capture", refuse)
+    got, out = run(args)
+    assert got == int(Exit.USAGE), out
+    assert "pass smooth-quant: option calib='wikitext2-valid-calib'" in out and "but n=500" in out, out

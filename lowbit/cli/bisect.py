@@ -22,8 +22,8 @@ import typer
 from rich.table import Table
 
 from lowbit import jsonio
-from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse, \
-    parse_percent_or_number
+from lowbit.cli.common import Exit, atomic_write_text, capture_model, check_calibration, console, fail, load, \
+    parse, parse_percent_or_number
 from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_name, run_probe
 from lowbit.cli.restrict import Unit, block_units, how_restricted, restrict, units_in_scope
 from lowbit.passes.manager import format_pipeline
@@ -81,6 +81,7 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
     amount, relative = parse_percent_or_number(max_increase)
     passes = parse(text)
     loaded = load(model_spec, dtype)
+    check_calibration(passes, loaded)
     metric = metric_name(loaded.kind, metric)
     if relative and metric == "cos":
         fail("--metric cos starts at 0 for the float model: give --max-increase as an absolute amount "

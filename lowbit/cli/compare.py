@@ -17,7 +17,8 @@ from typing import Any
 from rich.table import Table
 
 from lowbit import jsonio
-from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse, worst_layer
+from lowbit.cli.common import (Exit, atomic_write_text, capture_model, check_calibration, console, fail, load, parse,
+                               worst_layer)
 from lowbit.cli.probes import EvalInputs, Probe, end_metric, fmt_metric, layer_stats, make_inputs, metric_name, \
     run_probe
 from lowbit.instruments import compare_outputs
@@ -92,6 +93,7 @@ def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128,
     t0 = time.perf_counter()
     passes = parse(text)
     loaded = load(model_spec, dtype)
+    check_calibration(passes, loaded)
     metric = metric_name(loaded.kind, "auto")
     inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
     graph = capture_model(loaded)

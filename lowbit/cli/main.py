@@ -26,6 +26,7 @@ from lowbit.cli.common import (
     Exit,
     atomic_output_dir,
     capture_model,
+    check_calibration,
     check_eval_flags_fit,
     check_dtype,
     check_eval_sizes,
@@ -404,13 +405,7 @@ def compile_cmd(
         fail(f"cannot write --format {fmt}: {refused}", Exit.USAGE)
 
     loaded = load(model, dtype)
-    from lowbit.passes.base import PassError, PassFileError
-    from lowbit.passes.manager import check_calibration_texts
-
-    try:  # a calibration text too short for calib_n x calib_len, before the capture and every pass
-        check_calibration_texts(passes, loaded.tokenizer)
-    except PassError as exc:
-        fail(str(exc), Exit.NOT_FOUND if isinstance(exc, PassFileError) else Exit.USAGE)
+    check_calibration(passes, loaded)
     graph = capture_model(loaded)
     if keep is not None:
         passes = apply_overrides(passes, keep, graph, overrides)

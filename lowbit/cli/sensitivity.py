@@ -20,7 +20,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from lowbit import jsonio
-from lowbit.cli.common import Exit, atomic_write_text, capture_model, console, fail, load, parse, worst_first
+from lowbit.cli.common import (Exit, atomic_write_text, capture_model, check_calibration, console, fail, load, parse,
+                               worst_first)
 from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_name, run_probe
 from lowbit.cli.restrict import block_units, how_restricted, linear_units, restrict, units_in_scope
 
@@ -72,6 +73,7 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
     if granularity not in ("block", "linear"):
         fail(f"--granularity {granularity!r}: give block or linear", Exit.USAGE)
     loaded = load(model_spec, dtype)
+    check_calibration([*pre, qpass], loaded)
     metric = metric_name(loaded.kind, metric)
     inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
     graph = capture_model(loaded)
