@@ -517,3 +517,27 @@ def test_pdl_decode_step_generates_the_reference_tokens():
                         device="cuda")
     ref = compile_model(model, pipeline=pipeline, generation=spec, device="cuda")
     assert pdl.generate(ids, 12, stop_tokens=()).tokens == ref.generate(ids, 12, stop_tokens=()).tokens
+
+
+@needs_kernels
+def test_an_encoder_and_a_logits_graph_keep_sdpa_and_do_not_report_decode_attention():
+    """Every attention node was pointed at decode-sdpa and the report said so ("attention: 6 nodes on decode-sdpa at
+    one query row") for an encoder (MiniLM), which never runs a decode step. Only a step graph's attention is
+    retargeted (test_generation_runs_on_the_triton_backend checks it there); an encoder's and a logits graph's run
+    SDPA and the report does not mention decode attention."""
+    import transformers
+    from conftest import tiny_llama
+
+    from lowbit.api import compile_model
+    from lowbit.models import SentenceEmbedder
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=2, vocab_size=100)).eval()
+    ids = torch.randint(0, 100, (2, 6))
+    encoder = compile_model(SentenceEmbedder(bert).eval(), (ids, torch.ones_like(ids)), backend="triton",
+                            backend_options={"compile": False}, device=dev)
+    lm = compile_model(tiny_llama(layers=1), backend="triton", backend_options={"compile": False}, device=dev)
+    for m in (encoder, lm):
+        assert m.runner.report["attention"] == {} and "decode-sdpa" not in m.runner.report_text()
+        assert not any("decode_sdpa" in str(n.target) for n in m.runner.gm.graph.nodes)

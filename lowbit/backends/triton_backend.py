@@ -631,7 +631,7 @@ def _outer_product(node: torch.fx.Node, types: dict[str, TensorType] | None) -> 
 
 def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = None,
              device: str | torch.device | None = None, epilogues: str = "gated", norm_residual: bool = True,
-             pdl: bool = False, rotary_cache: bool = True) -> dict[str, dict[str, str]]:
+             pdl: bool = False, rotary_cache: bool = True, decode: bool = True) -> dict[str, dict[str, str]]:
     """Point every qlinear (and online ``hadamard``) the kernels take at its op; returns ``{"kernels": {node:
     form}, "fallback": {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold
     the decode layout). ``types``: the lowered graph's value types by name (a hadamard's row length);
@@ -639,7 +639,10 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     qlinear its kernel computes (``EPILOGUES``); ``norm_residual``: fold RMSNorms and residual adds into the
     weight-only linears around them (``_fuse_norm_residual``); ``pdl``: weight-only linears as opaque ops whose
     M = 1 GEMV and reduce launch with programmatic dependent launch (``weight_only_linear_pdl``); ``rotary_cache``:
-    each layer's rotary of q and k and its float-cache writes in one ``rotary_write_kv`` (``_fuse_rotary_cache``)."""
+    each layer's rotary of q and k and its float-cache writes in one ``rotary_write_kv`` (``_fuse_rotary_cache``);
+    ``decode``: the graph runs decode steps (a generation step graph), so its attention goes to ``decode_sdpa`` at one
+    query row. An encoder or a logits graph never decodes: its attention stays SDPA and the report does not list it
+    (it said "decode-sdpa" for MiniLM)."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
     from lowbit.ir.kvcache import cache_attention
     from lowbit.ir.normquant import qlinear_q, rms_norm_quant
@@ -691,7 +694,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
                                       kinds)
             report["kernels"][node.name] = plan.form.name + (f"+{epilogue}" if epilogue else "")
             continue
-        if node.op == "call_function" and node.target is ir_ops.attention:
+        if node.op == "call_function" and node.target is ir_ops.attention and decode:
             # decided per call: one query row (a decode step) or not
             node.target = _kernel_attention_pdl if pdl else _kernel_attention
             report["attention"][node.name] = "decode-sdpa at one query row and small batches, SDPA otherwise"
@@ -776,7 +779,8 @@ class TritonCompiled(TorchCompiled):
         super().__init__(fused, device, keep_packed=True, donated=donated, semi_structured=semi_structured,
                          sparse_library=sparse_library)
         types = {v.name: v.type for nd in fused.nodes for v in nd.outputs if isinstance(v.type, TensorType)}
-        self.report = retarget(self.gm, types, self.device, epilogues, norm_residual, pdl, rotary_cache)
+        self.report = retarget(self.gm, types, self.device, epilogues, norm_residual, pdl, rotary_cache,
+                               decode=graph.meta.get("generation") is not None)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
         self.buffer_bytes = buffer_bytes(self.gm)  # after the decode-layout repack: what the device holds
         self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
