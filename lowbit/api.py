@@ -313,17 +313,22 @@ def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn
     return model, example, dynamic, meta
 
 
-def resolve_pipeline(pipeline: str | Sequence[Pass | str] | None, recipe: str | None) -> list[Pass]:
+def resolve_pipeline(pipeline: str | Sequence[Pass | str] | None, recipe: str | None,
+                     overrides: Mapping[str, Any] | None = None) -> list[Pass]:
     if pipeline is not None and recipe is not None:
         raise PassError("give either pipeline= or recipe=, not both")
+    if overrides is not None and recipe is None:  # accepted and dropped otherwise
+        raise PassError("overrides= changes a recipe's options (recipe='w4a16-gptq', overrides={'group': 128}); "
+                        "with pipeline= write the options into the pipeline text")
     if recipe is not None:
-        from lowbit.recipes import get_recipe
+        from lowbit.recipes import get_recipe, override_options
 
         if not isinstance(recipe, str):  # recipe=3 was an AttributeError from inside the name lookup
             raise PassError(f"recipe= takes a recipe name such as 'w4a16-g64' (see lowbit recipes), got "
                             f"{type(recipe).__name__} {recipe!r}")
 
-        return parse_pipeline(get_recipe(recipe))
+        passes = parse_pipeline(get_recipe(recipe))
+        return override_options(recipe, passes, overrides) if overrides is not None else passes
     if pipeline is None:
         return []
     if isinstance(pipeline, str):
@@ -466,9 +471,13 @@ def compile_model(
     backend_options: Mapping[str, Any] | None = None,
     calib: str | torch.Tensor | None = None,
     generation: Any = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> CompiledModel:
     """Capture ``model``, run ``pipeline`` (text like ``"fold-norms,dce"``, or a list of passes and texts) or
-    ``recipe``, lower to ``backend``.
+    ``recipe``, lower to ``backend``. ``overrides`` changes a recipe's options: ``recipe="w4a16-gptq",
+    overrides={"group": 128, "gptq.calib_n": 64}`` (``OPTION`` on every pass of the recipe that has it,
+    ``PASS.OPTION`` on that pass), validated as pipeline options are; a key no pass takes is an error naming the
+    options they have (``lowbit.recipes.override_options``).
 
     ``model`` may be a name or path understood by ``lowbit.models.load_model`` (``"smollm2"``, ``"minilm"``,
     an HF directory, a ``.gguf`` file). ``backend_options`` are the backend's own (``{"keep_packed": True}`` on
@@ -505,7 +514,7 @@ def compile_model(
     if not isinstance(model, (str, torch.nn.Module, torch.export.ExportedProgram)):  # None was 'no example inputs'
         raise TypeError(f"model must be an nn.Module (or an ExportedProgram) or a name or path (smollm2, minilm, an "
                         f"HF directory, a .gguf), got {type(model).__name__}")
-    passes = resolve_pipeline(pipeline, recipe)  # bad specs fail before the slow capture
+    passes = resolve_pipeline(pipeline, recipe, overrides)  # bad specs fail before the slow capture
     tokenizer = _given_tokenizer(tokenizer)
     if calib is not None:
         from lowbit.passes.base import CalibrationOptions

@@ -16,11 +16,13 @@ Weight-only 4-bit recipes are asymmetric (zero points): SmolLM2's shipped weight
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from lowbit.passes.base import PassError, all_passes, closest
+from lowbit.passes.base import Pass, PassError, all_passes, closest
 
-__all__ = ["Recipe", "RECIPES", "get_recipe", "recipe_passes", "list_recipes"]
+__all__ = ["Recipe", "RECIPES", "get_recipe", "recipe_passes", "list_recipes", "override_options"]
 
 
 @dataclass(frozen=True)
@@ -191,8 +193,49 @@ def get_recipe(name: str) -> str:
     return r.pipeline
 
 
-def recipe_passes(name: str) -> list:  # type: ignore[type-arg]
-    """The recipe parsed into pass objects."""
+def recipe_passes(name: str, overrides: Mapping[str, Any] | None = None) -> list[Pass]:
+    """The recipe parsed into pass objects, with ``overrides`` applied (``override_options``)."""
     from lowbit.passes.manager import parse_pipeline
 
-    return parse_pipeline(get_recipe(name))
+    passes = parse_pipeline(get_recipe(name))
+    return override_options(name, passes, overrides) if overrides else passes
+
+
+def override_options(recipe: str, passes: Sequence[Pass], overrides: Mapping[str, Any]) -> list[Pass]:
+    """``passes`` (recipe ``recipe``'s) with options replaced: ``{"group": 128}`` sets ``group`` on every pass of
+    the recipe that has that option, ``{"gptq.calib_n": 64}`` on the ``gptq`` pass only. Each changed pass is built
+    again from the options the recipe set plus the override, so a value is validated as pipeline text is (a string,
+    the CLI's ``--set KEY=VALUE``, is read as pipeline text reads it). A key no pass of the recipe takes is a
+    ``PassError`` listing the options its passes have; a bad value names the pass and the option."""
+    from lowbit.passes.manager import _parse_value, build_pass, check_input_files, check_order
+
+    if not isinstance(overrides, Mapping):
+        raise PassError(f"overrides= takes a dict of option -> value (e.g. {{'group': 128, 'gptq.calib_n': 64}}), "
+                        f"got {type(overrides).__name__}")
+    out = list(passes)
+    names = list(dict.fromkeys(p.name for p in out))
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not key.strip():
+            raise PassError(f"recipe {recipe!r}: override key {key!r} is not an option name (OPTION or PASS.OPTION)")
+        pass_name, _, option = key.strip().rpartition(".")
+        option = option.strip().replace("-", "_")
+        if pass_name and pass_name not in names:
+            raise PassError(f"recipe {recipe!r}: override {key!r} names pass {pass_name!r}, which the recipe does not "
+                            f"run{closest(pass_name, names)}; its passes: {', '.join(names)}")
+        scope = [i for i, p in enumerate(out) if not pass_name or p.name == pass_name]
+        targets = [i for i in scope if option in out[i].Options.model_fields]
+        if not targets:
+            known = sorted({f for i in scope for f in out[i].Options.model_fields})
+            listed = "; ".join(f"{n}: {', '.join(sorted(type(p).Options.model_fields)) or 'none'}"
+                               for n, p in {p.name: p for p in (out[i] for i in scope)}.items())
+            raise PassError(f"recipe {recipe!r}: override {key!r}: no pass {'' if pass_name else 'of the recipe '}"
+                            f"{pass_name + ' ' if pass_name else ''}has option {option!r}{closest(option, known)}. "
+                            f"Options: {listed}")
+        for i in targets:
+            p = out[i]
+            options = {k: getattr(p.options, k) for k in p.options.model_fields_set}
+            options[option] = _parse_value(value) if isinstance(value, str) else value
+            out[i] = build_pass(type(p), options)
+    check_order(out)
+    check_input_files(out)  # a calib= override naming a file that is not there: PassFileError, before any load
+    return out

@@ -855,3 +855,23 @@ def test_reports_write_non_finite_numbers_as_null():
                         default=str)
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == \
         {"check": {"loss": None, "sqnr": [None, 1.5]}, "p": "x"}
+
+
+def test_compile_sets_recipe_options_and_refuses_bad_keys_before_loading(monkeypatch):
+    """`--set OPTION=VALUE` overrides a recipe's options (there was no way but copying its pipeline text): the run
+    reports the changed pass; a key no pass of the recipe has, a bad value or --set with --pipeline exit 2 before
+    the model is loaded."""
+    out = invoke("compile", "smollm2:2", "--recipe", "w4a16-g64", "--set", "group=32").output
+    assert "quantize(w=int4,group=32,sym=false)" in " ".join(out.split())
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad --set was found")
+
+    monkeypatch.setattr("lowbit.models.load_model", refuse)
+    monkeypatch.setattr("lowbit.cli.common._MODELS", {})
+    for args, fragment in ((["--recipe", "w4a16-gptq", "--set", "grup=32"], "did you mean 'group'?"),
+                           (["--recipe", "w4a16-gptq", "--set", "group=0"], "option group"),
+                           (["--recipe", "w4a16-gptq", "--set", "group"], "give OPTION=VALUE"),
+                           (["-p", "dce", "--set", "group=32"], "--set changes a recipe's options")):
+        res = invoke("compile", "smollm2:2", *args, code=2)
+        assert fragment in " ".join(res.output.split()), res.output

@@ -534,3 +534,34 @@ def test_packed_activations_of_odd_width_are_refused_before_calibrating():
             InsertQDQ(a="int4", **options).run(g.clone())
     assert InsertQDQ(a="int8", a_static=True, a_gran="per_tensor", calib=torch.randn(2, 4, 7),
                      progress=False).run(g.clone()).changed
+
+
+def test_recipe_options_are_overridden_by_key_and_validated():
+    """A recipe could not take a different group size or calibration size: overrides= (CLI --set) sets an option on
+    every pass of the recipe that has it, or PASS.OPTION on one; the compiled graph follows it, and a key no pass
+    takes, a bad value or overrides= without a recipe is refused by name before anything runs."""
+    from conftest import tiny_llama
+
+    import lowbit
+    from lowbit.recipes import recipe_passes
+
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97)
+    c = lowbit.compile_model(model, recipe="w4a16-g64", overrides={"group": 32})
+    assert c.report.pipeline.records[0].spec == "quantize(w=int4,group=32,sym=false)"
+    assert c.graph.params["model.layers.0.mlp.down_proj.weight.scale"].data.shape == (64, 128 // 32)
+    ids = torch.randint(0, 97, (400,))
+    g = lowbit.compile_model(model, recipe="w4a16-gptq", calib=ids,
+                             overrides={"gptq.calib_n": 2, "calib_len": "16", "progress": False})
+    assert g.report.pipeline.records[0].stats["calib_tokens"] == 32
+    # every pass that has the option, or the one named
+    e2e = [p.spec() for p in recipe_passes("w4a16-e2e", {"calib_n": 8, "gptq.group": 32})]
+    assert "group=32" in e2e[2] and "calib_n=8" in e2e[2] and "calib_n=8" in e2e[3] and "group=32" not in e2e[3]
+    with pytest.raises(PassError, match=r"override 'grup': no pass of the recipe has option 'grup'; did you mean "
+                                        r"'group'\?.*Options: gptq: .*calib_n"):
+        recipe_passes("w4a16-gptq", {"grup": 32})
+    with pytest.raises(PassError, match=r"names pass 'quantize', which the recipe does not run.*its passes: gptq"):
+        recipe_passes("w4a16-gptq", {"quantize.group": 32})
+    with pytest.raises(PassError, match=r"pass gptq: option group.*greater than 0"):
+        recipe_passes("w4a16-gptq", {"group": 0})
+    with pytest.raises(PassError, match=r"overrides= changes a recipe's options"):
+        lowbit.compile_model(model, pipeline="quantize(w=int4)", overrides={"group": 32})

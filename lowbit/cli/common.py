@@ -215,16 +215,42 @@ def capture_model(model: LoadedModel) -> Any:
 
 # ---- pipelines ----------------------------------------------------------------------------------
 
-def pipeline_text(pipeline: str | None, recipe: str | None) -> str:
-    """The pipeline text from ``--pipeline`` or ``--recipe``; errors name the closest recipe."""
+def pipeline_text(pipeline: str | None, recipe: str | None, sets: list[str] | None = None) -> str:
+    """The pipeline text from ``--pipeline`` or ``--recipe``; errors name the closest recipe. ``sets``: ``--set
+    KEY=VALUE`` overrides of the recipe's options (``lowbit.recipes.override_options``), written into the text."""
     if pipeline and recipe:
         fail("give either --pipeline or --recipe, not both", Exit.USAGE)
+    if sets and not recipe:  # accepted and dropped otherwise
+        fail("--set changes a recipe's options (--recipe w4a16-gptq --set group=128); with --pipeline write the "
+             "options into the pipeline text", Exit.USAGE)
     if recipe:
-        return recipe_pipeline(recipe)
+        text = recipe_pipeline(recipe)
+        return _with_overrides(recipe, text, sets) if sets else text
     if not pipeline:
         fail("give --pipeline 'pass,pass(opt=value)' or --recipe NAME (see `lowbit passes`, `lowbit recipes`)",
              Exit.USAGE)
     return pipeline
+
+
+def _with_overrides(recipe: str, text: str, sets: list[str]) -> str:
+    """Recipe ``recipe``'s pipeline ``text`` with the ``--set KEY=VALUE`` overrides applied, as pipeline text (what
+    the report, the reproducer and ``--print-ir`` show). A bad key or value exits 2, a missing file 3."""
+    from lowbit.passes.base import PassError, PassFileError
+    from lowbit.passes.manager import format_pipeline, parse_pipeline
+    from lowbit.recipes import override_options
+
+    overrides: dict[str, str] = {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            fail(f"--set {item!r}: give OPTION=VALUE or PASS.OPTION=VALUE (e.g. --set group=128)", Exit.USAGE)
+        if key.strip() in overrides:
+            fail(f"--set {key.strip()} is given twice; give it once (the last would silently win)", Exit.USAGE)
+        overrides[key.strip()] = value
+    try:
+        return format_pipeline(override_options(recipe, parse_pipeline(text), overrides))
+    except PassError as exc:
+        fail(str(exc), Exit.NOT_FOUND if isinstance(exc, PassFileError) else Exit.USAGE)
 
 
 def recipes_module() -> Any | None:

@@ -70,6 +70,8 @@ MODEL_HELP = ("smollm2, minilm, an HF model directory or a .gguf file; NAME:N ke
               "(smollm2:2 is a 2-layer SmolLM2)")
 PIPELINE_HELP = "pass pipeline text, e.g. 'fold-norms,dce,quantize(w=int4,group=64)' (see `lowbit passes`)"
 RECIPE_HELP = "a named recipe instead of --pipeline (see `lowbit recipes`)"
+SET_HELP = ("OPTION=VALUE: change an option of the --recipe's passes (every pass that has it; PASS.OPTION=VALUE for "
+            "one), e.g. --set group=128 --set gptq.calib_n=64; repeat for several")
 
 
 # ---- passes / recipes ---------------------------------------------------------------------------
@@ -306,6 +308,7 @@ def compile_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     backend: str = typer.Option("torch", "--backend", "-b", help="torch, onnxruntime, tensorrt or triton"),
     backend_option: list[str] = typer.Option([], "--backend-option", help="KEY=VALUE option of the backend "
                                              "(repeatable), e.g. keep_packed=true on torch"),
@@ -341,7 +344,7 @@ def compile_cmd(
 
     t0 = time.perf_counter()
     check_dtype(dtype)
-    text = pipeline_text(pipeline, recipe)
+    text = pipeline_text(pipeline, recipe, set_)
     passes = parse(text)
     options: dict[str, str] = {}
     for item in backend_option:
@@ -552,6 +555,7 @@ def generate_cmd(
     prompt: list[str] = typer.Option(..., "--prompt", help="prompt text (repeat for a batch)"),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate per prompt"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="KV-cache slots: prompt + new tokens must "
                                              "fit, at most the model's max_position_embeddings (default: 512, or "
@@ -582,7 +586,7 @@ def generate_cmd(
 
     if dtype is not None:
         check_dtype(dtype)
-    text = pipeline_text(pipeline, recipe) if pipeline or recipe else ""
+    text = pipeline_text(pipeline, recipe, set_) if pipeline or recipe or set_ else ""
     passes = parse(text) if text else []  # as `lowbit compile`: an unknown pass or a bad option exits 2
     try:
         check_device(device)
@@ -777,6 +781,7 @@ def compare_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows to run"),
     seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),
     sentences: int = typer.Option(32, help="encoders: WikiText-2 sentences to embed"),
@@ -798,7 +803,7 @@ def compare_cmd(
         fail(f"--json and --html both name {str(json_out)!r}: give two files", Exit.USAGE)
     check_output(reproducer, "--reproducer", directory=True)
     check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS), dtype)
-    run_compare(model, pipeline_text(pipeline, recipe), windows=windows, seq_len=seq_len, n_sentences=sentences,
+    run_compare(model, pipeline_text(pipeline, recipe, set_), windows=windows, seq_len=seq_len, n_sentences=sentences,
                 json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer, dtype=dtype)
 
 
@@ -808,6 +813,7 @@ def bisect_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     metric: str = typer.Option("auto", help="ppl (causal LMs), cos (encoders: 1 - embedding cosine) or auto"),
     max_increase: str = typer.Option("5%", help="allowed metric increase over float: 5% (relative) or 0.01 "
                                      "(absolute)"),
@@ -827,7 +833,7 @@ def bisect_cmd(
         fail(f"--max-increase {max_increase}: must be above 0 (the threshold is the float model's metric plus "
              "this; at or below it every evaluation, the float model's included, fails)", Exit.USAGE)
     check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS), dtype)
-    run_bisect(model, pipeline_text(pipeline, recipe), metric=metric, max_increase=max_increase,
+    run_bisect(model, pipeline_text(pipeline, recipe, set_), metric=metric, max_increase=max_increase,
                windows=windows, seq_len=seq_len, n_sentences=sentences, json_out=json_out, dtype=dtype)
 
 
