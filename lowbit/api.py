@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -223,9 +224,37 @@ def record_step_graph(graph: Graph, meta: dict[str, Any]) -> None:
     """A captured generation step: its cache inputs/outputs named, and ``meta`` (``_generation_model``'s) completed
     with them and recorded as ``graph.meta["generation"]``, which ``generate`` reads."""
     _name_step_io(graph)
+    _place_step_nodes(graph)
     meta["cache_inputs"] = [v.name for v in graph.inputs[2:]]
     meta["cache_dtype"] = str(graph.inputs[2].tensor_type.dtype).removeprefix("torch.")
     graph.meta["generation"] = meta
+
+
+_LAYER = re.compile(r"^(.*?\b(?:layers|layer|h|blocks)\.\d+)\.")
+
+
+def _place_step_nodes(graph: Graph) -> None:
+    """Module paths for the nodes ``CausalLMStep``'s own code writes inside a layer (head reshapes, rotary, cache
+    scatters, attention, residual adds), which torch.export records under the wrapper's root (''): per-layer reports
+    (``debug sensitivity``, the calibration stages, a node's ``# module`` in the IR text) could not name their layer.
+    A residual add goes to its layer (``model.layers.3``), any other node to the module of the last linear before it
+    in that layer (``model.layers.3.self_attn``), as the logits graph's capture places them. Nodes before the first
+    layer or after the last keep ''."""
+    layer: str | None = None
+    owner: str | None = None
+    for node in graph.nodes:
+        if node.module:
+            m = _LAYER.match(node.module + ".")
+            if m is None:
+                if layer is not None:  # past the layers (the final norm, the head): nothing more to place
+                    return
+                continue
+            if m.group(1) != layer:
+                layer, owner = m.group(1), None
+            if node.op in ("linear", "qlinear"):
+                owner = node.module.rsplit(".", 1)[0]
+        elif layer is not None:
+            node.module = layer if node.op == "residual_add" else (owner or layer)
 
 
 def _name_step_io(graph: Graph) -> None:

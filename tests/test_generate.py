@@ -735,3 +735,22 @@ def test_a_cache_longer_than_the_models_positions_is_refused_before_capture(monk
     assert captures == []
     monkeypatch.undo()
     assert compile_model(model, generation=True).graph.meta["generation"]["max_length"] == 24
+
+
+def test_step_graph_nodes_name_the_layer_they_came_from(tiny_compiled):
+    """The step's own code (head reshapes, rotary, cache scatters, attention, residual adds) was captured under the
+    wrapper's root: module '' in every layer, so per-layer reports and the IR text could not name the layer. They
+    carry the modules the logits graph's capture gives the same ops, and the cache writes their attention's."""
+    from lowbit.ir.capture import capture
+
+    step = tiny_compiled.graph
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, layers=2, vocab=97, max_positions=64)
+    logits = capture(CausalLMLogits(model).eval(), (torch.ones(1, 4, dtype=torch.long),))
+    for op in ("attention", "rotary", "residual_add", "transpose"):
+        assert sorted(n.module for n in step.find(op)) == sorted(n.module for n in logits.find(op)), op
+    writes = [n.module for n in step.nodes if n.op == "aten.scatter.src"]
+    assert writes == [f"model.layers.{i}.self_attn" for i in (0, 0, 1, 1)]
+    norms = [p for p, n in enumerate(step.nodes) if n.op == "rms_norm"]  # the first layer's input norm .. final norm
+    unplaced = [f"%{n.name} ({n.op})" for n in step.nodes[norms[0]:norms[-1]] if not n.module]
+    assert not unplaced, unplaced
