@@ -8,6 +8,9 @@ clauses keep working.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class LowbitError(Exception):
     """Base of lowbit's deliberate errors: the message names the file, node, op or option at fault."""
@@ -73,3 +76,14 @@ def did_you_mean(name: object, choices: list[str], n: int = 1, cutoff: float = 0
 
     near = difflib.get_close_matches(name, choices, n=n, cutoff=cutoff) if isinstance(name, str) else []
     return f" (did you mean {' or '.join(repr(c) for c in near)}?)" if near else ""
+
+
+def unread_options(options: Any, needs: Mapping[str, str | None]) -> list[tuple[str, str]]:
+    """``(option, what would make it read)`` for each option of the pydantic model ``options`` set away from its
+    default that the other options leave unread: a run would succeed with it silently ignored. ``needs`` maps an
+    option to ``None`` when it is read, else to what would make it read (``"kv="``). Compared by value, not
+    ``model_fields_set``: a pass rebuilt from all of its options (cli/restrict.py) restates defaults. One test for
+    pass options (``PassOptions.refuse_unread``) and backend options (``backends.registry``)."""
+    fields = type(options).model_fields
+    return [(k, why) for k, why in needs.items()
+            if why is not None and getattr(options, k) != fields[k].get_default(call_default_factory=True)]

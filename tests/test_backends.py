@@ -299,3 +299,20 @@ def test_an_exported_program_compiles_on_the_inputs_it_was_exported_with():
     assert str(compiled.graph.inputs[0].type) == "f32[s0,4]"  # the program's dynamic batch, kept
     y = torch.randn(5, 4)
     torch.testing.assert_close(compiled(y), model(y), atol=0.05, rtol=0)  # int8 weights
+
+
+def test_pass_and_backend_options_share_one_unread_check():
+    """The backends' 'applies only with' refusal and the passes' 'is read only with' one were two copies of the same
+    test (an option set away from its default that nothing reads); both go through lowbit.errors.unread_options, which
+    compares by value (a default said out loud is no mistake) and lists every unread option in order."""
+    from lowbit.backends.registry import TritonBackendOptions
+    from lowbit.errors import unread_options
+    from lowbit.passes.gptq import GPTQ
+
+    triton = TritonBackendOptions.model_construct(compile=False, cuda_graphs=True, sparse_library="auto")
+    assert unread_options(triton, {"cuda_graphs": "compile=true", "sparse_library": "semi_structured=true"}) == [
+        ("cuda_graphs", "compile=true")]
+    assert unread_options(triton, {"cuda_graphs": None}) == []
+    gptq = GPTQ.Options.model_construct(n_grid=40, group_fallback=64)
+    assert unread_options(gptq, {"n_grid": "awq=true", "group_fallback": "group=", "damp": "x"}) == [
+        ("n_grid", "awq=true"), ("group_fallback", "group=")]

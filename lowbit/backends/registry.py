@@ -36,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from lowbit.errors import LowbitError, did_you_mean
+from lowbit.errors import LowbitError, did_you_mean, unread_options
 
 __all__ = [
     "BACKENDS",
@@ -187,8 +187,8 @@ class TorchBackendOptions(BackendOptions):
 def _refuse_unread(opts: BackendOptions, option: str, needs: str, on: bool) -> None:
     """An option set away from its default that only ``needs=true`` reads is an error while ``needs`` is off: it
     would be silently ignored (``cuda_graphs=true, compile=false`` ran eagerly with no CUDA graph)."""
-    given = getattr(opts, option)
-    if not on and given != type(opts).model_fields[option].default:
+    if unread_options(opts, {option: None if on else f"{needs}=true"}):
+        given = getattr(opts, option)
         raise ValueError(f"option {option}={str(given).lower() if isinstance(given, bool) else given} applies only "
                          f"with {needs}=true, and {needs} is false: drop {option} or set {needs}=true")
 

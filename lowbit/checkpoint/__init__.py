@@ -150,7 +150,7 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any, config: Any = None
         raise CheckpointError(f"parameter @{empty[0]} (and {len(empty) - 1} more) has no tensor (a graph parsed "
                               "without its weights?); the lowbit format stores every declared parameter")
     (directory / IR_FILE).write_text(print_graph(graph))
-    write_safetensors({n: v.data for n, v in graph.params.items() if v.data is not None}, directory / PARAMS_FILE)
+    write_safetensors({n: v.data for n, v in graph.params.items()}, directory / PARAMS_FILE)  # none empty: refused
     src = graph.meta.get("source") or {}
     info: dict[str, Any] = {"format": "lowbit", "kind": kind or src.get("kind")}
     config = _pruned_source_config(config if config is not None else src.get("config"), graph.meta.get("pruned"))

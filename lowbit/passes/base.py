@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lowbit.errors import CorruptFileError, LowbitError
+from lowbit.errors import CorruptFileError, LowbitError, unread_options
 from lowbit.calibration.data import (
     DEFAULT_CALIBRATION_TEXT,
     calibration_ids,
@@ -62,12 +62,9 @@ class PassOptions(BaseModel):
                        note: str = "without that it would be silently ignored") -> str | None:
         """The refusal for options set away from their default that the other options leave unread
         (``quantize(w=int4,kv_window=32)``): the run would succeed with the option silently ignored. ``needs``
-        maps an option to ``None`` when it is read, else to what would make it read (``"kv="``). Compared by
-        value, not ``model_fields_set``: the debug tools rebuild a pass from all of its options
-        (cli/restrict.py), so a default restated is no mistake."""
-        fields = type(self).model_fields
-        unread = [(k, why) for k, why in needs.items()
-                  if why is not None and getattr(self, k) != fields[k].get_default(call_default_factory=True)]
+        maps an option to ``None`` when it is read, else to what would make it read (``"kv="``); the test is
+        ``lowbit.errors.unread_options``, shared with the backends' options."""
+        unread = unread_options(self, needs)
         if not unread:
             return None
         (k, why), rest = unread[0], unread[1:]
