@@ -12,6 +12,7 @@ with the reason, never skipped silently.
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 
@@ -20,6 +21,11 @@ from lowbit.ir.rewrite import eliminate_dead_code, norm_gain, private_weight
 from lowbit.passes.base import NO_QLINEAR, Pass, PassResult, ScopedOptions, register_pass
 
 NORM_OPS = ("rms_norm", "layer_norm")
+
+
+class UntiedWeightWarning(UserWarning):
+    """fold-norms gave a tied weight's reader its own copy (the tie cannot be kept: the final norm's gain folds into
+    the head's columns, which the embedding's rows must not take); the message names the tensors and the size."""
 
 
 class FoldNormsOptions(ScopedOptions):
@@ -97,4 +103,7 @@ class FoldNorms(Pass):
         stats: dict = {"folded": len(folded), "not_folded": skipped}
         if untied:
             stats["untied"] = untied
+            # the params grow by a whole table (+108 MiB on SmolLM2), which a caller reading only sizes never saw
+            warnings.warn(f"fold-norms untied {len(untied)} shared weight(s): {'; '.join(untied)}",
+                          UntiedWeightWarning, stacklevel=2)
         return PassResult(bool(folded), stats)
