@@ -211,9 +211,10 @@ def test_non_adjacent_advanced_indexing_is_reported():
         to_onnx(g)
 
 
-@pytest.mark.parametrize("family", ["bloom", "gptj", "cohere"])
+@pytest.mark.parametrize("family", ["bloom", "gptj", "cohere", "gpt2"])
 def test_alibi_and_interleaved_rotary_families_match_in_onnx_runtime(family):
-    """Bloom's baddbmm/repeat and GPT-J/Cohere's repeat_interleave/stack had no ONNX lowering (refused by name);
+    """Bloom's baddbmm/repeat, GPT-J/Cohere's repeat_interleave/stack and GPT-2's addmm (its Conv1D linears) had no
+    ONNX lowering (refused by name);
     each lowers now, and the exported model equals the torch reference in ONNX Runtime at two sequence lengths (the
     sequence axis stays dynamic through the interleave's Shape/Expand/Reshape)."""
     from lowbit.ir.capture import capture

@@ -406,12 +406,14 @@ def _repeat_interleave(ctx: LoweringContext, node: Node) -> ir.Value:
     return ctx.op("Reshape", [grown, merged])
 
 
-@lowering("aten.baddbmm.default")
-def _baddbmm(ctx: LoweringContext, node: Node) -> ir.Value:
-    """``beta · self + alpha · (batch1 @ batch2)`` (Bloom's ALiBi-biased attention scores)."""
+@lowering("aten.baddbmm.default", "aten.addmm.default")
+def _add_matmul(ctx: LoweringContext, node: Node) -> ir.Value:
+    """``beta · self + alpha · (a @ b)``: baddbmm (Bloom's ALiBi-biased attention scores) and addmm (GPT-2's
+    Conv1D, ``bias + x @ W`` with ``W [in, out]``, which raising leaves as it is: GPT-2 exports failed on it)."""
     b = bind(node)
     out = ctx.out_dtype(node)
-    prod = ctx.op("MatMul", [ctx.tensor(b["batch1"], out), ctx.tensor(b["batch2"], out)])
+    a, m = (b["batch1"], b["batch2"]) if node.op == "aten.baddbmm.default" else (b["mat1"], b["mat2"])
+    prod = ctx.op("MatMul", [ctx.tensor(a, out), ctx.tensor(m, out)])
     if b["alpha"] != 1:
         prod = ctx.op("Mul", [prod, ctx.const(b["alpha"], out)])
     if b["beta"] == 0:  # torch ignores self then (even NaN in it)
