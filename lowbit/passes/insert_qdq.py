@@ -97,7 +97,8 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
     a_clip: float = Field(default=1.0, gt=0, le=1)
     """Dynamic activation scales from ``a_clip·`` each token's (group's) range: values beyond are clamped and the
     rest get a finer grid. QuaRot uses 0.9 for A4 per token; 1 is plain min/max. Such a QDQ is not fused into
-    ``qlinear`` (the op has no clip kwarg) and the ONNX backend refuses it."""
+    ``qlinear`` (the op has no clip kwarg); ONNX scales the range the same way (QuantizeLinear saturates what lies
+    beyond), the HF checkpoint writers refuse it."""
     kv: str | None = None
     """KV-cache qdtype (keys after rotary and values); unset keeps the cache float."""
     k_gran: Literal["per_channel", "per_token", "per_tensor"] = "per_channel"
