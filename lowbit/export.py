@@ -4,7 +4,8 @@ Formats:
 - ``"onnx"``: standard QDQ ONNX (opset 21: INT8/FP8 Q/DQ, INT4/UINT4 block-wise weights) — ONNX Runtime,
   TensorRT and any ONNX consumer; checked with ``onnx.checker`` (full check) after writing.
 - ``"onnx-matmulnbits"``: the same, with 4-bit weight-only linears as ``com.microsoft::MatMulNBits``
-  (ONNX Runtime's int4 GEMM; not for TensorRT).
+  (ONNX Runtime's int4 GEMM; not for TensorRT); an ``ExportFormWarning`` names the quantized linears left in QDQ
+  form (8-bit weights below ``accuracy_level=4``, quantized activations).
 - ``"tensorrt"``: a TensorRT engine built from the QDQ ONNX after TensorRT's Q/DQ rules are checked
   (needs ``tensorrt`` and a GPU).
 """
@@ -16,6 +17,7 @@ import os
 import sys
 import tempfile
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,18 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     out = save_onnx(model, path, external_data=external_data)
     if check:
         check_onnx(out, full_check=True)
+    if weight_format == "matmulnbits":
+        from lowbit.backends.onnx.lowering import unfused_matmulnbits
+
+        note = unfused_matmulnbits(model)
+        if note is not None:  # the file was written in the QDQ form without a word
+            warnings.warn(f"{out}: {note}", ExportFormWarning, stacklevel=2)
     return out
+
+
+class ExportFormWarning(UserWarning):
+    """The file was written, but some of it is not in the form the export format names (``onnx-matmulnbits``
+    linears left in QDQ form)."""
 
 
 class ExportPathError(LowbitError, OSError):

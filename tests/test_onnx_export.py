@@ -348,6 +348,26 @@ def test_the_report_names_linears_that_weight_format_matmulnbits_left_in_another
     assert "matmulnbits" not in OrtCompiled(w4, weight_format="matmulnbits").report_text()
 
 
+def test_an_onnx_matmulnbits_export_warns_about_linears_it_left_in_qdq_form(tmp_path):
+    """``format="onnx-matmulnbits"`` of an int8-weight graph wrote DequantizeLinear + MatMul without a word; it warns
+    with the file and the linears now, and stays silent where every linear became MatMulNBits."""
+    import warnings
+
+    w8 = parse_graph(REPORTED_LINEAR_IR.format(container="i8", stored=32, scale="4", qdtype="int8", axis=0, block="None"),
+                     {"w.qdata": torch.randint(-127, 128, (4, 32), dtype=torch.int8), "w.scale": torch.full((4,), 0.01)})
+    path = tmp_path / "w8.onnx"
+    with pytest.warns(UserWarning, match=r"w8.onnx: weight_format=matmulnbits: 0 of 1 quantized linears run as "
+                                         r"MatMulNBits; 1 keep the QDQ .*: proj") as caught:
+        lowbit.export(w8, path, format="onnx-matmulnbits")
+    assert [type(w.message).__name__ for w in caught] == ["ExportFormWarning"]
+    assert "com.microsoft::MatMulNBits" not in lowered_op_types(load_onnx(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        lowbit.export(w8, path, format="onnx-matmulnbits", accuracy_level=4)  # 8-bit MatMulNBits at level 4
+        lowbit.export(w8, path, format="onnx")  # QDQ asked for
+    assert lowered_op_types(load_onnx(path)).get("DequantizeLinear") == 1
+
+
 @pytest.mark.parametrize("external_data", [False, True])
 def test_saving_a_session_model_onto_a_directory_is_refused(tmp_path, external_data):
     """OrtCompiled.save(dir) raised a bare IsADirectoryError from the rename, and with external data left an empty

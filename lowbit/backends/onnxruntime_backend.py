@@ -27,6 +27,7 @@ from onnx_ir.tensor_adapters import to_torch_dtype
 
 from lowbit.backends.onnx import LoweringOptions, load_onnx, save_onnx, to_onnx
 from lowbit.backends.onnx.context import int8_gemm_exact
+from lowbit.backends.onnx.lowering import unfused_matmulnbits
 from lowbit.backends.onnx.io import (
     EXTERNAL_DATA_THRESHOLD,
     OnnxFileError,
@@ -292,28 +293,6 @@ def declared_inputs(model: ir.Model) -> InputChecker:
             if table is not None and table.const_value is not None and len(table.const_value.shape) == 2:
                 vocab.setdefault(index[id(node.inputs[1])], []).append((table.name, table.const_value.shape[0]))
     return InputChecker.declared(names, types, symbols, vocab)
-
-
-def unfused_matmulnbits(model: ir.Model, most: int = 5) -> str | None:
-    """What ``weight_format="matmulnbits"`` left in another form, for the compile report: an int8
-    weight at accuracy level 0 or a linear with quantized activations has no MatMulNBits form, and the backend chose
-    the QDQ one without a word (the report said only "onnxruntime on CPUExecutionProvider")."""
-    qlinears: dict[str, str] = {}
-    fused: set[str] = set()
-    for node in model.graph:
-        if node.metadata_props.get("lowbit.op") != "qlinear":
-            continue
-        value = node.metadata_props.get("lowbit.value", "")
-        qlinears.setdefault(value, node.metadata_props.get("lowbit.module") or f"%{value}")
-        if node.op_type == "MatMulNBits":
-            fused.add(value)
-    rest = [where for value, where in qlinears.items() if value not in fused]
-    if not rest:
-        return None
-    shown = ", ".join(rest[:most]) + (f", ... ({len(rest)} in all)" if len(rest) > most else "")
-    return (f"weight_format=matmulnbits: {len(fused)} of {len(qlinears)} quantized linears run as MatMulNBits; "
-            f"{len(rest)} keep the QDQ or integer-GEMM form (MatMulNBits takes weight-only 4-bit weights, 8-bit ones "
-            f"at accuracy_level=4): {shown}")
 
 
 class OrtCompiled(torch.nn.Module):

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -492,7 +493,7 @@ def _export_onnx(runner: Any, graph: Any, report: Any, path: Path, options: dict
     form, with the ONNX lowering options given as --backend-option (weight_format=matmulnbits, opset, ...) applied
     to it too (they were dropped: the file had no MatMulNBits the session ran)."""
     try:
-        from lowbit.export import export
+        from lowbit.export import ExportFormWarning, export
     except ModuleNotFoundError:
         err_console.print("note: lowbit.export is not in this install; no model.onnx written")
         return False
@@ -504,7 +505,9 @@ def _export_onnx(runner: Any, graph: Any, report: Any, path: Path, options: dict
     if "onnx" in (lowering.get("attention"), lowering.get("rotary")):
         lowering.setdefault("opset", 23)  # as the backend lowers them (ORT_LOWERING's opset)
     try:
-        export(CompiledModel(runner, graph, report), path, fmt, **lowering)
+        with warnings.catch_warnings():  # linears left out of MatMulNBits: the compile report lists them already
+            warnings.simplefilter("ignore", ExportFormWarning)
+            export(CompiledModel(runner, graph, report), path, fmt, **lowering)
     except Exception as exc:
         fail(f"ONNX export failed: {type(exc).__name__}: {exc}", Exit.BACKEND)
     return path.exists()

@@ -220,6 +220,28 @@ def _lowbit_version() -> str:
         return "0"
 
 
+def unfused_matmulnbits(model: ir.Model, most: int = 5) -> str | None:
+    """What ``weight_format="matmulnbits"`` left in another form, for the compile report and ``lowbit.export``'s
+    warning: an int8 weight at accuracy level 0 or a linear with quantized activations has no MatMulNBits form, and
+    the backend (and ``format="onnx-matmulnbits"``) chose the QDQ one without a word."""
+    qlinears: dict[str, str] = {}
+    fused: set[str] = set()
+    for node in model.graph:
+        if node.metadata_props.get("lowbit.op") != "qlinear":
+            continue
+        value = node.metadata_props.get("lowbit.value", "")
+        qlinears.setdefault(value, node.metadata_props.get("lowbit.module") or f"%{value}")
+        if node.op_type == "MatMulNBits":
+            fused.add(value)
+    rest = [where for value, where in qlinears.items() if value not in fused]
+    if not rest:
+        return None
+    shown = ", ".join(rest[:most]) + (f", ... ({len(rest)} in all)" if len(rest) > most else "")
+    return (f"weight_format=matmulnbits: {len(fused)} of {len(qlinears)} quantized linears run as MatMulNBits; "
+            f"{len(rest)} keep the QDQ or integer-GEMM form (MatMulNBits takes weight-only 4-bit weights, 8-bit ones "
+            f"at accuracy_level=4): {shown}")
+
+
 def lowered_op_types(model: ir.Model) -> dict[str, int]:
     """ONNX op types in a model with counts (for reports and tests)."""
     counts: dict[str, int] = {}
@@ -229,4 +251,5 @@ def lowered_op_types(model: ir.Model) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-__all__ = ["to_onnx", "needs_fusion", "missing_lowerings", "lowered_op_types", "OnnxLoweringError", "LoweringOptions"]
+__all__ = ["to_onnx", "needs_fusion", "missing_lowerings", "lowered_op_types", "unfused_matmulnbits", "OnnxLoweringError",
+           "LoweringOptions"]
