@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowbit.backends.onnx import check_onnx, lowered_op_types, to_onnx
+from lowbit.backends.onnx import check_onnx, lowered_op_types, missing_lowerings, to_onnx
 from lowbit.backends.onnx.context import int8_gemm_exact
 from lowbit.backends.onnxruntime_backend import OrtCompiled, ProviderFallbackWarning
 from lowbit.backends.tensorrt import check_tensorrt_qdq, errors
@@ -220,6 +220,20 @@ def test_tensorrt_rules_flag_what_tensorrt_cannot_run(quantized):
     assert asym == {"supported-qtype", "zero-point-zero"}  # uint4 with zero points
     nbits = {v.rule for v in check_tensorrt_qdq(to_onnx(quantized(W4_G64), weight_format="matmulnbits"))}
     assert nbits == {"unsupported-quantized-op"}
+
+
+def test_a_graph_fused_for_the_triton_backend_exports(quantized, reference, windows):
+    """``fuse-norm-quant`` (the triton backend's rms_norm_quant -> qlinear_q, after merge-linears) had no ONNX
+    lowering: a model compiled for triton could not be exported. The copy ``to_onnx`` lowers has the unfused ops,
+    so ONNX Runtime computes what the unfused W8A8 graph's reference does (tie flips only, as above)."""
+    fused = quantized(W8A8_DYN).clone()
+    PassManager(parse_pipeline("fuse-qlinear,merge-linears,fuse-norm-quant")).run(fused)
+    assert missing_lowerings(fused) == {}
+    ort_model = OrtCompiled(fused, **FORMS["qdq-opset21"])
+    assert {"rms_norm_quant", "qlinear_q"} <= {n.op for n in fused.nodes}  # lowered from a copy
+    assert "Split" in lowered_op_types(ort_model.onnx_model)  # the merged q/k/v and gate/up stay merged
+    agree = _agreement(reference(W8A8_DYN), ort_model, windows)
+    assert agree["top1"] >= 0.98 and agree["nll_rel"] < 5e-3 and agree["median_token_diff"] < 1e-3, agree
 
 
 @pytest.mark.parametrize("pipeline, min_cos", [("quantize(w=int8,a=int8)", 0.995),

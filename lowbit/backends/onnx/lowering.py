@@ -30,6 +30,7 @@ from lowbit.backends.onnx.context import (
 )
 from lowbit.backends.onnx.registry import LOWERINGS
 from lowbit.ir.graph import Graph, SymType, TensorType, Value
+from lowbit.ir.normquant import unfuse_norm_quant
 from lowbit.ir.verifier import check_qparams
 
 PRODUCER = "lowbit"
@@ -39,6 +40,11 @@ _WHY_NOT = {  # ops with no ONNX form by design: what to export instead
                        "generation model compiled without kv-cache, whose float cache ONNX Runtime runs, or keep this "
                        "one with lowbit.save(..., format='lowbit'))",
 }
+
+
+UNFUSED_FOR_ONNX = ("rms_norm_quant", "qlinear_q")
+"""Ops ``to_onnx`` writes as the ops they fuse (``lowbit.ir.normquant.unfuse_norm_quant``): a graph compiled for the
+triton backend exported with no ONNX lowering for them."""
 
 
 def _onnx_shape(t: TensorType) -> ir.Shape:
@@ -62,7 +68,7 @@ def missing_lowerings(graph: Graph) -> dict[str, list[str]]:
     """Ops in ``graph`` with no ONNX lowering, each with the nodes (value and module) that use it."""
     missing: dict[str, list[str]] = {}
     for node in graph.nodes:
-        if node.op not in LOWERINGS:
+        if node.op not in LOWERINGS and node.op not in UNFUSED_FOR_ONNX:
             missing.setdefault(node.op, []).append(where(node))
     return missing
 
@@ -88,7 +94,8 @@ def to_onnx(graph: Graph, options: LoweringOptions | None = None, **kwargs: Any)
     """The ONNX model computing ``graph``; keyword arguments are ``LoweringOptions`` fields.
 
     When the options ask for fused kernels (``needs_fusion``), quantized linears are fused into ``qlinear``
-    nodes on a copy first (``graph`` is not changed); a ``qlinear`` always lowers, to its QDQ reference where
+    nodes on a copy first (``graph`` is not changed), as the triton backend's fused norms (``UNFUSED_FOR_ONNX``)
+    are written out; a ``qlinear`` always lowers, to its QDQ reference where
     no fused kernel applies. Raises ``OnnxLoweringError`` naming every node that cannot be lowered (and every
     op with no lowering), or every NaN/inf quantization scale or zero point.
     """
@@ -96,6 +103,11 @@ def to_onnx(graph: Graph, options: LoweringOptions | None = None, **kwargs: Any)
         options = LoweringOptions(**kwargs)
     elif kwargs:
         raise TypeError("pass either options= or keyword options, not both")
+    if any(n.op in UNFUSED_FOR_ONNX for n in graph.nodes):
+        # the triton backend's norm + activation-quantize form (fuse-norm-quant): the same ops written out, on a copy
+        unfused = graph.clone()
+        unfuse_norm_quant(unfused)
+        graph = unfused
     if needs_fusion(options) and any(n.op == "linear" for n in graph.nodes):
         from lowbit.ir.fusion import fuse_qlinear
 
