@@ -184,6 +184,8 @@ class _AtenZoo(torch.nn.Module):
             torch.floor_divide(i - 2, 2) * 3 - torch.remainder(i - 2, 3),
             x.flatten(1),
             torch.arange(x.shape[1]) + 0.5,
+            x / x.max(),                    # the whole tensor's max (aten.max.default): had no lowering
+            torch.pow(1.5, x),              # a scalar base (aten.pow.Scalar): had no lowering
         )
 
 

@@ -90,7 +90,7 @@ ARITHMETIC: dict[str, str] = {
     "aten.sub.Tensor": "Sub", "aten.sub.Scalar": "Sub", "aten.rsub.Scalar": "Sub", "aten.rsub.Tensor": "Sub",
     "aten.mul.Tensor": "Mul", "aten.mul.Scalar": "Mul",
     "aten.div.Tensor": "Div", "aten.div.Scalar": "Div", "aten.div.Tensor_mode": "Div",
-    "aten.pow.Tensor_Scalar": "Pow", "aten.pow.Tensor_Tensor": "Pow",
+    "aten.pow.Tensor_Scalar": "Pow", "aten.pow.Tensor_Tensor": "Pow", "aten.pow.Scalar": "Pow",
     "aten.maximum.default": "Max", "aten.minimum.default": "Min",
     "aten.fmod.Tensor": "Mod", "aten.fmod.Scalar": "Mod",
 }
@@ -517,7 +517,7 @@ def _reduce_axes(ctx: LoweringContext, x: Value, dims: Any) -> list[int] | None:
 REDUCE: dict[str, str] = {
     "aten.sum.dim_IntList": "ReduceSum", "aten.sum.default": "ReduceSum",
     "aten.mean.dim": "ReduceMean", "aten.mean.default": "ReduceMean",
-    "aten.amax.default": "ReduceMax", "aten.amin.default": "ReduceMin",
+    "aten.amax.default": "ReduceMax", "aten.amin.default": "ReduceMin", "aten.max.default": "ReduceMax",
     "aten.prod.dim_int": "ReduceProd",
 }
 
