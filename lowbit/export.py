@@ -47,8 +47,10 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
         raise TypeError(f"this {type(compiled).__name__} runs a file (lowbit.export.load) and holds no lowbit graph to "
                         "export again: copy that file, or export the compiled model it was written from")
     graph = graph_of(compiled)
+    # 'out/' names a directory even before it exists: Path drops the slash, and a file named 'out' was written
+    as_dir = os.fspath(path).endswith(tuple(sep for sep in (os.sep, os.altsep) if sep))
     path = Path(path).expanduser()  # as lowbit.save: '~/m.onnx' was written under a directory named '~'
-    if path.is_dir():  # an engine too: it was found only when the built plan was renamed onto the directory
+    if as_dir or path.is_dir():  # an engine too: it was found only when the built plan was renamed onto the directory
         suggestion = path / ("model.engine" if format == "tensorrt" else "model.onnx")
         raise ValueError(f"export path {str(path)!r} is a directory: give a file path such as {str(suggestion)!r}")
     if format == "tensorrt":

@@ -203,6 +203,17 @@ def test_unwritable_export_paths_fail_before_the_lowering(tmp_path, monkeypatch)
     assert lowbit.export(g, tmp_path / "new" / "dir" / "m.onnx").is_file() and len(lowered) == 1
 
 
+@pytest.mark.parametrize("fmt, name", [("onnx", "model.onnx"), ("tensorrt", "model.engine")])
+def test_a_path_ending_in_a_slash_is_a_directory_even_before_it_exists(tmp_path, fmt, name):
+    """``lowbit.export(model, "out/")`` wrote a file named ``out``: Path drops the slash. It is refused as a
+    directory that exists is, before anything is written."""
+    g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
+    with pytest.raises(ValueError, match=f"export path '{tmp_path / 'out'}' is a directory: give a file path such as "
+                                         f"'{tmp_path / 'out' / name}'"):
+        lowbit.export(g, f"{tmp_path}/out/", format=fmt)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failed_rewrite_leaves_the_earlier_export_whole(tmp_path, monkeypatch):
     """Exporting again to the same path wrote over the file in place: a save that failed part way (disk full,
     interrupted) left a truncated model instead of the earlier one."""
