@@ -385,6 +385,9 @@ def test_saving_a_session_model_onto_a_directory_is_refused(tmp_path, external_d
     <dir>.data beside the directory."""
     model = OrtCompiled(parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)}))
     target = tmp_path / "out"
+    with pytest.raises(OnnxFileError, match="out: it is a directory; give a file path such as .*out/model.onnx"):
+        model.save(f"{target}/", external_data=external_data)  # not there yet: it wrote a file named 'out'
+    assert not target.exists()
     target.mkdir()
     with pytest.raises(OnnxFileError, match="out: it is a directory; give a file path such as .*out/model.onnx"):
         model.save(target, external_data=external_data)

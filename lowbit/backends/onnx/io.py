@@ -35,8 +35,9 @@ def save_onnx(model: ir.Model, path: str | os.PathLike[str], *, external_data: b
     Returns the path. The written model passes ``onnx.checker.check_model(full_check=True)``; run
     ``check_onnx(path)`` to verify.
     """
+    as_dir = os.fspath(path).endswith(tuple(sep for sep in (os.sep, os.altsep) if sep))  # 'out/': Path drops the /
     path = Path(path).expanduser()
-    if path.is_dir():  # was a bare IsADirectoryError from the rename (and an empty <dir>.data left beside it)
+    if as_dir or path.is_dir():  # was a bare IsADirectoryError from the rename (and an empty <dir>.data beside it)
         raise OnnxFileError(f"cannot write an ONNX model to {path}: it is a directory; give a file path such as "
                             f"{path / 'model.onnx'}")
     path.parent.mkdir(parents=True, exist_ok=True)
