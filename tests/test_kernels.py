@@ -611,3 +611,22 @@ def test_gemv_r_serves_large_int4_shapes_off_its_table():
     assert "ROWS" not in wo.words_config(1, 1536, 576, 4, 16, n_major=True)  # SmolLM2's MLP: _gemv_t
     assert "ROWS" not in wo.words_config(1, 9984, 4096, 8, 16, n_major=True)  # int8 codes
     assert "ROWS" not in wo.words_config(4, 9984, 4096, 4, 16, n_major=True)  # tensor cores
+
+
+def test_kernels_refuse_a_tensor_they_cannot_read_naming_the_kernel(monkeypatch):
+    """A CPU tensor outside the interpreter: a ``DeviceError`` naming the kernel, the operand and what to do, not
+    Triton's "0 active drivers ([]). There should only be one." (no GPU) or "Pointer argument cannot be accessed
+    from Triton (cpu tensor?)" (a GPU, the tensor on CPU). The check reads TRITON_INTERPRET per launch, so
+    dropping it here is what a process started without it sees."""
+    from lowbit.errors import DeviceError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, s, z = quantized_weight(16, 64, "int4", 32, False)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    for call, kernel in ((lambda: weight_only_linear(x, q, s, z, None, "int4", 32), "_wo_kernel"),
+                         (lambda: quantize_activation(x, "int8", 0), "_act_quant_kernel")):
+        with pytest.raises(DeviceError) as err:
+            call()
+        msg = str(err.value)
+        assert f"lowbit kernel {kernel}: its operand (1, 64) torch.bfloat16 is on cpu" in msg, msg
+        assert "TRITON_INTERPRET=1" in msg and "_ref" in msg and "backend='torch'" in msg, msg

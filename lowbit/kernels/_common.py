@@ -53,10 +53,31 @@ def launcher(t: torch.Tensor, kernel):
     """``wrap_triton(kernel)`` while torch traces (fake or functional tensors, torch.compile), else ``kernel``.
 
     Eager calls skip the traceable wrapper: its per-launch Python cost is far above the kernel's run time at
-    decode sizes, and outside a ``triton_op`` it re-ran the autotuner on every call."""
+    decode sizes, and outside a ``triton_op`` it re-ran the autotuner on every call. An eager tensor no kernel can
+    read (CPU without the interpreter) is refused here, naming the kernel (``check_kernel_device``)."""
     if type(t) in (torch.Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling():
+        if not t.is_cuda:
+            check_kernel_device(t, kernel)
         return kernel
     return wrap_triton(kernel)
+
+
+def check_kernel_device(t: torch.Tensor, kernel: object) -> None:
+    """Refuse a tensor the Triton kernel ``kernel`` cannot read, with what to do instead: without this a CPU tensor
+    outside the interpreter reached Triton's launcher, which said only "0 active drivers ([]). There should only be
+    one." (no GPU) or "Pointer argument cannot be accessed from Triton (cpu tensor?)" (a GPU, the tensor on CPU)."""
+    if on_kernel_device(t):
+        return
+    from lowbit.errors import DeviceError
+
+    fn = kernel
+    while hasattr(fn, "fn"):  # Autotuner -> JITFunction -> the Python function
+        fn = fn.fn
+    name = getattr(fn, "__name__", type(kernel).__name__)
+    raise DeviceError(f"lowbit kernel {name}: its operand {tuple(t.shape)} {t.dtype} is on {t.device}, and "
+                      "lowbit's Triton kernels read CUDA tensors only (CPU tensors only under TRITON_INTERPRET=1, "
+                      "set before torch and triton are imported): move the operands to the GPU, or call the "
+                      "op's plain-torch reference (lowbit.kernels.*_ref) or compile with backend='torch'")
 
 
 def check(cond: bool, op: str, msg: str) -> None:
