@@ -339,6 +339,39 @@ def test_generation_runs_on_the_triton_backend(monkeypatch):
     assert asked[:2] == ["not one query row per sequence"] * 2 and asked[2:] == [None] * 12
 
 
+@needs_kernels
+def test_a_packed_cache_the_kernel_cannot_read_stays_on_the_reference_and_is_reported():
+    """``kv-cache`` on head_dim 48 (Phi-2's 80 the same): the packed-cache decode kernel takes powers of two, so the
+    lowering keeps ``cache_attention`` on its reference and the report names each node and why. It lowered every
+    one onto the kernel, which raised "head_dim 48, k_block 32 and v_group 16 must be powers of two" at the first
+    decode step, after the prefill had written the cache (the reference's tokens: tests/test_kv_cache.py)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=96, intermediate_size=128, num_attention_heads=2,
+                                         num_key_value_heads=1, num_hidden_layers=1, vocab_size=128,
+                                         max_position_embeddings=64)).to(torch.bfloat16).eval()
+    spec = GenerationSpec(max_length=40, max_batch=1)
+    pipeline = "kv-cache(bits=4,v_group=16)"
+    tri = compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": False},
+                        generation=spec)
+    assert "cache-attention" not in tri.runner.report["kernels"].values()
+    assert list(tri.runner.report["fallback"].values()) == ["cache-attention: head_dim 48: the kernel takes powers "
+                                                            "of two"]
+    assert "reference: %cache_attention_0: cache-attention: head_dim 48" in tri.runner.report_text()
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    out = tri.generate(ids, 3, stop_tokens=())  # the prefill and two decode steps over the packed cache
+    assert out.decode_steps == 2 and len(out.tokens[0]) == 3
+    from lowbit.kernels.decode_attention import cache_attention_unsupported
+
+    assert cache_attention_unsupported(64, 32, 32, 4, 4, 2) is None  # what the kernel takes stays on it
+    assert cache_attention_unsupported(64, 32, 2, 2, 4, 2) == ("v_group 2 is not a multiple of the 4 codes per byte "
+                                                               "(2-bit)")
+
+
 def _decoder(family: str) -> torch.nn.Module:
     """A random bf16 two-block decoder of ``family``: Llama (GQA 2, head_dim 32), Qwen2 (q/k/v biases, MQA), Qwen3
     (q/k RMSNorms between the projection and the rotary, MQA), head_dim 64 for the last two."""

@@ -34,7 +34,7 @@ from lowbit.ir.ops import hadamard as ir_hadamard
 from lowbit.ir.quant import qlinear
 
 __all__ = ["EPILOGUES", "EPILOGUE_RULES", "KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "TritonUnavailable", "lower",
-           "plan_hadamard", "plan_qlinear", "plan_rotary_cache", "rotary_cache_pattern"]
+           "plan_cache_attention", "plan_hadamard", "plan_qlinear", "plan_rotary_cache", "rotary_cache_pattern"]
 
 
 class TritonUnavailable(BackendError, RuntimeError):
@@ -353,6 +353,22 @@ def plan_hadamard(t: TensorType | None) -> str | None:
     if t.dtype not in _HAD_DTYPES:
         return f"dtype {t.dtype}: the kernel takes bf16/fp16/fp32"
     return unsupported(int(t.shape[-1]))
+
+
+def plan_cache_attention(node: torch.fx.Node, types: dict[str, TensorType] | None) -> str | None:
+    """Why the packed-cache decode kernel does not take a ``cache_attention`` node (None: it does): its query and
+    key types (head_dim, heads) and its layout kwargs against ``cache_attention_unsupported``."""
+    from lowbit.kernels.decode_attention import cache_attention_unsupported
+
+    q, k = node.args[0], node.args[1]
+    tq = (types or {}).get(q.name) if isinstance(q, torch.fx.Node) else None
+    tk = (types or {}).get(k.name) if isinstance(k, torch.fx.Node) else None
+    if tq is None or tk is None or tq.rank != 4 or tk.rank != 4 or not all(
+            isinstance(d, int) for d in (tq.shape[1], tq.shape[3], tk.shape[1])):
+        return "heads or head_dim unknown at lowering"
+    kw = node.kwargs
+    return cache_attention_unsupported(int(tq.shape[3]), int(kw["k_block"]), int(kw["v_group"]), int(kw["bits"]),
+                                       int(tq.shape[1]), int(tk.shape[1]))
 
 
 def _kernel_hadamard(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
@@ -700,6 +716,10 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             report["attention"][node.name] = "decode-sdpa at one query row and small batches, SDPA otherwise"
             continue
         if node.op == "call_function" and node.target is cache_attention:
+            why = plan_cache_attention(node, types)
+            if why is not None:
+                report["fallback"][node.name] = f"cache-attention: {why}"
+                continue
             # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape)
             node.target = _CACHE_ATTENTION
             report["kernels"][node.name] = "cache-attention"

@@ -89,7 +89,8 @@ except ImportError:  # pragma: no cover - torch-only installs use the reference
     tl = None
 
 __all__ = ["quantize_keys", "quantize_values", "pack_codes", "unpack_codes", "dequantize_keys",
-           "dequantize_values", "decode_attention_reference", "decode_attention", "cache_attention_decode"]
+           "dequantize_values", "decode_attention_reference", "decode_attention", "cache_attention_decode",
+           "cache_attention_unsupported"]
 
 # the cache format is the IR's (lowbit.ir.kvcache: the cache_attention op's reference writes it)
 from lowbit.ir.kvcache import (  # noqa: E402
@@ -1067,6 +1068,22 @@ def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_s
     return out
 
 
+def cache_attention_unsupported(head_dim: int, k_block: int, v_group: int, bits: int, q_heads: int,
+                                kv_heads: int) -> str | None:
+    """Why ``decode_attention`` does not take a packed cache of this layout (None: it does): the checks of
+    ``_check_inputs`` that a lowering can make from the graph, so a head_dim of 80 or 48 keeps the reference op (and
+    the compile report says so) instead of failing at the first decode step, after the prefill."""
+    odd = [f"{name} {n}" for name, n in (("head_dim", head_dim), ("k_block", k_block), ("v_group", v_group))
+           if n & (n - 1)]
+    if odd:
+        return f"{', '.join(odd)}: the kernel takes powers of two"
+    if v_group % (8 // bits):
+        return f"v_group {v_group} is not a multiple of the {8 // bits} codes per byte ({bits}-bit)"
+    if q_heads % kv_heads:
+        return f"{q_heads} query heads are not a multiple of {kv_heads} kv heads"
+    return None
+
+
 def _kernel_device(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -1076,12 +1093,15 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
                            scale: float | None = None, split: int | None = None) -> tuple[torch.Tensor, ...]:
     """``cache_attention`` (lowbit.ir.kvcache) with a decode step's attention on the Triton kernel: the cache is
     written as the reference writes it (in place: the step's caller hands its cache over), then ``decode_attention`` reads the quantized tokens ``[sink, t - window]``
-    and the float candidates (old sink/ring slots and the new token). Prefill (several tokens per sequence) and
-    inputs the kernel cannot read (CPU tensors without ``TRITON_INTERPRET=1``) take the reference."""
+    and the float candidates (old sink/ring slots and the new token). Prefill (several tokens per sequence),
+    inputs the kernel cannot read (CPU tensors without ``TRITON_INTERPRET=1``) and a layout it does not take
+    (``cache_attention_unsupported``: the triton backend keeps such a node on the reference and reports it) take the
+    reference."""
     from lowbit.ir.kvcache import cache_attention, cache_update, float_candidates
 
     kw = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink)
-    if q.shape[2] != 1 or not _kernel_device(q):
+    if (q.shape[2] != 1 or not _kernel_device(q)
+            or cache_attention_unsupported(q.shape[-1], k_block, v_group, bits, q.shape[1], k.shape[1]) is not None):
         return cache_attention(q, k, v, positions, *cache, scale=scale, **kw)
     # the float candidates read the ring/sink as they were BEFORE this step's write (which is in place)
     kf, vf, fmask = float_candidates(k.float(), v.float(), positions, cache[6], cache[7], window=window, sink=sink)
