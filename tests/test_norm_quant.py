@@ -166,3 +166,42 @@ def test_triton_backend_runs_the_fused_norm_like_the_torch_backend(smollm2):
     assert "rms_norm + activation quantize fused: 2 norms" in runner.report_text()
     y = runner(ids).float().cpu()
     assert ((y - ref).norm() / ref.norm()).item() <= 2e-2 and torch.equal(y.argmax(-1), ref.argmax(-1))
+
+
+NORM_LINEAR = """graph g(%x: {dt}[2,3,96]) {{
+  param @ln.weight: {dt}[96]
+  param @fc.weight: {dt}[40,96]
+  %n: {dt}[2,3,96] = rms_norm(%x, @ln.weight, eps=1e-06, compute_dtype=f32)  # ln
+  %y: {dt}[2,3,40] = linear(%n, @fc.weight)  # fc
+  return %y
+}}"""
+
+
+@needs_kernels
+@pytest.mark.parametrize("dt, a_group, why", [
+    ("bf16", 32, None),
+    ("bf16", 48, "activation group 48 with K=96 (needs a power of two dividing K)"),
+    ("f32", 32, "input torch.float32: the kernel takes bf16/fp16"),
+])
+def test_triton_report_lists_a_fused_norm_the_kernel_does_not_take_as_a_fallback(dt, a_group, why):
+    """An ``rms_norm_quant`` the kernel cannot run (a group that is not a power of two, float32 activations) keeps
+    its reference op and the report lists it with the reason; it was counted under "rms_norm + activation quantize
+    fused" and then ran the reference at every call. The norm reads a graph input here (its row length comes from
+    the input's type)."""
+    from lowbit.backends.triton_backend import lower
+
+    dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[dt]
+    g = parse_graph(NORM_LINEAR.format(dt=dt), {"ln.weight": (torch.rand(96) + 0.5).to(dtype),
+                                                "fc.weight": torch.randn(40, 96).to(dtype)})
+    PassManager(f"quantize(w=int8,a=int8,a_group={a_group})").run(g)
+    m = lower(g, DEV, compile=False)
+    text = m.report_text()
+    if why is None:  # (the kernel's numbers: test_triton_backend_runs_the_fused_norm_like_the_torch_backend)
+        assert list(m.report["norm_quant"]) == ["n_q"] and not m.report["fallback"]
+        assert "rms_norm + activation quantize fused: 1 norms" in text
+        return
+    assert not m.report["norm_quant"] and m.report["fallback"]["n_q"] == f"rms-norm-quant: {why}"
+    assert "fused" not in text and f"reference: %n_q: rms-norm-quant: {why}" in text
+    x = torch.randn(2, 3, 96).to(dtype).to(DEV)
+    ref = TorchCompiled(g)(x.cpu()).float()
+    assert ((m(x).float().cpu() - ref).norm() / ref.norm()).item() <= 2e-2

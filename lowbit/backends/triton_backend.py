@@ -34,7 +34,8 @@ from lowbit.ir.ops import hadamard as ir_hadamard
 from lowbit.ir.quant import qlinear
 
 __all__ = ["EPILOGUES", "EPILOGUE_RULES", "KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "TritonUnavailable", "lower",
-           "plan_cache_attention", "plan_hadamard", "plan_qlinear", "plan_rotary_cache", "rotary_cache_pattern"]
+           "plan_cache_attention", "plan_hadamard", "plan_qlinear", "plan_rms_norm_quant", "plan_rotary_cache",
+           "rotary_cache_pattern"]
 
 
 class TritonUnavailable(BackendError, RuntimeError):
@@ -326,22 +327,41 @@ def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "") -> Callabl
     return run
 
 
+def plan_rms_norm_quant(x_dtype: torch.dtype, k: int, weight_dtype: torch.dtype | None,
+                        kwargs: dict[str, Any]) -> str | None:
+    """Why the fused ``rms_norm_quant`` kernel does not take a node (None: it does), from what is known before
+    it runs: the input's dtype and row length ``k``, the gain's dtype (None: no gain) and the node's kwargs (the
+    statistics' dtype, the activation format and group, a gain in Gemma's form)."""
+    group = 0 if kwargs.get("a_block_size") in (None, k) else int(kwargs["a_block_size"])
+    if x_dtype not in _KERNEL_DTYPES:
+        return f"input {x_dtype}: the kernel takes bf16/fp16"
+    if weight_dtype is not None and weight_dtype != x_dtype:
+        return f"gain {weight_dtype} with input {x_dtype}"
+    if kwargs.get("compute_dtype") not in (None, torch.float32):
+        return f"statistics in {kwargs['compute_dtype']} (the kernel's are fp32)"
+    if kwargs.get("a_qdtype") not in ("int8", "fp8e4m3"):
+        return f"activations {kwargs.get('a_qdtype')} (the kernel writes int8/fp8e4m3)"
+    if group and not (_pow2(group) and k % group == 0):
+        return f"activation group {group} with K={k} (needs a power of two dividing K)"
+    if not ir_ops.llama_gain_form(kwargs, weight_dtype is not None):
+        return "gain in Gemma's form (offset + w)"
+    return None
+
+
 def _kernel_rms_norm_quant(x, weight=None, *, eps, compute_dtype=None, a_qdtype, a_block_size=None, offset=0.0,
                            gain_in_compute=False):
-    """The FX target replacing ``rms_norm_quant``: the fused kernel, or the reference where it cannot run (float32
-    or CPU input, a weight of another dtype, statistics in another dtype, a group that is not a power of two, a
-    gain in Gemma's form)."""
+    """The FX target replacing ``rms_norm_quant`` where ``plan_rms_norm_quant`` said the kernel takes it: the fused
+    kernel, or the reference for an input it cannot read after all (another dtype, or a CPU tensor without the
+    interpreter)."""
     from lowbit.ir.normquant import rms_norm_quant
 
     k = x.shape[-1]
-    group = 0 if a_block_size in (None, k) else int(a_block_size)
-    form = {"offset": offset, "gain_in_compute": gain_in_compute}
-    if (_runs_kernel(x) and (weight is None or weight.dtype == x.dtype) and compute_dtype in (None, torch.float32)
-            and a_qdtype in ("int8", "fp8e4m3") and (group == 0 or (_pow2(group) and k % group == 0))
-            and ir_ops.llama_gain_form(form, weight is not None)):
+    kw = {"compute_dtype": compute_dtype, "a_qdtype": a_qdtype, "a_block_size": a_block_size, "offset": offset,
+          "gain_in_compute": gain_in_compute}
+    if _runs_kernel(x) and plan_rms_norm_quant(x.dtype, k, None if weight is None else weight.dtype, kw) is None:
+        group = 0 if a_block_size in (None, k) else int(a_block_size)
         return torch.ops.lowbit.rms_norm_quant(x, weight, eps, compute_dtype == torch.float32, a_qdtype, group)
-    return rms_norm_quant(x, weight, eps=eps, compute_dtype=compute_dtype, a_qdtype=a_qdtype,
-                          a_block_size=a_block_size, **form)
+    return rms_norm_quant(x, weight, eps=eps, **kw)
 
 
 def plan_hadamard(t: TensorType | None) -> str | None:
@@ -493,6 +513,19 @@ def _fusible_norm(x: torch.fx.Node,
             or norm.kwargs.get("compute_dtype") is not torch.float32 or not ir_ops.llama_gain_form(norm.kwargs, True)):
         return None
     return norm, gain, float(norm.kwargs["eps"])
+
+
+def _plan_norm_quant_node(gm: torch.fx.GraphModule, node: torch.fx.Node,
+                          types: dict[str, TensorType] | None) -> str | None:
+    """``plan_rms_norm_quant`` for an FX ``rms_norm_quant`` node: its input's type, its gain's dtype."""
+    x = node.args[0]
+    t = (types or {}).get(x.name) if isinstance(x, torch.fx.Node) else None
+    if t is None or not t.shape or not isinstance(t.shape[-1], int):
+        return "row length unknown at lowering"
+    weight = _operand(gm, node, 1, "weight")
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        return "gain is not a parameter"
+    return plan_rms_norm_quant(t.dtype, int(t.shape[-1]), None if weight is None else weight.dtype, node.kwargs)
 
 
 def _node_index(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
@@ -693,7 +726,11 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             report["kernels"][node.name] = "hadamard"
             continue
         if node.op == "call_function" and node.target is rms_norm_quant:
-            # RMSNorm + per-token quantization in one kernel (the reference where the input does not allow it)
+            # RMSNorm + per-token quantization in one kernel where it takes the node; else the reference, reported
+            why = _plan_norm_quant_node(gm, node, types)
+            if why is not None:
+                report["fallback"][node.name] = f"rms-norm-quant: {why}"
+                continue
             node.target = _kernel_rms_norm_quant
             report["norm_quant"][node.name] = "rms-norm-quant"
             continue
@@ -798,7 +835,8 @@ class TritonCompiled(TorchCompiled):
         # float 2:4 linears become semi-structured sparse tensors (torch_backend; torch.compile traces the subclass)
         super().__init__(fused, device, keep_packed=True, donated=donated, semi_structured=semi_structured,
                          sparse_library=sparse_library)
-        types = {v.name: v.type for nd in fused.nodes for v in nd.outputs if isinstance(v.type, TensorType)}
+        types = {v.name: v.type for v in [*fused.inputs, *(v for nd in fused.nodes for v in nd.outputs)]
+                 if isinstance(v.type, TensorType)}  # (a graph input is what a first norm or rotation may read)
         self.report = retarget(self.gm, types, self.device, epilogues, norm_residual, pdl, rotary_cache,
                                decode=graph.meta.get("generation") is not None)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
