@@ -372,6 +372,38 @@ def test_a_packed_cache_the_kernel_cannot_read_stays_on_the_reference_and_is_rep
                                                                "(2-bit)")
 
 
+@needs_kernels
+@pytest.mark.parametrize("dt, head_dim, why", [
+    ("bf16", 64, None),
+    ("bf16", 48, "head_dim 48 (a power of two <= 256, contiguous)"),
+    ("f32", 64, "dtype torch.float32: the kernel takes bf16/fp16"),
+])
+def test_attention_decode_sdpa_cannot_take_is_reported_on_the_reference(dt, head_dim, why):
+    """An attention whose every decode step ``decode_sdpa`` refuses (head_dim 48 or 80, float32) is listed with the
+    reason under the report's reference nodes; it was counted under "attention: N nodes on decode-sdpa at one query
+    row" and then ran torch's SDPA at every step."""
+    from lowbit.ir.parser import parse_graph
+
+    d = head_dim
+    g = parse_graph(f"""graph g(%q: {dt}[2,4,1,{d}], %k: {dt}[2,2,9,{d}], %v: {dt}[2,2,9,{d}], %m: bool[2,1,1,9]) {{
+  %a: {dt}[2,4,1,{d}] = attention(%q, %k, %v, %m, enable_gqa=True)  # attn
+  return %a
+}}""", {})
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = lower(g, dev, compile=False)
+    if why is None:
+        assert list(m.report["attention"]) == ["a"] and not m.report["fallback"]
+        assert "attention: 1 nodes on decode-sdpa" in m.report_text()
+        return
+    assert not m.report["attention"] and m.report["fallback"] == {"a": f"decode-sdpa: {why}"}
+    assert "decode-sdpa at one query row" not in m.report_text()
+    assert f"reference: %a: decode-sdpa: {why}" in m.report_text()
+    dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[dt]
+    args = [torch.randn(2, 4, 1, d), torch.randn(2, 2, 9, d), torch.randn(2, 2, 9, d)]
+    args = [a.to(dtype).to(dev) for a in args] + [torch.ones(2, 1, 1, 9, dtype=torch.bool, device=dev)]
+    assert torch.equal(m(*args), TorchCompiled(g)(*args))
+
+
 def _decoder(family: str) -> torch.nn.Module:
     """A random bf16 two-block decoder of ``family``: Llama (GQA 2, head_dim 32), Qwen2 (q/k/v biases, MQA), Qwen3
     (q/k RMSNorms between the projection and the rotary, MQA), head_dim 64 for the last two."""

@@ -34,7 +34,7 @@ from lowbit.ir.ops import hadamard as ir_hadamard
 from lowbit.ir.quant import qlinear
 
 __all__ = ["EPILOGUES", "EPILOGUE_RULES", "KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "TritonUnavailable", "lower",
-           "plan_cache_attention", "plan_hadamard", "plan_qlinear", "plan_rms_norm_quant", "plan_rotary_cache",
+           "plan_attention", "plan_cache_attention", "plan_hadamard", "plan_qlinear", "plan_rms_norm_quant", "plan_rotary_cache",
            "rotary_cache_pattern"]
 
 
@@ -373,6 +373,18 @@ def plan_hadamard(t: TensorType | None) -> str | None:
     if t.dtype not in _HAD_DTYPES:
         return f"dtype {t.dtype}: the kernel takes bf16/fp16/fp32"
     return unsupported(int(t.shape[-1]))
+
+
+def plan_attention(node: torch.fx.Node, types: dict[str, TensorType] | None) -> str | None:
+    """Why no call of an ``attention`` node can take ``decode_sdpa`` (None: a decode step's may): its query's dtype
+    and head_dim (``decode_sdpa_layout_unsupported``); the rest (one query row, the mask, the batch) is per call."""
+    from lowbit.kernels.decode_step import decode_sdpa_layout_unsupported
+
+    q = node.args[0] if node.args else None
+    t = (types or {}).get(q.name) if isinstance(q, torch.fx.Node) else None
+    if t is None or not t.shape or not isinstance(t.shape[-1], int):
+        return None  # decided per call (decode_sdpa_supported)
+    return decode_sdpa_layout_unsupported(t.dtype, int(t.shape[-1]))
 
 
 def plan_cache_attention(node: torch.fx.Node, types: dict[str, TensorType] | None) -> str | None:
@@ -748,6 +760,10 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             report["kernels"][node.name] = plan.form.name + (f"+{epilogue}" if epilogue else "")
             continue
         if node.op == "call_function" and node.target is ir_ops.attention and decode:
+            why = plan_attention(node, types)
+            if why is not None:  # never a decode-sdpa call: torch's SDPA, as the torch backend runs it
+                report["fallback"][node.name] = f"decode-sdpa: {why}"
+                continue
             # decided per call: one query row (a decode step) or not
             node.target = _kernel_attention_pdl if pdl else _kernel_attention
             report["attention"][node.name] = "decode-sdpa at one query row and small batches, SDPA otherwise"

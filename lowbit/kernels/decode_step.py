@@ -47,7 +47,8 @@ from lowbit.kernels._common import (
     round_to_bf16,
 )
 
-__all__ = ["cache_rows_index", "decode_sdpa", "decode_sdpa_pdl", "decode_sdpa_ref", "decode_sdpa_supported",
+__all__ = ["cache_rows_index", "decode_sdpa", "decode_sdpa_layout_unsupported", "decode_sdpa_pdl", "decode_sdpa_ref",
+           "decode_sdpa_supported",
            "rotary_head_dim_unsupported", "rotary_write_kv", "rotary_write_kv_ref", "rotary_write_kv_unsupported",
            "row_argmax", "row_argmax_ref", "row_argmax_checked", "row_argmax_checked_ref", "not_finite_rows",
            "write_cache_rows", "write_cache_rows_ref"]
@@ -364,6 +365,16 @@ def decode_sdpa_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
                                                             enable_gqa=enable_gqa)
 
 
+def decode_sdpa_layout_unsupported(dtype: torch.dtype, head_dim: int) -> str | None:
+    """The part of ``decode_sdpa_supported`` a lowering can decide from types: the dtype (bf16/fp16) and head_dim
+    (a power of two <= 256). None: a decode step of this attention may run the kernel."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {dtype}: the kernel takes bf16/fp16"
+    if head_dim > 256 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} (a power of two <= 256, contiguous)"
+    return None
+
+
 def decode_sdpa_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                           is_causal: bool = False) -> str | None:
     """Why ``decode_sdpa`` does not take these operands (None: it does): one query row per sequence, bf16/fp16,
@@ -379,7 +390,10 @@ def decode_sdpa_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
         return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, mask {tuple(mask.shape)}"
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
-    if d > 256 or d & (d - 1) or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+    why = decode_sdpa_layout_unsupported(q.dtype, d)
+    if why is not None:
+        return why
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
         return f"head_dim {d} (a power of two <= 256, contiguous)"
     if b * k.shape[1] > DECODE_SDPA_MAX_HEADS:
         return (f"batch x kv heads = {b * k.shape[1]} > DECODE_SDPA_MAX_HEADS = {DECODE_SDPA_MAX_HEADS}: torch's "
