@@ -84,6 +84,29 @@ def test_triton_backend_without_a_gpu_names_the_other_backends(monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dt", ["f32", "bf16"])
+def test_report_says_how_to_put_a_float32_model_on_the_kernels(dt):
+    """A float32 model (``lowbit compile``'s default dtype) runs every linear on the reference: the report's reasons
+    said "out_dtype torch.float32: the kernels take bf16/fp16 activations" and nothing of what to change; it now
+    ends with the way out (load the model in bfloat16, ``--dtype bfloat16``). A bf16 model has no such line."""
+    from lowbit.ir.parser import parse_graph
+
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dt]
+    g = parse_graph(f"""graph g(%x: {dt}[1,3,64]) {{
+  param @fc.weight: {dt}[32,64]
+  %y: {dt}[1,3,32] = linear(%x, @fc.weight)  # fc
+  return %y
+}}""", {"fc.weight": torch.randn(32, 64).to(dtype)})
+    PassManager("quantize(w=int4,group=32)").run(g)
+    text = lower(g, "cuda" if torch.cuda.is_available() else "cpu", compile=False).report_text()
+    hint = "load the model in bfloat16 (load_model(name, torch.bfloat16), model.to(torch.bfloat16), CLI --dtype bfloat16)"
+    if dt == "f32":
+        assert "reference: %qlinear: out_dtype torch.float32" in text and text.endswith(hint)
+    else:
+        assert "reference: %" not in text and hint not in text
+
+
+@needs_kernels
 def test_compile_driver_reaches_the_triton_backend_through_the_registry(slice1_bf16):
     """``backend="triton"`` through ``plan_compile``/``compile_graph`` (what ``compile_model`` and ``lowbit
     compile`` call): the registry runs fuse-qlinear after the user's pipeline and keeps the weights packed."""

@@ -33,9 +33,9 @@ from lowbit.ir import ops as ir_ops
 from lowbit.ir.ops import hadamard as ir_hadamard
 from lowbit.ir.quant import qlinear
 
-__all__ = ["EPILOGUES", "EPILOGUE_RULES", "KERNEL_FORMS", "NO_CUDA", "TritonCompiled", "TritonUnavailable", "lower",
-           "plan_attention", "plan_cache_attention", "plan_hadamard", "plan_qlinear", "plan_rms_norm_quant", "plan_rotary_cache",
-           "rotary_cache_pattern"]
+__all__ = ["EPILOGUES", "EPILOGUE_RULES", "FLOAT32_HINT", "KERNEL_FORMS", "NO_CUDA", "TritonCompiled",
+           "TritonUnavailable", "lower", "plan_attention", "plan_cache_attention", "plan_hadamard", "plan_qlinear",
+           "plan_rms_norm_quant", "plan_rotary_cache", "rotary_cache_pattern"]
 
 
 class TritonUnavailable(BackendError, RuntimeError):
@@ -45,6 +45,11 @@ class TritonUnavailable(BackendError, RuntimeError):
 
 NO_CUDA = ("backend 'triton' runs lowbit's Triton kernels and needs a CUDA GPU, and none is visible: use "
            "backend='torch' (the CPU/CUDA reference) or backend='onnxruntime' (MatMulNBits / integer GEMM on CPU)")
+
+FLOAT32_HINT = ("float32 activations run the reference: the kernels take bf16/fp16, so load the model in bfloat16 "
+                "(load_model(name, torch.bfloat16), model.to(torch.bfloat16), CLI --dtype bfloat16)")
+"""The report's last word where a node fell back for float32: ``lowbit compile`` loads float32 by default, and the
+reasons alone ("out_dtype torch.float32") did not say what to change."""
 
 _PACKED = {"int4", "uint4", "int3", "int2"}
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -884,6 +889,8 @@ class TritonCompiled(TorchCompiled):
         if self.report["layout"]:
             lines.append(f"  decode layout (int32 words): {len(self.report['layout'])} weight-only nodes")
         lines += [f"  reference: %{name}: {why}" for name, why in self.report["fallback"].items()]
+        if any("float32" in why for why in self.report["fallback"].values()):
+            lines.append(f"  {FLOAT32_HINT}")
         if self.report.get("rotary_cache"):
             lines.append(f"  rotary + k/v cache write fused: {len(self.report['rotary_cache'])} layers on "
                          "rotary_write_kv")
