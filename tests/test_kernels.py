@@ -16,6 +16,8 @@ import re
 import pytest
 import torch
 from conftest import quantized_weight
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install -e '.[dev]' brings it)")
 
@@ -630,3 +632,30 @@ def test_kernels_refuse_a_tensor_they_cannot_read_naming_the_kernel(monkeypatch)
         msg = str(err.value)
         assert f"lowbit kernel {kernel}: its operand (1, 64) torch.bfloat16 is on cpu" in msg, msg
         assert "TRITON_INTERPRET=1" in msg and "_ref" in msg and "backend='torch'" in msg, msg
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["int4", "uint4", "int3", "int2", "int8", "uint8"]), st.integers(1, 9),
+       st.sampled_from([64, 128, 256, 384, 512, 1024]), st.sampled_from([0, 16, 32, 64, 128, 256]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_word_layout_round_trips_every_shape_it_takes(qdtype, n, k, group, n_major, seed):
+    """``pack_words`` -> ``unpack_words`` gives back the stored bytes for every (qdtype, N, K, group, memory order)
+    it packs (the rest it returns unchanged, the byte kernels' layout), scales keep their values; unpacking for a K
+    the words do not hold is refused naming both Ks (it was a ZeroDivisionError or a reshape error)."""
+    from lowbit.kernels.weight_only import PACKED_QDTYPES, chunk_words, pack_words, unpack_words
+
+    if group and k % group:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    packed = qdtype in PACKED_QDTYPES
+    q = torch.randint(0, 256, (n, k // 2 if packed else k), generator=gen, dtype=torch.int32).to(torch.uint8)
+    q = q.view(torch.int8) if qdtype == "int8" else q
+    s = torch.rand(n, k // group, generator=gen) if group else torch.rand(n, generator=gen)
+    words, s2, _ = pack_words(q, s, None, qdtype, group, n_major)
+    if chunk_words(k, group, 4 if packed else 8) == 0:
+        assert words is q and s2 is s
+        return
+    assert words.dtype == torch.int32 and torch.equal(s2, s)
+    assert torch.equal(unpack_words(words, qdtype, k, group).view(torch.uint8), q.view(torch.uint8))
+    with pytest.raises(ValueError, match=rf"does not fit K={k + 32}, .*its words hold K={k}"):
+        unpack_words(words, qdtype, k + 32, group)

@@ -595,7 +595,10 @@ def pack_words(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
 
 
 def unpack_words(words: torch.Tensor, qdtype: str, k: int, group_size: int) -> torch.Tensor:
-    """The decode layout back to lowbit's stored weight (the reference reads that)."""
+    """The decode layout back to lowbit's stored weight (the reference reads that); ``k``: the input size the words
+    were packed for (a K they do not hold is an error naming both, where it was a ZeroDivisionError or a reshape
+    error)."""
+    _words_meta(words, qdtype, group_size, k)
     packed = qdtype in PACKED_QDTYPES
     bits = 4 if packed else 8
     per = 32 // bits
@@ -1584,7 +1587,7 @@ def _words_meta(words: torch.Tensor, qdtype: str, group: int, k: int) -> int:
     cw = chunk_words(k, group, bits)
     check(cw > 0 and words.shape[1] * 32 == k * bits, "weight_only_linear",
           f"int32 word-layout weight {tuple(words.shape)} does not fit K={k}, {qdtype}, group {group} "
-          "(pack_words makes it)")
+          f"(its words hold K={words.shape[1] * 32 // bits}; pack_words makes it)")
     return cw
 
 
