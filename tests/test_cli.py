@@ -536,10 +536,18 @@ def test_dtype_option_loads_the_model_in_that_dtype(tmp_path):
     ("compressed-tensors", "fold-norms,dce", "format 'compressed-tensors' describes quantized linears, and the "
                                              "pipeline (fold-norms, dce) quantizes none"),
     ("gptq", "prune-mlp(ratio=0.25)", "format 'gptq' describes quantized linears"),
+    ("compressed-tensors", "fold-norms,rotate,quantize(w=int4,group=64)",
+     "pass rotate inserts online Hadamard rotations (online=true before down_proj), which format "
+     "'compressed-tensors' has no field for"),
+    ("gptq", "fold-norms,rotate(online=false,online_o=true),gptq(w=int4,sym=true)",
+     "online_o=true before o_proj), which format 'gptq' has no field for"),
+    ("hf", "fold-norms,rotate(kind=random)", "use rotate(online=false,online_o=false), whose rotations fold into "
+                                             "the weights, or write --format lowbit"),
 ])
 def test_hf_format_refusals_the_pipeline_shows_come_before_the_compile(tmp_path, monkeypatch, fmt, pipeline, message):
-    """`lowbit compile -f hf` with a quantizing pipeline (or -f compressed-tensors/gptq with none) loaded the model,
-    captured, calibrated and compiled, then the checkpoint writer refused. What the pipeline already shows is refused
+    """`lowbit compile -f hf` with a quantizing pipeline (or -f compressed-tensors/gptq with none, or any HF format
+    after a rotate that leaves online Hadamards) loaded the model, captured, calibrated and compiled, then the
+    checkpoint writer refused. What the pipeline already shows is refused
     first (exit 2), before any model is read."""
     monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     res = invoke("compile", "smollm2:1", "-p", pipeline, "-f", fmt, "-o", tmp_path / "out", code=2)

@@ -464,6 +464,16 @@ def hf_format_refusal(fmt: str, passes: list[Any]) -> str | None:
         names = ", ".join(p.spec() for p in passes) or "no pass"
         return (f"format {fmt!r} describes quantized linears, and the pipeline ({names}) quantizes none: add a "
                 "quantizing pass (quantize, gptq, awq, autoround), or write --format hf (a float model) or lowbit")
+    if fmt != "lowbit":
+        # R4 before down_proj / the full-width Hadamard before o_proj stay in the graph as online hadamard nodes,
+        # which no HF format holds: the writer refused them after the whole compile (GPTQ included) had run.
+        # R3 (qk) alone is fine: the writer leaves out the exact q/k pair
+        online = [p for p in passes if p.name == "rotate" and (p.options.online or p.options.online_o)]
+        if online:
+            return (f"pass {online[0].spec()} inserts online Hadamard rotations (online=true before down_proj"
+                    f"{', online_o=true before o_proj' if online[0].options.online_o else ''}), which format {fmt!r} "
+                    "has no field for (a loader would run another model): use rotate(online=false,online_o=false), "
+                    "whose rotations fold into the weights, or write --format lowbit")
     return None
 
 
