@@ -318,6 +318,26 @@ def test_generation_model_saves_as_compressed_tensors(tmp_path):
     assert gen.generate(ids, 6, stop_tokens=()).tokens[0] == ref[0, 4:].tolist()
 
 
+def test_generation_model_with_qk_rotations_saves_as_compressed_tensors(tmp_path):
+    """rotate's R3 (online Hadamards on q and k after rotary) is exact for a float cache, so the HF writers leave the
+    pair out: on the logits graph they did, but a generation step graph's rotaries have no module path, the pairs
+    were looked up by module, and every layer's R3 was refused as 'node %rotary_had (hadamard, module '')'. Found
+    through each attention's query and key now: the step graph saves, and transformers' greedy tokens are lowbit's."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.generate import GenerationSpec
+
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, layers=2, vocab=97, max_positions=64)
+    gen = lowbit.compile_model(model, pipeline="fold-norms,rotate(online=false),quantize(w=int8)",
+                               generation=GenerationSpec(max_length=16, max_batch=1))
+    assert sum(n.op == "hadamard" for n in gen.graph.nodes) == 4  # q and k of both layers
+    out = lowbit.save(gen, tmp_path / "ck", format="compressed-tensors")
+    ids = torch.tensor([[5, 17, 30, 42]])
+    hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert gen.generate(ids, 6, stop_tokens=()).tokens[0] == ref[0, 4:].tolist()
+
+
 def _gptq_reference_dequant(qweight, qzeros, scales, g_idx, bits):
     """Written from the GPTQ (AutoGPTQ v1) format description, one bit field at a time: ``qweight[i, n]`` holds
     input rows ``i·(32/b) + j`` at bits ``j·b``; ``qzeros[g, c]`` holds output columns ``c·(32/b) + j`` as

@@ -20,6 +20,7 @@ from lowbit.checkpoint.files import CheckpointError
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.quant import get_qdtype, unpack_int4
 from lowbit.ir.rewrite import gain_weight
+from lowbit.ir.rotation_regions import is_rotary_output, qk_sources
 
 __all__ = ["ActScheme", "QuantWeight", "HFView", "hf_view"]
 
@@ -188,19 +189,21 @@ def _put(view: HFView, key: str, t: torch.Tensor, node: Node) -> None:
 
 
 def _qk_rotations(graph: Graph) -> set[int]:
-    """The online Hadamards on rotary outputs (rotate's R3) of the attention modules whose queries and keys all
-    get one: ``(qH)(kH)^T = q k^T``, so without them the float model is the same (a quantized KV cache, where they
-    matter, is refused by the HF writers on its own)."""
-    by_module: dict[str | None, list[Node]] = {}
-    for node in graph.nodes:
-        if node.op == "rotary":
-            by_module.setdefault(node.module, []).append(node)
+    """The online Hadamards on rotary outputs (rotate's R3) of the attentions whose query and key both get one:
+    ``(qH)(kH)^T = q k^T``, so without them the float model is the same (a quantized KV cache, where they matter,
+    is refused by the HF writers on its own). Paired through each attention's operands, not by module path: a
+    generation step graph's rotaries have none, and there every layer's R3 was refused."""
     users = graph.users()
     exact: set[int] = set()
-    for rotaries in by_module.values():
-        hads = [users.get(id(r.output), []) for r in rotaries]
-        if len(rotaries) == 2 and all(len(h) == 1 and h[0].op == "hadamard" for h in hads):
-            exact.update(id(h[0]) for h in hads)
+    for att in graph.nodes:
+        if att.op != "attention":
+            continue
+        hads = [v.producer for v in qk_sources(att)]
+        if len(hads) == 2 and all(
+                h is not None and h.op == "hadamard" and len(users.get(id(h.output), [])) == 1
+                and isinstance(h.args[0], Value) and h.args[0].producer is not None
+                and is_rotary_output(h.args[0].producer) for h in hads):
+            exact.update(id(h) for h in hads)
     return exact
 
 

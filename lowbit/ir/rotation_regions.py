@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 from lowbit.ir.graph import Graph, Node, Value
 
-__all__ = ["HeadRegion", "OnlineSite", "ResidualRegion", "RotationRegions", "find_rotation_regions"]
+__all__ = ["HeadRegion", "OnlineSite", "ResidualRegion", "RotationRegions", "find_rotation_regions", "is_rotary_output",
+           "qk_sources"]
 
 _VIEW_OPS = {"reshape", "transpose", "permute", "aten.reshape.default", "aten.view.default",
              "aten.expand.default", "aten.unsqueeze.default", "aten.clone.default", "aten.contiguous.default",
@@ -323,21 +324,33 @@ def _heads(graph: Graph, users: dict[int, list[Node]], refused: list[str]) -> li
     return found
 
 
-def _rotary_sources(att: Node, users: dict[int, list[Node]]) -> list[Node]:
-    """The rotary nodes making the query and key ``att`` reads (through views and a step graph's cache write)."""
+def qk_sources(att: Node) -> list[Value]:
+    """The values the query and key of attention ``att`` are views of: each operand walked back through view ops
+    and a step graph's cache write (where rotate puts R3's online Hadamard, and where a checkpoint writer finds it
+    again). Found from the attention, not by module path: a step graph's rotary has none."""
     out = []
     for operand in att.args[:2]:
         v = operand
-        while v.producer is not None:
+        while isinstance(v, Value) and v.producer is not None:
             if v.producer.op in _VIEW_OPS:
                 v = v.producer.args[0]
             elif (new := cache_write_source(v)) is not None:  # a step graph's key: rotate it before the cache
                 v = new
             else:
                 break
-        if v.producer is not None and (v.producer.op == "rotary" or _partial_rotary(v.producer)):
-            out.append(v.producer)
+        if isinstance(v, Value):
+            out.append(v)
     return out
+
+
+def _rotary_sources(att: Node, users: dict[int, list[Node]]) -> list[Node]:
+    """The rotary nodes making the query and key ``att`` reads (through views and a step graph's cache write)."""
+    return [v.producer for v in qk_sources(att) if v.producer is not None and is_rotary_output(v.producer)]
+
+
+def is_rotary_output(node: Node) -> bool:
+    """``node`` is a rotary or a partial rotary's concatenation: its output is a whole head vector after rotary."""
+    return node.op == "rotary" or _partial_rotary(node)
 
 
 def _partial_rotary(node: Node) -> bool:
