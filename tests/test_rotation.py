@@ -80,7 +80,7 @@ from lowbit.backends.torch_backend import TorchCompiled  # noqa: E402
 from lowbit.ir.parser import parse_graph  # noqa: E402
 from lowbit.ir.printer import print_graph  # noqa: E402
 from lowbit.ir.rotation_regions import find_rotation_regions  # noqa: E402
-from lowbit.passes.manager import PassManager, PipelineError  # noqa: E402
+from lowbit.passes.manager import PassManager, PipelineError, PipelineSpecError, parse_pipeline  # noqa: E402
 
 TINY = """\
 graph g(%ids: i64[1,3]) {
@@ -306,26 +306,32 @@ def test_smooth_quant_before_rotation_is_exact_and_norm_sites_fold_away(smollm2_
     """SmoothRot's order (smooth-quant, then fold-norms and rotate) is exact. The gated scale (up_proj rows / s,
     down_proj columns · s) stays in the weights, where rotate's online Hadamard before down_proj then reads x/s;
     a norm site's scale does not: fold-norms multiplies the gain g/s back into columns W·s, giving fold-norms'
-    own W·g, so smoothing norm sites before fold-norms changes nothing."""
+    own W·g, so smoothing norm sites before fold-norms changes nothing. Such a pipeline reported 4 norm sites
+    smoothed and ran; it is refused when parsed now, naming both passes and the orders that work."""
     _, graph = smollm2_slice_f64
     cal = "calib=wikitext2-valid-calib,calib_n=2,calib_len=64,progress=false"
+    with pytest.raises(PipelineSpecError, match=r"pass fold-norms \(#1\) would undo pass smooth-quant\(.*\) \(#0\): "
+                                                r"it folds each smoothed norm's gain g/s back .* run smooth-quant after "
+                                                r"fold-norms .*or smooth-quant\(sites=\[gated\]\) before it"):
+        parse_pipeline(f"smooth-quant(sites=[norm;gated],{cal}),fold-norms,rotate")
     ids = wikitext_ids[:, 2000:2256]
     ref = TorchCompiled(float64_norm_stats(graph.clone()))(ids)
     g = float64_norm_stats(graph.clone())
-    report = PassManager(f"smooth-quant(sites=[norm;gated],{cal}),fold-norms,rotate").run(g)
-    assert report.records[0].stats["sites"] == {"norm": 4, "gated": 2}
+    report = PassManager(f"smooth-quant(sites=[gated],{cal}),fold-norms,rotate").run(g)
+    assert report.records[0].stats["sites"] == {"gated": 2}
     assert report.records[-1].stats["online_hadamards"] == 2 + 2 * 2
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
 
-    def weights(pipeline: str) -> dict[str, torch.Tensor]:
+    def weights(*pipelines: str) -> dict[str, torch.Tensor]:
         g = graph.clone()
-        PassManager(pipeline).run(g)
+        for pipeline in pipelines:  # one manager each: the order check would refuse the norm sites before fold-norms
+            PassManager(pipeline).run(g)
         return {n.module: n.args[1].data for n in g.nodes if n.op == "linear"}
 
     folded = weights("fold-norms")
     for sites, moved in (("norm", set()), ("gated", {"mlp.up_proj", "mlp.down_proj"})):
-        smoothed = weights(f"smooth-quant(sites=[{sites}],{cal}),fold-norms")
+        smoothed = weights(f"smooth-quant(sites=[{sites}],{cal})", "fold-norms")
         changed = {m.split(".", 3)[-1] for m, w in smoothed.items()
                    if (w - folded[m]).abs().max().item() > 1e-12 * folded[m].abs().max().item()}
         assert changed == moved, sites

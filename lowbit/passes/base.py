@@ -11,6 +11,8 @@ What a pass declares besides (docs/design.md "Pass contract"):
   ``ensures``), checked by the ``PassManager``; a failure names the pass and the nodes.
 * ``after`` — passes that must come before this one when both are in a pipeline (``quantize`` after
   ``rotate``, ``fuse-qlinear`` after every quantizing pass); checked when the pipeline is parsed.
+* ``undone_by`` — a later pass that would silently undo this one's work (``fold-norms`` folding smooth-quant's
+  norm scales back), refused when the pipeline is parsed, with the reason.
 * ``creates`` — ops the pass may emit (MLIR's ``dependentDialects``), so a backend that cannot lower one is
   reported before the pipeline runs (``lowbit.api.plan_compile``).
 * ``exact`` — the pass must not change the model's outputs: checked in float64 on a real model by
@@ -331,6 +333,11 @@ class Pass:
 
     def run(self, graph: Graph) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def undone_by(self, later: Pass) -> str | None:
+        """Why ``later``, run after this pass in the same pipeline, would undo what this pass did while both report
+        success (None: it would not); checked when the pipeline is parsed, like ``after``."""
+        return None
 
     def __call__(self, graph: Graph) -> PassResult:
         return self.run(graph)

@@ -182,9 +182,13 @@ def build_pass(cls: type[Pass], options: dict[str, Any]) -> Pass:
 
 
 def check_order(passes: Sequence[Pass]) -> None:
-    """Every pass comes after the passes it declares it must follow (``Pass.after``), where both are present."""
+    """Every pass comes after the passes it declares it must follow (``Pass.after``), where both are present, and
+    no pass runs after one whose work it would undo (``Pass.undone_by``)."""
     for i, p in enumerate(passes):
         for j in range(i + 1, len(passes)):
+            undone = p.undone_by(passes[j])
+            if undone:
+                raise PipelineSpecError(f"pass {passes[j].spec()} (#{j}) would undo pass {p.spec()} (#{i}): {undone}")
             if passes[j].name in p.after:
                 earlier = [k for k in range(i) if passes[k].name == passes[j].name]
                 if earlier:  # "move fold-norms before rotate" read wrong where fold-norms already ran first

@@ -103,6 +103,16 @@ class SmoothQuant(Pass):
     exact = True
     requires = (NO_QLINEAR,)
 
+    def undone_by(self, later: Pass) -> str | None:
+        """fold-norms after norm sites: the norm's gain g/s goes back into its readers' columns W·s, giving W·g,
+        fold-norms' own result, so those sites' smoothing vanished while both passes reported success (the
+        gated and attention-v scales sit between two linears and stay)."""
+        if later.name != "fold-norms" or "norm" not in self.options.sites:
+            return None
+        return ("it folds each smoothed norm's gain g/s back into the columns W·s of the linears that read it "
+                "(W·g: fold-norms' own result), so the norm sites would end unsmoothed; run smooth-quant after "
+                "fold-norms (and after rotate), or smooth-quant(sites=[gated]) before it (SmoothRot's order)")
+
     def run(self, graph: Graph) -> PassResult:
         o: SmoothQuantOptions = self.options  # type: ignore[assignment]
         device = o.torch_device(self.name)
