@@ -833,6 +833,14 @@ def test_rotate_twice_refuses_a_second_online_hadamard_that_would_undo_the_first
     assert str(g) == before
     PassManager("rotate(kind=random,seed=5,online=false)").run(g)
     assert sum(n.op == "hadamard" for n in g.nodes) == 3
+    # in one pipeline the pair is refused when it is parsed, before the first rotate runs (minutes when learned)
+    for pipeline, where in (("fold-norms,rotate(kind=kurtosis),rotate", "down_proj (online=true)"),
+                            ("fold-norms,rotate(online=false,online_o=true),rotate(online_o=true)", "o_proj (online_o")):
+        with pytest.raises(PipelineSpecError, match=rf"pass rotate(\(.*\))? \(#2\) would undo pass rotate\(.*\) \(#1\): "
+                                                    rf"both put an online Hadamard before each {re.escape(where)}"):
+            parse_pipeline(pipeline)
+    for fine in ("fold-norms,rotate,rotate(online=false)", "fold-norms,rotate(online_o=true),rotate(online=false)"):
+        assert [p.name for p in parse_pipeline(fine)] == ["fold-norms", "rotate", "rotate"]
     assert _rel_err(TorchCompiled(g)(ids), ref) < 1e-5
 
 

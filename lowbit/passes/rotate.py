@@ -361,6 +361,20 @@ class Rotate(Pass):
     requires = (NO_QLINEAR,)
     creates = ("hadamard",)
 
+    def undone_by(self, later: Pass) -> str | None:
+        """A second rotate that puts its online Hadamard where this one put one: ``x·H·H = x`` for a symmetric H,
+        which ``check_not_rotated_online`` refuses when the second runs; said when the pipeline is parsed, before
+        the first rotate (minutes for the learned kinds) and everything between them run."""
+        if later.name != self.name:
+            return None
+        same = [k for k in ("online", "online_o") if getattr(self.options, k) and getattr(later.options, k)]
+        if not same:
+            return None
+        where = "down_proj" if same[0] == "online" else "o_proj"
+        return (f"both put an online Hadamard before each {where} ({same[0]}=true), and the second one undoes the "
+                f"first (x·H·H = x); rotate once, or give the later one {same[0]}=false to fold another rotation on "
+                "top")
+
     def run(self, graph: Graph) -> PassResult:
         o = self.options
         if not o.residual and o.kind in ("kurtosis", "learned"):
