@@ -543,10 +543,15 @@ def test_dtype_option_loads_the_model_in_that_dtype(tmp_path):
      "online_o=true before o_proj), which format 'gptq' has no field for"),
     ("hf", "fold-norms,rotate(kind=random)", "use rotate(online=false,online_o=false), whose rotations fold into "
                                              "the weights, or write --format lowbit"),
+    ("compressed-tensors", "fold-norms,rotate(online=false),quantize(w=int4,group=64,kv=int4,kv_group=64)",
+     "pass quantize(w=int4,group=64,kv=int4,kv_group=64) quantizes the KV cache, which format 'compressed-tensors' "
+     "cannot hold"),
+    ("gptq", "gptq(w=int4,sym=true),quantize(kv=int8)", "pass quantize(kv=int8) quantizes the KV cache, which "
+                                                        "format 'gptq' cannot hold"),
 ])
 def test_hf_format_refusals_the_pipeline_shows_come_before_the_compile(tmp_path, monkeypatch, fmt, pipeline, message):
-    """`lowbit compile -f hf` with a quantizing pipeline (or -f compressed-tensors/gptq with none, or any HF format
-    after a rotate that leaves online Hadamards) loaded the model, captured, calibrated and compiled, then the
+    """`lowbit compile -f hf` with a quantizing pipeline (or -f compressed-tensors/gptq with none or with a quantized KV
+    cache, or any HF format after a rotate that leaves online Hadamards) loaded the model, captured, calibrated and compiled, then the
     checkpoint writer refused. What the pipeline already shows is refused
     first (exit 2), before any model is read."""
     monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))

@@ -464,6 +464,16 @@ def hf_format_refusal(fmt: str, passes: list[Any]) -> str | None:
         names = ", ".join(p.spec() for p in passes) or "no pass"
         return (f"format {fmt!r} describes quantized linears, and the pipeline ({names}) quantizes none: add a "
                 "quantizing pass (quantize, gptq, awq, autoround), or write --format hf (a float model) or lowbit")
+    if fmt in ("compressed-tensors", "gptq"):
+        # the writers refused a quantized KV cache after the compile (hf refuses kv-cache above, and quantize as a
+        # quantizer): lowbit's dynamic per-channel/per-token KV scales are not compressed-tensors' static
+        # kv_cache_scheme, and GPTQ has none
+        kv = [p for p in passes if "cache_attention" in getattr(p, "creates", ())
+              or (p.name == "quantize" and getattr(p.options, "kv", None))]
+        if kv:
+            return (f"pass {kv[0].spec()} quantizes the KV cache, which format {fmt!r} cannot hold (lowbit's KV "
+                    "scales are dynamic per channel/token; compressed-tensors' kv_cache_scheme is static, GPTQ has "
+                    "none): drop kv= / kv-cache, or write --format lowbit")
     if fmt != "lowbit":
         # R4 before down_proj / the full-width Hadamard before o_proj stay in the graph as online hadamard nodes,
         # which no HF format holds: the writer refused them after the whole compile (GPTQ included) had run.
