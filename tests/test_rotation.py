@@ -337,6 +337,50 @@ def test_smooth_quant_before_rotation_is_exact_and_norm_sites_fold_away(smollm2_
         assert changed == moved, sites
 
 
+GATED = """\
+graph g(%ids: i64[1,3]) {
+  param @emb: f64[10,4]
+  param @gate: f64[8,4]
+  param @up: f64[8,4]
+  param @down: f64[4,8]
+  %e: f64[1,3,4] = embedding(@emb, %ids)  # embed
+  %n: f64[1,3,4] = rms_norm(%e, None, eps=1e-06)  # layers.0.norm
+  %g: f64[1,3,8] = linear(%n, @gate)  # layers.0.mlp.gate_proj
+  %s: f64[1,3,8] = silu(%g)  # layers.0.mlp.act
+  %u: f64[1,3,8] = linear(%n, @up)  # layers.0.mlp.up_proj
+  %p: f64[1,3,8] = aten.mul.Tensor(%s, %u)  # layers.0.mlp
+  %d: f64[1,3,4] = linear(%p, @down)  # layers.0.mlp.down_proj
+  %r: f64[1,3,4] = residual_add(%e, %d)  # layers.0
+  %m: f64[1,3,4] = rms_norm(%r, None, eps=1e-06)  # final_norm
+  %o: f64[1,3,10] = linear(%m, @emb)  # lm_head
+  return %o
+}
+"""
+
+
+def test_smooth_quant_after_rotate_says_why_it_found_no_gated_site():
+    """After rotate, each down_proj reads hadamard(act(gate)·up), which a per-channel scale cannot pass through, so
+    smooth-quant's default sites=[norm;gated] smoothed the norms only and the stats listed {'norm': 1}: the gated
+    sites asked for were dropped without a word. The stats now name each kind found nowhere and why, with the order
+    that smooths it; sites that keep= covers say so."""
+    from lowbit.passes.smooth_quant import SmoothQuant
+
+    calib = torch.randint(0, 10, (2, 3), generator=torch.Generator().manual_seed(0))
+    g = parse_graph(GATED, _random_weights(GATED))
+    assert PassManager([SmoothQuant(calib=calib, progress=False)]).run(g).records[0].stats["sites_not_found"] == {}
+    g = parse_graph(GATED, _random_weights(GATED))
+    PassManager("fold-norms,rotate").run(g)
+    stats = PassManager([SmoothQuant(calib=calib, progress=False)]).run(g).records[0].stats
+    assert stats["sites"] == {"norm": 1}
+    assert re.fullmatch(r"linear %d \(module 'layers\.0\.mlp\.down_proj'\) and 0 more read an online Hadamard of the "
+                        r"gated product \(rotate ran before\).*smooth-quant\(sites=\[gated\]\) before fold-norms and "
+                        r"rotate smooths it.*", stats["sites_not_found"]["gated"])
+    g = parse_graph(GATED, _random_weights(GATED))
+    stats = PassManager([SmoothQuant(calib=calib, progress=False, keep=["mlp.down_proj"])]).run(g).records[0].stats
+    assert stats["sites"] == {"norm": 1}
+    assert stats["sites_not_found"] == {"gated": "every one feeds a linear kept float (lm_head, keep=)"}
+
+
 def test_rotate_without_residual_keeps_the_gains_and_is_exact_in_float64(smollm2_slice_f64, wikitext_ids):
     """residual=false: R2 (v/o per head) and the online R3/R4 only, no fold-norms needed: the norms keep their
     gains, the embedding and lm_head are untouched (nothing untied), and the outputs are unchanged."""

@@ -94,6 +94,25 @@ def _quantized_linear(graph: Graph, keep: list[str]) -> str | None:
     return None
 
 
+def _why_no_site(graph: Graph, kind: str) -> str:
+    """Why ``find_sites`` found no site of ``kind`` in ``graph``, said in the stats: a kind asked for (the default
+    sites=[norm;gated] included) and found nowhere was dropped without a word while the others were smoothed."""
+    if kind == "gated":
+        users = graph.users()
+        behind = [n for n in graph.nodes if n.op == "hadamard" and isinstance(n.args[0], Value)
+                  and n.args[0].producer is not None and n.args[0].producer.op in ("mul", "aten.mul.Tensor")
+                  and any(u.op == "linear" for u in users.get(id(n.output), []))]
+        if behind:
+            r = next(u for u in users[id(behind[0].output)] if u.op == "linear")
+            return (f"linear %{r.name} (module {r.module!r}) and {len(behind) - 1} more read an online Hadamard of "
+                    "the gated product (rotate ran before), which a per-channel scale cannot pass through: "
+                    "smooth-quant(sites=[gated]) before fold-norms and rotate smooths it (SmoothRot's order)")
+        return "no act(gate)·up product read only by linears (the MLPs are not gated)"
+    if kind == "norm":
+        return "no RMSNorm/LayerNorm read only by linears"
+    return "no v_proj whose output reaches an attention's value through views alone"
+
+
 @register_pass
 class SmoothQuant(Pass):
     """SmoothQuant: per-channel scales from activation and weight ranges, folded into norms/linears (exact)."""
@@ -129,8 +148,8 @@ class SmoothQuant(Pass):
             # a warning and nothing done) sent the user looking for a model problem, not a pipeline order one
             raise PassError(f"pass smooth-quant: {quantized}; SmoothQuant moves scales between float weights and "
                             "must run before quantize, gptq, awq and autoround (move smooth-quant first)")
-        sites = [s for s in find_sites(graph, o.sites)
-                 if not any(module_matches(c.module, p) for c in s.consumers for p in keep)]
+        found = find_sites(graph, o.sites)
+        sites = [s for s in found if not any(module_matches(c.module, p) for c in s.consumers for p in keep)]
         if not sites:
             message = f"pass smooth-quant: no place to fold scales ({', '.join(o.sites)}) in this graph"
             if o.require_sites:
@@ -186,6 +205,8 @@ class SmoothQuant(Pass):
             by_kind[s.kind] = by_kind.get(s.kind, 0) + 1
         return PassResult(True, {
             "sites": by_kind,
+            "sites_not_found": {k: "every one feeds a linear kept float (lm_head, keep=)" if any(
+                s.kind == k for s in found) else _why_no_site(graph, k) for k in o.sites if k not in by_kind},
             "alpha_mean": round(sum(alphas) / len(alphas), 3),
             "alpha_search": o.search,
             **calib_size(ids),
