@@ -888,3 +888,21 @@ def test_compile_sets_recipe_options_and_refuses_bad_keys_before_loading(monkeyp
                            (["-p", "dce", "--set", "group=32"], "--set changes a recipe's options")):
         res = invoke("compile", "smollm2:2", *args, code=2)
         assert fragment in " ".join(res.output.split()), res.output
+
+
+def test_debug_tables_print_pass_options_in_brackets_as_written():
+    """A pass spec such as ``quantize(w=int8,keep=[lm_head])`` printed in compare's tables read
+    ``quantize(w=int8,keep=)``: rich took ``[lm_head]`` for a style tag, so the text table disagreed with the JSON."""
+    from lowbit.cli.common import console
+    from lowbit.cli.compare import CompareResult, Stage, layer_table, summary_table
+
+    spec = "quantize(w=int8,keep=[model.layers.1.*])"
+    out = {"max_abs": 0.1, "mean_abs": 0.01, "sqnr_db": 30.0, "cosine": 0.999}
+    stages = [Stage(-1, "float", False, 0.0, 10.0, out, {"model.layers.1": out}),
+              Stage(0, spec, True, 0.5, 11.0, out, {"model.layers.1": out})]
+    res = CompareResult("m", spec, "2 windows", "ppl", stages, 1.0)
+    with console.capture() as cap:
+        console.print(summary_table(res))
+        console.print(layer_table(res))
+    text = re.sub(r"[│┃\s]+", "", cap.get())  # a column may wrap the spec: compare without the frame
+    assert text.count(re.sub(r"\s", "", spec)) == 2, cap.get()

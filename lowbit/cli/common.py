@@ -27,8 +27,10 @@ def _width() -> int | None:
     return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
 
 
-console = Console(highlight=False, width=_width())
-err_console = Console(stderr=True, highlight=False, width=_width())
+# markup off: what the commands print (pass specs such as "keep=[lm_head]", module paths, file names) is text, and
+# rich read "[lm_head]" in a table cell as a style tag and dropped it; the one styled line (fail) asks for markup
+console = Console(highlight=False, markup=False, width=_width())
+err_console = Console(stderr=True, highlight=False, markup=False, width=_width())
 
 
 class Exit(IntEnum):
