@@ -292,6 +292,19 @@ def test_ir_declaring_an_impossible_size_is_refused_by_the_verifier(saved, tmp_p
     _refused(d, "model.lowbit", "does not verify")
 
 
+def test_ir_declaring_a_huge_value_of_fixed_size_is_refused_before_allocating_it(saved, tmp_path):
+    """A node ``aten.zeros([100000, 100000, 100])`` (nothing reads it) was folded by the torch backend at load: a
+    raw allocator RuntimeError for 4 TB, the OOM killer for a size the machine overcommits. A value whose size does
+    not depend on the inputs may take at most 32x the parameters' bytes (1 GiB at least)."""
+    d = _copy(saved, "lowbit", tmp_path)
+    line = _first_line(d, "%embedding")
+    shape = "100000,100000,100"  # 4 TB: past any machine, so without the check it fails at once, never swaps
+    dims = ", ".join(shape.split(","))
+    _edit_ir(d, line, f'  %big: f32[{shape}] = aten.zeros.default([{dims}], device=device("cpu"), pin_memory=False)'
+                      f"\n{line}")
+    _refused(d, "model.lowbit", "%big", f"f32[{shape}]", "whatever the inputs")
+
+
 @pytest.mark.parametrize(("new", "why"), [
     ("symbol s0 in [1, 2]", "symbol s0 is declared twice"),
     ("symbol s9 in [-5, 1024]", "expected a size"),

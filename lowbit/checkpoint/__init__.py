@@ -327,7 +327,7 @@ def _parsed_and_verified(ir: Path, params: dict[str, Any]) -> Any:
     and a rehashed model.lowbit declaring f16 where f32 is computed, or a size no tensor has, loaded and ran. Every
     error names ``ir`` (or the params file), as the parser's line numbers alone did not."""
     from lowbit.ir.parser import IRParseError, parse_graph
-    from lowbit.ir.verifier import VerificationError, check_stored, listed, verify
+    from lowbit.ir.verifier import VerificationError, check_fixed_sizes, check_stored, listed, verify
 
     try:
         text = ir.read_text(encoding="utf-8")
@@ -344,6 +344,9 @@ def _parsed_and_verified(ir: Path, params: dict[str, Any]) -> Any:
     if missing:
         raise CheckpointError(f"{ir.parent / PARAMS_FILE}: has no tensor for parameter @{missing[0]} declared in "
                               f"{ir.name}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    fixed = check_fixed_sizes(graph)
+    if fixed:  # before lowering folds them: the allocation is the attack
+        raise CheckpointError(f"{ir}: declares values too large for the model it holds: {listed(fixed)}")
     try:
         verify(graph)
     except VerificationError as exc:

@@ -63,7 +63,7 @@ def read_graph(ir_path: Path, params_path: Path | None = None) -> Any:
     """
     from lowbit.errors import CorruptFileError
     from lowbit.ir.parser import parse_graph
-    from lowbit.ir.verifier import check_stored, listed
+    from lowbit.ir.verifier import check_fixed_sizes, check_stored, listed
 
     try:
         text = Path(ir_path).read_text(encoding="utf-8")
@@ -74,6 +74,9 @@ def read_graph(ir_path: Path, params_path: Path | None = None) -> Any:
     problems = check_stored(graph, params) if params is not None else []
     if problems:
         raise CorruptFileError(params_path, f"does not fit {str(ir_path)!r}: {listed(problems)}")
+    fixed = check_fixed_sizes(graph) if params is not None else []  # types only: nothing is allocated
+    if fixed:
+        raise CorruptFileError(ir_path, f"declares values too large for the model it holds: {listed(fixed)}")
     return graph
 
 

@@ -262,6 +262,34 @@ def check_qparams(graph: Graph) -> list[str]:
     return problems
 
 
+FIXED_SIZE_FACTOR = 32
+"""A value of a graph read from files whose shape has no symbol (its size is the same whatever the inputs) may take
+at most this many times the bytes of the graph's parameters (or ``FIXED_SIZE_FLOOR``): int2 codes dequantized to
+float32 are 16x their bytes, and every fixed-size value a capture or a pass writes is a weight, a view or a product
+of weights, or a small table (rotary, masks). Past it, a file made the torch backend fold
+``aten.zeros([100000, 100000, 100])`` at load (4 TB: a raw allocator error, or the OOM killer)."""
+FIXED_SIZE_FLOOR = 1 << 30
+
+
+def check_fixed_sizes(graph: Graph) -> list[str]:
+    """Values whose size does not depend on the inputs (static shape) and is past ``FIXED_SIZE_FACTOR`` times the
+    parameters' bytes: a graph read from a file allocates those at load (constant folding) or on every call,
+    so a declared ``f32[100000,100000,100]`` is refused before anything runs. Problems name the node and size."""
+    limit = max(FIXED_SIZE_FLOOR, FIXED_SIZE_FACTOR * graph.param_bytes())
+    problems = []
+    for node in graph.nodes:
+        for v in node.outputs:
+            t = v.type
+            if not isinstance(t, TensorType) or not t.is_static():
+                continue
+            nbytes = t.numel() * t.dtype.itemsize
+            if nbytes > limit:
+                problems.append(f"%{v.name} ({_where(node)}) is declared {t}, {nbytes / 2**30:.3g} GiB whatever "
+                                f"the inputs: more than {FIXED_SIZE_FACTOR}x the parameters' bytes (or 1 GiB), "
+                                f"the most any stored graph needs ({limit / 2**30:.3g} GiB here)")
+    return problems
+
+
 def listed(problems: list[str], most: int = 5) -> str:
     """The first ``most`` problems joined for one message line, with how many there are in all past that."""
     return "; ".join(problems[:most]) + (f"; ... ({len(problems)} in all)" if len(problems) > most else "")
