@@ -906,3 +906,16 @@ def test_debug_tables_print_pass_options_in_brackets_as_written():
         console.print(layer_table(res))
     text = re.sub(r"[│┃\s]+", "", cap.get())  # a column may wrap the spec: compare without the frame
     assert text.count(re.sub(r"\s", "", spec)) == 2, cap.get()
+
+
+def test_printed_ir_is_the_ir_text_with_no_line_broken(monkeypatch):
+    """``--print-ir-after`` piped to a file broke every node line longer than the console's 160 columns (a
+    dequantize with its kwargs), so the dump did not parse as IR and diffed against the printer's text."""
+    from lowbit.ir.parser import parse_graph
+
+    res = invoke("compile", "minilm", "-p", "quantize(w=int4,group=32)", "--print-ir-after", "quantize", "-q")
+    printed = res.output.split("// ----- IR after quantize")[1].split("\n", 1)[1]
+    text = printed[:printed.index("\n}\n") + 3]
+    assert max(len(line) for line in text.splitlines()) > 160  # the case: lines longer than the console
+    graph = parse_graph(text)  # types only: the printed IR is the text form
+    assert graph.op_counts()["dequantize"] == 36

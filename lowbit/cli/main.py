@@ -186,7 +186,9 @@ class _RichStream:
                     style = "cyan"
             if line.startswith("// -----"):
                 style = "bold magenta"
-            console.print(line, style=style, markup=False, highlight=False)
+            # soft_wrap: a node line past the console width (160 columns when piped) was broken in two, so a dump
+            # redirected to a file did not parse as IR
+            console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
         return len(text)
 
     def flush(self) -> None:
