@@ -465,3 +465,17 @@ def test_a_symlink_out_of_an_artifact_directory_without_a_manifest_is_refused(tm
         out = " ".join(res.output.split())
         assert "model.lowbit: is a symlink to" in out and "outside the directory" in out, res.output
         assert "api-key" not in res.output
+
+
+@pytest.mark.parametrize("fmt", ["html", "dot"])
+def test_graph_of_a_module_path_thousands_of_levels_deep_is_drawn(tmp_path, fmt):
+    """A node whose module comment had 5000 segments ended ``lowbit graph`` in a RecursionError traceback (exit 1):
+    the drawers recursed once per level. Levels past 32 are drawn as one, named by the rest of the path."""
+    deep = ".".join(f"m{i}" for i in range(5000))
+    f = tmp_path / "deep.lowbit"
+    f.write_text(SAFE.replace("@proj.weight)  # proj", f"@proj.weight)  # {deep}"))
+    res = CliRunner().invoke(app, ["graph", str(f), "-f", fmt, "-o", str(tmp_path / f"g.{fmt}")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    drawn = (tmp_path / f"g.{fmt}").read_text()
+    assert ".".join(f"m{i}" for i in range(31, 5000)) in drawn  # the rest of the path, one level
+    assert "linear" in drawn

@@ -234,12 +234,22 @@ def _inspect_onnx(path: Path, top: int) -> None:
 
 # ---- graph drawing ------------------------------------------------------------------------------
 
+MAX_NESTING = 32
+"""Module levels ``lowbit graph`` nests; the rest of a deeper path is one level (HF models nest under 10)."""
+
+
 def _tree(graph: Any) -> dict[str, Any]:
-    """Nested dict of module path segments; nodes sit under ``""`` at their module's level."""
+    """Nested dict of module path segments; nodes sit under ``""`` at their module's level.
+
+    At most ``MAX_NESTING`` levels: the drawers recurse once per level, and a file whose module comment had
+    thousands of segments ended ``lowbit graph`` in a RecursionError traceback."""
     root: dict[str, Any] = {"": []}
     for n in graph.nodes:
         cur = root
-        for seg in [s for s in n.module.split(".") if s] if n.module else []:
+        segs = [s for s in n.module.split(".") if s] if n.module else []
+        if len(segs) > MAX_NESTING:
+            segs = segs[:MAX_NESTING - 1] + [".".join(segs[MAX_NESTING - 1:])]
+        for seg in segs:
             cur = cur.setdefault(seg, {"": []})
         cur[""].append(n)
     return root
