@@ -919,3 +919,25 @@ def test_printed_ir_is_the_ir_text_with_no_line_broken(monkeypatch):
     assert max(len(line) for line in text.splitlines()) > 160  # the case: lines longer than the console
     graph = parse_graph(text)  # types only: the printed IR is the text form
     assert graph.op_counts()["dequantize"] == 36
+
+
+@pytest.mark.parametrize("metric, values", [("cos", [-4.4e-16, 3e-5, 0.19]), ("ppl", [44.963, 45.012, 6.777e7])])
+def test_compare_html_report_writes_the_end_metric_as_the_terminal_table(metric, values):
+    """The HTML report wrote the end metric with 4 decimals: a cosine distance of 0.00003 read 0.0000 (as exact as
+    float) where the terminal said 0.00003, and the float model's -4e-16 read -0.0000."""
+    from lowbit.cli.common import console
+    from lowbit.cli.compare import CompareResult, Stage, summary_table
+    from lowbit.cli.report_html import render_report
+
+    out = {"max_abs": 0.1, "mean_abs": 0.01, "sqnr_db": 30.0, "cosine": 0.999}
+    stages = [Stage(i - 1, name, i > 0, 0.0, v, out, {}) for i, (name, v) in enumerate(zip(["float", "p0", "p1"],
+                                                                                           values))]
+    res = CompareResult("m", "p0,p1", "in", metric, stages, 0.0)
+    with console.capture() as cap:
+        console.print(summary_table(res))
+    text = {c[2]: c[3] for c in ([x.strip() for x in line.split("│")] for line in cap.get().splitlines())
+            if len(c) > 8}
+    page = render_report(res.to_dict(finite=False)).split("<h2>Per pass</h2>")[1].split("</table>")[0]
+    html = {re.search(r"<code>(.*?)</code>", r).group(1): re.findall(r"<td>(.*?)</td>", r)[3]
+            for r in page.split("<tr>") if "<code>" in r}
+    assert html == text and len(set(text.values())) == 3, (html, text)

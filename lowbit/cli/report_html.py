@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from lowbit.cli.common import worst_layer
+from lowbit.cli.probes import fmt_metric
 
 CLIP_DB = 80.0
 """The line chart's top: above this an output is float-exact for practical purposes."""
@@ -32,6 +33,14 @@ def _num(x: Any, digits: int = 2) -> str:
     if isinstance(x, float) and not math.isfinite(x):
         return "∞" if x > 0 else "-∞"
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _metric(metric: str, value: Any) -> str:
+    """The end metric as the terminal table writes it (``fmt_metric``): 4 decimals showed a cosine distance of
+    0.00003 as 0.0000 (exact) and the float model's -4e-16 as -0.0000; NaN/inf (null in the JSON) as ``_num``."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return _num(value)
+    return fmt_metric(metric, float(value))
 
 
 def _sqnr(stage: dict[str, Any], layer: str) -> float | None:
@@ -178,7 +187,7 @@ def render_report(data: dict[str, Any]) -> str:
         rows.append(
             f"<tr><td>{'' if s['index'] < 0 else s['index']}</td><td><code>{_esc(s['spec'])}</code></td>"
             f"<td>{'yes' if s['changed'] else ('—' if s['index'] < 0 else 'no')}</td>"
-            f"<td>{_num(s['metric'], 4)}</td><td>{_num(s['output']['sqnr_db'], 1)}</td>"
+            f"<td>{_metric(data['metric'], s['metric'])}</td><td>{_num(s['output']['sqnr_db'], 1)}</td>"
             f"<td>{_num(s['output']['cosine'], 6)}</td><td>{_num(s['output']['max_abs'], 4)}</td>"
             f"<td>{_esc(worst[0])}</td><td>{_num(worst[1], 1)}</td><td>{s['seconds'] * 1000:.0f}</td></tr>")
     layer_rows = []
