@@ -941,3 +941,12 @@ def test_compare_html_report_writes_the_end_metric_as_the_terminal_table(metric,
     html = {re.search(r"<code>(.*?)</code>", r).group(1): re.findall(r"<td>(.*?)</td>", r)[3]
             for r in page.split("<tr>") if "<code>" in r}
     assert html == text and len(set(text.values())) == 3, (html, text)
+
+
+@pytest.mark.parametrize("scheme, unit", [("prune-mlp(ratio=0.3)", "mlp"), ("prune-heads(ratio=0.5)", "attention"),
+                                          ("prune-blocks(n=1)", "block")])
+def test_debug_sensitivity_per_linear_refuses_a_pass_that_rewrites_whole_mlps_heads_or_blocks(scheme, unit):
+    """``--granularity linear`` restricted prune-mlp to the first linear, a q_proj, which is none of its MLPs: the
+    run failed with exit 4 (a pass failure, with a reproducer hint) after the float model's evaluation."""
+    res = invoke("debug", "sensitivity", "smollm2:2", "--scheme", scheme, "--granularity", "linear", *SMALL, code=2)
+    assert f"rewrites each {unit} as a whole" in res.output and "--granularity block" in res.output, res.output

@@ -72,6 +72,10 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
              Exit.USAGE)
     if granularity not in ("block", "linear"):
         fail(f"--granularity {granularity!r}: give block or linear", Exit.USAGE)
+    if granularity == "linear" and qpass.scope_unit != "linear":
+        # restricted to a q_proj it matched none of its sites: exit 4 with a reproducer hint, after the float runs
+        fail(f"pass {qpass.name} rewrites each {qpass.scope_unit} as a whole, so it cannot be applied to one linear "
+             "at a time: use --granularity block", Exit.USAGE)
     loaded = load(model_spec, dtype)
     check_calibration([*pre, qpass], loaded)
     metric = metric_name(loaded.kind, metric)

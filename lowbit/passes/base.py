@@ -318,6 +318,10 @@ class Pass:
     """Passes that must come before this one when both are in a pipeline (checked when it is parsed)."""
     creates: ClassVar[tuple[str, ...]] = ()
     """Ops this pass may add to the graph (checked against the backend before the pipeline runs)."""
+    scope_unit: ClassVar[str] = "linear"
+    """The least a ``modules`` scope can pick out: ``linear`` (any one linear), or ``mlp`` / ``attention`` /
+    ``block`` for a pass that rewrites those whole and matches each by one module (the down projection, the output
+    projection, the block): ``debug sensitivity --granularity linear`` needs ``linear``."""
     needs_reference: ClassVar[bool] = False
     """The pass reads ``self.reference``: the graph as it was when the pipeline started (set by the PassManager
     for the pass's run; a caller running the pass alone sets it)."""

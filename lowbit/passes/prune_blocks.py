@@ -58,6 +58,7 @@ class PruneBlocks(Pass):
     """Remove whole decoder blocks (their residual updates), chosen by Block Influence or by name."""
 
     name = "prune-blocks"
+    scope_unit = "block"
     Options = PruneBlocksOptions
     requires = (NO_QLINEAR,)
 

@@ -89,6 +89,7 @@ class PruneHeads(Pass):
     """Remove attention heads by whole GQA groups (q heads with their shared k/v head) by calibrated importance."""
 
     name = "prune-heads"
+    scope_unit = "attention"
     Options = PruneHeadsOptions
     requires = (NO_QLINEAR, NO_DEQUANTIZE)
 

@@ -517,6 +517,7 @@ class PruneMLP(Pass):
     """Remove MLP intermediate channels (gate/up rows, down columns) by calibrated importance."""
 
     name = "prune-mlp"
+    scope_unit = "mlp"
     Options = PruneMLPOptions
     requires = (NO_QLINEAR, NO_DEQUANTIZE)
 
