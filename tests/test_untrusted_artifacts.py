@@ -479,3 +479,21 @@ def test_graph_of_a_module_path_thousands_of_levels_deep_is_drawn(tmp_path, fmt)
     drawn = (tmp_path / f"g.{fmt}").read_text()
     assert ".".join(f"m{i}" for i in range(31, 5000)) in drawn  # the rest of the path, one level
     assert "linear" in drawn
+
+
+def test_a_reproducer_holding_copies_of_its_files_can_be_written_again(tmp_path):
+    """A reproducer whose pass read calib=PATH holds a copy under files/; the next failing run with the same
+    --reproducer DIR was refused: 'holds files lowbit did not write there (files/1-calib-text.txt)'."""
+    from lowbit.checkpoint.files import not_replaceable
+    from lowbit.cli.reproducer import write_reproducer
+    from lowbit.passes.manager import parse_pipeline
+
+    calib = tmp_path / "text.txt"
+    calib.write_text("some calibration text\n" * 50)
+    passes = parse_pipeline(f"dce,gptq(w=int4,group=16,calib={calib},calib_n=2,calib_len=8,progress=false)")
+    d = tmp_path / "repro"
+    write_reproducer(d, parse_graph(SAFE, WEIGHTS), passes, 1, "error", "tiny")
+    assert any(p.is_file() for p in (d / "files").iterdir())
+    assert not_replaceable(d) is None
+    (d / "notes.txt").write_text("mine")  # a file of the user's own is still kept
+    assert "notes.txt" in not_replaceable(d)

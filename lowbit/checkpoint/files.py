@@ -38,6 +38,8 @@ LOWBIT_MARKERS = (MANIFEST, "reproducer.json", "model.lowbit")
 REPRODUCER_FILES = ("reproducer.json", "README.md", "before.lowbit", "before.safetensors", "inputs.pt", "pipeline.txt",
                     "error.txt")
 """What ``lowbit.cli.reproducer.write_reproducer`` writes."""
+REPRODUCER_COPIES = "files"
+"""The reproducer's folder of copies of the files its passes read (``lowbit.cli.reproducer.FILES``)."""
 
 
 def not_replaceable(final: Path) -> str | None:
@@ -77,7 +79,10 @@ def _lowbit_files(directory: Path) -> set[str]:
         if (directory / MANIFEST).is_file():
             names |= {MANIFEST, *json.loads((directory / MANIFEST).read_text()).get("files", {})}
         if (directory / "reproducer.json").is_file():
-            names |= set(REPRODUCER_FILES)
+            # and its copies of the files its passes read (calib=, tokenizer): a reproducer holding one could not be
+            # written over by the next failing run ("files lowbit did not write there: files/1-calib-text.txt")
+            copies = {f for f in _files_below(directory) if f.startswith(f"{REPRODUCER_COPIES}/")}
+            names |= set(REPRODUCER_FILES) | copies
         elif (directory / "model.lowbit").is_file() and not (directory / MANIFEST).is_file():
             names |= set(_files_below(directory))  # an IR written before manifests existed: as it was accepted
     except (OSError, ValueError, AttributeError, TypeError):

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lowbit.checkpoint.files import REPRODUCER_COPIES
 from lowbit.cli.common import Exit, atomic_output_dir, console, fail
 
 MANIFEST = "reproducer.json"
@@ -49,7 +50,7 @@ def _example_inputs(graph: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-FILES = "files"
+FILES = REPRODUCER_COPIES
 """The reproducer's copies of the files its passes read (``calib=``, ``config=``, ``tokenizer=``)."""
 
 
