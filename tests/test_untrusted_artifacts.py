@@ -497,3 +497,27 @@ def test_a_reproducer_holding_copies_of_its_files_can_be_written_again(tmp_path)
     assert not_replaceable(d) is None
     (d / "notes.txt").write_text("mine")  # a file of the user's own is still kept
     assert "notes.txt" in not_replaceable(d)
+
+
+def test_a_reproducer_of_a_calibrating_pass_replays_with_the_models_tokenizer(tmp_path, minilm):
+    """The CLI calibrates with the model's own tokenizer (graph.meta), which the reproducer did not keep: replaying
+    GPTQ on any model but SmolLM2 failed with 'no tokenizer for this model' and replay called that 'reproduced'.
+    It is saved under files/tokenizer and read back as a checkpoint's is (no code from the directory)."""
+    import lowbit
+    from conftest import tiny_llama
+    from lowbit.cli.reproducer import write_reproducer
+    from lowbit.passes.manager import parse_pipeline
+
+    tokenizer = minilm[1]
+    torch.manual_seed(0)
+    graph = lowbit.compile_model(tiny_llama(vocab=tokenizer.vocab_size), pipeline="dce", tokenizer=tokenizer).graph
+    passes = parse_pipeline("gptq(w=int4,group=16,calib_n=2,calib_len=8,progress=false)")
+    d = tmp_path / "repro"
+    write_reproducer(d, graph, passes, 0, "error", "tiny")
+    assert json.loads((d / "reproducer.json").read_text())["tokenizer"] == "files/tokenizer"
+    assert "no longer reproduces" in invoke("replay", d, code=0).output
+    link = d / "files" / "tokenizer" / "tokenizer.json"
+    outside = tmp_path / "elsewhere.json"
+    link.rename(outside)
+    link.symlink_to(outside)  # a file of the tokenizer leading out of the reproducer
+    assert "outside the reproducer directory" in " ".join(invoke("replay", d, code=3).output.split())

@@ -83,6 +83,44 @@ def _copy_input_files(tmp: Path, passes: list[Any], first: int) -> list[Any]:
     return out
 
 
+TOKENIZER = f"{FILES}/tokenizer"
+"""Where a reproducer keeps the model's tokenizer, when a pass it replays calibrates with the graph's own."""
+
+
+def _save_tokenizer(tmp: Path, graph: Any, passes: list[Any]) -> str | None:
+    """Save the graph's tokenizer (``graph.meta["tokenizer"]``: the CLI's model's) when a pass to replay calibrates
+    with it (a ``tokenizer`` option left unset); returns its relative path. Without it a reproducer of a model other
+    than SmolLM2 failed on replay with "no tokenizer for this model", and replay called that "reproduced"."""
+    tokenizer = graph.meta.get("tokenizer")
+    uses = any("tokenizer" in type(p).Options.model_fields and getattr(p.options, "tokenizer", None) is None
+               for p in passes)
+    if tokenizer is None or not uses or not callable(getattr(tokenizer, "save_pretrained", None)):
+        return None
+    tokenizer.save_pretrained(str(tmp / TOKENIZER))
+    return TOKENIZER
+
+
+def _load_tokenizer(directory: Path, manifest: dict[str, Any]) -> Any:
+    """The tokenizer a reproducer carries (``tokenizer`` in its manifest), read as a checkpoint's is (transformers'
+    classes only, never the directory's code), from files inside the reproducer only; None without one."""
+    from lowbit.checkpoint.files import CheckpointError, read_tokenizer
+    from lowbit.errors import UntrustedInputError
+
+    name = manifest.get("tokenizer")
+    if name is None:
+        return None
+    try:
+        where = confined(directory, name, "tokenizer")
+        if not where.is_dir():
+            fail(f"reproducer {str(directory)!r}: tokenizer directory {str(where)!r} ('tokenizer' in {MANIFEST}) "
+                 "is missing", Exit.NOT_FOUND)
+        for f in where.iterdir():  # the directory is inside; a file in it may still link out
+            confined(directory, str(f.relative_to(directory.resolve())), "tokenizer file")
+        return read_tokenizer(where)
+    except (UntrustedInputError, CheckpointError) as exc:
+        fail(str(exc), Exit.NOT_FOUND)
+
+
 def write_reproducer(directory: Path, graph_before: Any, passes: list[Any], start: int, error: str,
                      model_spec: str) -> None:
     """Write the reproducer for a failure of ``passes[start]`` on ``graph_before`` (atomically), with copies of
@@ -97,11 +135,13 @@ def write_reproducer(directory: Path, graph_before: Any, passes: list[Any], star
         except Exception:  # an input type the sampler cannot build: the reproducer still replays the passes
             pass
         rest = format_pipeline(_copy_input_files(tmp, passes[start:], start))
+        tokenizer = _save_tokenizer(tmp, graph_before, passes[start:])
         (tmp / "pipeline.txt").write_text(rest + "\n")
         (tmp / "error.txt").write_text(error + "\n")
         manifest = {"model": model_spec, "full_pipeline": format_pipeline(passes), "failing_index": start,
                     "failing_pass": passes[start].spec() if start < len(passes) else None, "replay_pipeline": rest,
                     "ir": "before.lowbit", "params": "before.safetensors", "inputs": "inputs.pt",
+                    **({"tokenizer": tokenizer} if tokenizer else {}),
                     "versions": versions(), "error": error}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "README.md").write_text(
@@ -204,6 +244,9 @@ def replay(directory: Path, verify_each: bool = True) -> None:
     with artifact_errors(ir_file):
         graph = read_graph(ir_file, params_file)
     passes = _replay_passes(directory, manifest["replay_pipeline"])
+    tokenizer = _load_tokenizer(directory, manifest)
+    if tokenizer is not None:
+        graph.meta["tokenizer"] = tokenizer
     versions = manifest.get("versions", {})
     console.print(f"replaying {manifest['replay_pipeline']!r} on {ir_file} "
                   f"({len(graph.nodes)} nodes); recorded with {versions.get('lowbit')} / torch "
