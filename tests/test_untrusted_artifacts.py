@@ -521,3 +521,23 @@ def test_a_reproducer_of_a_calibrating_pass_replays_with_the_models_tokenizer(tm
     link.rename(outside)
     link.symlink_to(outside)  # a file of the tokenizer leading out of the reproducer
     assert "outside the reproducer directory" in " ".join(invoke("replay", d, code=3).output.split())
+
+
+def test_a_reproducer_keeps_the_tokenizer_only_for_a_pass_that_calibrates(tmp_path):
+    """3d09471 saved the model's tokenizer for every pass with a tokenizer option: a weight-only quantize, which
+    calibrates nothing, got a files/tokenizer README's reproducer listing does not show."""
+    from lowbit.cli.reproducer import write_reproducer
+    from lowbit.passes.manager import parse_pipeline
+
+    class Tokenizer:
+        def save_pretrained(self, where: str) -> None:
+            Path(where).mkdir(parents=True)
+            (Path(where) / "tokenizer.json").write_text("{}")
+
+    graph = parse_graph(SAFE, WEIGHTS)
+    graph.meta["tokenizer"] = Tokenizer()
+    for pipeline, kept in [("quantize(w=int4,group=4)", False), ("gptq(w=int4,group=4,calib_n=2,calib_len=8)", True)]:
+        d = tmp_path / pipeline.split("(")[0]
+        write_reproducer(d, graph, parse_pipeline(pipeline), 0, "error", "tiny")
+        assert (d / "files" / "tokenizer").is_dir() == kept, pipeline
+        assert ("tokenizer" in json.loads((d / "reproducer.json").read_text())) == kept

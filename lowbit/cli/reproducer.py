@@ -91,9 +91,13 @@ def _save_tokenizer(tmp: Path, graph: Any, passes: list[Any]) -> str | None:
     """Save the graph's tokenizer (``graph.meta["tokenizer"]``: the CLI's model's) when a pass to replay calibrates
     with it (a ``tokenizer`` option left unset); returns its relative path. Without it a reproducer of a model other
     than SmolLM2 failed on replay with "no tokenizer for this model", and replay called that "reproduced"."""
+    from lowbit.passes.base import CalibrationOptions
+
     tokenizer = graph.meta.get("tokenizer")
-    uses = any("tokenizer" in type(p).Options.model_fields and getattr(p.options, "tokenizer", None) is None
-               for p in passes)
+    # a pass that tokenizes text with the graph's tokenizer: quantize(w=int4) has the options but calibrates nothing
+    uses = any(isinstance(p.options, CalibrationOptions) and p.options.reads_calibration()
+               and p.options.tokenizer is None and not isinstance(p.options.calib, torch.Tensor)
+               and not str(p.options.calib).endswith(".safetensors") for p in passes)
     if tokenizer is None or not uses or not callable(getattr(tokenizer, "save_pretrained", None)):
         return None
     tokenizer.save_pretrained(str(tmp / TOKENIZER))
