@@ -541,3 +541,18 @@ def test_a_reproducer_keeps_the_tokenizer_only_for_a_pass_that_calibrates(tmp_pa
         write_reproducer(d, graph, parse_pipeline(pipeline), 0, "error", "tiny")
         assert (d / "files" / "tokenizer").is_dir() == kept, pipeline
         assert ("tokenizer" in json.loads((d / "reproducer.json").read_text())) == kept
+
+
+def test_replay_says_reproduced_only_for_the_recorded_failure(tmp_path):
+    """Replay exited 4 'reproduced: ...' for any failure of the pipeline, so one failing for another reason (a
+    tokenizer the reproducer lacked) passed for the recorded one. Another message is shown beside the recorded one."""
+    pipeline = "quantize(w=int4,group=3)"
+    first = invoke("replay", _reproducer(tmp_path / "a", replay_pipeline=pipeline, error="x"), code=4).output
+    now = first.split("error: reproduced: ", 1)[1].strip()  # a recorded error of another form: not compared
+    assert now.startswith("pass quantize(w=int4,group=3) (#0) failed: ")
+    recorded = now.replace("(#0)", "(#2)")  # as --reproducer records it, at the pass's index in the whole pipeline
+    same = invoke("replay", _reproducer(tmp_path / "b", replay_pipeline=pipeline, error=recorded), code=4).output
+    assert "error: reproduced: " in same
+    other = recorded.split(" failed: ")[0] + " failed: pass quantize: no tokenizer for this model"
+    out = invoke("replay", _reproducer(tmp_path / "c", replay_pipeline=pipeline, error=other), code=4).output
+    assert "error: reproduced" not in out and "fails again, but not as recorded" in out and "no tokenizer" in out, out

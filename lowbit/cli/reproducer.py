@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -262,5 +263,21 @@ def replay(directory: Path, verify_each: bool = True) -> None:
             # --reproducer saves the IR before the failing pass, which verified: this file was edited since
             fail(f"reproducer {str(directory)!r}: {str(ir_file)!r} does not verify, so it is not the IR the recorded "
                  f"failure happened on: {exc}", Exit.NOT_FOUND)
+        recorded = _failure(str(manifest.get("error", "")))
+        if recorded is not None and _failure(str(exc)) != recorded:
+            # a failure is not the recorded one because it is a failure: replay without the model's tokenizer said
+            # "reproduced: ... no tokenizer for this model" for a recorded "group=100 does not divide ..."
+            fail(f"the pipeline fails again, but not as recorded: {exc}\n(recorded: {manifest['error']})",
+                 Exit.PIPELINE)
         fail(f"reproduced: {exc}", Exit.PIPELINE)
     console.print("the pipeline now succeeds: the failure no longer reproduces", markup=False)
+
+
+_FAILED = re.compile(r"^pass .*? \(#\d+\) failed: ", re.S)
+
+
+def _failure(message: str) -> str | None:
+    """What a pass failure says past its ``pass SPEC (#i) failed:`` head (the index differs on replay, which starts
+    at the failing pass), or None for a message of another form (nothing to compare it with)."""
+    m = _FAILED.match(message.strip())
+    return message.strip()[m.end():] if m else None
