@@ -872,7 +872,9 @@ def sensitivity_cmd(
     group: Optional[int] = typer.Option(None, help="weight group size for wNaM schemes"),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="passes to run before quantize "
                                            "(e.g. fold-norms)"),
-    granularity: str = typer.Option("block", help="block (one transformer block at a time) or linear"),
+    granularity: str = typer.Option("block", help="block (one transformer block at a time) or linear (one linear; "
+                                    "not for prune-mlp, prune-heads, prune-blocks, which cut whole MLPs, heads or "
+                                    "blocks)"),
     metric: str = typer.Option("auto", help="ppl, cos or auto"),
     keep_top: int = typer.Option(1, help="how many of the most damaging units the override file keeps float"),
     windows: int = typer.Option(4), seq_len: int = typer.Option(128), sentences: int = typer.Option(32),
