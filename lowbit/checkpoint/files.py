@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -261,6 +262,7 @@ _SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
 _SAFETENSORS_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2",
                       "I8", "U8", "BOOL")
 """The order safetensors' writer lays dtypes out in (alignment first); tensors of one dtype go by name."""
+_SAFETENSORS_READ: dict[str, torch.dtype] = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
 
 _WRITE_CHUNK = 64 * 2**20
 """Bytes handed to one ``write`` call: bounds the copy a non-contiguous tensor needs to the chunk, not the tensor."""
@@ -311,8 +313,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
                 f.write(memoryview(piece.view(torch.uint8).numpy()))
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of one safetensors file; a truncated or corrupt file names itself and the tensor."""
+def read_safetensors(path: Path, *, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file; a truncated or corrupt file names itself and the tensor.
+
+    ``mmap`` (default): the tensors are views of a private, copy-on-write mapping of the file, so reading a
+    checkpoint larger than the memory left costs page cache the kernel can evict, not anonymous memory (safetensors'
+    ``get_tensor`` copies each tensor out). Writing to such a tensor copies only the pages written; the file is
+    never changed. lowbit writes checkpoints into a new directory and renames it into place, so saving over the
+    directory a model was loaded from leaves the mapped (unlinked) files intact."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
@@ -346,16 +354,35 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(end, int) or end > data_len:
             raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of the data section, which has "
                                   f"{data_len} bytes (the file is truncated)")
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                try:
-                    out[name] = f.get_tensor(name)
-                except (SafetensorError, RuntimeError, ValueError) as exc:
-                    raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({exc})") from None
+        with safe_open(str(path), framework="pt") as f:  # its own checks: offsets tile the data, shapes fit dtypes
+            names = list(f.keys())
+            if not mmap:
+                for name in names:
+                    try:
+                        out[name] = f.get_tensor(name)
+                    except (SafetensorError, RuntimeError, ValueError) as exc:
+                        raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({exc})") from None
+                return out
+            for name in names:
+                f.get_slice(name)  # a dtype this safetensors cannot read is refused here, as get_tensor would
     except SafetensorError as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    base = 8 + header_len
+    for name in names:
+        info = header[name]
+        dtype = _SAFETENSORS_READ.get(info.get("dtype"))
+        begin, end = info["data_offsets"]
+        shape = [int(d) for d in info.get("shape", [])]
+        if dtype is None or (end - begin) != math.prod(shape) * dtype.itemsize:  # safe_open checked both already
+            raise CheckpointError(f"{path}: tensor {name!r} ({info.get('dtype')}, shape {shape}) does not match its "
+                                  f"{end - begin} bytes")
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, base + begin, (end - begin,))
+        if (base + begin) % dtype.itemsize:  # unaligned for its dtype: a copy (writers align; a crafted file may not)
+            raw = raw.clone()
+        out[name] = raw.view(dtype).reshape(shape)
     return out
 
 

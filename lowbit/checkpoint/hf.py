@@ -31,7 +31,8 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -873,9 +874,8 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
     if missing:
         raise CheckpointError(f"{directory}: the checkpoint has no tensor {missing[0]!r} (and {len(missing) - 1} "
                               "more) that the model built from config.json needs")
-    model = skeleton(config, kind, device="cpu", dtype=config_dtype(raw))
-    float_state.update({k: torch.zeros(shape) for k, shape in placeholders.items()})
-    model.load_state_dict(float_state, strict=False)
+    model = _assigned_model(config, kind, config_dtype(raw), float_state, placeholders)
+    del float_state
     graph, tokenizer = _capture(model, kind, directory, generation)
     # static input scales are stored, not calibrated: the quantize pass gets the weights (and dynamic inputs) only
     rules = [ModuleRule(pattern=_glob_escape(m), weight=p[0], input=p[1] if p[1] is None or p[1].dynamic else None)
@@ -910,6 +910,51 @@ def _refuse_unread_ct_fields(qcfg: dict[str, Any], cfg_path: Path) -> None:
         fmt = sparsity.get("format") if isinstance(sparsity, dict) else sparsity
         raise CheckpointError(f"{cfg_path}: quantization_config.sparsity_config has format {fmt!r}; lowbit reads "
                               "dense weights only (sparsity format 'dense' or none)")
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on ``meta`` (no memory, no initialisation), their buffers real:
+    non-persistent buffers (rotary ``inv_freq``, position ids) are computed at construction and are not in any
+    checkpoint. What accelerate's ``init_empty_weights(include_buffers=False)`` does, without accelerate."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _assigned_model(config: Any, kind: str, dtype: torch.dtype, float_state: dict[str, torch.Tensor],
+                    placeholders: dict[str, torch.Size]) -> torch.nn.Module:
+    """The HF model with the checkpoint's float tensors *as* its parameters (memory-mapped: nothing is copied unless
+    a dtype differs) and a zero-strided placeholder, which holds no memory, for each quantized weight (the codes
+    replace it after capture). A model larger than the memory left loads as its codes plus what the page cache
+    holds: building it on the CPU first allocated every weight in float and the placeholders in float32."""
+    cfg = copy.deepcopy(config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    with _parameters_on_meta():
+        model = _auto_class(kind).from_config(cfg, dtype=dtype, trust_remote_code=False).eval()
+    own = model.state_dict(keep_vars=True)
+    state = {k: t if t.dtype == own[k].dtype else t.to(own[k].dtype) for k, t in float_state.items()}
+    state.update({k: torch.zeros((), dtype=own[k].dtype).expand(shape) for k, shape in placeholders.items()})
+    model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):  # a tied head still holds the meta parameter the embedding had
+        model.tie_weights()
+    for name, param in list(model.named_parameters()):  # not stored and never read by the captured forward
+        if param.device.type == "meta":
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            setattr(module, leaf, torch.nn.Parameter(torch.zeros(param.shape, dtype=param.dtype),
+                                                     requires_grad=False))
+    return model
 
 
 def _is_tied_key(model: torch.nn.Module, key: str) -> bool:
