@@ -529,6 +529,55 @@ def test_dtype_option_loads_the_model_in_that_dtype(tmp_path):
     assert "is already compiled, in the dtype it was compiled in" in res.output, res.output
 
 
+@pytest.mark.slow  # ~12 s on two loaded cores (tokenizer save, capture); the note's text: the test below
+@pytest.mark.skipif(not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
+                    reason="the triton backend needs CUDA or the interpreter")
+def test_generate_on_triton_names_the_nodes_on_the_reference_path(tmp_path):
+    """``lowbit generate -b triton`` printed no lowering report: an attention the decode kernel cannot take (head_dim
+    24 here; 80 on Phi-2) ran torch's SDPA at every step without a word. It now notes those nodes on stderr, by
+    reason, as ``lowbit compile`` lists them."""
+    from lowbit.data.model_files import load_tokenizer
+
+    torch.manual_seed(0)
+    tiny_llama(hidden=48, inter=64, heads=2, kv_heads=1).save_pretrained(tmp_path / "tiny")  # vocab 61: '!' is 17
+    load_tokenizer("smollm2").save_pretrained(tmp_path / "tiny")
+    device = ["--device", "cuda"] if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []
+    res = invoke("generate", tmp_path / "tiny", "-b", "triton", "--dtype", "bfloat16", "-p", "dce", "--prompt", "!",
+                 "-n", "2", "--max-length", "16", *device)
+    assert ("note: 1 nodes run their reference path on this backend:\n"
+            "  1x decode-sdpa: head_dim 24 (a power of two <= 256, contiguous)") in res.output, res.output
+
+
+@pytest.mark.skipif(not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
+                    reason="the triton backend needs CUDA or the interpreter")
+def test_generate_notes_a_triton_lowerings_reference_nodes_by_reason(monkeypatch):
+    """What ``generate`` prints of a triton lowering (``_note_reference_nodes``): the reference nodes counted by
+    reason; nothing for a lowering with none, or a runner without a report (torch, onnxruntime)."""
+    import io
+
+    from rich.console import Console
+
+    import lowbit.cli.main as cli_main
+    from lowbit.backends.triton_backend import lower
+    from lowbit.ir.parser import parse_graph
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli_main, "err_console", Console(file=out, width=200))
+    text = """graph g(%q: bf16[1,2,1,{d}], %k: bf16[1,1,9,{d}], %v: bf16[1,1,9,{d}], %m: bool[1,1,1,9]) {{
+  %a: bf16[1,2,1,{d}] = attention(%q, %k, %v, %m, enable_gqa=True)  # attn
+  %b: bf16[1,2,1,{d}] = attention(%a, %k, %v, %m, enable_gqa=True)  # attn2
+  return %b
+}}"""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cli_main._note_reference_nodes(lower(parse_graph(text.format(d=24), {}), dev, compile=False))
+    assert out.getvalue() == ("note: 2 nodes run their reference path on this backend:\n"
+                              "  2x decode-sdpa: head_dim 24 (a power of two <= 256, contiguous)\n")
+    out.truncate(0)
+    cli_main._note_reference_nodes(lower(parse_graph(text.format(d=32), {}), dev, compile=False))
+    cli_main._note_reference_nodes(object())
+    assert out.getvalue() == ""
+
+
 @pytest.mark.parametrize("fmt, pipeline, message", [
     ("hf", "prune-mlp(ratio=0.25),quantize(w=int4,group=32)",
      "format 'hf' writes float weights, but pass quantize(w=int4,group=32) quantizes the model"),

@@ -707,6 +707,7 @@ def generate_cmd(
         t0 = time.perf_counter()
         compiled = build(spec)
         compile_s = time.perf_counter() - t0
+        _note_reference_nodes(getattr(compiled, "runner", None))
         stream = _TextStream(tok)
 
         def on_token(seq: int, token: int) -> None:
@@ -747,6 +748,21 @@ def generate_cmd(
         f"compile {compile_s:.1f} s ({text or 'float'}); prefill {out.prefill_seconds * 1000:.1f} ms for "
         f"{sum(out.prompt_lengths)} tokens; {decode}; {n_tokens} new tokens; peak memory {peak}", markup=False,
         highlight=False)
+
+
+def _note_reference_nodes(runner: Any) -> None:
+    """Say on stderr which nodes of a triton lowering run their reference path, by reason (``lowbit compile``
+    prints the whole lowering report; ``generate`` printed none of it, so a packed cache or an attention the kernels
+    do not take ran the reference at every step without a word)."""
+    report = getattr(runner, "report", None)
+    fallback = report.get("fallback") if isinstance(report, dict) else None
+    if not fallback:
+        return
+    reasons: dict[str, int] = {}
+    for why in fallback.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    err_console.print(f"note: {len(fallback)} nodes run their reference path on this backend:\n"
+                      + "\n".join(f"  {n}x {why}" for why, n in reasons.items()), markup=False, highlight=False)
 
 
 @app.command("replay")
