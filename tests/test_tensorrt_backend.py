@@ -233,6 +233,8 @@ def test_tensorrt_engine_matches_reference_and_survives_save_load(smol_w4, wikit
     ({"opt": {"seq": -3}}, ValueError, "opt=.*positive size"),
     ({"shapes": {"input_ids": ((1, 8), (1, 4), (1, 16))}}, ValueError, "min <= opt <= max"),
     ({"shapes": {"input_ids": ((1, 8), (1, 16))}}, ValueError, r"give \(min, opt, max\)"),
+    # was "unknown TensorRT build option 'opset' (did you mean 'opt'?)"
+    ({"opset": 23}, TypeError, "opset= is an ONNX lowering option; a TensorRT engine is built from the opset-21 QDQ"),
 ])
 def test_build_options_are_checked_before_tensorrt_or_lowering(minilm_graph, tmp_path, options, error, match):
     """A misspelt or ill-typed build option is named as such whether or not TensorRT is installed (it was

@@ -20,12 +20,14 @@ import inspect
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 import torch
 
+from lowbit.backends.onnx import LoweringOptions
 from lowbit.backends.tensorrt.engine_file import (
     EngineFileError,
     EngineHeader,
@@ -136,7 +138,13 @@ def check_build_options(options: Mapping[str, Any]) -> None:
     a misspelt or ill-typed option was reported as "TensorRT is not installed" on a machine without it, and
     otherwise only after the whole lowering, inside TensorRT's builder."""
     known = [n for n in inspect.signature(build_engine).parameters if n != "onnx_path"]
+    lowering = {f.name for f in fields(LoweringOptions)}  # the engine's ONNX has fixed ones (_checked_onnx)
     for key, value in options.items():
+        if key in lowering:  # was "did you mean 'opt'?" for opset
+            raise TypeError(f"{key}= is an ONNX lowering option; a TensorRT engine is built from the opset-21 QDQ "
+                            "form (Attention and RotaryEmbedding decomposed, QDQ weights), so it takes none: drop "
+                            f"{key}=, or export format='onnx' with it and build that file yourself. TensorRT build "
+                            f"options are: {', '.join(known)}")
         if key not in known:
             raise TypeError(f"unknown TensorRT build option {key!r}{did_you_mean(key, known)}; options are: "
                             f"{', '.join(known)}")
