@@ -123,7 +123,8 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
     anything else → a TensorRT engine.
 
     A step graph exported from a ``generation=`` compile carries its generation meta (``lowbit.generation``), so
-    the loaded file has ``generate()`` like the compiled model (``tokenizer=`` for text prompts). ``options`` are
+    the loaded file has ``generate()`` like the compiled model (``tokenizer=`` for text prompts: a tokenizer, or
+    ``smollm2``, ``minilm`` or a tokenizer directory). ``options`` are
     ``OrtCompiled``'s session options (``threads``, ``providers``, ...); an engine file takes none. A missing,
     truncated or corrupted file raises ``OnnxFileError`` / ``EngineFileError`` saying so.
     """
@@ -152,7 +153,7 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path}: metadata {GENERATION_KEY!r} is not JSON: {exc}") from None
         return GeneratingOnnx(ort, validated_meta(GenerationMeta, parsed, f"{path}: metadata {GENERATION_KEY!r}"),
-                              tokenizer)
+                              _given_tokenizer(tokenizer))
     if (options or tokenizer is not None) and path.is_file():  # were dropped without a word: an engine takes none
         given = sorted(options) + (["tokenizer"] if tokenizer is not None else [])
         raise TypeError(f"{path} is read as a TensorRT engine (not an ONNX file), which takes no options: got "
@@ -161,6 +162,23 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
     from lowbit.backends.tensorrt import TensorRTCompiled
 
     return TensorRTCompiled.load(path)
+
+
+def _given_tokenizer(tokenizer: Any) -> Any:
+    """``load``'s ``tokenizer=`` as ``compile_model`` takes it: a tokenizer, or ``smollm2``, ``minilm`` or a tokenizer
+    directory, loaded here (a name was kept as the string, and generate() failed with "'str' object is not
+    callable")."""
+    if tokenizer is None or callable(getattr(tokenizer, "get_vocab", None)):
+        return tokenizer
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from lowbit.data.model_files import load_tokenizer
+
+        try:
+            return load_tokenizer(os.fspath(tokenizer))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"tokenizer={os.fspath(tokenizer)!r}: {exc}") from None
+    raise TypeError(f"tokenizer= takes a Hugging Face tokenizer, 'smollm2', 'minilm' or a tokenizer directory, got "
+                    f"{type(tokenizer).__name__}")
 
 
 def _refuse_unreadable_as_engine(path: Path) -> None:

@@ -771,6 +771,26 @@ def test_text_prompts_to_an_exported_step_graph_say_where_the_tokenizer_goes(tmp
     assert loaded.generate([[1, 2]], 3).tokens == gen.generate([[1, 2]], 3).tokens
 
 
+def test_an_exported_step_graph_loads_with_a_tokenizer_named_as_compile_model_takes_it(tmp_path):
+    """``load(path, tokenizer="smollm2")`` kept the string and generate() failed with "'str' object is not
+    callable"; a name or directory is loaded as compile_model's tokenizer= is, and a wrong one is named."""
+    from conftest import tiny_llama
+
+    from lowbit.data.model_files import load_tokenizer
+
+    torch.manual_seed(0)
+    gen = lowbit.compile_model(tiny_llama(vocab=49152), pipeline="dce",
+                               generation=lowbit.GenerationSpec(max_length=16, max_batch=1))
+    path = lowbit.export(gen, tmp_path / "step.onnx")
+    ids = load_tokenizer("smollm2")("The capital of France is").input_ids
+    out = load(path, tokenizer="smollm2").generate("The capital of France is", 3)
+    assert out.tokens == load(path).generate([ids], 3).tokens and isinstance(out.texts[0], str)
+    with pytest.raises(ValueError, match="tokenizer='/no/such/dir': .*give 'smollm2', 'minilm' or a local tokenizer"):
+        load(path, tokenizer="/no/such/dir")
+    with pytest.raises(TypeError, match="tokenizer= takes a Hugging Face tokenizer, .* got int"):
+        load(path, tokenizer=3)
+
+
 def test_a_gather_along_another_axis_is_not_taken_for_an_embedding():
     """The file's id check reads Gather tables on an input as embeddings (rows on axis 0); a Gather along axis 1
     of a [2, 10] table takes ids up to 9."""
