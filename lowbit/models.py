@@ -769,7 +769,11 @@ def load_model(
                                          f"{str(exc).strip()[:300]}") from exc
         return embedder.to(dtype), tokenizer, "encoder"
     what = "directory without config.json" if path.is_dir() else "file that is not .gguf"
-    raise ValueError(f"model {name!r} is a {what}; accepted: {_ACCEPTED}")
+    hint = ""
+    if path.suffix.lower() in (".onnx", ".engine"):  # an exported file: it runs, it does not compile again
+        hint = (f". {path.name} is an exported model: run it with lowbit.export.load(path) (its generate() for a "
+                "step graph exported from compile_model(generation=...)); compile the model it came from instead")
+    raise ValueError(f"model {name!r} is a {what}; accepted: {_ACCEPTED}{hint}")
 
 
 

@@ -127,6 +127,10 @@ def test_load_model_rejects_bad_paths(tmp_path):
     text.write_bytes(b"\0")
     with pytest.raises(ValueError, match="weights.bin.*not .gguf"):
         load_model(text)
+    exported = tmp_path / "step.onnx"  # lowbit compile / generate on an export: said only 'not .gguf'
+    exported.write_bytes(b"\x08\x0a")
+    with pytest.raises(ValueError, match=r"step.onnx is an exported model: run it with lowbit.export.load\(path\)"):
+        load_model(exported)
 
 
 def test_load_model_refuses_a_directory_that_is_no_text_encoder(tmp_path, minilm):
