@@ -595,12 +595,18 @@ def test_generate_notes_a_triton_lowerings_reference_nodes_by_reason(monkeypatch
     ("compressed-tensors", "fold-norms,rotate(online=false),quantize(w=int4,group=64,kv=int4,kv_group=64)",
      "pass quantize(w=int4,group=64,kv=int4,kv_group=64) quantizes the KV cache, which format 'compressed-tensors' "
      "cannot hold"),
+    ("gptq", "gptq(w=int4,group=64)", "pass gptq(group=64) quantizes weights asymmetrically (sym=false, its "
+                                      "default), and format 'gptq' holds symmetric weights only: add sym=true"),
+    ("gptq", "quantize(w=int8,a=int8)", "pass quantize(w=int8,a=int8) quantizes input activations (a=int8), and "
+                                        "format 'gptq' is weight-only"),
+    ("gptq", "fold-norms,rotate(online=false),awq(w=fp8e4m3)", "format 'gptq' holds int4/int8 weights only"),
     ("gptq", "gptq(w=int4,sym=true),quantize(kv=int8)", "pass quantize(kv=int8) quantizes the KV cache, which "
                                                         "format 'gptq' cannot hold"),
 ])
 def test_hf_format_refusals_the_pipeline_shows_come_before_the_compile(tmp_path, monkeypatch, fmt, pipeline, message):
     """`lowbit compile -f hf` with a quantizing pipeline (or -f compressed-tensors/gptq with none or with a quantized KV
-    cache, or any HF format after a rotate that leaves online Hadamards) loaded the model, captured, calibrated and compiled, then the
+    cache, or -f gptq with asymmetric, non-int4/int8 or activation quantization, or any HF format after a rotate that
+    leaves online Hadamards) loaded the model, captured, calibrated and compiled, then the
     checkpoint writer refused. What the pipeline already shows is refused
     first (exit 2), before any model is read."""
     monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))

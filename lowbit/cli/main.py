@@ -466,6 +466,24 @@ def hf_format_refusal(fmt: str, passes: list[Any]) -> str | None:
         names = ", ".join(p.spec() for p in passes) or "no pass"
         return (f"format {fmt!r} describes quantized linears, and the pipeline ({names}) quantizes none: add a "
                 "quantizing pass (quantize, gptq, awq, autoround), or write --format hf (a float model) or lowbit")
+    if fmt == "gptq":
+        # what the GPTQ writer refuses per linear, after the whole compile (GPTQ's calibration included): its
+        # options say it first. gptq/awq/autoround quantize asymmetrically by default
+        from lowbit.ir.quant import get_qdtype
+
+        for p in quantizers:
+            w, o = getattr(p.options, "w", None), p.options
+            if w is not None and (get_qdtype(w).is_float or get_qdtype(w).bits not in (4, 8)):
+                return (f"pass {p.spec()} quantizes weights to {w}, and format 'gptq' holds int4/int8 weights only: "
+                        "write --format compressed-tensors")
+            if w is not None and getattr(o, "sym", True) is False:
+                default = "" if "sym" in o.model_fields_set else ", its default"
+                return (f"pass {p.spec()} quantizes weights asymmetrically (sym=false{default}), and format 'gptq' "
+                        "holds symmetric weights only: add sym=true, or write --format compressed-tensors (it stores "
+                        "zero points)")
+            if getattr(o, "a", None):
+                return (f"pass {p.spec()} quantizes input activations (a={o.a}), and format 'gptq' is weight-only: "
+                        "write --format compressed-tensors")
     if fmt in ("compressed-tensors", "gptq"):
         # the writers refused a quantized KV cache after the compile (hf refuses kv-cache above, and quantize as a
         # quantizer): lowbit's dynamic per-channel/per-token KV scales are not compressed-tensors' static
