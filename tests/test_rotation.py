@@ -910,10 +910,12 @@ def test_rotate_refuses_options_its_kind_does_not_read():
     ]:
         with pytest.raises(PipelineError, match=msg):
             PassManager(spec)
-    PassManager("rotate,rotate(kind=random,seed=3,online_o=true)")
+    # a second rotate with the first's online part too is refused (Rotate.undone_by): these fold on top of it
+    PassManager("rotate,rotate(kind=random,seed=3,online=false,online_o=true)")
     PassManager("rotate(kind=kurtosis,samples=64,steps=3,lr=0.01,batch_tokens=64,learn_heads=true,target=2.0)")
     PassManager("rotate(kind=learned,steps=3,lr=0.01,windows_per_step=2,w_bits=16,a_bits=4,check_windows=2)")
-    PassManager("rotate(progress=false),rotate(kind=learned,calib_n=2,calib_len=16,device=cpu,progress=false)")
+    PassManager("rotate(progress=false),rotate(kind=learned,online=false,calib_n=2,calib_len=16,device=cpu,"
+                "progress=false)")
     PassManager("rotate(kind=kurtosis,calib=wikitext2-valid,tokenizer=smollm2,batch_size=1)")
 
 
