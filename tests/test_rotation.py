@@ -1018,3 +1018,21 @@ def test_hadamard_constants_cached_under_inference_mode_still_train():
     x = torch.randn(2, 64, requires_grad=True)
     ops.hadamard(x * 2).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_rotate_refuses_cohere_naming_its_mean_subtracting_norm_once_per_module():
+    """Cohere's LayerNorm (no bias) is captured as ATen, not raised to layer_norm: rotate refused it with three
+    'read by %mean / %sub_1 / %sub_2 (aten...), through which a rotation does not fold' per norm, naming no norm
+    type. It now says, once per norm module, that the module takes the stream's mean (a LayerNorm-type norm)."""
+    from conftest import tiny_outside_family
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    g = capture(CausalLMLogits(tiny_outside_family("cohere")).eval(), (torch.ones(1, 6, dtype=torch.long),))
+    with pytest.raises(PipelineError) as info:
+        PassManager("rotate").run(g)
+    msg = str(info.value)
+    assert re.search(r"module 'model\.layers\.0\.input_layernorm' takes the mean of %embedding .*a LayerNorm-type "
+                     r"norm \(it subtracts the mean", msg), msg
+    assert msg.count("takes the mean of") == 3 and "through which a rotation does not fold" not in msg, msg

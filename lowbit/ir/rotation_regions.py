@@ -218,6 +218,14 @@ def _residual(graph: Graph, users: dict[int, list[Node]], refused: list[str]) ->
                 refused.append(f"residual stream: {_where(u)} is a LayerNorm: it subtracts the mean, and "
                                "mean(x·Q) != mean(x)·Q, so no rotation folds through it exactly")
                 ok = False
+            elif u.module and any(w.op == "aten.mean.dim" and w.module == u.module for w in users.get(id(v), [])):
+                # a norm capture left as ATen that takes the stream's own mean (Cohere's LayerNorm without a bias):
+                # its mean, sub and var each read the stream, and were refused three times as bare ATen readers
+                if not any(f"module {u.module!r} takes the mean" in r for r in refused):
+                    refused.append(f"residual stream: module {u.module!r} takes the mean of %{v.name} "
+                                   f"({_where(u)}): a LayerNorm-type norm (it subtracts the mean; not raised to "
+                                   "layer_norm), and mean(x·Q) != mean(x)·Q, so no rotation folds through it exactly")
+                ok = False
             else:
                 refused.append(f"residual stream: %{v.name} is read by {_where(u)}, through which a rotation does "
                                "not fold")
