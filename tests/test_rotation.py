@@ -1020,6 +1020,39 @@ def test_hadamard_constants_cached_under_inference_mode_still_train():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_helium_norms_raise_in_float64_and_bfloat16_so_rotate_is_exact():
+    """Helium's RMSNorm applies its gain in float32 before the cast back (``(w.float() * normed).to(dtype)``). In a
+    float64 or bfloat16 model its casts stayed ATen, so the norms were never raised and rotate refused the model
+    with "%embedding is read by %to_6 (aten.to.dtype, ...)". They raise to rms_norm (gain in compute) bit for bit,
+    and fold-norms + rotate is exact in float64 (float64 statistics, as every exactness check here)."""
+    from transformers import HeliumConfig, HeliumForCausalLM
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    cfg = HeliumConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, vocab_size=97, num_hidden_layers=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = HeliumForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "HeliumRMSNorm":
+                m.weight.copy_(torch.rand_like(m.weight) + 0.5)
+    ids = torch.randint(0, 97, (1, 6))
+    for dtype in (torch.bfloat16, torch.float64):
+        wrapped = CausalLMLogits(model.to(dtype)).eval()
+        g = capture(wrapped, (torch.ones(1, 6, dtype=torch.long),))
+        assert len(list(g.find("rms_norm"))) == 5
+        assert not any(n.op == "aten.to.dtype" for n in g.nodes if "norm" in n.module)
+        assert torch.equal(TorchCompiled(g)(ids), wrapped(ids))  # raising is bit-exact
+    float64_norm_stats(g)
+    ref = TorchCompiled(g)(ids)
+    stats = PassManager("fold-norms,rotate").run(g).records[-1].stats
+    assert stats["residual_dim"] == 64 and stats["refused"] == []
+    out = TorchCompiled(g)(ids)
+    assert (out - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+
+
 def test_rotate_refuses_cohere_naming_its_mean_subtracting_norm_once_per_module():
     """Cohere's LayerNorm (no bias) is captured as ATen, not raised to layer_norm: rotate refused it with three
     'read by %mean / %sub_1 / %sub_2 (aten...), through which a rotation does not fold' per norm, naming no norm

@@ -141,6 +141,24 @@ def _rewrite_gemma_rms_norm(graph: Graph, node: Node, b: Bindings) -> Node | Non
                  gain_in_compute=True)
 
 
+_COMPUTE_GAIN = Opt(lambda i: _cast(i, "w_dtype"), X("w", _is_param))
+COMPUTE_GAIN_RMS_NORM = Opt(lambda i: _cast(i, "out_dtype"),
+                            Alt(P("aten.mul.Tensor", _COMPUTE_GAIN, _RMS_NORMED),
+                                P("aten.mul.Tensor", _RMS_NORMED, _COMPUTE_GAIN)))
+"""Helium's RMSNorm: ``(w.to(float32) * normed(x.to(float32))).to(x.dtype)`` — the gain applied in
+float32 before the cast back, with no offset. In a float32 model every cast is dropped and the Llama rule takes it;
+in float64 or bfloat16 it stayed ATen, so ``rotate`` refused the model ('read by %to_6 (aten.to.dtype, module
+model.layers.0.input_layernorm)') and no pass saw its norms."""
+
+
+def _rewrite_compute_gain_rms_norm(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    xw = _norm_operands(node, b)
+    compute = b.get("compute_dtype")
+    if xw is None or (b.get("w_dtype") or xw[1].tensor_type.dtype) != (compute or xw[0].tensor_type.dtype):
+        return None  # the gain must be applied in the statistics' dtype
+    return _node("rms_norm", *xw, eps=b["eps"], compute_dtype=compute, gain_in_compute=compute is not None)
+
+
 _ROT_X = X("x", _is_tensor)
 ROTARY = P(
     "aten.add.Tensor",
@@ -184,6 +202,7 @@ def _rewrite_transposed_linear(graph: Graph, node: Node, b: Bindings) -> Node | 
 COMPOSITE_RULES = [
     Rule("rms_norm", RMS_NORM, _rewrite_rms_norm),
     Rule("gemma_rms_norm", GEMMA_RMS_NORM, _rewrite_gemma_rms_norm),
+    Rule("compute_gain_rms_norm", COMPUTE_GAIN_RMS_NORM, _rewrite_compute_gain_rms_norm),
     Rule("rotary", ROTARY, _rewrite_rotary),
     Rule("transposed_linear", P(("aten.matmul.default", "aten.mm.default"), X("x", _is_tensor), _TRANSPOSED),
          _rewrite_transposed_linear),
