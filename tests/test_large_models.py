@@ -62,7 +62,7 @@ def test_streamed_safetensors_refuses_what_the_format_cannot_hold(tmp_path: Path
         write_safetensors({"ok": torch.zeros(2), "c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "x.st")
 
 
-_CHILD = r"""
+_SAMPLER = r"""
 import json, sys, threading, time
 from pathlib import Path
 
@@ -71,58 +71,56 @@ def anon_mib():
         if line.startswith("RssAnon"):
             return int(line.split()[1]) / 1024
 
+class Peak:  # the highest anonymous resident memory from construction to stop(), sampled every 5 ms
+    def __init__(self):
+        self.before = self.peak = anon_mib()
+        self.done = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        while not self.done.is_set():
+            self.peak = max(self.peak, anon_mib())
+            time.sleep(0.005)
+
+    def stop(self):
+        self.done.set()
+        self.peak = max(self.peak, anon_mib())
+"""
+
+_CHILD = _SAMPLER + r"""
 import torch
 import lowbit
 from lowbit.models import load_model
 
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
-before = anon_mib()
-peak = [before]
-done = threading.Event()
-
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon_mib())
-        time.sleep(0.005)
-
-threading.Thread(target=sample, daemon=True).start()
+mem = Peak()
 model, tokenizer, _ = load_model(src, dtype="auto")
 loaded = anon_mib()
 dtype = str(next(model.parameters()).dtype)
 compiled = lowbit.compile_model(model, tokenizer=tokenizer, pipeline="quantize(w=int4,group=128,sym=false)",
                                 verify=False, backend_options={"keep_packed": True})
 lowbit.save(compiled, out, format="compressed-tensors")
-done.set()
-peak[0] = max(peak[0], anon_mib())
+mem.stop()
 ids = torch.tensor([[1, 20, 300, 4000, 50]])
 with torch.no_grad():
     logits = compiled(ids)
-print(json.dumps({"before": before, "loaded": loaded, "peak": peak[0], "dtype": dtype, "logits": logits[0, -1, :8].tolist()}))
+print(json.dumps({"before": mem.before, "loaded": loaded, "peak": mem.peak, "dtype": dtype,
+                  "logits": logits[0, -1, :8].tolist()}))
 """
 
 
-_LOAD_CHILD = _CHILD.split("import torch")[0] + r"""
+_LOAD_CHILD = _SAMPLER + r"""
 import torch
 import lowbit
 import compressed_tensors.quantization, transformers  # what any load imports: not the checkpoint's memory
 from transformers import LlamaForCausalLM
 
-before = anon_mib()
-peak = [before]
-done = threading.Event()
-
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon_mib())
-        time.sleep(0.005)
-
-threading.Thread(target=sample, daemon=True).start()
+mem = Peak()
 compiled = lowbit.load(sys.argv[1], backend_options={"keep_packed": True})
 with torch.no_grad():
     logits = compiled(torch.tensor([[1, 20, 300, 4000, 50]]))
-done.set()
-peak[0] = max(peak[0], anon_mib())
-print(json.dumps({"before": before, "peak": peak[0], "logits": logits[0, -1, :8].float().tolist()}))
+mem.stop()
+print(json.dumps({"before": mem.before, "peak": mem.peak, "logits": logits[0, -1, :8].float().tolist()}))
 """
 
 
