@@ -570,11 +570,17 @@ def test_generate_notes_a_triton_lowerings_reference_nodes_by_reason(monkeypatch
   return %b
 }}"""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    cli_main._note_reference_nodes(lower(parse_graph(text.format(d=24), {}), dev, compile=False))
+
+    def step_graph(d: int):  # only generation step graphs send attention to decode-sdpa (6c1d14e)
+        g = parse_graph(text.format(d=d), {})
+        g.meta["generation"] = {"logits": "last"}
+        return g
+
+    cli_main._note_reference_nodes(lower(step_graph(24), dev, compile=False))
     assert out.getvalue() == ("note: 2 nodes run their reference path on this backend:\n"
                               "  2x decode-sdpa: head_dim 24 (a power of two <= 256, contiguous)\n")
     out.truncate(0)
-    cli_main._note_reference_nodes(lower(parse_graph(text.format(d=32), {}), dev, compile=False))
+    cli_main._note_reference_nodes(lower(step_graph(32), dev, compile=False))
     cli_main._note_reference_nodes(object())
     assert out.getvalue() == ""
 

@@ -412,6 +412,7 @@ def test_attention_decode_sdpa_cannot_take_is_reported_on_the_reference(dt, head
   %a: {dt}[2,4,1,{d}] = attention(%q, %k, %v, %m, enable_gqa=True)  # attn
   return %a
 }}""", {})
+    g.meta["generation"] = {"logits": "last"}  # a step graph: only those send attention to decode-sdpa (6c1d14e)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     m = lower(g, dev, compile=False)
     if why is None:
