@@ -26,6 +26,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -206,8 +207,8 @@ def main() -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     date = datetime.date.today().isoformat()
-    header = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix().split(str(ROOT) + "/")[-1],
-                                                *sys.argv[1:]]),
+    header = {"command": "python " + shlex.join([Path(sys.argv[0]).as_posix().split(str(ROOT) + "/")[-1],
+                                                  *sys.argv[1:]]),
               "date": date, "device": machine(), "versions": versions()}
     for r in rows:
         r.update(device=header["device"], date=date, command=header["command"])
