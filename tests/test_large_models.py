@@ -228,7 +228,7 @@ def test_gptq_holds_two_hessians_at_most_beside_its_weight_rows() -> None:
     """GPTQ on a ``K = 2048`` input (a 32 MiB float64 Hessian) runs inside an address-space limit of 2.5 Hessians
     plus four float32 copies of its ``[N, K]`` weight on top of what the process holds — the factorisation spends
     the Hessian it is handed (``consume_h``) and solves in place. Before, it held about seven Hessians (the copy it
-    made, the permuted copies, the flip, an identity, the damped sum, L, L⁻¹): 230 MiB at this size, 7.7 GB at a
+    made, the permuted copies, the flip, an identity, the damped sum, L, L⁻¹): 230 MiB at this size, 6.5 GiB at a
     7B model's down_proj (K = 11008)."""
     k, n = 2048, 512
     budget = int(2.5 * k * k * 8 + 4 * n * k * 4)
