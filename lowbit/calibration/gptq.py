@@ -147,23 +147,23 @@ class HessianAccumulator:
         if self.rows == 0:
             raise ValueError("HessianAccumulator: no inputs were added (empty calibration set?)")
 
-    @property
-    def hessian(self) -> torch.Tensor:
-        """``2/n · XᵀX`` in float64 (GPTQ only needs it up to scale; the 2/n matches the paper's loss)."""
+    def _need_second_moment(self) -> None:
         self._need_rows()
         if not self.second_moment:
             raise ValueError("HessianAccumulator: built with second_moment=False (or its Hessian was taken already), "
                              "so it has no XᵀX")
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``2/n · XᵀX`` in float64 (GPTQ only needs it up to scale; the 2/n matches the paper's loss)."""
+        self._need_second_moment()
         return self.sum * (2.0 / self.rows)
 
     def take_hessian(self) -> torch.Tensor:
         """``hessian``, scaled in place and handed over: the accumulator keeps no ``XᵀX`` after this (reading
         ``hessian`` or ``sum`` again is an error), so the caller holds the only ``K × K`` float64 copy and may let
         GPTQ spend it (``gptq_quantize(..., consume_h=True)``)."""
-        self._need_rows()
-        if not self.second_moment:
-            raise ValueError("HessianAccumulator: built with second_moment=False (or its Hessian was taken already), "
-                             "so it has no XᵀX")
+        self._need_second_moment()
         out = self.sum.mul_(2.0 / self.rows)
         self.sum = torch.empty(0, dtype=torch.float64, device=self.device)
         self.second_moment = False
