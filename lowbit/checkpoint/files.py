@@ -313,12 +313,12 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
                 f.write(memoryview(piece.view(torch.uint8).numpy()))
 
 
-def read_safetensors(path: Path, *, mmap: bool = True) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of one safetensors file; a truncated or corrupt file names itself and the tensor.
 
-    ``mmap`` (default): the tensors are views of a private, copy-on-write mapping of the file, so reading a
-    checkpoint larger than the memory left costs page cache the kernel can evict, not anonymous memory (safetensors'
-    ``get_tensor`` copies each tensor out). Writing to such a tensor copies only the pages written; the file is
+    The tensors are views of a private, copy-on-write mapping of the file, so reading a checkpoint larger than the
+    memory left costs page cache the kernel can evict, not anonymous memory (safetensors' ``get_tensor`` copies each
+    tensor out). Writing to such a tensor copies only the pages written; the file is
     never changed. lowbit writes checkpoints into a new directory and renames it into place, so saving over the
     directory a model was loaded from leaves the mapped (unlinked) files intact."""
     from safetensors import SafetensorError, safe_open
@@ -358,15 +358,11 @@ def read_safetensors(path: Path, *, mmap: bool = True) -> dict[str, torch.Tensor
     try:
         with safe_open(str(path), framework="pt") as f:  # its own checks: offsets tile the data, shapes fit dtypes
             names = list(f.keys())
-            if not mmap:
-                for name in names:
-                    try:
-                        out[name] = f.get_tensor(name)
-                    except (SafetensorError, RuntimeError, ValueError) as exc:
-                        raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({exc})") from None
-                return out
             for name in names:
-                f.get_slice(name)  # a dtype this safetensors cannot read is refused here, as get_tensor would
+                try:
+                    f.get_slice(name)  # a tensor this safetensors cannot read is refused here, as get_tensor would
+                except (SafetensorError, RuntimeError, ValueError) as exc:
+                    raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({exc})") from None
     except SafetensorError as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
