@@ -937,11 +937,8 @@ def _assigned_model(config: Any, kind: str, dtype: torch.dtype, float_state: dic
     a dtype differs) and a zero-strided placeholder, which holds no memory, for each quantized weight (the codes
     replace it after capture). A model larger than the memory left loads as its codes plus what the page cache
     holds: building it on the CPU first allocated every weight in float and the placeholders in float32."""
-    cfg = copy.deepcopy(config)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    with _parameters_on_meta():
-        model = _auto_class(kind).from_config(cfg, dtype=dtype, trust_remote_code=False).eval()
+    with _parameters_on_meta():  # built on the CPU, so the buffers are real; each parameter goes to meta
+        model = skeleton(config, kind, device="cpu", dtype=dtype)
     own = model.state_dict(keep_vars=True)
     state = {k: t if t.dtype == own[k].dtype else t.to(own[k].dtype) for k, t in float_state.items()}
     state.update({k: torch.zeros((), dtype=own[k].dtype).expand(shape) for k, shape in placeholders.items()})
