@@ -153,6 +153,19 @@ def quantized_weight(n: int, k: int, qdtype: str, group: int, symmetric: bool, d
     return q.to(device), scale.to(device), None if zp is None else zp.to(device)
 
 
+def rehash_manifest(d: Path) -> None:
+    """As an attacker (or a careless editor) would: the lowbit-manifest.json hashes and sizes of the files it lists
+    made to match those files as they are now (hashed here, not by the code under test)."""
+    import hashlib
+    import json
+
+    m = json.loads((d / "lowbit-manifest.json").read_text())
+    for rel in m["files"]:
+        data = (d / rel).read_bytes()
+        m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (d / "lowbit-manifest.json").write_text(json.dumps(m))
+
+
 def tiny_llama_config(hidden: int = 32, inter: int = 64, heads: int = 2, kv_heads: int = 1, layers: int = 1,
                       vocab: int = 61, max_positions: int = 32, **kw: Any):
     """A randomly initialised Llama's config, small enough for a CLI or API test (no download)."""

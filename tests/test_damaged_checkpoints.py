@@ -6,14 +6,13 @@ All on a tiny random Llama saved once per module in compressed-tensors, GPTQ and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import rehash_manifest as _rehash, tiny_llama
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -38,15 +37,6 @@ def saved(tmp_path_factory):
 
 def _copy(saved, fmt: str, tmp_path: Path) -> Path:
     return Path(shutil.copytree(saved[fmt], tmp_path / fmt))
-
-
-def _rehash(d: Path) -> None:
-    """As an attacker (or a careless editor) would: the manifest's hashes made to match the edited files."""
-    m = json.loads((d / "lowbit-manifest.json").read_text())
-    for rel in m["files"]:
-        data = (d / rel).read_bytes()
-        m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (d / "lowbit-manifest.json").write_text(json.dumps(m))
 
 
 def _edit_json(path: Path, edit) -> None:

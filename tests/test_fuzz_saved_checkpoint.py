@@ -8,7 +8,6 @@ match. ``lowbit.load`` and ``lowbit inspect`` either read it or refuse it with a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import rehash_manifest as _rehash, tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -35,14 +34,6 @@ def saved(tmp_path_factory) -> Path:
     compiled = lowbit.compile_model(tiny_llama(hidden=32, inter=64, heads=2, kv_heads=1, vocab=61),
                                     pipeline="quantize(w=int4,group=16)")
     return lowbit.save(compiled, tmp_path_factory.mktemp("fuzz") / "lb", format="lowbit")
-
-
-def _rehash(d: Path) -> None:
-    m = json.loads((d / "lowbit-manifest.json").read_text())
-    for rel in m["files"]:
-        data = (d / rel).read_bytes()
-        m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (d / "lowbit-manifest.json").write_text(json.dumps(m))
 
 
 HUGE_NODE = '  %big: f32[100000,100000,100] = aten.zeros.default([100000, 100000, 100], device=device("cpu"))\n'
