@@ -299,57 +299,87 @@ def reversed_hessian(h: torch.Tensor, order: torch.Tensor | None = None, *, cons
     """``P·H·P`` in float64: ``H``'s rows and columns in ``order`` (act-order; default the identity), then reversed —
     what ``_inverse_cholesky`` factors. Dead inputs (``H[j, j] = 0``) get 1 on the diagonal.
 
-    One gather makes the only new ``K × K`` matrix (the permutation and the reversal together); ``consume=True``
-    releases ``h``'s storage as soon as the gather is done (``h`` is left empty), so a caller that owns its Hessian
-    holds one ``K × K`` float64 matrix here, not three (at ``K = 11008``, a 7B model's down_proj, each is 0.9 GiB).
+    ``consume=True`` hands ``h`` over: a contiguous float64 ``h`` is permuted in place and returned (columns, then
+    rows, a 16 MiB band at a time), so a caller that owns its Hessian holds one ``K × K`` float64 matrix here, not
+    two (at ``K = 11008``, a 7B model's down_proj, each is 0.9 GiB); any other ``h`` is gathered into a new matrix
+    and released. Without it ``h`` is left as it was.
     """
     k = h.shape[0]
     idx = (order if order is not None else torch.arange(k, device=h.device)).flip(0)
-    out = h.to(torch.float64)[idx[:, None], idx]
-    if consume:
-        h.set_()
+    if consume and h.dtype == torch.float64 and h.is_contiguous():
+        out, band = h, max(1, (16 << 20) // (8 * k))
+        for r0 in range(0, k, band):  # out = H[:, idx]: each band of rows gathers its own columns
+            out[r0:r0 + band] = out[r0:r0 + band, idx]
+        for c0 in range(0, k, band):  # out = out[idx, :]: each band of columns gathers its own rows
+            out[:, c0:c0 + band] = out[idx, c0:c0 + band]
+    else:
+        out = h.to(torch.float64)[idx[:, None], idx]
+        if consume:
+            h.set_()
     diag = out.diagonal()
     diag.masked_fill_(diag == 0, 1.0)
     return out
 
 
+def _invert_lower_in_place(lower: torch.Tensor, block: int | None = None) -> None:
+    """``L ← L⁻¹`` for a lower-triangular ``L`` (zeros above the diagonal), in place: blocked from the bottom
+    right, ``[[D, 0], [B, C⁻¹]] → [[D⁻¹, 0], [-C⁻¹·B·D⁻¹, C⁻¹]]`` — LAPACK's ``trtri`` order, which torch does not
+    expose; a triangular solve against an identity would need a second ``K × K``. The products' temporaries are
+    ``2 · K × block``: the default ``K/4`` (at most 1024; wide blocks keep the GEMMs as fast as that solve) holds
+    them to half a ``K × K``."""
+    k = lower.shape[0]
+    block = block or min(1024, max(128, k // 4))
+    for j in range(((k - 1) // block) * block, -1, -block):
+        e = min(j + block, k)
+        diag = lower[j:e, j:e]
+        eye = torch.eye(e - j, dtype=lower.dtype, device=lower.device)
+        diag_inv = torch.linalg.solve_triangular(diag, eye, upper=False)
+        if e < k:
+            below = lower[e:, j:e]
+            below.copy_(torch.mm(torch.mm(lower[e:, e:], below), diag_inv).neg_())
+        diag.copy_(diag_inv)
+
+
 def _inverse_cholesky(hr: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` in float32 and the relative damping λ/mean(diag H) used, from
-    ``hr = P·H·P`` (``reversed_hessian``; float64), which this *consumes*: it is damped in place and released.
+    ``hr = P·H·P`` (``reversed_hessian``; float64), which this *consumes*: it is damped, factored and inverted in
+    place, then released.
 
     Computed without forming the inverse: with ``P`` the index reversal and ``P·H·P = L·Lᵀ``,
-    ``U = P·L⁻¹·P`` is upper triangular with ``UᵀU = H⁻¹`` — one Cholesky and one triangular solve instead of
+    ``U = P·L⁻¹·P`` is upper triangular with ``UᵀU = H⁻¹`` — one Cholesky and one triangular inversion instead of
     Cholesky, inverse and a second Cholesky (4× faster at K = 1536 here, and no explicit inverse to lose
     precision in). A Hessian from few tokens or with collinear inputs can be numerically singular even after
     the usual 1%; the damping then grows tenfold until the factorisation succeeds (the stats say so).
 
-    Memory: at most two ``K × K`` float64 matrices at once (``hr`` and ``L`` while factoring; ``L`` and ``L⁻¹``,
-    solved in place into an identity, after): LAPACK takes the column-major views as they are, with no copy.
+    Memory: ``hr`` and at most half of another ``K × K`` float64 matrix. LAPACK factors the column-major view of
+    ``hr`` where it lies (overwriting it), so a float32 copy of the undamped matrix is kept while factoring to
+    start a retry from (its diagonal is restored exactly); ``L⁻¹`` overwrites ``L`` (``_invert_lower_in_place``);
+    the float32 result is the other half.
     """
     mean_diag = float(torch.diagonal(hr).mean())
     if not math.isfinite(mean_diag) or mean_diag <= 0:
         raise ValueError(f"GPTQ: the Hessian's mean diagonal is {mean_diag}; the calibration inputs are not "
                          "finite")
-    k = hr.shape[0]
-    factor = torch.empty_like(hr)  # L in column-major order: ``factor.mT`` is L
+    lower = hr.mT  # column-major: LAPACK writes L into hr's storage with no copy (hr is symmetric: hr.mT is hr)
+    undamped, diag = hr.float(), hr.diagonal().clone()
     info = torch.empty((), dtype=torch.int32, device=hr.device)
-    rel, added = damp, 0.0
-    for _ in range(6):
-        hr.diagonal().add_(rel * mean_diag - added)
-        added = rel * mean_diag
-        torch.linalg.cholesky_ex(hr.mT, out=(factor.mT, info))  # hr is symmetric: its transpose is itself
+    rel = damp
+    for attempt in range(6):
+        if attempt:
+            hr.copy_(undamped)
+            hr.diagonal().copy_(diag)
+        hr.diagonal().add_(rel * mean_diag)
+        torch.linalg.cholesky_ex(lower, out=(lower, info))
         if int(info) == 0:
             break
         rel *= 10
     else:
         raise ValueError(f"GPTQ: the Hessian is not positive definite even with damping {rel / 10:g}× its mean "
                          "diagonal (non-finite calibration inputs?)")
+    del undamped
+    _invert_lower_in_place(lower)
+    u = lower.float()
     hr.set_()
-    l_inv = torch.eye(k, dtype=torch.float64, device=factor.device)
-    torch.linalg.solve_triangular(factor.mT, l_inv, upper=False, out=l_inv)
-    factor.set_()
-    u = l_inv.float()
-    l_inv.set_()
     return u.flip(0, 1), rel
 
 
@@ -385,8 +415,9 @@ def gptq_quantize(
     damping used, dead columns and seconds.
     Everything is computed on ``h``'s device (``w`` and ``qparams`` are moved there) and returned there.
 
-    Memory (it bounds what calibrating a large model needs): ``consume_h=True`` hands ``h`` over (it is left empty),
-    so the factorisation holds at most two ``K × K`` float64 matrices beside the caller's nothing; the weight side
+    Memory (it bounds what calibrating a large model needs): ``consume_h=True`` hands ``h`` over (it is permuted,
+    factored and inverted in place, then left empty), so the factorisation holds ``h`` and at most half another
+    ``K × K`` float64 matrix (a float32 copy while factoring, then the float32 result); the weight side
     holds ``[N, K]`` float32 work rows, the dequantized result and the codes. ``unrounded=False`` skips
     ``GPTQResult.unrounded`` (only block tuning reads it).
     """
