@@ -1,0 +1,50 @@
+"""The lists the docs give of lowbit's registries (backends and their options, passes, recipes) against the
+registries themselves, so a backend option or pass added in code cannot go undocumented, and a name the docs give
+cannot stop existing, without a test failing here."""
+
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _table_rows(text: str, header: str) -> list[list[str]]:
+    """The body rows of the markdown table whose header line starts with ``header``, as lists of cell texts."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
+    assert start is not None, f"no table starting {header!r}: update tests/test_docs_lists.py"
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _literal_values(annotation: object) -> set[str]:
+    """The strings a ``Literal[...]`` option (or ``Literal[...] | None``) takes: a cell may list them in backticks."""
+    kinds = [annotation, *typing.get_args(annotation)]
+    return {str(v) for k in kinds if typing.get_origin(k) is typing.Literal for v in typing.get_args(k)}
+
+
+def test_design_backend_table_lists_every_backend_its_passes_and_options():
+    """docs/design.md's backend table: one row per registered backend, the passes it runs before lowering as
+    registered, and every option of its options model named (a backticked word that is neither an option nor one
+    of an option's literal values is a name the code no longer has)."""
+    from lowbit.backends.registry import all_backends
+
+    rows = _table_rows((DOCS / "design.md").read_text(encoding="utf-8"), "| backend | passes before lowering |")
+    documented = {re.fullmatch(r"`([\w-]+)`", row[0]).group(1): row for row in rows}  # type: ignore[union-attr]
+    backends = all_backends()
+    assert sorted(documented) == sorted(backends), "docs/design.md's backend table lists other backends"
+    for name, (_, passes, _, options) in documented.items():
+        spec = backends[name]
+        assert passes.strip("`") == (spec.passes or "—"), f"{name}: passes before lowering"
+        fields = spec.options.model_fields
+        named = set(re.findall(r"`([\w-]+)`", options))
+        values = set().union(*(_literal_values(f.annotation) for f in fields.values()))
+        assert not set(fields) - named, f"{name}: options missing from docs/design.md: {sorted(set(fields) - named)}"
+        assert not named - set(fields) - values, f"{name}: docs/design.md names options it lacks: {named - set(fields)}"
