@@ -8,6 +8,8 @@ from lowbit.api import CompiledModel, CompileReport, compile_model
 # of that name here was replaced by the module the first time anything imported it, so ``lowbit.export.load``
 # failed in a fresh process until ``lowbit.export(...)`` had run once.
 from lowbit import export
+# the functions themselves, not wrappers taking **kwargs: help(lowbit.save) shows their options and what they raise
+from lowbit.checkpoint import load, save
 from lowbit.version import __version__
 
 __all__ = ["compile_model", "CompiledModel", "CompileReport", "GenerationSpec", "__version__", "export", "save", "load"]
@@ -21,16 +23,3 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
         return GenerationSpec
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
 
-
-def save(compiled, directory, format: str = "compressed-tensors", **kwargs):  # type: ignore[no-untyped-def]
-    """Write a compiled model as a checkpoint: compressed-tensors (vLLM/SGLang/transformers), gptq, or lowbit."""
-    from lowbit.checkpoint import save as _save
-
-    return _save(compiled, directory, format=format, **kwargs)
-
-
-def load(directory, **kwargs):  # type: ignore[no-untyped-def]
-    """A CompiledModel from a checkpoint directory (compressed-tensors, gptq or lowbit); never unpickles."""
-    from lowbit.checkpoint import load as _load
-
-    return _load(directory, **kwargs)

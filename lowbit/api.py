@@ -521,6 +521,14 @@ def compile_model(
     ``generation=GenerationSpec(max_length, max_batch)`` (or ``True`` for the defaults) captures the model's
     generation step instead (``lowbit.models.CausalLMStep``: ids, positions, KV cache -> logits, cache; see
     docs/design.md "Program form"), so ``CompiledModel.generate`` works; passes calibrate on its prefill.
+
+    Raises, each a ``lowbit.errors.LowbitError`` naming what is at fault: ``PassError`` for an unknown pass,
+    recipe or option (closest names suggested) and ``BackendError`` for an unknown backend, a backend option or an
+    op the backend cannot lower, both before the model is loaded; ``DeviceError`` for a device this machine lacks;
+    ``CaptureError`` when ``torch.export`` cannot capture the model; ``PipelineError`` when a pass fails or leaves
+    invalid IR (it carries the pass's record and the IR before it); ``LoweringError`` when the backend cannot lower
+    a node. A model name or path that does not exist is a ``FileNotFoundError``; an argument of the wrong type a
+    ``TypeError``.
     """
     from lowbit.errors import check_device
 

@@ -12,6 +12,7 @@ Formats:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -36,6 +37,10 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     ONNX options (``opset``, ``attention``, ``accuracy_level``) go to ``lowbit.backends.onnx.LoweringOptions``;
     TensorRT options (``shapes``, ``timing_cache``, ``workspace_bytes``, ...) to ``build_engine``.
     ``external_data`` forces (or forbids) a ``.data`` side file; by default models over ~1.8 GB use one.
+
+    Raises ``OnnxLoweringError`` (a ``lowbit.errors.LowbitError``) listing every node the ONNX lowering cannot
+    write, by op and module; ``ExportPathError`` for a path it cannot write; ``ValueError`` for an unknown format
+    and ``TypeError`` for an unknown option (closest names suggested).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}{did_you_mean(format, list(FORMATS))}; known: {', '.join(FORMATS)}")
@@ -251,3 +256,6 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+__signature__ = inspect.signature(export)
+"""What ``inspect.signature(lowbit.export)`` (and so ``help``) shows: ``export``'s own options, not ``__call__``'s
+``**kwargs``."""

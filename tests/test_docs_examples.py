@@ -154,3 +154,24 @@ def test_the_public_names_readme_uses_exist():
     for name in sorted(used):
         assert callable(getattr(lowbit, name)), name
     assert callable(lowbit.export.load)
+
+
+def test_public_functions_show_their_options_formats_and_errors():
+    """``help(lowbit.save)`` is the reference a user reads: each public function's signature carries the keyword
+    options the README gives it (``save``/``load`` were wrappers taking ``**kwargs``, ``export`` showed its
+    ``__call__``'s), ``save``'s docstring names every format it writes (``"hf"`` was missing), and every one says
+    what it raises."""
+    import inspect
+
+    from lowbit import checkpoint
+
+    params = {name: inspect.signature(getattr(lowbit, name)).parameters
+              for name in ("compile_model", "save", "load", "export")}
+    assert {"overwrite", "config", "kind", "actorder"} <= set(params["save"])
+    assert {"backend", "device", "generation", "backend_options"} <= set(params["load"])
+    assert {"check", "external_data"} <= set(params["export"])
+    for name in ("compile_model", "save", "load"):
+        assert all(p.kind is not p.VAR_KEYWORD for p in params[name].values()), f"lowbit.{name} hides options in **"
+    assert all(f'"{fmt}"' in lowbit.save.__doc__ for fmt in checkpoint.FORMATS)
+    for fn in (lowbit.compile_model, lowbit.save, lowbit.load, lowbit.export.export):
+        assert "Raises" in inspect.getdoc(fn), f"{fn.__qualname__}'s docstring does not say what it raises"

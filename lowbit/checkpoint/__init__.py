@@ -52,8 +52,18 @@ def save(compiled: Any, directory: str | os.PathLike[str], format: str = "compre
          actorder: str | None = None) -> Path:
     """Write ``compiled`` (a CompiledModel or Graph) to ``directory`` in ``format``; returns the directory.
 
+    ``format``: ``"compressed-tensors"`` (what vLLM, SGLang and transformers load), ``"gptq"`` (symmetric int4/int8
+    weight-only), ``"hf"`` (a float model that no longer is the module it was captured from: pruned, sliced,
+    rotated, norms folded) or ``"lowbit"`` (IR text + safetensors: anything the IR holds, ``lowbit.load`` only).
+    The files go to a temporary sibling renamed into place, with ``lowbit-manifest.json`` (SHA-256 of each file);
+    ``overwrite=False`` refuses an existing directory.
     ``config``/``kind`` override the HF config and wrapper (``"causal-lm"``/``"encoder"``) recorded at capture.
     ``actorder="static"`` marks GPTQ act-order weights (contiguous groups) in compressed-tensors' metadata.
+
+    Raises ``CheckpointError`` (a ``lowbit.errors.LowbitError``) naming the node, module or parameter the format
+    cannot hold (a quantized KV cache or an online Hadamard in an HF format, asymmetric weights in ``gptq``, a
+    quantized graph as ``hf``, non-finite scales) or the directory it cannot write; ``ValueError`` for an unknown
+    ``format``, ``kind`` or ``actorder``; ``TypeError`` for a ``config`` that is not a transformers config.
     """
     if format not in FORMATS:
         from lowbit.passes.base import closest
@@ -277,7 +287,12 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     ``generation=GenerationSpec(...)`` (HF formats): capture the generation step (prefill and decode with a KV cache,
     as ``compile_model(..., generation=)``) instead of the logits forward, with the stored codes, so ``generate``
     works; a lowbit-format checkpoint keeps whichever graph it was compiled as: ``generation=`` there must be the
-    spec it was saved with (``True``: any), and a different one is refused naming the field."""
+    spec it was saved with (``True``: any), and a different one is refused naming the field.
+
+    Raises ``CheckpointError`` or ``CorruptFileError`` (both ``lowbit.errors.LowbitError``) naming the directory,
+    file and tensor for a missing, damaged or inconsistent checkpoint (a hash the manifest does not match, a
+    truncated file, a tensor of the wrong shape, a NaN scale); ``BackendError`` for an unknown backend or option and
+    ``DeviceError`` for a device this machine lacks, both before anything is read."""
     from lowbit.api import CompiledModel, CompileReport, lower, lowering_lines
     from lowbit.errors import check_device
     from lowbit.passes.manager import PipelineReport
