@@ -525,7 +525,8 @@ def compile_model(
     Raises, each a ``lowbit.errors.LowbitError`` naming what is at fault: ``PassError`` for an unknown pass,
     recipe or option (closest names suggested) and ``BackendError`` for an unknown backend, a backend option or an
     op the backend cannot lower, both before the model is loaded; ``DeviceError`` for a device this machine lacks;
-    ``CaptureError`` when ``torch.export`` cannot capture the model; ``PipelineError`` when a pass fails or leaves
+    ``CaptureError`` when ``torch.export`` cannot capture the model; ``GenerationError`` for a ``generation=``
+    spec or a model the step graph cannot serve (named); ``PipelineError`` when a pass fails or leaves
     invalid IR (it carries the pass's record and the IR before it); ``LoweringError`` when the backend cannot lower
     a node. A model name or path that does not exist is a ``FileNotFoundError``; an argument of the wrong type a
     ``TypeError``.

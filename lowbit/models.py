@@ -145,8 +145,10 @@ def _refuse_dynamic_rope(model: nn.Module) -> None:
                            "follow; use a fixed scaling (linear, llama3, yarn) or none")
 
 
-class GenerationError(ValueError):
-    """A model or a request that generation cannot serve; the message names the limit and how to raise it."""
+class GenerationError(LowbitError, ValueError):
+    """A model or a request that generation cannot serve; the message names the limit and how to raise it. A
+    ``LowbitError``, as every deliberate refusal is: ``except LowbitError`` around ``compile_model(...,
+    generation=...)`` or ``generate`` missed it."""
 
 
 _STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Ministral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, "

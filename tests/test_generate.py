@@ -754,3 +754,15 @@ def test_step_graph_nodes_name_the_layer_they_came_from(tiny_compiled):
     norms = [p for p, n in enumerate(step.nodes) if n.op == "rms_norm"]  # the first layer's input norm .. final norm
     unplaced = [f"%{n.name} ({n.op})" for n in step.nodes[norms[0]:norms[-1]] if not n.module]
     assert not unplaced, unplaced
+
+
+def test_generation_refusals_are_lowbit_errors():
+    """README: every deliberate refusal is a ``lowbit.errors.LowbitError``. ``GenerationError`` was a bare
+    ValueError, so ``except LowbitError`` around ``compile_model(..., generation=...)`` let a bad spec, or a model
+    with no head to generate with, escape as if it were a lowbit bug."""
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match="max_length=1"):
+        GenerationSpec(max_length=1)
+    with pytest.raises(LowbitError, match="lm_head"):
+        compile_model(tiny_llama().model, generation=True)
