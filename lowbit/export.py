@@ -39,13 +39,14 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     ``external_data`` forces (or forbids) a ``.data`` side file; by default models over ~1.8 GB use one.
 
     Raises ``OnnxLoweringError`` (a ``lowbit.errors.LowbitError``) listing every node the ONNX lowering cannot
-    write, by op and module; ``ExportPathError`` for a path it cannot write; ``ValueError`` for an unknown format
-    and ``TypeError`` for an unknown option (closest names suggested).
+    write, by op and module; ``ExportPathError`` for a path it cannot write; ``ExportError`` for an unknown format
+    (closest names suggested), a directory as the path or a bad ``external_data``; ``TypeError`` for an unknown
+    option.
     """
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}{did_you_mean(format, list(FORMATS))}; known: {', '.join(FORMATS)}")
+        raise ExportError(f"unknown export format {format!r}{did_you_mean(format, list(FORMATS))}; known: {', '.join(FORMATS)}")
     if external_data is not None and not isinstance(external_data, bool):  # "false" is truthy: it wrote a .data file
-        raise ValueError(f"external_data takes True, False or None (by size), got {external_data!r}")
+        raise ExportError(f"external_data takes True, False or None (by size), got {external_data!r}")
     inner = getattr(compiled, "runner", compiled)  # GeneratingOnnx runs an OrtCompiled
     if getattr(compiled, "graph", None) is None and hasattr(inner, "graph") and inner.graph is None:
         # was "expected ... a compiled model with a .graph, got OrtCompiled": it has one, empty
@@ -57,7 +58,7 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     path = Path(path).expanduser()  # as lowbit.save: '~/m.onnx' was written under a directory named '~'
     if as_dir or path.is_dir():  # an engine too: it was found only when the built plan was renamed onto the directory
         suggestion = path / ("model.engine" if format == "tensorrt" else "model.onnx")
-        raise ValueError(f"export path {str(path)!r} is a directory: give a file path such as {str(suggestion)!r}")
+        raise ExportError(f"export path {str(path)!r} is a directory: give a file path such as {str(suggestion)!r}")
     if format == "tensorrt":
         from lowbit.backends.tensorrt import export_engine
 
@@ -98,6 +99,11 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
 class ExportFormWarning(UserWarning):
     """The file was written, but some of it is not in the form the export format names (``onnx-matmulnbits``
     linears left in QDQ form)."""
+
+
+class ExportError(LowbitError, ValueError):
+    """An export asked for what it cannot do: an unknown format, a directory as the file path, a bad option value.
+    A ``LowbitError`` as every deliberate refusal is (it was a bare ValueError), still a ValueError."""
 
 
 class ExportPathError(LowbitError, OSError):

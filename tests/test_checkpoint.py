@@ -1027,3 +1027,15 @@ def test_a_pruned_float_model_saves_as_a_plain_transformers_directory(tmp_path):
                                               r"linears .*format='compressed-tensors' or 'gptq'"):
         lowbit.save(q, tmp_path / "q", format="hf")
     assert not (tmp_path / "q").exists()
+
+
+def test_save_argument_refusals_are_lowbit_errors(tmp_path):
+    """README: every deliberate refusal is a ``lowbit.errors.LowbitError``; ``save``'s unknown format (a typo of
+    one), kind and actorder were bare ValueErrors (still ValueErrors, as ``CheckpointError``). Checked before the
+    graph is read, so no model is needed."""
+    from lowbit.errors import LowbitError
+
+    for kwargs in ({"format": "compresed-tensors"}, {"kind": "lm"}, {"actorder": "group"}):
+        with pytest.raises(LowbitError):
+            lowbit.save(None, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()

@@ -130,6 +130,19 @@ def test_matmulnbits_export_of_weight_only_linear(tmp_path, block, nbits):
     torch.testing.assert_close(load(path)(x), TorchCompiled(g)(x), rtol=1e-5, atol=1e-5)
 
 
+def test_export_argument_refusals_are_lowbit_errors(tmp_path):
+    """README: every deliberate refusal is a ``lowbit.errors.LowbitError``; an unknown format, a directory as the
+    path and a bad ``external_data`` were bare ValueErrors (still ValueErrors, as ``ExportError``)."""
+    from lowbit.errors import LowbitError
+
+    g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
+    for kwargs in ({"format": "onnx-matmulbits"}, {"external_data": "false"}):
+        with pytest.raises(LowbitError):
+            lowbit.export(g, tmp_path / "m.onnx", **kwargs)
+    with pytest.raises(LowbitError, match="is a directory"):
+        lowbit.export(g, tmp_path)
+
+
 def test_unknown_format_and_input_are_clear(tmp_path):
     g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
     with pytest.raises(ValueError, match="unknown export format 'onnx-matmulbits' \\(did you mean 'onnx-matmulnbits'"):

@@ -62,19 +62,19 @@ def save(compiled: Any, directory: str | os.PathLike[str], format: str = "compre
 
     Raises ``CheckpointError`` (a ``lowbit.errors.LowbitError``) naming the node, module or parameter the format
     cannot hold (a quantized KV cache or an online Hadamard in an HF format, asymmetric weights in ``gptq``, a
-    quantized graph as ``hf``, non-finite scales) or the directory it cannot write; ``ValueError`` for an unknown
-    ``format``, ``kind`` or ``actorder``; ``TypeError`` for a ``config`` that is not a transformers config.
+    quantized graph as ``hf``, non-finite scales), the directory it cannot write, or an unknown ``format``, ``kind``
+    or ``actorder``; ``TypeError`` for a ``config`` that is not a transformers config.
     """
     if format not in FORMATS:
         from lowbit.passes.base import closest
 
         near = closest(format, list(FORMATS)) if isinstance(format, str) else ""
-        raise ValueError(f"unknown checkpoint format {format!r}{near}; known: {', '.join(FORMATS)}")
+        raise CheckpointError(f"unknown checkpoint format {format!r}{near}; known: {', '.join(FORMATS)}")
     if kind not in (None, *KINDS):  # any other kind built a bare AutoModel whose names matched nothing
-        raise ValueError(f"unknown kind {kind!r}: {' or '.join(map(repr, KINDS))} (the HF wrapper the graph was "
+        raise CheckpointError(f"unknown kind {kind!r}: {' or '.join(map(repr, KINDS))} (the HF wrapper the graph was "
                          "captured through)")
     if actorder not in (None, "static", "weight"):  # "group"/"dynamic" promise a g_idx lowbit never writes
-        raise ValueError(f"actorder={actorder!r}: lowbit keeps act-order groups contiguous, which is 'static' or "
+        raise CheckpointError(f"actorder={actorder!r}: lowbit keeps act-order groups contiguous, which is 'static' or "
                          "'weight' (or None); 'group' and 'dynamic' need a g_idx permutation lowbit does not write")
     if config is not None and not callable(getattr(config, "to_dict", None)):
         # a dict was an AttributeError (lowbit format) or transformers' "Unrecognized configuration class" list
