@@ -30,15 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EXIT_CODES_HELP)
     parser.add_argument("--model", default="smollm2", help="a causal LM (perplexity needs one): smollm2, an HF "
                         "*ForCausalLM directory or a .gguf file; NAME:N keeps the first N blocks (smollm2:2). "
-                        "Encoders (minilm): `lowbit debug compare minilm ...` measures them")
+                        "Encoders (minilm): `lowbit debug compare minilm ...` measures them (default: %(default)s)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--recipe", default=None, help=f"named recipe (default {DEFAULT_RECIPE} when it exists)")
+    group.add_argument("--recipe", default=None, help=f"named recipe, see `lowbit recipes` (default: {DEFAULT_RECIPE})")
     group.add_argument("--pipeline", default=None, help='pass pipeline text, e.g. "fold-norms,dce"')
-    parser.add_argument("--text", default="wikitext2-test", help="evaluation text: a shipped name or a file path")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (at least 2)")
-    parser.add_argument("--windows", type=int, default=40, help="number of windows (0 = the whole text)")
+    parser.add_argument("--text", default="wikitext2-test", help="evaluation text: a shipped name or a file path (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window, at least 2 (default: %(default)s)")
+    parser.add_argument("--windows", type=int, default=40, help="number of windows, 0 = the whole text (default: %(default)s)")
     parser.add_argument("--save", default="lowbit-checkpoint", help="write a compressed-tensors checkpoint here and "
-                        "run it in transformers ('' skips it)")
+                        "run it in transformers; '' skips it (default: %(default)s)")
     return parser
 
 

@@ -175,3 +175,24 @@ def test_public_functions_show_their_options_formats_and_errors():
     assert all(f'"{fmt}"' in lowbit.save.__doc__ for fmt in checkpoint.FORMATS)
     for fn in (lowbit.compile_model, lowbit.save, lowbit.load, lowbit.export.export):
         assert "Raises" in inspect.getdoc(fn), f"{fn.__qualname__}'s docstring does not say what it raises"
+
+
+def test_main_job_help_shows_the_defaults_readme_gives(monkeypatch):
+    """README describes ``python -m lowbit --help``'s flags and the main job's defaults (40 windows of 512 tokens,
+    ``--save`` to ``lowbit-checkpoint``); the help named the flags but none of their defaults, so a user could not
+    tell from it that a bare run writes a checkpoint into the current directory."""
+    from lowbit.__main__ import DEFAULT_RECIPE, build_parser
+
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at hyphens: 'lowbit-' / 'checkpoint'
+    readme = README.read_text(encoding="utf-8")
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())
+    described = re.search(r"`python -m lowbit --help` takes (.*?)\n\n", readme, re.S)
+    assert described, "README no longer describes `python -m lowbit --help`: update this test"
+    flags = set(re.findall(r"`(--[\w-]+)", described.group(1)))
+    assert flags and flags <= {a for action in parser._actions for a in action.option_strings}
+    defaults = parser.parse_args([])
+    assert f"--save DIR` (default `{defaults.save}`" in " ".join(described.group(1).split())
+    assert f"({defaults.windows} windows of {defaults.seq_len} tokens" in readme
+    for shown in (defaults.save, defaults.seq_len, defaults.windows, defaults.text, defaults.model, DEFAULT_RECIPE):
+        assert f"default: {shown}" in text, shown
