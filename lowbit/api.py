@@ -130,9 +130,22 @@ class CompiledModel(torch.nn.Module):
             text += f", generation(max_length={gen.get('max_length')}, max_batch={gen.get('max_batch')})"
         return text
 
-    def generate(self, input_ids: Any, max_new_tokens: int, **kwargs: Any) -> Any:
-        """Generate text tokens (``lowbit.generate.Generator.generate``: greedy or sampling, stop tokens, batches
-        of different prompt lengths). Needs a model compiled with ``generation=GenerationSpec(...)``."""
+    def generate(self, input_ids: Any, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] | int | None = None,
+                 on_token: Callable[[int, int], None] | None = None, **unknown: Any) -> Any:
+        """Generate up to ``max_new_tokens`` per prompt (``lowbit.generate.Generator.generate``); needs a model
+        compiled with ``generation=GenerationSpec(...)``.
+
+        ``input_ids``: a list of token-id lists (any lengths), of strings (encoded with the model's tokenizer), or a
+        ``[B, L]`` tensor (with ``attention_mask`` when padded). Greedy unless ``do_sample`` (``temperature``,
+        ``top_k``, ``top_p``, ``seed``); a sequence ends at its first of ``stop_tokens`` (default: the model's
+        end-of-sequence ids; ``()`` for none); ``on_token(sequence_index, token)`` streams. Returns a
+        ``GenerationOutput`` (``tokens``, ``texts``, ``prefill_seconds``, ``decode_tokens_per_second``, ...).
+
+        Raises ``GenerationError`` (a ``LowbitError``) naming the limit a request exceeds (``max_length``,
+        ``max_batch``), a bad sampling option or token id, an option ``generate`` does not have (transformers'
+        names say what to use instead), or a model compiled without ``generation=``."""
         from lowbit.generate import GenerationError
 
         meta = self.graph.meta.get("generation")
@@ -151,7 +164,9 @@ class CompiledModel(torch.nn.Module):
                 "this model was compiled as input_ids -> logits, with no KV cache: compile it with "
                 "compile_model(model, generation=GenerationSpec(max_length=..., max_batch=...)) "
                 "(CLI: lowbit generate) to generate")
-        return self._step_generator().generate(input_ids, max_new_tokens, **kwargs)
+        return self._step_generator().generate(
+            input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_token=on_token, **unknown)
 
 
 def dynamic_dim(lo: int, hi: int) -> Any:

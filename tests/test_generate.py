@@ -766,3 +766,29 @@ def test_generation_refusals_are_lowbit_errors():
         GenerationSpec(max_length=1)
     with pytest.raises(LowbitError, match="lm_head"):
         compile_model(tiny_llama().model, generation=True)
+
+
+def test_compiled_generate_shows_the_generator_options():
+    """``help(compiled.generate)`` is where a user looks for the sampling options README names (do_sample, top_k,
+    top_p, seed): ``CompiledModel.generate`` took ``**kwargs`` and hid them all. It now has
+    ``Generator.generate``'s own parameters, same defaults, and hands every one on."""
+    import inspect
+
+    from lowbit.api import CompiledModel
+    from lowbit.generate import Generator
+
+    ours = list(inspect.signature(CompiledModel.generate).parameters.values())
+    theirs = list(inspect.signature(Generator.generate).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours] == [(p.name, p.kind, p.default) for p in theirs]
+    seen: dict = {}
+
+    class Recording:
+        def generate(self, *args, **kwargs):
+            seen.update(kwargs, args=args)
+
+    model = CompiledModel(None, None, None)  # type: ignore[arg-type]
+    model.graph = type("G", (), {"meta": {"generation": {}}})()
+    model._generator = Recording()
+    model.generate([[1, 2]], 3, do_sample=True, top_k=5, top_p=0.9, seed=7, stop_tokens=(), temperature=0.5)
+    assert seen == {"args": ([[1, 2]], 3), "attention_mask": None, "do_sample": True, "temperature": 0.5, "top_k": 5,
+                    "top_p": 0.9, "seed": 7, "stop_tokens": (), "on_token": None}
