@@ -48,3 +48,22 @@ def test_design_backend_table_lists_every_backend_its_passes_and_options():
         values = set().union(*(_literal_values(f.annotation) for f in fields.values()))
         assert not set(fields) - named, f"{name}: options missing from docs/design.md: {sorted(set(fields) - named)}"
         assert not named - set(fields) - values, f"{name}: docs/design.md names options it lacks: {named - set(fields)}"
+
+
+def _backticked_after(text: str, start: str, end: str) -> list[str]:
+    """The backticked names in ``text`` between the first ``start`` and the next ``end`` after it."""
+    i = text.index(start) + len(start)
+    return re.findall(r"`([\w-]+)`", text[i:text.index(end, i)])
+
+
+def test_design_scope_and_exact_lists_match_the_pass_registry():
+    """docs/design.md's pass contract lists the passes that take a ``modules`` scope (what ``debug bisect`` and
+    ``debug sensitivity`` can restrict by layer) and the exact ones; the scope list named 6 of the 13."""
+    from lowbit.passes.base import ScopedOptions, all_passes
+
+    design = (DOCS / "design.md").read_text(encoding="utf-8")
+    passes = all_passes()
+    scoped = _backticked_after(design, "honours `modules`, a regex searched in module paths", "only nodes whose")
+    assert sorted(scoped) == sorted(n for n, c in passes.items() if issubclass(c.Options, ScopedOptions))
+    exact = _backticked_after(design, "Exact: ", ".\n")
+    assert sorted(exact) == sorted(n for n, c in passes.items() if c.exact)

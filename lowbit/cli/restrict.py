@@ -3,9 +3,9 @@
 Passes declare their scope through one common option, so restriction is done by rewriting it, and the
 restricted pass prints as ordinary pipeline text (the reproduce command is just a pipeline):
 
-* ``modules`` (``lowbit.passes.base.ScopedOptions``: a regex searched in module paths; ``quantize``, ``gptq``,
-  ``awq``, ``autoround``, ``fold-norms``, ``fuse-qlinear``) is set to the units' regex, combined with any regex
-  it already had;
+* ``modules`` (``lowbit.passes.base.ScopedOptions``: a regex searched in module paths; the quantizers, the
+  pruning passes, ``fold-norms`` and the fusions: docs/design.md "Scope" lists them) is set to the units' regex,
+  combined with any regex it already had;
 * a pass without a scope but with a ``keep`` option (module globs kept float) gets every *other* unit added;
 * a pass with neither cannot be restricted, and the tools say so.
 
