@@ -362,7 +362,7 @@ def resolve_pipeline(pipeline: str | Sequence[Pass | str] | None, recipe: str | 
     if pipeline is not None and recipe is not None:
         raise PassError("give either pipeline= or recipe=, not both")
     if overrides is not None and recipe is None:  # accepted and dropped otherwise
-        raise PassError("overrides= changes a recipe's options (recipe='w4a16-gptq', overrides={'group': 128}); "
+        raise PassError("overrides= changes a recipe's options (recipe='w4a16-gptq', overrides={'group': 32}); "
                         "with pipeline= write the options into the pipeline text")
     if recipe is not None:
         from lowbit.recipes import get_recipe, override_options
@@ -519,7 +519,7 @@ def compile_model(
 ) -> CompiledModel:
     """Capture ``model``, run ``pipeline`` (text like ``"fold-norms,dce"``, or a list of passes and texts) or
     ``recipe``, lower to ``backend``. ``overrides`` changes a recipe's options: ``recipe="w4a16-gptq",
-    overrides={"group": 128, "gptq.calib_n": 64}`` (``OPTION`` on every pass of the recipe that has it,
+    overrides={"group": 32, "gptq.calib_n": 64}`` (``OPTION`` on every pass of the recipe that has it,
     ``PASS.OPTION`` on that pass), validated as pipeline options are; a key no pass takes is an error naming the
     options they have (``lowbit.recipes.override_options``).
 

@@ -202,7 +202,7 @@ def recipe_passes(name: str, overrides: Mapping[str, Any] | None = None) -> list
 
 
 def override_options(recipe: str, passes: Sequence[Pass], overrides: Mapping[str, Any]) -> list[Pass]:
-    """``passes`` (recipe ``recipe``'s) with options replaced: ``{"group": 128}`` sets ``group`` on every pass of
+    """``passes`` (recipe ``recipe``'s) with options replaced: ``{"group": 32}`` sets ``group`` on every pass of
     the recipe that has that option, ``{"gptq.calib_n": 64}`` on the ``gptq`` pass only. Each changed pass is built
     again from the options the recipe set plus the override, so a value is validated as pipeline text is (a string,
     the CLI's ``--set KEY=VALUE``, is read as pipeline text reads it). A key no pass of the recipe takes is a
@@ -210,7 +210,7 @@ def override_options(recipe: str, passes: Sequence[Pass], overrides: Mapping[str
     from lowbit.passes.manager import _parse_value, build_pass, check_input_files, check_order
 
     if not isinstance(overrides, Mapping):
-        raise PassError(f"overrides= takes a dict of option -> value (e.g. {{'group': 128, 'gptq.calib_n': 64}}), "
+        raise PassError(f"overrides= takes a dict of option -> value (e.g. {{'group': 32, 'gptq.calib_n': 64}}), "
                         f"got {type(overrides).__name__}")
     out = list(passes)
     names = list(dict.fromkeys(p.name for p in out))

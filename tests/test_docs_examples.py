@@ -196,3 +196,22 @@ def test_main_job_help_shows_the_defaults_readme_gives(monkeypatch):
     assert f"({defaults.windows} windows of {defaults.seq_len} tokens" in readme
     for shown in (defaults.save, defaults.seq_len, defaults.windows, defaults.text, defaults.model, DEFAULT_RECIPE):
         assert f"default: {shown}" in text, shown
+
+
+def test_readme_recipe_override_example_fits_the_model_it_names(smollm2):
+    """README's ``overrides=`` example (and its ``--set`` twin) ran ``w4a16-gptq`` with ``group=128`` on SmolLM2,
+    whose 576-wide projections 128 does not divide: the example failed in GPTQ after the AWQ search, on the model it
+    names. Every ``group`` it sets must divide SmolLM2's linear input widths, and the two forms must agree."""
+    from lowbit.recipes import recipe_passes
+
+    text = " ".join(section("Using it from Python").split())
+    m = re.search(r'compile_model\("smollm2", recipe="([\w-]+)", overrides=(\{.*?\})\)` \(CLI: `--recipe ([\w-]+) '
+                  r'((?:--set \S+ ?)+)`', text)
+    assert m, "README's overrides= example changed: update this test"
+    recipe, overrides, cli_recipe = m.group(1), eval(m.group(2)), m.group(3)  # noqa: S307 (a dict literal of README)
+    cli = dict(kv.split("=", 1) for kv in re.findall(r"--set (\S+)", m.group(4)))
+    assert recipe == cli_recipe and {k: str(v) for k, v in overrides.items()} == cli
+    config = smollm2[0].config
+    widths = {config.hidden_size, config.intermediate_size}
+    groups = [p.options.group for p in recipe_passes(recipe, overrides) if getattr(p.options, "group", None)]
+    assert groups and all(w % g == 0 for g in groups for w in widths), (groups, widths)
