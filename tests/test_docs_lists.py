@@ -67,3 +67,14 @@ def test_design_scope_and_exact_lists_match_the_pass_registry():
     assert sorted(scoped) == sorted(n for n, c in passes.items() if issubclass(c.Options, ScopedOptions))
     exact = _backticked_after(design, "Exact: ", ".\n")
     assert sorted(exact) == sorted(n for n, c in passes.items() if c.exact)
+
+
+def test_every_pass_option_has_the_doc_lowbit_passes_shows():
+    """README: ``lowbit passes NAME`` "adds option docs"; it reads each option's attribute docstring, and eleven
+    options (quantize's a_gran/a_sym/k_gran/v_gran/kv_sym among them) had none, so they showed a bare type."""
+    from lowbit.cli.main import option_docs
+    from lowbit.passes.base import all_passes
+
+    undocumented = {name: [k for k in cls.Options.model_fields if k not in option_docs(cls.Options)]
+                    for name, cls in all_passes().items()}
+    assert not {n: ks for n, ks in undocumented.items() if ks}

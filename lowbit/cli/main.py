@@ -7,6 +7,7 @@ commands add instruments and real inputs on top. Heavy imports happen inside the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -89,22 +90,28 @@ def option_docs(options_cls: type) -> dict[str, str]:
     Pass options are documented that way in their source; pydantic does not keep those strings, so they are
     read back from the source for ``lowbit passes NAME``.
     """
+    docs: dict[str, str] = {}
+    for klass in reversed(options_cls.__mro__):
+        if klass.__module__.split(".")[0] == "lowbit":  # pydantic's BaseModel declares no option (and is slow to parse)
+            docs.update(_class_option_docs(klass))
+    return docs
+
+
+@functools.lru_cache(maxsize=None)
+def _class_option_docs(klass: type) -> dict[str, str]:
+    """The attribute docstrings ``klass`` itself declares (each base is read once, however many passes share it)."""
     import ast
     import inspect
     import textwrap
 
-    docs: dict[str, str] = {}
-    for klass in reversed(options_cls.__mro__):
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for a, b in zip(body, body[1:]):
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
             if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
-                docs[a.target.id] = " ".join(b.value.value.split())
-    return docs
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str))}
 
 
 @app.command("passes")

@@ -46,6 +46,7 @@ class AutoRoundOptions(WeightCalibrationOptions):
     scales: bool = True
     """Also learn one multiplier per weight scale, within [1/max_scale, max_scale]."""
     max_scale: float = Field(default=1.5, ge=1)
+    """Bound of the learned scale multipliers (``scales=true``): each stays within [1/max_scale, max_scale]."""
     target: Literal["float", "quantized-input"] = "float"
     """``float``: match the float model's block output on the float model's own input, so a block also learns
     to correct what earlier blocks got wrong; ``quantized-input``: the float block on the quantized input."""

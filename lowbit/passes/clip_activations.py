@@ -42,6 +42,7 @@ class ClipActivationsOptions(CalibrationOptions, ScopedOptions):
     grid: list[float] = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]
     """Ratios tried first; then ± ``refine`` around the best."""
     refine: float = Field(default=0.025, ge=0, lt=0.5)
+    """Offset of the two ratios tried beside the best of ``grid`` (kept in (0, 1]); 0 tries none."""
 
     @field_validator("grid")
     @classmethod

@@ -54,6 +54,7 @@ class DistillOptions(CalibrationOptions):
     lr: float = Field(default=1e-4, gt=0, le=1)
     """AdamW's first learning rate, decaying linearly to 0 over the steps."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW's decoupled weight decay (0: none)."""
     clip: float = Field(default=1.0, ge=0)
     """Gradient-norm clipping (0: none)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -63,6 +64,7 @@ class DistillOptions(CalibrationOptions):
     max_seconds: float | None = Field(default=None, gt=0)
     """Stop after this many seconds even if tokens remain (a GPU-time cap; the stats say how many ran)."""
     seed: int = 0
+    """Seed of the training windows' order (and offsets, with ``random_offsets``)."""
     batch_size: int = Field(default=8, ge=1)
     """Windows per training step."""
     schedule: Literal["linear", "cosine"] = "linear"

@@ -87,9 +87,12 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
     a: str | None = None
     """Input-activation qdtype; unset keeps activations float."""
     a_gran: Literal["per_token", "per_tensor", "per_channel"] = "per_token"
+    """Input-activation scale granularity: one scale per token (or per ``a_group`` channels of it), per tensor, or
+    per input channel."""
     a_group: int | None = Field(default=None, gt=0)
     """Channels per scale within a token (per_token only); unset: one scale per token."""
     a_sym: bool = True
+    """Symmetric activation scales (no zero point); false: asymmetric, with a zero point."""
     a_static: bool = False
     """Fixed activation scales from calibration data instead of in-graph dynamic ones."""
     a_obs: ObserverName = "minmax"
@@ -102,7 +105,9 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
     kv: str | None = None
     """KV-cache qdtype (keys after rotary and values); unset keeps the cache float."""
     k_gran: Literal["per_channel", "per_token", "per_tensor"] = "per_channel"
+    """Key scale granularity: per channel over ``k_group``-token blocks (KIVI), per token, or per tensor."""
     v_gran: Literal["per_channel", "per_token", "per_tensor"] = "per_token"
+    """Value scale granularity: per token in ``v_group``-channel groups (KIVI), per channel, or per tensor."""
     kv_group: int | None = Field(default=32, gt=0)
     """Keys per_channel: tokens per scale block (KIVI); values per_token: channels per scale. Unset: whole axis."""
     k_group: int | None = Field(default=None, gt=0)
@@ -110,6 +115,7 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
     v_group: int | None = Field(default=None, gt=0)
     """Overrides kv_group for the values."""
     kv_sym: bool = False
+    """Symmetric KV-cache scales (no zero point); default asymmetric, with a zero point."""
     kv_clip: float = Field(default=1.0, gt=0, le=1)
     """KV-cache scales from ``kv_clip·`` each block's range (QuaRot: 0.95 for KV4); 1 is plain min/max."""
     kv_window: int = Field(default=0, ge=0)
