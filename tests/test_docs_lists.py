@@ -78,3 +78,30 @@ def test_every_pass_option_has_the_doc_lowbit_passes_shows():
     undocumented = {name: [k for k in cls.Options.model_fields if k not in option_docs(cls.Options)]
                     for name, cls in all_passes().items()}
     assert not {n: ks for n, ks in undocumented.items() if ks}
+
+
+def test_pipeline_texts_in_the_docs_parse():
+    """Every backticked pipeline text in README.md and docs/design.md (outside the generated tables; ``...`` marks a
+    placeholder) parses as written: ``quantize(a_clip=0.9)`` is refused (a_clip needs ``a=``), and design.md wrote
+    ``kv-cache(bits=4|2|8, k_block, ...)`` and ``quantize(a_clip=, kv_clip=)`` as if they were pipelines."""
+    from lowbit.passes.base import all_passes
+    from lowbit.passes.manager import parse_pipeline
+
+    names = sorted(all_passes(), key=len, reverse=True)
+    item = r"(?:" + "|".join(map(re.escape, names)) + r")(?:\((?:[^()`]|\([^()`]*\))*\))?"
+    pipeline = re.compile(r"`(" + item + r"(?:," + item + r")*)`")
+    checked = 0
+    for doc in (DOCS.parent / "README.md", DOCS / "design.md"):
+        for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            if line.startswith(("|", "Source:")):
+                continue
+            for m in pipeline.finditer(line):
+                text = m.group(1)
+                if "..." in text or "…" in text or "(" not in text:
+                    continue
+                try:
+                    parse_pipeline(text)
+                except Exception as exc:  # noqa: BLE001 (the assertion names it)
+                    raise AssertionError(f"{doc.name}:{n}: `{text}` does not parse: {exc}") from None
+                checked += 1
+    assert checked >= 10
