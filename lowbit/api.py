@@ -61,6 +61,7 @@ class CompileReport:
     on semi-structured sparse tensors or kept dense and why)."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (what ``lowbit compile`` writes to ``report.json``)."""
         return {
             "capture": self.capture, "pipeline": self.pipeline.to_dict(), "backend": self.backend,
             "nodes_before": self.nodes_before, "nodes_after": self.nodes_after,
@@ -69,6 +70,8 @@ class CompileReport:
         }
 
     def summary(self) -> str:
+        """Text for people: capture (or the checkpoint loaded), one line per pass (changed or not, time, stats),
+        node and parameter sizes before and after, the ATen ops no pass raised, and the backend's lowering notes."""
         if "loaded_from" in self.capture:  # lowbit.load: no capture ran ("captured None in None s: None ATen nodes")
             lines = [f"loaded {self.capture.get('format')} checkpoint {self.capture['loaded_from']}: "
                      f"{self.nodes_before} IR nodes"]
@@ -90,7 +93,12 @@ class CompileReport:
 
 
 class CompiledModel(torch.nn.Module):
-    """The callable a user gets: runs the lowered graph; ``graph`` and ``report`` stay inspectable."""
+    """The callable a user gets: runs the lowered graph; ``graph`` and ``report`` stay inspectable.
+
+    Call it as the captured model was called (``compiled(input_ids)`` -> logits for a causal LM); ``.graph`` is the
+    IR after the pipeline (``print`` it), ``.report`` the ``CompileReport``, ``.tokenizer`` the model's tokenizer,
+    ``.runner`` the backend's module, and ``generate`` works when it was compiled with ``generation=``. Save it with
+    ``lowbit.save``, export it with ``lowbit.export``."""
 
     def __init__(self, runner: Any, graph: Graph, report: CompileReport, tokenizer: Any = None) -> None:
         super().__init__()
@@ -100,6 +108,8 @@ class CompiledModel(torch.nn.Module):
         self.tokenizer = tokenizer
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the lowered graph. Inputs are checked against the graph's declared ones (rank, dtype, sizes within
+        the captured ranges, ids inside the vocabulary): ``InputError`` (a ``LowbitError``) names the one refused."""
         return self.runner(*args, **kwargs)
 
     def prefill_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,7 @@ class GenerationOutput:
         return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
     def sequences(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Each prompt followed by its new tokens (``prompts`` as given to ``generate``, token ids)."""
         return [list(p) + t for p, t in zip(prompts, self.tokens)]
 
 

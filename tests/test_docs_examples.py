@@ -215,3 +215,19 @@ def test_readme_recipe_override_example_fits_the_model_it_names(smollm2):
     widths = {config.hidden_size, config.intermediate_size}
     groups = [p.options.group for p in recipe_passes(recipe, overrides) if getattr(p.options, "group", None)]
     assert groups and all(w % g == 0 for g in groups for w in widths), (groups, widths)
+
+
+def test_public_classes_document_every_public_method():
+    """``help(lowbit.CompiledModel)`` and ``help(lowbit.CompileReport)`` (and the ``GenerationOutput`` that
+    ``generate`` returns) are the reference for what a compile hands back: ``forward``, ``summary`` and ``to_dict``
+    showed no text at all."""
+    import inspect
+
+    from lowbit.generate import GenerationOutput
+
+    classes = [getattr(lowbit, n) for n in lowbit.__all__ if inspect.isclass(getattr(lowbit, n))] + [GenerationOutput]
+    bare = [f"{cls.__name__}.{k}" for cls in classes for k, v in vars(cls).items()
+            if not k.startswith("_") and (inspect.isfunction(v) or isinstance(v, property))
+            and not (v.__doc__ or "").strip()]
+    assert len(classes) >= 4 and not bare, bare
+    assert all((getattr(lowbit, n).__doc__ or "").strip() for n in lowbit.__all__ if n != "__version__")
