@@ -127,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     from lowbit.errors import CorruptFileError, LowbitError, UntrustedInputError
     from lowbit.passes.base import PassError, PassFileError
 
+    from lowbit.cli.common import plain_warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    plain_warnings()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         recipe, pipeline, passes = validate(parser, args)

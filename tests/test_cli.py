@@ -1012,3 +1012,28 @@ def test_debug_sensitivity_per_linear_refuses_a_pass_that_rewrites_whole_mlps_he
     run failed with exit 4 (a pass failure, with a reproducer hint) after the float model's evaluation."""
     res = invoke("debug", "sensitivity", "smollm2:2", "--scheme", scheme, "--granularity", "linear", *SMALL, code=2)
     assert f"rewrites each {unit} as a whole" in res.output and "--granularity block" in res.output, res.output
+
+
+def test_cli_prints_lowbit_warnings_without_source_lines(monkeypatch):
+    """A CLI run printed lowbit's warnings in Python's default form: the path and line of lowbit's code that raised
+    it, then that code line (``.../lowbit/passes/manager.py:371: UntiedWeightWarning: ...`` /
+    ``result = p.run(graph)``). After the CLI's setup they read ``warning: MESSAGE``; other packages' keep theirs."""
+    import io
+    import warnings
+
+    import lowbit.passes.manager
+    from lowbit.passes.fold_norms import UntiedWeightWarning
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    assert CliRunner().invoke(app, ["passes", "dce"]).exit_code == 0
+    here = str(Path(__file__).resolve())
+    manager = lowbit.passes.manager.__file__  # fold-norms' warning points at its caller, PassManager's p.run
+    shown = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: shown.write(warnings.formatwarning(m, c, f, n))
+        warnings.warn_explicit("fold-norms untied 1 shared weight(s)", UntiedWeightWarning, manager, 371)
+        warnings.warn_explicit("a deprecation of another package", DeprecationWarning, here, 7)
+    lines = shown.getvalue().splitlines()
+    assert lines[0] == "warning: fold-norms untied 1 shared weight(s)"
+    assert lines[1].startswith(f"{here}:7: DeprecationWarning: a deprecation")

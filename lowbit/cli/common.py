@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -21,6 +22,27 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def plain_warnings() -> None:
+    """Print lowbit's own warnings as ``warning: MESSAGE``: Python's default form put a source path and the line of
+    lowbit's code that raised it before and after the message (``.../lowbit/passes/manager.py:371:
+    UntiedWeightWarning: ...`` then ``result = p.run(graph)``), which tells a CLI user nothing. Warnings from other
+    packages keep Python's form (their location is how one finds them). Idempotent."""
+    if getattr(warnings.formatwarning, "lowbit_cli", False):
+        return
+    default = warnings.formatwarning
+
+    def formatwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+        ours = category.__module__.split(".")[0] == "lowbit" or str(filename).startswith(_PACKAGE_DIR)
+        return f"warning: {message}\n" if ours else default(message, category, filename, lineno, line)
+
+    formatwarning.lowbit_cli = True  # type: ignore[attr-defined]
+    warnings.formatwarning = formatwarning
+
 
 def _width() -> int | None:
     """Rich falls back to 80 columns when output is piped, which truncates the per-pass tables; use 160 then."""
