@@ -201,9 +201,18 @@ def recipe_passes(name: str, overrides: Mapping[str, Any] | None = None) -> list
     return override_options(name, passes, overrides) if overrides else passes
 
 
+def _unread_refusal(exc: PassError, option: str) -> bool:
+    """Whether ``exc`` is ``PassOptions.refuse_unread``'s refusal of ``option`` (set, but left unread by the pass's
+    other options), rather than a bad value."""
+    text = str(exc)
+    return f"option {option}=" in text and "is read only with" in text
+
+
 def override_options(recipe: str, passes: Sequence[Pass], overrides: Mapping[str, Any]) -> list[Pass]:
     """``passes`` (recipe ``recipe``'s) with options replaced: ``{"group": 32}`` sets ``group`` on every pass of
-    the recipe that has that option, ``{"gptq.calib_n": 64}`` on the ``gptq`` pass only. Each changed pass is built
+    the recipe that has that option and reads it as the recipe configures it (``{"calib_n": 16}`` on ``w8a8``
+    changes smooth-quant's, not quantize's, which reads it only with static activations; if no pass reads it, the
+    refusal says what would), ``{"gptq.calib_n": 64}`` on the ``gptq`` pass only. Each changed pass is built
     again from the options the recipe set plus the override, so a value is validated as pipeline text is (a string,
     the CLI's ``--set KEY=VALUE``, is read as pipeline text reads it). A key no pass of the recipe takes is a
     ``PassError`` listing the options its passes have; a bad value names the pass and the option."""
@@ -231,11 +240,24 @@ def override_options(recipe: str, passes: Sequence[Pass], overrides: Mapping[str
             raise PassError(f"recipe {recipe!r}: override {key!r}: no pass {'' if pass_name else 'of the recipe '}"
                             f"{pass_name + ' ' if pass_name else ''}has option {option!r}{closest(option, known)}. "
                             f"Options: {listed}")
+        built: dict[int, Pass] = {}
+        unread: list[PassError] = []
         for i in targets:
             p = out[i]
             options = {k: getattr(p.options, k) for k in p.options.model_fields_set}
             options[option] = _parse_value(value) if isinstance(value, str) else value
-            out[i] = build_pass(type(p), options)
+            try:
+                built[i] = build_pass(type(p), options)
+            except PassError as exc:
+                # a bare OPTION on a pass whose other options leave it unread (w8a8's quantize has calib_n, read
+                # only with a_static=true): the override is for the passes that read it, so this one keeps its own
+                if pass_name or not _unread_refusal(exc, option):
+                    raise
+                unread.append(exc)
+        if not built:  # no pass of the recipe reads it as configured: the refusal says what would make it read
+            raise unread[0]
+        for i, p in built.items():
+            out[i] = p
     check_order(out)
     check_input_files(out)  # a calib= override naming a file that is not there: PassFileError, before any load
     return out

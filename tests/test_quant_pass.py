@@ -565,3 +565,24 @@ def test_recipe_options_are_overridden_by_key_and_validated():
         recipe_passes("w4a16-gptq", {"group": 0})
     with pytest.raises(PassError, match=r"overrides= changes a recipe's options"):
         lowbit.compile_model(model, pipeline="quantize(w=int4)", overrides={"group": 32})
+
+
+def test_bare_recipe_override_skips_the_passes_that_would_not_read_it():
+    """README: ``OPTION`` applies to every pass of the recipe that has it. On ``w8a8`` (smooth-quant, then quantize
+    with dynamic activations) ``--set calib_n=16`` was refused outright, because quantize has ``calib_n`` but reads
+    it only with static activations; the override now goes to smooth-quant. Named on the pass that does not read
+    it, or with no pass reading it, it is still refused; a bad value still names its pass."""
+    from lowbit.passes.manager import format_pipeline
+    from lowbit.recipes import get_recipe, recipe_passes
+
+    passes = recipe_passes("w8a8", {"calib_n": 16})
+    assert [p.options.calib_n for p in passes if p.name == "smooth-quant"] == [16]
+    plain = recipe_passes("w8a8")
+    assert [p.spec() for p in passes if p.name == "quantize"] == [p.spec() for p in plain if p.name == "quantize"]
+    assert format_pipeline(plain) != format_pipeline(passes) and "calib_n" not in get_recipe("w8a8")
+    with pytest.raises(PassError, match=r"pass quantize: option calib_n=16 is read only with a_static=true"):
+        recipe_passes("w8a8", {"quantize.calib_n": 16})
+    with pytest.raises(PassError, match=r"pass quantize: option calib_n=16 is read only with a_static=true"):
+        recipe_passes("w4a16-g64", {"calib_n": 16})
+    with pytest.raises(PassError, match=r"pass smooth-quant: option calib_n.*>= 1"):
+        recipe_passes("w8a8", {"calib_n": 0})
