@@ -231,3 +231,14 @@ def test_public_classes_document_every_public_method():
             and not (v.__doc__ or "").strip()]
     assert len(classes) >= 4 and not bare, bare
     assert all((getattr(lowbit, n).__doc__ or "").strip() for n in lowbit.__all__ if n != "__version__")
+
+
+def test_public_dataclasses_name_every_field_in_their_docstring():
+    """``help(lowbit.GenerationSpec)`` shows the class docstring, not the attribute docstrings under each field:
+    ``logits``, which README tells users to set (``GenerationSpec(logits="all")``), was not in it."""
+    import dataclasses
+
+    for name in ("GenerationSpec",):
+        cls = getattr(lowbit, name)
+        missing = [f.name for f in dataclasses.fields(cls) if f"``{f.name}``" not in cls.__doc__]
+        assert not missing, f"lowbit.{name}'s docstring does not name {missing}"
