@@ -535,3 +535,20 @@ def test_pixel_model_calibration_counts_images_not_pixels():
                       dynamic_shapes={"pixel_values": {0: torch.export.Dim.DYNAMIC}})
     for rec in c.report.pipeline.records:
         assert rec.stats["calib_images"] == 4 and "calib_tokens" not in rec.stats, (rec.spec, rec.stats)
+
+
+def test_static_activation_calibration_counts_images_not_channels():
+    """quantize(a_static=true)'s calibration stats on a ViT said ``sequences: 4, seq_len: 3``: the channels of the
+    ``[4, 3, 16, 16]`` images taken for a window length. They count the images, as the weight passes do."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+
+    vit = t.ViTModel(t.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                 image_size=16, patch_size=8)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    c = compile_model(vit, (x,), pipeline="quantize(w=int8,a=int8,a_static=true,a_gran=per_tensor,progress=false)",
+                      calib=torch.randn(4, 3, 16, 16), dynamic_shapes={"pixel_values": {0: torch.export.Dim.DYNAMIC}})
+    calibration = c.report.pipeline.records[0].stats["calibration"]
+    assert calibration["calib_images"] == 4 and calibration["static_inputs"] > 0, calibration
+    assert "seq_len" not in calibration and "calib_tokens" not in calibration, calibration

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, calibration_ids, check_default_tokenizer, graph_tokenizer
+from lowbit.calibration.data import (DEFAULT_CALIBRATION_TEXT, calib_size, calibration_ids, check_default_tokenizer,
+                                     graph_tokenizer)
 from lowbit.calibration.engine import BlockRun, CalibrationError, batches_from_ids, home_device, run, split_stages
 from lowbit.calibration.observers import Observer, make_observer
 from lowbit.ir.graph import Graph, Node, Value
@@ -92,6 +93,10 @@ def calibrate_static_inputs(graph: Graph, targets: list[tuple[Node, QScheme]], *
     if missing:
         names = ", ".join(f"%{n.name} ({n.module})" for n in missing[:5])
         raise RuntimeError(f"static activation calibration never reached the input of linear(s) {names}")
-    return {"sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "batches": len(batches),
-            "static_inputs": len(done),
+    # images are counted as images (a ViT's [n, 3, H, W] pixels were reported as n sequences of seq_len 3, the
+    # channels); token ids and float sequences also say their windows' shape
+    size = calib_size(ids)
+    if "calib_images" not in size:
+        size.update(sequences=int(ids.shape[0]), seq_len=int(ids.shape[1]))
+    return {**size, "batches": len(batches), "static_inputs": len(done),
             "seconds": round(report.seconds, 2), "peak_cached_mb": round(report.peak_cached_bytes / 2**20, 1)}
