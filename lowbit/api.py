@@ -364,6 +364,9 @@ def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn
     meta = {"eos_token_ids": eos, "max_length": spec.max_length, "max_batch": spec.max_batch, "cuda_graph": spec.cuda_graph,
             "n_layers": model.n_layers, "kv_heads": model.kv_heads, "head_dim": model.head_dim, "logits": spec.logits,
             "windows": model.windows}
+    limit = getattr(getattr(model.model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and limit >= 2:  # calibration windows are checked against it (the step has no symbol)
+        meta["max_positions"] = limit
     return model, example, dynamic, meta
 
 

@@ -217,6 +217,24 @@ def test_calibration_windows_longer_than_the_models_positions_are_refused(family
     assert compiled.report.pipeline.records[0].stats["weights_quantized"] > 0
 
 
+def test_generation_step_calibration_windows_longer_than_the_models_positions_are_refused():
+    """The same 512-token windows on a 64-position model's generation step graph (compile_model(...,
+    generation=...)) calibrated without a word: the step takes positions as an input, so the logits graph's bound
+    on the sequence dim was not there. They are refused with the limit and the option; windows that fit still run."""
+    from lowbit.calibration.engine import CalibrationError
+    from lowbit.passes.gptq import GPTQ
+
+    torch.manual_seed(0)
+    step = lowbit.compile_model(tiny_llama(128), pipeline=[], generation=lowbit.GenerationSpec(max_length=32,
+                                                                                             max_batch=2)).graph
+    stream = torch.randint(0, 128, (2048,))
+    with pytest.raises(CalibrationError, match=r"calibration windows of 512 tokens are longer than the model's "
+                       r"max_position_embeddings=64 .*give calib_len=64 or less"):
+        GPTQ(w="int4", group=32, calib_n=2, calib=stream, progress=False).run(step.clone())
+    stats = GPTQ(w="int4", group=32, calib_n=2, calib_len=64, calib=stream, progress=False).run(step.clone()).stats
+    assert stats["calib_tokens"] == 128 and stats["weights_quantized"] > 0
+
+
 def test_calib_takes_a_pathlib_path_like_its_string(tmp_path):
     """compile_model(calib=Path(...)) was refused with pydantic's 'Input should be a valid string' although calib is
     documented as 'a text name or path'; a Path now calibrates exactly as its string, and another type is named."""

@@ -386,6 +386,13 @@ def _step_batches(graph: Graph, step: dict[str, Any], ids: torch.Tensor,
     limit = int(step["max_batch"])
     batch_size = min(batch_size or 8, limit)
     length = ids.shape[1]  # may exceed max_length: that limit is the decode cache's, not the graph's
+    positions = step.get("max_positions")
+    if isinstance(positions, int) and length > positions:
+        # the logits graph refuses these through its sequence symbol (_check_length); the step graph takes positions
+        # as an input with no such bound, so it calibrated on positions the model never saw, without a word
+        raise CalibrationError(f"calibration windows of {length} tokens are longer than the model's "
+                               f"max_position_embeddings={positions} (generation step graph %{graph.inputs[0].name}): "
+                               f"give calib_len={positions} or less, or token-id windows that long")
     dtype = graph.inputs[2].tensor_type.dtype
     out = []
     for chunk in ids.split(batch_size):

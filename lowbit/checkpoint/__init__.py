@@ -214,6 +214,9 @@ class GenerationMeta(BaseModel):
     float_cache_inputs: list[str] | None = None
     windows: list[Annotated[int, Field(ge=1)] | None] | None = None
     """Each layer's sliding window (None: full causal); absent in checkpoints written before it was recorded."""
+    max_positions: int | None = Field(default=None, ge=2)
+    """The model's ``max_position_embeddings`` (calibration windows must fit it); absent in checkpoints written
+    before it was recorded, and for a model whose config has none."""
 
 
 class PrunedMeta(BaseModel):
