@@ -60,6 +60,19 @@ def test_calibration_data_errors_say_what_is_wrong(smollm2, tmp_path):
         calibration_ids(binary, tok, 1, 8)
 
 
+def test_whitespace_only_calibration_text_is_refused(smollm2, tmp_path):
+    """A text of spaces and newlines long enough for the windows calibrated on SmolLM2's whitespace tokens (its
+    byte-level BPE makes tokens of them), though the error for a text without tokens said 'empty or whitespace
+    only'; such a text is refused for every tokenizer, before it is tokenized."""
+    _, tok = smollm2
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n\t  \n" * 3000)
+    with pytest.raises(ValueError, match=r"blank.txt' is whitespace only"):
+        calibration_ids(blank, tok, 2, 32)
+    blank.write_text(" \n\t  \n" * 2999 + "words at last")
+    assert calibration_ids(blank, tok, 2, 32).shape == (2, 32)
+
+
 def test_unreadable_calibration_files_are_file_errors_naming_the_option(tmp_path):
     """A binary, empty or corrupt calib= file is a PassFileError (the CLI's exit 3, as a missing one), not a pass
     failure quoting the codec; too few given ids say 'token ids', quoted once."""

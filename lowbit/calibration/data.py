@@ -16,6 +16,7 @@ import os
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lowbit.data import read_text
 from lowbit.data.model_files import load_tokenizer
 from lowbit.data.tokens import token_ids
 from lowbit.errors import CorruptFileError
@@ -47,6 +48,8 @@ def calibration_ids(text: str | os.PathLike[str], tokenizer: PreTrainedTokenizer
     """``[n, seq_len]`` int64 token ids from ``text``; errors say how much text the request needs."""
     if n < 1 or seq_len < 2:
         raise ValueError(f"calibration needs n >= 1 sequences of seq_len >= 2 tokens, got n={n}, seq_len={seq_len}")
+    if read_text(text).isspace():  # a byte-level BPE (SmolLM2's) makes tokens of whitespace: it calibrated on them
+        raise ValueError(f"calibration text {str(text)!r} is whitespace only: give a file of text")
     ids = token_ids(text, tokenizer)
     if ids.numel() == 0:
         raise ValueError(f"calibration text {str(text)!r} has no tokens (empty or whitespace only)")
