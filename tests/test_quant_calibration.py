@@ -73,6 +73,25 @@ def test_whitespace_only_calibration_text_is_refused(smollm2, tmp_path):
     assert calibration_ids(blank, tok, 2, 32).shape == (2, 32)
 
 
+def test_json_lines_calibration_data_is_refused_not_read_as_text(smollm2, tmp_path):
+    """A dataset as JSON lines ({"text": ..., "id": ...} per line) calibrated on its raw syntax, braces and keys in
+    every window, without a word; it is refused naming the file and what to give, before the model is captured."""
+    import json
+
+    import lowbit
+    from lowbit.passes.base import PassError
+
+    _, tok = smollm2
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": f"The quick brown fox jumps over dog {i}.", "id": i}) + "\n"
+                            for i in range(200)))
+    with pytest.raises(ValueError, match=r"calib.jsonl' is JSON: lowbit reads calib= files as plain text"):
+        calibration_ids(data, tok, 2, 64)
+    with pytest.raises(PassError, match=r"pass gptq: option calib='.*calib.jsonl'.* is JSON"):
+        lowbit.compile_model("smollm2:1", pipeline="gptq(w=int4,group=64,calib_n=2,calib_len=64,progress=false)",
+                             calib=data)
+
+
 def test_unreadable_calibration_files_are_file_errors_naming_the_option(tmp_path):
     """A binary, empty or corrupt calib= file is a PassFileError (the CLI's exit 3, as a missing one), not a pass
     failure quoting the codec; too few given ids say 'token ids', quoted once."""

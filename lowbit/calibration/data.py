@@ -48,6 +48,11 @@ def calibration_ids(text: str | os.PathLike[str], tokenizer: PreTrainedTokenizer
     """``[n, seq_len]`` int64 token ids from ``text``; errors say how much text the request needs."""
     if n < 1 or seq_len < 2:
         raise ValueError(f"calibration needs n >= 1 sequences of seq_len >= 2 tokens, got n={n}, seq_len={seq_len}")
+    if str(text).lower().endswith((".jsonl", ".json")):
+        # read as text, its records' JSON syntax ({"text": "...", "id": 3}) was what calibrated, keys and all
+        raise ValueError(f"calibration text {str(text)!r} is JSON: lowbit reads calib= files as plain text, so it "
+                         "would calibrate on the records' syntax and keys; write their text to a plain text file and "
+                         "give that, or give token ids (a tensor or a .safetensors file)")
     if read_text(text).isspace():  # a byte-level BPE (SmolLM2's) makes tokens of whitespace: it calibrated on them
         raise ValueError(f"calibration text {str(text)!r} is whitespace only: give a file of text")
     ids = token_ids(text, tokenizer)
