@@ -988,6 +988,18 @@ def test_prune_blocks_after_sparsify_keeps_the_other_blocks_masks():
     _assert_2_4(c.graph)
 
 
+def test_prune_blocks_reports_the_calibration_tokens_it_ranked_on():
+    """prune-blocks' stats said nothing of the calibration data its Block Influence ran on (prune-mlp and
+    prune-heads count it as calib_tokens); they count it now, and 0 when named blocks= are removed unranked."""
+    from lowbit.api import compile_model
+    from lowbit.passes.prune_blocks import PruneBlocks
+
+    graph = compile_model(_tiny_m(3), pipeline=[]).graph
+    ranked = PruneBlocks(n=1, calib_n=6, calib=_tiny_cal(), progress=False).run(graph.clone())
+    assert ranked.stats["calib_tokens"] == 6 * 32 and len(ranked.stats["blocks_removed"]) == 1
+    assert PruneBlocks(blocks=["model.layers.1"]).run(graph.clone()).stats["calib_tokens"] == 0
+
+
 @pytest.mark.parametrize("later, first", [("fold-norms,slice-residual(ratio=0.25)", "slice-residual"),
                                           ("prune-mlp(ratio=0.25)", "prune-mlp"),
                                           ("prune-heads(ratio=0.5)", "prune-heads"),

@@ -71,6 +71,7 @@ class PruneBlocks(Pass):
             raise PassError(f"pass {self.name}: no decoder block with a residual_add in this graph "
                             f"({len(names)} blocks found: {', '.join(names[:3]) or 'none'}): nothing can be removed")
         influence: dict[str, float] = {}
+        size: dict[str, int] = {"calib_tokens": 0}  # what Block Influence ran on (nothing when blocks= are named)
         rx = re.compile(o.modules) if o.modules else None
         listed = [b for b in dict.fromkeys(o.blocks) if rx is None or rx.search(b)]  # modules scopes blocks too
         for b, rs in residuals.items():  # the candidates, before the calibration that would rank them
@@ -100,6 +101,7 @@ class PruneBlocks(Pass):
                         marks[id(r)] = (b, i == len(rs) - 1)
                 col = collect_input_stats(graph, [], o, self.name, marks)
                 influence = {b: sum(v) / len(v) for b, v in col.block_change.items()}
+                size = col.size or size
                 chosen = sorted(influence, key=lambda b: influence[b])[:o.n]
                 if not chosen:
                     raise PassError(f"pass {self.name}: option modules={o.modules!r} matches none of the "
@@ -127,7 +129,7 @@ class PruneBlocks(Pass):
         graph.meta["pruned"] = {**graph.meta.get("pruned", {}), "layers_kept": kept}
         params_after = sum(v.data.numel() for v in graph.params.values())
         stats.update(blocks_removed=sorted(chosen), influence={k: round(v, 5) for k, v in influence.items()},
-                     params_removed=params_before - params_after, params_before=params_before,
+                     params_removed=params_before - params_after, params_before=params_before, **size,
                      seconds=round(time.perf_counter() - t0, 2))
         return PassResult(bool(chosen), stats)
 
