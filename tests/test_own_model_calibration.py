@@ -270,6 +270,28 @@ def test_calib_n_and_calib_len_given_with_token_id_windows_are_not_ignored():
         tokens("gptq(w=int4,group=32,calib_len=16,progress=false)")
 
 
+def test_calib_n_above_the_given_windows_or_samples_is_refused():
+    """gptq(calib_n=16) with calib=[4, 32] windows calibrated on the 4 without a word (a 1-D stream or a text too
+    short for calib_n is refused), and so did float samples; both are refused naming calib_n and what was given.
+    Unset, calib_n leaves the given data whole; at or below its size it takes the first ones."""
+    from lowbit.passes.base import PassError
+    from lowbit.passes.gptq import GPTQ
+
+    torch.manual_seed(0)
+    graph = lowbit.compile_model(tiny_llama(128), pipeline=[]).graph
+    ids = torch.randint(0, 128, (4, 32))
+    with pytest.raises(PassError, match=r"pass gptq: option calib=.*calib_n=16 was asked, but the given data holds "
+                                        r"4 windows: give calib_n=4 or less"):
+        GPTQ(calib=ids, calib_n=16).options.token_ids(graph, "gptq")
+    assert GPTQ(calib=ids, calib_n=4).options.token_ids(graph, "gptq").shape == (4, 32)
+    assert GPTQ(calib=ids).options.token_ids(graph, "gptq").shape == (4, 32)
+    net = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)).eval()
+    floats = lowbit.compile_model(net, example_inputs=(torch.randn(4, 5, 16),), pipeline=[]).graph
+    with pytest.raises(PassError, match=r"calib_n=9 was asked, but the given data holds 8 samples"):
+        GPTQ(calib=torch.randn(8, 5, 16), calib_n=9).options.token_ids(floats, "gptq")
+    assert GPTQ(calib=torch.randn(8, 5, 16), calib_n=3).options.token_ids(floats, "gptq").shape == (3, 5, 16)
+
+
 def test_compile_model_takes_a_path_and_names_a_wrong_type(tmp_path):
     """compile_model(Path(dir)) is documented ('a name or path') but a Path was taken for a module: 'no example
     inputs given for PosixPath'; None said the same for NoneType. A Path is its string; another type a TypeError."""

@@ -108,10 +108,9 @@ class CalibrationOptions(PassOptions):
 
     calib: str | torch.Tensor = DEFAULT_CALIBRATION_TEXT
     """Calibration data: a shipped text name, a text file, a ``.safetensors`` file of token ids, or (Python API)
-    a tensor of token ids — ``[n, L]`` windows used as they are (the first ``calib_n`` when it is set), or a 1-D
-    stream cut like a text. A model whose
-    input is float (a ViT's pixels, features) takes float inputs ``[n, ...]`` instead (a tensor or a
-    ``.safetensors`` file of one)."""
+    a tensor of token ids — ``[n, L]`` windows used as they are (the first ``calib_n`` when it is set; a calib_n
+    above n is refused), or a 1-D stream cut like a text. A model whose input is float (a ViT's pixels, features)
+    takes float inputs ``[n, ...]`` instead (a tensor or a ``.safetensors`` file of one)."""
     calib_n: int = Field(default=32, ge=1)
     """Calibration sequences (the shipped text has 117 windows of 512; give a longer file for more)."""
     calib_len: int = Field(default=512, ge=2)
@@ -178,7 +177,9 @@ class CalibrationOptions(PassOptions):
             given = calibration_tensor(self.calib)
             first = graph.inputs[0].tensor_type if graph.inputs else None
             if first is not None and first.dtype.is_floating_point:
-                return _float_inputs(given, graph.inputs[0].name, first, self.calib_n)
+                inputs = _float_inputs(given, graph.inputs[0].name, first, self.calib_n)
+                self._check_enough(given.shape[0], "samples")  # type: ignore[union-attr]  # None: refused above
+                return inputs
             if given is not None:
                 if given.dtype.is_floating_point:
                     raise ValueError(f"calibration token ids must be integers, got {given.dtype} (float inputs "
@@ -229,7 +230,15 @@ class CalibrationOptions(PassOptions):
             raise ValueError(f"the given windows are {ids.shape[1]} tokens long, but calib_len={self.calib_len} was "
                              "asked; given [n, L] windows are used as they are: drop calib_len, or give a 1-D stream "
                              "of ids to cut")
+        self._check_enough(ids.shape[0], "windows")
         return ids[:self.calib_n] if "calib_n" in self.model_fields_set else ids
+
+    def _check_enough(self, given: int, what: str) -> None:
+        """Refuse a ``calib_n`` set above the given windows or samples: it was capped to them without a word, where a
+        text or 1-D stream too short for it is refused. Unset, the data given is used whole."""
+        if "calib_n" in self.model_fields_set and self.calib_n > given:
+            raise ValueError(f"calib_n={self.calib_n} was asked, but the given data holds {given} {what}: give "
+                             f"calib_n={given} or less (or leave it unset to use them all), or more data")
 
     def batch_size_for(self, graph: Graph) -> int:
         """``batch_size``, unless ``graph`` was captured with a static batch: it can take no other."""
