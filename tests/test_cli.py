@@ -134,6 +134,21 @@ def test_passes_lists_options_and_docs():
     assert "did you mean 'fold-norms'" in invoke("passes", "fold-norm", code=2).output
 
 
+def test_docs_count_the_shipped_calibration_windows_there_are():
+    """`lowbit passes gptq` (and every calibrating pass' docs) said the shipped text has 117 windows of 512; it has
+    123 (63,336 SmolLM2 tokens), so calib_n=117, 'every window', left six out. Each count of them lowbit's sources
+    give is the one calibration finds."""
+    from lowbit.calibration.data import DEFAULT_CALIBRATION_TEXT, load_tokenizer
+    from lowbit.data.tokens import token_ids
+
+    there = token_ids(DEFAULT_CALIBRATION_TEXT, load_tokenizer("smollm2")).numel() // 512
+    sources = sorted((Path(__file__).resolve().parents[1] / "lowbit").rglob("*.py"))
+    said = {f"{path.name}: {m.group(0)}": int(m.group(1)) for path in sources
+            for m in re.finditer(r"(?:shipped (?:text|excerpt) has|excerpt,|tokens,) (\d+) (?:windows )?of 512",
+                                 path.read_text())}
+    assert len(said) >= 5 and all(n == there for n in said.values()), (there, said)
+
+
 def test_recipes_listing_or_clear_absence():
     out = invoke("recipes").output
     assert "recipe" in out.lower()

@@ -112,7 +112,7 @@ class CalibrationOptions(PassOptions):
     above n is refused), or a 1-D stream cut like a text. A model whose input is float (a ViT's pixels, features)
     takes float inputs ``[n, ...]`` instead (a tensor or a ``.safetensors`` file of one)."""
     calib_n: int = Field(default=32, ge=1)
-    """Calibration sequences (the shipped text has 117 windows of 512; give a longer file for more)."""
+    """Calibration sequences (the shipped text has 123 windows of 512; give a longer file for more)."""
     calib_len: int = Field(default=512, ge=2)
     """Tokens per calibration sequence."""
     tokenizer: str | None = None

@@ -19,7 +19,7 @@ steps and tokens run and the trained params. The graph's shapes do not change; t
 mask: its zeros are re-applied after every step, so recovery never undoes the sparsity the meta promises.
 
 The tokens come from the calibration options: ``calib_n`` windows of ``calib_len`` from ``calib`` (default the
-shipped WikiText-2 validation excerpt, 117 windows of 512), visited in shuffled epochs until ``tokens`` are
+shipped WikiText-2 validation excerpt, 123 windows of 512), visited in shuffled epochs until ``tokens`` are
 spent (``batch_size`` windows per step). ``max_seconds`` caps the wall time (the stats say what ran).
 """
 
@@ -48,7 +48,7 @@ __all__ = ["Distill", "DistillOptions", "run_distillation"]
 
 class DistillOptions(CalibrationOptions):
     calib_n: int = Field(default=112, ge=1)
-    """Training windows (the shipped text has 117 of 512 tokens)."""
+    """Training windows (the shipped text has 123 of 512 tokens)."""
     tokens: int = Field(default=200_000, ge=1)
     """Token budget: steps = ceil(tokens / (batch_size * calib_len))."""
     lr: float = Field(default=1e-4, gt=0, le=1)

@@ -55,7 +55,7 @@ class WeightCalibrationOptions(CalibrationOptions, ScopedOptions):
     """A weight holding NaN/inf: ``error`` refuses naming the parameter and the row; ``keep-float`` leaves that
     linear float (listed in the stats as ``kept_float_nonfinite``)."""
     calib_n: int = Field(default=64, ge=1)
-    """Calibration sequences (the shipped text has 117 windows of 512; give a longer file for more)."""
+    """Calibration sequences (the shipped text has 123 windows of 512; give a longer file for more)."""
 
     @field_validator("w")
     @classmethod
