@@ -664,3 +664,17 @@ def test_attention_v_site_through_a_generation_step_cache_is_found_and_exact():
         outs.append((logits, step))
     for a, b in zip(*outs):
         assert float((a - b).abs().max() / b.abs().max()) < 1e-12
+
+
+def test_gptq_batch_size_is_refused_where_a_single_pass_would_ignore_it():
+    """gptq(batch_size=1), set to bound the memory of a block's run, still ran all calib_n sequences as one batch
+    (the default single pass calibrates every sequence at once): the option was ignored without a word. It is refused
+    with what makes it read; with single_pass=false or awq=true (two runs per block) it is taken."""
+    from lowbit.passes.manager import PipelineSpecError, parse_pipeline
+
+    with pytest.raises(PipelineSpecError, match=r"pass gptq: option batch_size=1 is read only with single_pass=false "
+                                                r"\(a single pass runs all calib_n sequences as one batch\)"):
+        parse_pipeline("gptq(w=int4,batch_size=1)")
+    for taken in ("gptq(w=int4,batch_size=1,single_pass=false)", "gptq(w=int4,batch_size=1,awq=true)",
+                  "gptq(w=int4,batch_size=4,calib_n=4)"):  # the last: the one batch a single pass runs anyway
+        assert parse_pipeline(taken)[0].options.batch_size in (1, 4)

@@ -109,6 +109,10 @@ class GPTQOptions(WeightCalibrationOptions):
             raise ValueError("act_order=true with group needs static_groups=true (lowbit stores "
                              "contiguous groups along the input dim)")
         check_awq_options(self)
+        # a single pass runs every calibration sequence as one batch: batch_size=1, set to bound the memory of a
+        # block's run, was ignored without a word (one of calib_n or more is that batch, and stays allowed)
+        self.refuse_unread({"batch_size": None if not self.single_pass or self.awq or self.batch_size >= self.calib_n
+                            else "single_pass=false (a single pass runs all calib_n sequences as one batch)"})
         return self
 
 
