@@ -67,6 +67,22 @@ def test_calibration_token_ids_from_a_tensor_or_a_safetensors_file(tmp_path):
         lowbit.compile_model(model, pipeline=GPTQ, calib=torch.rand(2, 16))
 
 
+def test_a_padded_tokenizer_batch_saved_with_its_mask_is_refused(tmp_path):
+    """tokenizer(texts, padding=True) saved as is ({input_ids, attention_mask}): the mask was dropped and the pad ids
+    calibrated as if they were text. Padding is refused naming the file; an all-ones mask is a plain batch."""
+    from lowbit.calibration.data import calibration_tensor
+    from lowbit.errors import CorruptFileError
+
+    ids = torch.randint(1, 128, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    save_file({"input_ids": ids, "attention_mask": mask}, str(tmp_path / "full.safetensors"))
+    assert torch.equal(calibration_tensor(str(tmp_path / "full.safetensors")), ids)
+    mask[1, 10:] = 0
+    save_file({"input_ids": ids, "attention_mask": mask}, str(tmp_path / "padded.safetensors"))
+    with pytest.raises(CorruptFileError, match=r"padded.safetensors' holds an attention_mask with 6 padded positions"):
+        calibration_tensor(str(tmp_path / "padded.safetensors"))
+
+
 def test_calibration_batches_that_do_not_fit_a_fixed_shape_capture_name_the_input():
     """Explicit example inputs fix the captured sizes; a calibration set of another length failed inside an
     expand node ('the expanded size of the tensor (2) must match the existing size (4)')."""

@@ -97,6 +97,13 @@ def calibration_tensor(calib: str | os.PathLike[str] | torch.Tensor) -> torch.Te
     except (SafetensorError, OSError) as exc:
         raise CorruptFileError(calib, f"cannot be read as token ids: {exc}") from None
     if "input_ids" in tensors:
+        mask = tensors.get("attention_mask")
+        if mask is not None and not bool((mask != 0).all()):
+            # a padded tokenizer batch saved as is: its mask was dropped and the pad ids calibrated as text
+            raise CorruptFileError(calib, f"holds an attention_mask with {int((mask == 0).sum())} padded positions: "
+                                   "calibration windows are full token runs, so the pad ids would calibrate as text; "
+                                   "save the ids without padding (a 1-D stream of the texts' ids, or [n, L] windows "
+                                   "that are all tokens)")
         return tensors["input_ids"]
     if len(tensors) != 1:
         raise CorruptFileError(calib, f"holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:5])}); give one, "
