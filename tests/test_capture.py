@@ -390,3 +390,19 @@ def test_torch_rms_norm_is_raised_to_lowbit_rms_norm(dtype, affine, eps):
     if affine:
         PassManager("fold-norms").run(graph)
         assert graph.nodes[0].arg(1) is None  # the gain went into the linear
+
+
+def test_a_model_whose_weights_are_on_the_meta_device_is_refused_naming_them():
+    """A model built under torch.device('meta') (weights never loaded) failed after export with "device 'meta': a
+    device operand of lowbit IR is 'cpu' or 'cuda[:N]'" on its arange nodes; it is refused before the export,
+    naming its empty parameters and how to load them."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    import lowbit
+
+    with torch.device("meta"):
+        empty = LlamaForCausalLM(tiny_llama_config(vocab=128)).eval()
+    with pytest.raises(CaptureError, match=r"has \d+ parameter\(s\) or buffer\(s\) on the meta device, which hold "
+                                           r"no data \(\S*embed_tokens\.weight, .*weights were never loaded"):
+        lowbit.compile_model(empty, pipeline="quantize(w=int4,group=16)")

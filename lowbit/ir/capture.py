@@ -471,6 +471,15 @@ def capture(
         if training:
             raise CaptureError(f"{type(model).__name__} has modules in training mode ({', '.join(training[:3])}): "
                                "call .eval() first, or dropout and batch-norm updates would be captured")
+        # a model whose weights were never loaded failed as 'device 'meta': a device operand of lowbit IR is cpu or
+        # cuda' on its arange nodes, naming neither the weights nor why
+        empty = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        if empty:
+            raise CaptureError(f"{type(model).__name__} has {len(empty)} parameter(s) or buffer(s) on the meta device, "
+                               f"which hold no data ({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}): its "
+                               "weights were never loaded (built under torch.device('meta') or init_empty_weights, or "
+                               "offloaded by a device_map); load them (from_pretrained without offloading, or "
+                               "to_empty() and load_state_dict) before compiling")
         ep = _export(model, args, kwargs, dynamic_shapes, strict)
         narrowing = _narrowing_guards(ep)
         if narrowing:
