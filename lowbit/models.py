@@ -52,7 +52,13 @@ from safetensors import SafetensorError
 
 from lowbit.cache import atomic_dir, cache_dir
 # Finding the shipped models' files (and their tokenizers) is lowbit.data's: calibration needs it too.
-from lowbit.data.model_files import SMOLLM2_CACHE, load_smollm2_tokenizer, minilm_dir, smollm2_gguf_path
+from lowbit.data.model_files import (
+    SMOLLM2_CACHE,
+    TOKENIZER_FILES,
+    load_smollm2_tokenizer,
+    minilm_dir,
+    smollm2_gguf_path,
+)
 from lowbit.errors import CorruptFileError, LowbitError
 from lowbit.remote_code import from_pretrained
 
@@ -542,12 +548,6 @@ def _float_cache_from_gguf(gguf: Path, cache_name: str) -> Path:
     with atomic_dir(target) as tmp:
         _build_float_cache(gguf, tmp)
     return target
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                   "sentencepiece.bpe.model")
-"""A directory with none of these has no tokenizer: transformers then built an empty GPT-2 tokenizer for some
-families (every prompt encoded to nothing: "prompt 0 is empty") or failed with a backend error."""
 
 
 def _directory_tokenizer(directory: Path, **kwargs: Any) -> PreTrainedTokenizerBase:

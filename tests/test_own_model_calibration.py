@@ -142,6 +142,21 @@ def test_tokenizer_given_by_name_or_directory_and_bad_ones_refused():
         lowbit.compile_model(model, pipeline=GPTQ, tokenizer=123)
 
 
+def test_a_tokenizer_directory_without_tokenizer_files_is_refused_naming_the_option(tmp_path):
+    """gptq(tokenizer=DIR) on a directory with no tokenizer files was a raw traceback from the pre-capture text
+    check (transformers' "Couldn't instantiate the backend tokenizer ... install sentencepiece"), and
+    compile_model(tokenizer=DIR) quoted that; both name the directory and the files a tokenizer has."""
+    from lowbit.passes.base import PassError, PassFileError
+
+    (tmp_path / "config.json").write_text("{}")  # a model directory saved without its tokenizer
+    model = tiny_llama(49152)
+    with pytest.raises(PassFileError, match=r"pass gptq: option tokenizer='.*': tokenizer '.*' has no tokenizer "
+                                            r"files \(one of tokenizer.json, "):
+        lowbit.compile_model(model, pipeline=GPTQ.replace("progress", f"tokenizer={tmp_path},progress"))
+    with pytest.raises(PassError, match=r"tokenizer='.*': tokenizer '.*' has no tokenizer files"):
+        lowbit.compile_model(model, pipeline=GPTQ, tokenizer=str(tmp_path))
+
+
 def test_calib_that_no_pass_reads_is_refused():
     """compile_model(calib=...) with no pass that calibrates (or quantize without static scales, a fixed rotation)
     silently ignored it, a missing file included."""

