@@ -537,6 +537,24 @@ def test_pixel_model_calibration_counts_images_not_pixels():
         assert rec.stats["calib_images"] == 4 and "calib_tokens" not in rec.stats, (rec.spec, rec.stats)
 
 
+def test_autoround_tunes_a_vits_pooler_against_the_graphs_output():
+    """autoround on a ViT failed with 'block tuning: the block exports no float tensor to match': its pooler sits
+    after the last block, in a stage no later stage reads, so it had no target. The suffix is tuned against the
+    graph's outputs, and both stages are counted."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+
+    vit = t.ViTModel(t.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                 image_size=16, patch_size=8)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    c = compile_model(vit, (x,), pipeline="autoround(w=int4,group=16,iters=2,progress=false)",
+                      calib=torch.randn(4, 3, 16, 16), dynamic_shapes={"pixel_values": {0: torch.export.Dim.DYNAMIC}})
+    stats = c.report.pipeline.records[0].stats
+    assert stats["tuned_blocks"] == 2 and stats["weights_quantized"] == 7, stats
+    assert "pooler.dense" in {n.module for n in c.graph.nodes if n.op == "dequantize"}
+
+
 def test_static_activation_calibration_counts_images_not_channels():
     """quantize(a_static=true)'s calibration stats on a ViT said ``sequences: 4, seq_len: 3``: the channels of the
     ``[4, 3, 16, 16]`` images taken for a window length. They count the images, as the weight passes do."""

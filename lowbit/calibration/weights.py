@@ -265,6 +265,11 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
         ready = [g for g in groups.values() if g.acc is not None and not g.done]
         targets = None
         if r.tune is not None and ctx.stage.kind != "prefix":  # before any rounding: the block is still float
+            if ctx.stage.kind == "suffix" and not ctx.exports:
+                # no later stage reads the suffix (a ViT's pooler, a quantized head): its tuning target is what the
+                # graph returns; with no exports, its tuning failed ('the block exports no float tensor to match')
+                made = {id(v) for n in ctx.stage.nodes for v in n.outputs}
+                ctx.exports, ctx.reference = [v for v in graph.outputs if id(v) in made], []
             targets = float_stream.next(ctx)
         if not ready and not flown:
             return False
