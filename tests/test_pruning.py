@@ -1000,6 +1000,19 @@ def test_prune_blocks_reports_the_calibration_tokens_it_ranked_on():
     assert PruneBlocks(blocks=["model.layers.1"]).run(graph.clone()).stats["calib_tokens"] == 0
 
 
+def test_prune_blocks_refuses_calibration_options_that_named_blocks_leave_unread():
+    """prune-blocks(blocks=[...],calib_n=4) removed the named blocks unranked and ignored calib_n (and calib_len,
+    tokenizer, batch_size, device) without a word; each is refused naming what reads it, before capture."""
+    from lowbit.passes.manager import PipelineSpecError
+
+    for option in ("calib_n=4", "calib_len=64", "batch_size=2", "tokenizer=smollm2"):
+        with pytest.raises(PipelineSpecError, match=rf"pass prune-blocks: option {option.split('=')[0]}=.* is read "
+                                                    r"only with n >= 1 and no blocks="):
+            parse_pipeline(f"prune-blocks(blocks=[model.layers.1],{option})")
+    assert parse_pipeline("prune-blocks(n=1,calib_n=4,calib_len=64)")[0].options.calib_n == 4
+    assert parse_pipeline("prune-blocks(blocks=[model.layers.1])")[0].options.blocks == ["model.layers.1"]
+
+
 @pytest.mark.parametrize("later, first", [("fold-norms,slice-residual(ratio=0.25)", "slice-residual"),
                                           ("prune-mlp(ratio=0.25)", "prune-mlp"),
                                           ("prune-heads(ratio=0.5)", "prune-heads"),

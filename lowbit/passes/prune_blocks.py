@@ -48,8 +48,14 @@ class PruneBlocksOptions(CalibrationOptions, ScopedOptions):
 
     @model_validator(mode="after")
     def _n_or_blocks(self) -> PruneBlocksOptions:
+        # the calibration options rank blocks by influence: with blocks= they were accepted and ignored (calib
+        # itself stays allowed: compile_model(calib=) hands its data to every calibrating pass of a pipeline)
+        ranked = not self.blocks and self.n > 0
         self.refuse_unread({"n": "no blocks= (the listed blocks are removed): give n or blocks" if self.blocks
-                            else None})
+                            else None,
+                            **{k: None if ranked else "n >= 1 and no blocks= (the blocks are then ranked on "
+                               "calibration data)" for k in ("calib_n", "calib_len", "tokenizer", "batch_size",
+                                                            "device")}})
         return self
 
 
