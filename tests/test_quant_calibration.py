@@ -320,6 +320,15 @@ def test_encoder_calibration_windows_are_cls_text_sep(minilm):
         calibration_ids("wikitext2-valid-calib", tok, n=5, seq_len=2)
 
 
+def test_encoder_text_too_short_names_the_calib_len_asked(minilm):
+    """MiniLM's windows of calib_len=512 hold 510 text tokens between [CLS] and [SEP]; a text too short for them was
+    refused as 'windows of 510', a number the user never gave. The message says where 510 comes from."""
+    _, tok = minilm
+    with pytest.raises(ValueError, match=r"non-overlapping windows of 510 \(calib_len=512 less the \[CLS\] and "
+                                         r"\[SEP\] each window gets\), but n=500 were asked"):
+        calibration_ids("wikitext2-valid-calib", tok, n=500, seq_len=512)
+
+
 def test_gptq_on_post_norm_encoder_beats_rtn_on_real_sentences(minilm, minilm_graph):
     """MiniLM's q/k/v read the previous block's output LayerNorm: GPTQ rounds them while the previous stage
     runs (single pass), and the engine must pick that edit up. Bound: GPTQ's embeddings stay closer to float

@@ -62,19 +62,21 @@ def calibration_ids(text: str | os.PathLike[str], tokenizer: PreTrainedTokenizer
     if cls is not None and sep is not None:
         if seq_len < 3:
             raise ValueError(f"calibration for a [CLS] ... [SEP] tokenizer needs seq_len >= 3, got {seq_len}")
-        body = calibration_ids_plain(ids, f"calibration text {str(text)!r}", n, seq_len - 2)
+        body = calibration_ids_plain(ids, f"calibration text {str(text)!r}", n, seq_len - 2,
+                                     f" (calib_len={seq_len} less the [CLS] and [SEP] each window gets)")
         return torch.cat([torch.full((n, 1), cls), body, torch.full((n, 1), sep)], dim=1)
     return calibration_ids_plain(ids, f"calibration text {str(text)!r}", n, seq_len)
 
 
-def calibration_ids_plain(ids: torch.Tensor, what: str, n: int, seq_len: int) -> torch.Tensor:
-    """``n`` windows of ``seq_len`` tokens of ``ids`` (``what``: where they came from, for the error), evenly
-    spaced."""
+def calibration_ids_plain(ids: torch.Tensor, what: str, n: int, seq_len: int, framing: str = "") -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens of ``ids`` (``what``: where they came from, for the error; ``framing``:
+    why ``seq_len`` is not the calib_len asked, said beside it), evenly spaced."""
     available = ids.numel() // seq_len
     if available < n:
+        # an encoder's windows of calib_len=512 were reported as 'windows of 510', a number the user never gave
         raise ValueError(
-            f"{what} has {ids.numel()} tokens: {available} non-overlapping windows of {seq_len}, but n={n} were "
-            f"asked ({n * seq_len} tokens); give a longer text or more ids, fewer sequences (calib_n) or shorter "
+            f"{what} has {ids.numel()} tokens: {available} non-overlapping windows of {seq_len}{framing}, but n={n} "
+            f"were asked ({n * seq_len} tokens); give a longer text or more ids, fewer sequences (calib_n) or shorter "
             "ones (calib_len)")
     starts = (torch.arange(n) * available // n) * seq_len
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
