@@ -44,6 +44,25 @@ def test_a_tokenizer_of_another_vocabulary_is_refused_by_name():
     assert "outside the model's vocabulary of 128" in msg and "tokenizer" in msg
 
 
+def test_a_pass_tokenizer_of_another_vocabulary_than_the_models_own_is_refused():
+    """gptq(tokenizer=minilm) on SmolLM2 calibrated on WordPiece ids: all below SmolLM2's 49152 rows, so the range
+    check let through text the model reads as other tokens. A pass' tokenizer whose vocabulary is not the size of
+    the model's own tokenizer is refused before capture; one of the same vocabulary is taken."""
+    from lowbit.passes.base import PassError
+
+    pipeline = "gptq(w=int4,group=64,calib_n=1,calib_len=8,progress=false,tokenizer={})"
+    with pytest.raises(PassError, match=r"pass gptq: option tokenizer='minilm': tokenizer 'minilm' has 30522 tokens, "
+                                        r"but the model's own tokenizer .* has 49152"):
+        lowbit.compile_model("smollm2:1", pipeline=pipeline.format("minilm"))
+    from lowbit.calibration.data import load_tokenizer
+    from lowbit.passes.gptq import GPTQ
+
+    own = load_tokenizer("smollm2")
+    GPTQ(calib_n=1, calib_len=8, tokenizer="smollm2").options.check_text_length(own, "gptq")  # same vocabulary
+    with pytest.raises(PassError, match=r"option tokenizer='minilm': tokenizer 'minilm' has 30522 tokens"):
+        GPTQ(calib_n=1, calib_len=8, tokenizer="minilm").options.check_text_length(own, "gptq")
+
+
 def test_calibration_token_ids_from_a_tensor_or_a_safetensors_file(tmp_path):
     model = tiny_llama(128)
     ids = torch.randint(0, 128, (2, 16))

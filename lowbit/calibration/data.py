@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -23,7 +24,8 @@ from lowbit.errors import CorruptFileError
 from lowbit.ir.graph import Graph
 
 __all__ = ["calibration_ids", "load_tokenizer", "graph_tokenizer", "DEFAULT_CALIBRATION_TEXT", "calibration_tensor",
-           "given_windows", "check_vocabulary", "vocabulary_size", "check_default_tokenizer", "calib_size"]
+           "given_windows", "check_vocabulary", "vocabulary_size", "check_default_tokenizer", "calib_size",
+           "check_tokenizer_matches"]
 
 SMOLLM2_VOCAB = 49152
 PACKAGED_TOKENIZERS = ("smollm2", "minilm")
@@ -182,3 +184,17 @@ def check_default_tokenizer(graph: Graph, name: str | None) -> None:
         raise ValueError(f"no tokenizer for this model (its embedding has {vocab} rows; SmolLM2's, the default, "
                          f"has {SMOLLM2_VOCAB}): give tokenizer=DIR, compile_model(..., tokenizer=...), or token ids "
                          "(calib=a tensor or a .safetensors of ids)")
+
+
+def check_tokenizer_matches(given: PreTrainedTokenizerBase, own: Any, name: str) -> None:
+    """Refuse a pass' ``tokenizer=`` whose vocabulary is not the size of the model's own tokenizer (the one
+    ``compile_model`` captured with it): SmolLM2's model calibrated with ``tokenizer=minilm`` got WordPiece ids,
+    all below its 49152 rows, so ``check_vocabulary`` let through a text the model reads as other tokens."""
+    if own is None or given is own:
+        return
+    mine, theirs = len(given), len(own)
+    if mine != theirs:
+        raise ValueError(f"tokenizer {name!r} has {mine} tokens, but the model's own tokenizer "
+                         f"({getattr(own, 'name_or_path', '') or type(own).__name__!r}) has {theirs}: its ids stand "
+                         "for other tokens in this model; drop tokenizer= to use the model's own, or give one of the "
+                         "same vocabulary")

@@ -42,6 +42,7 @@ from lowbit.calibration.data import (
     calibration_ids,
     calibration_tensor,
     check_default_tokenizer,
+    check_tokenizer_matches,
     check_vocabulary,
     given_windows,
     graph_tokenizer,
@@ -191,6 +192,8 @@ class CalibrationOptions(PassOptions):
             else:
                 check_default_tokenizer(graph, self.tokenizer)
                 tok = graph_tokenizer(graph, self.tokenizer)
+                if self.tokenizer is not None:
+                    check_tokenizer_matches(tok, graph.meta.get("tokenizer"), self.tokenizer)
                 ids = calibration_ids(self.calib, tok, self.calib_n, self.calib_len)
                 source = f"tokenizer {getattr(tok, 'name_or_path', '') or type(tok).__name__!r}"
             check_vocabulary(ids, graph, source)
@@ -214,9 +217,14 @@ class CalibrationOptions(PassOptions):
             from lowbit.calibration.data import load_tokenizer
 
             try:  # a directory transformers cannot read was a raw traceback here, before the model was captured
-                tokenizer = load_tokenizer(self.tokenizer)
+                given = load_tokenizer(self.tokenizer)
             except (OSError, ValueError) as exc:
                 raise PassFileError(f"pass {pass_name}: option tokenizer={self.tokenizer!r}: {exc}") from None
+            try:
+                check_tokenizer_matches(given, tokenizer, self.tokenizer)
+            except ValueError as exc:
+                raise PassError(f"pass {pass_name}: option tokenizer={self.tokenizer!r}: {exc}") from None
+            tokenizer = given
         if tokenizer is None:
             return
         try:
