@@ -123,15 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     import click
     import typer
 
-    from lowbit.cli.common import Exit, err_console
+    from lowbit.cli.common import Exit, err_console, show_warnings_as_lines
     from lowbit.errors import CorruptFileError, LowbitError, UntrustedInputError
     from lowbit.passes.base import PassError, PassFileError
 
-    from lowbit.cli.common import plain_warnings
-
+    show_warnings_as_lines()  # as the lowbit command: one 'warning: ...' line each
     parser = build_parser()
     args = parser.parse_args(argv)
-    plain_warnings()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         recipe, pipeline, passes = validate(parser, args)

@@ -26,24 +26,6 @@ from rich.console import Console
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 
 
-def plain_warnings() -> None:
-    """Print lowbit's own warnings as ``warning: MESSAGE``: Python's default form put a source path and the line of
-    lowbit's code that raised it before and after the message (``.../lowbit/passes/manager.py:371:
-    UntiedWeightWarning: ...`` then ``result = p.run(graph)``), which tells a CLI user nothing. Warnings from other
-    packages keep Python's form (their location is how one finds them). Idempotent."""
-    if getattr(warnings.formatwarning, "lowbit_cli", False):
-        return
-    default = warnings.formatwarning
-
-    def formatwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                      line: str | None = None) -> str:
-        ours = category.__module__.split(".")[0] == "lowbit" or str(filename).startswith(_PACKAGE_DIR)
-        return f"warning: {message}\n" if ours else default(message, category, filename, lineno, line)
-
-    formatwarning.lowbit_cli = True  # type: ignore[attr-defined]
-    warnings.formatwarning = formatwarning
-
-
 def _width() -> int | None:
     """Rich falls back to 80 columns when output is piped, which truncates the per-pass tables; use 160 then."""
     return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
@@ -93,6 +75,35 @@ def fail(message: str, code: Exit) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False,
                       soft_wrap=True)  # paths stay whole
     raise typer.Exit(int(code))
+
+
+def warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int) -> str:
+    """One line for a warning a command raised: ``warning: <message>``, then the category where it says more than
+    UserWarning (``PYTHONWARNINGS=ignore::<its module>.<name>`` silences it), and for a warning from outside lowbit
+    (torch, transformers) where it came from. Python's own form was two lines naming lowbit's source
+    (``.../passes/manager.py:371: UntiedWeightWarning: ...`` over ``result = p.run(graph)``): the warn call's
+    place, which tells a user of the command nothing."""
+    text = " ".join(str(message).split())
+    ours = Path(filename).resolve().is_relative_to(Path(__file__).resolve().parents[1]) or \
+        category.__module__.split(".")[0] == "lowbit"
+    if ours:
+        return f"warning: {text}" + ("" if category is UserWarning else f" ({category.__name__})")
+    return f"warning: {text} ({category.__name__} from {filename}:{lineno})"
+
+
+def show_warnings_as_lines() -> None:
+    """Print every warning as ``warning_line`` on stderr, for the rest of the process (every command sets it up)."""
+    import warnings
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        text = warning_line(message, category, filename, lineno)
+        if file is not None:
+            file.write(text + "\n")
+        else:
+            err_console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show
 
 
 # ---- models -------------------------------------------------------------------------------------

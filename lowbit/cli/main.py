@@ -41,8 +41,8 @@ from lowbit.cli.common import (
     parse,
     parse_percent_or_number,
     pipeline_text,
-    plain_warnings,
     recipes_module,
+    show_warnings_as_lines,
 )
 from lowbit.cli.pipeline import run_pipeline
 
@@ -66,10 +66,10 @@ app.add_typer(debug_app, name="debug")
 @app.callback()
 def _process_setup() -> None:
     """Before any command: freed tensors go back to the system (``limit_heap_retention``), so a compile's resident
-    memory follows what is live, which is what lets a model larger than the memory left be compiled and saved.
-    lowbit's warnings print as ``warning: ...`` (``plain_warnings``)."""
+    memory follows what is live, which is what lets a model larger than the memory left be compiled and saved; and
+    a warning prints as one ``warning: ...`` line (``show_warnings_as_lines``), not Python's file:line form."""
     limit_heap_retention()
-    plain_warnings()
+    show_warnings_as_lines()
 
 MODEL_HELP = ("smollm2, minilm, an HF model directory or a .gguf file; NAME:N keeps the first N blocks "
               "(smollm2:2 is a 2-layer SmolLM2)")
