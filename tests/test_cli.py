@@ -1044,3 +1044,13 @@ def test_a_warning_reaches_the_user_as_one_line():
     from lowbit.cli.common import warning_line
 
     assert warning_line("a\n  b", FutureWarning, "/x/torch/y.py", 3) == "warning: a b (FutureWarning from /x/torch/y.py:3)"
+
+
+def test_text_lines_piped_are_not_broken_at_the_console_width():
+    """Piped, rich's console is 160 columns wide and it broke every longer text line there: compile's summary line
+    of a pass's statistics ended mid-dict ("'kv_qdq_chains': " / "0, ..."), so grep found half of it. Plain text prints
+    whole; only tables follow the width."""
+    res = invoke("compile", "smollm2:1", "-p", "quantize(w=int4,group=64)")
+    line = next(line for line in res.stdout.splitlines() if "'weights_quantized'" in line)
+    assert len(line) > 160 and line.rstrip().endswith("}"), res.stdout
+    assert "'quantized_weight_bytes_after': " in line, res.stdout

@@ -221,7 +221,7 @@ def _reduce(units: list[Unit], bad: Callable[[list[Unit]], bool]) -> list[Unit]:
 def run_bisect(model_spec: str, text: str, *, metric: str, max_increase: str, windows: int, seq_len: int,
                n_sentences: int, json_out: Path | None, dtype: str = "float32") -> None:
     res = bisect(model_spec, text, metric=metric, max_increase=max_increase, windows=windows, seq_len=seq_len,
-                 n_sentences=n_sentences, log=lambda s: console.print(s, markup=False), dtype=dtype)
+                 n_sentences=n_sentences, log=lambda s: console.print(s, markup=False, soft_wrap=True), dtype=dtype)
     table = Table(title=f"bisect {res.model} ({res.metric}, threshold {fmt_metric(res.metric, res.threshold)})",
                   show_header=False)
     table.add_row("float baseline", fmt_metric(res.metric, res.baseline))
@@ -237,16 +237,16 @@ def run_bisect(model_spec: str, text: str, *, metric: str, max_increase: str, wi
         table.add_row("note", res.note)
     console.print(table)
     if res.reproduce and res.culprit_pass is not None:
-        console.print("reproduce with:", markup=False)
+        console.print("reproduce with:", markup=False, soft_wrap=True)
         console.print(f"  {res.reproduce}", markup=False, soft_wrap=True)  # a wrapped command does not paste
         config = re.search(r"config=([^,)]+)", res.restricted_spec or "")
         if config and Path(config.group(1)).is_file():  # the restricted QuantConfig, shown so it can be read
             compact = json.dumps(json.loads(Path(config.group(1)).read_text()), separators=(",", ":"))
-            console.print(f"  where {config.group(1)} is: {compact}", markup=False)
+            console.print(f"  where {config.group(1)} is: {compact}", markup=False, soft_wrap=True)
     if json_out is not None:
         atomic_write_text(json_out, jsonio.dumps(res.to_dict(), indent=2) + "\n")
     if res.culprit_pass is None:
         from lowbit.cli.common import err_console
 
-        err_console.print(res.note)
+        err_console.print(res.note, soft_wrap=True)
         raise typer.Exit(int(Exit.THRESHOLD))

@@ -160,13 +160,13 @@ def run_compare(model_spec: str, text: str, *, windows: int, seq_len: int, n_sen
                   verify_each=verify_each, reproducer=reproducer, dtype=dtype)
     console.print(summary_table(res))
     console.print(layer_table(res))
-    console.print(f"compare took {res.seconds:.1f} s", markup=False)
+    console.print(f"compare took {res.seconds:.1f} s", markup=False, soft_wrap=True)
     if json_out is not None:
         atomic_write_text(json_out, jsonio.dumps(res.to_dict(), indent=2) + "\n")
-        console.print(f"wrote {json_out}", markup=False)
+        console.print(f"wrote {json_out}", markup=False, soft_wrap=True)
     if html_out is not None:
         from lowbit.cli.report_html import render_report
 
         # the numbers as measured: in the JSON form NaN and inf are both null, and the report drew a NaN as ∞
         atomic_write_text(html_out, render_report(res.to_dict(finite=False)))
-        console.print(f"wrote {html_out}", markup=False)
+        console.print(f"wrote {html_out}", markup=False, soft_wrap=True)

@@ -109,7 +109,7 @@ def inspect_file(file: Path, top: int = 20) -> None:
                   f"{len(graph.params)} params, {total / MiB:.1f} MiB"
                   + ("" if has_weights else " (types only: no params.safetensors beside it)")
                   + ("" if errors is None else "; INVALID: the verifier refuses it (its errors follow the tables)"),
-                  markup=False)
+                  markup=False, soft_wrap=True)
     ops = Table(title="ops")
     ops.add_column("op")
     ops.add_column("count", justify="right")
@@ -159,7 +159,7 @@ def inspect_file(file: Path, top: int = 20) -> None:
     console.print(q if shown else "no quantized weights")
     if qcount:
         console.print("quantize/dequantize pairs: " + ", ".join(f"{k} ×{v}" for k, v in sorted(qcount.items())),
-                      markup=False)
+                      markup=False, soft_wrap=True)
 
     dt = Table(title="parameters by dtype")
     for col in ("dtype", "tensors", "MiB"):
@@ -195,7 +195,7 @@ def _inspect_onnx(path: Path, top: int) -> None:
     opsets = ", ".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import)
     console.print(f"{path}: ONNX opsets {opsets}, "
                   f"{len(g.node)} nodes, {len(g.initializer)} initializers, inputs "
-                  f"{[i.name for i in g.input]}, outputs {[o.name for o in g.output]}", markup=False)
+                  f"{[i.name for i in g.input]}, outputs {[o.name for o in g.output]}", markup=False, soft_wrap=True)
     ops = Table(title="ops")
     ops.add_column("op")
     ops.add_column("count", justify="right")
@@ -354,5 +354,5 @@ def draw_graph(file: Path, fmt: str, out: Path | None) -> None:
     default = file.expanduser().resolve() if file.is_dir() else path
     target = out or (default.parent / f"{default.name}.{fmt}" if file.is_dir() else path.with_suffix(f".{fmt}"))
     atomic_write_text(target, text)
-    console.print(f"wrote {target} ({len(graph.nodes)} nodes, format {fmt})", markup=False)
+    console.print(f"wrote {target} ({len(graph.nodes)} nodes, format {fmt})", markup=False, soft_wrap=True)
     _refuse_unverified(path, _verifier_errors(graph, kind, has_weights), f"{target} draws it")

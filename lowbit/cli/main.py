@@ -151,7 +151,7 @@ def recipes_cmd() -> None:
     """List the named recipes and the pipeline text each one stands for."""
     mod = recipes_module()
     if mod is None:
-        console.print("No named recipes in this install (lowbit.recipes is missing); use --pipeline.")
+        console.print("No named recipes in this install (lowbit.recipes is missing); use --pipeline.", soft_wrap=True)
         return
     table = Table(title="lowbit recipes", show_lines=True)
     table.add_column("recipe", style="bold cyan", no_wrap=True)
@@ -426,7 +426,7 @@ def compile_cmd(
     if keep is not None:
         passes = apply_overrides(passes, keep, graph, overrides)
         console.print(f"overrides {overrides}: keeping {', '.join(keep) or 'nothing'} float -> "
-                      f"{','.join(p.spec() for p in passes)}", markup=False)
+                      f"{','.join(p.spec() for p in passes)}", markup=False, soft_wrap=True)
         plan = plan_compile(passes, backend, options)
     instruments = []
     if printing:
@@ -457,9 +457,10 @@ def compile_cmd(
         _write_compile_output(out, graph, compile_report, runner, backend, model, text, fmt,
                               onnx_options={k: v for k, v in plan.backend_options.items() if v is not None})
     if not quiet:
-        console.print(compile_report.summary(), markup=False)
+        console.print(compile_report.summary(), markup=False, soft_wrap=True)
         if out is not None:
-            console.print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})", markup=False)
+            console.print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})", markup=False,
+                          soft_wrap=True)
 
 
 def hf_format_refusal(fmt: str, passes: list[Any]) -> str | None:
@@ -545,7 +546,7 @@ def _export_onnx(runner: Any, graph: Any, report: Any, path: Path, options: dict
     try:
         from lowbit.export import ExportFormWarning, export
     except ModuleNotFoundError:
-        err_console.print("note: lowbit.export is not in this install; no model.onnx written")
+        err_console.print("note: lowbit.export is not in this install; no model.onnx written", soft_wrap=True)
         return False
     from lowbit.api import CompiledModel
 
@@ -719,7 +720,7 @@ def generate_cmd(
         if backend == "triton" and dtype in (None, "float32"):  # it ran, every op on the reference, without a word
             err_console.print("note: the triton backend's kernels take bfloat16/float16 activations; this float32 "
                               "model runs every op on its reference path: add --dtype bfloat16", markup=False,
-                              highlight=False)
+                              highlight=False, soft_wrap=True)
         positions = getattr(getattr(getattr(loaded.module, "model", None), "config", None), "max_position_embeddings",
                             None)
         build = lambda spec: compile_model(loaded.module, pipeline=text or None, device=device,  # noqa: E731
@@ -763,7 +764,7 @@ def generate_cmd(
         console.print()
     else:
         for p, t in zip(prompt, out.texts or []):
-            console.print(f"{p}{t}\n", markup=False, highlight=False)
+            console.print(f"{p}{t}\n", markup=False, highlight=False, soft_wrap=True)
     if out.peak_memory_bytes is not None:
         peak = f"{out.peak_memory_bytes / 2**20:.0f} MiB GPU"
     else:
@@ -775,7 +776,7 @@ def generate_cmd(
     err_console.print(
         f"compile {compile_s:.1f} s ({text or 'float'}); prefill {out.prefill_seconds * 1000:.1f} ms for "
         f"{sum(out.prompt_lengths)} tokens; {decode}; {n_tokens} new tokens; peak memory {peak}", markup=False,
-        highlight=False)
+        highlight=False, soft_wrap=True)
 
 
 def _note_reference_nodes(runner: Any) -> None:
@@ -790,7 +791,8 @@ def _note_reference_nodes(runner: Any) -> None:
     for why in fallback.values():
         reasons[why] = reasons.get(why, 0) + 1
     err_console.print(f"note: {len(fallback)} nodes run their reference path on this backend:\n"
-                      + "\n".join(f"  {n}x {why}" for why, n in reasons.items()), markup=False, highlight=False)
+                      + "\n".join(f"  {n}x {why}" for why, n in reasons.items()), markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 @app.command("replay")

@@ -255,7 +255,7 @@ def replay(directory: Path, verify_each: bool = True) -> None:
     versions = manifest.get("versions", {})
     console.print(f"replaying {manifest['replay_pipeline']!r} on {ir_file} "
                   f"({len(graph.nodes)} nodes); recorded with {versions.get('lowbit')} / torch "
-                  f"{versions.get('torch')}", markup=False)
+                  f"{versions.get('torch')}", markup=False, soft_wrap=True)
     try:
         PassManager(passes, verify_each=verify_each).run(graph)
     except PipelineError as exc:
@@ -270,7 +270,7 @@ def replay(directory: Path, verify_each: bool = True) -> None:
             fail(f"the pipeline fails again, but not as recorded: {exc}\n(recorded: {manifest['error']})",
                  Exit.PIPELINE)
         fail(f"reproduced: {exc}", Exit.PIPELINE)
-    console.print("the pipeline now succeeds: the failure no longer reproduces", markup=False)
+    console.print("the pipeline now succeeds: the failure no longer reproduces", markup=False, soft_wrap=True)
 
 
 _FAILED = re.compile(r"^pass .*? \(#\d+\) failed: ", re.S)

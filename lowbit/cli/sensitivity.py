@@ -154,7 +154,7 @@ def run_sensitivity(model_spec: str, scheme: str, *, group: int | None, prefix: 
     if not keepable:
         console.print(f"wrote {out} ({res['seconds']:.1f} s): the ranking only; pass {qpass.name} has no keep option, "
                       "so compile --overrides cannot keep the damaged layers out of it: restrict it to the others with "
-                      f"its modules= option (a regex on module paths)", markup=False)
+                      f"its modules= option (a regex on module paths)", markup=False, soft_wrap=True)
         return
     pipe = ",".join(x for x in (res["prefix"], res["quantize"]) if x)
     # shell-quoted as bisect's reproduce command: '{pipe}' broke on a quoted option, {out} on a space
