@@ -1054,3 +1054,19 @@ def test_text_lines_piped_are_not_broken_at_the_console_width():
     line = next(line for line in res.stdout.splitlines() if "'weights_quantized'" in line)
     assert len(line) > 160 and line.rstrip().endswith("}"), res.stdout
     assert "'quantized_weight_bytes_after': " in line, res.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-n", "0"], "-n/--max-new-tokens 0: give at least 1"),
+    (["--max-length", "1"], "--max-length 1: give at least 2"),
+    (["--max-batch", "1", "--prompt", "b"], "--max-batch 1: the step graph must take the 2 prompt(s) given"),
+    (["--sample", "--temperature", "0"], "--temperature 0.0: give a finite number above 0 (or leave out --sample"),
+    (["--sample", "--top-k", "0"], "--top-k 0: give at least 1"),
+    (["--sample", "--top-p", "1.5"], "--top-p 1.5: give a number above 0 and at most 1"),
+])
+def test_generate_refuses_its_numbers_by_flag_before_reading_the_model(tmp_path, flags, message):
+    """The refusals came from the Python API after the model loaded, in its words: 'max_new_tokens=0', 'top_p=1.5',
+    'GenerationSpec.max_length=1', 'use do_sample=False for greedy'. They name the flag, before MODEL is read (a
+    missing model would exit 3)."""
+    res = invoke("generate", tmp_path / "no-such-model", "--prompt", "a", *flags, code=2)
+    assert message in res.stderr and "=" not in res.stderr.split("error:")[1], res.stderr

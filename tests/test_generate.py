@@ -442,9 +442,9 @@ def test_cli_generate_refuses_bad_requests_before_compiling(monkeypatch):
         raise AssertionError("compiled before checking the request")
 
     monkeypatch.setattr(lowbit.api, "compile_model", no_compile)
-    for flags, needle in [(["-n", "0"], "max_new_tokens=0"), (["-n", "40", "--max-length", "32"], "--max-length"),
-                          (["--max-batch", "0"], "max_batch=0"), (["--sample", "--temperature", "0"], "temperature"),
-                          (["--sample", "--top-p", "1.5"], "top_p=1.5"),
+    for flags, needle in [(["-n", "0"], "--max-new-tokens 0"), (["-n", "40", "--max-length", "32"], "--max-length"),
+                          (["--max-batch", "0"], "--max-batch 0"), (["--sample", "--temperature", "0"], "temperature"),
+                          (["--sample", "--top-p", "1.5"], "--top-p 1.5"),
                           # as `lowbit compile` parses them (an unknown pass was a traceback, a bad option exit 4)
                           (["--pipeline", "kv-cach(bits=4)"], "did you mean 'kv-cache'"),
                           (["--pipeline", "kv-cache(bits=3)"], "bits=3")]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -659,6 +660,8 @@ def generate_cmd(
     if ignored and not sample:
         fail(f"{', '.join(ignored)} only apply when sampling: add --sample (without it decoding is greedy)",
              Exit.USAGE)
+    check_generate_flags(len(prompt), max_new_tokens=max_new_tokens, max_length=max_length, max_batch=max_batch,
+                         sample=sample, temperature=temperature, top_k=top_k, top_p=top_p)
     stops = None if not stop_token else () if stop_token == [-1] else tuple(stop_token)
     if stops and any(t < 0 for t in stops):
         fail(f"--stop-token {min(stops)}: token ids are 0 or more (-1 alone: no stop token)", Exit.USAGE)
@@ -777,6 +780,28 @@ def generate_cmd(
         f"compile {compile_s:.1f} s ({text or 'float'}); prefill {out.prefill_seconds * 1000:.1f} ms for "
         f"{sum(out.prompt_lengths)} tokens; {decode}; {n_tokens} new tokens; peak memory {peak}", markup=False,
         highlight=False, soft_wrap=True)
+
+
+def check_generate_flags(n_prompts: int, *, max_new_tokens: int, max_length: int | None, max_batch: int | None,
+                         sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """``lowbit generate``'s numbers, refused by flag before the model is read. ``check_request`` and
+    ``GenerationSpec`` refuse the same after the load, in the Python API's words (``max_new_tokens=0``,
+    ``GenerationSpec.max_length=1``, "use do_sample=False"), which a user of the command never wrote."""
+    refusals = (
+        (max_new_tokens < 1, f"-n/--max-new-tokens {max_new_tokens}: give at least 1"),
+        (max_length is not None and max_length < 2,
+         f"--max-length {max_length}: give at least 2 (one prompt token, one new token)"),
+        (max_batch is not None and max_batch < n_prompts,
+         f"--max-batch {max_batch}: the step graph must take the {n_prompts} prompt(s) given; give at least "
+         f"{n_prompts}, or leave it out"),
+        (sample and not (math.isfinite(temperature) and temperature > 0),
+         f"--temperature {temperature}: give a finite number above 0 (or leave out --sample: greedy decoding)"),
+        (top_k is not None and top_k < 1, f"--top-k {top_k}: give at least 1"),
+        (top_p is not None and not 0 < top_p <= 1, f"--top-p {top_p}: give a number above 0 and at most 1"),
+    )
+    for refused, message in refusals:
+        if refused:
+            fail(message, Exit.USAGE)
 
 
 def _note_reference_nodes(runner: Any) -> None:
