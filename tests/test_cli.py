@@ -1070,3 +1070,11 @@ def test_generate_refuses_its_numbers_by_flag_before_reading_the_model(tmp_path,
     missing model would exit 3)."""
     res = invoke("generate", tmp_path / "no-such-model", "--prompt", "a", *flags, code=2)
     assert message in res.stderr and "=" not in res.stderr.split("error:")[1], res.stderr
+
+
+def test_generate_sampling_flag_without_sample_reads_as_english(tmp_path):
+    """'--seed only apply when sampling': one flag applies, several apply."""
+    res = invoke("generate", tmp_path / "m", "--prompt", "a", "--seed", "1", code=2)
+    assert "--seed only applies when sampling: add --sample" in res.stderr, res.stderr
+    res = invoke("generate", tmp_path / "m", "--prompt", "a", "--seed", "1", "--top-k", "3", code=2)
+    assert "--top-k, --seed only apply when sampling" in res.stderr, res.stderr

@@ -658,8 +658,8 @@ def generate_cmd(
     ignored = ["--" + name.replace("_", "-")
                for name, _ in sampling_only(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)]
     if ignored and not sample:
-        fail(f"{', '.join(ignored)} only apply when sampling: add --sample (without it decoding is greedy)",
-             Exit.USAGE)
+        fail(f"{', '.join(ignored)} only {'applies' if len(ignored) == 1 else 'apply'} when sampling: add --sample "
+             "(without it decoding is greedy)", Exit.USAGE)
     check_generate_flags(len(prompt), max_new_tokens=max_new_tokens, max_length=max_length, max_batch=max_batch,
                          sample=sample, temperature=temperature, top_k=top_k, top_p=top_p)
     stops = None if not stop_token else () if stop_token == [-1] else tuple(stop_token)
