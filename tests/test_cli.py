@@ -1078,3 +1078,11 @@ def test_generate_sampling_flag_without_sample_reads_as_english(tmp_path):
     assert "--seed only applies when sampling: add --sample" in res.stderr, res.stderr
     res = invoke("generate", tmp_path / "m", "--prompt", "a", "--seed", "1", "--top-k", "3", code=2)
     assert "--top-k, --seed only apply when sampling" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("command", [["debug", "bisect", "-p", "dce"], ["debug", "sensitivity"]])
+def test_debug_metric_is_checked_before_the_model_is_read(tmp_path, command):
+    """--metric foo was refused after the model loaded (a missing model said so first, exit 3), listing 'ppl, cos'
+    without auto, the default."""
+    res = invoke(*command[:2], tmp_path / "no-such-model", *command[2:], "--metric", "cso", code=2)
+    assert "--metric 'cso': give ppl, cos or auto; did you mean 'cos'?" in res.stderr, res.stderr

@@ -921,8 +921,10 @@ def bisect_cmd(
 ) -> None:
     """Find the first pass that pushes the metric past the threshold, then the fewest layers responsible."""
     from lowbit.cli.bisect import run_bisect
+    from lowbit.cli.probes import check_metric
 
     check_dtype(dtype)
+    check_metric(metric)
     check_eval_sizes(windows, seq_len, sentences)
     check_output(json_out, "--json", directory=False)
     if parse_percent_or_number(max_increase)[0] <= 0:
@@ -954,9 +956,11 @@ def sensitivity_cmd(
     dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Quantize (or prune) one layer at a time, rank layers by metric damage, write an override file compile accepts."""
+    from lowbit.cli.probes import check_metric
     from lowbit.cli.sensitivity import run_sensitivity
 
     check_dtype(dtype)
+    check_metric(metric)
     check_eval_sizes(windows, seq_len, sentences)
     check_output(out, "--out", directory=False)
     if group is not None and group < 1:

@@ -144,14 +144,22 @@ def run_probe(graph: Graph, inputs: EvalInputs, with_layers: bool = True) -> Pro
     return Probe(res[0].detach(), {name: res[n_out + i].detach() for i, (name, _) in enumerate(probes)})
 
 
-def metric_name(kind: str, metric: str) -> str:
-    """Resolve ``auto``; ppl only makes sense for causal LMs and cos for encoders."""
-    if metric == "auto":
-        return "ppl" if kind == "causal-lm" else "cos"
-    if metric not in ("ppl", "cos"):
+METRICS = ("ppl", "cos", "auto")
+
+
+def check_metric(metric: str) -> None:
+    """``--metric`` is one of ``METRICS``: checked before the model is read (it was refused after the load)."""
+    if metric not in METRICS:
         from lowbit.passes.base import closest
 
-        fail(f"unknown metric {metric!r}{closest(metric, ['ppl', 'cos'])}; known: ppl, cos", Exit.USAGE)
+        fail(f"--metric {metric!r}: give ppl, cos or auto{closest(metric, list(METRICS))}", Exit.USAGE)
+
+
+def metric_name(kind: str, metric: str) -> str:
+    """Resolve ``auto``; ppl only makes sense for causal LMs and cos for encoders."""
+    check_metric(metric)
+    if metric == "auto":
+        return "ppl" if kind == "causal-lm" else "cos"
     if metric == "ppl" and kind != "causal-lm":
         fail("--metric ppl needs a causal LM; encoders use --metric cos (1 - embedding cosine)", Exit.USAGE)
     if metric == "cos" and kind != "encoder":
