@@ -1086,3 +1086,17 @@ def test_debug_metric_is_checked_before_the_model_is_read(tmp_path, command):
     without auto, the default."""
     res = invoke(*command[:2], tmp_path / "no-such-model", *command[2:], "--metric", "cso", code=2)
     assert "--metric 'cso': give ppl, cos or auto; did you mean 'cos'?" in res.stderr, res.stderr
+
+
+def test_debug_json_dash_writes_the_json_alone_to_stdout(tmp_path, monkeypatch):
+    """--json - wrote a file named '-' (and said 'wrote -'); it is the standard output, holding the JSON alone, the
+    tables going to stderr, for `lowbit debug compare ... --json - | jq`."""
+    monkeypatch.chdir(tmp_path)
+    small = ["--windows", "1", "--seq-len", "16"]
+    res = invoke("debug", "compare", "smollm2:1", "-p", "dce", *small, "--json", "-")
+    data = json.loads(res.stdout)
+    assert [s["spec"] for s in data["stages"]] == ["float", "dce"]
+    assert "per-layer SQNR" in res.stderr and not (tmp_path / "-").exists()
+    res = invoke("debug", "bisect", "smollm2:1", "-p", "dce", *small, "--json", "-", code=6)
+    assert json.loads(res.stdout)["note"].startswith("the whole pipeline stays within the threshold")
+    assert "float baseline" in res.stderr and not (tmp_path / "-").exists()

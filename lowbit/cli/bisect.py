@@ -22,8 +22,8 @@ import typer
 from rich.table import Table
 
 from lowbit import jsonio
-from lowbit.cli.common import Exit, atomic_write_text, capture_model, check_calibration, console, fail, load, \
-    parse, parse_percent_or_number
+from lowbit.cli.common import Exit, capture_model, check_calibration, console, err_console, fail, is_stdout, load, \
+    parse, parse_percent_or_number, write_text_output
 from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_name, run_probe
 from lowbit.cli.restrict import Unit, block_units, how_restricted, restrict, units_in_scope
 from lowbit.passes.manager import format_pipeline
@@ -220,8 +220,9 @@ def _reduce(units: list[Unit], bad: Callable[[list[Unit]], bool]) -> list[Unit]:
 
 def run_bisect(model_spec: str, text: str, *, metric: str, max_increase: str, windows: int, seq_len: int,
                n_sentences: int, json_out: Path | None, dtype: str = "float32") -> None:
+    show = err_console if is_stdout(json_out) else console  # --json -: the standard output holds the JSON alone
     res = bisect(model_spec, text, metric=metric, max_increase=max_increase, windows=windows, seq_len=seq_len,
-                 n_sentences=n_sentences, log=lambda s: console.print(s, markup=False, soft_wrap=True), dtype=dtype)
+                 n_sentences=n_sentences, log=lambda s: show.print(s, markup=False, soft_wrap=True), dtype=dtype)
     table = Table(title=f"bisect {res.model} ({res.metric}, threshold {fmt_metric(res.metric, res.threshold)})",
                   show_header=False)
     table.add_row("float baseline", fmt_metric(res.metric, res.baseline))
@@ -235,18 +236,16 @@ def run_bisect(model_spec: str, text: str, *, metric: str, max_increase: str, wi
     table.add_row("evaluations", f"{len(res.probes)} in {res.seconds:.1f} s")
     if res.note:
         table.add_row("note", res.note)
-    console.print(table)
+    show.print(table)
     if res.reproduce and res.culprit_pass is not None:
-        console.print("reproduce with:", markup=False, soft_wrap=True)
-        console.print(f"  {res.reproduce}", markup=False, soft_wrap=True)  # a wrapped command does not paste
+        show.print("reproduce with:", markup=False, soft_wrap=True)
+        show.print(f"  {res.reproduce}", markup=False, soft_wrap=True)  # a wrapped command does not paste
         config = re.search(r"config=([^,)]+)", res.restricted_spec or "")
         if config and Path(config.group(1)).is_file():  # the restricted QuantConfig, shown so it can be read
             compact = json.dumps(json.loads(Path(config.group(1)).read_text()), separators=(",", ":"))
-            console.print(f"  where {config.group(1)} is: {compact}", markup=False, soft_wrap=True)
+            show.print(f"  where {config.group(1)} is: {compact}", markup=False, soft_wrap=True)
     if json_out is not None:
-        atomic_write_text(json_out, jsonio.dumps(res.to_dict(), indent=2) + "\n")
+        write_text_output(json_out, jsonio.dumps(res.to_dict(), indent=2) + "\n")
     if res.culprit_pass is None:
-        from lowbit.cli.common import err_console
-
         err_console.print(res.note, soft_wrap=True)
         raise typer.Exit(int(Exit.THRESHOLD))

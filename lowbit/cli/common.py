@@ -420,6 +420,21 @@ def _public_modes(root: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+def is_stdout(path: Path | None) -> bool:
+    """Whether an output flag names ``-``: the standard output, as for most command-line tools (it wrote a file
+    named '-')."""
+    return path is not None and str(path) == "-"
+
+
+def write_text_output(path: Path, text: str) -> None:
+    """``text`` to the file ``path`` (``atomic_write_text``), or whole to the standard output for ``-``."""
+    if is_stdout(path):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        atomic_write_text(path, text)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling, so readers never see half a file."""
     path = path.expanduser()

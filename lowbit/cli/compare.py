@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
 from lowbit import jsonio
-from lowbit.cli.common import (Exit, atomic_write_text, capture_model, check_calibration, console, fail, load, parse,
-                               worst_layer)
+from lowbit.cli.common import (Exit, atomic_write_text, capture_model, check_calibration, console, err_console,
+                               fail, is_stdout, load, parse, worst_layer, write_text_output)
 from lowbit.cli.probes import EvalInputs, Probe, end_metric, fmt_metric, layer_stats, make_inputs, metric_name, \
     run_probe
 from lowbit.instruments import compare_outputs
@@ -84,8 +85,9 @@ class LayerCompare(Instrument):
 
 def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128, n_sentences: int = 32,
             verify_each: bool = True, reproducer: Path | None = None, progress: bool = True,
-            dtype: str = "float32") -> CompareResult:
-    """Capture the model, run the pipeline with a LayerCompare instrument, return every stage's numbers."""
+            dtype: str = "float32", bar_console: Console | None = None) -> CompareResult:
+    """Capture the model, run the pipeline with a LayerCompare instrument, return every stage's numbers
+    (``bar_console``: where the progress bar draws, the standard output's console by default)."""
     from rich.progress import Progress
 
     from lowbit.cli.pipeline import run_pipeline
@@ -97,7 +99,7 @@ def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128,
     metric = metric_name(loaded.kind, "auto")
     inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
     graph = capture_model(loaded)
-    with Progress(console=console, transient=True, disable=not progress) as bar:
+    with Progress(console=bar_console or console, transient=True, disable=not progress) as bar:
         task = bar.add_task("float reference", total=len(passes) + 1)
         ref = run_probe(graph, inputs)
         bar.advance(task)
@@ -156,17 +158,19 @@ def layer_table(res: CompareResult) -> Table:
 def run_compare(model_spec: str, text: str, *, windows: int, seq_len: int, n_sentences: int,
                 json_out: Path | None, html_out: Path | None, verify_each: bool, reproducer: Path | None,
                 dtype: str = "float32") -> None:
+    show = err_console if is_stdout(json_out) else console  # --json -: the standard output holds the JSON alone
     res = compare(model_spec, text, windows=windows, seq_len=seq_len, n_sentences=n_sentences,
-                  verify_each=verify_each, reproducer=reproducer, dtype=dtype)
-    console.print(summary_table(res))
-    console.print(layer_table(res))
-    console.print(f"compare took {res.seconds:.1f} s", markup=False, soft_wrap=True)
+                  verify_each=verify_each, reproducer=reproducer, dtype=dtype, bar_console=show)
+    show.print(summary_table(res))
+    show.print(layer_table(res))
+    show.print(f"compare took {res.seconds:.1f} s", markup=False, soft_wrap=True)
     if json_out is not None:
-        atomic_write_text(json_out, jsonio.dumps(res.to_dict(), indent=2) + "\n")
-        console.print(f"wrote {json_out}", markup=False, soft_wrap=True)
+        write_text_output(json_out, jsonio.dumps(res.to_dict(), indent=2) + "\n")
+        if not is_stdout(json_out):
+            show.print(f"wrote {json_out}", markup=False, soft_wrap=True)
     if html_out is not None:
         from lowbit.cli.report_html import render_report
 
         # the numbers as measured: in the JSON form NaN and inf are both null, and the report drew a NaN as ∞
         atomic_write_text(html_out, render_report(res.to_dict(finite=False)))
-        console.print(f"wrote {html_out}", markup=False, soft_wrap=True)
+        show.print(f"wrote {html_out}", markup=False, soft_wrap=True)

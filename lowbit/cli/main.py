@@ -881,7 +881,8 @@ def compare_cmd(
     windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows to run"),
     seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),
     sentences: int = typer.Option(32, help="encoders: WikiText-2 sentences to embed"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the numbers as JSON here"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the numbers as JSON here ('-': to stdout, "
+                                            "the tables then go to stderr)"),
     html_out: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report here"),
     verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each"),
     reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on a failing pass, save a replay here"),
@@ -916,7 +917,8 @@ def bisect_cmd(
     windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows per evaluation"),
     seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),
     sentences: int = typer.Option(32, help="encoders: sentences per evaluation"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON here"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON here ('-': to stdout, "
+                                            "the tables then go to stderr)"),
     dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Find the first pass that pushes the metric past the threshold, then the fewest layers responsible."""
