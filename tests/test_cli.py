@@ -1100,3 +1100,19 @@ def test_debug_json_dash_writes_the_json_alone_to_stdout(tmp_path, monkeypatch):
     res = invoke("debug", "bisect", "smollm2:1", "-p", "dce", *small, "--json", "-", code=6)
     assert json.loads(res.stdout)["note"].startswith("the whole pipeline stays within the threshold")
     assert "float baseline" in res.stderr and not (tmp_path / "-").exists()
+
+
+def test_inspect_and_graph_read_a_float_hf_directory(tmp_path):
+    """`lowbit compile -f hf` (a pruned model as plain transformers weights) writes a directory inspect and graph
+    refused: "no quantization_config (a float HF model: load it with lowbit.compile_model instead)", exit 3. They
+    show its IR as compile captures it."""
+    import lowbit
+    from lowbit.data.model_files import load_tokenizer
+
+    compiled = lowbit.compile_model(tiny_llama(vocab=49152), pipeline="dce", tokenizer=load_tokenizer("smollm2"))
+    out = lowbit.save(compiled, tmp_path / "hf", format="hf")
+    res = invoke("inspect", out)
+    assert "graph main, 1 inputs (input_ids" in res.stdout and "no quantized weights" in res.stdout, res.output
+    assert re.search(r"│ linear\s+│\s+8 │", res.stdout), res.stdout  # 7 in the block, lm_head
+    invoke("graph", out, "-o", tmp_path / "g.html")
+    assert "mlp.down_proj" in (tmp_path / "g.html").read_text()

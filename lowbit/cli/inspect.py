@@ -29,12 +29,20 @@ def _read_lowbit(path: Path) -> tuple[Any, bool]:
 
 
 def _read_graph(path: Path, kind: str) -> tuple[Any, bool]:
-    """The graph of a ``_resolve``d lowbit file, or the one ``lowbit.load`` rebuilds from an HF checkpoint directory
-    (its codes installed), and whether it holds weights."""
+    """The graph of a ``_resolve``d lowbit file, the one ``lowbit.load`` rebuilds from an HF checkpoint directory
+    (its codes installed), or a float HF directory's capture, and whether it holds weights."""
     if kind != "checkpoint":
         return _read_lowbit(path)
     from lowbit.checkpoint import CheckpointError, load
     from lowbit.errors import LowbitError
+    from lowbit.models import quantization_config
+
+    if quantization_config(path) is None and not (path / "quantize_config.json").is_file():
+        # a float HF model (`lowbit compile -f hf`'s pruned output among them): its IR as compile captures it. It was
+        # refused as 'no quantization_config (... load it with lowbit.compile_model instead)'
+        from lowbit.cli.common import capture_model, load as load_model
+
+        return capture_model(load_model(str(path))), True
 
     try:
         return load(path).graph, True

@@ -833,8 +833,8 @@ def replay_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    file: Path = typer.Argument(..., help="a .lowbit IR file, a compile output or checkpoint directory (compressed-"
-                                "tensors, GPTQ), or an .onnx file"),
+    file: Path = typer.Argument(..., help="a .lowbit IR file, a compile output or HF model directory (compressed-"
+                                "tensors, GPTQ, or a float model: captured as compile does), or an .onnx file"),
     top: int = typer.Option(20, help="show at most this many rows per table"),
 ) -> None:
     """Summarise a compiled artefact: ops, quantized tensors (qdtype, granularity), dtypes and sizes."""
@@ -847,7 +847,8 @@ def inspect_cmd(
 
 @app.command("graph")
 def graph_cmd(
-    file: Path = typer.Argument(..., help="a .lowbit IR file or a compile output directory"),
+    file: Path = typer.Argument(..., help="a .lowbit IR file, a compile output or HF model directory (compressed-"
+                                "tensors, GPTQ, or a float model: captured as compile does)"),
     format: str = typer.Option("html", "--format", "-f", help="dot or html"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file (default: beside FILE, with the "
                                        "format's suffix; for a directory OUT, OUT.html / OUT.dot next to it)"),
