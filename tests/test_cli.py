@@ -1116,3 +1116,12 @@ def test_inspect_and_graph_read_a_float_hf_directory(tmp_path):
     assert re.search(r"│ linear\s+│\s+8 │", res.stdout), res.stdout  # 7 in the block, lm_head
     invoke("graph", out, "-o", tmp_path / "g.html")
     assert "mlp.down_proj" in (tmp_path / "g.html").read_text()
+
+
+def test_generate_on_a_compile_output_names_the_command_that_generates(compiled_slice):
+    """`lowbit compile -o` writes the logits graph, no decode step, and generate on it said 'was compiled without
+    generation=GenerationSpec(...)', an argument of the Python API the CLI user never saw. It gives the generate
+    command on the model and pipeline the directory's report.json names."""
+    res = invoke("generate", compiled_slice, "--prompt", "hi", code=2)
+    assert f"lowbit generate smollm2:2 --pipeline '{QUANT}' --prompt ..." in res.stderr, res.stderr
+    assert "GenerationSpec" not in res.stderr, res.stderr

@@ -684,9 +684,12 @@ def generate_cmd(
         except LowbitError as exc:
             fail(str(exc), Exit.NOT_FOUND)
         meta = stored.graph.meta.get("generation")
-        if meta is None or stored.tokenizer is None:
-            fail(f"model {model!r} was compiled without " + ("generation=GenerationSpec(...): it has no decode step"
-                 if meta is None else "a tokenizer: give token ids through lowbit.load(...).generate"), Exit.USAGE)
+        if meta is None:
+            fail(f"model {model!r} holds no decode step (`lowbit compile` and compile_model without generation= "
+                 f"capture the logits graph only): {_generate_from_source(lowbit_dir)}", Exit.USAGE)
+        if stored.tokenizer is None:
+            fail(f"model {model!r} was compiled without a tokenizer: give token ids through lowbit.load(...).generate",
+                 Exit.USAGE)
         tok = stored.tokenizer
         # the cache it was captured with: a --max-length or --max-batch asking for other limits was ignored
         changed = [f"{flag} {given}" for flag, given, captured in (
@@ -780,6 +783,24 @@ def generate_cmd(
         f"compile {compile_s:.1f} s ({text or 'float'}); prefill {out.prefill_seconds * 1000:.1f} ms for "
         f"{sum(out.prompt_lengths)} tokens; {decode}; {n_tokens} new tokens; peak memory {peak}", markup=False,
         highlight=False, soft_wrap=True)
+
+
+def _generate_from_source(directory: Path) -> str:
+    """What to run instead of ``lowbit generate`` on a compile output without a decode step: the same command on the
+    model and pipeline its report.json names (``lowbit compile -o`` writes them), where it can be read."""
+    import shlex
+
+    try:
+        report = json.loads((directory / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        report = None
+    source = report.get("model") if isinstance(report, dict) else None
+    text = report.get("pipeline_text") if isinstance(report, dict) else None
+    if isinstance(source, str) and isinstance(text, str):
+        return (f"run generate on the model it was compiled from: lowbit generate {shlex.quote(source)} --pipeline "
+                f"{shlex.quote(text)} --prompt ...")
+    return ("run generate on the model it was compiled from, with its --pipeline or --recipe (or save one compiled "
+            "with lowbit.compile_model(..., generation=GenerationSpec(...)))")
 
 
 def check_generate_flags(n_prompts: int, *, max_new_tokens: int, max_length: int | None, max_batch: int | None,
