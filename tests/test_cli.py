@@ -1125,3 +1125,18 @@ def test_generate_on_a_compile_output_names_the_command_that_generates(compiled_
     res = invoke("generate", compiled_slice, "--prompt", "hi", code=2)
     assert f"lowbit generate smollm2:2 --pipeline '{QUANT}' --prompt ..." in res.stderr, res.stderr
     assert "GenerationSpec" not in res.stderr, res.stderr
+
+
+def test_debug_sentences_beyond_the_text_names_the_flag_and_the_most_it_takes():
+    """--sentences above what WikiText-2 holds said "text 'wikitext2-test' has N usable sentences, fewer than
+    n=1000000", the API's argument; it names --sentences and the largest value that works."""
+    from lowbit.eval.embedding import load_sentences
+
+    res = invoke("debug", "compare", "minilm", "-p", "dce", "--sentences", "1000000", code=2)
+    found = re.search(r"--sentences 1000000: the WikiText-2 test text has (\d+) sentences .*; give --sentences (\d+) "
+                      "or fewer", res.stderr)
+    assert found and found.group(1) == found.group(2) and "n=" not in res.stderr, res.stderr
+    most = int(found.group(1))
+    assert len(load_sentences(most)) == most
+    with pytest.raises(ValueError):
+        load_sentences(most + 1)

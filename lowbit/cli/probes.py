@@ -80,9 +80,13 @@ def make_inputs(model: LoadedModel, *, windows: int = 4, seq_len: int = 128, n_s
                  f"model's vocabulary of {vocab} (config.vocab_size): the tokenizer files beside it belong to another "
                  "model", Exit.NOT_FOUND)
         return EvalInputs("causal-lm", (ids,), f"{ids.shape[0]} WikiText-2 test windows × {seq_len} tokens")
-    from lowbit.eval.embedding import load_sentences
+    from lowbit.eval.embedding import load_sentences, usable_sentences
 
     try:
+        available = len(usable_sentences())
+        if n_sentences > available:  # said as 'fewer than n=...', the API's argument
+            fail(f"--sentences {n_sentences}: the WikiText-2 test text has {available} sentences of 6-60 words to "
+                 f"embed; give --sentences {available} or fewer", Exit.USAGE)
         sents = load_sentences(n_sentences)
     except (FileNotFoundError, ValueError) as exc:
         fail(f"evaluation sentences: {exc}", Exit.NOT_FOUND if isinstance(exc, FileNotFoundError) else Exit.USAGE)

@@ -36,13 +36,9 @@ class SimilarityResult:
     n: int
 
 
-def load_sentences(n: int = 64, text: str | os.PathLike[str] = "wikitext2-test") -> list[str]:
-    """`n` sentences of 6-60 words from `text`, spread evenly over it; the same on every call.
-
-    Heading lines (" = Title = ") and empty lines are skipped.
-    """
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+def usable_sentences(text: str | os.PathLike[str] = "wikitext2-test") -> list[str]:
+    """Every sentence of 6-60 words in ``text``, in order, that ``load_sentences`` draws from (what a caller asking
+    for more than there are is told)."""
     sentences: list[str] = []
     for line in read_text(text).splitlines():
         line = line.strip()
@@ -51,6 +47,17 @@ def load_sentences(n: int = 64, text: str | os.PathLike[str] = "wikitext2-test")
         for sentence in _SENTENCE_END.split(_WIKITEXT_MARK.sub(r"\1", line)):
             if _MIN_WORDS <= len(sentence.split()) <= _MAX_WORDS:
                 sentences.append(sentence)
+    return sentences
+
+
+def load_sentences(n: int = 64, text: str | os.PathLike[str] = "wikitext2-test") -> list[str]:
+    """`n` sentences of 6-60 words from `text`, spread evenly over it; the same on every call.
+
+    Heading lines (" = Title = ") and empty lines are skipped.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    sentences = usable_sentences(text)
     if len(sentences) < n:
         raise ValueError(f"text {str(text)!r} has {len(sentences)} usable sentences, fewer than n={n}")
     step = len(sentences) / n
