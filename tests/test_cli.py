@@ -1140,3 +1140,11 @@ def test_debug_sentences_beyond_the_text_names_the_flag_and_the_most_it_takes():
     assert len(load_sentences(most)) == most
     with pytest.raises(ValueError):
         load_sentences(most + 1)
+
+
+def test_generate_max_length_past_the_models_positions_names_the_flag():
+    """--max-length above max_position_embeddings was refused as 'GenerationSpec.max_length=9000 ...; give max_length
+    <= 8192': the flag and its bound."""
+    res = invoke("generate", "smollm2:1", "--prompt", "hi", "--max-length", "9000", code=2)
+    assert "--max-length 9000: model 'smollm2:1' takes at most 8192 positions" in res.stderr, res.stderr
+    assert "give --max-length 8192 or less" in res.stderr and "GenerationSpec" not in res.stderr, res.stderr

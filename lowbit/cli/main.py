@@ -731,6 +731,10 @@ def generate_cmd(
                             None)
         build = lambda spec: compile_model(loaded.module, pipeline=text or None, device=device,  # noqa: E731
                                            tokenizer=loaded.tokenizer, generation=spec, backend=backend)
+    if max_length is not None and isinstance(positions, int) and max_length > positions:
+        # GenerationSpec refuses it too, in the API's words ('GenerationSpec.max_length=...; give max_length <= N')
+        fail(f"--max-length {max_length}: model {model!r} takes at most {positions} positions "
+             f"(max_position_embeddings in its config); give --max-length {positions} or less", Exit.USAGE)
     try:
         if max_length is None:  # 512, or the model's positions where fewer (a longer cache is refused by name)
             max_length = min(512, positions) if isinstance(positions, int) and positions >= 2 else 512
