@@ -1148,3 +1148,11 @@ def test_generate_max_length_past_the_models_positions_names_the_flag():
     res = invoke("generate", "smollm2:1", "--prompt", "hi", "--max-length", "9000", code=2)
     assert "--max-length 9000: model 'smollm2:1' takes at most 8192 positions" in res.stderr, res.stderr
     assert "give --max-length 8192 or less" in res.stderr and "GenerationSpec" not in res.stderr, res.stderr
+
+
+def test_debug_compare_html_dash_writes_the_page_alone_to_stdout(tmp_path, monkeypatch):
+    """As --json -: --html - wrote a file named '-'; it is the standard output, holding the page alone."""
+    monkeypatch.chdir(tmp_path)
+    res = invoke("debug", "compare", "smollm2:1", "-p", "dce", "--windows", "1", "--seq-len", "16", "--html", "-")
+    assert res.stdout.lstrip().startswith("<!DOCTYPE html>") and res.stdout.rstrip().endswith("</html>"), res.stdout
+    assert "per-layer SQNR" in res.stderr and not (tmp_path / "-").exists()

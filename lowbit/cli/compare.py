@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit import jsonio
-from lowbit.cli.common import (Exit, atomic_write_text, capture_model, check_calibration, console, err_console,
+from lowbit.cli.common import (Exit, capture_model, check_calibration, console, err_console,
                                fail, is_stdout, load, parse, worst_layer, write_text_output)
 from lowbit.cli.probes import EvalInputs, Probe, end_metric, fmt_metric, layer_stats, make_inputs, metric_name, \
     run_probe
@@ -158,7 +158,8 @@ def layer_table(res: CompareResult) -> Table:
 def run_compare(model_spec: str, text: str, *, windows: int, seq_len: int, n_sentences: int,
                 json_out: Path | None, html_out: Path | None, verify_each: bool, reproducer: Path | None,
                 dtype: str = "float32") -> None:
-    show = err_console if is_stdout(json_out) else console  # --json -: the standard output holds the JSON alone
+    # --json - / --html -: the standard output holds the JSON (or the page) alone
+    show = err_console if is_stdout(json_out) or is_stdout(html_out) else console
     res = compare(model_spec, text, windows=windows, seq_len=seq_len, n_sentences=n_sentences,
                   verify_each=verify_each, reproducer=reproducer, dtype=dtype, bar_console=show)
     show.print(summary_table(res))
@@ -172,5 +173,6 @@ def run_compare(model_spec: str, text: str, *, windows: int, seq_len: int, n_sen
         from lowbit.cli.report_html import render_report
 
         # the numbers as measured: in the JSON form NaN and inf are both null, and the report drew a NaN as ∞
-        atomic_write_text(html_out, render_report(res.to_dict(finite=False)))
-        show.print(f"wrote {html_out}", markup=False, soft_wrap=True)
+        write_text_output(html_out, render_report(res.to_dict(finite=False)))
+        if not is_stdout(html_out):
+            show.print(f"wrote {html_out}", markup=False, soft_wrap=True)

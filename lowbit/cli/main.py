@@ -909,7 +909,8 @@ def compare_cmd(
     sentences: int = typer.Option(32, help="encoders: WikiText-2 sentences to embed"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the numbers as JSON here ('-': to stdout, "
                                             "the tables then go to stderr)"),
-    html_out: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report here"),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report here ('-': to "
+                                            "stdout, the tables then go to stderr)"),
     verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each"),
     reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on a failing pass, save a replay here"),
     dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
