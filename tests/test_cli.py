@@ -1156,3 +1156,10 @@ def test_debug_compare_html_dash_writes_the_page_alone_to_stdout(tmp_path, monke
     res = invoke("debug", "compare", "smollm2:1", "-p", "dce", "--windows", "1", "--seq-len", "16", "--html", "-")
     assert res.stdout.lstrip().startswith("<!DOCTYPE html>") and res.stdout.rstrip().endswith("</html>"), res.stdout
     assert "per-layer SQNR" in res.stderr and not (tmp_path / "-").exists()
+
+
+@pytest.mark.parametrize("value", ["[lm_head", "lm_head]"])
+def test_set_of_a_half_bracketed_list_suggests_one_pair_of_brackets(value):
+    """--set gptq.keep=[lm_head was told to 'write a list in brackets: keep=[[lm_head]', which fails again."""
+    res = invoke("compile", "smollm2:1", "-r", "w4a16-gptq", "--set", f"gptq.keep={value}", code=2)
+    assert "write a list in brackets: keep=[lm_head] (keep=[a;b] for several)" in res.stderr, res.stderr

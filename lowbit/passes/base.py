@@ -497,7 +497,8 @@ def options_error(pass_name: str, exc: Any) -> PassError:
         if bound is not None:
             msg += f"; option {loc}={err.get('input')} must be {bound[0]} {bound[1]}"
         if err["type"] == "list_type" and isinstance(err.get("input"), str):  # the pipeline text's list syntax
-            msg += f"; write a list in brackets: {loc}=[{err['input']}] ({loc}=[a;b] for several)"
+            # an unclosed '[lm_head' (CLI --set keep=[lm_head) is suggested once bracketed, not as '[[lm_head]'
+            msg += f"; write a list in brackets: {loc}=[{err['input'].strip('[]')}] ({loc}=[a;b] for several)"
         msgs.append(msg)
     return PassError(f"pass {pass_name}: " + "; ".join(msgs))
 
