@@ -1163,3 +1163,11 @@ def test_set_of_a_half_bracketed_list_suggests_one_pair_of_brackets(value):
     """--set gptq.keep=[lm_head was told to 'write a list in brackets: keep=[[lm_head]', which fails again."""
     res = invoke("compile", "smollm2:1", "-r", "w4a16-gptq", "--set", f"gptq.keep={value}", code=2)
     assert "write a list in brackets: keep=[lm_head] (keep=[a;b] for several)" in res.stderr, res.stderr
+
+
+def test_help_texts_show_no_rst_markup():
+    """`lowbit --help` listed replay as 'Re-run ... on the IR saved by ``--reproducer``': the command docstrings are
+    the help, shown as written."""
+    for args in (["--help"], ["debug", "--help"], ["replay", "--help"]):
+        res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+        assert res.exit_code == 0 and "``" not in res.output, res.output

@@ -850,7 +850,7 @@ def replay_cmd(
     directory: Path = typer.Argument(..., help="a directory written by --reproducer"),
     verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each"),
 ) -> None:
-    """Re-run the failing part of a pipeline on the IR saved by ``--reproducer``; exits 4 if it still fails."""
+    """Re-run the failing part of a pipeline on the IR saved by --reproducer; exits 4 if it still fails."""
     from lowbit.cli.reproducer import replay
 
     replay(directory, verify_each=verify_each)
