@@ -64,6 +64,10 @@ def test_kernel_plan_names_what_it_does_not_take():
     ok = plan_qlinear({"w_qdtype": "int4", "w_axis": 1, "w_block_size": 32, "out_dtype": torch.bfloat16}, w,
                       True, False)
     assert ok.form is not None and ok.form.name == "w4a16"
+    for qdtype, name in (("int3", "w3a16"), ("int2", "w2a16")):  # the report names the real bit width
+        low = plan_qlinear({"w_qdtype": qdtype, "w_axis": 1, "w_block_size": 32, "out_dtype": torch.bfloat16}, w,
+                           True, False)
+        assert low.form is not None and low.form.name == name and low.form.op == "weight_only_linear"
     f32 = plan_qlinear({"w_qdtype": "int4", "w_axis": 1, "w_block_size": 32, "out_dtype": torch.float32}, w, True,
                        False)
     assert f32.form is None and "float32" in f32.reason

@@ -69,7 +69,10 @@ class KernelForm:
 
 
 KERNEL_FORMS = (
-    KernelForm("w4a16", "weight_only_linear", frozenset(_PACKED), None, 16, True),
+    # one row per packed width, so the report names the bits the weights hold (an int2 linear is not "w4a16")
+    KernelForm("w4a16", "weight_only_linear", frozenset({"int4", "uint4"}), None, 16, True),
+    KernelForm("w3a16", "weight_only_linear", frozenset({"int3"}), None, 16, True),
+    KernelForm("w2a16", "weight_only_linear", frozenset({"int2"}), None, 16, True),
     KernelForm("w8a16", "weight_only_linear", frozenset({"int8", "uint8"}), None, 16, True),
     KernelForm("w8a8", "a8_linear", frozenset({"int8"}), "int8", 32, False),
     KernelForm("w4a8", "a8_linear", frozenset({"int4", "uint4"}), "int8", 32, True),
