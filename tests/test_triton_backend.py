@@ -634,3 +634,25 @@ def test_an_encoder_and_a_logits_graph_keep_sdpa_and_do_not_report_decode_attent
     for m in (encoder, lm):
         assert m.runner.report["attention"] == {} and "decode-sdpa" not in m.runner.report_text()
         assert not any("decode_sdpa" in str(n.target) for n in m.runner.gm.graph.nodes)
+
+
+@needs_kernels
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter's case: CUDA compiles")
+def test_compile_and_cuda_graphs_not_applied_on_the_interpreter_are_reported():
+    """Under Triton's CPU interpreter ``torch.compile`` cannot run, so ``compile=true`` / ``cuda_graphs=true`` were
+    dropped without a word; the report (and, for the explicitly asked ``cuda_graphs``, a warning) now names them."""
+    from lowbit.ir.parser import parse_graph
+
+    g = parse_graph("""graph g(%x: bf16[1,3,64]) {
+  param @fc.weight: bf16[32,64]
+  %y: bf16[1,3,32] = linear(%x, @fc.weight)  # fc
+  return %y
+}""", {"fc.weight": torch.randn(32, 64).to(torch.bfloat16)})
+    PassManager("quantize(w=int4,group=32)").run(g)
+    with pytest.warns(UserWarning, match="cuda_graphs=true is not applied on device 'cpu'"):
+        m = lower(g, "cpu", compile=True, cuda_graphs=True)
+    text = m.report_text()
+    assert not m.compiled and set(m.report["not_applied"]) == {"compile", "cuda_graphs"}
+    assert "compile=true is not applied on device 'cpu'" in text and "cuda_graphs=true is not applied" in text
+    quiet = lower(g, "cpu", compile=False)
+    assert not quiet.report["not_applied"] and "not applied" not in quiet.report_text()

@@ -18,6 +18,7 @@ checks for CUDA (or the interpreter) before the model is loaded.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ import torch.fx
 
 from lowbit.backends.registry import BackendError
 from lowbit.backends.semi_structured import report_lines
-from lowbit.backends.torch_backend import TorchCompiled, buffer_bytes
+from lowbit.backends.torch_backend import TorchCompiled, _params_device, buffer_bytes
 from lowbit.ir.graph import Graph, TensorType
 from lowbit.ir import ops as ir_ops
 from lowbit.ir.ops import hadamard as ir_hadamard
@@ -867,6 +868,19 @@ class TritonCompiled(TorchCompiled):
         self.buffer_bytes = buffer_bytes(self.gm)  # after the decode-layout repack: what the device holds
         self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
                                  if n.meta.get("merged")}
+        # torch.compile (and its CUDA graphs) cannot trace Triton's CPU interpreter: the module then runs eagerly,
+        # and the report says which options were not applied rather than leaving them silently ignored
+        self.report["not_applied"] = {}
+        device = self.device if self.device is not None else _params_device(fused)
+        if device.type != "cuda":
+            for option, on in (("compile", compile), ("cuda_graphs", cuda_graphs)):
+                if on:
+                    self.report["not_applied"][option] = (f"{option}=true is not applied on device "
+                                                          f"{device.type!r} (Triton's CPU interpreter): "
+                                                          "the module runs eagerly")
+            if self.report["not_applied"].get("cuda_graphs"):
+                warnings.warn(f"backend 'triton': {self.report['not_applied']['cuda_graphs']}", stacklevel=3)
+            compile = cuda_graphs = False
         self.compiled = compile
         self._run: Callable[..., Any] = self.gm
         if compile:
@@ -876,6 +890,7 @@ class TritonCompiled(TorchCompiled):
         lines = [(f"triton: {len(self.report['kernels'])} nodes on kernels, "
                  f"{len(self.report['fallback'])} on the reference; the module holds "
                  f"{self.buffer_bytes / 2**20:.1f} MiB (weights as stored, not dequantized)")]
+        lines += [f"  {why}" for why in self.report.get("not_applied", {}).values()]
         merged = self.report.get("merged", {})
         if merged:
             n = sum(len(v.split(", ")) for v in merged.values())
@@ -930,7 +945,7 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
                                 "backend='torch' on the CPU")
     # a step graph's cache inputs are handed over by the generator (written in place), as on the torch backend
     donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
-    return TritonCompiled(graph, dev, compile=compile and torch.device(dev).type == "cuda", cuda_graphs=cuda_graphs,
+    return TritonCompiled(graph, dev, compile=compile, cuda_graphs=cuda_graphs,
                           donated=donated, semi_structured=semi_structured, sparse_library=sparse_library,
                           epilogues=epilogues, norm_residual=norm_residual, pdl=pdl and pdl_supported(dev),
                           rotary_cache=rotary_cache)
