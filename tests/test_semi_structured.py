@@ -131,3 +131,24 @@ def test_triton_backend_runs_2to4_semi_structured_under_compile(smollm2):
     a = runner(ids).float()
     b = TorchCompiled(g, "cuda", semi_structured=False)(ids).float()
     assert float((a - b).pow(2).mean() / b.pow(2).mean()) < 1e-3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU report")
+def test_a_quantized_2to4_model_keeps_its_sparsity_report(sparse_slice, monkeypatch):
+    """sparsify(2:4) then quantize: fuse-qlinear (and merge-linears) dropped ``meta["sparsity"]``, so the triton
+    backend's report said nothing of the 14 pruned linears; each is now named with why it stays dense."""
+    from lowbit.backends.triton_backend import lower as triton_lower
+
+    _, g = sparse_slice
+    q = g.clone()
+    PassManager("quantize(w=int8),fuse-qlinear").run(q)
+    assert sum(n.meta.get("sparsity") == "2:4" for n in q.nodes if n.op == "qlinear") == 2 * BLOCK_LINEARS
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tr = triton_lower(q, "cpu", compile=False, semi_structured=True)
+    dense = tr.sparse_report["dense"]
+    # q/k/v and gate/up merged (merge-linears): 14 linears are 8 nodes, every one still marked 2:4
+    assert len(dense) == 14 - 6 and all(why.startswith("weight is quantized") for why in dense.values()), dense
+    assert "2:4 linears: 0 semi-structured sparse, 8 kept dense" in tr.report_text()
+    # the torch backend on the packed form says why too (it said only "weight is not a stored parameter")
+    packed = TorchCompiled(q, semi_structured=True, keep_packed=True).sparse_report["dense"]
+    assert len(packed) == 2 * BLOCK_LINEARS and all("quantized" in why for why in packed.values()), packed

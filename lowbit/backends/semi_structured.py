@@ -99,24 +99,37 @@ def _linear_targets() -> set[Any]:
     return {resolve("linear"), torch.ops.aten.linear.default}
 
 
+def _dequantized(wn: Any) -> bool:
+    from lowbit.ir.ops import resolve
+
+    return isinstance(wn, torch.fx.Node) and wn.op == "call_function" and wn.target is resolve("dequantize")
+
+
 def apply_semi_structured(gm: torch.fx.GraphModule, device: torch.device | str | None, *, enabled: bool = True,
                           library: str = "auto", marked: frozenset[str] = frozenset()) -> dict[str, dict[str, str]]:
     """Replace, in place, the weight buffer of every linear of ``gm`` whose weight is 2:4 by its semi-structured
     tensor where ``plan_weight`` allows; returns ``{"semi_structured": {node: library}, "dense": {node: reason}}``.
 
-    ``marked``: FX node names the IR recorded as 2:4 (``node.meta["sparsity"]``); one whose weight is not 2:4 any
-    more is reported dense with the reason. A weight read by another node too is converted only if every reader
+    ``marked``: FX node names the IR recorded as 2:4 (``node.meta["sparsity"]``, kept through quantize and
+    fuse-qlinear); one whose weight is not 2:4 any more, or is quantized, is reported dense with the reason. A weight read by another node too is converted only if every reader
     is a linear (the buffer is shared)."""
     report: dict[str, dict[str, str]] = {"semi_structured": {}, "dense": {}}
     targets = _linear_targets()
     decided: dict[str, str | None] = {}  # buffer -> library or None (kept dense)
     for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target not in targets and node.name in marked:
+            # a 2:4 linear quantized after sparsify (a fused qlinear): the sparse tensor cores take float weights
+            report["dense"][node.name] = ("weight is quantized (a fused qlinear): semi-structured sparse tensors "
+                                          "take float fp16/bf16 weights")
+            continue
         if node.op != "call_function" or node.target not in targets or len(node.args) < 2:
             continue
         wn = node.args[1]
         if not (isinstance(wn, torch.fx.Node) and wn.op == "get_attr"):
             if node.name in marked:
-                report["dense"][node.name] = "weight is not a stored parameter"
+                report["dense"][node.name] = ("weight is dequantized at each call (keep_packed=true), not a stored "
+                                              "float parameter" if _dequantized(wn) else
+                                              "weight is not a stored parameter")
             continue
         w = getattr(gm, wn.target)
         if not isinstance(w, torch.Tensor) or isinstance(w, torch.sparse.SparseSemiStructuredTensor):

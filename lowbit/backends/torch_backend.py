@@ -195,7 +195,7 @@ class TorchCompiled(torch.nn.Module):
         lowered = materialize_weights(graph, keep_packed=keep_packed) if precompute_constants else graph
         self.gm = lower_to_fx(lowered, device, donated)
         marked = frozenset(n.outputs[0].name for n in lowered.nodes
-                           if n.op == "linear" and n.meta.get("sparsity") == "2:4")
+                           if n.op in ("linear", "qlinear") and n.meta.get("sparsity") == "2:4")
         dev = self.device if self.device is not None else _params_device(lowered)
         self.sparse_report = apply_semi_structured(self.gm, dev, enabled=semi_structured, library=sparse_library,
                                                    marked=marked)

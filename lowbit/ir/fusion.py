@@ -185,7 +185,7 @@ def _fuse(accept: Accept, activation: bool) -> Callable[[Graph, Node, Bindings],
         if activation:
             replaced = ([] if a_scale is not None else ["dynamic_qparams"]) + ["quantize", "dequantize"] + replaced
         fused.meta["fused"] = "+".join([*replaced, linear.op])
-        for key in ("qscheme_weight",):
+        for key in ("qscheme_weight", "sparsity"):  # (the 2:4 pattern: the backends' sparsity report reads it)
             if key in linear.meta:
                 fused.meta[key] = linear.meta[key]
         return fused

@@ -137,6 +137,9 @@ def _merge_group(graph: Graph, rule: MergeRule, members: list[Node]) -> Node:
     inner = first.meta.get("fused")
     merged.meta["fused"] = ", ".join(mids) + (f": {inner}" if inner else "")
     merged.meta["merged"] = tuple(modules)
+    patterns = {m.meta.get("sparsity") for m in members}
+    if len(patterns) == 1 and None not in patterns:  # rows stacked: each member's N:M pattern along K holds
+        merged.meta["sparsity"] = patterns.pop()
     split = graph.make_node(SPLIT_OP, [merged.output, sizes, -1], {}, name=f"{first.output.name}_split",
                             types=[TensorType(out0.dtype, (*out0.shape[:-1], n)) for n in sizes], module=module)
     graph.insert_before(first, merged)
