@@ -215,7 +215,8 @@ def test_tensorrt_rules_pass_on_lowbit_exports(quantized, pipeline):
 
 def test_tensorrt_rules_flag_what_tensorrt_cannot_run(quantized):
     dyn = {v.rule for v in errors(check_tensorrt_qdq(to_onnx(quantized(W8A8_DYN))))}
-    assert dyn == {"scale-constant-positive", "activation-per-tensor"}  # per-token dynamic scales
+    # per-token dynamic scales: computed at run time, not per tensor, and of the activation's rank ([B, S, 1] > 2)
+    assert dyn == {"scale-constant-positive", "activation-per-tensor", "scale-rank"}
     asym = {v.rule for v in errors(check_tensorrt_qdq(to_onnx(quantized(W4_ASYM))))}
     assert asym == {"supported-qtype", "zero-point-zero"}  # uint4 with zero points
     nbits = {v.rule for v in check_tensorrt_qdq(to_onnx(quantized(W4_G64), weight_format="matmulnbits"))}

@@ -232,3 +232,30 @@ def test_a_block_scale_of_the_wrong_shape_is_rejected(scale_shape, attrs, match)
 
     found = [v for v in check_tensorrt_qdq(_model(build)) if v.rule == "scale-shape"]
     assert len(found) == 1 and match in found[0].message
+
+
+def test_a_scale_of_rank_above_two_is_rejected():
+    """TensorRT's Q/DQ scale (and zero point) has rank <= 2 (IDequantizeLayer); a block-quantized rank-3
+    activation with a same-rank scale passed every rule of the checker and failed only in the build."""
+    scale = np.full((1, 1, K // 32), 0.05, np.float32)  # [batch, seq, K] blocked by 32 along K
+    model = _model(lambda t, x: t.op("MatMul", [_q_dq_act(t, x, scale=scale, attrs={"axis": 2, "block_size": 32}),
+                                                _weight_dq(t)]))
+    found = [v for v in check_tensorrt_qdq(model) if v.rule == "scale-rank"]
+    assert len(found) == 2 and {v.node.split()[0] for v in found} == {"QuantizeLinear", "DequantizeLinear"}
+    assert all(v.severity == "error" and "has rank 3" in v.message and "[1, 1, 2]" in v.message for v in found)
+    # the rank-2 block scale of a 2-D int4 weight is fine
+    assert "scale-rank" not in _rules(_model(lambda t, x: t.op("MatMul", [x, _weight_dq(
+        t, I4, scale=np.full((K // 64, N), 0.01, np.float32), attrs={"axis": 0, "block_size": 64})])))
+
+
+def test_a_zero_point_not_shaped_like_its_scale_is_rejected():
+    """A zero point (all zeros, so the zero-point rule passed it) of another shape than its scale: TensorRT needs
+    identical dimensions."""
+    bad = _model(lambda t, x: t.op("MatMul", [_q_dq_act(t, x), _weight_dq(
+        t, scale=np.full(N, 0.01, np.float32), zp=np.zeros((1, N), np.int8))]))
+    found = [v for v in check_tensorrt_qdq(bad) if v.rule == "zero-point-shape"]
+    assert len(found) == 1 and found[0].severity == "error"
+    assert f"zero point of shape [1, {N}] and scale of shape [{N}]" in found[0].message
+    good = _model(lambda t, x: t.op("MatMul", [_q_dq_act(t, x), _weight_dq(
+        t, scale=np.full(N, 0.01, np.float32), zp=np.zeros(N, np.int8))]))
+    assert "zero-point-shape" not in _rules(good)

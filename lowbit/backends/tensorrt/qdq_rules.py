@@ -16,6 +16,8 @@ Documentation cited (TensorRT 10, docs.nvidia.com/deeplearning/tensorrt/latest/)
   reference: scale is a build-time constant with strictly positive values; zero point optional and all
   zeros; scale is a scalar (per-tensor), 1-D (per-channel) or of the input's rank (block, blocked along the
   last or second-to-last dimension).
+- [QLA] the IQuantizeLayer / IDequantizeLayer class reference (api/c_api/classnvinfer1_1_1_i_dequantize_layer.html):
+  "scale and zeroPt should have identical dimensions, and a rank that is lower or equal to 2".
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ DOC_EQ = DOC_BASE + "inference-library/quantized-types-explicit-quantization.htm
 DOC_WQT = DOC_BASE + "inference-library/work-quantized-types.html"
 DOC_QL = DOC_BASE + "_static/operators/Quantize.html"
 DOC_DQL = DOC_BASE + "_static/operators/Dequantize.html"
+DOC_QLA = "https://docs.nvidia.com/deeplearning/tensorrt/api/c_api/classnvinfer1_1_1_i_dequantize_layer.html"
 
 WEIGHTED_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 TRT_QTYPES = {ir.DataType.INT8, ir.DataType.INT4, ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT4E2M1}
@@ -208,6 +211,33 @@ def _zero_points(view: QDQView) -> Iterable[Violation]:
                      f"zero point has non-zero entries (e.g. {values.reshape(-1)[np.flatnonzero(values.reshape(-1))[0]]}): "
                      "TensorRT supports symmetric quantization only (zeroPt must contain only zeros)",
                      DOC_DQL + " (zero_point); " + DOC_WQT + " (Introduction: symmetric scheme)")
+
+
+def _scale_rank(view: QDQView) -> Iterable[Violation]:
+    for n in view.qdq_nodes():
+        s_rank = view.rank(n.inputs[1])
+        if s_rank is not None and s_rank > 2:
+            yield _v(view, n, "scale-rank", "error",
+                     f"the scale {list(view.dims(n.inputs[1]) or ())} has rank {s_rank}: TensorRT's Q/DQ scale (and "
+                     "zero point) is at most rank 2 — quantize a 2-D weight, or reshape the input to 2-D first",
+                     DOC_QLA + " (scale and zeroPt: rank lower or equal to 2)")
+
+
+def _zero_point_shape(view: QDQView) -> Iterable[Violation]:
+    for n in view.qdq_nodes():
+        zp = n.inputs[2] if len(n.inputs) > 2 else None
+        if zp is None:
+            continue
+        s_dims, z_dims = view.dims(n.inputs[1]), view.dims(zp)
+        if s_dims is None or z_dims is None:
+            continue
+        if len(s_dims) != len(z_dims) or any(a is not None and b is not None and a != b
+                                             for a, b in zip(s_dims, z_dims)):
+            shown = [["?" if d is None else d for d in dims] for dims in (z_dims, s_dims)]
+            yield _v(view, n, "zero-point-shape", "error",
+                     f"zero point of shape {shown[0]} and scale of shape {shown[1]}: TensorRT needs the zero point "
+                     "to have the scale's dimensions (or drop it: TensorRT's zero point is all zeros)",
+                     DOC_QLA + " (scale and zeroPt should have identical dimensions); " + DOC_DQL + " (zero_point)")
 
 
 def _scales(view: QDQView) -> Iterable[Violation]:
@@ -461,6 +491,8 @@ RULES: list[QDQRule] = [
     QDQRule("zero-point-zero", _zero_points),
     QDQRule("scale-constant-positive", _scales),
     QDQRule("scale-shape", _scale_shapes),
+    QDQRule("scale-rank", _scale_rank),
+    QDQRule("zero-point-shape", _zero_point_shape),
     QDQRule("activation-per-tensor", _activations_per_tensor),
     QDQRule("q-feeds-dq", _q_feeds_dq),
     QDQRule("weight-dq-placement", _weight_placement),
