@@ -12,6 +12,7 @@ Formats:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import types
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +64,8 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     if format == "tensorrt":
         from lowbit.backends.tensorrt import export_engine
 
-        check_writable(path)
-
-        return export_engine(graph, path, **options)
+        with _created_dirs_removed_on_failure(check_writable(path)):
+            return export_engine(graph, path, **options)
     from dataclasses import fields
 
     from lowbit.backends.onnx import LoweringOptions, check_onnx, save_onnx, to_onnx
@@ -76,15 +77,15 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
         if key not in known:
             raise TypeError(f"unknown ONNX export option {key!r}{did_you_mean(key, known)}; options are: {', '.join(known)} (the "
                             "format picks weight_format: 'onnx' is QDQ, 'onnx-matmulnbits' MatMulNBits)")
-    check_writable(path)
-    weight_format = "matmulnbits" if format == "onnx-matmulnbits" else "qdq"
-    model = to_onnx(graph, weight_format=weight_format, **options)
-    if graph.meta.get("generation") is not None:  # what generate() needs beside the step: load() reads it back
-        from lowbit.checkpoint import GenerationMeta, validated_meta
+    with _created_dirs_removed_on_failure(check_writable(path)):
+        weight_format = "matmulnbits" if format == "onnx-matmulnbits" else "qdq"
+        model = to_onnx(graph, weight_format=weight_format, **options)
+        if graph.meta.get("generation") is not None:  # what generate() needs beside the step: load() reads it back
+            from lowbit.checkpoint import GenerationMeta, validated_meta
 
-        meta = validated_meta(GenerationMeta, graph.meta["generation"], "graph.meta['generation']")
-        model.metadata_props[GENERATION_KEY] = json.dumps(meta)
-    out = save_onnx(model, path, external_data=external_data)
+            meta = validated_meta(GenerationMeta, graph.meta["generation"], "graph.meta['generation']")
+            model.metadata_props[GENERATION_KEY] = json.dumps(meta)
+        out = save_onnx(model, path, external_data=external_data)
     if check:
         check_onnx(out, full_check=True)
     if weight_format == "matmulnbits":
@@ -110,23 +111,46 @@ class ExportPathError(LowbitError, OSError):
     """The export path cannot be written: a parent is a file, or the directory is read-only or takes no files."""
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: Path) -> list[Path]:
     """Create ``path``'s directory and write a probe file there: an unwritable target fails before the lowering
     (minutes on a large model) and names the export path, not after it with a bare OSError ('File exists' for a
-    parent that is a file)."""
+    parent that is a file). Returns the directories it created, deepest first, for the caller to remove should
+    the export fail (a failed lowering left empty directories behind); a failed probe removes them itself."""
+    missing: list[Path] = []
     for parent in (path.parent, *path.parent.parents):
         if parent.exists():
             if not parent.is_dir():
                 raise ExportPathError(f"cannot write export path {str(path)!r}: {str(parent)!r} is a file, not a "
                                       "directory")
             break
+        missing.append(parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
             pass
     except OSError as exc:
+        _remove_empty(missing)
         raise ExportPathError(f"cannot write export path {str(path)!r}: {exc.strerror or exc} (in "
                               f"{str(path.parent)!r})") from None
+    return missing
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the directories ``check_writable`` created (deepest first), each only while it is empty."""
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            break  # not empty (something else wrote there) or gone: leave it and what is above it
+
+
+@contextlib.contextmanager
+def _created_dirs_removed_on_failure(created: list[Path]) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        _remove_empty(created)
+        raise
 
 
 def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any) -> torch.nn.Module:

@@ -851,3 +851,22 @@ def test_exported_models_name_their_outputs_for_what_they_are(minilm_graph):
     lm = capture(CausalLMLogits(tiny_llama()).eval(), (torch.ones(1, 4, dtype=torch.long),))
     assert [v.name for v in to_onnx(lm).graph.outputs] == ["logits"]
     assert "return %logits" in str(lm)
+
+
+def test_a_failed_export_removes_the_directories_it_created(tmp_path, monkeypatch):
+    """``check_writable`` creates the export's parent directories before the lowering; a lowering that failed left
+    them behind, empty. They are removed now (only those it made, and only while empty)."""
+    import lowbit.backends.onnx as onnx_backend
+
+    g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
+    (tmp_path / "kept").mkdir()
+
+    def fail(*a, **k):
+        raise RuntimeError("lowering failed")
+
+    monkeypatch.setattr(onnx_backend, "to_onnx", fail)
+    with pytest.raises(RuntimeError, match="lowering failed"):
+        lowbit.export(g, tmp_path / "kept" / "new" / "dir" / "m.onnx")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+    monkeypatch.undo()
+    assert lowbit.export(g, tmp_path / "kept" / "new" / "m.onnx").is_file()
