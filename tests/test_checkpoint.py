@@ -477,7 +477,8 @@ def test_online_hadamard_is_refused_and_folded_rotations_round_trip(float_slice,
     the compiled model's logits."""
     online = _compiled(float_slice, "fold-norms,rotate,quantize(w=int4,group=64)")
     with pytest.raises(CheckpointError, match=r"\(hadamard, module 'model\.layers\.0\.mlp\.down_proj'\).*online "
-                                              r"Hadamard.*rotate\(online=false,qk=false\).*format='lowbit'"):
+                                              r"Hadamard.*rotate's online=true.*rotate\(online=false\) leaves.*"
+                                              r"format='lowbit'"):
         lowbit.save(online, tmp_path / "online", format=fmt)
     assert not (tmp_path / "online").exists()
     graph = _compiled(float_slice, "fold-norms,rotate(online=false,qk=false),quantize(w=int4,group=64)")
@@ -490,6 +491,24 @@ def test_online_hadamard_is_refused_and_folded_rotations_round_trip(float_slice,
     if fmt == "compressed-tensors":
         hf = _hf_logits(tmp_path / "folded", ids)
         assert (hf - ref).abs().max().item() <= 1e-3 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("pipeline, option, module", [
+    ("fold-norms,rotate(online=false,online_o=true),quantize(w=int4,group=32)", "online_o", r"self_attn\.o_proj"),
+    ("fold-norms,rotate(online=false),quantize(w=int4,group=32,kv=int4,kv_group=16)", "qk", r"self_attn"),
+])
+def test_online_hadamard_refusal_names_the_option_that_made_it(tmp_path, pipeline, option, module):
+    """The refusal's advice was always ``rotate(online=false,qk=false)``: for an o_proj Hadamard (online_o) that
+    left the node in place, and for a Hadamard before down_proj qk=false was beside the point. It names the option
+    that put the node there."""
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    compiled = lowbit.compile_model(tiny_llama(hidden=64, heads=4, kv_heads=2, inter=128), pipeline=pipeline)
+    with pytest.raises(CheckpointError, match=rf"module 'model\.layers\.0\.{module}'.*rotate's {option}=true.*"
+                                              rf"rotate\({option}=false\) leaves it out") as err:
+        lowbit.save(compiled, tmp_path / "out", format="compressed-tensors")
+    assert option == "qk" or "qk=false" not in str(err.value)
 
 
 @pytest.mark.parametrize("pipeline,field,value", [

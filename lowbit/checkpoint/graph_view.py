@@ -26,10 +26,41 @@ __all__ = ["ActScheme", "QuantWeight", "HFView", "hf_view"]
 
 QDQ_OPS = {"quantize", "dequantize", "dynamic_qparams"}
 NO_HF_FIELD = {
-    "hadamard": "an online Hadamard rotation (rotate's online / qk / online_o) has no field in the HF formats lowbit "
-                "writes; rotate(online=false,qk=false) keeps only the rotations that fold into the weights",
+    "hadamard": "an online Hadamard rotation ({site}, rotate's {option}=true) has no field in the HF formats lowbit "
+                "writes; rotate({option}=false) leaves it out and keeps the rotations that fold into the weights",
 }
-"""Ops a pass adds that change a model's outputs and that no HF checkpoint field expresses, with what to do."""
+"""Ops a pass adds that change a model's outputs and that no HF checkpoint field expresses, with what to do
+(``{site}`` / ``{option}``: where the node sits and the option that put it there, ``_no_field_advice``)."""
+
+
+def _no_field_advice(graph: Graph, node: Node) -> str:
+    """``NO_HF_FIELD``'s advice for ``node``, naming the rotate option that made it: the advice named
+    ``qk=false`` for a Hadamard before down_proj, where only ``online=false`` applies."""
+    if node.op != "hadamard":
+        return NO_HF_FIELD[node.op]
+    src = node.args[0].producer if isinstance(node.args[0], Value) else None
+    if src is not None and is_rotary_output(src):
+        site, option = ("on a query or key after rotary, whose pair does not cancel in q·kᵀ here (one of them "
+                        "has another reader, such as a KV-cache quantizer)", "qk")
+    elif _reads_attention(node):
+        site, option = f"on the attention output before {node.module!r}", "online_o"
+    else:
+        site, option = f"before {node.module!r}", "online"
+    return NO_HF_FIELD[node.op].format(site=site, option=option)
+
+
+def _reads_attention(node: Node, depth: int = 8) -> bool:
+    """Whether ``node`` reads an attention's output through views (the head merge before o_proj), not through a
+    linear or anything else that computes."""
+    v = node.args[0]
+    for _ in range(depth):
+        p = v.producer if isinstance(v, Value) else None
+        if p is None or p.op in ("linear", "qlinear", "hadamard", "rms_norm", "layer_norm"):
+            return False
+        if p.op in ("attention", "cache_attention"):
+            return True
+        v = p.args[0] if p.args else None
+    return False
 
 
 @dataclass(frozen=True)
@@ -299,7 +330,8 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
         if node.op == "hadamard" and id(node) in exact_qk:
             continue
         if node.op in NO_HF_FIELD:
-            raise CheckpointError(f"node %{node.name} ({node.op}, module {node.module!r}): {NO_HF_FIELD[node.op]}; "
+            raise CheckpointError(f"node %{node.name} ({node.op}, module {node.module!r}): "
+                                  f"{_no_field_advice(graph, node)}; "
                                   "an HF checkpoint would be read without it (a different model). Save it with "
                                   "format='lowbit', which keeps the whole graph")
         if node.op in ("embedding", "aten.embedding.default") and f"{node.module}.weight" in hf_keys:
