@@ -316,3 +316,26 @@ def test_pass_and_backend_options_share_one_unread_check():
     gptq = GPTQ.Options.model_construct(n_grid=40, group_fallback=64)
     assert unread_options(gptq, {"n_grid": "awq=true", "group_fallback": "group=", "damp": "x"}) == [
         ("n_grid", "awq=true"), ("group_fallback", "group=")]
+
+
+def test_lowering_does_not_fold_dead_nodes(monkeypatch):
+    """``materialize_weights`` evaluated every parameter-only node, read or not: a dead weight ``dequantize`` (left
+    by a rewrite before its dce) was unpacked into a float copy the module never reads. Dead nodes are dropped
+    first; the live ones fold as before."""
+    import lowbit.backends.torch_backend as tb
+    from lowbit.backends.torch_backend import materialize_weights
+
+    g = _linear_graph()
+    PassManager("quantize(w=int8)").run(g)
+    dq = next(n for n in g.nodes if n.op == "dequantize")
+    dead = g.make_node("dequantize", list(dq.args), dict(dq.kwargs), name="dead_dq", type=dq.output.type,
+                       module="unused")
+    g.insert_after(dq, dead)
+    folded = []
+    real = tb.fold_constants
+    monkeypatch.setattr(tb, "fold_constants", lambda graph, **kw: folded.extend(real(graph, **kw)) or folded)
+    lowered = materialize_weights(g)
+    assert folded == ["dequantize"] and not any(n.name == "dead_dq" for n in lowered.nodes)
+    assert [name for name in lowered.params if name.startswith("const.unused")] == []
+    x = torch.randn(1, 4, 64)
+    torch.testing.assert_close(TorchCompiled(g)(x), TorchCompiled(g, keep_packed=True)(x), rtol=0, atol=0)
