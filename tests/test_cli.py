@@ -262,6 +262,9 @@ def test_quiet_compile_turns_the_calibration_progress_bars_off(tmp_path):
     gptq = "gptq(w=int4,calib_n=1,calib_len=8{})"
     out = invoke("compile", "smollm2:1", "-p", gptq.format(""), "-o", tmp_path / "a", "--quiet").output
     assert "calibrate:" not in out and "Loading weights" not in out
+    # a display option: -q must not write progress=false into the recorded pass specs (report.json, reproducers)
+    report = (tmp_path / "a" / "report.json").read_text()
+    assert "gptq(w=int4,calib_n=1,calib_len=8)" in report and "progress" not in report
     out = invoke("compile", "smollm2:1", "-p", gptq.format(",progress=true"), "-o", tmp_path / "b", "--quiet").output
     assert "calibrate:" in out
 

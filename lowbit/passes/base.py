@@ -371,11 +371,13 @@ class Pass:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
     def spec(self) -> str:
-        """This pass as pipeline text, with the options that differ from their defaults."""
+        """This pass as pipeline text, with the options that differ from their defaults. Display options
+        (``DISPLAY_OPTIONS``) change nothing the pass computes, so they are left out: ``lowbit compile -q`` sets
+        ``progress=false`` and it was recorded into report.json, reproducers and replays as if the user had."""
         defaults = self.Options()
         # what the pass does first, the calibration data (inherited, so first in pydantic's order) last
         # and the scope just before the data (pydantic puts a mixin's fields first)
-        items = sorted(self.options.model_dump().items(),
+        items = sorted(((k, v) for k, v in self.options.model_dump().items() if k not in DISPLAY_OPTIONS),
                        key=lambda kv: 2 if kv[0] in CalibrationOptions.model_fields else int(kv[0] == "modules"))
         diffs = [
             f"{k}={_fmt(v)}" for k, v in items if isinstance(v, torch.Tensor) or getattr(defaults, k, None) != v
@@ -384,6 +386,10 @@ class Pass:
 
     def __repr__(self) -> str:
         return f"<pass {self.spec()}>"
+
+
+DISPLAY_OPTIONS = frozenset({"progress"})
+"""Options that only change what a pass shows, never its result: not part of ``Pass.spec()``."""
 
 
 def _all_defaulted(options: type[PassOptions]) -> bool:
