@@ -532,9 +532,10 @@ def compile_model(
 ) -> CompiledModel:
     """Capture ``model``, run ``pipeline`` (text like ``"fold-norms,dce"``, or a list of passes and texts) or
     ``recipe``, lower to ``backend``. ``overrides`` changes a recipe's options: ``recipe="w4a16-gptq",
-    overrides={"group": 32, "gptq.calib_n": 64}`` (``OPTION`` on every pass of the recipe that has it,
-    ``PASS.OPTION`` on that pass), validated as pipeline options are; a key no pass takes is an error naming the
-    options they have (``lowbit.recipes.override_options``).
+    overrides={"group": 32, "gptq.calib_n": 64}`` (``OPTION`` on the pass of the recipe that has it, a
+    calibration option on every calibrating pass that reads it; ``PASS.OPTION`` on that pass, needed where several
+    passes have the option), validated as pipeline options are; a key no pass takes, or one several passes take, is
+    an error naming them (``lowbit.recipes.override_options``).
 
     ``model`` may be a name or path understood by ``lowbit.models.load_model`` (``"smollm2"``, ``"minilm"``,
     an HF directory, a ``.gguf`` file). ``backend_options`` are the backend's own (``{"keep_packed": True}`` on

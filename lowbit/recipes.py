@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowbit.passes.base import Pass, PassError, all_passes, closest
+from lowbit.passes.base import CalibrationOptions, Pass, PassError, all_passes, closest
 
 __all__ = ["Recipe", "RECIPES", "get_recipe", "recipe_passes", "list_recipes", "override_options"]
 
@@ -209,10 +209,12 @@ def _unread_refusal(exc: PassError, option: str) -> bool:
 
 
 def override_options(recipe: str, passes: Sequence[Pass], overrides: Mapping[str, Any]) -> list[Pass]:
-    """``passes`` (recipe ``recipe``'s) with options replaced: ``{"group": 32}`` sets ``group`` on every pass of
-    the recipe that has that option and reads it as the recipe configures it (``{"calib_n": 16}`` on ``w8a8``
-    changes smooth-quant's, not quantize's, which reads it only with static activations; if no pass reads it, the
-    refusal says what would), ``{"gptq.calib_n": 64}`` on the ``gptq`` pass only. Each changed pass is built
+    """``passes`` (recipe ``recipe``'s) with options replaced: ``{"group": 32}`` sets ``group`` on the pass of the
+    recipe that has that option (any other option more than one pass has is refused as ambiguous, naming them); a
+    calibration option sets it on every calibrating pass that reads it as the recipe configures it (they share the
+    calibration data; ``{"calib_n": 16}`` on ``w8a8`` changes smooth-quant's, not quantize's, which reads it only
+    with static activations; if no pass reads it, the refusal says what would); ``{"gptq.calib_n": 64}`` sets it
+    on the ``gptq`` pass only. Each changed pass is built
     again from the options the recipe set plus the override, so a value is validated as pipeline text is (a string,
     the CLI's ``--set KEY=VALUE``, is read as pipeline text reads it). A key no pass of the recipe takes is a
     ``PassError`` listing the options its passes have; a bad value names the pass and the option."""
@@ -240,6 +242,13 @@ def override_options(recipe: str, passes: Sequence[Pass], overrides: Mapping[str
             raise PassError(f"recipe {recipe!r}: override {key!r}: no pass {'' if pass_name else 'of the recipe '}"
                             f"{pass_name + ' ' if pass_name else ''}has option {option!r}{closest(option, known)}. "
                             f"Options: {listed}")
+        owners = list(dict.fromkeys(out[i].name for i in targets))
+        if not pass_name and len(owners) > 1 and option not in CalibrationOptions.model_fields:
+            # one name, different meanings (rotate's lr is not tune-qparams' lr; fp8's gptq group is the weights',
+            # quantize's the activations'): setting it on all of them was rarely what was meant
+            raise PassError(f"recipe {recipe!r}: override {key!r} is ambiguous: passes {', '.join(owners)} all have "
+                            f"option {option!r}; name the pass: "
+                            f"{' or '.join(repr(f'{n}.{option}') for n in owners)} (CLI: --set PASS.{option}=VALUE)")
         built: dict[int, Pass] = {}
         unread: list[PassError] = []
         for i in targets:

@@ -563,6 +563,15 @@ def test_recipe_options_are_overridden_by_key_and_validated():
         recipe_passes("w4a16-gptq", {"quantize.group": 32})
     with pytest.raises(PassError, match=r"pass gptq: option group.*greater than 0"):
         recipe_passes("w4a16-gptq", {"group": 0})
+    # an option two different passes have is ambiguous (rotate's lr is not tune-qparams'): refused, naming them
+    with pytest.raises(PassError, match=r"recipe 'w4a16-e2e': override 'lr' is ambiguous: passes rotate, "
+                                        r"tune-qparams all have option 'lr'; name the pass: 'rotate\.lr' or "
+                                        r"'tune-qparams\.lr' \(CLI: --set PASS\.lr=VALUE\)"):
+        recipe_passes("w4a16-e2e", {"lr": "1e-4"})
+    with pytest.raises(PassError, match=r"override 'group' is ambiguous: passes gptq, quantize"):
+        recipe_passes("fp8", {"group": 32})
+    tuned = [p.spec() for p in recipe_passes("w4a16-e2e", {"tune-qparams.lr": "1e-4"})]
+    assert "lr=0.0001" in tuned[3] and "lr=0.0001" not in tuned[1]
     with pytest.raises(PassError, match=r"overrides= changes a recipe's options"):
         lowbit.compile_model(model, pipeline="quantize(w=int4)", overrides={"group": 32})
 

@@ -76,8 +76,9 @@ MODEL_HELP = ("smollm2, minilm, an HF model directory or a .gguf file; NAME:N ke
               "(smollm2:2 is a 2-layer SmolLM2)")
 PIPELINE_HELP = "pass pipeline text, e.g. 'fold-norms,dce,quantize(w=int4,group=64)' (see `lowbit passes`)"
 RECIPE_HELP = "a named recipe instead of --pipeline (see `lowbit recipes`)"
-SET_HELP = ("OPTION=VALUE: change an option of the --recipe's passes (every pass that has it; PASS.OPTION=VALUE for "
-            "one), e.g. --set group=32 --set gptq.calib_n=64; repeat for several")
+SET_HELP = ("OPTION=VALUE: change an option of the --recipe's passes (the one pass that has it, or every calibrating "
+            "pass for calib_n/calib_len/...; PASS.OPTION=VALUE names the pass, needed where several passes have "
+            "the option), e.g. --set group=32 --set gptq.calib_n=64; repeat for several")
 
 
 # ---- passes / recipes ---------------------------------------------------------------------------
