@@ -7,6 +7,8 @@ max |Δ| ≈ 6e-5 (logits up to ~75), MiniLM embeddings max |Δ| ≈ 2e-7. The b
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -56,12 +58,39 @@ def test_smollm2_float_matches_reference(smol_slice, wikitext_ids, options):
 
 
 def test_dynamic_axes_come_from_symbols(smol_slice, minilm_graph):
+    """The dims are dynamic, and named for what they are where lowbit knows it (they were ``s0``/``s1``); the
+    recorded ranges follow the names and keep the IR symbol."""
     smol = to_onnx(smol_slice)
     (ids,) = smol.graph.inputs
-    assert [d if isinstance(d, int) else str(d) for d in ids.shape] == [1, "s0"]
-    assert [str(d) if not isinstance(d, int) else d for d in smol.graph.outputs[0].shape] == [1, "s0", 49152]
+    assert [d if isinstance(d, int) else str(d) for d in ids.shape] == [1, "sequence"]
+    assert [str(d) if not isinstance(d, int) else d for d in smol.graph.outputs[0].shape] == [1, "sequence", 49152]
+    assert json.loads(smol.metadata_props["lowbit.symbols"])["sequence"]["symbol"] == "s0"
     mini = to_onnx(minilm_graph)
-    assert [[str(d) for d in v.shape] for v in mini.graph.inputs] == [["s0", "s1"], ["s0", "s1"]]
+    assert [[str(d) for d in v.shape] for v in mini.graph.inputs] == [["batch", "sequence"]] * 2
+
+
+def test_a_step_graph_names_its_cache_dims():
+    """A generation step exports ``batch`` / ``sequence`` / ``past_sequence``, not ``s0``/``s1``/``s2``, and
+    ONNX Runtime runs it from the file with the names checked against the recorded ranges."""
+    from conftest import tiny_llama
+
+    import lowbit
+    from lowbit.backends.onnxruntime_backend import declared_inputs
+
+    torch.manual_seed(0)
+    cm = lowbit.compile_model(tiny_llama(hidden=64, heads=2, kv_heads=1, max_positions=64),
+                              generation=lowbit.GenerationSpec(max_length=64))
+    model = to_onnx(cm.graph)
+    dims = {v.name: [d if isinstance(d, int) else str(d) for d in v.shape] for v in model.graph.inputs}
+    assert dims == {"input_ids": ["batch", "sequence"], "positions": ["batch", "sequence"],
+                    "past_key_values_0_key": ["batch", 1, "past_sequence", 32],
+                    "past_key_values_0_value": ["batch", 1, "past_sequence", 32]}
+    outs = {v.name: [d if isinstance(d, int) else str(d) for d in v.shape] for v in model.graph.outputs}
+    assert outs["present_0_key"] == ["batch", 1, "past_sequence", 32] and outs["logits"][0] == "batch"
+    assert set(json.loads(model.metadata_props["lowbit.symbols"])) == {"batch", "sequence", "past_sequence"}
+    checker = declared_inputs(model)  # the contract ONNX Runtime checks a file's inputs by: ranges under the names
+    assert checker.types[0].shape == ("batch", "sequence")
+    assert checker.symbols["past_sequence"][1] == cm.graph.symbols["s2"].max
 
 
 def test_minilm_float_matches_reference(minilm, minilm_graph):

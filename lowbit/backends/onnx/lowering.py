@@ -1,7 +1,7 @@
 """Lower a lowbit Graph to an ONNX model (an ``onnx_ir.Model``), node by node through ``LOWERINGS``.
 
-Graph inputs keep the IR's symbolic dims (``s0``, ``s1``) as ONNX ``dim_param``s, so batch and
-sequence stay dynamic; every IR value keeps its name and declared type on the ONNX value that computes
+Graph inputs keep the IR's symbolic dims as ONNX ``dim_param``s, so batch and sequence stay dynamic, named
+``batch`` / ``sequence`` / ``past_sequence`` where lowbit knows them (``dim_names``; others keep ``s0``, ``s1``); every IR value keeps its name and declared type on the ONNX value that computes
 it, so an ONNX graph reads like the IR it came from, and nodes carry ``lowbit.module`` metadata.
 
 Every node is attempted even after one fails: the error lists every node that could not be lowered (its
@@ -11,6 +11,7 @@ value, op and module path) and every op with no lowering at all, so one run show
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import onnx
@@ -62,6 +63,58 @@ def _annotate(v: ir.Value, irv: Value) -> None:
     elif isinstance(irv.type, SymType):
         v.dtype = ir.DataType.INT64
         v.shape = ir.Shape([])
+
+
+_TOKEN_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "positions"}
+_BATCH_INPUTS = _TOKEN_INPUTS | {"pixel_values", "inputs_embeds"}
+
+
+def dim_names(graph: Graph) -> dict[str, str]:
+    """Readable ONNX names for the IR's symbols where lowbit knows what they are: ``batch`` and ``sequence`` for the
+    token inputs' [B, L] (and a vision input's leading dim), ``past_sequence`` for a KV cache input's slots
+    ([B, H, S, D], ``graph.meta["generation"]["cache_inputs"]``). A runtime's user reads ``batch``, not ``s0``;
+    any other symbol keeps its IR name, and a name is given to one symbol only."""
+    cache = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
+    wanted: list[tuple[str, str]] = []
+    for v in graph.inputs:
+        if not isinstance(v.type, TensorType):
+            continue
+        shape = v.type.shape
+        if v.name in _BATCH_INPUTS and shape:
+            wanted.append((shape[0], "batch"))
+        if v.name in _TOKEN_INPUTS and len(shape) == 2:
+            wanted.append((shape[1], "sequence"))
+        if v.name in cache and len(shape) == 4:
+            wanted += [(shape[0], "batch"), (shape[2], "past_sequence")]
+    names: dict[str, str] = {}
+    for sym, name in wanted:
+        if isinstance(sym, str) and sym in graph.symbols and sym not in names and name not in names.values() \
+                and name not in graph.symbols:
+            names[sym] = name
+    return names
+
+
+def _rename_dims(model: ir.Model, names: dict[str, str]) -> None:
+    """Write ``names`` into every symbolic dim of ``model`` (expressions such as ``2*s1`` included)."""
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")\b")
+    seen: set[int] = set()
+
+    def rename(v: ir.Value | None) -> None:
+        if v is None or id(v) in seen or v.shape is None:
+            return
+        seen.add(id(v))
+        if any(not isinstance(d, int) and d.value is not None and pattern.search(str(d.value)) for d in v.shape):
+            v.shape = ir.Shape([d if isinstance(d, int) or d.value is None else
+                                ir.SymbolicDim(pattern.sub(lambda m: names[m.group(1)], str(d.value)))
+                                for d in v.shape])
+
+    for v in [*model.graph.inputs, *model.graph.outputs]:
+        rename(v)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for v in node.outputs:
+            rename(v)
 
 
 def missing_lowerings(graph: Graph) -> dict[str, list[str]]:
@@ -197,8 +250,11 @@ def to_onnx(graph: Graph, options: LoweringOptions | None = None, **kwargs: Any)
         [onnx.helper.make_opsetid(d, v) for d, v in opsets.items()], ignore_unknown=True)
     model = ir.Model(onnx_graph, ir_version=max(ir_version, 10), producer_name=PRODUCER,
                      producer_version=_lowbit_version())
+    names = dim_names(graph)
+    _rename_dims(model, names)
     model.metadata_props["lowbit.symbols"] = json.dumps(
-        {s.name: {"min": s.min, "max": s.max, "hint": s.hint} for s in graph.symbols.values()})
+        {names.get(s.name, s.name): {"min": s.min, "max": s.max, "hint": s.hint, "symbol": s.name}
+         for s in graph.symbols.values()})
     model.metadata_props["lowbit.inputs"] = json.dumps([v.name for v in graph.inputs])
     model.metadata_props["lowbit.options"] = json.dumps(vars(options))
     model.metadata_props[ORT_SESSION_CONFIG] = json.dumps(ort_session_config(options))

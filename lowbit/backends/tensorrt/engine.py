@@ -110,7 +110,9 @@ def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
             smin = 1 if smin <= 2 else smin
             smax = s.get("max") or max_default
             smax = min(smax, max_default)
-            sopt = (opt or {}).get(name) or min(max(s.get("hint") or smin, smin), smax)
+            # opt by the dim's ONNX name (batch, sequence) or by the IR symbol it was exported from (s0)
+            sopt = (opt or {}).get(name) or (opt or {}).get(str(s.get("symbol"))) or \
+                min(max(s.get("hint") or smin, smin), smax)
             lo.append(smin)
             mid.append(sopt)
             hi.append(smax)
