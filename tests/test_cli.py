@@ -627,6 +627,11 @@ def test_generate_notes_a_triton_lowerings_reference_nodes_by_reason(monkeypatch
     ("gptq", "fold-norms,rotate(online=false),awq(w=fp8e4m3)", "format 'gptq' holds int4/int8 weights only"),
     ("gptq", "gptq(w=int4,sym=true),quantize(kv=int8)", "pass quantize(kv=int8) quantizes the KV cache, which "
                                                         "format 'gptq' cannot hold"),
+    ("hf", "prune-mlp(ratio=0.25,allocation=global)", "pass prune-mlp(ratio=0.25,allocation=global) prunes each "
+     "layer by its own amount (allocation=global), and format 'hf' writes one MLP width for all layers in "
+     "config.json: use allocation=uniform, or write --format lowbit"),
+    ("compressed-tensors", "prune-heads(ratio=0.34,allocation=global),quantize(w=int4,group=64)",
+     "allocation=global), and format 'compressed-tensors' writes one head count for all layers"),
 ])
 def test_hf_format_refusals_the_pipeline_shows_come_before_the_compile(tmp_path, monkeypatch, fmt, pipeline, message):
     """`lowbit compile -f hf` with a quantizing pipeline (or -f compressed-tensors/gptq with none or with a quantized KV

@@ -508,6 +508,15 @@ def hf_format_refusal(fmt: str, passes: list[Any]) -> str | None:
                     "scales are dynamic per channel/token; compressed-tensors' kv_cache_scheme is static, GPTQ has "
                     "none): drop kv= / kv-cache, or write --format lowbit")
     if fmt != "lowbit":
+        # a global allocation prunes each layer by its own amount, and an HF config.json holds one MLP width and
+        # one head count for all layers: the writer refused it after the whole compile (calibration included)
+        uneven = [p for p in passes if p.name in ("prune-mlp", "prune-heads")
+                  and getattr(p.options, "allocation", "uniform") == "global"]
+        if uneven:
+            what = "MLP width" if uneven[0].name == "prune-mlp" else "head count"
+            return (f"pass {uneven[0].spec()} prunes each layer by its own amount (allocation=global), and format "
+                    f"{fmt!r} writes one {what} for all layers in config.json: use allocation=uniform, or write "
+                    "--format lowbit")
         # R4 before down_proj / the full-width Hadamard before o_proj stay in the graph as online hadamard nodes,
         # which no HF format holds: the writer refused them after the whole compile (GPTQ included) had run.
         # R3 (qk) alone is fine: the writer leaves out the exact q/k pair
