@@ -556,3 +556,30 @@ def test_replay_says_reproduced_only_for_the_recorded_failure(tmp_path):
     other = recorded.split(" failed: ")[0] + " failed: pass quantize: no tokenizer for this model"
     out = invoke("replay", _reproducer(tmp_path / "c", replay_pipeline=pipeline, error=other), code=4).output
     assert "error: reproduced" not in out and "fails again, but not as recorded" in out and "no tokenizer" in out, out
+
+
+def test_a_reproducer_restores_the_graph_meta_its_replay_needs(tmp_path):
+    """A reproducer kept only the tokenizer of ``graph.meta``: a kv-cache failure on a step graph replayed as
+    "requires a step graph" ("fails again, but not as recorded"); the step's generation meta travels in the
+    manifest now and the recorded failure reproduces. A tampered entry is refused by field (exit 3)."""
+    from conftest import tiny_llama
+
+    import lowbit
+    from lowbit.cli.reproducer import write_reproducer
+    from lowbit.passes.manager import PassManager, PipelineError, parse_pipeline
+
+    torch.manual_seed(0)
+    step = lowbit.compile_model(tiny_llama(hidden=64, heads=2, kv_heads=1, max_positions=64),
+                                generation=lowbit.GenerationSpec(max_length=64)).graph
+    passes = parse_pipeline("kv-cache(bits=4,k_block=8,window=8,v_group=12)")
+    with pytest.raises(PipelineError) as failed:
+        PassManager(passes).run(step.clone())
+    d = tmp_path / "repro"
+    write_reproducer(d, step, passes, 0, str(failed.value), "tiny")
+    out = invoke("replay", d, code=4).output
+    assert "reproduced:" in out and "v_group" in out and "not as recorded" not in out
+    manifest = json.loads((d / "reproducer.json").read_text())
+    manifest["meta"]["generation"]["max_batch"] = "eight"
+    (d / "reproducer.json").write_text(json.dumps(manifest))
+    out = invoke("replay", d, code=3).output
+    assert "'meta.generation.max_batch'" in out

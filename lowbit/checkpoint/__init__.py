@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lowbit.checkpoint.files import CheckpointError, atomic_checkpoint_dir, checked, verify_manifest, write_manifest
 
-__all__ = ["save", "load", "FORMATS", "CheckpointError", "GenerationMeta", "validated_meta",
-           "write_checkpoint_files"]
+__all__ = ["save", "load", "FORMATS", "CheckpointError", "GenerationMeta", "PrunedMeta", "generation_meta",
+           "validated_meta", "write_checkpoint_files"]
 
 FORMATS = ("compressed-tensors", "gptq", "hf", "lowbit")
 KINDS = ("causal-lm", "encoder")
@@ -241,16 +241,17 @@ def validated_meta(model: type[BaseModel], raw: Any, where: str) -> dict[str, An
                     ).model_dump(exclude_none=True)
 
 
-def _generation_meta(info: dict[str, Any], graph: Any, directory: Path) -> dict[str, Any] | None:
-    """The manifest's generation meta, validated against the schema and the parsed graph's inputs."""
+def generation_meta(info: dict[str, Any], graph: Any, where: str) -> dict[str, Any] | None:
+    """``info["generation"]`` read from a file (a checkpoint's or a reproducer's manifest), validated against the
+    schema and the parsed graph's inputs; errors name ``where`` (``"DIR: manifest 'lowbit"``) and the field."""
     raw = info.get("generation")
     if raw is None:
         return None
-    meta = _validated_generation(raw, lambda field, msg: f"{directory}: manifest 'lowbit.generation.{field}': {msg}")
+    meta = _validated_generation(raw, lambda field, msg: f"{where}.generation.{field}': {msg}")
     names = [v.name for v in graph.inputs]
     if names[2:] != meta.cache_inputs:
-        raise CheckpointError(f"{directory}: manifest 'lowbit.generation.cache_inputs' {meta.cache_inputs} are not "
-                              f"the graph's cache inputs {names[2:]}")
+        raise CheckpointError(f"{where}.generation.cache_inputs' {meta.cache_inputs} are not the graph's cache "
+                              f"inputs {names[2:]}")
     return meta.model_dump(exclude_none=True)
 
 
@@ -404,7 +405,7 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
         graph.meta["source"] = src
     if info.get("pruned") is not None:
         graph.meta["pruned"] = validated_meta(PrunedMeta, info["pruned"], f"{directory}: manifest 'lowbit.pruned'")
-    generation = _generation_meta(info, graph, directory)
+    generation = generation_meta(info, graph, f"{directory}: manifest 'lowbit")
     if generation is not None:
         graph.meta["generation"] = generation
     return graph, tokenizer

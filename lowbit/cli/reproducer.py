@@ -105,6 +105,47 @@ def _save_tokenizer(tmp: Path, graph: Any, passes: list[Any]) -> str | None:
     return TOKENIZER
 
 
+def _graph_meta(graph: Any) -> dict[str, Any]:
+    """What of ``graph.meta`` a replay needs besides the tokenizer, as JSON: a step graph's ``generation`` (kv-cache
+    requires it, calibration builds a step's inputs from it), the prune record (``pruned``) and whether the residual
+    stream is rotated. Without them a replay of kv-cache failed with "requires a step graph", not as recorded."""
+    from lowbit.checkpoint import GenerationMeta, PrunedMeta, validated_meta
+
+    meta: dict[str, Any] = {}
+    if graph.meta.get("generation") is not None:
+        meta["generation"] = validated_meta(GenerationMeta, graph.meta["generation"], "graph.meta['generation']")
+    if graph.meta.get("pruned"):
+        meta["pruned"] = validated_meta(PrunedMeta, graph.meta["pruned"], "graph.meta['pruned']")
+    if graph.meta.get("residual_rotated"):
+        meta["residual_rotated"] = True
+    return meta
+
+
+def _restore_meta(directory: Path, manifest: dict[str, Any], graph: Any) -> None:
+    """Put the manifest's ``meta`` back on the parsed graph, each part checked as a checkpoint's is (the manifest
+    is someone else's file); a bad one exits 3 naming the field."""
+    from lowbit.checkpoint import CheckpointError, PrunedMeta, generation_meta, validated_meta
+
+    raw = manifest.get("meta", {})
+    where = f"reproducer {str(directory)!r}: {MANIFEST}"
+    try:
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{where} 'meta' is not a JSON object")
+        unknown = sorted(set(raw) - {"generation", "pruned", "residual_rotated"})
+        if unknown:
+            raise CheckpointError(f"{where} 'meta' has unknown entries {unknown}")
+        if raw.get("generation") is not None:
+            graph.meta["generation"] = generation_meta(raw, graph, f"{where} 'meta")
+        if raw.get("pruned") is not None:
+            graph.meta["pruned"] = validated_meta(PrunedMeta, raw["pruned"], f"{where} 'meta.pruned'")
+        if "residual_rotated" in raw:
+            if not isinstance(raw["residual_rotated"], bool):
+                raise CheckpointError(f"{where} 'meta.residual_rotated' is not true or false")
+            graph.meta["residual_rotated"] = raw["residual_rotated"]
+    except CheckpointError as exc:
+        fail(str(exc), Exit.NOT_FOUND)
+
+
 def _load_tokenizer(directory: Path, manifest: dict[str, Any]) -> Any:
     """The tokenizer a reproducer carries (``tokenizer`` in its manifest), read as a checkpoint's is (transformers'
     classes only, never the directory's code), from files inside the reproducer only; None without one."""
@@ -147,6 +188,7 @@ def write_reproducer(directory: Path, graph_before: Any, passes: list[Any], star
                     "failing_pass": passes[start].spec() if start < len(passes) else None, "replay_pipeline": rest,
                     "ir": "before.lowbit", "params": "before.safetensors", "inputs": "inputs.pt",
                     **({"tokenizer": tokenizer} if tokenizer else {}),
+                    **({"meta": meta} if (meta := _graph_meta(graph_before)) else {}),
                     "versions": versions(), "error": error}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "README.md").write_text(
@@ -252,6 +294,7 @@ def replay(directory: Path, verify_each: bool = True) -> None:
     tokenizer = _load_tokenizer(directory, manifest)
     if tokenizer is not None:
         graph.meta["tokenizer"] = tokenizer
+    _restore_meta(directory, manifest, graph)
     versions = manifest.get("versions", {})
     console.print(f"replaying {manifest['replay_pipeline']!r} on {ir_file} "
                   f"({len(graph.nodes)} nodes); recorded with {versions.get('lowbit')} / torch "
