@@ -260,11 +260,14 @@ def _quantizes_kv(dq: Node, users: dict[int, list[Node]], depth: int = 8) -> boo
     return False
 
 
-def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str] = frozenset()) -> HFView:
+def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str] = frozenset(),
+            conv1d: frozenset[str] = frozenset()) -> HFView:
     """Map ``graph`` onto the HF parameter names ``hf_keys`` (name → shape) of the model it was captured from.
 
     ``derived`` are the model's non-persistent buffers (rotary ``inv_freq``): HF recomputes them from the config,
-    so they are not written."""
+    so they are not written. ``conv1d``: module paths that are ``Conv1D`` in the HF model (GPT-2), whose weight is
+    stored ``[in, out]``: a float linear's weight is written transposed back; a quantized one is refused (the HF
+    quantized formats describe ``nn.Linear`` weights)."""
     view = HFView()
     used: set[str] = set(derived)
     exact_qk = _qk_rotations(graph)
@@ -275,6 +278,13 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
             if key not in hf_keys:
                 raise CheckpointError(f"linear %{node.name} has module path {node.module!r}, but the HF model has no "
                                       f"parameter {key!r}; cannot name its weight in an HF checkpoint")
+            if qw is not None and node.module in conv1d:
+                raise CheckpointError(f"linear %{node.name} (module {node.module!r}) is a Conv1D in the HF model "
+                                      "(weight stored [in, out], GPT-2's), and the HF quantized formats describe "
+                                      "nn.Linear weights: a loader would read it transposed; save with "
+                                      "format='lowbit'")
+            if qw is None and node.module in conv1d:
+                w = w.t().contiguous()
             if qw is not None:
                 if qw.shape != tuple(hf_keys[key]):
                     raise CheckpointError(f"linear %{node.name} (module {node.module!r}): its quantized weight is "

@@ -327,7 +327,9 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
                                   "a loader would compute it from the sliced size and run another model; save with "
                                   "format='lowbit'")
     _check_head_dim(graph, config, keys)
-    view = hf_view(graph, keys, derived)
+    # GPT-2's Conv1D stores its weight [in, out]; the graph's linear holds it [out, in] (lowbit.ir.raising)
+    conv1d = frozenset(n for n, m in model.named_modules() if type(m).__name__ == "Conv1D")
+    view = hf_view(graph, keys, derived, conv1d)
     for key in added(keys):  # the switch gives every such linear a bias: the ones the graph lacks are zero
         if key not in view.tensors:
             view.tensors[key] = torch.zeros(keys[key])

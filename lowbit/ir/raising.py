@@ -285,7 +285,33 @@ def _rewrite_aten_rms_norm(graph: Graph, node: Node, b: Bindings) -> Node | None
     return _node("rms_norm", x, *([weight] if weight is not None else []), **kw)
 
 
+def _rewrite_conv1d(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    """``addmm(bias, x, W)`` with a stored ``W [in, out]`` (GPT-2's ``Conv1D``) is ``linear(x, Wᵀ, bias)`` over the
+    transposed weight: left as an ATen product no quantizer, smoother or writer saw it (quantize refused GPT-2). The
+    weight is stored transposed in place when this is its only reader (it keeps its name: the HF writers map it back
+    by module, ``Conv1D`` modules transposed again), else as a new parameter. Exact up to the GEMM's summation order
+    (float64: 1e-15)."""
+    bias, x, w = b["bias"], b["x"], b["w"]
+    if node.kwargs or len(node.args) != 3 or w.tensor_type.rank != 2 or bias.tensor_type.rank != 1 \
+            or bias.tensor_type.shape[0] != w.tensor_type.shape[1] or x.tensor_type.rank != 2:
+        return None  # beta/alpha, or not a Conv1D's shapes
+    readers = [n for n in graph.nodes if any(v is w for v in n.inputs())]
+    t = w.tensor_type
+    if len(readers) == 1:
+        if w.data is not None:
+            graph.set_param(w.name, w.data.t().contiguous())
+        else:  # IR parsed without weights: the type only
+            w.type = TensorType(t.dtype, (t.shape[1], t.shape[0]))
+        wt = w
+    else:
+        wt = graph.add_param(graph.fresh_param_name(f"{w.name}.t"), w.data.t().contiguous() if w.data is not None
+                             else None, None if w.data is not None else TensorType(t.dtype, (t.shape[1], t.shape[0])))
+    return _node("linear", x, wt, bias)
+
+
 SINGLE_OP_RULES = [
+    Rule("conv1d_linear", P("aten.addmm.default", X("bias", _is_param), X("x", _is_tensor), X("w", _is_param),
+                            exact_arity=False), _rewrite_conv1d),
     Rule("aten_rms_norm", P("aten.rms_norm.default", X("x", _is_tensor), exact_arity=False), _rewrite_aten_rms_norm),
     Rule("linear", P("aten.linear.default", X("x", _is_tensor), X("w", _is_tensor), exact_arity=False),
          _rewrite_linear),

@@ -615,7 +615,8 @@ _MATMULS = ("aten.addmm.default", "aten.mm.default", "aten.matmul.default")
 
 def unraised_projections(graph: Graph) -> list[str]:
     """Modules (or node names) of ATen matrix products with a stored 2-D weight: projections raising did not make
-    ``linear`` nodes (GPT-2's Conv1D is ``addmm(bias, x, W[in, out])``), which the quantizers never see."""
+    ``linear`` nodes (an ``x @ W`` on a stored ``W [in, out]``; GPT-2's Conv1D ``addmm`` is raised), which the
+    quantizers never see."""
     return [n.module or f"%{n.name}" for n in graph.nodes if n.op in _MATMULS and any(
         isinstance(a, Value) and a.is_param and a.tensor_type is not None and a.tensor_type.rank == 2
         for a in n.args)]
@@ -695,7 +696,7 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
             sample = ", ".join(unraised[:3]) + (", ..." if len(unraised) > 3 else "")
             raise PassError(f"pass {pass_name}: no linear to quantize: the model's projections are ATen matrix "
                             f"products on stored weights that lowbit does not raise to linear ({len(unraised)}: "
-                            f"{sample}; GPT-2's Conv1D is aten.addmm), so they would all stay float")
+                            f"{sample}), so they would all stay float")
     if cfg.kv is not None:
         p.attention = [n for n in graph.nodes if n.op == "attention" and module_matches(n.module, cfg.kv.modules)]
         if not p.attention:
