@@ -26,7 +26,6 @@ from lowbit.ir.fold import drop_unused_params, fold_constants
 from lowbit.ir.fusion import unfuse_qlinear
 from lowbit.ir.graph import Graph, Value
 from lowbit.ir.ops import resolve
-from lowbit.ir.rewrite import eliminate_dead_code
 from lowbit.ir.signature import InputChecker, ordered_inputs
 
 
@@ -167,14 +166,13 @@ def materialize_weights(graph: Graph, *, keep_packed: bool = False) -> Graph:
     are what the device holds, dequantized on each call. The numbers are the same either way.
     """
     lowered = graph.clone()
-    # a node nothing reads would be folded too: a dead weight dequantize was unpacked into a float copy (work and
-    # memory for nothing), so dead code goes first
-    eliminate_dead_code(lowered)
+    # a node nothing reads is not folded (skip_dead): a dead weight dequantize was unpacked into a float copy (work
+    # and memory for nothing). It is not removed either: the lowering still checks every op the graph names
     if keep_packed:
-        fold_constants(lowered, max_elements=1 << 62, skip_ops=frozenset({"dequantize"}))
+        fold_constants(lowered, max_elements=1 << 62, skip_ops=frozenset({"dequantize"}), skip_dead=True)
     else:
         unfuse_qlinear(lowered)
-        fold_constants(lowered, max_elements=1 << 62)
+        fold_constants(lowered, max_elements=1 << 62, skip_dead=True)
     drop_unused_params(lowered)
     return lowered
 

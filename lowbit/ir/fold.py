@@ -27,10 +27,12 @@ def _foldable(node: Node, max_elements: int, skip_ops: frozenset[str]) -> bool:
     return all(v.is_param and v.data is not None for v in node.inputs())
 
 
-def fold_constants(graph: Graph, max_elements: int = 1 << 22, skip_ops: frozenset[str] = frozenset()) -> list[str]:
+def fold_constants(graph: Graph, max_elements: int = 1 << 22, skip_ops: frozenset[str] = frozenset(),
+                   skip_dead: bool = False) -> list[str]:
     """Replace every node that reads only parameters and literals (and whose result has at most
     ``max_elements`` elements) by a new parameter holding its result, in place; returns the folded ops.
-    Nodes of ``skip_ops`` are never folded (``dequantize``, to keep packed weights packed).
+    Nodes of ``skip_ops`` are never folded (``dequantize``, to keep packed weights packed); with ``skip_dead``
+    neither are nodes no output depends on (evaluating them is work and memory for nothing).
 
     Folding is progressive (a node reading a folded result folds too). The parameters the folded nodes read
     stay: dead-code elimination, or ``drop_unused_params``, removes them.
@@ -38,10 +40,11 @@ def fold_constants(graph: Graph, max_elements: int = 1 << 22, skip_ops: frozense
     folded: list[str] = []
     subst: dict[int, Value] = {}
     keep: list[Node] = []
+    dead = _dead_nodes(graph) if skip_dead else set()
     for node in graph.nodes:
         if subst:
             node.map_values(lambda v: subst.get(id(v), v))
-        if not _foldable(node, max_elements, skip_ops):
+        if id(node) in dead or not _foldable(node, max_elements, skip_ops):
             keep.append(node)
             continue
         args, kwargs = pytree.tree_map(lambda x: x.data if isinstance(x, Value) else x, (node.args, node.kwargs))
@@ -58,6 +61,18 @@ def fold_constants(graph: Graph, max_elements: int = 1 << 22, skip_ops: frozense
     graph.nodes = keep
     graph.outputs = [subst.get(id(v), v) for v in graph.outputs]
     return folded
+
+
+def _dead_nodes(graph: Graph) -> set[int]:
+    """ids of the nodes no graph output depends on (one backward sweep; nodes are in topological order)."""
+    live: set[int] = {id(v) for v in graph.outputs}
+    dead: set[int] = set()
+    for node in reversed(graph.nodes):
+        if any(id(v) in live for v in node.outputs):
+            live.update(id(v) for v in node.inputs())
+        else:
+            dead.add(id(node))
+    return dead
 
 
 def drop_unused_params(graph: Graph) -> int:
