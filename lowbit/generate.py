@@ -139,6 +139,13 @@ def _check_mask(mask: torch.Tensor) -> None:
                                   "it from the prompt")
 
 
+def _one_row(mask: Any) -> bool:
+    """Whether a mask is one row (a 1-D tensor or array, or a list of numbers), not one row per prompt."""
+    if isinstance(mask, (torch.Tensor, np.ndarray)):
+        return mask.ndim == 1
+    return not any(hasattr(m, "__iter__") for m in mask)
+
+
 def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list[list[int]]:
     """Prompts as lists of ids: from a list of lists, or a ``[B, L]`` tensor whose ``attention_mask`` (left or
     right padding) says which ids are real. A flat list of ids is one prompt (as a 1-D tensor is); strings are
@@ -158,6 +165,8 @@ def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+            if attention_mask is not None and attention_mask.dim() == 1:  # the one prompt's mask, as its ids
+                attention_mask = attention_mask[None]
         if input_ids.dim() != 2:
             raise GenerationError(f"input_ids has shape {tuple(input_ids.shape)}; expected [batch, length]")
         # as a list's ids are (``_integral``): a float tensor's 3.7 was read as 3 and a bool tensor as ids 0/1
@@ -182,6 +191,10 @@ def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list
     input_ids = list(input_ids)
     if input_ids and all(_is_int(p) for p in input_ids):  # numpy ints too (np.int64 ids read as prompts)
         input_ids = [input_ids]
+        # and its mask is one row too: tok("text") and apply_chat_template() give flat ids and a flat mask, which was
+        # read as one mask row per prompt ("'int' object is not iterable")
+        if attention_mask is not None and _one_row(attention_mask):
+            attention_mask = [attention_mask]
     prompts = []
     for i, p in enumerate(input_ids):
         if isinstance(p, str):

@@ -197,6 +197,23 @@ def test_prompt_containers_and_option_types_are_checked(tiny_compiled):
             cm.generate([[5, 17, 30]], 3, **{"do_sample": True, **kw})
 
 
+def test_one_prompts_flat_mask_is_its_row(tiny_compiled):
+    """``tok("text")`` and ``apply_chat_template(...)`` give one prompt as flat ids with a flat attention mask: the mask
+    was read as one row per prompt, a raw "'int' object is not iterable"; a 1-D tensor's 1-D mask was refused as not
+    matching the ids' [1, L]."""
+    from transformers import BatchEncoding
+
+    cm = tiny_compiled
+    ref = cm.generate([[5, 17, 30]], 3, stop_tokens=()).tokens
+    assert cm.generate(BatchEncoding({"input_ids": [5, 17, 30], "attention_mask": [1, 1, 1]}), 3,
+                       stop_tokens=()).tokens == ref
+    assert cm.generate([9, 5, 17, 30], 3, attention_mask=np.array([0, 1, 1, 1]), stop_tokens=()).tokens == ref
+    assert cm.generate(torch.tensor([9, 5, 17, 30]), 3, attention_mask=torch.tensor([0, 1, 1, 1]),
+                       stop_tokens=()).tokens == ref
+    with pytest.raises(GenerationError, match="attention_mask row 0 has 2 entries for 3 ids"):
+        cm.generate([5, 17, 30], 3, attention_mask=[1, 1])
+
+
 def test_sampling_at_a_tiny_temperature_is_greedy(tiny_compiled):
     """A temperature near 0 samples the argmax (logits / 1e-40 overflowed float32 to inf, and the draw failed with
     multinomial's "probability tensor contains either inf, nan or element < 0"); non-finite logits are named."""
