@@ -195,6 +195,9 @@ def _prompts(input_ids: Any, attention_mask: Any, tokenizer: Any = None) -> list
         # read as one mask row per prompt ("'int' object is not iterable")
         if attention_mask is not None and _one_row(attention_mask):
             attention_mask = [attention_mask]
+    if attention_mask is not None and len(attention_mask) != len(input_ids):  # an IndexError, or extra rows ignored
+        raise GenerationError(f"attention_mask has {len(attention_mask)} rows for {len(input_ids)} prompts: give one "
+                              "row per prompt")
     prompts = []
     for i, p in enumerate(input_ids):
         if isinstance(p, str):

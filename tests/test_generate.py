@@ -214,6 +214,14 @@ def test_one_prompts_flat_mask_is_its_row(tiny_compiled):
         cm.generate([5, 17, 30], 3, attention_mask=[1, 1])
 
 
+def test_a_list_batchs_mask_has_one_row_per_prompt(tiny_compiled):
+    """A list batch's attention_mask with fewer rows than prompts was a raw IndexError, and one with more rows had
+    the extra rows ignored; both are refused, naming the counts (a tensor batch's mask already was, by shape)."""
+    for rows in (1, 3):
+        with pytest.raises(GenerationError, match=f"attention_mask has {rows} rows for 2 prompts"):
+            tiny_compiled.generate([[5, 17], [30, 8]], 2, attention_mask=[[1, 1]] * rows)
+
+
 def test_sampling_at_a_tiny_temperature_is_greedy(tiny_compiled):
     """A temperature near 0 samples the argmax (logits / 1e-40 overflowed float32 to inf, and the draw failed with
     multinomial's "probability tensor contains either inf, nan or element < 0"); non-finite logits are named."""
