@@ -52,6 +52,9 @@ class GenerationSpec:
                                   "one new token)")
         if self.max_batch < 1:
             raise GenerationError(f"GenerationSpec.max_batch={self.max_batch}: need at least 1")
+        if not isinstance(self.cuda_graph, (bool, np.bool_)):  # "false" is truthy: decode replayed CUDA graphs
+            raise GenerationError(f"GenerationSpec.cuda_graph={self.cuda_graph!r}: must be True or False")
+        object.__setattr__(self, "cuda_graph", bool(self.cuda_graph))
         if self.logits not in ("last", "all"):
             raise GenerationError(f"GenerationSpec.logits={self.logits!r}: 'last' (generation) or 'all' (every "
                                   "position's logits)")

@@ -817,3 +817,12 @@ def test_compiled_generate_shows_the_generator_options():
     model.generate([[1, 2]], 3, do_sample=True, top_k=5, top_p=0.9, seed=7, stop_tokens=(), temperature=0.5)
     assert seen == {"args": ([[1, 2]], 3), "attention_mask": None, "do_sample": True, "temperature": 0.5, "top_k": 5,
                     "top_p": 0.9, "seed": 7, "stop_tokens": (), "on_token": None}
+
+
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_generation_spec_cuda_graph_takes_a_bool(value):
+    """``GenerationSpec(cuda_graph="false")`` was kept as the string, which is truthy: decode steps were replayed from
+    CUDA graphs as if True had been given, and a lowbit checkpoint's strict meta refused it only when saving."""
+    with pytest.raises(GenerationError, match=f"GenerationSpec.cuda_graph={value!r}: must be True or False"):
+        GenerationSpec(cuda_graph=value)
+    assert GenerationSpec(cuda_graph=np.bool_(False)).cuda_graph is False
