@@ -470,6 +470,7 @@ def test_cli_generate_refuses_bad_requests_before_compiling(monkeypatch):
     for flags, needle in [(["-n", "0"], "--max-new-tokens 0"), (["-n", "40", "--max-length", "32"], "--max-length"),
                           (["--max-batch", "0"], "--max-batch 0"), (["--sample", "--temperature", "0"], "temperature"),
                           (["--sample", "--top-p", "1.5"], "--top-p 1.5"),
+                          (["--sample", "--seed", str(2**70)], "must fit in 64 bits"),  # refused after the compile
                           # as `lowbit compile` parses them (an unknown pass was a traceback, a bad option exit 4)
                           (["--pipeline", "kv-cach(bits=4)"], "did you mean 'kv-cache'"),
                           (["--pipeline", "kv-cache(bits=3)"], "bits=3")]:

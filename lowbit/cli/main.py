@@ -752,7 +752,8 @@ def generate_cmd(
                               max_batch=len(prompt) if max_batch is None else max_batch)
         ids = [tok(p).input_ids for p in prompt]
         # the request is checked before the compile, which takes minutes on a large model
-        check_request(spec, ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        check_request(spec, ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                      seed=seed)
         t0 = time.perf_counter()
         compiled = build(spec)
         compile_s = time.perf_counter() - t0
