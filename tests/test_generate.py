@@ -827,3 +827,30 @@ def test_generation_spec_cuda_graph_takes_a_bool(value):
     with pytest.raises(GenerationError, match=f"GenerationSpec.cuda_graph={value!r}: must be True or False"):
         GenerationSpec(cuda_graph=value)
     assert GenerationSpec(cuda_graph=np.bool_(False)).cuda_graph is False
+
+
+def test_cli_generate_names_the_models_positions_before_compiling(tmp_path, monkeypatch):
+    """On a model of 32 positions, a prompt + -n past them was told to raise --max-length, which compile_model then
+    refused, after the model load, as 'GenerationSpec.max_length=... give max_length <= 32'. Both are said by flag,
+    naming max_position_embeddings, before any compile."""
+    from typer.testing import CliRunner
+
+    import lowbit.api
+    from lowbit.calibration.data import load_tokenizer
+    from lowbit.cli.main import app
+
+    torch.manual_seed(0)
+    tiny_llama(vocab=49152, max_positions=32).save_pretrained(tmp_path / "tiny")
+    load_tokenizer("smollm2").save_pretrained(tmp_path / "tiny")
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before checking the request")
+
+    monkeypatch.setattr(lowbit.api, "compile_model", no_compile)
+    prompt = " ".join(["word"] * 30)
+    n = len(load_tokenizer("smollm2")(prompt).input_ids)
+    for flags, needle in [(["-n", "8"], f"prompt 0 has {n} tokens + --max-new-tokens 8 = {n + 8} > the model's "
+                                        "max_position_embeddings=32: shorten the prompt or lower --max-new-tokens"),
+                          (["-n", "2", "--max-length", "60"], "--max-length 60: model ")]:
+        res = CliRunner().invoke(app, ["generate", str(tmp_path / "tiny"), "--prompt", prompt, *flags])
+        assert res.exit_code == 2 and needle in res.output, (flags, res.output)

@@ -741,16 +741,22 @@ def generate_cmd(
                             None)
         build = lambda spec: compile_model(loaded.module, pipeline=text or None, device=device,  # noqa: E731
                                            tokenizer=loaded.tokenizer, generation=spec, backend=backend)
-    if max_length is not None and isinstance(positions, int) and max_length > positions:
+    known = isinstance(positions, int) and positions >= 2
+    if known and max_length is not None and max_length > positions:
         # GenerationSpec refuses it too, in the API's words ('GenerationSpec.max_length=...; give max_length <= N')
         fail(f"--max-length {max_length}: model {model!r} takes at most {positions} positions "
              f"(max_position_embeddings in its config); give --max-length {positions} or less", Exit.USAGE)
     try:
         if max_length is None:  # 512, or the model's positions where fewer (a longer cache is refused by name)
-            max_length = min(512, positions) if isinstance(positions, int) and positions >= 2 else 512
+            max_length = min(512, positions) if known else 512
         spec = GenerationSpec(max_length=max_length,
                               max_batch=len(prompt) if max_batch is None else max_batch)
         ids = [tok(p).input_ids for p in prompt]
+        for i, p in enumerate(ids):  # no --max-length fits it: that advice led to the refusal above
+            if known and len(p) + max_new_tokens > positions:
+                fail(f"prompt {i} has {len(p)} tokens + --max-new-tokens {max_new_tokens} = {len(p) + max_new_tokens} "
+                     f"> the model's max_position_embeddings={positions}: shorten the prompt or lower "
+                     "--max-new-tokens", Exit.USAGE)
         # the request is checked before the compile, which takes minutes on a large model
         check_request(spec, ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed)
