@@ -854,3 +854,24 @@ def test_cli_generate_names_the_models_positions_before_compiling(tmp_path, monk
                           (["-n", "2", "--max-length", "60"], "--max-length 60: model ")]:
         res = CliRunner().invoke(app, ["generate", str(tmp_path / "tiny"), "--prompt", prompt, *flags])
         assert res.exit_code == 2 and needle in res.output, (flags, res.output)
+
+
+def test_cli_generate_on_a_lowbit_directory_says_its_limits_are_fixed(tmp_path):
+    """A request past a saved step graph's max_length/max_batch was told to recompile with generation=GenerationSpec(
+    max_batch=3) '(CLI: --max-batch)', and --max-batch is refused on a lowbit directory: it now says the limits are
+    the directory's and what to change."""
+    from typer.testing import CliRunner
+
+    import lowbit
+    from lowbit.calibration.data import load_tokenizer
+    from lowbit.cli.main import app
+
+    torch.manual_seed(0)
+    tok = load_tokenizer("smollm2")
+    cm = compile_model(tiny_llama(vocab=49152), tokenizer=tok, generation=GenerationSpec(max_length=16, max_batch=1))
+    lowbit.save(cm, tmp_path / "gen", format="lowbit")
+    for flags in (["--prompt", "a", "--prompt", "b"], ["--prompt", "a", "-n", "20"]):
+        res = CliRunner().invoke(app, ["generate", str(tmp_path / "gen"), *flags])
+        assert res.exit_code == 2, res.output
+        assert "compiled lowbit directory whose step graph was captured with max_length=16, max_batch=1" in res.output
+        assert "compile the original model again" in res.output and "GenerationSpec" not in res.output, res.output

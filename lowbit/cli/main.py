@@ -679,6 +679,7 @@ def generate_cmd(
 
     ckpt = Path(model).expanduser() if quantization_config(model) is not None else None
     positions = None  # the model's max_position_embeddings, where known: --max-length's default stays within it
+    fixed = None  # MODEL, when it is a lowbit directory: its step graph's max_length and max_batch cannot change
     lowbit_dir = Path(model).expanduser()
     if dtype is not None and ((lowbit_dir / "model.lowbit").is_file() or ckpt is not None):
         fail(f"--dtype {dtype}: model {model!r} is already compiled, in the dtype it was compiled in; --dtype applies "
@@ -710,6 +711,7 @@ def generate_cmd(
                  f"{meta['max_length']}, max_batch={meta['max_batch']}: {', '.join(changed)} cannot change it "
                  "(compile the original model again with these flags)", Exit.USAGE)
         max_length, max_batch = meta["max_length"], meta["max_batch"]
+        fixed = model  # the limits are the directory's: generate()'s advice to compile with others does not apply
         build = lambda spec: stored  # noqa: E731
         text = "loaded from the lowbit directory"
     elif ckpt is not None:  # compressed-tensors / GPTQ: already compiled, loaded as the generation step
@@ -757,6 +759,14 @@ def generate_cmd(
                 fail(f"prompt {i} has {len(p)} tokens + --max-new-tokens {max_new_tokens} = {len(p) + max_new_tokens} "
                      f"> the model's max_position_embeddings={positions}: shorten the prompt or lower "
                      "--max-new-tokens", Exit.USAGE)
+        if fixed is not None:
+            longest = max(len(p) for p in ids) + max_new_tokens
+            if len(ids) > max_batch or longest > max_length:
+                fail(f"model {fixed!r} is a compiled lowbit directory whose step graph was captured with max_length="
+                     f"{max_length}, max_batch={max_batch}; this request needs {len(ids)} prompt(s) and "
+                     f"{longest} tokens (the longest prompt + --max-new-tokens {max_new_tokens}): give fewer or shorter "
+                     "prompts or a smaller -n, or compile the original model again with a larger --max-length/"
+                     "--max-batch", Exit.USAGE)
         # the request is checked before the compile, which takes minutes on a large model
         check_request(spec, ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed)
