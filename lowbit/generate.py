@@ -338,7 +338,8 @@ def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens
                               f"{len(prompts)}) (CLI: --max-batch)")
     for i, p in enumerate(prompts):
         if not p:
-            raise GenerationError(f"prompt {i} is empty")
+            raise GenerationError(f"prompt {i} is empty: generation continues a prompt of at least one token (text "
+                                  "whose tokenizer adds no BOS token can encode to none)")
         if len(p) + max_new_tokens > spec.max_length:
             raise GenerationError(
                 f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} = {len(p) + max_new_tokens}"

@@ -875,3 +875,18 @@ def test_cli_generate_on_a_lowbit_directory_says_its_limits_are_fixed(tmp_path):
         assert res.exit_code == 2, res.output
         assert "compiled lowbit directory whose step graph was captured with max_length=16, max_batch=1" in res.output
         assert "compile the original model again" in res.output and "GenerationSpec" not in res.output, res.output
+
+
+def test_an_empty_prompt_is_named_with_what_generation_needs(tiny_compiled, monkeypatch):
+    """``--prompt ''`` (SmolLM2's tokenizer adds no BOS: no tokens) and an empty id list were 'prompt 1 is empty': the
+    CLI now names the text and why it is empty, generate() what it needs."""
+    from typer.testing import CliRunner
+
+    import lowbit.api
+    from lowbit.cli.main import app
+
+    with pytest.raises(GenerationError, match="prompt 1 is empty: generation continues a prompt of at least one token"):
+        tiny_compiled.generate([[5], []], 2)
+    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: 1 / 0)
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi", "--prompt", ""])
+    assert res.exit_code == 2 and "--prompt '' encodes to no tokens" in res.output, res.output

@@ -754,6 +754,10 @@ def generate_cmd(
         spec = GenerationSpec(max_length=max_length,
                               max_batch=len(prompt) if max_batch is None else max_batch)
         ids = [tok(p).input_ids for p in prompt]
+        for p, encoded in zip(prompt, ids):  # generate() said 'prompt 0 is empty', not which text or why
+            if not encoded:
+                fail(f"--prompt {p!r} encodes to no tokens (the tokenizer adds no BOS token): give text to continue",
+                     Exit.USAGE)
         for i, p in enumerate(ids):  # no --max-length fits it: that advice led to the refusal above
             if known and len(p) + max_new_tokens > positions:
                 fail(f"prompt {i} has {len(p)} tokens + --max-new-tokens {max_new_tokens} = {len(p) + max_new_tokens} "
