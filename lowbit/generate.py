@@ -396,6 +396,8 @@ _HF_NAMES = {
     "num_beams": "lowbit decodes greedily or by sampling (do_sample=True), no beam search",
     "pad_token_id": "not needed: give prompts as lists of ids, or a padded tensor with attention_mask=",
     "generator": "use seed= for reproducible sampling",
+    "streamer": "give on_token=callable(sequence_index, token): it is called as each token is made",
+    "stop_strings": "lowbit stops on token ids: give stop_tokens= (the ids a stop string encodes to)",
 }
 """transformers' ``generate`` options that users carry over, with what lowbit takes instead."""
 

@@ -890,3 +890,15 @@ def test_an_empty_prompt_is_named_with_what_generation_needs(tiny_compiled, monk
     monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: 1 / 0)
     res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi", "--prompt", ""])
     assert res.exit_code == 2 and "--prompt '' encodes to no tokens" in res.output, res.output
+
+
+def test_transformers_streamer_and_stop_strings_name_what_lowbit_takes(tiny_compiled):
+    """``streamer=`` and ``stop_strings=`` (transformers' generate) were refused as a bare "generate() has no option":
+    they now name on_token= and stop_tokens=, and on_token streams each token as it is made."""
+    with pytest.raises(GenerationError, match=r"no option 'streamer': give on_token="):
+        tiny_compiled.generate([[5, 17]], 2, streamer=object())
+    with pytest.raises(GenerationError, match=r"no option 'stop_strings': .*stop_tokens="):
+        tiny_compiled.generate([[5, 17]], 2, stop_strings=["\n"])
+    seen: list[tuple[int, int]] = []
+    out = tiny_compiled.generate([[5, 17]], 3, stop_tokens=(), on_token=lambda b, t: seen.append((b, t)))
+    assert seen == [(0, t) for t in out.tokens[0]]
