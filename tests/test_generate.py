@@ -856,22 +856,30 @@ def test_cli_generate_names_the_models_positions_before_compiling(tmp_path, monk
         assert res.exit_code == 2 and needle in res.output, (flags, res.output)
 
 
-def test_cli_generate_on_a_lowbit_directory_says_its_limits_are_fixed(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_lowbit_dir(tmp_path_factory):
+    """A tiny Llama's step graph (max_length 16, max_batch 1) saved in lowbit's format with SmolLM2's tokenizer."""
+    import lowbit
+    from lowbit.calibration.data import load_tokenizer
+
+    torch.manual_seed(0)
+    cm = compile_model(tiny_llama(vocab=49152), tokenizer=load_tokenizer("smollm2"),
+                       generation=GenerationSpec(max_length=16, max_batch=1))
+    directory = tmp_path_factory.mktemp("lowbit") / "gen"
+    lowbit.save(cm, directory, format="lowbit")
+    return directory
+
+
+def test_cli_generate_on_a_lowbit_directory_says_its_limits_are_fixed(tiny_lowbit_dir):
     """A request past a saved step graph's max_length/max_batch was told to recompile with generation=GenerationSpec(
     max_batch=3) '(CLI: --max-batch)', and --max-batch is refused on a lowbit directory: it now says the limits are
     the directory's and what to change."""
     from typer.testing import CliRunner
 
-    import lowbit
-    from lowbit.calibration.data import load_tokenizer
     from lowbit.cli.main import app
 
-    torch.manual_seed(0)
-    tok = load_tokenizer("smollm2")
-    cm = compile_model(tiny_llama(vocab=49152), tokenizer=tok, generation=GenerationSpec(max_length=16, max_batch=1))
-    lowbit.save(cm, tmp_path / "gen", format="lowbit")
     for flags in (["--prompt", "a", "--prompt", "b"], ["--prompt", "a", "-n", "20"]):
-        res = CliRunner().invoke(app, ["generate", str(tmp_path / "gen"), *flags])
+        res = CliRunner().invoke(app, ["generate", str(tiny_lowbit_dir), *flags])
         assert res.exit_code == 2, res.output
         assert "compiled lowbit directory whose step graph was captured with max_length=16, max_batch=1" in res.output
         assert "compile the original model again" in res.output and "GenerationSpec" not in res.output, res.output
@@ -902,3 +910,22 @@ def test_transformers_streamer_and_stop_strings_name_what_lowbit_takes(tiny_comp
     seen: list[tuple[int, int]] = []
     out = tiny_compiled.generate([[5, 17]], 3, stop_tokens=(), on_token=lambda b, t: seen.append((b, t)))
     assert seen == [(0, t) for t in out.tokens[0]]
+
+
+def test_cli_generate_reports_a_lowbit_directorys_load_time(tiny_lowbit_dir, monkeypatch):
+    """A lowbit directory is loaded before the timed build, which then returned it at once: the summary said
+    'compile 0.0 s (loaded from the lowbit directory)' however long the load took. It now says 'load' and its time."""
+    import re
+    import time
+
+    from typer.testing import CliRunner
+
+    import lowbit.checkpoint
+    from lowbit.cli.main import app
+
+    real = lowbit.checkpoint.load
+    monkeypatch.setattr(lowbit.checkpoint, "load", lambda *a, **k: time.sleep(0.5) or real(*a, **k))
+    res = CliRunner().invoke(app, ["generate", str(tiny_lowbit_dir), "--prompt", "hi", "-n", "2"])
+    assert res.exit_code == 0, res.output
+    took = re.search(r"\bload (\d+\.\d) s \(loaded from the lowbit directory\)", res.output)
+    assert took and float(took.group(1)) >= 0.5, res.output

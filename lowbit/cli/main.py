@@ -680,6 +680,7 @@ def generate_cmd(
     ckpt = Path(model).expanduser() if quantization_config(model) is not None else None
     positions = None  # the model's max_position_embeddings, where known: --max-length's default stays within it
     fixed = None  # MODEL, when it is a lowbit directory: its step graph's max_length and max_batch cannot change
+    load_s = 0.0  # a lowbit directory's load, which happens before the request is checked
     lowbit_dir = Path(model).expanduser()
     if dtype is not None and ((lowbit_dir / "model.lowbit").is_file() or ckpt is not None):
         fail(f"--dtype {dtype}: model {model!r} is already compiled, in the dtype it was compiled in; --dtype applies "
@@ -691,7 +692,9 @@ def generate_cmd(
         from lowbit.checkpoint import load as load_checkpoint
 
         try:
+            start = time.perf_counter()
             stored = load_checkpoint(lowbit_dir, device=device, backend=backend)
+            load_s = time.perf_counter() - start  # before the timed build, which then took 0.0 s
         except LowbitError as exc:
             fail(str(exc), Exit.NOT_FOUND)
         meta = stored.graph.meta.get("generation")
@@ -776,7 +779,7 @@ def generate_cmd(
                       seed=seed)
         t0 = time.perf_counter()
         compiled = build(spec)
-        compile_s = time.perf_counter() - t0
+        compile_s = time.perf_counter() - t0 + load_s
         _note_reference_nodes(getattr(compiled, "runner", None))
         stream = _TextStream(tok)
 
@@ -815,7 +818,8 @@ def generate_cmd(
               f"({out.decode_seconds * 1000 / out.decode_steps:.1f} ms/step, batch {len(prompt)})"
               if out.decode_steps else "no decode step (prefill made every token)")
     err_console.print(
-        f"compile {compile_s:.1f} s ({text or 'float'}); prefill {out.prefill_seconds * 1000:.1f} ms for "
+        f"{'load' if text.startswith('loaded from') else 'compile'} {compile_s:.1f} s ({text or 'float'}); prefill "
+        f"{out.prefill_seconds * 1000:.1f} ms for "
         f"{sum(out.prompt_lengths)} tokens; {decode}; {n_tokens} new tokens; peak memory {peak}", markup=False,
         highlight=False, soft_wrap=True)
 
