@@ -929,3 +929,18 @@ def test_cli_generate_reports_a_lowbit_directorys_load_time(tiny_lowbit_dir, mon
     assert res.exit_code == 0, res.output
     took = re.search(r"\bload (\d+\.\d) s \(loaded from the lowbit directory\)", res.output)
     assert took and float(took.group(1)) >= 0.5, res.output
+
+
+def test_cli_generate_refuses_a_stop_token_outside_the_vocabulary_before_compiling(monkeypatch):
+    """--stop-token 999999 was refused by generate() after the compile and the prefill (minutes on a large model),
+    below the echoed prompt; the model's config gives its vocabulary size before either."""
+    from typer.testing import CliRunner
+
+    import lowbit.api
+    from lowbit.cli.main import app
+
+    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: 1 / 0)
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi", "--stop-token", "2", "--stop-token",
+                                   "999999"])
+    assert res.exit_code == 2, res.output
+    assert "--stop-token 999999 is outside the model's vocabulary (49152 ids: 0..49151)" in res.output, res.output

@@ -681,6 +681,7 @@ def generate_cmd(
     positions = None  # the model's max_position_embeddings, where known: --max-length's default stays within it
     fixed = None  # MODEL, when it is a lowbit directory: its step graph's max_length and max_batch cannot change
     load_s = 0.0  # a lowbit directory's load, which happens before the request is checked
+    vocab = None  # the model's vocabulary size, where its config says it: a --stop-token past it is refused early
     lowbit_dir = Path(model).expanduser()
     if dtype is not None and ((lowbit_dir / "model.lowbit").is_file() or ckpt is not None):
         fail(f"--dtype {dtype}: model {model!r} is already compiled, in the dtype it was compiled in; --dtype applies "
@@ -730,6 +731,9 @@ def generate_cmd(
         build = lambda spec: load_checkpoint(ckpt, device=device, generation=spec, backend=backend)  # noqa: E731
         text = "loaded from the checkpoint"
         positions = _config_positions(ckpt)
+        from lowbit.models import config_json
+
+        vocab = (config_json(ckpt) or {}).get("vocab_size")
     else:
         loaded = load(model, dtype or "float32")
         if loaded.kind != "causal-lm":
@@ -742,10 +746,15 @@ def generate_cmd(
             err_console.print("note: the triton backend's kernels take bfloat16/float16 activations; this float32 "
                               "model runs every op on its reference path: add --dtype bfloat16", markup=False,
                               highlight=False, soft_wrap=True)
-        positions = getattr(getattr(getattr(loaded.module, "model", None), "config", None), "max_position_embeddings",
-                            None)
+        config = getattr(getattr(loaded.module, "model", None), "config", None)
+        positions = getattr(config, "max_position_embeddings", None)
+        vocab = getattr(config, "vocab_size", None)
         build = lambda spec: compile_model(loaded.module, pipeline=text or None, device=device,  # noqa: E731
                                            tokenizer=loaded.tokenizer, generation=spec, backend=backend)
+    outside = sorted(t for t in stops or () if isinstance(vocab, int) and not isinstance(vocab, bool) and t >= vocab)
+    if outside:  # generate() refused it after the compile and the prefill, below the echoed prompt
+        fail(f"--stop-token {outside[0]} is outside the model's vocabulary ({vocab} ids: 0..{vocab - 1}); it can "
+             "never be generated", Exit.USAGE)
     known = isinstance(positions, int) and positions >= 2
     if known and max_length is not None and max_length > positions:
         # GenerationSpec refuses it too, in the API's words ('GenerationSpec.max_length=...; give max_length <= N')
