@@ -780,8 +780,8 @@ def generate_cmd(
             if len(ids) > max_batch or longest > max_length:
                 fail(f"model {fixed!r} is a compiled lowbit directory whose step graph was captured with max_length="
                      f"{max_length}, max_batch={max_batch}; this request needs {len(ids)} prompt(s) and "
-                     f"{longest} tokens (the longest prompt + --max-new-tokens {max_new_tokens}): give fewer or shorter "
-                     "prompts or a smaller -n, or compile the original model again with a larger --max-length/"
+                     f"{longest} tokens (the longest prompt + --max-new-tokens {max_new_tokens}): give fewer or "
+                     "shorter prompts or a smaller -n, or compile the original model again with a larger --max-length/"
                      "--max-batch", Exit.USAGE)
         # the request is checked before the compile, which takes minutes on a large model
         check_request(spec, ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
