@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 
 from lowbit.ir.graph import Graph, Node, TensorType, Value
 from lowbit.ir.ops import resolve
+from lowbit.ir.rewrite import dead_nodes
 
 __all__ = ["NONDETERMINISTIC", "drop_unused_params", "fold_constants"]
 
@@ -40,7 +41,7 @@ def fold_constants(graph: Graph, max_elements: int = 1 << 22, skip_ops: frozense
     folded: list[str] = []
     subst: dict[int, Value] = {}
     keep: list[Node] = []
-    dead = _dead_nodes(graph) if skip_dead else set()
+    dead = dead_nodes(graph)[0] if skip_dead else set()
     for node in graph.nodes:
         if subst:
             node.map_values(lambda v: subst.get(id(v), v))
@@ -61,18 +62,6 @@ def fold_constants(graph: Graph, max_elements: int = 1 << 22, skip_ops: frozense
     graph.nodes = keep
     graph.outputs = [subst.get(id(v), v) for v in graph.outputs]
     return folded
-
-
-def _dead_nodes(graph: Graph) -> set[int]:
-    """ids of the nodes no graph output depends on (one backward sweep; nodes are in topological order)."""
-    live: set[int] = {id(v) for v in graph.outputs}
-    dead: set[int] = set()
-    for node in reversed(graph.nodes):
-        if any(id(v) in live for v in node.outputs):
-            live.update(id(v) for v in node.inputs())
-        else:
-            dead.add(id(node))
-    return dead
 
 
 def drop_unused_params(graph: Graph) -> int:

@@ -12,11 +12,12 @@ import torch
 
 from lowbit.ir.graph import Graph, Node, Value
 
-__all__ = ["eliminate_dead_code", "gain_weight", "norm_gain", "private_weight"]
+__all__ = ["dead_nodes", "eliminate_dead_code", "gain_weight", "norm_gain", "private_weight"]
 
 
-def eliminate_dead_code(graph: Graph) -> tuple[int, int]:
-    """One backward sweep (nodes are in topological order); returns (nodes removed, params removed)."""
+def dead_nodes(graph: Graph) -> tuple[set[int], set[int]]:
+    """``(ids of the nodes no graph output depends on, ids of the values one does)``: one backward sweep (nodes are
+    in topological order)."""
     live: set[int] = {id(v) for v in graph.outputs}
     dead: set[int] = set()
     for node in reversed(graph.nodes):
@@ -24,6 +25,12 @@ def eliminate_dead_code(graph: Graph) -> tuple[int, int]:
             live.update(id(v) for v in node.inputs())
         else:
             dead.add(id(node))
+    return dead, live
+
+
+def eliminate_dead_code(graph: Graph) -> tuple[int, int]:
+    """Remove the nodes and params no graph output depends on; returns (nodes removed, params removed)."""
+    dead, live = dead_nodes(graph)
     if dead:
         graph.remove_nodes(dead)
     unused = [name for name, v in graph.params.items() if id(v) not in live]
