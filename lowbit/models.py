@@ -696,10 +696,11 @@ _CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 
 def config_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """An HF model directory's config.json as a dict, or None: not a directory, no readable config.json, or not a
-    JSON object. For the quick looks taken before transformers is asked (its dtype, quantization, positions)."""
+    JSON object (nested past json's recursion limit among them). For the quick looks taken before transformers is
+    asked (its dtype, quantization, positions)."""
     try:
         raw = json.loads((Path(path).expanduser() / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return raw if isinstance(raw, dict) else None
 

@@ -35,9 +35,10 @@ def _read_graph(path: Path, kind: str) -> tuple[Any, bool]:
         return _read_lowbit(path)
     from lowbit.checkpoint import CheckpointError, load
     from lowbit.errors import LowbitError
-    from lowbit.models import quantization_config
+    from lowbit.models import config_json, quantization_config
 
-    if quantization_config(path) is None and not (path / "quantize_config.json").is_file():
+    float_model = config_json(path) is not None and quantization_config(path) is None
+    if float_model and not (path / "quantize_config.json").is_file():
         # a float HF model (`lowbit compile -f hf`'s pruned output among them): its IR as compile captures it. It was
         # refused as 'no quantization_config (... load it with lowbit.compile_model instead)'
         from lowbit.cli.common import capture_model, load as load_model
