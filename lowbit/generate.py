@@ -323,9 +323,11 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens: int, *, do_sample: bool = False,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = None) -> None:
+                  seed: int | None = None, max_positions: int | None = None) -> None:
     """Refuse a request the step graph of ``spec`` cannot serve, naming the limit. Separate from ``Generator`` so
-    ``lowbit generate`` checks its flags before the compile (a bad -n or --top-k failed only after it)."""
+    ``lowbit generate`` checks its flags before the compile (a bad -n or --top-k failed only after it).
+    ``max_positions``: the model's ``max_position_embeddings`` (``meta["generation"]["max_positions"]``), past
+    which no larger cache helps."""
     if not _is_int(max_new_tokens):
         raise GenerationError(f"max_new_tokens={max_new_tokens!r}: must be an integer")
     if max_new_tokens <= 0:
@@ -340,6 +342,11 @@ def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens
         if not p:
             raise GenerationError(f"prompt {i} is empty: generation continues a prompt of at least one token (text "
                                   "whose tokenizer adds no BOS token can encode to none)")
+        if max_positions is not None and len(p) + max_new_tokens > max_positions:
+            # the max_length advice below would be refused by GenerationSpec: the model has no such positions
+            raise GenerationError(
+                f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} = {len(p) + max_new_tokens}"
+                f" > the model's max_position_embeddings={max_positions}: shorten the prompt or ask for fewer tokens")
         if len(p) + max_new_tokens > spec.max_length:
             raise GenerationError(
                 f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} = {len(p) + max_new_tokens}"
@@ -495,7 +502,7 @@ class Generator:
             raise GenerationError(f"on_token={on_token!r}: expected a callable on_token(sequence_index, token)")
         prompts = _prompts(input_ids, attention_mask, self.tokenizer)
         check_request(self.spec, prompts, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                      top_p=top_p, seed=seed)
+                      top_p=top_p, seed=seed, max_positions=self.meta.get("max_positions"))
         given_stops = stop_tokens is not None
         if stop_tokens is None:  # the model's end-of-sequence tokens, as transformers' generate stops on
             stop_tokens = self.meta.get("eos_token_ids", ())

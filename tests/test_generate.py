@@ -174,6 +174,20 @@ def tiny_compiled():
     return compile_model(model, generation=GenerationSpec(max_length=32, max_batch=3))
 
 
+def test_a_request_past_the_models_positions_is_not_told_to_grow_the_cache():
+    """A prompt + max_new_tokens past the model's max_position_embeddings was told to compile with
+    GenerationSpec(max_length=<the sum>), which GenerationSpec then refuses (no cache can hold positions the model
+    does not have); the refusal now names the model's limit. Within it, the cache's advice is unchanged."""
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=32, inter=64, heads=2, kv_heads=1, layers=1, vocab=97, max_positions=16)
+    cm = compile_model(model, generation=GenerationSpec(max_length=12, max_batch=1))
+    with pytest.raises(GenerationError, match="= 20 > the model's max_position_embeddings=16: shorten the prompt") as e:
+        cm.generate([list(range(1, 13))], 8)
+    assert "GenerationSpec(max_length" not in str(e.value)
+    with pytest.raises(GenerationError, match=r"compile with generation=GenerationSpec\(max_length=14\)"):
+        cm.generate([list(range(1, 11))], 4)
+
+
 def test_prompt_containers_and_option_types_are_checked(tiny_compiled):
     """numpy prompts are read as tensors are (a 1-D array was refused as prompts of one int each), a list mask beside a
     tensor is taken (``'list' object has no attribute 'shape'``), and input_ids or sampling options of the wrong type
