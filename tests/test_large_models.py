@@ -238,3 +238,26 @@ def test_gptq_holds_its_hessian_and_half_another_beside_its_weight_rows() -> Non
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]
     assert proc.stdout.split()[2] == "0"  # the Hessian was spent, not copied
+
+
+def test_bench_memory_writes_nothing_when_no_row_ran(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``tools/bench_memory.py --runs limit`` where no memory cgroup can be made (not root, no memory controller)
+    exited 0 and merged a header with no rows into ``--out`` (by default ``bench/results/memory.json``), and
+    ``--hidden`` below 128 built a model of 0 attention heads. It now exits non-zero and leaves the file alone;
+    ``--hidden`` must be a multiple of 128."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_memory
+
+    def no_cgroup(limit: int) -> None:
+        raise OSError("no memory controller here")
+
+    monkeypatch.setattr(bench_memory, "make_model", lambda *a, **k: 1 << 20)
+    monkeypatch.setattr(bench_memory, "Cgroup", no_cgroup)
+    out = tmp_path / "memory.json"
+    monkeypatch.setattr(sys, "argv", ["bench_memory.py", "--runs", "limit", "--out", str(out)])
+    assert bench_memory.main() == 1 and not out.exists()
+    assert "no row ran" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["bench_memory.py", "--hidden", "64", "--out", str(out)])
+    with pytest.raises(SystemExit) as exc:
+        bench_memory.main()
+    assert exc.value.code == 2 and "--hidden 64" in capsys.readouterr().err and not out.exists()

@@ -171,6 +171,8 @@ def main() -> int:
     ap.add_argument("--pipeline", default=PIPELINE, help=f"the compile pipeline (default {PIPELINE})")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json")
     args = ap.parse_args()
+    if args.hidden < 128 or args.hidden % 128:
+        ap.error(f"--hidden {args.hidden}: the model has hidden/128 attention heads of 128; give a multiple of 128")
     rows = []
     with tempfile.TemporaryDirectory(prefix="lowbit-memory-") as tmp:
         src = Path(tmp) / "model"
@@ -206,6 +208,9 @@ def main() -> int:
                            lowering="keep_packed" if keep else "dequantized (float)")
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    if not rows:  # --runs limit where no cgroup could be made: nothing was measured, so nothing is written
+        print(f"no row ran; {args.out} is left as it was", file=sys.stderr)
+        return 1
     date = datetime.date.today().isoformat()
     header = {"command": "python " + shlex.join([Path(sys.argv[0]).as_posix().split(str(ROOT) + "/")[-1],
                                                   *sys.argv[1:]]),
