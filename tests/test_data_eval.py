@@ -119,6 +119,12 @@ def test_perplexity_rejects_bad_inputs(smollm2, tmp_path):
         run_eval("wt2", CausalLMLogits(model), tokenizer)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         perplexity(CausalLMLogits(model), tmp_path / "missing.txt", tokenizer=tokenizer)
+    # SmolLM2's byte-level BPE makes tokens of spaces and newlines: a blank file long enough for the windows was
+    # scored as if it were text (calibration refused it already)
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n" * 4000)
+    with pytest.raises(ValueError, match="blank.txt' is whitespace only"):
+        perplexity(CausalLMLogits(model), blank, seq_len=64, max_windows=2, tokenizer=tokenizer, progress=False)
 
 
 @pytest.mark.slow

@@ -54,6 +54,8 @@ def token_ids(text: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase) 
     WikiText-2 takes seconds and every evaluation needs the same ids.
     """
     content = read_text(text)
+    if content.isspace():  # a byte-level BPE (SmolLM2's) makes tokens of whitespace: it was scored / calibrated on
+        raise ValueError(f"text {str(text)!r} is whitespace only: give a file of text")
     key = f"{hashlib.sha256(content.encode()).hexdigest()[:16]}-{tokenizer_fingerprint(tokenizer)}"
     cached = cache_dir("tokens") / f"{key}.pt"
     if cached.is_file():
