@@ -31,8 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -914,32 +913,17 @@ def _refuse_unread_ct_fields(qcfg: dict[str, Any], cfg_path: Path) -> None:
                               "dense weights only (sparsity format 'dense' or none)")
 
 
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on ``meta`` (no memory, no initialisation), their buffers real:
-    non-persistent buffers (rotary ``inv_freq``, position ids) are computed at construction and are not in any
-    checkpoint. What accelerate's ``init_empty_weights(include_buffers=False)`` does, without accelerate."""
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
 def _assigned_model(config: Any, kind: str, dtype: torch.dtype, float_state: dict[str, torch.Tensor],
                     placeholders: dict[str, torch.Size]) -> torch.nn.Module:
     """The HF model with the checkpoint's float tensors *as* its parameters (memory-mapped: nothing is copied unless
     a dtype differs) and a zero-strided placeholder, which holds no memory, for each quantized weight (the codes
     replace it after capture). A model larger than the memory left loads as its codes plus what the page cache
     holds: building it on the CPU first allocated every weight in float and the placeholders in float32."""
-    with _parameters_on_meta():  # built on the CPU, so the buffers are real; each parameter goes to meta
+    from accelerate import init_empty_weights
+
+    # built on the CPU with each parameter on meta (no memory, no initialisation) and the buffers real: non-persistent
+    # buffers (rotary inv_freq, position ids) are computed at construction and are in no checkpoint
+    with init_empty_weights(include_buffers=False):
         model = skeleton(config, kind, device="cpu", dtype=dtype)
     own = model.state_dict(keep_vars=True)
     state = {k: t if t.dtype == own[k].dtype else t.to(own[k].dtype) for k, t in float_state.items()}
