@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import typer
 from rich.console import Console
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # lowbit/: where a warning that is lowbit's own comes from
 
 
 def _width() -> int | None:
@@ -84,7 +84,7 @@ def warning_line(message: Warning | str, category: type[Warning], filename: str,
     (``.../passes/manager.py:371: UntiedWeightWarning: ...`` over ``result = p.run(graph)``): the warn call's
     place, which tells a user of the command nothing."""
     text = " ".join(str(message).split())
-    ours = Path(filename).resolve().is_relative_to(Path(__file__).resolve().parents[1]) or \
+    ours = Path(filename).resolve().is_relative_to(_PACKAGE_DIR) or \
         category.__module__.split(".")[0] == "lowbit"
     if ours:
         return f"warning: {text}" + ("" if category is UserWarning else f" ({category.__name__})")
@@ -93,8 +93,6 @@ def warning_line(message: Warning | str, category: type[Warning], filename: str,
 
 def show_warnings_as_lines() -> None:
     """Print every warning as ``warning_line`` on stderr, for the rest of the process (every command sets it up)."""
-    import warnings
-
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
              line: str | None = None) -> None:
         text = warning_line(message, category, filename, lineno)
