@@ -605,15 +605,6 @@ class _TextStream:
             self.shown = text
 
 
-def _config_positions(directory: Path) -> int | None:
-    """``max_position_embeddings`` of an HF directory's config.json, or None where it has none (or no config)."""
-    from lowbit.models import config_json
-
-    raw = config_json(directory)
-    value = raw.get("max_position_embeddings") if raw is not None else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 @app.command("generate")
 def generate_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -730,10 +721,10 @@ def generate_cmd(
             fail(str(exc), Exit.NOT_FOUND)
         build = lambda spec: load_checkpoint(ckpt, device=device, generation=spec, backend=backend)  # noqa: E731
         text = "loaded from the checkpoint"
-        positions = _config_positions(ckpt)
         from lowbit.models import config_json
 
-        vocab = (config_json(ckpt) or {}).get("vocab_size")
+        config = config_json(ckpt) or {}  # read once: its positions and vocabulary bound the request
+        positions, vocab = config.get("max_position_embeddings"), config.get("vocab_size")
     else:
         loaded = load(model, dtype or "float32")
         if loaded.kind != "causal-lm":
