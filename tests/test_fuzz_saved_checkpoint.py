@@ -103,6 +103,19 @@ def damaged_params(draw, data: bytes) -> bytes:
     return len(raw).to_bytes(8, "little") + raw + data[8 + n:]
 
 
+def _check_damaged(saved: Path, name: str, content: str | bytes) -> None:
+    """A copy of the saved model with file ``name`` replaced by ``content`` (its manifest hash updated, so the
+    damage reaches the parser) is read, or refused naming itself."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(shutil.copytree(saved, Path(tmp) / "lb"))
+        if isinstance(content, str):
+            (d / name).write_text(content)
+        else:
+            (d / name).write_bytes(content)
+        _rehash(d)
+        _check(d)
+
+
 def _check(d: Path) -> None:
     try:
         lowbit.load(d)
@@ -115,20 +128,10 @@ def _check(d: Path) -> None:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_damaged_model_lowbit_is_read_or_refused_naming_it(saved, data):
-    text = (saved / "model.lowbit").read_text()
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(shutil.copytree(saved, Path(tmp) / "lb"))
-        (d / "model.lowbit").write_text(data.draw(damaged_ir(text)))
-        _rehash(d)
-        _check(d)
+    _check_damaged(saved, "model.lowbit", data.draw(damaged_ir((saved / "model.lowbit").read_text())))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_damaged_params_safetensors_is_read_or_refused_naming_it(saved, data):
-    raw = (saved / "params.safetensors").read_bytes()
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(shutil.copytree(saved, Path(tmp) / "lb"))
-        (d / "params.safetensors").write_bytes(data.draw(damaged_params(raw)))
-        _rehash(d)
-        _check(d)
+    _check_damaged(saved, "params.safetensors", data.draw(damaged_params((saved / "params.safetensors").read_bytes())))
