@@ -129,7 +129,8 @@ def prune_mask(score: torch.Tensor, p: SparsityPattern, selection: Selection = "
 
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: float = 0.01,
                     block_size: int = 128, selection: Selection = "row",
-                    groups: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+                    groups: Sequence[int] | None = None, *, consume_h: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """SparseGPT on ``w [N, K]`` with input Hessian ``h [K, K]``: (pruned weight in ``w``'s dtype, mask, stats).
 
     Unstructured, ``selection="row"``: row ``r`` is to lose ``c_r`` weights (``_row_counts``: ``floor(s·K)`` or one
@@ -137,7 +138,8 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: 
     ``floor(s·R·i2) - floor(s·R·i1)`` lowest scores among all its ``R`` rows, so the matrix ends with exactly
     ``floor(s·R·K)`` zeros and rows differ. ``groups`` (row counts summing to N) are matrices stacked because they
     share ``h`` (q/k/v): each is its own layer for the selection. Computation on ``h``'s device in float32 (the
-    factor in float64)."""
+    factor in float64). ``consume_h=True`` hands ``h`` over, as ``gptq_quantize``'s does: it is factored in place
+    and left empty (one ``K × K`` float64 matrix less than a copy)."""
     t0 = time.perf_counter()
     n, k = check_weight_hessian(w, h, "SparseGPT")
     groups = [n] if groups is None else list(groups)
@@ -145,7 +147,8 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: 
         raise ValueError(f"SparseGPT: row groups {groups} do not split the weight's {n} rows")
     dev = h.device
     dead = torch.diagonal(h) == 0
-    hinv, rel_damp = _inverse_cholesky(reversed_hessian(h), damp)
+    hinv, rel_damp = _inverse_cholesky(reversed_hessian(h, consume=consume_h), damp)
+    del h
     wf = w.detach().float().to(dev).clone()
     mask = torch.zeros(n, k, dtype=torch.bool, device=dev)
     row_counts = None if p.is_nm else _row_counts(groups, k, p.sparsity).to(dev)

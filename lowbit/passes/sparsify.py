@@ -348,7 +348,7 @@ class Sparsify(Pass):
                         stacked, masks, st = sparsegpt_prune(torch.cat(ws, 0), accs.pop(key).take_hessian(), bp,
                                                              damp=o.damp, block_size=o.block_size,
                                                              selection=o.selection,
-                                                             groups=[int(w.shape[0]) for w in ws])
+                                                             groups=[int(w.shape[0]) for w in ws], consume_h=True)
                     except ValueError as exc:  # a non-finite Hessian: name the linears that read it
                         where = ", ".join(f"%{n.name} ({n.module})" for n in nodes)
                         raise PassError(f"pass sparsify: method=sparsegpt on linear {where}: {exc}") from None
