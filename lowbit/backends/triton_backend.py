@@ -384,13 +384,18 @@ def plan_hadamard(t: TensorType | None) -> str | None:
     return unsupported(int(t.shape[-1]))
 
 
+def _type_of(arg: Any, types: dict[str, TensorType] | None) -> TensorType | None:
+    """The lowering-time type of an FX node argument (None: not a node, or no type recorded for it)."""
+    return (types or {}).get(arg.name) if isinstance(arg, torch.fx.Node) else None
+
+
 def plan_attention(node: torch.fx.Node, types: dict[str, TensorType] | None) -> str | None:
     """Why no call of an ``attention`` node can take ``decode_sdpa`` (None: a decode step's may): its query's dtype
     and head_dim (``decode_sdpa_layout_unsupported``); the rest (one query row, the mask, the batch) is per call."""
     from lowbit.kernels.decode_step import decode_sdpa_layout_unsupported
 
     q = node.args[0] if node.args else None
-    t = (types or {}).get(q.name) if isinstance(q, torch.fx.Node) else None
+    t = _type_of(q, types)
     if t is None or not t.shape or not isinstance(t.shape[-1], int):
         return None  # decided per call (decode_sdpa_supported)
     return decode_sdpa_layout_unsupported(t.dtype, int(t.shape[-1]))
@@ -402,8 +407,7 @@ def plan_cache_attention(node: torch.fx.Node, types: dict[str, TensorType] | Non
     from lowbit.kernels.decode_attention import cache_attention_unsupported
 
     q, k = node.args[0], node.args[1]
-    tq = (types or {}).get(q.name) if isinstance(q, torch.fx.Node) else None
-    tk = (types or {}).get(k.name) if isinstance(k, torch.fx.Node) else None
+    tq, tk = _type_of(q, types), _type_of(k, types)
     if tq is None or tk is None or tq.rank != 4 or tk.rank != 4 or not all(
             isinstance(d, int) for d in (tq.shape[1], tq.shape[3], tk.shape[1])):
         return "heads or head_dim unknown at lowering"
@@ -540,7 +544,7 @@ def _plan_norm_quant_node(gm: torch.fx.GraphModule, node: torch.fx.Node,
                           types: dict[str, TensorType] | None) -> str | None:
     """``plan_rms_norm_quant`` for an FX ``rms_norm_quant`` node: its input's type, its gain's dtype."""
     x = node.args[0]
-    t = (types or {}).get(x.name) if isinstance(x, torch.fx.Node) else None
+    t = _type_of(x, types)
     if t is None or not t.shape or not isinstance(t.shape[-1], int):
         return "row length unknown at lowering"
     weight = _operand(gm, node, 1, "weight")
@@ -670,7 +674,7 @@ def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | 
         if found is None:
             continue
         q_rot, k_rot, k_write, v_write = found["q_rot"], found["k_rot"], found["k_write"], found["v_write"]
-        why = plan_rotary_cache((types or {}).get(q_rot.name), (types or {}).get(k_rot.name))
+        why = plan_rotary_cache(_type_of(q_rot, types), _type_of(k_rot, types))
         if why is not None:
             report["unfused"][k_rot.name] = f"rotary + k/v cache write: {why}"
             continue
@@ -729,7 +733,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             report["outer"][node.name] = "matmul over a contraction of 1: a broadcast multiply"
             continue
         if node.op == "call_function" and node.target is ir_hadamard:
-            why = plan_hadamard((types or {}).get(node.name))
+            why = plan_hadamard(_type_of(node, types))
             if why is not None:
                 report["fallback"][node.name] = f"hadamard: {why}"
                 continue
