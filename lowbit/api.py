@@ -469,6 +469,21 @@ def _backends_lowering(gaps: list[str]) -> str:
     return ", ".join(b.name for b in all_backends().values() if b.built and all(b.lowers(op) for op in ops))
 
 
+def _offload_directory(offload_dir: str | os.PathLike[str] | None) -> str | None:
+    """``compile_model``'s ``offload_dir``, checked before the model loads: an existing, writable directory."""
+    if offload_dir is None:
+        return None
+    if not isinstance(offload_dir, (str, os.PathLike)):
+        raise TypeError(f"offload_dir= takes a directory path, got {type(offload_dir).__name__}")
+    path = os.path.abspath(os.path.expanduser(os.fspath(offload_dir)))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"offload_dir={os.fspath(offload_dir)!r}: no such directory (give an existing "
+                                "directory on disk for the packed weights)")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"offload_dir={os.fspath(offload_dir)!r}: the directory is not writable")
+    return path
+
+
 RunPasses = Callable[[Graph, list[Pass], Sequence[Instrument]], PipelineReport]
 
 
@@ -529,6 +544,7 @@ def compile_model(
     calib: str | torch.Tensor | None = None,
     generation: Any = None,
     overrides: Mapping[str, Any] | None = None,
+    offload_dir: str | os.PathLike[str] | None = None,
 ) -> CompiledModel:
     """Capture ``model``, run ``pipeline`` (text like ``"fold-norms,dce"``, or a list of passes and texts) or
     ``recipe``, lower to ``backend``. ``overrides`` changes a recipe's options: ``recipe="w4a16-gptq",
@@ -546,6 +562,10 @@ def compile_model(
     tokenizer directory); unset, with the tokenizer saved beside a Hugging Face model (its ``name_or_path``
     directory). ``calib`` (a text name or path, a ``.safetensors`` file of token ids, or a tensor of ids: ``[n, L]``
     windows or a 1-D stream) replaces the data of every pass that calibrates; a pipeline with none is refused.
+
+    ``offload_dir`` (an existing directory on disk, not a RAM-backed tmpfs) takes each packed weight a quantizing
+    pass writes, mapped back from there (``lowbit.ir.offload``), so a compile holds one block's working set and not
+    the whole packed model: for models larger than RAM. The files are unlinked at once; nothing is left there.
 
     ``generation=GenerationSpec(max_length, max_batch)`` (or ``True`` for the defaults) captures the model's
     generation step instead (``lowbit.models.CausalLMStep``: ids, positions, KV cache -> logits, cache; see
@@ -582,6 +602,7 @@ def compile_model(
         raise TypeError(f"model must be an nn.Module (or an ExportedProgram) or a name or path (smollm2, minilm, an "
                         f"HF directory, a .gguf), got {type(model).__name__}")
     passes = resolve_pipeline(pipeline, recipe, overrides)  # bad specs fail before the slow capture
+    offload = _offload_directory(offload_dir)
     tokenizer = _given_tokenizer(tokenizer)
     if calib is not None:
         from lowbit.passes.base import CalibrationOptions
@@ -633,6 +654,7 @@ def compile_model(
             dynamic_shapes = None
         graph = capture(model, example_inputs, dynamic_shapes)
         refuse_unrunnable(graph, model)
+        graph.offload_dir = offload
     finally:
         for m, training in modes:
             m.training = training

@@ -54,7 +54,7 @@ from lowbit.models import load_model
 src, out, dtype, keep_packed = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 model, tokenizer, _ = load_model(src, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
 compiled = lowbit.compile_model(model, tokenizer=tokenizer, pipeline=sys.argv[5], verify=False,
-                                backend_options={"keep_packed": keep_packed})
+                                backend_options={"keep_packed": keep_packed}, offload_dir=sys.argv[6] or None)
 lowbit.save(compiled, out, format="compressed-tensors")
 print(f"done {time.time() - t0:.1f}")
 """
@@ -112,12 +112,14 @@ class Cgroup:
 
 
 def run_child(src: Path, out: Path, dtype: str, keep_packed: bool, cgroup: Cgroup | None,
-              pipeline: str = PIPELINE) -> dict:
-    """One compile + save in a fresh process; peak resident and anonymous memory sampled from /proc."""
+              pipeline: str = PIPELINE, offload: bool = False) -> dict:
+    """One compile + save in a fresh process; peak resident and anonymous memory sampled from /proc. ``offload``:
+    the packed weights go to ``out``'s parent directory (``compile_model(offload_dir=...)``) until the save."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(src), str(out), dtype, "1" if keep_packed else "0",
-                             pipeline], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             pipeline, str(out.parent) if offload else ""], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
                             preexec_fn=cgroup.join if cgroup else None)
     peak = {"VmRSS": 0.0, "RssAnon": 0.0}
     stop = threading.Event()
@@ -169,6 +171,8 @@ def main() -> int:
     ap.add_argument("--runs", default="limit,auto,float32",
                     help="rows to run, comma-separated: limit (inside the cgroup), auto, float32 (unlimited)")
     ap.add_argument("--pipeline", default=PIPELINE, help=f"the compile pipeline (default {PIPELINE})")
+    ap.add_argument("--offload", action="store_true", help="compile_model(offload_dir=...): packed weights wait for "
+                    "the save in a file on disk, not in memory (as `lowbit compile -o` does)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json")
     args = ap.parse_args()
     if args.hidden < 128 or args.hidden % 128:
@@ -178,7 +182,8 @@ def main() -> int:
         src = Path(tmp) / "model"
         model_bytes = make_model(src, args.layers, args.hidden, args.intermediate)
         base = {"area": "memory", "model": f"llama-random-{args.layers}x{args.hidden}-bf16",
-                "model_mib": round(model_bytes / 2**20, 1), "pipeline": args.pipeline, "format": "compressed-tensors"}
+                "model_mib": round(model_bytes / 2**20, 1), "pipeline": args.pipeline, "format": "compressed-tensors",
+                **({"offload": True} if args.offload else {})}  # rows from before --offload have no such key
         runs = set(args.runs.split(","))
         if runs - {"limit", "auto", "float32"}:
             ap.error(f"--runs: unknown row(s) {sorted(runs - {'limit', 'auto', 'float32'})}; known: limit, auto, float32")
@@ -190,7 +195,7 @@ def main() -> int:
             print(f"no memory cgroup here ({exc}); the limited row is skipped", flush=True)
         if cgroup is not None:
             try:
-                row = run_child(src, Path(tmp) / "ct", "auto", True, cgroup, args.pipeline)
+                row = run_child(src, Path(tmp) / "ct", "auto", True, cgroup, args.pipeline, args.offload)
                 row.update(cgroup_peak_mib=cgroup.peak_mib())
             finally:
                 cgroup.remove()
@@ -202,7 +207,7 @@ def main() -> int:
             print(json.dumps(row), flush=True)
         for dtype, keep in (("auto", True), ("float32", False)):
             if dtype in runs:
-                row = run_child(src, Path(tmp) / f"ct-{dtype}", dtype, keep, None, args.pipeline)
+                row = run_child(src, Path(tmp) / f"ct-{dtype}", dtype, keep, None, args.pipeline, args.offload)
                 row.update(base, run="unlimited", limit_mib=None,
                            dtype="auto (bf16)" if dtype == "auto" else dtype,
                            lowering="keep_packed" if keep else "dequantized (float)")
@@ -217,7 +222,8 @@ def main() -> int:
               "date": date, "device": machine(), "versions": versions()}
     for r in rows:
         r.update(device=header["device"], date=date, command=header["command"])
-    merge_rows(args.out, header, rows, key=("area", "model", "pipeline", "run", "dtype", "lowering", "limit_mib", "device"),
+    merge_rows(args.out, header, rows, key=("area", "model", "pipeline", "run", "dtype", "lowering", "limit_mib",
+                                                      "offload", "device"),
                append_command=True)
     print(f"wrote {args.out}")
     return 0 if all(r["ok"] for r in rows) else 1

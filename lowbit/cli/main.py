@@ -425,6 +425,11 @@ def compile_cmd(
     loaded = load(model, dtype)
     check_calibration(passes, loaded)
     graph = capture_model(loaded)
+    if out is not None:  # packed weights wait for the save on the output's disk, not in memory (models > RAM)
+        near = out.expanduser().resolve().parent
+        while not near.exists() and near != near.parent:  # check_output found the first ancestor writable
+            near = near.parent
+        graph.offload_dir = str(near)
     if keep is not None:
         passes = apply_overrides(passes, keep, graph, overrides)
         console.print(f"overrides {overrides}: keeping {', '.join(keep) or 'nothing'} float -> "

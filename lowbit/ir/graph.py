@@ -206,6 +206,10 @@ class Graph:
         self.outputs: list[Value] = []
         self.symbols: dict[str, Symbol] = {}
         self.meta: dict[str, Any] = {}
+        self.offload_dir: str | None = None
+        """Where quantizing passes put packed weights (``lowbit.ir.offload``): a directory on disk, so a compile's
+        memory does not grow with the model; None keeps them in memory. Not part of the program: never printed or
+        saved."""
         self._names: set[str] = set()
         self._next_index: dict[str, int] = {}
 
@@ -412,6 +416,7 @@ class Graph:
         g = Graph(self.name)
         g.symbols = {k: Symbol(s.name, s.min, s.max, s.hint) for k, s in self.symbols.items()}
         g.meta = dict(self.meta)
+        g.offload_dir = self.offload_dir
         g._names = set(self._names)
         g._next_index = dict(self._next_index)
         vmap: dict[int, Value] = {}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.ir.graph import Graph, Node, TensorType, Value
+from lowbit.ir.offload import map_from_disk
 from lowbit.ir.qscheme import QScheme
 from lowbit.ir.quant import Layout, get_qdtype, layout_for
 
@@ -52,6 +53,10 @@ def write_weight_qdq(graph: Graph, node: Node, scheme: QScheme, group: int | Non
     shared = [u for u in users.get(id(w), []) if u is not node]
     if shared:  # a tied weight keeps its float tensor for its other readers; our copy gets its own names
         base = node.module or base
+    if graph.offload_dir is not None:  # packed weights on disk: a compile's memory stops growing with depth
+        qdata, scale, *rest = map_from_disk([t for t in (qdata, scale, zero_point) if t is not None],
+                                            graph.offload_dir, stem=base)
+        zero_point = rest[0] if rest else None
     qv = graph.add_param(graph.fresh_param_name(f"{base}.weight.qdata"), qdata)
     sv = graph.add_param(graph.fresh_param_name(f"{base}.weight.scale"), scale)
     zv = graph.add_param(graph.fresh_param_name(f"{base}.weight.zero_point"), zero_point) \

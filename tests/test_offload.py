@@ -1,0 +1,109 @@
+"""Packed weights offloaded to disk (``lowbit.ir.offload``, ``compile_model(offload_dir=...)``, ``lowbit compile -o``):
+the model computes exactly what it does with the weights in memory, the weights are file pages and not heap, and
+nothing is left in the directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import lowbit
+from lowbit.ir.offload import OffloadError, map_from_disk
+
+LINUX_MAPS = Path("/proc/self/maps")
+
+
+def _file_mapped(t: torch.Tensor) -> str | None:
+    """The path of the file mapping ``t``'s data lies in (``(deleted)`` once unlinked), None if it is heap."""
+    ptr = t.data_ptr()
+    for line in LINUX_MAPS.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= ptr < hi:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randint(0, 256, (7, 5), dtype=torch.uint8),
+    lambda: torch.randn(3, 9, dtype=torch.bfloat16),
+    lambda: torch.randn(4, 6).t(),  # not contiguous
+    lambda: torch.randint(-8, 8, (33,), dtype=torch.int8),
+    lambda: torch.zeros(0, 4),
+    lambda: torch.tensor(2.5, dtype=torch.float64),
+], ids=["u8", "bf16", "transposed", "i8", "empty", "scalar"])
+def test_mapped_tensors_equal_what_was_written_and_leave_no_file(tmp_path: Path, make) -> None:
+    src = [make(), torch.randn(5, dtype=torch.float16)]
+    got = map_from_disk(src, tmp_path, stem="model.layers.0.mlp/down")
+    for a, b in zip(src, got):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert list(tmp_path.iterdir()) == []  # unlinked at once: a crash leaves nothing behind
+    if LINUX_MAPS.is_file():
+        where = _file_mapped(got[1])
+        assert where is not None and ".lowbit-model.layers.0.mlp_down-" in where and where.endswith("(deleted)")
+    got[1].add_(1)  # a private mapping: writing copies the page, and the tensor is still usable
+    assert torch.equal(got[1], src[1] + 1)
+
+
+def test_a_directory_that_cannot_take_the_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "gone"
+    with pytest.raises(OffloadError, match="offload directory .*gone.*cannot create a file there"):
+        map_from_disk([torch.ones(3)], missing)
+
+
+def test_compile_model_refuses_a_missing_offload_dir_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="offload_dir=.*nowhere.*no such directory"):
+        lowbit.compile_model("no-such-model-is-loaded", pipeline="quantize(w=int4,group=32)",
+                             offload_dir=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=32,sym=false)",
+                                      "gptq(w=int4,group=32,sym=false,calib_n=2,calib_len=16,progress=false)"])
+def test_offloaded_compile_is_the_in_memory_compile_with_its_packed_weights_on_disk(tmp_path: Path,
+                                                                                    pipeline: str) -> None:
+    model = tiny_llama(layers=2)
+    calib = torch.randint(0, 60, (2, 16)) if pipeline.startswith("gptq") else None
+    kw = {"pipeline": pipeline, "backend_options": {"keep_packed": True}, "calib": calib}
+    held = lowbit.compile_model(model, **kw)
+    off = lowbit.compile_model(model, offload_dir=tmp_path, **kw)
+    assert held.graph.params.keys() == off.graph.params.keys()
+    for name, v in held.graph.params.items():
+        assert torch.equal(v.data, off.graph.params[name].data), name
+    ids = torch.randint(0, 60, (1, 12))
+    torch.testing.assert_close(off(ids), held(ids), rtol=0, atol=0)
+    assert list(tmp_path.iterdir()) == []
+    packed = [v.data for n, v in off.graph.params.items() if n.endswith((".qdata", ".scale", ".zero_point"))]
+    assert len(packed) == 3 * 7 * 2  # q, k, v, o, gate, up, down of both blocks, each codes + scale + zero point
+    if LINUX_MAPS.is_file():
+        assert all((_file_mapped(t) or "").endswith("(deleted)") for t in packed)
+        assert not any((_file_mapped(v.data) or "").endswith("(deleted)") for n, v in held.graph.params.items())
+
+
+@pytest.mark.skipif(not LINUX_MAPS.is_file(), reason="reads Linux /proc for mappings")
+def test_cli_compile_offloads_beside_its_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lowbit compile -o OUT` puts the packed weights in OUT's parent directory (on the disk the output goes to, not
+    in a RAM-backed /tmp) until they are saved, and leaves no file there."""
+    from typer.testing import CliRunner
+
+    import lowbit.ir.qdq as qdq
+    from lowbit.cli.main import app
+
+    dirs: list[str] = []
+    real = qdq.map_from_disk
+
+    def spy(tensors, directory, stem="offload"):
+        dirs.append(str(directory))
+        return real(tensors, directory, stem)
+
+    monkeypatch.setattr(qdq, "map_from_disk", spy)
+    out = tmp_path / "deeper" / "out"
+    res = CliRunner().invoke(app, ["compile", "smollm2:1", "-p", "quantize(w=int4,group=64)", "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert dirs and set(dirs) == {str(tmp_path.resolve())}  # 'deeper' did not exist yet: its first existing parent
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deeper"]
+    assert not any(p.name.startswith(".lowbit-") for p in out.iterdir())
+    logits = lowbit.load(out)(torch.tensor([[1, 504, 3458, 282]]))  # the weights read back from the mapping
+    assert logits.shape[-1] == 49152 and bool(torch.isfinite(logits).all())
