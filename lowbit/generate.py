@@ -594,6 +594,7 @@ class Generator:
             # the host's bookkeeping (and its wait) overlaps the device's work. A step launched after the last
             # sequence stopped is wasted, never seen.
             launched = None
+            launch_start = time.perf_counter()
             if steps < max_new_tokens - 1:
                 step_ids = pending[0].view(batch, 1)
                 if greedy_graph is not None:  # greedy on CUDA graphs: the graph feeds itself its tokens
@@ -610,6 +611,7 @@ class Generator:
                     launched = pick(out[0][:, -1])
                     pos = pos + 1
                 steps += 1
+            launch_s = time.perf_counter() - launch_start
             picked, flags = pending.tolist()
             check_finite(flags, read)
             read += 1
@@ -624,8 +626,14 @@ class Generator:
             if all(done) or launched is None:
                 break
             pending = launched
-        sync()
         t2 = time.perf_counter()
+        if launched is not None:
+            # the step launched after the last sequence stopped made nothing: it is not counted, nor the host's time
+            # in launching it (the whole step on the CPU, which runs a step as it is launched; on CUDA the last read
+            # still waits for it, in stream order)
+            steps -= 1
+            t2 -= launch_s
+        sync()
         peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
         texts = None
         if self.tokenizer is not None:

@@ -958,3 +958,17 @@ def test_cli_generate_refuses_a_stop_token_outside_the_vocabulary_before_compili
                                    "999999"])
     assert res.exit_code == 2, res.output
     assert "--stop-token 999999 is outside the model's vocabulary (49152 ids: 0..49151)" in res.output, res.output
+
+
+def test_the_step_launched_after_every_sequence_stopped_is_not_counted(tiny_compiled):
+    """A step is launched before the previous one's tokens are read, so the step after the last stop made nothing;
+    it was counted ('decode 1 steps, 0.0 tokens/s' when the first token was a stop token)."""
+    free = tiny_compiled.generate([[5, 6, 7]], 4, stop_tokens=()).tokens[0]
+    assert len(free) == 4
+    first = tiny_compiled.generate([[5, 6, 7]], 4, stop_tokens=[free[0]])
+    assert first.tokens == [[free[0]]] and first.decode_steps == 0
+    assert free[1] != free[0]
+    second = tiny_compiled.generate([[5, 6, 7]], 4, stop_tokens=[free[1]])
+    assert second.tokens == [free[:2]] and second.decode_steps == 1
+    whole = tiny_compiled.generate([[5, 6, 7]], 4, stop_tokens=())
+    assert whole.decode_steps == 3  # max_new_tokens reached: no step launched past it
