@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -87,7 +87,6 @@ class GenerationOutput:
     decode_steps: int
     peak_memory_bytes: int | None = None
     texts: list[str] | None = None
-    timings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -95,6 +94,18 @@ class GenerationOutput:
         (which prefill makes), so a sequence that stopped early adds nothing for the steps it sat out."""
         n = sum(max(0, len(t) - 1) for t in self.tokens)
         return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        """Prompt tokens the prefill read per second (padding excluded)."""
+        return sum(self.prompt_lengths) / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
+
+    @property
+    def timings(self) -> dict[str, float | int]:
+        """The run's timings as one dict, to log or write as JSON (it was a field nothing filled: always {})."""
+        return {"prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
+                "decode_steps": self.decode_steps, "prefill_tokens_per_second": self.prefill_tokens_per_second,
+                "decode_tokens_per_second": self.decode_tokens_per_second}
 
     def sequences(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """Each prompt followed by its new tokens (``prompts`` as given to ``generate``, token ids)."""

@@ -972,3 +972,13 @@ def test_the_step_launched_after_every_sequence_stopped_is_not_counted(tiny_comp
     assert second.tokens == [free[:2]] and second.decode_steps == 1
     whole = tiny_compiled.generate([[5, 6, 7]], 4, stop_tokens=())
     assert whole.decode_steps == 3  # max_new_tokens reached: no step launched past it
+
+
+def test_generation_output_timings_hold_the_runs_timings(tiny_compiled):
+    """``GenerationOutput.timings`` was a field nothing filled (always {}); it holds the run's timings."""
+    out = tiny_compiled.generate([[5, 6, 7], [8, 9]], 3, stop_tokens=())
+    t = out.timings
+    assert t["prefill_seconds"] == out.prefill_seconds > 0 and t["decode_seconds"] == out.decode_seconds > 0
+    assert t["decode_steps"] == out.decode_steps == 2
+    assert t["prefill_tokens_per_second"] * out.prefill_seconds == pytest.approx(5)  # the prompts' tokens, no padding
+    assert t["decode_tokens_per_second"] * out.decode_seconds == pytest.approx(4)  # two tokens each after prefill's
