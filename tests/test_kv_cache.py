@@ -285,3 +285,19 @@ def test_a_v_group_that_does_not_fit_head_dim_names_the_default_and_one_that_fit
     with pytest.raises(PipelineError, match=r"v_group=12 must divide head_dim 16 .*; give v_group=8"):
         compile_model(model, pipeline="kv-cache(bits=4,k_block=8,window=8,v_group=12)",
                       generation=GenerationSpec(max_length=32, max_batch=1))
+
+
+def test_two_kv_cache_passes_are_refused_when_the_pipeline_is_read():
+    """kv-cache twice was refused only when the second ran (exit 4, after the first and every pass between); the
+    pipeline check names both, with their bits, and a CLI compile exits 2 before reading the model."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+    from lowbit.passes.manager import PipelineSpecError, parse_pipeline
+
+    with pytest.raises(PipelineSpecError, match=r"pass kv-cache\(bits=8\) \(#2\) .* pass kv-cache \(#0\): .*4-bit "
+                                                r"codes .*second \(bits=8\).*keep one kv-cache"):
+        parse_pipeline("kv-cache(bits=4),dce,kv-cache(bits=8)")
+    parse_pipeline("dce,kv-cache(bits=8)")  # one is fine
+    res = CliRunner().invoke(app, ["compile", "no-such-model", "--pipeline", "kv-cache(bits=4),kv-cache(bits=8)"])
+    assert res.exit_code == 2 and "kv-cache(bits=8)" in res.output and "keep one kv-cache" in res.output, res.output

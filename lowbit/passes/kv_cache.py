@@ -80,6 +80,15 @@ class KVCache(Pass):
     after = ("quantize", "gptq", "awq", "autoround", "smooth-quant", "fold-norms", "rotate")
     creates = ("cache_attention",)
 
+    def undone_by(self, later: Pass) -> str | None:
+        """A second kv-cache: the first packs the float cache, so the second finds none (its ``requires`` refused it
+        when it ran, after the passes between them); said when the pipeline is parsed."""
+        if later.name != self.name:
+            return None
+        return (f"the first packs the float KV cache into {self.options.bits}-bit codes (bits={self.options.bits}) "
+                f"and leaves no float cache for the second (bits={later.options.bits}) to pack: keep one kv-cache, "
+                "with the bits you want")
+
     def run(self, graph: Graph) -> PassResult:
         o: KVCacheOptions = self.options  # type: ignore[assignment]
         gen = graph.meta["generation"]
