@@ -1179,3 +1179,30 @@ def test_help_texts_show_no_rst_markup():
     for args in (["--help"], ["debug", "--help"], ["replay", "--help"]):
         res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
         assert res.exit_code == 0 and "``" not in res.output, res.output
+
+
+def test_output_cut_short_by_its_reader_exits_quietly(tmp_path):
+    """``lowbit recipes | head -1``: a reader that stops taking the output made rich (and click, for a plain write)
+    exit 1, which --help lists as a bug in lowbit; it exits 0 without a word."""
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "recipes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first write
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and not err, err.decode()
+
+    import typer as typer_
+
+    from lowbit.cli.common import LowbitGroup
+
+    plain = typer_.Typer(cls=LowbitGroup)
+
+    @plain.command()
+    def cut() -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    @plain.command()
+    def other() -> None:
+        pass
+
+    res = CliRunner().invoke(plain, ["cut"])
+    assert res.exit_code == 0 and res.exception is None, res.output

@@ -20,8 +20,10 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # lowbit/: where a warning that is lowbit's own comes from
 
@@ -31,10 +33,25 @@ def _width() -> int | None:
     return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
 
 
+def _end_on_closed_output(*streams: Any) -> NoReturn:
+    """Output its reader stopped taking (``lowbit inspect DIR | head -1``) ends the command quietly with exit 0:
+    click and rich exited 1 there, which ``--help`` lists as a bug in lowbit."""
+    for stream in streams:
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # a test runner's stream has no fd
+            # what is still buffered is flushed at exit, into nothing now (else a second BrokenPipeError)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    raise typer.Exit(int(Exit.OK))
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        _end_on_closed_output(sys.stdout, self.file)
+
+
 # markup off: what the commands print (pass specs such as "keep=[lm_head]", module paths, file names) is text, and
 # rich read "[lm_head]" in a table cell as a style tag and dropped it; the one styled line (fail) asks for markup
-console = Console(highlight=False, markup=False, width=_width())
-err_console = Console(stderr=True, highlight=False, markup=False, width=_width())
+console = _Console(highlight=False, markup=False, width=_width())
+err_console = _Console(stderr=True, highlight=False, markup=False, width=_width())
 
 
 class Exit(IntEnum):
@@ -65,6 +82,16 @@ _EXIT_DOCS = {
     Exit.THRESHOLD: "debug bisect: the whole pipeline stays within --max-increase (nothing to bisect)",
 }
 EXIT_CODES_HELP = "Exit codes: " + "; ".join(f"{int(c)} {d}" for c, d in _EXIT_DOCS.items()) + "."
+
+
+class LowbitGroup(TyperGroup):
+    """The ``lowbit`` command group: a plain write to a closed pipe ends the command as rich's do (exit 0)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            _end_on_closed_output(sys.stdout)
 
 
 def fail(message: str, code: Exit) -> NoReturn:
