@@ -339,3 +339,27 @@ def test_lowering_does_not_fold_dead_nodes(monkeypatch):
     assert [name for name in lowered.params if name.startswith("const.unused")] == []
     x = torch.randn(1, 4, 64)
     torch.testing.assert_close(TorchCompiled(g)(x), TorchCompiled(g, keep_packed=True)(x), rtol=0, atol=0)
+
+
+def test_cli_backend_refusals_give_flags_not_keyword_arguments(monkeypatch):
+    """``lowbit compile -b triton`` without CUDA advised "use backend='torch' (... keep_packed=True ...)": Python
+    keyword arguments the command does not take. The command says -b torch / --device cuda; the API keeps its
+    words."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for cmd in (["compile", "no-such-model", "--pipeline", "dce", "-b", "triton"],
+                ["generate", "no-such-model", "--prompt", "hi", "-b", "triton"]):
+        res = CliRunner().invoke(app, cmd)
+        out = " ".join(res.output.split())
+        assert res.exit_code == 2 and "use -b torch (the CPU/CUDA reference) or -b onnxruntime" in out, res.output
+        assert "backend=" not in out and "keep_packed" not in out, res.output
+    with pytest.raises(BackendError, match="use backend='torch' .*keep_packed=True.* or backend='onnxruntime'"):
+        compile_model("no-such-model", pipeline="dce", backend="triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    res = CliRunner().invoke(app, ["generate", "no-such-model", "--prompt", "hi", "-b", "triton", "--device", "cpu"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "not on --device cpu: give --device cuda, or use -b torch on the CPU" in out, out

@@ -50,7 +50,12 @@ __all__ = [
 
 
 class BackendError(LowbitError, ValueError):
-    """A backend cannot be used as asked (unknown, not built, bad option, an op it does not lower)."""
+    """A backend cannot be used as asked (unknown, not built, bad option, an op it does not lower). ``cli`` is the
+    same message in the ``lowbit`` command's words (``-b torch`` for ``backend='torch'``), where they differ."""
+
+    def __init__(self, message: str, *, cli: str | None = None) -> None:
+        super().__init__(message)
+        self.cli = cli if cli is not None else message
 
 
 class BackendOptions(BaseModel):
@@ -68,9 +73,10 @@ class BackendSpec:
     ops_ref: str | Callable[[str], bool] | None = None
     options: type[BackendOptions] = BackendOptions
     not_built: str = ""
-    unavailable: Callable[[str | None], str | None] | None = None
-    """Why the backend cannot run on this machine, or on the device asked for (``None``: its default), or None;
-    checked before capture (no CUDA, or ``device="cpu"``, for triton)."""
+    unavailable: Callable[[str | None, bool], str | None] | None = None
+    """``unavailable(device, cli)``: why the backend cannot run on this machine, or on the device asked for
+    (``None``: its default), or None; checked before capture (no CUDA, or ``device="cpu"``, for triton). With
+    ``cli=True`` its advice is worded for the ``lowbit`` command (flags, not keyword arguments)."""
     _ops_cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -82,9 +88,10 @@ class BackendSpec:
             raise BackendError(f"backend {self.name!r} is declared but not built yet: {self.not_built}")
 
     def check_available(self, device: str | None = None) -> None:
-        reason = self.unavailable(device) if self.unavailable is not None else None
+        reason = self.unavailable(device, False) if self.unavailable is not None else None
         if reason:
-            raise BackendError(f"backend {self.name!r} cannot run here: {reason}")
+            raise BackendError(f"backend {self.name!r} cannot run here: {reason}",
+                               cli=f"backend {self.name!r} cannot run here: {self.unavailable(device, True)}")
 
     def parse_options(self, options: dict[str, Any] | None) -> BackendOptions:
         try:
@@ -139,7 +146,7 @@ BACKENDS: dict[str, BackendSpec] = {}
 
 def register_backend(name: str, lower: str | None, *, summary: str = "", passes: str = "",
                      ops: str | Callable[[str], bool] | None = None, options: type[BackendOptions] = BackendOptions,
-                     not_built: str = "", unavailable: Callable[[str | None], str | None] | None = None,
+                     not_built: str = "", unavailable: Callable[[str | None, bool], str | None] | None = None,
                      replace: bool = False) -> BackendSpec:
     """Declare a backend (see the module docstring); ``replace=True`` lets a later registration win (the Triton
     backend replacing its not-built declaration)."""
@@ -232,7 +239,12 @@ register_backend("torch", "lowbit.backends.torch_backend:lower",
 register_backend("onnxruntime", "lowbit.backends.onnxruntime_backend:lower",
                  summary="ONNX Runtime session (MatMulNBits, integer GEMM, QDQ)", passes="fuse-qlinear",
                  ops="lowbit.backends.onnx.registry:LOWERINGS", options=OrtBackendOptions)
-def _tensorrt_unavailable(device: str | None = None) -> str | None:
+def _use(backend: str, cli: bool) -> str:
+    """A backend to use instead, as the API (``backend='torch'``) or the ``lowbit`` command (``-b torch``) takes it."""
+    return f"-b {backend}" if cli else f"backend={backend!r}"
+
+
+def _tensorrt_unavailable(device: str | None = None, cli: bool = False) -> str | None:
     """No ``tensorrt`` package or no CUDA device: said before capture and calibration, as triton says it (TensorRT
     runs on CUDA whatever ``device`` says)."""
     import importlib.util
@@ -240,11 +252,14 @@ def _tensorrt_unavailable(device: str | None = None) -> str | None:
     import torch
 
     if importlib.util.find_spec("tensorrt") is None:
-        return ("the 'tensorrt' Python package is not installed (pip install tensorrt, or lowbit[tensorrt]); "
-                "lowbit.export(..., format='onnx') writes the QDQ ONNX TensorRT builds from, and "
-                "backend='onnxruntime' runs it here")
+        onnx = ("`lowbit compile -b onnxruntime` writes the QDQ ONNX (model.onnx) TensorRT builds from, and runs it"
+                if cli else "lowbit.export(..., format='onnx') writes the QDQ ONNX TensorRT builds from, and "
+                "backend='onnxruntime' runs it")
+        return (f"the 'tensorrt' Python package is not installed (pip install tensorrt, or lowbit[tensorrt]); {onnx} "
+                "here")
     if not torch.cuda.is_available():
-        return "TensorRT needs an NVIDIA GPU and none is visible: use backend='onnxruntime' or backend='torch'"
+        return (f"TensorRT needs an NVIDIA GPU and none is visible: use {_use('onnxruntime', cli)} or "
+                f"{_use('torch', cli)}")
     return None
 
 
@@ -287,7 +302,7 @@ class TritonBackendOptions(BackendOptions):
         return self
 
 
-def _triton_unavailable(device: str | None = None) -> str | None:
+def _triton_unavailable(device: str | None = None, cli: bool = False) -> str | None:
     """No CUDA device and no Triton interpreter (``TRITON_INTERPRET=1``, how the kernels are tested on CPU), or a
     device that is not CUDA outside the interpreter: found by the lowering after capture and calibration, as a
     RuntimeError."""
@@ -298,12 +313,15 @@ def _triton_unavailable(device: str | None = None) -> str | None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return None
     if not torch.cuda.is_available():
-        return ("lowbit's Triton kernels need a CUDA GPU and none is visible: use backend='torch' (the CPU/CUDA "
-                "reference; keep_packed=True keeps weights packed) or backend='onnxruntime' (MatMulNBits / integer "
-                "GEMM on CPU)")
+        # the command's torch backend keeps weights packed already (compile sets keep_packed=true)
+        packed = "" if cli else "; keep_packed=True keeps weights packed"
+        return (f"lowbit's Triton kernels need a CUDA GPU and none is visible: use {_use('torch', cli)} (the CPU/CUDA "
+                f"reference{packed}) or {_use('onnxruntime', cli)} (MatMulNBits / integer GEMM on CPU)")
     if device is not None and torch.device(device).type != "cuda":
-        return (f"lowbit's Triton kernels run on CUDA, not on device={device!r}: give device='cuda' (CLI: --device "
-                "cuda), or use backend='torch' on the CPU")
+        asked, give = (f"--device {device}", "--device cuda") if cli else \
+            (f"device={device!r}", "device='cuda' (CLI: --device cuda)")
+        return (f"lowbit's Triton kernels run on CUDA, not on {asked}: give {give}, or use {_use('torch', cli)} on "
+                "the CPU")
     return None
 
 

@@ -386,7 +386,7 @@ def compile_cmd(
     try:
         plan = plan_compile(passes, backend, options)
     except BackendError as exc:
-        fail(str(exc), Exit.USAGE)
+        fail(exc.cli, Exit.USAGE)
     registry = all_passes()
     names = [p.name for p in [*plan.passes, *plan.backend_passes]]  # the backend's own (fuse-qlinear) print too
     for name in print_ir_after:
@@ -662,7 +662,7 @@ def generate_cmd(
 
         plan_compile(passes, backend, device=device)
     except BackendError as exc:
-        fail(str(exc), Exit.USAGE)
+        fail(exc.cli, Exit.USAGE)
     ignored = ["--" + name.replace("_", "-")
                for name, _ in sampling_only(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)]
     if ignored and not sample:
@@ -806,7 +806,7 @@ def generate_cmd(
     except GenerationError as exc:
         fail(str(exc), Exit.USAGE)
     except BackendError as exc:  # unknown, unbuilt or unavailable here (triton without CUDA): as compile says it
-        fail(str(exc), Exit.USAGE)
+        fail(exc.cli, Exit.USAGE)
     except PipelineError as exc:  # as `lowbit compile` reports a failing pass (exit 4), not a traceback
         fail(f"{exc}\n(rerun `lowbit compile {model} --pipeline ... --reproducer DIR` to save the IR before this "
              "pass and replay it)", Exit.PIPELINE)
