@@ -16,6 +16,7 @@ import tempfile
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -1206,3 +1207,23 @@ def test_output_cut_short_by_its_reader_exits_quietly(tmp_path):
 
     res = CliRunner().invoke(plain, ["cut"])
     assert res.exit_code == 0 and res.exception is None, res.output
+
+
+def test_every_option_of_every_command_has_help_text():
+    """--temperature, --top-k, --top-p, replay's and debug compare's --verify-each and debug sensitivity's
+    --windows/--seq-len/--sentences showed a bare type in --help."""
+    from typer.main import get_command
+
+    def commands(cmd: Any, path: list[str]) -> Any:
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                yield from commands(sub, [*path, name])
+        else:
+            yield " ".join(path), cmd
+
+    bare = [f"{where} {p.opts[0]}" for where, cmd in commands(get_command(app), [])
+            for p in cmd.params if getattr(p, "help", "x") in (None, "") and p.name != "help"]
+    assert not bare, bare
+    out = " ".join(invoke("generate", "--help").output.replace("│", " ").split())
+    assert "--top-p" in out and "nucleus" in out

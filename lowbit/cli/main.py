@@ -627,9 +627,12 @@ def generate_cmd(
                                             "(default: the number of prompts)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (decode steps replay a CUDA graph there)"),
     sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    top_k: Optional[int] = typer.Option(None, "--top-k"),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    temperature: float = typer.Option(1.0, "--temperature", help="with --sample: logits are divided by this "
+                                      "(below 1 sharper, above 1 flatter)"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="with --sample: draw only from the K most likely "
+                                        "tokens"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="with --sample: draw only from the most likely "
+                                          "tokens whose probabilities sum to P (nucleus, 0 < P <= 1)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed (reproducible draws)"),
     stop_token: Optional[list[int]] = typer.Option(None, "--stop-token", help="token id that ends a sequence "
                                                    "(repeat for several; default: the model's end-of-sequence "
@@ -890,7 +893,8 @@ def _note_reference_nodes(runner: Any) -> None:
 @app.command("replay")
 def replay_cmd(
     directory: Path = typer.Argument(..., help="a directory written by --reproducer"),
-    verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each"),
+    verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each", help="run the verifier after each "
+                                     "pass"),
 ) -> None:
     """Re-run the failing part of a pipeline on the IR saved by --reproducer; exits 4 if it still fails."""
     from lowbit.cli.reproducer import replay
@@ -953,7 +957,8 @@ def compare_cmd(
                                             "the tables then go to stderr)"),
     html_out: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report here ('-': to "
                                             "stdout, the tables then go to stderr)"),
-    verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each"),
+    verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each", help="run the verifier after each "
+                                     "pass"),
     reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on a failing pass, save a replay here"),
     dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
@@ -1021,7 +1026,9 @@ def sensitivity_cmd(
                                     "blocks)"),
     metric: str = typer.Option("auto", help="ppl, cos or auto"),
     keep_top: int = typer.Option(1, help="how many of the most damaging units the override file keeps float"),
-    windows: int = typer.Option(4), seq_len: int = typer.Option(128), sentences: int = typer.Option(32),
+    windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows per evaluation"),
+    seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),
+    sentences: int = typer.Option(32, help="encoders: sentences per evaluation"),
     out: Path = typer.Option(Path("sensitivity.json"), "--out", "-o", help="override file for `lowbit compile "
                              "--overrides`"),
     dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
