@@ -31,6 +31,12 @@ class CorruptFileError(LowbitError, ValueError):
         super().__init__(f"{self.path!r} {what}")
 
 
+class OptionError(LowbitError, TypeError):
+    """A keyword option a function does not take, named with the closest one and every option it takes (a
+    ``TypeError`` as Python's "unexpected keyword argument" is; a ``LowbitError`` so a caller tells the refusal from
+    a bug)."""
+
+
 class DeviceError(LowbitError, ValueError):
     """A ``device=`` that is not a torch device, or names a GPU this machine or torch build does not have."""
 

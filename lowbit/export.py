@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lowbit.errors import LowbitError, did_you_mean
+from lowbit.errors import LowbitError, OptionError, did_you_mean
 from lowbit.ir.graph import graph_of
 
 FORMATS = ("onnx", "onnx-matmulnbits", "tensorrt")
@@ -42,8 +42,8 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
 
     Raises ``OnnxLoweringError`` (a ``lowbit.errors.LowbitError``) listing every node the ONNX lowering cannot
     write, by op and module; ``ExportPathError`` for a path it cannot write; ``ExportError`` for an unknown format
-    (closest names suggested), a directory as the path or a bad ``external_data``; ``TypeError`` for an unknown
-    option.
+    (closest names suggested), a directory as the path or a bad ``external_data``; ``lowbit.errors.OptionError`` (a
+    ``TypeError``) for an unknown option.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}{did_you_mean(format, list(FORMATS))}; known: {', '.join(FORMATS)}")
@@ -75,8 +75,8 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     known = sorted(f.name for f in fields(LoweringOptions) if f.name != "weight_format")
     for key in options:
         if key not in known:
-            raise TypeError(f"unknown ONNX export option {key!r}{did_you_mean(key, known)}; options are: {', '.join(known)} (the "
-                            "format picks weight_format: 'onnx' is QDQ, 'onnx-matmulnbits' MatMulNBits)")
+            raise OptionError(f"unknown ONNX export option {key!r}{did_you_mean(key, known)}; options are: {', '.join(known)} (the "
+                              "format picks weight_format: 'onnx' is QDQ, 'onnx-matmulnbits' MatMulNBits)")
     with _created_dirs_removed_on_failure(check_writable(path)):
         weight_format = "matmulnbits" if format == "onnx-matmulnbits" else "qdq"
         model = to_onnx(graph, weight_format=weight_format, **options)
@@ -191,8 +191,8 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
                               _given_tokenizer(tokenizer))
     if (options or tokenizer is not None) and path.is_file():  # were dropped without a word: an engine takes none
         given = sorted(options) + (["tokenizer"] if tokenizer is not None else [])
-        raise TypeError(f"{path} is read as a TensorRT engine (not an ONNX file), which takes no options: got "
-                        f"{', '.join(given)} (ONNX Runtime session options apply to .onnx files)")
+        raise OptionError(f"{path} is read as a TensorRT engine (not an ONNX file), which takes no options: got "
+                          f"{', '.join(given)} (ONNX Runtime session options apply to .onnx files)")
     _refuse_unreadable_as_engine(path)
     from lowbit.backends.tensorrt import TensorRTCompiled
 

@@ -141,6 +141,14 @@ def test_export_argument_refusals_are_lowbit_errors(tmp_path):
             lowbit.export(g, tmp_path / "m.onnx", **kwargs)
     with pytest.raises(LowbitError, match="is a directory"):
         lowbit.export(g, tmp_path)
+    # an option export does not take was a bare TypeError: named with the options it takes, still a TypeError
+    for fmt, kind in (("onnx", "ONNX export"), ("tensorrt", "TensorRT build")):
+        with pytest.raises(LowbitError, match=f"unknown {kind} option 'unknown'; options are: ") as exc:
+            lowbit.export(g, tmp_path / "m.out", format=fmt, unknown=1)
+        assert isinstance(exc.value, TypeError)
+    path = lowbit.export(g, tmp_path / "m.onnx")
+    with pytest.raises(LowbitError, match="unknown option 'thread' .*for a model run from an ONNX file"):
+        load(path, thread=2)
 
 
 def test_unknown_format_and_input_are_clear(tmp_path):

@@ -34,7 +34,7 @@ from lowbit.backends.onnx.io import (
     initializer_bytes,
 )
 from lowbit.backends.onnx.widen import has_bfloat16, widen_bfloat16
-from lowbit.errors import DeviceError, did_you_mean
+from lowbit.errors import DeviceError, OptionError, did_you_mean
 from lowbit.ir.graph import Graph
 from lowbit.ir.signature import InputChecker, InputError, is_int_dtype, ordered_inputs
 
@@ -335,10 +335,10 @@ class OrtCompiled(torch.nn.Module):
                 session = ["device", "optimization", "providers", "spinning", "threads"]
                 for key in sorted(lowering):
                     if key not in known:  # a misspelt session option was called a lowering option
-                        raise TypeError(f"unknown option {key!r}{did_you_mean(key, session)} for a model run from an ONNX file; options "
-                                        f"are: {', '.join(session)}")
-                raise TypeError(f"lowering options {sorted(lowering)} apply only when lowering a Graph: the file's "
-                                "lowering is fixed (export it again with them)")
+                        raise OptionError(f"unknown option {key!r}{did_you_mean(key, session)} for a model run from an ONNX file; options "
+                                          f"are: {', '.join(session)}")
+                raise OptionError(f"lowering options {sorted(lowering)} apply only when lowering a Graph: the file's "
+                                  "lowering is fixed (export it again with them)")
             self.options = None
             self.onnx_model = model if isinstance(model, ir.Model) else None
             source = model  # type: ignore[assignment]

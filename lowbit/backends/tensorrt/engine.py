@@ -34,7 +34,7 @@ from lowbit.backends.tensorrt.engine_file import (
     read_engine,
     write_engine,
 )
-from lowbit.errors import LowbitError, did_you_mean
+from lowbit.errors import LowbitError, OptionError, did_you_mean
 from lowbit.ir.signature import InputError
 
 Shape = Sequence[int]
@@ -143,13 +143,13 @@ def check_build_options(options: Mapping[str, Any]) -> None:
     lowering = {f.name for f in fields(LoweringOptions)}  # the engine's ONNX has fixed ones (_checked_onnx)
     for key, value in options.items():
         if key in lowering:  # was "did you mean 'opt'?" for opset
-            raise TypeError(f"{key}= is an ONNX lowering option; a TensorRT engine is built from the opset-21 QDQ "
-                            "form (Attention and RotaryEmbedding decomposed, QDQ weights), so it takes none: drop "
-                            f"{key}=, or export format='onnx' with it and build that file yourself. TensorRT build "
-                            f"options are: {', '.join(known)}")
+            raise OptionError(f"{key}= is an ONNX lowering option; a TensorRT engine is built from the opset-21 QDQ "
+                              "form (Attention and RotaryEmbedding decomposed, QDQ weights), so it takes none: drop "
+                              f"{key}=, or export format='onnx' with it and build that file yourself. TensorRT build "
+                              f"options are: {', '.join(known)}")
         if key not in known:
-            raise TypeError(f"unknown TensorRT build option {key!r}{did_you_mean(key, known)}; options are: "
-                            f"{', '.join(known)}")
+            raise OptionError(f"unknown TensorRT build option {key!r}{did_you_mean(key, known)}; options are: "
+                              f"{', '.join(known)}")
         if key in ("max_dim", "workspace_bytes") and (isinstance(value, bool) or not isinstance(value, int)
                                                        or value <= 0):
             raise ValueError(f"TensorRT option {key}={value!r}: give a positive integer")
