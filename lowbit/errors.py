@@ -37,6 +37,11 @@ class OptionError(LowbitError, TypeError):
     a bug)."""
 
 
+class MissingTokenizerError(LowbitError, FileNotFoundError):
+    """A model directory without tokenizer files: lowbit reads text through the model's tokenizer (transformers
+    built an empty one for some families, failed with a backend error for others)."""
+
+
 class DeviceError(LowbitError, ValueError):
     """A ``device=`` that is not a torch device, or names a GPU this machine or torch build does not have."""
 

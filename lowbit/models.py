@@ -59,7 +59,7 @@ from lowbit.data.model_files import (
     minilm_dir,
     smollm2_gguf_path,
 )
-from lowbit.errors import CorruptFileError, LowbitError
+from lowbit.errors import CorruptFileError, LowbitError, MissingTokenizerError
 from lowbit.remote_code import from_pretrained
 
 __all__ = [
@@ -553,14 +553,21 @@ def _float_cache_from_gguf(gguf: Path, cache_name: str) -> Path:
 def _directory_tokenizer(directory: Path, **kwargs: Any) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a model directory; none there is an error (transformers would build an empty one).
     ``kwargs`` go to ``AutoTokenizer.from_pretrained``."""
-    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
-        raise FileNotFoundError(f"{str(directory)!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}): "
-                                "lowbit reads text through the model's tokenizer; save it there "
-                                "(tokenizer.save_pretrained(directory))")
+    _check_tokenizer_files(directory)
     return from_pretrained(AutoTokenizer, directory, **kwargs)
 
 
+def _check_tokenizer_files(directory: Path) -> None:
+    """A ``MissingTokenizerError`` naming the files a tokenizer has, where ``directory`` holds none of them: it was a
+    CorruptFileError, 'cannot be loaded by transformers', for a model transformers loads fine."""
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        raise MissingTokenizerError(f"{str(directory)!r} has no tokenizer files (none of "
+                                    f"{', '.join(TOKENIZER_FILES)}): lowbit reads text through the model's tokenizer; "
+                                    "save it there (tokenizer.save_pretrained(directory))")
+
+
 def _load_causal_lm(directory: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    _check_tokenizer_files(directory)  # before the weights are read, not after
     model = from_pretrained(AutoModelForCausalLM, directory, dtype=dtype)
     return model.eval(), _directory_tokenizer(directory)
 

@@ -105,6 +105,30 @@ def test_encoder_directory_without_tokenizer_exits_3(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kind", ["causal-lm", "encoder"])
+def test_a_directory_without_tokenizer_files_says_so_not_that_transformers_cannot_load_it(tmp_path, kind):
+    """load_model worded a model directory without tokenizer files as a CorruptFileError, "cannot be loaded by
+    transformers: FileNotFoundError: ...", of a model transformers loads fine; it says the tokenizer files are
+    missing, naming them (a MissingTokenizerError: a LowbitError and a FileNotFoundError)."""
+    from transformers import BertConfig, BertModel
+
+    from lowbit.errors import CorruptFileError, LowbitError
+    from lowbit.models import load_model
+
+    d = tmp_path / kind
+    if kind == "encoder":
+        BertModel(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                             num_hidden_layers=1)).save_pretrained(d)
+    else:
+        _tiny_llama_dir(d)
+    with pytest.raises(LowbitError, match=r"has no tokenizer files \(none of tokenizer.json, tokenizer.model, "
+                                         r"vocab.json, vocab.txt") as exc:
+        load_model(str(d))
+    assert str(d) in str(exc.value) and "transformers" not in str(exc.value)
+    assert isinstance(exc.value, FileNotFoundError) and not isinstance(exc.value, CorruptFileError)
+    assert type(exc.value).__name__ == "MissingTokenizerError"
+
+
 @pytest.mark.parametrize("command", ["inspect", "graph", "replay"])
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "not-utf8-ir"])
 def test_corrupt_artifacts_exit_3_in_inspect_graph_replay(tmp_path, command, damage):
