@@ -56,9 +56,10 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
         parser.error(f"--seq-len {args.seq_len}: a window needs at least 2 tokens (one context, one predicted)")
     if args.windows < 0:
         parser.error(f"--windows {args.windows}: give a number of windows >= 1, or 0 for the whole text")
-    from lowbit.data import read_text
+    from lowbit.data import read_text, refuse_json_text
 
     try:
+        refuse_json_text(args.text, "evaluation text", "evaluation texts", "score perplexity on")
         read_text(args.text)  # read, not only found: a binary file fails here, before the model is loaded
     except FileNotFoundError as exc:
         fail(str(exc), Exit.NOT_FOUND)

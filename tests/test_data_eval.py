@@ -203,3 +203,26 @@ def test_perplexity_of_a_blown_up_model_is_inf_not_an_overflow(smollm2):
     r = perplexity(blown, "wikitext2-test", seq_len=16, max_windows=1, tokenizer=tok, progress=False)
     assert r.ppl == math.inf and r.nll_sum > 709 * r.n_predicted
     assert ppl_of(1.0) == math.e and ppl_of(710.0) == math.inf
+
+
+def test_perplexity_refuses_a_json_text_as_calibration_does(tmp_path, monkeypatch):
+    """A .jsonl dataset given as the evaluation text was scored on its records' syntax (braces, keys) without a
+    word, where calibration refuses it; perplexity and `python -m lowbit --text` refuse it, naming the file, before
+    a model or tokenizer is read."""
+    import json
+
+    from lowbit.__main__ import main
+    from lowbit.cli.common import Exit
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"text": f"The quick brown fox jumps over dog {i}.", "id": i}) + "\n"
+                            for i in range(300)))
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*ids.shape, 49152)
+
+    with pytest.raises(ValueError, match=r"evaluation text '.*eval.jsonl' is JSON: lowbit reads evaluation texts as "
+                                         r"plain text.*write their text to a plain text file"):
+        perplexity(logits, data, seq_len=16, max_windows=2, progress=False)
+    monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["--text", str(data), "--pipeline", "dce"]) == int(Exit.NOT_FOUND)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lowbit.data import refuse_json_text
 from lowbit.data.model_files import load_tokenizer
 from lowbit.data.tokens import token_ids
 from lowbit.errors import CorruptFileError
@@ -49,11 +50,8 @@ def calibration_ids(text: str | os.PathLike[str], tokenizer: PreTrainedTokenizer
     """``[n, seq_len]`` int64 token ids from ``text``; errors say how much text the request needs."""
     if n < 1 or seq_len < 2:
         raise ValueError(f"calibration needs n >= 1 sequences of seq_len >= 2 tokens, got n={n}, seq_len={seq_len}")
-    if str(text).lower().endswith((".jsonl", ".json")):
-        # read as text, its records' JSON syntax ({"text": "...", "id": 3}) was what calibrated, keys and all
-        raise ValueError(f"calibration text {str(text)!r} is JSON: lowbit reads calib= files as plain text, so it "
-                         "would calibrate on the records' syntax and keys; write their text to a plain text file and "
-                         "give that, or give token ids (a tensor or a .safetensors file)")
+    refuse_json_text(text, "calibration text", "calib= files", "calibrate on",
+                     ", or give token ids (a tensor or a .safetensors file)")
     ids = token_ids(text, tokenizer)
     if ids.numel() == 0:
         raise ValueError(f"calibration text {str(text)!r} has no tokens (empty or whitespace only)")

@@ -53,6 +53,16 @@ def text_path(name_or_path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def refuse_json_text(name_or_path: str | os.PathLike[str], what: str, files: str, effect: str,
+                     instead: str = "") -> None:
+    """A ``.json``/``.jsonl`` file given where lowbit reads plain text (calibration, perplexity): read as text, its
+    records' syntax and keys (``{"text": "...", "id": 3}``) were what calibrated or was scored, without a word."""
+    if str(name_or_path).lower().endswith((".jsonl", ".json")):
+        raise ValueError(f"{what} {str(name_or_path)!r} is JSON: lowbit reads {files} as plain text, so it would "
+                         f"{effect} the records' syntax and keys; write their text to a plain text file and give "
+                         f"that{instead}")
+
+
 def read_text(name_or_path: str | os.PathLike[str]) -> str:
     """The whole text, as is, except that line ends become "\\n" (Python's universal newlines).
 

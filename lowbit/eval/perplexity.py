@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from lowbit.data import refuse_json_text
 from lowbit.data.tokens import token_ids
 
 __all__ = ["PerplexityResult", "EVALS", "nll_sum", "perplexity", "ppl_of", "run_eval", "token_ids", "windows"]
@@ -110,6 +111,7 @@ def perplexity(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    refuse_json_text(text, "evaluation text", "evaluation texts", "score perplexity on")  # as calibration does
     if tokenizer is None:
         from lowbit.models import load_smollm2_tokenizer
 
