@@ -356,3 +356,30 @@ def test_compile_model_takes_a_path_and_names_a_wrong_type(tmp_path):
     assert compiled.graph.find("linear")
     with pytest.raises(TypeError, match="model must be an nn.Module .* or a name or path .* got NoneType"):
         lowbit.compile_model(None, pipeline="dce")
+
+
+def test_a_pass_tokenizer_of_the_same_base_with_added_tokens_is_taken_and_one_of_other_ids_refused(tmp_path):
+    """check_tokenizer_matches compared len(tokenizer): SmolLM2's tokenizer saved with two added tokens was refused
+    ('49154 tokens, but ... 49152'), though its ids mean the same tokens, and a tokenizer of the same size whose ids
+    mean other tokens was taken. It compares the base vocabularies and the token of every id both have."""
+    import copy
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from lowbit.calibration.data import check_tokenizer_matches, load_tokenizer
+    from lowbit.passes.gptq import GPTQ
+
+    own = load_tokenizer("smollm2")
+    added = copy.deepcopy(own)
+    added.add_tokens(["<tool_a>", "<tool_b>"])
+    added.save_pretrained(tmp_path / "added")
+    GPTQ(calib_n=1, calib_len=8, tokenizer=str(tmp_path / "added")).options.check_text_length(own, "gptq")
+    check_tokenizer_matches(own, added, "smollm2")  # and the model's own having the added ones
+    vocab = {f"w{i}": i for i in range(own.vocab_size)}
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="w0")))
+    assert len(other) == len(own)
+    with pytest.raises(ValueError, match=r"tokenizer 'words'.s id 0 is 'w0', but in the model's own tokenizer "
+                                         r"\(.*\) it is .*: its ids stand for other tokens"):
+        check_tokenizer_matches(other, own, "words")

@@ -182,14 +182,31 @@ def check_default_tokenizer(graph: Graph, name: str | None) -> None:
 
 
 def check_tokenizer_matches(given: PreTrainedTokenizerBase, own: Any, name: str) -> None:
-    """Refuse a pass' ``tokenizer=`` whose vocabulary is not the size of the model's own tokenizer (the one
+    """Refuse a pass' ``tokenizer=`` whose ids stand for other tokens than those of the model's own tokenizer (the one
     ``compile_model`` captured with it): SmolLM2's model calibrated with ``tokenizer=minilm`` got WordPiece ids,
-    all below its 49152 rows, so ``check_vocabulary`` let through a text the model reads as other tokens."""
+    all below its 49152 rows, so ``check_vocabulary`` let through a text the model reads as other tokens.
+
+    What is compared is what the ids mean: the base vocabularies' sizes, then the token of every id both tokenizers
+    have. A tokenizer of the same base with a few added tokens (or without the model's added ones) is taken: its
+    ids mean the same tokens (comparing ``len(tokenizer)`` refused it); one of the same size whose ids mean other
+    tokens is refused, naming the first such id."""
     if own is None or given is own:
         return
-    mine, theirs = len(given), len(own)
+    own_name = repr(getattr(own, "name_or_path", "") or type(own).__name__)
+    mine, theirs = _base_size(given), _base_size(own)
     if mine != theirs:
-        raise ValueError(f"tokenizer {name!r} has {mine} tokens, but the model's own tokenizer "
-                         f"({getattr(own, 'name_or_path', '') or type(own).__name__!r}) has {theirs}: its ids stand "
-                         "for other tokens in this model; drop tokenizer= to use the model's own, or give one of the "
-                         "same vocabulary")
+        raise ValueError(f"tokenizer {name!r} has {mine} tokens, but the model's own tokenizer ({own_name}) has "
+                         f"{theirs}: its ids stand for other tokens in this model; drop tokenizer= to use the model's "
+                         "own, or give one of the same vocabulary")
+    own_tokens = {i: t for t, i in own.get_vocab().items()}
+    for token, i in sorted(given.get_vocab().items(), key=lambda item: item[1]):
+        if i in own_tokens and own_tokens[i] != token:
+            raise ValueError(f"tokenizer {name!r}'s id {i} is {token!r}, but in the model's own tokenizer "
+                             f"({own_name}) it is {own_tokens[i]!r}: its ids stand for other tokens in this model; "
+                             "drop tokenizer= to use the model's own, or give one of the same vocabulary")
+
+
+def _base_size(tokenizer: Any) -> int:
+    """The tokenizer's vocabulary without the tokens added on top of it (transformers' ``vocab_size``)."""
+    size = getattr(tokenizer, "vocab_size", None)
+    return size if isinstance(size, int) else len(tokenizer)
