@@ -520,6 +520,27 @@ def test_static_batch_graph_refuses_calibration_samples_that_do_not_fill_it():
     torch.testing.assert_close(c(x)[0], vit(x)[0], rtol=0.05, atol=0.05)
 
 
+def test_a_batch_size_other_than_a_static_batch_is_refused_naming_both():
+    """A ViT captured from 3 images calibrates 3 at a time whatever batch_size says: batch_size=2 was replaced by 3
+    without a word. It is refused naming both values; batch_size=3 (or none) runs."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+    from lowbit.passes.manager import PipelineError
+
+    torch.manual_seed(0)
+    vit = t.ViTModel(t.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                 image_size=16, patch_size=8)).eval()
+    x, calib = torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)
+    pipeline = "smooth-quant(calib_n=3,progress=false{}),quantize(w=int8,a=int8)"
+    with pytest.raises(PipelineError, match=r"pass smooth-quant\(.*\) \(#0\) failed: option batch_size=2: the graph "
+                                            r"was captured with a static batch of 3 \(%pixel_values f32\[3,3,16,16\]"
+                                            r".*give batch_size=3 or drop it"):
+        compile_model(vit, (x,), pipeline=pipeline.format(",batch_size=2"), calib=calib)
+    for given in (",batch_size=3", ""):
+        compile_model(vit, (x,), pipeline=pipeline.format(given), calib=calib)
+
+
 def test_pixel_model_calibration_counts_images_not_pixels():
     """A ViT's calibration stats counted every pixel as a token (calib_tokens=4*3*16*16=3072 for 4 images): they
     count the images now, under a name that says so, in the weight calibration (gptq) and the activation passes."""

@@ -252,9 +252,18 @@ class CalibrationOptions(PassOptions):
                              f"calib_n={given} or less (or leave it unset to use them all), or more data")
 
     def batch_size_for(self, graph: Graph) -> int:
-        """``batch_size``, unless ``graph`` was captured with a static batch: it can take no other."""
+        """``batch_size``, unless ``graph`` was captured with a static batch: it can take no other, so a
+        ``batch_size`` set to another is refused, naming both (it was replaced by the static one without a word)."""
         static = static_batch(graph)
-        return static if static is not None else self.batch_size
+        if static is None:
+            return self.batch_size
+        if "batch_size" in self.model_fields_set and self.batch_size != static:
+            first = graph.inputs[0]
+            raise PassError(f"option batch_size={self.batch_size}: the graph was captured with a static batch of "
+                            f"{static} (%{first.name} {first.tensor_type}: the example inputs' batch), so it "
+                            f"calibrates {static} at a time and can take no other batch: give batch_size={static} or "
+                            "drop it, or capture with a dynamic batch (compile_model(..., dynamic_shapes=...))")
+        return static
 
 
 def _float_inputs(given: torch.Tensor | None, name: str, expected: Any, n: int) -> torch.Tensor:
