@@ -211,6 +211,17 @@ def _default_example(model: torch.nn.Module, tokenizer: Any) -> tuple[tuple[Any,
     raise ValueError(f"no example inputs given for {type(model).__name__}: pass example_inputs=(...)")
 
 
+def model_positions(model: Any) -> int | None:
+    """The most token positions ``model`` (an HF model, or lowbit's wrapper of one) takes: its config's
+    ``max_position_embeddings``, or None where it has none. Calibration windows longer than it are refused before
+    the capture (``check_calibration_texts``)."""
+    for holder in (getattr(model, "model", None), getattr(model, "encoder", None), model):
+        limit = getattr(getattr(holder, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 2:
+            return limit
+    return None
+
+
 def own_tokenizer(model: torch.nn.Module) -> Any:
     """The tokenizer saved beside a Hugging Face model (or the one a lowbit wrapper holds), or None.
 
@@ -636,7 +647,8 @@ def compile_model(
         tokenizer = loaded if tokenizer is None else tokenizer  # a tokenizer= given is kept
     elif tokenizer is None:
         tokenizer = own_tokenizer(model)
-    check_calibration_texts(passes, tokenizer)  # a text too short for calib_n x calib_len: before the capture
+    # a text too short for calib_n x calib_len, or windows longer than the model's positions: before the capture
+    check_calibration_texts(passes, tokenizer, positions=model_positions(model))
     # the wrappers below capture in eval mode, which .eval() sets on the caller's modules too: put them back after
     modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
     try:

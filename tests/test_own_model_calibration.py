@@ -383,3 +383,26 @@ def test_a_pass_tokenizer_of_the_same_base_with_added_tokens_is_taken_and_one_of
     with pytest.raises(ValueError, match=r"tokenizer 'words'.s id 0 is 'w0', but in the model's own tokenizer "
                                          r"\(.*\) it is .*: its ids stand for other tokens"):
         check_tokenizer_matches(other, own, "words")
+
+
+def test_a_calib_len_past_the_models_positions_is_refused_before_capture(monkeypatch, tmp_path):
+    """A calib_len past the model's max_position_embeddings was refused by the pass after the capture (and every
+    pass before it), exit 4 in the CLI; it is refused before the capture, naming the option and the limit (exit 2)."""
+    from typer.testing import CliRunner
+
+    from lowbit.calibration.data import load_tokenizer
+    from lowbit.cli.main import app
+    from lowbit.passes.base import PassError
+
+    torch.manual_seed(0)
+    model = tiny_llama(49152)
+    monkeypatch.setattr("lowbit.api.capture", lambda *a, **k: pytest.fail("captured"))
+    with pytest.raises(PassError, match=r"pass gptq: option calib_len=80: the model takes at most 64 positions "
+                                        r"\(max_position_embeddings in its config\).*give calib_len=64 or less"):
+        lowbit.compile_model(model, pipeline="gptq(w=int4,group=32,calib_n=2,calib_len=80)", tokenizer="smollm2")
+    model.save_pretrained(tmp_path)
+    load_tokenizer("smollm2").save_pretrained(tmp_path)
+    monkeypatch.setattr("lowbit.cli.common.capture_model", lambda *a, **k: pytest.fail("captured"))
+    res = CliRunner().invoke(app, ["compile", str(tmp_path), "--pipeline", "gptq(calib_n=2,calib_len=80)"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "option calib_len=80: the model takes at most 64 positions" in out, out

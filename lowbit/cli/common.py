@@ -241,14 +241,15 @@ def _load(spec: str, torch_dtype: Any, key: str) -> LoadedModel:
 
 def check_calibration(passes: list[Any], model: LoadedModel) -> None:
     """Every calibration text of ``passes`` holds the ``calib_n x calib_len`` tokens its pass asks for, in the
-    model's tokenizer: checked once the model is loaded, before its capture and any float run (``compile`` and each
-    ``debug`` command; the debug commands found it only when the pass ran, after the float reference). Exit 3 for an
-    unreadable file, 2 for a text too short."""
+    model's tokenizer, and no calib_len passes the model's positions: checked once the model is loaded, before its
+    capture and any float run (``compile`` and each ``debug`` command; the debug commands found it only when the pass
+    ran, after the float reference). Exit 3 for an unreadable file, 2 for a text too short or windows too long."""
+    from lowbit.api import model_positions
     from lowbit.passes.base import PassError, PassFileError
     from lowbit.passes.manager import check_calibration_texts
 
     try:
-        check_calibration_texts(passes, model.tokenizer)
+        check_calibration_texts(passes, model.tokenizer, positions=model_positions(model.module))
     except PassError as exc:
         fail(str(exc), Exit.NOT_FOUND if isinstance(exc, PassFileError) else Exit.USAGE)
 

@@ -204,15 +204,20 @@ class CalibrationOptions(PassOptions):
         except ValueError as exc:
             raise PassError(f"pass {pass_name}: option calib={shown}: {exc}") from None
 
-    def check_text_length(self, tokenizer: Any, pass_name: str) -> None:
+    def check_text_length(self, tokenizer: Any, pass_name: str, positions: int | None = None) -> None:
         """Refuse a calibration text too short for ``calib_n`` windows of ``calib_len`` tokens before the model is
         captured (the pass found it after capture and every pass before it had run). ``tokenizer``: the model's
         (the pass' own ``tokenizer=`` wins); nothing is checked without one, nor for given token ids (a tensor or a
         ``.safetensors`` file: checked when the pass reads them). The token ids are cached, so the pass does not
-        tokenize the text again."""
+        tokenize the text again. ``positions``: the model's ``max_position_embeddings``, where known; a text's windows
+        longer than it are refused too (the pass refused them after the capture)."""
         if not self.reads_calibration() or isinstance(self.calib, torch.Tensor) or \
                 str(self.calib).endswith(".safetensors"):
             return
+        if positions is not None and self.calib_len > positions:
+            raise PassError(f"pass {pass_name}: option calib_len={self.calib_len}: the model takes at most {positions} "
+                            f"positions (max_position_embeddings in its config), so windows that long cannot run: "
+                            f"give calib_len={positions} or less")
         if self.tokenizer is not None:
             from lowbit.calibration.data import load_tokenizer
 

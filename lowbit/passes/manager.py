@@ -120,14 +120,15 @@ def _refuse_file_options(name: str, cls: type[Pass], options: dict[str, Any],
                                   "artefact may only use lowbit's shipped data (wikitext2-valid, smollm2, ...)")
 
 
-def check_calibration_texts(passes: Sequence[Pass], tokenizer: Any) -> None:
-    """Every calibration text of the pipeline holds the ``calib_n x calib_len`` tokens its pass asks for, checked
-    once the model's tokenizer is known and before the capture (``CalibrationOptions.check_text_length``)."""
+def check_calibration_texts(passes: Sequence[Pass], tokenizer: Any, positions: int | None = None) -> None:
+    """Every calibration text of the pipeline holds the ``calib_n x calib_len`` tokens its pass asks for, and no
+    ``calib_len`` is longer than the model's ``positions`` (where known), checked once the model's tokenizer is known
+    and before the capture (``CalibrationOptions.check_text_length``)."""
     from lowbit.passes.base import CalibrationOptions
 
     for p in passes:
         if isinstance(p.options, CalibrationOptions):
-            p.options.check_text_length(tokenizer, p.name)
+            p.options.check_text_length(tokenizer, p.name, positions=positions)
 
 
 def check_input_files(passes: Sequence[Pass]) -> None:
