@@ -142,3 +142,26 @@ def test_python_constant_input_other_than_the_traced_one_is_refused():
     torch.testing.assert_close(c(x, True)[0], vit(x, interpolate_pos_encoding=True).last_hidden_state)
     with pytest.raises(InputError, match=r"input %interpolate_pos_encoding was True at capture.*got False: pass True"):
         c(pixel_values=x, interpolate_pos_encoding=False)
+
+
+def test_a_model_compiled_from_named_inputs_takes_positions_in_its_forwards_order():
+    """compile_model(bert, dict(tokenizer(a, b))) made the graph's inputs in the dict's order (input_ids,
+    token_type_ids, attention_mask); BertModel's own positional call (ids, mask, token_type_ids) then fed the mask
+    to the token types, both 0/1 int64, and returned other embeddings without an error. The graph now takes its
+    inputs in forward's order, so the compiled model is called as the model was."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+
+    torch.manual_seed(0)
+    bert = tf.BertModel(tf.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                      num_hidden_layers=1, max_position_embeddings=32)).eval()
+    ids = torch.randint(1, 64, (2, 9))
+    types = torch.tensor([[0] * 5 + [1] * 4, [0] * 3 + [1] * 6])
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+    c = compile_model(bert, {"input_ids": ids, "token_type_ids": types, "attention_mask": mask})
+    assert [v.name for v in c.graph.inputs] == ["input_ids", "attention_mask", "token_type_ids"]
+    with torch.no_grad():
+        ref = bert(ids, mask, types).last_hidden_state
+    torch.testing.assert_close(c(ids, mask, types)[0], ref)
+    torch.testing.assert_close(c(input_ids=ids, token_type_ids=types, attention_mask=mask)[0], ref)

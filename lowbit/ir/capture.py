@@ -438,6 +438,25 @@ def _name_outputs(graph: Graph, names: Any) -> None:
             graph.rename(value, name)
 
 
+def _in_signature_order(model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` in the order ``model.forward`` declares them (names it does not declare, which go to its
+    ``**kwargs``, after them as given). torch.export makes the graph's inputs in the dict's order, and a compiled
+    model takes positional arguments in the graph's: captured from a tokenizer's output (``input_ids,
+    token_type_ids, attention_mask``), BertModel's own positional call ``(ids, mask, token_type_ids)`` fed the mask
+    to the token types without an error (both are 0/1 int64) and returned other embeddings."""
+    import inspect
+
+    if isinstance(model, ExportedProgram) or not isinstance(model, torch.nn.Module):
+        return kwargs
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # a forward without a readable signature: keep the caller's order
+        return kwargs
+    ordered = {k: kwargs[k] for k in params if k in kwargs}
+    ordered.update((k, v) for k, v in kwargs.items() if k not in ordered)
+    return ordered
+
+
 def capture(
     model: torch.nn.Module | torch.fx.GraphModule | ExportedProgram,
     example_inputs: tuple[Any, ...] | Mapping[str, Any] | torch.Tensor,
@@ -447,6 +466,7 @@ def capture(
     raise_ops: bool = True,
 ) -> Graph:
     """Capture ``model`` called on ``example_inputs`` (a tuple of positional args, a dict of kwargs, or one tensor).
+    The graph takes a dict's inputs in the order ``model.forward`` declares them, whatever the dict's order.
 
     ``dynamic_shapes`` follows torch.export (e.g. ``{"input_ids": {1: Dim("seq", min=2, max=8192)}}``).
     Wrappers may set ``capture_prefix`` (e.g. ``"model."``) so module paths read as in the wrapped model, and
@@ -455,7 +475,7 @@ def capture(
     """
     t0 = time.perf_counter()
     if isinstance(example_inputs, Mapping):
-        args, kwargs = (), dict(example_inputs)
+        args, kwargs = (), _in_signature_order(model, dict(example_inputs))
     elif isinstance(example_inputs, torch.Tensor):  # the one argument: tuple() would split its rows into arguments
         args, kwargs = (example_inputs,), {}
     else:
