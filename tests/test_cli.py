@@ -764,6 +764,18 @@ def test_debug_sensitivity_of_an_encoder_shows_no_percentage_of_a_zero_baseline(
     res = invoke("debug", "sensitivity", "minilm", "--scheme", "w4a8", "--sentences", "4", "-o", tmp_path / "s.json")
     rows = [line for line in res.output.splitlines() if "encoder.layer." in line]
     assert len(rows) == 6 and not any("%" in row for row in rows), res.output
+    # the values are 1 - cosine: labelled "cos", the title read "float cos 0.00000, all quantized 0.00926"
+    assert "float 1 - cos 0.00000" in " ".join(res.output.split()) and "1 - cos" in res.output.split("rank")[1]
+
+
+def test_debug_bisect_of_an_encoder_labels_its_metric_one_minus_cosine():
+    """bisect logged 'float baseline cos 0.00000' and each probe 'cos 0.08311 BAD': a cosine of 0 for the float
+    model; the values are 1 - cosine, and say so."""
+    res = invoke("debug", "bisect", "minilm:1", "--pipeline", "quantize(a=int4)", "--sentences", "2",
+                 "--max-increase", "0.001")
+    out = " ".join(res.output.split())
+    assert "float baseline 1 - cos 0.00000; threshold 0.00100" in out and "(1 - cos, threshold 0.00100)" in out
+    assert re.search(r"all 1 passes 1 - cos 0\.\d+ BAD", out), res.output
 
 
 def test_debug_compare_minilm():

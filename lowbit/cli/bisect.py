@@ -24,7 +24,7 @@ from rich.table import Table
 from lowbit import jsonio
 from lowbit.cli.common import Exit, capture_model, check_calibration, console, err_console, fail, is_stdout, load, \
     parse, parse_percent_or_number, write_text_output
-from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_name, run_probe
+from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe
 from lowbit.cli.restrict import Unit, block_units, how_restricted, restrict, units_in_scope
 from lowbit.passes.manager import format_pipeline
 
@@ -97,7 +97,7 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
     def record(what: str, value: float) -> bool:
         bad = exceeds(value, threshold)
         probes.append(Probe(what, value, bad))
-        log(f"{what:<70} {metric} {fmt_metric(metric, value)} {'BAD' if bad else 'ok'}")
+        log(f"{what:<70} {metric_label(metric)} {fmt_metric(metric, value)} {'BAD' if bad else 'ok'}")
         return bad
 
     def run_prefix(k: int) -> Any:
@@ -107,7 +107,8 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
         run_pipeline(g, passes, limit=k, model_spec=model_spec, takes_reproducer=False)
         return g
 
-    log(f"float baseline {metric} {fmt_metric(metric, baseline)}; threshold {fmt_metric(metric, threshold)}")
+    log(f"float baseline {metric_label(metric)} {fmt_metric(metric, baseline)}; "
+        f"threshold {fmt_metric(metric, threshold)}")
     full = evaluate(run_prefix(len(passes)))
     result = BisectResult(model_spec, format_pipeline(passes), metric, baseline, threshold, full, probes=probes)
     if not record(f"all {len(passes)} passes", full):
@@ -136,12 +137,12 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
     before = run_prefix(k)
     changed = []
     if k > 0 and record(f"first {k} passes again", evaluate(before)):
-        changed.append(f"the first {k} passes, within the threshold before, now give {metric} "
+        changed.append(f"the first {k} passes, within the threshold before, now give {metric_label(metric)} "
                        f"{fmt_metric(metric, probes[-1].metric)}")
     again = before.clone()
     run_pipeline(again, [culprit], model_spec=model_spec, takes_reproducer=False, ran_before=passes[:k])
     if not changed and not record(f"#{k} {culprit.name} again, on that IR", evaluate(again)):
-        changed.append(f"the first {k + 1} passes, past the threshold before, now give {metric} "
+        changed.append(f"the first {k + 1} passes, past the threshold before, now give {metric_label(metric)} "
                        f"{fmt_metric(metric, probes[-1].metric)}")
     if changed:
         fail(f"bisect needs passes that give the same result each run: {changed[0]} (threshold "
@@ -223,7 +224,8 @@ def run_bisect(model_spec: str, text: str, *, metric: str, max_increase: str, wi
     show = err_console if is_stdout(json_out) else console  # --json -: the standard output holds the JSON alone
     res = bisect(model_spec, text, metric=metric, max_increase=max_increase, windows=windows, seq_len=seq_len,
                  n_sentences=n_sentences, log=lambda s: show.print(s, markup=False, soft_wrap=True), dtype=dtype)
-    table = Table(title=f"bisect {res.model} ({res.metric}, threshold {fmt_metric(res.metric, res.threshold)})",
+    table = Table(title=f"bisect {res.model} ({metric_label(res.metric)}, threshold "
+                        f"{fmt_metric(res.metric, res.threshold)})",
                   show_header=False)
     table.add_row("float baseline", fmt_metric(res.metric, res.baseline))
     table.add_row("whole pipeline", fmt_metric(res.metric, res.full))

@@ -193,6 +193,12 @@ def layer_stats(ref: Probe, cand: Probe) -> dict[str, dict[str, float]]:
             and cand.layers[name].shape == t.shape}
 
 
+def metric_label(metric: str) -> str:
+    """How a table or log line names ``metric``'s values: ``cos`` (the option) is 1 - cosine, 0 for the float model,
+    and printed as "cos" it read as a cosine of 0 ("float cos 0.00000, all quantized 0.00926")."""
+    return "1 - cos" if metric == "cos" else metric
+
+
 def fmt_metric(metric: str, value: float) -> str:
     """Perplexity with 3 decimals (4 significant digits once it is huge, as for a truncated model); cos distance 5."""
     if metric == "ppl":

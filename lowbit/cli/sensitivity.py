@@ -22,7 +22,7 @@ from rich.table import Table
 from lowbit import jsonio
 from lowbit.cli.common import (Exit, atomic_write_text, capture_model, check_calibration, console, fail, load, parse,
                                worst_first)
-from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_name, run_probe
+from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe
 from lowbit.cli.restrict import block_units, how_restricted, linear_units, restrict, units_in_scope
 
 OVERRIDES_FORMAT = "lowbit-overrides/1"
@@ -137,9 +137,10 @@ def run_sensitivity(model_spec: str, scheme: str, *, group: int | None, prefix: 
     res["keep_float"] = keep
     pruning = qpass.name == "sparsify" or qpass.name.startswith("prune-") or qpass.name == "slice-residual"
     every = "all pruned" if pruning else "all quantized"
+    label = metric_label(m)
     table = Table(title=f"{res['quantize']} one {granularity} at a time on {res['model']} "
-                  f"(float {m} {fmt_metric(m, res['baseline'])}, {every} {fmt_metric(m, res['all_quantized'])})")
-    cols = ("rank", granularity, m, "damage", "override") if keepable else ("rank", granularity, m, "damage")
+                  f"(float {label} {fmt_metric(m, res['baseline'])}, {every} {fmt_metric(m, res['all_quantized'])})")
+    cols = ("rank", granularity, label, "damage", "override") if keepable else ("rank", granularity, label, "damage")
     for col in cols:
         table.add_column(col, justify="left" if col in (granularity, "override") else "right")
     kept_as = "keep dense" if pruning else "keep float"
