@@ -678,3 +678,23 @@ def test_gptq_batch_size_is_refused_where_a_single_pass_would_ignore_it():
     for taken in ("gptq(w=int4,batch_size=1,single_pass=false)", "gptq(w=int4,batch_size=1,awq=true)",
                   "gptq(w=int4,batch_size=4,calib_n=4)"):  # the last: the one batch a single pass runs anyway
         assert parse_pipeline(taken)[0].options.batch_size in (1, 4)
+
+
+def test_gptq_static_groups_false_is_refused_where_the_grid_is_fixed_up_front():
+    """gptq(static_groups=false) changes nothing without groups (one grid per channel) or with clip=true (the clip
+    search fixes every group's grid from the original weights before GPTQ runs): both ran static groups without a
+    word. Refused with what makes it read; with act_order=false it is taken (the groups' grids are then found as
+    GPTQ reaches them, what static_groups=false asks)."""
+    from lowbit.passes.manager import PipelineSpecError, parse_pipeline
+
+    torch.manual_seed(0)
+    w, x = torch.randn(16, 64), torch.randn(256, 64) * torch.linspace(0.1, 3, 64)
+    h = x.t() @ x
+    grid = weight_qparams(w, qdtype_of(4, False), False, 16, torch.full((16, 4), 0.9))
+    runs = [gptq_quantize(w, h, 4, 16, act_order=True, static_groups=s, qparams=grid).weight for s in (True, False)]
+    assert torch.equal(*runs)  # what clip=true,static_groups=false ran: the static grid it was given
+    for spec in ("gptq(w=int4,group=64,clip=true,static_groups=false)", "gptq(w=int4,static_groups=false)"):
+        with pytest.raises(PipelineSpecError, match=r"pass gptq: option static_groups=false is read only with group= "
+                                                    r"and clip=false"):
+            parse_pipeline(spec)
+    assert not parse_pipeline("gptq(w=int4,group=64,act_order=false,static_groups=false)")[0].options.static_groups

@@ -84,7 +84,8 @@ class GPTQOptions(WeightCalibrationOptions):
     act_order: bool = True
     """Quantize columns in order of decreasing Hessian diagonal."""
     static_groups: bool = True
-    """With act_order and groups: each group's grid from the original weights (keeps groups contiguous)."""
+    """With act_order and groups: each group's grid from the original weights (keeps groups contiguous). Read only
+    with group= and clip=false (clip=true fixes every grid from the original weights itself)."""
     damp: float = Field(default=0.01, gt=0, lt=1)
     """Diagonal damping, relative to the Hessian's mean diagonal."""
     block_size: int = Field(default=128, ge=1)
@@ -109,6 +110,10 @@ class GPTQOptions(WeightCalibrationOptions):
             raise ValueError("act_order=true with group needs static_groups=true (lowbit stores "
                              "contiguous groups along the input dim)")
         check_awq_options(self)
+        # the grid is fixed up front without groups (one per channel) and with clip=true (the clip search's, from
+        # the original weights): static_groups=false changed nothing there and was accepted without a word
+        self.refuse_unread({"static_groups": None if self.group is not None and not self.clip else
+                            "group= and clip=false (the clip search fixes every grid from the original weights)"})
         # a single pass runs every calibration sequence as one batch: batch_size=1, set to bound the memory of a
         # block's run, was ignored without a word (one of calib_n or more is that batch, and stays allowed)
         self.refuse_unread({"batch_size": None if not self.single_pass or self.awq or self.batch_size >= self.calib_n
