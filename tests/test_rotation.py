@@ -1069,3 +1069,31 @@ def test_rotate_refuses_cohere_naming_its_mean_subtracting_norm_once_per_module(
     assert re.search(r"module 'model\.layers\.0\.input_layernorm' takes the mean of %embedding .*a LayerNorm-type "
                      r"norm \(it subtracts the mean", msg), msg
     assert msg.count("takes the mean of") == 3 and "through which a rotation does not fold" not in msg, msg
+
+
+@pytest.mark.parametrize("kw,pipeline,where", [
+    ({"inter": 188}, "rotate(kind=kurtosis,calib_n=1,calib_len=16,progress=false)",
+     r"online rotation of the input of linear %\w+ \(module 'model\.layers\.0\.mlp\.down_proj'\): .*dimension 188"),
+    ({"hidden": 40, "heads": 4, "kv_heads": 2}, "rotate(kind=kurtosis,calib_n=1,calib_len=16,progress=false)",
+     r"head_dim 10 of %attention: .*dimension 10 = 5"),
+    ({"hidden": 40, "heads": 4, "kv_heads": 2}, "rotate(kind=random)",
+     r"online rotation of rotary %rotary \(module 'model\.layers\.0\.self_attn'\) output: .*dimension 10 = 5"),
+])
+def test_rotate_refuses_a_size_without_hadamard_before_learning_or_folding(kw, pipeline, where, monkeypatch):
+    """A down_proj width or head_dim with no Hadamard construction was found only where its matrix was built:
+    after kind=kurtosis had collected activations and learned R1 (minutes on a real model), and after the residual
+    rotation was folded. Every size is checked first: nothing is calibrated and the graph is left as it was."""
+    import lowbit.passes.rotate as rotate_mod
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    def no_calibration(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("calibrated before the size check")
+
+    monkeypatch.setattr(rotate_mod, "calibrate", no_calibration)
+    g = capture(CausalLMLogits(_gained_tiny_llama(layers=1, **kw)).eval(), (torch.ones(1, 6, dtype=torch.long),))
+    PassManager("fold-norms").run(g)
+    before = {k: v.data.clone() for k, v in g.params.items()}
+    with pytest.raises(PipelineError, match=r"pass rotate: " + where):
+        PassManager(pipeline).run(g)
+    assert g.params.keys() == before.keys() and all(torch.equal(g.params[k].data, v) for k, v in before.items())

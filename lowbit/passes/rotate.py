@@ -46,13 +46,13 @@ from lowbit.calibration.rotation_learning import (
 )
 from lowbit.calibration.memory import PeakRss
 from lowbit.ir.graph import Graph, Node, Value
-from lowbit.ir.hadamard import HadamardError, hadamard, random_hadamard
+from lowbit.ir.hadamard import HadamardError, hadamard, hadamard_order_split, random_hadamard
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
 from lowbit.ir.rotation_regions import HeadRegion, OnlineSite, ResidualRegion, find_rotation_regions
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 from lowbit.passes.fold_norms import private_weight
 
-__all__ = ["Rotate", "RotateOptions", "check_foldable", "fold_residual", "rotation_matrix", "set_weight"]
+__all__ = ["Rotate", "RotateOptions", "check_foldable", "check_hadamard_sizes", "fold_residual", "rotation_matrix", "set_weight"]
 
 
 _CALIBRATION_DATA = frozenset({"calib", "calib_n", "calib_len", "tokenizer", "device"})
@@ -348,6 +348,30 @@ def check_not_rotated_online(sites: list[OnlineSite], pass_name: str) -> None:
                         "another rotation on top")
 
 
+def check_hadamard_sizes(o: RotateOptions, res: ResidualRegion | None, heads: list[HeadRegion],
+                          sites: list[OnlineSite], pass_name: str) -> None:
+    """Refuse, before anything is learned or changed, a dimension the rotation needs a Hadamard matrix for and no
+    construction covers: the residual width and each head_dim (kind=hadamard, and the kurtosis/learned kinds,
+    which start from the randomised Hadamard) and every online site. Found at the site it was needed for, it came
+    after kind=kurtosis had collected and learned (minutes on a real model) and after the residual was folded."""
+    need: list[tuple[int, str]] = []
+    if o.kind != "random":
+        if o.residual and res is not None:
+            need.append((res.dim, f"residual stream of width {res.dim}"))
+        if o.heads:
+            need += [(h.head_dim, f"head_dim {h.head_dim} of %{h.attention.name}") for h in heads]
+    for s in sites:
+        if s.kind == "linear_input":
+            need.append((s.dim, f"online rotation of the input of linear %{s.node.name} (module {s.node.module!r})"))
+        else:
+            need.append((s.dim, f"online rotation of rotary %{s.node.name} (module {s.node.module!r}) output"))
+    for dim, what in need:
+        try:
+            hadamard_order_split(dim)
+        except HadamardError as exc:
+            raise PassError(f"pass {pass_name}: {what}: {exc}") from None
+
+
 @register_pass
 class Rotate(Pass):
     """Fold orthogonal (Hadamard or random) rotations into the weights, plus online Hadamards where needed."""
@@ -392,6 +416,7 @@ class Rotate(Pass):
             sites += [OnlineSite("linear_input", h.o_proj, h.o_proj.args[1].tensor_type.shape[-1])
                       for h in regions.heads]
         check_not_rotated_online(sites, self.name)
+        check_hadamard_sizes(o, res, regions.heads, sites, self.name)
         users = graph.users()
         base = "hadamard" if o.kind in ("kurtosis", "learned") else o.kind
         q = rotation_matrix(base, res.dim, o.seed, f"residual stream of width {res.dim}") if o.residual else None
@@ -441,11 +466,7 @@ class Rotate(Pass):
             if site.kind == "linear_input":
                 lin = site.node
                 x = lin.args[0]
-                try:
-                    hm = hadamard(site.dim)
-                except HadamardError as exc:
-                    raise PassError(f"pass rotate: online rotation of the input of linear %{lin.name} (module "
-                                    f"{lin.module!r}): {exc}") from None
+                hm = hadamard(site.dim)  # its size was checked by check_hadamard_sizes
                 node = graph.make_node("hadamard", [x], name=f"{lin.name}_had", type=x.type, module=lin.module)
                 graph.insert_before(lin, node)
                 lin.args = (node.output, *lin.args[1:])
@@ -453,11 +474,6 @@ class Rotate(Pass):
                 online.append(lin.module or lin.name)
             elif site.kind == "rotary_output":
                 rot = site.node
-                try:
-                    hadamard(site.dim)
-                except HadamardError as exc:
-                    raise PassError(f"pass rotate: online rotation of rotary %{rot.name} (module {rot.module!r}) "
-                                    f"output: {exc}") from None
                 node = graph.make_node("hadamard", [rot.output], name=f"{rot.name}_had", type=rot.output.type,
                                        module=rot.module)
                 graph.insert_after(rot, node)
