@@ -3,6 +3,8 @@ masks (exact patterns), zeros kept through quantization, bad input, ONNX export 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import held_out_slice
@@ -1182,6 +1184,29 @@ def test_structured_options_that_would_be_ignored_are_refused(spec, message):
 
     with pytest.raises(PipelineSpecError, match=message):
         parse_pipeline(spec)
+
+
+@pytest.mark.parametrize("spec, option, needs", [
+    ("prune-mlp(ratio=0.5,score=magnitude,calib_n=4)", "calib_n=4", r"score=wanda, fluctuation or obs, or compensate"),
+    ("prune-heads(ratio=0.5,score=magnitude,calib_len=64)", "calib_len=64", r"score=wanda, fluctuation or obs"),
+    ("sparsify(method=magnitude,pattern=2:4,batch_size=2)", "batch_size=2", r"a calibrating method \(method=wanda"),
+    ("prune-blocks(blocks=[model.layers.1],calib=wikitext2-valid)", "calib=wikitext2-valid", r"n >= 1 and no blocks=")])
+def test_calibration_data_a_pruning_pass_never_reads_is_refused(spec, option, needs):
+    """prune-mlp/prune-heads with score=magnitude (no repair), sparsify(method=magnitude) and prune-blocks(blocks=)
+    read no calibration data, yet took calib_n=4 or compile_model(calib=...) and ran with it silently ignored (the
+    pipeline said it calibrated on data it never ran). Each option is refused naming what reads it, and calib= on
+    a pipeline of such passes alone is refused as for any pipeline that calibrates nothing."""
+    from lowbit.api import compile_model
+    from lowbit.passes.manager import PipelineSpecError
+
+    with pytest.raises(PipelineSpecError, match=rf"option {re.escape(option)} is read only with {needs}"):
+        parse_pipeline(spec)
+    plain = re.sub(r",(calib\w*|batch_size)=[^,)]+", "", spec)
+    with pytest.raises(PassError, match=r"calib= is read by calibrating passes.*has none"):
+        compile_model(_tiny_m(), pipeline=plain, calib=_tiny_cal())
+    # with a repair (or a calibrating method, or ranked blocks) the same option is read
+    parse_pipeline("prune-mlp(ratio=0.5,score=magnitude,compensate=true,calib_n=4),sparsify(method=wanda,"
+                   "batch_size=2),prune-blocks(n=1,calib=wikitext2-valid)")
 
 
 def test_global_head_allocation_honours_spread():

@@ -155,6 +155,17 @@ class CalibrationOptions(PassOptions):
         where none does, which would ignore it)."""
         return True
 
+    DATA_OPTIONS: ClassVar[tuple[str, ...]] = ("calib", "calib_n", "calib_len", "tokenizer", "batch_size", "device")
+    """The options that choose the calibration data and where it runs: all unread when ``reads_calibration()`` is
+    false (``progress`` is left out: pipelines pass ``progress=false`` to every pass alike)."""
+
+    def data_needs(self, why: str) -> dict[str, str | None]:
+        """``refuse_unread``'s entries for :attr:`DATA_OPTIONS`: read when the pass reads data, else refused naming
+        ``why`` (the options that would make it read them). A pass whose options make it read no data must say
+        so rather than run with ``calib_n=4`` or ``compile_model(calib=)`` silently ignored."""
+        read = self.reads_calibration()
+        return {k: None if read else why for k in self.DATA_OPTIONS}
+
     def input_files(self) -> list[tuple[str, str]]:
         from lowbit.data import TEXTS
 

@@ -46,16 +46,18 @@ class PruneBlocksOptions(CalibrationOptions, ScopedOptions):
     """Regex searched in block paths: only matching blocks are candidates (empty: all), of ``blocks`` too. The
     debugging tools restrict the pass to some layers through it."""
 
+    def reads_calibration(self) -> bool:
+        """The calibration data ranks blocks by influence: named ``blocks=`` (or ``n=0``) read none."""
+        return not self.blocks and self.n > 0
+
     @model_validator(mode="after")
     def _n_or_blocks(self) -> PruneBlocksOptions:
-        # the calibration options rank blocks by influence: with blocks= they were accepted and ignored (calib
-        # itself stays allowed: compile_model(calib=) hands its data to every calibrating pass of a pipeline)
-        ranked = not self.blocks and self.n > 0
+        # with blocks= the calibration options were accepted and ignored (compile_model(calib=) hands its data only
+        # to the passes whose reads_calibration() says they read it)
         self.refuse_unread({"n": "no blocks= (the listed blocks are removed): give n or blocks" if self.blocks
                             else None,
-                            **{k: None if ranked else "n >= 1 and no blocks= (the blocks are then ranked on "
-                               "calibration data)" for k in ("calib_n", "calib_len", "tokenizer", "batch_size",
-                                                            "device")}})
+                            **self.data_needs("n >= 1 and no blocks= (the blocks are then ranked on calibration "
+                                              "data)")})
         return self
 
 

@@ -107,7 +107,7 @@ class PruneHeads(Pass):
             raise PassError(f"pass {self.name}: no attention with q/k/v/o linears found "
                             f"({'; '.join(skipped[:3]) or 'no attention op'})")
         refuse_nonfinite_weights(self.name, [n for s in sites for n in (s.q, s.k, s.v, s.o)])
-        calibrated = o.score != "magnitude" or o.compensate or o.update
+        calibrated = o.reads_calibration()
         second = o.update or o.score == "obs"
         check_target(o, self.name)
         col = _Collected()

@@ -104,13 +104,19 @@ class StructuredOptions(CalibrationOptions, ScopedOptions):
     """Regex searched in module paths: only layers whose output projection (``down_proj``/``o_proj``) matches are
     pruned (empty: all). The debugging tools restrict the pass to some layers through it."""
 
+    def reads_calibration(self) -> bool:
+        """``score=magnitude`` ranks by the weights alone: only a repair (``compensate``/``update``) reads data."""
+        return self.score != "magnitude" or self.compensate or self.update
+
     @model_validator(mode="after")
     def _global_options_need_global(self) -> StructuredOptions:
-        self.refuse_unread({k: None if self.allocation == "global" else "allocation=global"
-                            for k in ("max_layer_ratio", "spread")})
-        if self.sequential and self.score == "magnitude" and not (self.compensate or self.update):
+        if self.sequential and not self.reads_calibration():
             raise ValueError("option sequential=true calibrates block by block, but score=magnitude without "
                              "compensate or update calibrates nothing: it would be silently ignored")
+        self.refuse_unread({**{k: None if self.allocation == "global" else "allocation=global"
+                               for k in ("max_layer_ratio", "spread")},
+                            **self.data_needs("score=wanda, fluctuation or obs, or compensate=true or update=true "
+                                              "(score=magnitude ranks by the weights alone)")})
         return self
 
 
@@ -534,7 +540,7 @@ class PruneMLP(Pass):
         if not sites:
             raise PassError(f"pass {self.name}: no prunable MLP found ({'; '.join(skipped[:3]) or 'no down_proj'})")
         refuse_nonfinite_weights(self.name, [n for s in sites for n in (*s.producers, s.down)])
-        calibrated = o.score != "magnitude" or o.compensate or o.update
+        calibrated = o.reads_calibration()
         second = o.update or o.score == "obs"
         check_target(o, self.name)
         counts: list[int] | None = None

@@ -151,8 +151,13 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
                   "in every row)" if p.is_nm else None for k in ("sparsity", "selection")},
             **{k: None if self.method == "learned" else "method=learned" for k in fields if k.startswith("learn_")},
             "true_sequential": "a calibrating method (method=magnitude calibrates nothing)"
-            if self.method == "magnitude" else None})
+            if self.method == "magnitude" else None,
+            **self.data_needs("a calibrating method (method=wanda, sparsegpt or learned; magnitude reads only the "
+                              "weights)")})
         return self
+
+    def reads_calibration(self) -> bool:
+        return self.method != "magnitude"
 
 
 def _add_squares(sq: dict[int, torch.Tensor], key: int, x: torch.Tensor) -> None:
