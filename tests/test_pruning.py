@@ -1231,15 +1231,20 @@ def test_global_head_allocation_honours_spread():
     ("sparsify(pattern=2:4,sparsity=0.3)", r"option sparsity=0\.3 is read only with an unstructured pattern \(pattern=2:4 keeps 2 of every 4"),
     ("sparsify(method=sparsegpt,pattern=2:4,selection=layer)", r"option selection=layer is read only with an unstructured pattern \(pattern=2:4"),
     ("sparsify(method=magnitude,true_sequential=true)", r"option true_sequential=true is read only with a calibrating method \(method=magnitude"),
-    ("sparsify(method=sparsegpt,learn_steps=8)", r"option learn_steps=8 is read only with method=learned")])
+    ("sparsify(method=sparsegpt,learn_steps=8)", r"option learn_steps=8 is read only with method=learned"),
+    ("sparsify(method=wanda,damp=0.1)", r"option damp=0\.1 is read only with method=sparsegpt or method=learned"),
+    ("sparsify(method=learned,block_size=64)", r"option block_size=64 is read only with method=sparsegpt"),
+    ("sparsify(method=sparsegpt,owl_lambda=0.1)", r"option owl_lambda=0\.1 is read only with allocation=owl"),
+    ("sparsify(method=wanda,owl_threshold=3)", r"option owl_threshold=3\.0 is read only with allocation=owl")])
 def test_sparsify_options_the_pattern_or_method_never_reads_are_refused(spec, message):
     """Each was accepted and did nothing (sparsity=0.3 with 2:4 still zeroed 50%)."""
     from lowbit.passes.manager import PipelineSpecError
 
     with pytest.raises(PipelineSpecError, match=message):
         parse_pipeline(spec)
-    parse_pipeline("sparsify(method=learned,pattern=2:4,learn_steps=8),sparsify(method=sparsegpt,sparsity=0.3,"
-                   "selection=layer,true_sequential=true)")
+    parse_pipeline("sparsify(method=learned,pattern=2:4,learn_steps=8,damp=0.1),sparsify(method=sparsegpt,"
+                   "sparsity=0.3,selection=layer,true_sequential=true,block_size=64,allocation=owl,owl_lambda=0.1,"
+                   "owl_threshold=3)")
 
 
 @pytest.mark.parametrize("pipe", ["prune-mlp(ratio=0.5,score=magnitude)", "prune-heads(ratio=0.5,score=magnitude)",

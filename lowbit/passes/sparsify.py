@@ -152,6 +152,10 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
             **{k: None if self.method == "learned" else "method=learned" for k in fields if k.startswith("learn_")},
             "true_sequential": "a calibrating method (method=magnitude calibrates nothing)"
             if self.method == "magnitude" else None,
+            "damp": None if self.method in ("sparsegpt", "learned") else "method=sparsegpt or method=learned (the "
+                                                                       "methods that invert the input Hessian)",
+            "block_size": None if self.method == "sparsegpt" else "method=sparsegpt",
+            **{k: None if self.allocation == "owl" else "allocation=owl" for k in ("owl_threshold", "owl_lambda")},
             **self.data_needs("a calibrating method (method=wanda, sparsegpt or learned; magnitude reads only the "
                               "weights)")})
         return self
