@@ -1176,14 +1176,19 @@ def test_sparsegpt_on_non_finite_activations_names_the_linear():
     ("prune-mlp(ratio=0.9,allocation=global)", r"ratio=0\.9 with allocation=global: no layer loses more than "
                                                r"max_layer_ratio=0\.8"),
     ("prune-heads(ratio=0.5,score=magnitude,sequential=true)", r"sequential=true .*score=magnitude without "
-                                                               r"compensate or update calibrates nothing")])
+                                                               r"compensate or update calibrates nothing"),
+    ("prune-mlp(ratio=0.5,compensate=true,damp=0.1)", r"option damp=0\.1 is read only with a least-squares refit "
+                                                      r"\(update=true or score=obs\)"),
+    ("prune-heads(ratio=0.5,update=true,obs_step=4)", r"option obs_step=4 is read only with score=obs")])
 def test_structured_options_that_would_be_ignored_are_refused(spec, message):
     """The global allocation's bounds were read only by prune-mlp's global allocation: given with uniform, or to
-    prune-heads, they did nothing, and a global ratio above the per-layer cap removed less than asked."""
+    prune-heads, they did nothing, and a global ratio above the per-layer cap removed less than asked. damp (the
+    refit's damping) without a refit and obs_step without score=obs did nothing either."""
     from lowbit.passes.manager import PipelineSpecError
 
     with pytest.raises(PipelineSpecError, match=message):
         parse_pipeline(spec)
+    parse_pipeline("prune-mlp(ratio=0.5,update=true,damp=0.1),prune-heads(ratio=0.5,score=obs,obs_step=4,damp=0.1)")
 
 
 @pytest.mark.parametrize("spec, option, needs", [

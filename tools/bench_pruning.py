@@ -109,6 +109,17 @@ ROWS += [(f"structured-{pct}", "slicegpt", f"residual stream 576 -> {w} (one PCA
 # shipped calibration window (117 x 512: the refit solves a 1537-wide least squares per layer), the same layout
 OBS = "calib_n=117,progress=false"
 MIDDLE = r"modules=model\.layers\.(8|9|1[0-9]|20)\."
+
+
+def obs_calibration(pipeline: str, obs_calib: str) -> str:
+    """``pipeline`` (an OBS row's) with ``--obs-calib`` in place of ``OBS`` in each pass; its ``obs_step`` only where
+    ``score=obs`` reads it (prune-mlp refuses it on an ``update=true`` refit, which never reads it)."""
+    plain = ",".join(o for o in obs_calib.split(",") if o and not o.startswith("obs_step="))
+    parts = re.split(r",(?=[a-z-]+\()", pipeline)
+    return ",".join(p.replace(OBS, ",".join(filter(None, (obs_calib if "score=obs" in p else plain,
+                                                           "progress=false")))) for p in parts)
+
+
 ROWS += [
     ("structured-20", "obs", "mlp channels, whole-column OBS + refit, uniform 25% + 64 more in blocks 8-20",
      f"prune-mlp(ratio=0.25,score=obs,{OBS}),prune-mlp(ratio=0.0556,score=obs,{MIDDLE},{OBS})"),
@@ -660,7 +671,7 @@ def main() -> None:
         if match and scheme != "float" and not re.search(match, f"{scheme}:{method}:{variant}"):
             continue
         if pipeline and args.obs_calib:
-            pipeline = pipeline.replace(OBS, f"{args.obs_calib},progress=false")
+            pipeline = obs_calibration(pipeline, args.obs_calib)
         g = graph.clone()
         t1 = time.perf_counter()
         stats: dict = {}

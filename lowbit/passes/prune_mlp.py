@@ -113,8 +113,11 @@ class StructuredOptions(CalibrationOptions, ScopedOptions):
         if self.sequential and not self.reads_calibration():
             raise ValueError("option sequential=true calibrates block by block, but score=magnitude without "
                              "compensate or update calibrates nothing: it would be silently ignored")
+        refit = self.update or self.score == "obs"
         self.refuse_unread({**{k: None if self.allocation == "global" else "allocation=global"
                                for k in ("max_layer_ratio", "spread")},
+                            "damp": None if refit else "a least-squares refit (update=true or score=obs)",
+                            "obs_step": None if self.score == "obs" else "score=obs",
                             **self.data_needs("score=wanda, fluctuation or obs, or compensate=true or update=true "
                                               "(score=magnitude ranks by the weights alone)")})
         return self
