@@ -1097,3 +1097,25 @@ def test_rotate_refuses_a_size_without_hadamard_before_learning_or_folding(kw, p
     with pytest.raises(PipelineError, match=r"pass rotate: " + where):
         PassManager(pipeline).run(g)
     assert g.params.keys() == before.keys() and all(torch.equal(g.params[k].data, v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("kw,spec,avoid", [
+    ({"hidden": 172, "heads": 43, "kv_heads": 43}, "rotate", r"residual stream of width 172: .*; rotate\(kind=random\)"),
+    ({"hidden": 40, "heads": 4, "kv_heads": 2}, "rotate", r"head_dim 10 of %attention: .*; rotate\(kind=random\) .*"
+                                                        r"rotate\(heads=false\)"),
+    ({"inter": 188}, "rotate", r"'model\.layers\.0\.mlp\.down_proj'\): .*; rotate\(online=false\) leaves it out"),
+    ({"hidden": 172, "heads": 43, "kv_heads": 43}, "rotate(kind=random,online_o=true)",
+     r"'model\.layers\.0\.self_attn\.o_proj'\): .*dimension 172.*; rotate\(online_o=false\) leaves it out"),
+    ({"hidden": 40, "heads": 4, "kv_heads": 2}, "rotate(kind=random)", r"rotary %rotary .*; rotate\(qk=false\)"),
+])
+def test_rotate_refusal_of_a_size_without_hadamard_names_the_option_that_avoids_it(kw, spec, avoid):
+    """'no Hadamard construction known for dimension 188' said what was wrong but not what to do: each refusal
+    names the option that does without that matrix (kind=random, heads=false, online=false, online_o=false or
+    qk=false)."""
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    g = capture(CausalLMLogits(_gained_tiny_llama(layers=1, **kw)).eval(), (torch.ones(1, 6, dtype=torch.long),))
+    PassManager("fold-norms").run(g)
+    with pytest.raises(PipelineError, match=r"pass rotate: .*" + avoid):
+        PassManager(spec).run(g)

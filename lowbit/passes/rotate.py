@@ -354,22 +354,29 @@ def check_hadamard_sizes(o: RotateOptions, res: ResidualRegion | None, heads: li
     construction covers: the residual width and each head_dim (kind=hadamard, and the kurtosis/learned kinds,
     which start from the randomised Hadamard) and every online site. Found at the site it was needed for, it came
     after kind=kurtosis had collected and learned (minutes on a real model) and after the residual was folded."""
-    need: list[tuple[int, str]] = []
+    need: list[tuple[int, str, str]] = []  # (size, what needs it, the option that does without it)
     if o.kind != "random":
         if o.residual and res is not None:
-            need.append((res.dim, f"residual stream of width {res.dim}"))
+            need.append((res.dim, f"residual stream of width {res.dim}",
+                         f"{pass_name}(kind=random) folds a random orthogonal matrix there instead "
+                         f"({pass_name}(residual=false) leaves the stream unrotated)"))
         if o.heads:
-            need += [(h.head_dim, f"head_dim {h.head_dim} of %{h.attention.name}") for h in heads]
+            need += [(h.head_dim, f"head_dim {h.head_dim} of %{h.attention.name}",
+                      f"{pass_name}(kind=random) rotates the heads with a random orthogonal matrix instead "
+                      f"({pass_name}(heads=false) leaves them unrotated)") for h in heads]
+    o_projs = {id(h.o_proj) for h in heads} if o.online_o else set()
     for s in sites:
         if s.kind == "linear_input":
-            need.append((s.dim, f"online rotation of the input of linear %{s.node.name} (module {s.node.module!r})"))
+            need.append((s.dim, f"online rotation of the input of linear %{s.node.name} (module {s.node.module!r})",
+                         f"{pass_name}({'online_o' if id(s.node) in o_projs else 'online'}=false) leaves it out"))
         else:
-            need.append((s.dim, f"online rotation of rotary %{s.node.name} (module {s.node.module!r}) output"))
-    for dim, what in need:
+            need.append((s.dim, f"online rotation of rotary %{s.node.name} (module {s.node.module!r}) output",
+                         f"{pass_name}(qk=false) leaves queries and keys unrotated"))
+    for dim, what, avoid in need:
         try:
             hadamard_order_split(dim)
         except HadamardError as exc:
-            raise PassError(f"pass {pass_name}: {what}: {exc}") from None
+            raise PassError(f"pass {pass_name}: {what}: {exc}; {avoid}") from None
 
 
 @register_pass
