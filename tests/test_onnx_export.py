@@ -862,6 +862,26 @@ def test_exported_models_name_their_outputs_for_what_they_are(minilm_graph):
     assert "return %logits" in str(lm)
 
 
+def test_an_hf_models_outputs_are_named_by_its_output_fields(tmp_path):
+    """A BertModel or ViTModel compiled from Python exported its outputs as the last nodes' names ('layer_norm_2',
+    'tanh'); they are its ModelOutput's fields, as transformers and a runtime name them."""
+    import onnx
+    import transformers as tf
+
+    torch.manual_seed(0)
+    vit = tf.ViTModel(tf.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                   image_size=16, patch_size=8)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    compiled = lowbit.compile_model(vit, (x,), pipeline="quantize(w=int8)")
+    path = lowbit.export(compiled, tmp_path / "vit.onnx")
+    assert [o.name for o in onnx.load(path).graph.output] == ["last_hidden_state", "pooler_output"]
+    outputs = lowbit.export.load(path)(x)
+    torch.testing.assert_close(torch.as_tensor(outputs[1]), vit(x).pooler_output, rtol=0.05, atol=0.02)
+    head = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                          num_attention_heads=2, num_hidden_layers=1)).eval()
+    assert "return %logits" in str(lowbit.compile_model(head, (torch.ones(2, 5, dtype=torch.long),)).graph)
+
+
 def test_a_failed_export_removes_the_directories_it_created(tmp_path, monkeypatch):
     """``check_writable`` creates the export's parent directories before the lowering; a lowering that failed left
     them behind, empty. They are removed now (only those it made, and only while empty)."""

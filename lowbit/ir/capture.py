@@ -438,6 +438,17 @@ def _name_outputs(graph: Graph, names: Any) -> None:
             graph.rename(value, name)
 
 
+def _output_fields(ep: ExportedProgram) -> list[str] | None:
+    """The field names of what the model returns, when it returns one tensor per field (a transformers
+    ``ModelOutput``, a dict): a BertModel's or ViTModel's ONNX export named its outputs after the last nodes
+    (``layer_norm_4``, ``tanh``), where a runtime looks for ``last_hidden_state`` and ``pooler_output``."""
+    spec = ep.call_spec.out_spec
+    fields = getattr(spec, "context", None)
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        return None
+    return fields if spec.num_leaves == len(fields) else None  # a nested field (a tuple of tensors) is left as is
+
+
 def _in_signature_order(model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` in the order ``model.forward`` declares them (names it does not declare, which go to its
     ``**kwargs``, after them as given). torch.export makes the graph's inputs in the dict's order, and a compiled
@@ -516,7 +527,7 @@ def capture(
     flat_examples = list(args) + list(kwargs.values())
     t1 = time.perf_counter()
     graph = from_exported(ep, prefix=prefix, example_inputs=flat_examples, raise_ops=raise_ops)
-    _name_outputs(graph, getattr(model, "capture_outputs", None))
+    _name_outputs(graph, getattr(model, "capture_outputs", None) or _output_fields(ep))
     graph.meta.update(
         export_seconds=round(t1 - t0, 3),
         convert_seconds=round(time.perf_counter() - t1, 3),
