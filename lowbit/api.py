@@ -648,7 +648,8 @@ def compile_model(
     elif tokenizer is None:
         tokenizer = own_tokenizer(model)
     # a text too short for calib_n x calib_len, or windows longer than the model's positions: before the capture
-    check_calibration_texts(passes, tokenizer, positions=model_positions(model))
+    check_calibration_texts(passes, tokenizer, positions=model_positions(model),
+                            max_seq_length=getattr(model, "max_seq_length", None))
     # the wrappers below capture in eval mode, which .eval() sets on the caller's modules too: put them back after
     modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
     try:

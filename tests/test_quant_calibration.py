@@ -362,3 +362,29 @@ def test_calibrating_passes_take_the_tokenizer_captured_with_the_model(minilm, m
     assert graph_tokenizer(g, "smollm2").vocab_size == smollm2[1].vocab_size != minilm_tok.vocab_size
     g.meta.pop("tokenizer")
     assert graph_tokenizer(g, None).vocab_size == smollm2[1].vocab_size
+
+
+def test_an_encoders_default_calibration_windows_are_its_max_seq_length(minilm, minilm_graph, tmp_path):
+    """MiniLM's default calib_len=512 calibrated positions 256-511, which sentence-transformers (max_seq_length=256)
+    never feeds it: unset, calib_len is the encoder's max_seq_length, in the pass and in the text check before the
+    capture; a calib_len given is used as given."""
+    from lowbit.api import describe_source
+    from lowbit.passes.base import PassError
+    from lowbit.passes.gptq import GPTQ
+    from lowbit.passes.manager import check_calibration_texts
+
+    embedder, tok = minilm
+    assert embedder.max_seq_length == 256
+    graph = minilm_graph.clone()
+    graph.meta["source"], graph.meta["tokenizer"] = describe_source(embedder), tok
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 50} is here." for i in range(150)))  # ~600 tokens: 2 x 256, not 2 x 512
+    default, given = GPTQ(calib=str(text), calib_n=2), GPTQ(calib=str(text), calib_n=2, calib_len=512)
+    ids = default.options.token_ids(graph, "gptq")
+    assert ids.shape == (2, 256) and ids[0, 0] == tok.cls_token_id and ids[0, -1] == tok.sep_token_id
+    check_calibration_texts([default], tok, positions=512, max_seq_length=256)
+    with pytest.raises(PassError, match=r"windows of 510 \(calib_len=512 less the \[CLS\] and \[SEP\].*n=2 were asked"):
+        check_calibration_texts([given], tok, positions=512, max_seq_length=256)
+    long = tmp_path / "long.txt"
+    long.write_text(text.read_text() * 3)
+    assert GPTQ(calib=str(long), calib_n=2, calib_len=512).options.token_ids(graph, "gptq").shape == (2, 512)

@@ -249,7 +249,8 @@ def check_calibration(passes: list[Any], model: LoadedModel) -> None:
     from lowbit.passes.manager import check_calibration_texts
 
     try:
-        check_calibration_texts(passes, model.tokenizer, positions=model_positions(model.module))
+        check_calibration_texts(passes, model.tokenizer, positions=model_positions(model.module),
+                                max_seq_length=getattr(model.module, "max_seq_length", None))
     except PassError as exc:
         fail(str(exc), Exit.NOT_FOUND if isinstance(exc, PassFileError) else Exit.USAGE)
 

@@ -115,7 +115,8 @@ class CalibrationOptions(PassOptions):
     calib_n: int = Field(default=32, ge=1)
     """Calibration sequences (the shipped text has 123 windows of 512; give a longer file for more)."""
     calib_len: int = Field(default=512, ge=2)
-    """Tokens per calibration sequence."""
+    """Tokens per calibration sequence; unset, at most the encoder's ``max_seq_length`` where it has one (MiniLM:
+    256, the most sentence-transformers feeds it)."""
     tokenizer: str | None = None
     """Tokenizer of the calibration text (``smollm2``, ``minilm`` or a HF tokenizer directory); unset: the one
     ``compile_model`` loaded with the model, else SmolLM2's."""
@@ -174,6 +175,18 @@ class CalibrationOptions(PassOptions):
             files.append(("tokenizer", self.tokenizer))
         return files
 
+    def window_length(self, max_seq_length: int | None) -> int:
+        """``calib_len``, or where it was left unset, the model's ``max_seq_length`` when shorter: sentence-
+        transformers feeds an encoder at most that many tokens (MiniLM: 256 of its 512 positions), and 512-token
+        windows calibrated positions 256-511, which it never reads."""
+        if max_seq_length is not None and "calib_len" not in self.model_fields_set and max_seq_length < self.calib_len:
+            return max_seq_length
+        return self.calib_len
+
+    def calib_len_for(self, graph: Graph) -> int:
+        """``window_length`` for ``graph``'s model (its ``max_seq_length``, recorded at capture for an encoder)."""
+        return self.window_length((graph.meta.get("source") or {}).get("max_seq_length"))
+
     def torch_device(self, pass_name: str) -> torch.device | None:
         """``device`` as a torch device (None: where the params are), or a PassError naming the option."""
         try:
@@ -197,7 +210,8 @@ class CalibrationOptions(PassOptions):
                     raise ValueError(f"calibration token ids must be integers, got {given.dtype} (float inputs "
                                      f"calibrate a model whose input is float; this graph's input "
                                      f"%{graph.inputs[0].name} is {first})")
-                ids, source = given_windows(given, self.calib_n, self.calib_len, shown), "the given token ids"
+                ids, source = given_windows(given, self.calib_n, self.calib_len_for(graph), shown), \
+                    "the given token ids"
                 if given.dim() == 2:  # [n, L] windows are used as given, but not against options the user set
                     ids = self._fit_given_windows(ids)
             else:
@@ -205,7 +219,7 @@ class CalibrationOptions(PassOptions):
                 tok = graph_tokenizer(graph, self.tokenizer)
                 if self.tokenizer is not None:
                     check_tokenizer_matches(tok, graph.meta.get("tokenizer"), self.tokenizer)
-                ids = calibration_ids(self.calib, tok, self.calib_n, self.calib_len)
+                ids = calibration_ids(self.calib, tok, self.calib_n, self.calib_len_for(graph))
                 source = f"tokenizer {getattr(tok, 'name_or_path', '') or type(tok).__name__!r}"
             check_vocabulary(ids, graph, source)
             return ids
@@ -215,18 +229,21 @@ class CalibrationOptions(PassOptions):
         except ValueError as exc:
             raise PassError(f"pass {pass_name}: option calib={shown}: {exc}") from None
 
-    def check_text_length(self, tokenizer: Any, pass_name: str, positions: int | None = None) -> None:
+    def check_text_length(self, tokenizer: Any, pass_name: str, positions: int | None = None,
+                          max_seq_length: int | None = None) -> None:
         """Refuse a calibration text too short for ``calib_n`` windows of ``calib_len`` tokens before the model is
         captured (the pass found it after capture and every pass before it had run). ``tokenizer``: the model's
         (the pass' own ``tokenizer=`` wins); nothing is checked without one, nor for given token ids (a tensor or a
         ``.safetensors`` file: checked when the pass reads them). The token ids are cached, so the pass does not
         tokenize the text again. ``positions``: the model's ``max_position_embeddings``, where known; a text's windows
-        longer than it are refused too (the pass refused them after the capture)."""
+        longer than it are refused too (the pass refused them after the capture). ``max_seq_length``: an encoder's,
+        which an unset ``calib_len`` is capped to (``window_length``)."""
         if not self.reads_calibration() or isinstance(self.calib, torch.Tensor) or \
                 str(self.calib).endswith(".safetensors"):
             return
-        if positions is not None and self.calib_len > positions:
-            raise PassError(f"pass {pass_name}: option calib_len={self.calib_len}: the model takes at most {positions} "
+        length = self.window_length(max_seq_length)
+        if positions is not None and length > positions:
+            raise PassError(f"pass {pass_name}: option calib_len={length}: the model takes at most {positions} "
                             f"positions (max_position_embeddings in its config), so windows that long cannot run: "
                             f"give calib_len={positions} or less")
         if self.tokenizer is not None:
@@ -244,7 +261,7 @@ class CalibrationOptions(PassOptions):
         if tokenizer is None:
             return
         try:
-            calibration_ids(self.calib, tokenizer, self.calib_n, self.calib_len)
+            calibration_ids(self.calib, tokenizer, self.calib_n, self.window_length(max_seq_length))
         except (CorruptFileError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
             raise PassFileError(f"pass {pass_name}: option calib={self.calib!r}: {exc}") from None
         except ValueError as exc:

@@ -790,7 +790,7 @@ class InsertQDQ(Pass):
         cfg = config_from_options(o)
         if cfg.is_empty():
             raise PassError(_NOTHING)
-        calibration = {"text": o.calib, "n": o.calib_n, "seq_len": o.calib_len, "tokenizer": o.tokenizer,
+        calibration = {"text": o.calib, "n": o.calib_n, "seq_len": o.calib_len_for(graph), "tokenizer": o.tokenizer,
                        "progress": o.progress, "batch_size": o.batch_size_for(graph),
                        "device": o.torch_device(self.name)}
         # static scales read the calibration data through token_ids (a .safetensors of ids, the vocabulary check,

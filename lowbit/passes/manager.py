@@ -120,15 +120,17 @@ def _refuse_file_options(name: str, cls: type[Pass], options: dict[str, Any],
                                   "artefact may only use lowbit's shipped data (wikitext2-valid, smollm2, ...)")
 
 
-def check_calibration_texts(passes: Sequence[Pass], tokenizer: Any, positions: int | None = None) -> None:
-    """Every calibration text of the pipeline holds the ``calib_n x calib_len`` tokens its pass asks for, and no
-    ``calib_len`` is longer than the model's ``positions`` (where known), checked once the model's tokenizer is known
-    and before the capture (``CalibrationOptions.check_text_length``)."""
+def check_calibration_texts(passes: Sequence[Pass], tokenizer: Any, positions: int | None = None,
+                            max_seq_length: int | None = None) -> None:
+    """Every calibration text of the pipeline holds the ``calib_n x calib_len`` tokens its pass asks for (an unset
+    calib_len capped to an encoder's ``max_seq_length``), and no ``calib_len`` is longer than the model's
+    ``positions`` (where known), checked once the model's tokenizer is known and before the capture
+    (``CalibrationOptions.check_text_length``)."""
     from lowbit.passes.base import CalibrationOptions
 
     for p in passes:
         if isinstance(p.options, CalibrationOptions):
-            p.options.check_text_length(tokenizer, p.name, positions=positions)
+            p.options.check_text_length(tokenizer, p.name, positions=positions, max_seq_length=max_seq_length)
 
 
 def check_input_files(passes: Sequence[Pass]) -> None:
