@@ -1240,9 +1240,13 @@ def test_global_head_allocation_honours_spread():
     ("sparsify(method=wanda,damp=0.1)", r"option damp=0\.1 is read only with method=sparsegpt or method=learned"),
     ("sparsify(method=learned,block_size=64)", r"option block_size=64 is read only with method=sparsegpt"),
     ("sparsify(method=sparsegpt,owl_lambda=0.1)", r"option owl_lambda=0\.1 is read only with allocation=owl"),
-    ("sparsify(method=wanda,owl_threshold=3)", r"option owl_threshold=3\.0 is read only with allocation=owl")])
+    ("sparsify(method=wanda,owl_threshold=3)", r"option owl_threshold=3\.0 is read only with allocation=owl"),
+    ("sparsify(method=wanda,pattern=2:4,allocation=owl)", r"allocation=owl needs unstructured sparsity and "
+                                                          r"calibration.*pattern=2:4"),
+    ("sparsify(method=learned,selection=layer)", r"method=learned chooses unstructured masks per row")])
 def test_sparsify_options_the_pattern_or_method_never_reads_are_refused(spec, message):
-    """Each was accepted and did nothing (sparsity=0.3 with 2:4 still zeroed 50%)."""
+    """Each was accepted and did nothing (sparsity=0.3 with 2:4 still zeroed 50%); the last two were refused only
+    by the run, after the model was loaded and captured (the CLI's exit code 4, a failed pass, not 2)."""
     from lowbit.passes.manager import PipelineSpecError
 
     with pytest.raises(PipelineSpecError, match=message):

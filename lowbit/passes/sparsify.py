@@ -145,6 +145,14 @@ class SparsifyOptions(CalibrationOptions, ScopedOptions):
                              "(use wanda, sparsegpt or learned)")
         fields = type(self).model_fields
         p = parse_pattern(self.pattern, 0.5)
+        # refused here, when the pipeline is parsed: the run found them after the model was loaded and captured
+        if self.allocation == "owl" and (p.is_nm or self.method == "magnitude"):
+            raise ValueError(f"allocation=owl needs unstructured sparsity and calibration: it sets each block's "
+                             f"sparsity from calibrated outlier counts (got method={self.method}, "
+                             f"pattern={self.pattern})")
+        if self.method == "learned" and not p.is_nm and self.selection == "layer":
+            raise ValueError("method=learned chooses unstructured masks per row; selection=layer is not supported "
+                             "with it (use method=sparsegpt for a per-matrix mask)")
         self.refuse_unread({
             **{k: "refit=block" if self.refit == "none" else None for k in fields if k.startswith("refit_")},
             **{k: f"an unstructured pattern (pattern={self.pattern} keeps {p.n} of every {p.m} weights along K "
@@ -214,12 +222,6 @@ class Sparsify(Pass):
         if not targets:
             raise PassError("pass sparsify: no linear inside a repeated block to sparsify")
         refuse_nonfinite_weights(self.name, targets)
-        if o.method == "learned" and not p.is_nm and o.selection == "layer":
-            raise PassError("pass sparsify: method=learned chooses unstructured masks per row; selection=layer is "
-                            "not supported with it")
-        if o.allocation == "owl" and (p.is_nm or o.method == "magnitude"):
-            raise PassError(f"pass sparsify: allocation=owl needs unstructured sparsity and calibration "
-                            f"(method={o.method}, pattern={o.pattern})")
         for n in targets:
             try:
                 check_pattern(int(n.args[1].data.shape[1]), p, f"pass sparsify: linear %{n.name} ({n.module})")
