@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text", default="wikitext2-test", help="evaluation text: a shipped name or a file path (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window, at least 2 (default: %(default)s)")
     parser.add_argument("--windows", type=int, default=40, help="number of windows, 0 = the whole text (default: %(default)s)")
-    parser.add_argument("--save", default="lowbit-checkpoint", help="write a compressed-tensors checkpoint here and "
-                        "run it in transformers; '' skips it (default: %(default)s)")
+    parser.add_argument("--save", default="lowbit-checkpoint", help="write a compressed-tensors checkpoint here (a "
+                        "float pipeline's, such as pruning: a plain transformers directory) and run it in "
+                        "transformers; '' skips it (default: %(default)s)")
     return parser
 
 
@@ -149,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _save_and_check(compiled: torch.nn.Module, directory: str, text: str, seq_len: int, tokenizer: object) -> None:
     """Save as compressed-tensors, load it with transformers, compare its logits with lowbit's on one window
-    (``CHECK_TOKENS``, or ``seq_len`` if shorter); a graph compressed-tensors cannot express (online rotations, int4
-    activations) is saved in lowbit's own format instead and checked by reloading it with ``lowbit.load``."""
+    (``CHECK_TOKENS``, or ``seq_len`` if shorter). A float graph (a pruning pipeline: no quantized linear) is saved
+    as a plain transformers directory (``format="hf"``) and checked the same way; a graph neither can express
+    (online rotations, int4 activations) is saved in lowbit's own format instead and checked by reloading it with
+    ``lowbit.load``."""
     import lowbit
     from lowbit.checkpoint import CheckpointError
     from lowbit.checkpoint.hf_check import transformers_logits
@@ -158,10 +161,16 @@ def _save_and_check(compiled: torch.nn.Module, directory: str, text: str, seq_le
 
     n = min(CHECK_TOKENS, seq_len)  # a --seq-len window fits the text and the model: perplexity ran on it
     ids = windows(token_ids(text, tokenizer), n, 1)
+    fmt = "compressed-tensors"
     try:
-        out = lowbit.save(compiled, directory, format="compressed-tensors")
+        out = lowbit.save(compiled, directory, format=fmt)
     except CheckpointError as exc:
         print(f"not expressible as compressed-tensors: {exc}")
+        try:  # a float graph: the plain transformers directory the message points at, which transformers runs
+            out, fmt = lowbit.save(compiled, directory, format="hf"), "hf"
+        except CheckpointError:
+            out = None
+    if out is None:
         out = lowbit.save(compiled, directory, format="lowbit")
         diff = (compiled(ids) - lowbit.load(out)(ids)).abs().max().item()
         print(f"saved {out}/ in lowbit's own format instead (the whole graph; `lowbit compile ... -o DIR` writes the "
@@ -169,7 +178,7 @@ def _save_and_check(compiled: torch.nn.Module, directory: str, text: str, seq_le
         return
     ours, theirs = compiled(ids), transformers_logits(out, ids)
     same = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    print(f"saved {out}/ (compressed-tensors); transformers.AutoModelForCausalLM loads it: max |logit diff| vs lowbit "
+    print(f"saved {out}/ ({fmt}); transformers.AutoModelForCausalLM loads it: max |logit diff| vs lowbit "
           f"{(ours - theirs).abs().max().item():.3g} on {n} tokens, same next-token argmax {same:.1%}")
 
 

@@ -278,6 +278,28 @@ def test_main_job_saves_lowbit_format_when_compressed_tensors_cannot_express_the
     assert float(line.split("max |logit diff| vs lowbit ")[1].split()[0]) == 0.0, line
 
 
+def test_main_job_saves_a_float_pruned_model_for_transformers_and_checks_it(capsys, monkeypatch, tmp_path):
+    """A pruning pipeline leaves a float graph: compressed-tensors has nothing to describe, and the main job saved
+    lowbit's own format and checked only lowbit's reload, though the refusal itself pointed at format='hf' (a
+    plain transformers directory with the pruned sizes). It saves that and runs it in transformers."""
+    from conftest import tiny_llama
+
+    from lowbit.__main__ import main
+    from lowbit.data.model_files import load_tokenizer
+
+    torch.manual_seed(0)
+    tiny_llama(inter=128, vocab=49152, max_positions=32).save_pretrained(tmp_path / "tiny")
+    load_tokenizer("smollm2").save_pretrained(tmp_path / "tiny")
+    save = tmp_path / "ckpt"
+    assert main(["--model", str(tmp_path / "tiny"), "--pipeline", "prune-mlp(ratio=0.5,score=magnitude,multiple=16)",
+                 "--windows", "1", "--seq-len", "16", "--save", str(save)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads((save / "config.json").read_text())["intermediate_size"] == 64
+    assert not (save / "model.lowbit").exists()
+    line = next(ln for ln in out.splitlines() if "transformers.AutoModelForCausalLM loads it" in ln)
+    assert "(hf)" in line and float(line.split("max |logit diff| vs lowbit ")[1].split()[0]) < 1e-5, line
+
+
 def test_main_job_checks_the_saved_checkpoint_on_a_text_shorter_than_128_tokens(capsys, tmp_path):
     """The checkpoint check cut one 128-token window from --text: a text long enough for --seq-len but shorter
     than 128 tokens ended the whole run in a ValueError traceback (exit 1) after the compile; it is checked on
