@@ -59,7 +59,8 @@ class LearnedRotation:
     check: dict[str, Any] | None = None
     """learned (SpinQuant): the quantized loss of the start and of the learned rotation on the same fixed windows,
     and which one was ``kept`` (the learned one only when it is lower: a learned method never ends worse than
-    its start)."""
+    its start); kurtosis (KurTail): the kurtosis loss of both on every sample, the start kept when the learned
+    one's is higher."""
     windows_per_step: int | None = None
     """learned: calibration windows each step ran on (``batch``, or fewer when fewer windows remain to train on)."""
 
@@ -135,7 +136,8 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
     every site weighs the same per token. ``heads > 1``: ``Q`` is ``[d/heads, d/heads]`` and rotates each of
     the ``heads`` slices of a token (R2: the per-head values o_proj reads), the kurtosis still taken over the
     whole token (its quantizer sees all heads at once). Each step draws ``batch_tokens`` rows spread evenly over the sites (a
-    seeded draw). ``q0`` is the start (a randomised Hadamard). A NaN or infinite loss, or a singular Cayley
+    seeded draw). ``q0`` is the start (a randomised Hadamard), returned instead when the learned ``Q``'s loss on every
+    sample is higher (``check.kept``). A NaN or infinite loss, or a singular Cayley
     system, is a :class:`RotationLearningError` naming ``what`` and the step; non-finite samples (the model's own
     activations, before any step) are one naming the site (``site_names``, else its index).
     """
@@ -188,9 +190,15 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
         if not torch.isfinite(q).all():
             raise RotationLearningError(f"{what}: after {steps} steps the rotation is not finite")
         loss_end, kurt_end = _pool_means(sites, q, target)
+        # the steps score minibatches; on every sample a too large lr can end above the start: keep the start then
+        # (as kind=learned's check does), so a learned rotation never ends worse than the Hadamard it began from
+        kept = "learned" if loss_end <= loss_start else "start"
+        check = {"loss_start": round(loss_start, 4), "loss_learned": round(loss_end, 4), "kept": kept}
+        if kept == "start":
+            q, loss_end, kurt_end = orthogonal_polar(q0), loss_start, kurt_start
         ortho = float((q @ q.T - torch.eye(d, dtype=torch.float64)).abs().max())
     return LearnedRotation(q, kurt_start, kurt_end, loss_start, loss_end, steps, time.perf_counter() - t0, ortho,
-                           history)
+                           history, check)
 
 
 # ---- SpinQuant-style: the quantized network's own loss -------------------------------------------------------

@@ -244,13 +244,14 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
                                                       f"{h.o_proj.module!r})"],
                                           what=f"pass {pass_name}: kind=kurtosis, head rotation of %{h.o_proj.name}")
             r2[id(h.o_proj)] = lr2.q
-            r2_kurt.append((lr2.kurtosis_start, lr2.kurtosis_end))
+            r2_kurt.append((lr2.kurtosis_start, lr2.kurtosis_end, lr2.check["kept"] == "start"))
     except CalibrationError as exc:
         raise PassError(str(exc)) from None
     extra = {} if not r2_kurt else {
         "head_rotations": len(r2_kurt),
-        "head_kurtosis_start": round(sum(a for a, _ in r2_kurt) / len(r2_kurt), 4),
-        "head_kurtosis_end": round(sum(b for _, b in r2_kurt) / len(r2_kurt), 4)}
+        "head_kurtosis_start": round(sum(a for a, _, _ in r2_kurt) / len(r2_kurt), 4),
+        "head_kurtosis_end": round(sum(b for _, b, _ in r2_kurt) / len(r2_kurt), 4),
+        "head_kept_start": sum(k for _, _, k in r2_kurt)}
     return learned.q, {
         **extra,
         "sites": len(sites), **calib_size(ids), "samples_per_site": samples[0].shape[0],
@@ -259,7 +260,7 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
         "kurtosis_start": round(learned.kurtosis_start, 4), "kurtosis_end": round(learned.kurtosis_end, 4),
         "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
         "steps": learned.steps, "orthogonality": learned.orthogonality, "history": learned.history,
-        "collect_seconds": round(collect_s, 2), "learn_seconds": round(time.perf_counter() - t0 - collect_s, 2),
+        "check": learned.check, "collect_seconds": round(collect_s, 2), "learn_seconds": round(time.perf_counter() - t0 - collect_s, 2),
     }, r2
 
 
