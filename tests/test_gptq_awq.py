@@ -698,3 +698,29 @@ def test_gptq_static_groups_false_is_refused_where_the_grid_is_fixed_up_front():
                                                     r"and clip=false"):
             parse_pipeline(spec)
     assert not parse_pipeline("gptq(w=int4,group=64,act_order=false,static_groups=false)")[0].options.static_groups
+
+
+def test_norm_sites_through_a_rows_kept_reshape_are_found_and_exact():
+    """GPT-2's raised Conv1D projections read their LayerNorm through ``reshape([-1, C])`` (what ``addmm`` takes):
+    the site finder wanted the linears as the norm's direct readers, so smooth-quant refused GPT-2 ('no place to fold
+    scales') and AWQ left every group unscaled. The reshape keeps each row, so the scale passes through it."""
+    from conftest import tiny_outside_family
+
+    from lowbit.backends.torch_backend import TorchCompiled
+    from lowbit.calibration.scale_migration import find_sites
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+    from lowbit.passes.manager import PassManager
+    from lowbit.passes.smooth_quant import SmoothQuant
+
+    model = CausalLMLogits(tiny_outside_family("gpt2", layers=1)).double()
+    g = capture(model, (torch.ones(1, 12, dtype=torch.long),), None)
+    sites = {s.name: [c.module for c in s.consumers] for s in find_sites(g, ("norm",))}
+    assert sites == {"norm:transformer.h.0.ln_1": ["transformer.h.0.attn.c_attn"],
+                     "norm:transformer.h.0.ln_2": ["transformer.h.0.mlp.c_fc"], "norm:transformer.ln_f": ["lm_head"]}
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    before = TorchCompiled(g)(ids)
+    calib = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    report = PassManager([SmoothQuant(calib=calib, progress=False)]).run(g)
+    assert report.records[0].stats["sites"] == {"norm": 2}
+    assert float((TorchCompiled(g)(ids) - before).abs().max() / before.abs().max()) < 1e-12

@@ -9,8 +9,9 @@ Where a scale can go is *analysis* (``find_sites``, a table of patterns); changi
 *transformation* (``apply_scale``). The patterns, each exact because the path between producer and consumers
 acts on every channel independently:
 
-* ``norm``: RMSNorm / LayerNorm → linears (q/k/v, gate/up). Gain (and LayerNorm bias) divided by ``s``. A
-  norm without a gain (after ``fold-norms``) gets one, ``1/s``.
+* ``norm``: RMSNorm / LayerNorm → linears (q/k/v, gate/up), directly or through reshapes that keep the channel
+  dim last (GPT-2's ``[B·S, C]`` rows). Gain (and LayerNorm bias) divided by ``s``. A norm without a gain (after
+  ``fold-norms``) gets one, ``1/s``.
 * ``gated``: linear ``up`` → ``mul(act(gate), up)`` → linears (down). ``up``'s output rows (and bias) are
   divided by ``s``; the elementwise product carries the factor through.
 * ``attention-v``: linear ``v`` → head reshape / GQA repeat → ``attention`` (as the value) → head merge →
@@ -142,6 +143,24 @@ def _linear_readers(users: dict[int, list[Node]], v: Value, outputs: set[int]) -
     return None
 
 
+def _rows_kept(users: dict[int, list[Node]], v: Value, channels: int, outputs: set[int]) -> Value:
+    """From ``v`` along single-reader reshapes that keep the last dim at ``channels`` (``[B, S, C] -> [B·S, C]``,
+    what a raised ``addmm`` reads: GPT-2's Conv1D projections): row-major, each output row is an input row, so a
+    per-channel scale passes through. The value the linears read."""
+    while True:
+        rs = _readers(users, v)
+        if len(rs) != 1 or id(v) in outputs:
+            return v
+        r = rs[0]
+        shape = getattr(r.output.type, "shape", None) if r.outputs else None
+        if r.op not in _RESHAPES or r.args[0] is not v or not shape or shape[-1] != channels:
+            return v
+        v = r.output
+
+
+_RESHAPES = frozenset({"reshape", "aten.reshape.default", "aten.view.default"})
+
+
 def _follow_views(users: dict[int, list[Node]], v: Value, outputs: set[int]) -> tuple[Value, list[Node]] | None:
     """From ``v`` along a chain of single-reader view ops; returns the last value and the chain."""
     chain = []
@@ -189,7 +208,8 @@ def find_sites(graph: Graph, kinds: Iterable[str] = ("norm", "gated", "attention
     sites: list[MigrationSite] = []
     for n in graph.nodes:
         if n.op in NORM_OPS and "norm" in want:
-            cons = _linear_readers(users, n.output, outputs)
+            cons = _linear_readers(users, _rows_kept(users, n.output, int(n.output.tensor_type.shape[-1]), outputs),
+                                   outputs)
             gain = n.arg(1, "weight")
             if cons and (gain is None or (isinstance(gain, Value) and gain.is_param)):
                 sites.append(MigrationSite("norm", n, cons, int(n.output.tensor_type.shape[-1])))
@@ -208,7 +228,8 @@ def _gated_site(mul: Node, users: dict[int, list[Node]], outputs: set[int]) -> M
     a, b = mul.args[0], mul.args[1]
     if not (isinstance(a, Value) and isinstance(b, Value)) or a.type != b.type:
         return None
-    cons = _linear_readers(users, mul.output, outputs)
+    shape = getattr(mul.output.type, "shape", None)
+    cons = _linear_readers(users, _rows_kept(users, mul.output, shape[-1], outputs) if shape else mul.output, outputs)
     if not cons:
         return None
     for operand in (b, a):  # HF writes act(gate) * up: try the right operand first
