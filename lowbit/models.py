@@ -604,8 +604,13 @@ def _load_encoder(directory: Path) -> tuple[SentenceEmbedder, PreTrainedTokenize
     encoder = from_pretrained(AutoModel, directory)
     max_len = MINILM_MAX_SEQ_LENGTH
     st_config = directory / "sentence_bert_config.json"
+    truncate: dict[str, Any] = {}
     if st_config.is_file():
         max_len = int(json.loads(st_config.read_text()).get("max_seq_length", max_len))
+        # sentence-transformers truncates to max_seq_length (256 for all-MiniLM-L6-v2), not to the tokenizer's
+        # model_max_length (512): tokenizer(text, truncation=True) embedded 512 tokens of a long text, another
+        # embedding than the model's own pipeline gives
+        truncate = {"model_max_length": max_len}
     # wrapped before the tokenizer is read: a ViT directory has none, and transformers' "Couldn't instantiate the
     # backend tokenizer" hid that lowbit cannot run the model as a text encoder at all
     embedder = SentenceEmbedder(encoder, max_seq_length=max_len).eval()
@@ -613,7 +618,7 @@ def _load_encoder(directory: Path) -> tuple[SentenceEmbedder, PreTrainedTokenize
     # (and every model compiled from it) refuses, so model(**tokenizer(texts)) failed; a save keeps the setting.
     # A BERT directory without tokenizer files got a 5-token BertTokenizer (every word [UNK]): calibration and
     # debug compare then ran on [CLS] [UNK] ... [SEP], and compile -o wrote that tokenizer beside the model
-    return embedder, _directory_tokenizer(directory, model_input_names=list(SentenceEmbedder.INPUTS))
+    return embedder, _directory_tokenizer(directory, model_input_names=list(SentenceEmbedder.INPUTS), **truncate)
 
 
 TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")

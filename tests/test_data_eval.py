@@ -162,8 +162,9 @@ def test_embedding_similarity_of_minilm(minilm):
 
     with pytest.raises(ValueError, match="sentences is empty"):
         embedding_similarity(embedder, embedder, tokenizer, [])
-    # past the model's 512 positions a long sentence failed inside the encoder with torch's 'expanded size' error
-    with pytest.raises(ValueError, match=r"max_length=1000 is longer than the tokenizer's model_max_length=512"):
+    # past the model's 512 positions a long sentence failed inside the encoder with torch's 'expanded size' error;
+    # the tokenizer's limit is all-MiniLM-L6-v2's max_seq_length, 256, where sentence-transformers truncates
+    with pytest.raises(ValueError, match=r"max_length=1000 is longer than the tokenizer's model_max_length=256"):
         embedding_similarity(embedder, embedder, tokenizer, ["word " * 700], max_length=1000)
 
 

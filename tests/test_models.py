@@ -206,3 +206,19 @@ def test_missing_package_falls_back_to_its_wheel(tmp_path, monkeypatch):
 
     with pytest.raises(FileNotFoundError, match="lowbit-not-here==9.9.9"):
         model_files.packaged_path("lowbit_not_here", "model", "lowbit-not-here", "9.9.9")
+
+
+def test_minilm_tokenizer_truncates_where_sentence_transformers_does(minilm, tmp_path):
+    """all-MiniLM-L6-v2's sentence_bert_config.json says max_seq_length 256, and sentence-transformers truncates
+    there; lowbit's tokenizer kept the tokenizer file's model_max_length 512, so tokenizer(text, truncation=True)
+    embedded 512 tokens of a long text: another embedding than the model's own pipeline. A saved checkpoint keeps
+    the limit."""
+    import lowbit
+
+    embedder, tok = minilm
+    text = " ".join(f"word{i}" for i in range(400))
+    assert embedder.max_seq_length == 256
+    assert tok(text, truncation=True, return_tensors="pt")["input_ids"].shape == (1, 256)
+    compiled = lowbit.compile_model("minilm:1")
+    out = lowbit.save(compiled, tmp_path / "m", format="lowbit")
+    assert len(lowbit.load(out).tokenizer(text, truncation=True)["input_ids"]) == 256

@@ -86,7 +86,8 @@ def embedding_similarity(
     if isinstance(longest, int) and longest < 10**6 and max_length > longest:
         # a longer sentence then reached the model past its positions: torch's 'expanded size of the tensor' error
         raise ValueError(f"max_length={max_length} is longer than the tokenizer's model_max_length={longest} (the "
-                         f"model's positions): give max_length={longest} or less")
+                         f"longest input the model takes: its positions, or a sentence-transformers model's "
+                         f"max_seq_length): give max_length={longest} or less")
     cosines: list[torch.Tensor] = []
     with torch.inference_mode():
         for start in range(0, len(sentences), batch_size):
