@@ -591,3 +591,23 @@ def test_static_activation_calibration_counts_images_not_channels():
     calibration = c.report.pipeline.records[0].stats["calibration"]
     assert calibration["calib_images"] == 4 and calibration["static_inputs"] > 0, calibration
     assert "seq_len" not in calibration and "calib_tokens" not in calibration, calibration
+
+
+def test_uint8_images_as_calibration_are_told_to_be_the_models_float_inputs():
+    """Raw uint8 images [n, 3, H, W] given as a ViT's calib= were refused as 'calibration token ids must be [n, L]
+    windows ... got shape (4, 3, 16, 16)': token ids the user never meant. The refusal says they are not token ids
+    and that the model takes float pixel values, preprocessed; those calibrate it."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+    from lowbit.passes.base import PassError
+
+    vit = t.ViTModel(t.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                 image_size=16, patch_size=8)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    with pytest.raises(PassError, match=r"torch.uint8 tensor of shape \(4, 3, 16, 16\) is not token ids .*float, "
+                                        r"preprocessed as its processor does \(an image processor's pixel_values\)"):
+        compile_model(vit, (x,), pipeline="gptq(w=int8,progress=false)", calib=images)
+    c = compile_model(vit, (x,), pipeline="gptq(w=int8,progress=false)", calib=(images.float() / 127.5 - 1))
+    assert c.report.pipeline.records[0].stats["calib_images"] == 4

@@ -117,6 +117,12 @@ def given_windows(ids: torch.Tensor, n: int, seq_len: int, what: str) -> torch.T
         raise ValueError(f"calibration token ids must be integers, got {ids.dtype}")
     if ids.dim() == 1:
         return calibration_ids_plain(ids.to(torch.int64), f"calibration token ids {what}", n, seq_len)
+    if ids.dim() > 2:
+        # uint8 images [n, 3, H, W] were refused as "token ids must be [n, L] windows", which a vision model's user
+        # never meant to give
+        raise ValueError(f"a {ids.dtype} tensor of shape {tuple(ids.shape)} is not token ids ([n, L] windows or a "
+                         "1-D stream); if it holds images or other raw inputs, give them as the model takes them: "
+                         "float, preprocessed as its processor does (an image processor's pixel_values)")
     if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
         raise ValueError(f"calibration token ids must be [n, L] windows (n >= 1, L >= 2) or a 1-D stream, got "
                          f"shape {tuple(ids.shape)}")
