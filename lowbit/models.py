@@ -26,12 +26,15 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import contextlib
+import functools
 import hashlib
 import inspect
 import json
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -516,10 +519,30 @@ def check_gguf(path: Path) -> None:
                                      f"{str(exc).strip()[:200]}); re-download it") from exc
 
 
+@contextlib.contextmanager
+def _gguf_bar_follows_transformers() -> Iterator[None]:
+    """transformers draws its GGUF reader's 'Converting and de-quantizing GGUF tensors...' bar with a plain tqdm,
+    which ignores ``transformers.utils.logging.disable_progress_bar()`` (``lowbit compile -q``): it wrote ``\r``
+    updates to stderr under -q. Here it follows that switch, as transformers' own bars do."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _build_float_cache(gguf: Path, tmp: Path) -> None:
     """Dequantize ``gguf`` with transformers and save the float32 model, tokenizer and provenance in ``tmp``."""
     try:
-        model = from_pretrained(AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _gguf_bar_follows_transformers():
+            model = from_pretrained(AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = from_pretrained(AutoTokenizer, gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, IndexError, EOFError) as exc:
         raise CorruptFileError(gguf, f"cannot be read by transformers as GGUF: {type(exc).__name__}: "

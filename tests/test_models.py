@@ -222,3 +222,33 @@ def test_minilm_tokenizer_truncates_where_sentence_transformers_does(minilm, tmp
     compiled = lowbit.compile_model("minilm:1")
     out = lowbit.save(compiled, tmp_path / "m", format="lowbit")
     assert len(lowbit.load(out).tokenizer(text, truncation=True)["input_ids"]) == 256
+
+
+def test_the_gguf_readers_bar_follows_transformers_progress_switch(monkeypatch, tmp_path):
+    """transformers' GGUF reader draws 'Converting and de-quantizing GGUF tensors...' with a plain tqdm, which
+    ignored disable_progress_bar() (lowbit compile -q) and wrote its \\r updates to stderr; it follows the switch."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    import lowbit.models as models
+    from lowbit.errors import LowbitError
+
+    seen = []
+
+    def reader(*args, **kwargs):  # what transformers' GGUF loading does first, then stop there
+        seen.append(gguf_utils.tqdm(range(2), desc="Converting and de-quantizing GGUF tensors...").disable)
+        raise ValueError("stop")
+
+    monkeypatch.setattr(models, "from_pretrained", reader)
+    enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        for on in (False, True):
+            (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
+            with pytest.raises(LowbitError):
+                models._build_float_cache(tmp_path / "m.gguf", tmp_path)
+    finally:
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    assert seen == [True, False]
+    assert not isinstance(gguf_utils.tqdm, functools.partial)  # put back
