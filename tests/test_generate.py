@@ -982,3 +982,24 @@ def test_generation_output_timings_hold_the_runs_timings(tiny_compiled):
     assert t["decode_steps"] == out.decode_steps == 2
     assert t["prefill_tokens_per_second"] * out.prefill_seconds == pytest.approx(5)  # the prompts' tokens, no padding
     assert t["decode_tokens_per_second"] * out.decode_seconds == pytest.approx(4)  # two tokens each after prefill's
+
+
+def test_cli_generate_quiet_prints_the_text_only():
+    """`lowbit generate` had no -q: the calibration bars ('calibrate: 67%|...' with \\r updates), transformers'
+    loading bar and the timings line always printed. -q leaves the streamed text alone."""
+    from transformers.utils import logging as hf_logging
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    args = ["generate", "smollm2:2", "--prompt", "The capital of France is", "-n", "3", "--max-length", "32",
+            "--pipeline", "smooth-quant(calib_n=1,calib_len=8),quantize(w=int8,a=int8)"]
+    enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        res = CliRunner().invoke(app, [*args, "-q"])
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("The capital of France is") and res.output.count("\n") == 1, res.output
+    assert "\r" not in res.output and "calibrate" not in res.output and "prefill" not in res.output

@@ -94,6 +94,18 @@ class LowbitGroup(TyperGroup):
             _end_on_closed_output(sys.stdout)
 
 
+def quiet_progress(passes: list[Any]) -> None:
+    """``-q``: no progress bar on stderr: the calibrating passes' (where the pipeline does not ask for them with
+    ``progress=true``) and transformers' ("Loading weights", "Writing model shards", and through ``lowbit.models``
+    its GGUF reader's)."""
+    for p in passes:
+        if "progress" in type(p.options).model_fields and "progress" not in p.options.model_fields_set:
+            p.options.progress = False
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def fail(message: str, code: Exit) -> NoReturn:
     """Print ``message`` on stderr and exit with ``code``; every expected error goes through here."""
     from rich.markup import escape

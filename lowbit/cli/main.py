@@ -43,6 +43,7 @@ from lowbit.cli.common import (
     parse,
     parse_percent_or_number,
     pipeline_text,
+    quiet_progress,
     recipes_module,
     show_warnings_as_lines,
 )
@@ -377,12 +378,7 @@ def compile_cmd(
         # every weight to float there only took the float model's size again in memory
         options["keep_packed"] = "true"
     if quiet:  # the calibration bars too, where the pipeline does not ask for them (progress=true)
-        for p in passes:
-            if "progress" in type(p.options).model_fields and "progress" not in p.options.model_fields_set:
-                p.options.progress = False
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar when the model loads
+        quiet_progress(passes)
     try:
         plan = plan_compile(passes, backend, options)
     except BackendError as exc:
@@ -640,6 +636,8 @@ def generate_cmd(
     backend: str = typer.Option("torch", "--backend", "-b", help="torch (reference), onnxruntime, or triton "
                                 "(CUDA)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="the generated text only: no progress bars and no "
+                               "timings line"),
 ) -> None:
     """Compile MODEL for generation (one step graph: prefill and decode), stream the text, print timings."""
     import resource
@@ -654,6 +652,8 @@ def generate_cmd(
         check_dtype(dtype)
     text = pipeline_text(pipeline, recipe, set_) if pipeline or recipe or set_ else ""
     passes = parse(text) if text else []  # as `lowbit compile`: an unknown pass or a bad option exits 2
+    if quiet:
+        quiet_progress(passes)
     try:
         check_device(device)
     except DeviceError as exc:
@@ -750,7 +750,8 @@ def generate_cmd(
         config = getattr(getattr(loaded.module, "model", None), "config", None)
         positions = getattr(config, "max_position_embeddings", None)
         vocab = getattr(config, "vocab_size", None)
-        build = lambda spec: compile_model(loaded.module, pipeline=text or None, device=device,  # noqa: E731
+        # the parsed passes, not the text again: -q has turned their progress bars off
+        build = lambda spec: compile_model(loaded.module, pipeline=passes or None, device=device,  # noqa: E731
                                            tokenizer=loaded.tokenizer, generation=spec, backend=backend)
     outside = sorted(t for t in stops or () if isinstance(vocab, int) and not isinstance(vocab, bool) and t >= vocab)
     if outside:  # generate() refused it after the compile and the prefill, below the echoed prompt
@@ -819,6 +820,8 @@ def generate_cmd(
     else:
         for p, t in zip(prompt, out.texts or []):
             console.print(f"{p}{t}\n", markup=False, highlight=False, soft_wrap=True)
+    if quiet:
+        return
     if out.peak_memory_bytes is not None:
         peak = f"{out.peak_memory_bytes / 2**20:.0f} MiB GPU"
     else:
