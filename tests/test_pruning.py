@@ -1341,6 +1341,46 @@ def test_slice_residual_slices_an_already_sliced_stream():
     assert (same(ids) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("family, up, down", [("starcoder2", "mlp.c_fc", "mlp.c_proj"),
+                                               ("gpt_neox", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")])
+def test_prune_mlp_on_gelu_mlps_named_c_proj_or_dense_4h_to_h_equals_masked_dense(family, up, down, tmp_path):
+    """The MLP finder knew output projections only by Llama's, OPT's and BERT's names: StarCoder2's and GPT-NeoX's
+    (both in the architecture matrix) were refused with 'no prunable MLP found (no down_proj)'. They prune now, equal
+    to the HF model with the removed channels zeroed (float64), and save to a config transformers loads."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+    from lowbit.checkpoint import save
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                 max_position_embeddings=64)
+    config = {"starcoder2": lambda: tf.Starcoder2Config(num_key_value_heads=2, **shape),
+              "gpt_neox": lambda: tf.GPTNeoXConfig(**shape)}[family]()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).double().eval()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    c = compile_model(model, pipeline="prune-mlp(ratio=0.5,score=magnitude,multiple=16)")
+    assert c.report.pipeline.records[0].stats["channels_removed"] == 2 * 64
+    prefix = "model.layers" if family == "starcoder2" else "gpt_neox.layers"
+    for i in range(2):
+        p = f"{prefix}.{i}."
+        kept = _kept(dense[p + up + ".weight"], c.graph.params[p + up + ".weight"].data)
+        gone = sorted(set(range(128)) - set(kept.tolist()))
+        dense[p + up + ".weight"][gone] = 0
+        dense[p + up + ".bias"][gone] = 0
+        dense[p + down + ".weight"][:, gone] = 0
+    model.load_state_dict(dense)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(c(ids), want, rtol=1e-9, atol=1e-9)
+    out = save(c, tmp_path / "hf", format="hf")
+    loaded = tf.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float64).eval()
+    assert loaded.config.intermediate_size == 64
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("family", ["qwen3", "stablelm", "phi"])
 def test_prune_heads_through_per_head_norms_and_partial_rotary_equals_masked_dense(family):
     """Qwen3's per-head q/k norms and the partial rotary of StableLM and Phi (``cat([rotary(x[..., :r]),

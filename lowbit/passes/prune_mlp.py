@@ -55,8 +55,8 @@ from lowbit.ir.graph import Graph, Node
 from lowbit.ir.shapes import ShapeError, reinfer_shapes
 from lowbit.passes.base import (NO_DEQUANTIZE, NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult,
                                 ScopedOptions, register_pass)
-from lowbit.passes.pruning_sites import (find_mlp_sites, refuse_nonfinite_weights, slice_linear_cols,
-                                         slice_linear_rows)
+from lowbit.passes.pruning_sites import (DOWN_PROJECTIONS, find_mlp_sites, refuse_nonfinite_weights,
+                                         slice_linear_cols, slice_linear_rows)
 
 __all__ = ["PruneMLP", "PruneMLPOptions", "StructuredOptions", "InputStats", "collect_input_stats",
            "channel_scores", "allocate", "add_bias", "refit_columns", "reinfer", "Cut", "choose_cut",
@@ -541,7 +541,8 @@ class PruneMLP(Pass):
                 raise PassError(f"pass {self.name}: modules={o.modules!r} matches none of the {len(found)} MLPs' "
                                 f"down projections ({found[0].down.module} ... {found[-1].down.module})")
         if not sites:
-            raise PassError(f"pass {self.name}: no prunable MLP found ({'; '.join(skipped[:3]) or 'no down_proj'})")
+            why = "; ".join(skipped[:3]) or f"no linear whose module ends with one of {', '.join(DOWN_PROJECTIONS)}"
+            raise PassError(f"pass {self.name}: no prunable MLP found ({why})")
         refuse_nonfinite_weights(self.name, [n for s in sites for n in (*s.producers, s.down)])
         calibrated = o.reads_calibration()
         second = o.update or o.score == "obs"

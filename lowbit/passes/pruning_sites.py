@@ -27,7 +27,7 @@ from lowbit.calibration.engine import BLOCK_PATTERN
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import PassError, nonfinite_problem
 
-__all__ = ["MLPSite", "AttentionSite", "find_mlp_sites", "find_attention_sites", "block_of", "slice_linear_rows",
+__all__ = ["DOWN_PROJECTIONS", "MLPSite", "AttentionSite", "find_mlp_sites", "find_attention_sites", "block_of", "slice_linear_rows",
            "slice_linear_cols", "block_residuals", "linear_params", "refuse_nonfinite_weights"]
 
 _ELEMENTWISE = {"mul", "silu", "gelu", "aten.mul.Tensor", "aten.silu.default", "aten.gelu.default",
@@ -35,6 +35,11 @@ _ELEMENTWISE = {"mul", "silu", "gelu", "aten.mul.Tensor", "aten.silu.default", "
 _PASS_THROUGH = {"reshape", "transpose", "aten.unsqueeze.default", "aten.expand.default", "aten.clone.default",
                  "aten.contiguous.default", "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
                  "permute"}
+
+
+DOWN_PROJECTIONS = ("down_proj", "fc2", "output.dense", "mlp.c_proj", "dense_4h_to_h", "mlp.fc_out")
+"""Module names of an MLP's output projection: Llama-style, OPT/Phi, BERT; StarCoder2/GPT-2 (``mlp.c_proj``, not
+the attention's ``attn.c_proj``), GPT-NeoX/Falcon/Bloom, GPT-J."""
 
 
 def block_of(module: str) -> str | None:
@@ -83,7 +88,7 @@ def find_mlp_sites(graph: Graph) -> tuple[list[MLPSite], list[str]]:
     users = graph.users()
     sites, skipped = [], []
     for down in graph.nodes:
-        if not _stored_linear(down) or not down.module.endswith(("down_proj", "fc2", "output.dense")):
+        if not _stored_linear(down) or not down.module.endswith(DOWN_PROJECTIONS):
             continue
         block = block_of(down.module)
         producers: list[Node] = []
