@@ -319,6 +319,21 @@ def _refuse_kv_simulation(passes: Sequence[Pass]) -> None:
                 "bits=2 for kv2), e.g. pipeline='...,quantize(w=int8,a=int8),kv-cache(bits=4)'")
 
 
+def _refuse_distillation(passes: Sequence[Pass]) -> None:
+    """``distill`` and ``tune-qparams`` train toward their teacher's logits over ``input_ids -> logits`` graphs; on a
+    step graph (positions and the KV cache are inputs too) they failed inside the run, after the capture and every
+    pass before them, so generation refuses them by name before any work."""
+    from lowbit.models import GenerationError
+
+    for p in passes:
+        if getattr(p, "needs_reference", False):
+            raise GenerationError(
+                f"pass {p.spec()} trains toward the teacher's logits on the logits graph (input_ids -> logits); a "
+                "generation step graph also takes positions and the KV cache. Compile without generation=, save it "
+                "(format='hf' for a float model, 'compressed-tensors' after a quantizer) and compile or load that "
+                "directory with generation=")
+
+
 def _add_last_logits(plan: CompilePlan, generation: Any) -> None:
     """``last-logits`` after the pipeline and the backend's passes when the spec asks for the last position's logits
     only (the default): generation reads one row per prompt, so the final norm and the head run on that row
@@ -639,6 +654,7 @@ def compile_model(
     plan = plan_compile(passes, backend, backend_options, device)  # so does a backend that cannot take the pipeline
     if generation:
         _refuse_kv_simulation(passes)
+        _refuse_distillation(passes)
         _add_last_logits(plan, generation)
     if isinstance(model, str):
         from lowbit.models import load_model

@@ -128,14 +128,31 @@ def test_eval_every_without_holdout_is_refused():
     parse_pipeline("distill(tokens=100,eval_every=5,holdout=2)")
 
 
-def test_distill_on_a_step_graph_says_why_it_is_refused():
-    """compile_model(..., generation=) with distill read 'the student takes 8 inputs and the teacher 8'."""
+def test_distill_on_a_step_graph_says_why_it_is_refused(monkeypatch):
+    """compile_model(..., generation=) with distill read 'the student takes 8 inputs and the teacher 8'; then it said
+    why, but only from inside the run, after the model load, the capture and every pass before it (a pruning
+    pipeline's calibration). Generation refuses distill and tune-qparams by name before loading the model; a
+    step graph handed to the pass itself still gets the loop's reason."""
     import lowbit
     from conftest import tiny_llama
 
+    from lowbit.models import GenerationError
+    from lowbit.passes.distill import Distill
+    from lowbit.passes.manager import PassManager
+
+    spec = lowbit.GenerationSpec(max_length=32)
+    with monkeypatch.context() as mp:
+        mp.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+        for pipe in ("prune-mlp(ratio=0.25,calib_n=2,calib_len=16),distill(tokens=100,calib_n=2,calib_len=16)",
+                     "quantize(w=int4,group=64),tune-qparams(tokens=100,calib_n=2,calib_len=16)"):
+            with pytest.raises(GenerationError, match=rf"pass {pipe.split('),')[1].split('(')[0]}\(.*trains toward "
+                                                      r"the teacher's logits on the logits graph.*Compile without "
+                                                      r"generation=, save it"):
+                lowbit.compile_model("smollm2:2", pipeline=pipe, generation=spec)
     torch.manual_seed(0)
     m = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, layers=2, vocab=256, max_positions=64)
+    step = lowbit.compile_model(m, pipeline=[], generation=spec).graph
     with pytest.raises(PipelineError, match=r"a generation step graph: its positions and KV cache are inputs too; "
                                             r"distill the logits graph, compiled without generation="):
-        lowbit.compile_model(m, pipeline="distill(tokens=100,calib_n=2,calib_len=16,progress=false)",
-                             calib=torch.randint(0, 256, (2, 16)), generation=lowbit.GenerationSpec(max_length=32))
+        PassManager([Distill(tokens=100, calib_n=2, calib_len=16, progress=False,
+                             calib=torch.randint(0, 256, (2, 16)))]).run(step.clone())
