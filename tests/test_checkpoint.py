@@ -1018,7 +1018,7 @@ def test_sliced_gemma_is_refused_by_the_hf_formats(tmp_path):
 def test_a_pruned_float_model_is_not_sent_to_save_pretrained(tmp_path, fmt):
     """A float graph is refused by the HF formats; the advice was transformers' save_pretrained, which for a
     structurally pruned model writes the unpruned module it was captured from."""
-    c = lowbit.compile_model(_tiny3(), pipeline="prune-mlp(ratio=0.25,score=magnitude)")
+    c = lowbit.compile_model(_tiny3(), pipeline="prune-mlp(ratio=0.25,score=magnitude,multiple=8)")
     with pytest.raises(CheckpointError, match=r"no quantized linear.*save a float model with format='hf' \(a plain "
                                               r"transformers directory\) or format='lowbit'") as info:
         lowbit.save(c, tmp_path / "x", format=fmt)
@@ -1046,6 +1046,28 @@ def test_a_pruned_float_model_saves_as_a_plain_transformers_directory(tmp_path):
                                               r"linears .*format='compressed-tensors' or 'gptq'"):
         lowbit.save(q, tmp_path / "q", format="hf")
     assert not (tmp_path / "q").exists()
+
+
+def test_lowbit_load_reads_the_float_hf_format_save_writes(minilm, tmp_path):
+    """lowbit.load takes 'any format save wrote', but a format='hf' directory (a pruned float encoder) was refused:
+    'no quantization_config (a float HF model: load it with lowbit.compile_model instead)'. It loads now, as the
+    plain transformers model it is, and runs as the model that was saved."""
+    import transformers
+
+    from lowbit.models import SentenceEmbedder
+
+    tok = minilm[1]
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32,
+                                                          intermediate_size=64, num_attention_heads=2,
+                                                          num_hidden_layers=1, max_position_embeddings=64))
+    c = lowbit.compile_model(SentenceEmbedder(bert).eval(), tokenizer=tok,
+                             pipeline="prune-mlp(ratio=0.25,score=magnitude,multiple=8)")
+    out = lowbit.save(c, tmp_path / "hf", format="hf")
+    enc = tok(["the cat sat on the mat", "hi"], padding=True, return_tensors="pt")
+    loaded = lowbit.load(out)
+    torch.testing.assert_close(loaded(**enc), c(**enc))
+    assert loaded.report.summary().startswith(f"loaded hf checkpoint {out}")
 
 
 def test_save_argument_refusals_are_lowbit_errors(tmp_path):

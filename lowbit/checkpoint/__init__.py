@@ -312,6 +312,9 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     manifest = verify_manifest(directory)
     fmt = (manifest or {}).get("format")
+    if fmt == "hf":
+        return _load_hf_float(directory, backend=backend, device=device, generation=generation,
+                              backend_options=backend_options)
     if fmt == "lowbit" or (fmt is None and (directory / IR_FILE).is_file()):
         graph, tokenizer = _load_lowbit(directory, manifest)
         if generation:
@@ -339,6 +342,22 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
         generic_ops={k: v for k, v in graph.op_counts().items() if not is_semantic(k)},
         lowering=lowering_lines(runner))  # a reload lowers afresh: its kernels and fallbacks are said as a compile's
     return CompiledModel(runner, graph, report, tokenizer)
+
+
+def _load_hf_float(directory: Path, *, backend: str, device: str | None, generation: Any,
+                   backend_options: Mapping[str, Any] | None) -> Any:
+    """A ``format="hf"`` directory (float weights, no ``quantization_config``; its files already checked against the
+    manifest) compiled as the plain transformers model it is, in its stored dtype. The HF reader takes quantized
+    linears only, so ``load`` refused the float format ``save`` had written ("load it with lowbit.compile_model
+    instead")."""
+    from lowbit.api import compile_model
+    from lowbit.models import load_model
+
+    module, tokenizer, _ = load_model(directory, dtype="auto")
+    compiled = compile_model(module, tokenizer=tokenizer, backend=backend, device=device,
+                             backend_options=backend_options, generation=generation or None)
+    compiled.report.capture = {"loaded_from": str(directory), "format": "hf"}
+    return compiled
 
 
 def _parsed_and_verified(ir: Path, params: dict[str, Any]) -> Any:
