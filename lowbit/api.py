@@ -208,7 +208,25 @@ def _default_example(model: torch.nn.Module, tokenizer: Any) -> tuple[tuple[Any,
         args, kwargs = model.example_inputs
         if not kwargs or not args:
             return (dict(kwargs) if kwargs else tuple(args)), None
-    raise ValueError(f"no example inputs given for {type(model).__name__}: pass example_inputs=(...)")
+    raise ValueError(f"no example inputs given for {type(model).__name__}: lowbit builds them only for the models it "
+                     f"wraps (a causal LM, lowbit.models.SentenceEmbedder); pass example_inputs={_example_hint(model)}")
+
+
+def _example_hint(model: Any) -> str:
+    """What ``example_inputs`` could be for ``model``, read off an HF config: a ViT's ``pixel_values`` shape (it was
+    '(...)' alone, with no word on the input a vision model reads or its size), or a text encoder's ids and mask."""
+    config = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", None)
+    size = getattr(config, "image_size", None)
+    if main == "pixel_values" and size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        channels = getattr(config, "num_channels", 3)
+        return (f"(torch.randn(2, {channels}, {h}, {w}),) (pixel_values, preprocessed as its image processor does; "
+                "add dynamic_shapes={'pixel_values': {0: torch.export.Dim.AUTO}} for a batch that varies)")
+    if main == "input_ids":
+        return ("(input_ids, attention_mask) of a tokenizer batch, or wrap a text encoder in "
+                "lowbit.models.SentenceEmbedder, whose inputs lowbit builds")
+    return "(...), the arguments its forward takes"
 
 
 def model_positions(model: Any) -> int | None:

@@ -611,3 +611,22 @@ def test_uint8_images_as_calibration_are_told_to_be_the_models_float_inputs():
         compile_model(vit, (x,), pipeline="gptq(w=int8,progress=false)", calib=images)
     c = compile_model(vit, (x,), pipeline="gptq(w=int8,progress=false)", calib=(images.float() / 127.5 - 1))
     assert c.report.pipeline.records[0].stats["calib_images"] == 4
+
+
+def test_a_vision_model_without_example_inputs_is_told_the_pixel_values_it_reads():
+    """compile_model(vit) said 'no example inputs given for ViTModel: pass example_inputs=(...)', with no word on
+    the input a vision model reads or its size. The refusal gives pixel_values' shape from the config (a
+    rectangular image here) and the dynamic batch; that call compiles."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+
+    vit = t.ViTModel(t.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                 image_size=(16, 24), patch_size=8)).eval()
+    with pytest.raises(ValueError, match=r"no example inputs given for ViTModel: .* pass example_inputs="
+                                         r"\(torch\.randn\(2, 3, 16, 24\),\) \(pixel_values, .*dynamic_shapes="
+                                         r"\{'pixel_values': \{0: torch\.export\.Dim\.AUTO\}\}"):
+        compile_model(vit)
+    c = compile_model(vit, (torch.randn(2, 3, 16, 24),), dynamic_shapes={"pixel_values": {0: torch.export.Dim.AUTO}})
+    x = torch.randn(3, 3, 16, 24)
+    torch.testing.assert_close(c(x)[0], vit(x).last_hidden_state)
