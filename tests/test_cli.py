@@ -1239,3 +1239,23 @@ def test_every_option_of_every_command_has_help_text():
     assert not bare, bare
     out = " ".join(invoke("generate", "--help").output.replace("│", " ").split())
     assert "--top-p" in out and "nucleus" in out
+
+
+@pytest.mark.parametrize("command", ["compare", "bisect"])
+def test_debug_commands_quiet_draw_no_progress_bars(command):
+    """debug compare/bisect/sensitivity had no -q: the calibrating passes' bars ('calibrate: ...' with \\r updates)
+    went to the output with the tables. -q leaves the tables and results only."""
+    from transformers.utils import logging as hf_logging
+
+    extra = ["--max-increase", "50%"] if command == "bisect" else []
+    args = ["debug", command, "smollm2:1", "--pipeline", "smooth-quant(calib_n=1,calib_len=8),quantize(w=int8,a=int8)",
+            "--windows", "1", "--seq-len", "16", *extra]
+    enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        quiet = CliRunner().invoke(app, [*args, "-q"])
+    finally:
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    assert quiet.exit_code == (0 if command == "compare" else 6), quiet.output  # bisect: nothing to bisect
+    assert "\r" not in quiet.output and "calibrate" not in quiet.output, quiet.output
+    assert ("smooth-quant" if command == "compare" else "all 2 passes") in quiet.output  # the results still print
+    assert "-q" in " ".join(invoke("debug", "sensitivity", "--help").output.split())

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from lowbit import jsonio
 from lowbit.cli.common import Exit, capture_model, check_calibration, console, err_console, fail, is_stdout, load, \
-    parse, parse_percent_or_number, write_text_output
+    parse, parse_percent_or_number, quiet_progress, write_text_output
 from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe
 from lowbit.cli.restrict import Unit, block_units, how_restricted, restrict, units_in_scope
 from lowbit.passes.manager import format_pipeline
@@ -76,10 +76,12 @@ def exceeds(value: float, threshold: float) -> bool:
 
 def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: str = "5%", windows: int = 4,
            seq_len: int = 128, n_sentences: int = 32, log: Callable[[str], None] = lambda s: None,
-           dtype: str = "float32") -> BisectResult:
+           dtype: str = "float32", progress: bool = True) -> BisectResult:
     t0 = time.perf_counter()
     amount, relative = parse_percent_or_number(max_increase)
     passes = parse(text)
+    if not progress:  # -q: the passes' calibration bars (restricted copies keep the option) and transformers'
+        quiet_progress(passes)
     loaded = load(model_spec, dtype)
     check_calibration(passes, loaded)
     metric = metric_name(loaded.kind, metric)
@@ -220,10 +222,11 @@ def _reduce(units: list[Unit], bad: Callable[[list[Unit]], bool]) -> list[Unit]:
 
 
 def run_bisect(model_spec: str, text: str, *, metric: str, max_increase: str, windows: int, seq_len: int,
-               n_sentences: int, json_out: Path | None, dtype: str = "float32") -> None:
+               n_sentences: int, json_out: Path | None, dtype: str = "float32", progress: bool = True) -> None:
     show = err_console if is_stdout(json_out) else console  # --json -: the standard output holds the JSON alone
     res = bisect(model_spec, text, metric=metric, max_increase=max_increase, windows=windows, seq_len=seq_len,
-                 n_sentences=n_sentences, log=lambda s: show.print(s, markup=False, soft_wrap=True), dtype=dtype)
+                 n_sentences=n_sentences, log=lambda s: show.print(s, markup=False, soft_wrap=True), dtype=dtype,
+                 progress=progress)
     table = Table(title=f"bisect {res.model} ({metric_label(res.metric)}, threshold "
                         f"{fmt_metric(res.metric, res.threshold)})",
                   show_header=False)

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from lowbit import jsonio
 from lowbit.cli.common import (Exit, capture_model, check_calibration, console, err_console,
-                               fail, is_stdout, load, parse, worst_layer, write_text_output)
+                               fail, is_stdout, load, parse, quiet_progress, worst_layer, write_text_output)
 from lowbit.cli.probes import EvalInputs, Probe, end_metric, fmt_metric, layer_stats, make_inputs, metric_name, \
     run_probe
 from lowbit.instruments import compare_outputs
@@ -94,6 +94,8 @@ def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128,
 
     t0 = time.perf_counter()
     passes = parse(text)
+    if not progress:  # -q: the passes' calibration bars and transformers' loading bar too
+        quiet_progress(passes)
     loaded = load(model_spec, dtype)
     check_calibration(passes, loaded)
     metric = metric_name(loaded.kind, "auto")
@@ -157,11 +159,11 @@ def layer_table(res: CompareResult) -> Table:
 
 def run_compare(model_spec: str, text: str, *, windows: int, seq_len: int, n_sentences: int,
                 json_out: Path | None, html_out: Path | None, verify_each: bool, reproducer: Path | None,
-                dtype: str = "float32") -> None:
+                dtype: str = "float32", progress: bool = True) -> None:
     # --json - / --html -: the standard output holds the JSON (or the page) alone
     show = err_console if is_stdout(json_out) or is_stdout(html_out) else console
     res = compare(model_spec, text, windows=windows, seq_len=seq_len, n_sentences=n_sentences,
-                  verify_each=verify_each, reproducer=reproducer, dtype=dtype, bar_console=show)
+                  verify_each=verify_each, reproducer=reproducer, dtype=dtype, bar_console=show, progress=progress)
     show.print(summary_table(res))
     show.print(layer_table(res))
     show.print(f"compare took {res.seconds:.1f} s", markup=False, soft_wrap=True)

@@ -964,10 +964,13 @@ def compare_cmd(
                                      "pass"),
     reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on a failing pass, save a replay here"),
     dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the tables and results still print)"),
 ) -> None:
     """Run real inputs through the float graph and after every pass: per-pass, per-layer error and end metric."""
     from lowbit.cli.compare import run_compare
 
+    if quiet:  # transformers' loading bar: the flags' checks may load the model before the passes are read
+        quiet_progress([])
     check_dtype(dtype)
     check_eval_sizes(windows, seq_len, sentences)
     check_output(json_out, "--json", directory=False)
@@ -978,7 +981,8 @@ def compare_cmd(
     check_output(reproducer, "--reproducer", directory=True)
     check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS), dtype)
     run_compare(model, pipeline_text(pipeline, recipe, set_), windows=windows, seq_len=seq_len, n_sentences=sentences,
-                json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer, dtype=dtype)
+                json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer, dtype=dtype,
+                progress=not quiet)
 
 
 @debug_app.command("bisect")
@@ -997,11 +1001,14 @@ def bisect_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON here ('-': to stdout, "
                                             "the tables then go to stderr)"),
     dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the tables and results still print)"),
 ) -> None:
     """Find the first pass that pushes the metric past the threshold, then the fewest layers responsible."""
     from lowbit.cli.bisect import run_bisect
     from lowbit.cli.probes import check_metric
 
+    if quiet:  # transformers' loading bar: the flags' checks may load the model before the passes are read
+        quiet_progress([])
     check_dtype(dtype)
     check_metric(metric)
     check_eval_sizes(windows, seq_len, sentences)
@@ -1011,7 +1018,8 @@ def bisect_cmd(
              "this; at or below it every evaluation, the float model's included, fails)", Exit.USAGE)
     check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS), dtype)
     run_bisect(model, pipeline_text(pipeline, recipe, set_), metric=metric, max_increase=max_increase,
-               windows=windows, seq_len=seq_len, n_sentences=sentences, json_out=json_out, dtype=dtype)
+               windows=windows, seq_len=seq_len, n_sentences=sentences, json_out=json_out, dtype=dtype,
+               progress=not quiet)
 
 
 @debug_app.command("sensitivity")
@@ -1035,11 +1043,14 @@ def sensitivity_cmd(
     out: Path = typer.Option(Path("sensitivity.json"), "--out", "-o", help="override file for `lowbit compile "
                              "--overrides`"),
     dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the tables and results still print)"),
 ) -> None:
     """Quantize (or prune) one layer at a time, rank layers by metric damage, write an override file compile accepts."""
     from lowbit.cli.probes import check_metric
     from lowbit.cli.sensitivity import run_sensitivity
 
+    if quiet:  # transformers' loading bar: the flags' checks may load the model before the passes are read
+        quiet_progress([])
     check_dtype(dtype)
     check_metric(metric)
     check_eval_sizes(windows, seq_len, sentences)
@@ -1051,7 +1062,8 @@ def sensitivity_cmd(
         fail(f"--keep-top {keep_top}: the number of units kept must be 0 or more", Exit.USAGE)
     check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS), dtype)
     run_sensitivity(model, scheme, group=group, prefix=pipeline, granularity=granularity, metric=metric,
-                    keep_top=keep_top, windows=windows, seq_len=seq_len, n_sentences=sentences, out=out, dtype=dtype)
+                    keep_top=keep_top, windows=windows, seq_len=seq_len, n_sentences=sentences, out=out, dtype=dtype,
+                    progress=not quiet)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m lowbit.cli.main`

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from lowbit import jsonio
 from lowbit.cli.common import (Exit, atomic_write_text, capture_model, check_calibration, console, fail, load, parse,
-                               worst_first)
+                               quiet_progress, worst_first)
 from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe
 from lowbit.cli.restrict import block_units, how_restricted, linear_units, restrict, units_in_scope
 
@@ -67,6 +67,8 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
              "passes to run before it with --pipeline", Exit.USAGE)
     (qpass,) = parsed
     pre = parse(prefix) if prefix else []
+    if not progress:  # -q: the passes' calibration bars (restricted copies keep the option) and transformers'
+        quiet_progress([*pre, qpass])
     if how_restricted(qpass) is None:
         fail(f"pass {qpass.name} has no 'modules' or 'keep' option: it cannot be applied one layer at a time",
              Exit.USAGE)
@@ -126,9 +128,9 @@ def ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run_sensitivity(model_spec: str, scheme: str, *, group: int | None, prefix: str | None, granularity: str,
                     metric: str, keep_top: int, windows: int, seq_len: int, n_sentences: int, out: Path,
-                    dtype: str = "float32") -> None:
+                    dtype: str = "float32", progress: bool = True) -> None:
     res = sensitivity(model_spec, scheme, group=group, prefix=prefix, granularity=granularity, metric=metric,
-                      windows=windows, seq_len=seq_len, n_sentences=n_sentences, dtype=dtype)
+                      windows=windows, seq_len=seq_len, n_sentences=n_sentences, dtype=dtype, progress=progress)
     m = res["metric"]
     (qpass,) = parse(res["quantize"])
     # compile --overrides adds the damaged layers to a keep list (quantize/gptq/sparsify); a structured cut has none
