@@ -993,6 +993,30 @@ def test_pruning_compensation_biases_save_with_the_configs_bias_switch(prune, tm
     torch.testing.assert_close(transformers_logits(out, ids), cm(ids), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "hf"])
+def test_bias_switch_zeros_keep_a_bf16_checkpoints_dtype(fmt, tmp_path):
+    """The zero biases the mlp_bias switch adds (gate/up, beside compensation's down_proj bias) were written in
+    float32 into a bfloat16 model: the checkpoint then held two float dtypes, config.json said dtype float32, and
+    transformers loaded the bf16 model in float32. They are written in the model's dtype."""
+    from conftest import tiny_llama
+    from safetensors import safe_open
+
+    from lowbit.api import compile_model
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, inter=256, heads=4, kv_heads=2, layers=1, vocab=256).to(torch.bfloat16)
+    quant = ",quantize(w=int4,group=32)" if fmt != "hf" else ""
+    cm = compile_model(model, pipeline=f"prune-mlp(ratio=0.25,score=magnitude,compensate=true){quant}",
+                       calib=torch.randint(0, 256, (4, 32)))
+    out = lowbit.save(cm, tmp_path / "ckpt", format=fmt)
+    config = json.loads((out / "config.json").read_text())
+    assert config["mlp_bias"] is True and config["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        biases = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith(".bias")}
+    assert {"model.layers.0.mlp.gate_proj.bias", "model.layers.0.mlp.down_proj.bias"} <= set(biases)
+    assert set(biases.values()) == {"BF16"}, biases
+
+
 def test_sliced_gemma_is_refused_by_the_hf_formats(tmp_path):
     """Gemma scales its embedding by sqrt(hidden_size), a buffer transformers recomputes from config.json: after
     slice-residual the checkpoint's config says 48 and transformers ran the model with sqrt(48) for the graph's

@@ -329,9 +329,13 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
     # GPT-2's Conv1D stores its weight [in, out]; the graph's linear holds it [out, in] (lowbit.ir.raising)
     conv1d = frozenset(n for n, m in model.named_modules() if type(m).__name__ == "Conv1D")
     view = hf_view(graph, keys, derived, conv1d)
-    for key in added(keys):  # the switch gives every such linear a bias: the ones the graph lacks are zero
+    # the switch gives every such linear a bias: the ones the graph lacks are zero, in the checkpoint's float dtype
+    # (float32 zeros in a bf16 model made _float_dtype write dtype "float32": transformers loaded it in float32)
+    floats = {t.dtype for t in view.tensors.values() if t.is_floating_point()}
+    zero_dtype = floats.pop() if len(floats) == 1 else torch.float32
+    for key in added(keys):
         if key not in view.tensors:
-            view.tensors[key] = torch.zeros(keys[key])
+            view.tensors[key] = torch.zeros(keys[key], dtype=zero_dtype)
     cfg = copy.deepcopy(config)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
