@@ -1256,6 +1256,22 @@ def test_sparsify_options_the_pattern_or_method_never_reads_are_refused(spec, me
                    "owl_threshold=3)")
 
 
+@pytest.mark.parametrize("pipe, message", [
+    ("sparsify(method=magnitude,modules=lm_head)", r"modules='lm_head' matches none of the 14 linears inside the "
+                                                   r"repeated blocks \(model\.layers\.0\.self_attn\.q_proj \.\.\. "
+                                                   r"model\.layers\.1\.mlp\.down_proj\); linears outside them"),
+    ("sparsify(method=magnitude,modules=layers\\.0\\.,keep=[model.layers.0.*])",
+     r"option keep=\['model\.layers\.0\.\*'\] keeps every one of the 7 linears it would prune dense")])
+def test_sparsify_scope_that_leaves_nothing_names_the_option(pipe, message):
+    """modules= matching only lm_head (outside the blocks), or keep= covering every linear in scope, read 'no linear
+    inside a repeated block to sparsify' on a model full of them: the error names the option, its value and what
+    it left out."""
+    from lowbit.api import compile_model
+
+    with pytest.raises(PipelineError, match=message):
+        compile_model(_tiny_m(), pipeline=pipe)
+
+
 @pytest.mark.parametrize("pipe", ["prune-mlp(ratio=0.5,score=magnitude)", "prune-heads(ratio=0.5,score=magnitude)",
                                   "sparsify(method=magnitude,pattern=2:4)", "slice-residual(ratio=0.25)"])
 def test_pruning_a_quantized_graph_says_prune_before_quantizing(pipe):

@@ -213,14 +213,23 @@ class Sparsify(Pass):
             p = parse_pattern(o.pattern, o.sparsity)
         except ValueError as exc:
             raise PassError(f"pass sparsify: option pattern/sparsity: {exc}") from None
+        every = sparse_linears(graph)
+        if not every:
+            raise PassError("pass sparsify: no linear inside a repeated block to sparsify")
         targets = sparse_linears(graph, o.modules)
+        if not targets:  # the scope check passed: it matches modules, but only outside the blocks (lm_head)
+            raise PassError(f"pass sparsify: modules={o.modules!r} matches none of the {len(every)} linears inside "
+                            f"the repeated blocks ({every[0].module} ... {every[-1].module}); linears outside them "
+                            "(lm_head) stay dense")
         for glob in o.keep:
             if not any(module_matches(n.module, glob) for n in targets):
                 raise PassError(f"pass sparsify: option keep: {glob!r} matches no linear this pass would prune "
                                 f"({', '.join(n.module for n in targets[:3])}, ...)")
+        kept = len(targets)
         targets = [n for n in targets if not any(module_matches(n.module, g) for g in o.keep)]
         if not targets:
-            raise PassError("pass sparsify: no linear inside a repeated block to sparsify")
+            raise PassError(f"pass sparsify: option keep={o.keep} keeps every one of the {kept} linears it would "
+                            "prune dense: nothing is left to sparsify")
         refuse_nonfinite_weights(self.name, targets)
         for n in targets:
             try:
