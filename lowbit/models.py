@@ -676,6 +676,40 @@ def _refuse_task_head(directory: Path, name: str) -> None:
                      f".from_pretrained({str(directory)!r}).eval(), (input_ids, attention_mask))")
 
 
+ST_MODULES = {"sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+              "sentence_transformers.models.Normalize"}
+"""The sentence-transformers pipeline ``SentenceEmbedder`` computes: the encoder, mean pooling, L2 normalisation."""
+
+
+def _refuse_other_sentence_pipeline(directory: Path, name: str) -> None:
+    """Refuse a sentence-transformers directory (``modules.json``) whose pipeline is not the one ``SentenceEmbedder``
+    runs (encoder -> mean pooling -> Normalize), naming the module or pooling mode: a CLS-pooled model (BGE), one
+    without Normalize or with a Dense layer was loaded as the encoder alone and returned mean-pooled, normalised
+    embeddings, other numbers than the model's own pipeline, without a word."""
+    modules_file = directory / "modules.json"
+    if not modules_file.is_file():
+        return
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        types = [str(m.get("type")) for m in modules]
+        pooling_dir = next((directory / str(m.get("path", "")) for m in modules if str(m.get("type")).endswith(
+            ".Pooling")), None)
+        pooling = json.loads((pooling_dir / "config.json").read_text(encoding="utf-8")) if pooling_dir else {}
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CorruptFileError(modules_file, f"is not a readable sentence-transformers pipeline: {exc}") from None
+    problems = [f"module {t}" for t in types if t not in ST_MODULES]
+    modes = sorted(k.removeprefix("pooling_mode_") for k, v in pooling.items() if k.startswith("pooling_mode_") and v)
+    if pooling_dir is not None and modes != ["mean_tokens"]:
+        problems.append(f"pooling {', '.join(modes) or 'none'} (its {pooling_dir.name}/config.json)")
+    if "sentence_transformers.models.Normalize" not in types:
+        problems.append("no Normalize module (unnormalised embeddings)")
+    if problems:
+        raise ValueError(f"model {name!r} is a sentence-transformers pipeline lowbit does not compute: "
+                         f"{'; '.join(problems)}, where lowbit's SentenceEmbedder mean-pools the encoder's tokens and "
+                         "L2-normalises; compile it from Python with a module that computes its pipeline and example "
+                         "inputs: lowbit.compile_model(my_embedder, (input_ids, attention_mask))")
+
+
 def _is_causal_lm(directory: Path) -> bool:
     """Whether a HF directory holds a decoder LM; judged by its declared architectures.
 
@@ -795,6 +829,7 @@ def load_model(
         _refuse_quantized_dir(path, name)
         if not _is_causal_lm(path):
             _refuse_task_head(path, name)  # outside the try: its ValueError is not a file transformers cannot read
+            _refuse_other_sentence_pipeline(path, name)
         try:
             if _is_causal_lm(path):
                 model, tokenizer = _load_causal_lm(path, dtype)

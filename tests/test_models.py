@@ -252,3 +252,46 @@ def test_the_gguf_readers_bar_follows_transformers_progress_switch(monkeypatch, 
         (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
     assert seen == [True, False]
     assert not isinstance(gguf_utils.tqdm, functools.partial)  # put back
+
+
+@pytest.mark.parametrize("pooling, modules, problem", [
+    ({"pooling_mode_cls_token": True}, ["Transformer", "Pooling", "Normalize"], r"pooling cls_token \(its 1_Pooling"),
+    ({"pooling_mode_mean_tokens": True}, ["Transformer", "Pooling"], r"no Normalize module"),
+    ({"pooling_mode_mean_tokens": True}, ["Transformer", "Pooling", "Dense", "Normalize"],
+     r"module sentence_transformers\.models\.Dense"),
+])
+def test_a_sentence_transformers_pipeline_other_than_mean_normalize_is_refused(minilm, tmp_path, pooling, modules,
+                                                                               problem):
+    """A sentence-transformers directory was loaded as its encoder alone, whatever its modules.json said: a
+    CLS-pooled model (BGE), one without Normalize or with a Dense layer returned mean-pooled, L2-normalised
+    embeddings, other numbers than its own pipeline's. Such a pipeline is refused naming what differs; the
+    encoder -> mean -> Normalize pipeline still loads."""
+    import json
+
+    import transformers
+
+    from lowbit.models import load_model
+
+    d = tmp_path / "st"
+    transformers.BertModel(transformers.BertConfig(vocab_size=minilm[1].vocab_size, hidden_size=32,
+                                                   intermediate_size=64, num_attention_heads=2,
+                                                   num_hidden_layers=1)).save_pretrained(d)
+    minilm[1].save_pretrained(d)
+    paths = {"Pooling": "1_Pooling", "Dense": "2_Dense", "Normalize": "3_Normalize"}
+    (d / "modules.json").write_text(json.dumps([
+        {"idx": i, "name": str(i), "path": paths.get(m, ""), "type": f"sentence_transformers.models.{m}"}
+        for i, m in enumerate(modules)]))
+    (d / "1_Pooling").mkdir()
+
+    def pooling_config(modes: dict[str, bool]) -> None:
+        (d / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **{
+            f"pooling_mode_{k}": False for k in ("cls_token", "mean_tokens", "max_tokens")}, **modes}))
+
+    pooling_config(pooling)
+    with pytest.raises(ValueError, match=r"is a sentence-transformers pipeline lowbit does not compute: .*" + problem):
+        load_model(d)
+    (d / "modules.json").write_text(json.dumps([
+        {"idx": i, "name": str(i), "path": paths.get(m, ""), "type": f"sentence_transformers.models.{m}"}
+        for i, m in enumerate(["Transformer", "Pooling", "Normalize"])]))
+    pooling_config({"pooling_mode_mean_tokens": True})
+    assert load_model(d)[2] == "encoder"
