@@ -1138,3 +1138,19 @@ def test_rotate_refusal_of_a_size_without_hadamard_names_the_option_that_avoids_
     PassManager("fold-norms").run(g)
     with pytest.raises(PipelineError, match=r"pass rotate: .*" + avoid):
         PassManager(spec).run(g)
+
+
+def test_second_rotate_says_its_queries_and_keys_were_rotated_before():
+    """rotate(online=false) on a rotated graph (qk=true by default) leaves q/k alone, rightly (a second Hadamard would
+    undo the first), but its stats said the query and key 'do not both come from a rotary', a wrong reason on a
+    graph whose q/k are the first rotate's Hadamards of exactly those rotaries."""
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    g = capture(CausalLMLogits(_gained_tiny_llama(layers=1)).eval(), (torch.ones(1, 6, dtype=torch.long),))
+    PassManager("fold-norms,rotate").run(g)
+    refused = PassManager("rotate(kind=random,online=false)").run(g).records[-1].stats["refused"]
+    assert len(refused) == 1 and "do not both come from a rotary" not in refused[0]
+    assert re.search(r"query and key of %attention .* already are online Hadamards of its rotary outputs "
+                     r"\(%rotary_had, %rotary_1_had: the graph was rotated before\)", refused[0]), refused
+    assert sum(n.op == "hadamard" for n in g.nodes) == 3  # no second one on q/k

@@ -389,7 +389,14 @@ def find_rotation_regions(graph: Graph) -> RotationRegions:
     for att in (n for n in graph.nodes if n.op == "attention"):
         rotaries = _rotary_sources(att, users)
         if len(rotaries) != 2:  # q·H with k unrotated (or the reverse) would change q·kᵀ: both or neither
-            if any(n.op == "rotary" for n in graph.nodes):
+            done = [v.producer for v in qk_sources(att) if v.producer is not None and v.producer.op == "hadamard"
+                    and isinstance(v.producer.args[0], Value) and v.producer.args[0].producer is not None
+                    and is_rotary_output(v.producer.args[0].producer)]
+            if len(done) == 2:  # a rotated graph: the reason is not a missing rotary
+                refused.append(f"q/k after rotary: the query and key of {_where(att)} already are online Hadamards "
+                               f"of its rotary outputs (%{done[0].output.name}, %{done[1].output.name}: the graph "
+                               "was rotated before), and another would undo them (x·H·H = x)")
+            elif any(n.op == "rotary" for n in graph.nodes):
                 refused.append(f"q/k after rotary: the query and key of {_where(att)} do not both come from a "
                                "rotary (or a partial rotary's concatenation) through views and a cache write, so "
                                "neither gets the online Hadamard")
