@@ -1104,3 +1104,23 @@ def test_save_argument_refusals_are_lowbit_errors(tmp_path):
         with pytest.raises(LowbitError):
             lowbit.save(None, tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_load_of_an_exported_onnx_file_points_to_export_load(tmp_path):
+    """lowbit.load on the .onnx file lowbit.export wrote (a rotated model, whose online Hadamards only the lowbit and
+    ONNX forms keep) said '<file>: no such checkpoint directory', as if the file did not exist; it says it is a
+    file and which loader reads it, and that loader runs it as the compiled model."""
+    import lowbit.export
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 97, (1, 12))
+    graph = capture(CausalLMLogits(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97)).eval(), (ids,))
+    PassManager(parse_pipeline("fold-norms,rotate")).run(graph)
+    path = lowbit.export(graph, tmp_path / "rotated.onnx")
+    with pytest.raises(CheckpointError, match=r"rotated\.onnx is a file, not a checkpoint directory: .*"
+                                              r"lowbit\.export\.load"):
+        lowbit.load(path)
+    ref = TorchCompiled(graph)(ids)
+    assert (lowbit.export.load(path)(ids) - ref).abs().max().item() < 1e-4 * ref.abs().max().item()

@@ -308,6 +308,10 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     get_backend(backend).parse_options(dict(backend_options or {}))
     get_backend(backend).check_available(device)  # and triton without CUDA, or on device='cpu', after it too
     directory = Path(directory)
+    if directory.is_file():  # an exported file was "no such checkpoint directory", as if it did not exist
+        raise CheckpointError(f"{directory} is a file, not a checkpoint directory: lowbit.load reads what lowbit.save "
+                              "(or `lowbit compile -o`) writes; an exported .onnx file or TensorRT engine is read by "
+                              "lowbit.export.load")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     manifest = verify_manifest(directory)
