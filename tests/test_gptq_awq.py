@@ -548,7 +548,7 @@ def test_a_clip_search_that_tries_only_min_max_is_refused(spec, message):
     w, h = torch.randn(8, 16), torch.eye(16)
     assert awq_search_clip(w, h, 4, 8, n_grid=2)[0].eq(1).all()  # what n_grid=2 ran: nothing clipped
     assert awq_search_clip(w, h, 4, 8, n_grid=20)[0].lt(1).any()
-    parse_pipeline("awq(n_grid=3),gptq(clip=true,n_grid=3),awq(clip=false,n_grid=1),gptq(awq=true,n_grid=2)")
+    parse_pipeline("awq(n_grid=3),gptq(clip=true,n_grid=3),awq(clip=false,n_grid=1,scales=xw),gptq(awq=true,n_grid=2)")
 
 
 def test_smooth_quant_on_a_post_norm_encoder_errors_or_leaves_it_unchanged(minilm_graph):
@@ -724,3 +724,24 @@ def test_norm_sites_through_a_rows_kept_reshape_are_found_and_exact():
     report = PassManager([SmoothQuant(calib=calib, progress=False)]).run(g)
     assert report.records[0].stats["sites"] == {"norm": 2}
     assert float((TorchCompiled(g)(ids) - before).abs().max() / before.abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("awq(clip=false,n_grid=1)", r"pass awq: option n_grid=1: the AWQ scale search tries .* α = 0 alone, whose scale "
+                                 r"is 1 on every channel.* or scales=xw"),
+    ("gptq(awq=true,n_grid=1)", r"pass gptq: option n_grid=1: .* α = 0 alone.* or drop awq=true"),
+    ("autoround(awq=true,n_grid=1)", r"pass autoround: option n_grid=1: .* α = 0 alone"),
+])
+def test_a_scale_search_that_tries_only_alpha_zero_is_refused(spec, message):
+    """The AWQ scale search tries mean|x|^α for α = i/n_grid, i < n_grid: at n_grid=1 that is α = 0, s = 1, and the
+    run was RTN (or plain GPTQ) while its stats said every group was scaled (mean_error_gain 1.0). AutoAWQ's
+    candidates (scales=xw) are not 1 at α = 0, so awq(scales=xw,n_grid=1) stays allowed."""
+    from lowbit.passes.manager import PipelineSpecError, parse_pipeline
+
+    with pytest.raises(PipelineSpecError, match=message):
+        parse_pipeline(spec)
+    x = torch.randn(64, 16) * torch.linspace(0.1, 5, 16)
+    w, h = torch.randn(8, 16), x.t() @ x
+    assert torch.equal(awq_search_scale(h, x.abs().mean(0), [w], 4, 8, n_grid=1).scale, torch.ones(16))
+    assert not torch.equal(awq_search_scale(h, x.abs().mean(0), [w], 4, 8, n_grid=1, duo=True).scale, torch.ones(16))
+    parse_pipeline("awq(clip=false,n_grid=2),gptq(awq=true,n_grid=2),autoround(awq=true,n_grid=2)")

@@ -18,7 +18,14 @@ from pydantic import Field, model_validator
 
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, Pass, PassResult, register_pass
-from lowbit.passes.gptq import SITE_KINDS, WeightCalibrationOptions, check_clip_grid, rounding, run_weight_calibration
+from lowbit.passes.gptq import (
+    SITE_KINDS,
+    WeightCalibrationOptions,
+    check_clip_grid,
+    check_scale_grid,
+    rounding,
+    run_weight_calibration,
+)
 
 __all__ = ["AWQ", "AWQOptions"]
 
@@ -41,6 +48,7 @@ class AWQOptions(WeightCalibrationOptions):
     def _clip_reads_max_shrink(self) -> AWQOptions:
         self.refuse_unread({"max_shrink": None if self.clip else "clip=true"})
         check_clip_grid(self.clip, self.n_grid, self.max_shrink, f", max_shrink={self.max_shrink}")
+        check_scale_grid(True, self.n_grid, self.scales, "scales=xw (AutoAWQ's candidates)")
         return self
 
 

@@ -32,7 +32,8 @@ from lowbit.ir.quant import get_qdtype
 from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
 from lowbit.passes.insert_qdq import NonFinitePolicy, plan
 
-__all__ = ["WeightCalibrationOptions", "GPTQOptions", "GPTQ", "run_weight_calibration", "rounding", "SITE_KINDS"]
+__all__ = ["WeightCalibrationOptions", "GPTQOptions", "GPTQ", "run_weight_calibration", "rounding", "SITE_KINDS",
+           "check_awq_options", "check_clip_grid", "check_scale_grid"]
 
 
 class WeightCalibrationOptions(CalibrationOptions, ScopedOptions):
@@ -127,6 +128,18 @@ def check_awq_options(o: Any) -> None:
     o.refuse_unread({"n_grid": None if o.awq or o.clip else "awq=true or clip=true",
                      "sites": None if o.awq else "awq=true"})
     check_clip_grid(o.clip, o.n_grid, 0.5, "")
+    check_scale_grid(o.awq, o.n_grid, "x", "drop awq=true")
+
+
+def check_scale_grid(scale_search: bool, n_grid: int, scales: str, instead: str) -> None:
+    """The AWQ scale search (``lowbit.calibration.awq.awq_search_scale``) tries ``s = mean|x|^α`` for ``α = i/n_grid``,
+    ``i < n_grid``: at ``n_grid=1`` that is ``α = 0`` alone, ``s = 1`` everywhere, and the run was plain RTN (or GPTQ)
+    reporting every group scaled. AutoAWQ's ``mean|x|^α / mean|ŵ|^(1-α)`` (``scales=xw``) is not 1 at ``α = 0``.
+    ``instead`` says the other way out (``drop awq=true``)."""
+    if scale_search and scales == "x" and n_grid < 2:
+        raise ValueError(f"option n_grid={n_grid}: the AWQ scale search tries s = mean|x|^α for α = i/n_grid, i < "
+                         f"n_grid, i.e. α = 0 alone, whose scale is 1 on every channel, so it would scale nothing; raise "
+                         f"n_grid (n_grid=20 tries α = 0, 0.05, ..., 0.95), or {instead}")
 
 
 def check_clip_grid(clip: bool, n_grid: int, max_shrink: float, shrink_option: str) -> None:
