@@ -745,3 +745,16 @@ def test_a_scale_search_that_tries_only_alpha_zero_is_refused(spec, message):
     assert torch.equal(awq_search_scale(h, x.abs().mean(0), [w], 4, 8, n_grid=1).scale, torch.ones(16))
     assert not torch.equal(awq_search_scale(h, x.abs().mean(0), [w], 4, 8, n_grid=1, duo=True).scale, torch.ones(16))
     parse_pipeline("awq(clip=false,n_grid=2),gptq(awq=true,n_grid=2),autoround(awq=true,n_grid=2)")
+
+
+@pytest.mark.parametrize("name", ["gptq", "autoround"])
+def test_awq_true_with_no_sites_is_refused(name):
+    """gptq/autoround(awq=true,sites=[]) asked for AWQ scales and named nowhere to fold them: every group kept scale 1
+    (the run was plain GPTQ / RTN-started tuning, the stats listing each group as unscaled); the options are refused
+    when parsed, as smooth-quant(sites=[]) is."""
+    from lowbit.passes.manager import PipelineSpecError, parse_pipeline
+
+    with pytest.raises(PipelineSpecError, match=rf"pass {name}: option sites=\[\] names no place to fold AWQ scales, "
+                                                r"so awq=true would scale nothing; .* or drop awq=true"):
+        parse_pipeline(f"{name}(awq=true,sites=[])")
+    assert parse_pipeline(f"{name}(awq=true,sites=[gated])")[0].options.sites == ["gated"]

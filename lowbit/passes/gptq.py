@@ -129,6 +129,9 @@ def check_awq_options(o: Any) -> None:
                      "sites": None if o.awq else "awq=true"})
     check_clip_grid(o.clip, o.n_grid, 0.5, "")
     check_scale_grid(o.awq, o.n_grid, "x", "drop awq=true")
+    if o.awq and not o.sites:  # every group then kept scale 1: awq=true did nothing but list them as unscaled
+        raise ValueError(f"option sites=[] names no place to fold AWQ scales, so awq=true would scale nothing; give one "
+                         f"or more of {', '.join(SITE_KINDS)} (sites=[norm;gated]), or drop awq=true")
 
 
 def check_scale_grid(scale_search: bool, n_grid: int, scales: str, instead: str) -> None:
