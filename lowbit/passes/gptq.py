@@ -130,19 +130,19 @@ def check_awq_options(o: Any) -> None:
     check_clip_grid(o.clip, o.n_grid, 0.5, "")
     check_scale_grid(o.awq, o.n_grid, "x", "drop awq=true")
     if o.awq and not o.sites:  # every group then kept scale 1: awq=true did nothing but list them as unscaled
-        raise ValueError(f"option sites=[] names no place to fold AWQ scales, so awq=true would scale nothing; give one "
-                         f"or more of {', '.join(SITE_KINDS)} (sites=[norm;gated]), or drop awq=true")
+        raise ValueError(f"option sites=[] names no place to fold AWQ scales, so awq=true would scale nothing; give "
+                         f"one or more of {', '.join(SITE_KINDS)} (sites=[norm;gated]), or drop awq=true")
 
 
 def check_scale_grid(scale_search: bool, n_grid: int, scales: str, instead: str) -> None:
-    """The AWQ scale search (``lowbit.calibration.awq.awq_search_scale``) tries ``s = mean|x|^α`` for ``α = i/n_grid``,
-    ``i < n_grid``: at ``n_grid=1`` that is ``α = 0`` alone, ``s = 1`` everywhere, and the run was plain RTN (or GPTQ)
-    reporting every group scaled. AutoAWQ's ``mean|x|^α / mean|ŵ|^(1-α)`` (``scales=xw``) is not 1 at ``α = 0``.
+    """The AWQ scale search (``lowbit.calibration.awq.awq_search_scale``) tries ``s = mean|x|^α`` for
+    ``α = i/n_grid``, ``i < n_grid``: at ``n_grid=1`` that is ``α = 0`` alone, ``s = 1`` everywhere, and the run was
+    plain RTN (or GPTQ) reporting every group scaled. AutoAWQ's ``mean|x|^α / mean|ŵ|^(1-α)`` (``scales=xw``) is not 1 at ``α = 0``.
     ``instead`` says the other way out (``drop awq=true``)."""
     if scale_search and scales == "x" and n_grid < 2:
-        raise ValueError(f"option n_grid={n_grid}: the AWQ scale search tries s = mean|x|^α for α = i/n_grid, i < "
-                         f"n_grid, i.e. α = 0 alone, whose scale is 1 on every channel, so it would scale nothing; raise "
-                         f"n_grid (n_grid=20 tries α = 0, 0.05, ..., 0.95), or {instead}")
+        raise ValueError(f"option n_grid={n_grid}: the AWQ scale search tries s = mean|x|^α for α = i/n_grid, "
+                         f"i < n_grid, i.e. α = 0 alone, whose scale is 1 on every channel, so it would scale nothing; "
+                         f"raise n_grid (n_grid=20 tries α = 0, 0.05, ..., 0.95), or {instead}")
 
 
 def check_clip_grid(clip: bool, n_grid: int, max_shrink: float, shrink_option: str) -> None:
