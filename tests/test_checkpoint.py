@@ -1124,3 +1124,29 @@ def test_load_of_an_exported_onnx_file_points_to_export_load(tmp_path):
         lowbit.load(path)
     ref = TorchCompiled(graph)(ids)
     assert (lowbit.export.load(path)(ids) - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("fmt", ["lowbit", "compressed-tensors"])
+def test_a_saved_config_does_not_carry_the_local_path_the_model_was_read_from(minilm, tmp_path, fmt):
+    """Every config.json lowbit wrote kept the source config's _name_or_path: all-MiniLM-L6-v2's site-packages
+    directory, SmolLM2's ~/.cache path, in a checkpoint meant to be shared (transformers' save_pretrained leaves it
+    out). It is left out; the checkpoint still loads in lowbit and transformers."""
+    import transformers
+
+    from lowbit.models import SentenceEmbedder
+
+    tok = minilm[1]
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                  num_attention_heads=2, num_hidden_layers=1, max_position_embeddings=64)
+    source = tmp_path / "source model"
+    transformers.BertModel(cfg).save_pretrained(source)
+    bert = transformers.BertModel.from_pretrained(source).eval()
+    assert bert.config.name_or_path == str(source)
+    c = lowbit.compile_model(SentenceEmbedder(bert), tokenizer=tok, pipeline="quantize(w=int8)")
+    out = lowbit.save(c, tmp_path / "out", format=fmt)
+    text = (out / "config.json").read_text()
+    assert "_name_or_path" not in json.loads(text) and str(source) not in text
+    enc = tok(["the cat sat on the mat", "hi"], padding=True, return_tensors="pt")
+    torch.testing.assert_close(lowbit.load(out)(**enc), c(**enc))
+    if fmt == "compressed-tensors":
+        transformers.AutoModel.from_pretrained(out)

@@ -28,7 +28,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lowbit.checkpoint.files import CheckpointError, atomic_checkpoint_dir, checked, verify_manifest, write_manifest
+from lowbit.checkpoint.files import (
+    CheckpointError,
+    atomic_checkpoint_dir,
+    checked,
+    shareable_config,
+    verify_manifest,
+    write_manifest,
+)
 
 __all__ = ["save", "load", "FORMATS", "CheckpointError", "GenerationMeta", "PrunedMeta", "generation_meta",
            "validated_meta", "write_checkpoint_files"]
@@ -165,7 +172,7 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any, config: Any = None
     info: dict[str, Any] = {"format": "lowbit", "kind": kind or src.get("kind")}
     config = _pruned_source_config(config if config is not None else src.get("config"), graph.meta.get("pruned"))
     if config is not None:
-        d = config.to_dict()
+        d = shareable_config(config.to_dict())
         d.pop("quantization_config", None)
         (directory / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
     if src.get("max_seq_length") is not None:

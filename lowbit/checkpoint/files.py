@@ -25,7 +25,8 @@ from lowbit.cache import clean_stale_temporaries, replacing_dir
 from lowbit.errors import LowbitError
 
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
-           "verify_manifest", "check_listed", "read_safetensors", "read_config", "read_tokenizer", "write_safetensors", "MANIFEST", "sha256_file", "not_replaceable"]
+           "verify_manifest", "check_listed", "read_safetensors", "read_config", "read_tokenizer", "shareable_config",
+           "write_safetensors", "MANIFEST", "sha256_file", "not_replaceable"]
 
 MANIFEST = "lowbit-manifest.json"
 
@@ -399,6 +400,13 @@ def read_config(directory: Path) -> Any:
     except Exception as exc:  # noqa: BLE001 - transformers' validators raise several kinds; re-raised naming the file
         why = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"{path}: transformers cannot read this config ({type(exc).__name__}: {why})") from None
+
+
+def shareable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without ``_name_or_path``, the local directory the source model was read from (a site-packages
+    or ~/.cache path in every checkpoint lowbit wrote); transformers' own save_pretrained leaves it out too."""
+    config.pop("_name_or_path", None)
+    return config
 
 
 def read_tokenizer(directory: Path) -> Any:

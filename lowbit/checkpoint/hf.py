@@ -44,6 +44,7 @@ from lowbit.checkpoint.files import (
     read_json,
     read_safetensors,
     read_tokenizer,
+    shareable_config,
     write_safetensors,
 )
 from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
@@ -399,7 +400,7 @@ def _write_config(cfg: Any, directory: Path, quantization_config: dict[str, Any]
                   dtype: str = "float32") -> None:
     """config.json (in ``dtype``, with ``quantization_config``; None: a float model, so any the source config had is
     dropped, or it would load as quantized) and the tokenizer."""
-    d = cfg.to_dict()
+    d = shareable_config(cfg.to_dict())
     d["dtype"] = dtype
     d.pop("torch_dtype", None)
     if quantization_config is None:
