@@ -388,3 +388,21 @@ def test_an_encoders_default_calibration_windows_are_its_max_seq_length(minilm, 
     long = tmp_path / "long.txt"
     long.write_text(text.read_text() * 3)
     assert GPTQ(calib=str(long), calib_n=2, calib_len=512).options.token_ids(graph, "gptq").shape == (2, 512)
+
+
+def test_a_json_calibration_file_is_refused_when_the_pipeline_is_read(tmp_path):
+    """calib=data.jsonl was refused by the pass' text check, after the model was loaded; it is refused with the
+    pipeline's other file checks, before the model is read (the CLI says it before a missing model, exit 2)."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+    from lowbit.passes.base import PassError, PassFileError
+    from lowbit.passes.manager import parse_pipeline
+
+    data = tmp_path / "calib.jsonl"
+    data.write_text('{"text": "The quick brown fox.", "id": 0}\n' * 50)
+    with pytest.raises(PassError, match=r"pass gptq: option calib='.*calib.jsonl': calibration text .* is JSON") as e:
+        parse_pipeline(f"gptq(w=int4,calib={data})")
+    assert not isinstance(e.value, PassFileError)  # the file reads fine: it is the wrong kind (exit 2, not 3)
+    res = CliRunner().invoke(app, ["compile", "no-such-model", "--pipeline", f"gptq(calib={data})"])
+    assert res.exit_code == 2 and "is JSON" in res.output, res.output

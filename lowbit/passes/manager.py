@@ -162,10 +162,15 @@ def _check_calibration_file(path: str, where: str) -> None:
     """Read a calibration file as the pass will (a text, or token ids in a ``.safetensors``): what cannot be read is a
     ``PassFileError`` now rather than a pass failure after the model is loaded and captured."""
     from lowbit.calibration.data import calibration_tensor
-    from lowbit.data import read_text
+    from lowbit.data import read_text, refuse_json_text
     from lowbit.errors import CorruptFileError
-    from lowbit.passes.base import PassFileError
+    from lowbit.passes.base import PassError, PassFileError
 
+    try:  # a JSON dataset was refused by the pass, after the model load
+        refuse_json_text(path, "calibration text", "calib= files", "calibrate on",
+                         ", or give token ids (a tensor or a .safetensors file)")
+    except ValueError as exc:
+        raise PassError(f"{where}: {exc}") from None
     try:
         if calibration_tensor(path) is None:
             read_text(path)
