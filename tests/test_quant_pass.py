@@ -227,6 +227,10 @@ def test_group_that_does_not_divide_576_names_option_node_and_alternatives(slice
     assert stats["weights_quantized"] == 14
     blocks = {n.kwargs["block_size"] for n in g.nodes if n.op == "dequantize"}
     assert blocks == {64, 128}  # 128 on down_proj (K=1536), 64 where K=576
+    # a fallback that does not divide either: the fix is to group_fallback, not group (it said 'use group=64')
+    with pytest.raises(PassError, match=r"option group_fallback=100 does not divide the input size 576 .* use "
+                                        r"group_fallback=64 or group_fallback=32$"):
+        InsertQDQ(w="int4", group=128, group_fallback=100).run(graph.clone())
 
 
 def test_bad_options_raise_clear_errors(slice2, tmp_path):

@@ -320,7 +320,7 @@ def _check_group(node: Node, w: Value, scheme: QScheme, fallback: int | None, op
     if fallback is not None and k % fallback == 0:  # type: ignore[operator]
         return fallback
     ok = _pow2_divisors(int(k), g)
-    key = option.split()[-1]
+    key = "group_fallback" if fallback is not None else option.split()[-1]  # the option that failed is the one to fix
     hint = f"use {key}={f' or {key}='.join(map(str, ok))}" if ok else "use per-channel scales (no group)"
     extra = (f", or keep {key}={g} with group_fallback={ok[0]} (group {g} where it divides, {ok[0]} elsewhere)"
              if ok and fallback is None else "")
