@@ -27,8 +27,8 @@ from lowbit.calibration.engine import BLOCK_PATTERN
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import PassError, nonfinite_problem
 
-__all__ = ["DOWN_PROJECTIONS", "MLPSite", "AttentionSite", "find_mlp_sites", "find_attention_sites", "block_of", "slice_linear_rows",
-           "slice_linear_cols", "block_residuals", "linear_params", "refuse_nonfinite_weights"]
+__all__ = ["DOWN_PROJECTIONS", "MLPSite", "AttentionSite", "find_mlp_sites", "find_attention_sites", "block_of",
+           "slice_linear_rows", "slice_linear_cols", "block_residuals", "linear_params", "refuse_nonfinite_weights"]
 
 _ELEMENTWISE = {"mul", "silu", "gelu", "aten.mul.Tensor", "aten.silu.default", "aten.gelu.default",
                 "aten.relu.default", "relu"}
