@@ -1154,3 +1154,21 @@ def test_second_rotate_says_its_queries_and_keys_were_rotated_before():
     assert re.search(r"query and key of %attention .* already are online Hadamards of its rotary outputs "
                      r"\(%rotary_had, %rotary_1_had: the graph was rotated before\)", refused[0]), refused
     assert sum(n.op == "hadamard" for n in g.nodes) == 3  # no second one on q/k
+
+
+@pytest.mark.parametrize("family,first", [("llama", "quantize(a=int8)"), ("llama", "quantize(kv=int4,kv_group=8)"),
+                                          ("stablelm", "quantize(w=int4,group=16)")])
+def test_rotate_on_a_graph_quantized_before_is_refused_naming_the_quantizer(family, first):
+    """A pipeline with quantize before rotate is refused when parsed, but a graph quantized by an earlier run was
+    not: after quantize(a=int8) rotate put its down_proj Hadamard after the activation quantizer (which then
+    rounded the unrotated input), after kv=int4 it left the quantized keys unrotated, and on StableLM's quantized
+    weights rotate(residual=false) failed with \"AttributeError: 'NoneType' object has no attribute 'to'\"."""
+    from test_architectures import build
+
+    g = build(family)[4].clone()
+    PassManager(first).run(g)
+    before = str(g)
+    with pytest.raises(PipelineError, match=r"pass rotate\(residual=false\) \(#0\) requires no dequantize node "
+                                            r"\(.*rotate before quantizing\).*: %\w+ \(dequantize\)"):
+        PassManager("rotate(residual=false)").run(g)
+    assert str(g) == before

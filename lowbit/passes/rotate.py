@@ -49,7 +49,7 @@ from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.hadamard import HadamardError, hadamard, hadamard_order_split, random_hadamard
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
 from lowbit.ir.rotation_regions import HeadRegion, OnlineSite, ResidualRegion, find_rotation_regions
-from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
+from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, no_op, register_pass
 from lowbit.passes.fold_norms import private_weight
 
 __all__ = ["Rotate", "RotateOptions", "check_foldable", "check_hadamard_sizes", "fold_residual", "rotation_matrix", "set_weight"]
@@ -64,6 +64,12 @@ _KIND_OPTIONS: dict[str, frozenset[str]] = {
 """The learning and calibration options each learned kind reads (hadamard and random read none of them: they use
 no data; learned runs ``windows_per_step`` windows a step, not ``batch_size``)."""
 _LEARNING_OPTIONS = frozenset().union(*_KIND_OPTIONS.values())
+NOT_QUANTIZED = no_op("dequantize", "rotate folds its rotations into float weights and puts its online Hadamards "
+                      "where the quantizers will read them; on a quantized graph the weights, activations and KV "
+                      "cache stay rounded unrotated: rotate before quantizing")
+"""A graph quantized by an earlier run (a pipeline with quantize before rotate is refused when parsed): rotate after
+quantize(a=...) put its Hadamards after the activation quantizers and skipped the quantized keys, and on a LayerNorm
+model's quantized weights rotate(residual=false) failed with an AttributeError."""
 
 
 class RotateOptions(CalibrationOptions):
@@ -390,7 +396,7 @@ class Rotate(Pass):
     after = ("fold-norms", "prune-heads", "prune-mlp")
     """prune-heads and prune-mlp find their sites by the q/k/v/o and gate/up/down patterns, which the online
     Hadamards rotate inserts break: they run on the unrotated graph."""
-    requires = (NO_QLINEAR,)
+    requires = (NO_QLINEAR, NOT_QUANTIZED)
     creates = ("hadamard",)
 
     def undone_by(self, later: Pass) -> str | None:
