@@ -1172,3 +1172,14 @@ def test_rotate_on_a_graph_quantized_before_is_refused_naming_the_quantizer(fami
                                             r"\(.*rotate before quantizing\).*: %\w+ \(dequantize\)"):
         PassManager("rotate(residual=false)").run(g)
     assert str(g) == before
+
+
+def test_learned_rotation_with_both_sides_float_is_refused_when_parsed():
+    """kind=learned with w_bits=16 and a_bits=16 fake-quantizes nothing; the loss it minimises is the float model's,
+    which every rotation leaves unchanged, so its steps (a forward and backward of the whole model each) learned
+    nothing. Refused when the pipeline is parsed, naming both options; one side float stays allowed."""
+    with pytest.raises(PipelineSpecError, match=r"pass rotate: .*kind=learned with w_bits=16 and a_bits=16 quantizes "
+                                                r"nothing"):
+        parse_pipeline("fold-norms,rotate(kind=learned,w_bits=16,a_bits=16)")
+    for fine in ("rotate(kind=learned,w_bits=16)", "rotate(kind=learned,a_bits=16)"):
+        assert [p.name for p in parse_pipeline("fold-norms," + fine)] == ["fold-norms", "rotate"]

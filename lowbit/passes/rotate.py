@@ -121,6 +121,11 @@ class RotateOptions(CalibrationOptions):
                             for name in sorted(_LEARNING_OPTIONS)})
         if self.learn_heads and not self.heads:
             raise ValueError("learn_heads=true learns the head rotations R2, which heads=false turns off")
+        if self.kind == "learned" and self.w_bits == 16 and self.a_bits == 16:
+            # the steps would run (minutes) on a loss whose gradient is float rounding and keep the Hadamard
+            raise ValueError("kind=learned with w_bits=16 and a_bits=16 quantizes nothing: the float model's loss is "
+                             "the same under every rotation, so there is nothing to learn; give a_bits (e.g. 4) or "
+                             "w_bits below 16")
         return self
     batch_tokens: int = Field(default=4096, ge=8, le=1_000_000)
     """kurtosis: tokens per step, drawn evenly from every norm output."""
