@@ -165,3 +165,25 @@ def test_a_model_compiled_from_named_inputs_takes_positions_in_its_forwards_orde
         ref = bert(ids, mask, types).last_hidden_state
     torch.testing.assert_close(c(ids, mask, types)[0], ref)
     torch.testing.assert_close(c(input_ids=ids, token_type_ids=types, attention_mask=mask)[0], ref)
+
+
+def test_a_bert_tokenizers_token_type_ids_are_refused_saying_why(minilm):
+    """A sentence encoder compiled by lowbit takes (input_ids, attention_mask); BERT's own tokenizer also returns
+    token_type_ids, and compiled(**tokenizer(texts)) was refused with the bare "unexpected inputs
+    ['token_type_ids']". The refusal says why and what to do."""
+    from transformers import AutoConfig, AutoModel
+
+    from lowbit.models import SentenceEmbedder
+
+    tok = minilm[1]
+    cfg = AutoConfig.for_model("bert", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, vocab_size=tok.vocab_size, max_position_embeddings=128)
+    model = SentenceEmbedder(AutoModel.from_config(cfg)).eval()
+    example, dynamic = _default_example(model, tok)
+    runner = lower(capture(model, example, dynamic), "torch")
+    ids, mask = example
+    with pytest.raises(TypeError, match=r"unexpected inputs \['token_type_ids'\]; the model takes \['input_ids', "
+                                        r"'attention_mask'\]: a sentence encoder embeds one segment "
+                                        r".*compiled\.tokenizer"):
+        runner(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    assert runner(input_ids=ids, attention_mask=mask).shape == (2, 32)

@@ -26,6 +26,14 @@ class InputError(LowbitError, ValueError):
     """A call's input does not match the graph's declared input; the message names the input."""
 
 
+_EXTRA_INPUT_HINTS = {
+    "token_type_ids": (": a sentence encoder embeds one segment (token type 0), so drop token_type_ids, or tokenize "
+                       "with the compiled model's own tokenizer (compiled.tokenizer), which does not return them"),
+}
+"""Why a call's extra input is not one the graph takes, for the names HF tokenizers return beside what a compiled
+model reads: BERT's tokenizer output (model(**tokenizer(texts))) was refused with the bare 'unexpected inputs'."""
+
+
 def ordered_inputs(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """A call's inputs in the model's order, from positions then names: an unknown name, an input given both ways
     (the name was silently ignored) and a missing one (a KeyError) are ``TypeError``s naming them, as a Python
@@ -34,7 +42,8 @@ def ordered_inputs(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str
     if kwargs:
         extra = sorted(set(kwargs) - set(names))
         if extra:
-            raise TypeError(f"unexpected inputs {extra}; the model takes {names}")
+            hint = _EXTRA_INPUT_HINTS.get(extra[0], "") if len(extra) == 1 else ""
+            raise TypeError(f"unexpected inputs {extra}; the model takes {names}{hint}")
         twice = sorted(set(kwargs) & set(names[:len(args)]))
         if twice:
             raise TypeError(f"inputs {twice} given both by position and by name")
