@@ -94,7 +94,7 @@ def keep_float(p: Any, globs: list[str], graph: Graph) -> Any | None:
     """
     from lowbit.ir.qscheme import module_matches
 
-    opts = p.options.model_dump()
+    opts = p.options.model_dump(exclude_unset=True)  # a copy keeps what was given as given (batch_size_for reads it)
     if "config" in type(p).Options.model_fields and _config_from_options(p):
         cfg = _config_from_options(p)(p.options)
         linears = {n.module for n in graph.nodes if n.op == "linear"}
@@ -126,7 +126,7 @@ def restrict(p: Any, chosen: list[Unit], all_units: list[Unit]) -> Any | None:
     how = how_restricted(p)
     if how is None:
         return None
-    opts = p.options.model_dump()
+    opts = p.options.model_dump(exclude_unset=True)  # a copy keeps what was given as given (batch_size_for reads it)
     if how == "modules":
         names = "|".join(u.regex.lstrip("^") for u in chosen) or r"(?!)"
         rx = f"^({names})" if chosen else r"(?!)"
