@@ -84,18 +84,22 @@ def test_inputs_by_name_are_bound_once_each(compiled, backend):
         runner(ids=ids)
 
 
-def test_encoder_inputs_must_agree_on_shared_symbols(minilm):
+def _tiny_sentence_encoder(tok):
+    """A 1-layer random BERT sentence encoder with MiniLM's tokenizer, captured from its default example (ids,
+    mask) with their dynamic dims and lowered to torch; returns the runner and that example."""
     from transformers import AutoConfig, AutoModel
 
     from lowbit.models import SentenceEmbedder
 
-    tok = minilm[1]
     cfg = AutoConfig.for_model("bert", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                num_attention_heads=4, vocab_size=tok.vocab_size, max_position_embeddings=128)
     model = SentenceEmbedder(AutoModel.from_config(cfg)).eval()
     example, dynamic = _default_example(model, tok)
-    runner = lower(capture(model, example, dynamic), "torch")
-    ids, mask = example
+    return lower(capture(model, example, dynamic), "torch"), example
+
+
+def test_encoder_inputs_must_agree_on_shared_symbols(minilm):
+    runner, (ids, mask) = _tiny_sentence_encoder(minilm[1])
     assert runner(ids, mask).shape == (2, 32)
     with pytest.raises(InputError, match=r"input %attention_mask .*dim 1 \(s1\) is 5, but input %input_ids dim 1"):
         runner(ids, mask[:, :5])
@@ -171,17 +175,7 @@ def test_a_bert_tokenizers_token_type_ids_are_refused_saying_why(minilm):
     """A sentence encoder compiled by lowbit takes (input_ids, attention_mask); BERT's own tokenizer also returns
     token_type_ids, and compiled(**tokenizer(texts)) was refused with the bare "unexpected inputs
     ['token_type_ids']". The refusal says why and what to do."""
-    from transformers import AutoConfig, AutoModel
-
-    from lowbit.models import SentenceEmbedder
-
-    tok = minilm[1]
-    cfg = AutoConfig.for_model("bert", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                               num_attention_heads=4, vocab_size=tok.vocab_size, max_position_embeddings=128)
-    model = SentenceEmbedder(AutoModel.from_config(cfg)).eval()
-    example, dynamic = _default_example(model, tok)
-    runner = lower(capture(model, example, dynamic), "torch")
-    ids, mask = example
+    runner, (ids, mask) = _tiny_sentence_encoder(minilm[1])
     with pytest.raises(TypeError, match=r"unexpected inputs \['token_type_ids'\]; the model takes \['input_ids', "
                                         r"'attention_mask'\]: a sentence encoder embeds one segment "
                                         r".*compiled\.tokenizer"):
