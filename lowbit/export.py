@@ -75,8 +75,9 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     known = sorted(f.name for f in fields(LoweringOptions) if f.name != "weight_format")
     for key in options:
         if key not in known:
-            raise OptionError(f"unknown ONNX export option {key!r}{did_you_mean(key, known)}; options are: {', '.join(known)} (the "
-                              "format picks weight_format: 'onnx' is QDQ, 'onnx-matmulnbits' MatMulNBits)")
+            raise OptionError(f"unknown ONNX export option {key!r}{did_you_mean(key, known)}; options are: "
+                              f"{', '.join(known)} (the format picks weight_format: 'onnx' is QDQ, 'onnx-matmulnbits' "
+                              "MatMulNBits)")
     with _created_dirs_removed_on_failure(check_writable(path)):
         weight_format = "matmulnbits" if format == "onnx-matmulnbits" else "qdq"
         model = to_onnx(graph, weight_format=weight_format, **options)

@@ -1120,7 +1120,8 @@ def test_rotate_refuses_a_size_without_hadamard_before_learning_or_folding(kw, p
 
 
 @pytest.mark.parametrize("kw,spec,avoid", [
-    ({"hidden": 172, "heads": 43, "kv_heads": 43}, "rotate", r"residual stream of width 172: .*; rotate\(kind=random\)"),
+    ({"hidden": 172, "heads": 43, "kv_heads": 43}, "rotate",
+     r"residual stream of width 172: .*; rotate\(kind=random\)"),
     ({"hidden": 40, "heads": 4, "kv_heads": 2}, "rotate", r"head_dim 10 of %attention: .*; rotate\(kind=random\) .*"
                                                         r"rotate\(heads=false\)"),
     ({"inter": 188}, "rotate", r"'model\.layers\.0\.mlp\.down_proj'\): .*; rotate\(online=false\) leaves it out"),

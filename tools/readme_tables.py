@@ -25,8 +25,8 @@ COLUMNS = {
                 "params_removed_frac_total", "sparsity_measured", "recovery", "pass_seconds", "pipeline"],
     "onnx": ["run", "variant", "scheme", "format", "value", "ppl_ratio", "latency_ms", "latency_ms_min", "file_mb",
              "parity_rel", "tensorrt_qdq_errors", "tensorrt_qdq_rules", "onnx_ops"],
-    "memory": ["model", "model_mib", "run", "limit_mib", "dtype", "lowering", "offload", "ok", "peak_anon_mib", "peak_rss_mib",
-               "cgroup_peak_mib", "max_logit_diff", "seconds", "pipeline", "format"],
+    "memory": ["model", "model_mib", "run", "limit_mib", "dtype", "lowering", "offload", "ok", "peak_anon_mib",
+               "peak_rss_mib", "cgroup_peak_mib", "max_logit_diff", "seconds", "pipeline", "format"],
 }
 """Per results file: its own columns, in order, instead of ``PREFERRED``."""
 PIVOT_ID = {

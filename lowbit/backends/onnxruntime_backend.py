@@ -335,8 +335,8 @@ class OrtCompiled(torch.nn.Module):
                 session = ["device", "optimization", "providers", "spinning", "threads"]
                 for key in sorted(lowering):
                     if key not in known:  # a misspelt session option was called a lowering option
-                        raise OptionError(f"unknown option {key!r}{did_you_mean(key, session)} for a model run from an ONNX file; options "
-                                          f"are: {', '.join(session)}")
+                        raise OptionError(f"unknown option {key!r}{did_you_mean(key, session)} for a model run "
+                                          f"from an ONNX file; options are: {', '.join(session)}")
                 raise OptionError(f"lowering options {sorted(lowering)} apply only when lowering a Graph: the file's "
                                   "lowering is fixed (export it again with them)")
             self.options = None

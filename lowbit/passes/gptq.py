@@ -137,7 +137,8 @@ def check_awq_options(o: Any) -> None:
 def check_scale_grid(scale_search: bool, n_grid: int, scales: str, instead: str) -> None:
     """The AWQ scale search (``lowbit.calibration.awq.awq_search_scale``) tries ``s = mean|x|^α`` for
     ``α = i/n_grid``, ``i < n_grid``: at ``n_grid=1`` that is ``α = 0`` alone, ``s = 1`` everywhere, and the run was
-    plain RTN (or GPTQ) reporting every group scaled. AutoAWQ's ``mean|x|^α / mean|ŵ|^(1-α)`` (``scales=xw``) is not 1 at ``α = 0``.
+    plain RTN (or GPTQ) reporting every group scaled. AutoAWQ's ``mean|x|^α / mean|ŵ|^(1-α)`` (``scales=xw``) is
+    not 1 at ``α = 0``.
     ``instead`` says the other way out (``drop awq=true``)."""
     if scale_search and scales == "x" and n_grid < 2:
         raise ValueError(f"option n_grid={n_grid}: the AWQ scale search tries s = mean|x|^α for α = i/n_grid, "

@@ -52,7 +52,8 @@ from lowbit.ir.rotation_regions import HeadRegion, OnlineSite, ResidualRegion, f
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, no_op, register_pass
 from lowbit.passes.fold_norms import private_weight
 
-__all__ = ["Rotate", "RotateOptions", "check_foldable", "check_hadamard_sizes", "fold_residual", "rotation_matrix", "set_weight"]
+__all__ = ["Rotate", "RotateOptions", "check_foldable", "check_hadamard_sizes", "fold_residual", "rotation_matrix",
+           "set_weight"]
 
 
 _CALIBRATION_DATA = frozenset({"calib", "calib_n", "calib_len", "tokenizer", "device"})
@@ -271,7 +272,8 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
         "kurtosis_start": round(learned.kurtosis_start, 4), "kurtosis_end": round(learned.kurtosis_end, 4),
         "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
         "steps": learned.steps, "orthogonality": learned.orthogonality, "history": learned.history,
-        "check": learned.check, "collect_seconds": round(collect_s, 2), "learn_seconds": round(time.perf_counter() - t0 - collect_s, 2),
+        "check": learned.check, "collect_seconds": round(collect_s, 2),
+        "learn_seconds": round(time.perf_counter() - t0 - collect_s, 2),
     }, r2
 
 
