@@ -392,6 +392,14 @@ def artifact_errors(path: Path) -> Iterator[None]:
 
 # ---- output directories -------------------------------------------------------------------------
 
+def existing_ancestor(path: Path) -> Path:
+    """The nearest directory above ``path`` that exists: where an output that creates its parents is made."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
 def check_output(path: Path | None, flag: str, *, directory: bool) -> None:
     """Fail now, before any model is loaded, if ``path`` cannot be written at the end of the command.
 
@@ -407,9 +415,7 @@ def check_output(path: Path | None, flag: str, *, directory: bool) -> None:
         fail(f"{flag} {str(p)!r} exists and is not a directory", Exit.USAGE)
     if not directory and p.is_dir():
         fail(f"{flag} {str(p)!r} is a directory; give a file path", Exit.USAGE)
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = existing_ancestor(p)
     if not parent.is_dir():
         fail(f"{flag} {str(p)!r} cannot be written: {str(parent)!r} is not a directory", Exit.NOT_FOUND)
     try:

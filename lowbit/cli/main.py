@@ -37,6 +37,7 @@ from lowbit.cli.common import (
     check_output,
     console,
     err_console,
+    existing_ancestor,
     fail,
     limit_heap_retention,
     load,
@@ -424,10 +425,7 @@ def compile_cmd(
     check_calibration(passes, loaded)
     graph = capture_model(loaded)
     if out is not None:  # packed weights wait for the save on the output's disk, not in memory (models > RAM)
-        near = out.expanduser().resolve().parent
-        while not near.exists() and near != near.parent:  # check_output found the first ancestor writable
-            near = near.parent
-        graph.offload_dir = str(near)
+        graph.offload_dir = str(existing_ancestor(out.expanduser().resolve()))  # check_output found it writable
     if keep is not None:
         passes = apply_overrides(passes, keep, graph, overrides)
         console.print(f"overrides {overrides}: keeping {', '.join(keep) or 'nothing'} float -> "
