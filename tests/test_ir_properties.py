@@ -227,3 +227,61 @@ def test_quantized_graphs_keep_the_text_fixed_point(program, pipeline):
     assert print_graph(parsed) == text
     verify(parsed)
     assert torch.equal(TorchCompiled(parsed)(x), TorchCompiled(graph)(x))
+
+
+def _state(graph: Graph) -> tuple[str, str, str, dict[str, int]]:
+    """What a clone must never change in its original: text, graph and node metadata, each param's tensor."""
+    return (print_graph(graph), repr(graph.meta), repr([n.meta for n in graph.nodes]),
+            {k: id(v.data) for k, v in graph.params.items()})
+
+
+CLONE_EDITS = ("meta_nested", "meta_list", "node_meta", "kwarg", "list_operand", "symbol", "type", "set_param",
+               "rename", "remove", "output", "kv_cache_record")
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.lists(st.sampled_from(CLONE_EDITS), min_size=1, max_size=5))
+def test_editing_a_clone_never_changes_the_original(edits):
+    """``Graph.clone`` is deep for everything a pass may edit: nodes, operands, types, symbols, params, and the
+    graph's and nodes' metadata. ``meta`` was copied one level deep, so ``kv-cache`` recording its layout in a
+    clone's ``meta["generation"]`` rewrote the original's, which then claimed a packed cache its inputs lacked."""
+    from conftest import TINY_IR
+
+    graph = parse_graph(TINY_IR, {"norm.weight": torch.ones(8), "proj.weight": torch.randn(16, 8)})
+    graph.meta["generation"] = {"cache_inputs": ["k0", "v0"], "windows": [None], "max_length": 32}
+    graph.meta["pruned"] = {"heads": {"0": [1, 2]}}
+    graph.nodes[1].meta["merged"] = ("a", "b")
+    graph.nodes[1].meta["notes"] = {"seen": [1]}
+    before = _state(graph)
+    g = graph.clone()
+    assert _state(g) == before
+    for edit in edits:
+        if edit == "meta_nested":
+            g.meta["pruned"]["heads"]["0"].append(3)
+        elif edit == "meta_list":
+            g.meta["generation"]["cache_inputs"][0] = "k_codes"
+        elif edit == "kv_cache_record":  # what kv-cache's run does to the step graph's record
+            gen = g.meta["generation"]
+            gen["kv_cache"] = {"bits": 4}
+            gen["cache_inputs"] = ["k_codes"]
+        elif edit == "node_meta":
+            g.nodes[1].meta["notes"]["seen"].append(2)
+            g.nodes[1].meta["sparsity"] = "2:4"
+        elif edit == "kwarg":
+            g.nodes[0].kwargs["eps"] = 0.5
+        elif edit == "list_operand":
+            reshape = next(n for n in g.nodes if n.op == "reshape")
+            reshape.args[1][0] = 3
+        elif edit == "symbol":
+            g.symbols["s0"].hint = 9
+        elif edit == "type":
+            g.inputs[0].type = TensorType(torch.float64, (2, "s0", 8))
+        elif edit == "set_param":
+            g.set_param("proj.weight", torch.zeros(16, 8))
+        elif edit == "rename":
+            g.rename(g.nodes[0].outputs[0], "renamed")
+        elif edit == "remove" and len(g.nodes) > 3:
+            g.remove(g.nodes[2])
+        elif edit == "output":
+            g.outputs.append(g.inputs[0])
+    assert _state(graph) == before, edits

@@ -301,3 +301,22 @@ def test_two_kv_cache_passes_are_refused_when_the_pipeline_is_read():
     parse_pipeline("dce,kv-cache(bits=8)")  # one is fine
     res = CliRunner().invoke(app, ["compile", "no-such-model", "--pipeline", "kv-cache(bits=4),kv-cache(bits=8)"])
     assert res.exit_code == 2 and "kv-cache(bits=8)" in res.output and "keep one kv-cache" in res.output, res.output
+
+
+def test_kv_cache_on_a_clone_leaves_the_original_step_graph_as_it_was():
+    """kv-cache records its layout in ``meta["generation"]`` in place; ``Graph.clone`` shared that dict, so the
+    original (a CLI snapshot, the graph a user cloned to try a pipeline) then claimed a packed cache its inputs lacked
+    and a later kv-cache on it was refused as 'already has a packed KV cache'."""
+    from conftest import tiny_llama
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+    from lowbit.passes.manager import PassManager
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=32, inter=64, heads=2, kv_heads=1, vocab=61, max_positions=32)
+    graph = compile_model(model, pipeline="dce", generation=GenerationSpec(max_length=16, max_batch=1)).graph
+    before = repr(graph.meta["generation"])
+    pipeline = "kv-cache(bits=4,k_block=8,window=8,v_group=8)"
+    PassManager(pipeline).run(graph.clone())
+    assert repr(graph.meta["generation"]) == before

@@ -412,10 +412,11 @@ class Graph:
 
     # ---- copying -----------------------------------------------------------------------------
     def clone(self) -> Graph:
-        """A structural copy; parameter tensors are shared (they are immutable by convention)."""
+        """A structural copy; parameter tensors are shared (they are immutable by convention), and so are other
+        objects in ``meta`` (a tokenizer), but its dicts, lists and sets are copied all the way down."""
         g = Graph(self.name)
         g.symbols = {k: Symbol(s.name, s.min, s.max, s.hint) for k, s in self.symbols.items()}
-        g.meta = dict(self.meta)
+        g.meta = _copied(self.meta)
         g.offload_dir = self.offload_dir
         g._names = set(self._names)
         g._next_index = dict(self._next_index)
@@ -429,7 +430,7 @@ class Graph:
             g.params[name] = nv
             vmap[id(v)] = nv
         for n in self.nodes:
-            nn_ = Node(n.op, n.args, n.kwargs, module=n.module, meta=n.meta)
+            nn_ = Node(n.op, n.args, n.kwargs, module=n.module, meta=_copied(n.meta))
             nn_.map_values(lambda x: vmap[id(x)])
             for v in n.outputs:
                 nv = Value(v.name, v.type)
@@ -438,6 +439,17 @@ class Graph:
             g.nodes.append(nn_)
         g.outputs = [vmap[id(v)] for v in self.outputs]
         return g
+
+
+def _copied(x: Any) -> Any:
+    """``x`` with its plain dicts, lists, sets and tuples copied all the way down, other objects shared: a pass that
+    edits a clone's ``meta["generation"]`` in place (``kv-cache`` records its layout there) changed the original's
+    too, which then claimed a packed cache its inputs did not have."""
+    if type(x) is dict:
+        return {k: _copied(v) for k, v in x.items()}
+    if type(x) in (list, tuple, set):
+        return type(x)(_copied(v) for v in x)
+    return x
 
 
 @dataclass
