@@ -201,6 +201,7 @@ def test_tokenizer_config_naming_an_unknown_class_is_refused(saved, tmp_path):
     (lambda m: m.__setitem__("files", []), "'files'"),
     (lambda m: m.__setitem__("versions", 5), "'versions'"),
     (lambda m: m.__setitem__("format", 7), "'format'"),
+    (lambda m: m.__setitem__("format", "lowbit2"), "'format'"),  # was loaded as a float HF model and refused as one
     (lambda m: m["lowbit"].__setitem__("kind", "evil"), "'lowbit.kind'"),
     (lambda m: m["files"]["model.lowbit"].__setitem__("bytes", "12"), "'files.model.lowbit.bytes'"),
 ])
@@ -210,6 +211,15 @@ def test_manifest_of_the_wrong_structure_is_refused_naming_the_key(saved, tmp_pa
     d = _copy(saved, "lowbit", tmp_path)
     _edit_json(d / "lowbit-manifest.json", edit)
     _refused(d, "lowbit-manifest.json", key)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gptq"])
+def test_manifest_format_the_files_are_not_is_refused_naming_the_key(saved, tmp_path, fmt):
+    """A lowbit-format directory whose manifest says 'hf' was a raw ValueError ('is a compiled lowbit model'), and
+    one saying 'gptq' was refused as 'a float HF model: load it with lowbit.compile_model'."""
+    d = _copy(saved, "lowbit", tmp_path)
+    _edit_json(d / "lowbit-manifest.json", lambda m: m.__setitem__("format", fmt))
+    _refused(d, "lowbit-manifest.json", f"key 'format' says {fmt!r}, but the directory holds model.lowbit", cli=False)
 
 
 @pytest.mark.parametrize("hint", ["uint4", "bogus", "fp8e4m3"])

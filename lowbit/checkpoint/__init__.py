@@ -29,6 +29,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lowbit.checkpoint.files import (
+    FORMATS,
+    MANIFEST,
     CheckpointError,
     atomic_checkpoint_dir,
     checked,
@@ -40,7 +42,6 @@ from lowbit.checkpoint.files import (
 __all__ = ["save", "load", "FORMATS", "CheckpointError", "GenerationMeta", "PrunedMeta", "generation_meta",
            "validated_meta", "write_checkpoint_files"]
 
-FORMATS = ("compressed-tensors", "gptq", "hf", "lowbit")
 KINDS = ("causal-lm", "encoder")
 IR_FILE = "model.lowbit"
 PARAMS_FILE = "params.safetensors"
@@ -323,6 +324,10 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     manifest = verify_manifest(directory)
     fmt = (manifest or {}).get("format")
+    if fmt not in (None, "lowbit") and (directory / IR_FILE).is_file():  # only save(format="lowbit") writes one
+        raise CheckpointError(f"{directory / MANIFEST}: key 'format' says {fmt!r}, but the directory holds {IR_FILE}, "
+                              "which only a lowbit-format checkpoint has (the manifest was edited, or files of two "
+                              "checkpoints mixed): save the model again")
     if fmt == "hf":
         return _load_hf_float(directory, backend=backend, device=device, generation=generation,
                               backend_options=backend_options)

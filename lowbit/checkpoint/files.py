@@ -29,6 +29,8 @@ __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries"
            "write_safetensors", "MANIFEST", "sha256_file", "not_replaceable"]
 
 MANIFEST = "lowbit-manifest.json"
+FORMATS = ("compressed-tensors", "gptq", "hf", "lowbit")
+"""The checkpoint formats lowbit writes (a manifest's ``format``)."""
 
 
 class CheckpointError(LowbitError, ValueError):
@@ -179,7 +181,7 @@ class Manifest(BaseModel):
     ``"files": {"model.lowbit": "abc"}`` ended in AttributeErrors."""
 
     model_config = ConfigDict(extra="allow", strict=True)
-    format: str | None = None
+    format: Literal[FORMATS] | None = None  # type: ignore[valid-type]  # another was read as a float HF model
     versions: dict[str, Any] = {}
     files: dict[str, FileRecord]
     lowbit: LowbitInfo | None = None
