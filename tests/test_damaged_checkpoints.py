@@ -202,6 +202,9 @@ def test_tokenizer_config_naming_an_unknown_class_is_refused(saved, tmp_path):
     (lambda m: m.__setitem__("versions", 5), "'versions'"),
     (lambda m: m.__setitem__("format", 7), "'format'"),
     (lambda m: m.__setitem__("format", "lowbit2"), "'format'"),  # was loaded as a float HF model and refused as one
+    # a file name the OS cannot open: ValueError 'embedded null byte' / OSError 'File name too long', raw
+    (lambda m: m["files"].__setitem__("a\x00b", {"sha256": "0" * 64, "bytes": 0}), "lists 'a\\x00b', which is not"),
+    (lambda m: m["files"].__setitem__("x" * 5000, {"sha256": "0" * 64, "bytes": 0}), "File name too long"),
     (lambda m: m["lowbit"].__setitem__("kind", "evil"), "'lowbit.kind'"),
     (lambda m: m["files"]["model.lowbit"].__setitem__("bytes", "12"), "'files.model.lowbit.bytes'"),
 ])

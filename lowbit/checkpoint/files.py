@@ -214,10 +214,15 @@ def verify_manifest(directory: Path, required: bool = False) -> dict[str, Any] |
     manifest = _checked_manifest(path, read_json(path))
     files = manifest["files"]
     for rel, info in files.items():
-        p = (directory / rel).resolve()
+        try:  # a NUL byte or a name past the system's length: the OS's ValueError / OSError, raw
+            p = (directory / rel).resolve()
+            is_file = p.is_file()
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: lists {rel[:80]!r}{'...' if len(rel) > 80 else ''}, which is not a file "
+                                  f"name this system can open ({getattr(exc, 'strerror', None) or exc})") from None
         if directory.resolve() not in p.parents:
             raise CheckpointError(f"{path}: lists {rel!r}, which is outside the checkpoint directory")
-        if not p.is_file():
+        if not is_file:
             raise CheckpointError(f"{directory}: file {rel!r} listed in {MANIFEST} is missing")
         if p.stat().st_size != info.get("bytes"):
             raise CheckpointError(f"{p}: {p.stat().st_size} bytes, but {MANIFEST} recorded {info.get('bytes')} "
