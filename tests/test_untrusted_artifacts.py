@@ -189,6 +189,13 @@ def test_reproducer_paths_are_confined(tmp_path, key, path):
     assert "leaves the reproducer directory" in out and key in out
 
 
+@pytest.mark.parametrize("key", ["ir", "params"])
+def test_reproducer_path_the_system_cannot_open_is_refused(tmp_path, key):
+    """A 5000-character name made replay's is_file() raise OSError 'File name too long': a traceback, exit 1."""
+    out = invoke("replay", _reproducer(tmp_path, **{key: "x" * 5000}), code=3).output
+    assert "is not a file name this system can open" in out and key in out
+
+
 @pytest.mark.parametrize("option", ["config", "calib", "tokenizer"])
 def test_replay_refuses_pipeline_options_that_read_files(tmp_path, option):
     """``replay_pipeline`` is text from the reproducer's author: ``quantize(config=/path/secret.json)`` read the file

@@ -213,6 +213,12 @@ def confined(directory: Path, name: Any, what: str) -> Path:
                                   "directory (absolute or '..'); a reproducer only reads its own files")
     root = directory.resolve()
     target = (directory / rel).resolve()
+    try:  # a name past the system's length limit: the OSError came raw from replay's is_file()
+        target.exists()
+    except OSError as exc:
+        raise UntrustedInputError(f"reproducer {str(directory)!r}: {what} entry {name[:80]!r}"
+                                  f"{'...' if len(name) > 80 else ''} is not a file name this system can open "
+                                  f"({exc.strerror or exc})") from None
     if target != root and root not in target.parents:
         raise UntrustedInputError(f"reproducer {str(directory)!r}: {what} path {name!r} resolves to "
                                   f"{str(target)!r}, outside the reproducer directory (a symlink?)")
