@@ -155,10 +155,12 @@ def test_gptq_v2_zeros_are_read_as_v2(saved, tmp_path):
     assert torch.equal(lowbit.load(d)(ids), ref(ids))
 
 
-@pytest.mark.parametrize("where", ["../outside.safetensors", "ABS", 3])
+@pytest.mark.parametrize("where", ["../outside.safetensors", "ABS", 3, "a\x00b.safetensors", "x" * 5000],
+                         ids=["parent", "absolute", "not-a-string", "nul-byte", "too-long"])
 def test_index_naming_a_shard_outside_the_directory_is_refused(saved, tmp_path, where):
     """model.safetensors.index.json's weight_map named files by any path: '../x' or an absolute path was read from
-    outside the checkpoint (the manifest refuses such entries), and a non-string entry was a raw TypeError."""
+    outside the checkpoint (the manifest refuses such entries), a non-string entry was a raw TypeError, a name past
+    the system's length limit a raw OSError ('File name too long') and one with a NUL byte 'shard ... is missing'."""
     d = _copy(saved, "compressed-tensors", tmp_path)
     outside = Path(shutil.copy(d / "model.safetensors", tmp_path / "outside.safetensors"))
     names = list(load_file(str(d / "model.safetensors")))
@@ -166,7 +168,8 @@ def test_index_naming_a_shard_outside_the_directory_is_refused(saved, tmp_path, 
     weight_map = {n: (where if i == 0 else "model.safetensors") for i, n in enumerate(names)}
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (d / "lowbit-manifest.json").unlink()  # another tool's checkpoint (with it, the unlisted index is refused first)
-    _refused(d, "model.safetensors.index.json", f"puts tensor {names[0]!r} in {where!r}, which is not a file name")
+    shown = f"{where[:80]!r}..." if isinstance(where, str) and len(where) > 1000 else repr(where)
+    _refused(d, "model.safetensors.index.json", f"puts tensor {names[0]!r} in {shown}, which is not a file name")
 
 
 def test_config_disagreeing_with_the_weights_is_refused(saved, tmp_path):

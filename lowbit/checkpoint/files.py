@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -25,7 +26,7 @@ from lowbit.cache import clean_stale_temporaries, replacing_dir
 from lowbit.errors import LowbitError
 
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
-           "verify_manifest", "check_listed", "read_safetensors", "read_config", "read_tokenizer", "shareable_config",
+           "verify_manifest", "check_listed", "unopenable", "read_safetensors", "read_config", "read_tokenizer", "shareable_config",
            "write_safetensors", "MANIFEST", "sha256_file", "not_replaceable"]
 
 MANIFEST = "lowbit-manifest.json"
@@ -232,6 +233,18 @@ def verify_manifest(directory: Path, required: bool = False) -> dict[str, Any] |
             raise CheckpointError(f"{p}: SHA-256 {digest[:16]}… does not match {MANIFEST} "
                                   f"({str(info.get('sha256'))[:16]}…): the file was modified or corrupted")
     return manifest
+
+
+def unopenable(path: Path) -> str | None:
+    """Why the OS refuses to look ``path`` up at all (a NUL byte, a name past its length limit), or None (it exists,
+    or it is just missing): ``is_file`` raises OSError for an over-long name, and says False for a NUL byte."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as exc:
+        return str(getattr(exc, "strerror", None) or exc)
+    return None
 
 
 def check_inside(directory: Path, *names: str) -> None:

@@ -45,6 +45,7 @@ from lowbit.checkpoint.files import (
     read_safetensors,
     read_tokenizer,
     shareable_config,
+    unopenable,
     write_safetensors,
 )
 from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
@@ -684,9 +685,11 @@ def _read_weights(directory: Path, manifest: dict[str, Any] | None = None) -> di
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: has no 'weight_map'")
         for name, f in weight_map.items():  # shard files beside the index only, as the manifest's files are
-            if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
-                raise CheckpointError(f"{index}: 'weight_map' puts tensor {name!r} in {f!r}, which is not a file "
-                                      "name in the checkpoint directory")
+            why = None if not isinstance(f, str) or Path(f).name != f else unopenable(directory / f)
+            if not isinstance(f, str) or Path(f).name != f or f in ("", ".", "..") or why:
+                shown = f"{f[:80]!r}..." if why and len(f) > 80 else repr(f)
+                raise CheckpointError(f"{index}: 'weight_map' puts tensor {name!r} in {shown}, which is not a file "
+                                      "name in the checkpoint directory" + (f" ({why})" if why else ""))
         files = sorted(set(weight_map.values()))
         out: dict[str, torch.Tensor] = {}
         for f in files:
