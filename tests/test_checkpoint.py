@@ -1150,3 +1150,27 @@ def test_a_saved_config_does_not_carry_the_local_path_the_model_was_read_from(mi
     torch.testing.assert_close(lowbit.load(out)(**enc), c(**enc))
     if fmt == "compressed-tensors":
         transformers.AutoModel.from_pretrained(out)
+
+
+def test_lowbit_format_reloads_a_model_whose_parameter_names_have_spaces_colons_and_accents(tmp_path):
+    """A ``ModuleDict`` key is any string: ``"my layer"``, ``"a:b"``, ``"café"`` made parameters the IR text wrote
+    bare (``param @d.my layer.weight``), so save(format="lowbit") wrote a model.lowbit that load refused ("expected
+    ':', found 'layer.weight'"). Such names are written as JSON strings (``@"d.my layer.weight"``)."""
+
+    class Keyed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.d = torch.nn.ModuleDict({k: torch.nn.Linear(8, 8) for k in ("my layer", "café", "a:b")})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for m in self.d.values():
+                x = m(x)
+            return x
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    compiled = lowbit.compile_model(Keyed().eval(), example_inputs=(x,), pipeline="quantize(w=int8)")
+    reloaded = lowbit.load(lowbit.save(compiled, tmp_path / "lb", format="lowbit"))
+    assert sorted(reloaded.graph.params) == sorted(compiled.graph.params)
+    assert "d.my layer.weight.qdata" in reloaded.graph.params
+    assert torch.equal(reloaded(x), compiled(x))

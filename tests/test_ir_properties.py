@@ -285,3 +285,23 @@ def test_editing_a_clone_never_changes_the_original(edits):
         elif edit == "output":
             g.outputs.append(g.inputs[0])
     assert _state(graph) == before, edits
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.text(min_size=1, max_size=12), st.text(min_size=1, max_size=12), st.text(max_size=12))
+def test_any_input_and_parameter_name_prints_and_parses_back(input_name, param_name, module):
+    """Names come from the model (forward's arguments, ``ModuleDict`` keys: ``"my layer"``, ``"a:b"``, ``"café"``);
+    the text wrote them bare after ``%``/``@``, so a name outside the parser's plain set printed as text that did
+    not parse back. Every name round-trips, and the parsed graph holds the same tensor under it."""
+    graph = Graph()
+    x = graph.add_input(input_name, TensorType(torch.float32, (2, 4)))
+    weight = torch.randn(3, 4)
+    w = graph.add_param(param_name, weight)
+    node = graph.append(graph.make_node("linear", (x, w), type=TensorType(torch.float32, (2, 3)), module=module))
+    graph.outputs = [node.output]
+    verify(graph)
+    text = print_graph(graph)
+    parsed = parse_graph(text, {param_name: weight})
+    assert print_graph(parsed) == text
+    assert [v.name for v in parsed.inputs] == [input_name] and list(parsed.params) == [param_name]
+    assert parsed.params[param_name].data.data_ptr() == weight.data_ptr() and parsed.nodes[0].module == module

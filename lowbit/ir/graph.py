@@ -13,6 +13,7 @@ Design rules that every pass relies on:
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -85,6 +86,16 @@ class SymType:
 
 ValueType = TensorType | SymType | None
 
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_]+")
+_PLAIN_PARAM = re.compile(r"[A-Za-z0-9_.\-/]+")
+"""Names the IR text writes bare after ``%`` / ``@`` (the parser's tokens); any other is written as a JSON string."""
+
+
+def value_ref(name: str, *, param: bool) -> str:
+    """``@name`` (``param``) or ``%name`` as the IR text writes it (``Value.__repr__``, the printer's param lines)."""
+    sigil, plain = ("@", _PLAIN_PARAM) if param else ("%", _PLAIN_VALUE)
+    return f"{sigil}{name if plain.fullmatch(name) else json.dumps(name)}"
+
 
 class Value:
     """An SSA value: a graph input, a parameter, or an output of a node."""
@@ -106,8 +117,9 @@ class Value:
         self.data = data
 
     def __repr__(self) -> str:
-        sigil = "@" if self.kind == "param" else "%"
-        return f"{sigil}{self.name}"
+        """``%name`` / ``@name`` as the IR text writes it: a name the parser would not read back bare (a space, a
+        colon or a non-ASCII letter from a ``ModuleDict`` key) as a JSON string, ``@"d.my layer.weight"``."""
+        return value_ref(self.name, param=self.kind == "param")
 
     @property
     def is_param(self) -> bool:

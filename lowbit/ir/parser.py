@@ -44,8 +44,8 @@ _TOKEN = re.compile(
     (?P<ws>\s+)
   | (?P<comment>\#.*)
   | (?P<string>"(?:[^"\\]|\\.)*")
-  | (?P<value>%[A-Za-z0-9_]+)
-  | (?P<param>@[A-Za-z0-9_.\-/]+)
+  | (?P<value>%(?:[A-Za-z0-9_]+|"(?:[^"\\]|\\.)*"))
+  | (?P<param>@(?:[A-Za-z0-9_.\-/]+|"(?:[^"\\]|\\.)*"))
   | (?P<number>-?(?:\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\.\d+(?:[eE][+-]?\d+)?|\d+))
   | (?P<name>-?[A-Za-z_][A-Za-z0-9_.]*)
   | (?P<punct>[()\[\],=:{}*+/?-])
@@ -59,6 +59,13 @@ class Tok:
     kind: str
     text: str
     col: int
+
+    @property
+    def name(self) -> str:
+        """A ``%value`` or ``@param`` token's name: as written, or a JSON string's text (``@"d.my layer.weight"``,
+        how the printer writes a name its plain form would not read back)."""
+        bare = self.text[1:]
+        return json.loads(bare) if bare.startswith('"') else bare
 
 
 def tokenize(line: str, line_no: int) -> tuple[list[Tok], str | None]:
@@ -189,12 +196,12 @@ class Parser:
     def parse_operand(self, c: _Line) -> Any:
         t = c.next()
         if t.kind == "value":
-            name = t.text[1:]
+            name = t.name
             if name not in self.values:
                 raise IRParseError(f"use of undefined value %{name}", c.line_no, c.line, t.col)
             return self.values[name]
         if t.kind == "param":
-            name = t.text[1:]
+            name = t.name
             assert self.graph is not None
             if name not in self.graph.params:
                 raise IRParseError(f"use of undeclared parameter @{name}", c.line_no, c.line, t.col)
@@ -293,7 +300,7 @@ class Parser:
                 if t.kind != "value":
                     raise c.error("expected an input %name")
                 c.expect(":")
-                v = self.graph.add_input(t.text[1:], self.parse_type(c))
+                v = self.graph.add_input(t.name, self.parse_type(c))
                 self.values[v.name] = v
                 if c.accept(")"):
                     break
@@ -344,7 +351,7 @@ class Parser:
         c.expect(":")
         typ = self.parse_type(c)
         c.done()
-        name = t.text[1:]
+        name = t.name
         data = self.weights.get(name)
         v = self.graph.add_param(name, data, typ)
         if data is not None and v.type != typ:
@@ -391,7 +398,7 @@ class Parser:
             if t.kind != "value":
                 raise c.error("expected %name")
             c.expect(":")
-            outs.append((t.text[1:], self.parse_type(c)))
+            outs.append((t.name, self.parse_type(c)))
             if c.accept("="):
                 break
             c.expect(",")

@@ -13,6 +13,9 @@ a horizontally merged one also lists its members' modules: ``... | merged ["mode
 a linear ``sparsify`` pruned, its pattern: ``... | sparsity 2:4``; an attention ``quantize(kv=...)`` quantized, its
 KV scheme: ``... | qscheme_kv k:int4-asym-tok16-dyn v:int4-asym-tok16-dyn window:0 sink:0``.
 
+Names: ``%x``, ``@model.norm.weight`` as they are; one the parser would not read back bare (a space, a colon, a
+non-ASCII letter: a ``ModuleDict`` key) as a JSON string, ``@"d.my layer.weight"``.
+
 Literals: ints, floats (``inf``, ``-inf``, ``nan``), ``True``/``False``/``None``, JSON strings, dtypes by
 short name (``f32``), ``device("cpu")``, memory formats and layouts by name, lists in brackets.
 """
@@ -26,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lowbit.ir.graph import DTYPE_NAMES, Graph, Node, Value
+from lowbit.ir.graph import DTYPE_NAMES, Graph, Node, Value, value_ref
 
 ENUM_LITERALS: dict[Any, str] = {
     torch.strided: "strided",
@@ -79,7 +82,7 @@ def format_module(module: str) -> str:
 
 
 def format_node(node: Node) -> str:
-    lhs = ", ".join(f"%{v.name}: {format_type(v.type)}" for v in node.outputs)
+    lhs = ", ".join(f"{v!r}: {format_type(v.type)}" for v in node.outputs)
     operands = [format_literal(a) for a in node.args]
     operands += [f"{k}={format_literal(v)}" for k, v in node.kwargs.items()]
     text = f"{lhs} = {node.op}({', '.join(operands)})"
@@ -99,7 +102,7 @@ def format_node(node: Node) -> str:
 def print_graph(graph: Graph, *, filter: str | None = None, params: bool = True) -> str:
     """Render ``graph`` as text; ``filter`` keeps only nodes whose module path matches the regex."""
     rx = re.compile(filter) if filter else None
-    ins = ", ".join(f"%{v.name}: {format_type(v.type)}" for v in graph.inputs)
+    ins = ", ".join(f"{v!r}: {format_type(v.type)}" for v in graph.inputs)
     lines = [f"graph {graph.name}({ins}) {{"]
     for s in graph.symbols.values():
         rng = f" in [{s.min if s.min is not None else '?'}, {s.max if s.max is not None else '?'}]"
@@ -107,7 +110,7 @@ def print_graph(graph: Graph, *, filter: str | None = None, params: bool = True)
         lines.append(f"  symbol {s.name}{rng}{hint}")
     if params:
         for name, v in graph.params.items():
-            lines.append(f"  param @{name}: {format_type(v.type)}")
+            lines.append(f"  param {value_ref(name, param=True)}: {format_type(v.type)}")
     for n in graph.nodes:
         if rx is not None and not rx.search(n.module):
             continue
