@@ -197,3 +197,45 @@ def test_exact_pass_leaves_float64_logits_unchanged(smollm2_slice_f64, smollm2, 
     assert rel <= 1e-12, (spec, rel)
     if name in CHANGES:
         assert report.records[0].changed, spec
+
+
+# ---- PassResult.changed -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_llama_graph():
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    return compile_model(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97), pipeline="dce").graph
+
+
+def _ir_state(graph) -> tuple[str, dict[str, torch.Tensor]]:
+    from lowbit.ir.printer import print_graph
+
+    return print_graph(graph), {k: v.data for k, v in graph.params.items()}
+
+
+def _same(a, b) -> bool:
+    return a[0] == b[0] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+@pytest.mark.parametrize("pipeline", ["dce", "constant-fold", "fold-norms", "last-logits", "merge-linears",
+                                      "quantize(w=int8,a=int8),fuse-qlinear",
+                                      "quantize(w=int8,a=int8),fuse-qlinear,fuse-norm-quant",
+                                      "sparsify(method=magnitude,sparsity=0.5)",
+                                      "sparsify(method=magnitude,pattern=2:4)"])
+def test_changed_says_whether_the_ir_changed_and_a_second_run_changes_nothing(tiny_llama_graph, pipeline):
+    """``PassResult.changed`` is what ``--print-ir-after-change`` and the reports trust: it is True exactly when
+    the pass changed the IR's text or a parameter's values, and the pipeline's last pass run again on its own output
+    changes nothing and says so. sparsify said changed=True when it zeroed only zeros (a second run, same pattern)."""
+    g = tiny_llama_graph.clone()
+    *first, last = parse_pipeline(pipeline)
+    if first:
+        PassManager(first).run(g)
+    before = _ir_state(g)
+    changed = last(g).changed
+    after = _ir_state(g)
+    assert changed == (not _same(before, after))
+    (again,) = parse_pipeline(last.spec())
+    assert not again(g).changed
+    assert _same(after, _ir_state(g))

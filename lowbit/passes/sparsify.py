@@ -238,17 +238,24 @@ class Sparsify(Pass):
                 raise PassError(str(exc)) from None
         users = graph.users()
         zeroed = total = 0
+        changed = False
 
         def apply(node: Node, new_w: torch.Tensor, mask: torch.Tensor, p: SparsityPattern = p) -> None:
-            nonlocal zeroed, total
+            nonlocal zeroed, total, changed
+            read = node.args[1]
             wv = private_weight(graph, node, 1, users, f"{node.module}.weight")
             home = wv.data.device
             new_w = new_w.to(home)
             new_w[mask.to(home)] = 0
-            graph.set_param(wv.name, new_w.to(wv.data.dtype))
-            node.meta["sparsity"] = str(p)
+            new_w = new_w.to(wv.data.dtype)
             zeroed += int(mask.sum())
             total += mask.numel()
+            # a second sparsify at the same pattern zeroes zeros: it reported changed=True on an IR it left equal
+            if wv is read and node.meta.get("sparsity") == str(p) and torch.equal(new_w, wv.data):
+                return
+            changed = True
+            graph.set_param(wv.name, new_w)
+            node.meta["sparsity"] = str(p)
 
         stats: dict[str, Any] = {"pattern": str(p), "method": o.method, "linears": len(targets)}
         if o.method == "magnitude":
@@ -259,7 +266,7 @@ class Sparsify(Pass):
             stats.update(self._calibrated(graph, targets, p, apply))
         stats.update(weights_zeroed=zeroed, weights_in_pruned_linears=total,
                      sparsity_measured=round(zeroed / max(total, 1), 6), seconds=round(time.perf_counter() - t0, 2))
-        return PassResult(zeroed > 0, stats)
+        return PassResult(changed or stats.get("refit_blocks_kept", 0) > 0, stats)
 
     def _calibrated(self, graph: Graph, targets: list[Node], p: SparsityPattern, apply: Any) -> dict[str, Any]:
         o: SparsifyOptions = self.options  # type: ignore[assignment]
