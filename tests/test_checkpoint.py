@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -1174,3 +1175,38 @@ def test_lowbit_format_reloads_a_model_whose_parameter_names_have_spaces_colons_
     assert sorted(reloaded.graph.params) == sorted(compiled.graph.params)
     assert "d.my layer.weight.qdata" in reloaded.graph.params
     assert torch.equal(reloaded(x), compiled(x))
+
+
+@pytest.fixture(scope="module")
+def tiny_step_dir(tmp_path_factory):
+    """A tiny Llama's W8 step graph (max_length 32, max_batch 2) saved in the lowbit format."""
+    from lowbit.generate import GenerationSpec
+
+    torch.manual_seed(0)
+    cm = lowbit.compile_model(tiny_llama(hidden=32, inter=64, heads=2, kv_heads=1, vocab=61, max_positions=64),
+                              pipeline="quantize(w=int8)", generation=GenerationSpec(max_length=32, max_batch=2))
+    return lowbit.save(cm, tmp_path_factory.mktemp("step") / "lb", format="lowbit")
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("max_length", 10**9, r"sizes cache input %past_key_values_0_key as f32\[2, 1, 1000000000, 16\], which the "
+                          r"graph's declared f32\[s0,1,s2,16\] \(s0 in \[1, 3\], s2 in \[1, 32\]\) does not take"),
+    ("max_batch", 10**6, r"sizes cache input %past_key_values_0_key as f32\[1000000, 1, 32, 16\]"),
+    ("head_dim", 4096, r"head_dim=4096.*as f32\[2, 1, 32, 4096\]"),
+    ("kv_heads", 8, r"kv_heads=8.*as f32\[2, 8, 32, 16\]"),
+    ("n_layers", 7, r"makes 14 cache tensors, but the graph has 2 cache inputs"),
+    ("cache_dtype", "bfloat16", r"as bf16\[2, 1, 32, 16\]"),
+])
+def test_generation_meta_that_does_not_fit_the_graphs_cache_inputs_is_refused_at_load(tiny_step_dir, tmp_path, field,
+                                                                                       value, match):
+    """The manifest's generation fields size the KV cache generate allocates; they were checked for type only, so a
+    crafted max_length=10**9 loaded and a three-token prompt then tried to allocate 64 GB, n_layers=7 was a raw
+    TypeError ('the model takes 4 inputs ... got 16'), head_dim or kv_heads an InputError blaming the caller's
+    input. Each is refused by load, naming the manifest, the field values and the cache input they do not fit."""
+    d = Path(shutil.copytree(tiny_step_dir, tmp_path / "lb"))
+    manifest = d / "lowbit-manifest.json"
+    data = json.loads(manifest.read_text())
+    data["lowbit"]["generation"][field] = value
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(d))}: manifest 'lowbit.generation' .*{match}"):
+        lowbit.load(d)

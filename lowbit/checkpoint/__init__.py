@@ -260,7 +260,56 @@ def generation_meta(info: dict[str, Any], graph: Any, where: str) -> dict[str, A
     if names[2:] != meta.cache_inputs:
         raise CheckpointError(f"{where}.generation.cache_inputs' {meta.cache_inputs} are not the graph's cache "
                               f"inputs {names[2:]}")
+    _check_cache_sizes(meta, graph, where)
     return meta.model_dump(exclude_none=True)
+
+
+def _check_cache_sizes(meta: GenerationMeta, graph: Any, where: str) -> None:
+    """The cache ``generate`` allocates from ``meta`` (one tensor per cache input, sized by ``n_layers``, ``kv_heads``,
+    ``head_dim``, ``max_length``, ``max_batch`` and the packed layout) fits what the graph's cache inputs declare:
+    a crafted ``max_length=10**9`` made a three-token prompt allocate 64 GB, ``n_layers=7`` was a raw TypeError ('the
+    model takes 4 inputs ... got 16') and ``head_dim`` an error blaming the caller's input, all at generate time."""
+    import torch
+
+    from lowbit.ir.graph import DTYPE_NAMES, TensorType
+    from lowbit.ir.kvcache import cache_layout, layer_kv_heads
+
+    fields = (f"n_layers={meta.n_layers}, kv_heads={meta.kv_heads}, head_dim={meta.head_dim}, max_length="
+              f"{meta.max_length}, max_batch={meta.max_batch}, cache_dtype={meta.cache_dtype}"
+              + (", kv_cache" if meta.kv_cache else ""))
+    heads = layer_kv_heads(meta.model_dump())
+    if len(heads) != meta.n_layers:
+        raise CheckpointError(f"{where}.generation.kv_heads': {meta.kv_heads} gives {len(heads)} layers' heads, but "
+                              f"n_layers is {meta.n_layers}")
+    float_dtype = getattr(torch, meta.cache_dtype)
+    kv = meta.kv_cache
+    if kv is None:
+        want = [((meta.max_batch, h, meta.max_length, meta.head_dim), float_dtype) for h in heads for _ in range(2)]
+    else:
+        slots = -(-meta.max_length // kv.k_block) * kv.k_block  # what generate allocates: whole key blocks
+        want = [(shape, dtype) for h in heads for _, shape, dtype in cache_layout(
+            meta.max_batch, h, slots, meta.head_dim, bits=kv.bits, k_block=kv.k_block, v_group=kv.v_group,
+            window=kv.window, sink=kv.sink, scale_dtype=getattr(torch, kv.scale_dtype), float_dtype=float_dtype)]
+    inputs = graph.inputs[2:]
+    if len(inputs) != len(want):
+        raise CheckpointError(f"{where}.generation' ({fields}) makes {len(want)} cache tensors, but the graph has "
+                              f"{len(inputs)} cache inputs")
+    for v, (shape, dtype) in zip(inputs, want):
+        t = v.type
+        fits = isinstance(t, TensorType) and t.dtype == dtype and len(t.shape) == len(shape)
+        for declared, size in zip(t.shape if fits else (), shape):
+            sym = graph.symbols.get(declared) if isinstance(declared, str) else None
+            if isinstance(declared, int):
+                fits = fits and declared == size
+            elif sym is not None:
+                fits = fits and (sym.max is None or size <= sym.max) and (sym.min is None or size >= sym.min)
+        if not fits:
+            bounds = ", ".join(f"{d} in [{s.min}, {s.max}]" for d in (t.shape if isinstance(t, TensorType) else ())
+                               if isinstance(d, str) and (s := graph.symbols.get(d)) is not None)
+            raise CheckpointError(f"{where}.generation' ({fields}) sizes cache input %{v.name} as "
+                                  f"{DTYPE_NAMES.get(dtype, dtype)}{list(shape)}, which the graph's declared {t}"
+                                  + (f" ({bounds})" if bounds else "") + " does not take: the manifest does not "
+                                  "describe this graph")
 
 
 _SPEC_FIELDS = ("max_length", "max_batch", "cuda_graph", "logits")
