@@ -1210,3 +1210,23 @@ def test_generation_meta_that_does_not_fit_the_graphs_cache_inputs_is_refused_at
     manifest.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(d))}: manifest 'lowbit.generation' .*{match}"):
         lowbit.load(d)
+
+
+def test_a_kv_cache_larger_than_the_model_allows_is_refused_even_when_ir_and_manifest_agree(tiny_step_dir, tmp_path):
+    """model.lowbit's slot symbol and the manifest's max_length both set to 10**9 (rehashed: they agree, so the
+    shape checks pass) made generate allocate 64 GB for a three-token prompt. The cache generate allocates at
+    max_batch x max_length is held to the bound the verifier puts on a stored graph's fixed-size values."""
+    from conftest import rehash_manifest
+
+    d = Path(shutil.copytree(tiny_step_dir, tmp_path / "lb"))
+    ir = d / "model.lowbit"
+    assert "symbol s2 in [1, 32]" in ir.read_text()
+    ir.write_text(ir.read_text().replace("symbol s2 in [1, 32]", "symbol s2 in [1, 1000000000]"))
+    rehash_manifest(d)
+    manifest = d / "lowbit-manifest.json"
+    data = json.loads(manifest.read_text())
+    data["lowbit"]["generation"]["max_length"] = 10**9
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"manifest 'lowbit.generation' .*max_length=1000000000.* makes a KV "
+                                              r"cache of 238 GiB at max_batch sequences, more than 32x"):
+        lowbit.load(d)

@@ -21,6 +21,7 @@ quantized weights.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -266,13 +267,15 @@ def generation_meta(info: dict[str, Any], graph: Any, where: str) -> dict[str, A
 
 def _check_cache_sizes(meta: GenerationMeta, graph: Any, where: str) -> None:
     """The cache ``generate`` allocates from ``meta`` (one tensor per cache input, sized by ``n_layers``, ``kv_heads``,
-    ``head_dim``, ``max_length``, ``max_batch`` and the packed layout) fits what the graph's cache inputs declare:
+    ``head_dim``, ``max_length``, ``max_batch`` and the packed layout) fits what the graph's cache inputs declare,
+    and takes no more than the verifier's bound on a stored graph's fixed-size values (``check_fixed_sizes``):
     a crafted ``max_length=10**9`` made a three-token prompt allocate 64 GB, ``n_layers=7`` was a raw TypeError ('the
     model takes 4 inputs ... got 16') and ``head_dim`` an error blaming the caller's input, all at generate time."""
     import torch
 
     from lowbit.ir.graph import DTYPE_NAMES, TensorType
     from lowbit.ir.kvcache import cache_layout, layer_kv_heads
+    from lowbit.ir.verifier import FIXED_SIZE_FACTOR, FIXED_SIZE_FLOOR
 
     fields = (f"n_layers={meta.n_layers}, kv_heads={meta.kv_heads}, head_dim={meta.head_dim}, max_length="
               f"{meta.max_length}, max_batch={meta.max_batch}, cache_dtype={meta.cache_dtype}"
@@ -310,6 +313,12 @@ def _check_cache_sizes(meta: GenerationMeta, graph: Any, where: str) -> None:
                                   f"{DTYPE_NAMES.get(dtype, dtype)}{list(shape)}, which the graph's declared {t}"
                                   + (f" ({bounds})" if bounds else "") + " does not take: the manifest does not "
                                   "describe this graph")
+    nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in want)
+    limit = max(FIXED_SIZE_FLOOR, FIXED_SIZE_FACTOR * graph.param_bytes())
+    if nbytes > limit:  # the IR's symbol range and the manifest agreeing on a 10**9-slot cache: 64 GB per prompt
+        raise CheckpointError(f"{where}.generation' ({fields}) makes a KV cache of {nbytes / 2**30:.3g} GiB at "
+                              f"max_batch sequences, more than {FIXED_SIZE_FACTOR}x the parameters' bytes (or 1 GiB), "
+                              f"the most a stored model's fixed-size values may take ({limit / 2**30:.3g} GiB here)")
 
 
 _SPEC_FIELDS = ("max_length", "max_batch", "cuda_graph", "logits")
