@@ -259,3 +259,42 @@ def test_a_zero_point_not_shaped_like_its_scale_is_rejected():
     good = _model(lambda t, x: t.op("MatMul", [_q_dq_act(t, x), _weight_dq(
         t, scale=np.full(N, 0.01, np.float32), zp=np.zeros(N, np.int8))]))
     assert "zero-point-shape" not in _rules(good)
+
+
+@pytest.mark.parametrize("qtype", [I8, ir.DataType.FLOAT8E4M3FN])
+def test_block_quantization_of_8_bit_types_is_rejected(qtype):
+    """TensorRT's Q/DQ layers take a block scale for INT4 only: an int8 or fp8 weight in groups of 32 along K passed
+    every rule (and would fail in the TensorRT build); the same weight per channel still passes."""
+    def build(blocked: bool) -> Callable[[Tape, ir.Value], ir.Value]:
+        def weight(t: Tape) -> ir.Value:
+            codes = np.random.default_rng(0).integers(-100, 100, (K, N)).astype(np.float32)
+            w = _const(t, "w", codes.astype(qtype.numpy()), qtype)
+            if blocked:
+                return t.op("DequantizeLinear", [w, _const(t, "ws", np.full((K // 32, N), 0.01, np.float32))],
+                            {"axis": 0, "block_size": 32})
+            return t.op("DequantizeLinear", [w, _const(t, "ws", np.full(N, 0.01, np.float32))], {"axis": 1})
+
+        return lambda t, x: t.op("MatMul", [_q_dq_act(t, x, qtype=qtype), weight(t)])
+
+    found = errors(check_tensorrt_qdq(_model(build(blocked=True))))
+    assert [v.rule for v in found] == ["block-quantization-type"]
+    assert f"{qtype.name} quantized in blocks of 32" in str(found[0]) and "INT4" in str(found[0])
+    assert check_tensorrt_qdq(_model(build(blocked=False))) == []
+
+
+def test_a_lowbit_export_of_grouped_int8_weights_is_rejected_for_tensorrt():
+    """End to end: ``quantize(w=int8,group=32)`` with static per-tensor activations exported to ONNX (what
+    ``format='tensorrt'`` builds from) is flagged; per-channel int8 weights are not."""
+    import torch
+
+    from lowbit.api import compile_model
+    from lowbit.backends.onnx import to_onnx
+
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
+    x = torch.randn(4, 64)
+    static = "a=int8,a_gran=per_tensor,a_static=true,calib_n=4,progress=false"
+    grouped = compile_model(lin, (x,), pipeline=f"quantize(w=int8,group=32,{static})", calib=x)
+    per_channel = compile_model(lin, (x,), pipeline=f"quantize(w=int8,{static})", calib=x)
+    assert {v.rule for v in errors(check_tensorrt_qdq(to_onnx(grouped.graph)))} == {"block-quantization-type"}
+    assert check_tensorrt_qdq(to_onnx(per_channel.graph)) == []

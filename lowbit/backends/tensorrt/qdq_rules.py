@@ -15,7 +15,7 @@ Documentation cited (TensorRT 10, docs.nvidia.com/deeplearning/tensorrt/latest/)
 - [QL] _static/operators/Quantize.html and Dequantize.html, and the IQuantizeLayer/IDequantizeLayer API
   reference: scale is a build-time constant with strictly positive values; zero point optional and all
   zeros; scale is a scalar (per-tensor), 1-D (per-channel) or of the input's rank (block, blocked along the
-  last or second-to-last dimension).
+  last or second-to-last dimension; INT4 only).
 - [QLA] the IQuantizeLayer / IDequantizeLayer class reference (api/c_api/classnvinfer1_1_1_i_dequantize_layer.html):
   "scale and zeroPt should have identical dimensions, and a rank that is lower or equal to 2".
 """
@@ -221,6 +221,23 @@ def _scale_rank(view: QDQView) -> Iterable[Violation]:
                      f"the scale {list(view.dims(n.inputs[1]) or ())} has rank {s_rank}: TensorRT's Q/DQ scale (and "
                      "zero point) is at most rank 2 — quantize a 2-D weight, or reshape the input to 2-D first",
                      DOC_QLA + " (scale and zeroPt: rank lower or equal to 2)")
+
+
+BLOCK_QTYPES = {ir.DataType.INT4, ir.DataType.FLOAT4E2M1}
+
+
+def _block_types(view: QDQView) -> Iterable[Violation]:
+    """A weight quantized in blocks (a ``block_size`` attribute) as INT8 or FP8: TensorRT's Q/DQ layers take a
+    block scale for INT4 (and FP4) only, so an int8 or fp8 weight in groups (``quantize(w=fp8e4m3,group=64)``) passed
+    every rule here and failed in the TensorRT build. Activations in blocks (per token) are activation-per-tensor's,
+    types TensorRT lacks supported-qtype's."""
+    for n in view.nodes:
+        t = view.qtype(n) if view.weight_dq(n) else None
+        if view.block_size(n) and t in TRT_QTYPES and t not in BLOCK_QTYPES:
+            yield _v(view, n, "block-quantization-type", "error",
+                     f"{t.name} quantized in blocks of {view.block_size(n)}: TensorRT's block quantization is for INT4 "
+                     "(and FP4) only — quantize INT8/FP8 per tensor or per channel (no group) for TensorRT",
+                     DOC_DQL + " (scale: block quantization supported for DataType::kINT4 only); " + DOC_QL)
 
 
 def _zero_point_shape(view: QDQView) -> Iterable[Violation]:
@@ -492,6 +509,7 @@ RULES: list[QDQRule] = [
     QDQRule("scale-constant-positive", _scales),
     QDQRule("scale-shape", _scale_shapes),
     QDQRule("scale-rank", _scale_rank),
+    QDQRule("block-quantization-type", _block_types),
     QDQRule("zero-point-shape", _zero_point_shape),
     QDQRule("activation-per-tensor", _activations_per_tensor),
     QDQRule("q-feeds-dq", _q_feeds_dq),
