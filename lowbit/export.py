@@ -43,7 +43,8 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     Raises ``OnnxLoweringError`` (a ``lowbit.errors.LowbitError``) listing every node the ONNX lowering cannot
     write, by op and module; ``ExportPathError`` for a path it cannot write; ``ExportError`` for an unknown format
     (closest names suggested), a directory as the path or a bad ``external_data``; ``lowbit.errors.OptionError`` (a
-    ``TypeError``) for an unknown option.
+    ``TypeError``) for an unknown option; ``LoweringOptionError`` (a ``ValueError``) for an option value the ONNX
+    lowering cannot take (``opset=19``, ``attention="onnx"`` below opset 23).
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}{did_you_mean(format, list(FORMATS))}; known: {', '.join(FORMATS)}")

@@ -151,6 +151,26 @@ def test_export_argument_refusals_are_lowbit_errors(tmp_path):
         load(path, thread=2)
 
 
+@pytest.mark.parametrize("options, match", [
+    ({"opset": 19}, "opset 19 is too old"),
+    ({"opset": "21"}, "opset must be an integer"),
+    ({"accuracy_level": 9}, "accuracy_level must be an integer from 0 to 4"),
+    ({"attention": "onnx"}, "attention='onnx' needs opset 23"),
+    ({"integer_matmul": "yes"}, "integer_matmul must be True or False"),
+])
+def test_export_option_values_the_lowering_refuses_are_lowbit_errors(tmp_path, options, match):
+    """README: every deliberate refusal is a ``LowbitError``; an option value the ONNX lowering refuses was a bare
+    ValueError from ``LoweringOptions`` (callers catching ``LowbitError`` took it for a bug). Still a ValueError, and
+    the directories the export created for the file are gone again."""
+    from lowbit.errors import LowbitError
+
+    g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
+    with pytest.raises(LowbitError, match=match) as exc:
+        lowbit.export(g, tmp_path / "new" / "m.onnx", **options)
+    assert isinstance(exc.value, ValueError)
+    assert not (tmp_path / "new").exists()
+
+
 def test_unknown_format_and_input_are_clear(tmp_path):
     g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
     with pytest.raises(ValueError, match="unknown export format 'onnx-matmulbits' \\(did you mean 'onnx-matmulnbits'"):

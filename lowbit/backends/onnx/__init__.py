@@ -8,13 +8,14 @@
 Op lowerings are tables (``LOWERINGS``) filled by ``semantic.py``, ``aten.py`` and ``quant.py``.
 """
 
-from lowbit.backends.onnx.context import LoweringOptions, OnnxLoweringError
+from lowbit.backends.onnx.context import LoweringOptionError, LoweringOptions, OnnxLoweringError
 from lowbit.backends.onnx.io import OnnxFileError, check_onnx, load_onnx, save_onnx
 from lowbit.backends.onnx.lowering import lowered_op_types, missing_lowerings, to_onnx
 from lowbit.backends.onnx.registry import LOWERINGS
 
 __all__ = [
     "LOWERINGS",
+    "LoweringOptionError",
     "LoweringOptions",
     "OnnxFileError",
     "OnnxLoweringError",

@@ -40,6 +40,12 @@ class OnnxLoweringError(LowbitError, RuntimeError):
         super().__init__(head + ":\n  - " + "\n  - ".join(problems))
 
 
+class LoweringOptionError(LowbitError, ValueError):
+    """A ``LoweringOptions`` value the lowering cannot take (an opset outside 21..newest, an unknown attention form,
+    an accuracy level MatMulNBits lacks), named with the values it takes. A ``LowbitError`` as every deliberate
+    refusal is: ``lowbit.export(c, path, opset=19)`` raised a bare ValueError, which callers took for a bug."""
+
+
 class NotLowerable(Exception):
     """Raised by a lowering function when this node's operands are outside what it supports."""
 
@@ -97,32 +103,32 @@ class LoweringOptions:
 
     def __post_init__(self) -> None:
         if not _is_int(self.opset):
-            raise ValueError(f"opset must be an integer, got {self.opset!r}")
+            raise LoweringOptionError(f"opset must be an integer, got {self.opset!r}")
         if self.opset < 21:
-            raise ValueError(f"opset {self.opset} is too old: lowbit lowers to opset 21+ "
+            raise LoweringOptionError(f"opset {self.opset} is too old: lowbit lowers to opset 21+ "
                              "(INT4 and block-wise QuantizeLinear/DequantizeLinear need 21)")
         newest = onnx.defs.onnx_opset_version()
         if self.opset > newest:  # ONNX Runtime refuses to load a file stamped with an opset no onnx release defines
-            raise ValueError(f"opset {self.opset} is newer than any this onnx {onnx.__version__} defines (up to "
+            raise LoweringOptionError(f"opset {self.opset} is newer than any this onnx {onnx.__version__} defines (up to "
                              f"{newest}): runtimes refuse such files; pass an opset from 21 to {newest}")
         if not _is_int(self.accuracy_level) or not 0 <= self.accuracy_level <= 4:
             # MatMulNBits' attribute and ORT's session entry both take 0-4; ORT fails session creation otherwise
-            raise ValueError(f"accuracy_level must be an integer from 0 to 4 (MatMulNBits' levels), got "
+            raise LoweringOptionError(f"accuracy_level must be an integer from 0 to 4 (MatMulNBits' levels), got "
                              f"{self.accuracy_level!r}")
         if not isinstance(self.integer_matmul, bool):
-            raise ValueError(f"integer_matmul must be True or False, got {self.integer_matmul!r}")
+            raise LoweringOptionError(f"integer_matmul must be True or False, got {self.integer_matmul!r}")
         if self.attention not in ("decompose", "onnx"):
-            raise ValueError(f"attention must be 'decompose' or 'onnx', got {self.attention!r}")
+            raise LoweringOptionError(f"attention must be 'decompose' or 'onnx', got {self.attention!r}")
         if self.attention == "onnx" and self.opset < 23:
-            raise ValueError("attention='onnx' needs opset 23 (the Attention op); pass opset=23")
+            raise LoweringOptionError("attention='onnx' needs opset 23 (the Attention op); pass opset=23")
         if self.rotary not in ("decompose", "onnx"):
-            raise ValueError(f"rotary must be 'decompose' or 'onnx', got {self.rotary!r}")
+            raise LoweringOptionError(f"rotary must be 'decompose' or 'onnx', got {self.rotary!r}")
         if self.rotary == "onnx" and self.opset < 23:
-            raise ValueError("rotary='onnx' needs opset 23 (the RotaryEmbedding op); pass opset=23")
+            raise LoweringOptionError("rotary='onnx' needs opset 23 (the RotaryEmbedding op); pass opset=23")
         if self.weight_format not in ("qdq", "matmulnbits"):
-            raise ValueError(f"weight_format must be 'qdq' or 'matmulnbits', got {self.weight_format!r}")
+            raise LoweringOptionError(f"weight_format must be 'qdq' or 'matmulnbits', got {self.weight_format!r}")
         if self.int8_weights not in ("auto", "s8", "u8"):
-            raise ValueError(f"int8_weights must be 'auto', 's8' or 'u8', got {self.int8_weights!r}")
+            raise LoweringOptionError(f"int8_weights must be 'auto', 's8' or 'u8', got {self.int8_weights!r}")
 
     @property
     def u8_weights(self) -> bool:
