@@ -238,11 +238,15 @@ def test_tensorrt_engine_matches_reference_and_survives_save_load(smol_w4, wikit
 ])
 def test_build_options_are_checked_before_tensorrt_or_lowering(minilm_graph, tmp_path, options, error, match):
     """A misspelt or ill-typed build option is named as such whether or not TensorRT is installed (it was
-    reported as "tensorrt is not installed", or failed inside the builder after the whole lowering)."""
+    reported as "tensorrt is not installed", or failed inside the builder after the whole lowering). Each is a
+    ``LowbitError`` (a bad value was a bare ValueError)."""
     import lowbit
+    from lowbit.errors import LowbitError
 
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as exc:
         lowbit.export(minilm_graph, tmp_path / "m.engine", format="tensorrt", **options)
-    with pytest.raises(error, match=match):
+    assert isinstance(exc.value, LowbitError)
+    with pytest.raises(error, match=match) as exc:
         TensorRTCompiled(minilm_graph, **options)
+    assert isinstance(exc.value, LowbitError)
     assert not (tmp_path / "m.engine").exists()

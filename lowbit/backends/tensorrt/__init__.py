@@ -22,6 +22,7 @@ import torch
 
 from lowbit.backends.tensorrt.engine import (
     TensorRTBuildError,
+    TensorRTOptionError,
     TensorRTRunner,
     TensorRTUnavailable,
     build_engine,
@@ -43,6 +44,7 @@ __all__ = [
     "RULES",
     "TensorRTBuildError",
     "TensorRTCompiled",
+    "TensorRTOptionError",
     "TensorRTQDQError",
     "TensorRTUnavailable",
     "Violation",

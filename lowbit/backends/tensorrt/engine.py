@@ -51,6 +51,11 @@ class TensorRTBuildError(LowbitError, RuntimeError):
     model; the message carries its errors."""
 
 
+class TensorRTOptionError(LowbitError, ValueError):
+    """A TensorRT build option with a value it cannot take (``max_dim=0``, ``shapes`` that are not (min, opt, max)),
+    named with what to give. A ``LowbitError`` as every deliberate refusal is: it was a bare ValueError."""
+
+
 def import_tensorrt() -> Any:
     try:
         import tensorrt as trt
@@ -152,28 +157,28 @@ def check_build_options(options: Mapping[str, Any]) -> None:
                               f"{', '.join(known)}")
         if key in ("max_dim", "workspace_bytes") and (isinstance(value, bool) or not isinstance(value, int)
                                                        or value <= 0):
-            raise ValueError(f"TensorRT option {key}={value!r}: give a positive integer")
+            raise TensorRTOptionError(f"TensorRT option {key}={value!r}: give a positive integer")
         if key == "strongly_typed" and not isinstance(value, bool):
-            raise ValueError(f"TensorRT option strongly_typed={value!r}: give True or False")
+            raise TensorRTOptionError(f"TensorRT option strongly_typed={value!r}: give True or False")
         if key == "timing_cache" and value is not None and not isinstance(value, (str, os.PathLike)):
-            raise ValueError(f"TensorRT option timing_cache={value!r}: give a file path or None")
+            raise TensorRTOptionError(f"TensorRT option timing_cache={value!r}: give a file path or None")
         if key == "opt" and value is not None and (not isinstance(value, Mapping) or any(
                 not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v <= 0
                 for k, v in value.items())):
-            raise ValueError(f"TensorRT option opt={value!r}: give {{symbol name: positive size}}")
+            raise TensorRTOptionError(f"TensorRT option opt={value!r}: give {{symbol name: positive size}}")
         if key == "shapes" and value is not None:
             if not isinstance(value, Mapping):
-                raise ValueError(f"TensorRT option shapes={value!r}: give {{input name: (min, opt, max)}}")
+                raise TensorRTOptionError(f"TensorRT option shapes={value!r}: give {{input name: (min, opt, max)}}")
             for name, triple in value.items():
                 if not isinstance(triple, (tuple, list)) or len(triple) != 3:
-                    raise ValueError(f"TensorRT option shapes[{name!r}]={triple!r}: give (min, opt, max) shapes")
+                    raise TensorRTOptionError(f"TensorRT option shapes[{name!r}]={triple!r}: give (min, opt, max) shapes")
                 dims = [list(s) if isinstance(s, (tuple, list, torch.Size)) else None for s in triple]
                 if any(d is None for d in dims) or len({len(d) for d in dims}) != 1 or any(  # type: ignore[arg-type]
                         isinstance(x, bool) or not isinstance(x, int) or x < 0 for d in dims for x in d):  # type: ignore[union-attr]
-                    raise ValueError(f"TensorRT option shapes[{name!r}]={triple!r}: min, opt and max must be shapes "
+                    raise TensorRTOptionError(f"TensorRT option shapes[{name!r}]={triple!r}: min, opt and max must be shapes "
                                      "of the same rank with non-negative integer sizes")
                 if any(not lo <= mid <= hi for lo, mid, hi in zip(*dims)):  # type: ignore[misc]
-                    raise ValueError(f"TensorRT option shapes[{name!r}]={triple!r}: each size needs min <= opt <= max")
+                    raise TensorRTOptionError(f"TensorRT option shapes[{name!r}]={triple!r}: each size needs min <= opt <= max")
 
 
 def build_engine(
