@@ -106,15 +106,16 @@ class LoweringOptions:
             raise LoweringOptionError(f"opset must be an integer, got {self.opset!r}")
         if self.opset < 21:
             raise LoweringOptionError(f"opset {self.opset} is too old: lowbit lowers to opset 21+ "
-                             "(INT4 and block-wise QuantizeLinear/DequantizeLinear need 21)")
+                                      "(INT4 and block-wise QuantizeLinear/DequantizeLinear need 21)")
         newest = onnx.defs.onnx_opset_version()
         if self.opset > newest:  # ONNX Runtime refuses to load a file stamped with an opset no onnx release defines
-            raise LoweringOptionError(f"opset {self.opset} is newer than any this onnx {onnx.__version__} defines (up to "
-                             f"{newest}): runtimes refuse such files; pass an opset from 21 to {newest}")
+            raise LoweringOptionError(f"opset {self.opset} is newer than any this onnx {onnx.__version__} defines "
+                                      f"(up to {newest}): runtimes refuse such files; pass an opset from 21 to "
+                                      f"{newest}")
         if not _is_int(self.accuracy_level) or not 0 <= self.accuracy_level <= 4:
             # MatMulNBits' attribute and ORT's session entry both take 0-4; ORT fails session creation otherwise
             raise LoweringOptionError(f"accuracy_level must be an integer from 0 to 4 (MatMulNBits' levels), got "
-                             f"{self.accuracy_level!r}")
+                                      f"{self.accuracy_level!r}")
         if not isinstance(self.integer_matmul, bool):
             raise LoweringOptionError(f"integer_matmul must be True or False, got {self.integer_matmul!r}")
         if self.attention not in ("decompose", "onnx"):
