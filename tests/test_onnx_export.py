@@ -297,6 +297,19 @@ def test_session_options_of_a_file_are_checked_by_name(exported):
     assert load(exported, spinning=False)(torch.randn(1, 3, 8)).shape == (1, 3, 4)
 
 
+@pytest.mark.parametrize("options, match", [({"threads": -1}, "threads must be an integer >= 0"),
+                                            ({"spinning": "false"}, "spinning must be True, False or None"),
+                                            ({"optimization": "max"}, "optimization must be one of disable")])
+def test_session_option_values_a_file_refuses_are_lowbit_errors(exported, options, match):
+    """README: every deliberate refusal is a ``LowbitError``; a session option value ONNX Runtime cannot take was a
+    bare ValueError from ``session_options`` (still a ValueError)."""
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match=match) as exc:
+        load(exported, **options)
+    assert isinstance(exc.value, ValueError)
+
+
 @pytest.fixture
 def exported(tmp_path):
     g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})

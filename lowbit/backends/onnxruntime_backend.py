@@ -34,7 +34,7 @@ from lowbit.backends.onnx.io import (
     initializer_bytes,
 )
 from lowbit.backends.onnx.widen import has_bfloat16, widen_bfloat16
-from lowbit.errors import DeviceError, OptionError, did_you_mean
+from lowbit.errors import DeviceError, LowbitError, OptionError, did_you_mean
 from lowbit.ir.graph import Graph
 from lowbit.ir.signature import InputChecker, InputError, is_int_dtype, ordered_inputs
 
@@ -63,6 +63,11 @@ def ort_lowering_options(**lowering: Any) -> LoweringOptions:
             if key not in lowering:
                 chosen[key] = "decompose"
     return LoweringOptions(**chosen)
+
+
+class SessionOptionError(LowbitError, ValueError):
+    """An ONNX Runtime session option with a value the session cannot take (``threads=-1``, ``spinning="false"``),
+    named with what it takes. A ``LowbitError`` as every deliberate refusal is: it was a bare ValueError."""
 
 
 class ProviderFallbackWarning(UserWarning):
@@ -164,19 +169,19 @@ def session_options(threads: int | None = None, optimization: str = "all",
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }
     if optimization not in levels:
-        raise ValueError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
+        raise SessionOptionError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
     so = ort.SessionOptions()
     so.graph_optimization_level = levels[optimization]
     if threads is not None:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
-            raise ValueError(f"threads must be an integer >= 0 (0: ONNX Runtime's default), got {threads!r}")
+            raise SessionOptionError(f"threads must be an integer >= 0 (0: ONNX Runtime's default), got {threads!r}")
         so.intra_op_num_threads = threads
     if optimized_model_path is not None:
         so.optimized_model_filepath = optimized_model_path
     so.log_severity_level = 3
     if spinning is not None:
         if not isinstance(spinning, bool):  # "false" is truthy: the workers spun
-            raise ValueError(f"spinning must be True, False or None (ORT's default), got {spinning!r}")
+            raise SessionOptionError(f"spinning must be True, False or None (ORT's default), got {spinning!r}")
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
     if not int8_gemm_exact():
