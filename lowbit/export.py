@@ -90,18 +90,19 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
         out = save_onnx(model, path, external_data=external_data)
     if check:
         check_onnx(out, full_check=True)
-    if weight_format == "matmulnbits":
-        from lowbit.backends.onnx.lowering import unfused_matmulnbits
+    from lowbit.backends.onnx.lowering import unfused_integer_matmul, unfused_matmulnbits
 
-        note = unfused_matmulnbits(model)
+    notes = [unfused_matmulnbits(model) if weight_format == "matmulnbits" else None,
+             unfused_integer_matmul(model) if options.get("integer_matmul") else None]
+    for note in notes:
         if note is not None:  # the file was written in the QDQ form without a word
             warnings.warn(f"{out}: {note}", ExportFormWarning, stacklevel=2)
     return out
 
 
 class ExportFormWarning(UserWarning):
-    """The file was written, but some of it is not in the form the export format names (``onnx-matmulnbits``
-    linears left in QDQ form)."""
+    """The file was written, but some of it is not in the form the export format or options name (``onnx-matmulnbits``
+    or ``integer_matmul=True`` linears left in QDQ form)."""
 
 
 class ExportError(LowbitError, ValueError):

@@ -932,3 +932,37 @@ def test_a_failed_export_removes_the_directories_it_created(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
     monkeypatch.undo()
     assert lowbit.export(g, tmp_path / "kept" / "new" / "m.onnx").is_file()
+
+
+def test_integer_matmul_names_the_linears_it_left_in_qdq_form(tmp_path):
+    """``integer_matmul=True`` (the onnxruntime backend's default) takes int8 weights with int8 activations per tensor
+    or per token; int4 weights with int8 activations (W4A8) were written as DequantizeLinear + MatMul without a word
+    in the export or the compile report. Now the export warns and the report says which linears, as for
+    MatMulNBits; a W8A8 linear that became MatMulIntegerToFloat says nothing."""
+    import warnings
+
+    from lowbit.export import ExportFormWarning
+    from lowbit.ir.capture import capture
+    from lowbit.passes.manager import PassManager, parse_pipeline
+
+    torch.manual_seed(0)
+    graph = capture(torch.nn.Sequential(torch.nn.Linear(64, 32)).eval(), (torch.randn(2, 5, 64),))
+
+    def quantized(pipeline: str):
+        g = graph.clone()
+        PassManager(parse_pipeline(pipeline)).run(g)
+        return g
+
+    w4a8 = quantized("quantize(w=int4,group=32,a=int8)")
+    with pytest.warns(ExportFormWarning, match=r"w4a8.onnx: integer_matmul: 0 of 1 linears with quantized activations "
+                                               r"run as MatMulIntegerToFloat; 1 keep the QDQ form .*: 0$"):
+        lowbit.export(w4a8, tmp_path / "w4a8.onnx", integer_matmul=True)
+    assert "com.microsoft::MatMulIntegerToFloat" not in lowered_op_types(load_onnx(tmp_path / "w4a8.onnx"))
+    assert "integer_matmul: 0 of 1 linears" in OrtCompiled(w4a8).report_text()
+    w8a8 = quantized("quantize(w=int8,a=int8)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        lowbit.export(w8a8, tmp_path / "w8a8.onnx", integer_matmul=True)
+        lowbit.export(w4a8, tmp_path / "w4a8.onnx")  # the portable QDQ form asked for: nothing to say
+    assert lowered_op_types(load_onnx(tmp_path / "w8a8.onnx"))["com.microsoft::MatMulIntegerToFloat"] == 1
+    assert "integer_matmul" not in OrtCompiled(w8a8).report_text()

@@ -27,7 +27,7 @@ from onnx_ir.tensor_adapters import to_torch_dtype
 
 from lowbit.backends.onnx import LoweringOptions, load_onnx, save_onnx, to_onnx
 from lowbit.backends.onnx.context import int8_gemm_exact
-from lowbit.backends.onnx.lowering import unfused_matmulnbits
+from lowbit.backends.onnx.lowering import unfused_integer_matmul, unfused_matmulnbits
 from lowbit.backends.onnx.io import (
     EXTERNAL_DATA_THRESHOLD,
     OnnxFileError,
@@ -352,10 +352,12 @@ class OrtCompiled(torch.nn.Module):
         self.source_path = Path(model).expanduser() if on_file is not None else None
         self.widened_outputs: list[bool] = []
         self.notes: list[str] = []
-        if self.options is not None and self.options.weight_format == "matmulnbits" and self.onnx_model is not None:
-            note = unfused_matmulnbits(self.onnx_model)
-            if note is not None:
-                self.notes.append(note)
+        if self.options is not None and self.onnx_model is not None:
+            for asked, unfused in ((self.options.weight_format == "matmulnbits", unfused_matmulnbits),
+                                   (self.options.integer_matmul, unfused_integer_matmul)):
+                note = unfused(self.onnx_model) if asked else None
+                if note is not None:
+                    self.notes.append(note)
         target = self.onnx_model if self.onnx_model is not None else on_file
         # a file's contract is read before widening: callers pass what the file declares (bfloat16 stays bfloat16)
         self.check_inputs = InputChecker(graph) if graph is not None else \

@@ -310,6 +310,35 @@ def unfused_matmulnbits(model: ir.Model, most: int = 5) -> str | None:
             f"at accuracy_level=4): {shown}")
 
 
+def unfused_integer_matmul(model: ir.Model, most: int = 5) -> str | None:
+    """What ``integer_matmul=True`` left in QDQ form, for the compile report and ``lowbit.export``'s warning: a
+    linear with quantized activations becomes ``MatMulIntegerToFloat`` only for int8 weights (per channel or per
+    tensor, no zero point) and symmetric int8 activations per tensor or per token (or ``quantize_dynamic``'s uint8)
+    in float32, and every other one (W4A8, per-group or per-channel activation scales, fp8, 16-bit models) was
+    written as DequantizeLinear + MatMul without a word. A linear is counted where a MatMul reads a dequantized
+    activation and a dequantized stored weight."""
+    linears: dict[str, str] = {}
+    fused: set[str] = set()
+    for node in model.graph:
+        where = node.metadata_props.get("lowbit.module") or f"%{node.metadata_props.get('lowbit.value', node.name)}"
+        if node.domain == "com.microsoft" and node.op_type == "MatMulIntegerToFloat":
+            linears.setdefault(where, where)
+            fused.add(where)
+        elif node.op_type == "MatMul" and len(node.inputs) == 2 and all(
+                v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+                for v in node.inputs):
+            weight = node.inputs[1].producer().inputs[0]  # type: ignore[union-attr]
+            if weight is not None and weight.const_value is not None:
+                linears.setdefault(where, where)
+    rest = [w for w in linears if w not in fused]
+    if not rest:
+        return None
+    shown = ", ".join(rest[:most]) + (f", ... ({len(rest)} in all)" if len(rest) > most else "")
+    return (f"integer_matmul: {len(fused)} of {len(linears)} linears with quantized activations run as "
+            f"MatMulIntegerToFloat; {len(rest)} keep the QDQ form (the integer GEMM takes int8 weights per channel or "
+            f"per tensor with symmetric int8 activations per tensor or per token, in float32): {shown}")
+
+
 def lowered_op_types(model: ir.Model) -> dict[str, int]:
     """ONNX op types in a model with counts (for reports and tests)."""
     counts: dict[str, int] = {}
@@ -320,4 +349,4 @@ def lowered_op_types(model: ir.Model) -> dict[str, int]:
 
 
 __all__ = ["to_onnx", "needs_fusion", "missing_lowerings", "lowered_op_types", "unfused_matmulnbits", "OnnxLoweringError",
-           "LoweringOptions"]
+           "LoweringOptions", "unfused_integer_matmul"]
