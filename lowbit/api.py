@@ -609,7 +609,9 @@ def compile_model(
 
     ``offload_dir`` (an existing directory on disk, not a RAM-backed tmpfs) takes each packed weight a quantizing
     pass writes, mapped back from there (``lowbit.ir.offload``), so a compile holds one block's working set and not
-    the whole packed model: for models larger than RAM. The files are unlinked at once; nothing is left there.
+    the whole packed model: for models larger than RAM. The files are unlinked at once; nothing is left there. On
+    the torch backend it implies ``keep_packed=True`` (the module runs on the mapped codes, not on float copies the
+    size of the float model) unless ``backend_options`` sets ``keep_packed``.
 
     ``generation=GenerationSpec(max_length, max_batch)`` (or ``True`` for the defaults) captures the model's
     generation step instead (``lowbit.models.CausalLMStep``: ids, positions, KV cache -> logits, cache; see
@@ -647,6 +649,10 @@ def compile_model(
                         f"HF directory, a .gguf), got {type(model).__name__}")
     passes = resolve_pipeline(pipeline, recipe, overrides)  # bad specs fail before the slow capture
     offload = _offload_directory(offload_dir)
+    if offload is not None and backend == "torch" and "keep_packed" not in (backend_options or {}):
+        # dequantizing at lowering (the torch default) put a float copy of every packed weight in the heap: the
+        # float model's size again, so the offload saved nothing once the compile returned
+        backend_options = {**(backend_options or {}), "keep_packed": True}
     tokenizer = _given_tokenizer(tokenizer)
     if calib is not None:
         from lowbit.passes.base import CalibrationOptions

@@ -107,3 +107,23 @@ def test_cli_compile_offloads_beside_its_output(tmp_path: Path, monkeypatch: pyt
     assert not any(p.name.startswith(".lowbit-") for p in out.iterdir())
     logits = lowbit.load(out)(torch.tensor([[1, 504, 3458, 282]]))  # the weights read back from the mapping
     assert logits.shape[-1] == 49152 and bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.skipif(not LINUX_MAPS.is_file(), reason="reads Linux /proc for mappings")
+def test_offloaded_compile_runs_on_its_mapped_weights_not_float_copies(tmp_path: Path) -> None:
+    """``offload_dir`` on the torch backend keeps the weights packed in the lowered module (``keep_packed``): by
+    default the backend dequantized every packed weight at lowering into a float copy in the heap, the float
+    model's size again, so the offload saved nothing once the compile returned. ``keep_packed=False`` given still
+    dequantizes, as asked; both compute the same logits."""
+    model = tiny_llama(layers=2, hidden=64, inter=128)
+    off = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32)", offload_dir=tmp_path)
+    packed = {v.data.untyped_storage().data_ptr() for n, v in off.graph.params.items() if n.endswith(".qdata")}
+    held = {b.untyped_storage().data_ptr() for b in off.runner.gm.buffers()}
+    assert len(packed) == 14 and packed <= held  # the module reads the mapped codes themselves
+    assert off.runner.buffer_bytes < 0.6 * lowbit.compile_model(model).runner.buffer_bytes
+    assert not any("dequantized at lowering" in line for line in off.report.lowering)
+    floats = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32)", offload_dir=tmp_path,
+                                  backend_options={"keep_packed": False})
+    assert floats.runner.dequantized_weights == 14
+    ids = torch.randint(0, 60, (1, 9))
+    torch.testing.assert_close(off(ids), floats(ids), rtol=0, atol=0)
