@@ -261,3 +261,39 @@ def test_bench_memory_writes_nothing_when_no_row_ran(tmp_path: Path, monkeypatch
     with pytest.raises(SystemExit) as exc:
         bench_memory.main()
     assert exc.value.code == 2 and "--hidden 64" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_advises_dtype_auto_for_a_16_bit_checkpoint_loaded_in_float32(tmp_path: Path) -> None:
+    """``lowbit compile`` and ``generate`` of a bf16 HF directory without ``--dtype`` load it in float32: a float32
+    copy of every weight in memory (twice the checkpoint) and, for compile, the weights it leaves unquantized written
+    in float32, so an int4 checkpoint of a bf16 model could be larger than the model. They ran without a word; they
+    now say so and name ``--dtype auto`` (which writes bf16), and say nothing when ``--dtype`` is given."""
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+    from lowbit.data.model_files import load_smollm2_tokenizer
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=49152, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    load_smollm2_tokenizer().save_pretrained(tmp_path / "m")
+    spec, runner = str(tmp_path / "m"), CliRunner()
+    compile_args = ["compile", spec, "-p", "quantize(w=int4,group=16)", "-f", "compressed-tensors", "-q", "-o"]
+
+    def embedding_dtype(out: Path) -> str:
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            return f.get_slice("model.embed_tokens.weight").get_dtype()
+
+    res = runner.invoke(app, [*compile_args, str(tmp_path / "f32")])
+    assert res.exit_code == 0, res.output
+    assert "stores its weights in bfloat16" in res.output and "--dtype auto" in res.output
+    assert embedding_dtype(tmp_path / "f32") == "F32"  # what the note warns of
+    res = runner.invoke(app, [*compile_args, str(tmp_path / "auto"), "--dtype", "auto"])
+    assert res.exit_code == 0 and "stores its weights" not in res.output, res.output
+    assert embedding_dtype(tmp_path / "auto") == "BF16"
+    res = runner.invoke(app, [*compile_args, str(tmp_path / "f32b"), "--dtype", "float32"])
+    assert res.exit_code == 0 and "stores its weights" not in res.output, res.output
+    res = runner.invoke(app, ["generate", spec, "--prompt", "Hi", "-n", "1", "-q"])
+    assert res.exit_code == 0 and "stores its weights in bfloat16" in res.output, res.output

@@ -188,6 +188,32 @@ DTYPE_HELP = ("dtype the model is loaded in: float32 (default), bfloat16 or floa
               "own (its weights stay memory-mapped, no copy: a model larger than RAM compiles and saves)")
 
 
+def advise_dtype(spec: str, writes: bool = False) -> None:
+    """A note on stderr when ``spec`` is an HF directory of 16-bit weights loaded in float32 because no ``--dtype``
+    was given: every weight is converted into a float32 copy in memory (twice the checkpoint, where ``--dtype auto``
+    keeps the file's pages mapped) and, for a command that ``writes`` a model, the weights it does not quantize are
+    written in float32, so an int4 checkpoint of a bf16 model could be larger than the model. Silent otherwise."""
+    from lowbit.models import SLICE, checkpoint_dtype
+
+    path = Path(spec).expanduser()
+    m = SLICE.match(spec)
+    if m and not path.exists():
+        path = Path(m.group("name")).expanduser()
+    if not (path / "config.json").is_file():
+        return
+    stored = checkpoint_dtype(path)
+    if stored.itemsize != 2:
+        return
+    name = str(stored).removeprefix("torch.")
+    size = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern))
+    copy = f" (about {2 * size / 2**20:.0f} MiB)" if size else ""
+    written = ", and the weights left unquantized are written in float32" if writes else ""
+    err_console.print(f"note: {spec} stores its weights in {name}, and without --dtype they are loaded in float32: a "
+                      f"float32 copy of every weight in memory{copy}{written}. --dtype auto keeps them {name} and "
+                      "memory-mapped (a model larger than RAM compiles); --dtype float32 keeps float32 without this "
+                      "note", markup=False, highlight=False, soft_wrap=True)
+
+
 def check_dtype(dtype: str) -> None:
     """``--dtype`` is one of ``DTYPES``, checked before any model is read."""
     if dtype not in DTYPES:

@@ -28,6 +28,7 @@ from lowbit.cli.common import (
     EXIT_CODES_HELP,
     Exit,
     LowbitGroup,
+    advise_dtype,
     atomic_output_dir,
     capture_model,
     check_calibration,
@@ -353,7 +354,7 @@ def compile_cmd(
     reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on failure, save the IR before the "
                                               "failing pass, the pipeline, inputs and versions here"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no summary and no calibration progress bars"),
-    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Capture MODEL, run the pipeline over its IR, lower it to BACKEND and write the artefact and a report."""
     from lowbit.api import compile_graph, plan_compile
@@ -362,7 +363,8 @@ def compile_cmd(
     from lowbit.passes.manager import PrintIR
 
     t0 = time.perf_counter()
-    check_dtype(dtype)
+    if dtype is not None:
+        check_dtype(dtype)
     text = pipeline_text(pipeline, recipe, set_)
     passes = parse(text)
     options: dict[str, str] = {}
@@ -421,7 +423,9 @@ def compile_cmd(
     if refused:
         fail(f"cannot write --format {fmt}: {refused}", Exit.USAGE)
 
-    loaded = load(model, dtype)
+    loaded = load(model, dtype or "float32")
+    if dtype is None:
+        advise_dtype(model, writes=out is not None)
     check_calibration(passes, loaded)
     graph = capture_model(loaded)
     if out is not None:  # packed weights wait for the save on the output's disk, not in memory (models > RAM)
@@ -735,6 +739,8 @@ def generate_cmd(
         positions, vocab = config.get("max_position_embeddings"), config.get("vocab_size")
     else:
         loaded = load(model, dtype or "float32")
+        if dtype is None:
+            advise_dtype(model)
         if loaded.kind != "causal-lm":
             what = "a text encoder (input_ids, attention_mask -> embeddings)" if loaded.kind == "encoder" else \
                 f"a {loaded.kind} model"
