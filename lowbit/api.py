@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -525,6 +526,12 @@ def _offload_directory(offload_dir: str | os.PathLike[str] | None) -> str | None
                                 "directory on disk for the packed weights)")
     if not os.access(path, os.W_OK | os.X_OK):
         raise PermissionError(f"offload_dir={os.fspath(offload_dir)!r}: the directory is not writable")
+    from lowbit.ir.offload import ram_backed
+
+    fs = ram_backed(path)
+    if fs is not None:  # the packed weights would be written into memory again: no saving, and said
+        warnings.warn(f"offload_dir={os.fspath(offload_dir)!r} is on a {fs}, which is memory: packed weights "
+                      "offloaded there save none of it; give a directory on disk", UserWarning, stacklevel=3)
     return path
 
 
@@ -607,7 +614,7 @@ def compile_model(
     directory). ``calib`` (a text name or path, a ``.safetensors`` file of token ids, or a tensor of ids: ``[n, L]``
     windows or a 1-D stream) replaces the data of every pass that calibrates; a pipeline with none is refused.
 
-    ``offload_dir`` (an existing directory on disk, not a RAM-backed tmpfs) takes each packed weight a quantizing
+    ``offload_dir`` (an existing directory on disk, not a RAM-backed tmpfs: one is warned of) takes each packed weight a quantizing
     pass writes, mapped back from there (``lowbit.ir.offload``), so a compile holds one block's working set and not
     the whole packed model: for models larger than RAM. The files are unlinked at once; nothing is left there. On
     the torch backend it implies ``keep_packed=True`` (the module runs on the mapped codes, not on float copies the

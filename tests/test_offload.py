@@ -4,6 +4,7 @@ nothing is left in the directory."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from conftest import tiny_llama
 
 import lowbit
-from lowbit.ir.offload import OffloadError, map_from_disk
+from lowbit.ir.offload import OffloadError, map_from_disk, ram_backed
 
 LINUX_MAPS = Path("/proc/self/maps")
 
@@ -127,3 +128,50 @@ def test_offloaded_compile_runs_on_its_mapped_weights_not_float_copies(tmp_path:
     assert off.runner.buffer_bytes < 0.6 * floats.runner.buffer_bytes
     ids = torch.randint(0, 60, (1, 9))
     torch.testing.assert_close(off(ids), floats(ids), rtol=0, atol=0)
+
+
+_MOUNTS = """/dev/vda / ext4 rw,relatime 0 0
+tmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0
+tmpfs /run/user/1000 tmpfs rw 0 0
+none /mnt/ram\\040disk ramfs rw 0 0
+/dev/vdb /dev/shm/disk xfs rw 0 0
+"""
+
+
+def test_ram_backed_names_the_filesystem_a_directory_is_on() -> None:
+    """The deepest mount holding the directory decides: a disk mounted inside a tmpfs is a disk; the mount table's
+    octal escapes (a space as \\040) are read."""
+    assert ram_backed("/dev/shm/x/y", _MOUNTS) == "tmpfs"
+    assert ram_backed("/dev/shm", _MOUNTS) == "tmpfs"
+    assert ram_backed("/mnt/ram disk/out", _MOUNTS) == "ramfs"
+    assert ram_backed("/dev/shm/disk/out", _MOUNTS) is None
+    assert ram_backed("/dev/shmem", _MOUNTS) is None  # a prefix of the name is not the mount
+    assert ram_backed("/home/u", _MOUNTS) is None
+
+
+def _tmpfs_dir() -> Path | None:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) and ram_backed(shm) == "tmpfs" else None
+
+
+@pytest.mark.skipif(_tmpfs_dir() is None, reason="needs a writable tmpfs at /dev/shm")
+def test_offloading_into_memory_is_said_or_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tmpfs is memory: packed weights offloaded there save none of it (and cannot be dropped without swap).
+    ``compile_model(offload_dir=...)`` there warns, naming the directory; ``lowbit compile -o OUT`` with OUT on a
+    tmpfs keeps the packed weights in memory rather than writing them to another part of it."""
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    import lowbit.ir.qdq as qdq
+    from lowbit.cli.main import app
+
+    with tempfile.TemporaryDirectory(dir=_tmpfs_dir()) as shm:
+        with pytest.warns(UserWarning, match=f"offload_dir={shm!r} is on a tmpfs"):
+            lowbit.compile_model(tiny_llama(), pipeline="quantize(w=int8)", offload_dir=shm)
+        dirs: list[str] = []
+        real = qdq.map_from_disk
+        monkeypatch.setattr(qdq, "map_from_disk", lambda t, d, stem="offload": dirs.append(str(d)) or real(t, d, stem))
+        res = CliRunner().invoke(app, ["compile", "smollm2:1", "-p", "quantize(w=int8)", "-o", f"{shm}/out", "-q"])
+        assert res.exit_code == 0, res.output
+        assert dirs == []

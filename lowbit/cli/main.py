@@ -429,7 +429,11 @@ def compile_cmd(
     check_calibration(passes, loaded)
     graph = capture_model(loaded)
     if out is not None:  # packed weights wait for the save on the output's disk, not in memory (models > RAM)
-        graph.offload_dir = str(existing_ancestor(out.expanduser().resolve()))  # check_output found it writable
+        from lowbit.ir.offload import ram_backed
+
+        disk = existing_ancestor(out.expanduser().resolve())  # check_output found it writable
+        if ram_backed(disk) is None:  # a tmpfs is memory: offloading there wrote the weights into memory again
+            graph.offload_dir = str(disk)
     if keep is not None:
         passes = apply_overrides(passes, keep, graph, overrides)
         console.print(f"overrides {overrides}: keeping {', '.join(keep) or 'nothing'} float -> "

@@ -16,16 +16,46 @@ tensor gets anonymous pages for what it writes and never changes the file.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["OffloadError", "map_from_disk"]
+__all__ = ["OffloadError", "map_from_disk", "ram_backed"]
 
 _ALIGN = 64
 """Each tensor starts at a multiple of 64 bytes in its file: aligned for every dtype and for vector loads."""
+
+
+_RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+"""File systems whose files are memory: pages written there cannot be dropped and read again (tmpfs only swapped)."""
+
+
+def ram_backed(directory: str | os.PathLike[str], mounts: str | None = None) -> str | None:
+    """The file system type (``tmpfs``, ``ramfs``) when ``directory`` lies on one held in memory, else None.
+
+    Why: offloading packed weights to such a directory writes them into memory again, so it saves nothing (and
+    ``/tmp`` is a tmpfs on many systems). ``mounts`` is the mount table's text (``/proc/self/mounts``, read when
+    None); the deepest mount point holding the directory decides; None where there is no such table."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return None
+    path = os.path.realpath(os.path.expanduser(os.fspath(directory))) if mounts else ""
+    best, kind = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # the table escapes space, tab, newline and backslash as octal (\040)
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind if kind in _RAM_FILESYSTEMS else None
 
 
 class OffloadError(OSError):
