@@ -175,3 +175,32 @@ def test_offloading_into_memory_is_said_or_skipped(tmp_path: Path, monkeypatch: 
         res = CliRunner().invoke(app, ["compile", "smollm2:1", "-p", "quantize(w=int8)", "-o", f"{shm}/out", "-q"])
         assert res.exit_code == 0, res.output
         assert dirs == []
+
+
+@pytest.mark.skipif(not LINUX_MAPS.is_file(), reason="reads Linux /proc for mappings")
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_hf_save_streams_each_linear_s_repacked_tensors_from_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   fmt: str) -> None:
+    """An HF save repacks every quantized linear into its format's int32 layout. Each linear's result was kept in
+    the heap until the whole file was written, so a save held the whole packed checkpoint in memory again, even of a
+    model whose packed weights were offloaded. Each linear's tensors now go to a file beside the checkpoint as they
+    are made (mapped back, unlinked) and stream from there; the checkpoint loads as the model it was saved from."""
+    import lowbit.checkpoint.hf as hf
+
+    written: dict[str, str | None] = {}
+    real = hf.write_safetensors
+
+    def spy(tensors, path, metadata=None):
+        written.update({k: _file_mapped(t) for k, t in tensors.items()})
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(hf, "write_safetensors", spy)
+    model = tiny_llama(layers=1, hidden=64, inter=128)
+    compiled = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32)", offload_dir=tmp_path)
+    lowbit.save(compiled, tmp_path / "ckpt", format=fmt)
+    repacked = [k for k in written if k.endswith((".weight_packed", ".qweight"))]
+    assert len(repacked) == 7
+    assert all((written[k] or "").endswith("(deleted)") for k in repacked), {k: written[k] for k in repacked}
+    assert not any(p.name.startswith(".lowbit-") for p in (tmp_path / "ckpt").iterdir())
+    ids = torch.randint(0, 60, (1, 7))
+    torch.testing.assert_close(lowbit.load(tmp_path / "ckpt")(ids), compiled(ids), rtol=0, atol=1e-5)

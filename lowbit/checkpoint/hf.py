@@ -50,6 +50,7 @@ from lowbit.checkpoint.files import (
 )
 from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
 from lowbit.ir.graph import Graph, TensorType
+from lowbit.ir.offload import map_from_disk
 from lowbit.ir.quant import QDTYPES, get_qdtype, pack_int4
 
 __all__ = ["save_compressed_tensors", "save_gptq", "load_hf_checkpoint", "skeleton", "SHARD_BYTES"]
@@ -477,6 +478,16 @@ def _ct_tensors(qw: QuantWeight, fmt: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _spilled(tensors: dict[str, torch.Tensor], directory: Path, module: str) -> dict[str, torch.Tensor]:
+    """One linear's repacked tensors, moved to a file in the checkpoint's ``directory`` (``lowbit.ir.offload``:
+    mapped back, unlinked at once) as soon as they are made.
+
+    Why: a save builds every linear's tensors before writing the file (its header lists them all), so held in the
+    heap they were the whole packed checkpoint again, on top of the graph's own packed weights (offloaded or
+    not). File pages the kernel can drop are what they cost now; the bytes written are the same."""
+    return dict(zip(tensors, map_from_disk(list(tensors.values()), directory, stem=module)))
+
+
 def _float_advice(graph: Graph) -> str:
     """Where a float graph goes instead (a pruned one is not the module it was captured from, so its source's
     save_pretrained would not hold it)."""
@@ -513,7 +524,7 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
         key = json.dumps(scheme, sort_keys=True)
         groups.setdefault(key, scheme)
         members.setdefault(key, []).append(module)
-        for name, t in _ct_tensors(qw, fmt).items():
+        for name, t in _spilled(_ct_tensors(qw, fmt), directory, module).items():
             tensors[f"{module}.{name}"] = t
     config_groups = {}
     for i, (key, scheme) in enumerate(groups.items()):
@@ -624,12 +635,15 @@ def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: A
         if k % (32 // bits) or n % (32 // bits):
             raise CheckpointError(f"linear {module!r}: [{n}, {k}] is not a multiple of {32 // bits} on both sides, "
                                   "which GPTQ's int32 packing needs")
-        tensors[f"{module}.qweight"] = _pack_rows(u, bits)
         n_groups = k // g
         zeros = torch.full((n_groups, n), off - 1, dtype=torch.int64)  # v1 format stores zero - 1
-        tensors[f"{module}.qzeros"] = _pack_rows(zeros.t().contiguous(), bits).t().contiguous()
-        tensors[f"{module}.scales"] = qw.scale.reshape(n, -1).t().contiguous().to(torch.float32)
-        tensors[f"{module}.g_idx"] = (torch.arange(k, dtype=torch.int32) // g)
+        mine = {"qweight": _pack_rows(u, bits),
+                "qzeros": _pack_rows(zeros.t().contiguous(), bits).t().contiguous(),
+                "scales": qw.scale.reshape(n, -1).t().contiguous().to(torch.float32),
+                "g_idx": torch.arange(k, dtype=torch.int32) // g}
+        del u, signed
+        for name, t in _spilled(mine, directory, module).items():
+            tensors[f"{module}.{name}"] = t
     if len(bits_seen) > 1 or len(groups_seen) > 1:
         raise CheckpointError(f"the GPTQ format has one bit width and group size per model; the graph mixes bits "
                               f"{sorted(bits_seen)} and groups {sorted(groups_seen)}: use compressed-tensors")
