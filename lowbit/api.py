@@ -688,8 +688,15 @@ def compile_model(
         _refuse_distillation(passes)
         _add_last_logits(plan, generation)
     if isinstance(model, str):
-        from lowbit.models import load_model
+        from lowbit.models import float32_copy, load_model
 
+        stored = float32_copy(model)
+        if stored is not None:  # twice the checkpoint in memory, without a word: a bf16 model larger than RAM failed
+            dtype = str(stored[0]).removeprefix("torch.")
+            warnings.warn(f"compile_model({model!r}) loads the model in float32, but it stores its weights in {dtype}: "
+                          f"a float32 copy of every weight in memory (about {2 * stored[1] / 2**20:.0f} MiB); to keep "
+                          f"them {dtype} and memory-mapped (a model larger than RAM), pass lowbit.models.load_model("
+                          f"{model!r}, dtype='auto')[0] instead", UserWarning, stacklevel=2)
         model, loaded, _ = load_model(model)
         tokenizer = loaded if tokenizer is None else tokenizer  # a tokenizer= given is kept
     elif tokenizer is None:

@@ -789,6 +789,21 @@ def checkpoint_dtype(directory: Path) -> torch.dtype:
     return config_dtype(raw) if raw is not None else torch.float32
 
 
+def float32_copy(name_or_path: str | os.PathLike[str]) -> tuple[torch.dtype, int] | None:
+    """``(stored dtype, bytes of its weight files)`` when ``name_or_path`` is an HF directory (or ``DIR:N``) of
+    16-bit weights, else None: loading it in float32 (``load_model``'s default) converts every weight into a copy
+    twice that size in memory, where ``dtype="auto"`` keeps the file's pages mapped. For the advice given then."""
+    path = Path(name_or_path).expanduser()
+    m = SLICE.match(str(name_or_path))
+    if m and not path.exists():
+        path = Path(m.group("name")).expanduser()
+    raw = config_json(path)
+    if raw is None or config_dtype(raw).itemsize != 2:
+        return None
+    files = [f for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern)]
+    return config_dtype(raw), sum(f.stat().st_size for f in files)
+
+
 def load_model(
     name_or_path: str | os.PathLike[str], dtype: torch.dtype | Literal["auto"] = torch.float32
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, ModelKind]:

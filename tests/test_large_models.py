@@ -297,3 +297,33 @@ def test_cli_advises_dtype_auto_for_a_16_bit_checkpoint_loaded_in_float32(tmp_pa
     assert res.exit_code == 0 and "stores its weights" not in res.output, res.output
     res = runner.invoke(app, ["generate", spec, "--prompt", "Hi", "-n", "1", "-q"])
     assert res.exit_code == 0 and "stores its weights in bfloat16" in res.output, res.output
+
+
+def test_compile_model_of_a_16_bit_directory_path_warns_of_its_float32_copy(tmp_path: Path) -> None:
+    """``compile_model(DIR)`` loads DIR in float32; of a bf16 checkpoint that is a float32 copy of every weight, twice
+    the checkpoint in memory, which is what kept a model larger than RAM from compiling, and nothing said so. It now
+    warns, naming the extra MiB and ``load_model(DIR, dtype='auto')``; the module that call returns compiles without
+    the warning, in bf16."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lowbit
+    from lowbit.data.model_files import load_smollm2_tokenizer
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=49152, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    load_smollm2_tokenizer().save_pretrained(tmp_path / "m")
+    spec = str(tmp_path / "m")
+    with pytest.warns(UserWarning, match=r"stores its weights in bfloat16: a float32 copy of every weight in memory "
+                                         r"\(about \d+ MiB\).*load_model\(.*, dtype='auto'\)"):
+        floats = lowbit.compile_model(spec, pipeline="quantize(w=int4,group=16)")
+    assert floats.graph.params["lm_head.weight"].data.dtype == torch.float32
+    from lowbit.models import load_model
+
+    module, tokenizer, _ = load_model(spec, dtype="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        kept = lowbit.compile_model(module, tokenizer=tokenizer, pipeline="quantize(w=int4,group=16)")
+    assert kept.graph.params["lm_head.weight"].data.dtype == torch.bfloat16

@@ -193,19 +193,12 @@ def advise_dtype(spec: str, writes: bool = False) -> None:
     was given: every weight is converted into a float32 copy in memory (twice the checkpoint, where ``--dtype auto``
     keeps the file's pages mapped) and, for a command that ``writes`` a model, the weights it does not quantize are
     written in float32, so an int4 checkpoint of a bf16 model could be larger than the model. Silent otherwise."""
-    from lowbit.models import SLICE, checkpoint_dtype
+    from lowbit.models import float32_copy
 
-    path = Path(spec).expanduser()
-    m = SLICE.match(spec)
-    if m and not path.exists():
-        path = Path(m.group("name")).expanduser()
-    if not (path / "config.json").is_file():
+    found = float32_copy(spec)
+    if found is None:
         return
-    stored = checkpoint_dtype(path)
-    if stored.itemsize != 2:
-        return
-    name = str(stored).removeprefix("torch.")
-    size = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern))
+    name, size = str(found[0]).removeprefix("torch."), found[1]
     copy = f" (about {2 * size / 2**20:.0f} MiB)" if size else ""
     written = ", and the weights left unquantized are written in float32" if writes else ""
     err_console.print(f"note: {spec} stores its weights in {name}, and without --dtype they are loaded in float32: a "
