@@ -327,11 +327,27 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
         for _, t, _ in entries:
-            flat = t.reshape(-1)
-            step = max(1, _WRITE_CHUNK // max(1, t.element_size()))
-            for start in range(0, flat.numel(), step):
-                piece = flat[start:start + step].cpu().contiguous()
-                f.write(memoryview(piece.view(torch.uint8).numpy()))
+            for piece in _pieces(t, max(1, _WRITE_CHUNK // max(1, t.element_size()))):
+                f.write(memoryview(piece.cpu().contiguous().view(torch.uint8).numpy()))
+
+
+def _pieces(t: torch.Tensor, limit: int) -> Iterator[torch.Tensor]:
+    """``t``'s elements in row-major order as views of at most ``limit`` elements each (a piece of a contiguous
+    tensor is contiguous; one of a strided tensor is a block of its rows, which the caller copies). Why not
+    ``t.reshape(-1)``: on a transposed or expanded tensor it copies the whole tensor before the first write."""
+    if t.is_contiguous() or t.dim() == 0:
+        flat = t.reshape(-1)
+        for start in range(0, flat.numel(), limit):
+            yield flat[start:start + limit]
+        return
+    row = max(1, t[0].numel()) if t.shape[0] else 1
+    if row > limit:  # one row is already too large: split each row the same way
+        for r in t:
+            yield from _pieces(r, limit)
+        return
+    step = max(1, limit // row)
+    for start in range(0, t.shape[0], step):
+        yield t[start:start + step]
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
