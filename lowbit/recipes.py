@@ -214,7 +214,8 @@ def override_options(recipe: str, passes: Sequence[Pass], overrides: Mapping[str
     calibration option sets it on every calibrating pass that reads it as the recipe configures it (they share the
     calibration data; ``{"calib_n": 16}`` on ``w8a8`` changes smooth-quant's, not quantize's, which reads it only
     with static activations; if no pass reads it, the refusal says what would); ``{"gptq.calib_n": 64}`` sets it
-    on the ``gptq`` pass only. Each changed pass is built
+    on the ``gptq`` pass only (on the passes of that name that read it, where the recipe runs several:
+    ``quantize.a_clip`` on ``w4a4kv4-best`` sets the activation quantize's). Each changed pass is built
     again from the options the recipe set plus the override, so a value is validated as pipeline text is (a string,
     the CLI's ``--set KEY=VALUE``, is read as pipeline text reads it). A key no pass of the recipe takes is a
     ``PassError`` listing the options its passes have; a bad value names the pass and the option."""
@@ -258,9 +259,11 @@ def override_options(recipe: str, passes: Sequence[Pass], overrides: Mapping[str
             try:
                 built[i] = build_pass(type(p), options)
             except PassError as exc:
-                # a bare OPTION on a pass whose other options leave it unread (w8a8's quantize has calib_n, read
-                # only with a_static=true): the override is for the passes that read it, so this one keeps its own
-                if pass_name or not _unread_refusal(exc, option):
+                # a pass whose other options leave the option unread (w8a8's quantize has calib_n, read only with
+                # a_static=true; w4a4kv4-best's second quantize, the KV one, has a_clip): the override is for the
+                # passes that read it, so this one keeps its own. Named PASS.OPTION too: w4a4kv4-best runs two
+                # quantize passes and quantize.a_clip is for the one with a=. Read by none: refused below
+                if not _unread_refusal(exc, option):
                     raise
                 unread.append(exc)
         if not built:  # no pass of the recipe reads it as configured: the refusal says what would make it read

@@ -630,3 +630,20 @@ def test_bare_recipe_override_skips_the_passes_that_would_not_read_it():
         recipe_passes("w4a16-g64", {"calib_n": 16})
     with pytest.raises(PassError, match=r"pass smooth-quant: option calib_n.*>= 1"):
         recipe_passes("w8a8", {"calib_n": 0})
+
+
+def test_named_recipe_override_goes_to_the_same_named_pass_that_reads_it():
+    """``w4a4kv4-best`` runs two quantize passes (A4 before GPTQ, the KV cache after it). ``quantize.a_clip=0.8`` was
+    refused ("a_clip is read only with a=", from the KV pass) although the bare ``a_clip=0.8`` was applied; named or
+    bare, the override now goes to the quantize pass that reads it and leaves the other as the recipe wrote it."""
+    from lowbit.recipes import recipe_passes
+
+    plain = [p.options for p in recipe_passes("w4a4kv4-best") if p.name == "quantize"]
+    for key, option, value in (("quantize.a_clip", "a_clip", 0.8), ("quantize.kv_clip", "kv_clip", 0.95)):
+        named = [p.options for p in recipe_passes("w4a4kv4-best", {key: value}) if p.name == "quantize"]
+        bare = [p.options for p in recipe_passes("w4a4kv4-best", {option: value}) if p.name == "quantize"]
+        changed = [i for i in range(2) if getattr(named[i], option) != getattr(plain[i], option)]
+        assert len(changed) == 1 and getattr(named[changed[0]], option) == value
+        assert named[1 - changed[0]] == plain[1 - changed[0]] and named == bare
+    with pytest.raises(PassError, match=r"pass quantize: option calib_n=16 is read only with a_static=true"):
+        recipe_passes("w4a4kv4-best", {"quantize.calib_n": 16})  # read by neither: still refused
