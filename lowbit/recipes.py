@@ -148,8 +148,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "before GPTQ, so GPTQ calibrates on the inputs the model will see, on the output-aware clipped weight grid; "
            "then the KV4 cache and each dynamic A4 quantizer's clip ratio searched on calibration text by the error "
            "it adds to its readers' outputs (clip-activations); SmolLM2 1.85x on wt2-512x40 (GPTQ on 16x512 tokens; "
-           "KurTail + GPTQ + clip 0.9 2.41x, QuaRot + GPTQ 2.83x); torch backend (a clipped QDQ is not fused into "
-           "qlinear; ONNX refuses it)", ("fold-norms", "rotate", "quantize", "gptq", "clip-activations")),
+           "KurTail + GPTQ + clip 0.9 2.41x, QuaRot + GPTQ 2.83x); a clipped QDQ is not fused into qlinear (the "
+           "torch backend runs it as QDQ, ONNX scales the clipped range the same way) and has no HF-checkpoint field "
+           "(save format=lowbit)", ("fold-norms", "rotate", "quantize", "gptq", "clip-activations")),
     Recipe("w4a4kv4-e2e", "fold-norms,rotate(kind=kurtosis),quantize(a=int4,a_clip=0.9),"
            f"gptq(w=int4,sym=false,clip=true),quantize({_KV4_HEAD}),clip-activations,{_e2e(2_000_000, '5e-5')}",
            "w4a4kv4-best, then its weight scales, norm gains and biases distilled end to end toward the float logits "
