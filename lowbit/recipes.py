@@ -215,7 +215,8 @@ def override_options(recipe: str, passes: Sequence[Pass], overrides: Mapping[str
     calibration option sets it on every calibrating pass that reads it as the recipe configures it (they share the
     calibration data; ``{"calib_n": 16}`` on ``w8a8`` changes smooth-quant's, not quantize's, which reads it only
     with static activations; if no pass reads it, the refusal says what would); ``{"gptq.calib_n": 64}`` sets it
-    on the ``gptq`` pass only (on the passes of that name that read it, where the recipe runs several:
+    on the ``gptq`` pass only, whatever comes before or after it (``{"calib_n": 16, "gptq.calib_n": 64}``: gptq
+    64, the other calibrating passes 16) (on the passes of that name that read it, where the recipe runs several:
     ``quantize.a_clip`` on ``w4a4kv4-best`` sets the activation quantize's). Each changed pass is built
     again from the options the recipe set plus the override, so a value is validated as pipeline text is (a string,
     the CLI's ``--set KEY=VALUE``, is read as pipeline text reads it). A key no pass of the recipe takes is a
@@ -227,11 +228,19 @@ def override_options(recipe: str, passes: Sequence[Pass], overrides: Mapping[str
                         f"got {type(overrides).__name__}")
     out = list(passes)
     names = list(dict.fromkeys(p.name for p in out))
+    parsed: dict[tuple[str, str], tuple[str, Any]] = {}
     for key, value in overrides.items():
         if not isinstance(key, str) or not key.strip():
             raise PassError(f"recipe {recipe!r}: override key {key!r} is not an option name (OPTION or PASS.OPTION)")
         pass_name, _, option = key.strip().rpartition(".")
-        option = option.strip().replace("-", "_")
+        where = (pass_name.strip(), option.strip().replace("-", "_"))
+        if where in parsed:  # calib-n and calib_n: one of the two would silently win
+            raise PassError(f"recipe {recipe!r}: overrides {parsed[where][0]!r} and {key!r} set the same option; "
+                            "give it once")
+        parsed[where] = (key, value)
+    # the bare OPTION first, then PASS.OPTION: {"gptq.calib_n": 64, "calib_n": 16} gave gptq 16, the bare key
+    # replacing the named one because it came later; the pass a user names keeps its value whatever the order
+    for (pass_name, option), (key, value) in sorted(parsed.items(), key=lambda item: bool(item[0][0])):
         if pass_name and pass_name not in names:
             raise PassError(f"recipe {recipe!r}: override {key!r} names pass {pass_name!r}, which the recipe does not "
                             f"run{closest(pass_name, names)}; its passes: {', '.join(names)}")

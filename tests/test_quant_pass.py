@@ -647,3 +647,20 @@ def test_named_recipe_override_goes_to_the_same_named_pass_that_reads_it():
         assert named[1 - changed[0]] == plain[1 - changed[0]] and named == bare
     with pytest.raises(PassError, match=r"pass quantize: option calib_n=16 is read only with a_static=true"):
         recipe_passes("w4a4kv4-best", {"quantize.calib_n": 16})  # read by neither: still refused
+
+
+def test_named_recipe_override_wins_over_the_bare_one_in_any_order():
+    """``{"gptq.calib_n": 64, "calib_n": 16}`` gave gptq 16: overrides were applied in the dict's order, so the bare
+    key, coming later, replaced what the user set on the pass by name. The named one now wins whatever the order
+    (CLI: ``--set gptq.calib_n=64 --set calib_n=16``), and two spellings of one key are refused, not one dropped."""
+    from lowbit.recipes import recipe_passes
+
+    def calib_n(overrides: dict) -> dict[str, int]:
+        return {p.name: p.options.calib_n for p in recipe_passes("w4a16-e2e", overrides)
+                if p.name in ("gptq", "tune-qparams")}
+
+    want = {"gptq": 64, "tune-qparams": 16}
+    assert calib_n({"calib_n": 16, "gptq.calib_n": 64}) == want
+    assert calib_n({"gptq.calib_n": 64, "calib_n": 16}) == want
+    with pytest.raises(PassError, match=r"overrides 'calib_n' and 'calib-n' set the same option; give it once"):
+        recipe_passes("w4a16-e2e", {"calib_n": 16, "calib-n": 8})
