@@ -26,6 +26,7 @@ from lowbit.backends.registry import (
     all_backends,
     get_backend,
 )
+from lowbit.errors import LowbitError
 from lowbit.ir.capture import capture, refuse_unrunnable
 from lowbit.ir.graph import Graph
 from lowbit.passes.base import Pass, PassError
@@ -180,6 +181,11 @@ class CompiledModel(torch.nn.Module):
             top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_token=on_token, **unknown)
 
 
+class ExampleInputsError(LowbitError, ValueError):
+    """``compile_model`` without ``example_inputs`` for a model lowbit builds none for: the message names the inputs
+    its forward takes (it was a plain ValueError, which a caller could not tell from a bug)."""
+
+
 def dynamic_dim(lo: int, hi: int) -> Any:
     """A dynamic dimension that lets export keep the guards it cannot prove over the whole range (some torch
     versions prove ``min(64*s, 192*s) == 64*s`` for Llama's GQA reshape and some do not) instead of failing."""
@@ -209,8 +215,9 @@ def _default_example(model: torch.nn.Module, tokenizer: Any) -> tuple[tuple[Any,
         args, kwargs = model.example_inputs
         if not kwargs or not args:
             return (dict(kwargs) if kwargs else tuple(args)), None
-    raise ValueError(f"no example inputs given for {type(model).__name__}: lowbit builds them only for the models it "
-                     f"wraps (a causal LM, lowbit.models.SentenceEmbedder); pass example_inputs={_example_hint(model)}")
+    raise ExampleInputsError(f"no example inputs given for {type(model).__name__}: lowbit builds them only for the "
+                             f"models it wraps (a causal LM, lowbit.models.SentenceEmbedder); pass "
+                             f"example_inputs={_example_hint(model)}")
 
 
 def _example_hint(model: Any) -> str:
@@ -227,7 +234,24 @@ def _example_hint(model: Any) -> str:
     if main == "input_ids":
         return ("(input_ids, attention_mask) of a tokenizer batch, or wrap a text encoder in "
                 "lowbit.models.SentenceEmbedder, whose inputs lowbit builds")
-    return "(...), the arguments its forward takes"
+    return _forward_inputs(model)
+
+
+def _forward_inputs(model: Any) -> str:
+    """``example_inputs`` spelled from ``model.forward``'s required parameters (``(x, scale)``), or a generic hint
+    where the signature cannot be read."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return "(...), the arguments its forward takes"
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+    if not names:
+        return "(...), the arguments its forward takes"
+    return (f"({', '.join(names)}{',' if len(names) == 1 else ''}), an example of each input "
+            f"{type(model).__name__}.forward requires, in that order")
 
 
 def model_positions(model: Any) -> int | None:

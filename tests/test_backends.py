@@ -301,6 +301,28 @@ def test_an_exported_program_compiles_on_the_inputs_it_was_exported_with():
     torch.testing.assert_close(compiled(y), model(y), atol=0.05, rtol=0)  # int8 weights
 
 
+def test_a_model_without_example_inputs_is_a_lowbit_error_naming_its_forward_inputs():
+    """compile_model(module) for a module lowbit builds no inputs for raised a plain ValueError ending in
+    'example_inputs=(...)': a caller could not tell the refusal from a bug, nor which inputs to give. It is a
+    LowbitError naming the inputs forward requires, in order (defaulted ones left out), and that call compiles."""
+    from lowbit.errors import LowbitError
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, scale: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+            return self.fc(x) * scale + shift
+
+    model = Scaled().eval()
+    with pytest.raises(LowbitError, match=r"no example inputs given for Scaled: .* pass example_inputs=\(x, scale\), "
+                                          r"an example of each input Scaled\.forward requires"):
+        compile_model(model)
+    x, scale = torch.randn(2, 4), torch.randn(2, 4)
+    torch.testing.assert_close(compile_model(model, (x, scale))(x, scale), model(x, scale))
+
+
 def test_pass_and_backend_options_share_one_unread_check():
     """The backends' 'applies only with' refusal and the passes' 'is read only with' one were two copies of the same
     test (an option set away from its default that nothing reads); both go through lowbit.errors.unread_options, which
