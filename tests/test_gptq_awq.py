@@ -530,6 +530,23 @@ def test_smooth_quant_options_nothing_reads_or_unknown_sites_fail_when_parsed(sp
     parse_pipeline("gptq(group=128,group_fallback=64),awq(max_shrink=0.3),autoround(max_scale=2)")
 
 
+def test_site_kinds_have_one_definition():
+    """smooth-quant and the weight calibration (gptq/awq/autoround) each had their own copy of the site kinds
+    (``SITE_KINDS``): a kind added where sites are found (``find_sites``) could be accepted by one pass's option check
+    and refused by the other's. There is one list, in ``scale_migration`` beside ``find_sites``, and both passes
+    refuse an unknown kind naming every kind of it."""
+    from lowbit.calibration import scale_migration, weights
+    from lowbit.passes import gptq, smooth_quant
+    from lowbit.passes.manager import PipelineSpecError, parse_pipeline
+
+    assert smooth_quant.SITE_KINDS is scale_migration.SITE_KINDS
+    assert weights.SITE_KINDS is scale_migration.SITE_KINDS and gptq.SITE_KINDS is scale_migration.SITE_KINDS
+    known = ", ".join(scale_migration.SITE_KINDS)
+    for spec in ("smooth-quant(sites=[bogus])", "awq(sites=[bogus])"):
+        with pytest.raises(PipelineSpecError, match=f"known: {known}"):
+            parse_pipeline(spec)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("awq(n_grid=2)", r"pass awq: option n_grid=2, max_shrink=0.5: the clipping search tries .* for i < "
                       r"round\(max_shrink·n_grid\) = 1, i.e. min-max alone, so clip=true would clip nothing"),

@@ -34,8 +34,8 @@ from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.rewrite import gain_weight, norm_gain, private_weight
 
-__all__ = ["divide_norm", "divide_rows", "multiply_columns", "gqa_expand_index", "MigrationSite", "find_sites",
-           "site_for", "apply_scale", "MigrationError", "VIEW_OPS"]
+__all__ = ["SITE_KINDS", "divide_norm", "divide_rows", "multiply_columns", "gqa_expand_index", "MigrationSite",
+           "find_sites", "site_for", "apply_scale", "MigrationError", "VIEW_OPS"]
 
 
 class MigrationError(LowbitError, ValueError):
@@ -101,6 +101,10 @@ VIEW_OPS = frozenset({
 """Ops that move channels around without mixing them (a full ``slice`` is what export leaves of ``x[:, :]``)."""
 
 NORM_OPS = ("rms_norm", "layer_norm")
+
+SITE_KINDS = ("norm", "gated", "attention-v")
+"""Where a per-channel scale folds (``MigrationSite.kind``): after a norm (into its gain), into up_proj (gated MLP),
+into v_proj (attention). The one list smooth-quant's and gptq/awq/autoround's ``sites`` options are checked against."""
 
 
 @dataclass
@@ -200,7 +204,7 @@ def _head_dim(chain: list[Node], channels: int) -> int | None:
     return None
 
 
-def find_sites(graph: Graph, kinds: Iterable[str] = ("norm", "gated", "attention-v")) -> list[MigrationSite]:
+def find_sites(graph: Graph, kinds: Iterable[str] = SITE_KINDS) -> list[MigrationSite]:
     """Every place in ``graph`` where a scale on a group of linears' input can be folded, in graph order."""
     want = set(kinds)
     users = graph.users()

@@ -27,7 +27,7 @@ from lowbit.calibration.block_tuning import FloatTargetStream, TuneOptions, Tune
 from lowbit.calibration.data import calib_size
 from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages, static_batch
 from lowbit.calibration.gptq import HessianAccumulator, gptq_quantize, quantize_with, weight_qparams
-from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites, site_for
+from lowbit.calibration.scale_migration import SITE_KINDS, MigrationSite, apply_scale, find_sites, site_for
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.qdq import WeightPlan, write_weight_qdq
 from lowbit.ir.qscheme import QScheme
@@ -35,9 +35,6 @@ from lowbit.ir.quant import get_qdtype, stored_codes
 from lowbit.ir.rewrite import private_weight
 
 __all__ = ["SITE_KINDS", "Rounding", "WeightCalibrationError", "calibrate_weights"]
-
-SITE_KINDS = ("norm", "gated", "attention-v")
-"""Where AWQ scales may be folded: after a norm, into up_proj (gated MLP), into v_proj (attention)."""
 
 
 class WeightCalibrationError(ValueError):

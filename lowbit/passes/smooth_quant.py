@@ -24,15 +24,13 @@ from pydantic import Field, field_validator, model_validator
 
 from lowbit.calibration.data import calib_size
 from lowbit.calibration.engine import BlockRun, batches_from_ids, run
-from lowbit.calibration.scale_migration import MigrationSite, apply_scale, find_sites
+from lowbit.calibration.scale_migration import SITE_KINDS, MigrationSite, apply_scale, find_sites
 from lowbit.calibration.smoothquant import search_alpha, smoothquant_scale
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, register_pass
 
 __all__ = ["SmoothQuant", "SmoothQuantOptions"]
-
-SITE_KINDS = ("norm", "gated", "attention-v")
 
 
 class SmoothQuantOptions(CalibrationOptions):
