@@ -651,6 +651,38 @@ def test_weight_pass_scope_without_linears_names_the_scope():
         PassManager([GPTQ(w="int4", modules="^n$", calib=torch.randn(2, 4, 8), progress=False)]).run(g)
 
 
+def test_weight_pass_scoped_to_kept_linears_names_the_keep_rule_and_how_to_quantize_the_head():
+    """gptq(modules=lm_head) said 'no linear to quantize (every linear is kept float)': nothing said lm_head is kept
+    float by default, nor how to quantize it. It names each linear in scope with the rule keeping it (the default or
+    the user's keep[i]) and, for the head, quantize(head=...); that pipeline then quantizes the head."""
+    from lowbit.ir.parser import parse_graph
+    from lowbit.passes.manager import PassManager, PipelineError
+
+    text = """graph main(%x: f32[s1,s0,8]) {
+  symbol s0 in [2, 64] hint 4
+  symbol s1 in [1, 64] hint 2
+  param @fc1.weight: f32[8,8]
+  param @lm_head.weight: f32[4,8]
+  %h: f32[s1,s0,8] = linear(%x, @fc1.weight)  # model.layers.0.mlp.fc1
+  %y: f32[s1,s0,4] = linear(%h, @lm_head.weight)  # lm_head
+  return %y
+}
+"""
+    g = parse_graph(text, {"fc1.weight": torch.randn(8, 8), "lm_head.weight": torch.randn(4, 8)})
+    calib = "calib_n=2,calib_len=4,progress=false"
+    with pytest.raises(PipelineError, match=r"pass gptq: no linear to quantize: option modules=lm_head matches only "
+                                            r"linears kept float: lm_head \(kept float by default: 'lm_head'\); gptq "
+                                            r"does not calibrate the output head: .*quantize\(head=int8\)"):
+        PassManager(f"gptq(w=int4,modules=lm_head,{calib})").run(g.clone())
+    with pytest.raises(PipelineError, match=r"pass awq: no linear to quantize: every linear is kept float: lm_head "
+                                            r"\(kept float by default: 'lm_head'\), model\.layers\.0\.mlp\.fc1 \(kept "
+                                            r"float by option keep\[0\]: '\*mlp\*'\)"):
+        PassManager(f"awq(w=int4,keep=[*mlp*],{calib})").run(g.clone())
+    q = g.clone()
+    PassManager("quantize(head=int8)").run(q)
+    assert [n.module for n in q.nodes if n.op == "dequantize"] == ["lm_head"]
+
+
 def test_attention_v_site_through_a_generation_step_cache_is_found_and_exact():
     """A generation step writes v into its cache input (``scatter``) and attends over the new cache, a step output:
     the site finder stopped there, so AWQ scaled no v→o group of a model compiled with ``generation=`` (listed as

@@ -27,7 +27,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lowbit.calibration.weights import SITE_KINDS, Rounding, WeightCalibrationError, calibrate_weights
 from lowbit.ir.graph import Graph
-from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, QScheme, QuantConfig
+from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, QScheme, QuantConfig, module_matches
 from lowbit.ir.quant import get_qdtype
 from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
 from lowbit.passes.insert_qdq import NonFinitePolicy, plan
@@ -207,7 +207,7 @@ def run_weight_calibration(graph: Graph, o: WeightCalibrationOptions, r: Roundin
             sample = ", ".join(linears[:4]) + (", ..." if len(linears) > 4 else "")
             raise PassError(f"pass {pass_name}: option modules={o.modules} matches no linear's module (linears: "
                             f"{sample})")
-        raise PassError(f"pass {pass_name}: no linear to quantize (every linear is kept float)")
+        raise PassError(f"pass {pass_name}: no linear to quantize: " + _why_all_kept(linears, o, pass_name))
     ids = o.token_ids(graph, pass_name)
     try:
         stats = calibrate_weights(graph, p.weights, ids, r, batch_size=o.batch_size_for(graph), device=device,
@@ -217,6 +217,25 @@ def run_weight_calibration(graph: Graph, o: WeightCalibrationOptions, r: Roundin
     if p.kept_nonfinite:
         stats["kept_float_nonfinite"] = p.kept_nonfinite
     return stats
+
+
+def _why_all_kept(linears: list[str], o: WeightCalibrationOptions, pass_name: str) -> str:
+    """Why every linear in scope is kept float, naming each module and the keep rule that holds it (default or
+    ``keep=``): ``gptq(modules=lm_head)`` said only 'every linear is kept float', with no word that the output head
+    and embeddings are kept by default or how to quantize the head."""
+    scoped = [m for m in linears if o.in_scope(m)]
+    rules = [(p, "by default") for p in DEFAULT_KEEP_FLOAT]
+    rules += [(p, f"by option keep[{i}]") for i, p in enumerate(o.keep)]
+    held = []
+    for m in scoped[:4]:
+        rule = next(((p, why) for p, why in rules if module_matches(m, p)), None)
+        held.append(f"{m} (kept float {rule[1]}: {rule[0]!r})" if rule else m)
+    text = (f"option modules={o.modules} matches only linears kept float: " if o.modules else
+            "every linear is kept float: ") + ", ".join(held) + (", ..." if len(scoped) > 4 else "")
+    if any(module_matches(m, "lm_head") for m in scoped):
+        text += (f"; {pass_name} does not calibrate the output head: quantize it round-to-nearest after {pass_name} "
+                 "with quantize(head=int8) (or head=int4,head_group=64)")
+    return text
 
 
 def rounding(method: Literal["gptq", "awq"], pass_name: str, **settings: Any) -> Rounding:
