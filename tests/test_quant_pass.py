@@ -233,6 +233,18 @@ def test_group_that_does_not_divide_576_names_option_node_and_alternatives(slice
         InsertQDQ(w="int4", group=128, group_fallback=100).run(graph.clone())
 
 
+@pytest.mark.parametrize("options, role, named", [("v_group=48", "values", "v_group"),
+                                                  ("k_gran=per_token,k_group=48", "keys", "k_group")])
+def test_a_kv_group_that_does_not_divide_head_dim_names_the_option_given(slice2, options, role, named):
+    """quantize(kv=int4,v_group=48) said 'option kv_group=48 (or v_group ...) does not divide head_dim 64 ... e.g.
+    kv_group=16': the option named, and the one suggested, was kv_group, which the user left at its default (32, a
+    divisor). The error names the option the user gave, and suggests a value for it."""
+    graph = slice2[0]
+    with pytest.raises(PipelineError, match=rf"option {named}=48 does not divide head_dim 64 of the {role} .*e\.g\. "
+                                            rf"{named}=16$"):
+        PassManager(f"quantize(kv=int4,{options})").run(graph.clone())
+
+
 def test_bad_options_raise_clear_errors(slice2, tmp_path):
     graph, _, _ = slice2
     with pytest.raises(PassError, match="keep\\[0\\] '\\*.nope_proj' matches no linear module"):

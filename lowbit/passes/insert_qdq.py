@@ -437,7 +437,13 @@ def _clone_chain(graph: Graph, chain: list[Node], src: Value, new_src: Value, be
     return cur_new
 
 
-def _kv_layout(scheme: QScheme, src: Value, role: str, node: Node) -> Layout:
+def kv_group_options(role: str) -> tuple[str, str]:
+    """(the option that set ``role``'s group, what else would set it) when the group came from ``kv_group``."""
+    return "kv_group", f" (or {role[0]}_group for the {role}s alone)"
+
+
+def _kv_layout(scheme: QScheme, src: Value, role: str, node: Node,
+               group_options: Callable[[str], tuple[str, str]] = kv_group_options) -> Layout:
     t = src.tensor_type
     if t.rank != 4:
         raise PassError(f"pass quantize: the {role}s read by attention %{node.name} (module {node.module!r}) come "
@@ -448,9 +454,10 @@ def _kv_layout(scheme: QScheme, src: Value, role: str, node: Node) -> Layout:
         # named with both options that set it and a group that fits: a recipe's kv_group=32 on a model with 16-wide
         # heads read as if the user had asked for it, with nothing to change it to
         fit = math.gcd(layout.block_size, d)
-        raise PassError(f"pass quantize: option kv_group={layout.block_size} (or {role[0]}_group for the {role}s alone) "
-                        f"does not divide head_dim {d} of the {role}s of attention %{node.name} (module "
-                        f"{node.module!r}); give a divisor of {d}, e.g. kv_group={fit}")
+        option, aside = group_options(role)
+        raise PassError(f"pass quantize: option {option}={layout.block_size}{aside} does not divide head_dim {d} of "
+                        f"the {role}s of attention %{node.name} (module {node.module!r}); give a divisor of {d}, e.g. "
+                        f"{option}={fit}")
     return layout
 
 
@@ -559,8 +566,10 @@ def _window_mask(graph: Graph, node: Node, k_src: Value, window: int, sink: int,
     return add("aten.cat.default", [[m_old, m_new], -1], None, TensorType(mt.dtype, cat_shape), "kvmask")
 
 
-def insert_kv_qdq(graph: Graph, node: Node, kv: KVCacheScheme) -> int:
-    """Quantize the keys (after rotary) and values of one attention node; returns the number of QDQ chains."""
+def insert_kv_qdq(graph: Graph, node: Node, kv: KVCacheScheme,
+                  group_options: Callable[[str], tuple[str, str]] = kv_group_options) -> int:
+    """Quantize the keys (after rotary) and values of one attention node; returns the number of QDQ chains.
+    ``group_options(role)``: the options that set a role's group, named when it does not divide head_dim."""
     args = list(node.args)
     while len(args) < 4:
         args.append(node.kwargs.pop("mask", None) if len(args) == 3 else None)
@@ -568,7 +577,7 @@ def insert_kv_qdq(graph: Graph, node: Node, kv: KVCacheScheme) -> int:
     for idx, role, scheme in ((1, "key", kv.key), (2, "value", kv.value)):
         operand = args[idx]
         src, chain = _view_chain(operand)
-        layout = _kv_layout(scheme, src, role, node)
+        layout = _kv_layout(scheme, src, role, node, group_options)
         anchor = chain[0] if chain else node
         dq = insert_dynamic_qdq(graph, src, scheme, layout, before=anchor, module=node.module,
                                 name=f"{_tag(node)}_{role[0]}")
@@ -711,8 +720,10 @@ def quantize_graph(graph: Graph, cfg: QuantConfig, *, group_fallback: int | None
                    extra_patterns: Sequence[tuple[str, str]] = (),
                    scope: Callable[[str], bool] | None = None,
                    nonfinite: NonFinitePolicy = "error",
-                   group_option: Callable[[str], str] = lambda module: "option group") -> dict[str, Any]:
-    """Apply ``cfg`` to ``graph`` in place (only to modules ``scope`` accepts); returns the pass's statistics."""
+                   group_option: Callable[[str], str] = lambda module: "option group",
+                   kv_group_option: Callable[[str], tuple[str, str]] = kv_group_options) -> dict[str, Any]:
+    """Apply ``cfg`` to ``graph`` in place (only to modules ``scope`` accepts); returns the pass's statistics.
+    ``group_option`` / ``kv_group_option``: the option a weight's / a KV role's group came from, for errors."""
     p = plan(graph, cfg, group_fallback, extra_patterns, scope, nonfinite, group_option=group_option)
     bytes_before = graph.param_bytes()
     users = graph.users()
@@ -736,7 +747,7 @@ def quantize_graph(graph: Graph, cfg: QuantConfig, *, group_fallback: int | None
             r.args = (dq.output,) + tuple(r.args[1:])
     kv_chains = 0
     for att in p.attention:
-        kv_chains += insert_kv_qdq(graph, att, cfg.kv)  # type: ignore[arg-type]
+        kv_chains += insert_kv_qdq(graph, att, cfg.kv, kv_group_option)  # type: ignore[arg-type]
     static = [(n, s) for n, s in p.inputs if not s.dynamic]
     calib_stats: dict[str, Any] = {}
     if static:
@@ -811,8 +822,13 @@ class InsertQDQ(Pass):
                 return "option head_group" if o.head_group is not None else "option group"
             return "config group_size" if o.config is not None else "option group"
 
+        def kv_group_option(role: str) -> tuple[str, str]:  # the user's k_group/v_group, where given, not kv_group's
+            own = f"{role[0]}_group"
+            return (own, "") if getattr(o, own) is not None else kv_group_options(role)
+
         stats = quantize_graph(graph, cfg, group_fallback=o.group_fallback, calibration=calibration,
-                               extra_patterns=extra, scope=o.in_scope, nonfinite=o.nonfinite, group_option=group_option)
+                               extra_patterns=extra, scope=o.in_scope, nonfinite=o.nonfinite, group_option=group_option,
+                               kv_group_option=kv_group_option)
         changed = bool(stats["weights_quantized"] or stats["inputs_quantized"] or stats["kv_qdq_chains"])
         return PassResult(changed, stats)
 
