@@ -31,6 +31,7 @@ a rotation; ``prune-heads`` and ``prune-mlp`` must come before ``rotate`` (its o
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -502,6 +503,11 @@ class Rotate(Pass):
                 online.append(f"{rot.module or rot.name}:{rot.name}")
         stats["online_hadamards"] = len(online)
         stats["refused"] = list(regions.refused)
+        qk_left = [r for r in regions.refused if r.startswith("q/k after rotary")]
+        if o.qk and qk_left:
+            # qk=true asked for them: a skip recorded only in stats (a second rotate's, say) looked like a rotation
+            warnings.warn(f"rotate(qk=true) left the queries and keys of {len(qk_left)} attention(s) unrotated: "
+                          f"{qk_left[0]}; give qk=false when that is intended", stacklevel=2)
         if o.kind == "learned":
             # learned on the graph as it runs now (R1-R4 in place), then folded on top: R1 = Q₀·U, exact
             u, stats["learned"] = learn_extra_rotation(graph, res, o, self.name)
