@@ -77,6 +77,11 @@ def test_cpu_compile_reports_dense_no_cuda(sparse_slice):
     assert len(rep["dense"]) == 2 * BLOCK_LINEARS and set(rep["dense"].values()) == {"no CUDA"}
     text = runner.report_text()
     assert text.startswith("2:4 linears: 0 semi-structured sparse, 14 kept dense") and "no CUDA" in text
+    # each named by its module path (it was the FX node, "%linear_12", which told a user nothing)
+    assert sorted(rep["dense"]) == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj"))
+    assert "  dense: model.layers.1.mlp.down_proj: no CUDA" in text.splitlines()
     # the float graph has no 2:4 weight: nothing to report; turning the option off is named as the reason
     assert TorchCompiled(dense, semi_structured=True).sparse_report == {"semi_structured": {}, "dense": {}}
     off = TorchCompiled(g)  # the default: off (slower than dense on the H200)
@@ -99,6 +104,9 @@ def test_compile_graph_report_and_triton_interpreter_name_the_dense_2to4_nodes(s
     dense = tr.sparse_report["dense"]
     assert set(dense.values()) == {"no CUDA"} and len(dense) == 14 - 6
     assert f"{len(dense)} kept dense" in tr.report_text()
+    # a merged linear is named by its members' module paths
+    assert {"model.layers.0.self_attn.q_proj+k_proj+v_proj", "model.layers.0.mlp.gate_proj+up_proj",
+            "model.layers.0.mlp.down_proj"} <= set(dense), dense
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ dense is named with its reason — never silent).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -106,9 +107,12 @@ def _dequantized(wn: Any) -> bool:
 
 
 def apply_semi_structured(gm: torch.fx.GraphModule, device: torch.device | str | None, *, enabled: bool = True,
-                          library: str = "auto", marked: frozenset[str] = frozenset()) -> dict[str, dict[str, str]]:
+                          library: str = "auto", marked: frozenset[str] = frozenset(),
+                          labels: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
     """Replace, in place, the weight buffer of every linear of ``gm`` whose weight is 2:4 by its semi-structured
-    tensor where ``plan_weight`` allows; returns ``{"semi_structured": {node: library}, "dense": {node: reason}}``.
+    tensor where ``plan_weight`` allows; returns ``{"semi_structured": {linear: library}, "dense": {linear:
+    reason}}``, each linear by its ``labels`` entry (its module path; FX names such as ``linear_12`` told a user
+    nothing), else by its FX node name.
 
     ``marked``: FX node names the IR recorded as 2:4 (``node.meta["sparsity"]``, kept through quantize and
     fuse-qlinear); one whose weight is not 2:4 any more, or is quantized, is reported dense with the reason. A weight read by another node too is converted only if every reader
@@ -162,7 +166,8 @@ def apply_semi_structured(gm: torch.fx.GraphModule, device: torch.device | str |
         setattr(gm, wn.target, sparse)
         decided[wn.target] = lib
         report["semi_structured"][node.name] = lib
-    return report
+    names = labels or {}
+    return {kind: {names.get(node, f"%{node}"): v for node, v in entries.items()} for kind, entries in report.items()}
 
 
 def report_lines(report: dict[str, dict[str, str]]) -> list[str]:
@@ -177,4 +182,4 @@ def report_lines(report: dict[str, dict[str, str]]) -> list[str]:
     if libs:
         head += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(libs.items())) + ")"
     head += f", {len(dense)} kept dense"
-    return [head] + [f"  dense: %{name}: {why}" for name, why in dense.items()]
+    return [head] + [f"  dense: {name}: {why}" for name, why in dense.items()]

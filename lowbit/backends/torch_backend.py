@@ -177,6 +177,26 @@ def materialize_weights(graph: Graph, *, keep_packed: bool = False) -> Graph:
     return lowered
 
 
+def linear_labels(graph: Graph) -> dict[str, str]:
+    """What a report calls each linear (by its output's name, the FX node's): its module path, the members' paths of
+    a merged one (``model.layers.0.self_attn.q_proj+k_proj+v_proj``), the node where it has no module."""
+    labels = {}
+    for n in graph.nodes:
+        if n.op not in ("linear", "qlinear", "qlinear_q") or not n.outputs:
+            continue
+        merged = n.meta.get("merged")
+        if merged and n.module:
+            label = n.module + "." + "+".join(m.removeprefix(n.module + ".") for m in merged)
+        else:
+            label = n.module or f"%{n.outputs[0].name}"
+        labels[n.outputs[0].name] = label
+    seen: dict[str, int] = {}
+    for label in labels.values():
+        seen[label] = seen.get(label, 0) + 1
+    # two linears of one module (a parallel branch): the node tells them apart
+    return {name: label if seen[label] == 1 else f"{label} (%{name})" for name, label in labels.items()}
+
+
 class TorchCompiled(torch.nn.Module):
     """A lowered graph as a callable module; ``graph`` is kept so the debugging tools can inspect it."""
 
@@ -200,7 +220,7 @@ class TorchCompiled(torch.nn.Module):
                            if n.op in ("linear", "qlinear") and n.meta.get("sparsity") == "2:4")
         dev = self.device if self.device is not None else _params_device(lowered)
         self.sparse_report = apply_semi_structured(self.gm, dev, enabled=semi_structured, library=sparse_library,
-                                                   marked=marked)
+                                                   marked=marked, labels=linear_labels(lowered))
         self.check_inputs = InputChecker(graph)
         self.buffer_bytes = buffer_bytes(self.gm)
         """Bytes of the tensors the lowered module holds (each storage once): what running it keeps in memory."""
