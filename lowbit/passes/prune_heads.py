@@ -34,7 +34,7 @@ from lowbit.ir.graph import Graph, TensorType, Value
 from lowbit.ir.shapes import EXPAND_OPS
 from lowbit.passes.base import NO_DEQUANTIZE, NO_QLINEAR, Pass, PassError, PassResult, register_pass
 from lowbit.passes.prune_mlp import (StructuredOptions, _Collected, allocate, channel_scores, check_target,
-                                     collect_input_stats, cut_sites, nothing_removed, reinfer,
+                                     collect_input_stats, cut_sites, nothing_removed, ratio_zero, reinfer,
                                      round_half_up)
 from lowbit.passes.pruning_sites import (AttentionSite, find_attention_sites, refuse_nonfinite_weights,
                                          slice_linear_cols, slice_linear_rows)
@@ -107,6 +107,8 @@ class PruneHeads(Pass):
             raise PassError(f"pass {self.name}: no attention with q/k/v/o linears found "
                             f"({'; '.join(skipped[:3]) or 'no attention op'})")
         refuse_nonfinite_weights(self.name, [n for s in sites for n in (s.q, s.k, s.v, s.o)])
+        if o.ratio == 0:
+            return ratio_zero(len(sites), skipped, "groups_removed", t0)
         calibrated = o.reads_calibration()
         second = o.update or o.score == "obs"
         check_target(o, self.name)

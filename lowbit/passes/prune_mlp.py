@@ -323,6 +323,14 @@ def round_half_up(x: float) -> int:
     return math.floor(x + 0.5 + 1e-9)
 
 
+def ratio_zero(sites: int, skipped: list[str], removed: str, t0: float) -> PassResult:
+    """The result of ``ratio=0``: nothing removed, and nothing calibrated (ranking and repair would change nothing;
+    the calibration run took as long as for a real cut), said in the stats."""
+    return PassResult(False, {"layers": sites, removed: 0, "skipped": skipped, "calib_tokens": 0,
+                              "not_pruned": "ratio=0 removes nothing: no calibration ran, the weights are unchanged",
+                              "seconds": round(time.perf_counter() - t0, 2)})
+
+
 def nothing_removed(pass_name: str, ratio: float, block: str, units: int, what: str, multiple: int = 1) -> PassError:
     """A nonzero ``ratio`` whose rounding removes nothing: the error names the layer, the count, the multiple and the
     smallest ratio that removes one step (a silent no-op would look like a pruned model)."""
@@ -544,6 +552,8 @@ class PruneMLP(Pass):
             why = "; ".join(skipped[:3]) or f"no linear whose module ends with one of {', '.join(DOWN_PROJECTIONS)}"
             raise PassError(f"pass {self.name}: no prunable MLP found ({why})")
         refuse_nonfinite_weights(self.name, [n for s in sites for n in (*s.producers, s.down)])
+        if o.ratio == 0:
+            return ratio_zero(len(sites), skipped, "channels_removed", t0)
         calibrated = o.reads_calibration()
         second = o.update or o.score == "obs"
         check_target(o, self.name)
