@@ -113,6 +113,36 @@ def test_autoround_bad_options(block1):
             PassManager(f"autoround(w=int4,group=64,calib_n=2,calib_len=16,{bad})").run(graph.clone())
 
 
+def test_autoround_seed_orders_the_batches_and_is_refused_where_one_batch_leaves_nothing_to_order():
+    """``seed`` orders the calibration batches the steps visit: with several batches two seeds tune differently and
+    one seed repeats bit for bit. With calib_n <= batch_size there is one batch, visited every step whatever the
+    seed, so seed=3 gave exactly seed=0's model without a word; it is refused, naming calib_n and batch_size."""
+    from conftest import tiny_llama
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+    from lowbit.passes.autoround import AutoRound
+
+    torch.manual_seed(0)
+    graph = capture(CausalLMLogits(tiny_llama(layers=1)), (torch.ones(2, 16, dtype=torch.long),),
+                    {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=8)}})
+    calib = torch.randint(0, 61, (4, 16), generator=torch.Generator().manual_seed(0))
+    options = dict(w="int4", group=16, iters=8, lr=0.01, calib=calib, calib_n=4, calib_len=16, progress=False)
+
+    def codes(**more: int) -> dict[str, torch.Tensor]:
+        g = graph.clone()
+        stats = PassManager([AutoRound(**options, **more)]).run(g).records[-1].stats
+        assert stats["tuned_blocks_kept"] == 1, stats  # tuned, not the RTN start kept
+        return {k: v.data for k, v in g.params.items() if k.endswith((".qdata", ".scale"))}
+
+    one, again, other = codes(batch_size=1, seed=1), codes(batch_size=1, seed=1), codes(batch_size=1, seed=2)
+    assert all(torch.equal(one[k], again[k]) for k in one)
+    assert any(not torch.equal(one[k], other[k]) for k in one)
+    with pytest.raises(PipelineError, match=r"pass autoround: option seed=3 orders the calibration batches .* "
+                                            r"calib_n=4 sequences make one batch of batch_size=8, .* silently ignored"):
+        codes(seed=3)
+
+
 def test_learning_passes_run_under_the_callers_inference_mode():
     """compile_model under torch.inference_mode() failed in autoround ("Inference tensors cannot be saved for
     backward", at the first rotary) and in learned rotations ("element 0 of tensors does not require grad"): passes

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from lowbit.calibration.block_tuning import TuneOptions
 from lowbit.ir.graph import Graph
-from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, Pass, PassResult, register_pass
+from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, Pass, PassError, PassResult, register_pass
 from lowbit.passes.gptq import (
     SITE_KINDS,
     WeightCalibrationOptions,
@@ -59,7 +59,8 @@ class AutoRoundOptions(WeightCalibrationOptions):
     sites: list[str] = list(SITE_KINDS)
     """AWQ: where scales may be folded (norm, gated, attention-v)."""
     seed: int = 0
-    """Order in which calibration batches are visited."""
+    """Order in which calibration batches are visited; read only when there are several (``calib_n`` above
+    ``batch_size``): one batch is visited every step whatever the seed, so a seed set then is refused."""
 
     @model_validator(mode="after")
     def _searches_read(self) -> AutoRoundOptions:
@@ -80,6 +81,13 @@ class AutoRound(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         o: AutoRoundOptions = self.options  # type: ignore[assignment]
+        batch = o.batch_size_for(graph)
+        if "seed" in o.model_fields_set and o.seed != 0 and o.calib_n <= batch:
+            # one batch is visited in one order: the seed changed nothing, and two seeds gave the same model
+            raise PassError(f"pass {self.name}: option seed={o.seed} orders the calibration batches the steps visit, "
+                            f"but calib_n={o.calib_n} sequences make one batch of batch_size={batch}, visited every "
+                            f"step whatever the seed: it would be silently ignored; give calib_n above {batch} (or a "
+                            "smaller batch_size), or drop seed")
         tune = TuneOptions(iters=o.iters, lr=o.lr, scales=o.scales, max_scale=o.max_scale, target=o.target,
                            seed=o.seed)
         r = rounding("awq", self.name, scale_search=o.awq, clip=o.clip, n_grid=o.n_grid, sites=o.sites, tune=tune)
