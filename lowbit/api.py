@@ -199,7 +199,7 @@ def _default_example(model: torch.nn.Module, tokenizer: Any) -> tuple[tuple[Any,
     if isinstance(model, CausalLMLogits):
         # batch 2 in the example so export does not specialise the batch to 1; 64 tokens, or the model's positions
         # when fewer (a 32-position model was captured at 64, recorded as "s1 in [2, 32] hint 64")
-        max_len = getattr(model.model.config, "max_position_embeddings", None) or 8192
+        max_len = model_positions(model) or 8192
         seq = max(2, min(64, max_len))
         ids = torch.arange(1, 2 * seq + 1, dtype=torch.long).reshape(2, seq) % model.model.config.vocab_size
         return (ids,), {"input_ids": {0: dynamic_dim(1, 1024), 1: dynamic_dim(2, max_len)}}
@@ -403,8 +403,8 @@ def _within_positions(spec: Any, hf_model: torch.nn.Module, defaults: bool) -> A
     ``generation=True`` (the defaults) takes the model's length where it is shorter than the default 512."""
     from lowbit.models import GenerationError
 
-    limit = getattr(getattr(hf_model, "config", None), "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit < 2 or spec.max_length <= limit:
+    limit = model_positions(hf_model)
+    if limit is None or spec.max_length <= limit:
         return spec
     if defaults:
         return dataclasses.replace(spec, max_length=limit)
@@ -433,8 +433,8 @@ def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn
     meta = {"eos_token_ids": eos, "max_length": spec.max_length, "max_batch": spec.max_batch, "cuda_graph": spec.cuda_graph,
             "n_layers": model.n_layers, "kv_heads": model.kv_heads, "head_dim": model.head_dim, "logits": spec.logits,
             "windows": model.windows}
-    limit = getattr(getattr(model.model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and limit >= 2:  # calibration windows are checked against it (the step has no symbol)
+    limit = model_positions(model.model)
+    if limit is not None:  # calibration windows are checked against it (the step has no symbol)
         meta["max_positions"] = limit
     return model, example, dynamic, meta
 

@@ -777,6 +777,25 @@ def test_a_cache_longer_than_the_models_positions_is_refused_before_capture(monk
     assert compile_model(model, generation=True).graph.meta["generation"]["max_length"] == 24
 
 
+def test_generation_and_the_default_example_read_the_models_positions_through_one_helper(monkeypatch):
+    """The generation spec's check, the step graph's ``max_positions`` and the default example's sequence range
+    each read ``config.max_position_embeddings`` by hand beside ``api.model_positions`` (what calibration checks
+    against), so the four could disagree: a config with max_position_embeddings=1 (no usable limit for
+    model_positions) failed the default capture with torch's bare 'min must be <= max, got min=2, max=1'. All read
+    model_positions now."""
+    import lowbit.api
+
+    with torch.no_grad():
+        graph = compile_model(tiny_llama(max_positions=1)).graph
+    assert graph.symbols["s1"].max == 8192  # no usable limit: the default range, as model_positions says
+    model = tiny_llama(max_positions=24)
+    monkeypatch.setattr(lowbit.api, "model_positions", lambda m: 16)
+    with pytest.raises(GenerationError, match=r"max_length=20 is longer than the model's max_position_embeddings=16"):
+        compile_model(model, generation=GenerationSpec(max_length=20, max_batch=1))
+    step = compile_model(model, generation=GenerationSpec(max_length=16, max_batch=1)).graph
+    assert step.meta["generation"]["max_positions"] == 16
+
+
 def test_step_graph_nodes_name_the_layer_they_came_from(tiny_compiled):
     """The step's own code (head reshapes, rotary, cache scatters, attention, residual adds) was captured under the
     wrapper's root: module '' in every layer, so per-layer reports and the IR text could not name the layer. They
