@@ -613,6 +613,26 @@ def test_uint8_images_as_calibration_are_told_to_be_the_models_float_inputs():
     assert c.report.pipeline.records[0].stats["calib_images"] == 4
 
 
+def test_vit_with_interpolate_pos_encoding_is_refused_naming_the_op_and_the_option():
+    """ViT called with interpolate_pos_encoding=True resizes its position embeddings with a bicubic upsample, an op
+    lowbit does not run: the refusal said 'this architecture is not supported', of a family the matrix supports. It
+    names the op, the option that puts it there and how to capture without it; captured so, the model compiles."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+    from lowbit.ir.capture import CaptureError
+
+    vit = t.ViTModel(t.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                 image_size=16, patch_size=8)).eval()
+    with pytest.raises(CaptureError, match=r"ViTModel: capture produced ops lowbit cannot run: aten\.upsample_bicubic2d"
+                                           r"\.\w+ x1 \(embeddings\); .* interpolate_pos_encoding=True .* capture it at "
+                                           r"config\.image_size without interpolate_pos_encoding") as e:
+        compile_model(vit, {"pixel_values": torch.randn(2, 3, 24, 24), "interpolate_pos_encoding": True})
+    assert "architecture is not supported" not in str(e.value)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(compile_model(vit, (x,))(x)[0], vit(x).last_hidden_state)
+
+
 def test_a_vision_model_without_example_inputs_is_told_the_pixel_values_it_reads():
     """compile_model(vit) said 'no example inputs given for ViTModel: pass example_inputs=(...)', with no word on
     the input a vision model reads or its size. The refusal gives pixel_values' shape from the config (a

@@ -409,6 +409,18 @@ def from_exported(ep: ExportedProgram, *, prefix: str = "", example_inputs: list
     return graph
 
 
+UNRUNNABLE_CAUSES: dict[str, str] = {
+    op: ("a resize of the position embeddings, which a vision transformer computes when called with "
+         "interpolate_pos_encoding=True (ViT, DeiT: images of another size than config.image_size); the model "
+         "itself is supported: capture it at config.image_size without interpolate_pos_encoding (resize the images "
+         "to image_size)")
+    for op in ("aten.upsample_bicubic2d.vec", "aten.upsample_bicubic2d.default")
+}
+"""What puts an op outside the allowlist into a graph of a supported family, by op: the option that causes it and
+how to capture without it (ViT with interpolate_pos_encoding=True was refused as 'this architecture is not
+supported')."""
+
+
 def refuse_unrunnable(graph: Graph, model: object = None) -> None:
     """Refuse a captured graph holding ops lowbit cannot run (ATen overloads outside its allowlist, e.g.
     ``aten.flip``), naming the model class, each op and where it sits. Without this the
@@ -425,9 +437,13 @@ def refuse_unrunnable(graph: Graph, model: object = None) -> None:
                         f"{', ...' if len(set(mods)) > 2 else ''})" for op, mods in found.items())
         inner = getattr(model, "model", model)  # the HF model inside lowbit's wrappers names the architecture
         name = type(inner).__name__ if inner is not None else graph.meta.get("model_class", "the model")
+        causes = [f"{op} is {UNRUNNABLE_CAUSES[op]}" for op in found if op in UNRUNNABLE_CAUSES]
+        if len(causes) == len(found):
+            raise CaptureError(f"{name}: capture produced ops lowbit cannot run: {ops}; " + "; ".join(causes))
         raise CaptureError(f"{name}: capture produced ops lowbit cannot run: "
                            f"{ops}; this architecture is not supported (lowbit.ir.allowlist lists the ATen ops it "
-                           "runs; README 'Any architecture' the families checked)")
+                           "runs; README 'Any architecture' the families checked)" +
+                           "".join(f"; {c}" for c in causes))
 
 
 def _name_outputs(graph: Graph, names: Any) -> None:
