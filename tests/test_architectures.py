@@ -624,9 +624,10 @@ def test_vit_with_interpolate_pos_encoding_is_refused_naming_the_op_and_the_opti
 
     vit = t.ViTModel(t.ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
                                  image_size=16, patch_size=8)).eval()
-    with pytest.raises(CaptureError, match=r"ViTModel: capture produced ops lowbit cannot run: aten\.upsample_bicubic2d"
-                                           r"\.\w+ x1 \(embeddings\); .* interpolate_pos_encoding=True .* capture it at "
-                                           r"config\.image_size without interpolate_pos_encoding") as e:
+    with pytest.raises(CaptureError, match=r"ViTModel: capture produced ops lowbit cannot run: "
+                                           r"aten\.upsample_bicubic2d\.\w+ x1 \(embeddings\); .* "
+                                           r"interpolate_pos_encoding=True .* capture it at config\.image_size "
+                                           r"without interpolate_pos_encoding") as e:
         compile_model(vit, {"pixel_values": torch.randn(2, 3, 24, 24), "interpolate_pos_encoding": True})
     assert "architecture is not supported" not in str(e.value)
     x = torch.randn(2, 3, 16, 16)
