@@ -1156,7 +1156,8 @@ def test_second_rotate_says_its_queries_and_keys_were_rotated_before():
     again = g.clone()
     # qk=true asked for the q/k Hadamard: leaving it out is said as a warning, not only in the stats
     with pytest.warns(UserWarning, match=r"rotate\(qk=true\) left the queries and keys of 1 attention\(s\) "
-                                         r"unrotated: q/k after rotary: .* the graph was rotated before.*give qk=false"):
+                                         r"unrotated: q/k after rotary: .* the graph was rotated before.*"
+                                         r"give qk=false"):
         refused = PassManager("rotate(kind=random,online=false)").run(g).records[-1].stats["refused"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said qk=false: nothing to warn about
