@@ -676,3 +676,33 @@ def test_named_recipe_override_wins_over_the_bare_one_in_any_order():
     assert calib_n({"gptq.calib_n": 64, "calib_n": 16}) == want
     with pytest.raises(PassError, match=r"overrides 'calib_n' and 'calib-n' set the same option; give it once"):
         recipe_passes("w4a16-e2e", {"calib_n": 16, "calib-n": 8})
+
+
+@pytest.mark.parametrize("family, head", [("Bert", "cls.predictions.decoder"), ("Roberta", "lm_head.decoder"),
+                                          ("DistilBert", "vocab_projector")])
+def test_a_masked_lm_heads_vocabulary_projection_stays_float_and_tied_by_default(family, head):
+    """The keep-float defaults matched only a decoder's ``lm_head``: a masked-LM encoder's vocabulary projection (its
+    output head, tied to the word embeddings) was quantized, the embedding kept reading the float table, and the tie
+    was broken without a word. It stays float by default, still the one parameter both read."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+
+    torch.manual_seed(0)
+    shape = (dict(vocab_size=128, dim=32, hidden_dim=64, n_heads=2, n_layers=1) if family == "DistilBert" else
+             dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1))
+    model = getattr(t, f"{family}ForMaskedLM")(getattr(t, f"{family}Config")(**shape)).eval()
+    ids = torch.randint(3, 128, (2, 8))
+    c = compile_model(model, (ids,), pipeline="quantize(w=int8)")
+    quantized = {n.module for n in c.graph.nodes if n.op == "dequantize"}
+    assert head not in quantized and len(quantized) == 7, quantized  # 6 encoder linears + the MLM transform
+    decoder = next(n for n in c.graph.nodes if n.op == "linear" and n.module == head)
+    weight = decoder.args[1]
+    assert weight.is_param and any(n.op in ("embedding", "aten.embedding.default") and n.args[0] is weight
+                                   for n in c.graph.nodes)  # still tied: one table
+    assert not any(name.startswith(head) and name.endswith(".qdata") for name in c.graph.params)
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = c(ids)
+    out = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+    assert float((out - ref).pow(2).mean() / ref.pow(2).mean()) < 1e-3

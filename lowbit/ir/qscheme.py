@@ -33,9 +33,11 @@ __all__ = ["QScheme", "KVCacheScheme", "ModuleRule", "QuantConfig", "Granularity
 Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token"]
 ObserverName = Literal["minmax", "ema", "percentile", "mse", "histogram"]
 
-DEFAULT_KEEP_FLOAT = ["lm_head", "*embed*"]
+DEFAULT_KEEP_FLOAT = ["lm_head", "*embed*", "predictions.decoder", "lm_head.decoder", "vocab_projector"]
 """Kept float unless a config says otherwise: the output head and embeddings (tied in SmolLM2), which are
-large, read once per token, and where quantization error lands directly on the logits."""
+large, read once per token, and where quantization error lands directly on the logits. A masked-LM encoder's
+vocabulary projection is its output head (BERT's ``cls.predictions.decoder``, RoBERTa's ``lm_head.decoder``,
+DistilBERT's ``vocab_projector``; tied to the word embeddings): it was quantized, and its tie silently broken."""
 
 
 class QScheme(BaseModel):
