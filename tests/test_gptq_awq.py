@@ -530,6 +530,37 @@ def test_smooth_quant_options_nothing_reads_or_unknown_sites_fail_when_parsed(sp
     parse_pipeline("gptq(group=128,group_fallback=64),awq(max_shrink=0.3),autoround(max_scale=2)")
 
 
+def test_smooth_quant_search_scores_alpha_with_the_bits_it_is_given():
+    """smooth-quant(search=true) scored every α with int8 weights and activations whatever quantizer followed: before
+    quantize(w=int4) it picked the α best for W8A8. The search takes w_bits / a_bits (W8A8 by default), its scores
+    are those of that format, the stats say which, and the bits without the search are refused (they would be
+    ignored)."""
+    from conftest import tiny_llama
+
+    from lowbit.api import compile_model
+    from lowbit.calibration.smoothquant import quantized_output_error
+    from lowbit.passes.manager import PipelineSpecError, parse_pipeline
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=gen) * torch.where(torch.arange(64) < 3, 30.0, 1.0)  # 3 outlier channels
+    ws = [torch.randn(32, 64, generator=gen), torch.randn(48, 64, generator=gen)]
+    amax = x.abs().amax(0)
+    _, _, w8a8 = search_alpha(x, amax, ws)
+    _, s4, w4a8 = search_alpha(x, amax, ws, w_bits=4, a_bits=8)
+    for alpha, err in w4a8.items():
+        s = smoothquant_scale(amax, ws, float(alpha)) if float(alpha) > 0 else torch.ones(64)
+        assert err == pytest.approx(quantized_output_error(x, ws, s, w_bits=4, a_bits=8), rel=1e-9)
+        assert err > w8a8[alpha]  # int4 weights lose more than int8: a W8A8 score is not the W4A8 one
+    assert w4a8 != w8a8
+    torch.manual_seed(0)
+    calib = torch.randint(0, 61, (2, 16), generator=gen)
+    c = compile_model(tiny_llama(), pipeline="smooth-quant(search=true,w_bits=4,calib_n=2,calib_len=16,"
+                      "progress=false)", calib=calib)
+    assert c.report.pipeline.records[0].stats["alpha_scored_as"] == "W4A8"
+    with pytest.raises(PipelineSpecError, match=r"option w_bits=4 is read only with search=true"):
+        parse_pipeline("smooth-quant(w_bits=4)")
+
+
 def test_site_kinds_have_one_definition():
     """smooth-quant and the weight calibration (gptq/awq/autoround) each had their own copy of the site kinds
     (``SITE_KINDS``): a kind added where sites are found (``find_sites``) could be accepted by one pass's option check

@@ -8,7 +8,8 @@ the difficulty between activations and weights; α (the migration strength) = 0.
 ``smoothquant_scale`` computes ``s`` from calibration statistics (``HessianAccumulator.abs_max`` collects
 ``max|X_j|``); ``lowbit.calibration.scale_migration`` folds it into the producer (RMSNorm gain, ``up_proj``,
 ``v_proj``) and the consumers. ``search_alpha`` optionally picks α per site by the layer-output error of the
-W8A8-quantized linears on a sample of calibration tokens.
+linears quantized as they will be (W8A8 by default, or the bits the pass is given) on a sample of calibration
+tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["smoothquant_scale", "search_alpha", "int8_output_error"]
+__all__ = ["smoothquant_scale", "search_alpha", "int8_output_error", "quantized_output_error"]
 
 
 def smoothquant_scale(
@@ -57,20 +58,28 @@ def smoothquant_scale(
     return s.float()
 
 
+def _per_row(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric ``bits``-bit fake quantization with one scale per row (the last axis): per token for activations,
+    per output channel for weights, as ``quantize(a=intN)`` / ``quantize(w=intN)`` do it (scale = absmax/qmax)."""
+    qmax = 2 ** (bits - 1) - 1
+    s = (x.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-12)
+    return torch.round(x / s).clamp(-qmax - 1, qmax) * s
+
+
 def _int8_per_token(x: torch.Tensor) -> torch.Tensor:
     """Symmetric int8 per-token fake quantization, as ``quantize(a=int8)`` does it (scale = absmax/127)."""
-    s = (x.abs().amax(-1, keepdim=True) / 127.0).clamp(min=1e-12)
-    return torch.round(x / s).clamp(-128, 127) * s
+    return _per_row(x, 8)
 
 
 def _int8_per_channel(w: torch.Tensor) -> torch.Tensor:
-    s = (w.abs().amax(-1, keepdim=True) / 127.0).clamp(min=1e-12)
-    return torch.round(w / s).clamp(-128, 127) * s
+    return _per_row(w, 8)
 
 
-def int8_output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor,
-                      expand: torch.Tensor | None = None, refs: Sequence[torch.Tensor] | None = None) -> float:
-    """Summed squared output error of W8A8 (per-channel W, per-token A) linears after smoothing with ``s``.
+def quantized_output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor,
+                           expand: torch.Tensor | None = None, refs: Sequence[torch.Tensor] | None = None,
+                           w_bits: int = 8, a_bits: int = 8) -> float:
+    """Summed squared output error of the linears after smoothing with ``s``, their weights quantized per channel
+    to ``w_bits`` and their input per token to ``a_bits`` (symmetric integers; 16: that side stays float).
 
     ``refs`` are the float outputs ``x·Wᵀ`` when the caller already has them (a search over many ``s``).
     Computed on ``x``'s device.
@@ -78,14 +87,21 @@ def int8_output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch
     s = s.to(x.device)
     full = s if expand is None else s[expand.to(x.device)]
     xs = x.float() / full
-    xq = _int8_per_token(xs)
+    xq = xs if a_bits >= 16 else _per_row(xs, a_bits)
     err = 0.0
     for i, w in enumerate(weights):
         w = w.to(x.device)
         ref = refs[i] if refs is not None else x.float() @ w.float().t()
-        out = xq @ _int8_per_channel(w.float() * full).t()
+        ws = w.float() * full
+        out = xq @ (ws if w_bits >= 16 else _per_row(ws, w_bits)).t()
         err += float((out - ref).double().pow(2).sum())
     return err
+
+
+def int8_output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor,
+                      expand: torch.Tensor | None = None, refs: Sequence[torch.Tensor] | None = None) -> float:
+    """``quantized_output_error`` of W8A8 (per-channel W, per-token A) linears after smoothing with ``s``."""
+    return quantized_output_error(x, weights, s, expand, refs)
 
 
 def search_alpha(
@@ -94,8 +110,11 @@ def search_alpha(
     weights: Sequence[torch.Tensor],
     alphas: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
     expand: torch.Tensor | None = None,
+    w_bits: int = 8,
+    a_bits: int = 8,
 ) -> tuple[float, torch.Tensor, dict[str, float]]:
-    """The α (and its ``s``) with the smallest W8A8 output error on ``x_sample``; α = 0 (no smoothing) competes too.
+    """The α (and its ``s``) with the smallest output error on ``x_sample`` of the linears quantized as they will
+    be (``w_bits`` per channel, ``a_bits`` per token; W8A8 by default); α = 0 (no smoothing) competes too.
 
     Runs on ``x_sample``'s device; ``s`` is returned there."""
     results: dict[str, float] = {}
@@ -106,7 +125,7 @@ def search_alpha(
     for alpha in (0.0, *alphas):
         s = smoothquant_scale(act_absmax, weights, alpha, expand) if alpha > 0 else \
             torch.ones(act_absmax.numel() if expand is None else int(expand.max()) + 1, device=x_sample.device)
-        err = int8_output_error(x_sample, weights, s, expand, refs)
+        err = quantized_output_error(x_sample, weights, s, expand, refs, w_bits, a_bits)
         results[f"{alpha:g}"] = err
         if best is None or err < best[1]:
             best = (alpha, err, s)

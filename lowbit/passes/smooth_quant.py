@@ -3,6 +3,7 @@
     smooth-quant,quantize(w=int8,a=int8)                      the w8a8-sq recipe
     smooth-quant(alpha=0.6,sites=[norm;gated])                 migration strength and where scales go
     smooth-quant(search=true)                                  α per site by W8A8 output error on calibration tokens
+    smooth-quant(search=true,w_bits=4),quantize(w=int4,a=int8)  ... scored as the W4A8 that follows
 
 Statistics (``max|x|`` per input channel, and a token sample when searching α) come from running calibration
 text block by block through ``lowbit.calibration.engine``. Each scale is folded by
@@ -38,7 +39,13 @@ class SmoothQuantOptions(CalibrationOptions):
     """Migration strength: 0 leaves activations alone (no smoothing, as the search's α = 0), 1 moves all of their
     range into the weights."""
     search: bool = False
-    """Choose α per site from {0, 0.3, ..., 0.8} by the W8A8 output error on ``samples`` calibration tokens."""
+    """Choose α per site from {0, 0.3, ..., 0.8} by the output error on ``samples`` calibration tokens of the
+    site's linears quantized as ``w_bits`` / ``a_bits`` say (W8A8 by default)."""
+    w_bits: int = Field(default=8, ge=2, le=16)
+    """Search: weight bits the α is scored with (symmetric per output channel; 16: float), as the quantizer after
+    smooth-quant will use (``quantize(w=int4)``: 4). The search scored every α with int8 weights whatever followed."""
+    a_bits: int = Field(default=8, ge=2, le=16)
+    """Search: activation bits the α is scored with (symmetric per token; 16: float), as ``quantize(a=...)``."""
     sites: list[str] = ["norm", "gated"]
     """Where scales are folded: norm (RMSNorm/LayerNorm → q/k/v, gate/up), gated (up_proj → down_proj),
     attention-v (v_proj → o_proj)."""
@@ -67,7 +74,10 @@ class SmoothQuantOptions(CalibrationOptions):
         """``alpha`` is read only without the search and ``samples`` only with it: the other would be silently
         ignored."""
         self.refuse_unread({"alpha": "search=false" if self.search else None,
-                            "samples": None if self.search else "search=true"})
+                            **{k: None if self.search else "search=true" for k in ("samples", "w_bits", "a_bits")}})
+        for k in ("w_bits", "a_bits"):
+            if 8 < getattr(self, k) < 16:
+                raise ValueError(f"option {k}={getattr(self, k)}: the search scores 2-8-bit integers, or 16 for float")
         return self
 
 
@@ -181,7 +191,8 @@ class SmoothQuant(Pass):
                                     "data")
                 weights = [c.args[1].data for c in ss.site.consumers]
                 if o.search:
-                    alpha, s, _ = search_alpha(torch.cat(ss.sample), ss.absmax, weights, expand=ss.site.expand)
+                    alpha, s, _ = search_alpha(torch.cat(ss.sample), ss.absmax, weights, expand=ss.site.expand,
+                                               w_bits=o.w_bits, a_bits=o.a_bits)
                 elif o.alpha > 0:
                     alpha, s = o.alpha, smoothquant_scale(ss.absmax, weights, o.alpha, ss.site.expand)
                 else:  # as documented and as the search's α = 0: no smoothing (the formula would give s = 1/max|W|)
@@ -207,6 +218,7 @@ class SmoothQuant(Pass):
                 s.kind == k for s in found) else _why_no_site(graph, k) for k in o.sites if k not in by_kind},
             "alpha_mean": round(sum(alphas) / len(alphas), 3),
             "alpha_search": o.search,
+            **({"alpha_scored_as": f"W{o.w_bits}A{o.a_bits}"} if o.search else {}),  # 16: that side float
             **calib_size(ids),
             "seconds": round(time.perf_counter() - t0, 2),
             "seconds_calibration_engine": round(report.seconds, 2),
