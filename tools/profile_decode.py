@@ -50,16 +50,17 @@ def _print_table(table: dict[str, tuple[float, int]], per: int, unit: str, top: 
 
 def profile_scheme(model: torch.nn.Module, scheme: str, batch: int, compiled: bool, top: int,
                    norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True,
-                   prefill: int = 0, prune: str = "") -> None:
+                   prefill: int = 0, prune: str = "", float_gemv: bool = True) -> None:
     prompt = prefill or 512
     pipeline = ",".join(p for p in (prune, bench_generate.QUANTIZED[scheme] or "") if p) or None
     calib = bench_pruning.speed_calib(model.config) if prune else None
     cm = compile_model(model, pipeline=pipeline, backend="triton", calib=calib,
                        backend_options={"compile": compiled, "norm_residual": norm_residual, "pdl": pdl,
-                                        "rotary_cache": rotary_cache},
+                                        "rotary_cache": rotary_cache, "float_gemv": float_gemv},
                        generation=GenerationSpec(max_length=prompt + 64, max_batch=batch), device="cuda")
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt))
-    flags = (f"compile={compiled} norm_residual={norm_residual} pdl={pdl} rotary_cache={rotary_cache}"
+    flags = (f"compile={compiled} norm_residual={norm_residual} pdl={pdl} rotary_cache={rotary_cache} "
+             f"float_gemv={float_gemv}"
              + (" PRUNED" if prune else ""))
     cm.generate(ids, 8, stop_tokens=())
     if prefill:
@@ -93,6 +94,8 @@ def main() -> None:
                     help="weight-only GEMVs without programmatic dependent launch (the A/B baseline)")
     ap.add_argument("--no-rotary-cache", action="store_true",
                     help="keep the rotary of q/k and the float KV-cache writes as their own kernels (the A/B baseline)")
+    ap.add_argument("--no-float-gemv", action="store_true",
+                    help="a float step's bf16 linears on cuBLAS instead of lowbit's GEMV (the A/B baseline)")
     ap.add_argument("--prefill", type=int, default=0, metavar="N",
                     help="profile one batch-1 prefill of N tokens instead of the decode steps")
     ap.add_argument("--pruned", action="store_true",
@@ -110,7 +113,8 @@ def main() -> None:
     for scheme in a.schemes.split(","):
         for prune in prunes:
             profile_scheme(model, scheme, 1 if a.prefill else a.batch, not a.no_compile, a.top,
-                           not a.no_norm_residual, not a.no_pdl, not a.no_rotary_cache, a.prefill, prune)
+                           not a.no_norm_residual, not a.no_pdl, not a.no_rotary_cache, a.prefill, prune,
+                           not a.no_float_gemv)
             torch.cuda.empty_cache()
 
 

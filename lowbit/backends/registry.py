@@ -289,6 +289,12 @@ class TritonBackendOptions(BackendOptions):
     first weight tile before it waits. Hopper or newer only (ignored on older GPUs). Measured (H200, session 15,
     ``tools/profile_decode.py --schemes w4a16-g128-head4 [--no-pdl]``, 7B-shaped 4-layer stack, batch 1): 0.403 / 0.401
     ms per decode step without, 0.357 / 0.355 with."""
+    float_gemv: bool = True
+    """In a generation step graph, float (bf16/fp16) linears at one row run lowbit's GEMV
+    (``lowbit::float_linear``) instead of cuBLAS: it ends in the weight-only kernels' split-K reduce, so the RMSNorm,
+    residual add and gated activation around it fuse there (``norm_residual``, ``epilogues``) and it launches with
+    PDL (``pdl``). Its GEMV alone measured 0.997-1.23x cuBLAS at the 7B step's five shapes (H200, session 34,
+    ``tools/bench_float_gemv.py``); ``False`` keeps ``F.linear`` (the A/B). Other row counts run ``F.linear``."""
     rotary_cache: bool = True
     """Each layer's rotary of q and k and the write of its rotated keys and values into a float KV cache run as one
     kernel (``lowbit::rotary_write_kv``, ``lowbit.backends.triton_backend._fuse_rotary_cache``): in the 7B-shaped

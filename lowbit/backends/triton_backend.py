@@ -209,6 +209,48 @@ def _kernel_qlinear_add_norm(w_group: int,
     return run
 
 
+def _kernel_float_linear(epilogue: str = "", pdl: bool = False) -> Callable[..., torch.Tensor]:
+    """The FX target replacing a float ``linear`` of a generation step (``float_gemv``): the GEMV at one row
+    (``lowbit::float_linear``, PDL form with ``pdl``), ``F.linear`` elsewhere; ``epilogue`` and ``norm_sumsq`` as
+    in ``_kernel_qlinear``."""
+    from lowbit.kernels.float_gemv import float_linear_ref
+
+    def run(x, weight, bias=None, *, norm_sumsq=None, norm_eps=0.0):
+        if not _runs_kernel(x):
+            return float_linear_ref(x, weight, bias, epilogue, norm_sumsq, norm_eps)
+        op = torch.ops.lowbit.float_linear_pdl if pdl and _one_row(x) else torch.ops.lowbit.float_linear
+        return op(x, weight, bias, epilogue, norm_sumsq, norm_eps)
+
+    run.__name__ = "triton_float_linear" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
+    return run
+
+
+def _kernel_float_linear_add_norm(pdl: bool = False) -> Callable[..., tuple[torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor]]:
+    """``_kernel_qlinear_add_norm`` for a float linear (``lowbit::float_linear_add_norm``)."""
+    from lowbit.kernels._common import norm_parts_ref
+
+    def run(x, weight, bias=None, *, residual, norm_weight):
+        if not _runs_kernel(x):
+            stream = ir_ops.residual_add(residual, ir_ops.linear(x, weight, bias))
+            return (stream, *norm_parts_ref(stream, norm_weight))
+        op = (torch.ops.lowbit.float_linear_add_norm_pdl if pdl and _one_row(x)
+              else torch.ops.lowbit.float_linear_add_norm)
+        return op(x, weight, bias, residual, norm_weight)
+
+    run.__name__ = "triton_float_linear_add_norm"
+    return run
+
+
+def _float_gemv_weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A float ``linear`` whose weight ``_gemv_f`` reads: a 2-D bf16/fp16 buffer (not a 2:4 sparse one)."""
+    from lowbit.kernels.float_gemv import float_linear_unsupported
+
+    w = _operand(gm, node, 1, "weight")
+    return (isinstance(w, torch.Tensor) and not isinstance(w, torch.sparse.SparseSemiStructuredTensor)
+            and float_linear_unsupported(w.dtype, w) is None)
+
+
 def _activation(node: torch.fx.Node) -> str | None:
     """The epilogue name of an IR activation node (``lowbit.kernels._common.ACTIVATIONS``), else None."""
     if node.op != "call_function":
@@ -288,13 +330,14 @@ def _own_buffers(node: torch.fx.Node, slots: tuple[int, ...]) -> list[torch.fx.N
     return None
 
 
-def _fuse_epilogue(gm: torch.fx.GraphModule, node: torch.fx.Node, slots: tuple[int, int, int, int],
-                   retarget_to: Callable[[str], Callable[..., torch.Tensor]], kinds: tuple[str, ...]) -> str:
+def _fuse_epilogue(gm: torch.fx.GraphModule, node: torch.fx.Node, slots: tuple[int, ...],
+                   retarget_to: Callable[[str], Callable[..., torch.Tensor]], kinds: tuple[str, ...],
+                   interleave: bool = True) -> str:
     """Fold the activation (or gated MLP) reading a retargeted qlinear into its op (``EPILOGUE_RULES``): the
     node's target becomes ``retarget_to(epilogue)``, its readers' nodes are erased and their readers read it.
     A gated epilogue interleaves the weight, scale, zero point and bias rows into (gate, up) pairs (buffers
-    replaced, same bytes); ``slots``: those operands' argument positions; ``kinds``: the rules applied
-    (``EPILOGUES``). Returns the epilogue, "" if none."""
+    replaced, same bytes) unless ``interleave`` is False (``float_linear`` reads the halves as merged);
+    ``slots``: those operands' argument positions; ``kinds``: the rules applied (``EPILOGUES``). Returns the epilogue, "" if none."""
     from lowbit.kernels.weight_only import interleave_rows
 
     for kind, _, match in EPILOGUE_RULES:
@@ -302,7 +345,7 @@ def _fuse_epilogue(gm: torch.fx.GraphModule, node: torch.fx.Node, slots: tuple[i
         if found is None:
             continue
         epilogue, last, replaced = found
-        if epilogue.endswith("*up"):
+        if epilogue.endswith("*up") and interleave:
             operands = _own_buffers(node, slots)
             if operands is None:
                 return ""
@@ -558,12 +601,14 @@ def _node_index(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
     return next(i for i, n in enumerate(gm.graph.nodes) if n is node)
 
 
-def _fuse_norm_residual(gm: torch.fx.GraphModule, linears: dict[torch.fx.Node, tuple[str, int]],
-                        report: dict[str, dict[str, str]], pdl: bool = False) -> None:
-    """Split each block's ``stream = residual_add(s, linear(...))`` then ``rms_norm(stream)`` read by weight-only
-    linears (``linears``: node -> (epilogue, weight group), decode layout): the linear making the update becomes
-    ``weight_only_linear_add_norm`` (the stream, gain * stream, partial sums of squares: its split-K reduce
-    writes all three), the norm's readers read ``gain * stream`` and finish the norm in their reduce
+def _fuse_norm_residual(gm: torch.fx.GraphModule,
+                        linears: dict[torch.fx.Node, tuple[str, Callable[..., Any]]],
+                        report: dict[str, dict[str, str]]) -> None:
+    """Split each block's ``stream = residual_add(s, linear(...))`` then ``rms_norm(stream)`` read by GEMV linears
+    (``linears``: node -> (epilogue, its add + norm target): weight-only ones on the decode layout, float ones on
+    ``float_gemv``): the linear making the update becomes ``weight_only_linear_add_norm`` or
+    ``float_linear_add_norm`` (the stream, gain * stream, partial sums of squares: its split-K reduce writes all
+    three), the norm's readers read ``gain * stream`` and finish the norm in their reduce
     (``norm_sumsq``). Why: in a decode step the add + norm is a launch-bound Inductor kernel (2.2-4.2 µs on the
     H200, two per block) between two GEMVs that already have a reduce each. The stream's other readers (the next
     residual add) read it from the new node. A first block's norm (of the embedding) and a norm behind a slice
@@ -571,7 +616,7 @@ def _fuse_norm_residual(gm: torch.fx.GraphModule, linears: dict[torch.fx.Node, t
     import operator
 
     readers = set(linears)
-    for node, (epilogue, group) in linears.items():
+    for node, (epilogue, add_norm_target) in linears.items():
         add = next(iter(node.users)) if len(node.users) == 1 else None
         if (epilogue or add is None or add.target is not ir_ops.residual_add or len(add.args) != 2
                 or add.args[1] is not node or not isinstance(add.args[0], torch.fx.Node)):
@@ -581,7 +626,7 @@ def _fuse_norm_residual(gm: torch.fx.GraphModule, linears: dict[torch.fx.Node, t
         if found is None or _node_index(gm, add.args[0]) > _node_index(gm, node):
             continue
         norm, gain, eps = found
-        node.target = _kernel_qlinear_add_norm(group, pdl)
+        node.target = add_norm_target
         node.kwargs = {**node.kwargs, "residual": add.args[0], "norm_weight": gain}
         with gm.graph.inserting_after(node):
             sumsq = gm.graph.call_function(operator.getitem, (node, 2))
@@ -705,7 +750,8 @@ def _outer_product(node: torch.fx.Node, types: dict[str, TensorType] | None) -> 
 
 def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = None,
              device: str | torch.device | None = None, epilogues: str = "gated", norm_residual: bool = True,
-             pdl: bool = False, rotary_cache: bool = True, decode: bool = True) -> dict[str, dict[str, str]]:
+             pdl: bool = False, rotary_cache: bool = True, decode: bool = True,
+             float_gemv: bool = True) -> dict[str, dict[str, str]]:
     """Point every qlinear (and online ``hadamard``) the kernels take at its op; returns ``{"kernels": {node:
     form}, "fallback": {node: reason}, "layout": {node: "words"}}`` (weight-only nodes whose buffers now hold
     the decode layout). ``types``: the lowered graph's value types by name (a hadamard's row length);
@@ -716,7 +762,8 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     each layer's rotary of q and k and its float-cache writes in one ``rotary_write_kv`` (``_fuse_rotary_cache``);
     ``decode``: the graph runs decode steps (a generation step graph), so its attention goes to ``decode_sdpa`` at one
     query row. An encoder or a logits graph never decodes: its attention stays SDPA and the report does not list it
-    (it said "decode-sdpa" for MiniLM)."""
+    (it said "decode-sdpa" for MiniLM); ``float_gemv`` (with ``decode``): bf16/fp16 linears on ``float_linear``, whose
+    one-row GEMV takes the same epilogue and norm/residual fusions as the weight-only ones."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
     from lowbit.ir.kvcache import cache_attention
     from lowbit.ir.normquant import qlinear_q, rms_norm_quant
@@ -790,6 +837,14 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             node.target = _CACHE_ATTENTION
             report["kernels"][node.name] = "cache-attention"
             continue
+        if (node.op == "call_function" and node.target is ir_ops.linear and decode and float_gemv
+                and _float_gemv_weight(gm, node)):
+            node.target = _kernel_float_linear("", pdl)
+            epilogue = _fuse_epilogue(gm, node, (), lambda e: _kernel_float_linear(e, pdl), kinds,
+                                      interleave=False)
+            report["kernels"][node.name] = "float-gemv" + (f"+{epilogue}" if epilogue else "")
+            words[node] = (epilogue, _kernel_float_linear_add_norm(pdl))
+            continue
         if node.op != "call_function" or node.target is not qlinear:
             continue
         qweight = _operand(gm, node, 1, "qweight")
@@ -808,10 +863,10 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             a8[node] = plan
         if op == "weight_only_linear" and _repack_words(gm, node, wg):
             report["layout"][node.name] = "words"
-            words[node] = (epilogue, wg)
+            words[node] = (epilogue, _kernel_qlinear_add_norm(wg, pdl))
     _fuse_hadamard_a8(gm, a8, report)
     if norm_residual:
-        _fuse_norm_residual(gm, words, report, pdl)
+        _fuse_norm_residual(gm, words, report)
     if rotary_cache:
         _fuse_rotary_cache(gm, types, report, pdl)
     gm.recompile()
@@ -847,7 +902,8 @@ class TritonCompiled(TorchCompiled):
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *, compile: bool = True,
                  cuda_graphs: bool = False, donated: set[str] | frozenset[str] = frozenset(),
                  semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
-                 norm_residual: bool = True, pdl: bool = False, rotary_cache: bool = True) -> None:
+                 norm_residual: bool = True, pdl: bool = False, rotary_cache: bool = True,
+                 float_gemv: bool = True) -> None:
         from lowbit.ir.fusion import fuse_qlinear
         from lowbit.ir.merge import merge_horizontal
         from lowbit.ir.normquant import fuse_norm_quant
@@ -867,7 +923,7 @@ class TritonCompiled(TorchCompiled):
         types = {v.name: v.type for v in [*fused.inputs, *(v for nd in fused.nodes for v in nd.outputs)]
                  if isinstance(v.type, TensorType)}  # (a graph input is what a first norm or rotation may read)
         self.report = retarget(self.gm, types, self.device, epilogues, norm_residual, pdl, rotary_cache,
-                               decode=graph.meta.get("generation") is not None)
+                               decode=graph.meta.get("generation") is not None, float_gemv=float_gemv)
         self.host_copies = offload_replaced(self.gm, (graph, fused))
         self.buffer_bytes = buffer_bytes(self.gm)  # after the decode-layout repack: what the device holds
         self.report["merged"] = {n.output.name: ", ".join(n.meta["merged"]) for n in fused.nodes
@@ -932,14 +988,16 @@ class TritonCompiled(TorchCompiled):
 
 def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda_graphs: bool = False,
           semi_structured: bool = False, sparse_library: str = "auto", epilogues: str = "gated",
-          norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True) -> TritonCompiled:
+          norm_residual: bool = True, pdl: bool = True, rotary_cache: bool = True,
+          float_gemv: bool = True) -> TritonCompiled:
     """Build the Triton runner; no CUDA device (and no ``TRITON_INTERPRET=1``) is an error naming the other
     backends. ``compile``: run under ``torch.compile`` (default); ``cuda_graphs``: its ``reduce-overhead`` mode;
     ``semi_structured``: float 2:4 linears on cuSPARSELt/CUTLASS (``sparse_library``) where they qualify;
     ``epilogues``: the activations fused into their linear's kernel (``EPILOGUES``); ``norm_residual``: RMSNorms
     and residual adds fused into the weight-only linears around them; ``pdl``: the weight-only linears' M = 1 GEMV
     and reduce launch with programmatic dependent launch where the GPU has it (``pdl_supported``); ``rotary_cache``:
-    each layer's rotary of q and k and its float KV-cache writes in one kernel."""
+    each layer's rotary of q and k and its float KV-cache writes in one kernel; ``float_gemv``: a generation step's
+    bf16/fp16 linears on lowbit's one-row GEMV (``float_linear``) instead of cuBLAS, so they take those fusions too."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
         raise TritonUnavailable(NO_CUDA)
@@ -952,7 +1010,7 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     return TritonCompiled(graph, dev, compile=compile, cuda_graphs=cuda_graphs,
                           donated=donated, semi_structured=semi_structured, sparse_library=sparse_library,
                           epilogues=epilogues, norm_residual=norm_residual, pdl=pdl and pdl_supported(dev),
-                          rotary_cache=rotary_cache)
+                          rotary_cache=rotary_cache, float_gemv=float_gemv)
 
 
 def pdl_supported(device: str | torch.device) -> bool:

@@ -9,6 +9,9 @@ so ``torch.compile`` traces through it (no graph break) and CUDA graphs capture 
   the int32 decode layout (``weight_only.pack_words``, made once at lowering; N-major words by default): GEMVs
   for M <= 16, dequantize + cuBLAS or a tiled GEMM above (``weight_only.py``); ``weight_only_linear_add_norm``:
   the same + a residual add, leaving the next RMSNorm's halves (a decode step's block glue in the split-K reduce).
+- ``torch.ops.lowbit.float_linear`` / ``float_linear_add_norm``: a float (bf16/fp16) linear at one row as a GEMV
+  that ends in the same split-K reduce, so a float decode step's norms, residual adds and gated activation fuse
+  as the weight-only ones do, and its launches take PDL (``float_gemv.py``).
 - ``torch.ops.lowbit.quantize_activation``: dynamic per-token / per-group int8 or fp8 quantization in one pass
   (``act_quant.py``).
 - ``torch.ops.lowbit.hadamard`` / ``hadamard_quantize``: the online Hadamard rotation (the IR's ``hadamard``)
@@ -33,6 +36,7 @@ Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (th
 
 from lowbit.kernels.a8_linear import a8_gemm, a8_linear, a8_linear_q, a8_linear_ref
 from lowbit.kernels.act_quant import quantize_activation, quantize_activation_ref
+from lowbit.kernels.float_gemv import float_linear, float_linear_add_norm, float_linear_ref
 from lowbit.kernels.decode_step import row_argmax, row_argmax_ref, write_cache_rows, write_cache_rows_ref
 from lowbit.kernels.hadamard import (
            hadamard_quantize,
@@ -54,6 +58,9 @@ __all__ = [
            "a8_linear_q",
            "a8_linear_ref",
            "dequantize_weight",
+           "float_linear",
+           "float_linear_add_norm",
+           "float_linear_ref",
            "hadamard_quantize",
            "hadamard_quantize_ref",
            "hadamard_ref",

@@ -388,18 +388,21 @@ class ReduceFusion:
 
 def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torch.Tensor, int, int], tuple],
                      meta: dict, split: int, n: int, out: torch.Tensor, bias: torch.Tensor | None,
-                     b: torch.Tensor, epilogue: str, block: int, fusion: ReduceFusion | None = None) -> torch.Tensor:
+                     b: torch.Tensor, epilogue: str, block: int, fusion: ReduceFusion | None = None,
+                     pdl: bool | None = None) -> torch.Tensor:
     """Launch a GEMV/GEMM kernel of this module: straight into ``out`` (+ bias) when K is not split and there is
     no epilogue or ``fusion``, else fp32 partials ``[split, M, n]`` summed by ``_splitk_reduce``, which also
     applies the epilogue (so a one-split epilogue costs the reduce launch its unfused op would have cost) and the
     fusion. ``args(target, som, sos)``: the kernel's positional arguments writing to ``target`` with row and split
     strides ``som``/``sos``; ``block``: the reduce's program width (with ``fusion.gain``: one partial sum of
-    squares per program)."""
+    squares per program); ``pdl``: whether ``kernel`` takes a ``PDL`` constexpr and launches with it now (default:
+    ``_gemv_r`` inside ``pdl_launches``)."""
     act, gated = parse_epilogue(epilogue, "weight_only_linear")
     # PDL is always passed to the kernels that declare it: Inductor's launcher for a user kernel miscounts its
     # arguments when a defaulted constexpr is left out (H200, torch 2.11: "launcher() missing ... '_grid_2'")
-    on = kernel is _gemv_r and pdl_on()
-    pdl = ({"PDL": on} | ({"launch_pdl": True} if on else {})) if kernel is _gemv_r else {}
+    takes_pdl = kernel is _gemv_r or pdl is not None
+    on = takes_pdl and (pdl_on() if pdl is None else pdl)
+    pdl = ({"PDL": on} | ({"launch_pdl": True} if on else {})) if takes_pdl else {}
     if split == 1 and not epilogue and fusion is None:
         launcher(x2, kernel)[grid](*args(out, out.stride(0), 0), HAS_BIAS=bias is not None, PARTIAL=False, **meta,
                                    **pdl)

@@ -1,0 +1,184 @@
+"""The float decode GEMV (``lowbit.kernels.float_gemv``, ``torch.ops.lowbit.float_linear``) and the triton backend's
+``float_gemv`` rewrite of a float generation step.
+
+The kernel against ``F.linear`` in fp32 (bf16/fp16 inputs; bound: 1% relative norm, the output's own rounding plus
+fp32 accumulation in another order), with its epilogues and the RMSNorm / residual halves it shares with the
+weight-only GEMVs (``weight_only_linear_add_norm``'s contract); rows the GEMV does not take run ``F.linear`` exactly.
+On a generation step: which linears the rewrite takes and fuses, and greedy tokens equal to the torch reference's
+wherever the reference's top two logits are clearly apart (random tiny models have near-ties a last-bit change
+flips, after which the sequences part legitimately).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels._common import norm_from_parts_ref, norm_parts_ref
+
+pytest.importorskip("triton", reason="lowbit's kernels need triton")
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernels = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()), reason="needs CUDA or the interpreter")
+DEV = "cuda" if torch.cuda.is_available() and not INTERP else "cpu"
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k", "bias", "epilogue"), [(40, 256, False, ""), (33, 200, True, ""),
+                                                         (64, 136, False, "silu*up"), (16, 128, True, "gelu")])
+def test_float_linear_matches_f_linear_with_its_epilogue(dtype, n, k, bias, epilogue):
+    """Ragged N (33: a partial row tile) and K (200, 136: a partial K step and a split whose last part is short).
+    The reference rounds as the op does (``float_linear_ref``: the product, then each epilogue step, in the input
+    dtype); the bound is two bf16 steps, four with an epilogue's roundings (the interpreter's casts truncate, each
+    one step toward zero; the GPU's round to nearest)."""
+    import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
+    from lowbit.kernels.float_gemv import float_linear_ref
+
+    g = torch.Generator().manual_seed(n * k)
+    x = torch.randn(1, 1, k, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype).to(DEV)
+    b = torch.randn(n, generator=g).to(dtype).to(DEV) if bias else None
+    y = torch.ops.lowbit.float_linear(x, w, b, epilogue)
+    ref = float_linear_ref(x, w, b, epilogue)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert _rel(y, ref) <= (2 ** -6 if epilogue else 2 ** -7)
+    if not epilogue:  # and against fp32 arithmetic: one rounding of the output
+        assert _rel(y, F.linear(x.float(), w.float(), None if b is None else b.float())) <= 2 ** -7
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_norm_halves_feed_the_next_linear_like_the_unfused_ops(dtype):
+    """``float_linear_add_norm`` returns the new stream, gain * stream and one partial sum of squares per 128-wide
+    reduce program (the fake op's count), and a ``float_linear`` reading those halves with ``norm_sumsq`` equals
+    RMSNorm -> linear on the stream."""
+    import lowbit.kernels  # noqa: F401
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowbit.kernels.float_gemv import add_norm_partials_f
+
+    g = torch.Generator().manual_seed(5)
+    n = k = 384
+    x = torch.randn(1, 1, k, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype).to(DEV)
+    res = torch.randn(1, 1, n, generator=g).to(dtype).to(DEV)
+    gain = (torch.rand(n, generator=g) + 0.5).to(dtype).to(DEV)
+    stream, gained, sumsq = torch.ops.lowbit.float_linear_add_norm(x, w, None, res, gain)
+    ref_stream = (res.float() + F.linear(x.float(), w.float())).to(dtype)
+    assert _rel(stream, ref_stream) <= 1e-2
+    assert _rel(gained, gain * stream) <= 1e-2
+    assert sumsq.shape == (1, 1, add_norm_partials_f(x, w)) == (1, 1, 3)
+    assert torch.allclose(sumsq.sum(-1), stream.float().pow(2).sum(-1), rtol=1e-3)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = torch.ops.lowbit.float_linear_add_norm_pdl(x, w, None, res, gain)
+    assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in (stream, gained, sumsq)]
+    w2 = (torch.randn(96, n, generator=g) / n ** 0.5).to(dtype).to(DEV)
+    y = torch.ops.lowbit.float_linear(gained, w2, None, "", sumsq, 1e-6)
+    ref = F.linear(norm_from_parts_ref(*norm_parts_ref(stream, gain), 1e-6).float(), w2.float())
+    assert _rel(y, ref) <= 1e-2
+
+
+@needs_kernels
+def test_rows_and_dtypes_the_gemv_does_not_take_run_f_linear_exactly():
+    """Several rows (a prefill), fp32, a K that is not a multiple of 8: ``F.linear`` (and the fusion's torch ops),
+    bit for bit, with the reason the GEMV gives for each weight."""
+    import lowbit.kernels  # noqa: F401
+    from lowbit.kernels.float_gemv import float_linear_unsupported
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 64, generator=g).to(torch.bfloat16).to(DEV)
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16).to(DEV)
+    assert torch.equal(torch.ops.lowbit.float_linear(x, w), F.linear(x, w))
+    w32, x32 = w.float(), torch.randn(1, 64, generator=g).to(DEV)
+    assert torch.equal(torch.ops.lowbit.float_linear(x32, w32), F.linear(x32, w32))
+    assert "float32" in float_linear_unsupported(torch.float32, w32)
+    w_odd = torch.randn(8, 60, generator=g).to(torch.bfloat16).to(DEV)
+    x_odd = torch.randn(1, 60, generator=g).to(torch.bfloat16).to(DEV)
+    assert "K=60" in float_linear_unsupported(torch.bfloat16, w_odd)
+    assert torch.equal(torch.ops.lowbit.float_linear(x_odd, w_odd), F.linear(x_odd, w_odd))
+    res = torch.randn(3, 48, generator=g).to(torch.bfloat16).to(DEV)
+    gain = torch.rand(48, generator=g).to(torch.bfloat16).to(DEV)
+    stream, gained, sumsq = torch.ops.lowbit.float_linear_add_norm(x, w, None, res, gain)
+    assert torch.equal(stream, res + F.linear(x, w)) and sumsq.shape == (3, 1)
+
+
+def _tiny_llama() -> torch.nn.Module:
+    """A random bf16 two-block Llama: hidden 128, MLP 256, two heads sharing one kv head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
+                      num_hidden_layers=2, vocab_size=512, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def _clear_prefix_agrees(model: torch.nn.Module, ids: torch.Tensor, got: list[int], ref: list[int]) -> int:
+    """How many of ``ref``'s tokens were clear decisions (the float32 model's top two logits, teacher-forced on
+    ``ref``, apart by more than 1% of the top logit's size) before the first near-tie; asserts ``got`` equals
+    ``ref`` over them."""
+    m32 = _float32_copy(model)
+    seq = torch.cat([ids, torch.tensor([ref])], 1)
+    with torch.no_grad():
+        logits = m32(seq).logits[0, ids.shape[1] - 1:-1]
+    clear = 0
+    for i, row in enumerate(logits):
+        top = row.topk(2).values
+        if top[0] - top[1] <= 0.01 * top.abs().max():
+            break
+        assert got[i] == ref[i], (i, got, ref)
+        clear += 1
+    return clear
+
+
+def _ir_params_not_held(compiled) -> set[str]:
+    """The lowered graph's parameters whose storage no buffer of the module shares."""
+    held = {t.untyped_storage().data_ptr() for t in compiled.runner.gm.buffers()}
+    return {n for n, v in compiled.runner.graph.params.items()
+            if v.data is not None and v.data.untyped_storage().data_ptr() not in held}
+
+
+def _float32_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).float()
+
+
+@needs_kernels
+def test_a_float_generation_step_runs_its_linears_on_the_gemv_with_the_block_fusions():
+    """A bf16 step graph on the triton backend: every linear is a ``float-gemv`` form — merged q/k/v and gate/up,
+    the gated MLP in the reduce (``silu*up``), o/down_proj making the next norm's halves (``+add+norm``: 3, the
+    final norm sits behind the last-logits slice) and their readers finishing it (``+norm``) — and greedy tokens
+    agree with the torch reference wherever the decisions are clear. The module reads the IR's weight tensors (no
+    copy made for the gated epilogue). ``float_gemv=False`` leaves the linears to
+    ``F.linear``; a logits graph (no generation) is not rewritten."""
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    model = _tiny_llama()
+    spec = GenerationSpec(max_length=16, max_batch=1)
+    tri = compile_model(model, backend="triton", backend_options={"compile": False}, generation=spec, device=DEV)
+    forms = list(tri.runner.report["kernels"].values())
+    assert sum(f.startswith("float-gemv") for f in forms) == 9, forms  # 2 x (qkv, o, gate/up, down) + lm_head
+    assert sum(f.endswith("+add+norm") for f in forms) == 3
+    assert sum(f == "float-gemv+silu*up+norm" for f in forms) == 2
+    assert "float-gemv" in tri.runner.report_text()
+    off = compile_model(model, backend="triton", backend_options={"compile": False, "float_gemv": False},
+                        generation=spec, device=DEV)
+    assert not any(f.startswith("float-gemv") for f in off.runner.report["kernels"].values())
+    # the gated epilogue reads the merged gate/up weight as it is: the module holds the IR's tensors, as without
+    # the rewrite (an interleaved copy would leave the IR's merged gate/up unread beside it)
+    assert _ir_params_not_held(tri) == _ir_params_not_held(off)
+    logits_only = compile_model(model, backend="triton", backend_options={"compile": False}, device=DEV)
+    assert not any(f.startswith("float-gemv") for f in logits_only.runner.report["kernels"].values())
+    ref = compile_model(model, generation=spec, device=DEV)
+    ids = torch.randint(3, 512, (1, 5), generator=torch.Generator().manual_seed(1))
+    want = ref.generate(ids, 3, stop_tokens=()).tokens[0]
+    got = tri.generate(ids, 3, stop_tokens=()).tokens[0]
+    assert _clear_prefix_agrees(model, ids, got, want) >= 2
