@@ -305,3 +305,43 @@ def test_any_input_and_parameter_name_prints_and_parses_back(input_name, param_n
     assert print_graph(parsed) == text
     assert [v.name for v in parsed.inputs] == [input_name] and list(parsed.params) == [param_name]
     assert parsed.params[param_name].data.data_ptr() == weight.data_ptr() and parsed.nodes[0].module == module
+
+
+QDQ_IR = """graph main(%x: f32[1,s0,{k}]) {{
+  symbol s0 in [2, 64] hint 4
+  param @fc.weight.qdata: u8[{n},{kp}]
+  param @fc.weight.scale: {sdt}[{sc}]
+  param @fc.weight.zero_point: {zdt}[{zp}]
+  %y_wdq: f32[{n},{k}] = dequantize(@fc.weight.qdata, @fc.weight.scale, @fc.weight.zero_point, qdtype="{q}", axis=1, block_size={bs}, out_dtype=f32)  # fc
+  %y: f32[1,s0,{n}] = linear(%x, %y_wdq)  # fc
+  return %y
+}}
+"""
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.sampled_from([2, 4, 6]), st.sampled_from([8, 16]), st.sampled_from([2, 4, 8]), st.sampled_from(["int4", "uint4"]),
+       st.sampled_from(["none", "scale_rows", "scale_groups", "zp_groups", "zp_one", "zp_dtype", "scale_dtype",
+                        "block_size"]))
+def test_verifier_names_the_dequantize_whose_scale_or_zero_point_does_not_fit_its_groups(n, k, group, qdtype, damage):
+    """A block-wise weight dequantize's scale and zero point are ``[N, K/group]``, the zero point in the qdtype's
+    container: a scale or zero point of another shape, another dtype or a block_size they do not fit is refused by
+    the verifier naming the node. dequantize let a ``[N, 1]`` zero point broadcast (one per row: other numbers, no
+    error) and took a float or wrong-signed zero point and an integer scale as given."""
+    zdt = {"int4": "i8", "uint4": "u8"}[qdtype]
+    fields = {"n": n, "k": k, "kp": k // 2, "q": qdtype, "bs": group, "sdt": "f32", "zdt": zdt,
+              "sc": f"{n},{k // group}", "zp": f"{n},{k // group}"}
+    other_group = {"scale_rows": ("sc", f"{n + 1},{k // group}"), "scale_groups": ("sc", f"{n},{k // group + 1}"),
+                   "zp_groups": ("zp", f"{n},1" if k // group > 1 else f"{n},2"), "zp_one": ("zp", "1"),
+                   "zp_dtype": ("zdt", "f32" if zdt == "i8" else "i8"), "scale_dtype": ("sdt", "i32"),
+                   "block_size": ("bs", group * 2 if group * 2 <= k else 3)}
+    if damage != "none":
+        key, value = other_group[damage]
+        fields[key] = value
+    graph = parse_graph(QDQ_IR.format(**fields))
+    if damage == "none":
+        verify(graph, require_data=False)
+        return
+    with pytest.raises(VerificationError, match=r"%y_wdq = dequantize\(\.\.\.\) in fc: the op rejects its operands: "
+                                                r"\w+Error: dequantize\(qdtype=u?int4\): "):
+        verify(graph, require_data=False)

@@ -179,6 +179,24 @@ def _granularity(x_shape: Sequence[int], scale: torch.Tensor, axis: int | None, 
     return "block"
 
 
+def _check_qparams(qd: QDType, scale: torch.Tensor, zero_point: torch.Tensor | None, what: str) -> None:
+    """The QDQ contract's scale and zero point (ONNX's): a float scale, and a zero point of the scale's shape in the
+    qdtype's container. dequantize checked neither: a ``[N, 1]`` zero point beside an ``[N, K/g]`` scale broadcast
+    to one zero point per row (other numbers, no error), and a float or wrong-signed one was used as given."""
+    if not scale.is_floating_point():
+        raise TypeError(f"{what}: the scale must be a float tensor, got {scale.dtype}")
+    if zero_point is None:
+        return
+    if qd.is_float:
+        raise ValueError(f"{what}: fp8 takes no zero point (pass None)")
+    if zero_point.shape != scale.shape:
+        raise ValueError(f"{what}: zero point shape {tuple(zero_point.shape)} != scale shape {tuple(scale.shape)} "
+                         "(one zero point per scale)")
+    if zero_point.dtype != qd.container:
+        raise TypeError(f"{what}: the zero point must be {str(qd.container).removeprefix('torch.')} ({qd.name}'s "
+                        f"container, unpacked), got {str(zero_point.dtype).removeprefix('torch.')}")
+
+
 def _blocked_view(x: torch.Tensor, kind: str, axis: int | None, block_size: int | None
                   ) -> tuple[torch.Tensor, Any, Any]:
     """``x`` in a shape its scale broadcasts against, a function undoing that reshape, and one shaping a scale.
@@ -294,10 +312,7 @@ def quantize(
     qd = get_qdtype(qdtype)
     what = f"quantize(qdtype={qd.name})"
     kind = _granularity(x.shape, scale, axis, block_size, what)
-    if zero_point is not None and zero_point.shape != scale.shape:
-        raise ValueError(f"{what}: zero point shape {tuple(zero_point.shape)} != scale shape {tuple(scale.shape)}")
-    if qd.is_float and zero_point is not None:
-        raise ValueError(f"{what}: fp8 takes no zero point (pass None)")
+    _check_qparams(qd, scale, zero_point, what)
     xv, restore, view = _blocked_view(x, kind, axis, block_size)
     y = xv.float() / view(scale.float())
     if qd.is_float:
@@ -329,8 +344,7 @@ def dequantize(
     if qd.packed:
         q = unpack_int4(q, signed=qd.signed)
     kind = _granularity(q.shape, scale, axis, block_size, what)
-    if zero_point is not None and qd.is_float:
-        raise ValueError(f"{what}: fp8 takes no zero point (pass None)")
+    _check_qparams(qd, scale, zero_point, what)
     qv, restore, view = _blocked_view(q, kind, axis, block_size)
     y = qv.float()
     if zero_point is not None:
