@@ -15,7 +15,7 @@ from lowbit.backends.registry import BackendError, register_backend
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.cli.restrict import Unit, how_restricted, restrict
 from lowbit.ir.parser import parse_graph
-from lowbit.passes.base import NO_DEAD_NODES, PassError, PassResult, all_passes, function_pass
+from lowbit.passes.base import NO_DEAD_NODES, PassError, PassResult, all_passes, function_pass, get_pass
 from lowbit.passes.manager import PassManager, PipelineError, parse_pipeline
 
 TWO = """graph main(%x: f32[1,s0,16]) {
@@ -239,3 +239,22 @@ def test_changed_says_whether_the_ir_changed_and_a_second_run_changes_nothing(ti
     (again,) = parse_pipeline(last.spec())
     assert not again(g).changed
     assert _same(after, _ir_state(g))
+
+
+def test_a_pass_called_on_its_own_checks_requires_and_ensures(tiny_llama_graph):
+    """``KVCache(bits=4)(graph)`` on a graph without a KV cache was a bare ``KeyError: 'generation'``: calling a
+    pass checks its ``requires`` and ``ensures`` around ``run``, as the PassManager does, naming the pass, the
+    condition and the nodes."""
+    with pytest.raises(PassError, match=r"pass kv-cache requires a step graph with a float KV cache, which does "
+                                        r"not hold before it runs"):
+        get_pass("kv-cache")()(tiny_llama_graph.clone())
+    g = tiny_llama_graph.clone()
+    PassManager("quantize(w=int8),fuse-qlinear").run(g)
+    with pytest.raises(PassError, match=r"pass quantize\(w=int8\) requires no qlinear node .*before it runs: "
+                                        r"%qlinear \(qlinear\) in module 'model.layers.0.self_attn.q_proj'"):
+        get_pass("quantize")(w="int8")(g)
+    (leave_dead,) = parse_pipeline("test-leave-dead")
+    with pytest.raises(PassError, match=r"pass test-leave-dead ensures no node whose results nothing reads, which "
+                                        r"does not hold after it ran: %orphan"):
+        leave_dead(_two())
+    assert not get_pass("dce")()(tiny_llama_graph.clone()).changed

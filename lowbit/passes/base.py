@@ -406,7 +406,22 @@ class Pass:
         return None
 
     def __call__(self, graph: Graph) -> PassResult:
-        return self.run(graph)
+        """``run`` between its ``requires`` and ``ensures`` checks (onnx-ir's ``PassBase.__call__``): a pass called
+        alone on a graph it does not take (``kv-cache`` on a graph without a KV cache) raised a bare
+        ``KeyError: 'generation'``; the ``PassManager`` checks the same conditions around ``run`` itself."""
+        self._check_conditions("requires", self.requires, graph, "before it runs")
+        result = self.run(graph)
+        self._check_conditions("ensures", self.ensures, graph, "after it ran")
+        return result
+
+    def _check_conditions(self, kind: str, conditions: tuple[Condition, ...], graph: Graph, when: str) -> None:
+        for cond in conditions:
+            problems = cond(graph)
+            if problems:
+                from lowbit.ir.verifier import listed
+
+                raise PassError(f"pass {self.spec()} {kind} {cond.name}, which does not hold {when}: "
+                                f"{listed(problems)}")
 
     @classmethod
     def doc(cls) -> str:
