@@ -312,7 +312,8 @@ QDQ_IR = """graph main(%x: f32[1,s0,{k}]) {{
   param @fc.weight.qdata: u8[{n},{kp}]
   param @fc.weight.scale: {sdt}[{sc}]
   param @fc.weight.zero_point: {zdt}[{zp}]
-  %y_wdq: f32[{n},{k}] = dequantize(@fc.weight.qdata, @fc.weight.scale, @fc.weight.zero_point, qdtype="{q}", axis=1, block_size={bs}, out_dtype=f32)  # fc
+  %y_wdq: f32[{n},{k}] = dequantize(@fc.weight.qdata, @fc.weight.scale, @fc.weight.zero_point, qdtype="{q}", \
+axis=1, block_size={bs}, out_dtype=f32)  # fc
   %y: f32[1,s0,{n}] = linear(%x, %y_wdq)  # fc
   return %y
 }}
@@ -320,7 +321,8 @@ QDQ_IR = """graph main(%x: f32[1,s0,{k}]) {{
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
-@given(st.sampled_from([2, 4, 6]), st.sampled_from([8, 16]), st.sampled_from([2, 4, 8]), st.sampled_from(["int4", "uint4"]),
+@given(st.sampled_from([2, 4, 6]), st.sampled_from([8, 16]), st.sampled_from([2, 4, 8]),
+       st.sampled_from(["int4", "uint4"]),
        st.sampled_from(["none", "scale_rows", "scale_groups", "zp_groups", "zp_one", "zp_dtype", "scale_dtype",
                         "block_size"]))
 def test_verifier_names_the_dequantize_whose_scale_or_zero_point_does_not_fit_its_groups(n, k, group, qdtype, damage):

@@ -26,8 +26,8 @@ from lowbit.cache import clean_stale_temporaries, replacing_dir
 from lowbit.errors import LowbitError
 
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
-           "verify_manifest", "check_listed", "unopenable", "read_safetensors", "read_config", "read_tokenizer", "shareable_config",
-           "write_safetensors", "MANIFEST", "sha256_file", "not_replaceable"]
+           "verify_manifest", "check_listed", "unopenable", "read_safetensors", "read_config", "read_tokenizer",
+           "shareable_config", "write_safetensors", "MANIFEST", "FORMATS", "sha256_file", "not_replaceable"]
 
 MANIFEST = "lowbit-manifest.json"
 FORMATS = ("compressed-tensors", "gptq", "hf", "lowbit")
