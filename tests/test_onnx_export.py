@@ -990,3 +990,24 @@ def test_w4a4kv4_best_recipe_runs_on_onnxruntime_as_its_doc_says(tmp_path):
     assert "ONNX refuses" not in doc and "ONNX scales the clipped range" in doc and "format=lowbit" in doc
     with pytest.raises(CheckpointError, match="clipped"):
         lowbit.save(c, tmp_path / "ct", format="compressed-tensors")
+
+
+@pytest.mark.parametrize("pipeline", ["quantize(w=int8,a=uint8,a_sym=false)",
+                                      "quantize(w=int8,a=uint8,a_sym=false,a_group=32)"])
+def test_asymmetric_per_token_activations_run_in_onnx_runtime(tmp_path, pipeline):
+    """uint8 activations with a zero point per token (or per 32-channel group): ONNX Runtime's QDQ fusion made each
+    DequantizeLinear -> MatMul a MatMulIntegerToFloat, whose kernel takes one zero point, and every call of the
+    exported file failed with ONNX Runtime's "input a zero point must be a scalar" (q/k/v sharing their input). The
+    export now computes ``(q - zp) · s`` itself: the reference's outputs, at other batch and sequence sizes too (but
+    for a dynamic code at a rounding tie, which float reordering can flip: test_onnx_quantized's note)."""
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    compiled = lowbit.compile_model(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=128),
+                                    pipeline=pipeline)
+    loaded = load(lowbit.export(compiled, tmp_path / "m.onnx"))
+    for shape in ((2, 9), (1, 20)):
+        ids = torch.randint(0, 128, shape)
+        ref = compiled(ids)
+        diff = (loaded(ids) - ref).abs()
+        assert diff.median().item() < 1e-6 and diff.max().item() <= 1e-2 * ref.abs().max().item()

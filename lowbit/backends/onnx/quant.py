@@ -286,9 +286,26 @@ def _dequantize(ctx: LoweringContext, node: Node) -> ir.Value:
         rank = ctx.rank(q) if not qd.packed else len(_logical_shape(q, qd))
         s = _scale(ctx, scale, kind)
         zpv = _zero_point(ctx, zp, qd, kind)
-        y = ctx.op("DequantizeLinear", [ctx.v(q), s] + ([zpv] if zpv is not None else []),
-                   _qdq_attrs(node, kind, rank))
+        attrs = _qdq_attrs(node, kind, rank)
+        if zpv is not None and kind != "tensor" and qd.name in ("int8", "uint8") and not zp.is_param:
+            y = _dequantize_with_computed_zero_points(ctx, ctx.v(q), s, zpv, attrs)
+        else:
+            y = ctx.op("DequantizeLinear", [ctx.v(q), s] + ([zpv] if zpv is not None else []), attrs)
     return ctx.cast(y, torch.float32, out_dtype)
+
+
+def _dequantize_with_computed_zero_points(ctx: LoweringContext, q: ir.Value, s: ir.Value, zp: ir.Value,
+                                          attrs: dict[str, Any]) -> ir.Value:
+    """``(q - zp) · s`` for 8-bit codes with a zero point per token or block computed in the graph (asymmetric
+    dynamic activations): ONNX Runtime's QDQ fusion turned ``DequantizeLinear -> MatMul`` of such uint8 codes into
+    ``MatMulIntegerToFloat``, whose kernel takes one zero point only, and every run failed ("input a zero point must
+    be a scalar or 1D tensor of size 1"). The scale and zero point reach each element through DequantizeLinear's own
+    axis/block broadcast of codes of 1 (``1 · v`` is exact), so the result is DequantizeLinear's to the bit."""
+    ones = ctx.op("ConstantOfShape", [ctx.op("Shape", [q])], {"value": ir.tensor(np.ones(1, np.int8))})
+    s_full = ctx.op("DequantizeLinear", [ones, s], attrs)
+    zp_full = ctx.op("DequantizeLinear", [ones, ctx.op("Cast", [zp], {"to": ir.DataType.FLOAT})], attrs)
+    codes = ctx.op("Cast", [q], {"to": ir.DataType.FLOAT})
+    return ctx.op("Mul", [ctx.op("Sub", [codes, zp_full]), s_full])
 
 
 def _logical_shape(q: Value, qd: QDType) -> tuple[Any, ...]:
