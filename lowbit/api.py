@@ -638,9 +638,10 @@ def compile_model(
     directory). ``calib`` (a text name or path, a ``.safetensors`` file of token ids, or a tensor of ids: ``[n, L]``
     windows or a 1-D stream) replaces the data of every pass that calibrates; a pipeline with none is refused.
 
-    ``offload_dir`` (an existing directory on disk, not a RAM-backed tmpfs: one is warned of) takes each packed weight a quantizing
-    pass writes, mapped back from there (``lowbit.ir.offload``), so a compile holds one block's working set and not
-    the whole packed model: for models larger than RAM. The files are unlinked at once; nothing is left there. On
+    ``offload_dir`` (an existing directory on disk, not a RAM-backed tmpfs: one is warned of) takes each packed
+    weight a quantizing pass writes, and each float weight a pass rewrites (fold-norms, smooth-quant, rotate), mapped
+    back from there (``lowbit.ir.offload``), so a compile holds one block's working set and not the whole packed (or
+    rewritten) model: for models larger than RAM. The files are unlinked at once; nothing is left there. On
     the torch backend it implies ``keep_packed=True`` (the module runs on the mapped codes, not on float copies the
     size of the float model) unless ``backend_options`` sets ``keep_packed``.
 

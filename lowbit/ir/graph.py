@@ -207,6 +207,10 @@ class Symbol:
     hint: int | None = None
 
 
+OFFLOAD_MIN_BYTES = 4096
+"""Smallest rewritten parameter ``Graph.set_param`` offloads: a file mapping costs a page whatever it holds."""
+
+
 class Graph:
     """A lowbit program: inputs, parameters, nodes in topological order and outputs."""
 
@@ -219,8 +223,9 @@ class Graph:
         self.symbols: dict[str, Symbol] = {}
         self.meta: dict[str, Any] = {}
         self.offload_dir: str | None = None
-        """Where quantizing passes put packed weights (``lowbit.ir.offload``): a directory on disk, so a compile's
-        memory does not grow with the model; None keeps them in memory. Not part of the program: never printed or
+        """Where quantizing passes put packed weights, and ``set_param`` the float weights passes rewrite
+        (``lowbit.ir.offload``): a directory on disk, so a compile's memory does not grow with the model; None keeps
+        them in memory. Not part of the program: never printed or
         saved."""
         self._names: set[str] = set()
         self._next_index: dict[str, int] = {}
@@ -280,9 +285,19 @@ class Graph:
         return name
 
     def set_param(self, name: str, data: torch.Tensor) -> None:
-        """Replace a parameter's tensor (never mutate the old one: clones share tensors)."""
+        """Replace a parameter's tensor (never mutate the old one: clones share tensors).
+
+        With ``offload_dir`` set, a host tensor of a page or more goes to a file there (``lowbit.ir.offload``), as
+        packed weights do: passes that rewrite float weights across the model before it is quantized (fold-norms,
+        smooth-quant, rotate, AWQ's scales) otherwise held every rewritten weight in the heap at once."""
         v = self.params[name]
-        v.data = data.detach()
+        data = data.detach()
+        if self.offload_dir is not None and data.device.type == "cpu" and \
+                data.numel() * data.element_size() >= OFFLOAD_MIN_BYTES:
+            from lowbit.ir.offload import map_from_disk
+
+            data = map_from_disk([data], self.offload_dir, stem=name)[0]
+        v.data = data
         v.type = tensor_type_of(v.data)
 
     def make_node(
