@@ -706,3 +706,24 @@ def test_a_masked_lm_heads_vocabulary_projection_stays_float_and_tied_by_default
     out = c(ids)
     out = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
     assert float((out - ref).pow(2).mean() / ref.pow(2).mean()) < 1e-3
+
+
+def test_kv_group_none_in_pipeline_text_is_the_whole_axis_and_round_trips():
+    """``kv_group`` defaults to 32, and its documented unset value (the whole axis: one scale per token per head)
+    could not be written in pipeline text (``kv_group=none``: "Input should be a valid integer"), nor could the
+    ``kv_group=None`` that ``spec()`` writes for it be parsed back (report.json, reproducers)."""
+    from conftest import tiny_llama
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+    from lowbit.passes.manager import parse_pipeline
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97)  # head_dim 16
+    (p,) = parse_pipeline("quantize(kv=int4,k_gran=per_token,v_gran=per_token,kv_group=none)")
+    assert p.options.kv_group is None
+    assert parse_pipeline(p.spec())[0].options == p.options
+    g = capture(CausalLMLogits(model), (torch.randint(0, 97, (1, 8)),))
+    p.run(g)
+    kv = [n for n in g.find("dynamic_qparams") if n.module.endswith("self_attn")]
+    assert len(kv) == 2 and all(n.kwargs["block_size"] == 16 for n in kv)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lowbit.calibration.observers import make_observer
 from lowbit.ir.graph import Graph, Node, TensorType, Value
@@ -109,7 +109,8 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
     v_gran: Literal["per_channel", "per_token", "per_tensor"] = "per_token"
     """Value scale granularity: per token in ``v_group``-channel groups (KIVI), per channel, or per tensor."""
     kv_group: int | None = Field(default=32, gt=0)
-    """Keys per_channel: tokens per scale block (KIVI); values per_token: channels per scale. Unset: whole axis."""
+    """Keys per_channel: tokens per scale block (KIVI); values per_token: channels per scale. ``none``: the whole
+    axis (per_token: one scale per token per head, whatever head_dim is)."""
     k_group: int | None = Field(default=None, gt=0)
     """Overrides kv_group for the keys."""
     v_group: int | None = Field(default=None, gt=0)
@@ -139,6 +140,14 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
 
     def reads_calibration(self) -> bool:
         return self.a_static or self.config is not None  # a config file may ask for static scales
+
+    @field_validator("kv_group", mode="before")
+    @classmethod
+    def _whole_axis(cls, v: Any) -> Any:
+        """``kv_group=none`` in pipeline text: the one option whose default (32) is not its unset value, so text
+        could not reach the whole axis, and ``spec()``'s ``kv_group=None`` did not parse back (report.json,
+        reproducers)."""
+        return None if isinstance(v, str) and v.strip().lower() in ("none", "null") else v
 
     def input_files(self) -> list[tuple[str, str]]:
         files = [("config", self.config)] if self.config is not None else []
