@@ -42,8 +42,9 @@ _SQ = "smooth-quant(search=true,require_sites=false)"
 # keys per channel over 32-token blocks, values per token in 32-channel groups (kv_group sets both), the first
 # token (attention sink) and each query's most recent tokens float.
 _KV4 = "kv=int4,kv_group=32,kv_sink=1,kv_window=32"
-# QuaRot's KV cache: one scale and zero point per token per head (head_dim 64), no float window
-_KV4_HEAD = "kv=int4,k_gran=per_token,v_gran=per_token,kv_group=64"
+# QuaRot's KV cache: one scale and zero point per token per head (the whole head_dim: 64 on SmolLM2; kv_group=64
+# was per 64 channels on a head_dim-128 model and refused head_dims 64 does not divide), no float window
+_KV4_HEAD = "kv=int4,k_gran=per_token,v_gran=per_token,kv_group=none"
 _KV2 = "kv=int2,k_group=32,v_group=16,kv_sink=1,kv_window=64"
 # GPTQ settings chosen on SmolLM2 (bench/results/accuracy.json, GPU rows): AWQ scales and clipping first, then
 # GPTQ with act-order and static groups, light damping

@@ -980,7 +980,7 @@ def test_w4a4kv4_best_recipe_runs_on_onnxruntime_as_its_doc_says(tmp_path):
     torch.manual_seed(0)
     model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97, max_positions=64)
     c = lowbit.compile_model(model, recipe="w4a4kv4-best", backend="onnxruntime", calib=torch.randint(0, 97, (200,)),
-                             overrides={"calib_n": 2, "calib_len": 16, "progress": False, "kv_group": 16,
+                             overrides={"calib_n": 2, "calib_len": 16, "progress": False,
                                         "rotate.steps": 10, "tokens": 16})
     clipped = [n for n in c.graph.find("dynamic_qparams") if n.kwargs.get("clip_ratio", 1.0) < 1]
     assert clipped, "the recipe's A4 chains are clipped (a_clip=0.9, then clip-activations)"

@@ -1195,3 +1195,22 @@ def test_learned_rotation_with_both_sides_float_is_refused_when_parsed():
         parse_pipeline("fold-norms,rotate(kind=learned,w_bits=16,a_bits=16)")
     for fine in ("rotate(kind=learned,w_bits=16)", "rotate(kind=learned,a_bits=16)"):
         assert [p.name for p in parse_pipeline("fold-norms," + fine)] == ["fold-norms", "rotate"]
+
+
+@pytest.mark.parametrize("heads", [4, 1])  # head_dim 16 and 64 (hidden 64)
+def test_w4a4kv4_recipes_scale_the_kv_cache_per_token_per_head_at_any_head_dim(heads):
+    """The w4a4kv4 recipes promise an int4 KV cache "per token per head" but wrote ``kv_group=64``: right for
+    SmolLM2's head_dim 64 only. A tiny Llama with head_dim 16 was refused ("kv_group=64 ... does not divide head_dim
+    16"), and a head_dim-128 model got two scales per head. The recipes now take the whole head_dim (``kv_group=
+    none``): one scale per token per head, the same as before where head_dim is 64."""
+    from conftest import tiny_llama
+
+    import lowbit
+    from lowbit.recipes import RECIPES
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, inter=128, heads=heads, kv_heads=1, vocab=97)
+    c = lowbit.compile_model(model, recipe="w4a4kv4-rtn")
+    kv = [n for n in c.graph.find("dynamic_qparams") if len(n.args[0].tensor_type.shape) == 4]  # [B, H, S, D]
+    assert len(kv) == 2 and all(n.kwargs["block_size"] == 64 // heads for n in kv)
+    assert all("kv_group=none" in r.pipeline for n, r in RECIPES.items() if n.startswith("w4a4kv4"))
