@@ -628,6 +628,9 @@ def test_generate_notes_a_triton_lowerings_reference_nodes_by_reason(monkeypatch
     ("gptq", "fold-norms,rotate(online=false),awq(w=fp8e4m3)", "format 'gptq' holds int4/int8 weights only"),
     ("gptq", "gptq(w=int4,sym=true),quantize(kv=int8)", "pass quantize(kv=int8) quantizes the KV cache, which "
                                                         "format 'gptq' cannot hold"),
+    ("compressed-tensors", "quantize(w=int4,group=64,a=int8,a_clip=0.9)", "pass quantize(w=int4,group=64,a=int8,"
+     "a_clip=0.9) clips the dynamic input scales to 0.9 of the range, which format 'compressed-tensors' has no field "
+     "for: drop a_clip, or write --format lowbit"),
     ("hf", "prune-mlp(ratio=0.25,allocation=global)", "pass prune-mlp(ratio=0.25,allocation=global) prunes each "
      "layer by its own amount (allocation=global), and format 'hf' writes one MLP width for all layers in "
      "config.json: use allocation=uniform, or write --format lowbit"),
@@ -636,8 +639,8 @@ def test_generate_notes_a_triton_lowerings_reference_nodes_by_reason(monkeypatch
 ])
 def test_hf_format_refusals_the_pipeline_shows_come_before_the_compile(tmp_path, monkeypatch, fmt, pipeline, message):
     """`lowbit compile -f hf` with a quantizing pipeline (or -f compressed-tensors/gptq with none or with a quantized KV
-    cache, or -f gptq with asymmetric, non-int4/int8 or activation quantization, or any HF format after a rotate that
-    leaves online Hadamards) loaded the model, captured, calibrated and compiled, then the
+    cache or clipped input scales, or -f gptq with asymmetric, non-int4/int8 or activation quantization, or any HF
+    format after a rotate that leaves online Hadamards) loaded the model, captured, calibrated and compiled, then the
     checkpoint writer refused. What the pipeline already shows is refused
     first (exit 2), before any model is read."""
     monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))

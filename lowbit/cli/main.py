@@ -516,6 +516,12 @@ def hf_format_refusal(fmt: str, passes: list[Any]) -> str | None:
             return (f"pass {kv[0].spec()} quantizes the KV cache, which format {fmt!r} cannot hold (lowbit's KV "
                     "scales are dynamic per channel/token; compressed-tensors' kv_cache_scheme is static, GPTQ has "
                     "none): drop kv= / kv-cache, or write --format lowbit")
+        # clipped dynamic input scales: the writer refused them per linear after the whole compile (GPTQ included)
+        clipped = [p for p in passes if p.name == "quantize" and getattr(p.options, "a", None)
+                   and getattr(p.options, "a_clip", 1.0) < 1]
+        if clipped:
+            return (f"pass {clipped[0].spec()} clips the dynamic input scales to {clipped[0].options.a_clip} of the "
+                    f"range, which format {fmt!r} has no field for: drop a_clip, or write --format lowbit")
     if fmt != "lowbit":
         # a global allocation prunes each layer by its own amount, and an HF config.json holds one MLP width and
         # one head count for all layers: the writer refused it after the whole compile (calibration included)
