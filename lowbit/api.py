@@ -370,11 +370,18 @@ def _refuse_distillation(passes: Sequence[Pass]) -> None:
 
     for p in passes:
         if getattr(p, "needs_reference", False):
+            # the way round (an HF checkpoint compiled again with generation=) is closed to a pipeline whose rotate
+            # leaves online Hadamards (the *-e2e recipes): no HF format holds them, and the writer refuses them
+            online = [r for r in passes if r.name == "rotate" and (getattr(r.options, "online", False)
+                                                                  or getattr(r.options, "online_o", False))]
+            way = (f"; but pass {online[0].spec()} leaves online Hadamard rotations, which no HF format holds, so "
+                   "this pipeline has no such way: give a pipeline with rotate(online=false,online_o=false), whose "
+                   "rotations fold into the weights") if online else ""
             raise GenerationError(
                 f"pass {p.spec()} trains toward the teacher's logits on the logits graph (input_ids -> logits); a "
                 "generation step graph also takes positions and the KV cache. Compile without generation=, save it "
                 "(format='hf' for a float model, 'compressed-tensors' after a quantizer) and compile or load that "
-                "directory with generation=")
+                f"directory with generation={way}")
 
 
 def _add_last_logits(plan: CompilePlan, generation: Any) -> None:

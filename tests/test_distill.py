@@ -156,3 +156,22 @@ def test_distill_on_a_step_graph_says_why_it_is_refused(monkeypatch):
                                             r"distill the logits graph, compiled without generation="):
         PassManager([Distill(tokens=100, calib_n=2, calib_len=16, progress=False,
                              calib=torch.randint(0, 256, (2, 16)))]).run(step.clone())
+
+
+def test_generation_refusal_of_an_e2e_recipe_does_not_send_the_user_down_a_closed_way(monkeypatch):
+    """``generation=`` with ``w4a16-e2e`` said to compile without it and save compressed-tensors, then compile that
+    directory with generation=; but the recipe's rotate leaves online Hadamards, which the HF writers refuse, so the
+    advice led nowhere. The refusal now says so and what pipeline would have that way (before the model loads)."""
+    import lowbit
+    from lowbit.models import GenerationError
+
+    monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    for recipe in ("w4a16-e2e", "w4a8-e2e"):
+        with pytest.raises(GenerationError, match=r"pass tune-qparams\(.*but pass rotate leaves online Hadamard "
+                                                  r"rotations, which no HF format holds, so this pipeline has no such "
+                                                  r"way: .*rotate\(online=false,online_o=false\)"):
+            lowbit.compile_model("smollm2:2", recipe=recipe, generation=True)
+    with pytest.raises(GenerationError) as plain:  # a pipeline without online rotations keeps the plain advice
+        lowbit.compile_model("smollm2:2", pipeline="quantize(w=int4,group=64),tune-qparams(tokens=100)",
+                             generation=True)
+    assert "no HF format holds" not in str(plain.value)
