@@ -1528,3 +1528,39 @@ def test_head_pruned_bert_checkpoint_is_refused_naming_the_derived_head_size(tmp
                                               r"save with format='lowbit'"):
         save(c, tmp_path / "bert", format="compressed-tensors")
     assert not (tmp_path / "bert").exists() or not any((tmp_path / "bert").iterdir())
+
+
+@pytest.mark.parametrize("family", ["gemma2", "olmo2", "granite"])
+def test_prune_blocks_removes_a_block_whose_updates_are_normalised_or_scaled(family):
+    """Gemma 2 and OLMo 2 normalise each block update before adding it (x + norm(o_proj(...))), Granite scales it
+    (x + 0.22·o_proj(...)): raising leaves those adds plain (no residual_add), and prune-blocks refused every such
+    model with 'no decoder block with a residual_add in this graph'. The block-level adds of stream and update are
+    bypassed instead: the pruned model equals the Hugging Face model with that layer deleted, and Block Influence
+    ranks the blocks on calibration ids."""
+    import transformers as tf
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+    from lowbit.passes.prune_blocks import PruneBlocks
+
+    small = dict(vocab_size=128, max_position_embeddings=64, num_hidden_layers=3, pad_token_id=0, eos_token_id=0,
+                 hidden_size=64, intermediate_size=128)
+    config = {"gemma2": lambda: tf.Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16, **small),
+              "olmo2": lambda: tf.Olmo2Config(num_attention_heads=4, num_key_value_heads=4, **small),
+              "granite": lambda: tf.GraniteConfig(num_attention_heads=8, num_key_value_heads=1,
+                                                  embedding_multiplier=12.0, residual_multiplier=0.22,
+                                                  attention_multiplier=0.015625, logits_scaling=8.0, **small)}[family]
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config()).eval()
+    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    graph = capture(CausalLMLogits(model).eval(), (ids,))
+    g = graph.clone()
+    stats = PassManager("prune-blocks(blocks=[model.layers.1])").run(g).records[0].stats
+    assert stats["blocks_removed"] == ["model.layers.1"]
+    ranked = PassManager([PruneBlocks(n=1, calib=ids, calib_n=2, calib_len=8, batch_size=2, progress=False)]
+                         ).run(graph.clone()).records[0].stats
+    assert len(ranked["blocks_removed"]) == 1 and len(ranked["influence"]) == 3, ranked
+    del model.model.layers[1]
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(TorchCompiled(g)(ids), want, rtol=1e-4, atol=1e-4)

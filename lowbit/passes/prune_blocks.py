@@ -76,8 +76,10 @@ class PruneBlocks(Pass):
         names = [s.name for s in split_stages(graph) if s.kind == "block"]
         residuals = {b: block_residuals(graph, b) for b in names}
         if not any(residuals.values()):
-            raise PassError(f"pass {self.name}: no decoder block with a residual_add in this graph "
-                            f"({len(names)} blocks found: {', '.join(names[:3]) or 'none'}): nothing can be removed")
+            raise PassError(f"pass {self.name}: no decoder block adds its updates to a residual stream in this graph "
+                            f"(a residual_add, or an add at the block's own level of the stream entering it and an "
+                            f"update the block computes; {len(names)} blocks found: {', '.join(names[:3]) or 'none'}): "
+                            "nothing can be removed")
         influence: dict[str, float] = {}
         size: dict[str, int] = {"calib_tokens": 0}  # what Block Influence ran on (nothing when blocks= are named)
         rx = re.compile(o.modules) if o.modules else None

@@ -10,7 +10,8 @@
   In a generation step graph the keys and values reach the attention through ``scatter`` into the layer's KV
   cache (a graph input ``[B, kv_heads, S, head_dim]``); the site records the two scatters, whose caches and
   index then shrink with the kv heads.
-- ``block_residuals``: the ``residual_add`` nodes of a block; removing the block makes each a pass-through.
+- ``block_residuals``: the ``residual_add`` nodes of a block (or its block-level ``add(stream, update)`` nodes where
+  its updates are normalised or scaled first); removing the block makes each a pass-through.
 
 A structure that does not match (an op in the chain the walk does not know) is reported, never guessed.
 """
@@ -283,7 +284,35 @@ def residual_block(node: Node) -> str | None:
 
 
 def block_residuals(graph: Graph, block: str) -> list[Node]:
-    return [n for n in graph.nodes if n.op == "residual_add" and residual_block(n) == block]
+    """The adds that put ``block``'s updates on the residual stream, in graph order: its ``residual_add`` nodes, or
+    where it has none its block-level ``add(stream, update)`` nodes whose update the block computes but does not
+    write straight from a linear (Gemma 2's and OLMo 2's normalised updates ``x + norm(o_proj(...))``, Granite's
+    scaled ``x + 0.22·o_proj(...)``, which raising leaves plain adds)."""
+    found = [n for n in graph.nodes if n.op == "residual_add" and residual_block(n) == block]
+    return found or _plain_stream_adds(graph, block)
+
+
+def _inside(value: object, block: str) -> bool:
+    """``value`` is computed by a node of ``block`` (its own module or one below it)."""
+    p = getattr(value, "producer", None)
+    m = (p.module or "") if p is not None else ""
+    return p is not None and (m == block or m.startswith(block + "."))
+
+
+def _plain_stream_adds(graph: Graph, block: str) -> list[Node]:
+    """``block``'s ``add(stream, update)`` nodes written at the block's own level (not inside its attention or MLP,
+    whose adds are masks and biases): the stream comes from outside the block or from the block's previous such add,
+    the update from inside it, both of one type."""
+    adds: list[Node] = []
+    for n in graph.nodes:
+        if n.op not in ("add", "aten.add.Tensor") or n.module != block or len(n.args) != 2 or n.kwargs:
+            continue
+        stream, update = n.args
+        if not (isinstance(stream, Value) and isinstance(update, Value)) or stream.type != update.type:
+            continue
+        if _inside(update, block) and (not _inside(stream, block) or (adds and stream is adds[-1].output)):
+            adds.append(n)
+    return adds
 
 
 def model_sizes(graph: Graph) -> dict[str, object]:
