@@ -1564,3 +1564,30 @@ def test_prune_blocks_removes_a_block_whose_updates_are_normalised_or_scaled(fam
     with torch.no_grad():
         want = model(ids).logits
     torch.testing.assert_close(TorchCompiled(g)(ids), want, rtol=1e-4, atol=1e-4)
+
+
+def test_prune_mlp_on_gpt2_equals_the_masked_dense_model_in_float64():
+    """GPT-2's MLP reaches c_proj through its Conv1D reshapes (rows flattened around each linear) and the tanh GELU
+    written out in ATen ops (mul, pow, add, tanh): the site walk knew neither, and prune-mlp refused GPT-2 with 'its
+    input is not an elementwise function of linears read only by it'. Both are channel-by-channel, so the cut is
+    exact: the pruned model equals the dense one with the removed channels' c_proj rows zeroed (float64)."""
+    from conftest import tiny_outside_family
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    model = tiny_outside_family("gpt2", 2).double()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    graph = capture(CausalLMLogits(model).eval(), (ids,))
+    g = graph.clone()
+    stats = PassManager("prune-mlp(ratio=0.5,score=magnitude,multiple=16)").run(g).records[0].stats
+    assert stats["widths"] == {"transformer.h.0": 128, "transformer.h.1": 128} and stats["skipped"] == []
+    for layer in range(2):
+        fc = f"transformer.h.{layer}.mlp.c_fc.weight"  # raised to linear: [256, 64]
+        drop = torch.ones(256, dtype=torch.bool)
+        drop[_kept(graph.params[fc].data, g.params[fc].data)] = False
+        with torch.no_grad():
+            model.transformer.h[layer].mlp.c_proj.weight[drop] = 0  # Conv1D: [in, out]
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(TorchCompiled(g)(ids), want, rtol=1e-10, atol=1e-10)

@@ -32,7 +32,11 @@ __all__ = ["DOWN_PROJECTIONS", "MLPSite", "AttentionSite", "find_mlp_sites", "fi
            "slice_linear_rows", "slice_linear_cols", "block_residuals", "linear_params", "refuse_nonfinite_weights"]
 
 _ELEMENTWISE = {"mul", "silu", "gelu", "aten.mul.Tensor", "aten.silu.default", "aten.gelu.default",
-                "aten.relu.default", "relu"}
+                "aten.relu.default", "relu", "add", "aten.add.Tensor", "aten.tanh.default", "aten.pow.Tensor_Scalar",
+                "aten.sigmoid.default"}
+"""Ops an MLP's intermediate channels pass through one by one, so cutting channel j of the producers cuts it of the
+output: the activations, and the scalar arithmetic of an activation written out (GPT-2's tanh GELU
+``0.5·x·(1 + tanh(0.798·(x + 0.0447·x³)))``)."""
 _PASS_THROUGH = {"reshape", "transpose", "aten.unsqueeze.default", "aten.expand.default", "aten.clone.default",
                  "aten.contiguous.default", "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
                  "permute"}
@@ -84,6 +88,18 @@ def _stored_linear(n: Node | None) -> bool:
         len(n.args) < 3 or n.args[2] is None or n.args[2].is_param)
 
 
+def _keeps_last_dim(n: Node) -> bool:
+    """A layout op whose output's last dim is its input's, unmoved (a reshape that only merges or splits the leading
+    dims): channel j stays channel j."""
+    if n.op in ("transpose", "permute", "aten.expand.default", "aten.unsqueeze.default"):
+        return False
+    src, out = n.args[0], n.outputs[0]
+    if not isinstance(src, Value):
+        return False
+    a, b = src.tensor_type.shape, out.tensor_type.shape
+    return bool(a) and bool(b) and isinstance(a[-1], int) and a[-1] == b[-1]
+
+
 def find_mlp_sites(graph: Graph) -> tuple[list[MLPSite], list[str]]:
     """Every prunable MLP, and why other candidate down projections are not."""
     users = graph.users()
@@ -108,7 +124,11 @@ def find_mlp_sites(graph: Graph) -> tuple[list[MLPSite], list[str]]:
                 producers.append(n)
             elif n.op in _ELEMENTWISE:
                 inner.append(n)
+                ok = all(a.data is None or a.data.numel() == 1 for a in n.inputs() if a.is_param)  # no per-channel
                 stack.extend(a for a in n.inputs() if not a.is_param)
+            elif n.op in _PASS_THROUGH and _keeps_last_dim(n):  # GPT-2's Conv1D: rows flattened around each linear
+                inner.append(n)
+                stack.append(n.args[0])
             else:
                 ok = False
         width = int(down.args[1].data.shape[1])
