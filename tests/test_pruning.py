@@ -1591,3 +1591,29 @@ def test_prune_mlp_on_gpt2_equals_the_masked_dense_model_in_float64():
     with torch.no_grad():
         want = model(ids).logits
     torch.testing.assert_close(TorchCompiled(g)(ids), want, rtol=1e-10, atol=1e-10)
+
+
+def test_prune_blocks_on_gpt2_equals_the_model_without_that_block():
+    """GPT-2's blocks add updates that come through a reshape (Conv1D), and the attention's update first
+    (``update + stream``): raising leaves them plain adds, and prune-blocks refused GPT-2. The stream is found on
+    either side (put first, an exact swap) and the block bypassed: the model equals GPT-2 with that block deleted;
+    Block Influence ranks the blocks."""
+    from conftest import tiny_outside_family
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+    from lowbit.passes.prune_blocks import PruneBlocks
+
+    model = tiny_outside_family("gpt2", 3)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    graph = capture(CausalLMLogits(model).eval(), (ids,))
+    g = graph.clone()
+    assert PassManager("prune-blocks(blocks=[transformer.h.1])").run(g).records[0].stats["blocks_removed"] == [
+        "transformer.h.1"]
+    ranked = PassManager([PruneBlocks(n=1, calib=ids, calib_n=2, calib_len=12, batch_size=2, progress=False)]
+                         ).run(graph.clone()).records[0].stats
+    assert len(ranked["blocks_removed"]) == 1 and len(ranked["influence"]) == 3, ranked
+    del model.transformer.h[1]
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(TorchCompiled(g)(ids), want, rtol=1e-4, atol=1e-4)

@@ -30,7 +30,7 @@ from lowbit.calibration.engine import split_stages
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
 from lowbit.passes.prune_mlp import collect_input_stats, reinfer
-from lowbit.passes.pruning_sites import block_of, block_residuals, refuse_nonfinite_weights
+from lowbit.passes.pruning_sites import block_of, block_residuals, refuse_nonfinite_weights, stream_first
 
 __all__ = ["PruneBlocks", "PruneBlocksOptions"]
 
@@ -75,6 +75,8 @@ class PruneBlocks(Pass):
         t0 = time.perf_counter()
         names = [s.name for s in split_stages(graph) if s.kind == "block"]
         residuals = {b: block_residuals(graph, b) for b in names}
+        for b, rs in residuals.items():
+            stream_first(rs, b)
         if not any(residuals.values()):
             raise PassError(f"pass {self.name}: no decoder block adds its updates to a residual stream in this graph "
                             f"(a residual_add, or an add at the block's own level of the stream entering it and an "

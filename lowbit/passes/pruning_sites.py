@@ -29,7 +29,8 @@ from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import PassError, nonfinite_problem
 
 __all__ = ["DOWN_PROJECTIONS", "MLPSite", "AttentionSite", "find_mlp_sites", "find_attention_sites", "block_of",
-           "slice_linear_rows", "slice_linear_cols", "block_residuals", "linear_params", "refuse_nonfinite_weights"]
+           "slice_linear_rows", "slice_linear_cols", "block_residuals", "stream_first", "linear_params",
+           "refuse_nonfinite_weights"]
 
 _ELEMENTWISE = {"mul", "silu", "gelu", "aten.mul.Tensor", "aten.silu.default", "aten.gelu.default",
                 "aten.relu.default", "relu", "add", "aten.add.Tensor", "aten.tanh.default", "aten.pow.Tensor_Scalar",
@@ -327,12 +328,22 @@ def _plain_stream_adds(graph: Graph, block: str) -> list[Node]:
     for n in graph.nodes:
         if n.op not in ("add", "aten.add.Tensor") or n.module != block or len(n.args) != 2 or n.kwargs:
             continue
-        stream, update = n.args
-        if not (isinstance(stream, Value) and isinstance(update, Value)) or stream.type != update.type:
-            continue
-        if _inside(update, block) and (not _inside(stream, block) or (adds and stream is adds[-1].output)):
-            adds.append(n)
+        for stream, update in (n.args, n.args[::-1]):  # GPT-2 adds the attention's update first
+            if not (isinstance(stream, Value) and isinstance(update, Value)) or stream.type != update.type:
+                continue
+            if _inside(update, block) and (not _inside(stream, block) or (adds and stream is adds[-1].output)):
+                adds.append(n)
+                break
     return adds
+
+
+def stream_first(adds: list[Node], block: str) -> None:
+    """Put the residual stream first in each of ``block``'s plain stream adds (``block_residuals``' fallback), as a
+    ``residual_add`` has it: what bypassing an add and Block Influence read as the stream. Exact: ``a + b`` is
+    ``b + a`` bit for bit."""
+    for n in adds:
+        if n.op != "residual_add" and _inside(n.args[0], block) and not any(n.args[0] is a.output for a in adds):
+            n.args = (n.args[1], n.args[0])
 
 
 def model_sizes(graph: Graph) -> dict[str, object]:
