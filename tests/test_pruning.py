@@ -1617,3 +1617,19 @@ def test_prune_blocks_on_gpt2_equals_the_model_without_that_block():
     with torch.no_grad():
         want = model(ids).logits
     torch.testing.assert_close(TorchCompiled(g)(ids), want, rtol=1e-4, atol=1e-4)
+
+
+def test_prune_heads_on_gpt2_names_the_fused_qkv_projection():
+    """GPT-2 computes q, k and v with one fused linear (c_attn) and splits it: prune-heads cuts rows of separate q/k/v
+    linears, so it refuses, but it said only that '%split_0 = aten.split.Tensor ... is not a per-head op the walk
+    knows'. It names the fused linear, its module and the split, and the passes that do prune GPT-2."""
+    from conftest import tiny_outside_family
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    graph = capture(CausalLMLogits(tiny_outside_family("gpt2", 1)).eval(), (torch.ones(1, 8, dtype=torch.long),))
+    with pytest.raises(PipelineError, match=r"transformer\.h\.0\.attn: q, k and v are one fused linear %\w+ \(module "
+                                            r"'transformer\.h\.0\.attn\.c_attn', f32\[\w+,192\]\) split by %split_0 "
+                                            r"\(aten\.split\.Tensor\): .* prune-mlp and prune-blocks prune this model"):
+        PassManager("prune-heads(ratio=0.5,score=magnitude)").run(graph)

@@ -101,6 +101,21 @@ def _keeps_last_dim(n: Node) -> bool:
     return bool(a) and bool(b) and isinstance(a[-1], int) and a[-1] == b[-1]
 
 
+_SPLIT_OPS = ("aten.split.Tensor", "aten.split_with_sizes.default", "split", "aten.chunk.default",
+              "aten.unbind.int")
+
+
+def _fused_projection(stop: Node) -> Node | None:
+    """The stored linear a split the head walk stopped at divides (through layout ops): q, k and v computed by one
+    fused projection, or None."""
+    if stop.op not in _SPLIT_OPS or not isinstance(stop.args[0], Value):
+        return None
+    v = stop.args[0]
+    while v.producer is not None and v.producer.op in _PASS_THROUGH and isinstance(v.producer.args[0], Value):
+        v = v.producer.args[0]
+    return v.producer if _stored_linear(v.producer) else None
+
+
 def find_mlp_sites(graph: Graph) -> tuple[list[MLPSite], list[str]]:
     """Every prunable MLP, and why other candidate down projections are not."""
     users = graph.users()
@@ -234,6 +249,13 @@ def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
         out_t = att.output.tensor_type
         if None in (q, k, v, o) or block is None or out_t.rank != 4 or not isinstance(out_t.shape[1], int):
             why = ""
+            fused = _fused_projection(stops[0]) if stops else None
+            if fused is not None:  # GPT-2's c_attn, Phi-3's qkv_proj, Falcon's query_key_value
+                skipped.append(f"{att.module or att.name}: q, k and v are one fused linear %{fused.name} (module "
+                               f"{fused.module!r}, {fused.outputs[0].tensor_type}) split by %{stops[0].name} "
+                               f"({stops[0].op}): prune-heads removes each head's rows from separate q/k/v linears; "
+                               "prune-mlp and prune-blocks prune this model")
+                continue
             if stops:
                 s0 = stops[0]
                 why = (f" (%{s0.name} = {s0.op}{f' of {s0.module}' if s0.module else ''} on "
