@@ -229,9 +229,10 @@ def test_structured_bad_input_names_layer_and_number(smollm2_slice_f64):
 
 @pytest.mark.parametrize("spec, removed", [("prune-mlp(ratio=0,score=wanda,compensate=true,sequential=true)",
                                             "channels_removed"),
-                                           ("prune-heads(ratio=0,score=fluctuation)", "groups_removed")])
+                                           ("prune-heads(ratio=0,score=fluctuation)", "groups_removed"),
+                                           ("sparsify(method=sparsegpt,sparsity=0)", "weights_zeroed")])
 def test_structured_pruning_at_ratio_zero_calibrates_nothing_and_says_so(smollm2_slice_f64, spec, removed):
-    """A ratio=0 (a sweep's baseline) ran the whole calibration (one run of the model over calib_n windows, block
+    """A ratio=0 (or sparsify's sparsity=0: a sweep's baseline) ran the whole calibration (one run of the model over calib_n windows, block
     by block with sequential=true) to remove nothing. It runs none, leaves every weight as it was, reports no
     change and says why in the stats."""
     _, graph = smollm2_slice_f64
@@ -240,7 +241,7 @@ def test_structured_pruning_at_ratio_zero_calibrates_nothing_and_says_so(smollm2
     weights = {k: v.data.clone() for k, v in g.params.items()}
     rec = PassManager(spec[:-1] + f",{CALIB})").run(g).records[-1]
     assert not rec.changed and rec.stats[removed] == 0 and rec.stats["calib_tokens"] == 0, rec.stats
-    assert "ratio=0 removes nothing: no calibration ran" in rec.stats["not_pruned"]
+    assert re.match(r"(ratio|sparsity)=0 (removes|zeroes) nothing: no calibration ran", rec.stats["not_pruned"])
     assert str(g) == before and all(torch.equal(g.params[k].data, w) for k, w in weights.items())
 
 

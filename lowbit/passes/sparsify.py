@@ -236,6 +236,11 @@ class Sparsify(Pass):
                 check_pattern(int(n.args[1].data.shape[1]), p, f"pass sparsify: linear %{n.name} ({n.module})")
             except ValueError as exc:
                 raise PassError(str(exc)) from None
+        if not p.is_nm and p.sparsity == 0 and o.refit == "none":  # a sweep's baseline: nothing to zero or repair
+            return PassResult(False, {"pattern": str(p), "method": o.method, "linears": len(targets),
+                                      "weights_zeroed": 0, "calib_tokens": 0,
+                                      "not_pruned": "sparsity=0 zeroes nothing: no calibration ran, the weights are "
+                                                    "unchanged", "seconds": round(time.perf_counter() - t0, 2)})
         users = graph.users()
         zeroed = total = 0
         changed = False
