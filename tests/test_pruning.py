@@ -232,9 +232,9 @@ def test_structured_bad_input_names_layer_and_number(smollm2_slice_f64):
                                            ("prune-heads(ratio=0,score=fluctuation)", "groups_removed"),
                                            ("sparsify(method=sparsegpt,sparsity=0)", "weights_zeroed")])
 def test_structured_pruning_at_ratio_zero_calibrates_nothing_and_says_so(smollm2_slice_f64, spec, removed):
-    """A ratio=0 (or sparsify's sparsity=0: a sweep's baseline) ran the whole calibration (one run of the model over calib_n windows, block
-    by block with sequential=true) to remove nothing. It runs none, leaves every weight as it was, reports no
-    change and says why in the stats."""
+    """A ratio=0 (or sparsify's sparsity=0: a sweep's baseline) ran the whole calibration (one run of the model
+    over calib_n windows, block by block with sequential=true) to remove nothing. It runs none, leaves every
+    weight as it was, reports no change and says why in the stats."""
     _, graph = smollm2_slice_f64
     g = graph.clone()
     before = str(g)
