@@ -224,3 +224,38 @@ def test_weights_a_pass_rewrites_in_float_wait_on_disk_too(tmp_path: Path) -> No
     assert list(tmp_path.iterdir()) == []
     ids = torch.randint(0, 60, (1, 9))
     torch.testing.assert_close(off(ids), held(ids), rtol=0, atol=0)
+
+
+def test_a_full_offload_disk_says_how_to_offload_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that fills up during the offload is named with the bytes it could not take, and the way out is one a
+    user of either entry point can take: ``offload_dir=`` elsewhere, or (``lowbit compile``, which offloads beside
+    its output without a flag) an ``-o`` on another disk. It said 'compile without offloading', which the CLI has no
+    flag for."""
+    import errno
+
+    import lowbit.ir.offload as offload
+
+    class Full:
+        def __init__(self, fd: int, mode: str) -> None:
+            os.close(fd)
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def seek(self, pos: int) -> None:
+            return None
+
+        def write(self, data: object) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(offload.os, "fdopen", Full)
+    with pytest.raises(OffloadError) as exc:
+        map_from_disk([torch.ones(64)], tmp_path, stem="model.layers.3.mlp.down_proj")
+    text = str(exc.value)
+    assert f"offload directory {str(tmp_path)!r}: cannot write 256 bytes" in text and "No space left" in text
+    assert "offload_dir=" in text and "-o OUT" in text and "compile without offloading" not in text
+    assert "model.layers.3.mlp.down_proj" in text
+    assert list(tmp_path.iterdir()) == []

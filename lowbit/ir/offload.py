@@ -94,9 +94,10 @@ def map_from_disk(tensors: Sequence[torch.Tensor], directory: str | os.PathLike[
             f.truncate(size)
         storage = torch.UntypedStorage.from_file(name, shared=False, nbytes=size)
     except OSError as exc:
-        raise OffloadError(f"offload directory {str(directory)!r}: cannot write {size} bytes of packed weights "
-                           f"({exc.strerror or exc}); free disk space there or compile without offloading"
-                           ) from None
+        raise OffloadError(f"offload directory {str(directory)!r}: cannot write {size} bytes of {stem}'s weights "
+                           f"({exc.strerror or exc}); free disk space there, or offload to another disk: "
+                           "compile_model(offload_dir=...), or for `lowbit compile` an -o OUT elsewhere (the weights "
+                           "wait in OUT's parent directory until the save)") from None
     finally:
         try:
             os.unlink(name)
