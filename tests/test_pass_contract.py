@@ -258,3 +258,14 @@ def test_a_pass_called_on_its_own_checks_requires_and_ensures(tiny_llama_graph):
                                         r"does not hold after it ran: %orphan"):
         leave_dead(_two())
     assert not get_pass("dce")()(tiny_llama_graph.clone()).changed
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_smooth_quant_says_changed_only_when_it_moved_a_scale(tiny_llama_graph, alpha):
+    """smooth-quant(alpha=0) smooths nothing (every scale is 1, as documented) yet said changed=True; a scale of ones
+    is no longer applied, so the IR is left as it was and the result says so."""
+    g = tiny_llama_graph.clone()
+    before = _ir_state(g)
+    result = get_pass("smooth-quant")(alpha=alpha, calib=torch.randint(0, 97, (2, 16)), progress=False)(g)
+    assert result.changed == (not _same(before, _ir_state(g))) == (alpha > 0)
+    assert result.stats["sites_scaled"] == (0 if alpha == 0 else sum(result.stats["sites"].values()))

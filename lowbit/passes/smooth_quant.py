@@ -168,6 +168,7 @@ class SmoothQuant(Pass):
         stats_of = {id(s.consumers[0]): _SiteStats(s) for s in sites}
         per_batch = 1  # tokens sampled per batch and site; set once the batches are known
         alphas: list[float] = []
+        moved: list[str] = []  # the sites whose scale was not all ones
 
         def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
             ss = stats_of.get(id(node))
@@ -197,7 +198,9 @@ class SmoothQuant(Pass):
                     alpha, s = o.alpha, smoothquant_scale(ss.absmax, weights, o.alpha, ss.site.expand)
                 else:  # as documented and as the search's α = 0: no smoothing (the formula would give s = 1/max|W|)
                     alpha, s = 0.0, torch.ones(ss.site.channels)
-                apply_scale(graph, ss.site, s)
+                if not bool((s == 1).all()):  # s = 1 moves nothing (it gave a weightless norm a weight of ones)
+                    apply_scale(graph, ss.site, s)
+                    moved.append(ss.site.name)
                 alphas.append(alpha)
                 ss.done, ss.sample = True, []
             return False  # exact: the block's outputs do not change
@@ -212,8 +215,9 @@ class SmoothQuant(Pass):
         by_kind: dict[str, int] = {}
         for s in sites:
             by_kind[s.kind] = by_kind.get(s.kind, 0) + 1
-        return PassResult(True, {
+        return PassResult(bool(moved), {
             "sites": by_kind,
+            "sites_scaled": len(moved),
             "sites_not_found": {k: "every one feeds a linear kept float (lm_head, keep=)" if any(
                 s.kind == k for s in found) else _why_no_site(graph, k) for k in o.sites if k not in by_kind},
             "alpha_mean": round(sum(alphas) / len(alphas), 3),
