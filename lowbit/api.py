@@ -697,6 +697,12 @@ def compile_model(
         from lowbit.passes.base import CalibrationOptions
         from lowbit.passes.manager import check_input_files
 
+        # both given: calib= replaced the override on every calibrating pass, silently
+        given = [k for k in (overrides or {}) if isinstance(k, str) and k.rpartition(".")[2].strip() == "calib"]
+        if given:
+            raise PassError(f"calib= and overrides={{{given[0]!r}: ...}} both give calibration data, and calib= would "
+                            f"silently replace the override on every calibrating pass: give one of them")
+
         import pydantic
 
         readers = [p for p in passes if isinstance(p.options, CalibrationOptions) and p.options.reads_calibration()]

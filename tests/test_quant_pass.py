@@ -727,3 +727,17 @@ def test_kv_group_none_in_pipeline_text_is_the_whole_axis_and_round_trips():
     p.run(g)
     kv = [n for n in g.find("dynamic_qparams") if n.module.endswith("self_attn")]
     assert len(kv) == 2 and all(n.kwargs["block_size"] == 16 for n in kv)
+
+
+def test_calib_argument_and_a_calib_override_are_not_both_taken():
+    """``compile_model(recipe=..., calib=ids, overrides={"calib": other})`` calibrated on ``ids``: ``calib=`` is
+    written into every calibrating pass after the overrides, replacing the user's override without a word. Both
+    given is refused before the model is touched; either alone still works."""
+    import lowbit
+
+    model = torch.nn.Linear(4, 4)  # never reached
+    for key in ("calib", "gptq.calib"):
+        with pytest.raises(PassError, match=rf"calib= and overrides=\{{'{re.escape(key)}': \.\.\.\}} both give "
+                                            r"calibration data.*give one of them"):
+            lowbit.compile_model(model, recipe="w4a16-gptq", calib=torch.randint(0, 9, (64,)),
+                                 overrides={key: "wikitext2-valid", "calib_n": 2})
