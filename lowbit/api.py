@@ -346,6 +346,14 @@ def _name_step_io(graph: Graph) -> None:
         graph.rename(v, f"present_{i // 2}_{'value' if i % 2 else 'key'}")
 
 
+def refuse_for_generation(passes: Sequence[Pass]) -> None:
+    """Raise ``GenerationError`` for a pass a generation step graph cannot take (a simulated KV cache, distillation
+    toward logits), from the pipeline alone: ``compile_model(generation=)`` and ``lowbit generate`` say it before
+    the model is read."""
+    _refuse_kv_simulation(passes)
+    _refuse_distillation(passes)
+
+
 def _refuse_kv_simulation(passes: Sequence[Pass]) -> None:
     """``quantize(kv=...)`` is the prefill accuracy model of a quantized cache (its window mask assumes query i
     sits at position i); on a step graph it would be wrong in decode, so generation refuses it by name."""
@@ -722,8 +730,7 @@ def compile_model(
         check_input_files(passes)
     plan = plan_compile(passes, backend, backend_options, device)  # so does a backend that cannot take the pipeline
     if generation:
-        _refuse_kv_simulation(passes)
-        _refuse_distillation(passes)
+        refuse_for_generation(passes)
         _add_last_logits(plan, generation)
     if isinstance(model, str):
         from lowbit.models import float32_copy, load_model

@@ -673,11 +673,14 @@ def generate_cmd(
     # and a backend that is not built, cannot run here (on --device), or cannot lower what the pipeline creates, is
     # said before any model is read, whichever kind MODEL is (a lowbit directory's load said it as exit 3)
     try:
-        from lowbit.api import plan_compile
+        from lowbit.api import plan_compile, refuse_for_generation
 
         plan_compile(passes, backend, device=device)
+        refuse_for_generation(passes)  # kv4, the *-e2e recipes: before the model is read (it was after its load)
     except BackendError as exc:
         fail(exc.cli, Exit.USAGE)
+    except GenerationError as exc:
+        fail(str(exc), Exit.USAGE)
     ignored = ["--" + name.replace("_", "-")
                for name, _ in sampling_only(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)]
     if ignored and not sample:
