@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from lowbit.ir.graph import Graph, Node, Value
 
 __all__ = ["HeadRegion", "OnlineSite", "ResidualRegion", "RotationRegions", "find_rotation_regions", "is_rotary_output",
-           "qk_sources"]
+           "no_attention_reason", "qk_sources"]
 
 _VIEW_OPS = {"reshape", "transpose", "permute", "aten.reshape.default", "aten.view.default",
              "aten.expand.default", "aten.unsqueeze.default", "aten.clone.default", "aten.contiguous.default",
@@ -283,14 +283,20 @@ def _view_source(v: Value, users: dict[int, list[Node]], hd: int) -> tuple[Value
     return v, kept
 
 
+def no_attention_reason(graph: Graph) -> str:
+    """Why ``graph`` has no ``attention`` node to work on, naming the softmax of an attention written out by hand
+    (DeBERTa; Gemma 2's soft-capped logits), which lowbit does not raise."""
+    written_out = [n for n in graph.nodes if n.op in ("softmax", "aten.softmax.int", "aten._softmax.default")]
+    return "the graph has no attention op" + (
+        f" (its attention is written out: {written_out[0].op} in {written_out[0].module or '?'}; lowbit raises "
+        "scaled-dot-product attention only)" if written_out else "")
+
+
 def _heads(graph: Graph, users: dict[int, list[Node]], refused: list[str]) -> list[HeadRegion]:
     found = []
     if not any(n.op == "attention" for n in graph.nodes):
         # said, not silent: rotate(residual=false) on DeBERTa reported 'no change' naming only the residual stream
-        written_out = [n for n in graph.nodes if n.op in ("softmax", "aten.softmax.int", "aten._softmax.default")]
-        refused.append("per-head V/O: the graph has no attention op" + (
-            f" (its attention is written out: {written_out[0].op} in {written_out[0].module or '?'}; lowbit raises "
-            "scaled-dot-product attention only)" if written_out else ""))
+        refused.append("per-head V/O: " + no_attention_reason(graph))
     for att in (n for n in graph.nodes if n.op == "attention"):
         v_in = att.args[2]
         hd = _last_dim(v_in)

@@ -31,6 +31,7 @@ import torch
 from pydantic import model_validator
 
 from lowbit.ir.graph import Graph, TensorType, Value
+from lowbit.ir.rotation_regions import no_attention_reason
 from lowbit.ir.shapes import EXPAND_OPS
 from lowbit.passes.base import NO_DEQUANTIZE, NO_QLINEAR, Pass, PassError, PassResult, register_pass
 from lowbit.passes.prune_mlp import (StructuredOptions, _Collected, allocate, channel_scores, check_target,
@@ -105,7 +106,7 @@ class PruneHeads(Pass):
                                 f"attention output projections ({found[0].o.module} ... {found[-1].o.module})")
         if not sites:
             raise PassError(f"pass {self.name}: no attention with q/k/v/o linears found "
-                            f"({'; '.join(skipped[:3]) or 'no attention op'})")
+                            f"({'; '.join(skipped[:3]) or no_attention_reason(graph)})")
         refuse_nonfinite_weights(self.name, [n for s in sites for n in (s.q, s.k, s.v, s.o)])
         if o.ratio == 0:
             return ratio_zero(len(sites), skipped, "groups_removed", t0)
