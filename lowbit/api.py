@@ -526,12 +526,24 @@ class CompilePlan:
 def plan_compile(passes: Sequence[Pass], backend: str,
                  backend_options: Mapping[str, Any] | None = None, device: str | None = None) -> CompilePlan:
     """Check the pipeline against the backend before capture and calibration: the backend exists, is built and runs
-    here (on ``device`` when given), its options are valid, and every op a pass declares it creates
-    (``Pass.creates``) is one it lowers."""
+    here (on ``device`` when given), its options are valid, every op a pass declares it creates
+    (``Pass.creates``) is one it lowers, and every pass's own ``device`` option names a device this machine has
+    (``DeviceError``)."""
     spec = get_backend(backend)
     spec.check_built()
     opts = spec.parse_options(dict(backend_options or {})).model_dump()
     spec.check_available(device)
+    from lowbit.errors import DeviceError, check_device
+
+    for p in passes:
+        # a calibrating pass's device=cuda on a machine without one (the GPU recipes' advice, --set device=cuda)
+        # failed inside the pass, after the model load and the capture
+        pass_device = getattr(getattr(p, "options", None), "device", None)
+        if isinstance(pass_device, str):
+            try:
+                check_device(pass_device)
+            except DeviceError as exc:
+                raise DeviceError(f"pass {p.spec()}: option {exc}") from None
     # the backend's own passes, but for those the pipeline already runs where the user put them: appended again
     # they would follow passes that must come after them (merge-linears after fuse-qlinear), an order no pipeline
     # could then satisfy

@@ -1274,3 +1274,18 @@ def test_generate_refuses_a_recipe_it_cannot_serve_before_loading_the_model(monk
     monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     res = invoke("generate", "smollm2:2", "--recipe", recipe, "--prompt", "Hi", "-n", "2", code=2)
     assert message in " ".join(res.output.split()), res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_pass_device_this_machine_lacks_is_refused_before_loading_the_model(monkeypatch, tmp_path):
+    """The GPU recipes say "add device=cuda"; `--set device=cuda` (or overrides=) on a machine without CUDA loaded and
+    captured the model, then the pass failed. plan_compile now checks each pass's own device first: exit 2 from the
+    CLI, a DeviceError naming the pass from the API."""
+    import lowbit
+    from lowbit.errors import DeviceError
+
+    monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    res = invoke("compile", "smollm2:2", "--recipe", "w4a16-gptq", "--set", "device=cuda", "-o", tmp_path / "o", code=2)
+    assert "pass gptq(" in res.output and "option device='cuda'" in " ".join(res.output.split()), res.output
+    with pytest.raises(DeviceError, match=r"pass autoround\(.*device=cuda.*\): option device='cuda'"):
+        lowbit.compile_model("smollm2:2", recipe="w4a16-autoround", overrides={"device": "cuda"})

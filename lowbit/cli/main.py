@@ -359,6 +359,7 @@ def compile_cmd(
     """Capture MODEL, run the pipeline over its IR, lower it to BACKEND and write the artefact and a report."""
     from lowbit.api import compile_graph, plan_compile
     from lowbit.backends.registry import BackendError
+    from lowbit.errors import DeviceError
     from lowbit.passes.base import all_passes, closest
     from lowbit.passes.manager import PrintIR
 
@@ -386,6 +387,8 @@ def compile_cmd(
         plan = plan_compile(passes, backend, options)
     except BackendError as exc:
         fail(exc.cli, Exit.USAGE)
+    except DeviceError as exc:  # a pass's device=cuda where there is none
+        fail(str(exc), Exit.USAGE)
     registry = all_passes()
     names = [p.name for p in [*plan.passes, *plan.backend_passes]]  # the backend's own (fuse-qlinear) print too
     for name in print_ir_after:
@@ -679,6 +682,8 @@ def generate_cmd(
         refuse_for_generation(passes)  # kv4, the *-e2e recipes: before the model is read (it was after its load)
     except BackendError as exc:
         fail(exc.cli, Exit.USAGE)
+    except DeviceError as exc:  # a pass's device=cuda where there is none
+        fail(str(exc), Exit.USAGE)
     except GenerationError as exc:
         fail(str(exc), Exit.USAGE)
     ignored = ["--" + name.replace("_", "-")
