@@ -337,7 +337,8 @@ def _fuse_epilogue(gm: torch.fx.GraphModule, node: torch.fx.Node, slots: tuple[i
     node's target becomes ``retarget_to(epilogue)``, its readers' nodes are erased and their readers read it.
     A gated epilogue interleaves the weight, scale, zero point and bias rows into (gate, up) pairs (buffers
     replaced, same bytes) unless ``interleave`` is False (``float_linear`` reads the halves as merged);
-    ``slots``: those operands' argument positions; ``kinds``: the rules applied (``EPILOGUES``). Returns the epilogue, "" if none."""
+    ``slots``: those operands' argument positions; ``kinds``: the rules applied (``EPILOGUES``). Returns the
+    epilogue, "" if none."""
     from lowbit.kernels.weight_only import interleave_rows
 
     for kind, _, match in EPILOGUE_RULES:

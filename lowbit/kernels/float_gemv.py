@@ -10,9 +10,9 @@ kernels that cannot overlap (cuBLAS launches without PDL). The weight-only path 
 
 - ``torch.ops.lowbit.float_linear(x, weight, bias, epilogue, norm_sumsq, norm_eps)``: ``F.linear`` with the
   weight-only op's ``epilogue`` and ``norm_sumsq`` (``weight_only_linear``'s meaning, but a gated epilogue reads the
-  merged weight's gate and up halves as they are: the GEMV writes its partials in (gate, up) pairs); the GEMV at M = 1 on a
-  kernel device, ``F.linear`` and torch ops otherwise. ``float_linear_add_norm``: the same + a residual add,
-  returning the next RMSNorm's halves (``weight_only_linear_add_norm``'s contract). ``*_pdl``: opaque forms
+  merged weight's gate and up halves as they are: the GEMV writes its partials in (gate, up) pairs); the GEMV at
+  M = 1 on a kernel device, ``F.linear`` and torch ops otherwise. ``float_linear_add_norm``: the same + a residual
+  add, returning the next RMSNorm's halves (``weight_only_linear_add_norm``'s contract). ``*_pdl``: opaque forms
   whose launches use PDL (``pdl_launches``), for a CUDA-graph decode step.
 - Kernel ``_gemv_f``: ``[BLOCK_N, BLOCK_K]`` tiles of the row-major weight (16-byte loads along K), products
   accumulated in fp32 per lane and summed once after the loop; the next tile is loaded before this one's

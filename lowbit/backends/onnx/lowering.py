@@ -304,10 +304,14 @@ def unfused_matmulnbits(model: ir.Model, most: int = 5) -> str | None:
     rest = [where for value, where in qlinears.items() if value not in fused]
     if not rest:
         return None
-    shown = ", ".join(rest[:most]) + (f", ... ({len(rest)} in all)" if len(rest) > most else "")
     return (f"weight_format=matmulnbits: {len(fused)} of {len(qlinears)} quantized linears run as MatMulNBits; "
             f"{len(rest)} keep the QDQ or integer-GEMM form (MatMulNBits takes weight-only 4-bit weights, 8-bit ones "
-            f"at accuracy_level=4): {shown}")
+            f"at accuracy_level=4): {_first(rest, most)}")
+
+
+def _first(names: list[str], most: int) -> str:
+    """The first ``most`` of ``names`` joined, with the count when some are left out (the reports' lists)."""
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 def unfused_integer_matmul(model: ir.Model, most: int = 5) -> str | None:
@@ -333,10 +337,10 @@ def unfused_integer_matmul(model: ir.Model, most: int = 5) -> str | None:
     rest = [w for w in linears if w not in fused]
     if not rest:
         return None
-    shown = ", ".join(rest[:most]) + (f", ... ({len(rest)} in all)" if len(rest) > most else "")
     return (f"integer_matmul: {len(fused)} of {len(linears)} linears with quantized activations run as "
             f"MatMulIntegerToFloat; {len(rest)} keep the QDQ form (the integer GEMM takes int8 weights per channel or "
-            f"per tensor with symmetric int8 activations per tensor or per token, in float32): {shown}")
+            "per tensor with symmetric int8 activations per tensor or per token, in float32): "
+            f"{_first(rest, most)}")
 
 
 def lowered_op_types(model: ir.Model) -> dict[str, int]:
