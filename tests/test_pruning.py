@@ -1540,10 +1540,6 @@ def test_prune_blocks_removes_a_block_whose_updates_are_normalised_or_scaled(fam
     ranks the blocks on calibration ids."""
     import transformers as tf
 
-    from lowbit.ir.capture import capture
-    from lowbit.models import CausalLMLogits
-    from lowbit.passes.prune_blocks import PruneBlocks
-
     small = dict(vocab_size=128, max_position_embeddings=64, num_hidden_layers=3, pad_token_id=0, eos_token_id=0,
                  hidden_size=64, intermediate_size=128)
     config = {"gemma2": lambda: tf.Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16, **small),
@@ -1553,15 +1549,25 @@ def test_prune_blocks_removes_a_block_whose_updates_are_normalised_or_scaled(fam
                                                   attention_multiplier=0.015625, logits_scaling=8.0, **small)}[family]
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config()).eval()
-    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    _second_block_pruned_as_deleted(model, model.model.layers, "model.layers.1",
+                                    torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(1)))
+
+
+def _second_block_pruned_as_deleted(model: torch.nn.Module, layers: torch.nn.ModuleList, name: str,
+                                    ids: torch.Tensor) -> None:
+    """prune-blocks of block 1 (``name``) equals the model with ``layers[1]`` deleted, and Block Influence ranks the
+    three blocks on ``ids`` and removes one."""
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+    from lowbit.passes.prune_blocks import PruneBlocks
+
     graph = capture(CausalLMLogits(model).eval(), (ids,))
     g = graph.clone()
-    stats = PassManager("prune-blocks(blocks=[model.layers.1])").run(g).records[0].stats
-    assert stats["blocks_removed"] == ["model.layers.1"]
-    ranked = PassManager([PruneBlocks(n=1, calib=ids, calib_n=2, calib_len=8, batch_size=2, progress=False)]
-                         ).run(graph.clone()).records[0].stats
+    assert PassManager(f"prune-blocks(blocks=[{name}])").run(g).records[0].stats["blocks_removed"] == [name]
+    ranked = PassManager([PruneBlocks(n=1, calib=ids, calib_n=2, calib_len=ids.shape[1], batch_size=2,
+                                      progress=False)]).run(graph.clone()).records[0].stats
     assert len(ranked["blocks_removed"]) == 1 and len(ranked["influence"]) == 3, ranked
-    del model.model.layers[1]
+    del layers[1]
     with torch.no_grad():
         want = model(ids).logits
     torch.testing.assert_close(TorchCompiled(g)(ids), want, rtol=1e-4, atol=1e-4)
@@ -1601,23 +1607,9 @@ def test_prune_blocks_on_gpt2_equals_the_model_without_that_block():
     Block Influence ranks the blocks."""
     from conftest import tiny_outside_family
 
-    from lowbit.ir.capture import capture
-    from lowbit.models import CausalLMLogits
-    from lowbit.passes.prune_blocks import PruneBlocks
-
     model = tiny_outside_family("gpt2", 3)
-    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    graph = capture(CausalLMLogits(model).eval(), (ids,))
-    g = graph.clone()
-    assert PassManager("prune-blocks(blocks=[transformer.h.1])").run(g).records[0].stats["blocks_removed"] == [
-        "transformer.h.1"]
-    ranked = PassManager([PruneBlocks(n=1, calib=ids, calib_n=2, calib_len=12, batch_size=2, progress=False)]
-                         ).run(graph.clone()).records[0].stats
-    assert len(ranked["blocks_removed"]) == 1 and len(ranked["influence"]) == 3, ranked
-    del model.transformer.h[1]
-    with torch.no_grad():
-        want = model(ids).logits
-    torch.testing.assert_close(TorchCompiled(g)(ids), want, rtol=1e-4, atol=1e-4)
+    _second_block_pruned_as_deleted(model, model.transformer.h, "transformer.h.1",
+                                    torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1)))
 
 
 def test_prune_heads_on_gpt2_names_the_fused_qkv_projection():
