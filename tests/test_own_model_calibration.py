@@ -37,6 +37,24 @@ def test_a_model_without_its_tokenizer_is_refused_before_calibrating():
     assert "no tokenizer for this model (its embedding has 128 rows" in str(info.value)
 
 
+def test_a_model_whose_ids_are_reshaped_before_the_embedding_is_refused_like_the_others():
+    """GPT-2 reshapes ``input_ids`` to ``[-1, T]`` before ``wte``: the vocabulary check looked only for an embedding
+    reading the input itself, so a tiny GPT-2 (128 rows) calibrated on SmolLM2's ids and failed inside the embedding
+    ("IndexError: index out of range in self"). The reshape is followed: the same refusal as every other model."""
+    from conftest import tiny_outside_family
+
+    from lowbit.calibration.data import vocabulary_size
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    model = tiny_outside_family("gpt2", 1)
+    ids = torch.randint(3, 128, (2, 12))
+    assert vocabulary_size(capture(CausalLMLogits(model).eval(), (ids,))) == 128
+    with pytest.raises(PipelineError, match=r"no tokenizer for this model \(its embedding has 128 rows"):
+        lowbit.compile_model(model, pipeline="quantize(w=int8,a=int8,a_static=true,a_gran=per_tensor,calib_n=2,"
+                                             "calib_len=16)")
+
+
 def test_a_tokenizer_of_another_vocabulary_is_refused_by_name():
     with pytest.raises(Exception) as info:
         lowbit.compile_model(tiny_llama(128), pipeline=GPTQ.replace("progress", "tokenizer=minilm,progress"))

@@ -129,13 +129,21 @@ def given_windows(ids: torch.Tensor, n: int, seq_len: int, what: str) -> torch.T
     return ids.to(torch.int64)
 
 
+_ID_LAYOUT_OPS = frozenset({"reshape", "view", "aten.view.default", "aten.reshape.default", "aten.unsqueeze.default",
+                            "aten.flatten.using_ints", "aten.contiguous.default", "aten.clone.default"})
+"""Ops that move the ids without changing them: GPT-2 reshapes ``input_ids`` to ``[-1, T]`` before its embedding."""
+
+
 def vocabulary_size(graph: Graph) -> int | None:
-    """Rows of the embedding that reads the graph's first input (the ids), if there is one."""
+    """Rows of the embedding that reads the graph's first input (the ids), directly or through reshapes, if there
+    is one."""
     if not graph.inputs:
         return None
-    ids = graph.inputs[0]
+    ids = {id(graph.inputs[0])}
     for node in graph.nodes:
-        if node.op in ("embedding", "aten.embedding.default") and len(node.args) > 1 and node.args[1] is ids:
+        if node.op in _ID_LAYOUT_OPS and node.args and id(node.args[0]) in ids:
+            ids.update(id(v) for v in node.outputs)
+        elif node.op in ("embedding", "aten.embedding.default") and len(node.args) > 1 and id(node.args[1]) in ids:
             rows = getattr(node.args[0].type, "shape", (None,))[0]
             return rows if isinstance(rows, int) else None
     return None
