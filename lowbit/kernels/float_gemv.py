@@ -153,17 +153,22 @@ def _launch_gemv_f(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                      pdl=pdl_on())
 
 
+def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``_gemv_f`` runs: one non-empty row, a kernel device, a weight ``float_linear_unsupported`` takes."""
+    return (x.shape[-1] > 0 and x.numel() == x.shape[-1] and (x.is_cuda or interpreting())
+            and float_linear_unsupported(x.dtype, weight) is None)
+
+
 def _float_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, epilogue: str,
-                fusion: ReduceFusion | None, cfg: dict[str, int] | None = None) -> torch.Tensor:
-    """The GEMV where it applies (one row, a kernel device, ``float_linear_unsupported`` None), else torch."""
+                fusion: ReduceFusion | None) -> torch.Tensor:
+    """The GEMV where it applies (``_takes_gemv``), else ``F.linear`` and torch ops."""
     k = x.shape[-1]
     n = weight.shape[0]
     _, gated = parse_epilogue(epilogue, "float_linear")
     check(weight.dim() == 2 and weight.shape[1] == k, "float_linear",
           f"weight {tuple(weight.shape)} does not take rows of K={k}")
     check(not gated or n % 2 == 0, "float_linear", f"a gated epilogue needs an even N (gate, up pairs), got N={n}")
-    m = x.numel() // k if k else 0
-    if m != 1 or float_linear_unsupported(x.dtype, weight) is not None or not (x.is_cuda or interpreting()):
+    if not _takes_gemv(x, weight):
         if fusion is not None:
             return _unfused(lambda v: gated_halves_ref(F.linear(v, weight, bias), epilogue), x, fusion)
         return gated_halves_ref(F.linear(x, weight, bias), epilogue)
@@ -173,28 +178,17 @@ def _float_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     n_out = n // 2 if gated else n
     out = torch.empty((1, n_out), device=x.device, dtype=x.dtype)
     if fusion is not None:
-        if fusion.residual is not None:
-            fusion.residual = fusion.residual.reshape(1, n_out).contiguous()
-        if fusion.gain is not None:
-            fusion.gained = torch.empty_like(out)
-        if fusion.sumsq is not None:
-            fusion.sumsq = fusion.sumsq.reshape(1, -1).contiguous()
-    _launch_gemv_f(x2, weight, bias, out, epilogue, fusion, cfg)
-    if fusion is not None and fusion.gain is not None:
-        fusion.gained = fusion.gained.reshape(*x.shape[:-1], n_out)
-        fusion.sumsq_out = fusion.sumsq_out.reshape(*x.shape[:-1], -1)
+        fusion.to_rows(out)
+    _launch_gemv_f(x2, weight, bias, out, epilogue, fusion)
+    if fusion is not None:
+        fusion.from_rows(x.shape[:-1])
     return out.reshape(*x.shape[:-1], n_out)
 
 
 def add_norm_partials_f(x: torch.Tensor, weight: torch.Tensor) -> int:
     """How many partial sums of squares per row ``float_linear_add_norm`` returns: one per 128-wide reduce program
     where the GEMV runs, one where torch ops do (``norm_parts_ref``)."""
-    k, n = x.shape[-1], weight.shape[0]
-    if x.numel() != k or float_linear_unsupported(x.dtype, weight) is not None:
-        return 1
-    if not (x.is_cuda or interpreting()):
-        return 1
-    return cdiv(n, 128)
+    return cdiv(weight.shape[0], 128) if _takes_gemv(x, weight) else 1
 
 
 @triton_op("lowbit::float_linear", mutates_args=())

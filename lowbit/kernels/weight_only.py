@@ -385,6 +385,23 @@ class ReduceFusion:
     gained: torch.Tensor | None = None
     sumsq_out: torch.Tensor | None = None
 
+    def to_rows(self, out: torch.Tensor) -> None:
+        """Before a kernel launch: the inputs as the reduce reads them (``[M, n]`` rows, contiguous) and the gained
+        output beside ``out`` (``[M, n_out]``)."""
+        m, n_out = out.shape
+        if self.residual is not None:
+            self.residual = self.residual.reshape(m, n_out).contiguous()
+        if self.gain is not None:
+            self.gained = torch.empty_like(out)
+        if self.sumsq is not None:
+            self.sumsq = self.sumsq.reshape(m, -1).contiguous()
+
+    def from_rows(self, lead: torch.Size | tuple[int, ...]) -> None:
+        """After it: the next norm's halves in the input's leading shape ``lead``."""
+        if self.gain is not None:
+            self.gained = self.gained.reshape(*lead, -1)
+            self.sumsq_out = self.sumsq_out.reshape(*lead, -1)
+
 
 def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torch.Tensor, int, int], tuple],
                      meta: dict, split: int, n: int, out: torch.Tensor, bias: torch.Tensor | None,
@@ -1694,18 +1711,12 @@ def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path, epilo
     n_out = n // 2 if epilogue.endswith("*up") else n
     out = torch.empty((m, n_out), device=x.device, dtype=x.dtype)
     if fusion is not None:
-        if fusion.residual is not None:
-            fusion.residual = fusion.residual.reshape(m, n_out).contiguous()
-        if fusion.gain is not None:
-            fusion.gained = torch.empty_like(out)
-        if fusion.sumsq is not None:
-            fusion.sumsq = fusion.sumsq.reshape(m, -1).contiguous()
+        fusion.to_rows(out)
     if cfg is None:
         cfg = words_config(m, n, k, bits, cw, is_n_major(words), group_size)
     _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, cfg, epilogue, fusion)
-    if fusion is not None and fusion.gain is not None:
-        fusion.gained = fusion.gained.reshape(*x.shape[:-1], n_out)
-        fusion.sumsq_out = fusion.sumsq_out.reshape(*x.shape[:-1], -1)
+    if fusion is not None:
+        fusion.from_rows(x.shape[:-1])
     return out.reshape(*x.shape[:-1], n_out)
 
 
