@@ -307,6 +307,19 @@ def test_any_input_and_parameter_name_prints_and_parses_back(input_name, param_n
     assert parsed.params[param_name].data.data_ptr() == weight.data_ptr() and parsed.nodes[0].module == module
 
 
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.text(max_size=12))
+def test_any_graph_name_prints_and_parses_back(name):
+    """``Graph("my model")`` printed ``graph my model() {``, a header the parser refused ("expected '('"): every
+    name round-trips, written bare when the parser reads it as one name and as a JSON string otherwise."""
+    graph = Graph(name)
+    x = graph.add_input("x", TensorType(torch.float32, (2, 4)))
+    graph.outputs = [x]
+    text = print_graph(graph)
+    parsed = parse_graph(text)
+    assert parsed.name == name and print_graph(parsed) == text
+
+
 QDQ_IR = """graph main(%x: f32[1,s0,{k}]) {{
   symbol s0 in [2, 64] hint 4
   param @fc.weight.qdata: u8[{n},{kp}]

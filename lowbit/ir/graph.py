@@ -91,6 +91,15 @@ _PLAIN_PARAM = re.compile(r"[A-Za-z0-9_.\-/]+")
 """Names the IR text writes bare after ``%`` / ``@`` (the parser's tokens); any other is written as a JSON string."""
 
 
+_PLAIN_GRAPH = re.compile(r"-?[A-Za-z_][A-Za-z0-9_.]*")
+
+
+def graph_ref(name: str) -> str:
+    """A graph's name as the IR header writes it: as is when the parser reads it back as one name, else as a JSON
+    string (``graph "my model"(...)``): a name with a space printed a header that did not parse back."""
+    return name if _PLAIN_GRAPH.fullmatch(name) else json.dumps(name)
+
+
 def value_ref(name: str, *, param: bool) -> str:
     """``@name`` (``param``) or ``%name`` as the IR text writes it (``Value.__repr__``, the printer's param lines)."""
     sigil, plain = ("@", _PLAIN_PARAM) if param else ("%", _PLAIN_VALUE)

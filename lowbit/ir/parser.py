@@ -292,7 +292,11 @@ class Parser:
 
     def _header(self, c: _Line) -> None:
         c.expect("graph")
-        self.graph = Graph(c.next().text)
+        t = c.next()
+        if t.kind not in ("name", "string"):  # the printer writes no other (graph_ref)
+            raise IRParseError(f"expected the graph's name (a name, or a JSON string), found {t.text!r}", c.line_no,
+                               c.line, t.col)
+        self.graph = Graph(json.loads(t.text) if t.kind == "string" else t.text)
         c.expect("(")
         if not c.accept(")"):
             while True:

@@ -13,8 +13,8 @@ a horizontally merged one also lists its members' modules: ``... | merged ["mode
 a linear ``sparsify`` pruned, its pattern: ``... | sparsity 2:4``; an attention ``quantize(kv=...)`` quantized, its
 KV scheme: ``... | qscheme_kv k:int4-asym-tok16-dyn v:int4-asym-tok16-dyn window:0 sink:0``.
 
-Names: ``%x``, ``@model.norm.weight`` as they are; one the parser would not read back bare (a space, a colon, a
-non-ASCII letter: a ``ModuleDict`` key) as a JSON string, ``@"d.my layer.weight"``.
+Names: ``%x``, ``@model.norm.weight`` and the graph's as they are; one the parser would not read back bare (a space,
+a colon, a non-ASCII letter: a ``ModuleDict`` key) as a JSON string, ``@"d.my layer.weight"``, ``graph "my model"(``.
 
 Literals: ints, floats (``inf``, ``-inf``, ``nan``), ``True``/``False``/``None``, JSON strings, dtypes by
 short name (``f32``), ``device("cpu")``, memory formats and layouts by name, lists in brackets.
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lowbit.ir.graph import DTYPE_NAMES, Graph, Node, Value, value_ref
+from lowbit.ir.graph import DTYPE_NAMES, Graph, Node, Value, graph_ref, value_ref
 
 ENUM_LITERALS: dict[Any, str] = {
     torch.strided: "strided",
@@ -103,7 +103,7 @@ def print_graph(graph: Graph, *, filter: str | None = None, params: bool = True)
     """Render ``graph`` as text; ``filter`` keeps only nodes whose module path matches the regex."""
     rx = re.compile(filter) if filter else None
     ins = ", ".join(f"{v!r}: {format_type(v.type)}" for v in graph.inputs)
-    lines = [f"graph {graph.name}({ins}) {{"]
+    lines = [f"graph {graph_ref(graph.name)}({ins}) {{"]
     for s in graph.symbols.values():
         rng = f" in [{s.min if s.min is not None else '?'}, {s.max if s.max is not None else '?'}]"
         hint = f" hint {s.hint}" if s.hint is not None else ""
