@@ -324,7 +324,7 @@ def test_symbol_lines_that_contradict_or_are_empty_are_parse_errors(saved, tmp_p
     _refused(d, "model.lowbit", why, "line ")
 
 
-@pytest.mark.parametrize(("damage", "why"), [("truncated", "expected"), ("not-utf8", "not UTF-8")])
+@pytest.mark.parametrize(("damage", "why"), [("truncated", "not valid lowbit IR: line "), ("not-utf8", "not UTF-8")])
 def test_unreadable_ir_names_the_file(saved, tmp_path, damage, why):
     """A truncated model.lowbit said "line 76, col 6: expected ':'" without the path; a non-UTF-8 one raised a raw
     UnicodeDecodeError."""
@@ -488,3 +488,40 @@ def test_gptq_settings_in_quantize_config_json_are_named(saved, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "lowbit-manifest.json").unlink()
     _refused(d, "config.json", "quantize_config.json is beside it (an older AutoGPTQ layout)")
+
+
+# ---- format versions -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["lowbit", "compressed-tensors"])
+def test_a_checkpoint_of_a_newer_format_version_is_refused_naming_both_versions(saved, tmp_path, fmt):
+    """``versions.lowbit`` was never read and nothing else said which layout a directory has, so a checkpoint a
+    newer lowbit wrote in a changed layout would be read as this one's (or fail on whatever differed first)."""
+    from lowbit.checkpoint.files import FORMAT_VERSION
+
+    d = _copy(saved, fmt, tmp_path)
+    assert json.loads((d / "lowbit-manifest.json").read_text())["format_version"] == FORMAT_VERSION
+    _edit_json(d / "lowbit-manifest.json", lambda m: (m.__setitem__("format_version", FORMAT_VERSION + 1),
+                                                      m["versions"].__setitem__("lowbit", "99.0")))
+    _refused(d, "lowbit-manifest.json", f"format_version {FORMAT_VERSION + 1} (written by lowbit 99.0) is newer",
+             f"format_version {FORMAT_VERSION} and older", lowbit.__version__)
+
+
+def test_ir_text_of_a_newer_version_is_refused_naming_the_file_and_both_versions(saved, tmp_path):
+    from lowbit.ir.printer import IR_VERSION
+
+    d = _copy(saved, "lowbit", tmp_path)
+    first = (d / "model.lowbit").read_text().splitlines()[0]
+    assert first == f"# lowbit IR version {IR_VERSION}"
+    _edit_ir(d, first, f"# lowbit IR version {IR_VERSION + 1}")
+    _refused(d, str(d / "model.lowbit"), f"lowbit IR version {IR_VERSION + 1}, written by a newer lowbit",
+             f"reads versions up to {IR_VERSION}")
+
+
+def test_a_checkpoint_written_before_format_versions_still_loads(saved, tmp_path):
+    """Old directories have neither the manifest's format_version nor the IR's version line: read as version 1."""
+    d = _copy(saved, "lowbit", tmp_path)
+    _edit_ir(d, (d / "model.lowbit").read_text().splitlines()[0] + "\n", "")
+    _edit_json(d / "lowbit-manifest.json", lambda m: m.pop("format_version"))
+    ids = torch.randint(0, 97, (1, 6))
+    assert torch.equal(lowbit.load(d)(ids), lowbit.load(saved["lowbit"])(ids))

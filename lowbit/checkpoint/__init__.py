@@ -168,7 +168,7 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any, config: Any = None
     if empty:  # written without them, the checkpoint (manifest and all) could never be loaded
         raise CheckpointError(f"parameter @{empty[0]} (and {len(empty) - 1} more) has no tensor (a graph parsed "
                               "without its weights?); the lowbit format stores every declared parameter")
-    (directory / IR_FILE).write_text(print_graph(graph))
+    (directory / IR_FILE).write_text(print_graph(graph, version=True))
     write_safetensors({n: v.data for n, v in graph.params.items()}, directory / PARAMS_FILE)  # none empty: refused
     src = graph.meta.get("source") or {}
     info: dict[str, Any] = {"format": "lowbit", "kind": kind or src.get("kind")}
@@ -438,7 +438,7 @@ def _parsed_and_verified(ir: Path, params: dict[str, Any]) -> Any:
     """The graph of ``ir`` with ``params``, verified: the manifest proves only that the files are the ones it lists,
     and a rehashed model.lowbit declaring f16 where f32 is computed, or a size no tensor has, loaded and ran. Every
     error names ``ir`` (or the params file), as the parser's line numbers alone did not."""
-    from lowbit.ir.parser import IRParseError, parse_graph
+    from lowbit.ir.parser import IRParseError, IRVersionError, parse_graph
     from lowbit.ir.verifier import VerificationError, check_fixed_sizes, check_stored, listed, verify
 
     try:
@@ -447,6 +447,8 @@ def _parsed_and_verified(ir: Path, params: dict[str, Any]) -> Any:
         raise CheckpointError(f"{ir}: is not UTF-8 text, so not lowbit IR ({exc})") from None
     try:
         graph = parse_graph(text, params)
+    except IRVersionError as exc:
+        raise CheckpointError(f"{ir}: {exc}") from None
     except IRParseError as exc:
         raise CheckpointError(f"{ir}: not valid lowbit IR: {exc}") from None
     stored = check_stored(graph, params)

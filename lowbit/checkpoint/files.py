@@ -27,11 +27,15 @@ from lowbit.errors import LowbitError
 
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
            "verify_manifest", "check_listed", "unopenable", "read_safetensors", "read_config", "read_tokenizer",
-           "shareable_config", "write_safetensors", "MANIFEST", "FORMATS", "sha256_file", "not_replaceable"]
+           "shareable_config", "write_safetensors", "MANIFEST", "FORMATS", "FORMAT_VERSION", "sha256_file",
+           "not_replaceable"]
 
 MANIFEST = "lowbit-manifest.json"
 FORMATS = ("compressed-tensors", "gptq", "hf", "lowbit")
 """The checkpoint formats lowbit writes (a manifest's ``format``)."""
+FORMAT_VERSION = 1
+"""The version of the directory lowbit writes (the manifest's ``format_version``): raise it when a change makes an
+older lowbit misread a checkpoint. A manifest without one (written before it existed) is version 1."""
 
 
 class CheckpointError(LowbitError, ValueError):
@@ -141,7 +145,8 @@ def write_manifest(directory: Path, fmt: str, extra: dict[str, Any] | None = Non
     for p in sorted(directory.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
             files[p.relative_to(directory).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    manifest = {"format": fmt, "versions": _versions(), "files": files, **(extra or {})}
+    manifest = {"format": fmt, "format_version": FORMAT_VERSION, "versions": _versions(), "files": files,
+                **(extra or {})}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -183,6 +188,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True)
     format: Literal[FORMATS] | None = None  # type: ignore[valid-type]  # another was read as a float HF model
+    format_version: int | None = Field(default=None, ge=1)
     versions: dict[str, Any] = {}
     files: dict[str, FileRecord]
     lowbit: LowbitInfo | None = None
@@ -200,7 +206,17 @@ def checked(model: type[BaseModel], raw: Any, message: Callable[[str, str], str]
 
 def _checked_manifest(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` (the manifest at ``path``) when its structure is a manifest's; else a CheckpointError naming the
-    file and the first bad key."""
+    file and the first bad key. A ``format_version`` newer than ``FORMAT_VERSION`` is refused first, naming both
+    versions: the rest of a newer manifest may not be one this lowbit knows how to check."""
+    version = raw.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        from lowbit.version import __version__
+
+        writer = raw.get("versions", {}).get("lowbit") if isinstance(raw.get("versions"), dict) else None
+        by = f" (written by lowbit {writer})" if isinstance(writer, str) else ""
+        raise CheckpointError(f"{path}: format_version {version}{by} is newer than this lowbit ({__version__}) reads: "
+                              f"it reads format_version {FORMAT_VERSION} and older; upgrade lowbit to load this "
+                              "checkpoint")
     checked(Manifest, raw, lambda key, msg: f"{path}: key {key!r}: {msg}")
     return raw
 

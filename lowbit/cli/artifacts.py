@@ -25,7 +25,7 @@ def save_graph(graph: Any, directory: Path, ir_name: str = IR_FILE, params_name:
 
     from lowbit.ir.printer import print_graph
 
-    (directory / ir_name).write_text(print_graph(graph))
+    (directory / ir_name).write_text(print_graph(graph, version=True))
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, v in graph.params.items():

@@ -397,10 +397,12 @@ def artifact_errors(path: Path) -> Iterator[None]:
     from a file) into exit 3 naming the file: the file cannot be read as what it claims to be."""
     from lowbit.checkpoint.files import CheckpointError
     from lowbit.errors import CorruptFileError, UntrustedInputError
-    from lowbit.ir.parser import IRParseError
+    from lowbit.ir.parser import IRParseError, IRVersionError
 
     try:
         yield
+    except IRVersionError as exc:
+        fail(f"{str(path)!r}: {exc}", Exit.NOT_FOUND)
     except IRParseError as exc:
         fail(f"{str(path)!r} is not valid lowbit IR: {exc}", Exit.NOT_FOUND)
     except (CorruptFileError, UntrustedInputError, CheckpointError) as exc:

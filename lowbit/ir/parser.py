@@ -17,9 +17,10 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.ir.graph import DTYPES_BY_NAME, Graph, Node, SymType, Symbol, TensorType, Value, ValueType
 from lowbit.ir.ops import check_op
-from lowbit.ir.printer import ENUM_LITERALS
+from lowbit.ir.printer import ENUM_LITERALS, IR_VERSION, VERSION_LINE
 from lowbit.ir.symexpr import DimParseError, parse_dim, parse_sym_value
 from lowbit.ir.verifier import WRITES_OPERAND, device_problem
+from lowbit.version import __version__
 
 ENUMS_BY_NAME = {v: k for k, v in ENUM_LITERALS.items()}
 MAX_SIZE = 2**63 - 1
@@ -66,6 +67,10 @@ class Tok:
         how the printer writes a name its plain form would not read back)."""
         bare = self.text[1:]
         return json.loads(bare) if bare.startswith('"') else bare
+
+
+class IRVersionError(IRParseError):
+    """IR text written by a newer lowbit, in a version of the text form this one does not read."""
 
 
 def tokenize(line: str, line_no: int) -> tuple[list[Tok], str | None]:
@@ -246,6 +251,8 @@ class Parser:
         for no, raw in enumerate(lines, 1):
             toks, comment = tokenize(raw, no)
             if not toks:
+                if state == "header" and raw.startswith(VERSION_LINE):
+                    self._version(raw, no)
                 continue
             c = _Line(toks, no, raw)
             try:
@@ -261,6 +268,17 @@ class Parser:
             raise IRParseError("graph not closed with 'return ...' and '}'", len(lines), lines[-1] if lines else "")
         assert self.graph is not None
         return self.graph
+
+    @staticmethod
+    def _version(line: str, line_no: int) -> None:
+        """The ``# lowbit IR version N`` line of a saved file: a newer N is refused by name, not misread."""
+        text = line[len(VERSION_LINE):].strip()
+        if not re.fullmatch(r"\d{1,9}", text):
+            raise IRParseError(f"the IR version must be an integer, found {text!r}", line_no, line, len(VERSION_LINE))
+        if int(text) > IR_VERSION:
+            raise IRVersionError(f"this is lowbit IR version {int(text)}, written by a newer lowbit; this lowbit "
+                                 f"({__version__}) reads versions up to {IR_VERSION}: upgrade lowbit to read it",
+                                 line_no, line, len(VERSION_LINE))
 
     def _statement(self, c: _Line, toks: list[Tok], state: str, comment: str | None) -> str:
         """Parse one line in ``state``; returns the next state."""

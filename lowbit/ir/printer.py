@@ -16,6 +16,10 @@ KV scheme: ``... | qscheme_kv k:int4-asym-tok16-dyn v:int4-asym-tok16-dyn window
 Names: ``%x``, ``@model.norm.weight`` and the graph's as they are; one the parser would not read back bare (a space,
 a colon, a non-ASCII letter: a ``ModuleDict`` key) as a JSON string, ``@"d.my layer.weight"``, ``graph "my model"(``.
 
+A saved file (``model.lowbit``, a reproducer's ``before.lowbit``) starts with ``# lowbit IR version N``
+(``IR_VERSION``): a comment, so a lowbit that predates it still reads the file, and the parser refuses a version newer
+than its own; text without the line (older files, golden tests) is read as version 1.
+
 Literals: ints, floats (``inf``, ``-inf``, ``nan``), ``True``/``False``/``None``, JSON strings, dtypes by
 short name (``f32``), ``device("cpu")``, memory formats and layouts by name, lists in brackets.
 """
@@ -30,6 +34,10 @@ from typing import Any
 import torch
 
 from lowbit.ir.graph import DTYPE_NAMES, Graph, Node, Value, graph_ref, value_ref
+
+IR_VERSION = 1
+"""The text form's version, written first in saved files; raise it when a change makes older lowbits misread text."""
+VERSION_LINE = "# lowbit IR version "
 
 ENUM_LITERALS: dict[Any, str] = {
     torch.strided: "strided",
@@ -99,11 +107,13 @@ def format_node(node: Node) -> str:
     return text
 
 
-def print_graph(graph: Graph, *, filter: str | None = None, params: bool = True) -> str:
-    """Render ``graph`` as text; ``filter`` keeps only nodes whose module path matches the regex."""
+def print_graph(graph: Graph, *, filter: str | None = None, params: bool = True, version: bool = False) -> str:
+    """Render ``graph`` as text; ``filter`` keeps only nodes whose module path matches the regex; ``version`` starts
+    it with the ``# lowbit IR version`` line a saved file carries."""
     rx = re.compile(filter) if filter else None
     ins = ", ".join(f"{v!r}: {format_type(v.type)}" for v in graph.inputs)
-    lines = [f"graph {graph_ref(graph.name)}({ins}) {{"]
+    lines = [f"{VERSION_LINE}{IR_VERSION}"] if version else []
+    lines.append(f"graph {graph_ref(graph.name)}({ins}) {{")
     for s in graph.symbols.values():
         rng = f" in [{s.min if s.min is not None else '?'}, {s.max if s.max is not None else '?'}]"
         hint = f" hint {s.hint}" if s.hint is not None else ""
