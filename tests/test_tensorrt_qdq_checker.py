@@ -90,6 +90,22 @@ def test_int4_blocks_along_the_output_axis_are_rejected():
     assert "int4-weight-only" in _rules(_model(build), "error")
 
 
+@pytest.mark.parametrize("attrs, scale_shape, got", [
+    ({"axis": 0, "block_size": 32}, (K // 32, N), "in blocks of 32"),
+    ({"axis": 1}, (N,), "one scale per channel"),
+])
+def test_int4_weights_outside_block_sizes_64_and_128_are_refused(attrs, scale_shape, got):
+    """NVIDIA's Quantization Schemes: "INT4 quantization requires per-block scales. The supported block sizes are
+    {64, 128}" — group 32 and per-channel INT4 were warnings, and the export went on to a build TensorRT refuses."""
+    def build(t: Tape, x: ir.Value) -> ir.Value:
+        return t.op("MatMul", [x, _weight_dq(t, I4, scale=np.full(scale_shape, 0.01, np.float32), attrs=attrs)])
+
+    found = [v for v in errors(check_tensorrt_qdq(_model(build))) if v.rule == "int4-block-size"]
+    assert len(found) == 1, check_tensorrt_qdq(_model(build))
+    text = str(found[0])
+    assert "DequantizeLinear" in text and got in text and "64 or 128" in text and "quantized-types-schemes" in text
+
+
 def test_int4_activations_are_rejected():
     model = _model(lambda t, x: t.op("MatMul", [_q_dq_act(t, x, qtype=I4), _weight_dq(t)]))
     assert "int4-weight-only" in _rules(model, "error")

@@ -18,6 +18,8 @@ Documentation cited (TensorRT 10, docs.nvidia.com/deeplearning/tensorrt/latest/)
   last or second-to-last dimension; INT4 only).
 - [QLA] the IQuantizeLayer / IDequantizeLayer class reference (api/c_api/classnvinfer1_1_1_i_dequantize_layer.html):
   "scale and zeroPt should have identical dimensions, and a rank that is lower or equal to 2".
+- [QS] inference-library/quantized-types-schemes.html — "Quantization Schemes": "INT4 quantization requires
+  per-block scales. The supported block sizes are {64, 128}."
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ DOC_EQ = DOC_BASE + "inference-library/quantized-types-explicit-quantization.htm
 DOC_WQT = DOC_BASE + "inference-library/work-quantized-types.html"
 DOC_QL = DOC_BASE + "_static/operators/Quantize.html"
 DOC_DQL = DOC_BASE + "_static/operators/Dequantize.html"
+DOC_QS = DOC_BASE + "inference-library/quantized-types-schemes.html"
 DOC_QLA = "https://docs.nvidia.com/deeplearning/tensorrt/api/c_api/classnvinfer1_1_1_i_dequantize_layer.html"
 
 WEIGHTED_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
@@ -420,16 +423,6 @@ def _int4_weight_only(view: QDQView) -> Iterable[Violation]:
         if n.op_type != "DequantizeLinear" or not view.weight_dq(n):
             continue
         w_rank = view.rank(n.inputs[0]) or 0
-        block = view.block_size(n)
-        if not block:
-            yield _v(view, n, "int4-weight-only", "warning",
-                     "INT4 weights without block quantization: TensorRT's INT4 weight-only GEMM is documented for "
-                     "block-wise scales", DOC_WQT + " (Block Quantization)")
-            continue
-        if block not in INT4_BLOCK_SIZES:
-            yield _v(view, n, "int4-weight-only", "warning",
-                     f"INT4 block size {block}: TensorRT's INT4 weight-only kernels are documented for block sizes "
-                     f"{' and '.join(map(str, INT4_BLOCK_SIZES))}", DOC_WQT + " (Block Quantization)")
         axis = view.axis(n, w_rank)
         for c in view.consumers(n.outputs[0]):
             if c.op_type not in ("MatMul", "Gemm") or len(c.inputs) < 2 or c.inputs[1] is not n.outputs[0]:
@@ -448,6 +441,26 @@ def _int4_weight_only(view: QDQView) -> Iterable[Violation]:
                          f"INT4 weights with a quantized activation input to {view.where(c)}: TensorRT's INT4 path is "
                          "weight-only (activations and compute stay high precision)",
                          DOC_WQT + " (Weight-Only Quantization)")
+
+
+def _int4_block_size(view: QDQView) -> Iterable[Violation]:
+    """An INT4 weight per channel, per tensor or in blocks other than 64 or 128: NVIDIA's Quantization Schemes say
+    "INT4 quantization requires per-block scales. The supported block sizes are {64, 128}". These were warnings,
+    and the export went on to a TensorRT build that refuses them."""
+    for n in view.nodes:
+        if not view.weight_dq(n) or view.qtype(n) != ir.DataType.INT4:
+            continue
+        block = view.block_size(n)
+        if block in INT4_BLOCK_SIZES:
+            continue
+        got = (f"INT4 weights in blocks of {block}" if block else
+               "INT4 weights with one scale per channel (no block_size)" if not _is_per_tensor(view, n.inputs[1]) else
+               "INT4 weights with one scale for the whole tensor (no block_size)")
+        sizes = " or ".join(map(str, INT4_BLOCK_SIZES))
+        yield _v(view, n, "int4-block-size", "error",
+                 f"{got}: TensorRT's INT4 quantization requires block-wise scales with a block size of {sizes} along "
+                 f"the input channels — quantize with group={INT4_BLOCK_SIZES[0]} or group={INT4_BLOCK_SIZES[1]} "
+                 "for TensorRT", DOC_QS + " (INT4: 'The supported block sizes are {64, 128}')")
 
 
 def _weighted_inputs_quantized(view: QDQView) -> Iterable[Violation]:
@@ -516,6 +529,7 @@ RULES: list[QDQRule] = [
     QDQRule("weight-dq-placement", _weight_placement),
     QDQRule("per-channel-axis", _per_channel_axis),
     QDQRule("int4-weight-only", _int4_weight_only),
+    QDQRule("int4-block-size", _int4_block_size),
     QDQRule("quantize-all-weighted-inputs", _weighted_inputs_quantized),
 ]
 
