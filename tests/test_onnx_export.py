@@ -82,6 +82,32 @@ def test_golden_qdq_lowering():
     torch.testing.assert_close(OrtCompiled(g)(x), TorchCompiled(g)(x), rtol=1e-5, atol=1e-5)
 
 
+class _DeviceTensor(torch.Tensor):
+    """A CPU tensor that refuses ``numpy()`` without ``force=True`` as a CUDA tensor does (no GPU on the test
+    machine): what a graph compiled with ``device="cuda"`` hands the ONNX writer."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.numpy and not kwargs.get("force", False):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor "
+                            "to host memory first.")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("device", ["simulated", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_packed_weights_off_the_cpu_export(tmp_path, device):
+    """The packed 4-bit writers (INT4 initializers) called ``numpy()`` without ``force=True``: a packed weight on a GPU
+    (a model compiled with device="cuda") failed in the save with "can't convert cuda:0 device type tensor to
+    numpy"."""
+    g = parse_graph(QUANT_IR, _quant_params())
+    for v in g.params.values():
+        v.data = v.data.as_subclass(_DeviceTensor) if device == "simulated" else v.data.to(device)
+    out = lowbit.export(g, tmp_path / "m.onnx")
+    assert out.read_bytes() == lowbit.export(parse_graph(QUANT_IR, _quant_params()), tmp_path / "ref.onnx").read_bytes()
+
+
 def test_a_non_finite_quantization_scale_is_refused_by_name(tmp_path):
     """A NaN scale was exported, checked and loaded without a word, and every output of the file was NaN (lowbit.load
     refuses the same scale in a checkpoint)."""

@@ -100,7 +100,7 @@ def _q_tensor(name: str, values: torch.Tensor, onnx_type: ir.DataType) -> ir.Ten
         if flat.numel() % 2:
             flat = torch.cat([flat, flat.new_zeros(1)])
         packed = flat[0::2] | (flat[1::2] << 4)
-        return ir.PackedTensor(packed.numpy(), onnx_type, shape=list(values.shape), name=name)  # flat bytes
+        return ir.PackedTensor(packed.numpy(force=True), onnx_type, shape=list(values.shape), name=name)  # flat bytes
     if onnx_type not in (ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2, ir.DataType.INT8, ir.DataType.UINT8):
         raise NotLowerable(f"no ONNX storage for quantized type {onnx_type.name}")
     return TorchTensor(values.contiguous(), name=name)  # the IR's containers are ONNX's types
@@ -130,13 +130,13 @@ def _weight_tensor(name: str, q: Value, qd: QDType, onnx_type: ir.DataType, tran
         return _q_tensor(name, data, onnx_type)
     n, half_k = q.data.shape[-2], q.data.shape[-1]
     if not transpose:
-        return ir.PackedTensor(q.data.contiguous().reshape(-1).numpy(), onnx_type,
+        return ir.PackedTensor(q.data.contiguous().reshape(-1).numpy(force=True), onnx_type,
                                shape=[*q.data.shape[:-1], 2 * half_k], name=name)
     if n % 2:  # pairs of an odd-width [K, N] straddle rows: pack the flat codes instead
         return _q_tensor(name, _weight_values(q, qd).t(), onnx_type)
     codes = _nibbles(q.data)
     packed_t = (codes[0::2] | (codes[1::2] << 4)).t().contiguous()  # [K, N/2]
-    return ir.PackedTensor(packed_t.reshape(-1).numpy(), onnx_type, shape=[2 * half_k, n], name=name)
+    return ir.PackedTensor(packed_t.reshape(-1).numpy(force=True), onnx_type, shape=[2 * half_k, n], name=name)
 
 
 def _is_zero_by_construction(zp: Value) -> bool:
