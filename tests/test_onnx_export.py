@@ -108,6 +108,26 @@ def test_packed_weights_off_the_cpu_export(tmp_path, device):
     assert out.read_bytes() == lowbit.export(parse_graph(QUANT_IR, _quant_params()), tmp_path / "ref.onnx").read_bytes()
 
 
+@pytest.mark.parametrize("exact_cpu", [True, False])
+def test_metadata_records_the_int8_weight_codes_written(monkeypatch, exact_cpu):
+    """``lowbit.options`` recorded ``int8_weights: "auto"``, which the exporting CPU resolves (u8 without VNNI): a
+    file read elsewhere could not tell which weight codes its integer GEMMs take. It records what was written."""
+    import json
+
+    import onnx_ir as ir
+
+    from lowbit.passes.manager import PassManager
+
+    monkeypatch.setattr("lowbit.backends.onnx.context.int8_gemm_exact", lambda: exact_cpu)
+    g = parse_graph(FLOAT_IR, {"g": torch.ones(8), "w": torch.randn(4, 8)})
+    PassManager("quantize(w=int8,a=int8)").run(g)
+    model = to_onnx(g, integer_matmul=True)
+    (gemm,) = [n for n in model.graph if n.op_type == "MatMulIntegerToFloat"]
+    written = "u8" if gemm.inputs[1].dtype == ir.DataType.UINT8 else "s8"
+    assert written == ("s8" if exact_cpu else "u8")
+    assert json.loads(model.metadata_props["lowbit.options"])["int8_weights"] == written
+
+
 def test_a_non_finite_quantization_scale_is_refused_by_name(tmp_path):
     """A NaN scale was exported, checked and loaded without a word, and every output of the file was NaN (lowbit.load
     refuses the same scale in a checkpoint)."""

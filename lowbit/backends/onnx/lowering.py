@@ -256,7 +256,10 @@ def to_onnx(graph: Graph, options: LoweringOptions | None = None, **kwargs: Any)
         {names.get(s.name, s.name): {"min": s.min, "max": s.max, "hint": s.hint, "symbol": s.name}
          for s in graph.symbols.values()})
     model.metadata_props["lowbit.inputs"] = json.dumps([v.name for v in graph.inputs])
-    model.metadata_props["lowbit.options"] = json.dumps(vars(options))
+    # what was written, not what was asked: int8_weights="auto" is resolved on the exporting CPU, and a file read on
+    # another machine could not tell whether its integer GEMMs take int8 or uint8 weight codes
+    model.metadata_props["lowbit.options"] = json.dumps({**vars(options),
+                                                        "int8_weights": "u8" if options.u8_weights else "s8"})
     model.metadata_props[ORT_SESSION_CONFIG] = json.dumps(ort_session_config(options))
     common_passes.RemoveUnusedNodesPass()(model)
     return model
