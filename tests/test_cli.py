@@ -786,6 +786,42 @@ def test_debug_compare_minilm():
     assert "encoder.layer.5" in res.output and "1 - emb. cosine" in res.output
 
 
+def test_debug_compare_of_an_encoder_measures_its_blocks_on_real_tokens_not_padding(tmp_path):
+    """A block's error in the JSON is the hand computation over the sentences' real tokens: int4 RTN of block 0's
+    weights (scale amax/7 per output channel) put into the HF model, its hidden_states[1] against the float one's
+    at the tokens the attention mask keeps. Padding (the shorter sentences' rows) is no part of the embedding."""
+    from lowbit.cli.common import load
+    from lowbit.cli.probes import make_inputs
+
+    js = tmp_path / "c.json"
+    invoke("debug", "compare", "minilm:1", "-p", r"quantize(w=int4,modules=^encoder\.layer\.0\.)", "--sentences",
+           "4", "-q", "--json", js)
+    got = json.loads(js.read_text())["stages"][-1]["layers"]["encoder.layer.0"]
+    model = load("minilm:1")
+    ids, mask = make_inputs(model, n_sentences=4).args
+    assert not mask.all()  # padded: what this test is about
+    bert = model.module.encoder
+    with torch.no_grad():
+        ref = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+        saved = {}
+        for name, lin in bert.encoder.layer[0].named_modules():
+            if isinstance(lin, torch.nn.Linear):
+                w = saved[name] = lin.weight.detach().clone()
+                scale = w.abs().amax(dim=1, keepdim=True) / 7
+                lin.weight.copy_(torch.round(w / scale).clamp(-8, 7) * scale)
+        try:
+            out = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+        finally:
+            for name, lin in bert.encoder.layer[0].named_modules():
+                if name in saved:
+                    lin.weight.copy_(saved[name])
+    real = mask.bool()
+    r, o = ref[real].double(), out[real].double()
+    sqnr = 10 * torch.log10(r.pow(2).mean() / (o - r).pow(2).mean()).item()
+    assert got["sqnr_db"] == pytest.approx(sqnr, abs=0.01)
+    assert got["max_abs"] == pytest.approx((o - r).abs().max().item(), rel=1e-3)
+
+
 def test_debug_bisect_names_planted_pass_and_layer(tmp_path):
     js = tmp_path / "bisect.json"
     res = invoke("debug", "bisect", "smollm2:2", "--pipeline", "fold-norms,test-plant-bad,dce", *SMALL,

@@ -145,7 +145,20 @@ def run_probe(graph: Graph, inputs: EvalInputs, with_layers: bool = True) -> Pro
             out = runner(*chunk)
             parts.append(out if isinstance(out, (tuple, list)) else (out,))
     res = [torch.cat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(len(parts[0]))]
-    return Probe(res[0].detach(), {name: res[n_out + i].detach() for i, (name, _) in enumerate(probes)})
+    layers = {name: _real_tokens(res[n_out + i].detach(), inputs) for i, (name, _) in enumerate(probes)}
+    return Probe(res[0].detach(), layers)
+
+
+def _real_tokens(hidden: torch.Tensor, inputs: EvalInputs) -> torch.Tensor:
+    """An encoder's block output at its real tokens only, ``[tokens, ...]``: its sentences are padded to the longest
+    (40% of MiniLM's 8-sentence batch is padding), and the padding rows, which the mean pooling drops, moved a
+    block's SQNR by up to 0.7 dB and its max error by whatever they held."""
+    if inputs.kind != "encoder" or len(inputs.args) < 2:
+        return hidden
+    mask = inputs.args[1]
+    if hidden.dim() < 2 or tuple(hidden.shape[:2]) != tuple(mask.shape):
+        return hidden
+    return hidden[mask.to(torch.bool)]
 
 
 METRICS = ("ppl", "cos", "auto")
