@@ -154,3 +154,32 @@ def test_quantize_pass_keeps_2_4_zeros_and_the_half_step_bound(scheme, group, n,
     assert torch.equal(back[w == 0], torch.zeros(int((w == 0).sum()))), f"{qdtype} sym={sym} group={group}"
     layout = Layout(dq.kwargs["axis"], dq.kwargs["block_size"])
     _check_bound(w, back, operands[1], operands[2], qdtype, layout)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([2, 4, 8]), st.integers(1, 2), st.integers(1, 3), st.integers(1, 4), st.sampled_from([4, 8, 16]),
+       st.sampled_from([1, 2, 4, 8]), st.floats(0.0, 2.0), st.integers(0, 2**31 - 1))
+def test_kv_cache_codes_pack_losslessly_and_round_trip_within_half_a_step(bits, b, h, blocks, d, block, spread,
+                                                                          seed):
+    """The ``kv-cache`` pass's stored form (``lowbit.ir.kvcache``: ``8 / bits`` unsigned codes per byte, keys per
+    channel over ``block`` tokens, values per token in groups of channels): packing is lossless for every code, and
+    keys and values come back within half a step of their block's / group's scale."""
+    from lowbit.ir.kvcache import (dequantize_keys, dequantize_values, pack_codes, quantize_keys, quantize_values,
+                                   unpack_codes)
+
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    codes = torch.randint(lo, hi + 1, (b, h, blocks * block, d), generator=g)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == d * bits // 8
+    assert torch.equal(unpack_codes(packed, bits), codes - lo)
+    x = _data(seed, (b, h, blocks * block, d), spread)
+    kq, ks, kz = quantize_keys(x, bits, block)
+    err = (dequantize_keys(kq, ks, kz, bits) - x).abs()
+    step = ks.repeat_interleave(block, 2)
+    assert (err <= 0.5 * step + 8 * F32_EPS * (x.abs() + (1 << bits) * step)).all(), (bits, block)
+    group = min(block, d)
+    vq, vs, vz = quantize_values(x, bits, group)
+    err = (dequantize_values(vq, vs, vz, bits) - x).abs()
+    step = vs.repeat_interleave(group, -1)
+    assert (err <= 0.5 * step + 8 * F32_EPS * (x.abs() + (1 << bits) * step)).all(), (bits, group)
