@@ -732,6 +732,20 @@ def test_lowbit_checkpoint_keeps_the_sparsity_marks(tmp_path):
     assert {n.module for n in reloaded.nodes if n.meta.get("sparsity") == "2:4"} == marked
 
 
+def test_lowbit_checkpoint_keeps_the_meta_reports_read(tmp_path):
+    """graph.meta['residual_rotated'] (debug compare's 'block outputs not comparable', the report's capture) and the
+    node meta the IR text does not print (qscheme, qscheme_weight, raised_from) were dropped by a lowbit-format save:
+    the reloaded model's report and graph said less than the saved one's."""
+    compiled = _compiled_tiny("rotate,quantize(w=int4,group=32)")
+    keys = ("qscheme", "qscheme_weight", "raised_from")
+    saved = {n.name: {k: n.meta[k] for k in keys if k in n.meta} for n in compiled.graph.nodes}
+    assert all(any(k in m for m in saved.values()) for k in keys)
+    reloaded = lowbit.load(lowbit.save(compiled, tmp_path / "lb", format="lowbit"))
+    assert reloaded.graph.meta.get("residual_rotated") is True
+    assert reloaded.report.capture["residual_rotated"] == compiled.report.capture["residual_rotated"] is True
+    assert {n.name: {k: n.meta[k] for k in keys if k in n.meta} for n in reloaded.graph.nodes} == saved
+
+
 @pytest.mark.parametrize("kv", ["kv=int4,kv_group=16", "kv=int4,kv_group=16,kv_window=4,kv_sink=1"])
 def test_kv_quantized_graph_reloaded_from_lowbit_format_is_still_refused_by_hf_formats(tmp_path, kv):
     """The HF writers found KV quantizers by node.meta['kv'], which the IR text does not keep: the same graph was

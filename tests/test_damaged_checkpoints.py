@@ -209,6 +209,9 @@ def test_tokenizer_config_naming_an_unknown_class_is_refused(saved, tmp_path):
     (lambda m: m["files"].__setitem__("a\x00b", {"sha256": "0" * 64, "bytes": 0}), "lists 'a\\x00b', which is not"),
     (lambda m: m["files"].__setitem__("x" * 5000, {"sha256": "0" * 64, "bytes": 0}), "File name too long"),
     (lambda m: m["lowbit"].__setitem__("kind", "evil"), "'lowbit.kind'"),
+    (lambda m: m["lowbit"].__setitem__("residual_rotated", "yes"), "'lowbit.residual_rotated'"),
+    (lambda m: m["lowbit"]["node_meta"].__setitem__("x", {"qscheme": 3}), "'lowbit.node_meta.x.qscheme'"),
+    (lambda m: m["lowbit"]["node_meta"].__setitem__("x", {"code": "a"}), "'lowbit.node_meta.x.code'"),
     (lambda m: m["files"]["model.lowbit"].__setitem__("bytes", "12"), "'files.model.lowbit.bytes'"),
 ])
 def test_manifest_of_the_wrong_structure_is_refused_naming_the_key(saved, tmp_path, edit, key):
@@ -217,6 +220,13 @@ def test_manifest_of_the_wrong_structure_is_refused_naming_the_key(saved, tmp_pa
     d = _copy(saved, "lowbit", tmp_path)
     _edit_json(d / "lowbit-manifest.json", edit)
     _refused(d, "lowbit-manifest.json", key)
+
+
+def test_manifest_node_meta_naming_a_node_the_ir_lacks_is_refused(saved, tmp_path):
+    d = _copy(saved, "lowbit", tmp_path)
+    _edit_json(d / "lowbit-manifest.json", lambda m: m["lowbit"]["node_meta"].__setitem__("nowhere", {"qscheme": "x"}))
+    _refused(d, "lowbit-manifest.json: key 'lowbit.node_meta' names node %nowhere, which model.lowbit does not have",
+             cli=False)  # lowbit inspect reads the IR and params only
 
 
 @pytest.mark.parametrize("fmt", ["hf", "gptq"])

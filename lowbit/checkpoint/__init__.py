@@ -9,7 +9,8 @@ Formats (``save(compiled, directory, format=...)``):
 * ``"lowbit"`` — the IR text (``model.lowbit``) and ``params.safetensors``, exactly the compiled graph, whatever
   passes ran (rotations, KV quantization, anything no HF format expresses); a generation step graph's meta
   (cache layout, limits, stop tokens) goes into the manifest and is validated field by field on load, so the
-  reloaded model generates.
+  reloaded model generates; so do the prune record, ``residual_rotated`` and the node meta reports read that the
+  IR text does not print (``NODE_META``: qscheme, qscheme_weight, raised_from, kv).
 
 Every directory gets ``lowbit-manifest.json`` (versions, and SHA-256 and size of every file, verified by ``load``;
 for HF formats other loaders ignore it). Writes go to a hidden temporary sibling renamed into place at the end,
@@ -32,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from lowbit.checkpoint.files import (
     FORMATS,
     MANIFEST,
+    META_TEXT_MAX,
+    NODE_META,
     CheckpointError,
     atomic_checkpoint_dir,
     checked,
@@ -181,6 +184,12 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any, config: Any = None
         info["max_seq_length"] = src["max_seq_length"]
     if graph.meta.get("pruned"):
         info["pruned"] = validated_meta(PrunedMeta, graph.meta["pruned"], "graph.meta['pruned']")
+    if graph.meta.get("residual_rotated"):
+        info["residual_rotated"] = True
+    node_meta = {n.name: {k: v for k in NODE_META if isinstance(v := n.meta.get(k), str) and len(v) <= META_TEXT_MAX}
+                 for n in graph.nodes}
+    if any(node_meta.values()):  # what reports read and the IR text does not print: a reload reported less
+        info["node_meta"] = {name: m for name, m in node_meta.items() if m}
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     if graph.meta.get("generation") is not None:
@@ -409,8 +418,9 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     runner = lower(graph, backend, device, backend_options)
     from lowbit.ir.ops import is_semantic
 
+    kept = {k: graph.meta[k] for k in ("residual_rotated",) if graph.meta.get(k)}  # as compile's report says it
     report = CompileReport(
-        capture={"loaded_from": str(directory), "format": fmt}, pipeline=PipelineReport(f"(loaded {fmt})"),
+        capture={"loaded_from": str(directory), "format": fmt, **kept}, pipeline=PipelineReport(f"(loaded {fmt})"),
         backend=backend, nodes_before=len(graph.nodes), nodes_after=len(graph.nodes),
         param_bytes_before=graph.param_bytes(), param_bytes_after=graph.param_bytes(),
         generic_ops={k: v for k, v in graph.op_counts().items() if not is_semantic(k)},
@@ -503,4 +513,12 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
     generation = generation_meta(info, graph, f"{directory}: manifest 'lowbit")
     if generation is not None:
         graph.meta["generation"] = generation
+    if info.get("residual_rotated"):  # a bool: verify_manifest checked the table's types
+        graph.meta["residual_rotated"] = True
+    nodes = {n.name: n for n in graph.nodes}
+    for name, meta in info.get("node_meta", {}).items():
+        if name not in nodes:
+            raise CheckpointError(f"{directory / MANIFEST}: key 'lowbit.node_meta' names node %{name[:80]}, which "
+                                  f"{IR_FILE} does not have (the files of two checkpoints mixed?): save the model again")
+        nodes[name].meta.update({k: v for k, v in meta.items() if k in NODE_META and v is not None})
     return graph, tokenizer

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -28,7 +28,7 @@ from lowbit.errors import LowbitError
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
            "verify_manifest", "check_listed", "unopenable", "read_safetensors", "read_config", "read_tokenizer",
            "shareable_config", "write_safetensors", "MANIFEST", "FORMATS", "FORMAT_VERSION", "sha256_file",
-           "not_replaceable"]
+           "not_replaceable", "NodeMeta", "NODE_META", "META_TEXT_MAX"]
 
 MANIFEST = "lowbit-manifest.json"
 FORMATS = ("compressed-tensors", "gptq", "hf", "lowbit")
@@ -171,6 +171,28 @@ class FileRecord(BaseModel):
     bytes: int = Field(ge=0)
 
 
+META_TEXT_MAX = 200
+"""The longest node meta text a manifest may hold (a scheme or an op name is a few dozen characters)."""
+_MetaText = Annotated[str, Field(max_length=META_TEXT_MAX)]
+
+
+class NodeMeta(BaseModel):
+    """A node's meta that the IR text does not print and a lowbit checkpoint keeps in its manifest (``node_meta``,
+    by node name): what reports read, never numerics. ``qscheme``: the scheme a QDQ pair stands for;
+    ``qscheme_weight``: a linear's weight scheme; ``raised_from``: the ATen op a semantic node was raised from;
+    ``kv``: a KV cache dequantize's role (``key``/``value``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    qscheme: _MetaText | None = None
+    qscheme_weight: _MetaText | None = None
+    raised_from: _MetaText | None = None
+    kv: Literal["key", "value"] | None = None
+
+
+NODE_META = tuple(NodeMeta.model_fields)
+"""The node meta keys a lowbit checkpoint keeps (``NodeMeta``)."""
+
+
 class LowbitInfo(BaseModel):
     """The manifest's ``lowbit`` table: only what every reader relies on is checked here (its ``generation`` and
     ``pruned`` entries are validated field by field where they are used)."""
@@ -180,6 +202,10 @@ class LowbitInfo(BaseModel):
     max_seq_length: int | None = Field(default=None, ge=1)
     not_in_graph: list[str] = []
     lowbit_qdtypes: dict[str, str] = {}
+    residual_rotated: bool = False
+    """``graph.meta["residual_rotated"]`` (``rotate`` rotated the residual stream; ``debug compare`` and the report
+    read it)."""
+    node_meta: dict[str, NodeMeta] = {}
 
 
 class Manifest(BaseModel):
