@@ -238,6 +238,21 @@ def test_manifest_format_the_files_are_not_is_refused_naming_the_key(saved, tmp_
     _refused(d, "lowbit-manifest.json", f"key 'format' says {fmt!r}, but the directory holds model.lowbit", cli=False)
 
 
+@pytest.mark.parametrize("command", ["inspect", "graph"])
+def test_inspect_and_graph_refuse_the_manifest_format_load_refuses(saved, tmp_path, command):
+    """A lowbit directory whose manifest says 'hf' was shown by `lowbit inspect` / drawn by `lowbit graph` (exit 0)
+    while lowbit.load refused it: one check, one message, exit 3."""
+    d = _copy(saved, "lowbit", tmp_path)
+    _edit_json(d / "lowbit-manifest.json", lambda m: m.__setitem__("format", "hf"))
+    why = "lowbit-manifest.json: key 'format' says 'hf', but the directory holds model.lowbit"
+    with pytest.raises(CheckpointError, match=why):
+        lowbit.load(d)
+    res = CliRunner().invoke(app, [command, str(d), *(["-o", str(tmp_path / "g.html")] if command == "graph" else [])])
+    assert res.exit_code == 3, (res.exit_code, res.output, res.exception)
+    assert why in res.output.replace("\n", "")
+    assert not (tmp_path / "g.html").exists()
+
+
 @pytest.mark.parametrize("hint", ["uint4", "bogus", "fp8e4m3"])
 def test_manifest_qdtype_the_config_cannot_be_is_refused(saved, tmp_path, hint):
     """lowbit_qdtypes (what lowbit wrote, so uint4 reloads as uint4) was trusted wherever the bit width matched:

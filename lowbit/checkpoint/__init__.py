@@ -37,6 +37,7 @@ from lowbit.checkpoint.files import (
     NODE_META,
     CheckpointError,
     atomic_checkpoint_dir,
+    check_format,
     checked,
     shareable_config,
     verify_manifest,
@@ -390,11 +391,8 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     manifest = verify_manifest(directory)
+    check_format(directory, manifest, IR_FILE)  # only save(format="lowbit") writes one
     fmt = (manifest or {}).get("format")
-    if fmt not in (None, "lowbit") and (directory / IR_FILE).is_file():  # only save(format="lowbit") writes one
-        raise CheckpointError(f"{directory / MANIFEST}: key 'format' says {fmt!r}, but the directory holds {IR_FILE}, "
-                              "which only a lowbit-format checkpoint has (the manifest was edited, or files of two "
-                              "checkpoints mixed): save the model again")
     if fmt == "hf":
         return _load_hf_float(directory, backend=backend, device=device, generation=generation,
                               backend_options=backend_options)

@@ -26,7 +26,7 @@ from lowbit.cache import clean_stale_temporaries, replacing_dir
 from lowbit.errors import LowbitError
 
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
-           "verify_manifest", "check_listed", "unopenable", "read_safetensors", "read_config", "read_tokenizer",
+           "verify_manifest", "check_format", "check_listed", "unopenable", "read_safetensors", "read_config", "read_tokenizer",
            "shareable_config", "write_safetensors", "MANIFEST", "FORMATS", "FORMAT_VERSION", "sha256_file",
            "not_replaceable", "NodeMeta", "NODE_META", "META_TEXT_MAX"]
 
@@ -275,6 +275,16 @@ def verify_manifest(directory: Path, required: bool = False) -> dict[str, Any] |
             raise CheckpointError(f"{p}: SHA-256 {digest[:16]}… does not match {MANIFEST} "
                                   f"({str(info.get('sha256'))[:16]}…): the file was modified or corrupted")
     return manifest
+
+
+def check_format(directory: Path, manifest: dict[str, Any] | None, ir_file: str = "model.lowbit") -> None:
+    """Refuse a directory holding ``ir_file`` (IR text, which only a lowbit-format checkpoint or a compile output
+    has) whose manifest names another ``format``: ``load`` refused it while ``inspect`` and ``graph`` showed it."""
+    fmt = (manifest or {}).get("format")
+    if fmt not in (None, "lowbit") and (directory / ir_file).is_file():
+        raise CheckpointError(f"{directory / MANIFEST}: key 'format' says {fmt!r}, but the directory holds {ir_file}, "
+                              "which only a lowbit-format checkpoint has (the manifest was edited, or files of two "
+                              "checkpoints mixed): save the model again")
 
 
 def unopenable(path: Path) -> str | None:

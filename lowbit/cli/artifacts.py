@@ -85,12 +85,14 @@ def load_graph(path: Path) -> tuple[Any, bool]:
 
     Weights come from ``params.safetensors`` beside the IR when present; without it the graph has types only.
     """
-    from lowbit.checkpoint.files import check_inside, check_listed, verify_manifest
+    from lowbit.checkpoint.files import check_format, check_inside, check_listed, verify_manifest
 
     path = Path(path)
     if path.is_dir():
         path = path / IR_FILE
     manifest = verify_manifest(path.parent)  # a directory lowbit wrote: its files' SHA-256 first (none: no check)
+    if path.name == IR_FILE:  # the manifest's format as lowbit.load checks it
+        check_format(path.parent, manifest, IR_FILE)
     if path.name == IR_FILE and manifest is None:  # a directory's own files; a manifest's check refuses such links
         check_inside(path.parent, IR_FILE, PARAMS_FILE)
     params_path = path.with_name(PARAMS_FILE)
