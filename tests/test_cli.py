@@ -1325,3 +1325,27 @@ def test_a_pass_device_this_machine_lacks_is_refused_before_loading_the_model(mo
     assert "pass gptq(" in res.output and "option device='cuda'" in " ".join(res.output.split()), res.output
     with pytest.raises(DeviceError, match=r"pass autoround\(.*device=cuda.*\): option device='cuda'"):
         lowbit.compile_model("smollm2:2", recipe="w4a16-autoround", overrides={"device": "cuda"})
+
+
+@pytest.mark.parametrize("damage", ["config", "format"])
+def test_inspect_and_graph_of_a_float_hf_directory_check_its_manifest_as_load_does(tmp_path, damage):
+    """A float HF directory lowbit.save wrote was captured without its manifest being read: an edited config.json
+    (size and SHA-256 no longer the manifest's), or a manifest saying another format, was shown and drawn, exit 0,
+    while lowbit.load refused it. Both now refuse it with load's message, exit 3."""
+    import lowbit
+    from lowbit.checkpoint import CheckpointError
+    from lowbit.data.model_files import load_tokenizer
+
+    compiled = lowbit.compile_model(tiny_llama(vocab=49152), pipeline="dce", tokenizer=load_tokenizer("smollm2"))
+    out = lowbit.save(compiled, tmp_path / "hf", format="hf")
+    if damage == "config":
+        (out / "config.json").write_text((out / "config.json").read_text() + " ")
+    else:
+        manifest = json.loads((out / "lowbit-manifest.json").read_text())
+        (out / "lowbit-manifest.json").write_text(json.dumps({**manifest, "format": "compressed-tensors"}))
+    with pytest.raises(CheckpointError) as err:
+        lowbit.load(out)
+    for command in ("inspect", "graph"):
+        res = invoke(command, out, *(["-o", tmp_path / "g.html"] if command == "graph" else []), code=3)
+        assert str(err.value) in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "g.html").exists()

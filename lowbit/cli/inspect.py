@@ -38,7 +38,7 @@ def _read_graph(path: Path, kind: str) -> tuple[Any, bool]:
     from lowbit.models import config_json, quantization_config
 
     float_model = config_json(path) is not None and quantization_config(path) is None
-    if float_model and not (path / "quantize_config.json").is_file():
+    if float_model and not (path / "quantize_config.json").is_file() and _float_per_manifest(path):
         # a float HF model (`lowbit compile -f hf`'s pruned output among them): its IR as compile captures it. It was
         # refused as 'no quantization_config (... load it with lowbit.compile_model instead)'
         from lowbit.cli.common import capture_model, load as load_model
@@ -49,6 +49,19 @@ def _read_graph(path: Path, kind: str) -> tuple[Any, bool]:
         return load(path).graph, True
     except (CheckpointError, LowbitError, OSError) as exc:
         fail(f"{str(path)!r}: cannot be loaded as a checkpoint: {exc}", Exit.NOT_FOUND)
+
+
+def _float_per_manifest(path: Path) -> bool:
+    """Whether a float HF directory is one to capture: its manifest (when it has one) checks out and says ``hf``.
+    Captured unchecked, a lowbit.save directory with an edited config.json, or a manifest naming another format,
+    was shown (exit 0) while lowbit.load refused it; False hands such a directory to ``load``, which says why."""
+    from lowbit.checkpoint.files import CheckpointError, verify_manifest
+
+    try:
+        manifest = verify_manifest(path)
+    except CheckpointError as exc:
+        fail(f"{str(path)!r}: cannot be loaded as a checkpoint: {exc}", Exit.NOT_FOUND)
+    return manifest is None or manifest.get("format") == "hf"
 
 
 def _resolve(file: Path) -> tuple[Path, str]:
