@@ -229,6 +229,16 @@ def test_manifest_node_meta_naming_a_node_the_ir_lacks_is_refused(saved, tmp_pat
              cli=False)  # lowbit inspect reads the IR and params only
 
 
+def test_manifest_listing_a_symlink_loop_is_refused_naming_the_entry(saved, tmp_path):
+    """A listed name that is a symlink to itself was a raw RuntimeError ('Symlink loop from ...') out of
+    verify_manifest's own resolve(); the manifest's names are now asked what the shard index's are (unopenable)."""
+    d = _copy(saved, "lowbit", tmp_path)
+    (d / "loop").symlink_to("loop")
+    _edit_json(d / "lowbit-manifest.json", lambda m: m["files"].__setitem__("loop", {"sha256": "0" * 64, "bytes": 0}))
+    _refused(d, "lowbit-manifest.json: lists 'loop', which is not a file name this system can open (Too many levels "
+                "of symbolic links)")
+
+
 @pytest.mark.parametrize("fmt", ["hf", "gptq"])
 def test_manifest_format_the_files_are_not_is_refused_naming_the_key(saved, tmp_path, fmt):
     """A lowbit-format directory whose manifest says 'hf' was a raw ValueError ('is a compiled lowbit model'), and

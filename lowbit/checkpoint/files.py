@@ -257,12 +257,12 @@ def verify_manifest(directory: Path, required: bool = False) -> dict[str, Any] |
     manifest = _checked_manifest(path, read_json(path))
     files = manifest["files"]
     for rel, info in files.items():
-        try:  # a NUL byte or a name past the system's length: the OS's ValueError / OSError, raw
-            p = (directory / rel).resolve()
-            is_file = p.is_file()
-        except (OSError, ValueError) as exc:
+        why = unopenable(directory / rel)  # the one question the shard index's names are asked too
+        if why is not None:
             raise CheckpointError(f"{path}: lists {rel[:80]!r}{'...' if len(rel) > 80 else ''}, which is not a file "
-                                  f"name this system can open ({getattr(exc, 'strerror', None) or exc})") from None
+                                  f"name this system can open ({why})")
+        p = (directory / rel).resolve()
+        is_file = p.is_file()
         if directory.resolve() not in p.parents:
             raise CheckpointError(f"{path}: lists {rel!r}, which is outside the checkpoint directory")
         if not is_file:
@@ -288,8 +288,9 @@ def check_format(directory: Path, manifest: dict[str, Any] | None, ir_file: str 
 
 
 def unopenable(path: Path) -> str | None:
-    """Why the OS refuses to look ``path`` up at all (a NUL byte, a name past its length limit), or None (it exists,
-    or it is just missing): ``is_file`` raises OSError for an over-long name, and says False for a NUL byte."""
+    """Why the OS refuses to look ``path`` up at all (a NUL byte, a name past its length limit, a symlink loop), or
+    None (it exists, or it is just missing): ``is_file`` raises OSError for an over-long name and says False for a NUL
+    byte, and ``resolve`` raised RuntimeError for a loop. Asked of every name a manifest or a shard index lists."""
     try:
         os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
