@@ -334,6 +334,34 @@ def test_cli_advises_dtype_auto_for_a_16_bit_checkpoint_loaded_in_float32(tmp_pa
     assert res.exit_code == 0 and "stores its weights in bfloat16" in res.output, res.output
 
 
+@pytest.mark.parametrize(("command", "runner"), [("compare", "lowbit.cli.compare.run_compare"),
+                                                 ("bisect", "lowbit.cli.bisect.run_bisect"),
+                                                 ("sensitivity", "lowbit.cli.sensitivity.run_sensitivity")])
+def test_debug_commands_say_they_load_a_16_bit_checkpoint_in_float32(tmp_path: Path, monkeypatch, command: str,
+                                                                      runner: str) -> None:
+    """debug compare / bisect / sensitivity loaded a bf16 HF directory in float32 (``--dtype`` defaulted to it)
+    without a word, where compile and generate print a note naming the float32 copy and ``--dtype auto``. They print
+    the same note now and load float32 as before, and say nothing when ``--dtype`` is given (the command's run itself
+    is replaced: what is checked is the note and the dtype handed to it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    seen: list[str] = []
+    monkeypatch.setattr(runner, lambda *a, dtype, **kw: seen.append(dtype))
+    args = ["debug", command, str(tmp_path / "m"), "-q", *(["-p", "dce"] if command != "sensitivity" else [])]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "stores its weights in bfloat16, and without --dtype they are loaded in float32" in res.output, res.output
+    res = CliRunner().invoke(app, [*args, "--dtype", "bfloat16"])
+    assert res.exit_code == 0 and "stores its weights" not in res.output, res.output
+    assert seen == ["float32", "bfloat16"]
+
+
 def test_compile_model_of_a_16_bit_directory_path_warns_of_its_float32_copy(tmp_path: Path) -> None:
     """``compile_model(DIR)`` loads DIR in float32; of a bf16 checkpoint that is a float32 copy of every weight, twice
     the checkpoint in memory, which is what kept a model larger than RAM from compiling, and nothing said so. It now

@@ -985,7 +985,7 @@ def compare_cmd(
     verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each", help="run the verifier after each "
                                      "pass"),
     reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on a failing pass, save a replay here"),
-    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the tables and results still print)"),
 ) -> None:
     """Run real inputs through the float graph and after every pass: per-pass, per-layer error and end metric."""
@@ -993,7 +993,7 @@ def compare_cmd(
 
     if quiet:  # transformers' loading bar: the flags' checks may load the model before the passes are read
         quiet_progress([])
-    check_dtype(dtype)
+    dtype = _debug_dtype(model, dtype)
     check_eval_sizes(windows, seq_len, sentences)
     check_output(json_out, "--json", directory=False)
     check_output(html_out, "--html", directory=False)
@@ -1005,6 +1005,16 @@ def compare_cmd(
     run_compare(model, pipeline_text(pipeline, recipe, set_), windows=windows, seq_len=seq_len, n_sentences=sentences,
                 json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer, dtype=dtype,
                 progress=not quiet)
+
+
+def _debug_dtype(model: str, dtype: str | None) -> str:
+    """The dtype a debug command loads ``model`` in: ``--dtype``, or float32 with compile's note when ``model`` is a
+    16-bit HF directory (they loaded it in float32, twice its weights in memory, without a word)."""
+    if dtype is not None:
+        check_dtype(dtype)
+        return dtype
+    advise_dtype(model)
+    return "float32"
 
 
 @debug_app.command("bisect")
@@ -1022,7 +1032,7 @@ def bisect_cmd(
     sentences: int = typer.Option(32, help="encoders: sentences per evaluation"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON here ('-': to stdout, "
                                             "the tables then go to stderr)"),
-    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the tables and results still print)"),
 ) -> None:
     """Find the first pass that pushes the metric past the threshold, then the fewest layers responsible."""
@@ -1031,7 +1041,7 @@ def bisect_cmd(
 
     if quiet:  # transformers' loading bar: the flags' checks may load the model before the passes are read
         quiet_progress([])
-    check_dtype(dtype)
+    dtype = _debug_dtype(model, dtype)
     check_metric(metric)
     check_eval_sizes(windows, seq_len, sentences)
     check_output(json_out, "--json", directory=False)
@@ -1064,7 +1074,7 @@ def sensitivity_cmd(
     sentences: int = typer.Option(32, help="encoders: sentences per evaluation"),
     out: Path = typer.Option(Path("sensitivity.json"), "--out", "-o", help="override file for `lowbit compile "
                              "--overrides`"),
-    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the tables and results still print)"),
 ) -> None:
     """Quantize (or prune) one layer at a time, rank layers by metric damage, write an override file compile accepts."""
@@ -1073,7 +1083,7 @@ def sensitivity_cmd(
 
     if quiet:  # transformers' loading bar: the flags' checks may load the model before the passes are read
         quiet_progress([])
-    check_dtype(dtype)
+    dtype = _debug_dtype(model, dtype)
     check_metric(metric)
     check_eval_sizes(windows, seq_len, sentences)
     check_output(out, "--out", directory=False)
