@@ -259,3 +259,35 @@ def test_a_full_offload_disk_says_how_to_offload_elsewhere(tmp_path: Path, monke
     assert "offload_dir=" in text and "-o OUT" in text and "compile without offloading" not in text
     assert "model.layers.3.mlp.down_proj" in text
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("with_reproducer", [False, True])
+def test_a_failed_offload_in_lowbit_compile_gives_advice_that_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  with_reproducer: bool) -> None:
+    """A pass that could not write a packed weight to the offload directory (a full disk) ended with '(rerun with
+    --reproducer DIR to save the IR before this pass and replay it)': a replay keeps its weights in memory (it
+    would pass), and the reproducer is the model again, on the disk that just filled up. The error's own advice
+    (offload elsewhere) stands alone, and --reproducer writes nothing and says why."""
+    import errno
+
+    from typer.testing import CliRunner
+
+    import lowbit.ir.qdq as qdq
+    from lowbit.cli.main import app
+
+    def full(tensors, directory, stem="offload"):
+        raise OffloadError(f"offload directory {str(directory)!r}: cannot write 1 bytes of {stem}'s weights "
+                           f"({os.strerror(errno.ENOSPC)}); free disk space there, or offload to another disk")
+
+    monkeypatch.setattr(qdq, "map_from_disk", full)
+    repro = tmp_path / "repro"
+    args = ["compile", "smollm2:1", "-p", "quantize(w=int4,group=64)", "-o", str(tmp_path / "out"), "-q",
+            *(["--reproducer", str(repro)] if with_reproducer else [])]
+    res = CliRunner().invoke(app, args)
+    text = " ".join(res.output.split())
+    assert res.exit_code == 4, res.output
+    assert "No space left on device" in text and "offload to another disk" in text
+    assert "rerun with --reproducer" not in text and "replay" not in text.replace("a replay does not use", "")
+    if with_reproducer:
+        assert f"no reproducer written to {repro}" in text and not repro.exists()
+    assert not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ from typing import Any
 
 from lowbit.cli.common import Exit, fail
 from lowbit.cli.reproducer import write_reproducer
+from lowbit.ir.offload import OffloadError
 from lowbit.passes.base import PassFileError
 from lowbit.passes.manager import PassManager, PipelineError, PipelineReport, format_pipeline
 
@@ -35,6 +36,14 @@ def run_pipeline(graph: Any, passes: list[Any], *, instruments: list[Any] = (), 
         msg = str(exc)
         if isinstance(exc.__cause__, PassFileError):  # a calibration file that cannot be read: no pass to replay
             fail(msg, Exit.NOT_FOUND)
+        if isinstance(exc.__cause__, OffloadError):
+            # the disk under the offload directory, not the pass: a replay keeps its weights in memory and would pass,
+            # and a reproducer is the IR and weights again, written to the disk that just filled up. The error says
+            # where to offload instead
+            if reproducer is not None:
+                msg += (f"\n(no reproducer written to {reproducer}: the pass failed writing weights to the offload "
+                        "directory, which a replay does not use)")
+            fail(msg, Exit.PIPELINE)
         if reproducer is not None:
             before = exc.graph_before if exc.graph_before is not None else original
             start = max(exc.record.index, 0)
