@@ -307,6 +307,28 @@ def test_onnxruntime_backend_options_shape_the_written_model_onnx(tmp_path):
     assert "DequantizeLinear" in lowered_op_types(model) and model.opset_imports[""] == 21
 
 
+def test_int8_weights_is_an_onnxruntime_backend_option_and_reaches_model_onnx(tmp_path):
+    """``int8_weights`` (the integer GEMM's weight codes) was a lowering option neither the backend nor the CLI
+    took: --backend-option int8_weights=u8 was refused as unknown, and model.onnx could not be written with uint8
+    codes on a CPU with VNNI (to run exactly on one without)."""
+    import json
+
+    import onnx_ir as ir
+
+    from lowbit.backends.onnx import load_onnx
+    from lowbit.data.model_files import load_tokenizer
+
+    out = tmp_path / "ort"
+    tiny_llama().save_pretrained(tmp_path / "tiny")
+    load_tokenizer("smollm2").save_pretrained(tmp_path / "tiny")
+    invoke("compile", tmp_path / "tiny", "-p", "quantize(w=int8,a=int8)", "-b", "onnxruntime", "--backend-option",
+           "integer_matmul=true", "--backend-option", "int8_weights=u8", "-o", out, "--quiet")
+    model = load_onnx(out / "model.onnx")
+    gemms = [n for n in model.graph if n.op_type == "MatMulIntegerToFloat"]
+    assert gemms and all(n.inputs[1].dtype == ir.DataType.UINT8 for n in gemms)
+    assert json.loads(model.metadata_props["lowbit.options"])["int8_weights"] == "u8"
+
+
 def test_inspect_counts_the_weights_of_fused_qlinears(tmp_path):
     """After fuse-qlinear (and the onnxruntime/triton backends' own fusions) the codes sit in qlinear nodes: inspect
     counted dequantize nodes only and said 'no quantized weights' for an int4 model."""

@@ -200,6 +200,12 @@ def _refuse_unread(opts: BackendOptions, option: str, needs: str, on: bool) -> N
                          f"with {needs}=true, and {needs} is false: drop {option} or set {needs}=true")
 
 
+ORT_LOWERING_KEYS = ("opset", "attention", "rotary", "weight_format", "accuracy_level", "integer_matmul",
+                     "int8_weights")
+"""The onnxruntime backend's options that are ONNX lowering options (``LoweringOptions`` fields): the CLI applies
+them to the model.onnx it writes too."""
+
+
 class OrtBackendOptions(BackendOptions):
     opset: int | None = None
     attention: str | None = None
@@ -208,6 +214,9 @@ class OrtBackendOptions(BackendOptions):
     accuracy_level: int | None = None
     integer_matmul: bool | None = None
     """Unset options keep ``ORT_LOWERING``'s choices (opset 23, ONNX Attention and RotaryEmbedding, integer GEMM)."""
+    int8_weights: Literal["auto", "s8", "u8"] | None = None
+    """The integer GEMM's weight codes (``LoweringOptions.int8_weights``); unset: "auto", uint8 on x86 CPUs without
+    VNNI/AMX, where ORT's u8·s8 kernels saturate."""
     threads: int | None = Field(default=None, ge=0)
     """ORT intra-op threads; unset or 0: ORT's default (one per physical core)."""
     spinning: bool | None = None
@@ -228,7 +237,7 @@ class OrtBackendOptions(BackendOptions):
         MatMulNBits lacks is refused before capture and calibration, not by ONNX Runtime at session creation."""
         from lowbit.backends.onnxruntime_backend import ort_lowering_options
 
-        keys = ("opset", "attention", "rotary", "weight_format", "accuracy_level", "integer_matmul")
+        keys = ORT_LOWERING_KEYS
         ort_lowering_options(**{k: getattr(self, k) for k in keys if getattr(self, k) is not None})
         return self
 

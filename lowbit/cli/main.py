@@ -579,8 +579,9 @@ def _export_onnx(runner: Any, graph: Any, report: Any, path: Path, options: dict
         return False
     from lowbit.api import CompiledModel
 
-    lowering = {k: v for k, v in (options or {}).items()
-                if k in ("opset", "attention", "rotary", "weight_format", "accuracy_level", "integer_matmul")}
+    from lowbit.backends.registry import ORT_LOWERING_KEYS
+
+    lowering = {k: v for k, v in (options or {}).items() if k in ORT_LOWERING_KEYS}
     fmt = "onnx-matmulnbits" if lowering.pop("weight_format", "qdq") == "matmulnbits" else "onnx"
     if "onnx" in (lowering.get("attention"), lowering.get("rotary")):
         lowering.setdefault("opset", 23)  # as the backend lowers them (ORT_LOWERING's opset)
