@@ -37,7 +37,8 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     """Write ``compiled`` to ``path`` in ``format``; returns the path.
 
     ONNX options (``opset``, ``attention``, ``accuracy_level``) go to ``lowbit.backends.onnx.LoweringOptions``;
-    TensorRT options (``shapes``, ``timing_cache``, ``workspace_bytes``, ...) to ``build_engine``.
+    TensorRT options (``shapes``, ``timing_cache``, ``workspace_bytes``, ...) to ``build_engine``, and ``onnx_dir``
+    (where to keep the QDQ ONNX the engine is built from) to ``export_engine``.
     ``external_data`` forces (or forbids) a ``.data`` side file; by default models over ~1.8 GB use one.
 
     Raises ``OnnxLoweringError`` (a ``lowbit.errors.LowbitError``) listing every node the ONNX lowering cannot

@@ -250,3 +250,23 @@ def test_build_options_are_checked_before_tensorrt_or_lowering(minilm_graph, tmp
         TensorRTCompiled(minilm_graph, **options)
     assert isinstance(exc.value, LowbitError)
     assert not (tmp_path / "m.engine").exists()
+
+
+def test_every_tensorrt_export_option_is_listed_and_an_unknown_one_is_refused_by_name(minilm_graph, tmp_path):
+    """``export_engine`` takes ``onnx_dir`` besides ``build_engine``'s options, but the refusal of an unknown option
+    listed only the build options: ``onnx_dri=`` got no 'did you mean', and the list hid an option that exists."""
+    import inspect
+
+    import lowbit
+    from lowbit.backends.tensorrt import build_engine, export_engine
+    from lowbit.errors import OptionError
+
+    accepted = [n for n in inspect.signature(export_engine).parameters if n not in ("graph", "path", "build")]
+    accepted += [n for n in inspect.signature(build_engine).parameters if n != "onnx_path"]
+    with pytest.raises(OptionError, match="unknown TensorRT build option 'onnx_dri'.*did you mean 'onnx_dir'") as exc:
+        lowbit.export(minilm_graph, tmp_path / "m.engine", format="tensorrt", onnx_dri=tmp_path)
+    listed = str(exc.value).split("options are: ")[1]
+    assert sorted(accepted) == listed.split(", "), listed
+    with pytest.raises(ValueError, match="onnx_dir=3: give a directory path"):
+        lowbit.export(minilm_graph, tmp_path / "m.engine", format="tensorrt", onnx_dir=3)
+    assert not (tmp_path / "m.engine").exists()

@@ -86,8 +86,13 @@ def _checked_onnx(graph: Graph, directory: Path) -> Path:
 
 def export_engine(graph: Graph, path: str | os.PathLike[str], *, onnx_dir: str | os.PathLike[str] | None = None,
                   **build: Any) -> Path:
-    """Lower, check and build ``graph`` into an engine file at ``path`` (build options: ``build_engine``)."""
-    check_build_options(build)
+    """Lower, check and build ``graph`` into an engine file at ``path`` (build options: ``build_engine``).
+
+    ``onnx_dir``: a directory to keep the checked QDQ ONNX TensorRT builds from (``model.onnx``), instead of a
+    temporary one."""
+    check_build_options(build, also=("onnx_dir",))
+    if onnx_dir is not None and not isinstance(onnx_dir, (str, os.PathLike)):  # was a TypeError from Path() later
+        raise TensorRTOptionError(f"TensorRT option onnx_dir={onnx_dir!r}: give a directory path or None")
     import_tensorrt()  # fail before the lowering work when TensorRT is absent
     with tempfile.TemporaryDirectory(prefix="lowbit-trt-") as tmp:
         onnx_path = _checked_onnx(graph, Path(onnx_dir or tmp))

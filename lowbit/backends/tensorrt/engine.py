@@ -140,11 +140,12 @@ def _given_profile(value: ir.Value, triple: tuple[Shape, Shape, Shape]) -> tuple
     return lo, mid, hi
 
 
-def check_build_options(options: Mapping[str, Any]) -> None:
+def check_build_options(options: Mapping[str, Any], also: Sequence[str] = ()) -> None:
     """Names and values of ``build_engine``'s options, checked before TensorRT is imported or anything is lowered:
     a misspelt or ill-typed option was reported as "TensorRT is not installed" on a machine without it, and
-    otherwise only after the whole lowering, inside TensorRT's builder."""
-    known = [n for n in inspect.signature(build_engine).parameters if n != "onnx_path"]
+    otherwise only after the whole lowering, inside TensorRT's builder. ``also``: the caller's own options, listed
+    with the build options in a refusal (``export_engine``'s ``onnx_dir`` was missing from the list it showed)."""
+    known = sorted([n for n in inspect.signature(build_engine).parameters if n != "onnx_path"] + list(also))
     lowering = {f.name for f in fields(LoweringOptions)}  # the engine's ONNX has fixed ones (_checked_onnx)
     for key, value in options.items():
         if key in lowering:  # was "did you mean 'opt'?" for opset
