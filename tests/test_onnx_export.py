@@ -3,6 +3,8 @@ unknown formats and for missing, truncated or corrupted ONNX files."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -126,6 +128,38 @@ def test_metadata_records_the_int8_weight_codes_written(monkeypatch, exact_cpu):
     written = "u8" if gemm.inputs[1].dtype == ir.DataType.UINT8 else "s8"
     assert written == ("s8" if exact_cpu else "u8")
     assert json.loads(model.metadata_props["lowbit.options"])["int8_weights"] == written
+
+
+def test_an_interrupted_external_data_save_leaves_the_earlier_export_whole(tmp_path, monkeypatch):
+    """An external-data save wrote the .onnx and its .data in place: one that failed part way (disk full, killed)
+    left a valid-looking .onnx over a half-written side file. Both are written beside and renamed into place."""
+    import onnx_ir
+
+    from lowbit.backends.onnx import save_onnx
+
+    text = "graph main(%x: f32[2,64]) {\n  param @w: f32[64,64]\n  %y: f32[2,64] = linear(%x, @w)\n  return %y\n}\n"
+    first, second = (parse_graph(text, {"w": torch.randn(64, 64)}) for _ in range(2))
+    path = save_onnx(to_onnx(first), tmp_path / "m.onnx", external_data=True)  # 16 KiB weight: in m.onnx.data
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"m.onnx", "m.onnx.data"}
+    real_save = onnx_ir.save
+
+    def disk_full(model, where, **kw):
+        real_save(model, where, **kw)
+        data = Path(where).with_name(kw["external_data"])
+        data.write_bytes(data.read_bytes()[:1000])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx_ir, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_onnx(to_onnx(second), path, external_data=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no temporaries left
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(load(path)(x), TorchCompiled(first)(x), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(onnx_ir, "save", real_save)
+    save_onnx(to_onnx(second), path, external_data=True)
+    torch.testing.assert_close(load(path)(x), TorchCompiled(second)(x), rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
 
 
 def test_a_non_finite_quantization_scale_is_refused_by_name(tmp_path):

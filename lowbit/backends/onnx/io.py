@@ -10,11 +10,14 @@ which file is bad and how, instead of surfacing a protobuf stack trace.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
+from lowbit.cache import clean_stale_temporaries
 from lowbit.errors import LowbitError
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -46,7 +49,7 @@ def save_onnx(model: ir.Model, path: str | os.PathLike[str], *, external_data: b
     data_name = f"{path.name}.data"
     data_path = path.with_name(data_name)
     if external_data:
-        ir.save(model, path, external_data=data_name, size_threshold_bytes=1024)
+        _save_external(model, path, data_path)
     else:
         # written beside and renamed over: a save that fails part way (disk full, interrupted) leaves an earlier
         # export at this path whole instead of truncated
@@ -59,6 +62,23 @@ def save_onnx(model: ir.Model, path: str | os.PathLike[str], *, external_data: b
         if data_path.exists():
             data_path.unlink()  # a stale side file from an earlier external-data save would mislead readers
     return path
+
+
+def _save_external(model: ir.Model, path: Path, data_path: Path) -> None:
+    """``model`` as ``path`` + ``data_path``, both written in a temporary directory beside them and renamed into
+    place, as the checkpoint writers do: saved in place, a save that failed part way (disk full, killed: minutes
+    for a large model) left a valid-looking ``.onnx`` over a half-written ``.data``, or an earlier export's
+    ``.onnx`` reading the new side file. The ``.onnx`` readers open is renamed last."""
+    clean_stale_temporaries(path.parent, path.name)  # left by a save that was killed
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        ir.save(model, tmp / path.name, external_data=data_path.name, size_threshold_bytes=1024)
+        if path.exists() and data_path.exists():
+            path.unlink()  # an earlier external-data export: its .onnx must not read the new side file meanwhile
+        os.replace(tmp / data_path.name, data_path)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_onnx(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model, *, full_check: bool = True) -> None:
