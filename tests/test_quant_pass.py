@@ -15,6 +15,7 @@ from lowbit.data import read_text
 from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
 from lowbit.ir.parser import parse_graph
+from lowbit.ir.printer import print_graph
 from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
 from lowbit.ir.verifier import verify
 from lowbit.passes.base import PassError
@@ -243,6 +244,12 @@ def test_a_kv_group_that_does_not_divide_head_dim_names_the_option_given(slice2,
     with pytest.raises(PipelineError, match=rf"option {named}=48 does not divide head_dim 64 of the {role} .*e\.g\. "
                                             rf"{named}=16$"):
         PassManager(f"quantize(kv=int4,{options})").run(graph.clone())
+    # refused before any pass ran: smooth-quant, first in the pipeline, calibrated for nothing
+    g = graph.clone()
+    with pytest.raises(PipelineError, match=rf"\(#1\) refuses this model, so no pass ran: .*option {named}=48 does "
+                                            "not divide head_dim 64"):
+        PassManager(f"smooth-quant(calib_n=2,calib_len=32),quantize(kv=int4,{options})").run(g)
+    assert str(g) == str(graph)
 
 
 def test_bad_options_raise_clear_errors(slice2, tmp_path):
@@ -439,6 +446,27 @@ def test_kv_window_refuses_bidirectional_attention(minilm_graph):
         InsertQDQ(kv="int4", kv_window=8).run(minilm_graph.clone())
     g = minilm_graph.clone()
     assert InsertQDQ(w="int8", a="int8", kv="int4").run(g).stats["kv_qdq_chains"] == 12  # 6 layers x (k, v)
+
+
+def test_a_kv_window_on_an_encoder_is_refused_before_any_pass_runs(minilm_graph):
+    """``w8a8kv4`` on MiniLM ran SmoothQuant's calibration (~8 s) before ``quantize`` refused the KV window; the
+    pass's precheck refuses the model before the first pass, which never runs."""
+    from lowbit.passes.manager import Instrument
+    from lowbit.recipes import recipe_passes
+
+    class Ran(Instrument):
+        def __init__(self) -> None:
+            self.passes: list[str] = []
+
+        def before_pass(self, record, p, graph) -> None:
+            self.passes.append(p.name)
+
+    ran, g = Ran(), minilm_graph.clone()
+    with pytest.raises(PipelineError, match=r"pass quantize\(.*kv_window=32.*\) \(#1\) refuses this model, so no pass "
+                                            r"ran: .*needs causal attention.*encoder.layer.0.attention.self") as exc:
+        PassManager(recipe_passes("w8a8kv4"), instruments=[ran]).run(g)
+    assert ran.passes == [] and exc.value.record.index == 1
+    assert print_graph(g) == print_graph(minilm_graph)
 
 
 def test_recipes_parse_or_name_the_missing_pass():

@@ -17,6 +17,8 @@ What a pass declares besides (docs/design.md "Pass contract"):
   reported before the pipeline runs (``lowbit.api.plan_compile``).
 * ``exact`` — the pass must not change the model's outputs: checked in float64 on a real model by
   ``tests/test_pass_contract.py`` for every registered pass that declares it.
+* ``precheck`` — refusals of the model itself (its architecture) that the ``PassManager`` asks every pass for
+  before the first pass runs, so a late pass does not refuse the model after earlier ones calibrated.
 * ``needs_reference`` — the pass reads the model as it was when the pipeline started (``distill``'s teacher):
   the ``PassManager`` snapshots the graph before the first pass (a structural clone; tensors are shared) and
   hands it to the pass as ``reference`` for its run.
@@ -399,6 +401,13 @@ class Pass:
 
     def run(self, graph: Graph) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def precheck(self, graph: Graph) -> None:
+        """Refuse ``graph`` (raise ``PassError``) for what this pass would refuse when it runs and no earlier pass
+        changes: the model's architecture (an encoder's bidirectional attention under a KV window). The
+        ``PassManager`` calls it on the input graph for every pass it will run, before the first one, so a pipeline
+        that cannot finish fails before minutes of calibration (``w8a8kv4`` on MiniLM smoothed for ~8 s before
+        ``quantize`` refused the window). Default: nothing to check."""
 
     def undone_by(self, later: Pass) -> str | None:
         """Why ``later``, run after this pass in the same pipeline, would undo what this pass did while both report

@@ -515,21 +515,38 @@ def _mask_is_causal(graph: Graph, mask: Value) -> bool:
     return not bool((allowed & future).any())
 
 
-def _window_mask(graph: Graph, node: Node, k_src: Value, window: int, sink: int, before: Node) -> Value:
-    """``[..., S, 2S]`` mask: the first half lets query t read the quantized copy of token j when
-    ``t - j >= window and j >= sink``, the second half the float copy of every other token."""
-    q = node.args[0]
-    mask = node.arg(3, "mask")
-    is_causal = bool(node.kwargs.get("is_causal", False))
-    kt = k_src.tensor_type
-    s_len = kt.shape[2]
-    if q.tensor_type.shape[2] != s_len:
+def check_window_attention(graph: Graph, node: Node) -> None:
+    """Refuse a float KV window (``kv_window``/``kv_sink``) on attention ``node`` unless it is causal
+    self-attention: the window keeps tokens float by position relative to each query."""
+    q, k = node.args[0], node.args[1]
+    s_q = q.tensor_type.shape[2]
+    s_len = _view_chain(k)[0].tensor_type.shape[2]
+    if s_q != s_len:
         raise PassError(f"pass quantize: kv_window/kv_sink need self-attention over the whole sequence; attention "
-                        f"%{node.name} has {q.tensor_type.shape[2]} queries and {s_len} keys")
-    if not is_causal and (mask is None or not _mask_is_causal(graph, mask)):
+                        f"%{node.name} has {s_q} queries and {s_len} keys")
+    mask = node.arg(3, "mask")
+    if not node.kwargs.get("is_causal", False) and (mask is None or not _mask_is_causal(graph, mask)):
         raise PassError(f"pass quantize: kv_window/kv_sink keep tokens float by position, which needs causal "
                         f"attention; attention %{node.name} (module {node.module!r}) lets queries read later "
                         "tokens (a bidirectional encoder has no KV cache to window)")
+
+
+def kv_attention(graph: Graph, cfg: QuantConfig, in_scope: Callable[[str], bool]) -> list[Node]:
+    """The attention nodes whose KV ``cfg.kv`` quantizes (its ``modules`` pattern, within the pass's scope)."""
+    assert cfg.kv is not None
+    nodes = [n for n in graph.nodes if n.op == "attention" and module_matches(n.module, cfg.kv.modules)]
+    if not nodes:
+        raise PassError(f"pass quantize: kv modules pattern {cfg.kv.modules!r} matches no attention node "
+                        f"({sum(1 for n in graph.nodes if n.op == 'attention')} attention nodes in the graph)")
+    return [n for n in nodes if in_scope(n.module)]
+
+
+def _window_mask(graph: Graph, node: Node, k_src: Value, window: int, sink: int, before: Node) -> Value:
+    """``[..., S, 2S]`` mask: the first half lets query t read the quantized copy of token j when
+    ``t - j >= window and j >= sink``, the second half the float copy of every other token."""
+    mask = node.arg(3, "mask")
+    check_window_attention(graph, node)
+    s_len = k_src.tensor_type.shape[2]
     mod = node.module
 
     def add(op: str, args: list[Any], kwargs: dict[str, Any] | None, t: Any, name: str) -> Value:
@@ -716,11 +733,7 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
                             f"products on stored weights that lowbit does not raise to linear ({len(unraised)}: "
                             f"{sample}), so they would all stay float")
     if cfg.kv is not None:
-        p.attention = [n for n in graph.nodes if n.op == "attention" and module_matches(n.module, cfg.kv.modules)]
-        if not p.attention:
-            raise PassError(f"pass quantize: kv modules pattern {cfg.kv.modules!r} matches no attention node "
-                            f"({sum(1 for n in graph.nodes if n.op == 'attention')} attention nodes in the graph)")
-        p.attention = [n for n in p.attention if in_scope(n.module)]
+        p.attention = kv_attention(graph, cfg, in_scope)
     return p
 
 
@@ -805,6 +818,24 @@ class InsertQDQ(Pass):
         if self.options.config is None and config_from_options(self.options).is_empty():
             raise PassError(_NOTHING)
 
+    def precheck(self, graph: Graph) -> None:
+        """The KV cache's attention nodes, their head_dim against the KV groups, and a float window only on causal
+        self-attention: what the model's architecture decides, refused before earlier passes calibrate
+        (``w8a8kv4`` on an encoder, ``kv4``'s groups of 32 on 16-wide heads)."""
+        cfg = config_from_options(self.options)
+        if cfg.kv is None:
+            return
+        for node in kv_attention(graph, cfg, self.options.in_scope):
+            for idx, role, scheme in ((1, "key", cfg.kv.key), (2, "value", cfg.kv.value)):
+                _kv_layout(scheme, _view_chain(node.args[idx])[0], role, node, self._kv_group_option)
+            if cfg.kv.window or cfg.kv.sink:
+                check_window_attention(graph, node)
+
+    def _kv_group_option(self, role: str) -> tuple[str, str]:
+        """The option a KV role's group came from: the user's k_group/v_group, where given, else kv_group."""
+        own = f"{role[0]}_group"
+        return (own, "") if getattr(self.options, own) is not None else kv_group_options(role)
+
     def run(self, graph: Graph) -> PassResult:
         o = self.options
         cfg = config_from_options(o)
@@ -831,13 +862,9 @@ class InsertQDQ(Pass):
                 return "option head_group" if o.head_group is not None else "option group"
             return "config group_size" if o.config is not None else "option group"
 
-        def kv_group_option(role: str) -> tuple[str, str]:  # the user's k_group/v_group, where given, not kv_group's
-            own = f"{role[0]}_group"
-            return (own, "") if getattr(o, own) is not None else kv_group_options(role)
-
         stats = quantize_graph(graph, cfg, group_fallback=o.group_fallback, calibration=calibration,
                                extra_patterns=extra, scope=o.in_scope, nonfinite=o.nonfinite, group_option=group_option,
-                               kv_group_option=kv_group_option)
+                               kv_group_option=self._kv_group_option)
         changed = bool(stats["weights_quantized"] or stats["inputs_quantized"] or stats["kv_qdq_chains"])
         return PassResult(changed, stats)
 

@@ -353,6 +353,7 @@ class PassManager:
             except VerificationError as exc:
                 raise PipelineError(f"the input IR is invalid before any pass ran:\n{exc}",
                                     PassRecord(-1, "(input)", "(input)"), None) from exc
+        _precheck(self.passes[:self.limit], graph)
         # the model as the pipeline received it, for passes that read it (distill's teacher); tensors are shared
         start = None
         if any(p.needs_reference for p in self.passes):
@@ -402,6 +403,18 @@ class PassManager:
                 ins.after_pass(rec, p, graph)
         report.seconds = time.perf_counter() - t_start
         return report
+
+
+def _precheck(passes: Sequence[Pass], graph: Graph) -> None:
+    """Every pass's ``precheck`` on the input graph, before any pass runs: a PipelineError naming the pass that
+    refuses the model (no pass has changed it, so there is no IR to keep)."""
+    for i, p in enumerate(passes):
+        try:
+            p.precheck(graph)
+        except PassError as exc:
+            raise PipelineError(f"pass {p.spec()} (#{i}) refuses this model, so no pass ran: {exc}",
+                                PassRecord(i, p.name, p.spec(), nodes_before=len(graph.nodes),
+                                           nodes_after=len(graph.nodes)), None) from exc
 
 
 def _check_scope(p: Pass, index: int, graph: Graph, rec: PassRecord, before: Graph | None) -> None:
