@@ -451,6 +451,8 @@ def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn
     limit = model_positions(model.model)
     if limit is not None:  # calibration windows are checked against it (the step has no symbol)
         meta["max_positions"] = limit
+    if model.rope_switch is not None and model.rope_switch < spec.max_length:  # a decode step can cross it
+        meta["rope_switch"] = model.rope_switch
     return model, example, dynamic, meta
 
 

@@ -478,6 +478,26 @@ class Generator:
         positions = torch.arange(length, device=self.device)[None].expand(batch, -1)
         return self.runner(ids, positions, *self._cache(batch, length))[0]
 
+    def _prefill(self, ids: torch.Tensor, positions: torch.Tensor,
+                 lengths: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last position's logits ``[B, V]`` of left-padded prompts and the full-length cache they fill."""
+        if self.kv is not None:
+            # the packed cache writes each sequence's tokens in order (its float ring holds the last ones): each
+            # prompt is prefilled on its own, at its own length, straight into the full-length cache
+            longest = ids.shape[1]
+            parts, rows = [], []
+            for b, n in enumerate(lengths):
+                out = self.runner(ids[b:b + 1, longest - n:], positions[b:b + 1, longest - n:],
+                                  *self._cache(1, self.spec.max_length))
+                rows.append(out[0][0, -1])
+                parts.append(out[1:])
+            return torch.stack(rows), [torch.cat(ts, 0) for ts in zip(*parts)]
+        # the prompt goes straight into the full-length cache: a prompt-length cache copied into a zeroed full one
+        # cost 16 fills and 8 copies per prefill of the 7B-shaped 4-layer stack (~0.3 ms of a 1x2048 prefill on
+        # the H200); attention over the slots past the prompt is masked
+        out = self.runner(ids, positions, *self._cache(len(lengths), self.spec.max_length))
+        return out[0][:, -1], list(out[1:])
+
     def _decode_fn(self, batch: int, ids: torch.Tensor, positions: torch.Tensor,
                    cache: list[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], Any]:
         """The decode step: a CUDA graph replay on CUDA (captured once per batch size), else a plain call."""
@@ -561,26 +581,7 @@ class Generator:
 
         sync()
         t0 = time.perf_counter()
-        if self.kv is not None:
-            # the packed cache writes each sequence's tokens in order (its float ring holds the last ones): each
-            # prompt is prefilled on its own, at its own length, straight into the full-length cache
-            parts, rows = [], []
-            for b, n in enumerate(lengths):
-                out = self.runner(ids[b:b + 1, longest - n:], positions[b:b + 1, longest - n:],
-                                  *self._cache(1, self.spec.max_length))
-                rows.append(out[0][0, -1])
-                parts.append(out[1:])
-            first = torch.stack(rows)
-            cache = [torch.cat(ts, 0) for ts in zip(*parts)]
-            del parts, out
-        else:
-            # the prompt goes straight into the full-length cache: a prompt-length cache copied into a zeroed full one
-            # cost 16 fills and 8 copies per prefill of the 7B-shaped 4-layer stack (~0.3 ms of a 1x2048 prefill on
-            # the H200); attention over the slots past the prompt is masked
-            out = self.runner(ids, positions, *self._cache(batch, self.spec.max_length))
-            first = out[0][:, -1]
-            cache = list(out[1:])
-            del out
+        first, cache = self._prefill(ids, positions, lengths)
         vocab = first.shape[-1]  # known from the logits: the generation meta does not record it
         outside = sorted(t for t in stops if t >= vocab) if given_stops else []
         if outside:  # a stop the head can never choose: the run went on to max_new_tokens, silently
@@ -591,7 +592,9 @@ class Generator:
         t1 = time.perf_counter()
 
         tokens: list[list[int]] = [[] for _ in range(batch)]
+        made: list[list[int]] = [[] for _ in range(batch)]  # every token read, a stopped sequence's later ones too
         done = [False] * batch
+        switch = self.meta.get("rope_switch")
         pos = torch.tensor(lengths, device=self.device).view(batch, 1)
         steps = 0
         read = 0  # the step whose tokens the host reads next: 0 is the prefill's
@@ -606,7 +609,20 @@ class Generator:
             # sequence stopped is wasted, never seen.
             launched = None
             launch_start = time.perf_counter()
-            if steps < max_new_tokens - 1:
+            if steps < max_new_tokens - 1 and longest + steps == switch:
+                # longrope: this step's largest position is the first at which the rotary takes its long frequencies,
+                # but the cached keys were rotated with the short ones. Every sequence is prefilled again, prompt and
+                # tokens so far, into a fresh cache, as transformers' Phi-3 recomputes its cache at this step
+                seqs = [p + m + [t] for p, m, t in zip(prompts, made, pending[0].tolist())]
+                first, cache = self._prefill(*(t.to(self.device) for t in left_padded(seqs)), [len(q) for q in seqs])
+                launched = pick(first)
+                pos = torch.tensor(lengths, device=self.device).view(batch, 1) + steps + 1  # the next step's
+                if greedy_graph is not None:
+                    greedy_graph.start(launched[0].view(batch, 1), pos, cache)
+                    cache = []  # the graph holds its own copy
+                decode = None  # a CUDA graph step loads the new cache when next made
+                steps += 1
+            elif steps < max_new_tokens - 1:
                 step_ids = pending[0].view(batch, 1)
                 if greedy_graph is not None:  # greedy on CUDA graphs: the graph feeds itself its tokens
                     if steps == 0:
@@ -627,6 +643,7 @@ class Generator:
             check_finite(flags, read)
             read += 1
             for b, t in enumerate(picked):
+                made[b].append(t)
                 if done[b]:
                     continue
                 tokens[b].append(t)

@@ -306,6 +306,9 @@ class CausalLMStep(nn.Module):
         """Per layer: the sliding window (a query at p reads slots p - window + 1 .. p), or None."""
         # the rotary module takes the layer type where layer types have their own frequencies (Gemma 3)
         self.typed_rotary = "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
+        self.rope_switch = _rope_switch(model)
+        """The position at which the rotary takes its long frequencies (longrope), or None: the generator
+        recomputes the cache there, as transformers' Phi-3 does (``lowbit.generate``)."""
         self.capture_prefix = "model."
 
     @staticmethod
@@ -413,6 +416,26 @@ class CausalLMStep(nn.Module):
         if lay.final_softcap is not None:
             logits = torch.tanh(logits / lay.final_softcap) * lay.final_softcap
         return (logits, *new_cache)
+
+
+def _rope_switch(model: PreTrainedModel) -> int | None:
+    """longrope's ``original_max_position_embeddings``: a forward whose largest position is at or past it rotates
+    every token with the long frequencies, one below it with the short ones
+    (``transformers.modeling_rope_utils.dynamic_rope_update``). The cached keys of a shorter prefix were rotated
+    with the short ones, so transformers' Phi-3 recomputes its cache at that step
+    (``Phi3ForCausalLM.prepare_inputs_for_generation``); None for a rotary with fixed frequencies."""
+    rotary = getattr(model.base_model, "rotary_emb", None)
+    if getattr(rotary, "rope_type", None) != "longrope":
+        return None
+    config = model.config
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    switch = params.get("original_max_position_embeddings") if isinstance(params, dict) else None
+    switch = switch or getattr(config, "original_max_position_embeddings", None)
+    if not isinstance(switch, int) or isinstance(switch, bool) or switch < 1:
+        raise GenerationError(f"{type(model).__name__}: its rotary is longrope but the config names no "
+                              f"original_max_position_embeddings ({switch!r}), the position where it changes "
+                              "frequencies")
+    return switch
 
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1022,3 +1022,31 @@ def test_cli_generate_quiet_prints_the_text_only():
     assert res.exit_code == 0, res.output
     assert res.output.startswith("The capital of France is") and res.output.count("\n") == 1, res.output
     assert "\r" not in res.output and "calibrate" not in res.output and "prefill" not in res.output
+
+
+def test_phi3_longrope_generation_recomputes_the_cache_where_its_rotary_switches():
+    """Phi-3 longrope (the 128k models) rotates with its long frequencies once a forward's largest position reaches
+    original_max_position_embeddings; the keys cached before were rotated with the short ones, so transformers'
+    Phi-3 prefills again at that step. The step graph switched frequencies but kept the old keys: the tokens after
+    the switch differed from transformers' without a word. Greedy tokens of left-padded batches crossing the
+    switch during decode and reaching it at the first decode step equal transformers' batched ``generate``."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.Phi3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       pad_token_id=0, num_hidden_layers=1, vocab_size=256, max_position_embeddings=64,
+                       original_max_position_embeddings=16,
+                       rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [3.0] * 4})
+    hf = t.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
+        for p in hf.parameters():
+            p.mul_(4)
+    cm = compile_model(hf, generation=GenerationSpec(max_length=32, max_batch=2))
+    assert cm.graph.meta["generation"]["rope_switch"] == 16
+    for prompts in ([list(range(1, 10)), [5, 6, 7]], [list(range(1, 17))]):
+        longest = max(map(len, prompts))
+        ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+        with torch.no_grad():
+            want = hf.generate(ids, attention_mask=(ids != 0).long(), max_new_tokens=10, min_new_tokens=10,
+                               do_sample=False)[:, longest:].tolist()
+        assert cm.generate(prompts, 10, stop_tokens=()).tokens == want, [len(p) for p in prompts]

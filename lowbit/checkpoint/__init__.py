@@ -236,6 +236,9 @@ class GenerationMeta(BaseModel):
     max_positions: int | None = Field(default=None, ge=2)
     """The model's ``max_position_embeddings`` (calibration windows must fit it); absent in checkpoints written
     before it was recorded, and for a model whose config has none."""
+    rope_switch: int | None = Field(default=None, ge=1)
+    """longrope's ``original_max_position_embeddings`` (the generator recomputes the cache when a sequence reaches
+    it); absent for fixed rotary frequencies, a cache too short to reach it, and checkpoints written before it."""
 
 
 class PrunedMeta(BaseModel):
