@@ -47,6 +47,7 @@ from lowbit.ir.qscheme import (
 from lowbit.ir.quant import QDTYPES, Layout, ceil_div_dim, get_qdtype, layout_for, mul_dim, quantize
 from lowbit.ir.qdq import WeightPlan, write_weight_qdq
 from lowbit.ir.rewrite import eliminate_dead_code
+from lowbit.ir.rotation_regions import no_attention_reason
 from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass, missing_comma, nonfinite_problem
 
 __all__ = ["InsertQDQ", "InsertQDQOptions", "config_from_options", "quantize_weight", "insert_dynamic_qdq",
@@ -536,6 +537,11 @@ def kv_attention(graph: Graph, cfg: QuantConfig, in_scope: Callable[[str], bool]
     assert cfg.kv is not None
     nodes = [n for n in graph.nodes if n.op == "attention" and module_matches(n.module, cfg.kv.modules)]
     if not nodes:
+        if not any(n.op == "attention" for n in graph.nodes):
+            # Gemma 2's soft-capped attention is matmul/tanh/softmax: the message named a pattern ('*', the
+            # default) the user never wrote, as if a scope were wrong
+            raise PassError(f"pass quantize: kv={cfg.kv.key.qdtype} quantizes the keys and values an attention op "
+                            f"reads, and {no_attention_reason(graph)}: keep this model's KV cache float (drop kv=)")
         raise PassError(f"pass quantize: kv modules pattern {cfg.kv.modules!r} matches no attention node "
                         f"({sum(1 for n in graph.nodes if n.op == 'attention')} attention nodes in the graph)")
     return [n for n in nodes if in_scope(n.module)]
