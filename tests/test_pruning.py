@@ -1628,6 +1628,32 @@ def test_prune_heads_on_gpt2_names_the_fused_qkv_projection():
         PassManager("prune-heads(ratio=0.5,score=magnitude)").run(graph)
 
 
+def _tiny_phi3_graph():
+    """A random 1-block Phi-3 (one fused ``qkv_proj`` sliced into q/k/v, one ``gate_up_proj`` chunked), captured."""
+    import transformers as tf
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.Phi3Config(
+        hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=1, num_hidden_layers=1,
+        vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)).eval()
+    return capture(CausalLMLogits(model).eval(), (torch.ones(1, 8, dtype=torch.long),))
+
+
+def test_prune_heads_on_phi3_names_the_fused_qkv_projection():
+    """Phi-3 slices q, k and v out of one fused linear (qkv_proj) along its last dim; the head walk passes such slices
+    (a partial rotary's), so q, k and v all led to that one linear and prune-heads said only 'head layout not
+    understood (q heads 8, head_dim 8)'. It names the fused linear, its module and type, and the pass that does
+    prune Phi-3 (its MLP is fused too, so not prune-mlp)."""
+    graph = _tiny_phi3_graph()
+    with pytest.raises(PipelineError, match=r"model\.layers\.0\.self_attn: q, k and v are slices of one fused linear "
+                                            r"%\w+ \(module 'model\.layers\.0\.self_attn\.qkv_proj', f32\[\w+,\w+,80\]\)"
+                                            r": prune-heads removes .*; prune-blocks prunes this model\)$"):
+        PassManager("prune-heads(ratio=0.5,score=magnitude)").run(graph)
+
+
 def test_prune_heads_on_a_written_out_attention_names_its_softmax():
     """Gemma 2 soft-caps its attention logits, so its attention is matmul/tanh/softmax, never raised to an attention
     op: prune-heads said only '(no attention op)'. It names the softmax and where it is, as rotate does."""

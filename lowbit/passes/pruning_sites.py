@@ -116,8 +116,9 @@ def _fused_projection(stop: Node) -> Node | None:
     return v.producer if _stored_linear(v.producer) else None
 
 
-def find_mlp_sites(graph: Graph) -> tuple[list[MLPSite], list[str]]:
-    """Every prunable MLP, and why other candidate down projections are not."""
+def find_mlp_sites(graph: Graph, advise: bool = True) -> tuple[list[MLPSite], list[str]]:
+    """Every prunable MLP, and why other candidate down projections are not (``advise``: with the prune passes that
+    do take the model where a fused gate/up projection is refused)."""
     users = graph.users()
     sites, skipped = [], []
     for down in graph.nodes:
@@ -223,7 +224,18 @@ def _last_dim_cat(n: Node) -> bool:
     return len(n.args[0]) > 0 and all(_last_dim(p, dim) for p in n.args[0])
 
 
-def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
+def _prunes_instead(graph: Graph, refused: str) -> str:
+    """The advice closing a fused-projection refusal: which other structured prune passes take this model."""
+    others = ["prune-mlp"] if refused != "prune-mlp" and find_mlp_sites(graph, advise=False)[0] else []
+    if refused != "prune-heads" and find_attention_sites(graph, advise=False)[0]:
+        others.append("prune-heads")
+    others.append("prune-blocks")
+    return f"{' and '.join(others)} {'prune' if len(others) > 1 else 'prunes'} this model"
+
+
+def find_attention_sites(graph: Graph, advise: bool = True) -> tuple[list[AttentionSite], list[str]]:
+    """Every attention whose heads prune-heads can cut, and why the others are not (``advise``: with the prune passes
+    that do take the model where a fused q/k/v projection is refused)."""
     users = graph.users()
     sites, skipped = [], []
     for att in graph.find("attention"):
@@ -250,11 +262,11 @@ def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
         if None in (q, k, v, o) or block is None or out_t.rank != 4 or not isinstance(out_t.shape[1], int):
             why = ""
             fused = _fused_projection(stops[0]) if stops else None
-            if fused is not None:  # GPT-2's c_attn, Phi-3's qkv_proj, Falcon's query_key_value
+            if fused is not None:  # GPT-2's c_attn, Falcon's query_key_value
                 skipped.append(f"{att.module or att.name}: q, k and v are one fused linear %{fused.name} (module "
                                f"{fused.module!r}, {fused.outputs[0].tensor_type}) split by %{stops[0].name} "
-                               f"({stops[0].op}): prune-heads removes each head's rows from separate q/k/v linears; "
-                               "prune-mlp and prune-blocks prune this model")
+                               f"({stops[0].op}): prune-heads removes each head's rows from separate q/k/v linears"
+                               f"{'; ' + _prunes_instead(graph, 'prune-heads') if advise else ''}")
                 continue
             if stops:
                 s0 = stops[0]
@@ -264,6 +276,13 @@ def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[str]]:
             skipped.append(f"{att.module or att.name}: q/k/v/o linears not found through layout ops{why}")
             continue
         assert q is not None and k is not None and v is not None and o is not None
+        if len({id(q), id(k), id(v)}) < 3:  # Phi-3's qkv_proj, sliced along its last dim into q, k and v
+            fused = q if q is k or q is v else k
+            skipped.append(f"{att.module or att.name}: q, k and v are slices of one fused linear %{fused.name} (module "
+                           f"{fused.module!r}, {fused.outputs[0].tensor_type}): prune-heads removes each head's rows "
+                           "from separate q/k/v linears"
+                           f"{'; ' + _prunes_instead(graph, 'prune-heads') if advise else ''}")
+            continue
         hq, hd = int(out_t.shape[1]), int(out_t.shape[3])
         kv = int(k.args[1].data.shape[0]) // hd
         if hq * hd != int(q.args[1].data.shape[0]) or kv < 1 or hq % kv or \
