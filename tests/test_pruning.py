@@ -1654,6 +1654,18 @@ def test_prune_heads_on_phi3_names_the_fused_qkv_projection():
         PassManager("prune-heads(ratio=0.5,score=magnitude)").run(graph)
 
 
+def test_prune_mlp_on_phi3_names_the_fused_gate_up_projection():
+    """Phi-3 computes gate and up with one fused linear (gate_up_proj) and chunks it in two: prune-mlp cuts rows of
+    separate gate/up linears, so it refuses, but it said only 'its input is not an elementwise function of linears
+    read only by it'. It names the fused linear, its module and type, the chunk, and the pass that does prune Phi-3."""
+    graph = _tiny_phi3_graph()
+    with pytest.raises(PipelineError, match=r"model\.layers\.0\.mlp\.down_proj: its input comes from one fused linear "
+                                            r"%\w+ \(module 'model\.layers\.0\.mlp\.gate_up_proj', f32\[\w+,\w+,256\]\) "
+                                            r"split by %chunk_0 \(aten\.chunk\.default\): prune-mlp removes .*; "
+                                            r"prune-blocks prunes this model\)$"):
+        PassManager("prune-mlp(ratio=0.25,score=magnitude,multiple=8)").run(graph)
+
+
 def test_prune_heads_on_a_written_out_attention_names_its_softmax():
     """Gemma 2 soft-caps its attention logits, so its attention is matmul/tanh/softmax, never raised to an attention
     op: prune-heads said only '(no attention op)'. It names the softmax and where it is, as rotate does."""

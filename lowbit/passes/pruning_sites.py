@@ -128,6 +128,7 @@ def find_mlp_sites(graph: Graph, advise: bool = True) -> tuple[list[MLPSite], li
         producers: list[Node] = []
         stack, ok, seen = [down.args[0]], True, set()
         inner: list[Node] = []
+        stop: Node | None = None
         while stack and ok:
             v = stack.pop()
             if id(v) in seen:
@@ -147,7 +148,7 @@ def find_mlp_sites(graph: Graph, advise: bool = True) -> tuple[list[MLPSite], li
                 inner.append(n)
                 stack.append(n.args[0])
             else:
-                ok = False
+                ok, stop = False, n
         width = int(down.args[1].data.shape[1])
         if ok and producers:
             ok = all(int(p.args[1].data.shape[0]) == width for p in producers)
@@ -158,8 +159,15 @@ def find_mlp_sites(graph: Graph, advise: bool = True) -> tuple[list[MLPSite], li
             for v in n.outputs:
                 if any(id(u) not in inside for u in users.get(id(v), [])):
                     ok = False
+        fused = _fused_projection(stop) if stop is not None else None
         if ok and producers and block is not None:
             sites.append(MLPSite(block, down, sorted(producers, key=graph.index)))
+        elif fused is not None:  # Phi-3's gate_up_proj, chunked into the gate and the up halves
+            assert stop is not None
+            skipped.append(f"{down.module}: its input comes from one fused linear %{fused.name} (module "
+                           f"{fused.module!r}, {fused.outputs[0].tensor_type}) split by %{stop.name} ({stop.op}): "
+                           "prune-mlp removes each channel's rows from separate gate/up linears"
+                           f"{'; ' + _prunes_instead(graph, 'prune-mlp') if advise else ''}")
         else:
             skipped.append(f"{down.module}: its input is not an elementwise function of linears read only by it")
     return sites, skipped
