@@ -662,6 +662,16 @@ def compile_model(
     torch; ONNX lowering options on onnxruntime). Returns a callable ``CompiledModel`` with ``.graph`` and
     ``.report``.
 
+    ``example_inputs`` are what ``torch.export`` captures the model with; left out, lowbit builds them for the models
+    it wraps (a causal LM, ``lowbit.models.SentenceEmbedder``, an ``ExportedProgram`` from the inputs it recorded) and
+    any other model is refused, asking for them. ``dynamic_shapes`` is ``torch.export``'s; ``"auto"`` makes batch and
+    sequence dynamic where lowbit built the example, and keeps every dim static with inputs you give (the compiled
+    model then takes exactly their shapes: pass ``dynamic_shapes`` for a dim that varies). ``device`` is where the
+    lowered model runs (``"cpu"``, ``"cuda"``; None: the backend's default); calibrating passes take their own
+    ``device=`` option. ``verify=False`` skips the IR verifier after each pass. ``instruments`` are
+    ``lowbit.passes.manager.Instrument`` objects called around every pass (``lowbit.instruments.NumericCheck``,
+    ``PrintIR``, ...).
+
     Calibrating passes tokenize their text with ``tokenizer`` (a tokenizer, ``"smollm2"``, ``"minilm"`` or a
     tokenizer directory); unset, with the tokenizer saved beside a Hugging Face model (its ``name_or_path``
     directory). ``calib`` (a text name or path, a ``.safetensors`` file of token ids, or a tensor of ids: ``[n, L]``

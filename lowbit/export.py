@@ -40,6 +40,7 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     TensorRT options (``shapes``, ``timing_cache``, ``workspace_bytes``, ...) to ``build_engine``, and ``onnx_dir``
     (where to keep the QDQ ONNX the engine is built from) to ``export_engine``.
     ``external_data`` forces (or forbids) a ``.data`` side file; by default models over ~1.8 GB use one.
+    ``check=False`` skips ``onnx.checker``'s full check of the written file (ONNX only).
 
     Raises ``OnnxLoweringError`` (a ``lowbit.errors.LowbitError``) listing every node the ONNX lowering cannot
     write, by op and module; ``ExportPathError`` for a path it cannot write; ``ExportError`` for an unknown format

@@ -242,3 +242,21 @@ def test_public_dataclasses_name_every_field_in_their_docstring():
         cls = getattr(lowbit, name)
         missing = [f.name for f in dataclasses.fields(cls) if f"``{f.name}``" not in cls.__doc__]
         assert not missing, f"lowbit.{name}'s docstring does not name {missing}"
+
+
+def test_public_functions_describe_every_option_they_take():
+    """``help(lowbit.compile_model)`` is where a user reads what an option does: every option of the public functions
+    is named in its docstring. compile_model said nothing of ``example_inputs``, ``dynamic_shapes`` (whose
+    ``"auto"`` keeps every dim static once you give your own inputs), ``device``, ``verify`` or ``instruments``;
+    ``load`` nothing of ``device``; ``export`` nothing of ``check``."""
+    import inspect
+
+    from lowbit.api import CompiledModel
+
+    for fn in (lowbit.compile_model, lowbit.save, lowbit.load, lowbit.export.export, lowbit.export.load,
+               CompiledModel.generate, lowbit.GenerationSpec):
+        doc = inspect.getdoc(fn)
+        params = list(inspect.signature(fn).parameters.values())
+        options = [p.name for p in params if p.default is not p.empty]
+        missing = [name for name in options if f"``{name}" not in doc]
+        assert not missing, f"{fn.__qualname__}'s docstring does not describe {missing}"

@@ -364,8 +364,9 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     """A ``CompiledModel`` from a directory ``save`` wrote (any format), or a compressed-tensors/GPTQ directory
     another tool wrote. Files listed in ``lowbit-manifest.json`` are checked against their SHA-256 first.
 
-    ``backend_options`` are the backend's own, as ``compile_model`` takes them (``{"keep_packed": True}`` on torch,
-    so the reloaded module holds the stored codes and not float copies); checked before anything is read.
+    ``backend`` and ``device`` are where the reloaded graph is lowered and runs, as ``compile_model`` takes them;
+    ``backend_options`` are the backend's own (``{"keep_packed": True}`` on torch, so the reloaded module holds the
+    stored codes and not float copies); all checked before anything is read.
 
     ``generation=GenerationSpec(...)`` (HF formats): capture the generation step (prefill and decode with a KV cache,
     as ``compile_model(..., generation=)``) instead of the logits forward, with the stored codes, so ``generate``
