@@ -298,6 +298,35 @@ def test_bench_memory_writes_nothing_when_no_row_ran(tmp_path: Path, monkeypatch
     assert exc.value.code == 2 and "--hidden 64" in capsys.readouterr().err and not out.exists()
 
 
+def test_bench_memory_writes_its_files_under_workdir_and_says_where(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``tools/bench_memory.py`` wrote its 1.1 GB model and checkpoints under the system's temporary directory, often a
+    tmpfs (memory: the limit run's mapped weights could not be evicted, the offload saved nothing), with no way to
+    choose and no word of where. ``--workdir`` picks the directory, the output says where files go (and that a tmpfs
+    is memory), and a missing one is a usage error."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_memory
+
+    made: list[Path] = []
+
+    def no_cgroup(limit: int) -> None:
+        raise OSError("no memory controller here")
+
+    monkeypatch.setattr(bench_memory, "make_model", lambda directory, *a: made.append(directory) or 1 << 20)
+    monkeypatch.setattr(bench_memory, "Cgroup", no_cgroup)
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["bench_memory.py", "--runs", "limit", "--out", str(tmp_path / "memory.json")]
+    monkeypatch.setattr(sys, "argv", [*args, "--workdir", str(work)])
+    assert bench_memory.main() == 1
+    assert len(made) == 1 and made[0].parent.parent == work and made[0].parent.name.startswith("lowbit-memory-")
+    assert f"go to {made[0].parent}, removed at the end" in capsys.readouterr().out
+    assert list(work.iterdir()) == []
+    monkeypatch.setattr(sys, "argv", [*args, "--workdir", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit) as exc:
+        bench_memory.main()
+    assert exc.value.code == 2 and "--workdir" in capsys.readouterr().err and len(made) == 1
+
+
 def test_cli_advises_dtype_auto_for_a_16_bit_checkpoint_loaded_in_float32(tmp_path: Path) -> None:
     """``lowbit compile`` and ``generate`` of a bf16 HF directory without ``--dtype`` load it in float32: a float32
     copy of every weight in memory (twice the checkpoint) and, for compile, the weights it leaves unquantized written

@@ -2,7 +2,7 @@
 as a compressed-tensors checkpoint inside a memory cgroup smaller than the model, then loaded in transformers.
 
     python tools/bench_memory.py                       # 1.1 GB model, 900 MiB limit -> bench/results/memory.json
-    python tools/bench_memory.py --layers 4 --limit-mib 700 --out /tmp/memory.json
+    python tools/bench_memory.py --layers 4 --limit-mib 700 --out /tmp/memory.json --workdir /var/tmp
     python tools/bench_memory.py --layers 4 --runs auto --pipeline "gptq(w=int4,group=128,sym=false,calib_n=16)"
 
 Each run is a fresh process. Rows:
@@ -15,6 +15,9 @@ Each run is a fresh process. Rows:
 
 ``--runs`` picks rows (``limit``, ``auto``: unlimited in the stored dtype, ``float32``: unlimited as before);
 ``--pipeline`` another pipeline (GPTQ's peak is its largest linear's float64 Hessian work, not the model).
+
+The model (bf16, its full size) and the checkpoints are written into a temporary directory under ``--workdir``
+(default: the system's temporary directory, often a tmpfs, where files are memory: give a directory on disk).
 
 The checkpoint is then loaded by ``transformers`` (CPU) and by ``lowbit.load``; ``max_logit_diff`` is the largest
 difference of their logits on one prompt.
@@ -174,11 +177,24 @@ def main() -> int:
     ap.add_argument("--offload", action="store_true", help="compile_model(offload_dir=...): packed weights wait for "
                     "the save in a file on disk, not in memory (as `lowbit compile -o` does)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where the model, its checkpoints and (--offload) the offloaded weights are written, in a "
+                    "temporary directory removed at the end (default: the system's temporary directory, "
+                    f"{tempfile.gettempdir()}); give one on disk: on a tmpfs the weights are memory the kernel cannot "
+                    "evict, so neither the memory limit nor the offload measures what it should")
     args = ap.parse_args()
     if args.hidden < 128 or args.hidden % 128:
         ap.error(f"--hidden {args.hidden}: the model has hidden/128 attention heads of 128; give a multiple of 128")
+    if args.workdir is not None and not args.workdir.is_dir():
+        ap.error(f"--workdir {args.workdir}: no such directory")
     rows = []
-    with tempfile.TemporaryDirectory(prefix="lowbit-memory-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lowbit-memory-", dir=args.workdir) as tmp:
+        from lowbit.ir.offload import ram_backed
+
+        fs = ram_backed(tmp)
+        print(f"files (the model, its checkpoints{', the offloaded weights' if args.offload else ''}) go to {tmp}, "
+              "removed at the end" + (f"; it is on a {fs}, held in memory: give --workdir on disk to measure what "
+                                      "the memory limit and the offload are for" if fs else ""), flush=True)
         src = Path(tmp) / "model"
         model_bytes = make_model(src, args.layers, args.hidden, args.intermediate)
         base = {"area": "memory", "model": f"llama-random-{args.layers}x{args.hidden}-bf16",
