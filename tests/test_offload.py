@@ -291,3 +291,25 @@ def test_a_failed_offload_in_lowbit_compile_gives_advice_that_fits(tmp_path: Pat
     if with_reproducer:
         assert f"no reproducer written to {repro}" in text and not repro.exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_onnxruntime_backend_says_it_holds_its_own_copy_of_offloaded_weights(tmp_path: Path) -> None:
+    """With offload_dir, the onnxruntime backend lowered the packed weights the passes had put on disk into a session
+    that reads them into its own buffers: the lowered model held its weights in memory again, and neither the report
+    nor a warning said so. The report's lowering notes say it, with the MiB, and what runs on the offloaded files."""
+    pytest.importorskip("onnxruntime")
+    from lowbit.backends.onnxruntime_backend import OrtCompiled
+    from lowbit.backends.torch_backend import TorchCompiled
+
+    torch.manual_seed(0)
+    off = lowbit.compile_model(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97),
+                               pipeline="quantize(w=int4,group=32)", backend="onnxruntime", offload_dir=tmp_path)
+    note = next((line for line in off.report.lowering if line.startswith("offload_dir:")), None)
+    assert note is not None, off.report.lowering
+    assert "holds its own copy of the model's" in note and " MiB of weights in memory" in note
+    assert note in off.report.summary()
+    ids = torch.randint(0, 97, (1, 7))
+    torch.testing.assert_close(off(ids), TorchCompiled(off.graph)(ids), rtol=1e-5, atol=1e-5)
+    off.graph.offload_dir = None  # the same graph lowered without an offload: nothing to say
+    assert "offload_dir" not in OrtCompiled(off.graph).report_text()
+    assert list(tmp_path.iterdir()) == []

@@ -376,6 +376,14 @@ class OrtCompiled(torch.nn.Module):
                                                       spinning=spinning),
                                       file_checked=on_file is not None)
         self.providers = self.session.get_providers()
+        if graph is not None and graph.offload_dir is not None and self.onnx_model is not None:
+            # ORT reads its initializers into its own buffers (a prepacked copy for MatMulNBits); it never maps the
+            # offloaded files, so the offload bounded the passes' memory, not the lowered model's: said, not silent
+            mib = initializer_bytes(self.onnx_model) / 2**20
+            self.notes.append(f"offload_dir: the onnxruntime session holds its own copy of the model's {mib:.1f} MiB "
+                              "of weights in memory (it does not read the offloaded files), so offloading bounded "
+                              "the passes' memory, not this backend's; backend='torch' (keep_packed) runs on the "
+                              "offloaded weights")
         dropped = [provider_name(p) for p in self.requested_providers if provider_name(p) not in self.providers]
         if dropped:
             warnings.warn(f"onnxruntime could not initialise {', '.join(dropped)} (see its log); running on "
