@@ -346,28 +346,62 @@ def _name_step_io(graph: Graph) -> None:
         graph.rename(v, f"present_{i // 2}_{'value' if i % 2 else 'key'}")
 
 
-def refuse_for_generation(passes: Sequence[Pass]) -> None:
+def refuse_for_generation(passes: Sequence[Pass], recipe: str | None = None) -> None:
     """Raise ``GenerationError`` for a pass a generation step graph cannot take (a simulated KV cache, distillation
     toward logits), from the pipeline alone: ``compile_model(generation=)`` and ``lowbit generate`` say it before
-    the model is read."""
-    _refuse_kv_simulation(passes)
+    the model is read. ``recipe``: the recipe the passes came from, which the advice names."""
+    _refuse_kv_simulation(passes, recipe)
     _refuse_distillation(passes)
 
 
-def _refuse_kv_simulation(passes: Sequence[Pass]) -> None:
+_KV_OPTIONS = ("kv", "k_gran", "v_gran", "kv_group", "k_group", "v_group", "kv_sym", "kv_clip", "kv_window", "kv_sink")
+
+
+def _without_kv(passes: Sequence[Pass]) -> list[Pass]:
+    """``passes`` with the KV options of every ``quantize`` left out (a pass that quantized only the KV cache
+    dropped): what a generation pipeline runs before ``kv-cache``."""
+    from lowbit.passes.manager import build_pass
+
+    out: list[Pass] = []
+    for p in passes:
+        if getattr(getattr(p, "options", None), "kv", None) in (None, "none", "float"):
+            out.append(p)
+            continue
+        kept = {k: getattr(p.options, k) for k in p.options.model_fields_set if k not in _KV_OPTIONS}
+        try:
+            out.append(build_pass(type(p), kept))
+        except PassError:  # nothing left to quantize
+            pass
+    return out
+
+
+def _refuse_kv_simulation(passes: Sequence[Pass], recipe: str | None = None) -> None:
     """``quantize(kv=...)`` is the prefill accuracy model of a quantized cache (its window mask assumes query i
-    sits at position i); on a step graph it would be wrong in decode, so generation refuses it by name."""
+    sits at position i); on a step graph it would be wrong in decode, so generation refuses it by name, with the
+    pipeline to give instead (and, for a recipe, the recipes that generate with a quantized cache: a recipe user
+    was told to edit pipeline text they never wrote)."""
     from lowbit.models import GenerationError
+    from lowbit.passes.kv_cache import KVCache
+    from lowbit.recipes import generation_recipes
 
     for p in passes:
         opts = getattr(p, "options", None)
         kv = getattr(opts, "kv", None)
         if kv not in (None, "none", "float"):
+            digits = re.sub(r"\D", "", str(kv))
+            bits = int(digits) if digits in ("2", "4", "8") else 4  # the packed cache's code widths
+            instead = format_pipeline([*_without_kv(passes), KVCache(bits=bits)])
+            what = f"recipe {recipe}: pass {p.spec()}" if recipe else f"pass {p.spec()}"
+            layout = (f"recipe {recipe}'s KV layout has no packed-cache form; the recipes that generate with a "
+                      f"quantized cache are {', '.join(generation_recipes())} (--recipe kv4), or give the pipeline "
+                      f"with the kv4 cache layout (keys per channel over 32-token blocks, values per 32-channel "
+                      f"group, sink and window float): --pipeline {instead!r}") if recipe else (
+                f"drop kv=... and append kv-cache(bits={bits}) (kv-cache(bits=4) is the kv4 layout, bits=2 kv2's): "
+                f"pipeline={instead!r}")
             raise GenerationError(
-                f"pass {p.spec()}: KV-cache quantization is modelled for prefill only (the quantize pass' "
-                "accuracy model, whose window mask assumes query i sits at position i); generation quantizes the "
-                "cache itself as a packed cache (the kv-cache pass): drop kv=... and append kv-cache(bits=4) (the kv4 layout; "
-                "bits=2 for kv2), e.g. pipeline='...,quantize(w=int8,a=int8),kv-cache(bits=4)'")
+                f"{what}: KV-cache quantization is modelled for prefill only (the quantize pass' accuracy model, whose "
+                "window mask assumes query i sits at position i); generation quantizes the cache itself as a packed "
+                f"cache (the kv-cache pass): {layout}")
 
 
 def _refuse_distillation(passes: Sequence[Pass]) -> None:
@@ -457,7 +491,9 @@ def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn
 
 
 def resolve_pipeline(pipeline: str | Sequence[Pass | str] | None, recipe: str | None,
-                     overrides: Mapping[str, Any] | None = None) -> list[Pass]:
+                     overrides: Mapping[str, Any] | None = None, generation: bool = False) -> list[Pass]:
+    """The passes ``pipeline`` or ``recipe`` name (``generation``: a recipe's generation pipeline, where it has one:
+    ``kv4`` quantizes the packed cache with ``kv-cache``), with ``overrides`` of the recipe's options."""
     if pipeline is not None and recipe is not None:
         raise PassError("give either pipeline= or recipe=, not both")
     if overrides is not None and recipe is None:  # accepted and dropped otherwise
@@ -470,7 +506,7 @@ def resolve_pipeline(pipeline: str | Sequence[Pass | str] | None, recipe: str | 
             raise PassError(f"recipe= takes a recipe name such as 'w4a16-g64' (see lowbit recipes), got "
                             f"{type(recipe).__name__} {recipe!r}")
 
-        passes = parse_pipeline(get_recipe(recipe))
+        passes = parse_pipeline(get_recipe(recipe, generation))
         return override_options(recipe, passes, overrides) if overrides is not None else passes
     if pipeline is None:
         return []
@@ -718,7 +754,7 @@ def compile_model(
     if not isinstance(model, (str, torch.nn.Module, torch.export.ExportedProgram)):  # None was 'no example inputs'
         raise TypeError(f"model must be an nn.Module (or an ExportedProgram) or a name or path (smollm2, minilm, an "
                         f"HF directory, a .gguf), got {type(model).__name__}")
-    passes = resolve_pipeline(pipeline, recipe, overrides)  # bad specs fail before the slow capture
+    passes = resolve_pipeline(pipeline, recipe, overrides, bool(generation))  # bad specs fail before the capture
     offload = _offload_directory(offload_dir)
     if offload is not None and backend == "torch" and "keep_packed" not in (backend_options or {}):
         # dequantizing at lowering (the torch default) put a float copy of every packed weight in the heap: the
@@ -754,7 +790,7 @@ def compile_model(
         check_input_files(passes)
     plan = plan_compile(passes, backend, backend_options, device)  # so does a backend that cannot take the pipeline
     if generation:
-        refuse_for_generation(passes)
+        refuse_for_generation(passes, recipe)
         _add_last_logits(plan, generation)
     if isinstance(model, str):
         from lowbit.models import float32_copy, load_model

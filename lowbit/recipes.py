@@ -32,6 +32,10 @@ class Recipe:
     doc: str
     needs: tuple[str, ...] = field(default=())
     """Passes the pipeline uses, checked against the pass registry before the pipeline is handed out."""
+    generation: str | None = None
+    """The pipeline a generation step graph runs (``compile_model(generation=...)``, ``lowbit generate``), where it
+    differs: a KV cache quantized in the accuracy model (``quantize(kv=...)``, prefill only) becomes the packed cache
+    of the same layout (``kv-cache``)."""
 
 
 _W8A8 = "quantize(w=int8,a=int8)"
@@ -105,16 +109,18 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("kv4", f"quantize({_KV4})",
            "KV cache int4, asymmetric: keys (after rotary) per channel over 32-token blocks, values per token in "
            "32-channel groups; "
-           "the first token and each query's 32 most recent tokens float", ("quantize",)),
+           "the first token and each query's 32 most recent tokens float", ("quantize",),
+           generation="kv-cache(bits=4)"),
     Recipe("kv2", f"quantize({_KV2})",
            "KV cache int2 as KIVI: keys per channel over 32-token blocks, values per token in 16-channel groups, "
-           "the first token and each query's 64 most recent tokens float", ("quantize",)),
+           "the first token and each query's 64 most recent tokens float", ("quantize",),
+           generation="kv-cache(bits=2)"),
     Recipe("w8a8kv4", f"{_SQ},quantize(w=int8,a=int8,{_KV4})", "w8a8 (with SmoothQuant) + kv4; SmolLM2 1.011x",
-           ("smooth-quant", "quantize")),
+           ("smooth-quant", "quantize"), generation=f"{_SQ},{_W8A8},kv-cache(bits=4)"),
     Recipe("w8a8kv2", f"{_SQ},quantize(w=int8,a=int8,{_KV2})",
            "w8a8 (with SmoothQuant) + kv2; SmolLM2 1.100x on an H100, 1.104x on CPU (1.125x / 1.134x without "
            "SmoothQuant)",
-           ("smooth-quant", "quantize")),
+           ("smooth-quant", "quantize"), generation=f"{_SQ},{_W8A8},kv-cache(bits=2)"),
     Recipe("w4a16-gptq", _GPTQ_G64,
            "int4 weights, group 64: AWQ scales and clipping, then GPTQ (act-order, static groups, damp 0.001); "
            "SmolLM2 1.082x (plain GPTQ 1.159x)", ("gptq",)),
@@ -182,8 +188,9 @@ def list_recipes() -> dict[str, Recipe]:
     return dict(RECIPES)
 
 
-def get_recipe(name: str) -> str:
-    """The pipeline text of recipe ``name``; errors name unknown recipes and passes not registered yet."""
+def get_recipe(name: str, generation: bool = False) -> str:
+    """The pipeline text of recipe ``name`` (``generation``: the one a generation step graph runs, where the recipe
+    has one); errors name unknown recipes and passes not registered yet."""
     if name not in RECIPES:
         raise PassError(f"unknown recipe {name!r}{closest(name, sorted(RECIPES))}; known: {', '.join(RECIPES)}")
     r = RECIPES[name]
@@ -192,14 +199,20 @@ def get_recipe(name: str) -> str:
     if missing:
         raise PassError(f"recipe {name!r} ({r.pipeline}) needs pass(es) {', '.join(missing)}, which lowbit does not "
                         f"have yet (registered: {', '.join(sorted(registered))})")
-    return r.pipeline
+    return r.generation if generation and r.generation is not None else r.pipeline
 
 
-def recipe_passes(name: str, overrides: Mapping[str, Any] | None = None) -> list[Pass]:
-    """The recipe parsed into pass objects, with ``overrides`` applied (``override_options``)."""
+def generation_recipes() -> list[str]:
+    """The recipes whose KV cache generation quantizes too (a ``generation`` pipeline with ``kv-cache``)."""
+    return [r.name for r in RECIPES.values() if r.generation is not None and "kv-cache" in r.generation]
+
+
+def recipe_passes(name: str, overrides: Mapping[str, Any] | None = None, generation: bool = False) -> list[Pass]:
+    """The recipe parsed into pass objects (``generation``: its generation pipeline), with ``overrides`` applied
+    (``override_options``)."""
     from lowbit.passes.manager import parse_pipeline
 
-    passes = parse_pipeline(get_recipe(name))
+    passes = parse_pipeline(get_recipe(name, generation))
     return override_options(name, passes, overrides) if overrides else passes
 
 

@@ -1323,12 +1323,13 @@ def test_debug_commands_quiet_draw_no_progress_bars(command):
 
 
 @pytest.mark.parametrize("recipe, message", [
-    ("kv4", "KV-cache quantization is modelled for prefill only"),
+    ("w4a4kv4-rtn", "KV-cache quantization is modelled for prefill only"),
     ("w4a16-e2e", "trains toward the teacher's logits"),
 ])
 def test_generate_refuses_a_recipe_it_cannot_serve_before_loading_the_model(monkeypatch, recipe, message):
-    """`lowbit generate smollm2 --recipe kv4` (or an *-e2e recipe) loaded the model, then compile_model refused the
-    pass: the refusal comes from the pipeline alone, so it now comes first (exit 2), as the API's does."""
+    """`lowbit generate smollm2 --recipe w4a4kv4-rtn` (or an *-e2e recipe) loaded the model, then compile_model
+    refused the pass: the refusal comes from the pipeline alone, so it now comes first (exit 2), as the API's does.
+    (kv4 generates: its generation pipeline is kv-cache(bits=4).)"""
     monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     res = invoke("generate", "smollm2:2", "--recipe", recipe, "--prompt", "Hi", "-n", "2", code=2)
     assert message in " ".join(res.output.split()), res.output

@@ -320,3 +320,41 @@ def test_kv_cache_on_a_clone_leaves_the_original_step_graph_as_it_was():
     pipeline = "kv-cache(bits=4,k_block=8,window=8,v_group=8)"
     PassManager(pipeline).run(graph.clone())
     assert repr(graph.meta["generation"]) == before
+
+
+@pytest.mark.parametrize("recipe", ["kv4", "kv2", "w8a8kv4", "w8a8kv2"])
+def test_the_kv_recipes_generate_with_the_packed_cache_of_their_layout(recipe):
+    """`lowbit generate --recipe kv4` (and compile_model(recipe="kv4", generation=...)) told a recipe user to drop
+    kv=... from pipeline text they never wrote. A recipe whose KV layout the packed cache stores has a generation
+    pipeline: its other passes, then kv-cache with the layout its quantize(kv=...) models (bits, key blocks, value
+    groups, float window and sink)."""
+    from lowbit.api import refuse_for_generation, resolve_pipeline
+    from lowbit.passes.insert_qdq import config_from_options
+
+    modelled = resolve_pipeline(None, recipe, None)
+    served = resolve_pipeline(None, recipe, None, generation=True)
+    refuse_for_generation(served, recipe)  # nothing a step graph cannot take
+    (q,) = [p for p in modelled if p.name == "quantize"]
+    kv = config_from_options(q.options).kv
+    cache = served[-1].options
+    assert served[-1].name == "kv-cache" and [p.name for p in served[:-1]] == [
+        p.name for p in modelled if p.name != "quantize" or p.options.w]
+    assert (cache.bits, cache.window, cache.sink) == (int(q.options.kv[-1]), kv.window, kv.sink)
+    assert (cache.k_block, cache.v_group) == (kv.key.group_size, kv.value.group_size), (kv.key, kv.value)
+
+
+def test_a_kv_recipe_without_a_packed_form_names_those_that_generate_and_the_pipeline_to_give():
+    """A recipe whose KV layout the packed cache lacks (keys per token: w4a4kv4's) names the recipes that generate with
+    a quantized cache and gives the whole --pipeline to run instead, which parses."""
+    import re
+
+    from lowbit.api import refuse_for_generation, resolve_pipeline
+    from lowbit.models import GenerationError
+    from lowbit.passes.manager import parse_pipeline
+
+    passes = resolve_pipeline(None, "w4a4kv4-rtn", None, generation=True)
+    with pytest.raises(GenerationError, match="recipe w4a4kv4-rtn's KV layout has no packed-cache form; the recipes "
+                                              "that generate with a quantized cache are kv4, kv2, w8a8kv4, w8a8kv2") as exc:
+        refuse_for_generation(passes, "w4a4kv4-rtn")
+    instead = re.search(r"--pipeline '([^']+)'", str(exc.value)).group(1)
+    assert [p.name for p in parse_pipeline(instead)] == ["fold-norms", "rotate", "quantize", "kv-cache"]

@@ -308,16 +308,18 @@ def capture_model(model: LoadedModel) -> Any:
 
 # ---- pipelines ----------------------------------------------------------------------------------
 
-def pipeline_text(pipeline: str | None, recipe: str | None, sets: list[str] | None = None) -> str:
+def pipeline_text(pipeline: str | None, recipe: str | None, sets: list[str] | None = None,
+                  generation: bool = False) -> str:
     """The pipeline text from ``--pipeline`` or ``--recipe``; errors name the closest recipe. ``sets``: ``--set
-    KEY=VALUE`` overrides of the recipe's options (``lowbit.recipes.override_options``), written into the text."""
+    KEY=VALUE`` overrides of the recipe's options (``lowbit.recipes.override_options``), written into the text.
+    ``generation``: a recipe's generation pipeline, where it has one (``lowbit generate --recipe kv4``)."""
     if pipeline and recipe:
         fail("give either --pipeline or --recipe, not both", Exit.USAGE)
     if sets and not recipe:  # accepted and dropped otherwise
         fail("--set changes a recipe's options (--recipe w4a16-gptq --set group=128); with --pipeline write the "
              "options into the pipeline text", Exit.USAGE)
     if recipe:
-        text = recipe_pipeline(recipe)
+        text = recipe_pipeline(recipe, generation)
         return _with_overrides(recipe, text, sets) if sets else text
     if not pipeline:
         fail("give --pipeline 'pass,pass(opt=value)' or --recipe NAME (see `lowbit passes`, `lowbit recipes`)",
@@ -357,8 +359,9 @@ def recipes_module() -> Any | None:
     return recipes
 
 
-def recipe_pipeline(name: str) -> str:
-    """The pipeline text of recipe ``name``; an unknown name or a recipe whose passes are missing exits 2."""
+def recipe_pipeline(name: str, generation: bool = False) -> str:
+    """The pipeline text of recipe ``name`` (``generation``: its generation pipeline, where it has one); an unknown
+    name or a recipe whose passes are missing exits 2."""
     from lowbit.passes.base import closest
 
     mod = recipes_module()
@@ -367,7 +370,7 @@ def recipe_pipeline(name: str) -> str:
              "give the passes with --pipeline", Exit.USAGE)
     known = sorted(getattr(mod, "RECIPES", {}))
     try:
-        text = mod.get_recipe(name)
+        text = mod.get_recipe(name, generation=True) if generation else mod.get_recipe(name)
     except (KeyError, ValueError) as exc:
         message = str(exc).strip("'\"")
         if name not in known and "unknown recipe" not in message:

@@ -666,7 +666,7 @@ def generate_cmd(
 
     if dtype is not None:
         check_dtype(dtype)
-    text = pipeline_text(pipeline, recipe, set_) if pipeline or recipe or set_ else ""
+    text = pipeline_text(pipeline, recipe, set_, generation=True) if pipeline or recipe or set_ else ""
     passes = parse(text) if text else []  # as `lowbit compile`: an unknown pass or a bad option exits 2
     if quiet:
         quiet_progress(passes)
@@ -680,7 +680,7 @@ def generate_cmd(
         from lowbit.api import plan_compile, refuse_for_generation
 
         plan_compile(passes, backend, device=device)
-        refuse_for_generation(passes)  # kv4, the *-e2e recipes: before the model is read (it was after its load)
+        refuse_for_generation(passes, recipe)  # w4a4kv4, the *-e2e recipes: before the model is read
     except BackendError as exc:
         fail(exc.cli, Exit.USAGE)
     except DeviceError as exc:  # a pass's device=cuda where there is none
