@@ -1,9 +1,10 @@
 """Named quantization recipes: pipeline texts a user picks with ``compile_model(..., recipe=...)`` or the CLI.
 
 A recipe is nothing but pipeline text for ``lowbit.passes.manager.parse_pipeline``; ``lowbit recipes`` lists
-them and ``get_recipe(name)`` returns the text. Recipes built on passes that are not registered yet (GPTQ, AWQ,
-SmoothQuant, rotation) are listed, and ``get_recipe`` says which pass is missing instead of returning a
-pipeline that would fail later.
+them and ``get_recipe(name)`` returns the text (``generation=True``: the pipeline a generation step graph runs,
+where the KV accuracy model becomes the packed cache). Every pass the recipe's pipelines name is checked against
+the pass registry first: should one be missing from this install, ``get_recipe`` names it instead of returning a
+pipeline that would fail later with "unknown pass".
 
 About group 128 on SmolLM2: its hidden size 576 is 4.5 × 128, so q/k/v/gate/up (input 576) cannot use group
 128; only down_proj (input 1536) can. ``w4a16-g128`` therefore uses group 128 where it divides the input size
@@ -16,6 +17,7 @@ Weight-only 4-bit recipes are asymmetric (zero points): SmolLM2's shipped weight
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,11 +197,21 @@ def get_recipe(name: str, generation: bool = False) -> str:
         raise PassError(f"unknown recipe {name!r}{closest(name, sorted(RECIPES))}; known: {', '.join(RECIPES)}")
     r = RECIPES[name]
     registered = all_passes()
-    missing = [p for p in r.needs if p not in registered]
+    named = [*r.needs, *_pass_names(r.pipeline), *_pass_names(r.generation or "")]
+    missing = list(dict.fromkeys(p for p in named if p not in registered))
     if missing:
         raise PassError(f"recipe {name!r} ({r.pipeline}) needs pass(es) {', '.join(missing)}, which lowbit does not "
                         f"have yet (registered: {', '.join(sorted(registered))})")
     return r.generation if generation and r.generation is not None else r.pipeline
+
+
+def _pass_names(text: str) -> list[str]:
+    """The pass names pipeline ``text`` lists, read without building the passes (``needs`` is written by hand: a
+    pass in the pipeline but not in it went unchecked, and the recipe failed later as an unknown pass)."""
+    from lowbit.passes.base import split_top
+
+    items = split_top(text, ",", text) if text.strip() else []
+    return [m.group(1) for m in (re.match(r"\s*([A-Za-z][\w\-]*)", item) for item in items) if m]
 
 
 def generation_recipes() -> list[str]:

@@ -484,6 +484,19 @@ def test_recipes_parse_or_name_the_missing_pass():
         get_recipe("w4a16-g96")
 
 
+def test_a_recipe_naming_a_pass_this_install_lacks_is_refused_by_name(monkeypatch):
+    """get_recipe checked only the hand-written ``needs``: a pass in the pipeline text but not in ``needs`` (a
+    plugin's, unregistered here) went through, and the recipe failed later as an unknown pass."""
+    from lowbit.recipes import RECIPES, Recipe, get_recipe
+
+    for text, generation in (("dce,plugin-pass(x=1)", None), ("dce", "dce,plugin-pass")):
+        monkeypatch.setitem(RECIPES, "plugged", Recipe("plugged", text, "a plugin's", ("dce",), generation))
+        with pytest.raises(PassError, match="recipe 'plugged' .* needs pass\\(es\\) plugin-pass, which lowbit does not"):
+            get_recipe("plugged")
+    for name, recipe in RECIPES.items():  # needs lists what the pipeline runs
+        assert set(recipe.needs) == {p.name for p in parse_pipeline(recipe.pipeline)}, name
+
+
 def test_activation_and_kv_clip_ratio_shrink_the_dynamic_range(slice2):
     """a_clip/kv_clip (QuaRot's 0.9 / 0.95): the dynamic scales are clip·(their min/max scale), the values beyond
     are clamped to the grid's ends, the kwarg is only written when set, and such a QDQ is not fused into qlinear
