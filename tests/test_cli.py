@@ -844,6 +844,32 @@ def test_debug_compare_of_an_encoder_measures_its_blocks_on_real_tokens_not_padd
     assert got["max_abs"] == pytest.approx((o - r).abs().max().item(), rel=1e-3)
 
 
+def test_debug_tools_find_gpt2_blocks_as_calibration_does():
+    """GPT-2's blocks are transformer.h.N: debug compare printed an empty per-layer table, bisect said there were no
+    blocks to bisect over and sensitivity refused the model, while GPTQ calibrated the same blocks one by one. The
+    block outputs the tools compare are the residual stream HF reports between blocks."""
+    from conftest import tiny_outside_family
+
+    from lowbit.calibration.engine import split_stages
+    from lowbit.cli.probes import EvalInputs, run_probe
+    from lowbit.cli.restrict import block_units
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    model = tiny_outside_family("gpt2", layers=3)
+    ids = torch.randint(0, 128, (1, 16))
+    graph = capture(CausalLMLogits(model).eval(), (ids,))
+    names = [f"transformer.h.{i}" for i in range(3)]
+    assert [u.name for u in block_units(graph)] == names
+    assert [s.name for s in split_stages(graph) if s.kind == "block"] == names
+    probe = run_probe(graph, EvalInputs("causal-lm", (ids,), "random ids"))
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    assert list(probe.layers) == names
+    for i in range(2):  # HF's last hidden state has ln_f applied; the block's output does not
+        torch.testing.assert_close(probe.layers[names[i]], hidden[i + 1])
+
+
 def test_debug_bisect_names_planted_pass_and_layer(tmp_path):
     js = tmp_path / "bisect.json"
     res = invoke("debug", "bisect", "smollm2:2", "--pipeline", "fold-norms,test-plant-bad,dce", *SMALL,

@@ -39,16 +39,13 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
-from lowbit.ir.graph import Graph, Node, Value, blocks
+from lowbit.ir.graph import BLOCK_PATTERN, Graph, Node, Value, blocks
 from lowbit.ir.ops import resolve
 
 __all__ = ["BLOCK_PATTERN", "Stage", "BlockRun", "CalibrationReport", "NodeHook", "BlockHook", "Replacement",
            "split_stages", "run", "batches_from_ids", "static_batch", "CalibrationError", "resolve_device",
            "home_device"]
 
-BLOCK_PATTERN = r"^((?:[A-Za-z_]\w*\.)*?(?:layers|layer|h|blocks)\.\d+)(?=\.|$)"
-"""Module-path prefix of a repeated block, with or without a wrapper prefix (``model.layers.3``,
-``encoder.layer.0``, ``model.model.layers.3``, ``transformer.h.7``)."""
 
 NodeHook = Callable[[Node, tuple[Any, ...], dict[str, Any], list[Any]], None]
 """``on_node(node, args, kwargs, outputs)``: operands and results as tensors, after the node ran."""

@@ -26,6 +26,7 @@ from lowbit.cli.common import Exit, capture_model, check_calibration, console, e
     parse, parse_percent_or_number, quiet_progress, write_text_output
 from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe
 from lowbit.cli.restrict import Unit, block_units, how_restricted, restrict, units_in_scope
+from lowbit.ir.graph import BLOCK_NAMES
 from lowbit.passes.manager import format_pipeline
 
 
@@ -159,9 +160,9 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
         result.note = (f"pass {culprit.name} has no 'modules' or 'keep' option, so it cannot be applied to a subset "
                        "of layers: the culprit is the pass as a whole")
     elif not blocks_:
-        result.note = "the graph has no repeated blocks (model.layers.N / encoder.layer.N) to bisect over"
+        result.note = f"the graph has no repeated blocks ({BLOCK_NAMES}) to bisect over"
     elif not units:
-        result.note = (f"the modules= scope of {culprit.name} reaches no block (model.layers.N / encoder.layer.N): "
+        result.note = (f"the modules= scope of {culprit.name} reaches no block ({BLOCK_NAMES}): "
                        "the culprit is the pass as a whole")
     else:
         seen: dict[tuple[str, ...], float] = {}

@@ -12,6 +12,7 @@ from typing import Any
 
 from lowbit.cli.common import worst_layer
 from lowbit.cli.probes import fmt_metric
+from lowbit.ir.graph import BLOCK_NAMES
 
 CLIP_DB = 80.0
 """The line chart's top: above this an output is float-exact for practical purposes."""
@@ -76,7 +77,7 @@ def line_chart(stages: list[dict[str, Any]], layers: list[str], width: int = 960
             series.append((s, vals))
     finite = [v for _, vals in series for v in vals if v is not None]
     if not layers:
-        return "<p>The graph has no repeated blocks (model.layers.N / encoder.layer.N) to compare layer by layer.</p>"
+        return f"<p>The graph has no repeated blocks ({BLOCK_NAMES}) to compare layer by layer.</p>"
     nan_note = ("<p><b>NaN</b> or <b>-∞ dB</b> block outputs after " + ", ".join(f"#{s['index']} <code>{_esc(s['spec'])}</code>"
                                                                    for s in nan) + " (not drawn).</p>") if nan else ""
     if not finite:

@@ -24,6 +24,7 @@ from lowbit.cli.common import (Exit, atomic_write_text, capture_model, check_cal
                                quiet_progress, worst_first)
 from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe
 from lowbit.cli.restrict import block_units, how_restricted, linear_units, restrict, units_in_scope
+from lowbit.ir.graph import BLOCK_NAMES
 
 OVERRIDES_FORMAT = "lowbit-overrides/1"
 _SCHEME = re.compile(r"^w(?P<w>\d+)(?:a(?P<a>\d+))?$", re.I)
@@ -95,7 +96,7 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
     baseline = score(graph)
     units = block_units(graph) if granularity == "block" else linear_units(graph)
     if not units:
-        fail("the graph has no blocks (model.layers.N / encoder.layer.N) to quantize one at a time", Exit.USAGE)
+        fail(f"the graph has no blocks ({BLOCK_NAMES}) to quantize one at a time", Exit.USAGE)
     units = units_in_scope(qpass, units, graph)  # a pass given modules= ranks the units it reaches
     if not units:
         fail(f"pass {qpass.spec()}: its modules= scope reaches no {granularity} of the graph", Exit.USAGE)

@@ -496,8 +496,17 @@ class Region:
     nodes: list[Node] = field(default_factory=list)
 
 
-def blocks(graph: Graph, pattern: str = r"^(model\.layers\.\d+|encoder\.layer\.\d+)\b") -> list[Region]:
-    """Group nodes into repeated blocks by module path: the unit of layer-wise calibration and bisection."""
+BLOCK_PATTERN = r"^((?:[A-Za-z_]\w*\.)*?(?:layers|layer|h|blocks)\.\d+)(?=\.|$)"
+"""Module-path prefix of a repeated block, with or without a wrapper prefix (``model.layers.3``,
+``encoder.layer.0``, ``model.model.layers.3``, ``transformer.h.7``)."""
+
+BLOCK_NAMES = "model.layers.N, encoder.layer.N, transformer.h.N, ..."
+"""How messages name what ``BLOCK_PATTERN`` finds."""
+
+
+def blocks(graph: Graph, pattern: str = BLOCK_PATTERN) -> list[Region]:
+    """Group nodes into repeated blocks by module path: the unit of layer-wise calibration and bisection (the
+    calibration engine and the debug tools find the same blocks: GPT-2's ``transformer.h.N`` too)."""
     rx = re.compile(pattern)
     regions: dict[str, Region] = {}
     for n in graph.nodes:
