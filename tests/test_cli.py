@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -535,11 +534,11 @@ def test_debug_compare_marks_removed_blocks_not_comparable():
     assert "inf" in row0  # the block before it is untouched: exact
 
 
-def test_debug_compare_marks_a_rotated_residual_stream_not_comparable():
+def test_debug_compare_marks_a_rotated_residual_stream_not_comparable(tmp_path):
     """After an exact rotate the block outputs are the float ones in another basis: they read -3 dB (every layer
     the 'worst') while the output SQNR was ~128 dB; the cells are n/a from the rotation on, the output exact."""
     res = invoke("debug", "compare", "smollm2:2", "--pipeline", "fold-norms,rotate", *SMALL, "--json",
-                 js := Path(tempfile.mkdtemp()) / "c.json")
+                 js := tmp_path / "c.json")
     stages = json.loads(js.read_text())["stages"]
     assert stages[1]["layers"] and not stages[2]["layers"]  # fold-norms compared, rotate n/a
     assert stages[2]["output"]["sqnr_db"] is None or stages[2]["output"]["sqnr_db"] > 60
