@@ -106,3 +106,15 @@ def test_pipeline_texts_in_the_docs_parse():
                     raise AssertionError(f"{doc.name}:{n}: `{text}` does not parse: {exc}") from None
                 checked += 1
     assert checked >= 10
+
+
+def test_design_checkpoint_section_names_every_format_save_writes():
+    """docs/design.md's checkpoint section lists the formats ``lowbit.save``/``load`` take; it named three of four
+    (``hf``, the float format for pruned or rotated models, was missing)."""
+    from lowbit.checkpoint import FORMATS
+
+    text = (DOCS / "design.md").read_text(encoding="utf-8")
+    section = text[text.index("## Checkpoints"):]
+    first = section[:section.index("\n- ", section.index("\n- ") + 1)]  # the save/load bullet
+    assert "`save(compiled, dir, format)`" in first, "design.md's checkpoint bullet moved: update this test"
+    assert [f for f in FORMATS if f"`{f}`" not in first] == []
