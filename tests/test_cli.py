@@ -154,6 +154,16 @@ def test_recipes_listing_or_clear_absence():
     assert "recipe" in out.lower()
 
 
+def test_recipes_listing_shows_the_pipeline_generate_runs(monkeypatch):
+    """kv4 generates with kv-cache(bits=4), not its quantize(kv=...) accuracy model; the listing showed only the
+    latter, so `lowbit generate --recipe kv4` ran a pipeline no listing named."""
+    monkeypatch.setenv("COLUMNS", "400")
+    out = invoke("recipes").output
+    rows = {m: next(line for line in out.splitlines() if f"│ {m} " in line) for m in ("kv4", "kv2", "w8a8-rtn")}
+    assert "quantize(kv=int4" in rows["kv4"] and "(generate: kv-cache(bits=4))" in " ".join(out.split())
+    assert "(generate: kv-cache(bits=2))" in " ".join(out.split()) and "generate:" not in rows["w8a8-rtn"]
+
+
 @pytest.mark.parametrize("args, code, needle", [
     (["compile", "minilm", "--pipeline", "fold-norm"], 2, "did you mean 'fold-norms'"),
     (["compile", "minilm", "--pipeline", "fold-norms(module=x)"], 2, "did you mean 'modules'"),

@@ -155,7 +155,8 @@ def passes_cmd(
 
 @app.command("recipes")
 def recipes_cmd() -> None:
-    """List the named recipes and the pipeline text each one stands for."""
+    """List the named recipes and the pipeline text each one stands for (and the one `lowbit generate` runs, where it
+    differs)."""
     mod = recipes_module()
     if mod is None:
         console.print("No named recipes in this install (lowbit.recipes is missing); use --pipeline.", soft_wrap=True)
@@ -167,6 +168,9 @@ def recipes_cmd() -> None:
     table.add_column("status")
     for rname, entry in sorted(getattr(mod, "RECIPES", {}).items()):
         text = entry if isinstance(entry, str) else str(getattr(entry, "pipeline", entry))
+        generation = None if isinstance(entry, str) else getattr(entry, "generation", None)
+        if generation:  # `lowbit generate --recipe` runs this one: the listing showed only the other
+            text += f"\n(generate: {generation})"
         about = "" if isinstance(entry, str) else str(getattr(entry, "doc", "") or "")
         try:
             mod.get_recipe(rname)
