@@ -440,12 +440,13 @@ def _rope_switch(model: PreTrainedModel) -> int | None:
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of the first ``cos.shape[-1]`` channels (all of them, or Phi-3/StableLM/GPT-NeoX's
-    partial rotary); the rest pass through."""
+    partial rotary); the rest pass through. In ``x``'s dtype: OLMo 2's rotary hands float32 tables to a bfloat16
+    model and its ``apply_rotary_pos_emb`` casts the product back (float32 queries reached the bfloat16 o_proj)."""
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
+        return (x * cos + _rotate_half(x) * sin).to(x.dtype)
     head, rest = x[..., :rot], x[..., rot:]
-    return torch.cat((head * cos + _rotate_half(head) * sin, rest), dim=-1)
+    return torch.cat(((head * cos + _rotate_half(head) * sin).to(x.dtype), rest), dim=-1)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -1050,3 +1050,28 @@ def test_phi3_longrope_generation_recomputes_the_cache_where_its_rotary_switches
             want = hf.generate(ids, attention_mask=(ids != 0).long(), max_new_tokens=10, min_new_tokens=10,
                                do_sample=False)[:, longest:].tolist()
         assert cm.generate(prompts, 10, stop_tokens=()).tokens == want, [len(p) for p in prompts]
+
+
+def test_olmo2_in_bfloat16_generates_transformers_tokens():
+    """OLMo 2's rotary hands float32 cos/sin to a bfloat16 model and its ``apply_rotary_pos_emb`` casts the rotated
+    queries and keys back; the step kept them float32, so attention ran in float32 and generation failed in the
+    bfloat16 o_proj ("expected m1 and m2 to have the same dtype"). The step rotates in the queries' dtype: greedy
+    tokens of a left-padded batch equal transformers'."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.Olmo2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=1, vocab_size=256, max_position_embeddings=64, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2)
+    hf = t.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
+        for p in hf.parameters():
+            p.mul_(4)
+    cm = compile_model(hf, generation=GenerationSpec(max_length=16, max_batch=2))
+    prompts = [[5, 17, 30, 42, 7], [11, 80]]
+    got = cm.generate(prompts, 6, stop_tokens=()).tokens
+    for p, tokens in zip(prompts, got):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(p):].tolist()
+        assert tokens == want
