@@ -803,3 +803,33 @@ def test_kv_quantization_of_a_written_out_attention_names_its_softmax_not_a_patt
                                             r"KV cache float") as info:
         PassManager("quantize(kv=int4,kv_group=16)").run(graph)
     assert "pattern" not in str(info.value)
+
+
+def _kv_quantized_modules(graph: Graph) -> list[str]:
+    """Modules of the attention ops whose KV cache is quantized (their keys' and values' QDQ carry the module)."""
+    attention = {n.module for n in graph.nodes if n.op == "attention"}
+    return sorted({n.module for n in graph.nodes if n.op == "dequantize" and n.module in attention})
+
+
+def test_a_module_kept_float_keeps_its_kv_cache_float(slice2, tmp_path):
+    """keep= (and a config's keep_float: what an override file of debug sensitivity writes) kept a block's linears
+    float but still quantized its KV cache: quantize(kv=int4,keep=[model.layers.0.*]) quantized both blocks' caches,
+    and an override ranking KV damage per block changed nothing. A glob may name the attention module alone."""
+    graph, _, _ = slice2
+    g = graph.clone()
+    PassManager("quantize(kv=int4,keep=[model.layers.0.*])").run(g)
+    assert _kv_quantized_modules(g) == ["model.layers.1.self_attn"]
+    g = graph.clone()
+    PassManager("quantize(w=int8,kv=int4,keep=[model.layers.1.self_attn])").run(g)
+    assert _kv_quantized_modules(g) == ["model.layers.0.self_attn"]
+    assert {n.module for n in g.nodes if n.op == "dequantize" and n.args[0].is_param} >= {
+        "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"}  # the block's linears are not kept
+    cfg = tmp_path / "q.json"
+    cfg.write_text(json.dumps({"kv": {"key": {"qdtype": "int4", "granularity": "per_channel", "group_size": 32,
+                                              "dynamic": True, "symmetric": False},
+                                      "value": {"qdtype": "int4", "granularity": "per_token", "group_size": 32,
+                                                "dynamic": True, "symmetric": False}},
+                               "keep_float": ["lm_head", "model.layers.0.*"]}))
+    g = graph.clone()
+    PassManager(f"quantize(config={cfg})").run(g)
+    assert _kv_quantized_modules(g) == ["model.layers.1.self_attn"]

@@ -176,7 +176,8 @@ class QuantConfig(BaseModel):
     kv: KVCacheScheme | None = None
     rules: list[ModuleRule] = Field(default_factory=list)
     keep_float: list[str] = Field(default_factory=lambda: list(DEFAULT_KEEP_FLOAT))
-    """Linears matching any of these stay float whatever the rules say."""
+    """Linears matching any of these stay float whatever the rules say, and so does the KV cache of an attention
+    module matching one (``kv``)."""
 
     @model_validator(mode="after")
     def _fields_each_role_reads(self) -> QuantConfig:

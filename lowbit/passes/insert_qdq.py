@@ -125,7 +125,8 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
     kv_sink: int = Field(default=0, ge=0)
     """First tokens kept unquantized (the attention sink)."""
     keep: list[str] = []
-    """Extra module globs kept float (added to the default lm_head and embeddings)."""
+    """Extra module globs kept float (added to the default lm_head and embeddings): their linears, and with ``kv``
+    the KV cache of the attention they match (``model.layers.0.*``, or ``model.layers.0.self_attn`` alone)."""
     head: str | None = None
     """Weight qdtype of the output head (``lm_head``), weight-only; unset keeps it float. The head is the largest
     matrix a small LM reads per decoded token (SmolLM2-135M: 49152 x 576, 21% of the weights), so a float head
@@ -533,7 +534,8 @@ def check_window_attention(graph: Graph, node: Node) -> None:
 
 
 def kv_attention(graph: Graph, cfg: QuantConfig, in_scope: Callable[[str], bool]) -> list[Node]:
-    """The attention nodes whose KV ``cfg.kv`` quantizes (its ``modules`` pattern, within the pass's scope)."""
+    """The attention nodes whose KV ``cfg.kv`` quantizes (its ``modules`` pattern, within the pass's scope, not
+    kept float)."""
     assert cfg.kv is not None
     nodes = [n for n in graph.nodes if n.op == "attention" and module_matches(n.module, cfg.kv.modules)]
     if not nodes:
@@ -544,7 +546,8 @@ def kv_attention(graph: Graph, cfg: QuantConfig, in_scope: Callable[[str], bool]
                             f"reads, and {no_attention_reason(graph)}: keep this model's KV cache float (drop kv=)")
         raise PassError(f"pass quantize: kv modules pattern {cfg.kv.modules!r} matches no attention node "
                         f"({sum(1 for n in graph.nodes if n.op == 'attention')} attention nodes in the graph)")
-    return [n for n in nodes if in_scope(n.module)]
+    # a module kept float keeps its KV cache float too (keep=[model.layers.0.*] quantized block 0's cache)
+    return [n for n in nodes if in_scope(n.module) and not any(module_matches(n.module, k) for k in cfg.keep_float)]
 
 
 def _window_mask(graph: Graph, node: Node, k_src: Value, window: int, sink: int, before: Node) -> Value:
@@ -678,10 +681,16 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
     linears = [n for n in graph.nodes if n.op == "linear"]
     in_scope = scope if scope is not None else (lambda module: True)
     modules = sorted({n.module for n in linears})
+    # a kept module keeps its KV cache float too: a block kept float (keep=, an override file) still had its cache
+    # quantized, so a keep glob may name an attention module (model.layers.0.self_attn) where kv= is set
+    caches = sorted({n.module for n in graph.nodes if n.op == "attention"}) if cfg.kv is not None else []
     for where, pat in list(extra_patterns) + cfg.user_patterns():
-        if not any(module_matches(m, pat) for m in modules):
+        kept = [] if where.startswith("rules") else caches
+        if not any(module_matches(m, pat) for m in modules + kept):
             sample = ", ".join(modules[:4]) + (", ..." if len(modules) > 4 else "")
-            raise PassError(f"pass quantize: {where} {pat!r} matches no linear module (linears: {sample})")
+            also = f", attention modules: {', '.join(kept[:2])}{', ...' if len(kept) > 2 else ''}" if kept else ""
+            raise PassError(f"pass quantize: {where} {pat!r} matches no linear{' or attention' if kept else ''} "
+                            f"module (linears: {sample}{also})")
     p = QuantizePlan()
     for n in linears:
         if not in_scope(n.module):
