@@ -350,6 +350,18 @@ def test_inspect_counts_the_weights_of_fused_qlinears(tmp_path):
     assert "f32[64,32] (qlinear)" in text, text  # the float weight's shape, not the packed codes'
 
 
+def test_inspect_counts_a_kv_caches_qdq_apart_from_the_activations(tmp_path):
+    """kv=int8 beside a=int8 read 'int8 activation ×5' (the two KV QDQ among the three linears' inputs): a user
+    checking that the cache is quantized found no word of it."""
+    import lowbit
+
+    compiled = lowbit.compile_model(tiny_llama(), pipeline="quantize(w=int8,a=int8,kv=int8,kv_group=16)")
+    out = lowbit.save(compiled, tmp_path / "kv", format="lowbit")
+    text = " ".join(invoke("inspect", out).output.split())
+    # a=int8: q/k/v share one input QDQ, then o_proj, gate/up, down_proj: 4; the keys' and values': 2
+    assert "int8 activation ×4" in text and "int8 kv ×2" in text, text
+
+
 def test_inspect_of_an_onnx_file_without_its_external_data_exits_3(tmp_path):
     """inspect printed a normal summary (exit 0) of a model whose .data side file was missing or cut short."""
     import lowbit

@@ -22,7 +22,7 @@ from lowbit.ir.quant import get_qdtype, unpack_int4
 from lowbit.ir.rewrite import gain_weight
 from lowbit.ir.rotation_regions import is_rotary_output, qk_sources
 
-__all__ = ["ActScheme", "QuantWeight", "HFView", "hf_view"]
+__all__ = ["ActScheme", "QuantWeight", "HFView", "hf_view", "quantizes_kv"]
 
 QDQ_OPS = {"quantize", "dequantize", "dynamic_qparams"}
 NO_HF_FIELD = {
@@ -238,7 +238,7 @@ def _qk_rotations(graph: Graph) -> set[int]:
     return exact
 
 
-def _quantizes_kv(dq: Node, users: dict[int, list[Node]], depth: int = 8) -> bool:
+def quantizes_kv(dq: Node, users: dict[int, list[Node]], depth: int = 8) -> bool:
     """Whether ``dq`` dequantizes an activation that reaches an attention before any linear: the KV cache's QDQ.
     Found by structure as well as by ``meta["kv"]``, which the IR text does not keep: a lowbit checkpoint of a
     KV-quantized graph reloaded without it, and its compressed-tensors save dropped the KV quantization."""
@@ -359,7 +359,7 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
                 used.add(v.name)
     users = graph.users()
     for node in graph.nodes:
-        if (node.op == "dequantize" and _quantizes_kv(node, users)) or node.op == "cache_attention":
+        if (node.op == "dequantize" and quantizes_kv(node, users)) or node.op == "cache_attention":
             view.kv.append(node)  # QDQ of the accuracy model, or the generation step's packed cache (kv-cache)
     read = {id(v) for n in graph.nodes for v in n.inputs() if v.is_param}
     for name, v in graph.params.items():

@@ -147,6 +147,9 @@ def inspect_file(file: Path, top: int = 20) -> None:
         q.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
     qcount: Counter[str] = Counter()
     shown = 0
+    from lowbit.checkpoint.graph_view import quantizes_kv
+
+    users = graph.users()
     for n in graph.nodes:
         # a fused qlinear (fuse-qlinear, and the onnxruntime/triton backends' passes) holds its weight's codes
         # itself: counted only dequantize nodes, such a graph read "no quantized weights"
@@ -168,7 +171,9 @@ def inspect_file(file: Path, top: int = 20) -> None:
             src, scale = n.args[0], (n.args[1] if len(n.args) > 1 else None)
             qd, axis, block = n.kwargs.get("qdtype", "?"), n.kwargs.get("axis"), n.kwargs.get("block_size")
             shape = str(n.output.type)
-        qcount[f"{qd} {'weight' if src.is_param else 'activation'}"] += 1
+        # a KV cache's QDQ read as 'activation': kv=int8 on top of a=int8 showed no KV quantization at all
+        role = "weight" if src.is_param else "kv" if n.op == "dequantize" and quantizes_kv(n, users) else "activation"
+        qcount[f"{qd} {role}"] += 1
         if not src.is_param:
             continue
         gran = (f"block {block} along axis {axis}" if block else
