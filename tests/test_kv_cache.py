@@ -287,6 +287,27 @@ def test_a_v_group_that_does_not_fit_head_dim_names_the_default_and_one_that_fit
                       generation=GenerationSpec(max_length=32, max_batch=1))
 
 
+def test_a_head_dim_no_v_group_fits_says_which_bits_do():
+    """kv-cache(bits=2) on head_dim 6: the 2-bit codes of a head vector do not fill whole bytes, so no v_group fits,
+    yet the refusal said only 'v_group=3 must divide head_dim 6 and be a multiple of the 4 codes per byte', and every
+    v_group the user then tried was refused the same way. It says no v_group fits and which bits do. (The check reads
+    the step graph's generation record only: a bare graph carrying one stands in for a capture.)"""
+    from lowbit.ir.graph import Graph
+    from lowbit.passes.base import PassError
+    from lowbit.passes.manager import parse_pipeline
+
+    graph = Graph()
+    graph.meta["generation"] = {"cache_inputs": [], "head_dim": 6, "windows": [None], "max_length": 32}
+    (kv,) = parse_pipeline("kv-cache(bits=2,k_block=8,window=8,v_group=3)")
+    with pytest.raises(PassError, match=r"v_group=3 must divide head_dim 6 and be a multiple of the 4 codes per byte; "
+                                        r"no v_group fits: head_dim 6 is not a multiple of 4 \(2-bit codes pack 4 per "
+                                        r"byte\), so use bits=8 or bits=4$"):
+        kv.run(graph)
+    graph.meta["generation"]["head_dim"] = 10  # a fitting group exists: the hint names it, as before
+    with pytest.raises(PassError, match=r"v_group=3 must divide head_dim 10 .*; give v_group=2$"):
+        parse_pipeline("kv-cache(bits=4,k_block=8,window=8,v_group=3)")[0].run(graph)
+
+
 def test_two_kv_cache_passes_are_refused_when_the_pipeline_is_read():
     """kv-cache twice was refused only when the second ran (exit 4, after the first and every pass between); the
     pipeline check names both, with their bits, and a CLI compile exits 2 before reading the model."""

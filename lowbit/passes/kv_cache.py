@@ -105,8 +105,12 @@ class KVCache(Pass):
             fits = [g for g in range(per, head_dim + 1, per) if head_dim % g == 0]
             # the options validator fills the default in, so whether it was given is not known here
             picked = f" (bits={o.bits}'s default unless given)" if o.v_group == (16 if o.bits == 2 else 32) else ""
-            hint = f"; give v_group={max(g for g in fits if g <= o.v_group) if min(fits) <= o.v_group else fits[0]}" \
-                if fits else ""
+            if fits:
+                hint = f"; give v_group={max(g for g in fits if g <= o.v_group) if min(fits) <= o.v_group else fits[0]}"
+            else:  # no v_group can fit: the codes of one token's head vector do not fill whole bytes
+                ok = [b for b in (8, 4, 2) if head_dim % (8 // b) == 0]
+                hint = (f"; no v_group fits: head_dim {head_dim} is not a multiple of {per} ({o.bits}-bit codes pack "
+                        f"{per} per byte), so use bits={' or bits='.join(map(str, ok))}")
             raise PassError(f"pass kv-cache: v_group={o.v_group}{picked} must divide head_dim {head_dim} and be a "
                             f"multiple of the {per} codes per byte{hint}")
         by_name = {v.name: v for v in graph.inputs}
