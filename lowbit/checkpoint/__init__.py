@@ -521,6 +521,7 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
     for name, meta in info.get("node_meta", {}).items():
         if name not in nodes:
             raise CheckpointError(f"{directory / MANIFEST}: key 'lowbit.node_meta' names node %{name[:80]}, which "
-                                  f"{IR_FILE} does not have (the files of two checkpoints mixed?): save the model again")
+                                  f"{IR_FILE} does not have (the files of two checkpoints mixed?): save the model "
+                                  "again")
         nodes[name].meta.update({k: v for k, v in meta.items() if k in NODE_META and v is not None})
     return graph, tokenizer
