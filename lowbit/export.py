@@ -40,7 +40,8 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     TensorRT options (``shapes``, ``timing_cache``, ``workspace_bytes``, ...) to ``build_engine``, and ``onnx_dir``
     (where to keep the QDQ ONNX the engine is built from) to ``export_engine``.
     ``external_data`` forces (or forbids) a ``.data`` side file; by default models over ~1.8 GB use one.
-    ``check=False`` skips ``onnx.checker``'s full check of the written file (ONNX only).
+    ``check=False`` skips ``onnx.checker``'s full check of the written file. Both are for ONNX files:
+    ``"tensorrt"`` refuses them.
 
     Raises ``OnnxLoweringError`` (a ``lowbit.errors.LowbitError``) listing every node the ONNX lowering cannot
     write, by op and module; ``ExportPathError`` for a path it cannot write; ``ExportError`` for an unknown format
@@ -66,6 +67,15 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
         raise ExportError(f"export path {str(path)!r} is a directory: give a file path such as {str(suggestion)!r}")
     if format == "tensorrt":
         from lowbit.backends.tensorrt import export_engine
+
+        # both were accepted and dropped: an engine is one file (no .data side file), and no onnx.checker runs on it
+        # (the ONNX it is built from always passes TensorRT's Q/DQ rules first)
+        given = [f"{k}={v!r}" for k, v, default in (("external_data", external_data, None), ("check", check, True))
+                 if v is not default]
+        if given:
+            raise OptionError(f"{', '.join(given)} applies to ONNX files; format='tensorrt' writes one engine file "
+                              "(built from ONNX that is always checked against TensorRT's Q/DQ rules): drop it, or "
+                              "export format='onnx' with it")
 
         with _created_dirs_removed_on_failure(check_writable(path)):
             return export_engine(graph, path, **options)

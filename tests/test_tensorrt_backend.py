@@ -270,3 +270,16 @@ def test_every_tensorrt_export_option_is_listed_and_an_unknown_one_is_refused_by
     with pytest.raises(ValueError, match="onnx_dir=3: give a directory path"):
         lowbit.export(minilm_graph, tmp_path / "m.engine", format="tensorrt", onnx_dir=3)
     assert not (tmp_path / "m.engine").exists()
+
+
+@pytest.mark.parametrize("options", [{"external_data": True}, {"check": False}])
+def test_onnx_file_options_are_refused_for_an_engine(minilm_graph, tmp_path, options):
+    """``lowbit.export(..., "tensorrt", external_data=True)`` or ``check=False`` was accepted and dropped: an engine
+    is one file, and no onnx.checker runs on it. Both are refused by name, before TensorRT is imported."""
+    import lowbit
+    from lowbit.errors import OptionError
+
+    (key, value), = options.items()
+    with pytest.raises(OptionError, match=f"{key}={value!r} applies to ONNX files; format='tensorrt' writes one"):
+        lowbit.export(minilm_graph, tmp_path / "m.engine", format="tensorrt", **options)
+    assert not any(tmp_path.iterdir())
