@@ -374,8 +374,9 @@ def test_a_kv_recipe_without_a_packed_form_names_those_that_generate_and_the_pip
     from lowbit.passes.manager import parse_pipeline
 
     passes = resolve_pipeline(None, "w4a4kv4-rtn", None, generation=True)
-    with pytest.raises(GenerationError, match="recipe w4a4kv4-rtn's KV layout has no packed-cache form; the recipes "
-                                              "that generate with a quantized cache are kv4, kv2, w8a8kv4, w8a8kv2") as exc:
+    with pytest.raises(GenerationError, match="recipe w4a4kv4-rtn's KV layout has no packed-cache form; the "
+                                              "recipes that generate with a quantized cache are kv4, kv2, w8a8kv4, "
+                                              "w8a8kv2") as exc:
         refuse_for_generation(passes, "w4a4kv4-rtn")
     instead = re.search(r"--pipeline '([^']+)'", str(exc.value)).group(1)
     assert [p.name for p in parse_pipeline(instead)] == ["fold-norms", "rotate", "quantize", "kv-cache"]

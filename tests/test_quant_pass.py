@@ -491,7 +491,7 @@ def test_a_recipe_naming_a_pass_this_install_lacks_is_refused_by_name(monkeypatc
 
     for text, generation in (("dce,plugin-pass(x=1)", None), ("dce", "dce,plugin-pass")):
         monkeypatch.setitem(RECIPES, "plugged", Recipe("plugged", text, "a plugin's", ("dce",), generation))
-        with pytest.raises(PassError, match="recipe 'plugged' .* needs pass\\(es\\) plugin-pass, which lowbit does not"):
+        with pytest.raises(PassError, match=r"recipe 'plugged' .* needs pass\(es\) plugin-pass, which lowbit "):
             get_recipe("plugged")
     for name, recipe in RECIPES.items():  # needs lists what the pipeline runs
         assert set(recipe.needs) == {p.name for p in parse_pipeline(recipe.pipeline)}, name
