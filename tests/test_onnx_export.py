@@ -708,6 +708,20 @@ def test_rotary_lowers_to_rotary_embedding_only_when_the_tables_repeat_their_hal
         to_onnx(g, opset=21, rotary="onnx")
 
 
+@pytest.mark.parametrize("rotary", ["decompose", "onnx"])
+def test_rotary_of_float16_queries_by_float32_tables_computes_in_float32(rotary):
+    """OLMo 2's rotary hands float32 tables to a float16 model, so its ``rotary`` reads f16 queries and f32 tables
+    (the reference's mul promotes to f32). The lowering fed both to one Mul / RotaryEmbedding, which ONNX Runtime
+    refused at session creation ("Type parameter (T) ... bound to different types"); the operands are cast to the
+    output's dtype first, and ONNX Runtime gives the reference's output."""
+    g = parse_graph(ROTARY_IR.replace("%x: f32[1,2,s0,8]", "%x: f16[1,2,s0,8]").replace("%F2", "%f"),
+                    {"inv": torch.rand(4), "other": torch.rand(4)})
+    assert g.outputs[0].tensor_type.dtype == torch.float32
+    x, pos = torch.randn(1, 2, 5, 8, dtype=torch.float16), torch.arange(5.0).view(1, 5, 1)
+    out = OrtCompiled(g, opset=23, rotary=rotary)(x, pos)
+    torch.testing.assert_close(out, TorchCompiled(g)(x, pos), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("recipe", [None, "w4a16-g64"])
 def test_bfloat16_model_runs_on_the_cpu_provider_in_float32(smollm2, recipe, tmp_path):
     """ORT's CPU provider has no bfloat16 kernels (session creation failed with NOT_IMPLEMENTED on ``Mul``); the

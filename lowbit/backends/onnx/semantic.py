@@ -221,9 +221,10 @@ def _repeats_half(v: Value) -> bool:
     return False
 
 
-def _rotary_embedding(ctx: LoweringContext, x: Value, cos: Value, sin: Value, half: int) -> ir.Value | None:
+def _rotary_embedding(ctx: LoweringContext, x: Value, cos: Value, sin: Value, half: int,
+                      out: torch.dtype) -> ir.Value | None:
     """The opset-23 ``RotaryEmbedding`` (non-interleaved = rotate-half) on ``x [B, H, L, D]`` with ``[B or 1, 1, L,
-    D]`` tables that repeat their first half: its 3-D ``[B, L, D/2]`` tables are made once per table."""
+    D]`` tables that repeat their first half: its 3-D ``[B, L, D/2]`` tables are made once per table (and dtype)."""
     if ctx.options.rotary != "onnx" or ctx.rank(x) != 4:
         return None
     for t in (cos, sin):
@@ -232,33 +233,36 @@ def _rotary_embedding(ctx: LoweringContext, x: Value, cos: Value, sin: Value, ha
             return None
 
     def table(t: Value) -> ir.Value:
-        squeezed = ctx.op("Squeeze", [ctx.v(t), ctx.axes([1])])
+        squeezed = ctx.op("Squeeze", [ctx.tensor(t, out), ctx.axes([1])])
         halved = ctx.op("Slice", [squeezed, ctx.ints([0]), ctx.ints([half]), ctx.ints([-1])])
         # ORT wants the 3-D tables at x's batch, not broadcast from 1 (a prefill over several sequences that share
         # positions has [1, L, D] tables)
         batch = _shape_slice(ctx, ctx.v(x), 0, 1)
         return ctx.op("Expand", [halved, ctx.op("Concat", [batch, ctx.ints([1, 1])], {"axis": 0})])
 
-    c = ctx.derived(("rotary-half", id(cos)), lambda: table(cos))
-    s = ctx.derived(("rotary-half", id(sin)), lambda: table(sin))
-    return ctx.op("RotaryEmbedding", [ctx.v(x), c, s])
+    c = ctx.derived(("rotary-half", id(cos), out), lambda: table(cos))
+    s = ctx.derived(("rotary-half", id(sin), out), lambda: table(sin))
+    return ctx.op("RotaryEmbedding", [ctx.tensor(x, out), c, s])
 
 
 @lowering("rotary")
 def _rotary(ctx: LoweringContext, node: Node) -> ir.Value:
+    """Operands of other dtypes compute in the output's, as the reference's mul promotes them: OLMo 2's float32
+    tables on float16 queries made a Mul (or RotaryEmbedding) whose inputs ONNX Runtime refused to bind."""
     x, cos, sin = node.args[:3]
     head_dim = x.tensor_type.shape[-1]
     if not isinstance(head_dim, int) or head_dim % 2:
         raise NotLowerable(f"rotary needs a static even head dim, got {head_dim}")
     half = head_dim // 2
-    fused = _rotary_embedding(ctx, x, cos, sin, half)
+    out = ctx.out_dtype(node)
+    fused = _rotary_embedding(ctx, x, cos, sin, half, out)
     if fused is not None:
         return fused
-    xv = ctx.v(x)
+    xv = ctx.tensor(x, out)
     x1 = ctx.op("Slice", [xv, ctx.ints([0]), ctx.ints([half]), ctx.ints([-1])])
     x2 = ctx.op("Slice", [xv, ctx.ints([half]), ctx.ints([_INT64_MAX]), ctx.ints([-1])])
     rotated = ctx.op("Concat", [ctx.op("Neg", [x2]), x1], {"axis": -1})
-    return ctx.op("Add", [ctx.op("Mul", [xv, ctx.v(cos)]), ctx.op("Mul", [rotated, ctx.v(sin)])])
+    return ctx.op("Add", [ctx.op("Mul", [xv, ctx.tensor(cos, out)]), ctx.op("Mul", [rotated, ctx.tensor(sin, out)])])
 
 
 @lowering("hadamard")
