@@ -1075,3 +1075,29 @@ def test_olmo2_in_bfloat16_generates_transformers_tokens():
             want = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(p):].tolist()
         assert tokens == want
+
+
+def test_olmo_in_bfloat16_compiles_for_generation_with_last_logits():
+    """OLMo's non-parametric LayerNorm in half precision is cast -> layer_norm -> cast back; ``last-logits`` walked
+    from the head to the trailing cast (``aten.to.dtype``, not a row-wise op to it) and refused the whole compile
+    ("found no final norm behind the graph's first output"). The cast is row-wise: the head reads the last row
+    (logits [B, 1, V]) and a left-padded batch's greedy tokens equal transformers'."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.OlmoConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                       num_hidden_layers=1, vocab_size=256, max_position_embeddings=64, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+    hf = t.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
+        for p in hf.parameters():
+            p.mul_(4)
+    cm = compile_model(hf, generation=GenerationSpec(max_length=16, max_batch=2))
+    assert cm.graph.outputs[0].tensor_type.shape[1] == 1
+    prompts = [[5, 17, 30, 42, 7], [11, 80]]
+    got = cm.generate(prompts, 6, stop_tokens=()).tokens
+    for p, tokens in zip(prompts, got):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(p):].tolist()
+        assert tokens == want

@@ -29,9 +29,11 @@ __all__ = ["LastLogits", "NormSite", "final_norm"]
 NORM_OPS = ("rms_norm", "layer_norm", "rms_norm_quant")
 """Ops that read the residual stream at the head (``rms_norm_quant``: a norm fused with its activation quant)."""
 
-ROW_OPS = ("linear", "qlinear", "qlinear_q", "dequantize", "quantize", "hadamard", "aten._to_copy.default")
+ROW_OPS = ("linear", "qlinear", "qlinear_q", "dequantize", "quantize", "hadamard", "aten._to_copy.default",
+           "aten.to.dtype")
 """Row-wise ops a walk from the logits back to the final norm may pass: the head in each of its forms (float,
-QDQ, fused) and what quantizes or casts its input."""
+QDQ, fused) and what quantizes or casts its input (OLMo's LayerNorm in half precision casts its float32 output
+back after the raised ``layer_norm``)."""
 
 SCALAR_OPS = ("aten.mul.Tensor", "aten.div.Tensor", "aten.tanh.default")
 """Element-wise ops the walk may pass when every operand but the first is a number: Granite's logits divisor and
