@@ -556,16 +556,33 @@ def test_debug_compare_marks_removed_blocks_not_comparable():
     assert "inf" in row0  # the block before it is untouched: exact
 
 
-def test_debug_compare_marks_a_rotated_residual_stream_not_comparable(tmp_path):
-    """After an exact rotate the block outputs are the float ones in another basis: they read -3 dB (every layer
-    the 'worst') while the output SQNR was ~128 dB; the cells are n/a from the rotation on, the output exact."""
-    res = invoke("debug", "compare", "smollm2:2", "--pipeline", "fold-norms,rotate", *SMALL, "--json",
-                 js := tmp_path / "c.json")
+def test_debug_compare_turns_a_rotated_residual_stream_back_for_its_per_layer_errors(tmp_path):
+    """After an exact rotate the block outputs are the float ones in another basis (x Q): compared as they are they
+    read -3 dB (every layer the 'worst'), and were then shown n/a for every later pass, so a rotated pipeline had no
+    per-layer errors at all. They are turned back with the Q rotate records: exact after rotate, and after a
+    quantize the same numbers as the hand computation (x Q Q^T against the float block output)."""
+    from lowbit.cli.common import capture_model, load
+    from lowbit.cli.probes import make_inputs, run_probe
+    from lowbit.instruments import compare_outputs
+    from lowbit.passes.manager import PassManager
+
+    res = invoke("debug", "compare", "smollm2:2", "--pipeline", "fold-norms,rotate,quantize(w=int4,group=64)", *SMALL,
+                 "--json", js := tmp_path / "c.json")
     stages = json.loads(js.read_text())["stages"]
-    assert stages[1]["layers"] and not stages[2]["layers"]  # fold-norms compared, rotate n/a
-    assert stages[2]["output"]["sqnr_db"] is None or stages[2]["output"]["sqnr_db"] > 60
+    assert stages[2]["spec"] == "rotate" and stages[2]["layers"]
+    assert all(v["sqnr_db"] is None or v["sqnr_db"] > 100 for v in stages[2]["layers"].values())
     row = next(line for line in res.output.splitlines() if line.lstrip("│ ").startswith("model.layers.0"))
-    assert "n/a" in row and "-3" not in row, res.output
+    assert "n/a" not in row and "-3." not in row, res.output
+    model = load("smollm2:2")
+    inputs = make_inputs(model, windows=2, seq_len=32)
+    graph = capture_model(model)
+    ref = run_probe(graph, inputs)
+    PassManager("fold-norms,rotate,quantize(w=int4,group=64)").run(graph)
+    q = graph.meta["residual_rotation"].double()
+    out = run_probe(graph, inputs).layers["model.layers.1"].double() @ q.T
+    want = compare_outputs(ref.layers["model.layers.1"], out)
+    assert stages[3]["layers"]["model.layers.1"]["sqnr_db"] == pytest.approx(want["sqnr_db"], abs=1e-6)
+    assert 10 < want["sqnr_db"] < 40  # int4 weights: a real error, not the -3 dB of a basis mismatch
 
 
 def test_dtype_option_loads_the_model_in_that_dtype(tmp_path):

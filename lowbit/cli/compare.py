@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -72,15 +73,27 @@ class LayerCompare(Instrument):
         except Exception as exc:  # the pass verified but its graph does not run: name the pass, not a frame
             fail(f"after pass {record.spec} (#{record.index}) the graph does not run on the inputs: "
                  f"{type(exc).__name__}: {exc}", Exit.BACKEND)
-        # a rotated residual stream holds the float model's block outputs in another basis (exactly: x Q), so a
-        # block-by-block difference would read as noise (-3 dB after an exact rotate): not comparable, n/a
-        layers = {} if graph.meta.get("residual_rotated") else layer_stats(self.reference, probe)
+        # a rotated residual stream holds the float model's block outputs in another basis (exactly: x Q): turned
+        # back with the Q rotate recorded; without it (a graph reloaded from text) they are not comparable, n/a
+        if graph.meta.get("residual_rotated"):
+            rotation = graph.meta.get("residual_rotation")
+            layers = {} if rotation is None else layer_stats(self.reference, unrotated(probe, rotation))
+        else:
+            layers = layer_stats(self.reference, probe)
         self.stages.append(Stage(
             record.index, record.spec, record.changed, record.seconds,
             end_metric(self.metric, self.inputs, probe.output, self.reference.output),
             compare_outputs(self.reference.output, probe.output), layers))
         if self.progress is not None:
             self.progress()
+
+
+def unrotated(probe: Probe, rotation: torch.Tensor) -> Probe:
+    """``probe`` with each block output ``x Q`` of a rotated residual stream turned back to ``x`` (float64, so the
+    comparison adds no rounding of its own); a block of another width (a sliced stream) is left out."""
+    q = rotation.double()
+    return Probe(probe.output, {name: t.double() @ q.T.to(t.device) for name, t in probe.layers.items()
+                                if t.shape[-1] == q.shape[0]})
 
 
 def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128, n_sentences: int = 32,
@@ -146,8 +159,8 @@ def layer_table(res: CompareResult) -> Table:
     caption = None
     if any("n/a" in row for row in cells):  # said only where a cell is n/a
         caption = ("n/a: not comparable with the float model's block output: a pass removed the block or changed "
-                   "its shape (a sliced residual stream), or rotated the residual stream (rotate: the same values "
-                   "in another basis)")
+                   "its shape (a sliced residual stream), or the residual stream is rotated by a rotation this run "
+                   "does not know (a graph reloaded from text)")
     table = Table(title="per-layer SQNR (dB) of the block output after each pass", caption=caption)
     table.add_column("layer")
     for s in last:

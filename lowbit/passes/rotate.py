@@ -483,9 +483,13 @@ class Rotate(Pass):
         untied = list(regions.tied) if o.residual else []
         if o.residual:
             fold_residual(graph, res, users, q)
-            # the residual stream now holds x Q: debug compare marks block outputs not comparable with the float
-            # model's (a block-by-block difference read as -3 dB of damage after this exact pass)
+            # the residual stream now holds x Q: a block-by-block difference with the float model read as -3 dB of
+            # damage after this exact pass, so debug compare turns block outputs back with Q^T (a second rotate
+            # composes: x Q1 Q2); float32, as the block outputs it maps back
             graph.meta["residual_rotated"] = True
+            before = graph.meta.get("residual_rotation")
+            rotation = q.detach().to("cpu", torch.float64)
+            graph.meta["residual_rotation"] = (rotation if before is None else before.double() @ rotation).float()
         stats: dict[str, object] = {"kind": o.kind, "residual_dim": res.dim if o.residual else None,
                                     "readers": len(res.readers) if o.residual else 0,
                                     "writers": len(res.writers) if o.residual else 0, "untied": untied}
