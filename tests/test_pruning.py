@@ -1415,6 +1415,47 @@ def test_prune_mlp_on_gelu_mlps_named_c_proj_or_dense_4h_to_h_equals_masked_dens
         torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-9, atol=1e-9)
 
 
+def _tiny_distilbert() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A random 2-layer DistilBERT in float64 (FFN ``ffn.lin1`` -> GELU -> ``ffn.lin2``), as a sentence encoder, and
+    a padded batch of ids and mask."""
+    import transformers as tf
+
+    from lowbit.models import SentenceEmbedder
+
+    torch.manual_seed(0)
+    model = tf.DistilBertModel(tf.DistilBertConfig(vocab_size=128, dim=64, hidden_dim=128, n_heads=4, n_layers=2,
+                                                   max_position_embeddings=64)).double().eval()
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    return SentenceEmbedder(model).eval(), (ids, mask)
+
+
+def test_prune_mlp_on_distilbert_equals_the_masked_dense_encoder():
+    """DistilBERT (in the architecture matrix) names its FFN output projection ``ffn.lin2``: prune-mlp refused it
+    with 'no prunable MLP found (no linear whose module ends with one of down_proj, ...)'. It prunes now, equal in
+    float64 to the HF encoder with the removed channels' rows of lin1 and columns of lin2 zeroed."""
+    from lowbit.api import compile_model
+
+    embedder, (ids, mask) = _tiny_distilbert()
+    dense = {k: v.clone() for k, v in embedder.state_dict().items()}
+    dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=8), 1: torch.export.Dim.DYNAMIC(min=2, max=64)},
+           "attention_mask": {0: torch.export.Dim.DYNAMIC(min=1, max=8), 1: torch.export.Dim.DYNAMIC(min=2, max=64)}}
+    c = compile_model(embedder, (ids, mask), dynamic_shapes=dyn, pipeline="prune-mlp(ratio=0.5,score=magnitude,multiple=16)")
+    assert c.report.pipeline.records[0].stats["widths"] == {f"transformer.layer.{i}": 64 for i in range(2)}
+    for i in range(2):
+        p = f"encoder.transformer.layer.{i}.ffn."
+        kept = _kept(dense[p + "lin1.weight"], c.graph.params[p[len("encoder."):] + "lin1.weight"].data)
+        gone = sorted(set(range(128)) - set(kept.tolist()))
+        dense[p + "lin1.weight"][gone] = 0
+        dense[p + "lin1.bias"][gone] = 0
+        dense[p + "lin2.weight"][:, gone] = 0
+    embedder.load_state_dict(dense)
+    with torch.no_grad():
+        want = embedder(ids, mask)
+    torch.testing.assert_close(c(ids, mask), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("family", ["qwen3", "stablelm", "phi"])
 def test_prune_heads_through_per_head_norms_and_partial_rotary_equals_masked_dense(family):
     """Qwen3's per-head q/k norms and the partial rotary of StableLM and Phi (``cat([rotary(x[..., :r]),

@@ -43,9 +43,9 @@ _PASS_THROUGH = {"reshape", "transpose", "aten.unsqueeze.default", "aten.expand.
                  "permute"}
 
 
-DOWN_PROJECTIONS = ("down_proj", "fc2", "output.dense", "mlp.c_proj", "dense_4h_to_h", "mlp.fc_out")
+DOWN_PROJECTIONS = ("down_proj", "fc2", "output.dense", "mlp.c_proj", "dense_4h_to_h", "mlp.fc_out", "ffn.lin2")
 """Module names of an MLP's output projection: Llama-style, OPT/Phi, BERT; StarCoder2/GPT-2 (``mlp.c_proj``, not
-the attention's ``attn.c_proj``), GPT-NeoX/Falcon/Bloom, GPT-J."""
+the attention's ``attn.c_proj``), GPT-NeoX/Falcon/Bloom, GPT-J, DistilBERT."""
 
 
 def block_of(module: str) -> str | None:
