@@ -1431,17 +1431,22 @@ def _tiny_distilbert() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tenso
     return SentenceEmbedder(model).eval(), (ids, mask)
 
 
-def test_prune_mlp_on_distilbert_equals_the_masked_dense_encoder():
-    """DistilBERT (in the architecture matrix) names its FFN output projection ``ffn.lin2``: prune-mlp refused it
-    with 'no prunable MLP found (no linear whose module ends with one of down_proj, ...)'. It prunes now, equal in
-    float64 to the HF encoder with the removed channels' rows of lin1 and columns of lin2 zeroed."""
+_PRUNED_DISTILBERT: list = []
+
+
+def _pruned_distilbert() -> tuple:
+    """(prune-mlp of the tiny DistilBERT at ratio 0.5, its inputs, the masked dense encoder's embeddings), compiled
+    once for the tests below (neither changes it)."""
     from lowbit.api import compile_model
 
+    if _PRUNED_DISTILBERT:
+        return _PRUNED_DISTILBERT[0]
     embedder, (ids, mask) = _tiny_distilbert()
     dense = {k: v.clone() for k, v in embedder.state_dict().items()}
     dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=8), 1: torch.export.Dim.DYNAMIC(min=2, max=64)},
            "attention_mask": {0: torch.export.Dim.DYNAMIC(min=1, max=8), 1: torch.export.Dim.DYNAMIC(min=2, max=64)}}
-    c = compile_model(embedder, (ids, mask), dynamic_shapes=dyn, pipeline="prune-mlp(ratio=0.5,score=magnitude,multiple=16)")
+    c = compile_model(embedder, (ids, mask), dynamic_shapes=dyn,
+                      pipeline="prune-mlp(ratio=0.5,score=magnitude,multiple=16)")
     assert c.report.pipeline.records[0].stats["widths"] == {f"transformer.layer.{i}": 64 for i in range(2)}
     for i in range(2):
         p = f"encoder.transformer.layer.{i}.ffn."
@@ -1453,7 +1458,33 @@ def test_prune_mlp_on_distilbert_equals_the_masked_dense_encoder():
     embedder.load_state_dict(dense)
     with torch.no_grad():
         want = embedder(ids, mask)
+    _PRUNED_DISTILBERT.append((c, (ids, mask), want))
+    return _PRUNED_DISTILBERT[0]
+
+
+def test_prune_mlp_on_distilbert_equals_the_masked_dense_encoder():
+    """DistilBERT (in the architecture matrix) names its FFN output projection ``ffn.lin2``: prune-mlp refused it
+    with 'no prunable MLP found (no linear whose module ends with one of down_proj, ...)'. It prunes now, equal in
+    float64 to the HF encoder with the removed channels' rows of lin1 and columns of lin2 zeroed."""
+    c, (ids, mask), want = _pruned_distilbert()
     torch.testing.assert_close(c(ids, mask), want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_pruned_distilbert_saves_its_ffn_width_where_transformers_reads_it(tmp_path):
+    """DistilBERT's config holds its FFN width as ``hidden_dim``: saving a pruned one (``hf``, or quantized as
+    compressed-tensors) was refused, saying the config has no MLP width and derives it from hidden_size. The save
+    writes ``hidden_dim``, and transformers' DistilBertModel loads the directory to lowbit's embeddings."""
+    import transformers as tf
+
+    from lowbit.checkpoint import save
+    from lowbit.models import SentenceEmbedder
+
+    c, (ids, mask), want = _pruned_distilbert()
+    out = save(c, tmp_path / "hf", format="hf")
+    loaded = tf.DistilBertModel.from_pretrained(out, torch_dtype=torch.float64).eval()
+    assert loaded.config.hidden_dim == 64 and loaded.config.dim == 64
+    with torch.no_grad():
+        torch.testing.assert_close(SentenceEmbedder(loaded)(ids, mask), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "stablelm", "phi"])

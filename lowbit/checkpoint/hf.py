@@ -199,6 +199,9 @@ def _check_head_dim(graph: Graph, config: Any, keys: dict[str, tuple[int, ...]])
 MLP_WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner")
 """Where a family's config holds its MLP width: Llama's and most, OPT's, Falcon's, GPT-2's and GPT-J's (None there
 means 4 x hidden_size). Setting ``intermediate_size`` on an OPT config added a field OPT never reads."""
+MLP_WIDTH_BY_TYPE = {"distilbert": "hidden_dim"}
+"""Families whose MLP width field has a name other configs use for something else (DistilBERT's ``hidden_dim`` is
+its FFN width, its stream is ``dim``): looked up by ``model_type``."""
 
 
 def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
@@ -216,7 +219,8 @@ def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict
     kept_blocks = list(pruned["layers_kept"]) if pruned.get("layers_kept") else None
     if "intermediate_size" in pruned:
         width = int(_uniform("MLP widths", pruned["intermediate_size"], "intermediate_size", kept_blocks))
-        field = next((f for f in MLP_WIDTH_FIELDS if hasattr(text, f)), None)
+        field = MLP_WIDTH_BY_TYPE.get(text.model_type) or next((f for f in MLP_WIDTH_FIELDS if hasattr(text, f)),
+                                                               None)
         if field is None:
             raise CheckpointError(f"model_type {text.model_type!r} has no MLP width in its config (none of "
                                   f"{', '.join(MLP_WIDTH_FIELDS)}: it derives the width from hidden_size), so "
