@@ -118,3 +118,15 @@ def test_design_checkpoint_section_names_every_format_save_writes():
     first = section[:section.index("\n- ", section.index("\n- ") + 1)]  # the save/load bullet
     assert "`save(compiled, dir, format)`" in first, "design.md's checkpoint bullet moved: update this test"
     assert [f for f in FORMATS if f"`{f}`" not in first] == []
+
+
+def test_readme_names_every_mlp_output_projection_prune_mlp_knows():
+    """README's Pruning section lists the MLP output projections prune-mlp finds by name
+    (``pruning_sites.DOWN_PROJECTIONS``); DistilBERT's ``ffn.lin2`` was added to the code and not to the list."""
+    from lowbit.passes.pruning_sites import DOWN_PROJECTIONS
+
+    readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"by name \((.*?); `pruning_sites\.DOWN_PROJECTIONS`\)", readme, re.S)
+    assert listed, "README no longer lists the names before `pruning_sites.DOWN_PROJECTIONS`: update this test"
+    names = set(re.findall(r"`([\w.]+)`", listed.group(1)))
+    assert [n for n in DOWN_PROJECTIONS if n not in names] == []
