@@ -131,12 +131,12 @@ LINEAR_IR = """graph main(%x: f32[1,s0,{k}]) {{
 
 
 @settings(max_examples=25, deadline=None)
-@given(SCHEMES, st.sampled_from([None, 4, 8, 16]), st.integers(1, 6), st.integers(1, 4), st.floats(0.0, 2.0),
+@given(SCHEMES, st.sampled_from([None, 4, 8, 16, 48]), st.integers(1, 6), st.integers(1, 4), st.floats(0.0, 2.0),
        st.integers(0, 2**31 - 1))
 def test_quantize_pass_keeps_2_4_zeros_and_the_half_step_bound(scheme, group, n, k16, spread, seed):
     """``sparsify(method=magnitude,pattern=2:4)`` then the ``quantize`` pass, on one block linear of random shape:
     the weight the graph dequantizes keeps every pruned zero exactly (so the 2:4 pattern survives) and every kept
-    weight is within half a step of its group's stored scale (fp8: half an ulp)."""
+    weight is within half a step of its group's stored scale (fp8: half an ulp), ``group_fallback``'s groups too."""
     from lowbit.ir.ops import resolve
     from lowbit.ir.parser import parse_graph
     from lowbit.passes.manager import PassManager
@@ -147,7 +147,8 @@ def test_quantize_pass_keeps_2_4_zeros_and_the_half_step_bound(scheme, group, n,
     PassManager("sparsify(method=magnitude,pattern=2:4)").run(graph)
     w = graph.params["model.layers.0.mlp.down_proj.weight"].data.clone()
     assert int((w.reshape(-1, 4) != 0).sum(1).max()) <= 2
-    PassManager(f"quantize(w={qdtype},sym={str(sym).lower()}{f',group={group}' if group else ''})").run(graph)
+    fallback = ",group_fallback=16" if group and k % group else ""  # group 48 where it divides K, 16 elsewhere
+    PassManager(f"quantize(w={qdtype},sym={str(sym).lower()}{f',group={group}' if group else ''}{fallback})").run(graph)
     (dq,) = graph.find("dequantize")
     operands = [a.data if hasattr(a, "data") else a for a in dq.args]
     back = resolve("dequantize")(*operands, **dq.kwargs)
