@@ -30,8 +30,9 @@ import torch
 from lowbit.calibration.engine import CalibrationError
 from lowbit.ir.graph import Graph, Node
 
-__all__ = ["RotationLearningError", "LearnedRotation", "kurtosis", "kurtosis_loss", "cayley", "learn_kurtosis_rotation",
-           "orthogonal_polar", "fake_quant_weight", "fake_quant_tokens", "learn_quantized_rotation"]
+__all__ = ["RotationLearningError", "LearnedRotation", "kurtosis", "kurtosis_loss", "tail_ratio", "cayley",
+           "learn_kurtosis_rotation", "orthogonal_polar", "fake_quant_weight", "fake_quant_tokens",
+           "learn_quantized_rotation"]
 
 UNIFORM_KURTOSIS = 1.8
 """Kurtosis of a uniform distribution: the shape a uniform (integer) quantizer covers with the least error."""
@@ -80,9 +81,26 @@ def rotate_tokens(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (x.reshape(*x.shape[:-1], -1, n) @ q).reshape(x.shape)
 
 
-def kurtosis_loss(x: torch.Tensor, q: torch.Tensor, target: float = UNIFORM_KURTOSIS) -> torch.Tensor:
-    """Mean over tokens of ``|kurtosis(x·Q) - target|`` (KurTail's objective)."""
-    return (kurtosis(rotate_tokens(x, q)) - target).abs().mean()
+def kurtosis_loss(x: torch.Tensor, q: torch.Tensor, target: float = UNIFORM_KURTOSIS,
+                  moment: int = 4) -> torch.Tensor:
+    """Mean over tokens of ``|kurtosis(x·Q) - target|`` (KurTail's objective); ``moment`` p > 4: the mean
+    ``tail_ratio`` of order p instead (``target`` unused)."""
+    y = rotate_tokens(x, q)
+    if moment == 4:
+        return (kurtosis(y) - target).abs().mean()
+    return tail_ratio(y, moment).mean()
+
+
+def tail_ratio(y: torch.Tensor, p: int) -> torch.Tensor:
+    """Per-row ``log(‖y-μ‖_p / ‖y-μ‖_2)`` with the norms as means (p-th and quadratic mean): 0 for a row whose
+    channels all have one magnitude, growing with its tail. Kurtosis is this ratio at p = 4 (to the 4th power);
+    at larger p it nears ``log(max|y-μ| / rms)``, the ratio a per-token absmax scale pays for: its step is set by
+    the largest channel, its error by the step. Computed from the row's maximum so that ``|y|^p`` cannot
+    overflow."""
+    c = y - y.mean(-1, keepdim=True)
+    top = c.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
+    u = c / top
+    return (u.abs().pow(p).mean(-1).log() / p - u.square().mean(-1).log() / 2)
 
 
 def cayley(a: torch.Tensor) -> torch.Tensor:
@@ -112,15 +130,17 @@ the whole pool in float64 held several copies of the samples at once (a KurTail 
 of 2048 SmolLM2 tokens is five 9 MB temporaries)."""
 
 
-def _pool_means(sites: Sequence[torch.Tensor], q: torch.Tensor, target: float) -> tuple[float, float]:
-    """(mean ``|kurtosis(x·Q) - target|``, mean kurtosis) over every row of ``sites``, in float64, chunk by chunk."""
+def _pool_means(sites: Sequence[torch.Tensor], q: torch.Tensor, target: float, moment: int = 4
+                ) -> tuple[float, float]:
+    """(mean loss (``kurtosis_loss``'s), mean kurtosis) over every row of ``sites``, in float64, chunk by chunk."""
     loss = kurt = 0.0
     rows = 0
     q = q.double()
     for site in sites:
         for start in range(0, site.shape[0], POOL_CHUNK):
-            k = kurtosis(rotate_tokens(site[start:start + POOL_CHUNK].double(), q))
-            loss += float((k - target).abs().sum())
+            y = rotate_tokens(site[start:start + POOL_CHUNK].double(), q)
+            k = kurtosis(y)
+            loss += float((k - target).abs().sum() if moment == 4 else tail_ratio(y, moment).sum())
             kurt += float(k.sum())
             rows += k.numel()
     return loss / rows, kurt / rows
@@ -129,8 +149,10 @@ def _pool_means(sites: Sequence[torch.Tensor], q: torch.Tensor, target: float) -
 def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *, steps: int, lr: float,
                             batch_tokens: int, target: float = UNIFORM_KURTOSIS, seed: int = 0,
                             dtype: torch.dtype = torch.float32, what: str = "rotation",
-                            heads: int = 1, site_names: Sequence[str] | None = None) -> LearnedRotation:
-    """Learn ``Q = Q₀·C(S)`` minimising the mean ``|kurtosis(x·Q) - target|`` over the rows of ``samples``.
+                            heads: int = 1, site_names: Sequence[str] | None = None, moment: int = 4
+                            ) -> LearnedRotation:
+    """Learn ``Q = Q₀·C(S)`` minimising the mean ``|kurtosis(x·Q) - target|`` over the rows of ``samples``
+    (``moment`` p > 4: the mean ``tail_ratio`` of order p, a tail measure nearer the per-token absmax scale's).
 
     ``samples``: one ``[tokens, d]`` tensor per site (each normalised residual stream a rotated linear reads);
     every site weighs the same per token. ``heads > 1``: ``Q`` is ``[d/heads, d/heads]`` and rotates each of
@@ -159,7 +181,7 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
     opt = torch.optim.Adam([a], lr=lr)
     history: list[float] = []
     with torch.no_grad():
-        loss_start, kurt_start = _pool_means(sites, q0, target)
+        loss_start, kurt_start = _pool_means(sites, q0, target, moment)
     for step in range(steps):
         batch = torch.cat([s[torch.randint(0, s.shape[0], (min(per_site, s.shape[0]),), generator=gen)]
                            for s in sites])
@@ -168,10 +190,11 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
             q = q0c @ cayley(a)
         except torch.linalg.LinAlgError as exc:
             raise RotationLearningError(f"{what}: step {step}: the Cayley system is singular ({exc})") from None
-        loss = kurtosis_loss(batch, q, target)
+        loss = kurtosis_loss(batch, q, target, moment)
         if not math.isfinite(float(loss.detach())) and step == 0:
             with torch.no_grad():
-                i = next((i for i, x in enumerate(sites) if not math.isfinite(float(kurtosis_loss(x, q, target)))), 0)
+                i = next((i for i, x in enumerate(sites)
+                          if not math.isfinite(float(kurtosis_loss(x, q, target, moment)))), 0)
             name = site_names[i] if site_names is not None else f"site {i}"
             raise RotationLearningError(f"{what}: step 0 of {steps}, before any update: the kurtosis loss is "
                                         f"{float(loss.detach())} on the activations collected at {name} (finite, "
@@ -189,7 +212,7 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
         q = orthogonal_polar(q0.double() @ cayley(a.detach().double()))
         if not torch.isfinite(q).all():
             raise RotationLearningError(f"{what}: after {steps} steps the rotation is not finite")
-        loss_end, kurt_end = _pool_means(sites, q, target)
+        loss_end, kurt_end = _pool_means(sites, q, target, moment)
         # the steps score minibatches; on every sample a too large lr can end above the start: keep the start then
         # (as kind=learned's check does), so a learned rotation never ends worse than the Hadamard it began from
         kept = "learned" if loss_end <= loss_start else "start"

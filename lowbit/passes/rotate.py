@@ -61,7 +61,8 @@ __all__ = ["Rotate", "RotateOptions", "check_foldable", "check_hadamard_sizes", 
 _CALIBRATION_DATA = frozenset({"calib", "calib_n", "calib_len", "tokenizer", "device"})
 """The calibration options both learned kinds read (``progress`` is display only, so it is not checked)."""
 _KIND_OPTIONS: dict[str, frozenset[str]] = {
-    "kurtosis": _CALIBRATION_DATA | {"samples", "steps", "lr", "batch_tokens", "learn_heads", "target", "batch_size"},
+    "kurtosis": _CALIBRATION_DATA | {"samples", "steps", "lr", "batch_tokens", "learn_heads", "target", "moment",
+                                     "batch_size"},
     "learned": _CALIBRATION_DATA | {"steps", "lr", "windows_per_step", "w_bits", "a_bits", "check_windows"},
 }
 """The learning and calibration options each learned kind reads (hadamard and random read none of them: they use
@@ -142,6 +143,11 @@ class RotateOptions(CalibrationOptions):
     the measured rows (bench/results/accuracy.json, ``kurtail-r2``) say whether R2 pays on SmolLM2."""
     target: float = Field(default=UNIFORM_KURTOSIS, ge=1, le=10)
     """kurtosis: the per-token kurtosis aimed at (1.8: uniform, what an integer grid covers best)."""
+    moment: int = Field(default=4, ge=4, le=64)
+    """kurtosis: the order of the tail measure minimised. 4: KurTail's ``|kurtosis - target|``; p > 4: the mean
+    log-ratio of each token's p-th to quadratic mean (``tail_ratio``), which at large p nears the largest channel
+    over the rms, what a per-token absmax scale pays for (SmolLM2, A4 at the R1 sites: 16 halves the gain over
+    QuaRot that kurtosis gives; bench/results/accuracy.json ``kurtail-m16`` rows)."""
     residual: bool = True
     """Rotate the residual stream (R1). It needs ``fold-norms`` (RMSNorm commutes with a rotation only at unit
     gain), and the folded gains then sit in every reader's weights, where they stop shielding the low-gain
@@ -273,7 +279,7 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
     collect_s = time.perf_counter() - t0
     try:
         learned = learn_kurtosis_rotation(samples, q0, steps=o.steps or 100, lr=o.lr or 3e-3,
-                                          batch_tokens=o.batch_tokens, target=o.target, seed=o.seed,
+                                          batch_tokens=o.batch_tokens, target=o.target, seed=o.seed, moment=o.moment,
                                           site_names=[f"rms_norm %{n.name} (module {n.module!r})" for n in sites],
                                           what=f"pass {pass_name}: kind=kurtosis, residual stream of width {res.dim}")
         r2: dict[int, torch.Tensor] = {}
@@ -283,7 +289,7 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
                 raise PassError(f"pass {pass_name}: kind=kurtosis: calibration never reached o_proj %{h.o_proj.name}")
             lr2 = learn_kurtosis_rotation([torch.cat(k)], r0, steps=o.steps or 100, lr=o.lr or 3e-3,
                                           batch_tokens=o.batch_tokens, target=o.target, seed=o.seed,
-                                          heads=torch.cat(k).shape[-1] // r0.shape[0],
+                                          moment=o.moment, heads=torch.cat(k).shape[-1] // r0.shape[0],
                                           site_names=[f"the input of o_proj %{h.o_proj.name} (module "
                                                       f"{h.o_proj.module!r})"],
                                           what=f"pass {pass_name}: kind=kurtosis, head rotation of %{h.o_proj.name}")
