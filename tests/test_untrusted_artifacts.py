@@ -196,6 +196,30 @@ def test_reproducer_path_the_system_cannot_open_is_refused(tmp_path, key):
     assert "is not a file name this system can open" in out and key in out
 
 
+@pytest.mark.parametrize("key", ["ir", "params"])
+def test_reproducer_entry_that_is_a_symlink_loop_is_refused(tmp_path, key):
+    """A listed file that is a symlink to itself: replay's resolve() raised RuntimeError ('Symlink loop from ...'),
+    a traceback, exit 1; it is asked what every listed name is (checkpoint.files.unopenable), exit 3."""
+    d = _reproducer(tmp_path, **{key: "loop"})
+    (d / "loop").symlink_to("loop")
+    out = " ".join(invoke("replay", d, code=3).output.split())
+    assert f"{key} entry 'loop' is not a file name this system can open (Too many levels of symbolic links)" in out
+
+
+def test_an_artifact_file_without_a_manifest_that_is_a_symlink_loop_is_refused(tmp_path, name="params.safetensors"):
+    """check_inside resolved a link to itself: RuntimeError ('Symlink loop from ...'), a traceback from inspect."""
+    from safetensors.torch import save_file
+
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "model.lowbit").write_text(SAFE)
+    save_file(WEIGHTS, str(art / "params.safetensors"))
+    (art / name).unlink()
+    (art / name).symlink_to(name)
+    out = " ".join(invoke("inspect", art, code=3).output.split())
+    assert f"{name}: is a symlink this system cannot follow (Too many levels of symbolic links)" in out, out
+
+
 @pytest.mark.parametrize("option", ["config", "calib", "tokenizer"])
 def test_replay_refuses_pipeline_options_that_read_files(tmp_path, option):
     """``replay_pipeline`` is text from the reproducer's author: ``quantize(config=/path/secret.json)`` read the file

@@ -310,6 +310,10 @@ def check_inside(directory: Path, *names: str) -> None:
     root = directory.resolve()
     for name in names:
         path = directory / name
+        why = unopenable(path) if path.is_symlink() else None
+        if why is not None:  # a link to itself: resolve() raised RuntimeError ('Symlink loop'), a traceback
+            raise UntrustedInputError(f"{path}: is a symlink this system cannot follow ({why}); an artifact's files "
+                                      "must be inside it (copy the file in instead of linking it)")
         if path.is_symlink() and root not in path.resolve().parents:
             raise UntrustedInputError(f"{path}: is a symlink to {str(path.resolve())!r}, outside the directory; an "
                                       "artifact's files must be inside it (copy the file in instead of linking it)")

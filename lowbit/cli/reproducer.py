@@ -203,6 +203,7 @@ def confined(directory: Path, name: Any, what: str) -> Path:
     A reproducer is a directory someone else wrote: its manifest must not point lowbit at ``../../etc/passwd``,
     an absolute path, or a symlink leading out of the directory.
     """
+    from lowbit.checkpoint.files import unopenable
     from lowbit.errors import UntrustedInputError
 
     if not isinstance(name, str) or not name or "\x00" in name:
@@ -211,14 +212,15 @@ def confined(directory: Path, name: Any, what: str) -> Path:
     if rel.is_absolute() or ".." in rel.parts:
         raise UntrustedInputError(f"reproducer {str(directory)!r}: {what} path {name!r} leaves the reproducer "
                                   "directory (absolute or '..'); a reproducer only reads its own files")
-    root = directory.resolve()
-    target = (directory / rel).resolve()
-    try:  # a name past the system's length limit: the OSError came raw from replay's is_file()
-        target.exists()
-    except OSError as exc:
+    # a name past the system's length limit (the OSError came raw from replay's is_file()), a symlink loop
+    # (resolve()'s RuntimeError): the question every listed name is asked (checkpoint.files.unopenable)
+    why = unopenable(directory / rel)
+    if why is not None:
         raise UntrustedInputError(f"reproducer {str(directory)!r}: {what} entry {name[:80]!r}"
                                   f"{'...' if len(name) > 80 else ''} is not a file name this system can open "
-                                  f"({exc.strerror or exc})") from None
+                                  f"({why})")
+    root = directory.resolve()
+    target = (directory / rel).resolve()
     if target != root and root not in target.parents:
         raise UntrustedInputError(f"reproducer {str(directory)!r}: {what} path {name!r} resolves to "
                                   f"{str(target)!r}, outside the reproducer directory (a symlink?)")
