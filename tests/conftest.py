@@ -327,3 +327,19 @@ graph tiny(%x: f32[2,s0,8]) {
 }
 """
 """A small IR text (norm, linear, symbolic reshape) the text-format and untrusted-text tests start from."""
+
+
+class LargestFloat64(torch.utils._python_dispatch.TorchDispatchMode):
+    """The bytes of the largest float64 tensor any op makes while active (the working copies of passes that rewrite
+    weights in float64: rotate, fold-norms)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                self.largest = max(self.largest, t.numel() * 8)
+        return out

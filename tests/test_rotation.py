@@ -415,21 +415,6 @@ def rotated_f32(smollm2):
     return regions, g, ids, ref
 
 
-class _LargestFloat64(torch.utils._python_dispatch.TorchDispatchMode):
-    """The bytes of the largest float64 tensor any op makes while active (rotate's working copies)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-                self.largest = max(self.largest, t.numel() * 8)
-        return out
-
-
 def test_rotate_works_on_pieces_of_a_weight_and_gives_the_same_bits(monkeypatch):
     """rotate took each weight whole into float64 and multiplied it there: 4x a bf16 weight for its input and as much
     again for the product (SmolLM2's tied embedding / head: 450 MiB at once, +600 MiB at the peak on a 188 MiB model).
@@ -437,7 +422,7 @@ def test_rotate_works_on_pieces_of_a_weight_and_gives_the_same_bits(monkeypatch)
     and the weights are the same bits as rotating them whole (pieces of whole 256-row blocks), online Hadamards
     included (and on SmolLM2 in float32 and bf16 at the default CHUNK_BYTES). Here a bf16 Llama 512 wide, in 1 MiB
     pieces, so the embedding, the head and the down_proj writer all go in pieces."""
-    from conftest import tiny_llama
+    from conftest import LargestFloat64, tiny_llama
 
     import lowbit.passes.rotate as rotate
     from lowbit.ir.capture import capture
@@ -452,7 +437,7 @@ def test_rotate_works_on_pieces_of_a_weight_and_gives_the_same_bits(monkeypatch)
     monkeypatch.setattr(rotate, "CHUNK_BYTES", 2**60)  # never in pieces: the weights rotated whole
     PassManager("rotate(online=true)").run(whole)
     monkeypatch.setattr(rotate, "CHUNK_BYTES", 2**20)
-    largest = _LargestFloat64()
+    largest = LargestFloat64()
     with largest:
         PassManager("rotate(online=true)").run(graph)
     assert whole.params.keys() == graph.params.keys()

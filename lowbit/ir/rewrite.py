@@ -12,7 +12,10 @@ import torch
 
 from lowbit.ir.graph import Graph, Node, Value
 
-__all__ = ["dead_nodes", "eliminate_dead_code", "gain_weight", "norm_gain", "private_weight"]
+__all__ = ["dead_nodes", "eliminate_dead_code", "gain_weight", "norm_gain", "private_weight", "scaled_columns"]
+
+SCALE_CHUNK_BYTES = 32 * 2**20
+"""The float64 bytes of one piece of a weight ``scaled_columns`` scales at a time."""
 
 
 def dead_nodes(graph: Graph) -> tuple[set[int], set[int]]:
@@ -67,3 +70,17 @@ def gain_weight(norm: Node, gain: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     """The weight that stores ``gain`` in ``norm``'s form (``gain - offset``), in ``dtype``."""
     offset = float(norm.kwargs.get("offset", 0.0))
     return (gain.to(torch.float64) - offset).to(dtype) if offset else gain.to(dtype)
+
+
+def scaled_columns(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(w * scale[None, :])`` computed in float64 and stored in ``w``'s dtype, ``SCALE_CHUNK_BYTES`` of rows at a
+    time: whole, a bf16 weight took 4x its size in float64 for ``w`` and as much again for the product (SmolLM2's
+    57 MiB head: 450 MiB at once). Each element is its own product, so the pieces give the same bits."""
+    scale = scale.to(torch.float64)
+    rows = max(1, SCALE_CHUNK_BYTES // max(1, 8 * w[0].numel())) if w.dim() > 1 and w.shape[0] else 0
+    if not rows or rows >= w.shape[0]:
+        return (w.to(torch.float64) * scale[None, :]).to(w.dtype)
+    out = torch.empty(w.shape, dtype=w.dtype)
+    for start in range(0, w.shape[0], rows):
+        out[start:start + rows] = w[start:start + rows].to(torch.float64) * scale[None, :]
+    return out

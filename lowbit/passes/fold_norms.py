@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from lowbit.ir.graph import Graph, Node
-from lowbit.ir.rewrite import eliminate_dead_code, norm_gain, private_weight
+from lowbit.ir.rewrite import eliminate_dead_code, norm_gain, private_weight, scaled_columns
 from lowbit.passes.base import NO_QLINEAR, Pass, PassResult, ScopedOptions, register_pass
 
 NORM_OPS = ("rms_norm", "layer_norm")
@@ -80,9 +80,8 @@ class FoldNorms(Pass):
                     others = sorted({n.module or n.name for n in users.get(id(shared), []) if n is not r})
                     untied.append(f"{r.module}: own copy of @{shared.name}, shared with {', '.join(others)} "
                                   f"(+{mib:.1f} MiB)")
-                w64 = w.data.to(torch.float64)
                 if beta is not None:
-                    shift = w64 @ beta.data.to(torch.float64)
+                    shift = w.data.to(torch.float64) @ beta.data.to(torch.float64)
                     b = r.args[2] if len(r.args) > 2 else None
                     if b is not None:
                         b = private_weight(graph, r, 2, users, f"{r.module}.bias")
@@ -91,7 +90,7 @@ class FoldNorms(Pass):
                         nb = graph.add_param(graph.fresh_param_name(f"{r.module}.bias"), shift.to(w.data.dtype))
                         r.args = (r.args[0], r.args[1], nb)
                 if g is not None:
-                    graph.set_param(w.name, (w64 * g[None, :]).to(w.data.dtype))
+                    graph.set_param(w.name, scaled_columns(w.data, g))
             args = list(norm.args)
             args[1] = None
             if norm.op == "layer_norm":
