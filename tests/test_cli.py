@@ -338,6 +338,40 @@ def test_int8_weights_is_an_onnxruntime_backend_option_and_reaches_model_onnx(tm
     assert json.loads(model.metadata_props["lowbit.options"])["int8_weights"] == "u8"
 
 
+def test_a_pipeline_the_model_refuses_before_any_pass_gives_no_reproducer_hint(capsys):
+    """A pass's precheck (quantize's KV window on MiniLM) refuses the model before any pass runs; the CLI then said
+    '(rerun with --reproducer DIR to save the IR before this pass and replay it)', though no pass ran and the fix is
+    the pipeline. A failing pass keeps the hint."""
+    import typer
+
+    from lowbit.cli.pipeline import run_pipeline
+    from lowbit.ir.parser import parse_graph
+    from lowbit.passes.base import Pass, PassError, PassResult
+
+    class Refuses(Pass):
+        name = "refuses"
+
+        def precheck(self, graph):
+            raise PassError("pass refuses: not this model")
+
+        def run(self, graph):  # pragma: no cover - never reached
+            return PassResult(False, {})
+
+    class Fails(Refuses):
+        def precheck(self, graph):
+            pass
+
+        def run(self, graph):
+            raise PassError("pass refuses: failed while running")
+
+    text = "graph main(%x: f32[2,8]) {\n  param @w: f32[4,8]\n  %y: f32[2,4] = linear(%x, @w)\n  return %y\n}\n"
+    for p, said, hint in ((Refuses(), "refuses this model, so no pass ran", False), (Fails(), "failed", True)):
+        with pytest.raises(typer.Exit) as exc:
+            run_pipeline(parse_graph(text, {"w": torch.randn(4, 8)}), [p])
+        err = " ".join(capsys.readouterr().err.split())
+        assert exc.value.exit_code == 4 and said in err and ("--reproducer" in err) == hint, err
+
+
 def test_inspect_counts_the_weights_of_fused_qlinears(tmp_path):
     """After fuse-qlinear (and the onnxruntime/triton backends' own fusions) the codes sit in qlinear nodes: inspect
     counted dequantize nodes only and said 'no quantized weights' for an int4 model."""

@@ -301,6 +301,11 @@ class PipelineError(LowbitError, RuntimeError):
         self.graph_before = graph_before
 
 
+class ModelRefusedError(PipelineError):
+    """A pass's ``precheck`` refuses the model before any pass ran: the pipeline cannot run on this model (change
+    the pipeline or the model); there is no pass failure to replay."""
+
+
 class PipelineSpecError(PassError, PipelineError):
     """The pipeline text is wrong (an option out of range, passes out of order): found when it is parsed, before
     any pass runs. Both a ``PassError`` (a bad spec) and a ``PipelineError`` (this pipeline cannot run)."""
@@ -412,9 +417,9 @@ def _precheck(passes: Sequence[Pass], graph: Graph) -> None:
         try:
             p.precheck(graph)
         except PassError as exc:
-            raise PipelineError(f"pass {p.spec()} (#{i}) refuses this model, so no pass ran: {exc}",
-                                PassRecord(i, p.name, p.spec(), nodes_before=len(graph.nodes),
-                                           nodes_after=len(graph.nodes)), None) from exc
+            raise ModelRefusedError(f"pass {p.spec()} (#{i}) refuses this model, so no pass ran: {exc}",
+                                    PassRecord(i, p.name, p.spec(), nodes_before=len(graph.nodes),
+                                               nodes_after=len(graph.nodes)), None) from exc
 
 
 def _check_scope(p: Pass, index: int, graph: Graph, rec: PassRecord, before: Graph | None) -> None:
