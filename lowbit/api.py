@@ -354,54 +354,86 @@ def refuse_for_generation(passes: Sequence[Pass], recipe: str | None = None) -> 
     _refuse_distillation(passes)
 
 
-_KV_OPTIONS = ("kv", "k_gran", "v_gran", "kv_group", "k_group", "v_group", "kv_sym", "kv_clip", "kv_window", "kv_sink")
+_KV_OPTIONS = ("kv", "k_gran", "v_gran", "kv_group", "k_group", "v_group", "kv_sym", "kv_clip", "kv_window",
+               "kv_sink")
+"""``quantize``'s options that describe the KV-cache accuracy model (all unread without ``kv=``)."""
 
 
-def _without_kv(passes: Sequence[Pass]) -> list[Pass]:
-    """``passes`` with the KV options of every ``quantize`` left out (a pass that quantized only the KV cache
-    dropped): what a generation pipeline runs before ``kv-cache``."""
-    from lowbit.passes.manager import build_pass
+def _packed_cache(opts: Any) -> tuple[str, list[str]]:
+    """The ``kv-cache`` pass text closest to ``quantize``'s kv scheme ``opts``, and how that scheme differs from it
+    (empty: the packed cache computes exactly this accuracy model, tests/test_kv_cache.py). The packed cache is
+    asymmetric, keys per channel over ``k_block``-token blocks, values per token in ``v_group``-channel groups,
+    with the sink and at least ``k_block`` recent tokens float."""
+    differs = []
+    bits = {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4, "int2": 2}.get(opts.kv)
+    if bits is None:
+        differs.append(f"kv={opts.kv} (the packed cache stores 8, 4 or 2-bit integer codes)")
+        bits = 8 if "8" in str(opts.kv) else 4
+    for option, value, want in (("k_gran", opts.k_gran, "per_channel"), ("v_gran", opts.v_gran, "per_token"),
+                                ("kv_sym", opts.kv_sym, False), ("kv_clip", opts.kv_clip, 1.0)):
+        if value != want:
+            differs.append(f"{option}={value} (the packed cache's is {want})")
+    k_block = opts.k_group or opts.kv_group if opts.k_gran == "per_channel" else None
+    v_group = opts.v_group or opts.kv_group if opts.v_gran == "per_token" else None
+    if opts.k_gran == "per_channel" and (k_block is None or k_block > 1024):
+        differs.append(f"keys per channel over {f'{k_block} tokens' if k_block else 'the whole sequence'} (the "
+                       "packed cache's blocks are 1024 tokens at most)")
+        k_block = None
+    if opts.v_gran == "per_token" and v_group is None:
+        differs.append("values per token over the whole head (the packed cache's take v_group=<head_dim>)")
+    options = {"bits": bits, "k_block": k_block, "v_group": v_group, "sink": opts.kv_sink if opts.kv_sink <= 64
+               else None, "window": opts.kv_window or None}
+    if opts.kv_sink > 64:
+        differs.append(f"kv_sink={opts.kv_sink} (the packed cache keeps at most 64)")
+    if opts.kv_window < (k_block or 32):
+        differs.append(f"kv_window={opts.kv_window} (the packed cache reads at least the last k_block="
+                       f"{k_block or 32} tokens float)")
+        options["window"] = None if k_block is None else k_block
+    from lowbit.passes.kv_cache import KVCache
 
-    out: list[Pass] = []
-    for p in passes:
-        if getattr(getattr(p, "options", None), "kv", None) in (None, "none", "float"):
-            out.append(p)
-            continue
-        kept = {k: getattr(p.options, k) for k in p.options.model_fields_set if k not in _KV_OPTIONS}
-        try:
-            out.append(build_pass(type(p), kept))
-        except PassError:  # nothing left to quantize
-            pass
-    return out
+    try:
+        text = KVCache(**{k: v for k, v in options.items() if v is not None}).spec()
+    except PassError as exc:  # a v_group the packed cache's codes cannot take
+        differs.append(str(exc))
+        text = KVCache(bits=bits).spec()
+    return text, differs
 
 
 def _refuse_kv_simulation(passes: Sequence[Pass], recipe: str | None = None) -> None:
     """``quantize(kv=...)`` is the prefill accuracy model of a quantized cache (its window mask assumes query i
-    sits at position i); on a step graph it would be wrong in decode, so generation refuses it by name, with the
-    pipeline to give instead (and, for a recipe, the recipes that generate with a quantized cache: a recipe user
-    was told to edit pipeline text they never wrote)."""
+    sits at position i); on a step graph it would be wrong in decode, so generation refuses it by name, giving the
+    pipeline with the packed cache (the ``kv-cache`` pass) in its place: the kv2 recipe was told to append the
+    kv4 layout, and a per-token scheme (w4a4kv4) that the packed cache does not compute. For a recipe (whose
+    user never wrote pipeline text) it also names the recipes that generate with a quantized cache."""
     from lowbit.models import GenerationError
-    from lowbit.passes.kv_cache import KVCache
     from lowbit.recipes import generation_recipes
 
-    for p in passes:
+    for i, p in enumerate(passes):
         opts = getattr(p, "options", None)
         kv = getattr(opts, "kv", None)
-        if kv not in (None, "none", "float"):
-            digits = re.sub(r"\D", "", str(kv))
-            bits = int(digits) if digits in ("2", "4", "8") else 4  # the packed cache's code widths
-            instead = format_pipeline([*_without_kv(passes), KVCache(bits=bits)])
-            what = f"recipe {recipe}: pass {p.spec()}" if recipe else f"pass {p.spec()}"
-            layout = (f"recipe {recipe}'s KV layout has no packed-cache form; the recipes that generate with a "
-                      f"quantized cache are {', '.join(generation_recipes())} (--recipe kv4), or give the pipeline "
-                      f"with the kv4 cache layout (keys per channel over 32-token blocks, values per 32-channel "
-                      f"group, sink and window float): --pipeline {instead!r}") if recipe else (
-                f"drop kv=... and append kv-cache(bits={bits}) (kv-cache(bits=4) is the kv4 layout, bits=2 kv2's): "
-                f"pipeline={instead!r}")
-            raise GenerationError(
-                f"{what}: KV-cache quantization is modelled for prefill only (the quantize pass' accuracy model, whose "
-                "window mask assumes query i sits at position i); generation quantizes the cache itself as a packed "
-                f"cache (the kv-cache pass): {layout}")
+        if kv in (None, "none", "float"):
+            continue
+        cache, differs = _packed_cache(opts)
+        kept = copy.copy(p)
+        kept.options = opts.model_copy(update={k: type(opts).model_fields[k].default for k in _KV_OPTIONS})
+        rest = [q.spec() for q in passes[:i]] + ([kept.spec()] if kept.spec() != p.name else [])
+        rest += [q.spec() for q in passes[i + 1:]]
+        instead = ",".join([*rest, cache])
+        if recipe is not None:
+            how = (f"recipe {recipe}'s KV layout has no packed-cache form; the recipes that generate with a "
+                   f"quantized cache are {', '.join(generation_recipes())} (--recipe kv4), or give the nearest "
+                   f"pipeline, whose cache differs ({'; '.join(differs)}; measure its accuracy with `lowbit debug "
+                   f"compare`): --pipeline '{instead}'") if differs else f"its packed form is --pipeline '{instead}'"
+        else:
+            advice = f"pipeline='{instead}'"
+            how = (f"its packed form of this pass' kv scheme is {advice}" if not differs else
+                   f"it does not compute this pass' kv scheme ({'; '.join(differs)}); the nearest is {advice}, "
+                   "whose accuracy differs (measure it with `lowbit debug compare`)")
+        what = f"recipe {recipe}: pass {p.spec()}" if recipe else f"pass {p.spec()}"
+        raise GenerationError(
+            f"{what}: KV-cache quantization is modelled for prefill only (the quantize pass' accuracy model, whose "
+            "window mask assumes query i sits at position i); generation quantizes the cache itself as a packed "
+            f"cache (the kv-cache pass): {how}")
 
 
 def _refuse_distillation(passes: Sequence[Pass]) -> None:

@@ -1101,3 +1101,36 @@ def test_olmo_in_bfloat16_compiles_for_generation_with_last_logits():
             want = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(p):].tolist()
         assert tokens == want
+
+
+def test_a_kv_accuracy_model_is_refused_with_its_packed_cache_pipeline():
+    """Generation refuses ``quantize(kv=...)`` (the prefill accuracy model) for the packed cache; the advice was
+    "append kv-cache(bits=4) (the kv4 layout)" whatever the scheme: the kv2 recipe was pointed at 4-bit codes and
+    w4a4kv4's per-token keys at a layout that does not compute them. The refusal now gives the pipeline with the
+    kv options dropped and the kv-cache pass that computes the same scheme, or says what differs; on a tiny
+    model the advised cache's decode logits are the refused accuracy model's."""
+    from lowbit.api import refuse_for_generation
+    from lowbit.passes.manager import parse_pipeline
+    from lowbit.recipes import get_recipe
+
+    def advice(pipeline: str) -> str:
+        with pytest.raises(GenerationError, match="modelled for prefill only") as e:
+            refuse_for_generation(parse_pipeline(pipeline))
+        return str(e.value)
+
+    assert "is pipeline='smooth-quant(search=true,require_sites=false),quantize(w=int8,a=int8),kv-cache(bits=2," \
+           "v_group=16,window=64)'" in advice(get_recipe("w8a8kv2"))
+    assert "does not compute this pass' kv scheme (k_gran=per_token (the packed cache's is per_channel)" in \
+           advice(get_recipe("w4a4kv4"))
+    refused = "quantize(w=int8,kv=int4,kv_group=8,kv_window=8)"
+    text = advice(refused)
+    pipeline = text.split("pipeline='")[1].split("'")[0]
+    assert pipeline == "quantize(w=int8),kv-cache(k_block=8,v_group=8,window=8,sink=0)", text
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, layers=1, vocab=97, max_positions=64)
+    cm = compile_model(model, pipeline=pipeline, generation=GenerationSpec(max_length=24, max_batch=1))
+    prompt = [5, 17, 30, 42, 7, 9]
+    tokens = cm.generate([prompt], 16, stop_tokens=()).tokens[0]
+    acc = compile_model(model, pipeline=refused)
+    want = acc(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1]
+    assert want.argmax(-1).tolist() == tokens
