@@ -1134,3 +1134,36 @@ def test_a_kv_accuracy_model_is_refused_with_its_packed_cache_pipeline():
     acc = compile_model(model, pipeline=refused)
     want = acc(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1]
     assert want.argmax(-1).tolist() == tokens
+
+
+def test_cli_generate_takes_backend_options(monkeypatch):
+    """`lowbit generate -b onnxruntime` ran int4 linears as QDQ and ORT with all its threads, with no way to say
+    otherwise: generate had no --backend-option (compile has). It now takes them, checks them with the backend's
+    options before the model is read (exit 2 naming the option) and hands them to the compile."""
+    from typer.testing import CliRunner
+
+    import lowbit.api
+    from lowbit.cli.main import app
+    from lowbit.generate import GenerationOutput
+
+    seen = {}
+
+    class Made:
+        def generate(self, ids, n, **kwargs):
+            return GenerationOutput([[5] * n], [len(ids[0])], 0.01, 0.01, n - 1)
+
+    def compile_model(*args, **kwargs):
+        seen.update(kwargs)
+        return Made()
+
+    monkeypatch.setattr(lowbit.api, "compile_model", compile_model)
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi", "-n", "2", "-b", "onnxruntime",
+                                   "--backend-option", "weight_format=matmulnbits", "--backend-option", "threads=1"])
+    assert res.exit_code == 0, res.output
+    assert seen["backend"] == "onnxruntime" and seen["backend_options"] == {"weight_format": "matmulnbits",
+                                                                            "threads": "1"}
+    seen.clear()
+    for flags, needle in [(["--backend-option", "weight_format=nbits"], "weight_format"),
+                          (["--backend-option", "threads"], "expected KEY=VALUE")]:
+        res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi", "-b", "onnxruntime", *flags])
+        assert res.exit_code == 2 and needle in res.output and not seen, (flags, res.output)

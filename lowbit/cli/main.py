@@ -327,6 +327,21 @@ def timing_table(report: Any, rss: RssPeak | None = None) -> Table:
     return table
 
 
+def backend_options(items: list[str]) -> dict[str, str]:
+    """``--backend-option KEY=VALUE`` flags as a dict (values are parsed by the backend's options model); a flag
+    without ``=`` or a key given twice exits 2."""
+    options: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            fail(f"--backend-option {item!r}: expected KEY=VALUE", Exit.USAGE)
+        if key.strip() in options:  # as a pipeline option given twice: the last silently won
+            fail(f"--backend-option {key.strip()} is given twice ({key.strip()}={options[key.strip()]}, "
+                 f"{item.strip()}); give it once", Exit.USAGE)
+        options[key.strip()] = value.strip()
+    return options
+
+
 @app.command("compile")
 def compile_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -372,15 +387,7 @@ def compile_cmd(
         check_dtype(dtype)
     text = pipeline_text(pipeline, recipe, set_)
     passes = parse(text)
-    options: dict[str, str] = {}
-    for item in backend_option:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            fail(f"--backend-option {item!r}: expected KEY=VALUE", Exit.USAGE)
-        if key.strip() in options:  # as a pipeline option given twice: the last silently won
-            fail(f"--backend-option {key.strip()} is given twice ({key.strip()}={options[key.strip()]}, "
-                 f"{item.strip()}); give it once", Exit.USAGE)
-        options[key.strip()] = value.strip()
+    options = backend_options(backend_option)
     if backend == "torch" and "keep_packed" not in options:
         # the command writes the graph (or a checkpoint of it) and never runs the module it lowers: dequantizing
         # every weight to float there only took the float model's size again in memory
@@ -655,6 +662,9 @@ def generate_cmd(
                                                    "ids; --stop-token -1 for none)"),
     backend: str = typer.Option("torch", "--backend", "-b", help="torch (reference), onnxruntime, or triton "
                                 "(CUDA)"),
+    backend_option: list[str] = typer.Option([], "--backend-option", help="KEY=VALUE option of the backend "
+                                             "(repeatable), e.g. weight_format=matmulnbits or threads=4 on "
+                                             "onnxruntime, compile=false on triton"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="the generated text only: no progress bars and no "
                                "timings line"),
@@ -680,10 +690,11 @@ def generate_cmd(
         fail(f"--device: {exc}", Exit.USAGE)
     # and a backend that is not built, cannot run here (on --device), or cannot lower what the pipeline creates, is
     # said before any model is read, whichever kind MODEL is (a lowbit directory's load said it as exit 3)
+    options = backend_options(backend_option)
     try:
         from lowbit.api import plan_compile, refuse_for_generation
 
-        plan_compile(passes, backend, device=device)
+        plan_compile(passes, backend, options, device=device)  # the backend's options too, before the model is read
         refuse_for_generation(passes, recipe)  # w4a4kv4, the *-e2e recipes: before the model is read
     except BackendError as exc:
         fail(exc.cli, Exit.USAGE)
@@ -720,7 +731,7 @@ def generate_cmd(
 
         try:
             start = time.perf_counter()
-            stored = load_checkpoint(lowbit_dir, device=device, backend=backend)
+            stored = load_checkpoint(lowbit_dir, device=device, backend=backend, backend_options=options)
             load_s = time.perf_counter() - start  # before the timed build, which then took 0.0 s
         except LowbitError as exc:
             fail(str(exc), Exit.NOT_FOUND)
@@ -754,7 +765,8 @@ def generate_cmd(
             tok = read_tokenizer(ckpt)
         except LowbitError as exc:  # an unloadable or code-shipping tokenizer: named, exit 3
             fail(str(exc), Exit.NOT_FOUND)
-        build = lambda spec: load_checkpoint(ckpt, device=device, generation=spec, backend=backend)  # noqa: E731
+        build = lambda spec: load_checkpoint(ckpt, device=device, generation=spec, backend=backend,  # noqa: E731
+                                             backend_options=options)
         text = "loaded from the checkpoint"
         from lowbit.models import config_json
 
@@ -779,7 +791,8 @@ def generate_cmd(
         vocab = getattr(config, "vocab_size", None)
         # the parsed passes, not the text again: -q has turned their progress bars off
         build = lambda spec: compile_model(loaded.module, pipeline=passes or None, device=device,  # noqa: E731
-                                           tokenizer=loaded.tokenizer, generation=spec, backend=backend)
+                                           tokenizer=loaded.tokenizer, generation=spec, backend=backend,
+                                           backend_options=options)
     outside = sorted(t for t in stops or () if isinstance(vocab, int) and not isinstance(vocab, bool) and t >= vocab)
     if outside:  # generate() refused it after the compile and the prefill, below the echoed prompt
         fail(f"--stop-token {outside[0]} is outside the model's vocabulary ({vocab} ids: 0..{vocab - 1}); it can "
