@@ -91,9 +91,11 @@ class GenerationOutput:
     @property
     def decode_tokens_per_second(self) -> float:
         """Tokens the decode steps produced per second, over the batch: each sequence's tokens after its first
-        (which prefill makes), so a sequence that stopped early adds nothing for the steps it sat out."""
+        (which prefill makes), so a sequence that stopped early adds nothing for the steps it sat out. NaN when no
+        decode step ran (``max_new_tokens=1``, or every sequence stopped at its first token): 0 tokens over the
+        microseconds of the host's bookkeeping read as 0.0 tokens/s, a measurement of nothing."""
         n = sum(max(0, len(t) - 1) for t in self.tokens)
-        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+        return n / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else float("nan")
 
     @property
     def prefill_tokens_per_second(self) -> float:

@@ -1167,3 +1167,19 @@ def test_cli_generate_takes_backend_options(monkeypatch):
                           (["--backend-option", "threads"], "expected KEY=VALUE")]:
         res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi", "-b", "onnxruntime", *flags])
         assert res.exit_code == 2 and needle in res.output and not seen, (flags, res.output)
+
+
+def test_decode_speed_is_nan_when_no_decode_step_ran(tiny_compiled):
+    """max_new_tokens=1 (prefill makes the only token) reported decode_tokens_per_second 0.0, and so did a batch
+    whose every sequence stopped at its first token: zero tokens over the host's bookkeeping time, a speed of
+    nothing measured. Both are NaN; a run with decode steps keeps its speed."""
+    import math
+
+    one = tiny_compiled.generate([[5, 6, 7]], 1)
+    assert one.decode_steps == 0 and math.isnan(one.decode_tokens_per_second)
+    first = one.tokens[0][0]
+    stopped = tiny_compiled.generate([[5, 6, 7]], 4, stop_tokens=[first])
+    assert stopped.tokens == [[first]] and stopped.decode_steps == 0
+    assert math.isnan(stopped.timings["decode_tokens_per_second"])
+    run = tiny_compiled.generate([[5, 6, 7]], 3, stop_tokens=())
+    assert run.decode_steps == 2 and run.decode_tokens_per_second > 0
