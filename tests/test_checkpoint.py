@@ -1244,3 +1244,30 @@ def test_a_kv_cache_larger_than_the_model_allows_is_refused_even_when_ir_and_man
     with pytest.raises(CheckpointError, match=r"manifest 'lowbit.generation' .*max_length=1000000000.* makes a KV "
                                               r"cache of 238 GiB at max_batch sequences, more than 32x"):
         lowbit.load(d)
+
+
+def test_a_phi3_longrope_model_saves_as_compressed_tensors(tmp_path):
+    """Phi-3 longrope (the 128k models) computes its long rotary frequencies from the config in its first forward;
+    torch.export lifts them as a constant (``model.rotary_emb.lifted_tensor_0``), which the HF writer refused as
+    'not a parameter of the HF model; a pass added it', so no longrope model saved to an HF format. The table is
+    recomputed from config.json like the rotary's buffers: transformers loads the checkpoint with the compiled
+    model's logits past original_max_position_embeddings, and lowbit reloads it as a generation step that
+    knows where the rotary switches."""
+    import transformers as t
+
+    from lowbit.generate import GenerationSpec
+
+    torch.manual_seed(0)
+    cfg = t.Phi3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       pad_token_id=0, num_hidden_layers=1, vocab_size=256, max_position_embeddings=64,
+                       original_max_position_embeddings=16,
+                       rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [3.0] * 4})
+    compiled = lowbit.compile_model(t.AutoModelForCausalLM.from_config(cfg).eval(), pipeline="quantize(w=int8)")
+    assert any(n.endswith("lifted_tensor_0") for n in compiled.graph.params)
+    out = lowbit.save(compiled, tmp_path / "ct", format="compressed-tensors")
+    ids = torch.randint(0, 256, (1, 24))
+    hf = t.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, compiled(ids), rtol=0, atol=1e-5)
+    step = lowbit.load(out, generation=GenerationSpec(max_length=32, max_batch=1))
+    assert step.graph.meta["generation"]["rope_switch"] == 16

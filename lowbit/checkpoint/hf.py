@@ -303,6 +303,11 @@ def _bias_switches(graph: Graph, config: Any) -> tuple[Any, Callable[[dict[str, 
     return config, lambda keys: [k for k in keys if k.endswith(".bias") and any(part in k for _, part in switched)]
 
 
+_ROTARY_CONSTANT = re.compile(r"(^|\.)rotary_emb\.lifted_tensor_\d+$")
+"""A constant torch.export lifted out of a rotary embedding's forward: longrope (Phi-3 128k) computes its
+long_inv_freq from the config the first time it runs (``transformers.modeling_rope_utils.dynamic_rope_update``)."""
+
+
 def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
     if any(n.op in ("qlinear", "qlinear_q") or n.meta.get("merged") for n in graph.nodes):
         # fused (fuse-qlinear, and the triton backend's merge-linears / fuse-norm-quant): HF formats store each
@@ -321,6 +326,9 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
     model = _pruned_skeleton(graph, config, kind)
     keys = _hf_keys(model)
     derived = {n for n, _ in model.named_buffers()} - set(keys)
+    # and the tables a rotary computes from config.json while traced (longrope's long_inv_freq, which torch.export
+    # lifts as a constant): no HF parameter holds them, and the loader computes the same from the config
+    derived |= {n for n in graph.params if _ROTARY_CONSTANT.search(n)}
     if "hidden_size" in (graph.meta.get("pruned") or {}):
         # a scalar HF recomputes from config.json (Gemma's embedding scale, sqrt(hidden_size)) would follow the
         # sliced width, while the graph keeps the value it was captured with: transformers would run another model
