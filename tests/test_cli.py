@@ -1048,6 +1048,26 @@ def test_debug_sensitivity_prints_a_command_the_shell_reads_back(tmp_path):
     assert pipe == "fold-norms(modules='layers|\"'),quantize(w=int4)", line
 
 
+def test_debug_sensitivity_warns_when_keep_top_keeps_every_unit(tmp_path, monkeypatch):
+    """--keep-top 5 on a 2-block model wrote an override keeping both blocks float and printed the compile command
+    as if it quantized something: that compile quantizes no block at all."""
+    from lowbit.cli import sensitivity
+
+    rows = [{"module": f"model.layers.{i}", "glob": f"model.layers.{i}.*", "metric": 40.0 - i, "damage": 2.0 - i}
+            for i in range(2)]
+    monkeypatch.setattr(sensitivity, "sensitivity", lambda *a, **k: {
+        "format": sensitivity.OVERRIDES_FORMAT, "model": "smollm2:2", "scheme": "w4", "quantize": "quantize(w=int4)",
+        "prefix": "", "granularity": "block", "metric": "ppl", "inputs": "-", "baseline": 38.0,
+        "all_quantized": 42.0, "ranking": rows, "seconds": 0.0})
+    out = " ".join(invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w4", "--keep-top", "5", "-o",
+                          tmp_path / "s.json").output.split())
+    assert "warning: --keep-top 5 keeps all 2 blocks float" in out and "give --keep-top 1 or less" in out, out
+    assert json.loads((tmp_path / "s.json").read_text())["keep_float"] == ["model.layers.0.*", "model.layers.1.*"]
+    out = invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w4", "--keep-top", "1", "-o",
+                 tmp_path / "s.json").output
+    assert "warning" not in out, out
+
+
 def test_debug_tools_restrict_a_scoped_pass_to_the_blocks_its_scope_reaches(tmp_path):
     """A pass given modules=layers\\.1\\. restricted to block 0 had a scope matching no module, which the
     PassManager refuses: sensitivity stopped at the first block with exit 4, and bisect's halving did too."""

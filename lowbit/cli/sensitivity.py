@@ -20,8 +20,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from lowbit import jsonio
-from lowbit.cli.common import (Exit, atomic_write_text, capture_model, check_calibration, console, fail, load, parse,
-                               quiet_progress, worst_first)
+from lowbit.cli.common import (Exit, atomic_write_text, capture_model, check_calibration, console, err_console, fail,
+                               load, parse, quiet_progress, worst_first)
 from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe
 from lowbit.cli.restrict import block_units, how_restricted, linear_units, restrict, units_in_scope
 from lowbit.ir.graph import BLOCK_NAMES
@@ -161,6 +161,10 @@ def run_sensitivity(model_spec: str, scheme: str, *, group: int | None, prefix: 
                       f"its modules= option (a regex on module paths)", markup=False, soft_wrap=True)
         return
     pipe = ",".join(x for x in (res["prefix"], res["quantize"]) if x)
+    if keep and len(keep) == len(res["ranking"]):  # the compile it prints would leave every unit float
+        err_console.print(f"warning: --keep-top {keep_top} keeps all {len(keep)} {granularity}s "
+                          f"{'dense' if pruning else 'float'}: compiled with {out}, {res['quantize']} changes none of "
+                          f"them; give --keep-top {len(keep) - 1} or less", markup=False, soft_wrap=True)
     # shell-quoted as bisect's reproduce command: '{pipe}' broke on a quoted option, {out} on a space
     console.print(f"wrote {out} ({res['seconds']:.1f} s); use it with:\n"
                   f"  lowbit compile {shlex.quote(model_spec)} --pipeline {shlex.quote(pipe)} --overrides "
