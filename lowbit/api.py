@@ -38,6 +38,7 @@ from lowbit.passes.manager import (
     check_order,
     format_pipeline,
     parse_pipeline,
+    quote_pipeline,
 )
 from lowbit.remote_code import from_pretrained
 
@@ -807,8 +808,9 @@ def compile_model(
 
         readers = [p for p in passes if isinstance(p.options, CalibrationOptions) and p.options.reads_calibration()]
         if not readers:  # it would be silently ignored
+            shown = quote_pipeline(format_pipeline(passes)) if passes else "(empty)"
             raise PassError(f"calib= is read by calibrating passes (gptq, awq, smooth-quant, quantize(a_static=true), "
-                            f"...); the pipeline {format_pipeline(passes) or '(empty)'!r} has none")
+                            f"...); the pipeline {shown} has none")
         for p in readers:
             # a copy: the caller's Pass objects (pipeline=[GPTQ(...)]) must not keep this call's data for the next
             mine = copy.copy(p)

@@ -207,6 +207,22 @@ def test_a_bracket_error_names_the_bracket_and_its_column(spec, message):
         parse_pipeline(spec)
 
 
+@pytest.mark.parametrize("spec,message", [
+    (r"quantize(w=int4,modules=layers\.1",
+     r"unclosed parenthesis '(' opened at column 9 in 'quantize(w=int4,modules=layers\.1'"),
+    (r"quantize(w=int8),prune-mlp(ratio=0.5,modules=layer\.[34]\b)",
+     r"move prune-mlp before quantize in 'quantize(w=int8),prune-mlp(ratio=0.5,modules=layer\.[34]\b)'"),
+    (r"fold-norms,rotate,fold-norms(modules=layers\.1)",
+     r"drop the later one in 'fold-norms,rotate,fold-norms(modules=layers\.1)'"),
+    (r"dce,,quantize(w=int4,modules=a\.b)", r"empty pass name in pipeline 'dce,,quantize(w=int4,modules=a\.b)'"),
+])
+def test_a_pipeline_quoted_in_an_error_shows_its_regexes_as_written(spec, message):
+    """Errors quoted the pipeline with repr: each backslash of a modules= regex was shown doubled, so the pipeline
+    pasted back from the message was another regex, and a column count pointed past where it was shown."""
+    with pytest.raises(PassError, match=re.escape(message)):
+        parse_pipeline(spec)
+
+
 def test_a_directory_given_for_a_file_option_is_refused_when_parsed(tmp_path):
     """``quantize(config=DIR)`` passed the up-front file check and failed after the model load (exit 4)."""
     from lowbit.passes.base import PassFileError

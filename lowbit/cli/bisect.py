@@ -27,7 +27,7 @@ from lowbit.cli.common import Exit, capture_model, check_calibration, console, e
 from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe
 from lowbit.cli.restrict import Unit, block_units, how_restricted, restrict, units_in_scope
 from lowbit.ir.graph import BLOCK_NAMES
-from lowbit.passes.manager import format_pipeline
+from lowbit.passes.manager import format_pipeline, quote_pipeline
 
 
 @dataclass
@@ -149,8 +149,8 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
                        f"{fmt_metric(metric, probes[-1].metric)}")
     if changed:
         fail(f"bisect needs passes that give the same result each run: {changed[0]} (threshold "
-             f"{fmt_metric(metric, threshold)}); a pass of {format_pipeline(passes[:k + 1])!r} is not deterministic "
-             "(an unseeded random choice?), so no culprit can be named", Exit.PIPELINE)
+             f"{fmt_metric(metric, threshold)}); a pass of {quote_pipeline(format_pipeline(passes[:k + 1]))} is not "
+             "deterministic (an unseeded random choice?), so no culprit can be named", Exit.PIPELINE)
 
     # stage 2: layers within the culprit
     blocks_ = block_units(before)

@@ -479,20 +479,21 @@ def split_top(text: str, seps: str, where: str, offset: int = 0) -> list[str]:
             opened.append((ch, col))
         elif ch in ")]":
             if not opened:
-                raise PassError(f"unbalanced {ch!r} at column {col} in {where!r}: no {_OPENING[ch]!r} before it")
+                raise PassError(f"unbalanced {ch!r} at column {col} in {quote_pipeline(where)}: no {_OPENING[ch]!r} "
+                                "before it")
             ch_open, col_open = opened.pop()
             if _OPENING[ch] != ch_open:
-                raise PassError(f"mismatched {ch!r} at column {col} in {where!r}: it closes the {ch_open!r} opened at "
-                                f"column {col_open}, which needs {_CLOSING[ch_open]!r}")
+                raise PassError(f"mismatched {ch!r} at column {col} in {quote_pipeline(where)}: it closes the "
+                                f"{ch_open!r} opened at column {col_open}, which needs {_CLOSING[ch_open]!r}")
         elif ch in seps and not opened:
             parts.append(text[start:i])
             start = i + 1
     if quote:
-        raise PassError(f"unclosed quote {quote!r} opened at column {quote_col} in {where!r}")
+        raise PassError(f"unclosed quote {quote!r} opened at column {quote_col} in {quote_pipeline(where)}")
     if opened:
         ch_open, col_open = opened[-1]
         kind = "parenthesis" if ch_open == "(" else "bracket"
-        raise PassError(f"unclosed {kind} {ch_open!r} opened at column {col_open} in {where!r}: add "
+        raise PassError(f"unclosed {kind} {ch_open!r} opened at column {col_open} in {quote_pipeline(where)}: add "
                         f"{_CLOSING[ch_open]!r}" + (f" (and {len(opened) - 1} more)" if len(opened) > 1 else ""))
     parts.append(text[start:])
     return parts
@@ -595,6 +596,17 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise ValueError(f"pass name {cls.name!r} registered twice")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def quote_pipeline(text: str) -> str:
+    """Pipeline text in single quotes, as a shell reads it back after ``--pipeline``: quoted with ``repr`` a
+    ``modules=layers\\.1`` regex showed each backslash doubled (another regex, pasted back), and a column number
+    counted in the text pointed elsewhere in what was shown."""
+    import shlex
+
+    if "'" not in text:
+        return f"'{text}'"
+    return f'"{text}"' if '"' not in text and "$" not in text and "`" not in text else shlex.quote(text)
 
 
 def closest(name: str, choices: list[str]) -> str:

@@ -25,7 +25,7 @@ from lowbit.ir.graph import Graph
 from lowbit.ir.printer import print_graph
 from lowbit.ir.verifier import VerificationError, listed, verify
 from lowbit.passes.base import (Pass, PassError, PassFileError, ScopedOptions, all_passes, closest, get_pass,
-                                 split_top)
+                                 quote_pipeline, split_top)
 
 
 # ---- pipeline text -------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def parse_pipeline(text: str, *, read_files: bool = True,
         if not item.strip():
             where = ("a trailing comma" if i == len(items) - 1 else "a leading comma" if i == 0
                      else "two commas in a row")
-            raise PassError(f"empty pass name in pipeline {text!r} ({where}?)")
+            raise PassError(f"empty pass name in pipeline {quote_pipeline(text)} ({where}?)")
         m = _ITEM.match(item)
         if not m:
             raise PassError(f"cannot read pipeline item {item.strip()!r}: expected NAME or NAME(key=value,...)"
@@ -202,10 +202,10 @@ def check_order(passes: Sequence[Pass]) -> None:
                 if earlier:  # "move fold-norms before rotate" read wrong where fold-norms already ran first
                     raise PipelineSpecError(
                         f"pass {p.name} (#{i}) must come after every {passes[j].name}: it runs at #{earlier[0]} "
-                        f"and again at #{j}, after {p.name}; drop the later one in {format_pipeline(passes)!r}")
+                        f"and again at #{j}, after {p.name}; drop the later one in {quote_pipeline(format_pipeline(passes))}")
                 raise PipelineSpecError(
                     f"pass {p.name} (#{i}) must come after {passes[j].name}, which the pipeline runs later "
-                    f"(#{j}): move {passes[j].name} before {p.name} in {format_pipeline(passes)!r}")
+                    f"(#{j}): move {passes[j].name} before {p.name} in {quote_pipeline(format_pipeline(passes))}")
 
 
 def format_pipeline(passes: Sequence[Pass]) -> str:
