@@ -601,7 +601,9 @@ def test_debug_compare_turns_a_rotated_residual_stream_back_for_its_per_layer_er
     from lowbit.passes.manager import PassManager
 
     res = invoke("debug", "compare", "smollm2:2", "--pipeline", "fold-norms,rotate,quantize(w=int4,group=64)", *SMALL,
-                 "--json", js := tmp_path / "c.json")
+                 "--json", js := tmp_path / "c.json", "--html", tmp_path / "c.html")
+    page = (tmp_path / "c.html").read_text()
+    assert "residual stream rotated" not in page and "rotate: n/a dB" not in page  # the legend and the cells agree
     stages = json.loads(js.read_text())["stages"]
     assert stages[2]["spec"] == "rotate" and stages[2]["layers"]
     assert all(v["sqnr_db"] is None or v["sqnr_db"] > 100 for v in stages[2]["layers"].values())

@@ -60,7 +60,7 @@ def _off_axis(v: float | None) -> bool:
 
 
 def _cell(stage: dict[str, Any], layer: str, key: str, digits: int) -> str:
-    """A layer's number, or n/a where the stage has no comparable output for it (a removed or rotated block)."""
+    """A layer's number, or n/a where the stage has no comparable output for it (a removed or resized block)."""
     return "n/a" if layer not in stage["layers"] else _num(stage["layers"][layer].get(key), digits)
 
 
@@ -158,7 +158,7 @@ def heat_map(stages: list[dict[str, Any]], layers: list[str]) -> str:
                    f'#{s["index"]} {_esc(s["spec"][:30])}</text>')
         for j, layer in enumerate(layers):
             v = _sqnr(s, layer)
-            missing = layer not in s["layers"]  # removed or rotated block: not comparable (it drew as ∞, identical)
+            missing = layer not in s["layers"]  # removed or resized block: not comparable (it drew as ∞, identical)
             label = "n/a" if missing else _num(v, 0)
             ink = ' fill="#ffffff"' if _is_nan(v) else ""  # readable on the black cell
             out.append(f'<rect x="{left + cw * j}" y="{yy}" width="{cw - 1}" height="{chh - 1}" '
@@ -170,7 +170,7 @@ def heat_map(stages: list[dict[str, Any]], layers: list[str]) -> str:
                            f'{label}</text>')
     out.append(f'<text x="{left}" y="{height - 12}" font-size="11">SQNR dB: red = low (more error), green = '
                f'high (≥ {HEAT_TOP_DB:.0f} dB full green); grey = identical to float; black = NaN; white = n/a '
-               '(block removed or residual stream rotated).</text>')
+               '(block removed or resized, or a residual rotation this run does not know).</text>')
     out.append("</svg>")
     return "\n".join(out)
 
