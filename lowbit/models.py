@@ -747,14 +747,24 @@ SLICE = re.compile(r"^(?P<name>.+):(?P<n>\d+)$")
 """``NAME:N``: the model ``NAME`` cut to its first ``N`` blocks (``smollm2:2``)."""
 
 
-def layer_list(module: nn.Module) -> tuple[Any, Any] | None:
-    """(container holding the block list, config) of a CausalLMLogits or SentenceEmbedder, if recognisable."""
+def layer_list(module: nn.Module) -> tuple[Any, str, Any] | None:
+    """(module holding the block list, the list's attribute, config) of a CausalLMLogits or SentenceEmbedder, if
+    recognisable: Llama's ``model.layers``, BERT's ``encoder.layer``, else the first module list as long as the
+    config's ``num_hidden_layers`` (GPT-2's ``transformer.h``, which ``smollm2:2``-style slicing refused)."""
     inner = getattr(module, "model", None)
     if inner is not None and hasattr(getattr(inner, "model", None), "layers"):
-        return inner.model, inner.config
+        return inner.model, "layers", inner.config
     enc = getattr(module, "encoder", None)
     if enc is not None and hasattr(getattr(enc, "encoder", None), "layer"):
-        return enc.encoder, enc.config
+        return enc.encoder, "layer", enc.config
+    for top in (inner, enc):
+        n = getattr(getattr(top, "config", None), "num_hidden_layers", None)
+        if not isinstance(top, nn.Module) or not isinstance(n, int):
+            continue
+        for name, sub in top.named_modules():
+            if name and isinstance(sub, nn.ModuleList) and len(sub) == n:
+                parent, _, attr = name.rpartition(".")
+                return top.get_submodule(parent), attr, top.config
     return None
 
 
@@ -770,15 +780,14 @@ def cut_layers(module: nn.Module, n_layers: int, spec: str) -> nn.Module:
     if found is None:
         raise ValueError(f"model {spec!r}: cannot cut {type(module).__name__} to {n_layers} layers (no decoder/"
                          "encoder layer list found)")
-    holder, _ = found
-    attr = "layers" if hasattr(holder, "layers") else "layer"
+    holder, attr, _ = found
     total = len(getattr(holder, attr))
     if n_layers > total:
         raise ValueError(f"model {spec!r}: the model has only {total} layers")
     memo: dict[int, Any] = {id(t): t for t in module.parameters()}
     memo.update({id(t): t for t in module.buffers()})
     cut = copy.deepcopy(module, memo)
-    holder, config = layer_list(cut)  # type: ignore[misc]
+    holder, attr, config = layer_list(cut)  # type: ignore[misc]
     setattr(holder, attr, getattr(holder, attr)[:n_layers])
     config.num_hidden_layers = n_layers
     return cut.eval()

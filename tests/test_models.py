@@ -295,3 +295,27 @@ def test_a_sentence_transformers_pipeline_other_than_mean_normalize_is_refused(m
         for i, m in enumerate(["Transformer", "Pooling", "Normalize"])]))
     pooling_config({"pooling_mode_mean_tokens": True})
     assert load_model(d)[2] == "encoder"
+
+
+def test_a_gpt2_is_cut_to_its_first_blocks_like_a_llama():
+    """``MODEL:N`` (``lowbit debug compare gpt2-dir:2``) refused GPT-2: 'no decoder/encoder layer list found' (its
+    blocks are transformer.h). The cut keeps the first N blocks, shares the weights and leaves the original whole;
+    its logits are the full model's with the later blocks skipped."""
+    from conftest import tiny_outside_family
+
+    from lowbit.models import CausalLMLogits, cut_layers
+
+    full = CausalLMLogits(tiny_outside_family("gpt2", layers=3)).eval()
+    cut = cut_layers(full, 2, "gpt2:2")
+    assert len(cut.model.transformer.h) == 2 and cut.model.config.n_layer == 2
+    assert len(full.model.transformer.h) == 3 and full.model.config.n_layer == 3
+    assert cut.model.transformer.wte.weight is full.model.transformer.wte.weight
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        blocks = full.model.transformer.h
+        full.model.transformer.h = blocks[:2]
+        try:
+            want = full(ids)
+        finally:
+            full.model.transformer.h = blocks
+        torch.testing.assert_close(cut(ids), want)
