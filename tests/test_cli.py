@@ -416,6 +416,23 @@ def test_inspect_of_an_onnx_file_without_its_external_data_exits_3(tmp_path):
     assert "which is missing" in invoke("inspect", path, code=3).output
 
 
+def test_inspect_of_an_onnx_file_says_how_many_rows_top_left_out(tmp_path):
+    """--top cut the ONNX tables (ops, quantized initializers) without a word, where the IR's tables end with
+    '... N more': a model with 7 quantized weights listed 2 under --top 2 as if that were all."""
+    import lowbit
+
+    compiled = lowbit.compile_model(tiny_llama(hidden=64, inter=128), pipeline="quantize(w=int8)")
+    path = lowbit.export(compiled, tmp_path / "m.onnx")
+    full = " ".join(invoke("inspect", path, "--top", "100").output.split())
+    assert "more" not in full and full.count("│ INT8 │ [") == 7, full
+    text = " ".join(invoke("inspect", path, "--top", "2").output.split())
+    assert text.count("│ INT8 │ [") == 2 and "... 5 more" in text, text
+    import onnx
+
+    ops = len({(n.domain, n.op_type) for n in onnx.load(str(path), load_external_data=False).graph.node})
+    assert f"... {ops - 2} more" in text, text
+
+
 # ---- compile ------------------------------------------------------------------------------------
 
 def test_compile_format_compressed_tensors_loads_in_transformers(compiled_slice, tmp_path):

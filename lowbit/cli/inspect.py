@@ -229,6 +229,8 @@ def _inspect_onnx(path: Path, top: int) -> None:
     counts = Counter((f"{n.domain}::" if n.domain else "") + n.op_type for n in g.node)
     for op, c in counts.most_common(top):
         ops.add_row(op, str(c))
+    if len(counts) > top:  # as the IR's tables say it: the rest were dropped without a word
+        ops.add_row(f"... {len(counts) - top} more", "")
     console.print(ops)
     by: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     low: list[tuple[str, str, list[int], int]] = []
@@ -256,6 +258,8 @@ def _inspect_onnx(path: Path, top: int) -> None:
             q.add_column(col)
         for name, dtype, dims, size in low[:top]:
             q.add_row(name, dtype, str(dims), f"{size:,}")
+        if len(low) > top:
+            q.add_row(f"... {len(low) - top} more", "", "", "")
         console.print(q)
 
 
