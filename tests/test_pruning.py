@@ -1738,6 +1738,28 @@ def test_prune_mlp_on_phi3_names_the_fused_gate_up_projection():
         PassManager("prune-mlp(ratio=0.25,score=magnitude,multiple=8)").run(graph)
 
 
+def test_prune_heads_on_gpt_neox_names_only_the_passes_that_prune_it():
+    """GPT-NeoX's fused query_key_value is refused by prune-heads, whose advice said 'prune-mlp and prune-blocks prune
+    this model'; prune-blocks then refused every block (parallel residuals: the block adds its two updates before
+    the stream). The advice names prune-mlp alone, and prune-blocks' own refusal is unchanged."""
+    import transformers as tf
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
+        max_position_embeddings=64)).eval()
+    graph = capture(CausalLMLogits(model).eval(), (torch.ones(1, 8, dtype=torch.long),))
+    with pytest.raises(PipelineError, match=r"gpt_neox\.layers\.0\.attention: q, k and v are one fused linear .*"
+                                            r"separate q/k/v linears; prune-mlp prunes this model;"):
+        PassManager("prune-heads(ratio=0.5,score=magnitude)").run(graph.clone())
+    with pytest.raises(PipelineError, match=r"block gpt_neox\.layers\.1: its residual_add %\w+ adds %\w+ to %\w+, "
+                                            r"which the block computes itself .*a parallel-residual"):
+        PassManager("prune-blocks(blocks=[gpt_neox.layers.1])").run(graph.clone())
+
+
 def test_prune_heads_on_a_written_out_attention_names_its_softmax():
     """Gemma 2 soft-caps its attention logits, so its attention is matmul/tanh/softmax, never raised to an attention
     op: prune-heads said only '(no attention op)'. It names the softmax and where it is, as rotate does."""

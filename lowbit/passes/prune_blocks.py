@@ -30,7 +30,8 @@ from lowbit.calibration.engine import split_stages
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
 from lowbit.passes.prune_mlp import collect_input_stats, reinfer
-from lowbit.passes.pruning_sites import block_of, block_residuals, refuse_nonfinite_weights, stream_first
+from lowbit.passes.pruning_sites import (block_of, block_residuals, bypass_problem, refuse_nonfinite_weights,
+                                         stream_first)
 
 __all__ = ["PruneBlocks", "PruneBlocksOptions"]
 
@@ -87,7 +88,7 @@ class PruneBlocks(Pass):
         rx = re.compile(o.modules) if o.modules else None
         listed = [b for b in dict.fromkeys(o.blocks) if rx is None or rx.search(b)]  # modules scopes blocks too
         for b, rs in residuals.items():  # the candidates, before the calibration that would rank them
-            problem = _not_bypassable(b, rs) if (b in listed if o.blocks else o.n and (
+            problem = bypass_problem(b, rs) if (b in listed if o.blocks else o.n and (
                 rx is None or rx.search(b))) else None
             if problem:
                 raise PassError(f"pass {self.name}: {problem}")
@@ -144,21 +145,6 @@ class PruneBlocks(Pass):
                      params_removed=params_before - params_after, params_before=params_before, **size,
                      seconds=round(time.perf_counter() - t0, 2))
         return PassResult(bool(chosen), stats)
-
-
-def _not_bypassable(block: str, rs: list[Node]) -> str | None:
-    """Why replacing each of ``block``'s ``residual_add(stream, update)`` by its stream would not remove the block:
-    a stream computed inside the block by anything but an earlier residual_add of it (a parallel-residual block
-    adds its two updates first; its add of the stream is a plain ``add``), or None."""
-    own = {id(r) for r in rs}
-    for r in rs:
-        p = r.args[0].producer if isinstance(r.args[0], Value) else None
-        if p is not None and id(p) not in own and block_of(p.module or "") == block:
-            return (f"block {block}: its residual_add %{r.name} adds %{r.args[1].name} to %{r.args[0].name}, which "
-                    f"the block computes itself ({p.op} in {p.module!r}), not to the residual stream entering it: "
-                    "a parallel-residual (GPT-NeoX) or post-norm (BERT) block, which bypassing its residual_adds "
-                    "would leave partly in the model")
-    return None
 
 
 def _drop_cache_slots(graph: Graph, gen: dict[str, Any], layers: list[int], pass_name: str) -> list[Value]:

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.calibration.engine import BLOCK_PATTERN
+from lowbit.calibration.engine import BLOCK_PATTERN, split_stages
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import PassError, nonfinite_problem
 
 __all__ = ["DOWN_PROJECTIONS", "MLPSite", "AttentionSite", "find_mlp_sites", "find_attention_sites", "block_of",
-           "slice_linear_rows", "slice_linear_cols", "block_residuals", "stream_first", "linear_params",
+           "slice_linear_rows", "slice_linear_cols", "block_residuals", "stream_first", "bypass_problem", "linear_params",
            "refuse_nonfinite_weights"]
 
 _ELEMENTWISE = {"mul", "silu", "gelu", "aten.mul.Tensor", "aten.silu.default", "aten.gelu.default",
@@ -237,7 +237,12 @@ def _prunes_instead(graph: Graph, refused: str) -> str:
     others = ["prune-mlp"] if refused != "prune-mlp" and find_mlp_sites(graph, advise=False)[0] else []
     if refused != "prune-heads" and find_attention_sites(graph, advise=False)[0]:
         others.append("prune-heads")
-    others.append("prune-blocks")
+    blocks = [s.name for s in split_stages(graph) if s.kind == "block"]
+    adds = {b: block_residuals(graph, b) for b in blocks}
+    if any(rs and bypass_problem(b, rs) is None for b, rs in adds.items()):
+        others.append("prune-blocks")
+    if not others:  # GPT-NeoX: fused q/k/v and parallel residuals
+        return "no other structured prune pass takes this model either (sparsify zeroes weights in place)"
     return f"{' and '.join(others)} {'prune' if len(others) > 1 else 'prunes'} this model"
 
 
@@ -393,6 +398,31 @@ def stream_first(adds: list[Node], block: str) -> None:
     for n in adds:
         if n.op != "residual_add" and _inside(n.args[0], block) and not any(n.args[0] is a.output for a in adds):
             n.args = (n.args[1], n.args[0])
+
+
+def _stream_of(add: Node, adds: list[Node], block: str) -> Value:
+    """The residual stream operand of one of ``block``'s stream adds, as ``stream_first`` puts it (without moving it)."""
+    a, b = add.args[0], add.args[1]
+    if add.op != "residual_add" and _inside(a, block) and not any(a is x.output for x in adds):
+        return b
+    return a
+
+
+def bypass_problem(block: str, adds: list[Node]) -> str | None:
+    """Why replacing each of ``block``'s stream adds (``block_residuals``) by its stream would not remove the block:
+    a stream computed inside the block by anything but an earlier stream add of it (a parallel-residual block adds
+    its two updates first; its add of the stream is a plain ``add``), or None."""
+    own = {id(r) for r in adds}
+    for r in adds:
+        stream = _stream_of(r, adds, block)
+        update = r.args[1] if stream is r.args[0] else r.args[0]
+        p = stream.producer if isinstance(stream, Value) else None
+        if p is not None and id(p) not in own and block_of(p.module or "") == block:
+            return (f"block {block}: its residual_add %{r.name} adds %{update.name} to %{stream.name}, which "
+                    f"the block computes itself ({p.op} in {p.module!r}), not to the residual stream entering it: "
+                    "a parallel-residual (GPT-NeoX) or post-norm (BERT) block, which bypassing its residual_adds "
+                    "would leave partly in the model")
+    return None
 
 
 def model_sizes(graph: Graph) -> dict[str, object]:
