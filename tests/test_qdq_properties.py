@@ -143,9 +143,10 @@ def test_quantize_pass_keeps_2_4_zeros_and_the_half_step_bound(scheme, group, n,
 
     qdtype, sym = scheme
     k = 16 * k16
-    graph = parse_graph(LINEAR_IR.format(n=n, k=k), {"model.layers.0.mlp.down_proj.weight": _data(seed, (n, k), spread)})
+    name = "model.layers.0.mlp.down_proj.weight"
+    graph = parse_graph(LINEAR_IR.format(n=n, k=k), {name: _data(seed, (n, k), spread)})
     PassManager("sparsify(method=magnitude,pattern=2:4)").run(graph)
-    w = graph.params["model.layers.0.mlp.down_proj.weight"].data.clone()
+    w = graph.params[name].data.clone()
     assert int((w.reshape(-1, 4) != 0).sum(1).max()) <= 2
     fallback = ",group_fallback=16" if group and k % group else ""  # group 48 where it divides K, 16 elsewhere
     PassManager(f"quantize(w={qdtype},sym={str(sym).lower()}{f',group={group}' if group else ''}{fallback})").run(graph)

@@ -29,8 +29,8 @@ from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import PassError, nonfinite_problem
 
 __all__ = ["DOWN_PROJECTIONS", "MLPSite", "AttentionSite", "find_mlp_sites", "find_attention_sites", "block_of",
-           "slice_linear_rows", "slice_linear_cols", "block_residuals", "stream_first", "bypass_problem", "linear_params",
-           "refuse_nonfinite_weights"]
+           "slice_linear_rows", "slice_linear_cols", "block_residuals", "stream_first", "bypass_problem",
+           "linear_params", "refuse_nonfinite_weights"]
 
 _ELEMENTWISE = {"mul", "silu", "gelu", "aten.mul.Tensor", "aten.silu.default", "aten.gelu.default",
                 "aten.relu.default", "relu", "add", "aten.add.Tensor", "aten.tanh.default", "aten.pow.Tensor_Scalar",
@@ -401,7 +401,7 @@ def stream_first(adds: list[Node], block: str) -> None:
 
 
 def _stream_of(add: Node, adds: list[Node], block: str) -> Value:
-    """The residual stream operand of one of ``block``'s stream adds, as ``stream_first`` puts it (without moving it)."""
+    """The residual stream operand of one of ``block``'s stream adds, as ``stream_first`` puts it (not moving it)."""
     a, b = add.args[0], add.args[1]
     if add.op != "residual_add" and _inside(a, block) and not any(a is x.output for x in adds):
         return b
