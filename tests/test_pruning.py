@@ -1415,6 +1415,34 @@ def test_prune_mlp_on_gelu_mlps_named_c_proj_or_dense_4h_to_h_equals_masked_dens
         torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-9, atol=1e-9)
 
 
+def test_prune_mlp_on_gptj_equals_the_masked_dense_model():
+    """GPT-J writes its tanh GELU out (``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))``) after an nn.Linear, and raising
+    took ``x + 0.044715·x³`` for a residual add (one side a linear's output): prune-mlp, which README says knows GPT-J's
+    ``mlp.fc_out``, refused it ('its input is not an elementwise function of linears'). That sum is a plain add now,
+    the only residual_adds are the blocks', and prune-mlp equals GPT-J with the removed channels zeroed (float64)."""
+    from conftest import tiny_outside_family
+
+    from lowbit.api import compile_model
+
+    model = tiny_outside_family("gptj", 2).double()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    c = compile_model(model, pipeline="prune-mlp(ratio=0.5,score=magnitude,multiple=16)")
+    assert {n.module for n in c.graph.find("residual_add")} == {"transformer.h.0", "transformer.h.1"}
+    for i in range(2):
+        p = f"transformer.h.{i}.mlp."
+        kept = _kept(dense[p + "fc_in.weight"], c.graph.params[p + "fc_in.weight"].data)
+        gone = sorted(set(range(256)) - set(kept.tolist()))
+        assert len(gone) == 128
+        dense[p + "fc_in.weight"][gone] = 0
+        dense[p + "fc_in.bias"][gone] = 0
+        dense[p + "fc_out.weight"][:, gone] = 0
+    model.load_state_dict(dense)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(c(ids), want, rtol=1e-9, atol=1e-9)
+
+
 def _tiny_distilbert() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """A random 2-layer DistilBERT in float64 (FFN ``ffn.lin1`` -> GELU -> ``ffn.lin2``), as a sentence encoder, and
     a padded batch of ids and mask."""

@@ -247,12 +247,29 @@ def _rewrite_softmax(graph: Graph, node: Node, b: Bindings) -> Node | None:
     return _node("softmax", node.args[0], dim=node.args[1])
 
 
+def _computed_from(value: Any, source: Any, depth: int = 8) -> bool:
+    """Whether ``value`` is computed from ``source`` within ``depth`` producers (params are not followed)."""
+    stack, seen = [(value, 0)], set()
+    while stack:
+        v, d = stack.pop()
+        if v is source:
+            return True
+        p = getattr(v, "producer", None)
+        if p is None or d >= depth or id(v) in seen:
+            continue
+        seen.add(id(v))
+        stack.extend((x, d + 1) for x in p.inputs() if not x.is_param)
+    return False
+
+
 def _rewrite_add(graph: Graph, node: Node, b: Bindings) -> Node | None:
+    """``stream + linear(...)`` is a residual add; a sum whose other side is computed from that linear's output is
+    arithmetic on it (a written-out tanh GELU's ``x + 0.044715·x³`` after GPT-J's ``fc_in``), not a stream."""
     a, c = b["a"], b["b"]
     if a.type != c.type or node.kwargs:  # broadcasting or alpha: stays an ATen add
         return None
     for stream, update in ((a, c), (c, a)):
-        if update.producer is not None and update.producer.op == "linear":
+        if update.producer is not None and update.producer.op == "linear" and not _computed_from(stream, update):
             return _node("residual_add", stream, update)
     return _node("add", a, c)
 
