@@ -1749,8 +1749,9 @@ def test_prune_heads_on_phi3_names_the_fused_qkv_projection():
     prune Phi-3 (its MLP is fused too, so not prune-mlp)."""
     graph = _tiny_phi3_graph()
     with pytest.raises(PipelineError, match=r"model\.layers\.0\.self_attn: q, k and v are slices of one fused linear "
-                                            r"%\w+ \(module 'model\.layers\.0\.self_attn\.qkv_proj', f32\[\w+,\w+,80\]\)"
-                                            r": prune-heads removes .*; prune-blocks prunes this model\)$"):
+                                            r"%\w+ \(module 'model\.layers\.0\.self_attn\.qkv_proj', "
+                                            r"f32\[\w+,\w+,80\]\): prune-heads removes .*; prune-blocks prunes this "
+                                            r"model\)$"):
         PassManager("prune-heads(ratio=0.5,score=magnitude)").run(graph)
 
 
@@ -1760,8 +1761,9 @@ def test_prune_mlp_on_phi3_names_the_fused_gate_up_projection():
     read only by it'. It names the fused linear, its module and type, the chunk, and the pass that does prune Phi-3."""
     graph = _tiny_phi3_graph()
     with pytest.raises(PipelineError, match=r"model\.layers\.0\.mlp\.down_proj: its input comes from one fused linear "
-                                            r"%\w+ \(module 'model\.layers\.0\.mlp\.gate_up_proj', f32\[\w+,\w+,256\]\) "
-                                            r"split by %chunk_0 \(aten\.chunk\.default\): prune-mlp removes .*; "
+                                            r"%\w+ \(module 'model\.layers\.0\.mlp\.gate_up_proj', "
+                                            r"f32\[\w+,\w+,256\]\) split by %chunk_0 \(aten\.chunk\.default\): "
+                                            r"prune-mlp removes .*; "
                                             r"prune-blocks prunes this model\)$"):
         PassManager("prune-mlp(ratio=0.25,score=magnitude,multiple=8)").run(graph)
 
