@@ -1443,6 +1443,27 @@ def test_prune_mlp_on_gptj_equals_the_masked_dense_model():
     torch.testing.assert_close(c(ids), want, rtol=1e-9, atol=1e-9)
 
 
+def test_prune_mlp_on_phi_with_its_written_out_gelu_new():
+    """Phi-1/2's default activation is gelu_new, written out after fc1 like GPT-J's: its ``x + 0.044715·x³`` was
+    raised as a residual_add and prune-mlp refused every Phi MLP. The residual_adds are the blocks' only, and the MLPs
+    prune (the graph verifies, fc1's rows and fc2's columns cut together)."""
+    import transformers as tf
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.PhiConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
+        max_position_embeddings=64, hidden_act="gelu_new")).eval()
+    graph = capture(CausalLMLogits(model).eval(), (torch.ones(1, 8, dtype=torch.long),))
+    assert [n.module for n in graph.find("residual_add")] == ["model.layers.0", "model.layers.1"]
+    stats = PassManager("prune-mlp(ratio=0.25,score=magnitude,multiple=8)").run(graph).records[0].stats
+    assert stats["widths"] == {"model.layers.0": 96, "model.layers.1": 96}
+    assert graph.params["model.layers.0.mlp.fc1.weight"].data.shape == (96, 64)
+    assert graph.params["model.layers.0.mlp.fc2.weight"].data.shape == (64, 96)
+
+
 def _tiny_distilbert() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """A random 2-layer DistilBERT in float64 (FFN ``ffn.lin1`` -> GELU -> ``ffn.lin2``), as a sentence encoder, and
     a padded batch of ids and mask."""
