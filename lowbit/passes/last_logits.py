@@ -96,17 +96,24 @@ def final_norm(graph: Graph) -> NormSite:
         raise PassError("last-logits: the graph has no outputs")
     v = graph.outputs[0]
     seen: list[str] = []
+    walked: list[Node] = []
     for _ in range(MAX_WALK):
         node = v.producer
         if node is None:
             break
         seen.append(f"{node.op} ({node.module or '-'})")
+        walked.append(node)
         if node.op in NORM_OPS:
             return NormSite(node.args[0], [node], node.module or node.op)
         if not _row_wise(node) or not node.args or not hasattr(node.args[0], "producer"):
-            site = _module_norm(graph, node) if seen[:-1] else None  # a norm only behind the head
-            if site is not None:
-                return site
+            # an unraised norm module, left at this node or at a row-wise one of it the walk passed (OLMo 2's
+            # RMSNorm in half precision ends with a cast); a norm only behind the head
+            for exit_node in reversed(walked[1:]):
+                if exit_node.module != node.module:
+                    break
+                site = _module_norm(graph, exit_node)
+                if site is not None:
+                    return site
             break
         v = node.args[0]
     raise PassError(f"last-logits: found no final norm behind the graph's first output %{graph.outputs[0].name} "
