@@ -80,6 +80,11 @@ BEFORE_LOAD = [
     (["debug", "sensitivity", "smollm2:2", "--scheme", "w4", "--keep-top", "-1"], Exit.USAGE, "--keep-top -1"),
     (["debug", "sensitivity", "smollm2:2", "--scheme", "w=int4,group=32", "--group", "64"], Exit.USAGE,
      "--group 64 applies to wNaM schemes"),
+    # one linear at a time, the KV cache stayed float in every run: each linear ranked at +0 damage
+    (["debug", "sensitivity", "smollm2:2", "--scheme", "quantize(kv=int2)", "--granularity", "linear"], Exit.USAGE,
+     "--scheme quantize(kv=int2) quantizes the KV cache (kv=int2), which belongs to each block's attention"),
+    (["debug", "sensitivity", "smollm2:2", "--scheme", "w=int4,kv=int4", "--granularity", "linear"], Exit.USAGE,
+     "rank it per block (--granularity block)"),
     (["generate", "smollm2:2", "--prompt", "Hi", "--top-k", "50", "--temperature", "0.7"], Exit.USAGE,
      "--temperature, --top-k only apply when sampling: add --sample"),
     (["compile", "smollm2:2", "-p", "quantize(w=int4,w=int8)"], Exit.USAGE, "option 'w' is given twice"),

@@ -79,6 +79,13 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
         # restricted to a q_proj it matched none of its sites: exit 4 with a reproducer hint, after the float runs
         fail(f"pass {qpass.name} rewrites each {qpass.scope_unit} as a whole, so it cannot be applied to one linear "
              "at a time: use --granularity block", Exit.USAGE)
+    kv = getattr(qpass.options, "kv", None) if qpass.name == "quantize" else None
+    if granularity == "linear" and kv is not None:
+        # restricted to one linear, the KV cache (an attention's, not a linear's) stayed float in every run: each
+        # linear ranked at +0 damage (kv only), or the cache's share was missing from each (with w/a)
+        fail(f"--scheme {qpass.spec()} quantizes the KV cache (kv={kv}), which belongs to each block's attention, not "
+             "to a linear: rank it per block (--granularity block), or the weights and activations alone per linear "
+             "(leave kv out of --scheme)", Exit.USAGE)
     loaded = load(model_spec, dtype)
     check_calibration([*pre, qpass], loaded)
     metric = metric_name(loaded.kind, metric)
