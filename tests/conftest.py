@@ -183,6 +183,34 @@ def tiny_llama(**kw: Any) -> torch.nn.Module:
     return LlamaForCausalLM(tiny_llama_config(**kw)).eval()
 
 
+def tiny_phi3_longrope(max_positions: int = 64, original: int = 16) -> torch.nn.Module:
+    """A random one-layer Phi-3 with longrope scaling (the 128k models' rotary: long frequencies from position
+    ``original`` on), seeded, in eval mode."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.Phi3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       pad_token_id=0, num_hidden_layers=1, vocab_size=256, max_position_embeddings=max_positions,
+                       original_max_position_embeddings=original,
+                       rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [3.0] * 4})
+    return t.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def written_out_attention_graph() -> Any:
+    """The captured graph (``CausalLMLogits``) of a random one-layer Gemma 2, whose soft-capped attention logits
+    keep its attention written out (matmul/tanh/softmax), never raised to an attention op."""
+    import transformers as tf
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_hidden_layers=1, vocab_size=128, max_position_embeddings=64, pad_token_id=0, eos_token_id=0)).eval()
+    return capture(CausalLMLogits(model).eval(), (torch.ones(1, 8, dtype=torch.long),))
+
+
 def tiny_outside_family(family: str, layers: int = 2) -> torch.nn.Module:
     """A random tiny Bloom (ALiBi), GPT-J or Cohere (interleaved rotary), or GPT-2 (Conv1D linears, ``addmm``):
     families outside the architecture matrix whose capture, quantization and ONNX lowering are checked on their
@@ -343,3 +371,23 @@ class LargestFloat64(torch.utils._python_dispatch.TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
                 self.largest = max(self.largest, t.numel() * 8)
         return out
+
+
+def pieces_match_whole(monkeypatch, graph, pipeline: str) -> int:  # type: ignore[no-untyped-def]
+    """Run ``pipeline`` on a clone of ``graph`` with every weight rewritten whole in float64, and on ``graph`` in
+    1 MiB pieces (``lowbit.ir.rewrite.FLOAT64_PIECE_BYTES``); assert both end with the same bits in every param
+    and return the bytes of the largest float64 tensor the pieces' run made."""
+    from lowbit.ir import rewrite
+    from lowbit.passes.manager import PassManager
+
+    whole = graph.clone()
+    monkeypatch.setattr(rewrite, "FLOAT64_PIECE_BYTES", 2**60)  # never in pieces
+    PassManager(pipeline).run(whole)
+    monkeypatch.setattr(rewrite, "FLOAT64_PIECE_BYTES", 2**20)
+    largest = LargestFloat64()
+    with largest:
+        PassManager(pipeline).run(graph)
+    assert whole.params.keys() == graph.params.keys()
+    for name, v in whole.params.items():
+        assert torch.equal(v.data, graph.params[name].data), name
+    return largest.largest

@@ -94,11 +94,10 @@ def test_constant_fold_golden():
 def test_fold_norms_scales_a_weight_in_pieces_with_the_same_bits(monkeypatch):
     """fold-norms multiplied each reader's weight by the gain whole in float64: 4x a bf16 weight for its input and as
     much again for the product (SmolLM2's 57 MiB head: 450 MiB at once, the peak of every rotation pipeline once
-    rotate worked in pieces). It now scales SCALE_CHUNK_BYTES of rows at a time, each element the same product.
+    rotate worked in pieces). It now scales FLOAT64_PIECE_BYTES of rows at a time, each element the same product.
     Here a bf16 Llama with a 4096-row head, in 1 MiB pieces."""
-    from conftest import LargestFloat64, tiny_llama
+    from conftest import pieces_match_whole, tiny_llama
 
-    import lowbit.ir.rewrite as rewrite
     from lowbit.ir.capture import capture
     from lowbit.models import CausalLMLogits
 
@@ -110,18 +109,9 @@ def test_fold_norms_scales_a_weight_in_pieces_with_the_same_bits(monkeypatch):
             if v.data.dim() == 1:
                 v.data = torch.rand_like(v.data) + 0.5
     head = graph.params["lm_head.weight"].data
-    whole = graph.clone()
-    monkeypatch.setattr(rewrite, "SCALE_CHUNK_BYTES", 2**60)  # never in pieces: the weights scaled whole
-    PassManager("fold-norms").run(whole)
-    monkeypatch.setattr(rewrite, "SCALE_CHUNK_BYTES", 2**20)
-    largest = LargestFloat64()
-    with largest:
-        PassManager("fold-norms").run(graph)
-    assert whole.params.keys() == graph.params.keys()
-    for name, v in whole.params.items():
-        assert torch.equal(v.data, graph.params[name].data), name
+    largest = pieces_match_whole(monkeypatch, graph, "fold-norms")
     assert not torch.equal(graph.params[next(g for g in graph.params if g.startswith("lm_head"))].data, head)
-    assert largest.largest < head.numel() * 8 / 4, largest.largest
+    assert largest < head.numel() * 8 / 4, largest
 
 
 def test_fold_norms_exact_in_float64_on_smollm2(smollm2_slice_f64, wikitext_ids):

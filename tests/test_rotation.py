@@ -418,13 +418,12 @@ def rotated_f32(smollm2):
 def test_rotate_works_on_pieces_of_a_weight_and_gives_the_same_bits(monkeypatch):
     """rotate took each weight whole into float64 and multiplied it there: 4x a bf16 weight for its input and as much
     again for the product (SmolLM2's tied embedding / head: 450 MiB at once, +600 MiB at the peak on a 188 MiB model).
-    It now rotates CHUNK_BYTES of rows at a time (a writer's Q^T W a piece of Q^T at a time over one float64 copy),
+    It now rotates FLOAT64_PIECE_BYTES of rows at a time (a writer's Q^T W a piece of Q^T at a time over one float64 copy),
     and the weights are the same bits as rotating them whole (pieces of whole 256-row blocks), online Hadamards
-    included (and on SmolLM2 in float32 and bf16 at the default CHUNK_BYTES). Here a bf16 Llama 512 wide, in 1 MiB
+    included (and on SmolLM2 in float32 and bf16 at the default FLOAT64_PIECE_BYTES). Here a bf16 Llama 512 wide, in 1 MiB
     pieces, so the embedding, the head and the down_proj writer all go in pieces."""
-    from conftest import LargestFloat64, tiny_llama
+    from conftest import pieces_match_whole, tiny_llama
 
-    import lowbit.passes.rotate as rotate
     from lowbit.ir.capture import capture
     from lowbit.models import CausalLMLogits
 
@@ -433,17 +432,8 @@ def test_rotate_works_on_pieces_of_a_weight_and_gives_the_same_bits(monkeypatch)
     graph = capture(model, (torch.ones(1, 8, dtype=torch.long),))
     PassManager("fold-norms").run(graph)  # it folds the final norm into the head whole, in float64: not rotate's
     emb = graph.params["model.embed_tokens.weight"].data
-    whole = graph.clone()
-    monkeypatch.setattr(rotate, "CHUNK_BYTES", 2**60)  # never in pieces: the weights rotated whole
-    PassManager("rotate(online=true)").run(whole)
-    monkeypatch.setattr(rotate, "CHUNK_BYTES", 2**20)
-    largest = LargestFloat64()
-    with largest:
-        PassManager("rotate(online=true)").run(graph)
-    assert whole.params.keys() == graph.params.keys()
-    for name, v in whole.params.items():
-        assert torch.equal(v.data, graph.params[name].data), name
-    assert largest.largest < emb.numel() * 8 / 4, largest.largest  # whole: the embedding's float64 copy and product
+    largest = pieces_match_whole(monkeypatch, graph, "rotate(online=true)")
+    assert largest < emb.numel() * 8 / 4, largest  # whole: the embedding's float64 copy and product
 
 
 def test_rotate_float32_and_regions_on_smollm2(rotated_f32):

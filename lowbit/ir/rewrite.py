@@ -8,14 +8,32 @@ pass (``lowbit.passes.dce``) is a thin wrapper over ``eliminate_dead_code``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from lowbit.ir.graph import Graph, Node, Value
 
-__all__ = ["dead_nodes", "eliminate_dead_code", "gain_weight", "norm_gain", "private_weight", "scaled_columns"]
+__all__ = ["dead_nodes", "eliminate_dead_code", "float64_pieces", "gain_weight", "norm_gain", "private_weight",
+           "scaled_columns", "whole_in_float64"]
 
-SCALE_CHUNK_BYTES = 32 * 2**20
-"""The float64 bytes of one piece of a weight ``scaled_columns`` scales at a time."""
+FLOAT64_PIECE_BYTES = 32 * 2**20
+"""The float64 bytes of one piece of a weight that a pass rewrites in float64 (``scaled_columns``: fold-norms,
+smoothing; ``rotate``): whole, a bf16 weight took 4x its size in float64 for its input and as much again for the
+result (SmolLM2's 57 MiB embedding or head: 450 MiB at once)."""
+
+
+def whole_in_float64(t: torch.Tensor) -> bool:
+    """Whether ``t`` in float64 fits one piece (``FLOAT64_PIECE_BYTES``, read now: tests shrink it)."""
+    return t.numel() * 8 <= FLOAT64_PIECE_BYTES
+
+
+def float64_pieces(n: int, row_bytes: int, align: int = 1) -> Iterator[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` over ``n`` rows of ``row_bytes`` float64 bytes each, ``FLOAT64_PIECE_BYTES`` a
+    piece (at least one row), each starting at a multiple of ``align`` rows."""
+    step = max(align, FLOAT64_PIECE_BYTES // max(1, row_bytes) // align * align)
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
 
 
 def dead_nodes(graph: Graph) -> tuple[set[int], set[int]]:
@@ -73,14 +91,12 @@ def gain_weight(norm: Node, gain: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 
 def scaled_columns(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``(w * scale[None, :])`` computed in float64 and stored in ``w``'s dtype, ``SCALE_CHUNK_BYTES`` of rows at a
-    time: whole, a bf16 weight took 4x its size in float64 for ``w`` and as much again for the product (SmolLM2's
-    57 MiB head: 450 MiB at once). Each element is its own product, so the pieces give the same bits."""
+    """``(w * scale[None, :])`` computed in float64 and stored in ``w``'s dtype, ``float64_pieces`` of rows at a
+    time. Each element is its own product, so the pieces give the same bits."""
     scale = scale.to(torch.float64)
-    rows = max(1, SCALE_CHUNK_BYTES // max(1, 8 * w[0].numel())) if w.dim() > 1 and w.shape[0] else 0
-    if not rows or rows >= w.shape[0]:
+    if w.dim() < 2 or whole_in_float64(w):
         return (w.to(torch.float64) * scale[None, :]).to(w.dtype)
     out = torch.empty(w.shape, dtype=w.dtype)
-    for start in range(0, w.shape[0], rows):
-        out[start:start + rows] = w[start:start + rows].to(torch.float64) * scale[None, :]
+    for start, stop in float64_pieces(w.shape[0], 8 * w[0].numel()):
+        out[start:stop] = w[start:stop].to(torch.float64) * scale[None, :]
     return out

@@ -50,6 +50,7 @@ from lowbit.calibration.memory import PeakRss
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.hadamard import HadamardError, hadamard, hadamard_order_split, random_hadamard
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
+from lowbit.ir.rewrite import float64_pieces, whole_in_float64
 from lowbit.ir.rotation_regions import HeadRegion, OnlineSite, ResidualRegion, find_rotation_regions
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, no_op, register_pass
 from lowbit.passes.fold_norms import private_weight
@@ -178,8 +179,6 @@ def rotation_matrix(kind: str, n: int, seed: int, what: str) -> torch.Tensor:
         raise PassError(f"pass rotate: {what}: {exc}") from None
 
 
-CHUNK_BYTES = 32 * 2**20
-"""The float64 bytes of one piece of a weight ``set_weight`` rotates at a time."""
 CHUNK_ALIGN = 256
 """Pieces start at multiples of this many rows: MKL's float64 GEMM then gives each row the bits the whole product
 gives it (checked on SmolLM2: bit-identical weights), where pieces of any other height changed the last bits."""
@@ -192,7 +191,7 @@ def set_weight(graph: Graph, node: Node, index: int, users: dict, fn=None,  # ty
 
     Whole, a bf16 weight took 4x its size in float64 for its input and as much again for the product (SmolLM2's
     57 MiB embedding: 450 MiB at once). ``rows=g``: ``fn`` maps each group of ``g`` rows on its own (``w @ q``: 1;
-    a per-head rotation: head_dim), so the weight is rotated ``CHUNK_BYTES`` of float64 rows at a time into a
+    a per-head rotation: head_dim), so the weight is rotated ``float64_pieces`` of rows at a time into a
     tensor of its own dtype. ``left``: the product ``left @ w``, whose rows come a piece of ``left`` at a time from
     one float64 copy of ``w`` (half the memory it took)."""
     old = node.args[index]
@@ -202,18 +201,15 @@ def set_weight(graph: Graph, node: Node, index: int, users: dict, fn=None,  # ty
         users[id(w)] = [node]
     data = w.data
     if left is not None:
-        fn = (lambda x: left @ x) if data.numel() * 8 <= CHUNK_BYTES or data.dim() != 2 else None
-    if fn is not None and (rows is None or data.dim() == 0 or data.numel() * 8 <= CHUNK_BYTES):
+        fn = (lambda x: left @ x) if whole_in_float64(data) or data.dim() != 2 else None
+    if fn is not None and (rows is None or data.dim() == 0 or whole_in_float64(data)):
         graph.set_param(w.name, fn(data.to(torch.float64)).to(data.dtype))
         return
     n = left.shape[0] if left is not None else data.shape[0]
     row_bytes = 8 * (data.shape[1] if left is not None else data.numel() // max(1, n))
-    align = math.lcm(CHUNK_ALIGN, rows or 1)
-    step = max(align, CHUNK_BYTES // max(1, row_bytes) // align * align)
     whole = data.to(torch.float64) if left is not None else None
     out = torch.empty((n, *data.shape[1:]), dtype=data.dtype)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
+    for start, stop in float64_pieces(n, row_bytes, math.lcm(CHUNK_ALIGN, rows or 1)):
         out[start:stop] = left[start:stop] @ whole if left is not None else fn(data[start:stop].to(torch.float64))
     del whole
     graph.set_param(w.name, out)
