@@ -317,16 +317,11 @@ def test_phi3_longrope_captures_both_factor_sets_and_leaves_the_callers_model_as
     of original_max, and attributes a forward first caches while traced are removed."""
     import copy
 
-    import transformers as t
+    from conftest import tiny_phi3_longrope
 
     import lowbit
 
-    torch.manual_seed(0)
-    cfg = t.Phi3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                       pad_token_id=0, num_hidden_layers=1, vocab_size=256, max_position_embeddings=128,
-                       original_max_position_embeddings=32,
-                       rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [3.0] * 4})
-    model = t.AutoModelForCausalLM.from_config(cfg).eval()
+    model = tiny_phi3_longrope(max_positions=128, original=32)
     untouched = copy.deepcopy(model)
     compiled = lowbit.compile_model(model, pipeline="dce")
     for length in (8, 33, 80):

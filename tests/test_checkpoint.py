@@ -1254,15 +1254,11 @@ def test_a_phi3_longrope_model_saves_as_compressed_tensors(tmp_path):
     model's logits past original_max_position_embeddings, and lowbit reloads it as a generation step that
     knows where the rotary switches."""
     import transformers as t
+    from conftest import tiny_phi3_longrope
 
     from lowbit.generate import GenerationSpec
 
-    torch.manual_seed(0)
-    cfg = t.Phi3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                       pad_token_id=0, num_hidden_layers=1, vocab_size=256, max_position_embeddings=64,
-                       original_max_position_embeddings=16,
-                       rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [3.0] * 4})
-    compiled = lowbit.compile_model(t.AutoModelForCausalLM.from_config(cfg).eval(), pipeline="quantize(w=int8)")
+    compiled = lowbit.compile_model(tiny_phi3_longrope(), pipeline="quantize(w=int8)")
     assert any(n.endswith("lifted_tensor_0") for n in compiled.graph.params)
     out = lowbit.save(compiled, tmp_path / "ct", format="compressed-tensors")
     ids = torch.randint(0, 256, (1, 24))

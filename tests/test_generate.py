@@ -11,7 +11,7 @@ from conftest import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.api import compile_model
+from lowbit.api import CompiledModel, compile_model
 from lowbit.generate import GenerationError, GenerationSpec
 from lowbit.models import CausalLMLogits, CausalLMStep
 
@@ -1030,14 +1030,9 @@ def test_phi3_longrope_generation_recomputes_the_cache_where_its_rotary_switches
     Phi-3 prefills again at that step. The step graph switched frequencies but kept the old keys: the tokens after
     the switch differed from transformers' without a word. Greedy tokens of left-padded batches crossing the
     switch during decode and reaching it at the first decode step equal transformers' batched ``generate``."""
-    import transformers as t
+    from conftest import tiny_phi3_longrope
 
-    torch.manual_seed(0)
-    cfg = t.Phi3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                       pad_token_id=0, num_hidden_layers=1, vocab_size=256, max_position_embeddings=64,
-                       original_max_position_embeddings=16,
-                       rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [3.0] * 4})
-    hf = t.AutoModelForCausalLM.from_config(cfg).eval()
+    hf = tiny_phi3_longrope()
     with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
         for p in hf.parameters():
             p.mul_(4)
@@ -1052,19 +1047,18 @@ def test_phi3_longrope_generation_recomputes_the_cache_where_its_rotary_switches
         assert cm.generate(prompts, 10, stop_tokens=()).tokens == want, [len(p) for p in prompts]
 
 
-def test_olmo2_in_bfloat16_generates_transformers_tokens():
-    """OLMo 2's rotary hands float32 cos/sin to a bfloat16 model and its ``apply_rotary_pos_emb`` casts the rotated
-    queries and keys back; the step kept them float32, so attention ran in float32 and generation failed in the
-    bfloat16 o_proj ("expected m1 and m2 to have the same dtype"). The step rotates in the queries' dtype: greedy
-    tokens of a left-padded batch equal transformers'."""
+def _bf16_greedy_equals_transformers(config_class: str, kv_heads: int) -> CompiledModel:
+    """A tiny one-layer bfloat16 model of ``transformers.<config_class>`` (weights x4: sharper logits than the
+    init's, so greedy ties would not test anything) compiled for generation: a left-padded batch's greedy tokens
+    equal transformers' ``generate``. Returns the compiled model."""
     import transformers as t
 
     torch.manual_seed(0)
-    cfg = t.Olmo2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                        num_hidden_layers=1, vocab_size=256, max_position_embeddings=64, pad_token_id=0,
-                        bos_token_id=1, eos_token_id=2)
+    cfg = getattr(t, config_class)(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=kv_heads, num_hidden_layers=1, vocab_size=256,
+                                   max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     hf = t.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
+    with torch.no_grad():
         for p in hf.parameters():
             p.mul_(4)
     cm = compile_model(hf, generation=GenerationSpec(max_length=16, max_batch=2))
@@ -1075,6 +1069,15 @@ def test_olmo2_in_bfloat16_generates_transformers_tokens():
             want = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(p):].tolist()
         assert tokens == want
+    return cm
+
+
+def test_olmo2_in_bfloat16_generates_transformers_tokens():
+    """OLMo 2's rotary hands float32 cos/sin to a bfloat16 model and its ``apply_rotary_pos_emb`` casts the rotated
+    queries and keys back; the step kept them float32, so attention ran in float32 and generation failed in the
+    bfloat16 o_proj ("expected m1 and m2 to have the same dtype"). The step rotates in the queries' dtype: greedy
+    tokens of a left-padded batch equal transformers'."""
+    _bf16_greedy_equals_transformers("Olmo2Config", kv_heads=2)
 
 
 def test_olmo_in_bfloat16_compiles_for_generation_with_last_logits():
@@ -1082,25 +1085,8 @@ def test_olmo_in_bfloat16_compiles_for_generation_with_last_logits():
     from the head to the trailing cast (``aten.to.dtype``, not a row-wise op to it) and refused the whole compile
     ("found no final norm behind the graph's first output"). The cast is row-wise: the head reads the last row
     (logits [B, 1, V]) and a left-padded batch's greedy tokens equal transformers'."""
-    import transformers as t
-
-    torch.manual_seed(0)
-    cfg = t.OlmoConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
-                       num_hidden_layers=1, vocab_size=256, max_position_embeddings=64, pad_token_id=0,
-                       bos_token_id=1, eos_token_id=2)
-    hf = t.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
-        for p in hf.parameters():
-            p.mul_(4)
-    cm = compile_model(hf, generation=GenerationSpec(max_length=16, max_batch=2))
+    cm = _bf16_greedy_equals_transformers("OlmoConfig", kv_heads=4)
     assert cm.graph.outputs[0].tensor_type.shape[1] == 1
-    prompts = [[5, 17, 30, 42, 7], [11, 80]]
-    got = cm.generate(prompts, 6, stop_tokens=()).tokens
-    for p, tokens in zip(prompts, got):
-        with torch.no_grad():
-            want = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                               max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(p):].tolist()
-        assert tokens == want
 
 
 def test_a_kv_accuracy_model_is_refused_with_its_packed_cache_pipeline():

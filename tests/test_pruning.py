@@ -1814,16 +1814,9 @@ def test_prune_heads_on_gpt_neox_names_only_the_passes_that_prune_it():
 def test_prune_heads_on_a_written_out_attention_names_its_softmax():
     """Gemma 2 soft-caps its attention logits, so its attention is matmul/tanh/softmax, never raised to an attention
     op: prune-heads said only '(no attention op)'. It names the softmax and where it is, as rotate does."""
-    import transformers as tf
+    from conftest import written_out_attention_graph
 
-    from lowbit.ir.capture import capture
-    from lowbit.models import CausalLMLogits
-
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(tf.Gemma2Config(
-        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_hidden_layers=1, vocab_size=128, max_position_embeddings=64, pad_token_id=0, eos_token_id=0)).eval()
-    graph = capture(CausalLMLogits(model).eval(), (torch.ones(1, 8, dtype=torch.long),))
+    graph = written_out_attention_graph()
     with pytest.raises(PipelineError, match=r"no attention with q/k/v/o linears found \(the graph has no attention op "
                                             r"\(its attention is written out: aten\.softmax\.int in "
                                             r"model\.layers\.0\.self_attn; lowbit raises scaled-dot-product"):

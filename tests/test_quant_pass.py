@@ -787,16 +787,9 @@ def test_calib_argument_and_a_calib_override_are_not_both_taken():
 def test_kv_quantization_of_a_written_out_attention_names_its_softmax_not_a_pattern():
     """Gemma 2 soft-caps its attention logits, so its attention is matmul/tanh/softmax and never an attention op:
     quantize(kv=int4) said "kv modules pattern '*' matches no attention node", a pattern the user never wrote."""
-    import transformers as tf
+    from conftest import written_out_attention_graph
 
-    from lowbit.ir.capture import capture
-    from lowbit.models import CausalLMLogits
-
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(tf.Gemma2Config(
-        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_hidden_layers=1, vocab_size=128, max_position_embeddings=64, pad_token_id=0, eos_token_id=0)).eval()
-    graph = capture(CausalLMLogits(model).eval(), (torch.ones(1, 8, dtype=torch.long),))
+    graph = written_out_attention_graph()
     with pytest.raises(PipelineError, match=r"kv=int4 quantizes the keys and values an attention op reads, and the "
                                             r"graph has no attention op \(its attention is written out: "
                                             r"aten\.softmax\.int in model\.layers\.0\.self_attn; .*keep this model's "
