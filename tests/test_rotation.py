@@ -418,10 +418,10 @@ def rotated_f32(smollm2):
 def test_rotate_works_on_pieces_of_a_weight_and_gives_the_same_bits(monkeypatch):
     """rotate took each weight whole into float64 and multiplied it there: 4x a bf16 weight for its input and as much
     again for the product (SmolLM2's tied embedding / head: 450 MiB at once, +600 MiB at the peak on a 188 MiB model).
-    It now rotates FLOAT64_PIECE_BYTES of rows at a time (a writer's Q^T W a piece of Q^T at a time over one float64 copy),
-    and the weights are the same bits as rotating them whole (pieces of whole 256-row blocks), online Hadamards
-    included (and on SmolLM2 in float32 and bf16 at the default FLOAT64_PIECE_BYTES). Here a bf16 Llama 512 wide, in 1 MiB
-    pieces, so the embedding, the head and the down_proj writer all go in pieces."""
+    It now rotates FLOAT64_PIECE_BYTES of rows at a time (a writer's Q^T W a piece of Q^T at a time over one
+    float64 copy), and the weights are the same bits as rotating them whole (pieces of whole 256-row blocks), online
+    Hadamards included (and on SmolLM2 in float32 and bf16 at the default FLOAT64_PIECE_BYTES). Here a bf16 Llama
+    512 wide, in 1 MiB pieces, so the embedding, the head and the down_proj writer all go in pieces."""
     from conftest import pieces_match_whole, tiny_llama
 
     from lowbit.ir.capture import capture

@@ -202,7 +202,8 @@ def check_order(passes: Sequence[Pass]) -> None:
                 if earlier:  # "move fold-norms before rotate" read wrong where fold-norms already ran first
                     raise PipelineSpecError(
                         f"pass {p.name} (#{i}) must come after every {passes[j].name}: it runs at #{earlier[0]} "
-                        f"and again at #{j}, after {p.name}; drop the later one in {quote_pipeline(format_pipeline(passes))}")
+                        f"and again at #{j}, after {p.name}; drop the later one in "
+                        f"{quote_pipeline(format_pipeline(passes))}")
                 raise PipelineSpecError(
                     f"pass {p.name} (#{i}) must come after {passes[j].name}, which the pipeline runs later "
                     f"(#{j}): move {passes[j].name} before {p.name} in {quote_pipeline(format_pipeline(passes))}")
