@@ -208,9 +208,12 @@ def set_weight(graph: Graph, node: Node, index: int, users: dict, fn=None,  # ty
     n = left.shape[0] if left is not None else data.shape[0]
     row_bytes = 8 * (data.shape[1] if left is not None else data.numel() // max(1, n))
     whole = data.to(torch.float64) if left is not None else None
-    out = torch.empty((n, *data.shape[1:]), dtype=data.dtype)
+    out = None  # shaped by the first piece: fn may change the width (slice-residual's w @ Q, Q narrower than w)
     for start, stop in float64_pieces(n, row_bytes, math.lcm(CHUNK_ALIGN, rows or 1)):
-        out[start:stop] = left[start:stop] @ whole if left is not None else fn(data[start:stop].to(torch.float64))
+        piece = left[start:stop] @ whole if left is not None else fn(data[start:stop].to(torch.float64))
+        if out is None:
+            out = torch.empty((n, *piece.shape[1:]), dtype=data.dtype)
+        out[start:stop] = piece
     del whole
     graph.set_param(w.name, out)
 
