@@ -17,7 +17,6 @@ Weight-only 4-bit recipes are asymmetric (zero points): SmolLM2's shipped weight
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,21 +198,15 @@ def get_recipe(name: str, generation: bool = False) -> str:
         raise PassError(f"unknown recipe {name!r}{closest(name, sorted(RECIPES))}; known: {', '.join(RECIPES)}")
     r = RECIPES[name]
     registered = all_passes()
-    named = [*r.needs, *_pass_names(r.pipeline), *_pass_names(r.generation or "")]
+    from lowbit.passes.manager import pipeline_pass_names
+
+    # every pass the pipelines name, not only ``needs`` (written by hand: one missing from it went unchecked)
+    named = [*r.needs, *pipeline_pass_names(r.pipeline), *pipeline_pass_names(r.generation or "")]
     missing = list(dict.fromkeys(p for p in named if p not in registered))
     if missing:
         raise PassError(f"recipe {name!r} ({r.pipeline}) needs pass(es) {', '.join(missing)}, which lowbit does not "
                         f"have yet (registered: {', '.join(sorted(registered))})")
     return r.generation if generation and r.generation is not None else r.pipeline
-
-
-def _pass_names(text: str) -> list[str]:
-    """The pass names pipeline ``text`` lists, read without building the passes (``needs`` is written by hand: a
-    pass in the pipeline but not in it went unchecked, and the recipe failed later as an unknown pass)."""
-    from lowbit.passes.base import split_top
-
-    items = split_top(text, ",", text) if text.strip() else []
-    return [m.group(1) for m in (re.match(r"\s*([A-Za-z][\w\-]*)", item) for item in items) if m]
 
 
 def generation_recipes() -> list[str]:

@@ -27,9 +27,8 @@ from lowbit.errors import LowbitError
 
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
            "verify_manifest", "check_format", "check_listed", "unopenable", "read_safetensors", "read_config",
-           "read_tokenizer",
-           "shareable_config", "write_safetensors", "MANIFEST", "FORMATS", "FORMAT_VERSION", "sha256_file",
-           "not_replaceable", "NodeMeta", "NODE_META", "META_TEXT_MAX"]
+           "read_tokenizer", "shareable_config", "write_safetensors", "MANIFEST", "FORMATS", "FORMAT_VERSION",
+           "sha256_file", "not_replaceable", "NodeMeta", "NODE_META", "META_TEXT_MAX"]
 
 MANIFEST = "lowbit-manifest.json"
 FORMATS = ("compressed-tensors", "gptq", "hf", "lowbit")

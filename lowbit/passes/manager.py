@@ -38,6 +38,13 @@ def _split_top(text: str, sep: str, where: str) -> list[str]:
 _ITEM = re.compile(r"^\s*([A-Za-z][\w\-]*)\s*(?:\((.*)\))?\s*$", re.S)
 
 
+def pipeline_pass_names(text: str) -> list[str]:
+    """The pass names pipeline ``text`` lists, read by ``parse_pipeline``'s grammar without building the passes
+    (an item it cannot read is left out: ``parse_pipeline`` says what is wrong with it)."""
+    items = _split_top(text, ",", text) if text.strip() else []
+    return [m.group(1) for m in map(_ITEM.match, items) if m]
+
+
 def _parse_value(raw: str) -> Any:
     raw = raw.strip()
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
