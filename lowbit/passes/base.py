@@ -31,7 +31,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -333,6 +333,20 @@ class Condition:
         return self.check(graph)
 
 
+def unmet_condition(kind: str, conditions: Sequence[Condition], graph: Graph) -> str | None:
+    """``"requires NAME, which does not hold before it runs: <nodes>"`` (``kind`` ``"ensures"``: after it ran) for
+    the first of a pass's ``conditions`` that ``graph`` fails, or None: what ``Pass.__call__`` and the
+    ``PassManager`` say, each with its own prefix and error type."""
+    when = "before it runs" if kind == "requires" else "after it ran"
+    for cond in conditions:
+        problems = cond(graph)
+        if problems:
+            from lowbit.ir.verifier import listed
+
+            return f"{kind} {cond.name}, which does not hold {when}: {listed(problems)}"
+    return None
+
+
 def _where(node: Any) -> str:
     return f"%{node.name} ({node.op})" + (f" in module {node.module!r}" if node.module else "")
 
@@ -418,19 +432,15 @@ class Pass:
         """``run`` between its ``requires`` and ``ensures`` checks (onnx-ir's ``PassBase.__call__``): a pass called
         alone on a graph it does not take (``kv-cache`` on a graph without a KV cache) raised a bare
         ``KeyError: 'generation'``; the ``PassManager`` checks the same conditions around ``run`` itself."""
-        self._check_conditions("requires", self.requires, graph, "before it runs")
+        self._check("requires", self.requires, graph)
         result = self.run(graph)
-        self._check_conditions("ensures", self.ensures, graph, "after it ran")
+        self._check("ensures", self.ensures, graph)
         return result
 
-    def _check_conditions(self, kind: str, conditions: tuple[Condition, ...], graph: Graph, when: str) -> None:
-        for cond in conditions:
-            problems = cond(graph)
-            if problems:
-                from lowbit.ir.verifier import listed
-
-                raise PassError(f"pass {self.spec()} {kind} {cond.name}, which does not hold {when}: "
-                                f"{listed(problems)}")
+    def _check(self, kind: str, conditions: tuple[Condition, ...], graph: Graph) -> None:
+        why = unmet_condition(kind, conditions, graph)
+        if why is not None:
+            raise PassError(f"pass {self.spec()} {why}")
 
     @classmethod
     def doc(cls) -> str:

@@ -23,9 +23,9 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
 from lowbit.ir.printer import print_graph
-from lowbit.ir.verifier import VerificationError, listed, verify
+from lowbit.ir.verifier import VerificationError, verify
 from lowbit.passes.base import (Pass, PassError, PassFileError, ScopedOptions, all_passes, closest, get_pass,
-                                 quote_pipeline, split_top)
+                                 quote_pipeline, split_top, unmet_condition)
 
 
 # ---- pipeline text -------------------------------------------------------------------------------
@@ -447,10 +447,6 @@ def _check_scope(p: Pass, index: int, graph: Graph, rec: PassRecord, before: Gra
 def _check_conditions(p: Pass, index: int, kind: str, conditions: Sequence[Any], graph: Graph, rec: PassRecord,
                       before: Graph | None) -> None:
     """Raise a PipelineError naming the pass, the condition and the first offending nodes."""
-    for cond in conditions:
-        problems = cond(graph)
-        if problems:
-            shown = listed(problems)
-            when = "before it runs" if kind == "requires" else "after it ran"
-            raise PipelineError(f"pass {p.spec()} (#{index}) {kind} {cond.name}, which does not hold {when}: "
-                                f"{shown}", rec, before)
+    why = unmet_condition(kind, conditions, graph)
+    if why is not None:
+        raise PipelineError(f"pass {p.spec()} (#{index}) {why}", rec, before)
