@@ -18,8 +18,9 @@ A structure that does not match (an op in the chain the walk does not know) is r
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,7 @@ def find_mlp_sites(graph: Graph, advise: bool = True) -> tuple[list[MLPSite], li
     do take the model where a fused gate/up projection is refused)."""
     users = graph.users()
     sites, skipped = [], []
+    instead = _advice(graph, "prune-mlp", advise)
     for down in graph.nodes:
         if not _stored_linear(down) or not down.module.endswith(DOWN_PROJECTIONS):
             continue
@@ -167,7 +169,7 @@ def find_mlp_sites(graph: Graph, advise: bool = True) -> tuple[list[MLPSite], li
             skipped.append(f"{down.module}: its input comes from one fused linear %{fused.name} (module "
                            f"{fused.module!r}, {fused.outputs[0].tensor_type}) split by %{stop.name} ({stop.op}): "
                            "prune-mlp removes each channel's rows from separate gate/up linears"
-                           f"{'; ' + _prunes_instead(graph, 'prune-mlp') if advise else ''}")
+                           f"{instead()}")
         else:
             skipped.append(f"{down.module}: its input is not an elementwise function of linears read only by it")
     return sites, skipped
@@ -232,6 +234,12 @@ def _last_dim_cat(n: Node) -> bool:
     return len(n.args[0]) > 0 and all(_last_dim(p, dim) for p in n.args[0])
 
 
+def _advice(graph: Graph, refused: str, advise: bool) -> Callable[[], str]:
+    """``"; <_prunes_instead>"`` closing a fused-projection refusal (empty without ``advise``), worked out on first
+    use and once per ``find_*_sites`` call: it analyses the whole graph, and a fused model refuses every layer."""
+    return functools.cache(lambda: f"; {_prunes_instead(graph, refused)}" if advise else "")
+
+
 def _prunes_instead(graph: Graph, refused: str) -> str:
     """The advice closing a fused-projection refusal: which other structured prune passes take this model."""
     others = ["prune-mlp"] if refused != "prune-mlp" and find_mlp_sites(graph, advise=False)[0] else []
@@ -251,6 +259,7 @@ def find_attention_sites(graph: Graph, advise: bool = True) -> tuple[list[Attent
     that do take the model where a fused q/k/v projection is refused)."""
     users = graph.users()
     sites, skipped = [], []
+    instead = _advice(graph, "prune-heads", advise)
     for att in graph.find("attention"):
         writes: list[Node] = []
         stops: list[Node] = []
@@ -279,7 +288,7 @@ def find_attention_sites(graph: Graph, advise: bool = True) -> tuple[list[Attent
                 skipped.append(f"{att.module or att.name}: q, k and v are one fused linear %{fused.name} (module "
                                f"{fused.module!r}, {fused.outputs[0].tensor_type}) split by %{stops[0].name} "
                                f"({stops[0].op}): prune-heads removes each head's rows from separate q/k/v linears"
-                               f"{'; ' + _prunes_instead(graph, 'prune-heads') if advise else ''}")
+                               f"{instead()}")
                 continue
             if stops:
                 s0 = stops[0]
@@ -294,7 +303,7 @@ def find_attention_sites(graph: Graph, advise: bool = True) -> tuple[list[Attent
             skipped.append(f"{att.module or att.name}: q, k and v are slices of one fused linear %{fused.name} (module "
                            f"{fused.module!r}, {fused.outputs[0].tensor_type}): prune-heads removes each head's rows "
                            "from separate q/k/v linears"
-                           f"{'; ' + _prunes_instead(graph, 'prune-heads') if advise else ''}")
+                           f"{instead()}")
             continue
         hq, hd = int(out_t.shape[1]), int(out_t.shape[3])
         kv = int(k.args[1].data.shape[0]) // hd
