@@ -220,6 +220,34 @@ def test_an_artifact_file_without_a_manifest_that_is_a_symlink_loop_is_refused(t
     assert f"{name}: is a symlink this system cannot follow (Too many levels of symbolic links)" in out, out
 
 
+@pytest.mark.parametrize("make, why", [
+    (lambda p: p.symlink_to(p.name), "Too many levels of symbolic links"),
+    (lambda p: p.symlink_to("gone.lowbit"), "a symlink to 'gone.lowbit', which does not exist"),
+    (lambda p: p.mkdir(), "a directory, not a file"),
+])
+def test_a_model_lowbit_that_cannot_be_read_is_named_with_the_reason(tmp_path, make, why):
+    """A directory whose model.lowbit was a symlink loop (or a dangling link, or a directory) read as one without
+    it: inspect said 'has no model.lowbit, model.onnx or config.json', lowbit.load 'not a checkpoint lowbit reads'."""
+    import lowbit
+    from lowbit.checkpoint import CheckpointError
+
+    art = tmp_path / "art"
+    art.mkdir()
+    make(art / "model.lowbit")
+    for command in ("inspect", "graph"):
+        out = " ".join(invoke(command, art, code=3).output.split())
+        assert f"{art / 'model.lowbit'}' cannot be read: {why}" in out, out
+    with pytest.raises(CheckpointError, match=f"model.lowbit: cannot be read: {why}"):
+        lowbit.load(art)
+
+
+def test_inspect_of_a_file_that_is_a_symlink_loop_names_it(tmp_path):
+    """``lowbit inspect loop.lowbit`` on a link to itself said 'no such file or directory'."""
+    (tmp_path / "loop.lowbit").symlink_to("loop.lowbit")
+    out = " ".join(invoke("inspect", tmp_path / "loop.lowbit", code=3).output.split())
+    assert "loop.lowbit' cannot be read: Too many levels of symbolic links" in out, out
+
+
 @pytest.mark.parametrize("option", ["config", "calib", "tokenizer"])
 def test_replay_refuses_pipeline_options_that_read_files(tmp_path, option):
     """``replay_pipeline`` is text from the reproducer's author: ``quantize(config=/path/secret.json)`` read the file

@@ -40,6 +40,7 @@ from lowbit.checkpoint.files import (
     check_format,
     checked,
     shareable_config,
+    unreadable_file,
     verify_manifest,
     write_manifest,
 )
@@ -397,6 +398,10 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     manifest = verify_manifest(directory)
     check_format(directory, manifest, IR_FILE)  # only save(format="lowbit") writes one
     fmt = (manifest or {}).get("format")
+    for name in (IR_FILE, "config.json"):  # a symlink loop there read as no such file: 'not a checkpoint lowbit reads'
+        why = unreadable_file(directory / name)
+        if why is not None:
+            raise CheckpointError(f"{directory / name}: cannot be read: {why}")
     if fmt == "hf":
         return _load_hf_float(directory, backend=backend, device=device, generation=generation,
                               backend_options=backend_options)

@@ -300,6 +300,30 @@ def unopenable(path: Path) -> str | None:
     return None
 
 
+def unreadable_file(path: Path) -> str | None:
+    """Why ``path``, a name that is there, cannot be read as a file (a symlink loop, a dangling link, a directory, no
+    permission), or None (a readable file, or nothing there): ``is_file`` says False for each, so a directory whose
+    model.lowbit was a symlink loop read as one without a model.lowbit (inspect: 'has no model.lowbit', load: 'not a
+    checkpoint lowbit reads') and a loop given to inspect as FILE as 'no such file or directory'."""
+    if not os.path.lexists(path):
+        return None
+    why = unopenable(path)
+    if why is not None:
+        return why
+    if path.is_symlink() and not path.exists():
+        return f"a symlink to {os.readlink(path)!r}, which does not exist"
+    if path.is_dir():
+        return "a directory, not a file"
+    if not path.is_file():
+        return "not a regular file"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    return None
+
+
 def check_inside(directory: Path, *names: str) -> None:
     """Refuse a file of an artifact directory read without a manifest that is a symlink leading out of the
     directory, naming it: with a manifest, ``verify_manifest`` refuses such a file, but without one a

@@ -65,15 +65,21 @@ def _float_per_manifest(path: Path) -> bool:
 
 
 def _resolve(file: Path) -> tuple[Path, str]:
+    from lowbit.checkpoint.files import unreadable_file
+
+    why = unreadable_file(file) if not file.is_dir() else None
+    if why is not None:
+        fail(f"{str(file)!r} cannot be read: {why}", Exit.NOT_FOUND)
     if not file.exists():
         fail(f"{str(file)!r}: no such file or directory", Exit.NOT_FOUND)
     if file.is_dir():
-        if (file / "model.lowbit").is_file():
-            return file / "model.lowbit", "lowbit"
-        if (file / "model.onnx").is_file():
-            return file / "model.onnx", "onnx"
-        if (file / "config.json").is_file():  # lowbit.save's compressed-tensors/GPTQ output (or another tool's)
-            return file, "checkpoint"
+        # config.json: lowbit.save's compressed-tensors/GPTQ output (or another tool's)
+        for name, kind in (("model.lowbit", "lowbit"), ("model.onnx", "onnx"), ("config.json", "checkpoint")):
+            why = unreadable_file(file / name)
+            if why is not None:
+                fail(f"{str(file / name)!r} cannot be read: {why}", Exit.NOT_FOUND)
+            if (file / name).is_file():
+                return (file, kind) if kind == "checkpoint" else (file / name, kind)
         fail(f"directory {str(file)!r} has no model.lowbit, model.onnx or config.json (a compressed-tensors/GPTQ "
              "checkpoint)", Exit.NOT_FOUND)
     from lowbit.export import looks_like_onnx
