@@ -78,6 +78,9 @@ class CompileReport:
         if "loaded_from" in self.capture:  # lowbit.load: no capture ran ("captured None in None s: None ATen nodes")
             lines = [f"loaded {self.capture.get('format')} checkpoint {self.capture['loaded_from']}: "
                      f"{self.nodes_before} IR nodes"]
+            if self.capture.get("model_class"):  # what the saved model was captured from (a lowbit-format file)
+                lines[0] += (f" (captured from {self.capture['model_class']}: {self.capture.get('aten_nodes')} ATen "
+                             "nodes)")
         else:
             lines = [(f"captured {self.capture.get('model_class')} in {self.capture.get('export_seconds')} s: "
                       f"{self.capture.get('aten_nodes')} ATen nodes -> {self.nodes_before} IR nodes")]

@@ -746,6 +746,37 @@ def test_lowbit_checkpoint_keeps_the_meta_reports_read(tmp_path):
     assert {n.name: {k: n.meta[k] for k in keys if k in n.meta} for n in reloaded.graph.nodes} == saved
 
 
+def test_lowbit_checkpoint_keeps_the_capture_figures_of_the_report(tmp_path):
+    """A lowbit-format reload's report dropped what the compile was captured from (model class, ATen nodes, the
+    raising rules' counts, export/convert seconds): report.capture held only where it was loaded from. They go
+    through the manifest (checked fields, no pickle) and survive a second save."""
+    from lowbit.checkpoint.files import CAPTURE_META
+
+    compiled = _compiled_tiny("quantize(w=int4,group=32)")
+    figures = {k: compiled.report.capture[k] for k in CAPTURE_META}
+    assert figures["model_class"] and figures["aten_nodes"] > 0 and figures["raise_stats"]
+    reloaded = lowbit.load(lowbit.save(compiled, tmp_path / "lb", format="lowbit"))
+    assert {k: reloaded.report.capture[k] for k in CAPTURE_META} == figures
+    assert f"(captured from {figures['model_class']}: {figures['aten_nodes']} ATen nodes)" in \
+        reloaded.report.summary().splitlines()[0]
+    again = lowbit.load(lowbit.save(reloaded, tmp_path / "lb2", format="lowbit"))
+    assert {k: again.report.capture[k] for k in CAPTURE_META} == figures
+
+
+def test_lowbit_checkpoint_refuses_capture_figures_of_the_wrong_type(tmp_path):
+    """The manifest's capture table is data, checked field by field before anything is read."""
+    import json
+
+    from lowbit.checkpoint.files import MANIFEST
+
+    out = lowbit.save(_compiled_tiny("quantize(w=int4,group=32)"), tmp_path / "lb", format="lowbit")
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["lowbit"]["capture"]["aten_nodes"] = "many"
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"lowbit\.capture\.aten_nodes"):
+        lowbit.load(out)
+
+
 @pytest.mark.parametrize("kv", ["kv=int4,kv_group=16", "kv=int4,kv_group=16,kv_window=4,kv_sink=1"])
 def test_kv_quantized_graph_reloaded_from_lowbit_format_is_still_refused_by_hf_formats(tmp_path, kv):
     """The HF writers found KV quantizers by node.meta['kv'], which the IR text does not keep: the same graph was

@@ -31,10 +31,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lowbit.checkpoint.files import (
+    CAPTURE_META,
     FORMATS,
     MANIFEST,
     META_TEXT_MAX,
     NODE_META,
+    CaptureInfo,
     CheckpointError,
     atomic_checkpoint_dir,
     check_format,
@@ -188,6 +190,11 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any, config: Any = None
         info["pruned"] = validated_meta(PrunedMeta, graph.meta["pruned"], "graph.meta['pruned']")
     if graph.meta.get("residual_rotated"):
         info["residual_rotated"] = True
+    capture = {k: graph.meta[k] for k in CAPTURE_META if graph.meta.get(k) is not None}
+    if capture:  # a reload's report said 'loaded ... N IR nodes' and no more of what the compile was captured from
+        info["capture"] = checked(CaptureInfo, capture, lambda field, msg: (
+            f"graph.meta[{field.split('.')[0]!r}]: {msg} (the lowbit format keeps the capture figures "
+            "CaptureInfo knows)")).model_dump(exclude_none=True)
     node_meta = {n.name: {k: v for k in NODE_META if isinstance(v := n.meta.get(k), str) and len(v) <= META_TEXT_MAX}
                  for n in graph.nodes}
     if any(node_meta.values()):  # what reports read and the IR text does not print: a reload reported less
@@ -425,7 +432,8 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     runner = lower(graph, backend, device, backend_options)
     from lowbit.ir.ops import is_semantic
 
-    kept = {k: graph.meta[k] for k in ("residual_rotated",) if graph.meta.get(k)}  # as compile's report says it
+    # as compile's report says them; a lowbit-format checkpoint keeps its capture's figures (CaptureInfo)
+    kept = {k: graph.meta[k] for k in ("residual_rotated", *CAPTURE_META) if graph.meta.get(k)}
     report = CompileReport(
         capture={"loaded_from": str(directory), "format": fmt, **kept}, pipeline=PipelineReport(f"(loaded {fmt})"),
         backend=backend, nodes_before=len(graph.nodes), nodes_after=len(graph.nodes),
@@ -522,6 +530,7 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
         graph.meta["generation"] = generation
     if info.get("residual_rotated"):  # a bool: verify_manifest checked the table's types
         graph.meta["residual_rotated"] = True
+    graph.meta.update(info.get("capture") or {})  # CaptureInfo: verify_manifest checked its fields
     nodes = {n.name: n for n in graph.nodes}
     for name, meta in info.get("node_meta", {}).items():
         if name not in nodes:

@@ -193,6 +193,23 @@ NODE_META = tuple(NodeMeta.model_fields)
 """The node meta keys a lowbit checkpoint keeps (``NodeMeta``)."""
 
 
+class CaptureInfo(BaseModel):
+    """What the capture of the graph measured (``graph.meta``: ``lowbit.ir.capture``), kept so a reloaded model's
+    report says what it was captured from as the compile's did: the model class, the ATen nodes torch.export gave,
+    the counts of the raising rules and the export/convert seconds. Figures only, never numerics."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model_class: _MetaText | None = None
+    aten_nodes: int | None = Field(default=None, ge=0)
+    export_seconds: float | None = Field(default=None, ge=0)
+    convert_seconds: float | None = Field(default=None, ge=0)
+    raise_stats: Annotated[dict[_MetaText, Annotated[int, Field(ge=0)]], Field(max_length=10_000)] = {}
+
+
+CAPTURE_META = tuple(CaptureInfo.model_fields)
+"""The capture figures in ``graph.meta`` a lowbit checkpoint keeps (``CaptureInfo``)."""
+
+
 class LowbitInfo(BaseModel):
     """The manifest's ``lowbit`` table: only what every reader relies on is checked here (its ``generation`` and
     ``pruned`` entries are validated field by field where they are used)."""
@@ -206,6 +223,7 @@ class LowbitInfo(BaseModel):
     """``graph.meta["residual_rotated"]`` (``rotate`` rotated the residual stream; ``debug compare`` and the report
     read it)."""
     node_meta: dict[str, NodeMeta] = {}
+    capture: CaptureInfo | None = None
 
 
 class Manifest(BaseModel):
