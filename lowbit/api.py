@@ -721,6 +721,7 @@ def compile_model(
     generation: Any = None,
     overrides: Mapping[str, Any] | None = None,
     offload_dir: str | os.PathLike[str] | None = None,
+    run_passes: RunPasses | None = None,
 ) -> CompiledModel:
     """Capture ``model``, run ``pipeline`` (text like ``"fold-norms,dce"``, or a list of passes and texts) or
     ``recipe``, lower to ``backend``. ``overrides`` changes a recipe's options: ``recipe="w4a16-gptq",
@@ -759,6 +760,9 @@ def compile_model(
     ``generation=GenerationSpec(max_length, max_batch)`` (or ``True`` for the defaults) captures the model's
     generation step instead (``lowbit.models.CausalLMStep``: ids, positions, KV cache -> logits, cache; see
     docs/design.md "Program form"), so ``CompiledModel.generate`` works; passes calibrate on its prefill.
+
+    ``run_passes(graph, passes, instruments)`` replaces the plain ``PassManager`` run, as ``compile_graph``'s does
+    (``lowbit generate``'s writes a reproducer of a pass that fails on the step graph).
 
     Raises, each a ``lowbit.errors.LowbitError`` naming what is at fault: ``PassError`` for an unknown pass,
     recipe or option (closest names suggested) and ``BackendError`` for an unknown backend, a backend option or an
@@ -872,5 +876,6 @@ def compile_model(
         record_step_graph(graph, gen_meta)
     if tokenizer is not None:
         graph.meta["tokenizer"] = tokenizer
-    runner, report = compile_graph(graph, plan, device=device, verify=verify, instruments=instruments, started=t0)
+    runner, report = compile_graph(graph, plan, device=device, verify=verify, instruments=instruments,
+                                   run_passes=run_passes, started=t0)
     return CompiledModel(runner, graph, report, tokenizer)

@@ -372,6 +372,30 @@ def test_a_pipeline_the_model_refuses_before_any_pass_gives_no_reproducer_hint(c
         assert exc.value.exit_code == 4 and said in err and ("--reproducer" in err) == hint, err
 
 
+def test_generate_writes_a_reproducer_of_a_pass_failing_on_the_step_graph(tmp_path):
+    """A pass failing under ``lowbit generate`` said '(rerun `lowbit compile MODEL --pipeline ... --reproducer DIR`
+    ...)': compile captures the logits graph, where kv-cache (a step-graph pass) is refused for another reason, so the
+    advice could not reproduce the failure. generate takes --reproducer itself: the step graph before the pass, which
+    `lowbit replay` fails on again; a compiled model (no pass runs) refuses the flag."""
+    from lowbit.data.model_files import load_tokenizer
+
+    torch.manual_seed(0)
+    tiny_llama(hidden=48, inter=64, heads=2, kv_heads=1).save_pretrained(tmp_path / "tiny")  # head_dim 24
+    load_tokenizer("smollm2").save_pretrained(tmp_path / "tiny")
+    repro = tmp_path / "repro"
+    out = " ".join(invoke("generate", tmp_path / "tiny", "-p", "kv-cache(v_group=16)", "--prompt", "!", "-n", "2",
+                          "--max-length", "16", "--reproducer", repro, code=4).output.split())
+    assert "v_group=16 must divide head_dim 24" in out and f"reproducer written to {repro}" in out, out
+    assert "lowbit compile" not in out
+    replayed = " ".join(invoke("replay", repro, code=4).output.split())
+    assert "reproduced" in replayed and "must divide head_dim 24" in replayed, replayed
+    (tmp_path / "compiled").mkdir()
+    (tmp_path / "compiled" / "model.lowbit").write_text("")  # refused before it is read
+    out = " ".join(invoke("generate", tmp_path / "compiled", "--prompt", "!", "--reproducer", tmp_path / "r2",
+                          code=2).output.split())
+    assert "--reproducer: model" in out and "already compiled, so no pass runs here" in out, out
+
+
 def test_inspect_counts_the_weights_of_fused_qlinears(tmp_path):
     """After fuse-qlinear (and the onnxruntime/triton backends' own fusions) the codes sit in qlinear nodes: inspect
     counted dequantize nodes only and said 'no quantized weights' for an int4 model."""

@@ -668,6 +668,8 @@ def generate_cmd(
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="the generated text only: no progress bars and no "
                                "timings line"),
+    reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on a failing pass, save the step graph "
+                                              "before it and the rest of the pipeline here (`lowbit replay DIR`)"),
 ) -> None:
     """Compile MODEL for generation (one step graph: prefill and decode), stream the text, print timings."""
     import resource
@@ -691,6 +693,7 @@ def generate_cmd(
     # and a backend that is not built, cannot run here (on --device), or cannot lower what the pipeline creates, is
     # said before any model is read, whichever kind MODEL is (a lowbit directory's load said it as exit 3)
     options = backend_options(backend_option)
+    check_output(reproducer, "--reproducer", directory=True)
     try:
         from lowbit.api import plan_compile, refuse_for_generation
 
@@ -723,6 +726,8 @@ def generate_cmd(
     if dtype is not None and ((lowbit_dir / "model.lowbit").is_file() or ckpt is not None):
         fail(f"--dtype {dtype}: model {model!r} is already compiled, in the dtype it was compiled in; --dtype applies "
              "to a model lowbit compiles here (drop it)", Exit.USAGE)
+    if reproducer is not None and ((lowbit_dir / "model.lowbit").is_file() or ckpt is not None):
+        fail(f"--reproducer: model {model!r} is already compiled, so no pass runs here to fail (drop it)", Exit.USAGE)
     if (lowbit_dir / "model.lowbit").is_file():  # lowbit's format: the step graph as compiled (its spec fixed)
         if text:
             fail(f"model {model!r} is a compiled lowbit model (already compiled): drop --pipeline/--recipe",
@@ -789,10 +794,13 @@ def generate_cmd(
         config = getattr(getattr(loaded.module, "model", None), "config", None)
         positions = getattr(config, "max_position_embeddings", None)
         vocab = getattr(config, "vocab_size", None)
+        def run_passes(g: Any, ps: list[Any], ins: Any) -> Any:  # a failing pass: exit 4, its reproducer if asked
+            return run_pipeline(g, ps, instruments=list(ins), reproducer=reproducer, model_spec=model)
+
         # the parsed passes, not the text again: -q has turned their progress bars off
         build = lambda spec: compile_model(loaded.module, pipeline=passes or None, device=device,  # noqa: E731
                                            tokenizer=loaded.tokenizer, generation=spec, backend=backend,
-                                           backend_options=options)
+                                           backend_options=options, run_passes=run_passes)
     outside = sorted(t for t in stops or () if isinstance(vocab, int) and not isinstance(vocab, bool) and t >= vocab)
     if outside:  # generate() refused it after the compile and the prefill, below the echoed prompt
         fail(f"--stop-token {outside[0]} is outside the model's vocabulary ({vocab} ids: 0..{vocab - 1}); it can "
@@ -851,9 +859,10 @@ def generate_cmd(
         fail(str(exc), Exit.USAGE)
     except BackendError as exc:  # unknown, unbuilt or unavailable here (triton without CUDA): as compile says it
         fail(exc.cli, Exit.USAGE)
-    except PipelineError as exc:  # as `lowbit compile` reports a failing pass (exit 4), not a traceback
-        fail(f"{exc}\n(rerun `lowbit compile {model} --pipeline ... --reproducer DIR` to save the IR before this "
-             "pass and replay it)", Exit.PIPELINE)
+    except PipelineError as exc:  # a compiled model's load (a pipeline's failure was run_pipeline's to report):
+        # `lowbit compile MODEL --pipeline ... --reproducer DIR` was suggested for every failure, a missing file and a
+        # refused model too, and compile captures the logits graph, not the step graph the pass failed on
+        fail(str(exc), Exit.PIPELINE)
     if len(prompt) == 1:
         stream.flush()
         console.print()
