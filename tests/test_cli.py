@@ -372,6 +372,28 @@ def test_a_pipeline_the_model_refuses_before_any_pass_gives_no_reproducer_hint(c
         assert exc.value.exit_code == 4 and said in err and ("--reproducer" in err) == hint, err
 
 
+def test_a_modules_scope_matching_no_module_gives_no_reproducer_hint(capsys):
+    """``quantize(modules=...)`` naming no module of the graph (a typo) ended '(rerun with --reproducer DIR to save the
+    IR before this pass and replay it)': the replay says the same refusal again, and the fix is the pipeline text."""
+    import typer
+
+    from lowbit.cli.pipeline import run_pipeline
+    from lowbit.ir.parser import parse_graph
+    from lowbit.passes.manager import parse_pipeline
+
+    text = ("graph main(%x: f32[2,8]) {\n  param @w: f32[4,8]\n  %y: f32[2,4] = linear(%x, @w)  # proj\n"
+            "  return %y\n}\n")
+    for modules, said in (("proj", None), ("prj", "modules=prj matches no module of the graph")):
+        passes = parse_pipeline(f"quantize(w=int8,modules={modules})")
+        if said is None:
+            run_pipeline(parse_graph(text, {"w": torch.randn(4, 8)}), passes)
+            continue
+        with pytest.raises(typer.Exit) as exc:
+            run_pipeline(parse_graph(text, {"w": torch.randn(4, 8)}), passes)
+        err = " ".join(capsys.readouterr().err.split())
+        assert exc.value.exit_code == 4 and said in err and "--reproducer" not in err, err
+
+
 def test_generate_writes_a_reproducer_of_a_pass_failing_on_the_step_graph(tmp_path):
     """A pass failing under ``lowbit generate`` said '(rerun `lowbit compile MODEL --pipeline ... --reproducer DIR`
     ...)': compile captures the logits graph, where kv-cache (a step-graph pass) is refused for another reason, so the

@@ -15,7 +15,14 @@ from lowbit.cli.common import Exit, fail
 from lowbit.cli.reproducer import write_reproducer
 from lowbit.ir.offload import OffloadError
 from lowbit.passes.base import PassFileError
-from lowbit.passes.manager import ModelRefusedError, PassManager, PipelineError, PipelineReport, format_pipeline
+from lowbit.passes.manager import (
+    ModelRefusedError,
+    PassManager,
+    PipelineError,
+    PipelineReport,
+    ScopeError,
+    format_pipeline,
+)
 
 __all__ = ["run_pipeline"]
 
@@ -44,8 +51,10 @@ def run_pipeline(graph: Any, passes: list[Any], *, instruments: list[Any] = (), 
                 msg += (f"\n(no reproducer written to {reproducer}: the pass failed writing weights to the offload "
                         "directory, which a replay does not use)")
             fail(msg, Exit.PIPELINE)
-        if isinstance(exc, ModelRefusedError) and reproducer is None:  # no pass ran: nothing to debug, the pipeline
-            fail(msg, Exit.PIPELINE)  # does not fit the model ('rerun with --reproducer' sent users to replay it)
+        if isinstance(exc, (ModelRefusedError, ScopeError)) and reproducer is None:
+            # no pass ran: nothing to debug, the pipeline does not fit the model or names a module it does not have
+            # ('rerun with --reproducer' sent users to replay the same refusal)
+            fail(msg, Exit.PIPELINE)
         if reproducer is not None:
             before = exc.graph_before if exc.graph_before is not None else original
             start = max(exc.record.index, 0)

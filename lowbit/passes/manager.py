@@ -314,6 +314,11 @@ class ModelRefusedError(PipelineError):
     the pipeline or the model); there is no pass failure to replay."""
 
 
+class ScopeError(PipelineError):
+    """A pass's ``modules=`` scope matches no module of the graph: a typo in the pipeline, found before the pass ran,
+    so a reproducer of it would only say the same again (the message names the modules it could have meant)."""
+
+
 class PipelineSpecError(PassError, PipelineError):
     """The pipeline text is wrong (an option out of range, passes out of order): found when it is parsed, before
     any pass runs. Both a ``PassError`` (a bad spec) and a ``PipelineError`` (this pipeline cannot run)."""
@@ -440,7 +445,7 @@ def _check_scope(p: Pass, index: int, graph: Graph, rec: PassRecord, before: Gra
     if any(opts.in_scope(m) for m in modules):
         return
     near = difflib.get_close_matches(opts.modules, modules, n=3, cutoff=0.5) or modules[:3]
-    raise PipelineError(f"pass {p.spec()} (#{index}): modules={opts.modules} matches no module of the graph "
+    raise ScopeError(f"pass {p.spec()} (#{index}): modules={opts.modules} matches no module of the graph "
                         f"(a regex searched in module paths such as {', '.join(map(repr, near))})", rec, before)
 
 
