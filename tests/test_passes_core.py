@@ -114,6 +114,33 @@ def test_fold_norms_scales_a_weight_in_pieces_with_the_same_bits(monkeypatch):
     assert largest < head.numel() * 8 / 4, largest
 
 
+def test_fold_norms_moves_a_layernorm_bias_in_pieces_with_the_same_bits(monkeypatch):
+    """fold-norms moved a LayerNorm's bias into each reader's bias as ``W·β`` with the whole weight in float64 at once
+    (4x a bf16 weight), after the gain's scaling had learned to work in pieces. It now takes FLOAT64_PIECE_BYTES of
+    rows at a time (``rewrite.matvec_float64``), to the same bits. Here a bf16 GPT-NeoX (LayerNorms with biases, a
+    fused 1536-row query_key_value), in 1 MiB pieces."""
+    import transformers
+    from conftest import pieces_match_whole
+
+    from lowbit.ir.capture import capture
+    from lowbit.models import CausalLMLogits
+
+    torch.manual_seed(0)
+    config = transformers.GPTNeoXConfig(hidden_size=512, intermediate_size=512, num_attention_heads=8,
+                                        num_hidden_layers=1, vocab_size=256, max_position_embeddings=64)
+    model = CausalLMLogits(transformers.GPTNeoXForCausalLM(config).eval().to(torch.bfloat16))
+    graph = capture(model, (torch.ones(1, 8, dtype=torch.long),))
+    with torch.no_grad():
+        for name, v in graph.params.items():  # biases away from 0, so the fold moves each into its readers
+            if name.endswith("layernorm.bias"):
+                v.data = torch.rand_like(v.data) - 0.5
+    qkv = graph.params["gpt_neox.layers.0.attention.query_key_value.bias"].data
+    largest = pieces_match_whole(monkeypatch, graph, "fold-norms")
+    assert not torch.equal(graph.params["gpt_neox.layers.0.attention.query_key_value.bias"].data, qkv)
+    weight = graph.params["gpt_neox.layers.0.attention.query_key_value.weight"].data
+    assert largest < weight.numel() * 8 / 4, largest
+
+
 def test_fold_norms_exact_in_float64_on_smollm2(smollm2_slice_f64, wikitext_ids):
     wrapper, graph = smollm2_slice_f64
     g = graph.clone()

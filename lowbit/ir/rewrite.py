@@ -14,8 +14,8 @@ import torch
 
 from lowbit.ir.graph import Graph, Node, Value
 
-__all__ = ["dead_nodes", "eliminate_dead_code", "float64_pieces", "gain_weight", "norm_gain", "private_weight",
-           "scaled_columns", "whole_in_float64"]
+__all__ = ["dead_nodes", "eliminate_dead_code", "float64_pieces", "gain_weight", "matvec_float64", "norm_gain",
+           "private_weight", "scaled_columns", "whole_in_float64"]
 
 FLOAT64_PIECE_BYTES = 32 * 2**20
 """The float64 bytes of one piece of a weight that a pass rewrites in float64 (``scaled_columns``: fold-norms,
@@ -99,4 +99,17 @@ def scaled_columns(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     out = torch.empty(w.shape, dtype=w.dtype)
     for start, stop in float64_pieces(w.shape[0], 8 * w[0].numel()):
         out[start:stop] = w[start:stop].to(torch.float64) * scale[None, :]
+    return out
+
+
+def matvec_float64(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``w @ v`` in float64 (a LayerNorm's bias moved into the linear reading it: fold-norms), ``float64_pieces`` of
+    ``w``'s rows at a time: whole, a weight took 4x its bf16 size in float64 at once, as ``scaled_columns`` did
+    before it worked in pieces. Each output is its own row's dot product."""
+    v = v.to(torch.float64)
+    if w.dim() < 2 or whole_in_float64(w):
+        return w.to(torch.float64) @ v
+    out = torch.empty(w.shape[0], dtype=torch.float64)
+    for start, stop in float64_pieces(w.shape[0], 8 * w[0].numel()):
+        out[start:stop] = w[start:stop].to(torch.float64) @ v
     return out

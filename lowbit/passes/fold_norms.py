@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from lowbit.ir.graph import Graph, Node
-from lowbit.ir.rewrite import eliminate_dead_code, norm_gain, private_weight, scaled_columns
+from lowbit.ir.rewrite import eliminate_dead_code, matvec_float64, norm_gain, private_weight, scaled_columns
 from lowbit.passes.base import NO_QLINEAR, Pass, PassResult, ScopedOptions, register_pass
 
 NORM_OPS = ("rms_norm", "layer_norm")
@@ -81,7 +81,7 @@ class FoldNorms(Pass):
                     untied.append(f"{r.module}: own copy of @{shared.name}, shared with {', '.join(others)} "
                                   f"(+{mib:.1f} MiB)")
                 if beta is not None:
-                    shift = w.data.to(torch.float64) @ beta.data.to(torch.float64)
+                    shift = matvec_float64(w.data, beta.data)
                     b = r.args[2] if len(r.args) > 2 else None
                     if b is not None:
                         b = private_weight(graph, r, 2, users, f"{r.module}.bias")
