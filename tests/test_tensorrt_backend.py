@@ -230,6 +230,7 @@ def test_tensorrt_engine_matches_reference_and_survives_save_load(smol_w4, wikit
     ({"max_dim": 0}, ValueError, "max_dim=0: give a positive integer"),
     ({"workspace_bytes": "4G"}, ValueError, "workspace_bytes='4G'"),
     ({"strongly_typed": "no"}, ValueError, "strongly_typed='no'"),
+    ({"fp16": True}, ValueError, "fp16=True applies to a weakly typed build only"),
     ({"opt": {"seq": -3}}, ValueError, "opt=.*positive size"),
     ({"shapes": {"input_ids": ((1, 8), (1, 4), (1, 16))}}, ValueError, "min <= opt <= max"),
     ({"shapes": {"input_ids": ((1, 8), (1, 16))}}, ValueError, r"give \(min, opt, max\)"),
@@ -283,3 +284,101 @@ def test_onnx_file_options_are_refused_for_an_engine(minilm_graph, tmp_path, opt
     with pytest.raises(OptionError, match=f"{key}={value!r} applies to ONNX files; format='tensorrt' writes one"):
         lowbit.export(minilm_graph, tmp_path / "m.engine", format="tensorrt", **options)
     assert not any(tmp_path.iterdir())
+
+
+# ---- the backend's options (compile_model(backend="tensorrt", backend_options=...), --backend-option) ------------
+
+
+def test_tensorrt_backend_options_are_validated_before_tensorrt_or_capture():
+    """The tensorrt backend took no options at all: ``--backend-option workspace_bytes=...`` (and every build option
+    TensorRTCompiled takes) was refused as unknown. They are accepted now, parsed from the CLI's text, and a bad
+    one is refused by name with the accepted list, on a machine without TensorRT too."""
+    from typer.testing import CliRunner
+
+    from lowbit.api import plan_compile
+    from lowbit.backends.registry import BackendError, get_backend
+    from lowbit.cli.main import app
+
+    spec = get_backend("tensorrt")
+    opts = spec.parse_options({"workspace_bytes": "1073741824", "max_dim": "512", "opt": "s0=4,s1=64",
+                               "shapes": "input_ids=1x1:4x64:8x512", "strongly_typed": "false", "fp16": "true",
+                               "timing_cache": "t.cache", "engine_cache": "engines"})
+    assert opts.workspace_bytes == 1 << 30 and opts.max_dim == 512 and opts.opt == {"s0": 4, "s1": 64}
+    assert opts.shapes == {"input_ids": ((1, 1), (4, 64), (8, 512))} and opts.fp16 and not opts.strongly_typed
+    listed = "options are: bf16, engine_cache, fp16, max_dim, opt, shapes, strongly_typed, timing_cache, workspace_bytes"
+    for bad, match in [({"workspace": "1"}, "option workspace: Extra inputs"),
+                       ({"fp16": "true"}, "fp16=true applies only with strongly_typed=false"),
+                       ({"max_dim": "0"}, "option max_dim: Input should be greater than 0"),
+                       ({"opt": "s0"}, "give NAME=SIZE pairs"),
+                       ({"shapes": "input_ids=1x8:1x4:1x16"}, "min <= opt <= max")]:
+        with pytest.raises(BackendError, match=match) as exc:
+            plan_compile([], "tensorrt", bad)
+        assert listed in str(exc.value)
+    result = CliRunner().invoke(app, ["compile", "smollm2:1", "-b", "tensorrt", "--pipeline", "dce",
+                                      "--backend-option", "workspace=1"])
+    assert result.exit_code == 2 and "option workspace" in result.output and "workspace_bytes" in result.output
+
+
+def test_tensorrt_backend_options_reach_the_build_and_the_engine_cache(minilm_graph, monkeypatch, tmp_path):
+    """Each option the backend accepts is handed to build_engine (none was), and ``engine_cache`` loads the engine a
+    build with the same ONNX, options and TensorRT wrote, instead of building it again."""
+    import types
+
+    import lowbit.backends.tensorrt as trt_backend
+    from lowbit.backends.registry import get_backend
+
+    built: list[dict] = []
+
+    def fake_build(path, **kw):
+        built.append(kw)
+        return b"plan%d" % len(built), EngineHeader(0, "", "10.0", inputs=["input_ids", "attention_mask"])
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(trt_backend, "build_engine", fake_build)
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", _FakeRunner)
+    spec = get_backend("tensorrt")
+    given = {"workspace_bytes": "1073741824", "opt": "s0=4", "strongly_typed": "false", "bf16": "true",
+             "engine_cache": str(tmp_path / "engines")}
+    first = trt_backend.lower(minilm_graph, None, **spec.parse_options(given).model_dump())
+    assert built == [{"shapes": None, "opt": {"s0": 4}, "max_dim": 4096, "workspace_bytes": 1 << 30,
+                      "timing_cache": None, "strongly_typed": False, "fp16": False, "bf16": True}]
+    assert first.cached is None and len(list((tmp_path / "engines").iterdir())) == 1
+    again = trt_backend.lower(minilm_graph, None, **spec.parse_options(given).model_dump())
+    assert len(built) == 1 and again.cached is not None and again.plan == first.plan == b"plan1"
+    other = trt_backend.lower(minilm_graph, None, **spec.parse_options({**given, "max_dim": "512"}).model_dump())
+    assert len(built) == 2 and other.cached is None and other.plan == b"plan2"
+
+
+def test_builder_config_sets_the_workspace_and_only_the_precision_flags_a_weakly_typed_build_reads():
+    """The builder config, against a stand-in for the tensorrt module: a strongly typed build sets no precision flag
+    (TensorRT refuses them there), a weakly typed one INT8 (explicit quantization on TensorRT 8) and fp16/bf16 as
+    asked; a flag this TensorRT lacks is named."""
+    import types
+
+    from lowbit.backends.tensorrt import TensorRTOptionError, builder_config
+
+    class Config:
+        def __init__(self) -> None:
+            self.pools: dict = {}
+            self.flags: list = []
+
+        def set_memory_pool_limit(self, pool, size) -> None:
+            self.pools[pool] = size
+
+        def set_flag(self, flag) -> None:
+            self.flags.append(flag)
+
+    def fake(**flags):
+        return types.SimpleNamespace(__version__="8.6", MemoryPoolType=types.SimpleNamespace(WORKSPACE="ws"),
+                                     BuilderFlag=types.SimpleNamespace(**flags))
+
+    trt = fake(INT8="int8", FP16="fp16", BF16="bf16")
+    builder = types.SimpleNamespace(create_builder_config=Config)
+    cfg = builder_config(trt, builder, workspace_bytes=123, strongly_typed=True)
+    assert cfg.pools == {"ws": 123} and cfg.flags == []
+    assert builder_config(trt, builder, workspace_bytes=1, strongly_typed=False, fp16=True).flags == ["int8", "fp16"]
+    assert builder_config(trt, builder, workspace_bytes=1, strongly_typed=False, bf16=True).flags == ["int8", "bf16"]
+    with pytest.raises(TensorRTOptionError, match="fp16=True applies to a weakly typed build only"):
+        builder_config(trt, builder, workspace_bytes=1, strongly_typed=True, fp16=True)
+    with pytest.raises(TensorRTOptionError, match="this TensorRT \\(8.6\\) has no BuilderFlag.BF16"):
+        builder_config(fake(INT8="int8", FP16="fp16"), builder, workspace_bytes=1, strongly_typed=False, bf16=True)

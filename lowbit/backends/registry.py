@@ -97,7 +97,8 @@ class BackendSpec:
         try:
             return self.options(**(options or {}))
         except ValidationError as exc:
-            msgs = [f"option {'.'.join(str(x) for x in e['loc'])}: {e['msg']} (got {e.get('input')!r})" if e["loc"]
+            msgs = [f"option {'.'.join(str(x) for x in e['loc'])}: {e['msg'].removeprefix('Value error, ')} "
+                    f"(got {e.get('input')!r})" if e["loc"]
                     else e["msg"].removeprefix("Value error, ") for e in exc.errors()]  # a whole-model check's own text
             fields = ", ".join(sorted(self.options.model_fields)) or "none"
             raise BackendError(f"backend {self.name}: " + "; ".join(msgs) + f"; options are: {fields}") from None
@@ -191,13 +192,15 @@ class TorchBackendOptions(BackendOptions):
         return self
 
 
-def _refuse_unread(opts: BackendOptions, option: str, needs: str, on: bool) -> None:
-    """An option set away from its default that only ``needs=true`` reads is an error while ``needs`` is off: it
-    would be silently ignored (``cuda_graphs=true, compile=false`` ran eagerly with no CUDA graph)."""
-    if unread_options(opts, {option: None if on else f"{needs}=true"}):
+def _refuse_unread(opts: BackendOptions, option: str, needs: str, on: bool, want: bool = True) -> None:
+    """An option set away from its default that only ``needs=true`` (``want=False``: ``needs=false``) reads is an
+    error while ``needs`` is otherwise: it would be silently ignored (``cuda_graphs=true, compile=false`` ran eagerly
+    with no CUDA graph)."""
+    w, other = str(want).lower(), str(not want).lower()
+    if unread_options(opts, {option: None if on else f"{needs}={w}"}):
         given = getattr(opts, option)
         raise ValueError(f"option {option}={str(given).lower() if isinstance(given, bool) else given} applies only "
-                         f"with {needs}=true, and {needs} is false: drop {option} or set {needs}=true")
+                         f"with {needs}={w}, and {needs} is {other}: drop {option} or set {needs}={w}")
 
 
 ORT_LOWERING_KEYS = ("opset", "attention", "rotary", "weight_format", "accuracy_level", "integer_matmul",
@@ -272,9 +275,77 @@ def _tensorrt_unavailable(device: str | None = None, cli: bool = False) -> str |
     return None
 
 
+class TensorRTBackendOptions(BackendOptions):
+    """``lowbit.backends.tensorrt.build_engine``'s options (checked before capture, whether or not TensorRT is
+    installed), and ``engine_cache``. The precision of the quantized layers is the model's Q/DQ nodes' (explicit
+    quantization), never a flag: INT8/INT4/FP8 come from the pipeline."""
+
+    workspace_bytes: int = Field(default=4 << 30, gt=0)
+    """TensorRT's workspace memory pool limit (``MemoryPoolType.WORKSPACE``), in bytes."""
+    max_dim: int = Field(default=4096, gt=0)
+    """The optimization profile's maximum of every dynamic dim without a smaller recorded range (batch, sequence)."""
+    opt: dict[str, int] | None = None
+    """The profile's optimum per dynamic dim, by ONNX dim name or IR symbol (``s0=128,s1=64`` on the CLI); unset:
+    the size seen at capture."""
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] | None = None
+    """(min, opt, max) shapes per input (``input_ids=1x1:1x128:8x512,...`` on the CLI); the inputs it leaves out
+    take theirs from the recorded symbol ranges."""
+    timing_cache: str | None = None
+    """A timing-cache file read before and written after the build, so a rebuild skips kernel timing."""
+    strongly_typed: bool = True
+    """A strongly typed network (TensorRT 9.1+): the Q/DQ nodes and the ONNX types alone decide every precision."""
+    fp16: bool = False
+    """Let the layers the Q/DQ nodes leave in float run in fp16 (``BuilderFlag.FP16``); weakly typed builds only
+    (``strongly_typed=false``): TensorRT takes no precision flag on a strongly typed network."""
+    bf16: bool = False
+    """As ``fp16``, in bf16 (``BuilderFlag.BF16``, TensorRT 9+); ``strongly_typed=false`` only."""
+    engine_cache: str | None = None
+    """A directory of built engines, keyed by the SHA-256 of the checked ONNX, these options and the TensorRT
+    version: a compile of the same graph with the same options loads the engine instead of building it again."""
+
+    @field_validator("opt", mode="before")
+    @classmethod
+    def _opt_text(cls, value: Any) -> Any:
+        """A CLI value is one string: ``NAME=SIZE`` pairs separated by commas."""
+        if not isinstance(value, str):
+            return value
+        pairs = [p.partition("=") for p in value.split(",") if p.strip()]
+        if any(not eq or not k.strip() for k, eq, _ in pairs):
+            raise ValueError(f"opt={value!r}: give NAME=SIZE pairs separated by commas (s0=128,s1=64)")
+        return {k.strip(): v.strip() for k, _, v in pairs}
+
+    @field_validator("shapes", mode="before")
+    @classmethod
+    def _shapes_text(cls, value: Any) -> Any:
+        """A CLI value is one string: ``INPUT=MIN:OPT:MAX`` per input, separated by commas, each shape ``AxB``."""
+        if not isinstance(value, str):
+            return value
+        out: dict[str, list[list[str]]] = {}
+        for item in (p for p in value.split(",") if p.strip()):
+            name, eq, triple = item.partition("=")
+            shapes = triple.split(":")
+            if not eq or not name.strip() or len(shapes) != 3:
+                raise ValueError(f"shapes={value!r}: give INPUT=MIN:OPT:MAX per input, separated by commas, each "
+                                 "shape as sizes joined by x (input_ids=1x1:1x128:8x512)")
+            out[name.strip()] = [s.strip().split("x") for s in shapes]
+        return out
+
+    @model_validator(mode="after")
+    def _buildable(self) -> TensorRTBackendOptions:
+        """Precision flags only where TensorRT reads them, and the build options as ``build_engine`` checks them
+        (positive optima, min <= opt <= max), before capture and calibration."""
+        _refuse_unread(self, "fp16", "strongly_typed", not self.strongly_typed, want=False)
+        _refuse_unread(self, "bf16", "strongly_typed", not self.strongly_typed, want=False)
+        from lowbit.backends.tensorrt.engine import check_build_options
+
+        check_build_options({k: getattr(self, k) for k in ("opt", "shapes")})
+        return self
+
+
 register_backend("tensorrt", "lowbit.backends.tensorrt:lower",
                  summary="TensorRT engine from the explicit-quantization (QDQ) ONNX form",
-                 ops="lowbit.backends.onnx.registry:LOWERINGS", unavailable=_tensorrt_unavailable)
+                 ops="lowbit.backends.onnx.registry:LOWERINGS", options=TensorRTBackendOptions,
+                 unavailable=_tensorrt_unavailable)
 class TritonBackendOptions(BackendOptions):
     compile: bool = True
     """Run the lowered module under ``torch.compile`` (the kernels are ``triton_op``s it sees through)."""

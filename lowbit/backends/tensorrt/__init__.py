@@ -26,6 +26,7 @@ from lowbit.backends.tensorrt.engine import (
     TensorRTRunner,
     TensorRTUnavailable,
     build_engine,
+    builder_config,
     check_build_options,
     import_tensorrt,
     load_engine,
@@ -49,6 +50,8 @@ __all__ = [
     "TensorRTUnavailable",
     "Violation",
     "build_engine",
+    "builder_config",
+    "cache_entry",
     "check_build_options",
     "check_tensorrt_qdq",
     "export_engine",
@@ -104,17 +107,31 @@ class TensorRTCompiled(torch.nn.Module):
     """A graph built into a TensorRT engine; called like ``TorchCompiled`` (inputs moved to CUDA)."""
 
     def __init__(self, graph: Graph | None = None, *, engine: str | os.PathLike[str] | None = None,
-                 shapes: Mapping[str, tuple[Any, Any, Any]] | None = None, **build: Any) -> None:
+                 shapes: Mapping[str, tuple[Any, Any, Any]] | None = None,
+                 engine_cache: str | os.PathLike[str] | None = None, **build: Any) -> None:
         super().__init__()
         if (graph is None) == (engine is None):
             raise TypeError("TensorRTCompiled takes a lowbit Graph or an engine file (engine=...), exactly one")
         self.graph = graph
+        self.cached: Path | None = None
+        """The engine_cache file this engine was loaded from (None: built here)."""
         if graph is not None:
-            check_build_options({"shapes": shapes, **build})
-            import_tensorrt()
+            check_build_options({"shapes": shapes, **build}, also=("engine_cache",))
+            if engine_cache is not None and not isinstance(engine_cache, (str, os.PathLike)):
+                raise TensorRTOptionError(f"TensorRT option engine_cache={engine_cache!r}: give a directory path "
+                                          "or None")
+            trt = import_tensorrt()
             with tempfile.TemporaryDirectory(prefix="lowbit-trt-") as tmp:
                 onnx_path = _checked_onnx(graph, Path(tmp))
-                self.plan, self.header = build_engine(onnx_path, shapes=shapes, **build)
+                entry = None if engine_cache is None else \
+                    cache_entry(engine_cache, onnx_path, {"shapes": shapes, **build}, trt.__version__)
+                if entry is not None and entry.is_file():
+                    self.plan, self.header = read_engine(entry)
+                    self.cached = entry
+                else:
+                    self.plan, self.header = build_engine(onnx_path, shapes=shapes, **build)
+                    if entry is not None:
+                        save_engine(entry, self.plan, self.header)  # type: ignore[arg-type]
             self.runner = TensorRTRunner(self.plan, self.header)
         else:
             self.plan, self.header = read_engine(engine)  # type: ignore[arg-type]
@@ -142,6 +159,27 @@ class TensorRTCompiled(torch.nn.Module):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def lower(graph: Graph, device: str | None = None) -> TensorRTCompiled:
-    """The backend registry's entry point (TensorRT runs on CUDA whatever ``device`` says)."""
-    return TensorRTCompiled(graph)
+def cache_entry(directory: str | os.PathLike[str], onnx_path: Path, build: Mapping[str, Any], version: str) -> Path:
+    """The engine file ``engine_cache`` keeps for this build: named by the SHA-256 of the ONNX it is built from
+    (its external data too), the build options and the TensorRT version, so a changed graph, option or TensorRT
+    builds afresh and never loads a stale engine."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for f in sorted(onnx_path.parent.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    # the timing cache only speeds a build up: where it lives does not change the engine
+    h.update(json.dumps({k: v for k, v in build.items() if k != "timing_cache"}, sort_keys=True, default=str).encode())
+    h.update(version.encode())
+    return Path(directory).expanduser() / f"{h.hexdigest()[:32]}.engine"
+
+
+def lower(graph: Graph, device: str | None = None, **options: Any) -> TensorRTCompiled:
+    """The backend registry's entry point (TensorRT runs on CUDA whatever ``device`` says); ``options`` are
+    ``TensorRTBackendOptions``' (``build_engine``'s, and ``engine_cache``)."""
+    return TensorRTCompiled(graph, **options)

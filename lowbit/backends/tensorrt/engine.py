@@ -147,6 +147,11 @@ def check_build_options(options: Mapping[str, Any], also: Sequence[str] = ()) ->
     with the build options in a refusal (``export_engine``'s ``onnx_dir`` was missing from the list it showed)."""
     known = sorted([n for n in inspect.signature(build_engine).parameters if n != "onnx_path"] + list(also))
     lowering = {f.name for f in fields(LoweringOptions)}  # the engine's ONNX has fixed ones (_checked_onnx)
+    for flag in ("fp16", "bf16"):
+        if options.get(flag) is True and options.get("strongly_typed", True) is True:
+            raise TensorRTOptionError(f"TensorRT option {flag}=True applies to a weakly typed build only "
+                                      "(strongly_typed=False): a strongly typed network takes no precision flag, its "
+                                      f"Q/DQ nodes and types decide; drop {flag}= or set strongly_typed=False")
     for key, value in options.items():
         if key in lowering:  # was "did you mean 'opt'?" for opset
             raise OptionError(f"{key}= is an ONNX lowering option; a TensorRT engine is built from the opset-21 QDQ "
@@ -159,8 +164,8 @@ def check_build_options(options: Mapping[str, Any], also: Sequence[str] = ()) ->
         if key in ("max_dim", "workspace_bytes") and (isinstance(value, bool) or not isinstance(value, int)
                                                        or value <= 0):
             raise TensorRTOptionError(f"TensorRT option {key}={value!r}: give a positive integer")
-        if key == "strongly_typed" and not isinstance(value, bool):
-            raise TensorRTOptionError(f"TensorRT option strongly_typed={value!r}: give True or False")
+        if key in ("strongly_typed", "fp16", "bf16") and not isinstance(value, bool):
+            raise TensorRTOptionError(f"TensorRT option {key}={value!r}: give True or False")
         if key == "timing_cache" and value is not None and not isinstance(value, (str, os.PathLike)):
             raise TensorRTOptionError(f"TensorRT option timing_cache={value!r}: give a file path or None")
         if key == "opt" and value is not None and (not isinstance(value, Mapping) or any(
@@ -184,6 +189,32 @@ def check_build_options(options: Mapping[str, Any], also: Sequence[str] = ()) ->
                                               "min <= opt <= max")
 
 
+def builder_config(trt: Any, builder: Any, *, workspace_bytes: int, strongly_typed: bool, fp16: bool = False,
+                   bf16: bool = False) -> Any:
+    """The builder config of a build: the workspace limit and, for a weakly typed network, the precision flags (a
+    strongly typed one takes none: its Q/DQ nodes and types decide). A flag this TensorRT lacks is refused by name
+    rather than skipped."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if strongly_typed:
+        if fp16 or bf16:
+            raise TensorRTOptionError(f"TensorRT option {'fp16' if fp16 else 'bf16'}=True applies to a weakly typed "
+                                      "build only: a strongly typed network takes no precision flag (set "
+                                      "strongly_typed=False, or drop it)")
+        return config
+    # weakly typed explicit quantization (TensorRT 8.x) needs the INT8 flag
+    config.set_flag(trt.BuilderFlag.INT8)
+    for name, on in (("FP16", fp16), ("BF16", bf16)):
+        if not on:
+            continue
+        flag = getattr(trt.BuilderFlag, name, None)
+        if flag is None:
+            raise TensorRTOptionError(f"TensorRT option {name.lower()}=True: this TensorRT ({trt.__version__}) has no "
+                                      f"BuilderFlag.{name}")
+        config.set_flag(flag)
+    return config
+
+
 def build_engine(
     onnx_path: str | os.PathLike[str],
     *,
@@ -193,12 +224,15 @@ def build_engine(
     workspace_bytes: int = 4 << 30,
     timing_cache: str | os.PathLike[str] | None = None,
     strongly_typed: bool = True,
+    fp16: bool = False,
+    bf16: bool = False,
 ) -> tuple[bytes, EngineHeader]:
     """Build a serialized engine (plan bytes) from an ONNX file; returns it with lowbit's header.
 
     ``shapes`` sets the optimization profile of the inputs it names (input → (min, opt, max)); the others come from
     the model's symbol ranges, with dynamic maxima capped at ``max_dim`` and optima at ``opt`` (symbol → size)
-    or the capture hint.
+    or the capture hint. ``fp16`` / ``bf16`` let a weakly typed build (``strongly_typed=False``) run the float
+    layers in half precision.
     """
     trt = import_tensorrt()
     from lowbit.backends.onnx import load_onnx
@@ -220,12 +254,8 @@ def build_engine(
     if not parser.parse_from_file(os.fspath(onnx_path)):  # follows external data beside the file
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise TensorRTBuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  - " + "\n  - ".join(errs))
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if not use_strong:
-        # weakly typed explicit quantization (TensorRT 8.x) needs the INT8 flag; FP16 lets unquantized layers
-        # pick half precision as TensorRT's QAT examples do
-        config.set_flag(trt.BuilderFlag.INT8)
+    config = builder_config(trt, builder, workspace_bytes=workspace_bytes, strongly_typed=use_strong, fp16=fp16,
+                            bf16=bf16)
     profile_shapes = profile_from_symbols(model, opt, max_dim, shapes)
     profile = builder.create_optimization_profile()
     for name, (lo, mid, hi) in profile_shapes.items():
