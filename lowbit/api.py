@@ -631,6 +631,16 @@ def plan_compile(passes: Sequence[Pass], backend: str,
     if gaps:
         raise BackendError(f"backend {spec.name!r} cannot lower what the pipeline creates: {'; '.join(gaps)} "
                            f"(backends lowering them: {_backends_lowering(gaps) or 'none'})")
+    if spec.quant_rules is not None:
+        # TensorRT's explicit-quantization rules, known from the options: they were found on the exported ONNX,
+        # after capture and the whole pipeline's calibration
+        for p in passes:
+            config = p.quant_config()
+            problems = spec.quant_problems(config) if config is not None else []
+            if problems:
+                raise BackendError(f"backend {spec.name!r} cannot run what pass {p.spec()} writes:\n  - "
+                                   + "\n  - ".join(problems) + "\nchange those options, or use a backend that "
+                                   "runs them (torch, onnxruntime)")
     return CompilePlan(list(passes), spec, extra, opts)
 
 

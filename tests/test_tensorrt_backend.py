@@ -382,3 +382,85 @@ def test_builder_config_sets_the_workspace_and_only_the_precision_flags_a_weakly
         builder_config(trt, builder, workspace_bytes=1, strongly_typed=True, fp16=True)
     with pytest.raises(TensorRTOptionError, match="this TensorRT \\(8.6\\) has no BuilderFlag.BF16"):
         builder_config(fake(INT8="int8", FP16="fp16"), builder, workspace_bytes=1, strongly_typed=False, bf16=True)
+
+
+# ---- TensorRT's explicit-quantization rules on the pipeline, before it runs ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trt_llama():
+    """A random Llama wide enough for TensorRT's INT4 blocks of 64 and 128, with SmolLM2's vocabulary (so the
+    shipped calibration text tokenizes for it)."""
+    import lowbit
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=128, inter=256, heads=4, kv_heads=2, vocab=49152, max_positions=64)
+    return lowbit.compile_model(model, tokenizer="smollm2").graph
+
+
+@pytest.fixture
+def tensorrt_here(monkeypatch):
+    """The tensorrt backend as if TensorRT and a GPU were here: plan_compile checks it past its availability."""
+    import dataclasses
+
+    from lowbit.backends import registry
+
+    monkeypatch.setitem(registry.BACKENDS, "tensorrt",
+                        dataclasses.replace(registry.BACKENDS["tensorrt"], unavailable=None))
+
+
+CALIB_TRT = "calib_n=2,calib_len=16,batch_size=2,progress=false"
+
+
+@pytest.mark.parametrize("pipeline", [
+    "quantize(w=int4,group=64)",
+    "quantize(w=int4,group=32)",
+    "quantize(w=int4)",
+    "quantize(w=int4,group=128,sym=false)",
+    "quantize(w=int8,group=64)",
+    "quantize(w=fp8e5m2)",
+    "quantize(w=int8,a=int8)",
+    f"quantize(w=int8,a=int8,a_static=true,a_gran=per_tensor,{CALIB_TRT})",
+    f"quantize(w=int8,a=int8,a_static=true,a_gran=per_channel,{CALIB_TRT})",
+    f"quantize(w=int4,group=64,a=int4,a_static=true,a_gran=per_tensor,{CALIB_TRT})",
+    "quantize(w=int8,kv=int8)",
+    "quantize(w=int4,group=64,head=int8)",
+    f"gptq(w=int4,group=64,{CALIB_TRT})",
+])
+def test_a_pipeline_tensorrt_cannot_build_is_refused_before_it_runs(pipeline, trt_llama, tensorrt_here):
+    """A pipeline whose Q/DQ TensorRT's explicit-quantization rules refuse (dynamic or per-token activations,
+    asymmetric weights, INT4 outside blocks of 64/128, grouped INT8) was found out only on the exported ONNX, after
+    capture and the whole pipeline's calibration. plan_compile refuses it from the pass options now, naming each
+    rule; checked against the rules the export of the same pipeline breaks: the plan refuses exactly the pipelines
+    whose export has errors, and names only rules the export breaks."""
+    import re
+
+    from lowbit.api import plan_compile
+    from lowbit.backends.registry import BackendError
+    from lowbit.backends.tensorrt import check_tensorrt_qdq, errors
+    from lowbit.passes.manager import PassManager, parse_pipeline
+
+    passes = parse_pipeline(pipeline)
+    try:
+        plan_compile(passes, "tensorrt")
+        refused: set[str] = set()
+    except BackendError as exc:
+        assert f"pass {passes[-1].spec()} writes" in str(exc)
+        refused = set(re.findall(r"\(rule ([\w-]+)\)", str(exc)))
+    graph = trt_llama.clone()
+    PassManager(passes).run(graph)
+    found = {v.rule for v in errors(check_tensorrt_qdq(to_onnx(graph, opset=21, weight_format="qdq",
+                                                               attention="decompose")))}
+    assert bool(refused) == bool(found) and refused <= found, (refused, found)
+
+
+def test_the_cli_refuses_a_pipeline_tensorrt_cannot_build_before_loading_the_model(tensorrt_here):
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    result = CliRunner().invoke(app, ["compile", "no/such/model", "-b", "tensorrt", "--pipeline",
+                                      "gptq(w=int4,group=64)"])
+    assert result.exit_code == 2, result.output
+    assert "asymmetric (a zero point): TensorRT quantizes symmetrically only: sym=true" in result.output

@@ -18,6 +18,9 @@ A backend is one ``register_backend(...)`` call::
   calibration starts — and the graph's ops after it.
 * ``options`` — a pydantic model of the backend's own options (the torch backend's ``keep_packed``), checked
   before anything runs.
+* ``quant_rules`` — ``"module:function"`` taking a pass's ``QuantConfig`` (``Pass.quant_config``) and returning
+  what the backend cannot run in it, one line each (TensorRT's explicit-quantization rules: symmetric, static
+  per-tensor activations, INT4 in blocks of 64/128), checked with the pipeline before capture and calibration.
 """
 
 from __future__ import annotations
@@ -77,6 +80,9 @@ class BackendSpec:
     """``unavailable(device, cli)``: why the backend cannot run on this machine, or on the device asked for
     (``None``: its default), or None; checked before capture (no CUDA, or ``device="cpu"``, for triton). With
     ``cli=True`` its advice is worded for the ``lowbit`` command (flags, not keyword arguments)."""
+    quant_rules: str | None = None
+    """``"module:function"``: ``function(QuantConfig) -> [problem, ...]``, what this backend cannot run among the
+    schemes a quantizing pass writes (None: it runs every scheme the IR has)."""
     _ops_cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -125,6 +131,10 @@ class BackendSpec:
         """The ops of ``ops`` this backend does not lower, sorted."""
         return sorted({op for op in ops if not self.lowers(op)})
 
+    def quant_problems(self, config: Any) -> list[str]:
+        """What this backend cannot run in the schemes of ``config`` (a ``QuantConfig``), one line each."""
+        return list(_load(self.quant_rules)(config)) if self.quant_rules is not None else []
+
     def lower(self, graph: Any, device: str | None = None, options: dict[str, Any] | None = None) -> Any:
         """Build the runner (imports the backend module now)."""
         self.check_built()
@@ -148,14 +158,14 @@ BACKENDS: dict[str, BackendSpec] = {}
 def register_backend(name: str, lower: str | None, *, summary: str = "", passes: str = "",
                      ops: str | Callable[[str], bool] | None = None, options: type[BackendOptions] = BackendOptions,
                      not_built: str = "", unavailable: Callable[[str | None, bool], str | None] | None = None,
-                     replace: bool = False) -> BackendSpec:
+                     quant_rules: str | None = None, replace: bool = False) -> BackendSpec:
     """Declare a backend (see the module docstring); ``replace=True`` lets a later registration win (the Triton
     backend replacing its not-built declaration)."""
     if name in BACKENDS and not replace:
         raise ValueError(f"backend {name!r} registered twice (pass replace=True to redefine it)")
     if lower is None and not not_built:
         raise ValueError(f"backend {name!r} has no lower function: say in not_built= what to use instead")
-    spec = BackendSpec(name, lower, summary, passes, ops, options, not_built, unavailable)
+    spec = BackendSpec(name, lower, summary, passes, ops, options, not_built, unavailable, quant_rules)
     BACKENDS[name] = spec
     return spec
 
@@ -345,7 +355,7 @@ class TensorRTBackendOptions(BackendOptions):
 register_backend("tensorrt", "lowbit.backends.tensorrt:lower",
                  summary="TensorRT engine from the explicit-quantization (QDQ) ONNX form",
                  ops="lowbit.backends.onnx.registry:LOWERINGS", options=TensorRTBackendOptions,
-                 unavailable=_tensorrt_unavailable)
+                 unavailable=_tensorrt_unavailable, quant_rules="lowbit.backends.tensorrt.qdq_rules:pipeline_violations")
 class TritonBackendOptions(BackendOptions):
     compile: bool = True
     """Run the lowered module under ``torch.compile`` (the kernels are ``triton_op``s it sees through)."""

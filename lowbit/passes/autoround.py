@@ -25,6 +25,7 @@ from pydantic import Field, model_validator
 
 from lowbit.calibration.block_tuning import TuneOptions
 from lowbit.ir.graph import Graph
+from lowbit.ir.qscheme import QuantConfig
 from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, Pass, PassError, PassResult, register_pass
 from lowbit.passes.gptq import (
     SITE_KINDS,
@@ -32,6 +33,7 @@ from lowbit.passes.gptq import (
     check_awq_options,
     rounding,
     run_weight_calibration,
+    weight_quant_config,
 )
 
 __all__ = ["AutoRound", "AutoRoundOptions"]
@@ -78,6 +80,9 @@ class AutoRound(Pass):
     requires = (NO_QLINEAR,)
     after = WEIGHT_REWRITES
     creates = ("dequantize",)
+
+    def quant_config(self) -> QuantConfig:
+        return weight_quant_config(self.options, self.name)  # type: ignore[arg-type]
 
     def run(self, graph: Graph) -> PassResult:
         o: AutoRoundOptions = self.options  # type: ignore[assignment]

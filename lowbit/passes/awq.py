@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from lowbit.ir.graph import Graph
+from lowbit.ir.qscheme import QuantConfig
 from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, Pass, PassResult, register_pass
 from lowbit.passes.gptq import (
     SITE_KINDS,
@@ -25,6 +26,7 @@ from lowbit.passes.gptq import (
     check_scale_grid,
     rounding,
     run_weight_calibration,
+    weight_quant_config,
 )
 
 __all__ = ["AWQ", "AWQOptions"]
@@ -61,6 +63,9 @@ class AWQ(Pass):
     requires = (NO_QLINEAR,)
     after = WEIGHT_REWRITES
     creates = ("dequantize",)
+
+    def quant_config(self) -> QuantConfig:
+        return weight_quant_config(self.options, self.name)  # type: ignore[arg-type]
 
     def run(self, graph: Graph) -> PassResult:
         o: AWQOptions = self.options  # type: ignore[assignment]

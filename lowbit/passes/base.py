@@ -51,6 +51,7 @@ from lowbit.calibration.data import (
 )
 from lowbit.calibration.engine import CalibrationError, resolve_device, static_batch
 from lowbit.ir.graph import Graph
+from lowbit.ir.qscheme import QuantConfig
 
 
 class PassOptions(BaseModel):
@@ -422,6 +423,12 @@ class Pass:
         ``PassManager`` calls it on the input graph for every pass it will run, before the first one, so a pipeline
         that cannot finish fails before minutes of calibration (``w8a8kv4`` on MiniLM smoothed for ~8 s before
         ``quantize`` refused the window). Default: nothing to check."""
+
+    def quant_config(self) -> QuantConfig | None:
+        """The quantization this pass writes, as its options alone say it (no graph needed), or None where it writes
+        no Q/DQ: what a backend with rules of its own on Q/DQ forms (TensorRT's explicit quantization) checks before
+        capture and calibration, through ``lowbit.api.plan_compile``. Default: None."""
+        return None
 
     def undone_by(self, later: Pass) -> str | None:
         """Why ``later``, run after this pass in the same pipeline, would undo what this pass did while both report

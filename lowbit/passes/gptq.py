@@ -33,7 +33,7 @@ from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, 
 from lowbit.passes.insert_qdq import NonFinitePolicy, plan
 
 __all__ = ["WeightCalibrationOptions", "GPTQOptions", "GPTQ", "run_weight_calibration", "rounding", "SITE_KINDS",
-           "check_awq_options", "check_clip_grid", "check_scale_grid"]
+           "check_awq_options", "check_clip_grid", "check_scale_grid", "weight_quant_config"]
 
 
 class WeightCalibrationOptions(CalibrationOptions, ScopedOptions):
@@ -191,6 +191,12 @@ def _config(o: WeightCalibrationOptions, pass_name: str) -> tuple[QuantConfig, Q
     return cfg, scheme
 
 
+def weight_quant_config(o: WeightCalibrationOptions, pass_name: str) -> QuantConfig:
+    """What ``gptq``, ``awq`` and ``autoround`` write (``Pass.quant_config``): their options' weight scheme on every
+    linear but the kept-float ones."""
+    return _config(o, pass_name)[0]
+
+
 def run_weight_calibration(graph: Graph, o: WeightCalibrationOptions, r: Rounding, pass_name: str) -> dict[str, Any]:
     """What the ``gptq``, ``awq`` and ``autoround`` passes share: resolve their options into targets, token ids
     and a device, run ``lowbit.calibration.weights.calibrate_weights``, report its errors as the pass's."""
@@ -255,6 +261,9 @@ class GPTQ(Pass):
     requires = (NO_QLINEAR,)
     after = WEIGHT_REWRITES
     creates = ("dequantize",)
+
+    def quant_config(self) -> QuantConfig:
+        return weight_quant_config(self.options, self.name)  # type: ignore[arg-type]
 
     def run(self, graph: Graph) -> PassResult:
         o: GPTQOptions = self.options  # type: ignore[assignment]

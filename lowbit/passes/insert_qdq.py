@@ -833,6 +833,9 @@ class InsertQDQ(Pass):
         if self.options.config is None and config_from_options(self.options).is_empty():
             raise PassError(_NOTHING)
 
+    def quant_config(self) -> QuantConfig:
+        return config_from_options(self.options)
+
     def precheck(self, graph: Graph) -> None:
         """The KV cache's attention nodes, their head_dim against the KV groups, and a float window only on causal
         self-attention: what the model's architecture decides, refused before earlier passes calibrate

@@ -33,6 +33,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from lowbit.ir.qscheme import QScheme, QuantConfig
+from lowbit.ir.quant import get_qdtype
+
 Severity = Literal["error", "warning"]
 
 DOC_BASE = "https://docs.nvidia.com/deeplearning/tensorrt/latest/"
@@ -549,3 +552,98 @@ def check_tensorrt_qdq(model: ir.Model | onnx.ModelProto | str | os.PathLike[str
 
 def errors(violations: Iterable[Violation]) -> list[Violation]:
     return [v for v in violations if v.severity == "error"]
+
+
+# ---- the same rules on the schemes a pipeline writes, before it runs -----------------------------------------
+
+SchemeRole = Literal["weight", "activation", "KV cache"]
+
+
+def _scheme_qtype(role: SchemeRole, s: QScheme) -> str | None:
+    qd = get_qdtype(s.qdtype)
+    if qd.signed and s.qdtype != "fp8e5m2":
+        return None
+    return (f"{s.qdtype} is not a type TensorRT quantizes to (INT8, INT4, FP8E4M3; unsigned and FP8E5M2 formats are "
+            "rejected): use int8, int4 or fp8e4m3")
+
+
+def _scheme_zero_point(role: SchemeRole, s: QScheme) -> str | None:
+    if s.symmetric:
+        return None
+    option = {"weight": "sym", "activation": "a_sym", "KV cache": "kv_sym"}[role]
+    return f"asymmetric (a zero point): TensorRT quantizes symmetrically only: {option}=true"
+
+
+def _scheme_static(role: SchemeRole, s: QScheme) -> str | None:
+    if role == "weight" or not s.dynamic:
+        return None
+    if role == "KV cache":
+        return ("its scales are computed at run time from each key/value: TensorRT's Q/DQ scales are build-time "
+                "constants; drop kv= for TensorRT")
+    return ("dynamic scales (computed at run time from each input): TensorRT's Q/DQ scales are build-time constants: "
+            "a_static=true,a_gran=per_tensor (calibrated)")
+
+
+def _scheme_activation_per_tensor(role: SchemeRole, s: QScheme) -> str | None:
+    if role != "activation" or s.granularity == "per_tensor":
+        return None
+    return f"{s.granularity} activation scales: TensorRT quantizes activations per tensor: a_gran=per_tensor"
+
+
+def _scheme_int4_weight_only(role: SchemeRole, s: QScheme) -> str | None:
+    qd = get_qdtype(s.qdtype)
+    if role != "activation" or qd.is_float or qd.bits > 4:
+        return None
+    return f"{s.qdtype} {role}s: TensorRT's INT4 is weight-only quantization: quantize {role}s to int8 or fp8e4m3"
+
+
+def _scheme_int4_block(role: SchemeRole, s: QScheme) -> str | None:
+    qd = get_qdtype(s.qdtype)
+    if role != "weight" or qd.is_float or qd.bits > 4 or s.group_size in INT4_BLOCK_SIZES:
+        return None
+    got = f"groups of {s.group_size}" if s.group_size else f"one scale per {s.granularity.removeprefix('per_')}"
+    return (f"{got}: TensorRT's INT4 weights need block-wise scales of {' or '.join(map(str, INT4_BLOCK_SIZES))} "
+            f"along the input channels: group={INT4_BLOCK_SIZES[0]} or group={INT4_BLOCK_SIZES[1]}")
+
+
+def _scheme_block_type(role: SchemeRole, s: QScheme) -> str | None:
+    qd = get_qdtype(s.qdtype)
+    if role != "weight" or qd.bits <= 4 or s.group_size is None:
+        return None
+    return (f"in groups of {s.group_size}: TensorRT's block quantization is for INT4 only: quantize {s.qdtype} "
+            "weights per channel (no group)")
+
+
+SCHEME_RULES: list[tuple[str, Callable[[SchemeRole, QScheme], str | None]]] = [
+    ("supported-qtype", _scheme_qtype),
+    ("zero-point-zero", _scheme_zero_point),
+    ("scale-constant-positive", _scheme_static),
+    ("activation-per-tensor", _scheme_activation_per_tensor),
+    ("int4-weight-only", _scheme_int4_weight_only),
+    ("int4-block-size", _scheme_int4_block),
+    ("block-quantization-type", _scheme_block_type),
+]
+"""``RULES``' errors that a scheme alone decides (rule name, check): ``pipeline_violations`` reads them off a
+pass's ``QuantConfig`` before the pipeline runs, so a pipeline the TensorRT build would refuse is refused before
+capture and calibration. Each names the rule ``check_tensorrt_qdq`` reports on the exported model."""
+
+
+def pipeline_violations(config: QuantConfig) -> list[str]:
+    """What TensorRT's explicit-quantization rules refuse in the schemes ``config`` writes, one line each, naming
+    the role (weights, activations, KV cache; a module rule's pattern), the scheme and the rule."""
+    roles: list[tuple[str, SchemeRole, QScheme | None]] = [("weights", "weight", config.weight),
+                                                           ("activations", "activation", config.input)]
+    for r in config.rules:
+        roles += [(f"weights of {r.pattern!r}", "weight", r.weight if isinstance(r.weight, QScheme) else None),
+                  (f"activations of {r.pattern!r}", "activation", r.input if isinstance(r.input, QScheme) else None)]
+    if config.kv is not None:
+        roles += [("KV cache keys", "KV cache", config.kv.key), ("KV cache values", "KV cache", config.kv.value)]
+    out = []
+    for where, role, scheme in roles:
+        if scheme is None:
+            continue
+        for rule, check in SCHEME_RULES:
+            why = check(role, scheme)
+            if why:
+                out.append(f"{where} {scheme.short()}: {why} (rule {rule})")
+    return out
