@@ -464,3 +464,36 @@ def test_the_cli_refuses_a_pipeline_tensorrt_cannot_build_before_loading_the_mod
                                       "gptq(w=int4,group=64)"])
     assert result.exit_code == 2, result.output
     assert "asymmetric (a zero point): TensorRT quantizes symmetrically only: sym=true" in result.output
+
+
+def test_compile_to_a_directory_with_the_tensorrt_backend_writes_the_engine_it_built(tensorrt_here, monkeypatch,
+                                                                                   tmp_path):
+    """``lowbit compile -b tensorrt -o OUT`` built an engine and dropped it: OUT held the IR and the report only
+    (``-b onnxruntime`` writes its model.onnx). OUT/model.engine is the engine, integrity-checked on load, and
+    ``lowbit.export.load(OUT)`` names it."""
+    import types
+
+    from typer.testing import CliRunner
+
+    import lowbit.backends.tensorrt as trt_backend
+    from lowbit.cli.main import app
+    from lowbit.export import load
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(trt_backend, "build_engine", lambda path, **kw: (b"the plan", EngineHeader(
+        0, "", "10.0", inputs=["input_ids"], outputs=["logits"])))
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", _FakeRunner)
+    from conftest import tiny_llama
+
+    from lowbit.calibration.data import load_tokenizer
+
+    tiny_llama().save_pretrained(tmp_path / "tiny")
+    load_tokenizer("smollm2").save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["compile", str(tmp_path / "tiny"), "-b", "tensorrt", "-p", "dce", "-o", str(out),
+                                      "-q"])
+    assert result.exit_code == 0, result.output
+    plan, header = read_engine(out / "model.engine")
+    assert plan == b"the plan" and header is not None and header.inputs == ["input_ids"]
+    with pytest.raises(ValueError, match="model.engine is the TensorRT engine in it"):
+        load(out)

@@ -574,6 +574,8 @@ def _write_compile_output(out: Path, graph: Any, report: Any, runner: Any, backe
         data["pipeline_text"] = text
         if backend == "onnxruntime":
             _export_onnx(runner, graph, report, tmp / "model.onnx", onnx_options)
+        if backend == "tensorrt":  # the engine the compile built (minutes of TensorRT's tactic search) was dropped
+            runner.save(tmp / "model.engine")
         data["files"] = sorted([p.name for p in tmp.iterdir()] + ["report.json", MANIFEST])
         (tmp / "report.json").write_text(jsonio.dumps(data, indent=2, default=str) + "\n")
         write_manifest(tmp, fmt, {"lowbit": info})
