@@ -723,7 +723,7 @@ def test_generate_on_triton_names_the_nodes_on_the_reference_path(tmp_path):
     device = ["--device", "cuda"] if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []
     res = invoke("generate", tmp_path / "tiny", "-b", "triton", "--dtype", "bfloat16", "-p", "dce", "--prompt", "!",
                  "-n", "2", "--max-length", "16", *device)
-    assert ("note: 1 nodes run their reference path on this backend:\n"
+    assert ("note: 1 node runs its reference path on this backend:\n"
             "  1x decode-sdpa: head_dim 24 (a power of two <= 256, contiguous)") in res.output, res.output
 
 

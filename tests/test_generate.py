@@ -1169,3 +1169,30 @@ def test_decode_speed_is_nan_when_no_decode_step_ran(tiny_compiled):
     assert math.isnan(stopped.timings["decode_tokens_per_second"])
     run = tiny_compiled.generate([[5, 6, 7]], 3, stop_tokens=())
     assert run.decode_steps == 2 and run.decode_tokens_per_second > 0
+
+
+@pytest.mark.parametrize("steps, made, prompt_len, wanted", [
+    (1, 2, 1, "prefill 10.0 ms for 1 token; decode 1 step, 100.0 tokens/s (10.0 ms/step, batch 1); 2 new tokens;"),
+    (0, 1, 3, "prefill 10.0 ms for 3 tokens; no decode step (prefill made every token); 1 new token;"),
+    (2, 3, 2, "prefill 10.0 ms for 2 tokens; decode 2 steps, 200.0 tokens/s (5.0 ms/step, batch 1); 3 new tokens;"),
+])
+def test_cli_generate_report_counts_agree_in_number(monkeypatch, steps, made, prompt_len, wanted):
+    """The timings line said "decode 1 steps", "1 new tokens" and "for 1 tokens"; each count now agrees with its
+    noun."""
+    from typer.testing import CliRunner
+
+    import lowbit.api
+    from lowbit.cli.main import app
+    from lowbit.generate import GenerationOutput
+
+    class Scripted:
+        def generate(self, ids, n, on_token=None, **kwargs):
+            tokens = list(range(30, 30 + made))
+            for t in tokens:
+                on_token(0, t)
+            return GenerationOutput([tokens], [prompt_len], 0.01, 0.01, steps)
+
+    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: Scripted())
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi", "-n", "4"])
+    assert res.exit_code == 0, res.output
+    assert wanted in " ".join(res.stderr.split()), res.stderr

@@ -36,6 +36,7 @@ from lowbit.cli.common import (
     check_dtype,
     check_eval_sizes,
     check_output,
+    counted,
     console,
     err_console,
     existing_ancestor,
@@ -824,7 +825,7 @@ def generate_cmd(
                      Exit.USAGE)
         for i, p in enumerate(ids):  # no --max-length fits it: that advice led to the refusal above
             if known and len(p) + max_new_tokens > positions:
-                fail(f"prompt {i} has {len(p)} tokens + --max-new-tokens {max_new_tokens} = {len(p) + max_new_tokens} "
+                fail(f"prompt {i} has {counted(len(p), 'token')} + --max-new-tokens {max_new_tokens} = {len(p) + max_new_tokens} "
                      f"> the model's max_position_embeddings={positions}: shorten the prompt or lower "
                      "--max-new-tokens", Exit.USAGE)
         if fixed is not None:
@@ -878,14 +879,13 @@ def generate_cmd(
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS"
     n_tokens = sum(len(t) for t in out.tokens)
-    decode = (f"decode {out.decode_steps} steps, {out.decode_tokens_per_second:.1f} tokens/s "
+    decode = (f"decode {counted(out.decode_steps, 'step')}, {out.decode_tokens_per_second:.1f} tokens/s "
               f"({out.decode_seconds * 1000 / out.decode_steps:.1f} ms/step, batch {len(prompt)})"
               if out.decode_steps else "no decode step (prefill made every token)")
     err_console.print(
         f"{'load' if text.startswith('loaded from') else 'compile'} {compile_s:.1f} s ({text or 'float'}); prefill "
-        f"{out.prefill_seconds * 1000:.1f} ms for "
-        f"{sum(out.prompt_lengths)} tokens; {decode}; {n_tokens} new tokens; peak memory {peak}", markup=False,
-        highlight=False, soft_wrap=True)
+        f"{out.prefill_seconds * 1000:.1f} ms for {counted(sum(out.prompt_lengths), 'token')}; {decode}; "
+        f"{counted(n_tokens, 'new token')}; peak memory {peak}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _generate_from_source(directory: Path) -> str:
@@ -939,7 +939,8 @@ def _note_reference_nodes(runner: Any) -> None:
     reasons: dict[str, int] = {}
     for why in fallback.values():
         reasons[why] = reasons.get(why, 0) + 1
-    err_console.print(f"note: {len(fallback)} nodes run their reference path on this backend:\n"
+    err_console.print(f"note: {counted(len(fallback), 'node')} {'runs its' if len(fallback) == 1 else 'run their'} "
+                      "reference path on this backend:\n"
                       + "\n".join(f"  {n}x {why}" for why, n in reasons.items()), markup=False, highlight=False,
                       soft_wrap=True)
 
