@@ -427,12 +427,29 @@ def _rope_switch(model: PreTrainedModel) -> int | None:
     rotary = getattr(model.base_model, "rotary_emb", None)
     if getattr(rotary, "rope_type", None) != "longrope":
         return None
-    config = model.config
+    return _original_positions(model.config, type(model).__name__)
+
+
+def longrope_switch(config: Any, what: str) -> int | None:
+    """``_rope_switch`` read off a config alone (a saved ``config.json``): the position where a longrope rotary
+    takes its long frequencies, None when its rotary is not longrope. ``what`` names the model in errors."""
+    params = _rope_params(config)
+    if "longrope" not in (params.get("rope_type"), params.get("type")):
+        return None
+    return _original_positions(config, what)
+
+
+def _rope_params(config: Any) -> dict[str, Any]:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    switch = params.get("original_max_position_embeddings") if isinstance(params, dict) else None
+    return params if isinstance(params, dict) else {}
+
+
+def _original_positions(config: Any, what: str) -> int:
+    """longrope's ``original_max_position_embeddings`` from the rope parameters or the config itself."""
+    switch = _rope_params(config).get("original_max_position_embeddings")
     switch = switch or getattr(config, "original_max_position_embeddings", None)
     if not isinstance(switch, int) or isinstance(switch, bool) or switch < 1:
-        raise GenerationError(f"{type(model).__name__}: its rotary is longrope but the config names no "
+        raise GenerationError(f"{what}: its rotary is longrope but the config names no "
                               f"original_max_position_embeddings ({switch!r}), the position where it changes "
                               "frequencies")
     return switch

@@ -1298,3 +1298,41 @@ def test_a_phi3_longrope_model_saves_as_compressed_tensors(tmp_path):
         torch.testing.assert_close(hf(ids).logits, compiled(ids), rtol=0, atol=1e-5)
     step = lowbit.load(out, generation=GenerationSpec(max_length=32, max_batch=1))
     assert step.graph.meta["generation"]["rope_switch"] == 16
+
+
+def _without_manifest_entries(directory: Path, *, generation_key: str | None = None, file: str | None = None) -> None:
+    """A checkpoint as an older lowbit wrote it: a generation field or a file left out of its manifest."""
+    manifest = json.loads((directory / "lowbit-manifest.json").read_text())
+    if generation_key is not None:
+        del manifest["lowbit"]["generation"][generation_key]
+    if file is not None:
+        del manifest["files"][file]
+        (directory / file).unlink()
+    (directory / "lowbit-manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_longrope_step_saved_before_rope_switch_generates_past_the_switch(tmp_path):
+    """A Phi-3 longrope step graph saved in the lowbit format before ``rope_switch`` was recorded loaded without it:
+    its decode steps crossed the switch with keys rotated by the short frequencies, and the tokens after it were
+    others than the compile's, without a word. The switch is recomputed from the saved config.json; with no
+    config.json to read it from, the load is refused, naming the rotary's node and what to do."""
+    from conftest import tiny_phi3_longrope
+
+    from lowbit.generate import GenerationSpec
+
+    hf = tiny_phi3_longrope()
+    with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
+        for p in hf.parameters():
+            p.mul_(4)
+    compiled = lowbit.compile_model(hf, generation=GenerationSpec(max_length=32, max_batch=2))
+    prompts = [list(range(1, 10)), [5, 6, 7]]  # the first crosses position 16 at its 8th new token
+    want = compiled.generate(prompts, 10, stop_tokens=()).tokens
+    old = lowbit.save(compiled, tmp_path / "old", format="lowbit")
+    _without_manifest_entries(old, generation_key="rope_switch")
+    step = lowbit.load(old)
+    assert step.graph.meta["generation"]["rope_switch"] == 16
+    assert step.generate(prompts, 10, stop_tokens=()).tokens == want
+    _without_manifest_entries(old, file="config.json")
+    with pytest.raises(CheckpointError, match=r"%max_1 \(model.rotary_emb\) takes the largest position.*no 'rope_"
+                       "switch'.*no config.json.*save the model again"):
+        lowbit.load(old)

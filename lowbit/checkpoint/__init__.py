@@ -493,6 +493,34 @@ def _parsed_and_verified(ir: Path, params: dict[str, Any]) -> Any:
     return graph
 
 
+def _recompute_rope_switch(generation: dict[str, Any], graph: Any, config: Any, directory: Path) -> None:
+    """A longrope step graph saved before ``rope_switch`` was recorded loaded without it, and its decode steps went
+    on past the switch with keys rotated by the short frequencies: other tokens than the compile's, silently. The
+    switch is recomputed from the saved config.json as ``compile_model`` computes it; with no config.json, a graph
+    whose rotary reads the largest position (longrope's switch) is refused."""
+    if "rope_switch" in generation:
+        return
+    if config is not None:
+        from lowbit.models import GenerationError, longrope_switch
+
+        try:
+            switch = longrope_switch(config, f"{directory / 'config.json'}")
+        except GenerationError as exc:
+            raise CheckpointError(str(exc)) from None
+        if switch is not None and switch < generation["max_length"]:  # as compile_model records it
+            generation["rope_switch"] = switch
+        return
+    positions = graph.inputs[1] if len(graph.inputs) > 1 else None
+    reads_max = [n for n in graph.nodes if n.op == "aten.max.default" and n.args and n.args[0] is positions]
+    if reads_max:
+        raise CheckpointError(f"{directory}: its step graph's %{reads_max[0].outputs[0].name} "
+                              f"({reads_max[0].module or 'no module'}) takes the largest position, as a longrope "
+                              "rotary does to switch frequencies, but the manifest records no 'rope_switch' (saved by "
+                              "a lowbit before it was recorded) and there is no config.json to recompute it from: "
+                              "generation past the switch would reuse keys rotated with the other frequencies. "
+                              "Compile and save the model again with this lowbit")
+
+
 def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any, Any]:
     from lowbit.checkpoint.files import check_listed, read_safetensors
 
@@ -527,6 +555,7 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
         graph.meta["pruned"] = validated_meta(PrunedMeta, info["pruned"], f"{directory}: manifest 'lowbit.pruned'")
     generation = generation_meta(info, graph, f"{directory}: manifest 'lowbit")
     if generation is not None:
+        _recompute_rope_switch(generation, graph, config, directory)
         graph.meta["generation"] = generation
     if info.get("residual_rotated"):  # a bool: verify_manifest checked the table's types
         graph.meta["residual_rotated"] = True
