@@ -521,7 +521,7 @@ def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn
     limit = model_positions(model.model)
     if limit is not None:  # calibration windows are checked against it (the step has no symbol)
         meta["max_positions"] = limit
-    if model.rope_switch is not None and model.rope_switch < spec.max_length:  # a decode step can cross it
+    if model.rope_switch is not None:  # recorded past max_length too: a longrope step without it is an old artifact
         meta["rope_switch"] = model.rope_switch
     return model, example, dynamic, meta
 

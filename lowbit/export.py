@@ -203,8 +203,10 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
             parsed = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path}: metadata {GENERATION_KEY!r} is not JSON: {exc}") from None
-        return GeneratingOnnx(ort, validated_meta(GenerationMeta, parsed, f"{path}: metadata {GENERATION_KEY!r}"),
-                              _given_tokenizer(tokenizer))
+        meta = validated_meta(GenerationMeta, parsed, f"{path}: metadata {GENERATION_KEY!r}")
+        if "rope_switch" not in meta:
+            _refuse_unrecorded_rope_switch(path)
+        return GeneratingOnnx(ort, meta, _given_tokenizer(tokenizer))
     if (options or tokenizer is not None) and path.is_file():  # were dropped without a word: an engine takes none
         given = sorted(options) + (["tokenizer"] if tokenizer is not None else [])
         raise OptionError(f"{path} is read as a TensorRT engine (not an ONNX file), which takes no options: got "
@@ -262,6 +264,26 @@ def looks_like_onnx(path: Path) -> bool:
 
 GENERATION_KEY = "lowbit.generation"
 """ONNX metadata key holding a step graph's generation meta (the lowbit format's manifest field, same schema)."""
+
+
+def _refuse_unrecorded_rope_switch(path: Path) -> None:
+    """A longrope step exported before ``rope_switch`` was recorded in its metadata: its rotary switches frequencies
+    at the largest position (a ReduceMax over ``positions``), but the generator, not knowing where, never recomputed
+    the cache there and the tokens after the switch were others than the compile's, silently. An ONNX file holds no
+    config to recompute the switch from, so it is refused."""
+    from lowbit.backends.onnx.io import load_onnx
+    from lowbit.checkpoint import CheckpointError
+
+    graph = load_onnx(path, check=False).graph
+    positions = graph.inputs[1].name if len(graph.inputs) > 1 else None
+    for node in graph:
+        if node.op_type == "ReduceMax" and node.inputs and node.inputs[0] is not None \
+                and node.inputs[0].name == positions:
+            raise CheckpointError(f"{path}: node {node.name!r} takes the largest of the {positions!r} input, as a "
+                                  f"longrope rotary does to switch frequencies, but metadata {GENERATION_KEY!r} "
+                                  "records no 'rope_switch' (exported by a lowbit before it was recorded): generation "
+                                  "past the switch would reuse keys rotated with the other frequencies. Export the "
+                                  "compiled model again with this lowbit")
 
 
 class GeneratingOnnx(torch.nn.Module):

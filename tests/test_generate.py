@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.api import CompiledModel, compile_model
+from lowbit.errors import LowbitError
 from lowbit.generate import GenerationError, GenerationSpec
 from lowbit.models import CausalLMLogits, CausalLMStep
 
@@ -1045,6 +1047,33 @@ def test_phi3_longrope_generation_recomputes_the_cache_where_its_rotary_switches
             want = hf.generate(ids, attention_mask=(ids != 0).long(), max_new_tokens=10, min_new_tokens=10,
                                do_sample=False)[:, longest:].tolist()
         assert cm.generate(prompts, 10, stop_tokens=()).tokens == want, [len(p) for p in prompts]
+
+
+def test_an_onnx_longrope_step_exported_before_rope_switch_is_refused(tmp_path):
+    """An exported longrope step graph whose metadata has no ``rope_switch`` (written before it was recorded) ran
+    ``generate`` past the switch with keys rotated by the short frequencies: other tokens than the compile's, without
+    a word. An ONNX file has no config to recompute it from, so its load is refused by the node that reads the
+    largest position. A step whose cache ends at the switch records it now too, so only old files lack it."""
+    import onnx
+    from conftest import tiny_phi3_longrope
+
+    import lowbit.export as lx
+
+    cm = compile_model(tiny_phi3_longrope(), generation=GenerationSpec(max_length=16, max_batch=1))
+    assert cm.graph.meta["generation"]["rope_switch"] == 16  # not reachable, recorded all the same
+    path = lx.export(cm, tmp_path / "step.onnx")
+    want = cm.generate([[3, 4, 5]], 4, stop_tokens=()).tokens
+    assert lx.load(path).generate([[3, 4, 5]], 4, stop_tokens=()).tokens == want
+    model = onnx.load(str(path))
+    for prop in model.metadata_props:
+        if prop.key == lx.GENERATION_KEY:
+            meta = json.loads(prop.value)
+            del meta["rope_switch"]
+            prop.value = json.dumps(meta)
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    with pytest.raises(LowbitError, match="node 'model.rotary_emb/.*ReduceMax' takes the largest of the 'positions' "
+                       "input.*no 'rope_switch'.*Export the compiled model again"):
+        lx.load(tmp_path / "old.onnx")
 
 
 def _bf16_greedy_equals_transformers(config_class: str, kv_heads: int) -> CompiledModel:

@@ -246,7 +246,8 @@ class GenerationMeta(BaseModel):
     before it was recorded, and for a model whose config has none."""
     rope_switch: int | None = Field(default=None, ge=1)
     """longrope's ``original_max_position_embeddings`` (the generator recomputes the cache when a sequence reaches
-    it); absent for fixed rotary frequencies, a cache too short to reach it, and checkpoints written before it."""
+    it; recorded for a cache too short to reach it too); absent for fixed rotary frequencies and in files written
+    before it was recorded (recomputed from config.json on load; without one such a longrope step is refused)."""
 
 
 class PrunedMeta(BaseModel):
@@ -507,7 +508,7 @@ def _recompute_rope_switch(generation: dict[str, Any], graph: Any, config: Any, 
             switch = longrope_switch(config, f"{directory / 'config.json'}")
         except GenerationError as exc:
             raise CheckpointError(str(exc)) from None
-        if switch is not None and switch < generation["max_length"]:  # as compile_model records it
+        if switch is not None:
             generation["rope_switch"] = switch
         return
     positions = graph.inputs[1] if len(graph.inputs) > 1 else None
