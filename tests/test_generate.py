@@ -529,6 +529,35 @@ def test_onnxruntime_generation_matches_the_torch_reference(smollm2, recipe):
             assert loaded.generate(prompts, 12).tokens == torch_cm.generate(prompts, 12).tokens  # the EOS ids kept
 
 
+@pytest.mark.slow
+def test_onnxruntime_float32_greedy_keeps_the_torch_tokens_for_64_new_tokens(smollm2):
+    """The bound on ONNX Runtime vs torch greedy drift at float32: every one of 64 new tokens agrees, for each of four
+    prompts (4 x 64 tokens on the 2-block SmolLM2; measured so in session 36), and the step's teacher-forced logits
+    along them differ by at most 1e-5 of their largest (on two 72-token WikiText-2 windows: 6.1e-5 of 80).
+
+    In bfloat16 they do not keep 64 tokens and are not expected to (README, "bfloat16 models run on ONNX Runtime's
+    CPU provider in float32"): the same four prompts part at new tokens 50, 34, 56 and 51, each where the float32
+    logits of the bf16 weights hold a near-tie (the two picks 0.04-0.09 apart) that both bf16 runs' own error
+    (torch 0.51, ORT 0.25 on logits of ~80) covers; torch in bf16 parts from that float32 computation as early."""
+    from lowbit.backends.onnxruntime_backend import OrtCompiled
+    from lowbit.generate import Generator
+    from tests.conftest import smollm2_slice
+
+    model, tok = smollm2
+    cm = compile_model(smollm2_slice(model, 2), generation=GenerationSpec(max_length=80, max_batch=4))
+    prompts = [tok(p).input_ids for p in PROMPTS + ["The history of the Roman Empire"]]
+    want = cm.generate(prompts, 64, stop_tokens=()).tokens
+    ort = Generator(OrtCompiled(cm.graph, device="cpu"), cm.graph.meta["generation"], "cpu")
+    assert ort.generate(prompts, 64, stop_tokens=()).tokens == want
+    full = compile_model(smollm2_slice(model, 2), generation=GenerationSpec(max_length=80, max_batch=4,
+                                                                           logits="all"))
+    seqs = [p + t for p, t in zip(prompts, want)]
+    ids = torch.tensor([s[:min(map(len, seqs))] for s in seqs])
+    ref = Generator(full.runner, full.graph.meta["generation"], "cpu").prefill_logits(ids)
+    got = Generator(OrtCompiled(full.graph, device="cpu"), full.graph.meta["generation"], "cpu").prefill_logits(ids)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (got - ref).abs().max()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend, recipe", [("torch", None), ("triton", "w4a16-g64")])
 def test_decode_step_captures_in_a_cuda_graph_with_the_same_tokens(smollm2, backend, recipe):
