@@ -1555,3 +1555,30 @@ def test_inspect_and_graph_of_a_float_hf_directory_check_its_manifest_as_load_do
         res = invoke(command, out, *(["-o", tmp_path / "g.html"] if command == "graph" else []), code=3)
         assert str(err.value) in " ".join(res.output.split()), res.output
     assert not (tmp_path / "g.html").exists()
+
+
+def test_every_command_that_reads_a_model_takes_quiet(tmp_path):
+    """lowbit graph, inspect and replay had no -q (compile, generate and the debug commands do): graph and inspect of
+    an HF directory load it through transformers, whose 'Loading weights' bar went to stderr with the results, and
+    replay's calibrating passes drew theirs. -q turns them off; the result line still prints."""
+    import lowbit
+    from lowbit.data.model_files import load_tokenizer
+    from transformers.utils import logging as hf_logging
+
+    for command in (["compile"], ["generate"], ["graph"], ["inspect"], ["replay"], ["debug", "compare"],
+                    ["debug", "bisect"], ["debug", "sensitivity"]):
+        assert "--quiet" in invoke(*command, "--help").output, command
+    compiled = lowbit.compile_model(tiny_llama(vocab=49152), pipeline="dce", tokenizer=load_tokenizer("smollm2"))
+    out = lowbit.save(compiled, tmp_path / "hf", format="hf")
+    enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        loud = invoke("graph", out, "-o", tmp_path / "a.html").output
+        quiet = invoke("graph", out, "-o", tmp_path / "b.html", "-q").output
+        hf_logging.enable_progress_bar()
+        quiet_inspect = invoke("inspect", out, "-q").output
+    finally:
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    assert "Loading weights" in loud  # what -q is for
+    assert "Loading weights" not in quiet and "wrote" in quiet, quiet
+    assert "Loading weights" not in quiet_inspect and "graph main" in quiet_inspect, quiet_inspect

@@ -950,11 +950,12 @@ def replay_cmd(
     directory: Path = typer.Argument(..., help="a directory written by --reproducer"),
     verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each", help="run the verifier after each "
                                      "pass"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the verdict still prints)"),
 ) -> None:
     """Re-run the failing part of a pipeline on the IR saved by --reproducer; exits 4 if it still fails."""
     from lowbit.cli.reproducer import replay
 
-    replay(directory, verify_each=verify_each)
+    replay(directory, verify_each=verify_each, progress=not quiet)
 
 
 @app.command("inspect")
@@ -962,10 +963,14 @@ def inspect_cmd(
     file: Path = typer.Argument(..., help="a .lowbit IR file, a compile output or HF model directory (compressed-"
                                 "tensors, GPTQ, or a float model: captured as compile does), or an .onnx file"),
     top: int = typer.Option(20, help="show at most this many rows per table"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (an HF directory's loading bar; the "
+                               "tables still print)"),
 ) -> None:
     """Summarise a compiled artefact: ops, quantized tensors (qdtype, granularity), dtypes and sizes."""
     from lowbit.cli.inspect import inspect_file
 
+    if quiet:  # reading an HF directory loads it through transformers, whose bar went to stderr with the tables
+        quiet_progress([])
     if top < 1:  # a negative --top sliced the tables from the end: every row but the last -N, silently
         fail(f"--top {top}: give at least 1 row per table", Exit.USAGE)
     inspect_file(file, top=top)
@@ -978,10 +983,14 @@ def graph_cmd(
     format: str = typer.Option("html", "--format", "-f", help="dot or html"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file (default: beside FILE, with the "
                                        "format's suffix; for a directory OUT, OUT.html / OUT.dot next to it)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (an HF directory's loading bar; the "
+                               "'wrote' line still prints)"),
 ) -> None:
     """Draw the graph grouped by module: Graphviz dot (clusters) or HTML (collapsible, no JavaScript)."""
     from lowbit.cli.inspect import draw_graph
 
+    if quiet:  # reading an HF directory loads it through transformers, whose bar went to stderr
+        quiet_progress([])
     check_output(out, "--out", directory=False)
     draw_graph(file, format, out)
 

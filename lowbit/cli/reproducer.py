@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lowbit.checkpoint.files import REPRODUCER_COPIES
-from lowbit.cli.common import Exit, atomic_output_dir, console, fail
+from lowbit.cli.common import Exit, atomic_output_dir, console, fail, quiet_progress
 
 MANIFEST = "reproducer.json"
 INVALID_INPUT = "the input IR is invalid"
@@ -272,8 +272,9 @@ def _replay_passes(directory: Path, text: str) -> list[Any]:
         fail(f"reproducer {str(directory)!r}: replay_pipeline: {exc}", Exit.USAGE)
 
 
-def replay(directory: Path, verify_each: bool = True) -> None:
-    """Parse the saved IR and run the saved pipeline; exit 4 if it fails again, 0 if it no longer does.
+def replay(directory: Path, verify_each: bool = True, progress: bool = True) -> None:
+    """Parse the saved IR and run the saved pipeline; exit 4 if it fails again, 0 if it no longer does
+    (``progress=False``: ``-q``, no calibration bars).
 
     Every path is checked to stay inside ``directory`` and the IR is parsed (ops and dimensions refused unless
     allowlisted) before anything runs.
@@ -299,6 +300,8 @@ def replay(directory: Path, verify_each: bool = True) -> None:
     with artifact_errors(ir_file):
         graph = read_graph(ir_file, params_file)
     passes = _replay_passes(directory, manifest["replay_pipeline"])
+    if not progress:
+        quiet_progress(passes)
     tokenizer = _load_tokenizer(directory, manifest)
     if tokenizer is not None:
         graph.meta["tokenizer"] = tokenizer
