@@ -113,6 +113,21 @@ class Explode(Pass):
         raise PassError("pass test-explode: planted failure on purpose")
 
 
+@register_pass
+class ShrinkEmbedding(Pass):
+    """Test only: keeps the first 8 rows of the token embedding. The graph verifies (the verifier runs nodes on meta
+    tensors, where an index is never checked) and fails on real ids: a pass that leaves a graph that does not run."""
+
+    name = "test-shrink-embedding"
+
+    def run(self, graph):
+        for node in graph.nodes:
+            if node.op == "embedding":  # a copy of its own: the tied lm_head keeps the whole table
+                w = graph.add_param(graph.fresh_param_name("shrunk"), node.args[0].data[:8].clone())
+                node.args = (w, *node.args[1:])
+        return PassResult(True)
+
+
 def invoke(*args: str, code: int = 0):
     res = CliRunner().invoke(app, [str(a) for a in args])
     if res.exit_code != code:
@@ -1582,3 +1597,22 @@ def test_every_command_that_reads_a_model_takes_quiet(tmp_path):
     assert "Loading weights" in loud  # what -q is for
     assert "Loading weights" not in quiet and "wrote" in quiet, quiet
     assert "Loading weights" not in quiet_inspect and "graph main" in quiet_inspect, quiet_inspect
+
+
+def test_compare_of_a_graph_that_verifies_but_does_not_run_writes_a_reproducer(tmp_path):
+    """debug compare on a pass whose graph verified but failed on the inputs said which pass, and nothing else: no
+    '--reproducer' advice, and --reproducer wrote nothing. It now advises it, and writes the IR before the pass with
+    the inputs the graph failed on, which lowbit replay runs the graph on (exit 5, as compare)."""
+    args = ["debug", "compare", "smollm2:1", "-p", "dce,test-shrink-embedding", "--windows", "1", "--seq-len", "16",
+            "-q"]
+    res = invoke(*args, code=5)
+    assert "after pass test-shrink-embedding (#1) the graph does not run on the inputs" in res.stderr, res.stderr
+    assert "rerun with --reproducer DIR" in res.stderr
+    repro = tmp_path / "repro"
+    res = invoke(*args, "--reproducer", repro, code=5)
+    assert f"reproducer written to {repro}" in res.stderr, res.stderr
+    manifest = json.loads((repro / "reproducer.json").read_text())
+    assert manifest["replay_pipeline"] == "test-shrink-embedding" and manifest["failing_index"] == 1
+    res = invoke("replay", repro, code=5)
+    assert "reproduced: after test-shrink-embedding the graph does not run on the saved inputs ([1, 16])" \
+        in res.stderr, res.stderr

@@ -58,12 +58,23 @@ class CompareResult:
 
 
 class LayerCompare(Instrument):
-    """After every pass, run the graph on the inputs and record per-layer and end-metric differences."""
+    """After every pass, run the graph on the inputs and record per-layer and end-metric differences.
 
-    def __init__(self, inputs: EvalInputs, reference: Probe, metric: str, progress: Any = None) -> None:
+    ``reproducer``: where to save a replay when a pass leaves a graph that verifies but does not run on the inputs
+    (the IR before the pass, the rest of the pipeline and these inputs, which ``lowbit replay`` runs the graph on);
+    the IR before each pass is then kept (a structural clone, tensors shared)."""
+
+    def __init__(self, inputs: EvalInputs, reference: Probe, metric: str, progress: Any = None, *,
+                 passes: list[Any] = (), reproducer: Path | None = None, model_spec: str = "") -> None:
         self.inputs, self.reference, self.metric = inputs, reference, metric
         self.stages: list[Stage] = []
         self.progress = progress
+        self.passes, self.reproducer, self.model_spec = list(passes), reproducer, model_spec
+        self._before: Any = None
+
+    def before_pass(self, record: PassRecord, p: Any, graph: Any) -> None:
+        if self.reproducer is not None:
+            self._before = graph.clone()
 
     def after_pass(self, record: PassRecord, p: Any, graph: Any) -> None:
         if record.skipped:
@@ -71,8 +82,17 @@ class LayerCompare(Instrument):
         try:
             probe = run_probe(graph, self.inputs)
         except Exception as exc:  # the pass verified but its graph does not run: name the pass, not a frame
-            fail(f"after pass {record.spec} (#{record.index}) the graph does not run on the inputs: "
-                 f"{type(exc).__name__}: {exc}", Exit.BACKEND)
+            msg = (f"after pass {record.spec} (#{record.index}) the graph does not run on the inputs: "
+                   f"{type(exc).__name__}: {exc}")
+            if self.reproducer is not None and self._before is not None:
+                from lowbit.cli.reproducer import write_reproducer
+
+                write_reproducer(self.reproducer, self._before, self.passes, record.index, msg, self.model_spec,
+                                 run_inputs=self.inputs.args)
+                msg += f"\nreproducer written to {self.reproducer} (run `lowbit replay {self.reproducer}`)"
+            else:  # the advice compare gives for a pass that fails
+                msg += "\n(rerun with --reproducer DIR to save the IR before this pass and replay it)"
+            fail(msg, Exit.BACKEND)
         # a rotated residual stream holds the float model's block outputs in another basis (exactly: x Q): turned
         # back with the Q rotate recorded; without it (a graph reloaded from text) they are not comparable, n/a
         if graph.meta.get("residual_rotated"):
@@ -120,7 +140,8 @@ def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128,
         bar.advance(task)
         stages = [Stage(-1, "float", False, 0.0, end_metric(metric, inputs, ref.output, ref.output),
                         compare_outputs(ref.output, ref.output), layer_stats(ref, ref))]
-        ins = LayerCompare(inputs, ref, metric, progress=lambda: bar.advance(task))
+        ins = LayerCompare(inputs, ref, metric, progress=lambda: bar.advance(task), passes=passes,
+                           reproducer=reproducer, model_spec=model_spec)
         run_pipeline(graph, passes, instruments=[ins], verify_each=verify_each, reproducer=reproducer,
                      model_spec=model_spec)
     stages += ins.stages

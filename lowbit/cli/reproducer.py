@@ -167,10 +167,15 @@ def _load_tokenizer(directory: Path, manifest: dict[str, Any]) -> Any:
         fail(str(exc), Exit.NOT_FOUND)
 
 
+RUN_INPUTS = "run_inputs.pt"
+"""The real inputs a graph that verified failed to run on (``debug compare``): replay runs the graph on them."""
+
+
 def write_reproducer(directory: Path, graph_before: Any, passes: list[Any], start: int, error: str,
-                     model_spec: str) -> None:
+                     model_spec: str, run_inputs: tuple[torch.Tensor, ...] | None = None) -> None:
     """Write the reproducer for a failure of ``passes[start]`` on ``graph_before`` (atomically), with copies of
-    the files the remaining passes read."""
+    the files the remaining passes read. ``run_inputs``: the pass succeeded and verified, but the graph it left
+    failed to run on these inputs; they are saved, and replay runs the graph on them after the passes."""
     from lowbit.cli.artifacts import save_graph
     from lowbit.passes.manager import format_pipeline
 
@@ -180,13 +185,18 @@ def write_reproducer(directory: Path, graph_before: Any, passes: list[Any], star
             torch.save(_example_inputs(graph_before), tmp / "inputs.pt")
         except Exception:  # an input type the sampler cannot build: the reproducer still replays the passes
             pass
-        rest = format_pipeline(_copy_input_files(tmp, passes[start:], start))
-        tokenizer = _save_tokenizer(tmp, graph_before, passes[start:])
+        # a graph that did not run: the failing pass alone, the passes after it never ran
+        replayed = passes[start:start + 1] if run_inputs is not None else passes[start:]
+        rest = format_pipeline(_copy_input_files(tmp, replayed, start))
+        tokenizer = _save_tokenizer(tmp, graph_before, replayed)
         (tmp / "pipeline.txt").write_text(rest + "\n")
         (tmp / "error.txt").write_text(error + "\n")
+        if run_inputs is not None:
+            torch.save([t.detach().cpu() for t in run_inputs], tmp / RUN_INPUTS)
         manifest = {"model": model_spec, "full_pipeline": format_pipeline(passes), "failing_index": start,
                     "failing_pass": passes[start].spec() if start < len(passes) else None, "replay_pipeline": rest,
                     "ir": "before.lowbit", "params": "before.safetensors", "inputs": "inputs.pt",
+                    **({"run_inputs": RUN_INPUTS} if run_inputs is not None else {}),
                     **({"tokenizer": tokenizer} if tokenizer else {}),
                     **({"meta": meta} if (meta := _graph_meta(graph_before)) else {}),
                     "versions": versions(), "error": error}
@@ -324,7 +334,36 @@ def replay(directory: Path, verify_each: bool = True, progress: bool = True) -> 
             fail(f"the pipeline fails again, but not as recorded: {exc}\n(recorded: {manifest['error']})",
                  Exit.PIPELINE)
         fail(f"reproduced: {exc}", Exit.PIPELINE)
+    if manifest.get("run_inputs") is not None:
+        _replay_run(directory, manifest, graph)
+        return
     console.print("the pipeline now succeeds: the failure no longer reproduces", markup=False, soft_wrap=True)
+
+
+def _replay_run(directory: Path, manifest: dict[str, Any], graph: Any) -> None:
+    """The second half of a reproducer ``debug compare`` wrote for a graph that verified but did not run: run the
+    graph the passes left on the saved inputs (exit 5 if it still fails, as compare did)."""
+    from lowbit.cli.probes import EvalInputs, run_probe
+    from lowbit.errors import UntrustedInputError
+
+    try:
+        where = confined(directory, manifest["run_inputs"], "run_inputs")
+    except UntrustedInputError as exc:
+        fail(str(exc), Exit.NOT_FOUND)
+    try:
+        args = torch.load(where, weights_only=True)  # tensors only: no pickled code runs
+    except Exception as exc:
+        fail(f"reproducer {str(directory)!r}: run_inputs file {str(where)!r} cannot be read: {exc}", Exit.NOT_FOUND)
+    if not isinstance(args, list) or not args or not all(isinstance(t, torch.Tensor) for t in args):
+        fail(f"reproducer {str(directory)!r}: run_inputs file {str(where)!r} does not hold a list of tensors",
+             Exit.NOT_FOUND)
+    try:
+        run_probe(graph, EvalInputs("saved", tuple(args), "saved inputs"), with_layers=False)
+    except Exception as exc:
+        fail(f"reproduced: after {manifest['replay_pipeline']} the graph does not run on the saved inputs "
+             f"({', '.join(str(list(t.shape)) for t in args)}): {type(exc).__name__}: {exc}", Exit.BACKEND)
+    console.print("the pipeline now succeeds and its graph runs on the saved inputs: the failure no longer "
+                  "reproduces", markup=False, soft_wrap=True)
 
 
 _FAILED = re.compile(r"^pass .*? \(#\d+\) failed: ", re.S)
