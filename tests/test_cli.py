@@ -1365,7 +1365,7 @@ def test_debug_metric_is_checked_before_the_model_is_read(tmp_path, command):
     """--metric foo was refused after the model loaded (a missing model said so first, exit 3), listing 'ppl, cos'
     without auto, the default."""
     res = invoke(*command[:2], tmp_path / "no-such-model", *command[2:], "--metric", "cso", code=2)
-    assert "--metric 'cso': give ppl, cos or auto; did you mean 'cos'?" in res.stderr, res.stderr
+    assert "--metric 'cso': give ppl, kl, cos or auto; did you mean 'cos'?" in res.stderr, res.stderr
 
 
 def test_debug_json_dash_writes_the_json_alone_to_stdout(tmp_path, monkeypatch):
@@ -1616,3 +1616,21 @@ def test_compare_of_a_graph_that_verifies_but_does_not_run_writes_a_reproducer(t
     res = invoke("replay", repro, code=5)
     assert "reproduced: after test-shrink-embedding the graph does not run on the saved inputs ([1, 16])" \
         in res.stderr, res.stderr
+
+
+def test_debug_bisect_measures_a_slice_by_kl_from_the_float_slice(tmp_path):
+    """bisect and sensitivity on a slice (smollm2:2) could only use its perplexity, which is not a language model's
+    (thousands for the float cut; damage may even lower it), and said nothing of it. --metric kl measures every run
+    against the float slice's own next-token distributions (0 for float), and a ppl run on a slice says so."""
+    js = tmp_path / "bisect.json"
+    res = invoke("debug", "bisect", "smollm2:2", "--pipeline", "fold-norms,test-plant-bad,dce", *SMALL,
+                 "--metric", "kl", "--max-increase", "0.05", "--json", js)
+    data = json.loads(js.read_text())
+    assert data["metric"] == "kl" and data["baseline"] == pytest.approx(0, abs=1e-6), data
+    assert data["threshold"] == pytest.approx(0.05, abs=1e-6) and data["full"] > 0.05
+    assert data["culprit_pass"] == "test-plant-bad" and data["culprit_layers"] == ["model.layers.1"]
+    assert "float baseline KL 0.00000" in res.output and "note:" not in res.output, res.output
+    res = invoke("debug", "bisect", "smollm2:2", "-p", "dce", *SMALL, "--metric", "kl", code=2)
+    assert "--metric kl starts at 0 for the float model" in res.output, res.output
+    res = invoke("debug", "bisect", "smollm2:2", "-p", "dce", *SMALL, "-q", code=6)
+    assert "smollm2:2 keeps only the first 2 block(s)" in res.output and "--metric kl" in res.output, res.output

@@ -24,7 +24,8 @@ from rich.table import Table
 from lowbit import jsonio
 from lowbit.cli.common import Exit, capture_model, check_calibration, console, err_console, fail, is_stdout, load, \
     parse, parse_percent_or_number, quiet_progress, write_text_output
-from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe
+from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe, \
+    slice_note
 from lowbit.cli.restrict import Unit, block_units, how_restricted, restrict, units_in_scope
 from lowbit.ir.graph import BLOCK_NAMES
 from lowbit.passes.manager import format_pipeline, quote_pipeline
@@ -86,9 +87,9 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
     loaded = load(model_spec, dtype)
     check_calibration(passes, loaded)
     metric = metric_name(loaded.kind, metric)
-    if relative and metric == "cos":
-        fail("--metric cos starts at 0 for the float model: give --max-increase as an absolute amount "
-             "(e.g. 0.01), not a percentage", Exit.USAGE)
+    if relative and metric in ("cos", "kl"):
+        fail(f"--metric {metric} starts at 0 for the float model: give --max-increase as an absolute amount "
+             f"(e.g. {'0.01' if metric == 'cos' else '0.05'}), not a percentage", Exit.USAGE)
     inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
     graph0 = capture_model(loaded)
     reference = run_probe(graph0, inputs, with_layers=False).output
@@ -110,6 +111,9 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
         run_pipeline(g, passes, limit=k, model_spec=model_spec, takes_reproducer=False)
         return g
 
+    note = slice_note(loaded, metric)
+    if note:
+        log(note)
     log(f"float baseline {metric_label(metric)} {fmt_metric(metric, baseline)}; "
         f"threshold {fmt_metric(metric, threshold)}")
     full = evaluate(run_prefix(len(passes)))

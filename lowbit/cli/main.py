@@ -1063,7 +1063,9 @@ def bisect_cmd(
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    metric: str = typer.Option("auto", help="ppl (causal LMs), cos (encoders: 1 - embedding cosine) or auto"),
+    metric: str = typer.Option("auto", help="ppl or kl (causal LMs: perplexity, or the KL divergence of the next-token "
+                               "distributions from the float model's, which a slice such as smollm2:2 needs), cos "
+                               "(encoders: 1 - embedding cosine) or auto (ppl, cos)"),
     max_increase: str = typer.Option("5%", help="allowed metric increase over float: 5% (relative) or 0.01 "
                                      "(absolute)"),
     windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows per evaluation"),
@@ -1106,7 +1108,7 @@ def sensitivity_cmd(
     granularity: str = typer.Option("block", help="block (one transformer block at a time) or linear (one linear; "
                                     "not for prune-mlp, prune-heads, prune-blocks, which cut whole MLPs, heads or "
                                     "blocks)"),
-    metric: str = typer.Option("auto", help="ppl, cos or auto"),
+    metric: str = typer.Option("auto", help="ppl, kl (causal LMs), cos (encoders) or auto (ppl, cos); see debug bisect"),
     keep_top: int = typer.Option(1, help="how many of the most damaging units the override file keeps float"),
     windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows per evaluation"),
     seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),

@@ -161,7 +161,7 @@ def _real_tokens(hidden: torch.Tensor, inputs: EvalInputs) -> torch.Tensor:
     return hidden[mask.to(torch.bool)]
 
 
-METRICS = ("ppl", "cos", "auto")
+METRICS = ("ppl", "kl", "cos", "auto")
 
 
 def check_metric(metric: str) -> None:
@@ -169,24 +169,31 @@ def check_metric(metric: str) -> None:
     if metric not in METRICS:
         from lowbit.passes.base import closest
 
-        fail(f"--metric {metric!r}: give ppl, cos or auto{closest(metric, list(METRICS))}", Exit.USAGE)
+        fail(f"--metric {metric!r}: give ppl, kl, cos or auto{closest(metric, list(METRICS))}", Exit.USAGE)
 
 
 def metric_name(kind: str, metric: str) -> str:
-    """Resolve ``auto``; ppl only makes sense for causal LMs and cos for encoders."""
+    """Resolve ``auto``; ppl and kl only make sense for causal LMs and cos for encoders."""
     check_metric(metric)
     if metric == "auto":
         return "ppl" if kind == "causal-lm" else "cos"
-    if metric == "ppl" and kind != "causal-lm":
-        fail("--metric ppl needs a causal LM; encoders use --metric cos (1 - embedding cosine)", Exit.USAGE)
+    if metric in ("ppl", "kl") and kind != "causal-lm":
+        fail(f"--metric {metric} needs a causal LM; encoders use --metric cos (1 - embedding cosine)", Exit.USAGE)
     if metric == "cos" and kind != "encoder":
-        fail("--metric cos is for sentence encoders; causal LMs use --metric ppl", Exit.USAGE)
+        fail("--metric cos is for sentence encoders; causal LMs use --metric ppl or kl", Exit.USAGE)
     return metric
 
 
 def end_metric(metric: str, inputs: EvalInputs, output: torch.Tensor, reference: torch.Tensor | None) -> float:
-    """Perplexity of the windows (each predicts tokens 1..L-1, as ``lowbit.eval.perplexity``), or 1 - mean cosine
+    """Perplexity of the windows (each predicts tokens 1..L-1, as ``lowbit.eval.perplexity``), the mean per-token
+    KL divergence of the next-token distributions from the float model's (``kl``: 0 for the float model; what a
+    slice such as ``smollm2:2`` can be measured by, whose perplexity is not a language model's), or 1 - mean cosine
     between the embeddings and the float model's."""
+    if metric == "kl":
+        from lowbit.calibration.distill import logit_kl
+
+        assert reference is not None
+        return float(logit_kl(output, reference))
     if metric == "ppl":
         ids = inputs.args[0]
         given = output.shape[1] if output.dim() > 1 else 0
@@ -206,10 +213,21 @@ def layer_stats(ref: Probe, cand: Probe) -> dict[str, dict[str, float]]:
             and cand.layers[name].shape == t.shape}
 
 
+def slice_note(model: LoadedModel, metric: str) -> str | None:
+    """What to say when a slice (``smollm2:2``: its first blocks, then the final norm and the head) is measured by
+    perplexity: the cut model is not a language model (its float perplexity is in the thousands, and damage can lower
+    it), so a threshold on it says little; the KL from the float slice's own outputs is a measure it has."""
+    if metric != "ppl" or model.n_layers is None:
+        return None
+    return (f"note: {model.spec} keeps only the first {model.n_layers} block(s), so its perplexity is not a language "
+            "model's and a threshold on it says little: --metric kl compares each run's next-token distributions "
+            "with the float slice's (give --max-increase as an absolute amount, e.g. 0.05)")
+
+
 def metric_label(metric: str) -> str:
     """How a table or log line names ``metric``'s values: ``cos`` (the option) is 1 - cosine, 0 for the float model,
     and printed as "cos" it read as a cosine of 0 ("float cos 0.00000, all quantized 0.00926")."""
-    return "1 - cos" if metric == "cos" else metric
+    return {"cos": "1 - cos", "kl": "KL"}.get(metric, metric)
 
 
 def fmt_metric(metric: str, value: float) -> str:

@@ -22,7 +22,7 @@ from rich.table import Table
 from lowbit import jsonio
 from lowbit.cli.common import (Exit, atomic_write_text, capture_model, check_calibration, console, err_console, fail,
                                load, parse, quiet_progress, worst_first)
-from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe
+from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe, slice_note
 from lowbit.cli.restrict import block_units, how_restricted, linear_units, restrict, units_in_scope
 from lowbit.ir.graph import BLOCK_NAMES
 
@@ -89,6 +89,9 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
     loaded = load(model_spec, dtype)
     check_calibration([*pre, qpass], loaded)
     metric = metric_name(loaded.kind, metric)
+    note = slice_note(loaded, metric)
+    if note:
+        err_console.print(note, markup=False, soft_wrap=True)
     inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
     graph = capture_model(loaded)
     reference = run_probe(graph, inputs, with_layers=False).output
