@@ -1634,3 +1634,25 @@ def test_debug_bisect_measures_a_slice_by_kl_from_the_float_slice(tmp_path):
     assert "--metric kl starts at 0 for the float model" in res.output, res.output
     res = invoke("debug", "bisect", "smollm2:2", "-p", "dce", *SMALL, "-q", code=6)
     assert "smollm2:2 keeps only the first 2 block(s)" in res.output and "--metric kl" in res.output, res.output
+
+
+def _option_help(*command: str, option: str) -> str:
+    """The help text of ``option`` of the ``lowbit`` subcommand ``command`` (as ``--help`` shows it)."""
+    from typer.main import get_command
+
+    cmd: Any = get_command(app)
+    for name in command:
+        cmd = cmd.commands[name]
+    return next(p.help for p in cmd.params if option in p.opts)
+
+
+def test_dtype_help_says_what_dtype_does_in_each_command():
+    """`lowbit debug compare --help` described --dtype with compile's text: the triton backend's kernels (debug runs the
+    torch reference) and 'a model larger than RAM compiles and saves' (debug saves nothing; nor does generate). Each
+    command's --dtype says what it does there."""
+    assert "saves" in _option_help("compile", option="--dtype")
+    generate = _option_help("generate", option="--dtype")
+    assert "saves" not in generate and "generates in" in generate
+    for command in ("compare", "bisect", "sensitivity"):
+        text = _option_help("debug", command, option="--dtype")
+        assert "triton" not in text and "saves" not in text and "evaluated in" in text, (command, text)

@@ -192,6 +192,12 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 DTYPE_HELP = ("dtype the model is loaded in: float32 (default), bfloat16 or float16 (the triton backend's kernels "
               "take 16-bit activations: on a float32 model every op runs its reference), or auto: an HF directory's "
               "own (its weights stay memory-mapped, no copy: a model larger than RAM compiles and saves)")
+GENERATE_DTYPE_HELP = ("dtype the model is loaded and generates in: float32 (default), bfloat16 or float16 (the triton "
+                       "backend's kernels take 16-bit activations: on a float32 model every op runs its reference), or "
+                       "auto: an HF directory's own (its weights stay memory-mapped, no copy)")
+DEBUG_DTYPE_HELP = ("dtype the model is loaded in, and so the dtype the float model and every pass's graph are "
+                    "evaluated in: float32 (default), bfloat16, float16, or auto: an HF directory's own (its weights "
+                    "stay memory-mapped, no copy)")
 
 
 def advise_dtype(spec: str, writes: bool = False) -> None:

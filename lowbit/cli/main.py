@@ -24,8 +24,10 @@ from rich.text import Text
 
 from lowbit import jsonio
 from lowbit.cli.common import (
+    DEBUG_DTYPE_HELP,
     DTYPE_HELP,
     EXIT_CODES_HELP,
+    GENERATE_DTYPE_HELP,
     Exit,
     LowbitGroup,
     advise_dtype,
@@ -668,7 +670,7 @@ def generate_cmd(
     backend_option: list[str] = typer.Option([], "--backend-option", help="KEY=VALUE option of the backend "
                                              "(repeatable), e.g. weight_format=matmulnbits or threads=4 on "
                                              "onnxruntime, compile=false on triton"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=GENERATE_DTYPE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="the generated text only: no progress bars and no "
                                "timings line"),
     reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on a failing pass, save the step graph "
@@ -1024,7 +1026,7 @@ def compare_cmd(
     verify_each: bool = typer.Option(True, "--verify-each/--no-verify-each", help="run the verifier after each "
                                      "pass"),
     reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on a failing pass, save a replay here"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DEBUG_DTYPE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the tables and results still print)"),
 ) -> None:
     """Run real inputs through the float graph and after every pass: per-pass, per-layer error and end metric."""
@@ -1073,7 +1075,7 @@ def bisect_cmd(
     sentences: int = typer.Option(32, help="encoders: sentences per evaluation"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON here ('-': to stdout, "
                                             "the tables then go to stderr)"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DEBUG_DTYPE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the tables and results still print)"),
 ) -> None:
     """Find the first pass that pushes the metric past the threshold, then the fewest layers responsible."""
@@ -1115,7 +1117,7 @@ def sensitivity_cmd(
     sentences: int = typer.Option(32, help="encoders: sentences per evaluation"),
     out: Path = typer.Option(Path("sensitivity.json"), "--out", "-o", help="override file for `lowbit compile "
                              "--overrides`"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DEBUG_DTYPE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the tables and results still print)"),
 ) -> None:
     """Quantize (or prune) one layer at a time, rank layers by metric damage, write an override file compile accepts."""
