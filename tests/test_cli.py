@@ -1656,3 +1656,13 @@ def test_dtype_help_says_what_dtype_does_in_each_command():
     for command in ("compare", "bisect", "sensitivity"):
         text = _option_help("debug", command, option="--dtype")
         assert "triton" not in text and "saves" not in text and "evaluated in" in text, (command, text)
+
+
+def test_generate_help_names_only_models_it_generates_with():
+    """`lowbit generate --help` listed minilm among its models (compile's text); generate refuses it as a text encoder
+    with no causal-LM head. Its MODEL help names causal LMs only; compile's still names minilm."""
+    from typer.main import get_command
+
+    model = next(p for p in get_command(app).commands["generate"].params if p.name == "model")
+    assert "minilm" not in model.help and "causal LM" in model.help, model.help
+    assert "minilm" in next(p for p in get_command(app).commands["compile"].params if p.name == "model").help

@@ -82,6 +82,8 @@ def _process_setup() -> None:
 
 MODEL_HELP = ("smollm2, minilm, an HF model directory or a .gguf file; NAME:N keeps the first N blocks "
               "(smollm2:2 is a 2-layer SmolLM2)")
+GENERATE_MODEL_HELP = ("a causal LM: smollm2, an HF *ForCausalLM directory or a .gguf file; NAME:N keeps the first N "
+                       "blocks (smollm2:2 is a 2-layer SmolLM2)")
 PIPELINE_HELP = "pass pipeline text, e.g. 'fold-norms,dce,quantize(w=int4,group=64)' (see `lowbit passes`)"
 RECIPE_HELP = "a named recipe instead of --pipeline (see `lowbit recipes`)"
 SET_HELP = ("OPTION=VALUE: change an option of the --recipe's passes (the one pass that has it, or every calibrating "
@@ -642,7 +644,7 @@ class _TextStream:
 
 @app.command("generate")
 def generate_cmd(
-    model: str = typer.Argument(..., help=MODEL_HELP),
+    model: str = typer.Argument(..., help=GENERATE_MODEL_HELP),
     prompt: list[str] = typer.Option(..., "--prompt", help="prompt text (repeat for a batch)"),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
