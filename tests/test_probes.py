@@ -6,6 +6,7 @@ here), so a typo never costs a load, a capture or a GPTQ run.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -350,17 +351,72 @@ def test_probe_silent_no_ops_are_errors(tmp_path, args, code, fragment):
     assert fragment in out, out
 
 
-def test_every_probe_code_is_one_lowbit_help_documents(capsys):
-    """``lowbit --help`` is the one source of truth: ``python -m lowbit --help`` prints the same contract, and
-    every code the probe tables expect is in it."""
+def _main_help(capsys) -> str:
     from lowbit.__main__ import main
-    from lowbit.cli.common import EXIT_CODES_HELP
 
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert " ".join(EXIT_CODES_HELP.split()) in " ".join(capsys.readouterr().out.split())
-    for _, code, _ in BEFORE_LOAD + MAIN_PROBES + AFTER_LOAD:
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_every_probe_code_is_one_lowbit_help_documents(capsys):
+    """``lowbit --help`` is the one source of truth: ``python -m lowbit --help`` prints the same descriptions (of the
+    codes it returns), and every code the probe tables expect is in the help of the program that returned it."""
+    from lowbit.cli.common import EXIT_CODES_HELP
+
+    main_help = _main_help(capsys)
+    for part in main_help.split("Exit codes: ")[1].rstrip(".").split("; "):
+        if part[:1].isdigit():
+            assert part in " ".join(EXIT_CODES_HELP.split()), part
+    for _, code, _ in BEFORE_LOAD + AFTER_LOAD:
         assert f"{int(code)} " in EXIT_CODES_HELP
+    for _, code, _ in MAIN_PROBES:
+        assert f"; {int(code)} " in main_help
+
+
+def _exit_codes_in(path: Path) -> tuple[set[str], list[str]]:
+    """The ``Exit`` members a CLI module names (outside ``class Exit`` and the docs table), and every exit call
+    (``typer.Exit``, ``sys.exit``, ``SystemExit``) whose code is an int literal, as ``file:line code``."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "Exit" or \
+                isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_EXIT_DOCS" for t in node.targets):
+            skip.update(id(n) for n in ast.walk(node))
+    named = {n.attr for n in ast.walk(tree) if id(n) not in skip and isinstance(n, ast.Attribute)
+             and isinstance(n.value, ast.Name) and n.value.id == "Exit"}
+    literal = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Call) and n.args and isinstance(n.args[0], ast.Constant) and (
+                isinstance(n.func, ast.Attribute) and n.func.attr in ("Exit", "exit") or
+                isinstance(n.func, ast.Name) and n.func.id in ("SystemExit", "Exit")):
+            literal.append(f"{path.name}:{n.lineno} {n.args[0].value}")
+    return named, literal
+
+
+def test_every_documented_exit_code_is_used_and_every_used_one_documented(capsys):
+    """``python -m lowbit --help`` listed 6 (debug bisect's, which it has no command for) and pointed code 4 at a
+    --reproducer flag it does not take. Walking the CLI's code: every code a program's help lists is one it
+    names (0 and 1 are Python's: a normal end and an uncaught exception), no exit call passes a bare number, and
+    ``python -m lowbit``'s help lists exactly the codes its own module names."""
+    import lowbit
+
+    root = Path(lowbit.__file__).parent
+    named: set[str] = set()
+    literal: list[str] = []
+    for path in sorted((root / "cli").glob("*.py")) + [root / "__main__.py"]:
+        n, lit = _exit_codes_in(path)
+        named |= n
+        literal += lit
+    assert not literal, f"exit with a bare number instead of an Exit member: {literal}"
+    implicit = {"OK", "INTERNAL"}
+    assert {e.name for e in Exit} - implicit <= named, {e.name for e in Exit} - implicit - named
+    assert named <= {e.name for e in Exit}
+    main_named, _ = _exit_codes_in(root / "__main__.py")
+    listed = {int(c) for c in re.findall(r"(?:^|; )(\d) ", _main_help(capsys).split("Exit codes: ")[1])}
+    assert listed == {int(Exit[name]) for name in main_named | implicit}, listed
 
 
 def test_bisect_and_sensitivity_point_at_the_compile_that_saves_a_reproducer():

@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -77,11 +77,21 @@ _EXIT_DOCS = {
     Exit.INTERNAL: "unexpected internal error (a bug: the traceback is printed)",
     Exit.USAGE: "bad flags or arguments; unknown pass, option, recipe or backend (closest names suggested)",
     Exit.NOT_FOUND: "a model, data or input file does not exist or cannot be read",
-    Exit.PIPELINE: "a pass failed or left invalid IR (--reproducer DIR saves a replayable case)",
+    Exit.PIPELINE: "a pass failed or left invalid IR",
     Exit.BACKEND: "the backend could not lower or export the graph",
     Exit.THRESHOLD: "debug bisect: the whole pipeline stays within --max-increase (nothing to bisect)",
 }
-EXIT_CODES_HELP = "Exit codes: " + "; ".join(f"{int(c)} {d}" for c, d in _EXIT_DOCS.items()) + "."
+_REPRODUCER_HINT = {Exit.PIPELINE: " (--reproducer DIR saves a replayable case)"}
+
+
+def exit_codes_help(codes: Iterable[Exit] = tuple(Exit), reproducer: bool = True) -> str:
+    """The ``Exit codes: ...`` epilog listing ``codes`` (a program lists the codes it can return: ``python -m lowbit``
+    runs no ``debug bisect``); ``reproducer``: with the hint at code 4, for the commands that take ``--reproducer``."""
+    hint = _REPRODUCER_HINT if reproducer else {}
+    return "Exit codes: " + "; ".join(f"{int(c)} {_EXIT_DOCS[c]}{hint.get(c, '')}" for c in codes) + "."
+
+
+EXIT_CODES_HELP = exit_codes_help()
 
 
 class LowbitGroup(TyperGroup):
