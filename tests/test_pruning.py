@@ -1749,44 +1749,89 @@ def test_prune_heads_on_gpt2_names_the_fused_qkv_projection():
         PassManager("prune-heads(ratio=0.5,score=magnitude)").run(graph)
 
 
-def _tiny_phi3_graph():
-    """A random 1-block Phi-3 (one fused ``qkv_proj`` sliced into q/k/v, one ``gate_up_proj`` chunked), captured."""
+def _tiny_phi3(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """A random 2-block Phi-3 (one fused ``qkv_proj`` sliced into q/k/v, 4 kv heads of 2 query heads each; one
+    ``gate_up_proj`` chunked into gate and up halves), seeded, in eval mode."""
     import transformers as tf
 
-    from lowbit.ir.capture import capture
-    from lowbit.models import CausalLMLogits
-
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(tf.Phi3Config(
-        hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=1, num_hidden_layers=1,
-        vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)).eval()
-    return capture(CausalLMLogits(model).eval(), (torch.ones(1, 8, dtype=torch.long),))
+    return tf.AutoModelForCausalLM.from_config(tf.Phi3Config(
+        hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=2,
+        vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)).to(dtype).eval()
 
 
-def test_prune_heads_on_phi3_names_the_fused_qkv_projection():
-    """Phi-3 slices q, k and v out of one fused linear (qkv_proj) along its last dim; the head walk passes such slices
-    (a partial rotary's), so q, k and v all led to that one linear and prune-heads said only 'head layout not
-    understood (q heads 8, head_dim 8)'. It names the fused linear, its module and type, and the pass that does
-    prune Phi-3 (its MLP is fused too, so not prune-mlp)."""
-    graph = _tiny_phi3_graph()
-    with pytest.raises(PipelineError, match=r"model\.layers\.0\.self_attn: q, k and v are slices of one fused linear "
-                                            r"%\w+ \(module 'model\.layers\.0\.self_attn\.qkv_proj', "
-                                            r"f32\[\w+,\w+,80\]\): prune-heads removes .*; prune-blocks prunes this "
-                                            r"model\)$"):
-        PassManager("prune-heads(ratio=0.5,score=magnitude)").run(graph)
+_PHI3_PRUNE = "prune-heads(ratio=0.5,score=magnitude),prune-mlp(ratio=0.25,score=magnitude,multiple=8)"
 
 
-def test_prune_mlp_on_phi3_names_the_fused_gate_up_projection():
-    """Phi-3 computes gate and up with one fused linear (gate_up_proj) and chunks it in two: prune-mlp cuts rows of
-    separate gate/up linears, so it refuses, but it said only 'its input is not an elementwise function of linears
-    read only by it'. It names the fused linear, its module and type, the chunk, and the pass that does prune Phi-3."""
-    graph = _tiny_phi3_graph()
-    with pytest.raises(PipelineError, match=r"model\.layers\.0\.mlp\.down_proj: its input comes from one fused linear "
-                                            r"%\w+ \(module 'model\.layers\.0\.mlp\.gate_up_proj', "
-                                            r"f32\[\w+,\w+,256\]\) split by %chunk_0 \(aten\.chunk\.default\): "
-                                            r"prune-mlp removes .*; "
-                                            r"prune-blocks prunes this model\)$"):
-        PassManager("prune-mlp(ratio=0.25,score=magnitude,multiple=8)").run(graph)
+def test_prune_heads_and_mlp_on_phi3_cut_the_fused_projections_and_equal_masked_dense(tmp_path):
+    """Phi-3 computes q, k and v with one fused linear (qkv_proj, sliced along its last dim) and gate and up with
+    another (gate_up_proj, chunked in two): prune-heads and prune-mlp refused it. They cut each removed unit's rows out
+    of every part of the fused weight (a kv group's q rows, k rows and v rows; channel j's rows j and I + j) and move
+    the slices' bounds: the result equals the HF model with those rows and the o_proj/down_proj columns zeroed
+    (float64), and saves as a smaller Phi-3 that transformers and lowbit.load reload with the same logits."""
+    from lowbit.api import compile_model
+    from lowbit.checkpoint import load, save
+
+    model = _tiny_phi3()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    c = compile_model(model, pipeline=_PHI3_PRUNE)
+    heads, mlp = (r.stats for r in c.report.pipeline.records[:2])
+    assert heads["heads"] == {f"model.layers.{i}": [4, 2] for i in range(2)} and heads["skipped"] == []
+    assert mlp["widths"] == {f"model.layers.{i}": 96 for i in range(2)} and mlp["skipped"] == []
+    for i in range(2):
+        p = f"model.layers.{i}."
+        qkv, new = dense[p + "self_attn.qkv_proj.weight"], c.graph.params[p + "self_attn.qkv_proj.weight"].data
+        assert new.shape == (4 * 8 + 2 * 2 * 8, 64)
+        kept = _kept(qkv[64:96].reshape(4, -1), new[32:48].reshape(2, -1))
+        for grp in sorted(set(range(4)) - set(kept.tolist())):  # q rows 16 per group, k and v rows 8 per group
+            for rows in (slice(grp * 16, grp * 16 + 16), slice(64 + grp * 8, 72 + grp * 8),
+                         slice(96 + grp * 8, 104 + grp * 8)):
+                qkv[rows] = 0
+            dense[p + "self_attn.o_proj.weight"][:, grp * 16:grp * 16 + 16] = 0
+        gate_up = dense[p + "mlp.gate_up_proj.weight"]
+        new = c.graph.params[p + "mlp.gate_up_proj.weight"].data
+        assert new.shape == (2 * 96, 64)
+        drop = torch.ones(128, dtype=torch.bool)
+        drop[_kept(gate_up[:128], new[:96])] = False
+        assert torch.equal(new[96:], gate_up[128:][~drop])  # the up half keeps the gate half's channels
+        gate_up[:128][drop] = 0
+        gate_up[128:][drop] = 0
+        dense[p + "mlp.down_proj.weight"][:, drop] = 0
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unpruned = model(ids).logits
+        model.load_state_dict(dense)
+        want = model(ids).logits
+    got = c(ids)
+    assert not torch.allclose(got, unpruned)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    import transformers as tf
+
+    loaded = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path / "hf", format="hf"), dtype=torch.float64)
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads,
+            loaded.config.intermediate_size) == (4, 2, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, got, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(load(save(c, tmp_path / "lowbit", format="lowbit"))(ids), got, rtol=0, atol=0)
+
+
+def test_phi3_pruned_on_a_step_graph_generates_as_its_saved_checkpoint_in_transformers(tmp_path):
+    """prune-heads and prune-mlp on Phi-3's generation step graph: the fused q/k/v slices reach the cache writes, the
+    cache inputs shrink to the kept kv heads, and greedy generate equals transformers' generate on the pruned model's
+    saved Phi-3 checkpoint."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+    from lowbit.checkpoint import save
+    from lowbit.generate import GenerationSpec
+
+    c = compile_model(_tiny_phi3(), pipeline=_PHI3_PRUNE, generation=GenerationSpec(max_length=16, max_batch=2))
+    assert c.graph.meta["generation"]["kv_heads"] == 2
+    assert [v.tensor_type.shape[1] for v in c.graph.inputs[2:]] == [2] * 4
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    hf = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path, format="hf"), dtype=torch.float64).eval()
+    want = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[:, 6:].tolist()
+    assert c.generate(ids, 8, stop_tokens=()).tokens == want
 
 
 def test_prune_heads_on_gpt_neox_names_only_the_passes_that_prune_it():

@@ -8,7 +8,9 @@ query heads alone would leave the kv projections as they are and break the even 
 ``expand``/``reshape`` of the captured graph encode. Removing group g removes rows ``[g·r·d, (g+1)·r·d)`` of
 ``q_proj`` (r query heads of size d), rows ``[g·d, (g+1)·d)`` of ``k_proj`` and ``v_proj``, and the matching
 columns of ``o_proj``; the head counts baked into reshape/expand literals are re-derived by
-``lowbit.ir.shapes.reinfer_shapes``. The result equals the dense model with those rows and columns zeroed
+``lowbit.ir.shapes.reinfer_shapes``. A fused q/k/v linear (Phi-3's ``qkv_proj``, sliced along its last dim) loses
+the same rows of each of its three parts, and its slices' bounds are moved here (only the pass knows which part
+shrank by how much). The result equals the dense model with those rows and columns zeroed
 (a zero value head contributes nothing through ``o_proj``), checked exactly in float64.
 
 On a generation step graph (``compile_model(..., generation=...)``) the removed kv heads leave the KV cache too:
@@ -37,8 +39,8 @@ from lowbit.passes.base import NO_DEQUANTIZE, NO_QLINEAR, Pass, PassError, PassR
 from lowbit.passes.prune_mlp import (StructuredOptions, _Collected, allocate, channel_scores, check_target,
                                      collect_input_stats, cut_sites, nothing_removed, ratio_zero, reinfer,
                                      round_half_up)
-from lowbit.passes.pruning_sites import (AttentionSite, find_attention_sites, refuse_nonfinite_weights,
-                                         slice_linear_cols, slice_linear_rows)
+from lowbit.passes.pruning_sites import (AttentionSite, find_attention_sites, kept_rows, refuse_nonfinite_weights,
+                                         slice_linear_cols, slice_unit_rows)
 
 __all__ = ["PruneHeads", "PruneHeadsOptions"]
 
@@ -78,6 +80,22 @@ def _shrink_cache(graph: Graph, s: AttentionSite, kept: int, made: dict[tuple[in
             graph.insert_after(prod, node)
             new = made[(id(idx), kept)] = node.output
         w.args = (w.args[0], w.args[1], new, *w.args[3:])
+
+
+def _move_slices(s: AttentionSite, gone: torch.Tensor) -> None:
+    """A fused q/k/v linear loses the rows of groups ``gone`` from each of its q, k and v parts: each slice that
+    takes a part out of its output gets the bounds of that part among the rows that stay (an end past the last row
+    stays as captured)."""
+    assert s.slices is not None
+    rows = int(s.q.args[1].data.shape[0])
+    (_, keep), = kept_rows(s.row_groups(), gone).values()
+    before = torch.zeros(rows + 1, dtype=torch.long)
+    before[keep + 1] = 1
+    before = before.cumsum(0)  # before[i]: kept rows among the first i
+    for sl in s.slices:
+        start, end = sl.args[2], sl.args[3]
+        sl.args = (sl.args[0], sl.args[1], int(before[start]), end if end >= rows else int(before[end]),
+                   *sl.args[4:])
 
 
 def _rows(groups: list[int], width: int) -> torch.Tensor:
@@ -136,8 +154,7 @@ class PruneHeads(Pass):
         users = graph.users()
         params_before = sum(v.data.numel() for v in graph.params.values())
         cuts = cut_sites(graph, sites, lambda s: s.o, counts, lambda s: s.group_size * s.head_dim,
-                         lambda s: [(s.q, s.group_size * s.head_dim), (s.k, s.head_dim), (s.v, s.head_dim)],
-                         users, col, o, self.name, calibrated, second)
+                         lambda s: s.row_groups(), users, col, o, self.name, calibrated, second)
         heads: dict[str, list[int]] = {}
         made: dict[tuple[int, int], Value] = {}
         for s in sites:
@@ -147,9 +164,10 @@ class PruneHeads(Pass):
                 continue
             keep = cut.keep.tolist()
             qw = s.group_size * s.head_dim
-            slice_linear_rows(graph, s.q, _rows(keep, qw), users)
-            slice_linear_rows(graph, s.k, _rows(keep, s.head_dim), users)
-            slice_linear_rows(graph, s.v, _rows(keep, s.head_dim), users)
+            gone = torch.tensor(sorted(set(range(s.kv_heads)) - set(keep)), dtype=torch.long)
+            if s.slices is not None:
+                _move_slices(s, gone)
+            slice_unit_rows(graph, s.row_groups(), gone, users)
             slice_linear_cols(graph, s.o, _rows(keep, qw), users)
             heads[s.block] = [len(keep) * s.group_size, len(keep)]
             if s.cache_writes:

@@ -6,8 +6,9 @@
     prune-mlp(ratio=0.25,score=obs,sequential=true,calib_n=117)   whole-column OBS + refit, block by block
 
 Why: a narrower MLP is a dense model every runtime serves at full speed, unlike 2:4 or unstructured sparsity.
-Channel j of a SwiGLU MLP is row j of ``gate_proj`` and ``up_proj`` and column j of ``down_proj``; removing
-it equals zeroing those (the masked dense model) exactly, which the tests check in float64.
+Channel j of a SwiGLU MLP is row j of ``gate_proj`` and ``up_proj`` and column j of ``down_proj`` (of a fused
+``gate_up_proj`` chunked in two, as Phi-3's, rows j and I + j); removing it equals zeroing those (the masked dense
+model) exactly, which the tests check in float64.
 
 Importance of channel j, from one calibration run over the float model (``lowbit.calibration.engine``):
 ``wanda`` ``||X_j||₂·||W_down[:,j]||₂`` (what the channel adds to the output, activation-aware),
@@ -56,7 +57,7 @@ from lowbit.ir.shapes import ShapeError, reinfer_shapes
 from lowbit.passes.base import (NO_DEQUANTIZE, NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult,
                                 ScopedOptions, register_pass)
 from lowbit.passes.pruning_sites import (DOWN_PROJECTIONS, find_mlp_sites, refuse_nonfinite_weights,
-                                         slice_linear_cols, slice_linear_rows)
+                                         slice_linear_cols, slice_unit_rows, unit_columns)
 
 __all__ = ["PruneMLP", "PruneMLPOptions", "StructuredOptions", "InputStats", "collect_input_stats",
            "channel_scores", "allocate", "add_bias", "refit_columns", "reinfer", "Cut", "choose_cut",
@@ -172,10 +173,12 @@ class _Collected:
 
 
 def cut_sites(graph: Graph, sites: list[Any], out_linear: Callable[[Any], Node], counts: list[int],
-              unit: Callable[[Any], int], rows: Callable[[Any], list[tuple[Node, int]]], users: dict[int, list[Node]],
+              unit: Callable[[Any], int], rows: Callable[[Any], list[tuple[Node, int, int]]],
+              users: dict[int, list[Node]],
               col: _Collected, o: Any, pass_name: str, calibrated: bool, second: bool) -> dict[int, Cut]:
     """Cut ``counts[i]`` units of ``unit(site)`` input columns of each site's ``out_linear(site)`` (``choose_cut``)
-    and zero them with the producers' rows (``rows(site)``: ``(producer, rows per unit)``, ``apply_cut_masked``);
+    and zero them with the producers' rows (``rows(site)``: ``(producer, rows per unit, first row)``,
+    ``apply_cut_masked``);
     returns the cuts by ``id(out_linear(site))``. With ``o.sequential`` in one block-by-block calibration run, each
     block cut as soon as its statistics are in (the next block then reads the pruned model; ``o.target ==
     "model"`` refits toward the unpruned model), else from ``col``, the statistics of one run of the unpruned
@@ -411,12 +414,6 @@ class Cut:
     """What the repair adds to the output projection's bias (float64), or None."""
 
 
-def unit_columns(units: torch.Tensor | list[int], unit: int) -> torch.Tensor:
-    """The column indices of ``units`` of ``unit`` consecutive columns each."""
-    u = torch.as_tensor(units, dtype=torch.long).reshape(-1, 1)
-    return (u * unit + torch.arange(unit)).reshape(-1)
-
-
 def choose_cut(w_out: torch.Tensor, st: InputStats | None, n_rm: int, unit: int, o: StructuredOptions,
                bias: torch.Tensor | None = None) -> Cut:
     """Which ``n_rm`` units of ``w_out [N, K]``'s input columns go, by ``o.score``, and the repair ``o`` asks for
@@ -462,19 +459,19 @@ def _choose_cut(w_out: torch.Tensor, st: InputStats | None, n_rm: int, unit: int
 def apply_cut_masked(graph: Graph, out_proj: Node, cut: Cut, unit: int, users: dict[int, list[Node]],
                      rows: list[tuple[Node, int]]) -> None:
     """Apply ``cut`` as zeros, shapes unchanged (the masked dense model, which the slicing then equals): the
-    removed units' rows of each ``(producer, rows per unit)`` in ``rows`` and columns of ``out_proj`` are zeroed,
-    the repair written. Block-by-block calibration runs the next block on this."""
+    removed units' rows of each ``(producer, rows per unit, first row)`` in ``rows`` and columns of ``out_proj`` are
+    zeroed, the repair written. Block-by-block calibration runs the next block on this."""
     from lowbit.ir.rewrite import private_weight
 
     k = out_proj.args[1].data.shape[1]
     gone = torch.ones(k // unit, dtype=torch.bool)
     gone[cut.keep] = False
     units = gone.nonzero().flatten()
-    for p, per in rows:
+    for p, per, first in rows:
         for idx in (1, 2) if len(p.args) > 2 and p.args[2] is not None else (1,):
             v = private_weight(graph, p, idx, users, p.args[idx].name)
             d = v.data.clone()
-            d[unit_columns(units, per).to(d.device)] = 0
+            d[(first + unit_columns(units, per)).to(d.device)] = 0
             graph.set_param(v.name, d)
     wv = private_weight(graph, out_proj, 1, users, out_proj.args[1].name)
     if cut.weight is not None:
@@ -576,15 +573,16 @@ class PruneMLP(Pass):
                                 "would leave the MLP empty")
         users = graph.users()
         params_before = sum(v.data.numel() for v in graph.params.values())
-        cuts = cut_sites(graph, sites, lambda s: s.down, counts, lambda s: 1, lambda s: [(p, 1) for p in s.producers],
+        cuts = cut_sites(graph, sites, lambda s: s.down, counts, lambda s: 1, lambda s: s.row_groups(),
                          users, col, o, self.name, calibrated, second)
         widths = {}
         for site in sites:
             cut = cuts.get(id(site.down))
             if cut is None:
                 continue
-            for p in site.producers:
-                slice_linear_rows(graph, p, cut.keep, users)
+            gone = torch.ones(site.width, dtype=torch.bool)
+            gone[cut.keep] = False
+            slice_unit_rows(graph, site.row_groups(), gone.nonzero().flatten(), users)
             slice_linear_cols(graph, site.down, cut.keep, users)
             widths[site.block] = int(cut.keep.numel())
         from lowbit.passes.dce import eliminate_dead_code

@@ -3,10 +3,13 @@
 - ``MLPSite``: a ``down_proj`` linear whose input is an elementwise product/activation of ``gate``/``up``
   linears (SwiGLU) or one linear through an activation (GELU MLP). Removing intermediate channel j removes row
   j of every producer linear (and its bias) and column j of ``down``; the elementwise ops in between act per
-  channel, so the result equals the dense graph with those rows zeroed and those columns zeroed.
+  channel, so the result equals the dense graph with those rows zeroed and those columns zeroed. A fused gate/up
+  linear split into equal parts along its last dim (Phi-3's ``gate_up_proj``) loses row j of each part.
 - ``AttentionSite``: an ``attention`` node with the q/k/v linears that feed it (through reshape, transpose,
   rotary, and the unsqueeze/expand/reshape of grouped-query attention) and the ``o_proj`` that reads it.
   The unit of removal is a GQA group: one kv head and the ``q_heads / kv_heads`` query heads that share it.
+  A fused q/k/v linear sliced along its last dim (Phi-3's ``qkv_proj``) loses the group's rows of each of its three
+  parts, and the slices' bounds move with them.
   In a generation step graph the keys and values reach the attention through ``scatter`` into the layer's KV
   cache (a graph input ``[B, kv_heads, S, head_dim]``); the site records the two scatters, whose caches and
   index then shrink with the kv heads.
@@ -21,7 +24,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,7 +34,7 @@ from lowbit.passes.base import PassError, nonfinite_problem
 
 __all__ = ["DOWN_PROJECTIONS", "MLPSite", "AttentionSite", "find_mlp_sites", "find_attention_sites", "block_of",
            "slice_linear_rows", "slice_linear_cols", "block_residuals", "stream_first", "bypass_problem",
-           "linear_params", "refuse_nonfinite_weights"]
+           "linear_params", "refuse_nonfinite_weights", "unit_columns", "kept_rows", "slice_unit_rows"]
 
 _ELEMENTWISE = {"mul", "silu", "gelu", "aten.mul.Tensor", "aten.silu.default", "aten.gelu.default",
                 "aten.relu.default", "relu", "add", "aten.add.Tensor", "aten.tanh.default", "aten.pow.Tensor_Scalar",
@@ -60,10 +63,22 @@ class MLPSite:
     down: Node
     producers: list[Node]
     """Linears whose output rows are the intermediate channels (gate, up)."""
+    rows: list[tuple[Node, int]] = field(default_factory=list)
+    """Each part of the producers' rows that is one copy of the channels: ``(producer, its first row)``. A separate
+    gate or up linear is one part at row 0; a fused one (Phi-3's ``gate_up_proj``, split into equal halves) is one
+    part per piece of the split. Empty: one part at row 0 per producer."""
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            self.rows = [(p, 0) for p in self.producers]
 
     @property
     def width(self) -> int:
         return int(self.down.args[1].data.shape[1])
+
+    def row_groups(self) -> list[tuple[Node, int, int]]:
+        """``(producer, rows per channel, first row)`` of each part: what removing a channel removes."""
+        return [(p, 1, first) for p, first in self.rows]
 
 
 @dataclass
@@ -79,10 +94,20 @@ class AttentionSite:
     head_dim: int
     cache_writes: tuple[Node, ...] = ()
     """Step graphs: the ``scatter`` nodes writing the new keys and values into the cache inputs (k, v)."""
+    offsets: tuple[int, int, int] = (0, 0, 0)
+    """The first row of q's, k's and v's part of their linears (nonzero where q, k and v are one fused linear)."""
+    slices: tuple[Node, Node, Node] | None = None
+    """A fused q/k/v linear (Phi-3's ``qkv_proj``): the last-dim slices that take q, k and v out of its output, whose
+    bounds follow the cut."""
 
     @property
     def group_size(self) -> int:
         return self.q_heads // self.kv_heads
+
+    def row_groups(self) -> list[tuple[Node, int, int]]:
+        """``(linear, rows per kv-head group, first row)`` of q, k and v: what removing a group removes."""
+        return [(self.q, self.group_size * self.head_dim, self.offsets[0]), (self.k, self.head_dim, self.offsets[1]),
+                (self.v, self.head_dim, self.offsets[2])]
 
 
 def _stored_linear(n: Node | None) -> bool:
@@ -117,6 +142,26 @@ def _fused_projection(stop: Node) -> Node | None:
     return v.producer if _stored_linear(v.producer) else None
 
 
+def _equal_split_of_linear(split: Node, width: int) -> tuple[Node, list[Node]] | None:
+    """``split`` cuts one stored linear's output (through layout ops that keep the last dim) along its last dim into
+    equal parts of ``width`` channels (Phi-3's ``gate_up_proj(x).chunk(2, -1)``): that linear and the layout ops
+    between, else None."""
+    src = split.args[0] if split.args else None
+    if split.op not in _SPLIT_OPS or not isinstance(src, Value) or \
+            not _last_dim(src, split.arg(2, "dim", 0)):
+        return None
+    if any(not isinstance(o.tensor_type.shape[-1], int) or o.tensor_type.shape[-1] != width for o in split.outputs):
+        return None
+    between: list[Node] = []
+    while src.producer is not None and src.producer.op in _PASS_THROUGH and _keeps_last_dim(src.producer):
+        between.append(src.producer)
+        src = src.producer.args[0]
+    lin = src.producer
+    if not _stored_linear(lin) or int(lin.args[1].data.shape[0]) != width * len(split.outputs):
+        return None
+    return lin, between
+
+
 def find_mlp_sites(graph: Graph, advise: bool = True) -> tuple[list[MLPSite], list[str]]:
     """Every prunable MLP, and why other candidate down projections are not (``advise``: with the prune passes that
     do take the model where a fused gate/up projection is refused)."""
@@ -127,7 +172,9 @@ def find_mlp_sites(graph: Graph, advise: bool = True) -> tuple[list[MLPSite], li
         if not _stored_linear(down) or not down.module.endswith(DOWN_PROJECTIONS):
             continue
         block = block_of(down.module)
+        width = int(down.args[1].data.shape[1])
         producers: list[Node] = []
+        rows: list[tuple[Node, int]] = []
         stack, ok, seen = [down.args[0]], True, set()
         inner: list[Node] = []
         stop: Node | None = None
@@ -142,6 +189,13 @@ def find_mlp_sites(graph: Graph, advise: bool = True) -> tuple[list[MLPSite], li
             elif n.op == "linear":
                 ok = _stored_linear(n)
                 producers.append(n)
+                rows.append((n, 0))
+            elif n.op in _SPLIT_OPS and (fused_split := _equal_split_of_linear(n, width)) is not None:
+                if all(m is not n for m in inner):  # Phi-3's gate_up_proj: channel j is row j of each equal part
+                    lin, between = fused_split
+                    inner += [n, *between]
+                    producers.append(lin)
+                    rows += [(lin, i * width) for i in range(len(n.outputs))]
             elif n.op in _ELEMENTWISE:
                 inner.append(n)
                 ok = all(a.data is None or a.data.numel() == 1 for a in n.inputs() if a.is_param)  # no per-channel
@@ -151,9 +205,8 @@ def find_mlp_sites(graph: Graph, advise: bool = True) -> tuple[list[MLPSite], li
                 stack.append(n.args[0])
             else:
                 ok, stop = False, n
-        width = int(down.args[1].data.shape[1])
         if ok and producers:
-            ok = all(int(p.args[1].data.shape[0]) == width for p in producers)
+            ok = all(int(p.args[1].data.shape[0]) == width * sum(q is p for q, _ in rows) for p in producers)
         # every intermediate value must be read only inside the MLP (else a column cut would change other readers)
         inside = {id(n) for n in inner + producers}
         inside.add(id(down))
@@ -163,13 +216,13 @@ def find_mlp_sites(graph: Graph, advise: bool = True) -> tuple[list[MLPSite], li
                     ok = False
         fused = _fused_projection(stop) if stop is not None else None
         if ok and producers and block is not None:
-            sites.append(MLPSite(block, down, sorted(producers, key=graph.index)))
-        elif fused is not None:  # Phi-3's gate_up_proj, chunked into the gate and the up halves
+            sites.append(MLPSite(block, down, sorted(producers, key=graph.index), rows))
+        elif fused is not None:  # a fused gate/up split unevenly, or not along its last dim
             assert stop is not None
             skipped.append(f"{down.module}: its input comes from one fused linear %{fused.name} (module "
-                           f"{fused.module!r}, {fused.outputs[0].tensor_type}) split by %{stop.name} ({stop.op}): "
-                           "prune-mlp removes each channel's rows from separate gate/up linears"
-                           f"{instead()}")
+                           f"{fused.module!r}, {fused.outputs[0].tensor_type}) split by %{stop.name} ({stop.op}) "
+                           f"into other than equal parts of the MLP's width {width} along its last dim: prune-mlp "
+                           f"removes channel j as row j of each part{instead()}")
         else:
             skipped.append(f"{down.module}: its input is not an elementwise function of linears read only by it")
     return sites, skipped
@@ -254,6 +307,46 @@ def _prunes_instead(graph: Graph, refused: str) -> str:
     return f"{' and '.join(others)} {'prune' if len(others) > 1 else 'prunes'} this model"
 
 
+def _reaches(start: Value, target: Value, stop: Value) -> bool:
+    """Whether ``target`` is among the values ``start`` is computed from, not looking past ``stop``."""
+    stack, seen = [start], set()
+    while stack:
+        v = stack.pop()
+        if v is target:
+            return True
+        if id(v) in seen or v is stop or v.producer is None:
+            continue
+        seen.add(id(v))
+        stack.extend(v.producer.inputs())
+    return False
+
+
+def _fused_qkv_parts(att: Node, lin: Node, users: dict[int, list[Node]]
+                     ) -> tuple[tuple[Node, Node, Node], tuple[int, int, int], list[int]] | str:
+    """Phi-3's ``qkv_proj``: the three last-dim slices of ``lin``'s output that ``att``'s q, k and v come from, their
+    first rows and their lengths; or why they are not (a string)."""
+    rows = int(lin.args[1].data.shape[0])
+    readers = users.get(id(lin.output), [])
+    slices = [r for r in readers if r.op == "aten.slice.Tensor" and r.args[0] is lin.output and _last_dim_slice(r)
+              and isinstance(r.arg(2), int) and isinstance(r.arg(3), int) and r.arg(4, "step", 1) == 1]
+    if len(slices) != len(readers) or len(slices) != 3:
+        return f"its output is read by {', '.join(f'%{r.name} ({r.op})' for r in readers)}, not three last-dim slices"
+    found = []
+    for operand in att.args[:3]:
+        mine = [sl for sl in slices if _reaches(operand, sl.output, lin.output)]
+        if len(mine) != 1:
+            return f"attention operand %{operand.name} comes from {len(mine)} of its slices, not one"
+        found.append(mine[0])
+    if len({id(sl) for sl in found}) != 3:
+        return "two of q, k and v come from one slice"
+    offsets = [int(sl.args[2]) for sl in found]
+    lengths = [min(int(sl.args[3]), rows) - int(sl.args[2]) for sl in found]
+    spans = sorted(zip(offsets, lengths))
+    if any(a + n != b for (a, n), (b, _) in zip(spans, spans[1:])) or spans[0][0] != 0 or sum(lengths) != rows:
+        return f"its slices {[(a, a + n) for a, n in spans]} do not tile its {rows} rows"
+    return (found[0], found[1], found[2]), (offsets[0], offsets[1], offsets[2]), lengths
+
+
 def find_attention_sites(graph: Graph, advise: bool = True) -> tuple[list[AttentionSite], list[str]]:
     """Every attention whose heads prune-heads can cut, and why the others are not (``advise``: with the prune passes
     that do take the model where a fused q/k/v projection is refused)."""
@@ -298,23 +391,27 @@ def find_attention_sites(graph: Graph, advise: bool = True) -> tuple[list[Attent
             skipped.append(f"{att.module or att.name}: q/k/v/o linears not found through layout ops{why}")
             continue
         assert q is not None and k is not None and v is not None and o is not None
+        offsets, slices, lengths = (0, 0, 0), None, [int(n.args[1].data.shape[0]) for n in (q, k, v)]
         if len({id(q), id(k), id(v)}) < 3:  # Phi-3's qkv_proj, sliced along its last dim into q, k and v
             fused = q if q is k or q is v else k
-            skipped.append(f"{att.module or att.name}: q, k and v are slices of one fused linear %{fused.name} (module "
-                           f"{fused.module!r}, {fused.outputs[0].tensor_type}): prune-heads removes each head's rows "
-                           "from separate q/k/v linears"
-                           f"{instead()}")
-            continue
+            parts = _fused_qkv_parts(att, fused, users) if q is k is v else \
+                "q, k and v are not three parts of it"
+            if isinstance(parts, str):
+                skipped.append(f"{att.module or att.name}: q, k and v are slices of one fused linear %{fused.name} "
+                               f"(module {fused.module!r}, {fused.outputs[0].tensor_type}), but {parts}: prune-heads "
+                               f"cuts a fused q/k/v linear only as three last-dim slices of its rows{instead()}")
+                continue
+            slices, offsets, lengths = parts
         hq, hd = int(out_t.shape[1]), int(out_t.shape[3])
-        kv = int(k.args[1].data.shape[0]) // hd
-        if hq * hd != int(q.args[1].data.shape[0]) or kv < 1 or hq % kv or \
-                int(v.args[1].data.shape[0]) != kv * hd or int(o.args[1].data.shape[1]) != hq * hd:
+        kv = lengths[1] // hd
+        if hq * hd != lengths[0] or kv < 1 or hq % kv or lengths[2] != kv * hd or \
+                int(o.args[1].data.shape[1]) != hq * hd:
             skipped.append(f"{att.module}: head layout not understood (q heads {hq}, head_dim {hd})")
             continue
         if writes and len(writes) != 2:
             skipped.append(f"{block}: only one of keys and values goes through a cache write")
             continue
-        sites.append(AttentionSite(block, att, q, k, v, o, hq, kv, hd, tuple(writes)))
+        sites.append(AttentionSite(block, att, q, k, v, o, hq, kv, hd, tuple(writes), offsets, slices))
     return sites, skipped
 
 
@@ -350,6 +447,30 @@ def slice_linear_rows(graph: Graph, n: Node, keep: torch.Tensor, users: dict[int
     if len(n.args) > 2 and n.args[2] is not None:
         b = _private(graph, n, 2, users)
         graph.set_param(b.name, b.data.index_select(0, keep.to(b.data.device)).contiguous())
+
+
+def unit_columns(units: torch.Tensor | list[int], unit: int) -> torch.Tensor:
+    """The column (or row) indices of ``units`` of ``unit`` consecutive columns each."""
+    u = torch.as_tensor(units, dtype=torch.long).reshape(-1, 1)
+    return (u * unit + torch.arange(unit)).reshape(-1)
+
+
+def kept_rows(groups: list[tuple[Node, int, int]], gone: torch.Tensor) -> dict[int, tuple[Node, torch.Tensor]]:
+    """Per linear (by id), the rows that stay when units ``gone`` leave every ``(linear, rows per unit, first row)``
+    group: a fused linear (Phi-3's ``qkv_proj``, ``gate_up_proj``) loses the units' rows of each of its parts."""
+    drop: dict[int, tuple[Node, torch.Tensor]] = {}
+    for lin, per, first in groups:
+        if id(lin) not in drop:
+            drop[id(lin)] = (lin, torch.zeros(int(lin.args[1].data.shape[0]), dtype=torch.bool))
+        drop[id(lin)][1][first + unit_columns(gone, per)] = True
+    return {k: (lin, (~mask).nonzero().flatten()) for k, (lin, mask) in drop.items()}
+
+
+def slice_unit_rows(graph: Graph, groups: list[tuple[Node, int, int]], gone: torch.Tensor,
+                    users: dict[int, list[Node]]) -> None:
+    """Remove units ``gone`` from each ``(linear, rows per unit, first row)`` group (``kept_rows``)."""
+    for lin, keep in kept_rows(groups, gone).values():
+        slice_linear_rows(graph, lin, keep, users)
 
 
 def slice_linear_cols(graph: Graph, n: Node, keep: torch.Tensor, users: dict[int, list[Node]]) -> None:
