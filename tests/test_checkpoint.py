@@ -763,6 +763,28 @@ def test_lowbit_checkpoint_keeps_the_capture_figures_of_the_report(tmp_path):
     assert {k: again.report.capture[k] for k in CAPTURE_META} == figures
 
 
+def test_gptq_act_order_is_recorded_by_every_route_to_compressed_tensors(tmp_path):
+    """lowbit.save(compiled) wrote compressed-tensors' ``actorder: static`` after GPTQ with act-order, read off the
+    compile report; `lowbit compile -f compressed-tensors` (write_checkpoint_files, no report) and a lowbit-format
+    reload (no pipeline records) wrote none for the same weights. The gptq pass records it in the graph, which the
+    lowbit format keeps."""
+    from lowbit.checkpoint import write_checkpoint_files
+
+    def actorder(d):
+        config = json.loads((d / "config.json").read_text())["quantization_config"]
+        return config["config_groups"]["group_0"]["weights"].get("actorder")
+
+    model = tiny_llama(hidden=32, inter=64, heads=2, kv_heads=1, vocab=49152)
+    compiled = lowbit.compile_model(model, pipeline="gptq(w=int4,group=16,calib_n=2,calib_len=32,progress=false)",
+                                    tokenizer="smollm2")
+    assert actorder(lowbit.save(compiled, tmp_path / "api")) == "static"
+    (tmp_path / "cli").mkdir()
+    write_checkpoint_files(compiled.graph, tmp_path / "cli", "compressed-tensors")  # what `lowbit compile -o` calls
+    assert actorder(tmp_path / "cli") == "static"
+    reloaded = lowbit.load(lowbit.save(compiled, tmp_path / "lb", format="lowbit"))
+    assert actorder(lowbit.save(reloaded, tmp_path / "re")) == "static"
+
+
 def test_lowbit_checkpoint_refuses_capture_figures_of_the_wrong_type(tmp_path):
     """The manifest's capture table is data, checked field by field before anything is read."""
     import json

@@ -38,6 +38,7 @@ from lowbit.checkpoint.files import (
     NODE_META,
     CaptureInfo,
     CheckpointError,
+    LowbitInfo,
     atomic_checkpoint_dir,
     check_format,
     checked,
@@ -124,8 +125,9 @@ def write_checkpoint_files(graph: Any, directory: Path, format: str, *, tokenize
     if format == "compressed-tensors":
         from lowbit.checkpoint.hf import save_compressed_tensors
 
+        # `lowbit compile -f compressed-tensors` passes none: the graph's record, as save() reads it
         return save_compressed_tensors(graph, directory, tokenizer=tokenizer, config=config, kind=kind,
-                                       actorder=actorder)
+                                       actorder=actorder if actorder is not None else graph.meta.get("actorder"))
     if format == "hf":
         from lowbit.checkpoint.hf import save_hf_float
 
@@ -138,7 +140,12 @@ def write_checkpoint_files(graph: Any, directory: Path, format: str, *, tokenize
 
 
 def _gptq_actorder(compiled: Any) -> str | None:
-    """``"static"`` when the compile ran GPTQ with act-order (lowbit keeps its groups contiguous)."""
+    """``"static"`` when the compile ran GPTQ with act-order (lowbit keeps its groups contiguous): the graph's record
+    (``graph.meta["actorder"]``, the gptq pass's; a lowbit checkpoint keeps it), else the compile report's."""
+    from lowbit.ir.graph import graph_of
+
+    if graph_of(compiled).meta.get("actorder") is not None:
+        return graph_of(compiled).meta["actorder"]
     report = getattr(compiled, "report", None)
     pipeline = getattr(report, "pipeline", None)
     for r in getattr(pipeline, "records", []) or []:
@@ -190,6 +197,9 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any, config: Any = None
         info["pruned"] = validated_meta(PrunedMeta, graph.meta["pruned"], "graph.meta['pruned']")
     if graph.meta.get("residual_rotated"):
         info["residual_rotated"] = True
+    if graph.meta.get("actorder") is not None:
+        info["actorder"] = checked(LowbitInfo, {"actorder": graph.meta["actorder"]}, lambda field, msg: (
+            f"graph.meta['actorder']: {msg}")).actorder
     capture = {k: graph.meta[k] for k in CAPTURE_META if graph.meta.get(k) is not None}
     if capture:  # a reload's report said 'loaded ... N IR nodes' and no more of what the compile was captured from
         info["capture"] = checked(CaptureInfo, capture, lambda field, msg: (
@@ -561,6 +571,8 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
     if info.get("residual_rotated"):  # a bool: verify_manifest checked the table's types
         graph.meta["residual_rotated"] = True
     graph.meta.update(info.get("capture") or {})  # CaptureInfo: verify_manifest checked its fields
+    if info.get("actorder") is not None:  # LowbitInfo: "static" or "weight"
+        graph.meta["actorder"] = info["actorder"]
     nodes = {n.name: n for n in graph.nodes}
     for name, meta in info.get("node_meta", {}).items():
         if name not in nodes:

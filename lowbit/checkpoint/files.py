@@ -224,6 +224,8 @@ class LowbitInfo(BaseModel):
     read it)."""
     node_meta: dict[str, NodeMeta] = {}
     capture: CaptureInfo | None = None
+    actorder: Literal["static", "weight"] | None = None
+    """``graph.meta["actorder"]`` (gptq with act-order: what a compressed-tensors save of the reload records)."""
 
 
 class Manifest(BaseModel):

@@ -271,4 +271,8 @@ class GPTQ(Pass):
                      static_groups=o.static_groups, damp=o.damp, block_size=o.block_size, sites=o.sites,
                      single_pass=o.single_pass and not o.awq)
         stats = run_weight_calibration(graph, o, r, self.name)
+        if o.act_order and o.group:
+            # what compressed-tensors calls actorder "static" (act-order, groups kept contiguous): in the graph, not
+            # only the compile report, so `lowbit compile -f compressed-tensors` and a reloaded model write it too
+            graph.meta["actorder"] = "static"
         return PassResult(True, stats)
