@@ -633,6 +633,10 @@ def test_save_and_load_arguments_are_checked_and_honoured(tmp_path):
     # written as compressed-tensors' actorder "group": loaders then permute by a weight_g_idx that is not there
     with pytest.raises(ValueError, match="actorder='group': lowbit keeps act-order groups contiguous"):
         lowbit.save(graph, tmp_path / "a", actorder="group", config=model.config)
+    for fmt in ("lowbit", "gptq"):  # accepted and written nowhere
+        with pytest.raises(CheckpointError, match=f"actorder='static' .* format '{fmt}' has none"):
+            lowbit.save(graph, tmp_path / "a", format=fmt, actorder="static", config=model.config)
+        assert not (tmp_path / "a").exists()
     out = lowbit.save(graph, tmp_path / "lb", format="lowbit", config=model.config, kind="causal-lm")
     assert json.loads((out / "lowbit-manifest.json").read_text())["lowbit"]["kind"] == "causal-lm"
     with pytest.raises(DeviceError, match="device='gpu' is not a torch device"):

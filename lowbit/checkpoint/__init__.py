@@ -93,6 +93,10 @@ def save(compiled: Any, directory: str | os.PathLike[str], format: str = "compre
     if actorder not in (None, "static", "weight"):  # "group"/"dynamic" promise a g_idx lowbit never writes
         raise CheckpointError(f"actorder={actorder!r}: lowbit keeps act-order groups contiguous, which is 'static' or "
                          "'weight' (or None); 'group' and 'dynamic' need a g_idx permutation lowbit does not write")
+    if actorder is not None and format != "compressed-tensors":  # was accepted and written nowhere
+        raise CheckpointError(f"actorder={actorder!r} is a field of compressed-tensors' quantization_config; format "
+                              f"{format!r} has none (its act-order groups are contiguous as written): drop actorder= "
+                              "or save with format='compressed-tensors'")
     if config is not None and not callable(getattr(config, "to_dict", None)):
         # a dict was an AttributeError (lowbit format) or transformers' "Unrecognized configuration class" list
         raise TypeError(f"config= takes a transformers PretrainedConfig (model.config, "
