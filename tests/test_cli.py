@@ -457,6 +457,20 @@ def test_inspect_counts_a_kv_caches_qdq_apart_from_the_activations(tmp_path):
     assert "int8 activation ×4" in text and "int8 kv ×2" in text, text
 
 
+def test_inspect_names_the_packed_kv_cache(tmp_path):
+    """A step graph through kv-cache(bits=4) holds its KV quantization in cache_attention nodes, not dequantize
+    ones: inspect said 'int4 weight ×7' and no word of the 4-bit cache."""
+    import lowbit
+
+    model = tiny_llama(hidden=64, inter=128, heads=2, kv_heads=1, vocab=97, max_positions=128)
+    compiled = lowbit.compile_model(model, pipeline="quantize(w=int4,group=16),kv-cache(bits=4)",
+                                    generation=lowbit.GenerationSpec(max_length=64, max_batch=2))
+    text = " ".join(invoke("inspect", lowbit.save(compiled, tmp_path / "kv", format="lowbit")).output.split())
+    assert "int4 weight ×7" in text and ("packed KV cache (kv-cache pass) in 1 layer(s): 4-bit codes, keys per channel "
+                                         "over 32-token blocks, values in groups of 32; the first 1 (sink) and last 32 "
+                                         "tokens kept float") in text, text
+
+
 def test_inspect_of_an_onnx_file_without_its_external_data_exits_3(tmp_path):
     """inspect printed a normal summary (exit 0) of a model whose .data side file was missing or cut short."""
     import lowbit

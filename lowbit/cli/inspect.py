@@ -152,11 +152,18 @@ def inspect_file(file: Path, top: int = 20) -> None:
     for col in ("tensor", "qdtype", "granularity", "shape", "bytes"):
         q.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
     qcount: Counter[str] = Counter()
+    packed_kv: Counter[str] = Counter()
     shown = 0
     from lowbit.checkpoint.graph_view import quantizes_kv
 
     users = graph.users()
     for n in graph.nodes:
+        if n.op == "cache_attention":  # the kv-cache pass's packed cache: no dequantize node, so it was not counted
+            k = n.kwargs
+            packed_kv[f"{k.get('bits')}-bit codes, keys per channel over {k.get('k_block')}-token blocks, values in "
+                      f"groups of {k.get('v_group')}; the first {k.get('sink')} (sink) and last {k.get('window')} "
+                      "tokens kept float"] += 1
+            continue
         # a fused qlinear (fuse-qlinear, and the onnxruntime/triton backends' passes) holds its weight's codes
         # itself: counted only dequantize nodes, such a graph read "no quantized weights"
         fused = _FUSED_WEIGHT.get(n.op)
@@ -193,6 +200,8 @@ def inspect_file(file: Path, top: int = 20) -> None:
     if qcount:
         console.print("quantize/dequantize pairs: " + ", ".join(f"{k} ×{v}" for k, v in sorted(qcount.items())),
                       markup=False, soft_wrap=True)
+    for layout, layers in sorted(packed_kv.items()):
+        console.print(f"packed KV cache (kv-cache pass) in {layers} layer(s): {layout}", markup=False, soft_wrap=True)
 
     dt = Table(title="parameters by dtype")
     for col in ("dtype", "tensors", "MiB"):
