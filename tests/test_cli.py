@@ -1680,3 +1680,18 @@ def test_generate_help_names_only_models_it_generates_with():
     model = next(p for p in get_command(app).commands["generate"].params if p.name == "model")
     assert "minilm" not in model.help and "causal LM" in model.help, model.help
     assert "minilm" in next(p for p in get_command(app).commands["compile"].params if p.name == "model").help
+
+
+@pytest.mark.parametrize("fmt, says", [
+    ("onnx", "an ONNX file is written by -b onnxruntime -o DIR (DIR/model.onnx"),
+    ("onnx-matmulnbits", "an ONNX file is written by -b onnxruntime -o DIR"),
+    ("tensorrt", "a TensorRT engine is written by -b tensorrt -o DIR (DIR/model.engine)"),
+    ("engine", "a TensorRT engine is written by -b tensorrt -o DIR"),
+])
+def test_compile_format_onnx_or_tensorrt_says_which_backend_writes_it(tmp_path, fmt, says):
+    """``lowbit compile --format onnx`` (lowbit.export's format name) was refused with the four checkpoint formats
+    only, and nothing said how the command writes ONNX or an engine; refused before the model loads."""
+    out = " ".join(invoke("compile", "no/such/model", "-p", "dce", "--format", fmt, "-o", tmp_path / "o",
+                          code=2).output.split())
+    assert f"unknown --format '{fmt}'" in out and "compressed-tensors, gptq, hf, lowbit (checkpoint formats)" in out
+    assert says in out

@@ -435,7 +435,15 @@ def compile_cmd(
     from lowbit.checkpoint import FORMATS
 
     if fmt not in FORMATS:
-        fail(f"unknown --format {fmt!r}{closest(fmt, list(FORMATS))}; known: {', '.join(FORMATS)}", Exit.USAGE)
+        # --format is the checkpoint beside the IR; an ONNX file or a TensorRT engine comes from the backend that runs
+        # it (the user asked for onnx and was told only the four checkpoint formats)
+        runtime = {"onnx": "an ONNX file is written by -b onnxruntime -o DIR (DIR/model.onnx; "
+                           "--backend-option weight_format=matmulnbits for MatMulNBits)",
+                   "tensorrt": "a TensorRT engine is written by -b tensorrt -o DIR (DIR/model.engine)"}
+        hint = next((f"; {v}" for k, v in runtime.items() if fmt.lower().startswith(k) or
+                     (k == "tensorrt" and fmt.lower() in ("trt", "engine"))), "")
+        fail(f"unknown --format {fmt!r}{closest(fmt, list(FORMATS))}; known: {', '.join(FORMATS)} (checkpoint "
+             f"formats){hint}", Exit.USAGE)
     if fmt != "lowbit" and out is None:
         fail(f"--format {fmt} writes a checkpoint directory: give -o DIR", Exit.USAGE)
     refused = hf_format_refusal(fmt, passes)
