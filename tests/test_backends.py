@@ -425,3 +425,17 @@ def test_cli_backend_refusals_give_flags_not_keyword_arguments(monkeypatch):
     res = CliRunner().invoke(app, ["generate", "no-such-model", "--prompt", "hi", "-b", "triton", "--device", "cpu"])
     out = " ".join(res.output.split())
     assert res.exit_code == 2 and "not on --device cpu: give --device cuda, or use -b torch on the CPU" in out, out
+
+
+@pytest.mark.parametrize("backend, given, meant", [("torch", "keep_packd", "keep_packed"),
+                                                   ("onnxruntime", "thread", "threads"),
+                                                   ("tensorrt", "workspace", "workspace_bytes"),
+                                                   ("triton", "cuda_graph", "cuda_graphs")])
+def test_a_misspelt_backend_option_is_refused_with_the_option_it_resembles(backend, given, meant):
+    """A misspelt --backend-option was refused with the whole list of options and no pointer at the one meant (as
+    pipeline options, export options and backend names have: ``did you mean``)."""
+    from lowbit.backends.registry import BackendError
+
+    with pytest.raises(BackendError, match=f"option {given}: Extra inputs are not permitted \\(did you mean "
+                                           f"'{meant}'\\?\\)"):
+        get_backend(backend).parse_options({given: "1"})

@@ -103,10 +103,13 @@ class BackendSpec:
         try:
             return self.options(**(options or {}))
         except ValidationError as exc:
-            msgs = [f"option {'.'.join(str(x) for x in e['loc'])}: {e['msg'].removeprefix('Value error, ')} "
-                    f"(got {e.get('input')!r})" if e["loc"]
+            names = sorted(self.options.model_fields)
+            # a misspelt option named the list only: did_you_mean points at 'workspace_bytes' for 'workspace'
+            msgs = [f"option {'.'.join(str(x) for x in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                    + (did_you_mean(e["loc"][0], names, cutoff=0.5) if e["type"] == "extra_forbidden" else "")
+                    + f" (got {e.get('input')!r})" if e["loc"]
                     else e["msg"].removeprefix("Value error, ") for e in exc.errors()]  # a whole-model check's own text
-            fields = ", ".join(sorted(self.options.model_fields)) or "none"
+            fields = ", ".join(names) or "none"
             raise BackendError(f"backend {self.name}: " + "; ".join(msgs) + f"; options are: {fields}") from None
 
     def lowers(self, op: str) -> bool:
