@@ -287,6 +287,28 @@ def test_a_v_group_that_does_not_fit_head_dim_names_the_default_and_one_that_fit
                       generation=GenerationSpec(max_length=32, max_batch=1))
 
 
+def test_a_kv_cache_that_cannot_fit_head_dim_is_refused_before_the_quantizer_calibrates(monkeypatch):
+    """``quantize(...),kv-cache(bits=4)`` on 8-wide heads ran (and calibrated) the quantizer, then kv-cache refused
+    v_group=32; the head width is the model's, so the refusal comes from kv-cache's precheck before any pass runs."""
+    from conftest import tiny_llama
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+    from lowbit.passes.insert_qdq import InsertQDQ
+    from lowbit.passes.manager import ModelRefusedError
+
+    ran: list[str] = []
+    monkeypatch.setattr(InsertQDQ, "run", lambda self, graph: ran.append(self.name))
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=32, inter=64, heads=4, kv_heads=2, vocab=97, max_positions=64)  # head_dim 8
+    with pytest.raises(ModelRefusedError, match=r"pass kv-cache\(k_block=8,window=8\) \(#1\) refuses this "
+                                                r"model, so no pass ran: .*v_group=32 .* must divide head_dim 8 .*; "
+                                                r"give v_group=8"):
+        compile_model(model, pipeline="quantize(w=int4,group=16),kv-cache(bits=4,k_block=8,window=8)",
+                      generation=GenerationSpec(max_length=32, max_batch=1))
+    assert ran == []
+
+
 def test_a_head_dim_no_v_group_fits_says_which_bits_do():
     """kv-cache(bits=2) on head_dim 6: the 2-bit codes of a head vector do not fill whole bytes, so no v_group fits,
     yet the refusal said only 'v_group=3 must divide head_dim 6 and be a multiple of the 4 codes per byte', and every

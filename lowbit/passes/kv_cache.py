@@ -89,10 +89,16 @@ class KVCache(Pass):
                 f"and leaves no float cache for the second (bits={later.options.bits}) to pack: keep one kv-cache, "
                 "with the bits you want")
 
-    def run(self, graph: Graph) -> PassResult:
+    def precheck(self, graph: Graph) -> None:
+        """The step graph's sliding windows and head_dim against ``v_group``: the model's, which no earlier pass
+        changes (head pruning drops heads, not their width), so ``quantize(...),kv-cache(bits=4)`` on 8-wide heads is
+        refused before ``quantize`` calibrates, not after it. A graph that is no step graph is ``requires``'."""
+        gen = graph.meta.get("generation")
+        if gen and "head_dim" in gen and "max_length" in gen:
+            self._check_layout(gen)
+
+    def _check_layout(self, gen: dict[str, Any]) -> None:
         o: KVCacheOptions = self.options  # type: ignore[assignment]
-        gen = graph.meta["generation"]
-        names = list(gen["cache_inputs"])
         head_dim = gen["head_dim"]
         windowed = [f"layer {i} (window {w})" for i, w in enumerate(gen.get("windows") or [])
                     if w is not None and w < gen["max_length"]]
@@ -113,6 +119,13 @@ class KVCache(Pass):
                         f"{per} per byte), so use bits={' or bits='.join(map(str, ok))}")
             raise PassError(f"pass kv-cache: v_group={o.v_group}{picked} must divide head_dim {head_dim} and be a "
                             f"multiple of the {per} codes per byte{hint}")
+
+    def run(self, graph: Graph) -> PassResult:
+        o: KVCacheOptions = self.options  # type: ignore[assignment]
+        gen = graph.meta["generation"]
+        names = list(gen["cache_inputs"])
+        head_dim = gen["head_dim"]
+        self._check_layout(gen)
         by_name = {v.name: v for v in graph.inputs}
         users = graph.users()
         positions = graph.inputs[1]
