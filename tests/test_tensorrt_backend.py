@@ -349,6 +349,33 @@ def test_tensorrt_backend_options_reach_the_build_and_the_engine_cache(minilm_gr
     assert len(built) == 2 and other.cached is None and other.plan == b"plan2"
 
 
+def test_a_damaged_engine_cache_entry_is_said_and_built_again(minilm_graph, monkeypatch, tmp_path):
+    """A cached engine whose file was truncated (a killed write) or corrupted failed the compile with
+    EngineFileError though the engine could be rebuilt: it is said in a warning, built again and rewritten."""
+    import types
+
+    import lowbit.backends.tensorrt as trt_backend
+
+    built: list[bytes] = []
+
+    def fake_build(path, **kw):
+        built.append(b"plan%d" % len(built))
+        return built[-1], EngineHeader(0, "", "10.0", inputs=["input_ids", "attention_mask"])
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(trt_backend, "build_engine", fake_build)
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", _FakeRunner)
+    cache = tmp_path / "engines"
+    first = trt_backend.lower(minilm_graph, None, engine_cache=str(cache))
+    (entry,) = cache.iterdir()
+    entry.write_bytes(entry.read_bytes()[:-2])
+    with pytest.warns(UserWarning, match="TensorRT engine cache: .* is truncated.*building the engine again"):
+        again = trt_backend.lower(minilm_graph, None, engine_cache=str(cache))
+    assert again.cached is None and again.plan == b"plan1" != first.plan
+    assert read_engine(entry)[0] == b"plan1"  # rewritten: the next compile loads it
+    assert trt_backend.lower(minilm_graph, None, engine_cache=str(cache)).cached == entry
+
+
 def test_builder_config_sets_the_workspace_and_only_the_precision_flags_a_weakly_typed_build_reads():
     """The builder config, against a stand-in for the tensorrt module: a strongly typed build sets no precision flag
     (TensorRT refuses them there), a weakly typed one INT8 (explicit quantization on TensorRT 8) and fp16/bf16 as

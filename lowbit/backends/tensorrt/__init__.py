@@ -125,8 +125,9 @@ class TensorRTCompiled(torch.nn.Module):
                 onnx_path = _checked_onnx(graph, Path(tmp))
                 entry = None if engine_cache is None else \
                     cache_entry(engine_cache, onnx_path, {"shapes": shapes, **build}, trt.__version__)
-                if entry is not None and entry.is_file():
-                    self.plan, self.header = read_engine(entry)
+                cached = _cached_engine(entry) if entry is not None else None
+                if cached is not None:
+                    self.plan, self.header = cached
                     self.cached = entry
                 else:
                     self.plan, self.header = build_engine(onnx_path, shapes=shapes, **build)
@@ -157,6 +158,18 @@ class TensorRTCompiled(torch.nn.Module):
             args = self.check_inputs(args)
         outs = self.runner(*args)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _cached_engine(entry: Path) -> tuple[bytes, EngineHeader | None] | None:
+    """The engine ``engine_cache`` holds at ``entry``, or None: none yet, or a damaged one (a killed write, a flipped
+    byte), which is said and built again rather than failing the compile or loading a bad plan."""
+    if not entry.is_file():
+        return None
+    try:
+        return read_engine(entry)
+    except EngineFileError as exc:
+        warnings.warn(f"TensorRT engine cache: {exc}; building the engine again", stacklevel=3)
+        return None
 
 
 def cache_entry(directory: str | os.PathLike[str], onnx_path: Path, build: Mapping[str, Any], version: str) -> Path:
