@@ -1254,3 +1254,52 @@ def test_cli_generate_report_counts_agree_in_number(monkeypatch, steps, made, pr
     res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi", "-n", "4"])
     assert res.exit_code == 0, res.output
     assert wanted in " ".join(res.stderr.split()), res.stderr
+
+
+def _sentencepiece_style_tokenizer():
+    """A word-level tokenizer with SentencePiece's Metaspace pre-tokenizer and decoder (Llama 2, Mistral): a text's
+    first word decodes without its leading space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "▁The", "▁capital", "▁of", "▁France", "▁is", "▁Paris", "▁and", ".", "▁Hi"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("prompts", [["The capital of France is"], ["The capital of France is", "Hi"]])
+def test_cli_generate_keeps_the_space_a_sentencepiece_decoder_strips(tmp_path, monkeypatch, prompts):
+    """A SentencePiece tokenizer decodes the new tokens alone without their first word's leading space, so
+    `lowbit generate` printed "The capital of France isParis." (streamed, and in a batch); the new text is now
+    what the tokens add after the prompt's."""
+    from typer.testing import CliRunner
+
+    import lowbit.api
+    from lowbit.cli.main import app
+    from lowbit.generate import GenerationOutput
+
+    tok = _sentencepiece_style_tokenizer()
+    torch.manual_seed(0)
+    tiny_llama(hidden=32, inter=64, heads=2, kv_heads=1, layers=1, vocab=16).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    made = tok.convert_tokens_to_ids(["▁Paris", "."])
+    assert tok.decode(made) == "Paris."  # the stripped space this is about
+
+    class Scripted:
+        def generate(self, ids, n, on_token=None, **kwargs):
+            for b in range(len(ids)):
+                for t in made:
+                    on_token(b, t)
+            return GenerationOutput([made] * len(ids), [len(p) for p in ids], 0.01, 0.01, 1,
+                                    texts=[tok.decode(made, skip_special_tokens=True)] * len(ids))  # as Generator's
+
+    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: Scripted())
+    flags = [f for p in prompts for f in ("--prompt", p)]
+    res = CliRunner().invoke(app, ["generate", str(tmp_path / "m"), *flags, "-n", "2", "--max-length", "16"])
+    assert res.exit_code == 0, res.output
+    if len(prompts) == 1:
+        assert res.stdout == "The capital of France is Paris.\n", res.stdout
+    else:
+        assert res.stdout == "The capital of France is Paris.\n\nHi Paris.\n\n", res.stdout

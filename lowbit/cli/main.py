@@ -627,20 +627,23 @@ class _TextStream:
 
     Why not print each token's own decode: byte-level BPE splits a character (an emoji, CJK) over several tokens,
     whose prefixes decode to U+FFFD; printed as they came, "😀" streamed as one U+FFFD and "日本語" as U+FFFD, "本",
-    U+FFFD. Text ending in U+FFFD is held back until the character completes (as transformers' TextStreamer does)."""
+    U+FFFD. Text ending in U+FFFD is held back until the character completes (as transformers' TextStreamer does).
+    The new tokens are decoded after the prompt's (``continuation``): alone, a SentencePiece tokenizer (Llama 2,
+    Mistral) drops the first one's leading space, and "The capital of France is" streamed "Paris"."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
         self.tokenizer = tokenizer
+        self.prompt_ids = prompt_ids
         self.tokens: list[int] = []
         self.shown = ""
 
     def push(self, token: int) -> None:
         self.tokens.append(token)
-        self._show(self.tokenizer.decode(self.tokens, skip_special_tokens=True), final=False)
+        self._show(continuation(self.tokenizer, self.prompt_ids, self.tokens), final=False)
 
     def flush(self) -> None:
         """Print what was held back (a character the last tokens left incomplete prints as U+FFFD)."""
-        self._show(self.tokenizer.decode(self.tokens, skip_special_tokens=True), final=True)
+        self._show(continuation(self.tokenizer, self.prompt_ids, self.tokens), final=True)
 
     def _show(self, text: str, final: bool) -> None:
         if not final:
@@ -648,6 +651,17 @@ class _TextStream:
         if len(text) > len(self.shown):
             console.print(text[len(self.shown):], end="", markup=False, highlight=False, soft_wrap=True)
             self.shown = text
+
+
+def continuation(tokenizer: Any, prompt_ids: list[int], tokens: list[int]) -> str:
+    """The text ``tokens`` add after the prompt: the decode of prompt + tokens past the decode of the prompt, so a
+    word's leading space that a SentencePiece decoder strips at the start of a text is kept. The tokens' own decode
+    where the prompt's text is not a prefix of the whole (a decoder that rewrites across the join)."""
+    if not prompt_ids:
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    whole = tokenizer.decode(list(prompt_ids) + list(tokens), skip_special_tokens=True)
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 @app.command("generate")
@@ -855,7 +869,7 @@ def generate_cmd(
         compiled = build(spec)
         compile_s = time.perf_counter() - t0 + load_s
         _note_reference_nodes(getattr(compiled, "runner", None))
-        stream = _TextStream(tok)
+        stream = _TextStream(tok, ids[0])
 
         def on_token(seq: int, token: int) -> None:
             if len(prompt) == 1:
@@ -882,8 +896,8 @@ def generate_cmd(
         stream.flush()
         console.print()
     else:
-        for p, t in zip(prompt, out.texts or []):
-            console.print(f"{p}{t}\n", markup=False, highlight=False, soft_wrap=True)
+        for p, encoded, t in zip(prompt, ids, out.tokens):
+            console.print(f"{p}{continuation(tok, encoded, t)}\n", markup=False, highlight=False, soft_wrap=True)
     if quiet:
         return
     if out.peak_memory_bytes is not None:
