@@ -517,6 +517,24 @@ class Generator:
             graph = self._cuda_graphs[(batch, greedy)] = _CudaGraphStep(self.runner, ids, positions, cache, greedy)
         return graph
 
+    def _check_switch_in_packed_batch(self, lengths: list[int], max_new_tokens: int) -> None:
+        """A longrope step picks its frequencies by the largest position of the whole input: a batched decode step
+        by the batch's, but the packed cache prefills each prompt alone, by its own. Prompts of different lengths
+        whose decode steps put the batch past the switch while a shorter one is still before it were rotated both
+        ways (tokens that were neither transformers' batched nor single-prompt ones, without a word): refused."""
+        switch = self.meta.get("rope_switch")
+        if self.kv is None or switch is None or len(set(lengths)) < 2:
+            return
+        # decode step s feeds positions len_b + s; the batch takes the long frequencies once longest + s >= switch
+        first, last = max(0, switch - max(lengths)), min(max_new_tokens - 2, switch - min(lengths) - 1)
+        if first <= last:
+            raise GenerationError(
+                f"this longrope model (its rotary switches frequencies at position {switch}) has the packed KV cache "
+                f"(kv-cache), which prefills each prompt alone: with prompts of {min(lengths)} and {max(lengths)} "
+                f"tokens, decode step {first} would rotate the shorter one with the batch's long frequencies over keys "
+                "it cached with the short ones. Generate prompts of one length together, or one prompt per "
+                "generate() call (or compile without kv-cache: the float cache prefills the batch together)")
+
     @torch.no_grad()
     def generate(self, input_ids: Any, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
@@ -556,6 +574,7 @@ class Generator:
 
         batch = len(prompts)
         lengths = [len(p) for p in prompts]
+        self._check_switch_in_packed_batch(lengths, max_new_tokens)
         ids, positions = (t.to(self.device) for t in left_padded(prompts))
         longest = ids.shape[1]
 

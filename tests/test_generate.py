@@ -1078,6 +1078,32 @@ def test_phi3_longrope_generation_recomputes_the_cache_where_its_rotary_switches
         assert cm.generate(prompts, 10, stop_tokens=()).tokens == want, [len(p) for p in prompts]
 
 
+def test_a_longrope_batch_that_straddles_the_switch_on_a_packed_cache_is_refused():
+    """A longrope step takes its frequencies by the largest position of its input: a batched decode step by the
+    batch's, but the packed cache (kv-cache) prefills each prompt alone. A 9- and a 3-token prompt generating 10
+    tokens made a last token that was neither transformers' batched nor its single-prompt one (the shorter prompt
+    rotated both ways); it is refused, naming the step. One prompt at a time keeps transformers' tokens, and a batch
+    that never reaches the switch, or of one length, still generates together."""
+    from conftest import tiny_phi3_longrope
+
+    hf = tiny_phi3_longrope()
+    with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
+        for p in hf.parameters():
+            p.mul_(4)
+    cm = compile_model(hf, pipeline="kv-cache(bits=8,v_group=8)", generation=GenerationSpec(max_length=32,
+                                                                                            max_batch=2))
+    long, short = list(range(1, 10)), [5, 6, 7]
+    with pytest.raises(GenerationError, match="prompts of 3 and 9 tokens, decode step 7 would rotate the shorter"):
+        cm.generate([long, short], 10, stop_tokens=())
+    for p in (long, short):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        assert cm.generate([p], 10, stop_tokens=()).tokens == [want[0, len(p):].tolist()]
+    assert len(cm.generate([long, short], 7, stop_tokens=()).tokens) == 2  # the batch stays before position 16
+    both = cm.generate([short, [9, 9, 9]], 15, stop_tokens=()).tokens  # one length: crosses the switch together
+    assert both == [cm.generate([p], 15, stop_tokens=()).tokens[0] for p in (short, [9, 9, 9])]
+
+
 def test_an_onnx_longrope_step_exported_before_rope_switch_is_refused(tmp_path):
     """An exported longrope step graph whose metadata has no ``rope_switch`` (written before it was recorded) ran
     ``generate`` past the switch with keys rotated by the short frequencies: other tokens than the compile's, without
