@@ -309,6 +309,26 @@ def test_a_kv_cache_that_cannot_fit_head_dim_is_refused_before_the_quantizer_cal
     assert ran == []
 
 
+def test_a_written_out_attention_names_its_module_and_the_float_cache():
+    """kv-cache on Gemma 2 (soft-capped attention, written out as matmuls and a softmax) said only 'the updated cache
+    %present_0_key is read by %unsqueeze_3 (aten.unsqueeze.default); expected one attention', naming neither the
+    layer nor what to do; it names the module, why, and that this model generates with the float cache."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+    from lowbit.passes.manager import PipelineError
+
+    torch.manual_seed(0)
+    model = t.AutoModelForCausalLM.from_config(t.Gemma2Config(
+        hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        num_hidden_layers=1, vocab_size=97, max_position_embeddings=64, pad_token_id=0, eos_token_id=0)).eval()
+    with pytest.raises(PipelineError, match=r"%present_0_key \(module 'model.layers.0.self_attn'\) is read by .*"
+                       r"attention is written out .*Gemma 2's soft-capped.*leave kv-cache out"):
+        compile_model(model, pipeline="kv-cache(bits=8,v_group=16)", generation=GenerationSpec(max_length=16,
+                                                                                                max_batch=1))
+
+
 def test_a_head_dim_no_v_group_fits_says_which_bits_do():
     """kv-cache(bits=2) on head_dim 6: the 2-bit codes of a head vector do not fill whole bytes, so no v_group fits,
     yet the refusal said only 'v_group=3 must divide head_dim 6 and be a multiple of the 4 codes per byte', and every

@@ -207,8 +207,15 @@ class KVCache(Pass):
             rd = users.get(id(sc.output), [])
             if len(rd) != 1 or rd[0].op != "attention" or id(sc.output) not in outs:
                 ops = ", ".join(f"%{n.name} ({n.op})" for n in rd) or "nothing"
-                raise PassError(f"pass kv-cache: the updated cache %{sc.output.name} is read by {ops}; expected one "
-                                "attention (and the graph's outputs)")
+                module = next((n.module for n in rd if n.module), None)
+                written_out = rd and not any(n.op == "attention" for n in rd)
+                raise PassError(f"pass kv-cache: the updated cache %{sc.output.name}"
+                                + (f" (module {module!r})" if module else "") + f" is read by {ops}; expected one "
+                                "attention (and the graph's outputs)"
+                                + ("; this layer's attention is written out (matmuls and a softmax, as Gemma 2's "
+                                   "soft-capped logits are: SDPA has no soft-cap), and the packed cache replaces an "
+                                   "attention node, so this model generates with the float cache: leave kv-cache "
+                                   "out" if written_out else ""))
         att = users[id(k_sc.output)][0]
         if att is not users[id(v_sc.output)][0] or att.args[1] is not k_sc.output or att.args[2] is not v_sc.output:
             raise PassError(f"pass kv-cache: %{k_sc.output.name} and %{v_sc.output.name} are not the keys and values "
