@@ -843,7 +843,8 @@ def test_generate_max_length_help_says_its_default_follows_the_model():
     --max-length is refused)."""
     res = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "240"})
     out = " ".join(res.output.replace("│", " ").split())
-    assert "at most the model's max_position_embeddings (default: 512, or that when smaller)" in out, out
+    assert ("at most the model's max_position_embeddings (default: 512, or that when smaller; the longest prompt + "
+            "-n where that is more)") in out, out
 
 
 def test_nan_and_infinite_errors_rank_worst_in_every_debug_ranking():

@@ -1329,3 +1329,34 @@ def test_cli_generate_keeps_the_space_a_sentencepiece_decoder_strips(tmp_path, m
         assert res.stdout == "The capital of France is Paris.\n", res.stdout
     else:
         assert res.stdout == "The capital of France is Paris.\n\nHi Paris.\n\n", res.stdout
+
+
+def test_cli_generate_sizes_the_cache_for_a_prompt_longer_than_its_default(monkeypatch):
+    """Without --max-length, a 600-word prompt was refused ('> the cache's max_length=512: compile with
+    GenerationSpec(max_length=605) (CLI: --max-length)'), a number the command could choose itself: the default cache
+    now holds the longest prompt + -n where 512 does not."""
+    from typer.testing import CliRunner
+
+    import lowbit.api
+    from lowbit.cli.main import app
+    from lowbit.generate import GenerationOutput
+
+    specs = []
+
+    class Scripted:
+        def generate(self, ids, n, on_token=None, **kwargs):
+            return GenerationOutput([[13] * n for _ in ids], [len(p) for p in ids], 0.01, 0.01, n - 1)
+
+    def compiled(*args, generation=None, **kwargs):
+        specs.append(generation)
+        return Scripted()
+
+    monkeypatch.setattr(lowbit.api, "compile_model", compiled)
+    long_prompt = "word " * 600
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", long_prompt, "--prompt", "hi", "-n", "4"])
+    assert res.exit_code == 0, res.output
+    from lowbit.calibration.data import load_tokenizer
+
+    assert specs[-1].max_length == len(load_tokenizer("smollm2")(long_prompt).input_ids) + 4
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi", "-n", "4"])
+    assert res.exit_code == 0 and specs[-1].max_length == 512, res.output

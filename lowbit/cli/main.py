@@ -674,7 +674,7 @@ def generate_cmd(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate per prompt"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="KV-cache slots: prompt + new tokens must "
                                              "fit, at most the model's max_position_embeddings (default: 512, or "
-                                             "that when smaller)"),
+                                             "that when smaller; the longest prompt + -n where that is more)"),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="largest batch the step graph takes "
                                             "(default: the number of prompts)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (decode steps replay a CUDA graph there)"),
@@ -840,10 +840,6 @@ def generate_cmd(
         fail(f"--max-length {max_length}: model {model!r} takes at most {positions} positions "
              f"(max_position_embeddings in its config); give --max-length {positions} or less", Exit.USAGE)
     try:
-        if max_length is None:  # 512, or the model's positions where fewer (a longer cache is refused by name)
-            max_length = min(512, positions) if known else 512
-        spec = GenerationSpec(max_length=max_length,
-                              max_batch=len(prompt) if max_batch is None else max_batch)
         ids = [tok(p).input_ids for p in prompt]
         for p, encoded in zip(prompt, ids):  # generate() said 'prompt 0 is empty', not which text or why
             if not encoded:
@@ -854,6 +850,11 @@ def generate_cmd(
                 fail(f"prompt {i} has {counted(len(p), 'token')} + --max-new-tokens {max_new_tokens} = {len(p) + max_new_tokens} "
                      f"> the model's max_position_embeddings={positions}: shorten the prompt or lower "
                      "--max-new-tokens", Exit.USAGE)
+        if max_length is None:  # 512 (the model's positions where fewer), or what the request needs where more:
+            # a long prompt was refused with the advice to give the --max-length this command could choose itself
+            max_length = max(min(512, positions) if known else 512, max(map(len, ids)) + max_new_tokens)
+        spec = GenerationSpec(max_length=max_length,
+                              max_batch=len(prompt) if max_batch is None else max_batch)
         if fixed is not None:
             longest = max(len(p) for p in ids) + max_new_tokens
             if len(ids) > max_batch or longest > max_length:
