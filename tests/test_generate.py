@@ -1360,3 +1360,43 @@ def test_cli_generate_sizes_the_cache_for_a_prompt_longer_than_its_default(monke
     assert specs[-1].max_length == len(load_tokenizer("smollm2")(long_prompt).input_ids) + 4
     res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi", "-n", "4"])
     assert res.exit_code == 0 and specs[-1].max_length == 512, res.output
+
+
+def test_cli_generate_chat_wraps_the_prompt_in_the_chat_template(tmp_path, monkeypatch):
+    """`lowbit generate` had no way to use the shipped instruct model's chat template, so SmolLM2-Instruct continued
+    a question as raw text (greedy: its end-of-turn token at once, an empty answer). --chat sends each prompt as a
+    user turn with the assistant's turn opened, prints the question on its line and the answer below; a tokenizer
+    without a template is refused by flag."""
+    from typer.testing import CliRunner
+
+    import lowbit.api
+    from lowbit.calibration.data import load_tokenizer
+    from lowbit.cli.main import app
+    from lowbit.generate import GenerationOutput
+
+    tok = load_tokenizer("smollm2")
+    answer = tok("Paris.", add_special_tokens=False).input_ids
+    seen = []
+
+    class Scripted:
+        def generate(self, ids, n, on_token=None, **kwargs):
+            seen.extend(ids)
+            for b in range(len(ids)):
+                for t in answer:
+                    on_token(b, t)
+            return GenerationOutput([answer] * len(ids), [len(p) for p in ids], 0.01, 0.01, len(answer) - 1)
+
+    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: Scripted())
+    question = "What is the capital of France?"
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "--chat", "--prompt", question, "-n", "4"])
+    assert res.exit_code == 0, res.output
+    templated = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        tokenize=False)
+    assert templated.endswith("<|im_start|>assistant\n")
+    assert seen == [tok(templated, add_special_tokens=False).input_ids]
+    assert res.stdout == f"{question}\nParis.\n", res.stdout
+    torch.manual_seed(0)
+    tiny_llama(hidden=32, inter=64, heads=2, kv_heads=1, layers=1, vocab=16).save_pretrained(tmp_path / "m")
+    _sentencepiece_style_tokenizer().save_pretrained(tmp_path / "m")
+    res = CliRunner().invoke(app, ["generate", str(tmp_path / "m"), "--chat", "--prompt", "Hi", "-n", "2"])
+    assert res.exit_code == 2 and "--chat: model" in res.output and "has no chat template" in res.output, res.output

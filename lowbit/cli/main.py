@@ -653,6 +653,14 @@ class _TextStream:
             self.shown = text
 
 
+def chat_ids(tokenizer: Any, message: str) -> list[int]:
+    """``message`` as one user turn of the tokenizer's chat template, with the assistant's turn opened (what an
+    instruct model answers); the template writes its own special tokens, so none are added again."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def continuation(tokenizer: Any, prompt_ids: list[int], tokens: list[int]) -> str:
     """The text ``tokens`` add after the prompt: the decode of prompt + tokens past the decode of the prompt, so a
     word's leading space that a SentencePiece decoder strips at the start of a text is kept. The tokens' own decode
@@ -695,6 +703,8 @@ def generate_cmd(
                                              "(repeatable), e.g. weight_format=matmulnbits or threads=4 on "
                                              "onnxruntime, compile=false on triton"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=GENERATE_DTYPE_HELP),
+    chat: bool = typer.Option(False, "--chat", help="each prompt is a user message in the tokenizer's chat "
+                              "template, answered as the assistant (instruct models such as smollm2)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="the generated text only: no progress bars and no "
                                "timings line"),
     reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on a failing pass, save the step graph "
@@ -840,7 +850,11 @@ def generate_cmd(
         fail(f"--max-length {max_length}: model {model!r} takes at most {positions} positions "
              f"(max_position_embeddings in its config); give --max-length {positions} or less", Exit.USAGE)
     try:
-        ids = [tok(p).input_ids for p in prompt]
+        if chat and not getattr(tok, "chat_template", None):
+            fail(f"--chat: model {model!r}'s tokenizer has no chat template (chat_template in its "
+                 "tokenizer_config.json); give the prompt as text to continue, without --chat", Exit.USAGE)
+        ids = [chat_ids(tok, p) if chat else tok(p).input_ids for p in prompt]
+        shown = [f"{p}\n" if chat else p for p in prompt]  # the user's message on a line, the reply below it
         for p, encoded in zip(prompt, ids):  # generate() said 'prompt 0 is empty', not which text or why
             if not encoded:
                 fail(f"--prompt {p!r} encodes to no tokens (the tokenizer adds no BOS token): give text to continue",
@@ -877,7 +891,7 @@ def generate_cmd(
                 stream.push(token)
 
         if len(prompt) == 1:
-            console.print(prompt[0], end="", markup=False, highlight=False, soft_wrap=True)
+            console.print(shown[0], end="", markup=False, highlight=False, soft_wrap=True)
         try:
             out = compiled.generate(ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
                                     top_p=top_p, seed=seed, on_token=on_token, stop_tokens=stops)
@@ -897,7 +911,7 @@ def generate_cmd(
         stream.flush()
         console.print()
     else:
-        for p, encoded, t in zip(prompt, ids, out.tokens):
+        for p, encoded, t in zip(shown, ids, out.tokens):
             console.print(f"{p}{continuation(tok, encoded, t)}\n", markup=False, highlight=False, soft_wrap=True)
     if quiet:
         return
