@@ -1400,3 +1400,34 @@ def test_cli_generate_chat_wraps_the_prompt_in_the_chat_template(tmp_path, monke
     _sentencepiece_style_tokenizer().save_pretrained(tmp_path / "m")
     res = CliRunner().invoke(app, ["generate", str(tmp_path / "m"), "--chat", "--prompt", "Hi", "-n", "2"])
     assert res.exit_code == 2 and "--chat: model" in res.output and "has no chat template" in res.output, res.output
+
+
+def test_cli_generate_reads_prompts_from_files_and_stdin(tmp_path, monkeypatch):
+    """A long or multi-line prompt had to be quoted onto the command line: --prompt-file reads one (its final line
+    end dropped, so it encodes as the same text given by --prompt), '-' from standard input, after the --prompt
+    ones; a missing file is named (exit 3) and no prompt at all is refused by flag."""
+    from typer.testing import CliRunner
+
+    import lowbit.api
+    from lowbit.calibration.data import load_tokenizer
+    from lowbit.cli.main import app
+    from lowbit.generate import GenerationOutput
+
+    seen = []
+
+    class Scripted:
+        def generate(self, ids, n, on_token=None, **kwargs):
+            seen.append(ids)
+            return GenerationOutput([[13] for _ in ids], [len(p) for p in ids], 0.01, 0.01, 0)
+
+    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: Scripted())
+    tok = load_tokenizer("smollm2")
+    (tmp_path / "p.txt").write_text("Line one.\nThe capital of France is\n", encoding="utf-8")
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "Hi", "--prompt-file", str(tmp_path / "p.txt"),
+                                   "--prompt-file", "-", "-n", "1"], input="From stdin\r\n")
+    assert res.exit_code == 0, res.output
+    assert seen[-1] == [tok(t).input_ids for t in ("Hi", "Line one.\nThe capital of France is", "From stdin")]
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt-file", str(tmp_path / "nope.txt")])
+    assert res.exit_code == 3 and f"--prompt-file {tmp_path / 'nope.txt'}: no such file" in res.output, res.output
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "-n", "2"])
+    assert res.exit_code == 2 and "give a prompt: --prompt TEXT or --prompt-file FILE" in res.output, res.output

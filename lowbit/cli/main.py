@@ -653,6 +653,26 @@ class _TextStream:
             self.shown = text
 
 
+def _prompt_file_text(name: str) -> str:
+    """A --prompt-file's text (``-``: standard input), without the one line end an editor leaves at the end (a
+    prompt typed on the command line has none); a missing or undecodable file is named, exit 3."""
+    if name == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(name).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            fail(f"--prompt-file {name}: no such file", Exit.NOT_FOUND)
+        except IsADirectoryError:
+            fail(f"--prompt-file {name}: is a directory; give a text file", Exit.NOT_FOUND)
+        except UnicodeDecodeError as exc:
+            fail(f"--prompt-file {name}: not UTF-8 text (byte {exc.start}: {exc.reason})", Exit.NOT_FOUND)
+        except OSError as exc:
+            fail(f"--prompt-file {name}: cannot be read ({exc.strerror})", Exit.NOT_FOUND)
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 def chat_ids(tokenizer: Any, message: str) -> list[int]:
     """``message`` as one user turn of the tokenizer's chat template, with the assistant's turn opened (what an
     instruct model answers); the template writes its own special tokens, so none are added again."""
@@ -675,7 +695,10 @@ def continuation(tokenizer: Any, prompt_ids: list[int], tokens: list[int]) -> st
 @app.command("generate")
 def generate_cmd(
     model: str = typer.Argument(..., help=GENERATE_MODEL_HELP),
-    prompt: list[str] = typer.Option(..., "--prompt", help="prompt text (repeat for a batch)"),
+    prompt: list[str] = typer.Option([], "--prompt", help="prompt text (repeat for a batch)"),
+    prompt_file: list[str] = typer.Option([], "--prompt-file", help="a file whose text is one prompt (its final "
+                                          "line end dropped; repeat for a batch, after the --prompt ones; - reads "
+                                          "standard input)"),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help=PIPELINE_HELP),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -712,6 +735,10 @@ def generate_cmd(
 ) -> None:
     """Compile MODEL for generation (one step graph: prefill and decode), stream the text, print timings."""
     import resource
+
+    prompt = [*prompt, *(_prompt_file_text(f) for f in prompt_file)]
+    if not prompt:
+        fail("give a prompt: --prompt TEXT or --prompt-file FILE (either repeated for a batch)", Exit.USAGE)
 
     from lowbit.api import compile_model
     from lowbit.errors import DeviceError, LowbitError, check_device
