@@ -98,6 +98,22 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     return _with_room(protocol, item, nextitem)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_cli_models() -> Any:
+    """After each test file, drop the models and captured graphs the in-process CLI caches (``lowbit.cli.common``:
+    loaded once per process, as a command loads them): test_cli.py's ``smollm2:2`` keeps a second full float32
+    SmolLM2 beside the ``smollm2`` fixture's, and MiniLM and the captured graphs with it, for the rest of the
+    session. A file reloads what it uses (a few seconds), so the tests within one still share them."""
+    yield
+    common = sys.modules.get("lowbit.cli.common")  # not imported here: a file that never ran a command
+    if common is not None and (common._MODELS or common._GRAPHS):
+        import gc
+
+        common._MODELS.clear()
+        common._GRAPHS.clear()
+        gc.collect()
+
+
 @pytest.fixture(autouse=True)
 def _seeded_torch() -> None:
     """Every test starts from the same torch RNG state, so a random input that fails once fails every time."""

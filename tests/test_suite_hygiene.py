@@ -28,3 +28,28 @@ def test_a_passing_tests_tmp_path_is_removed_and_a_failing_ones_kept(tmp_path):
     assert "1 failed, 1 passed" in res.stdout, res.stdout + res.stderr
     left = sorted(p.parent.name for p in base.rglob("big.bin"))
     assert left == ["test_fails0"], left
+
+
+def test_the_clis_cached_models_are_released_after_each_test_file(tmp_path):
+    """Commands run in-process (CliRunner) keep the models and graphs they loaded in ``lowbit.cli.common``'s caches,
+    and test_cli.py's left a second float32 SmolLM2 (beside the session fixture's), MiniLM and their graphs alive for
+    the rest of the session (~180 MiB more at the peak of the next file that loads a model). The conftest drops them
+    when a test file ends; within a file they are shared."""
+    (tmp_path / "test_a_fills.py").write_text(
+        "import lowbit.cli.common as common\n\n"
+        "def test_fills():\n"
+        "    common._MODELS['x'] = object()\n"
+        "    common._GRAPHS['x'] = object()\n\n"
+        "def test_same_file_still_shares():\n"
+        "    assert 'x' in common._MODELS\n")
+    (tmp_path / "test_b_reads.py").write_text(
+        "import lowbit.cli.common as common\n\n"
+        "def test_released():\n"
+        "    assert not common._MODELS and not common._GRAPHS\n")
+    env = {**__import__("os").environ,
+           "PYTHONPATH": __import__("os").pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                          "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path / "test_a_fills.py"),
+                          str(tmp_path / "test_b_reads.py")], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path)
+    assert "3 passed" in res.stdout, res.stdout + res.stderr
