@@ -49,7 +49,8 @@ def test_the_clis_cached_models_are_released_after_each_test_file(tmp_path):
     env = {**__import__("os").environ,
            "PYTHONPATH": __import__("os").pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
-                          "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path / "test_a_fills.py"),
+                          "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path),
+                          str(tmp_path / "test_a_fills.py"),
                           str(tmp_path / "test_b_reads.py")], capture_output=True, text=True, timeout=120, env=env,
                          cwd=tmp_path)
     assert "3 passed" in res.stdout, res.stdout + res.stderr

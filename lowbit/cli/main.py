@@ -1176,7 +1176,8 @@ def sensitivity_cmd(
     granularity: str = typer.Option("block", help="block (one transformer block at a time) or linear (one linear; "
                                     "not for prune-mlp, prune-heads, prune-blocks, which cut whole MLPs, heads or "
                                     "blocks)"),
-    metric: str = typer.Option("auto", help="ppl, kl (causal LMs), cos (encoders) or auto (ppl, cos); see debug bisect"),
+    metric: str = typer.Option("auto", help="ppl, kl (causal LMs), cos (encoders) or auto (ppl, cos); see debug "
+                               "bisect"),
     keep_top: int = typer.Option(1, help="how many of the most damaging units the override file keeps float"),
     windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows per evaluation"),
     seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),
