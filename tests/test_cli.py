@@ -1696,3 +1696,17 @@ def test_compile_format_onnx_or_tensorrt_says_which_backend_writes_it(tmp_path, 
                           code=2).output.split())
     assert f"unknown --format '{fmt}'" in out and "compressed-tensors, gptq, hf, lowbit (checkpoint formats)" in out
     assert says in out
+
+
+def test_debug_sensitivity_ranks_a_slice_by_kl(tmp_path):
+    """sensitivity --metric kl ranks a slice's blocks by the KL of each run's next-token distributions from the float
+    slice's (0 for float); measured by perplexity, a slice's ranking gets a note that names --metric kl, and not
+    bisect's --max-increase, which sensitivity does not take."""
+    out = tmp_path / "s.json"
+    invoke("debug", "sensitivity", "smollm2:2", "--scheme", "test-plant-bad", "--metric", "kl", *SMALL, "-o", out, "-q")
+    data = json.loads(out.read_text())
+    assert data["metric"] == "kl" and data["baseline"] == pytest.approx(0, abs=1e-6)
+    assert [r["module"] for r in data["ranking"]] == ["model.layers.1", "model.layers.0"], data["ranking"]
+    assert data["ranking"][0]["damage"] > 10 * max(data["ranking"][1]["damage"], 1e-9)
+    res = invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w4", *SMALL, "-o", tmp_path / "p.json", "-q")
+    assert "a ranking by it says little: --metric kl ranks" in res.stderr and "--max-increase" not in res.stderr

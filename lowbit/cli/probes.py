@@ -213,12 +213,16 @@ def layer_stats(ref: Probe, cand: Probe) -> dict[str, dict[str, float]]:
             and cand.layers[name].shape == t.shape}
 
 
-def slice_note(model: LoadedModel, metric: str) -> str | None:
+def slice_note(model: LoadedModel, metric: str, ranking: bool = False) -> str | None:
     """What to say when a slice (``smollm2:2``: its first blocks, then the final norm and the head) is measured by
     perplexity: the cut model is not a language model (its float perplexity is in the thousands, and damage can lower
     it), so a threshold on it says little; the KL from the float slice's own outputs is a measure it has."""
     if metric != "ppl" or model.n_layers is None:
         return None
+    if ranking:  # sensitivity: no threshold, a ranking by damage
+        return (f"note: {model.spec} keeps only the first {model.n_layers} block(s), so its perplexity is not a "
+                "language model's and a ranking by it says little: --metric kl ranks by the KL of each run's "
+                "next-token distributions from the float slice's")
     return (f"note: {model.spec} keeps only the first {model.n_layers} block(s), so its perplexity is not a language "
             "model's and a threshold on it says little: --metric kl compares each run's next-token distributions "
             "with the float slice's (give --max-increase as an absolute amount, e.g. 0.05)")

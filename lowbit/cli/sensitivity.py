@@ -89,7 +89,7 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
     loaded = load(model_spec, dtype)
     check_calibration([*pre, qpass], loaded)
     metric = metric_name(loaded.kind, metric)
-    note = slice_note(loaded, metric)
+    note = slice_note(loaded, metric, ranking=True)
     if note:
         err_console.print(note, markup=False, soft_wrap=True)
     inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
