@@ -1710,3 +1710,20 @@ def test_debug_sensitivity_ranks_a_slice_by_kl(tmp_path):
     assert data["ranking"][0]["damage"] > 10 * max(data["ranking"][1]["damage"], 1e-9)
     res = invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w4", *SMALL, "-o", tmp_path / "p.json", "-q")
     assert "a ranking by it says little: --metric kl ranks" in res.stderr and "--max-increase" not in res.stderr
+
+
+def test_debug_bisect_says_when_later_passes_do_most_of_the_damage(tmp_path):
+    """A fault injected late in a pipeline whose weight quantizer is already past the threshold: bisect names the
+    first pass past it, as it should, and said nothing of the later pass that took the metric many times further. It
+    now says so, with the --max-increase past the culprit's damage; bisecting again with it finds the later pass."""
+    pipeline = "quantize(w=int4,group=64),quantize(a=int2)"
+    js = tmp_path / "b.json"
+    invoke("debug", "bisect", "smollm2:1", "-p", pipeline, *SMALL, "--metric", "kl", "--max-increase", "0.02",
+           "--json", js, "-q")
+    data = json.loads(js.read_text())
+    assert data["culprit_index"] == 0 and "the passes after it (#1 on) do most of the damage" in data["note"], data
+    again = re.search(r"--max-increase (\S+)", data["note"]).group(1)
+    invoke("debug", "bisect", "smollm2:1", "-p", pipeline, *SMALL, "--metric", "kl", "--max-increase", again,
+           "--json", js, "-q")
+    data = json.loads(js.read_text())
+    assert data["culprit_pass"] == "quantize(a=int2)" and "do most of the damage" not in data["note"], data

@@ -125,13 +125,17 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
 
     # stage 1: first bad prefix
     lo, hi = 0, len(passes)  # prefix lo is good (float), prefix hi is bad
+    bad_at = {hi: full}  # the metric of each bad prefix measured
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if record(f"first {mid} passes", evaluate(run_prefix(mid))):
+        value = evaluate(run_prefix(mid))
+        if record(f"first {mid} passes", value):
             hi = mid
+            bad_at[mid] = value
         else:
             lo = mid
     k = hi - 1
+    later = _later_damage(metric, baseline, bad_at[hi], full, hi, len(passes), relative)
     culprit = passes[k]
     result.culprit_index, result.culprit_pass = k, culprit.spec()
     prefix = format_pipeline(passes[:k])
@@ -195,12 +199,34 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
             if how == "keep":
                 result.note = (f"{culprit.name} was restricted through its 'keep' option (other blocks kept float); "
                                "only the nodes 'keep' governs are restricted")
+    if later:
+        result.note = f"{result.note}; {later}" if result.note else later
     repro_pipeline = ",".join(x for x in (prefix, result.restricted_spec or culprit.spec()) if x)
     result.reproduce = (f"lowbit debug compare {shlex.quote(model_spec)} --pipeline {shlex.quote(repro_pipeline)}"
                         + (f" --windows {windows} --seq-len {seq_len}" if metric == "ppl" else
                            f" --sentences {n_sentences}"))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _later_damage(metric: str, baseline: float, at_culprit: float, full: float, culprit_end: int, n_passes: int,
+                  relative: bool) -> str:
+    """What to say when the passes after the culprit do most of the damage (a fault injected late in a pipeline whose
+    weight quantizer is already past a tight threshold): bisect names the first pass past the threshold, and said
+    nothing of the later ones, which took the metric many times further. Empty when they add less than the culprit
+    did (or the culprit is the last pass)."""
+    import math
+
+    worse = math.isnan(full) or full - baseline > 2 * (at_culprit - baseline)
+    if culprit_end >= n_passes or not (math.isfinite(at_culprit) and worse):
+        return ""
+    label = metric_label(metric)
+    above = (f"{math.ceil((at_culprit / baseline - 1) * 100) + 1}%" if relative and baseline > 0 else
+             f"{(at_culprit - baseline) * 1.1:.3g}")
+    return (f"the passes after it (#{culprit_end} on) do most of the damage: {label} "
+            f"{fmt_metric(metric, at_culprit)} after the culprit, {fmt_metric(metric, full)} after the whole "
+            f"pipeline; to find the pass among them, bisect again with --max-increase {above} (past what the culprit "
+            "does) or see each pass in debug compare")
 
 
 def _reduce(units: list[Unit], bad: Callable[[list[Unit]], bool]) -> list[Unit]:
