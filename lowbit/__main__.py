@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--recipe", default=None, help=f"named recipe, see `lowbit recipes` (default: {DEFAULT_RECIPE})")
     group.add_argument("--pipeline", default=None, help='pass pipeline text, e.g. "fold-norms,dce"')
-    parser.add_argument("--text", default="wikitext2-test", help="evaluation text: a shipped name or a file path (default: %(default)s)")
+    parser.add_argument("--text", default="wikitext2-test",
+                        help="evaluation text: a shipped name or a file path (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window, at least 2 (default: %(default)s)")
-    parser.add_argument("--windows", type=int, default=40, help="number of windows, 0 = the whole text (default: %(default)s)")
+    parser.add_argument("--windows", type=int, default=40,
+                        help="number of windows, 0 = the whole text (default: %(default)s)")
     parser.add_argument("--save", default="lowbit-checkpoint", help="write a compressed-tensors checkpoint here (a "
                         "float pipeline's, such as pruning: a plain transformers directory) and run it in "
                         "transformers; '' skips it (default: %(default)s)")
@@ -114,7 +116,8 @@ def run(args: argparse.Namespace, recipe: str | None, pipeline: str | None, pass
     what = f"recipe {recipe}" if recipe else f"pipeline {pipeline!r}"
     print(f"\n{args.model} with {what}: perplexity {ppl.ppl:.3f} (float {float_ppl.ppl:.3f}, "
           f"ratio {ppl.ppl / float_ppl.ppl:.4f}) on {ppl.n_windows} windows x {args.seq_len} tokens of {args.text}; "
-          f"params {compiled.report.param_bytes_before / 2**20:.1f} -> {compiled.report.param_bytes_after / 2**20:.1f} MiB; "
+          f"params {compiled.report.param_bytes_before / 2**20:.1f} -> "
+          f"{compiled.report.param_bytes_after / 2**20:.1f} MiB; "
           f"{time.perf_counter() - t0:.0f} s")
     if args.save:
         _save_and_check(compiled, args.save, args.text, args.seq_len, tokenizer)

@@ -515,7 +515,8 @@ def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn
     example, dynamic = step_example(model, spec)
     eos = getattr(getattr(model.model, "generation_config", None), "eos_token_id", None)
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    meta = {"eos_token_ids": eos, "max_length": spec.max_length, "max_batch": spec.max_batch, "cuda_graph": spec.cuda_graph,
+    meta = {"eos_token_ids": eos, "max_length": spec.max_length, "max_batch": spec.max_batch,
+            "cuda_graph": spec.cuda_graph,
             "n_layers": model.n_layers, "kv_heads": model.kv_heads, "head_dim": model.head_dim, "logits": spec.logits,
             "windows": model.windows}
     limit = model_positions(model.model)

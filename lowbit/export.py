@@ -50,7 +50,8 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
     lowering cannot take (``opset=19``, ``attention="onnx"`` below opset 23).
     """
     if format not in FORMATS:
-        raise ExportError(f"unknown export format {format!r}{did_you_mean(format, list(FORMATS))}; known: {', '.join(FORMATS)}")
+        raise ExportError(f"unknown export format {format!r}{did_you_mean(format, list(FORMATS))}; "
+                          f"known: {', '.join(FORMATS)}")
     if external_data is not None and not isinstance(external_data, bool):  # "false" is truthy: it wrote a .data file
         raise ExportError(f"external_data takes True, False or None (by size), got {external_data!r}")
     inner = getattr(compiled, "runner", compiled)  # GeneratingOnnx runs an OrtCompiled

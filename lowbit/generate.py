@@ -543,8 +543,9 @@ class Generator:
         """Generate up to ``max_new_tokens`` per prompt; a sequence ends at its first stop token.
 
         ``input_ids``: a list of token-id lists (any lengths), of strings (encoded with the model's tokenizer),
-        or a ``[B, L]`` tensor (with ``attention_mask`` when padded, left or right). ``stop_tokens`` defaults to the model's end-of-sequence ids (``()`` for
-        none). ``on_token(sequence_index, token)`` is called as tokens are made (streaming).
+        or a ``[B, L]`` tensor (with ``attention_mask`` when padded, left or right). ``stop_tokens`` defaults to the
+        model's end-of-sequence ids (``()`` for none). ``on_token(sequence_index, token)`` is called as tokens are made
+        (streaming).
         """
         if unknown:  # transformers' names were a bare "unexpected keyword argument"
             raise GenerationError("; ".join(f"generate() has no option {k!r}" + (f": {_HF_NAMES[k]}" if k in _HF_NAMES

@@ -373,7 +373,8 @@ class CausalLMStep(nn.Module):
             hidden = hidden * lay.embedding_multiplier
         rotary: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
         for t in dict.fromkeys(self.layer_types):
-            cos, sin = base.rotary_emb(hidden, positions, t) if self.typed_rotary else base.rotary_emb(hidden, positions)
+            cos, sin = (base.rotary_emb(hidden, positions, t) if self.typed_rotary else
+                        base.rotary_emb(hidden, positions))
             rotary[t] = (cos.unsqueeze(1), sin.unsqueeze(1))
         slots = torch.arange(cache[0].shape[2], device=input_ids.device).view(1, 1, 1, -1)
         pos = positions.view(batch, 1, length, 1)

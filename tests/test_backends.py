@@ -75,7 +75,8 @@ def test_a_backend_that_cannot_run_fails_before_the_model_is_read(monkeypatch):
         get_backend(backend).parse_options({"sparse_library": "auto", "semi_structured": False})
     get_backend("triton").parse_options({"compile": False, "cuda_graphs": False})
     # ONNX lowering options ORT would refuse at session creation, after capture and calibration: refused up front
-    with pytest.raises(BackendError, match="backend onnxruntime: accuracy_level must be an integer from 0 to 4 .*, got 9"
+    with pytest.raises(BackendError, match="backend onnxruntime: accuracy_level must be an integer from 0 to 4 .*, got "
+                                           "9"
                                            "; options are: accuracy_level"):
         compile_model("no-such-model", backend="onnxruntime", backend_options={"accuracy_level": 9})
     with pytest.raises(BackendError, match="backend onnxruntime: opset 99 is newer"):

@@ -730,7 +730,8 @@ def test_dtype_option_loads_the_model_in_that_dtype(tmp_path):
     assert {v.type.dtype for k, v in graph.params.items() if k.endswith(".weight")} == {torch.bfloat16}
     assert "bf16[" in (out / "model.lowbit").read_text()
     for cmd in (["compile", "smollm2:1"], ["generate", "smollm2:1", "--prompt", "hi"],
-                ["debug", "compare", "smollm2:1"], ["debug", "bisect", "smollm2:1"], ["debug", "sensitivity", "smollm2:1"]):
+                ["debug", "compare", "smollm2:1"], ["debug", "bisect", "smollm2:1"],
+                ["debug", "sensitivity", "smollm2:1"]):
         res = invoke(*cmd, "--dtype", "float64", code=2)
         assert "--dtype 'float64': give one of float32, bfloat16, float16" in res.output, res.output
     res = invoke("generate", out, "--prompt", "hi", "--dtype", "float16", code=2)
@@ -870,8 +871,8 @@ def test_nan_and_infinite_errors_rank_worst_in_every_debug_ranking():
     res = CompareResult("m", "p", "in", "ppl", stages, 0.0)
     console = Console(width=400, record=True)
     console.print(summary_table(res))
-    rows = {line.split("│")[2].strip(): [c.strip() for c in line.split("│")] for line in console.export_text().splitlines()
-            if line.count("│") > 8}
+    rows = {line.split("│")[2].strip(): [c.strip() for c in line.split("│")]
+            for line in console.export_text().splitlines() if line.count("│") > 8}
     assert rows["float"][6] == "-" and rows["p-ninf"][6] == "model.layers.2" and rows["p-fin"][6] == "model.layers.2"
     stages[1].layers = layers(30.0, 40.0, nan)
     html = render_report(res.to_dict(finite=False)).split("<h2>")[1]
@@ -900,8 +901,10 @@ def test_compare_html_report_draws_a_layer_whose_output_overflowed():
     cells = {title: fill for fill, title in re.findall(r'fill="([^"]+)"><title>([^<]+)</title>',
                                                        page.split('aria-label="heat map')[1])}
     red, green = "rgb(215,48,80)", "rgb(65,198,80)"  # the scale's ends: 10 dB (the lowest finite) and 60 dB
-    assert cells["model.layers.1 after overflowing: -∞ dB"] == red and cells["model.layers.0 after overflowing: 10.0 dB"] == red
-    assert cells["model.layers.1 after fine: 60.0 dB"] == green and cells["model.layers.0 after fine: 40.0 dB"] not in (red, green)
+    assert cells["model.layers.1 after overflowing: -∞ dB"] == red
+    assert cells["model.layers.0 after overflowing: 10.0 dB"] == red
+    assert cells["model.layers.1 after fine: 60.0 dB"] == green
+    assert cells["model.layers.0 after fine: 40.0 dB"] not in (red, green)
 
 
 def test_debug_compare_shows_a_nan_output_as_nan(tmp_path):
@@ -1338,7 +1341,8 @@ def test_a_warning_reaches_the_user_as_one_line():
     # a warning from outside lowbit says where it came from, still on one line
     from lowbit.cli.common import warning_line
 
-    assert warning_line("a\n  b", FutureWarning, "/x/torch/y.py", 3) == "warning: a b (FutureWarning from /x/torch/y.py:3)"
+    assert warning_line("a\n  b", FutureWarning, "/x/torch/y.py", 3) == \
+        "warning: a b (FutureWarning from /x/torch/y.py:3)"
 
 
 def test_text_lines_piped_are_not_broken_at_the_console_width():

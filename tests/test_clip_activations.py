@@ -31,7 +31,8 @@ def test_clip_activations_golden_on_a_tiny_graph():
     PassManager([InsertQDQ(a="int4", a_clip=0.9)]).run(g)
     before = print_graph(g)
     ids = torch.randint(0, 10, (6, 3), generator=torch.Generator().manual_seed(0))
-    rec = PassManager([ClipActivations(calib=ids, calib_n=6, calib_len=3, progress=False, batch_size=1)]).run(g).records[0]
+    clip = ClipActivations(calib=ids, calib_n=6, calib_len=3, progress=False, batch_size=1)
+    rec = PassManager([clip]).run(g).records[0]
     up = "block_size=4, clip_ratio=0.9)  # up"
     down = "block_size=8, clip_ratio=0.9)  # down"
     assert up in before and down in before
@@ -61,7 +62,8 @@ def test_clip_activations_refuses_nonfinite_calibration_inputs():
     InsertQDQ(a="int4").run(g)
     x = torch.randn(4, 6, 8)
     x[1, 2, 3] = float("nan")
-    with pytest.raises(PassError, match="pass clip-activations: the calibration inputs of the quantizer of 'fc' are not "
+    with pytest.raises(PassError, match="pass clip-activations: the calibration inputs of the quantizer of 'fc' are "
+                                        "not "
                                         "finite"):
         ClipActivations(calib=x, progress=False).run(g)
 

@@ -91,7 +91,8 @@ def _run_cases(runs: list[tuple[str, object]], which: str) -> None:
     """For each (name of a case list, check): ``check`` on the cases its ``CORE`` entry names (``which`` = "core")
     or on all of them. In process on CUDA, and on CPU where this process already runs Triton's interpreter (conftest
     sets TRITON_INTERPRET=1 before anything imports triton); otherwise in one fresh interpreter (``run_interpreted``:
-    triton reads the variable at import; its start and imports cost ~10 s, so the core cases of every list share one)."""
+    triton reads the variable at import; its start and imports cost ~10 s, so the core cases of every list share
+    one)."""
     pytest.importorskip("triton")
     plan = [(cases, check, CORE[cases] if which == "core" else tuple(range(len(globals()[cases]))))
             for cases, check in runs]

@@ -122,7 +122,8 @@ def test_decode_sdpa_is_torchs_masked_sdpa(device, b, hq, hkv, s, d, pos, dtype)
 
 def test_decode_sdpa_says_what_it_does_not_take():
     """Prefill rows, a float mask, fp32, a head_dim that is not a power of two and batches past
-    ``DECODE_SDPA_MAX_HEADS`` go to the reference, each with its reason (the triton backend's attention target asks before every call)."""
+    ``DECODE_SDPA_MAX_HEADS`` go to the reference, each with its reason (the triton backend's attention target asks
+    before every call)."""
     from lowbit.kernels.decode_step import decode_sdpa_supported
 
     q, k = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16), torch.zeros(1, 4, 10, 64, dtype=torch.bfloat16)

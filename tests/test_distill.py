@@ -84,7 +84,8 @@ def test_distill_holdout_keeps_the_best_params_and_random_offsets(slice2, monkey
     assert steps == [0, 3, 6, 9, 12]
     best = min(st["holdout_kl"], key=lambda x: x[1])
     assert st["best_step"] == best[0] and st["restored_best"] == (best[0] != 12)
-    assert best[1] < st["holdout_kl"][0][1], st["holdout_kl"]  # the held-out windows were never trained on, and still improved
+    # the held-out windows were never trained on, and still improved
+    assert best[1] < st["holdout_kl"][0][1], st["holdout_kl"]
     assert st["tokens_per_second"] > 0
 
 
@@ -112,7 +113,8 @@ def test_distill_on_cuda_bf16_lowers_held_out_kl(slice2):
     pruned = graph.clone()
     PassManager(PRUNE).run(pruned)
     recovered = graph.clone()
-    spec = "distill(tokens=16384,calib_n=64,calib_len=128,batch_size=8,lr=0.0005,device=cuda,dtype=bfloat16,progress=false)"
+    spec = ("distill(tokens=16384,calib_n=64,calib_len=128,batch_size=8,lr=0.0005,device=cuda,dtype=bfloat16,"
+            "progress=false)")
     st = PassManager(f"{PRUNE},{spec}").run(recovered).records[1].stats
     assert st["steps"] == 16
     assert all(v.data.device.type == "cpu" for v in recovered.params.values())  # written back where they were
@@ -123,7 +125,8 @@ def test_eval_every_without_holdout_is_refused():
     """eval_every measures the held-out windows' KL: without holdout it was accepted and measured nothing."""
     from lowbit.passes.manager import parse_pipeline
 
-    with pytest.raises(PipelineSpecError, match=r"option eval_every=5 is read only with holdout=N; without that it would be silently"):
+    with pytest.raises(PipelineSpecError, match=r"option eval_every=5 is read only with holdout=N; without that it "
+                                                r"would be silently"):
         parse_pipeline("distill(tokens=100,eval_every=5)")
     parse_pipeline("distill(tokens=100,eval_every=5,holdout=2)")
 

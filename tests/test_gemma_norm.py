@@ -68,8 +68,8 @@ def test_gemma_norms_raise_bit_exactly(family, dtype):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fold_norms_folds_gemmas_one_plus_w(family):
     """The pre-norms (attention and MLP inputs, the final norm) fold their ``1 + w`` into the linears; the sandwich
-    post-norms (their output is added to the residual) stay, named. Float64 model, but Gemma's norm computes in float32 even
-    then (HF's ``x.float()``), so the folded product differs from the unfolded one by float32 rounding: <= 1e-6."""
+    post-norms (their output is added to the residual) stay, named. Float64 model, but Gemma's norm computes in float32
+    even then (HF's ``x.float()``), so the folded product differs from the unfolded one by float32 rounding: <= 1e-6."""
     model, tok, graph, _ = _gemma(family, torch.float64)
     g = graph.clone()
     stats = PassManager(parse_pipeline("fold-norms")).run(g).records[0].stats
@@ -120,8 +120,9 @@ def test_gemma_norms_lower_to_onnx(family, dtype, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_folded_gemma_checkpoint_loads_in_transformers(family, tmp_path):
-    """fold-norms then W4 (weight-only: transformers runs the same function): the checkpoint keeps Gemma's stored form, so transformers rebuilds the graph's
-    function (folded norms written as weight 0, gain 1; the post-norms' own ``w``)."""
+    """fold-norms then W4 (weight-only: transformers runs the same function): the checkpoint keeps Gemma's stored form,
+    so transformers rebuilds the graph's function (folded norms written as weight 0, gain 1; the post-norms' own
+    ``w``)."""
     from transformers import AutoModelForCausalLM
 
     model, tok, graph, _ = _gemma(family)

@@ -246,7 +246,8 @@ def test_sampling_at_a_tiny_temperature_is_greedy(tiny_compiled):
     cm = tiny_compiled
     greedy = cm.generate([[5, 17, 30], [9]], 4, stop_tokens=()).tokens
     for t in (1e-40, 1e-300):
-        assert cm.generate([[5, 17, 30], [9]], 4, do_sample=True, temperature=t, seed=0, stop_tokens=()).tokens == greedy
+        sampled = cm.generate([[5, 17, 30], [9]], 4, do_sample=True, temperature=t, seed=0, stop_tokens=())
+        assert sampled.tokens == greedy
     logits = torch.randn(2, 10)
     logits[1, 3] = float("nan")
     with pytest.raises(GenerationError, match="sequence 1: the model's logits are not finite"):
@@ -420,8 +421,8 @@ def test_cli_generate_streams_and_reports_speed(capsys):
     res = CliRunner().invoke(app, ["generate", "smollm2:2", "--prompt", "hi", "-b", "tritn"])
     assert res.exit_code == 2 and "'triton'" in res.output, res.output
     # a failing pass is reported as `lowbit compile` reports it (exit 4, the pass and the layer), not a traceback
-    res = CliRunner().invoke(app, ["generate", "smollm2:2", "--pipeline", "prune-heads(ratio=0.9,calib_n=2,calib_len=32)",
-                                   "--prompt", "hi"])
+    res = CliRunner().invoke(app, ["generate", "smollm2:2", "--pipeline",
+                                   "prune-heads(ratio=0.9,calib_n=2,calib_len=32)", "--prompt", "hi"])
     assert res.exit_code == 4, res.output
     assert "prune-heads" in res.output and "model.layers.0" in res.output and "--reproducer" in res.output
 
@@ -498,7 +499,8 @@ def test_cli_generate_refuses_bad_requests_before_compiling(monkeypatch):
 @pytest.mark.parametrize("recipe", [None, "w4a16-g64"])
 def test_onnxruntime_generation_matches_the_torch_reference(smollm2, recipe):
     """The same step graph exported to ONNX (past_key_values in, present out; the cache write is ScatterElements,
-    rotary the opset-23 RotaryEmbedding, int4 linears MatMulNBits) runs generation in ONNX Runtime with the torch backend's greedy tokens."""
+    rotary the opset-23 RotaryEmbedding, int4 linears MatMulNBits) runs generation in ONNX Runtime with the torch
+    backend's greedy tokens."""
     from lowbit.backends.onnxruntime_backend import OrtCompiled
     from lowbit.generate import Generator
     from tests.conftest import smollm2_slice
@@ -628,8 +630,9 @@ def test_compiled_step_writes_the_cache_without_copying_it():
     torch._dynamo.reset()
     out, code = run_and_get_code(torch.compile(cm.runner.gm), ids, pos, *bufs)
     writes = [line for src in code for line in src.splitlines() if "lowbit.scatter_into.default(" in line]
-    assert len(writes) == 2 and all(w.strip().startswith("torch.ops.lowbit.scatter_into.default(arg") for w in writes), \
-        writes  # each write goes straight into its cache input, not into a fresh buffer copied back afterwards
+    # each write goes straight into its cache input, not into a fresh buffer copied back afterwards
+    assert len(writes) == 2, writes
+    assert all(w.strip().startswith("torch.ops.lowbit.scatter_into.default(arg") for w in writes), writes
     torch.testing.assert_close(out[0], ref[0])
     assert all(o.data_ptr() == b.data_ptr() for o, b in zip(out[1:], bufs))
     for b, e in zip(bufs, eager):
@@ -639,8 +642,8 @@ def test_compiled_step_writes_the_cache_without_copying_it():
 def test_last_logits_is_the_last_row_of_every_positions_logits(smollm2):
     """The default step graph (``last-logits``) computes the final norm and the head on the last position only: on a
     real float64 SmolLM2 slice its logits are the last row of the every-position graph's to float64 rounding, and
-    the caches it writes are bit-identical; a left-padded batch of different prompt lengths gives each prompt's own greedy
-    tokens (the pad columns' cache slots are never read)."""
+    the caches it writes are bit-identical; a left-padded batch of different prompt lengths gives each prompt's own
+    greedy tokens (the pad columns' cache slots are never read)."""
     from tests.conftest import smollm2_slice
 
     model, tok = smollm2

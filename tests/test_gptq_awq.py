@@ -1,10 +1,10 @@
 """GPTQ, AWQ, SmoothQuant and scale migration on real SmolLM2 layers with real WikiText-2 activations.
 
 Inputs of layer 3's linears are collected with forward hooks on the HF model (the forward stops after layer 3).
-Calibration uses 16 × 512 tokens of the shipped WikiText-2 validation excerpt (`lowbit/data`); errors are measured on 8 other sequences,
-so "GPTQ beats RTN" means on tokens GPTQ never saw. SmolLM2's shipped weights are Q4_1 (asymmetric, group 32)
-dequantized, yet group-32 asymmetric RTN does not recover them: Q4_1's float block minimum does not land on lowbit's
-integer zero point (layer 0's down_proj: relative Frobenius error 8.2% at group 32, 9.4% at group 64). The
+Calibration uses 16 × 512 tokens of the shipped WikiText-2 validation excerpt (`lowbit/data`); errors are measured on 8
+other sequences, so "GPTQ beats RTN" means on tokens GPTQ never saw. SmolLM2's shipped weights are Q4_1 (asymmetric,
+group 32) dequantized, yet group-32 asymmetric RTN does not recover them: Q4_1's float block minimum does not land on
+lowbit's integer zero point (layer 0's down_proj: relative Frobenius error 8.2% at group 32, 9.4% at group 64). The
 comparisons use group 64 and per channel.
 """
 
@@ -734,7 +734,8 @@ def test_attention_v_site_through_a_generation_step_cache_is_found_and_exact():
     scaled = base.clone()
     (site,) = find_sites(scaled, ("attention-v",))
     assert site.channels == 16 and site.expand is not None
-    apply_scale(scaled, site, torch.exp(torch.randn(16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)))
+    apply_scale(scaled, site,
+                torch.exp(torch.randn(16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)))
     ids = torch.randint(0, 61, (1, 6), generator=torch.Generator().manual_seed(2))
     outs = []
     for g in (base, scaled):

@@ -56,7 +56,8 @@ def test_kernel_factors_are_lowbits_hadamard_matrix(n, cfg):
     lt = K._left_t(n, cfg).double()
     assert lt.shape == (K._table_side(n, cfg),) * 2
     assert not lt[n1:].any() and not lt[:, n1:].any()  # zero padding
-    assert torch.equal(torch.kron(lt[:n1, :n1].T.contiguous(), sylvester(n2).double()), hadamard_matrix(n, torch.float64))
+    assert torch.equal(torch.kron(lt[:n1, :n1].T.contiguous(), sylvester(n2).double()),
+                       hadamard_matrix(n, torch.float64))
 
 
 def test_split_geometry_pads_less_or_keeps_one_block():

@@ -184,7 +184,8 @@ def test_compile_and_save_hold_far_less_than_the_model(tmp_path: Path) -> None:
     assert got["dtype"] == "torch.bfloat16"
     # what loading adds (transformers' modules, the tokenizer) is the same for any size; the weights are not in it
     load_grew, grew = (got["loaded"] - got["before"]) * 2**20, (got["peak"] - got["loaded"]) * 2**20
-    assert load_grew < 0.5 * model_bytes, f"loading a {model_bytes / 2**20:.0f} MiB model took {load_grew / 2**20:.0f} MiB"
+    assert load_grew < 0.5 * model_bytes, \
+        f"loading a {model_bytes / 2**20:.0f} MiB model took {load_grew / 2**20:.0f} MiB"
     assert grew < 0.5 * model_bytes, (f"anonymous memory grew {grew / 2**20:.0f} MiB compiling and saving a "
                                       f"{model_bytes / 2**20:.0f} MiB model")
     import lowbit

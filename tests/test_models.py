@@ -82,7 +82,8 @@ def test_minilm_pools_over_mask_and_exports(minilm):
             (batch["input_ids"], batch["attention_mask"]),
             dynamic_shapes={"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}},
         )
-        torch.testing.assert_close(program.module()(alone["input_ids"], alone["attention_mask"]), emb[:1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(program.module()(alone["input_ids"], alone["attention_mask"]), emb[:1],
+                                   atol=1e-5, rtol=0)
 
 
 def test_an_encoders_tokenizer_output_is_what_the_compiled_model_takes(minilm, minilm_graph, tmp_path):
@@ -187,7 +188,8 @@ def _tiny_wheel(directory: Path, dist: str, module: str, version: str) -> None:
         wheel.writestr(f"{module}/model/config.json", "{}")
         wheel.writestr(f"{module}/__init__.py", "raise ImportError('must not be imported')")
         wheel.writestr(f"{name}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-        wheel.writestr(f"{name}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{name}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: "
+                                                  "py3-none-any\n")
         wheel.writestr(f"{name}.dist-info/RECORD", "")
 
 

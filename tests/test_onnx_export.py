@@ -168,7 +168,8 @@ def test_a_non_finite_quantization_scale_is_refused_by_name(tmp_path):
     params = _quant_params()
     params["w.scale"][2, 1] = float("nan")
     g = parse_graph(QUANT_IR, params)
-    with pytest.raises(OnnxLoweringError, match="parameter @w.scale \\(scale of %w = dequantize\\(...\\)\\) holds 1 NaN "
+    with pytest.raises(OnnxLoweringError, match="parameter @w.scale \\(scale of %w = dequantize\\(...\\)\\) holds 1 "
+                                                "NaN "
                                                 "value\\(s\\): the exported model would compute NaN"):
         lowbit.export(g, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
@@ -431,7 +432,8 @@ def test_the_device_picks_the_gpu_and_other_devices_are_refused(exported, monkey
 
 
 def test_a_loaded_file_cannot_be_exported_again_and_says_so(exported, tmp_path):
-    with pytest.raises(TypeError, match="this OrtCompiled runs a file \\(lowbit.export.load\\) and holds no lowbit graph"):
+    with pytest.raises(TypeError, match="this OrtCompiled runs a file \\(lowbit.export.load\\) and holds no lowbit "
+                                        "graph"):
         lowbit.export(load(exported), tmp_path / "again.onnx")
 
 
@@ -481,8 +483,10 @@ REPORTED_LINEAR_IR = """graph main(%x: f32[1,s0,32]) {{
 def test_the_report_names_linears_that_weight_format_matmulnbits_left_in_another_form():
     """An int8 weight at accuracy level 0 has no MatMulNBits form: the backend kept QDQ and its report said only
     which provider ran."""
-    w8 = parse_graph(REPORTED_LINEAR_IR.format(container="i8", stored=32, scale="4", qdtype="int8", axis=0, block="None"),
-                     {"w.qdata": torch.randint(-127, 128, (4, 32), dtype=torch.int8), "w.scale": torch.full((4,), 0.01)})
+    w8 = parse_graph(REPORTED_LINEAR_IR.format(container="i8", stored=32, scale="4", qdtype="int8", axis=0,
+                                               block="None"),
+                     {"w.qdata": torch.randint(-127, 128, (4, 32), dtype=torch.int8),
+                      "w.scale": torch.full((4,), 0.01)})
     text = OrtCompiled(w8, weight_format="matmulnbits").report_text()
     assert "weight_format=matmulnbits: 0 of 1 quantized linears run as MatMulNBits; 1 keep the QDQ or integer-GEMM " \
            "form (MatMulNBits takes weight-only 4-bit weights, 8-bit ones at accuracy_level=4): proj" in text
@@ -498,8 +502,10 @@ def test_an_onnx_matmulnbits_export_warns_about_linears_it_left_in_qdq_form(tmp_
     with the file and the linears now, and stays silent where every linear became MatMulNBits."""
     import warnings
 
-    w8 = parse_graph(REPORTED_LINEAR_IR.format(container="i8", stored=32, scale="4", qdtype="int8", axis=0, block="None"),
-                     {"w.qdata": torch.randint(-127, 128, (4, 32), dtype=torch.int8), "w.scale": torch.full((4,), 0.01)})
+    w8 = parse_graph(REPORTED_LINEAR_IR.format(container="i8", stored=32, scale="4", qdtype="int8", axis=0,
+                                               block="None"),
+                     {"w.qdata": torch.randint(-127, 128, (4, 32), dtype=torch.int8),
+                      "w.scale": torch.full((4,), 0.01)})
     path = tmp_path / "w8.onnx"
     with pytest.warns(UserWarning, match=r"w8.onnx: weight_format=matmulnbits: 0 of 1 quantized linears run as "
                                          r"MatMulNBits; 1 keep the QDQ .*: proj") as caught:
@@ -543,7 +549,8 @@ def test_the_onnxruntime_backend_takes_providers_as_an_option():
 
 
 def test_a_tokenizer_for_a_file_that_does_not_generate_is_refused(exported):
-    with pytest.raises(TypeError, match="tokenizer= is for a step graph exported from compile_model\\(generation=...\\).*"
+    with pytest.raises(TypeError, match="tokenizer= is for a step graph exported from "
+                                        "compile_model\\(generation=...\\).*"
                                         "no 'lowbit.generation' metadata"):
         load(exported, tokenizer=object())
 
@@ -553,7 +560,8 @@ def test_options_for_an_engine_file_are_refused_not_dropped(tmp_path):
     from lowbit.backends.tensorrt import EngineHeader, write_engine
 
     path = write_engine(tmp_path / "m.engine", b"plan", EngineHeader(0, "", "10.0", inputs=["x"], outputs=["y"]))
-    with pytest.raises(TypeError, match="m.engine is read as a TensorRT engine .*which takes no options: got providers, "
+    with pytest.raises(TypeError, match="m.engine is read as a TensorRT engine .*which takes no options: got "
+                                        "providers, "
                                         "threads"):
         load(path, threads=2, providers=["CPUExecutionProvider"])
 

@@ -5,8 +5,8 @@ Measured here (ORT 1.32 CPU, real WikiText-2 tokens):
 
 * weight-only (int4/uint4 block-wise or per-channel; QDQ, ORT's own DQ→MatMulNBits fusion, or explicit
   MatMulNBits): logits max |Δ| ≈ 5e-5–6e-5, the float rounding of the float graph.
-* activation quantization (per-token dynamic or static per-tensor int8, fp8): the reference and ORT round float32 sums in a
-  different order, so an activation whose x/scale sits within an ulp of a rounding tie can get the
+* activation quantization (per-token dynamic or static per-tensor int8, fp8): the reference and ORT round float32 sums
+  in a different order, so an activation whose x/scale sits within an ulp of a rounding tie can get the
   neighbouring code. SmolLM2's weights come from a GGUF (Q8_0 embeddings), so activations and their
   absmax are multiples of one block scale and x/scale lands exactly on .5 ties far more often than in a
   generic model: ~1-3 codes per 74k flip per quantizer. The tokens that read a flipped code move by up

@@ -330,7 +330,8 @@ def test_calib_n_and_calib_len_given_with_token_id_windows_are_not_ignored():
     ids = torch.randint(0, 128, (16, 32))
 
     def tokens(pipeline: str) -> int:
-        return lowbit.compile_model(model, pipeline=pipeline, calib=ids).report.pipeline.records[0].stats["calib_tokens"]
+        compiled = lowbit.compile_model(model, pipeline=pipeline, calib=ids)
+        return compiled.report.pipeline.records[0].stats["calib_tokens"]
 
     assert tokens("gptq(w=int4,group=32,progress=false)") == 16 * 32
     assert tokens("gptq(w=int4,group=32,calib_n=4,progress=false)") == 4 * 32

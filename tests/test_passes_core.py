@@ -340,7 +340,8 @@ def test_a_calibration_text_too_short_is_refused_before_the_capture(tmp_path, mo
     text = tmp_path / "short.txt"
     text.write_text("a short text, only a few words in it.\n")
     monkeypatch.setattr(lowbit.api, "capture", lambda *a, **k: pytest.fail("captured before the check"))
-    with pytest.raises(PassError, match=r"pass gptq: option calib=.*short.txt.*has \d+ tokens: 0 non-overlapping windows "
+    with pytest.raises(PassError, match=r"pass gptq: option calib=.*short.txt.*has \d+ tokens: 0 non-overlapping "
+                                        r"windows "
                                         r"of 32, but n=2 were asked \(64 tokens\)"):
         lowbit.api.compile_model(tiny_llama(), tokenizer="smollm2",
                                  pipeline=f"fold-norms,gptq(w=int4,calib={text},calib_n=2,calib_len=32)")

@@ -286,7 +286,8 @@ def test_masks_have_exactly_the_pattern_asked(slice_f32):
                 assert int(z.min()) == int(0.3 * w.shape[1]) and float(z.float().mean()) < 0.3 * w.shape[1] + 0.5
         # the mask itself is exact on these real weights: 2 of every 4, and floor(s·K) per row
         w = dense["model.layers.0.self_attn.q_proj"].abs()
-        assert torch.equal(prune_mask(w, parse_pattern("2:4", 0)).reshape(-1, 4).sum(1), torch.full((w.numel() // 4,), 2))
+        assert torch.equal(prune_mask(w, parse_pattern("2:4", 0)).reshape(-1, 4).sum(1),
+                           torch.full((w.numel() // 4,), 2))
         per_row = prune_mask(w, parse_pattern(None, 0.3)).sum(1)  # floor(0.3·576) = 172, or 173 so the matrix has
         assert set(per_row.tolist()) == {172, 173} and int(per_row.sum()) == int(0.3 * 576 * 576)  # floor(s·N·K)
         assert all(n.meta["sparsity"] for n in g.find("linear", r"^model\.layers\."))
@@ -482,8 +483,9 @@ def test_slice_residual_at_ratio_zero_is_an_exact_rotation_in_float64(smollm2_sl
 
 def test_slice_residual_narrows_every_layer_and_beats_a_random_rotation(slice_f32, monkeypatch):
     """A quarter of the stream sliced: every block linear, the embedding and the head lose those channels, the
-    norms get the gain sqrt(576/432), the verifier passes, and the held-out logits stay closer to float than the same slice of a random
-    rotation (PCA keeps the energy the readers use; measured 0.038 vs 0.085 relative MSE with 1024 tokens)."""
+    norms get the gain sqrt(576/432), the verifier passes, and the held-out logits stay closer to float than the same
+    slice of a random rotation (PCA keeps the energy the readers use; measured 0.038 vs 0.085 relative MSE with 1024
+    tokens)."""
     import lowbit.passes.slice_residual as sr
 
     graph, ids, ref = slice_f32
@@ -791,7 +793,8 @@ def test_debug_tools_on_pruning_passes(tmp_path):
     assert sorted(r["module"] for r in data["ranking"]) == ["model.layers.0", "model.layers.1"]
     # each block pruned alone changes the metric, each by its own amount (a 2-layer slice's perplexity is in the
     # millions, so the sign of a change says little; the full model's ranking is what the tool is for)
-    assert all(r["damage"] != 0 for r in data["ranking"]) and data["ranking"][0]["metric"] != data["ranking"][1]["metric"]
+    assert all(r["damage"] != 0 for r in data["ranking"])
+    assert data["ranking"][0]["metric"] != data["ranking"][1]["metric"]
 
     bis = tmp_path / "bisect.json"
     invoke("debug", "bisect", "smollm2:2", "--pipeline", "fold-norms,prune-mlp(ratio=0.5,score=magnitude),dce",
@@ -1190,7 +1193,8 @@ def test_sparsegpt_on_non_finite_activations_names_the_linear():
 @pytest.mark.parametrize("spec, message", [
     ("prune-mlp(ratio=0.5,spread=0.05)", r"option spread=0\.05 is read only with allocation=global"),
     ("prune-heads(ratio=0.5,max_layer_ratio=0.5)", r"option max_layer_ratio=0\.5 is read only with allocation=global"),
-    ("prune-heads(ratio=0.5,allocation=global,max_layer_ratio=0.5)", r"max_layer_ratio=0\.5 is not read by prune-heads"),
+    ("prune-heads(ratio=0.5,allocation=global,max_layer_ratio=0.5)",
+     r"max_layer_ratio=0\.5 is not read by prune-heads"),
     ("prune-mlp(ratio=0.9,allocation=global)", r"ratio=0\.9 with allocation=global: no layer loses more than "
                                                r"max_layer_ratio=0\.8"),
     ("prune-heads(ratio=0.5,score=magnitude,sequential=true)", r"sequential=true .*score=magnitude without "
@@ -1251,9 +1255,12 @@ def test_global_head_allocation_honours_spread():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("sparsify(pattern=2:4,sparsity=0.3)", r"option sparsity=0\.3 is read only with an unstructured pattern \(pattern=2:4 keeps 2 of every 4"),
-    ("sparsify(method=sparsegpt,pattern=2:4,selection=layer)", r"option selection=layer is read only with an unstructured pattern \(pattern=2:4"),
-    ("sparsify(method=magnitude,true_sequential=true)", r"option true_sequential=true is read only with a calibrating method \(method=magnitude"),
+    ("sparsify(pattern=2:4,sparsity=0.3)", r"option sparsity=0\.3 is read only with an unstructured pattern "
+                                           r"\(pattern=2:4 keeps 2 of every 4"),
+    ("sparsify(method=sparsegpt,pattern=2:4,selection=layer)", r"option selection=layer is read only with an "
+                                                               r"unstructured pattern \(pattern=2:4"),
+    ("sparsify(method=magnitude,true_sequential=true)", r"option true_sequential=true is read only with a calibrating "
+                                                        r"method \(method=magnitude"),
     ("sparsify(method=sparsegpt,learn_steps=8)", r"option learn_steps=8 is read only with method=learned"),
     ("sparsify(method=wanda,damp=0.1)", r"option damp=0\.1 is read only with method=sparsegpt or method=learned"),
     ("sparsify(method=learned,block_size=64)", r"option block_size=64 is read only with method=sparsegpt"),

@@ -168,7 +168,8 @@ def test_tied_lm_head_is_copied_not_mutated(slice2, tmp_path):
 
 def test_head_option_quantizes_the_tied_head_weight_only(slice2):
     """``head=int8`` unties SmolLM2's head from the embedding and quantizes it like any linear (weight-only here);
-    an int8 head adds little to the int4 body's logit error, an int4 head a half (measured rel 0.0386 -> 0.0387 / 0.0565)."""
+    an int8 head adds little to the int4 body's logit error, an int4 head a half (measured rel 0.0386 -> 0.0387 /
+    0.0565)."""
     graph, ids, ref = slice2
     body = graph.clone()
     InsertQDQ(w="int4", group=64, sym=False).run(body)
@@ -342,7 +343,8 @@ def test_config_file_problems_are_named_when_parsed(tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"weight": {"qdtype": "int8", "granularity": "per_token"}}, "weight: granularity per_token applies to activations"),
+    ({"weight": {"qdtype": "int8", "granularity": "per_token"}},
+     "weight: granularity per_token applies to activations"),
     ({"weight": {"qdtype": "int4"}, "rules": [{"pattern": "fc", "weight": {"qdtype": "int4", "group_size": 4}}]},
      "rule 'fc' weight: group_size=4 is read only with granularity per_group"),
     ({"weight": {"qdtype": "int8", "dynamic": True}}, "weight: dynamic=true applies to inputs only"),

@@ -122,7 +122,8 @@ graph g(%ids: i64[1,3]) {
 
 def _random_weights(text: str) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return {k: torch.randn(v.type.shape, generator=gen, dtype=v.type.dtype) for k, v in parse_graph(text).params.items()}
+    return {k: torch.randn(v.type.shape, generator=gen, dtype=v.type.dtype)
+            for k, v in parse_graph(text).params.items()}
 
 
 def test_rotate_golden_unties_and_is_exact():
@@ -190,7 +191,8 @@ def test_rotate_refuses_before_fold_norms_and_on_layernorm():
     with pytest.raises(PipelineError, match=r"needs fold-norms first: rms_norm %n \(module 'norm'\) still has a gain"):
         PassManager("rotate").run(parse_graph(gained, _random_weights(gained)))
     ln = TINY.replace("rms_norm(%r, None, eps=1e-06)", "layer_norm(%r, None, None, normalized_shape=[4], eps=1e-06)")
-    with pytest.raises(PipelineError, match=r"%m \(layer_norm, module final_norm\) is a LayerNorm: it subtracts the mean"):
+    with pytest.raises(PipelineError, match=r"%m \(layer_norm, module final_norm\) is a LayerNorm: it subtracts the "
+                                            r"mean"):
         PassManager("rotate").run(parse_graph(ln, _random_weights(ln)))
     quantized = parse_graph(TINY, _random_weights(TINY))
     PassManager("quantize(w=int4)").run(quantized)
@@ -199,7 +201,8 @@ def test_rotate_refuses_before_fold_norms_and_on_layernorm():
         PassManager("rotate").run(quantized)
     odd = TINY.replace("f64[10,4]", "f64[10,188]").replace("f64[8,4]", "f64[8,188]").replace(
         "f64[4,8]", "f64[188,8]").replace("f64[1,3,4]", "f64[1,3,188]")
-    with pytest.raises(PipelineError, match="residual stream of width 188: no Hadamard construction known for dimension 188"):
+    with pytest.raises(PipelineError, match="residual stream of width 188: no Hadamard construction known for "
+                                            "dimension 188"):
         PassManager("rotate").run(parse_graph(odd, _random_weights(odd)))
 
 
@@ -313,7 +316,8 @@ def test_smooth_quant_before_rotation_is_exact_and_norm_sites_fold_away(smollm2_
     _, graph = smollm2_slice_f64
     cal = "calib=wikitext2-valid-calib,calib_n=2,calib_len=64,progress=false"
     with pytest.raises(PipelineSpecError, match=r"pass fold-norms \(#1\) would undo pass smooth-quant\(.*\) \(#0\): "
-                                                r"it folds each smoothed norm's gain g/s back .* run smooth-quant after "
+                                                r"it folds each smoothed norm's gain g/s back .* run smooth-quant "
+                                                r"after "
                                                 r"fold-norms .*or smooth-quant\(sites=\[gated\]\) before it"):
         parse_pipeline(f"smooth-quant(sites=[norm;gated],{cal}),fold-norms,rotate")
     ids = wikitext_ids[:, 2000:2256]
@@ -486,7 +490,8 @@ def test_rotate_exact_on_random_llamas(hidden, head_dim, inter, layers, kv_div, 
             if "norm" in name:
                 p.copy_(1 + 0.5 * torch.randn_like(p))
     wrapper = CausalLMLogits(model).eval()
-    g = capture(wrapper, (torch.ones(1, 6, dtype=torch.long),), {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=64)}})
+    g = capture(wrapper, (torch.ones(1, 6, dtype=torch.long),),
+                {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=64)}})
     float64_norm_stats(g)
     ids = torch.randint(0, 40, (1, 9))
     ref = TorchCompiled(g)(ids)
@@ -950,8 +955,10 @@ def test_rotate_twice_refuses_a_second_online_hadamard_that_would_undo_the_first
     assert sum(n.op == "hadamard" for n in g.nodes) == 3
     # in one pipeline the pair is refused when it is parsed, before the first rotate runs (minutes when learned)
     for pipeline, where in (("fold-norms,rotate(kind=kurtosis),rotate", "down_proj (online=true)"),
-                            ("fold-norms,rotate(online=false,online_o=true),rotate(online_o=true)", "o_proj (online_o")):
-        with pytest.raises(PipelineSpecError, match=rf"pass rotate(\(.*\))? \(#2\) would undo pass rotate\(.*\) \(#1\): "
+                            ("fold-norms,rotate(online=false,online_o=true),rotate(online_o=true)",
+                             "o_proj (online_o")):
+        with pytest.raises(PipelineSpecError, match=rf"pass rotate(\(.*\))? \(#2\) would undo pass rotate\(.*\) "
+                                                    rf"\(#1\): "
                                                     rf"both put an online Hadamard before each {re.escape(where)}"):
             parse_pipeline(pipeline)
     for fine in ("fold-norms,rotate,rotate(online=false)", "fold-norms,rotate(online_o=true),rotate(online=false)"):
@@ -967,7 +974,8 @@ def test_rotate_refuses_options_its_kind_does_not_read():
          r"option learn_heads=true is read only with kind=kurtosis; without that it would be silently ignored "
          r"\(so would samples, steps, target, w_bits\)"),
         ("rotate(kind=kurtosis,w_bits=8)", r"option w_bits=8 is read only with kind=learned;"),
-        ("rotate(kind=kurtosis,windows_per_step=2,check_windows=4)", r"check_windows=4 .*\(so would windows_per_step\)"),
+        ("rotate(kind=kurtosis,windows_per_step=2,check_windows=4)",
+         r"check_windows=4 .*\(so would windows_per_step\)"),
         ("rotate(kind=learned,learn_heads=true)", r"option learn_heads=true is read only with kind=kurtosis"),
         ("rotate(kind=learned,target=2.0)", r"option target=2.0 is read only with kind=kurtosis"),
         ("rotate(kind=random,lr=0.01)", r"option lr=0.01 is read only with kind=kurtosis or kind=learned"),
@@ -1042,7 +1050,8 @@ def test_learned_rotation_non_finite_before_any_update_names_the_node():
     res = regions.residual
     with pytest.raises(RotationLearningError, match=r"R1: step 0 of 2, before any update: the quantized loss is nan, "
                                                     r"so the fake-quantized model is not finite .*node %\w+ "
-                                                    r"\(linear, module 'model.layers.0.mlp.up_proj'\) is the first") as e:
+                                                    r"\(linear, module 'model.layers.0.mlp.up_proj'\) is the "
+                                                    r"first") as e:
         learn_quantized_rotation(g, res.embeddings, res.readers, res.writers, [], torch.randint(0, 97, (2, 8)),
                                  steps=2, lr=1e-3, batch=1, check_windows=0, what="R1")
     assert "lower lr" not in str(e.value)

@@ -187,7 +187,8 @@ def test_a_call_outside_the_engine_profile_names_the_input_and_the_profile():
 
     runner = TensorRTRunner.__new__(TensorRTRunner)
     runner.inputs, runner.outputs, runner.context = ["input_ids"], [], Context()
-    runner.header = EngineHeader(0, "", "10.0", inputs=["input_ids"], profile={"input_ids": [[1, 1], [1, 64], [8, 128]]})
+    runner.header = EngineHeader(0, "", "10.0", inputs=["input_ids"],
+                                 profile={"input_ids": [[1, 1], [1, 64], [8, 128]]})
     with pytest.raises(InputError, match="input 'input_ids': shape \\(1, 300\\) is outside the engine's optimization "
                                          "profile \\(the engine was built for min \\[1, 1\\], max \\[8, 128\\]"):
         runner(torch.ones(1, 300, dtype=torch.long))

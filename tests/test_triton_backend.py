@@ -103,7 +103,8 @@ def test_report_says_how_to_put_a_float32_model_on_the_kernels(dt):
 }}""", {"fc.weight": torch.randn(32, 64).to(dtype)})
     PassManager("quantize(w=int4,group=32)").run(g)
     text = lower(g, "cuda" if torch.cuda.is_available() else "cpu", compile=False).report_text()
-    hint = "load the model in bfloat16 (load_model(name, torch.bfloat16), model.to(torch.bfloat16), CLI --dtype bfloat16)"
+    hint = ("load the model in bfloat16 (load_model(name, torch.bfloat16), model.to(torch.bfloat16), CLI --dtype "
+            "bfloat16)")
     if dt == "f32":
         assert "reference: %qlinear: out_dtype torch.float32" in text and text.endswith(hint)
     else:

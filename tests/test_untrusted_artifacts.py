@@ -356,7 +356,8 @@ def test_allowlist_covers_what_capture_emits_on_tiny_random_models(arch, minilm)
 
 # ---- a model or checkpoint directory's own Python code ------------------------------------------
 
-EVIL = 'open({marker!r}, "w").write("ran")\nfrom transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast\n' \
+EVIL = 'open({marker!r}, "w").write("ran")\n' \
+       'from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast\n' \
        'class EvilConfig(LlamaConfig):\n    model_type = "evilllama"\nclass EvilModel(LlamaForCausalLM):\n' \
        '    config_class = EvilConfig\nclass Tok(PreTrainedTokenizerFast):\n    pass\n'
 

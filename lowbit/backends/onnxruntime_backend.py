@@ -349,8 +349,8 @@ class OrtCompiled(torch.nn.Module):
 
     ``lowering`` takes ``LoweringOptions`` fields (``opset``, ``attention``, ``weight_format`` =
     ``"qdq"`` | ``"matmulnbits"``, ``integer_matmul``; defaults ``ORT_LOWERING``). ``providers`` overrides
-    the automatic choice (names or ORT's (name, options) pairs; missing ones fall back with a warning); ``threads`` / ``spinning`` set ORT's intra-op
-    pool (``session_options``).
+    the automatic choice (names or ORT's (name, options) pairs; missing ones fall back with a warning); ``threads`` /
+    ``spinning`` set ORT's intra-op pool (``session_options``).
     """
 
     def __init__(

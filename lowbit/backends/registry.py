@@ -180,7 +180,8 @@ def all_backends() -> dict[str, BackendSpec]:
 def get_backend(name: str) -> BackendSpec:
     """The backend registered as ``name``; an unknown name lists the known ones."""
     if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}{did_you_mean(name, list(BACKENDS), n=2, cutoff=0.5)}; known: {', '.join(BACKENDS)}")
+        raise BackendError(f"unknown backend {name!r}{did_you_mean(name, list(BACKENDS), n=2, cutoff=0.5)}; "
+                           f"known: {', '.join(BACKENDS)}")
     return BACKENDS[name]
 
 

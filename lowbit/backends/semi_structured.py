@@ -75,7 +75,8 @@ def plan_weight(w: torch.Tensor, device: torch.device | str | None, *, library: 
         return None, f"unknown library {library!r}"
     if library == "cutlass" and torch.cuda.is_available() and torch.cuda.get_device_capability(dev)[0] != 8:
         # measured on the H200: torch's CUTLASS semi-structured kernels run on compute capability 8.x only
-        return None, f"CUTLASS semi-structured needs compute capability 8.x, not {torch.cuda.get_device_capability(dev)}"
+        return None, ("CUTLASS semi-structured needs compute capability 8.x, not "
+                      f"{torch.cuda.get_device_capability(dev)}")
     rows, cols = _MULTIPLE[library]
     n, k = w.shape
     if n % rows or k % cols:
@@ -115,8 +116,8 @@ def apply_semi_structured(gm: torch.fx.GraphModule, device: torch.device | str |
     nothing), else by its FX node name.
 
     ``marked``: FX node names the IR recorded as 2:4 (``node.meta["sparsity"]``, kept through quantize and
-    fuse-qlinear); one whose weight is not 2:4 any more, or is quantized, is reported dense with the reason. A weight read by another node too is converted only if every reader
-    is a linear (the buffer is shared)."""
+    fuse-qlinear); one whose weight is not 2:4 any more, or is quantized, is reported dense with the reason. A weight
+    read by another node too is converted only if every reader is a linear (the buffer is shared)."""
     report: dict[str, dict[str, str]] = {"semi_structured": {}, "dense": {}}
     targets = _linear_targets()
     decided: dict[str, str | None] = {}  # buffer -> library or None (kept dense)

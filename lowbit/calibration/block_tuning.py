@@ -40,7 +40,8 @@ from lowbit.ir.ops import resolve
 from lowbit.ir.quant import QDType, get_qdtype, stored_codes, unpack_int4
 
 __all__ = ["BlockFitStats", "FloatTargetStream", "TuneOptions", "TuneStats", "TunedWeight",
-           "activation_straight_through", "tune_block", "float_targets", "block_loss", "batch_cycle", "output_loss", "trainable_inputs"]
+           "activation_straight_through", "tune_block", "float_targets", "block_loss", "batch_cycle", "output_loss",
+           "trainable_inputs"]
 
 Target = Literal["float", "quantized-input"]
 

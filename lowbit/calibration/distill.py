@@ -123,7 +123,8 @@ def trainable_params(graph: Graph, scope: Literal["blocks", "all"] = "blocks",
     return list(seen.values())
 
 
-def sparsity_masks(graph: Graph, masters: dict[int, tuple[Value, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def sparsity_masks(graph: Graph, masters: dict[int, tuple[Value, torch.Tensor]]
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(master, nonzero mask) for each trained weight of a linear that ``sparsify`` pruned (``meta["sparsity"]``):
     re-applied after every step, so the zeros stay exact and a 2:4 pattern stays 2:4 (AdamW's update and weight
     decay would otherwise fill them in: recovery after pruning must not undo it)."""

@@ -354,7 +354,8 @@ def batches_from_ids(graph: Graph, ids: torch.Tensor, batch_size: int | None = N
                                f"{graph.inputs[0].tensor_type}: the example inputs' batch), which {len(ids)} "
                                f"calibration samples do not fill (a last batch of {len(ids) % static_b}): give "
                                f"calib_n as a multiple of {static_b}, or capture with a dynamic batch "
-                               f"(compile_model(..., dynamic_shapes={{{names[0]!r}: {{0: torch.export.Dim.DYNAMIC}}}}))")
+                               "(compile_model(..., dynamic_shapes="
+                               f"{{{names[0]!r}: {{0: torch.export.Dim.DYNAMIC}}}}))")
     if with_mask:
         mask_dtype = graph.inputs[1].tensor_type.dtype
         return [(chunk, torch.ones(chunk.shape, dtype=mask_dtype)) for chunk in ids.split(batch_size)]

@@ -103,9 +103,9 @@ class HessianAccumulator:
         """``second_moment=False`` keeps only the per-channel statistics: plain RTN starts (block tuning without
         AWQ) never read ``XᵀX``, and its GEMM is the dominant cost of a calibration pass on a CPU.
 
-        ``chunk_rows`` (default: 16384 rows, fewer where that would pass 64 MiB of float32) bounds the float32 copy of the input that
-        ``add`` makes: a single-pass GPTQ hands it every calibration token of a linear's input at once (at 64
-        sequences of 512 a down_proj input of 11008 channels is 1.4 GiB in float32)."""
+        ``chunk_rows`` (default: 16384 rows, fewer where that would pass 64 MiB of float32) bounds the float32 copy of
+        the input that ``add`` makes: a single-pass GPTQ hands it every calibration token of a linear's input at once
+        (at 64 sequences of 512 a down_proj input of 11008 channels is 1.4 GiB in float32)."""
         if features < 1:
             raise ValueError(f"HessianAccumulator: features must be positive, got {features}")
         self.features = features

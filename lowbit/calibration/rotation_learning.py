@@ -157,9 +157,9 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
     ``samples``: one ``[tokens, d]`` tensor per site (each normalised residual stream a rotated linear reads);
     every site weighs the same per token. ``heads > 1``: ``Q`` is ``[d/heads, d/heads]`` and rotates each of
     the ``heads`` slices of a token (R2: the per-head values o_proj reads), the kurtosis still taken over the
-    whole token (its quantizer sees all heads at once). Each step draws ``batch_tokens`` rows spread evenly over the sites (a
-    seeded draw). ``q0`` is the start (a randomised Hadamard), returned instead when the learned ``Q``'s loss on every
-    sample is higher (``check.kept``). A NaN or infinite loss, or a singular Cayley
+    whole token (its quantizer sees all heads at once). Each step draws ``batch_tokens`` rows spread evenly over the
+    sites (a seeded draw). ``q0`` is the start (a randomised Hadamard), returned instead when the learned ``Q``'s loss
+    on every sample is higher (``check.kept``). A NaN or infinite loss, or a singular Cayley
     system, is a :class:`RotationLearningError` naming ``what`` and the step; non-finite samples (the model's own
     activations, before any step) are one naming the site (``site_names``, else its index).
     """

@@ -84,7 +84,8 @@ def _smallest(score: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _row_counts(groups: Sequence[int], k: int, sparsity: float) -> torch.Tensor:
-    """Zeros per row: ``floor(s·R·K)`` per matrix of ``R`` rows (``groups``), as even over its rows as integers allow."""
+    """Zeros per row: ``floor(s·R·K)`` per matrix of ``R`` rows (``groups``), as even over its rows as integers
+    allow."""
     out = []
     for rows in groups:
         total = int(sparsity * rows * k)
@@ -134,10 +135,10 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, p: SparsityPattern, damp: 
     """SparseGPT on ``w [N, K]`` with input Hessian ``h [K, K]``: (pruned weight in ``w``'s dtype, mask, stats).
 
     Unstructured, ``selection="row"``: row ``r`` is to lose ``c_r`` weights (``_row_counts``: ``floor(s·K)`` or one
-    more), each block of columns ``[i1, i2)`` zeroes ``floor(c_r·i2/K) - floor(c_r·i1/K)`` of them. ``"layer"``: the block zeroes the
-    ``floor(s·R·i2) - floor(s·R·i1)`` lowest scores among all its ``R`` rows, so the matrix ends with exactly
-    ``floor(s·R·K)`` zeros and rows differ. ``groups`` (row counts summing to N) are matrices stacked because they
-    share ``h`` (q/k/v): each is its own layer for the selection. Computation on ``h``'s device in float32 (the
+    more), each block of columns ``[i1, i2)`` zeroes ``floor(c_r·i2/K) - floor(c_r·i1/K)`` of them. ``"layer"``: the
+    block zeroes the ``floor(s·R·i2) - floor(s·R·i1)`` lowest scores among all its ``R`` rows, so the matrix ends with
+    exactly ``floor(s·R·K)`` zeros and rows differ. ``groups`` (row counts summing to N) are matrices stacked because
+    they share ``h`` (q/k/v): each is its own layer for the selection. Computation on ``h``'s device in float32 (the
     factor in float64). ``consume_h=True`` hands ``h`` over, as ``gptq_quantize``'s does: it is factored in place
     and left empty (one ``K × K`` float64 matrix less than a copy)."""
     t0 = time.perf_counter()

@@ -165,8 +165,8 @@ def _round_group(graph: Graph, g: _Group, r: Rounding, h: torch.Tensor | None, d
             assert h is not None, "GPTQ needs the Hessian (r.needs_hessian)"
             # a sparsified linear (``sparsify`` marks it) keeps its zeros: error feedback must not fill them in
             sparse = [bool(wp.node.meta.get("sparsity")) for wp in wps]
-            zero_mask = torch.cat([(x == 0) if s else torch.zeros_like(x, dtype=torch.bool) for x, s in zip(ws, sparse)],
-                                  0).to(device) if any(sparse) else None
+            zero_mask = torch.cat([(x == 0) if s else torch.zeros_like(x, dtype=torch.bool)
+                                   for x, s in zip(ws, sparse)], 0).to(device) if any(sparse) else None
             try:
                 res = gptq_quantize(w, h, scheme.qdtype, group, scheme.symmetric, act_order=r.act_order,
                                     static_groups=r.static_groups, damp=r.damp, block_size=r.block_size,

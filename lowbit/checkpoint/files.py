@@ -407,7 +407,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         code = _SAFETENSORS_DTYPES.get(t.dtype)
         if code is None:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store "
-                                  f"(it stores {', '.join(str(d).removeprefix('torch.') for d in _SAFETENSORS_DTYPES)})")
+                                  "(it stores "
+                                  f"{', '.join(str(d).removeprefix('torch.') for d in _SAFETENSORS_DTYPES)})")
         if t.is_sparse or t.layout != torch.strided:
             raise CheckpointError(f"{path}: tensor {name!r} has layout {t.layout}; safetensors stores dense tensors")
         entries.append((name, t.detach(), code))

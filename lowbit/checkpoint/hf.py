@@ -517,9 +517,9 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
     if view.kv:
         raise CheckpointError(
             f"the graph quantizes the KV cache ({len(view.kv)} key/value quantizers, e.g. %{view.kv[0].name} "
-            f"({view.kv[0].op}) in {view.kv[0].module!r}); compressed-tensors' kv_cache_scheme holds one static or per-head scale "
-            "per tensor, which lowbit's dynamic per-channel/per-token KV scales are not: save without kv= / kv-cache, or use "
-            "format='lowbit'")
+            f"({view.kv[0].op}) in {view.kv[0].module!r}); compressed-tensors' kv_cache_scheme holds one static or "
+            "per-head scale per tensor, which lowbit's dynamic per-channel/per-token KV scales are not: save without "
+            "kv= / kv-cache, or use format='lowbit'")
     if not view.quantized:
         raise CheckpointError("the graph has no quantized linear: nothing for compressed-tensors to describe "
                               f"({_float_advice(graph)})")
@@ -1105,7 +1105,8 @@ def _gptq_config(qcfg: dict[str, Any], cfg_path: Path) -> tuple[int, int, int]:
     fmt = qcfg.get("checkpoint_format", "gptq")
     if fmt not in _GPTQ_ZERO_OFFSET:
         raise CheckpointError(f"{cfg_path}: GPTQ checkpoint_format {fmt!r}; lowbit reads "
-                              f"{' and '.join(map(repr, _GPTQ_ZERO_OFFSET))} (other layouts pack the codes differently)")
+                              f"{' and '.join(map(repr, _GPTQ_ZERO_OFFSET))} "
+                              "(other layouts pack the codes differently)")
     return bits, group, _GPTQ_ZERO_OFFSET[fmt]
 
 

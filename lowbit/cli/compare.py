@@ -164,7 +164,8 @@ def summary_table(res: CompareResult) -> Table:
         table.add_column(col, justify="left" if col in ("pass", "worst layer") else "right")
     for s in res.stages:
         worst = worst_layer(s.layers)
-        table.add_row("" if s.index < 0 else str(s.index), s.spec + ("" if s.changed or s.index < 0 else " (no change)"),
+        table.add_row("" if s.index < 0 else str(s.index),
+                      s.spec + ("" if s.changed or s.index < 0 else " (no change)"),
                       fmt_metric(res.metric, s.metric), _db(s.output["sqnr_db"]), f"{s.output['cosine']:.6f}",
                       worst[0] if worst else "-", _db(worst[1]["sqnr_db"]) if worst else "-",
                       f"{s.seconds * 1e3:.0f}")

@@ -360,7 +360,8 @@ def compile_cmd(
                                        "params.safetensors, report.json); replaced only when the run succeeds"),
     fmt: str = typer.Option("lowbit", "--format", "-f", help="what -o holds: lowbit (IR text + safetensors), "
                             "compressed-tensors (an HF directory vLLM/SGLang/transformers load), gptq (HF GPTQ "
-                            "layout) or hf (a float model, e.g. pruned, as plain transformers weights); each with lowbit-manifest.json (SHA-256 of every file)"),
+                            "layout) or hf (a float model, e.g. pruned, as plain transformers weights); each with "
+                            "lowbit-manifest.json (SHA-256 of every file)"),
     overrides: Optional[Path] = typer.Option(None, "--overrides", help="override file from `lowbit debug "
                                              "sensitivity` (modules kept float)"),
     print_ir_after_all: bool = typer.Option(False, "--print-ir-after-all", help="print the IR after every pass"),

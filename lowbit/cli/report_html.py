@@ -78,8 +78,9 @@ def line_chart(stages: list[dict[str, Any]], layers: list[str], width: int = 960
     finite = [v for _, vals in series for v in vals if v is not None]
     if not layers:
         return f"<p>The graph has no repeated blocks ({BLOCK_NAMES}) to compare layer by layer.</p>"
-    nan_note = ("<p><b>NaN</b> or <b>-∞ dB</b> block outputs after " + ", ".join(f"#{s['index']} <code>{_esc(s['spec'])}</code>"
-                                                                   for s in nan) + " (not drawn).</p>") if nan else ""
+    nan_note = ("<p><b>NaN</b> or <b>-∞ dB</b> block outputs after "
+                + ", ".join(f"#{s['index']} <code>{_esc(s['spec'])}</code>" for s in nan)
+                + " (not drawn).</p>") if nan else ""
     if not finite:
         return nan_note or "<p>No pass changed any layer output (every SQNR is infinite).</p>"
     # exact passes sit at 120+ dB (float rounding); clipping there keeps quantization's 10-40 dB readable

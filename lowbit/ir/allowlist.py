@@ -33,7 +33,8 @@ import torch
 CAPTURED: frozenset[str] = frozenset({
     "aten.__and__.Tensor", "aten.add.Tensor", "aten.addmm.default", "aten.alias.default", "aten.arange.default",
     "aten.cat.default", "aten.chunk.default", "aten.clamp.default", "aten.clamp_min.default", "aten.contiguous.default",
-    "aten.conv2d.default", "aten.cos.default", "aten.cumsum.default", "aten.diff.default", "aten.div.Tensor", "aten.dropout.default",
+    "aten.conv2d.default", "aten.cos.default", "aten.cumsum.default", "aten.diff.default", "aten.div.Tensor",
+    "aten.dropout.default",
     "aten.embedding.default", "aten.eq.Tensor", "aten.expand.default", "aten.expand_as.default",
     "aten.gather.default", "aten.ge.Scalar", "aten.gelu.default", "aten.gt.Tensor", "aten.index.Tensor",
     "aten.layer_norm.default", "aten.le.Tensor", "aten.linalg_vector_norm.default", "aten.linear.default",
@@ -43,7 +44,8 @@ CAPTURED: frozenset[str] = frozenset({
     # interleaved rotary (Cohere, GPT-J: repeat_interleave of cos/sin, stack of the rotated pairs), Bloom's ALiBi
     # scores (baddbmm) and its head repeat
     "aten.stack.default", "aten.repeat_interleave.self_int", "aten.baddbmm.default", "aten.repeat.default",
-    "aten.reshape.default", "aten.rsqrt.default", "aten.scaled_dot_product_attention.default", "aten.scatter.src", "aten.silu.default",
+    "aten.reshape.default", "aten.rsqrt.default", "aten.scaled_dot_product_attention.default", "aten.scatter.src",
+    "aten.silu.default",
     "aten.sin.default", "aten.slice.Tensor", "aten.softmax.int", "aten.split.Tensor", "aten.sub.Tensor",
     "aten.sum.dim_IntList", "aten.sym_size.int", "aten.tanh.default", "aten.to.device", "aten.to.dtype",
     "aten.to.dtype_layout", "aten.transpose.int", "aten.type_as.default", "aten.unsqueeze.default",

@@ -195,7 +195,8 @@ class QuantConfig(BaseModel):
                 raise ValueError(f"{where}: group_size={s.group_size} is read only with granularity per_group "
                                  f"(granularity {s.granularity} would ignore it)")
             if s.dynamic:
-                raise ValueError(f"{where}: dynamic=true applies to inputs only (a weight is quantized once, when the pass runs)")
+                raise ValueError(f"{where}: dynamic=true applies to inputs only (a weight is quantized once, when the "
+                                 "pass runs)")
         inputs = [(self.input, "input")] + [(r.input, f"rule {r.pattern!r} input") for r in self.rules]
         for s, where in inputs:
             if not isinstance(s, QScheme):

@@ -170,7 +170,8 @@ def check_types(graph: Graph) -> tuple[list[str], VerifyReport]:
 
     for node in graph.nodes:
         args, kwargs = pytree.tree_map(
-            lambda x: env.get(id(x)) if isinstance(x, Value) else (torch.device("meta") if isinstance(x, torch.device) else x),
+            lambda x: env.get(id(x)) if isinstance(x, Value) else
+            (torch.device("meta") if isinstance(x, torch.device) else x),
             (node.args, node.kwargs),
         )
         try:

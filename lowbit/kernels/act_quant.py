@@ -4,8 +4,9 @@ Numerics = ``dynamic_qparams(granularity="per_token", symmetric=True, block_size
 ``scale = max(amax / qmax, 1e-12)``, int8 ``q = clamp(round_half_even(x / scale), -128, 127)``, fp8
 ``q = cast_rtne(clamp(x / scale, -448, 448))``. ``x / scale`` is an IEEE division (``div_rn``); ``amax / qmax``
 follows torch on the tensor's device: IEEE on CPU, ``amax * fp32(1 / qmax)`` on CUDA (PyTorch's CUDA division by a
-scalar multiplies by the reciprocal). Codes and scales are so bit-identical to the reference on either device. One program reads one row once and writes codes and scales: the
-separate-ops version (amax, divide, round, cast) reads the activation three times.
+scalar multiplies by the reciprocal). Codes and scales are so bit-identical to the reference on either device. One
+program reads one row once and writes codes and scales: the separate-ops version (amax, divide, round, cast) reads the
+activation three times.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def row_quant_setup(x: torch.Tensor, qdtype: str, group_size: int, op: str
     q = torch.empty((m, k), device=x.device, dtype=_STORAGE[qdtype])
     s = torch.empty((m, k // group_size if group_size else 1), device=x.device, dtype=torch.float32)
     block = max(next_pow2(k), group_size)
-    meta = {"QMAX": QMAX[qdtype], "RCP": cuda_reciprocal(QMAX[qdtype]) if x.is_cuda else 0.0, "IS_FP8": qdtype == "fp8e4m3",
+    meta = {"QMAX": QMAX[qdtype], "RCP": cuda_reciprocal(QMAX[qdtype]) if x.is_cuda else 0.0,
+            "IS_FP8": qdtype == "fp8e4m3",
             "GROUP": group_size, "BLOCK_K": block, "num_warps": 4 if block <= 4096 else 8}
     return x2, q, s, meta
 

@@ -52,8 +52,9 @@ removed in session 14):
   3.26 / 1360 -> 2.60 / 16. Under Triton 3.8 the two are alike (MHA int4 4.86, 101 registers) but for int2, where
   v3's code lanes and query lanes are ordered differently (5.59 per code: 193 SHFL).
 * ``variant="v4"`` (the default: ``DEFAULT_CONFIG``): v3 with each code read as the subnormal float
-  ``u * 2**(e - 149)`` its masked bits make (``_split_kernel_v3``'s ``DEN``): no FADD per code to remove a bias or a zero point, so a code costs one LOP3
-  and one FFMA (v2/v3: LOP3, FADD, FFMA); the key zero points become one dot per key block. Triton 3.6 offline:
+  ``u * 2**(e - 149)`` its masked bits make (``_split_kernel_v3``'s ``DEN``): no FADD per code to remove a bias or a
+  zero point, so a code costs one LOP3 and one FFMA (v2/v3: LOP3, FADD, FFMA); the key zero points become one dot per
+  key block. Triton 3.6 offline:
   MHA int4 3.96 per code at 96 registers, int2 3.86 / 88, int8 4.49 / 101; 4 GQA heads per program 2.33 per
   code and head at int4 (255 registers, 48 spilled bytes), 2 heads 2.80 (164, none). Error against the reference
   as v2's (float32 rounding: ~1e-6 relative, ~3e-5 with 30x queries).
@@ -908,13 +909,14 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      vchain: bool | None = None, interior: bool | None = None, maxnreg: int | None = None,
                      reduce_chunks: int | None = None, reduce_warps: int | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
-    ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole key
-    blocks / steps); ``block_n``: tokens per inner step (v2-v4: clamped to one key block, at least one row per
+    ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole
+    key blocks / steps); ``block_n``: tokens per inner step (v2-v4: clamped to one key block, at least one row per
     token thread); ``chunk``: channels per thread; ``heads`` (v2-v4): query heads per program (a divisor of the GQA
     group: each code is unpacked once for all of them); ``vchain`` (v2 only): value rows as FFMA chains;
     ``interior`` (v3/v4): key blocks wholly inside a program's tokens read without masks (False: all masked);
     ``maxnreg``: the split kernel's register cap per thread (ptxas; fewer registers, more resident warps);
-    ``reduce_chunks`` / ``reduce_warps``: the merge's chunks per step and warps (``REDUCE_CHUNKS``, ``REDUCE_WARPS``)."""
+    ``reduce_chunks`` / ``reduce_warps``: the merge's chunks per step and warps (``REDUCE_CHUNKS``,
+    ``REDUCE_WARPS``)."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
@@ -1092,11 +1094,11 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
                            *cache: torch.Tensor, bits: int, k_block: int, v_group: int, window: int, sink: int,
                            scale: float | None = None, split: int | None = None) -> tuple[torch.Tensor, ...]:
     """``cache_attention`` (lowbit.ir.kvcache) with a decode step's attention on the Triton kernel: the cache is
-    written as the reference writes it (in place: the step's caller hands its cache over), then ``decode_attention`` reads the quantized tokens ``[sink, t - window]``
-    and the float candidates (old sink/ring slots and the new token). Prefill (several tokens per sequence),
-    inputs the kernel cannot read (CPU tensors without ``TRITON_INTERPRET=1``) and a layout it does not take
-    (``cache_attention_unsupported``: the triton backend keeps such a node on the reference and reports it) take the
-    reference."""
+    written as the reference writes it (in place: the step's caller hands its cache over), then ``decode_attention``
+    reads the quantized tokens ``[sink, t - window]`` and the float candidates (old sink/ring slots and the new token).
+    Prefill (several tokens per sequence), inputs the kernel cannot read (CPU tensors without ``TRITON_INTERPRET=1``)
+    and a layout it does not take (``cache_attention_unsupported``: the triton backend keeps such a node on the
+    reference and reports it) take the reference."""
     from lowbit.ir.kvcache import cache_attention, cache_update, float_candidates
 
     kw = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink)

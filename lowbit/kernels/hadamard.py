@@ -129,7 +129,8 @@ CONFIGS: dict[int, Config] = {
     4096: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=3, pipeline=4),  # 43.3 µs (see below)
     1536: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=2, waves=3, pipeline=3),  # 31.1 µs (was 43.0)
     576: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=4, pipeline=4, split=True),  # 19.8 (26.0)
-    4864: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=3, pipeline=3, split=True),  # 64.9 (135.7)
+    # 64.9 (135.7)
+    4864: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=3, pipeline=3, split=True),
     14336: Config(stage2="bfly", n2_cap=4096, tile=4096, warps=8, stages=1, waves=2, pipeline=3),  # 308.8 (323.7)
     11008: Config(stage2="bfly", n2_cap=64, tile=8192, warps=8, stages=1, waves=2, pipeline=2),  # 325.1 (535.7)
 }
@@ -140,8 +141,8 @@ quantize (which must share its arithmetic: same path and geometry, so the fused 
 with a pipelined loop, 43.3 / 43.7 µs in two runs (0.728 / 0.721 of copy bandwidth; the rotation issue asks >=
 0.70) against the butterflies' 46.7 (0.675); its fused int8 quantize 77.3 µs against the butterflies' 69.0 (both
 after the one-row tile's quantize stopped reshaping, 83.3 and 74.1 before), so a W4A4 model's fused op pays ~12% at
-this length for the plain op's 8%. At 576 the pair kept is not the plain op's fastest (butterflies 17.3 µs, but fused 56.2
-against 31.7)."""
+this length for the plain op's 8%. At 576 the pair kept is not the plain op's fastest (butterflies 17.3 µs, but fused
+56.2 against 31.7)."""
 FUSED_CONFIGS: dict[int, Config] = {
     4096: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=1, waves=4, pipeline=3),  # int8 77.3 (bfly 69.0)
     1536: Config(stage2="mma", n2_cap=64, tile=4096, warps=4, stages=2, waves=3, pipeline=3),  # 92.8 µs (92.8)

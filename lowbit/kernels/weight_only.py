@@ -25,10 +25,11 @@ Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted i
   12M weights or more: 16 word rows per thread,
   codes by one and-xor each at three exponents, split-K partials + a reduce kernel), ``_gemv_t`` (M = 1 elsewhere:
   ``[U, CW, BLOCK_N]`` tiles coalesced along N, the activation a broadcast load, split-K partials + a reduce) and
-  ``_tc_t`` (2 <= M <= 16: one ``[CW, BLOCK_N]`` tile per chunk, one dot per code position); ``_tc_pairs`` (opt-in ``PAIRS``: int4 codes unpacked two per ``lop3`` +
-  ``sub.bf16x2`` inline asm on the GPU) is swept but not a default (not yet checked on a GPU).
-- K-major words, M = 1, CUDA cores (``_gemv_words``): ``[BLOCK_N, U, CW]`` word tiles, one FMA per code into a deferred fp32
-  accumulator, the activation's running sum times ``d = 1 + (off + z)/2**b`` and the scale applied once per group,
+  ``_tc_t`` (2 <= M <= 16: one ``[CW, BLOCK_N]`` tile per chunk, one dot per code position); ``_tc_pairs`` (opt-in
+  ``PAIRS``: int4 codes unpacked two per ``lop3`` + ``sub.bf16x2`` inline asm on the GPU) is swept but not a default
+  (not yet checked on a GPU).
+- K-major words, M = 1, CUDA cores (``_gemv_words``): ``[BLOCK_N, U, CW]`` word tiles, one FMA per code into a deferred
+  fp32 accumulator, the activation's running sum times ``d = 1 + (off + z)/2**b`` and the scale applied once per group,
   one reduction after the loop; grid over N only at the goal shapes (no split-K).
 - 2 <= M <= 16, tensor cores (``_tc_words``): per chunk and code position one ``[16, CW] x [CW, BLOCK_N]`` dot on
   exact small integers ``q - z`` in the activation dtype (wgmma with the weights as the M side, ``SWAP``), the
@@ -523,7 +524,8 @@ def _launch_gemv(x2, qweight, scale, zero_point, bias, out, packed, signed, grou
     zp = zero_point if zero_point is not None else scale
     b = bias if bias is not None else scale
     ssn = scale.stride(0)
-    meta = {"PACKED": packed, "SIGNED": signed, "GROUP": group, "HAS_ZP": zero_point is not None, "UPCAST": interpreting(),
+    meta = {"PACKED": packed, "SIGNED": signed, "GROUP": group, "HAS_ZP": zero_point is not None,
+            "UPCAST": interpreting(),
                 "HALVES": True, "DEFER": cfg.get("DEFER", False),
                 "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
@@ -1407,10 +1409,12 @@ def _t_rule(tc: bool, n: int, nch: int) -> dict:
 _R_TABLE: dict[tuple[int, int], dict] = {  # run R9 of bench/results/gemv.json (µs vs _gemv_t's best, R8)
     (11008, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 16},  # 14.34 vs 18.40
     (4096, 11008): {'BLOCK_N': 64, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 32},  # 15.55 vs 20.58
-    (4096, 4096): {'BLOCK_N': 64, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 16},  # 8.86 vs 10.21 (K-major)
+    # 8.86 vs 10.21 (K-major)
+    (4096, 4096): {'BLOCK_N': 64, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 16},
     (12288, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 2, 'SPLIT_K': 16},  # 14.70 vs 18.31
     (22016, 4096): {'BLOCK_N': 64, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 16},  # 22.46 vs 28.58
-    (32000, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 2, 'SPLIT_K': 16, 'PREFETCH': 0},  # run S8a: 29.9 vs cc_t 38.24
+    # run S8a: 29.9 vs cc_t 38.24
+    (32000, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 2, 'SPLIT_K': 16, 'PREFETCH': 0},
     # run S11 (the 20% heads + MLP pruned widths) where a config beat R_RULE: q/k/v of 26 kv heads, o_proj's K 3328
     (9984, 4096): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 2, 'SPLIT_K': 16},  # 13.79 vs R_RULE 14.29
     (4096, 3328): {'BLOCK_N': 128, 'ROWS': 16, 'num_warps': 1, 'num_stages': 1, 'SPLIT_K': 32},  # 7.89 vs R_RULE 8.51
@@ -1431,17 +1435,24 @@ R_RULE_MIN_ELEMENTS = 12 * 2**20
 
 
 _PREFILL_TC_TABLE: dict[tuple[int, int, int], dict] = {  # run S8b of bench/results/gemv.json
-    (32, 4096, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4, 'PREFETCH': 0},
-    (32, 4096, 11008): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4, 'PREFETCH': 0},
-    (32, 11008, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0},
-    (32, 12288, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0},
-    (32, 22016, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2, 'PREFETCH': 0},
+    (32, 4096, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4,
+                       'PREFETCH': 0},
+    (32, 4096, 11008): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4,
+                        'PREFETCH': 0},
+    (32, 11008, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2,
+                        'PREFETCH': 0},
+    (32, 12288, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2,
+                        'PREFETCH': 0},
+    (32, 22016, 4096): {'BLOCK_M': 32, 'BLOCK_N': 64, 'SWAP': True, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 2,
+                        'PREFETCH': 0},
     (64, 4096, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'PS': 8, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2},
     (64, 4096, 11008): {'BLOCK_M': 64, 'BLOCK_N': 64, 'PS': 8, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2},
     (64, 11008, 4096): {'BLOCK_M': 64, 'BLOCK_N': 128, 'PS': 8, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1},
     (64, 12288, 4096): {'BLOCK_M': 64, 'BLOCK_N': 128, 'PS': 8, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1},
-    (64, 22016, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 1, 'PREFETCH': 0},
-    (128, 4096, 11008): {'BLOCK_M': 128, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2, 'PREFETCH': 0},
+    (64, 22016, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 1,
+                        'PREFETCH': 0},
+    (128, 4096, 11008): {'BLOCK_M': 128, 'BLOCK_N': 64, 'SWAP': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2,
+                         'PREFETCH': 0},
 }
 """(M bucket 32/64/128, N, K) -> tensor-core config for 16 < M <= 256 on the N-major words, ``_tc_t`` (family
 ``tc_m``) or, where the config has ``PS``, ``_tc_chunk`` (``tc_c``): the fastest of the H200 sweep
@@ -1594,7 +1605,8 @@ def _dequantize_words(words, scale, zero_point, qdtype, group, k, dtype, out=Non
     launcher(words, _dequant_words)[(cdiv(n, block_n), k // (32 // bits * cw))](
         words, scale, zero_point if zero_point is not None else scale, out, n, k, words.stride(0), words.stride(1),
         scale.stride(0),
-        scale.stride(1) if scale.dim() == 2 else 0, *_word_masks(bits), BITS=bits, SIGNED=(PACKED_QDTYPES | BYTE_QDTYPES)[qdtype],
+        scale.stride(1) if scale.dim() == 2 else 0, *_word_masks(bits), BITS=bits,
+        SIGNED=(PACKED_QDTYPES | BYTE_QDTYPES)[qdtype],
         GROUP=group, HAS_ZP=zero_point is not None, XOR=WORD_XOR[bits], CW=cw, BLOCK_N=block_n,
         num_warps=num_warps)
     return out

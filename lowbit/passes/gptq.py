@@ -29,7 +29,8 @@ from lowbit.calibration.weights import SITE_KINDS, Rounding, WeightCalibrationEr
 from lowbit.ir.graph import Graph
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, QScheme, QuantConfig, module_matches
 from lowbit.ir.quant import get_qdtype
-from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass
+from lowbit.passes.base import (NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, Pass, PassError, PassResult,
+                                ScopedOptions, register_pass)
 from lowbit.passes.insert_qdq import NonFinitePolicy, plan
 
 __all__ = ["WeightCalibrationOptions", "GPTQOptions", "GPTQ", "run_weight_calibration", "rounding", "SITE_KINDS",

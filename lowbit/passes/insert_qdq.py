@@ -48,7 +48,8 @@ from lowbit.ir.quant import QDTYPES, Layout, ceil_div_dim, get_qdtype, layout_fo
 from lowbit.ir.qdq import WeightPlan, write_weight_qdq
 from lowbit.ir.rewrite import eliminate_dead_code
 from lowbit.ir.rotation_regions import no_attention_reason
-from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, Pass, PassError, PassResult, ScopedOptions, register_pass, missing_comma, nonfinite_problem
+from lowbit.passes.base import (NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions, Pass, PassError, PassResult,
+                                ScopedOptions, missing_comma, nonfinite_problem, register_pass)
 
 __all__ = ["InsertQDQ", "InsertQDQOptions", "config_from_options", "quantize_weight", "insert_dynamic_qdq",
            "quantize_graph", "VIEW_OPS"]

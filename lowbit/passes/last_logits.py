@@ -39,7 +39,8 @@ SCALAR_OPS = ("aten.mul.Tensor", "aten.div.Tensor", "aten.tanh.default")
 """Element-wise ops the walk may pass when every operand but the first is a number: Granite's logits divisor and
 Gemma 2's soft-capping ``tanh(logits / cap) * cap`` after the head."""
 
-UNRAISED_NORM_OPS = ("aten.pow.Tensor_Scalar", "aten.mean.dim", "aten.add.Tensor", "aten.sub.Tensor", "aten.rsqrt.default",
+UNRAISED_NORM_OPS = ("aten.pow.Tensor_Scalar", "aten.mean.dim", "aten.add.Tensor", "aten.sub.Tensor",
+                     "aten.rsqrt.default",
                      "aten.mul.Tensor", "aten.div.Tensor", "aten.type_as.default", "aten.to.dtype",
                      "aten._to_copy.default")
 """Ops a norm module capture did not raise may hold (an RMSNorm written another way than Llama's or Gemma's: pow,

@@ -30,9 +30,9 @@ Allocation under the budget ``ratio`` (simple, stated): ``uniform`` removes the 
 ``global`` divides each layer's scores by the layer's mean score and removes the lowest channels of the whole
 model (each layer losing at most ``max_layer_ratio``, and with ``spread`` within ``ratio ± spread``). On SmolLM2
 at 18.75% (x8) uniform measured 1.786x, bounded global (±5%) 1.852x and the unbounded ranking worse still: keep
-the per-layer share even; ``modules`` then adds a little more to chosen (middle) blocks. Counts per layer are rounded to ``multiple``
-(default 64: a pruned width still splits into group-64 quantization groups and tensor-core tiles), halves up
-(``prune-heads`` too: 0.5 of 3 groups is 2, of 5 is 3); a nonzero ratio that rounds to nothing everywhere is an
+the per-layer share even; ``modules`` then adds a little more to chosen (middle) blocks. Counts per layer are rounded to
+``multiple`` (default 64: a pruned width still splits into group-64 quantization groups and tensor-core tiles), halves
+up (``prune-heads`` too: 0.5 of 3 groups is 2, of 5 is 3); a nonzero ratio that rounds to nothing everywhere is an
 error naming the layer, its width and the multiple, not a silent no-op.
 After the cut, ``lowbit.ir.shapes.reinfer_shapes`` re-derives every declared type.
 """

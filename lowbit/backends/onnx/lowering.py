@@ -1,8 +1,9 @@
 """Lower a lowbit Graph to an ONNX model (an ``onnx_ir.Model``), node by node through ``LOWERINGS``.
 
 Graph inputs keep the IR's symbolic dims as ONNX ``dim_param``s, so batch and sequence stay dynamic, named
-``batch`` / ``sequence`` / ``past_sequence`` where lowbit knows them (``dim_names``; others keep ``s0``, ``s1``); every IR value keeps its name and declared type on the ONNX value that computes
-it, so an ONNX graph reads like the IR it came from, and nodes carry ``lowbit.module`` metadata.
+``batch`` / ``sequence`` / ``past_sequence`` where lowbit knows them (``dim_names``; others keep ``s0``, ``s1``); every
+IR value keeps its name and declared type on the ONNX value that computes it, so an ONNX graph reads like the IR it came
+from, and nodes carry ``lowbit.module`` metadata.
 
 Every node is attempted even after one fails: the error lists every node that could not be lowered (its
 value, op and module path) and every op with no lowering at all, so one run shows the whole gap.
@@ -355,5 +356,5 @@ def lowered_op_types(model: ir.Model) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-__all__ = ["to_onnx", "needs_fusion", "missing_lowerings", "lowered_op_types", "unfused_matmulnbits", "OnnxLoweringError",
-           "LoweringOptions", "unfused_integer_matmul"]
+__all__ = ["to_onnx", "needs_fusion", "missing_lowerings", "lowered_op_types", "unfused_matmulnbits",
+           "OnnxLoweringError", "LoweringOptions", "unfused_integer_matmul"]

@@ -181,7 +181,8 @@ def check_build_options(options: Mapping[str, Any], also: Sequence[str] = ()) ->
                                               "shapes")
                 dims = [list(s) if isinstance(s, (tuple, list, torch.Size)) else None for s in triple]
                 if any(d is None for d in dims) or len({len(d) for d in dims}) != 1 or any(  # type: ignore[arg-type]
-                        isinstance(x, bool) or not isinstance(x, int) or x < 0 for d in dims for x in d):  # type: ignore[union-attr]
+                        isinstance(x, bool) or not isinstance(x, int) or x < 0
+                        for d in dims for x in d):  # type: ignore[union-attr]
                     raise TensorRTOptionError(f"TensorRT option shapes[{name!r}]={triple!r}: min, opt and max must be "
                                               "shapes of the same rank with non-negative integer sizes")
                 if any(not lo <= mid <= hi for lo, mid, hi in zip(*dims)):  # type: ignore[misc]

@@ -214,7 +214,8 @@ def _zero_points(view: QDQView) -> Iterable[Violation]:
                      "needs a build-time constant of zeros (symmetric quantization only)", DOC_DQL + " (zero_point)")
         elif np.any(values.astype(np.float32) != 0):
             yield _v(view, n, "zero-point-zero", "error",
-                     f"zero point has non-zero entries (e.g. {values.reshape(-1)[np.flatnonzero(values.reshape(-1))[0]]}): "
+                     "zero point has non-zero entries "
+                     f"(e.g. {values.reshape(-1)[np.flatnonzero(values.reshape(-1))[0]]}): "
                      "TensorRT supports symmetric quantization only (zeroPt must contain only zeros)",
                      DOC_DQL + " (zero_point); " + DOC_WQT + " (Introduction: symmetric scheme)")
 
