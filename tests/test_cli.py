@@ -1731,3 +1731,10 @@ def test_debug_bisect_says_when_later_passes_do_most_of_the_damage(tmp_path):
            "--json", js, "-q")
     data = json.loads(js.read_text())
     assert data["culprit_pass"] == "quantize(a=int2)" and "do most of the damage" not in data["note"], data
+
+
+def test_sensitivity_pipeline_help_names_the_scheme_pass_not_quantize():
+    """`lowbit debug sensitivity --help` said --pipeline runs 'before quantize'; with a pruning --scheme
+    ('prune-mlp(ratio=0.3)', which its help offers) no quantize runs: the passes run before the --scheme pass."""
+    text = _option_help("debug", "sensitivity", option="--pipeline")
+    assert "quantize" not in text and "--scheme" in text, text

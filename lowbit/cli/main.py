@@ -1172,8 +1172,8 @@ def sensitivity_cmd(
                                "'w=int4,group=64,a=int8', or one pass as pipeline text (a pruning pass: "
                                "'sparsify(method=wanda,pattern=2:4)', 'prune-mlp(ratio=0.3)')"),
     group: Optional[int] = typer.Option(None, help="weight group size for wNaM schemes"),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="passes to run before quantize "
-                                           "(e.g. fold-norms)"),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="passes run on the whole model before "
+                                           "the --scheme pass, in every run (e.g. fold-norms)"),
     granularity: str = typer.Option("block", help="block (one transformer block at a time) or linear (one linear; "
                                     "not for prune-mlp, prune-heads, prune-blocks, which cut whole MLPs, heads or "
                                     "blocks)"),
