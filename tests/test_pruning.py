@@ -1873,3 +1873,25 @@ def test_prune_heads_on_a_written_out_attention_names_its_softmax():
                                             r"\(its attention is written out: aten\.softmax\.int in "
                                             r"model\.layers\.0\.self_attn; lowbit raises scaled-dot-product"):
         PassManager("prune-heads(ratio=0.5,score=magnitude)").run(graph)
+
+
+def test_block_pruned_smollm3_saves_the_kept_layers_rotary_choice(tmp_path):
+    """SmolLM3 records per layer whether it applies rotary (``no_rope_layers``: 1 rotary, 0 NoPE). prune-blocks removed
+    a rotary layer and the HF save kept the whole list, so the kept NoPE layer, now layer 0, was saved as a rotary
+    one: transformers' logits differed from lowbit's (5e-3 on a random model). The list follows the kept layers like
+    layer_types, and transformers reloads the same model."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+    from lowbit.checkpoint import save
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.SmolLM3Config(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        vocab_size=128, max_position_embeddings=64, pad_token_id=0, no_rope_layers=[1, 0])).eval()
+    c = compile_model(model, pipeline="prune-blocks(blocks=[model.layers.0])")
+    loaded = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path, format="hf")).eval()
+    assert loaded.config.num_hidden_layers == 1 and loaded.config.no_rope_layers == [0]
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, c(ids), rtol=1e-5, atol=1e-5)

@@ -204,6 +204,12 @@ MLP_WIDTH_BY_TYPE = {"distilbert": "hidden_dim"}
 its FFN width, its stream is ``dim``): looked up by ``model_type``."""
 
 
+PER_LAYER_FIELDS = ("layer_types", "sliding_window_pattern_list", "no_rope_layers")
+"""Config lists with one entry per layer, which a removed block's entry must leave: attention kinds (Gemma 3, Qwen 2,
+Ministral), and SmolLM3's ``no_rope_layers`` (1: the layer applies rotary; kept whole, a NoPE layer moved up into a
+removed rotary layer's place was saved with rotary)."""
+
+
 def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict[str, str]]:
     """The HF config of a structurally pruned graph (``graph.meta["pruned"]``, written by the prune passes) and
     the module renames it needs: MLP width (``intermediate_size``, or the family's field of ``MLP_WIDTH_FIELDS``),
@@ -245,7 +251,7 @@ def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict
             renames[block] = f"{prefix}.{i}"
         keep_index = [int(b.rpartition(".")[2]) for b in kept]
         text.num_hidden_layers = len(kept)
-        for name in ("layer_types", "sliding_window_pattern_list"):  # per-layer lists follow the kept layers
+        for name in PER_LAYER_FIELDS:  # per-layer lists follow the kept layers
             per_layer = getattr(text, name, None)
             if isinstance(per_layer, list) and len(per_layer) > len(kept):  # not a config already pruned
                 setattr(text, name, [per_layer[i] for i in keep_index])
