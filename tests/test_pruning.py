@@ -1543,11 +1543,12 @@ def test_a_pruned_distilbert_saves_its_ffn_width_where_transformers_reads_it(tmp
         torch.testing.assert_close(SentenceEmbedder(loaded)(ids, mask), want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "stablelm", "phi"])
+@pytest.mark.parametrize("family", ["qwen3", "stablelm", "phi", "phi-qk-layernorm"])
 def test_prune_heads_through_per_head_norms_and_partial_rotary_equals_masked_dense(family):
-    """Qwen3's per-head q/k norms and the partial rotary of StableLM and Phi (``cat([rotary(x[..., :r]),
-    x[..., r:]], -1)``) act on one head vector at a time: prune-heads refused these models ('q/k/v/o linears not
-    found'). Now it prunes them, and the result equals the HF model with the removed groups zeroed (float64)."""
+    """Qwen3's per-head q/k norms, Phi's q/k LayerNorms (``qk_layernorm``) and the partial rotary of StableLM and Phi
+    (``cat([rotary(x[..., :r]), x[..., r:]], -1)``) act on one head vector at a time: prune-heads refused these
+    models ('q/k/v/o linears not found'; Phi's LayerNorm: 'not a per-head op the walk knows'). Now it prunes them,
+    and the result equals the HF model with the removed groups zeroed (float64)."""
     import transformers as tf
 
     from lowbit.api import compile_model
@@ -1555,13 +1556,15 @@ def test_prune_heads_through_per_head_norms_and_partial_rotary_equals_masked_den
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
     config = {"qwen3": lambda: tf.Qwen3Config(num_attention_heads=8, num_key_value_heads=2, head_dim=16, **shape),
               "stablelm": lambda: tf.StableLmConfig(num_attention_heads=4, num_key_value_heads=4, **shape),
-              "phi": lambda: tf.PhiConfig(num_attention_heads=4, **shape)}[family]()
+              "phi": lambda: tf.PhiConfig(num_attention_heads=4, **shape),
+              # Phi's optional q/k LayerNorms (weight and bias over head_dim) act on one head at a time as well
+              "phi-qk-layernorm": lambda: tf.PhiConfig(num_attention_heads=4, qk_layernorm=True, **shape)}[family]()
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config).double().eval()
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     c = compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
     assert c.report.pipeline.records[0].stats["groups_removed"] == 2 * config.num_key_value_heads // 2
-    out = "dense" if family == "phi" else "o_proj"
+    out = "dense" if family.startswith("phi") else "o_proj"
     hd = 64 // config.num_attention_heads if family != "qwen3" else 16
     rep = config.num_attention_heads // config.num_key_value_heads
     for i in range(2):

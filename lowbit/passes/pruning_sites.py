@@ -265,14 +265,18 @@ def _last_dim(v: object, dim: object) -> bool:
 
 
 def _per_head_norm(n: Node) -> bool:
-    """A q/k norm over each head's vector (Qwen3's ``q_norm`` on ``[B, S, H, D]``): it reads one head at a time, so
-    heads leave it as they leave a reshape. A norm over all heads' width (OLMo 2's, on ``[B, S, H·D]``) mixes
-    heads and is not one."""
-    if n.op != "rms_norm" or not isinstance(n.args[0], Value) or n.args[0].tensor_type.rank != 4:
+    """A q/k norm over each head's vector (Qwen3's ``q_norm`` on ``[B, S, H, D]``, Phi's ``q_layernorm`` LayerNorm
+    with ``qk_layernorm``): it reads one head at a time, so heads leave it as they leave a reshape. A norm over all
+    heads' width (OLMo 2's, on ``[B, S, H·D]``) mixes heads and is not one."""
+    if n.op not in ("rms_norm", "layer_norm") or not isinstance(n.args[0], Value) or \
+            n.args[0].tensor_type.rank != 4:
         return False
-    w = n.args[1] if len(n.args) > 1 else None
-    return w is None or (isinstance(w, Value) and w.is_param and w.data.dim() == 1 and
-                         w.data.shape[0] == n.args[0].tensor_type.shape[-1])
+    d = n.args[0].tensor_type.shape[-1]
+    if n.op == "layer_norm" and list(n.kwargs.get("normalized_shape", [])) != [d]:
+        return False
+    gains = n.args[1:3] if n.op == "layer_norm" else n.args[1:2]  # a LayerNorm's weight and bias
+    return all(w is None or (isinstance(w, Value) and w.is_param and w.data.dim() == 1 and w.data.shape[0] == d)
+               for w in gains)
 
 
 def _last_dim_slice(n: Node) -> bool:
