@@ -241,6 +241,13 @@ def test_a_model_lowbit_that_cannot_be_read_is_named_with_the_reason(tmp_path, m
         lowbit.load(art)
 
 
+def test_generate_from_a_directory_whose_model_lowbit_is_a_symlink_loop_names_it(tmp_path):
+    """``lowbit generate DIR`` read such a directory as a model without config.json ('accepted: "smollm2", ...')."""
+    (tmp_path / "model.lowbit").symlink_to("model.lowbit")
+    out = " ".join(invoke("generate", tmp_path, "--prompt", "hi", code=3).output.split())
+    assert "model.lowbit' cannot be read: Too many levels of symbolic links" in out, out
+
+
 def test_inspect_of_a_file_that_is_a_symlink_loop_names_it(tmp_path):
     """``lowbit inspect loop.lowbit`` on a link to itself said 'no such file or directory'."""
     (tmp_path / "loop.lowbit").symlink_to("loop.lowbit")

@@ -790,6 +790,11 @@ def generate_cmd(
     load_s = 0.0  # a lowbit directory's load, which happens before the request is checked
     vocab = None  # the model's vocabulary size, where its config says it: a --stop-token past it is refused early
     lowbit_dir = Path(model).expanduser()
+    from lowbit.checkpoint.files import unreadable_file
+
+    why = unreadable_file(lowbit_dir / "model.lowbit") if lowbit_dir.is_dir() else None
+    if why is not None:  # a symlink loop there read as 'a directory without config.json'
+        fail(f"{str(lowbit_dir / 'model.lowbit')!r} cannot be read: {why}", Exit.NOT_FOUND)
     if dtype is not None and ((lowbit_dir / "model.lowbit").is_file() or ckpt is not None):
         fail(f"--dtype {dtype}: model {model!r} is already compiled, in the dtype it was compiled in; --dtype applies "
              "to a model lowbit compiles here (drop it)", Exit.USAGE)
