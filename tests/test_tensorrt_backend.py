@@ -306,7 +306,8 @@ def test_tensorrt_backend_options_are_validated_before_tensorrt_or_capture():
                                "timing_cache": "t.cache", "engine_cache": "engines"})
     assert opts.workspace_bytes == 1 << 30 and opts.max_dim == 512 and opts.opt == {"s0": 4, "s1": 64}
     assert opts.shapes == {"input_ids": ((1, 1), (4, 64), (8, 512))} and opts.fp16 and not opts.strongly_typed
-    listed = "options are: bf16, engine_cache, fp16, max_dim, opt, shapes, strongly_typed, timing_cache, workspace_bytes"
+    listed = ("options are: bf16, engine_cache, fp16, max_dim, opt, shapes, strongly_typed, timing_cache, "
+              "workspace_bytes")
     for bad, match in [({"workspace": "1"}, "option workspace: Extra inputs"),
                        ({"fp16": "true"}, "fp16=true applies only with strongly_typed=false"),
                        ({"max_dim": "0"}, "option max_dim: Input should be greater than 0"),

@@ -359,7 +359,8 @@ class TensorRTBackendOptions(BackendOptions):
 register_backend("tensorrt", "lowbit.backends.tensorrt:lower",
                  summary="TensorRT engine from the explicit-quantization (QDQ) ONNX form",
                  ops="lowbit.backends.onnx.registry:LOWERINGS", options=TensorRTBackendOptions,
-                 unavailable=_tensorrt_unavailable, quant_rules="lowbit.backends.tensorrt.qdq_rules:pipeline_violations")
+                 unavailable=_tensorrt_unavailable,
+                 quant_rules="lowbit.backends.tensorrt.qdq_rules:pipeline_violations")
 class TritonBackendOptions(BackendOptions):
     compile: bool = True
     """Run the lowered module under ``torch.compile`` (the kernels are ``triton_op``s it sees through)."""
