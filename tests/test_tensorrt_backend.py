@@ -526,3 +526,26 @@ def test_compile_to_a_directory_with_the_tensorrt_backend_writes_the_engine_it_b
     assert plan == b"the plan" and header is not None and header.inputs == ["input_ids"]
     with pytest.raises(ValueError, match="model.engine is the TensorRT engine in it"):
         load(out)
+
+
+def test_a_graph_breaking_tensorrt_rules_is_refused_one_line_per_rule(trt_llama, monkeypatch, tmp_path):
+    """``lowbit.export(compiled, ..., format='tensorrt')`` of a graph every linear of which breaks the same rule listed
+    one line per node (360 lines for a W8A8 SmolLM2): one line per rule now, its first node and the others counted,
+    with every violation kept on the error."""
+    import types
+
+    import lowbit
+    import lowbit.backends.tensorrt as trt_backend
+    from lowbit.backends.tensorrt import TensorRTQDQError
+    from lowbit.passes.manager import PassManager, parse_pipeline
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0"))
+    graph = trt_llama.clone()
+    PassManager(parse_pipeline("quantize(w=int4,group=32,sym=false)")).run(graph)
+    with pytest.raises(TensorRTQDQError) as exc:
+        lowbit.export(graph, tmp_path / "m.engine", format="tensorrt")
+    rules = {v.rule for v in exc.value.violations}
+    lines = str(exc.value).splitlines()
+    assert rules == {"int4-block-size", "zero-point-zero"} and len(exc.value.violations) == 14
+    assert lines[0].startswith("14 TensorRT Q/DQ rule violation(s) of 2 rule(s)") and len(lines) == 3
+    assert all("(and 6 more: " in line and line.endswith(", ...)") for line in lines[1:])

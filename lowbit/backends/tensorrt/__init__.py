@@ -69,8 +69,18 @@ class TensorRTQDQError(LowbitError, ValueError):
 
     def __init__(self, violations: list[Violation]) -> None:
         self.violations = violations
-        super().__init__(f"{len(violations)} TensorRT Q/DQ rule violation(s):\n  - "
-                         + "\n  - ".join(str(v) for v in violations))
+        # one line per rule (its first violation, then where else it is broken): a model's every linear breaks the
+        # same rule, and one line per node was hundreds of lines of one message (360 for W8A8 SmolLM2)
+        by_rule: dict[str, list[Violation]] = {}
+        for v in violations:
+            by_rule.setdefault(v.rule, []).append(v)
+        lines = []
+        for vs in by_rule.values():
+            more = "" if len(vs) == 1 else \
+                f" (and {len(vs) - 1} more: {', '.join(v.node for v in vs[1:4])}{', ...' if len(vs) > 4 else ''})"
+            lines.append(f"{vs[0]}{more}")
+        super().__init__(f"{len(violations)} TensorRT Q/DQ rule violation(s) of {len(by_rule)} rule(s); "
+                         "`.violations` lists each:\n  - " + "\n  - ".join(lines))
 
 
 def _checked_onnx(graph: Graph, directory: Path) -> Path:
