@@ -89,6 +89,12 @@ def did_you_mean(name: object, choices: list[str], n: int = 1, cutoff: float = 0
     return f" (did you mean {' or '.join(repr(c) for c in near)}?)" if near else ""
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and ``noun`` in number agreement ("1 step", "2 steps"), for messages and report lines: they said
+    "decode 1 steps" and "prompt 0 has 1 tokens"."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def unread_options(options: Any, needs: Mapping[str, str | None]) -> list[tuple[str, str]]:
     """``(option, what would make it read)`` for each option of the pydantic model ``options`` set away from its
     default that the other options leave unread: a run would succeed with it silently ignored. ``needs`` maps an

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lowbit.errors import counted
 from lowbit.ir.kvcache import layer_kv_heads
 from lowbit.kernels.decode_step import not_finite_rows, row_argmax_checked, row_argmax_checked_ref
 from lowbit.models import CausalLMStep, GenerationError
@@ -358,12 +359,12 @@ def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens
         if max_positions is not None and len(p) + max_new_tokens > max_positions:
             # the max_length advice below would be refused by GenerationSpec: the model has no such positions
             raise GenerationError(
-                f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} = {len(p) + max_new_tokens}"
-                f" > the model's max_position_embeddings={max_positions}: shorten the prompt or ask for fewer tokens")
+                f"prompt {i} has {counted(len(p), 'token')} + max_new_tokens={max_new_tokens} = "
+                f"{len(p) + max_new_tokens} > the model's max_position_embeddings={max_positions}: shorten the prompt or ask for fewer tokens")
         if len(p) + max_new_tokens > spec.max_length:
             raise GenerationError(
-                f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} = {len(p) + max_new_tokens}"
-                f" > the cache's max_length={spec.max_length}: compile with generation=GenerationSpec("
+                f"prompt {i} has {counted(len(p), 'token')} + max_new_tokens={max_new_tokens} = "
+                f"{len(p) + max_new_tokens} > the cache's max_length={spec.max_length}: compile with generation=GenerationSpec("
                 f"max_length={len(p) + max_new_tokens}) (CLI: --max-length), or ask for fewer tokens")
     if not isinstance(do_sample, bool):  # do_sample="no" is truthy: it sampled
         raise GenerationError(f"do_sample={do_sample!r}: must be True or False")
@@ -597,7 +598,8 @@ class Generator:
                         f"decode step {step} (its new token {len(tokens[b]) + 1})"
                     raise GenerationError(
                         f"sequence {b}: the model's logits at {where} are not finite (NaN or inf), so there is no "
-                        f"token to choose ({'sampling' if do_sample else 'greedy'}); {len(tokens[b])} token(s) were "
+                        f"token to choose ({'sampling' if do_sample else 'greedy'}); {counted(len(tokens[b]), 'token')} "
+                        f"{'was' if len(tokens[b]) == 1 else 'were'} "
                         "made before it. The compiled model's numerics broke: `lowbit debug compare` shows the pass "
                         "and layer")
 

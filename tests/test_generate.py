@@ -782,7 +782,7 @@ def test_non_finite_logits_are_named_with_their_step(do_sample):
     gen, how = Generator(runner, meta), dict(do_sample=do_sample, stop_tokens=(), **({"temperature": 1e-3} if
                                                                                    do_sample else {}))
     with pytest.raises(GenerationError, match=r"sequence 1: the model's logits at decode step 2 \(its new token 3\) "
-                                              r"are not finite .* 2 token\(s\) were made before it"):
+                                              r"are not finite .* 2 tokens were made before it"):
         gen.generate([[1, 2, 3, 4], [1, 2, 3]], 6, **how)
     assert gen.generate([[1, 2, 3, 4], [1, 2, 3]], 2, **how).tokens == [[5, 6], [4, 5]]  # before the NaN: as ever
 
@@ -1434,3 +1434,11 @@ def test_cli_generate_reads_prompts_from_files_and_stdin(tmp_path, monkeypatch):
     assert res.exit_code == 3 and f"--prompt-file {tmp_path / 'nope.txt'}: no such file" in res.output, res.output
     res = CliRunner().invoke(app, ["generate", "smollm2:1", "-n", "2"])
     assert res.exit_code == 2 and "give a prompt: --prompt TEXT or --prompt-file FILE" in res.output, res.output
+
+
+def test_generate_refusals_count_a_one_token_prompt_in_the_singular(tiny_compiled):
+    """check_request said "prompt 0 has 1 tokens + max_new_tokens=40"; its counts now agree with their nouns."""
+    with pytest.raises(GenerationError, match=r"prompt 0 has 1 token \+ max_new_tokens=40 = 41 > the cache's"):
+        tiny_compiled.generate([[5]], 40)
+    with pytest.raises(GenerationError, match=r"prompt 1 has 2 tokens \+ max_new_tokens=31 = 33 > the cache's"):
+        tiny_compiled.generate([[5], [6, 7]], 31)

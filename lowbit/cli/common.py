@@ -116,12 +116,6 @@ def quiet_progress(passes: list[Any]) -> None:
     hf_logging.disable_progress_bar()
 
 
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """``n`` and ``noun`` in number agreement ("1 step", "2 steps"): report lines said "decode 1 steps" and
-    "1 new tokens"."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
-
-
 def fail(message: str, code: Exit) -> NoReturn:
     """Print ``message`` on stderr and exit with ``code``; every expected error goes through here."""
     from rich.markup import escape

@@ -38,7 +38,6 @@ from lowbit.cli.common import (
     check_dtype,
     check_eval_sizes,
     check_output,
-    counted,
     console,
     err_console,
     existing_ancestor,
@@ -53,6 +52,7 @@ from lowbit.cli.common import (
     show_warnings_as_lines,
 )
 from lowbit.cli.pipeline import run_pipeline
+from lowbit.errors import counted
 
 app = typer.Typer(
     name="lowbit",
