@@ -1649,6 +1649,7 @@ def test_debug_bisect_measures_a_slice_by_kl_from_the_float_slice(tmp_path):
     assert data["threshold"] == pytest.approx(0.05, abs=1e-6) and data["full"] > 0.05
     assert data["culprit_pass"] == "test-plant-bad" and data["culprit_layers"] == ["model.layers.1"]
     assert "float baseline KL 0.00000" in res.output and "note:" not in res.output, res.output
+    assert data["reproduce"].endswith(" --windows 2 --seq-len 32"), data["reproduce"]  # a causal LM's flags
     res = invoke("debug", "bisect", "smollm2:2", "-p", "dce", *SMALL, "--metric", "kl", code=2)
     assert "--metric kl starts at 0 for the float model" in res.output, res.output
     res = invoke("debug", "bisect", "smollm2:2", "-p", "dce", *SMALL, "-q", code=6)

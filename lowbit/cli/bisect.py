@@ -203,7 +203,7 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
         result.note = f"{result.note}; {later}" if result.note else later
     repro_pipeline = ",".join(x for x in (prefix, result.restricted_spec or culprit.spec()) if x)
     result.reproduce = (f"lowbit debug compare {shlex.quote(model_spec)} --pipeline {shlex.quote(repro_pipeline)}"
-                        + (f" --windows {windows} --seq-len {seq_len}" if metric == "ppl" else
+                        + (f" --windows {windows} --seq-len {seq_len}" if metric != "cos" else
                            f" --sentences {n_sentences}"))
     result.seconds = time.perf_counter() - t0
     return result
