@@ -1026,7 +1026,8 @@ def replay_cmd(
                                      "pass"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the verdict still prints)"),
 ) -> None:
-    """Re-run the failing part of a pipeline on the IR saved by --reproducer; exits 4 if it still fails."""
+    """Re-run the failing part of a pipeline on the IR saved by --reproducer; exits 4 if it still fails (5: a graph
+    debug compare saved because it did not run still does not)."""
     from lowbit.cli.reproducer import replay
 
     replay(directory, verify_each=verify_each, progress=not quiet)
