@@ -1898,3 +1898,28 @@ def test_block_pruned_smollm3_saves_the_kept_layers_rotary_choice(tmp_path):
     ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, c(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_head_pruned_phi_with_qk_layernorm_refuses_the_hf_save_naming_the_derived_head_size(tmp_path):
+    """Phi sizes its q/k LayerNorms hidden_size / num_attention_heads even where its projections read head_dim, so
+    config.json cannot describe a head-pruned Phi with qk_layernorm: the save said only that 'q_layernorm.weight has
+    shape (32,) in the model's config, but the graph holds (16,)'. It says that Phi derives the head size, and how to
+    save instead (the lowbit format, which reloads the same model)."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+    from lowbit.checkpoint import load, save
+    from lowbit.checkpoint.files import CheckpointError
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.PhiConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=1, vocab_size=128,
+        max_position_embeddings=64, qk_layernorm=True)).eval()
+    c = compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
+    with pytest.raises(CheckpointError, match=r"model_type 'phi' derives head_dim from hidden_size / "
+                                              r"num_attention_heads .*'model\.layers\.0\.self_attn\.q_layernorm\."
+                                              r"weight' would be \(32,\) instead of the graph's \(16,\).*"
+                                              r"save with format='lowbit'"):
+        save(c, tmp_path / "hf", format="hf")
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(load(save(c, tmp_path / "lowbit", format="lowbit"))(ids), c(ids), rtol=0, atol=0)

@@ -181,18 +181,20 @@ def _check_head_dim(graph: Graph, config: Any, keys: dict[str, tuple[int, ...]])
     """Pruned heads keep their ``head_dim``, written into config.json; an architecture that derives it as
     ``hidden_size / num_attention_heads`` (StableLM, Phi, BERT) ignores that, so its attention projections would be
     the wrong size for the checkpoint: say so (the generic shape mismatch did not say why). Every linear is looked
-    at by its module path, whatever the family calls its projections (q_proj, query, q_lin)."""
+    at by its module path, whatever the family calls its projections (q_proj, query, q_lin), and so is every per-head
+    norm (Phi's ``q_layernorm``, sized ``hidden_size / num_attention_heads`` even where the projections read
+    ``head_dim``)."""
     if "heads" not in (graph.meta.get("pruned") or {}):
         return
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     want = text.num_attention_heads * text.head_dim
     for node in graph.nodes:
         key = f"{node.module}.weight"
-        w = node.args[1] if node.op == "linear" and len(node.args) > 1 else None
+        w = node.args[1] if node.op in ("linear", "rms_norm", "layer_norm") and len(node.args) > 1 else None
         if key not in keys or not isinstance(getattr(w, "type", None), TensorType):
             continue
         shape = tuple(w.type.shape)
-        if shape != tuple(keys[key]) and want in shape:
+        if shape != tuple(keys[key]) and (want in shape if node.op == "linear" else shape == (text.head_dim,)):
             raise _derived_head_dim(config, f"{key!r} would be {tuple(keys[key])} instead of the graph's {shape}")
 
 
