@@ -1743,20 +1743,90 @@ def test_prune_blocks_on_gpt2_equals_the_model_without_that_block():
                                     torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1)))
 
 
-def test_prune_heads_on_gpt2_names_the_fused_qkv_projection():
-    """GPT-2 computes q, k and v with one fused linear (c_attn) and splits it: prune-heads cuts rows of separate q/k/v
-    linears, so it refuses, but it said only that '%split_0 = aten.split.Tensor ... is not a per-head op the walk
-    knows'. It names the fused linear, its module and the split, and the passes that do prune GPT-2."""
+@pytest.mark.parametrize("family", ["gpt2", "gpt-neox"])
+def test_prune_heads_on_a_fused_qkv_split_in_equal_parts_or_per_head_equals_masked_dense(family, tmp_path):
+    """GPT-2 splits one fused c_attn into q, k and v (three equal parts), GPT-NeoX views its query_key_value per head
+    ([.., heads, 3·head_dim]) and chunks each head into q, k and v: prune-heads refused both ('one fused linear ...
+    prune-heads removes each head's rows from separate q/k/v linears'). It removes a head's rows from each part
+    (GPT-2: the head's rows of q, k and v; GPT-NeoX: the head's 3·head_dim consecutive rows): the result equals the HF
+    model with those rows and the output projection's columns zeroed (float64) and reloads from the lowbit format;
+    both families derive head_dim from hidden_size / heads, so the HF save says that instead of writing a wrong
+    config."""
+    import transformers as tf
     from conftest import tiny_outside_family
 
-    from lowbit.ir.capture import capture
-    from lowbit.models import CausalLMLogits
+    from lowbit.api import compile_model
+    from lowbit.checkpoint import load, save
+    from lowbit.checkpoint.files import CheckpointError
 
-    graph = capture(CausalLMLogits(tiny_outside_family("gpt2", 1)).eval(), (torch.ones(1, 8, dtype=torch.long),))
-    with pytest.raises(PipelineError, match=r"transformer\.h\.0\.attn: q, k and v are one fused linear %\w+ \(module "
-                                            r"'transformer\.h\.0\.attn\.c_attn', f32\[\w+,192\]\) split by %split_0 "
-                                            r"\(aten\.split\.Tensor\): .* prune-mlp and prune-blocks prune this model"):
-        PassManager("prune-heads(ratio=0.5,score=magnitude)").run(graph)
+    if family == "gpt2":
+        model = tiny_outside_family("gpt2", 2).double()
+        qkv, out = "transformer.h.{}.attn.c_attn", "transformer.h.{}.attn.c_proj"
+    else:
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(tf.GPTNeoXConfig(
+            hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
+            max_position_embeddings=64)).double().eval()
+        qkv, out = "gpt_neox.layers.{}.attention.query_key_value", "gpt_neox.layers.{}.attention.dense"
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    c = compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
+    stats = c.report.pipeline.records[0].stats
+    assert stats["heads"] == {name.format(i).rsplit(".", 2)[0]: [2, 2] for i in range(2)
+                              for name in [qkv]} and stats["skipped"] == []
+    for i in range(2):
+        w, b = dense[qkv.format(i) + ".weight"], dense[qkv.format(i) + ".bias"]
+        new = c.graph.params[qkv.format(i) + ".weight"].data  # [rows, in] in the graph
+        if family == "gpt2":  # Conv1D: [in, 3·64]; q, k, v of head h at h·16 of each 64-wide part
+            kept = _kept(w[:, :64].T.reshape(4, -1), new[:32].reshape(2, -1))
+            rows = [part * 64 + h * 16 + j for h in set(range(4)) - set(kept.tolist()) for part in range(3)
+                    for j in range(16)]
+            w[:, rows] = 0
+        else:  # [3·64, in]: head h is rows [48·h, 48·h + 48)
+            kept = _kept(w.reshape(4, -1), new.reshape(2, -1))
+            rows = [h * 48 + j for h in set(range(4)) - set(kept.tolist()) for j in range(48)]
+            w[rows] = 0
+        b[rows] = 0
+        cols = [h * 16 + j for h in set(range(4)) - set(kept.tolist()) for j in range(16)]
+        o = dense[out.format(i) + ".weight"]
+        if family == "gpt2":
+            o[cols] = 0
+        else:
+            o[:, cols] = 0
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unpruned = model(ids).logits
+        model.load_state_dict(dense)
+        want = model(ids).logits
+    got = c(ids)
+    assert not torch.allclose(got, unpruned)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(load(save(c, tmp_path / "lowbit", format="lowbit"))(ids), got, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=rf"model_type '{family.replace('-', '_')}' derives head_dim from "
+                                              r"hidden_size / num_attention_heads .*save with format='lowbit'"):
+        save(c, tmp_path / "hf", format="hf")
+
+
+def test_head_pruned_gpt_neox_step_graph_generates_as_the_pruned_logits_model():
+    """prune-heads on GPT-NeoX's generation step graph: its per-head chunked query_key_value reaches the cache writes,
+    the cache shrinks to the kept heads, and greedy generate equals a greedy loop over the pruned logits model."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
+        max_position_embeddings=64)).double().eval()
+    pipe = "prune-heads(ratio=0.5,score=magnitude)"
+    step = compile_model(model, pipeline=pipe, generation=GenerationSpec(max_length=16, max_batch=2))
+    assert step.graph.meta["generation"]["kv_heads"] == 2
+    logits = compile_model(model, pipeline=pipe)
+    seq = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    prompt = seq.clone()
+    for _ in range(6):
+        seq = torch.cat([seq, logits(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert step.generate(prompt, 6, stop_tokens=()).tokens == seq[:, 6:].tolist()
 
 
 def _tiny_phi3(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
@@ -1844,23 +1914,23 @@ def test_phi3_pruned_on_a_step_graph_generates_as_its_saved_checkpoint_in_transf
     assert c.generate(ids, 8, stop_tokens=()).tokens == want
 
 
-def test_prune_heads_on_gpt_neox_names_only_the_passes_that_prune_it():
-    """GPT-NeoX's fused query_key_value is refused by prune-heads, whose advice said 'prune-mlp and prune-blocks prune
-    this model'; prune-blocks then refused every block (parallel residuals: the block adds its two updates before
-    the stream). The advice names prune-mlp alone, and prune-blocks' own refusal is unchanged."""
+def test_prune_advice_on_gpt_neox_names_only_the_passes_that_prune_it():
+    """A fused-projection refusal ends with the passes that do prune the model; on GPT-NeoX it said 'prune-mlp and
+    prune-blocks prune this model', and prune-blocks then refused every block (parallel residuals: the block adds its
+    two updates before the stream). The advice (now that prune-heads takes GPT-NeoX, the advice a refusal of it
+    would give) names prune-mlp alone, and prune-blocks' own refusal is unchanged."""
     import transformers as tf
 
     from lowbit.ir.capture import capture
     from lowbit.models import CausalLMLogits
+    from lowbit.passes.pruning_sites import _prunes_instead
 
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(tf.GPTNeoXConfig(
         hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
         max_position_embeddings=64)).eval()
     graph = capture(CausalLMLogits(model).eval(), (torch.ones(1, 8, dtype=torch.long),))
-    with pytest.raises(PipelineError, match=r"gpt_neox\.layers\.0\.attention: q, k and v are one fused linear .*"
-                                            r"separate q/k/v linears; prune-mlp prunes this model;"):
-        PassManager("prune-heads(ratio=0.5,score=magnitude)").run(graph.clone())
+    assert _prunes_instead(graph, "prune-heads") == "prune-mlp prunes this model"
     with pytest.raises(PipelineError, match=r"block gpt_neox\.layers\.1: its residual_add %\w+ adds %\w+ to %\w+, "
                                             r"which the block computes itself .*a parallel-residual"):
         PassManager("prune-blocks(blocks=[gpt_neox.layers.1])").run(graph.clone())

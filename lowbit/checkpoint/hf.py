@@ -194,7 +194,9 @@ def _check_head_dim(graph: Graph, config: Any, keys: dict[str, tuple[int, ...]])
         if key not in keys or not isinstance(getattr(w, "type", None), TensorType):
             continue
         shape = tuple(w.type.shape)
-        if shape != tuple(keys[key]) and (want in shape if node.op == "linear" else shape == (text.head_dim,)):
+        # a fused q/k/v projection (GPT-NeoX's, GPT-2's) holds the heads three times
+        if shape != tuple(keys[key]) and ((want in shape or 3 * want in shape) if node.op == "linear" else
+                                          shape == (text.head_dim,)):
             raise _derived_head_dim(config, f"{key!r} would be {tuple(keys[key])} instead of the graph's {shape}")
 
 

@@ -9,7 +9,8 @@
   rotary, and the unsqueeze/expand/reshape of grouped-query attention) and the ``o_proj`` that reads it.
   The unit of removal is a GQA group: one kv head and the ``q_heads / kv_heads`` query heads that share it.
   A fused q/k/v linear sliced along its last dim (Phi-3's ``qkv_proj``) loses the group's rows of each of its three
-  parts, and the slices' bounds move with them.
+  parts, and the slices' bounds move with them; one split into three equal parts (GPT-2's ``c_attn``) likewise (the
+  split re-derived), and one viewed per head and chunked (GPT-NeoX's) loses the head's ``3·head_dim`` rows.
   In a generation step graph the keys and values reach the attention through ``scatter`` into the layer's KV
   cache (a graph input ``[B, kv_heads, S, head_dim]``); the site records the two scatters, whose caches and
   index then shrink with the kv heads.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.calibration.engine import BLOCK_PATTERN, split_stages
-from lowbit.ir.graph import Graph, Node, Value
+from lowbit.ir.graph import Graph, Node, TensorType, Value
 from lowbit.passes.base import PassError, nonfinite_problem
 
 __all__ = ["DOWN_PROJECTIONS", "MLPSite", "AttentionSite", "find_mlp_sites", "find_attention_sites", "block_of",
@@ -99,6 +100,9 @@ class AttentionSite:
     slices: tuple[Node, Node, Node] | None = None
     """A fused q/k/v linear (Phi-3's ``qkv_proj``): the last-dim slices that take q, k and v out of its output, whose
     bounds follow the cut."""
+    interleaved: bool = False
+    """A fused q/k/v linear whose rows hold each head's q, k and v together (GPT-NeoX's ``query_key_value``, viewed
+    as ``[.., heads, 3·head_dim]`` and chunked): a head is ``3·head_dim`` consecutive rows."""
 
     @property
     def group_size(self) -> int:
@@ -106,6 +110,8 @@ class AttentionSite:
 
     def row_groups(self) -> list[tuple[Node, int, int]]:
         """``(linear, rows per kv-head group, first row)`` of q, k and v: what removing a group removes."""
+        if self.interleaved:
+            return [(self.q, 3 * self.head_dim, 0)]
         return [(self.q, self.group_size * self.head_dim, self.offsets[0]), (self.k, self.head_dim, self.offsets[1]),
                 (self.v, self.head_dim, self.offsets[2])]
 
@@ -325,6 +331,31 @@ def _reaches(start: Value, target: Value, stop: Value) -> bool:
     return False
 
 
+def _split_qkv_parts(att: Node, split: Node, lin: Node, out_t: TensorType
+                     ) -> tuple[tuple[int, int, int], bool, int, int] | str | None:
+    """q, k and v as the three outputs of one split of fused linear ``lin``'s output, in that order: GPT-2's
+    ``c_attn(x).split(H·D, -1)`` (three equal parts: their first rows, not interleaved) or GPT-NeoX's
+    ``query_key_value(x).view(.., H, 3·D).transpose(1, 2).chunk(3, -1)`` (each head's rows hold its q, k and v:
+    interleaved). Returns (first rows of q, k, v; interleaved; heads; head_dim), or why not (a string)."""
+    if out_t.rank != 4 or not all(isinstance(d, int) for d in out_t.shape[1::2]):
+        return "the attention's output is not [B, heads, S, head_dim]"
+    hq, hd = int(out_t.shape[1]), int(out_t.shape[3])
+    rows = int(lin.args[1].data.shape[0])
+    src = split.args[0] if split.args else None
+    if split.op not in ("aten.chunk.default", "aten.split.Tensor") or len(split.outputs) != 3 or \
+            not isinstance(src, Value) or not _last_dim(src, split.arg(2, "dim", 0)) or rows != 3 * hq * hd:
+        return f"not three equal parts of {3 * hq * hd} rows ({hq} heads of {hd}) along its last dim"
+    for operand, part in zip(att.args[:3], split.outputs):
+        if not _reaches(operand, part, src):
+            return f"attention operand %{operand.name} does not come from %{part.name}"
+    last = src.tensor_type.shape[-1]
+    if last == rows:  # the parts are q, k and v whole: a head of q is hd rows at 0, of k at H·D, of v at 2·H·D
+        return (0, hq * hd, 2 * hq * hd), False, hq, hd
+    if last == 3 * hd and src.tensor_type.rank == 4:  # the parts are each head's thirds
+        return (0, 0, 0), True, hq, hd
+    return f"its parts are {last} wide, neither q/k/v whole ({rows}) nor a head's ({3 * hd})"
+
+
 def _fused_qkv_parts(att: Node, lin: Node, users: dict[int, list[Node]]
                      ) -> tuple[tuple[Node, Node, Node], tuple[int, int, int], list[int]] | str:
     """Phi-3's ``qkv_proj``: the three last-dim slices of ``lin``'s output that ``att``'s q, k and v come from, their
@@ -381,11 +412,23 @@ def find_attention_sites(graph: Graph, advise: bool = True) -> tuple[list[Attent
         if None in (q, k, v, o) or block is None or out_t.rank != 4 or not isinstance(out_t.shape[1], int):
             why = ""
             fused = _fused_projection(stops[0]) if stops else None
-            if fused is not None:  # GPT-2's c_attn, Falcon's query_key_value
+            split = _split_qkv_parts(att, stops[0], fused, out_t) if fused is not None else None
+            if fused is not None and o is not None and block is not None and not isinstance(split, str):
+                assert split is not None  # GPT-2's c_attn (three equal parts), GPT-NeoX's query_key_value (per head)
+                (offsets, interleaved, hq, hd) = split
+                if writes and len(writes) != 2:
+                    skipped.append(f"{block}: only one of keys and values goes through a cache write")
+                elif int(o.args[1].data.shape[1]) != hq * hd:
+                    skipped.append(f"{att.module}: head layout not understood (q heads {hq}, head_dim {hd})")
+                else:
+                    sites.append(AttentionSite(block, att, fused, fused, fused, o, hq, hq, hd, tuple(writes),
+                                               offsets, None, interleaved))
+                continue
+            if fused is not None:  # Falcon's query_key_value (GQA: q, k and v of unequal sizes)
                 skipped.append(f"{att.module or att.name}: q, k and v are one fused linear %{fused.name} (module "
                                f"{fused.module!r}, {fused.outputs[0].tensor_type}) split by %{stops[0].name} "
-                               f"({stops[0].op}): prune-heads removes each head's rows from separate q/k/v linears"
-                               f"{instead()}")
+                               f"({stops[0].op}){f', but {split}' if split else ''}: prune-heads cuts a fused q/k/v "
+                               f"linear split into three equal parts or into heads only{instead()}")
                 continue
             if stops:
                 s0 = stops[0]
