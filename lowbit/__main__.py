@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="number of windows, 0 = the whole text (default: %(default)s)")
     parser.add_argument("--save", default="lowbit-checkpoint", help="write a compressed-tensors checkpoint here (a "
                         "float pipeline's, such as pruning: a plain transformers directory) and run it in "
-                        "transformers; '' skips it (default: %(default)s)")
+                        "transformers; a graph neither holds (online rotations, int4 activations) is written in "
+                        "lowbit's own format and reloaded with lowbit.load; '' skips it (default: %(default)s)")
     return parser
 
 

@@ -490,3 +490,11 @@ def test_every_command_checks_the_calibration_length_before_the_capture(monkeypa
     got, out = run(args)
     assert got == int(Exit.USAGE), out
     assert "pass smooth-quant: option calib='wikitext2-valid-calib'" in out and "but n=500" in out, out
+
+
+def test_main_save_help_names_the_lowbit_format_it_falls_back_to(capsys):
+    """``python -m lowbit --save`` writes lowbit's own format and reloads it with lowbit.load when neither
+    compressed-tensors nor a plain transformers directory holds the graph (``_save_and_check``); its help said only
+    that it writes a compressed-tensors or transformers checkpoint and runs it in transformers."""
+    text = _main_help(capsys)
+    assert "lowbit's own format" in text and "lowbit.load" in text, text
