@@ -664,7 +664,9 @@ def test_a_reload_reports_what_its_lowering_decided(tmp_path):
     assert "7 quantized weights dequantized at lowering" in loaded.report.summary()
     # no capture ran: its first line was "captured None in None s: None ATen nodes -> 87 IR nodes"
     first = loaded.report.summary().splitlines()[0]
-    assert first == f"loaded lowbit checkpoint {out}: {len(loaded.graph.nodes)} IR nodes" and "None" not in first
+    # (and, the manifest keeping the capture's figures, what the saved graph was captured from)
+    assert first == (f"loaded lowbit checkpoint {out}: {len(loaded.graph.nodes)} IR nodes (captured from "
+                     f"CausalLMLogits: {graph.meta['aten_nodes']} ATen nodes)") and "None" not in first
     # load took no backend options: a reload could not keep the stored codes (keep_packed) and always held floats
     packed = lowbit.load(out, backend_options={"keep_packed": True})
     assert packed.report.lowering == [] and packed.runner.buffer_bytes < loaded.runner.buffer_bytes / 2
