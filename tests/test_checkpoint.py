@@ -1167,6 +1167,9 @@ def test_lowbit_load_reads_the_float_hf_format_save_writes(minilm, tmp_path):
     loaded = lowbit.load(out)
     torch.testing.assert_close(loaded(**enc), c(**enc))
     assert loaded.report.summary().startswith(f"loaded hf checkpoint {out}")
+    # the capture this load ran, named as every format's reload names it (the hf route dropped it)
+    assert f"(captured from SentenceEmbedder: {loaded.report.capture['aten_nodes']} ATen nodes)" in \
+        loaded.report.summary().splitlines()[0]
 
 
 def test_save_argument_refusals_are_lowbit_errors(tmp_path):

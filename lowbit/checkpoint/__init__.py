@@ -470,7 +470,9 @@ def _load_hf_float(directory: Path, *, backend: str, device: str | None, generat
     module, tokenizer, _ = load_model(directory, dtype="auto")
     compiled = compile_model(module, tokenizer=tokenizer, backend=backend, device=device,
                              backend_options=backend_options, generation=generation or None)
-    compiled.report.capture = {"loaded_from": str(directory), "format": "hf"}
+    # what this load captured, as the other formats' reports say it (the figures were dropped with the rest)
+    figures = {k: compiled.report.capture[k] for k in CAPTURE_META if compiled.report.capture.get(k)}
+    compiled.report.capture = {"loaded_from": str(directory), "format": "hf", **figures}
     return compiled
 
 
