@@ -360,12 +360,14 @@ def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens
             # the max_length advice below would be refused by GenerationSpec: the model has no such positions
             raise GenerationError(
                 f"prompt {i} has {counted(len(p), 'token')} + max_new_tokens={max_new_tokens} = "
-                f"{len(p) + max_new_tokens} > the model's max_position_embeddings={max_positions}: shorten the prompt or ask for fewer tokens")
+                f"{len(p) + max_new_tokens} > the model's max_position_embeddings={max_positions}: shorten the prompt "
+                "or ask for fewer tokens")
         if len(p) + max_new_tokens > spec.max_length:
             raise GenerationError(
                 f"prompt {i} has {counted(len(p), 'token')} + max_new_tokens={max_new_tokens} = "
-                f"{len(p) + max_new_tokens} > the cache's max_length={spec.max_length}: compile with generation=GenerationSpec("
-                f"max_length={len(p) + max_new_tokens}) (CLI: --max-length), or ask for fewer tokens")
+                f"{len(p) + max_new_tokens} > the cache's max_length={spec.max_length}: compile with "
+                f"generation=GenerationSpec(max_length={len(p) + max_new_tokens}) (CLI: --max-length), or ask for "
+                "fewer tokens")
     if not isinstance(do_sample, bool):  # do_sample="no" is truthy: it sampled
         raise GenerationError(f"do_sample={do_sample!r}: must be True or False")
     # a wrong type failed deep in torch (topk(): argument 'k' must be int; manual_seed expected a long) or not at all
@@ -598,9 +600,9 @@ class Generator:
                         f"decode step {step} (its new token {len(tokens[b]) + 1})"
                     raise GenerationError(
                         f"sequence {b}: the model's logits at {where} are not finite (NaN or inf), so there is no "
-                        f"token to choose ({'sampling' if do_sample else 'greedy'}); {counted(len(tokens[b]), 'token')} "
-                        f"{'was' if len(tokens[b]) == 1 else 'were'} "
-                        "made before it. The compiled model's numerics broke: `lowbit debug compare` shows the pass "
+                        f"token to choose ({'sampling' if do_sample else 'greedy'}); "
+                        f"{counted(len(tokens[b]), 'token')} {'was' if len(tokens[b]) == 1 else 'were'} made before "
+                        "it. The compiled model's numerics broke: `lowbit debug compare` shows the pass "
                         "and layer")
 
         sync()

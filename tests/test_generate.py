@@ -1291,7 +1291,8 @@ def _sentencepiece_style_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "<s>", "</s>", "▁The", "▁capital", "▁of", "▁France", "▁is", "▁Paris", "▁and", ".", "▁Hi"]
+    words = ["<unk>", "<s>", "</s>", "▁The", "▁capital", "▁of", "▁France", "▁is", "▁Paris", "▁and", ".",
+             "▁Hi"]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
@@ -1434,6 +1435,11 @@ def test_cli_generate_reads_prompts_from_files_and_stdin(tmp_path, monkeypatch):
     assert res.exit_code == 3 and f"--prompt-file {tmp_path / 'nope.txt'}: no such file" in res.output, res.output
     res = CliRunner().invoke(app, ["generate", "smollm2:1", "-n", "2"])
     assert res.exit_code == 2 and "give a prompt: --prompt TEXT or --prompt-file FILE" in res.output, res.output
+    (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")  # named as the file, not as "--prompt ''"
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "Hi", "--prompt-file",
+                                   str(tmp_path / "empty.txt")])
+    assert res.exit_code == 2 and f"--prompt-file {tmp_path / 'empty.txt'} encodes to no tokens" in res.output, \
+        res.output
 
 
 def test_generate_refusals_count_a_one_token_prompt_in_the_singular(tiny_compiled):

@@ -737,6 +737,7 @@ def generate_cmd(
     """Compile MODEL for generation (one step graph: prefill and decode), stream the text, print timings."""
     import resource
 
+    sources = [f"--prompt {p!r}" for p in prompt] + [f"--prompt-file {f}" for f in prompt_file]  # for messages
     prompt = [*prompt, *(_prompt_file_text(f) for f in prompt_file)]
     if not prompt:
         fail("give a prompt: --prompt TEXT or --prompt-file FILE (either repeated for a batch)", Exit.USAGE)
@@ -888,13 +889,14 @@ def generate_cmd(
                  "tokenizer_config.json); give the prompt as text to continue, without --chat", Exit.USAGE)
         ids = [chat_ids(tok, p) if chat else tok(p).input_ids for p in prompt]
         shown = [f"{p}\n" if chat else p for p in prompt]  # the user's message on a line, the reply below it
-        for p, encoded in zip(prompt, ids):  # generate() said 'prompt 0 is empty', not which text or why
+        for source, encoded in zip(sources, ids):  # generate() said 'prompt 0 is empty', not which text or why
             if not encoded:
-                fail(f"--prompt {p!r} encodes to no tokens (the tokenizer adds no BOS token): give text to continue",
+                fail(f"{source} encodes to no tokens (the tokenizer adds no BOS token): give text to continue",
                      Exit.USAGE)
         for i, p in enumerate(ids):  # no --max-length fits it: that advice led to the refusal above
             if known and len(p) + max_new_tokens > positions:
-                fail(f"prompt {i} has {counted(len(p), 'token')} + --max-new-tokens {max_new_tokens} = {len(p) + max_new_tokens} "
+                fail(f"prompt {i} has {counted(len(p), 'token')} + --max-new-tokens {max_new_tokens} = "
+                     f"{len(p) + max_new_tokens} "
                      f"> the model's max_position_embeddings={positions}: shorten the prompt or lower "
                      "--max-new-tokens", Exit.USAGE)
         if max_length is None:  # 512 (the model's positions where fewer), or what the request needs where more:
