@@ -1739,3 +1739,22 @@ def test_sensitivity_pipeline_help_names_the_scheme_pass_not_quantize():
     ('prune-mlp(ratio=0.3)', which its help offers) no quantize runs: the passes run before the --scheme pass."""
     text = _option_help("debug", "sensitivity", option="--pipeline")
     assert "quantize" not in text and "--scheme" in text, text
+
+
+def test_compare_table_shows_a_long_pass_spec_whole():
+    """debug compare's summary cut a long pass spec with an ellipsis at the terminal's width: the w4a16-gptq recipe
+    with --set calib_n/calib_len on full SmolLM2 read 'gptq(group=64,damp=0.001,awq=true,clip=true,n_grid=40,
+    calib_n=2,calib…', so two passes that differ in their last options could not be told apart. It folds now."""
+    from rich.console import Console
+
+    from lowbit.cli.compare import CompareResult, Stage, summary_table
+
+    out = {"sqnr_db": 20.0, "cosine": 0.9, "max_abs": 1.0}
+    spec = "gptq(group=64,damp=0.001,awq=true,clip=true,n_grid=40,calib_n=2,calib_len=64,batch_size=4,seed=7)"
+    layers = {"model.layers.0": {"sqnr_db": 20.0, "cosine": 1.0, "max_abs": 0.0}}
+    res = CompareResult("m", spec, "in", "ppl", [Stage(-1, "float", False, 0.0, 10.0, out, layers),
+                                                 Stage(0, spec, True, 1.0, 11.0, out, layers)], 1.0)
+    console = Console(width=100, record=True)
+    console.print(summary_table(res))
+    cells = [line.split("│")[2].strip() for line in console.export_text().splitlines() if line.count("│") > 8]
+    assert "".join(cells[1:]) == spec, cells

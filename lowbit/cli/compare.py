@@ -161,7 +161,10 @@ def summary_table(res: CompareResult) -> Table:
     name = "perplexity" if res.metric == "ppl" else "1 - emb. cosine"
     table = Table(title=f"{res.model}: per-pass error on {res.inputs}")
     for col in ("#", "pass", name, "out SQNR dB", "out cosine", "worst layer", "its SQNR dB", "pass ms"):
-        table.add_column(col, justify="left" if col in ("pass", "worst layer") else "right")
+        # a long pass spec folds onto more lines: cut with an ellipsis (a recipe's gptq at 160 columns lost its
+        # calib_len), two passes that differ in their last options read the same
+        table.add_column(col, justify="left" if col in ("pass", "worst layer") else "right",
+                         overflow="fold" if col == "pass" else "ellipsis")
     for s in res.stages:
         worst = worst_layer(s.layers)
         table.add_row("" if s.index < 0 else str(s.index),
