@@ -1758,3 +1758,25 @@ def test_compare_table_shows_a_long_pass_spec_whole():
     console.print(summary_table(res))
     cells = [line.split("│")[2].strip() for line in console.export_text().splitlines() if line.count("│") > 8]
     assert "".join(cells[1:]) == spec, cells
+
+
+def test_compare_html_report_names_a_long_pass_whole():
+    """The HTML report's legend and heat map cut a pass spec at 38 and 30 characters without a mark: the full
+    SmolLM2 w4a16-gptq report's legend read '#0 gptq(group=64,damp=0.001,awq=true,clip', and a recipe's two
+    'quantize(a=int4,kv=int4,k_gran=...' passes read the same. A cut label ends in an ellipsis and carries the whole
+    spec as its tooltip (an SVG title, no JavaScript)."""
+    from lowbit.cli.compare import CompareResult, Stage
+    from lowbit.cli.report_html import render_report
+
+    out = {"sqnr_db": 20.0, "cosine": 0.9, "max_abs": 1.0}
+    layers = {f"model.layers.{i}": {"sqnr_db": 20.0 - i, "cosine": 1.0, "max_abs": 0.1} for i in range(2)}
+    long_spec = "quantize(a=int4,kv=int4,k_gran=per_token,v_gran=per_token,kv_group=None)"
+    res = CompareResult("m", f"dce,{long_spec}", "in", "ppl", [
+        Stage(-1, "float", False, 0.0, 10.0, out, layers), Stage(0, "dce", True, 0.0, 10.0, out, layers),
+        Stage(1, long_spec, True, 1.0, 11.0, out, layers)], 1.0)
+    html = render_report(res.to_dict(finite=False))
+    svgs = html.split("<svg")[1:]
+    assert len(svgs) == 2
+    for svg in svgs:  # the line chart's legend, the heat map's rows
+        assert f"<title>{long_spec}</title>#1 quantize(a=int4" in svg, svg
+        assert "…</text>" in svg and ">#0 dce</text>" in svg  # a short spec is whole and has no tooltip

@@ -123,10 +123,19 @@ def line_chart(stages: list[dict[str, Any]], layers: list[str], width: int = 960
             out.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{colour}"/>')
         ly = mt + 14 + 18 * k
         out.append(f'<rect x="{ml + pw + 12}" y="{ly - 9}" width="12" height="12" fill="{colour}"/>'
-                   f'<text x="{ml + pw + 30}" y="{ly + 1}" font-size="12">#{s["index"]} '
-                   f'{_esc(s["spec"][:38])}</text>')
+                   f'<text x="{ml + pw + 30}" y="{ly + 1}" font-size="12">{_spec_label(s, 38)}</text>')
     out.append("</svg>")
     return nan_note + "\n".join(out)
+
+
+def _spec_label(stage: dict[str, Any], room: int) -> str:
+    """``#i spec`` for an SVG label with ``room`` characters for the spec: a longer one is cut with an ellipsis and
+    the whole spec is its tooltip (it was cut silently, and two passes sharing their first 30 characters, such as a
+    recipe's two quantize passes, read the same)."""
+    spec = stage["spec"]
+    shown = spec if len(spec) <= room else spec[:room - 1] + "…"
+    tip = "" if shown == spec else f"<title>{_esc(spec)}</title>"
+    return f'{tip}#{stage["index"]} {_esc(shown)}'
 
 
 def _heat_colour(v: float | None, lo: float, hi: float) -> str:
@@ -156,7 +165,7 @@ def heat_map(stages: list[dict[str, Any]], layers: list[str]) -> str:
     for i, s in enumerate(stages):
         yy = top + chh * i
         out.append(f'<text x="{left - 8}" y="{yy + chh / 2 + 4}" font-size="12" text-anchor="end">'
-                   f'#{s["index"]} {_esc(s["spec"][:30])}</text>')
+                   f'{_spec_label(s, 30)}</text>')
         for j, layer in enumerate(layers):
             v = _sqnr(s, layer)
             missing = layer not in s["layers"]  # removed or resized block: not comparable (it drew as ∞, identical)
