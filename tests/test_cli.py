@@ -1780,3 +1780,22 @@ def test_compare_html_report_names_a_long_pass_whole():
     for svg in svgs:  # the line chart's legend, the heat map's rows
         assert f"<title>{long_spec}</title>#1 quantize(a=int4" in svg, svg
         assert "…</text>" in svg and ">#0 dce</text>" in svg  # a short spec is whole and has no tooltip
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, OSError])
+def test_an_interrupted_output_write_leaves_no_temporary_file(tmp_path, monkeypatch, interrupt):
+    """The debug commands' --json/--html/-o files are written through a temporary sibling renamed into place; Ctrl-C
+    or a full disk during the write left '.sens.json.XXXX.tmp' beside the output. The sibling is removed, the error
+    goes on, and an existing output is untouched."""
+    from lowbit.cli import common
+
+    target = tmp_path / "sens.json"
+    target.write_text("old\n")
+
+    def stop(*args, **kwargs):
+        raise interrupt("interrupted")
+
+    monkeypatch.setattr(common.os, "replace", stop)
+    with pytest.raises(interrupt):
+        common.atomic_write_text(target, "new\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sens.json"] and target.read_text() == "old\n"

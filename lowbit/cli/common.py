@@ -525,10 +525,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = path.expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(name, 0o666 & ~_umask())
-    os.replace(name, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(name, 0o666 & ~_umask())
+        os.replace(name, path)
+    except BaseException:  # Ctrl-C or a full disk mid-write left '.sens.json.XXXX.tmp' beside the output
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
 
 
 def worst_first(value: float | None, *, higher_is_worse: bool) -> tuple[int, float]:
