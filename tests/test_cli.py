@@ -1799,3 +1799,11 @@ def test_an_interrupted_output_write_leaves_no_temporary_file(tmp_path, monkeypa
     with pytest.raises(interrupt):
         common.atomic_write_text(target, "new\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sens.json"] and target.read_text() == "old\n"
+
+
+def test_sensitivity_keep_top_help_says_what_a_pruning_scheme_keeps():
+    """--keep-top said the override file keeps the worst units 'float'; with a sparsify --scheme it keeps them dense
+    (the table says 'keep dense'), and for the structured prune passes, which have no keep option, it keeps nothing
+    (the command says it writes the ranking only)."""
+    text = _option_help("debug", "sensitivity", option="--keep-top")
+    assert "dense" in text and "ranking only" in text, text

@@ -1187,7 +1187,9 @@ def sensitivity_cmd(
                                     "blocks)"),
     metric: str = typer.Option("auto", help="ppl, kl (causal LMs), cos (encoders) or auto (ppl, cos); see debug "
                                "bisect"),
-    keep_top: int = typer.Option(1, help="how many of the most damaging units the override file keeps float"),
+    keep_top: int = typer.Option(1, help="how many of the most damaging units the override file keeps float (dense "
+                                 "with a sparsify --scheme; a structured cut, prune-* or slice-residual, has no keep "
+                                 "list: the ranking only)"),
     windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows per evaluation"),
     seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),
     sentences: int = typer.Option(32, help="encoders: sentences per evaluation"),
