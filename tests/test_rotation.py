@@ -544,6 +544,27 @@ def test_kurtosis_of_known_distributions():
     assert kurtosis(spike).item() > 500  # one outlier channel: the tail a 4-bit per-token grid cannot cover
 
 
+@pytest.mark.parametrize("moment", [4, 16])
+def test_per_head_rotation_learns_on_either_objective(moment):
+    """R2 (``heads > 1``, the per-head values o_proj reads): one ``[d/heads, d/heads]`` rotation for every head's
+    slice, learned on kurtosis or on the order-16 tail ratio (``moment``; ``rotate(learn_heads=true,moment=16)``
+    passes it): orthogonal, and far lower on the objective it was learned on than where it started (the identity,
+    so the outlier channel every head carries is still there to spread)."""
+    from lowbit.calibration.rotation_learning import learn_kurtosis_rotation, rotate_tokens, tail_ratio
+
+    gen = torch.Generator().manual_seed(3)
+    heads, d = 4, 16
+    x = torch.randn(2, 256, heads * d, generator=gen)
+    x[..., ::d] *= 12.0  # channel 0 of every head: the outlier a per-token scale pays for
+    q0 = torch.eye(d, dtype=torch.float64)
+    got = learn_kurtosis_rotation(list(x), q0, steps=30, lr=5e-2, batch_tokens=256, heads=heads, moment=moment)
+    assert got.q.shape == (d, d) and got.orthogonality <= 1e-10 and got.check["kept"] == "learned"
+    assert got.loss_end < 0.5 * got.loss_start
+    if moment > 4:  # the loss is the tail ratio of the whole rotated token (all heads at once), as stated
+        y = rotate_tokens(x.reshape(-1, heads * d).double(), got.q)
+        assert abs(tail_ratio(y, moment).mean().item() - got.loss_end) <= 1e-6
+
+
 def test_cayley_is_orthogonal_and_learning_lowers_kurtosis_on_smollm2_streams(smollm2):
     """On real normalised residual streams of SmolLM2 (fold-norms, one layer), the learned rotation lowers the
     per-token kurtosis below the randomised Hadamard's and the 4-bit per-token error on held-out tokens; the
