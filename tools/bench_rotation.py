@@ -150,6 +150,10 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     *[("w4a4kv4", f"{m}-seed{sd}", f"as {m}, rotation seed {sd} (default 0)",
        f"fold-norms,{rot.format(sd=sd)},gptq(w=int4,sym=false,{{cal}}),quantize({A4})", QUICK)
       for m, rot in (("quarot", "rotate(seed={sd})"), ("kurtail", KURTAIL[:-1] + ",seed={sd})")) for sd in (1, 2)],
+    # session 36: the moment-16 R1 at the other two seeds (its seed-0 row read 0.851x QuaRot's in one run)
+    *[("w4a4kv4", f"kurtail-m16-seed{sd}", f"as kurtail-m16, rotation seed {sd} (default 0)",
+       f"fold-norms,{KURTAIL_M16[:-1]},seed={sd}),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN)
+      for sd in (1, 2)],
     ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
     ("w4a4kv4", "smoothquant", "no rotation; SmoothQuant alpha searched per site + GPTQ W4 per channel",
      f"smooth-quant(search=true,{{cal}}),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
