@@ -446,7 +446,7 @@ def _check_scope(p: Pass, index: int, graph: Graph, rec: PassRecord, before: Gra
         return
     near = difflib.get_close_matches(opts.modules, modules, n=3, cutoff=0.5) or modules[:3]
     raise ScopeError(f"pass {p.spec()} (#{index}): modules={opts.modules} matches no module of the graph "
-                        f"(a regex searched in module paths such as {', '.join(map(repr, near))})", rec, before)
+                     f"(a regex searched in module paths such as {', '.join(map(repr, near))})", rec, before)
 
 
 def _check_conditions(p: Pass, index: int, kind: str, conditions: Sequence[Any], graph: Graph, rec: PassRecord,
