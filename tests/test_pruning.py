@@ -4,6 +4,7 @@ masks (exact patterns), zeros kept through quantization, bad input, ONNX export 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -1743,6 +1744,21 @@ def test_prune_blocks_on_gpt2_equals_the_model_without_that_block():
                                     torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1)))
 
 
+def _equals_masked_dense(model: torch.nn.Module, dense: dict[str, torch.Tensor],
+                         compiled: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pruned compile's logits equal the HF model's with the removed rows and columns zeroed (``dense``, its
+    state dict; loaded into ``model``) to float64 rounding, and differ from the unpruned model's: (ids, logits)."""
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unpruned = model(ids).logits
+        model.load_state_dict(dense)
+        want = model(ids).logits
+    got = compiled(ids)
+    assert not torch.allclose(got, unpruned)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    return ids, got
+
+
 @pytest.mark.parametrize("family", ["gpt2", "gpt-neox"])
 def test_prune_heads_on_a_fused_qkv_split_in_equal_parts_or_per_head_equals_masked_dense(family, tmp_path):
     """GPT-2 splits one fused c_attn into q, k and v (three equal parts), GPT-NeoX views its query_key_value per head
@@ -1792,14 +1808,7 @@ def test_prune_heads_on_a_fused_qkv_split_in_equal_parts_or_per_head_equals_mask
             o[cols] = 0
         else:
             o[:, cols] = 0
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        unpruned = model(ids).logits
-        model.load_state_dict(dense)
-        want = model(ids).logits
-    got = c(ids)
-    assert not torch.allclose(got, unpruned)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    ids, got = _equals_masked_dense(model, dense, c)
     torch.testing.assert_close(load(save(c, tmp_path / "lowbit", format="lowbit"))(ids), got, rtol=0, atol=0)
     with pytest.raises(CheckpointError, match=rf"model_type '{family.replace('-', '_')}' derives head_dim from "
                                               r"hidden_size / num_attention_heads .*save with format='lowbit'"):
@@ -1877,14 +1886,7 @@ def test_prune_heads_and_mlp_on_phi3_cut_the_fused_projections_and_equal_masked_
         gate_up[:128][drop] = 0
         gate_up[128:][drop] = 0
         dense[p + "mlp.down_proj.weight"][:, drop] = 0
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        unpruned = model(ids).logits
-        model.load_state_dict(dense)
-        want = model(ids).logits
-    got = c(ids)
-    assert not torch.allclose(got, unpruned)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    ids, got = _equals_masked_dense(model, dense, c)
     import transformers as tf
 
     loaded = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path / "hf", format="hf"), dtype=torch.float64)
