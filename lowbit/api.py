@@ -420,16 +420,15 @@ def _refuse_kv_simulation(passes: Sequence[Pass], recipe: str | None = None) -> 
         cache, differs = _packed_cache(opts)
         kept = copy.copy(p)
         kept.options = opts.model_copy(update={k: type(opts).model_fields[k].default for k in _KV_OPTIONS})
-        rest = [q.spec() for q in passes[:i]] + ([kept.spec()] if kept.spec() != p.name else [])
-        rest += [q.spec() for q in passes[i + 1:]]
-        instead = ",".join([*rest, cache])
+        kept_passes = [*passes[:i], *([kept] if kept.spec() != p.name else []), *passes[i + 1:]]
+        instead = quote_pipeline(f"{format_pipeline(kept_passes)},{cache}" if kept_passes else cache)
         if recipe is not None:
             how = (f"recipe {recipe}'s KV layout has no packed-cache form; the recipes that generate with a "
                    f"quantized cache are {', '.join(generation_recipes())} (--recipe kv4), or give the nearest "
                    f"pipeline, whose cache differs ({'; '.join(differs)}; measure its accuracy with `lowbit debug "
-                   f"compare`): --pipeline '{instead}'") if differs else f"its packed form is --pipeline '{instead}'"
+                   f"compare`): --pipeline {instead}") if differs else f"its packed form is --pipeline {instead}"
         else:
-            advice = f"pipeline='{instead}'"
+            advice = f"pipeline={instead}"
             how = (f"its packed form of this pass' kv scheme is {advice}" if not differs else
                    f"it does not compute this pass' kv scheme ({'; '.join(differs)}); the nearest is {advice}, "
                    "whose accuracy differs (measure it with `lowbit debug compare`)")
