@@ -8,14 +8,14 @@ pass (``lowbit.passes.dce``) is a thin wrapper over ``eliminate_dead_code``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from lowbit.ir.graph import Graph, Node, Value
 
 __all__ = ["dead_nodes", "eliminate_dead_code", "float64_pieces", "gain_weight", "matvec_float64", "norm_gain",
-           "private_weight", "scaled_columns", "whole_in_float64"]
+           "private_weight", "rows_in_float64", "scaled_columns", "whole_in_float64"]
 
 FLOAT64_PIECE_BYTES = 32 * 2**20
 """The float64 bytes of one piece of a weight that a pass rewrites in float64 (``scaled_columns``: fold-norms,
@@ -90,26 +90,33 @@ def gain_weight(norm: Node, gain: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return (gain.to(torch.float64) - offset).to(dtype) if offset else gain.to(dtype)
 
 
-def scaled_columns(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``(w * scale[None, :])`` computed in float64 and stored in ``w``'s dtype, ``float64_pieces`` of rows at a
-    time. Each element is its own product, so the pieces give the same bits."""
-    scale = scale.to(torch.float64)
+def rows_in_float64(w: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype,
+                    align: int = 1) -> torch.Tensor:
+    """``fn(w in float64)`` stored in ``dtype``, computed ``float64_pieces`` of ``w``'s rows at a time where ``w`` is
+    larger than one piece: ``fn`` maps each group of ``align`` rows on its own, so the pieces give the same bits.
+    The result takes ``fn``'s row count from ``w`` and its other dims from the first piece (``fn`` may change the
+    width: slice-residual's ``w @ Q``)."""
     if w.dim() < 2 or whole_in_float64(w):
-        return (w.to(torch.float64) * scale[None, :]).to(w.dtype)
-    out = torch.empty(w.shape, dtype=w.dtype)
-    for start, stop in float64_pieces(w.shape[0], 8 * w[0].numel()):
-        out[start:stop] = w[start:stop].to(torch.float64) * scale[None, :]
+        return fn(w.to(torch.float64)).to(dtype)
+    out = None
+    for start, stop in float64_pieces(w.shape[0], 8 * w[0].numel(), align):
+        piece = fn(w[start:stop].to(torch.float64))
+        if out is None:
+            out = torch.empty((w.shape[0], *piece.shape[1:]), dtype=dtype)
+        out[start:stop] = piece
+    assert out is not None
     return out
+
+
+def scaled_columns(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(w * scale[None, :])`` computed in float64 and stored in ``w``'s dtype (``rows_in_float64``). Each element
+    is its own product, so the pieces give the same bits."""
+    scale = scale.to(torch.float64)
+    return rows_in_float64(w, lambda rows: rows * scale[None, :], w.dtype)
 
 
 def matvec_float64(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``w @ v`` in float64 (a LayerNorm's bias moved into the linear reading it: fold-norms), ``float64_pieces`` of
-    ``w``'s rows at a time: whole, a weight took 4x its bf16 size in float64 at once, as ``scaled_columns`` did
-    before it worked in pieces. Each output is its own row's dot product."""
+    """``w @ v`` in float64 (a LayerNorm's bias moved into the linear reading it: fold-norms), ``rows_in_float64``:
+    whole, a weight took 4x its bf16 size in float64 at once. Each output is its own row's dot product."""
     v = v.to(torch.float64)
-    if w.dim() < 2 or whole_in_float64(w):
-        return w.to(torch.float64) @ v
-    out = torch.empty(w.shape[0], dtype=torch.float64)
-    for start, stop in float64_pieces(w.shape[0], 8 * w[0].numel()):
-        out[start:stop] = w[start:stop].to(torch.float64) @ v
-    return out
+    return rows_in_float64(w, lambda rows: rows @ v, torch.float64)

@@ -50,7 +50,7 @@ from lowbit.calibration.memory import PeakRss
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.hadamard import HadamardError, hadamard, hadamard_order_split, random_hadamard
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
-from lowbit.ir.rewrite import float64_pieces, whole_in_float64
+from lowbit.ir.rewrite import float64_pieces, rows_in_float64, whole_in_float64
 from lowbit.ir.rotation_regions import HeadRegion, OnlineSite, ResidualRegion, find_rotation_regions
 from lowbit.passes.base import NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult, no_op, register_pass
 from lowbit.passes.fold_norms import private_weight
@@ -200,21 +200,18 @@ def set_weight(graph: Graph, node: Node, index: int, users: dict, fn=None,  # ty
         users[id(old)] = [u for u in users[id(old)] if u is not node]
         users[id(w)] = [node]
     data = w.data
-    if left is not None:
-        fn = (lambda x: left @ x) if whole_in_float64(data) or data.dim() != 2 else None
-    if fn is not None and (rows is None or data.dim() == 0 or whole_in_float64(data)):
-        graph.set_param(w.name, fn(data.to(torch.float64)).to(data.dtype))
-        return
-    n = left.shape[0] if left is not None else data.shape[0]
-    row_bytes = 8 * (data.shape[1] if left is not None else data.numel() // max(1, n))
-    whole = data.to(torch.float64) if left is not None else None
-    out = None  # shaped by the first piece: fn may change the width (slice-residual's w @ Q, Q narrower than w)
-    for start, stop in float64_pieces(n, row_bytes, math.lcm(CHUNK_ALIGN, rows or 1)):
-        piece = left[start:stop] @ whole if left is not None else fn(data[start:stop].to(torch.float64))
-        if out is None:
-            out = torch.empty((n, *piece.shape[1:]), dtype=data.dtype)
-        out[start:stop] = piece
-    del whole
+    if left is not None and data.dim() == 2 and not whole_in_float64(data):
+        whole = data.to(torch.float64)
+        out = torch.empty((left.shape[0], data.shape[1]), dtype=data.dtype)
+        for start, stop in float64_pieces(left.shape[0], 8 * data.shape[1], math.lcm(CHUNK_ALIGN, rows or 1)):
+            out[start:stop] = left[start:stop] @ whole
+        del whole
+    elif left is not None:
+        out = (left @ data.to(torch.float64)).to(data.dtype)
+    elif rows is None:
+        out = fn(data.to(torch.float64)).to(data.dtype)
+    else:
+        out = rows_in_float64(data, fn, data.dtype, math.lcm(CHUNK_ALIGN, rows))
     graph.set_param(w.name, out)
 
 
