@@ -55,17 +55,19 @@ def test_float_linear_matches_f_linear_with_its_epilogue(dtype, n, k, bias, epil
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_add_norm_halves_feed_the_next_linear_like_the_unfused_ops(dtype):
-    """``float_linear_add_norm`` returns the new stream, gain * stream and one partial sum of squares per 128-wide
-    reduce program (the fake op's count), and a ``float_linear`` reading those halves with ``norm_sumsq`` equals
-    RMSNorm -> linear on the stream."""
+@pytest.mark.parametrize("width", [384, 192])
+def test_add_norm_halves_feed_the_next_linear_like_the_unfused_ops(dtype, width):
+    """``float_linear_add_norm`` returns the new stream, gain * stream and partial sums of squares (one per
+    128-wide reduce program where K is split, one per GEMV program where the GEMV folds the reduce in: the
+    interpreter splits K = 384, not 192; the fake op's count either way), and a ``float_linear`` reading those
+    halves with ``norm_sumsq`` equals RMSNorm -> linear on the stream."""
     import lowbit.kernels  # noqa: F401
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lowbit.kernels.float_gemv import add_norm_partials_f
+    from lowbit.kernels.float_gemv import _split_k, add_norm_partials_f, float_gemv_config
 
     g = torch.Generator().manual_seed(5)
-    n = k = 384
+    n = k = width
     x = torch.randn(1, 1, k, generator=g).to(dtype).to(DEV)
     w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype).to(DEV)
     res = torch.randn(1, 1, n, generator=g).to(dtype).to(DEV)
@@ -74,7 +76,11 @@ def test_add_norm_halves_feed_the_next_linear_like_the_unfused_ops(dtype):
     ref_stream = (res.float() + F.linear(x.float(), w.float())).to(dtype)
     assert _rel(stream, ref_stream) <= 1e-2
     assert _rel(gained, gain * stream) <= 1e-2
-    assert sumsq.shape == (1, 1, add_norm_partials_f(x, w)) == (1, 1, 3)
+    cfg = float_gemv_config(n, k)
+    folded = _split_k(n, k, cfg)[1] == 1
+    assert folded == (not INTERP or width < 256)
+    assert sumsq.shape == (1, 1, add_norm_partials_f(x, w))
+    assert sumsq.shape[-1] == (-(-n // cfg["BLOCK_N"]) if folded else -(-n // 128))
     assert torch.allclose(sumsq.sum(-1), stream.float().pow(2).sum(-1), rtol=1e-3)
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = torch.ops.lowbit.float_linear_add_norm_pdl(x, w, None, res, gain)
@@ -182,3 +188,28 @@ def test_a_float_generation_step_runs_its_linears_on_the_gemv_with_the_block_fus
     want = ref.generate(ids, 3, stop_tokens=()).tokens[0]
     got = tri.generate(ids, 3, stop_tokens=()).tokens[0]
     assert _clear_prefix_agrees(model, ids, got, want) >= 2
+
+
+@needs_kernels
+def test_many_norm_partials_from_a_folded_gemv_feed_a_split_reduce():
+    """A folded ``float_linear_add_norm`` over a wide stream writes one partial sum of squares per GEMV program,
+    more than ``MANY_PARTIALS``: a split-K reader's ``_splitk_reduce`` (as a weight-only linear's) reads them as
+    one vector, and equals RMSNorm -> linear on the stream."""
+    import lowbit.kernels  # noqa: F401
+    from lowbit.kernels.float_gemv import add_norm_partials_f
+    from lowbit.kernels.weight_only import MANY_PARTIALS
+
+    g = torch.Generator().manual_seed(9)
+    dtype = torch.bfloat16
+    n, k = 2176, 128  # interpreter: 68 programs of 32 rows, K not split
+    x = torch.randn(1, k, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype).to(DEV)
+    res = torch.randn(1, n, generator=g).to(dtype).to(DEV)
+    gain = (torch.rand(n, generator=g) + 0.5).to(dtype).to(DEV)
+    stream, gained, sumsq = torch.ops.lowbit.float_linear_add_norm(x, w, None, res, gain)
+    assert sumsq.shape[-1] == add_norm_partials_f(x, w) > MANY_PARTIALS
+    assert torch.allclose(sumsq.sum(-1), stream.float().pow(2).sum(-1), rtol=1e-3)
+    normed = norm_from_parts_ref(*norm_parts_ref(stream, gain), 1e-6).float()
+    w2 = (torch.randn(96, n, generator=g) / n ** 0.5).to(dtype).to(DEV)  # K = 2176: split, read by the reduce
+    y = torch.ops.lowbit.float_linear(gained, w2, None, "", sumsq, 1e-6)
+    assert _rel(y, F.linear(normed, w2.float())) <= 1e-2

@@ -29,6 +29,7 @@ from torch.library import triton_op
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lowbit.kernels._common import (
+    activation,
     cdiv,
     check,
     epilogue_ref,
@@ -86,8 +87,9 @@ def float_gemv_config(n: int, k: int) -> dict[str, int]:
     session 34: 0.997-1.23x cuBLAS; at 12288x4096 16 x 512 was 1% faster); split-K only where N alone gives
     fewer than ~4 programs per SM (SmolLM2's 576-wide rows)."""
     if interpreting():
-        # few, wide programs: the interpreter's cost is per program; a split K still runs the reduce path
-        return {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2 if k >= 128 else 1, "num_warps": 1}
+        # few, wide programs: the interpreter's cost is per program; K >= 256 still runs the split + reduce path,
+        # a shorter K the one-split GEMV that folds the reduce's work in
+        return {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2 if k >= 256 else 1, "num_warps": 1}
     block_n, block_k = 4, 1024
     tiles = cdiv(n, block_n)
     split = 1
@@ -97,18 +99,33 @@ def float_gemv_config(n: int, k: int) -> dict[str, int]:
 
 
 @triton.jit
-def _gemv_f(x_ptr, w_ptr, b_ptr, o_ptr, N, K, K_PER, swn, sos, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALVES: tl.constexpr = False,
-            PDL: tl.constexpr = False):
+def _gemv_f(x_ptr, w_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, N, K, K_PER, swn, sos, eps,
+            HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            HALVES: tl.constexpr = False, FOLD: tl.constexpr = False, ACT: tl.constexpr = 0,
+            GATED: tl.constexpr = False, NQ: tl.constexpr = 0, NQP: tl.constexpr = 1,
+            HAS_RES: tl.constexpr = False, NORM_OUT: tl.constexpr = False, PDL: tl.constexpr = False):
     """``o[n] = sum_k x[k] * w[n, k]`` over this program's K range ``[pid_k * K_PER, + K_PER)`` (fp32 partial
     with ``PARTIAL``). ``HALVES`` (a gated epilogue, partials only): row ``n`` of the weight's gate half lands at
     column ``2n`` and of its up half at ``2(n - N/2) + 1``, the (gate, up) pairs the reduce's gated epilogue reads,
     so the weight is read as merged, never copied into pairs. The first weight tile is loaded before
-    ``gdc_wait``: weights never change, only ``x`` is another kernel's output."""
+    ``gdc_wait``: weights never change, only ``x`` (and the fold's norm partials and residual) are another
+    kernel's output.
+
+    ``FOLD`` (one split, M = 1): this program does ``_splitk_reduce``'s work for its rows itself, one launch
+    instead of two: the norm (``NQ`` partial sums of squares at ``q_ptr``, read as one ``NQP``-wide vector),
+    the bias, ``ACT``, the residual add and the next norm's halves (``NORM_OUT``: ``gx = g * out`` and one sum of
+    ``out**2`` per GEMV program at ``qo_ptr``), with the reduce's roundings. ``GATED`` reads gate row ``j`` and up
+    row ``N/2 + j`` in the same program (rows interleaved in the tile), so ``act(gate) * up`` needs no partials."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    if GATED:
+        i = tl.arange(0, BLOCK_N)
+        pair = pid_n * (BLOCK_N // 2) + i // 2
+        offs_n = tl.where(i % 2 == 0, pair, N // 2 + pair)
+        n_ok = pair < N // 2
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
     k_lo = pid_k * K_PER
     k_hi = tl.minimum(k_lo + K_PER, K)
     lanes = tl.arange(0, BLOCK_K)
@@ -118,6 +135,10 @@ def _gemv_f(x_ptr, w_ptr, b_ptr, o_ptr, N, K, K_PER, swn, sos, HAS_BIAS: tl.cons
     w = tl.load(rows + (k_lo + lanes)[None, :], mask=n_ok[:, None] & (k_lo + lanes < k_hi)[None, :], other=0.0)
     if PDL:
         gdc_wait()
+    den = 1.0
+    if FOLD and NQ > 0:  # the norm's partials, loaded before the loop so their latency hides behind it
+        parts = tl.arange(0, NQP)
+        den = tl.sqrt(tl.sum(tl.load(q_ptr + parts, mask=parts < NQ, other=0.0), axis=0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + lanes
@@ -126,31 +147,102 @@ def _gemv_f(x_ptr, w_ptr, b_ptr, o_ptr, N, K, K_PER, swn, sos, HAS_BIAS: tl.cons
         x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
         w = w_next
-    dst = offs_n
-    if HALVES:
-        half = N // 2
-        dst = tl.where(offs_n < half, 2 * offs_n, 2 * (offs_n - half) + 1)
-    _store_row(tl.sum(acc, axis=1), o_ptr, b_ptr, pid_k, dst, n_ok, sos, PARTIAL, HAS_BIAS)
+    y = tl.sum(acc, axis=1)
+    if FOLD:
+        if NQ > 0:
+            y = y / den
+        _fused_row(y, offs_n, n_ok, pid_n, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, N, HAS_BIAS, BLOCK_N, ACT,
+                   GATED, HAS_RES, NORM_OUT)
+    else:
+        dst = offs_n
+        if HALVES:
+            half = N // 2
+            dst = tl.where(offs_n < half, 2 * offs_n, 2 * (offs_n - half) + 1)
+        _store_row(y, o_ptr, b_ptr, pid_k, dst, n_ok, sos, PARTIAL, HAS_BIAS)
+
+
+@triton.jit
+def _fused_row(y, offs_n, n_ok, pid_n, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, N, HAS_BIAS: tl.constexpr,
+               BLOCK_N: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
+               NORM_OUT: tl.constexpr):
+    """``_gemv_f``'s ``FOLD`` epilogue for its rows' fp32 sums ``y`` (already normed): ``_splitk_reduce``'s steps
+    after the norm, in its order and roundings."""
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+    dt = o_ptr.dtype.element_ty
+    if GATED:
+        g, u = tl.split(tl.reshape(y.to(dt).to(tl.float32), (BLOCK_N // 2, 2)))
+        a = activation(g, ACT).to(dt).to(tl.float32)
+        half = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(o_ptr + half, (a * u).to(dt), mask=half < N // 2)
+    else:
+        if ACT != 0:
+            y = activation(y.to(dt).to(tl.float32), ACT)
+        if HAS_RES:
+            y = y.to(dt).to(tl.float32) + tl.load(r_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+        out = y.to(dt)
+        tl.store(o_ptr + offs_n, out, mask=n_ok)
+        if NORM_OUT:
+            h = tl.where(n_ok, out.to(tl.float32), 0.0)
+            gain = tl.load(g_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+            tl.store(gx_ptr + offs_n, (gain * h).to(dt), mask=n_ok)
+            tl.store(qo_ptr + pid_n, tl.sum(h * h, axis=0))
+
+
+def _split_k(n: int, k: int, cfg: dict[str, int]) -> tuple[int, int]:
+    """``(K_PER, split)``: each program's K range (whole ``BLOCK_K`` steps) and how many programs share a row."""
+    k_per = cdiv(cdiv(k, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    return k_per, cdiv(k, k_per)
+
+
+def _folded_programs(n: int, cfg: dict[str, int], gated: bool) -> int:
+    """The ``FOLD`` launch's programs: row tiles, or (gate, up) pair tiles of ``BLOCK_N / 2`` outputs."""
+    return cdiv(n // 2, cfg["BLOCK_N"] // 2) if gated else cdiv(n, cfg["BLOCK_N"])
 
 
 def _launch_gemv_f(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                    epilogue: str, fusion: ReduceFusion | None, cfg: dict[str, int] | None = None) -> None:
     n, k = weight.shape
     cfg = cfg or float_gemv_config(n, k)
-    k_per = cdiv(cdiv(k, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    split = cdiv(k, k_per)
-    grid = (cdiv(n, cfg["BLOCK_N"]), split)
-    _, gated = parse_epilogue(epilogue, "float_linear")
-    meta = {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "num_warps": cfg["num_warps"], "HALVES": gated}
+    k_per, split = _split_k(n, k, cfg)
+    act, gated = parse_epilogue(epilogue, "float_linear")
+    meta = {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "num_warps": cfg["num_warps"]}
+    if split == 1 and (epilogue or fusion is not None):
+        _launch_folded(x2, weight, bias, out, act, gated, fusion, meta, _folded_programs(n, cfg, gated), k_per)
+        return
     if gated and bias is not None:  # the reduce adds the bias at the partials' (interleaved) columns
         bias = interleave_rows(bias)
     b = bias if bias is not None else weight
+    # every constexpr passed: Inductor's launcher for a user kernel miscounts a defaulted one left out
+    meta |= {"HALVES": gated, "FOLD": False, "ACT": 0, "GATED": False, "NQ": 0, "NQP": 1, "HAS_RES": False,
+             "NORM_OUT": False}
 
     def args(t: torch.Tensor, som: int, sos: int) -> tuple:
-        return (x2, weight, b, t, n, k, k_per, weight.stride(0), sos)
+        return (x2, weight, b, t, weight, weight, weight, weight, weight, n, k, k_per, weight.stride(0), sos, 0.0)
 
+    grid = (cdiv(n, cfg["BLOCK_N"]), split)
     _direct_or_split(x2, _gemv_f, grid, args, meta, split, n, out, bias, b, epilogue, 128, fusion,
                      pdl=pdl_on())
+
+
+def _launch_folded(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, act: int,
+                   gated: bool, fusion: ReduceFusion | None, meta: dict, programs: int, k_per: int) -> None:
+    """One ``_gemv_f`` launch with ``FOLD``: the epilogue and the block fusions in the GEMV's own programs, where
+    a split K would need ``_splitk_reduce``'s launch after it (one partial sum of squares per program)."""
+    n, k = weight.shape
+    f = fusion or ReduceFusion()
+    nq = 0 if f.sumsq is None else f.sumsq.shape[-1]
+    if f.gain is not None:
+        check(f.residual is not None and not act and not gated, "float_linear",
+              "the next norm's halves come from a residual add with no epilogue")
+        f.sumsq_out = torch.empty((1, programs), device=x2.device, dtype=torch.float32)
+    on = pdl_on()
+    ptrs = (f.sumsq, f.residual, f.gain, f.gained, f.sumsq_out)
+    launcher(x2, _gemv_f)[(programs, 1)](
+        x2, weight, bias if bias is not None else weight, out, *(t if t is not None else weight for t in ptrs),
+        n, k, k_per, weight.stride(0), 0, f.eps, HAS_BIAS=bias is not None, PARTIAL=False, **meta, HALVES=False,
+        FOLD=True, ACT=act, GATED=gated, NQ=nq, NQP=triton.next_power_of_2(max(nq, 1)),
+        HAS_RES=f.residual is not None, NORM_OUT=f.gain is not None, PDL=on, **({"launch_pdl": True} if on else {}))
 
 
 def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -186,9 +278,14 @@ def _float_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def add_norm_partials_f(x: torch.Tensor, weight: torch.Tensor) -> int:
-    """How many partial sums of squares per row ``float_linear_add_norm`` returns: one per 128-wide reduce program
-    where the GEMV runs, one where torch ops do (``norm_parts_ref``)."""
-    return cdiv(weight.shape[0], 128) if _takes_gemv(x, weight) else 1
+    """How many partial sums of squares per row ``float_linear_add_norm`` returns: one per GEMV program where the
+    GEMV folds the reduce in (one split), one per 128-wide reduce program where K is split, one where torch ops do
+    (``norm_parts_ref``)."""
+    if not _takes_gemv(x, weight):
+        return 1
+    n, k = weight.shape
+    cfg = float_gemv_config(n, k)
+    return _folded_programs(n, cfg, False) if _split_k(n, k, cfg)[1] == 1 else cdiv(n, 128)
 
 
 @triton_op("lowbit::float_linear", mutates_args=())

@@ -324,8 +324,8 @@ def _store_tc_tile(acc, s, o_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, som,
 @triton.jit
 def _splitk_reduce(p_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, MN, N, K, eps, SPLIT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ACT: tl.constexpr = 0, GATED: tl.constexpr = False,
-                   NQ: tl.constexpr = 0, HAS_RES: tl.constexpr = False, NORM_OUT: tl.constexpr = False,
-                   PDL: tl.constexpr = False):
+                   NQ: tl.constexpr = 0, NQP: tl.constexpr = 0, HAS_RES: tl.constexpr = False,
+                   NORM_OUT: tl.constexpr = False, PDL: tl.constexpr = False):
     """out = sum over splits of the fp32 partials (+ bias), cast: the second half of split-K, and the op's
     epilogue (``parse_epilogue``): ``ACT`` applied to the cast output, or with ``GATED`` the columns are (gate,
     up) pairs and out is ``act(gate) * up``, half as wide (``epilogue_ref``'s roundings: each of gate, up,
@@ -333,7 +333,9 @@ def _splitk_reduce(p_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, MN,
 
     A transformer block's RMSNorm and residual add, split around it (``ReduceFusion``): ``NQ > 0``: the input was
     the norm's gain times the residual stream, and ``q_ptr`` (``[M, NQ]``) holds partial sums of the stream's
-    squares: the sum is scaled by ``rsqrt(mean + eps)`` over ``K`` (``norm_from_parts_ref``). ``HAS_RES``: out =
+    squares: the sum is scaled by ``rsqrt(mean + eps)`` over ``K`` (``norm_from_parts_ref``); ``NQP > 0`` (M = 1,
+    more than ``MANY_PARTIALS``: one per program of a folded float GEMV) reads them as one ``NQP``-wide vector
+    instead of ``NQ`` unrolled loads. ``HAS_RES``: out =
     the residual ``r_ptr`` (``[M, N]``) + the product rounded to the output dtype (``residual_add``); with
     ``NORM_OUT`` (M = 1) the next norm's first half too: ``gx = g * out`` and this program's sum of ``out**2`` at
     ``qo_ptr[program]`` (``norm_parts_ref``)."""
@@ -343,7 +345,10 @@ def _splitk_reduce(p_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, MN,
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLIT):
         acc += tl.load(p_ptr + s * MN + offs, mask=ok, other=0.0)
-    if NQ > 0:
+    if NQP > 0:
+        parts = tl.arange(0, NQP)
+        acc = acc / tl.sqrt(tl.sum(tl.load(q_ptr + parts, mask=parts < NQ, other=0.0), axis=0) / K + eps)
+    elif NQ > 0:
         row = offs // N
         ss = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in tl.static_range(NQ):
@@ -369,6 +374,9 @@ def _splitk_reduce(p_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, MN,
             gain = tl.load(g_ptr + offs % N, mask=ok, other=0).to(tl.float32)
             tl.store(gx_ptr + offs, (gain * h).to(dt), mask=ok)
             tl.store(qo_ptr + tl.program_id(0), tl.sum(h * h, axis=0))
+
+
+MANY_PARTIALS = 64  # norm partials per row above which ``_splitk_reduce`` reads them as one vector (``NQP``)
 
 
 @dataclass
@@ -430,6 +438,8 @@ def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torc
     launcher(x2, kernel)[grid](*args(part, n, m * n), HAS_BIAS=False, PARTIAL=True, **meta, **pdl)
     f = fusion or ReduceFusion()
     nq = 0 if f.sumsq is None else f.sumsq.shape[-1]
+    check(nq <= MANY_PARTIALS or m == 1, "weight_only_linear",
+          f"{nq} norm partials per row (over {MANY_PARTIALS}) come from a folded GEMV at M = 1, got M={m}")
     if f.gain is not None:  # one partial sum of squares per reduce program: programs must not straddle rows
         check(m == 1 and f.residual is not None and not epilogue, "weight_only_linear",
               f"the next norm's halves come from a residual add at M = 1, got M={m}, epilogue {epilogue!r}")
@@ -437,7 +447,8 @@ def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torc
     launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](
         part, b, out, *(t if t is not None else part for t in (f.sumsq, f.residual, f.gain, f.gained, f.sumsq_out)),
         m * n, n, k, f.eps, SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block, ACT=act, GATED=gated, NQ=nq,
-        HAS_RES=f.residual is not None, NORM_OUT=f.gain is not None, PDL=on, **({"launch_pdl": True} if on else {}))
+        NQP=triton.next_power_of_2(nq) if nq > MANY_PARTIALS else 0, HAS_RES=f.residual is not None,
+        NORM_OUT=f.gain is not None, PDL=on, **({"launch_pdl": True} if on else {}))
     return out
 
 
