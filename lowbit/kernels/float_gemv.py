@@ -1,7 +1,10 @@
 """A float (bf16 / fp16) linear at one row, for a float model's decode step: the GEMV cuBLAS would run, as a Triton
-kernel that launches with programmatic dependent launch and ends in the same split-K reduce as the weight-only
-GEMVs (``weight_only._direct_or_split``), so a block's RMSNorm, residual add and gated activation run in that
-reduce instead of launches of their own.
+kernel that launches with programmatic dependent launch and does a block's RMSNorm, residual add and gated
+activation itself: in its own programs where K is not split (``FOLD``, one launch), else in the same split-K
+reduce as the weight-only GEMVs (``weight_only._direct_or_split``) after it.
+
+Why the fold: at one split the reduce launch did nothing but the epilogue, and a float step has one such launch
+after every linear but the unfused ones (17 in the 7B-shaped 4-layer step), each a serial kernel boundary.
 
 Why not cuBLAS: in the 7B-shaped 4-layer float decode step on the H200 (``tools/profile_decode.py``, session 33) the
 cuBLAS GEMVs ran at the byte limit (490 µs of a 644 µs step), and the rest was glue: 8 RMSNorm + residual kernels
@@ -29,7 +32,6 @@ from torch.library import triton_op
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lowbit.kernels._common import (
-    activation,
     cdiv,
     check,
     epilogue_ref,
@@ -40,7 +42,14 @@ from lowbit.kernels._common import (
     pdl_launches,
     pdl_on,
 )
-from lowbit.kernels.weight_only import ReduceFusion, _direct_or_split, _store_row, _unfused, interleave_rows
+from lowbit.kernels.weight_only import (
+    ReduceFusion,
+    _direct_or_split,
+    _reduced_row,
+    _store_row,
+    _unfused,
+    interleave_rows,
+)
 
 __all__ = ["FLOAT_GEMV_DTYPES", "float_gemv_config", "float_linear", "float_linear_add_norm", "float_linear_ref",
            "float_linear_unsupported", "gated_halves_ref"]
@@ -151,42 +160,14 @@ def _gemv_f(x_ptr, w_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, N, 
     if FOLD:
         if NQ > 0:
             y = y / den
-        _fused_row(y, offs_n, n_ok, pid_n, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, N, HAS_BIAS, BLOCK_N, ACT,
-                   GATED, HAS_RES, NORM_OUT)
+        _reduced_row(y, offs_n, n_ok, offs_n, pid_n, N, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, HAS_BIAS,
+                     BLOCK_N, ACT, GATED, HAS_RES, NORM_OUT)
     else:
         dst = offs_n
         if HALVES:
             half = N // 2
             dst = tl.where(offs_n < half, 2 * offs_n, 2 * (offs_n - half) + 1)
         _store_row(y, o_ptr, b_ptr, pid_k, dst, n_ok, sos, PARTIAL, HAS_BIAS)
-
-
-@triton.jit
-def _fused_row(y, offs_n, n_ok, pid_n, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, N, HAS_BIAS: tl.constexpr,
-               BLOCK_N: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
-               NORM_OUT: tl.constexpr):
-    """``_gemv_f``'s ``FOLD`` epilogue for its rows' fp32 sums ``y`` (already normed): ``_splitk_reduce``'s steps
-    after the norm, in its order and roundings."""
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
-    dt = o_ptr.dtype.element_ty
-    if GATED:
-        g, u = tl.split(tl.reshape(y.to(dt).to(tl.float32), (BLOCK_N // 2, 2)))
-        a = activation(g, ACT).to(dt).to(tl.float32)
-        half = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(o_ptr + half, (a * u).to(dt), mask=half < N // 2)
-    else:
-        if ACT != 0:
-            y = activation(y.to(dt).to(tl.float32), ACT)
-        if HAS_RES:
-            y = y.to(dt).to(tl.float32) + tl.load(r_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
-        out = y.to(dt)
-        tl.store(o_ptr + offs_n, out, mask=n_ok)
-        if NORM_OUT:
-            h = tl.where(n_ok, out.to(tl.float32), 0.0)
-            gain = tl.load(g_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
-            tl.store(gx_ptr + offs_n, (gain * h).to(dt), mask=n_ok)
-            tl.store(qo_ptr + pid_n, tl.sum(h * h, axis=0))
 
 
 def _split_k(n: int, k: int, cfg: dict[str, int]) -> tuple[int, int]:

@@ -354,14 +354,27 @@ def _splitk_reduce(p_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, MN,
         for j in tl.static_range(NQ):
             ss += tl.load(q_ptr + row * NQ + j, mask=ok, other=0.0)
         acc = acc / tl.sqrt(ss / K + eps)
+    _reduced_row(acc, offs, ok, offs % N, tl.program_id(0), MN, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr,
+                 HAS_BIAS, BLOCK, ACT, GATED, HAS_RES, NORM_OUT)
+
+
+@triton.jit
+def _reduced_row(acc, offs, ok, col, pid, total, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, HAS_BIAS: tl.constexpr,
+                 BLOCK: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
+                 NORM_OUT: tl.constexpr):
+    """A reduced (and normed) fp32 block ``acc`` of ``BLOCK`` outputs at flat ``offs`` (``ok`` in range, columns
+    ``col``) of program ``pid`` to the op's output: bias, epilogue, residual add and the next norm's halves, with
+    the unfused ops' roundings (``_splitk_reduce``'s second half; ``float_gemv._gemv_f``'s fold runs it too).
+    ``GATED``: ``acc`` holds (gate, up) pairs and program ``pid`` writes outputs ``[pid * BLOCK/2, +BLOCK/2)`` of
+    ``total / 2``."""
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs % N, mask=ok, other=0).to(tl.float32)
+        acc += tl.load(b_ptr + col, mask=ok, other=0).to(tl.float32)
     dt = o_ptr.dtype.element_ty
     if GATED:
         g, u = tl.split(tl.reshape(acc.to(dt).to(tl.float32), (BLOCK // 2, 2)))
         a = activation(g, ACT).to(dt).to(tl.float32)
-        half = tl.program_id(0) * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
-        tl.store(o_ptr + half, (a * u).to(dt), mask=half < MN // 2)
+        half = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+        tl.store(o_ptr + half, (a * u).to(dt), mask=half < total // 2)
     else:
         if ACT != 0:
             acc = activation(acc.to(dt).to(tl.float32), ACT)
@@ -371,9 +384,9 @@ def _splitk_reduce(p_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, MN,
         tl.store(o_ptr + offs, out, mask=ok)
         if NORM_OUT:
             h = tl.where(ok, out.to(tl.float32), 0.0)
-            gain = tl.load(g_ptr + offs % N, mask=ok, other=0).to(tl.float32)
+            gain = tl.load(g_ptr + col, mask=ok, other=0).to(tl.float32)
             tl.store(gx_ptr + offs, (gain * h).to(dt), mask=ok)
-            tl.store(qo_ptr + tl.program_id(0), tl.sum(h * h, axis=0))
+            tl.store(qo_ptr + pid, tl.sum(h * h, axis=0))
 
 
 MANY_PARTIALS = 64  # norm partials per row above which ``_splitk_reduce`` reads them as one vector (``NQP``)
