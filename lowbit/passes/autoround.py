@@ -25,15 +25,14 @@ from pydantic import Field, model_validator
 
 from lowbit.calibration.block_tuning import TuneOptions
 from lowbit.ir.graph import Graph
-from lowbit.ir.qscheme import QuantConfig
-from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, Pass, PassError, PassResult, register_pass
+from lowbit.passes.base import PassError, PassResult, register_pass
 from lowbit.passes.gptq import (
     SITE_KINDS,
     WeightCalibrationOptions,
+    WeightCalibrationPass,
     check_awq_options,
     rounding,
     run_weight_calibration,
-    weight_quant_config,
 )
 
 __all__ = ["AutoRound", "AutoRoundOptions"]
@@ -72,17 +71,11 @@ class AutoRoundOptions(WeightCalibrationOptions):
 
 
 @register_pass
-class AutoRound(Pass):
+class AutoRound(WeightCalibrationPass):
     """AutoRound-style block tuning: learned rounding offsets and scales per block, from RTN or AWQ's start."""
 
     name = "autoround"
     Options = AutoRoundOptions
-    requires = (NO_QLINEAR,)
-    after = WEIGHT_REWRITES
-    creates = ("dequantize",)
-
-    def quant_config(self) -> QuantConfig:
-        return weight_quant_config(self.options, self.name)  # type: ignore[arg-type]
 
     def run(self, graph: Graph) -> PassResult:
         o: AutoRoundOptions = self.options  # type: ignore[assignment]

@@ -17,16 +17,15 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from lowbit.ir.graph import Graph
-from lowbit.ir.qscheme import QuantConfig
-from lowbit.passes.base import NO_QLINEAR, WEIGHT_REWRITES, Pass, PassResult, register_pass
+from lowbit.passes.base import PassResult, register_pass
 from lowbit.passes.gptq import (
     SITE_KINDS,
     WeightCalibrationOptions,
+    WeightCalibrationPass,
     check_clip_grid,
     check_scale_grid,
     rounding,
     run_weight_calibration,
-    weight_quant_config,
 )
 
 __all__ = ["AWQ", "AWQOptions"]
@@ -55,17 +54,11 @@ class AWQOptions(WeightCalibrationOptions):
 
 
 @register_pass
-class AWQ(Pass):
+class AWQ(WeightCalibrationPass):
     """AWQ: activation-aware per-channel scales (folded into the preceding op) + clipping search, int or fp8 weights."""
 
     name = "awq"
     Options = AWQOptions
-    requires = (NO_QLINEAR,)
-    after = WEIGHT_REWRITES
-    creates = ("dequantize",)
-
-    def quant_config(self) -> QuantConfig:
-        return weight_quant_config(self.options, self.name)  # type: ignore[arg-type]
 
     def run(self, graph: Graph) -> PassResult:
         o: AWQOptions = self.options  # type: ignore[assignment]

@@ -33,8 +33,8 @@ from lowbit.passes.base import (NO_QLINEAR, WEIGHT_REWRITES, CalibrationOptions,
                                 ScopedOptions, register_pass)
 from lowbit.passes.insert_qdq import NonFinitePolicy, plan
 
-__all__ = ["WeightCalibrationOptions", "GPTQOptions", "GPTQ", "run_weight_calibration", "rounding", "SITE_KINDS",
-           "check_awq_options", "check_clip_grid", "check_scale_grid", "weight_quant_config"]
+__all__ = ["WeightCalibrationOptions", "WeightCalibrationPass", "GPTQOptions", "GPTQ", "run_weight_calibration",
+           "rounding", "SITE_KINDS", "check_awq_options", "check_clip_grid", "check_scale_grid", "weight_quant_config"]
 
 
 class WeightCalibrationOptions(CalibrationOptions, ScopedOptions):
@@ -253,18 +253,24 @@ def rounding(method: Literal["gptq", "awq"], pass_name: str, **settings: Any) ->
         raise PassError(f"pass {pass_name}: {exc}") from None
 
 
-@register_pass
-class GPTQ(Pass):
-    """GPTQ integer weights (act-order, static groups, lazy batches) from block-by-block calibration."""
+class WeightCalibrationPass(Pass):
+    """What ``gptq``, ``awq`` and ``autoround`` declare alike: they run before ``fuse-qlinear`` and after the weight
+    rewrites, create ``dequantize`` nodes and write their options' weight scheme (``weight_quant_config``)."""
 
-    name = "gptq"
-    Options = GPTQOptions
     requires = (NO_QLINEAR,)
     after = WEIGHT_REWRITES
     creates = ("dequantize",)
 
     def quant_config(self) -> QuantConfig:
         return weight_quant_config(self.options, self.name)  # type: ignore[arg-type]
+
+
+@register_pass
+class GPTQ(WeightCalibrationPass):
+    """GPTQ integer weights (act-order, static groups, lazy batches) from block-by-block calibration."""
+
+    name = "gptq"
+    Options = GPTQOptions
 
     def run(self, graph: Graph) -> PassResult:
         o: GPTQOptions = self.options  # type: ignore[assignment]
