@@ -1807,3 +1807,18 @@ def test_sensitivity_keep_top_help_says_what_a_pruning_scheme_keeps():
     (the command says it writes the ranking only)."""
     text = _option_help("debug", "sensitivity", option="--keep-top")
     assert "dense" in text and "ranking only" in text, text
+
+
+def test_debug_bisect_prints_a_restricted_metric_of_zero(monkeypatch):
+    """The summary's 'pass on those layers only' row printed '?' for a restricted pass measured at exactly 0.0 (a KL):
+    the value was tested for truthiness, not for being absent."""
+    from lowbit.cli import bisect as bisect_module
+
+    def measured(*args, **kwargs):
+        return bisect_module.BisectResult("smollm2:2", "quantize(w=int4)", "kl", 0.0, -0.5, 1.0, culprit_index=0,
+                                          culprit_pass="quantize(w=int4)", culprit_layers=["model.layers.1"],
+                                          restricted_spec="quantize(w=int4,modules=x)", restricted_metric=0.0)
+
+    monkeypatch.setattr(bisect_module, "bisect", measured)
+    res = invoke("debug", "bisect", "smollm2:2", "-p", "quantize(w=int4)", "--metric", "kl", "--max-increase", "0.1")
+    assert "quantize(w=int4,modules=x) → 0.00000" in res.output and "→ ?" not in res.output, res.output

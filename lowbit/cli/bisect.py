@@ -267,8 +267,9 @@ def run_bisect(model_spec: str, text: str, *, metric: str, max_increase: str, wi
         table.add_row("culprit pass", f"#{res.culprit_index} {res.culprit_pass}")
         if res.culprit_layers:
             table.add_row("culprit layers", ", ".join(res.culprit_layers))
-            table.add_row("pass on those layers only", f"{res.restricted_spec} → "
-                          f"{fmt_metric(res.metric, res.restricted_metric) if res.restricted_metric else '?'}")
+            # 'is None', not falsiness: a restricted metric of exactly 0.0 (a KL) printed as '?'
+            measured = "?" if res.restricted_metric is None else fmt_metric(res.metric, res.restricted_metric)
+            table.add_row("pass on those layers only", f"{res.restricted_spec} → {measured}")
     table.add_row("evaluations", f"{len(res.probes)} in {res.seconds:.1f} s")
     if res.note:
         table.add_row("note", res.note)
