@@ -118,3 +118,22 @@ def test_smooth_quant_refuses_nonfinite_calibration_inputs(slice_graph):
     with pytest.raises(PassError, match=r"pass smooth-quant: site .*model\.layers\.0\.input_layernorm.*: the "
                                         r"calibration inputs are not finite"):
         parse_pipeline("smooth-quant(calib_n=2,calib_len=16,progress=false)")[0].run(g)
+
+
+def test_finite_weights_are_checked_with_one_sum_not_a_mask(slice_graph, monkeypatch):
+    """quantize checks every weight for NaN/inf on every run, and the boolean mask (torch.isfinite) took 10-25x a sum's
+    time on SmolLM2's weights: a sizeable part of each debug bisect and sensitivity evaluation. A finite weight is now
+    cleared by its sum alone; the mask is built only where the sum is not finite."""
+    from lowbit.passes import base
+
+    masks = []
+    real = torch.isfinite
+    monkeypatch.setattr(base.torch, "isfinite", lambda t: masks.append(t.shape) or real(t))
+    g = slice_graph.clone()
+    parse_pipeline("quantize(w=int4,group=64)")[0].run(g)
+    assert masks == [] and any(n.op == "dequantize" for n in g.nodes)
+    huge = torch.full((4, 4), 3e38)  # finite, but its float32 sum overflows: the mask decides
+    assert base.nonfinite_problem(huge) is None and masks == [(4, 4)]
+    both = torch.zeros(4, 4)
+    both[1, 2], both[3, 0] = float("inf"), float("-inf")  # the sum is NaN, not inf: still found
+    assert base.nonfinite_problem(both) == "2 non-finite value(s) (inf), the first at row 1, column 2"
