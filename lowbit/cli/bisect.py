@@ -24,9 +24,9 @@ from rich.table import Table
 from lowbit import jsonio
 from lowbit.cli.common import Exit, capture_model, check_calibration, console, err_console, fail, is_stdout, load, \
     parse, parse_percent_or_number, quiet_progress, write_text_output
-from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe, \
-    slice_note
+from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_label, metric_name, slice_note
 from lowbit.cli.restrict import Unit, block_units, how_restricted, restrict, units_in_scope
+from lowbit.cli.reuse import ReusedRuns
 from lowbit.ir.graph import BLOCK_NAMES
 from lowbit.passes.manager import format_pipeline, quote_pipeline
 
@@ -61,14 +61,16 @@ class BisectResult:
 
 
 class Evaluator:
-    """Metric of a graph on fixed inputs, with the float reference output for the encoders' cosine."""
+    """Metric of a graph on fixed inputs, with the float reference output for the encoders' cosine and the KL.
 
-    def __init__(self, metric: str, inputs: EvalInputs, reference: Any) -> None:
-        self.metric, self.inputs, self.reference = metric, inputs, reference
+    Runs go through ``runs`` (``lowbit.cli.reuse``): a graph is computed from the latest block boundary it shares
+    with the last graph evaluated with ``reference=True``, and each packed weight is dequantized once."""
 
-    def __call__(self, graph: Any) -> float:
-        out = run_probe(graph, self.inputs, with_layers=False).output
-        return end_metric(self.metric, self.inputs, out, self.reference)
+    def __init__(self, metric: str, inputs: EvalInputs, reference: Any, runs: ReusedRuns) -> None:
+        self.metric, self.inputs, self.reference, self.runs = metric, inputs, reference, runs
+
+    def __call__(self, graph: Any, *, reference: bool = False) -> float:
+        return end_metric(self.metric, self.inputs, self.runs.run(graph, reference=reference), self.reference)
 
 
 def exceeds(value: float, threshold: float) -> bool:
@@ -92,9 +94,10 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
              f"(e.g. {'0.01' if metric == 'cos' else '0.05'}), not a percentage", Exit.USAGE)
     inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
     graph0 = capture_model(loaded)
-    reference = run_probe(graph0, inputs, with_layers=False).output
-    evaluate = Evaluator(metric, inputs, reference)
-    baseline = evaluate(graph0)
+    runs = ReusedRuns(inputs)
+    reference = runs.run(graph0, reference=True)
+    evaluate = Evaluator(metric, inputs, reference, runs)
+    baseline = end_metric(metric, inputs, reference, reference)
     threshold = baseline * (1 + amount) if relative else baseline + amount
     probes: list[Probe] = []
 
@@ -147,7 +150,8 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
 
     before = run_prefix(k)
     changed = []
-    if k > 0 and record(f"first {k} passes again", evaluate(before)):
+    # the IR the culprit sees is the reference of every run from here on (k == 0: the float graph already is)
+    if k > 0 and record(f"first {k} passes again", evaluate(before, reference=True)):
         changed.append(f"the first {k} passes, within the threshold before, now give {metric_label(metric)} "
                        f"{fmt_metric(metric, probes[-1].metric)}")
     again = before.clone()

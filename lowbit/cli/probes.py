@@ -134,19 +134,24 @@ def run_probe(graph: Graph, inputs: EvalInputs, with_layers: bool = True) -> Pro
     n_out = len(g.outputs)
     g.outputs = list(g.outputs) + [v for _, v in probes]
     runner = TorchCompiled(g)
-    # SmolLM2 is captured with batch 1 (only the sequence is dynamic): feed such a graph one row at a time
-    static_batch = [v.type.shape[0] == 1 for v in g.inputs if getattr(v.type, "shape", None)]
-    rows = inputs.args[0].shape[0]
-    chunks = [tuple(a[i:i + 1] for a in inputs.args) for i in range(rows)] if any(static_batch) and rows > 1 \
-        else [inputs.args]
     parts = []
     with torch.inference_mode():
-        for chunk in chunks:
+        for chunk in input_chunks(g, inputs):
             out = runner(*chunk)
             parts.append(out if isinstance(out, (tuple, list)) else (out,))
     res = [torch.cat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(len(parts[0]))]
     layers = {name: _real_tokens(res[n_out + i].detach(), inputs) for i, (name, _) in enumerate(probes)}
     return Probe(res[0].detach(), layers)
+
+
+def input_chunks(graph: Graph, inputs: EvalInputs) -> list[tuple[torch.Tensor, ...]]:
+    """The calls that feed ``inputs`` to ``graph``: SmolLM2 is captured with batch 1 (only the sequence is dynamic),
+    so such a graph gets one row at a time."""
+    static_batch = [v.type.shape[0] == 1 for v in graph.inputs if getattr(v.type, "shape", None)]
+    rows = inputs.args[0].shape[0]
+    if any(static_batch) and rows > 1:
+        return [tuple(a[i:i + 1] for a in inputs.args) for i in range(rows)]
+    return [inputs.args]
 
 
 def _real_tokens(hidden: torch.Tensor, inputs: EvalInputs) -> torch.Tensor:

@@ -22,8 +22,9 @@ from rich.table import Table
 from lowbit import jsonio
 from lowbit.cli.common import (Exit, atomic_write_text, capture_model, check_calibration, console, err_console, fail,
                                load, parse, quiet_progress, worst_first)
-from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_label, metric_name, run_probe, slice_note
+from lowbit.cli.probes import end_metric, fmt_metric, make_inputs, metric_label, metric_name, slice_note
 from lowbit.cli.restrict import block_units, how_restricted, linear_units, restrict, units_in_scope
+from lowbit.cli.reuse import ReusedRuns
 from lowbit.ir.graph import BLOCK_NAMES
 
 OVERRIDES_FORMAT = "lowbit-overrides/1"
@@ -94,16 +95,19 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
         err_console.print(note, markup=False, soft_wrap=True)
     inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
     graph = capture_model(loaded)
-    reference = run_probe(graph, inputs, with_layers=False).output
+    # each unit's run is computed from the last block boundary it shares with the graph after --pipeline, and each
+    # packed weight is dequantized once (lowbit.cli.reuse)
+    runs = ReusedRuns(inputs)
+    reference = runs.run(graph, reference=True)
     from lowbit.cli.pipeline import run_pipeline
 
     if pre:
         run_pipeline(graph, pre, model_spec=model_spec, takes_reproducer=False)
 
-    def score(g: Any) -> float:
-        return end_metric(metric, inputs, run_probe(g, inputs, with_layers=False).output, reference)
+    def score(g: Any, *, as_reference: bool = False) -> float:
+        return end_metric(metric, inputs, runs.run(g, reference=as_reference), reference)
 
-    baseline = score(graph)
+    baseline = score(graph, as_reference=True)
     units = block_units(graph) if granularity == "block" else linear_units(graph)
     if not units:
         fail(f"the graph has no blocks ({BLOCK_NAMES}) to quantize one at a time", Exit.USAGE)
