@@ -1822,3 +1822,25 @@ def test_debug_bisect_prints_a_restricted_metric_of_zero(monkeypatch):
     monkeypatch.setattr(bisect_module, "bisect", measured)
     res = invoke("debug", "bisect", "smollm2:2", "-p", "quantize(w=int4)", "--metric", "kl", "--max-increase", "0.1")
     assert "quantize(w=int4,modules=x) → 0.00000" in res.output and "→ ?" not in res.output, res.output
+
+
+def test_debug_compare_measures_by_kl_as_the_bisect_it_reproduces(tmp_path):
+    """debug bisect --metric kl printed a reproduce command for debug compare, which had no --metric: it measured
+    perplexity, not the KL bisect found past the threshold. compare takes --metric (its table and JSON say which),
+    and bisect's command asks for kl."""
+    js = tmp_path / "bisect.json"
+    invoke("debug", "bisect", "smollm2:2", "--pipeline", "fold-norms,test-plant-bad,dce", *SMALL, "--metric", "kl",
+           "--max-increase", "0.05", "--json", js, "-q")
+    data = json.loads(js.read_text())
+    assert " --metric kl " in data["reproduce"], data["reproduce"]
+    repro_pipeline = re.search(r"--pipeline '([^']+)'", data["reproduce"]).group(1)
+    rerun = tmp_path / "rerun.json"
+    res = invoke("debug", "compare", "smollm2:2", "--pipeline", repro_pipeline, *SMALL, "--metric", "kl", "--json",
+                 rerun, "-q")
+    stages = json.loads(rerun.read_text())
+    assert stages["metric"] == "kl" and stages["stages"][0]["metric"] == pytest.approx(0, abs=1e-6)
+    assert stages["stages"][-1]["metric"] == pytest.approx(data["restricted_metric"], rel=1e-5)
+    assert "KL from float" in res.output and "perplexity" not in res.output, res.output
+    assert "lowest-SQNR layer" in res.output  # what the layer column ranks by, whatever the end metric
+    res = invoke("debug", "compare", "smollm2:2", "-p", "dce", "--metric", "kll", code=2)
+    assert "--metric 'kll'" in res.output and "kl" in res.output

@@ -206,7 +206,9 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
     if later:
         result.note = f"{result.note}; {later}" if result.note else later
     repro_pipeline = ",".join(x for x in (prefix, result.restricted_spec or culprit.spec()) if x)
+    # compare measures perplexity unless told: a KL bisect's command showed a ppl, not the KL past the threshold
     result.reproduce = (f"lowbit debug compare {shlex.quote(model_spec)} --pipeline {shlex.quote(repro_pipeline)}"
+                        + (" --metric kl" if metric == "kl" else "")
                         + (f" --windows {windows} --seq-len {seq_len}" if metric != "cos" else
                            f" --sentences {n_sentences}"))
     result.seconds = time.perf_counter() - t0

@@ -118,9 +118,10 @@ def unrotated(probe: Probe, rotation: torch.Tensor) -> Probe:
 
 def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128, n_sentences: int = 32,
             verify_each: bool = True, reproducer: Path | None = None, progress: bool = True,
-            dtype: str = "float32", bar_console: Console | None = None) -> CompareResult:
+            dtype: str = "float32", bar_console: Console | None = None, metric: str = "auto") -> CompareResult:
     """Capture the model, run the pipeline with a LayerCompare instrument, return every stage's numbers
-    (``bar_console``: where the progress bar draws, the standard output's console by default)."""
+    (``bar_console``: where the progress bar draws, the standard output's console by default; ``metric``: the end
+    metric, as bisect's ``--metric``, so its reproduce command measures what bisect measured)."""
     from rich.progress import Progress
 
     from lowbit.cli.pipeline import run_pipeline
@@ -131,7 +132,7 @@ def compare(model_spec: str, text: str, *, windows: int = 4, seq_len: int = 128,
         quiet_progress(passes)
     loaded = load(model_spec, dtype)
     check_calibration(passes, loaded)
-    metric = metric_name(loaded.kind, "auto")
+    metric = metric_name(loaded.kind, metric)
     inputs = make_inputs(loaded, windows=windows, seq_len=seq_len, n_sentences=n_sentences)
     graph = capture_model(loaded)
     with Progress(console=bar_console or console, transient=True, disable=not progress) as bar:
@@ -157,13 +158,19 @@ def _db(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.1f}"
 
 
+METRIC_COLUMNS = {"ppl": "perplexity", "kl": "KL from float", "cos": "1 - emb. cosine"}
+"""What the summary table calls each end metric (a KL run was headed "1 - emb. cosine")."""
+
+
 def summary_table(res: CompareResult) -> Table:
-    name = "perplexity" if res.metric == "ppl" else "1 - emb. cosine"
+    name = METRIC_COLUMNS[res.metric]
     table = Table(title=f"{res.model}: per-pass error on {res.inputs}")
-    for col in ("#", "pass", name, "out SQNR dB", "out cosine", "worst layer", "its SQNR dB", "pass ms"):
+    # the layer is ranked by its block output's SQNR whatever the end metric (--metric kl has no per-layer form): the
+    # header says so ("worst layer" beside a KL column read as the layer with the worst KL)
+    for col in ("#", "pass", name, "out SQNR dB", "out cosine", "lowest-SQNR layer", "its SQNR dB", "pass ms"):
         # a long pass spec folds onto more lines: cut with an ellipsis (a recipe's gptq at 160 columns lost its
         # calib_len), two passes that differ in their last options read the same
-        table.add_column(col, justify="left" if col in ("pass", "worst layer") else "right",
+        table.add_column(col, justify="left" if col in ("pass", "lowest-SQNR layer") else "right",
                          overflow="fold" if col == "pass" else "ellipsis")
     for s in res.stages:
         worst = worst_layer(s.layers)
@@ -197,11 +204,12 @@ def layer_table(res: CompareResult) -> Table:
 
 def run_compare(model_spec: str, text: str, *, windows: int, seq_len: int, n_sentences: int,
                 json_out: Path | None, html_out: Path | None, verify_each: bool, reproducer: Path | None,
-                dtype: str = "float32", progress: bool = True) -> None:
+                dtype: str = "float32", progress: bool = True, metric: str = "auto") -> None:
     # --json - / --html -: the standard output holds the JSON (or the page) alone
     show = err_console if is_stdout(json_out) or is_stdout(html_out) else console
     res = compare(model_spec, text, windows=windows, seq_len=seq_len, n_sentences=n_sentences,
-                  verify_each=verify_each, reproducer=reproducer, dtype=dtype, bar_console=show, progress=progress)
+                  verify_each=verify_each, reproducer=reproducer, dtype=dtype, bar_console=show, progress=progress,
+                  metric=metric)
     show.print(summary_table(res))
     show.print(layer_table(res))
     show.print(f"compare took {res.seconds:.1f} s", markup=False, soft_wrap=True)

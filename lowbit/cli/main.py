@@ -1094,6 +1094,9 @@ def compare_cmd(
     windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows to run"),
     seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),
     sentences: int = typer.Option(32, help="encoders: WikiText-2 sentences to embed"),
+    metric: str = typer.Option("auto", help="the end metric: ppl or kl (causal LMs: perplexity, or the KL divergence "
+                               "of the next-token distributions from the float model's), cos (encoders: 1 - embedding "
+                               "cosine) or auto (ppl, cos); as debug bisect's --metric"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the numbers as JSON here ('-': to stdout, "
                                             "the tables then go to stderr)"),
     html_out: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report here ('-': to "
@@ -1106,10 +1109,12 @@ def compare_cmd(
 ) -> None:
     """Run real inputs through the float graph and after every pass: per-pass, per-layer error and end metric."""
     from lowbit.cli.compare import run_compare
+    from lowbit.cli.probes import check_metric
 
     if quiet:  # transformers' loading bar: the flags' checks may load the model before the passes are read
         quiet_progress([])
     dtype = _debug_dtype(model, dtype)
+    check_metric(metric)
     check_eval_sizes(windows, seq_len, sentences)
     check_output(json_out, "--json", directory=False)
     check_output(html_out, "--html", directory=False)
@@ -1120,7 +1125,7 @@ def compare_cmd(
     check_eval_flags_fit(model, _given_flags(ctx, _EVAL_FLAGS), dtype)
     run_compare(model, pipeline_text(pipeline, recipe, set_), windows=windows, seq_len=seq_len, n_sentences=sentences,
                 json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer, dtype=dtype,
-                progress=not quiet)
+                progress=not quiet, metric=metric)
 
 
 def _debug_dtype(model: str, dtype: str | None) -> str:

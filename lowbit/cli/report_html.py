@@ -190,7 +190,7 @@ def render_report(data: dict[str, Any]) -> str:
     stages = data["stages"]
     layers = list(stages[0]["layers"]) if stages else []
     passes = [s for s in stages if s["index"] >= 0]
-    metric = "perplexity" if data["metric"] == "ppl" else "1 − embedding cosine"
+    metric = {"ppl": "perplexity", "kl": "KL from float"}.get(data["metric"], "1 − embedding cosine")
     rows = []
     for s in stages:
         found = worst_layer(s["layers"])
@@ -222,7 +222,7 @@ code {{ font-size: 12px; }} h2 {{ margin-top: 28px; }} .meta {{ color: #555; }}
 inputs: {_esc(data['inputs'])} · end metric: {metric} · took {data['seconds']:.1f} s</p>
 <h2>Per pass</h2>
 <table><tr><th>#</th><th>pass</th><th>changed</th><th>{metric}</th><th>output SQNR dB</th><th>output cosine</th>
-<th>output max |err|</th><th>worst layer</th><th>its SQNR dB</th><th>pass ms</th></tr>
+<th>output max |err|</th><th>lowest-SQNR layer</th><th>its SQNR dB</th><th>pass ms</th></tr>
 {''.join(rows)}</table>
 <h2>Per-layer error across depth</h2>
 <p>SQNR (dB) of each block's output (the residual stream leaving the block) against the float model, after each
