@@ -26,6 +26,7 @@ LAYER_OF: dict[str, str] = {
     "lowbit.version": "base",
     "lowbit.errors": "base",
     "lowbit.jsonio": "base",
+    "lowbit.hashing": "base",
     "lowbit.remote_code": "base",
     "lowbit.data": "data",
     "lowbit.kernels": "kernels",

@@ -549,3 +549,30 @@ def test_a_graph_breaking_tensorrt_rules_is_refused_one_line_per_rule(trt_llama,
     assert rules == {"int4-block-size", "zero-point-zero"} and len(exc.value.violations) == 14
     assert lines[0].startswith("14 TensorRT Q/DQ rule violation(s) of 2 rule(s)") and len(lines) == 3
     assert all("(and 6 more: " in line and line.endswith(", ...)") for line in lines[1:])
+
+
+def test_the_engine_cache_and_checkpoint_manifests_hash_files_through_one_function(monkeypatch, tmp_path):
+    """``cache_entry`` read and hashed the ONNX files with its own copy of the checkpoint's ``sha256_file`` (the
+    backends may not import ``lowbit.checkpoint``). Both use ``lowbit.hashing.sha256_file`` now: the engine cache
+    hashes every file beside the ONNX (its external data too) through it, and a changed weight file, not a new
+    temporary directory, is what gives a new entry."""
+    import hashlib
+
+    import lowbit.checkpoint.files as checkpoint_files
+    import lowbit.hashing
+    from lowbit.backends.tensorrt import cache_entry
+
+    assert checkpoint_files.sha256_file is lowbit.hashing.sha256_file
+    hashed: list[str] = []
+    real = lowbit.hashing.sha256_file
+    monkeypatch.setattr(lowbit.hashing, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    entries = []
+    for run, weights in enumerate((b"w" * 3000, b"w" * 3000, b"v" * 3000)):
+        d = tmp_path / f"run{run}"
+        d.mkdir()
+        (d / "model.onnx").write_bytes(b"graph")
+        (d / "model.onnx.data").write_bytes(weights)
+        entries.append(cache_entry(tmp_path / "cache", d / "model.onnx", {"max_dim": 64}, "10.0"))
+    assert hashed == ["model.onnx", "model.onnx.data"] * 3
+    assert entries[0] == entries[1] != entries[2]
+    assert real(tmp_path / "run2" / "model.onnx.data") == hashlib.sha256(b"v" * 3000).hexdigest()

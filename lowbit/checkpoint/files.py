@@ -10,7 +10,6 @@ Weights are read with safetensors only (no pickle); a truncated or corrupt file,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lowbit.cache import clean_stale_temporaries, replacing_dir
 from lowbit.errors import LowbitError
+from lowbit.hashing import sha256_file
 
 __all__ = ["CheckpointError", "atomic_checkpoint_dir", "clean_stale_temporaries", "write_manifest",
            "verify_manifest", "check_format", "check_listed", "unopenable", "read_safetensors", "read_config",
@@ -117,14 +117,6 @@ def atomic_checkpoint_dir(final: Path, overwrite: bool = True) -> Iterator[Path]
             raise CheckpointError(f"cannot save to {str(final)!r}: {exc.strerror or exc} (creating it or a "
                                   f"temporary directory in {str(final.parent)!r})") from None
         yield tmp
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:

@@ -189,13 +189,12 @@ def cache_entry(directory: str | os.PathLike[str], onnx_path: Path, build: Mappi
     import hashlib
     import json
 
+    from lowbit.hashing import sha256_file
+
     h = hashlib.sha256()
     for f in sorted(onnx_path.parent.iterdir()):
         if f.is_file():
-            h.update(f.name.encode() + b"\0")
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+            h.update(f.name.encode() + b"\0" + sha256_file(f).encode())
     # the timing cache only speeds a build up: where it lives does not change the engine
     h.update(json.dumps({k: v for k, v in build.items() if k != "timing_cache"}, sort_keys=True, default=str).encode())
     h.update(version.encode())
