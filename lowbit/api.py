@@ -679,6 +679,7 @@ def compile_graph(graph: Graph, plan: CompilePlan, *, device: str | None = None,
     """The compile driver: run the plan's pipeline and the backend's passes over ``graph`` (in place), lower it,
     and report. ``run_passes`` replaces the plain ``PassManager`` run (the CLI's adds reproducers on failure)."""
     t0 = started if started is not None else time.perf_counter()
+    plan.backend.check_graph(graph, plan.backend_options)  # before the pipeline's calibration, not at lowering
     nodes_before, bytes_before = len(graph.nodes), graph.param_bytes()
     passes = [*plan.passes, *plan.backend_passes]
     if run_passes is None:

@@ -576,3 +576,45 @@ def test_the_engine_cache_and_checkpoint_manifests_hash_files_through_one_functi
     assert hashed == ["model.onnx", "model.onnx.data"] * 3
     assert entries[0] == entries[1] != entries[2]
     assert real(tmp_path / "run2" / "model.onnx.data") == hashlib.sha256(b"v" * 3000).hexdigest()
+
+
+class _PassesRun:
+    """An instrument that records the passes the PassManager started."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def before_pass(self, record, p, graph) -> None:
+        self.started.append(p.name)
+
+    def after_pass(self, record, p, graph) -> None:
+        pass
+
+
+@pytest.mark.parametrize("shapes, match", [
+    ({"input_id": ((1, 1), (1, 8), (2, 16))}, r"shapes= names 'input_id', but graph 'main' has no such input \(did "
+                                              r"you mean 'input_ids'\?\); its inputs are: input_ids$"),
+    ({"ids": ((1, 1), (1, 8), (2, 16))}, r"shapes= names 'ids', but graph 'main' has no such input; its inputs are: "
+                                         r"input_ids$"),
+    ({"input_ids": ((1,), (8,), (16,))}, r"shapes\['input_ids'\] has rank 1; input 'input_ids' is i64\[s\d+,s\d+\] "
+                                         r"\(rank 2\)"),
+])
+def test_tensorrt_shapes_are_checked_against_the_graph_inputs_before_any_pass_runs(shapes, match, tensorrt_here):
+    """``backend_options={"shapes": {"input_id": ...}}`` (a name the model has no input called) was found only when
+    TensorRT's builder set the profile: after capture, the whole pipeline (its calibration) and the ONNX lowering.
+    The compile driver checks it on the captured graph before the first pass now, naming the inputs there are;
+    so does ``TensorRTCompiled`` before it lowers (or finds TensorRT missing)."""
+    import lowbit
+    from conftest import tiny_llama
+    from lowbit.backends.registry import BackendError
+    from lowbit.backends.tensorrt import TensorRTOptionError
+
+    torch.manual_seed(0)
+    passes_run = _PassesRun()
+    with pytest.raises((BackendError, TensorRTOptionError), match=match):
+        lowbit.compile_model(tiny_llama(), pipeline="fold-norms,dce", backend="tensorrt",
+                             backend_options={"shapes": shapes}, instruments=[passes_run])
+    assert passes_run.started == []
+    graph = lowbit.compile_model(tiny_llama()).graph
+    with pytest.raises(TensorRTOptionError, match=match):
+        TensorRTCompiled(graph, shapes=shapes)

@@ -21,6 +21,9 @@ A backend is one ``register_backend(...)`` call::
 * ``quant_rules`` — ``"module:function"`` taking a pass's ``QuantConfig`` (``Pass.quant_config``) and returning
   what the backend cannot run in it, one line each (TensorRT's explicit-quantization rules: symmetric, static
   per-tensor activations, INT4 in blocks of 64/128), checked with the pipeline before capture and calibration.
+* ``check_graph`` — ``"module:function"`` taking ``(graph, options)`` (the captured graph, the backend's options as
+  a dict) and raising a ``LowbitError`` for an option that does not fit the model (TensorRT's ``shapes=`` naming an
+  input the graph lacks), called by the compile driver before any pass runs.
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ class BackendSpec:
     quant_rules: str | None = None
     """``"module:function"``: ``function(QuantConfig) -> [problem, ...]``, what this backend cannot run among the
     schemes a quantizing pass writes (None: it runs every scheme the IR has)."""
+    graph_check: str | None = None
+    """``"module:function"``: ``function(graph, options)``, the options checked against the captured model before
+    any pass runs (None: nothing to check)."""
     _ops_cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -138,6 +144,12 @@ class BackendSpec:
         """What this backend cannot run in the schemes of ``config`` (a ``QuantConfig``), one line each."""
         return list(_load(self.quant_rules)(config)) if self.quant_rules is not None else []
 
+    def check_graph(self, graph: Any, options: dict[str, Any]) -> None:
+        """The backend's options (as ``parse_options`` gave them) against ``graph``, the captured model: an input
+        name the model lacks is refused before calibration, not at the engine build."""
+        if self.graph_check is not None:
+            _load(self.graph_check)(graph, options)
+
     def lower(self, graph: Any, device: str | None = None, options: dict[str, Any] | None = None) -> Any:
         """Build the runner (imports the backend module now)."""
         self.check_built()
@@ -161,14 +173,15 @@ BACKENDS: dict[str, BackendSpec] = {}
 def register_backend(name: str, lower: str | None, *, summary: str = "", passes: str = "",
                      ops: str | Callable[[str], bool] | None = None, options: type[BackendOptions] = BackendOptions,
                      not_built: str = "", unavailable: Callable[[str | None, bool], str | None] | None = None,
-                     quant_rules: str | None = None, replace: bool = False) -> BackendSpec:
+                     quant_rules: str | None = None, graph_check: str | None = None,
+                     replace: bool = False) -> BackendSpec:
     """Declare a backend (see the module docstring); ``replace=True`` lets a later registration win (the Triton
     backend replacing its not-built declaration)."""
     if name in BACKENDS and not replace:
         raise ValueError(f"backend {name!r} registered twice (pass replace=True to redefine it)")
     if lower is None and not not_built:
         raise ValueError(f"backend {name!r} has no lower function: say in not_built= what to use instead")
-    spec = BackendSpec(name, lower, summary, passes, ops, options, not_built, unavailable, quant_rules)
+    spec = BackendSpec(name, lower, summary, passes, ops, options, not_built, unavailable, quant_rules, graph_check)
     BACKENDS[name] = spec
     return spec
 
@@ -360,7 +373,8 @@ register_backend("tensorrt", "lowbit.backends.tensorrt:lower",
                  summary="TensorRT engine from the explicit-quantization (QDQ) ONNX form",
                  ops="lowbit.backends.onnx.registry:LOWERINGS", options=TensorRTBackendOptions,
                  unavailable=_tensorrt_unavailable,
-                 quant_rules="lowbit.backends.tensorrt.qdq_rules:pipeline_violations")
+                 quant_rules="lowbit.backends.tensorrt.qdq_rules:pipeline_violations",
+                 graph_check="lowbit.backends.tensorrt.engine:check_graph_options")
 class TritonBackendOptions(BackendOptions):
     compile: bool = True
     """Run the lowered module under ``torch.compile`` (the kernels are ``triton_op``s it sees through)."""

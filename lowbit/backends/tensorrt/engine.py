@@ -35,6 +35,7 @@ from lowbit.backends.tensorrt.engine_file import (
     write_engine,
 )
 from lowbit.errors import LowbitError, OptionError, did_you_mean
+from lowbit.ir.graph import Graph, TensorType
 from lowbit.ir.signature import InputError
 
 Shape = Sequence[int]
@@ -138,6 +139,39 @@ def _given_profile(value: ir.Value, triple: tuple[Shape, Shape, Shape]) -> tuple
                 raise TensorRTBuildError(f"shapes[{value.name!r}]: dim {i} of the input is static ({d}), the "
                                          f"profile gives {lo[i]}, {mid[i]}, {hi[i]}")
     return lo, mid, hi
+
+
+def check_profile_inputs(graph: Graph, shapes: ProfileShapes | None) -> None:
+    """``shapes=`` against the inputs of the graph it will profile, before that graph is lowered: an input name the
+    graph lacks (a typo, ``ids`` for ``input_ids``), a wrong rank or a profile over a static size was found only by
+    the engine build, after capture, the whole pipeline's calibration and the ONNX lowering. The compile driver
+    calls this on the captured graph before any pass runs (``BackendSpec.check_graph``)."""
+    if not shapes:
+        return
+    inputs = {v.name: v.type for v in graph.inputs}
+    names = list(inputs)
+    unknown = [k for k in shapes if k not in inputs]
+    if unknown:
+        raise TensorRTOptionError(
+            f"TensorRT option shapes= names {', '.join(map(repr, unknown))}, but graph {graph.name!r} has no such "
+            f"input{did_you_mean(unknown[0], names)}; its inputs are: {', '.join(names) or 'none'}")
+    for name, triple in shapes.items():
+        vtype = inputs[name]
+        if not isinstance(vtype, TensorType):
+            raise TensorRTOptionError(f"TensorRT option shapes[{name!r}]: input {name!r} is {vtype}, not a tensor")
+        lo, mid, hi = (list(s) for s in triple)
+        if len(lo) != vtype.rank:
+            raise TensorRTOptionError(f"TensorRT option shapes[{name!r}] has rank {len(lo)}; input {name!r} is "
+                                      f"{vtype} (rank {vtype.rank})")
+        for i, d in enumerate(vtype.shape):
+            if isinstance(d, int) and not lo[i] == mid[i] == hi[i] == d:
+                raise TensorRTOptionError(f"TensorRT option shapes[{name!r}]: dim {i} of input {name!r} ({vtype}) "
+                                          f"is static ({d}), the profile gives {lo[i]}, {mid[i]}, {hi[i]}")
+
+
+def check_graph_options(graph: Graph, options: Mapping[str, Any]) -> None:
+    """The backend registry's ``check_graph``: the build options that name parts of the model, against it."""
+    check_profile_inputs(graph, options.get("shapes"))
 
 
 def check_build_options(options: Mapping[str, Any], also: Sequence[str] = ()) -> None:
