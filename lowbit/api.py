@@ -28,7 +28,7 @@ from lowbit.backends.registry import (
 )
 from lowbit.errors import LowbitError
 from lowbit.ir.capture import capture, refuse_unrunnable
-from lowbit.ir.graph import Graph
+from lowbit.ir.graph import Graph, Node
 from lowbit.passes.base import Pass, PassError
 from lowbit.passes.manager import (
     Instrument,
@@ -680,6 +680,7 @@ def compile_graph(graph: Graph, plan: CompilePlan, *, device: str | None = None,
     and report. ``run_passes`` replaces the plain ``PassManager`` run (the CLI's adds reproducers on failure)."""
     t0 = started if started is not None else time.perf_counter()
     plan.backend.check_graph(graph, plan.backend_options)  # before the pipeline's calibration, not at lowering
+    _check_fallback_schemes(graph, plan)
     nodes_before, bytes_before = len(graph.nodes), graph.param_bytes()
     passes = [*plan.passes, *plan.backend_passes]
     if run_passes is None:
@@ -698,6 +699,36 @@ def compile_graph(graph: Graph, plan: CompilePlan, *, device: str | None = None,
         lowering=lowering_lines(runner),
     )
     return runner, report
+
+
+def _check_fallback_schemes(graph: Graph, plan: CompilePlan) -> None:
+    """What the backend's quantization rules refuse among the schemes a pass writes on this model only (its
+    ``group_fallback`` groups, ``Pass.fallback_schemes``), named by linear, before any pass runs: ``plan_compile``
+    checks the options' own schemes before capture, and a fallback group TensorRT refuses was found in the exported
+    ONNX, after the pipeline's calibration."""
+    spec = plan.backend
+    if spec.quant_rules is None:
+        return
+    from lowbit.ir.qscheme import QuantConfig
+
+    for p in plan.passes:
+        refused: dict[str, list[Node]] = {}
+        for node, scheme in p.fallback_schemes(graph):
+            for problem in spec.quant_problems(QuantConfig(weight=scheme, keep_float=[])):
+                refused.setdefault(problem, []).append(node)
+        if not refused:
+            continue
+        fallback, group = (getattr(p.options, k, None) for k in ("group_fallback", "group"))
+        lines = []
+        for problem, nodes in refused.items():
+            named = [f"%{n.name} (module {n.module!r}, input size {n.args[1].type.shape[-1]})" for n in nodes]
+            more = f" and {len(named) - 2} more" if len(named) > 2 else ""
+            fix = re.sub(r"\bgroup=", "group_fallback=", problem)  # the backend names group=; here it is this
+            lines.append(f"linear {', '.join(named[:2])}{more}: {fix}")
+        raise BackendError(f"backend {spec.name!r} cannot run what pass {p.spec()} writes on this model: "
+                           f"group_fallback={fallback} is the group of the linears whose input size group={group} "
+                           "does not divide:\n  - " + "\n  - ".join(lines) + "\nchange group_fallback (or give a group "
+                           "that divides those input sizes), or use a backend that runs them (torch, onnxruntime)")
 
 
 def lowering_lines(runner: Any) -> list[str]:

@@ -618,3 +618,48 @@ def test_tensorrt_shapes_are_checked_against_the_graph_inputs_before_any_pass_ru
     graph = lowbit.compile_model(tiny_llama()).graph
     with pytest.raises(TensorRTOptionError, match=match):
         TensorRTCompiled(graph, shapes=shapes)
+
+
+@pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=128,group_fallback=32)",
+                                      f"gptq(w=int4,group=128,group_fallback=32,sym=true,{CALIB_TRT})"])
+def test_a_group_fallback_tensorrt_refuses_is_named_by_linear_before_any_pass_runs(pipeline, tensorrt_here,
+                                                                                   monkeypatch):
+    """``group=128,group_fallback=32`` on a model with 192-wide linears: plan_compile checks the options' group (128,
+    fine), and the fallback's 32 (which TensorRT's INT4 blocks refuse) was found only in the exported ONNX, after
+    the whole pipeline's calibration. The compile driver refuses it on the captured graph before the first pass,
+    naming the linears (as many as the export's checker finds) and group_fallback as the option to change; a
+    fallback TensorRT takes (64) still goes on to the engine build."""
+    import re
+    import types
+
+    import lowbit
+    import lowbit.backends.tensorrt as trt_backend
+    from conftest import tiny_llama
+    from lowbit.backends.registry import BackendError
+    from lowbit.backends.tensorrt import check_tensorrt_qdq, errors
+
+    def model():
+        torch.manual_seed(0)
+        return tiny_llama(hidden=192, inter=256, heads=4, kv_heads=2, vocab=49152, max_positions=64)
+
+    passes_run = _PassesRun()
+    with pytest.raises(BackendError) as exc:
+        lowbit.compile_model(model(), pipeline=pipeline, backend="tensorrt", tokenizer="smollm2",
+                             instruments=[passes_run])
+    assert passes_run.started == []
+    message = str(exc.value)
+    assert "group_fallback=32 is the group of the linears whose input size group=128 does not divide" in message
+    assert "module 'model.layers.0.self_attn.q_proj', input size 192" in message
+    assert "group_fallback=64 or group_fallback=128 (rule int4-block-size)" in message
+    named = 2 + int(re.search(r"and (\d+) more", message).group(1))
+    graph = lowbit.compile_model(model(), pipeline="quantize(w=int4,group=128,group_fallback=32)").graph
+    found = errors(check_tensorrt_qdq(to_onnx(graph, opset=21, weight_format="qdq", attention="decompose")))
+    assert {v.rule for v in found} == {"int4-block-size"} and len(found) == named == 6
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(trt_backend, "build_engine", lambda path, **kw: (b"plan", EngineHeader(
+        0, "", "10.0", inputs=["input_ids"], outputs=["logits"])))
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", _FakeRunner)
+    built = lowbit.compile_model(model(), pipeline="quantize(w=int4,group=128,group_fallback=64)",
+                                 backend="tensorrt")
+    assert built.report.pipeline.records[0].stats["weights_quantized"] == 7  # down_proj's 256 in groups of 128

@@ -9,16 +9,17 @@ names, layout and metadata of the packed params are the same whatever algorithm 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from lowbit.ir.graph import Graph, Node, TensorType, Value
 from lowbit.ir.offload import map_from_disk
-from lowbit.ir.qscheme import QScheme
+from lowbit.ir.qscheme import QScheme, QuantConfig
 from lowbit.ir.quant import Layout, get_qdtype, layout_for
 
-__all__ = ["WeightPlan", "weight_scheme", "write_weight_qdq", "write_static_input_qdq"]
+__all__ = ["WeightPlan", "fallback_weights", "weight_scheme", "write_weight_qdq", "write_static_input_qdq"]
 
 
 @dataclass
@@ -33,6 +34,26 @@ class WeightPlan:
 def weight_scheme(scheme: QScheme, group: int | None) -> QScheme:
     """``scheme`` with the group size actually used on one linear (a ``group_fallback`` replaces the default)."""
     return scheme if group in (None, scheme.group_size) else scheme.model_copy(update={"group_size": group})
+
+
+def fallback_weights(graph: Graph, config: QuantConfig, group_fallback: int,
+                     in_scope: Callable[[str], bool] = lambda module: True) -> list[tuple[Node, QScheme]]:
+    """The linears of ``graph`` (those ``in_scope`` accepts) whose weight takes ``group_fallback``'s group: the group
+    of their scheme in ``config`` does not divide their input size and the fallback does. Each comes with the scheme
+    it gets, which ``config`` alone does not show."""
+    out = []
+    for node in graph.nodes:
+        if node.op != "linear" or not in_scope(node.module):
+            continue
+        scheme = config.resolve(node.module)[0]
+        w = node.args[1] if len(node.args) > 1 else None
+        if scheme is None or scheme.group_size is None or not isinstance(w, Value) \
+                or not isinstance(w.type, TensorType) or w.type.rank != 2:
+            continue
+        k = w.type.shape[-1]
+        if isinstance(k, int) and k % scheme.group_size and not k % group_fallback:
+            out.append((node, weight_scheme(scheme, group_fallback)))
+    return out
 
 
 def write_weight_qdq(graph: Graph, node: Node, scheme: QScheme, group: int | None, qdata: torch.Tensor,

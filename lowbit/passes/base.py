@@ -19,6 +19,9 @@ What a pass declares besides (docs/design.md "Pass contract"):
   ``tests/test_pass_contract.py`` for every registered pass that declares it.
 * ``precheck`` — refusals of the model itself (its architecture) that the ``PassManager`` asks every pass for
   before the first pass runs, so a late pass does not refuse the model after earlier ones calibrated.
+* ``quant_config`` / ``fallback_schemes`` — the Q/DQ schemes the pass writes, from its options alone (checked
+  against a backend's quantization rules before capture) and those only the model decides (``group_fallback``'s
+  group where ``group`` does not divide a linear's input size; checked on the captured graph before any pass runs).
 * ``needs_reference`` — the pass reads the model as it was when the pipeline started (``distill``'s teacher):
   the ``PassManager`` snapshots the graph before the first pass (a structural clone; tensors are shared) and
   hands it to the pass as ``reference`` for its run.
@@ -51,8 +54,9 @@ from lowbit.calibration.data import (
     graph_tokenizer,
 )
 from lowbit.calibration.engine import CalibrationError, resolve_device, static_batch
-from lowbit.ir.graph import Graph
-from lowbit.ir.qscheme import QuantConfig
+from lowbit.ir.graph import Graph, Node
+from lowbit.ir.qdq import fallback_weights
+from lowbit.ir.qscheme import QScheme, QuantConfig
 
 
 class PassOptions(BaseModel):
@@ -430,6 +434,18 @@ class Pass:
         no Q/DQ: what a backend with rules of its own on Q/DQ forms (TensorRT's explicit quantization) checks before
         capture and calibration, through ``lowbit.api.plan_compile``. Default: None."""
         return None
+
+    def fallback_schemes(self, graph: Graph) -> list[tuple[Node, QScheme]]:
+        """The linears of ``graph`` this pass quantizes with a scheme ``quant_config`` does not show, each with that
+        scheme: a ``group_fallback`` option's group, where ``group`` does not divide the input size. A backend with
+        rules on Q/DQ forms checks these too, on the captured model before any pass runs (``lowbit.api``): TensorRT
+        refusing a fallback of 32 was found only in the exported ONNX, after the whole pipeline's calibration."""
+        options = getattr(self, "options", None)
+        group_fallback = getattr(options, "group_fallback", None)
+        config = self.quant_config()
+        if group_fallback is None or config is None:
+            return []
+        return fallback_weights(graph, config, group_fallback, getattr(options, "in_scope", lambda module: True))
 
     def undone_by(self, later: Pass) -> str | None:
         """Why ``later``, run after this pass in the same pipeline, would undo what this pass did while both report
