@@ -663,3 +663,33 @@ def test_a_group_fallback_tensorrt_refuses_is_named_by_linear_before_any_pass_ru
     built = lowbit.compile_model(model(), pipeline="quantize(w=int4,group=128,group_fallback=64)",
                                  backend="tensorrt")
     assert built.report.pipeline.records[0].stats["weights_quantized"] == 7  # down_proj's 256 in groups of 128
+
+
+@pytest.mark.parametrize("opt, match", [
+    ({"seq": 16}, r"opt= names 'seq', but the inputs of .* have no dynamic dim called so; their dynamic dims are: "
+                  r"batch, s0, sequence, s1"),
+    ({"sequence": 100000}, r"opt=\{sequence: 100000\} is outside the profile of dim 'sequence'.*: \[1, 32\]"),
+])
+def test_tensorrt_opt_names_a_dynamic_dim_of_the_model_inside_its_range(opt, match, tensorrt_here):
+    """``opt={"seq": 16}`` (the dim is ``sequence``, or ``s1``) was silently ignored: the engine was tuned for the
+    capture's size, not the one asked for; ``opt={"sequence": 100000}`` on a 32-position model reached TensorRT's
+    builder as an invalid profile. Both are refused naming the dims (and the range): by the compile driver before
+    any pass runs, by ``TensorRTCompiled`` before it lowers, and by ``build_engine``'s profile from an ONNX file."""
+    import lowbit
+    from conftest import tiny_llama
+    from lowbit.backends.registry import BackendError
+    from lowbit.backends.tensorrt import TensorRTOptionError
+
+    torch.manual_seed(0)
+    passes_run = _PassesRun()
+    with pytest.raises((BackendError, TensorRTOptionError), match=match):
+        lowbit.compile_model(tiny_llama(), pipeline="fold-norms,dce", backend="tensorrt",
+                             backend_options={"opt": opt}, instruments=[passes_run])
+    assert passes_run.started == []
+    graph = lowbit.compile_model(tiny_llama()).graph
+    with pytest.raises(TensorRTOptionError, match=match):
+        TensorRTCompiled(graph, opt=opt)
+    model = to_onnx(graph, opset=21, weight_format="qdq", attention="decompose")
+    with pytest.raises(TensorRTBuildError, match=match):
+        profile_from_symbols(model, opt)
+    assert profile_from_symbols(model, {"sequence": 16, "s0": 4})["input_ids"] == ([1, 1], [4, 16], [1024, 32])

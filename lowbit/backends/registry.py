@@ -312,8 +312,8 @@ class TensorRTBackendOptions(BackendOptions):
     max_dim: int = Field(default=4096, gt=0)
     """The optimization profile's maximum of every dynamic dim without a smaller recorded range (batch, sequence)."""
     opt: dict[str, int] | None = None
-    """The profile's optimum per dynamic dim, by ONNX dim name or IR symbol (``s0=128,s1=64`` on the CLI); unset:
-    the size seen at capture."""
+    """The profile's optimum per dynamic dim, by ONNX dim name or IR symbol (``batch=4,sequence=128`` or
+    ``s0=4,s1=128`` on the CLI), inside the dim's range; unset: the size seen at capture."""
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] | None = None
     """(min, opt, max) shapes per input (``input_ids=1x1:1x128:8x512,...`` on the CLI); the inputs it leaves out
     take theirs from the recorded symbol ranges."""

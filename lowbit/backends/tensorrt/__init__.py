@@ -30,6 +30,7 @@ from lowbit.backends.tensorrt.engine import (
     check_build_options,
     check_graph_options,
     check_profile_inputs,
+    check_profile_optima,
     import_tensorrt,
     load_engine,
     profile_from_symbols,
@@ -57,6 +58,7 @@ __all__ = [
     "check_build_options",
     "check_graph_options",
     "check_profile_inputs",
+    "check_profile_optima",
     "check_tensorrt_qdq",
     "export_engine",
     "import_tensorrt",
@@ -108,7 +110,7 @@ def export_engine(graph: Graph, path: str | os.PathLike[str], *, onnx_dir: str |
     ``onnx_dir``: a directory to keep the checked QDQ ONNX TensorRT builds from (``model.onnx``), instead of a
     temporary one."""
     check_build_options(build, also=("onnx_dir",))
-    check_profile_inputs(graph, build.get("shapes"))
+    check_graph_options(graph, build)
     if onnx_dir is not None and not isinstance(onnx_dir, (str, os.PathLike)):  # was a TypeError from Path() later
         raise TensorRTOptionError(f"TensorRT option onnx_dir={onnx_dir!r}: give a directory path or None")
     import_tensorrt()  # fail before the lowering work when TensorRT is absent
@@ -132,7 +134,7 @@ class TensorRTCompiled(torch.nn.Module):
         """The engine_cache file this engine was loaded from (None: built here)."""
         if graph is not None:
             check_build_options({"shapes": shapes, **build}, also=("engine_cache",))
-            check_profile_inputs(graph, shapes)
+            check_graph_options(graph, {"shapes": shapes, **build})
             if engine_cache is not None and not isinstance(engine_cache, (str, os.PathLike)):
                 raise TensorRTOptionError(f"TensorRT option engine_cache={engine_cache!r}: give a directory path "
                                           "or None")

@@ -88,6 +88,13 @@ def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
     if unknown:
         raise TensorRTBuildError(f"shapes= names {', '.join(map(repr, unknown))}, which the model has no input "
                                  f"called{did_you_mean(unknown[0], names)}; its inputs are: {', '.join(names)}")
+    # opt's keys: a dynamic dim's ONNX name (batch, sequence) or the IR symbol it was exported from (s0); another
+    # name was silently ignored
+    dim_keys: dict[str, None] = {}
+    for v in model.graph.inputs:
+        for name in (_dim_name(d) for d in v.shape or () if not isinstance(d, int)):
+            dim_keys |= dict.fromkeys([name, str(symbols.get(name, {}).get("symbol", name))])
+    _check_opt_names(opt, list(dim_keys), "the model", TensorRTBuildError)
     profile: dict[str, tuple[list[int], list[int], list[int]]] = {}
     for value in model.graph.inputs:
         if value.name in given:
@@ -104,26 +111,54 @@ def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
                 mid.append(d)
                 hi.append(d)
                 continue
-            name = str(d.value) if hasattr(d, "value") else str(d)
+            name = _dim_name(d)
             s = symbols.get(name)
             if s is None:
                 raise TensorRTBuildError(f"input {value.name!r} has dim {name!r} with no recorded range: "
                                          "pass shapes={name: (min, opt, max)}")
-            # torch.export reports 2 as the least size of a dim declared from 0 or 1 ("0/1 specialization"), yet the
-            # graph runs at 1 and every other backend takes 1 (lowbit.ir.signature): a profile from 2 built engines
-            # that refused batch 1 and one-token calls
-            smin = s.get("min") or 1
-            smin = 1 if smin <= 2 else smin
-            smax = s.get("max") or max_default
-            smax = min(smax, max_default)
+            smin, smax = profile_range(s.get("min"), s.get("max"), max_default)
             # opt by the dim's ONNX name (batch, sequence) or by the IR symbol it was exported from (s0)
-            sopt = (opt or {}).get(name) or (opt or {}).get(str(s.get("symbol"))) or \
-                min(max(s.get("hint") or smin, smin), smax)
+            key = name if name in (opt or {}) else str(s.get("symbol"))
+            sopt = (opt or {}).get(key)
+            if sopt is None:
+                sopt = min(max(s.get("hint") or smin, smin), smax)
+            elif not smin <= sopt <= smax:
+                raise TensorRTBuildError(_opt_out_of_range(key, sopt, f"dim {name!r} of input {value.name!r}", smin,
+                                                           smax))
             lo.append(smin)
             mid.append(sopt)
             hi.append(smax)
         profile[value.name] = (lo, mid, hi)
     return profile
+
+
+def _dim_name(dim: Any) -> str:
+    """An ONNX symbolic dim's name (``batch``, ``s0``)."""
+    return str(dim.value) if hasattr(dim, "value") else str(dim)
+
+
+def profile_range(least: int | None, most: int | None, max_dim: int) -> tuple[int, int]:
+    """A dynamic dim's (min, max) in the optimization profile, from its recorded range and ``max_dim``."""
+    # torch.export reports 2 as the least size of a dim declared from 0 or 1 ("0/1 specialization"), yet the graph
+    # runs at 1 and every other backend takes 1 (lowbit.ir.signature): a profile from 2 built engines that refused
+    # batch 1 and one-token calls
+    lo = 1 if (least or 1) <= 2 else least
+    return lo, min(most or max_dim, max_dim)  # type: ignore[return-value]
+
+
+def _check_opt_names(opt: Mapping[str, int] | None, names: Sequence[str], what: str,
+                     error: type[LowbitError]) -> None:
+    """Every ``opt=`` key names a dynamic dim of ``what``'s inputs (``names``: their ONNX names and IR symbols)."""
+    unknown = [k for k in (opt or {}) if k not in names]
+    if unknown:
+        raise error(f"TensorRT option opt= names {', '.join(map(repr, unknown))}, but the inputs of {what} have no "
+                    f"dynamic dim called so{did_you_mean(unknown[0], list(names))}; their dynamic dims are: "
+                    f"{', '.join(names) or 'none (every input is static)'}")
+
+
+def _opt_out_of_range(key: str, size: int, dim: str, lo: int, hi: int) -> str:
+    return (f"TensorRT option opt={{{key}: {size}}} is outside the profile of {dim}: [{lo}, {hi}] (its recorded "
+            f"range, capped at max_dim); give an optimum in it, or shapes= for that input")
 
 
 def _given_profile(value: ir.Value, triple: tuple[Shape, Shape, Shape]) -> tuple[list[int], list[int], list[int]]:
@@ -169,9 +204,32 @@ def check_profile_inputs(graph: Graph, shapes: ProfileShapes | None) -> None:
                                           f"is static ({d}), the profile gives {lo[i]}, {mid[i]}, {hi[i]}")
 
 
+def check_profile_optima(graph: Graph, opt: Mapping[str, int] | None, max_dim: int = 4096) -> None:
+    """``opt=`` against the dynamic dims of the graph's inputs, before it is lowered: a name no dim has (``seq`` for
+    ``sequence``) was silently ignored, and an optimum outside the dim's profile range reached TensorRT's builder."""
+    if not opt:
+        return
+    from lowbit.backends.onnx.lowering import dim_names
+
+    onnx_names = dim_names(graph)
+    dims: dict[str, str] = {}  # ONNX dim name or IR symbol -> symbol
+    for v in graph.inputs:
+        for d in v.type.shape if isinstance(v.type, TensorType) else ():
+            if isinstance(d, str) and d in graph.symbols:
+                dims[onnx_names.get(d, d)] = dims[d] = d
+    _check_opt_names(opt, list(dims), f"graph {graph.name!r}", TensorRTOptionError)
+    for key, size in opt.items():
+        sym = graph.symbols[dims[key]]
+        lo, hi = profile_range(sym.min, sym.max, max_dim)
+        if not lo <= size <= hi:
+            name = onnx_names.get(sym.name, sym.name)
+            raise TensorRTOptionError(_opt_out_of_range(key, size, f"dim {name!r} (symbol {sym.name})", lo, hi))
+
+
 def check_graph_options(graph: Graph, options: Mapping[str, Any]) -> None:
     """The backend registry's ``check_graph``: the build options that name parts of the model, against it."""
     check_profile_inputs(graph, options.get("shapes"))
+    check_profile_optima(graph, options.get("opt"), options.get("max_dim", 4096))
 
 
 def check_build_options(options: Mapping[str, Any], also: Sequence[str] = ()) -> None:
