@@ -679,8 +679,7 @@ def compile_graph(graph: Graph, plan: CompilePlan, *, device: str | None = None,
     """The compile driver: run the plan's pipeline and the backend's passes over ``graph`` (in place), lower it,
     and report. ``run_passes`` replaces the plain ``PassManager`` run (the CLI's adds reproducers on failure)."""
     t0 = started if started is not None else time.perf_counter()
-    plan.backend.check_graph(graph, plan.backend_options)  # before the pipeline's calibration, not at lowering
-    _check_fallback_schemes(graph, plan)
+    check_plan_on_graph(graph, plan)  # before the pipeline's calibration, not at lowering
     nodes_before, bytes_before = len(graph.nodes), graph.param_bytes()
     passes = [*plan.passes, *plan.backend_passes]
     if run_passes is None:
@@ -699,6 +698,15 @@ def compile_graph(graph: Graph, plan: CompilePlan, *, device: str | None = None,
         lowering=lowering_lines(runner),
     )
     return runner, report
+
+
+def check_plan_on_graph(graph: Graph, plan: CompilePlan) -> None:
+    """What the plan's backend refuses in this model, before any pass runs: its options against the graph
+    (TensorRT's ``shapes=``/``opt=``) and the schemes a pass writes only on this model (``group_fallback``'s).
+    ``compile_graph`` calls it; the CLI too, right after capture, so the refusal is a usage error (exit 2) rather
+    than "the backend could not lower the graph"."""
+    plan.backend.check_graph(graph, plan.backend_options)
+    _check_fallback_schemes(graph, plan)
 
 
 def _check_fallback_schemes(graph: Graph, plan: CompilePlan) -> None:

@@ -693,3 +693,23 @@ def test_tensorrt_opt_names_a_dynamic_dim_of_the_model_inside_its_range(opt, mat
     with pytest.raises(TensorRTBuildError, match=match):
         profile_from_symbols(model, opt)
     assert profile_from_symbols(model, {"sequence": 16, "s0": 4})["input_ids"] == ([1, 1], [4, 16], [1024, 32])
+
+
+def test_the_cli_refuses_a_tensorrt_option_the_model_lacks_as_a_usage_error(tensorrt_here, tmp_path):
+    """``lowbit compile DIR -b tensorrt --backend-option shapes=ids=...`` (an input the model has no such name for)
+    said "backend 'tensorrt' could not lower the graph: BackendError: ..." and exited 5 (a backend failure): it is
+    the user's option, refused once the model is captured with exit 2 and the model's inputs named, no pass run."""
+    from typer.testing import CliRunner
+
+    from conftest import tiny_llama
+    from lowbit.calibration.data import load_tokenizer
+    from lowbit.cli.main import app
+
+    tiny_llama().save_pretrained(tmp_path / "tiny")
+    load_tokenizer("smollm2").save_pretrained(tmp_path / "tiny")
+    result = CliRunner().invoke(app, ["compile", str(tmp_path / "tiny"), "-b", "tensorrt", "-p", "dce",
+                                      "--backend-option", "shapes=ids=1x1:1x8:1x16", "--print-ir-after-all"])
+    assert result.exit_code == 2, result.output
+    assert "could not lower" not in result.output and "IR after" not in result.output
+    assert "shapes= names 'ids', but graph 'main' has no such input; its inputs are: input_ids" in \
+        " ".join(result.output.split())

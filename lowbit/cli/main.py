@@ -382,9 +382,9 @@ def compile_cmd(
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Capture MODEL, run the pipeline over its IR, lower it to BACKEND and write the artefact and a report."""
-    from lowbit.api import compile_graph, plan_compile
+    from lowbit.api import check_plan_on_graph, compile_graph, plan_compile
     from lowbit.backends.registry import BackendError
-    from lowbit.errors import DeviceError
+    from lowbit.errors import DeviceError, LowbitError
     from lowbit.passes.base import all_passes, closest
     from lowbit.passes.manager import PrintIR
 
@@ -467,6 +467,10 @@ def compile_cmd(
         console.print(f"overrides {overrides}: keeping {', '.join(keep) or 'nothing'} float -> "
                       f"{','.join(p.spec() for p in passes)}", markup=False, soft_wrap=True)
         plan = plan_compile(passes, backend, options)
+    try:  # a backend option naming what the model lacks, or a group_fallback the backend refuses on it
+        check_plan_on_graph(graph, plan)
+    except LowbitError as exc:
+        fail(getattr(exc, "cli", str(exc)), Exit.USAGE)
     instruments = []
     if printing:
         instruments.append(PrintIR(after_all=print_ir_after_all, after_change=print_ir_after_change,
