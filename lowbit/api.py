@@ -633,14 +633,19 @@ def plan_compile(passes: Sequence[Pass], backend: str,
                            f"(backends lowering them: {_backends_lowering(gaps) or 'none'})")
     if spec.quant_rules is not None:
         # TensorRT's explicit-quantization rules, known from the options: they were found on the exported ONNX,
-        # after capture and the whole pipeline's calibration
+        # after capture and the whole pipeline's calibration. Every pass's at once: the fp8 recipe's weights were
+        # refused, and once fixed its activations, one pass per attempt
+        refused = []
         for p in passes:
             config = p.quant_config()
             problems = spec.quant_problems(config) if config is not None else []
             if problems:
-                raise BackendError(f"backend {spec.name!r} cannot run what pass {p.spec()} writes:\n  - "
-                                   + "\n  - ".join(problems) + "\nchange those options, or use a backend that "
-                                   "runs them (torch, onnxruntime)")
+                refused.append(f"pass {p.spec()} writes:\n  - " + "\n  - ".join(problems))
+        if refused:
+            what = refused[0] if len(refused) == 1 else \
+                f"{len(refused)} passes write:\n" + "\n".join(f"{i}. {r}" for i, r in enumerate(refused, 1))
+            raise BackendError(f"backend {spec.name!r} cannot run what {what}\nchange those options, or use a "
+                               "backend that runs them (torch, onnxruntime)")
     return CompilePlan(list(passes), spec, extra, opts)
 
 

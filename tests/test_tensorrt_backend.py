@@ -713,3 +713,30 @@ def test_the_cli_refuses_a_tensorrt_option_the_model_lacks_as_a_usage_error(tens
     assert "could not lower" not in result.output and "IR after" not in result.output
     assert "shapes= names 'ids', but graph 'main' has no such input; its inputs are: input_ids" in \
         " ".join(result.output.split())
+
+
+def test_every_pass_tensorrt_refuses_is_named_at_once(tensorrt_here):
+    """The fp8 recipe (gptq's grouped fp8 weights, then quantize's dynamic per-token fp8 activations) was refused for
+    its gptq pass alone: with the weights fixed, the next compile was refused for the activations. plan_compile
+    names every refused pass, each with the rules it breaks (the same lines the pass alone is refused with)."""
+    from lowbit.api import plan_compile
+    from lowbit.backends.registry import BackendError
+    from lowbit.passes.manager import parse_pipeline
+    from lowbit.recipes import RECIPES
+
+    passes = parse_pipeline(RECIPES["fp8"].pipeline)
+    with pytest.raises(BackendError) as exc:
+        plan_compile(passes, "tensorrt")
+    message = str(exc.value)
+    refused = []
+    for p in passes:
+        try:
+            plan_compile([p], "tensorrt")
+        except BackendError as alone:
+            refused.append(p)
+            lines = str(alone).splitlines()
+            assert lines[0] == f"backend 'tensorrt' cannot run what pass {p.spec()} writes:"
+            assert all(line in message.splitlines() for line in lines[1:])
+    assert [p.name for p in refused] == ["gptq", "quantize"]
+    assert message.startswith("backend 'tensorrt' cannot run what 2 passes write:\n1. pass gptq(")
+    assert "(rule block-quantization-type)" in message and "(rule activation-per-tensor)" in message
