@@ -740,3 +740,28 @@ def test_every_pass_tensorrt_refuses_is_named_at_once(tensorrt_here):
     assert [p.name for p in refused] == ["gptq", "quantize"]
     assert message.startswith("backend 'tensorrt' cannot run what 2 passes write:\n1. pass gptq(")
     assert "(rule block-quantization-type)" in message and "(rule activation-per-tensor)" in message
+
+
+def test_lowbit_inspect_reads_a_tensorrt_engine_header_without_tensorrt(tmp_path):
+    """``lowbit inspect OUT/model.engine`` (what ``lowbit compile -b tensorrt -o OUT`` writes) was refused as a usage
+    error ("expected a .lowbit IR dump, ... or an .onnx file"). It prints the header, integrity-checked, with no
+    TensorRT: the version that built it, the inputs and the optimization profile (the shapes a call may take); a
+    damaged engine exits 3 saying so, a raw plan from another tool is named as one."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    write_engine(tmp_path / "model.engine", b"plan" * 100, _header())
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "model.engine")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "TensorRT engine built by TensorRT 10.9.0, strongly typed, plan 400 bytes (SHA-256 verified), inputs " \
+           "['input_ids'], outputs ['logits']" in text
+    assert "│ input_ids │ 1x2 │ 1x128 │ 1x4096 │" in text
+    data = (tmp_path / "model.engine").read_bytes()
+    (tmp_path / "bad.engine").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "bad.engine")])
+    assert result.exit_code == 3 and "is corrupted: the plan's SHA-256 does not match" in result.output
+    (tmp_path / "other.plan").write_bytes(b"\x00" * 64)
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "other.plan")])
+    assert result.exit_code == 0 and "a raw TensorRT plan (64 bytes) without lowbit's header" in result.output

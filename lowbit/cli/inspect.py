@@ -88,7 +88,49 @@ def _resolve(file: Path) -> tuple[Path, str]:
         return file, "onnx"
     if file.suffix in (".lowbit", ".ir", ".txt"):
         return file, "lowbit"
-    fail(f"{str(file)!r}: expected a .lowbit IR dump, a compile output directory or an .onnx file", Exit.USAGE)
+    if file.suffix.lower() in ENGINE_SUFFIXES or _has_engine_magic(file):
+        return file, "engine"
+    fail(f"{str(file)!r}: expected a .lowbit IR dump, a compile output directory, an .onnx file or a TensorRT "
+         ".engine", Exit.USAGE)
+
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+"""TensorRT engine files: lowbit's (``lowbit compile -b tensorrt -o DIR`` writes ``DIR/model.engine``) or raw plans."""
+
+
+def _has_engine_magic(file: Path) -> bool:
+    from lowbit.backends.tensorrt.engine_file import MAGIC
+
+    with open(file, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def _inspect_engine(path: Path) -> None:
+    """A TensorRT engine's header, integrity-checked (no TensorRT needed): what it was built by and takes, and its
+    optimization profile, the calls it accepts."""
+    from lowbit.backends.tensorrt.engine_file import EngineFileError, read_engine
+
+    try:
+        plan, header = read_engine(path)
+    except EngineFileError as exc:  # truncated or corrupted: a damaged file, exit 3 as a damaged .onnx
+        fail(str(exc), Exit.NOT_FOUND)
+    if header is None:
+        console.print(f"{path}: a raw TensorRT plan ({len(plan)} bytes) without lowbit's header (trtexec "
+                      "--saveEngine or another tool's): only TensorRT can read what it takes", markup=False,
+                      soft_wrap=True)
+        return
+    size = f"{len(plan) / MiB:.1f} MiB" if len(plan) >= MiB else f"{len(plan)} bytes"
+    console.print(f"{path}: TensorRT engine built by TensorRT {header.tensorrt_version}"
+                  + (f" (lowbit {header.lowbit_version})" if header.lowbit_version else "")
+                  + f", {'strongly' if header.strongly_typed else 'weakly'} typed, plan {size} (SHA-256 verified), "
+                  f"inputs {header.inputs}, outputs {header.outputs}"
+                  + (f", built from {header.source}" if header.source else ""), markup=False, soft_wrap=True)
+    profile = Table(title="optimization profile (the input shapes the engine accepts)")
+    for col in ("input", "min", "opt", "max"):
+        profile.add_column(col)
+    for name, shapes in header.profile.items():
+        profile.add_row(name, *("x".join(map(str, s)) for s in shapes))
+    console.print(profile)
 
 
 _FUSED_WEIGHT = {"qlinear": 1, "qlinear_q": 2}
@@ -129,6 +171,8 @@ def inspect_file(file: Path, top: int = 20) -> None:
     path, kind = _resolve(file)
     if kind == "onnx":
         return _inspect_onnx(path, top)
+    if kind == "engine":
+        return _inspect_engine(path)
     graph, has_weights = _read_graph(path, kind)
     errors = _verifier_errors(graph, kind, has_weights)
     total = sum(_bytes(v) for v in graph.params.values())

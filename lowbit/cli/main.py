@@ -1042,7 +1042,8 @@ def replay_cmd(
 @app.command("inspect")
 def inspect_cmd(
     file: Path = typer.Argument(..., help="a .lowbit IR file, a compile output or HF model directory (compressed-"
-                                "tensors, GPTQ, or a float model: captured as compile does), or an .onnx file"),
+                                "tensors, GPTQ, or a float model: captured as compile does), an .onnx file, or a "
+                                "TensorRT .engine (its header: TensorRT version, inputs, optimization profile)"),
     top: int = typer.Option(20, help="show at most this many rows per table"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (an HF directory's loading bar; the "
                                "tables still print)"),
