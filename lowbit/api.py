@@ -606,7 +606,16 @@ def plan_compile(passes: Sequence[Pass], backend: str,
     spec = get_backend(backend)
     spec.check_built()
     opts = spec.parse_options(dict(backend_options or {})).model_dump()
-    spec.check_available(device)
+    refusal = _quant_refusal(spec, passes)
+    try:
+        spec.check_available(device)
+    except BackendError as exc:
+        if refusal is None:
+            raise
+        # TensorRT absent (a CPU machine preparing its ONNX): its rules were not said, and the ONNX the advice
+        # points to would be refused where TensorRT is
+        also = f"\nwhere it runs, it would refuse this pipeline too: it cannot run what {refusal}"
+        raise BackendError(f"{exc}{also}", cli=f"{exc.cli}{also}") from None
     from lowbit.errors import DeviceError, check_device
 
     for p in passes:
@@ -631,22 +640,29 @@ def plan_compile(passes: Sequence[Pass], backend: str,
     if gaps:
         raise BackendError(f"backend {spec.name!r} cannot lower what the pipeline creates: {'; '.join(gaps)} "
                            f"(backends lowering them: {_backends_lowering(gaps) or 'none'})")
-    if spec.quant_rules is not None:
-        # TensorRT's explicit-quantization rules, known from the options: they were found on the exported ONNX,
-        # after capture and the whole pipeline's calibration. Every pass's at once: the fp8 recipe's weights were
-        # refused, and once fixed its activations, one pass per attempt
-        refused = []
-        for p in passes:
-            config = p.quant_config()
-            problems = spec.quant_problems(config) if config is not None else []
-            if problems:
-                refused.append(f"pass {p.spec()} writes:\n  - " + "\n  - ".join(problems))
-        if refused:
-            what = refused[0] if len(refused) == 1 else \
-                f"{len(refused)} passes write:\n" + "\n".join(f"{i}. {r}" for i, r in enumerate(refused, 1))
-            raise BackendError(f"backend {spec.name!r} cannot run what {what}\nchange those options, or use a "
-                               "backend that runs them (torch, onnxruntime)")
+    if refusal is not None:
+        raise BackendError(f"backend {spec.name!r} cannot run what {refusal}")
     return CompilePlan(list(passes), spec, extra, opts)
+
+
+def _quant_refusal(spec: BackendSpec, passes: Sequence[Pass]) -> str | None:
+    """What of the pipeline's quantization the backend's rules refuse (TensorRT's explicit quantization), from the
+    options alone, as "PASS writes: problems" and the fix; None: nothing. These were found on the exported ONNX,
+    after capture and the whole pipeline's calibration. Every pass's at once: the fp8 recipe's weights were
+    refused, and once fixed its activations, one pass per attempt."""
+    if spec.quant_rules is None:
+        return None
+    refused = []
+    for p in passes:
+        config = p.quant_config()
+        problems = spec.quant_problems(config) if config is not None else []
+        if problems:
+            refused.append(f"pass {p.spec()} writes:\n  - " + "\n  - ".join(problems))
+    if not refused:
+        return None
+    what = refused[0] if len(refused) == 1 else \
+        f"{len(refused)} passes write:\n" + "\n".join(f"{i}. {r}" for i, r in enumerate(refused, 1))
+    return f"{what}\nchange those options, or use a backend that runs them (torch, onnxruntime)"
 
 
 def _backends_lowering(gaps: list[str]) -> str:

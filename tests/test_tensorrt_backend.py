@@ -765,3 +765,30 @@ def test_lowbit_inspect_reads_a_tensorrt_engine_header_without_tensorrt(tmp_path
     (tmp_path / "other.plan").write_bytes(b"\x00" * 64)
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "other.plan")])
     assert result.exit_code == 0 and "a raw TensorRT plan (64 bytes) without lowbit's header" in result.output
+
+
+def test_where_tensorrt_is_missing_the_refusal_also_names_the_rules_the_pipeline_breaks(monkeypatch):
+    """On a machine without TensorRT, ``-b tensorrt -r w4a16-g64`` said only "not installed ... -b onnxruntime
+    writes the QDQ ONNX TensorRT builds from": that ONNX (asymmetric int4) is one TensorRT refuses, which the user
+    learnt on the GPU machine. The refusal names the rules the pipeline breaks too, in the API's and the CLI's words;
+    a pipeline TensorRT takes is refused for the missing package alone, as before."""
+    import dataclasses
+
+    from lowbit.api import plan_compile
+    from lowbit.backends import registry
+    from lowbit.backends.registry import BackendError
+    from lowbit.passes.manager import parse_pipeline
+    from lowbit.recipes import RECIPES
+
+    monkeypatch.setitem(registry.BACKENDS, "tensorrt", dataclasses.replace(
+        registry.BACKENDS["tensorrt"], unavailable=lambda device, cli: f"no TensorRT here ({'cli' if cli else 'api'})"))
+    with pytest.raises(BackendError) as exc:
+        plan_compile(parse_pipeline(RECIPES["w4a16-g64"].pipeline), "tensorrt")
+    for text, words in ((str(exc.value), "api"), (exc.value.cli, "cli")):
+        assert text.startswith(f"backend 'tensorrt' cannot run here: no TensorRT here ({words})\nwhere it runs, it "
+                               "would refuse this pipeline too: it cannot run what pass quantize(w=int4,group=64,"
+                               "sym=false) writes:\n  - weights int4-asym-g64: asymmetric")
+        assert "(rule zero-point-zero)" in text
+    with pytest.raises(BackendError) as exc:
+        plan_compile(parse_pipeline("quantize(w=int4,group=64)"), "tensorrt")
+    assert str(exc.value) == "backend 'tensorrt' cannot run here: no TensorRT here (api)"
