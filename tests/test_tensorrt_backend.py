@@ -135,7 +135,7 @@ def test_shapes_for_some_inputs_keep_the_others_from_the_symbols(minilm_graph):
     model = to_onnx(minilm_graph)
     profile = profile_from_symbols(model, max_default=512, shapes={"input_ids": ((1, 8), (4, 64), (8, 128))})
     assert profile["input_ids"] == ([1, 8], [4, 64], [8, 128])
-    assert profile["attention_mask"] == profile_from_symbols(model, max_default=512)["attention_mask"]
+    assert profile["attention_mask"] == profile["input_ids"]  # the same batch and sequence: see the test at the end
     with pytest.raises(TensorRTBuildError, match="'input_id', which the model has no input called \\(did you mean "
                                                  "'input_ids'\\?\\); its inputs are: input_ids, attention_mask"):
         profile_from_symbols(model, shapes={"input_id": ((1, 8), (4, 64), (8, 128))})
@@ -792,3 +792,19 @@ def test_where_tensorrt_is_missing_the_refusal_also_names_the_rules_the_pipeline
     with pytest.raises(BackendError) as exc:
         plan_compile(parse_pipeline("quantize(w=int4,group=64)"), "tensorrt")
     assert str(exc.value) == "backend 'tensorrt' cannot run here: no TensorRT here (api)"
+
+
+def test_shapes_for_one_input_set_the_dims_it_shares_with_the_others(minilm_graph):
+    """``shapes={"input_ids": ...}`` on MiniLM gave input_ids [1, 8] / [4, 64] / [8, 128] and left attention_mask
+    its symbols' [1, 1] / [2, 7] / [256, 512]: at the optimum TensorRT's builder was given a batch of 4 ids with a
+    mask of 2 rows, a pair no call has (and the mask's range outran the ids'). Dims the inputs share (batch,
+    sequence) take the given range everywhere; two given inputs that disagree on one are refused, naming both."""
+    model = to_onnx(minilm_graph)
+    given = ((1, 8), (4, 64), (8, 128))
+    profile = profile_from_symbols(model, max_default=512, shapes={"input_ids": given})
+    assert profile["attention_mask"] == profile["input_ids"] == ([1, 8], [4, 64], [8, 128])
+    profile = profile_from_symbols(model, max_default=512, shapes={"attention_mask": given})
+    assert profile["input_ids"] == ([1, 8], [4, 64], [8, 128])
+    with pytest.raises(TensorRTBuildError, match=r"shapes= gives dim 'sequence' \(min, opt, max\) \(8, 32, 128\) "
+                                                 r"in 'attention_mask' but \(8, 64, 128\) in 'input_ids'"):
+        profile_from_symbols(model, shapes={"input_ids": given, "attention_mask": ((1, 8), (4, 32), (8, 128))})

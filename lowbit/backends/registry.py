@@ -316,7 +316,7 @@ class TensorRTBackendOptions(BackendOptions):
     ``s0=4,s1=128`` on the CLI), inside the dim's range; unset: the size seen at capture."""
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] | None = None
     """(min, opt, max) shapes per input (``input_ids=1x1:1x128:8x512,...`` on the CLI); the inputs it leaves out
-    take theirs from the recorded symbol ranges."""
+    take theirs from the recorded symbol ranges, but for the dims they share with a given one (batch, sequence)."""
     timing_cache: str | None = None
     """A timing-cache file read before and written after the build, so a rebuild skips kernel timing."""
     strongly_typed: bool = True

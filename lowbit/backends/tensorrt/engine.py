@@ -80,7 +80,8 @@ def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
     (input name -> (min, opt, max)) gives some or all of them instead.
 
     ``shapes`` for one input of several used to replace the whole profile (the others had none, and TensorRT's build
-    failed on them), and a name no input has reached TensorRT's ``set_shape``: both are refused or completed here."""
+    failed on them), and a name no input has reached TensorRT's ``set_shape``: both are refused or completed here.
+    A dynamic dim the given inputs share with the others takes their range there too."""
     symbols = json.loads(model.metadata_props.get("lowbit.symbols", "{}"))
     given = dict(shapes or {})
     names = [v.name for v in model.graph.inputs]
@@ -96,9 +97,23 @@ def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
             dim_keys |= dict.fromkeys([name, str(symbols.get(name, {}).get("symbol", name))])
     _check_opt_names(opt, list(dim_keys), "the model", TensorRTBuildError)
     profile: dict[str, tuple[list[int], list[int], list[int]]] = {}
+    # a dynamic dim a given input shares with the others (batch, sequence) takes the given range in all of them: from
+    # the symbols, attention_mask's optimum was [2, 7] beside input_ids' given [4, 64], shapes no call has
+    shared: dict[str, tuple[tuple[int, int, int], str]] = {}
+    for value in model.graph.inputs:
+        if value.name not in given:
+            continue
+        profile[value.name] = _given_profile(value, given[value.name])
+        for i, d in enumerate(value.shape or ()):
+            if isinstance(d, int):
+                continue
+            name, sizes = _dim_name(d), tuple(s[i] for s in profile[value.name])
+            before = shared.setdefault(name, (sizes, value.name))  # type: ignore[arg-type]
+            if before[0] != sizes:
+                raise TensorRTBuildError(f"shapes= gives dim {name!r} (min, opt, max) {sizes} in {value.name!r} but "
+                                         f"{before[0]} in {before[1]!r}: inputs that share a dim need one range")
     for value in model.graph.inputs:
         if value.name in given:
-            profile[value.name] = _given_profile(value, given[value.name])
             continue
         if value.shape is None:
             raise TensorRTBuildError(f"input {value.name!r} has no shape: pass shapes= for the profile")
@@ -112,6 +127,10 @@ def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
                 hi.append(d)
                 continue
             name = _dim_name(d)
+            if name in shared:
+                for bound, size in zip((lo, mid, hi), shared[name][0]):
+                    bound.append(size)
+                continue
             s = symbols.get(name)
             if s is None:
                 raise TensorRTBuildError(f"input {value.name!r} has dim {name!r} with no recorded range: "
