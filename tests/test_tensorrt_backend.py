@@ -808,3 +808,16 @@ def test_shapes_for_one_input_set_the_dims_it_shares_with_the_others(minilm_grap
     with pytest.raises(TensorRTBuildError, match=r"shapes= gives dim 'sequence' \(min, opt, max\) \(8, 32, 128\) "
                                                  r"in 'attention_mask' but \(8, 64, 128\) in 'input_ids'"):
         profile_from_symbols(model, shapes={"input_ids": given, "attention_mask": ((1, 8), (4, 32), (8, 128))})
+
+
+def test_shapes_that_disagree_on_a_shared_dim_are_refused_before_lowering(minilm_graph):
+    """Two inputs given different ranges for a dim they share (MiniLM's sequence in input_ids and attention_mask)
+    were found by the build's profile only, after the ONNX lowering (and, from compile_model, the pipeline's
+    calibration); the graph's check refuses them first, naming the dim by its symbol and both inputs."""
+    from lowbit.backends.tensorrt import TensorRTOptionError
+
+    shapes = {"input_ids": ((1, 8), (4, 64), (8, 128)), "attention_mask": ((1, 8), (4, 32), (8, 128))}
+    seq = minilm_graph.inputs[0].type.shape[1]
+    with pytest.raises(TensorRTOptionError, match=rf"shapes= gives dim {seq} \(min, opt, max\) \(8, 32, 128\) in "
+                                                  r"'attention_mask' but \(8, 64, 128\) in 'input_ids'"):
+        TensorRTCompiled(minilm_graph, shapes=shapes)

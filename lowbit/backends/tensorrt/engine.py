@@ -221,6 +221,18 @@ def check_profile_inputs(graph: Graph, shapes: ProfileShapes | None) -> None:
             if isinstance(d, int) and not lo[i] == mid[i] == hi[i] == d:
                 raise TensorRTOptionError(f"TensorRT option shapes[{name!r}]: dim {i} of input {name!r} ({vtype}) "
                                           f"is static ({d}), the profile gives {lo[i]}, {mid[i]}, {hi[i]}")
+    # inputs sharing a symbol (input_ids and attention_mask: batch, sequence) need one range for it, as the build's
+    # profile_from_symbols refuses, but before the graph is calibrated and lowered
+    ranges: dict[str, tuple[tuple[int, int, int], str]] = {}
+    for name, triple in shapes.items():
+        for i, d in enumerate(inputs[name].shape):  # type: ignore[union-attr]
+            if isinstance(d, str):
+                sizes = tuple(int(s[i]) for s in triple)
+                before = ranges.setdefault(d, (sizes, name))  # type: ignore[arg-type]
+                if before[0] != sizes:
+                    raise TensorRTOptionError(f"TensorRT option shapes= gives dim {d} (min, opt, max) {sizes} in "
+                                              f"{name!r} but {before[0]} in {before[1]!r}: inputs that share a dim "
+                                              "need one range")
 
 
 def check_profile_optima(graph: Graph, opt: Mapping[str, int] | None, max_dim: int = 4096) -> None:
