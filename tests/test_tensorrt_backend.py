@@ -821,3 +821,26 @@ def test_shapes_that_disagree_on_a_shared_dim_are_refused_before_lowering(minilm
     with pytest.raises(TensorRTOptionError, match=rf"shapes= gives dim {seq} \(min, opt, max\) \(8, 32, 128\) in "
                                                   r"'attention_mask' but \(8, 64, 128\) in 'input_ids'"):
         TensorRTCompiled(minilm_graph, shapes=shapes)
+
+
+def test_an_engine_header_names_its_onnx_only_where_that_file_is_kept(minilm_graph, monkeypatch, tmp_path):
+    """Engines built by ``TensorRTCompiled`` or ``export_engine`` recorded the temporary ONNX they were built from
+    (``/tmp/lowbit-trt-.../model.onnx``, deleted with the build), which ``lowbit inspect`` showed as "built from". The
+    header names the ONNX only where ``onnx_dir=`` keeps it."""
+    import os
+    import types
+
+    import lowbit.backends.tensorrt as trt_backend
+    from lowbit.backends.tensorrt import export_engine
+
+    def fake_build(path, **kw):
+        return b"plan", EngineHeader(0, "", "10.0", inputs=["input_ids", "attention_mask"], outputs=["out"],
+                                     source=os.fspath(path))
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(trt_backend, "build_engine", fake_build)
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", _FakeRunner)
+    assert TensorRTCompiled(minilm_graph).header.source == ""
+    assert read_engine(export_engine(minilm_graph, tmp_path / "a.engine"))[1].source == ""
+    kept = read_engine(export_engine(minilm_graph, tmp_path / "b.engine", onnx_dir=tmp_path / "onnx"))[1].source
+    assert kept == os.fspath(tmp_path / "onnx" / "model.onnx") and os.path.isfile(kept)

@@ -117,6 +117,8 @@ def export_engine(graph: Graph, path: str | os.PathLike[str], *, onnx_dir: str |
     with tempfile.TemporaryDirectory(prefix="lowbit-trt-") as tmp:
         onnx_path = _checked_onnx(graph, Path(onnx_dir or tmp))
         plan, header = build_engine(onnx_path, **build)
+    if onnx_dir is None:
+        header.source = ""  # a temporary file, gone: the header named a path that never existed for its reader
     return save_engine(path, plan, header)
 
 
@@ -149,6 +151,7 @@ class TensorRTCompiled(torch.nn.Module):
                     self.cached = entry
                 else:
                     self.plan, self.header = build_engine(onnx_path, shapes=shapes, **build)
+                    self.header.source = ""  # the temporary ONNX, gone once built
                     if entry is not None:
                         save_engine(entry, self.plan, self.header)  # type: ignore[arg-type]
             self.runner = TensorRTRunner(self.plan, self.header)

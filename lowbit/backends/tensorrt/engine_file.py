@@ -42,6 +42,8 @@ class EngineHeader:
     """Input name → [min, opt, max] shapes of the optimization profile."""
     strongly_typed: bool = True
     source: str = ""
+    """The ONNX file the engine was built from, where it is kept (``export_engine(onnx_dir=...)``); empty when it
+    was a temporary one."""
     lowbit_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
