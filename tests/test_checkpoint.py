@@ -1368,3 +1368,34 @@ def test_a_longrope_step_saved_before_rope_switch_generates_past_the_switch(tmp_
     with pytest.raises(CheckpointError, match=r"%max_1 \(model.rotary_emb\) takes the largest position.*no 'rope_"
                        "switch'.*no config.json.*save the model again"):
         lowbit.load(old)
+
+
+def test_compressed_tensors_declares_the_2_4_sparsity(float_slice, tmp_path):
+    """A 2:4-sparse compressed-tensors checkpoint said nothing of its sparsity (no ``sparsity_config``), so vLLM and
+    other compressed-tensors readers could not tell the weights are 2:4. It is written as compressed-tensors defines
+    it (dense format, structure 2:4, every Linear but the unpruned head), parsed by the package's own class, and
+    transformers still loads the model to lowbit's logits; its global_sparsity is the share of zero parameters
+    transformers reads."""
+    from compressed_tensors.config import SparsityCompressionConfig
+    from transformers import AutoModelForCausalLM
+
+    graph = _compiled(float_slice, "sparsify(method=magnitude,pattern=2:4),quantize(w=int4,group=64)")
+    ids = float_slice[1][:1, :64]
+    ref = TorchCompiled(graph)(ids)
+    out = lowbit.save(graph, tmp_path / "ct", format="compressed-tensors")
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    sparsity = SparsityCompressionConfig.load_from_registry(qcfg["sparsity_config"]["format"],
+                                                           **qcfg["sparsity_config"])
+    assert (sparsity.format, sparsity.sparsity_structure) == ("dense", "2:4")
+    assert (sparsity.targets, sparsity.ignore) == (["Linear"], ["lm_head"])
+    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    with torch.no_grad():
+        assert (model(ids).logits - ref).abs().max().item() == 0.0
+    params = [p for n, p in model.named_parameters() if not n.endswith(("_scale", "_zero_point"))]  # the model's own
+    zeros = sum(int((p == 0).sum()) for p in params)
+    assert sparsity.global_sparsity == pytest.approx(zeros / sum(p.numel() for p in params), abs=1e-6)
+    linears = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, w in linears.items():  # the 2:4 pattern is in the weights transformers reads
+        if name != "lm_head":
+            assert ((w.reshape(-1, 4) != 0).sum(1) <= 2).all(), name
+    assert torch.equal(lowbit.load(out)(ids), ref)

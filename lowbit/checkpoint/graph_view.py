@@ -131,6 +131,9 @@ class HFView:
     float_linears: list[str] = field(default_factory=list)
     kv: list[Node] = field(default_factory=list)
     tied_lm_head: bool = False
+    sparsity: dict[str, str] = field(default_factory=dict)
+    """Linear module -> the pattern ``sparsify`` pruned it to (``node.meta["sparsity"]``: ``2:4``,
+    ``unstructured-0.5``): a compressed-tensors checkpoint declares it, so runtimes can pick 2:4 kernels."""
 
 
 def _param(v: Any, node: Node, what: str) -> torch.Tensor:
@@ -275,6 +278,8 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
         if node.op == "linear":
             w, qw = _weight(node)
             key = f"{node.module}.weight"
+            if node.meta.get("sparsity"):
+                view.sparsity[node.module] = node.meta["sparsity"]
             if key not in hf_keys:
                 raise CheckpointError(f"linear %{node.name} has module path {node.module!r}, but the HF model has no "
                                       f"parameter {key!r}; cannot name its weight in an HF checkpoint")

@@ -500,6 +500,46 @@ def _ct_tensors(qw: QuantWeight, fmt: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _zero_weights(qw: QuantWeight) -> int:
+    """How many weights of a quantized linear are exactly zero: codes equal to their zero point (0 when
+    symmetric)."""
+    q, zp = qw.signed_codes()
+    q = q.to(torch.float32)  # fp8 codes compare as floats
+    if zp is not None:
+        n, k = qw.shape
+        zp = zp.reshape(n, -1).to(torch.float32)
+        q = q - zp.repeat_interleave(k // zp.shape[1], dim=1)
+    return int((q == 0).sum())
+
+
+def _ct_sparsity_config(view: HFView) -> dict[str, Any] | None:
+    """compressed-tensors' ``sparsity_config`` for the linears ``sparsify`` pruned: the weights stay dense
+    (``format: dense``) and ``sparsity_structure`` says the pattern, which is how vLLM tells a 2:4 checkpoint (its
+    ``CompressedTensorsConfig._parse_sparsity_config``: targets and ignore select the layers). Without it a 2:4 model
+    was written as a plain quantized one. Every linear is targeted and the unpruned ones are ignored by name, so a
+    reader's target lookup finds every layer; patterns that differ between linears are declared ``unstructured``
+    (true of all of them). ``global_sparsity`` is the share of zeros over all the model's parameters (a tied one counted
+    once), as llm-compressor computes it."""
+    if not view.sparsity:
+        return None
+    patterns = set(view.sparsity.values())
+    structure = next(iter(patterns)) if len(patterns) == 1 and ":" in next(iter(patterns)) else "unstructured"
+    linears = set(view.quantized) | set(view.float_linears)
+    floats = [t for t in view.tensors.values() if t.is_floating_point()]
+    zeros = sum(int((t == 0).sum()) for t in floats) + sum(_zero_weights(qw) for qw in view.quantized.values())
+    total = sum(t.numel() for t in floats) + sum(qw.shape[0] * qw.shape[1] for qw in view.quantized.values())
+    sparsity = {"format": "dense", "sparsity_structure": structure, "targets": ["Linear"],
+                "ignore": sorted(linears - set(view.sparsity)), "global_sparsity": round(zeros / max(total, 1), 6)}
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    try:  # the package's own model validates what we wrote (and vLLM parses it with the same class)
+        SparsityCompressionConfig.load_from_registry("dense", **sparsity)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise CheckpointError(f"compressed-tensors rejects the sparsity_config lowbit built ({sparsity}): {exc}") \
+            from exc
+    return sparsity
+
+
 def _spilled(tensors: dict[str, torch.Tensor], directory: Path, module: str) -> dict[str, torch.Tensor]:
     """One linear's repacked tensors, moved to a file in the checkpoint's ``directory`` (``lowbit.ir.offload``:
     mapped back, unlinked at once) as soon as they are made.
@@ -560,6 +600,9 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
         "ignore": sorted(view.float_linears),
         "kv_cache_scheme": None,
     }
+    sparsity = _ct_sparsity_config(view)
+    if sparsity is not None:
+        qcfg["sparsity_config"] = sparsity
     from compressed_tensors.quantization import QuantizationConfig
 
     try:  # the package's own model validates what we wrote
