@@ -1399,3 +1399,18 @@ def test_compressed_tensors_declares_the_2_4_sparsity(float_slice, tmp_path):
         if name != "lm_head":
             assert ((w.reshape(-1, 4) != 0).sum(1) <= 2).all(), name
     assert torch.equal(lowbit.load(out)(ids), ref)
+
+
+@pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=32,sym=false)", "quantize(w=uint4,group=16,sym=false)"])
+def test_transformers_check_loads_an_asymmetric_linear_with_eight_outputs(tmp_path, pipeline):
+    """compressed-tensors 0.20's unpack_from_int32(packed_dim=0) raises on the one-word zero-point row of a 4-bit
+    linear with 8 outputs and several groups (k_proj/v_proj of one 8-wide kv head): the transformers check that
+    `python -m lowbit --save` runs after saving ended in 'self.stride(-1) must be 1 to view Int as Byte'. It unpacks
+    those zero points as lowbit.load does, and transformers' logits are lowbit's."""
+    from lowbit.checkpoint.hf_check import transformers_logits
+
+    model = tiny_llama(hidden=64, inter=128, heads=8, kv_heads=1, vocab=97, max_positions=64)
+    compiled = lowbit.compile_model(model, pipeline=pipeline)
+    out = lowbit.save(compiled, tmp_path / "ck", format="compressed-tensors")
+    ids = torch.randint(0, 97, (2, 12))
+    assert torch.equal(transformers_logits(out, ids), compiled(ids))

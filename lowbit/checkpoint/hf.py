@@ -53,7 +53,8 @@ from lowbit.ir.graph import Graph, TensorType
 from lowbit.ir.offload import map_from_disk
 from lowbit.ir.quant import QDTYPES, get_qdtype, pack_int4
 
-__all__ = ["save_compressed_tensors", "save_gptq", "load_hf_checkpoint", "skeleton", "SHARD_BYTES"]
+__all__ = ["save_compressed_tensors", "save_gptq", "load_hf_checkpoint", "skeleton", "unpack_zero_points",
+           "SHARD_BYTES"]
 
 SHARD_BYTES = 2 * 2**30
 """Largest safetensors shard (HF's default ``max_shard_size`` is 5 GB; 2 GB keeps single files small)."""
@@ -1040,6 +1041,18 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INTS = (torch.int64, torch.int32)
 
 
+def unpack_zero_points(packed: torch.Tensor, bits: int, shape: torch.Size) -> torch.Tensor:
+    """compressed-tensors' ``unpack_from_int32(packed, bits, shape, packed_dim=0)`` (zero points packed along the
+    output rows), through a contiguous transpose. Why not the helper's own: its transpose of a one-word-row
+    ``[1, G]`` tensor (8 or fewer outputs at 4 bits, 2 or more groups) keeps a stride it cannot view as bytes
+    (compressed-tensors 0.20: RuntimeError 'self.stride(-1) must be 1 to view Int as Byte')."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    words, groups = packed.shape
+    rows = packed.t().reshape(-1).view(groups, words)
+    return unpack_from_int32(rows, bits, torch.Size([shape[1], shape[0]])).t()
+
+
 def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tensor], directory: Path,
                hint: str | None, shape: tuple[int, int]
                ) -> tuple[Any, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -1093,10 +1106,7 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
         if not wa.symmetric:
             zpk = _check_tensor(tensors, f"{module}.weight_zero_point", directory,
                                 [[-(-n * wa.num_bits // 32), n_scales]], (torch.int32,), cfg)
-            # unpacked along rows by hand: the helper's own packed_dim=0 transpose of a one-word [1, G] tensor (8
-            # output channels at 4 bits) keeps a stride it cannot view as bytes (a RuntimeError on every load)
-            rows = zpk.t().flatten().view(n_scales, zpk.shape[0])
-            zp = unpack_from_int32(rows, wa.num_bits, torch.Size([n_scales, n])).t()
+            zp = unpack_zero_points(zpk, wa.num_bits, torch.Size([n, n_scales]))
     elif fmt in ("int-quantized", "float-quantized", "naive-quantized"):
         exact = {"int-quantized": (torch.int8,), "float-quantized": (torch.float8_e4m3fn,)}.get(fmt)
         q = _check_tensor(tensors, f"{module}.weight", directory, [[n, k]], exact, cfg)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,30 @@ def linear_subclasses(directory: Path, ignore: list[str]) -> list[str]:
     model = skeleton(from_pretrained(AutoConfig, str(directory)), "causal-lm")
     return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
             and type(m) is not torch.nn.Linear and name not in ignore]
+
+
+@contextlib.contextmanager
+def _zero_points_unpacked_by_rows() -> Iterator[None]:
+    """compressed-tensors' decompression (what transformers runs on an asymmetric pack-quantized checkpoint) with
+    its zero points unpacked by ``unpack_zero_points``: its own ``unpack_from_int32(packed_dim=0)`` raises on a linear
+    of 8 or fewer outputs at 4 bits with 2 or more groups (a GQA k_proj of one 8-wide kv head, a small head), so
+    the check after ``python -m lowbit --save`` ended in that RuntimeError. Restored on exit."""
+    from compressed_tensors.compressors.pack_quantized import base
+
+    from lowbit.checkpoint.hf import unpack_zero_points
+
+    original = base.unpack_from_int32
+
+    def unpack(value: torch.Tensor, num_bits: int, shape: torch.Size, packed_dim: int = 1) -> torch.Tensor:
+        if packed_dim == 0 and value.dim() == 2:
+            return unpack_zero_points(value, num_bits, torch.Size(shape))
+        return original(value, num_bits, shape, packed_dim)
+
+    base.unpack_from_int32 = unpack
+    try:
+        yield
+    finally:
+        base.unpack_from_int32 = original
 
 
 def transformers_logits(directory: str | Path, ids: torch.Tensor) -> torch.Tensor:
@@ -48,6 +74,7 @@ def transformers_logits(directory: str | Path, ids: torch.Tensor) -> torch.Tenso
         # passing that config is the route, not a mistake: transformers' "You passed `quantization_config` ... The
         # rest will be ignored" warning was printed in the middle of the main job's (python -m lowbit) output
         warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
-        model = from_pretrained(AutoModelForCausalLM, str(directory), **kwargs).eval()
+        with _zero_points_unpacked_by_rows():
+            model = from_pretrained(AutoModelForCausalLM, str(directory), **kwargs).eval()
     with torch.no_grad():
         return model(ids).logits
