@@ -577,9 +577,7 @@ def _tiny3() -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("prune, message", [
-    (r"prune-mlp(ratio=0.25,score=magnitude,modules=layers\.0\.)", r"per-layer intermediate_size \[192, 256, 256\]"),
-    (r"prune-heads(ratio=0.5,score=magnitude,modules=layers\.0\.)",
-     r"per-layer \[num_attention_heads, num_key_value_heads\] \[\[2, 1\], \[4, 2\], \[4, 2\]\]")])
+    (r"prune-mlp(ratio=0.25,score=magnitude,modules=layers\.0\.)", r"per-layer intermediate_size \[192, 256, 256\]")])
 def test_layers_pruned_to_different_sizes_are_refused_listing_them(tmp_path, prune, message):
     """One layer pruned (modules=): the refusal lists every layer's size, not an unpruned layer's weight against a
     config made from the pruned one (the prune passes record every block's size, not only those they cut)."""
@@ -1414,3 +1412,47 @@ def test_transformers_check_loads_an_asymmetric_linear_with_eight_outputs(tmp_pa
     out = lowbit.save(compiled, tmp_path / "ck", format="compressed-tensors")
     ids = torch.randint(0, 97, (2, 12))
     assert torch.equal(transformers_logits(out, ids), compiled(ids))
+
+
+def test_layers_pruned_to_different_head_counts_save_with_zero_heads(tmp_path):
+    """One layer's heads pruned (modules=): an HF config holds one head count for all layers, so the HF formats
+    refused it. The checkpoint keeps the config's counts, the layer's removed heads written as zero heads: transformers
+    loads it to the compiled logits, the manifest records each layer's kept heads, and lowbit.load runs it. The
+    lowbit format still keeps the smaller graph, and its reload (no config.json: per-layer counts) is refused by name
+    for the HF formats."""
+    import transformers
+
+    c = lowbit.compile_model(_tiny3(), pipeline=r"prune-heads(ratio=0.5,score=magnitude,modules=layers\.0\.),"
+                                                "quantize(w=int4,group=16)")
+    out = lowbit.save(c, tmp_path / "ct", format="compressed-tensors")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (hf.config.num_attention_heads, hf.config.num_key_value_heads) == (4, 2)
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        assert (hf(ids).logits - c(ids)).abs().max().item() == 0.0
+    info = json.loads((out / "lowbit-manifest.json").read_text())["lowbit"]["zero_heads"]
+    assert info == {"written_heads": [4, 2], "kept_heads": {"model.layers.0": [2, 1], "model.layers.1": [4, 2],
+                                                            "model.layers.2": [4, 2]}}
+    assert torch.equal(lowbit.load(out)(ids), c(ids))
+    again = lowbit.load(lowbit.save(c, tmp_path / "lb", format="lowbit"))
+    with pytest.raises(CheckpointError, match=r"per-layer \[num_attention_heads, num_key_value_heads\] "
+                                              r"\[\[2, 1\], \[4, 2\], \[4, 2\]\].*one number for all layers"):
+        lowbit.save(again, tmp_path / "ct2", format="compressed-tensors")
+
+
+def test_zero_heads_refuse_an_output_projection_whose_groups_cross_heads(tmp_path):
+    """A GPT-NeoX (head_dim derived from hidden_size) whose heads were pruned and whose output projection is
+    quantized in groups wider than a head: the removed heads' columns are not whole groups, so they cannot be
+    written as zero heads without requantizing; refused naming the linear, the group and the columns."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.GPTNeoXConfig(
+        hidden_size=96, intermediate_size=128, num_attention_heads=6, num_hidden_layers=1, vocab_size=128,
+        max_position_embeddings=64)).eval()
+    # 4 heads of 16 kept: the output projection's 64 inputs are one group of 64, the 2 removed heads 32 columns
+    c = lowbit.compile_model(model, pipeline="prune-heads(ratio=0.34,score=magnitude),"
+                             "quantize(w=int4,group=64,group_fallback=32)")
+    with pytest.raises(CheckpointError, match=r"'gpt_neox\.layers\.0\.attention\.dense\.weight' is quantized in "
+                                              r"groups of 64 input channels, and the removed heads' 32 columns"):
+        lowbit.save(c, tmp_path / "ct", format="compressed-tensors")

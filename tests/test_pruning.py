@@ -1605,10 +1605,11 @@ def test_prune_heads_names_the_norm_that_mixes_heads():
         compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
 
 
-def test_head_pruned_qwen3_checkpoint_loads_in_transformers_and_stablelm_says_why_not(tmp_path):
+def test_head_pruned_qwen3_and_stablelm_checkpoints_load_in_transformers(tmp_path):
     """Qwen3 reads head_dim from config.json: its head-pruned, quantized checkpoint loads in transformers with the
     compiled model's logits. StableLM derives head_dim from hidden_size / heads, so pruned heads cannot be described
-    in its config: refused naming that (it said only that a shape differed), before any file is written."""
+    in its config (the save was refused): it is written at its config's head counts with the removed heads as zero
+    heads, and loads with the compiled model's logits too."""
     import transformers as tf
 
     from lowbit.api import compile_model
@@ -1629,38 +1630,39 @@ def test_head_pruned_qwen3_checkpoint_loads_in_transformers_and_stablelm_says_wh
     stablelm = tf.AutoModelForCausalLM.from_config(tf.StableLmConfig(num_attention_heads=4, num_key_value_heads=4,
                                                                      **shape)).eval()
     c = compile_model(stablelm, pipeline="prune-heads(ratio=0.5,score=magnitude),quantize(w=int8)")
-    with pytest.raises(CheckpointError, match=r"model_type 'stablelm' derives head_dim from hidden_size / "
-                                              r"num_attention_heads .*save with format='lowbit'"):
-        save(c, tmp_path / "stablelm")
-    assert not (tmp_path / "stablelm").exists() or not any((tmp_path / "stablelm").iterdir())
+    loaded = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path / "stablelm")).eval()
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads) == (4, 4)  # 2 of them zero
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, c(ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("ratio, heads", [(0.25, 3), (0.5, 2)])
-def test_head_pruned_bert_checkpoint_is_refused_naming_the_derived_head_size(tmp_path, ratio, heads):
+def test_head_pruned_bert_checkpoint_loads_in_transformers_with_zero_heads(tmp_path, ratio, heads):
     """BERT has no head_dim setting: its attention's head size is hidden_size / num_attention_heads, so config.json
     cannot describe pruned heads. 3 heads of a 64-wide stream were transformers' bare 'hidden size (64) is not a
     multiple of the number of attention heads (3)' ValueError from inside the HF constructor; 2 heads built a
-    model with 32-channel heads and failed only on 'query.weight has shape (64, 64) ... the graph holds (32, 64)'.
-    Both are refused by name, pointing to format='lowbit'; nothing is written."""
+    model with 32-channel heads and failed on 'query.weight has shape (64, 64) ... the graph holds (32, 64)'; then
+    both were refused. The checkpoint keeps the config's 4 heads, the removed ones zero, and transformers' BertModel
+    embeds as the compiled model does."""
     import transformers as tf
 
     from lowbit.api import compile_model
     from lowbit.checkpoint import save
-    from lowbit.checkpoint.files import CheckpointError
     from lowbit.models import SentenceEmbedder
 
     torch.manual_seed(0)
     bert = tf.BertModel(tf.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                       num_hidden_layers=1)).eval()
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
     c = compile_model(SentenceEmbedder(bert), (ids, torch.ones_like(ids)),
                       pipeline=f"prune-heads(ratio={ratio},score=magnitude)")
     assert c.graph.meta["pruned"]["heads"]["encoder.layer.0"] == [heads, heads]
-    with pytest.raises(CheckpointError, match=rf"model_type 'bert' derives head_dim from hidden_size / "
-                                              rf"num_attention_heads .*{heads} heads of 16 channels.*"
-                                              r"save with format='lowbit'"):
-        save(c, tmp_path / "bert", format="compressed-tensors")
-    assert not (tmp_path / "bert").exists() or not any((tmp_path / "bert").iterdir())
+    loaded = SentenceEmbedder(tf.BertModel.from_pretrained(save(c, tmp_path / "bert", format="hf"))).eval()
+    assert loaded.encoder.config.num_attention_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask), c(ids, mask), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "olmo2", "granite"])
@@ -1766,8 +1768,8 @@ def test_prune_heads_on_a_fused_qkv_split_in_equal_parts_or_per_head_equals_mask
     prune-heads removes each head's rows from separate q/k/v linears'). It removes a head's rows from each part
     (GPT-2: the head's rows of q, k and v; GPT-NeoX: the head's 3·head_dim consecutive rows): the result equals the HF
     model with those rows and the output projection's columns zeroed (float64) and reloads from the lowbit format;
-    both families derive head_dim from hidden_size / heads, so the HF save says that instead of writing a wrong
-    config."""
+    both families derive head_dim from hidden_size / heads, so the HF save writes the removed heads as zero heads,
+    which transformers runs to the same logits."""
     import transformers as tf
     from conftest import tiny_outside_family
 
@@ -1810,9 +1812,11 @@ def test_prune_heads_on_a_fused_qkv_split_in_equal_parts_or_per_head_equals_mask
             o[:, cols] = 0
     ids, got = _equals_masked_dense(model, dense, c)
     torch.testing.assert_close(load(save(c, tmp_path / "lowbit", format="lowbit"))(ids), got, rtol=0, atol=0)
-    with pytest.raises(CheckpointError, match=rf"model_type '{family.replace('-', '_')}' derives head_dim from "
-                                              r"hidden_size / num_attention_heads .*save with format='lowbit'"):
-        save(c, tmp_path / "hf", format="hf")
+    # the HF save writes the config's 4 heads, the removed ones as zero heads (lowbit.checkpoint.zero_heads)
+    hf = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path / "hf", format="hf"), dtype=torch.float64).eval()
+    assert hf.config.num_attention_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)
 
 
 def test_head_pruned_gpt_neox_step_graph_generates_as_the_pruned_logits_model():
@@ -1972,11 +1976,12 @@ def test_block_pruned_smollm3_saves_the_kept_layers_rotary_choice(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, c(ids), rtol=1e-5, atol=1e-5)
 
 
-def test_head_pruned_phi_with_qk_layernorm_refuses_the_hf_save_naming_the_derived_head_size(tmp_path):
+def test_head_pruned_phi_with_qk_layernorm_saves_with_zero_heads(tmp_path):
     """Phi sizes its q/k LayerNorms hidden_size / num_attention_heads even where its projections read head_dim, so
     config.json cannot describe a head-pruned Phi with qk_layernorm: the save said only that 'q_layernorm.weight has
-    shape (32,) in the model's config, but the graph holds (16,)'. It says that Phi derives the head size, and how to
-    save instead (the lowbit format, which reloads the same model)."""
+    shape (32,) in the model's config, but the graph holds (16,)', then was refused naming the derived head size. It
+    is written at the config's head count with the removed heads zero (their norms' output meets zero values), and
+    transformers runs it to the compiled logits; the lowbit format reloads the same model."""
     import transformers as tf
 
     from lowbit.api import compile_model
@@ -1988,10 +1993,9 @@ def test_head_pruned_phi_with_qk_layernorm_refuses_the_hf_save_naming_the_derive
         hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=1, vocab_size=128,
         max_position_embeddings=64, qk_layernorm=True)).eval()
     c = compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
-    with pytest.raises(CheckpointError, match=r"model_type 'phi' derives head_dim from hidden_size / "
-                                              r"num_attention_heads .*'model\.layers\.0\.self_attn\.q_layernorm\."
-                                              r"weight' would be \(32,\) instead of the graph's \(16,\).*"
-                                              r"save with format='lowbit'"):
-        save(c, tmp_path / "hf", format="hf")
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))
+    hf = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path / "hf", format="hf")).eval()
+    assert hf.config.num_attention_heads == 4  # the removed heads written as zero heads
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, c(ids), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(load(save(c, tmp_path / "lowbit", format="lowbit"))(ids), c(ids), rtol=0, atol=0)

@@ -131,6 +131,9 @@ class HFView:
     float_linears: list[str] = field(default_factory=list)
     kv: list[Node] = field(default_factory=list)
     tied_lm_head: bool = False
+    zero_heads: dict[str, Any] = field(default_factory=dict)
+    """Head-pruned blocks written at the config's head counts with zero heads (``lowbit.checkpoint.zero_heads``):
+    the counts written and each block's kept heads, for the save's record."""
     sparsity: dict[str, str] = field(default_factory=dict)
     """Linear module -> the pattern ``sparsify`` pruned it to (``node.meta["sparsity"]``: ``2:4``,
     ``unstructured-0.5``): a compressed-tensors checkpoint declares it, so runtimes can pick 2:4 kernels."""

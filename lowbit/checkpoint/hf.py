@@ -49,6 +49,7 @@ from lowbit.checkpoint.files import (
     write_safetensors,
 )
 from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
+from lowbit.checkpoint.zero_heads import HEAD_INTERLEAVED, ZeroHeads, pad_zero_heads, zero_head_report
 from lowbit.ir.graph import Graph, TensorType
 from lowbit.ir.offload import map_from_disk
 from lowbit.ir.quant import QDTYPES, get_qdtype, pack_int4
@@ -319,6 +320,35 @@ _ROTARY_CONSTANT = re.compile(r"(^|\.)rotary_emb\.lifted_tensor_\d+$")
 long_inv_freq from the config the first time it runs (``transformers.modeling_rope_utils.dynamic_rope_update``)."""
 
 
+def _zero_heads(config: Any, pruned: dict[str, Any], renames: dict[str, str]) -> ZeroHeads:
+    """The head padding of a head-pruned graph written at ``config``'s head counts: each kept block's (renamed)
+    kept heads."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    q_heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or getattr(text, "num_kv_heads", None) or q_heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // q_heads)
+    kept = list(pruned["layers_kept"]) if pruned.get("layers_kept") else None
+    heads = {renames.get(b, b): (int(v[0]), int(v[1])) for b, v in pruned["heads"].items()
+             if kept is None or b in kept}
+    return ZeroHeads(heads, q_heads, kv_heads, head_dim, text.model_type in HEAD_INTERLEAVED)
+
+
+def _graph_shapes(graph: Graph, keys: dict[str, tuple[int, ...]], zero: ZeroHeads,
+                  conv1d: frozenset[str]) -> dict[str, tuple[int, ...]]:
+    """``keys`` with the graph's own shapes for the weights and biases of the head-pruned blocks' linears (HF's
+    orientation: a Conv1D weight ``[in, out]``), which the view is made with before its zero heads are added."""
+    shapes = dict(keys)
+    for node in graph.nodes:
+        if node.op != "linear" or zero.block(f"{node.module}.weight") is None:
+            continue
+        for leaf, v in (("weight", node.args[1]), ("bias", node.arg(2, "bias"))):
+            key = f"{node.module}.{leaf}"
+            if key in keys and isinstance(getattr(v, "type", None), TensorType):
+                shape = tuple(int(d) for d in v.type.shape)
+                shapes[key] = shape[::-1] if leaf == "weight" and node.module in conv1d else shape
+    return shapes
+
+
 def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
     if any(n.op in ("qlinear", "qlinear_q") or n.meta.get("merged") for n in graph.nodes):
         # fused (fuse-qlinear, and the triton backend's merge-linears / fuse-norm-quant): HF formats store each
@@ -331,11 +361,27 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
         unfuse_norm_quant(graph)
         unmerge_horizontal(graph)
         unfuse_qlinear(graph)
-    config, renames = pruned_config(config, graph.meta.get("pruned"))
-    graph = _renamed(graph, renames)
-    config, added = _bias_switches(graph, config)
-    model = _pruned_skeleton(graph, config, kind)
-    keys = _hf_keys(model)
+    pruned = graph.meta.get("pruned") or {}
+    zero = None
+    try:
+        config1, renames = pruned_config(config, pruned)
+        graph1 = _renamed(graph, renames)
+        config1, added = _bias_switches(graph1, config1)
+        model = _pruned_skeleton(graph1, config1, kind)
+        keys = _hf_keys(model)
+        _check_head_dim(graph1, config1, keys)
+    except CheckpointError:
+        if "heads" not in pruned or "hidden_size" in pruned:
+            raise
+        # the config cannot hold the pruned head counts (its family derives head_dim, or they differ per layer):
+        # the config's own counts, the removed heads written as zero heads (lowbit.checkpoint.zero_heads)
+        config1, renames = pruned_config(config, {k: v for k, v in pruned.items() if k != "heads"})
+        graph1 = _renamed(graph, renames)
+        config1, added = _bias_switches(graph1, config1)
+        model = skeleton(config1, kind)
+        keys = _hf_keys(model)
+        zero = _zero_heads(config1, pruned, renames)
+    graph, config = graph1, config1
     derived = {n for n, _ in model.named_buffers()} - set(keys)
     # and the tables a rotary computes from config.json while traced (longrope's long_inv_freq, which torch.export
     # lifts as a constant): no HF parameter holds them, and the loader computes the same from the config
@@ -351,10 +397,15 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
                                   f"non-persistent buffer; the graph's is {float(graph.params[scalars[0]].data):g}): "
                                   "a loader would compute it from the sliced size and run another model; save with "
                                   "format='lowbit'")
-    _check_head_dim(graph, config, keys)
     # GPT-2's Conv1D stores its weight [in, out]; the graph's linear holds it [out, in] (lowbit.ir.raising)
     conv1d = frozenset(n for n, m in model.named_modules() if type(m).__name__ == "Conv1D")
-    view = hf_view(graph, keys, derived, conv1d)
+    if zero is None:
+        view = hf_view(graph, keys, derived, conv1d)
+    else:
+        graph_keys = _graph_shapes(graph, keys, zero, conv1d)
+        view = hf_view(graph, graph_keys, derived, conv1d)
+        pad_zero_heads(view, keys, graph_keys, zero)
+        view.zero_heads = zero_head_report(zero)
     # the switch gives every such linear a bias: the ones the graph lacks are zero, in the checkpoint's float dtype
     # (float32 zeros in a bf16 model made _float_dtype write dtype "float32": transformers loaded it in float32)
     floats = {t.dtype for t in view.tensors.values() if t.is_floating_point()}
@@ -614,7 +665,8 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
     _write_config(cfg, directory, qcfg, tokenizer, _float_dtype(view))
     return {"format": "compressed-tensors", "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
             "float_linears": sorted(view.float_linears), "not_in_graph": missing,
-            "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()}}
+            "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()},
+            **({"zero_heads": view.zero_heads} if view.zero_heads else {})}
 
 
 # ---- float (plain transformers) ---------------------------------------------------------------
@@ -638,7 +690,8 @@ def save_hf_float(graph: Graph, directory: Path, *, tokenizer: Any = None, confi
                               "format='compressed-tensors' or 'gptq'")
     files = _write_shards(dict(view.tensors), directory)
     _write_config(cfg, directory, None, tokenizer, _float_dtype(view))
-    return {"format": "hf", "kind": kind, "shards": files, "not_in_graph": missing}
+    return {"format": "hf", "kind": kind, "shards": files, "not_in_graph": missing,
+            **({"zero_heads": view.zero_heads} if view.zero_heads else {})}
 
 
 # ---- gptq ---------------------------------------------------------------------------------------
@@ -720,7 +773,8 @@ def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: A
     _write_config(cfg, directory, qcfg, tokenizer, _float_dtype(view))
     return {"format": "gptq", "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
             "float_linears": sorted(view.float_linears), "not_in_graph": missing,
-            "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()}}
+            "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()},
+            **({"zero_heads": view.zero_heads} if view.zero_heads else {})}
 
 
 def _gptq_block_modules(view: HFView) -> list[list[str]] | None:
