@@ -1999,3 +1999,28 @@ def test_head_pruned_phi_with_qk_layernorm_saves_with_zero_heads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, c(ids), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(load(save(c, tmp_path / "lowbit", format="lowbit"))(ids), c(ids), rtol=0, atol=0)
+
+
+def test_prune_heads_names_falcons_grouped_query_key_value(tmp_path):
+    """Falcon's grouped-query attention views its one query_key_value per kv-head group ([.., kv, q_per_kv + 2, D]:
+    each group's query heads, then its key and value) and slices it along the group's dim: prune-heads said only
+    '%slice_6 = aten.slice.Tensor ... is not a per-head op the walk knows'. It names the fused linear, the view and the
+    layout, and the pass that does prune the model; that pass's checkpoint loads in transformers."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+    from lowbit.checkpoint import save
+    from lowbit.checkpoint.hf_check import transformers_logits
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.FalconConfig(
+        hidden_size=64, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, num_hidden_layers=1,
+        vocab_size=128)).eval()
+    with pytest.raises(PipelineError, match=r"transformer\.h\.0\.self_attention: q, k and v come from one fused "
+                                            r"linear %linear_1 \(module 'transformer\.h\.0\.self_attention\."
+                                            r"query_key_value'\) viewed per kv-head group as f32\[s0,s1,2,4,16\] "
+                                            r".*Falcon's grouped query_key_value.*prune-mlp prunes this model"):
+        compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
+    c = compile_model(model, pipeline="prune-mlp(ratio=0.5,score=magnitude),quantize(w=int8)")
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(transformers_logits(save(c, tmp_path / "ct"), ids), c(ids), rtol=1e-5, atol=1e-5)

@@ -148,6 +148,21 @@ def _fused_projection(stop: Node) -> Node | None:
     return v.producer if _stored_linear(v.producer) else None
 
 
+def _grouped_qkv(stop: Node) -> tuple[Node, Value] | None:
+    """Falcon's grouped ``query_key_value``: one stored linear's output viewed ``[B, S, kv_heads, q_per_kv + 2,
+    head_dim]`` (each kv group's query heads, then its key and its value) and cut along the group's dim by the
+    node the head walk stopped at (a slice for q, a select for k and v): that linear and the 5-D view, or None."""
+    src = stop.args[0] if stop.args else None
+    if stop.op not in ("aten.slice.Tensor", "aten.select.int") or not isinstance(src, Value) or \
+            src.tensor_type.rank != 5 or len(stop.args) < 2 or not isinstance(stop.args[1], int) or \
+            stop.args[1] % 5 != 3:
+        return None
+    v = src
+    while v.producer is not None and v.producer.op in _PASS_THROUGH and isinstance(v.producer.args[0], Value):
+        v = v.producer.args[0]
+    return (v.producer, src) if _stored_linear(v.producer) else None
+
+
 def _equal_split_of_linear(split: Node, width: int) -> tuple[Node, list[Node]] | None:
     """``split`` cuts one stored linear's output (through layout ops that keep the last dim) along its last dim into
     equal parts of ``width`` channels (Phi-3's ``gate_up_proj(x).chunk(2, -1)``): that linear and the layout ops
@@ -429,6 +444,16 @@ def find_attention_sites(graph: Graph, advise: bool = True) -> tuple[list[Attent
                                f"{fused.module!r}, {fused.outputs[0].tensor_type}) split by %{stops[0].name} "
                                f"({stops[0].op}){f', but {split}' if split else ''}: prune-heads cuts a fused q/k/v "
                                f"linear split into three equal parts or into heads only{instead()}")
+                continue
+            grouped = _grouped_qkv(stops[0]) if stops else None
+            if grouped is not None:
+                lin, view = grouped
+                skipped.append(f"{att.module or att.name}: q, k and v come from one fused linear %{lin.name} (module "
+                               f"{lin.module!r}) viewed per kv-head group as {view.tensor_type} and cut along its "
+                               f"dim 3 by %{stops[0].name} ({stops[0].op}): each group's query heads, then its key "
+                               "and its value (Falcon's grouped query_key_value); prune-heads has no cut for that "
+                               "layout, whose group and head counts the captured reshapes and expands hold as "
+                               f"constants{instead()}")
                 continue
             if stops:
                 s0 = stops[0]
