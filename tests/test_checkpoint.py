@@ -1456,3 +1456,19 @@ def test_zero_heads_refuse_an_output_projection_whose_groups_cross_heads(tmp_pat
     with pytest.raises(CheckpointError, match=r"'gpt_neox\.layers\.0\.attention\.dense\.weight' is quantized in "
                                               r"groups of 64 input channels, and the removed heads' 32 columns"):
         lowbit.save(c, tmp_path / "ct", format="compressed-tensors")
+
+
+def test_a_reloaded_2_4_compressed_tensors_checkpoint_keeps_its_sparsity(tmp_path):
+    """lowbit.load of a 2:4 compressed-tensors checkpoint dropped the pattern its sparsity_config declares: the
+    reloaded graph's linears were unmarked (no '| sparsity 2:4' in its IR text), so saving it again declared no
+    sparsity and the 2:4 backends did not know it. The targeted linears carry the mark again, and a second save
+    writes the same sparsity_config."""
+    compiled = _compiled_tiny("sparsify(method=magnitude,pattern=2:4),quantize(w=int4,group=32)")
+    marked = {n.module for n in compiled.graph.nodes if n.meta.get("sparsity") == "2:4"}
+    out = lowbit.save(compiled, tmp_path / "ct", format="compressed-tensors")
+    reloaded = lowbit.load(out)
+    assert {n.module for n in reloaded.graph.nodes if n.meta.get("sparsity") == "2:4"} == marked
+    again = lowbit.save(reloaded, tmp_path / "again", format="compressed-tensors")
+    first, second = (json.loads((d / "config.json").read_text())["quantization_config"]["sparsity_config"]
+                     for d in (out, again))
+    assert second == first and first["sparsity_structure"] == "2:4"

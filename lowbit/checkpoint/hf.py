@@ -1028,6 +1028,8 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
     _install_codes(graph, plan, directory)
     _install_static_inputs(graph, {m: (p[1], _ct_input_scale(m, tensors, directory)) for m, p in plan.items()
                                    if p[1] is not None and not p[1].dynamic})
+    if method == "compressed-tensors":
+        _mark_sparsity(graph, qcfg.get("sparsity_config"))
     graph.meta["loaded_format"] = method  # what generate() names when asked for a step graph this is not
     if generation and graph.meta["generation"]["logits"] == "last":  # as compile_model's plan adds it
         from lowbit.passes.last_logits import LastLogits
@@ -1035,6 +1037,23 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
 
         PassManager([LastLogits()]).run(graph)
     return graph, tokenizer, kind
+
+
+def _mark_sparsity(graph: Graph, sparsity: Any) -> None:
+    """The N:M pattern a compressed-tensors ``sparsity_config`` declares (``sparsity_structure: 2:4``) as each of its
+    targeted linears' ``node.meta["sparsity"]``, the mark ``sparsify`` leaves: a reload of a 2:4 checkpoint was
+    unmarked, so its save declared no sparsity and the 2:4 backends and a later gptq did not know the pattern. The
+    mark only names linears to check: the backends verify the weights themselves."""
+    structure = sparsity.get("sparsity_structure") if isinstance(sparsity, dict) else None
+    if not isinstance(structure, str) or not re.fullmatch(r"\d{1,4}:\d{1,4}", structure):
+        return
+    from compressed_tensors.utils.match import match_name
+
+    targets, ignore = sparsity.get("targets") or [], sparsity.get("ignore") or []
+    for node in graph.nodes:
+        if node.op == "linear" and node.module and not any(match_name(node.module, i) for i in ignore) and \
+                any(t == "Linear" or match_name(node.module, t) for t in targets):
+            node.meta["sparsity"] = structure
 
 
 def _refuse_unread_ct_fields(qcfg: dict[str, Any], cfg_path: Path) -> None:
