@@ -2024,3 +2024,35 @@ def test_prune_heads_names_falcons_grouped_query_key_value(tmp_path):
     c = compile_model(model, pipeline="prune-mlp(ratio=0.5,score=magnitude),quantize(w=int8)")
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(transformers_logits(save(c, tmp_path / "ct"), ids), c(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_prune_heads_passes_opts_scaled_queries_and_equals_masked_dense(tmp_path):
+    """OPT multiplies its queries by head_dim ** -0.5 right after q_proj: prune-heads refused every OPT ('%mul_1 =
+    aten.mul.Tensor ... is not a per-head op the walk knows'). A product with one number acts on every channel alike,
+    so the walk passes it: the pruned model equals the HF model with the removed heads' q/k/v rows and out_proj
+    columns zeroed (float64), and its HF checkpoint (OPT derives head_dim, so zero heads) loads to the same logits."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+    from lowbit.checkpoint import save
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.OPTConfig(
+        hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
+        max_position_embeddings=64, word_embed_proj_dim=64, pad_token_id=0)).double().eval()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    c = compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
+    assert c.graph.meta["pruned"]["heads"] == {f"model.decoder.layers.{i}": [2, 2] for i in range(2)}
+    for i in range(2):
+        attn = f"model.decoder.layers.{i}.self_attn"
+        kept = _kept(dense[f"{attn}.q_proj.weight"].reshape(4, -1),
+                     c.graph.params[f"{attn}.q_proj.weight"].data.reshape(2, -1))
+        rows = [h * 16 + j for h in set(range(4)) - set(kept.tolist()) for j in range(16)]
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            dense[f"{attn}.{proj}.weight"][rows] = 0
+            dense[f"{attn}.{proj}.bias"][rows] = 0
+        dense[f"{attn}.out_proj.weight"][:, rows] = 0
+    ids, got = _equals_masked_dense(model, dense, c)
+    hf = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path / "hf", format="hf"), dtype=torch.float64).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)

@@ -264,6 +264,10 @@ def _walk_to_linear(v: Value, writes: list[Node] | None = None, stops: list[Node
         if n.op in _PASS_THROUGH or n.op == "rotary" or _per_head_norm(n) or _last_dim_slice(n):
             v = n.args[0]
             continue
+        scaled = _scalar_scaled(n)
+        if scaled is not None:  # OPT's q_proj(x) * scaling: every channel alike, so heads pass as they are
+            v = scaled
+            continue
         if _last_dim_cat(n):  # a partial rotary: cat([rotary(x[..., :r]), x[..., r:]], -1) of one linear's heads
             found = {id(m): m for m in (_walk_to_linear(p, None, stops) for p in n.args[0])}
             if len(found) == 1 and None not in found:
@@ -277,6 +281,18 @@ def _walk_to_linear(v: Value, writes: list[Node] | None = None, stops: list[Node
             stops.append(n)
         return None
     return None
+
+
+def _scalar_scaled(n: Node) -> Value | None:
+    """The tensor operand of ``x * c`` where ``c`` is a number or a one-element param (OPT scales its queries by
+    ``head_dim ** -0.5`` right after ``q_proj``): it acts on every channel alike, so a head walk passes it."""
+    if n.op not in ("aten.mul.Tensor", "mul") or len(n.args) != 2:
+        return None
+    tensors = [a for a in n.args if isinstance(a, Value) and not (a.is_param and a.data is not None
+                                                                   and a.data.numel() == 1)]
+    scalars = [a for a in n.args if isinstance(a, (int, float)) or (isinstance(a, Value) and a.is_param
+                                                                     and a.data is not None and a.data.numel() == 1)]
+    return tensors[0] if len(tensors) == 1 and len(scalars) == 1 else None
 
 
 def _last_dim(v: object, dim: object) -> bool:
