@@ -1472,3 +1472,16 @@ def test_a_reloaded_2_4_compressed_tensors_checkpoint_keeps_its_sparsity(tmp_pat
     first, second = (json.loads((d / "config.json").read_text())["quantization_config"]["sparsity_config"]
                      for d in (out, again))
     assert second == first and first["sparsity_structure"] == "2:4"
+
+
+def test_a_float_hf_checkpoint_without_a_tokenizer_reloads(tmp_path):
+    """A pruned causal LM compiled from a module (no tokenizer) saved as format='hf' holds no tokenizer files, and
+    lowbit.load refused it ('has no tokenizer files ... save it there') although it runs on token ids, as its
+    compressed-tensors reload does. It reloads to the compiled logits, with no tokenizer."""
+    c = lowbit.compile_model(_tiny3(), pipeline="prune-mlp(ratio=0.25,score=magnitude),"
+                                                "prune-heads(ratio=0.5,score=magnitude)")
+    out = lowbit.save(c, tmp_path / "hf", format="hf")
+    loaded = lowbit.load(out)
+    ids = torch.randint(0, 256, (2, 9))
+    assert loaded.tokenizer is None
+    torch.testing.assert_close(loaded(ids), c(ids), rtol=0, atol=0)

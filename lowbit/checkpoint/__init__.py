@@ -467,13 +467,33 @@ def _load_hf_float(directory: Path, *, backend: str, device: str | None, generat
     from lowbit.api import compile_model
     from lowbit.models import load_model
 
-    module, tokenizer, _ = load_model(directory, dtype="auto")
+    module, tokenizer = _tokenizer_free_causal_lm(directory) or load_model(directory, dtype="auto")[:2]
     compiled = compile_model(module, tokenizer=tokenizer, backend=backend, device=device,
                              backend_options=backend_options, generation=generation or None)
     # what this load captured, as the other formats' reports say it (the figures were dropped with the rest)
     figures = {k: compiled.report.capture[k] for k in CAPTURE_META if compiled.report.capture.get(k)}
     compiled.report.capture = {"loaded_from": str(directory), "format": "hf", **figures}
     return compiled
+
+
+def _tokenizer_free_causal_lm(directory: Path) -> tuple[Any, None] | None:
+    """A causal LM ``format="hf"`` directory without tokenizer files, as ``CausalLMLogits`` (ids -> logits): a model
+    compiled from a module (no tokenizer) saves none, and its float reload was refused ('has no tokenizer files')
+    while its compressed-tensors and GPTQ reloads run on token ids. None where there are tokenizer files or the
+    model is an encoder (its capture builds example inputs with the tokenizer): ``load_model`` reads those."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.checkpoint.files import read_config
+    from lowbit.data.model_files import TOKENIZER_FILES
+    from lowbit.models import CausalLMLogits, checkpoint_dtype
+    from lowbit.remote_code import from_pretrained
+
+    architectures = read_config(directory).architectures or []
+    if any((directory / f).is_file() for f in TOKENIZER_FILES) or \
+            not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return None
+    model = from_pretrained(AutoModelForCausalLM, directory, dtype=checkpoint_dtype(directory))
+    return CausalLMLogits(model.eval()).eval(), None
 
 
 def _parsed_and_verified(ir: Path, params: dict[str, Any]) -> Any:
