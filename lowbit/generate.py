@@ -24,7 +24,8 @@ from lowbit.ir.kvcache import layer_kv_heads
 from lowbit.kernels.decode_step import not_finite_rows, row_argmax_checked, row_argmax_checked_ref
 from lowbit.models import CausalLMStep, GenerationError
 
-__all__ = ["GenerationSpec", "GenerationOutput", "Generator", "step_example", "GenerationError", "left_padded"]
+__all__ = ["GenerationSpec", "GenerationOutput", "Generator", "step_example", "GenerationError", "left_padded",
+           "continuation"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class GenerationOutput:
     decode_steps: int
     peak_memory_bytes: int | None = None
     texts: list[str] | None = None
+    """Per sequence, the text its new tokens add after its prompt's (``continuation``), where the model has a
+    tokenizer: decoded alone, a SentencePiece tokenizer's first new word lost its leading space."""
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -113,6 +116,17 @@ class GenerationOutput:
     def sequences(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """Each prompt followed by its new tokens (``prompts`` as given to ``generate``, token ids)."""
         return [list(p) + t for p, t in zip(prompts, self.tokens)]
+
+
+def continuation(tokenizer: Any, prompt_ids: Sequence[int], tokens: Sequence[int]) -> str:
+    """The text ``tokens`` add after the prompt: the decode of prompt + tokens past the decode of the prompt, so a
+    word's leading space that a SentencePiece decoder strips at the start of a text is kept. The tokens' own decode
+    where the prompt's text is not a prefix of the whole (a decoder that rewrites across the join)."""
+    if not prompt_ids:
+        return tokenizer.decode(list(tokens), skip_special_tokens=True)
+    head = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    whole = tokenizer.decode(list(prompt_ids) + list(tokens), skip_special_tokens=True)
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(list(tokens), skip_special_tokens=True)
 
 
 def _is_int(x: Any) -> bool:
@@ -691,5 +705,6 @@ class Generator:
         peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
         texts = None
         if self.tokenizer is not None:
-            texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+            # after each prompt's text: decoded alone, a SentencePiece tokenizer's first new word lost its space
+            texts = [continuation(self.tokenizer, p, t) for p, t in zip(prompts, tokens)]
         return GenerationOutput(tokens, lengths, t1 - t0, t2 - t1, steps, peak, texts)

@@ -1448,3 +1448,36 @@ def test_generate_refusals_count_a_one_token_prompt_in_the_singular(tiny_compile
         tiny_compiled.generate([[5]], 40)
     with pytest.raises(GenerationError, match=r"prompt 1 has 2 tokens \+ max_new_tokens=31 = 33 > the cache's"):
         tiny_compiled.generate([[5], [6, 7]], 31)
+
+
+def test_texts_keep_the_leading_space_of_the_new_text(smollm2, compiled):
+    """``GenerationOutput.texts`` decoded the new tokens alone: a SentencePiece tokenizer (Llama 2, Mistral) strips
+    the first word's leading space there, so "The capital of France is" read "Paris" where the user's text is
+    "The capital of France is Paris". Each text is now what the new tokens add to the prompt's decode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", *(f"▁{w}" for w in "The capital of France is Paris and Hi a b c d e".split())]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=len(words))
+    with torch.no_grad():  # never a special token: every new token is a "▁word", whose space the text must keep
+        model.lm_head.weight[:3] = 0.0
+        model.lm_head.weight[3:] *= 50.0
+    gen = compile_model(model, tokenizer=tok, generation=GenerationSpec(max_length=16, max_batch=2))
+    prompts = ["The capital of France is", "Hi"]
+    out = gen.generate(prompts, 3, stop_tokens=())
+    for text, p, t in zip(out.texts, prompts, out.tokens):
+        ids = tok(p).input_ids
+        assert text == tok.decode(ids + t, skip_special_tokens=True)[len(p):], (p, t)
+        assert text.startswith(" ") and text.split() == [w[1:] for w in tok.convert_ids_to_tokens(t)], text
+    # and on SmolLM2 (byte-level BPE, which keeps the space either way): the same definition holds
+    _, stok = smollm2
+    ids = [stok(p).input_ids for p in PROMPTS]
+    real = compiled.generate(ids, 6, stop_tokens=())
+    for text, p, t in zip(real.texts, ids, real.tokens):
+        head = stok.decode(p, skip_special_tokens=True)
+        assert text == stok.decode(p + t, skip_special_tokens=True)[len(head):], text

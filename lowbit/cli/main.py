@@ -643,11 +643,15 @@ class _TextStream:
         self.shown = ""
 
     def push(self, token: int) -> None:
+        from lowbit.generate import continuation
+
         self.tokens.append(token)
         self._show(continuation(self.tokenizer, self.prompt_ids, self.tokens), final=False)
 
     def flush(self) -> None:
         """Print what was held back (a character the last tokens left incomplete prints as U+FFFD)."""
+        from lowbit.generate import continuation
+
         self._show(continuation(self.tokenizer, self.prompt_ids, self.tokens), final=True)
 
     def _show(self, text: str, final: bool) -> None:
@@ -684,17 +688,6 @@ def chat_ids(tokenizer: Any, message: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
                                          tokenize=False)
     return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def continuation(tokenizer: Any, prompt_ids: list[int], tokens: list[int]) -> str:
-    """The text ``tokens`` add after the prompt: the decode of prompt + tokens past the decode of the prompt, so a
-    word's leading space that a SentencePiece decoder strips at the start of a text is kept. The tokens' own decode
-    where the prompt's text is not a prefix of the whole (a decoder that rewrites across the join)."""
-    if not prompt_ids:
-        return tokenizer.decode(tokens, skip_special_tokens=True)
-    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    whole = tokenizer.decode(list(prompt_ids) + list(tokens), skip_special_tokens=True)
-    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 @app.command("generate")
@@ -749,7 +742,7 @@ def generate_cmd(
     from lowbit.api import compile_model
     from lowbit.errors import DeviceError, LowbitError, check_device
     from lowbit.backends.registry import BackendError
-    from lowbit.generate import GenerationError, GenerationSpec, check_request, sampling_only
+    from lowbit.generate import GenerationError, GenerationSpec, check_request, continuation, sampling_only
     from lowbit.passes.manager import PipelineError
 
     if dtype is not None:
