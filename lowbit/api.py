@@ -149,14 +149,16 @@ class CompiledModel(torch.nn.Module):
     def generate(self, input_ids: Any, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] | int | None = None,
-                 on_token: Callable[[int, int], None] | None = None, **unknown: Any) -> Any:
+                 stop: Sequence[str] | str | None = None, on_token: Callable[[int, int], None] | None = None,
+                 **unknown: Any) -> Any:
         """Generate up to ``max_new_tokens`` per prompt (``lowbit.generate.Generator.generate``); needs a model
         compiled with ``generation=GenerationSpec(...)``.
 
         ``input_ids``: a list of token-id lists (any lengths), of strings (encoded with the model's tokenizer), or a
         ``[B, L]`` tensor (with ``attention_mask`` when padded). Greedy unless ``do_sample`` (``temperature``,
         ``top_k``, ``top_p``, ``seed``); a sequence ends at its first of ``stop_tokens`` (default: the model's
-        end-of-sequence ids; ``()`` for none); ``on_token(sequence_index, token)`` streams. Returns a
+        end-of-sequence ids; ``()`` for none) or once its new text contains one of the ``stop`` strings (left out of
+        its text); ``on_token(sequence_index, token)`` streams. Returns a
         ``GenerationOutput`` (``tokens``, ``texts``, ``prefill_seconds``, ``decode_tokens_per_second``, ...).
 
         Raises ``GenerationError`` (a ``LowbitError``) naming the limit a request exceeds (``max_length``,
@@ -182,7 +184,7 @@ class CompiledModel(torch.nn.Module):
                 "(CLI: lowbit generate) to generate")
         return self._step_generator().generate(
             input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample, temperature=temperature,
-            top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_token=on_token, **unknown)
+            top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, stop=stop, on_token=on_token, **unknown)
 
 
 class ExampleInputsError(LowbitError, ValueError):

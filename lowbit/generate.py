@@ -25,7 +25,7 @@ from lowbit.kernels.decode_step import not_finite_rows, row_argmax_checked, row_
 from lowbit.models import CausalLMStep, GenerationError
 
 __all__ = ["GenerationSpec", "GenerationOutput", "Generator", "step_example", "GenerationError", "left_padded",
-           "continuation"]
+           "continuation", "before_stop"]
 
 
 @dataclass(frozen=True)
@@ -118,15 +118,49 @@ class GenerationOutput:
         return [list(p) + t for p, t in zip(prompts, self.tokens)]
 
 
-def continuation(tokenizer: Any, prompt_ids: Sequence[int], tokens: Sequence[int]) -> str:
+def continuation(tokenizer: Any, prompt_ids: Sequence[int], tokens: Sequence[int], head: str | None = None) -> str:
     """The text ``tokens`` add after the prompt: the decode of prompt + tokens past the decode of the prompt, so a
     word's leading space that a SentencePiece decoder strips at the start of a text is kept. The tokens' own decode
-    where the prompt's text is not a prefix of the whole (a decoder that rewrites across the join)."""
+    where the prompt's text is not a prefix of the whole (a decoder that rewrites across the join). ``head``: the
+    prompt's decode, where the caller keeps it (a stop-string check decodes after every token)."""
     if not prompt_ids:
         return tokenizer.decode(list(tokens), skip_special_tokens=True)
-    head = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    if head is None:
+        head = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
     whole = tokenizer.decode(list(prompt_ids) + list(tokens), skip_special_tokens=True)
     return whole[len(head):] if whole.startswith(head) else tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+
+def stop_at(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first of the ``stop`` strings starts in ``text`` (the earliest, whichever string), or None."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def before_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first stop string, which is left out (as transformers' ``stop_strings`` text reads)."""
+    at = stop_at(text, stop)
+    return text if at is None else text[:at]
+
+
+def stop_strings(stop: Any) -> list[str]:
+    """Stop strings as a list from one string or a sequence of them; an empty one (which every text contains, so
+    every sequence would end at its first token) and a non-string (a token id belongs in ``stop_tokens``) refused."""
+    if stop is None:
+        return []
+    items = [stop] if isinstance(stop, str) else stop
+    try:
+        items = list(items)
+    except TypeError:
+        raise GenerationError(f"stop={stop!r}: expected a string or a list of strings (token ids go in "
+                              "stop_tokens=)") from None
+    for item in items:
+        if not isinstance(item, str):
+            raise GenerationError(f"stop: {item!r} is not a string (token ids go in stop_tokens=)")
+        if not item:
+            raise GenerationError("stop: '' is empty; every text contains it, so each sequence would end at its "
+                                  "first token")
+    return items
 
 
 def _is_int(x: Any) -> bool:
@@ -434,7 +468,7 @@ _HF_NAMES = {
     "pad_token_id": "not needed: give prompts as lists of ids, or a padded tensor with attention_mask=",
     "generator": "use seed= for reproducible sampling",
     "streamer": "give on_token=callable(sequence_index, token): it is called as each token is made",
-    "stop_strings": "lowbit stops on token ids: give stop_tokens= (the ids a stop string encodes to)",
+    "stop_strings": "use stop= (strings that end a sequence once its new text contains one)",
 }
 """transformers' ``generate`` options that users carry over, with what lowbit takes instead."""
 
@@ -556,13 +590,16 @@ class Generator:
     def generate(self, input_ids: Any, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] | int | None = None,
-                 on_token: Callable[[int, int], None] | None = None, **unknown: Any) -> GenerationOutput:
-        """Generate up to ``max_new_tokens`` per prompt; a sequence ends at its first stop token.
+                 stop: Sequence[str] | str | None = None, on_token: Callable[[int, int], None] | None = None,
+                 **unknown: Any) -> GenerationOutput:
+        """Generate up to ``max_new_tokens`` per prompt; a sequence ends at its first stop token or stop string.
 
         ``input_ids``: a list of token-id lists (any lengths), of strings (encoded with the model's tokenizer),
         or a ``[B, L]`` tensor (with ``attention_mask`` when padded, left or right). ``stop_tokens`` defaults to the
-        model's end-of-sequence ids (``()`` for none). ``on_token(sequence_index, token)`` is called as tokens are made
-        (streaming).
+        model's end-of-sequence ids (``()`` for none). ``stop``: strings that end a sequence once the text its new
+        tokens add (``continuation``) contains one, each sequence on its own; its ``tokens`` keep the token that
+        completed it and its ``texts`` end before it, as transformers' ``stop_strings`` (needs the tokenizer).
+        ``on_token(sequence_index, token)`` is called as tokens are made (streaming).
         """
         if unknown:  # transformers' names were a bare "unexpected keyword argument"
             raise GenerationError("; ".join(f"generate() has no option {k!r}" + (f": {_HF_NAMES[k]}" if k in _HF_NAMES
@@ -570,6 +607,11 @@ class Generator:
         if on_token is not None and not callable(on_token):  # it failed at the first token, after the prefill
             raise GenerationError(f"on_token={on_token!r}: expected a callable on_token(sequence_index, token)")
         prompts = _prompts(input_ids, attention_mask, self.tokenizer)
+        stop = stop_strings(stop)
+        if stop and self.tokenizer is None:  # the text to look in is the tokenizer's decode
+            raise GenerationError(f"stop={stop!r}: stop strings are looked for in the decoded text, and this model "
+                                  "has no tokenizer: compile it with tokenizer=, or give stop_tokens= (token ids)")
+        heads = [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts] if stop else []
         check_request(self.spec, prompts, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, max_positions=self.meta.get("max_positions"))
         given_stops = stop_tokens is not None
@@ -691,6 +733,8 @@ class Generator:
                     on_token(b, t)
                 if t in stops or len(tokens[b]) >= max_new_tokens:
                     done[b] = True
+                elif stop and stop_at(continuation(self.tokenizer, prompts[b], tokens[b], heads[b]), stop) is not None:
+                    done[b] = True
             if all(done) or launched is None:
                 break
             pending = launched
@@ -706,5 +750,5 @@ class Generator:
         texts = None
         if self.tokenizer is not None:
             # after each prompt's text: decoded alone, a SentencePiece tokenizer's first new word lost its space
-            texts = [continuation(self.tokenizer, p, t) for p, t in zip(prompts, tokens)]
+            texts = [before_stop(continuation(self.tokenizer, p, t), stop) for p, t in zip(prompts, tokens)]
         return GenerationOutput(tokens, lengths, t1 - t0, t2 - t1, steps, peak, texts)

@@ -969,10 +969,10 @@ def test_an_empty_prompt_is_named_with_what_generation_needs(tiny_compiled, monk
 
 def test_transformers_streamer_and_stop_strings_name_what_lowbit_takes(tiny_compiled):
     """``streamer=`` and ``stop_strings=`` (transformers' generate) were refused as a bare "generate() has no option":
-    they now name on_token= and stop_tokens=, and on_token streams each token as it is made."""
+    they now name on_token= and stop=, and on_token streams each token as it is made."""
     with pytest.raises(GenerationError, match=r"no option 'streamer': give on_token="):
         tiny_compiled.generate([[5, 17]], 2, streamer=object())
-    with pytest.raises(GenerationError, match=r"no option 'stop_strings': .*stop_tokens="):
+    with pytest.raises(GenerationError, match=r"no option 'stop_strings': use stop="):
         tiny_compiled.generate([[5, 17]], 2, stop_strings=["\n"])
     seen: list[tuple[int, int]] = []
     out = tiny_compiled.generate([[5, 17]], 3, stop_tokens=(), on_token=lambda b, t: seen.append((b, t)))
@@ -1481,3 +1481,78 @@ def test_texts_keep_the_leading_space_of_the_new_text(smollm2, compiled):
     for text, p, t in zip(real.texts, ids, real.tokens):
         head = stok.decode(p, skip_special_tokens=True)
         assert text == stok.decode(p + t, skip_special_tokens=True)[len(head):], text
+
+
+def _first_stop(tok, prompt: list[int], tokens: list[int], stop: list[str]) -> int:
+    """How many of ``tokens`` a sequence keeps under ``stop``: up to the first whose text after the prompt's
+    holds a stop string (all of them where none does)."""
+    head = tok.decode(prompt, skip_special_tokens=True)
+    for k in range(1, len(tokens) + 1):
+        if any(s in tok.decode(prompt + tokens[:k], skip_special_tokens=True)[len(head):] for s in stop):
+            return k
+    return len(tokens)
+
+
+def test_stop_strings_end_each_sequence_and_are_left_out_of_its_text(smollm2, compiled):
+    """There was no way to stop on text (transformers' ``stop_strings`` was refused: 'give stop_tokens='), and a
+    stop such as "\\n\\n" or "return" is no single token. ``stop=`` ends each sequence of a batch on its own once
+    its new text contains one: its tokens keep the one that completed it, its text ends before it."""
+    _, tok = smollm2
+    ids = [tok(p).input_ids for p in PROMPTS]
+    free = compiled.generate(ids, 20, stop_tokens=())
+    stop = ["answer", "return", "village"]
+    assert sum(any(s in t for s in stop) for t in free.texts) >= 2, free.texts  # the run stops at least twice
+    out = compiled.generate(ids, 20, stop_tokens=(), stop=stop)
+    for p, whole, got, text in zip(ids, free.tokens, out.tokens, out.texts):
+        assert got == whole[:_first_stop(tok, p, whole, stop)]
+        full = tok.decode(p + got, skip_special_tokens=True)[len(tok.decode(p, skip_special_tokens=True)):]
+        cut = min((full.find(s) for s in stop if s in full), default=len(full))
+        assert text == full[:cut] and not any(s in text for s in stop), text
+    assert [len(t) for t in out.tokens] != [len(t) for t in free.tokens]
+    assert compiled.generate(ids[:1], 20, stop_tokens=(), stop="answer").tokens == out.tokens[:1]  # one string
+    with pytest.raises(GenerationError, match="stop: '' is empty"):
+        compiled.generate(ids[:1], 2, stop=["\n", ""])
+    with pytest.raises(GenerationError, match=r"stop: 13 is not a string \(token ids go in stop_tokens=\)"):
+        compiled.generate(ids[:1], 2, stop=[13])
+    with pytest.raises(GenerationError, match="no option 'stop_strings': use stop="):
+        compiled.generate(ids[:1], 2, stop_strings=["\n"])
+
+
+def test_stop_strings_need_a_tokenizer(tiny_compiled):
+    """Without a tokenizer there is no text to look in: said, with the token-id alternative."""
+    with pytest.raises(GenerationError, match="this model has no tokenizer.*stop_tokens="):
+        tiny_compiled.generate([[5, 6]], 2, stop=["x"])
+
+
+@pytest.mark.parametrize("prompts", [["The capital of France is"], ["The capital of France is", "Hi"]])
+def test_cli_generate_stop_ends_the_printed_text_before_the_stop_string(monkeypatch, prompts):
+    """`lowbit generate --stop TEXT`: the printed text ends before the stop string, streamed too, where the start
+    of a possible stop ("The" of "The answer") is held back until the next token shows it is none."""
+    from typer.testing import CliRunner
+
+    import lowbit.api
+    from lowbit.calibration.data import load_tokenizer
+    from lowbit.cli.main import app
+    from lowbit.generate import GenerationOutput
+
+    tok = load_tokenizer("smollm2")
+    made = tok(" Paris. The answer is", add_special_tokens=False).input_ids
+    given = []
+
+    class Scripted:
+        def generate(self, ids, n, on_token=None, stop=None, **kwargs):
+            given.append(stop)
+            for b in range(len(ids)):
+                for t in made:
+                    on_token(b, t)
+            return GenerationOutput([made] * len(ids), [len(p) for p in ids], 0.01, 0.01, len(made) - 1)
+
+    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: Scripted())
+    flags = [f for p in prompts for f in ("--prompt", p)]
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", *flags, "-n", "8", "--stop", "The answer", "--stop",
+                                   "zzz"])
+    assert res.exit_code == 0, res.output
+    assert given[-1] == ["The answer", "zzz"]
+    assert res.stdout == "".join(f"{p} Paris. \n" + ("\n" if len(prompts) > 1 else "") for p in prompts), res.stdout
+    res = CliRunner().invoke(app, ["generate", "smollm2:1", *flags, "--stop", ""])
+    assert res.exit_code == 2 and "--stop '': give the text that ends a sequence" in res.output, res.output

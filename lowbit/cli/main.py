@@ -15,6 +15,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -636,9 +637,11 @@ class _TextStream:
     The new tokens are decoded after the prompt's (``continuation``): alone, a SentencePiece tokenizer (Llama 2,
     Mistral) drops the first one's leading space, and "The capital of France is" streamed "Paris"."""
 
-    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
         self.prompt_ids = prompt_ids
+        self.stop = list(stop)
+        """--stop strings: the text ends before the first; text that may be the start of one is held back."""
         self.tokens: list[int] = []
         self.shown = ""
 
@@ -655,8 +658,16 @@ class _TextStream:
         self._show(continuation(self.tokenizer, self.prompt_ids, self.tokens), final=True)
 
     def _show(self, text: str, final: bool) -> None:
+        from lowbit.generate import stop_at
+
+        at = stop_at(text, self.stop)
+        if at is not None:  # the stop string and what its token added past it are never printed
+            text, final = text[:at], True
         if not final:
             text = text.rstrip("\ufffd")
+            # a tail that may still become a stop string waits for the next token ("\n" of a "\n\n" stop)
+            held = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            text = text[:len(text) - held]
         if len(text) > len(self.shown):
             console.print(text[len(self.shown):], end="", markup=False, highlight=False, soft_wrap=True)
             self.shown = text
@@ -718,6 +729,8 @@ def generate_cmd(
     stop_token: Optional[list[int]] = typer.Option(None, "--stop-token", help="token id that ends a sequence "
                                                    "(repeat for several; default: the model's end-of-sequence "
                                                    "ids; --stop-token -1 for none)"),
+    stop: list[str] = typer.Option([], "--stop", help="text that ends a sequence once its new text contains it "
+                                   "(repeat for several; it is not printed)"),
     backend: str = typer.Option("torch", "--backend", "-b", help="torch (reference), onnxruntime, or triton "
                                 "(CUDA)"),
     backend_option: list[str] = typer.Option([], "--backend-option", help="KEY=VALUE option of the backend "
@@ -742,7 +755,8 @@ def generate_cmd(
     from lowbit.api import compile_model
     from lowbit.errors import DeviceError, LowbitError, check_device
     from lowbit.backends.registry import BackendError
-    from lowbit.generate import GenerationError, GenerationSpec, check_request, continuation, sampling_only
+    from lowbit.generate import (GenerationError, GenerationSpec, before_stop, check_request, continuation,
+                                 sampling_only)
     from lowbit.passes.manager import PipelineError
 
     if dtype is not None:
@@ -778,6 +792,9 @@ def generate_cmd(
     check_generate_flags(len(prompt), max_new_tokens=max_new_tokens, max_length=max_length, max_batch=max_batch,
                          sample=sample, temperature=temperature, top_k=top_k, top_p=top_p)
     stops = None if not stop_token else () if stop_token == [-1] else tuple(stop_token)
+    if "" in stop:  # every text contains it: each sequence would end at its first token, printing nothing
+        fail("--stop '': give the text that ends a sequence (an empty one would end each at its first token)",
+             Exit.USAGE)
     if stops and any(t < 0 for t in stops):
         fail(f"--stop-token {min(stops)}: token ids are 0 or more (-1 alone: no stop token)", Exit.USAGE)
     from lowbit.models import quantization_config
@@ -916,7 +933,7 @@ def generate_cmd(
         compiled = build(spec)
         compile_s = time.perf_counter() - t0 + load_s
         _note_reference_nodes(getattr(compiled, "runner", None))
-        stream = _TextStream(tok, ids[0])
+        stream = _TextStream(tok, ids[0], stop)
 
         def on_token(seq: int, token: int) -> None:
             if len(prompt) == 1:
@@ -926,7 +943,7 @@ def generate_cmd(
             console.print(shown[0], end="", markup=False, highlight=False, soft_wrap=True)
         try:
             out = compiled.generate(ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=seed, on_token=on_token, stop_tokens=stops)
+                                    top_p=top_p, seed=seed, on_token=on_token, stop_tokens=stops, stop=stop or None)
         except BaseException:
             if len(prompt) == 1:  # an error (or Ctrl-C) ends the streamed line: its message starts a line of its own
                 console.print()
@@ -944,7 +961,8 @@ def generate_cmd(
         console.print()
     else:
         for p, encoded, t in zip(shown, ids, out.tokens):
-            console.print(f"{p}{continuation(tok, encoded, t)}\n", markup=False, highlight=False, soft_wrap=True)
+            new = before_stop(continuation(tok, encoded, t), stop)
+            console.print(f"{p}{new}\n", markup=False, highlight=False, soft_wrap=True)
     if quiet:
         return
     if out.peak_memory_bytes is not None:
