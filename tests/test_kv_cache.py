@@ -323,8 +323,8 @@ def test_a_written_out_attention_names_its_module_and_the_float_cache():
     model = t.AutoModelForCausalLM.from_config(t.Gemma2Config(
         hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
         num_hidden_layers=1, vocab_size=97, max_position_embeddings=64, pad_token_id=0, eos_token_id=0)).eval()
-    with pytest.raises(PipelineError, match=r"%present_0_key \(module 'model.layers.0.self_attn'\) is read by .*"
-                       r"attention is written out .*Gemma 2's soft-capped.*leave kv-cache out"):
+    with pytest.raises(PipelineError, match=r"no attention-logit soft-capping: layer 0 \(module "
+                       r"'model.layers.0.self_attn'\) soft-caps .*written out .*leave kv-cache out"):
         compile_model(model, pipeline="kv-cache(bits=8,v_group=16)", generation=GenerationSpec(max_length=16,
                                                                                                 max_batch=1))
 
@@ -422,3 +422,40 @@ def test_a_kv_recipe_without_a_packed_form_names_those_that_generate_and_the_pip
         refuse_for_generation(passes, "w4a4kv4-rtn")
     instead = re.search(r"--pipeline '([^']+)'", str(exc.value)).group(1)
     assert [p.name for p in parse_pipeline(instead)] == ["fold-norms", "rotate", "quantize", "kv-cache"]
+
+
+def test_gemma2_kv_cache_is_refused_before_any_pass_naming_what_the_packed_cache_lacks(monkeypatch):
+    """``quantize(...),kv-cache(bits=4)`` on Gemma 2 refused its sliding window first (before any pass: 'compile with
+    max_length <= the window'); at that max_length the quantizer ran and calibrated, then kv-cache failed on its
+    soft-capped attention ('read by %unsqueeze_6'), with a --reproducer hint for what is no bug. Both pieces the
+    packed cache lacks are now named in one refusal before any pass runs, with the float cache as the way; that
+    way generates."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+    from lowbit.passes.insert_qdq import InsertQDQ
+    from lowbit.passes.manager import ModelRefusedError
+
+    torch.manual_seed(0)
+    model = t.AutoModelForCausalLM.from_config(t.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_hidden_layers=2, vocab_size=128, max_position_embeddings=128, sliding_window=8, pad_token_id=0,
+        eos_token_id=1, bos_token_id=2)).eval()
+    run = InsertQDQ.run
+    ran: list[str] = []
+    monkeypatch.setattr(InsertQDQ, "run", lambda self, graph: ran.append(self.name) or run(self, graph))
+    for length, pieces in ((64, "attention-logit soft-capping and no sliding window"), (8, "attention-logit "
+                                                                                             "soft-capping:")):
+        with pytest.raises(ModelRefusedError) as err:
+            compile_model(model, pipeline="quantize(w=int4,group=32),kv-cache(bits=4)",
+                          generation=GenerationSpec(max_length=length, max_batch=1))
+        msg = str(err.value)
+        assert "pass kv-cache (#1) refuses this model, so no pass ran" in msg and pieces in msg, msg
+        assert "layers 0, 1 (module 'model.layers.0.self_attn' and the others) soft-cap their attention logits" \
+            in msg and "leave kv-cache out of the pipeline" in msg, msg
+        assert ("sliding-window attention in layer 0 (window 8) shorter than max_length=64" in msg) == (length > 8)
+    assert ran == []
+    gen = compile_model(model, pipeline="quantize(w=int4,group=32)", generation=GenerationSpec(max_length=64,
+                                                                                              max_batch=1))
+    assert len(gen.generate([[2, 5, 6, 7]], 12, stop_tokens=()).tokens[0]) == 12 and ran == ["quantize"]

@@ -95,17 +95,63 @@ class KVCache(Pass):
         refused before ``quantize`` calibrates, not after it. A graph that is no step graph is ``requires``'."""
         gen = graph.meta.get("generation")
         if gen and "head_dim" in gen and "max_length" in gen:
+            self._check_attention(graph, gen)
             self._check_layout(gen)
+
+    @staticmethod
+    def _check_attention(graph: Graph, gen: dict[str, Any]) -> None:
+        """What the packed cache's ``cache_attention`` does not compute, all of it in one refusal before any pass
+        runs: attention-logit soft-capping (Gemma 2 writes its attention out as matmul/tanh/softmax, which the
+        pass found only when it ran, after calibration, and said as 'read by %unsqueeze_6') and a sliding window
+        shorter than the cache (which, refused first, sent a Gemma 2 user to a max_length that then met the
+        soft-capping)."""
+        users = graph.users()
+        by_name = {v.name: v for v in graph.inputs}
+        written_out = []
+        for layer, name in enumerate(list(gen.get("cache_inputs") or [])[::2]):
+            cache = by_name.get(name)
+            scatters = [n for n in users.get(id(cache), []) if n.op == "aten.scatter.src"] if cache else []
+            readers = [r for n in scatters for r in users.get(id(n.output), [])]
+            if readers and not any(r.op == "attention" for r in readers):
+                written_out.append((layer, next((r.module for r in readers if r.module), None)))
+        windowed = [f"layer {i} (window {w})" for i, w in enumerate(gen.get("windows") or [])
+                    if w is not None and w < gen["max_length"]]
+        if not written_out and not windowed:
+            return
+        missing, details = [], []
+        if written_out:
+            modules = {m for _, m in written_out}
+            capped = any(n.op == "aten.tanh.default" and n.module in modules for n in graph.nodes)
+            layer, module = written_out[0]
+            one = len(written_out) == 1
+            where = (f"layer {layer} (module {module!r})" if one else
+                     f"layers {', '.join(str(i) for i, _ in written_out)} (module {module!r} and the others)")
+            its = "its" if one else "their"
+            missing.append("attention-logit soft-capping" if capped else "written-out attention")
+            details.append(f"{where} " + (f"soft-cap{'s' if one else ''} {its} attention logits (tanh(scores / "
+                                          f"cap) * cap, Gemma 2's attn_logit_softcapping), so {its} attention is "
+                                          "written out as matmul, tanh and softmax (SDPA has no soft-cap) with no "
+                                          "attention node to replace" if capped else
+                                          f"compute{'s' if one else ''} {its} attention as separate ops, with no "
+                                          "attention node to replace"))
+        if windowed:
+            missing.append("sliding window")
+            details.append(f"sliding-window attention in {', '.join(windowed)} shorter than max_length="
+                           f"{gen['max_length']}, and the packed cache's attention reads every slot up to the "
+                           "position")
+        if written_out:  # no max_length helps: the float cache is the way to generate this model
+            instead = ("generate with the float cache: leave kv-cache out of the pipeline (the weights keep the "
+                       "rest of it)")
+        else:
+            shortest = min(w for w in gen["windows"] if w is not None)
+            instead = (f"compile with max_length <= {shortest} (GenerationSpec(max_length=...), CLI --max-length), "
+                       "or leave kv-cache out (the float cache keeps the window)")
+        raise PassError(f"pass kv-cache: the packed cache's attention (cache_attention) has no "
+                        f"{' and no '.join(missing)}: {'; '.join(details)}. {instead[0].upper()}{instead[1:]}")
 
     def _check_layout(self, gen: dict[str, Any]) -> None:
         o: KVCacheOptions = self.options  # type: ignore[assignment]
         head_dim = gen["head_dim"]
-        windowed = [f"layer {i} (window {w})" for i, w in enumerate(gen.get("windows") or [])
-                    if w is not None and w < gen["max_length"]]
-        if windowed:  # cache_attention masks by position alone: a sliding window would be dropped, not kept
-            raise PassError(f"pass kv-cache: sliding-window attention in {', '.join(windowed)} shorter than "
-                            f"max_length={gen['max_length']}; the packed cache's attention reads every slot up to "
-                            "the position (compile with max_length <= the window, or without kv-cache)")
         per = 8 // o.bits
         if head_dim % o.v_group or o.v_group % per:  # type: ignore[operator]
             fits = [g for g in range(per, head_dim + 1, per) if head_dim % g == 0]
@@ -125,6 +171,7 @@ class KVCache(Pass):
         gen = graph.meta["generation"]
         names = list(gen["cache_inputs"])
         head_dim = gen["head_dim"]
+        self._check_attention(graph, gen)
         self._check_layout(gen)
         by_name = {v.name: v for v in graph.inputs}
         users = graph.users()
