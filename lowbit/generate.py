@@ -163,6 +163,28 @@ def stop_strings(stop: Any) -> list[str]:
     return items
 
 
+def special_stops(tokenizer: Any, stop: Sequence[str]) -> tuple[list[str], set[int]]:
+    """``stop`` split into strings to look for in the text and the ids of those that are a special token's text
+    (``<|im_end|>``): the text is decoded without special tokens, so such a stop never matched and the run went on
+    to ``max_new_tokens``; it ends a sequence as that token does. A stop holding one among other text cannot match
+    either: refused."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = {t.content: i for i, t in added.items() if getattr(t, "special", False)}
+    special.update({t: tokenizer.convert_tokens_to_ids(t) for t in getattr(tokenizer, "all_special_tokens", [])
+                    if t not in special})
+    texts, ids = [], set()
+    for s in stop:
+        if s in special:
+            ids.add(int(special[s]))
+            continue
+        inside = next((t for t in special if t and t in s), None)
+        if inside is not None:
+            raise GenerationError(f"stop: {s!r} holds the special token {inside!r}, which the decoded text leaves out, "
+                                  f"so it could never match: give {inside!r} as a stop of its own")
+        texts.append(s)
+    return texts, ids
+
+
 def _is_int(x: Any) -> bool:
     """An integer (Python or numpy), not a bool: what sizes, counts and token ids must be."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
@@ -611,13 +633,14 @@ class Generator:
         if stop and self.tokenizer is None:  # the text to look in is the tokenizer's decode
             raise GenerationError(f"stop={stop!r}: stop strings are looked for in the decoded text, and this model "
                                   "has no tokenizer: compile it with tokenizer=, or give stop_tokens= (token ids)")
+        stop, special_ids = special_stops(self.tokenizer, stop) if stop else ([], set())
         heads = [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts] if stop else []
         check_request(self.spec, prompts, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, max_positions=self.meta.get("max_positions"))
         given_stops = stop_tokens is not None
         if stop_tokens is None:  # the model's end-of-sequence tokens, as transformers' generate stops on
             stop_tokens = self.meta.get("eos_token_ids", ())
-        stops = _stop_ids(stop_tokens)
+        stops = _stop_ids(stop_tokens) | special_ids
         gen = None
         if do_sample:
             gen = torch.Generator(device=self.device)

@@ -1556,3 +1556,22 @@ def test_cli_generate_stop_ends_the_printed_text_before_the_stop_string(monkeypa
     assert res.stdout == "".join(f"{p} Paris. \n" + ("\n" if len(prompts) > 1 else "") for p in prompts), res.stdout
     res = CliRunner().invoke(app, ["generate", "smollm2:1", *flags, "--stop", ""])
     assert res.exit_code == 2 and "--stop '': give the text that ends a sequence" in res.output, res.output
+
+
+def test_a_stop_string_that_is_a_special_token_ends_the_sequence(smollm2, compiled):
+    """``stop=["<|im_end|>"]`` (the chat template's end of turn) never matched: the text is decoded without special
+    tokens, so the run went on to max_new_tokens. Such a stop ends a sequence as that token does; one holding a
+    special token among other text could never match and is refused, naming it."""
+    _, tok = smollm2
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    ids = [tok(chat, add_special_tokens=False).input_ids, tok(PROMPTS[0]).input_ids]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    free = compiled.generate(ids, 20, stop_tokens=())
+    assert im_end in free.tokens[0][:-1], free.texts  # the answer ends its turn, then the model goes on
+    out = compiled.generate(ids, 20, stop_tokens=(), stop=["<|im_end|>", "zzzz"])
+    end = free.tokens[0].index(im_end) + 1
+    assert out.tokens[0] == free.tokens[0][:end] and out.texts[0] == free.texts[0][:len(out.texts[0])]
+    second = out.tokens[1]
+    assert second == free.tokens[1][:len(second)] and (im_end in second) == (len(second) < 20)
+    with pytest.raises(GenerationError, match=r"stop: 'x<\|im_end\|>' holds the special token '<\|im_end\|>'"):
+        compiled.generate(ids, 2, stop=["x<|im_end|>"])

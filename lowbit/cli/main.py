@@ -756,7 +756,7 @@ def generate_cmd(
     from lowbit.errors import DeviceError, LowbitError, check_device
     from lowbit.backends.registry import BackendError
     from lowbit.generate import (GenerationError, GenerationSpec, before_stop, check_request, continuation,
-                                 sampling_only)
+                                 sampling_only, special_stops)
     from lowbit.passes.manager import PipelineError
 
     if dtype is not None:
@@ -927,13 +927,14 @@ def generate_cmd(
                      "shorter prompts or a smaller -n, or compile the original model again with a larger --max-length/"
                      "--max-batch", Exit.USAGE)
         # the request is checked before the compile, which takes minutes on a large model
+        text_stops = special_stops(tok, stop)[0]  # a stop holding a special token among other text: refused here
         check_request(spec, ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed)
         t0 = time.perf_counter()
         compiled = build(spec)
         compile_s = time.perf_counter() - t0 + load_s
         _note_reference_nodes(getattr(compiled, "runner", None))
-        stream = _TextStream(tok, ids[0], stop)
+        stream = _TextStream(tok, ids[0], text_stops)
 
         def on_token(seq: int, token: int) -> None:
             if len(prompt) == 1:
