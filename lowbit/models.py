@@ -161,15 +161,16 @@ class GenerationError(LowbitError, ValueError):
 
 
 _STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Ministral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, "
-                       "OLMo 2, GPT-NeoX, StableLM, StarCoder2, Gemma, Gemma 2, Gemma 3 (decoder layers of separate or "
-                       "fused q/k/v projections and an mlp)")
+                       "OLMo 2, OLMo 3, Seed-OSS, GPT-NeoX, StableLM, StarCoder2, Gemma, Gemma 2, Gemma 3 (decoder "
+                       "layers of separate or fused q/k/v projections and an mlp)")
 
 STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
                               "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi", "smollm3",
-                              "ministral"})
+                              "ministral", "olmo3", "seed_oss"})
 """``config.model_type``s whose step is checked token for token against transformers' ``generate``
 (``tests/test_architectures.py``'s generate column, and ``test_generate_matches_transformers_beyond_the_matrix``
-for OLMo, StarCoder2, Phi, SmolLM3 and Ministral; SmolLM2 is ``llama``). Another type is refused, not stepped on a
+for OLMo, StarCoder2, Phi, SmolLM3 and Ministral, ``test_olmo3_and_seed_oss_generate_as_transformers_forward``;
+SmolLM2 is ``llama``). Another type is refused, not stepped on a
 guess: ``StepLayout`` reads module names, and a family can differ in what no module name shows (an interleaved
 rotary, an extra scale), which would make wrong tokens without an error."""
 

@@ -651,3 +651,42 @@ def test_a_vision_model_without_example_inputs_is_told_the_pixel_values_it_reads
     c = compile_model(vit, (torch.randn(2, 3, 16, 24),), dynamic_shapes={"pixel_values": {0: torch.export.Dim.AUTO}})
     x = torch.randn(3, 3, 16, 24)
     torch.testing.assert_close(c(x)[0], vit(x).last_hidden_state)
+
+
+@pytest.mark.parametrize("family", ["olmo3", "seed_oss"])
+def test_olmo3_and_seed_oss_generate_as_transformers_forward(family):
+    """OLMo 3 (OLMo 2's post-norms and q/k norms, sliding layers by ``layer_types`` with their own rotary) and
+    Seed-OSS (Llama with biased q/k/v and o projections) were refused by model_type although the step runs them as
+    transformers does; their greedy tokens of a two-prompt batch, 12 each (past OLMo 3's 4-token window, over a full
+    layer too), equal the model's forward over the whole sequence without a cache. Exaone 4 stays refused: its
+    attention modules carry the window on full layers too, and its full layers take no rotary (NoPE)."""
+    import transformers as t
+
+    from lowbit.generate import GenerationSpec
+    from lowbit.models import GenerationError
+
+    cfg = {"olmo3": lambda: t.Olmo3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                          num_key_value_heads=4, sliding_window=4, **{**DEC, "num_hidden_layers": 4}),
+           "seed_oss": lambda: t.SeedOssConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                               num_key_value_heads=2, head_dim=16, **DEC)}[family]()
+    torch.manual_seed(0)
+    hf = t.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
+        for p in hf.parameters():
+            p.mul_(4)
+    tok = _smollm2_tokenizer()
+    cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
+    if family == "olmo3":
+        assert cm.graph.meta["generation"]["windows"] == [4, 4, 4, None]
+    prompts = [tok(p).input_ids for p in GEN_PROMPTS]
+    for p, tokens in zip(prompts, cm.generate(prompts, 12, stop_tokens=()).tokens):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(12):
+                seq.append(int(hf(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+        assert tokens == seq[len(p):], f"{family}: {tokens} != transformers' forward {seq[len(p):]}"
+    exaone = t.AutoModelForCausalLM.from_config(t.Exaone4Config(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        sliding_window=4, **DEC)).eval()
+    with pytest.raises(GenerationError, match=r"model_type 'exaone4'.*refused"):
+        lowbit.compile_model(exaone, generation=GenerationSpec(max_length=32, max_batch=2))
