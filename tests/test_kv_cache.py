@@ -427,9 +427,9 @@ def test_a_kv_recipe_without_a_packed_form_names_those_that_generate_and_the_pip
 def test_gemma2_kv_cache_is_refused_before_any_pass_naming_what_the_packed_cache_lacks(monkeypatch):
     """``quantize(...),kv-cache(bits=4)`` on Gemma 2 refused its sliding window first (before any pass: 'compile with
     max_length <= the window'); at that max_length the quantizer ran and calibrated, then kv-cache failed on its
-    soft-capped attention ('read by %unsqueeze_6'), with a --reproducer hint for what is no bug. Both pieces the
-    packed cache lacks are now named in one refusal before any pass runs, with the float cache as the way; that
-    way generates."""
+    soft-capped attention ('read by %unsqueeze_6'), with a --reproducer hint for what is no bug. What the packed
+    cache lacks (soft-capping; the window it now masks) is named before any pass runs, at any max_length, with the
+    float cache as the way; that way generates."""
     import transformers as t
 
     from lowbit.api import compile_model
@@ -445,17 +445,50 @@ def test_gemma2_kv_cache_is_refused_before_any_pass_naming_what_the_packed_cache
     run = InsertQDQ.run
     ran: list[str] = []
     monkeypatch.setattr(InsertQDQ, "run", lambda self, graph: ran.append(self.name) or run(self, graph))
-    for length, pieces in ((64, "attention-logit soft-capping and no sliding window"), (8, "attention-logit "
-                                                                                             "soft-capping:")):
+    for length in (64, 8):
         with pytest.raises(ModelRefusedError) as err:
             compile_model(model, pipeline="quantize(w=int4,group=32),kv-cache(bits=4)",
                           generation=GenerationSpec(max_length=length, max_batch=1))
         msg = str(err.value)
-        assert "pass kv-cache (#1) refuses this model, so no pass ran" in msg and pieces in msg, msg
-        assert "layers 0, 1 (module 'model.layers.0.self_attn' and the others) soft-cap their attention logits" \
-            in msg and "leave kv-cache out of the pipeline" in msg, msg
-        assert ("sliding-window attention in layer 0 (window 8) shorter than max_length=64" in msg) == (length > 8)
+        assert "pass kv-cache (#1) refuses this model, so no pass ran" in msg and "no attention-logit " \
+            "soft-capping: layers 0, 1 (module 'model.layers.0.self_attn' and the others) soft-cap their attention " \
+            "logits" in msg and "leave kv-cache out of the pipeline" in msg and "sliding" not in msg, msg
     assert ran == []
     gen = compile_model(model, pipeline="quantize(w=int4,group=32)", generation=GenerationSpec(max_length=64,
                                                                                               max_batch=1))
     assert len(gen.generate([[2, 5, 6, 7]], 12, stop_tokens=()).tokens[0]) == 12 and ran == ["quantize"]
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_packed_cache_masks_a_sliding_window_longer_than_its_float_ring(family):
+    """kv-cache refused every sliding window shorter than max_length (Mistral, Gemma 3, Ministral, OLMo 3: 'compile
+    with max_length <= the window'). ``cache_attention`` now masks the layer's window (``sliding``) over its
+    quantized and float tokens: with a 12-token window over an 8-token float ring, tokens 8-11 back are read
+    quantized, and the int8 cache's greedy tokens (a batch of two prompts, 30 each) equal the float step's, which
+    are transformers' (test_architectures), where the same model with a longer window makes other tokens."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    def model(window: int) -> torch.nn.Module:
+        small = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     num_hidden_layers=2, vocab_size=128, max_position_embeddings=128, sliding_window=window)
+        cfg = (t.MistralConfig(**small) if family == "mistral" else
+               t.Gemma3TextConfig(**small, layer_types=["sliding_attention", "full_attention"], pad_token_id=0))
+        torch.manual_seed(0)
+        m = t.AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
+            for p in m.parameters():
+                p.mul_(3)
+        return m
+
+    prompts = [[5, 9, 17, 33, 2, 8, 64, 3, 11, 19], [7, 40]]
+    spec = GenerationSpec(max_length=48, max_batch=2)
+    hf = model(12)
+    want = compile_model(hf, generation=spec).generate(prompts, 30, stop_tokens=()).tokens
+    assert compile_model(model(100), generation=spec).generate(prompts, 30, stop_tokens=()).tokens != want
+    packed = compile_model(hf, pipeline="kv-cache(bits=8,k_block=8,window=8,v_group=16)", generation=spec)
+    windows = [n.kwargs.get("sliding") for n in packed.graph.nodes if n.op == "cache_attention"]
+    assert windows == ([12, 12] if family == "mistral" else [12, None])
+    assert packed.generate(prompts, 30, stop_tokens=()).tokens == want

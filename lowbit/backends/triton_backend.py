@@ -456,6 +456,8 @@ def plan_cache_attention(node: torch.fx.Node, types: dict[str, TensorType] | Non
             isinstance(d, int) for d in (tq.shape[1], tq.shape[3], tk.shape[1])):
         return "heads or head_dim unknown at lowering"
     kw = node.kwargs
+    if kw.get("sliding") is not None:
+        return f"a sliding window of {kw['sliding']} tokens: the kernel reads every quantized slot from the sink on"
     return cache_attention_unsupported(int(tq.shape[3]), int(kw["k_block"]), int(kw["v_group"]), int(kw["bits"]),
                                        int(tq.shape[1]), int(tk.shape[1]))
 

@@ -243,11 +243,12 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
 
 
 def float_candidates(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_float: torch.Tensor,
-                     v_float: torch.Tensor, *, window: int, sink: int
+                     v_float: torch.Tensor, *, window: int, sink: int, sliding: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The float tokens a step's queries may read: the OLD sink and ring slots (tokens before this step) and
     the new tokens: keys/values ``[B, H, F, D]`` and a mask ``[B, L, F]`` (query at t reads float token j when
-    ``j <= t`` and ``j < sink`` or ``j > t - window``)."""
+    ``j <= t`` and ``j < sink`` or ``j > t - window``; and ``j > t - sliding`` in a sliding-window layer, the sink
+    too)."""
     pos = positions.to(torch.long)
     p0 = pos[:, :1]
     ring = window
@@ -260,6 +261,8 @@ def float_candidates(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, 
     t = pos[:, :, None]
     j = cand[:, None, :]
     mask = older[:, None, :] & (j <= t) & ((j < sink) | (j > t - window))
+    if sliding is not None:
+        mask = mask & (j > t - sliding)
     kk = torch.cat([k_float.to(k.dtype), k], 2)
     vv = torch.cat([v_float.to(v.dtype), v], 2)
     return kk, vv, mask
@@ -270,8 +273,11 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
                     k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor, v_codes: torch.Tensor,
                     v_scale: torch.Tensor, v_zero: torch.Tensor, k_float: torch.Tensor, v_float: torch.Tensor, *,
                     bits: int, k_block: int, v_group: int, window: int, sink: int,
-                    scale: float | None = None) -> tuple[torch.Tensor, ...]:
-    """Attention of a step's queries over a packed quantized KV cache after writing the step's keys/values."""
+                    scale: float | None = None, sliding: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Attention of a step's queries over a packed quantized KV cache after writing the step's keys/values.
+
+    ``sliding``: the layer's sliding window (a query at t reads positions after ``t - sliding`` only, the sink
+    too), as the float step masks it (Mistral, Gemma 3, Ministral, OLMo 3); None for full attention."""
     cache = [k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_float, v_float]
     if q.device.type == "meta":
         return (torch.empty_like(q), *[c.clone() for c in cache])
@@ -285,7 +291,10 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     slots = torch.arange(kq.shape[2], device=q.device)
     t = pos[:, :, None]
     qmask = (slots[None, None] >= sink) & (slots[None, None] <= t - window)
-    kfc, vfc, fmask = float_candidates(k.float(), v.float(), pos, k_float, v_float, window=window, sink=sink)
+    if sliding is not None:
+        qmask = qmask & (slots[None, None] > t - sliding)
+    kfc, vfc, fmask = float_candidates(k.float(), v.float(), pos, k_float, v_float, window=window, sink=sink,
+                                       sliding=sliding)
     keys = torch.cat([kq, kfc], 2)
     values = torch.cat([vq, vfc], 2)
     mask = torch.cat([qmask, fmask], 2)[:, None]  # [B, 1, L, S + F]

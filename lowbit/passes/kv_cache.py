@@ -100,11 +100,10 @@ class KVCache(Pass):
 
     @staticmethod
     def _check_attention(graph: Graph, gen: dict[str, Any]) -> None:
-        """What the packed cache's ``cache_attention`` does not compute, all of it in one refusal before any pass
-        runs: attention-logit soft-capping (Gemma 2 writes its attention out as matmul/tanh/softmax, which the
-        pass found only when it ran, after calibration, and said as 'read by %unsqueeze_6') and a sliding window
-        shorter than the cache (which, refused first, sent a Gemma 2 user to a max_length that then met the
-        soft-capping)."""
+        """A written-out attention, refused before any pass runs: Gemma 2's soft-capped logits keep its attention as
+        matmul/tanh/softmax with no attention node for ``cache_attention`` to replace, which the pass found only when
+        it ran, after calibration, and said as 'read by %unsqueeze_6'. (A sliding window is ``cache_attention``'s
+        ``sliding``: it was refused here, which sent a Gemma 2 user to a max_length that then met the soft-capping.)"""
         users = graph.users()
         by_name = {v.name: v for v in graph.inputs}
         written_out = []
@@ -114,40 +113,22 @@ class KVCache(Pass):
             readers = [r for n in scatters for r in users.get(id(n.output), [])]
             if readers and not any(r.op == "attention" for r in readers):
                 written_out.append((layer, next((r.module for r in readers if r.module), None)))
-        windowed = [f"layer {i} (window {w})" for i, w in enumerate(gen.get("windows") or [])
-                    if w is not None and w < gen["max_length"]]
-        if not written_out and not windowed:
+        if not written_out:
             return
-        missing, details = [], []
-        if written_out:
-            modules = {m for _, m in written_out}
-            capped = any(n.op == "aten.tanh.default" and n.module in modules for n in graph.nodes)
-            layer, module = written_out[0]
-            one = len(written_out) == 1
-            where = (f"layer {layer} (module {module!r})" if one else
-                     f"layers {', '.join(str(i) for i, _ in written_out)} (module {module!r} and the others)")
-            its = "its" if one else "their"
-            missing.append("attention-logit soft-capping" if capped else "written-out attention")
-            details.append(f"{where} " + (f"soft-cap{'s' if one else ''} {its} attention logits (tanh(scores / "
-                                          f"cap) * cap, Gemma 2's attn_logit_softcapping), so {its} attention is "
-                                          "written out as matmul, tanh and softmax (SDPA has no soft-cap) with no "
-                                          "attention node to replace" if capped else
-                                          f"compute{'s' if one else ''} {its} attention as separate ops, with no "
-                                          "attention node to replace"))
-        if windowed:
-            missing.append("sliding window")
-            details.append(f"sliding-window attention in {', '.join(windowed)} shorter than max_length="
-                           f"{gen['max_length']}, and the packed cache's attention reads every slot up to the "
-                           "position")
-        if written_out:  # no max_length helps: the float cache is the way to generate this model
-            instead = ("generate with the float cache: leave kv-cache out of the pipeline (the weights keep the "
-                       "rest of it)")
-        else:
-            shortest = min(w for w in gen["windows"] if w is not None)
-            instead = (f"compile with max_length <= {shortest} (GenerationSpec(max_length=...), CLI --max-length), "
-                       "or leave kv-cache out (the float cache keeps the window)")
+        modules = {m for _, m in written_out}
+        capped = any(n.op == "aten.tanh.default" and n.module in modules for n in graph.nodes)
+        layer, module = written_out[0]
+        one = len(written_out) == 1
+        where = (f"layer {layer} (module {module!r})" if one else
+                 f"layers {', '.join(str(i) for i, _ in written_out)} (module {module!r} and the others)")
+        its = "its" if one else "their"
+        what = (f"soft-cap{'s' if one else ''} {its} attention logits (tanh(scores / cap) * cap, Gemma 2's "
+                f"attn_logit_softcapping), so {its} attention is written out as matmul, tanh and softmax (SDPA has no "
+                "soft-cap)" if capped else f"compute{'s' if one else ''} {its} attention as separate ops")
         raise PassError(f"pass kv-cache: the packed cache's attention (cache_attention) has no "
-                        f"{' and no '.join(missing)}: {'; '.join(details)}. {instead[0].upper()}{instead[1:]}")
+                        f"{'attention-logit soft-capping' if capped else 'written-out attention'}: {where} {what}, "
+                        "with no attention node to replace. Generate with the float cache: leave kv-cache out of the "
+                        "pipeline (the weights keep the rest of it)")
 
     def _check_layout(self, gen: dict[str, Any]) -> None:
         o: KVCacheOptions = self.options  # type: ignore[assignment]
@@ -184,6 +165,7 @@ class KVCache(Pass):
         new_outputs: dict[int, list[Value]] = {}
         new_names: list[str] = []
         kw = dict(bits=o.bits, k_block=o.k_block, v_group=o.v_group, window=o.window, sink=o.sink)
+        windows = list(gen.get("windows") or [])
         for layer in range(len(names) // 2):
             k_in, v_in = by_name[names[2 * layer]], by_name[names[2 * layer + 1]]
             k_sc, v_sc = self._scatter(graph, users, k_in), self._scatter(graph, users, v_in)
@@ -217,8 +199,10 @@ class KVCache(Pass):
                         n.args = (ins[0], *n.args[1:])
             new_inputs[v_in.name] = []
             scale = att.kwargs.get("scale")
+            # the layer's sliding window, masked as the float step's attention masks it
+            sliding = {"sliding": windows[layer]} if layer < len(windows) and windows[layer] is not None else {}
             node = graph.make_node("cache_attention", [att.args[0], k_sc.args[3], v_sc.args[3], positions, *ins],
-                                   {**kw, "scale": scale}, name=f"cache_attention_{layer}",
+                                   {**kw, "scale": scale, **sliding}, name=f"cache_attention_{layer}",
                                    types=[att.output.type, *[types[p] for p in PARTS]], module=att.module)
             graph.insert_before(att, node)
             graph.replace_all_uses(att.output, node.outputs[0])
