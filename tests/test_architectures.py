@@ -320,6 +320,34 @@ def step_compressed_tensors(family: str, tmp_path: Any) -> None:
 GEN_PROMPTS = ["The capital of France is", "Once upon a time, in a small village,"]
 
 
+def _sharp_step_model(cfg: Any) -> tuple[Any, Any, Any]:
+    """A random HF causal LM of ``cfg`` with its weights x4 (sharper logits than the init's: greedy ties would not
+    test anything), SmolLM2's tokenizer and the model compiled for generation (max_length 32, batch 2)."""
+    import transformers as t
+
+    from lowbit.generate import GenerationSpec
+
+    torch.manual_seed(0)
+    hf = t.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(4)
+    tok = _smollm2_tokenizer()
+    return hf, tok, lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
+
+
+def _assert_greedy_as_uncached_forward(hf: Any, prompts: list[list[int]], got: list[list[int]], n: int,
+                                       family: str) -> None:
+    """Each prompt's ``n`` greedy tokens equal the model's forward over the whole sequence without a cache (where
+    transformers' own ``generate`` is not the reference: it leaves that forward on some sliding layers)."""
+    for p, tokens in zip(prompts, got):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(n):
+                seq.append(int(hf(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+        assert tokens == seq[len(p):], f"{family}: {tokens} != transformers' forward {seq[len(p):]}"
+
+
 def _assert_greedy_as_transformers(hf: Any, prompts: list[list[int]], got: list[list[int]], new: int,
                                    family: str = "") -> None:
     """Each prompt's tokens from lowbit equal transformers' greedy ``generate`` of ``new`` tokens on it alone."""
@@ -357,8 +385,6 @@ def test_generate_matches_transformers_beyond_the_matrix(family):
     checked (the matrix's other steps would add ~30 s a family to the default suite)."""
     import transformers as t
 
-    from lowbit.generate import GenerationSpec
-
     cfg = {"olmo": lambda: t.OlmoConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                         num_key_value_heads=4, pad_token_id=0, **DEC),
            "starcoder2": lambda: t.Starcoder2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -375,13 +401,7 @@ def test_generate_matches_transformers_beyond_the_matrix(family):
                                                   num_key_value_heads=2, head_dim=16, sliding_window=4,
                                                   layer_types=["sliding_attention", "full_attention"],
                                                   **{**DEC, "num_hidden_layers": 2})}[family]()
-    torch.manual_seed(0)
-    hf = t.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
-        for p in hf.parameters():
-            p.mul_(4)
-    tok = _smollm2_tokenizer()
-    cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
+    hf, tok, cm = _sharp_step_model(cfg)
     prompts = [tok(p).input_ids for p in GEN_PROMPTS]
     got = cm.generate(prompts, 8, stop_tokens=()).tokens
     if family != "ministral":
@@ -390,12 +410,7 @@ def test_generate_matches_transformers_beyond_the_matrix(family):
     # transformers' own generate leaves its forward on Ministral's sliding layers once a 5-token prompt passes the
     # window (its 3rd new token differs from the full forward's argmax, measured with transformers 5.25): the
     # reference is the model's forward over the whole sequence, without a cache
-    for p, tokens in zip(prompts, got):
-        seq = list(p)
-        with torch.no_grad():
-            for _ in range(8):
-                seq.append(int(hf(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
-        assert tokens == seq[len(p):], f"{family}: {tokens} != transformers' forward {seq[len(p):]}"
+    _assert_greedy_as_uncached_forward(hf, prompts, got, 8, family)
 
 
 def run_step(family: str, step: str, tmp_path: Any) -> str:
@@ -668,22 +683,11 @@ def test_olmo3_and_seed_oss_generate_as_transformers_forward(family):
                                           num_key_value_heads=4, sliding_window=4, **{**DEC, "num_hidden_layers": 4}),
            "seed_oss": lambda: t.SeedOssConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                                num_key_value_heads=2, head_dim=16, **DEC)}[family]()
-    torch.manual_seed(0)
-    hf = t.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # sharper logits than the init's: greedy ties would not test anything
-        for p in hf.parameters():
-            p.mul_(4)
-    tok = _smollm2_tokenizer()
-    cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
+    hf, tok, cm = _sharp_step_model(cfg)
     if family == "olmo3":
         assert cm.graph.meta["generation"]["windows"] == [4, 4, 4, None]
     prompts = [tok(p).input_ids for p in GEN_PROMPTS]
-    for p, tokens in zip(prompts, cm.generate(prompts, 12, stop_tokens=()).tokens):
-        seq = list(p)
-        with torch.no_grad():
-            for _ in range(12):
-                seq.append(int(hf(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
-        assert tokens == seq[len(p):], f"{family}: {tokens} != transformers' forward {seq[len(p):]}"
+    _assert_greedy_as_uncached_forward(hf, prompts, cm.generate(prompts, 12, stop_tokens=()).tokens, 12, family)
     exaone = t.AutoModelForCausalLM.from_config(t.Exaone4Config(
         hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         sliding_window=4, **DEC)).eval()
