@@ -1485,3 +1485,29 @@ def test_a_float_hf_checkpoint_without_a_tokenizer_reloads(tmp_path):
     ids = torch.randint(0, 256, (2, 9))
     assert loaded.tokenizer is None
     torch.testing.assert_close(loaded(ids), c(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt, pipeline", [("hf", "prune-heads(ratio=0.5,score=magnitude)"),
+                                           ("compressed-tensors", "prune-heads(ratio=0.5,score=magnitude),"
+                                                                  "quantize(w=int8)")])
+def test_head_pruned_minilm_loads_in_transformers_with_zero_heads(minilm, tmp_path, fmt, pipeline):
+    """The real all-MiniLM-L6-v2 (BERT: head_dim is hidden_size / heads) with half its heads pruned: its HF
+    checkpoint keeps 12 heads per layer, 6 of them zero, and transformers' BertModel embeds real sentences as the
+    compiled model does; lowbit.load too."""
+    from transformers import AutoModel
+
+    from lowbit.models import SentenceEmbedder
+
+    embedder, tok = minilm
+    c = lowbit.compile_model(embedder, tokenizer=tok, pipeline=pipeline)
+    assert set(map(tuple, c.graph.meta["pruned"]["heads"].values())) == {(6, 6)}
+    out = lowbit.save(c, tmp_path / fmt, format=fmt)
+    enc = tok(["the cat sat on the mat", "lowbit writes zero heads where a config has no field"], padding=True,
+              return_tensors="pt")
+    ref = c(**enc)
+    hf = SentenceEmbedder(AutoModel.from_pretrained(out)).eval()
+    assert hf.encoder.config.num_attention_heads == 12
+    assert json.loads((out / "lowbit-manifest.json").read_text())["lowbit"]["zero_heads"]["written_heads"] == [12, 12]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(enc["input_ids"], enc["attention_mask"]), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lowbit.load(out)(**enc), ref, rtol=1e-5, atol=1e-5)
