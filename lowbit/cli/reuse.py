@@ -112,6 +112,17 @@ def _same_literal(a: Any, b: Any) -> bool:
         return False
 
 
+def _same_operand(a: Any, b: Any, shared: set[str]) -> bool:
+    """Whether value operand ``a`` of a graph holds what ``b`` of the reference does."""
+    if not (isinstance(a, Value) and isinstance(b, Value)) or a.kind != b.kind or a.name != b.name:
+        return False
+    if a.kind == "param":
+        return a.data is b.data
+    if a.kind == "input":  # a pass that retyped an input (int32 ids) is fed differently
+        return a.type == b.type
+    return a.name in shared
+
+
 def shared_values(graph: Graph, reference: Graph) -> set[str]:
     """Names of the values ``graph`` computes exactly as ``reference`` does: from a node of the same name, op and
     literal operands, whose value operands are the same inputs, the same parameter tensors (by identity: clones share
@@ -128,11 +139,7 @@ def shared_values(graph: Graph, reference: Graph) -> set[str]:
             continue
         same = True
         for a, b in zip(leaves, ref_leaves):
-            if isinstance(a, Value) or isinstance(b, Value):
-                same = isinstance(a, Value) and isinstance(b, Value) and a.kind == b.kind and a.name == b.name and (
-                    a.data is b.data if a.kind == "param" else a.kind == "input" or a.name in shared)
-            else:
-                same = _same_literal(a, b)
+            same = _same_operand(a, b, shared) if isinstance(a, Value) or isinstance(b, Value) else _same_literal(a, b)
             if not same:
                 break
         if same:
