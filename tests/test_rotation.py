@@ -210,7 +210,7 @@ def test_rotate_after_smooth_quant_says_to_move_smooth_quant():
     """fold-norms, smooth-quant, rotate: smooth-quant gives the folded norm a gain again (1/s), and rotate said
     only 'needs fold-norms first', which the pipeline had done. It now names the pass that re-gains norms."""
     from lowbit.passes.fold_norms import FoldNorms
-    from lowbit.passes.rotate import Rotate
+    from lowbit.passes.rotate import Rotate, RotateOptions
     from lowbit.passes.smooth_quant import SmoothQuant
 
     g = parse_graph(TINY, _random_weights(TINY))
@@ -1085,7 +1085,7 @@ def test_rotate_after_slice_residual_is_exact_and_prune_passes_must_come_before_
     from lowbit.ir.capture import capture
     from lowbit.models import CausalLMLogits
     from lowbit.passes.fold_norms import FoldNorms
-    from lowbit.passes.rotate import Rotate
+    from lowbit.passes.rotate import Rotate, RotateOptions
     from lowbit.passes.slice_residual import SliceResidual
 
     g = capture(CausalLMLogits(_gained_tiny_llama().to(torch.float64)).eval(), (torch.ones(1, 6, dtype=torch.long),),
@@ -1294,3 +1294,17 @@ def test_w4a4kv4_recipes_scale_the_kv_cache_per_token_per_head_at_any_head_dim(h
     kv = [n for n in c.graph.find("dynamic_qparams") if len(n.args[0].tensor_type.shape) == 4]  # [B, H, S, D]
     assert len(kv) == 2 and all(n.kwargs["block_size"] == 64 // heads for n in kv)
     assert all("kv_group=none" in r.pipeline for n, r in RECIPES.items() if n.startswith("w4a4kv4"))
+
+
+def test_rotate_pass_summary_and_calib_n_name_the_learned_kinds():
+    """``lowbit passes`` showed rotate as folding "(Hadamard or random) rotations", and ``calib_n`` as read by
+    kind=kurtosis only: a user looking for the learned rotations (KurTail, SpinQuant) or for what calib_n means with
+    kind=learned (which reads it) found neither. The summary names every rotation the pass learns, and calib_n's
+    help says what each learned kind does with it."""
+    from lowbit.cli.main import option_docs
+    from lowbit.passes.rotate import Rotate, RotateOptions
+
+    summary = Rotate.doc()  # the line `lowbit passes` shows
+    assert all(word in summary for word in ("Hadamard", "random", "KurTail", "SpinQuant")), summary
+    calib_n = option_docs(RotateOptions)["calib_n"]
+    assert "kurtosis:" in calib_n and "learned:" in calib_n, calib_n

@@ -88,7 +88,8 @@ class RotateOptions(CalibrationOptions):
     seed: int = 0
     """Seed of the random signs / random matrix (and of the learning's token draws)."""
     calib_n: int = Field(default=8, ge=1)
-    """kurtosis: calibration sequences whose normalised residual streams are collected (once)."""
+    """kurtosis: calibration sequences whose normalised residual streams are collected (once); learned: the
+    windows the steps draw from and the ``check_windows`` check scores on."""
     samples: int = Field(default=512, ge=8, le=1_000_000)
     """kurtosis: tokens kept per norm output (spread over the batches); memory is samples × width × norms."""
     steps: int | None = Field(default=None, ge=1, le=100_000)
@@ -429,7 +430,7 @@ def check_hadamard_sizes(o: RotateOptions, res: ResidualRegion | None, heads: li
 
 @register_pass
 class Rotate(Pass):
-    """Fold orthogonal (Hadamard or random) rotations into the weights, plus online Hadamards where needed."""
+    """Fold orthogonal rotations (Hadamard, random, learned: KurTail, SpinQuant) into the weights, online Hadamards."""
 
     name = "rotate"
     Options = RotateOptions
