@@ -699,12 +699,14 @@ def test_kurtosis_rotation_exact_and_orthogonal_in_float64_on_smollm2(smollm2_sl
 
 def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(smollm2):
     """kind=learned on a real 1-layer SmolLM2: the W4A4 fake-quantized loss on its (fixed) calibration window
-    falls over a few Cayley/Adam steps; the float32 model is unchanged (≤ 1e-4) and R1 stays orthogonal."""
+    falls over a few Cayley/Adam steps; the float32 model is unchanged (≤ 1e-4) and R1 stays orthogonal. lr 1e-3:
+    at 2e-3 four steps overshot on this machine's SmolLM2 float cache (17.7202 -> 17.7421; 1e-3: -> 16.82), whose
+    float perplexity differs from the previous machine's in the 5th digit (28.7382 vs 28.7385)."""
     from conftest import held_out_slice
 
     graph, ids, ref = held_out_slice(smollm2, 1, 1)
     g = graph.clone()
-    spec = "fold-norms,rotate(kind=learned,calib_n=1,calib_len=64,steps=4,lr=2e-3,progress=false)"
+    spec = "fold-norms,rotate(kind=learned,calib_n=1,calib_len=64,steps=4,lr=1e-3,progress=false)"
     learned = PassManager(spec).run(g).records[-1].stats["learned"]
     assert learned["steps"] == 4 and learned["calib_tokens"] == 64 and len(learned["history"]) == 2  # steps 0, 3
     assert learned["loss_end"] < learned["loss_start"], learned["history"]
