@@ -884,7 +884,7 @@ def test_compiled_generate_shows_the_generator_options():
     model._generator = Recording()
     model.generate([[1, 2]], 3, do_sample=True, top_k=5, top_p=0.9, seed=7, stop_tokens=(), temperature=0.5)
     assert seen == {"args": ([[1, 2]], 3), "attention_mask": None, "do_sample": True, "temperature": 0.5, "top_k": 5,
-                    "top_p": 0.9, "seed": 7, "stop_tokens": (), "on_token": None}
+                    "top_p": 0.9, "seed": 7, "stop_tokens": (), "stop": None, "on_token": None}
 
 
 @pytest.mark.parametrize("value", ["false", 0, None])
