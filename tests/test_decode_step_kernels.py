@@ -235,3 +235,44 @@ def test_rotary_write_kv_writes_the_caches_in_place_under_torch_compile(monkeypa
     assert ran and all(r is None for r in ran)
     assert torch.equal(out[0], ref[0]) and torch.equal(kc, eager_k) and torch.equal(vc, eager_v)
     assert out[1].data_ptr() == kc.data_ptr() and out[2].data_ptr() == vc.data_ptr()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hq,hkv,d,slots,positions", [(4, 4, 64, 24, [[3], [14]]), (8, 2, 128, 150, [[70], [149]]),
+                                                       (8, 1, 32, 130, [[0], [64]])])
+def test_rotary_decode_sdpa_is_rotary_write_kv_then_decode_sdpa_bit_for_bit(device, hq, hkv, d, slots, positions):
+    """``rotary_decode_sdpa`` (the split kernel rotates q itself and the program holding the step's slot writes
+    the new key and value first) returns the same bits and leaves the same caches as ``rotary_write_kv`` followed
+    by ``decode_sdpa``: MHA/GQA/MQA, head_dim 32-128, one chunk and several (the slot in the first, a middle and
+    the last chunk, a partial last chunk), two sequences at different positions; rows past each position hold
+    values that would dominate if read. A prefill (3 tokens) runs the two ops, with the same result as them."""
+    from lowbit.kernels.decode_step import (decode_sdpa, rotary_decode_sdpa, rotary_decode_sdpa_unsupported,
+                                            rotary_write_kv)
+
+    q, k, v, cos, sin, kc, vc, index = _rotary_case(2, hq, hkv, 1, d, slots, positions, torch.bfloat16, device)
+    pos = torch.tensor(positions).view(2, 1, 1, 1).to(device)
+    mask = torch.arange(slots, device=device).view(1, 1, 1, -1) <= pos
+    kc[~mask.expand(2, hkv, 1, slots).squeeze(2)] = 1e4
+    vc[~mask.expand(2, hkv, 1, slots).squeeze(2)] = 1e4
+    assert rotary_decode_sdpa_unsupported(q, k, v, cos, sin, kc, vc, index, mask, False) is None
+    ref_k, ref_v, got_k, got_v = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    ref = decode_sdpa(rotary_write_kv(q, k, v, cos, sin, ref_k, ref_v, index), ref_k, ref_v, mask, None, hq != hkv)
+    got = rotary_decode_sdpa(q, k, v, cos, sin, got_k, got_v, index, mask, None, False, hq != hkv)
+    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v) and not torch.equal(got_k, kc)
+    assert got.shape == ref.shape and torch.equal(got, ref)
+    assert not decode_step.split_counters(got.device).any()  # the merging programs set their counters back
+    torch.library.opcheck(torch.ops.lowbit.rotary_decode_sdpa, (q, k, v, cos, sin, kc.clone(), vc.clone(), index,
+                                                               mask, None, False, hq != hkv),
+                          test_utils=("test_schema", "test_faketensor"))
+    q3, k3, v3, cos3, sin3, kc3, vc3, index3 = _rotary_case(2, hq, hkv, 3, d, slots, [[2, 0, 1], [5, 6, 7]],
+                                                            torch.bfloat16, device)
+    causal = torch.ones(1, 1, 3, slots, dtype=torch.bool, device=device)
+    assert "one row per sequence" in rotary_decode_sdpa_unsupported(q3, k3, v3, cos3, sin3, kc3, vc3, index3,
+                                                                     causal, False)
+    from lowbit.ir.ops import attention
+
+    ref_k, ref_v = kc3.clone(), vc3.clone()
+    ref = attention(rotary_write_kv(q3, k3, v3, cos3, sin3, ref_k, ref_v, index3), ref_k, ref_v, causal,
+                    enable_gqa=hq != hkv)
+    got = rotary_decode_sdpa(q3, k3, v3, cos3, sin3, kc3, vc3, index3, causal, None, False, hq != hkv)
+    assert torch.equal(got, ref) and torch.equal(kc3, ref_k) and torch.equal(vc3, ref_v)

@@ -448,21 +448,24 @@ def _decoder(family: str) -> torch.nn.Module:
 
 
 def _rotary_cache_nodes(compiled) -> tuple[int, int, int]:
-    """(``rotary_write_kv`` nodes, IR rotaries, cache ``scatter_into`` writes) in a lowering's FX graph."""
+    """(``rotary_decode_sdpa`` nodes: a decode step's rotary, cache writes and attention in one op, IR rotaries,
+    cache ``scatter_into`` writes) in a lowering's FX graph; a fused lowering has no bare ``rotary_write_kv``."""
     targets = [n.target for n in compiled.runner.gm.graph.nodes if n.op == "call_function"]
-    return (targets.count(torch.ops.lowbit.rotary_write_kv.default), targets.count(ir_ops.rotary),
+    assert torch.ops.lowbit.rotary_write_kv.default not in targets
+    return (targets.count(torch.ops.lowbit.rotary_decode_sdpa.default), targets.count(ir_ops.rotary),
             targets.count(torch.ops.lowbit.scatter_into.default))
 
 
 @needs_kernels
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_rotary_and_cache_writes_run_in_one_kernel_per_layer(family, monkeypatch):
-    """``rotary_cache`` (on by default): each layer's rotary of q and k and its two float-cache writes become one
-    ``rotary_write_kv`` node (none of the four ops left), named in the report; the step's prefill and decode
-    steps run its kernel (two sequences of different lengths: positions differ per sequence) and greedy tokens
-    equal those of ``rotary_cache=False`` (which keeps the four ops) and the torch reference's. On CUDA the
-    reference's attention is another kernel (SDPA against flash-decoding), so bf16 near-ties can break the other
-    way there: the H200 run of session 18 had qwen2 and qwen3 differ from it at steps whose top-2 logits were
+    """``rotary_cache`` (on by default): each layer's rotary of q and k, its two float-cache writes and its
+    attention become one ``rotary_decode_sdpa`` node (none of the five ops left), named in the report; the step's
+    prefill (``rotary_write_kv`` then SDPA) and decode steps (the split kernel alone, merging its own partials)
+    run its kernels (two sequences of different lengths: positions differ per sequence) and greedy tokens equal
+    those of ``rotary_cache=False`` (which keeps the four ops) and the torch reference's. On CUDA the reference's
+    attention is another kernel (SDPA against flash-decoding), so bf16 near-ties can break the other way there: the
+    H200 run of session 18 had qwen2 and qwen3 differ from it at steps whose top-2 logits were
     0.56% and 0.66% apart (the fused and unfused backends agreed); there only the first new token (the prefill's)
     is compared with the reference. Float weights keep it to seconds under the interpreter (the rewrite does not
     look at the linears; the W4A16 step of ``test_generation_runs_on_the_triton_backend`` runs it too)."""
@@ -487,7 +490,9 @@ def test_rotary_and_cache_writes_run_in_one_kernel_per_layer(family, monkeypatch
     # flash-decoding attention resolved the other way from the reference's SDPA (the Llama case failed there)
     prompts = [[451, 113, 120, 50, 400], [422, 455]]
     out = fused.generate(prompts, 4, stop_tokens=())
-    assert ran == [None] * 2 * 4  # 2 layers x (prefill + 3 decode steps), all on the kernel
+    # 2 layers x (prefill: the fused op's check, then rotary_write_kv's; 3 decode steps: the fused op's), all None
+    assert ran == [None] * 2 * (2 + 3)
+    assert len(fused.runner.report["attention"]) == 2  # on decode-sdpa, inside each layer's rotary_decode_sdpa
     plain = _triton_step(model, pipeline, spec, dev, rotary_cache=False)
     assert _rotary_cache_nodes(plain) == (0, 4, 4) and not plain.runner.report["rotary_cache"]
     assert plain.generate(prompts, 4, stop_tokens=()).tokens == out.tokens

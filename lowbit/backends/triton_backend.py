@@ -727,15 +727,24 @@ def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | 
             report["unfused"][k_rot.name] = f"rotary + k/v cache write: {why}"
             continue
         q, cos, sin = q_rot.args
+        operands = (q, k_rot.args[0], v_write.args[3], cos, sin, k_write.args[0], v_write.args[0], k_write.args[2])
+        what = f"rotary %{q_rot.name}, %{k_rot.name} + cache writes %{k_write.name}, %{v_write.name}"
         with gm.graph.inserting_before(attn):
-            fused = gm.graph.call_function(torch.ops.lowbit.rotary_write_kv.default,
-                                           (q, k_rot.args[0], v_write.args[3], cos, sin, k_write.args[0],
-                                            v_write.args[0], k_write.args[2], pdl))
-        attn.args = (fused, *attn.args[1:])
+            if attn.target in (_kernel_attention, _kernel_attention_pdl):
+                # a decode step's attention kernel rotates q and writes the slot itself: one launch fewer
+                mask = attn.args[3] if len(attn.args) > 3 else attn.kwargs.get("mask")
+                fused = gm.graph.call_function(torch.ops.lowbit.rotary_decode_sdpa.default, (
+                    *operands, mask, attn.kwargs.get("scale"), attn.kwargs.get("is_causal", False),
+                    attn.kwargs.get("enable_gqa", False), pdl))
+                attn.replace_all_uses_with(fused)
+                report["rotary_cache"][fused.name] = f"{what} + attention %{attn.name} (decode-sdpa at one row)"
+                gm.graph.erase_node(attn)
+            else:
+                fused = gm.graph.call_function(torch.ops.lowbit.rotary_write_kv.default, (*operands, pdl))
+                attn.args = (fused, *attn.args[1:])
+                report["rotary_cache"][fused.name] = what
         for dead in (k_write, v_write, k_rot, q_rot):
             gm.graph.erase_node(dead)
-        report["rotary_cache"][fused.name] = (f"rotary %{q_rot.name}, %{k_rot.name} + cache writes "
-                                              f"%{k_write.name}, %{v_write.name}")
 
 
 def _outer_product(node: torch.fx.Node, types: dict[str, TensorType] | None) -> bool:
@@ -973,8 +982,10 @@ class TritonCompiled(TorchCompiled):
         if any("float32" in why for why in self.report["fallback"].values()):
             lines.append(f"  {FLOAT32_HINT}")
         if self.report.get("rotary_cache"):
-            lines.append(f"  rotary + k/v cache write fused: {len(self.report['rotary_cache'])} layers on "
-                         "rotary_write_kv")
+            fused = self.report["rotary_cache"].values()
+            into = sum("+ attention" in what for what in fused)
+            lines.append(f"  rotary + k/v cache write fused: {len(fused)} layers on rotary_write_kv"
+                         + (f" ({into} of them inside their decode-sdpa attention at one query row)" if into else ""))
         if self.report.get("outer"):
             lines.append(f"  matmul over a contraction of 1 as a broadcast multiply: {len(self.report['outer'])} nodes")
         lines += [f"  not fused at %{name}: {why}" for name, why in self.report["unfused"].items()]

@@ -28,6 +28,8 @@ one ``head_dim`` row per program to the slot its position names.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -49,6 +51,7 @@ from lowbit.kernels._common import (
 
 __all__ = ["cache_rows_index", "decode_sdpa", "decode_sdpa_layout_unsupported", "decode_sdpa_pdl", "decode_sdpa_ref",
            "decode_sdpa_supported",
+           "rotary_decode_sdpa", "rotary_decode_sdpa_unsupported", "split_counters",
            "rotary_head_dim_unsupported", "rotary_write_kv", "rotary_write_kv_ref", "rotary_write_kv_unsupported",
            "row_argmax", "row_argmax_ref", "row_argmax_checked", "row_argmax_checked_ref", "not_finite_rows",
            "write_cache_rows", "write_cache_rows_ref"]
@@ -289,6 +292,22 @@ def _rotary_write_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, kc_ptr, vc_ptr, i_ptr, o
     tl.store(dst + hi, y2.to(dst.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _partner(ds, D: tl.constexpr):
+    """The channel a rotate-half pairs with channel ``ds``: ``ds + D/2`` in the first half, ``ds - D/2`` after."""
+    return tl.where(ds < D // 2, ds + D // 2, ds - D // 2)
+
+
+@triton.jit
+def _rotate(x, partner, c, s, ds, D: tl.constexpr, IS_BF16: tl.constexpr, IS_FP16: tl.constexpr):
+    """Rotate-half of ``x`` given each channel's partner (``_partner``): ``x c - partner s`` in the first half,
+    ``x c + partner s`` in the second, each product and the sum rounded as the IR's ``rotary`` (and
+    ``_rotary_write_kv``) round them; fp32 on the activation dtype's grid."""
+    xs = _round_to(x.to(tl.float32) * c, IS_BF16, IS_FP16)
+    ps = _round_to(partner.to(tl.float32) * s, IS_BF16, IS_FP16)
+    return _round_to(xs + tl.where(ds < D // 2, -ps, ps), IS_BF16, IS_FP16)
+
+
 ROTARY_ROWS = 16
 """Tokens per ``_rotary_write_kv`` program when a call has more than one (a prefill): one row per program made a
 1x2048 prefill's rotary 158 µs per layer on the H200 (131K one-warp programs of 256 bytes each), 16 rows on four
@@ -406,13 +425,25 @@ def decode_sdpa_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 @triton.jit
 def _sdpa_split(q_ptr, k_ptr, v_ptr, m_ptr, p_ptr, l_ptr, a_ptr, S, HKV, NCH, scale,
                 sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sms,
+                kn_ptr, vn_ptr, c_ptr, s_ptr, i_ptr, sknb, sknh, svnb, svnh, scb, ssb, sib,
+                n_ptr, o_ptr, sob, soh,
                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, UPCAST: tl.constexpr,
-                PDL: tl.constexpr):
+                PDL: tl.constexpr, ROTARY: tl.constexpr = False, IS_BF16: tl.constexpr = False,
+                IS_FP16: tl.constexpr = False, MERGE: tl.constexpr = False, NCP: tl.constexpr = 1):
     """Program ``(b * HKV + h, c)``: the ``G`` query heads of kv head ``h`` over cache slots ``[c * CHUNK, ...)``:
     scores ``q . k * scale`` where the mask allows, their max, the sum of ``exp(score - max)`` and the
     un-normalised ``sum p v`` (fp32), written per (query head, chunk) for ``_sdpa_merge``. A chunk with no allowed
     slot writes max -inf, sum 0, zeros. ``PDL`` (``pdl_launches``): let the merge launch, then wait for the
-    kernels that wrote q and the cache's new row."""
+    kernels that wrote q and the cache's new row.
+
+    ``ROTARY`` (``rotary_decode_sdpa``): ``q`` is the step's query before its rotary, which each program applies
+    to its heads as ``_rotary_write_kv`` does; the program whose chunk holds the step's slot ``index[b]`` first
+    writes that slot of both caches (the new key ``kn`` rotated, the new value ``vn``), so the keys it then reads
+    are the ones a separate ``rotary_write_kv`` launch would have written.
+
+    ``MERGE`` (``split_counters``): no ``_sdpa_merge`` launch: each program counts itself done on its (sequence,
+    kv head)'s counter ``n`` after its partials are written; the last one of the ``NCH`` merges the ``G`` rows
+    (``_merge_row``, into ``o``) and sets the counter back to zero for the next launch."""
     pdl_prologue(PDL)
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -424,7 +455,22 @@ def _sdpa_split(q_ptr, k_ptr, v_ptr, m_ptr, p_ptr, l_ptr, a_ptr, S, HKV, NCH, sc
     slots = c * CHUNK + tl.arange(0, CHUNK)
     s_ok = slots < S
     allowed = tl.load(m_ptr + b * smb + slots * sms, mask=s_ok, other=0) != 0
-    q = tl.load(q_ptr + b * sqb + (h * G + gs)[:, None] * sqh + ds[None, :], mask=g_ok[:, None], other=0.0)
+    q_rows = q_ptr + b * sqb + (h * G + gs)[:, None] * sqh
+    if ROTARY:
+        cr = tl.load(c_ptr + b * scb + ds).to(tl.float32)
+        sr = tl.load(s_ptr + b * ssb + ds).to(tl.float32)
+        q = _rotate(tl.load(q_rows + ds[None, :], mask=g_ok[:, None], other=0.0),
+                    tl.load(q_rows + _partner(ds, D)[None, :], mask=g_ok[:, None], other=0.0),
+                    cr[None, :], sr[None, :], ds[None, :], D, IS_BF16, IS_FP16).to(k_ptr.dtype.element_ty)
+        pos = tl.load(i_ptr + b * sib)
+        if pos // CHUNK == c:
+            kn = kn_ptr + b * sknb + h * sknh
+            kr = _rotate(tl.load(kn + ds), tl.load(kn + _partner(ds, D)), cr, sr, ds, D, IS_BF16, IS_FP16)
+            tl.store(k_ptr + b * skb + h * skh + pos * sks + ds, kr.to(k_ptr.dtype.element_ty))
+            tl.store(v_ptr + b * svb + h * svh + pos * svs + ds, tl.load(vn_ptr + b * svnb + h * svnh + ds))
+        tl.debug_barrier()  # the slot's row written before this program's threads read the chunk
+    else:
+        q = tl.load(q_rows + ds[None, :], mask=g_ok[:, None], other=0.0)
     kt = tl.load(k_ptr + b * skb + h * skh + slots[:, None] * sks + ds[None, :], mask=allowed[:, None], other=0.0)
     # the values' load issued with the keys' (it does not wait for the scores: one memory round trip, not two)
     vt = tl.load(v_ptr + b * svb + h * svh + slots[:, None] * svs + ds[None, :], mask=allowed[:, None], other=0.0)
@@ -449,25 +495,38 @@ def _sdpa_split(q_ptr, k_ptr, v_ptr, m_ptr, p_ptr, l_ptr, a_ptr, S, HKV, NCH, sc
     tl.store(p_ptr + row, m, mask=g_ok)
     tl.store(l_ptr + row, tl.sum(p, axis=1), mask=g_ok)
     tl.store(a_ptr + row[:, None] * D + ds[None, :], acc, mask=g_ok[:, None])
+    if MERGE:
+        tl.debug_barrier()  # every thread's partials stored before the count (acq_rel: visible GPU-wide with it)
+        if tl.atomic_add(n_ptr + bh, 1, sem="acq_rel") == NCH - 1:
+            for g in tl.static_range(G):
+                _merge_row(p_ptr, l_ptr, a_ptr, o_ptr, bh * G + g, NCH, HKV * G, sob, soh, D, NCP)
+            tl.atomic_xchg(n_ptr + bh, 0)
+
+
+@triton.jit
+def _merge_row(p_ptr, l_ptr, a_ptr, o_ptr, r, NCH, H, sob, soh, D: tl.constexpr, NCP: tl.constexpr):
+    """Row ``r = b * H + hq``: the chunks' partials merged by log-sum-exp, ``sum_c w_c acc_c / sum_c w_c l_c``
+    with ``w_c = exp(max_c - max)``, written in the output dtype. The partials are read past L1 (``.cg``): in
+    ``_sdpa_split``'s own merge other programs wrote them."""
+    cs = tl.arange(0, NCP)
+    c_ok = cs < NCH
+    m = tl.load(p_ptr + r * NCH + cs, mask=c_ok, other=float("-inf"), cache_modifier=".cg")
+    top = tl.max(m, axis=0)
+    w = tl.where(c_ok, tl.exp(m - top), 0.0)
+    denom = tl.sum(w * tl.load(l_ptr + r * NCH + cs, mask=c_ok, other=0.0, cache_modifier=".cg"), axis=0)
+    ds = tl.arange(0, D)
+    acc = tl.load(a_ptr + (r * NCH + cs)[:, None] * D + ds[None, :], mask=c_ok[:, None], other=0.0,
+                  cache_modifier=".cg")
+    out = tl.sum(w[:, None] * acc, axis=0) / denom
+    tl.store(o_ptr + (r // H) * sob + (r % H) * soh + ds, out.to(o_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _sdpa_merge(p_ptr, l_ptr, a_ptr, o_ptr, NCH, H, sob, soh, D: tl.constexpr, NCP: tl.constexpr,
                 PDL: tl.constexpr):
-    """Program ``b * H + hq``: the chunks' partials merged by log-sum-exp, ``sum_c w_c acc_c / sum_c w_c l_c``
-    with ``w_c = exp(max_c - max)``, written in the output dtype."""
+    """Program ``b * H + hq``: ``_merge_row`` of its row."""
     pdl_prologue(PDL)  # the next GEMV may launch and prefetch its weights; the partials come from _sdpa_split
-    r = tl.program_id(0)
-    cs = tl.arange(0, NCP)
-    c_ok = cs < NCH
-    m = tl.load(p_ptr + r * NCH + cs, mask=c_ok, other=float("-inf"))
-    top = tl.max(m, axis=0)
-    w = tl.where(c_ok, tl.exp(m - top), 0.0)
-    denom = tl.sum(w * tl.load(l_ptr + r * NCH + cs, mask=c_ok, other=0.0), axis=0)
-    ds = tl.arange(0, D)
-    acc = tl.load(a_ptr + (r * NCH + cs)[:, None] * D + ds[None, :], mask=c_ok[:, None], other=0.0)
-    out = tl.sum(w[:, None] * acc, axis=0) / denom
-    tl.store(o_ptr + (r // H) * sob + (r % H) * soh + ds, out.to(o_ptr.dtype.element_ty))
+    _merge_row(p_ptr, l_ptr, a_ptr, o_ptr, tl.program_id(0), NCH, H, sob, soh, D, NCP)
 
 
 @triton_op("lowbit::decode_sdpa", mutates_args=())
@@ -486,6 +545,32 @@ def _decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                  enable_gqa: bool) -> torch.Tensor:
     if decode_sdpa_supported(q, k, v, mask) is not None:
         return decode_sdpa_ref(q, k, v, mask, scale, enable_gqa)
+    return _launch_sdpa(q, k, v, mask, scale)
+
+
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device) -> torch.Tensor | None:
+    """The device's ``DECODE_SDPA_MAX_HEADS`` zeroed int32 counters with which ``_sdpa_split`` merges its own
+    partials (``MERGE``), made on the first eager call and kept: each launch's last programs set theirs back to
+    zero, so a CUDA graph replays the launch without a memset. None while a CUDA graph is being captured before
+    they exist (the capture then keeps the merge launch). Launches on two streams at once would share them: the
+    opaque ops that take them (``decode_sdpa_pdl``, ``rotary_decode_sdpa``) run on the decode step's one stream."""
+    counters = _SPLIT_COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _SPLIT_COUNTERS[device] = torch.zeros(DECODE_SDPA_MAX_HEADS, dtype=torch.int32, device=device)
+    return counters
+
+
+def _launch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None,
+                 rotary: tuple[torch.Tensor, ...] | None = None, merge_in_split: bool = False) -> torch.Tensor:
+    """``_sdpa_split`` then ``_sdpa_merge`` on operands ``decode_sdpa_supported`` takes; ``rotary``: ``(k_new,
+    v_new, cos, sin, index)`` of ``rotary_decode_sdpa`` (``q`` then not yet rotated, the caches written here);
+    ``merge_in_split``: the split's last program per (sequence, kv head) merges (``split_counters``; opaque ops
+    only: a ``triton_op`` traced by Inductor cannot hold the kept counters)."""
     b, hq, _, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -497,15 +582,25 @@ def _decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     accs = torch.empty((b * hq * nch, d), device=q.device, dtype=torch.float32)
     out = torch.empty((b, hq, 1, d), device=q.device, dtype=q.dtype)
     mb = mask.stride(0) if mask.shape[0] > 1 else 0
+    if rotary is None:
+        extra: tuple = (q, q, q, q, q, 0, 0, 0, 0, 0, 0, 0)
+    else:
+        kn, vn, c, sn, index = rotary
+        extra = (kn, vn, c, sn, index, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), c.stride(0),
+                 sn.stride(0), index.stride(0))
+    counters = split_counters(q.device) if merge_in_split else None
     on = pdl_on()
     pdl = {"launch_pdl": True} if on else {}
     launcher(q, _sdpa_split)[(b * hkv, nch)](
         q, k, v, mask, parts, sums, accs, s, hkv, nch, scale if scale is not None else d ** -0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        mb, mask.stride(3), G=g, GP=gp, D=d, CHUNK=chunk, UPCAST=interpreting(), PDL=on,
-        num_warps=DECODE_SDPA_WARPS, **pdl)
-    launcher(q, _sdpa_merge)[(b * hq,)](parts, sums, accs, out, nch, hq, out.stride(0), out.stride(1), D=d,
-                                        NCP=next_pow2(nch), PDL=on, num_warps=4, **pdl)
+        mb, mask.stride(3), *extra, q if counters is None else counters, out, out.stride(0), out.stride(1),
+        G=g, GP=gp, D=d, CHUNK=chunk, UPCAST=interpreting(), PDL=on, ROTARY=rotary is not None,
+        IS_BF16=q.dtype == torch.bfloat16, IS_FP16=q.dtype == torch.float16, MERGE=counters is not None,
+        NCP=next_pow2(nch), num_warps=DECODE_SDPA_WARPS, **pdl)
+    if counters is None:
+        launcher(q, _sdpa_merge)[(b * hq,)](parts, sums, accs, out, nch, hq, out.stride(0), out.stride(1), D=d,
+                                            NCP=next_pow2(nch), PDL=on, num_warps=4, **pdl)
     return out
 
 
@@ -516,9 +611,54 @@ def decode_sdpa_pdl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     (``pdl_launches``; opaque because Inductor launches a ``triton_op``'s kernels itself, without it): the split
     starts while the kernel before it drains, and the merge lets the next GEMV launch and prefetch its weights."""
     with pdl_launches():
-        return _decode_sdpa(q, k, v, mask, scale, enable_gqa)
+        if decode_sdpa_supported(q, k, v, mask) is not None:
+            return decode_sdpa_ref(q, k, v, mask, scale, enable_gqa)
+        return _launch_sdpa(q, k, v, mask, scale, merge_in_split=True)
 
 
 @decode_sdpa_pdl.register_fake
 def _(q, k, v, mask, scale=None, enable_gqa=False):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def rotary_decode_sdpa_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                   index: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> str | None:
+    """Why ``rotary_decode_sdpa`` runs ``rotary_write_kv`` and the attention as two ops (None: one kernel pair
+    does both): ``rotary_write_kv_unsupported``'s reasons, ``decode_sdpa_supported``'s for the caches, more than
+    one token per sequence, a head_dim ``rotary_write_kv`` refuses."""
+    why = rotary_write_kv_unsupported(q, k, v, cos, sin, k_cache, v_cache, index)
+    if why is None and (q.dim() != 4 or q.shape[2] != 1 or rotary_head_dim_unsupported(q.shape[3]) is not None):
+        why = f"q {tuple(q.shape)} is not one row per sequence of a head_dim rotary_write_kv takes"
+    return why if why is not None else decode_sdpa_supported(q, k_cache, v_cache, mask, is_causal)
+
+
+@torch.library.custom_op("lowbit::rotary_decode_sdpa", mutates_args=("k_cache", "v_cache"))
+def rotary_decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float | None = None, is_causal: bool = False, enable_gqa: bool = False,
+                       pdl: bool = False) -> torch.Tensor:
+    """``rotary_write_kv`` then the IR's ``attention`` of its rotated queries over the caches it wrote, in the
+    launches of ``decode_sdpa`` alone where ``rotary_decode_sdpa_unsupported`` says nothing: ``_sdpa_split``
+    rotates each program's query heads itself and the program holding the step's slot writes the new key and
+    value there first (``ROTARY``). Why: ``rotary_write_kv`` was a launch of its own per layer between the qkv
+    GEMV and the attention (21.7 µs per step of the H100's 7B-shaped 4-layer decode profile, most of it waiting on
+    its neighbours). Elsewhere (a prefill, larger batches, no boolean mask) the two ops as they are. ``pdl``: the
+    kernels launch with programmatic dependent launch (the triton backend's ``pdl``)."""
+    with pdl_launches() if pdl else contextlib.nullcontext():
+        if rotary_decode_sdpa_unsupported(q, k, v, cos, sin, k_cache, v_cache, index, mask, is_causal) is None:
+            b, _, n, d = k.shape
+            return _launch_sdpa(q, k_cache, v_cache, mask, scale, (k, v, _rows(cos, b, n, d), _rows(sin, b, n, d),
+                                                                    index), merge_in_split=True)
+    q_rot = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, index, pdl)
+    if not is_causal and decode_sdpa_supported(q_rot, k_cache, v_cache, mask) is None:
+        with pdl_launches() if pdl else contextlib.nullcontext():
+            return _launch_sdpa(q_rot, k_cache, v_cache, mask, scale, merge_in_split=True)
+    from lowbit.ir.ops import attention
+
+    return attention(q_rot, k_cache, v_cache, mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa)
+
+
+@rotary_decode_sdpa.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, index, mask, scale=None, is_causal=False, enable_gqa=False, pdl=False):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
