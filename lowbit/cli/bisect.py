@@ -1,8 +1,10 @@
 """``lowbit debug bisect``: the first pass that breaks the metric, then the fewest layers inside it that do.
 
-Stage 1 is LLVM's ``-opt-bisect-limit``: run prefixes of the pipeline (``PassManager(limit=k)``) and binary-search
-the first k whose metric exceeds the threshold (assumes the damage, once done, is not undone by a later pass), then
-check both sides of that verdict again (passes that are not deterministic would make it name an innocent pass).
+Stage 1 is LLVM's ``-opt-bisect-limit``: binary-search the first prefix of the pipeline (k passes) whose metric
+exceeds the threshold (assumes the damage, once done, is not undone by a later pass). The whole pipeline runs once
+and keeps the IR after each pass (``PrefixGraphs``, within a memory budget; a prefix past it runs again with
+``PassManager(limit=k)``), then both sides of the verdict are checked on a run of their own (passes that are not
+deterministic would make it name an innocent pass).
 Stage 2 is ``polygraphy debug reduce`` over layers: re-run the culprit pass, on the IR it saw, restricted to
 subsets of blocks (``lowbit.cli.restrict``); halve while one half alone is still bad, then drop single blocks
 while the rest stays bad, which leaves a set where every block is needed.
@@ -18,17 +20,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import typer
 from rich.table import Table
 
 from lowbit import jsonio
 from lowbit.cli.common import Exit, capture_model, check_calibration, console, err_console, fail, is_stdout, load, \
     parse, parse_percent_or_number, quiet_progress, write_text_output
-from lowbit.cli.probes import EvalInputs, end_metric, fmt_metric, make_inputs, metric_label, metric_name, slice_note
+from lowbit.cli.probes import EvalInputs, _available_bytes, end_metric, fmt_metric, make_inputs, metric_label, \
+    metric_name, slice_note
 from lowbit.cli.restrict import Unit, block_units, how_restricted, restrict, units_in_scope
 from lowbit.cli.reuse import ReusedRuns
-from lowbit.ir.graph import BLOCK_NAMES
-from lowbit.passes.manager import format_pipeline, quote_pipeline
+from lowbit.ir.graph import BLOCK_NAMES, Graph
+from lowbit.passes.manager import Instrument, PassRecord, format_pipeline, quote_pipeline
 
 
 @dataclass
@@ -73,6 +77,48 @@ class Evaluator:
         return end_metric(self.metric, self.inputs, self.runs.run(graph, reference=reference), self.reference)
 
 
+class PrefixGraphs(Instrument):
+    """The IR after each of the first ``keep`` passes of one run, so stage 1 evaluates a prefix without running its
+    passes again (each probe used to re-run the pipeline from the float graph: a costly pass early in it, a learned
+    rotation or a calibrated quantizer, ran once per probe).
+
+    A clone shares its parameter tensors, so a kept prefix costs the tensors its passes made; once those pass
+    ``budget`` bytes (tensors the start graph holds are free) no later prefix is kept, and that one runs again."""
+
+    def __init__(self, start: Graph, keep: int, budget: int) -> None:
+        self.keep, self.budget = keep, budget
+        self.graphs: dict[int, Graph] = {}
+        self._held = {key for key, _ in _param_storages(start)}
+        self.held_bytes = 0
+        self.full = False
+
+    def after_pass(self, record: PassRecord, p: Any, graph: Graph) -> None:
+        if self.full or record.index >= self.keep:
+            return
+        new = {key: size for key, size in _param_storages(graph) if key not in self._held}
+        if self.held_bytes + sum(new.values()) > self.budget:
+            self.full = True
+            return
+        self.held_bytes += sum(new.values())
+        self._held.update(new)
+        self.graphs[record.index + 1] = graph.clone()
+
+    def drop_outside(self, lo: int, hi: int) -> None:
+        """Forget the prefixes the search has ruled out (it only probes between ``lo`` and ``hi`` from now on)."""
+        for k in [k for k in self.graphs if not lo < k < hi]:
+            del self.graphs[k]
+
+
+def _param_storages(graph: Graph) -> list[tuple[int, int]]:
+    """(storage address, bytes) of each parameter tensor of ``graph`` (views of one storage count once)."""
+    out = []
+    for v in graph.params.values():
+        if isinstance(v.data, torch.Tensor) and v.data.device.type != "meta":
+            storage = v.data.untyped_storage()
+            out.append((storage.data_ptr(), storage.nbytes()))
+    return out
+
+
 def exceeds(value: float, threshold: float) -> bool:
     """Whether a metric is past the threshold; NaN is (a pass that makes the output NaN read as "ok": exit 6)."""
     return not value <= threshold
@@ -107,11 +153,11 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
         log(f"{what:<70} {metric_label(metric)} {fmt_metric(metric, value)} {'BAD' if bad else 'ok'}")
         return bad
 
-    def run_prefix(k: int) -> Any:
+    def run_prefix(k: int, instruments: list[Instrument] = ()) -> Any:
         g = graph0.clone()
         from lowbit.cli.pipeline import run_pipeline
 
-        run_pipeline(g, passes, limit=k, model_spec=model_spec, takes_reproducer=False)
+        run_pipeline(g, passes, limit=k, model_spec=model_spec, takes_reproducer=False, instruments=instruments)
         return g
 
     note = slice_note(loaded, metric)
@@ -119,7 +165,12 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
         log(note)
     log(f"float baseline {metric_label(metric)} {fmt_metric(metric, baseline)}; "
         f"threshold {fmt_metric(metric, threshold)}")
-    full = evaluate(run_prefix(len(passes)))
+    # the IR of each prefix, kept from this one run: in a quarter of the memory available now (the rest is the
+    # passes' own), or where that cannot be read, one more copy of the float weights
+    available = _available_bytes()
+    budget = available // 4 if available is not None else sum(size for _, size in _param_storages(graph0))
+    prefixes = PrefixGraphs(graph0, len(passes) - 1, budget)
+    full = evaluate(run_prefix(len(passes), [prefixes]))
     result = BisectResult(model_spec, format_pipeline(passes), metric, baseline, threshold, full, probes=probes)
     if not record(f"all {len(passes)} passes", full):
         result.note = "the whole pipeline stays within the threshold: nothing to bisect"
@@ -129,21 +180,27 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
     # stage 1: first bad prefix
     lo, hi = 0, len(passes)  # prefix lo is good (float), prefix hi is bad
     bad_at = {hi: full}  # the metric of each bad prefix measured
+    if prefixes.full:
+        log(f"kept the IR after the first {max(prefixes.graphs, default=0)} passes (their new weights: "
+            f"{prefixes.held_bytes / 2**20:.0f} MiB of a {budget / 2**20:.0f} MiB budget); longer prefixes run again")
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        value = evaluate(run_prefix(mid))
+        kept = prefixes.graphs.get(mid)
+        value = evaluate(kept if kept is not None else run_prefix(mid))
         if record(f"first {mid} passes", value):
             hi = mid
             bad_at[mid] = value
         else:
             lo = mid
+        prefixes.drop_outside(lo, hi)
+    del prefixes
     k = hi - 1
     later = _later_damage(metric, baseline, bad_at[hi], full, hi, len(passes), relative)
     culprit = passes[k]
     result.culprit_index, result.culprit_pass = k, culprit.spec()
     prefix = format_pipeline(passes[:k])
 
-    # the verdict rests on one run of the first k passes being fine and one of the first k+1 being bad; a pass that
+    # the verdict rests on the first k passes being fine and the first k+1 being bad, on one run or two; a pass that
     # is not deterministic (random numbers without a seed, state outside the graph) flipped between runs and an
     # innocent pass (dce) was named: both are checked again (the culprit on the very IR it then sees)
     from lowbit.cli.pipeline import run_pipeline
