@@ -121,12 +121,13 @@ def test_optimization_profile_comes_from_the_symbols(minilm_graph):
     profile = profile_from_symbols(to_onnx(minilm_graph), max_default=512)
     # batch s0 in [1, 256], sequence s1 in [1, 512]: torch.export reports 2 as the least dynamic size, but the graph
     # runs at 1 and the other backends take 1 (a profile from 2 refused batch-1 calls); the optimum is the size seen
-    # at capture
+    # at capture; the batch stops at max_batch (8 by default)
     lo, opt, hi = profile["input_ids"]
-    assert lo == [1, 1] and hi == [256, 512] and opt[0] == 2
+    assert lo == [1, 1] and hi == [8, 512] and opt[0] == 2
     assert profile["attention_mask"] == profile["input_ids"]
     capped = profile_from_symbols(to_onnx(minilm_graph), max_default=128)
-    assert capped["input_ids"][2] == [128, 128]
+    assert capped["input_ids"][2] == [8, 128]
+    assert profile_from_symbols(to_onnx(minilm_graph), max_batch=64)["input_ids"][2] == [64, 512]
 
 
 def test_shapes_for_some_inputs_keep_the_others_from_the_symbols(minilm_graph):
@@ -306,7 +307,7 @@ def test_tensorrt_backend_options_are_validated_before_tensorrt_or_capture():
                                "timing_cache": "t.cache", "engine_cache": "engines"})
     assert opts.workspace_bytes == 1 << 30 and opts.max_dim == 512 and opts.opt == {"s0": 4, "s1": 64}
     assert opts.shapes == {"input_ids": ((1, 1), (4, 64), (8, 512))} and opts.fp16 and not opts.strongly_typed
-    listed = ("options are: bf16, engine_cache, fp16, max_dim, opt, shapes, strongly_typed, timing_cache, "
+    listed = ("options are: bf16, engine_cache, fp16, max_batch, max_dim, opt, shapes, strongly_typed, timing_cache, "
               "workspace_bytes")
     for bad, match in [({"workspace": "1"}, "option workspace: Extra inputs"),
                        ({"fp16": "true"}, "fp16=true applies only with strongly_typed=false"),
@@ -342,7 +343,7 @@ def test_tensorrt_backend_options_reach_the_build_and_the_engine_cache(minilm_gr
     given = {"workspace_bytes": "1073741824", "opt": "s0=4", "strongly_typed": "false", "bf16": "true",
              "engine_cache": str(tmp_path / "engines")}
     first = trt_backend.lower(minilm_graph, None, **spec.parse_options(given).model_dump())
-    assert built == [{"shapes": None, "opt": {"s0": 4}, "max_dim": 4096, "workspace_bytes": 1 << 30,
+    assert built == [{"shapes": None, "opt": {"s0": 4}, "max_dim": 4096, "max_batch": None, "workspace_bytes": 1 << 30,
                       "timing_cache": None, "strongly_typed": False, "fp16": False, "bf16": True}]
     assert first.cached is None and len(list((tmp_path / "engines").iterdir())) == 1
     again = trt_backend.lower(minilm_graph, None, **spec.parse_options(given).model_dump())
@@ -692,7 +693,7 @@ def test_tensorrt_opt_names_a_dynamic_dim_of_the_model_inside_its_range(opt, mat
     model = to_onnx(graph, opset=21, weight_format="qdq", attention="decompose")
     with pytest.raises(TensorRTBuildError, match=match):
         profile_from_symbols(model, opt)
-    assert profile_from_symbols(model, {"sequence": 16, "s0": 4})["input_ids"] == ([1, 1], [4, 16], [1024, 32])
+    assert profile_from_symbols(model, {"sequence": 16, "s0": 4})["input_ids"] == ([1, 1], [4, 16], [8, 32])
 
 
 def test_the_cli_refuses_a_tensorrt_option_the_model_lacks_as_a_usage_error(tensorrt_here, tmp_path):
@@ -844,3 +845,51 @@ def test_an_engine_header_names_its_onnx_only_where_that_file_is_kept(minilm_gra
     assert read_engine(export_engine(minilm_graph, tmp_path / "a.engine"))[1].source == ""
     kept = read_engine(export_engine(minilm_graph, tmp_path / "b.engine", onnx_dir=tmp_path / "onnx"))[1].source
     assert kept == os.fspath(tmp_path / "onnx" / "model.onnx") and os.path.isfile(kept)
+
+
+def _profiling_build(path, **kw):
+    """A stand-in for build_engine where TensorRT is absent: the header it writes, with the optimization profile the
+    real build sets (profile_from_symbols on the ONNX it is handed, with its options)."""
+    from lowbit.backends.onnx import load_onnx
+
+    capped = {"max_batch": kw["max_batch"]} if kw.get("max_batch") is not None else {}
+    profile = profile_from_symbols(load_onnx(path, check=False), kw.get("opt"), kw.get("max_dim", 4096),
+                                   kw.get("shapes"), **capped)
+    return b"plan", EngineHeader(0, "", "10.0", inputs=list(profile), outputs=["logits"],
+                                 profile={k: [list(s) for s in v] for k, v in profile.items()})
+
+
+def test_the_default_profile_caps_the_batch_and_the_report_and_inspect_say_it(tensorrt_here, monkeypatch, tmp_path):
+    """A causal LM is captured with batch [1, 1024] and its positions (SmolLM2: 8192): the default engine profile was
+    1024 x 4096 tokens, ~800 GB of SmolLM2's logits at its max. The batch max is 8 now (``max_batch=`` changes it), the
+    sequence the model's positions capped at ``max_dim``; the compile report says the profile built, and ``lowbit
+    inspect`` the default one of an ONNX file before any build."""
+    import types
+
+    from typer.testing import CliRunner
+
+    import lowbit
+    import lowbit.backends.tensorrt as trt_backend
+    from conftest import tiny_llama
+    from lowbit.backends.onnx import save_onnx
+    from lowbit.cli.main import app
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(trt_backend, "build_engine", _profiling_build)
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", _FakeRunner)
+    torch.manual_seed(0)
+    model = tiny_llama(max_positions=8192)
+    built = lowbit.compile_model(model, backend="tensorrt")
+    assert built.runner.header.profile["input_ids"] == [[1, 1], [2, 64], [8, 4096]]
+    assert "  input_ids: 1x1 / 2x64 / 8x4096" in built.report.lowering
+    wider = lowbit.compile_model(model, backend="tensorrt", backend_options={"max_batch": 32, "max_dim": 1024})
+    assert wider.runner.header.profile["input_ids"] == [[1, 1], [2, 64], [32, 1024]]
+    with pytest.raises(LowbitError, match=r"opt=\{batch: 16\} is outside the profile of dim 'batch'.*\[1, 8\]"):
+        lowbit.compile_model(model, backend="tensorrt", backend_options={"opt": {"batch": 16}})
+    save_onnx(to_onnx(built.graph, opset=21, weight_format="qdq", attention="decompose"), tmp_path / "model.onnx")
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "model.onnx")], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    rows = [line.split("│")[1:-1] for line in shown.output.splitlines() if line.startswith("│ batch")
+            or line.startswith("│ sequence")]
+    assert [[c.strip() for c in r] for r in rows] == [["batch", "s0", "[1, 1024]", "1", "2", "8"],
+                                                      ["sequence", "s1", "[1, 8192]", "1", "64", "4096"]]

@@ -320,6 +320,51 @@ def _inspect_onnx(path: Path, top: int) -> None:
         if len(low) > top:
             q.add_row(f"... {len(low) - top} more", "", "", "")
         console.print(q)
+    dims = _dynamic_dims(model)
+    if dims is not None:
+        console.print(dims)
+
+
+def _dynamic_dims(model: Any) -> Table | None:
+    """The dynamic dims of a lowbit ONNX file's inputs: their recorded range and the optimization profile
+    ``-b tensorrt`` builds from them by default. A deployment engineer read the profile only from the engine, after
+    the build had sized it (SmolLM2's batch max was the capture's 1024). None for another producer's file."""
+    import json
+
+    from lowbit.backends.tensorrt.engine import default_dim_profile, profile_range
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        symbols = json.loads(meta.get("lowbit.symbols", "{}"))
+        generation = json.loads(meta.get("lowbit.generation", "null"))
+    except ValueError:
+        return None
+    used = dict.fromkeys(d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param)
+    rows = []
+    for name in used:
+        sym = symbols.get(name) if isinstance(symbols, dict) else None
+        if not isinstance(sym, dict) or not all(isinstance(sym.get(k), (int, type(None))) for k in ("min", "max",
+                                                                                                    "hint")):
+            continue
+        try:
+            profile = default_dim_profile(name, sym["min"], sym["max"], sym["hint"],
+                                          generation if isinstance(generation, dict) else None)
+        except (TypeError, ValueError):  # a hand-edited generation record: the range is still worth showing
+            profile = ("?", "?", "?")  # type: ignore[assignment]
+        # the least size as the graph runs it: torch.export records 2 for a dim declared from 1
+        least, most = profile_range(sym["min"], sym["max"], 2**62)
+        rows.append((name, str(sym.get("symbol", "")), f"[{least}, {most}]", *map(str, profile)))
+    if not rows:
+        return None
+    gen = f"; generation max_batch={generation.get('max_batch')}, max_length={generation.get('max_length')}" \
+        if isinstance(generation, dict) else ""
+    table = Table(title=f"dynamic dims: the sizes the graph takes, and the TensorRT optimization profile -b tensorrt "
+                        f"builds by default (max_dim=4096{gen}; --backend-option opt=, max_batch=, shapes= change it)")
+    for col in ("dim", "symbol", "graph range", "trt min", "trt opt", "trt max"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 # ---- graph drawing ------------------------------------------------------------------------------

@@ -172,6 +172,19 @@ class TensorRTCompiled(torch.nn.Module):
             raise ValueError("this engine came from a raw plan file; copy that file instead")
         return save_engine(path, self.plan, self.header)
 
+    def report_text(self) -> str:
+        """The engine's TensorRT version and optimization profile (``CompileReport.lowering``): the calls it takes,
+        which a compile said nothing of (``lowbit inspect`` read them off a saved engine only)."""
+        header = self.header
+        if header is None:
+            return "TensorRT engine from a raw plan (no lowbit header): only TensorRT can read what it takes"
+        where = f", loaded from engine_cache {self.cached}" if self.cached is not None else ""
+        lines = [f"TensorRT {header.tensorrt_version} engine, {'strongly' if header.strongly_typed else 'weakly'} "
+                 f"typed{where}; optimization profile (min / opt / max):"]
+        lines += [f"  {name}: " + " / ".join("x".join(map(str, s)) for s in shapes)
+                  for name, shapes in header.profile.items()]
+        return "\n".join(lines)
+
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         args = ordered_inputs(self.input_names, args, kwargs)

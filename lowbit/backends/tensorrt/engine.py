@@ -73,16 +73,39 @@ def _trt_logger(trt: Any) -> Any:
     return trt.Logger(trt.Logger.WARNING)
 
 
+DEFAULT_MAX_BATCH = 8
+"""The default profile's largest batch where the model records no generation limit (``GenerationSpec``'s default
+``max_batch``): the capture's batch range (up to 1024) sized SmolLM2's engine for 1024 x 4096 tokens, ~800 GB of
+logits alone."""
+
+
+def default_dim_profile(name: str, least: int | None, most: int | None, hint: int | None,
+                        generation: Mapping[str, Any] | None, max_dim: int = 4096,
+                        max_batch: int | None = None) -> tuple[int, int, int]:
+    """A dynamic dim's (min, opt, max) in the default optimization profile, from its recorded range and capture
+    hint (``name``: its ONNX name, ``batch``/``sequence``/``past_sequence`` where lowbit knows the dim;
+    ``generation``: a step graph's ``GenerationSpec`` limits, or None).
+
+    Every max is capped at ``max_dim``; the batch at ``max_batch``, by default ``DEFAULT_MAX_BATCH``."""
+    lo, hi = profile_range(least, most, max_dim)
+    if name == "batch":
+        hi = min(hi, max_batch if max_batch is not None else DEFAULT_MAX_BATCH)
+    hi = max(hi, lo)
+    return lo, min(max(hint or lo, lo), hi), hi
+
+
 def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
-                         max_default: int = 4096, shapes: ProfileShapes | None = None
-                         ) -> dict[str, tuple[list[int], list[int], list[int]]]:
-    """[min, opt, max] shapes per input from the symbols lowbit records (``lowbit.symbols`` metadata); ``shapes``
-    (input name -> (min, opt, max)) gives some or all of them instead.
+                         max_default: int = 4096, shapes: ProfileShapes | None = None,
+                         max_batch: int | None = None) -> dict[str, tuple[list[int], list[int], list[int]]]:
+    """[min, opt, max] shapes per input from the symbols lowbit records (``lowbit.symbols`` metadata, and a step
+    graph's ``lowbit.generation`` limits: ``default_dim_profile``); ``shapes`` (input name -> (min, opt, max)) gives
+    some or all of them instead.
 
     ``shapes`` for one input of several used to replace the whole profile (the others had none, and TensorRT's build
     failed on them), and a name no input has reached TensorRT's ``set_shape``: both are refused or completed here.
     A dynamic dim the given inputs share with the others takes their range there too."""
     symbols = json.loads(model.metadata_props.get("lowbit.symbols", "{}"))
+    generation = json.loads(model.metadata_props.get("lowbit.generation", "null"))
     given = dict(shapes or {})
     names = [v.name for v in model.graph.inputs]
     unknown = [k for k in given if k not in names]
@@ -135,13 +158,13 @@ def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
             if s is None:
                 raise TensorRTBuildError(f"input {value.name!r} has dim {name!r} with no recorded range: "
                                          "pass shapes={name: (min, opt, max)}")
-            smin, smax = profile_range(s.get("min"), s.get("max"), max_default)
+            smin, sopt, smax = default_dim_profile(name, s.get("min"), s.get("max"), s.get("hint"), generation,
+                                                   max_default, max_batch)
             # opt by the dim's ONNX name (batch, sequence) or by the IR symbol it was exported from (s0)
             key = name if name in (opt or {}) else str(s.get("symbol"))
-            sopt = (opt or {}).get(key)
-            if sopt is None:
-                sopt = min(max(s.get("hint") or smin, smin), smax)
-            elif not smin <= sopt <= smax:
+            if key in (opt or {}):
+                sopt = opt[key]  # type: ignore[index]
+            if not smin <= sopt <= smax:
                 raise TensorRTBuildError(_opt_out_of_range(key, sopt, f"dim {name!r} of input {value.name!r}", smin,
                                                            smax))
             lo.append(smin)
@@ -177,7 +200,7 @@ def _check_opt_names(opt: Mapping[str, int] | None, names: Sequence[str], what: 
 
 def _opt_out_of_range(key: str, size: int, dim: str, lo: int, hi: int) -> str:
     return (f"TensorRT option opt={{{key}: {size}}} is outside the profile of {dim}: [{lo}, {hi}] (its recorded "
-            f"range, capped at max_dim); give an optimum in it, or shapes= for that input")
+            f"range, capped at max_dim, and a batch at max_batch); give an optimum in it, or shapes= for that input")
 
 
 def _given_profile(value: ir.Value, triple: tuple[Shape, Shape, Shape]) -> tuple[list[int], list[int], list[int]]:
@@ -235,7 +258,8 @@ def check_profile_inputs(graph: Graph, shapes: ProfileShapes | None) -> None:
                                               "need one range")
 
 
-def check_profile_optima(graph: Graph, opt: Mapping[str, int] | None, max_dim: int = 4096) -> None:
+def check_profile_optima(graph: Graph, opt: Mapping[str, int] | None, max_dim: int = 4096,
+                         max_batch: int | None = None) -> None:
     """``opt=`` against the dynamic dims of the graph's inputs, before it is lowered: a name no dim has (``seq`` for
     ``sequence``) was silently ignored, and an optimum outside the dim's profile range reached TensorRT's builder."""
     if not opt:
@@ -251,16 +275,17 @@ def check_profile_optima(graph: Graph, opt: Mapping[str, int] | None, max_dim: i
     _check_opt_names(opt, list(dims), f"graph {graph.name!r}", TensorRTOptionError)
     for key, size in opt.items():
         sym = graph.symbols[dims[key]]
-        lo, hi = profile_range(sym.min, sym.max, max_dim)
+        name = onnx_names.get(sym.name, sym.name)
+        lo, _, hi = default_dim_profile(name, sym.min, sym.max, sym.hint, graph.meta.get("generation"), max_dim,
+                                        max_batch)
         if not lo <= size <= hi:
-            name = onnx_names.get(sym.name, sym.name)
             raise TensorRTOptionError(_opt_out_of_range(key, size, f"dim {name!r} (symbol {sym.name})", lo, hi))
 
 
 def check_graph_options(graph: Graph, options: Mapping[str, Any]) -> None:
     """The backend registry's ``check_graph``: the build options that name parts of the model, against it."""
     check_profile_inputs(graph, options.get("shapes"))
-    check_profile_optima(graph, options.get("opt"), options.get("max_dim", 4096))
+    check_profile_optima(graph, options.get("opt"), options.get("max_dim", 4096), options.get("max_batch"))
 
 
 def check_build_options(options: Mapping[str, Any], also: Sequence[str] = ()) -> None:
@@ -284,8 +309,10 @@ def check_build_options(options: Mapping[str, Any], also: Sequence[str] = ()) ->
         if key not in known:
             raise OptionError(f"unknown TensorRT build option {key!r}{did_you_mean(key, known)}; options are: "
                               f"{', '.join(known)}")
-        if key in ("max_dim", "workspace_bytes") and (isinstance(value, bool) or not isinstance(value, int)
-                                                       or value <= 0):
+        if key == "max_batch" and value is None:
+            continue
+        if key in ("max_dim", "max_batch", "workspace_bytes") and (isinstance(value, bool) or not isinstance(value, int)
+                                                                   or value <= 0):
             raise TensorRTOptionError(f"TensorRT option {key}={value!r}: give a positive integer")
         if key in ("strongly_typed", "fp16", "bf16") and not isinstance(value, bool):
             raise TensorRTOptionError(f"TensorRT option {key}={value!r}: give True or False")
@@ -345,6 +372,7 @@ def build_engine(
     shapes: ProfileShapes | None = None,
     opt: Mapping[str, int] | None = None,
     max_dim: int = 4096,
+    max_batch: int | None = None,
     workspace_bytes: int = 4 << 30,
     timing_cache: str | os.PathLike[str] | None = None,
     strongly_typed: bool = True,
@@ -354,9 +382,10 @@ def build_engine(
     """Build a serialized engine (plan bytes) from an ONNX file; returns it with lowbit's header.
 
     ``shapes`` sets the optimization profile of the inputs it names (input → (min, opt, max)); the others come from
-    the model's symbol ranges, with dynamic maxima capped at ``max_dim`` and optima at ``opt`` (symbol → size)
-    or the capture hint. ``fp16`` / ``bf16`` let a weakly typed build (``strongly_typed=False``) run the float
-    layers in half precision.
+    the model's symbol ranges, with dynamic maxima capped at ``max_dim``, the batch at ``max_batch`` (default:
+    ``DEFAULT_MAX_BATCH``), and optima at ``opt`` (symbol → size) or
+    the capture hint (``default_dim_profile``). ``fp16`` / ``bf16`` let a weakly typed build
+    (``strongly_typed=False``) run the float layers in half precision.
     """
     trt = import_tensorrt()
     from lowbit.backends.onnx import load_onnx
@@ -380,7 +409,7 @@ def build_engine(
         raise TensorRTBuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  - " + "\n  - ".join(errs))
     config = builder_config(trt, builder, workspace_bytes=workspace_bytes, strongly_typed=use_strong, fp16=fp16,
                             bf16=bf16)
-    profile_shapes = profile_from_symbols(model, opt, max_dim, shapes)
+    profile_shapes = profile_from_symbols(model, opt, max_dim, shapes, max_batch)
     profile = builder.create_optimization_profile()
     for name, (lo, mid, hi) in profile_shapes.items():
         profile.set_shape(name, lo, mid, hi)
