@@ -893,3 +893,25 @@ def test_the_default_profile_caps_the_batch_and_the_report_and_inspect_say_it(te
             or line.startswith("│ sequence")]
     assert [[c.strip() for c in r] for r in rows] == [["batch", "s0", "[1, 1024]", "1", "2", "8"],
                                                       ["sequence", "s1", "[1, 8192]", "1", "64", "4096"]]
+
+
+def test_a_generation_step_graph_profile_is_its_spec_tuned_for_decode(tensorrt_here):
+    """A step graph compiled with ``GenerationSpec(max_length=128, max_batch=2)`` got an engine profile of batch max 3
+    (export wants a dynamic max above 2, the capture range said 3), tuned for a 3-token call over 1 cache slot (the
+    capture example's sizes): ``generate`` passes the whole cache of ``max_length`` slots every call, and one token
+    per decode step. The profile is the spec's now: batch at most 2, one token over 128 slots at its optimum."""
+    import lowbit
+    from conftest import tiny_llama
+    from lowbit.backends.tensorrt import TensorRTOptionError
+    from lowbit.generate import GenerationSpec
+
+    torch.manual_seed(0)
+    graph = lowbit.compile_model(tiny_llama(heads=4, kv_heads=2, max_positions=256),
+                                 generation=GenerationSpec(max_length=128, max_batch=2)).graph
+    profile = profile_from_symbols(to_onnx(graph, opset=21, weight_format="qdq", attention="decompose"))
+    assert profile["input_ids"] == profile["positions"] == ([1, 1], [2, 1], [2, 128])
+    caches = graph.inputs[2:]
+    assert caches and all(profile[c.name] == ([1, kv, 1, hd], [2, kv, 128, hd], [2, kv, 128, hd])
+                          for c in caches for _, kv, _, hd in [c.type.shape])
+    with pytest.raises(TensorRTOptionError, match=r"opt=\{batch: 3\} is outside the profile of dim 'batch'.*\[1, 2\]"):
+        TensorRTCompiled(graph, opt={"batch": 3})

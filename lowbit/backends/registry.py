@@ -312,8 +312,8 @@ class TensorRTBackendOptions(BackendOptions):
     max_dim: int = Field(default=4096, gt=0)
     """The optimization profile's maximum of every dynamic dim without a smaller recorded range (batch, sequence)."""
     max_batch: int | None = Field(default=None, gt=0)
-    """The profile's largest batch; unset: 8 (the capture's own batch range, up to 1024, sized an engine for
-    1024 x 4096 tokens)."""
+    """The profile's largest batch; unset: a generation step graph's ``GenerationSpec.max_batch``, else 8 (the
+    capture's own batch range, up to 1024, sized an engine for 1024 x 4096 tokens)."""
     opt: dict[str, int] | None = None
     """The profile's optimum per dynamic dim, by ONNX dim name or IR symbol (``batch=4,sequence=128`` or
     ``s0=4,s1=128`` on the CLI), inside the dim's range; unset: the size seen at capture."""

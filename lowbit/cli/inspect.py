@@ -336,7 +336,7 @@ def _dynamic_dims(model: Any) -> Table | None:
     meta = {p.key: p.value for p in model.metadata_props}
     try:
         symbols = json.loads(meta.get("lowbit.symbols", "{}"))
-        generation = json.loads(meta.get("lowbit.generation", "null"))
+        generation = json.loads(meta.get("lowbit.step_limits", "null"))
     except ValueError:
         return None
     used = dict.fromkeys(d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param)

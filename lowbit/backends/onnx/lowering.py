@@ -256,6 +256,10 @@ def to_onnx(graph: Graph, options: LoweringOptions | None = None, **kwargs: Any)
     model.metadata_props["lowbit.symbols"] = json.dumps(
         {names.get(s.name, s.name): {"min": s.min, "max": s.max, "hint": s.hint, "symbol": s.name}
          for s in graph.symbols.values()})
+    generation = graph.meta.get("generation")
+    if generation:  # a step graph's limits, which size a runtime's profile (TensorRT's batch, tokens and cache slots)
+        model.metadata_props["lowbit.step_limits"] = json.dumps(
+            {k: generation[k] for k in ("max_batch", "max_length") if k in generation})
     model.metadata_props["lowbit.inputs"] = json.dumps([v.name for v in graph.inputs])
     # what was written, not what was asked: int8_weights="auto" is resolved on the exporting CPU, and a file read on
     # another machine could not tell whether its integer GEMMs take int8 or uint8 weight codes

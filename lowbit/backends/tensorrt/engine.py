@@ -86,10 +86,20 @@ def default_dim_profile(name: str, least: int | None, most: int | None, hint: in
     hint (``name``: its ONNX name, ``batch``/``sequence``/``past_sequence`` where lowbit knows the dim;
     ``generation``: a step graph's ``GenerationSpec`` limits, or None).
 
-    Every max is capped at ``max_dim``; the batch at ``max_batch``, by default ``DEFAULT_MAX_BATCH``."""
+    Every max is capped at ``max_dim``; the batch at ``max_batch``, by default a generation step graph's
+    ``GenerationSpec.max_batch`` (its capture range reached max(max_batch, 3): export wants a max above 2), else
+    ``DEFAULT_MAX_BATCH``. A step graph's profile is tuned for decode, the call ``generate`` makes most: one new token
+    (``sequence`` opt 1, at most ``max_length``) over the whole cache of ``max_length`` slots it always passes
+    (``past_sequence`` opt ``max_length``; the capture example's sizes tuned it for 3 tokens over an empty cache)."""
     lo, hi = profile_range(least, most, max_dim)
     if name == "batch":
-        hi = min(hi, max_batch if max_batch is not None else DEFAULT_MAX_BATCH)
+        hi = min(hi, max_batch if max_batch is not None else
+                 int(generation["max_batch"]) if generation and "max_batch" in generation else DEFAULT_MAX_BATCH)
+    if generation and "max_length" in generation:
+        if name == "sequence":
+            hi, hint = min(hi, int(generation["max_length"])), 1
+        elif name == "past_sequence":
+            hint = int(generation["max_length"])
     hi = max(hi, lo)
     return lo, min(max(hint or lo, lo), hi), hi
 
@@ -98,14 +108,14 @@ def profile_from_symbols(model: ir.Model, opt: Mapping[str, int] | None = None,
                          max_default: int = 4096, shapes: ProfileShapes | None = None,
                          max_batch: int | None = None) -> dict[str, tuple[list[int], list[int], list[int]]]:
     """[min, opt, max] shapes per input from the symbols lowbit records (``lowbit.symbols`` metadata, and a step
-    graph's ``lowbit.generation`` limits: ``default_dim_profile``); ``shapes`` (input name -> (min, opt, max)) gives
+    graph's ``lowbit.step_limits``: ``default_dim_profile``); ``shapes`` (input name -> (min, opt, max)) gives
     some or all of them instead.
 
     ``shapes`` for one input of several used to replace the whole profile (the others had none, and TensorRT's build
     failed on them), and a name no input has reached TensorRT's ``set_shape``: both are refused or completed here.
     A dynamic dim the given inputs share with the others takes their range there too."""
     symbols = json.loads(model.metadata_props.get("lowbit.symbols", "{}"))
-    generation = json.loads(model.metadata_props.get("lowbit.generation", "null"))
+    generation = json.loads(model.metadata_props.get("lowbit.step_limits", "null"))
     given = dict(shapes or {})
     names = [v.name for v in model.graph.inputs]
     unknown = [k for k in given if k not in names]
@@ -382,8 +392,8 @@ def build_engine(
     """Build a serialized engine (plan bytes) from an ONNX file; returns it with lowbit's header.
 
     ``shapes`` sets the optimization profile of the inputs it names (input → (min, opt, max)); the others come from
-    the model's symbol ranges, with dynamic maxima capped at ``max_dim``, the batch at ``max_batch`` (default:
-    ``DEFAULT_MAX_BATCH``), and optima at ``opt`` (symbol → size) or
+    the model's symbol ranges, with dynamic maxima capped at ``max_dim``, the batch at ``max_batch`` (default: a step
+    graph's ``GenerationSpec.max_batch``, else ``DEFAULT_MAX_BATCH``), and optima at ``opt`` (symbol → size) or
     the capture hint (``default_dim_profile``). ``fp16`` / ``bf16`` let a weakly typed build
     (``strongly_typed=False``) run the float layers in half precision.
     """
