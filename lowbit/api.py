@@ -745,7 +745,10 @@ def _check_fallback_schemes(graph: Graph, plan: CompilePlan) -> None:
     for p in plan.passes:
         refused: dict[str, list[Node]] = {}
         for node, scheme in p.fallback_schemes(graph):
-            for problem in spec.quant_problems(QuantConfig(weight=scheme, keep_float=[])):
+            # this linear's input size: the fix names a group that divides it (128 was offered for a 192-wide one)
+            size = node.args[1].type.shape[-1]
+            sizes = [size] if isinstance(size, int) else []
+            for problem in spec.quant_problems(QuantConfig(weight=scheme, keep_float=[]), sizes):
                 refused.setdefault(problem, []).append(node)
         if not refused:
             continue

@@ -651,7 +651,7 @@ def test_a_group_fallback_tensorrt_refuses_is_named_by_linear_before_any_pass_ru
     message = str(exc.value)
     assert "group_fallback=32 is the group of the linears whose input size group=128 does not divide" in message
     assert "module 'model.layers.0.self_attn.q_proj', input size 192" in message
-    assert "group_fallback=64 or group_fallback=128 (rule int4-block-size)" in message
+    assert "group_fallback=64 (128 does not divide input size 192) (rule int4-block-size)" in message
     named = 2 + int(re.search(r"and (\d+) more", message).group(1))
     graph = lowbit.compile_model(model(), pipeline="quantize(w=int4,group=128,group_fallback=32)").graph
     found = errors(check_tensorrt_qdq(to_onnx(graph, opset=21, weight_format="qdq", attention="decompose")))
@@ -915,3 +915,32 @@ def test_a_generation_step_graph_profile_is_its_spec_tuned_for_decode(tensorrt_h
                           for c in caches for _, kv, _, hd in [c.type.shape])
     with pytest.raises(TensorRTOptionError, match=r"opt=\{batch: 3\} is outside the profile of dim 'batch'.*\[1, 2\]"):
         TensorRTCompiled(graph, opt={"batch": 3})
+
+
+@pytest.mark.parametrize("hidden, fix", [(192, "group_fallback=64 (128 does not divide input size 192)"),
+                                         (96, "neither 64 nor 128 divides input size 96: keep these linears float")])
+def test_the_int4_block_fix_names_only_groups_that_divide_the_linears(hidden, fix, tensorrt_here):
+    """``quantize(w=int4,group=128,group_fallback=32)`` on 192-wide linears was told "group_fallback=64 or
+    group_fallback=128": 128 is the group that did not divide 192 in the first place, and the quantize pass refuses
+    it as a fallback. The fix names the TensorRT block sizes that divide the linears' input sizes (none: keep them
+    float), before any pass runs and in the exported ONNX's checker alike."""
+    import lowbit
+    from conftest import tiny_llama
+    from lowbit.backends.registry import BackendError
+    from lowbit.backends.tensorrt import check_tensorrt_qdq, errors
+
+    def model():
+        torch.manual_seed(0)
+        return tiny_llama(hidden=hidden, inter=256, heads=4, kv_heads=2, vocab=49152, max_positions=64)
+
+    import re
+
+    pipeline = "quantize(w=int4,group=128,group_fallback=32)"
+    with pytest.raises(BackendError, match=re.escape(fix) + r"[^\n]* \(rule int4-block-size\)"):
+        lowbit.compile_model(model(), pipeline=pipeline, backend="tensorrt", tokenizer="smollm2")
+    graph = lowbit.compile_model(model(), pipeline=pipeline).graph
+    found = errors(check_tensorrt_qdq(to_onnx(graph, opset=21, weight_format="qdq", attention="decompose")))
+    assert found and all(v.rule == "int4-block-size" and fix.replace("_fallback", "") in v.message for v in found)
+    if hidden == 192:  # the fix it names builds: group=64 everywhere
+        ok = lowbit.compile_model(model(), pipeline="quantize(w=int4,group=64)").graph
+        assert not errors(check_tensorrt_qdq(to_onnx(ok, opset=21, weight_format="qdq", attention="decompose")))

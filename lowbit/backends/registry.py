@@ -18,8 +18,9 @@ A backend is one ``register_backend(...)`` call::
   calibration starts — and the graph's ops after it.
 * ``options`` — a pydantic model of the backend's own options (the torch backend's ``keep_packed``), checked
   before anything runs.
-* ``quant_rules`` — ``"module:function"`` taking a pass's ``QuantConfig`` (``Pass.quant_config``) and returning
-  what the backend cannot run in it, one line each (TensorRT's explicit-quantization rules: symmetric, static
+* ``quant_rules`` — ``"module:function"`` taking a pass's ``QuantConfig`` (``Pass.quant_config``), and the input
+  sizes of the linears it is for where known (a ``group_fallback``'s), and returning what the backend cannot run in
+  it, one line each (TensorRT's explicit-quantization rules: symmetric, static
   per-tensor activations, INT4 in blocks of 64/128), checked with the pipeline before capture and calibration.
 * ``check_graph`` — ``"module:function"`` taking ``(graph, options)`` (the captured graph, the backend's options as
   a dict) and raising a ``LowbitError`` for an option that does not fit the model (TensorRT's ``shapes=`` naming an
@@ -29,7 +30,7 @@ A backend is one ``register_backend(...)`` call::
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -140,9 +141,10 @@ class BackendSpec:
         """The ops of ``ops`` this backend does not lower, sorted."""
         return sorted({op for op in ops if not self.lowers(op)})
 
-    def quant_problems(self, config: Any) -> list[str]:
-        """What this backend cannot run in the schemes of ``config`` (a ``QuantConfig``), one line each."""
-        return list(_load(self.quant_rules)(config)) if self.quant_rules is not None else []
+    def quant_problems(self, config: Any, input_sizes: Sequence[int] = ()) -> list[str]:
+        """What this backend cannot run in the schemes of ``config`` (a ``QuantConfig``), one line each;
+        ``input_sizes``: of the linears ``config`` is for, where known (the fix named fits them)."""
+        return list(_load(self.quant_rules)(config, input_sizes)) if self.quant_rules is not None else []
 
     def check_graph(self, graph: Any, options: dict[str, Any]) -> None:
         """The backend's options (as ``parse_options`` gave them) against ``graph``, the captured model: an input

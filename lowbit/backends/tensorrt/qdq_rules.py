@@ -25,7 +25,7 @@ Documentation cited (TensorRT 10, docs.nvidia.com/deeplearning/tensorrt/latest/)
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -447,6 +447,22 @@ def _int4_weight_only(view: QDQView) -> Iterable[Violation]:
                          DOC_WQT + " (Weight-Only Quantization)")
 
 
+def int4_group_fix(option: str, input_sizes: Iterable[int] = ()) -> str:
+    """The fix of an INT4 block refusal: ``option`` (``group``, ``group_fallback``) at TensorRT's block sizes that
+    divide the linears' input sizes, where they are known. Both sizes were named whatever the sizes, and a block that
+    does not divide one is refused by the quantize pass (group=) or left to the fallback, which then refused it."""
+    sizes = sorted(set(input_sizes))
+    fits = [b for b in INT4_BLOCK_SIZES if all(k % b == 0 for k in sizes)]
+    shown = ", ".join(map(str, sizes))
+    if not fits:
+        return (f"neither {' nor '.join(map(str, INT4_BLOCK_SIZES))} divides input size {shown}: keep these linears "
+                "float (keep=) or run them on another backend")
+    rest = [b for b in INT4_BLOCK_SIZES if b not in fits]
+    why = f" ({' and '.join(map(str, rest))} {'does' if len(rest) == 1 else 'do'} not divide input size {shown})" \
+        if rest else ""
+    return " or ".join(f"{option}={b}" for b in fits) + why
+
+
 def _int4_block_size(view: QDQView) -> Iterable[Violation]:
     """An INT4 weight per channel, per tensor or in blocks other than 64 or 128: NVIDIA's Quantization Schemes say
     "INT4 quantization requires per-block scales. The supported block sizes are {64, 128}". These were warnings,
@@ -461,10 +477,13 @@ def _int4_block_size(view: QDQView) -> Iterable[Violation]:
                "INT4 weights with one scale per channel (no block_size)" if not _is_per_tensor(view, n.inputs[1]) else
                "INT4 weights with one scale for the whole tensor (no block_size)")
         sizes = " or ".join(map(str, INT4_BLOCK_SIZES))
+        dims = view.dims(n.inputs[0])
+        k = dims[view.axis(n, len(dims))] if dims else None
+        fix = int4_group_fix("group", [k] if k else ())
         yield _v(view, n, "int4-block-size", "error",
                  f"{got}: TensorRT's INT4 quantization requires block-wise scales with a block size of {sizes} along "
-                 f"the input channels — quantize with group={INT4_BLOCK_SIZES[0]} or group={INT4_BLOCK_SIZES[1]} "
-                 "for TensorRT", DOC_QS + " (INT4: 'The supported block sizes are {64, 128}')")
+                 f"the input channels — quantize with {fix} for TensorRT",
+                 DOC_QS + " (INT4: 'The supported block sizes are {64, 128}')")
 
 
 def _weighted_inputs_quantized(view: QDQView) -> Iterable[Violation]:
@@ -560,7 +579,7 @@ def errors(violations: Iterable[Violation]) -> list[Violation]:
 SchemeRole = Literal["weight", "activation", "KV cache"]
 
 
-def _scheme_qtype(role: SchemeRole, s: QScheme) -> str | None:
+def _scheme_qtype(role: SchemeRole, s: QScheme, input_sizes: Sequence[int] = ()) -> str | None:
     qd = get_qdtype(s.qdtype)
     if qd.signed and s.qdtype != "fp8e5m2":
         return None
@@ -568,14 +587,14 @@ def _scheme_qtype(role: SchemeRole, s: QScheme) -> str | None:
             "rejected): use int8, int4 or fp8e4m3")
 
 
-def _scheme_zero_point(role: SchemeRole, s: QScheme) -> str | None:
+def _scheme_zero_point(role: SchemeRole, s: QScheme, input_sizes: Sequence[int] = ()) -> str | None:
     if s.symmetric:
         return None
     option = {"weight": "sym", "activation": "a_sym", "KV cache": "kv_sym"}[role]
     return f"asymmetric (a zero point): TensorRT quantizes symmetrically only: {option}=true"
 
 
-def _scheme_static(role: SchemeRole, s: QScheme) -> str | None:
+def _scheme_static(role: SchemeRole, s: QScheme, input_sizes: Sequence[int] = ()) -> str | None:
     if role == "weight" or not s.dynamic:
         return None
     if role == "KV cache":
@@ -585,29 +604,29 @@ def _scheme_static(role: SchemeRole, s: QScheme) -> str | None:
             "a_static=true,a_gran=per_tensor (calibrated)")
 
 
-def _scheme_activation_per_tensor(role: SchemeRole, s: QScheme) -> str | None:
+def _scheme_activation_per_tensor(role: SchemeRole, s: QScheme, input_sizes: Sequence[int] = ()) -> str | None:
     if role != "activation" or s.granularity == "per_tensor":
         return None
     return f"{s.granularity} activation scales: TensorRT quantizes activations per tensor: a_gran=per_tensor"
 
 
-def _scheme_int4_weight_only(role: SchemeRole, s: QScheme) -> str | None:
+def _scheme_int4_weight_only(role: SchemeRole, s: QScheme, input_sizes: Sequence[int] = ()) -> str | None:
     qd = get_qdtype(s.qdtype)
     if role != "activation" or qd.is_float or qd.bits > 4:
         return None
     return f"{s.qdtype} {role}s: TensorRT's INT4 is weight-only quantization: quantize {role}s to int8 or fp8e4m3"
 
 
-def _scheme_int4_block(role: SchemeRole, s: QScheme) -> str | None:
+def _scheme_int4_block(role: SchemeRole, s: QScheme, input_sizes: Sequence[int] = ()) -> str | None:
     qd = get_qdtype(s.qdtype)
     if role != "weight" or qd.is_float or qd.bits > 4 or s.group_size in INT4_BLOCK_SIZES:
         return None
     got = f"groups of {s.group_size}" if s.group_size else f"one scale per {s.granularity.removeprefix('per_')}"
     return (f"{got}: TensorRT's INT4 weights need block-wise scales of {' or '.join(map(str, INT4_BLOCK_SIZES))} "
-            f"along the input channels: group={INT4_BLOCK_SIZES[0]} or group={INT4_BLOCK_SIZES[1]}")
+            f"along the input channels: {int4_group_fix('group', input_sizes)}")
 
 
-def _scheme_block_type(role: SchemeRole, s: QScheme) -> str | None:
+def _scheme_block_type(role: SchemeRole, s: QScheme, input_sizes: Sequence[int] = ()) -> str | None:
     qd = get_qdtype(s.qdtype)
     if role != "weight" or qd.bits <= 4 or s.group_size is None:
         return None
@@ -615,7 +634,7 @@ def _scheme_block_type(role: SchemeRole, s: QScheme) -> str | None:
             "weights per channel (no group)")
 
 
-SCHEME_RULES: list[tuple[str, Callable[[SchemeRole, QScheme], str | None]]] = [
+SCHEME_RULES: list[tuple[str, Callable[[SchemeRole, QScheme, Sequence[int]], str | None]]] = [
     ("supported-qtype", _scheme_qtype),
     ("zero-point-zero", _scheme_zero_point),
     ("scale-constant-positive", _scheme_static),
@@ -626,12 +645,14 @@ SCHEME_RULES: list[tuple[str, Callable[[SchemeRole, QScheme], str | None]]] = [
 ]
 """``RULES``' errors that a scheme alone decides (rule name, check): ``pipeline_violations`` reads them off a
 pass's ``QuantConfig`` before the pipeline runs, so a pipeline the TensorRT build would refuse is refused before
-capture and calibration. Each names the rule ``check_tensorrt_qdq`` reports on the exported model."""
+capture and calibration. Each names the rule ``check_tensorrt_qdq`` reports on the exported model; the input sizes of
+the linears the scheme is for, where known (a ``group_fallback``'s), narrow the fix it names."""
 
 
-def pipeline_violations(config: QuantConfig) -> list[str]:
+def pipeline_violations(config: QuantConfig, input_sizes: Sequence[int] = ()) -> list[str]:
     """What TensorRT's explicit-quantization rules refuse in the schemes ``config`` writes, one line each, naming
-    the role (weights, activations, KV cache; a module rule's pattern), the scheme and the rule."""
+    the role (weights, activations, KV cache; a module rule's pattern), the scheme and the rule. ``input_sizes``: of
+    the linears ``config`` is for, where the caller knows them."""
     roles: list[tuple[str, SchemeRole, QScheme | None]] = [("weights", "weight", config.weight),
                                                            ("activations", "activation", config.input)]
     for r in config.rules:
@@ -644,7 +665,7 @@ def pipeline_violations(config: QuantConfig) -> list[str]:
         if scheme is None:
             continue
         for rule, check in SCHEME_RULES:
-            why = check(role, scheme)
+            why = check(role, scheme, input_sizes)
             if why:
                 out.append(f"{where} {scheme.short()}: {why} (rule {rule})")
     return out
