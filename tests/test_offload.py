@@ -304,7 +304,7 @@ def test_onnxruntime_backend_says_it_holds_its_own_copy_of_offloaded_weights(tmp
     torch.manual_seed(0)
     off = lowbit.compile_model(tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97),
                                pipeline="quantize(w=int4,group=32)", backend="onnxruntime", offload_dir=tmp_path)
-    note = next((line for line in off.report.lowering if line.startswith("offload_dir:")), None)
+    note = next((line for line in off.report.lowering if line.startswith("offloaded weights")), None)
     assert note is not None, off.report.lowering
     assert "holds its own copy of the model's" in note and " MiB of weights in memory" in note
     assert note in off.report.summary()
@@ -313,3 +313,25 @@ def test_onnxruntime_backend_says_it_holds_its_own_copy_of_offloaded_weights(tmp
     off.graph.offload_dir = None  # the same graph lowered without an offload: nothing to say
     assert "offload_dir" not in OrtCompiled(off.graph).report_text()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lowbit_compile_to_onnxruntime_says_why_its_weights_were_offloaded(tmp_path: Path) -> None:
+    """``lowbit compile -b onnxruntime -o DIR`` (no offload asked for: -o offloads to DIR's disk) printed "offload_dir:
+    the onnxruntime session holds its own copy ... backend='torch' (keep_packed) runs on the offloaded weights": an API
+    argument and an API spelling its user never wrote. The note says what offloaded and the flags that run on it."""
+    from typer.testing import CliRunner
+
+    from lowbit.calibration.data import load_tokenizer
+    from lowbit.cli.main import app
+
+    if ram_backed(tmp_path) is not None:
+        pytest.skip(f"{tmp_path} is memory-backed: lowbit compile -o does not offload there")
+    torch.manual_seed(0)
+    tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2).save_pretrained(tmp_path / "tiny")
+    load_tokenizer("smollm2").save_pretrained(tmp_path / "tiny")
+    res = CliRunner().invoke(app, ["compile", str(tmp_path / "tiny"), "-b", "onnxruntime", "-p",
+                                   "quantize(w=int4,group=32)", "-o", str(tmp_path / "out")], terminal_width=400)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "`lowbit compile -o DIR` offloads to DIR's disk): the onnxruntime session holds its own copy" in text
+    assert "-b torch --backend-option keep_packed=true" in text and "offload_dir:" not in text

@@ -424,10 +424,14 @@ class OrtCompiled(torch.nn.Module):
             # ORT reads its initializers into its own buffers (a prepacked copy for MatMulNBits); it never maps the
             # offloaded files, so the offload bounded the passes' memory, not the lowered model's: said, not silent
             mib = initializer_bytes(self.onnx_model) / 2**20
-            self.notes.append(f"offload_dir: the onnxruntime session holds its own copy of the model's {mib:.1f} MiB "
-                              "of weights in memory (it does not read the offloaded files), so offloading bounded "
-                              "the passes' memory, not this backend's; backend='torch' (keep_packed) runs on the "
-                              "offloaded weights")
+            # named by what set it: `lowbit compile -o DIR` offloads to DIR's disk unasked, and its user read
+            # "offload_dir:" (an API argument) and "backend='torch'" (an API spelling) for a flag they never gave
+            self.notes.append(f"offloaded weights (offload_dir={graph.offload_dir}; `lowbit compile -o DIR` offloads "
+                              f"to DIR's disk): the onnxruntime session holds its own copy of the model's {mib:.1f} "
+                              "MiB of weights in memory (it does not read the offloaded files), so the offload bounded "
+                              "the passes' memory, not this backend's; the torch backend with keep_packed (-b torch "
+                              "--backend-option keep_packed=true, or backend='torch', "
+                              "backend_options={'keep_packed': True}) runs on the offloaded weights")
         dropped = [provider_name(p) for p in self.requested_providers if provider_name(p) not in self.providers]
         if dropped:
             warnings.warn(f"onnxruntime could not initialise {', '.join(dropped)} (see its log); running on "
