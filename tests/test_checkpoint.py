@@ -1511,3 +1511,23 @@ def test_head_pruned_minilm_loads_in_transformers_with_zero_heads(minilm, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(hf(enc["input_ids"], enc["attention_mask"]), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lowbit.load(out)(**enc), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_float_2_4_model_saves_as_a_sparse_only_compressed_tensors_checkpoint(float_slice, tmp_path):
+    """A float 2:4-sparse SmolLM2 (sparsify, no quantizer) was refused by compressed-tensors ('the graph has no
+    quantized linear'), so the one HF format that declares 2:4 had no way to hold the model vLLM's 2:4 kernels
+    serve. It is written as llm-compressor writes a sparse-only model: float weights, no config_groups, ignoring no
+    linear, and the sparsity_config; transformers loads it to the compiled logits and lowbit.load reloads it (float
+    weights, the 2:4 marks back)."""
+    graph = _compiled(float_slice, "sparsify(method=magnitude,pattern=2:4)")
+    ids = float_slice[1][:1, :64]
+    ref = TorchCompiled(graph)(ids)
+    out = lowbit.save(graph, tmp_path / "ct", format="compressed-tensors")
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qcfg["config_groups"], qcfg["format"], qcfg["ignore"]) == ({}, "dense", [])
+    assert (qcfg["sparsity_config"]["sparsity_structure"], qcfg["sparsity_config"]["ignore"]) == ("2:4", ["lm_head"])
+    assert (_hf_logits(out, ids) - ref).abs().max().item() == 0.0
+    reloaded = lowbit.load(out)
+    assert torch.equal(reloaded(ids), ref)
+    marked = {n.module for n in graph.nodes if n.meta.get("sparsity") == "2:4"}
+    assert len(marked) == 14 and {n.module for n in reloaded.graph.nodes if n.meta.get("sparsity")} == marked

@@ -622,7 +622,7 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
             f"({view.kv[0].op}) in {view.kv[0].module!r}); compressed-tensors' kv_cache_scheme holds one static or "
             "per-head scale per tensor, which lowbit's dynamic per-channel/per-token KV scales are not: save without "
             "kv= / kv-cache, or use format='lowbit'")
-    if not view.quantized:
+    if not view.quantized and not view.sparsity:
         raise CheckpointError("the graph has no quantized linear: nothing for compressed-tensors to describe "
                               f"({_float_advice(graph)})")
     tensors = dict(view.tensors)
@@ -646,10 +646,14 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
         config_groups[f"group_{i}"] = {**scheme, "targets": targets}
     qcfg: dict[str, Any] = {
         "quant_method": "compressed-tensors",
-        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        # a float sparsify'd graph: dense float weights, no config_groups, only the sparsity_config below (how
+        # llm-compressor writes a sparse-only model; transformers loads it as the plain model, vLLM reads the pattern)
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision" if formats else "dense",
         "quantization_status": "compressed",
         "config_groups": config_groups,
-        "ignore": sorted(view.float_linears),
+        # a sparse-only checkpoint ignores nothing: vLLM runs a linear its quantization ignore names unquantized
+        # and dense, before it looks at the sparsity_config
+        "ignore": sorted(view.float_linears) if view.quantized else [],
         "kv_cache_scheme": None,
     }
     sparsity = _ct_sparsity_config(view)
@@ -988,7 +992,9 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
             if any(f"{module}.{s}" in tensors for s in _GPTQ_TENSORS):
                 plan[module] = _gptq_linear(module, bits, group, zero_offset, tensors, directory,
                                             tuple(model.get_submodule(module).weight.shape))
-    if not plan:
+    sparse_only = method == "compressed-tensors" and not qcfg.get("config_groups") and \
+        isinstance(qcfg.get("sparsity_config"), dict)
+    if not plan and not sparse_only:  # a sparse-only checkpoint (a float 2:4 model) has float weights throughout
         raise CheckpointError(f"{directory}: the quantization_config matches no linear of "
                               f"{type(model).__name__}")
     float_state = {}
@@ -1023,9 +1029,9 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
     # static input scales are stored, not calibrated: the quantize pass gets the weights (and dynamic inputs) only
     rules = [ModuleRule(pattern=_glob_escape(m), weight=p[0], input=p[1] if p[1] is None or p[1].dynamic else None)
              for m, p in plan.items()]
-    cfg = QuantConfig(rules=rules, keep_float=[])
-    quantize_graph(graph, cfg)
-    _install_codes(graph, plan, directory)
+    if plan:
+        quantize_graph(graph, QuantConfig(rules=rules, keep_float=[]))
+        _install_codes(graph, plan, directory)
     _install_static_inputs(graph, {m: (p[1], _ct_input_scale(m, tensors, directory)) for m, p in plan.items()
                                    if p[1] is not None and not p[1].dynamic})
     if method == "compressed-tensors":
