@@ -1531,3 +1531,19 @@ def test_a_float_2_4_model_saves_as_a_sparse_only_compressed_tensors_checkpoint(
     assert torch.equal(reloaded(ids), ref)
     marked = {n.module for n in graph.nodes if n.meta.get("sparsity") == "2:4"}
     assert len(marked) == 14 and {n.module for n in reloaded.graph.nodes if n.meta.get("sparsity")} == marked
+
+
+def test_a_2_4_model_saved_as_hf_reloads_with_its_sparsity(float_slice, tmp_path):
+    """format='hf' has no config field for a sparsify pattern, and lowbit.load of such a directory was unmarked: its
+    save to compressed-tensors was then refused ('no quantized linear') and said nothing of the 2:4 its weights
+    keep. The manifest records each pruned linear's pattern; the reload carries the marks, and its compressed-tensors
+    save declares the 2:4."""
+    graph = _compiled(float_slice, "sparsify(method=magnitude,pattern=2:4)")
+    marked = {n.module for n in graph.nodes if n.meta.get("sparsity") == "2:4"}
+    out = lowbit.save(graph, tmp_path / "hf", format="hf")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    reloaded = lowbit.load(out)
+    assert {n.module for n in reloaded.graph.nodes if n.meta.get("sparsity") == "2:4"} == marked
+    again = lowbit.save(reloaded, tmp_path / "ct", format="compressed-tensors")
+    assert json.loads((again / "config.json").read_text())["quantization_config"]["sparsity_config"][
+        "sparsity_structure"] == "2:4"

@@ -426,7 +426,8 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
             raise CheckpointError(f"{directory / name}: cannot be read: {why}")
     if fmt == "hf":
         return _load_hf_float(directory, backend=backend, device=device, generation=generation,
-                              backend_options=backend_options)
+                              backend_options=backend_options,
+                              sparsity=(manifest or {}).get("lowbit", {}).get("sparsity"))
     if fmt == "lowbit" or (fmt is None and (directory / IR_FILE).is_file()):
         graph, tokenizer = _load_lowbit(directory, manifest)
         if generation:
@@ -459,17 +460,25 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
 
 
 def _load_hf_float(directory: Path, *, backend: str, device: str | None, generation: Any,
-                   backend_options: Mapping[str, Any] | None) -> Any:
+                   backend_options: Mapping[str, Any] | None, sparsity: Any = None) -> Any:
     """A ``format="hf"`` directory (float weights, no ``quantization_config``; its files already checked against the
     manifest) compiled as the plain transformers model it is, in its stored dtype. The HF reader takes quantized
     linears only, so ``load`` refused the float format ``save`` had written ("load it with lowbit.compile_model
-    instead")."""
+    instead"). ``sparsity``: the manifest's record of the linears ``sparsify`` pruned (module -> ``2:4``), marked
+    again as ``sparsify`` marks them (a later save reads them; the 2:4 backends check the weights themselves)."""
     from lowbit.api import compile_model
     from lowbit.models import load_model
 
     module, tokenizer = _tokenizer_free_causal_lm(directory) or load_model(directory, dtype="auto")[:2]
     compiled = compile_model(module, tokenizer=tokenizer, backend=backend, device=device,
                              backend_options=backend_options, generation=generation or None)
+    if isinstance(sparsity, dict):
+        from lowbit.ir.parser import SPARSITY_MARK
+
+        for node in compiled.graph.nodes:
+            pattern = sparsity.get(node.module) if node.op == "linear" else None
+            if isinstance(pattern, str) and SPARSITY_MARK.fullmatch(pattern):
+                node.meta["sparsity"] = pattern
     # what this load captured, as the other formats' reports say it (the figures were dropped with the rest)
     figures = {k: compiled.report.capture[k] for k in CAPTURE_META if compiled.report.capture.get(k)}
     compiled.report.capture = {"loaded_from": str(directory), "format": "hf", **figures}

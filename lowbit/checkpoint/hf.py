@@ -694,8 +694,11 @@ def save_hf_float(graph: Graph, directory: Path, *, tokenizer: Any = None, confi
                               "format='compressed-tensors' or 'gptq'")
     files = _write_shards(dict(view.tensors), directory)
     _write_config(cfg, directory, None, tokenizer, _float_dtype(view))
+    # config.json has no field for a sparsify pattern: the manifest keeps it, so lowbit.load marks those linears
+    # again (a reload was unmarked: its compressed-tensors save was refused, the 2:4 backends were not told)
     return {"format": "hf", "kind": kind, "shards": files, "not_in_graph": missing,
-            **({"zero_heads": view.zero_heads} if view.zero_heads else {})}
+            **({"zero_heads": view.zero_heads} if view.zero_heads else {}),
+            **({"sparsity": dict(sorted(view.sparsity.items()))} if view.sparsity else {})}
 
 
 # ---- gptq ---------------------------------------------------------------------------------------

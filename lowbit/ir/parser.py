@@ -26,7 +26,7 @@ ENUMS_BY_NAME = {v: k for k, v in ENUM_LITERALS.items()}
 MAX_SIZE = 2**63 - 1
 """The largest size or symbol bound a file may give: torch sizes are 64-bit."""
 
-_SPARSITY = re.compile(r"\d{1,4}:\d{1,4}|unstructured-[0-9.e+-]{1,24}")
+SPARSITY_MARK = re.compile(r"\d{1,4}:\d{1,4}|unstructured-[0-9.e+-]{1,24}")
 """What ``| sparsity`` may say: the pattern ``sparsify`` recorded (``SparsityPattern.__str__``)."""
 _QSCHEME_KV = re.compile(r"k:[\w.-]{1,64} v:[\w.-]{1,64} window:\d{1,9} sink:\d{1,9}")
 """What ``| qscheme_kv`` may say: the KV scheme ``quantize(kv=...)`` recorded on an attention node."""
@@ -408,7 +408,7 @@ class Parser:
             module = module.strip()
         members = self._merged_members(c, merged) if merged else None
         sparsity = sparsity.strip()
-        if sparsity and not _SPARSITY.fullmatch(sparsity):
+        if sparsity and not SPARSITY_MARK.fullmatch(sparsity):
             raise c.error(f"'| sparsity' must be followed by a pattern like 2:4 or unstructured-0.5, got {sparsity!r}")
         qscheme_kv = qscheme_kv.strip()
         if qscheme_kv and not _QSCHEME_KV.fullmatch(qscheme_kv):
