@@ -1547,3 +1547,21 @@ def test_a_2_4_model_saved_as_hf_reloads_with_its_sparsity(float_slice, tmp_path
     again = lowbit.save(reloaded, tmp_path / "ct", format="compressed-tensors")
     assert json.loads((again / "config.json").read_text())["quantization_config"]["sparsity_config"][
         "sparsity_structure"] == "2:4"
+
+
+def test_a_sliced_model_with_heads_pruned_in_one_layer_saves_with_zero_heads(float_slice, tmp_path):
+    """A sliced SmolLM2 (slice-residual) whose heads were pruned in one layer only was refused by the HF formats (the
+    zero-head fallback for per-layer head counts excluded sliced models), although the sliced config holds the
+    unpruned head counts. It is written at the config's 9/3 heads with layer 1's removed heads as zero heads and
+    the sliced hidden_size; transformers loads it to the compiled logits."""
+    graph = _compiled(float_slice, r"fold-norms,slice-residual(ratio=0.25,calib_n=4),"
+                                   r"prune-heads(ratio=0.34,score=magnitude,modules=layers\.1\.)")
+    assert graph.meta["pruned"]["heads"] == {"model.layers.0": [9, 3], "model.layers.1": [6, 2]}
+    ids = float_slice[1][:1, :32]
+    ref = TorchCompiled(graph)(ids)
+    out = lowbit.save(graph, tmp_path / "hf", format="hf")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["hidden_size"], config["num_attention_heads"], config["head_dim"]) == (432, 9, 64)
+    manifest = json.loads((out / "lowbit-manifest.json").read_text())["lowbit"]
+    assert manifest["zero_heads"]["kept_heads"]["model.layers.1"] == [6, 2]
+    assert (_hf_logits(out, ids) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()

@@ -371,7 +371,7 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
         keys = _hf_keys(model)
         _check_head_dim(graph1, config1, keys)
     except CheckpointError:
-        if "heads" not in pruned or "hidden_size" in pruned:
+        if "heads" not in pruned:
             raise
         # the config cannot hold the pruned head counts (its family derives head_dim, or they differ per layer):
         # the config's own counts, the removed heads written as zero heads (lowbit.checkpoint.zero_heads)
