@@ -1565,3 +1565,14 @@ def test_a_sliced_model_with_heads_pruned_in_one_layer_saves_with_zero_heads(flo
     manifest = json.loads((out / "lowbit-manifest.json").read_text())["lowbit"]
     assert manifest["zero_heads"]["kept_heads"]["model.layers.1"] == [6, 2]
     assert (_hf_logits(out, ids) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_a_sliced_width_that_holds_no_head_count_names_the_pruned_heads(float_slice, tmp_path):
+    """SmolLM2 sliced to 448 channels with 6 of its 9 heads kept: transformers takes neither 6 heads (448 / 6) nor,
+    for zero heads, 9. The refusal named the 9 heads of the zero-head fallback, which the user never asked for;
+    it names the 6 heads they pruned to and the sliced width."""
+    graph = _compiled(float_slice, "fold-norms,slice-residual(ratio=0.2,calib_n=4),"
+                                   "prune-heads(ratio=0.34,score=magnitude)")
+    with pytest.raises(CheckpointError, match=r"hidden size \(448\) is not a multiple of the number of attention heads "
+                                              r"\(6\).*format='lowbit'"):
+        lowbit.save(graph, tmp_path / "hf", format="hf")

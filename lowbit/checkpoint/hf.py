@@ -370,12 +370,17 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
         model = _pruned_skeleton(graph1, config1, kind)
         keys = _hf_keys(model)
         _check_head_dim(graph1, config1, keys)
-    except CheckpointError:
+    except CheckpointError as pruned_error:
         if "heads" not in pruned:
             raise
         # the config cannot hold the pruned head counts (its family derives head_dim, or they differ per layer):
         # the config's own counts, the removed heads written as zero heads (lowbit.checkpoint.zero_heads)
-        config1, renames = pruned_config(config, {k: v for k, v in pruned.items() if k != "heads"})
+        try:
+            config1, renames = pruned_config(config, {k: v for k, v in pruned.items() if k != "heads"})
+        except CheckpointError:
+            # neither fits (a stream sliced to 448 holds neither the 6 kept heads nor the 9 unpruned ones): the
+            # first refusal names the counts the user pruned to, the fallback's only the unpruned ones
+            raise pruned_error from None
         graph1 = _renamed(graph, renames)
         config1, added = _bias_switches(graph1, config1)
         model = skeleton(config1, kind)
