@@ -1576,3 +1576,39 @@ def test_a_sliced_width_that_holds_no_head_count_names_the_pruned_heads(float_sl
     with pytest.raises(CheckpointError, match=r"hidden size \(448\) is not a multiple of the number of attention heads "
                                               r"\(6\).*format='lowbit'"):
         lowbit.save(graph, tmp_path / "hf", format="hf")
+
+
+def test_a_quantized_gpt2_saves_as_gptq_with_its_conv1d_projections(tmp_path):
+    """GPT-2's projections are Conv1D (weight stored [in, out]) and every HF quantized format refused a quantized
+    GPT-2. GPTQ's layout does not depend on the module's storage (its loaders build the quantized layer with
+    in = Conv1D.weight.shape[0]), so it is written: the GPTQ reference dequantizer's [in, out] weights, put in
+    transformers' own GPT-2, give the compiled logits, and lowbit.load reloads it bit-exactly."""
+    import transformers as t
+    from conftest import tiny_outside_family
+    from safetensors.torch import load_file
+
+    from lowbit.ir.quant import dequantize
+
+    model = tiny_outside_family("gpt2")
+    compiled = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32)")
+    out = lowbit.save(compiled, tmp_path / "gptq", format="gptq")
+    stored = load_file(str(out / "model.safetensors"))
+    state = {k: v for k, v in stored.items() if not k.endswith(("qweight", "qzeros", "scales", "g_idx"))}
+    conv1d = [n.module for n in compiled.graph.nodes if n.op == "linear" and n.args[1].producer is not None]
+    assert len(conv1d) == 8 and all(".h." in m for m in conv1d)
+    for node in compiled.graph.nodes:
+        if node.module in conv1d and node.op == "linear":
+            dq = node.args[1].producer
+            want = dequantize(*[a.data if a is not None else None for a in dq.args], **dq.kwargs)
+            m = node.module
+            got = _gptq_reference_dequant(stored[f"{m}.qweight"], stored[f"{m}.qzeros"], stored[f"{m}.scales"],
+                                          stored[f"{m}.g_idx"], 4)
+            assert torch.equal(got, want), m
+            state[f"{m}.weight"] = got.t().contiguous()  # Conv1D: [in, out]
+    hf = t.GPT2LMHeadModel(t.AutoConfig.from_pretrained(out)).eval()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to wte
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, compiled(ids), rtol=0, atol=1e-5)
+    assert torch.equal(lowbit.load(out)(ids), compiled(ids))

@@ -570,7 +570,7 @@ def test_gpt2_conv1d_projections_are_raised_to_linears_and_quantized(tmp_path):
     quantize and gptq refused GPT-2 ('no linear to quantize'). They are raised to ``linear`` over the transposed
     weight (exact: float64 logits equal transformers' to 1e-12), quantized end to end (int4 RTN within 20% of the
     float logits), and written back transposed
-    to an HF float checkpoint; a quantized HF format refuses them by name (a loader would read them transposed)."""
+    to an HF float checkpoint; compressed-tensors refuses them by name (its schemes target nn.Linear only)."""
     import transformers as t
 
     import lowbit
@@ -594,8 +594,8 @@ def test_gpt2_conv1d_projections_are_raised_to_linears_and_quantized(tmp_path):
     lowbit.save(exact, tmp_path / "hf", format="hf")
     back = t.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", dtype=torch.float64).eval()
     torch.testing.assert_close(back(ids).logits, logits, rtol=0, atol=0)
-    with pytest.raises(LowbitError, match=r"module 'transformer\.h\.0\.attn\.c_attn'\) is a Conv1D in the HF "
-                                          r"model .*format='lowbit'"):
+    with pytest.raises(LowbitError, match=r"linear 'transformer\.h\.0\.attn\.c_attn' .* Conv1D in the HF "
+                                          r"model .*format='gptq'.*format='lowbit'"):
         lowbit.save(q, tmp_path / "ct", format="compressed-tensors")
 
 

@@ -137,6 +137,10 @@ class HFView:
     sparsity: dict[str, str] = field(default_factory=dict)
     """Linear module -> the pattern ``sparsify`` pruned it to (``node.meta["sparsity"]``: ``2:4``,
     ``unstructured-0.5``): a compressed-tensors checkpoint declares it, so runtimes can pick 2:4 kernels."""
+    conv1d: list[str] = field(default_factory=list)
+    """Quantized linears that are ``Conv1D`` in the HF model (GPT-2's, weight stored ``[in, out]``): their codes are
+    in the linear's ``[N, K]`` as every other's, which GPTQ's layout is for them too; a format whose layout follows the
+    module's weight (compressed-tensors) refuses them."""
 
 
 def _param(v: Any, node: Node, what: str) -> torch.Tensor:
@@ -272,8 +276,8 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
 
     ``derived`` are the model's non-persistent buffers (rotary ``inv_freq``): HF recomputes them from the config,
     so they are not written. ``conv1d``: module paths that are ``Conv1D`` in the HF model (GPT-2), whose weight is
-    stored ``[in, out]``: a float linear's weight is written transposed back; a quantized one is refused (the HF
-    quantized formats describe ``nn.Linear`` weights)."""
+    stored ``[in, out]``: a float linear's weight is written transposed back; a quantized one is listed in
+    ``view.conv1d`` (its codes stay ``[N, K]``)."""
     view = HFView()
     used: set[str] = set(derived)
     exact_qk = _qk_rotations(graph)
@@ -286,15 +290,12 @@ def hf_view(graph: Graph, hf_keys: dict[str, tuple[int, ...]], derived: set[str]
             if key not in hf_keys:
                 raise CheckpointError(f"linear %{node.name} has module path {node.module!r}, but the HF model has no "
                                       f"parameter {key!r}; cannot name its weight in an HF checkpoint")
-            if qw is not None and node.module in conv1d:
-                raise CheckpointError(f"linear %{node.name} (module {node.module!r}) is a Conv1D in the HF model "
-                                      "(weight stored [in, out], GPT-2's), and the HF quantized formats describe "
-                                      "nn.Linear weights: a loader would read it transposed; save with "
-                                      "format='lowbit'")
             if qw is None and node.module in conv1d:
                 w = w.t().contiguous()
             if qw is not None:
-                if qw.shape != tuple(hf_keys[key]):
+                if node.module in conv1d:
+                    view.conv1d.append(node.module)
+                if qw.shape != tuple(hf_keys[key])[::1 if node.module not in conv1d else -1]:
                     raise CheckpointError(f"linear %{node.name} (module {node.module!r}): its quantized weight is "
                                           f"{qw.shape}, but the model's config makes {key!r} "
                                           f"{tuple(hf_keys[key])}; the checkpoint would not load")

@@ -630,6 +630,13 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
     if not view.quantized and not view.sparsity:
         raise CheckpointError("the graph has no quantized linear: nothing for compressed-tensors to describe "
                               f"({_float_advice(graph)})")
+    if view.conv1d:
+        # its schemes target nn.Linear modules: transformers loaded such a checkpoint with no error and the Conv1D
+        # weights left at their random initialisation (their weight_packed tensors unused)
+        raise CheckpointError(f"linear {view.conv1d[0]!r} (and {len(view.conv1d) - 1} more) is quantized and is a "
+                              "Conv1D in the HF model (weight stored [in, out], GPT-2's); compressed-tensors quantizes "
+                              "nn.Linear modules only, so a loader would leave it unloaded: save with format='gptq' "
+                              "(symmetric int4/int8 weight-only; its loaders take Conv1D) or format='lowbit'")
     tensors = dict(view.tensors)
     groups: dict[str, dict[str, Any]] = {}
     members: dict[str, list[str]] = {}
@@ -975,6 +982,15 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
         raise CheckpointError(f"{cfg_path}: transformers cannot build the model this config describes "
                               f"({type(exc).__name__}: {why})") from None
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    # GPT-2's Conv1D (weight [in, out]): GPTQ stores its codes as a Linear's (GPTQ loaders build the quantized layer
+    # with in = weight.shape[0]); compressed-tensors targets nn.Linear only, so its reader skips them
+    conv1d = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"} if method == "gptq" else set()
+
+    def linear_shape(module: str) -> tuple[int, ...]:
+        """The module's weight as ``[out, in]``, whatever its storage."""
+        shape = tuple(model.get_submodule(module).weight.shape)
+        return shape[::-1] if module in conv1d else shape
+
     # decide, per linear, whether it is quantized and how
     plan: dict[str, tuple[QScheme, QScheme | None, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     if method == "compressed-tensors":
@@ -993,13 +1009,13 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
             if scheme is None or scheme.weights is None:
                 continue
             plan[module] = _ct_linear(module, scheme, parsed.format, tensors, directory, hints.get(module),
-                                      tuple(model.get_submodule(module).weight.shape))
+                                      linear_shape(module))
     else:
         bits, group, zero_offset = _gptq_config(qcfg, cfg_path)
-        for module in sorted(names):
+        for module in sorted(names | conv1d):
             if any(f"{module}.{s}" in tensors for s in _GPTQ_TENSORS):
                 plan[module] = _gptq_linear(module, bits, group, zero_offset, tensors, directory,
-                                            tuple(model.get_submodule(module).weight.shape))
+                                            linear_shape(module))
     sparse_only = method == "compressed-tensors" and not qcfg.get("config_groups") and \
         isinstance(qcfg.get("sparsity_config"), dict)
     if not plan and not sparse_only:  # a sparse-only checkpoint (a float 2:4 model) has float weights throughout
