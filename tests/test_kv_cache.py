@@ -492,3 +492,59 @@ def test_packed_cache_masks_a_sliding_window_longer_than_its_float_ring(family):
     windows = [n.kwargs.get("sliding") for n in packed.graph.nodes if n.op == "cache_attention"]
     assert windows == ([12, 12] if family == "mistral" else [12, None])
     assert packed.generate(prompts, 30, stop_tokens=()).tokens == want
+
+
+@pytest.mark.slow
+def test_a_decode_step_dequantizes_the_written_blocks_not_the_whole_cache(smollm2, packed_slice, monkeypatch):
+    """``cache_attention``'s reference (the torch backend's decode step) dequantized every slot of the packed cache
+    at every step, so a CPU decode step's cost grew with ``max_length``, not with the tokens written (SmolLM2's
+    shapes: 28 ms per layer at 2048 slots against 7 at 128, 40 tokens in). It dequantizes the key blocks up to the
+    last token a query reads quantized; the 2-layer slice over a 1024-slot cache makes the 96-slot cache's greedy
+    tokens."""
+    from conftest import smollm2_slice
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+    from lowbit.ir import kvcache
+
+    tok = smollm2[1]
+    long = compile_model(smollm2_slice(smollm2[0], 2).model, tokenizer=tok, pipeline="kv-cache(bits=4)",
+                         generation=GenerationSpec(max_length=1024, max_batch=2))
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    want = packed_slice[1].generate(prompts, NEW, stop_tokens=()).tokens
+    read: list[int] = []
+    dequantize = kvcache.dequantize_keys
+    monkeypatch.setattr(kvcache, "dequantize_keys", lambda codes, *a: read.append(codes.shape[2]) or dequantize(
+        codes, *a))
+    assert long.generate(prompts, NEW, stop_tokens=()).tokens == want
+    last = max(len(p) for p in prompts) + NEW - 2  # the last decode step's position
+    assert read and max(read) == -(-(last - 32 + 1) // 32) * 32, sorted(set(read))  # window 32, k_block 32
+
+
+@pytest.mark.parametrize("bits,kb,vg,window,sink", CASES)
+def test_cache_attention_over_the_written_blocks_equals_it_over_every_slot(bits, kb, vg, window, sink, monkeypatch):
+    """The decode steps' answers over the written blocks only (the last step of 100 tokens reads 96 slots or fewer)
+    are those over every slot of a 256-slot cache (what the reference computed before), to fp32 rounding."""
+    from lowbit.ir import kvcache
+
+    q, k, v = _random_sequence(2)
+    kw = dict(bits=bits, k_block=kb, v_group=vg, window=window, sink=sink)
+    read: list[int] = []
+    dequantize = kvcache.dequantize_values
+    monkeypatch.setattr(kvcache, "dequantize_values", lambda codes, *a: read.append(codes.shape[2]) or dequantize(
+        codes, *a))
+    runs = []
+    for every in (False, True):
+        if every:
+            assert max(read) == -(-(k.shape[2] - window) // kb) * kb <= 96, sorted(set(read))
+        if every:
+            monkeypatch.setattr(kvcache, "_quantized_extent", lambda positions, slots, **_: slots)
+        cache = kv.empty_cache(kv.cache_layout(2, 2, 256, 16, **kw))
+        outs = []
+        for t in range(k.shape[2]):
+            out = kv.cache_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                     torch.full((2, 1), t), *cache, **kw)
+            outs.append(out[0])
+            cache = list(out[1:])
+        runs.append(torch.cat(outs, 2))
+    assert torch.allclose(runs[0], runs[1], rtol=0, atol=1e-6)
