@@ -161,15 +161,16 @@ class GenerationError(LowbitError, ValueError):
 
 
 _STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Ministral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, "
-                       "OLMo 2, OLMo 3, Seed-OSS, GPT-NeoX, StableLM, StarCoder2, Gemma, Gemma 2, Gemma 3 (decoder "
-                       "layers of separate or fused q/k/v projections and an mlp)")
+                       "OLMo 2, OLMo 3, EXAONE 4, Seed-OSS, GPT-NeoX, StableLM, StarCoder2, Gemma, Gemma 2, Gemma 3 "
+                       "(decoder layers of separate or fused q/k/v projections and an mlp)")
 
 STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
                               "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi", "smollm3",
-                              "ministral", "olmo3", "seed_oss"})
+                              "ministral", "olmo3", "seed_oss", "exaone4"})
 """``config.model_type``s whose step is checked token for token against transformers' ``generate``
 (``tests/test_architectures.py``'s generate column, and ``test_generate_matches_transformers_beyond_the_matrix``
-for OLMo, StarCoder2, Phi, SmolLM3 and Ministral, ``test_olmo3_and_seed_oss_generate_as_transformers_forward``;
+for OLMo, StarCoder2, Phi, SmolLM3 and Ministral, ``test_olmo3_and_seed_oss_generate_as_transformers_forward``,
+``test_exaone4_generates_as_transformers_forward_with_either_cache``;
 SmolLM2 is ``llama``). Another type is refused, not stepped on a
 guess: ``StepLayout`` reads module names, and a family can differ in what no module name shows (an interleaved
 rotary, an extra scale), which would make wrong tokens without an error."""
@@ -305,6 +306,8 @@ class CausalLMStep(nn.Module):
         self.windows = [self._window(config, _first_attr(layer, _ATTENTION), t)
                         for layer, t in zip(layers, self.layer_types)]
         """Per layer: the sliding window (a query at p reads slots p - window + 1 .. p), or None."""
+        self.rotated = [self._rotated(config, _first_attr(layer, _ATTENTION)) for layer in layers]
+        """Per layer: whether its queries and keys take the rotary (False: a NoPE layer)."""
         # the rotary module takes the layer type where layer types have their own frequencies (Gemma 3)
         self.typed_rotary = "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
         self.rope_switch = _rope_switch(model)
@@ -314,11 +317,22 @@ class CausalLMStep(nn.Module):
 
     @staticmethod
     def _window(config: Any, attn: nn.Module, layer_type: str | None) -> int | None:
+        if hasattr(attn, "is_sliding"):  # EXAONE 4 keeps the window on its full layers' modules too
+            return (attn.sliding_window or None) if attn.is_sliding else None
         if hasattr(attn, "sliding_window"):  # Qwen2/3, Gemma: set per layer type
             return attn.sliding_window or None
         if layer_type is not None:
             return config.sliding_window if layer_type == "sliding_attention" else None
         return getattr(config, "sliding_window", None) or None  # Mistral: every layer
+
+    @staticmethod
+    def _rotated(config: Any, attn: nn.Module) -> bool:
+        """SmolLM3's NoPE layers (``use_rope``, from no_rope_layers) and EXAONE 4's full layers in a model with
+        sliding ones ("global NoPE": its attention rotates only where ``sliding_window is None or is_sliding``, which
+        no module name shows) take no rotary."""
+        if getattr(config, "model_type", None) == "exaone4":
+            return attn.sliding_window is None or bool(attn.is_sliding)
+        return bool(getattr(attn, "use_rope", True))
 
     def cache_shape(self, batch: int, slots: int) -> tuple[int, int, int, int]:
         return (batch, self.kv_heads, slots, self.head_dim)
@@ -388,7 +402,7 @@ class CausalLMStep(nn.Module):
             attn = _first_attr(layer, _ATTENTION)
             x = hidden if lay.residual == "post" else layer.input_layernorm(hidden)
             q, k, v = self._qkv(attn, x)
-            if getattr(attn, "use_rope", True):  # SmolLM3's NoPE layers (no_rope_layers) take no rotary
+            if self.rotated[i]:
                 cos, sin = rotary[self.layer_types[i]]
                 q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
             keys = cache[2 * i].scatter(2, index, k.to(cache[2 * i].dtype))

@@ -672,12 +672,8 @@ def test_olmo3_and_seed_oss_generate_as_transformers_forward(family):
     """OLMo 3 (OLMo 2's post-norms and q/k norms, sliding layers by ``layer_types`` with their own rotary) and
     Seed-OSS (Llama with biased q/k/v and o projections) were refused by model_type although the step runs them as
     transformers does; their greedy tokens of a two-prompt batch, 12 each (past OLMo 3's 4-token window, over a full
-    layer too), equal the model's forward over the whole sequence without a cache. Exaone 4 stays refused: its
-    attention modules carry the window on full layers too, and its full layers take no rotary (NoPE)."""
+    layer too), equal the model's forward over the whole sequence without a cache (EXAONE 4: its own test)."""
     import transformers as t
-
-    from lowbit.generate import GenerationSpec
-    from lowbit.models import GenerationError
 
     cfg = {"olmo3": lambda: t.Olmo3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                           num_key_value_heads=4, sliding_window=4, **{**DEC, "num_hidden_layers": 4}),
@@ -688,8 +684,27 @@ def test_olmo3_and_seed_oss_generate_as_transformers_forward(family):
         assert cm.graph.meta["generation"]["windows"] == [4, 4, 4, None]
     prompts = [tok(p).input_ids for p in GEN_PROMPTS]
     _assert_greedy_as_uncached_forward(hf, prompts, cm.generate(prompts, 12, stop_tokens=()).tokens, 12, family)
-    exaone = t.AutoModelForCausalLM.from_config(t.Exaone4Config(
-        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        sliding_window=4, **DEC)).eval()
-    with pytest.raises(GenerationError, match=r"model_type 'exaone4'.*refused"):
-        lowbit.compile_model(exaone, generation=GenerationSpec(max_length=32, max_batch=2))
+
+
+def test_exaone4_generates_as_transformers_forward_with_either_cache():
+    """EXAONE 4 was refused by model_type: its attention modules carry the sliding window on full layers too (the
+    step read a window on every layer), and in a model with sliding layers its full layers take no rotary ("global
+    NoPE", in its attention's code, no module name). The step reads the window from ``is_sliding`` and leaves the
+    rotary off those layers: a two-prompt batch's 12 greedy tokens (past the 4-token window, through the full
+    layer) equal the model's forward over the whole sequence, with the float cache and with the packed int8 cache
+    (``kv-cache``, whose cache_attention masks the same windows)."""
+    import transformers as t
+
+    from lowbit.generate import GenerationSpec
+
+    cfg = t.Exaone4Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, sliding_window=4, sliding_window_pattern=4, **{**DEC, "num_hidden_layers": 4})
+    hf, tok, cm = _sharp_step_model(cfg)
+    assert cm.graph.meta["generation"]["windows"] == [4, 4, 4, None]
+    prompts = [tok(p).input_ids for p in GEN_PROMPTS]
+    _assert_greedy_as_uncached_forward(hf, prompts, cm.generate(prompts, 12, stop_tokens=()).tokens, 12, "exaone4")
+    packed = lowbit.compile_model(hf, tokenizer=tok, pipeline="kv-cache(bits=8,k_block=4,window=4,v_group=16)",
+                                  generation=GenerationSpec(max_length=32, max_batch=2))
+    assert [n.kwargs.get("sliding") for n in packed.graph.nodes if n.op == "cache_attention"] == [4, 4, 4, None]
+    _assert_greedy_as_uncached_forward(hf, prompts, packed.generate(prompts, 12, stop_tokens=()).tokens, 12,
+                                       "exaone4 kv-cache(bits=8)")
