@@ -272,10 +272,10 @@ def _quantized_extent(positions: torch.Tensor, slots: int, *, window: int, k_blo
     """Cache slots ``cache_attention`` dequantizes: the whole key blocks up to the last token any query reads
     quantized (``t - window`` for the latest position t), at least one. Why: dequantizing every slot made a CPU
     decode step's cost grow with ``max_length``, not with the tokens written (28 ms per SmolLM2 layer at 2048 slots,
-    7 at 128, 40 tokens in). The slots past it are masked, so the answer is the same. All of them while a CUDA graph
-    is captured or ``torch.compile`` traces (reading the positions is a host sync; the graph is replayed at other
-    positions)."""
-    if torch.compiler.is_compiling() or (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
+    7 at 128, 40 tokens in). The slots past it are masked, so the answer is the same. All of them on a GPU (reading
+    the positions there is a host sync per layer and step, and a CUDA graph is replayed at other positions) and
+    while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling() or positions.device.type != "cpu":
         return slots
     last = int(positions.max()) - window  # the latest quantized token read
     return min(slots, max(k_block, (last // k_block + 1) * k_block))
