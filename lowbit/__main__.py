@@ -125,6 +125,16 @@ def run(args: argparse.Namespace, recipe: str | None, pipeline: str | None, pass
     return 0
 
 
+def cli_commands() -> set[str]:
+    """The ``lowbit`` CLI's command names (``compile``, ``debug``, ...): ``python -m lowbit NAME ...`` runs that
+    command, as ``lowbit NAME ...`` does; the main job's own arguments are all options."""
+    import typer
+
+    from lowbit.cli.main import app
+
+    return set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> int:
     """The error boundary: lowbit's deliberate errors print one line and exit with their documented code; only
     a bug (any other exception) exits 1 with its traceback."""
@@ -135,6 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     from lowbit.errors import CorruptFileError, LowbitError, UntrustedInputError
     from lowbit.passes.base import PassError, PassFileError
 
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in cli_commands():
+        # `python -m lowbit compile ...` is what a user of `python -m pip` types for the CLI: it was "unrecognized
+        # arguments: compile ..." from the main job's parser
+        from lowbit.cli.main import app
+
+        try:
+            app(args=list(words), prog_name="lowbit")  # the console script's own error handling and exit codes
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        return int(Exit.OK)
     show_warnings_as_lines()  # as the lowbit command: one 'warning: ...' line each
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -227,3 +227,22 @@ def test_perplexity_refuses_a_json_text_as_calibration_does(tmp_path, monkeypatc
         perplexity(logits, data, seq_len=16, max_windows=2, progress=False)
     monkeypatch.setattr("lowbit.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["--text", str(data), "--pipeline", "dce"]) == int(Exit.NOT_FOUND)
+
+
+def test_python_m_lowbit_with_a_cli_command_runs_that_command(capsys):
+    """``python -m lowbit compile ...`` (how ``python -m pip`` users reach a tool) was the main job's "unrecognized
+    arguments: compile"; a first word that is a ``lowbit`` command runs that command with its own output and exit
+    codes (``recipes`` lists the recipes; ``compile`` without a model exits 2 as ``lowbit compile`` does), and the
+    main job keeps its options (a bad one still exits 2 from its own parser)."""
+    from lowbit.__main__ import cli_commands, main
+    from lowbit.recipes import RECIPES
+
+    assert {"compile", "generate", "debug", "recipes", "inspect"} <= cli_commands()
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in RECIPES)
+    assert main(["compile"]) == 2
+    assert "Missing argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--no-such-option"])
+    assert exc.value.code == 2
