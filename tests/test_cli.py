@@ -1884,3 +1884,27 @@ def test_debug_bisect_runs_the_pipeline_once_for_its_prefixes(tmp_path, monkeypa
     rerun = bisected("rerun")
     assert rerun["runs"] == 5 and "longer prefixes run again" in rerun["output"], rerun["runs"]
     assert rerun["probes"] == kept["probes"] and rerun["culprit_layers"] == kept["culprit_layers"]
+
+
+def test_debug_sensitivity_verifies_each_restricted_run_s_output_only(monkeypatch, tmp_path):
+    """Every restricted run verified its input, a clone of the graph the verifier had just passed, and then its
+    output: two whole-graph checks a block (~0.8 s each on the whole SmolLM2). The input is checked once; each pass's
+    output still is, and the ranking is the one a run checking everything gives."""
+    import lowbit.passes.manager as manager
+
+    checked = []
+    verify = manager.verify
+    monkeypatch.setattr(manager, "verify", lambda graph, **kw: (checked.append(len(graph.nodes)), verify(graph, **kw)))
+    out = tmp_path / "sens.json"
+    invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w4a8", "--group", "64", "-p", "fold-norms", *SMALL,
+           "-o", out, "-q")
+    # fold-norms' input and output, then each block's restricted quantize and the whole quantize: outputs only
+    assert len(checked) == 2 + 2 + 1, checked
+    ranking = json.loads(out.read_text())["ranking"]
+    original = manager.PassManager.__init__
+    monkeypatch.setattr(manager.PassManager, "__init__",
+                        lambda self, *args, verify_input=True, **kw: original(self, *args, verify_input=True, **kw))
+    checked.clear()
+    invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w4a8", "--group", "64", "-p", "fold-norms", *SMALL,
+           "-o", out, "-q")
+    assert len(checked) == 2 + 2 * 2 + 2 and json.loads(out.read_text())["ranking"] == ranking, checked

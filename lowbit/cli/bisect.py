@@ -153,11 +153,16 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
         log(f"{what:<70} {metric_label(metric)} {fmt_metric(metric, value)} {'BAD' if bad else 'ok'}")
         return bad
 
+    graph0_verified = False  # by the first run: later runs from it do not verify it again
+
     def run_prefix(k: int, instruments: list[Instrument] = ()) -> Any:
+        nonlocal graph0_verified
         g = graph0.clone()
         from lowbit.cli.pipeline import run_pipeline
 
-        run_pipeline(g, passes, limit=k, model_spec=model_spec, takes_reproducer=False, instruments=instruments)
+        run_pipeline(g, passes, limit=k, model_spec=model_spec, takes_reproducer=False, instruments=instruments,
+                     input_verified=graph0_verified)
+        graph0_verified = True
         return g
 
     note = slice_note(loaded, metric)
@@ -212,7 +217,8 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
         changed.append(f"the first {k} passes, within the threshold before, now give {metric_label(metric)} "
                        f"{fmt_metric(metric, probes[-1].metric)}")
     again = before.clone()
-    run_pipeline(again, [culprit], model_spec=model_spec, takes_reproducer=False, ran_before=passes[:k])
+    run_pipeline(again, [culprit], model_spec=model_spec, takes_reproducer=False, ran_before=passes[:k],
+                 input_verified=True)  # a clone of the IR run_prefix verified
     if not changed and not record(f"#{k} {culprit.name} again, on that IR", evaluate(again)):
         changed.append(f"the first {k + 1} passes, past the threshold before, now give {metric_label(metric)} "
                        f"{fmt_metric(metric, probes[-1].metric)}")
@@ -243,7 +249,7 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
                 from lowbit.cli.pipeline import run_pipeline
 
                 run_pipeline(g, [restrict(culprit, chosen, units)], model_spec=model_spec, takes_reproducer=False,
-                             ran_before=passes[:k])
+                             ran_before=passes[:k], input_verified=True)
                 seen[key] = evaluate(g)
                 label = ",".join(u.name.rsplit(".", 1)[-1] for u in chosen)
                 return record(f"{culprit.name} on blocks [{label}]", seen[key])

@@ -30,13 +30,16 @@ __all__ = ["run_pipeline"]
 def run_pipeline(graph: Any, passes: list[Any], *, instruments: list[Any] = (), verify_each: bool = True,
                  measure_memory: bool = False, reproducer: Path | None = None, model_spec: str = "",
                  limit: int | None = None, takes_reproducer: bool = True,
-                 ran_before: list[Any] = ()) -> PipelineReport:
+                 ran_before: list[Any] = (), input_verified: bool = False) -> PipelineReport:
     """Run a PassManager; a failing pass exits 4 after saving a reproducer when asked. ``takes_reproducer``:
     whether the command running it has ``--reproducer`` (``debug bisect`` and ``sensitivity`` do not: their hint
-    is the ``compile`` command that saves one, with the passes ``ran_before`` on this graph in front)."""
+    is the ``compile`` command that saves one, with the passes ``ran_before`` on this graph in front).
+    ``input_verified``: ``graph`` is a clone of one the verifier passed, so it is not verified again before the
+    passes (each pass's output still is)."""
     original = graph.clone() if reproducer is not None else None
     pm = PassManager(passes, verify_each=verify_each, instruments=list(instruments), limit=limit,
-                     measure_memory=measure_memory, keep_before_failure=reproducer is not None)
+                     measure_memory=measure_memory, keep_before_failure=reproducer is not None,
+                     verify_input=not input_verified)
     try:
         return pm.run(graph)
     except PipelineError as exc:
