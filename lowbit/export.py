@@ -183,8 +183,10 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
     if path.is_dir():  # was "no TensorRT engine file at DIR" (any name not ending .onnx went to TensorRT)
         from lowbit.backends.onnx import OnnxFileError
 
-        inside = f" ({path / 'model.onnx'} is the ONNX file in it)" if (path / "model.onnx").is_file() else \
-            f" ({path / 'model.engine'} is the TensorRT engine in it)" if (path / "model.engine").is_file() else ""
+        files = [f"{path / name} is the {what} in it" for name, what in (("model.engine", "TensorRT engine"),
+                                                                         ("model.onnx", "ONNX file"))
+                 if (path / name).is_file()]
+        inside = f" ({', '.join(files)})" if files else ""
         raise OnnxFileError(f"{path} is a directory: lowbit.export.load reads one exported file (.onnx or a TensorRT "
                             f"engine); lowbit.load reads a lowbit.save or `lowbit compile -o` directory{inside}")
     if path.suffix.lower() == ".onnx" or looks_like_onnx(path):

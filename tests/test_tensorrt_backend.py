@@ -944,3 +944,46 @@ def test_the_int4_block_fix_names_only_groups_that_divide_the_linears(hidden, fi
     if hidden == 192:  # the fix it names builds: group=64 everywhere
         ok = lowbit.compile_model(model(), pipeline="quantize(w=int4,group=64)").graph
         assert not errors(check_tensorrt_qdq(to_onnx(ok, opset=21, weight_format="qdq", attention="decompose")))
+
+
+def test_compile_to_a_directory_with_tensorrt_keeps_the_onnx_the_engine_was_built_from(tensorrt_here, monkeypatch,
+                                                                                      tmp_path):
+    """``lowbit compile -b tensorrt -o OUT`` wrote model.engine alone: an engine runs only on the TensorRT version and
+    GPU that built it ("Engines are tied to the TensorRT version: rebuild it"), and OUT held nothing to rebuild it
+    from. OUT/model.onnx is the Q/DQ-checked ONNX the engine was built from: TensorRT's rules hold on it, its default
+    profile is the engine's, and ONNX Runtime runs it as the compiled graph computes."""
+    import types
+
+    from typer.testing import CliRunner
+
+    import lowbit
+    import lowbit.backends.tensorrt as trt_backend
+    from conftest import tiny_llama
+    from lowbit.backends.tensorrt import check_tensorrt_qdq, errors
+    from lowbit.calibration.data import load_tokenizer
+    from lowbit.cli.main import app
+    from lowbit.export import load
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(trt_backend, "build_engine", _profiling_build)
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", _FakeRunner)
+    torch.manual_seed(0)
+    # not "tiny": the in-process CLI caches models by path, and pytest hands the last test's removed tmp_path out again
+    model_dir = tmp_path / "tiny-128"
+    tiny_llama(hidden=128, inter=256, heads=4, kv_heads=2, vocab=49152, max_positions=64).save_pretrained(model_dir)
+    load_tokenizer("smollm2").save_pretrained(model_dir)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["compile", str(model_dir), "-b", "tensorrt", "-p", "quantize(w=int4,group=64)",
+                                      "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.engine").is_file() and (out / "model.onnx").is_file()
+    assert not errors(check_tensorrt_qdq(out / "model.onnx"))
+    from lowbit.backends.onnx import load_onnx
+
+    header = read_engine(out / "model.engine")[1]
+    assert header.profile == {k: [list(s) for s in v] for k, v in profile_from_symbols(
+        load_onnx(out / "model.onnx", check=False)).items()}
+    ids = torch.randint(0, 49152, (1, 9))
+    torch.testing.assert_close(load(out / "model.onnx")(ids), lowbit.load(out)(ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="model.engine is the TensorRT engine in it, .*model.onnx is the ONNX file"):
+        load(out)

@@ -595,6 +595,9 @@ def _write_compile_output(out: Path, graph: Any, report: Any, runner: Any, backe
             _export_onnx(runner, graph, report, tmp / "model.onnx", onnx_options)
         if backend == "tensorrt":  # the engine the compile built (minutes of TensorRT's tactic search) was dropped
             runner.save(tmp / "model.engine")
+            # and the checked QDQ ONNX it was built from: an engine runs only on its TensorRT version and GPU, and OUT
+            # held nothing to rebuild it from on another (trtexec --onnx, or lowbit.backends.tensorrt.build_engine)
+            _export_onnx(runner, graph, report, tmp / "model.onnx")
         data["files"] = sorted([p.name for p in tmp.iterdir()] + ["report.json", MANIFEST])
         (tmp / "report.json").write_text(jsonio.dumps(data, indent=2, default=str) + "\n")
         write_manifest(tmp, fmt, {"lowbit": info})
