@@ -987,3 +987,19 @@ def test_compile_to_a_directory_with_tensorrt_keeps_the_onnx_the_engine_was_buil
     torch.testing.assert_close(load(out / "model.onnx")(ids), lowbit.load(out)(ids), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="model.engine is the TensorRT engine in it, .*model.onnx is the ONNX file"):
         load(out)
+
+
+def test_compile_help_says_what_out_holds_for_each_runtime_backend():
+    """``lowbit compile --help`` said -o holds "model.lowbit, params.safetensors, report.json": not the model.onnx that
+    -b onnxruntime writes, nor -b tensorrt's model.engine (and the ONNX it was built from), the files a deployment
+    engineer runs. It names them, and --backend-option gives a TensorRT option beside torch's."""
+    from typer.main import get_command
+
+    from lowbit.cli.main import app
+
+    params = get_command(app).commands["compile"].params  # type: ignore[attr-defined]
+    out, option = (" ".join(next(p.help for p in params if flag in p.opts).split())
+                   for flag in ("--out", "--backend-option"))
+    assert "model.onnx with -b onnxruntime" in out and "model.engine and the model.onnx it was built from with -b " \
+        "tensorrt" in out
+    assert "max_batch=16 on tensorrt" in option

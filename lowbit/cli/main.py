@@ -356,9 +356,12 @@ def compile_cmd(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     backend: str = typer.Option("torch", "--backend", "-b", help="torch, onnxruntime, tensorrt or triton"),
     backend_option: list[str] = typer.Option([], "--backend-option", help="KEY=VALUE option of the backend "
-                                             "(repeatable), e.g. keep_packed=true on torch"),
+                                             "(repeatable), e.g. keep_packed=true on torch, max_batch=16 on "
+                                             "tensorrt (`lowbit inspect OUT/model.onnx` shows the profile)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (model.lowbit, "
-                                       "params.safetensors, report.json); replaced only when the run succeeds"),
+                                       "params.safetensors, report.json; model.onnx with -b onnxruntime, model.engine "
+                                       "and the model.onnx it was built from with -b tensorrt); replaced only when the "
+                                       "run succeeds"),
     fmt: str = typer.Option("lowbit", "--format", "-f", help="what -o holds: lowbit (IR text + safetensors), "
                             "compressed-tensors (an HF directory vLLM/SGLang/transformers load), gptq (HF GPTQ "
                             "layout) or hf (a float model, e.g. pruned, as plain transformers weights); each with "
