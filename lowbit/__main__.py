@@ -89,7 +89,7 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
 def run(args: argparse.Namespace, recipe: str | None, pipeline: str | None, passes: list[Any]) -> int:
     """Load, score the float model, compile, score the compiled one (arguments already validated)."""
     import lowbit
-    from lowbit.cli.common import Exit, fail, load
+    from lowbit.cli.common import Exit, fail, load, text_tokenizer
     from lowbit.eval import perplexity
     from lowbit.eval.perplexity import token_ids, windows
 
@@ -99,6 +99,7 @@ def run(args: argparse.Namespace, recipe: str | None, pipeline: str | None, pass
         fail(f"--model {args.model}: an encoder; perplexity needs a causal LM (smollm2, an HF *ForCausalLM "
              f"directory, a .gguf). Measure an encoder with `lowbit debug compare {args.model} --pipeline ...` "
              "(1 - embedding cosine)", Exit.USAGE)
+    tokenizer = text_tokenizer(loaded, "perplexity is measured on text")
     config = getattr(getattr(model, "model", model), "config", None)
     longest = getattr(config, "max_position_embeddings", None)
     if isinstance(longest, int) and args.seq_len > longest:  # the compiled graph is captured for at most that many

@@ -637,19 +637,35 @@ def _directory_tokenizer(directory: Path, **kwargs: Any) -> PreTrainedTokenizerB
     return from_pretrained(AutoTokenizer, directory, **kwargs)
 
 
+def has_tokenizer_files(directory: Path) -> bool:
+    """Whether ``directory`` holds any of a tokenizer's files (``TOKENIZER_FILES``)."""
+    return any((directory / f).is_file() for f in TOKENIZER_FILES)
+
+
+def missing_tokenizer(directory: str | os.PathLike[str], why: str = "lowbit reads text through the model's "
+                      "tokenizer") -> MissingTokenizerError:
+    """The error for a model directory without tokenizer files, naming the files a tokenizer has and ``why`` one is
+    needed."""
+    return MissingTokenizerError(f"{str(directory)!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): "
+                                 f"{why}; save it there (tokenizer.save_pretrained(directory))")
+
+
 def _check_tokenizer_files(directory: Path) -> None:
     """A ``MissingTokenizerError`` naming the files a tokenizer has, where ``directory`` holds none of them: it was a
     CorruptFileError, 'cannot be loaded by transformers', for a model transformers loads fine."""
-    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
-        raise MissingTokenizerError(f"{str(directory)!r} has no tokenizer files (none of "
-                                    f"{', '.join(TOKENIZER_FILES)}): lowbit reads text through the model's tokenizer; "
-                                    "save it there (tokenizer.save_pretrained(directory))")
+    if not has_tokenizer_files(directory):
+        raise missing_tokenizer(directory)
 
 
-def _load_causal_lm(directory: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    _check_tokenizer_files(directory)  # before the weights are read, not after
+def _load_causal_lm(directory: Path, dtype: torch.dtype,
+                    tokenizer_required: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """The model and its tokenizer; without ``tokenizer_required``, a directory with no tokenizer files gives None
+    (a causal LM compiles and quantizes on token ids: ``model.save_pretrained`` alone was refused by compile)."""
+    if tokenizer_required or has_tokenizer_files(directory):
+        _check_tokenizer_files(directory)  # before the weights are read, not after
+        tokenizer_required = True
     model = from_pretrained(AutoModelForCausalLM, directory, dtype=dtype)
-    return model.eval(), _directory_tokenizer(directory)
+    return model.eval(), _directory_tokenizer(directory) if tokenizer_required else None
 
 
 def _load_cached_causal_lm(gguf: Path, cache_name: str,
@@ -872,7 +888,7 @@ def float32_copy(name_or_path: str | os.PathLike[str]) -> tuple[torch.dtype, int
 
 def load_model(
     name_or_path: str | os.PathLike[str], dtype: torch.dtype | Literal["auto"] = torch.float32
-) -> tuple[nn.Module, PreTrainedTokenizerBase, ModelKind]:
+) -> tuple[nn.Module, PreTrainedTokenizerBase | None, ModelKind]:
     """Load a model by name or path as the module lowbit compiles, its tokenizer, and its kind.
 
     The module is a `CausalLMLogits` (kind "causal-lm": ids -> logits) or a `SentenceEmbedder`
@@ -881,6 +897,9 @@ def load_model(
     is that model cut to its first N blocks, as the CLI reads it. ``dtype="auto"`` loads an HF directory in the dtype
     its weights are stored in (``checkpoint_dtype``: no copy of the weights is made, so a model larger than RAM can
     be compiled and saved) and the packaged models and GGUF files in float32.
+    A causal-LM directory without tokenizer files (``model.save_pretrained`` alone) loads with tokenizer None: it
+    compiles and quantizes on token ids, and what reads text (calibration text, prompts) says the files are missing.
+    An encoder's capture builds its example inputs with the tokenizer, so there none is a ``MissingTokenizerError``.
     """
     name = str(name_or_path)
     m = SLICE.match(name)
@@ -913,7 +932,7 @@ def load_model(
             _refuse_other_sentence_pipeline(path, name)
         try:
             if _is_causal_lm(path):
-                model, tokenizer = _load_causal_lm(path, dtype)
+                model, tokenizer = _load_causal_lm(path, dtype, tokenizer_required=False)
                 return CausalLMLogits(model).eval(), tokenizer, "causal-lm"
             embedder, tokenizer = _load_encoder(path)
         except LowbitError:

@@ -167,6 +167,16 @@ class LoadedModel:
     n_layers: int | None = None
 
 
+def text_tokenizer(model: LoadedModel, why: str) -> Any:
+    """The model's tokenizer where a command reads text; a causal-LM directory saved without one (it compiles on
+    token ids) exits 3 naming the files and ``why`` (generate's prompts, an evaluation's text)."""
+    if model.tokenizer is None:
+        from lowbit.models import missing_tokenizer
+
+        fail(str(missing_tokenizer(model.spec, why)), Exit.NOT_FOUND)
+    return model.tokenizer
+
+
 def limit_heap_retention(threshold: int = 1 << 20) -> bool:
     """Have glibc map every allocation over ``threshold`` bytes on its own, so freeing it returns it to the system.
 
@@ -292,9 +302,20 @@ def check_calibration(passes: list[Any], model: LoadedModel) -> None:
     capture and any float run (``compile`` and each ``debug`` command; the debug commands found it only when the pass
     ran, after the float reference). Exit 3 for an unreadable file, 2 for a text too short or windows too long."""
     from lowbit.api import model_positions
-    from lowbit.passes.base import PassError, PassFileError
+    from lowbit.passes.base import CalibrationOptions, PassError, PassFileError
     from lowbit.passes.manager import check_calibration_texts
 
+    if model.tokenizer is None:  # a causal-LM directory saved without one: its text failed after the capture
+        from lowbit.calibration.data import SMOLLM2_VOCAB
+
+        config = getattr(getattr(model.module, "model", None), "config", None)
+        for p in passes:
+            o = p.options
+            if isinstance(o, CalibrationOptions) and o.reads_calibration() and o.tokenizer is None and \
+                    isinstance(o.calib, str) and not o.calib.endswith(".safetensors") and \
+                    getattr(config, "vocab_size", None) != SMOLLM2_VOCAB:  # SmolLM2's is the default tokenizer
+                text_tokenizer(model, f"pass {p.name} calibrates on the text {o.calib!r} (or give the pass token ids, "
+                                      "calib=IDS.safetensors, or tokenizer=DIR)")
     try:
         check_calibration_texts(passes, model.tokenizer, positions=model_positions(model.module),
                                 max_seq_length=getattr(model.module, "max_seq_length", None))

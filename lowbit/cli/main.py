@@ -51,6 +51,7 @@ from lowbit.cli.common import (
     quiet_progress,
     recipes_module,
     show_warnings_as_lines,
+    text_tokenizer,
 )
 from lowbit.cli.pipeline import run_pipeline
 from lowbit.errors import counted
@@ -879,7 +880,7 @@ def generate_cmd(
                 f"a {loaded.kind} model"
             fail(f"model {model!r} is {what} with no causal-LM head: `lowbit generate` needs a decoder LM "
                  "(smollm2, an HF *ForCausalLM directory, a .gguf)", Exit.USAGE)
-        tok = loaded.tokenizer
+        tok = text_tokenizer(loaded, "`lowbit generate` reads its prompts and writes its tokens as text")
         if backend == "triton" and dtype in (None, "float32"):  # it ran, every op on the reference, without a word
             err_console.print("note: the triton backend's kernels take bfloat16/float16 activations; this float32 "
                               "model runs every op on its reference path: add --dtype bfloat16", markup=False,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lowbit.cli.common import Exit, LoadedModel, fail
+from lowbit.cli.common import Exit, LoadedModel, fail, text_tokenizer
 from lowbit.eval.perplexity import nll_sum, ppl_of
 from lowbit.instruments import compare_outputs
 from lowbit.ir.graph import Graph, Value, blocks
@@ -72,7 +72,8 @@ def make_inputs(model: LoadedModel, *, windows: int = 4, seq_len: int = 128, n_s
                      Exit.USAGE)
 
         try:
-            ids = cut(token_ids("wikitext2-test", model.tokenizer), seq_len, windows)
+            ids = cut(token_ids("wikitext2-test", text_tokenizer(model, "the debug commands evaluate on WikiText-2 "
+                                                                        "text")), seq_len, windows)
         except (FileNotFoundError, ValueError) as exc:
             fail(f"evaluation text: {exc}", Exit.NOT_FOUND if isinstance(exc, FileNotFoundError) else Exit.USAGE)
         if isinstance(vocab, int) and ids.numel() and int(ids.max()) >= vocab:  # an InputError traceback in the run
