@@ -2056,3 +2056,35 @@ def test_prune_heads_passes_opts_scaled_queries_and_equals_masked_dense(tmp_path
     hf = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path / "hf", format="hf"), dtype=torch.float64).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)
+
+
+def test_prune_heads_on_gpt_j_passes_its_interleaved_rotary_and_equals_masked_dense(tmp_path):
+    """GPT-J's rotary is written out in ATen (``x·cos + rotate_every_two(x)·sin`` on the first rotary_dim channels of
+    each head, rotate_every_two a stack and flatten): prune-heads refused GPT-J ('%add_4 = add ... is not a per-head
+    op the walk knows'). The walk passes elementwise ops whose other operands are the same for every head, and the
+    stack/flatten pair: the pruned model equals the HF model with the removed heads' q/k/v rows and out_proj columns
+    zeroed (float64), and its HF save (zero heads: GPT-J derives head_dim) runs in transformers to the same logits."""
+    import transformers as tf
+    from conftest import tiny_outside_family
+
+    from lowbit.api import compile_model
+    from lowbit.checkpoint import save
+
+    model = tiny_outside_family("gptj", 2).double()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    c = compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
+    stats = c.report.pipeline.records[0].stats
+    assert stats["heads"] == {f"transformer.h.{i}": [2, 2] for i in range(2)} and stats["skipped"] == []
+    for i in range(2):
+        attn = f"transformer.h.{i}.attn."
+        new = c.graph.params[attn + "q_proj.weight"].data
+        kept = _kept(dense[attn + "q_proj.weight"].reshape(4, -1), new.reshape(2, -1))
+        rows = [h * 16 + j for h in set(range(4)) - set(kept.tolist()) for j in range(16)]
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            dense[attn + proj + ".weight"][rows] = 0
+        dense[attn + "out_proj.weight"][:, rows] = 0
+    ids, got = _equals_masked_dense(model, dense, c)
+    hf = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path / "hf", format="hf"), dtype=torch.float64).eval()
+    assert hf.config.n_head == 4
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)

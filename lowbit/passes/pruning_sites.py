@@ -272,6 +272,12 @@ def _walk_to_linear(v: Value, writes: list[Node] | None = None, stops: list[Node
             found = {id(m): m for m in (_walk_to_linear(p, None, stops) for p in n.args[0])}
             if len(found) == 1 and None not in found:
                 return next(iter(found.values()))
+        elif (parts := _per_head_operands(n) or _interleaved_pairs(n)) is not None:
+            # a rotary written out (GPT-J's interleaved one): x·cos + rotate_every_two(x)·sin on one linear's heads
+            found = {id(m): m for m in (_walk_to_linear(p, None, stops) for p in parts[0])}
+            lin = next(iter(found.values())) if len(found) == 1 and None not in found else None
+            if lin is not None and not any(_reaches(b, lin.output, lin.output) for b in parts[1]):
+                return lin
         elif n.op == CACHE_WRITE and writes is not None and isinstance(n.args[0], Value) and \
                 n.args[0].kind == "input" and n.args[1] in (2, -2):
             writes.append(n)
@@ -281,6 +287,51 @@ def _walk_to_linear(v: Value, writes: list[Node] | None = None, stops: list[Node
             stops.append(n)
         return None
     return None
+
+
+_HEAD_ARITHMETIC = {"add", "aten.add.Tensor", "mul", "aten.mul.Tensor", "sub", "aten.sub.Tensor", "aten.neg.default"}
+"""Elementwise ops a rotary written out in ATen applies to each head's vector (``x·cos + rotate(x)·sin``)."""
+
+
+def _per_head_operands(n: Node) -> tuple[list[Value], list[Value]] | None:
+    """(operands carrying heads, operands broadcast over them) of an elementwise op on head vectors ``[B, S, H, D]``:
+    each head's vector is combined with tables that are the same for every head (a rotary's ``cos``/``sin``, ``[1,
+    S, 1, D]``), so heads pass it one by one. None where ``n`` is not such an op."""
+    out = n.outputs[0].tensor_type if n.outputs else None
+    if n.op not in _HEAD_ARITHMETIC or out is None or out.rank != 4 or not isinstance(out.shape[2], int) or \
+            out.shape[2] < 2:
+        return None
+    heads: list[Value] = []
+    shared: list[Value] = []
+    for a in n.args:
+        if isinstance(a, (int, float)):
+            continue
+        t = a.tensor_type if isinstance(a, Value) else None
+        if t is None:
+            return None
+        if t.rank == 4 and t.shape[2] == out.shape[2]:
+            heads.append(a)
+        elif t.rank < 2 or t.shape[-2] == 1:
+            shared.append(a)
+        else:
+            return None
+    return (heads, shared) if heads else None
+
+
+def _interleaved_pairs(n: Node) -> tuple[list[Value], list[Value]] | None:
+    """(the parts, nothing) of ``flatten(stack(parts, -1), -2)`` on head vectors: GPT-J's ``rotate_every_two``
+    interleaves two halves of each head's vector, which stays within the head."""
+    if n.op != "aten.flatten.using_ints" or not isinstance(n.args[0], Value) or n.args[0].tensor_type.rank != 5:
+        return None
+    start, end = n.arg(1, "start_dim", 0), n.arg(2, "end_dim", -1)
+    st = n.args[0].producer
+    if start not in (-2, 3) or end not in (-1, 4) or st is None or st.op != "aten.stack.default" or \
+            st.arg(1, "dim", 0) not in (-1, 4):
+        return None
+    parts = list(st.args[0])
+    if not parts or not all(isinstance(p, Value) and p.tensor_type.rank == 4 for p in parts):
+        return None
+    return parts, []
 
 
 def _scalar_scaled(n: Node) -> Value | None:
