@@ -401,3 +401,29 @@ def test_a_model_whose_weights_are_on_the_meta_device_is_refused_naming_them():
     with pytest.raises(CaptureError, match=r"has \d+ parameter\(s\) or buffer\(s\) on the meta device, which hold "
                                            r"no data \(\S*embed_tokens\.weight, .*weights were never loaded"):
         lowbit.compile_model(empty, pipeline="quantize(w=int4,group=16)")
+
+
+def test_falcon_without_multi_query_captures_quantizes_and_exports(tmp_path):
+    """A Falcon without multi_query (its fused query_key_value viewed [.., heads, 3, head_dim] and unbound into q,
+    k and v) was refused at capture ('aten.unbind.int x2'). unbind runs now: the float graph equals transformers,
+    its int8 compressed-tensors checkpoint loads in transformers to the compiled logits, and the ONNX export
+    (Split + Squeeze) matches."""
+    import transformers as t
+
+    import lowbit
+    from lowbit.checkpoint.hf_check import transformers_logits
+
+    torch.manual_seed(0)
+    model = t.AutoModelForCausalLM.from_config(t.FalconConfig(
+        hidden_size=64, num_attention_heads=4, multi_query=False, num_hidden_layers=2, vocab_size=128)).eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    c = lowbit.compile_model(model, pipeline="dce")
+    assert any(n.op == "aten.unbind.int" for n in c.graph.nodes)
+    torch.testing.assert_close(c(ids), want, rtol=0, atol=1e-5)
+    lowbit.export.export(c, tmp_path / "m.onnx")
+    torch.testing.assert_close(lowbit.export.load(tmp_path / "m.onnx")(ids), want, rtol=0, atol=1e-4)
+    q = lowbit.compile_model(model, pipeline="quantize(w=int8)")
+    out = lowbit.save(q, tmp_path / "ct", format="compressed-tensors")
+    torch.testing.assert_close(transformers_logits(out, ids), q(ids), rtol=0, atol=1e-5)

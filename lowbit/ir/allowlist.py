@@ -44,6 +44,7 @@ CAPTURED: frozenset[str] = frozenset({
     # interleaved rotary (Cohere, GPT-J: repeat_interleave of cos/sin, stack of the rotated pairs), Bloom's ALiBi
     # scores (baddbmm) and its head repeat
     "aten.stack.default", "aten.repeat_interleave.self_int", "aten.baddbmm.default", "aten.repeat.default",
+    "aten.unbind.int",  # Falcon without multi_query: its fused q/k/v viewed [.., heads, 3, head_dim] and unbound
     "aten.reshape.default", "aten.rsqrt.default", "aten.scaled_dot_product_attention.default", "aten.scatter.src",
     "aten.silu.default",
     "aten.sin.default", "aten.slice.Tensor", "aten.softmax.int", "aten.split.Tensor", "aten.sub.Tensor",

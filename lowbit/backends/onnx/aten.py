@@ -442,6 +442,18 @@ def _split(ctx: LoweringContext, node: Node) -> list[ir.Value]:
     return ctx.op("Split", [ctx.v(x), ctx.shape_vector(sizes)], {"axis": b["dim"]}, num_outputs=n)
 
 
+@lowering("aten.unbind.int")
+def _unbind(ctx: LoweringContext, node: Node) -> list[ir.Value]:
+    """``x.unbind(dim)``: one output per index of ``dim`` (classic Falcon's q, k and v of a ``[.., heads, 3, D]``
+    view), as a Split into pieces of 1 and a Squeeze of each."""
+    b = bind(node)
+    x = b["self"]
+    dim = _norm_dim(b["dim"], x.tensor_type.rank)
+    n = len(node.outputs)
+    parts = ctx.op("Split", [ctx.v(x), ctx.ints([1] * n)], {"axis": dim}, num_outputs=n)
+    return [ctx.op("Squeeze", [p, ctx.axes([dim])]) for p in (parts if isinstance(parts, list) else [parts])]
+
+
 @lowering("aten.conv2d.default")
 def _conv2d(ctx: LoweringContext, node: Node) -> ir.Value:
     """2-D convolution (a ViT's patch embedding) as ONNX Conv; ``padding`` as explicit pads."""
