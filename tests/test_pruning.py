@@ -2088,3 +2088,35 @@ def test_prune_heads_on_gpt_j_passes_its_interleaved_rotary_and_equals_masked_de
     assert hf.config.n_head == 4
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)
+
+
+def test_prune_heads_on_falcon_without_multi_query_equals_masked_dense(tmp_path):
+    """A Falcon without multi_query views its query_key_value [.., heads, 3, head_dim] and unbinds q, k and v:
+    prune-heads refused it (and its capture failed on aten.unbind.int before that). A head is its 3·head_dim
+    consecutive rows, as GPT-NeoX's: the pruned model equals the HF model with those rows and the dense layer's
+    columns zeroed (float64). Its saves failed with a raw AttributeError (FalconConfig's head_dim is a property);
+    the HF save writes zero heads in Falcon's per-head layout and transformers runs it to the same logits."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+    from lowbit.checkpoint import load, save
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.FalconConfig(
+        hidden_size=64, num_attention_heads=4, multi_query=False, num_hidden_layers=2, vocab_size=128)).double().eval()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    c = compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
+    stats = c.report.pipeline.records[0].stats
+    assert stats["heads"] == {f"transformer.h.{i}": [2, 2] for i in range(2)} and stats["skipped"] == []
+    for i in range(2):
+        qkv, out = f"transformer.h.{i}.self_attention.query_key_value.weight", f"transformer.h.{i}.self_attention.dense"
+        kept = _kept(dense[qkv].reshape(4, -1), c.graph.params[qkv].data.reshape(2, -1))
+        gone = set(range(4)) - set(kept.tolist())
+        dense[qkv][[h * 48 + j for h in gone for j in range(48)]] = 0
+        dense[out + ".weight"][:, [h * 16 + j for h in gone for j in range(16)]] = 0
+    ids, got = _equals_masked_dense(model, dense, c)
+    torch.testing.assert_close(load(save(c, tmp_path / "lowbit", format="lowbit"))(ids), got, rtol=0, atol=0)
+    hf = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path / "hf", format="hf"), dtype=torch.float64).eval()
+    assert hf.config.num_attention_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)

@@ -49,7 +49,7 @@ from lowbit.checkpoint.files import (
     write_safetensors,
 )
 from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
-from lowbit.checkpoint.zero_heads import HEAD_INTERLEAVED, ZeroHeads, pad_zero_heads, zero_head_report
+from lowbit.checkpoint.zero_heads import ZeroHeads, head_interleaved, pad_zero_heads, zero_head_report
 from lowbit.ir.graph import Graph, TensorType
 from lowbit.ir.offload import map_from_disk
 from lowbit.ir.quant import QDTYPES, get_qdtype, pack_int4
@@ -245,7 +245,11 @@ def pruned_config(config: Any, pruned: dict[str, Any] | None) -> tuple[Any, dict
     if "hidden_size" in pruned:
         text.hidden_size = int(pruned["hidden_size"])
     if ("heads" in pruned or "hidden_size" in pruned) and head_dim is not None:
-        text.head_dim = int(head_dim)  # no longer hidden_size / num_attention_heads
+        try:
+            text.head_dim = int(head_dim)  # no longer hidden_size / num_attention_heads
+        except AttributeError:  # Falcon's head_dim is a property computing it (a raw AttributeError, every format)
+            if int(text.head_dim) != int(head_dim):
+                raise _derived_head_dim(config, f"its config computes head_dim as {text.head_dim}") from None
     renames: dict[str, str] = {}
     if "layers_kept" in pruned:
         kept = list(pruned["layers_kept"])
@@ -330,7 +334,7 @@ def _zero_heads(config: Any, pruned: dict[str, Any], renames: dict[str, str]) ->
     kept = list(pruned["layers_kept"]) if pruned.get("layers_kept") else None
     heads = {renames.get(b, b): (int(v[0]), int(v[1])) for b, v in pruned["heads"].items()
              if kept is None or b in kept}
-    return ZeroHeads(heads, q_heads, kv_heads, head_dim, text.model_type in HEAD_INTERLEAVED)
+    return ZeroHeads(heads, q_heads, kv_heads, head_dim, head_interleaved(text))
 
 
 def _graph_shapes(graph: Graph, keys: dict[str, tuple[int, ...]], zero: ZeroHeads,

@@ -26,12 +26,21 @@ from lowbit.checkpoint.files import CheckpointError
 from lowbit.checkpoint.graph_view import HFView, QuantWeight
 from lowbit.ir.quant import get_qdtype
 
-__all__ = ["HEAD_INTERLEAVED", "ZeroHeads", "pad_zero_heads", "zero_head_report"]
+__all__ = ["HEAD_INTERLEAVED", "ZeroHeads", "head_interleaved", "pad_zero_heads", "zero_head_report"]
 
 HEAD_INTERLEAVED = frozenset({"gpt_neox"})
 """Families whose fused q/k/v linear holds each head's q, k and v rows together (GPT-NeoX's ``query_key_value``,
 viewed ``[.., heads, 3·head_dim]``): a zero head is ``3·head_dim`` rows at its end. Another fused one is
 ``[q | k | v]`` (GPT-2's ``c_attn``), padded in each part."""
+
+
+def head_interleaved(config: Any) -> bool:
+    """Whether ``config``'s fused q/k/v holds each head's q, k and v rows together: ``HEAD_INTERLEAVED``, and a
+    Falcon without multi_query or the grouped new_decoder_architecture (``[.., heads, 3, head_dim]``; a zero head
+    appended at the end of the rows was a wrong model)."""
+    if config.model_type == "falcon":
+        return not getattr(config, "multi_query", True) and not getattr(config, "new_decoder_architecture", False)
+    return config.model_type in HEAD_INTERLEAVED
 
 
 @dataclasses.dataclass(frozen=True)

@@ -424,6 +424,15 @@ def _split_qkv_parts(att: Node, split: Node, lin: Node, out_t: TensorType
     hq, hd = int(out_t.shape[1]), int(out_t.shape[3])
     rows = int(lin.args[1].data.shape[0])
     src = split.args[0] if split.args else None
+    if split.op == "aten.unbind.int":  # Falcon without multi_query: [.., heads, 3, head_dim] unbound along the 3
+        st = src.tensor_type if isinstance(src, Value) else None
+        if st is None or st.rank != 5 or split.arg(1, "dim", 0) not in (-2, 3) or len(split.outputs) != 3 or \
+                list(st.shape[2:]) != [hq, 3, hd] or rows != 3 * hq * hd:
+            return f"not an unbind of a [.., {hq} heads, 3, {hd}] view along its dim -2 ({rows} rows)"
+        for operand, part in zip(att.args[:3], split.outputs):
+            if not _reaches(operand, part, src):
+                return f"attention operand %{operand.name} does not come from %{part.name}"
+        return (0, 0, 0), True, hq, hd  # a head's q, k and v are its 3·head_dim consecutive rows, as GPT-NeoX's
     if split.op not in ("aten.chunk.default", "aten.split.Tensor") or len(split.outputs) != 3 or \
             not isinstance(src, Value) or not _last_dim(src, split.arg(2, "dim", 0)) or rows != 3 * hq * hd:
         return f"not three equal parts of {3 * hq * hd} rows ({hq} heads of {hd}) along its last dim"
