@@ -2120,3 +2120,20 @@ def test_prune_heads_on_falcon_without_multi_query_equals_masked_dense(tmp_path)
     assert hf.config.num_attention_heads == 4
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)
+
+
+def test_prune_heads_says_a_multi_query_falcon_has_one_kv_group():
+    """Falcon's default multi-query attention (one kv head shared by every query head, q/k/v split [heads, 1, 1]) was
+    refused as 'not three equal parts of 192 rows', as if another split would do. prune-heads removes whole kv
+    groups and this layer has one: the refusal says so."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.FalconConfig(hidden_size=64, num_attention_heads=4,
+                                                                num_hidden_layers=1, vocab_size=128)).eval()
+    assert model.config.multi_query
+    with pytest.raises(PipelineError, match=r"query_key_value.*multi-query attention \(one kv head of 16 rows shared "
+                                            r"by all 4 query heads\).*the layer's only group cannot go"):
+        compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")

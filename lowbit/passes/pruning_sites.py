@@ -433,6 +433,12 @@ def _split_qkv_parts(att: Node, split: Node, lin: Node, out_t: TensorType
             if not _reaches(operand, part, src):
                 return f"attention operand %{operand.name} does not come from %{part.name}"
         return (0, 0, 0), True, hq, hd  # a head's q, k and v are its 3·head_dim consecutive rows, as GPT-NeoX's
+    sizes = split.args[1] if split.op == "aten.split_with_sizes.default" and len(split.args) > 1 else None
+    if isinstance(sizes, (list, tuple)) and list(sizes) in ([hq * hd, hd, hd], [hq, 1, 1]) and hq > 1:
+        # multi-query (Falcon's default): was "not three equal parts", as if another split would do
+        return (f"it is multi-query attention (one kv head of {hd} rows shared by all {hq} query heads), and "
+                "prune-heads removes whole kv-head groups (a kv head with the query heads reading it): the layer's "
+                "only group cannot go")
     if split.op not in ("aten.chunk.default", "aten.split.Tensor") or len(split.outputs) != 3 or \
             not isinstance(src, Value) or not _last_dim(src, split.arg(2, "dim", 0)) or rows != 3 * hq * hd:
         return f"not three equal parts of {3 * hq * hd} rows ({hq} heads of {hd}) along its last dim"
