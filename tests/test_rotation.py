@@ -1310,3 +1310,23 @@ def test_rotate_pass_summary_and_calib_n_name_the_learned_kinds():
     assert all(word in summary for word in ("Hadamard", "random", "KurTail", "SpinQuant")), summary
     calib_n = option_docs(RotateOptions)["calib_n"]
     assert "kurtosis:" in calib_n and "learned:" in calib_n, calib_n
+
+
+def test_w4a4kv4_kurtail_recipe_learns_the_objective_measured_best_on_smollm2_streams(smollm2):
+    """The ``w4a4kv4-kurtail`` recipe learned R1 on kurtosis (moment 4) after the order-16 tail ratio had measured
+    better at that recipe's pipeline on every seed (wt2-512x40, GPTQ W4A4KV4: 2.41x/2.43x/2.55x at seeds 0/1/2
+    against kurtosis' 2.72x at seed 0, and 2.58x/2.76x at seeds 1/2 with more GPTQ text): a user of the recipe got
+    the worse rotation. On SmolLM2's real streams the recipe's rotate options now learn an R1 with a lower held-out
+    per-token int4 error than the kurtosis objective does in the same steps."""
+    from lowbit.calibration.rotation_learning import learn_kurtosis_rotation
+    from lowbit.recipes import recipe_passes
+
+    options = next(p.options for p in recipe_passes("w4a4kv4-kurtail") if p.name == "rotate")
+    assert options.kind == "kurtosis"
+    train, test = _block_streams(smollm2)
+    q0 = random_hadamard(576, 0)
+    steps = dict(steps=20, lr=3e-3, batch_tokens=1024, target=options.target)
+    recipe = learn_kurtosis_rotation(train, q0, moment=options.moment, **steps)
+    kurt = learn_kurtosis_rotation(train, q0, moment=4, **steps)
+    err_recipe, err_kurtosis = _int4_error(test, recipe.q), _int4_error(test, kurt.q)
+    assert err_recipe < 0.97 * err_kurtosis, (err_recipe, err_kurtosis)
