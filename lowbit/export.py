@@ -78,6 +78,10 @@ def export(compiled: Any, path: str | os.PathLike[str], format: str = "onnx", *,
                               "(built from ONNX that is always checked against TensorRT's Q/DQ rules): drop it, or "
                               "export format='onnx' with it")
 
+        if graph.meta.get("generation") is not None:  # checked as the ONNX file's: export_engine records it
+            from lowbit.checkpoint import GenerationMeta, validated_meta
+
+            validated_meta(GenerationMeta, graph.meta["generation"], "graph.meta['generation']")
         with _created_dirs_removed_on_failure(check_writable(path)):
             return export_engine(graph, path, **options)
     from dataclasses import fields
@@ -210,14 +214,35 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
         if "rope_switch" not in meta:
             _refuse_unrecorded_rope_switch(path)
         return GeneratingOnnx(ort, meta, _given_tokenizer(tokenizer))
-    if (options or tokenizer is not None) and path.is_file():  # were dropped without a word: an engine takes none
-        given = sorted(options) + (["tokenizer"] if tokenizer is not None else [])
+    meta = _engine_generation(path)
+    if (options or (tokenizer is not None and meta is None)) and path.is_file():  # were dropped without a word
+        given = sorted(options) + (["tokenizer"] if tokenizer is not None and meta is None else [])
         raise OptionError(f"{path} is read as a TensorRT engine (not an ONNX file), which takes no options: got "
-                          f"{', '.join(given)} (ONNX Runtime session options apply to .onnx files)")
+                          f"{', '.join(given)} (ONNX Runtime session options apply to .onnx files"
+                          f"{'' if meta is None else '; tokenizer= is for its generate()'})")
     _refuse_unreadable_as_engine(path)
     from lowbit.backends.tensorrt import TensorRTCompiled
 
-    return TensorRTCompiled.load(path)
+    engine = TensorRTCompiled.load(path)
+    # an exported step graph's engine had no generate(): the meta it needs was not recorded (the ONNX file's was)
+    return engine if meta is None else GeneratingOnnx(engine, meta, _given_tokenizer(tokenizer))
+
+
+def _engine_generation(path: Path) -> dict[str, Any] | None:
+    """The generation meta a lowbit engine file's header records (an exported step graph's), validated; None for
+    another engine, a raw plan or a file that is not there (``TensorRTCompiled.load`` says why)."""
+    from lowbit.backends.tensorrt.engine_file import EngineFileError, read_engine
+
+    try:
+        header = read_engine(path)[1]
+    except (EngineFileError, OSError):
+        return None
+    raw = header.extra.get(GENERATION_KEY) if header is not None else None
+    if raw is None:
+        return None
+    from lowbit.checkpoint import GenerationMeta, validated_meta
+
+    return validated_meta(GenerationMeta, raw, f"{path}: engine header {GENERATION_KEY!r}")
 
 
 def _given_tokenizer(tokenizer: Any) -> Any:
@@ -290,7 +315,8 @@ def _refuse_unrecorded_rope_switch(path: Path) -> None:
 
 
 class GeneratingOnnx(torch.nn.Module):
-    """An exported step graph run by ONNX Runtime, with ``generate()`` from the meta the file carries."""
+    """An exported step graph run by ONNX Runtime (or a TensorRT engine), with ``generate()`` from the meta the file
+    carries."""
 
     def __init__(self, runner: torch.nn.Module, meta: dict[str, Any], tokenizer: Any = None) -> None:
         super().__init__()

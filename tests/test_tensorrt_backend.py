@@ -1003,3 +1003,50 @@ def test_compile_help_says_what_out_holds_for_each_runtime_backend():
     assert "model.onnx with -b onnxruntime" in out and "model.engine and the model.onnx it was built from with -b " \
         "tensorrt" in out
     assert "max_batch=16 on tensorrt" in option
+
+
+class _OrtPlanRunner:
+    """Stands in for TensorRTRunner where TensorRT is absent: the "plan" is the ONNX the engine would be built from
+    (``_onnx_plan_build``), run by ONNX Runtime, so an engine file's round trip computes what the graph does."""
+
+    def __init__(self, plan: bytes, header: EngineHeader | None = None, where: str = "<memory>") -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(plan, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        outs = self.session.run(None, {n: a.numpy() for n, a in zip(self.inputs, args)})
+        return [torch.from_numpy(o) for o in outs]
+
+
+def _onnx_plan_build(path, **kw):
+    header = _profiling_build(path, **kw)[1]
+    return path.read_bytes(), header
+
+
+def test_an_exported_step_graph_engine_loads_back_with_generate(tensorrt_here, monkeypatch, tmp_path):
+    """``lowbit.export(compiled, "m.engine", format="tensorrt")`` of a ``generation=`` compile wrote an engine whose
+    header kept none of the generation meta the ONNX export records: ``lowbit.export.load`` gave a module without
+    ``generate()``, and refused ``tokenizer=``. The header records it now, and the loaded engine generates what the
+    compiled model does (the engine run by ONNX Runtime here, from the very ONNX TensorRT would build it from)."""
+    import types
+
+    import lowbit
+    import lowbit.backends.tensorrt as trt_backend
+    from conftest import tiny_llama
+    from lowbit.generate import GenerationSpec
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(trt_backend, "build_engine", _onnx_plan_build)
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", _OrtPlanRunner)
+    torch.manual_seed(0)
+    compiled = lowbit.compile_model(tiny_llama(heads=4, kv_heads=2, max_positions=64, vocab=101),
+                                    pipeline="quantize(w=int8)", generation=GenerationSpec(max_length=32, max_batch=2))
+    path = lowbit.export(compiled, tmp_path / "m.engine", format="tensorrt")
+    assert read_engine(path)[1].extra["lowbit.generation"]["max_length"] == 32
+    loaded = lowbit.export.load(path)
+    want = compiled.generate([[3, 4, 5], [7, 8]], 6, stop_tokens=()).tokens
+    assert loaded.generate([[3, 4, 5], [7, 8]], 6, stop_tokens=()).tokens == want
+    plain = lowbit.export(lowbit.compile_model(tiny_llama(vocab=101)), tmp_path / "p.engine", format="tensorrt")
+    assert not hasattr(lowbit.export.load(plain), "generate")

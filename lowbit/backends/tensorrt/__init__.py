@@ -108,7 +108,8 @@ def export_engine(graph: Graph, path: str | os.PathLike[str], *, onnx_dir: str |
     """Lower, check and build ``graph`` into an engine file at ``path`` (build options: ``build_engine``).
 
     ``onnx_dir``: a directory to keep the checked QDQ ONNX TensorRT builds from (``model.onnx``), instead of a
-    temporary one."""
+    temporary one. A step graph's generation meta goes into the header's ``extra`` (``lowbit.generation``), which
+    ``lowbit.export.load`` validates and reads back to give the engine ``generate()``."""
     check_build_options(build, also=("onnx_dir",))
     check_graph_options(graph, build)
     if onnx_dir is not None and not isinstance(onnx_dir, (str, os.PathLike)):  # was a TypeError from Path() later
@@ -119,6 +120,8 @@ def export_engine(graph: Graph, path: str | os.PathLike[str], *, onnx_dir: str |
         plan, header = build_engine(onnx_path, **build)
     if onnx_dir is None:
         header.source = ""  # a temporary file, gone: the header named a path that never existed for its reader
+    if graph.meta.get("generation") is not None:
+        header.extra["lowbit.generation"] = dict(graph.meta["generation"])
     return save_engine(path, plan, header)
 
 
