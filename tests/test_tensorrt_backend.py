@@ -1050,3 +1050,20 @@ def test_an_exported_step_graph_engine_loads_back_with_generate(tensorrt_here, m
     assert loaded.generate([[3, 4, 5], [7, 8]], 6, stop_tokens=()).tokens == want
     plain = lowbit.export(lowbit.compile_model(tiny_llama(vocab=101)), tmp_path / "p.engine", format="tensorrt")
     assert not hasattr(lowbit.export.load(plain), "generate")
+
+
+def test_lowbit_inspect_says_an_engine_is_a_generation_step_graph(tmp_path):
+    """An exported step graph's engine records its generation meta (max_length, max_batch, ...) in its header, but
+    ``lowbit inspect`` showed it as any engine: nothing said that it generates, or up to what length and batch."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    header = _header()
+    header.extra = {"lowbit.generation": {"max_length": 256, "max_batch": 4}}
+    write_engine(tmp_path / "step.engine", b"plan" * 10, header)
+    write_engine(tmp_path / "plain.engine", b"plan" * 10, _header())
+    shown = [" ".join(CliRunner().invoke(app, ["inspect", str(tmp_path / f)]).output.split())
+             for f in ("step.engine", "plain.engine")]
+    assert "a generation step graph (max_length 256, max_batch 4): lowbit.export.load gives it generate()" in shown[0]
+    assert "generation" not in shown[1]

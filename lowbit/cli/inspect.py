@@ -124,13 +124,24 @@ def _inspect_engine(path: Path) -> None:
                   + (f" (lowbit {header.lowbit_version})" if header.lowbit_version else "")
                   + f", {'strongly' if header.strongly_typed else 'weakly'} typed, plan {size} (SHA-256 verified), "
                   f"inputs {header.inputs}, outputs {header.outputs}"
-                  + (f", built from {header.source}" if header.source else ""), markup=False, soft_wrap=True)
+                  + (f", built from {header.source}" if header.source else "") + _engine_generation_text(header),
+                  markup=False, soft_wrap=True)
     profile = Table(title="optimization profile (the input shapes the engine accepts)")
     for col in ("input", "min", "opt", "max"):
         profile.add_column(col)
     for name, shapes in header.profile.items():
         profile.add_row(name, *("x".join(map(str, s)) for s in shapes))
     console.print(profile)
+
+
+def _engine_generation_text(header: Any) -> str:
+    """What an exported step graph's engine says of its generation limits (its header's ``lowbit.generation``):
+    the engine inspected as any other, with no word that ``lowbit.export.load`` gives it ``generate()``."""
+    meta = header.extra.get("lowbit.generation") if isinstance(header.extra, dict) else None
+    if not isinstance(meta, dict):
+        return ""
+    return (f"; a generation step graph (max_length {meta.get('max_length')}, max_batch {meta.get('max_batch')}): "
+            "lowbit.export.load gives it generate()")
 
 
 _FUSED_WEIGHT = {"qlinear": 1, "qlinear_q": 2}
