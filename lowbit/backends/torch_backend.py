@@ -25,6 +25,7 @@ from lowbit.errors import LowbitError
 from lowbit.ir.fold import drop_unused_params, fold_constants
 from lowbit.ir.fusion import unfuse_qlinear
 from lowbit.ir.graph import Graph, Value
+from lowbit.ir.kvcache import cache_attention_into
 from lowbit.ir.ops import resolve
 from lowbit.ir.signature import InputChecker, ordered_inputs
 
@@ -107,6 +108,20 @@ def _donated_writes(graph: Graph, donated: set[str]) -> set[int]:
     return writes
 
 
+def _donated_packed_caches(graph: Graph, donated: set[str]) -> set[int]:
+    """``cache_attention`` nodes (by id) whose eight packed-cache operands are donated inputs that no other node
+    reads (shape reads aside): their decode steps write into those tensors (``cache_attention_into``)."""
+    users = graph.users()
+    names = {v.name for v in graph.inputs if v.name in donated}
+    writes = set()
+    for node in graph.nodes:
+        cache = node.args[4:12] if node.op == "cache_attention" else ()
+        if len(cache) == 8 and all(isinstance(c, Value) and c.name in names and [
+                r for r in users.get(id(c), []) if r.op not in _SHAPE_ONLY] == [node] for c in cache):
+            writes.add(id(node))
+    return writes
+
+
 def lower_to_fx(graph: Graph, device: str | torch.device | None = None,
                 donated: set[str] | frozenset[str] = frozenset()) -> torch.fx.GraphModule:
     """Build a GraphModule computing ``graph``; parameters are moved to ``device`` if given.
@@ -116,6 +131,7 @@ def lower_to_fx(graph: Graph, device: str | torch.device | None = None,
     so the matching output aliases the input."""
     dev = torch.device(device) if device is not None else None
     inplace = _donated_writes(graph, set(donated))
+    packed_inplace = _donated_packed_caches(graph, set(donated)) if donated else set()
     root = torch.nn.Module()
     fxg = torch.fx.Graph()
     env: dict[int, torch.fx.Node] = {}
@@ -138,7 +154,8 @@ def lower_to_fx(graph: Graph, device: str | torch.device | None = None,
 
     for node in graph.nodes:
         try:
-            fn = _INPLACE[node.op] if id(node) in inplace else resolve(node.op)
+            fn = (_INPLACE[node.op] if id(node) in inplace else cache_attention_into if id(node) in packed_inplace
+                  else resolve(node.op))
         except KeyError as exc:
             raise LoweringError(f"node %{node.name} ({node.op}) in module {node.module!r}: {exc}") from exc
         args, kwargs = pytree.tree_map(operand, (node.args, node.kwargs))

@@ -777,7 +777,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     (it said "decode-sdpa" for MiniLM); ``float_gemv`` (with ``decode``): bf16/fp16 linears on ``float_linear``, whose
     one-row GEMV takes the same epilogue and norm/residual fusions as the weight-only ones."""
     import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.*
-    from lowbit.ir.kvcache import cache_attention
+    from lowbit.ir.kvcache import cache_attention, cache_attention_into
     from lowbit.ir.normquant import qlinear_q, rms_norm_quant
 
     report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}, "unfused": {}, "norm_quant": {},
@@ -840,10 +840,13 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             node.target = _kernel_attention_pdl if pdl else _kernel_attention
             report["attention"][node.name] = "decode-sdpa at one query row and small batches, SDPA otherwise"
             continue
-        if node.op == "call_function" and node.target is cache_attention:
+        if node.op == "call_function" and node.target in (cache_attention, cache_attention_into):
             why = plan_cache_attention(node, types)
             if why is not None:
                 report["fallback"][node.name] = f"cache-attention: {why}"
+                # the reference as before, out of place: torch.compile traces it (the torch backend's in-place
+                # decode would turn into a functionalized write and a copy of the whole cache)
+                node.target = cache_attention
                 continue
             # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape)
             node.target = _CACHE_ATTENTION
