@@ -63,7 +63,9 @@ def test_reused_runs_see_a_rewritten_weight_and_a_pruned_block():
     graph = capture_model(loaded)
     runs = ReusedRuns(inputs)
     runs.run(graph, reference=True)
-    for spec in ("fold-norms", "prune-mlp(ratio=0.5)"):
+    # magnitude scores need no calibration (the default wanda ran 32 x 512 tokens through the slice first); the
+    # pruned block's shapes change all the same
+    for spec in ("fold-norms", "prune-mlp(ratio=0.5,score=magnitude)"):
         g = _restricted(graph, spec, [1])
         out = runs.run(g)
         assert torch.equal(out, _whole(g, inputs)), spec
