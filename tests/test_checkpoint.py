@@ -1578,12 +1578,29 @@ def test_a_sliced_width_that_holds_no_head_count_names_the_pruned_heads(float_sl
         lowbit.save(graph, tmp_path / "hf", format="hf")
 
 
+def _gpt2_from_gptq(out: Path) -> torch.nn.Module:
+    """transformers' own GPT-2 built from a GPTQ directory's config, each Conv1D weight ([in, out]) the GPTQ
+    reference dequantizer's (optimum and GPTQModel are not installed here)."""
+    import transformers as t
+    from safetensors.torch import load_file
+
+    stored = load_file(str(out / "model.safetensors"))
+    state = {k: v for k, v in stored.items() if not k.endswith(("qweight", "qzeros", "scales", "g_idx"))}
+    for m in {k.rsplit(".", 1)[0] for k in stored if k.endswith(".qweight")}:
+        w = _gptq_reference_dequant(stored[f"{m}.qweight"], stored[f"{m}.qzeros"], stored[f"{m}.scales"],
+                                    stored[f"{m}.g_idx"], 4)
+        state[f"{m}.weight"] = w.t().contiguous()  # Conv1D: [in, out]
+    hf = t.GPT2LMHeadModel(t.AutoConfig.from_pretrained(out)).eval()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to wte
+    return hf
+
+
 def test_a_quantized_gpt2_saves_as_gptq_with_its_conv1d_projections(tmp_path):
     """GPT-2's projections are Conv1D (weight stored [in, out]) and every HF quantized format refused a quantized
     GPT-2. GPTQ's layout does not depend on the module's storage (its loaders build the quantized layer with
     in = Conv1D.weight.shape[0]), so it is written: the GPTQ reference dequantizer's [in, out] weights, put in
     transformers' own GPT-2, give the compiled logits, and lowbit.load reloads it bit-exactly."""
-    import transformers as t
     from conftest import tiny_outside_family
     from safetensors.torch import load_file
 
@@ -1593,22 +1610,34 @@ def test_a_quantized_gpt2_saves_as_gptq_with_its_conv1d_projections(tmp_path):
     compiled = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32)")
     out = lowbit.save(compiled, tmp_path / "gptq", format="gptq")
     stored = load_file(str(out / "model.safetensors"))
-    state = {k: v for k, v in stored.items() if not k.endswith(("qweight", "qzeros", "scales", "g_idx"))}
-    conv1d = [n.module for n in compiled.graph.nodes if n.op == "linear" and n.args[1].producer is not None]
-    assert len(conv1d) == 8 and all(".h." in m for m in conv1d)
-    for node in compiled.graph.nodes:
-        if node.module in conv1d and node.op == "linear":
-            dq = node.args[1].producer
-            want = dequantize(*[a.data if a is not None else None for a in dq.args], **dq.kwargs)
-            m = node.module
-            got = _gptq_reference_dequant(stored[f"{m}.qweight"], stored[f"{m}.qzeros"], stored[f"{m}.scales"],
-                                          stored[f"{m}.g_idx"], 4)
-            assert torch.equal(got, want), m
-            state[f"{m}.weight"] = got.t().contiguous()  # Conv1D: [in, out]
-    hf = t.GPT2LMHeadModel(t.AutoConfig.from_pretrained(out)).eval()
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to wte
+    conv1d = [n for n in compiled.graph.nodes if n.op == "linear" and n.args[1].producer is not None]
+    assert len(conv1d) == 8 and all(".h." in n.module for n in conv1d)
+    for node in conv1d:
+        dq = node.args[1].producer
+        want = dequantize(*[a.data if a is not None else None for a in dq.args], **dq.kwargs)
+        m = node.module
+        got = _gptq_reference_dequant(stored[f"{m}.qweight"], stored[f"{m}.qzeros"], stored[f"{m}.scales"],
+                                      stored[f"{m}.g_idx"], 4)
+        assert torch.equal(got, want), m
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(_gpt2_from_gptq(out)(ids).logits, compiled(ids), rtol=0, atol=1e-5)
+    assert torch.equal(lowbit.load(out)(ids), compiled(ids))
+
+
+def test_a_head_pruned_quantized_gpt2_saves_as_gptq_with_zero_heads(tmp_path):
+    """A head-pruned GPT-2 quantized to int4 and saved as GPTQ: the zero heads were padded along the wrong side of
+    its Conv1D codes (the HF weight is [in, out], the codes [out, in]), a raw 'start (64) + length (32) exceeds
+    dimension size (64)'. The padding follows the orientation: transformers' GPT-2 with the dequantized weights
+    (the config's 4 heads) gives the compiled logits, and lowbit.load reloads it."""
+    from conftest import tiny_outside_family
+
+    model = tiny_outside_family("gpt2")
+    compiled = lowbit.compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude),quantize(w=int4,group=16)")
+    out = lowbit.save(compiled, tmp_path / "gptq", format="gptq")
+    hf = _gpt2_from_gptq(out)
+    assert hf.config.n_head == 4
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, compiled(ids), rtol=0, atol=1e-5)
-    assert torch.equal(lowbit.load(out)(ids), compiled(ids))
+    torch.testing.assert_close(lowbit.load(out)(ids), compiled(ids), rtol=0, atol=1e-6)

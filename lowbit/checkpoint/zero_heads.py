@@ -134,8 +134,9 @@ def pad_zero_heads(view: HFView, keys: dict[str, tuple[int, ...]], graph_keys: d
         dim = differ[0]
         parts = zero.parts(key, have[dim], want[dim])
         qw = view.quantized.get(module) if leaf == "weight" else None
-        if qw is not None:  # quantized linears are [out, in]; Conv1D ones are refused before this
-            view.quantized[module] = _padded_rows(qw, parts) if dim == 0 else _padded_columns(qw, parts, key)
+        if qw is not None:  # quantized codes are [out, in]; a Conv1D's HF weight [in, out] (GPT-2's, for GPTQ)
+            rows = dim == (1 if module in view.conv1d else 0)
+            view.quantized[module] = _padded_rows(qw, parts) if rows else _padded_columns(qw, parts, key)
         elif key in view.tensors:
             view.tensors[key] = _padded(view.tensors[key], dim, parts)
 
