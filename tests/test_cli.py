@@ -1908,3 +1908,16 @@ def test_debug_sensitivity_verifies_each_restricted_run_s_output_only(monkeypatc
     invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w4a8", "--group", "64", "-p", "fold-norms", *SMALL,
            "-o", out, "-q")
     assert len(checked) == 2 + 2 * 2 + 2 and json.loads(out.read_text())["ranking"] == ranking, checked
+
+def test_compile_writes_a_float_2_4_model_as_compressed_tensors():
+    """`lowbit compile -f compressed-tensors` refused a sparsify-only pipeline up front ('quantizes none') although
+    lowbit.save writes such a model as a sparse-only compressed-tensors checkpoint (its sparsity_config); GPTQ, which
+    has no sparsity field, still refuses it."""
+    import lowbit.cli.main as cli_main
+    from lowbit.cli.common import parse
+
+    passes = parse("sparsify(method=magnitude,pattern=2:4)")
+    assert cli_main.hf_format_refusal("compressed-tensors", passes) is None
+    assert "quantizes none" in cli_main.hf_format_refusal("gptq", passes)
+    assert "(or, for compressed-tensors, a sparsify pass)" in cli_main.hf_format_refusal("compressed-tensors",
+                                                                                        parse("fold-norms"))

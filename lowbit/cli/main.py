@@ -521,10 +521,14 @@ def hf_format_refusal(fmt: str, passes: list[Any]) -> str | None:
         if writes:
             return (f"format 'hf' writes float weights, but pass {writes[0].spec()} quantizes the model: write "
                     "--format compressed-tensors or gptq, or drop the pass")
-    elif fmt in ("compressed-tensors", "gptq") and not quantizers:
+    elif fmt in ("compressed-tensors", "gptq") and not quantizers and \
+            not (fmt == "compressed-tensors" and any(p.name == "sparsify" for p in passes)):
+        # a float sparsify'd model is a sparse-only compressed-tensors checkpoint (its sparsity_config alone)
         names = ", ".join(p.spec() for p in passes) or "no pass"
+        sparse = " (or, for compressed-tensors, a sparsify pass)" if fmt == "compressed-tensors" else ""
         return (f"format {fmt!r} describes quantized linears, and the pipeline ({names}) quantizes none: add a "
-                "quantizing pass (quantize, gptq, awq, autoround), or write --format hf (a float model) or lowbit")
+                f"quantizing pass (quantize, gptq, awq, autoround){sparse}, or write --format hf (a float model) or "
+                "lowbit")
     if fmt == "gptq":
         # what the GPTQ writer refuses per linear, after the whole compile (GPTQ's calibration included): its
         # options say it first. gptq/awq/autoround quantize asymmetrically by default
