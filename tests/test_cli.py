@@ -823,8 +823,6 @@ def test_generate_notes_a_triton_lowerings_reference_nodes_by_reason(monkeypatch
     ("hf", "prune-mlp(ratio=0.25,allocation=global)", "pass prune-mlp(ratio=0.25,allocation=global) prunes each "
      "layer by its own amount (allocation=global), and format 'hf' writes one MLP width for all layers in "
      "config.json: use allocation=uniform, or write --format lowbit"),
-    ("compressed-tensors", "prune-heads(ratio=0.34,allocation=global),quantize(w=int4,group=64)",
-     "allocation=global), and format 'compressed-tensors' writes one head count for all layers"),
 ])
 def test_hf_format_refusals_the_pipeline_shows_come_before_the_compile(tmp_path, monkeypatch, fmt, pipeline, message):
     """`lowbit compile -f hf` with a quantizing pipeline (or -f compressed-tensors/gptq with none or with a quantized KV
@@ -1921,3 +1919,30 @@ def test_compile_writes_a_float_2_4_model_as_compressed_tensors():
     assert "quantizes none" in cli_main.hf_format_refusal("gptq", passes)
     assert "(or, for compressed-tensors, a sparsify pass)" in cli_main.hf_format_refusal("compressed-tensors",
                                                                                         parse("fold-norms"))
+
+
+def test_compile_lets_heads_pruned_by_a_global_allocation_through_to_the_hf_formats(tmp_path):
+    """`lowbit compile -f compressed-tensors|gptq|hf` refused prune-heads(allocation=global) up front ('writes one
+    head count for all layers') although the writers hold per-layer head counts as zero heads: it compiles and
+    writes a checkpoint transformers loads to the compiled logits (a global MLP width is still refused)."""
+    import lowbit.cli.main as cli_main
+    from conftest import tiny_llama
+
+    from lowbit.checkpoint.hf_check import transformers_logits
+    from lowbit.cli.common import parse
+
+    pipeline = "prune-heads(ratio=0.5,score=magnitude,allocation=global),quantize(w=int4,group=16)"
+    for fmt in ("compressed-tensors", "gptq", "hf"):
+        assert "allocation=global" not in (cli_main.hf_format_refusal(fmt, parse(pipeline)) or "")
+    assert "writes one MLP width" in cli_main.hf_format_refusal("hf", parse("prune-mlp(allocation=global)"))
+    torch.manual_seed(0)
+    tiny_llama(hidden=64, inter=128, heads=8, kv_heads=4, layers=3, vocab=97, max_positions=64).save_pretrained(
+        tmp_path / "m")
+    invoke("compile", tmp_path / "m", "-p", pipeline, "-f", "compressed-tensors", "-o", tmp_path / "out")
+    kept = json.loads((tmp_path / "out" / "lowbit-manifest.json").read_text())["lowbit"]["zero_heads"]["kept_heads"]
+    assert len({tuple(v) for v in kept.values()}) > 1  # the layers keep different counts
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    import lowbit
+
+    torch.testing.assert_close(transformers_logits(tmp_path / "out", ids), lowbit.load(tmp_path / "out")(ids),
+                               rtol=0, atol=1e-5)

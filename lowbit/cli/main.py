@@ -564,14 +564,14 @@ def hf_format_refusal(fmt: str, passes: list[Any]) -> str | None:
             return (f"pass {clipped[0].spec()} clips the dynamic input scales to {clipped[0].options.a_clip} of the "
                     f"range, which format {fmt!r} has no field for: drop a_clip, or write --format lowbit")
     if fmt != "lowbit":
-        # a global allocation prunes each layer by its own amount, and an HF config.json holds one MLP width and
-        # one head count for all layers: the writer refused it after the whole compile (calibration included)
-        uneven = [p for p in passes if p.name in ("prune-mlp", "prune-heads")
-                  and getattr(p.options, "allocation", "uniform") == "global"]
+        # a global allocation prunes each layer by its own amount, and an HF config.json holds one MLP width for
+        # all layers: the writer refused it after the whole compile (calibration included). Head counts that differ
+        # are written with zero heads (lowbit.checkpoint.zero_heads), so prune-heads' is no refusal
+        uneven = [p for p in passes
+                  if p.name == "prune-mlp" and getattr(p.options, "allocation", "uniform") == "global"]
         if uneven:
-            what = "MLP width" if uneven[0].name == "prune-mlp" else "head count"
             return (f"pass {uneven[0].spec()} prunes each layer by its own amount (allocation=global), and format "
-                    f"{fmt!r} writes one {what} for all layers in config.json: use allocation=uniform, or write "
+                    f"{fmt!r} writes one MLP width for all layers in config.json: use allocation=uniform, or write "
                     "--format lowbit")
         # R4 before down_proj / the full-width Hadamard before o_proj stay in the graph as online hadamard nodes,
         # which no HF format holds: the writer refused them after the whole compile (GPTQ included) had run.
