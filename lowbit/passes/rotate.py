@@ -148,8 +148,9 @@ class RotateOptions(CalibrationOptions):
     moment: int = Field(default=4, ge=4, le=64)
     """kurtosis: the order of the tail measure minimised. 4: KurTail's ``|kurtosis - target|``; p > 4: the mean
     log-ratio of each token's p-th to quadratic mean (``tail_ratio``), which at large p nears the largest channel
-    over the rms, what a per-token absmax scale pays for (SmolLM2, A4 at the R1 sites: 16 halves the gain over
-    QuaRot that kurtosis gives; bench/results/accuracy.json ``kurtail-m16`` rows)."""
+    over the rms, what a per-token absmax scale pays for (SmolLM2, A4 at the R1 sites: 16 about doubles the gain
+    over QuaRot that kurtosis gives, 0.944x -> 0.887x of its perplexity; bench/results/accuracy.json ``kurtail-m16``
+    rows)."""
     residual: bool = True
     """Rotate the residual stream (R1). It needs ``fold-norms`` (RMSNorm commutes with a rotation only at unit
     gain), and the folded gains then sit in every reader's weights, where they stop shielding the low-gain
