@@ -1761,6 +1761,24 @@ def _equals_masked_dense(model: torch.nn.Module, dense: dict[str, torch.Tensor],
     return ids, got
 
 
+def _reloads_with_zero_heads(model: torch.nn.Module, dense: dict[str, torch.Tensor], compiled: Any,
+                             tmp_path: Any) -> None:
+    """``_equals_masked_dense``, then the lowbit format reloads to the same bits and the HF save (the config's 4
+    heads, the removed ones as zero heads: ``lowbit.checkpoint.zero_heads``) loads in transformers to the same logits
+    in float64."""
+    import transformers
+
+    from lowbit import load, save
+
+    ids, got = _equals_masked_dense(model, dense, compiled)
+    torch.testing.assert_close(load(save(compiled, tmp_path / "lowbit", format="lowbit"))(ids), got, rtol=0, atol=0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(save(compiled, tmp_path / "hf", format="hf"),
+                                                           dtype=torch.float64).eval()
+    assert hf.config.num_attention_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "gpt-neox"])
 def test_prune_heads_on_a_fused_qkv_split_in_equal_parts_or_per_head_equals_masked_dense(family, tmp_path):
     """GPT-2 splits one fused c_attn into q, k and v (three equal parts), GPT-NeoX views its query_key_value per head
@@ -1810,13 +1828,7 @@ def test_prune_heads_on_a_fused_qkv_split_in_equal_parts_or_per_head_equals_mask
             o[cols] = 0
         else:
             o[:, cols] = 0
-    ids, got = _equals_masked_dense(model, dense, c)
-    torch.testing.assert_close(load(save(c, tmp_path / "lowbit", format="lowbit"))(ids), got, rtol=0, atol=0)
-    # the HF save writes the config's 4 heads, the removed ones as zero heads (lowbit.checkpoint.zero_heads)
-    hf = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path / "hf", format="hf"), dtype=torch.float64).eval()
-    assert hf.config.num_attention_heads == 4
-    with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)
+    _reloads_with_zero_heads(model, dense, c, tmp_path)
 
 
 def test_head_pruned_gpt_neox_step_graph_generates_as_the_pruned_logits_model():
@@ -2114,12 +2126,7 @@ def test_prune_heads_on_falcon_without_multi_query_equals_masked_dense(tmp_path)
         gone = set(range(4)) - set(kept.tolist())
         dense[qkv][[h * 48 + j for h in gone for j in range(48)]] = 0
         dense[out + ".weight"][:, [h * 16 + j for h in gone for j in range(16)]] = 0
-    ids, got = _equals_masked_dense(model, dense, c)
-    torch.testing.assert_close(load(save(c, tmp_path / "lowbit", format="lowbit"))(ids), got, rtol=0, atol=0)
-    hf = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path / "hf", format="hf"), dtype=torch.float64).eval()
-    assert hf.config.num_attention_heads == 4
-    with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)
+    _reloads_with_zero_heads(model, dense, c, tmp_path)
 
 
 def test_prune_heads_says_a_multi_query_falcon_has_one_kv_group():
