@@ -286,8 +286,8 @@ def _rotary_write_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, kc_ptr, vc_ptr, i_ptr, o
         tl.store(vd + hi, tl.load(vs + hi, mask=ok), mask=ok)
     x1 = tl.load(src + lo, mask=ok).to(tl.float32)
     x2 = tl.load(src + hi, mask=ok).to(tl.float32)
-    y1 = _round_to(_round_to(x1 * c1, IS_BF16, IS_FP16) - _round_to(x2 * s1, IS_BF16, IS_FP16), IS_BF16, IS_FP16)
-    y2 = _round_to(_round_to(x2 * c2, IS_BF16, IS_FP16) + _round_to(x1 * s2, IS_BF16, IS_FP16), IS_BF16, IS_FP16)
+    y1 = _rotated(x1, x2, c1, s1, -1.0, IS_BF16, IS_FP16)
+    y2 = _rotated(x2, x1, c2, s2, 1.0, IS_BF16, IS_FP16)
     tl.store(dst + lo, y1.to(dst.dtype.element_ty), mask=ok)
     tl.store(dst + hi, y2.to(dst.dtype.element_ty), mask=ok)
 
@@ -299,13 +299,19 @@ def _partner(ds, D: tl.constexpr):
 
 
 @triton.jit
-def _rotate(x, partner, c, s, ds, D: tl.constexpr, IS_BF16: tl.constexpr, IS_FP16: tl.constexpr):
-    """Rotate-half of ``x`` given each channel's partner (``_partner``): ``x c - partner s`` in the first half,
-    ``x c + partner s`` in the second, each product and the sum rounded as the IR's ``rotary`` (and
-    ``_rotary_write_kv``) round them; fp32 on the activation dtype's grid."""
+def _rotated(x, partner, c, s, sign, IS_BF16: tl.constexpr, IS_FP16: tl.constexpr):
+    """``x c + sign partner s`` (``sign`` -1 in a rotate-half's first half, +1 in its second), each product and the
+    sum rounded to the activation dtype as the IR's ``rotary`` rounds them (``-x2 * s1`` rounds to ``-(x2 *
+    s1)``); fp32 on that dtype's grid. ``_rotary_write_kv`` and ``_rotate`` both."""
     xs = _round_to(x.to(tl.float32) * c, IS_BF16, IS_FP16)
-    ps = _round_to(partner.to(tl.float32) * s, IS_BF16, IS_FP16)
-    return _round_to(xs + tl.where(ds < D // 2, -ps, ps), IS_BF16, IS_FP16)
+    return _round_to(xs + sign * _round_to(partner.to(tl.float32) * s, IS_BF16, IS_FP16), IS_BF16, IS_FP16)
+
+
+@triton.jit
+def _rotate(x, partner, c, s, ds, D: tl.constexpr, IS_BF16: tl.constexpr, IS_FP16: tl.constexpr):
+    """Rotate-half of whole rows ``x`` given each channel's partner (``_partner``): ``_rotated`` with the sign of
+    each channel's half."""
+    return _rotated(x, partner, c, s, tl.where(ds < D // 2, -1.0, 1.0), IS_BF16, IS_FP16)
 
 
 ROTARY_ROWS = 16
@@ -542,10 +548,10 @@ def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
 
 
 def _decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None,
-                 enable_gqa: bool) -> torch.Tensor:
+                 enable_gqa: bool, merge_in_split: bool = False) -> torch.Tensor:
     if decode_sdpa_supported(q, k, v, mask) is not None:
         return decode_sdpa_ref(q, k, v, mask, scale, enable_gqa)
-    return _launch_sdpa(q, k, v, mask, scale)
+    return _launch_sdpa(q, k, v, mask, scale, merge_in_split=merge_in_split)
 
 
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -611,9 +617,7 @@ def decode_sdpa_pdl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     (``pdl_launches``; opaque because Inductor launches a ``triton_op``'s kernels itself, without it): the split
     starts while the kernel before it drains, and the merge lets the next GEMV launch and prefetch its weights."""
     with pdl_launches():
-        if decode_sdpa_supported(q, k, v, mask) is not None:
-            return decode_sdpa_ref(q, k, v, mask, scale, enable_gqa)
-        return _launch_sdpa(q, k, v, mask, scale, merge_in_split=True)
+        return _decode_sdpa(q, k, v, mask, scale, enable_gqa, merge_in_split=True)
 
 
 @decode_sdpa_pdl.register_fake
@@ -645,18 +649,17 @@ def rotary_decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: t
     GEMV and the attention (21.7 µs per step of the H100's 7B-shaped 4-layer decode profile, most of it waiting on
     its neighbours). Elsewhere (a prefill, larger batches, no boolean mask) the two ops as they are. ``pdl``: the
     kernels launch with programmatic dependent launch (the triton backend's ``pdl``)."""
+    from lowbit.ir.ops import attention
+
     with pdl_launches() if pdl else contextlib.nullcontext():
         if rotary_decode_sdpa_unsupported(q, k, v, cos, sin, k_cache, v_cache, index, mask, is_causal) is None:
             b, _, n, d = k.shape
             return _launch_sdpa(q, k_cache, v_cache, mask, scale, (k, v, _rows(cos, b, n, d), _rows(sin, b, n, d),
                                                                     index), merge_in_split=True)
-    q_rot = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, index, pdl)
-    if not is_causal and decode_sdpa_supported(q_rot, k_cache, v_cache, mask) is None:
-        with pdl_launches() if pdl else contextlib.nullcontext():
+        q_rot = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, index, pdl)
+        if decode_sdpa_supported(q_rot, k_cache, v_cache, mask, is_causal) is None:
             return _launch_sdpa(q_rot, k_cache, v_cache, mask, scale, merge_in_split=True)
-    from lowbit.ir.ops import attention
-
-    return attention(q_rot, k_cache, v_cache, mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa)
+        return attention(q_rot, k_cache, v_cache, mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa)
 
 
 @rotary_decode_sdpa.register_fake
