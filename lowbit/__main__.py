@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from lowbit.passes.base import PassError, PassFileError
 
     words = sys.argv[1:] if argv is None else argv
-    if words and words[0] in cli_commands():
+    if words and not words[0].startswith("-") and words[0] in cli_commands():  # the main job's options: no CLI tree
         # `python -m lowbit compile ...` is what a user of `python -m pip` types for the CLI: it was "unrecognized
         # arguments: compile ..." from the main job's parser
         from lowbit.cli.main import app
