@@ -2144,3 +2144,55 @@ def test_prune_heads_says_a_multi_query_falcon_has_one_kv_group():
     with pytest.raises(PipelineError, match=r"query_key_value.*multi-query attention \(one kv head of 16 rows shared "
                                             r"by all 4 query heads\).*the layer's only group cannot go"):
         compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
+
+
+def _greedy_obs_from_scratch(w: torch.Tensor, h: torch.Tensor, unit: int, n_remove: int, damp: float,
+                             step: int) -> tuple[list[int], torch.Tensor, float]:
+    """Whole-column OBS the slow way: every step inverts the kept block of the (damped) Hessian afresh and refits the
+    kept columns from the original weight, so no update of an earlier step carries into the next."""
+    k = w.shape[1]
+    h = h.double().clone()
+    diag = torch.diagonal(h)
+    diag[diag == 0] = 1.0
+    diag += damp * float(diag[:k].mean())
+    target = w.double() @ h[:k]  # W·Σ x zᵀ: the unpruned layer's output against every column and the bias
+    removed: list[int] = []
+    loss = 0.0
+    while len(removed) < n_remove:
+        kept = [j for j in range(k) if j // unit not in removed] + [k]
+        hinv = torch.linalg.inv(h[kept][:, kept])
+        wk = target[:, kept] @ hinv  # the least-squares refit over the kept columns and the bias
+        costs = {}
+        for u in sorted({j // unit for j in kept[:-1]}):
+            at = [i for i, j in enumerate(kept[:-1]) if j // unit == u]
+            costs[u] = float(torch.trace(wk[:, at] @ torch.linalg.inv(hinv[at][:, at]) @ wk[:, at].t()))
+        take = sorted(costs, key=costs.__getitem__)[:min(step, n_remove - len(removed))]
+        at = [i for i, j in enumerate(kept[:-1]) if j // unit in take]
+        loss += float(torch.trace(wk[:, at] @ torch.linalg.inv(hinv[at][:, at]) @ wk[:, at].t()))
+        removed += take
+    kept = [j for j in range(k) if j // unit not in removed] + [k]
+    full = torch.zeros(w.shape[0], k + 1, dtype=torch.float64)
+    full[:, kept] = target[:, kept] @ torch.linalg.inv(h[kept][:, kept])
+    return removed, full, loss
+
+
+@pytest.mark.parametrize("unit,n_remove,step", [(1, 30, 1), (1, 30, 4), (4, 7, 1), (4, 6, 3)])
+def test_whole_column_obs_matches_the_greedy_search_refit_from_scratch_at_every_step(unit, n_remove, step):
+    """The greedy OBS loop's Schur-complement and weight updates (in place, one column by division) give the same
+    removal order, weights, bias and loss as re-inverting the kept Hessian block and refitting at every step: the
+    updates carry no error from one removal into the next (a dead input column, damping and ``step`` included)."""
+    from lowbit.calibration.structured_obs import augmented_hessian, remove_columns_obs
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 48, generator=gen, dtype=torch.float64) @ torch.randn(48, 48, generator=gen,
+                                                                              dtype=torch.float64) + 0.5
+    x *= torch.rand(48, generator=gen, dtype=torch.float64) + 0.1
+    x[:, 9] = 0
+    w = torch.randn(7, 48, generator=gen)
+    h = augmented_hessian(x.t() @ x, x.sum(0), 400)
+    r = remove_columns_obs(w, h, unit, n_remove, damp=0.01, step=step)
+    removed, full, loss = _greedy_obs_from_scratch(w, h, unit, n_remove, 0.01, step)
+    assert r.removed == removed
+    assert torch.allclose(r.weight, full[:, :-1], rtol=1e-9, atol=1e-9)
+    assert torch.allclose(r.bias_delta, full[:, -1], rtol=1e-9, atol=1e-9)
+    assert r.loss == pytest.approx(loss, rel=1e-9)

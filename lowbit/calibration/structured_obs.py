@@ -65,36 +65,45 @@ def remove_columns_obs(w: torch.Tensor, h: torch.Tensor, unit: int, n_remove: in
     dead = diag == 0  # a column never active: its removal costs nothing; keep H invertible
     diag[dead] = 1.0
     diag += damp * float(diag[:k].mean())
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    wa = torch.zeros(n, k + 1, dtype=torch.float64, device=dev)
-    wa[:, :k] = w.double().to(dev)
+    # cholesky_solve against I: the same inverse as cholesky_inverse, which is ~15x slower on CPU (K = 1536)
+    hinv = torch.cholesky_solve(torch.eye(k + 1, dtype=torch.float64, device=dev), torch.linalg.cholesky(h))
+    # the weight is kept transposed, [K+1, N]: each column's ΔE then sums along contiguous memory (over N strided
+    # columns the sum of squares took 4x as long as the rest of a removal; vector_norm is faster again)
+    wt = torch.zeros(k + 1, n, dtype=torch.float64, device=dev)
+    wt[:k] = w.double().to(dev).t()
     alive = torch.ones(units, dtype=torch.bool, device=dev)
     removed: list[int] = []
     loss = 0.0
     eye = torch.eye(unit, dtype=torch.float64, device=dev)
+    cols = torch.arange(k, device=dev).reshape(units, unit)
     while len(removed) < n_remove:
         # ΔE of each live unit alone
-        cols = torch.arange(k, device=dev).reshape(units, unit)
-        hb = hinv[cols[:, :, None], cols[:, None, :]]  # [units, unit, unit]
-        wb = wa[:, :k].reshape(n, units, unit).transpose(0, 1)  # [units, N, unit]
         if unit == 1:
-            de = wb.squeeze(-1).pow(2).sum(-1) / hb.reshape(-1)
+            de = torch.linalg.vector_norm(wt[:k], dim=1).square_() / torch.diagonal(hinv)[:k]
         else:
-            sol = torch.linalg.solve(hb + 1e-30 * eye, wb.transpose(1, 2))  # [units, unit, N]
-            de = (wb.transpose(1, 2) * sol).sum((1, 2))
+            hb = hinv[cols[:, :, None], cols[:, None, :]]  # [units, unit, unit]
+            wb = wt[:k].reshape(units, unit, n)  # [units, unit, N]
+            sol = torch.linalg.solve(hb + 1e-30 * eye, wb)  # [units, unit, N]
+            de = (wb * sol).sum((1, 2))
         de = torch.where(alive, de, torch.full_like(de, float("inf")))
         take = torch.argsort(de, stable=True)[:min(step, n_remove - len(removed))]
         s = cols[take].reshape(-1)
-        hss = hinv[s][:, s]
-        ws = wa[:, s]
-        coef = torch.linalg.solve(hss, ws.t()).t()  # W_S·([H⁻¹]_SS)⁻¹, [N, |S|]
-        loss += float((ws * coef).sum())
-        wa -= coef @ hinv[s]
-        hinv -= hinv[:, s] @ torch.linalg.solve(hss, hinv[s])
-        wa[:, s] = 0
+        ws = wt[s]  # [|S|, N]
+        rows = hinv[s]
+        hss = rows[:, s]
+        # one column: a division (linalg.solve's 1x1 LU costs more than the rank-1 update itself); the updates are
+        # in place (no [K+1, K+1] temporary per removal)
+        if len(s) == 1:
+            coef, piv = ws / hss, rows / hss
+        else:
+            coef, piv = torch.linalg.solve(hss, ws), torch.linalg.solve(hss, rows)
+        loss += float((ws * coef).sum())  # coef = ([H⁻¹]_SS)⁻¹·W_Sᵀ, [|S|, N]
+        wt.addmm_(rows.t(), coef, alpha=-1)
+        hinv.addmm_(hinv[:, s], piv, alpha=-1)
+        wt[s] = 0
         hinv[s] = 0
         hinv[:, s] = 0
         hinv[s, s] = 1.0  # a placeholder pivot: the unit is dead, its ΔE is never read again
         alive[take] = False
         removed.extend(int(t) for t in take.tolist())
-    return ObsResult(wa[:, :k], wa[:, k], removed, loss)
+    return ObsResult(wt[:k].t().contiguous(), wt[k].clone(), removed, loss)
