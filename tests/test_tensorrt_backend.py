@@ -1067,3 +1067,44 @@ def test_lowbit_inspect_says_an_engine_is_a_generation_step_graph(tmp_path):
              for f in ("step.engine", "plain.engine")]
     assert "a generation step graph (max_length 256, max_batch 4): lowbit.export.load gives it generate()" in shown[0]
     assert "generation" not in shown[1]
+
+
+def test_the_engine_runner_enqueues_without_a_host_sync_so_a_cuda_graph_can_capture_it(monkeypatch):
+    """TensorRTRunner ended each call with stream.synchronize(): generate's decode step, captured into a CUDA graph on
+    CUDA (``_CudaGraphStep``), called it inside the capture, where a host sync fails ("operation not permitted when
+    stream is capturing"). The call now only enqueues on torch's current stream; what reads the outputs is ordered
+    after it there."""
+    from lowbit.backends.tensorrt.engine import TensorRTRunner
+
+    class CapturingStream:
+        cuda_stream = 1234
+
+        def synchronize(self) -> None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    class Context:
+        def __init__(self) -> None:
+            self.addresses: dict[str, int] = {}
+            self.enqueued: list[int] = []
+
+        def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+            return True
+
+        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+            return (1, 3, 8)
+
+        def set_tensor_address(self, name: str, address: int) -> None:
+            self.addresses[name] = address
+
+        def execute_async_v3(self, stream: int) -> bool:
+            self.enqueued.append(stream)
+            return True
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: CapturingStream())
+    runner = TensorRTRunner.__new__(TensorRTRunner)
+    runner.inputs, runner.outputs, runner.context, runner.header = ["input_ids"], ["logits"], Context(), None
+    runner.device = torch.device("cpu")  # stands in for the GPU: the runner makes its tensors on its device
+    runner._torch_dtype = lambda name: torch.int64 if name == "input_ids" else torch.float32
+    (logits,) = runner(torch.ones(1, 3, dtype=torch.long))
+    assert runner.context.enqueued == [1234] and logits.shape == (1, 3, 8)
+    assert runner.context.addresses["logits"] == logits.data_ptr()

@@ -470,6 +470,9 @@ class TensorRTRunner:
             raise EngineFileError(f"TensorRT could not deserialize engine {where}: the plan is corrupted, "
                                   "truncated, or from another TensorRT version or GPU")
         self.context = self.engine.create_execution_context()
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        """Where the engine runs (the current CUDA device when it was loaded): inputs are moved there, outputs made
+        there."""
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != trt.TensorIOMode.INPUT]
@@ -498,19 +501,22 @@ class TensorRTRunner:
                         "shapes= covering this call)" if profile else ""
                 raise InputError(f"input {name!r}: shape {tuple(a.shape)} is outside the engine's optimization "
                                  f"profile{built}")
-            t = a.to(device="cuda", dtype=self._torch_dtype(name)).contiguous()
+            t = a.to(device=self.device, dtype=self._torch_dtype(name)).contiguous()
             keep.append(t)
             self.context.set_tensor_address(name, t.data_ptr())
         outs = []
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
-            out = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
+            out = torch.empty(shape, dtype=self._torch_dtype(name), device=self.device)
             self.context.set_tensor_address(name, out.data_ptr())
             outs.append(out)
-        stream = torch.cuda.current_stream()
+        # enqueued on torch's current stream, with no host sync after it: every torch op that reads the outputs (or
+        # reuses the inputs' memory) runs after it in stream order. A stream.synchronize() here failed generate's
+        # CUDA graph capture of the decode step ("operation not permitted when stream is capturing"), and outside a
+        # capture it made the host wait for every step it meant to launch ahead
+        stream = torch.cuda.current_stream(self.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed (see its log)")
-        stream.synchronize()
         return outs
 
 
