@@ -225,7 +225,8 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
 
     engine = TensorRTCompiled.load(path)
     # an exported step graph's engine had no generate(): the meta it needs was not recorded (the ONNX file's was)
-    return engine if meta is None else GeneratingOnnx(engine, meta, _given_tokenizer(tokenizer))
+    # generating on the engine's GPU: its cache was made on the CPU and copied to the GPU at every step
+    return engine if meta is None else GeneratingOnnx(engine, meta, _given_tokenizer(tokenizer), engine.device)
 
 
 def _engine_generation(path: Path) -> dict[str, Any] | None:
@@ -316,15 +317,16 @@ def _refuse_unrecorded_rope_switch(path: Path) -> None:
 
 class GeneratingOnnx(torch.nn.Module):
     """An exported step graph run by ONNX Runtime (or a TensorRT engine), with ``generate()`` from the meta the file
-    carries."""
+    carries; ``device``: where its cache lives (an engine's GPU; None: the CPU)."""
 
-    def __init__(self, runner: torch.nn.Module, meta: dict[str, Any], tokenizer: Any = None) -> None:
+    def __init__(self, runner: torch.nn.Module, meta: dict[str, Any], tokenizer: Any = None,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         from lowbit.generate import Generator
 
         self.runner = runner
         self.tokenizer = tokenizer
-        self.generator = Generator(runner, meta, None, tokenizer)
+        self.generator = Generator(runner, meta, device, tokenizer)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.runner(*args, **kwargs)

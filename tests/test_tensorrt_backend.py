@@ -150,6 +150,7 @@ class _FakeRunner:
     def __init__(self, plan: bytes, header: EngineHeader | None = None, where: str = "<memory>") -> None:
         self.inputs = list(header.inputs) if header is not None else []
         self.calls: list[tuple[torch.Tensor, ...]] = []
+        self.device = torch.device("cpu")
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         self.calls.append(args)
@@ -1014,6 +1015,7 @@ class _OrtPlanRunner:
 
         self.session = ort.InferenceSession(plan, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
+        self.device = torch.device("cpu")
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         outs = self.session.run(None, {n: a.numpy() for n, a in zip(self.inputs, args)})
@@ -1108,3 +1110,33 @@ def test_the_engine_runner_enqueues_without_a_host_sync_so_a_cuda_graph_can_capt
     (logits,) = runner(torch.ones(1, 3, dtype=torch.long))
     assert runner.context.enqueued == [1234] and logits.shape == (1, 3, 8)
     assert runner.context.addresses["logits"] == logits.data_ptr()
+
+
+def test_a_tensorrt_model_has_the_device_its_engine_runs_on_and_generates_there(tensorrt_here, monkeypatch, tmp_path):
+    """TensorRTCompiled had no ``device`` (every other compiled runner has one): ``generate`` on a TensorRT compile,
+    or on an engine loaded with ``lowbit.export.load``, made its KV cache on the CPU and never replayed a CUDA graph,
+    while the engine ran on the GPU."""
+    import types
+
+    import lowbit
+    import lowbit.backends.tensorrt as trt_backend
+    from conftest import tiny_llama
+    from lowbit.generate import GenerationSpec
+
+    class OnSecondGpu(_OrtPlanRunner):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(trt_backend, "build_engine", _onnx_plan_build)
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", OnSecondGpu)
+    model = tiny_llama(heads=4, kv_heads=2, max_positions=64, vocab=101)
+    compiled = lowbit.compile_model(model, backend="tensorrt", generation=GenerationSpec(max_length=16, max_batch=1))
+    assert compiled.runner.device == torch.device("cuda", 1)
+    assert compiled._step_generator().device == torch.device("cuda", 1)
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", _OrtPlanRunner)
+    path = lowbit.export(lowbit.compile_model(model, generation=GenerationSpec(max_length=16, max_batch=1)),
+                         tmp_path / "m.engine", format="tensorrt")
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", OnSecondGpu)
+    assert lowbit.export.load(path).generator.device == torch.device("cuda", 1)

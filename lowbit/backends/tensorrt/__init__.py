@@ -162,6 +162,10 @@ class TensorRTCompiled(torch.nn.Module):
             self.plan, self.header = read_engine(engine)  # type: ignore[arg-type]
             self.runner = TensorRTRunner(self.plan, self.header, where=os.fspath(engine))  # type: ignore[arg-type]
         self.input_names = self.runner.inputs
+        self.device: torch.device = self.runner.device
+        """The CUDA device the engine runs on, as every compiled runner has one: ``generate`` makes its KV cache there
+        and replays its decode steps from CUDA graphs (without it the cache was made on the CPU and copied over at
+        every call)."""
         # as every other backend: a float tensor of ids, a wrong rank or an id outside the vocabulary is named here,
         # not cast by the binding (ids were truncated) or read out of bounds by TensorRT's Gather
         self.check_inputs = InputChecker(graph) if graph is not None else None
