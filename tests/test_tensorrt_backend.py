@@ -1140,3 +1140,34 @@ def test_a_tensorrt_model_has_the_device_its_engine_runs_on_and_generates_there(
                          tmp_path / "m.engine", format="tensorrt")
     monkeypatch.setattr(trt_backend, "TensorRTRunner", OnSecondGpu)
     assert lowbit.export.load(path).generator.device == torch.device("cuda", 1)
+
+
+def test_a_profile_cap_below_a_dim_s_least_size_is_refused_before_any_pass_runs(tensorrt_here):
+    """A model captured for 32 to 64 tokens with ``max_dim=16`` got a profile of [32, 32, 32] without a word (the
+    max was raised to the min): an engine that took only 32-token calls. The cap is refused, naming the dim, its
+    range and the option, before the first pass (and by the build's own profile)."""
+    import lowbit
+    from conftest import tiny_llama
+    from lowbit.backends.registry import BackendError
+    from lowbit.backends.tensorrt import TensorRTOptionError
+    from lowbit.models import CausalLMLogits
+
+    torch.manual_seed(0)
+    model = CausalLMLogits(tiny_llama(max_positions=64)).eval()
+    example = (torch.ones(1, 40, dtype=torch.long),)
+    dynamic = {"input_ids": {1: torch.export.Dim.DYNAMIC(min=32, max=64)}}
+    passes_run = _PassesRun()
+    match = r"profile of dim 'sequence': max_dim=16 is below its least size 32 .*\[32, 64\].*give max_dim >= 32"
+    with pytest.raises((BackendError, TensorRTOptionError), match=match):
+        lowbit.compile_model(model, example, dynamic_shapes=dynamic, pipeline="fold-norms,dce", backend="tensorrt",
+                             backend_options={"max_dim": 16}, instruments=[passes_run])
+    assert passes_run.started == []
+    graph = lowbit.compile_model(model, example, dynamic_shapes=dynamic).graph
+    onnx_model = to_onnx(graph, opset=21, weight_format="qdq", attention="decompose")
+    with pytest.raises(TensorRTOptionError, match=match):
+        profile_from_symbols(onnx_model, max_default=16)
+    assert profile_from_symbols(onnx_model, max_default=48)["input_ids"] == ([1, 32], [1, 40], [1, 48])
+    # shapes= for the input sets that dim itself: no default profile to cap
+    from lowbit.backends.tensorrt import check_graph_options
+
+    check_graph_options(graph, {"max_dim": 16, "shapes": {"input_ids": ((1, 32), (1, 40), (1, 64))}})

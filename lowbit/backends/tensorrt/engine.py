@@ -84,7 +84,8 @@ def default_dim_profile(name: str, least: int | None, most: int | None, hint: in
                         max_batch: int | None = None) -> tuple[int, int, int]:
     """A dynamic dim's (min, opt, max) in the default optimization profile, from its recorded range and capture
     hint (``name``: its ONNX name, ``batch``/``sequence``/``past_sequence`` where lowbit knows the dim;
-    ``generation``: a step graph's ``GenerationSpec`` limits, or None).
+    ``generation``: a step graph's ``GenerationSpec`` limits, or None). A cap below the dim's least size is refused
+    (``TensorRTOptionError``), naming it.
 
     Every max is capped at ``max_dim``; the batch at ``max_batch``, by default a generation step graph's
     ``GenerationSpec.max_batch`` (its capture range reached max(max_batch, 3): export wants a max above 2), else
@@ -92,15 +93,24 @@ def default_dim_profile(name: str, least: int | None, most: int | None, hint: in
     (``sequence`` opt 1, at most ``max_length``) over the whole cache of ``max_length`` slots it always passes
     (``past_sequence`` opt ``max_length``; the capture example's sizes tuned it for 3 tokens over an empty cache)."""
     lo, hi = profile_range(least, most, max_dim)
+    cap = f"max_dim={max_dim}"  # what set the max, named where it falls below the dim's least size
     if name == "batch":
-        hi = min(hi, max_batch if max_batch is not None else
-                 int(generation["max_batch"]) if generation and "max_batch" in generation else DEFAULT_MAX_BATCH)
+        batch_cap = max_batch if max_batch is not None else \
+            int(generation["max_batch"]) if generation and "max_batch" in generation else DEFAULT_MAX_BATCH
+        if batch_cap < hi:
+            hi, cap = batch_cap, f"max_batch={batch_cap}"
     if generation and "max_length" in generation:
         if name == "sequence":
-            hi, hint = min(hi, int(generation["max_length"])), 1
+            if int(generation["max_length"]) < hi:
+                hi, cap = int(generation["max_length"]), f"the step graph's max_length={generation['max_length']}"
+            hint = 1
         elif name == "past_sequence":
             hint = int(generation["max_length"])
-    hi = max(hi, lo)
+    if hi < lo:
+        # was raised to the least size without a word: an engine for max_dim=16 took only 32-token calls
+        raise TensorRTOptionError(f"TensorRT profile of dim {name!r}: {cap} is below its least size {lo} (the model "
+                                  f"was captured for [{least}, {most}]); give {cap.split('=')[0].split()[-1]} >= "
+                                  f"{lo}, or shapes= for the inputs with that dim")
     return lo, min(max(hint or lo, lo), hi), hi
 
 
@@ -269,11 +279,11 @@ def check_profile_inputs(graph: Graph, shapes: ProfileShapes | None) -> None:
 
 
 def check_profile_optima(graph: Graph, opt: Mapping[str, int] | None, max_dim: int = 4096,
-                         max_batch: int | None = None) -> None:
+                         max_batch: int | None = None, given: Sequence[str] = ()) -> None:
     """``opt=`` against the dynamic dims of the graph's inputs, before it is lowered: a name no dim has (``seq`` for
-    ``sequence``) was silently ignored, and an optimum outside the dim's profile range reached TensorRT's builder."""
-    if not opt:
-        return
+    ``sequence``) was silently ignored, and an optimum outside the dim's profile range reached TensorRT's builder.
+    Every dynamic dim's default profile is made here too (``given``: symbols ``shapes=`` sets instead), so a
+    ``max_dim``/``max_batch`` below a dim's least size is refused before any pass runs."""
     from lowbit.backends.onnx.lowering import dim_names
 
     onnx_names = dim_names(graph)
@@ -282,6 +292,11 @@ def check_profile_optima(graph: Graph, opt: Mapping[str, int] | None, max_dim: i
         for d in v.type.shape if isinstance(v.type, TensorType) else ():
             if isinstance(d, str) and d in graph.symbols:
                 dims[onnx_names.get(d, d)] = dims[d] = d
+    for sym in (graph.symbols[d] for d in dict.fromkeys(dims.values()) if d not in given):
+        default_dim_profile(onnx_names.get(sym.name, sym.name), sym.min, sym.max, sym.hint,
+                            graph.meta.get("generation"), max_dim, max_batch)
+    if not opt:
+        return
     _check_opt_names(opt, list(dims), f"graph {graph.name!r}", TensorRTOptionError)
     for key, size in opt.items():
         sym = graph.symbols[dims[key]]
@@ -294,8 +309,11 @@ def check_profile_optima(graph: Graph, opt: Mapping[str, int] | None, max_dim: i
 
 def check_graph_options(graph: Graph, options: Mapping[str, Any]) -> None:
     """The backend registry's ``check_graph``: the build options that name parts of the model, against it."""
-    check_profile_inputs(graph, options.get("shapes"))
-    check_profile_optima(graph, options.get("opt"), options.get("max_dim", 4096), options.get("max_batch"))
+    shapes = options.get("shapes") or {}
+    check_profile_inputs(graph, shapes)
+    given = [d for v in graph.inputs if v.name in shapes and isinstance(v.type, TensorType)
+             for d in v.type.shape if isinstance(d, str)]
+    check_profile_optima(graph, options.get("opt"), options.get("max_dim", 4096), options.get("max_batch"), given)
 
 
 def check_build_options(options: Mapping[str, Any], also: Sequence[str] = ()) -> None:
