@@ -1171,3 +1171,24 @@ def test_a_profile_cap_below_a_dim_s_least_size_is_refused_before_any_pass_runs(
     from lowbit.backends.tensorrt import check_graph_options
 
     check_graph_options(graph, {"max_dim": 16, "shapes": {"input_ids": ((1, 32), (1, 40), (1, 64))}})
+
+
+@pytest.mark.parametrize("pipeline, fix, fixed", [
+    ("quantize(w=fp8e4m3,a=fp8e4m3,a_group=64)", "a_static=true,a_gran=per_tensor (calibrated), dropping a_group=64",
+     f"quantize(w=fp8e4m3,a=fp8e4m3,a_static=true,a_gran=per_tensor,{CALIB_TRT})"),
+    (f"quantize(w=int4,group=64,a=int4,a_static=true,a_gran=per_tensor,{CALIB_TRT})", "a=int8 or a=fp8e4m3",
+     f"quantize(w=int4,group=64,a=int8,a_static=true,a_gran=per_tensor,{CALIB_TRT})"),
+])
+def test_each_tensorrt_refusal_names_options_that_make_the_pipeline_build(pipeline, fix, fixed, tensorrt_here):
+    """The refusals said what TensorRT wants, not always how to ask for it: "a_gran=per_tensor" for per-token groups
+    of 64, which the quantize pass then refused for the a_group=64 left over; "quantize activations to int8 or
+    fp8e4m3" for int4 activations, naming no option. Each names the options now, and the pipeline written with them
+    passes both the quantize pass and TensorRT's rules."""
+    from lowbit.api import plan_compile
+    from lowbit.backends.registry import BackendError
+    from lowbit.passes.manager import parse_pipeline
+
+    with pytest.raises(BackendError) as refused:
+        plan_compile(parse_pipeline(pipeline), "tensorrt")
+    assert fix in " ".join(str(refused.value).split())
+    plan_compile(parse_pipeline(fixed), "tensorrt")

@@ -601,20 +601,30 @@ def _scheme_static(role: SchemeRole, s: QScheme, input_sizes: Sequence[int] = ()
         return ("its scales are computed at run time from each key/value: TensorRT's Q/DQ scales are build-time "
                 "constants; drop kv= for TensorRT")
     return ("dynamic scales (computed at run time from each input): TensorRT's Q/DQ scales are build-time constants: "
-            "a_static=true,a_gran=per_tensor (calibrated)")
+            f"a_static=true,a_gran=per_tensor (calibrated){_without_a_group(s)}")
+
+
+def _without_a_group(s: QScheme) -> str:
+    """The rest of an activation fix where the scheme has per-token groups: ``a_group`` is read with per-token scales
+    only, and the fix ``a_gran=per_tensor`` alone was refused by the quantize pass for the ``a_group=64`` left over."""
+    return f", dropping a_group={s.group_size}" if s.group_size else ""
 
 
 def _scheme_activation_per_tensor(role: SchemeRole, s: QScheme, input_sizes: Sequence[int] = ()) -> str | None:
     if role != "activation" or s.granularity == "per_tensor":
         return None
-    return f"{s.granularity} activation scales: TensorRT quantizes activations per tensor: a_gran=per_tensor"
+    what = f"{s.granularity} (in groups of {s.group_size} channels)" if s.group_size else s.granularity
+    return (f"{what} activation scales: TensorRT quantizes activations per tensor: a_gran=per_tensor"
+            f"{_without_a_group(s)}")
 
 
 def _scheme_int4_weight_only(role: SchemeRole, s: QScheme, input_sizes: Sequence[int] = ()) -> str | None:
     qd = get_qdtype(s.qdtype)
     if role != "activation" or qd.is_float or qd.bits > 4:
         return None
-    return f"{s.qdtype} {role}s: TensorRT's INT4 is weight-only quantization: quantize {role}s to int8 or fp8e4m3"
+    # named the types, not the option: "quantize activations to int8 or fp8e4m3"
+    return (f"{s.qdtype} activations: TensorRT's INT4 is weight-only quantization: a=int8 or a=fp8e4m3 (with "
+            "a_static=true,a_gran=per_tensor), or drop a= for weight-only int4")
 
 
 def _scheme_int4_block(role: SchemeRole, s: QScheme, input_sizes: Sequence[int] = ()) -> str | None:
