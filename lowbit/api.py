@@ -664,7 +664,22 @@ def _quant_refusal(spec: BackendSpec, passes: Sequence[Pass]) -> str | None:
         return None
     what = refused[0] if len(refused) == 1 else \
         f"{len(refused)} passes write:\n" + "\n".join(f"{i}. {r}" for i, r in enumerate(refused, 1))
-    return f"{what}\nchange those options, or use a backend that runs them (torch, onnxruntime)"
+    ready = _recipes_for(spec)
+    # no recipe was named that the backend builds: a user of -r w4a16-g64 had only the rules to go by
+    recipes = f", use a recipe {spec.name} runs ({', '.join(ready)}: `lowbit recipes`)" if ready else ""
+    return f"{what}\nchange those options{recipes}, or use a backend that runs them (torch, onnxruntime)"
+
+
+def _recipes_for(spec: BackendSpec) -> list[str]:
+    """The recipes that quantize and whose every pass's schemes ``spec``'s rules accept (TensorRT's ``trt-*``)."""
+    from lowbit.recipes import RECIPES
+
+    ready = []
+    for name, recipe in RECIPES.items():
+        configs = [p.quant_config() for p in parse_pipeline(recipe.pipeline)]
+        if any(c is not None for c in configs) and not any(spec.quant_problems(c) for c in configs if c is not None):
+            ready.append(name)
+    return ready
 
 
 def _backends_lowering(gaps: list[str]) -> str:

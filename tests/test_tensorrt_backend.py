@@ -1192,3 +1192,31 @@ def test_each_tensorrt_refusal_names_options_that_make_the_pipeline_build(pipeli
         plan_compile(parse_pipeline(pipeline), "tensorrt")
     assert fix in " ".join(str(refused.value).split())
     plan_compile(parse_pipeline(fixed), "tensorrt")
+
+
+def test_a_tensorrt_refusal_names_the_recipes_tensorrt_builds_and_each_builds(trt_llama, tensorrt_here):
+    """No recipe was TensorRT-ready (every one had zero points, dynamic or per-token activations or grouped FP8):
+    `-b tensorrt -r w4a16-g64` was refused with the rules alone. The trt-* recipes are, and the refusal names them;
+    each one's ONNX breaks none of TensorRT's rules."""
+    import re
+
+    from lowbit.api import plan_compile, resolve_pipeline
+    from lowbit.backends.registry import BackendError
+    from lowbit.backends.tensorrt import check_tensorrt_qdq, errors
+    from lowbit.passes.manager import PassManager
+    from lowbit.recipes import RECIPES
+
+    with pytest.raises(BackendError) as refused:
+        plan_compile(resolve_pipeline(None, "w4a16-g64"), "tensorrt")
+    named = re.search(r"use a recipe tensorrt runs \(([^:]+): `lowbit recipes`\)", str(refused.value))
+    assert named, str(refused.value)
+    recipes = named.group(1).split(", ")
+    assert {"trt-w4a16", "trt-w8a8", "trt-fp8"} <= set(recipes)
+    for name in recipes:
+        calibrates = "a_static=true" in RECIPES[name].pipeline or "smooth-quant" in RECIPES[name].pipeline
+        passes = resolve_pipeline(None, name, {"calib_n": 2, "calib_len": 16} if calibrates else None)
+        plan_compile(passes, "tensorrt")
+        graph = trt_llama.clone()
+        PassManager(passes).run(graph)
+        found = errors(check_tensorrt_qdq(to_onnx(graph, opset=21, weight_format="qdq", attention="decompose")))
+        assert not found, (name, found[:3])
