@@ -172,6 +172,14 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
        f"fold-norms,{KURTAIL_M16[:-1]},{opt}" + (f",seed={sd}" if sd else "") +
        f"),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN)
       for tag, what, opt in M16_VARIANTS for sd in (2, 0, 1)],  # seed 2 first: the moment-16 R1's worst
+    # session 39: the moment-16 R1 learned on the mean of each token's squared tail ratio (tail_mean=square: the
+    # most heavy-tailed tokens weigh more); session 38's wt2-512x8 screen at seed 2 read 53.31 against 54.49
+    *[("w4a4kv4", "kurtail-m16-sq" + (f"-seed{sd}" if sd else ""),
+       "as kurtail-m16, R1 learned on the mean square of the per-token tail ratios (tail_mean=square)"
+       + (f", rotation seed {sd} (default 0)" if sd else ""),
+       f"fold-norms,{KURTAIL_M16[:-1]},tail_mean=square" + (f",seed={sd}" if sd else "") +
+       f"),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN)
+      for sd in (2, 0, 1)],
     ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
     ("w4a4kv4", "smoothquant", "no rotation; SmoothQuant alpha searched per site + GPTQ W4 per channel",
      f"smooth-quant(search=true,{{cal}}),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),

@@ -31,6 +31,7 @@ from lowbit.calibration.engine import CalibrationError
 from lowbit.ir.graph import Graph, Node
 
 __all__ = ["RotationLearningError", "LearnedRotation", "kurtosis", "kurtosis_loss", "tail_ratio", "cayley",
+           "TAIL_MEANS", "token_losses", "pool_tokens",
            "learn_kurtosis_rotation", "orthogonal_polar", "fake_quant_weight", "fake_quant_tokens",
            "learn_quantized_rotation"]
 
@@ -81,14 +82,36 @@ def rotate_tokens(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (x.reshape(*x.shape[:-1], -1, n) @ q).reshape(x.shape)
 
 
-def kurtosis_loss(x: torch.Tensor, q: torch.Tensor, target: float = UNIFORM_KURTOSIS,
-                  moment: int = 4) -> torch.Tensor:
-    """Mean over tokens of ``|kurtosis(x·Q) - target|`` (KurTail's objective); ``moment`` p > 4: the mean
-    ``tail_ratio`` of order p instead (``target`` unused)."""
+TAIL_MEANS = ("mean", "square")
+"""How the per-token losses become one: their mean, or the mean of their squares (the worst tokens weigh more:
+a token's 4-bit error grows with its own tail, and a few heavy-tailed tokens can cost more than the typical
+token gains)."""
+
+
+def token_losses(x: torch.Tensor, q: torch.Tensor, target: float = UNIFORM_KURTOSIS, moment: int = 4
+                 ) -> torch.Tensor:
+    """Per token: ``|kurtosis(x·Q) - target|`` (KurTail's), or for ``moment`` p > 4 the ``tail_ratio`` of order p
+    (``target`` unused)."""
     y = rotate_tokens(x, q)
     if moment == 4:
-        return (kurtosis(y) - target).abs().mean()
-    return tail_ratio(y, moment).mean()
+        return (kurtosis(y) - target).abs()
+    return tail_ratio(y, moment)
+
+
+def pool_tokens(losses: torch.Tensor, tail_mean: str = "mean") -> torch.Tensor:
+    """The per-token ``losses`` as one number the way ``tail_mean`` says (``TAIL_MEANS``)."""
+    if tail_mean == "square":
+        return losses.square().mean()
+    if tail_mean != "mean":
+        raise ValueError(f"tail_mean={tail_mean!r}: expected one of {', '.join(TAIL_MEANS)}")
+    return losses.mean()
+
+
+def kurtosis_loss(x: torch.Tensor, q: torch.Tensor, target: float = UNIFORM_KURTOSIS,
+                  moment: int = 4, tail_mean: str = "mean") -> torch.Tensor:
+    """Mean over tokens of ``|kurtosis(x·Q) - target|`` (KurTail's objective); ``moment`` p > 4: the mean
+    ``tail_ratio`` of order p instead (``target`` unused); ``tail_mean="square"``: the mean of their squares."""
+    return pool_tokens(token_losses(x, q, target, moment), tail_mean)
 
 
 def tail_ratio(y: torch.Tensor, p: int) -> torch.Tensor:
@@ -130,8 +153,8 @@ the whole pool in float64 held several copies of the samples at once (a KurTail 
 of 2048 SmolLM2 tokens is five 9 MB temporaries)."""
 
 
-def _pool_means(sites: Sequence[torch.Tensor], q: torch.Tensor, target: float, moment: int = 4
-                ) -> tuple[float, float]:
+def _pool_means(sites: Sequence[torch.Tensor], q: torch.Tensor, target: float, moment: int = 4,
+                tail_mean: str = "mean") -> tuple[float, float]:
     """(mean loss (``kurtosis_loss``'s), mean kurtosis) over every row of ``sites``, in float64, chunk by chunk."""
     loss = kurt = 0.0
     rows = 0
@@ -140,7 +163,8 @@ def _pool_means(sites: Sequence[torch.Tensor], q: torch.Tensor, target: float, m
         for start in range(0, site.shape[0], POOL_CHUNK):
             y = rotate_tokens(site[start:start + POOL_CHUNK].double(), q)
             k = kurtosis(y)
-            loss += float((k - target).abs().sum() if moment == 4 else tail_ratio(y, moment).sum())
+            per_token = (k - target).abs() if moment == 4 else tail_ratio(y, moment)
+            loss += float((per_token.square() if tail_mean == "square" else per_token).sum())
             kurt += float(k.sum())
             rows += k.numel()
     return loss / rows, kurt / rows
@@ -149,10 +173,11 @@ def _pool_means(sites: Sequence[torch.Tensor], q: torch.Tensor, target: float, m
 def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *, steps: int, lr: float,
                             batch_tokens: int, target: float = UNIFORM_KURTOSIS, seed: int = 0,
                             dtype: torch.dtype = torch.float32, what: str = "rotation",
-                            heads: int = 1, site_names: Sequence[str] | None = None, moment: int = 4
-                            ) -> LearnedRotation:
+                            heads: int = 1, site_names: Sequence[str] | None = None, moment: int = 4,
+                            tail_mean: str = "mean") -> LearnedRotation:
     """Learn ``Q = Q₀·C(S)`` minimising the mean ``|kurtosis(x·Q) - target|`` over the rows of ``samples``
-    (``moment`` p > 4: the mean ``tail_ratio`` of order p, a tail measure nearer the per-token absmax scale's).
+    (``moment`` p > 4: the mean ``tail_ratio`` of order p, a tail measure nearer the per-token absmax scale's;
+    ``tail_mean="square"``: the mean of the per-token losses' squares, so the worst tokens weigh more).
 
     ``samples``: one ``[tokens, d]`` tensor per site (each normalised residual stream a rotated linear reads);
     every site weighs the same per token. ``heads > 1``: ``Q`` is ``[d/heads, d/heads]`` and rotates each of
@@ -166,6 +191,8 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
     t0 = time.perf_counter()
     d = q0.shape[0]
     _check_samples(samples)
+    if tail_mean not in TAIL_MEANS:
+        raise RotationLearningError(f"{what}: tail_mean={tail_mean!r}: expected one of {', '.join(TAIL_MEANS)}")
     for i, s in enumerate(samples):
         bad = int((~torch.isfinite(s)).sum())
         if bad:
@@ -181,7 +208,7 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
     opt = torch.optim.Adam([a], lr=lr)
     history: list[float] = []
     with torch.no_grad():
-        loss_start, kurt_start = _pool_means(sites, q0, target, moment)
+        loss_start, kurt_start = _pool_means(sites, q0, target, moment, tail_mean)
     for step in range(steps):
         batch = torch.cat([s[torch.randint(0, s.shape[0], (min(per_site, s.shape[0]),), generator=gen)]
                            for s in sites])
@@ -190,11 +217,11 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
             q = q0c @ cayley(a)
         except torch.linalg.LinAlgError as exc:
             raise RotationLearningError(f"{what}: step {step}: the Cayley system is singular ({exc})") from None
-        loss = kurtosis_loss(batch, q, target, moment)
+        loss = kurtosis_loss(batch, q, target, moment, tail_mean)
         if not math.isfinite(float(loss.detach())) and step == 0:
             with torch.no_grad():
                 i = next((i for i, x in enumerate(sites)
-                          if not math.isfinite(float(kurtosis_loss(x, q, target, moment)))), 0)
+                          if not math.isfinite(float(kurtosis_loss(x, q, target, moment, tail_mean)))), 0)
             name = site_names[i] if site_names is not None else f"site {i}"
             raise RotationLearningError(f"{what}: step 0 of {steps}, before any update: the kurtosis loss is "
                                         f"{float(loss.detach())} on the activations collected at {name} (finite, "
@@ -212,7 +239,7 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
         q = orthogonal_polar(q0.double() @ cayley(a.detach().double()))
         if not torch.isfinite(q).all():
             raise RotationLearningError(f"{what}: after {steps} steps the rotation is not finite")
-        loss_end, kurt_end = _pool_means(sites, q, target, moment)
+        loss_end, kurt_end = _pool_means(sites, q, target, moment, tail_mean)
         # the steps score minibatches; on every sample a too large lr can end above the start: keep the start then
         # (as kind=learned's check does), so a learned rotation never ends worse than the Hadamard it began from
         kept = "learned" if loss_end <= loss_start else "start"

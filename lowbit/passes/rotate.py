@@ -63,7 +63,7 @@ _CALIBRATION_DATA = frozenset({"calib", "calib_n", "calib_len", "tokenizer", "de
 """The calibration options both learned kinds read (``progress`` is display only, so it is not checked)."""
 _KIND_OPTIONS: dict[str, frozenset[str]] = {
     "kurtosis": _CALIBRATION_DATA | {"samples", "steps", "lr", "batch_tokens", "learn_heads", "target", "moment",
-                                     "batch_size"},
+                                     "tail_mean", "batch_size"},
     "learned": _CALIBRATION_DATA | {"steps", "lr", "windows_per_step", "w_bits", "a_bits", "check_windows"},
 }
 """The learning and calibration options each learned kind reads (hadamard and random read none of them: they use
@@ -151,6 +151,10 @@ class RotateOptions(CalibrationOptions):
     over the rms, what a per-token absmax scale pays for (SmolLM2, A4 at the R1 sites: 16 about doubles the gain
     over QuaRot that kurtosis gives, 0.944x -> 0.887x of its perplexity; bench/results/accuracy.json ``kurtail-m16``
     rows)."""
+    tail_mean: Literal["mean", "square"] = "mean"
+    """kurtosis: how the per-token losses (``moment``'s) are averaged. ``square``: the mean of their squares, so
+    the most heavy-tailed tokens weigh more (each token's A4 error is set by its own tail; a mean lets a few bad
+    tokens stay bad while the typical one improves)."""
     residual: bool = True
     """Rotate the residual stream (R1). It needs ``fold-norms`` (RMSNorm commutes with a rotation only at unit
     gain), and the folded gains then sit in every reader's weights, where they stop shielding the low-gain
@@ -278,6 +282,7 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
     try:
         learned = learn_kurtosis_rotation(samples, q0, steps=o.steps or 100, lr=o.lr or 3e-3,
                                           batch_tokens=o.batch_tokens, target=o.target, seed=o.seed, moment=o.moment,
+                                          tail_mean=o.tail_mean,
                                           site_names=[f"rms_norm %{n.name} (module {n.module!r})" for n in sites],
                                           what=f"pass {pass_name}: kind=kurtosis, residual stream of width {res.dim}")
         r2: dict[int, torch.Tensor] = {}
@@ -287,7 +292,8 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
                 raise PassError(f"pass {pass_name}: kind=kurtosis: calibration never reached o_proj %{h.o_proj.name}")
             lr2 = learn_kurtosis_rotation([torch.cat(k)], r0, steps=o.steps or 100, lr=o.lr or 3e-3,
                                           batch_tokens=o.batch_tokens, target=o.target, seed=o.seed,
-                                          moment=o.moment, heads=torch.cat(k).shape[-1] // r0.shape[0],
+                                          moment=o.moment, tail_mean=o.tail_mean,
+                                          heads=torch.cat(k).shape[-1] // r0.shape[0],
                                           site_names=[f"the input of o_proj %{h.o_proj.name} (module "
                                                       f"{h.o_proj.module!r})"],
                                           what=f"pass {pass_name}: kind=kurtosis, head rotation of %{h.o_proj.name}")
