@@ -124,13 +124,14 @@ class CompiledModel(torch.nn.Module):
         return self._step_generator().prefill_logits(input_ids)
 
     def _step_generator(self) -> Any:
-        from lowbit.generate import GenerationError, Generator
+        from lowbit.generate import GenerationError, Generator, logits_vocab
 
         meta = self.graph.meta.get("generation")
         if meta is None:
             raise GenerationError("this model was compiled as input_ids -> logits, with no KV cache: call it directly")
         if getattr(self, "_generator", None) is None:
-            self._generator = Generator(self.runner, meta, getattr(self.runner, "device", None), self.tokenizer)
+            self._generator = Generator(self.runner, meta, getattr(self.runner, "device", None), self.tokenizer,
+                                        logits_vocab(self.graph))
         return self._generator
 
     def extra_repr(self) -> str:

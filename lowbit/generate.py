@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -391,6 +392,13 @@ class _CudaGraphStep:
         return self.picked.clone()
 
 
+def logits_vocab(graph: Any) -> int | None:
+    """The vocabulary size a step graph's logits output declares (its last dim), or None where it is not static."""
+    shape = getattr(getattr(graph.outputs[0], "type", None), "shape", None) if graph.outputs else None
+    last = shape[-1] if shape else None
+    return last if isinstance(last, int) else None
+
+
 def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, positions)`` of a prefill over prompts of different lengths, left-padded so that every prompt ends in
     the last column (a ``last-logits`` step computes only that one): prompt b's tokens take positions 0..n-1 in
@@ -499,9 +507,13 @@ class Generator:
     """Runs prefill and decode with a lowered step graph ``runner(ids, positions, *cache) -> (logits, *cache)``."""
 
     def __init__(self, runner: Callable[..., Any], meta: dict[str, Any], device: str | torch.device | None = None,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, vocab_size: int | None = None) -> None:
         self.runner = runner
         self.meta = meta
+        self.vocab_size = vocab_size
+        """The logits' width where the caller knows it (the step graph's output type), so stop tokens are checked
+        before the prefill; None: they are checked against the prefill's logits."""
+        self._eos_warned = False
         self.spec = GenerationSpec(meta["max_length"], meta["max_batch"], meta.get("cuda_graph", True),
                                    meta.get("logits", "all"))
         self.cache_dtype: torch.dtype = getattr(torch, meta["cache_dtype"])
@@ -608,6 +620,23 @@ class Generator:
                 "it cached with the short ones. Generate prompts of one length together, or one prompt per "
                 "generate() call (or compile without kv-cache: the float cache prefills the batch together)")
 
+    def _check_stops(self, stops: set[int], given: bool, vocab: int) -> None:
+        """Stop ids the head can never choose: the run went on to max_new_tokens, silently. A given one is refused;
+        the model's own end-of-sequence id past its vocabulary (a config's eos for another vocabulary: GPT-2's
+        50256 on a smaller head) is said once, since generating without it is still what the model does."""
+        outside = sorted(t for t in stops if t >= vocab)
+        if not outside:
+            return
+        if given:
+            raise GenerationError(f"stop_tokens: {outside[0]} is outside the vocabulary ({vocab} logits: ids "
+                                  f"0..{vocab - 1}); it can never be generated")
+        if not self._eos_warned:
+            self._eos_warned = True
+            warnings.warn(f"the model's end-of-sequence id {outside[0]} (eos_token_id in its generation config) is "
+                          f"outside its vocabulary ({vocab} logits: ids 0..{vocab - 1}): no sequence can end on it, "
+                          "each runs to max_new_tokens; give stop_tokens= (or stop=) to end them", UserWarning,
+                          stacklevel=3)
+
     @torch.no_grad()
     def generate(self, input_ids: Any, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
@@ -641,6 +670,8 @@ class Generator:
         if stop_tokens is None:  # the model's end-of-sequence tokens, as transformers' generate stops on
             stop_tokens = self.meta.get("eos_token_ids", ())
         stops = _stop_ids(stop_tokens) | special_ids
+        if self.vocab_size is not None:  # before any work: the prefill of every prompt ran first
+            self._check_stops(stops, given_stops, self.vocab_size)
         gen = None
         if do_sample:
             gen = torch.Generator(device=self.device)
@@ -687,11 +718,8 @@ class Generator:
         sync()
         t0 = time.perf_counter()
         first, cache = self._prefill(ids, positions, lengths)
-        vocab = first.shape[-1]  # known from the logits: the generation meta does not record it
-        outside = sorted(t for t in stops if t >= vocab) if given_stops else []
-        if outside:  # a stop the head can never choose: the run went on to max_new_tokens, silently
-            raise GenerationError(f"stop_tokens: {outside[0]} is outside the vocabulary ({vocab} logits: ids "
-                                  f"0..{vocab - 1}); it can never be generated")
+        if self.vocab_size is None:  # known from the logits: the generation meta does not record it
+            self._check_stops(stops, given_stops, first.shape[-1])
         next_tokens = pick(first)
         sync()
         t1 = time.perf_counter()

@@ -1595,3 +1595,46 @@ def test_a_stop_string_that_is_a_special_token_ends_the_sequence(smollm2, compil
     assert second == free.tokens[1][:len(second)] and (im_end in second) == (len(second) < 20)
     with pytest.raises(GenerationError, match=r"stop: 'x<\|im_end\|>' holds the special token '<\|im_end\|>'"):
         compiled.generate(ids, 2, stop=["x<|im_end|>"])
+
+
+def test_stop_ids_outside_the_vocabulary_are_refused_or_said_before_the_prefill():
+    """A stop token past the vocabulary was refused only after every prompt's prefill had run (the logits told the
+    vocabulary); a model whose own eos_token_id is past its vocabulary (a config written for another head) was
+    silently never stopped. The compiled step graph's logits say the vocabulary: the given id is refused before the
+    step graph runs, the model's own is warned of before it, and generation runs on to max_new_tokens."""
+    from conftest import tiny_llama
+
+    import lowbit
+    from lowbit.generate import GenerationSpec
+
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=61, max_positions=32)
+    model.generation_config.eos_token_id = 500
+    compiled = lowbit.compile_model(model, generation=GenerationSpec(max_length=16, max_batch=1))
+    generator = compiled._step_generator()
+    calls = []
+    runner = generator.runner
+    generator.runner = lambda *args: calls.append(args[0].shape) or runner(*args)
+    with pytest.raises(GenerationError, match=r"stop_tokens: 61 is outside the vocabulary \(61 logits"):
+        compiled.generate([[3, 4, 5]], 4, stop_tokens=[7, 61])
+    assert calls == []
+    with pytest.warns(UserWarning, match=r"end-of-sequence id 500 .* outside its vocabulary \(61 logits") as said:
+        out = compiled.generate([[3, 4, 5]], 4)
+    assert len(out.tokens[0]) == 4 and calls[0] == (1, 3)
+    assert "each runs to max_new_tokens" in str(said[0].message)
+
+
+def test_cli_generate_refuses_a_stop_token_outside_a_lowbit_directorys_vocabulary_up_front(tiny_lowbit_dir):
+    """On a compiled lowbit directory the vocabulary was not read (no config): --stop-token past it reached generate()
+    below the echoed prompt. The step graph's logits give it, and the flag is a usage error before any prompt."""
+    from typer.testing import CliRunner
+
+    import lowbit
+    from lowbit.cli.main import app
+    from lowbit.generate import logits_vocab
+
+    vocab = logits_vocab(lowbit.load(tiny_lowbit_dir).graph)
+    res = CliRunner().invoke(app, ["generate", str(tiny_lowbit_dir), "--prompt", "hi", "-n", "2", "--stop-token",
+                                   str(vocab)])
+    assert res.exit_code == 2, res.output
+    assert f"--stop-token {vocab} is outside the model's vocabulary ({vocab} ids" in res.output, res.output

@@ -855,6 +855,9 @@ def generate_cmd(
                  f"{meta['max_length']}, max_batch={meta['max_batch']}: {', '.join(changed)} cannot change it "
                  "(compile the original model again with these flags)", Exit.USAGE)
         max_length, max_batch = meta["max_length"], meta["max_batch"]
+        from lowbit.generate import logits_vocab
+
+        vocab = logits_vocab(stored.graph)  # a --stop-token past it is refused before the prompt is echoed
         fixed = model  # the limits are the directory's: generate()'s advice to compile with others does not apply
         build = lambda spec: stored  # noqa: E731
         text = "loaded from the lowbit directory"
