@@ -164,7 +164,8 @@ def _epilogue_model(arch: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...
 @pytest.mark.parametrize("arch,pipeline,form", [
     ("llama", "quantize(w=int4,group=128,sym=false)", "w4a16+silu*up"),
     # the A8 gated store is also covered on real SmolLM2 weights by test_norm_quant's triton test
-    ("llama", "quantize(w=int8,a=int8)", "w8a8+silu*up"),
+    # (test_triton_backend_runs_the_fused_norm_like_the_torch_backend: "w8a8+silu*up" against the torch backend)
+    pytest.param("llama", "quantize(w=int8,a=int8)", "w8a8+silu*up", marks=pytest.mark.slow),
     ("bert", "quantize(w=int8,a=int8)", "w8a8+gelu"),
     ("bert", "quantize(w=int4,group=64)", "w4a16+gelu"),
 ])
@@ -281,12 +282,13 @@ def test_block_add_and_norm_run_in_the_weight_only_reduces(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", pytest.param("mistral", marks=pytest.mark.slow)])
 def test_block_add_and_norm_fuse_in_other_decoder_families(family):
     """The add + norm split on the generation families beside Llama: Qwen2 (q/k/v biases, tied head), Qwen3 (q/k
     RMSNorms that read the q/k/v split, not the residual stream: left alone), Mistral. Both blocks' post-attention
     norms and the second block's input norm are split (3 producers, 3 readers) and greedy tokens equal the torch
-    reference's."""
+    reference's. Mistral's blocks are Llama's (``test_block_add_and_norm_run_in_the_weight_only_reduces`` checks the
+    same split and tokens on them), so it runs with the slow tests only."""
     import transformers
 
     config = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
@@ -461,7 +463,7 @@ def _rotary_cache_nodes(compiled) -> tuple[int, int, int]:
 
 
 @needs_kernels
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", [pytest.param("llama", marks=pytest.mark.slow), "qwen2", "qwen3"])
 def test_rotary_and_cache_writes_run_in_one_kernel_per_layer(family, monkeypatch):
     """``rotary_cache`` (on by default): each layer's rotary of q and k, its two float-cache writes and its
     attention become one ``rotary_decode_sdpa`` node (none of the five ops left), named in the report; the step's
@@ -472,7 +474,10 @@ def test_rotary_and_cache_writes_run_in_one_kernel_per_layer(family, monkeypatch
     H200 run of session 18 had qwen2 and qwen3 differ from it at steps whose top-2 logits were
     0.56% and 0.66% apart (the fused and unfused backends agreed); there only the first new token (the prefill's)
     is compared with the reference. Float weights keep it to seconds under the interpreter (the rewrite does not
-    look at the linears; the W4A16 step of ``test_generation_runs_on_the_triton_backend`` runs it too)."""
+    look at the linears; the W4A16 step of ``test_generation_runs_on_the_triton_backend`` runs it too). Llama
+    runs with the slow tests only: Qwen2 and Qwen3 make the same checks on Llama's attention plus their biases and
+    q/k norms, and ``test_generation_runs_on_the_triton_backend`` fuses and runs a Llama's rotary and cache writes
+    (its report's ``rotary_cache``, its tokens against the reference's)."""
     pipeline = None
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
