@@ -1946,3 +1946,26 @@ def test_compile_lets_heads_pruned_by_a_global_allocation_through_to_the_hf_form
 
     torch.testing.assert_close(transformers_logits(tmp_path / "out", ids), lowbit.load(tmp_path / "out")(ids),
                                rtol=0, atol=1e-5)
+
+
+def test_a_model_directory_rewritten_between_two_loads_in_one_process_is_loaded_again(tmp_path):
+    """The CLI's model cache was keyed by the path string: a directory saved again (another model, the same path)
+    between two commands in one process (a notebook, a test run) gave the first model back, and its captured graph.
+    The files' sizes and times are part of the key now; an unchanged directory is still loaded once."""
+    from conftest import tiny_llama
+
+    from lowbit.cli.common import capture_model, load
+
+    directory = tmp_path / "model"
+    torch.manual_seed(0)
+    tiny_llama(layers=1).save_pretrained(directory)
+    first = load(str(directory))
+    assert load(str(directory)) is first
+    one_layer = len(capture_model(first).nodes)
+    torch.manual_seed(1)
+    tiny_llama(layers=2).save_pretrained(directory)
+    second = load(str(directory))
+    assert second is not first and second.module.model.config.num_hidden_layers == 2
+    assert not torch.equal(second.module.model.model.embed_tokens.weight, first.module.model.model.embed_tokens.weight)
+    assert len(capture_model(second).nodes) > one_layer
+    assert load(f"{directory}:1").module.model.config.num_hidden_layers == 1  # a slice of the new model

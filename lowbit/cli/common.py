@@ -200,6 +200,42 @@ def limit_heap_retention(threshold: int = 1 << 20) -> bool:
 
 _MODELS: dict[str, LoadedModel] = {}
 _GRAPHS: dict[str, Any] = {}
+_STAMPS: dict[str, str] = {}
+"""The files of each model path loaded (``source_stamp``), so a directory rewritten between two loads in one process
+is loaded again (cached by the path string alone, the second load returned the first model)."""
+
+
+def source_stamp(name: str) -> str | None:
+    """Names, sizes and modification times of the files a model path holds (the file itself, or a directory's files),
+    hashed; None where ``name`` is no path (``smollm2``)."""
+    import hashlib
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _forget_if_rewritten(spec: str) -> None:
+    """Drop what is cached from model path ``spec`` (its slices, dtypes and captured graphs too) when its files changed
+    since it was loaded."""
+    from lowbit.models import SLICE
+
+    m = SLICE.match(spec)
+    name = m.group("name") if m and not Path(spec).exists() else spec
+    stamp = source_stamp(name)
+    if stamp is None:
+        return
+    if _STAMPS.get(name, stamp) != stamp:
+        for cache in (_MODELS, _GRAPHS):
+            for key in [k for k in cache if k == name or k.startswith((f"{name}@", f"{name}:"))]:
+                del cache[key]
+    _STAMPS[name] = stamp
 
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -247,6 +283,7 @@ def load(spec: str, dtype: str = "float32") -> LoadedModel:
     commands are exercised on it in seconds. Missing paths exit with code 3, bad specs with 2.
     """
     check_dtype(dtype)
+    _forget_if_rewritten(spec)
     if dtype != "float32":  # cached (and captured) per dtype: the key carries it
         key = f"{spec}@{dtype}"
         if key not in _MODELS:
