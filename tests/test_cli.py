@@ -1969,3 +1969,42 @@ def test_a_model_directory_rewritten_between_two_loads_in_one_process_is_loaded_
     assert not torch.equal(second.module.model.model.embed_tokens.weight, first.module.model.model.embed_tokens.weight)
     assert len(capture_model(second).nodes) > one_layer
     assert load(f"{directory}:1").module.model.config.num_hidden_layers == 1  # a slice of the new model
+
+
+@register_pass
+class PlantBadAndHead(PlantBad):
+    """Test only: test-plant-bad that also scales lm_head by 1+1e-6 (a change outside the blocks)."""
+
+    name = "test-plant-bad-and-head"
+
+    def run(self, graph):
+        result = super().run(graph)
+        head = next(n for n in graph.nodes if n.op == "linear" and n.module == "lm_head")
+        graph.set_param(head.args[1].name, head.args[1].data * (1.0 + 1e-6))
+        return result
+
+
+def test_debug_bisect_stage_2_reuses_the_culprit_s_own_run_for_all_of_its_blocks(tmp_path, monkeypatch):
+    """Stage 2 began by running the culprit again restricted to every block, right after it had run on that very IR
+    unrestricted: the same run, the costliest of stage 2 (a GPTQ of the whole model), where the pass changed nothing
+    outside the blocks. It is measured once now; a pass that also changed lm_head still runs restricted to all blocks
+    (that differs), and the layers found are the same."""
+    runs = []
+    original = PlantBad.run
+    monkeypatch.setattr(PlantBad, "run", lambda self, graph: runs.append(self.options.modules) or original(self, graph))
+
+    def bisected(culprit: str) -> dict:
+        runs.clear()
+        js = tmp_path / f"{culprit}.json"
+        invoke("debug", "bisect", "smollm2:2", "--pipeline", f"fold-norms,{culprit},dce", *SMALL, "--json", js, "-q")
+        return json.loads(js.read_text())
+
+    blocks_only = bisected("test-plant-bad")
+    probes = [p["what"] for p in blocks_only["probes"]]
+    assert blocks_only["culprit_layers"] == ["model.layers.1"]
+    assert not any("on blocks [0,1]" in what for what in probes), probes
+    assert len(runs) == 4 and sum(bool(m) for m in runs) == 2, runs  # whole run, re-check, blocks [0] and [1]
+    with_head = bisected("test-plant-bad-and-head")
+    assert with_head["culprit_layers"] == ["model.layers.1"]
+    assert any("on blocks [0,1]" in p["what"] for p in with_head["probes"]), with_head["probes"]
+    assert len(runs) == 5, runs

@@ -13,6 +13,7 @@ while the rest stays bad, which leaves a set where every block is needed.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import time
@@ -30,8 +31,8 @@ from lowbit.cli.common import Exit, capture_model, check_calibration, console, e
 from lowbit.cli.probes import EvalInputs, _available_bytes, end_metric, fmt_metric, make_inputs, metric_label, \
     metric_name, slice_note
 from lowbit.cli.restrict import Unit, block_units, how_restricted, restrict, units_in_scope
-from lowbit.cli.reuse import ReusedRuns
-from lowbit.ir.graph import BLOCK_NAMES, Graph
+from lowbit.cli.reuse import ReusedRuns, same_literal
+from lowbit.ir.graph import BLOCK_NAMES, Graph, Value
 from lowbit.passes.manager import Instrument, PassRecord, format_pipeline, quote_pipeline
 
 
@@ -219,7 +220,8 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
     again = before.clone()
     run_pipeline(again, [culprit], model_spec=model_spec, takes_reproducer=False, ran_before=passes[:k],
                  input_verified=True)  # a clone of the IR run_prefix verified
-    if not changed and not record(f"#{k} {culprit.name} again, on that IR", evaluate(again)):
+    again_metric = evaluate(again) if not changed else math.nan
+    if not changed and not record(f"#{k} {culprit.name} again, on that IR", again_metric):
         changed.append(f"the first {k + 1} passes, past the threshold before, now give {metric_label(metric)} "
                        f"{fmt_metric(metric, probes[-1].metric)}")
     if changed:
@@ -241,6 +243,10 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
                        "the culprit is the pass as a whole")
     else:
         seen: dict[tuple[str, ...], float] = {}
+        if not changed_outside(again, before, units):
+            # the culprit changed nothing outside these blocks: restricted to all of them it is the run just measured
+            # (it ran a third time over every block, the costliest run of stage 2: a GPTQ over the whole model)
+            seen[tuple(u.name for u in units)] = again_metric
 
         def bad_with(chosen: list[Unit]) -> bool:
             key = tuple(u.name for u in chosen)
@@ -276,6 +282,36 @@ def bisect(model_spec: str, text: str, *, metric: str = "auto", max_increase: st
                            f" --sentences {n_sentences}"))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def changed_outside(graph: Graph, before: Graph, units: list[Unit]) -> bool:
+    """Whether a pass that turned ``before`` into ``graph`` changed a node outside ``units`` (by module path): one
+    added, removed, or with another op, literal or parameter tensor (clones share tensors: a pass that rewrites one
+    sets a new one). Values are compared by name, not by what flows into them, so a node after a changed block
+    still counts as unchanged."""
+    from torch.utils import _pytree as pytree
+
+    def inside(node: Any) -> bool:
+        return bool(node.module) and any(re.search(u.regex, node.module) for u in units)
+
+    ref = {n.name: n for n in before.nodes if not inside(n)}
+    now = [n for n in graph.nodes if not inside(n)]
+    if {n.name for n in now} != set(ref) or [v.name for v in graph.outputs] != [v.name for v in before.outputs]:
+        return True
+    for node in now:
+        old = ref[node.name]
+        leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
+        old_leaves, old_spec = pytree.tree_flatten((old.args, old.kwargs))
+        if old.op != node.op or spec != old_spec or [v.name for v in old.outputs] != [v.name for v in node.outputs]:
+            return True
+        for a, b in zip(leaves, old_leaves):
+            if isinstance(a, Value) or isinstance(b, Value):
+                if not (isinstance(a, Value) and isinstance(b, Value)) or a.name != b.name or a.kind != b.kind or (
+                        a.kind == "param" and a.data is not b.data):
+                    return True
+            elif not same_literal(a, b):
+                return True
+    return False
 
 
 def _later_damage(metric: str, baseline: float, at_culprit: float, full: float, culprit_end: int, n_passes: int,

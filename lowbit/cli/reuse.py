@@ -101,7 +101,7 @@ class DequantizedWeights:
         graph.outputs = [subst.get(id(v), v) for v in graph.outputs]
 
 
-def _same_literal(a: Any, b: Any) -> bool:
+def same_literal(a: Any, b: Any) -> bool:
     if a is b:
         return True
     if type(a) is not type(b) or isinstance(a, torch.Tensor):
@@ -139,7 +139,7 @@ def shared_values(graph: Graph, reference: Graph) -> set[str]:
             continue
         same = True
         for a, b in zip(leaves, ref_leaves):
-            same = _same_operand(a, b, shared) if isinstance(a, Value) or isinstance(b, Value) else _same_literal(a, b)
+            same = _same_operand(a, b, shared) if isinstance(a, Value) or isinstance(b, Value) else same_literal(a, b)
             if not same:
                 break
         if same:
