@@ -2196,3 +2196,100 @@ def test_whole_column_obs_matches_the_greedy_search_refit_from_scratch_at_every_
     assert torch.allclose(r.weight, full[:, :-1], rtol=1e-9, atol=1e-9)
     assert torch.allclose(r.bias_delta, full[:, -1], rtol=1e-9, atol=1e-9)
     assert r.loss == pytest.approx(loss, rel=1e-9)
+
+
+# ---- one capture per model and inputs -------------------------------------------------------------
+
+_SMALL_MODEL_ELEMENTS = 5_000_000  # the random test models; a real checkpoint is hashed too slowly to gain
+
+
+def _capture_key(model: Any, example_inputs: Any, dynamic_shapes: Any) -> tuple | None:
+    """What a capture depends on, by content: the wrapper and model classes, the HF configs, each module's plain
+    attributes, every parameter's and buffer's name, dtype, shape and bytes, the example inputs' shapes and dtypes,
+    and the dynamic shapes. None: not a small nn.Module (captured as usual)."""
+    import hashlib
+
+    if not isinstance(model, torch.nn.Module):
+        return None
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    if sum(t.numel() for _, t in tensors) > _SMALL_MODEL_ELEMENTS or any(t.is_meta for _, t in tensors):
+        return None
+    configs = tuple(m.config.to_json_string() for m in model.modules() if hasattr(getattr(m, "config", None),
+                                                                              "to_json_string"))
+    # what forwards read off their modules besides tensors (a norm's variance_epsilon, an attention's scaling)
+    attributes = tuple(tuple(sorted((k, repr(v)) for k, v in vars(m).items()
+                                    if isinstance(v, (int, float, bool, str, tuple, type(None)))))
+                       for m in model.modules())
+    weights = tuple((n, str(t.dtype), tuple(t.shape), hashlib.sha1(t.detach().contiguous().view(torch.uint8)
+                                                                    .numpy().tobytes()).hexdigest())
+                    for n, t in tensors)
+    leaves = torch.utils._pytree.tree_leaves(example_inputs)
+    examples = tuple((tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
+    return type(model).__qualname__, tuple(type(m).__qualname__ for m in model.modules()), configs, attributes, \
+        weights, examples, repr(dynamic_shapes)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_capture_per_model() -> Any:
+    """compile_model captures (torch.export, seconds a tiny model) a model this module compiled before, unchanged,
+    once: each later compile gets a clone with its own parameter tensors and meta, what a fresh capture gives (as
+    conftest's ``captured_slice`` does for the SmolLM2 slices). Keyed by content, so a changed weight, buffer or
+    config, or other inputs, capture again; capture errors are raised each time (nothing is cached)."""
+    import copy
+
+    import lowbit.api
+
+    captured: dict[tuple, Graph] = {}
+    capture = lowbit.api.capture
+
+    def reusing(model: Any, example_inputs: Any, dynamic_shapes: Any = None, **kw: Any) -> Graph:
+        key = None if kw else _capture_key(model, example_inputs, dynamic_shapes)
+        if key is None:
+            return capture(model, example_inputs, dynamic_shapes, **kw)
+        if key not in captured:
+            captured[key] = capture(model, example_inputs, dynamic_shapes)
+        graph = captured[key]
+        g = graph.clone()
+        g.meta = copy.deepcopy(graph.meta)
+        params = list(g.params.values())
+        for v, data in zip(params, copy.deepcopy([v.data for v in params])):  # shared storage stays shared
+            v.data = data
+        return g
+
+    lowbit.api.capture = reusing
+    try:
+        yield
+    finally:
+        lowbit.api.capture = capture
+        captured.clear()
+
+
+def test_a_reused_capture_is_a_fresh_capture_of_the_unchanged_model_only(monkeypatch):
+    """This module's ``_one_capture_per_model``: a second compile of the same model exports nothing and gives the
+    first's graph with its own parameter tensors; a weight changed in place, or a module attribute the forward reads,
+    is captured again (a stale graph would test the old model)."""
+    from conftest import tiny_llama
+
+    import importlib
+
+    from lowbit.api import compile_model
+
+    capture_module = importlib.import_module("lowbit.ir.capture")  # lowbit.ir.capture the attribute is the function
+    exports = []
+    export = capture_module._export
+    monkeypatch.setattr(capture_module, "_export", lambda *a: exports.append(1) or export(*a))
+    torch.manual_seed(0)
+    m = tiny_llama(hidden=32, inter=64, heads=2, kv_heads=1, layers=1, vocab=61)
+    ids = torch.randint(0, 61, (1, 5))
+    a, b = compile_model(m), compile_model(m)
+    assert len(exports) == 1 and torch.equal(a(ids), b(ids))
+    assert all(a.graph.params[k].data is not v.data for k, v in b.graph.params.items())
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight[0, 0] += 1
+    c = compile_model(m)
+    assert len(exports) == 2 and not torch.equal(c(ids), a(ids))
+    torch.testing.assert_close(c(ids), m(ids).logits)
+    m.model.layers[0].input_layernorm.variance_epsilon = 0.5  # an attribute the forward reads, not in the config
+    d = compile_model(m)
+    assert len(exports) == 3
+    torch.testing.assert_close(d(ids), m(ids).logits)
