@@ -2242,19 +2242,25 @@ def _one_capture_per_model() -> Any:
     captured: dict[tuple, Graph] = {}
     capture = lowbit.api.capture
 
-    def reusing(model: Any, example_inputs: Any, dynamic_shapes: Any = None, **kw: Any) -> Graph:
-        key = None if kw else _capture_key(model, example_inputs, dynamic_shapes)
-        if key is None:
-            return capture(model, example_inputs, dynamic_shapes, **kw)
-        if key not in captured:
-            captured[key] = capture(model, example_inputs, dynamic_shapes)
-        graph = captured[key]
+    def private_clone(graph: Graph) -> Graph:
         g = graph.clone()
         g.meta = copy.deepcopy(graph.meta)
         params = list(g.params.values())
         for v, data in zip(params, copy.deepcopy([v.data for v in params])):  # shared storage stays shared
             v.data = data
         return g
+
+    def reusing(model: Any, example_inputs: Any, dynamic_shapes: Any = None, **kw: Any) -> Graph:
+        key = None if kw else _capture_key(model, example_inputs, dynamic_shapes)
+        if key is None:
+            return capture(model, example_inputs, dynamic_shapes, **kw)
+        if key in captured:
+            return private_clone(captured[key])
+        graph = capture(model, example_inputs, dynamic_shapes)
+        # kept as a copy: the captured parameters are the model's own tensors, which a test may then change in place
+        # (load_state_dict of the masked weights) for a later test's model of the same content to compile
+        captured[key] = private_clone(graph)
+        return graph
 
     lowbit.api.capture = reusing
     try:
@@ -2267,10 +2273,11 @@ def _one_capture_per_model() -> Any:
 def test_a_reused_capture_is_a_fresh_capture_of_the_unchanged_model_only(monkeypatch):
     """This module's ``_one_capture_per_model``: a second compile of the same model exports nothing and gives the
     first's graph with its own parameter tensors; a weight changed in place, or a module attribute the forward reads,
-    is captured again (a stale graph would test the old model)."""
-    from conftest import tiny_llama
-
+    is captured again (a stale graph would test the old model), and a model changed after its capture leaves the
+    capture a later model of its first content gets as it was."""
     import importlib
+
+    from conftest import tiny_llama
 
     from lowbit.api import compile_model
 
@@ -2278,18 +2285,26 @@ def test_a_reused_capture_is_a_fresh_capture_of_the_unchanged_model_only(monkeyp
     exports = []
     export = capture_module._export
     monkeypatch.setattr(capture_module, "_export", lambda *a: exports.append(1) or export(*a))
-    torch.manual_seed(0)
-    m = tiny_llama(hidden=32, inter=64, heads=2, kv_heads=1, layers=1, vocab=61)
+
+    def tiny() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return tiny_llama(hidden=32, inter=64, heads=2, kv_heads=1, layers=1, vocab=61)
+
+    m = tiny()
     ids = torch.randint(0, 61, (1, 5))
     a, b = compile_model(m), compile_model(m)
     assert len(exports) == 1 and torch.equal(a(ids), b(ids))
     assert all(a.graph.params[k].data is not v.data for k, v in b.graph.params.items())
-    with torch.no_grad():
+    want = m(ids).logits
+    with torch.no_grad():  # the first compile's graph holds m's own tensors, as without the fixture
         m.model.layers[0].mlp.down_proj.weight[0, 0] += 1
     c = compile_model(m)
-    assert len(exports) == 2 and not torch.equal(c(ids), a(ids))
+    assert len(exports) == 2 and not torch.equal(c(ids), b(ids))
     torch.testing.assert_close(c(ids), m(ids).logits)
+    d = compile_model(tiny())  # m's first content again: the copy captured before m changed
+    assert len(exports) == 2
+    torch.testing.assert_close(d(ids), want)
     m.model.layers[0].input_layernorm.variance_epsilon = 0.5  # an attribute the forward reads, not in the config
-    d = compile_model(m)
+    e = compile_model(m)
     assert len(exports) == 3
-    torch.testing.assert_close(d(ids), m(ids).logits)
+    torch.testing.assert_close(e(ids), m(ids).logits)
