@@ -997,7 +997,8 @@ def test_distill_after_sparsify_keeps_the_2_4_masks():
     zeros in; the mask is re-applied after every step, so the pattern the meta records stays exact."""
     from lowbit.api import compile_model
 
-    c = compile_model(_tiny_m(), pipeline="sparsify(method=magnitude,pattern=2:4),distill(tokens=2000,calib_n=4,"
+    # 3 steps of 2 x 32 tokens: AdamW's first step already moves every weight with a gradient off zero
+    c = compile_model(_tiny_m(), pipeline="sparsify(method=magnitude,pattern=2:4),distill(tokens=192,calib_n=4,"
                       "calib_len=32,batch_size=2,lr=0.01,progress=false)", calib=_tiny_cal())
     _assert_2_4(c.graph)
     assert c.report.pipeline.records[1].stats["steps"] > 1
