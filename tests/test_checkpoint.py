@@ -1641,3 +1641,19 @@ def test_a_head_pruned_quantized_gpt2_saves_as_gptq_with_zero_heads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, compiled(ids), rtol=0, atol=1e-5)
     torch.testing.assert_close(lowbit.load(out)(ids), compiled(ids), rtol=0, atol=1e-6)
+
+
+def test_a_2_4_model_saved_as_gptq_reloads_with_its_sparsity_marks(tmp_path):
+    """GPTQ's config has no sparsity field and lowbit's GPTQ save recorded none: a 2:4 model saved as GPTQ reloaded
+    with no linear marked, so the 2:4 backends were not told and a compressed-tensors save of the reload declared no
+    sparsity_config. The manifest keeps the pattern (as format 'hf' does) and the reload marks the same linears."""
+    compiled = _compiled_tiny("sparsify(method=magnitude,pattern=2:4),quantize(w=int4,group=32,sym=true)")
+    marked = {n.module for n in compiled.graph.nodes if n.meta.get("sparsity") == "2:4"}
+    assert marked
+    reloaded = lowbit.load(lowbit.save(compiled, tmp_path / "gptq", format="gptq"))
+    assert {n.module for n in reloaded.graph.nodes if n.meta.get("sparsity") == "2:4"} == marked
+    ids = torch.randint(0, 97, (1, 7))
+    torch.testing.assert_close(reloaded(ids), compiled(ids), rtol=0, atol=0)
+    ct = lowbit.save(reloaded, tmp_path / "ct", format="compressed-tensors")
+    assert json.loads((ct / "config.json").read_text())["quantization_config"]["sparsity_config"][
+        "sparsity_structure"] == "2:4"

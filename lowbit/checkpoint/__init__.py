@@ -472,13 +472,9 @@ def _load_hf_float(directory: Path, *, backend: str, device: str | None, generat
     module, tokenizer = _tokenizer_free_causal_lm(directory) or load_model(directory, dtype="auto")[:2]
     compiled = compile_model(module, tokenizer=tokenizer, backend=backend, device=device,
                              backend_options=backend_options, generation=generation or None)
-    if isinstance(sparsity, dict):
-        from lowbit.ir.parser import SPARSITY_MARK
+    from lowbit.checkpoint.hf import mark_recorded_sparsity
 
-        for node in compiled.graph.nodes:
-            pattern = sparsity.get(node.module) if node.op == "linear" else None
-            if isinstance(pattern, str) and SPARSITY_MARK.fullmatch(pattern):
-                node.meta["sparsity"] = pattern
+    mark_recorded_sparsity(compiled.graph, sparsity)
     # what this load captured, as the other formats' reports say it (the figures were dropped with the rest)
     figures = {k: compiled.report.capture[k] for k in CAPTURE_META if compiled.report.capture.get(k)}
     compiled.report.capture = {"loaded_from": str(directory), "format": "hf", **figures}

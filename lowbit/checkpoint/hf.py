@@ -797,7 +797,10 @@ def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: A
     return {"format": "gptq", "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
             "float_linears": sorted(view.float_linears), "not_in_graph": missing,
             "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()},
-            **({"zero_heads": view.zero_heads} if view.zero_heads else {})}
+            **({"zero_heads": view.zero_heads} if view.zero_heads else {}),
+            # GPTQ's config has no sparsity field: the manifest keeps the pattern, as format 'hf' does (a reload of a
+            # 2:4 model saved as GPTQ was unmarked, so the 2:4 backends and a later save did not know it)
+            **({"sparsity": dict(sorted(view.sparsity.items()))} if view.sparsity else {})}
 
 
 def _gptq_block_modules(view: HFView) -> list[list[str]] | None:
@@ -1064,6 +1067,8 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
                                    if p[1] is not None and not p[1].dynamic})
     if method == "compressed-tensors":
         _mark_sparsity(graph, qcfg.get("sparsity_config"))
+    else:  # lowbit's GPTQ save records the pattern in its manifest
+        mark_recorded_sparsity(graph, (manifest or {}).get("lowbit", {}).get("sparsity"))
     graph.meta["loaded_format"] = method  # what generate() names when asked for a step graph this is not
     if generation and graph.meta["generation"]["logits"] == "last":  # as compile_model's plan adds it
         from lowbit.passes.last_logits import LastLogits
@@ -1088,6 +1093,20 @@ def _mark_sparsity(graph: Graph, sparsity: Any) -> None:
         if node.op == "linear" and node.module and not any(match_name(node.module, i) for i in ignore) and \
                 any(t == "Linear" or match_name(node.module, t) for t in targets):
             node.meta["sparsity"] = structure
+
+
+def mark_recorded_sparsity(graph: Graph, sparsity: Any) -> None:
+    """A manifest's record of the linears ``sparsify`` pruned (module -> ``2:4``; formats whose config has no field
+    for it: ``hf``, ``gptq``) marked again as ``sparsify`` marks them (a later save reads them; the 2:4 backends
+    check the weights themselves). Anything but a dict of known patterns marks nothing."""
+    if not isinstance(sparsity, dict):
+        return
+    from lowbit.ir.parser import SPARSITY_MARK
+
+    for node in graph.nodes:
+        pattern = sparsity.get(node.module) if node.op == "linear" else None
+        if isinstance(pattern, str) and SPARSITY_MARK.fullmatch(pattern):
+            node.meta["sparsity"] = pattern
 
 
 def _refuse_unread_ct_fields(qcfg: dict[str, Any], cfg_path: Path) -> None:
