@@ -1657,3 +1657,31 @@ def test_a_2_4_model_saved_as_gptq_reloads_with_its_sparsity_marks(tmp_path):
     ct = lowbit.save(reloaded, tmp_path / "ct", format="compressed-tensors")
     assert json.loads((ct / "config.json").read_text())["quantization_config"]["sparsity_config"][
         "sparsity_structure"] == "2:4"
+
+
+def test_a_w8a8_gpt2_is_not_sent_between_compressed_tensors_and_gptq(tmp_path):
+    """GPT-2's projections are Conv1D: compressed-tensors refused a W8A8 GPT-2 with "save with format='gptq'", and
+    GPTQ refused it (weight-only) with "use format='compressed-tensors'", each sending the user to the other. Where
+    GPTQ cannot hold the model either, both name format='lowbit' and why, and that save reloads to the same logits;
+    a weight-only int4 GPT-2 is still sent to GPTQ."""
+    from conftest import tiny_outside_family
+
+    from lowbit.checkpoint import CheckpointError
+
+    torch.manual_seed(0)
+    model = tiny_outside_family("gpt2", layers=2)
+    w8a8 = lowbit.compile_model(model, pipeline="quantize(w=int8,a=int8)")
+    with pytest.raises(CheckpointError, match=r"Conv1D .*save with format='lowbit' \(GPTQ, whose loaders take Conv1D, "
+                                              r"cannot hold it either: .*quantized input activations") as ct:
+        lowbit.save(w8a8, tmp_path / "ct", format="compressed-tensors")
+    assert "format='gptq'" not in str(ct.value)
+    with pytest.raises(CheckpointError, match=r"weight-only; use format='lowbit' \(compressed-tensors quantizes "
+                                              r"nn.Linear modules only, and this is a Conv1D\)") as gptq:
+        lowbit.save(w8a8, tmp_path / "gptq", format="gptq")
+    assert "compressed-tensors'" not in str(gptq.value)
+    ids = torch.randint(0, 100, (1, 8))
+    torch.testing.assert_close(lowbit.load(lowbit.save(w8a8, tmp_path / "lb", format="lowbit"))(ids), w8a8(ids),
+                               rtol=0, atol=0)
+    w4 = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32,sym=true)")
+    with pytest.raises(CheckpointError, match=r"save with format='gptq' \(symmetric int4/int8 weight-only"):
+        lowbit.save(w4, tmp_path / "ct4", format="compressed-tensors")

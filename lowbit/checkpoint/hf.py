@@ -637,10 +637,15 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
     if view.conv1d:
         # its schemes target nn.Linear modules: transformers loaded such a checkpoint with no error and the Conv1D
         # weights left at their random initialisation (their weight_packed tensors unused)
+        why_not_gptq = next((f"{m!r}: {why}" for m in view.conv1d
+                             if (why := _not_in_gptq(view.quantized[m])) is not None), None)
+        # GPTQ was named for any Conv1D model, and GPTQ's refusal of W8A8 named compressed-tensors back
+        where = ("format='lowbit' (GPTQ, whose loaders take Conv1D, cannot hold it either: linear "
+                 f"{why_not_gptq})" if why_not_gptq else
+                 "format='gptq' (symmetric int4/int8 weight-only; its loaders take Conv1D) or format='lowbit'")
         raise CheckpointError(f"linear {view.conv1d[0]!r} (and {len(view.conv1d) - 1} more) is quantized and is a "
                               "Conv1D in the HF model (weight stored [in, out], GPT-2's); compressed-tensors quantizes "
-                              "nn.Linear modules only, so a loader would leave it unloaded: save with format='gptq' "
-                              "(symmetric int4/int8 weight-only; its loaders take Conv1D) or format='lowbit'")
+                              f"nn.Linear modules only, so a loader would leave it unloaded: save with {where}")
     tensors = dict(view.tensors)
     groups: dict[str, dict[str, Any]] = {}
     members: dict[str, list[str]] = {}
@@ -756,16 +761,13 @@ def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: A
     tensors = dict(view.tensors)
     bits_seen, groups_seen = set(), set()
     for module, qw in view.quantized.items():
+        why = _not_in_gptq(qw)
+        if why is not None:
+            # compressed-tensors holds every such scheme but not a Conv1D (GPT-2's): its own refusal named GPTQ back
+            other = "use format='lowbit' (compressed-tensors quantizes nn.Linear modules only, and this is a Conv1D)" \
+                if module in view.conv1d else "use format='compressed-tensors'"
+            raise CheckpointError(f"linear {module!r}: {why}; {other}")
         qd = get_qdtype(qw.qdtype)
-        if qd.is_float or qd.bits not in (4, 8):
-            raise CheckpointError(f"linear {module!r}: {qw.qdtype} weights; the GPTQ format holds int4/int8 only")
-        if not qw.symmetric:
-            raise CheckpointError(f"linear {module!r}: asymmetric weights (zero points); lowbit writes GPTQ "
-                                  "symmetric only, which runtimes' fast kernels assume: quantize with sym=true, or "
-                                  "use format='compressed-tensors' (it stores zero points)")
-        if qw.act is not None:
-            raise CheckpointError(f"linear {module!r}: quantized input activations ({qw.act.qdtype}); the GPTQ "
-                                  "format is weight-only: use format='compressed-tensors'")
         n, k = qw.shape
         g = qw.group or k
         bits = qd.bits
@@ -801,6 +803,19 @@ def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: A
             # GPTQ's config has no sparsity field: the manifest keeps the pattern, as format 'hf' does (a reload of a
             # 2:4 model saved as GPTQ was unmarked, so the 2:4 backends and a later save did not know it)
             **({"sparsity": dict(sorted(view.sparsity.items()))} if view.sparsity else {})}
+
+
+def _not_in_gptq(qw: Any) -> str | None:
+    """Why the GPTQ layout cannot hold quantized linear ``qw`` (symmetric int4/int8 weight-only), or None."""
+    qd = get_qdtype(qw.qdtype)
+    if qd.is_float or qd.bits not in (4, 8):
+        return f"{qw.qdtype} weights; the GPTQ format holds int4/int8 only"
+    if not qw.symmetric:
+        return ("asymmetric weights (zero points); lowbit writes GPTQ symmetric only, which runtimes' fast kernels "
+                "assume (quantize with sym=true)")
+    if qw.act is not None:
+        return f"quantized input activations ({qw.act.qdtype}); the GPTQ format is weight-only"
+    return None
 
 
 def _gptq_block_modules(view: HFView) -> list[list[str]] | None:
