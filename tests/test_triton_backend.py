@@ -140,14 +140,15 @@ def test_compile_driver_reaches_the_triton_backend_through_the_registry(slice1_b
 
 
 def _epilogue_model(arch: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...] | None, list]:
-    """A random bf16 model of ``arch`` (one block, K = 256: the decode layout) and inputs for it."""
+    """A random bf16 model of ``arch`` (one block; K = 128, the decode layout's smallest, for the Llama's
+    gate/up: a quarter of 256's interpreter programs) and inputs for it."""
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     from lowbit.models import SentenceEmbedder
 
     torch.manual_seed(0)
     if arch == "llama":  # merged gate/up -> split -> silu -> mul
-        cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
+        cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4,
                           num_hidden_layers=1, vocab_size=1000, max_position_embeddings=256)
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
         return model, None, [(torch.randint(3, 1000, (1, 1)),), (torch.randint(3, 1000, (1, 9)),)]
