@@ -213,7 +213,10 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
         meta = validated_meta(GenerationMeta, parsed, f"{path}: metadata {GENERATION_KEY!r}")
         if "rope_switch" not in meta:
             _refuse_unrecorded_rope_switch(path)
-        return GeneratingOnnx(ort, meta, _given_tokenizer(tokenizer))
+        # the logits' width, where the file declares it: a stop token past it is refused before the prefill
+        vocab = ort.session.get_outputs()[0].shape[-1]
+        return GeneratingOnnx(ort, meta, _given_tokenizer(tokenizer),
+                              vocab_size=vocab if isinstance(vocab, int) else None)
     meta = _engine_generation(path)
     if (options or (tokenizer is not None and meta is None)) and path.is_file():  # were dropped without a word
         given = sorted(options) + (["tokenizer"] if tokenizer is not None and meta is None else [])
@@ -317,16 +320,17 @@ def _refuse_unrecorded_rope_switch(path: Path) -> None:
 
 class GeneratingOnnx(torch.nn.Module):
     """An exported step graph run by ONNX Runtime (or a TensorRT engine), with ``generate()`` from the meta the file
-    carries; ``device``: where its cache lives (an engine's GPU; None: the CPU)."""
+    carries; ``device``: where its cache lives (an engine's GPU; None: the CPU); ``vocab_size``: the logits' width
+    where the file declares it."""
 
     def __init__(self, runner: torch.nn.Module, meta: dict[str, Any], tokenizer: Any = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, vocab_size: int | None = None) -> None:
         super().__init__()
         from lowbit.generate import Generator
 
         self.runner = runner
         self.tokenizer = tokenizer
-        self.generator = Generator(runner, meta, device, tokenizer)
+        self.generator = Generator(runner, meta, device, tokenizer, vocab_size)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.runner(*args, **kwargs)

@@ -1637,3 +1637,24 @@ def test_cli_generate_refuses_a_stop_token_outside_a_lowbit_directorys_vocabular
                                    str(vocab)])
     assert res.exit_code == 2, res.output
     assert f"--stop-token {vocab} is outside the model's vocabulary ({vocab} ids" in res.output, res.output
+
+
+def test_an_exported_step_graph_refuses_a_stop_token_outside_its_vocabulary_before_the_prefill(tmp_path):
+    """lowbit.export.load(step.onnx).generate(stop_tokens=[id past the vocabulary]) ran every prompt's prefill before
+    refusing it (only the logits told the vocabulary); the file's logits output declares it, so it is refused first."""
+    from conftest import tiny_llama
+
+    import lowbit
+    from lowbit.generate import GenerationSpec
+
+    torch.manual_seed(0)
+    compiled = lowbit.compile_model(tiny_llama(vocab=61, max_positions=32),
+                                    generation=GenerationSpec(max_length=16, max_batch=1))
+    loaded = lowbit.export.load(lowbit.export(compiled, tmp_path / "step.onnx"))
+    calls = []
+    runner = loaded.generator.runner
+    loaded.generator.runner = lambda *args: calls.append(args[0].shape) or runner(*args)
+    with pytest.raises(GenerationError, match=r"stop_tokens: 61 is outside the vocabulary \(61 logits"):
+        loaded.generate([[3, 4, 5]], 3, stop_tokens=[61])
+    assert calls == []
+    assert len(loaded.generate([[3, 4, 5]], 3, stop_tokens=()).tokens[0]) == 3 and calls
