@@ -173,7 +173,8 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
        f"),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN)
       for tag, what, opt in M16_VARIANTS for sd in (2, 0, 1)],  # seed 2 first: the moment-16 R1's worst
     # session 39: the moment-16 R1 learned on the mean of each token's squared tail ratio (tail_mean=square: the
-    # most heavy-tailed tokens weigh more); session 38's wt2-512x8 screen at seed 2 read 53.31 against 54.49
+    # most heavy-tailed tokens weigh more); session 38's wt2-512x8 screen at seed 2 read 53.31 against 54.49.
+    # Measured (wt2-512x40): seed 2 2.549x (the mean's 2.545x), seed 0 2.466x (2.413x): no gain, seed 1 not run
     *[("w4a4kv4", "kurtail-m16-sq" + (f"-seed{sd}" if sd else ""),
        "as kurtail-m16, R1 learned on the mean square of the per-token tail ratios (tail_mean=square)"
        + (f", rotation seed {sd} (default 0)" if sd else ""),
