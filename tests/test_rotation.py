@@ -1355,3 +1355,23 @@ def test_kurtosis_rotation_tail_mean_square_learns_on_the_mean_square_of_smollm2
         PassManager("rotate(tail_mean=square)")
     with pytest.raises(PipelineSpecError, match="tail_mean.*'mean' or 'square'"):
         PassManager("rotate(kind=kurtosis,tail_mean=max)")
+
+
+def test_tail_ratio_learning_on_smollm2_streams_with_a_constant_token_stays_finite(smollm2):
+    """A token whose normalised stream has no spread (all channels equal: what RMSNorm makes of a zero embedding
+    row, a padding token's in many vocabularies) made ``tail_ratio`` log(0) - log(0) = NaN, so
+    ``rotate(kind=kurtosis,moment=16)`` stopped at step 0 blaming "fourth powers overflow" (kurtosis itself was
+    finite there). Such a row is 0 (no tail), and learning on SmolLM2's real streams with zero rows among them ends
+    as without them."""
+    from lowbit.calibration.rotation_learning import learn_kurtosis_rotation, tail_ratio
+
+    train, _ = _block_streams(smollm2)
+    zero = torch.zeros(4, 576, dtype=torch.float64)
+    assert tail_ratio(zero, 16).abs().max() == 0 and tail_ratio(zero + 0.5, 16).abs().max() == 0
+    q0 = random_hadamard(576, 0)
+    padded = [torch.cat([zero, s]) for s in train]
+    got = learn_kurtosis_rotation(padded, q0, steps=5, lr=3e-3, batch_tokens=512, moment=16)
+    assert got.check["kept"] == "learned" and got.loss_end < got.loss_start
+    rows = sum(s.shape[0] for s in train)
+    start_without = float(tail_ratio(torch.cat(train) @ q0, 16).mean())
+    assert abs(got.loss_start * (rows + 8) / rows - start_without) < 1e-6, (got.loss_start, start_without)

@@ -119,10 +119,12 @@ def tail_ratio(y: torch.Tensor, p: int) -> torch.Tensor:
     channels all have one magnitude, growing with its tail. Kurtosis is this ratio at p = 4 (to the 4th power);
     at larger p it nears ``log(max|y-μ| / rms)``, the ratio a per-token absmax scale pays for: its step is set by
     the largest channel, its error by the step. Computed from the row's maximum so that ``|y|^p`` cannot
-    overflow."""
+    overflow. A row without spread (all channels equal: the normalised stream of a zero embedding, e.g. a padding
+    token's) is 0 too, not the NaN of log(0) - log(0) that made the whole loss NaN."""
     c = y - y.mean(-1, keepdim=True)
-    top = c.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
-    u = c / top
+    top = c.abs().amax(-1, keepdim=True)
+    flat = top == 0
+    u = torch.where(flat, torch.ones_like(c), c / top.clamp_min(torch.finfo(y.dtype).tiny))
     return (u.abs().pow(p).mean(-1).log() / p - u.square().mean(-1).log() / 2)
 
 
