@@ -183,7 +183,7 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
       for sd in (2, 0, 1)],
     # session 39: a gentler moment-16 R1 (lr 1e-3 instead of 3e-3: nearer the Hadamard's incoherent weights).
     # wt2-512x8 screen at seed 2 (--eval wt2-512x8): 72.67 against kurtail-m16-seed2's 75.35 (float 30.15)
-    # wt2-512x40: seed 2 2.468x (lr 3e-3: 2.545x), seed 0 2.465x (2.413x): 0.885x / 0.870x QuaRot, a wash so far
+    # wt2-512x40: seeds 2/0/1 2.468x/2.465x/2.498x (lr 3e-3: 2.545x/2.413x/2.425x), mean 0.880x QuaRot: not a win
     *[("w4a4kv4", "kurtail-m16-lr1e-3" + (f"-seed{sd}" if sd else ""),
        "as kurtail-m16, R1 learned at lr 1e-3 (default 3e-3)" + (f", rotation seed {sd} (default 0)" if sd else ""),
        f"fold-norms,{KURTAIL_M16[:-1]},lr=0.001" + (f",seed={sd}" if sd else "") +
