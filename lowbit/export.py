@@ -235,10 +235,10 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
 def _engine_generation(path: Path) -> dict[str, Any] | None:
     """The generation meta a lowbit engine file's header records (an exported step graph's), validated; None for
     another engine, a raw plan or a file that is not there (``TensorRTCompiled.load`` says why)."""
-    from lowbit.backends.tensorrt.engine_file import EngineFileError, read_engine
+    from lowbit.backends.tensorrt.engine_file import EngineFileError, read_engine_header
 
     try:
-        header = read_engine(path)[1]
+        header = read_engine_header(path)  # its header only: TensorRTCompiled.load reads and checks the plan
     except (EngineFileError, OSError):
         return None
     raw = header.extra.get(GENERATION_KEY) if header is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -1220,3 +1221,36 @@ def test_a_tensorrt_refusal_names_the_recipes_tensorrt_builds_and_each_builds(tr
         PassManager(passes).run(graph)
         found = errors(check_tensorrt_qdq(to_onnx(graph, opset=21, weight_format="qdq", attention="decompose")))
         assert not found, (name, found[:3])
+
+
+def test_engine_header_is_read_without_the_plan(tmp_path, monkeypatch):
+    """``lowbit.export.load`` asks an engine file for its generation meta before ``TensorRTCompiled.load`` reads and
+    hashes the plan: the question read and hashed the whole plan too (twice the I/O of a multi-GB engine). The
+    header reader reads the header alone: the same header as ``read_engine``'s, from a file whose plan is damaged
+    or never read, and the same refusals of a file that has no header to give."""
+    import lowbit.export as lowbit_export
+    from lowbit.backends.tensorrt.engine_file import read_engine_header
+
+    path = write_engine(tmp_path / "m.engine", b"x" * 10_000, _header())
+    assert read_engine_header(path) == read_engine(path)[1]
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read the whole of {self}"))
+    header = read_engine_header(path)
+    assert header is not None and header.inputs == ["input_ids"] and header.plan_bytes == 10_000
+    monkeypatch.undo()
+    meta = {"eos_token_ids": [2], "max_length": 32, "max_batch": 2, "n_layers": 1, "kv_heads": 2, "head_dim": 16,
+            "cache_inputs": ["k_0", "v_0"], "cache_dtype": "float32"}
+    step = write_engine(tmp_path / "step.engine", b"y" * 1_000, EngineHeader(
+        0, "", "10.9.0", inputs=["input_ids"], outputs=["logits"], extra={"lowbit.generation": meta}))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read the whole of {self}"))
+    assert lowbit_export._engine_generation(step)["max_length"] == 32  # what export.load asks before the load
+    monkeypatch.undo()
+    (tmp_path / "trtexec.plan").write_bytes(b"\x01\x02plan")
+    assert read_engine_header(tmp_path / "trtexec.plan") is None
+    path.write_bytes(bytes(data[:30]))
+    with pytest.raises(EngineFileError, match="truncated"):
+        read_engine_header(path)
+    with pytest.raises(EngineFileError, match="no TensorRT engine file at"):
+        read_engine_header(tmp_path / "nope.engine")

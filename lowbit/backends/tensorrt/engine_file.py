@@ -67,29 +67,48 @@ def write_engine(path: str | os.PathLike[str], plan: bytes, header: EngineHeader
 def read_engine(path: str | os.PathLike[str]) -> tuple[bytes, EngineHeader | None]:
     """The plan bytes and lowbit's header (None for a raw plan from another tool), integrity checked."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise EngineFileError(f"no TensorRT engine file at {path}")
+    header, plan_start = _read_header(path)
     data = path.read_bytes()
-    if not data:
-        raise EngineFileError(f"{path} is empty (0 bytes): the write was interrupted or the file truncated")
-    if not data.startswith(MAGIC):
+    if header is None:
         return data, None
-    if len(data) < _PREFIX.size:
-        raise EngineFileError(f"{path} is truncated inside lowbit's engine header ({len(data)} bytes)")
-    _, version, meta_len = _PREFIX.unpack_from(data)
-    if version > FORMAT_VERSION:
-        raise EngineFileError(f"{path} uses lowbit engine format {version}; this lowbit reads up to {FORMAT_VERSION}")
-    meta_end = _PREFIX.size + meta_len
-    if len(data) < meta_end:
-        raise EngineFileError(f"{path} is truncated: its header needs {meta_end} bytes, the file has {len(data)}")
-    try:
-        header = EngineHeader(**json.loads(data[_PREFIX.size:meta_end]))
-    except (ValueError, TypeError) as exc:
-        raise EngineFileError(f"{path} has a corrupted header ({exc})") from exc
-    plan = data[meta_end:]
+    plan = data[plan_start:]
     if len(plan) != header.plan_bytes:
         raise EngineFileError(f"{path} is truncated: the plan should be {header.plan_bytes} bytes, "
                               f"the file holds {len(plan)}")
     if hashlib.sha256(plan).hexdigest() != header.plan_sha256:
         raise EngineFileError(f"{path} is corrupted: the plan's SHA-256 does not match the one recorded at build")
     return plan, header
+
+
+def read_engine_header(path: str | os.PathLike[str]) -> EngineHeader | None:
+    """lowbit's header of an engine file (None for a raw plan) without reading or checking its plan: what a caller
+    that only asks what the engine is needs (``read_engine`` reads and hashes the whole plan, gigabytes for a 7B)."""
+    return _read_header(Path(path).expanduser())[0]
+
+
+def _read_header(path: Path) -> tuple[EngineHeader | None, int]:
+    """The header (None for a raw plan) and the offset where the plan starts, from the file's first bytes."""
+    if not path.is_file():
+        raise EngineFileError(f"no TensorRT engine file at {path}")
+    size = path.stat().st_size
+    if not size:
+        raise EngineFileError(f"{path} is empty (0 bytes): the write was interrupted or the file truncated")
+    with open(path, "rb") as f:
+        prefix = f.read(_PREFIX.size)
+        if not prefix.startswith(MAGIC):
+            return None, 0
+        if len(prefix) < _PREFIX.size:
+            raise EngineFileError(f"{path} is truncated inside lowbit's engine header ({size} bytes)")
+        _, version, meta_len = _PREFIX.unpack_from(prefix)
+        if version > FORMAT_VERSION:
+            raise EngineFileError(f"{path} uses lowbit engine format {version}; this lowbit reads up to "
+                                  f"{FORMAT_VERSION}")
+        meta_end = _PREFIX.size + meta_len
+        if size < meta_end:
+            raise EngineFileError(f"{path} is truncated: its header needs {meta_end} bytes, the file has {size}")
+        meta = f.read(meta_len)
+    try:
+        header = EngineHeader(**json.loads(meta))
+    except (ValueError, TypeError) as exc:
+        raise EngineFileError(f"{path} has a corrupted header ({exc})") from exc
+    return header, meta_end
