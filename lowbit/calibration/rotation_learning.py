@@ -92,19 +92,28 @@ def token_losses(x: torch.Tensor, q: torch.Tensor, target: float = UNIFORM_KURTO
                  ) -> torch.Tensor:
     """Per token: ``|kurtosis(x·Q) - target|`` (KurTail's), or for ``moment`` p > 4 the ``tail_ratio`` of order p
     (``target`` unused)."""
-    y = rotate_tokens(x, q)
+    return _rotated_losses(rotate_tokens(x, q), target, moment)
+
+
+def _rotated_losses(y: torch.Tensor, target: float, moment: int, kurt: torch.Tensor | None = None) -> torch.Tensor:
+    """``token_losses`` of rows already rotated; ``kurt``: their kurtosis where the caller has it already."""
     if moment == 4:
-        return (kurtosis(y) - target).abs()
+        return ((kurtosis(y) if kurt is None else kurt) - target).abs()
     return tail_ratio(y, moment)
+
+
+def _weighed(losses: torch.Tensor, tail_mean: str) -> torch.Tensor:
+    """The per-token ``losses`` as ``tail_mean`` (``TAIL_MEANS``) weighs them before they are averaged."""
+    if tail_mean == "square":
+        return losses.square()
+    if tail_mean != "mean":
+        raise ValueError(f"tail_mean={tail_mean!r}: expected one of {', '.join(TAIL_MEANS)}")
+    return losses
 
 
 def pool_tokens(losses: torch.Tensor, tail_mean: str = "mean") -> torch.Tensor:
     """The per-token ``losses`` as one number the way ``tail_mean`` says (``TAIL_MEANS``)."""
-    if tail_mean == "square":
-        return losses.square().mean()
-    if tail_mean != "mean":
-        raise ValueError(f"tail_mean={tail_mean!r}: expected one of {', '.join(TAIL_MEANS)}")
-    return losses.mean()
+    return _weighed(losses, tail_mean).mean()
 
 
 def kurtosis_loss(x: torch.Tensor, q: torch.Tensor, target: float = UNIFORM_KURTOSIS,
@@ -165,8 +174,7 @@ def _pool_means(sites: Sequence[torch.Tensor], q: torch.Tensor, target: float, m
         for start in range(0, site.shape[0], POOL_CHUNK):
             y = rotate_tokens(site[start:start + POOL_CHUNK].double(), q)
             k = kurtosis(y)
-            per_token = (k - target).abs() if moment == 4 else tail_ratio(y, moment)
-            loss += float((per_token.square() if tail_mean == "square" else per_token).sum())
+            loss += float(_weighed(_rotated_losses(y, target, moment, k), tail_mean).sum())
             kurt += float(k.sum())
             rows += k.numel()
     return loss / rows, kurt / rows
