@@ -483,12 +483,14 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[B, kv_heads, S, D] -> [B, kv_heads * groups, S, D]`` as transformers' ``repeat_kv`` (expand + reshape:
-    ops the IR has; ``repeat_interleave`` is not one)."""
+    """``[B, kv_heads, S, D] -> [B, kv_heads * groups, S, D]`` in transformers' ``repeat_kv`` order (query head h
+    reads KV head h // groups), as an index over the head dim. Not expand + reshape (nor ``repeat_interleave``,
+    which decomposes to it): merging the kv_heads and groups dims gives the result the stride
+    ``min(groups * S * D, S * D)``, which torch 2.11's export cannot prove equal to ``S * D`` for the dynamic
+    ``S``, so capturing Gemma 2's step failed with "Constraints violated (slots)"."""
     if groups == 1:
         return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
+    return x[:, torch.arange(x.shape[1] * groups, device=x.device) // groups]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1658,3 +1658,28 @@ def test_an_exported_step_graph_refuses_a_stop_token_outside_its_vocabulary_befo
         loaded.generate([[3, 4, 5]], 3, stop_tokens=[61])
     assert calls == []
     assert len(loaded.generate([[3, 4, 5]], 3, stop_tokens=()).tokens[0]) == 3 and calls
+
+
+def test_soft_capped_step_captures_with_its_cache_length_dynamic():
+    """Gemma 2's step (soft-capped attention written out: 6 query heads over 2 KV heads) failed to capture on torch
+    2.11 with "Constraints violated (slots)": its KV-head repeat (expand + reshape) merged two dims into a stride
+    export could not prove for every cache length. Captured once, the step now runs at other batches and cache
+    lengths than its example's, with the eager step's logits and cache."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    model = t.AutoModelForCausalLM.from_config(t.Gemma2Config(
+        hidden_size=96, intermediate_size=128, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+        num_hidden_layers=2, vocab_size=128, max_position_embeddings=128, sliding_window=8, pad_token_id=0)).eval()
+    step = CausalLMStep(model).eval()
+    cm = compile_model(step, generation=GenerationSpec(max_length=64, max_batch=3))
+    for batch, slots in ((1, 9), (3, 64)):
+        ids = torch.randint(3, 128, (batch, 4))
+        pos = torch.arange(5, 9).repeat(batch, 1)
+        cache = [torch.randn(batch, 2, slots, 16) for _ in range(4)]
+        with torch.no_grad():
+            ref = step(ids, pos, [c.clone() for c in cache])
+        out = cm.runner(ids, pos, *[c.clone() for c in cache])
+        torch.testing.assert_close(out[0], ref[0][:, -1:], rtol=1e-4, atol=1e-4)  # logits="last"
+        for got, want in zip(out[1:], ref[1:]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
