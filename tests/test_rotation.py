@@ -1375,3 +1375,26 @@ def test_tail_ratio_learning_on_smollm2_streams_with_a_constant_token_stays_fini
     rows = sum(s.shape[0] for s in train)
     start_without = float(tail_ratio(torch.cat(train) @ q0, 16).mean())
     assert abs(got.loss_start * (rows + 8) / rows - start_without) < 1e-6, (got.loss_start, start_without)
+
+
+def test_kurtosis_learning_step0_overflow_names_the_moment_and_the_way_out():
+    """moment > 4 measures each token's tail from its own maximum, so "fourth powers overflow" was false there:
+    a non-finite start loss names the moment, the real overflow (x·Q or the range the steps learn in) and the way
+    out; at moment=4 it names moment=16 as the way out, and moment=16 does learn on those activations."""
+    from lowbit.calibration.rotation_learning import RotationLearningError, learn_kurtosis_rotation
+
+    def learn(x, moment):
+        return learn_kurtosis_rotation([torch.randn(8, 16), x], random_hadamard(16, 0), steps=3, lr=1e-3,
+                                       batch_tokens=64, what="residual", moment=moment)
+
+    big = torch.randn(64, 16, dtype=torch.float64) * 1e12
+    with pytest.raises(RotationLearningError, match=r"the kurtosis loss is .*fourth powers overflow torch.float32 "
+                                                    r"\(largest \|value\| .*e\+12\); moment=16"):
+        learn(big, 4)
+    assert learn(big, 16).loss_end < float("inf")
+    along_q = (3e38 * 4 * random_hadamard(16, 0)[:, 0].double()).expand(64, 16)  # in range; x·Q is 4x larger
+    for x, cause in [(along_q, r"x·Q overflows torch.float32"),
+                     (torch.randn(64, 16, dtype=torch.float64) * 1e40, r"beyond torch.float32's range")]:
+        with pytest.raises(RotationLearningError, match=rf"the moment=16 tail loss is .*{cause}.*kind=hadamard") as e:
+            learn(x, 16)
+        assert "fourth powers" not in str(e.value)

@@ -180,6 +180,23 @@ def _pool_means(sites: Sequence[torch.Tensor], q: torch.Tensor, target: float, m
     return loss / rows, kurt / rows
 
 
+def _overflow_cause(raw: torch.Tensor, site: torch.Tensor, q: torch.Tensor, moment: int, dtype: torch.dtype) -> str:
+    """Why finite activations ``raw`` (``site``: them as learned on, in ``dtype``) give a non-finite loss, and the
+    way out: only ``moment=4`` raises values to a power before scaling (``tail_ratio`` divides by each token's
+    maximum first), so a larger moment helps only there."""
+    largest = f"largest |value| {float(raw.detach().abs().max()):.3g}"
+    if not torch.isfinite(site).all():
+        return (f"finite, but beyond {dtype}'s range ({largest}) in which the steps learn: the model's activations "
+                "are too large to learn from; kind=hadamard learns nothing")
+    if not torch.isfinite(rotate_tokens(site, q)).all():
+        return (f"finite, but x·Q overflows {dtype} ({largest}): the model's activations are too large to learn "
+                "from; kind=hadamard learns nothing")
+    if moment == 4:
+        return (f"finite, but their fourth powers overflow {dtype} ({largest}); moment=16 scales each token by its "
+                "own maximum before the power, so it cannot overflow")
+    return f"finite ({largest}), and x·Q is too, but the moment={moment} tail ratio is not"
+
+
 def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *, steps: int, lr: float,
                             batch_tokens: int, target: float = UNIFORM_KURTOSIS, seed: int = 0,
                             dtype: torch.dtype = torch.float32, what: str = "rotation",
@@ -233,9 +250,11 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
                 i = next((i for i, x in enumerate(sites)
                           if not math.isfinite(float(kurtosis_loss(x, q, target, moment, tail_mean)))), 0)
             name = site_names[i] if site_names is not None else f"site {i}"
-            raise RotationLearningError(f"{what}: step 0 of {steps}, before any update: the kurtosis loss is "
-                                        f"{float(loss.detach())} on the activations collected at {name} (finite, "
-                                        f"but their fourth powers overflow {dtype}): not a learning-rate problem")
+            raise RotationLearningError(f"{what}: step 0 of {steps}, before any update: the "
+                                        f"{'kurtosis' if moment == 4 else f'moment={moment} tail'} loss is "
+                                        f"{float(loss.detach())} on the activations collected at {name} "
+                                        f"({_overflow_cause(samples[i], sites[i], q.detach(), moment, dtype)}): "
+                                        "not a learning-rate problem")
         if not math.isfinite(float(loss.detach())):
             raise RotationLearningError(f"{what}: step {step} of {steps}: the kurtosis loss is {float(loss.detach())} "
                                         f"(diverged; lower lr={lr})")
