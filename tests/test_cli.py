@@ -2008,3 +2008,33 @@ def test_debug_bisect_stage_2_reuses_the_culprit_s_own_run_for_all_of_its_blocks
     assert with_head["culprit_layers"] == ["model.layers.1"]
     assert any("on blocks [0,1]" in p["what"] for p in with_head["probes"]), with_head["probes"]
     assert len(runs) == 5, runs
+
+
+def test_a_gpt2_compiled_for_compressed_tensors_is_refused_before_any_pass(tmp_path, monkeypatch):
+    """GPT-2's projections are Conv1D, which compressed-tensors cannot describe: `lowbit compile -f
+    compressed-tensors` ran the whole pipeline (GPTQ's calibration included) and only then did the writer refuse.
+    It is refused before any pass, naming the pass, a Conv1D linear, the format and the ways out (GPTQ where it
+    holds the scheme, else lowbit with GPTQ's reason); the lowbit format takes the same pipeline."""
+    from conftest import tiny_outside_family
+
+    import lowbit.cli.main as cli_main
+
+    tiny_outside_family("gpt2", layers=2).save_pretrained(tmp_path / "gpt2")
+    ran = []
+    real = cli_main.run_pipeline
+    monkeypatch.setattr(cli_main, "run_pipeline", lambda *a, **k: ran.append(1) or real(*a, **k))
+    for pipeline, where in [("quantize(w=int4,group=32,sym=true)", "or write --format gptq (symmetric int4/int8 "
+                                                                   "weight-only; its loaders take Conv1D) or --format "
+                                                                   "lowbit"),
+                            ("quantize(w=int8,a=int8)", "or write --format lowbit (gptq, whose loaders take Conv1D, "
+                                                        "cannot hold it either: pass quantize(w=int8,a=int8) quantizes "
+                                                        "input activations (a=int8), and format 'gptq' is weight-only)")]:
+        res = invoke("compile", tmp_path / "gpt2", "-p", pipeline, "-f", "compressed-tensors", "-o",
+                     tmp_path / "out", code=2)
+        out = " ".join(res.output.split())
+        assert (f"cannot write --format compressed-tensors: pass {pipeline.replace(',sym=true', '')} quantizes "
+                "linear 'transformer.h.0.attn.c_attn' (and 7 more), a Conv1D in the HF model") in out, out
+        assert f"keep those linears float (keep= or modules=), {where}" in out, out
+        assert not ran and not (tmp_path / "out").exists()
+    invoke("compile", tmp_path / "gpt2", "-p", "quantize(w=int4,group=32,sym=true)", "-o", tmp_path / "lowbit")
+    assert ran

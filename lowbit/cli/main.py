@@ -472,6 +472,9 @@ def compile_cmd(
         console.print(f"overrides {overrides}: keeping {', '.join(keep) or 'nothing'} float -> "
                       f"{','.join(p.spec() for p in passes)}", markup=False, soft_wrap=True)
         plan = plan_compile(passes, backend, options)
+    refused = conv1d_refusal(fmt, passes, graph, loaded.module)
+    if refused:
+        fail(f"cannot write --format {fmt}: {refused}", Exit.USAGE)
     try:  # a backend option naming what the model lacks, or a group_fallback the backend refuses on it
         check_plan_on_graph(graph, plan)
     except LowbitError as exc:
@@ -582,6 +585,35 @@ def hf_format_refusal(fmt: str, passes: list[Any]) -> str | None:
                     f"{', online_o=true before o_proj' if online[0].options.online_o else ''}), which format {fmt!r} "
                     "has no field for (a loader would run another model): use rotate(online=false,online_o=false), "
                     "whose rotations fold into the weights, or write --format lowbit")
+    return None
+
+
+def conv1d_refusal(fmt: str, passes: list[Any], graph: Any, module: Any) -> str | None:
+    """compressed-tensors quantizes ``nn.Linear`` modules only, and GPT-2's projections are ``Conv1D`` (weight
+    ``[in, out]``): the writer refused them after the whole compile (GPTQ's calibration included). The captured
+    ``graph`` and the HF ``module`` show which linears are Conv1D, and each quantizing pass's ``modules`` scope and
+    ``keep`` globs which of them it quantizes, so this is said before any pass runs."""
+    if fmt != "compressed-tensors":
+        return None
+    from lowbit.ir.qscheme import module_matches
+
+    conv1d = {name for name, m in module.named_modules() if type(m).__name__ == "Conv1D"}
+    linears = [n.module for n in graph.nodes if n.op == "linear"
+               and any(c == n.module or c.endswith(f".{n.module}") for c in conv1d)]  # a wrapper adds "model."
+    for p in passes:
+        if "dequantize" not in getattr(p, "creates", ()):
+            continue
+        o = p.options
+        hit = [m for m in linears if (not hasattr(o, "in_scope") or o.in_scope(m))
+               and not any(module_matches(m, k) for k in getattr(o, "keep", []))]
+        if hit:
+            gptq = hf_format_refusal("gptq", passes)
+            where = ("--format lowbit (gptq, whose loaders take Conv1D, cannot hold it either: "
+                     f"{gptq.rsplit(': ', 1)[0]})" if gptq else
+                     "--format gptq (symmetric int4/int8 weight-only; its loaders take Conv1D) or --format lowbit")
+            return (f"pass {p.spec()} quantizes linear {hit[0]!r} (and {len(hit) - 1} more), a Conv1D in the HF model "
+                    "(weight stored [in, out], GPT-2's); compressed-tensors quantizes nn.Linear modules only, so a "
+                    f"loader would leave it unloaded: keep those linears float (keep= or modules=), or write {where}")
     return None
 
 
