@@ -217,7 +217,7 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
         vocab = ort.session.get_outputs()[0].shape[-1]
         return GeneratingOnnx(ort, meta, _given_tokenizer(tokenizer),
                               vocab_size=vocab if isinstance(vocab, int) else None)
-    meta = _engine_generation(path)
+    meta, vocab = _engine_step(path)
     if (options or (tokenizer is not None and meta is None)) and path.is_file():  # were dropped without a word
         given = sorted(options) + (["tokenizer"] if tokenizer is not None and meta is None else [])
         raise OptionError(f"{path} is read as a TensorRT engine (not an ONNX file), which takes no options: got "
@@ -229,24 +229,38 @@ def load(path: str | os.PathLike[str], *, tokenizer: Any = None, **options: Any)
     engine = TensorRTCompiled.load(path)
     # an exported step graph's engine had no generate(): the meta it needs was not recorded (the ONNX file's was)
     # generating on the engine's GPU: its cache was made on the CPU and copied to the GPU at every step
-    return engine if meta is None else GeneratingOnnx(engine, meta, _given_tokenizer(tokenizer), engine.device)
+    if meta is None:
+        return engine
+    # the logits' width, where the header records it: a stop token past it is refused before the prefill
+    return GeneratingOnnx(engine, meta, _given_tokenizer(tokenizer), engine.device, vocab_size=vocab)
 
 
 def _engine_generation(path: Path) -> dict[str, Any] | None:
     """The generation meta a lowbit engine file's header records (an exported step graph's), validated; None for
     another engine, a raw plan or a file that is not there (``TensorRTCompiled.load`` says why)."""
-    from lowbit.backends.tensorrt.engine_file import EngineFileError, read_engine_header
+    return _engine_step(path)[0]
+
+
+def _engine_step(path: Path) -> tuple[dict[str, Any] | None, int | None]:
+    """``_engine_generation``'s meta and the logits width the header records beside it (None: an engine written
+    before lowbit recorded it, whose stop tokens are checked against the first logits)."""
+    from lowbit.backends.tensorrt.engine_file import VOCAB_KEY, EngineFileError, read_engine_header
 
     try:
         header = read_engine_header(path)  # its header only: TensorRTCompiled.load reads and checks the plan
     except (EngineFileError, OSError):
-        return None
+        return None, None
     raw = header.extra.get(GENERATION_KEY) if header is not None else None
     if raw is None:
-        return None
+        return None, None
     from lowbit.checkpoint import GenerationMeta, validated_meta
 
-    return validated_meta(GenerationMeta, raw, f"{path}: engine header {GENERATION_KEY!r}")
+    meta = validated_meta(GenerationMeta, raw, f"{path}: engine header {GENERATION_KEY!r}")
+    vocab = header.extra.get(VOCAB_KEY)
+    if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1):
+        raise EngineFileError(f"{path}: engine header {VOCAB_KEY!r} is {vocab!r}: expected a positive integer (the "
+                              "logits' width); the header is damaged")
+    return meta, vocab
 
 
 def _given_tokenizer(tokenizer: Any) -> Any:

@@ -1254,3 +1254,44 @@ def test_engine_header_is_read_without_the_plan(tmp_path, monkeypatch):
         read_engine_header(path)
     with pytest.raises(EngineFileError, match="no TensorRT engine file at"):
         read_engine_header(tmp_path / "nope.engine")
+
+
+def test_an_exported_step_engine_refuses_a_stop_token_past_its_vocabulary_before_the_prefill(
+        tensorrt_here, monkeypatch, tmp_path):
+    """An exported step graph's engine header held no vocabulary size, so ``generate(stop_tokens=[id past it])`` on
+    ``lowbit.export.load``'s engine ran every prompt's prefill before the refusal (the ONNX file declares its logits'
+    width and refused first). The header records it now, and the refusal comes before any work; an engine written
+    before (no such key) still generates and refuses after its prefill, and a damaged value is named."""
+    import types
+
+    import lowbit
+    import lowbit.backends.tensorrt as trt_backend
+    from conftest import tiny_llama
+    from lowbit.generate import GenerationError, GenerationSpec
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(trt_backend, "build_engine", _onnx_plan_build)
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", _OrtPlanRunner)
+    torch.manual_seed(0)
+    compiled = lowbit.compile_model(tiny_llama(heads=4, kv_heads=2, max_positions=64, vocab=101),
+                                    generation=GenerationSpec(max_length=32, max_batch=2))
+    path = lowbit.export(compiled, tmp_path / "m.engine", format="tensorrt")
+    plan, header = read_engine(path)
+    assert header.extra["lowbit.vocab_size"] == 101
+    loaded = lowbit.export.load(path)
+    prefills = []
+    real = loaded.generator._prefill
+    monkeypatch.setattr(loaded.generator, "_prefill", lambda *a: prefills.append(1) or real(*a))
+    with pytest.raises(GenerationError, match=r"stop_tokens: 101 is outside the vocabulary \(101 logits"):
+        loaded.generate([[3, 4, 5]], 4, stop_tokens=[101])
+    assert not prefills
+    want = compiled.generate([[3, 4, 5], [7, 8]], 4, stop_tokens=()).tokens
+    assert loaded.generate([[3, 4, 5], [7, 8]], 4, stop_tokens=()).tokens == want
+    del header.extra["lowbit.vocab_size"]  # as an engine written before the key
+    old = lowbit.export.load(write_engine(tmp_path / "old.engine", plan, header))
+    assert old.generate([[3, 4, 5], [7, 8]], 4, stop_tokens=()).tokens == want
+    with pytest.raises(GenerationError, match=r"stop_tokens: 101 is outside the vocabulary \(101 logits"):
+        old.generate([[3, 4, 5]], 4, stop_tokens=[101])
+    header.extra["lowbit.vocab_size"] = "101"
+    with pytest.raises(EngineFileError, match=r"engine header 'lowbit.vocab_size' is '101': expected a positive"):
+        lowbit.export.load(write_engine(tmp_path / "bad.engine", plan, header))

@@ -36,7 +36,7 @@ from lowbit.backends.tensorrt.engine import (
     profile_from_symbols,
     save_engine,
 )
-from lowbit.backends.tensorrt.engine_file import EngineFileError, EngineHeader, read_engine, write_engine
+from lowbit.backends.tensorrt.engine_file import VOCAB_KEY, EngineFileError, EngineHeader, read_engine, write_engine
 from lowbit.backends.tensorrt.qdq_rules import RULES, Violation, check_tensorrt_qdq, errors
 from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph
@@ -122,7 +122,16 @@ def export_engine(graph: Graph, path: str | os.PathLike[str], *, onnx_dir: str |
         header.source = ""  # a temporary file, gone: the header named a path that never existed for its reader
     if graph.meta.get("generation") is not None:
         header.extra["lowbit.generation"] = dict(graph.meta["generation"])
+        vocab = logits_width(graph)
+        if vocab is not None:  # generate() refuses a stop token past it before any work (the ONNX file declares it)
+            header.extra[VOCAB_KEY] = vocab
     return save_engine(path, plan, header)
+
+
+def logits_width(graph: Graph) -> int | None:
+    """The last dim of ``graph``'s first output (a step graph's logits, the vocabulary), None where symbolic."""
+    shape = getattr(getattr(graph.outputs[0], "type", None), "shape", None) if graph.outputs else None
+    return shape[-1] if shape and isinstance(shape[-1], int) else None
 
 
 class TensorRTCompiled(torch.nn.Module):

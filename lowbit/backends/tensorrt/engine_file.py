@@ -23,6 +23,10 @@ from lowbit.errors import LowbitError
 MAGIC = b"LOWBIT-TRT"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<10sHQ")  # magic, format version, header length
+VOCAB_KEY = "lowbit.vocab_size"
+"""A step graph's logits width in the header's ``extra`` (beside ``lowbit.generation``), so ``generate()`` refuses a
+stop token past it before any work; engines written before it lack it (their stop tokens are checked against the
+first logits, after the prefill). In ``extra``, not a field: an older lowbit reads such a header too."""
 
 
 class EngineFileError(LowbitError, ValueError):
