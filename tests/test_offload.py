@@ -335,3 +335,25 @@ def test_lowbit_compile_to_onnxruntime_says_why_its_weights_were_offloaded(tmp_p
     text = " ".join(res.output.split())
     assert "`lowbit compile -o DIR` offloads to DIR's disk): the onnxruntime session holds its own copy" in text
     assert "-b torch --backend-option keep_packed=true" in text and "offload_dir:" not in text
+
+
+def test_onnxruntime_offload_note_only_where_weights_were_offloaded(tmp_path: Path) -> None:
+    """The onnxruntime backend said "offloaded weights ... the session holds its own copy" whenever offload_dir was
+    set (`lowbit compile -o` sets it unasked), also for a pipeline that offloads nothing (dce on a float model: no
+    weight is rewritten, none goes to disk). The note comes only where weights are in offload files, with their
+    MiB; offloaded_bytes counts the tensors living in such files and nothing else."""
+    pytest.importorskip("onnxruntime")
+    from lowbit.ir.offload import offloaded_bytes
+
+    mapped = map_from_disk([torch.randn(1000), torch.randn(24)], tmp_path)
+    assert offloaded_bytes([*mapped, mapped[0], torch.randn(500)]) == 4096
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=97)
+    plain = lowbit.compile_model(model, pipeline="dce", backend="onnxruntime", offload_dir=tmp_path)
+    assert plain.graph.offload_dir is not None
+    assert not any("offload" in line for line in plain.report.lowering), plain.report.lowering
+    packed = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32)", backend="onnxruntime",
+                                  offload_dir=tmp_path)
+    note = next(line for line in packed.report.lowering if line.startswith("offloaded weights"))
+    mib = offloaded_bytes(v.data for v in packed.graph.params.values() if v.data is not None) / 2**20
+    assert mib > 0 and f"offloaded weights ({mib:.1f} MiB in offload_dir={tmp_path}" in note, note

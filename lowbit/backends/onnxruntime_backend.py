@@ -36,6 +36,7 @@ from lowbit.backends.onnx.io import (
 from lowbit.backends.onnx.widen import has_bfloat16, widen_bfloat16
 from lowbit.errors import DeviceError, LowbitError, OptionError, did_you_mean
 from lowbit.ir.graph import Graph
+from lowbit.ir.offload import offloaded_bytes
 from lowbit.ir.signature import InputChecker, InputError, is_int_dtype, ordered_inputs
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -420,17 +421,22 @@ class OrtCompiled(torch.nn.Module):
                                                       spinning=spinning),
                                       file_checked=on_file is not None)
         self.providers = self.session.get_providers()
-        if graph is not None and graph.offload_dir is not None and self.onnx_model is not None:
+        # offload_dir says where weights would go, not that any went: a pipeline that rewrites no weight (dce, a
+        # float model's) offloads none, and the note claimed offloaded weights anyway
+        offloaded = offloaded_bytes(v.data for v in graph.params.values() if v.data is not None) \
+            if graph is not None and graph.offload_dir is not None and self.onnx_model is not None else 0
+        if offloaded is None or offloaded:
             # ORT reads its initializers into its own buffers (a prepacked copy for MatMulNBits); it never maps the
             # offloaded files, so the offload bounded the passes' memory, not the lowered model's: said, not silent
             mib = initializer_bytes(self.onnx_model) / 2**20
+            held = "" if offloaded is None else f"{offloaded / 2**20:.1f} MiB "
             # named by what set it: `lowbit compile -o DIR` offloads to DIR's disk unasked, and its user read
             # "offload_dir:" (an API argument) and "backend='torch'" (an API spelling) for a flag they never gave
-            self.notes.append(f"offloaded weights (offload_dir={graph.offload_dir}; `lowbit compile -o DIR` offloads "
-                              f"to DIR's disk): the onnxruntime session holds its own copy of the model's {mib:.1f} "
-                              "MiB of weights in memory (it does not read the offloaded files), so the offload bounded "
-                              "the passes' memory, not this backend's; the torch backend with keep_packed (-b torch "
-                              "--backend-option keep_packed=true, or backend='torch', "
+            self.notes.append(f"offloaded weights ({held}in offload_dir={graph.offload_dir}; `lowbit compile -o DIR` "
+                              f"offloads to DIR's disk): the onnxruntime session holds its own copy of the model's "
+                              f"{mib:.1f} MiB of weights in memory (it does not read the offloaded files), so the "
+                              "offload bounded the passes' memory, not this backend's; the torch backend with "
+                              "keep_packed (-b torch --backend-option keep_packed=true, or backend='torch', "
                               "backend_options={'keep_packed': True}) runs on the offloaded weights")
         dropped = [provider_name(p) for p in self.requested_providers if provider_name(p) not in self.providers]
         if dropped:

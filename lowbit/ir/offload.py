@@ -15,15 +15,16 @@ tensor gets anonymous pages for what it writes and never changes the file.
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["OffloadError", "map_from_disk", "ram_backed"]
+__all__ = ["OffloadError", "map_from_disk", "offloaded_bytes", "ram_backed"]
 
 _ALIGN = 64
 """Each tensor starts at a multiple of 64 bytes in its file: aligned for every dtype and for vector loads."""
@@ -109,3 +110,28 @@ def map_from_disk(tensors: Sequence[torch.Tensor], directory: str | os.PathLike[
         raw = torch.empty(0, dtype=torch.uint8).set_(storage, start, (nbytes,))
         out[i] = raw.view(t.dtype).reshape(t.shape)
     return out
+
+
+def offloaded_bytes(tensors: Iterable[torch.Tensor]) -> int | None:
+    """How many bytes of ``tensors`` (a tensor seen twice counted once) live in an offload file's mapping (``map_from_disk``'s,
+    unlinked, so the process's memory map lists it as ``.lowbit-*.bin (deleted)``); None where the system has no
+    memory map to read. Why: ``Graph.offload_dir`` says where weights would go, not that any went (a pipeline that
+    rewrites no weight offloads none), and a note about the offload is true only for what is there."""
+    try:
+        with open("/proc/self/maps") as f:
+            spans = sorted(tuple(int(a, 16) for a in line.split(None, 1)[0].split("-")) for line in f
+                           if "/.lowbit-" in line and line.rstrip().endswith(".bin (deleted)"))
+    except OSError:
+        return None
+    starts = [lo for lo, _ in spans]
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in tensors:
+        ptr, nbytes = (t.data_ptr(), t.numel() * t.element_size()) if t.device.type == "cpu" else (0, 0)
+        if not nbytes or (ptr, nbytes) in seen:
+            continue
+        i = bisect.bisect_right(starts, ptr) - 1
+        if i >= 0 and ptr < spans[i][1]:
+            seen.add((ptr, nbytes))
+            total += nbytes
+    return total
