@@ -59,7 +59,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if d % per:
         raise ValueError(f"head_dim {d} is not a multiple of {per} ({bits}-bit codes, {per} per byte)")
     u = (codes.to(torch.int32) - qmin).reshape(*codes.shape[:-1], d // per, per)
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    shifts = torch.arange(0, per * bits, bits, device=codes.device, dtype=torch.int32)
     return (u << shifts).sum(-1).to(torch.uint8)
 
 
@@ -75,8 +75,8 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def _qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric scale and zero point as ``qparams_from_range`` computes them (the range always holds 0)."""
     qmin, qmax = _qrange(bits)
-    lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
-    hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
+    lo = lo.float().clamp(max=0)  # as minimum/maximum with a zeros tensor, without making it (NaN stays NaN)
+    hi = hi.float().clamp(min=0)
     scale = ((hi - lo) / (qmax - qmin)).clamp(min=SCALE_EPS)
     zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
     return scale, zp
@@ -190,21 +190,22 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
     vs = scatter(vs, 2, idx.expand(b, h, n, vscale.shape[-1]), vscale.to(vs.dtype))
     vz = scatter(vz, 2, idx.expand(b, h, n, vzero.shape[-1]), vzero)
     # keys: the blocks from p0's to the last token's, from the old ring (tokens before p0) and the new keys
-    first = (p0 // k_block) * k_block
+    first_block = p0 // k_block
     if n == 1:  # a decode step touches one block (no host sync: the step can run under a CUDA graph)
         n_blocks = 1
     else:
         n_blocks = int(((p0[:, 0] + n - 1) // k_block - p0[:, 0] // k_block).max()) + 1
-    span = first + torch.arange(n_blocks * k_block, device=k.device)  # [B, T] positions of those blocks
+    span = first_block * k_block + torch.arange(n_blocks * k_block, device=k.device)  # [B, T] their positions
     tt = span.shape[1]
-    new_i = (span - p0).clamp(0, n - 1)
-    from_new = (span >= p0) & (span - p0 < n)
-    old_slot = sink + span.remainder(ring)
-    kn = k.gather(2, new_i[:, None, :, None].expand(b, h, tt, d)).float()
-    ko = kf.gather(2, old_slot[:, None, :, None].expand(b, h, tt, d)).float()
-    known = from_new | (span < p0)
+    ko = kf.gather(2, (sink + span.remainder(ring))[:, None, :, None].expand(b, h, tt, d)).float()
     # zeros stand for tokens not written yet: the range always holds 0, so they change no scale
-    kblk = torch.where(from_new[:, None, :, None], kn, torch.where(known[:, None, :, None], ko, 0.0))
+    older = torch.where((span < p0)[:, None, :, None], ko, 0.0)
+    if n == 1:  # the one new key broadcasts over its block: no index arithmetic and gather for it
+        kblk = torch.where((span == p0)[:, None, :, None], k.float(), older)
+    else:
+        from_new = (span >= p0) & (span - p0 < n)
+        kn = k.gather(2, (span - p0).clamp(0, n - 1)[:, None, :, None].expand(b, h, tt, d)).float()
+        kblk = torch.where(from_new[:, None, :, None], kn, older)
     kcode, kscale, kzero = quantize_keys(kblk, bits, k_block)
     # a sequence whose tokens end in an earlier block than another's may span a block past the cache's end:
     # scatter into a padded copy and cut it off (no index is written twice)
@@ -218,16 +219,23 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
         return out[:, :, : t.shape[2]]
 
     kc = put(kc, span, kcode, pad)
-    blk = span[:, ::k_block] // k_block  # [B, n_blocks]
+    blk = first_block if n == 1 else span[:, ::k_block] // k_block  # [B, n_blocks]
     ks = put(ks, blk, kscale.to(ks.dtype), n_blocks)
     kz = put(kz, blk, kzero, n_blocks)
     # float ring: the last `ring` new tokens (a longer chunk's earlier ones would be overwritten anyway)
     last = min(n, ring)
     pl = pos[:, n - last:]
-    ridx = (sink + pl.remainder(ring))[:, None, :, None].expand(b, h, last, d)
-    kf = scatter(kf, 2, ridx, k[:, :, n - last:].to(kf.dtype))
-    vf = scatter(vf, 2, ridx, v[:, :, n - last:].to(vf.dtype))
-    if sink:  # the sink slots keep positions 0..sink-1
+    slot = sink + pl.remainder(ring)
+    kn, vn = k[:, :, n - last:], v[:, :, n - last:]
+    if sink and n == 1:
+        # a token below position `sink` is also its sink slot's: one scatter writes both, and any other token its
+        # ring slot twice (the same value), in place of the sink's where/gather/copy below
+        slot = torch.cat([slot, torch.where(pl < sink, pl, slot)], 1)
+        kn, vn = kn.expand(b, h, 2, d), vn.expand(b, h, 2, d)
+    ridx = slot[:, None, :, None].expand(b, h, slot.shape[1], d)
+    kf = scatter(kf, 2, ridx, kn.to(kf.dtype))
+    vf = scatter(vf, 2, ridx, vn.to(vf.dtype))
+    if sink and n > 1:  # the sink slots keep positions 0..sink-1
         sp = torch.arange(sink, device=k.device)
         hit = (sp[None] >= p0) & (sp[None] - p0 < n)  # [B, sink]
         si = (sp[None] - p0).clamp(0, n - 1)[:, None, :, None].expand(b, h, sink, d)
