@@ -2038,3 +2038,19 @@ def test_a_gpt2_compiled_for_compressed_tensors_is_refused_before_any_pass(tmp_p
         assert not ran and not (tmp_path / "out").exists()
     invoke("compile", tmp_path / "gpt2", "-p", "quantize(w=int4,group=32,sym=true)", "-o", tmp_path / "lowbit")
     assert ran
+
+
+def test_import_lowbit_and_the_cli_leave_transformers_unimported():
+    """``import lowbit`` and the CLI's module imported transformers (~1 s of every command, ``lowbit --help`` too,
+    and of every subprocess test) through the calibration texts' tokenizer type hints and ``AutoTokenizer``: now it
+    is imported where a model or tokenizer is loaded. ``--help`` still lists the commands."""
+    code = ("import sys, lowbit, lowbit.cli.main, lowbit.checkpoint, lowbit.eval.perplexity, lowbit.eval.embedding\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n"
+            "from typer.testing import CliRunner\n"
+            "res = CliRunner().invoke(lowbit.cli.main.app, ['--help'])\n"
+            "print(res.exit_code, 'compile' in res.output, 'transformers' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.splitlines() == ["[]", "0 True False"], res.stdout

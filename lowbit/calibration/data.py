@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from lowbit.data import refuse_json_text
 from lowbit.data.model_files import load_tokenizer
 from lowbit.data.tokens import token_ids
 from lowbit.errors import CorruptFileError
 from lowbit.ir.graph import Graph
+
+if TYPE_CHECKING:  # transformers costs ~1 s to import; only the type is needed here
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["calibration_ids", "load_tokenizer", "graph_tokenizer", "DEFAULT_CALIBRATION_TEXT", "calibration_tensor",
            "given_windows", "check_vocabulary", "vocabulary_size", "check_default_tokenizer", "calib_size",

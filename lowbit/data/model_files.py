@@ -17,11 +17,13 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import zipfile  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 from lowbit.cache import atomic_dir, cache_dir  # noqa: E402
 from lowbit.remote_code import from_pretrained  # noqa: E402
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["packaged_path", "smollm2_gguf_path", "minilm_dir", "load_smollm2_tokenizer", "load_tokenizer",
            "TOKENIZER_FILES", "SMOLLM2_CACHE"]
@@ -83,6 +85,14 @@ def minilm_dir() -> Path:
     return packaged_path(MINILM_MODULE, "model", MINILM_DIST, MINILM_VERSION)
 
 
+def _from_pretrained_tokenizer(path: str | os.PathLike[str], **kw: str) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer`` from local files; transformers is imported here, not with the package: it costs ~1 s,
+    which every ``import lowbit`` and CLI command (``lowbit --help`` too) paid when no tokenizer was ever built."""
+    from transformers import AutoTokenizer
+
+    return from_pretrained(AutoTokenizer, path, **kw)
+
+
 def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
     """The SmolLM2 tokenizer alone: from the float cache if built, else straight from the GGUF.
 
@@ -90,9 +100,9 @@ def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
     """
     cached = cache_dir() / SMOLLM2_CACHE
     if (cached / "config.json").is_file():
-        return from_pretrained(AutoTokenizer, cached)
+        return _from_pretrained_tokenizer(cached)
     gguf = smollm2_gguf_path()
-    return from_pretrained(AutoTokenizer, gguf.parent, gguf_file=gguf.name)
+    return _from_pretrained_tokenizer(gguf.parent, gguf_file=gguf.name)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
@@ -106,7 +116,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if name_or_path == "smollm2":
         return load_smollm2_tokenizer()
     if name_or_path == "minilm":
-        return from_pretrained(AutoTokenizer, minilm_dir())
+        return _from_pretrained_tokenizer(minilm_dir())
     if not os.path.isdir(name_or_path):
         raise ValueError(f"tokenizer {name_or_path!r}: give 'smollm2', 'minilm' or a local tokenizer directory")
     if not any(os.path.isfile(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
@@ -115,4 +125,4 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         raise FileNotFoundError(f"tokenizer {name_or_path!r} has no tokenizer files (one of "
                                 f"{', '.join(TOKENIZER_FILES)}): give the directory a tokenizer was saved to "
                                 "(tokenizer.save_pretrained(directory)), 'smollm2' or 'minilm'")
-    return from_pretrained(AutoTokenizer, name_or_path)
+    return _from_pretrained_tokenizer(name_or_path)

@@ -10,13 +10,16 @@ import hashlib
 import json
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerBase
 
 from lowbit.cache import atomic_file, cache_dir
 from lowbit.data import read_text
+
+if TYPE_CHECKING:  # transformers costs ~1 s to import; only the type is needed here
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["token_ids", "tokenizer_fingerprint"]
 

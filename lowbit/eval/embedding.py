@@ -10,12 +10,15 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedTokenizerBase
 
 from lowbit.data import read_text
+
+if TYPE_CHECKING:  # transformers costs ~1 s to import; only the type is needed here
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["SimilarityResult", "load_sentences", "embedding_similarity"]
 

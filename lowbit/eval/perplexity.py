@@ -15,14 +15,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from lowbit.data import refuse_json_text
 from lowbit.data.tokens import token_ids
+
+if TYPE_CHECKING:  # transformers costs ~1 s to import; only the type is needed here
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["PerplexityResult", "EVALS", "nll_sum", "perplexity", "ppl_of", "run_eval", "token_ids", "windows"]
 
