@@ -2023,12 +2023,10 @@ def test_a_gpt2_compiled_for_compressed_tensors_is_refused_before_any_pass(tmp_p
     ran = []
     real = cli_main.run_pipeline
     monkeypatch.setattr(cli_main, "run_pipeline", lambda *a, **k: ran.append(1) or real(*a, **k))
-    for pipeline, where in [("quantize(w=int4,group=32,sym=true)", "or write --format gptq (symmetric int4/int8 "
-                                                                   "weight-only; its loaders take Conv1D) or --format "
-                                                                   "lowbit"),
-                            ("quantize(w=int8,a=int8)", "or write --format lowbit (gptq, whose loaders take Conv1D, "
-                                                        "cannot hold it either: pass quantize(w=int8,a=int8) quantizes "
-                                                        "input activations (a=int8), and format 'gptq' is weight-only)")]:
+    int4_way = "or write --format gptq (symmetric int4/int8 weight-only; its loaders take Conv1D) or --format lowbit"
+    w8a8_way = ("or write --format lowbit (gptq, whose loaders take Conv1D, cannot hold it either: pass "
+                "quantize(w=int8,a=int8) quantizes input activations (a=int8), and format 'gptq' is weight-only)")
+    for pipeline, where in [("quantize(w=int4,group=32,sym=true)", int4_way), ("quantize(w=int8,a=int8)", w8a8_way)]:
         res = invoke("compile", tmp_path / "gpt2", "-p", pipeline, "-f", "compressed-tensors", "-o",
                      tmp_path / "out", code=2)
         out = " ".join(res.output.split())

@@ -113,10 +113,10 @@ def map_from_disk(tensors: Sequence[torch.Tensor], directory: str | os.PathLike[
 
 
 def offloaded_bytes(tensors: Iterable[torch.Tensor]) -> int | None:
-    """How many bytes of ``tensors`` (a tensor seen twice counted once) live in an offload file's mapping (``map_from_disk``'s,
-    unlinked, so the process's memory map lists it as ``.lowbit-*.bin (deleted)``); None where the system has no
-    memory map to read. Why: ``Graph.offload_dir`` says where weights would go, not that any went (a pipeline that
-    rewrites no weight offloads none), and a note about the offload is true only for what is there."""
+    """How many bytes of ``tensors`` (a tensor seen twice counted once) live in an offload file's mapping
+    (``map_from_disk``'s, unlinked, so the process's memory map lists it as ``.lowbit-*.bin (deleted)``); None where
+    the system has no memory map to read. Why: ``Graph.offload_dir`` says where weights would go, not that any went
+    (a pipeline that rewrites no weight offloads none), and a note about the offload is true only for what is there."""
     try:
         with open("/proc/self/maps") as f:
             spans = sorted(tuple(int(a, 16) for a in line.split(None, 1)[0].split("-")) for line in f
