@@ -160,13 +160,14 @@ print(json.dumps({"before": mem.before, "peak": mem.peak, "logits": logits[0, -1
 
 
 def _bf16_llama_dir(directory: Path) -> int:
-    """A random bf16 Llama (~125 MB of weights, mostly the 49152-token embedding and head) with SmolLM2's tokenizer,
-    built as ``tools/bench_memory.py`` builds its 1 GB one; returns the weights' bytes. Four blocks: each is captured
-    three times (compile, the keep_packed load, the plain load), and eight took ~25% longer to the same verdicts."""
+    """A random bf16 Llama (~113 MB of weights, mostly the 49152-token embedding and head) with SmolLM2's tokenizer,
+    built as ``tools/bench_memory.py`` builds its 1 GB one; returns the weights' bytes. Two blocks: each is captured
+    twice (compile, the keep_packed load), and four (eight before) took ~25% more CPU to the same verdicts: the
+    blocks hold a tenth of the bytes, which are what the test measures."""
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_memory import make_model
 
-    return make_model(directory, layers=4, hidden=512, intermediate=1536)
+    return make_model(directory, layers=2, hidden=512, intermediate=1536)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux /proc for resident memory")
@@ -189,17 +190,10 @@ def test_compile_and_save_hold_far_less_than_the_model(tmp_path: Path) -> None:
         f"loading a {model_bytes / 2**20:.0f} MiB model took {load_grew / 2**20:.0f} MiB"
     assert grew < 0.5 * model_bytes, (f"anonymous memory grew {grew / 2**20:.0f} MiB compiling and saving a "
                                       f"{model_bytes / 2**20:.0f} MiB model")
-    import lowbit
-
-    reloaded = lowbit.load(tmp_path / "ct")
-    with torch.no_grad():
-        logits = reloaded(torch.tensor([[1, 20, 300, 4000, 50]]))
-    torch.testing.assert_close(logits[0, -1, :8].float(), torch.tensor(got["logits"], dtype=torch.float32),
-                               rtol=0, atol=2e-2)
 
     # and lowbit.load of that checkpoint (keep_packed) holds its codes, not the model: the float tensors stay
-    # memory-mapped and the quantized weights are never built in float. Here 72 MiB for a 119 MiB model (95 MiB of
-    # 142 MiB with 8 blocks), most of it the tokenizer and capture, which do not grow with the model; before, 2.3x
+    # memory-mapped and the quantized weights are never built in float. Here 66 MiB for a 108 MiB model (72 MiB of
+    # 119 MiB with 4 blocks), most of it the tokenizer and capture, which do not grow with the model; before, 2.3x
     # (the skeleton allocated in float, float32 placeholders for the quantized weights, every tensor of the file read
     # into memory)
     res = subprocess.run([sys.executable, "-c", _LOAD_CHILD, str(tmp_path / "ct")], env=env, capture_output=True,
@@ -209,7 +203,9 @@ def test_compile_and_save_hold_far_less_than_the_model(tmp_path: Path) -> None:
     load_grew = (loaded["peak"] - loaded["before"]) * 2**20
     assert load_grew < model_bytes, (f"lowbit.load of the {model_bytes / 2**20:.0f} MiB model's checkpoint "
                                            f"took {load_grew / 2**20:.0f} MiB")
-    torch.testing.assert_close(torch.tensor(loaded["logits"]), logits[0, -1, :8].float(), rtol=0, atol=1e-5)
+    # and its logits are the compiled model's. (A plain reload here, a third capture, checked keep_packed against it:
+    # test_checkpoint's test_a_reload_reports_what_its_lowering_decided asserts that equality on its own.)
+    torch.testing.assert_close(torch.tensor(loaded["logits"]), torch.tensor(got["logits"]), rtol=0, atol=1e-5)
 
 
 def test_cli_dtype_auto_loads_an_hf_directory_in_its_stored_dtype(tmp_path: Path) -> None:
