@@ -407,3 +407,171 @@ def pieces_match_whole(monkeypatch, graph, pipeline: str) -> int:  # type: ignor
     for name, v in whole.params.items():
         assert torch.equal(v.data, graph.params[name].data), name
     return largest.largest
+
+
+# ---- one torch.export per small model and inputs, shared by the session ------------------------------------------
+
+_SMALL_MODEL_ELEMENTS = 5_000_000
+"""Models up to this many parameter and buffer elements are captured once (the random test models); a real
+checkpoint is hashed too slowly to gain, and kept copies of it would hold its memory."""
+_KEPT_CAPTURES = 96
+"""Captures the session keeps, the oldest dropped first (a random tiny model's graph is a few MB at most)."""
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` as a hashable key part when what a forward reads off it is plain data (numbers, strings, dtypes,
+    tensors by content, and lists, tuples, dicts and sets of them); a function or class by identity (a monkeypatched
+    forward or hook is another key); anything else by its type only."""
+    import enum
+    import hashlib
+
+    if isinstance(value, (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)):
+        return type(value).__name__, repr(value)
+    if isinstance(value, torch.Tensor):
+        if value.is_meta or value.numel() > _SMALL_MODEL_ELEMENTS:
+            raise _NotKeyable
+        data = value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()  # 0-d too
+        return "tensor", str(value.dtype), tuple(value.shape), hashlib.sha1(data).hexdigest()
+    if depth > 4:
+        return type(value).__qualname__
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__, tuple(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return "dict", tuple(sorted((repr(k), _plain(v, depth + 1)) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return "set", tuple(sorted(repr(v) for v in value))
+    if callable(value) and hasattr(value, "__qualname__"):
+        try:
+            return "callable", value, hash(value)  # functions and classes hash by identity, kept alive by the key
+        except TypeError:
+            return type(value).__qualname__
+    if hasattr(value, "to_dict") and hasattr(value, "to_json_string"):  # an HF config, private fields too
+        return type(value).__qualname__, _plain({k: v for k, v in vars(value).items()}, depth + 1)
+    return type(value).__qualname__
+
+
+class _NotKeyable(Exception):
+    """The capture's inputs cannot be keyed by content (a large or meta tensor): capture afresh."""
+
+
+def capture_key(model: Any, example_inputs: Any, dynamic_shapes: Any, options: dict[str, Any]) -> tuple | None:
+    """What a capture depends on, by content: every module's class and forward (by identity, so a monkeypatched one
+    differs), its plain attributes (a norm's epsilon, a generation step's windows, an HF config) and hooks, every
+    parameter's and buffer's name, dtype, shape and bytes, the example inputs' shapes and dtypes, the dynamic
+    shapes and the capture options. None: not a small ``nn.Module`` (captured as usual)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    try:
+        tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        if sum(t.numel() for _, t in tensors) > _SMALL_MODEL_ELEMENTS:
+            return None
+        modules = tuple((name, type(m), type(m).forward, _plain({k: v for k, v in vars(m).items()
+                                                                 if k not in ("_parameters", "_buffers", "_modules")}))
+                        for name, m in model.named_modules(remove_duplicate=False))
+        weights = tuple((n, _plain(t)) for n, t in tensors)
+        leaves = torch.utils._pytree.tree_leaves(example_inputs)
+        examples = tuple((tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else _plain(x)
+                         for x in leaves)
+        return modules, weights, examples, repr(dynamic_shapes), _plain(options)
+    except _NotKeyable:
+        return None
+
+
+def private_copy(graph: Any) -> Any:
+    """A clone of ``graph`` with its own meta and parameter tensors: what a fresh capture of an unchanged model gives,
+    which the test may change however it likes."""
+    g = graph.clone()
+    g.meta = copy.deepcopy(graph.meta)
+    params = list(g.params.values())
+    for v, data in zip(params, copy.deepcopy([v.data for v in params])):  # one deepcopy: shared storage stays shared
+        v.data = data
+    return g
+
+
+class CaptureCache:
+    """``capture`` (``lowbit.ir.capture.capture``) that exports a small model once per content: a later capture
+    of a model with the same weights, buffers, configs, module attributes and forwards, on inputs of the same shapes
+    and dtypes with the same dynamic shapes and options, gets a private copy of the first graph, and the warnings
+    the first capture gave, again. Capture errors are raised each time (nothing is kept)."""
+
+    def __init__(self) -> None:
+        from collections import OrderedDict
+
+        self.kept: OrderedDict[tuple, tuple[Any, list]] = OrderedDict()
+        self.exports = 0
+        self.reused = 0
+
+    def capture(self, fresh: Callable[..., Any], patches: Callable[[], Any], model: Any, example_inputs: Any,
+                dynamic_shapes: Any = None, **options: Any) -> Any:
+        """``fresh(model, example_inputs, dynamic_shapes, **options)``, or a private copy of what it gave before
+        under the same ``patches()`` (what the test has monkeypatched: a capture may read it)."""
+        import warnings
+
+        key = capture_key(model, example_inputs, dynamic_shapes, options)
+        if key is not None:
+            try:
+                key = (*key, patches())
+            except _NotKeyable:
+                key = None
+        if key is not None and key in self.kept:
+            self.kept.move_to_end(key)
+            graph, caught = self.kept[key]
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            self.reused += 1
+            return private_copy(graph)
+        self.exports += 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graph = fresh(model, example_inputs, dynamic_shapes, **options)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if key is not None:
+            # kept as a copy: the graph's parameters are the model's own tensors, which the test may change in place
+            self.kept[key] = private_copy(graph), list(caught)
+            while len(self.kept) > _KEPT_CAPTURES:
+                self.kept.popitem(last=False)
+        return graph
+
+
+@pytest.fixture(scope="session")
+def capture_cache() -> CaptureCache:
+    """The session's ``CaptureCache`` (``reuse_captures`` patches it in)."""
+    return CaptureCache()
+
+
+@pytest.fixture
+def reuse_captures(request: pytest.FixtureRequest, capture_cache: CaptureCache) -> CaptureCache:
+    """For this test, every ``capture`` lowbit runs (``compile_model``, the CLI, checkpoint loading, and a test's
+    own ``from lowbit.ir.capture import capture`` inside its body) goes through the session's ``capture_cache``:
+    a small model captured before, unchanged, is not exported again (torch.export takes seconds even on a tiny
+    model, and many tests compile the same tiny models). What the test has monkeypatched when it captures (a
+    transformers or lowbit function, an environment variable) is part of the key: a capture under other patches is
+    exported afresh. LOWBIT_FRESH_CAPTURES=1 exports every capture (to check the cache hides nothing). Returns the
+    cache."""
+    if os.environ.get("LOWBIT_FRESH_CAPTURES") == "1":
+        return capture_cache
+    import functools
+    import inspect
+
+    import lowbit.api
+    import lowbit.ir
+
+    # the test's own monkeypatch: its undo, after the test's patches are undone, puts lowbit's capture back
+    patcher = request.getfixturevalue("monkeypatch")
+    module = sys.modules["lowbit.ir.capture"]
+    ours = [(module, "capture"), (lowbit.ir, "capture"), (lowbit.api, "capture")]
+
+    def patches() -> tuple:
+        """What the test has monkeypatched so far, by value (functions by identity, kept alive with the key)."""
+        attributes = tuple((owner if isinstance(owner, type) or inspect.ismodule(owner) else _plain(owner), name,
+                            _plain(getattr(owner, name, None))) for owner, name, _ in patcher._setattr
+                           if not any(owner is o and name == n for o, n in ours))
+        items = tuple((type(mapping).__qualname__, repr(k), _plain(mapping.get(k)))
+                      for mapping, k, _ in patcher._setitem)
+        return attributes, items
+
+    reusing = functools.partial(capture_cache.capture, module.capture, patches)
+    for owner, name in ours:
+        patcher.setattr(owner, name, reusing)
+    return capture_cache

@@ -708,3 +708,9 @@ def test_exaone4_generates_as_transformers_forward_with_either_cache():
     assert [n.kwargs.get("sliding") for n in packed.graph.nodes if n.op == "cache_attention"] == [4, 4, 4, None]
     _assert_greedy_as_uncached_forward(hf, prompts, packed.generate(prompts, 12, stop_tokens=()).tokens, 12,
                                        "exaone4 kv-cache(bits=8)")
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model compiled again is not exported again."""

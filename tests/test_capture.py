@@ -427,3 +427,56 @@ def test_falcon_without_multi_query_captures_quantizes_and_exports(tmp_path):
     q = lowbit.compile_model(model, pipeline="quantize(w=int8)")
     out = lowbit.save(q, tmp_path / "ct", format="compressed-tensors")
     torch.testing.assert_close(transformers_logits(out, ids), q(ids), rtol=0, atol=1e-5)
+
+
+def test_the_sessions_capture_cache_exports_a_model_once_and_gives_each_caller_its_own_graph(reuse_captures):
+    """conftest's ``reuse_captures``: compiling the same small model again exports nothing and gives a graph with
+    its own parameter tensors, so a test that changes its graph (or its model, after the capture) leaves the next
+    capture of that content as a fresh capture gives it; a changed weight or module attribute is exported again."""
+    import warnings
+
+    import lowbit
+    from conftest import tiny_llama, tiny_phi3_longrope
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(1234)  # a content no other test compiles: the counts below are this test's
+        return tiny_llama(hidden=24, inter=40, heads=2, kv_heads=1, layers=1, vocab=67)
+
+    cache, exports = reuse_captures, reuse_captures.exports
+    m = model()
+    ids = torch.randint(0, 67, (2, 5))
+    want = m(ids).logits
+    a = lowbit.compile_model(m, pipeline="dce")
+    b = lowbit.compile_model(model(), pipeline="dce")
+    assert cache.exports == exports + 1
+    torch.testing.assert_close(b(ids), want)
+    assert all(a.graph.params[k].data is not v.data for k, v in b.graph.params.items())
+    with torch.no_grad():  # a test that changes what it got, and the model it captured
+        for v in b.graph.params.values():
+            v.data.zero_()
+        m.model.layers[0].mlp.down_proj.weight.mul_(3)
+    c = lowbit.compile_model(model(), pipeline="dce")
+    assert cache.exports == exports + 1
+    torch.testing.assert_close(c(ids), want)
+    changed = lowbit.compile_model(m, pipeline="dce")  # m's weight changed in place: exported again
+    assert cache.exports == exports + 2
+    torch.testing.assert_close(changed(ids), m(ids).logits)
+    assert not torch.allclose(changed(ids), want)
+    m.model.layers[0].input_layernorm.variance_epsilon = 0.5  # an attribute the forward reads, not a weight
+    eps = lowbit.compile_model(m, pipeline="dce")
+    assert cache.exports == exports + 3
+    torch.testing.assert_close(eps(ids), m(ids).logits)
+    # the warnings a capture gives come again with the graph a later capture reuses
+    heard = []
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lowbit.compile_model(tiny_phi3_longrope(max_positions=96, original=24), pipeline="dce")
+        heard.append(sorted({str(w.message) for w in caught if "assigned during export" in str(w.message)}))
+    assert cache.exports == exports + 4 and heard[0] and heard[0] == heard[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model compiled again is not exported again (this file's own ``capture`` calls, which test it, are its own)."""

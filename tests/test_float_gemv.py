@@ -213,3 +213,9 @@ def test_many_norm_partials_from_a_folded_gemv_feed_a_split_reduce():
     w2 = (torch.randn(96, n, generator=g) / n ** 0.5).to(dtype).to(DEV)  # K = 2176: split, read by the reduce
     y = torch.ops.lowbit.float_linear(gained, w2, None, "", sumsq, 1e-6)
     assert _rel(y, F.linear(normed, w2.float())) <= 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model compiled again is not exported again."""

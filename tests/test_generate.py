@@ -1683,3 +1683,9 @@ def test_soft_capped_step_captures_with_its_cache_length_dynamic():
         torch.testing.assert_close(out[0], ref[0][:, -1:], rtol=1e-4, atol=1e-4)  # logits="last"
         for got, want in zip(out[1:], ref[1:]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model compiled again is not exported again."""

@@ -633,3 +633,9 @@ def test_a_decode_step_writes_the_packed_cache_in_few_ops_and_as_a_prefill_chunk
                                     inplace=t % 2 == 0, **kw)
         for part, got, want in zip(kv.CACHE_PARTS, steps, chunk):
             assert torch.equal(got, want), (kw, part)
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model compiled again is not exported again."""

@@ -710,3 +710,9 @@ def test_mlp_gated_epilogue_matches_the_unfused_activation_where_down_proj_reads
         got, want = _down_proj_input(fused, down, ids), _down_proj_input(plain, down, ids)
         assert got.shape == want.shape == (*ids.shape, 256)
         assert ((got - want).norm() / want.norm()).item() <= 2 ** -6
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model compiled again is not exported again."""
