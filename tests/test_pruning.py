@@ -2016,9 +2016,8 @@ def test_head_pruned_phi_with_qk_layernorm_saves_with_zero_heads(tmp_path):
 
 def test_prune_heads_names_falcons_grouped_query_key_value(tmp_path):
     """Falcon's grouped-query attention views its one query_key_value per kv-head group ([.., kv, q_per_kv + 2, D]:
-    each group's query heads, then its key and value) and slices it along the group's dim: prune-heads said only
-    '%slice_6 = aten.slice.Tensor ... is not a per-head op the walk knows'. It names the fused linear, the view and the
-    layout, and the pass that does prune the model; that pass's checkpoint loads in transformers."""
+    each group's query heads, then its key and value) and slices it along the group's dim. prune-mlp's checkpoint of
+    it loads in transformers (prune-heads takes it too: test_prune_heads_on_grouped_falcon_equals_masked_dense)."""
     import transformers as tf
 
     from lowbit.api import compile_model
@@ -2029,11 +2028,6 @@ def test_prune_heads_names_falcons_grouped_query_key_value(tmp_path):
     model = tf.AutoModelForCausalLM.from_config(tf.FalconConfig(
         hidden_size=64, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, num_hidden_layers=1,
         vocab_size=128)).eval()
-    with pytest.raises(PipelineError, match=r"transformer\.h\.0\.self_attention: q, k and v come from one fused "
-                                            r"linear %linear_1 \(module 'transformer\.h\.0\.self_attention\."
-                                            r"query_key_value'\) viewed per kv-head group as f32\[s0,s1,2,4,16\] "
-                                            r".*Falcon's grouped query_key_value.*prune-mlp prunes this model"):
-        compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
     c = compile_model(model, pipeline="prune-mlp(ratio=0.5,score=magnitude),quantize(w=int8)")
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(transformers_logits(save(c, tmp_path / "ct"), ids), c(ids), rtol=1e-5, atol=1e-5)
@@ -2309,3 +2303,37 @@ def test_a_reused_capture_is_a_fresh_capture_of_the_unchanged_model_only(monkeyp
     e = compile_model(m)
     assert len(exports) == 3
     torch.testing.assert_close(e(ids), m(ids).logits)
+
+
+def test_prune_heads_on_grouped_falcon_equals_masked_dense(tmp_path):
+    """Grouped-query Falcon (new_decoder_architecture) views its query_key_value [.., kv, q_per_kv + 2, D] from a
+    literal group count: prune-heads refused it ("no cut for that layout"). A kv group is its (q_per_kv + 2)·D
+    consecutive rows (its query heads, key and value), the view's group literal follows the cut (shape re-inference
+    alone kept 2 groups and halved each): the pruned model equals the HF model with those rows and the dense layer's
+    columns zeroed (float64). Its HF save padded the zero heads as [q | k | v] parts (logits 0.24 off in
+    transformers); zero groups now go at the end, and transformers runs it to the same logits."""
+    import transformers as tf
+
+    from lowbit import save
+    from lowbit.api import compile_model
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.FalconConfig(
+        hidden_size=64, num_attention_heads=8, num_kv_heads=4, new_decoder_architecture=True, num_hidden_layers=2,
+        vocab_size=128)).double().eval()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    c = compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
+    stats = c.report.pipeline.records[0].stats
+    assert stats["heads"] == {f"transformer.h.{i}": [4, 2] for i in range(2)} and stats["skipped"] == []
+    for i in range(2):
+        qkv, out = f"transformer.h.{i}.self_attention.query_key_value.weight", f"transformer.h.{i}.self_attention.dense"
+        kept = _kept(dense[qkv].reshape(4, -1), c.graph.params[qkv].data.reshape(2, -1))
+        gone = set(range(4)) - set(kept.tolist())
+        dense[qkv][[g * 32 + j for g in gone for j in range(32)]] = 0  # a group: 2 query heads, key, value of 8
+        dense[out + ".weight"][:, [g * 16 + j for g in gone for j in range(16)]] = 0
+    ids, got = _equals_masked_dense(model, dense, c)
+    hf = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path / "hf", format="hf"),
+                                                 dtype=torch.float64).eval()
+    assert (hf.config.num_attention_heads, hf.config.num_kv_heads) == (8, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)

@@ -35,11 +35,12 @@ viewed ``[.., heads, 3·head_dim]``): a zero head is ``3·head_dim`` rows at its
 
 
 def head_interleaved(config: Any) -> bool:
-    """Whether ``config``'s fused q/k/v holds each head's q, k and v rows together: ``HEAD_INTERLEAVED``, and a
-    Falcon without multi_query or the grouped new_decoder_architecture (``[.., heads, 3, head_dim]``; a zero head
-    appended at the end of the rows was a wrong model)."""
+    """Whether ``config``'s fused q/k/v holds each head's q, k and v rows together: ``HEAD_INTERLEAVED``, a Falcon
+    without multi_query (``[.., heads, 3, head_dim]``; a zero head appended at the end of the rows was a wrong model)
+    and Falcon's grouped new_decoder_architecture (``[.., kv_heads, q_per_kv + 2, head_dim]``: a kv group's query
+    heads, key and value together, so zero groups go at the end; padded as ``[q | k | v]`` it was a wrong model)."""
     if config.model_type == "falcon":
-        return not getattr(config, "multi_query", True) and not getattr(config, "new_decoder_architecture", False)
+        return getattr(config, "new_decoder_architecture", False) or not getattr(config, "multi_query", True)
     return config.model_type in HEAD_INTERLEAVED
 
 

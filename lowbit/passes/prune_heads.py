@@ -167,6 +167,10 @@ class PruneHeads(Pass):
             gone = torch.tensor(sorted(set(range(s.kv_heads)) - set(keep)), dtype=torch.long)
             if s.slices is not None:
                 _move_slices(s, gone)
+            if s.group_view is not None:  # Falcon's grouped view: its literal group count (its -1 is a group's width)
+                target = list(s.group_view.args[1])
+                target[2] = len(keep)
+                s.group_view.args = (s.group_view.args[0], target, *s.group_view.args[2:])
             slice_unit_rows(graph, s.row_groups(), gone, users)
             slice_linear_cols(graph, s.o, _rows(keep, qw), users)
             heads[s.block] = [len(keep) * s.group_size, len(keep)]

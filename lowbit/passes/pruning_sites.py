@@ -102,7 +102,12 @@ class AttentionSite:
     bounds follow the cut."""
     interleaved: bool = False
     """A fused q/k/v linear whose rows hold each head's q, k and v together (GPT-NeoX's ``query_key_value``, viewed
-    as ``[.., heads, 3·head_dim]`` and chunked): a head is ``3·head_dim`` consecutive rows."""
+    as ``[.., heads, 3·head_dim]`` and chunked): a head is ``3·head_dim`` consecutive rows; with groups (Falcon's
+    grouped ``query_key_value``), a kv group is ``(group_size + 2)·head_dim``: its query heads, key and value."""
+    group_view: Node | None = None
+    """Falcon's grouped layout: the reshape viewing the fused output ``[.., kv_heads, group_size + 2, head_dim]``,
+    whose kv-group literal the cut rewrites (its ``-1`` is the group's width, which stays: shape re-inference alone
+    would keep the group count and halve each group)."""
 
     @property
     def group_size(self) -> int:
@@ -111,7 +116,7 @@ class AttentionSite:
     def row_groups(self) -> list[tuple[Node, int, int]]:
         """``(linear, rows per kv-head group, first row)`` of q, k and v: what removing a group removes."""
         if self.interleaved:
-            return [(self.q, 3 * self.head_dim, 0)]
+            return [(self.q, (self.group_size + 2) * self.head_dim, 0)]
         return [(self.q, self.group_size * self.head_dim, self.offsets[0]), (self.k, self.head_dim, self.offsets[1]),
                 (self.v, self.head_dim, self.offsets[2])]
 
@@ -479,6 +484,36 @@ def _fused_qkv_parts(att: Node, lin: Node, users: dict[int, list[Node]]
     return (found[0], found[1], found[2]), (offsets[0], offsets[1], offsets[2]), lengths
 
 
+def _grouped_site(att: Node, lin: Node, view: Value, stops: list[Node], o: Node | None, block: str | None,
+                  writes: list[Node], out_t: TensorType) -> AttentionSite | str:
+    """Falcon's grouped ``query_key_value`` (``_grouped_qkv``) as a site whose unit is a kv group's
+    ``(q_per_kv + 2)·head_dim`` consecutive rows, or why it is not one (a string): q is the view's ``[..., :-2, :]``,
+    k and v its ``[..., -2, :]`` and ``[..., -1, :]``, reshaped from a literal group count."""
+    shape = view.tensor_type.shape
+    reshape = view.producer
+    if o is None or block is None or out_t.rank != 4 or not all(isinstance(d, int) for d in shape[2:]) or \
+            not isinstance(out_t.shape[1], int):
+        return "its output projection or head counts were not found"
+    kv, per, hd = (int(d) for d in shape[2:])
+    hq, r = int(out_t.shape[1]), per - 2
+    if reshape is None or reshape.op not in ("reshape", "aten.view.default", "aten.reshape.default") or \
+            not isinstance(reshape.args[1], (list, tuple)) or reshape.args[1][2] != kv:
+        return f"the view's group count is not a literal {kv} of its reshape"
+    if r < 1 or hq != kv * r or int(out_t.shape[3]) != hd or int(lin.args[1].data.shape[0]) != kv * per * hd or \
+            int(o.args[1].data.shape[1]) != hq * hd:
+        return f"its sizes do not make {kv} groups of {r} query heads, a key and a value of {hd}"
+    want = [("aten.slice.Tensor", (0, -2)), ("aten.select.int", (-2,)), ("aten.select.int", (-1,))]
+    alt = [("aten.slice.Tensor", (0, r)), ("aten.select.int", (r,)), ("aten.select.int", (r + 1,))]
+    got = [(n.op, tuple(n.args[2:4 if n.op == "aten.slice.Tensor" else 3])) for n in stops[:3]]
+    if len(stops) != 3 or any(n.args[0] is not view for n in stops) or \
+            any(g != w and g != a for g, w, a in zip(got, want, alt)) or \
+            any(n.op == "aten.slice.Tensor" and n.arg(4, "step", 1) != 1 for n in stops):
+        return "q, k and v are not its groups' query heads, key and value"
+    if writes and len(writes) != 2:
+        return "only one of keys and values goes through a cache write"
+    return AttentionSite(block, att, lin, lin, lin, o, hq, kv, hd, tuple(writes), (0, 0, 0), None, True, reshape)
+
+
 def find_attention_sites(graph: Graph, advise: bool = True) -> tuple[list[AttentionSite], list[str]]:
     """Every attention whose heads prune-heads can cut, and why the others are not (``advise``: with the prune passes
     that do take the model where a fused q/k/v projection is refused)."""
@@ -530,12 +565,15 @@ def find_attention_sites(graph: Graph, advise: bool = True) -> tuple[list[Attent
             grouped = _grouped_qkv(stops[0]) if stops else None
             if grouped is not None:
                 lin, view = grouped
+                site = _grouped_site(att, lin, view, stops, o, block, writes, out_t)
+                if isinstance(site, AttentionSite):
+                    sites.append(site)
+                    continue
                 skipped.append(f"{att.module or att.name}: q, k and v come from one fused linear %{lin.name} (module "
                                f"{lin.module!r}) viewed per kv-head group as {view.tensor_type} and cut along its "
-                               f"dim 3 by %{stops[0].name} ({stops[0].op}): each group's query heads, then its key "
-                               "and its value (Falcon's grouped query_key_value); prune-heads has no cut for that "
-                               "layout, whose group and head counts the captured reshapes and expands hold as "
-                               f"constants{instead()}")
+                               f"dim 3 by %{stops[0].name} ({stops[0].op}) (Falcon's grouped query_key_value), but "
+                               f"{site}: prune-heads cuts that layout only as each group's query heads, then its key "
+                               f"and its value{instead()}")
                 continue
             if stops:
                 s0 = stops[0]
