@@ -2052,3 +2052,24 @@ def test_import_lowbit_and_the_cli_leave_transformers_unimported():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.splitlines() == ["[]", "0 True False"], res.stdout
+
+
+def test_debug_sensitivity_runs_the_float_model_once(tmp_path, monkeypatch):
+    """`lowbit debug sensitivity` without --pipeline ran the float graph whole twice: once as the reference, once
+    more for the baseline (the same graph, the same inputs, the same output). It runs once; the baseline is the
+    float metric all the same, each unit's damage measured from it (a --pipeline graph still gets its own reference
+    run)."""
+    from lowbit.cli.reuse import ReusedRuns
+
+    whole: list[int] = []
+    real = ReusedRuns._run_reference
+    monkeypatch.setattr(ReusedRuns, "_run_reference", lambda self, g: whole.append(len(g.nodes)) or real(self, g))
+    out = tmp_path / "sens.json"
+    invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w8a8", *SMALL, "-o", out)
+    assert len(whole) == 1, whole
+    data = json.loads(out.read_text())
+    assert 1 < data["baseline"] < float("inf")
+    assert all(r["damage"] == pytest.approx(r["metric"] - data["baseline"]) for r in data["ranking"])
+    whole.clear()
+    invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w8a8", "--pipeline", "fold-norms", *SMALL, "-o", out)
+    assert len(whole) == 2, whole

@@ -107,7 +107,9 @@ def sensitivity(model_spec: str, scheme: str, *, group: int | None = None, prefi
     def score(g: Any, *, as_reference: bool = False) -> float:
         return end_metric(metric, inputs, runs.run(g, reference=as_reference), reference)
 
-    baseline = score(graph, as_reference=True)
+    # without --pipeline the graph is the float one whose run is the reference already: it ran twice (a whole
+    # float pass over the inputs, the costliest run of a small ranking)
+    baseline = score(graph, as_reference=True) if pre else end_metric(metric, inputs, reference, reference)
     units = block_units(graph) if granularity == "block" else linear_units(graph)
     if not units:
         fail(f"the graph has no blocks ({BLOCK_NAMES}) to quantize one at a time", Exit.USAGE)
