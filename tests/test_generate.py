@@ -1171,9 +1171,9 @@ def _bf16_greedy_equals_transformers(config_class: str, kv_heads: int) -> Compil
     prompts = [[5, 17, 30, 42, 7], [11, 80]]
     got = cm.generate(prompts, 6, stop_tokens=()).tokens
     for p, tokens in zip(prompts, got):
-        with torch.no_grad():
+        with torch.no_grad():  # no eos, as stop_tokens=(): min_new_tokens would forbid eos, a token lowbit can pick
             want = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                               max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(p):].tolist()
+                               max_new_tokens=6, eos_token_id=None, do_sample=False)[0, len(p):].tolist()
         assert tokens == want
     return cm
 
