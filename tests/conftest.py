@@ -414,8 +414,9 @@ def pieces_match_whole(monkeypatch, graph, pipeline: str) -> int:  # type: ignor
 _SMALL_MODEL_ELEMENTS = 5_000_000
 """Models up to this many parameter and buffer elements are captured once (the random test models); a real
 checkpoint is hashed too slowly to gain, and kept copies of it would hold its memory."""
-_KEPT_CAPTURES = 96
-"""Captures the session keeps, the oldest dropped first (a random tiny model's graph is a few MB at most)."""
+_KEPT_BYTES = 256 * 2**20
+"""The parameter bytes of the captures the session keeps, the least recently used dropped first: a tiny model's
+graph is a few MB at most, but one with SmolLM2's vocabulary is ~12 MB, and each xdist worker keeps its own."""
 
 
 def _plain(value: Any, depth: int = 0) -> Any:
@@ -488,6 +489,11 @@ def private_copy(graph: Any) -> Any:
     return g
 
 
+def _param_bytes(graph: Any) -> int:
+    """The bytes of ``graph``'s parameter tensors."""
+    return sum(v.data.numel() * v.data.element_size() for v in graph.params.values() if v.data is not None)
+
+
 class CaptureCache:
     """``capture`` (``lowbit.ir.capture.capture``) that exports a small model once per content: a later capture
     of a model with the same weights, buffers, configs, module attributes and forwards, on inputs of the same shapes
@@ -529,7 +535,7 @@ class CaptureCache:
         if key is not None:
             # kept as a copy: the graph's parameters are the model's own tensors, which the test may change in place
             self.kept[key] = private_copy(graph), list(caught)
-            while len(self.kept) > _KEPT_CAPTURES:
+            while sum(_param_bytes(g) for g, _ in self.kept.values()) > _KEPT_BYTES and len(self.kept) > 1:
                 self.kept.popitem(last=False)
         return graph
 
