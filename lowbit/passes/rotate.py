@@ -48,7 +48,7 @@ from lowbit.calibration.rotation_learning import (
 )
 from lowbit.calibration.memory import PeakRss
 from lowbit.ir.graph import Graph, Node, Value
-from lowbit.ir.hadamard import HadamardError, hadamard, hadamard_order_split, random_hadamard
+from lowbit.ir.hadamard import HadamardError, HadamardRotation, hadamard_order_split, random_hadamard
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
 from lowbit.ir.rewrite import float64_pieces, rows_in_float64, whole_in_float64
 from lowbit.ir.rotation_regions import HeadRegion, OnlineSite, ResidualRegion, find_rotation_regions
@@ -186,13 +186,38 @@ def rotation_matrix(kind: str, n: int, seed: int, what: str) -> torch.Tensor:
         raise PassError(f"pass rotate: {what}: {exc}") from None
 
 
+Rotation = torch.Tensor | HadamardRotation
+"""An orthogonal ``Q`` to fold: dense float64, or a Hadamard kept factored (``HadamardRotation``: folded in
+``n·Σf`` multiply-adds a row, not ``n²``)."""
+
+
+def residual_rotation(kind: str, n: int, seed: int, what: str) -> Rotation:
+    """``rotation_matrix(kind, ...)``, factored where it is a Hadamard (the same ``Q``)."""
+    if kind == "random":
+        return rotation_matrix(kind, n, seed, what)
+    try:
+        return HadamardRotation.randomised(n, seed)
+    except HadamardError as exc:
+        raise PassError(f"pass rotate: {what}: {exc}") from None
+
+
+def dense(q: Rotation) -> torch.Tensor:
+    """``q`` as a float64 matrix."""
+    return q.matrix() if isinstance(q, HadamardRotation) else q
+
+
+def right_product(q: Rotation):  # type: ignore[no-untyped-def]
+    """``w -> w @ q`` along the last axis, in float64."""
+    return q.rows if isinstance(q, HadamardRotation) else (lambda w: w @ q)
+
+
 CHUNK_ALIGN = 256
 """Pieces start at multiples of this many rows: MKL's float64 GEMM then gives each row the bits the whole product
 gives it (checked on SmolLM2: bit-identical weights), where pieces of any other height changed the last bits."""
 
 
 def set_weight(graph: Graph, node: Node, index: int, users: dict, fn=None,  # type: ignore[no-untyped-def]
-               rows: int | None = None, left: torch.Tensor | None = None) -> None:
+               rows: int | None = None, left: torch.Tensor | None = None, columns: bool = False) -> None:
     """Replace ``node.args[index]`` (a param) by ``fn(float64 data)`` (or ``left @ data``), copying it first if shared
     (the use lists are updated in place, so the last reader of a once-shared param keeps the original).
 
@@ -200,14 +225,17 @@ def set_weight(graph: Graph, node: Node, index: int, users: dict, fn=None,  # ty
     57 MiB embedding: 450 MiB at once). ``rows=g``: ``fn`` maps each group of ``g`` rows on its own (``w @ q``: 1;
     a per-head rotation: head_dim), so the weight is rotated ``float64_pieces`` of rows at a time into a
     tensor of its own dtype. ``left``: the product ``left @ w``, whose rows come a piece of ``left`` at a time from
-    one float64 copy of ``w`` (half the memory it took)."""
+    one float64 copy of ``w`` (half the memory it took). ``columns``: ``fn`` maps each column on its own (``Qᵀ·w``
+    as ``(wᵀ·Q)ᵀ``), computed pieces of columns at a time."""
     old = node.args[index]
     w = private_weight(graph, node, index, users, f"{node.module or node.name}.{'bias' if index == 2 else 'weight'}")
     if w is not old:
         users[id(old)] = [u for u in users[id(old)] if u is not node]
         users[id(w)] = [node]
     data = w.data
-    if left is not None and data.dim() == 2 and not whole_in_float64(data):
+    if columns:
+        out = rows_in_float64(data.T, fn, data.dtype, CHUNK_ALIGN).T.contiguous()
+    elif left is not None and data.dim() == 2 and not whole_in_float64(data):
         whole = data.to(torch.float64)
         out = torch.empty((left.shape[0], data.shape[1]), dtype=data.dtype)
         for start, stop in float64_pieces(left.shape[0], 8 * data.shape[1], math.lcm(CHUNK_ALIGN, rows or 1)):
@@ -352,16 +380,20 @@ def learn_extra_rotation(graph: Graph, res: ResidualRegion, o: RotateOptions, pa
     }
 
 
-def fold_residual(graph: Graph, res: ResidualRegion, users: dict, q: torch.Tensor) -> None:
+def fold_residual(graph: Graph, res: ResidualRegion, users: dict, q: Rotation) -> None:
     """x -> x·Q on the residual stream: embeddings E·Q, readers W·Q, writers Qᵀ·W (bias b·Q)."""
+    times_q = right_product(q)
     for e in res.embeddings:
-        set_weight(graph, e, 0, users, lambda w: w @ q, rows=1)
+        set_weight(graph, e, 0, users, times_q, rows=1)
     for r in res.readers:
-        set_weight(graph, r, 1, users, lambda w: w @ q, rows=1)
+        set_weight(graph, r, 1, users, times_q, rows=1)
     for wr in res.writers:
-        set_weight(graph, wr, 1, users, left=q.T)
+        if isinstance(q, HadamardRotation):
+            set_weight(graph, wr, 1, users, times_q, columns=True)
+        else:
+            set_weight(graph, wr, 1, users, left=q.T)
         if wr.arg(2, "bias") is not None:
-            set_weight(graph, wr, 2, users, lambda b: b @ q)
+            set_weight(graph, wr, 2, users, times_q)
 
 
 def _scalar_gain(w: object) -> bool:
@@ -483,14 +515,14 @@ class Rotate(Pass):
         check_hadamard_sizes(o, res, regions.heads, sites, self.name)
         users = graph.users()
         base = "hadamard" if o.kind in ("kurtosis", "learned") else o.kind
-        q = rotation_matrix(base, res.dim, o.seed, f"residual stream of width {res.dim}") if o.residual else None
+        q = residual_rotation(base, res.dim, o.seed, f"residual stream of width {res.dim}") if o.residual else None
         learned = None
         r2: dict[int, torch.Tensor] = {}
         if o.kind == "kurtosis":
             heads = regions.heads if o.heads and o.learn_heads else []
             r0 = rotation_matrix(base, heads[0].head_dim, o.seed + 1, f"head_dim {heads[0].head_dim}") if heads \
                 else None
-            q, learned, r2 = learn_residual_rotation(graph, res, q, o, self.name, heads, r0)
+            q, learned, r2 = learn_residual_rotation(graph, res, dense(q), o, self.name, heads, r0)
         untied = list(regions.tied) if o.residual else []
         if o.residual:
             fold_residual(graph, res, users, q)
@@ -499,7 +531,7 @@ class Rotate(Pass):
             # composes: x Q1 Q2); float32, as the block outputs it maps back
             graph.meta["residual_rotated"] = True
             before = graph.meta.get("residual_rotation")
-            rotation = q.detach().to("cpu", torch.float64)
+            rotation = dense(q).detach().to("cpu", torch.float64)
             graph.meta["residual_rotation"] = (rotation if before is None else before.double() @ rotation).float()
         stats: dict[str, object] = {"kind": o.kind, "residual_dim": res.dim if o.residual else None,
                                     "readers": len(res.readers) if o.residual else 0,
@@ -534,11 +566,11 @@ class Rotate(Pass):
             if site.kind == "linear_input":
                 lin = site.node
                 x = lin.args[0]
-                hm = hadamard(site.dim)  # its size was checked by check_hadamard_sizes
+                hm = HadamardRotation(site.dim)  # its size was checked by check_hadamard_sizes
                 node = graph.make_node("hadamard", [x], name=f"{lin.name}_had", type=x.type, module=lin.module)
                 graph.insert_before(lin, node)
                 lin.args = (node.output, *lin.args[1:])
-                set_weight(graph, lin, 1, users, lambda w, hm=hm: w @ hm, rows=1)
+                set_weight(graph, lin, 1, users, hm.rows, rows=1)
                 online.append(lin.module or lin.name)
             elif site.kind == "rotary_output":
                 rot = site.node
