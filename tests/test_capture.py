@@ -480,3 +480,20 @@ def test_the_sessions_capture_cache_exports_a_model_once_and_gives_each_caller_i
 def _one_export_per_model(reuse_captures: object) -> None:
     """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
     model compiled again is not exported again (this file's own ``capture`` calls, which test it, are its own)."""
+
+
+def test_a_violated_dynamic_dim_names_the_guard_the_model_makes():
+    """A dim marked dynamic that the model's code constrains failed with torch's first line only, 'Constraints
+    violated (batch)! For more information, run with TORCH_LOGS="+dynamic"', though torch's message listed the guard
+    (how Gemma 2's step on torch 2.11 reported its stride guard on the cache's slots). The error now carries the
+    guards and the dims torch suggests."""
+    class Halves(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.view(2, -1, x.shape[1]).sum(0)  # the batch must be even
+
+    with pytest.raises(CaptureError) as err:
+        capture(Halves().eval(), (torch.randn(4, 3),), {"x": {0: torch.export.Dim("batch", min=1, max=9)}})
+    msg = str(err.value)
+    assert "Constraints violated (batch)" in msg and "\n  - Not all values of batch = L['x'].size()[0] in the " \
+        "specified range batch <= 9 satisfy the generated guard" in msg, msg
+    assert "torch suggests: _batch = Dim('_batch', min=1, max=4); batch = 2*_batch" in msg, msg

@@ -8,6 +8,7 @@ the innermost module that was running and says what the user can do.
 
 from __future__ import annotations
 
+import itertools
 import operator
 import re
 import time
@@ -103,6 +104,21 @@ def _advice(message: str) -> str:
     return "see torch.export's message above; capture a smaller submodule to narrow it down"
 
 
+def _violated_guards(message: str, keep: int = 3) -> str:
+    """The guards a "Constraints violated" error lists and the dims torch suggests, as indented lines. The capture
+    error kept only the message's first line, which says to rerun with TORCH_LOGS="+dynamic" for what the guard
+    was, though the message itself named it."""
+    lines = [line.strip() for line in message.splitlines()]
+    guards = [line for line in lines if line.startswith(("- Not all values", "- The values of"))]
+    if not guards:
+        return ""
+    more = [f"(and {len(guards) - keep} more)"] if len(guards) > keep else []
+    start = lines.index("Suggested fixes:") + 1 if "Suggested fixes:" in lines else len(lines)
+    fixes = list(itertools.takewhile(bool, lines[start:]))
+    suggested = ["torch suggests: " + "; ".join(fixes)] if fixes else []
+    return "".join("\n  " + line for line in guards[:keep] + more + suggested)
+
+
 def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
             dynamic_shapes: Any, strict: bool) -> ExportedProgram:
     """Run torch.export while tracking which module is executing, to name it if export fails."""
@@ -133,7 +149,7 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: it failed inside module "
-            f"'{where or '(root)'}' ({cls}): {type(exc).__name__}: {first}\n"
+            f"'{where or '(root)'}' ({cls}): {type(exc).__name__}: {first}{_violated_guards(str(exc))}\n"
             f"What you can do: {_advice(str(exc))}."
         ) from exc
     finally:
