@@ -18,13 +18,12 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.utils import _pytree as pytree
 
 from lowbit.backends.semi_structured import apply_semi_structured, report_lines
 from lowbit.errors import LowbitError
 from lowbit.ir.fold import drop_unused_params, fold_constants
 from lowbit.ir.fusion import unfuse_qlinear
-from lowbit.ir.graph import Graph, Value
+from lowbit.ir.graph import Graph, Value, map_operands
 from lowbit.ir.kvcache import cache_attention_into
 from lowbit.ir.ops import resolve
 from lowbit.ir.signature import InputChecker, ordered_inputs
@@ -158,7 +157,7 @@ def lower_to_fx(graph: Graph, device: str | torch.device | None = None,
                   else resolve(node.op))
         except KeyError as exc:
             raise LoweringError(f"node %{node.name} ({node.op}) in module {node.module!r}: {exc}") from exc
-        args, kwargs = pytree.tree_map(operand, (node.args, node.kwargs))
+        args, kwargs = map_operands(operand, (node.args, node.kwargs))
         out = fxg.create_node("call_function", fn, tuple(args), kwargs, name=node.outputs[0].name)
         if id(node) in inplace:  # the write returns nothing: readers of its result read the donated input
             out = args[0]

@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
-from lowbit.ir.graph import BLOCK_PATTERN, Graph, Node, Value, blocks
+from lowbit.ir.graph import BLOCK_PATTERN, Graph, Node, Value, blocks, map_operands
 from lowbit.ir.ops import resolve
 
 __all__ = ["BLOCK_PATTERN", "Stage", "BlockRun", "CalibrationReport", "NodeHook", "BlockHook", "Replacement",
@@ -217,7 +216,7 @@ def _execute(nodes: Sequence[Node], env: dict[Value, Any], on_node: NodeHook | N
             raise CalibrationError(f"value %{x.name} is needed but was not computed or cached") from None
 
     for i, n in enumerate(nodes):
-        args, kwargs = pytree.tree_map(lookup, (n.args, n.kwargs))
+        args, kwargs = map_operands(lookup, (n.args, n.kwargs))
         fn = replace.get(id(n)) if replace else None
         try:
             out = fn(args, kwargs) if fn is not None else resolve(n.op)(*args, **kwargs)

@@ -8,9 +8,8 @@ weight is exactly what materializing that weight means: the numbers are the op's
 from __future__ import annotations
 
 import torch
-from torch.utils import _pytree as pytree
 
-from lowbit.ir.graph import Graph, Node, TensorType, Value
+from lowbit.ir.graph import Graph, Node, TensorType, Value, map_operands
 from lowbit.ir.ops import resolve
 from lowbit.ir.rewrite import dead_nodes
 
@@ -48,7 +47,7 @@ def fold_constants(graph: Graph, max_elements: int = 1 << 22, skip_ops: frozense
         if id(node) in dead or not _foldable(node, max_elements, skip_ops):
             keep.append(node)
             continue
-        args, kwargs = pytree.tree_map(lambda x: x.data if isinstance(x, Value) else x, (node.args, node.kwargs))
+        args, kwargs = map_operands(lambda x: x.data if isinstance(x, Value) else x, (node.args, node.kwargs))
         with torch.no_grad():
             result = resolve(node.op)(*args, **kwargs)
         out = node.outputs[0]

@@ -28,9 +28,8 @@ from typing import Any
 
 import sympy
 import torch
-from torch.utils import _pytree as pytree
 
-from lowbit.ir.graph import Dim, Graph, Node, SymType, TensorType, Value
+from lowbit.ir.graph import Dim, Graph, Node, SymType, TensorType, Value, map_operands
 from lowbit.ir.ops import resolve
 
 __all__ = ["ShapeError", "ShapeReport", "reinfer_shapes", "RESHAPE_OPS", "EXPAND_OPS", "SPLIT_OPS"]
@@ -124,7 +123,7 @@ def _meta(v: Value, b: _Binding) -> Any:
 
 
 def _run(node: Node, env: dict[int, Any]) -> Any:
-    args, kwargs = pytree.tree_map(
+    args, kwargs = map_operands(
         lambda x: env.get(id(x)) if isinstance(x, Value) else (torch.device("meta") if isinstance(x, torch.device)
                                                                   else x),
         (node.args, node.kwargs))

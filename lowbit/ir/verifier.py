@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from lowbit.errors import LowbitError
-from lowbit.ir.graph import Graph, Node, SymType, TensorType, Value
+from lowbit.ir.graph import Graph, Node, SymType, TensorType, Value, map_operands, operand_leaves
 from lowbit.ir.ops import resolve
 from lowbit.ir.symexpr import DimParseError, eval_dim, parse_sym_value
 
@@ -100,8 +99,8 @@ def check_structure(graph: Graph, *, require_data: bool = True) -> list[str]:
             problems.append(f"{_where(node)}: unknown op {node.op!r}")
         for key in WRITES_OPERAND & set(node.kwargs):
             problems.append(f"{_where(node)}: keyword {key}= writes into an operand (IR is SSA)")
-        for x in pytree.tree_leaves((node.args, node.kwargs)):
-            if isinstance(x, torch.device) and device_problem(x) is not None:
+        for x in operand_leaves((node.args, node.kwargs), torch.device):
+            if device_problem(x) is not None:
                 problems.append(f"{_where(node)}: {device_problem(x)}")
     for v in graph.outputs:
         if id(v) not in defined:
@@ -169,7 +168,7 @@ def check_types(graph: Graph) -> tuple[list[str], VerifyReport]:
         env[id(v)] = meta_of(v)
 
     for node in graph.nodes:
-        args, kwargs = pytree.tree_map(
+        args, kwargs = map_operands(
             lambda x: env.get(id(x)) if isinstance(x, Value) else
             (torch.device("meta") if isinstance(x, torch.device) else x),
             (node.args, node.kwargs),
