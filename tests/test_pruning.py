@@ -2337,3 +2337,23 @@ def test_prune_heads_on_grouped_falcon_equals_masked_dense(tmp_path):
     assert (hf.config.num_attention_heads, hf.config.num_kv_heads) == (8, 4)
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)
+
+
+def test_prune_heads_on_uncuttable_attentions_says_they_were_found():
+    """prune-heads on a model whose every attention it refuses (multi-query Falcon: one kv group per layer) said "no
+    attention with q/k/v/o linears found", then listed the attentions it had found, the same reason once per layer
+    (three of them on any deep model). It says how many it found and that none can be cut, with two reasons and how
+    many more."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.FalconConfig(hidden_size=64, num_attention_heads=4,
+                                                                num_hidden_layers=4, vocab_size=128)).eval()
+    with pytest.raises(PipelineError) as e:
+        compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
+    msg = str(e.value)
+    assert "pass prune-heads: none of the graph's 4 attentions has heads it can cut (transformer.h.0." in msg, msg
+    assert "no attention with q/k/v/o linears found" not in msg and msg.count("multi-query attention") == 2
+    assert msg.endswith("; and 2 more)"), msg

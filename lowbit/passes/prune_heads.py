@@ -32,6 +32,7 @@ import time
 import torch
 from pydantic import model_validator
 
+from lowbit.errors import counted
 from lowbit.ir.graph import Graph, TensorType, Value
 from lowbit.ir.rotation_regions import no_attention_reason
 from lowbit.ir.shapes import EXPAND_OPS
@@ -122,9 +123,13 @@ class PruneHeads(Pass):
             if found and not sites:
                 raise PassError(f"pass {self.name}: modules={o.modules!r} matches none of the {len(found)} "
                                 f"attention output projections ({found[0].o.module} ... {found[-1].o.module})")
+        if not sites and skipped:  # attentions were found, each refused: "no attention ... found" was untrue
+            more = f"; and {len(skipped) - 2} more" if len(skipped) > 3 else ""
+            raise PassError(f"pass {self.name}: none of the graph's {counted(len(skipped), 'attention')} has heads it "
+                            f"can cut ({'; '.join(skipped[:2] if more else skipped)}{more})")
         if not sites:
             raise PassError(f"pass {self.name}: no attention with q/k/v/o linears found "
-                            f"({'; '.join(skipped[:3]) or no_attention_reason(graph)})")
+                            f"({no_attention_reason(graph)})")
         refuse_nonfinite_weights(self.name, [n for s in sites for n in (s.q, s.k, s.v, s.o)])
         if o.ratio == 0:
             return ratio_zero(len(sites), skipped, "groups_removed", t0)
