@@ -2357,3 +2357,20 @@ def test_prune_heads_on_uncuttable_attentions_says_they_were_found():
     assert "pass prune-heads: none of the graph's 4 attentions has heads it can cut (transformer.h.0." in msg, msg
     assert "no attention with q/k/v/o linears found" not in msg and msg.count("multi-query attention") == 2
     assert msg.endswith("; and 2 more)"), msg
+
+
+def test_prune_heads_on_multi_query_falcon_names_its_one_group_not_a_layout_rule():
+    """The multi-query refusal went on ": prune-heads cuts a fused q/k/v linear split into three equal parts or into
+    heads only", a layout rule beside the point (the layer has one kv group whatever its layout), as if Falcon's split
+    were the fault. It ends with the group and the pass that does prune the model."""
+    import transformers as tf
+
+    from lowbit.api import compile_model
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.FalconConfig(hidden_size=64, num_attention_heads=4,
+                                                                num_hidden_layers=1, vocab_size=128)).eval()
+    with pytest.raises(PipelineError) as e:
+        compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
+    assert "the layer's only group cannot go; prune-mlp prunes this model)" in str(e.value), str(e.value)
+    assert "three equal parts or into heads only" not in str(e.value)

@@ -418,6 +418,10 @@ def _reaches(start: Value, target: Value, stop: Value) -> bool:
     return False
 
 
+MULTI_QUERY = "it is multi-query attention"
+"""How ``_split_qkv_parts`` begins its refusal of a layer with one kv head (no group to remove, whatever its layout)."""
+
+
 def _split_qkv_parts(att: Node, split: Node, lin: Node, out_t: TensorType
                      ) -> tuple[tuple[int, int, int], bool, int, int] | str | None:
     """q, k and v as the three outputs of one split of fused linear ``lin``'s output, in that order: GPT-2's
@@ -441,7 +445,7 @@ def _split_qkv_parts(att: Node, split: Node, lin: Node, out_t: TensorType
     sizes = split.args[1] if split.op == "aten.split_with_sizes.default" and len(split.args) > 1 else None
     if isinstance(sizes, (list, tuple)) and list(sizes) in ([hq * hd, hd, hd], [hq, 1, 1]) and hq > 1:
         # multi-query (Falcon's default): was "not three equal parts", as if another split would do
-        return (f"it is multi-query attention (one kv head of {hd} rows shared by all {hq} query heads), and "
+        return (f"{MULTI_QUERY} (one kv head of {hd} rows shared by all {hq} query heads), and "
                 "prune-heads removes whole kv-head groups (a kv head with the query heads reading it): the layer's "
                 "only group cannot go")
     if split.op not in ("aten.chunk.default", "aten.split.Tensor") or len(split.outputs) != 3 or \
@@ -557,10 +561,13 @@ def find_attention_sites(graph: Graph, advise: bool = True) -> tuple[list[Attent
                                                offsets, None, interleaved))
                 continue
             if fused is not None:  # Falcon's query_key_value (GQA: q, k and v of unequal sizes)
+                # a multi-query layer is refused for its one group, not its layout: the layout rule after it was
+                # beside the point (its split is Falcon's own, which the rule then seemed to call wrong)
+                rule = "" if isinstance(split, str) and split.startswith(MULTI_QUERY) else \
+                    ": prune-heads cuts a fused q/k/v linear split into three equal parts or into heads only"
                 skipped.append(f"{att.module or att.name}: q, k and v are one fused linear %{fused.name} (module "
                                f"{fused.module!r}, {fused.outputs[0].tensor_type}) split by %{stops[0].name} "
-                               f"({stops[0].op}){f', but {split}' if split else ''}: prune-heads cuts a fused q/k/v "
-                               f"linear split into three equal parts or into heads only{instead()}")
+                               f"({stops[0].op}){f', but {split}' if split else ''}{rule}{instead()}")
                 continue
             grouped = _grouped_qkv(stops[0]) if stops else None
             if grouped is not None:
