@@ -14,8 +14,8 @@ import torch
 
 from lowbit.ir.graph import Graph, Node, Value
 
-__all__ = ["dead_nodes", "eliminate_dead_code", "float64_pieces", "gain_weight", "matvec_float64", "norm_gain",
-           "private_weight", "rows_in_float64", "scaled_columns", "whole_in_float64"]
+__all__ = ["ELEMENTWISE_PIECE_BYTES", "dead_nodes", "eliminate_dead_code", "float64_pieces", "gain_weight",
+           "matvec_float64", "norm_gain", "private_weight", "rows_in_float64", "scaled_columns", "whole_in_float64"]
 
 FLOAT64_PIECE_BYTES = 32 * 2**20
 """The float64 bytes of one piece of a weight that a pass rewrites in float64 (``scaled_columns``: fold-norms,
@@ -23,15 +23,24 @@ smoothing; ``rotate``): whole, a bf16 weight took 4x its size in float64 for its
 result (SmolLM2's 57 MiB embedding or head: 450 MiB at once)."""
 
 
+ELEMENTWISE_PIECE_BYTES = 2**20
+"""The float64 bytes of one piece of a weight scaled element by element (``scaled_columns``: fold-norms, smoothing):
+such a product reads and writes memory three times (widen, scale, narrow) for one multiply an element, so a piece
+that stays in the CPU cache took SmolLM2's 49152×576 head in 0.29-0.33 s where 32 MiB pieces took 0.51 s; a GEMM
+piece keeps ``FLOAT64_PIECE_BYTES`` (its BLAS ran slower on 256-row pieces)."""
+
+
 def whole_in_float64(t: torch.Tensor) -> bool:
     """Whether ``t`` in float64 fits one piece (``FLOAT64_PIECE_BYTES``, read now: tests shrink it)."""
     return t.numel() * 8 <= FLOAT64_PIECE_BYTES
 
 
-def float64_pieces(n: int, row_bytes: int, align: int = 1) -> Iterator[tuple[int, int]]:
-    """Row ranges ``[start, stop)`` over ``n`` rows of ``row_bytes`` float64 bytes each, ``FLOAT64_PIECE_BYTES`` a
-    piece (at least one row), each starting at a multiple of ``align`` rows."""
-    step = max(align, FLOAT64_PIECE_BYTES // max(1, row_bytes) // align * align)
+def float64_pieces(n: int, row_bytes: int, align: int = 1, piece_bytes: int | None = None
+                   ) -> Iterator[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` over ``n`` rows of ``row_bytes`` float64 bytes each, ``piece_bytes`` (default
+    ``FLOAT64_PIECE_BYTES``) a piece (at least one row), each starting at a multiple of ``align`` rows."""
+    most = FLOAT64_PIECE_BYTES if piece_bytes is None else piece_bytes
+    step = max(align, most // max(1, row_bytes) // align * align)
     for start in range(0, n, step):
         yield start, min(n, start + step)
 
@@ -91,15 +100,16 @@ def gain_weight(norm: Node, gain: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 
 def rows_in_float64(w: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype,
-                    align: int = 1) -> torch.Tensor:
+                    align: int = 1, piece_bytes: int | None = None) -> torch.Tensor:
     """``fn(w in float64)`` stored in ``dtype``, computed ``float64_pieces`` of ``w``'s rows at a time where ``w`` is
-    larger than one piece: ``fn`` maps each group of ``align`` rows on its own, so the pieces give the same bits.
-    The result takes ``fn``'s row count from ``w`` and its other dims from the first piece (``fn`` may change the
-    width: slice-residual's ``w @ Q``)."""
-    if w.dim() < 2 or whole_in_float64(w):
+    larger than one piece (``piece_bytes``, at most ``FLOAT64_PIECE_BYTES``): ``fn`` maps each group of ``align``
+    rows on its own, so the pieces give the same bits. The result takes ``fn``'s row count from ``w`` and its other
+    dims from the first piece (``fn`` may change the width: slice-residual's ``w @ Q``)."""
+    most = FLOAT64_PIECE_BYTES if piece_bytes is None else min(piece_bytes, FLOAT64_PIECE_BYTES)
+    if w.dim() < 2 or w.numel() * 8 <= most:
         return fn(w.to(torch.float64)).to(dtype)
     out = None
-    for start, stop in float64_pieces(w.shape[0], 8 * w[0].numel(), align):
+    for start, stop in float64_pieces(w.shape[0], 8 * w[0].numel(), align, most):
         piece = fn(w[start:stop].to(torch.float64))
         if out is None:
             out = torch.empty((w.shape[0], *piece.shape[1:]), dtype=dtype)
@@ -112,7 +122,7 @@ def scaled_columns(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``(w * scale[None, :])`` computed in float64 and stored in ``w``'s dtype (``rows_in_float64``). Each element
     is its own product, so the pieces give the same bits."""
     scale = scale.to(torch.float64)
-    return rows_in_float64(w, lambda rows: rows * scale[None, :], w.dtype)
+    return rows_in_float64(w, lambda rows: rows * scale[None, :], w.dtype, piece_bytes=ELEMENTWISE_PIECE_BYTES)
 
 
 def matvec_float64(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
