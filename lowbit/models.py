@@ -314,6 +314,11 @@ class CausalLMStep(nn.Module):
         """The position at which the rotary takes its long frequencies (longrope), or None: the generator
         recomputes the cache there, as transformers' Phi-3 does (``lowbit.generate``)."""
         self.capture_prefix = "model."
+        self.capture_dynamic_advice = (
+            f"lowbit, not you, marks the generation step's batch, tokens and cache slots dynamic (up to "
+            f"GenerationSpec's max_batch and max_length), and the guard above fixes one of them: {type(model).__name__}"
+            f"'s step cannot run at every size under torch {torch.__version__}; compile without generation= (the "
+            f"logits graph) or under another torch version, and report the guard")
 
     @staticmethod
     def _window(config: Any, attn: nn.Module, layer_type: str | None) -> int | None:

@@ -1689,3 +1689,26 @@ def test_soft_capped_step_captures_with_its_cache_length_dynamic():
 def _one_export_per_model(reuse_captures: object) -> None:
     """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
     model compiled again is not exported again."""
+
+
+def test_a_step_guard_on_its_dynamic_dims_is_not_blamed_on_the_caller(monkeypatch):
+    """A generation step whose code constrains its batch, tokens or cache slots (Gemma 2's stride guard on the slots
+    under torch 2.11) failed with "a dimension you marked dynamic is fixed by the model's code: mark it static or
+    widen its range": the caller marked nothing, and GenerationSpec has no such option. The advice now says lowbit
+    marks them and what to do, beside the guard itself."""
+    import lowbit.models
+
+    rotate_half = lowbit.models._rotate_half
+
+    def branch_on_tokens(x: torch.Tensor) -> torch.Tensor:  # a step whose code branches on its number of tokens
+        return rotate_half(x) if x.shape[2] > 2 else rotate_half(x) * 1.0
+
+    monkeypatch.setattr(lowbit.models, "_rotate_half", branch_on_tokens)
+    torch.manual_seed(0)
+    with pytest.raises(LowbitError) as err:
+        compile_model(tiny_llama(), generation=GenerationSpec(max_length=16, max_batch=1))
+    msg = str(err.value)
+    assert "Constraints violated (tokens)" in msg and "satisfy the generated guard" in msg, msg
+    assert "you marked" not in msg and "lowbit, not you, marks the generation step's batch, tokens and cache " \
+        "slots dynamic" in msg and "LlamaForCausalLM's step cannot run at every size under torch" in msg and \
+        "compile without generation=" in msg, msg

@@ -96,7 +96,12 @@ def _plain_dim(expr: sympy.Expr) -> sympy.Expr:
     return rewrite(expr)
 
 
-def _advice(message: str) -> str:
+def _advice(message: str, dynamic_advice: str | None = None) -> str:
+    """What to try for torch.export's ``message``; ``dynamic_advice``: a wrapper's own (``capture_dynamic_advice``)
+    for a dim it marks dynamic itself, where "a dimension you marked dynamic" told the caller of a dim they never
+    marked."""
+    if dynamic_advice and re.search(r"Constraints violated", message):
+        return dynamic_advice
     for pattern, advice in _HINTS:
         m = re.search(pattern, message, re.MULTILINE)
         if m:
@@ -150,7 +155,7 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: it failed inside module "
             f"'{where or '(root)'}' ({cls}): {type(exc).__name__}: {first}{_violated_guards(str(exc))}\n"
-            f"What you can do: {_advice(str(exc))}."
+            f"What you can do: {_advice(str(exc), getattr(model, 'capture_dynamic_advice', None))}."
         ) from exc
     finally:
         for m in model.modules():
@@ -514,7 +519,8 @@ def capture(
     ``dynamic_shapes`` follows torch.export (e.g. ``{"input_ids": {1: Dim("seq", min=2, max=8192)}}``).
     Wrappers may set ``capture_prefix`` (e.g. ``"model."``) so module paths read as in the wrapped model, and
     ``capture_outputs`` (e.g. ``("logits",)``) to name the graph's outputs: the names an ONNX export and the IR text
-    show, which were the last node's (``div_1``, ``linear_14``).
+    show, which were the last node's (``div_1``, ``linear_14``), and ``capture_dynamic_advice``: what to try when a
+    dim the wrapper itself marks dynamic is constrained by the code it runs.
     """
     t0 = time.perf_counter()
     if isinstance(example_inputs, Mapping):
