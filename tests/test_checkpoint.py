@@ -1685,3 +1685,9 @@ def test_a_w8a8_gpt2_is_not_sent_between_compressed_tensors_and_gptq(tmp_path):
     w4 = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32,sym=true)")
     with pytest.raises(CheckpointError, match=r"save with format='gptq' \(symmetric int4/int8 weight-only"):
         lowbit.save(w4, tmp_path / "ct4", format="compressed-tensors")
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model compiled or reloaded again is not exported again."""

@@ -1114,3 +1114,9 @@ def test_asymmetric_per_token_activations_run_in_onnx_runtime(tmp_path, pipeline
         ref = compiled(ids)
         diff = (loaded(ids) - ref).abs()
         assert diff.median().item() < 1e-6 and diff.max().item() <= 1e-2 * ref.abs().max().item()
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model compiled or reloaded again is not exported again."""
