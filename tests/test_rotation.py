@@ -1461,7 +1461,7 @@ def test_rotate_folds_without_a_dense_hadamard_product():
     """rotate folded the randomised Hadamard R1 and the online down_proj Hadamard as dense float64 products,
     ``2·n²`` flops a row (21.5 s of rotate on the full SmolLM2 on one thread; 10.9 s factored). A one-block Llama
     at SmolLM2's widths (576, 1536): every row that R1 folds through (embedding, head, q/k/v/gate/up rows,
-    o_proj/down_proj columns) would cost ``2·576²`` dense; the whole rotate costs under a tenth of that, and the
+    o_proj/down_proj columns) would cost ``2·576²`` dense; the whole rotate costs under a quarter of that, and the
     float64 model is unchanged to 1e-12."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -1476,10 +1476,16 @@ def test_rotate_folds_without_a_dense_hadamard_product():
     ref = TorchCompiled(g)(ids)
     PassManager("fold-norms").run(g)
     counter = FlopCounterMode(display=False)
-    with counter:
-        stats = PassManager("rotate").run(g).records[-1].stats
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # with more, HadamardRotation.rows runs blocks on pool threads the counter cannot see
+    try:
+        with counter:
+            stats = PassManager("rotate").run(g).records[-1].stats
+    finally:
+        torch.set_num_threads(threads)
     assert stats["readers"] == 5 + 1 and stats["writers"] == 2 and stats["online_hadamards"] == 3
     r1_rows = 2 * vocab + (n + 2 * 192 + 2 * inter) + (n + inter)
-    assert counter.get_total_flops() < 2 * n * n * r1_rows / 10, counter.get_total_flops() / (2 * n * n * r1_rows)
+    # every product of the pass counted: 0.165 of R1's dense cost (the 36·16 factors alone 0.09); dense folds ~1.0
+    assert counter.get_total_flops() < 2 * n * n * r1_rows / 4, counter.get_total_flops() / (2 * n * n * r1_rows)
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max() <= 1e-12 * ref.abs().max()
