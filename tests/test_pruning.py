@@ -2097,6 +2097,18 @@ def test_prune_heads_on_gpt_j_passes_its_interleaved_rotary_and_equals_masked_de
         torch.testing.assert_close(hf(ids).logits, got, rtol=1e-12, atol=1e-12)
 
 
+def _zero_falcon_units(dense: dict, c, qkv_rows: int, dense_columns: int) -> None:  # type: ignore[no-untyped-def]
+    """Zero in ``dense`` (a 2-layer Falcon's state dict) the units prune-heads removed from ``c``: each layer's 4
+    units of ``qkv_rows`` consecutive query_key_value rows (2 kept), and the dense layer's ``dense_columns`` columns
+    each reads."""
+    for i in range(2):
+        qkv, out = f"transformer.h.{i}.self_attention.query_key_value.weight", f"transformer.h.{i}.self_attention.dense"
+        kept = _kept(dense[qkv].reshape(4, -1), c.graph.params[qkv].data.reshape(2, -1))
+        gone = set(range(4)) - set(kept.tolist())
+        dense[qkv][[u * qkv_rows + j for u in gone for j in range(qkv_rows)]] = 0
+        dense[out + ".weight"][:, [u * dense_columns + j for u in gone for j in range(dense_columns)]] = 0
+
+
 def test_prune_heads_on_falcon_without_multi_query_equals_masked_dense(tmp_path):
     """A Falcon without multi_query views its query_key_value [.., heads, 3, head_dim] and unbinds q, k and v:
     prune-heads refused it (and its capture failed on aten.unbind.int before that). A head is its 3·head_dim
@@ -2115,12 +2127,7 @@ def test_prune_heads_on_falcon_without_multi_query_equals_masked_dense(tmp_path)
     c = compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
     stats = c.report.pipeline.records[0].stats
     assert stats["heads"] == {f"transformer.h.{i}": [2, 2] for i in range(2)} and stats["skipped"] == []
-    for i in range(2):
-        qkv, out = f"transformer.h.{i}.self_attention.query_key_value.weight", f"transformer.h.{i}.self_attention.dense"
-        kept = _kept(dense[qkv].reshape(4, -1), c.graph.params[qkv].data.reshape(2, -1))
-        gone = set(range(4)) - set(kept.tolist())
-        dense[qkv][[h * 48 + j for h in gone for j in range(48)]] = 0
-        dense[out + ".weight"][:, [h * 16 + j for h in gone for j in range(16)]] = 0
+    _zero_falcon_units(dense, c, qkv_rows=48, dense_columns=16)  # a head: its query, key and value of 16
     _reloads_with_zero_heads(model, dense, c, tmp_path)
 
 
@@ -2325,12 +2332,7 @@ def test_prune_heads_on_grouped_falcon_equals_masked_dense(tmp_path):
     c = compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
     stats = c.report.pipeline.records[0].stats
     assert stats["heads"] == {f"transformer.h.{i}": [4, 2] for i in range(2)} and stats["skipped"] == []
-    for i in range(2):
-        qkv, out = f"transformer.h.{i}.self_attention.query_key_value.weight", f"transformer.h.{i}.self_attention.dense"
-        kept = _kept(dense[qkv].reshape(4, -1), c.graph.params[qkv].data.reshape(2, -1))
-        gone = set(range(4)) - set(kept.tolist())
-        dense[qkv][[g * 32 + j for g in gone for j in range(32)]] = 0  # a group: 2 query heads, key, value of 8
-        dense[out + ".weight"][:, [g * 16 + j for g in gone for j in range(16)]] = 0
+    _zero_falcon_units(dense, c, qkv_rows=32, dense_columns=16)  # a group: 2 query heads, key, value of 8
     ids, got = _equals_masked_dense(model, dense, c)
     hf = tf.AutoModelForCausalLM.from_pretrained(save(c, tmp_path / "hf", format="hf"),
                                                  dtype=torch.float64).eval()
