@@ -174,11 +174,13 @@ def attention_rows(smoke: bool = False, dev: str = "cuda", budget_s: float = 120
     return rows
 
 
-def _llama(smoke: bool):
+def _llama(smoke: bool, layers: int = 4):
+    """LLaMA-7B's shapes (random bf16) with ``layers`` blocks (4: the head is a large share of the bytes; 32: the
+    real model's share), or a tiny Llama for a smoke run."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                      num_hidden_layers=4, vocab_size=32000, max_position_embeddings=4096)
+                      num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096)
     if smoke:
         cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
                           num_hidden_layers=2, vocab_size=1000, max_position_embeddings=4096)

@@ -22,8 +22,8 @@ so a GPU recovery runs many epochs: ``--recover-offsets`` starts windows anywher
 windows out and writes back the params with the lowest held-out KL; recoveries run after every one-shot row and
 ``--deadline`` shrinks them so the whole run ends in time (``--recover-match`` picks the rows that recover).
 
-Pruned speed (``--pruned-speed``): the 7B-shaped 4-layer Llama of tools/bench_generate.py, unpruned against 20% of
-its blocks' linear params removed, float bf16 and W4A16 g128 on backend ``triton``: decode ms/step
+Pruned speed (``--pruned-speed``): the 7B-shaped Llama of tools/bench_generate.py (``--speed-layers``, 4 by
+default), unpruned against 20% of its blocks' linear params removed, float bf16 and W4A16 g128 on backend ``triton``: decode ms/step
 (``CompiledModel.generate``, CUDA graphs, batch 1 and 16, prompt 512, 128 new tokens) and the 1x2048 prefill,
 speedups in the pruned rows. ``--speed-heads F`` (default 0.1875: 6 of 32 heads) removes that fraction of the kv
 groups with ``prune-heads`` on the step graph (its KV cache shrinks with them) and the rest of ``--speed-target``
@@ -371,7 +371,7 @@ def pruned_speed(args: argparse.Namespace) -> None:
     dev = "cuda" if cuda else "cpu"
     dev_name = machine(dev)
     smoke = args.smoke
-    model = _llama(smoke)
+    model = _llama(smoke, args.speed_layers)
     cfg = model.config
     multiple = 128 if smoke else SPEED_MULTIPLE  # smoke: K % 128 for the group-128 W4 rows
     groups, removed, rm_layer, per_layer = _speed_cut(cfg, args.speed_target, multiple, args.speed_heads)
@@ -390,7 +390,7 @@ def pruned_speed(args: argparse.Namespace) -> None:
                if k in args.speed_schemes.split(",")}
     versions = results_versions()
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    shape = "llama-7b-shape-4layer" if not smoke else "llama-tiny"
+    shape = f"llama-7b-shape-{cfg.num_hidden_layers}layer" if not smoke else "llama-tiny"
     header = {"command": "python " + shlex.join(sys.argv), "date": date, "device": dev_name, "versions": versions,
               "notes": (f"{shape} (random bf16, hidden {cfg.hidden_size}, MLP {cfg.intermediate_size}, "
                         f"{cfg.num_attention_heads} heads, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}); "
@@ -400,7 +400,8 @@ def pruned_speed(args: argparse.Namespace) -> None:
                         f"of {multiple} so the W4 decode word layout (K % 256) and tensor-core tiles still apply; "
                         f"calibration on random ids, which only the speed needs): {rm_params / block:.4f} of the "
                         f"blocks' linear params, {rm_params / total:.4f} of all params (embedding and head "
-                        "included: 4 layers make the head a large share). backend triton (compile="
+                        f"included: with {cfg.num_hidden_layers} layers the embedding and head hold "
+                        f"{1 - block / total:.3f} of the params, LLaMA-7B's 32 hold 0.039). backend triton (compile="
                         f"{args.speed_compile}: method lowbit-triton-compiled runs the steps under torch.compile); "
                         "decode "
                         f"= CompiledModel.generate with CUDA graphs, prompt {prompt}, {new} new tokens, ms/step = "
@@ -558,6 +559,9 @@ def main() -> None:
     ap.add_argument("--speed-heads", type=float, default=SPEED_HEADS,
                     help="--pruned-speed: fraction of the kv-head groups removed (prune-heads, uniform; the rest of "
                          "--speed-target comes from MLP channels; 0: MLP only)")
+    ap.add_argument("--speed-layers", type=int, default=4,
+                    help="--pruned-speed: blocks of the 7B-shaped Llama (4: the head is ~24%% of the params; "
+                         "16: ~7.5%%; 32: LLaMA-7B's 3.9%%, which bounds a 20%% block cut's speedup at ~1.24x)")
     ap.add_argument("--speed-schemes", default="float-bf16,w4a16-g128", help="--pruned-speed: comma list")
     ap.add_argument("--speed-compile", action="store_true",
                     help="--pruned-speed: the steps under torch.compile (the triton backend's default, as the README's "
