@@ -261,3 +261,21 @@ def test_alibi_and_interleaved_rotary_families_match_in_onnx_runtime(family):
         ids = torch.randint(3, 128, (2, length), generator=torch.Generator().manual_seed(length))
         diff = (ort_model(ids) - reference(ids)).abs().max().item()
         assert diff < 1e-4, f"{family}: length {length}: max |diff| {diff}"
+
+
+def test_one_index_tensor_lowers_to_one_gather_on_its_axis():
+    """Indexing one dim with an index tensor (``x[:, idx]``, as lowbit's ``_repeat_kv`` picks each query head's KV
+    head) lowered to Transpose + Gather + Transpose; now one Gather on that axis, equal to torch in ONNX Runtime for
+    1-D and 2-D indices at the first, a middle and the last dim."""
+    from lowbit.ir.capture import capture
+
+    class M(torch.nn.Module):
+        def forward(self, x: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return x[i], x[:, i], x[:, :, j], x[..., i[:, None]], x[:, torch.arange(x.shape[1] * 2) // 2]
+
+    x, i, j = torch.randn(3, 4, 5), torch.tensor([2, 0, 1, 2]), torch.tensor([4, 0])
+    g = capture(M().eval(), (x, i, j))
+    ops = [n.op_type for n in to_onnx(g).graph]
+    assert "Transpose" not in ops and "GatherND" not in ops, ops
+    for k, (a, b) in enumerate(zip(TorchCompiled(g)(x, i, j), OrtCompiled(g)(x, i, j))):
+        assert a.shape == b.shape and torch.equal(a, b), k

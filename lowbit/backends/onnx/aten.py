@@ -494,21 +494,19 @@ def _index(ctx: LoweringContext, node: Node) -> ir.Value:
             raise NotLowerable("boolean-mask indexing has a data-dependent shape")
     lead = used[0]
     data = ctx.v(x)
+    if len(used) == 1:  # one index tensor: Gather on its axis puts the index dims where torch does (no Transposes)
+        return ctx.op("Gather", [data, ctx.tensor(indices[lead], torch.int64)], {"axis": lead})
     if lead:
         perm = used + [d for d in range(rank) if d not in used]
         data = ctx.op("Transpose", [data], {"perm": perm})
     idx_vals = [ctx.tensor(indices[i], torch.int64) for i in used]
-    if len(idx_vals) == 1:
-        gathered = ctx.op("Gather", [data, idx_vals[0]], {"axis": 0})
-        bcast_rank = ctx.rank(indices[used[0]])
-    else:
-        total = idx_vals[0]
-        for v in idx_vals[1:]:
-            total = ctx.op("Add", [total, v])
-        shape = ctx.op("Shape", [total])
-        stacked = [ctx.op("Unsqueeze", [ctx.op("Expand", [v, shape]), ctx.axes([-1])]) for v in idx_vals]
-        gathered = ctx.op("GatherND", [data, ctx.op("Concat", stacked, {"axis": -1})])
-        bcast_rank = max(ctx.rank(indices[i]) for i in used)
+    total = idx_vals[0]
+    for v in idx_vals[1:]:
+        total = ctx.op("Add", [total, v])
+    shape = ctx.op("Shape", [total])
+    stacked = [ctx.op("Unsqueeze", [ctx.op("Expand", [v, shape]), ctx.axes([-1])]) for v in idx_vals]
+    gathered = ctx.op("GatherND", [data, ctx.op("Concat", stacked, {"axis": -1})])
+    bcast_rank = max(ctx.rank(indices[i]) for i in used)
     if lead:
         # result is [bcast..., lead dims..., trailing dims...]; torch wants [lead dims..., bcast..., trailing...]
         rest = rank - len(used)
