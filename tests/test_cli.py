@@ -2073,3 +2073,20 @@ def test_debug_sensitivity_runs_the_float_model_once(tmp_path, monkeypatch):
     whole.clear()
     invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w8a8", "--pipeline", "fold-norms", *SMALL, "-o", out)
     assert len(whole) == 2, whole
+
+
+def test_import_lowbit_and_the_cli_leave_sympy_unimported():
+    """``import lowbit`` imported sympy (~0.35 CPU-s of every process: ``lowbit --help``, each subprocess test) through
+    capture's and the dimension grammar's top-level imports, though only capture, IR text and shape inference build
+    expressions: it is imported there. A dimension still parses and evaluates as before once one is read."""
+    code = ("import sys, lowbit, lowbit.cli.main, lowbit.passes.manager, lowbit.ir.verifier\n"
+            "from typer.testing import CliRunner\n"
+            "res = CliRunner().invoke(lowbit.cli.main.app, ['--help'])\n"
+            "print(res.exit_code, 'sympy' in sys.modules)\n"
+            "from lowbit.ir.symexpr import eval_dim, parse_dim\n"
+            "print(parse_dim('ceiling(s0/64) + FloorDiv(s1, 2)'), eval_dim('ceiling(s0/64)', {'s0': 129}))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.splitlines() == ["0 False", "ceiling(s0/64) + floor(s1/2) 3"], res.stdout

@@ -13,9 +13,9 @@ import operator
 import re
 import time
 from collections.abc import Mapping
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
-import sympy
 import torch
 import torch.fx
 from torch.export import ExportedProgram
@@ -26,6 +26,9 @@ from lowbit.errors import LowbitError
 from lowbit.ir.graph import Graph, Node, SymType, Symbol, TensorType, Value, ValueType
 from lowbit.ir.rewrite import eliminate_dead_code
 from lowbit.ir.symexpr import DimParseError, parse_dim
+
+if TYPE_CHECKING:  # imported where used: ~1.3 s of `import lowbit` and `lowbit --help`
+    import sympy
 
 
 def _finite_int(bound: Any) -> int | None:
@@ -63,34 +66,40 @@ _HINTS = [
 
 
 def _trunc(x: sympy.Expr) -> sympy.Expr | None:
+    import sympy
+
     return sympy.floor(x) if x.is_nonnegative else sympy.ceiling(x) if x.is_nonpositive else None
 
 
-_DIM_FORMS: dict[str, Any] = {
-    "CeilToInt": sympy.ceiling,
-    "FloorToInt": sympy.floor,
-    "TruncToInt": _trunc,
-    "IntTrueDiv": lambda a, b: a / b,
-    "FloatTrueDiv": lambda a, b: a / b,
-    "ToFloat": lambda x: x,
-    "Identity": lambda x: x,
-    "PythonMod": sympy.Mod,
-    "CleanDiv": lambda a, b: sympy.floor(a / b),
-    "ModularIndexing": lambda base, div, mod: sympy.Mod(sympy.floor(base / div), mod),
-}
-"""torch's sympy functions (``torch.utils._sympy.functions``) that a dimension may use, as the plain sympy the IR's
-dimension grammar prints: ``math.ceil(n / 3)`` in a model is ``CeilToInt(IntTrueDiv(s0, 3))`` to torch.export and
-``ceiling(s0/3)`` in the IR. A form that is None for its arguments (a truncation of unknown sign) stays as it is and
-is refused by name."""
+@functools.cache
+def _dim_forms() -> dict[str, Any]:
+    """torch's sympy functions (``torch.utils._sympy.functions``) that a dimension may use, as the plain sympy the
+    IR's dimension grammar prints: ``math.ceil(n / 3)`` in a model is ``CeilToInt(IntTrueDiv(s0, 3))`` to torch.export
+    and ``ceiling(s0/3)`` in the IR. A form that is None for its arguments (a truncation of unknown sign) stays as it
+    is and is refused by name."""
+    import sympy
+
+    return {
+        "CeilToInt": sympy.ceiling,
+        "FloorToInt": sympy.floor,
+        "TruncToInt": _trunc,
+        "IntTrueDiv": lambda a, b: a / b,
+        "FloatTrueDiv": lambda a, b: a / b,
+        "ToFloat": lambda x: x,
+        "Identity": lambda x: x,
+        "PythonMod": sympy.Mod,
+        "CleanDiv": lambda a, b: sympy.floor(a / b),
+        "ModularIndexing": lambda base, div, mod: sympy.Mod(sympy.floor(base / div), mod),
+    }
 
 
 def _plain_dim(expr: sympy.Expr) -> sympy.Expr:
-    """``expr`` with torch's integer functions rewritten as ``_DIM_FORMS`` says (innermost first)."""
+    """``expr`` with torch's integer functions rewritten as ``_dim_forms`` says (innermost first)."""
     def rewrite(e: sympy.Expr) -> sympy.Expr:
         if not e.args:
             return e
         args = [rewrite(a) for a in e.args]
-        form = _DIM_FORMS.get(type(e).__name__)
+        form = _dim_forms().get(type(e).__name__)
         out = form(*args) if form is not None else None
         return out if out is not None else (e.func(*args) if args != list(e.args) else e)
     return rewrite(expr)
@@ -181,6 +190,8 @@ class _Converter:
 
     # ---- symbols and types ----------------------------------------------------------------------
     def _collect_symbols(self) -> None:
+        import sympy
+
         user_phs = [n for n, spec in zip(self._placeholders(), self.ep.graph_signature.input_specs)
                     if spec.kind == InputKind.USER_INPUT]
         order: list[sympy.Symbol] = []
@@ -359,6 +370,8 @@ def _narrowing_guards(ep: ExportedProgram) -> list[str]:
     torch's text for the model in this process, not a file's) at a few sizes per symbol: the range's ends, the hint
     and its neighbours; one that is False at any of them is returned. A guard it cannot evaluate is left out."""
     import math
+
+    import sympy
 
     # equalities only: they pin a size to the example's; '!= 1' / '>= 3' are export's 0/1 and range assumptions,
     # which the symbols' ranges and the ops' own checks cover

@@ -18,21 +18,24 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Mapping
-
-import sympy
+from typing import TYPE_CHECKING
 
 from lowbit.errors import UntrustedInputError
 
-FUNCTIONS: dict[str, tuple[Callable[..., sympy.Expr], int]] = {
-    "ceiling": (sympy.ceiling, 1),
-    "floor": (sympy.floor, 1),
-    "Max": (sympy.Max, 2),
-    "Min": (sympy.Min, 2),
-    "Mod": (sympy.Mod, 2),
-    "FloorDiv": (lambda a, b: sympy.floor(a / b), 2),
-    "CeilDiv": (lambda a, b: sympy.ceiling(a / b), 2),
-}
+if TYPE_CHECKING:  # imported where an expression is built: ~1.3 s of `import lowbit` and `lowbit --help`
+    import sympy
+
+FUNCTIONS: dict[str, int] = {"ceiling": 1, "floor": 1, "Max": 2, "Min": 2, "Mod": 2, "FloorDiv": 2, "CeilDiv": 2}
 """The functions a dimension may call, with their arity (sympy's and torch's printed names)."""
+
+
+@functools.cache
+def _function(name: str) -> Callable[..., sympy.Expr]:
+    """The sympy builder of ``FUNCTIONS[name]``."""
+    import sympy
+
+    return {"ceiling": sympy.ceiling, "floor": sympy.floor, "Max": sympy.Max, "Min": sympy.Min, "Mod": sympy.Mod,
+            "FloorDiv": lambda a, b: sympy.floor(a / b), "CeilDiv": lambda a, b: sympy.ceiling(a / b)}[name]
 
 MAX_LENGTH = 512
 _TOKEN = re.compile(r"\s*(?:(?P<int>\d+)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<op>//|[-+*/%(),]))")
@@ -48,6 +51,8 @@ class DimParseError(UntrustedInputError):
 
 def symbol(name: str) -> sympy.Symbol:
     """The one sympy symbol a dimension name stands for (integer, positive, as capture declares them)."""
+    import sympy
+
     return sympy.Symbol(name, integer=True, positive=True)
 
 
@@ -103,6 +108,8 @@ class _Parser:
                 return e
 
     def term(self, depth: int) -> sympy.Expr:
+        import sympy
+
         e = self.unary(depth)
         while True:
             if self.take("*"):
@@ -127,6 +134,8 @@ class _Parser:
         return self.atom(depth)
 
     def atom(self, depth: int) -> sympy.Expr:
+        import sympy
+
         t = self.peek()
         if t is None:
             raise self.error("unexpected end")
@@ -137,7 +146,7 @@ class _Parser:
         if kind == "name":
             self.i += 1
             if text in FUNCTIONS:
-                fn, arity = FUNCTIONS[text]
+                fn, arity = _function(text), FUNCTIONS[text]
                 if not self.take("("):
                     raise self.error(f"{text} needs '('")
                 args = [self.expr(depth + 1)]
@@ -175,6 +184,8 @@ def eval_dim(d: int | str, values: Mapping[str, int]) -> int | None:
     integer."""
     if isinstance(d, int):
         return d
+    import sympy
+
     expr = parse_dim(d)
     val = expr.xreplace({s: sympy.Integer(values[s.name]) for s in expr.free_symbols if s.name in values})
     if not val.is_number:
