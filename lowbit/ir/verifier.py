@@ -154,7 +154,7 @@ def _meta_key(tree: Any, seen: dict[int, int]) -> Any:
             return None
         first = seen.setdefault(id(tree), len(seen))
         return ("T", tuple(tree.shape), tree.stride(), tree.storage_offset(), tree.dtype, first)
-    if kind in (tuple, list):
+    if isinstance(tree, (tuple, list)):  # captured graphs hold FX's immutable_list (expand's sizes)
         parts = tuple(_meta_key(x, seen) for x in tree)
         return None if None in parts else (kind, parts)
     if kind is dict:
