@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
+import torch.fx.config
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
@@ -153,6 +154,10 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     # attributes a forward caches on its module the first time (longrope's long_inv_freq) are made while tracing:
     # left in place they hold what the trace computed, and the caller's model then returned other logits
     before = {id(m): set(vars(m)) for m in model.modules()}
+    # the IR keeps no FX stack trace (a node's module path is its nn_module_stack): extracting and symbolizing one
+    # for every traced op was ~8% of an export (torch's own switch; the graph is the same)
+    emitted = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
     try:
         with torch.no_grad():
             return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
@@ -167,6 +172,7 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             f"What you can do: {_advice(str(exc), getattr(model, 'capture_dynamic_advice', None))}."
         ) from exc
     finally:
+        torch.fx.config.do_not_emit_stack_traces = emitted
         for m in model.modules():
             for name in set(vars(m)) - before.get(id(m), set(vars(m))):
                 delattr(m, name)
