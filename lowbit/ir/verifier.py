@@ -9,6 +9,8 @@ on meta is reported as unchecked, not silently passed.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import re
 from collections.abc import Mapping
@@ -302,16 +304,21 @@ def _compare(node: Node, v: Value, got: Any, dims: _Dims) -> list[str]:
     return []
 
 
+@functools.cache
+def _signature(fn: Any) -> inspect.Signature:
+    """``inspect.signature(fn)``, read once per op: building it took ~60% of ``check_qparams``, which every verify
+    runs on every semantic node (~40% of a verify of a quantized graph once the type checks were memoized)."""
+    return inspect.signature(fn)
+
+
 def _operand_names(node: Node) -> dict[str, Any]:
     """A semantic op's operands by parameter name (empty for ATen ops, or operands its signature does not take)."""
-    import inspect
-
     from lowbit.ir.ops import OPS
 
     if node.op not in OPS:
         return {}
     try:
-        return dict(inspect.signature(OPS[node.op].fn).bind(*node.args, **node.kwargs).arguments)
+        return dict(_signature(OPS[node.op].fn).bind(*node.args, **node.kwargs).arguments)
     except TypeError:  # the operands do not fit: the verifier's type check names the node
         return {}
 
