@@ -697,17 +697,27 @@ def test_kurtosis_rotation_exact_and_orthogonal_in_float64_on_smollm2(smollm2_sl
 
 # ---- learned rotations: SpinQuant-style (kind=learned) ---------------------------------------------------
 
-def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(smollm2):
-    """kind=learned on a real 1-layer SmolLM2: the W4A4 fake-quantized loss on its (fixed) calibration window
-    falls over a few Cayley/Adam steps; the float32 model is unchanged (≤ 1e-4) and R1 stays orthogonal. lr 1e-3:
-    at 2e-3 four steps overshot on this machine's SmolLM2 float cache (17.7202 -> 17.7421; 1e-3: -> 16.82), whose
-    float perplexity differs from the previous machine's in the 5th digit (28.7382 vs 28.7385)."""
+LEARNED_R1 = "fold-norms,rotate(kind=learned,calib_n=1,calib_len=64,steps=4,lr=1e-3,progress=false{})"
+"""The learned-rotation run the two tests below read (on the default device, and again with ``device=``)."""
+
+
+@pytest.fixture(scope="module")
+def learned_r1(smollm2) -> tuple:
+    """(float graph, held-out ids, float logits, the graph after ``LEARNED_R1`` on the default device, its learned
+    stats): one run shared by the tests that read it (a learned rotation on a SmolLM2 slice takes seconds)."""
     from conftest import held_out_slice
 
     graph, ids, ref = held_out_slice(smollm2, 1, 1)
     g = graph.clone()
-    spec = "fold-norms,rotate(kind=learned,calib_n=1,calib_len=64,steps=4,lr=1e-3,progress=false)"
-    learned = PassManager(spec).run(g).records[-1].stats["learned"]
+    return graph, ids, ref, g, PassManager(LEARNED_R1.format("")).run(g).records[-1].stats["learned"]
+
+
+def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(learned_r1):
+    """kind=learned on a real 1-layer SmolLM2: the W4A4 fake-quantized loss on its (fixed) calibration window
+    falls over a few Cayley/Adam steps; the float32 model is unchanged (≤ 1e-4) and R1 stays orthogonal. lr 1e-3:
+    at 2e-3 four steps overshot on this machine's SmolLM2 float cache (17.7202 -> 17.7421; 1e-3: -> 16.82), whose
+    float perplexity differs from the previous machine's in the 5th digit (28.7382 vs 28.7385)."""
+    _, ids, ref, g, learned = learned_r1
     assert learned["steps"] == 4 and learned["calib_tokens"] == 64 and len(learned["history"]) == 2  # steps 0, 3
     assert learned["loss_end"] < learned["loss_start"], learned["history"]
     assert learned["orthogonality"] < 1e-12 and learned["learn_rss_above_start_mb"] >= 0
@@ -719,21 +729,16 @@ def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(smollm2):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_learned_rotation_runs_its_steps_on_the_device_option(smollm2, device):
+def test_learned_rotation_runs_its_steps_on_the_device_option(learned_r1, device):
     """``device=`` moves kind=learned's steps there (the params are read through device copies, as calibration
-    reads them): on the CPU the losses equal the default run's step for step; on a GPU they agree to float32
-    accumulation order and the folded rotation still leaves the model unchanged."""
+    reads them): on the CPU the losses equal the default run's (``learned_r1``) step for step; on a GPU they agree
+    to float32 accumulation order and the folded rotation still leaves the model unchanged."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from conftest import held_out_slice
-
-    graph, ids, ref = held_out_slice(smollm2, 1, 1)
-    spec = "fold-norms,rotate(kind=learned,calib_n=1,calib_len=64,steps=3,lr=2e-3,progress=false{})"
-    runs = []
-    for extra in ("", f",device={device}"):
-        g = graph.clone()
-        runs.append((g, PassManager(spec.format(extra)).run(g).records[-1].stats["learned"]))
-    (_, base), (g, moved) = runs
+    graph, ids, ref, _, base = learned_r1
+    g = graph.clone()
+    moved = PassManager(LEARNED_R1.format(f",device={device}")).run(g).records[-1].stats["learned"]
+    assert len(moved["history"]) == 2, moved["history"]
     if device == "cpu":
         assert moved["history"] == base["history"]
     else:  # another reduction order, and the round-to-nearest in the loss can flip a code
