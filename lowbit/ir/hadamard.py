@@ -123,7 +123,10 @@ class _GF:
         """The quadratic character matrix Q[i, j] = χ(a_i - a_j) (0 on the diagonal), as int64."""
         q = self.q
         sign = torch.tensor([0] + [1 if x in self.squares else -1 for x in range(1, q)], dtype=torch.int64)
-        diff = torch.tensor([[self.sub(i, j) for j in range(q)] for i in range(q)], dtype=torch.int64)
+        # a_i - a_j digit by digit for every pair at once (q² ``sub`` calls took 3 s for GF(343), LLaMA's 11008)
+        digits = torch.tensor([self._digits(x) for x in range(q)], dtype=torch.int64)
+        place = self.p ** torch.arange(self.k, dtype=torch.int64)
+        diff = ((digits[:, None, :] - digits[None, :, :]) % self.p * place).sum(-1)
         return sign[diff]
 
 
@@ -278,11 +281,14 @@ def _constructible(m: int) -> bool:
 
 @functools.lru_cache(maxsize=32)
 def _hadamard_int(n: int) -> torch.Tensor:
+    """H_n as int8 (±1): an eighth of int64's memory for the cached copy (121 MB at 11008, not 970 MB), and its
+    Kronecker product 6x faster."""
     with torch.inference_mode(False):  # cached: never an inference tensor (see lowbit.ir.ops._hadamard_const)
         m, p2 = hadamard_order_split(n)
         hm = sylvester(m) if m & (m - 1) == 0 else _base(m)
         assert hm is not None
-        return torch.kron(hm, sylvester(p2)) if p2 > 1 else hm
+        hm = hm.to(torch.int8)
+        return torch.kron(hm, sylvester(p2).to(torch.int8)) if p2 > 1 else hm
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
