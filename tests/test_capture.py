@@ -497,3 +497,29 @@ def test_a_violated_dynamic_dim_names_the_guard_the_model_makes():
     assert "Constraints violated (batch)" in msg and "\n  - Not all values of batch = L['x'].size()[0] in the " \
         "specified range batch <= 9 satisfy the generated guard" in msg, msg
     assert "torch suggests: _batch = Dim('_batch', min=1, max=4); batch = 2*_batch" in msg, msg
+
+
+def test_a_smollm2_slice_copies_its_own_blocks_only_and_leaves_the_model_as_it_was(smollm2, monkeypatch):
+    """conftest's ``smollm2_slice`` deep-copied all 30 blocks to keep two (~400 MB copied and dropped, seconds
+    on the loaded CI machine, for each of the dozens of slices the suite makes); the blocks it cuts off are no
+    longer copied. The slice still owns every tensor it has, in its own dtype, and the model is unchanged."""
+    from conftest import smollm2_slice
+
+    model = smollm2[0]
+    before = {name: (p.dtype, p.data_ptr()) for name, p in model.named_parameters()}
+    copied = []
+    deepcopy = torch.nn.Parameter.__deepcopy__
+
+    def counting(self, memo):  # type: ignore[no-untyped-def]
+        copied.append(self.numel())
+        return deepcopy(self, memo)
+
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", counting)
+    sliced = smollm2_slice(model, 2, torch.float64).model
+    kept = dict(sliced.named_parameters())
+    assert sum(copied) == sum(p.numel() for p in kept.values()), (sum(copied), len(copied))
+    assert len(sliced.model.layers) == 2 and sliced.config.num_hidden_layers == 2
+    assert all(p.dtype == torch.float64 for p in kept.values())
+    assert not {p.data_ptr() for p in kept.values()} & {ptr for _, ptr in before.values()}
+    assert {name: (p.dtype, p.data_ptr()) for name, p in model.named_parameters()} == before
+    assert len(model.model.layers) == 30 and model.config.num_hidden_layers == 30
