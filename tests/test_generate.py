@@ -25,14 +25,34 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def compiled(smollm2):
+def smollm2_two_blocks(smollm2):
+    """(SmolLM2 cut to its first two blocks, embedding, final norm and tied head kept, as its HF causal LM;
+    tokenizer): real weights and vocabulary for the tests of generate's mechanics (greedy tokens against
+    transformers', the decode step against the prefill, sampling, stops, prompt and option forms), which run the
+    same code in every block. Compiling and running all 30 blocks cost ~4x a decode step and ~10x the capture for
+    nothing more they check; the tests that read what the model writes (a chat turn's end, stop words in its
+    text) keep the whole model (``compiled_whole``)."""
+    from conftest import smollm2_slice
+
+    return smollm2_slice(smollm2[0], 2).model, smollm2[1]
+
+
+@pytest.fixture(scope="module")
+def compiled(smollm2_two_blocks):
+    model, tok = smollm2_two_blocks
+    return compile_model(model, tokenizer=tok, generation=GenerationSpec(max_length=64, max_batch=4))
+
+
+@pytest.fixture(scope="module")
+def compiled_whole(smollm2):
+    """The whole SmolLM2 compiled for generation: for the tests whose assertions need its text to make sense."""
     model, tok = smollm2
     return compile_model(model, tokenizer=tok, generation=GenerationSpec(max_length=64, max_batch=4))
 
 
-def test_greedy_matches_transformers_token_for_token(smollm2, compiled):
+def test_greedy_matches_transformers_token_for_token(smollm2_two_blocks, compiled):
     """One lowbit batch of three prompts of different lengths vs transformers' generate, prompt by prompt."""
-    model, tok = smollm2
+    model, tok = smollm2_two_blocks
     prompts = [tok(p).input_ids for p in PROMPTS]
     assert len({len(p) for p in prompts}) > 1
     out = compiled.generate(prompts, 32)
@@ -43,8 +63,8 @@ def test_greedy_matches_transformers_token_for_token(smollm2, compiled):
     assert out.decode_steps >= 1 and out.prefill_seconds > 0
 
 
-def test_decode_step_equals_last_row_of_prefill(smollm2, compiled):
-    model, tok = smollm2
+def test_decode_step_equals_last_row_of_prefill(smollm2_two_blocks, compiled):
+    model, tok = smollm2_two_blocks
     ids = torch.tensor([tok(PROMPTS[2]).input_ids])
     n = ids.shape[1]
     step = CausalLMStep(model)
@@ -1512,29 +1532,29 @@ def _first_stop(tok, prompt: list[int], tokens: list[int], stop: list[str]) -> i
     return len(tokens)
 
 
-def test_stop_strings_end_each_sequence_and_are_left_out_of_its_text(smollm2, compiled):
+def test_stop_strings_end_each_sequence_and_are_left_out_of_its_text(smollm2, compiled_whole):
     """There was no way to stop on text (transformers' ``stop_strings`` was refused: 'give stop_tokens='), and a
     stop such as "\\n\\n" or "return" is no single token. ``stop=`` ends each sequence of a batch on its own once
     its new text contains one: its tokens keep the one that completed it, its text ends before it."""
     _, tok = smollm2
     ids = [tok(p).input_ids for p in PROMPTS]
-    free = compiled.generate(ids, 20, stop_tokens=())
+    free = compiled_whole.generate(ids, 20, stop_tokens=())
     stop = ["answer", "return", "village"]
     assert sum(any(s in t for s in stop) for t in free.texts) >= 2, free.texts  # the run stops at least twice
-    out = compiled.generate(ids, 20, stop_tokens=(), stop=stop)
+    out = compiled_whole.generate(ids, 20, stop_tokens=(), stop=stop)
     for p, whole, got, text in zip(ids, free.tokens, out.tokens, out.texts):
         assert got == whole[:_first_stop(tok, p, whole, stop)]
         full = tok.decode(p + got, skip_special_tokens=True)[len(tok.decode(p, skip_special_tokens=True)):]
         cut = min((full.find(s) for s in stop if s in full), default=len(full))
         assert text == full[:cut] and not any(s in text for s in stop), text
     assert [len(t) for t in out.tokens] != [len(t) for t in free.tokens]
-    assert compiled.generate(ids[:1], 20, stop_tokens=(), stop="answer").tokens == out.tokens[:1]  # one string
+    assert compiled_whole.generate(ids[:1], 20, stop_tokens=(), stop="answer").tokens == out.tokens[:1]  # one string
     with pytest.raises(GenerationError, match="stop: '' is empty"):
-        compiled.generate(ids[:1], 2, stop=["\n", ""])
+        compiled_whole.generate(ids[:1], 2, stop=["\n", ""])
     with pytest.raises(GenerationError, match=r"stop: 13 is not a string \(token ids go in stop_tokens=\)"):
-        compiled.generate(ids[:1], 2, stop=[13])
+        compiled_whole.generate(ids[:1], 2, stop=[13])
     with pytest.raises(GenerationError, match="no option 'stop_strings': use stop="):
-        compiled.generate(ids[:1], 2, stop_strings=["\n"])
+        compiled_whole.generate(ids[:1], 2, stop_strings=["\n"])
 
 
 def test_stop_strings_need_a_tokenizer(tiny_compiled):
@@ -1577,7 +1597,7 @@ def test_cli_generate_stop_ends_the_printed_text_before_the_stop_string(monkeypa
     assert res.exit_code == 2 and "--stop '': give the text that ends a sequence" in res.output, res.output
 
 
-def test_a_stop_string_that_is_a_special_token_ends_the_sequence(smollm2, compiled):
+def test_a_stop_string_that_is_a_special_token_ends_the_sequence(smollm2, compiled_whole):
     """``stop=["<|im_end|>"]`` (the chat template's end of turn) never matched: the text is decoded without special
     tokens, so the run went on to max_new_tokens. Such a stop ends a sequence as that token does; one holding a
     special token among other text could never match and is refused, naming it."""
@@ -1585,15 +1605,15 @@ def test_a_stop_string_that_is_a_special_token_ends_the_sequence(smollm2, compil
     chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
     ids = [tok(chat, add_special_tokens=False).input_ids, tok(PROMPTS[0]).input_ids]
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    free = compiled.generate(ids, 20, stop_tokens=())
+    free = compiled_whole.generate(ids, 20, stop_tokens=())
     assert im_end in free.tokens[0][:-1], free.texts  # the answer ends its turn, then the model goes on
-    out = compiled.generate(ids, 20, stop_tokens=(), stop=["<|im_end|>", "zzzz"])
+    out = compiled_whole.generate(ids, 20, stop_tokens=(), stop=["<|im_end|>", "zzzz"])
     end = free.tokens[0].index(im_end) + 1
     assert out.tokens[0] == free.tokens[0][:end] and out.texts[0] == free.texts[0][:len(out.texts[0])]
     second = out.tokens[1]
     assert second == free.tokens[1][:len(second)] and (im_end in second) == (len(second) < 20)
     with pytest.raises(GenerationError, match=r"stop: 'x<\|im_end\|>' holds the special token '<\|im_end\|>'"):
-        compiled.generate(ids, 2, stop=["x<|im_end|>"])
+        compiled_whole.generate(ids, 2, stop=["x<|im_end|>"])
 
 
 def test_stop_ids_outside_the_vocabulary_are_refused_or_said_before_the_prefill():
