@@ -416,12 +416,15 @@ def pieces_match_whole(monkeypatch, graph, pipeline: str) -> int:  # type: ignor
 
 # ---- one torch.export per small model and inputs, shared by the session ------------------------------------------
 
-_SMALL_MODEL_ELEMENTS = 5_000_000
-"""Models up to this many parameter and buffer elements are captured once (the random test models); a real
-checkpoint is hashed too slowly to gain, and kept copies of it would hold its memory."""
-_KEPT_BYTES = 256 * 2**20
+_SMALL_MODEL_ELEMENTS = 40_000_000
+"""Models up to this many distinct parameter and buffer elements are captured once: the random test models and
+SmolLM2 slices of up to three blocks (28M of the elements its embedding), whose ~0.1 s of hashing saves a 3-5 s
+export each time a test compiles the same slice again (the CLI's ``smollm2:2``, a fixture's slice under another
+recipe). The whole SmolLM2 (135M) is hashed too slowly to gain, and kept copies of it would hold its memory."""
+_KEPT_BYTES = 512 * 2**20
 """The parameter bytes of the captures the session keeps, the least recently used dropped first: a tiny model's
-graph is a few MB at most, but one with SmolLM2's vocabulary is ~12 MB, and each xdist worker keeps its own."""
+graph is a few MB at most, one with SmolLM2's vocabulary ~12 MB, a two-block SmolLM2 slice 142 MB; each xdist
+worker keeps its own."""
 
 
 def _plain(value: Any, depth: int = 0) -> Any:
@@ -436,7 +439,7 @@ def _plain(value: Any, depth: int = 0) -> Any:
     if isinstance(value, torch.Tensor):
         if value.is_meta or value.numel() > _SMALL_MODEL_ELEMENTS:
             raise _NotKeyable
-        data = value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()  # 0-d too
+        data = value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()  # 0-d too; hashed in place
         return "tensor", str(value.dtype), tuple(value.shape), hashlib.sha1(data).hexdigest()
     if depth > 4:
         return type(value).__qualname__
@@ -469,12 +472,14 @@ def capture_key(model: Any, example_inputs: Any, dynamic_shapes: Any, options: d
         return None
     try:
         tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-        if sum(t.numel() for _, t in tensors) > _SMALL_MODEL_ELEMENTS:
+        distinct = {id(t): t for _, t in tensors}  # a tied head is its embedding: counted and hashed once
+        if sum(t.numel() for t in distinct.values()) > _SMALL_MODEL_ELEMENTS:
             return None
         modules = tuple((name, type(m), type(m).forward, _plain({k: v for k, v in vars(m).items()
                                                                  if k not in ("_parameters", "_buffers", "_modules")}))
                         for name, m in model.named_modules(remove_duplicate=False))
-        weights = tuple((n, _plain(t)) for n, t in tensors)
+        digests = {key: _plain(t) for key, t in distinct.items()}
+        weights = tuple((n, digests[id(t)]) for n, t in tensors)
         leaves = torch.utils._pytree.tree_leaves(example_inputs)
         examples = tuple((tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else _plain(x)
                          for x in leaves)
@@ -495,8 +500,9 @@ def private_copy(graph: Any) -> Any:
 
 
 def _param_bytes(graph: Any) -> int:
-    """The bytes of ``graph``'s parameter tensors."""
-    return sum(v.data.numel() * v.data.element_size() for v in graph.params.values() if v.data is not None)
+    """The bytes of ``graph``'s parameter tensors, a tensor two parameters share (a tied head) once."""
+    distinct = {v.data.data_ptr() or id(v.data): v.data for v in graph.params.values() if v.data is not None}
+    return sum(t.numel() * t.element_size() for t in distinct.values())
 
 
 class CaptureCache:

@@ -523,3 +523,20 @@ def test_a_smollm2_slice_copies_its_own_blocks_only_and_leaves_the_model_as_it_w
     assert not {p.data_ptr() for p in kept.values()} & {ptr for _, ptr in before.values()}
     assert {name: (p.dtype, p.data_ptr()) for name, p in model.named_parameters()} == before
     assert len(model.model.layers) == 30 and model.config.num_hidden_layers == 30
+
+
+def test_the_capture_cache_exports_a_smollm2_slice_once(smollm2, reuse_captures):
+    """conftest's capture cache took models up to 5M elements only, so every compile of the same SmolLM2 slice (the
+    CLI's ``smollm2:2``, one fixture's slice under another recipe) exported it again: 3-5 s each under CI's load.
+    Slices up to three blocks (their tied head hashed once) are exported once; the second caller gets its own
+    tensors, with the first one's results."""
+    import lowbit.ir
+    from conftest import smollm2_slice
+
+    cache, exports, reused = reuse_captures, reuse_captures.exports, reuse_captures.reused
+    ids = torch.ones(1, 13, dtype=torch.long)  # a length no other capture uses: the counts below are this test's
+    first = lowbit.ir.capture(smollm2_slice(smollm2[0], 2), (ids,))
+    again = lowbit.ir.capture(smollm2_slice(smollm2[0], 2), (ids,))  # another copy of the same content
+    assert (cache.exports, cache.reused) == (exports + 1, reused + 1)
+    assert not {v.data.data_ptr() for v in first.params.values()} & {v.data.data_ptr() for v in again.params.values()}
+    assert torch.equal(TorchCompiled(first)(ids), TorchCompiled(again)(ids))
