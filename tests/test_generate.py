@@ -45,7 +45,8 @@ def compiled(smollm2_two_blocks):
 
 @pytest.fixture(scope="module")
 def compiled_whole(smollm2):
-    """The whole SmolLM2 compiled for generation: for the tests whose assertions need its text to make sense."""
+    """The whole SmolLM2 compiled for generation: for the tests whose assertions need its text to make sense. Its
+    two tests sit side by side: xdist hands out neighbours together, and each worker that runs one builds this."""
     model, tok = smollm2
     return compile_model(model, tokenizer=tok, generation=GenerationSpec(max_length=64, max_batch=4))
 
@@ -1557,6 +1558,25 @@ def test_stop_strings_end_each_sequence_and_are_left_out_of_its_text(smollm2, co
         compiled_whole.generate(ids[:1], 2, stop_strings=["\n"])
 
 
+def test_a_stop_string_that_is_a_special_token_ends_the_sequence(smollm2, compiled_whole):
+    """``stop=["<|im_end|>"]`` (the chat template's end of turn) never matched: the text is decoded without special
+    tokens, so the run went on to max_new_tokens. Such a stop ends a sequence as that token does; one holding a
+    special token among other text could never match and is refused, naming it."""
+    _, tok = smollm2
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    ids = [tok(chat, add_special_tokens=False).input_ids, tok(PROMPTS[0]).input_ids]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    free = compiled_whole.generate(ids, 20, stop_tokens=())
+    assert im_end in free.tokens[0][:-1], free.texts  # the answer ends its turn, then the model goes on
+    out = compiled_whole.generate(ids, 20, stop_tokens=(), stop=["<|im_end|>", "zzzz"])
+    end = free.tokens[0].index(im_end) + 1
+    assert out.tokens[0] == free.tokens[0][:end] and out.texts[0] == free.texts[0][:len(out.texts[0])]
+    second = out.tokens[1]
+    assert second == free.tokens[1][:len(second)] and (im_end in second) == (len(second) < 20)
+    with pytest.raises(GenerationError, match=r"stop: 'x<\|im_end\|>' holds the special token '<\|im_end\|>'"):
+        compiled_whole.generate(ids, 2, stop=["x<|im_end|>"])
+
+
 def test_stop_strings_need_a_tokenizer(tiny_compiled):
     """Without a tokenizer there is no text to look in: said, with the token-id alternative."""
     with pytest.raises(GenerationError, match="this model has no tokenizer.*stop_tokens="):
@@ -1595,25 +1615,6 @@ def test_cli_generate_stop_ends_the_printed_text_before_the_stop_string(monkeypa
     assert res.stdout == "".join(f"{p} Paris. \n" + ("\n" if len(prompts) > 1 else "") for p in prompts), res.stdout
     res = CliRunner().invoke(app, ["generate", "smollm2:1", *flags, "--stop", ""])
     assert res.exit_code == 2 and "--stop '': give the text that ends a sequence" in res.output, res.output
-
-
-def test_a_stop_string_that_is_a_special_token_ends_the_sequence(smollm2, compiled_whole):
-    """``stop=["<|im_end|>"]`` (the chat template's end of turn) never matched: the text is decoded without special
-    tokens, so the run went on to max_new_tokens. Such a stop ends a sequence as that token does; one holding a
-    special token among other text could never match and is refused, naming it."""
-    _, tok = smollm2
-    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
-    ids = [tok(chat, add_special_tokens=False).input_ids, tok(PROMPTS[0]).input_ids]
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    free = compiled_whole.generate(ids, 20, stop_tokens=())
-    assert im_end in free.tokens[0][:-1], free.texts  # the answer ends its turn, then the model goes on
-    out = compiled_whole.generate(ids, 20, stop_tokens=(), stop=["<|im_end|>", "zzzz"])
-    end = free.tokens[0].index(im_end) + 1
-    assert out.tokens[0] == free.tokens[0][:end] and out.texts[0] == free.texts[0][:len(out.texts[0])]
-    second = out.tokens[1]
-    assert second == free.tokens[1][:len(second)] and (im_end in second) == (len(second) < 20)
-    with pytest.raises(GenerationError, match=r"stop: 'x<\|im_end\|>' holds the special token '<\|im_end\|>'"):
-        compiled_whole.generate(ids, 2, stop=["x<|im_end|>"])
 
 
 def test_stop_ids_outside_the_vocabulary_are_refused_or_said_before_the_prefill():
