@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,3 +56,26 @@ def test_the_clis_cached_models_are_released_after_each_test_file(tmp_path):
                           str(tmp_path / "test_b_reads.py")], capture_output=True, text=True, timeout=120, env=env,
                          cwd=tmp_path)
     assert "3 passed" in res.stdout, res.stdout + res.stderr
+
+
+def test_a_smollm2_slice_copies_only_the_blocks_it_keeps(smollm2, monkeypatch):
+    """conftest's ``smollm2_slice`` deep-copied the whole 30-block SmolLM2 (540 MB) and then cut the copy: 3-10 s a
+    call, and the suite makes dozens. It copies only the blocks it keeps; the slice owns its weights (a test may
+    change them) and the session's model keeps all its blocks, untouched."""
+    from conftest import smollm2_slice
+
+    model = smollm2[0]
+    blocks = len(model.model.layers)
+
+    def copied(memo: dict) -> None:
+        raise AssertionError("smollm2_slice copied a block it drops")
+
+    monkeypatch.setattr(model.model.layers[2], "__deepcopy__", copied, raising=False)
+    sliced = smollm2_slice(model, 2, torch.bfloat16)
+    inner = sliced.model.model
+    assert len(inner.layers) == 2 and sliced.model.config.num_hidden_layers == 2
+    assert len(model.model.layers) == blocks == model.config.num_hidden_layers
+    ours = {t.data_ptr() for t in model.parameters()}
+    assert not any(p.data_ptr() in ours for p in sliced.parameters())
+    assert {p.dtype for p in sliced.parameters()} == {torch.bfloat16}
+    assert torch.equal(inner.layers[1].mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight.bfloat16())
