@@ -531,7 +531,14 @@ def test_pruned_model_saves_with_its_smaller_config(float_slice, tmp_path, pipel
     assert (_hf_logits(tmp_path / "ct", ids) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
     lowbit.save(graph, tmp_path / "lb", format="lowbit")
     lowbit.save(lowbit.load(tmp_path / "lb"), tmp_path / "ct2", format="compressed-tensors")
-    assert (lowbit.load(tmp_path / "ct2")(ids) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    # the reload's checkpoint is the first one, tensor for tensor (reloading it, a capture of the slice, added
+    # seconds to check logits these equal tensors give)
+    from safetensors.torch import load_file
+
+    first, again = load_file(tmp_path / "ct" / "model.safetensors"), load_file(tmp_path / "ct2" / "model.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first), \
+        [k for k in first if k not in again or not torch.equal(first[k], again[k])]
+    assert json.loads((tmp_path / "ct2" / "config.json").read_text())[field] == value
 
 
 def test_a_pruned_opt_saves_its_mlp_width_as_ffn_dim(tmp_path):
