@@ -470,19 +470,26 @@ def test_unknown_quantization_config_and_missing_shard(saved_w4, tmp_path, monke
         lowbit.load(sharded)
 
 
+@pytest.fixture(scope="module")
+def rotated_slices(float_slice) -> tuple:
+    """(the slice rotated with rotate's online Hadamard, then int4; rotated with the folding rotations only, then
+    int4): both formats' tests read them, neither changes them (each compile rotates a 49152-token head)."""
+    return (_compiled(float_slice, "fold-norms,rotate,quantize(w=int4,group=64)"),
+            _compiled(float_slice, "fold-norms,rotate(online=false,qk=false),quantize(w=int4,group=64)"))
+
+
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
-def test_online_hadamard_is_refused_and_folded_rotations_round_trip(float_slice, tmp_path, fmt):
+def test_online_hadamard_is_refused_and_folded_rotations_round_trip(float_slice, rotated_slices, tmp_path, fmt):
     """An online Hadamard (rotate's default R4 before down_proj) has no HF-format field: saving it would drop it
     and the checkpoint would be another model (logits off by more than their range). It is refused, naming the
     node and the way out; with only the rotations that fold into weights the checkpoint loads in transformers to
     the compiled model's logits."""
-    online = _compiled(float_slice, "fold-norms,rotate,quantize(w=int4,group=64)")
+    online, graph = rotated_slices
     with pytest.raises(CheckpointError, match=r"\(hadamard, module 'model\.layers\.0\.mlp\.down_proj'\).*online "
                                               r"Hadamard.*rotate's online=true.*rotate\(online=false\) leaves.*"
                                               r"format='lowbit'"):
         lowbit.save(online, tmp_path / "online", format=fmt)
     assert not (tmp_path / "online").exists()
-    graph = _compiled(float_slice, "fold-norms,rotate(online=false,qk=false),quantize(w=int4,group=64)")
     assert not any(n.op == "hadamard" for n in graph.nodes)
     lowbit.save(graph, tmp_path / "folded", format=fmt)
     ids = float_slice[1][:1, :32]
