@@ -1295,3 +1295,9 @@ def test_an_exported_step_engine_refuses_a_stop_token_past_its_vocabulary_before
     header.extra["lowbit.vocab_size"] = "101"
     with pytest.raises(EngineFileError, match=r"engine header 'lowbit.vocab_size' is '101': expected a positive"):
         lowbit.export.load(write_engine(tmp_path / "bad.engine", plan, header))
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model compiled or reloaded again is not exported again."""
