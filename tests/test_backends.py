@@ -440,3 +440,9 @@ def test_a_misspelt_backend_option_is_refused_with_the_option_it_resembles(backe
     with pytest.raises(BackendError, match=f"option {given}: Extra inputs are not permitted \\(did you mean "
                                            f"'{meant}'\\?\\)"):
         get_backend(backend).parse_options({given: "1"})
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model compiled or reloaded again is not exported again."""
