@@ -560,3 +560,9 @@ def test_a_checkpoint_written_before_format_versions_still_loads(saved, tmp_path
     _edit_json(d / "lowbit-manifest.json", lambda m: m.pop("format_version"))
     ids = torch.randint(0, 97, (1, 6))
     assert torch.equal(lowbit.load(d)(ids), lowbit.load(saved["lowbit"])(ids))
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model compiled or reloaded again is not exported again."""
