@@ -540,3 +540,24 @@ def test_the_capture_cache_exports_a_smollm2_slice_once(smollm2, reuse_captures)
     assert (cache.exports, cache.reused) == (exports + 1, reused + 1)
     assert not {v.data.data_ptr() for v in first.params.values()} & {v.data.data_ptr() for v in again.params.values()}
     assert torch.equal(TorchCompiled(first)(ids), TorchCompiled(again)(ids))
+
+
+def test_a_dim_the_code_specializes_is_blamed_on_the_traced_graph_and_named():
+    """A dim marked dynamic that the model's code fixes (a reshape to a constant) fails in export's constraint check
+    after the forward returned: the error said it failed "inside module '(top level)'" and left out torch's line
+    naming the dim and the constant. It says the whole forward was traced and quotes that line and the fix."""
+
+    class Fixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).reshape(2, 8)
+
+    with pytest.raises(CaptureError) as info:
+        capture(Fixed().eval(), (torch.randn(2, 8),), ({0: torch.export.Dim("batch")},))
+    message = str(info.value)
+    assert "after the whole forward was traced" in message and "top level" not in message
+    assert "batch as dynamic but your code specialized it to be a constant (2)" in message
+    assert "torch suggests: batch = 2" in message

@@ -124,11 +124,13 @@ def _violated_guards(message: str, keep: int = 3) -> str:
     error kept only the message's first line, which says to rerun with TORCH_LOGS="+dynamic" for what the guard
     was, though the message itself named it."""
     lines = [line.strip() for line in message.splitlines()]
-    guards = [line for line in lines if line.startswith(("- Not all values", "- The values of"))]
+    start = lines.index("Suggested fixes:") + 1 if "Suggested fixes:" in lines else len(lines)
+    # each violated constraint is a "- " line ("Not all values of ...", "The values of ...", "You marked s as
+    # dynamic but your code specialized it to be a constant (2)")
+    guards = [line for line in lines[:start] if line.startswith("- ")]
     if not guards:
         return ""
     more = [f"(and {len(guards) - keep} more)"] if len(guards) > keep else []
-    start = lines.index("Suggested fixes:") + 1 if "Suggested fixes:" in lines else len(lines)
     fixes = list(itertools.takewhile(bool, lines[start:]))
     suggested = ["torch suggests: " + "; ".join(fixes)] if fixes else []
     return "".join("\n  " + line for line in guards[:keep] + more + suggested)
@@ -138,6 +140,7 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             dynamic_shapes: Any, strict: bool) -> ExportedProgram:
     """Run torch.export while tracking which module is executing, to name it if export fails."""
     stack: list[str] = []
+    finished: list[bool] = []  # the root's forward returned: a failure after it is export's own checks
     names = {id(m): n for n, m in model.named_modules()}
     hooks = []
 
@@ -147,6 +150,8 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     def post(mod: torch.nn.Module, *_: Any) -> None:
         if stack:
             stack.pop()
+        if mod is model:
+            finished.append(True)
 
     for m in model.modules():
         hooks.append(m.register_forward_pre_hook(pre))
@@ -166,9 +171,12 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         mod = dict(model.named_modules()).get(where)
         cls = type(mod).__name__ if mod is not None else type(model).__name__
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # a dynamic-shape constraint fails after the forward ran to its end: no module is to blame
+        inside = (f"after the whole forward was traced (export's checks of the traced graph, not a module)"
+                  if finished and not stack else f"inside module '{where or '(root)'}' ({cls})")
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: it failed inside module "
-            f"'{where or '(root)'}' ({cls}): {type(exc).__name__}: {first}{_violated_guards(str(exc))}\n"
+            f"torch.export could not capture {type(model).__name__}: it failed {inside}: "
+            f"{type(exc).__name__}: {first}{_violated_guards(str(exc))}\n"
             f"What you can do: {_advice(str(exc), getattr(model, 'capture_dynamic_advice', None))}."
         ) from exc
     finally:
