@@ -161,8 +161,9 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     before = {id(m): set(vars(m)) for m in model.modules()}
     # the IR keeps no FX stack trace (a node's module path is its nn_module_stack): extracting and symbolizing one
     # for every traced op was ~8% of an export (torch's own switch; the graph is the same)
-    emitted = torch.fx.config.do_not_emit_stack_traces
-    torch.fx.config.do_not_emit_stack_traces = True
+    emitted = getattr(torch.fx.config, "do_not_emit_stack_traces", None)  # torch >= 2.12 has the switch
+    if emitted is not None:
+        torch.fx.config.do_not_emit_stack_traces = True
     try:
         with torch.no_grad():
             return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
@@ -180,7 +181,8 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             f"What you can do: {_advice(str(exc), getattr(model, 'capture_dynamic_advice', None))}."
         ) from exc
     finally:
-        torch.fx.config.do_not_emit_stack_traces = emitted
+        if emitted is not None:
+            torch.fx.config.do_not_emit_stack_traces = emitted
         for m in model.modules():
             for name in set(vars(m)) - before.get(id(m), set(vars(m))):
                 delattr(m, name)
