@@ -425,3 +425,9 @@ def test_a_calib_len_past_the_models_positions_is_refused_before_capture(monkeyp
     res = CliRunner().invoke(app, ["compile", str(tmp_path), "--pipeline", "gptq(calib_n=2,calib_len=80)"])
     out = " ".join(res.output.split())
     assert res.exit_code == 2 and "option calib_len=80: the model takes at most 64 positions" in out, out
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the tiny models
+    these tests compile again and again, unchanged, are exported once (torch.export takes seconds a capture)."""
