@@ -1496,3 +1496,9 @@ def test_rotate_folds_without_a_dense_hadamard_product():
     assert counter.get_total_flops() < 2 * n * n * r1_rows / 4, counter.get_total_flops() / (2 * n * n * r1_rows)
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max() <= 1e-12 * ref.abs().max()
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model (``_gained_tiny_llama`` above all) compiled again, unchanged, is exported once."""
