@@ -2202,81 +2202,21 @@ def test_whole_column_obs_matches_the_greedy_search_refit_from_scratch_at_every_
 
 # ---- one capture per model and inputs -------------------------------------------------------------
 
-_SMALL_MODEL_ELEMENTS = 5_000_000  # the random test models; a real checkpoint is hashed too slowly to gain
+@pytest.fixture(autouse=True)
+def _one_capture_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): a tiny model
+    compiled before in this worker, unchanged, is not exported again (torch.export takes seconds even on a tiny
+    model); each later compile gets its own copy of the graph, what a fresh capture gives."""
 
 
-def _capture_key(model: Any, example_inputs: Any, dynamic_shapes: Any) -> tuple | None:
-    """What a capture depends on, by content: the wrapper and model classes, the HF configs, each module's plain
-    attributes, every parameter's and buffer's name, dtype, shape and bytes, the example inputs' shapes and dtypes,
-    and the dynamic shapes. None: not a small nn.Module (captured as usual)."""
-    import hashlib
-
-    if not isinstance(model, torch.nn.Module):
-        return None
-    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    if sum(t.numel() for _, t in tensors) > _SMALL_MODEL_ELEMENTS or any(t.is_meta for _, t in tensors):
-        return None
-    configs = tuple(m.config.to_json_string() for m in model.modules() if hasattr(getattr(m, "config", None),
-                                                                              "to_json_string"))
-    # what forwards read off their modules besides tensors (a norm's variance_epsilon, an attention's scaling)
-    attributes = tuple(tuple(sorted((k, repr(v)) for k, v in vars(m).items()
-                                    if isinstance(v, (int, float, bool, str, tuple, type(None)))))
-                       for m in model.modules())
-    weights = tuple((n, str(t.dtype), tuple(t.shape), hashlib.sha1(t.detach().contiguous().view(torch.uint8)
-                                                                    .numpy().tobytes()).hexdigest())
-                    for n, t in tensors)
-    leaves = torch.utils._pytree.tree_leaves(example_inputs)
-    examples = tuple((tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
-    return type(model).__qualname__, tuple(type(m).__qualname__ for m in model.modules()), configs, attributes, \
-        weights, examples, repr(dynamic_shapes)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_capture_per_model() -> Any:
-    """compile_model captures (torch.export, seconds a tiny model) a model this module compiled before, unchanged,
-    once: each later compile gets a clone with its own parameter tensors and meta, what a fresh capture gives (as
-    conftest's ``captured_slice`` does for the SmolLM2 slices). Keyed by content, so a changed weight, buffer or
-    config, or other inputs, capture again; capture errors are raised each time (nothing is cached)."""
-    import copy
-
-    import lowbit.api
-
-    captured: dict[tuple, Graph] = {}
-    capture = lowbit.api.capture
-
-    def private_clone(graph: Graph) -> Graph:
-        g = graph.clone()
-        g.meta = copy.deepcopy(graph.meta)
-        params = list(g.params.values())
-        for v, data in zip(params, copy.deepcopy([v.data for v in params])):  # shared storage stays shared
-            v.data = data
-        return g
-
-    def reusing(model: Any, example_inputs: Any, dynamic_shapes: Any = None, **kw: Any) -> Graph:
-        key = None if kw else _capture_key(model, example_inputs, dynamic_shapes)
-        if key is None:
-            return capture(model, example_inputs, dynamic_shapes, **kw)
-        if key in captured:
-            return private_clone(captured[key])
-        graph = capture(model, example_inputs, dynamic_shapes)
-        # kept as a copy: the captured parameters are the model's own tensors, which a test may then change in place
-        # (load_state_dict of the masked weights) for a later test's model of the same content to compile
-        captured[key] = private_clone(graph)
-        return graph
-
-    lowbit.api.capture = reusing
-    try:
-        yield
-    finally:
-        lowbit.api.capture = capture
-        captured.clear()
-
-
+@pytest.mark.slow
 def test_a_reused_capture_is_a_fresh_capture_of_the_unchanged_model_only(monkeypatch):
     """This module's ``_one_capture_per_model``: a second compile of the same model exports nothing and gives the
     first's graph with its own parameter tensors; a weight changed in place, or a module attribute the forward reads,
     is captured again (a stale graph would test the old model), and a model changed after its capture leaves the
-    capture a later model of its first content gets as it was."""
+    capture a later model of its first content gets as it was. Slow-only: the cache is conftest's, and
+    test_capture's test_the_sessions_capture_cache_exports_a_model_once_and_gives_each_caller_its_own_graph checks
+    the same cases on it."""
     import importlib
 
     from conftest import tiny_llama
