@@ -828,3 +828,9 @@ def test_a_module_kept_float_keeps_its_kv_cache_float(slice2, tmp_path):
     g = graph.clone()
     PassManager(f"quantize(config={cfg})").run(g)
     assert _kv_quantized_modules(g) == ["model.layers.1.self_attn"]
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): a tiny model
+    compiled again, unchanged (a recipe, then the same recipe with overrides), is exported once."""
