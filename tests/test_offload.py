@@ -357,3 +357,9 @@ def test_onnxruntime_offload_note_only_where_weights_were_offloaded(tmp_path: Pa
     note = next(line for line in packed.report.lowering if line.startswith("offloaded weights"))
     mib = offloaded_bytes(v.data for v in packed.graph.params.values() if v.data is not None) / 2**20
     assert mib > 0 and f"offloaded weights ({mib:.1f} MiB in offload_dir={tmp_path}" in note, note
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model compiled or reloaded again is not exported again."""
