@@ -650,3 +650,9 @@ def test_a_reproducer_restores_the_graph_meta_its_replay_needs(tmp_path):
     (d / "reproducer.json").write_text(json.dumps(manifest))
     out = invoke("replay", d, code=3).output
     assert "'meta.generation.max_batch'" in out
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
+    model compiled or reloaded again is not exported again."""
