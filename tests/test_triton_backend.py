@@ -310,8 +310,9 @@ def _tiny_decoder(config_class) -> torch.nn.Module:
 
 
 def _split_and_tokens(model: torch.nn.Module) -> tuple[tuple[int, int], bool]:
-    """W4A16 on the triton backend: its add + norm split (``_add_norm_split``) and whether 4 greedy tokens equal
-    the torch reference's."""
+    """W4A16 on the triton backend: its add + norm split (``_add_norm_split``) and whether 3 greedy tokens equal
+    the torch reference's: the prefill and two decode steps, the second reading the cache the first wrote (a third
+    decode step, a third of the test's time under the interpreter, ran the same kernels on the same shapes)."""
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
 
@@ -321,7 +322,7 @@ def _split_and_tokens(model: torch.nn.Module) -> tuple[tuple[int, int], bool]:
     tri = _triton_step(model, pipeline, spec, dev)
     ref = compile_model(model, pipeline=pipeline, generation=spec, device=dev)
     ids = torch.randint(3, 512, (1, 5), generator=torch.Generator().manual_seed(1))
-    same = tri.generate(ids, 4, stop_tokens=()).tokens == ref.generate(ids, 4, stop_tokens=()).tokens
+    same = tri.generate(ids, 3, stop_tokens=()).tokens == ref.generate(ids, 3, stop_tokens=()).tokens
     return _add_norm_split(tri), same
 
 
