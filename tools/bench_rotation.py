@@ -189,6 +189,22 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
        f"fold-norms,{KURTAIL_M16[:-1]},lr=0.001" + (f",seed={sd}" if sd else "") +
        f"),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN)
       for sd in (2, 0, 1)],
+    # session 41: the moment-16 R1 plus each layer's R2 learned on the same objective (learn_heads=true: the
+    # head outputs o_proj reads, whose per-token A4 scale R2's per-head Hadamard leaves to the largest head).
+    # Offline probes first (scratch scripts, 8 x 512 validation tokens, the last 2 sequences held out, per-token
+    # int4 error of the rotated held-out activations): the R1 sites err 0.0152 with the Hadamard, 0.0105 with the
+    # moment-16 R1 at every seed, sink (position 0) tokens included (0.0056 -> 0.0036: not what separates the
+    # seeds); moments 32/64 or the mean of (p-norm/rms)^2 instead of its log: no lower (0.0105-0.0108); sites
+    # weighted by their readers' output-error gain (MLP-norm sites ~3x the attention-norm ones): no lower in the
+    # weighted error either. The o_proj inputs under R2's per-head Hadamard err 0.0357 (2.3x the R1 sites), the
+    # learned R2 0.0292. wt2-512x8 at seed 2: 70.89 (2.352x) against kurtail-m16-seed2's 75.35 and quarot-seed2's
+    # 83.71; the R2 learning costs 1019 s of the pass on the shared CPU (load ~12). Not yet measured on wt2-512x40
+    *[("w4a4kv4", "kurtail-m16-r2" + (f"-seed{sd}" if sd else ""),
+       "as kurtail-m16, each layer's R2 learned too (learn_heads=true)" + (f", rotation seed {sd} (default 0)"
+                                                                          if sd else ""),
+       f"fold-norms,{KURTAIL_M16[:-1]},learn_heads=true" + (f",seed={sd}" if sd else "") +
+       f"),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN)
+      for sd in (2, 0, 1)],
     ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
     ("w4a4kv4", "smoothquant", "no rotation; SmoothQuant alpha searched per site + GPTQ W4 per channel",
      f"smooth-quant(search=true,{{cal}}),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
