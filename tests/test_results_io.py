@@ -108,3 +108,18 @@ def test_readme_table_filters_exact_substring_and_not(tmp_path, monkeypatch):
     out = readme_tables.render(marker)
     assert out.startswith("<!-- results:accuracy eval!=gpu-memory device~cuda -->") and "old" not in out
     assert "| rtn |" in out and "| gptq |" in out and "| spin |" not in out and "| kurtail |" not in out
+
+
+def test_bench_rotation_match_selecting_no_row_says_so_before_any_work():
+    """``tools/bench_rotation.py --match quarot-seed2$`` captured SmolLM2 and exited 0 having run and written nothing
+    (the key it searches ends in the row's description): it now stops at once, naming the pattern and the fix."""
+    import subprocess
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    run = subprocess.run([sys.executable, "bench_rotation.py", "--match", "quarot-seed2$", "--dry"], cwd=tools,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "--match 'quarot-seed2$' selects no row" in run.stderr and "'quarot-seed2:'" in run.stderr
+    listed = subprocess.run([sys.executable, "bench_rotation.py", "--match", "quarot-seed2:", "--dry"], cwd=tools,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "w4a4kv4:quarot-seed2:" in listed.stdout

@@ -422,6 +422,15 @@ def _eval_kwargs(name: str) -> dict[str, int]:
     return {"seq_len": int(m.group(1)), "max_windows": int(m.group(2))}
 
 
+def check_matches(match: str) -> None:
+    """A ``--match`` selecting no row ran the float model's capture and exited 0 having written nothing: the keys it
+    searches end in the row's description (``quarot-seed2$`` selects nothing), so say so before any work."""
+    if match and not any(re.search(match, f"{scheme}:{method}:{variant}") for scheme, method, variant, _, _ in ROWS):
+        raise SystemExit(f"--match {match!r} selects no row: it searches 'scheme:method:description' (e.g. "
+                         f"'w4a4kv4:quarot-seed2:as quarot, ...'), so anchor a method with ':' ('quarot-seed2:'), "
+                         "not '$'; --dry lists the rows")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/accuracy.json")
@@ -441,6 +450,7 @@ def main() -> None:
     from lowbit.ir.graph import Graph
     from lowbit.passes.manager import PassManager, _split_top
 
+    check_matches(args.match)
     if args.dry:
         for scheme, method, variant, pipe, ev in ROWS:
             if not args.match or re.search(args.match, f"{scheme}:{method}:{variant}"):
