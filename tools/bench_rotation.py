@@ -198,7 +198,8 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     # weighted by their readers' output-error gain (MLP-norm sites ~3x the attention-norm ones): no lower in the
     # weighted error either. The o_proj inputs under R2's per-head Hadamard err 0.0357 (2.3x the R1 sites), the
     # learned R2 0.0292. wt2-512x8 at seed 2: 70.89 (2.352x) against kurtail-m16-seed2's 75.35 and quarot-seed2's
-    # 83.71; the R2 learning costs 1019 s of the pass on the shared CPU (load ~12). Not yet measured on wt2-512x40
+    # 83.71 (0.847x); seed 0: 73.57 (2.440x) against quarot's 84.43 (0.871x; no kurtail-m16 x8 row at seed 0).
+    # The R2 learning costs 1019 s / 2145 s of the pass on the shared CPU (load 12-17). Not yet run on wt2-512x40
     *[("w4a4kv4", "kurtail-m16-r2" + (f"-seed{sd}" if sd else ""),
        "as kurtail-m16, each layer's R2 learned too (learn_heads=true)" + (f", rotation seed {sd} (default 0)"
                                                                           if sd else ""),
