@@ -110,16 +110,16 @@ def test_readme_table_filters_exact_substring_and_not(tmp_path, monkeypatch):
     assert "| rtn |" in out and "| gptq |" in out and "| spin |" not in out and "| kurtail |" not in out
 
 
-def test_bench_rotation_match_selecting_no_row_says_so_before_any_work():
+def test_bench_rotation_match_selecting_no_row_says_so_before_any_work(monkeypatch, capsys):
     """``tools/bench_rotation.py --match quarot-seed2$`` captured SmolLM2 and exited 0 having run and written nothing
     (the key it searches ends in the row's description): it now stops at once, naming the pattern and the fix."""
-    import subprocess
+    import bench_rotation
+    import pytest
 
-    tools = Path(__file__).resolve().parents[1] / "tools"
-    run = subprocess.run([sys.executable, "bench_rotation.py", "--match", "quarot-seed2$", "--dry"], cwd=tools,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0
-    assert "--match 'quarot-seed2$' selects no row" in run.stderr and "'quarot-seed2:'" in run.stderr
-    listed = subprocess.run([sys.executable, "bench_rotation.py", "--match", "quarot-seed2:", "--dry"], cwd=tools,
-                            capture_output=True, text=True, timeout=120)
-    assert listed.returncode == 0 and "w4a4kv4:quarot-seed2:" in listed.stdout
+    monkeypatch.setattr(sys, "argv", ["bench_rotation.py", "--match", "quarot-seed2$", "--dry"])
+    with pytest.raises(SystemExit) as stopped:
+        bench_rotation.main()
+    assert "--match 'quarot-seed2$' selects no row" in str(stopped.value) and "'quarot-seed2:'" in str(stopped.value)
+    monkeypatch.setattr(sys, "argv", ["bench_rotation.py", "--match", "quarot-seed2:", "--dry"])
+    bench_rotation.main()
+    assert "w4a4kv4:quarot-seed2:" in capsys.readouterr().out
