@@ -2038,20 +2038,30 @@ def test_a_gpt2_compiled_for_compressed_tensors_is_refused_before_any_pass(tmp_p
     assert ran
 
 
-def test_import_lowbit_and_the_cli_leave_transformers_unimported():
-    """``import lowbit`` and the CLI's module imported transformers (~1 s of every command, ``lowbit --help`` too,
-    and of every subprocess test) through the calibration texts' tokenizer type hints and ``AutoTokenizer``: now it
-    is imported where a model or tokenizer is loaded. ``--help`` still lists the commands."""
-    code = ("import sys, lowbit, lowbit.cli.main, lowbit.checkpoint, lowbit.eval.perplexity, lowbit.eval.embedding\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n"
-            "from typer.testing import CliRunner\n"
-            "res = CliRunner().invoke(lowbit.cli.main.app, ['--help'])\n"
-            "print(res.exit_code, 'compile' in res.output, 'transformers' in sys.modules)\n")
+def _lowbit_import_subprocess(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter that imports this checkout's lowbit; its stdout lines."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                          os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.splitlines() == ["[]", "0 True False"], res.stdout
+    return res.stdout.splitlines()
+
+
+def test_import_lowbit_and_the_cli_leave_transformers_and_sympy_unimported():
+    """``import lowbit`` and the CLI's module imported transformers (~1 s of every command, ``lowbit --help`` too,
+    and of every subprocess test) through the calibration texts' tokenizer type hints and ``AutoTokenizer``, and
+    sympy (~0.35 CPU-s) through capture's and the dimension grammar's top-level imports: each is imported where it
+    is used (a model or tokenizer loaded; an expression built). ``--help`` still lists the commands, and a dimension
+    still parses and evaluates as before once one is read."""
+    code = ("import sys, lowbit, lowbit.cli.main, lowbit.checkpoint, lowbit.eval.perplexity, lowbit.eval.embedding\n"
+            "import lowbit.passes.manager, lowbit.ir.verifier\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'sympy')))\n"
+            "from typer.testing import CliRunner\n"
+            "res = CliRunner().invoke(lowbit.cli.main.app, ['--help'])\n"
+            "print(res.exit_code, 'compile' in res.output, 'transformers' in sys.modules, 'sympy' in sys.modules)\n"
+            "from lowbit.ir.symexpr import eval_dim, parse_dim\n"
+            "print(parse_dim('ceiling(s0/64) + FloorDiv(s1, 2)'), eval_dim('ceiling(s0/64)', {'s0': 129}))\n")
+    assert _lowbit_import_subprocess(code) == ["[]", "0 True False False", "ceiling(s0/64) + floor(s1/2) 3"]
 
 
 def test_debug_sensitivity_runs_the_float_model_once(tmp_path, monkeypatch):
@@ -2073,20 +2083,3 @@ def test_debug_sensitivity_runs_the_float_model_once(tmp_path, monkeypatch):
     whole.clear()
     invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w8a8", "--pipeline", "fold-norms", *SMALL, "-o", out)
     assert len(whole) == 2, whole
-
-
-def test_import_lowbit_and_the_cli_leave_sympy_unimported():
-    """``import lowbit`` imported sympy (~0.35 CPU-s of every process: ``lowbit --help``, each subprocess test) through
-    capture's and the dimension grammar's top-level imports, though only capture, IR text and shape inference build
-    expressions: it is imported there. A dimension still parses and evaluates as before once one is read."""
-    code = ("import sys, lowbit, lowbit.cli.main, lowbit.passes.manager, lowbit.ir.verifier\n"
-            "from typer.testing import CliRunner\n"
-            "res = CliRunner().invoke(lowbit.cli.main.app, ['--help'])\n"
-            "print(res.exit_code, 'sympy' in sys.modules)\n"
-            "from lowbit.ir.symexpr import eval_dim, parse_dim\n"
-            "print(parse_dim('ceiling(s0/64) + FloorDiv(s1, 2)'), eval_dim('ceiling(s0/64)', {'s0': 129}))\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.splitlines() == ["0 False", "ceiling(s0/64) + floor(s1/2) 3"], res.stdout
