@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from lowbit.errors import UntrustedInputError
 
-if TYPE_CHECKING:  # imported where an expression is built: ~1.3 s of `import lowbit` and `lowbit --help`
+if TYPE_CHECKING:  # imported where an expression is built: ~0.35 CPU-s of `import lowbit`
     import sympy
 
 FUNCTIONS: dict[str, int] = {"ceiling": 1, "floor": 1, "Max": 2, "Min": 2, "Mod": 2, "FloorDiv": 2, "CeilDiv": 2}
@@ -36,6 +36,7 @@ def _function(name: str) -> Callable[..., sympy.Expr]:
 
     return {"ceiling": sympy.ceiling, "floor": sympy.floor, "Max": sympy.Max, "Min": sympy.Min, "Mod": sympy.Mod,
             "FloorDiv": lambda a, b: sympy.floor(a / b), "CeilDiv": lambda a, b: sympy.ceiling(a / b)}[name]
+
 
 MAX_LENGTH = 512
 _TOKEN = re.compile(r"\s*(?:(?P<int>\d+)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<op>//|[-+*/%(),]))")

@@ -146,13 +146,18 @@ _PLAIN_OPERANDS = (int, float, bool, str, complex, type(None), torch.dtype, torc
                    torch.layout)
 
 
+def _plain_meta(t: torch.Tensor) -> bool:
+    """A meta tensor its size, strides, offset and dtype describe whole (no grad, conj/neg bit or other layout)."""
+    return t.is_meta and not t.requires_grad and not t.is_conj() and not t.is_neg() and t.layout == torch.strided
+
+
 def _meta_key(tree: Any, seen: dict[int, int]) -> Any:
     """A hashable stand-in for a node's operands on meta tensors: a tensor by its size, strides, offset and dtype
     (all an op on meta can read; the same tensor twice is marked so), a literal by its type and value (``1`` and
     ``1.0`` give other dtypes). None for anything else: that call is not memoized."""
     kind = type(tree)
     if kind is torch.Tensor:
-        if not tree.is_meta or tree.requires_grad or tree.is_conj() or tree.is_neg() or tree.layout != torch.strided:
+        if not _plain_meta(tree):
             return None
         first = seen.setdefault(id(tree), len(seen))
         return ("T", tuple(tree.shape), tree.stride(), tree.storage_offset(), tree.dtype, first)
@@ -171,7 +176,7 @@ def _meta_spec(out: Any) -> Any:
     """What ``_meta_key`` keeps of an op's result, to build an equal one again; None where that cannot be done."""
     kind = type(out)
     if kind is torch.Tensor:
-        if not out.is_meta or out.requires_grad or out.is_conj() or out.is_neg() or out.layout != torch.strided:
+        if not _plain_meta(out):
             return None
         return ("T", tuple(out.shape), out.stride(), out.storage_offset(), out.dtype)
     if kind in (tuple, list):
