@@ -745,7 +745,9 @@ def test_learned_rotation_runs_its_steps_on_the_device_option(learned_r1, device
         assert moved["history"] == base["history"]
     else:  # another reduction order, and the round-to-nearest in the loss can flip a code
         assert moved["history"] == pytest.approx(base["history"], rel=2e-2)
-    assert moved["orthogonality"] < 1e-12
+    # max |Q^T Q - I| of the 576-wide float64 rotation: <= 1e-12 on the CPU, 1.02e-12 measured on an H100 (the
+    # GPU's float64 products sum in another order); 1e-11 is ~80 d eps64 for d = 576, far below what the output shows
+    assert moved["orthogonality"] < (1e-12 if device == "cpu" else 1e-11)
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
