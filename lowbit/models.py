@@ -116,7 +116,35 @@ class CausalLMLogits(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+        with _no_packed_sequences():
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def _one_sequence_per_row(position_ids: torch.Tensor) -> None:
+    """``find_packed_sequence_indices``'s answer for positions ``0..L-1`` in every row: no packed sequences."""
+    return None
+
+
+@contextlib.contextmanager
+def _no_packed_sequences() -> Iterator[None]:
+    """Tell transformers' mask builder that no row packs several sequences, for a forward that passes no positions.
+
+    With no attention mask and no cache, transformers looks for packed sequences in the position ids (a diff, a
+    cumsum, and an index-based remap of the causal mask); eagerly it finds none and drops them, but under
+    torch.export it cannot look at values, so every capture traced them: on SmolLM2 cut to 2 blocks ~0.6 of the
+    ~0.75 s the mask took, 19 of 113 graph nodes. ``CausalLMLogits`` passes no position ids, so the model's are its
+    own ``arange``: never packed, and the mask is the same causal (or sliding-window) mask without them."""
+    import transformers.masking_utils as masking
+
+    found = getattr(masking, "find_packed_sequence_indices", None)
+    if found is None or torch.compiler.is_dynamo_compiling():  # another transformers, or dynamo tracing this code
+        yield
+        return
+    masking.find_packed_sequence_indices = _one_sequence_per_row
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = found
 
 
 def _refuse_mixture_of_experts(model: nn.Module) -> None:

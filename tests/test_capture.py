@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -561,3 +562,51 @@ def test_a_dim_the_code_specializes_is_blamed_on_the_traced_graph_and_named():
     assert "after the whole forward was traced" in message and "top level" not in message
     assert "batch as dynamic but your code specialized it to be a constant (2)" in message
     assert "torch suggests: batch = 2" in message
+
+
+def test_capture_traces_no_packed_sequence_search_and_the_logits_are_the_same(smollm2_slice_f64, wikitext_ids,
+                                                                               monkeypatch):
+    """With no attention mask and no cache, transformers looks for packed sequences in the position ids; eagerly it
+    finds none and skips them, but under export it cannot look, so every capture traced a diff, a cumsum and an
+    index-based remap of the causal mask (~0.6 s of a 2-block SmolLM2 capture, 19 of its 113 nodes). CausalLMLogits
+    passes no positions, so none are packed: the graph has none of those ops, and its float64 logits on real text
+    are bit for bit the eager model's and the old graph's (the mask built with the search)."""
+    import lowbit.models
+
+    wrapper, graph = smollm2_slice_f64
+    ops = graph.op_counts()
+    assert not {"aten.diff.default", "aten.cumsum.default", "aten.index.Tensor"} & set(ops), ops
+    ids = wikitext_ids[:, 3000:3100]
+    with torch.no_grad():
+        eager = wrapper(ids)
+    assert torch.equal(TorchCompiled(graph)(ids), eager)
+    monkeypatch.setattr(lowbit.models, "_no_packed_sequences", contextlib.nullcontext)
+    searched = capture(wrapper, (torch.ones(1, 16, dtype=torch.long),),
+                       {"input_ids": {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}})
+    assert "aten.cumsum.default" in searched.op_counts() and len(searched.nodes) > len(graph.nodes)
+    assert torch.equal(TorchCompiled(searched)(ids), eager)
+
+
+def test_a_sliding_window_mask_is_kept_without_the_packed_sequence_search():
+    """The packed-sequence search is skipped for sliding-window masks too (transformers runs it for both): a
+    Mistral whose window (4) is shorter than the input still attends within it, as its eager forward in float64."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from lowbit.models import CausalLMLogits
+
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                           num_hidden_layers=2, vocab_size=97, max_position_embeddings=64, sliding_window=4)
+    model = MistralForCausalLM(config).to(torch.float64).eval()
+    wrapper = CausalLMLogits(model).eval()
+    dyn = torch.export.Dim.DYNAMIC
+    graph = capture(wrapper, (torch.ones(2, 8, dtype=torch.long),), {"input_ids": {0: dyn(min=1, max=8),
+                                                                                  1: dyn(min=2, max=64)}})
+    assert "aten.cumsum.default" not in graph.op_counts()
+    ids = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        eager = wrapper(ids)
+        model.config.sliding_window = None
+        full = wrapper(ids)
+    assert torch.equal(TorchCompiled(graph)(ids), eager)
+    assert not torch.allclose(eager[:, 5:], full[:, 5:])  # the window cut something: it is not a causal mask
