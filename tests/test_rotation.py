@@ -1504,3 +1504,21 @@ def test_rotate_folds_without_a_dense_hadamard_product():
 def _one_export_per_model(reuse_captures: object) -> None:
     """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
     model (``_gained_tiny_llama`` above all) compiled again, unchanged, is exported once."""
+
+
+def test_a_doubled_base_order_builds_its_half_once(monkeypatch):
+    """``_base(m)`` for an order only doubling reaches (40 = 2·20, 20 from Paley I on GF(19)) built the half twice,
+    once to test that it exists and once to use it, and every call built it again: it is built once and cached."""
+    import lowbit.ir.hadamard as hadamard_module
+
+    built = []
+    real_paley1 = hadamard_module.paley1
+    monkeypatch.setattr(hadamard_module, "paley1", lambda q: built.append(q) or real_paley1(q))
+    forget = getattr(hadamard_module._base, "cache_clear", lambda: None)
+    forget()
+    try:
+        first = hadamard_module._base(40)
+        assert built == [19] and _is_hadamard(first)
+        assert torch.equal(hadamard_module._base(40), first) and built == [19]
+    finally:
+        forget()  # nothing built through the counting stand-in stays cached

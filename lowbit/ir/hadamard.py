@@ -228,8 +228,11 @@ def t3_williamson(w: int) -> torch.Tensor:
     return goethals_seidel(*circ)
 
 
+@functools.lru_cache(maxsize=32)
 def _base(m: int) -> torch.Tensor | None:
-    """A Hadamard matrix of order m from a direct construction, or None (powers of two excluded)."""
+    """A Hadamard matrix of order m from a direct construction, or None (powers of two excluded). Cached (callers
+    copy it: ``.to``, ``kron``): ``hadamard_factors`` and ``_hadamard_int`` built the same order again for each
+    dimension that shares its odd part."""
     if m in (1, 2):
         return sylvester(m)
     if m % 4:
@@ -240,9 +243,8 @@ def _base(m: int) -> torch.Tensor | None:
         return paley2(m // 2 - 1)
     if m % 12 == 0 and (m // 12) % 2 == 1 and (m // 12) % 3 and m // 12 <= 25:
         return t3_williamson(m // 12)
-    if m % 2 == 0 and m // 2 > 2 and _base(m // 2) is not None:
-        return torch.kron(sylvester(2), _base(m // 2))
-    return None
+    half = _base(m // 2) if m % 2 == 0 and m // 2 > 2 else None  # built once, not once to test and again to use
+    return torch.kron(sylvester(2), half) if half is not None else None
 
 
 def hadamard_order_split(n: int) -> tuple[int, int]:
