@@ -594,3 +594,13 @@ def reuse_captures(request: pytest.FixtureRequest, capture_cache: CaptureCache) 
     for owner, name in ours:
         patcher.setattr(owner, name, reusing)
     return capture_cache
+
+
+@pytest.fixture(autouse=True)
+def _fresh_load_captures() -> None:
+    """Each test's ``lowbit.load`` captures the architectures it loads afresh (``lowbit.checkpoint.reuse`` keeps one
+    graph per architecture for the process): a test that patches what capture runs sees its patch, whichever test
+    loaded the same model before it."""
+    reuse = sys.modules.get("lowbit.checkpoint.reuse")  # not imported here: a file that never loaded a checkpoint
+    if reuse is not None:
+        reuse.clear()

@@ -1356,6 +1356,7 @@ def _gptq_linear(module: str, bits: int, group: int, zero_offset: int, tensors: 
 
 def _capture(model: torch.nn.Module, kind: str, directory: Path, generation: Any = None) -> tuple[Graph, Any]:
     from lowbit.api import _default_example, _generation_model, describe_source, record_step_graph
+    from lowbit.checkpoint.reuse import capture_once
     from lowbit.ir.capture import capture
     from lowbit.models import CausalLMLogits, SentenceEmbedder
 
@@ -1366,7 +1367,7 @@ def _capture(model: torch.nn.Module, kind: str, directory: Path, generation: Any
         if kind != "causal-lm":
             raise CheckpointError(f"{directory}: generation= needs a causal LM checkpoint; this one is a {kind}")
         step, example, dyn, meta = _generation_model(model, generation)
-        graph = capture(step, example, dyn)
+        graph = capture_once(capture, step, model, example, dyn, generation)
         graph.meta["source"] = describe_source(step)
         record_step_graph(graph, meta)
         if tokenizer is not None:
@@ -1377,7 +1378,7 @@ def _capture(model: torch.nn.Module, kind: str, directory: Path, generation: Any
         raise CheckpointError(f"{directory}: an encoder checkpoint needs its tokenizer files to build example "
                               "inputs for capture")
     example, dyn = _default_example(wrapper, tokenizer)
-    graph = capture(wrapper, example, dyn)
+    graph = capture_once(capture, wrapper, model, example, dyn)
     graph.meta["source"] = describe_source(wrapper)
     if tokenizer is not None:
         graph.meta["tokenizer"] = tokenizer
