@@ -298,13 +298,13 @@ def test_block_add_and_norm_fuse_in_other_decoder_families(family):
 
 
 def _tiny_decoder(config_class) -> torch.nn.Module:
-    """A random bf16 two-block decoder of ``config_class``, hidden 128 (the decode layout's smallest K), 4 heads
-    sharing one kv head."""
+    """A random bf16 two-block decoder of ``config_class``, hidden and MLP 128 (the decode layout's smallest K: an
+    MLP of 256 only doubled the interpreted MLP kernels' work), 4 heads sharing one kv head."""
     import transformers
 
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(
-        config_class(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=1,
+        config_class(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1,
                      head_dim=32, num_hidden_layers=2, vocab_size=512, max_position_embeddings=128),
         dtype=torch.bfloat16).eval()
 
