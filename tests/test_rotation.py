@@ -527,7 +527,7 @@ def test_w4a4kv4_rotation_beats_no_rotation_on_smollm2(smollm2):
 
 # ---- learned rotations: KurTail (kind=kurtosis) ------------------------------------------------------
 
-KURTAIL_CHEAP = "kurtosis,calib_n=2,calib_len=64,samples=64,steps=8,batch_tokens=512,learn_heads=true,progress=false"
+KURTAIL_CHEAP = "kurtosis,calib_n=2,calib_len=64,samples=64,steps=8,batch_tokens=256,learn_heads=true,progress=false"
 """kind=kurtosis at test size: 2×64 calibration tokens, 64 kept per norm, 8 steps (seconds on 2 cores)."""
 
 
@@ -1522,3 +1522,32 @@ def test_a_doubled_base_order_builds_its_half_once(monkeypatch):
         assert torch.equal(hadamard_module._base(40), first) and built == [19]
     finally:
         forget()  # nothing built through the counting stand-in stays cached
+
+
+def test_kurtosis_batch_tokens_beyond_the_samples_learns_on_every_sample_and_says_so(smollm2, smollm2_slice_f64):
+    """``batch_tokens`` above what the sites hold (SmolLM2's R1 with the default samples=512: 512 tokens a norm
+    output) was cut to the site's size silently, and each step then drew that many rows with replacement (a third
+    of them repeated, as many left out): a user asking for 100000 tokens a step learned on fewer than 512 distinct
+    ones per site without a word. Such a site now gives every row each step (the step's loss is the pool's), the
+    stats say how many tokens a step ran on, and the pass warns, naming ``samples``, when the user set more."""
+    from lowbit.calibration.rotation_learning import learn_kurtosis_rotation
+
+    train, _ = _block_streams(smollm2)
+    rows = sum(s.shape[0] for s in train)
+    q0 = random_hadamard(576, 0)
+    every = learn_kurtosis_rotation(train, q0, steps=2, lr=3e-3, batch_tokens=100_000, moment=16)
+    assert every.tokens_per_step == rows
+    assert abs(every.history[0] - every.loss_start) < 1e-5, (every.history[0], every.loss_start)  # no draw
+    drawn = learn_kurtosis_rotation(train, q0, steps=2, lr=3e-3, batch_tokens=64, moment=16)
+    assert drawn.tokens_per_step == 64 and abs(drawn.history[0] - drawn.loss_start) > 1e-4
+
+    _, graph = smollm2_slice_f64
+    spec = "fold-norms,rotate(kind=kurtosis,calib_n=2,calib_len=64,samples=32,steps=2,progress=false{})"
+    with pytest.warns(UserWarning, match=r"batch_tokens=100000, but the R1 learning has 128 tokens \(32 kept per "
+                                         r"site x 4 sites\).* raise samples \(now 32\)"):
+        report = PassManager(spec.format(",batch_tokens=100000")).run(graph.clone())
+    assert report.records[-1].stats["learned"]["tokens_per_step"] == 128
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batch_tokens")  # the default (4096) is not the user's ask
+        report = PassManager(spec.format("")).run(graph.clone())
+    assert report.records[-1].stats["learned"]["tokens_per_step"] == 128

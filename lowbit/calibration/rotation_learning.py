@@ -65,6 +65,9 @@ class LearnedRotation:
     one's is higher."""
     windows_per_step: int | None = None
     """learned: calibration windows each step ran on (``batch``, or fewer when fewer windows remain to train on)."""
+    tokens_per_step: int | None = None
+    """kurtosis: rows each step learned on: ``batch_tokens`` spread over the sites, at most every row of each site
+    (a site with fewer rows than its share gives all of them, every step)."""
 
 
 def kurtosis(y: torch.Tensor) -> torch.Tensor:
@@ -210,10 +213,13 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
     every site weighs the same per token. ``heads > 1``: ``Q`` is ``[d/heads, d/heads]`` and rotates each of
     the ``heads`` slices of a token (R2: the per-head values o_proj reads), the kurtosis still taken over the
     whole token (its quantizer sees all heads at once). Each step draws ``batch_tokens`` rows spread evenly over the
-    sites (a seeded draw). ``q0`` is the start (a randomised Hadamard), returned instead when the learned ``Q``'s loss
-    on every sample is higher (``check.kept``). A NaN or infinite loss, or a singular Cayley
-    system, is a :class:`RotationLearningError` naming ``what`` and the step; non-finite samples (the model's own
-    activations, before any step) are one naming the site (``site_names``, else its index).
+    sites (a seeded draw); a site holding no more rows than its share gives every row instead (a draw of as many
+    rows with replacement repeated a third of them and left out as many), and ``tokens_per_step`` says how many the
+    steps ran on: fewer than ``batch_tokens`` when the sites hold fewer. ``q0`` is the start (a randomised
+    Hadamard), returned instead when the learned ``Q``'s loss on every sample is higher (``check.kept``). A NaN or
+    infinite loss, or a singular Cayley system, is a :class:`RotationLearningError` naming ``what`` and the step;
+    non-finite samples (the model's own activations, before any step) are one naming the site (``site_names``, else
+    its index).
     """
     t0 = time.perf_counter()
     d = q0.shape[0]
@@ -237,8 +243,8 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
     with torch.no_grad():
         loss_start, kurt_start = _pool_means(sites, q0, target, moment, tail_mean)
     for step in range(steps):
-        batch = torch.cat([s[torch.randint(0, s.shape[0], (min(per_site, s.shape[0]),), generator=gen)]
-                           for s in sites])
+        batch = torch.cat([s if per_site >= s.shape[0]
+                           else s[torch.randint(0, s.shape[0], (per_site,), generator=gen)] for s in sites])
         opt.zero_grad(set_to_none=True)
         try:
             q = q0c @ cayley(a)
@@ -277,7 +283,7 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
             q, loss_end, kurt_end = orthogonal_polar(q0), loss_start, kurt_start
         ortho = float((q @ q.T - torch.eye(d, dtype=torch.float64)).abs().max())
     return LearnedRotation(q, kurt_start, kurt_end, loss_start, loss_end, steps, time.perf_counter() - t0, ortho,
-                           history, check)
+                           history, check, tokens_per_step=sum(min(per_site, s.shape[0]) for s in sites))
 
 
 # ---- SpinQuant-style: the quantized network's own loss -------------------------------------------------------

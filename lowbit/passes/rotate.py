@@ -134,7 +134,8 @@ class RotateOptions(CalibrationOptions):
                              "w_bits below 16")
         return self
     batch_tokens: int = Field(default=4096, ge=8, le=1_000_000)
-    """kurtosis: tokens per step, drawn evenly from every norm output."""
+    """kurtosis: tokens per step, drawn evenly from every norm output; at most all ``samples`` of every one (a
+    step then runs on all of them, stats ``tokens_per_step``; a larger value set here is warned about)."""
     check_windows: int = Field(default=8, ge=0, le=1024)
     """learned: after the steps, score the start and the learned rotation on this many calibration windows and
     keep the learned one only if its quantized loss is lower (stats ``check``); 0 keeps it unchecked. The steps
@@ -316,6 +317,7 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
                                           what=f"pass {pass_name}: kind=kurtosis, residual stream of width {res.dim}")
         r2: dict[int, torch.Tensor] = {}
         r2_kurt = []
+        r2_tokens = None
         for h, k in zip(heads, o_kept):
             if not k:
                 raise PassError(f"pass {pass_name}: kind=kurtosis: calibration never reached o_proj %{h.o_proj.name}")
@@ -327,14 +329,16 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
                                                       f"{h.o_proj.module!r})"],
                                           what=f"pass {pass_name}: kind=kurtosis, head rotation of %{h.o_proj.name}")
             r2[id(h.o_proj)] = lr2.q
+            r2_tokens = lr2.tokens_per_step
             r2_kurt.append((lr2.kurtosis_start, lr2.kurtosis_end, lr2.check["kept"] == "start"))
     except CalibrationError as exc:
         raise PassError(str(exc)) from None
+    _say_batch_tokens_short(o, pass_name, learned.tokens_per_step, len(sites), samples[0].shape[0])
     extra = {} if not r2_kurt else {
         "head_rotations": len(r2_kurt),
         "head_kurtosis_start": round(sum(a for a, _, _ in r2_kurt) / len(r2_kurt), 4),
         "head_kurtosis_end": round(sum(b for _, b, _ in r2_kurt) / len(r2_kurt), 4),
-        "head_kept_start": sum(k for _, _, k in r2_kurt)}
+        "head_kept_start": sum(k for _, _, k in r2_kurt), "head_tokens_per_step": r2_tokens}
     return learned.q, {
         **extra,
         "sites": len(sites), **calib_size(ids), "samples_per_site": samples[0].shape[0],
@@ -342,10 +346,22 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
                             / 2**20, 1),
         "kurtosis_start": round(learned.kurtosis_start, 4), "kurtosis_end": round(learned.kurtosis_end, 4),
         "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
-        "steps": learned.steps, "orthogonality": learned.orthogonality, "history": learned.history,
+        "steps": learned.steps, "tokens_per_step": learned.tokens_per_step, "orthogonality": learned.orthogonality,
+        "history": learned.history,
         "check": learned.check, "collect_seconds": round(collect_s, 2),
         "learn_seconds": round(time.perf_counter() - t0 - collect_s, 2),
     }, r2
+
+
+def _say_batch_tokens_short(o: RotateOptions, pass_name: str, got: int | None, sites: int, per_site: int) -> None:
+    """Warn when ``batch_tokens``, set by the user, asks for more tokens a step than R1's samples hold: the steps
+    then run on every sample (stats ``tokens_per_step``), and only ``samples`` (tokens kept per norm output) gives
+    them more. (Each R2 learns from one site, its o_proj's input: a step takes all its samples whenever
+    ``batch_tokens`` >= ``samples``, the default; stats ``head_tokens_per_step``.)"""
+    if "batch_tokens" in o.model_fields_set and got is not None and got < o.batch_tokens:
+        warnings.warn(f"pass {pass_name}: batch_tokens={o.batch_tokens}, but the R1 learning has {got} tokens "
+                      f"({per_site} kept per site x {sites} sites), so each step ran on those {got}; raise samples "
+                      f"(now {o.samples}) to learn on more", stacklevel=3)
 
 
 def learn_extra_rotation(graph: Graph, res: ResidualRegion, o: RotateOptions, pass_name: str
