@@ -1738,3 +1738,31 @@ def test_loads_of_one_architecture_capture_it_once_and_each_keeps_its_own_weight
     assert [bool(m.graph.meta.get("capture_reused")) for m in loaded.values()] == [False, True, True]
     assert torch.equal(loaded["int4"](ids), TorchCompiled(compiled["int4"])(ids))
     assert not torch.equal(loaded["int4"](ids), loaded["int8"](ids))
+
+
+def test_a_load_writes_the_stored_codes_without_quantizing_its_placeholder_weights(float_slice, tmp_path,
+                                                                                     monkeypatch):
+    """lowbit.load ran the quantize pass's RTN (observers, rounding, int4 packing, a NaN scan) on every quantized
+    linear's zero placeholder weight, then replaced all of it with the stored codes: ~60% of a SmolLM2 load. The
+    stored codes are written as the weights' QDQ directly, checked against the shapes RTN would make (worked out
+    on meta); with RTN and the scan made to fail, each format reloads to its compile's logits on real text, bit for
+    bit (asymmetric int4 with zero points, int8 with dynamic int8 inputs, GPTQ)."""
+    import lowbit.passes.insert_qdq as insert_qdq
+
+    cases = [("compressed-tensors", "quantize(w=uint4,group=64,sym=false)"),
+             ("compressed-tensors", "quantize(w=int8,a=int8)"), ("gptq", "quantize(w=int4,group=64)")]
+    saved = []
+    for i, (fmt, pipeline) in enumerate(cases):
+        graph = _compiled(float_slice, pipeline)
+        saved.append((graph, lowbit.save(graph, tmp_path / f"ck{i}", format=fmt)))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a load quantized a placeholder weight")
+
+    monkeypatch.setattr(insert_qdq, "_insert_weight_qdq", refuse)
+    monkeypatch.setattr(insert_qdq, "nonfinite_problem", refuse)
+    ids = float_slice[1][:1, :96]
+    for graph, directory in saved:
+        loaded = lowbit.load(directory)
+        _assert_same_graph(graph, loaded.graph)
+        assert torch.equal(loaded(ids), TorchCompiled(graph)(ids)), directory

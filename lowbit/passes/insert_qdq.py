@@ -667,10 +667,15 @@ def unraised_projections(graph: Graph) -> list[str]:
         for a in n.args)]
 
 
+WeightCodes = Callable[[Node, QScheme, int | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+"""``(linear, its weight scheme, its group) -> (stored codes, scale, zero point or None)`` for ``quantize_graph``."""
+
+
 def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
          extra_patterns: Sequence[tuple[str, str]] = (), scope: Callable[[str], bool] | None = None,
          nonfinite: NonFinitePolicy = "error", pass_name: str = "quantize",
-         group_option: Callable[[str], str] = lambda module: "option group") -> QuantizePlan:
+         group_option: Callable[[str], str] = lambda module: "option group",
+         read_weights: bool = True) -> QuantizePlan:
     """Resolve ``cfg`` against the graph; every error (bad pattern, group, weight) is raised before any change.
 
     ``extra_patterns`` are (where, glob) pairs the user wrote outside the config (the ``keep`` option): like
@@ -678,6 +683,7 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
     linears and attention nodes changed to those whose module it accepts. A weight with NaN/inf would give NaN
     scales and an all-NaN model; ``nonfinite`` says whether that refuses the pass or keeps the linear float.
     ``group_option(module)`` names where a linear's group size came from, for the error when it does not divide.
+    ``read_weights=False``: the weights' values are not quantized here (stored codes replace them), so not checked.
     """
     linears = [n for n in graph.nodes if n.op == "linear"]
     in_scope = scope if scope is not None else (lambda module: True)
@@ -708,7 +714,7 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
                                 "stored weights can be quantized (keep it float with keep=...)")
             if w.tensor_type.rank != 2:
                 raise PassError(f"pass quantize: weight @{w.name} of linear %{n.name} is {w.type}, not [out, in]")
-            problem = nonfinite_problem(w.data) if w.data is not None else None
+            problem = nonfinite_problem(w.data) if w.data is not None and read_weights else None
             if problem is not None:
                 if nonfinite == "keep-float":
                     p.kept_nonfinite.append(n.module or n.name)
@@ -759,15 +765,24 @@ def quantize_graph(graph: Graph, cfg: QuantConfig, *, group_fallback: int | None
                    scope: Callable[[str], bool] | None = None,
                    nonfinite: NonFinitePolicy = "error",
                    group_option: Callable[[str], str] = lambda module: "option group",
-                   kv_group_option: Callable[[str], tuple[str, str]] = kv_group_options) -> dict[str, Any]:
+                   kv_group_option: Callable[[str], tuple[str, str]] = kv_group_options,
+                   weight_codes: WeightCodes | None = None) -> dict[str, Any]:
     """Apply ``cfg`` to ``graph`` in place (only to modules ``scope`` accepts); returns the pass's statistics.
-    ``group_option`` / ``kv_group_option``: the option a weight's / a KV role's group came from, for errors."""
-    p = plan(graph, cfg, group_fallback, extra_patterns, scope, nonfinite, group_option=group_option)
+    ``group_option`` / ``kv_group_option``: the option a weight's / a KV role's group came from, for errors.
+    ``weight_codes(linear, scheme, group)``: each quantized weight's (stored codes, scale, zero point) in place of
+    RTN, which then never reads the weights (``lowbit.load`` gives a checkpoint's codes: RTN of its placeholder
+    weights was ~60% of a SmolLM2 load, all of it thrown away)."""
+    p = plan(graph, cfg, group_fallback, extra_patterns, scope, nonfinite, group_option=group_option,
+             read_weights=weight_codes is None)
     bytes_before = graph.param_bytes()
     users = graph.users()
     w_float = w_quant = 0
     for wp in p.weights:
-        b, a = _insert_weight_qdq(graph, wp.node, wp.scheme, wp.group, users)
+        if weight_codes is None:
+            b, a = _insert_weight_qdq(graph, wp.node, wp.scheme, wp.group, users)
+        else:
+            b, a = write_weight_qdq(graph, wp.node, wp.scheme, wp.group, *weight_codes(wp.node, wp.scheme, wp.group),
+                                    users)
         w_float, w_quant = w_float + b, w_quant + a
     dynamic = [(n, s) for n, s in p.inputs if s.dynamic]
     chains: dict[tuple[int, QScheme], Node] = {}
