@@ -2083,3 +2083,10 @@ def test_debug_sensitivity_runs_the_float_model_once(tmp_path, monkeypatch):
     whole.clear()
     invoke("debug", "sensitivity", "smollm2:2", "--scheme", "w8a8", "--pipeline", "fold-norms", *SMALL, "-o", out)
     assert len(whole) == 2, whole
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): a tiny model a
+    test compiled before, or a checkpoint of the same content loaded again, is not exported again (torch.export
+    takes seconds even on a tiny model); the CLI's own per-process cache of ``smollm2:2`` is untouched."""
