@@ -1551,3 +1551,40 @@ def test_kurtosis_batch_tokens_beyond_the_samples_learns_on_every_sample_and_say
         warnings.filterwarnings("error", message=".*batch_tokens")  # the default (4096) is not the user's ask
         report = PassManager(spec.format("")).run(graph.clone())
     assert report.records[-1].stats["learned"]["tokens_per_step"] == 128
+
+
+def test_per_layer_head_rotations_learn_in_one_set_of_steps_as_each_would_alone(smollm2, smollm2_slice_f64,
+                                                                                monkeypatch):
+    """``learn_heads=true`` learned each layer's R2 in its own 100 steps, one layer after the other: SmolLM2's 30
+    were 30 x 100 steps of small products (~90 s a layer on the shared 2-core CPU, half of the pass). They now
+    learn in one set of steps on their stacked parameters (``learn_kurtosis_rotations``); Adam is elementwise and
+    each layer's loss reads only its own rotation, so each ends where it would alone (here on real SmolLM2
+    streams, as R2 sees them: 9 heads of 64), and the pass makes one call for all its layers' R2s."""
+    from lowbit.calibration import rotation_learning
+    from lowbit.calibration.rotation_learning import learn_kurtosis_rotation, learn_kurtosis_rotations
+
+    train, _ = _block_streams(smollm2)
+    r0 = random_hadamard(64, 1)
+    kw = dict(steps=6, lr=3e-3, batch_tokens=4096, moment=16, heads=9)
+    alone = [learn_kurtosis_rotation([x], r0, **kw) for x in train]
+    together = learn_kurtosis_rotations([[x] for x in train], r0, whats=["a", "b"], **kw)
+    for a, t in zip(alone, together):
+        assert (a.q - t.q).abs().max() < 1e-5 and a.check == t.check, (a.check, t.check)
+        assert max(abs(x - y) for x, y in zip(a.history, t.history)) < 1e-5 and a.tokens_per_step == 256
+        assert t.orthogonality < 1e-12
+
+    calls: list[int] = []
+    original = rotation_learning.learn_kurtosis_rotations
+
+    def counted(problems, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(problems))
+        return original(problems, *args, **kwargs)
+
+    monkeypatch.setattr(rotation_learning, "learn_kurtosis_rotations", counted)
+    monkeypatch.setattr("lowbit.passes.rotate.learn_kurtosis_rotations", counted, raising=False)
+    _, graph = smollm2_slice_f64
+    report = PassManager(f"fold-norms,rotate(kind={KURTAIL_CHEAP})").run(graph.clone())
+    learned = report.records[-1].stats["learned"]
+    assert calls == [1, 2], calls  # R1, then both layers' R2 in one set of steps
+    assert learned["head_rotations"] == 2 and learned["head_kurtosis_end"] < learned["head_kurtosis_start"]
+    assert learned["head_tokens_per_step"] == 64 and learned["head_learn_seconds"] >= 0
