@@ -1766,3 +1766,33 @@ def test_a_load_writes_the_stored_codes_without_quantizing_its_placeholder_weigh
         loaded = lowbit.load(directory)
         _assert_same_graph(graph, loaded.graph)
         assert torch.equal(loaded(ids), TorchCompiled(graph)(ids)), directory
+
+
+def test_generation_loads_of_one_architecture_capture_the_step_once_and_generate_their_own_tokens(tmp_path,
+                                                                                                   monkeypatch):
+    """The step graph a ``generation=`` load captures is kept per architecture and spec too: two random Llamas of
+    one config under other recipes, loaded in turn and the first again, capture the step once and generate the
+    greedy tokens of their own compiles."""
+    import importlib
+
+    from lowbit.checkpoint import reuse
+
+    reuse.clear()
+    captures = []
+    module = importlib.import_module("lowbit.ir.capture")
+    real_capture = module.capture
+    spec = lowbit.GenerationSpec(max_length=32, max_batch=2)
+    compiled = {}
+    for seed, pipeline in ((0, "quantize(w=int4,group=32)"), (1, "quantize(w=int8)")):
+        torch.manual_seed(seed)
+        model = tiny_llama(layers=1, hidden=64, inter=128, heads=4, kv_heads=2, vocab=97, max_positions=64)
+        compiled[seed] = lowbit.compile_model(model, pipeline=pipeline, generation=spec)
+        lowbit.save(compiled[seed], tmp_path / str(seed), format="compressed-tensors")
+    monkeypatch.setattr(module, "capture", lambda *a, **k: captures.append(1) or real_capture(*a, **k))
+    prompts = [[1, 5, 9, 12], [3, 4]]
+    tokens = {}
+    for seed in (0, 1, 0):
+        loaded = lowbit.load(tmp_path / str(seed), generation=spec)
+        tokens[seed] = loaded.generate(prompts, max_new_tokens=4).tokens
+        assert tokens[seed] == compiled[seed].generate(prompts, max_new_tokens=4).tokens, seed
+    assert len(captures) == 1 and tokens[0] != tokens[1]
