@@ -120,7 +120,7 @@ class CausalLMLogits(nn.Module):
             return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-def _one_sequence_per_row(position_ids: torch.Tensor) -> None:
+def _one_sequence_per_row(*args: Any, **kwargs: Any) -> None:
     """``find_packed_sequence_indices``'s answer for positions ``0..L-1`` in every row: no packed sequences."""
     return None
 
@@ -137,7 +137,9 @@ def _no_packed_sequences() -> Iterator[None]:
     import transformers.masking_utils as masking
 
     found = getattr(masking, "find_packed_sequence_indices", None)
-    if found is None or torch.compiler.is_dynamo_compiling():  # another transformers, or dynamo tracing this code
+    # another transformers, dynamo tracing this code, or a forward already inside (another thread's): the one that
+    # swapped it restores it, so overlapping forwards can never leave transformers' search switched off
+    if found is None or found is _one_sequence_per_row or torch.compiler.is_dynamo_compiling():
         yield
         return
     masking.find_packed_sequence_indices = _one_sequence_per_row

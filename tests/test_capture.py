@@ -610,3 +610,22 @@ def test_a_sliding_window_mask_is_kept_without_the_packed_sequence_search():
         full = wrapper(ids)
     assert torch.equal(TorchCompiled(graph)(ids), eager)
     assert not torch.allclose(eager[:, 5:], full[:, 5:])  # the window cut something: it is not a causal mask
+
+
+def test_overlapping_forwards_leave_transformers_packed_sequence_search_in_place():
+    """Two CausalLMLogits forwards that overlap (two threads: one enters, the other enters, the first leaves, then
+    the second) left transformers' packed-sequence search switched off for the process, since the second saved the
+    stand-in as the original; every later HF model trained on packed rows would then have attended across them.
+    Only the forward that swapped it restores it."""
+    import transformers.masking_utils as masking
+
+    from lowbit.models import _no_packed_sequences
+
+    original = masking.find_packed_sequence_indices
+    first, second = _no_packed_sequences(), _no_packed_sequences()
+    first.__enter__()
+    second.__enter__()
+    assert masking.find_packed_sequence_indices is not original
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert masking.find_packed_sequence_indices is original
