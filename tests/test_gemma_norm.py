@@ -17,7 +17,6 @@ import lowbit
 from lowbit.api import _default_example, describe_source
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.calibration.scale_migration import apply_scale, find_sites
-from lowbit.ir.capture import capture
 from lowbit.models import CausalLMLogits
 from lowbit.passes.manager import PassManager, parse_pipeline
 from test_architectures import _decoders, _inputs, _smollm2_tokenizer
@@ -43,7 +42,7 @@ def _gemma(family: str, dtype: torch.dtype = torch.float32):
     wrapped = CausalLMLogits(model).eval()
     tok = _smollm2_tokenizer()
     example, dyn = _default_example(wrapped, tok)
-    graph = capture(wrapped, example, dyn)
+    graph = lowbit.ir.capture(wrapped, example, dyn)  # looked up here: through reuse_captures' cache in a test
     graph.meta["source"] = describe_source(wrapped)
     graph.meta["tokenizer"] = tok
     return wrapped, tok, graph, norms
@@ -166,3 +165,9 @@ def test_norm_quant_fusion_takes_folded_gemma_norms_with_their_form():
     fused = [n for n in g.nodes if n.op == "rms_norm_quant"]
     assert fused and all(n.kwargs["offset"] == 1.0 and n.arg(1, "weight") is None for n in fused)
     assert torch.equal(TorchCompiled(g)(*x), before)
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the checkpoint
+    tests compile the same random Gemma 2 and 3 the raising tests captured, which were exported again."""
