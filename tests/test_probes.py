@@ -498,3 +498,9 @@ def test_main_save_help_names_the_lowbit_format_it_falls_back_to(capsys):
     that it writes a compressed-tensors or transformers checkpoint and runs it in transformers."""
     text = _main_help(capsys)
     assert "lowbit's own format" in text and "lowbit.load" in text, text
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the main job's
+    tests each load and compile the same ``smollm2:2`` slice afresh, which was exported again for each."""
