@@ -143,3 +143,9 @@ def test_pipeline_running_a_backend_pass_itself_compiles(backend):
     assert names.count("fuse-qlinear") == 1 and "merge-linears" in names
     ref = lowbit.compile_model(model, (ids,), pipeline=pipe, backend="torch")
     assert (compiled(ids) - ref(ids)).abs().max().item() <= 1e-4 * ref(ids).abs().max().item()
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): a backend test
+    compiles the same tiny Llama again as its torch reference, which was exported again."""
