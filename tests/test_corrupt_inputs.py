@@ -262,3 +262,9 @@ def test_a_causal_lm_directory_without_a_tokenizer_compiles(tmp_path):
     assert "has no tokenizer files" in out and "evaluate on WikiText-2 text" in out
     out = invoke("compile", d, "--pipeline", "gptq(w=int4,group=32,calib_len=32)", "-o", tmp_path / "g", code=3)
     assert "has no tokenizer files" in out and "pass gptq calibrates on the text 'wikitext2-valid-calib'" in out
+
+
+@pytest.fixture(autouse=True)
+def _one_export_per_model(reuse_captures: object) -> None:
+    """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): a model
+    directory compiled again by another command of the same test is not exported again."""
