@@ -364,7 +364,8 @@ def _say_batch_tokens_short(o: RotateOptions, pass_name: str, got: int | None, s
     then run on every sample (stats ``tokens_per_step``), and only ``samples`` (tokens kept per norm output) gives
     them more. (Each R2 learns from one site, its o_proj's input: a step takes all its samples whenever
     ``batch_tokens`` >= ``samples``, the default; stats ``head_tokens_per_step``.)"""
-    if "batch_tokens" in o.model_fields_set and got is not None and got < o.batch_tokens:
+    # a share of batch_tokens // sites per site: a total below batch_tokens by the rounding alone is no shortfall
+    if "batch_tokens" in o.model_fields_set and got is not None and o.batch_tokens // sites > per_site:
         warnings.warn(f"pass {pass_name}: batch_tokens={o.batch_tokens}, but the R1 learning has {got} tokens "
                       f"({per_site} kept per site x {sites} sites), so each step ran on those {got}; raise samples "
                       f"(now {o.samples}) to learn on more", stacklevel=3)
