@@ -135,8 +135,8 @@ class RotateOptions(CalibrationOptions):
                              "w_bits below 16")
         return self
     batch_tokens: int = Field(default=4096, ge=8, le=1_000_000)
-    """kurtosis: tokens per step, drawn evenly from every norm output; at most all ``samples`` of every one (a
-    step then runs on all of them, stats ``tokens_per_step``; a larger value set here is warned about)."""
+    """kurtosis: tokens per step, drawn evenly from every norm output; at most ``samples`` from each (stats
+    ``tokens_per_step``; a larger value set here is warned about)."""
     check_windows: int = Field(default=8, ge=0, le=1024)
     """learned: after the steps, score the start and the learned rotation on this many calibration windows and
     keep the learned one only if its quantized loss is lower (stats ``check``); 0 keeps it unchecked. The steps
@@ -360,14 +360,14 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
 
 
 def _say_batch_tokens_short(o: RotateOptions, pass_name: str, got: int | None, sites: int, per_site: int) -> None:
-    """Warn when ``batch_tokens``, set by the user, asks for more tokens a step than R1's samples hold: the steps
-    then run on every sample (stats ``tokens_per_step``), and only ``samples`` (tokens kept per norm output) gives
-    them more. (Each R2 learns from one site, its o_proj's input: a step takes all its samples whenever
+    """Warn when ``batch_tokens``, set by the user, asks for more tokens a step than R1's samples hold: each step
+    then draws as many as a site holds (stats ``tokens_per_step``), and only ``samples`` (tokens kept per norm
+    output) gives it more. (Each R2 learns from one site, its o_proj's input: a step draws ``samples`` whenever
     ``batch_tokens`` >= ``samples``, the default; stats ``head_tokens_per_step``.)"""
     # a share of batch_tokens // sites per site: a total below batch_tokens by the rounding alone is no shortfall
     if "batch_tokens" in o.model_fields_set and got is not None and o.batch_tokens // sites > per_site:
         warnings.warn(f"pass {pass_name}: batch_tokens={o.batch_tokens}, but the R1 learning has {got} tokens "
-                      f"({per_site} kept per site x {sites} sites), so each step ran on those {got}; raise samples "
+                      f"({per_site} kept per site x {sites} sites), so each step drew {got}; raise samples "
                       f"(now {o.samples}) to learn on more", stacklevel=3)
 
 
