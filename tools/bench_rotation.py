@@ -212,8 +212,10 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     # 0.0152 with the Hadamard), and each R2 (64 x 64) learns from 512 tokens. (The per-token mean, which the
     # centred tail ratio ignores and a symmetric A4 grid pays for, is no lever: |mean|/rms 0.029 under the Hadamard,
     # 0.028 under the learned R1.) CPU screen, wt2-512x8, --calib-n 16, one run: quarot 79.25 / 83.66 / 81.67
-    # (seeds 0 / 1 / 2); at seed 2 kurtail-m16-r2 75.69 (0.927x), bt16k 73.93 (0.905x); d32 not screened (its R2
-    # learns on 4x the tokens: ~1 h of the shared CPU)
+    # (seeds 0 / 1 / 2); kurtail-m16-r2 at seed 2 70.31 (0.861x). With each R2 learned on all its 512 tokens
+    # every step instead of a draw (0822b0c, reverted in 92da186): kurtail-m16-r2 seed 2 75.69, bt16k seed 2 73.93
+    # (0.905x) and seed 0 76.04 (0.959x) -- bt16k not yet screened with the draw; d32 not screened (its R2 learns
+    # on 4x the tokens: ~1 h of the shared CPU)
     *[("w4a4kv4", f"kurtail-m16-r2-{tag}" + (f"-seed{sd}" if sd else ""),
        f"as kurtail-m16-r2, {what}" + (f", rotation seed {sd} (default 0)" if sd else ""),
        f"fold-norms,{KURTAIL_M16[:-1]},learn_heads=true,{opt}" + (f",seed={sd}" if sd else "") +
