@@ -1524,7 +1524,7 @@ def test_a_doubled_base_order_builds_its_half_once(monkeypatch):
         forget()  # nothing built through the counting stand-in stays cached
 
 
-def test_kurtosis_batch_tokens_beyond_the_samples_learns_on_every_sample_and_says_so(smollm2, smollm2_slice_f64):
+def test_kurtosis_batch_tokens_beyond_the_samples_is_drawn_from_them_and_says_so(smollm2, smollm2_slice_f64):
     """``batch_tokens`` above what the sites hold (SmolLM2's R1 with the default samples=512: 512 tokens a norm
     output) was cut to the site's size silently, and each step then drew that many rows with replacement (a third
     of them repeated, as many left out): a user asking for 100000 tokens a step learned on fewer than 512 distinct
