@@ -49,12 +49,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--out", default="bench/results/kernels.json")
+    ap.add_argument("--shapes", default="",
+                    help="comma list of NxK to run instead of the 7B step's (e.g. a pruned step's: 9984x4096,4096x3328)")
     args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     dev = "cuda"
     bw = copy_bandwidth()  # bytes read + written per second by a device copy
     date = datetime.date.today().isoformat()
     rows = []
-    for n, k in SHAPES:
+    for n, k in shapes:
         nbytes = n * k * 2
         copies = n_copies(nbytes)
         ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
@@ -68,6 +71,7 @@ def main() -> None:
         if args.sweep:
             cands += [(f"BN{c['BLOCK_N']}_BK{c['BLOCK_K']}_W{c['num_warps']}_S{c['SPLIT_K']}", c) for c in SWEEP]
         best = None
+        timed: list[tuple[float, str]] = []
         for name, cfg in cands:
             try:
                 _launch_gemv_f(x, ws[0], None, out, "", None, cfg)
@@ -79,10 +83,13 @@ def main() -> None:
             row = {**base, "variant": name, "us": round(us, 2), "speedup": round(cublas / us, 3),
                    "eff_bw_frac": round(nbytes / (us * 1e-6) / bw, 3), "rel_err": round(err, 5),
                    "config": cfg}
+            timed.append((us, name))
             if name == "default":
                 rows.append(row)
             if best is None or us < best["us"]:
                 best = row
+        if args.sweep:
+            print(f"{n}x{k} fastest: " + ", ".join(f"{name} {us:.2f}" for us, name in sorted(timed)[:5]), flush=True)
         if args.sweep and best is not None:
             rows.append({**best, "variant": "sweep-best " + best["variant"]})
         cfg = float_gemv_config(n, k)
@@ -92,7 +99,8 @@ def main() -> None:
         for r in rows[-3:]:
             print(f"{n}x{k} {r['variant']:36s} {r['us']:8.2f} us  cuBLAS {cublas:7.2f}  x{r['speedup']:.3f}  "
                   f"bw {r['eff_bw_frac']:.3f}", flush=True)
-    header = {"command": "python tools/bench_float_gemv.py" + (" --sweep" if args.sweep else ""), "date": date,
+    command = "python tools/bench_float_gemv.py" + (" --sweep" if args.sweep else "")
+    header = {"command": command + (f" --shapes {args.shapes}" if args.shapes else ""), "date": date,
               "device": machine(dev), "versions": versions()}
     merge_rows(Path(args.out), header, rows, key=("kernel", "M", "K", "N", "variant", "date"), replace_header=False,
                append_command=True)
