@@ -215,13 +215,16 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     # (seeds 0 / 1 / 2); kurtail-m16-r2 at seed 2 70.31 (0.861x). With each R2 learned on all its 512 tokens
     # every step instead of a draw (0822b0c, reverted in 92da186): kurtail-m16-r2 seed 2 75.69, bt16k seed 2 73.93
     # (0.905x) and seed 0 76.04 (0.959x) -- bt16k not yet screened with the draw; d32 not screened (its R2 learns
-    # on 4x the tokens: ~1 h of the shared CPU)
+    # on 4x the tokens: ~1 h of the shared CPU). Session 43, GPU x40, three seeds: d32 0.866x on the mean (m16-r2's
+    # 0.876x); d64 doubles it again
     *[("w4a4kv4", f"kurtail-m16-r2-{tag}" + (f"-seed{sd}" if sd else ""),
        f"as kurtail-m16-r2, {what}" + (f", rotation seed {sd} (default 0)" if sd else ""),
        f"fold-norms,{KURTAIL_M16[:-1]},learn_heads=true,{opt}" + (f",seed={sd}" if sd else "") +
        f"),gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN)
       for tag, what, opt in (("d32", "R1 and R2 learned from 32 calibration sequences, 2048 tokens kept per site",
                               "calib_n=32,samples=2048"),
+                             ("d64", "R1 and R2 learned from 64 calibration sequences, 4096 tokens kept per site",
+                              "calib_n=64,samples=4096"),
                              ("bt16k", "R1 learned on 16384 tokens a step (default 4096)", "batch_tokens=16384"))
       for sd in (2, 0, 1)],
     ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),
