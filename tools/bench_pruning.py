@@ -29,7 +29,9 @@ speedups in the pruned rows. ``--speed-heads F`` (default 0.1875: 6 of 32 heads)
 groups with ``prune-heads`` on the step graph (its KV cache shrinks with them) and the rest of ``--speed-target``
 through MLP channels (11008 -> 8704, a multiple of 256, so the W4 decode word layout and the tensor-core tiles
 still apply); ``--speed-heads 0`` is the MLP-only cut (11008 -> 7680). Rows: area ``pruned-speed-20-heads-mlp``
-(or ``pruned-speed-20``), keyed by phase and batch.
+(or ``pruned-speed-20``; another ``--speed-heads`` than the default names its groups, ``-heads8of32-mlp``, and
+``--speed-tag T`` appends ``-T``, so a repeat keeps its own unpruned baseline beside the first run's), keyed by phase
+and batch.
 
 2:4 speed on the GPU (issue 21 item 3: semi-structured sparse tensors against dense bf16, one run)::
 
@@ -421,7 +423,9 @@ def pruned_speed(args: argparse.Namespace) -> None:
     def out_of_time() -> bool:
         return time.perf_counter() - t_start > args.speed_budget
 
-    area = f"pruned-speed-{round(args.speed_target * 100)}" + ("-heads-mlp" if groups else "")
+    heads = f"-heads{groups}of{cfg.num_key_value_heads}" if args.speed_heads != SPEED_HEADS else "-heads"
+    area = (f"pruned-speed-{round(args.speed_target * 100)}" + (f"{heads}-mlp" if groups else "")
+            + (f"-{args.speed_tag}" if args.speed_tag else ""))
     method = "lowbit-triton-compiled" if args.speed_compile else "lowbit-triton"
     base = {"area": area, "model": shape, "device": dev_name, "date": date, "method": method}
     measured: dict[tuple, dict] = {}
@@ -566,6 +570,8 @@ def main() -> None:
     ap.add_argument("--speed-compile", action="store_true",
                     help="--pruned-speed: the steps under torch.compile (the triton backend's default, as the README's "
                          "decode rows run; rows get method lowbit-triton-compiled), not eager + CUDA graphs")
+    ap.add_argument("--speed-tag", default="",
+                    help="--pruned-speed: appended to the rows' area (a repeat run kept beside the first)")
     ap.add_argument("--speed-budget", type=float, default=150.0,
                     help="--pruned-speed: seconds after which the remaining configurations become skipped rows")
     args = ap.parse_args()
