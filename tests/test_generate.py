@@ -1733,3 +1733,73 @@ def test_a_step_guard_on_its_dynamic_dims_is_not_blamed_on_the_caller(monkeypatc
     assert "you marked" not in msg and "lowbit, not you, marks the generation step's batch, tokens and cache " \
         "slots dynamic" in msg and "LlamaForCausalLM's step cannot run at every size under torch" in msg and \
         "compile without generation=" in msg, msg
+
+
+def _sample_by_full_sort(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                         generator: torch.Generator) -> torch.Tensor:
+    """The sampling definition ``_sample`` kept until session 43: the nucleus from a full ascending sort per row."""
+    logits = logits.double()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k, dim=-1).values[..., -1:], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def test_top_p_sampling_skips_the_full_sort_and_draws_the_same_tokens(smollm2, monkeypatch):
+    """Sampling with top_p sorted all 49152 logits of every row each step: ~80 of the ~110 ms a batch-16 SmolLM2
+    step's sampling took on one CPU thread. A top-k of the few likely tokens finds the nucleus now (a wider one from
+    the tokens at least (1 - top_p) / V likely), and the seeded tokens are those of the sort, on real logits."""
+    from lowbit.generate import _sample
+
+    model, tokenizer = smollm2
+    prompts = PROMPTS + ["Dear Sir,", "import torch\n", "Q: What is 2+2?\nA:", "The quick brown fox", "My name"]
+    with torch.no_grad():
+        logits = torch.stack([model(tokenizer(p, return_tensors="pt").input_ids).logits[0, -1] for p in prompts])
+    # a narrow nucleus (one top-k), a wide one (a second, of thousands), a half-vocabulary one, with top-k, greedy-like
+    for options in [(0.7, None, 0.9), (1.0, None, 0.9), (1.5, None, 0.95), (0.8, 50, 0.9), (1e-40, None, 0.5),
+                    (1.0, None, None), (0.7, 20, None)]:
+        for seed in range(4):
+            want = _sample_by_full_sort(logits, *options, torch.Generator().manual_seed(seed))
+            got = _sample(logits, *options, torch.Generator().manual_seed(seed))
+            assert torch.equal(got, want), (options, seed, got, want)
+
+    sorted_rows = []
+
+    def no_full_sort(original):
+        def sort(self, *args, **kwargs):
+            sorted_rows.append(tuple(self.shape))
+            return original(self, *args, **kwargs)
+        return sort
+
+    monkeypatch.setattr(torch, "sort", no_full_sort(torch.sort))
+    monkeypatch.setattr(torch.Tensor, "sort", no_full_sort(torch.Tensor.sort))
+    _sample(logits, 0.7, None, 0.9, torch.Generator().manual_seed(0))
+    assert not sorted_rows, f"top_p sampling sorted whole rows {sorted_rows}"
+
+
+def test_top_p_keeps_every_token_tied_with_the_last_one_it_keeps(monkeypatch):
+    """The nucleus is the fewest most likely tokens whose probability reaches top_p; where the last one it needs is
+    tied with others (float16 logits tie often), all of them stay, as top_k keeps the ties of its k-th: the sort
+    kept whichever of the tied tokens it happened to order last."""
+    from lowbit.generate import _sample
+
+    logits = torch.tensor([[4.0, 2.0, 2.0, 2.0, 0.0, -1.0]])
+    captured = []
+    multinomial = torch.multinomial
+
+    def capturing(probs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        captured.append(probs)
+        return multinomial(probs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", capturing)
+    _sample(logits, 1.0, None, 0.75, torch.Generator().manual_seed(0))
+    probs = logits.double().softmax(-1)[0]
+    assert probs[0] < 0.75 < probs[:2].sum()  # the nucleus needs one of the three tied tokens
+    kept = probs[:4] / probs[:4].sum()
+    want = torch.cat([kept, torch.zeros(2, dtype=torch.float64)])
+    torch.testing.assert_close(captured[0][0], want, rtol=1e-12, atol=0)
