@@ -1592,3 +1592,21 @@ def test_per_layer_head_rotations_learn_in_one_set_of_steps_as_each_would_alone(
     assert calls == [1, 2], calls  # R1, then both layers' R2 in one set of steps
     assert learned["head_rotations"] == 2 and learned["head_kurtosis_end"] < learned["head_kurtosis_start"]
     assert learned["head_tokens_per_step"] == 64 and learned["head_learn_seconds"] >= 0
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_rotate_tokens_rotates_a_stack_of_problems_each_by_its_own_rotation(heads):
+    """``learn_kurtosis_rotations`` rotated its stacked problems with a copy of ``rotate_tokens`` of its own
+    (``_rotate_stacked``); ``rotate_tokens`` takes the stack now: ``x[j]`` by ``q[j]``, head slice by head slice, as
+    each problem alone."""
+    from lowbit.calibration.rotation_learning import cayley, rotate_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    d = 16
+    q = torch.stack([cayley(0.1 * torch.randn(d, d, generator=gen, dtype=torch.float64)) for _ in range(3)])
+    x = torch.randn(3, 40, d * heads, generator=gen, dtype=torch.float64)
+    stacked = rotate_tokens(x, q)
+    assert stacked.shape == x.shape
+    for j in range(3):
+        torch.testing.assert_close(stacked[j], rotate_tokens(x[j], q[j]), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(stacked[j], rotate_tokens(x[j], q[(j + 1) % 3]))

@@ -77,11 +77,14 @@ def kurtosis(y: torch.Tensor) -> torch.Tensor:
 
 
 def rotate_tokens(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``x·Q``, or with ``Q`` smaller than a token, ``x·(I ⊗ Q)`` (each head's slice rotated)."""
-    n = q.shape[0]
+    """``x·Q``, or with ``Q`` smaller than a token, ``x·(I ⊗ Q)`` (each head's slice rotated). A stack of rotations
+    ``q`` ``[problems, n, n]`` rotates each problem's rows ``x[j]`` (``[problems, tokens, width]``) by its own
+    ``q[j]``, every head slice of a problem in one product."""
+    n = q.shape[-1]
     if x.shape[-1] == n:
         return x @ q
-    return (x.reshape(*x.shape[:-1], -1, n) @ q).reshape(x.shape)
+    rows = x.shape[:1] if q.dim() == 3 else x.shape[:-1]
+    return (x.reshape(*rows, -1, n) @ q).reshape(x.shape)
 
 
 TAIL_MEANS = ("mean", "square")
@@ -273,7 +276,7 @@ def learn_kurtosis_rotations(problems: Sequence[Sequence[torch.Tensor]], q0: tor
         except torch.linalg.LinAlgError as exc:
             raise RotationLearningError(f"{whats[0]}: step {step}: the Cayley system is singular ({exc})") from None
         if len({b.shape[0] for b in batches}) == 1:  # one batched product for every problem
-            y = _rotate_stacked(torch.stack(batches), q)
+            y = rotate_tokens(torch.stack(batches), q)
             losses = _weighed(_rotated_losses(y, target, moment), tail_mean).mean(-1)
         else:
             losses = torch.stack([kurtosis_loss(b, q[j], target, moment, tail_mean) for j, b in enumerate(batches)])
@@ -321,14 +324,6 @@ def learn_kurtosis_rotations(problems: Sequence[Sequence[torch.Tensor]], q0: tor
                                            history[j], check,
                                            tokens_per_step=sum(min(per_site[j], s.shape[0]) for s in p)))
     return learned
-
-
-def _rotate_stacked(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``rotate_tokens`` of each problem's rows ``x[j]`` (``[problems, tokens, width]``) by its own ``q[j]``."""
-    n = q.shape[-1]
-    if x.shape[-1] == n:
-        return x @ q
-    return (x.reshape(x.shape[0], -1, n) @ q).reshape(x.shape)  # every head slice of a problem: one product
 
 
 # ---- SpinQuant-style: the quantized network's own loss -------------------------------------------------------
