@@ -565,7 +565,7 @@ def test_per_head_rotation_learns_on_either_objective(moment):
         assert abs(tail_ratio(y, moment).mean().item() - got.loss_end) <= 1e-6
 
 
-def test_cayley_is_orthogonal_and_learning_lowers_kurtosis_on_smollm2_streams(smollm2):
+def test_cayley_is_orthogonal_and_learning_lowers_kurtosis_on_smollm2_streams(block_streams):
     """On real normalised residual streams of SmolLM2 (fold-norms, one layer), the learned rotation lowers the
     per-token kurtosis below the randomised Hadamard's and the 4-bit per-token error on held-out tokens; the
     higher-moment objective lowers that error further."""
@@ -574,7 +574,7 @@ def test_cayley_is_orthogonal_and_learning_lowers_kurtosis_on_smollm2_streams(sm
     a = torch.randn(40, 40, dtype=torch.float64)
     c = cayley(a)
     assert (c @ c.T - torch.eye(40, dtype=torch.float64)).abs().max() < 1e-12
-    train, test = _block_streams(smollm2)
+    train, test = block_streams
     q0 = random_hadamard(576, 0)
     r = learn_kurtosis_rotation(train, q0, steps=40, lr=3e-3, batch_tokens=1024)
     assert r.orthogonality < 1e-12
@@ -588,9 +588,12 @@ def test_cayley_is_orthogonal_and_learning_lowers_kurtosis_on_smollm2_streams(sm
     assert _int4_error(test, m16.q) < _int4_error(test, r.q), (_int4_error(test, m16.q), _int4_error(test, r.q))
 
 
-def _block_streams(smollm2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def block_streams(smollm2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """SmolLM2's first block's two normalised residual streams (fold-norms) on two real windows, float64: every
-    other token to learn on, the rest held out."""
+    other token to learn on, the rest held out. Collected once for the file's six tests that learn on them (each
+    collected its own, ~1 s of a 1-block forward through the 49152-row head); they read the tensors, never change
+    them."""
     from conftest import held_out_slice
 
     from lowbit.calibration.engine import batches_from_ids, run
@@ -669,14 +672,36 @@ def test_kurtosis_learning_on_non_finite_activations_names_the_site_not_the_lear
                                 batch_tokens=64, what="residual")
 
 
-def test_kurtosis_rotation_exact_and_orthogonal_in_float64_on_smollm2(smollm2_slice_f64, wikitext_ids):
-    """kind=kurtosis folds exactly like kind=hadamard; the folded Q (read back from lm_head's weight, W·Q) is
-    orthogonal to float64 precision and is not the randomised Hadamard it started from."""
+@pytest.fixture(scope="module")
+def kurtail_cheap_run(smollm2_slice_f64, wikitext_ids) -> tuple:
+    """(graph after ``fold-norms,rotate(kind=KURTAIL_CHEAP)`` on the float64 slice with float64 norm statistics,
+    held-out ids, the float logits before, its report, the size of each ``learn_kurtosis_rotations`` call): the one
+    kind=kurtosis run that the exactness test and the per-layer R2 test read (each ran its own, seconds apiece)."""
+    from lowbit.calibration import rotation_learning
+
     _, graph = smollm2_slice_f64
     g = float64_norm_stats(graph.clone())
     ids = wikitext_ids[:, 2000:2256]
     ref = TorchCompiled(g)(ids)
-    report = PassManager(f"fold-norms,rotate(kind={KURTAIL_CHEAP})").run(g)
+    calls: list[int] = []
+    original = rotation_learning.learn_kurtosis_rotations
+
+    def counted(problems, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(problems))
+        return original(problems, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rotation_learning, "learn_kurtosis_rotations", counted)
+        patch.setattr("lowbit.passes.rotate.learn_kurtosis_rotations", counted, raising=False)
+        report = PassManager(f"fold-norms,rotate(kind={KURTAIL_CHEAP})").run(g)
+    return g, ids, ref, report, calls
+
+
+def test_kurtosis_rotation_exact_and_orthogonal_in_float64_on_smollm2(smollm2_slice_f64, kurtail_cheap_run):
+    """kind=kurtosis folds exactly like kind=hadamard; the folded Q (read back from lm_head's weight, W·Q) is
+    orthogonal to float64 precision and is not the randomised Hadamard it started from."""
+    _, graph = smollm2_slice_f64
+    g, ids, ref, report, _ = kurtail_cheap_run
     stats = report.records[-1].stats
     learned = stats["learned"]
     assert learned["sites"] == 4 and learned["samples_per_site"] == 64 and learned["steps"] == 8
@@ -1321,7 +1346,7 @@ def test_rotate_pass_summary_and_calib_n_name_the_learned_kinds():
     assert "kurtosis:" in calib_n and "learned:" in calib_n, calib_n
 
 
-def test_w4a4kv4_kurtail_recipe_learns_the_objective_measured_best_on_smollm2_streams(smollm2):
+def test_w4a4kv4_kurtail_recipe_learns_the_objective_measured_best_on_smollm2_streams(block_streams):
     """The ``w4a4kv4-kurtail`` recipe learned R1 on kurtosis (moment 4) after the order-16 tail ratio had measured
     better at that recipe's pipeline on every seed (wt2-512x40, GPTQ W4A4KV4: 2.41x/2.43x/2.55x at seeds 0/1/2
     against kurtosis' 2.72x at seed 0, and 2.58x/2.76x at seeds 1/2 with more GPTQ text): a user of the recipe got
@@ -1332,7 +1357,7 @@ def test_w4a4kv4_kurtail_recipe_learns_the_objective_measured_best_on_smollm2_st
 
     options = next(p.options for p in recipe_passes("w4a4kv4-kurtail") if p.name == "rotate")
     assert options.kind == "kurtosis"
-    train, test = _block_streams(smollm2)
+    train, test = block_streams
     q0 = random_hadamard(576, 0)
     steps = dict(steps=20, lr=3e-3, batch_tokens=1024, target=options.target)
     recipe = learn_kurtosis_rotation(train, q0, moment=options.moment, **steps)
@@ -1341,7 +1366,7 @@ def test_w4a4kv4_kurtail_recipe_learns_the_objective_measured_best_on_smollm2_st
     assert err_recipe < 0.97 * err_kurtosis, (err_recipe, err_kurtosis)
 
 
-def test_kurtosis_rotation_tail_mean_square_learns_on_the_mean_square_of_smollm2_token_tails(smollm2):
+def test_kurtosis_rotation_tail_mean_square_learns_on_the_mean_square_of_smollm2_token_tails(block_streams):
     """``rotate(kind=kurtosis,tail_mean=square)``: R1 learned on the mean of each token's squared loss, so the most
     heavy-tailed tokens (what a per-token A4 scale pays most for) weigh more than in the plain mean (issue 20's
     0.85x QuaRot goal; bench rows ``kurtail-m16-sq*``). On SmolLM2's real streams the reported start loss is that
@@ -1350,7 +1375,7 @@ def test_kurtosis_rotation_tail_mean_square_learns_on_the_mean_square_of_smollm2
     from lowbit.calibration.rotation_learning import learn_kurtosis_rotation, tail_ratio
     from lowbit.passes.manager import PipelineSpecError
 
-    train, _ = _block_streams(smollm2)
+    train, _ = block_streams
     q0 = random_hadamard(576, 0)
     square = learn_kurtosis_rotation(train, q0, steps=5, lr=3e-3, batch_tokens=512, moment=16, tail_mean="square")
     tails = {q: tail_ratio(torch.cat(train) @ q, 16) for q in (q0, square.q)}
@@ -1366,7 +1391,7 @@ def test_kurtosis_rotation_tail_mean_square_learns_on_the_mean_square_of_smollm2
         PassManager("rotate(kind=kurtosis,tail_mean=max)")
 
 
-def test_tail_ratio_learning_on_smollm2_streams_with_a_constant_token_stays_finite(smollm2):
+def test_tail_ratio_learning_on_smollm2_streams_with_a_constant_token_stays_finite(block_streams):
     """A token whose normalised stream has no spread (all channels equal: what RMSNorm makes of a zero embedding
     row, a padding token's in many vocabularies) made ``tail_ratio`` log(0) - log(0) = NaN, so
     ``rotate(kind=kurtosis,moment=16)`` stopped at step 0 blaming "fourth powers overflow" (kurtosis itself was
@@ -1374,7 +1399,7 @@ def test_tail_ratio_learning_on_smollm2_streams_with_a_constant_token_stays_fini
     as without them."""
     from lowbit.calibration.rotation_learning import learn_kurtosis_rotation, tail_ratio
 
-    train, _ = _block_streams(smollm2)
+    train, _ = block_streams
     zero = torch.zeros(4, 576, dtype=torch.float64)
     assert tail_ratio(zero, 16).abs().max() == 0 and tail_ratio(zero + 0.5, 16).abs().max() == 0
     q0 = random_hadamard(576, 0)
@@ -1524,7 +1549,7 @@ def test_a_doubled_base_order_builds_its_half_once(monkeypatch):
         forget()  # nothing built through the counting stand-in stays cached
 
 
-def test_kurtosis_batch_tokens_beyond_the_samples_is_drawn_from_them_and_says_so(smollm2, smollm2_slice_f64):
+def test_kurtosis_batch_tokens_beyond_the_samples_is_drawn_from_them_and_says_so(block_streams, smollm2_slice_f64):
     """``batch_tokens`` above what the sites hold (SmolLM2's R1 with the default samples=512: 512 tokens a norm
     output) was cut to the site's size silently, and each step then drew that many rows with replacement (a third
     of them repeated, as many left out): a user asking for 100000 tokens a step learned on fewer than 512 distinct
@@ -1533,7 +1558,7 @@ def test_kurtosis_batch_tokens_beyond_the_samples_is_drawn_from_them_and_says_so
     ``learn_kurtosis_rotation``)."""
     from lowbit.calibration.rotation_learning import learn_kurtosis_rotation
 
-    train, _ = _block_streams(smollm2)
+    train, _ = block_streams
     rows = sum(s.shape[0] for s in train)
     q0 = random_hadamard(576, 0)
     every = learn_kurtosis_rotation(train, q0, steps=2, lr=3e-3, batch_tokens=100_000, moment=16)
@@ -1557,17 +1582,15 @@ def test_kurtosis_batch_tokens_beyond_the_samples_is_drawn_from_them_and_says_so
         assert report.records[-1].stats["learned"]["tokens_per_step"] == 128
 
 
-def test_per_layer_head_rotations_learn_in_one_set_of_steps_as_each_would_alone(smollm2, smollm2_slice_f64,
-                                                                                monkeypatch):
+def test_per_layer_head_rotations_learn_in_one_set_of_steps_as_each_would_alone(block_streams, kurtail_cheap_run):
     """``learn_heads=true`` learned each layer's R2 in its own 100 steps, one layer after the other: SmolLM2's 30
     were 30 x 100 steps of small products (~90 s a layer on the shared 2-core CPU, half of the pass). They now
     learn in one set of steps on their stacked parameters (``learn_kurtosis_rotations``); Adam is elementwise and
     each layer's loss reads only its own rotation, so each ends where it would alone (here on real SmolLM2
     streams, as R2 sees them: 9 heads of 64), and the pass makes one call for all its layers' R2s."""
-    from lowbit.calibration import rotation_learning
     from lowbit.calibration.rotation_learning import learn_kurtosis_rotation, learn_kurtosis_rotations
 
-    train, _ = _block_streams(smollm2)
+    train, _ = block_streams
     r0 = random_hadamard(64, 1)
     kw = dict(steps=6, lr=3e-3, batch_tokens=4096, moment=16, heads=9)
     alone = [learn_kurtosis_rotation([x], r0, **kw) for x in train]
@@ -1577,17 +1600,7 @@ def test_per_layer_head_rotations_learn_in_one_set_of_steps_as_each_would_alone(
         assert max(abs(x - y) for x, y in zip(a.history, t.history)) < 1e-5 and a.tokens_per_step == 256
         assert t.orthogonality < 1e-12
 
-    calls: list[int] = []
-    original = rotation_learning.learn_kurtosis_rotations
-
-    def counted(problems, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(len(problems))
-        return original(problems, *args, **kwargs)
-
-    monkeypatch.setattr(rotation_learning, "learn_kurtosis_rotations", counted)
-    monkeypatch.setattr("lowbit.passes.rotate.learn_kurtosis_rotations", counted, raising=False)
-    _, graph = smollm2_slice_f64
-    report = PassManager(f"fold-norms,rotate(kind={KURTAIL_CHEAP})").run(graph.clone())
+    report, calls = kurtail_cheap_run[3:]
     learned = report.records[-1].stats["learned"]
     assert calls == [1, 2], calls  # R1, then both layers' R2 in one set of steps
     assert learned["head_rotations"] == 2 and learned["head_kurtosis_end"] < learned["head_kurtosis_start"]
