@@ -338,8 +338,9 @@ def test_smooth_quant_before_rotation_is_exact_and_norm_sites_fold_away(smollm2_
     folded = weights("fold-norms")
     for sites, moved in (("norm", set()), ("gated", {"mlp.up_proj", "mlp.down_proj"})):
         smoothed = weights(f"smooth-quant(sites=[{sites}],{cal})", "fold-norms")
-        changed = {m.split(".", 3)[-1] for m, w in smoothed.items()
-                   if (w - folded[m]).abs().max().item() > 1e-12 * folded[m].abs().max().item()}
+        # bit-equal weights first: the untied float64 head (49152 x 576) is, and its difference took seconds
+        changed = {m.split(".", 3)[-1] for m, w in smoothed.items() if not torch.equal(w, folded[m])
+                   and (w - folded[m]).abs().max().item() > 1e-12 * folded[m].abs().max().item()}
         assert changed == moved, sites
 
 
