@@ -278,11 +278,20 @@ def test_hadamard_ir_the_op_cannot_run_fails_verification_naming_the_node(shape,
 
 # ---- on SmolLM2 ----------------------------------------------------------------------------------
 
-def test_rotate_exact_in_float64_on_smollm2(smollm2_slice_f64, wikitext_ids, kind="hadamard"):
+@pytest.fixture(scope="module")
+def f64_reference(smollm2_slice_f64, wikitext_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """(256 WikiText-2 test tokens, the float64 slice's logits on them with float64 norm statistics): the reference
+    the float64 exactness tests below compare with, computed once (each test ran its own: the 49152-wide float64
+    head over 256 tokens, ~1 s). Read it, never change it."""
+    _, graph = smollm2_slice_f64
+    ids = wikitext_ids[:, 2000:2256]
+    return ids, TorchCompiled(float64_norm_stats(graph.clone()))(ids)
+
+
+def test_rotate_exact_in_float64_on_smollm2(smollm2_slice_f64, f64_reference, kind="hadamard"):
     _, graph = smollm2_slice_f64
     g = float64_norm_stats(graph.clone())
-    ids = wikitext_ids[:, 2000:2256]
-    ref = TorchCompiled(g)(ids)
+    ids, ref = f64_reference
     report = PassManager(f"fold-norms,rotate(kind={kind})").run(g)
     stats = report.records[-1].stats
     assert stats["readers"] == 2 * 5 + 1 and stats["writers"] == 2 * 2 and stats["head_regions"] == 2
@@ -292,12 +301,11 @@ def test_rotate_exact_in_float64_on_smollm2(smollm2_slice_f64, wikitext_ids, kin
     assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
 
 
-def test_rotate_online_o_exact_in_float64_on_smollm2(smollm2_slice_f64, wikitext_ids):
+def test_rotate_online_o_exact_in_float64_on_smollm2(smollm2_slice_f64, f64_reference):
     """online_o: a full-width Hadamard before each o_proj (all heads), folded into o_proj's columns: exact."""
     _, graph = smollm2_slice_f64
     g = float64_norm_stats(graph.clone())
-    ids = wikitext_ids[:, 2000:2256]
-    ref = TorchCompiled(g)(ids)
+    ids, ref = f64_reference
     stats = PassManager("fold-norms,rotate(online_o=true)").run(g).records[-1].stats
     assert stats["online_hadamards"] == 2 + 2 * 2 + 2  # down_proj, q/k after rotary, o_proj inputs
     o_in = [n for n in g.find("hadamard") if any(u.op == "linear" and u.module.endswith("o_proj")
@@ -307,7 +315,7 @@ def test_rotate_online_o_exact_in_float64_on_smollm2(smollm2_slice_f64, wikitext
     assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
 
 
-def test_smooth_quant_before_rotation_is_exact_and_norm_sites_fold_away(smollm2_slice_f64, wikitext_ids):
+def test_smooth_quant_before_rotation_is_exact_and_norm_sites_fold_away(smollm2_slice_f64, f64_reference):
     """SmoothRot's order (smooth-quant, then fold-norms and rotate) is exact. The gated scale (up_proj rows / s,
     down_proj columns · s) stays in the weights, where rotate's online Hadamard before down_proj then reads x/s;
     a norm site's scale does not: fold-norms multiplies the gain g/s back into columns W·s, giving fold-norms'
@@ -320,8 +328,7 @@ def test_smooth_quant_before_rotation_is_exact_and_norm_sites_fold_away(smollm2_
                                                 r"after "
                                                 r"fold-norms .*or smooth-quant\(sites=\[gated\]\) before it"):
         parse_pipeline(f"smooth-quant(sites=[norm;gated],{cal}),fold-norms,rotate")
-    ids = wikitext_ids[:, 2000:2256]
-    ref = TorchCompiled(float64_norm_stats(graph.clone()))(ids)
+    ids, ref = f64_reference
     g = float64_norm_stats(graph.clone())
     report = PassManager(f"smooth-quant(sites=[gated],{cal}),fold-norms,rotate").run(g)
     assert report.records[0].stats["sites"] == {"gated": 2}
@@ -388,13 +395,12 @@ def test_smooth_quant_after_rotate_says_why_it_found_no_gated_site():
     assert stats["sites_not_found"] == {"gated": "every one feeds a linear kept float (lm_head, keep=)"}
 
 
-def test_rotate_without_residual_keeps_the_gains_and_is_exact_in_float64(smollm2_slice_f64, wikitext_ids):
+def test_rotate_without_residual_keeps_the_gains_and_is_exact_in_float64(smollm2_slice_f64, f64_reference):
     """residual=false: R2 (v/o per head) and the online R3/R4 only, no fold-norms needed: the norms keep their
     gains, the embedding and lm_head are untouched (nothing untied), and the outputs are unchanged."""
     _, graph = smollm2_slice_f64
     g = float64_norm_stats(graph.clone())
-    ids = wikitext_ids[:, 2000:2256]
-    ref = TorchCompiled(g)(ids)
+    ids, ref = f64_reference
     gains = {n.name: n.args[1].data.clone() for n in g.find("rms_norm")}
     emb = next(g.find("embedding")).args[0].data.clone()
     stats = PassManager("rotate(residual=false)").run(g).records[0].stats
@@ -674,7 +680,7 @@ def test_kurtosis_learning_on_non_finite_activations_names_the_site_not_the_lear
 
 
 @pytest.fixture(scope="module")
-def kurtail_cheap_run(smollm2_slice_f64, wikitext_ids) -> tuple:
+def kurtail_cheap_run(smollm2_slice_f64, f64_reference) -> tuple:
     """(graph after ``fold-norms,rotate(kind=KURTAIL_CHEAP)`` on the float64 slice with float64 norm statistics,
     held-out ids, the float logits before, its report, the size of each ``learn_kurtosis_rotations`` call): the one
     kind=kurtosis run that the exactness test and the per-layer R2 test read (each ran its own, seconds apiece)."""
@@ -682,8 +688,7 @@ def kurtail_cheap_run(smollm2_slice_f64, wikitext_ids) -> tuple:
 
     _, graph = smollm2_slice_f64
     g = float64_norm_stats(graph.clone())
-    ids = wikitext_ids[:, 2000:2256]
-    ref = TorchCompiled(g)(ids)
+    ids, ref = f64_reference
     calls: list[int] = []
     original = rotation_learning.learn_kurtosis_rotations
 
