@@ -215,8 +215,8 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
     # (seeds 0 / 1 / 2); kurtail-m16-r2 at seed 2 70.31 (0.861x). With each R2 learned on all its 512 tokens
     # every step instead of a draw (0822b0c, reverted in 92da186): kurtail-m16-r2 seed 2 75.69, bt16k seed 2 73.93
     # (0.905x) and seed 0 76.04 (0.959x) -- bt16k not yet screened with the draw; d32 not screened (its R2 learns
-    # on 4x the tokens: ~1 h of the shared CPU). Session 43, GPU x40, three seeds: d32 0.866x on the mean (m16-r2's
-    # 0.876x); d64 doubles it again
+    # on 4x the tokens: ~1 h of the shared CPU). Session 43, GPU x40, three seeds, QuaRot's mean 79.36: d32 68.74
+    # (0.866x; m16-r2's 0.876x), d64 (twice d32's data) 68.01 (0.857x): ~1% a doubling, <= 0.85x not reached
     *[("w4a4kv4", f"kurtail-m16-r2-{tag}" + (f"-seed{sd}" if sd else ""),
        f"as kurtail-m16-r2, {what}" + (f", rotation seed {sd} (default 0)" if sd else ""),
        f"fold-norms,{KURTAIL_M16[:-1]},learn_heads=true,{opt}" + (f",seed={sd}" if sd else "") +
