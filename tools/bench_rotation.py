@@ -225,6 +225,15 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
                               "calib_n=32,samples=2048"),
                              ("d64", "R1 and R2 learned from 64 calibration sequences, 4096 tokens kept per site",
                               "calib_n=64,samples=4096"),
+                             # session 44: the steps run on the pass's device (126 of d64's 137 s were the R2s
+                             # learning on the host's CPU), so more data is cheap; d120: all but 3 of the 123
+                             # windows the shipped calibration text holds; d240v/d480v: the whole validation split
+                             ("d120", "R1 and R2 learned from 120 calibration sequences, 7680 tokens kept per site",
+                              "calib_n=120,samples=7680"),
+                             ("d240v", "R1 and R2 learned from 240 sequences of the whole WikiText-2 validation "
+                              "split, 15360 tokens kept per site", "calib=wikitext2-valid,calib_n=240,samples=15360"),
+                             ("d480v", "R1 and R2 learned from 480 sequences of the whole WikiText-2 validation "
+                              "split, 30720 tokens kept per site", "calib=wikitext2-valid,calib_n=480,samples=30720"),
                              ("bt16k", "R1 learned on 16384 tokens a step (default 4096)", "batch_tokens=16384"))
       for sd in (2, 0, 1)],
     ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),

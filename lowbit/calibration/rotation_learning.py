@@ -175,8 +175,8 @@ def _pool_means(sites: Sequence[torch.Tensor], q: torch.Tensor, target: float, m
     """(mean loss (``kurtosis_loss``'s), mean kurtosis) over every row of ``sites``, in float64, chunk by chunk."""
     loss = kurt = 0.0
     rows = 0
-    q = q.double()
     for site in sites:
+        q = q.to(site.device, torch.float64)
         for start in range(0, site.shape[0], POOL_CHUNK):
             y = rotate_tokens(site[start:start + POOL_CHUNK].double(), q)
             k = kurtosis(y)
@@ -207,7 +207,7 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
                             batch_tokens: int, target: float = UNIFORM_KURTOSIS, seed: int = 0,
                             dtype: torch.dtype = torch.float32, what: str = "rotation",
                             heads: int = 1, site_names: Sequence[str] | None = None, moment: int = 4,
-                            tail_mean: str = "mean") -> LearnedRotation:
+                            tail_mean: str = "mean", device: torch.device | str | None = None) -> LearnedRotation:
     """Learn ``Q = Q₀·C(S)`` minimising the mean ``|kurtosis(x·Q) - target|`` over the rows of ``samples``
     (``moment`` p > 4: the mean ``tail_ratio`` of order p, a tail measure nearer the per-token absmax scale's;
     ``tail_mean="square"``: the mean of the per-token losses' squares, so the worst tokens weigh more).
@@ -223,25 +223,29 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
     Hadamard), returned instead when the learned ``Q``'s loss on every sample is higher (``check.kept``). A NaN or
     infinite loss, or a singular Cayley system, is a :class:`RotationLearningError` naming ``what`` and the step;
     non-finite samples (the model's own activations, before any step) are one naming the site (``site_names``, else
-    its index).
+    its index). ``device``: where the steps and the losses over every sample run (unset: the CPU); the draws come
+    from the same CPU generator there, and the rotation comes back on the CPU in float64 either way.
     """
     return learn_kurtosis_rotations([samples], q0, steps=steps, lr=lr, batch_tokens=batch_tokens, target=target,
                                     seed=seed, dtype=dtype, whats=[what], heads=heads, moment=moment,
-                                    site_names=None if site_names is None else [site_names], tail_mean=tail_mean)[0]
+                                    site_names=None if site_names is None else [site_names], tail_mean=tail_mean,
+                                    device=device)[0]
 
 
 def learn_kurtosis_rotations(problems: Sequence[Sequence[torch.Tensor]], q0: torch.Tensor, *, steps: int, lr: float,
                              batch_tokens: int, whats: Sequence[str], target: float = UNIFORM_KURTOSIS, seed: int = 0,
                              dtype: torch.dtype = torch.float32, heads: int = 1,
                              site_names: Sequence[Sequence[str]] | None = None, moment: int = 4,
-                             tail_mean: str = "mean") -> list[LearnedRotation]:
+                             tail_mean: str = "mean", device: torch.device | str | None = None
+                             ) -> list[LearnedRotation]:
     """``learn_kurtosis_rotation`` for several independent problems at once (each a list of site samples, its own
     rotation from ``q0``; R2: one per layer), in one set of steps: their Cayley parameters stacked, one Adam on the
     stack. Adam is elementwise and each problem's loss reads only its own parameter, so each rotation takes the
     steps it would take alone; learned one after the other, SmolLM2's 30 R2s were 30 x 100 steps of small
     operations, each step's cost mostly per-operation overhead (measured: ~90 s a layer on the shared 2-core CPU).
     Each problem draws its rows from its own generator seeded with ``seed``, as it would alone; ``whats``: each
-    one's name in errors."""
+    one's name in errors; ``device``: as ``learn_kurtosis_rotation``'s (on the CPU, SmolLM2's 30 R2s at 4096
+    tokens each were 126 s of a 137 s learning on a 16-core host, session 43)."""
     t0 = time.perf_counter()
     d = q0.shape[0]
     if len(whats) != len(problems):
@@ -258,17 +262,19 @@ def learn_kurtosis_rotations(problems: Sequence[Sequence[torch.Tensor]], q0: tor
                 raise RotationLearningError(f"{what}: the activations collected at {name} hold {bad} non-finite "
                                             f"values of {s.numel()}: the model produces them on the calibration "
                                             "text, before any learning step (not a learning-rate problem)")
-    sites = [[s.reshape(-1, d * heads).to(dtype) for s in samples] for samples in problems]
-    gens = [torch.Generator().manual_seed(seed) for _ in sites]
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    sites = [[s.reshape(-1, d * heads).to(dev, dtype) for s in samples] for samples in problems]
+    gens = [torch.Generator().manual_seed(seed) for _ in sites]  # CPU draws: the same rows on every device
     per_site = [max(1, batch_tokens // len(p)) for p in sites]
-    q0c = q0.to(dtype)
-    a = torch.zeros(len(problems), d, d, dtype=dtype, requires_grad=True)
+    q0c = q0.to(dev, dtype)
+    a = torch.zeros(len(problems), d, d, dtype=dtype, device=dev, requires_grad=True)
     opt = torch.optim.Adam([a], lr=lr)
     history: list[list[float]] = [[] for _ in problems]
     with torch.no_grad():
         starts = [_pool_means(p, q0, target, moment, tail_mean) for p in sites]
     for step in range(steps):
-        batches = [torch.cat([s[torch.randint(0, s.shape[0], (min(n, s.shape[0]),), generator=gen)] for s in p])
+        batches = [torch.cat([s[torch.randint(0, s.shape[0], (min(n, s.shape[0]),), generator=gen).to(dev)]
+                              for s in p])
                    for p, n, gen in zip(sites, per_site, gens)]
         opt.zero_grad(set_to_none=True)
         try:
@@ -308,7 +314,7 @@ def learn_kurtosis_rotations(problems: Sequence[Sequence[torch.Tensor]], q0: tor
     learned = []
     with torch.no_grad():
         for j, (p, what) in enumerate(zip(sites, whats)):
-            q = orthogonal_polar(q0.double() @ cayley(a[j].detach().double()))
+            q = orthogonal_polar(q0.double().cpu() @ cayley(a[j].detach().double().cpu()))
             if not torch.isfinite(q).all():
                 raise RotationLearningError(f"{what}: after {steps} steps the rotation is not finite")
             (loss_start, kurt_start), (loss_end, kurt_end) = starts[j], _pool_means(p, q, target, moment, tail_mean)

@@ -313,7 +313,7 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
     try:
         learned = learn_kurtosis_rotation(samples, q0, steps=o.steps or 100, lr=o.lr or 3e-3,
                                           batch_tokens=o.batch_tokens, target=o.target, seed=o.seed, moment=o.moment,
-                                          tail_mean=o.tail_mean,
+                                          tail_mean=o.tail_mean, device=device,
                                           site_names=[f"rms_norm %{n.name} (module {n.module!r})" for n in sites],
                                           what=f"pass {pass_name}: kind=kurtosis, residual stream of width {res.dim}")
         missing_o = [h for h, k in zip(heads, o_kept) if not k]
@@ -328,7 +328,7 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
             head_samples = [torch.cat(k) for k in o_kept]
             learned_r2 = learn_kurtosis_rotations(
                 [[x] for x in head_samples], r0, steps=o.steps or 100, lr=o.lr or 3e-3, batch_tokens=o.batch_tokens,
-                target=o.target, seed=o.seed, moment=o.moment, tail_mean=o.tail_mean,
+                target=o.target, seed=o.seed, moment=o.moment, tail_mean=o.tail_mean, device=device,
                 heads=head_samples[0].shape[-1] // r0.shape[0],
                 site_names=[[f"the input of o_proj %{h.o_proj.name} (module {h.o_proj.module!r})"] for h in heads],
                 whats=[f"pass {pass_name}: kind=kurtosis, head rotation of %{h.o_proj.name}" for h in heads])
@@ -354,7 +354,7 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
         "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
         "steps": learned.steps, "tokens_per_step": learned.tokens_per_step, "orthogonality": learned.orthogonality,
         "history": learned.history,
-        "check": learned.check, "collect_seconds": round(collect_s, 2),
+        "check": learned.check, "learn_device": str(device or "cpu"), "collect_seconds": round(collect_s, 2),
         "learn_seconds": round(time.perf_counter() - t0 - collect_s, 2),
     }, r2
 
