@@ -27,12 +27,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import inspect
 import json
 import re
 import shutil
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -120,9 +122,19 @@ class CausalLMLogits(nn.Module):
             return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-def _one_sequence_per_row(*args: Any, **kwargs: Any) -> None:
-    """``find_packed_sequence_indices``'s answer for positions ``0..L-1`` in every row: no packed sequences."""
-    return None
+_SKIP_PACKED_SEARCH: contextvars.ContextVar[int] = contextvars.ContextVar("lowbit_skip_packed_search", default=0)
+"""How many ``CausalLMLogits`` forwards this thread (or task) is inside: a count, not a token reset, so forwards
+that leave out of order still end at 0."""
+_SEARCH_LOCK = threading.Lock()
+_search_users = 0
+_search_original: Any = None
+
+
+def _packed_search_outside_lowbit(*args: Any, **kwargs: Any) -> Any:
+    """transformers' ``find_packed_sequence_indices`` while a lowbit forward runs somewhere in the process: none
+    (positions ``0..L-1`` in every row pack nothing) in that forward's own thread, transformers' search in every
+    other (a model trained on packed rows next to a lowbit capture still gets its per-sequence mask)."""
+    return None if _SKIP_PACKED_SEARCH.get() > 0 else _search_original(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -133,20 +145,31 @@ def _no_packed_sequences() -> Iterator[None]:
     cumsum, and an index-based remap of the causal mask); eagerly it finds none and drops them, but under
     torch.export it cannot look at values, so every capture traced them: on SmolLM2 cut to 2 blocks ~0.6 of the
     ~0.75 s the mask took, 19 of 113 graph nodes. ``CausalLMLogits`` passes no position ids, so the model's are its
-    own ``arange``: never packed, and the mask is the same causal (or sliding-window) mask without them."""
+    own ``arange``: never packed, and the mask is the same causal (or sliding-window) mask without them.
+    The module's function is swapped while any such forward runs (the first to enter swaps it, the last to leave
+    restores it), and the stand-in skips the search only in the thread that asked: a process-wide stand-in made
+    another thread's packed rows attend across their sequences meanwhile."""
+    global _search_users, _search_original
     import transformers.masking_utils as masking
 
     found = getattr(masking, "find_packed_sequence_indices", None)
-    # another transformers, dynamo tracing this code, or a forward already inside (another thread's): the one that
-    # swapped it restores it, so overlapping forwards can never leave transformers' search switched off
-    if found is None or found is _one_sequence_per_row or torch.compiler.is_dynamo_compiling():
+    if found is None or torch.compiler.is_dynamo_compiling():  # another transformers, or dynamo tracing this code
         yield
         return
-    masking.find_packed_sequence_indices = _one_sequence_per_row
+    with _SEARCH_LOCK:
+        if _search_users == 0:
+            _search_original = found
+            masking.find_packed_sequence_indices = _packed_search_outside_lowbit
+        _search_users += 1
+    _SKIP_PACKED_SEARCH.set(_SKIP_PACKED_SEARCH.get() + 1)
     try:
         yield
     finally:
-        masking.find_packed_sequence_indices = found
+        _SKIP_PACKED_SEARCH.set(_SKIP_PACKED_SEARCH.get() - 1)
+        with _SEARCH_LOCK:
+            _search_users -= 1
+            if _search_users == 0:  # _search_original stays: a call already past the lookup still reaches it
+                masking.find_packed_sequence_indices = _search_original
 
 
 def _refuse_mixture_of_experts(model: nn.Module) -> None:

@@ -629,3 +629,39 @@ def test_overlapping_forwards_leave_transformers_packed_sequence_search_in_place
     first.__exit__(None, None, None)
     second.__exit__(None, None, None)
     assert masking.find_packed_sequence_indices is original
+
+
+def test_a_lowbit_forward_leaves_other_threads_packed_sequence_search_on():
+    """While a CausalLMLogits forward runs in one thread (capture, calibration), transformers' packed-sequence
+    search was switched off for the whole process: another thread's model fed packed rows (positions restarting
+    at 0 inside a row) got one causal mask over the row and attended across its sequences. The stand-in now skips
+    the search only in the forward's own thread; the module's function is back when the last forward leaves."""
+    import threading
+
+    import transformers.masking_utils as masking
+
+    from lowbit.models import _no_packed_sequences
+
+    original = masking.find_packed_sequence_indices
+    packed = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
+    expected = original(packed)
+    assert expected is not None  # three sequences in one row: transformers finds them
+    inside, leave, seen = threading.Event(), threading.Event(), {}
+
+    def lowbit_forward() -> None:
+        with _no_packed_sequences():
+            seen["own thread"] = masking.find_packed_sequence_indices(packed)
+            inside.set()
+            leave.wait(10)
+
+    worker = threading.Thread(target=lowbit_forward)
+    worker.start()
+    try:
+        assert inside.wait(10)
+        other = masking.find_packed_sequence_indices(packed)
+    finally:
+        leave.set()
+        worker.join(10)
+    assert seen["own thread"] is None
+    assert other is not None and torch.equal(other, expected)
+    assert masking.find_packed_sequence_indices is original
