@@ -665,3 +665,41 @@ def test_a_lowbit_forward_leaves_other_threads_packed_sequence_search_on():
     assert seen["own thread"] is None
     assert other is not None and torch.equal(other, expected)
     assert masking.find_packed_sequence_indices is original
+
+
+def test_a_reused_capture_survives_its_entry_evicted_by_another_load(monkeypatch):
+    """``lowbit.load`` keeps one capture per architecture (``lowbit.checkpoint.reuse``); a load that found its
+    entry and another load (another thread) that evicted it before the first marked it recently used crashed
+    the first with a KeyError. The first load now returns its rebound graph (the cache is guarded by a lock)."""
+    from lowbit.checkpoint import reuse
+
+    class Config:
+        def to_dict(self) -> dict:
+            return {"width": 4}
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+            self.config = Config()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    first, second = Tiny().eval(), Tiny().eval()
+    example = (torch.randn(2, 4),)
+    reuse.clear()
+    reuse.capture_once(capture, first, first, example, None)
+    rebind = reuse._bound
+
+    def rebound_then_evicted(*args):  # type: ignore[no-untyped-def]
+        graph = rebind(*args)
+        reuse.clear()  # what another thread's load of other architectures does meanwhile
+        return graph
+
+    monkeypatch.setattr(reuse, "_bound", rebound_then_evicted)
+    graph = reuse.capture_once(capture, second, second, example, None)
+    assert graph.meta["capture_reused"] is True
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert torch.equal(TorchCompiled(graph)(x), second(x)) and not torch.equal(second(x), first(x))

@@ -14,6 +14,7 @@ afresh.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,11 +31,14 @@ KEEP = 8
 traced from the code (never the checkpoint's weights), tens of KB for SmolLM2."""
 
 _ENTRIES: OrderedDict[str, tuple[Graph, dict[str, str]]] = OrderedDict()
+_LOCK = threading.Lock()
+"""Guards ``_ENTRIES`` (not the captures): loads in several threads read, refresh and evict it at once."""
 
 
 def clear() -> None:
     """Forget every kept structure (the next load of each architecture captures again)."""
-    _ENTRIES.clear()
+    with _LOCK:
+        _ENTRIES.clear()
 
 
 def _shape_key(x: Any) -> Any:
@@ -107,12 +111,15 @@ def capture_once(capture: Callable[..., Graph], wrapper: torch.nn.Module, hf_mod
     """``capture(wrapper, example, dynamic_shapes)``, or the graph a load of the same architecture captured before,
     bound to ``wrapper``'s tensors (``graph.meta["capture_reused"]``: True; ``export_seconds`` 0)."""
     key = _key(wrapper, hf_model, example, dynamic_shapes, variant)
-    entry = _ENTRIES.get(key)
+    with _LOCK:
+        entry = _ENTRIES.get(key)
     if entry is not None:
         t0 = time.perf_counter()
         graph = _bound(*entry, wrapper)
         if graph is not None:
-            _ENTRIES.move_to_end(key)
+            with _LOCK:
+                if key in _ENTRIES:  # another thread's load may have evicted it (or cleared all) meanwhile
+                    _ENTRIES.move_to_end(key)
             graph.meta.update(export_seconds=0.0, convert_seconds=round(time.perf_counter() - t0, 3),
                               capture_reused=True)
             return graph
@@ -120,7 +127,8 @@ def capture_once(capture: Callable[..., Graph], wrapper: torch.nn.Module, hf_mod
     structure = _structure(graph, wrapper)
     if structure is None:
         return graph
-    _ENTRIES[key] = structure
-    while len(_ENTRIES) > KEEP:
-        _ENTRIES.popitem(last=False)
+    with _LOCK:
+        _ENTRIES[key] = structure
+        while len(_ENTRIES) > KEEP:
+            _ENTRIES.popitem(last=False)
     return graph
