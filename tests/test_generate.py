@@ -45,10 +45,59 @@ def compiled(smollm2_two_blocks):
 
 @pytest.fixture(scope="module")
 def compiled_whole(smollm2):
-    """The whole SmolLM2 compiled for generation: for the tests whose assertions need its text to make sense. Its
-    two tests sit side by side: xdist hands out neighbours together, and each worker that runs one builds this."""
+    """The whole SmolLM2 compiled for generation (~35 CPU-s): the stop-string tests' ``whole`` variants, slow, on text
+    the model writes itself (their default variants run ``compiled_chained``). The two tests sit side by side: xdist
+    hands out neighbours together, and each worker that runs one builds this."""
     model, tok = smollm2
     return compile_model(model, tokenizer=tok, generation=GenerationSpec(max_length=64, max_batch=4))
+
+
+CHAINS = [[" is", " Paris", ".", " The", " answer", " was", " easy", "!"],  # PROMPTS[0] ends with " is"
+          ["):", " if", " n", " <", " two", ":", " return", " one"],  # PROMPTS[1] ends with "):"
+          [",", " the", " old", " vill", "age", " smith", " said", " hi"],  # "village" spans two tokens
+          ["\n", "Hello", " there", "<|im_end|>", "\n"]]  # the chat prompt ends with "assistant\n"
+"""What ``_chained_model`` writes after each prompt's last token: the first three end in a token that repeats, the
+chat turn ends (``<|im_end|>``) and starts again."""
+
+
+def _chained_model(tok, chains: list[list[str]]) -> torch.nn.Module:
+    """A one-block Llama with SmolLM2's vocabulary whose greedy next token depends on the current token alone and
+    follows ``chains`` (pieces of text, each token's successor the next token; a chain's last token repeats where
+    no chain goes on from it): its attention and MLP write nothing into the residual stream (o_proj and down_proj
+    zero), each chain token's embedding is a basis vector, and the head maps that vector to its successor."""
+    successor: dict[int, int] = {}
+    for chain in chains:
+        ids = [i for piece in chain for i in tok(piece, add_special_tokens=False).input_ids]
+        for a, b in zip(ids, ids[1:]):
+            assert successor.setdefault(a, b) == b, f"token {tok.decode([a])!r} goes on two ways"
+        successor.setdefault(ids[-1], ids[-1])
+    model = tiny_llama(vocab=len(tok), hidden=64, inter=128, heads=4, kv_heads=2, max_positions=64)
+    assert len(successor) <= model.config.hidden_size
+    with torch.no_grad():
+        for w in (model.model.embed_tokens.weight, model.lm_head.weight,
+                  model.model.layers[0].self_attn.o_proj.weight, model.model.layers[0].mlp.down_proj.weight):
+            w.zero_()
+        for dim, (token, following) in enumerate(successor.items()):
+            model.model.embed_tokens.weight[token, dim] = 1.0
+            model.lm_head.weight[following, dim] = 10.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def compiled_chained(smollm2):
+    """``_chained_model`` of ``CHAINS`` compiled for generation as ``compiled_whole`` is: text known in advance for
+    the stop-string tests, whose assertions are about where a run stops, in ~1 s where the whole SmolLM2's compile
+    took ~35 CPU-s."""
+    tok = smollm2[1]
+    return compile_model(_chained_model(tok, CHAINS), tokenizer=tok,
+                         generation=GenerationSpec(max_length=64, max_batch=4))
+
+
+@pytest.fixture(params=["chained", pytest.param("whole", marks=pytest.mark.slow)])
+def stop_model(request: pytest.FixtureRequest) -> CompiledModel:
+    """The model the stop-string tests generate with: ``compiled_chained`` by default, the whole SmolLM2 (its own
+    text; LOWBIT_SLOW=1) as well."""
+    return request.getfixturevalue(f"compiled_{request.param}")
 
 
 def test_greedy_matches_transformers_token_for_token(smollm2_two_blocks, compiled):
@@ -1533,48 +1582,50 @@ def _first_stop(tok, prompt: list[int], tokens: list[int], stop: list[str]) -> i
     return len(tokens)
 
 
-def test_stop_strings_end_each_sequence_and_are_left_out_of_its_text(smollm2, compiled_whole):
+def test_stop_strings_end_each_sequence_and_are_left_out_of_its_text(smollm2, stop_model):
     """There was no way to stop on text (transformers' ``stop_strings`` was refused: 'give stop_tokens='), and a
     stop such as "\\n\\n" or "return" is no single token. ``stop=`` ends each sequence of a batch on its own once
-    its new text contains one: its tokens keep the one that completed it, its text ends before it."""
+    its new text contains one: its tokens keep the one that completed it, its text ends before it. (On
+    ``CHAINS``' text each prompt stops on another string, "village" completed by the second of its two tokens.)"""
     _, tok = smollm2
     ids = [tok(p).input_ids for p in PROMPTS]
-    free = compiled_whole.generate(ids, 20, stop_tokens=())
+    free = stop_model.generate(ids, 20, stop_tokens=())
     stop = ["answer", "return", "village"]
     assert sum(any(s in t for s in stop) for t in free.texts) >= 2, free.texts  # the run stops at least twice
-    out = compiled_whole.generate(ids, 20, stop_tokens=(), stop=stop)
+    out = stop_model.generate(ids, 20, stop_tokens=(), stop=stop)
     for p, whole, got, text in zip(ids, free.tokens, out.tokens, out.texts):
         assert got == whole[:_first_stop(tok, p, whole, stop)]
         full = tok.decode(p + got, skip_special_tokens=True)[len(tok.decode(p, skip_special_tokens=True)):]
         cut = min((full.find(s) for s in stop if s in full), default=len(full))
         assert text == full[:cut] and not any(s in text for s in stop), text
     assert [len(t) for t in out.tokens] != [len(t) for t in free.tokens]
-    assert compiled_whole.generate(ids[:1], 20, stop_tokens=(), stop="answer").tokens == out.tokens[:1]  # one string
+    assert stop_model.generate(ids[:1], 20, stop_tokens=(), stop="answer").tokens == out.tokens[:1]  # one string
     with pytest.raises(GenerationError, match="stop: '' is empty"):
-        compiled_whole.generate(ids[:1], 2, stop=["\n", ""])
+        stop_model.generate(ids[:1], 2, stop=["\n", ""])
     with pytest.raises(GenerationError, match=r"stop: 13 is not a string \(token ids go in stop_tokens=\)"):
-        compiled_whole.generate(ids[:1], 2, stop=[13])
+        stop_model.generate(ids[:1], 2, stop=[13])
     with pytest.raises(GenerationError, match="no option 'stop_strings': use stop="):
-        compiled_whole.generate(ids[:1], 2, stop_strings=["\n"])
+        stop_model.generate(ids[:1], 2, stop_strings=["\n"])
 
 
-def test_a_stop_string_that_is_a_special_token_ends_the_sequence(smollm2, compiled_whole):
+def test_a_stop_string_that_is_a_special_token_ends_the_sequence(smollm2, stop_model):
     """``stop=["<|im_end|>"]`` (the chat template's end of turn) never matched: the text is decoded without special
     tokens, so the run went on to max_new_tokens. Such a stop ends a sequence as that token does; one holding a
-    special token among other text could never match and is refused, naming it."""
+    special token among other text could never match and is refused, naming it. (``CHAINS`` ends the chat's
+    answer with ``<|im_end|>`` after two tokens and begins another.)"""
     _, tok = smollm2
     chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
     ids = [tok(chat, add_special_tokens=False).input_ids, tok(PROMPTS[0]).input_ids]
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    free = compiled_whole.generate(ids, 20, stop_tokens=())
+    free = stop_model.generate(ids, 20, stop_tokens=())
     assert im_end in free.tokens[0][:-1], free.texts  # the answer ends its turn, then the model goes on
-    out = compiled_whole.generate(ids, 20, stop_tokens=(), stop=["<|im_end|>", "zzzz"])
+    out = stop_model.generate(ids, 20, stop_tokens=(), stop=["<|im_end|>", "zzzz"])
     end = free.tokens[0].index(im_end) + 1
     assert out.tokens[0] == free.tokens[0][:end] and out.texts[0] == free.texts[0][:len(out.texts[0])]
     second = out.tokens[1]
     assert second == free.tokens[1][:len(second)] and (im_end in second) == (len(second) < 20)
     with pytest.raises(GenerationError, match=r"stop: 'x<\|im_end\|>' holds the special token '<\|im_end\|>'"):
-        compiled_whole.generate(ids, 2, stop=["x<|im_end|>"])
+        stop_model.generate(ids, 2, stop=["x<|im_end|>"])
 
 
 def test_stop_strings_need_a_tokenizer(tiny_compiled):
