@@ -1796,3 +1796,14 @@ def test_generation_loads_of_one_architecture_capture_the_step_once_and_generate
         tokens[seed] = loaded.generate(prompts, max_new_tokens=4).tokens
         assert tokens[seed] == compiled[seed].generate(prompts, max_new_tokens=4).tokens, seed
     assert len(captures) == 1 and tokens[0] != tokens[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_load_captures() -> None:
+    """Overrides conftest's (which forgets ``lowbit.checkpoint.reuse``'s kept captures before every test): here a
+    load reuses the capture an earlier test's load of the same architecture made, as loads within one process do:
+    ~40 loads of a handful of architectures (the 2-block SmolLM2 slice most of them) each exported it again (~13 of
+    the file's ~280 CPU-s). The logits and tensors each test compares are its own checkpoint's either way; no test
+    here changes what a capture runs without clearing the cache itself (test_loads_of_one_architecture_capture_it_
+    once_..., test_generation_loads_of_one_architecture_...), and the first load of each architecture still
+    captures afresh."""
