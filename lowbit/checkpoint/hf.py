@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
 from lowbit.checkpoint.zero_heads import ZeroHeads, head_interleaved, pad_zero_heads, zero_head_report
 from lowbit.ir.graph import Graph, TensorType
 from lowbit.ir.offload import map_from_disk
-from lowbit.ir.quant import QDTYPES, get_qdtype, pack_int4
+from lowbit.ir.quant import QDTYPES, get_qdtype, stored_codes
 
 __all__ = ["save_compressed_tensors", "save_gptq", "load_hf_checkpoint", "skeleton", "unpack_zero_points",
            "SHARD_BYTES"]
@@ -1201,11 +1202,27 @@ def unpack_zero_points(packed: torch.Tensor, bits: int, shape: torch.Size) -> to
     return unpack_from_int32(rows, bits, torch.Size([shape[1], shape[0]])).t()
 
 
+def int4_words_as_bytes(packed: torch.Tensor, k: int, signed: bool) -> torch.Tensor | None:
+    """compressed-tensors' 4-bit ``weight_packed`` words ``[N, ceil(K/8)]`` as lowbit's packed codes ``[N, K/2]``
+    (``pack_int4``'s layout), without unpacking; None where the layouts differ (odd K, a big-endian host).
+
+    Why it is exact: ``pack_to_int32`` puts element ``i`` at bits ``4i`` of its word, so on a little-endian host byte
+    ``j`` of a row holds elements ``2j`` (low nibble) and ``2j+1`` (high), as ``pack_int4`` does; each nibble is the
+    signed code plus 8. lowbit's uint4 code is that nibble (its codes and zero points are the signed ones plus 8), and
+    its int4 nibble is the code's two's complement, ``(q + 8) ^ 8``. Unpacking to int8 codes and packing them again
+    was ~70% of a SmolLM2 int4 load's own time and held every linear's codes unpacked until capture."""
+    if k % 2 or sys.byteorder != "little":
+        return None
+    data = packed.contiguous().view(torch.uint8)[:, : k // 2]
+    return data ^ 0x88 if signed else data.contiguous()
+
+
 def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tensor], directory: Path,
                hint: str | None, shape: tuple[int, int]
                ) -> tuple[Any, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One compressed-tensors linear's (weight scheme, input scheme, codes, scale, zero point); ``shape`` is the
-    linear's [out, in] in the model built from config.json, which every stored tensor must agree with."""
+    """One compressed-tensors linear's (weight scheme, input scheme, codes as a weight param stores them, scale, zero
+    point); ``shape`` is the linear's [out, in] in the model built from config.json, which every stored tensor must
+    agree with."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     from lowbit.ir.qscheme import QScheme
@@ -1237,7 +1254,7 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
     per_row = [[n, n_scales]] + ([[n]] if group is None else [])
     scale = _check_tensor(tensors, f"{module}.weight_scale", directory, per_row, _FLOATS, cfg).to(torch.float32)
     scale = scale.reshape(n) if group is None else scale
-    zp = None
+    zp, direct = None, None
     if fmt == "pack-quantized":
         if not 1 <= wa.num_bits <= 8:
             raise CheckpointError(f"{directory / 'config.json'}: num_bits {wa.num_bits} of linear {module!r} is not "
@@ -1250,7 +1267,8 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
                                   f"config.json is [{n}, {k}]")
         packed = _check_tensor(tensors, f"{module}.weight_packed", directory, [[n, -(-k * wa.num_bits // 32)]],
                                (torch.int32,), cfg)
-        q = unpack_from_int32(packed, wa.num_bits, torch.Size([n, k]))
+        direct = int4_words_as_bytes(packed, k, get_qdtype(qdtype).signed) if wa.num_bits == 4 else None
+        q = direct if direct is not None else unpack_from_int32(packed, wa.num_bits, torch.Size([n, k]))
         if not wa.symmetric:
             zpk = _check_tensor(tensors, f"{module}.weight_zero_point", directory,
                                 [[-(-n * wa.num_bits // 32), n_scales]], (torch.int32,), cfg)
@@ -1266,7 +1284,11 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
                               "reads (pack-quantized, int-quantized, float-quantized, naive-quantized)")
     if zp is not None:
         zp = zp.reshape(scale.shape)
-    q, zp = _from_signed(q, zp, qdtype)
+    if direct is not None:  # already lowbit's packed codes; only the zero points move to lowbit's convention
+        zp = None if zp is None else _from_signed(zp, None, qdtype)[0]
+    else:
+        q, zp = _from_signed(q, zp, qdtype)
+        q = stored_codes(q, qdtype)
     ws = QScheme(qdtype=qdtype, symmetric=wa.symmetric, granularity="per_group" if group else "per_channel",
                  group_size=group)
     xs = None
@@ -1324,7 +1346,7 @@ def _gptq_config(qcfg: dict[str, Any], cfg_path: Path) -> tuple[int, int, int]:
 def _gptq_linear(module: str, bits: int, group: int, zero_offset: int, tensors: dict[str, torch.Tensor],
                  directory: Path, shape: tuple[int, int]
                  ) -> tuple[Any, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One GPTQ linear's (weight scheme, None, codes, scale, None); every tensor is checked against config.json's
+    """One GPTQ linear's (weight scheme, None, stored codes, scale, None); every tensor is checked against config.json's
     bits and group size and the linear's [out, in] ``shape`` first: a false bits or group_size was reported as a
     desc_act permutation, and float codes, a cut qzeros or integer scales loaded without a word."""
     from lowbit.ir.qscheme import QScheme
@@ -1352,8 +1374,8 @@ def _gptq_linear(module: str, bits: int, group: int, zero_offset: int, tensors: 
     if not bool((zeros == off).all()):
         raise CheckpointError(f"{directory}: linear {module!r}: qzeros are not all {off} (asymmetric GPTQ); lowbit "
                               "reads symmetric GPTQ only")
-    q = (u.t().contiguous() - off).to(torch.int8)
     qdtype = f"int{bits}"
+    q = stored_codes((u.t().contiguous() - off).to(torch.int8), qdtype)
     per_channel = group == -1
     scale = scales.t().contiguous().reshape(n) if per_channel else scales.t().contiguous()
     ws = QScheme(qdtype=qdtype, symmetric=True, granularity="per_channel" if per_channel else "per_group",
@@ -1431,9 +1453,7 @@ def _stored_codes(node: Any, scheme: Any, group: int | None, plan: dict[str, Any
     if key not in forms:
         forms[key] = quantize_weight(torch.empty(w.shape, dtype=w.dtype, device="meta"), scheme, group)[:3]
     expected = forms[key]
-    ws, _, q, scale, zp = plan[node.module]
-    qd = get_qdtype(ws.qdtype)
-    stored = pack_int4(q) if qd.packed else q.to(qd.storage_dtype)
+    _, _, stored, scale, zp = plan[node.module]
     for e, t, what in zip(expected, (stored, scale, zp), ("codes", "scale", "zero point")):
         if (e is None) != (t is None):
             raise CheckpointError(f"{directory}: linear {node.module!r}: {what} present on one side only")

@@ -1,0 +1,120 @@
+"""Loading compressed-tensors checkpoints: the 4-bit words become lowbit's packed bytes without an unpack-repack
+round trip, bit-identical to that round trip on a real SmolLM2 slice, and shapes the direct path does not take fall
+back to it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import captured_slice, tiny_llama
+
+import lowbit
+from lowbit.api import describe_source
+from lowbit.checkpoint import hf
+from lowbit.passes.manager import PassManager, parse_pipeline
+
+pytest.importorskip("compressed_tensors")
+
+
+@pytest.fixture(scope="module")
+def smollm2_slice_and_ids(smollm2):
+    """(float graph of a 2-layer SmolLM2 with its HF source, 2 WikiText-2 test windows of 128 tokens)."""
+    from lowbit.eval.perplexity import token_ids, windows
+
+    wrapper, graph = captured_slice(smollm2, 2)
+    graph.meta["source"] = describe_source(wrapper)
+    graph.meta["tokenizer"] = smollm2[1]
+    return graph, windows(token_ids("wikitext2-test", smollm2[1]), 128, 2)
+
+
+def _assert_same_params(a, b) -> None:
+    assert set(a.params) == set(b.params)
+    for name, v in a.params.items():
+        w = b.params[name].data
+        assert v.data.dtype == w.dtype and torch.equal(v.data, w), name
+
+
+def _load_spying(directory: Path, monkeypatch) -> tuple[lowbit.CompiledModel, list[tuple[int, ...]], int]:
+    """(``lowbit.load(directory)``, the shapes compressed-tensors' ``unpack_from_int32`` was asked to unpack to, how
+    many linears took the direct path)."""
+    from compressed_tensors.compressors.pack_quantized import helpers
+
+    unpacked: list[tuple[int, ...]] = []
+    direct = [0]
+    real_unpack, real_direct = helpers.unpack_from_int32, hf.int4_words_as_bytes
+
+    def unpack(value, num_bits, shape, packed_dim=1):
+        unpacked.append(tuple(shape))
+        return real_unpack(value, num_bits, shape, packed_dim)
+
+    def words_as_bytes(packed, k, signed):
+        out = real_direct(packed, k, signed)
+        direct[0] += out is not None
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(helpers, "unpack_from_int32", unpack)
+        m.setattr(hf, "int4_words_as_bytes", words_as_bytes)
+        loaded = lowbit.load(directory)
+    return loaded, unpacked, direct[0]
+
+
+def _load_unpacking(directory: Path, monkeypatch) -> lowbit.CompiledModel:
+    """``lowbit.load(directory)`` through the unpack-repack path (the direct one refused for every linear)."""
+    with monkeypatch.context() as m:
+        m.setattr(hf, "int4_words_as_bytes", lambda packed, k, signed: None)
+        return lowbit.load(directory)
+
+
+def _weight_shapes(directory: Path) -> list[tuple[int, ...]]:
+    """The ``weight_shape`` of every packed linear in the checkpoint."""
+    from safetensors.torch import load_file
+
+    return [tuple(t.tolist()) for name, t in load_file(str(directory / "model.safetensors")).items()
+            if name.endswith(".weight_shape")]
+
+
+@pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=64)",
+                                      "quantize(w=int4,group=128,group_fallback=64,sym=false)",
+                                      "quantize(w=uint4,group=64,sym=false)"])
+def test_int4_words_load_as_lowbit_bytes_bit_identical_to_unpacking(smollm2_slice_and_ids, tmp_path, monkeypatch,
+                                                                    pipeline):
+    """int4 (two's-complement nibbles, XOR 0x88 of compressed-tensors' offset ones) and uint4 (the nibbles as
+    they are), symmetric and with zero points: the same packed bytes, zero points and logits as unpacking the int32
+    words to int8 codes and packing them again, and as the compile that wrote them; no weight is unpacked."""
+    float_graph, ids = smollm2_slice_and_ids
+    graph = float_graph.clone()
+    PassManager(parse_pipeline(pipeline)).run(graph)
+    out = lowbit.save(graph, tmp_path / "ck", format="compressed-tensors")
+    weight_shapes = _weight_shapes(out)
+    direct, unpacked, n_direct = _load_spying(out, monkeypatch)
+    assert n_direct == len(weight_shapes) > 0
+    assert not set(weight_shapes) & set(unpacked), "a weight was unpacked to int8 codes"
+    repacked = _load_unpacking(out, monkeypatch)
+    _assert_same_params(repacked.graph, direct.graph)
+    _assert_same_params(graph, direct.graph)
+    logits = direct(ids)
+    assert torch.equal(logits, repacked(ids))
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("pipeline,direct_linears", [
+    ("quantize(w=int4)", 7),                  # K = 36 and 68: 4.5 and 8.5 words a row, the last word half padding
+    ("quantize(w=uint4,sym=false)", 7),
+    ("quantize(w=int3)", 0),                  # 3-bit codes straddle nibbles and words: unpacked
+])
+def test_rows_of_partial_words_and_other_widths_load_exactly(tmp_path, monkeypatch, pipeline, direct_linears):
+    """A row whose last int32 word is part padding (K % 8 == 4) takes the direct path with the padding cut off;
+    3-bit words are unpacked as before; both load to the compile's params and logits."""
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=36, inter=68, heads=2, kv_heads=1, vocab=97, max_positions=64)
+    compiled = lowbit.compile_model(model, pipeline=pipeline)
+    out = lowbit.save(compiled, tmp_path / "ck", format="compressed-tensors")
+    loaded, _, n_direct = _load_spying(out, monkeypatch)
+    assert n_direct == direct_linears
+    _assert_same_params(compiled.graph, loaded.graph)
+    _assert_same_params(_load_unpacking(out, monkeypatch).graph, loaded.graph)
+    ids = torch.randint(0, 97, (2, 12))
+    assert torch.equal(loaded(ids), compiled(ids))
