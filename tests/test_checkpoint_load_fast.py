@@ -144,3 +144,34 @@ def test_inspect_and_graph_of_a_checkpoint_never_dequantize_its_weights(tmp_path
     assert "self_attn.q_proj" in (tmp_path / "g.html").read_text()
     assert unpacked == []
     assert len(lowbit.load(out)(torch.randint(0, 61, (1, 8))).shape) == 3 and unpacked  # the spy sees a lowering
+
+
+def test_a_4bit_linear_of_odd_input_size_from_another_tool_is_refused_by_name(tmp_path):
+    """compressed-tensors packs 4-bit codes densely into int32 words, so another tool's checkpoint can hold a 4-bit
+    linear of odd K (transformers loads it); lowbit packs two codes per byte and cannot. Its load was pack_int4's
+    bare ValueError ('needs an even last dimension ... (36, 63)'), naming no linear or file."""
+    import json
+
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.checkpoint import CheckpointError
+
+    torch.manual_seed(0)
+    compiled = lowbit.compile_model(tiny_llama(hidden=36, inter=63, heads=2, kv_heads=1, vocab=97, max_positions=64),
+                                    pipeline="quantize(w=int8)")  # int4 is refused at K = 63: written as 8-bit
+    out = lowbit.save(compiled, tmp_path / "ck", format="compressed-tensors")
+    tensors = load_file(str(out / "model.safetensors"))
+    for name in [k for k in tensors if k.endswith(".weight_packed")]:  # as a tool that packs 4-bit codes would
+        shape = torch.Size(tensors[name.replace("_packed", "_shape")].tolist())
+        codes = unpack_from_int32(tensors[name], 8, shape)
+        tensors[name] = pack_to_int32(torch.div(codes, 16, rounding_mode="floor").to(torch.int8), 4)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    for group in config["quantization_config"]["config_groups"].values():
+        group["weights"]["num_bits"] = 4
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "lowbit-manifest.json").unlink()  # another tool writes none
+    with pytest.raises(CheckpointError, match=r"config\.json: linear 'model\.layers\.0\.mlp\.down_proj' \[36, 63\] "
+                                              r"has 4-bit weights \(int4\) and an odd input size 63"):
+        lowbit.load(out)

@@ -1250,6 +1250,11 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
     if group is not None and (group < 1 or k % group):
         raise CheckpointError(f"{directory / 'config.json'}: group_size {group} does not divide the input size {k} "
                               f"of linear {module!r}")
+    if k % 2 and get_qdtype(qdtype).packed:  # was pack_int4's ValueError, naming no linear, after every tensor read
+        raise CheckpointError(f"{directory / 'config.json'}: linear {module!r} [{n}, {k}] has {wa.num_bits}-bit "
+                              f"weights ({qdtype}) and an odd input size {k}; lowbit packs codes of 4 bits and fewer "
+                              "two per byte along the input, so it cannot hold this linear (its quantize pass "
+                              "refuses one too; transformers loads it)")
     n_scales = 1 if group is None else k // group
     per_row = [[n, n_scales]] + ([[n]] if group is None else [])
     scale = _check_tensor(tensors, f"{module}.weight_scale", directory, per_row, _FLOATS, cfg).to(torch.float32)
