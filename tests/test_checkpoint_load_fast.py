@@ -1,6 +1,6 @@
-"""Loading compressed-tensors checkpoints: the 4-bit words become lowbit's packed bytes without an unpack-repack
-round trip, bit-identical to that round trip on a real SmolLM2 slice, and shapes the direct path does not take fall
-back to it."""
+"""Loading compressed-tensors checkpoints: the 4-bit and 8-bit words become lowbit's stored codes without an
+unpack-repack round trip, bit-identical to that round trip on a real SmolLM2 slice, and shapes the direct path does
+not take fall back to it; what lowbit cannot hold is refused by name."""
 
 from __future__ import annotations
 
@@ -43,20 +43,20 @@ def _load_spying(directory: Path, monkeypatch) -> tuple[lowbit.CompiledModel, li
 
     unpacked: list[tuple[int, ...]] = []
     direct = [0]
-    real_unpack, real_direct = helpers.unpack_from_int32, hf.int4_words_as_bytes
+    real_unpack, real_direct = helpers.unpack_from_int32, hf.words_as_stored_codes
 
     def unpack(value, num_bits, shape, packed_dim=1):
         unpacked.append(tuple(shape))
         return real_unpack(value, num_bits, shape, packed_dim)
 
-    def words_as_bytes(packed, k, signed):
-        out = real_direct(packed, k, signed)
+    def words_as_codes(packed, bits, k, signed):
+        out = real_direct(packed, bits, k, signed)
         direct[0] += out is not None
         return out
 
     with monkeypatch.context() as m:
         m.setattr(helpers, "unpack_from_int32", unpack)
-        m.setattr(hf, "int4_words_as_bytes", words_as_bytes)
+        m.setattr(hf, "words_as_stored_codes", words_as_codes)
         loaded = lowbit.load(directory)
     return loaded, unpacked, direct[0]
 
@@ -64,7 +64,7 @@ def _load_spying(directory: Path, monkeypatch) -> tuple[lowbit.CompiledModel, li
 def _load_unpacking(directory: Path, monkeypatch) -> lowbit.CompiledModel:
     """``lowbit.load(directory)`` through the unpack-repack path (the direct one refused for every linear)."""
     with monkeypatch.context() as m:
-        m.setattr(hf, "int4_words_as_bytes", lambda packed, k, signed: None)
+        m.setattr(hf, "words_as_stored_codes", lambda packed, bits, k, signed: None)
         return lowbit.load(directory)
 
 
@@ -78,12 +78,13 @@ def _weight_shapes(directory: Path) -> list[tuple[int, ...]]:
 
 @pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=64)",
                                       "quantize(w=int4,group=128,group_fallback=64,sym=false)",
-                                      "quantize(w=uint4,group=64,sym=false)"])
-def test_int4_words_load_as_lowbit_bytes_bit_identical_to_unpacking(smollm2_slice_and_ids, tmp_path, monkeypatch,
-                                                                    pipeline):
-    """int4 (two's-complement nibbles, XOR 0x88 of compressed-tensors' offset ones) and uint4 (the nibbles as
-    they are), symmetric and with zero points: the same packed bytes, zero points and logits as unpacking the int32
-    words to int8 codes and packing them again, and as the compile that wrote them; no weight is unpacked."""
+                                      "quantize(w=uint4,group=64,sym=false)", "quantize(w=int8)"])
+def test_packed_words_load_as_lowbit_codes_bit_identical_to_unpacking(smollm2_slice_and_ids, tmp_path, monkeypatch,
+                                                                      pipeline):
+    """int4 (two's-complement nibbles, XOR 0x88 of compressed-tensors' offset ones), uint4 (the nibbles as they
+    are) and int8 (the bytes XOR 0x80), symmetric and with zero points: the same stored codes, zero points and logits
+    as unpacking the int32 words to int8 codes and packing them again, and as the compile that wrote them; no weight
+    is unpacked."""
     float_graph, ids = smollm2_slice_and_ids
     graph = float_graph.clone()
     PassManager(parse_pipeline(pipeline)).run(graph)
@@ -103,6 +104,8 @@ def test_int4_words_load_as_lowbit_bytes_bit_identical_to_unpacking(smollm2_slic
 @pytest.mark.parametrize("pipeline,direct_linears", [
     ("quantize(w=int4)", 7),                  # K = 36 and 68: 4.5 and 8.5 words a row, the last word half padding
     ("quantize(w=uint4,sym=false)", 7),
+    ("quantize(w=int8)", 7),                  # a byte a code: the words' bytes with the top bit flipped
+    ("quantize(w=uint8,sym=false)", 7),       # the words' bytes as they are
     ("quantize(w=int3)", 0),                  # 3-bit codes straddle nibbles and words: unpacked
 ])
 def test_rows_of_partial_words_and_other_widths_load_exactly(tmp_path, monkeypatch, pipeline, direct_linears):

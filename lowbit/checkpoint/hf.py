@@ -1202,19 +1202,25 @@ def unpack_zero_points(packed: torch.Tensor, bits: int, shape: torch.Size) -> to
     return unpack_from_int32(rows, bits, torch.Size([shape[1], shape[0]])).t()
 
 
-def int4_words_as_bytes(packed: torch.Tensor, k: int, signed: bool) -> torch.Tensor | None:
-    """compressed-tensors' 4-bit ``weight_packed`` words ``[N, ceil(K/8)]`` as lowbit's packed codes ``[N, K/2]``
-    (``pack_int4``'s layout), without unpacking; None where the layouts differ (odd K, a big-endian host).
+def words_as_stored_codes(packed: torch.Tensor, bits: int, k: int, signed: bool) -> torch.Tensor | None:
+    """compressed-tensors' ``weight_packed`` words ``[N, ceil(K*bits/32)]`` as the codes a lowbit weight param stores,
+    without unpacking: 4-bit as ``pack_int4``'s bytes ``[N, K/2]``, 8-bit as int8/uint8 ``[N, K]``; None where the
+    layouts differ (other widths, odd K at 4 bits, a big-endian host).
 
-    Why it is exact: ``pack_to_int32`` puts element ``i`` at bits ``4i`` of its word, so on a little-endian host byte
-    ``j`` of a row holds elements ``2j`` (low nibble) and ``2j+1`` (high), as ``pack_int4`` does; each nibble is the
-    signed code plus 8. lowbit's uint4 code is that nibble (its codes and zero points are the signed ones plus 8), and
-    its int4 nibble is the code's two's complement, ``(q + 8) ^ 8``. Unpacking to int8 codes and packing them again
-    was ~70% of a SmolLM2 int4 load's own time and held every linear's codes unpacked until capture."""
-    if k % 2 or sys.byteorder != "little":
+    Why it is exact: ``pack_to_int32`` puts element ``i`` at bits ``bits*i`` of its row's words, each the signed code
+    plus ``2^(bits-1)``, so on a little-endian host byte ``j`` of a row holds elements ``2j`` (low nibble) and ``2j+1``
+    (high) at 4 bits, as ``pack_int4`` does, and element ``j`` at 8 bits. lowbit's unsigned code is that stored value
+    (its codes and zero points are the signed ones plus the offset), and its signed code's two's complement is the
+    value with the top bit flipped: ``(q + 8) ^ 8`` per nibble, ``(q + 128) ^ 128`` per byte. Unpacking to int8 codes
+    and packing them again was ~70% of a SmolLM2 int4 load's own time and held every linear's codes unpacked until
+    capture."""
+    if bits not in (4, 8) or (bits == 4 and k % 2) or sys.byteorder != "little":
         return None
-    data = packed.contiguous().view(torch.uint8)[:, : k // 2]
-    return data ^ 0x88 if signed else data.contiguous()
+    data = packed.contiguous().view(torch.uint8)[:, : k * bits // 8]
+    if not signed:
+        return data.contiguous()
+    flipped = data ^ (0x88 if bits == 4 else 0x80)
+    return flipped if bits == 4 else flipped.view(torch.int8)
 
 
 def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tensor], directory: Path,
@@ -1272,7 +1278,7 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
                                   f"config.json is [{n}, {k}]")
         packed = _check_tensor(tensors, f"{module}.weight_packed", directory, [[n, -(-k * wa.num_bits // 32)]],
                                (torch.int32,), cfg)
-        direct = int4_words_as_bytes(packed, k, get_qdtype(qdtype).signed) if wa.num_bits == 4 else None
+        direct = words_as_stored_codes(packed, wa.num_bits, k, get_qdtype(qdtype).signed)
         q = direct if direct is not None else unpack_from_int32(packed, wa.num_bits, torch.Size([n, k]))
         if not wa.symmetric:
             zpk = _check_tensor(tensors, f"{module}.weight_zero_point", directory,
