@@ -178,3 +178,28 @@ def test_a_4bit_linear_of_odd_input_size_from_another_tool_is_refused_by_name(tm
     with pytest.raises(CheckpointError, match=r"config\.json: linear 'model\.layers\.0\.mlp\.down_proj' \[36, 63\] "
                                               r"has 4-bit weights \(int4\) and an odd input size 63"):
         lowbit.load(out)
+
+
+@pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=64)", "quantize(w=int8)"])
+def test_gptq_words_load_as_lowbit_codes_bit_identical_to_unpacking(smollm2_slice_and_ids, tmp_path, monkeypatch,
+                                                                    pipeline):
+    """GPTQ's qweight (codes packed along K, one column per output) becomes lowbit's stored codes by a byte
+    transpose and a top-bit flip: on a real SmolLM2 slice every linear takes it, and the codes, scales and logits
+    are bit-identical to unpacking the words through int64 shifts (the path before) and to the compile."""
+    float_graph, ids = smollm2_slice_and_ids
+    graph = float_graph.clone()
+    PassManager(parse_pipeline(pipeline)).run(graph)
+    out = lowbit.save(graph, tmp_path / "ck", format="gptq")
+    direct = []
+    real = hf.gptq_words_as_stored_codes
+    with monkeypatch.context() as m:
+        m.setattr(hf, "gptq_words_as_stored_codes", lambda qweight, bits: direct.append(real(qweight, bits))
+                  or direct[-1])
+        loaded = lowbit.load(out)
+    assert len(direct) == 14 and all(d is not None for d in direct)  # 7 linears in each of 2 blocks
+    with monkeypatch.context() as m:
+        m.setattr(hf, "gptq_words_as_stored_codes", lambda qweight, bits: None)
+        unpacked = lowbit.load(out)
+    _assert_same_params(unpacked.graph, loaded.graph)
+    _assert_same_params(graph, loaded.graph)
+    assert torch.equal(loaded(ids), unpacked(ids))
