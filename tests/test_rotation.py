@@ -744,15 +744,48 @@ LEARNED_R1 = "fold-norms,rotate(kind=learned,calib_n=1,calib_len=64,steps=4,lr=1
 """The learned-rotation run the two tests below read (on the default device, and again with ``device=``)."""
 
 
+class _Learned(BaseException):
+    """What ``_learned_u`` raises once kind=learned has learned its extra R1 ``U``: (U, its stats), before the fold.
+    A BaseException, so the pass manager lets it through unwrapped."""
+
+
+def _learned_u(graph, spec: str, stop: bool = True) -> tuple[torch.Tensor, dict]:  # type: ignore[no-untyped-def]
+    """Run ``spec`` (a kind=learned rotate) on ``graph`` and return the extra R1 ``U`` it learned and its learned
+    stats; ``stop``: stop the pass there. The fold that follows is most of the pass's time on SmolLM2 (a float64
+    product of the 49152 x 576 embedding and head with U, seconds on a CPU), which a test of the learning alone
+    does not read."""
+    import lowbit.passes.rotate as rotate_module
+
+    real = rotate_module.learn_extra_rotation
+    got: list[tuple[torch.Tensor, dict]] = []
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        got.append(real(*args, **kwargs))
+        if stop:
+            raise _Learned
+        return got[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rotate_module, "learn_extra_rotation", spy)
+        try:
+            PassManager(spec).run(graph)
+        except _Learned:
+            pass
+    assert len(got) == 1, got
+    return got[0]
+
+
 @pytest.fixture(scope="module")
 def learned_r1(smollm2) -> tuple:
     """(float graph, held-out ids, float logits, the graph after ``LEARNED_R1`` on the default device, its learned
-    stats): one run shared by the tests that read it (a learned rotation on a SmolLM2 slice takes seconds)."""
+    stats, the extra R1 it learned): one run shared by the tests that read it (a learned rotation on a SmolLM2 slice
+    takes seconds)."""
     from conftest import held_out_slice
 
     graph, ids, ref = held_out_slice(smollm2, 1, 1)
     g = graph.clone()
-    return graph, ids, ref, g, PassManager(LEARNED_R1.format("")).run(g).records[-1].stats["learned"]
+    u, learned = _learned_u(g, LEARNED_R1.format(""), stop=False)
+    return graph, ids, ref, g, learned, u
 
 
 def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(learned_r1):
@@ -760,7 +793,7 @@ def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(learned_r1):
     falls over a few Cayley/Adam steps; the float32 model is unchanged (≤ 1e-4) and R1 stays orthogonal. lr 1e-3:
     at 2e-3 four steps overshot on this machine's SmolLM2 float cache (17.7202 -> 17.7421; 1e-3: -> 16.82), whose
     float perplexity differs from the previous machine's in the 5th digit (28.7382 vs 28.7385)."""
-    _, ids, ref, g, learned = learned_r1
+    _, ids, ref, g, learned, _ = learned_r1
     assert learned["steps"] == 4 and learned["calib_tokens"] == 64 and len(learned["history"]) == 2  # steps 0, 3
     assert learned["loss_end"] < learned["loss_start"], learned["history"]
     assert learned["orthogonality"] < 1e-12 and learned["learn_rss_above_start_mb"] >= 0
@@ -774,21 +807,24 @@ def test_learned_rotation_lowers_the_quantized_loss_and_stays_exact(learned_r1):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_learned_rotation_runs_its_steps_on_the_device_option(learned_r1, device):
     """``device=`` moves kind=learned's steps there (the params are read through device copies, as calibration
-    reads them): on the CPU the losses equal the default run's (``learned_r1``) step for step; on a GPU they agree
-    to float32 accumulation order and the folded rotation still leaves the model unchanged."""
+    reads them): on the CPU the losses equal the default run's (``learned_r1``) step for step and the learned
+    rotation is the default run's bit for bit (so its fold is that run's, which
+    test_learned_rotation_lowers_the_quantized_loss_and_stays_exact checks: the CPU run stops before folding); on a
+    GPU they agree to float32 accumulation order and the folded rotation still leaves the model unchanged."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    graph, ids, ref, _, base = learned_r1
+    graph, ids, ref, _, base, base_u = learned_r1
     g = graph.clone()
-    moved = PassManager(LEARNED_R1.format(f",device={device}")).run(g).records[-1].stats["learned"]
+    u, moved = _learned_u(g, LEARNED_R1.format(f",device={device}"), stop=device == "cpu")
     assert len(moved["history"]) == 2, moved["history"]
-    if device == "cpu":
-        assert moved["history"] == base["history"]
-    else:  # another reduction order, and the round-to-nearest in the loss can flip a code
-        assert moved["history"] == pytest.approx(base["history"], rel=2e-2)
     # max |Q^T Q - I| of the 576-wide float64 rotation: <= 1e-12 on the CPU, 1.02e-12 measured on an H100 (the
     # GPU's float64 products sum in another order); 1e-11 is ~80 d eps64 for d = 576, far below what the output shows
     assert moved["orthogonality"] < (1e-12 if device == "cpu" else 1e-11)
+    if device == "cpu":
+        assert moved["history"] == base["history"] and torch.equal(u, base_u)
+        return
+    # another reduction order, and the round-to-nearest in the loss can flip a code
+    assert moved["history"] == pytest.approx(base["history"], rel=2e-2)
     out = TorchCompiled(g)(ids)
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
@@ -811,7 +847,7 @@ def test_learned_rotation_checks_on_windows_its_steps_never_read(smollm2, monkey
 
     monkeypatch.setattr(engine, "_execute", spy)
     spec = "fold-norms,rotate(kind=learned,calib_n=3,calib_len=32,steps=4,check_windows=1,lr=2e-3,progress=false)"
-    check = PassManager(spec).run(g).records[-1].stats["learned"]["check"]
+    check = _learned_u(g, spec)[1]["check"]  # the learning's windows: the fold after it runs nothing
     assert check["held_out"] is True and check["windows"] == 1
     steps, checks = seen[:4], seen[4:]
     assert len(checks) == 2 and torch.equal(checks[0], checks[1]) and checks[0].shape[0] == 1
