@@ -696,15 +696,30 @@ def _block_output(graph, block: str, ids: torch.Tensor) -> torch.Tensor:
 REFIT = r"modules=model\.layers\.0\.,calib_n=8,calib_len=256,batch_size=4,progress=false"  # block 0, 2 batches
 
 
-def test_block_refit_keeps_the_zeros_and_lowers_held_out_block_error(slice_f32):
+def test_block_refit_keeps_the_zeros_and_lowers_held_out_block_error(slice_f32, monkeypatch):
     """SparseGPT 2:4 on block 0 of a real slice, then its kept weights refitted toward the float block's output:
     every zero stays where SparseGPT put it (exact 2:4), and block 0's output on held-out test windows is closer
-    to the float block's than SparseGPT's one-shot weights leave it."""
+    to the float block's than SparseGPT's one-shot weights leave it. The one-shot weights are what the refit was
+    handed (the pass's own SparseGPT output, read as ``refit_block`` starts): a second run of the pass without the
+    refit calibrated and pruned the same block again to the same bits."""
+    import lowbit.passes.sparsify as sparsify_module
+
     graph, ids, _ = slice_f32
-    oneshot, refit = graph.clone(), graph.clone()
-    PassManager(f"sparsify(method=sparsegpt,pattern=2:4,{REFIT})").run(oneshot)
+    handed: dict[str, torch.Tensor] = {}
+    real_refit = sparsify_module.refit_block
+
+    def spy(ctx, linears, *args, **kwargs):  # type: ignore[no-untyped-def]
+        handed.update({n.args[1].name: n.args[1].data.clone() for n in linears})
+        return real_refit(ctx, linears, *args, **kwargs)
+
+    monkeypatch.setattr(sparsify_module, "refit_block", spy)
+    refit = graph.clone()
     st = PassManager(f"sparsify(method=sparsegpt,pattern=2:4,refit=block,refit_iters=16,{REFIT})"
                      ).run(refit).records[0].stats
+    assert len(handed) == 7, sorted(handed)  # block 0's seven linears
+    oneshot = refit.clone()
+    for name, data in handed.items():
+        oneshot.set_param(name, data)
     assert st["refit_blocks"] == 1 and st["refit_blocks_kept"] == 1, st
     assert st["refit_loss_after"] < st["refit_loss_before"]
     a, b = _block_weights(oneshot), _block_weights(refit)
