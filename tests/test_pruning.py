@@ -963,9 +963,11 @@ def test_whole_column_obs_is_the_least_squares_refit_and_greedy(unit, n_remove):
 def test_obs_refit_beats_bias_compensation_on_a_smollm2_slice(slice_f32, which):
     """prune-mlp score=obs (greedy whole-column OBS with the down_proj refit), against FLAP's fluctuation score with
     bias compensation, both at 25% on 2 real blocks: held-out logits error; ``slow`` adds the sequential and
-    model-target forms (block by block through the pruned blocks; refit against the model's output)."""
+    model-target forms (block by block through the pruned blocks; refit against the model's output). 4 x 256
+    calibration tokens (the default suite's time; the greedy search, not the calibration, is most of the cost):
+    OBS 0.0078 against FLAP 0.0147 (0.53x; 16 x 256: 0.0061 against 0.0144, 0.42x)."""
     graph, ids, ref = slice_f32
-    cal = "calib_n=16,calib_len=256,progress=false"
+    cal = f"calib_n={16 if which == 'all' else 4},calib_len=256,progress=false"
     specs = [f"prune-mlp(ratio=0.25,score=fluctuation,compensate=true,{cal})", f"prune-mlp(ratio=0.25,score=obs,{cal})"]
     if which == "all":
         specs += [f"prune-mlp(ratio=0.25,score=obs,sequential=true,{cal})",
