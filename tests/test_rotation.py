@@ -728,12 +728,17 @@ def test_kurtosis_rotation_exact_and_orthogonal_in_float64_on_smollm2(smollm2_sl
     assert (out - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
     # test_pass_contract's bound for every exact pass (its kind=kurtosis variant runs only with LOWBIT_SLOW=1)
     assert float((out - ref).norm() / ref.norm()) <= 1e-12 and report.records[-1].changed
+    from lowbit.ir.rewrite import norm_gain, scaled_columns
+
     lm = next(n for n in g.nodes if n.op == "linear" and n.module == "lm_head")
     folded = lm.args[1].data.to(torch.float64)
-    w0 = float64_norm_stats(graph.clone())
-    PassManager("fold-norms").run(w0)
-    w_before = next(n for n in w0.nodes if n.op == "linear" and n.module == "lm_head").args[1].data.to(torch.float64)
-    q = torch.linalg.lstsq(w_before[:2048], folded[:2048]).solution  # W·Q = folded; 2048 rows: full column rank
+    # the head as fold-norms leaves it before the rotation: its weight times the final norm's gain (what fold-norms
+    # computes, on the 2048 rows read here rather than a fold of the whole float64 slice)
+    head = next(n for n in graph.nodes if n.op == "linear" and n.module == "lm_head")
+    final_norm = next(n for n in graph.nodes if n.output is head.args[0])
+    assert final_norm.op == "rms_norm", final_norm
+    w_before = scaled_columns(head.args[1].data[:2048], norm_gain(final_norm)).to(torch.float64)
+    q = torch.linalg.lstsq(w_before, folded[:2048]).solution  # W·Q = folded; 2048 rows: full column rank
     assert (q @ q.T - torch.eye(576, dtype=torch.float64)).abs().max().item() <= 1e-6
     assert (q - random_hadamard(576, 0)).abs().max().item() > 1e-3
 
@@ -745,19 +750,21 @@ LEARNED_R1 = "fold-norms,rotate(kind=learned,calib_n=1,calib_len=64,steps=4,lr=1
 
 
 class _Learned(BaseException):
-    """What ``_learned_u`` raises once kind=learned has learned its extra R1 ``U``: (U, its stats), before the fold.
-    A BaseException, so the pass manager lets it through unwrapped."""
+    """What ``_learned`` raises once the rotate pass has learned its R1, before the fold. A BaseException, so the
+    pass manager lets it through unwrapped."""
 
 
-def _learned_u(graph, spec: str, stop: bool = True) -> tuple[torch.Tensor, dict]:  # type: ignore[no-untyped-def]
-    """Run ``spec`` (a kind=learned rotate) on ``graph`` and return the extra R1 ``U`` it learned and its learned
-    stats; ``stop``: stop the pass there. The fold that follows is most of the pass's time on SmolLM2 (a float64
-    product of the 49152 x 576 embedding and head with U, seconds on a CPU), which a test of the learning alone
-    does not read."""
+def _learned(graph, spec: str, stop: bool = True,  # type: ignore[no-untyped-def]
+             learner: str = "learn_extra_rotation") -> tuple:
+    """Run ``spec`` (a learning rotate) on ``graph`` and return what its ``learner`` in ``lowbit.passes.rotate``
+    returned (kind=learned's ``learn_extra_rotation``: the extra R1 ``U`` and its learned stats; kind=kurtosis's
+    ``learn_residual_rotation``: R1, its stats and the R2s); ``stop``: stop the pass there. The fold that follows
+    is most of the pass's time on SmolLM2 (a float64 product of the 49152 x 576 embedding and head with R1,
+    seconds on a CPU), which a test of the learning alone does not read."""
     import lowbit.passes.rotate as rotate_module
 
-    real = rotate_module.learn_extra_rotation
-    got: list[tuple[torch.Tensor, dict]] = []
+    real = getattr(rotate_module, learner)
+    got: list[tuple] = []
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
         got.append(real(*args, **kwargs))
@@ -766,7 +773,7 @@ def _learned_u(graph, spec: str, stop: bool = True) -> tuple[torch.Tensor, dict]
         return got[-1]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(rotate_module, "learn_extra_rotation", spy)
+        patch.setattr(rotate_module, learner, spy)
         try:
             PassManager(spec).run(graph)
         except _Learned:
@@ -784,7 +791,7 @@ def learned_r1(smollm2) -> tuple:
 
     graph, ids, ref = held_out_slice(smollm2, 1, 1)
     g = graph.clone()
-    u, learned = _learned_u(g, LEARNED_R1.format(""), stop=False)
+    u, learned = _learned(g, LEARNED_R1.format(""), stop=False)
     return graph, ids, ref, g, learned, u
 
 
@@ -815,7 +822,7 @@ def test_learned_rotation_runs_its_steps_on_the_device_option(learned_r1, device
         pytest.skip("needs CUDA")
     graph, ids, ref, _, base, base_u = learned_r1
     g = graph.clone()
-    u, moved = _learned_u(g, LEARNED_R1.format(f",device={device}"), stop=device == "cpu")
+    u, moved = _learned(g, LEARNED_R1.format(f",device={device}"), stop=device == "cpu")
     assert len(moved["history"]) == 2, moved["history"]
     # max |Q^T Q - I| of the 576-wide float64 rotation: <= 1e-12 on the CPU, 1.02e-12 measured on an H100 (the
     # GPU's float64 products sum in another order); 1e-11 is ~80 d eps64 for d = 576, far below what the output shows
@@ -847,7 +854,7 @@ def test_learned_rotation_checks_on_windows_its_steps_never_read(smollm2, monkey
 
     monkeypatch.setattr(engine, "_execute", spy)
     spec = "fold-norms,rotate(kind=learned,calib_n=3,calib_len=32,steps=4,check_windows=1,lr=2e-3,progress=false)"
-    check = _learned_u(g, spec)[1]["check"]  # the learning's windows: the fold after it runs nothing
+    check = _learned(g, spec)[1]["check"]  # the learning's windows: the fold after it runs nothing
     assert check["held_out"] is True and check["windows"] == 1
     steps, checks = seen[:4], seen[4:]
     assert len(checks) == 2 and torch.equal(checks[0], checks[1]) and checks[0].shape[0] == 1
@@ -1622,18 +1629,19 @@ def test_kurtosis_batch_tokens_beyond_the_samples_is_drawn_from_them_and_says_so
     assert drawn.tokens_per_step == 64
 
     _, graph = smollm2_slice_f64
+    # each run stops once R1 is learned (the warning comes from the learning; the fold after it reads nothing here)
     spec = "fold-norms,rotate(kind=kurtosis,calib_n=2,calib_len=64,samples=32,steps=2,progress=false{})"
     with pytest.warns(UserWarning, match=r"batch_tokens=100000, but the R1 learning has 128 tokens \(32 kept per "
                                          r"site x 4 sites\), so each step drew 128; raise samples \(now 32\)"):
-        report = PassManager(spec.format(",batch_tokens=100000")).run(graph.clone())
-    assert report.records[-1].stats["learned"]["tokens_per_step"] == 128
+        stats = _learned(graph.clone(), spec.format(",batch_tokens=100000"), learner="learn_residual_rotation")[1]
+    assert stats["tokens_per_step"] == 128
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*batch_tokens")  # the default (4096) is not the user's ask
-        report = PassManager(spec.format("")).run(graph.clone())
-        assert report.records[-1].stats["learned"]["tokens_per_step"] == 128
+        stats = _learned(graph.clone(), spec.format(""), learner="learn_residual_rotation")[1]
+        assert stats["tokens_per_step"] == 128
         # 130 over 4 sites is a share of 32 each, all there: 2 tokens lost to the rounding are no shortfall
-        report = PassManager(spec.format(",batch_tokens=130")).run(graph.clone())
-        assert report.records[-1].stats["learned"]["tokens_per_step"] == 128
+        stats = _learned(graph.clone(), spec.format(",batch_tokens=130"), learner="learn_residual_rotation")[1]
+        assert stats["tokens_per_step"] == 128
 
 
 def test_per_layer_head_rotations_learn_in_one_set_of_steps_as_each_would_alone(block_streams, kurtail_cheap_run):
