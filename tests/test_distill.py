@@ -55,8 +55,11 @@ def test_distill_lowers_held_out_kl_to_the_float_model(slice2, pruned2):
 
 
 def test_topk_kl_is_a_coarsened_kl_of_real_logits(slice2, pruned2):
+    """On the first held-out window's real logits: 256 rows, each KL here a sort or selection over the 49152-wide
+    vocabulary per row, and every inequality below holds row by row (a KL averaged over rows)."""
     _, _, ref = slice2
     _, student = pruned2
+    ref, student = ref[:1], student[:1]
     full = float(logit_kl(student, ref))
     top = [float(logit_kl(student, ref, k)) for k in (8, 64, 1024)]
     # coarsening both distributions the same way can only lower a KL (data processing); more buckets, closer
