@@ -294,6 +294,18 @@ def captured_slice(smollm2: tuple, n_layers: int, dtype: torch.dtype = torch.flo
     return wrapper, g
 
 
+def saveable_slice(smollm2: tuple, n_layers: int = 2) -> tuple[Any, torch.Tensor]:
+    """(``captured_slice``'s float graph with its HF source and tokenizer recorded, as ``compile_model`` leaves
+    them for a save, 2 WikiText-2 test windows of 128): what the checkpoint tests save and load."""
+    from lowbit.api import describe_source
+    from lowbit.eval.perplexity import token_ids, windows
+
+    wrapper, graph = captured_slice(smollm2, n_layers)
+    graph.meta["source"] = describe_source(wrapper)
+    graph.meta["tokenizer"] = smollm2[1]
+    return graph, windows(token_ids("wikitext2-test", smollm2[1]), 128, 2)
+
+
 def held_out_slice(smollm2: tuple, n_layers: int, n_windows: int) -> tuple:
     """(captured real SmolLM2 cut to ``n_layers`` blocks — float32, dynamic batch and sequence —, ``n_windows``
     256-token WikiText-2 test windows, their float logits): the pass tests' real model and held-out data

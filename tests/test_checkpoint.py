@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import captured_slice, smollm2_slice, tiny_llama, tiny_llama_config
+from conftest import saveable_slice, smollm2_slice, tiny_llama, tiny_llama_config
 from hypothesis import given
 from hypothesis import strategies as st
 
 import lowbit
-from lowbit.api import describe_source
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.checkpoint import CheckpointError
 from lowbit.passes.manager import PassManager, parse_pipeline
@@ -32,13 +31,7 @@ pytest.importorskip("compressed_tensors")
 @pytest.fixture(scope="module")
 def float_slice(smollm2):
     """(float graph of a 2-layer SmolLM2 with its HF source recorded, 2 WikiText-2 windows of 128, tokenizer)."""
-    from lowbit.eval.perplexity import token_ids, windows
-
-    wrapper, graph = captured_slice(smollm2, 2)
-    graph.meta["source"] = describe_source(wrapper)
-    graph.meta["tokenizer"] = smollm2[1]
-    ids = windows(token_ids("wikitext2-test", smollm2[1]), 128, 2)
-    return graph, ids, smollm2[1]
+    return (*saveable_slice(smollm2), smollm2[1])
 
 
 def _compiled(float_slice, pipeline: str):

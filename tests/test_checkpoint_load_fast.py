@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import captured_slice, tiny_llama
+from conftest import saveable_slice, tiny_llama
 
 import lowbit
-from lowbit.api import describe_source
 from lowbit.checkpoint import hf
 from lowbit.passes.manager import PassManager, parse_pipeline
 
@@ -21,12 +20,7 @@ pytest.importorskip("compressed_tensors")
 @pytest.fixture(scope="module")
 def smollm2_slice_and_ids(smollm2):
     """(float graph of a 2-layer SmolLM2 with its HF source, 2 WikiText-2 test windows of 128 tokens)."""
-    from lowbit.eval.perplexity import token_ids, windows
-
-    wrapper, graph = captured_slice(smollm2, 2)
-    graph.meta["source"] = describe_source(wrapper)
-    graph.meta["tokenizer"] = smollm2[1]
-    return graph, windows(token_ids("wikitext2-test", smollm2[1]), 128, 2)
+    return saveable_slice(smollm2)
 
 
 def _assert_same_params(a, b) -> None:
