@@ -35,15 +35,7 @@ def test_tune_qparams_lowers_held_out_kl_and_keeps_the_codes(slice2):
     tuned = graph.clone()
     st = PassManager(f"{QUANT},{TUNE}").run(tuned).records[1].stats
     assert st["steps"] == 12 and st["params_per_role"]["norms"] > 0 and st["params_per_role"]["biases"] == 0
-    scales = {v.name for v in trainable_params(tuned, "all", ["scales"])}
-    assert len(scales) == 2 * 7  # 7 linears per block (the head stays float by default): every quantized weight
-    for name, v in quantized.params.items():
-        new = tuned.params[name].data
-        if name.endswith((".qdata", ".zero_point")):
-            assert torch.equal(new, v.data), name  # the codes are what the quantizer chose
-        elif name in scales:
-            # every scale moved, q/k/v and gate/up too: their gradient crosses o_proj's and down_proj's A8 rounding
-            assert not torch.equal(new, v.data), name
+    _assert_codes_kept_and_every_scale_moved(quantized, tuned)
     before, after = held_out_kl(quantized, ids, ref), held_out_kl(tuned, ids, ref)
     assert after < 0.85 * before, (before, after, st)  # measured 0.0498 -> 0.0369
 
@@ -65,15 +57,7 @@ def test_tune_qparams_contract_and_bad_input(slice2):
     st = PassManager("tune-qparams(tokens=128,calib_n=4,calib_len=64,batch_size=2,progress=false)").run(
         resumed, reference=graph).records[0].stats
     assert st["steps"] == 1 and st["scale_change_mean"] > 0
-    scales = {v.name for v in trainable_params(resumed, "all", ["scales"])}
-    assert len(scales) == 2 * 7  # 7 linears per block (the head stays float by default): every quantized weight
-    for name, v in quantized.params.items():
-        new = resumed.params[name].data
-        if name.endswith((".qdata", ".zero_point")):
-            assert torch.equal(new, v.data), name  # the codes are what the quantizer chose
-        elif name in scales:
-            # every scale moved, q/k/v and gate/up too: their gradient crosses o_proj's and down_proj's A8 rounding
-            assert not torch.equal(new, v.data), name
+    _assert_codes_kept_and_every_scale_moved(quantized, resumed)
     with pytest.raises(PassError, match="option train"):
         TuneQParams(train=["codes"])
 
@@ -100,3 +84,16 @@ def test_tuned_scales_stay_positive():
     assert len(scales) == 7
     for v in scales:
         assert bool(torch.isfinite(v.data).all()) and bool((v.data >= torch.tensor(SCALE_EPS)).all()), v.name
+
+
+def _assert_codes_kept_and_every_scale_moved(quantized, tuned) -> None:  # type: ignore[no-untyped-def]
+    """tune-qparams' contract on a 2-block slice: the codes and zero points are the quantizer's bit for bit, and
+    every scale moved, q/k/v and gate/up too (their gradient crosses o_proj's and down_proj's A8 rounding)."""
+    scales = {v.name for v in trainable_params(tuned, "all", ["scales"])}
+    assert len(scales) == 2 * 7  # 7 linears per block (the head stays float by default): every quantized weight
+    for name, v in quantized.params.items():
+        new = tuned.params[name].data
+        if name.endswith((".qdata", ".zero_point")):
+            assert torch.equal(new, v.data), name
+        elif name in scales:
+            assert not torch.equal(new, v.data), name
