@@ -1690,9 +1690,9 @@ def test_rotate_tokens_rotates_a_stack_of_problems_each_by_its_own_rotation(head
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_kurtosis_learning_runs_its_steps_on_the_device_option(block_streams, device):
     """``device=`` moves kind=kurtosis' steps and its losses over every sample there (a stack of problems, as the
-    per-layer R2s learn): on the CPU every draw, loss and rotation equals the default run's; on a GPU the same rows are drawn (CPU
-    generators) and the losses agree to float32 accumulation order. The rotations come back on the CPU in
-    float64, orthogonal to float64 rounding. (On the CPU of a 16-core host, SmolLM2's 30 R2s at 4096 tokens
+    per-layer R2s learn): on the CPU every draw, loss and rotation equals the default run's; on a GPU the same rows
+    are drawn (CPU generators) and the losses agree to float32 accumulation order. The rotations come back on the
+    CPU in float64, orthogonal to float64 rounding. (On the CPU of a 16-core host, SmolLM2's 30 R2s at 4096 tokens
     each were 126 s of the pass's 137 s of learning.)"""
     from lowbit.calibration.rotation_learning import learn_kurtosis_rotations
 
