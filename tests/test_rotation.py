@@ -572,6 +572,29 @@ def test_per_head_rotation_learns_on_either_objective(moment):
         assert abs(tail_ratio(y, moment).mean().item() - got.loss_end) <= 1e-6
 
 
+def test_kurtosis_learning_cosine_schedule_decays_the_step_and_is_refused_where_unread():
+    """``lr_schedule="cosine"``: the first step is the constant schedule's (factor 1 at step 0), the later ones
+    shrink, so the run ends elsewhere, still orthogonal and far lower on its objective; an unknown schedule names
+    the ones there are; ``rotate(kind=hadamard, lr_schedule=cosine)`` is refused naming the kind that reads it."""
+    from lowbit.calibration.rotation_learning import RotationLearningError, learn_kurtosis_rotation
+    from lowbit.passes.rotate import RotateOptions
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 256, 32, generator=gen)
+    x[..., 3] *= 12.0
+    q0 = torch.eye(32, dtype=torch.float64)
+    kw = dict(lr=5e-2, batch_tokens=256, moment=16)
+    one = [learn_kurtosis_rotation(list(x), q0, steps=1, lr_schedule=s, **kw).q for s in ("constant", "cosine")]
+    assert torch.equal(one[0], one[1])
+    const, cos = (learn_kurtosis_rotation(list(x), q0, steps=30, lr_schedule=s, **kw) for s in ("constant", "cosine"))
+    assert (const.q - cos.q).abs().max() > 1e-3
+    assert cos.orthogonality <= 1e-10 and cos.check["kept"] == "learned" and cos.loss_end < 0.5 * cos.loss_start
+    with pytest.raises(RotationLearningError, match="lr_schedule='step'.*constant, cosine"):
+        learn_kurtosis_rotation(list(x), q0, steps=2, lr_schedule="step", **kw)
+    with pytest.raises(ValueError, match="lr_schedule.*kind=kurtosis"):
+        RotateOptions(kind="hadamard", lr_schedule="cosine")
+
+
 def test_cayley_is_orthogonal_and_learning_lowers_kurtosis_on_smollm2_streams(block_streams, m16_rotation):
     """On real normalised residual streams of SmolLM2 (fold-norms, one layer), the learned rotation lowers the
     per-token kurtosis below the randomised Hadamard's and the 4-bit per-token error on held-out tokens; the

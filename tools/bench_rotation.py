@@ -235,6 +235,16 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
                               "split, 15360 tokens kept per site", "calib=wikitext2-valid,calib_n=240,samples=15360"),
                              ("d480v", "R1 and R2 learned from 480 sequences of the whole WikiText-2 validation "
                               "split, 30720 tokens kept per site", "calib=wikitext2-valid,calib_n=480,samples=30720"),
+                             # session 45: the d120 data, the loss still falling at step 100 (d480v seed 2:
+                             # 0.4876 -> 0.4848 over its last 10): 4x the steps, and a cosine decay of the step
+                             ("d120-s400", "R1 and R2 learned from 120 calibration sequences, 7680 tokens kept per "
+                              "site, 400 steps", "calib_n=120,samples=7680,steps=400"),
+                             ("d120-s400c", "R1 and R2 learned from 120 calibration sequences, 7680 tokens kept per "
+                              "site, 400 steps, lr decayed on a cosine",
+                              "calib_n=120,samples=7680,steps=400,lr_schedule=cosine"),
+                             ("d120-s400c-lr1e-2", "R1 and R2 learned from 120 calibration sequences, 7680 tokens "
+                              "kept per site, 400 steps, lr 1e-2 decayed on a cosine",
+                              "calib_n=120,samples=7680,steps=400,lr=0.01,lr_schedule=cosine"),
                              ("bt16k", "R1 learned on 16384 tokens a step (default 4096)", "batch_tokens=16384"))
       for sd in (2, 0, 1)],
     ("w4a4kv4", "gptq", "no rotation; GPTQ W4 per channel", f"gptq(w=int4,sym=false,{{cal}}),quantize({A4})", MAIN),

@@ -27,13 +27,17 @@ from typing import Any
 
 import torch
 
+from lowbit.calibration.distill import lr_factor
 from lowbit.calibration.engine import CalibrationError
 from lowbit.ir.graph import Graph, Node
 
 __all__ = ["RotationLearningError", "LearnedRotation", "kurtosis", "kurtosis_loss", "tail_ratio", "cayley",
-           "TAIL_MEANS", "token_losses", "pool_tokens",
+           "TAIL_MEANS", "LR_SCHEDULES", "token_losses", "pool_tokens",
            "learn_kurtosis_rotation", "learn_kurtosis_rotations", "orthogonal_polar", "fake_quant_weight",
            "fake_quant_tokens", "learn_quantized_rotation"]
+
+LR_SCHEDULES = ("constant", "cosine")
+"""How kind=kurtosis's Adam step size runs over the steps (``lr_schedule``)."""
 
 UNIFORM_KURTOSIS = 1.8
 """Kurtosis of a uniform distribution: the shape a uniform (integer) quantizer covers with the least error."""
@@ -207,7 +211,8 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
                             batch_tokens: int, target: float = UNIFORM_KURTOSIS, seed: int = 0,
                             dtype: torch.dtype = torch.float32, what: str = "rotation",
                             heads: int = 1, site_names: Sequence[str] | None = None, moment: int = 4,
-                            tail_mean: str = "mean", device: torch.device | str | None = None) -> LearnedRotation:
+                            tail_mean: str = "mean", device: torch.device | str | None = None,
+                            lr_schedule: str = "constant") -> LearnedRotation:
     """Learn ``Q = Q₀·C(S)`` minimising the mean ``|kurtosis(x·Q) - target|`` over the rows of ``samples``
     (``moment`` p > 4: the mean ``tail_ratio`` of order p, a tail measure nearer the per-token absmax scale's;
     ``tail_mean="square"``: the mean of the per-token losses' squares, so the worst tokens weigh more).
@@ -225,19 +230,21 @@ def learn_kurtosis_rotation(samples: Sequence[torch.Tensor], q0: torch.Tensor, *
     non-finite samples (the model's own activations, before any step) are one naming the site (``site_names``, else
     its index). ``device``: where the steps and the losses over every sample run (unset: the CPU); the draws come
     from the same CPU generator there, and the rotation comes back on the CPU in float64 either way.
+    ``lr_schedule``: ``constant`` (Adam at ``lr`` every step) or ``cosine`` (``lr`` decayed to 0 over the steps, so
+    the last steps stop hopping between minibatches' minima).
     """
     return learn_kurtosis_rotations([samples], q0, steps=steps, lr=lr, batch_tokens=batch_tokens, target=target,
                                     seed=seed, dtype=dtype, whats=[what], heads=heads, moment=moment,
                                     site_names=None if site_names is None else [site_names], tail_mean=tail_mean,
-                                    device=device)[0]
+                                    device=device, lr_schedule=lr_schedule)[0]
 
 
 def learn_kurtosis_rotations(problems: Sequence[Sequence[torch.Tensor]], q0: torch.Tensor, *, steps: int, lr: float,
                              batch_tokens: int, whats: Sequence[str], target: float = UNIFORM_KURTOSIS, seed: int = 0,
                              dtype: torch.dtype = torch.float32, heads: int = 1,
                              site_names: Sequence[Sequence[str]] | None = None, moment: int = 4,
-                             tail_mean: str = "mean", device: torch.device | str | None = None
-                             ) -> list[LearnedRotation]:
+                             tail_mean: str = "mean", device: torch.device | str | None = None,
+                             lr_schedule: str = "constant") -> list[LearnedRotation]:
     """``learn_kurtosis_rotation`` for several independent problems at once (each a list of site samples, its own
     rotation from ``q0``; R2: one per layer), in one set of steps: their Cayley parameters stacked, one Adam on the
     stack. Adam is elementwise and each problem's loss reads only its own parameter, so each rotation takes the
@@ -252,6 +259,9 @@ def learn_kurtosis_rotations(problems: Sequence[Sequence[torch.Tensor]], q0: tor
         raise ValueError(f"{len(problems)} problems but {len(whats)} names")
     if tail_mean not in TAIL_MEANS:
         raise RotationLearningError(f"{whats[0]}: tail_mean={tail_mean!r}: expected one of {', '.join(TAIL_MEANS)}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise RotationLearningError(f"{whats[0]}: lr_schedule={lr_schedule!r}: expected one of "
+                                    f"{', '.join(LR_SCHEDULES)}")
     names = [list(n) for n in site_names] if site_names is not None else [None] * len(problems)
     for samples, what, sn in zip(problems, whats, names):
         _check_samples(samples)
@@ -269,6 +279,8 @@ def learn_kurtosis_rotations(problems: Sequence[Sequence[torch.Tensor]], q0: tor
     q0c = q0.to(dev, dtype)
     a = torch.zeros(len(problems), d, d, dtype=dtype, device=dev, requires_grad=True)
     opt = torch.optim.Adam([a], lr=lr)
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i / steps, "cosine", 0.0))
+             if lr_schedule == "cosine" else None)
     history: list[list[float]] = [[] for _ in problems]
     with torch.no_grad():
         starts = [_pool_means(p, q0, target, moment, tail_mean) for p in sites]
@@ -307,6 +319,8 @@ def learn_kurtosis_rotations(problems: Sequence[Sequence[torch.Tensor]], q0: tor
             raise RotationLearningError(f"{whats[j]}: step {step} of {steps}: the gradient is not finite (lower "
                                         f"lr={lr})")
         opt.step()
+        if sched is not None:
+            sched.step()
         if step % 10 == 0 or step == steps - 1:
             for h, v in zip(history, values):
                 h.append(round(v, 5))

@@ -64,7 +64,7 @@ _CALIBRATION_DATA = frozenset({"calib", "calib_n", "calib_len", "tokenizer", "de
 """The calibration options both learned kinds read (``progress`` is display only, so it is not checked)."""
 _KIND_OPTIONS: dict[str, frozenset[str]] = {
     "kurtosis": _CALIBRATION_DATA | {"samples", "steps", "lr", "batch_tokens", "learn_heads", "target", "moment",
-                                     "tail_mean", "batch_size"},
+                                     "tail_mean", "batch_size", "lr_schedule"},
     "learned": _CALIBRATION_DATA | {"steps", "lr", "windows_per_step", "w_bits", "a_bits", "check_windows"},
 }
 """The learning and calibration options each learned kind reads (hadamard and random read none of them: they use
@@ -98,6 +98,9 @@ class RotateOptions(CalibrationOptions):
     learned (each a forward and backward of the whole fake-quantized model on ``windows_per_step`` windows)."""
     lr: float | None = Field(default=None, gt=0, le=1)
     """Adam step on the Cayley parameter of the rotation; unset: 3e-3 (kurtosis), 1e-3 (learned)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """kurtosis: ``lr`` every step, or decayed to 0 over the steps on a cosine (the minibatch draws keep a constant
+    step hopping around the minimum to the end)."""
     windows_per_step: int = Field(default=1, ge=1, le=1024)
     """learned: calibration windows per step (of the ``calib_n`` × ``calib_len`` drawn once)."""
     w_bits: int = Field(default=4, ge=2, le=16)
@@ -313,7 +316,7 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
     try:
         learned = learn_kurtosis_rotation(samples, q0, steps=o.steps or 100, lr=o.lr or 3e-3,
                                           batch_tokens=o.batch_tokens, target=o.target, seed=o.seed, moment=o.moment,
-                                          tail_mean=o.tail_mean, device=device,
+                                          tail_mean=o.tail_mean, device=device, lr_schedule=o.lr_schedule,
                                           site_names=[f"rms_norm %{n.name} (module {n.module!r})" for n in sites],
                                           what=f"pass {pass_name}: kind=kurtosis, residual stream of width {res.dim}")
         missing_o = [h for h, k in zip(heads, o_kept) if not k]
@@ -329,7 +332,7 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
             learned_r2 = learn_kurtosis_rotations(
                 [[x] for x in head_samples], r0, steps=o.steps or 100, lr=o.lr or 3e-3, batch_tokens=o.batch_tokens,
                 target=o.target, seed=o.seed, moment=o.moment, tail_mean=o.tail_mean, device=device,
-                heads=head_samples[0].shape[-1] // r0.shape[0],
+                lr_schedule=o.lr_schedule, heads=head_samples[0].shape[-1] // r0.shape[0],
                 site_names=[[f"the input of o_proj %{h.o_proj.name} (module {h.o_proj.module!r})"] for h in heads],
                 whats=[f"pass {pass_name}: kind=kurtosis, head rotation of %{h.o_proj.name}" for h in heads])
         r2 = {id(h.o_proj): lr2.q for h, lr2 in zip(heads, learned_r2)}
@@ -352,8 +355,8 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
                             / 2**20, 1),
         "kurtosis_start": round(learned.kurtosis_start, 4), "kurtosis_end": round(learned.kurtosis_end, 4),
         "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
-        "steps": learned.steps, "tokens_per_step": learned.tokens_per_step, "orthogonality": learned.orthogonality,
-        "history": learned.history,
+        "steps": learned.steps, "lr_schedule": o.lr_schedule, "tokens_per_step": learned.tokens_per_step,
+        "orthogonality": learned.orthogonality, "history": learned.history,
         "check": learned.check, "learn_device": str(device or "cpu"), "collect_seconds": round(collect_s, 2),
         "learn_seconds": round(time.perf_counter() - t0 - collect_s, 2),
     }, r2
