@@ -293,17 +293,26 @@ def own_tokenizer(model: torch.nn.Module) -> Any:
         return None
 
 
-def describe_source(model: torch.nn.Module) -> dict[str, Any]:
-    """What a checkpoint needs to rebuild the HF model a graph was captured from: its config and wrapper kind."""
+def describe_source(model: torch.nn.Module, graph: Graph | None = None) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild the HF model a graph was captured from: its config and wrapper kind, and
+    with the captured ``graph`` the HF model's tensors it never reads (``hf.UNREAD_TENSORS``), which an HF save
+    writes as they are (BERT's pooler: without it transformers loaded a random one)."""
     from lowbit.models import CausalLMLogits, CausalLMStep, SentenceEmbedder
 
     # a generation step graph has the logits graph's parameter names (CausalLMStep calls the HF submodules):
     # without its source, lowbit.save(format="compressed-tensors"/"gptq") told the user to use compile_model
     if isinstance(model, (CausalLMLogits, CausalLMStep)):
-        return {"kind": "causal-lm", "config": model.model.config}
-    if isinstance(model, SentenceEmbedder):
-        return {"kind": "encoder", "config": model.encoder.config, "max_seq_length": model.max_seq_length}
-    return {}
+        source, hf_model = {"kind": "causal-lm", "config": model.model.config}, model.model
+    elif isinstance(model, SentenceEmbedder):
+        source = {"kind": "encoder", "config": model.encoder.config, "max_seq_length": model.max_seq_length}
+        hf_model = model.encoder
+    else:
+        return {}
+    if graph is not None:
+        from lowbit.checkpoint.hf import UNREAD_TENSORS, unread_source_tensors
+
+        source[UNREAD_TENSORS] = unread_source_tensors(hf_model, graph)
+    return source
 
 
 def record_step_graph(graph: Graph, meta: dict[str, Any]) -> None:
@@ -963,7 +972,7 @@ def compile_model(
     finally:
         for m, training in modes:
             m.training = training
-    graph.meta["source"] = describe_source(model)
+    graph.meta["source"] = describe_source(model, graph)
     if generation:
         record_step_graph(graph, gen_meta)
     if tokenizer is not None:

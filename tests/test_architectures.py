@@ -165,7 +165,7 @@ def build(family: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Mod
         tok = _minilm_tokenizer()
         example, dyn = _default_example(model, tok)
     graph = capture(model, example, dyn)
-    graph.meta["source"] = describe_source(model)
+    graph.meta["source"] = describe_source(model, graph)  # as compile_model records it
     if tok is not None:
         graph.meta["tokenizer"] = tok
     _CACHE[key] = (model, tok, example, dyn, graph)

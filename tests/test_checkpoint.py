@@ -1520,6 +1520,86 @@ def test_head_pruned_minilm_loads_in_transformers_with_zero_heads(minilm, tmp_pa
     torch.testing.assert_close(lowbit.load(out)(**enc), ref, rtol=1e-5, atol=1e-5)
 
 
+POOLER = ["pooler.dense.bias", "pooler.dense.weight"]
+
+
+def _pooler_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: t for k, t in load_file(directory / "model.safetensors").items() if k.startswith("pooler.")}
+
+
+@pytest.mark.parametrize("fmt, pipeline", [("hf", None), ("compressed-tensors", "quantize(w=int8)"),
+                                           ("compressed-tensors", "quantize(w=int4,group=32)")])
+def test_a_saved_minilm_keeps_the_pooler_its_sentence_embedding_never_reads(minilm, tmp_path, fmt, pipeline):
+    """The sentence embedder never runs BERT's pooler, so its weights were not in the graph and no HF save wrote
+    them: transformers loaded the directory with a random pooler (pooler_output noise, said only by a missing-keys
+    warning). They are written as the source model has them (float, in a quantized save too), the manifest lists
+    them as copied_from_source, transformers loads every tensor, and lowbit.load, and a save of its reload, keep
+    them."""
+    from transformers import AutoModel
+
+    from lowbit.checkpoint.hf import MissingTensorsWarning
+    from lowbit.models import SentenceEmbedder
+
+    embedder, tok = minilm
+    source = embedder.encoder
+    c = lowbit.compile_model(embedder, tokenizer=tok, pipeline=pipeline)
+    assert not set(POOLER) & set(c.graph.params)  # the captured forward never reads them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingTensorsWarning)
+        out = lowbit.save(c, tmp_path / fmt, format=fmt)
+    lb = json.loads((out / "lowbit-manifest.json").read_text())["lowbit"]
+    assert (lb["copied_from_source"], lb["not_in_graph"]) == (POOLER, [])
+    hf, info = AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"]
+    enc = tok(["the cat sat on the mat", "the pooler reads the first token of a longer sentence"], padding=True,
+              return_tensors="pt")
+    with torch.no_grad():
+        got, ref = hf.eval()(**enc), source(**enc)
+        # the source's pooler, bit for bit: on the source's hidden states it gives the source's pooler_output
+        assert torch.equal(hf.pooler(ref.last_hidden_state), ref.pooler_output)
+        assert torch.equal(got.pooler_output, source.pooler(got.last_hidden_state))
+        if pipeline is None:
+            assert torch.equal(got.last_hidden_state, ref.last_hidden_state)
+            assert torch.equal(got.pooler_output, ref.pooler_output)
+        torch.testing.assert_close(SentenceEmbedder(hf).eval()(enc["input_ids"], enc["attention_mask"]), c(**enc),
+                                   rtol=1e-5, atol=1e-5)
+    reloaded = lowbit.load(out)
+    assert torch.equal(reloaded(**enc), c(**enc))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingTensorsWarning)
+        again = lowbit.save(reloaded, tmp_path / "again", format=fmt)
+    stored = _pooler_tensors(again)
+    assert sorted(stored) == POOLER
+    assert all(torch.equal(t, source.state_dict()[k]) for k, t in stored.items())
+
+
+@pytest.mark.parametrize("fmt, pipeline", [("hf", None), ("compressed-tensors", "quantize(w=int8)")])
+def test_a_save_with_no_source_pooler_warns_that_transformers_randomises_it(minilm, tmp_path, fmt, pipeline):
+    """A lowbit-format checkpoint stores the graph's tensors only, so its reload has no pooler to write: the HF save
+    warns, naming the tensors and that transformers initialises them at random, and lists them as not_in_graph.
+    Reloading that checkpoint makes a pooler up (compressed-tensors: zeros; hf: transformers' random one), which a
+    further save must not write as the source's: it warns again."""
+    from lowbit.checkpoint.hf import MissingTensorsWarning
+
+    embedder, tok = minilm
+    c = lowbit.compile_model(embedder, tokenizer=tok, pipeline=pipeline)
+    reloaded = lowbit.load(lowbit.save(c, tmp_path / "lowbit", format="lowbit"))
+    with pytest.warns(MissingTensorsWarning, match=r"has no pooler\.dense\.bias, pooler\.dense\.weight, .*"
+                                                   r"lowbit-format checkpoint.*initialise them at random"):
+        out = lowbit.save(reloaded, tmp_path / fmt, format=fmt)
+    lb = json.loads((out / "lowbit-manifest.json").read_text())["lowbit"]
+    assert (lb["not_in_graph"], "copied_from_source" in lb) == (POOLER, False)
+    assert _pooler_tensors(out) == {}
+    enc = tok(["the cat sat on the mat", "hi"], padding=True, return_tensors="pt")
+    again = lowbit.load(out)
+    assert torch.equal(again(**enc), c(**enc))
+    with pytest.warns(MissingTensorsWarning, match=r"had none to copy \(a checkpoint reloaded without it"):
+        twice = lowbit.save(again, tmp_path / "twice", format=fmt)
+    assert _pooler_tensors(twice) == {}
+
+
 def test_a_float_2_4_model_saves_as_a_sparse_only_compressed_tensors_checkpoint(float_slice, tmp_path):
     """A float 2:4-sparse SmolLM2 (sparsify, no quantizer) was refused by compressed-tensors ('the graph has no
     quantized linear'), so the one HF format that declares 2:4 had no way to hold the model vLLM's 2:4 kernels

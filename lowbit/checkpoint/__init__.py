@@ -427,7 +427,8 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
     if fmt == "hf":
         return _load_hf_float(directory, backend=backend, device=device, generation=generation,
                               backend_options=backend_options,
-                              sparsity=(manifest or {}).get("lowbit", {}).get("sparsity"))
+                              sparsity=(manifest or {}).get("lowbit", {}).get("sparsity"),
+                              unstored=(manifest or {}).get("lowbit", {}).get("not_in_graph"))
     if fmt == "lowbit" or (fmt is None and (directory / IR_FILE).is_file()):
         graph, tokenizer = _load_lowbit(directory, manifest)
         if generation:
@@ -460,21 +461,25 @@ def load(directory: str | os.PathLike[str], *, backend: str = "torch", device: s
 
 
 def _load_hf_float(directory: Path, *, backend: str, device: str | None, generation: Any,
-                   backend_options: Mapping[str, Any] | None, sparsity: Any = None) -> Any:
+                   backend_options: Mapping[str, Any] | None, sparsity: Any = None,
+                   unstored: list[str] | None = None) -> Any:
     """A ``format="hf"`` directory (float weights, no ``quantization_config``; its files already checked against the
     manifest) compiled as the plain transformers model it is, in its stored dtype. The HF reader takes quantized
     linears only, so ``load`` refused the float format ``save`` had written ("load it with lowbit.compile_model
     instead"). ``sparsity``: the manifest's record of the linears ``sparsify`` pruned (module -> ``2:4``), marked
-    again as ``sparsify`` marks them (a later save reads them; the 2:4 backends check the weights themselves)."""
+    again as ``sparsify`` marks them (a later save reads them; the 2:4 backends check the weights themselves).
+    ``unstored``: the manifest's ``not_in_graph``, tensors the save did not write, which transformers initialised at
+    random here: a later save must not write them as the source's."""
     from lowbit.api import compile_model
     from lowbit.models import load_model
 
     module, tokenizer = _tokenizer_free_causal_lm(directory) or load_model(directory, dtype="auto")[:2]
     compiled = compile_model(module, tokenizer=tokenizer, backend=backend, device=device,
                              backend_options=backend_options, generation=generation or None)
-    from lowbit.checkpoint.hf import mark_recorded_sparsity
+    from lowbit.checkpoint.hf import keep_stored_unread, mark_recorded_sparsity
 
     mark_recorded_sparsity(compiled.graph, sparsity)
+    keep_stored_unread(compiled.graph, unstored=unstored)
     # what this load captured, as the other formats' reports say it (the figures were dropped with the rest)
     figures = {k: compiled.report.capture[k] for k in CAPTURE_META if compiled.report.capture.get(k)}
     compiled.report.capture = {"loaded_from": str(directory), "format": "hf", **figures}

@@ -210,6 +210,10 @@ class LowbitInfo(BaseModel):
     kind: Literal["causal-lm", "encoder"] | None = None
     max_seq_length: int | None = Field(default=None, ge=1)
     not_in_graph: list[str] = []
+    """HF tensors the save did not write (never read by the captured forward, no copy of the source's): the HF
+    loader excuses them; transformers initialises them at random."""
+    copied_from_source: list[str] = []
+    """HF tensors the captured forward never reads (BERT's pooler), written as the source model had them."""
     lowbit_qdtypes: dict[str, str] = {}
     residual_rotated: bool = False
     """``graph.meta["residual_rotated"]`` (``rotate`` rotated the residual stream; ``debug compare`` and the report

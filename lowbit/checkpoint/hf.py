@@ -32,6 +32,7 @@ import copy
 import json
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,17 +52,115 @@ from lowbit.checkpoint.files import (
 )
 from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
 from lowbit.checkpoint.zero_heads import ZeroHeads, head_interleaved, pad_zero_heads, zero_head_report
-from lowbit.ir.graph import Graph, TensorType
+from lowbit.ir.graph import BLOCK_PATTERN, Graph, TensorType
 from lowbit.ir.offload import map_from_disk
 from lowbit.ir.quant import QDTYPES, get_qdtype, stored_codes
 
 __all__ = ["save_compressed_tensors", "save_gptq", "load_hf_checkpoint", "skeleton", "unpack_zero_points",
-           "SHARD_BYTES"]
+           "SHARD_BYTES", "UNREAD_TENSORS", "MissingTensorsWarning", "unread_source_tensors"]
 
 SHARD_BYTES = 2 * 2**30
 """Largest safetensors shard (HF's default ``max_shard_size`` is 5 GB; 2 GB keeps single files small)."""
 
 SAFE_INDEX = "model.safetensors.index.json"
+
+
+# ---- tensors the captured forward never reads ------------------------------------------------------
+
+
+UNREAD_TENSORS = "unread_tensors"
+"""``graph.meta["source"]`` key: the source HF model's tensors the captured forward never reads (HF name ->
+tensor), recorded at capture (``unread_source_tensors``). An HF save writes them as they are, so the checkpoint
+holds every tensor of the model its config.json builds. No such key: the graph has no copy of them."""
+
+
+class MissingTensorsWarning(UserWarning):
+    """An HF save left out tensors of the model its config.json builds (ones the captured forward never reads, e.g.
+    BERT's pooler under a sentence embedder): transformers initialises them at random when it loads the directory."""
+
+
+def unread_source_tensors(hf_model: torch.nn.Module, graph: Graph) -> dict[str, torch.Tensor]:
+    """The tensors of ``hf_model`` (named as its state dict, which the graph's parameter names follow) that
+    ``graph``, captured from it, never reads: BERT's pooler under a sentence embedder. Without them an HF save of
+    the graph had no ``pooler.dense`` and transformers loaded it with a random pooler (``pooler_output`` noise,
+    said only by a missing-keys warning). Held, not copied, as the graph holds the tensors it reads (they share the
+    model's storage); a tied tensor (one tensor under two names) counts as read. Tensors are told apart by address
+    and shape, not storage: a reloaded checkpoint's share one memory map. Tensors on ``meta`` (never loaded) are left
+    out: a save then reports them as missing."""
+    def where(t: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype]:
+        return t.data_ptr(), tuple(t.shape), t.dtype
+
+    held = {where(v.data) for v in graph.params.values() if v.data is not None and v.data.device.type != "meta"}
+    return {name: t.detach() for name, t in hf_model.state_dict().items()
+            if name not in graph.params and t.device.type != "meta" and where(t) not in held}
+
+
+_NO_RECORD = ("the graph holds no copy of the source model's tensors (it was read from a lowbit-format checkpoint, "
+              "which stores the graph's own, or captured outside lowbit.compile_model)")
+
+
+def _copy_unread(graph: Graph, view: HFView, keys: dict[str, tuple[int, ...]],
+                 missing: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Put the ``missing`` HF tensors the source model recorded (``UNREAD_TENSORS``) into ``view.tensors``, as the
+    source had them (float, unquantized). Returns (the names copied, {name left out: why}). A source tensor is not
+    copied where it no longer fits the saved model: another shape than the written config's, a residual stream
+    sliced or rotated (the source's weights read the unrotated stream), or a tensor inside a block when blocks were
+    removed (the kept blocks are renumbered)."""
+    recorded = (graph.meta.get("source") or {}).get(UNREAD_TENSORS)
+    pruned = graph.meta.get("pruned") or {}
+    copied: list[str] = []
+    left: dict[str, str] = {}
+    for key in missing:
+        t = None if recorded is None else recorded.get(key)
+        if recorded is None:
+            left[key] = _NO_RECORD
+        elif t is None:
+            left[key] = ("the source model had none to copy (a checkpoint reloaded without it, or a parameter never "
+                         "loaded, on meta)")
+        elif tuple(t.shape) != tuple(keys[key]):
+            left[key] = (f"the source's is {list(t.shape)}, the saved config's {list(keys[key])} (a structural "
+                         "prune changed it)")
+        elif graph.meta.get("residual_rotated") or "hidden_size" in pruned:
+            left[key] = "the residual stream was rotated or sliced, and the source's tensor reads the original one"
+        elif pruned.get("layers_kept") and re.match(BLOCK_PATTERN, key):
+            left[key] = "blocks were removed and the kept ones renumbered, so a block's source tensor has no place"
+        else:
+            view.tensors[key] = t.cpu()
+            copied.append(key)
+    return copied, left
+
+
+def _unread_record(left: dict[str, str], copied: list[str]) -> dict[str, Any]:
+    """The manifest's entries for the tensors the graph never reads: ``copied_from_source`` (written as the source
+    has them) and ``not_in_graph`` (not written, which lowbit.load excuses); a warning names the latter."""
+    return {"not_in_graph": sorted(left), **({"copied_from_source": sorted(copied)} if copied else {})}
+
+
+def keep_stored_unread(graph: Graph, stored: set[str] | None = None, unstored: list[str] | None = None) -> None:
+    """Forget the recorded unread tensors (``UNREAD_TENSORS``) of a reloaded checkpoint that it did not store: the
+    loader made them up (zeros for a meta parameter, transformers' random initialisation), and a later save would
+    write them as if they were the source's. ``stored``: the names the checkpoint holds; ``unstored``: the manifest's
+    ``not_in_graph``."""
+    recorded = (graph.meta.get("source") or {}).get(UNREAD_TENSORS)
+    if recorded is None:
+        return
+    graph.meta["source"][UNREAD_TENSORS] = {k: t for k, t in recorded.items()
+                                            if (stored is None or k in stored) and k not in (unstored or [])}
+
+
+def _warn_unwritten(left: dict[str, str], fmt: str) -> None:
+    """Say loudly what ``_copy_unread`` could not write: transformers only warns of missing keys, and the model it
+    loads then computes with random tensors (BERT's ``pooler_output``)."""
+    if not left:
+        return
+    names = sorted(left)
+    reasons = "; ".join(sorted(set(left.values())))
+    more = f" (and {len(names) - 6} more)" if len(names) > 6 else ""
+    warnings.warn(f"the {fmt} checkpoint has no {', '.join(names[:6])}{more}, tensors of the HF model its "
+                  f"config.json builds: the captured forward never reads them, and {reasons}. transformers "
+                  "(AutoModel.from_pretrained) will initialise them at random (BERT's pooler_output is then noise); "
+                  "lowbit.load does not read them. Save a compile of the source model to write them as it has them",
+                  MissingTensorsWarning, stacklevel=5)  # lowbit.save's caller
 
 
 # ---- the HF model skeleton ----------------------------------------------------------------------
@@ -448,11 +547,12 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
     missing = [k for k in keys if k not in view.tensors and k.rsplit(".", 1)[0] not in view.quantized
                and not (view.tied_lm_head and tied and k == tied[0])]
     # linears of the HF model the captured forward never runs (BERT's pooler under a sentence embedder): their
-    # weights are not in the graph, so they are listed as ignored (left float) and recorded as not written
+    # weights are not in the graph, so they are listed as ignored (left float), and written as the source has them
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     view.float_linears.extend(sorted(m for m in linears - set(view.quantized) - set(view.float_linears)
                                      if any(k.startswith(m + ".") for k in missing)))
-    return view, (cfg, missing)
+    copied, left = _copy_unread(graph, view, keys, missing)
+    return view, (cfg, left, copied)
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], directory: Path) -> list[str]:
@@ -625,7 +725,7 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
         config, kind0 = _source(graph)
         kind = kind or kind0
     kind = kind or "causal-lm"
-    view, (cfg, missing) = _prepare(graph, config, kind)
+    view, (cfg, unwritten, copied) = _prepare(graph, config, kind)
     if view.kv:
         raise CheckpointError(
             f"the graph quantizes the KV cache ({len(view.kv)} key/value quantizers, e.g. %{view.kv[0].name} "
@@ -689,8 +789,9 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
         raise CheckpointError(f"compressed-tensors rejects the quantization_config lowbit built: {exc}") from exc
     files = _write_shards(tensors, directory)
     _write_config(cfg, directory, qcfg, tokenizer, _float_dtype(view))
+    _warn_unwritten(unwritten, "compressed-tensors")
     return {"format": "compressed-tensors", "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
-            "float_linears": sorted(view.float_linears), "not_in_graph": missing,
+            "float_linears": sorted(view.float_linears), **_unread_record(unwritten, copied),
             "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()},
             **({"zero_heads": view.zero_heads} if view.zero_heads else {})}
 
@@ -708,7 +809,7 @@ def save_hf_float(graph: Graph, directory: Path, *, tokenizer: Any = None, confi
         config, kind0 = _source(graph)
         kind = kind or kind0
     kind = kind or "causal-lm"
-    view, (cfg, missing) = _prepare(graph, config, kind)
+    view, (cfg, unwritten, copied) = _prepare(graph, config, kind)
     if view.quantized or view.kv:
         what = (f"{len(view.quantized)} quantized linears (e.g. {next(iter(view.quantized))!r})" if view.quantized
                 else f"a quantized KV cache (%{view.kv[0].name})")
@@ -716,9 +817,10 @@ def save_hf_float(graph: Graph, directory: Path, *, tokenizer: Any = None, confi
                               "format='compressed-tensors' or 'gptq'")
     files = _write_shards(dict(view.tensors), directory)
     _write_config(cfg, directory, None, tokenizer, _float_dtype(view))
+    _warn_unwritten(unwritten, "hf")
     # config.json has no field for a sparsify pattern: the manifest keeps it, so lowbit.load marks those linears
     # again (a reload was unmarked: its compressed-tensors save was refused, the 2:4 backends were not told)
-    return {"format": "hf", "kind": kind, "shards": files, "not_in_graph": missing,
+    return {"format": "hf", "kind": kind, "shards": files, **_unread_record(unwritten, copied),
             **({"zero_heads": view.zero_heads} if view.zero_heads else {}),
             **({"sparsity": dict(sorted(view.sparsity.items()))} if view.sparsity else {})}
 
@@ -751,7 +853,7 @@ def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: A
         config, kind0 = _source(graph)
         kind = kind or kind0
     kind = kind or "causal-lm"
-    view, (cfg, missing) = _prepare(graph, config, kind)
+    view, (cfg, unwritten, copied) = _prepare(graph, config, kind)
     if view.kv:
         raise CheckpointError(f"the graph quantizes the KV cache (%{view.kv[0].name} ({view.kv[0].op}) in "
                               f"{view.kv[0].module!r}); the GPTQ format has no KV "
@@ -797,8 +899,9 @@ def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: A
             "modules_in_block_to_quantize": _gptq_block_modules(view)}
     files = _write_shards(tensors, directory)
     _write_config(cfg, directory, qcfg, tokenizer, _float_dtype(view))
+    _warn_unwritten(unwritten, "gptq")
     return {"format": "gptq", "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
-            "float_linears": sorted(view.float_linears), "not_in_graph": missing,
+            "float_linears": sorted(view.float_linears), **_unread_record(unwritten, copied),
             "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()},
             **({"zero_heads": view.zero_heads} if view.zero_heads else {}),
             # GPTQ's config has no sparsity field: the manifest keeps the pattern, as format 'hf' does (a reload of a
@@ -1071,8 +1174,10 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
         raise CheckpointError(f"{directory}: the checkpoint has no tensor {missing[0]!r} (and {len(missing) - 1} "
                               "more) that the model built from config.json needs")
     model = _assigned_model(config, kind, config_dtype(raw), float_state, placeholders)
+    stored = set(float_state)
     del float_state
     graph, tokenizer = _capture(model, kind, directory, generation)
+    keep_stored_unread(graph, stored)
     # static input scales are stored, not calibrated: the quantize pass gets the weights (and dynamic inputs) only
     rules = [ModuleRule(pattern=_glob_escape(m), weight=p[0], input=p[1] if p[1] is None or p[1].dynamic else None)
              for m, p in plan.items()]
@@ -1424,7 +1529,7 @@ def _capture(model: torch.nn.Module, kind: str, directory: Path, generation: Any
             raise CheckpointError(f"{directory}: generation= needs a causal LM checkpoint; this one is a {kind}")
         step, example, dyn, meta = _generation_model(model, generation)
         graph = capture_once(capture, step, model, example, dyn, generation)
-        graph.meta["source"] = describe_source(step)
+        graph.meta["source"] = describe_source(step, graph)
         record_step_graph(graph, meta)
         if tokenizer is not None:
             graph.meta["tokenizer"] = tokenizer
@@ -1435,7 +1540,7 @@ def _capture(model: torch.nn.Module, kind: str, directory: Path, generation: Any
                               "inputs for capture")
     example, dyn = _default_example(wrapper, tokenizer)
     graph = capture_once(capture, wrapper, model, example, dyn)
-    graph.meta["source"] = describe_source(wrapper)
+    graph.meta["source"] = describe_source(wrapper, graph)
     if tokenizer is not None:
         graph.meta["tokenizer"] = tokenizer
     return graph, tokenizer

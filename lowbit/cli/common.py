@@ -375,7 +375,7 @@ def capture_model(model: LoadedModel) -> Any:
         graph.meta["tokenizer"] = model.tokenizer
         from lowbit.api import describe_source
 
-        graph.meta["source"] = describe_source(model.module)
+        graph.meta["source"] = describe_source(model.module, graph)
         _GRAPHS[model.spec] = graph
     return _GRAPHS[model.spec].clone()
 
