@@ -293,9 +293,31 @@ def own_tokenizer(model: torch.nn.Module) -> Any:
         return None
 
 
+UNREAD_TENSORS = "unread_tensors"
+"""``graph.meta["source"]`` key: the source HF model's tensors the captured forward never reads (HF name ->
+tensor), recorded at capture (``unread_source_tensors``). An HF save writes them as they are, so the checkpoint
+holds every tensor of the model its config.json builds. No such key: the graph has no copy of them."""
+
+
+def unread_source_tensors(hf_model: torch.nn.Module, graph: Graph) -> dict[str, torch.Tensor]:
+    """The tensors of ``hf_model`` (named as its state dict, which the graph's parameter names follow) that
+    ``graph``, captured from it, never reads: BERT's pooler under a sentence embedder. Without them an HF save of
+    the graph had no ``pooler.dense`` and transformers loaded it with a random pooler (``pooler_output`` noise,
+    said only by a missing-keys warning). Held, not copied, as the graph holds the tensors it reads (they share the
+    model's storage); a tied tensor (one tensor under two names) counts as read. Tensors are told apart by address
+    and shape, not storage: a reloaded checkpoint's share one memory map. Tensors on ``meta`` (never loaded) are left
+    out: a save then reports them as missing."""
+    def where(t: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype]:
+        return t.data_ptr(), tuple(t.shape), t.dtype
+
+    held = {where(v.data) for v in graph.params.values() if v.data is not None and v.data.device.type != "meta"}
+    return {name: t.detach() for name, t in hf_model.state_dict().items()
+            if name not in graph.params and t.device.type != "meta" and where(t) not in held}
+
+
 def describe_source(model: torch.nn.Module, graph: Graph | None = None) -> dict[str, Any]:
     """What a checkpoint needs to rebuild the HF model a graph was captured from: its config and wrapper kind, and
-    with the captured ``graph`` the HF model's tensors it never reads (``hf.UNREAD_TENSORS``), which an HF save
+    with the captured ``graph`` the HF model's tensors it never reads (``UNREAD_TENSORS``), which an HF save
     writes as they are (BERT's pooler: without it transformers loaded a random one)."""
     from lowbit.models import CausalLMLogits, CausalLMStep, SentenceEmbedder
 
@@ -309,8 +331,6 @@ def describe_source(model: torch.nn.Module, graph: Graph | None = None) -> dict[
     else:
         return {}
     if graph is not None:
-        from lowbit.checkpoint.hf import UNREAD_TENSORS, unread_source_tensors
-
         source[UNREAD_TENSORS] = unread_source_tensors(hf_model, graph)
     return source
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from lowbit.api import UNREAD_TENSORS
 from lowbit.checkpoint.files import (
     CheckpointError,
     check_listed,
@@ -57,7 +58,7 @@ from lowbit.ir.offload import map_from_disk
 from lowbit.ir.quant import QDTYPES, get_qdtype, stored_codes
 
 __all__ = ["save_compressed_tensors", "save_gptq", "load_hf_checkpoint", "skeleton", "unpack_zero_points",
-           "SHARD_BYTES", "UNREAD_TENSORS", "MissingTensorsWarning", "unread_source_tensors"]
+           "SHARD_BYTES", "MissingTensorsWarning"]
 
 SHARD_BYTES = 2 * 2**30
 """Largest safetensors shard (HF's default ``max_shard_size`` is 5 GB; 2 GB keeps single files small)."""
@@ -68,31 +69,9 @@ SAFE_INDEX = "model.safetensors.index.json"
 # ---- tensors the captured forward never reads ------------------------------------------------------
 
 
-UNREAD_TENSORS = "unread_tensors"
-"""``graph.meta["source"]`` key: the source HF model's tensors the captured forward never reads (HF name ->
-tensor), recorded at capture (``unread_source_tensors``). An HF save writes them as they are, so the checkpoint
-holds every tensor of the model its config.json builds. No such key: the graph has no copy of them."""
-
-
 class MissingTensorsWarning(UserWarning):
     """An HF save left out tensors of the model its config.json builds (ones the captured forward never reads, e.g.
     BERT's pooler under a sentence embedder): transformers initialises them at random when it loads the directory."""
-
-
-def unread_source_tensors(hf_model: torch.nn.Module, graph: Graph) -> dict[str, torch.Tensor]:
-    """The tensors of ``hf_model`` (named as its state dict, which the graph's parameter names follow) that
-    ``graph``, captured from it, never reads: BERT's pooler under a sentence embedder. Without them an HF save of
-    the graph had no ``pooler.dense`` and transformers loaded it with a random pooler (``pooler_output`` noise,
-    said only by a missing-keys warning). Held, not copied, as the graph holds the tensors it reads (they share the
-    model's storage); a tied tensor (one tensor under two names) counts as read. Tensors are told apart by address
-    and shape, not storage: a reloaded checkpoint's share one memory map. Tensors on ``meta`` (never loaded) are left
-    out: a save then reports them as missing."""
-    def where(t: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype]:
-        return t.data_ptr(), tuple(t.shape), t.dtype
-
-    held = {where(v.data) for v in graph.params.values() if v.data is not None and v.data.device.type != "meta"}
-    return {name: t.detach() for name, t in hf_model.state_dict().items()
-            if name not in graph.params and t.device.type != "meta" and where(t) not in held}
 
 
 _NO_RECORD = ("the graph holds no copy of the source model's tensors (it was read from a lowbit-format checkpoint, "
