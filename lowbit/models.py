@@ -214,24 +214,28 @@ class GenerationError(LowbitError, ValueError):
 
 
 _STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Ministral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, "
-                       "OLMo 2, OLMo 3, EXAONE 4, Seed-OSS, GPT-NeoX, StableLM, StarCoder2, Gemma, Gemma 2, Gemma 3 "
-                       "(decoder layers of separate or fused q/k/v projections and an mlp)")
+                       "OLMo 2, OLMo 3, EXAONE 4, Seed-OSS, GPT-NeoX, GPT-J, StableLM, StarCoder2, Cohere, Gemma, "
+                       "Gemma 2, Gemma 3 (decoder layers of separate or fused q/k/v projections and an mlp)")
 
 STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
                               "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi", "smollm3",
-                              "ministral", "olmo3", "seed_oss", "exaone4"})
+                              "ministral", "olmo3", "seed_oss", "exaone4", "gptj", "cohere"})
 """``config.model_type``s whose step is checked token for token against transformers' ``generate``
 (``tests/test_architectures.py``'s generate column, and ``test_generate_matches_transformers_beyond_the_matrix``
 for OLMo, StarCoder2, Phi, SmolLM3 and Ministral, ``test_olmo3_and_seed_oss_generate_as_transformers_forward``,
-``test_exaone4_generates_as_transformers_forward_with_either_cache``;
+``test_exaone4_generates_as_transformers_forward_with_either_cache``,
+``test_interleaved_rotary_families_generate_as_transformers`` for GPT-J and Cohere;
 SmolLM2 is ``llama``). Another type is refused, not stepped on a
-guess: ``StepLayout`` reads module names, and a family can differ in what no module name shows (an interleaved
-rotary, an extra scale), which would make wrong tokens without an error."""
+guess: ``StepLayout`` reads module names and probes the rotary, and a family can differ in what neither shows (an
+extra scale, a rotary applied in its own dtype), which would make wrong tokens without an error."""
 
-_ATTENTION = ("self_attn", "attention")
-"""Where a decoder layer keeps its attention (``attention``: GPT-NeoX)."""
-_OUT_PROJ = ("o_proj", "dense")
-_FINAL_NORM = ("norm", "final_layer_norm", "final_layernorm")
+_LAYERS = ("layers", "h")
+"""Where a decoder keeps its layers (``h``: GPT-J)."""
+_ATTENTION = ("self_attn", "attention", "attn")
+"""Where a decoder layer keeps its attention (``attention``: GPT-NeoX; ``attn``: GPT-J)."""
+_OUT_PROJ = ("o_proj", "dense", "out_proj")
+_INPUT_NORM = ("input_layernorm", "ln_1")
+_FINAL_NORM = ("norm", "final_layer_norm", "final_layernorm", "ln_f")
 
 
 def _first_attr(obj: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
@@ -248,9 +252,10 @@ class StepLayout:
     qkv: Literal["split", "fused", "interleaved"]
     """``split``: q/k/v_proj; ``fused``: Phi-3's qkv_proj, [q | k | v]; ``interleaved``: GPT-NeoX's
     query_key_value, [q_h k_h v_h] per head."""
-    qk_norm: Literal["none", "head", "full"]
-    """``head``: a norm per head over head_dim (Qwen3, Gemma 3, StableLM's qk_layernorm); ``full``: over the whole
-    projection before the head split (OLMo 2)."""
+    qk_norm: Literal["none", "head", "head-gains", "full"]
+    """``head``: a norm per head over head_dim (Qwen3, Gemma 3, StableLM's qk_layernorm); ``head-gains``: the same
+    with a gain per head, ``[heads, head_dim]`` (Cohere's use_qk_norm), applied before the heads move to dim 1;
+    ``full``: over the whole projection before the head split (OLMo 2)."""
     residual: Literal["pre", "sandwich", "post", "parallel", "parallel-neox"]
     """``pre``: Llama's; ``sandwich``: Gemma's norms before and after attention and mlp; ``post``: OLMo 2's norms
     after them only; ``parallel``: StableLM's attention and mlp both on the input norm; ``parallel-neox``: the mlp on
@@ -259,6 +264,17 @@ class StepLayout:
     residual_multiplier: float = 1.0
     logits_divisor: float = 1.0
     """Granite's multipliers (its attention_multiplier is the attention's own ``scaling``)."""
+    logits_multiplier: float = 1.0
+    """Cohere's ``logit_scale``, multiplying the head's logits."""
+    rotary_pairs: Literal["half", "adjacent"] = "half"
+    """Which channels a rotary turns together: ``half``: i with i + r/2 (Llama's rotate_half); ``adjacent``: 2i with
+    2i + 1 (GPT-J's rotate_every_two, Cohere's rotate_half). Read off the attention's rotate function, else off the
+    tables (``_rotary_form``)."""
+    rotary_sin_first: bool = False
+    """The rotary module returns ``(sin, cos)`` (GPT-J), not ``(cos, sin)``."""
+    rotary_angle_per_pair: bool = False
+    """The tables hold one angle per rotated pair (GPT-J's ``r/2`` columns), which the step widens to one per
+    channel in ``rotary_pairs``' order; otherwise they hold one per channel already."""
     final_softcap: float | None = None
     attn_softcap: float | None = None
     """Gemma 2's tanh soft-capping of the logits and the attention scores."""
@@ -274,12 +290,12 @@ class StepLayout:
                 f"been checked against transformers' generate for this family, so it is refused rather than run on "
                 f"a guess; generation supports {_STEP_ARCHITECTURES}")
         base = model.base_model
-        layers = getattr(base, "layers", None)
+        layers = _first_attr(base, _LAYERS)
         if model.get_output_embeddings() is None or layers is None or not hasattr(base, "rotary_emb"):
             raise GenerationError(
                 f"{name} has no causal-LM head over decoder layers with rotary positions lowbit can step (an output "
-                f"embedding, {type(base).__name__}.layers, {type(base).__name__}.rotary_emb); generation supports "
-                f"{_STEP_ARCHITECTURES}")
+                f"embedding, {type(base).__name__}.{'/'.join(_LAYERS)}, {type(base).__name__}.rotary_emb); "
+                f"generation supports {_STEP_ARCHITECTURES}")
         layer = layers[0]
         attn = _first_attr(layer, _ATTENTION)
         if attn is None or _first_attr(attn, _OUT_PROJ) is None or _first_attr(base, _FINAL_NORM) is None:
@@ -301,27 +317,32 @@ class StepLayout:
             width = q_norm.weight.shape[-1] if getattr(q_norm, "weight", None) is not None else None
             head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
             qk_norm = "full" if width is not None and width != head_dim else "head"
+            if qk_norm == "head" and q_norm.weight.dim() == 2:
+                qk_norm = "head-gains"
         if hasattr(layer, "pre_feedforward_layernorm"):
             residual = "sandwich"
-        elif not hasattr(layer, "input_layernorm") and hasattr(layer, "post_feedforward_layernorm"):
+        elif _first_attr(layer, _INPUT_NORM) is None and hasattr(layer, "post_feedforward_layernorm"):
             residual = "post"
         elif getattr(layer, "use_parallel_residual", False) or not hasattr(layer, "post_attention_layernorm"):
             # no norm of the mlp's own: it reads the input norm beside the attention (Phi, StableLM's parallel)
             residual = "parallel" if getattr(layer, "post_attention_layernorm", None) is None else "parallel-neox"
         else:
             residual = "pre"
-        for module, what in ((layer, "input_layernorm"), (layer, "mlp")):
-            if residual != "post" and not hasattr(module, what):
-                raise GenerationError(f"{name}: layer 0 ({type(layer).__name__}) has no {what}; generation supports "
-                                      f"{_STEP_ARCHITECTURES}")
+        for names in (_INPUT_NORM, ("mlp",)):
+            if residual != "post" and _first_attr(layer, names) is None:
+                raise GenerationError(f"{name}: layer 0 ({type(layer).__name__}) has no {'/'.join(names)}; "
+                                      f"generation supports {_STEP_ARCHITECTURES}")
         if getattr(config, "use_bidirectional_attention", False):
             raise GenerationError(f"{name}: config.use_bidirectional_attention is set; a causal step cannot attend "
                                   "to later tokens")
+        pairs, sin_first, per_pair = _rotary_form(model, attn)
         return StepLayout(
             qkv=qkv, qk_norm=qk_norm, residual=residual,
             embedding_multiplier=float(getattr(config, "embedding_multiplier", 1.0) or 1.0),
             residual_multiplier=float(getattr(config, "residual_multiplier", 1.0) or 1.0),
             logits_divisor=float(getattr(config, "logits_scaling", 1.0) or 1.0),
+            logits_multiplier=float(getattr(config, "logit_scale", 1.0) or 1.0),
+            rotary_pairs=pairs, rotary_sin_first=sin_first, rotary_angle_per_pair=per_pair,
             final_softcap=getattr(config, "final_logit_softcapping", None),
             attn_softcap=getattr(config, "attn_logit_softcapping", None))
 
@@ -335,8 +356,8 @@ class CausalLMStep(nn.Module):
     in a sliding-window layer, after ``position - window``). Prefill is the step over a prompt with a fresh cache
     of ``S = L`` slots, decode the step over one token with the full cache (docs/design.md, "Program form"). The
     HF model's own submodules are called, so module paths and parameter names are those ``CausalLMLogits``
-    captures; what differs between families (fused projections, q/k norms, norm placement, partial rotary,
-    multipliers, soft-capping) is the model's ``StepLayout``.
+    captures; what differs between families (fused projections, q/k norms, norm placement, partial rotary, which
+    channels the rotary pairs, multipliers, soft-capping) is the model's ``StepLayout``.
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
@@ -347,7 +368,7 @@ class CausalLMStep(nn.Module):
         self.model = model
         config = model.config
         base = model.base_model
-        layers = base.layers
+        layers = _first_attr(base, _LAYERS)
         attn = _first_attr(layers[0], _ATTENTION)
         self.n_layers = len(layers)
         self.heads = config.num_attention_heads
@@ -417,7 +438,10 @@ class CausalLMStep(nn.Module):
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         if lay.qk_norm == "full":  # OLMo 2: over the whole projection, before the head split
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = (t.view(batch, length, -1, d).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(batch, length, -1, d) for t in (q, k, v))
+        if lay.qk_norm == "head-gains":  # Cohere: its [heads, head_dim] gains broadcast over [B, L, heads, head_dim]
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if lay.qk_norm == "head":
             q, k = _first_attr(attn, ("q_norm", "q_layernorm"))(q), _first_attr(attn, ("k_norm", "k_layernorm"))(k)
         return q, k, v
@@ -448,6 +472,10 @@ class CausalLMStep(nn.Module):
         for t in dict.fromkeys(self.layer_types):
             cos, sin = (base.rotary_emb(hidden, positions, t) if self.typed_rotary else
                         base.rotary_emb(hidden, positions))
+            if lay.rotary_sin_first:
+                cos, sin = sin, cos
+            if lay.rotary_angle_per_pair:
+                cos, sin = _angle_per_channel(cos, lay.rotary_pairs), _angle_per_channel(sin, lay.rotary_pairs)
             rotary[t] = (cos.unsqueeze(1), sin.unsqueeze(1))
         slots = torch.arange(cache[0].shape[2], device=input_ids.device).view(1, 1, 1, -1)
         pos = positions.view(batch, 1, length, 1)
@@ -456,13 +484,13 @@ class CausalLMStep(nn.Module):
         index = pos.expand(batch, self.kv_heads, length, self.head_dim)
         m = lay.residual_multiplier
         new_cache: list[torch.Tensor] = []
-        for i, layer in enumerate(base.layers):
+        for i, layer in enumerate(_first_attr(base, _LAYERS)):
             attn = _first_attr(layer, _ATTENTION)
-            x = hidden if lay.residual == "post" else layer.input_layernorm(hidden)
+            x = hidden if lay.residual == "post" else _first_attr(layer, _INPUT_NORM)(hidden)
             q, k, v = self._qkv(attn, x)
             if self.rotated[i]:
                 cos, sin = rotary[self.layer_types[i]]
-                q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
+                q, k = _rotary(q, cos, sin, lay.rotary_pairs), _rotary(k, cos, sin, lay.rotary_pairs)
             keys = cache[2 * i].scatter(2, index, k.to(cache[2 * i].dtype))
             values = cache[2 * i + 1].scatter(2, index, v.to(cache[2 * i + 1].dtype))
             new_cache += [keys, values]
@@ -487,6 +515,8 @@ class CausalLMStep(nn.Module):
         logits = self.model.get_output_embeddings()(_first_attr(base, _FINAL_NORM)(hidden))
         if lay.logits_divisor != 1.0:
             logits = logits / lay.logits_divisor
+        if lay.logits_multiplier != 1.0:
+            logits = logits * lay.logits_multiplier
         if lay.final_softcap is not None:
             logits = torch.tanh(logits / lay.final_softcap) * lay.final_softcap
         return (logits, *new_cache)
@@ -529,15 +559,18 @@ def _original_positions(config: Any, what: str) -> int:
     return switch
 
 
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of the first ``cos.shape[-1]`` channels (all of them, or Phi-3/StableLM/GPT-NeoX's
-    partial rotary); the rest pass through. In ``x``'s dtype: OLMo 2's rotary hands float32 tables to a bfloat16
-    model and its ``apply_rotary_pos_emb`` casts the product back (float32 queries reached the bfloat16 o_proj)."""
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            pairs: Literal["half", "adjacent"] = "half") -> torch.Tensor:
+    """Rotary embedding of the first ``cos.shape[-1]`` channels (all of them, or Phi-3/StableLM/GPT-NeoX/GPT-J's
+    partial rotary); the rest pass through. ``pairs``: ``StepLayout.rotary_pairs``. In ``x``'s dtype: OLMo 2's
+    rotary hands float32 tables to a bfloat16 model and its ``apply_rotary_pos_emb`` casts the product back (float32
+    queries reached the bfloat16 o_proj)."""
+    turn = _rotate_half if pairs == "half" else _rotate_adjacent
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return (x * cos + _rotate_half(x) * sin).to(x.dtype)
+        return (x * cos + turn(x) * sin).to(x.dtype)
     head, rest = x[..., :rot], x[..., rot:]
-    return torch.cat(((head * cos + _rotate_half(head) * sin).to(x.dtype), rest), dim=-1)
+    return torch.cat(((head * cos + turn(head) * sin).to(x.dtype), rest), dim=-1)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -554,6 +587,95 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate_adjacent(x: torch.Tensor) -> torch.Tensor:
+    """``(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)``: transformers' ``rotate_every_two`` (GPT-J) and Cohere's
+    ``rotate_half``, op for op (a stack of the pairs flattened back)."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def _angle_per_channel(table: torch.Tensor, pairs: Literal["half", "adjacent"]) -> torch.Tensor:
+    """A table of one angle per rotated pair ``[..., r/2]`` widened to one per channel ``[..., r]``, each angle on
+    both channels of its pair: repeated in place for adjacent pairs (GPT-J's ``repeat_interleave``), the table twice
+    for half-split ones."""
+    if pairs == "adjacent":
+        return torch.repeat_interleave(table, 2, dim=-1)
+    return torch.cat((table, table), dim=-1)
+
+
+_ROTATE_FUNCTIONS = ("rotate_half", "rotate_every_two")
+"""The names transformers' modeling files give the function that turns each rotary pair (``x -> rot(x)`` in
+``x·cos + rot(x)·sin``); which channels it pairs differs by family under one name (Cohere's ``rotate_half`` turns
+adjacent pairs)."""
+
+
+def _pairs_of_rotate_function(attn: nn.Module) -> Literal["half", "adjacent"] | None:
+    """Which channels the rotate function of ``attn``'s modeling file pairs, found by running it on ``0 1 2 3``
+    (``half``: ``-2 -3 0 1``; ``adjacent``: ``-1 0 -3 2``); None where the file has none or it does neither."""
+    module = inspect.getmodule(type(attn))
+    probe = torch.arange(4, dtype=torch.float32).view(1, 1, 1, 4)
+    for name in _ROTATE_FUNCTIONS:
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            continue
+        try:
+            turned = fn(probe).flatten().tolist()
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            continue
+        if turned == [-2.0, -3.0, 0.0, 1.0]:
+            return "half"
+        if turned == [-1.0, 0.0, -3.0, 2.0]:
+            return "adjacent"
+    return None
+
+
+def _rotary_form(model: PreTrainedModel, attn: nn.Module) -> tuple[Literal["half", "adjacent"], bool, bool]:
+    """``(rotary_pairs, rotary_sin_first, rotary_angle_per_pair)`` of ``model``'s rotary, probed rather than named.
+
+    The rotary module is run at positions 0 and 1: the table that is 0 at position 0 is the sine (GPT-J returns it
+    first). At position 1 the sine's columns are the frequencies' sines, distinct for distinct frequencies: a table
+    whose halves repeat is one angle per channel for half-split pairs (Llama's ``cat((f, f))``), one whose
+    neighbours repeat is one for adjacent pairs (Cohere's ``repeat_interleave``), one with no repeat holds an angle
+    per pair (GPT-J). Which channels pair is the attention's rotate function's (``_pairs_of_rotate_function``), else
+    the tables'; a table laid out for the other pairing is refused, naming both."""
+    name = type(model).__name__
+    rotary = model.base_model.rotary_emb
+    buffers = [b for b in rotary.buffers() if b.is_floating_point()]
+    device = buffers[0].device if buffers else torch.device("cpu")
+    if device.type == "meta":
+        raise GenerationError(f"{name}: its rotary module {type(rotary).__name__} holds meta tensors; load the "
+                              "model's weights before compiling it for generation")
+    x = torch.zeros(1, 2, 1, device=device)
+    positions = torch.arange(2, device=device).view(1, 2)
+    layer_types = getattr(model.config, "layer_types", None)
+    with torch.no_grad():
+        first, second = (rotary(x, positions, layer_types[0]) if layer_types and
+                         "layer_type" in inspect.signature(rotary.forward).parameters else rotary(x, positions))
+    first, second = first.reshape(2, -1).float(), second.reshape(2, -1).float()
+    if bool((first[0] == 0).all()) and not bool((second[0] == 0).all()):
+        sin_first, sin = True, first[1]
+    elif bool((second[0] == 0).all()) and not bool((first[0] == 0).all()):
+        sin_first, sin = False, second[1]
+    else:
+        raise GenerationError(f"{name}: neither table its rotary module {type(rotary).__name__} returns is the sine "
+                              "(0 at position 0), so the step cannot tell its cos from its sin")
+    width = sin.numel()
+    repeats = [form for form, (a, b) in (("half", (sin[: width // 2], sin[width // 2:])),
+                                         ("adjacent", (sin[0::2], sin[1::2]))) if width % 2 == 0 and torch.equal(a, b)]
+    pairs = _pairs_of_rotate_function(attn) or (repeats[0] if repeats else None)
+    # (a 2-column table repeats both ways: its one pair is half-split and adjacent alike)
+    tables: Literal["half", "adjacent"] | None = (pairs if pairs in repeats else repeats[0]) if repeats else None
+    if pairs is None:
+        raise GenerationError(f"{name}: its rotary tables hold one angle per pair ({width} columns) and its "
+                              f"attention's modeling file has no rotate function ({'/'.join(_ROTATE_FUNCTIONS)}) "
+                              "saying which channels pair, so the step cannot rotate as it does")
+    if tables is not None and tables != pairs:
+        raise GenerationError(f"{name}: its rotary tables repeat each angle for {tables}-split pairs but its "
+                              f"rotate function turns {pairs} pairs, so its attention lays the tables out again "
+                              "itself (GLM's takes their first half, repeated per pair), which the step does not "
+                              "reproduce")
+    return pairs, sin_first, tables is None
 
 
 class SentenceEmbedder(nn.Module):

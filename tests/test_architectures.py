@@ -320,9 +320,10 @@ def step_compressed_tensors(family: str, tmp_path: Any) -> None:
 GEN_PROMPTS = ["The capital of France is", "Once upon a time, in a small village,"]
 
 
-def _sharp_step_model(cfg: Any) -> tuple[Any, Any, Any]:
+def _sharp_step_model(cfg: Any, prepare: Any = None) -> tuple[Any, Any, Any]:
     """A random HF causal LM of ``cfg`` with its weights x4 (sharper logits than the init's: greedy ties would not
-    test anything), SmolLM2's tokenizer and the model compiled for generation (max_length 32, batch 2)."""
+    test anything), SmolLM2's tokenizer and the model compiled for generation (max_length 32, batch 2).
+    ``prepare(hf)``, if given, changes the model's weights further before the compile."""
     import transformers as t
 
     from lowbit.generate import GenerationSpec
@@ -332,6 +333,8 @@ def _sharp_step_model(cfg: Any) -> tuple[Any, Any, Any]:
     with torch.no_grad():
         for p in hf.parameters():
             p.mul_(4)
+        if prepare is not None:
+            prepare(hf)
     tok = _smollm2_tokenizer()
     return hf, tok, lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
 
@@ -499,10 +502,10 @@ def test_generation_refuses_a_family_its_step_was_not_checked_on():
     """GLM's layer has Llama's module names (q/k/v/o_proj, input/post_attention_layernorm, mlp, rotary_emb) but
     rotates interleaved channel pairs of a partial rotary: stepped by those names it made other tokens than
     transformers' (measured: the 7th of 8 differed, logits off by 4e-3 of 0.6) without an error, so a model_type
-    outside ``STEP_MODEL_TYPES`` is refused by name before capture."""
+    outside ``STEP_MODEL_TYPES`` is refused by name before capture (and the rotary probe would refuse it too)."""
     from transformers import GlmConfig, GlmForCausalLM
 
-    from lowbit.models import GenerationError
+    from lowbit.models import GenerationError, _rotary_form
 
     glm = GlmForCausalLM(GlmConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_attention_heads=4,
                                    num_key_value_heads=2, head_dim=16, num_hidden_layers=1, pad_token_id=0,
@@ -510,6 +513,10 @@ def test_generation_refuses_a_family_its_step_was_not_checked_on():
     with pytest.raises(GenerationError, match=r"GlmForCausalLM \(model_type 'glm'\).*not been checked against "
                                               r"transformers' generate"):
         lowbit.compile_model(glm, generation=True)
+    # the rotary probe refuses it on its own: tables laid out for half-split pairs, a rotate function of adjacent ones
+    with pytest.raises(GenerationError, match=r"GlmForCausalLM: its rotary tables repeat each angle for half-split "
+                                              r"pairs but its rotate function turns adjacent pairs"):
+        _rotary_form(glm, glm.model.layers[0].self_attn)
 
 
 def test_static_batch_graph_refuses_calibration_samples_that_do_not_fill_it():
@@ -708,6 +715,57 @@ def test_exaone4_generates_as_transformers_forward_with_either_cache():
     assert [n.kwargs.get("sliding") for n in packed.graph.nodes if n.op == "cache_attention"] == [4, 4, 4, None]
     _assert_greedy_as_uncached_forward(hf, prompts, packed.generate(prompts, 12, stop_tokens=()).tokens, 12,
                                        "exaone4 kv-cache(bits=8)")
+
+
+@pytest.mark.parametrize("family", ["gptj", "cohere"])
+def test_interleaved_rotary_families_generate_as_transformers(family):
+    """GPT-J (a partial rotary over 8 of 16 channels turning adjacent pairs, its tables one angle per pair and
+    returned as (sin, cos); attention and mlp in parallel on ln_1) and Cohere (adjacent pairs, q/k LayerNorms with a
+    gain per head, logit_scale, attention and mlp in parallel on a LayerNorm without bias) were refused by name: the
+    step's rotary turned half-split pairs only. ``StepLayout`` probes the rotary's form (not the class name); a
+    two-prompt batch's greedy tokens equal transformers' generate, 8 with the float cache and 12 with the packed
+    int8 cache (``kv-cache``), and the step's decode logits equal the last row of its prefill, which equals
+    transformers' forward."""
+    import transformers as t
+
+    from lowbit.generate import GenerationSpec
+    from lowbit.models import CausalLMStep, StepLayout
+
+    two = {**DEC, "num_hidden_layers": 2}
+    cfg = {"gptj": lambda: t.GPTJConfig(n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=256,
+                                        vocab_size=VOCAB),
+           "cohere": lambda: t.CohereConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                            num_key_value_heads=2, use_qk_norm=True, pad_token_id=0, **two)}[family]()
+    def gains_per_head(hf: Any) -> None:  # HF's ones (x4) would not show a gain applied to the wrong head
+        for name, p in hf.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))) * 2 + 0.5)
+
+    hf, tok, cm = _sharp_step_model(cfg, gains_per_head)
+    lay = StepLayout.of(hf)
+    want = (("adjacent", True, True, "none", 1.0) if family == "gptj" else
+            ("adjacent", False, False, "head-gains", cfg.logit_scale))
+    assert (lay.rotary_pairs, lay.rotary_sin_first, lay.rotary_angle_per_pair, lay.qk_norm,
+            lay.logits_multiplier) == want
+    prompts = [tok(p).input_ids for p in GEN_PROMPTS]
+    _assert_greedy_as_transformers(hf, prompts, cm.generate(prompts, 8, stop_tokens=()).tokens, 8, family)
+    packed = lowbit.compile_model(hf, tokenizer=tok, pipeline="kv-cache(bits=8,k_block=4,window=4,v_group=16)",
+                                  generation=GenerationSpec(max_length=32, max_batch=2))
+    _assert_greedy_as_transformers(hf, prompts, packed.generate(prompts, 12, stop_tokens=()).tokens, 12,
+                                   f"{family} kv-cache(bits=8)")
+    ids = torch.tensor([prompts[1]])
+    n = ids.shape[1]
+    step, run = CausalLMStep(hf), cm.runner
+    full = run(ids, torch.arange(n)[None], *step.empty_cache(1, n))[0][0, -1]
+    with torch.no_grad():
+        want = hf(ids).logits[0, -1]
+    assert (full - want).abs().max() <= 1e-5 * want.abs().max()
+    cache = step.empty_cache(1, 32)
+    prefix = run(ids[:, :-1], torch.arange(n - 1)[None], *[c[:, :, : n - 1].clone() for c in cache])
+    for c, part in zip(cache, prefix[1:]):
+        c[:, :, : n - 1] = part
+    last = run(ids[:, -1:], torch.tensor([[n - 1]]), *cache)[0][0, -1]
+    assert (last - full).abs().max() <= 1e-5 * full.abs().max()  # fp32 rounding only (32 slots against n)
 
 
 @pytest.fixture(autouse=True)
