@@ -593,6 +593,36 @@ def test_rotary_cache_pattern_leaves_what_it_does_not_cover():
     assert "head_dim 80" in plan_rotary_cache(bf16, TensorType(torch.bfloat16, (1, 4, 1, 80)))
 
 
+@needs_kernels
+@pytest.mark.parametrize("family", ["gptj", "cohere"])
+def test_adjacent_pair_rotary_keeps_its_ops_on_the_triton_backend_and_the_report_names_them(family):
+    """GPT-J's and Cohere's rotary turns adjacent channel pairs (GPT-J's 8 of 16 channels), which
+    ``rotary_write_kv``'s rotate-half kernel does not: each layer's rotary and cache writes keep their captured ops
+    (no fused node, no IR rotary to fuse), the report says so at each layer's written keys, and greedy tokens of two
+    prompts of different lengths equal the torch reference's (float32: no bf16 near-ties between the two)."""
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    from conftest import tiny_outside_family
+
+    model = tiny_outside_family(family)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)  # sharper logits than the init's
+    spec = GenerationSpec(max_length=16, max_batch=2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tri = _triton_step(model, None, spec, dev)
+    targets = {n.target for n in tri.runner.gm.graph.nodes if n.op == "call_function"}
+    assert not targets & {torch.ops.lowbit.rotary_write_kv.default, torch.ops.lowbit.rotary_decode_sdpa.default,
+                          ir_ops.rotary}
+    unfused = tri.runner.report["unfused"]
+    assert len(unfused) == 2 and all("no IR rotate-half rotary" in why for why in unfused.values()), unfused
+    assert sum("not fused at %" in line for line in tri.runner.report_text().splitlines()) == 2
+    prompts = [[51, 13, 120, 50, 40], [42, 55]]
+    ref = compile_model(model, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
+    assert tri.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+
+
 @pytest.mark.gpu
 def test_repacked_weights_leave_one_copy_on_the_gpu(slice1_bf16):
     """The decode layout replaces the stored int4 codes on the device; the IR's stored copy moves to the host."""

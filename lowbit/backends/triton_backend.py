@@ -693,6 +693,26 @@ def rotary_cache_pattern(attn: torch.fx.Node) -> dict[str, torch.fx.Node] | None
     return {"q_rot": q_rot, "k_rot": k_rot, "k_write": k_write, "v_write": v_write}
 
 
+def _written_out_rotary(attn: torch.fx.Node) -> torch.fx.Node | None:
+    """The keys a layer writes into its float k cache before ``attn`` reads it, where they are no IR ``rotary``
+    (``rotary_cache_pattern`` then leaves the layer's ops): what the report names, so a step whose rotary the kernel
+    does not take is never fused silently wrong nor left unsaid. None for any other node or form."""
+    attention_ops = (_kernel_attention, _kernel_attention_pdl, ir_ops.attention)
+    if attn.op != "call_function" or attn.target not in attention_ops or len(attn.args) < 3:
+        return None
+    k_cache = attn.args[1]
+    k_write = _cache_write(k_cache, attn) if isinstance(k_cache, torch.fx.Node) else None
+    keys = k_write.args[3] if k_write is not None else None
+    if not isinstance(keys, torch.fx.Node) or (keys.op == "call_function" and keys.target is ir_ops.rotary):
+        return None
+    return keys
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    return str(getattr(target, "__name__", target)) if node.op == "call_function" else node.op
+
+
 def plan_rotary_cache(q: TensorType | None, k: TensorType | None) -> str | None:
     """Why ``rotary_write_kv`` does not take a layer's rotated q and k of these types (None: it does): the
     kernel's head_dims (a power of two from 16 to 256) and dtypes (``ROTARY_DTYPES``), one for both."""
@@ -720,6 +740,12 @@ def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | 
     for attn in list(gm.graph.nodes):
         found = rotary_cache_pattern(attn)
         if found is None:
+            written_out = _written_out_rotary(attn)
+            if written_out is not None:
+                report["unfused"][written_out.name] = (
+                    f"rotary + k/v cache write: the keys written are %{written_out.name} ({_op_name(written_out)}), no "
+                    "IR rotate-half rotary (rotary_write_kv's kernel turns those only): an adjacent-pair rotary "
+                    "(GPT-J, Cohere), a partial one's cat or none; its ops run as captured")
             continue
         q_rot, k_rot, k_write, v_write = found["q_rot"], found["k_rot"], found["k_write"], found["v_write"]
         why = plan_rotary_cache(_type_of(q_rot, types), _type_of(k_rot, types))
