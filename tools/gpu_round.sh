@@ -55,6 +55,8 @@ stage() {  # name, limit, command...: runs one stage, its output to $OUT/<name>.
 for s in "$@"; do
   case "$s" in
     tests) stage tests 400 python3 -m pytest -q -p no:cacheprovider -m gpu -n 4 tests/
+        # a test past tests/conftest.py's GPU_TEST_LIMIT_S left its threads' stacks here (its worker exited)
+        cat /tmp/lowbit-hang-*.txt 2>/dev/null | tee "$OUT/hangs.txt" | head -n 60
         # the decode-attention and KV-cache tests carry no gpu mark: on CUDA they run their cases in process there
         stage tests-cuda 150 python3 -m pytest -q -p no:cacheprovider -n 2 tests/test_decode_attention.py \
           tests/test_kv_cache.py ;;
