@@ -22,8 +22,9 @@ def _qdq(x: torch.Tensor, bits: int, layout: dict) -> torch.Tensor:
     return dequantize(quantize(x, scale, zp, **kw), scale, zp, out_dtype=torch.float32, **kw)
 
 
-def _accuracy_model(q, k, v, bits, kb, vg, window, sink):
-    """insert_kv_qdq's attention over a whole sequence: [QDQ ; float] keys/values, the window/sink mask."""
+def _accuracy_model(q, k, v, bits, kb, vg, window, sink, slopes=None):
+    """insert_kv_qdq's attention over a whole sequence: [QDQ ; float] keys/values, the window/sink mask; with
+    ``slopes`` (one per query head), an ALiBi bias of slope times key position on both halves' scores."""
     b, h, n, d = k.shape
     pad = (-n) % kb  # the last partial block is never read quantized (window >= k_block)
     kq = _qdq(torch.cat([k, k.new_zeros(b, h, pad, d)], 2), bits,
@@ -33,6 +34,9 @@ def _accuracy_model(q, k, v, bits, kb, vg, window, sink):
     dist = i[:, None] - i[None]
     old = (dist >= window) & (i[None] >= sink)
     mask = torch.cat([old, (dist >= 0) & ~old], -1)
+    if slopes is not None:
+        bias = slopes[:, None, None] * i.float()
+        mask = torch.where(mask, torch.cat([bias, bias], -1), float("-inf"))
     return torch.nn.functional.scaled_dot_product_attention(q, torch.cat([kq, k], 2), torch.cat([vq, v], 2),
                                                             attn_mask=mask, enable_gqa=True)
 
@@ -104,6 +108,67 @@ def test_decode_writes_the_cache_in_place_as_the_reference_does(bits, kb, vg, wi
     before = [t.clone() for t in mine]
     chunk = kv.cache_update(k[:, :, 70:74], v[:, :, 70:74], starts + 70 + torch.arange(4), mine, inplace=True, **kw)
     assert all(torch.equal(a, m) for a, m in zip(before, mine)) and chunk[0] is not mine[0]
+
+
+def _alibi_mask(slopes: torch.Tensor, positions: torch.Tensor, slots: int) -> torch.Tensor:
+    """The float step's additive mask for Bloom: ``[B, H, L, slots]``, slope times slot where a query reads it
+    (slot <= its position), -inf elsewhere."""
+    s = torch.arange(slots)
+    allowed = s[None, None, None] <= positions[:, None, :, None]
+    return torch.where(allowed, slopes[None, :, None, None] * s.float(), float("-inf"))
+
+
+@pytest.mark.parametrize("bits,kb,vg,window,sink", CASES)
+def test_cache_attention_adds_a_bias_by_key_position(bits, kb, vg, window, sink):
+    """kv-cache replaced an attention with cache_attention and dropped its mask, Bloom's ALiBi bias with it. With
+    ``bias`` (the float step's additive mask over the cache's slots) a prefill chunk, then decode steps out of place
+    and in place (``cache_attention_into``), give every query the accuracy model's output with the bias added to
+    its quantized and float keys' scores alike (1e-5); without it, another output."""
+    q, k, v = _random_sequence(bits + 20)
+    b, h, n, d = k.shape
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    want = _accuracy_model(q, k, v, bits, kb, vg, window, sink, slopes)
+    assert not torch.allclose(want, _accuracy_model(q, k, v, bits, kb, vg, window, sink), atol=1e-2)
+    kw = dict(bits=bits, k_block=kb, v_group=vg, window=window, sink=sink)
+    slots = 128
+    pos = torch.arange(60).repeat(b, 1)
+    out, *cache = kv.cache_attention(q[:, :, :60], k[:, :, :60], v[:, :, :60], pos,
+                                     *kv.empty_cache(kv.cache_layout(b, h, slots, d, **kw)), **kw,
+                                     bias=_alibi_mask(slopes, pos, slots))
+    outs = [out]
+    for t in range(60, n):
+        step, pos = [x[:, :, t:t + 1] for x in (q, k, v)], torch.full((b, 1), t)
+        attend = kv.cache_attention_into if t % 2 else kv.cache_attention
+        o, *cache = attend(*step, pos, *cache, **kw, bias=_alibi_mask(slopes, pos, slots)[:1])  # (broadcast batch)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 2), want, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_carries_a_float_mask_over_the_slots_and_refuses_one_it_cannot_read():
+    """The attention's float mask becomes cache_attention's ``bias`` when it is one bias per key position over the
+    cache's slots (broadcast over the queries); a boolean one is left to cache_attention's own masks; one over
+    something else, or ``is_causal``, is refused naming the node and its module, never dropped."""
+    from lowbit.ir.parser import parse_graph
+    from lowbit.passes.base import PassError
+    from lowbit.passes.kv_cache import KVCache
+
+    def attention(mask: str, causal: str = "") -> object:
+        g = parse_graph(f"""graph g(%q: f32[2,4,3,16], %k: f32[2,4,9,16], %v: f32[2,4,9,16], %m: {mask}) {{
+  %a: f32[2,4,3,16] = attention(%q, %k, %v, %m{causal})  # transformer.h.0.self_attention
+  return %a
+}}""", {})
+        return next(n for n in g.nodes if n.op == "attention")
+
+    for mask in ("f32[2,4,3,9]", "f32[1,4,1,9]", "f32[2,1,3,9]"):
+        att = attention(mask)
+        assert KVCache._bias(att, 9) == {"bias": att.args[3]}
+    assert KVCache._bias(attention("bool[2,1,3,9]"), 9) == {}
+    for mask in ("f32[2,4,3,7]", "f32[2,4,9]", "f32[3,4,3,9]"):
+        with pytest.raises(PassError, match=r"%a \(attention\) in module 'transformer.h.0.self_attention' adds a "
+                           r"float mask .* not one bias per key position over the cache's 9 slots"):
+            KVCache._bias(attention(mask), 9)
+    with pytest.raises(PassError, match=r"%a \(attention\) in module .* is causal by is_causal"):
+        KVCache._bias(attention("bool[2,1,3,9]", ", is_causal=True"), 9)
 
 
 def test_cache_attention_refuses_what_it_cannot_write():

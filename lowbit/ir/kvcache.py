@@ -251,6 +251,20 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
     return [kc, ks, kz, vc, vs, vz, kf, vf]
 
 
+def candidate_positions(positions: torch.Tensor, *, window: int, sink: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions ``[B, F]`` of a step's float candidates (the sink slots, the ring slots as they were before
+    the step, the new tokens, in ``float_candidates``' order) and whether each holds a token written before the
+    step or by it (a ring slot of a position below 0 or inside the sink does not)."""
+    pos = positions.to(torch.long)
+    p0 = pos[:, :1]
+    sp = torch.arange(sink, device=pos.device)[None].expand(pos.shape[0], sink)
+    r = torch.arange(window, device=pos.device)
+    rp = (p0 - 1) - (p0 - 1 - r[None]).remainder(window)  # the position ring slot r holds before this step
+    cand = torch.cat([sp, rp, pos], 1)
+    held = torch.cat([sp < p0, (rp >= sink) & (rp >= 0), torch.ones_like(pos, dtype=torch.bool)], 1)
+    return cand, held
+
+
 def float_candidates(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_float: torch.Tensor,
                      v_float: torch.Tensor, *, window: int, sink: int, sliding: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -259,14 +273,7 @@ def float_candidates(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, 
     ``j <= t`` and ``j < sink`` or ``j > t - window``; and ``j > t - sliding`` in a sliding-window layer, the sink
     too)."""
     pos = positions.to(torch.long)
-    p0 = pos[:, :1]
-    ring = window
-    dev = k.device
-    sp = torch.arange(sink, device=dev)[None].expand(pos.shape[0], sink)
-    r = torch.arange(ring, device=dev)
-    rp = (p0 - 1) - (p0 - 1 - r[None]).remainder(ring)  # the position ring slot r holds before this step
-    cand = torch.cat([sp, rp, pos], 1)  # [B, F]
-    older = torch.cat([sp < p0, (rp >= sink) & (rp >= 0), torch.ones_like(pos, dtype=torch.bool)], 1)
+    cand, older = candidate_positions(pos, window=window, sink=sink)
     t = pos[:, :, None]
     j = cand[:, None, :]
     mask = older[:, None, :] & (j <= t) & ((j < sink) | (j > t - window))
@@ -295,22 +302,26 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
                     k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor, v_codes: torch.Tensor,
                     v_scale: torch.Tensor, v_zero: torch.Tensor, k_float: torch.Tensor, v_float: torch.Tensor, *,
                     bits: int, k_block: int, v_group: int, window: int, sink: int,
-                    scale: float | None = None, sliding: int | None = None) -> tuple[torch.Tensor, ...]:
+                    scale: float | None = None, sliding: int | None = None,
+                    bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Attention of a step's queries over a packed quantized KV cache after writing the step's keys/values.
 
     ``sliding``: the layer's sliding window (a query at t reads positions after ``t - sliding`` only, the sink
-    too), as the float step masks it (Mistral, Gemma 3, Ministral, OLMo 3); None for full attention."""
+    too), as the float step masks it (Mistral, Gemma 3, Ministral, OLMo 3); None for full attention. ``bias``: the
+    float step's additive mask ``[B|1, H|1, L|1, slots]`` over key positions (Bloom's ALiBi: a slope per head times
+    the position where a key is read, -inf elsewhere), added to each key's score by its position."""
     cache = [k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_float, v_float]
     if q.device.type == "meta":
         return (torch.empty_like(q), *[c.clone() for c in cache])
     kw = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink)
     new = cache_update(k, v, positions, cache, **kw)
-    return _attend(q, k, v, positions, k_float, v_float, new, scale=scale, sliding=sliding, **kw)
+    return _attend(q, k, v, positions, k_float, v_float, new, scale=scale, sliding=sliding, bias=bias, **kw)
 
 
 def cache_attention_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                          *cache: torch.Tensor, bits: int, k_block: int, v_group: int, window: int, sink: int,
-                         scale: float | None = None, sliding: int | None = None) -> tuple[torch.Tensor, ...]:
+                         scale: float | None = None, sliding: int | None = None,
+                         bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """``cache_attention`` whose decode step writes into the cache tensors it is given and returns them: the torch
     backend's step graph, whose caller hands its cache over (``donated``). Why: out of place, every decode step
     copied each layer's eight cache tensors whole (a 2-layer toy at max_length 4096: 2.6 tokens/s, in place 11.6);
@@ -318,19 +329,21 @@ def cache_attention_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
     ``cache_attention``."""
     if k.shape[2] != 1 or q.device.type == "meta":
         return cache_attention(q, k, v, positions, *cache, bits=bits, k_block=k_block, v_group=v_group,
-                               window=window, sink=sink, scale=scale, sliding=sliding)
+                               window=window, sink=sink, scale=scale, sliding=sliding, bias=bias)
     kw = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink)
     # the float candidates read the ring and sink as they were before this step's write
     old_float = cache[6].clone(), cache[7].clone()
     new = cache_update(k, v, positions, list(cache), inplace=True, **kw)
-    return _attend(q, k, v, positions, *old_float, new, scale=scale, sliding=sliding, **kw)
+    return _attend(q, k, v, positions, *old_float, new, scale=scale, sliding=sliding, bias=bias, **kw)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_float: torch.Tensor,
             v_float: torch.Tensor, new: list[torch.Tensor], *, bits: int, k_block: int, v_group: int, window: int,
-            sink: int, scale: float | None, sliding: int | None) -> tuple[torch.Tensor, ...]:
+            sink: int, scale: float | None, sliding: int | None,
+            bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The queries over the written cache ``new``: its quantized tokens and the float candidates of the ring and
-    sink ``k_float`` / ``v_float`` as they were before the step, with the step's own keys/values."""
+    sink ``k_float`` / ``v_float`` as they were before the step, with the step's own keys/values; ``bias`` (over
+    key positions) added to each key's score, read at the slot of a quantized token and at a candidate's position."""
     b, hq, n, d = q.shape
     pos = positions.to(torch.long)
     # quantized tokens: sink <= j <= t - window, in the blocks that hold them
@@ -347,7 +360,20 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
     keys = torch.cat([kq, kfc], 2)
     values = torch.cat([vq, vfc], 2)
     mask = torch.cat([qmask, fmask], 2)[:, None]  # [B, 1, L, S + F]
+    if bias is not None:
+        mask = torch.where(mask, _bias_at_keys(bias.float(), pos, read, window=window, sink=sink), float("-inf"))
     out = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask,
                                          scale=scale if scale is not None else 1 / math.sqrt(d),
                                          enable_gqa=hq != keys.shape[1])
     return (out.to(q.dtype), *new)
+
+
+def _bias_at_keys(bias: torch.Tensor, positions: torch.Tensor, read: int, *, window: int, sink: int) -> torch.Tensor:
+    """An additive mask over key positions ``[B|1, H|1, L|1, slots]`` read at ``_attend``'s keys: the quantized
+    slots ``0..read-1`` (a slot holds its position) and the float candidates' positions; ``[B, H|1, L|1, read + F]``.
+    A candidate slot that holds no token (a position below 0) reads position 0: the mask leaves it out anyway."""
+    b = positions.shape[0]
+    bias = bias.expand(b, *bias.shape[1:])
+    cand, _ = candidate_positions(positions, window=window, sink=sink)
+    index = cand.clamp(0, bias.shape[-1] - 1)[:, None, None, :].expand(*bias.shape[:3], cand.shape[1])
+    return torch.cat([bias[..., :read], bias.gather(3, index)], 3)

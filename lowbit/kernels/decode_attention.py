@@ -1093,20 +1093,20 @@ def _kernel_device(x: torch.Tensor) -> bool:
 def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                            *cache: torch.Tensor, bits: int, k_block: int, v_group: int, window: int, sink: int,
                            scale: float | None = None, split: int | None = None,
-                           sliding: int | None = None) -> tuple[torch.Tensor, ...]:
+                           sliding: int | None = None, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """``cache_attention`` (lowbit.ir.kvcache) with a decode step's attention on the Triton kernel: the cache is
     written as the reference writes it (in place: the step's caller hands its cache over), then ``decode_attention``
     reads the quantized tokens ``[sink, t - window]`` and the float candidates (old sink/ring slots and the new token).
     Prefill (several tokens per sequence), inputs the kernel cannot read (CPU tensors without ``TRITON_INTERPRET=1``)
     and a layout it does not take (``cache_attention_unsupported``: the triton backend keeps such a node on the
     reference and reports it) take the reference, as does a sliding-window layer (the kernel reads every quantized
-    slot from the sink on)."""
+    slot from the sink on) and an additive ``bias`` (Bloom's ALiBi: the kernel adds none)."""
     from lowbit.ir.kvcache import cache_attention, cache_update, float_candidates
 
     kw = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink)
-    if (q.shape[2] != 1 or not _kernel_device(q) or sliding is not None
+    if (q.shape[2] != 1 or not _kernel_device(q) or sliding is not None or bias is not None
             or cache_attention_unsupported(q.shape[-1], k_block, v_group, bits, q.shape[1], k.shape[1]) is not None):
-        return cache_attention(q, k, v, positions, *cache, scale=scale, sliding=sliding, **kw)
+        return cache_attention(q, k, v, positions, *cache, scale=scale, sliding=sliding, bias=bias, **kw)
     # the float candidates read the ring/sink as they were BEFORE this step's write (which is in place)
     kf, vf, fmask = float_candidates(k.float(), v.float(), positions, cache[6], cache[7], window=window, sink=sink)
     new = cache_update(k, v, positions, list(cache), inplace=True, **kw)

@@ -7,7 +7,8 @@ generation needs the cache itself in its quantized form, so that decode reads 2-
 (``lowbit.ir.kvcache``: packed codes, scales and zeros for keys per channel over ``k_block``-token blocks and
 values per token over ``v_group`` channels, plus the float attention sink and recent window). Its reference
 (torch backend) writes the cache and attends over dequantize+float exactly as the accuracy model's mask does;
-the Triton backend runs decode steps with the decode-attention kernel. The graph's cache inputs and outputs
+the Triton backend runs decode steps with the decode-attention kernel. An attention's float mask (Bloom's ALiBi
+bias) becomes ``cache_attention``'s ``bias``, read by key position. The graph's cache inputs and outputs
 change accordingly and ``graph.meta["generation"]["kv_cache"]`` records the layout ``lowbit.generate``
 allocates.
 """
@@ -201,8 +202,9 @@ class KVCache(Pass):
             scale = att.kwargs.get("scale")
             # the layer's sliding window, masked as the float step's attention masks it
             sliding = {"sliding": windows[layer]} if layer < len(windows) and windows[layer] is not None else {}
+            bias = self._bias(att, slots)
             node = graph.make_node("cache_attention", [att.args[0], k_sc.args[3], v_sc.args[3], positions, *ins],
-                                   {**kw, "scale": scale, **sliding}, name=f"cache_attention_{layer}",
+                                   {**kw, "scale": scale, **sliding, **bias}, name=f"cache_attention_{layer}",
                                    types=[att.output.type, *[types[p] for p in PARTS]], module=att.module)
             graph.insert_before(att, node)
             graph.replace_all_uses(att.output, node.outputs[0])
@@ -221,6 +223,27 @@ class KVCache(Pass):
         gen["cache_inputs"] = new_names
         stats: dict[str, Any] = {"layers": len(names) // 2, **layout, "nodes_removed": nodes}
         return PassResult(True, stats)
+
+    @staticmethod
+    def _bias(att: Node, slots: int | str) -> dict[str, Value]:
+        """``cache_attention``'s ``bias``: the attention's float mask (Bloom's ALiBi over the cache slots), which
+        it reads by key position; ``{}`` for a boolean one (the causal and sliding masks it computes itself). A
+        float mask it cannot read by position, or ``is_causal``, is refused by name: replacing the attention would
+        drop it and the packed cache would attend without it."""
+        mask = att.arg(3, "mask")
+        where = f"%{att.name} (attention) in module {att.module!r}"
+        if att.kwargs.get("is_causal"):
+            raise PassError(f"pass kv-cache: {where} is causal by is_causal (by row and column index), not by a "
+                            "mask over positions, the one cache_attention computes instead")
+        if not isinstance(mask, Value) or mask.tensor_type.dtype == torch.bool:
+            return {}
+        shape, q = mask.tensor_type.shape, att.args[0].tensor_type.shape
+        if (len(shape) != 4 or shape[3] != slots or shape[0] not in (1, q[0]) or shape[1] not in (1, q[1])
+                or shape[2] not in (1, q[2])):
+            raise PassError(f"pass kv-cache: {where} adds a float mask {mask.type} that is not one bias per key "
+                            f"position over the cache's {slots} slots (broadcast to the queries {q}), so "
+                            "cache_attention cannot carry it; generate with the float cache: leave kv-cache out")
+        return {"bias": mask}
 
     @staticmethod
     def _scatter(graph: Graph, users: dict[int, list[Node]], cache: Value) -> Node:
