@@ -215,27 +215,32 @@ class GenerationError(LowbitError, ValueError):
 
 _STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Ministral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, "
                        "OLMo 2, OLMo 3, EXAONE 4, Seed-OSS, GPT-NeoX, GPT-J, StableLM, StarCoder2, Cohere, Gemma, "
-                       "Gemma 2, Gemma 3 (decoder layers of separate or fused q/k/v projections and an mlp)")
+                       "Gemma 2, Gemma 3, Bloom (decoder layers of separate or fused q/k/v projections and an mlp, "
+                       "rotary positions or Bloom's ALiBi)")
 
 STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
                               "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi", "smollm3",
-                              "ministral", "olmo3", "seed_oss", "exaone4", "gptj", "cohere"})
+                              "ministral", "olmo3", "seed_oss", "exaone4", "gptj", "cohere", "bloom"})
 """``config.model_type``s whose step is checked token for token against transformers' ``generate``
 (``tests/test_architectures.py``'s generate column, and ``test_generate_matches_transformers_beyond_the_matrix``
 for OLMo, StarCoder2, Phi, SmolLM3 and Ministral, ``test_olmo3_and_seed_oss_generate_as_transformers_forward``,
 ``test_exaone4_generates_as_transformers_forward_with_either_cache``,
-``test_interleaved_rotary_families_generate_as_transformers`` for GPT-J and Cohere;
-SmolLM2 is ``llama``). Another type is refused, not stepped on a
-guess: ``StepLayout`` reads module names and probes the rotary, and a family can differ in what neither shows (an
-extra scale, a rotary applied in its own dtype), which would make wrong tokens without an error."""
+``test_interleaved_rotary_families_generate_as_transformers`` for GPT-J and Cohere,
+``test_bloom_generates_as_transformers_with_either_cache`` for Bloom; SmolLM2 is ``llama``). Another type is
+refused, not stepped on a guess: ``StepLayout`` reads module names and probes the rotary (or the ALiBi table), and
+a family can differ in what neither shows (an extra scale, a rotary applied in its own dtype), which would make
+wrong tokens without an error."""
 
 _LAYERS = ("layers", "h")
 """Where a decoder keeps its layers (``h``: GPT-J)."""
-_ATTENTION = ("self_attn", "attention", "attn")
-"""Where a decoder layer keeps its attention (``attention``: GPT-NeoX; ``attn``: GPT-J)."""
+_ATTENTION = ("self_attn", "attention", "attn", "self_attention")
+"""Where a decoder layer keeps its attention (``attention``: GPT-NeoX; ``attn``: GPT-J; ``self_attention``:
+Bloom)."""
 _OUT_PROJ = ("o_proj", "dense", "out_proj")
 _INPUT_NORM = ("input_layernorm", "ln_1")
 _FINAL_NORM = ("norm", "final_layer_norm", "final_layernorm", "ln_f")
+_EMBEDDING_NORM = ("word_embeddings_layernorm",)
+"""A norm of the token embeddings before the first layer (Bloom's)."""
 
 
 def _first_attr(obj: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
@@ -250,7 +255,7 @@ class StepLayout:
     block shape needs no entry; whatever the step cannot reproduce is refused by name there, before capture."""
 
     qkv: Literal["split", "fused", "interleaved"]
-    """``split``: q/k/v_proj; ``fused``: Phi-3's qkv_proj, [q | k | v]; ``interleaved``: GPT-NeoX's
+    """``split``: q/k/v_proj; ``fused``: Phi-3's qkv_proj, [q | k | v]; ``interleaved``: GPT-NeoX's and Bloom's
     query_key_value, [q_h k_h v_h] per head."""
     qk_norm: Literal["none", "head", "head-gains", "full"]
     """``head``: a norm per head over head_dim (Qwen3, Gemma 3, StableLM's qk_layernorm); ``head-gains``: the same
@@ -278,6 +283,14 @@ class StepLayout:
     final_softcap: float | None = None
     attn_softcap: float | None = None
     """Gemma 2's tanh soft-capping of the logits and the attention scores."""
+    positions: Literal["rotary", "alibi"] = "rotary"
+    """``alibi``: no rotary; each head's scores take a bias of its slope times the key's position (Bloom's
+    ``build_alibi_tensor``), which the step adds through a float attention mask."""
+    embedding_norm: bool = False
+    """A norm of the token embeddings before the first layer (Bloom's ``word_embeddings_layernorm``)."""
+    mlp_adds_residual: bool = False
+    """The mlp takes ``(x, residual)`` and returns ``residual + mlp(x)`` (Bloom's, in a pre-norm block): called with
+    the stream. (In another block form it is called with ``x`` alone and fails at capture, naming the argument.)"""
 
     @staticmethod
     def of(model: PreTrainedModel) -> StepLayout:
@@ -291,11 +304,12 @@ class StepLayout:
                 f"a guess; generation supports {_STEP_ARCHITECTURES}")
         base = model.base_model
         layers = _first_attr(base, _LAYERS)
-        if model.get_output_embeddings() is None or layers is None or not hasattr(base, "rotary_emb"):
+        alibi = not hasattr(base, "rotary_emb") and callable(getattr(base, "build_alibi_tensor", None))
+        if model.get_output_embeddings() is None or layers is None or not (hasattr(base, "rotary_emb") or alibi):
             raise GenerationError(
-                f"{name} has no causal-LM head over decoder layers with rotary positions lowbit can step (an output "
-                f"embedding, {type(base).__name__}.{'/'.join(_LAYERS)}, {type(base).__name__}.rotary_emb); "
-                f"generation supports {_STEP_ARCHITECTURES}")
+                f"{name} has no causal-LM head over decoder layers with rotary or ALiBi positions lowbit can step (an "
+                f"output embedding, {type(base).__name__}.{'/'.join(_LAYERS)}, {type(base).__name__}.rotary_emb or "
+                f".build_alibi_tensor); generation supports {_STEP_ARCHITECTURES}")
         layer = layers[0]
         attn = _first_attr(layer, _ATTENTION)
         if attn is None or _first_attr(attn, _OUT_PROJ) is None or _first_attr(base, _FINAL_NORM) is None:
@@ -335,7 +349,10 @@ class StepLayout:
         if getattr(config, "use_bidirectional_attention", False):
             raise GenerationError(f"{name}: config.use_bidirectional_attention is set; a causal step cannot attend "
                                   "to later tokens")
-        pairs, sin_first, per_pair = _rotary_form(model, attn)
+        _refuse_residual_forms(model)
+        if alibi:
+            _check_alibi(model)
+        pairs, sin_first, per_pair = ("half", False, False) if alibi else _rotary_form(model, attn)
         return StepLayout(
             qkv=qkv, qk_norm=qk_norm, residual=residual,
             embedding_multiplier=float(getattr(config, "embedding_multiplier", 1.0) or 1.0),
@@ -344,7 +361,35 @@ class StepLayout:
             logits_multiplier=float(getattr(config, "logit_scale", 1.0) or 1.0),
             rotary_pairs=pairs, rotary_sin_first=sin_first, rotary_angle_per_pair=per_pair,
             final_softcap=getattr(config, "final_logit_softcapping", None),
-            attn_softcap=getattr(config, "attn_logit_softcapping", None))
+            attn_softcap=getattr(config, "attn_logit_softcapping", None),
+            positions="alibi" if alibi else "rotary", embedding_norm=_first_attr(base, _EMBEDDING_NORM) is not None,
+            mlp_adds_residual="residual" in inspect.signature(layer.mlp.forward).parameters)
+
+
+def _refuse_residual_forms(model: PreTrainedModel) -> None:
+    """Refuse, by setting, what Bloom's blocks compute that the step does not: its
+    ``apply_residual_connection_post_layernorm`` (the normed input is the residual) and its ``slow_but_exact``
+    tensor-parallel linears (summed slices that leave the bias out)."""
+    name, config = type(model).__name__, model.config
+    if getattr(config, "apply_residual_connection_post_layernorm", False):
+        raise GenerationError(f"{name}: config.apply_residual_connection_post_layernorm is set (the normed input is "
+                              "the residual), which the step does not reproduce")
+    if getattr(config, "slow_but_exact", False) and getattr(config, "pretraining_tp", 1) > 1:
+        raise GenerationError(f"{name}: config.slow_but_exact with pretraining_tp={config.pretraining_tp} sums its "
+                              "linears in slices without their biases, which the step does not reproduce")
+
+
+def _check_alibi(model: PreTrainedModel) -> None:
+    """The step adds ``build_alibi_tensor`` over its cache slots as the bias of key position p; refused where that
+    tensor is not a slope per head times the position (probed at positions 0, 1, 2), which the step would get wrong
+    without an error."""
+    base, heads = model.base_model, model.config.num_attention_heads
+    with torch.no_grad():
+        table = base.build_alibi_tensor(torch.ones(1, 3, dtype=torch.long), heads, torch.float32)
+    table = table.reshape(-1, 3) if table.numel() == 3 * heads else None
+    if table is None or not (bool((table[:, 0] == 0).all()) and torch.equal(table[:, 2], 2 * table[:, 1])):
+        raise GenerationError(f"{type(model).__name__}: {type(base).__name__}.build_alibi_tensor does not give one "
+                              "slope per head times the key position, the ALiBi bias the step adds")
 
 
 class CausalLMStep(nn.Module):
@@ -357,7 +402,7 @@ class CausalLMStep(nn.Module):
     of ``S = L`` slots, decode the step over one token with the full cache (docs/design.md, "Program form"). The
     HF model's own submodules are called, so module paths and parameter names are those ``CausalLMLogits``
     captures; what differs between families (fused projections, q/k norms, norm placement, partial rotary, which
-    channels the rotary pairs, multipliers, soft-capping) is the model's ``StepLayout``.
+    channels the rotary pairs, Bloom's ALiBi bias, multipliers, soft-capping) is the model's ``StepLayout``.
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
@@ -380,10 +425,11 @@ class CausalLMStep(nn.Module):
         self.windows = [self._window(config, _first_attr(layer, _ATTENTION), t)
                         for layer, t in zip(layers, self.layer_types)]
         """Per layer: the sliding window (a query at p reads slots p - window + 1 .. p), or None."""
-        self.rotated = [self._rotated(config, _first_attr(layer, _ATTENTION)) for layer in layers]
-        """Per layer: whether its queries and keys take the rotary (False: a NoPE layer)."""
+        alibi = self.layout.positions == "alibi"
+        self.rotated = [not alibi and self._rotated(config, _first_attr(layer, _ATTENTION)) for layer in layers]
+        """Per layer: whether its queries and keys take the rotary (False: a NoPE layer, an ALiBi model)."""
         # the rotary module takes the layer type where layer types have their own frequencies (Gemma 3)
-        self.typed_rotary = "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
+        self.typed_rotary = not alibi and "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
         self.rope_switch = _rope_switch(model)
         """The position at which the rotary takes its long frequencies (longrope), or None: the generator
         recomputes the cache there, as transformers' Phi-3 does (``lowbit.generate``)."""
@@ -448,15 +494,21 @@ class CausalLMStep(nn.Module):
 
     def _attend(self, attn: nn.Module, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
+        """SDPA of ``q`` over the cache; ``mask`` is boolean, or float (0 or the ALiBi bias where a key is read,
+        -inf elsewhere), which SDPA adds to the scaled scores."""
         cap = self.layout.attn_softcap
+        scale = attn.scaling if hasattr(attn, "scaling") else attn.inv_norm_factor  # (Bloom's name for it)
         if cap is None:
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                                   enable_gqa=self.kv_heads != self.heads)
         # SDPA has no soft-capping: Gemma 2's eager attention, written out
         keys, values = _repeat_kv(keys, self.heads // self.kv_heads), _repeat_kv(values, self.heads // self.kv_heads)
-        scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling
+        scores = torch.matmul(q, keys.transpose(2, 3)) * scale
         scores = torch.tanh(scores / cap) * cap
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        if mask.is_floating_point():
+            scores = scores + mask
+        else:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(probs, values)
 
@@ -468,8 +520,10 @@ class CausalLMStep(nn.Module):
         hidden = base.get_input_embeddings()(input_ids)
         if lay.embedding_multiplier != 1.0:
             hidden = hidden * lay.embedding_multiplier
+        if lay.embedding_norm:
+            hidden = _first_attr(base, _EMBEDDING_NORM)(hidden)
         rotary: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
-        for t in dict.fromkeys(self.layer_types):
+        for t in dict.fromkeys(self.layer_types) if lay.positions == "rotary" else ():
             cos, sin = (base.rotary_emb(hidden, positions, t) if self.typed_rotary else
                         base.rotary_emb(hidden, positions))
             if lay.rotary_sin_first:
@@ -481,6 +535,10 @@ class CausalLMStep(nn.Module):
         pos = positions.view(batch, 1, length, 1)
         causal = slots <= pos
         masks = {w: causal if w is None else causal & (slots > pos - w) for w in dict.fromkeys(self.windows)}
+        if lay.positions == "alibi":  # the model's own table over the slots: slot s holds position s
+            ones = torch.ones(1, cache[0].shape[2], dtype=torch.long, device=input_ids.device)
+            bias = base.build_alibi_tensor(ones, self.heads, hidden.dtype).view(1, self.heads, 1, -1)
+            masks = {w: torch.where(m, bias, float("-inf")) for w, m in masks.items()}
         index = pos.expand(batch, self.kv_heads, length, self.head_dim)
         m = lay.residual_multiplier
         new_cache: list[torch.Tensor] = []
@@ -509,6 +567,9 @@ class CausalLMStep(nn.Module):
             elif m != 1.0:  # Granite
                 hidden = hidden + out * m
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden)) * m
+            elif lay.mlp_adds_residual:  # Bloom: its mlp adds the residual it is given
+                hidden = hidden + out
+                hidden = layer.mlp(layer.post_attention_layernorm(hidden), hidden)
             else:
                 hidden = hidden + out
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

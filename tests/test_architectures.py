@@ -768,6 +768,67 @@ def test_interleaved_rotary_families_generate_as_transformers(family):
     assert (last - full).abs().max() <= 1e-5 * full.abs().max()  # fp32 rounding only (32 slots against n)
 
 
+def test_bloom_generates_as_transformers_with_either_cache(monkeypatch):
+    """Bloom was refused by name: it has no rotary, its scores take an ALiBi bias (a slope per head times the key's
+    position), its embeddings a LayerNorm and its mlp ``(x, residual)``. The step adds the model's own
+    ``build_alibi_tensor`` over the cache slots through a float attention mask, which ``kv-cache`` hands
+    ``cache_attention`` as its ``bias``: a two-prompt batch's 12 greedy tokens (left-padded) equal transformers'
+    generate with the float cache and with the packed int8 cache, where the same model without ALiBi makes others;
+    the prefill's last row equals transformers' forward and a decode step's logits that row (1e-5). The residual
+    wirings the step does not reproduce are refused by their config setting."""
+    import transformers as t
+    import transformers.models.bloom.modeling_bloom as modeling_bloom
+
+    from lowbit.generate import GenerationError, GenerationSpec
+    from lowbit.ir.graph import Value
+    from lowbit.models import CausalLMStep, StepLayout
+
+    torch.manual_seed(1)
+    hf = t.AutoModelForCausalLM.from_config(t.BloomConfig(hidden_size=64, n_head=4, n_layer=2, vocab_size=VOCAB,
+                                                          pad_token_id=0)).eval()
+    with torch.no_grad():  # sharp logits (greedy ties would test nothing), the q/k scores mild enough for ALiBi to tell
+        for name, p in hf.named_parameters():
+            p.mul_(1 if "query_key_value" in name else 4 if re.search(r"layernorm|ln_f|word_emb", name) else 16)
+    lay = StepLayout.of(hf)
+    assert (lay.positions, lay.embedding_norm, lay.mlp_adds_residual, lay.qkv) == ("alibi", True, True, "interleaved")
+    tok = _smollm2_tokenizer()
+    spec = GenerationSpec(max_length=32, max_batch=2)
+    prompts = [tok(p).input_ids for p in GEN_PROMPTS]
+    cm = lowbit.compile_model(hf, tokenizer=tok, generation=spec)
+    got = cm.generate(prompts, 12, stop_tokens=()).tokens
+    _assert_greedy_as_transformers(hf, prompts, got, 12, "bloom")
+    packed = lowbit.compile_model(hf, tokenizer=tok, pipeline="kv-cache(bits=8,k_block=4,window=4,v_group=16)",
+                                  generation=spec)
+    biases = [n.kwargs.get("bias") for n in packed.graph.nodes if n.op == "cache_attention"]
+    assert len(biases) == 2 and all(isinstance(b, Value) and b.tensor_type.dtype == torch.float32 for b in biases)
+    _assert_greedy_as_transformers(hf, prompts, packed.generate(prompts, 12, stop_tokens=()).tokens, 12,
+                                   "bloom kv-cache(bits=8)")
+    slopes = modeling_bloom._get_alibi_slopes
+    with monkeypatch.context() as m:  # the bias decides tokens of this model: a step that dropped it would fail
+        m.setattr(modeling_bloom, "_get_alibi_slopes", lambda heads, device: slopes(heads, device) * 0)
+        with pytest.raises(AssertionError):
+            _assert_greedy_as_transformers(hf, prompts, got, 12, "bloom without ALiBi")
+    ids = torch.tensor([prompts[1]])
+    n = ids.shape[1]
+    step, run = CausalLMStep(hf), cm.runner
+    full = run(ids, torch.arange(n)[None], *step.empty_cache(1, n))[0][0, -1]
+    with torch.no_grad():
+        want = hf(ids).logits[0, -1]
+    assert (full - want).abs().max() <= 1e-5 * want.abs().max()
+    cache = step.empty_cache(1, 32)
+    prefix = run(ids[:, :-1], torch.arange(n - 1)[None], *[c[:, :, : n - 1].clone() for c in cache])
+    for c, part in zip(cache, prefix[1:]):
+        c[:, :, : n - 1] = part
+    last = run(ids[:, -1:], torch.tensor([[n - 1]]), *cache)[0][0, -1]
+    assert (last - full).abs().max() <= 1e-5 * full.abs().max()
+    for setting, value, why in (("apply_residual_connection_post_layernorm", True, "the normed input is the residual"),
+                                ("slow_but_exact", True, "sums its linears in slices without their biases")):
+        with monkeypatch.context() as m:
+            m.setattr(hf.config, setting, value)
+            m.setattr(hf.config, "pretraining_tp", 2)
+            with pytest.raises(GenerationError, match=rf"BloomForCausalLM: config\.{setting}.*{why}"):
+                StepLayout.of(hf)
+
 @pytest.fixture(autouse=True)
 def _one_export_per_model(reuse_captures: object) -> None:
     """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny

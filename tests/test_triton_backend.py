@@ -623,6 +623,50 @@ def test_adjacent_pair_rotary_keeps_its_ops_on_the_triton_backend_and_the_report
     assert tri.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
 
 
+@needs_kernels
+def test_an_attention_bias_stays_on_the_reference_and_the_report_names_it():
+    """Bloom's step adds its ALiBi bias through a float attention mask and ``cache_attention``'s ``bias``; neither
+    decode kernel adds one (``decode_sdpa`` reads a boolean mask: per call it sent a float one to SDPA, while the
+    report listed the node on decode-sdpa). The lowering keeps both on the reference and names each node and why;
+    a bf16 attention with a float mask computes what the torch backend does, and two prompts' greedy tokens through
+    the float and the packed int8 cache equal the torch reference's."""
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+    from lowbit.ir.parser import parse_graph
+
+    from conftest import tiny_outside_family
+
+    g = parse_graph("""graph g(%q: bf16[2,4,1,64], %k: bf16[2,4,9,64], %v: bf16[2,4,9,64], %m: bf16[2,4,1,9]) {
+  %a: bf16[2,4,1,64] = attention(%q, %k, %v, %m)  # attn
+  return %a
+}""", {})
+    g.meta["generation"] = {"logits": "last"}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = lower(g, dev, compile=False)
+    why = "decode-sdpa: a bfloat16 mask (an additive bias, Bloom's ALiBi): the kernel reads a boolean mask only"
+    assert not m.report["attention"] and m.report["fallback"] == {"a": why}
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(shape, generator=gen).to(torch.bfloat16).to(dev) for shape in
+            ((2, 4, 1, 64), (2, 4, 9, 64), (2, 4, 9, 64), (2, 4, 1, 9))]
+    assert torch.equal(m(*args), TorchCompiled(g)(*args))
+
+    model = tiny_outside_family("bloom")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)  # sharper logits than the init's
+    spec = GenerationSpec(max_length=16, max_batch=2)
+    prompts = [[51, 13, 120, 50, 40], [42, 55]]
+    ref = compile_model(model, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
+    for pipeline, op, reason in ((None, "attention", "decode-sdpa: a float32 mask (an additive bias"),
+                                 ("kv-cache(bits=8,k_block=8,window=8,v_group=16)", "cache_attention",
+                                  "cache-attention: an additive bias over key positions (Bloom's ALiBi)")):
+        tri = _triton_step(model, pipeline, spec, dev)
+        fallback = tri.runner.report["fallback"]
+        assert len(fallback) == 2 and all(n.startswith(op) and why.startswith(reason) for n, why in fallback.items())
+        assert not tri.runner.report["attention"] and "cache-attention" not in tri.runner.report["kernels"].values()
+        assert tri.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+
+
 @pytest.mark.gpu
 def test_repacked_weights_leave_one_copy_on_the_gpu(slice1_bf16):
     """The decode layout replaces the stored int4 codes on the device; the IR's stored copy moves to the host."""

@@ -434,10 +434,16 @@ def _type_of(arg: Any, types: dict[str, TensorType] | None) -> TensorType | None
 
 
 def plan_attention(node: torch.fx.Node, types: dict[str, TensorType] | None) -> str | None:
-    """Why no call of an ``attention`` node can take ``decode_sdpa`` (None: a decode step's may): its query's dtype
-    and head_dim (``decode_sdpa_layout_unsupported``); the rest (one query row, the mask, the batch) is per call."""
+    """Why no call of an ``attention`` node can take ``decode_sdpa`` (None: a decode step's may): a float mask (an
+    additive bias such as Bloom's ALiBi, which the kernel does not add: it reads a boolean mask only), its query's
+    dtype and head_dim (``decode_sdpa_layout_unsupported``); the rest (one query row, the mask's shape, the batch)
+    is per call."""
     from lowbit.kernels.decode_step import decode_sdpa_layout_unsupported
 
+    mask = _type_of(node.args[3] if len(node.args) > 3 else node.kwargs.get("mask"), types)
+    if mask is not None and mask.dtype != torch.bool:
+        return (f"a {str(mask.dtype).removeprefix('torch.')} mask (an additive bias, Bloom's ALiBi): the kernel "
+                "reads a boolean mask only")
     q = node.args[0] if node.args else None
     t = _type_of(q, types)
     if t is None or not t.shape or not isinstance(t.shape[-1], int):
@@ -458,6 +464,8 @@ def plan_cache_attention(node: torch.fx.Node, types: dict[str, TensorType] | Non
     kw = node.kwargs
     if kw.get("sliding") is not None:
         return f"a sliding window of {kw['sliding']} tokens: the kernel reads every quantized slot from the sink on"
+    if kw.get("bias") is not None:
+        return "an additive bias over key positions (Bloom's ALiBi): the kernel adds none"
     return cache_attention_unsupported(int(tq.shape[3]), int(kw["k_block"]), int(kw["v_group"]), int(kw["bits"]),
                                        int(tq.shape[1]), int(tk.shape[1]))
 
