@@ -717,6 +717,37 @@ def test_exaone4_generates_as_transformers_forward_with_either_cache():
                                        "exaone4 kv-cache(bits=8)")
 
 
+def _newer_step_family(family: str) -> Any:
+    """A tiny random GPT-J, Cohere or Bloom of two layers with sharp logits (greedy ties would test nothing), the
+    models the step's adjacent-pair rotary, Cohere's per-head q/k gains and Bloom's ALiBi are tested on. GPT-J's
+    rotary covers 8 of its 16 head channels; Cohere's q/k norm gains are random per head (HF's ones would not show a
+    gain applied to the wrong head); Bloom's q/k/v keep their init so the scores stay mild enough for ALiBi to decide
+    tokens (its other weights x16, its norms and embeddings x4)."""
+    import transformers as t
+
+    if family == "bloom":
+        torch.manual_seed(1)
+        hf = t.AutoModelForCausalLM.from_config(t.BloomConfig(hidden_size=64, n_head=4, n_layer=2, vocab_size=VOCAB,
+                                                              pad_token_id=0)).eval()
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                p.mul_(1 if "query_key_value" in name else 4 if re.search(r"layernorm|ln_f|word_emb", name) else 16)
+        return hf
+    two = {**DEC, "num_hidden_layers": 2}
+    cfg = {"gptj": lambda: t.GPTJConfig(n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=256,
+                                        vocab_size=VOCAB),
+           "cohere": lambda: t.CohereConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                            num_key_value_heads=2, use_qk_norm=True, pad_token_id=0, **two)}[family]()
+    torch.manual_seed(0)
+    hf = t.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.mul_(4)
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))) * 2 + 0.5)
+    return hf
+
+
 @pytest.mark.parametrize("family", ["gptj", "cohere"])
 def test_interleaved_rotary_families_generate_as_transformers(family):
     """GPT-J (a partial rotary over 8 of 16 channels turning adjacent pairs, its tables one angle per pair and
@@ -726,25 +757,15 @@ def test_interleaved_rotary_families_generate_as_transformers(family):
     two-prompt batch's greedy tokens equal transformers' generate, 8 with the float cache and 12 with the packed
     int8 cache (``kv-cache``), and the step's decode logits equal the last row of its prefill, which equals
     transformers' forward."""
-    import transformers as t
-
     from lowbit.generate import GenerationSpec
     from lowbit.models import CausalLMStep, StepLayout
 
-    two = {**DEC, "num_hidden_layers": 2}
-    cfg = {"gptj": lambda: t.GPTJConfig(n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=256,
-                                        vocab_size=VOCAB),
-           "cohere": lambda: t.CohereConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                            num_key_value_heads=2, use_qk_norm=True, pad_token_id=0, **two)}[family]()
-    def gains_per_head(hf: Any) -> None:  # HF's ones (x4) would not show a gain applied to the wrong head
-        for name, p in hf.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))) * 2 + 0.5)
-
-    hf, tok, cm = _sharp_step_model(cfg, gains_per_head)
+    hf = _newer_step_family(family)
+    tok = _smollm2_tokenizer()
+    cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
     lay = StepLayout.of(hf)
     want = (("adjacent", True, True, "none", 1.0) if family == "gptj" else
-            ("adjacent", False, False, "head-gains", cfg.logit_scale))
+            ("adjacent", False, False, "head-gains", hf.config.logit_scale))
     assert (lay.rotary_pairs, lay.rotary_sin_first, lay.rotary_angle_per_pair, lay.qk_norm,
             lay.logits_multiplier) == want
     prompts = [tok(p).input_ids for p in GEN_PROMPTS]
@@ -776,19 +797,13 @@ def test_bloom_generates_as_transformers_with_either_cache(monkeypatch):
     generate with the float cache and with the packed int8 cache, where the same model without ALiBi makes others;
     the prefill's last row equals transformers' forward and a decode step's logits that row (1e-5). The residual
     wirings the step does not reproduce are refused by their config setting."""
-    import transformers as t
     import transformers.models.bloom.modeling_bloom as modeling_bloom
 
     from lowbit.generate import GenerationError, GenerationSpec
     from lowbit.ir.graph import Value
     from lowbit.models import CausalLMStep, StepLayout
 
-    torch.manual_seed(1)
-    hf = t.AutoModelForCausalLM.from_config(t.BloomConfig(hidden_size=64, n_head=4, n_layer=2, vocab_size=VOCAB,
-                                                          pad_token_id=0)).eval()
-    with torch.no_grad():  # sharp logits (greedy ties would test nothing), the q/k scores mild enough for ALiBi to tell
-        for name, p in hf.named_parameters():
-            p.mul_(1 if "query_key_value" in name else 4 if re.search(r"layernorm|ln_f|word_emb", name) else 16)
+    hf = _newer_step_family("bloom")
     lay = StepLayout.of(hf)
     assert (lay.positions, lay.embedding_norm, lay.mlp_adds_residual, lay.qkv) == ("alibi", True, True, "interleaved")
     tok = _smollm2_tokenizer()
@@ -828,6 +843,31 @@ def test_bloom_generates_as_transformers_with_either_cache(monkeypatch):
             m.setattr(hf.config, "pretraining_tp", 2)
             with pytest.raises(GenerationError, match=rf"BloomForCausalLM: config\.{setting}.*{why}"):
                 StepLayout.of(hf)
+
+
+@pytest.mark.parametrize("family", ["gptj", "cohere", "bloom"])
+def test_onnxruntime_generates_the_newer_step_families_tokens(family):
+    """The step graphs of GPT-J and Cohere (adjacent-pair rotary, partial in GPT-J; Cohere's per-head q/k gains and
+    logit_scale) and Bloom (ALiBi as the float mask of ONNX's Attention) export to ONNX (past_key_values in, present
+    out) and ONNX Runtime's greedy tokens for a left-padded two-prompt batch equal the torch reference's and
+    transformers' generate; with int4 weights (w4a16-g64 as MatMulNBits) they equal the torch reference's."""
+    from lowbit.backends.onnxruntime_backend import OrtCompiled
+    from lowbit.generate import GenerationSpec, Generator
+
+    hf, tok = _newer_step_family(family), _smollm2_tokenizer()
+    prompts = [tok(p).input_ids for p in GEN_PROMPTS]
+    for recipe, weight_format in ((None, "qdq"), ("w4a16-g64", "matmulnbits")):
+        cm = lowbit.compile_model(hf, tokenizer=tok, recipe=recipe, generation=GenerationSpec(max_length=32,
+                                                                                                max_batch=2))
+        runner = OrtCompiled(cm.graph, device="cpu", weight_format=weight_format)
+        lowered = [n.op_type for n in runner.onnx_model.graph]
+        linears = {"gptj": 6, "cohere": 7, "bloom": 4}[family] * 2  # a layer's projections; the head stays float
+        assert lowered.count("Attention") == 2 and lowered.count("MatMulNBits") == (0 if recipe is None else linears)
+        got = Generator(runner, cm.graph.meta["generation"], "cpu").generate(prompts, 12, stop_tokens=()).tokens
+        assert got == cm.generate(prompts, 12, stop_tokens=()).tokens, f"{family} {recipe}"
+        if recipe is None:
+            _assert_greedy_as_transformers(hf, prompts, got, 12, f"{family} on ONNX Runtime")
+
 
 @pytest.fixture(autouse=True)
 def _one_export_per_model(reuse_captures: object) -> None:
