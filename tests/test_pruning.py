@@ -82,11 +82,15 @@ graph s(%x: f32[1,s0,8]) {
         reinfer_shapes(g)
 
 
-def _gqa_ir(kv: int, rep: int, d: int, width: int) -> str:
+def _gqa_ir(kv: int, rep: int, d: int, width: int, head_mask: bool = False) -> str:
+    """One GQA attention layer; ``head_mask``: it adds a float mask input ``%m`` with a row per query head (as
+    Bloom's ALiBi) instead of being causal."""
     h = kv * rep
     t = "model.layers.0.self_attn"
+    inputs = f"%x: f64[1,s0,{width}]" + (f", %m: f64[1,{h},s0,s0]" if head_mask else "")
+    mask = "%m, scale=0.5, is_causal=False" if head_mask else "None, scale=0.5, is_causal=True"
     return f"""\
-graph gqa(%x: f64[1,s0,{width}]) {{
+graph gqa({inputs}) {{
   symbol s0 in [2, 64] hint 4
   param @q.weight: f64[{h * d},{width}]
   param @k.weight: f64[{kv * d},{width}]
@@ -108,7 +112,7 @@ graph gqa(%x: f64[1,s0,{width}]) {{
   %vu: f64[1,{kv},1,s0,{d}] = aten.unsqueeze.default(%vt, 2)  # {t}
   %ve: f64[1,{kv},{rep},s0,{d}] = aten.expand.default(%vu, [1, {kv}, {rep}, %s, {d}])  # {t}
   %vv: f64[1,{h},s0,{d}] = reshape(%ve, [1, {h}, %s, {d}])  # {t}
-  %a: f64[1,{h},s0,{d}] = attention(%qt, %kk, %vv, None, scale=0.5, is_causal=True, enable_gqa=False)  # {t}
+  %a: f64[1,{h},s0,{d}] = attention(%qt, %kk, %vv, {mask}, enable_gqa=False)  # {t}
   %at: f64[1,s0,{h},{d}] = transpose(%a, 1, 2)  # {t}
   %ar: f64[1,s0,{h * d}] = reshape(%at, [1, %s, -1])  # {t}
   %y: f64[1,s0,{width}] = linear(%ar, @o.weight)  # {t}.o_proj
@@ -118,18 +122,19 @@ graph gqa(%x: f64[1,s0,{width}]) {{
 
 
 @given(kv=st.integers(1, 4), rep=st.integers(1, 3), d=st.sampled_from([2, 4]), drop=st.integers(0, 3),
-       seq=st.integers(2, 9))
+       seq=st.integers(2, 9), head_mask=st.booleans())
 @settings(max_examples=25)
-def test_head_pruning_property_equals_masked_dense(kv, rep, d, drop, seq):
+def test_head_pruning_property_equals_masked_dense(kv, rep, d, drop, seq, head_mask):
     """Any GQA layout, any number of groups removed short of all: the pruned graph verifies, its literals follow,
-    and it equals the dense graph with the same groups zeroed (float64, to the last bits of summation order)."""
+    and it equals the dense graph with the same groups zeroed (float64, to the last bits of summation order). With a
+    float mask holding a row per query head (Bloom's ALiBi), the pruned attention reads its kept heads' rows."""
     drop = min(drop, kv - 1)
     width = 8
     gen = torch.Generator().manual_seed(kv * 100 + rep * 10 + d)
     w = {n: torch.randn(r, c, generator=gen, dtype=torch.float64) for n, (r, c) in {
         "q.weight": (kv * rep * d, width), "k.weight": (kv * d, width), "v.weight": (kv * d, width),
         "o.weight": (width, kv * rep * d)}.items()}
-    g = parse_graph(_gqa_ir(kv, rep, d, width), w)
+    g = parse_graph(_gqa_ir(kv, rep, d, width, head_mask), w)
     ratio = drop / kv
     PassManager(f"prune-heads(ratio={ratio},score=magnitude)").run(g)  # verifies after the pass
     assert g.params["k.weight"].data.shape == ((kv - round(ratio * kv)) * d, width)
@@ -141,8 +146,10 @@ def test_head_pruning_property_equals_masked_dense(kv, rep, d, drop, seq):
         m["k.weight"][grp * d:(grp + 1) * d] = 0
         m["v.weight"][grp * d:(grp + 1) * d] = 0
         m["o.weight"][:, grp * rep * d:(grp + 1) * rep * d] = 0
-    x = torch.randn(1, seq, width, generator=gen, dtype=torch.float64)
-    out, ref = TorchCompiled(g)(x), TorchCompiled(parse_graph(_gqa_ir(kv, rep, d, width), m))(x)
+    x = [torch.randn(1, seq, width, generator=gen, dtype=torch.float64)]
+    if head_mask:
+        x.append(torch.randn(1, kv * rep, seq, seq, generator=gen, dtype=torch.float64))
+    out, ref = TorchCompiled(g)(*x), TorchCompiled(parse_graph(_gqa_ir(kv, rep, d, width, head_mask), m))(*x)
     # a shorter dot product may sum in another order (BLAS kernels pick blocking by size): float64 rounding only
     assert (out - ref).abs().max().item() <= 1e-13 * max(1.0, ref.abs().max().item())
 
@@ -2333,3 +2340,74 @@ def test_prune_heads_on_multi_query_falcon_names_its_one_group_not_a_layout_rule
         compile_model(model, pipeline="prune-heads(ratio=0.5,score=magnitude)")
     assert "the layer's only group cannot go; prune-mlp prunes this model)" in str(e.value), str(e.value)
     assert "three equal parts or into heads only" not in str(e.value)
+
+
+def test_head_pruned_bloom_step_keeps_each_kept_heads_alibi_slope_and_equals_masked_dense():
+    """Bloom's step adds ALiBi through one float mask built for all its heads (a slope per head) and shared by the
+    layers: prune-heads on its step graph failed re-deriving the attention's shape (the mask's 4 heads against the
+    2 kept). Each cut layer now reads the mask's rows of its kept heads, so a kept head keeps its own slope (a layer
+    here keeps heads 2 and 3: the mask's first two rows would give them heads 0 and 1's). Prefill and a decode step
+    over the shrunk cache equal the dense step with the removed heads' query_key_value rows and dense columns zeroed
+    (float64), a left-padded batch's greedy tokens equal transformers' generate on that masked model, and ONNX
+    Runtime (Slice/Concat of the mask) and the packed int8 cache (``kv-cache``, whose bias is the kept heads' mask)
+    generate the same tokens."""
+    import transformers as tf
+    from conftest import tiny_outside_family
+
+    from lowbit.api import compile_model
+    from lowbit.backends.onnxruntime_backend import OrtCompiled
+    from lowbit.generate import GenerationSpec, Generator
+
+    model = tiny_outside_family("bloom", 2).double()
+    with torch.no_grad():  # sharp logits, q/k scores mild enough for the ALiBi bias to matter (as the step tests)
+        for name, p in model.named_parameters():
+            p.mul_(1 if "query_key_value" in name else 4 if re.search(r"layernorm|ln_f|word_emb", name) else 16)
+    spec, pipe = GenerationSpec(max_length=32, max_batch=2), "prune-heads(ratio=0.5,score=magnitude)"
+    step = compile_model(model, pipeline=pipe, generation=spec)
+    assert step.report.pipeline.records[0].stats["heads"] == {f"transformer.h.{i}": [2, 2] for i in range(2)}
+    assert step.graph.meta["generation"]["kv_heads"] == 2
+    masked = tf.AutoModelForCausalLM.from_config(model.config).double().eval()
+    masked.load_state_dict(model.state_dict())
+    kept_heads = []
+    for i in range(2):
+        qkv, out = f"transformer.h.{i}.self_attention.query_key_value", f"transformer.h.{i}.self_attention.dense"
+        w = masked.state_dict()[qkv + ".weight"]
+        kept = _kept(w.reshape(4, -1), step.graph.params[qkv + ".weight"].data.reshape(2, -1)).tolist()
+        kept_heads.append(kept)
+        gone = sorted(set(range(4)) - set(kept))
+        rows = [h * 48 + j for h in gone for j in range(48)]  # head h: rows [48·h, 48·h + 48) of query_key_value
+        with torch.no_grad():  # (state_dict's tensors are the parameters)
+            w[rows] = 0
+            masked.state_dict()[qkv + ".bias"][rows] = 0
+            masked.state_dict()[out + ".weight"][:, [h * 16 + j for h in gone for j in range(16)]] = 0
+    assert any(k != [0, 1] for k in kept_heads), kept_heads
+    masked_step, dense_step = compile_model(masked, generation=spec), compile_model(model, generation=spec)
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(7).expand(2, 7).contiguous()
+    out_p = step.runner(ids, pos, *[torch.zeros(2, 2, 12, 16, dtype=torch.float64) for _ in range(4)])
+    out_m = masked_step.runner(ids, pos, *[torch.zeros(2, 4, 12, 16, dtype=torch.float64) for _ in range(4)])
+    tol = 1e-12 * out_m[0].abs().max().item()
+    assert (out_p[0] - out_m[0]).abs().max().item() <= tol  # prefill
+    out_d = dense_step.runner(ids, pos, *[torch.zeros(2, 4, 12, 16, dtype=torch.float64) for _ in range(4)])
+    assert (out_d[0] - out_m[0]).abs().max().item() > 1e-3 * out_m[0].abs().max().item()  # the cut changed them
+    nxt = out_m[0][:, -1].argmax(-1, keepdim=True)
+    step_p, step_m = step.runner(nxt, torch.full((2, 1), 7), *out_p[1:]), masked_step.runner(nxt, torch.full(
+        (2, 1), 7), *out_m[1:])
+    assert (step_p[0] - step_m[0]).abs().max().item() <= tol  # decode over the shrunk cache
+    prompts = [[5, 17, 99, 3, 42, 7, 8], [11, 12, 60, 1]]
+    want = []
+    for p in prompts:
+        with torch.no_grad():
+            ref = masked.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                  max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        want.append(ref[0, len(p):].tolist())
+    assert step.generate(prompts, 12, stop_tokens=()).tokens == want
+    float_model = model.float()  # ONNX Runtime's Attention and the packed cache run float32
+    pruned32 = compile_model(float_model, pipeline=pipe, generation=spec)
+    ort = Generator(OrtCompiled(pruned32.graph, device="cpu"), pruned32.graph.meta["generation"], "cpu")
+    assert ort.generate(prompts, 12, stop_tokens=()).tokens == want
+    packed = compile_model(float_model, pipeline=f"{pipe},kv-cache(bits=8,k_block=4,window=4,v_group=16)",
+                           generation=spec)
+    biases = [n.kwargs["bias"].tensor_type.shape[1] for n in packed.graph.nodes if n.op == "cache_attention"]
+    assert biases == [2, 2]
+    assert packed.generate(prompts, 12, stop_tokens=()).tokens == want

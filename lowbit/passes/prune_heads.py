@@ -18,6 +18,8 @@ each pruned layer's cache inputs become ``[B, kept, S, head_dim]``, the scatter 
 and values gets a copy expanded over the kept count (the captured one is shared by every layer), and
 ``meta["generation"]["kv_heads"]`` records the count per layer (one int while all layers agree), which
 ``lowbit.generate`` allocates. Prefill and decode then equal the dense step with those heads zeroed.
+An attention mask with a head axis (Bloom's ALiBi: a slope per query head, built once for every head and shared by
+the layers) is read by each cut layer through slices of its kept query heads, so a kept head keeps its own slope.
 
 Group importance sums the group's ``o_proj`` input-column scores (``wanda``: ``||X_c||·||W_o[:,c]||``,
 ``fluctuation``, ``magnitude``; see ``prune-mlp``). A budget that would remove every group of a layer is an
@@ -81,6 +83,51 @@ def _shrink_cache(graph: Graph, s: AttentionSite, kept: int, made: dict[tuple[in
             graph.insert_after(prod, node)
             new = made[(id(idx), kept)] = node.output
         w.args = (w.args[0], w.args[1], new, *w.args[3:])
+
+
+def _select_mask_heads(graph: Graph, s: AttentionSite, kept_q_heads: list[int],
+                       made: dict[tuple[int, tuple[int, ...]], Value]) -> None:
+    """The cut attention reads its per-head mask at ``kept_q_heads`` only: one slice per run of consecutive kept
+    heads, concatenated along the head axis (layers keeping the same heads share them). A mask broadcast over heads
+    (``[B, 1, L, S]``) stays; one with a head axis of another size is refused naming the attention: shape
+    re-inference would otherwise fail on it, or broadcast a bias meant for one head onto another."""
+    att = s.attention
+    index = 3 if len(att.args) > 3 else None
+    mask = att.args[3] if index is not None else att.kwargs.get("mask")
+    if not isinstance(mask, Value):
+        return
+    t = mask.tensor_type
+    if t.rank != 4 or t.shape[1] == 1:
+        return
+    if t.shape[1] != s.q_heads:
+        raise PassError(f"pass prune-heads: %{att.name} (attention) of {s.block} adds mask %{mask.name} {t} whose "
+                        f"head axis is not its {s.q_heads} query heads; cannot select the kept heads' part of it")
+    key = (id(mask), tuple(kept_q_heads))
+    selected = made.get(key)
+    if selected is None:
+        runs: list[list[int]] = []
+        for h in kept_q_heads:
+            if runs and runs[-1][1] == h:
+                runs[-1][1] = h + 1
+            else:
+                runs.append([h, h + 1])
+        parts = []
+        for start, end in runs:
+            node = graph.make_node("aten.slice.Tensor", (mask, 1, start, end), name=f"{mask.name}_heads",
+                                   module=att.module, types=[TensorType(t.dtype, (t.shape[0], end - start,
+                                                                                  *t.shape[2:]))])
+            graph.insert_before(att, node)
+            parts.append(node.output)
+        if len(parts) > 1:
+            node = graph.make_node("aten.cat.default", (parts, 1), name=f"{mask.name}_heads", module=att.module,
+                                   types=[TensorType(t.dtype, (t.shape[0], len(kept_q_heads), *t.shape[2:]))])
+            graph.insert_before(att, node)
+            parts = [node.output]
+        selected = made[key] = parts[0]
+    if index is not None:
+        att.args = (*att.args[:3], selected, *att.args[4:])
+    else:
+        att.kwargs = {**att.kwargs, "mask": selected}
 
 
 def _move_slices(s: AttentionSite, gone: torch.Tensor) -> None:
@@ -162,6 +209,7 @@ class PruneHeads(Pass):
                          lambda s: s.row_groups(), users, col, o, self.name, calibrated, second)
         heads: dict[str, list[int]] = {}
         made: dict[tuple[int, int], Value] = {}
+        masks: dict[tuple[int, tuple[int, ...]], Value] = {}
         for s in sites:
             cut = cuts.get(id(s.o))
             if cut is None:
@@ -181,6 +229,8 @@ class PruneHeads(Pass):
             heads[s.block] = [len(keep) * s.group_size, len(keep)]
             if s.cache_writes:
                 _shrink_cache(graph, s, len(keep), made)
+            _select_mask_heads(graph, s, [g * s.group_size + j for g in sorted(keep) for j in range(s.group_size)],
+                               masks)
         gen = graph.meta.get("generation")
         if gen and any(s.cache_writes for s in sites):
             by_name = {v.name: v for v in graph.inputs}
