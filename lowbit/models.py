@@ -214,30 +214,39 @@ class GenerationError(LowbitError, ValueError):
 
 
 _STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Ministral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, "
-                       "OLMo 2, OLMo 3, EXAONE 4, Seed-OSS, GPT-NeoX, GPT-J, StableLM, StarCoder2, Cohere, Gemma, "
-                       "Gemma 2, Gemma 3, Bloom (decoder layers of separate or fused q/k/v projections and an mlp, "
-                       "rotary positions or Bloom's ALiBi)")
+                       "OLMo 2, OLMo 3, EXAONE 4, Seed-OSS, GPT-NeoX, GPT-J, GPT-2, StableLM, StarCoder2, Cohere, "
+                       "Gemma, Gemma 2, Gemma 3, Bloom, Falcon (decoder layers of separate or fused q/k/v projections "
+                       "and an mlp, rotary positions, Bloom's ALiBi or GPT-2's learned position embeddings)")
 
 STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
                               "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi", "smollm3",
-                              "ministral", "olmo3", "seed_oss", "exaone4", "gptj", "cohere", "bloom"})
+                              "ministral", "olmo3", "seed_oss", "exaone4", "gptj", "cohere", "bloom", "gpt2",
+                              "falcon"})
 """``config.model_type``s whose step is checked token for token against transformers' ``generate``
 (``tests/test_architectures.py``'s generate column, and ``test_generate_matches_transformers_beyond_the_matrix``
 for OLMo, StarCoder2, Phi, SmolLM3 and Ministral, ``test_olmo3_and_seed_oss_generate_as_transformers_forward``,
 ``test_exaone4_generates_as_transformers_forward_with_either_cache``,
 ``test_interleaved_rotary_families_generate_as_transformers`` for GPT-J and Cohere,
-``test_bloom_generates_as_transformers_with_either_cache`` for Bloom; SmolLM2 is ``llama``). Another type is
-refused, not stepped on a guess: ``StepLayout`` reads module names and probes the rotary (or the ALiBi table), and
-a family can differ in what neither shows (an extra scale, a rotary applied in its own dtype), which would make
-wrong tokens without an error."""
+``test_bloom_generates_as_transformers_with_either_cache`` for Bloom,
+``test_gpt2_and_falcon_generate_as_transformers_with_either_cache`` for GPT-2 and Falcon; SmolLM2 is ``llama``).
+Another type is refused, not stepped on a guess: ``StepLayout`` reads module names and probes the rotary (or the
+ALiBi table), and a family can differ in what neither shows (an extra scale, a rotary applied in its own dtype),
+which would make wrong tokens without an error."""
 
 _LAYERS = ("layers", "h")
-"""Where a decoder keeps its layers (``h``: GPT-J)."""
+"""Where a decoder keeps its layers (``h``: GPT-J, GPT-2, Falcon)."""
 _ATTENTION = ("self_attn", "attention", "attn", "self_attention")
 """Where a decoder layer keeps its attention (``attention``: GPT-NeoX; ``attn``: GPT-J; ``self_attention``:
 Bloom)."""
-_OUT_PROJ = ("o_proj", "dense", "out_proj")
-_INPUT_NORM = ("input_layernorm", "ln_1")
+_OUT_PROJ = ("o_proj", "dense", "out_proj", "c_proj")
+_FUSED_QKV = ("qkv_proj", "c_attn")
+"""A fused projection laid out ``[q | k | v]`` (Phi-3's; GPT-2's Conv1D)."""
+_INPUT_NORM = ("input_layernorm", "ln_1", "ln_attn")
+_MLP_NORM = ("post_attention_layernorm", "ln_2", "ln_mlp")
+"""A layer's norm of the mlp's input: after the attention's residual (GPT-2's ``ln_2``) or, in a parallel block,
+of the layer input beside the attention's (GPT-NeoX's, Falcon's ``ln_mlp``)."""
+_POSITION_EMBEDDING = ("wpe",)
+"""A table of learned absolute position embeddings added to the token embeddings (GPT-2's)."""
 _FINAL_NORM = ("norm", "final_layer_norm", "final_layernorm", "ln_f")
 _EMBEDDING_NORM = ("word_embeddings_layernorm",)
 """A norm of the token embeddings before the first layer (Bloom's)."""
@@ -254,9 +263,11 @@ class StepLayout:
     Found from the HF modules and config (``StepLayout.of``), never from the class name, so a family that shares a
     block shape needs no entry; whatever the step cannot reproduce is refused by name there, before capture."""
 
-    qkv: Literal["split", "fused", "interleaved"]
-    """``split``: q/k/v_proj; ``fused``: Phi-3's qkv_proj, [q | k | v]; ``interleaved``: GPT-NeoX's and Bloom's
-    query_key_value, [q_h k_h v_h] per head."""
+    qkv: Literal["split", "fused", "interleaved", "grouped"]
+    """``split``: q/k/v_proj; ``fused``: Phi-3's qkv_proj or GPT-2's c_attn, [q | k | v]; ``interleaved``:
+    GPT-NeoX's, Bloom's and classic Falcon's query_key_value, [q_h k_h v_h] per head; ``grouped``: Falcon's
+    query_key_value with fewer KV heads, [q_g.. k_g v_g] per KV group (its multi_query [q | k | v] is the one-group
+    case)."""
     qk_norm: Literal["none", "head", "head-gains", "full"]
     """``head``: a norm per head over head_dim (Qwen3, Gemma 3, StableLM's qk_layernorm); ``head-gains``: the same
     with a gain per head, ``[heads, head_dim]`` (Cohere's use_qk_norm), applied before the heads move to dim 1;
@@ -283,9 +294,10 @@ class StepLayout:
     final_softcap: float | None = None
     attn_softcap: float | None = None
     """Gemma 2's tanh soft-capping of the logits and the attention scores."""
-    positions: Literal["rotary", "alibi"] = "rotary"
+    positions: Literal["rotary", "alibi", "learned"] = "rotary"
     """``alibi``: no rotary; each head's scores take a bias of its slope times the key's position (Bloom's
-    ``build_alibi_tensor``), which the step adds through a float attention mask."""
+    ``build_alibi_tensor``), which the step adds through a float attention mask. ``learned``: no rotary; an embedding
+    of each token's position is added to its token embedding (GPT-2's ``wpe``), read at the step's positions."""
     embedding_norm: bool = False
     """A norm of the token embeddings before the first layer (Bloom's ``word_embeddings_layernorm``)."""
     mlp_adds_residual: bool = False
@@ -304,12 +316,21 @@ class StepLayout:
                 f"a guess; generation supports {_STEP_ARCHITECTURES}")
         base = model.base_model
         layers = _first_attr(base, _LAYERS)
-        alibi = not hasattr(base, "rotary_emb") and callable(getattr(base, "build_alibi_tensor", None))
-        if model.get_output_embeddings() is None or layers is None or not (hasattr(base, "rotary_emb") or alibi):
+        rotary = hasattr(base, "rotary_emb")
+        alibi = not rotary and callable(getattr(base, "build_alibi_tensor", None))
+        learned = not rotary and not alibi and _first_attr(base, _POSITION_EMBEDDING) is not None
+        if model.get_output_embeddings() is None or layers is None or not (rotary or alibi or learned):
             raise GenerationError(
-                f"{name} has no causal-LM head over decoder layers with rotary or ALiBi positions lowbit can step (an "
-                f"output embedding, {type(base).__name__}.{'/'.join(_LAYERS)}, {type(base).__name__}.rotary_emb or "
-                f".build_alibi_tensor); generation supports {_STEP_ARCHITECTURES}")
+                f"{name} has no causal-LM head over decoder layers with rotary, ALiBi or learned positions lowbit can "
+                f"step (an output embedding, {type(base).__name__}.{'/'.join(_LAYERS)}, {type(base).__name__}"
+                f".rotary_emb, .build_alibi_tensor or .{'/'.join(_POSITION_EMBEDDING)}); generation supports "
+                f"{_STEP_ARCHITECTURES}")
+        if rotary and getattr(config, "alibi", False):
+            raise GenerationError(f"{name}: config.alibi is set, so its attention takes an ALiBi bias of its own "
+                                  f"instead of the rotary {type(base).__name__}.rotary_emb builds, which the step "
+                                  "does not reproduce")
+        if learned:
+            _check_learned_positions(model)
         layer = layers[0]
         attn = _first_attr(layer, _ATTENTION)
         if attn is None or _first_attr(attn, _OUT_PROJ) is None or _first_attr(base, _FINAL_NORM) is None:
@@ -318,13 +339,14 @@ class StepLayout:
                                   f"supports {_STEP_ARCHITECTURES}")
         if all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
             qkv = "split"
-        elif hasattr(attn, "qkv_proj"):
+        elif _first_attr(attn, _FUSED_QKV) is not None:
             qkv = "fused"
         elif hasattr(attn, "query_key_value"):
-            qkv = "interleaved"
+            qkv = _query_key_value_layout(model, layers)
         else:
             raise GenerationError(f"{name}: layer 0's attention {type(attn).__name__} has neither q/k/v_proj, "
-                                  f"qkv_proj nor query_key_value; generation supports {_STEP_ARCHITECTURES}")
+                                  f"{'/'.join(_FUSED_QKV)} nor query_key_value; generation supports "
+                                  f"{_STEP_ARCHITECTURES}")
         q_norm = _first_attr(attn, ("q_norm", "q_layernorm")) if getattr(attn, "qk_layernorm", True) else None
         qk_norm = "none"
         if q_norm is not None:
@@ -333,13 +355,15 @@ class StepLayout:
             qk_norm = "full" if width is not None and width != head_dim else "head"
             if qk_norm == "head" and q_norm.weight.dim() == 2:
                 qk_norm = "head-gains"
+        mlp_norm = _first_attr(layer, _MLP_NORM)
         if hasattr(layer, "pre_feedforward_layernorm"):
             residual = "sandwich"
         elif _first_attr(layer, _INPUT_NORM) is None and hasattr(layer, "post_feedforward_layernorm"):
             residual = "post"
-        elif getattr(layer, "use_parallel_residual", False) or not hasattr(layer, "post_attention_layernorm"):
-            # no norm of the mlp's own: it reads the input norm beside the attention (Phi, StableLM's parallel)
-            residual = "parallel" if getattr(layer, "post_attention_layernorm", None) is None else "parallel-neox"
+        elif mlp_norm is None:  # no norm of the mlp's own: it reads the input norm beside the attention (Phi, GPT-J)
+            residual = "parallel"
+        elif getattr(layer, "use_parallel_residual", False) or getattr(config, "parallel_attn", False):
+            residual = "parallel-neox"  # the mlp's own norm of the layer input (GPT-NeoX's, Falcon's ln_mlp)
         else:
             residual = "pre"
         for names in (_INPUT_NORM, ("mlp",)):
@@ -352,7 +376,7 @@ class StepLayout:
         _refuse_residual_forms(model)
         if alibi:
             _check_alibi(model)
-        pairs, sin_first, per_pair = ("half", False, False) if alibi else _rotary_form(model, attn)
+        pairs, sin_first, per_pair = _rotary_form(model, attn) if rotary else ("half", False, False)
         return StepLayout(
             qkv=qkv, qk_norm=qk_norm, residual=residual,
             embedding_multiplier=float(getattr(config, "embedding_multiplier", 1.0) or 1.0),
@@ -362,7 +386,8 @@ class StepLayout:
             rotary_pairs=pairs, rotary_sin_first=sin_first, rotary_angle_per_pair=per_pair,
             final_softcap=getattr(config, "final_logit_softcapping", None),
             attn_softcap=getattr(config, "attn_logit_softcapping", None),
-            positions="alibi" if alibi else "rotary", embedding_norm=_first_attr(base, _EMBEDDING_NORM) is not None,
+            positions="rotary" if rotary else "alibi" if alibi else "learned",
+            embedding_norm=_first_attr(base, _EMBEDDING_NORM) is not None,
             mlp_adds_residual="residual" in inspect.signature(layer.mlp.forward).parameters)
 
 
@@ -377,6 +402,34 @@ def _refuse_residual_forms(model: PreTrainedModel) -> None:
     if getattr(config, "slow_but_exact", False) and getattr(config, "pretraining_tp", 1) > 1:
         raise GenerationError(f"{name}: config.slow_but_exact with pretraining_tp={config.pretraining_tp} sums its "
                               "linears in slices without their biases, which the step does not reproduce")
+
+
+def _query_key_value_layout(model: PreTrainedModel, layers: nn.ModuleList) -> Literal["interleaved", "grouped"]:
+    """How a ``query_key_value`` projection lays out its heads, from its width: ``(heads + 2 · kv_heads) · head_dim``
+    columns, ``[q_g.. k_g v_g]`` per KV group (``interleaved`` where each group is one head: GPT-NeoX, Bloom, classic
+    Falcon; ``grouped`` otherwise: Falcon's ``num_kv_heads`` and ``multi_query``). Refused where a layer's width
+    gives another KV head count than the config's ``num_key_value_heads``, the cache the step would allocate."""
+    name, config = type(model).__name__, model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    for i, layer in enumerate(layers):
+        attn = _first_attr(layer, _ATTENTION)
+        head_dim = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None) or config.hidden_size // heads
+        width = attn.query_key_value.weight.shape[0]
+        if width != (heads + 2 * kv_heads) * head_dim:
+            raise GenerationError(f"{name}: layer {i}'s query_key_value has {width} outputs, not the (heads "
+                                  f"{heads} + 2 x kv heads {kv_heads}) x head_dim {head_dim} of [q.. k v] per KV "
+                                  "group the step splits it into (config.num_key_value_heads)")
+    return "interleaved" if kv_heads == heads else "grouped"
+
+
+def _check_learned_positions(model: PreTrainedModel) -> None:
+    """The step adds ``wpe(positions)`` to the token embeddings; refused where the table is not a plain
+    ``nn.Embedding`` read at the position itself (OPT's adds an offset in its own ``forward``)."""
+    table = _first_attr(model.base_model, _POSITION_EMBEDDING)
+    if not isinstance(table, nn.Embedding) or type(table).forward is not nn.Embedding.forward:
+        raise GenerationError(f"{type(model).__name__}: its position embedding {type(table).__name__} is no plain "
+                              "nn.Embedding read at each token's position, which is what the step adds")
 
 
 def _check_alibi(model: PreTrainedModel) -> None:
@@ -402,7 +455,8 @@ class CausalLMStep(nn.Module):
     of ``S = L`` slots, decode the step over one token with the full cache (docs/design.md, "Program form"). The
     HF model's own submodules are called, so module paths and parameter names are those ``CausalLMLogits``
     captures; what differs between families (fused projections, q/k norms, norm placement, partial rotary, which
-    channels the rotary pairs, Bloom's ALiBi bias, multipliers, soft-capping) is the model's ``StepLayout``.
+    channels the rotary pairs, Bloom's ALiBi bias, GPT-2's learned positions, multipliers, soft-capping) is the
+    model's ``StepLayout``.
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
@@ -425,11 +479,12 @@ class CausalLMStep(nn.Module):
         self.windows = [self._window(config, _first_attr(layer, _ATTENTION), t)
                         for layer, t in zip(layers, self.layer_types)]
         """Per layer: the sliding window (a query at p reads slots p - window + 1 .. p), or None."""
-        alibi = self.layout.positions == "alibi"
-        self.rotated = [not alibi and self._rotated(config, _first_attr(layer, _ATTENTION)) for layer in layers]
-        """Per layer: whether its queries and keys take the rotary (False: a NoPE layer, an ALiBi model)."""
+        rotary = self.layout.positions == "rotary"
+        self.rotated = [rotary and self._rotated(config, _first_attr(layer, _ATTENTION)) for layer in layers]
+        """Per layer: whether its queries and keys take the rotary (False: a NoPE layer, an ALiBi or learned-position
+        model)."""
         # the rotary module takes the layer type where layer types have their own frequencies (Gemma 3)
-        self.typed_rotary = not alibi and "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
+        self.typed_rotary = rotary and "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
         self.rope_switch = _rope_switch(model)
         """The position at which the rotary takes its long frequencies (longrope), or None: the generator
         recomputes the cache there, as transformers' Phi-3 does (``lowbit.generate``)."""
@@ -476,8 +531,13 @@ class CausalLMStep(nn.Module):
         if lay.qkv == "interleaved":
             qkv = attn.query_key_value(x).view(batch, length, -1, 3 * d).transpose(1, 2)
             return qkv.chunk(3, dim=-1)
+        if lay.qkv == "grouped":  # Falcon: per KV group its query heads, then its key and its value
+            groups = attn.query_key_value(x).view(batch, length, self.kv_heads, -1, d)
+            q = groups[..., :-2, :].reshape(batch, length, self.heads, d)
+            k, v = groups[..., -2, :], groups[..., -1, :]
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if lay.qkv == "fused":
-            qkv = attn.qkv_proj(x)
+            qkv = _first_attr(attn, _FUSED_QKV)(x)
             nq, nk = self.heads * d, self.kv_heads * d
             q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
         else:
@@ -520,6 +580,8 @@ class CausalLMStep(nn.Module):
         hidden = base.get_input_embeddings()(input_ids)
         if lay.embedding_multiplier != 1.0:
             hidden = hidden * lay.embedding_multiplier
+        if lay.positions == "learned":  # GPT-2: each token's own position, so a left-padded prompt starts at 0
+            hidden = hidden + _first_attr(base, _POSITION_EMBEDDING)(positions)
         if lay.embedding_norm:
             hidden = _first_attr(base, _EMBEDDING_NORM)(hidden)
         rotary: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -557,7 +619,7 @@ class CausalLMStep(nn.Module):
             if lay.residual == "parallel":  # StableLM: residual + attention + mlp, both on the input norm
                 hidden = hidden + out + layer.mlp(x)
             elif lay.residual == "parallel-neox":
-                hidden = layer.mlp(layer.post_attention_layernorm(hidden)) + out + hidden
+                hidden = layer.mlp(_first_attr(layer, _MLP_NORM)(hidden)) + out + hidden
             elif lay.residual == "sandwich":
                 hidden = hidden + layer.post_attention_layernorm(out)
                 hidden = hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
@@ -572,7 +634,7 @@ class CausalLMStep(nn.Module):
                 hidden = layer.mlp(layer.post_attention_layernorm(hidden), hidden)
             else:
                 hidden = hidden + out
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+                hidden = hidden + layer.mlp(_first_attr(layer, _MLP_NORM)(hidden))
         logits = self.model.get_output_embeddings()(_first_attr(base, _FINAL_NORM)(hidden))
         if lay.logits_divisor != 1.0:
             logits = logits / lay.logits_divisor

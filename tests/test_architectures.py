@@ -718,11 +718,13 @@ def test_exaone4_generates_as_transformers_forward_with_either_cache():
 
 
 def _newer_step_family(family: str) -> Any:
-    """A tiny random GPT-J, Cohere or Bloom of two layers with sharp logits (greedy ties would test nothing), the
-    models the step's adjacent-pair rotary, Cohere's per-head q/k gains and Bloom's ALiBi are tested on. GPT-J's
-    rotary covers 8 of its 16 head channels; Cohere's q/k norm gains are random per head (HF's ones would not show a
-    gain applied to the wrong head); Bloom's q/k/v keep their init so the scores stay mild enough for ALiBi to decide
-    tokens (its other weights x16, its norms and embeddings x4)."""
+    """A tiny random GPT-J, Cohere, Bloom, GPT-2 or Falcon of two layers with sharp logits (greedy ties would test
+    nothing), the models the step's adjacent-pair rotary, Cohere's per-head q/k gains, Bloom's ALiBi, GPT-2's learned
+    positions and Falcon's grouped query_key_value are tested on. GPT-J's rotary covers 8 of its 16 head channels;
+    Cohere's q/k norm gains are random per head (HF's ones would not show a gain applied to the wrong head); Bloom's
+    q/k/v keep their init so the scores stay mild enough for ALiBi to decide tokens (its other weights x16, its norms
+    and embeddings x4); GPT-2 scales each layer's scores by 1/(layer + 1) as well; ``falcon`` is the new decoder
+    architecture with 2 KV heads of 4 (ln_attn/ln_mlp), ``falcon-multi-query`` the old one with one KV head."""
     import transformers as t
 
     if family == "bloom":
@@ -734,11 +736,20 @@ def _newer_step_family(family: str) -> Any:
                 p.mul_(1 if "query_key_value" in name else 4 if re.search(r"layernorm|ln_f|word_emb", name) else 16)
         return hf
     two = {**DEC, "num_hidden_layers": 2}
+    falcon = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=VOCAB,
+                  max_position_embeddings=256)
     cfg = {"gptj": lambda: t.GPTJConfig(n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=256,
                                         vocab_size=VOCAB),
            "cohere": lambda: t.CohereConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                            num_key_value_heads=2, use_qk_norm=True, pad_token_id=0, **two)}[family]()
-    torch.manual_seed(0)
+                                            num_key_value_heads=2, use_qk_norm=True, pad_token_id=0, **two),
+           "gpt2": lambda: t.GPT2Config(n_embd=64, n_head=4, n_layer=2, n_positions=64, vocab_size=VOCAB,
+                                        scale_attn_by_inverse_layer_idx=True, bos_token_id=1, eos_token_id=2),
+           "falcon": lambda: t.FalconConfig(new_decoder_architecture=True, num_kv_heads=2, **falcon),
+           "falcon-multi-query": lambda: t.FalconConfig(new_decoder_architecture=False, multi_query=True,
+                                                        **falcon)}[family]()
+    # seeds whose greedy steps have no near-tie the packed int8 cache could flip (top-2 gap >= 0.5% of the largest
+    # logit); Falcon's multi-query seed 0 has one of 4e-4 at a prompt's 11th token, which int8 keys do flip
+    torch.manual_seed({"gpt2": 1, "falcon-multi-query": 8}.get(family, 0))
     hf = t.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
@@ -746,6 +757,27 @@ def _newer_step_family(family: str) -> Any:
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))) * 2 + 0.5)
     return hf
+
+
+def _assert_decode_step_is_the_prefills_last_row(hf: Any, cm: Any, prompt: list[int]) -> None:
+    """The compiled step's prefill of ``prompt`` ends in transformers' forward's last row, and a decode step of its
+    last token over the cache its other tokens' prefill wrote gives that row (fp32 rounding only: 32 slots
+    against n)."""
+    from lowbit.models import CausalLMStep
+
+    ids = torch.tensor([prompt])
+    n = ids.shape[1]
+    step, run = CausalLMStep(hf), cm.runner
+    full = run(ids, torch.arange(n)[None], *step.empty_cache(1, n))[0][0, -1]
+    with torch.no_grad():
+        want = hf(ids).logits[0, -1]
+    assert (full - want).abs().max() <= 1e-5 * want.abs().max()
+    cache = step.empty_cache(1, 32)
+    prefix = run(ids[:, :-1], torch.arange(n - 1)[None], *[c[:, :, : n - 1].clone() for c in cache])
+    for c, part in zip(cache, prefix[1:]):
+        c[:, :, : n - 1] = part
+    last = run(ids[:, -1:], torch.tensor([[n - 1]]), *cache)[0][0, -1]
+    assert (last - full).abs().max() <= 1e-5 * full.abs().max()
 
 
 @pytest.mark.parametrize("family", ["gptj", "cohere"])
@@ -758,7 +790,7 @@ def test_interleaved_rotary_families_generate_as_transformers(family):
     int8 cache (``kv-cache``), and the step's decode logits equal the last row of its prefill, which equals
     transformers' forward."""
     from lowbit.generate import GenerationSpec
-    from lowbit.models import CausalLMStep, StepLayout
+    from lowbit.models import StepLayout
 
     hf = _newer_step_family(family)
     tok = _smollm2_tokenizer()
@@ -774,19 +806,7 @@ def test_interleaved_rotary_families_generate_as_transformers(family):
                                   generation=GenerationSpec(max_length=32, max_batch=2))
     _assert_greedy_as_transformers(hf, prompts, packed.generate(prompts, 12, stop_tokens=()).tokens, 12,
                                    f"{family} kv-cache(bits=8)")
-    ids = torch.tensor([prompts[1]])
-    n = ids.shape[1]
-    step, run = CausalLMStep(hf), cm.runner
-    full = run(ids, torch.arange(n)[None], *step.empty_cache(1, n))[0][0, -1]
-    with torch.no_grad():
-        want = hf(ids).logits[0, -1]
-    assert (full - want).abs().max() <= 1e-5 * want.abs().max()
-    cache = step.empty_cache(1, 32)
-    prefix = run(ids[:, :-1], torch.arange(n - 1)[None], *[c[:, :, : n - 1].clone() for c in cache])
-    for c, part in zip(cache, prefix[1:]):
-        c[:, :, : n - 1] = part
-    last = run(ids[:, -1:], torch.tensor([[n - 1]]), *cache)[0][0, -1]
-    assert (last - full).abs().max() <= 1e-5 * full.abs().max()  # fp32 rounding only (32 slots against n)
+    _assert_decode_step_is_the_prefills_last_row(hf, cm, prompts[1])
 
 
 def test_bloom_generates_as_transformers_with_either_cache(monkeypatch):
@@ -801,7 +821,7 @@ def test_bloom_generates_as_transformers_with_either_cache(monkeypatch):
 
     from lowbit.generate import GenerationError, GenerationSpec
     from lowbit.ir.graph import Value
-    from lowbit.models import CausalLMStep, StepLayout
+    from lowbit.models import StepLayout
 
     hf = _newer_step_family("bloom")
     lay = StepLayout.of(hf)
@@ -823,25 +843,58 @@ def test_bloom_generates_as_transformers_with_either_cache(monkeypatch):
         m.setattr(modeling_bloom, "_get_alibi_slopes", lambda heads, device: slopes(heads, device) * 0)
         with pytest.raises(AssertionError):
             _assert_greedy_as_transformers(hf, prompts, got, 12, "bloom without ALiBi")
-    ids = torch.tensor([prompts[1]])
-    n = ids.shape[1]
-    step, run = CausalLMStep(hf), cm.runner
-    full = run(ids, torch.arange(n)[None], *step.empty_cache(1, n))[0][0, -1]
-    with torch.no_grad():
-        want = hf(ids).logits[0, -1]
-    assert (full - want).abs().max() <= 1e-5 * want.abs().max()
-    cache = step.empty_cache(1, 32)
-    prefix = run(ids[:, :-1], torch.arange(n - 1)[None], *[c[:, :, : n - 1].clone() for c in cache])
-    for c, part in zip(cache, prefix[1:]):
-        c[:, :, : n - 1] = part
-    last = run(ids[:, -1:], torch.tensor([[n - 1]]), *cache)[0][0, -1]
-    assert (last - full).abs().max() <= 1e-5 * full.abs().max()
+    _assert_decode_step_is_the_prefills_last_row(hf, cm, prompts[1])
     for setting, value, why in (("apply_residual_connection_post_layernorm", True, "the normed input is the residual"),
                                 ("slow_but_exact", True, "sums its linears in slices without their biases")):
         with monkeypatch.context() as m:
             m.setattr(hf.config, setting, value)
             m.setattr(hf.config, "pretraining_tp", 2)
             with pytest.raises(GenerationError, match=rf"BloomForCausalLM: config\.{setting}.*{why}"):
+                StepLayout.of(hf)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "falcon", "falcon-multi-query"])
+def test_gpt2_and_falcon_generate_as_transformers_with_either_cache(family, monkeypatch):
+    """GPT-2 (learned absolute positions ``wpe`` and no rotary, Conv1D ``c_attn`` laid out [q | k | v], ``ln_1``
+    then ``ln_2``, a scale per layer) and Falcon (rotary; ``query_key_value`` holding each KV group's query heads,
+    key and value, with ln_attn and ln_mlp in parallel in the new decoder architecture; one KV head [q | k | v] and
+    attention and mlp on one input_layernorm in the old multi_query one) were refused by model_type. ``StepLayout``
+    reads the fused projection, the norms and the positions off the modules and config; a two-prompt batch's 12
+    greedy tokens (left-padded: GPT-2's positions per sequence from the step's positions input, where zeroed
+    position embeddings make other tokens) equal transformers' generate with the float and the packed int8 cache,
+    the prefill's last row transformers' forward and a decode step that row (1e-5). Falcon's config.alibi and a
+    query_key_value whose width disagrees with the config's KV heads are refused by name."""
+    from lowbit.generate import GenerationError, GenerationSpec
+    from lowbit.models import StepLayout
+
+    hf = _newer_step_family(family)
+    lay = StepLayout.of(hf)
+    want = {"gpt2": ("fused", "pre", "learned", 4), "falcon": ("grouped", "parallel-neox", "rotary", 2),
+            "falcon-multi-query": ("grouped", "parallel", "rotary", 1)}[family]
+    tok = _smollm2_tokenizer()
+    spec = GenerationSpec(max_length=32, max_batch=2)
+    prompts = [tok(p).input_ids for p in GEN_PROMPTS]
+    cm = lowbit.compile_model(hf, tokenizer=tok, generation=spec)
+    assert (lay.qkv, lay.residual, lay.positions, cm.graph.meta["generation"]["kv_heads"]) == want
+    got = cm.generate(prompts, 12, stop_tokens=()).tokens
+    _assert_greedy_as_transformers(hf, prompts, got, 12, family)
+    packed = lowbit.compile_model(hf, tokenizer=tok, pipeline="kv-cache(bits=8,k_block=4,window=4,v_group=16)",
+                                  generation=spec)
+    _assert_greedy_as_transformers(hf, prompts, packed.generate(prompts, 12, stop_tokens=()).tokens, 12,
+                                   f"{family} kv-cache(bits=8)")
+    _assert_decode_step_is_the_prefills_last_row(hf, cm, prompts[1])
+    if family == "gpt2":  # the positions decide this model's tokens: a step that misplaced them would fail
+        with monkeypatch.context() as m:
+            m.setattr(hf.transformer.wpe, "weight", torch.nn.Parameter(torch.zeros_like(hf.transformer.wpe.weight)))
+            with pytest.raises(AssertionError):
+                _assert_greedy_as_transformers(hf, prompts, got, 12, "gpt2 without positions")
+        return
+    for setting, value, why in (("alibi", True, r"config\.alibi is set, so its attention takes an ALiBi bias"),
+                                ("num_key_value_heads", 4, r"layer 0's query_key_value has \d+ outputs, not the "
+                                                           r"\(heads 4 \+ 2 x kv heads 4\)")):
+        with monkeypatch.context() as m:
+            m.setattr(hf.config, setting, value)
+            with pytest.raises(GenerationError, match=rf"FalconForCausalLM: {why}"):
                 StepLayout.of(hf)
 
 
