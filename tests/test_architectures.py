@@ -898,12 +898,14 @@ def test_gpt2_and_falcon_generate_as_transformers_with_either_cache(family, monk
                 StepLayout.of(hf)
 
 
-@pytest.mark.parametrize("family", ["gptj", "cohere", "bloom"])
+@pytest.mark.parametrize("family", ["gptj", "cohere", "bloom", "gpt2", "falcon", "falcon-multi-query"])
 def test_onnxruntime_generates_the_newer_step_families_tokens(family):
     """The step graphs of GPT-J and Cohere (adjacent-pair rotary, partial in GPT-J; Cohere's per-head q/k gains and
-    logit_scale) and Bloom (ALiBi as the float mask of ONNX's Attention) export to ONNX (past_key_values in, present
-    out) and ONNX Runtime's greedy tokens for a left-padded two-prompt batch equal the torch reference's and
-    transformers' generate; with int4 weights (w4a16-g64 as MatMulNBits) they equal the torch reference's."""
+    logit_scale), Bloom (ALiBi as the float mask of ONNX's Attention), GPT-2 (learned positions gathered at the
+    positions input) and Falcon (2 or 1 KV heads sliced out of query_key_value) export to ONNX (past_key_values in,
+    present out) and ONNX Runtime's greedy tokens for a left-padded two-prompt batch equal the torch reference's and
+    transformers' generate; with int4 weights (w4a16-g64 as MatMulNBits) they equal the torch reference's. Every
+    projection is one: Falcon's step capture keeps its ``x @ W.T`` as ``numpy_T``, which W4A16 left float."""
     from lowbit.backends.onnxruntime_backend import OrtCompiled
     from lowbit.generate import GenerationSpec, Generator
 
@@ -914,7 +916,7 @@ def test_onnxruntime_generates_the_newer_step_families_tokens(family):
                                                                                                 max_batch=2))
         runner = OrtCompiled(cm.graph, device="cpu", weight_format=weight_format)
         lowered = [n.op_type for n in runner.onnx_model.graph]
-        linears = {"gptj": 6, "cohere": 7, "bloom": 4}[family] * 2  # a layer's projections; the head stays float
+        linears = {"gptj": 6, "cohere": 7}.get(family, 4) * 2  # a layer's projections; the head stays float
         assert lowered.count("Attention") == 2 and lowered.count("MatMulNBits") == (0 if recipe is None else linears)
         got = Generator(runner, cm.graph.meta["generation"], "cpu").generate(prompts, 12, stop_tokens=()).tokens
         assert got == cm.generate(prompts, 12, stop_tokens=()).tokens, f"{family} {recipe}"

@@ -185,8 +185,10 @@ def _rewrite_rotary(graph: Graph, node: Node, b: Bindings) -> Node | None:
 
 
 _TRANSPOSED = Alt(P("aten.permute.default", X("w"), [1, 0]), P("aten.t.default", X("w")),
+                  P("aten.numpy_T.default", X("w")),
                   *(P("aten.transpose.int", X("w"), a, b) for a, b in ((0, 1), (1, 0), (-1, -2), (-2, -1))))
-"""``W.T`` of a weight as export writes it (``.T``, ``.t()``, ``.transpose(0, 1)``)."""
+"""``W.T`` of a weight as export writes it (``.T``, ``.t()``, ``.transpose(0, 1)``; a generation step's capture keeps
+``.T`` as ``numpy_T``, which left Falcon's step projections as matmuls every quantizer skipped)."""
 
 
 def _rewrite_transposed_linear(graph: Graph, node: Node, b: Bindings) -> Node | None:
