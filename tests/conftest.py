@@ -257,15 +257,18 @@ def written_out_attention_graph() -> Any:
 
 
 def tiny_outside_family(family: str, layers: int = 2) -> torch.nn.Module:
-    """A random tiny Bloom (ALiBi), GPT-J or Cohere (interleaved rotary), or GPT-2 (Conv1D linears, ``addmm``):
-    families outside the architecture matrix whose capture, quantization and ONNX lowering are checked on their
-    own (vocabulary 128)."""
+    """A random tiny Bloom (ALiBi), GPT-J or Cohere (interleaved rotary), GPT-2 (Conv1D linears, ``addmm``) or
+    Falcon (new decoder architecture, 2 KV heads of 4 in a grouped query_key_value): families outside the
+    architecture matrix whose capture, quantization and ONNX lowering are checked on their own (vocabulary 128)."""
     import transformers as t
 
     small = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg = {"bloom": lambda: t.BloomConfig(hidden_size=64, n_head=4, n_layer=layers, **small),
            "gptj": lambda: t.GPTJConfig(n_embd=64, n_head=4, n_layer=layers, rotary_dim=8, n_positions=64, **small),
            "gpt2": lambda: t.GPT2Config(n_embd=64, n_head=4, n_layer=layers, n_positions=64, **small),
+           "falcon": lambda: t.FalconConfig(hidden_size=64, num_attention_heads=4, num_kv_heads=2,
+                                            new_decoder_architecture=True, num_hidden_layers=layers,
+                                            max_position_embeddings=64, **small),
            "cohere": lambda: t.CohereConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                             num_key_value_heads=2, num_hidden_layers=layers,
                                             max_position_embeddings=64, **small)}[family]()

@@ -624,6 +624,43 @@ def test_adjacent_pair_rotary_keeps_its_ops_on_the_triton_backend_and_the_report
 
 
 @needs_kernels
+@pytest.mark.parametrize("family", ["gpt2", "falcon"])
+def test_gpt2_and_falcon_steps_take_only_the_kernels_that_compute_them(family):
+    """GPT-2's step has no rotary (its learned positions are added to the embeddings): each layer's cache writes keep
+    their captured ops, no rotary_write_kv, and the report names the written keys. Falcon's keys, sliced out of its
+    grouped query_key_value (2 KV heads of 4), take a rotate-half rotary, which rotary_write_kv computes: both
+    layers fuse. Two prompts of different lengths make the torch reference's greedy tokens with the float and the
+    packed int8 cache (float32: no bf16 near-ties between the two)."""
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    from conftest import tiny_outside_family
+
+    model = tiny_outside_family(family)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)  # sharper logits than the init's
+    spec = GenerationSpec(max_length=16, max_batch=2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts = [[51, 13, 120, 50, 40], [42, 55]]
+    ref = compile_model(model, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
+    tri = _triton_step(model, None, spec, dev)
+    targets = [n.target for n in tri.runner.gm.graph.nodes if n.op == "call_function"]
+    unfused, text = tri.runner.report["unfused"], tri.runner.report_text()
+    if family == "gpt2":
+        assert not set(targets) & {torch.ops.lowbit.rotary_write_kv.default, ir_ops.rotary}
+        assert len(unfused) == 2 and all("GPT-2's learned positions" in why for why in unfused.values()), unfused
+        assert sum("not fused at %" in line for line in text.splitlines()) == 2
+    else:
+        assert targets.count(torch.ops.lowbit.rotary_write_kv.default) == 2 and not unfused, unfused
+        assert "rotary + k/v cache write fused: 2 layers on rotary_write_kv" in text
+    assert tri.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+    packed = _triton_step(model, "kv-cache(bits=8,k_block=8,window=8,v_group=16)", spec, dev)
+    assert list(packed.runner.report["kernels"].values()).count("cache-attention") == 2
+    assert packed.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+
+
+@needs_kernels
 def test_an_attention_bias_stays_on_the_reference_and_the_report_names_it():
     """Bloom's step adds its ALiBi bias through a float attention mask and ``cache_attention``'s ``bias``; neither
     decode kernel adds one (``decode_sdpa`` reads a boolean mask: per call it sent a float one to SDPA, while the

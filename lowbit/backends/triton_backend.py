@@ -753,7 +753,8 @@ def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | 
                 report["unfused"][written_out.name] = (
                     f"rotary + k/v cache write: the keys written are %{written_out.name} ({_op_name(written_out)}), no "
                     "IR rotate-half rotary (rotary_write_kv's kernel turns those only): an adjacent-pair rotary "
-                    "(GPT-J, Cohere), a partial one's cat or none; its ops run as captured")
+                    "(GPT-J, Cohere), a partial one's cat or none (a NoPE layer, GPT-2's learned positions); its ops "
+                    "run as captured")
             continue
         q_rot, k_rot, k_write, v_write = found["q_rot"], found["k_rot"], found["k_write"], found["v_write"]
         why = plan_rotary_cache(_type_of(q_rot, types), _type_of(k_rot, types))
