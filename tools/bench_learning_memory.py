@@ -1,6 +1,6 @@
 """Host memory of learning a rotation (issue 20: KurTail at most a quarter of SpinQuant's peak), SmolLM2-135M.
 
-    python tools/bench_learning_memory.py                  # both methods -> bench/results/accuracy.json
+    python tools/bench_learning_memory.py                  # every method -> bench/results/accuracy.json
     python tools/bench_learning_memory.py --steps 4 --out /tmp/mem.json
     python tools/bench_learning_memory.py --device cuda    # GPU memory, with the GPU accuracy rows' settings
 
@@ -38,12 +38,17 @@ from bench_rotation import SPIN_GPU_STEPS
 from results_io import machine, merge_rows
 from results_io import versions as results_versions
 
+KURTAIL_R2 = "kind=kurtosis,moment=16,learn_heads=true,calib_n=120,samples=7680,lr_schedule=cosine"
+"""The ``w4a4kv4-kurtail-r2`` recipe's rotation (bench_rotation's ``kurtail-m16-r2-d120-s400c`` rows, 400 steps): R1
+and the 30 per-layer R2s learned on 7680 tokens a site, whose samples and stacked R2 steps set its memory."""
 METHODS = {
     "kurtail": "fold-norms,rotate(kind=kurtosis,steps={steps},batch_size=1,progress=false)",
+    "kurtail-r2": f"fold-norms,rotate({KURTAIL_R2},steps={{steps}},batch_size=1,progress=false)",
     "spinquant": "fold-norms,rotate(kind=learned,calib_n=16,calib_len=256,steps={steps},progress=false)",
 }
 METHODS_GPU = {
     "kurtail": "fold-norms,rotate(kind=kurtosis,steps={steps},progress=false,device=cuda)",
+    "kurtail-r2": f"fold-norms,rotate({KURTAIL_R2},steps={{steps}},progress=false,device=cuda)",
     "spinquant": f"fold-norms,{SPIN_GPU_STEPS.replace('progress=false', 'progress=false,device=cuda')}",
 }
 MMAP_THRESHOLD = "131072"
