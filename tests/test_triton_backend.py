@@ -9,6 +9,7 @@ interpreter truncates bf16 casts) and on every next-token argmax but near-ties.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -216,6 +217,24 @@ def _triton_step(model: torch.nn.Module, pipeline: str, spec, device: str, **opt
 
     return compile_model(model, pipeline=pipeline, backend="triton", backend_options={"compile": False, **options},
                          generation=spec, device=device)
+
+
+def _sharp_family_reference(family: str, dev: str) -> tuple[torch.nn.Module, Any, list[list[int]], Any]:
+    """(a tiny ``family`` model with its weights x4 for sharper logits than the init's, a 16-slot 2-sequence
+    GenerationSpec, two prompts of different lengths, the torch reference's greedy generation of them)."""
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    from conftest import tiny_outside_family
+
+    model = tiny_outside_family(family)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    spec = GenerationSpec(max_length=16, max_batch=2)
+    prompts = [[51, 13, 120, 50, 40], [42, 55]]
+    ref = compile_model(model, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
+    return model, spec, prompts, ref
 
 
 def _add_norm_split(compiled) -> tuple[int, int]:
@@ -600,17 +619,8 @@ def test_adjacent_pair_rotary_keeps_its_ops_on_the_triton_backend_and_the_report
     ``rotary_write_kv``'s rotate-half kernel does not: each layer's rotary and cache writes keep their captured ops
     (no fused node, no IR rotary to fuse), the report says so at each layer's written keys, and greedy tokens of two
     prompts of different lengths equal the torch reference's (float32: no bf16 near-ties between the two)."""
-    from lowbit.api import compile_model
-    from lowbit.generate import GenerationSpec
-
-    from conftest import tiny_outside_family
-
-    model = tiny_outside_family(family)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4)  # sharper logits than the init's
-    spec = GenerationSpec(max_length=16, max_batch=2)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model, spec, prompts, ref = _sharp_family_reference(family, dev)
     tri = _triton_step(model, None, spec, dev)
     targets = {n.target for n in tri.runner.gm.graph.nodes if n.op == "call_function"}
     assert not targets & {torch.ops.lowbit.rotary_write_kv.default, torch.ops.lowbit.rotary_decode_sdpa.default,
@@ -618,8 +628,6 @@ def test_adjacent_pair_rotary_keeps_its_ops_on_the_triton_backend_and_the_report
     unfused = tri.runner.report["unfused"]
     assert len(unfused) == 2 and all("no IR rotate-half rotary" in why for why in unfused.values()), unfused
     assert sum("not fused at %" in line for line in tri.runner.report_text().splitlines()) == 2
-    prompts = [[51, 13, 120, 50, 40], [42, 55]]
-    ref = compile_model(model, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
     assert tri.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
 
 
@@ -631,19 +639,8 @@ def test_gpt2_and_falcon_steps_take_only_the_kernels_that_compute_them(family):
     grouped query_key_value (2 KV heads of 4), take a rotate-half rotary, which rotary_write_kv computes: both
     layers fuse. Two prompts of different lengths make the torch reference's greedy tokens with the float and the
     packed int8 cache (float32: no bf16 near-ties between the two)."""
-    from lowbit.api import compile_model
-    from lowbit.generate import GenerationSpec
-
-    from conftest import tiny_outside_family
-
-    model = tiny_outside_family(family)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4)  # sharper logits than the init's
-    spec = GenerationSpec(max_length=16, max_batch=2)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    prompts = [[51, 13, 120, 50, 40], [42, 55]]
-    ref = compile_model(model, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
+    model, spec, prompts, ref = _sharp_family_reference(family, dev)
     tri = _triton_step(model, None, spec, dev)
     targets = [n.target for n in tri.runner.gm.graph.nodes if n.op == "call_function"]
     unfused, text = tri.runner.report["unfused"], tri.runner.report_text()
@@ -667,11 +664,7 @@ def test_an_attention_bias_stays_on_the_reference_and_the_report_names_it():
     report listed the node on decode-sdpa). The lowering keeps both on the reference and names each node and why;
     a bf16 attention with a float mask computes what the torch backend does, and two prompts' greedy tokens through
     the float and the packed int8 cache equal the torch reference's."""
-    from lowbit.api import compile_model
-    from lowbit.generate import GenerationSpec
     from lowbit.ir.parser import parse_graph
-
-    from conftest import tiny_outside_family
 
     g = parse_graph("""graph g(%q: bf16[2,4,1,64], %k: bf16[2,4,9,64], %v: bf16[2,4,9,64], %m: bf16[2,4,1,9]) {
   %a: bf16[2,4,1,64] = attention(%q, %k, %v, %m)  # attn
@@ -687,13 +680,7 @@ def test_an_attention_bias_stays_on_the_reference_and_the_report_names_it():
             ((2, 4, 1, 64), (2, 4, 9, 64), (2, 4, 9, 64), (2, 4, 1, 9))]
     assert torch.equal(m(*args), TorchCompiled(g)(*args))
 
-    model = tiny_outside_family("bloom")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4)  # sharper logits than the init's
-    spec = GenerationSpec(max_length=16, max_batch=2)
-    prompts = [[51, 13, 120, 50, 40], [42, 55]]
-    ref = compile_model(model, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
+    model, spec, prompts, ref = _sharp_family_reference("bloom", dev)
     for pipeline, op, reason in ((None, "attention", "decode-sdpa: a float32 mask (an additive bias"),
                                  ("kv-cache(bits=8,k_block=8,window=8,v_group=16)", "cache_attention",
                                   "cache-attention: an additive bias over key positions (Bloom's ALiBi)")):
