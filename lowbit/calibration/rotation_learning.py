@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from lowbit.calibration.distill import lr_factor
+from lowbit.calibration.linalg import solve
 from lowbit.calibration.engine import CalibrationError
 from lowbit.ir.graph import Graph, Node
 
@@ -259,10 +260,10 @@ def tail_ratio_reference(y: torch.Tensor, p: int) -> torch.Tensor:
 
 def cayley(a: torch.Tensor) -> torch.Tensor:
     """``(I - S)⁻¹(I + S)`` with ``S = A - Aᵀ``: an orthogonal matrix (``C(0) = I``), differentiable in ``A``; a
-    stack ``[..., n, n]`` gives one per matrix."""
+    stack ``[..., n, n]`` gives one per matrix (solved one at a time on the CPU: ``lowbit.calibration.linalg``)."""
     s = a - a.mT
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    return torch.linalg.solve(eye - s, eye + s)
+    return solve(eye - s, eye + s)
 
 
 def orthogonal_polar(q: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.calibration.linalg import solve
+
 __all__ = ["ObsResult", "augmented_hessian", "remove_columns_obs"]
 
 
@@ -83,7 +85,7 @@ def remove_columns_obs(w: torch.Tensor, h: torch.Tensor, unit: int, n_remove: in
         else:
             hb = hinv[cols[:, :, None], cols[:, None, :]]  # [units, unit, unit]
             wb = wt[:k].reshape(units, unit, n)  # [units, unit, N]
-            sol = torch.linalg.solve(hb + 1e-30 * eye, wb)  # [units, unit, N]
+            sol = solve(hb + 1e-30 * eye, wb)  # [units, unit, N]
             de = (wb * sol).sum((1, 2))
         de = torch.where(alive, de, torch.full_like(de, float("inf")))
         take = torch.argsort(de, stable=True)[:min(step, n_remove - len(removed))]
@@ -96,7 +98,7 @@ def remove_columns_obs(w: torch.Tensor, h: torch.Tensor, unit: int, n_remove: in
         if len(s) == 1:
             coef, piv = ws / hss, rows / hss
         else:
-            coef, piv = torch.linalg.solve(hss, ws), torch.linalg.solve(hss, rows)
+            coef, piv = solve(hss, ws), solve(hss, rows)
         loss += float((ws * coef).sum())  # coef = ([H⁻¹]_SS)⁻¹·W_Sᵀ, [|S|, N]
         wt.addmm_(rows.t(), coef, alpha=-1)
         hinv.addmm_(hinv[:, s], piv, alpha=-1)
