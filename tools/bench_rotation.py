@@ -41,6 +41,9 @@ KURTAIL = "rotate(kind=kurtosis,progress=false)"
 """Defaults: 8 x 512 calibration tokens (WikiText-2 validation), 512 kept per norm, 100 Adam steps on the Cayley
 parameter, 4096 tokens a step."""
 KURTAIL_M16 = "rotate(kind=kurtosis,moment=16,progress=false)"
+KURTAIL_R2S400C = ("rotate(kind=kurtosis,moment=16,learn_heads=true,calib_n=120,samples=7680,steps=400,"
+                   "lr_schedule=cosine,progress=false)")
+"""The w4a4kv4-kurtail-r2 recipe's rotation (the d120-s400c rows): R1 and R2, 0.843x QuaRot's perplexity."""
 KURTAIL_O = "rotate(kind=kurtosis,online_o=true,progress=false)"
 """KurTail plus a full-width online Hadamard before each o_proj."""
 SPIN_GPU_STEPS = ("rotate(kind=learned,calib=wikitext2-valid,calib_n=256,calib_len=512,steps={steps},"
@@ -433,6 +436,14 @@ ROWS: list[tuple[str, str, str, str | None, str]] = [
      f"{ROT},{GPTQ_G64_CLIP},{e2e('5e-5', 4_000_000, 330)}", MAIN),
     ("w4a4kv4", "kurtail-gptqa4-wclip-acs-e2e-lr5e-5", "as kurtail-gptqa4-wclip-acs-e2e with lr 5e-5",
      f"{BEST_A4},{e2e('5e-5', max_seconds=240)}", MAIN),
+    # session 46: the best pipeline and its end-to-end tuning on the rotation that meets the 0.85x goal (R1 and R2
+    # learned on the tail ratio, d120, 400 steps on a cosine) instead of the R1-only ones
+    ("w4a4kv4", "kurtail-r2s400c-gptqa4-wclip-acs", "as kurtail-m16-gptqa4-wclip-acs with R1 and each layer's R2 "
+     "learned from 120 calibration sequences (7680 tokens kept per site), 400 steps on a cosine",
+     BEST_A4.replace(KURTAIL, KURTAIL_R2S400C), MAIN),
+    ("w4a4kv4", "kurtail-r2s400c-gptqa4-wclip-acs-e2e-lr5e-5", "the kurtail-r2s400c-gptqa4-wclip-acs row, then its "
+     "weight scales tuned end to end (2M tokens or 240 s, lr 5e-5: the w4a4kv4-e2e recipe's tuning)",
+     f"{BEST_A4.replace(KURTAIL, KURTAIL_R2S400C)},{e2e('5e-5', max_seconds=240)}", MAIN),
     # SpinQuant-style (item 4a), at CPU size: R1 = Hadamard·U, U learned on the W4A4 fake-quantized next-token loss
     ("w4a4kv4", "spinquant", "fold-norms + Hadamard R1-R4, R1 refined on the W4A4 fake-quant loss (Cayley/Adam, "
      "16 steps x 1 window of 256, kept only if it beats the start on 8 windows) + GPTQ W4 per channel", f"fold-norms,{SPIN},gptq(w=int4,sym=false,{{cal}}),quantize({A4})",
