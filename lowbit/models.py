@@ -276,6 +276,11 @@ class StepLayout:
     """``pre``: Llama's; ``sandwich``: Gemma's norms before and after attention and mlp; ``post``: OLMo 2's norms
     after them only; ``parallel``: StableLM's attention and mlp both on the input norm; ``parallel-neox``: the mlp on
     its own norm of the layer input."""
+    residual_last: bool = False
+    """A ``parallel`` block that sums ``attention + mlp`` and adds the residual last (GPT-J's, Phi's, Falcon's), not
+    ``residual + attention + mlp`` (StableLM's, Cohere's). Float addition does not associate: the other order left
+    GPT-J's, Phi's and Falcon's float32 prefill logits up to ~6e-6 off transformers'. Only the layer's forward shows
+    the order, so it is read from ``_PARALLEL_RESIDUAL_LAST`` by model_type."""
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_divisor: float = 1.0
@@ -379,6 +384,7 @@ class StepLayout:
         pairs, sin_first, per_pair = _rotary_form(model, attn) if rotary else ("half", False, False)
         return StepLayout(
             qkv=qkv, qk_norm=qk_norm, residual=residual,
+            residual_last=residual == "parallel" and config.model_type in _PARALLEL_RESIDUAL_LAST,
             embedding_multiplier=float(getattr(config, "embedding_multiplier", 1.0) or 1.0),
             residual_multiplier=float(getattr(config, "residual_multiplier", 1.0) or 1.0),
             logits_divisor=float(getattr(config, "logits_scaling", 1.0) or 1.0),
@@ -389,6 +395,12 @@ class StepLayout:
             positions="rotary" if rotary else "alibi" if alibi else "learned",
             embedding_norm=_first_attr(base, _EMBEDDING_NORM) is not None,
             mlp_adds_residual="residual" in inspect.signature(layer.mlp.forward).parameters)
+
+
+_PARALLEL_RESIDUAL_LAST = frozenset({"gptj", "phi", "falcon"})
+"""``model_type``s whose parallel block adds the residual after attention + mlp (``StepLayout.residual_last``):
+GPT-J's ``attn_output + feed_forward_hidden_states + residual``, Phi's the same, Falcon's ``residual + (mlp_output
++ attention_output)``. StableLM's and Cohere's add ``residual + attention + mlp``."""
 
 
 def _refuse_residual_forms(model: PreTrainedModel) -> None:
@@ -616,7 +628,9 @@ class CausalLMStep(nn.Module):
             new_cache += [keys, values]
             out = self._attend(attn, q, keys.to(q.dtype), values.to(q.dtype), masks[self.windows[i]])
             out = _first_attr(attn, _OUT_PROJ)(out.transpose(1, 2).reshape(batch, length, -1))
-            if lay.residual == "parallel":  # StableLM: residual + attention + mlp, both on the input norm
+            if lay.residual == "parallel" and lay.residual_last:  # GPT-J, Phi, Falcon: (attention + mlp) + residual
+                hidden = out + layer.mlp(x) + hidden
+            elif lay.residual == "parallel":  # StableLM, Cohere: residual + attention + mlp, both on the input norm
                 hidden = hidden + out + layer.mlp(x)
             elif lay.residual == "parallel-neox":
                 hidden = layer.mlp(_first_attr(layer, _MLP_NORM)(hidden)) + out + hidden

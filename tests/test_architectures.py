@@ -796,10 +796,10 @@ def test_interleaved_rotary_families_generate_as_transformers(family):
     tok = _smollm2_tokenizer()
     cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
     lay = StepLayout.of(hf)
-    want = (("adjacent", True, True, "none", 1.0) if family == "gptj" else
-            ("adjacent", False, False, "head-gains", hf.config.logit_scale))
+    want = (("adjacent", True, True, "none", 1.0, True) if family == "gptj" else
+            ("adjacent", False, False, "head-gains", hf.config.logit_scale, False))
     assert (lay.rotary_pairs, lay.rotary_sin_first, lay.rotary_angle_per_pair, lay.qk_norm,
-            lay.logits_multiplier) == want
+            lay.logits_multiplier, lay.residual_last) == want
     prompts = [tok(p).input_ids for p in GEN_PROMPTS]
     _assert_greedy_as_transformers(hf, prompts, cm.generate(prompts, 8, stop_tokens=()).tokens, 8, family)
     packed = lowbit.compile_model(hf, tokenizer=tok, pipeline="kv-cache(bits=8,k_block=4,window=4,v_group=16)",
@@ -807,6 +807,54 @@ def test_interleaved_rotary_families_generate_as_transformers(family):
     _assert_greedy_as_transformers(hf, prompts, packed.generate(prompts, 12, stop_tokens=()).tokens, 12,
                                    f"{family} kv-cache(bits=8)")
     _assert_decode_step_is_the_prefills_last_row(hf, cm, prompts[1])
+
+
+def _assert_prefill_is_transformers_bit_for_bit(hf: Any, cm: Any, prompt: list[int], family: str) -> None:
+    """The step's prefill of ``prompt`` equals transformers' forward bit for bit: eagerly (``CausalLMStep``, every
+    row) and compiled (its last row, which ``last-logits`` keeps: against ``logits_to_keep=1``, the head's matmul
+    over the same one row); a failure gives max|diff|."""
+    from lowbit.models import CausalLMStep
+
+    ids = torch.tensor([prompt])
+    positions = torch.arange(ids.shape[1])[None]
+    step = CausalLMStep(hf)
+    with torch.no_grad():
+        want = hf(ids).logits
+        eager = step(ids, positions, step.empty_cache(1, ids.shape[1]))[0]
+        last = hf(ids, logits_to_keep=1).logits
+    compiled = cm.runner(ids, positions, *step.empty_cache(1, ids.shape[1]))[0]
+    assert compiled.shape[1] == 1  # last-logits found the final norm
+    for got, ref, what in ((eager, want, "eager step"), (compiled, last, "compiled step")):
+        assert got.dtype == ref.dtype and torch.equal(got, ref), \
+            f"{family} {what}: max|diff| {(got.float() - ref.float()).abs().max().item():.3g} from transformers'"
+
+
+@pytest.mark.parametrize("family", ["gptj", "phi", "falcon-multi-query", "stablelm"])
+def test_parallel_blocks_add_the_residual_in_transformers_order(family):
+    """A parallel block's three terms were summed ``residual + attention + mlp`` for every family; GPT-J and Phi sum
+    ``attention + mlp + residual`` and Falcon ``residual + (mlp + attention)``, and float addition does not
+    associate: their float32 prefill logits were up to 5.7e-6 off transformers' forward. ``StepLayout.residual_last``
+    sums them in their order (StableLM's, with use_parallel_residual, stays residual first) and the prefill equals
+    transformers' forward bit for bit, eagerly (every row) and compiled (the last row)."""
+    import transformers as t
+
+    from lowbit.generate import GenerationSpec
+    from lowbit.models import StepLayout
+
+    if family == "phi":
+        hf, tok, cm = _sharp_step_model(t.PhiConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                                    partial_rotary_factor=0.5, qk_layernorm=True, **DEC))
+    elif family == "stablelm":
+        hf, tok, cm = _sharp_step_model(t.StableLmConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                                         num_key_value_heads=4, use_parallel_residual=True,
+                                                         **{**DEC, "num_hidden_layers": 2}))
+    else:
+        hf, tok = _newer_step_family(family), _smollm2_tokenizer()
+        cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
+    lay = StepLayout.of(hf)
+    assert (lay.residual, lay.residual_last) == ("parallel", family != "stablelm")
+    for prompt in (tok(p).input_ids for p in GEN_PROMPTS):
+        _assert_prefill_is_transformers_bit_for_bit(hf, cm, prompt, family)
 
 
 def test_bloom_generates_as_transformers_with_either_cache(monkeypatch):
