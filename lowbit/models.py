@@ -293,12 +293,22 @@ class StepLayout:
     tables (``_rotary_form``)."""
     rotary_sin_first: bool = False
     """The rotary module returns ``(sin, cos)`` (GPT-J), not ``(cos, sin)``."""
+    rotary_in_float32: bool = False
+    """The attention's ``apply_rotary_pos_emb`` rotates queries and keys in float32 and casts them back (Cohere's),
+    where the step rotated in a bfloat16 model's bfloat16 (its prefill logits ~0.014 off transformers' at logits
+    ~0.7). Found by running that function (``_rotates_in_float32``)."""
     rotary_angle_per_pair: bool = False
     """The tables hold one angle per rotated pair (GPT-J's ``r/2`` columns), which the step widens to one per
     channel in ``rotary_pairs``' order; otherwise they hold one per channel already."""
     final_softcap: float | None = None
     attn_softcap: float | None = None
     """Gemma 2's tanh soft-capping of the logits and the attention scores."""
+    attn_upcast: bool = False
+    """GPT-2's ``reorder_and_upcast_attn`` under transformers' eager attention, the one implementation that reads it
+    (SDPA's ignores it, and so does the step then): a half-precision model's attention scores, mask and softmax in
+    float32, the probabilities cast back to the values' dtype. The step's SDPA over bfloat16 left GPT-2's prefill
+    logits up to ~0.16 off transformers' at logits ~11. Written out, as Gemma 2's soft-capped attention is, it has
+    no attention node for ``kv-cache``, which refuses it by layer: such a model generates with the float cache."""
     positions: Literal["rotary", "alibi", "learned"] = "rotary"
     """``alibi``: no rotary; each head's scores take a bias of its slope times the key's position (Bloom's
     ``build_alibi_tensor``), which the step adds through a float attention mask. ``learned``: no rotary; an embedding
@@ -390,8 +400,11 @@ class StepLayout:
             logits_divisor=float(getattr(config, "logits_scaling", 1.0) or 1.0),
             logits_multiplier=float(getattr(config, "logit_scale", 1.0) or 1.0),
             rotary_pairs=pairs, rotary_sin_first=sin_first, rotary_angle_per_pair=per_pair,
+            rotary_in_float32=rotary and _rotates_in_float32(attn),
             final_softcap=getattr(config, "final_logit_softcapping", None),
             attn_softcap=getattr(config, "attn_logit_softcapping", None),
+            attn_upcast=(bool(getattr(attn, "reorder_and_upcast_attn", False))
+                         and getattr(config, "_attn_implementation", None) == "eager"),
             positions="rotary" if rotary else "alibi" if alibi else "learned",
             embedding_norm=_first_attr(base, _EMBEDDING_NORM) is not None,
             mlp_adds_residual="residual" in inspect.signature(layer.mlp.forward).parameters)
@@ -569,19 +582,23 @@ class CausalLMStep(nn.Module):
         """SDPA of ``q`` over the cache; ``mask`` is boolean, or float (0 or the ALiBi bias where a key is read,
         -inf elsewhere), which SDPA adds to the scaled scores."""
         cap = self.layout.attn_softcap
+        upcast = self.layout.attn_upcast and q.dtype != torch.float32
         scale = attn.scaling if hasattr(attn, "scaling") else attn.inv_norm_factor  # (Bloom's name for it)
-        if cap is None:
+        if cap is None and not upcast:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                                   enable_gqa=self.kv_heads != self.heads)
-        # SDPA has no soft-capping: Gemma 2's eager attention, written out
+        # SDPA has no soft-capping and keeps a half-precision model's scores in its dtype: transformers' eager
+        # attention, written out (Gemma 2's; GPT-2's _upcast_and_reordered_attn, its matmul in float32)
         keys, values = _repeat_kv(keys, self.heads // self.kv_heads), _repeat_kv(values, self.heads // self.kv_heads)
-        scores = torch.matmul(q, keys.transpose(2, 3)) * scale
-        scores = torch.tanh(scores / cap) * cap
+        scores = (torch.matmul(q.float(), keys.float().transpose(2, 3)) if upcast else
+                  torch.matmul(q, keys.transpose(2, 3))) * scale
+        if cap is not None:
+            scores = torch.tanh(scores / cap) * cap
         if mask.is_floating_point():
             scores = scores + mask
         else:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
         return torch.matmul(probs, values)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -622,7 +639,7 @@ class CausalLMStep(nn.Module):
             q, k, v = self._qkv(attn, x)
             if self.rotated[i]:
                 cos, sin = rotary[self.layer_types[i]]
-                q, k = _rotary(q, cos, sin, lay.rotary_pairs), _rotary(k, cos, sin, lay.rotary_pairs)
+                q, k = (_rotary(t, cos, sin, lay.rotary_pairs, lay.rotary_in_float32) for t in (q, k))
             keys = cache[2 * i].scatter(2, index, k.to(cache[2 * i].dtype))
             values = cache[2 * i + 1].scatter(2, index, v.to(cache[2 * i + 1].dtype))
             new_cache += [keys, values]
@@ -697,17 +714,19 @@ def _original_positions(config: Any, what: str) -> int:
 
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            pairs: Literal["half", "adjacent"] = "half") -> torch.Tensor:
+            pairs: Literal["half", "adjacent"] = "half", in_float32: bool = False) -> torch.Tensor:
     """Rotary embedding of the first ``cos.shape[-1]`` channels (all of them, or Phi-3/StableLM/GPT-NeoX/GPT-J's
-    partial rotary); the rest pass through. ``pairs``: ``StepLayout.rotary_pairs``. In ``x``'s dtype: OLMo 2's
-    rotary hands float32 tables to a bfloat16 model and its ``apply_rotary_pos_emb`` casts the product back (float32
-    queries reached the bfloat16 o_proj)."""
+    partial rotary); the rest pass through. ``pairs``: ``StepLayout.rotary_pairs``. The result is in ``x``'s dtype:
+    OLMo 2's rotary hands float32 tables to a bfloat16 model and its ``apply_rotary_pos_emb`` casts the product back
+    (float32 queries reached the bfloat16 o_proj). ``in_float32`` (``StepLayout.rotary_in_float32``, Cohere's): ``x``
+    is cast to float32 first, as transformers' ``q.float()``, the tables promoted by the products."""
     turn = _rotate_half if pairs == "half" else _rotate_adjacent
     rot = cos.shape[-1]
-    if rot == x.shape[-1]:
-        return (x * cos + turn(x) * sin).to(x.dtype)
-    head, rest = x[..., :rot], x[..., rot:]
-    return torch.cat(((head * cos + turn(head) * sin).to(x.dtype), rest), dim=-1)
+    head = x if rot == x.shape[-1] else x[..., :rot]
+    if in_float32 and head.dtype != torch.float32:
+        head = head.float()
+    turned = (head * cos + turn(head) * sin).to(x.dtype)
+    return turned if rot == x.shape[-1] else torch.cat((turned, x[..., rot:]), dim=-1)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -765,6 +784,28 @@ def _pairs_of_rotate_function(attn: nn.Module) -> Literal["half", "adjacent"] | 
         if turned == [-1.0, 0.0, -3.0, 2.0]:
             return "adjacent"
     return None
+
+
+def _rotates_in_float32(attn: nn.Module) -> bool:
+    """Whether the ``apply_rotary_pos_emb(q, k, cos, sin)`` of ``attn``'s modeling file rotates bfloat16 queries in
+    float32 (Cohere's ``q.float()`` before the products, the result cast back): run on bfloat16 queries and tables,
+    it gives the float32 rotation of the same values cast to bfloat16, where a rotation in bfloat16 rounds each product
+    and differs. False where the file has no such function or it takes other arguments (GPT-J's ``(tensor, sin,
+    cos)``)."""
+    rotate = getattr(inspect.getmodule(type(attn)), "apply_rotary_pos_emb", None)
+    if not callable(rotate):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 4, 8, generator=generator).bfloat16()
+    angles = torch.randn(1, 4, 8, generator=generator) * 4
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    try:
+        low = rotate(q, q, cos, sin)[0]
+        high = rotate(q.float(), q.float(), cos.float(), sin.float())[0]
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return False
+    return (isinstance(low, torch.Tensor) and low.dtype == torch.bfloat16 and low.shape == q.shape
+            and torch.equal(low, high.bfloat16()))
 
 
 def _rotary_form(model: PreTrainedModel, attn: nn.Module) -> tuple[Literal["half", "adjacent"], bool, bool]:

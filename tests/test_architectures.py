@@ -796,10 +796,10 @@ def test_interleaved_rotary_families_generate_as_transformers(family):
     tok = _smollm2_tokenizer()
     cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
     lay = StepLayout.of(hf)
-    want = (("adjacent", True, True, "none", 1.0, True) if family == "gptj" else
-            ("adjacent", False, False, "head-gains", hf.config.logit_scale, False))
+    want = (("adjacent", True, True, "none", 1.0, False, True) if family == "gptj" else
+            ("adjacent", False, False, "head-gains", hf.config.logit_scale, True, False))
     assert (lay.rotary_pairs, lay.rotary_sin_first, lay.rotary_angle_per_pair, lay.qk_norm,
-            lay.logits_multiplier, lay.residual_last) == want
+            lay.logits_multiplier, lay.rotary_in_float32, lay.residual_last) == want
     prompts = [tok(p).input_ids for p in GEN_PROMPTS]
     _assert_greedy_as_transformers(hf, prompts, cm.generate(prompts, 8, stop_tokens=()).tokens, 8, family)
     packed = lowbit.compile_model(hf, tokenizer=tok, pipeline="kv-cache(bits=8,k_block=4,window=4,v_group=16)",
@@ -827,6 +827,48 @@ def _assert_prefill_is_transformers_bit_for_bit(hf: Any, cm: Any, prompt: list[i
     for got, ref, what in ((eager, want, "eager step"), (compiled, last, "compiled step")):
         assert got.dtype == ref.dtype and torch.equal(got, ref), \
             f"{family} {what}: max|diff| {(got.float() - ref.float()).abs().max().item():.3g} from transformers'"
+
+
+def _upcasting_half_precision_model(family: str) -> Any:
+    """``_newer_step_family``'s Cohere, or its GPT-2 with ``reorder_and_upcast_attn`` under eager attention (the
+    implementation that reads it), in bfloat16."""
+    import transformers as t
+
+    if family == "cohere":
+        return _newer_step_family("cohere").to(torch.bfloat16)
+    cfg = t.GPT2Config(n_embd=64, n_head=4, n_layer=2, n_positions=64, vocab_size=VOCAB, bos_token_id=1,
+                       eos_token_id=2, scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)
+    torch.manual_seed(1)
+    hf = t.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(4)
+    return hf.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("family", ["cohere", "gpt2"])
+def test_half_precision_steps_compute_in_float32_where_transformers_does(family):
+    """In a bfloat16 model, transformers' Cohere rotates queries and keys in float32 (``q.float()`` in its
+    ``apply_rotary_pos_emb``, cast back after), and GPT-2 with ``reorder_and_upcast_attn`` under eager attention takes
+    its scores, mask and softmax in float32; the step computed both in bfloat16, its prefill logits 0.0137 (Cohere's,
+    at logits ~0.7) and 0.156 (GPT-2's, at ~11) off transformers' forward. Now the prefill equals that forward bit for
+    bit, eagerly and compiled, and a two-prompt batch's 8 greedy tokens equal transformers' generate. The same GPT-2
+    under SDPA, which ignores the flag in transformers, keeps the step's SDPA."""
+    from lowbit.generate import GenerationSpec
+    from lowbit.models import StepLayout
+
+    hf = _upcasting_half_precision_model(family)
+    lay = StepLayout.of(hf)
+    assert (lay.rotary_in_float32, lay.attn_upcast) == ((True, False) if family == "cohere" else (False, True))
+    tok = _smollm2_tokenizer()
+    cm = lowbit.compile_model(hf, tokenizer=tok, generation=GenerationSpec(max_length=32, max_batch=2))
+    prompts = [tok(p).input_ids for p in GEN_PROMPTS]
+    for prompt in prompts:
+        _assert_prefill_is_transformers_bit_for_bit(hf, cm, prompt, family)
+    _assert_greedy_as_transformers(hf, prompts, cm.generate(prompts, 8, stop_tokens=()).tokens, 8, family)
+    if family == "gpt2":
+        hf.set_attn_implementation("sdpa")
+        assert not StepLayout.of(hf).attn_upcast
 
 
 @pytest.mark.parametrize("family", ["gptj", "phi", "falcon-multi-query", "stablelm"])
