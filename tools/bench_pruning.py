@@ -140,6 +140,23 @@ ROWS += [
      f"prune-mlp(ratio=0.25,score=obs,sequential=true,{OBS}),"
      f"prune-heads(ratio=0.1,score=obs,allocation=global,sequential=true,{OBS})"),
 ]
+# heads + MLP at the MLP-only row's 20.1% (issue 21's speed goal: MLP-only pruning decodes only 1.05-1.09x faster;
+# the 7B-shaped speed stack reaches its speedup with ~a quarter of the cut in attention): a kv group of SmolLM2 is
+# 294,912 params (3 query heads, their k/v head, 192 o_proj columns), an MLP channel 1,728. 16 of 90 groups (17.8%,
+# the speed stack's 6 of 32 is 18.75%) + 320 of 1536 channels in every block = 20.07% of the blocks' linears, 22% of
+# it from attention. The groups go where prune-heads' global ranking (fluctuation over the layer's mean) scores
+# least, each layer's chosen by whole-column OBS with the o_proj refit; the second row takes at most one group per
+# layer (spread=0.2 caps 0.378 x 3 groups at 1). Heads alone at 17.8% (CPU, calib_n=8, x4): 1.154x vs 1.152x.
+# CPU x8 (--obs-calib calib_n=32,obs_step=8, as the MLP-only row's 1.6141): the first row 1.7756 (pass 590 s).
+HEADS_MLP = "mlp channels (uniform 320 of 1536) + 16 of 90 kv groups"
+ROWS += [
+    ("structured-20", "obs", f"{HEADS_MLP} (global), whole-column OBS + refit, sequential",
+     f"prune-mlp(ratio=0.2083,score=obs,sequential=true,{OBS}),"
+     f"prune-heads(ratio=0.178,score=obs,allocation=global,sequential=true,{OBS})"),
+    ("structured-20", "obs", f"{HEADS_MLP} (global, at most 1 a layer), whole-column OBS + refit, sequential",
+     f"prune-mlp(ratio=0.2083,score=obs,sequential=true,{OBS}),"
+     f"prune-heads(ratio=0.178,score=obs,allocation=global,spread=0.2,sequential=true,{OBS})"),
+]
 
 # issue 21's 50% / 2:4 goals; each row changes one thing against the 16-window SparseGPT rows above: every shipped
 # calibration window (117), the mask chosen over each whole matrix per block of 128 columns as SparseGPT's reference
