@@ -72,6 +72,20 @@ def test_a_kept_header_still_takes_the_appended_command(tmp_path):
     assert [r["method"] for r in top["rows"]] == ["rtn", "gptq"]
 
 
+def test_appended_runs_keep_every_runs_notes(tmp_path):
+    """A run with its own ``notes`` (what its rows mean) does not drop an earlier run's; the same notes again are
+    kept once."""
+    out = tmp_path / "r.json"
+    merge_rows(out, {"command": "a", "notes": "speed rows: 12 layers"}, [_row("rtn", 1.0)])
+    for _ in range(2):
+        merge_rows(out, {"command": "b", "notes": "accuracy rows: one-shot"}, [_row("gptq", 2.0)],
+                   append_command=True)
+    top = json.loads(out.read_text())
+    assert top["notes"] == "accuracy rows: one-shot | speed rows: 12 layers"
+    merge_rows(out, {"command": "c"}, [_row("awq", 3.0)], append_command=True)
+    assert json.loads(out.read_text())["notes"] == "accuracy rows: one-shot | speed rows: 12 layers"
+
+
 def test_an_appended_command_that_begins_an_earlier_one_is_still_recorded(tmp_path):
     """``run --run x2`` recorded first does not make ``run --run x`` look recorded (session 21 lost a command so);
     a command recorded with a note after it counts as recorded."""

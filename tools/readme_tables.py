@@ -93,7 +93,7 @@ def table(path: Path, filters: str = "") -> str:
         if any(k in r for r in rows):
             keys.append(k)
     devices = {r.get("device", data.get("device")) for r in rows}
-    if len(devices) > 1:
+    if len(devices) > 1 and "device" not in keys:
         keys.append("device")
     if path.stem in SORT:
         rows = sorted(rows, key=lambda r: _sort_key(r, SORT[path.stem]))

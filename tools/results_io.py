@@ -67,7 +67,8 @@ def merge_rows(out: Path, header: dict, rows: list[dict], key: Sequence[str] = R
     ``replace_header``: the file's top level becomes ``header`` (the newest run's command and versions);
     False keeps an existing top level (a run that only adds rows of another model). ``append_command``: the
     header's ``command`` is added after the file's earlier ones (``old; new``), so a file filled by several runs
-    keeps every command that produced its rows (with either ``replace_header``)."""
+    keeps every command that produced its rows (with either ``replace_header``), and its ``notes`` likewise (a
+    different run's notes describe its own rows: session 46 lost the pruned-speed rows' notes to a new header)."""
     old = load_results(out)
     earlier = old.get("command", "")
     if append_command and earlier and header.get("command"):
@@ -82,5 +83,8 @@ def merge_rows(out: Path, header: dict, rows: list[dict], key: Sequence[str] = R
     top = header if replace_header else ({k: v for k, v in old.items() if k != "rows"} or header)
     if append_command and header.get("command"):
         top = {**top, "command": header["command"]}
+    if append_command and old.get("notes"):
+        parts = [p for p in [top.get("notes", "")] + old["notes"].split(" | ") if p]
+        top = {**top, "notes": " | ".join(dict.fromkeys(parts))}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**top, "rows": merged}, indent=1) + "\n")
