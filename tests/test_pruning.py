@@ -1190,6 +1190,11 @@ def test_ratios_round_half_up_in_every_allocation():
     flat = [torch.zeros(3), torch.zeros(5)]
     assert allocate(flat, 0.5, "uniform", 1, 1.0) == [2, 3]  # round(2.5) would be 2 of 5 but 2 of 3
     assert sum(allocate([torch.rand(5)], 0.5, "global", 1, 1.0)) == 3
+    # prune-heads' cap (a group kept per layer): on tied scores the ranking takes all 3 groups of layer 0; with the
+    # cap its third goes to the next-ranked group, in layer 1, so the 3 asked for are still removed
+    tied = [torch.ones(3), torch.ones(3)]
+    assert allocate(tied, 0.5, "global", 1, 1.0) == [3, 0]
+    assert allocate(tied, 0.5, "global", 1, 1.0, layer_caps=[2, 2]) == [2, 1]
 
 
 @pytest.mark.parametrize("pipe, message", [

@@ -193,9 +193,10 @@ class PruneHeads(Pass):
             rank = "fluctuation" if o.score == "obs" else o.score
             scores = [channel_scores(s.o.args[1].data, col.inputs.get(id(s.o)), rank)
                       .reshape(s.kv_heads, s.group_size * s.head_dim).sum(1) for s in sites]
-            counts = allocate(scores, o.ratio, "global", 1, 1.0, spread=o.spread)
-        if o.allocation == "global":  # before the check: global allocation keeps one group per layer, as it says
-            counts = [min(c, s.kv_heads - 1) for s, c in zip(sites, counts)]
+            # global allocation keeps one group per layer, as it says; a layer held at that cap passes its share of
+            # the budget on to the next groups of the ranking (it used to be dropped: fewer groups than asked)
+            counts = allocate(scores, o.ratio, "global", 1, 1.0, spread=o.spread,
+                              layer_caps=[s.kv_heads - 1 for s in sites])
         if o.ratio > 0 and not any(counts):
             raise nothing_removed(self.name, o.ratio, sites[0].block, sites[0].kv_heads, "kv-head group")
         for s, n_rm in zip(sites, counts):

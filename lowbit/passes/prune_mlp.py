@@ -347,11 +347,13 @@ def nothing_removed(pass_name: str, ratio: float, block: str, units: int, what: 
 
 
 def allocate(scores: list[torch.Tensor], ratio: float, allocation: str, multiple: int, max_layer_ratio: float,
-             unit: int = 1, spread: float | None = None) -> list[int]:
+             unit: int = 1, spread: float | None = None, layer_caps: list[int] | None = None) -> list[int]:
     """Units removed per layer. ``scores[i]`` has one entry per unit of layer i (lower = removed first).
 
-    ``global``: one ranking of the per-layer-normalised scores; each layer loses at most ``max_layer_ratio``,
-    and with ``spread`` between ``ratio - spread`` and ``ratio + spread`` (counts in multiples of ``multiple``)."""
+    ``global``: one ranking of the per-layer-normalised scores; each layer loses at most ``max_layer_ratio`` (and
+    at most ``layer_caps[i]`` units: prune-heads keeps a group per layer), and with ``spread`` between ``ratio -
+    spread`` and ``ratio + spread`` (counts in multiples of ``multiple``). A capped layer's share goes to the next
+    units of the ranking, so the total is the budget's whenever the caps allow it."""
     sizes = [len(s) for s in scores]
     if allocation == "uniform":
         return [min(n, round_half_up(ratio * n / multiple) * multiple) for n in sizes]
@@ -361,6 +363,8 @@ def allocate(scores: list[torch.Tensor], ratio: float, allocation: str, multiple
     order = torch.argsort(flat[:, 0], stable=True)
     hi = max_layer_ratio if spread is None else min(max_layer_ratio, ratio + spread)
     caps = [int(hi * n) // multiple * multiple for n in sizes]
+    if layer_caps is not None:
+        caps = [min(c, cap // multiple * multiple) for c, cap in zip(caps, layer_caps)]
     floors = [0] * len(sizes) if spread is None else \
         [min(caps[i], int(max(0.0, ratio - spread) * n) // multiple * multiple) for i, n in enumerate(sizes)]
     if spread is not None:
