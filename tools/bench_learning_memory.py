@@ -40,7 +40,8 @@ from results_io import versions as results_versions
 
 KURTAIL_R2 = "kind=kurtosis,moment=16,learn_heads=true,calib_n=120,samples=7680,lr_schedule=cosine"
 """The ``w4a4kv4-kurtail-r2`` recipe's rotation (bench_rotation's ``kurtail-m16-r2-d120-s400c`` rows, 400 steps): R1
-and the 30 per-layer R2s learned on 7680 tokens a site, whose samples and stacked R2 steps set its memory."""
+and the 30 per-layer R2s learned on 7680 tokens a site; R1's samples (60 sites x 7680 x 576 float32, 1012.5 MiB) set
+its memory's floor, each layer's R2 learning as calibration passes it (``head_chunk_layers``)."""
 METHODS = {
     "kurtail": "fold-norms,rotate(kind=kurtosis,steps={steps},batch_size=1,progress=false)",
     "kurtail-r2": f"fold-norms,rotate({KURTAIL_R2},steps={{steps}},batch_size=1,progress=false)",

@@ -43,6 +43,8 @@ from lowbit.calibration.engine import CalibrationError, batches_from_ids, static
 from lowbit.calibration.engine import run as calibrate
 from lowbit.calibration.rotation_learning import (
     UNIFORM_KURTOSIS,
+    LearnedRotation,
+    RotationLearningError,
     learn_kurtosis_rotation,
     learn_kurtosis_rotations,
     learn_quantized_rotation,
@@ -63,8 +65,8 @@ __all__ = ["Rotate", "RotateOptions", "check_foldable", "check_hadamard_sizes", 
 _CALIBRATION_DATA = frozenset({"calib", "calib_n", "calib_len", "tokenizer", "device"})
 """The calibration options both learned kinds read (``progress`` is display only, so it is not checked)."""
 _KIND_OPTIONS: dict[str, frozenset[str]] = {
-    "kurtosis": _CALIBRATION_DATA | {"samples", "steps", "lr", "batch_tokens", "learn_heads", "target", "moment",
-                                     "tail_mean", "batch_size", "lr_schedule"},
+    "kurtosis": _CALIBRATION_DATA | {"samples", "steps", "lr", "batch_tokens", "learn_heads", "head_chunk_layers",
+                                     "target", "moment", "tail_mean", "batch_size", "lr_schedule"},
     "learned": _CALIBRATION_DATA | {"steps", "lr", "windows_per_step", "w_bits", "a_bits", "check_windows"},
 }
 """The learning and calibration options each learned kind reads (hadamard and random read none of them: they use
@@ -131,6 +133,9 @@ class RotateOptions(CalibrationOptions):
                             for name in sorted(_LEARNING_OPTIONS)})
         if self.learn_heads and not self.heads:
             raise ValueError("learn_heads=true learns the head rotations R2, which heads=false turns off")
+        if "head_chunk_layers" in self.model_fields_set and not self.learn_heads:
+            raise ValueError(f"head_chunk_layers={self.head_chunk_layers} says how many layers' R2s learn together, "
+                             "and only learn_heads=true learns them; without it it would be silently ignored")
         if self.kind == "learned" and self.w_bits == 16 and self.a_bits == 16:
             # the steps would run (minutes) on a loss whose gradient is float rounding and keep the Hadamard
             raise ValueError("kind=learned with w_bits=16 and a_bits=16 quantizes nothing: the float model's loss is "
@@ -148,6 +153,14 @@ class RotateOptions(CalibrationOptions):
     """kurtosis (with ``heads``): also learn each layer's R2 from the Hadamard, on the head outputs its o_proj
     reads (collected in the same run: R1 does not change them). Off by default: KurTail's paper learns R1, and
     the measured rows (bench/results/accuracy.json, ``kurtail-r2``) say whether R2 pays on SmolLM2."""
+    head_chunk_layers: int = Field(default=1, ge=1, le=4096)
+    """kurtosis with ``learn_heads``: layers whose R2s learn in one set of stacked steps, as soon as calibration has
+    run them; their head samples are then freed, so the host holds one chunk's head samples and step temporaries,
+    never all layers' (SmolLM2 at 7680 tokens a site: 531 MB of head samples and, measured, 1.1 GB of stacked-step
+    temporaries for 30 layers at once). Each layer's loss reads only its own R2 and draws from its own seeded
+    generator, so every value learns the same rotations bit for bit; larger chunks launch fewer, larger kernels (a
+    GPU's steps are bound by launches), 1 holds the least (and on the CPU was not slower: 20 steps of 30 layers,
+    7.4-7.9 s one layer a chunk, 10.4-11.3 s all 30 at once)."""
     target: float = Field(default=UNIFORM_KURTOSIS, ge=1, le=10)
     """kurtosis: the per-token kurtosis aimed at (1.8: uniform, what an integer grid covers best)."""
     moment: int = Field(default=4, ge=4, le=64)
@@ -267,16 +280,42 @@ def learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor,
                             pass_name: str, heads: list[HeadRegion] | None = None, r0: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, dict[str, Any], dict[int, torch.Tensor]]:
     """KurTail's R1 (and each layer's R2 for ``heads``): collect the normalised residual streams (and the head
-    outputs each o_proj reads) once, learn ``Q`` from ``q0`` (each R2 from ``r0``) on them. The stats'
-    ``learn_rss_above_start_mb``: the host memory collecting and learning added at their peak (``PeakRss``)."""
+    outputs each o_proj reads) once, learn ``Q`` from ``q0`` (each R2 from ``r0``, ``head_chunk_layers`` layers at a
+    time as calibration passes them) on them. The stats' ``learn_rss_above_start_mb``: the host memory collecting
+    and learning added at their peak (``PeakRss``)."""
     with PeakRss() as mem:
         q, stats, r2 = _learn_residual_rotation(graph, res, q0, o, pass_name, heads, r0)
     return q, {**stats, "learn_rss_above_start_mb": mem.above_start_mb}, r2
 
 
+class _KeptRows:
+    """The rows one site keeps over the calibration batches, written into one buffer allocated at its first batch:
+    per-batch pieces concatenated at the end held every site's samples twice while they were concatenated (1.06 GB
+    of R1 samples twice, SmolLM2's kurtail-r2 at 7680 tokens a site)."""
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.capacity, self.device = capacity, device
+        self.buffer: torch.Tensor | None = None
+        self.filled = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Append ``rows`` (``[n, width]``, any float dtype and device) as float32 on ``device``."""
+        if self.buffer is None:
+            self.buffer = torch.empty(self.capacity, rows.shape[-1], dtype=torch.float32, device=self.device)
+        self.buffer[self.filled:self.filled + rows.shape[0]].copy_(rows)
+        self.filled += rows.shape[0]
+
+    def rows(self) -> torch.Tensor:
+        """The rows kept so far (a view of the buffer: no copy)."""
+        assert self.buffer is not None
+        return self.buffer[:self.filled]
+
+
 def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor, o: RotateOptions,
                              pass_name: str, heads: list[HeadRegion] | None, r0: torch.Tensor | None
                              ) -> tuple[torch.Tensor, dict[str, Any], dict[int, torch.Tensor]]:
+    """Collect R1's samples (and each layer's head samples), learning the R2s of each ``head_chunk_layers`` layers
+    as soon as calibration has run them and freeing their samples; then learn R1."""
     t0 = time.perf_counter()
     device = o.torch_device(pass_name)
     sites = _learning_sites(res)
@@ -284,14 +323,21 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
         raise PassError(f"pass {pass_name}: kind=kurtosis: no RMSNorm output of the residual stream feeds a "
                         "quantized linear, so there is nothing to learn from")
     index = {id(n): i for i, n in enumerate(sites)}
-    kept: list[list[torch.Tensor]] = [[] for _ in sites]
     heads = heads or []
     o_index = {id(h.o_proj): i for i, h in enumerate(heads)}
-    o_kept: list[list[torch.Tensor]] = [[] for _ in heads]
     ids = o.token_ids(graph, pass_name)
     batches = batches_from_ids(graph, ids, o.batch_size_for(graph))
     per_batch = max(1, o.samples // len(batches))
     keep_on = device or torch.device("cpu")
+    # kept where the steps will run: on the host they were 6 GB of d480v's 12.5 GB peak RSS (SmolLM2, 30720 tokens
+    # a site, --device cuda)
+    kept = [_KeptRows(per_batch * len(batches), keep_on) for _ in sites]
+    o_kept: list[_KeptRows | None] = [_KeptRows(per_batch * len(batches), keep_on) for _ in heads]
+    collecting: list[int] = []  # heads whose o_proj the current block runs
+    pending: list[int] = []  # heads whose samples are complete, their R2 not learned yet
+    learned_r2: dict[int, LearnedRotation] = {}
+    head_bytes = 0
+    r2_seconds = 0.0
 
     def on_node(node: Node, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Any]) -> None:
         i, j = index.get(id(node)), o_index.get(id(node))
@@ -299,67 +345,97 @@ def _learn_residual_rotation(graph: Graph, res: ResidualRegion, q0: torch.Tensor
             t = outs[0] if i is not None else args[0]
             x = t.detach().reshape(-1, t.shape[-1])
             step = max(1, x.shape[0] // per_batch)
-            # a copy of the kept rows: a view (x[::1]) would keep the whole batch's activation alive. Kept where the
-            # steps will run: on the host they were 6 GB of d480v's 12.5 GB peak RSS (SmolLM2, 30720 tokens a site)
-            (kept[i] if i is not None else o_kept[j]).append(x[::step][:per_batch].to(keep_on, torch.float32,
-                                                                                        copy=True))
+            if i is not None:
+                kept[i].add(x[::step][:per_batch])
+            else:
+                head = o_kept[j]
+                assert head is not None, f"o_proj %{node.name} ran after its R2 was learned"
+                if not head.filled:
+                    collecting.append(j)
+                head.add(x[::step][:per_batch])
+
+    def learn_pending() -> None:
+        """Learn the R2s of ``pending`` in one set of steps (each as it would alone), then drop their samples."""
+        nonlocal head_bytes, r2_seconds
+        t = time.perf_counter()
+        chunk = list(pending)
+        pending.clear()
+        problems = []
+        for j in chunk:
+            rows = o_kept[j].rows()  # type: ignore[union-attr]
+            head_bytes += rows.numel() * rows.element_size()
+            problems.append([rows])
+            o_kept[j] = None
+        assert r0 is not None
+        got = learn_kurtosis_rotations(
+            problems, r0, steps=o.steps or 100, lr=o.lr or 3e-3, batch_tokens=o.batch_tokens,
+            target=o.target, seed=o.seed, moment=o.moment, tail_mean=o.tail_mean, device=device,
+            lr_schedule=o.lr_schedule, heads=problems[0][0].shape[-1] // r0.shape[0],
+            site_names=[[f"the input of o_proj %{heads[j].o_proj.name} (module {heads[j].o_proj.module!r})"]
+                        for j in chunk],
+            whats=[f"pass {pass_name}: kind=kurtosis, head rotation of %{heads[j].o_proj.name}" for j in chunk])
+        learned_r2.update(zip(chunk, got))
+        r2_seconds += time.perf_counter() - t
+
+    def on_block(ctx: Any) -> bool:
+        pending.extend(collecting)
+        collecting.clear()
+        if len(pending) >= o.head_chunk_layers:
+            learn_pending()
+        return False  # nothing changed: the block's outputs feed the next one as they are
 
     try:
-        calibrate(graph, batches, on_node=on_node, progress=o.progress, device=device)
+        calibrate(graph, batches, on_node=on_node, on_block=on_block if heads else None, progress=o.progress,
+                  device=device)
+        pending.extend(collecting)
+        if pending:
+            learn_pending()
+    except RotationLearningError as exc:
+        raise PassError(str(exc)) from None
     except CalibrationError as exc:
         raise PassError(f"pass {pass_name}: kind=kurtosis: collecting activations: {exc}") from None
-    missing = [n for n, k in zip(sites, kept) if not k]
+    missing = [n for n, k in zip(sites, kept) if not k.filled]
     if missing:
         raise PassError(f"pass {pass_name}: kind=kurtosis: calibration never reached rms_norm %{missing[0].name} "
                         f"(module {missing[0].module!r})")
-    samples = [torch.cat(k) for k in kept]
-    kept.clear()  # the per-batch pieces: samples holds them now
-    collect_s = time.perf_counter() - t0
+    missing_o = [h for j, h in enumerate(heads) if j not in learned_r2]
+    if missing_o:
+        raise PassError(f"pass {pass_name}: kind=kurtosis: calibration never reached o_proj "
+                        f"%{missing_o[0].o_proj.name}")
+    samples = [k.rows() for k in kept]
+    kept.clear()  # samples holds the buffers now
+    collect_s = time.perf_counter() - t0 - r2_seconds
     try:
         learned = learn_kurtosis_rotation(samples, q0, steps=o.steps or 100, lr=o.lr or 3e-3,
                                           batch_tokens=o.batch_tokens, target=o.target, seed=o.seed, moment=o.moment,
                                           tail_mean=o.tail_mean, device=device, lr_schedule=o.lr_schedule,
                                           site_names=[f"rms_norm %{n.name} (module {n.module!r})" for n in sites],
                                           what=f"pass {pass_name}: kind=kurtosis, residual stream of width {res.dim}")
-        missing_o = [h for h, k in zip(heads, o_kept) if not k]
-        if missing_o:
-            raise PassError(f"pass {pass_name}: kind=kurtosis: calibration never reached o_proj "
-                            f"%{missing_o[0].o_proj.name}")
-        t_r2 = time.perf_counter()
-        learned_r2 = []
-        if heads:
-            # every layer's R2 in one set of steps (learn_kurtosis_rotations): one after the other they were 30 x
-            # 100 steps of the same small products on SmolLM2
-            head_samples = [torch.cat(k) for k in o_kept]
-            learned_r2 = learn_kurtosis_rotations(
-                [[x] for x in head_samples], r0, steps=o.steps or 100, lr=o.lr or 3e-3, batch_tokens=o.batch_tokens,
-                target=o.target, seed=o.seed, moment=o.moment, tail_mean=o.tail_mean, device=device,
-                lr_schedule=o.lr_schedule, heads=head_samples[0].shape[-1] // r0.shape[0],
-                site_names=[[f"the input of o_proj %{h.o_proj.name} (module {h.o_proj.module!r})"] for h in heads],
-                whats=[f"pass {pass_name}: kind=kurtosis, head rotation of %{h.o_proj.name}" for h in heads])
-        r2 = {id(h.o_proj): lr2.q for h, lr2 in zip(heads, learned_r2)}
-        r2_kurt = [(lr2.kurtosis_start, lr2.kurtosis_end, lr2.check["kept"] == "start") for lr2 in learned_r2]
-        r2_tokens = learned_r2[0].tokens_per_step if learned_r2 else None
-        r2_seconds = time.perf_counter() - t_r2
     except CalibrationError as exc:
         raise PassError(str(exc)) from None
-    _say_batch_tokens_short(o, pass_name, learned.tokens_per_step, len(sites), samples[0].shape[0])
+    per_site = samples[0].shape[0]
+    samples_bytes = sum(t.numel() * t.element_size() for t in samples) + head_bytes
+    samples_device = samples[0].device.type
+    del samples
+    ordered_r2 = [learned_r2[j] for j in range(len(heads))]
+    r2 = {id(h.o_proj): lr2.q for h, lr2 in zip(heads, ordered_r2)}
+    r2_kurt = [(lr2.kurtosis_start, lr2.kurtosis_end, lr2.check["kept"] == "start") for lr2 in ordered_r2]
+    _say_batch_tokens_short(o, pass_name, learned.tokens_per_step, len(sites), per_site)
     extra = {} if not r2_kurt else {
         "head_rotations": len(r2_kurt),
         "head_kurtosis_start": round(sum(a for a, _, _ in r2_kurt) / len(r2_kurt), 4),
         "head_kurtosis_end": round(sum(b for _, b, _ in r2_kurt) / len(r2_kurt), 4),
-        "head_kept_start": sum(k for _, _, k in r2_kurt), "head_tokens_per_step": r2_tokens,
-        "head_learn_seconds": round(r2_seconds, 2)}
+        "head_kept_start": sum(k for _, _, k in r2_kurt), "head_tokens_per_step": ordered_r2[0].tokens_per_step,
+        "head_learn_seconds": round(r2_seconds, 2), "head_chunk_layers": o.head_chunk_layers}
     return learned.q, {
         **extra,
-        "sites": len(sites), **calib_size(ids), "samples_per_site": samples[0].shape[0],
-        "samples_mb": round(sum(t.numel() * t.element_size() for t in [*samples, *(x for k in o_kept for x in k)])
-                            / 2**20, 1),
+        "sites": len(sites), **calib_size(ids), "samples_per_site": per_site,
+        "samples_mb": round(samples_bytes / 2**20, 1),
         "kurtosis_start": round(learned.kurtosis_start, 4), "kurtosis_end": round(learned.kurtosis_end, 4),
         "loss_start": round(learned.loss_start, 4), "loss_end": round(learned.loss_end, 4),
         "steps": learned.steps, "lr_schedule": o.lr_schedule, "tokens_per_step": learned.tokens_per_step,
         "orthogonality": learned.orthogonality, "history": learned.history,
-        "check": learned.check, "learn_device": str(keep_on), "samples_device": samples[0].device.type,
+        "check": learned.check, "learn_device": str(keep_on), "samples_device": samples_device,
         "collect_seconds": round(collect_s, 2),
         "learn_seconds": round(time.perf_counter() - t0 - collect_s, 2),
     }, r2
