@@ -395,6 +395,30 @@ def test_a_written_out_attention_names_its_module_and_the_float_cache():
                                                                                                 max_batch=1))
 
 
+def test_gpt2s_upcast_attention_is_refused_by_its_setting():
+    """A bfloat16 GPT-2 with ``reorder_and_upcast_attn`` under eager attention: the step takes its scores in float32
+    as transformers does, written out, so kv-cache has no attention node to replace; the refusal names the setting,
+    the module and the way out (the float cache, or SDPA, under which transformers ignores the flag)."""
+    import transformers as t
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+    from lowbit.passes.manager import PipelineError
+
+    torch.manual_seed(0)
+    config = t.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=97, n_positions=64, reorder_and_upcast_attn=True,
+                          pad_token_id=0, eos_token_id=0)
+    model = t.AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(torch.bfloat16).eval()
+    with pytest.raises(PipelineError, match=r"no float32 upcast of half-precision scores: layer 0 \(module "
+                       r"'transformer.h.0.attn'\) takes .*reorder_and_upcast_attn.*leave kv-cache out"):
+        compile_model(model, pipeline="kv-cache(bits=8,v_group=16)", generation=GenerationSpec(max_length=16,
+                                                                                                max_batch=1))
+    model.set_attn_implementation("sdpa")
+    compiled = compile_model(model, pipeline="kv-cache(bits=8,v_group=16)",
+                             generation=GenerationSpec(max_length=16, max_batch=1))
+    assert len(compiled.generate([[1, 2, 3]], 2, stop_tokens=()).tokens[0]) == 2  # the packed cache serves SDPA's
+
+
 def test_a_head_dim_no_v_group_fits_says_which_bits_do():
     """kv-cache(bits=2) on head_dim 6: the 2-bit codes of a head vector do not fill whole bytes, so no v_group fits,
     yet the refusal said only 'v_group=3 must divide head_dim 6 and be a multiple of the 4 codes per byte', and every

@@ -258,6 +258,10 @@ class GenerationMeta(BaseModel):
     max_positions: int | None = Field(default=None, ge=2)
     """The model's ``max_position_embeddings`` (calibration windows must fit it); absent in checkpoints written
     before it was recorded, and for a model whose config has none."""
+    attention_written_out: Literal["softcap", "upcast"] | None = None
+    """Why the step writes its attention out as matmuls and a softmax (no attention node for ``kv-cache``): Gemma 2's
+    soft-capped scores, or GPT-2's ``reorder_and_upcast_attn`` under eager attention; absent for an SDPA step and in
+    files written before it was recorded."""
     rope_switch: int | None = Field(default=None, ge=1)
     """longrope's ``original_max_position_embeddings`` (the generator recomputes the cache when a sequence reaches
     it; recorded for a cache too short to reach it too); absent for fixed rotary frequencies and in files written

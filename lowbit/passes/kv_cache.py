@@ -117,17 +117,28 @@ class KVCache(Pass):
         if not written_out:
             return
         modules = {m for _, m in written_out}
-        capped = any(n.op == "aten.tanh.default" and n.module in modules for n in graph.nodes)
+        why = gen.get("attention_written_out")
+        capped = why == "softcap" or (why is None and any(n.op == "aten.tanh.default" and n.module in modules
+                                                          for n in graph.nodes))
         layer, module = written_out[0]
         one = len(written_out) == 1
         where = (f"layer {layer} (module {module!r})" if one else
                  f"layers {', '.join(str(i) for i, _ in written_out)} (module {module!r} and the others)")
         its = "its" if one else "their"
-        what = (f"soft-cap{'s' if one else ''} {its} attention logits (tanh(scores / cap) * cap, Gemma 2's "
-                f"attn_logit_softcapping), so {its} attention is written out as matmul, tanh and softmax (SDPA has no "
-                "soft-cap)" if capped else f"compute{'s' if one else ''} {its} attention as separate ops")
-        raise PassError(f"pass kv-cache: the packed cache's attention (cache_attention) has no "
-                        f"{'attention-logit soft-capping' if capped else 'written-out attention'}: {where} {what}, "
+        if capped:
+            lacks = "attention-logit soft-capping"
+            what = (f"soft-cap{'s' if one else ''} {its} attention logits (tanh(scores / cap) * cap, Gemma 2's "
+                    f"attn_logit_softcapping), so {its} attention is written out as matmul, tanh and softmax (SDPA "
+                    "has no soft-cap)")
+        elif why == "upcast":
+            lacks = "float32 upcast of half-precision scores"
+            what = (f"take{'s' if one else ''} {its} scores and softmax in float32 (GPT-2's reorder_and_upcast_attn "
+                    "under eager attention; under attn_implementation='sdpa' transformers ignores it and so does the "
+                    "step)")
+        else:
+            lacks, what = "written-out attention", f"compute{'s' if one else ''} {its} attention as separate ops"
+        raise PassError(f"pass kv-cache: the packed cache's attention (cache_attention) has no {lacks}: {where} "
+                        f"{what}, "
                         "with no attention node to replace. Generate with the float cache: leave kv-cache out of the "
                         "pipeline (the weights keep the rest of it)")
 
