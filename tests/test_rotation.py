@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -756,11 +757,18 @@ def kurtail_cheap_run(smollm2_slice_f64, f64_reference) -> tuple:
     """(graph after ``fold-norms,rotate(kind=KURTAIL_CHEAP)`` on the float64 slice with float64 norm statistics,
     held-out ids, the float logits before, its report, the size of each ``learn_kurtosis_rotations`` call): the one
     kind=kurtosis run that the exactness test and the per-layer R2 test read (each ran its own, seconds apiece)."""
-    from lowbit.calibration import rotation_learning
-
     _, graph = smollm2_slice_f64
     g = float64_norm_stats(graph.clone())
     ids, ref = f64_reference
+    report, calls = _run_counting_rotation_calls(g, f"fold-norms,rotate(kind={KURTAIL_CHEAP})")
+    return g, ids, ref, report, calls
+
+
+def _run_counting_rotation_calls(graph: Any, pipeline: str) -> tuple[Any, list[int]]:
+    """Run ``pipeline`` on ``graph`` (in place), recording how many problems each ``learn_kurtosis_rotations`` call
+    learned together: (the report, those sizes in call order)."""
+    from lowbit.calibration import rotation_learning
+
     calls: list[int] = []
     original = rotation_learning.learn_kurtosis_rotations
 
@@ -770,9 +778,9 @@ def kurtail_cheap_run(smollm2_slice_f64, f64_reference) -> tuple:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(rotation_learning, "learn_kurtosis_rotations", counted)
-        patch.setattr("lowbit.passes.rotate.learn_kurtosis_rotations", counted, raising=False)
-        report = PassManager(f"fold-norms,rotate(kind={KURTAIL_CHEAP})").run(g)
-    return g, ids, ref, report, calls
+        patch.setattr("lowbit.passes.rotate.learn_kurtosis_rotations", counted)
+        report = PassManager(pipeline).run(graph)
+    return report, calls
 
 
 def test_kurtosis_rotation_exact_and_orthogonal_in_float64_on_smollm2(smollm2_slice_f64, kurtail_cheap_run):
@@ -1743,21 +1751,9 @@ def test_head_rotations_learned_in_chunks_of_layers_fold_the_same_weights_as_all
     as calibration has run them and their samples are freed. Each layer's loss reads only its own rotation and
     draws from its own seeded generator, so the chunking changes nothing: the float64 slice's weights after the
     pass are bit for bit those of the default (one layer a chunk), with both layers in one chunk here."""
-    from lowbit.calibration import rotation_learning
-
     _, graph = smollm2_slice_f64
     g = float64_norm_stats(graph.clone())
-    calls: list[int] = []
-    original = rotation_learning.learn_kurtosis_rotations
-
-    def counted(problems, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(len(problems))
-        return original(problems, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(rotation_learning, "learn_kurtosis_rotations", counted)
-        patch.setattr("lowbit.passes.rotate.learn_kurtosis_rotations", counted)
-        report = PassManager(f"fold-norms,rotate(kind={KURTAIL_CHEAP},head_chunk_layers=2)").run(g)
+    report, calls = _run_counting_rotation_calls(g, f"fold-norms,rotate(kind={KURTAIL_CHEAP},head_chunk_layers=2)")
     assert calls == [2, 1], calls  # both layers' R2s in one set of steps, then R1
     one_by_one, together = kurtail_cheap_run[0], g
     o_projs = [n.args[1].name for n in together.nodes if n.op == "linear" and "o_proj" in (n.module or "")]
