@@ -138,16 +138,18 @@ def test_decode_sdpa_says_what_it_does_not_take():
 
 
 def _rotary_case(b: int, hq: int, hkv: int, n: int, d: int, s: int, positions: list[list[int]], dtype: torch.dtype,
-                 device: str) -> tuple[torch.Tensor, ...]:
+                 device: str, rot: int | None = None) -> tuple[torch.Tensor, ...]:
     """A step's operands as the graph gives them: q/k/v strided views of one merged projection ``[B, N, (Hq +
-    2 Hkv) D]``, Llama's cos/sin ``[B, 1, N, D]`` (fp32 angles, cast), random caches and the positions' row index."""
+    2 Hkv) D]``, Llama's cos/sin ``[B, 1, N, rot]`` (fp32 angles, cast; ``rot`` None: the whole head, else a
+    partial rotary's width), random caches and the positions' row index."""
     g = torch.Generator().manual_seed(d + hq + n)
     # views are taken on the device: .to() of a strided view (a split, a stride-0 expand) makes it contiguous,
     # and a contiguous index is no row index (the kernel would be refused)
     qkv = torch.randn(b, n, (hq + 2 * hkv) * d, generator=g).to(dtype).to(device)
     q, k, v = (t.unflatten(-1, (-1, d)).transpose(1, 2) for t in qkv.split([hq * d, hkv * d, hkv * d], -1))
     pos = torch.tensor(positions)
-    freqs = pos[..., None].float() / (10000 ** (torch.arange(0, d, 2).float() / d))
+    width = d if rot is None else rot
+    freqs = pos[..., None].float() / (10000 ** (torch.arange(0, width, 2).float() / width))
     emb = torch.cat([freqs, freqs], -1)
     cos, sin = (e.to(dtype).to(device)[:, None] for e in (emb.cos(), emb.sin()))
     k_cache, v_cache = (torch.randn(b, hkv, s, d, generator=g).to(dtype).to(device) for _ in range(2))
@@ -156,15 +158,17 @@ def _rotary_case(b: int, hq: int, hkv: int, n: int, d: int, s: int, positions: l
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("hq,hkv,d,dtype", [(4, 4, 64, torch.bfloat16), (8, 2, 128, torch.bfloat16),
-                                            (8, 2, 64, torch.float32), (4, 4, 128, torch.float32),
-                                            (8, 1, 128, torch.float16)])
-def test_rotary_write_kv_is_rotary_then_the_cache_scatters(device, hq, hkv, d, dtype):
+@pytest.mark.parametrize("hq,hkv,d,dtype,rot", [(4, 4, 64, torch.bfloat16, None), (8, 2, 128, torch.bfloat16, None),
+                                                (8, 2, 64, torch.float32, None), (4, 4, 128, torch.float32, None),
+                                                (8, 1, 128, torch.float16, None), (4, 2, 16, torch.bfloat16, 4),
+                                                (4, 4, 32, torch.float32, 8), (2, 1, 32, torch.float16, 24)])
+def test_rotary_write_kv_is_rotary_then_the_cache_scatters(device, hq, hkv, d, dtype, rot):
     """``rotary_write_kv`` (one launch) equals the IR's ``rotary`` of q and k and the two ``scatter_`` writes bit for
     bit: MHA and GQA, head_dim 64 and 128, bf16 (the interpreter's truncating cast would differ in about half the
     elements without the kernel's own rounding), fp16 and fp32 (no FMA), two sequences at different positions, a
     decode step, a 3-token prefill and a 19-token one (more tokens than a program's ``ROTARY_ROWS``: a full block
-    and a partial one); cache rows not written keep their values."""
+    and a partial one); cache rows not written keep their values. A partial rotary (``rotary_dim`` 4 of 16 as a tiny
+    GPT-NeoX's 0.25, 8 of 32, 24 of 32: half of it, 12, no power of two) turns those channels and copies the rest."""
     from lowbit.kernels.decode_step import (ROTARY_ROWS, rotary_write_kv, rotary_write_kv_ref,
                                             rotary_write_kv_unsupported)
 
@@ -172,14 +176,18 @@ def test_rotary_write_kv_is_rotary_then_the_cache_scatters(device, hq, hkv, d, d
     long = ROTARY_ROWS + 3
     for n, positions in ((1, [[3], [14]]), (3, [[2, 0, 1], [5, 6, 7]]),
                          (long, [list(range(long))[::-1], list(range(2, 2 + long))])):
-        q, k, v, cos, sin, kc, vc, index = _rotary_case(2, hq, hkv, n, d, slots, positions, dtype, device)
-        assert rotary_write_kv_unsupported(q, k, v, cos, sin, kc, vc, index) is None  # the kernel runs
+        q, k, v, cos, sin, kc, vc, index = _rotary_case(2, hq, hkv, n, d, slots, positions, dtype, device, rot)
+        assert rotary_write_kv_unsupported(q, k, v, cos, sin, kc, vc, index, rot) is None  # the kernel runs
         before_k, before_v = kc.clone(), vc.clone()
         ref_k, ref_v = kc.clone(), vc.clone()
-        ref = rotary_write_kv_ref(q, k, v, cos, sin, ref_k, ref_v, index)
-        got = rotary_write_kv(q, k, v, cos, sin, kc, vc, index)
+        ref = rotary_write_kv_ref(q, k, v, cos, sin, ref_k, ref_v, index, rot)
+        got = rotary_write_kv(q, k, v, cos, sin, kc, vc, index, rotary_dim=rot)
         assert got.is_contiguous() and got.dtype == dtype
         assert torch.equal(got, ref) and torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+        if rot is not None:  # the channels past the rotary's are q's and k's own, the first ones turned
+            assert torch.equal(got[..., rot:], q[..., rot:]) and not torch.equal(got[..., :rot], q[..., :rot])
+            written_k = ref_k[torch.arange(2)[:, None], :, torch.tensor(positions).to(device)]
+            assert torch.equal(written_k.permute(0, 2, 1, 3)[..., rot:], k[..., rot:])
         written = torch.zeros(2, slots, dtype=torch.bool)
         written[torch.arange(2)[:, None], torch.tensor(positions)] = True
         kept = ~written.to(device)[:, None, :, None].expand_as(kc)
@@ -188,14 +196,20 @@ def test_rotary_write_kv_is_rotary_then_the_cache_scatters(device, hq, hkv, d, d
 
 
 def test_rotary_write_kv_refuses_a_head_dim_and_falls_back_where_the_kernel_cannot_read():
-    """A head_dim that is not a power of two is refused by name and shape; a materialised index (any write), cos/sin
-    per head or mixed dtypes run the reference, with the same result."""
+    """A head_dim that is not a power of two and an odd or too wide ``rotary_dim`` are refused by name and shape; a
+    materialised index (any write), cos/sin per head or narrower than the rotary's width, or mixed dtypes run the
+    reference, with the same result."""
     from lowbit.kernels.decode_step import rotary_write_kv, rotary_write_kv_ref, rotary_write_kv_unsupported
 
     q, k, v, cos, sin, kc, vc, index = _rotary_case(2, 4, 2, 1, 64, 8, [[1], [6]], torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match=r"rotary_write_kv: head_dim 48 \(q \(2, 4, 1, 48\)\)"):
         rotary_write_kv(q[..., :48], k[..., :48], v[..., :48], cos[..., :48], sin[..., :48], kc[..., :48],
                         vc[..., :48], index[..., :48])
+    for bad in (7, 66):
+        refusal = rf"rotary_write_kv: rotary_dim {bad} of head_dim 64 \(q \(2, 4, 1, 64\)\)"
+        with pytest.raises(ValueError, match=refusal):
+            rotary_write_kv(q, k, v, cos, sin, kc, vc, index, rotary_dim=bad)
+    assert "broadcast" in rotary_write_kv_unsupported(q, k, v, cos[..., :16], sin[..., :16], kc, vc, index, 32)
     per_head = cos.expand(2, 2, 1, 64)
     cases = {"row index": (cos, sin, index.contiguous(), kc), "broadcast": (per_head, sin, index, kc),
              "dtypes": (cos, sin, index, kc.float())}

@@ -455,10 +455,10 @@ def test_a_step_graph_refuses_positions_outside_its_cache(monkeypatch):
     checked: list[bool] = []  # per kernel operand check: was a cache row past the buffer asked for
     real = decode_step.rotary_write_kv_unsupported
 
-    def guarded(q, k, v, cos, sin, k_cache, v_cache, index):
+    def guarded(q, k, v, cos, sin, k_cache, v_cache, index, rotary_dim=None):
         checked.append(bool(((index < 0) | (index >= k_cache.shape[2])).any()))
         return "a cache row past the buffer (the test's guard)" if checked[-1] else real(
-            q, k, v, cos, sin, k_cache, v_cache, index)
+            q, k, v, cos, sin, k_cache, v_cache, index, rotary_dim)
 
     monkeypatch.setattr(decode_step, "rotary_write_kv_unsupported", guarded)
     here = ("torch", "triton") if os.environ.get("TRITON_INTERPRET") == "1" else ("torch",)

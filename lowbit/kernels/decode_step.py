@@ -18,7 +18,8 @@ one ``head_dim`` row per program to the slot its position names.
 - ``torch.ops.lowbit.rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, index)``: the IR's ``rotary`` of q and
   k, the rotated keys and the values written into the float caches at a row index, in one launch (the triton
   backend's ``rotary_cache`` rewrite; measured in that step: Inductor's two rotary kernels 9.4 µs and the eight
-  ``_write_rows`` 12.2 µs per 4-layer step). Reference: ``rotary_write_kv_ref`` (rotary, ``scatter_``).
+  ``_write_rows`` 12.2 µs per 4-layer step). Reference: ``rotary_write_kv_ref`` (rotary, ``scatter_``). Its
+  ``rotary_dim`` takes a partial rotary (GPT-NeoX, Phi, StableLM): the first channels turned, the rest copied.
 - ``torch.ops.lowbit.decode_sdpa(q, k, v, mask, scale, enable_gqa)``: one query row per sequence over a float
   cache, flash-decoding (chunks of ``DECODE_SDPA_CHUNK`` slots, then a log-sum-exp merge): 1.69x torch's SDPA at
   batch 1 x 32 kv heads over 768 slots on the H200 (``tools/bench_decode_sdpa.py``, session 11); where
@@ -189,14 +190,22 @@ def rotary_head_dim_unsupported(d: int) -> str | None:
 
 
 def rotary_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor,
+                        rotary_dim: int | None = None) -> torch.Tensor:
     """The ops the kernel replaces: the IR's ``rotary`` of the keys scattered into ``k_cache``, the values into
-    ``v_cache`` (``scatter_(2, index, ·)``, in place), the IR's ``rotary`` of the queries returned."""
+    ``v_cache`` (``scatter_(2, index, ·)``, in place), the IR's ``rotary`` of the queries returned. ``rotary_dim``
+    (None: the whole head): a partial rotary's width, the IR's ``rotary`` of each head's first ``rotary_dim``
+    channels concatenated with the rest unchanged, as GPT-NeoX, Phi and StableLM steps compute it."""
     from lowbit.ir.ops import rotary
 
-    k_cache.scatter_(2, index, rotary(k, cos, sin))
+    def rotated(x: torch.Tensor) -> torch.Tensor:
+        if rotary_dim is None or rotary_dim == x.shape[-1]:
+            return rotary(x, cos, sin)
+        return torch.cat((rotary(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), -1)
+
+    k_cache.scatter_(2, index, rotated(k))
     v_cache.scatter_(2, index, v)
-    return rotary(q, cos, sin)
+    return rotated(q)
 
 
 def _rows(t: torch.Tensor, b: int, n: int, d: int) -> torch.Tensor | None:
@@ -212,21 +221,23 @@ def _rows(t: torch.Tensor, b: int, n: int, d: int) -> torch.Tensor | None:
 
 def rotary_write_kv_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                                 sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                index: torch.Tensor) -> str | None:
+                                index: torch.Tensor, rotary_dim: int | None = None) -> str | None:
     """Why ``rotary_write_kv``'s kernel does not take these operands (None: it does; the op then runs the
     reference): one dtype of ``ROTARY_DTYPES`` for all seven tensors, caches ``[B, Hkv, S, D]`` matching the
-    keys, ``cos``/``sin`` broadcast over heads, a row index (``cache_rows_index``), unit last strides, the
-    kernel device."""
+    keys, ``cos``/``sin`` broadcast over heads (``rotary_dim`` channels wide), a row index (``cache_rows_index``),
+    unit last strides, the kernel device."""
     b, hkv, n, d = k.shape
+    width = d if rotary_dim is None else rotary_dim
     dts = {t.dtype for t in (q, k, v, cos, sin, k_cache, v_cache)}
     if len(dts) != 1 or q.dtype not in ROTARY_DTYPES:
         return f"dtypes {sorted(str(t) for t in dts)} (one of bf16/fp16/fp32 for all)"
     if (k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != b or k_cache.shape[1] != hkv
             or k_cache.shape[3] != d):
         return f"caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} for keys {tuple(k.shape)}"
-    c, s = _rows(cos, b, n, d), _rows(sin, b, n, d)
+    c, s = _rows(cos, b, n, width), _rows(sin, b, n, width)
     if c is None or s is None:
-        return f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)} do not broadcast to [B, 1, N, D] = {(b, 1, n, d)}"
+        return (f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)} do not broadcast to [B, 1, N, rotary_dim] = "
+                f"{(b, 1, n, width)}")
     if not cache_rows_index(index, 2, k) or index.dtype not in (torch.int64, torch.int32):
         return f"index {tuple(index.shape)} strides {index.stride()} is not a row index for keys {tuple(k.shape)}"
     if any(t.stride(3) != 1 for t in (q, k, v, c, s, k_cache, v_cache)):
@@ -252,13 +263,15 @@ def _rotary_write_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, kc_ptr, vc_ptr, i_ptr, o
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, scb, scn, ssb, ssn,
                      skcb, skch, skcs, svcb, svch, svcs, sib, sin_, sob, soh, son,
                      HALF: tl.constexpr, ROWS: tl.constexpr, IS_BF16: tl.constexpr, IS_FP16: tl.constexpr,
-                     PDL: tl.constexpr):
+                     PDL: tl.constexpr, D: tl.constexpr, HALF_BLOCK: tl.constexpr):
     """Program ``(b * cdiv(N, ROWS) + block, h)``: rows ``block * ROWS ...`` (``ROWS`` tokens) of one head. For
     ``h < HQ``, query head ``h``'s rows rotated into the output; else kv head ``h - HQ``: its key rows rotated and
-    its value rows copied, both to cache slots ``index[b, 0, n, 0]``. Rotate-half in two halves, ``(x1 c1 - x2 s1,
-    x2 c2 + x1 s2)``, each product and the sum rounded to the activation dtype as the IR's ``rotary`` rounds them
-    (``-x2 * s1`` rounds to ``-(x2 * s1)``). ``PDL``: let the attention launch, then wait for the GEMV that wrote
-    q, k and v."""
+    its value rows copied, both to cache slots ``index[b, 0, n, 0]``. Rotate-half of the first ``2 HALF`` of the
+    ``D`` channels in two halves, ``(x1 c1 - x2 s1, x2 c2 + x1 s2)``, each product and the sum rounded to the
+    activation dtype as the IR's ``rotary`` rounds them (``-x2 * s1`` rounds to ``-(x2 * s1)``); channels from ``2
+    HALF`` on (a partial rotary's) copied unchanged. ``HALF_BLOCK``: ``HALF`` rounded up to a power of two (a
+    ``tl.arange``), lanes past ``HALF`` masked. ``PDL``: let the attention launch, then wait for the GEMV that
+    wrote q, k and v."""
     pdl_prologue(PDL)
     nblocks = tl.cdiv(N, ROWS)
     r = tl.program_id(0)
@@ -266,12 +279,15 @@ def _rotary_write_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, kc_ptr, vc_ptr, i_ptr, o
     b = r // nblocks
     n = (r % nblocks) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
     ok = n < N
-    lo = tl.arange(0, HALF)[None, :]
+    lo = tl.arange(0, HALF_BLOCK)[None, :]
     hi = lo + HALF
-    c1 = tl.load(c_ptr + b * scb + n * scn + lo, mask=ok).to(tl.float32)
-    c2 = tl.load(c_ptr + b * scb + n * scn + hi, mask=ok).to(tl.float32)
-    s1 = tl.load(s_ptr + b * ssb + n * ssn + lo, mask=ok).to(tl.float32)
-    s2 = tl.load(s_ptr + b * ssb + n * ssn + hi, mask=ok).to(tl.float32)
+    turned = ok
+    if HALF_BLOCK != HALF:
+        turned = ok & (lo < HALF)
+    c1 = tl.load(c_ptr + b * scb + n * scn + lo, mask=turned).to(tl.float32)
+    c2 = tl.load(c_ptr + b * scb + n * scn + hi, mask=turned).to(tl.float32)
+    s1 = tl.load(s_ptr + b * ssb + n * ssn + lo, mask=turned).to(tl.float32)
+    s2 = tl.load(s_ptr + b * ssb + n * ssn + hi, mask=turned).to(tl.float32)
     if h < HQ:
         src = q_ptr + b * sqb + h * sqh + n * sqn
         dst = o_ptr + b * sob + h * soh + n * son
@@ -282,14 +298,18 @@ def _rotary_write_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, kc_ptr, vc_ptr, i_ptr, o
         dst = kc_ptr + b * skcb + j * skch + pos * skcs
         vs = v_ptr + b * svb + j * svh + n * svn
         vd = vc_ptr + b * svcb + j * svch + pos * svcs
-        tl.store(vd + lo, tl.load(vs + lo, mask=ok), mask=ok)
-        tl.store(vd + hi, tl.load(vs + hi, mask=ok), mask=ok)
-    x1 = tl.load(src + lo, mask=ok).to(tl.float32)
-    x2 = tl.load(src + hi, mask=ok).to(tl.float32)
+        ds = tl.arange(0, D)[None, :]
+        tl.store(vd + ds, tl.load(vs + ds, mask=ok), mask=ok)
+    x1 = tl.load(src + lo, mask=turned).to(tl.float32)
+    x2 = tl.load(src + hi, mask=turned).to(tl.float32)
     y1 = _rotated(x1, x2, c1, s1, -1.0, IS_BF16, IS_FP16)
     y2 = _rotated(x2, x1, c2, s2, 1.0, IS_BF16, IS_FP16)
-    tl.store(dst + lo, y1.to(dst.dtype.element_ty), mask=ok)
-    tl.store(dst + hi, y2.to(dst.dtype.element_ty), mask=ok)
+    tl.store(dst + lo, y1.to(dst.dtype.element_ty), mask=turned)
+    tl.store(dst + hi, y2.to(dst.dtype.element_ty), mask=turned)
+    if 2 * HALF < D:
+        rest = tl.arange(0, D)[None, :]
+        kept = ok & (rest >= 2 * HALF)
+        tl.store(dst + rest, tl.load(src + rest, mask=kept), mask=kept)
 
 
 @triton.jit
@@ -324,7 +344,7 @@ per program."""
 @torch.library.custom_op("lowbit::rotary_write_kv", mutates_args=("k_cache", "v_cache"))
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor,
-                    pdl: bool = False) -> torch.Tensor:
+                    pdl: bool = False, rotary_dim: int | None = None) -> torch.Tensor:
     """A decode step's attention inputs in one launch: the IR's ``rotary`` of ``q [B, Hq, N, D]`` and ``k [B,
     Hkv, N, D]`` (``cos``/``sin`` broadcast to ``[B, 1, N, D]``), the rotated keys and the values ``v`` written
     into the float caches ``[B, Hkv, S, D]`` at the slots a row ``index`` names (``cache_rows_index``: the
@@ -332,7 +352,9 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     queries (contiguous). Grid ``(B * cdiv(N, rows), Hq + Hkv)``: ``rows`` tokens of one head per program (one in a
     decode step, up to ``ROTARY_ROWS``), query heads and kv heads alike. The
     reference where ``rotary_write_kv_unsupported`` names a reason. ``pdl``: launch with programmatic dependent
-    launch (the triton backend's ``pdl``, Hopper+; ignored under the interpreter).
+    launch (the triton backend's ``pdl``, Hopper+; ignored under the interpreter). ``rotary_dim`` (None: the whole
+    head): a partial rotary (GPT-NeoX, Phi, StableLM) turns each head's first ``rotary_dim`` channels (``cos``/``sin``
+    that wide) and passes the rest through unchanged, as ``rotary_write_kv_ref`` says.
 
     Why a ``custom_op`` and not a ``triton_op``: it writes two graph inputs, and an opaque op's declared
     mutation is what ``scatter_into`` measured staying in place under ``torch.compile`` (no whole-cache copy);
@@ -343,11 +365,14 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     d = q.shape[3]
     why = rotary_head_dim_unsupported(d)
     check(why is None, "rotary_write_kv", f"head_dim {d} (q {tuple(q.shape)}): {why}")
-    if rotary_write_kv_unsupported(q, k, v, cos, sin, k_cache, v_cache, index) is not None:
-        return rotary_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, index).contiguous()
+    width = d if rotary_dim is None else rotary_dim
+    check(0 < width <= d and width % 2 == 0, "rotary_write_kv",
+          f"rotary_dim {rotary_dim} of head_dim {d} (q {tuple(q.shape)}): an even width from 2 to the head_dim")
+    if rotary_write_kv_unsupported(q, k, v, cos, sin, k_cache, v_cache, index, rotary_dim) is not None:
+        return rotary_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, index, rotary_dim).contiguous()
     b, hkv, n, _ = k.shape
     hq = q.shape[1]
-    c, s = _rows(cos, b, n, d), _rows(sin, b, n, d)
+    c, s = _rows(cos, b, n, width), _rows(sin, b, n, width)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     on = pdl and not interpreting()
     # enable_fp_fusion=False: fp32's x1 * c1 - x2 * s1 must not become one FMA (torch rounds both products)
@@ -357,15 +382,17 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), c.stride(0), c.stride(2), s.stride(0), s.stride(2), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), index.stride(0),
-        index.stride(2), out.stride(0), out.stride(1), out.stride(2), HALF=d // 2, ROWS=rows,
-        IS_BF16=q.dtype == torch.bfloat16, IS_FP16=q.dtype == torch.float16, PDL=on, num_warps=1 if rows == 1 else 4,
-        enable_fp_fusion=False, **({"launch_pdl": True} if on else {}))
+        index.stride(2), out.stride(0), out.stride(1), out.stride(2), HALF=width // 2, ROWS=rows,
+        IS_BF16=q.dtype == torch.bfloat16, IS_FP16=q.dtype == torch.float16, PDL=on, D=d,
+        HALF_BLOCK=next_pow2(width // 2), num_warps=1 if rows == 1 else 4, enable_fp_fusion=False,
+        **({"launch_pdl": True} if on else {}))
     return out
 
 
 @rotary_write_kv.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-      k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+      k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor, pdl: bool = False,
+      rotary_dim: int | None = None) -> torch.Tensor:
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
