@@ -581,20 +581,34 @@ def test_a_matmul_over_a_contraction_of_one_runs_as_a_multiply():
 
 
 def test_rotary_cache_pattern_leaves_what_it_does_not_cover():
-    """The rewrite's matcher on hand-built FX graphs: the layer's form matches; a key QDQ'd between its rotary and
-    the write (the kv accuracy model), q and k rotated with different cos/sin, a cache whose data another node
-    reads, and head_dim 80 (refused by ``plan_rotary_cache``, with the reason) do not."""
+    """The rewrite's matcher on hand-built FX graphs: the layer's form matches, whole-head or a partial rotary's
+    (``cat((rotary(x[..., :r]), x[..., r:]), -1)``, GPT-NeoX's form, its width ``rotary_dim``); a key QDQ'd between its
+    rotary and the write (the kv accuracy model), q and k rotated with different cos/sin or partial widths, a
+    partial rotary whose passed-through channels do not start at its width, a cache whose data another node reads,
+    and head_dim 80 or an odd rotary width (refused by ``plan_rotary_cache``, with the reason) do not."""
+    import sys
+
     import torch.fx
 
     from lowbit.backends.triton_backend import _kernel_attention, plan_rotary_cache, rotary_cache_pattern
     from lowbit.ir.graph import TensorType
 
-    def layer(*, qdq: bool = False, other_sin: bool = False, reader: bool = False) -> torch.fx.Node:
+    def rotated(g: torch.fx.Graph, x: torch.fx.Node, cos: torch.fx.Node, sin: torch.fx.Node, width: int | None,
+                tail_from: int | None = None) -> torch.fx.Node:
+        if width is None:
+            return g.call_function(ir_ops.rotary, (x, cos, sin))
+        head = g.call_function(torch.ops.aten.slice.Tensor, (x, 3, 0, width))
+        tail = g.call_function(torch.ops.aten.slice.Tensor, (x, 3, tail_from or width, sys.maxsize))
+        return g.call_function(torch.ops.aten.cat.default, ([g.call_function(ir_ops.rotary, (head, cos, sin)), tail],
+                                                            -1))
+
+    def layer(*, qdq: bool = False, other_sin: bool = False, reader: bool = False, q_width: int | None = None,
+              k_width: int | None = None, gap: bool = False) -> torch.fx.Node:
         g = torch.fx.Graph()
         q, k, v, cos, sin, sin2, kc, vc, idx, mask = (g.placeholder(n) for n in (
             "q", "k", "v", "cos", "sin", "sin2", "k_cache", "v_cache", "index", "mask"))
-        q_rot = g.call_function(ir_ops.rotary, (q, cos, sin2 if other_sin else sin))
-        k_rot = g.call_function(ir_ops.rotary, (k, cos, sin))
+        q_rot = rotated(g, q, cos, sin2 if other_sin else sin, q_width)
+        k_rot = rotated(g, k, cos, sin, k_width, k_width + 2 if gap else None)
         src = g.call_function(torch.ops.aten.mul.Tensor, (k_rot, 1.0)) if qdq else k_rot
         g.call_function(torch.ops.lowbit.scatter_into.default, (kc, 2, idx, src))
         g.call_function(torch.ops.lowbit.scatter_into.default, (vc, 2, idx, v))
@@ -606,10 +620,17 @@ def test_rotary_cache_pattern_leaves_what_it_does_not_cover():
 
     found = rotary_cache_pattern(layer())
     assert found is not None and [found[r].target for r in ("q_rot", "k_rot")] == [ir_ops.rotary] * 2
-    assert all(rotary_cache_pattern(layer(**{case: True})) is None for case in ("qdq", "other_sin", "reader"))
+    assert found["rotary_dim"] is None and [found[r].name for r in ("q", "k")] == ["q", "k"]
+    partial = rotary_cache_pattern(layer(q_width=16, k_width=16))
+    assert partial is not None and partial["rotary_dim"] == 16 and [partial[r].name for r in ("q", "k")] == ["q", "k"]
+    assert [n.target for n in partial["erased"]].count(ir_ops.rotary) == 2 and len(partial["erased"]) == 8
+    cases = ({"qdq": True}, {"other_sin": True}, {"reader": True}, {"q_width": 16}, {"q_width": 16, "k_width": 8},
+             {"q_width": 16, "k_width": 16, "gap": True}, {"q_width": 16, "k_width": 16, "qdq": True})
+    assert all(rotary_cache_pattern(layer(**case)) is None for case in cases)
     bf16 = TensorType(torch.bfloat16, (1, 4, 1, 64))
-    assert plan_rotary_cache(bf16, bf16) is None
+    assert plan_rotary_cache(bf16, bf16) is None and plan_rotary_cache(bf16, bf16, 16) is None
     assert "head_dim 80" in plan_rotary_cache(bf16, TensorType(torch.bfloat16, (1, 4, 1, 80)))
+    assert "rotary_dim 15 of head_dim 64" in plan_rotary_cache(bf16, bf16, 15)
 
 
 @needs_kernels
@@ -654,6 +675,31 @@ def test_gpt2_and_falcon_steps_take_only_the_kernels_that_compute_them(family):
     assert tri.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
     packed = _triton_step(model, "kv-cache(bits=8,k_block=8,window=8,v_group=16)", spec, dev)
     assert list(packed.runner.report["kernels"].values()).count("cache-attention") == 2
+    assert packed.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["gpt-neox", "phi"])
+def test_partial_rotary_fuses_with_the_cache_writes_on_the_triton_backend(family):
+    """GPT-NeoX's and Phi's rotary turns each head's first channels (4 and 8 of 16) and passes the rest through, a
+    ``cat`` in the step graph: each layer's slices, rotary, cat and float-cache writes become one ``rotary_write_kv``
+    with that ``rotary_dim`` (no IR rotary nor cat of heads left, no 'not fused' line in the report), and two
+    prompts of different lengths make the torch reference's greedy tokens with the float and the packed int8 cache
+    (float32: no bf16 near-ties between the two)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model, spec, prompts, ref = _sharp_family_reference(family, dev)
+    tri = _triton_step(model, None, spec, dev)
+    fused = [n for n in tri.runner.gm.graph.nodes if n.target is torch.ops.lowbit.rotary_write_kv.default]
+    width = {"gpt-neox": 4, "phi": 8}[family]
+    assert len(fused) == 2 and all(n.args[9] == width for n in fused)
+    assert not any(n.target is ir_ops.rotary for n in tri.runner.gm.graph.nodes)
+    unfused, text = tri.runner.report["unfused"], tri.runner.report_text()
+    assert not unfused and "not fused at %" not in text and "2 layers on rotary_write_kv" in text, text
+    assert all(f"partial: {width} channels" in what for what in tri.runner.report["rotary_cache"].values())
+    assert tri.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+    packed = _triton_step(model, "kv-cache(bits=8,k_block=8,window=8,v_group=16)", spec, dev)
+    assert list(packed.runner.report["kernels"].values()).count("cache-attention") == 2
+    assert "not fused at %" not in packed.runner.report_text()
     assert packed.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
 
 

@@ -681,24 +681,66 @@ def _is_rotary(node: Any, reader: torch.fx.Node) -> bool:
             and len(node.args) == 3 and not node.kwargs and set(node.users) == {reader})
 
 
-def rotary_cache_pattern(attn: torch.fx.Node) -> dict[str, torch.fx.Node] | None:
+def _slice_of_heads(node: Any, reader: torch.fx.Node) -> tuple[torch.fx.Node, int, int | None] | None:
+    """``(x, start, end)`` of an ``aten.slice`` of ``x``'s last axis (dim 3 or -1 of a ``[B, H, N, D]`` head
+    tensor, step 1) read by ``reader`` alone (end None: to the end); else None."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function"
+            and node.target is torch.ops.aten.slice.Tensor and not node.kwargs and set(node.users) == {reader}):
+        return None
+    x, dim, start, end, step = (*node.args, *(0, None, None, 1)[len(node.args) - 1:])
+    if not isinstance(x, torch.fx.Node) or dim not in (3, -1) or step != 1:
+        return None
+    return x, start or 0, None if end is None or end >= 2 ** 62 else end
+
+
+def _rotated_heads(node: Any, reader: torch.fx.Node) -> dict[str, Any] | None:
+    """How ``node`` (read by ``reader`` alone) rotates heads ``x``: an IR ``rotary(x, cos, sin)`` over the whole
+    head (``rotary_dim`` None), or a partial rotary, ``cat((rotary(x[..., :r], cos, sin), x[..., r:]), -1)``
+    (GPT-NeoX, Phi, StableLM: ``rotary_dim`` r); with the nodes the fusion erases, users first. Else None."""
+    if _is_rotary(node, reader):
+        return {"x": node.args[0], "cos": node.args[1], "sin": node.args[2], "rotary_dim": None, "nodes": [node]}
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.cat.default
+            and set(node.users) == {reader} and len(node.args) == 2 and node.args[1] in (3, -1)
+            and not node.kwargs and len(node.args[0]) == 2):
+        return None
+    turned, rest = node.args[0]
+    if not _is_rotary(turned, node):
+        return None
+    head, tail = _slice_of_heads(turned.args[0], turned), _slice_of_heads(rest, node)
+    if head is None or tail is None or head[0] is not tail[0] or head[1] != 0 or head[2] is None:
+        return None
+    width = head[2]
+    if tail[1] != width or tail[2] is not None or width <= 0 or width % 2:
+        return None
+    return {"x": head[0], "cos": turned.args[1], "sin": turned.args[2], "rotary_dim": width,
+            "nodes": [node, turned, turned.args[0], rest]}
+
+
+def rotary_cache_pattern(attn: torch.fx.Node) -> dict[str, Any] | None:
     """The nodes of one layer's ``rotary(q) -> attention`` whose caches were written by ``scatter_into(k_cache, 2,
-    index, rotary(k))`` and ``scatter_into(v_cache, 2, index, v)`` (one index, one cos/sin for q and k, each
-    rotary read by its consumer alone), by role: ``q_rot, k_rot, k_write, v_write``; else None."""
+    index, rotary(k))`` and ``scatter_into(v_cache, 2, index, v)`` (one index, one cos/sin and rotary width for q
+    and k, each rotary read by its consumer alone; a rotary over the whole head or a partial one's cat,
+    ``_rotated_heads``), by role: ``q_rot, k_rot, k_write, v_write`` (nodes), ``q, k`` (their unrotated heads),
+    ``rotary_dim`` (None: the whole head) and ``erased`` (the rotaries' nodes, users first); else None."""
     attention_ops = (_kernel_attention, _kernel_attention_pdl, ir_ops.attention)
     if attn.op != "call_function" or attn.target not in attention_ops or len(attn.args) < 3:
         return None
     q_rot, k_cache, v_cache = attn.args[:3]
-    if not (_is_rotary(q_rot, attn) and isinstance(k_cache, torch.fx.Node) and isinstance(v_cache, torch.fx.Node)
+    q_heads = _rotated_heads(q_rot, attn)
+    if not (q_heads is not None and isinstance(k_cache, torch.fx.Node) and isinstance(v_cache, torch.fx.Node)
             and k_cache is not v_cache):
         return None
     k_write, v_write = _cache_write(k_cache, attn), _cache_write(v_cache, attn)
     if k_write is None or v_write is None or k_write.args[2] is not v_write.args[2]:
         return None
     k_rot = k_write.args[3]
-    if not _is_rotary(k_rot, k_write) or k_rot.args[1:] != q_rot.args[1:]:
+    k_heads = _rotated_heads(k_rot, k_write)
+    if k_heads is None or any(k_heads[key] is not q_heads[key] for key in ("cos", "sin")) \
+            or k_heads["rotary_dim"] != q_heads["rotary_dim"]:
         return None
-    return {"q_rot": q_rot, "k_rot": k_rot, "k_write": k_write, "v_write": v_write}
+    return {"q_rot": q_rot, "k_rot": k_rot, "k_write": k_write, "v_write": v_write, "q": q_heads["x"],
+            "k": k_heads["x"], "cos": q_heads["cos"], "sin": q_heads["sin"], "rotary_dim": q_heads["rotary_dim"],
+            "erased": k_heads["nodes"] + q_heads["nodes"]}
 
 
 def _written_out_rotary(attn: torch.fx.Node) -> torch.fx.Node | None:
@@ -721,9 +763,10 @@ def _op_name(node: torch.fx.Node) -> str:
     return str(getattr(target, "__name__", target)) if node.op == "call_function" else node.op
 
 
-def plan_rotary_cache(q: TensorType | None, k: TensorType | None) -> str | None:
+def plan_rotary_cache(q: TensorType | None, k: TensorType | None, rotary_dim: int | None = None) -> str | None:
     """Why ``rotary_write_kv`` does not take a layer's rotated q and k of these types (None: it does): the
-    kernel's head_dims (a power of two from 16 to 256) and dtypes (``ROTARY_DTYPES``), one for both."""
+    kernel's head_dims (a power of two from 16 to 256) and dtypes (``ROTARY_DTYPES``), one for both; a partial
+    rotary's ``rotary_dim`` (None: the whole head) even and no wider than the head."""
     from lowbit.kernels.decode_step import ROTARY_DTYPES, rotary_head_dim_unsupported
 
     if q is None or k is None or not q.shape or not k.shape or not isinstance(k.shape[-1], int):
@@ -734,17 +777,21 @@ def plan_rotary_cache(q: TensorType | None, k: TensorType | None) -> str | None:
         return f"head_dim {d}: {why}"
     if q.dtype != k.dtype or k.dtype not in ROTARY_DTYPES:
         return f"dtypes {q.dtype}, {k.dtype}: the kernel takes one of bf16/fp16/fp32"
+    if rotary_dim is not None and not (0 < rotary_dim <= d and rotary_dim % 2 == 0):
+        return f"rotary_dim {rotary_dim} of head_dim {d}: the kernel turns an even width up to the head_dim"
     return None
 
 
 def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None,
                        report: dict[str, dict[str, str]], pdl: bool = False) -> None:
-    """Each layer's ``rotary(q)``, ``rotary(k)`` and the two float-cache ``scatter_into`` writes
-    (``rotary_cache_pattern``) become one ``lowbit::rotary_write_kv`` node whose rotated queries the attention
-    reads. Why: in a decode step they were four launch-bound kernels per layer (Inductor's rotary of q and of k,
-    two ``_write_rows``: 21.6 µs per step over the 7B-shaped stack's 4 layers on the H200, ``profile_decode``).
-    A packed (quantized) cache is written by ``cache_attention`` and a QDQ'd key is no rotary's direct reader:
-    neither matches, both keep their ops. At run time operands the kernel cannot read run the reference."""
+    """Each layer's ``rotary(q)``, ``rotary(k)`` (whole heads, or a partial rotary's slices and cat: its width the
+    op's ``rotary_dim``) and the two float-cache ``scatter_into`` writes (``rotary_cache_pattern``) become one
+    ``lowbit::rotary_write_kv`` node whose rotated queries the attention reads. Why: in a decode step they were
+    four launch-bound kernels per layer (Inductor's rotary of q and of k, two ``_write_rows``: 21.6 µs per step over
+    the 7B-shaped stack's 4 layers on the H200, ``profile_decode``); a partial rotary added its slices and cats. A
+    decode-sdpa attention takes a whole-head rotary inside its own kernel (``rotary_decode_sdpa``). A packed
+    (quantized) cache is written by ``cache_attention`` and a QDQ'd key is no rotary's direct reader: neither
+    matches, both keep their ops. At run time operands the kernel cannot read run the reference."""
     for attn in list(gm.graph.nodes):
         found = rotary_cache_pattern(attn)
         if found is None:
@@ -752,20 +799,23 @@ def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | 
             if written_out is not None:
                 report["unfused"][written_out.name] = (
                     f"rotary + k/v cache write: the keys written are %{written_out.name} ({_op_name(written_out)}), no "
-                    "IR rotate-half rotary (rotary_write_kv's kernel turns those only): an adjacent-pair rotary "
-                    "(GPT-J, Cohere), a partial one's cat or none (a NoPE layer, GPT-2's learned positions); its ops "
+                    "IR rotate-half rotary, whole or partial (rotary_write_kv's kernel turns those only): an "
+                    "adjacent-pair rotary (GPT-J, Cohere) or none (a NoPE layer, GPT-2's learned positions); its ops "
                     "run as captured")
             continue
         q_rot, k_rot, k_write, v_write = found["q_rot"], found["k_rot"], found["k_write"], found["v_write"]
-        why = plan_rotary_cache(_type_of(q_rot, types), _type_of(k_rot, types))
+        rotary_dim = found["rotary_dim"]
+        why = plan_rotary_cache(_type_of(q_rot, types), _type_of(k_rot, types), rotary_dim)
         if why is not None:
             report["unfused"][k_rot.name] = f"rotary + k/v cache write: {why}"
             continue
-        q, cos, sin = q_rot.args
-        operands = (q, k_rot.args[0], v_write.args[3], cos, sin, k_write.args[0], v_write.args[0], k_write.args[2])
-        what = f"rotary %{q_rot.name}, %{k_rot.name} + cache writes %{k_write.name}, %{v_write.name}"
+        operands = (found["q"], found["k"], v_write.args[3], found["cos"], found["sin"], k_write.args[0],
+                    v_write.args[0], k_write.args[2])
+        what = (f"rotary %{q_rot.name}, %{k_rot.name} + cache writes %{k_write.name}, %{v_write.name}"
+                + (f" (partial: {rotary_dim} channels of each head)" if rotary_dim is not None else ""))
         with gm.graph.inserting_before(attn):
-            if attn.target in (_kernel_attention, _kernel_attention_pdl):
+            # the split attention kernel's own rotary turns whole heads: a partial one keeps its attention apart
+            if attn.target in (_kernel_attention, _kernel_attention_pdl) and rotary_dim is None:
                 # a decode step's attention kernel rotates q and writes the slot itself: one launch fewer
                 mask = attn.args[3] if len(attn.args) > 3 else attn.kwargs.get("mask")
                 fused = gm.graph.call_function(torch.ops.lowbit.rotary_decode_sdpa.default, (
@@ -775,10 +825,10 @@ def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | 
                 report["rotary_cache"][fused.name] = f"{what} + attention %{attn.name} (decode-sdpa at one row)"
                 gm.graph.erase_node(attn)
             else:
-                fused = gm.graph.call_function(torch.ops.lowbit.rotary_write_kv.default, (*operands, pdl))
+                fused = gm.graph.call_function(torch.ops.lowbit.rotary_write_kv.default, (*operands, pdl, rotary_dim))
                 attn.args = (fused, *attn.args[1:])
                 report["rotary_cache"][fused.name] = what
-        for dead in (k_write, v_write, k_rot, q_rot):
+        for dead in (k_write, v_write, *found["erased"]):
             gm.graph.erase_node(dead)
 
 
