@@ -270,3 +270,40 @@ def test_default_split_keeps_the_merge_to_one_step(s, programs, block):
         assert -(-s // (split // 2)) > da.REDUCE_CHUNKS  # only the merge's cap made it longer than the start
     elif split > block and -(-s // (split // 2)) <= da.REDUCE_CHUNKS:
         assert programs * chunks >= da.PROGRAMS_PER_SM * 132  # halving stopped because the grid was full
+
+
+# (bits, split, query heads, kv heads, launch): ALiBi slopes on v4 (interior blocks unmasked and all masked) and v3,
+# GQA and MHA, the bias rounded to bfloat16 / float16 as a half-precision step's float mask holds it
+ALIBI_CASES = [(4, 16, 4, 2, {}), (8, 32, 2, 2, {"interior": False}), (2, 48, 4, 1, {"variant": "v3"}),
+               (4, None, 4, 2, {"bias_dtype": torch.bfloat16}), (4, 32, 2, 1, {"bias_dtype": torch.float16})]
+CORE["ALIBI_CASES"] = (0, 3)
+
+
+def _check_alibi_kernel(bits: int, split: int | None, hq: int, hkv: int, **launch) -> None:
+    """Kernel vs reference with ALiBi slopes (Bloom's for ``hq`` heads, 2**-8h/hq, times 0.9 so that a product is
+    not exact in bfloat16) added at every key's position, quantized slots and float tokens alike; 2e-5 under the
+    interpreter as ``_check_kernel``. The slopes move the output, and the bfloat16 rounding too (a kernel that
+    ignored either would pass otherwise)."""
+    c = _case(bits, seed=bits + hq, hq=hq, hkv=hkv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [c[n].to(dev) for n in ("q", "kc", "ks", "kz", "vc", "vs", "vz")]
+    s = c["k"].shape[2]
+    kw = dict(bits=bits, lo=c["lo"].to(dev), hi=c["hi"].to(dev), k_float=c["k"].to(dev), v_float=c["v"].to(dev),
+              float_valid=c["float_valid"].to(dev), float_positions=torch.arange(s).expand(c["q"].shape[0], s).to(dev),
+              alibi_slopes=torch.tensor([0.9 * 2.0 ** (-8 * (h + 1) / hq) for h in range(hq)], device=dev),
+              bias_dtype=launch.pop("bias_dtype", torch.float32))
+    want = da.decode_attention_reference(*args, **kw)
+    got = da.decode_attention(*args, split=split, **launch, **kw)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    plain = da.decode_attention_reference(*args, **{k: v for k, v in kw.items() if k != "alibi_slopes"})
+    assert (plain - want).abs().max() > 1e-2
+    if kw["bias_dtype"] != torch.float32:
+        unrounded = da.decode_attention_reference(*args, **{**kw, "bias_dtype": torch.float32})
+        assert (unrounded - want).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("which", [pytest.param("core", id="core"), *ALL])
+def test_triton_kernel_adds_alibi_slopes_as_the_reference_does(which):
+    """Bloom's ALiBi on the packed-cache kernel: ``slope[h] * key position`` (float32, rounded to the step's mask
+    dtype) added to each score, the quantized slots' and the float tokens' (TRITON_INTERPRET=1 on CPU)."""
+    _run_cases([("ALIBI_CASES", _check_alibi_kernel)], which)

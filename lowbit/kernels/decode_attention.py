@@ -16,6 +16,10 @@ The cache is the real form of the ``quantize(kv=...)`` accuracy model (docs/desi
   the recent window, ``k_float``/``v_float`` with a validity mask), exactly the split the accuracy model's mask
   makes.
 
+ALiBi (Bloom): with ``alibi_slopes`` every score takes ``slope[h] * key position`` (float32, rounded to the bias
+dtype the step's float mask has: ``alibi_bias``); slot n holds position n and the float tokens' positions are given
+(v3/v4 and the merge; the Triton lowering reads the slopes off the graph's bias and checks them against it).
+
 ``decode_attention_reference`` is plain torch; ``decode_attention`` is flash-decoding in two Triton kernels, a
 split kernel (one program per sequence, query heads, chunk of the context) writing each chunk's max, sum and
 un-normalised output, and ``_reduce_kernel`` (grid ``(B, Hq)``), which attends to the small float buffer (sink +
@@ -90,8 +94,8 @@ except ImportError:  # pragma: no cover - torch-only installs use the reference
     tl = None
 
 __all__ = ["quantize_keys", "quantize_values", "pack_codes", "unpack_codes", "dequantize_keys",
-           "dequantize_values", "decode_attention_reference", "decode_attention", "cache_attention_decode",
-           "cache_attention_unsupported"]
+           "dequantize_values", "alibi_bias", "decode_attention_reference", "decode_attention",
+           "cache_attention_decode", "cache_attention_unsupported"]
 
 # the cache format is the IR's (lowbit.ir.kvcache: the cache_attention op's reference writes it)
 from lowbit.ir.kvcache import (  # noqa: E402
@@ -117,12 +121,25 @@ def _float_part(q: torch.Tensor, k_float: torch.Tensor | None, v_float: torch.Te
     return s, vf
 
 
+def alibi_bias(slopes: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi's bias ``[B, H, N]`` of keys at ``positions [B, N]``: ``slope * position`` in float32, as transformers'
+    ``build_alibi_tensor`` computes it (absolute key positions: its cumsum of an all-ones mask minus one is the slot),
+    rounded to ``dtype`` as a half-precision step's float mask holds it, back in float32."""
+    bias = slopes.float()[None, :, None] * positions.float()[:, None, :]
+    return bias.to(dtype).float()
+
+
 def decode_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
                                v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, *, bits: int,
                                lo: torch.Tensor, hi: torch.Tensor, k_float: torch.Tensor | None = None,
                                v_float: torch.Tensor | None = None, float_valid: torch.Tensor | None = None,
-                               sm_scale: float | None = None) -> torch.Tensor:
-    """``q [B, Hq, D]`` over quantized tokens ``[lo[b], hi[b])`` plus the valid float tokens -> ``[B, Hq, D]`` f32."""
+                               sm_scale: float | None = None, alibi_slopes: torch.Tensor | None = None,
+                               float_positions: torch.Tensor | None = None,
+                               bias_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q [B, Hq, D]`` over quantized tokens ``[lo[b], hi[b])`` plus the valid float tokens -> ``[B, Hq, D]`` f32.
+    ``alibi_slopes`` (float32 ``[Hq]``): each score takes ``slope[h] * position`` in float32 rounded to
+    ``bias_dtype`` (Bloom's ALiBi as its step's float mask holds it); slot n holds position n, the float tokens'
+    positions are ``float_positions [B, F]``."""
     b, hq, d = q.shape
     sm_scale = sm_scale if sm_scale is not None else 1 / math.sqrt(d)
     groups = hq // k_codes.shape[1]
@@ -131,10 +148,13 @@ def decode_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
     s = torch.einsum("bhd,bhsd->bhs", q.float(), k) * sm_scale
     slots = torch.arange(k.shape[2], device=q.device)
     keep = (slots[None, :] >= lo[:, None]) & (slots[None, :] < hi[:, None])
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, slots[None].expand(b, -1), bias_dtype)
     s = s.masked_fill(~keep[:, None, :], float("-inf"))
     fp = _float_part(q, k_float, v_float, float_valid, sm_scale)
     if fp is not None:
-        s = torch.cat([s, fp[0]], -1)
+        fs = fp[0] if alibi_slopes is None else fp[0] + alibi_bias(alibi_slopes, float_positions, bias_dtype)
+        s = torch.cat([s, fs.masked_fill(~float_valid[:, None, :], float("-inf"))], -1)
         v = torch.cat([v, fp[1]], 2)
     return torch.einsum("bhs,bhsd->bhd", s.softmax(-1), v)
 
@@ -252,11 +272,25 @@ if triton is not None:
         tl.store(L + b * s_mb + h * s_mh + pid_s, tl.sum(tl.sum(tl.sum(l_i * c, 2), 1), 0))
 
     @triton.jit
+    def _alibi_bias(slope, pos, ROUND: tl.constexpr):
+        """ALiBi's bias of a key at ``pos`` in the kernels' base-2 scores: ``slope * pos`` in float32 (the product
+        transformers' ``build_alibi_tensor`` makes), rounded to the bias' dtype as the step's float mask holds it
+        (``ROUND``: 0 float32, 1 float16, 2 bfloat16), then times log2(e)."""
+        bias = slope * pos.to(tl.float32)
+        if ROUND == 1:
+            bias = bias.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
+        elif ROUND == 2:  # to nearest even on the bits: the interpreter's bfloat16 cast truncates
+            bits = bias.to(tl.int32, bitcast=True)
+            bias = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        return bias * 1.4426950408889634
+
+    @triton.jit
     def _reduce_kernel(
-        Q, ACC, M, L, KF, VF, FV, OUT,
+        Q, ACC, M, L, KF, VF, FV, OUT, SLOPES, FPOS,
         s_qb, s_qh, s_ab, s_ah, s_as, s_mb, s_mh, s_fb, s_fh, s_fs, s_vb, s_vh, s_vs, s_valid, s_ob, s_oh,
         qk_scale, n_split, n_float,
         GROUPS: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, F: tl.constexpr, HAS_FLOAT: tl.constexpr,
+        ALIBI: tl.constexpr, ROUND: tl.constexpr,
     ):
         """One (sequence, query head): the float tokens' softmax and every chunk's, merged by log-sum-exp, ``NS``
         chunks at a time (a running maximum rescales what is merged so far): short chunks for a small grid
@@ -278,7 +312,11 @@ if triton is not None:
                          other=0.0).to(tl.float32)
             vf = tl.load(VF + b * s_vb + kvh * s_vh + offs_f[:, None] * s_vs + offs_d[None, :], mask=fm[:, None],
                          other=0.0).to(tl.float32)
-            sf = tl.where(ok, tl.sum(kf * q[None, :], 1), -float("inf"))
+            sf = tl.sum(kf * q[None, :], 1)
+            if ALIBI:  # each float token's ALiBi bias at its position (FPOS: the candidates' positions)
+                fpos = tl.load(FPOS + b * s_valid + offs_f, mask=fm, other=0)
+                sf += _alibi_bias(tl.load(SLOPES + h), fpos, ROUND)
+            sf = tl.where(ok, sf, -float("inf"))
             top = tl.max(sf, 0)
             pf = tl.exp2(sf - tl.where(top == -float("inf"), 0.0, top))
             num = tl.sum(pf[:, None] * vf, 0)
@@ -591,8 +629,9 @@ if triton is not None:
 
     @triton.jit
     def _v3_block(n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
-                  t_i, e, exp_bits, D: tl.constexpr, BITS: tl.constexpr, K_BLOCK: tl.constexpr, DW: tl.constexpr,
-                  NG: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, DEN: tl.constexpr, MASKED: tl.constexpr):
+                  t_i, e, exp_bits, slope, D: tl.constexpr, BITS: tl.constexpr, K_BLOCK: tl.constexpr,
+                  DW: tl.constexpr, NG: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, DEN: tl.constexpr,
+                  MASKED: tl.constexpr, ALIBI: tl.constexpr, ROUND: tl.constexpr):
         """One key block of ``_split_kernel_v3``: the running ``(m_i, l_i, acc, accz)`` after its tokens.
         ``MASKED`` = False for a block wholly inside ``[lo, end)`` (every block of a chunk but its first and last):
         no token masks and no ``-inf`` scores. The pointer tiles (``*_rows``: token 0's codes / value scales of
@@ -627,6 +666,8 @@ if triton is not None:
                 s_r = tl.sum(tl.sum(part, 3, keep_dims=True), 0, keep_dims=True)  # [1, TT, GH, 1]
                 if DEN:
                     s_r = (s_r - zdot) * 562949953421312.0  # 2**49
+                if ALIBI:  # slot n holds position n
+                    s_r += _alibi_bias(slope, t0 + r * TT + t_i, ROUND)
                 if MASKED:
                     ok = ok + (valid,)
                     sc = sc + (tl.where(valid, s_r, -float("inf")),)
@@ -672,7 +713,8 @@ if triton is not None:
         s_ab, s_ah, s_as, s_mb, s_mh, qk_scale, split, exp_bits,
         HQ: tl.constexpr, GROUPS: tl.constexpr, GH: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, CWW: tl.constexpr,
-        CV: tl.constexpr, DEN: tl.constexpr, INTERIOR: tl.constexpr,
+        CV: tl.constexpr, DEN: tl.constexpr, INTERIOR: tl.constexpr, SLOPES, ALIBI: tl.constexpr,
+        ROUND: tl.constexpr,
     ):
         """``_split_kernel_v2``'s arithmetic on ``[X, TT, GH, C]`` tiles (channel chunk, token thread, head,
         channel) without a token-row dim: each of a step's ``N0`` rows is loaded and scored as its own tile (the
@@ -734,6 +776,10 @@ if triton is not None:
         vs_rows = vs_base + g_off
         vz_rows = vz_base + g_off
         q = tl.load(Q + b * s_qb + (h0 + g_i) * s_qh + chan_t).to(tl.float32) * (qk_scale * q_e)  # [X, TT, GH, C]
+        if ALIBI:
+            slope = tl.load(SLOPES + h0 + g_i)  # [1, 1, GH, 1]
+        else:
+            slope = 0.0
         m_i = tl.full([1, TT, GH, 1], -float("inf"), dtype=tl.float32)
         l_i = tl.zeros([1, TT, GH, 1], dtype=tl.float32)
         acc = tl.zeros([X, TT, GH, C], dtype=tl.float32)  # sum_t p_t s_t u_t 2**e (DEN: 2**(e - 49))
@@ -744,24 +790,24 @@ if triton is not None:
             for n0 in range(start, mid0, K_BLOCK):
                 m_i, l_i, acc, accz = _v3_block(
                     n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
-                    t_i, e, exp_bits, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT, DEN=DEN,
-                    MASKED=True)
+                    t_i, e, exp_bits, slope, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT,
+                    DEN=DEN, MASKED=True, ALIBI=ALIBI, ROUND=ROUND)
             for n0 in range(mid0, mid1, K_BLOCK):
                 m_i, l_i, acc, accz = _v3_block(
                     n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
-                    t_i, e, exp_bits, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT, DEN=DEN,
-                    MASKED=False)
+                    t_i, e, exp_bits, slope, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT,
+                    DEN=DEN, MASKED=False, ALIBI=ALIBI, ROUND=ROUND)
             for n0 in range(mid1, end, K_BLOCK):
                 m_i, l_i, acc, accz = _v3_block(
                     n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
-                    t_i, e, exp_bits, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT, DEN=DEN,
-                    MASKED=True)
+                    t_i, e, exp_bits, slope, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT,
+                    DEN=DEN, MASKED=True, ALIBI=ALIBI, ROUND=ROUND)
         else:
             for n0 in range(start, end, K_BLOCK):
                 m_i, l_i, acc, accz = _v3_block(
                     n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
-                    t_i, e, exp_bits, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT, DEN=DEN,
-                    MASKED=True)
+                    t_i, e, exp_bits, slope, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT,
+                    DEN=DEN, MASKED=True, ALIBI=ALIBI, ROUND=ROUND)
         # the token threads' softmaxes merged; the fields' 2**e and the zero points applied
         m_top = tl.max(m_i, 1, keep_dims=True)  # [1, 1, GH, 1]
         m_top = tl.where(m_top == -float("inf"), 0.0, m_top)
@@ -907,7 +953,9 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      num_warps: int | None = None, num_stages: int | None = None,
                      chunk: int | None = None, variant: str | None = None, heads: int | None = None,
                      vchain: bool | None = None, interior: bool | None = None, maxnreg: int | None = None,
-                     reduce_chunks: int | None = None, reduce_warps: int | None = None) -> torch.Tensor:
+                     reduce_chunks: int | None = None, reduce_warps: int | None = None,
+                     alibi_slopes: torch.Tensor | None = None, float_positions: torch.Tensor | None = None,
+                     bias_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
     ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole
     key blocks / steps); ``block_n``: tokens per inner step (v2-v4: clamped to one key block, at least one row per
@@ -916,7 +964,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     ``interior`` (v3/v4): key blocks wholly inside a program's tokens read without masks (False: all masked);
     ``maxnreg``: the split kernel's register cap per thread (ptxas; fewer registers, more resident warps);
     ``reduce_chunks`` / ``reduce_warps``: the merge's chunks per step and warps (``REDUCE_CHUNKS``,
-    ``REDUCE_WARPS``)."""
+    ``REDUCE_WARPS``); ``alibi_slopes`` / ``float_positions`` / ``bias_dtype``: the reference's ALiBi bias (v3/v4)."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
@@ -927,6 +975,14 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     if variant not in VARIANT_CONFIGS:
         raise ValueError(f"decode_attention: variant={variant!r} (one of {sorted(VARIANT_CONFIGS)})")
     base = DEFAULT_CONFIG if variant == DEFAULT_CONFIG["variant"] else VARIANT_CONFIGS[variant]
+    if alibi_slopes is not None and variant not in ("v3", "v4"):
+        raise ValueError(f"decode_attention: ALiBi slopes are read by v3/v4 only (variant={variant!r})")
+    if alibi_slopes is not None and (alibi_slopes.shape != (hq,) or alibi_slopes.dtype != torch.float32):
+        raise ValueError(f"decode_attention: alibi_slopes {alibi_slopes.dtype} {tuple(alibi_slopes.shape)}: one "
+                         f"float32 slope per query head ({hq})")
+    if bias_dtype not in _ROUND:
+        raise ValueError(f"decode_attention: bias_dtype {bias_dtype} (float32, float16 or bfloat16)")
+    alibi = {"slopes": None if alibi_slopes is None else alibi_slopes.contiguous(), "round": _ROUND[bias_dtype]}
     if interior is not None and variant not in ("v3", "v4"):
         raise ValueError(f"decode_attention: interior is a v3/v4 option (variant={variant!r})")
     q = q.contiguous()
@@ -973,9 +1029,15 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                                           bits=bits, k_block=k_block, v_group=v_group, groups=groups,
                                           qk_scale=qk_scale, split=split, block_n=block_n, num_warps=num_warps,
                                           chunk=chunk, heads=heads, vchain=vchain, extra=extra, variant=variant,
-                                          interior=base.get("interior", True) if interior is None else interior)
+                                          interior=base.get("interior", True) if interior is None else interior,
+                                          alibi=alibi)
     return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale,
-                   chunks=reduce_chunks or REDUCE_CHUNKS, num_warps=reduce_warps or REDUCE_WARPS)
+                   chunks=reduce_chunks or REDUCE_CHUNKS, num_warps=reduce_warps or REDUCE_WARPS, alibi=alibi,
+                   float_positions=float_positions)
+
+
+_ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+"""The kernels' ``ROUND`` code of an ALiBi bias dtype (``_alibi_bias``)."""
 
 
 def _default_heads(groups: int) -> int:
@@ -1014,7 +1076,7 @@ mask and this OR into one LOP3 (with two immediates it emits two)."""
 
 
 def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, *, bits, k_block, v_group, groups,
-               qk_scale, split, block_n, num_warps, chunk, heads, vchain, extra, variant, interior):
+               qk_scale, split, block_n, num_warps, chunk, heads, vchain, extra, variant, interior, alibi=None):
     b, hq, d = q.shape
     s = k_codes.shape[2]
     for name, t, row in (("k_codes", k_codes, d * bits // 8), ("v_codes", v_codes, d * bits // 8),
@@ -1041,14 +1103,17 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
                  TT=g["TT"], CWW=g["CWW"], CV=g["CV"], num_warps=num_warps, **extra)
     grid = (b * hq // g["GH"], n_split)
     if variant in ("v3", "v4"):
-        _split_kernel_v3[grid](*args, DEN=variant == "v4", INTERIOR=bool(interior), **const)
+        slopes = (alibi or {}).get("slopes")
+        _split_kernel_v3[grid](*args, DEN=variant == "v4", INTERIOR=bool(interior),
+                               SLOPES=slopes if slopes is not None else m, ALIBI=slopes is not None,
+                               ROUND=(alibi or {}).get("round", 0), **const)
     else:
         _split_kernel_v2[grid](*args, ROWS=g["ROWS"], **const)
     return acc, m, den, n_split
 
 
 def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale, *, chunks: int,
-            num_warps: int):
+            num_warps: int, alibi: dict | None = None, float_positions: torch.Tensor | None = None):
     b, hq, d = q.shape
     out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
     has_float = k_float is not None
@@ -1060,12 +1125,23 @@ def _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_s
         n_float, valid, kf, vf = 0, m, m, m  # unused pointers
     fstr = (kf.stride(0), kf.stride(1), kf.stride(2), vf.stride(0), vf.stride(1), vf.stride(2), valid.stride(0)) \
         if has_float else (0,) * 7
+    slopes = (alibi or {}).get("slopes")
+    if slopes is not None and has_float:
+        if float_positions is None or float_positions.shape != float_valid.shape:
+            raise ValueError("decode_attention: ALiBi over float tokens needs their positions, float_positions "
+                             f"{tuple(float_valid.shape)}")
+        fpos = float_positions.to(torch.int32).contiguous()
+        if fpos.stride() != valid.stride():
+            raise ValueError("decode_attention: float_positions must have float_valid's layout")
+    else:
+        fpos = m
     _reduce_kernel[(b, hq)](
-        q, acc, m, den, kf, vf, valid, out,
+        q, acc, m, den, kf, vf, valid, out, slopes if slopes is not None else m, fpos,
         q.stride(0), q.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
         *fstr, out.stride(0), out.stride(1), qk_scale, n_split, n_float,
         GROUPS=groups, D=d, NS=min(triton.next_power_of_2(chunks), max(2, triton.next_power_of_2(n_split))),
         F=max(2, triton.next_power_of_2(max(n_float, 1))), HAS_FLOAT=has_float, num_warps=num_warps,
+        ALIBI=slopes is not None and has_float, ROUND=(alibi or {}).get("round", 0),
     )
     return out
 
@@ -1093,18 +1169,22 @@ def _kernel_device(x: torch.Tensor) -> bool:
 def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                            *cache: torch.Tensor, bits: int, k_block: int, v_group: int, window: int, sink: int,
                            scale: float | None = None, split: int | None = None,
-                           sliding: int | None = None, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                           sliding: int | None = None, bias: torch.Tensor | None = None,
+                           alibi_slopes: torch.Tensor | None = None,
+                           bias_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """``cache_attention`` (lowbit.ir.kvcache) with a decode step's attention on the Triton kernel: the cache is
     written as the reference writes it (in place: the step's caller hands its cache over), then ``decode_attention``
     reads the quantized tokens ``[sink, t - window]`` and the float candidates (old sink/ring slots and the new token).
     Prefill (several tokens per sequence), inputs the kernel cannot read (CPU tensors without ``TRITON_INTERPRET=1``)
     and a layout it does not take (``cache_attention_unsupported``: the triton backend keeps such a node on the
     reference and reports it) take the reference, as does a sliding-window layer (the kernel reads every quantized
-    slot from the sink on) and an additive ``bias`` (Bloom's ALiBi: the kernel adds none)."""
-    from lowbit.ir.kvcache import cache_attention, cache_update, float_candidates
+    slot from the sink on) and an additive ``bias`` the lowering did not read as ALiBi. ``alibi_slopes``: the slopes
+    (float32, one per query head) the Triton lowering derived from ``bias`` and checked it is (``alibi_slopes_of``:
+    slope times the key position where a key is causal, -inf elsewhere, in ``bias_dtype``): the kernel adds them."""
+    from lowbit.ir.kvcache import cache_attention, cache_update, candidate_positions, float_candidates
 
     kw = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink)
-    if (q.shape[2] != 1 or not _kernel_device(q) or sliding is not None or bias is not None
+    if (q.shape[2] != 1 or not _kernel_device(q) or sliding is not None or (bias is not None and alibi_slopes is None)
             or cache_attention_unsupported(q.shape[-1], k_block, v_group, bits, q.shape[1], k.shape[1]) is not None):
         return cache_attention(q, k, v, positions, *cache, scale=scale, sliding=sliding, bias=bias, **kw)
     # the float candidates read the ring/sink as they were BEFORE this step's write (which is in place)
@@ -1113,6 +1193,10 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     pos = positions[:, 0].to(torch.int32)
     lo = torch.full_like(pos, sink)
     hi = torch.clamp(pos - window + 1, min=sink)
+    alibi = {}
+    if bias is not None:  # the float candidates' positions: float_candidates' order
+        alibi = {"alibi_slopes": alibi_slopes.to(q.device), "bias_dtype": bias_dtype,
+                 "float_positions": candidate_positions(positions.to(torch.long), window=window, sink=sink)[0]}
     out = decode_attention(q[:, :, 0], *new[:6], bits=bits, lo=lo, hi=hi, k_float=kf, v_float=vf,
-                           float_valid=fmask[:, 0], sm_scale=scale, split=split)
+                           float_valid=fmask[:, 0], sm_scale=scale, split=split, **alibi)
     return (out[:, :, None].to(q.dtype), *new)
