@@ -704,13 +704,18 @@ def test_partial_rotary_fuses_with_the_cache_writes_on_the_triton_backend(family
 
 
 @needs_kernels
-def test_an_attention_bias_stays_on_the_reference_and_the_report_names_it():
-    """Bloom's step adds its ALiBi bias through a float attention mask and ``cache_attention``'s ``bias``; neither
-    decode kernel adds one (``decode_sdpa`` reads a boolean mask: per call it sent a float one to SDPA, while the
-    report listed the node on decode-sdpa). The lowering keeps both on the reference and names each node and why;
-    a bf16 attention with a float mask computes what the torch backend does, and two prompts' greedy tokens through
-    the float and the packed int8 cache equal the torch reference's."""
+def test_an_attention_bias_stays_on_sdpa_and_alibi_runs_on_the_packed_cache_kernel(monkeypatch):
+    """Bloom's step adds its ALiBi bias through a float attention mask and ``cache_attention``'s ``bias``.
+    ``decode_sdpa`` reads a boolean mask only (per call it sent a float one to SDPA, while the report listed the node
+    on decode-sdpa): the lowering keeps that attention on the reference and names each node and why, and a bf16
+    attention with a float mask computes what the torch backend does. The packed-cache kernel adds ALiBi slopes,
+    read off the graph's bias (``alibi_slopes_of``: Bloom's slopes for 4 heads, 4**-h): both layers run on it, no
+    fallback is reported, every decode step calls the kernel, and two prompts' greedy tokens through the float and
+    the packed int8 cache equal the torch reference's. Each decode step's attention on the kernel equals
+    ``cache_attention``'s reference with the graph's bias (1e-5), which differs from the unbiased one by > 1e-2."""
+    from lowbit.ir.kvcache import cache_attention
     from lowbit.ir.parser import parse_graph
+    from lowbit.kernels import decode_attention as da
 
     g = parse_graph("""graph g(%q: bf16[2,4,1,64], %k: bf16[2,4,9,64], %v: bf16[2,4,9,64], %m: bf16[2,4,1,9]) {
   %a: bf16[2,4,1,64] = attention(%q, %k, %v, %m)  # attn
@@ -727,14 +732,59 @@ def test_an_attention_bias_stays_on_the_reference_and_the_report_names_it():
     assert torch.equal(m(*args), TorchCompiled(g)(*args))
 
     model, spec, prompts, ref = _sharp_family_reference("bloom", dev)
-    for pipeline, op, reason in ((None, "attention", "decode-sdpa: a float32 mask (an additive bias"),
-                                 ("kv-cache(bits=8,k_block=8,window=8,v_group=16)", "cache_attention",
-                                  "cache-attention: an additive bias over key positions (Bloom's ALiBi)")):
-        tri = _triton_step(model, pipeline, spec, dev)
-        fallback = tri.runner.report["fallback"]
-        assert len(fallback) == 2 and all(n.startswith(op) and why.startswith(reason) for n, why in fallback.items())
-        assert not tri.runner.report["attention"] and "cache-attention" not in tri.runner.report["kernels"].values()
-        assert tri.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+    tri = _triton_step(model, None, spec, dev)
+    fallback = tri.runner.report["fallback"]
+    assert len(fallback) == 2 and all(n.startswith("attention") and why.startswith(
+        "decode-sdpa: a float32 mask (an additive bias") for n, why in fallback.items()), fallback
+    assert tri.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+
+    calls, slopes, step = [], [], da.cache_attention_decode
+    kernel = da.decode_attention
+    monkeypatch.setattr(da, "decode_attention", lambda *a, **kw: slopes.append(kw["alibi_slopes"]) or kernel(*a, **kw))
+
+    def checked_step(q, k, v, positions, *cache, bias=None, **kw):
+        """Each decode step's attention against cache_attention's reference with the graph's bias (and without)."""
+        layout = {n: kw[n] for n in ("bits", "k_block", "v_group", "window", "sink", "scale")}
+        want = cache_attention(q, k, v, positions, *[c.clone() for c in cache], bias=bias, **layout)[0]
+        unbiased = cache_attention(q, k, v, positions, *[c.clone() for c in cache], **layout)[0]
+        out = step(q, k, v, positions, *cache, bias=bias, **kw)
+        if q.shape[2] == 1:
+            calls.append(((out[0] - want).abs().max().item(), (unbiased - want).abs().max().item()))
+        return out
+
+    monkeypatch.setattr(da, "cache_attention_decode", checked_step)
+    packed = _triton_step(model, "kv-cache(bits=8,k_block=8,window=8,v_group=16)", spec, dev)
+    report = packed.runner.report
+    assert not report["fallback"] and list(report["kernels"].values()).count("cache-attention") == 2, report
+    assert "reference: %cache_attention" not in packed.runner.report_text()
+    assert packed.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+    assert len(calls) == len(slopes) == 2 * 5  # two layers, five decode steps after the prefill
+    assert torch.equal(slopes[0].cpu(), torch.tensor([4.0 ** -h for h in range(1, 5)]))
+    assert all(err <= 1e-5 and without > 1e-2 for err, without in calls), calls
+
+
+@needs_kernels
+def test_a_bias_that_is_not_alibi_keeps_the_packed_cache_on_the_reference():
+    """``alibi_slopes_of`` evaluates the graph's bias at decode probes and gives the kernel slopes only where the
+    bias is slope x absolute key position (transformers' build_alibi_tensor: its cumsum of ones minus one is the
+    slot). The same Bloom step with the positions shifted by one (cumsum - 0: a relative/off-by-one ALiBi, same
+    slopes) is refused, naming the bias and the node, and its generation stays on the reference."""
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    from conftest import tiny_outside_family
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    pipeline = "kv-cache(bits=8,k_block=8,window=8,v_group=16)"
+    graph = compile_model(tiny_outside_family("bloom"), pipeline=pipeline, generation=GenerationSpec(
+        max_length=16, max_batch=2), device=dev).graph.clone()
+    subs = [n for n in graph.nodes if n.op == "aten.sub.Tensor" and n.args[1] == 1]
+    assert len(subs) == 1  # build_alibi_tensor's position: cumsum(ones) - 1
+    subs[0].args = (subs[0].args[0], 0)
+    fallback = lower(graph, dev, compile=False).report["fallback"]
+    assert sorted(fallback) == ["cache_attention_0", "cache_attention_2"], fallback
+    assert all("cannot read as ALiBi slopes: %where (bias of %cache_attention_" in why and
+               "is not slope x key position" in why for why in fallback.values()), fallback
 
 
 @pytest.mark.gpu

@@ -451,9 +451,11 @@ def plan_attention(node: torch.fx.Node, types: dict[str, TensorType] | None) -> 
     return decode_sdpa_layout_unsupported(t.dtype, int(t.shape[-1]))
 
 
-def plan_cache_attention(node: torch.fx.Node, types: dict[str, TensorType] | None) -> str | None:
+def plan_cache_attention(node: torch.fx.Node, types: dict[str, TensorType] | None,
+                         gm: torch.fx.GraphModule | None = None) -> str | None:
     """Why the packed-cache decode kernel does not take a ``cache_attention`` node (None: it does): its query and
-    key types (head_dim, heads) and its layout kwargs against ``cache_attention_unsupported``."""
+    key types (head_dim, heads), its layout kwargs against ``cache_attention_unsupported`` and a ``bias`` that is not
+    ALiBi (``alibi_slopes_of``; without ``gm`` every bias)."""
     from lowbit.kernels.decode_attention import cache_attention_unsupported
 
     q, k = node.args[0], node.args[1]
@@ -465,9 +467,108 @@ def plan_cache_attention(node: torch.fx.Node, types: dict[str, TensorType] | Non
     if kw.get("sliding") is not None:
         return f"a sliding window of {kw['sliding']} tokens: the kernel reads every quantized slot from the sink on"
     if kw.get("bias") is not None:
-        return "an additive bias over key positions (Bloom's ALiBi): the kernel adds none"
+        alibi = alibi_slopes_of(gm, node, int(tq.shape[1])) if gm is not None else "the graph was not given"
+        if isinstance(alibi, str):
+            return f"an additive bias over key positions that the kernel cannot read as ALiBi slopes: {alibi}"
     return cache_attention_unsupported(int(tq.shape[3]), int(kw["k_block"]), int(kw["v_group"]), int(kw["bits"]),
                                        int(tq.shape[1]), int(tk.shape[1]))
+
+
+ALIBI_PROBES = ((40, ((39,), (0,))), (40, ((17,), (26,))), (9, ((8,), (1,))))
+"""(cache slots, decode positions of two sequences) at which ``alibi_slopes_of`` evaluates a bias: every slot of a
+full cache, a first token, mid-cache positions, and a second cache length (the table is built per slot count)."""
+
+
+class _NotAlibi(Exception):
+    """A bias subgraph ``alibi_slopes_of`` cannot evaluate from the step's positions and cache size alone."""
+
+
+def _cache_operands(gm: torch.fx.GraphModule) -> tuple[set[torch.fx.Node], set[torch.fx.Node]]:
+    """(every packed-cache operand of the graph's ``cache_attention`` nodes, their codes: the slot axis)."""
+    from lowbit.ir.kvcache import cache_attention, cache_attention_into
+
+    ops = (cache_attention, cache_attention_into, _CACHE_ATTENTION)
+    layers = [n.args[4:12] for n in gm.graph.nodes if n.op == "call_function" and n.target in ops]
+    return {c for parts in layers for c in parts}, {c for parts in layers for c in (parts[0], parts[3])}
+
+
+def _evaluate_bias(gm: torch.fx.GraphModule, node: torch.fx.Node, attention: torch.fx.Node,
+                   positions: torch.Tensor, slots: int, memo: dict[torch.fx.Node, Any],
+                   caches: tuple[set[torch.fx.Node], set[torch.fx.Node]]) -> Any:
+    """``node``'s value in a decode step at ``positions [B, 1]`` over ``slots`` cache slots: the step's positions
+    (``attention``'s fourth operand), constants, and the batch and slot sizes read off a packed cache (any layer's:
+    Bloom builds one bias for all of them); any other graph input is refused (the bias would be per call, not a
+    table of the positions)."""
+    if node in memo:
+        return memo[node]
+    cache, codes = caches
+    if node is attention.args[3]:
+        value: Any = positions
+    elif node.op == "get_attr":
+        value = getattr(gm, str(node.target))
+    elif node.op == "call_function" and node.target is torch.ops.aten.sym_size.int:
+        src, dim = node.args
+        if src is attention.args[3]:
+            value = positions.shape[dim]
+        elif src in cache and dim in (0, -4):
+            value = positions.shape[0]
+        elif src in codes and dim in (2, -2):  # the codes' slot axis
+            value = slots
+        else:
+            raise _NotAlibi(f"%{node.name} reads dim {dim} of %{src}")
+    elif node.op == "call_function":
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: _evaluate_bias(
+            gm, a, attention, positions, slots, memo, caches))
+        value = node.target(*args, **kwargs)
+    else:
+        raise _NotAlibi(f"%{node.name} is graph input {node.op} {node.target}")
+    memo[node] = value
+    return value
+
+
+def alibi_slopes_of(gm: torch.fx.GraphModule, node: torch.fx.Node, heads: int
+                    ) -> tuple[torch.Tensor, torch.dtype] | str:
+    """A ``cache_attention`` node's ``bias`` read as ALiBi: (float32 slopes ``[heads]``, the bias' dtype) where the
+    bias is ``slope[h] * key position`` (float32, rounded to its dtype: transformers' ``build_alibi_tensor``)
+    wherever the key is causal (slot <= the query's position) and -inf elsewhere, at every ``ALIBI_PROBES`` decode
+    step; else why not, naming the node. Why probes: the bias is a subgraph of the positions and the cache size
+    (Bloom's: the model's ``build_alibi_tensor`` over the slots and a causal ``where``), so evaluating it is what
+    shows the kernel's slope-times-position equals it; the kernel never gets a bias it would compute otherwise. The
+    slopes are read at position 1, so a half-precision bias whose slopes are not exact in its dtype (Bloom's for a
+    head count that is no power of two) is refused too."""
+    from lowbit.kernels.decode_attention import alibi_bias
+
+    bias = node.kwargs["bias"]
+    where = f"%{bias.name} (bias of %{node.name})"
+    slopes: torch.Tensor | None = None
+    dtype = None
+    caches = _cache_operands(gm)
+    for slots, rows in ALIBI_PROBES:
+        positions = torch.tensor(rows)
+        try:
+            value = _evaluate_bias(gm, bias, node, positions, slots, {}, caches)
+        except _NotAlibi as e:
+            return f"{where} is not a table of the step's positions: {e}"
+        except Exception as e:  # an op that cannot run at the probe's sizes
+            return f"{where} could not be evaluated at {slots} slots: {type(e).__name__}: {e}"
+        b = positions.shape[0]
+        if not isinstance(value, torch.Tensor) or value.dim() != 4 or not value.is_floating_point() or any(
+                n not in (1, full) for n, full in zip(value.shape, (b, heads, 1, slots))) or value.shape[3] != slots:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"{where} is {shape}, not one bias per head and key over {slots} slots"
+        value = value.detach().cpu().expand(b, heads, 1, slots)
+        dtype = value.dtype
+        if slopes is None:  # read where every position is causal: slot 1 of the sequence at position 39
+            slopes = value[0, :, 0, 1].float().contiguous()  # (a view of the expanded bias: strided)
+        keys = torch.arange(slots)
+        causal = keys[None, :] <= positions
+        want = torch.where(causal[:, None, None, :], alibi_bias(slopes, keys.expand(b, slots), dtype)[:, :, None],
+                           float("-inf")).to(dtype)
+        if not torch.equal(value, want):
+            return (f"{where} is not slope x key position where a key is causal and -inf elsewhere (decode at "
+                    f"positions {rows} over {slots} slots; slopes read {slopes.tolist()})")
+    assert slopes is not None and dtype is not None
+    return slopes, dtype
 
 
 def _kernel_hadamard(x: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
@@ -926,13 +1027,19 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             report["attention"][node.name] = "decode-sdpa at one query row and small batches, SDPA otherwise"
             continue
         if node.op == "call_function" and node.target in (cache_attention, cache_attention_into):
-            why = plan_cache_attention(node, types)
+            why = plan_cache_attention(node, types, gm)
             if why is not None:
                 report["fallback"][node.name] = f"cache-attention: {why}"
                 # the reference as before, out of place: torch.compile traces it (the torch backend's in-place
                 # decode would turn into a functionalized write and a copy of the whole cache)
                 node.target = cache_attention
                 continue
+            if node.kwargs.get("bias") is not None:  # the ALiBi slopes it was checked to be
+                slopes, bias_dtype = alibi_slopes_of(gm, node, int(types[node.args[0].name].shape[1]))
+                attr = f"_alibi_slopes_{node.name}"
+                gm.register_buffer(attr, slopes.to(device or "cpu"))
+                with gm.graph.inserting_before(node):
+                    node.kwargs = {**node.kwargs, "alibi_slopes": gm.graph.get_attr(attr), "bias_dtype": bias_dtype}
             # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape)
             node.target = _CACHE_ATTENTION
             report["kernels"][node.name] = "cache-attention"
