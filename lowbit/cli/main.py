@@ -1145,6 +1145,36 @@ def _given_flags(ctx: typer.Context, flags: dict[str, str]) -> set[str]:
 
 
 _EVAL_FLAGS = {"--windows": "windows", "--seq-len": "seq_len", "--sentences": "sentences"}
+# the help the debug commands' flags share (compare runs its --windows and --sentences once, not per evaluation,
+# so it words those two its own way)
+EVAL_WINDOWS_HELP = "causal LMs: WikiText-2 test windows per evaluation"
+SEQ_LEN_HELP = "causal LMs: tokens per window"
+EVAL_SENTENCES_HELP = "encoders: sentences per evaluation"
+DEBUG_QUIET_HELP = "no progress bars (the tables and results still print)"
+
+
+def _debug_dtype(model: str, dtype: str | None) -> str:
+    """The dtype a debug command loads ``model`` in: ``--dtype``, or float32 with compile's note when ``model`` is a
+    16-bit HF directory (they loaded it in float32, twice its weights in memory, without a word)."""
+    if dtype is not None:
+        check_dtype(dtype)
+        return dtype
+    advise_dtype(model)
+    return "float32"
+
+
+def _start_debug_eval(model: str, dtype: str | None, *, quiet: bool, metric: str, windows: int, seq_len: int,
+                      sentences: int) -> str:
+    """The checks debug compare, bisect and sensitivity open with, in one order for all three (their own flags'
+    checks follow); returns the dtype to load ``model`` in (``_debug_dtype``)."""
+    from lowbit.cli.probes import check_metric
+
+    if quiet:  # transformers' loading bar: the flags' checks may load the model before the passes are read
+        quiet_progress([])
+    dtype = _debug_dtype(model, dtype)
+    check_metric(metric)
+    check_eval_sizes(windows, seq_len, sentences)
+    return dtype
 
 
 @debug_app.command("compare")
@@ -1155,7 +1185,7 @@ def compare_cmd(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows to run"),
-    seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),
+    seq_len: int = typer.Option(128, help=SEQ_LEN_HELP),
     sentences: int = typer.Option(32, help="encoders: WikiText-2 sentences to embed"),
     metric: str = typer.Option("auto", help="the end metric: ppl or kl (causal LMs: perplexity, or the KL divergence "
                                "of the next-token distributions from the float model's), cos (encoders: 1 - embedding "
@@ -1168,17 +1198,13 @@ def compare_cmd(
                                      "pass"),
     reproducer: Optional[Path] = typer.Option(None, "--reproducer", help="on a failing pass, save a replay here"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DEBUG_DTYPE_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the tables and results still print)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=DEBUG_QUIET_HELP),
 ) -> None:
     """Run real inputs through the float graph and after every pass: per-pass, per-layer error and end metric."""
     from lowbit.cli.compare import run_compare
-    from lowbit.cli.probes import check_metric
 
-    if quiet:  # transformers' loading bar: the flags' checks may load the model before the passes are read
-        quiet_progress([])
-    dtype = _debug_dtype(model, dtype)
-    check_metric(metric)
-    check_eval_sizes(windows, seq_len, sentences)
+    dtype = _start_debug_eval(model, dtype, quiet=quiet, metric=metric, windows=windows, seq_len=seq_len,
+                              sentences=sentences)
     check_output(json_out, "--json", directory=False)
     check_output(html_out, "--html", directory=False)
     if json_out is not None and html_out is not None and \
@@ -1189,16 +1215,6 @@ def compare_cmd(
     run_compare(model, pipeline_text(pipeline, recipe, set_), windows=windows, seq_len=seq_len, n_sentences=sentences,
                 json_out=json_out, html_out=html_out, verify_each=verify_each, reproducer=reproducer, dtype=dtype,
                 progress=not quiet, metric=metric)
-
-
-def _debug_dtype(model: str, dtype: str | None) -> str:
-    """The dtype a debug command loads ``model`` in: ``--dtype``, or float32 with compile's note when ``model`` is a
-    16-bit HF directory (they loaded it in float32, twice its weights in memory, without a word)."""
-    if dtype is not None:
-        check_dtype(dtype)
-        return dtype
-    advise_dtype(model)
-    return "float32"
 
 
 @debug_app.command("bisect")
@@ -1213,23 +1229,19 @@ def bisect_cmd(
                                "(encoders: 1 - embedding cosine) or auto (ppl, cos)"),
     max_increase: str = typer.Option("5%", help="allowed metric increase over float: 5% (relative) or 0.01 "
                                      "(absolute)"),
-    windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows per evaluation"),
-    seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),
-    sentences: int = typer.Option(32, help="encoders: sentences per evaluation"),
+    windows: int = typer.Option(4, help=EVAL_WINDOWS_HELP),
+    seq_len: int = typer.Option(128, help=SEQ_LEN_HELP),
+    sentences: int = typer.Option(32, help=EVAL_SENTENCES_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON here ('-': to stdout, "
                                             "the tables then go to stderr)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DEBUG_DTYPE_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the tables and results still print)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=DEBUG_QUIET_HELP),
 ) -> None:
     """Find the first pass that pushes the metric past the threshold, then the fewest layers responsible."""
     from lowbit.cli.bisect import run_bisect
-    from lowbit.cli.probes import check_metric
 
-    if quiet:  # transformers' loading bar: the flags' checks may load the model before the passes are read
-        quiet_progress([])
-    dtype = _debug_dtype(model, dtype)
-    check_metric(metric)
-    check_eval_sizes(windows, seq_len, sentences)
+    dtype = _start_debug_eval(model, dtype, quiet=quiet, metric=metric, windows=windows, seq_len=seq_len,
+                              sentences=sentences)
     check_output(json_out, "--json", directory=False)
     if parse_percent_or_number(max_increase)[0] <= 0:
         fail(f"--max-increase {max_increase}: must be above 0 (the threshold is the float model's metric plus "
@@ -1258,23 +1270,19 @@ def sensitivity_cmd(
     keep_top: int = typer.Option(1, help="how many of the most damaging units the override file keeps float (dense "
                                  "with a sparsify --scheme; a structured cut, prune-* or slice-residual, has no keep "
                                  "list: the ranking only)"),
-    windows: int = typer.Option(4, help="causal LMs: WikiText-2 test windows per evaluation"),
-    seq_len: int = typer.Option(128, help="causal LMs: tokens per window"),
-    sentences: int = typer.Option(32, help="encoders: sentences per evaluation"),
+    windows: int = typer.Option(4, help=EVAL_WINDOWS_HELP),
+    seq_len: int = typer.Option(128, help=SEQ_LEN_HELP),
+    sentences: int = typer.Option(32, help=EVAL_SENTENCES_HELP),
     out: Path = typer.Option(Path("sensitivity.json"), "--out", "-o", help="override file for `lowbit compile "
                              "--overrides`"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DEBUG_DTYPE_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars (the tables and results still print)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=DEBUG_QUIET_HELP),
 ) -> None:
     """Quantize (or prune) one layer at a time, rank layers by metric damage, write an override file compile accepts."""
-    from lowbit.cli.probes import check_metric
     from lowbit.cli.sensitivity import run_sensitivity
 
-    if quiet:  # transformers' loading bar: the flags' checks may load the model before the passes are read
-        quiet_progress([])
-    dtype = _debug_dtype(model, dtype)
-    check_metric(metric)
-    check_eval_sizes(windows, seq_len, sentences)
+    dtype = _start_debug_eval(model, dtype, quiet=quiet, metric=metric, windows=windows, seq_len=seq_len,
+                              sentences=sentences)
     check_output(out, "--out", directory=False)
     if group is not None and group < 1:
         fail(f"--group {group}: a weight group size is at least 1 (leave --group out for one scale per channel)",
