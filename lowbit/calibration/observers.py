@@ -110,7 +110,11 @@ class MinMaxObserver(Observer):
             self.lo, self.hi = lo, hi
         else:
             self._check_groups(lo)
-            self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)  # type: ignore[arg-type]
+            self.lo, self.hi = self._combine(lo, hi)
+
+    def _combine(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's per-group range folded into the running one: their union (subclasses average instead)."""
+        return torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)  # type: ignore[arg-type]
 
     def _check_groups(self, lo: torch.Tensor) -> None:
         if self.lo is not None and lo.shape != self.lo.shape:
@@ -131,14 +135,9 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             raise ValueError(f"observer ema: averaging_constant must be in (0, 1], got {averaging_constant}")
         self.c = averaging_constant
 
-    def _observe_rows(self, rows: torch.Tensor) -> None:
-        lo, hi = rows.amin(1), rows.amax(1)
-        if self.lo is None:
-            self.lo, self.hi = lo, hi
-        else:
-            self._check_groups(lo)
-            self.lo = self.lo + self.c * (lo - self.lo)
-            self.hi = self.hi + self.c * (hi - self.hi)  # type: ignore[operator]
+    def _combine(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running range moved ``averaging_constant`` of the way to this batch's."""
+        return self.lo + self.c * (lo - self.lo), self.hi + self.c * (hi - self.hi)  # type: ignore[operator]
 
 
 class PercentileObserver(MinMaxObserver):
