@@ -28,7 +28,6 @@ error naming the layer and the number.
 
 from __future__ import annotations
 
-import re
 import time
 
 import torch
@@ -43,7 +42,7 @@ from lowbit.passes.prune_mlp import (StructuredOptions, _Collected, allocate, ch
                                      collect_input_stats, cut_sites, nothing_removed, ratio_zero, reinfer,
                                      round_half_up)
 from lowbit.passes.pruning_sites import (AttentionSite, find_attention_sites, kept_rows, refuse_nonfinite_weights,
-                                         slice_linear_cols, slice_unit_rows)
+                                         sites_in_modules, slice_linear_cols, slice_unit_rows)
 
 __all__ = ["PruneHeads", "PruneHeadsOptions"]
 
@@ -164,12 +163,7 @@ class PruneHeads(Pass):
         o: PruneHeadsOptions = self.options  # type: ignore[assignment]
         t0 = time.perf_counter()
         sites, skipped = find_attention_sites(graph)
-        if o.modules:
-            rx = re.compile(o.modules)
-            found, sites = sites, [s for s in sites if rx.search(s.o.module)]
-            if found and not sites:
-                raise PassError(f"pass {self.name}: modules={o.modules!r} matches none of the {len(found)} "
-                                f"attention output projections ({found[0].o.module} ... {found[-1].o.module})")
+        sites = sites_in_modules(sites, o.modules, self.name, lambda s: s.o.module, "attention output projections")
         if not sites and skipped:  # attentions were found, each refused: "no attention ... found" was untrue
             more = f"; and {len(skipped) - 2} more" if len(skipped) > 3 else ""
             raise PassError(f"pass {self.name}: none of the graph's {counted(len(skipped), 'attention')} has heads it "

@@ -40,7 +40,6 @@ After the cut, ``lowbit.ir.shapes.reinfer_shapes`` re-derives every declared typ
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ from lowbit.ir.shapes import ShapeError, reinfer_shapes
 from lowbit.passes.base import (NO_DEQUANTIZE, NO_QLINEAR, CalibrationOptions, Pass, PassError, PassResult,
                                 ScopedOptions, register_pass)
 from lowbit.passes.pruning_sites import (DOWN_PROJECTIONS, find_mlp_sites, refuse_nonfinite_weights,
-                                         slice_linear_cols, slice_unit_rows, unit_columns)
+                                         sites_in_modules, slice_linear_cols, slice_unit_rows, unit_columns)
 
 __all__ = ["PruneMLP", "PruneMLPOptions", "StructuredOptions", "InputStats", "collect_input_stats",
            "channel_scores", "allocate", "add_bias", "refit_columns", "reinfer", "Cut", "choose_cut",
@@ -543,12 +542,7 @@ class PruneMLP(Pass):
         o: PruneMLPOptions = self.options  # type: ignore[assignment]
         t0 = time.perf_counter()
         sites, skipped = find_mlp_sites(graph)
-        if o.modules:
-            rx = re.compile(o.modules)
-            found, sites = sites, [s for s in sites if rx.search(s.down.module)]
-            if found and not sites:
-                raise PassError(f"pass {self.name}: modules={o.modules!r} matches none of the {len(found)} MLPs' "
-                                f"down projections ({found[0].down.module} ... {found[-1].down.module})")
+        sites = sites_in_modules(sites, o.modules, self.name, lambda s: s.down.module, "MLPs' down projections")
         if not sites:
             why = "; ".join(skipped[:3]) or f"no linear whose module ends with one of {', '.join(DOWN_PROJECTIONS)}"
             raise PassError(f"pass {self.name}: no prunable MLP found ({why})")

@@ -26,6 +26,7 @@ import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -35,7 +36,8 @@ from lowbit.passes.base import PassError, nonfinite_problem
 
 __all__ = ["DOWN_PROJECTIONS", "MLPSite", "AttentionSite", "find_mlp_sites", "find_attention_sites", "block_of",
            "slice_linear_rows", "slice_linear_cols", "block_residuals", "stream_first", "bypass_problem",
-           "linear_params", "refuse_nonfinite_weights", "unit_columns", "kept_rows", "slice_unit_rows"]
+           "linear_params", "refuse_nonfinite_weights", "sites_in_modules", "unit_columns", "kept_rows",
+           "slice_unit_rows"]
 
 _ELEMENTWISE = {"mul", "silu", "gelu", "aten.mul.Tensor", "aten.silu.default", "aten.gelu.default",
                 "aten.relu.default", "relu", "add", "aten.add.Tensor", "aten.tanh.default", "aten.pow.Tensor_Scalar",
@@ -612,6 +614,24 @@ def find_attention_sites(graph: Graph, advise: bool = True) -> tuple[list[Attent
             continue
         sites.append(AttentionSite(block, att, q, k, v, o, hq, kv, hd, tuple(writes), offsets, slices))
     return sites, skipped
+
+
+SiteT = TypeVar("SiteT")
+
+
+def sites_in_modules(sites: list[SiteT], modules: str, pass_name: str, module_of: Callable[[SiteT], str],
+                     described: str) -> list[SiteT]:
+    """The ``sites`` whose ``module_of`` module the ``modules`` option (a regex; empty: all) searches into. A regex
+    that leaves none of the sites found is a ``PassError`` naming the first and last (``described``: what those
+    modules are), since cutting nothing would pass for success."""
+    if not modules:
+        return sites
+    rx = re.compile(modules)
+    chosen = [s for s in sites if rx.search(module_of(s))]
+    if sites and not chosen:
+        raise PassError(f"pass {pass_name}: modules={modules!r} matches none of the {len(sites)} {described} "
+                        f"({module_of(sites[0])} ... {module_of(sites[-1])})")
+    return chosen
 
 
 def refuse_nonfinite_weights(pass_name: str, linears: Iterable[Node]) -> None:
