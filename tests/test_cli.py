@@ -73,6 +73,13 @@ class PlantNaN(Pass):
         return PassResult(True)
 
 
+def _wreck_down_projections(graph):
+    """Every MLP down_proj weight times -20: damage the metric shows in every layer (Flaky's and ScaleAll's)."""
+    for node in graph.nodes:
+        if node.op == "linear" and node.module.endswith("mlp.down_proj"):
+            graph.set_param(node.args[1].name, node.args[1].data * -20.0)
+
+
 @register_pass
 class Flaky(Pass):
     """Test only: wrecks every down_proj on its odd-numbered runs and does nothing on the others (unseeded)."""
@@ -84,9 +91,7 @@ class Flaky(Pass):
         Flaky.runs += 1
         if Flaky.runs % 2 == 0:
             return PassResult(False)
-        for node in graph.nodes:
-            if node.op == "linear" and node.module.endswith("mlp.down_proj"):
-                graph.set_param(node.args[1].name, node.args[1].data * -20.0)
+        _wreck_down_projections(graph)
         return PassResult(True)
 
 
@@ -97,9 +102,7 @@ class ScaleAll(Pass):
     name = "test-scale-all"
 
     def run(self, graph):
-        for node in graph.nodes:
-            if node.op == "linear" and node.module.endswith("mlp.down_proj"):
-                graph.set_param(node.args[1].name, node.args[1].data * -20.0)
+        _wreck_down_projections(graph)
         return PassResult(True)
 
 
