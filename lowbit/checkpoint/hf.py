@@ -432,6 +432,15 @@ def _graph_shapes(graph: Graph, keys: dict[str, tuple[int, ...]], zero: ZeroHead
     return shapes
 
 
+def _config_and_kind(graph: Graph, config: Any, kind: str | None) -> tuple[Any, str]:
+    """The HF config and wrapper kind an HF saver writes: those given, else what the graph's capture recorded
+    (``_source``), else a causal LM: one rule for the compressed-tensors, GPTQ and float HF savers."""
+    if config is None:
+        config, recorded_kind = _source(graph)
+        kind = kind or recorded_kind
+    return config, kind or "causal-lm"
+
+
 def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
     if any(n.op in ("qlinear", "qlinear_q") or n.meta.get("merged") for n in graph.nodes):
         # fused (fuse-qlinear, and the triton backend's merge-linears / fuse-norm-quant): HF formats store each
@@ -700,10 +709,7 @@ def _float_advice(graph: Graph) -> str:
 def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = None, config: Any = None,
                             kind: str | None = None, actorder: str | None = None) -> dict[str, Any]:
     """Write ``graph`` as a compressed-tensors HF directory into ``directory`` (which exists and is empty)."""
-    if config is None:
-        config, kind0 = _source(graph)
-        kind = kind or kind0
-    kind = kind or "causal-lm"
+    config, kind = _config_and_kind(graph, config, kind)
     view, (cfg, unwritten, copied) = _prepare(graph, config, kind)
     if view.kv:
         raise CheckpointError(
@@ -784,10 +790,7 @@ def save_hf_float(graph: Graph, directory: Path, *, tokenizer: Any = None, confi
     structurally pruned, sliced or rotated float model, which is no longer the module it was captured from, so the
     source's ``save_pretrained`` cannot write it. A quantized graph is refused (its HF forms are
     compressed-tensors and GPTQ)."""
-    if config is None:
-        config, kind0 = _source(graph)
-        kind = kind or kind0
-    kind = kind or "causal-lm"
+    config, kind = _config_and_kind(graph, config, kind)
     view, (cfg, unwritten, copied) = _prepare(graph, config, kind)
     if view.quantized or view.kv:
         what = (f"{len(view.quantized)} quantized linears (e.g. {next(iter(view.quantized))!r})" if view.quantized
@@ -828,10 +831,7 @@ def _unpack_rows(p: torch.Tensor, bits: int) -> torch.Tensor:
 def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: Any = None,
               kind: str | None = None) -> dict[str, Any]:
     """Write ``graph`` in the HF GPTQ layout (symmetric int4/int8 weight-only linears)."""
-    if config is None:
-        config, kind0 = _source(graph)
-        kind = kind or kind0
-    kind = kind or "causal-lm"
+    config, kind = _config_and_kind(graph, config, kind)
     view, (cfg, unwritten, copied) = _prepare(graph, config, kind)
     if view.kv:
         raise CheckpointError(f"the graph quantizes the KV cache (%{view.kv[0].name} ({view.kv[0].op}) in "
