@@ -82,6 +82,11 @@ def test_observer_errors_name_the_problem():
     obs.observe(torch.randn(4, 8))
     with pytest.raises(ValueError, match="5 groups in this batch, 8 before"):
         obs.observe(torch.randn(4, 5))
+    for name in ("ema", "percentile"):  # percentile summed a one-group batch into 8 groups by broadcasting
+        obs = make_observer(name, "int8", True, Layout(-1, None))
+        obs.observe(torch.randn(4, 8))
+        with pytest.raises(ValueError, match=f"observer {name}: 1 groups in this batch, 8 before"):
+            obs.observe(torch.randn(4, 1))
     with pytest.raises(ValueError, match="symmetric only"):
         make_observer("mse", "fp8e4m3", False, Layout())
     assert set(OBSERVERS) == {"minmax", "ema", "percentile", "mse", "histogram"}

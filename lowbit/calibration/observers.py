@@ -160,6 +160,7 @@ class PercentileObserver(MinMaxObserver):
         if self.sum_lo is None:
             self.sum_lo, self.sum_hi = lo, hi
         else:
+            self._check_groups(lo)  # a sum over different groups would broadcast (one group) or fail bare
             self.sum_lo, self.sum_hi = self.sum_lo + lo, self.sum_hi + hi  # type: ignore[operator]
         self.lo, self.hi = self.sum_lo / (self.batches + 1), self.sum_hi / (self.batches + 1)
 
