@@ -19,6 +19,11 @@
 #   a8         (120) the A8 ops as they stand (tools/bench_a8.py --no-sweep, M = 2048 and 128) -> $OUT/res/a8_gemm.json
 #   e2e        (330) compile_model(backend="triton") forwards, W4A16 / W8A8 / FP8 vs HF bf16 eager and compile, CUDA
 #                    graphs (tools/bench_e2e.py --backend) -> $OUT/res/e2e_backend.json
+#   memory     (200) issue 20: learning memory on the GPU, KurTail / kurtail-r2 (per-layer R2 since session 46) /
+#                    SpinQuant in one run (tools/bench_learning_memory.py --device cuda) -> $OUT/res/accuracy.json
+#                    (session 46, H100, before the per-layer R2: 226.2 / 4001.4 / 9911.3 MB)
+#   rotation   (560) issue 20: the best W4A4KV4 pipeline on the R1+R2 s400c rotation, tuned end to end (its untuned
+#                    row: 1.723x, H100 session 46; w4a4kv4-e2e's R1-only start: 1.303x) -> $OUT/res/accuracy.json
 #   tcswap     (150) _tc_chunk with SWAP (dequantized weights as the dot's register operand) at M = 128 against the
 #                    unswapped tiles and dequantize + cuBLAS (session 19: 0.13-0.23x cuBLAS, slower) -> $OUT/res/gemv.json
 #
@@ -74,7 +79,12 @@ for s in "$@"; do
         --budget-s 270 --run "$(date +%F) gpu_round" --out "$OUT/res/e2e_backend.json" ;;
     tcswap) stage tcswap 150 python3 tools/bench_gemv.py --ms 128 --only tc_c --run "$(date +%F)-tcswap" \
         --shapes 4096x12288,4096x22016,11008x4096,4096x4096 --budget-s 120 --out "$OUT/res/gemv.json" ;;
-    *) echo "unknown stage $s (tests generate gemv attention profile a8 a8m128 e2e tcswap)"; exit 2 ;;
+    memory) cp bench/results/accuracy.json "$OUT/res/accuracy.json" 2>/dev/null
+        stage memory 200 python3 tools/bench_learning_memory.py --device cuda --out "$OUT/res/accuracy.json" ;;
+    rotation) [ -f "$OUT/res/accuracy.json" ] || cp bench/results/accuracy.json "$OUT/res/accuracy.json"
+        stage rotation 560 python3 tools/bench_rotation.py --device cuda --eval wt2-512x40 \
+          --match '^w4a4kv4:kurtail-r2s400c-gptqa4-wclip-acs-e2e-lr5e-5:' --out "$OUT/res/accuracy.json" ;;
+    *) echo "unknown stage $s (tests generate gemv attention profile a8 a8m128 e2e tcswap memory rotation)"; exit 2 ;;
   esac
   grep -h -E "passed|failed|error|ms_per_step|^BEST|Error" "$OUT/$s.log" | tail -n 12 | cut -c1-300
 done
