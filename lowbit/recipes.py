@@ -160,8 +160,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "tokens kept per site), 400 steps with the step decayed on a cosine: the KurTail configuration measured "
            "best; SmolLM2 on wt2-512x40 (measured with GPTQ on 32x512 tokens, an H100), seeds 0/1/2: "
            "2.31x/2.37x/2.30x, mean 0.843x of QuaRot's perplexity (w4a4kv4-kurtail's R1 alone: 0.878x). Learning "
-           "takes ~10 s on an H100 (rotate(device=cuda), e.g. --set rotate.device=cuda); on a 2-core CPU the "
-           "pass ran past 13 minutes, still in the 30 R2s' steps, when it was stopped",
+           "takes ~10 s on an H100 (rotate(device=cuda), e.g. --set rotate.device=cuda), the rotate pass 242 s on "
+           "an idle 2-core CPU (each layer's R2 learned as calibration passes it)",
            ("fold-norms", "rotate", "gptq", "quantize")),
     Recipe("w4a4kv4-best", "fold-norms,rotate(kind=kurtosis,moment=16),quantize(a=int4,a_clip=0.9),"
            f"gptq(w=int4,sym=false,clip=true),quantize({_KV4_HEAD}),clip-activations",
