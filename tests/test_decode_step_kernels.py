@@ -120,6 +120,37 @@ def test_decode_sdpa_is_torchs_masked_sdpa(device, b, hq, hkv, s, d, pos, dtype)
     torch.library.opcheck(torch.ops.lowbit.decode_sdpa_pdl, args, test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b,hq,hkv,s,d,pos,dtype", SDPA_CASES)
+def test_decode_sdpa_adds_an_additive_mask_per_head(device, b, hq, hkv, s, d, pos, dtype):
+    """An additive mask of the query's dtype (Bloom's step: ALiBi's slope x key position per head where the key is
+    causal, -inf elsewhere) is added to each score per query head: the kernel equals fp32 SDPA with that mask to one
+    step of the output's dtype, as the boolean mask's test; masked slots hold values that would dominate if read. A
+    mask of one row for every head (head axis 1) and one for every sequence (batch axis 1) are read as broadcast.
+    The bias moves the output by more than the tolerance (a kernel reading only its -inf fails)."""
+    from lowbit.kernels.decode_step import decode_sdpa, decode_sdpa_ref, decode_sdpa_supported
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(*shape, generator=g).to(dtype) for shape in ((b, hq, 1, d), (b, hkv, s, d), (b, hkv, s, d)))
+    causal = torch.arange(s).view(1, 1, 1, -1) <= torch.tensor(pos).view(b, 1, 1, 1)
+    k[~causal.expand(b, hkv, 1, s).squeeze(2)] = 1e4
+    v[~causal.expand(b, hkv, 1, s).squeeze(2)] = 1e4
+    slopes = 2.0 ** (-8.0 * torch.arange(1, hq + 1) / hq)  # Bloom's slopes for a power-of-two head count
+    alibi = (slopes.view(1, hq, 1, 1) * torch.arange(s).view(1, 1, 1, -1)).to(dtype)
+    step = 2.0 ** -(7 if dtype == torch.bfloat16 else 10)
+    ramp = (torch.arange(s) % 7 - 3.0).view(1, 1, 1, -1).to(dtype)  # one bias row for every head
+    first = torch.arange(s).view(1, 1, 1, -1) <= max(3, min(pos))  # one mask for every sequence
+    for mask in (torch.where(causal, alibi, float("-inf")), torch.where(causal, ramp, float("-inf")),
+                 torch.where(first, alibi, float("-inf"))):
+        assert decode_sdpa_supported(q, k, v, mask) is None
+        ref = decode_sdpa_ref(q.float(), k.float(), v.float(), mask.float(), None, hq != hkv)
+        got = decode_sdpa(q.to(device), k.to(device), v.to(device), mask.to(device), None, hq != hkv).cpu()
+        assert got.shape == ref.shape and got.dtype == dtype
+        assert bool(((got.float() - ref).abs() <= ref.abs() * step + 1e-3).all())
+        unbiased = decode_sdpa_ref(q.float(), k.float(), v.float(), mask.isfinite(), None, hq != hkv)
+        assert (unbiased - ref).abs().max() > 1e-2
+
+
 def test_decode_sdpa_says_what_it_does_not_take():
     """Prefill rows, a float mask, fp32, a head_dim that is not a power of two and batches past
     ``DECODE_SDPA_MAX_HEADS`` go to the reference, each with its reason (the triton backend's attention target asks
@@ -129,7 +160,10 @@ def test_decode_sdpa_says_what_it_does_not_take():
     q, k = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16), torch.zeros(1, 4, 10, 64, dtype=torch.bfloat16)
     mask = torch.ones(1, 1, 1, 10, dtype=torch.bool)
     assert "one query row" in decode_sdpa_supported(q.expand(1, 4, 3, 64), k, k, mask.expand(1, 1, 3, 10))
-    assert "boolean" in decode_sdpa_supported(q, k, k, mask.float())
+    assert "boolean" in decode_sdpa_supported(q, k, k, mask.float())  # additive: of the query's dtype only
+    assert decode_sdpa_supported(q, k, k, mask.to(q.dtype).expand(1, 4, 1, 10)) is None
+    assert "shapes" in decode_sdpa_supported(q, k, k, mask.expand(1, 4, 1, 10))  # boolean: one row for all heads
+    assert "shapes" in decode_sdpa_supported(q, k, k, mask.to(q.dtype).expand(1, 2, 1, 10))
     assert "dtypes" in decode_sdpa_supported(q.float(), k.float(), k.float(), mask)
     assert "head_dim" in decode_sdpa_supported(q[..., :48], k[..., :48], k[..., :48], mask)
     assert "shapes" in decode_sdpa_supported(q, k[:, :3], k[:, :3], mask)

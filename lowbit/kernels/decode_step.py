@@ -412,7 +412,8 @@ DECODE_SDPA_WARPS = 4
 
 def decode_sdpa_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None,
                     enable_gqa: bool) -> torch.Tensor:
-    """torch's ``scaled_dot_product_attention`` with a boolean mask (the IR's ``attention`` op)."""
+    """torch's ``scaled_dot_product_attention`` with a boolean mask or an additive one of the query's dtype (the
+    IR's ``attention`` op): what ``decode_sdpa`` computes."""
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                                             enable_gqa=enable_gqa)
 
@@ -431,13 +432,15 @@ def decode_sdpa_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
                           is_causal: bool = False) -> str | None:
     """Why ``decode_sdpa`` does not take these operands (None: it does): one query row per sequence, bf16/fp16,
     ``[B, H, S, D]`` with D a power of two <= 256, whole kv-head groups, a boolean mask broadcastable to
-    ``[B, 1, 1, S]``, at most ``DECODE_SDPA_MAX_HEADS`` (sequence, kv head) pairs, on the kernel device."""
+    ``[B, 1, 1, S]`` or an additive one of the query's dtype to ``[B, Hq, 1, S]`` (Bloom's ALiBi with its -inf),
+    at most ``DECODE_SDPA_MAX_HEADS`` (sequence, kv head) pairs, on the kernel device."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[2] != 1:
         return "not one query row per sequence"
-    if is_causal or mask is None or mask.dtype != torch.bool or mask.dim() != 4:
-        return "no boolean [B, 1, 1, S] mask"
+    if is_causal or mask is None or mask.dim() != 4 or mask.dtype not in (torch.bool, q.dtype):
+        return "no boolean [B, 1, 1, S] mask nor an additive [B, Hq, 1, S] one of the query's dtype"
     b, hq, _, d = q.shape
-    if (mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[0] not in (1, b) or mask.shape[3] != k.shape[2]
+    heads = (1,) if mask.dtype == torch.bool else (1, hq)  # a boolean mask: one row for every head
+    if (mask.shape[1] not in heads or mask.shape[2] != 1 or mask.shape[0] not in (1, b) or mask.shape[3] != k.shape[2]
             or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or hq % k.shape[1]):
         return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, mask {tuple(mask.shape)}"
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -457,17 +460,20 @@ def decode_sdpa_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 
 @triton.jit
 def _sdpa_split(q_ptr, k_ptr, v_ptr, m_ptr, p_ptr, l_ptr, a_ptr, S, HKV, NCH, scale,
-                sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sms,
+                sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sms, smh,
                 kn_ptr, vn_ptr, c_ptr, s_ptr, i_ptr, sknb, sknh, svnb, svnh, scb, ssb, sib,
                 n_ptr, o_ptr, sob, soh,
                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, UPCAST: tl.constexpr,
                 PDL: tl.constexpr, ROTARY: tl.constexpr = False, IS_BF16: tl.constexpr = False,
-                IS_FP16: tl.constexpr = False, MERGE: tl.constexpr = False, NCP: tl.constexpr = 1):
+                IS_FP16: tl.constexpr = False, MERGE: tl.constexpr = False, NCP: tl.constexpr = 1,
+                FLOAT_MASK: tl.constexpr = False):
     """Program ``(b * HKV + h, c)``: the ``G`` query heads of kv head ``h`` over cache slots ``[c * CHUNK, ...)``:
     scores ``q . k * scale`` where the mask allows, their max, the sum of ``exp(score - max)`` and the
     un-normalised ``sum p v`` (fp32), written per (query head, chunk) for ``_sdpa_merge``. A chunk with no allowed
-    slot writes max -inf, sum 0, zeros. ``PDL`` (``pdl_launches``): let the merge launch, then wait for the
-    kernels that wrote q and the cache's new row.
+    slot writes max -inf, sum 0, zeros. ``FLOAT_MASK``: the mask is additive (``m`` per query head at stride
+    ``smh``, 0 for one row of all heads), added to each score in fp32 as SDPA adds it; -inf is a masked slot, and a
+    slot every head of the program masks is not read. ``PDL`` (``pdl_launches``): let the merge launch, then wait
+    for the kernels that wrote q and the cache's new row.
 
     ``ROTARY`` (``rotary_decode_sdpa``): ``q`` is the step's query before its rotary, which each program applies
     to its heads as ``_rotary_write_kv`` does; the program whose chunk holds the step's slot ``index[b]`` first
@@ -487,7 +493,13 @@ def _sdpa_split(q_ptr, k_ptr, v_ptr, m_ptr, p_ptr, l_ptr, a_ptr, S, HKV, NCH, sc
     ds = tl.arange(0, D)
     slots = c * CHUNK + tl.arange(0, CHUNK)
     s_ok = slots < S
-    allowed = tl.load(m_ptr + b * smb + slots * sms, mask=s_ok, other=0) != 0
+    if FLOAT_MASK:  # Bloom's ALiBi + causal -inf: one bias per (query head, slot)
+        bias = tl.load(m_ptr + b * smb + (h * G + gs)[:, None] * smh + slots[None, :] * sms,
+                       mask=g_ok[:, None] & s_ok[None, :], other=float("-inf")).to(tl.float32)
+        head_allowed = bias != float("-inf")
+        allowed = tl.max(head_allowed.to(tl.int32), axis=0) != 0
+    else:
+        allowed = tl.load(m_ptr + b * smb + slots * sms, mask=s_ok, other=0) != 0
     q_rows = q_ptr + b * sqb + (h * G + gs)[:, None] * sqh
     if ROTARY:
         cr = tl.load(c_ptr + b * scb + ds).to(tl.float32)
@@ -512,9 +524,14 @@ def _sdpa_split(q_ptr, k_ptr, v_ptr, m_ptr, p_ptr, l_ptr, a_ptr, S, HKV, NCH, sc
         kt = kt.to(tl.float32)
         vt = vt.to(tl.float32)
     s = tl.dot(q, tl.trans(kt)) * scale  # [GP, CHUNK] on tensor cores (GP >= 16 rows, the padding zero)
-    s = tl.where(allowed[None, :], s, float("-inf"))
-    m = tl.max(s, axis=1)
-    p = tl.where(allowed[None, :], tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None]), 0.0)
+    if FLOAT_MASK:
+        s = tl.where(head_allowed, s + bias, float("-inf"))
+        m = tl.max(s, axis=1)
+        p = tl.where(head_allowed, tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None]), 0.0)
+    else:
+        s = tl.where(allowed[None, :], s, float("-inf"))
+        m = tl.max(s, axis=1)
+        p = tl.where(allowed[None, :], tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None]), 0.0)
     if UPCAST:
         acc = tl.dot(p, vt)
     else:
@@ -567,7 +584,8 @@ def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
                 enable_gqa: bool = False) -> torch.Tensor:
     """Decode-step attention over a float KV cache: ``scaled_dot_product_attention(q, k, v, attn_mask=mask)``
     for one query row per sequence (``q [B, Hq, 1, D]``, ``k``/``v [B, Hkv, S, D]``, boolean ``mask
-    [B or 1, 1, 1, S]``), flash-decoding in two launches: ``_sdpa_split`` over ``DECODE_SDPA_CHUNK``-slot chunks
+    [B or 1, 1, 1, S]`` or an additive one of q's dtype ``[B or 1, Hq or 1, 1, S]``: Bloom's ALiBi),
+    flash-decoding in two launches: ``_sdpa_split`` over ``DECODE_SDPA_CHUNK``-slot chunks
     (each kv head's query heads together: GQA reads each key once), then ``_sdpa_merge``. Every sequence needs
     one allowed slot (a decode step's slot 0 always is). The reference where ``decode_sdpa_supported`` says
     no."""
@@ -615,6 +633,7 @@ def _launch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     accs = torch.empty((b * hq * nch, d), device=q.device, dtype=torch.float32)
     out = torch.empty((b, hq, 1, d), device=q.device, dtype=q.dtype)
     mb = mask.stride(0) if mask.shape[0] > 1 else 0
+    mh = mask.stride(1) if mask.shape[1] > 1 else 0
     if rotary is None:
         extra: tuple = (q, q, q, q, q, 0, 0, 0, 0, 0, 0, 0)
     else:
@@ -627,10 +646,10 @@ def _launch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     launcher(q, _sdpa_split)[(b * hkv, nch)](
         q, k, v, mask, parts, sums, accs, s, hkv, nch, scale if scale is not None else d ** -0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        mb, mask.stride(3), *extra, q if counters is None else counters, out, out.stride(0), out.stride(1),
+        mb, mask.stride(3), mh, *extra, q if counters is None else counters, out, out.stride(0), out.stride(1),
         G=g, GP=gp, D=d, CHUNK=chunk, UPCAST=interpreting(), PDL=on, ROTARY=rotary is not None,
         IS_BF16=q.dtype == torch.bfloat16, IS_FP16=q.dtype == torch.float16, MERGE=counters is not None,
-        NCP=next_pow2(nch), num_warps=DECODE_SDPA_WARPS, **pdl)
+        NCP=next_pow2(nch), FLOAT_MASK=mask.dtype != torch.bool, num_warps=DECODE_SDPA_WARPS, **pdl)
     if counters is None:
         launcher(q, _sdpa_merge)[(b * hq,)](parts, sums, accs, out, nch, hq, out.stride(0), out.stride(1), D=d,
                                             NCP=next_pow2(nch), PDL=on, num_warps=4, **pdl)
