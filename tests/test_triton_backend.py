@@ -704,39 +704,69 @@ def test_partial_rotary_fuses_with_the_cache_writes_on_the_triton_backend(family
 
 
 @needs_kernels
-def test_an_attention_bias_stays_on_sdpa_and_alibi_runs_on_the_packed_cache_kernel(monkeypatch):
+def test_alibi_runs_on_the_float_and_the_packed_cache_kernels(monkeypatch):
     """Bloom's step adds its ALiBi bias through a float attention mask and ``cache_attention``'s ``bias``.
-    ``decode_sdpa`` reads a boolean mask only (per call it sent a float one to SDPA, while the report listed the node
-    on decode-sdpa): the lowering keeps that attention on the reference and names each node and why, and a bf16
-    attention with a float mask computes what the torch backend does. The packed-cache kernel adds ALiBi slopes,
+    ``decode_sdpa`` adds an additive mask of the query's dtype per query head: a bf16 attention with a bf16 mask
+    is listed on decode-sdpa and computes the graph's attention (fp32 SDPA, to one bf16 step); a mask of another dtype
+    stays on SDPA, named. The tiny Bloom in bf16 runs its float-cache decode attention on the kernel (no fallback
+    reported; each decode step's kernel call equals fp32 SDPA with the step's mask, which differs from its -inf alone
+    by > 1e-2) and its greedy tokens equal the bf16 torch reference's. The packed-cache kernel adds ALiBi slopes,
     read off the graph's bias (``alibi_slopes_of``: Bloom's slopes for 4 heads, 4**-h): both layers run on it, no
-    fallback is reported, every decode step calls the kernel, and two prompts' greedy tokens through the float and
-    the packed int8 cache equal the torch reference's. Each decode step's attention on the kernel equals
-    ``cache_attention``'s reference with the graph's bias (1e-5), which differs from the unbiased one by > 1e-2."""
+    fallback is reported, every decode step calls the kernel, and two prompts' greedy tokens through the packed int8
+    cache equal the torch reference's. Each decode step's attention on the kernel equals ``cache_attention``'s
+    reference with the graph's bias (1e-5), which differs from the unbiased one by > 1e-2."""
+    import copy
+
+    from lowbit.api import compile_model
     from lowbit.ir.kvcache import cache_attention
     from lowbit.ir.parser import parse_graph
     from lowbit.kernels import decode_attention as da
+    from lowbit.kernels import decode_step
 
-    g = parse_graph("""graph g(%q: bf16[2,4,1,64], %k: bf16[2,4,9,64], %v: bf16[2,4,9,64], %m: bf16[2,4,1,9]) {
+    def one_attention(mask: str) -> Any:
+        g = parse_graph(f"""graph g(%q: bf16[2,4,1,64], %k: bf16[2,4,9,64], %v: bf16[2,4,9,64], %m: {mask}[2,4,1,9]) {{
   %a: bf16[2,4,1,64] = attention(%q, %k, %v, %m)  # attn
   return %a
-}""", {})
-    g.meta["generation"] = {"logits": "last"}
+}}""", {})
+        g.meta["generation"] = {"logits": "last"}
+        return g
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = one_attention("bf16")
     m = lower(g, dev, compile=False)
-    why = "decode-sdpa: a bfloat16 mask (an additive bias, Bloom's ALiBi): the kernel reads a boolean mask only"
-    assert not m.report["attention"] and m.report["fallback"] == {"a": why}
+    assert not m.report["fallback"] and list(m.report["attention"]) == ["a"], m.report
     gen = torch.Generator().manual_seed(0)
     args = [torch.randn(shape, generator=gen).to(torch.bfloat16).to(dev) for shape in
             ((2, 4, 1, 64), (2, 4, 9, 64), (2, 4, 9, 64), (2, 4, 1, 9))]
-    assert torch.equal(m(*args), TorchCompiled(g)(*args))
+    want = decode_step.decode_sdpa_ref(*[a.float() for a in args], None, False)  # the graph's attention in fp32
+    assert bool(((m(*args).float() - want).abs() <= want.abs() * 2.0 ** -7 + 1e-3).all())
+    why = "decode-sdpa: a float32 additive mask of a bfloat16 query: the kernel adds a mask of the query's dtype only"
+    assert lower(one_attention("f32"), dev, compile=False).report["fallback"] == {"a": why}
 
     model, spec, prompts, ref = _sharp_family_reference("bloom", dev)
-    tri = _triton_step(model, None, spec, dev)
-    fallback = tri.runner.report["fallback"]
-    assert len(fallback) == 2 and all(n.startswith("attention") and why.startswith(
-        "decode-sdpa: a float32 mask (an additive bias") for n, why in fallback.items()), fallback
-    assert tri.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half_ref = compile_model(half, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
+    steps, launch = [], decode_step._launch_sdpa
+
+    def checked_launch(q, k, v, mask, scale, *rest, **kw):
+        """Each kernel call against fp32 SDPA with the step's mask (and with its -inf alone)."""
+        out = launch(q, k, v, mask, scale, *rest, **kw)
+        f = [t.float().cpu() for t in (q, k, v, mask)]
+        ref_out = decode_step.decode_sdpa_ref(*f, scale, True)
+        unbiased = decode_step.decode_sdpa_ref(*f[:3], f[3].isfinite(), scale, True)
+        steps.append((mask.dtype, tuple(mask.shape), bool(((out.float().cpu() - ref_out).abs()
+                                                            <= ref_out.abs() * 2.0 ** -7 + 1e-3).all()),
+                      (unbiased - ref_out).abs().max().item()))
+        return out
+
+    monkeypatch.setattr(decode_step, "_launch_sdpa", checked_launch)
+    tri = _triton_step(half, None, spec, dev)
+    report = tri.runner.report
+    assert not report["fallback"] and len(report["attention"]) == 2, report
+    assert tri.generate(prompts, 6, stop_tokens=()).tokens == half_ref.tokens
+    assert len(steps) == 2 * 5  # two layers, five decode steps after the prefill
+    assert all(dtype == torch.bfloat16 and shape == (2, 4, 1, 16) and close and without > 1e-2
+               for dtype, shape, close, without in steps), steps
 
     calls, slopes, step = [], [], da.cache_attention_decode
     kernel = da.decode_attention

@@ -434,18 +434,18 @@ def _type_of(arg: Any, types: dict[str, TensorType] | None) -> TensorType | None
 
 
 def plan_attention(node: torch.fx.Node, types: dict[str, TensorType] | None) -> str | None:
-    """Why no call of an ``attention`` node can take ``decode_sdpa`` (None: a decode step's may): a float mask (an
-    additive bias such as Bloom's ALiBi, which the kernel does not add: it reads a boolean mask only), its query's
-    dtype and head_dim (``decode_sdpa_layout_unsupported``); the rest (one query row, the mask's shape, the batch)
-    is per call."""
+    """Why no call of an ``attention`` node can take ``decode_sdpa`` (None: a decode step's may): an additive mask
+    (Bloom's ALiBi, which the kernel adds per query head) of a dtype other than the query's, the query's dtype and
+    head_dim (``decode_sdpa_layout_unsupported``); the rest (one query row, the mask's shape, the batch) is per
+    call."""
     from lowbit.kernels.decode_step import decode_sdpa_layout_unsupported
 
     mask = _type_of(node.args[3] if len(node.args) > 3 else node.kwargs.get("mask"), types)
-    if mask is not None and mask.dtype != torch.bool:
-        return (f"a {str(mask.dtype).removeprefix('torch.')} mask (an additive bias, Bloom's ALiBi): the kernel "
-                "reads a boolean mask only")
     q = node.args[0] if node.args else None
     t = _type_of(q, types)
+    if mask is not None and mask.dtype != torch.bool and t is not None and mask.dtype != t.dtype:
+        return (f"a {str(mask.dtype).removeprefix('torch.')} additive mask of a {str(t.dtype).removeprefix('torch.')}"
+                " query: the kernel adds a mask of the query's dtype only")
     if t is None or not t.shape or not isinstance(t.shape[-1], int):
         return None  # decided per call (decode_sdpa_supported)
     return decode_sdpa_layout_unsupported(t.dtype, int(t.shape[-1]))
@@ -635,7 +635,7 @@ def _attention_target(op: str) -> Callable[..., torch.Tensor]:
     """FX target of the IR's ``attention``: a decode step's one query row per sequence over a float cache runs
     ``lowbit::<op>`` (``decode_sdpa``, flash-decoding, the mask read as it is; ``decode_sdpa_pdl`` the same with
     programmatic dependent launch, the backend's ``pdl``) up to ``DECODE_SDPA_MAX_HEADS`` (sequence, kv head)
-    pairs; anything else (prefill, no boolean mask, fp32, larger batches) the reference SDPA."""
+    pairs; anything else (prefill, no mask it reads, fp32, larger batches) the reference SDPA."""
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
             scale: float | None = None, is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
