@@ -312,6 +312,17 @@ def test_rotary_decode_sdpa_is_rotary_write_kv_then_decode_sdpa_bit_for_bit(devi
     torch.library.opcheck(torch.ops.lowbit.rotary_decode_sdpa, (q, k, v, cos, sin, kc.clone(), vc.clone(), index,
                                                                mask, None, False, hq != hkv),
                           test_utils=("test_schema", "test_faketensor"))
+    # an additive mask (decode_sdpa's FLOAT_MASK: ALiBi-like slope x slot per query head, -inf past each position)
+    # through the rotating kernel: the same bits and caches as the two ops, and the bias moves the output
+    slopes = 2.0 ** (-torch.arange(1, hq + 1, dtype=torch.float32, device=device))
+    bias = torch.where(mask, slopes.view(1, hq, 1, 1) * torch.arange(slots, device=device), float("-inf"))
+    bias = bias.to(torch.bfloat16)
+    assert rotary_decode_sdpa_unsupported(q, k, v, cos, sin, kc, vc, index, bias, False) is None
+    ref_k, ref_v, got_k, got_v = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    ref_b = decode_sdpa(rotary_write_kv(q, k, v, cos, sin, ref_k, ref_v, index), ref_k, ref_v, bias, None, hq != hkv)
+    got_b = rotary_decode_sdpa(q, k, v, cos, sin, got_k, got_v, index, bias, None, False, hq != hkv)
+    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+    assert torch.equal(got_b, ref_b) and (got_b.float() - got.float()).abs().max() > 1e-2
     q3, k3, v3, cos3, sin3, kc3, vc3, index3 = _rotary_case(2, hq, hkv, 3, d, slots, [[2, 0, 1], [5, 6, 7]],
                                                             torch.bfloat16, device)
     causal = torch.ones(1, 1, 3, slots, dtype=torch.bool, device=device)
