@@ -452,26 +452,32 @@ def plan_attention(node: torch.fx.Node, types: dict[str, TensorType] | None) -> 
 
 
 def plan_cache_attention(node: torch.fx.Node, types: dict[str, TensorType] | None,
-                         gm: torch.fx.GraphModule | None = None) -> str | None:
-    """Why the packed-cache decode kernel does not take a ``cache_attention`` node (None: it does): its query and
-    key types (head_dim, heads), its layout kwargs against ``cache_attention_unsupported`` and a ``bias`` that is not
-    ALiBi (``alibi_slopes_of``; without ``gm`` every bias)."""
+                         gm: torch.fx.GraphModule | None = None
+                         ) -> tuple[str | None, tuple[torch.Tensor, torch.dtype] | None]:
+    """(why the packed-cache decode kernel does not take a ``cache_attention`` node, None where it does; the ALiBi
+    slopes and bias dtype it then takes for a ``bias``, read once here): its query and key types (head_dim, heads),
+    its layout kwargs against ``cache_attention_unsupported`` and a ``bias`` that is not ALiBi (``alibi_slopes_of``;
+    without ``gm`` every bias)."""
     from lowbit.kernels.decode_attention import cache_attention_unsupported
 
     q, k = node.args[0], node.args[1]
     tq, tk = _type_of(q, types), _type_of(k, types)
     if tq is None or tk is None or tq.rank != 4 or tk.rank != 4 or not all(
             isinstance(d, int) for d in (tq.shape[1], tq.shape[3], tk.shape[1])):
-        return "heads or head_dim unknown at lowering"
+        return "heads or head_dim unknown at lowering", None
     kw = node.kwargs
     if kw.get("sliding") is not None:
-        return f"a sliding window of {kw['sliding']} tokens: the kernel reads every quantized slot from the sink on"
+        return (f"a sliding window of {kw['sliding']} tokens: the kernel reads every quantized slot from the sink on",
+                None)
+    alibi = None
     if kw.get("bias") is not None:
-        alibi = alibi_slopes_of(gm, node, int(tq.shape[1])) if gm is not None else "the graph was not given"
-        if isinstance(alibi, str):
-            return f"an additive bias over key positions that the kernel cannot read as ALiBi slopes: {alibi}"
-    return cache_attention_unsupported(int(tq.shape[3]), int(kw["k_block"]), int(kw["v_group"]), int(kw["bits"]),
-                                       int(tq.shape[1]), int(tk.shape[1]))
+        found = alibi_slopes_of(gm, node, int(tq.shape[1])) if gm is not None else "the graph was not given"
+        if isinstance(found, str):
+            return f"an additive bias over key positions that the kernel cannot read as ALiBi slopes: {found}", None
+        alibi = found
+    why = cache_attention_unsupported(int(tq.shape[3]), int(kw["k_block"]), int(kw["v_group"]), int(kw["bits"]),
+                                      int(tq.shape[1]), int(tk.shape[1]))
+    return why, None if why is not None else alibi
 
 
 ALIBI_PROBES = ((40, ((39,), (0,))), (40, ((17,), (26,))), (9, ((8,), (1,))))
@@ -1027,15 +1033,15 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             report["attention"][node.name] = "decode-sdpa at one query row and small batches, SDPA otherwise"
             continue
         if node.op == "call_function" and node.target in (cache_attention, cache_attention_into):
-            why = plan_cache_attention(node, types, gm)
+            why, alibi = plan_cache_attention(node, types, gm)
             if why is not None:
                 report["fallback"][node.name] = f"cache-attention: {why}"
                 # the reference as before, out of place: torch.compile traces it (the torch backend's in-place
                 # decode would turn into a functionalized write and a copy of the whole cache)
                 node.target = cache_attention
                 continue
-            if node.kwargs.get("bias") is not None:  # the ALiBi slopes it was checked to be
-                slopes, bias_dtype = alibi_slopes_of(gm, node, int(types[node.args[0].name].shape[1]))
+            if alibi is not None:  # the ALiBi slopes its bias was checked to be
+                slopes, bias_dtype = alibi
                 attr = f"_alibi_slopes_{node.name}"
                 gm.register_buffer(attr, slopes.to(device or "cpu"))
                 with gm.graph.inserting_before(node):
