@@ -553,8 +553,9 @@ def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn
     limit = model_positions(model.model)
     if limit is not None:  # calibration windows are checked against it (the step has no symbol)
         meta["max_positions"] = limit
-    if model.layout.attn_upcast or model.layout.attn_softcap is not None:  # kv-cache's refusal names which
-        meta["attention_written_out"] = "upcast" if model.layout.attn_upcast else "softcap"
+    written_out = model.attention_written_out()
+    if written_out is not None:  # kv-cache's refusal names why
+        meta["attention_written_out"] = written_out
     if model.rope_switch is not None:  # recorded past max_length too: a longrope step without it is an old artifact
         meta["rope_switch"] = model.rope_switch
     return model, example, dynamic, meta

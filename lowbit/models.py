@@ -577,6 +577,15 @@ class CausalLMStep(nn.Module):
             q, k = _first_attr(attn, ("q_norm", "q_layernorm"))(q), _first_attr(attn, ("k_norm", "k_layernorm"))(k)
         return q, k, v
 
+    def attention_written_out(self) -> Literal["softcap", "upcast"] | None:
+        """Why this step writes its attention out as matmuls and a softmax, leaving ``kv-cache`` no attention node
+        (its refusal names it; ``_attend`` decides the same): Gemma 2's soft-capped scores, or GPT-2's
+        ``reorder_and_upcast_attn`` in a half-precision model (a float32 one runs SDPA); None: SDPA."""
+        if self.layout.attn_softcap is not None:
+            return "softcap"
+        half = next(self.model.parameters()).dtype != torch.float32
+        return "upcast" if self.layout.attn_upcast and half else None
+
     def _attend(self, attn: nn.Module, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         """SDPA of ``q`` over the cache; ``mask`` is boolean, or float (0 or the ALiBi bias where a key is read,
