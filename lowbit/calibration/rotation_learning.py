@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from lowbit.calibration.distill import lr_factor
-from lowbit.calibration.linalg import solve
 from lowbit.calibration.engine import CalibrationError
+from lowbit.calibration.linalg import solve
 from lowbit.ir.graph import Graph, Node
 
 __all__ = ["RotationLearningError", "LearnedRotation", "kurtosis", "kurtosis_loss", "tail_ratio",
