@@ -335,3 +335,90 @@ def test_rotary_decode_sdpa_is_rotary_write_kv_then_decode_sdpa_bit_for_bit(devi
                     enable_gqa=hq != hkv)
     got = rotary_decode_sdpa(q3, k3, v3, cos3, sin3, kc3, vc3, index3, causal, None, False, hq != hkv)
     assert torch.equal(got, ref) and torch.equal(kc3, ref_k) and torch.equal(vc3, ref_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hq,hkv,d,dtype", [(4, 4, 64, torch.bfloat16), (8, 2, 128, torch.float32),
+                                            (8, 1, 16, torch.float16), (4, 2, 32, torch.bfloat16)])
+def test_write_kv_is_the_two_cache_scatters(device, hq, hkv, d, dtype, monkeypatch):
+    """``write_kv`` (``_rotary_write_kv`` launched once with no rotary and no query heads) writes a rotary-free
+    layer's keys and values as its two ``scatter_`` do, bit for bit: MHA, GQA and MQA, head_dim 16 to 128,
+    bf16/fp16/fp32, k and v strided views of one merged projection, two sequences at slots in the middle of the
+    cache, a decode step and prefills of 3 and ``ROTARY_ROWS + 3`` tokens (a full block of rows and a partial one).
+    The kernel runs (the reference is made to fail inside the op), rows not written keep their values, and the
+    written keys are the keys' own channels: nothing turned."""
+    from lowbit.kernels.decode_step import ROTARY_ROWS, write_kv, write_kv_ref, write_kv_unsupported
+
+    slots = 24
+    long = ROTARY_ROWS + 3
+    for n, positions in ((1, [[9], [14]]), (3, [[12, 10, 11], [5, 6, 7]]),
+                         (long, [list(range(2, 2 + long))[::-1], list(range(3, 3 + long))])):
+        _, k, v, _, _, kc, vc, index = _rotary_case(2, hq, hkv, n, d, slots, positions, dtype, device)
+        assert write_kv_unsupported(k, v, kc, vc, index) is None  # the kernel takes them
+        before_k, before_v = kc.clone(), vc.clone()
+        ref_k, ref_v = kc.clone(), vc.clone()
+        write_kv_ref(k, v, ref_k, ref_v, index)
+        with monkeypatch.context() as m:
+            m.setattr(decode_step, "write_kv_ref", lambda *a: pytest.fail("write_kv ran its reference"))
+            assert write_kv(k, v, kc, vc, index) is None
+        assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+        rows = torch.arange(2)[:, None], slice(None), torch.tensor(positions).to(device)
+        assert torch.equal(kc[rows].permute(0, 2, 1, 3), k) and torch.equal(vc[rows].permute(0, 2, 1, 3), v)
+        written = torch.zeros(2, slots, dtype=torch.bool)
+        written[torch.arange(2)[:, None], torch.tensor(positions)] = True
+        kept = ~written.to(device)[:, None, :, None].expand_as(kc)
+        assert torch.equal(kc[kept], before_k[kept]) and torch.equal(vc[kept], before_v[kept])
+        assert not torch.equal(kc, before_k) and not torch.equal(vc, before_v)
+    torch.library.opcheck(torch.ops.lowbit.write_kv, (k, v, kc, vc, index), test_utils=("test_schema",
+                                                                                          "test_faketensor"))
+
+
+def test_write_kv_falls_back_where_the_kernel_cannot_read():
+    """Operands the kernel does not take run the reference, each reason naming the operand: a materialised index
+    (any write), mixed dtypes, head_dim 48 (no power of two), caches of another head count; the result is the two
+    scatters' all the same."""
+    from lowbit.kernels.decode_step import write_kv, write_kv_ref, write_kv_unsupported
+
+    _, k, v, _, _, kc, vc, index = _rotary_case(2, 4, 2, 1, 64, 8, [[1], [6]], torch.bfloat16, "cpu")
+    cases = {"is not a row index": (k, v, kc, vc, index.contiguous()),
+             "dtypes": (k, v, kc.float(), vc, index),
+             "head_dim 48: the kernel takes a power of two": (k[..., :48], v[..., :48], kc[..., :48].contiguous(),
+                                                              vc[..., :48].contiguous(), index[..., :48]),
+             "caches (2, 1, 8, 64), (2, 1, 8, 64) for keys (2, 2, 1, 64)": (k, v, kc[:, :1], vc[:, :1], index)}
+    for why, (k_, v_, kc_, vc_, i_) in cases.items():
+        assert why in write_kv_unsupported(k_, v_, kc_, vc_, i_)
+    for why in ("is not a row index", "head_dim 48: the kernel takes a power of two"):
+        k_, v_, kc_, vc_, i_ = cases[why]
+        ref_k, ref_v, got_k, got_v = kc_.clone(), vc_.clone(), kc_.clone(), vc_.clone()
+        write_kv_ref(k_, v_, ref_k, ref_v, i_)
+        write_kv(k_, v_, got_k, got_v, i_)
+        assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v) and not torch.equal(got_k, kc_)
+
+
+@pytest.mark.skipif(not INTERP, reason="the CPU run needs TRITON_INTERPRET=1")
+def test_write_kv_writes_the_caches_in_place_under_torch_compile(monkeypatch):
+    """Under torch.compile (Inductor, CPU) ``write_kv`` writes straight into its cache inputs: one call on the graph's
+    arguments, no fresh cache copied back, its kernel run (the index a stride-0 view), the caches the eager op's."""
+    from torch._inductor.utils import run_and_get_code
+
+    ran: list[str | None] = []
+    unsupported = decode_step.write_kv_unsupported
+    monkeypatch.setattr(decode_step, "write_kv_unsupported", lambda *a: ran.append(unsupported(*a)) or ran[-1])
+    _, k, v, _, _, kc, vc, index = _rotary_case(2, 4, 2, 1, 64, 16, [[3], [9]], torch.bfloat16, "cpu")
+    positions = index[:, 0, :, 0]
+
+    def step(k, v, k_cache, v_cache, positions):
+        torch.ops.lowbit.write_kv(k, v, k_cache, v_cache, positions[:, None, :, None].expand(k.shape))
+        return k_cache, v_cache
+
+    eager_k, eager_v = kc.clone(), vc.clone()
+    step(k, v, eager_k, eager_v, positions)
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(step), k, v, kc, vc, positions)
+    calls = [line.strip() for src in code for line in src.splitlines() if "write_kv.default(" in line]
+    assert len(calls) == 1 and calls[0].split("(", 1)[1].startswith("arg"), calls
+    assert not any("copy_" in line for src in code for line in src.splitlines()), "a cache copied back"
+    assert ran and all(r is None for r in ran)
+    assert torch.equal(kc, eager_k) and torch.equal(vc, eager_v) and not torch.equal(kc, _rotary_case(
+        2, 4, 2, 1, 64, 16, [[3], [9]], torch.bfloat16, "cpu")[5])
+    assert out[0].data_ptr() == kc.data_ptr() and out[1].data_ptr() == vc.data_ptr()

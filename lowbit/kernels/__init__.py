@@ -3,7 +3,7 @@
 A leaf package (torch + triton only): backends import it, it imports nothing of lowbit's but the reference
 ops of ``lowbit.ir`` (``quant``, ``ops``) inside the ``*_ref`` functions. Every op is a ``torch.library.triton_op``,
 so ``torch.compile`` traces through it (no graph break) and CUDA graphs capture its launches, but
-``rotary_write_kv``: it writes two graph inputs, an opaque ``custom_op`` (see its docstring).
+``rotary_write_kv`` and ``write_kv``: they write two graph inputs, opaque ``custom_op``s (see their docstrings).
 
 - ``torch.ops.lowbit.weight_only_linear``: W4A16 / W8A16 (and int3/int2 in 4-bit storage) on the stored layout or
   the int32 decode layout (``weight_only.pack_words``, made once at lowering; N-major words by default): GEMVs
@@ -29,7 +29,8 @@ so ``torch.compile`` traces through it (no graph break) and CUDA graphs capture 
   write, one launch each where aten took a copy + a single-block reduction and a generic scatter; and
   ``torch.ops.lowbit.decode_sdpa``, the step's attention over a float cache (flash-decoding) at small batches,
   and ``torch.ops.lowbit.rotary_write_kv``: the rotary of a step's q and k with the write of its keys and values
-  into the float cache, one launch (``decode_step.py``).
+  into the float cache, one launch; ``torch.ops.lowbit.write_kv``: the same kernel with no rotary, a rotary-free
+  layer's key and value writes in one launch (``decode_step.py``).
 
 Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
 """

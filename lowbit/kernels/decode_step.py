@@ -20,6 +20,10 @@ one ``head_dim`` row per program to the slot its position names.
   backend's ``rotary_cache`` rewrite; measured in that step: Inductor's two rotary kernels 9.4 µs and the eight
   ``_write_rows`` 12.2 µs per 4-layer step). Reference: ``rotary_write_kv_ref`` (rotary, ``scatter_``). Its
   ``rotary_dim`` takes a partial rotary (GPT-NeoX, Phi, StableLM): the first channels turned, the rest copied.
+- ``torch.ops.lowbit.write_kv(k, v, k_cache, v_cache, index)``: a layer without rotary (GPT-2, Bloom, a NoPE
+  layer) writes its keys and values into the float caches in one launch of the same kernel with no rotary, where
+  two ``scatter_into`` were a ``_write_rows`` launch each (the triton backend's ``cache_write`` rewrite). Reference:
+  ``write_kv_ref`` (two ``scatter_``).
 - ``torch.ops.lowbit.decode_sdpa(q, k, v, mask, scale, enable_gqa)``: one query row per sequence over a float
   cache, flash-decoding (chunks of ``DECODE_SDPA_CHUNK`` slots, then a log-sum-exp merge): 1.69x torch's SDPA at
   batch 1 x 32 kv heads over 768 slots on the H200 (``tools/bench_decode_sdpa.py``, session 11); where
@@ -55,7 +59,7 @@ __all__ = ["cache_rows_index", "decode_sdpa", "decode_sdpa_layout_unsupported", 
            "rotary_decode_sdpa", "rotary_decode_sdpa_unsupported", "split_counters",
            "rotary_head_dim_unsupported", "rotary_write_kv", "rotary_write_kv_ref", "rotary_write_kv_unsupported",
            "row_argmax", "row_argmax_ref", "row_argmax_checked", "row_argmax_checked_ref", "not_finite_rows",
-           "write_cache_rows", "write_cache_rows_ref"]
+           "write_cache_rows", "write_cache_rows_ref", "write_kv", "write_kv_ref", "write_kv_unsupported"]
 
 ARGMAX_TILE = 32768
 """Logits per program and loop step: a 32K vocabulary (Llama-2) is one load per row, read by 16 warps."""
@@ -269,9 +273,10 @@ def _rotary_write_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, kc_ptr, vc_ptr, i_ptr, o
     its value rows copied, both to cache slots ``index[b, 0, n, 0]``. Rotate-half of the first ``2 HALF`` of the
     ``D`` channels in two halves, ``(x1 c1 - x2 s1, x2 c2 + x1 s2)``, each product and the sum rounded to the
     activation dtype as the IR's ``rotary`` rounds them (``-x2 * s1`` rounds to ``-(x2 * s1)``); channels from ``2
-    HALF`` on (a partial rotary's) copied unchanged. ``HALF_BLOCK``: ``HALF`` rounded up to a power of two (a
-    ``tl.arange``), lanes past ``HALF`` masked. ``PDL``: let the attention launch, then wait for the GEMV that
-    wrote q, k and v."""
+    HALF`` on (a partial rotary's) copied unchanged. ``HALF`` 0 (``write_kv``: no query heads, ``HQ`` 0): no rotary,
+    cos/sin never read, every channel of the keys copied as the values are. ``HALF_BLOCK``: ``HALF`` rounded up to
+    a power of two (a ``tl.arange``), lanes past ``HALF`` masked. ``PDL``: let the attention launch, then wait for
+    the GEMV that wrote q, k and v."""
     pdl_prologue(PDL)
     nblocks = tl.cdiv(N, ROWS)
     r = tl.program_id(0)
@@ -279,15 +284,16 @@ def _rotary_write_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, kc_ptr, vc_ptr, i_ptr, o
     b = r // nblocks
     n = (r % nblocks) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
     ok = n < N
-    lo = tl.arange(0, HALF_BLOCK)[None, :]
-    hi = lo + HALF
-    turned = ok
-    if HALF_BLOCK != HALF:
-        turned = ok & (lo < HALF)
-    c1 = tl.load(c_ptr + b * scb + n * scn + lo, mask=turned).to(tl.float32)
-    c2 = tl.load(c_ptr + b * scb + n * scn + hi, mask=turned).to(tl.float32)
-    s1 = tl.load(s_ptr + b * ssb + n * ssn + lo, mask=turned).to(tl.float32)
-    s2 = tl.load(s_ptr + b * ssb + n * ssn + hi, mask=turned).to(tl.float32)
+    if HALF > 0:
+        lo = tl.arange(0, HALF_BLOCK)[None, :]
+        hi = lo + HALF
+        turned = ok
+        if HALF_BLOCK != HALF:
+            turned = ok & (lo < HALF)
+        c1 = tl.load(c_ptr + b * scb + n * scn + lo, mask=turned).to(tl.float32)
+        c2 = tl.load(c_ptr + b * scb + n * scn + hi, mask=turned).to(tl.float32)
+        s1 = tl.load(s_ptr + b * ssb + n * ssn + lo, mask=turned).to(tl.float32)
+        s2 = tl.load(s_ptr + b * ssb + n * ssn + hi, mask=turned).to(tl.float32)
     if h < HQ:
         src = q_ptr + b * sqb + h * sqh + n * sqn
         dst = o_ptr + b * sob + h * soh + n * son
@@ -300,12 +306,13 @@ def _rotary_write_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, kc_ptr, vc_ptr, i_ptr, o
         vd = vc_ptr + b * svcb + j * svch + pos * svcs
         ds = tl.arange(0, D)[None, :]
         tl.store(vd + ds, tl.load(vs + ds, mask=ok), mask=ok)
-    x1 = tl.load(src + lo, mask=turned).to(tl.float32)
-    x2 = tl.load(src + hi, mask=turned).to(tl.float32)
-    y1 = _rotated(x1, x2, c1, s1, -1.0, IS_BF16, IS_FP16)
-    y2 = _rotated(x2, x1, c2, s2, 1.0, IS_BF16, IS_FP16)
-    tl.store(dst + lo, y1.to(dst.dtype.element_ty), mask=turned)
-    tl.store(dst + hi, y2.to(dst.dtype.element_ty), mask=turned)
+    if HALF > 0:
+        x1 = tl.load(src + lo, mask=turned).to(tl.float32)
+        x2 = tl.load(src + hi, mask=turned).to(tl.float32)
+        y1 = _rotated(x1, x2, c1, s1, -1.0, IS_BF16, IS_FP16)
+        y2 = _rotated(x2, x1, c2, s2, 1.0, IS_BF16, IS_FP16)
+        tl.store(dst + lo, y1.to(dst.dtype.element_ty), mask=turned)
+        tl.store(dst + hi, y2.to(dst.dtype.element_ty), mask=turned)
     if 2 * HALF < D:
         rest = tl.arange(0, D)[None, :]
         kept = ok & (rest >= 2 * HALF)
@@ -394,6 +401,70 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin:
       k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor, pdl: bool = False,
       rotary_dim: int | None = None) -> torch.Tensor:
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 index: torch.Tensor) -> None:
+    """The two ops ``write_kv`` replaces: ``scatter_(2, index, ·)`` of the keys into ``k_cache`` and of the values
+    into ``v_cache``, in place."""
+    k_cache.scatter_(2, index, k)
+    v_cache.scatter_(2, index, v)
+
+
+def write_kv_unsupported(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         index: torch.Tensor) -> str | None:
+    """Why ``write_kv``'s kernel does not take these operands (None: it does; the op then runs the reference):
+    ``[B, Hkv, N, D]`` keys and values of one dtype of ``ROTARY_DTYPES`` with caches ``[B, Hkv, S, D]`` of it, a
+    head_dim ``rotary_head_dim_unsupported`` takes, a row index (``cache_rows_index``), unit last strides, the
+    kernel device."""
+    if k.dim() != 4 or k.shape != v.shape:
+        return f"keys {tuple(k.shape)}, values {tuple(v.shape)} are not [B, Hkv, N, D] of one shape"
+    b, hkv, _, d = k.shape
+    if len({t.dtype for t in (k, v, k_cache, v_cache)}) != 1 or k.dtype not in ROTARY_DTYPES:
+        return f"dtypes {sorted(str(t.dtype) for t in (k, v, k_cache, v_cache))} (one of bf16/fp16/fp32 for all)"
+    if (k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != b or k_cache.shape[1] != hkv
+            or k_cache.shape[3] != d):
+        return f"caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} for keys {tuple(k.shape)}"
+    why = rotary_head_dim_unsupported(d)
+    if why is not None:
+        return f"head_dim {d}: {why}"
+    if not cache_rows_index(index, 2, k) or index.dtype not in (torch.int64, torch.int32):
+        return f"index {tuple(index.shape)} strides {index.stride()} is not a row index for keys {tuple(k.shape)}"
+    if any(t.stride(3) != 1 for t in (k, v, k_cache, v_cache)):
+        return "a last dimension that is not contiguous"
+    if not all(on_kernel_device(t) for t in (k, v, k_cache, v_cache, index)):
+        return "not on the kernel device"
+    return None
+
+
+@torch.library.custom_op("lowbit::write_kv", mutates_args=("k_cache", "v_cache"))
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor,
+             pdl: bool = False) -> None:
+    """A layer without rotary (GPT-2's learned positions, Bloom's ALiBi, SmolLM3's NoPE layers) writes its keys and
+    values ``[B, Hkv, N, D]`` into the float caches ``[B, Hkv, S, D]`` at the slots a row ``index`` names in one
+    launch: ``_rotary_write_kv`` with no rotary (``HALF`` 0) and no query heads, where two ``scatter_into`` ran a
+    ``_write_rows`` each. The reference (``write_kv_ref``) where ``write_kv_unsupported`` names a reason. A
+    ``custom_op`` for ``rotary_write_kv``'s reason (an opaque op's declared mutation stays in place under
+    ``torch.compile``); ``pdl`` as there."""
+    if write_kv_unsupported(k, v, k_cache, v_cache, index) is not None:
+        write_kv_ref(k, v, k_cache, v_cache, index)
+        return
+    b, hkv, n, d = k.shape
+    on = pdl and not interpreting()
+    rows = min(ROTARY_ROWS, next_pow2(n))
+    # q, cos, sin and the output are never read (HQ 0, HALF 0): k stands in for their pointers and strides 0
+    _rotary_write_kv[(b * cdiv(n, rows), hkv)](
+        k, k, v, k, k, k_cache, v_cache, index, k, n, 0, 0, 0, 0, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), 0, 0, 0, 0, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), index.stride(0), index.stride(2), 0, 0, 0, HALF=0,
+        ROWS=rows, IS_BF16=False, IS_FP16=False, PDL=on, D=d, HALF_BLOCK=1, num_warps=1 if rows == 1 else 4,
+        **({"launch_pdl": True} if on else {}))
+
+
+@write_kv.register_fake
+def _(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor,
+      pdl: bool = False) -> None:
+    return None
 
 
 DECODE_SDPA_CHUNK = 64
