@@ -260,8 +260,8 @@ def tiny_outside_family(family: str, layers: int = 2) -> torch.nn.Module:
     """A random tiny Bloom (ALiBi), GPT-J or Cohere (interleaved rotary), GPT-2 (Conv1D linears, ``addmm``) or
     Falcon (new decoder architecture, 2 KV heads of 4 in a grouped query_key_value): families outside the
     architecture matrix whose capture, quantization and ONNX lowering are checked on their own (vocabulary 128).
-    GPT-NeoX and Phi (partial rotary: 4 and 8 of 16 channels per head, their configs' defaults) in the same small
-    shape, for the decode-step kernels' tests."""
+    GPT-NeoX and Phi (partial rotary: 4 and 8 of 16 channels per head, their configs' defaults) and SmolLM3 (every
+    other layer NoPE: no rotary) in the same small shape, for the decode-step kernels' tests."""
     import transformers as t
 
     small = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -277,7 +277,12 @@ def tiny_outside_family(family: str, layers: int = 2) -> torch.nn.Module:
            "gpt-neox": lambda: t.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                                num_hidden_layers=layers, max_position_embeddings=64, **small),
            "phi": lambda: t.PhiConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                      num_hidden_layers=layers, max_position_embeddings=64, **small)}[family]()
+                                      num_hidden_layers=layers, max_position_embeddings=64, **small),
+           # a rotary layer, then a NoPE one (no_rope_layers: 1 rotary, 0 none), GQA 2 of 4
+           "smollm3": lambda: t.SmolLM3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                              num_key_value_heads=2, num_hidden_layers=layers,
+                                              max_position_embeddings=64, no_rope_layers=([1, 0] * layers)[:layers],
+                                              **small)}[family]()
     torch.manual_seed(0)
     return t.AutoModelForCausalLM.from_config(cfg).eval()
 

@@ -585,12 +585,15 @@ def test_rotary_cache_pattern_leaves_what_it_does_not_cover():
     (``cat((rotary(x[..., :r]), x[..., r:]), -1)``, GPT-NeoX's form, its width ``rotary_dim``); a key QDQ'd between its
     rotary and the write (the kv accuracy model), q and k rotated with different cos/sin or partial widths, a
     partial rotary whose passed-through channels do not start at its width, a cache whose data another node reads,
-    and head_dim 80 or an odd rotary width (refused by ``plan_rotary_cache``, with the reason) do not."""
+    and head_dim 80 or an odd rotary width (refused by ``plan_rotary_cache``, with the reason) do not. The writes
+    alone (``cache_write_pattern``, ``write_kv``'s) match whatever the keys are, but not a cache another node reads;
+    ``plan_cache_write`` refuses head_dim 80 and two dtypes."""
     import sys
 
     import torch.fx
 
-    from lowbit.backends.triton_backend import _kernel_attention, plan_rotary_cache, rotary_cache_pattern
+    from lowbit.backends.triton_backend import (_kernel_attention, cache_write_pattern, plan_cache_write,
+                                                plan_rotary_cache, rotary_cache_pattern)
     from lowbit.ir.graph import TensorType
 
     def rotated(g: torch.fx.Graph, x: torch.fx.Node, cos: torch.fx.Node, sin: torch.fx.Node, width: int | None,
@@ -631,21 +634,33 @@ def test_rotary_cache_pattern_leaves_what_it_does_not_cover():
     assert plan_rotary_cache(bf16, bf16) is None and plan_rotary_cache(bf16, bf16, 16) is None
     assert "head_dim 80" in plan_rotary_cache(bf16, TensorType(torch.bfloat16, (1, 4, 1, 80)))
     assert "rotary_dim 15 of head_dim 64" in plan_rotary_cache(bf16, bf16, 15)
+    # the cache writes alone (write_kv, for a layer the rotary pattern leaves): any source, one index, no other reader
+    for case in ({}, {"qdq": True}, {"other_sin": True}):
+        attn = layer(**case)
+        writes = cache_write_pattern(attn)
+        assert writes is not None and [w.args[0] for w in writes] == list(attn.args[1:3])
+    assert cache_write_pattern(layer(reader=True)) is None
+    assert plan_cache_write(bf16, bf16) is None and plan_cache_write(TensorType(torch.float32, (2, 4, 16, 16)),
+                                                                     TensorType(torch.float32, (2, 4, 16, 16))) is None
+    assert "head_dim 80" in plan_cache_write(*[TensorType(torch.bfloat16, (1, 4, 1, 80))] * 2)
+    assert "dtypes torch.bfloat16, torch.float16" in plan_cache_write(bf16, TensorType(torch.float16, (1, 4, 1, 64)))
 
 
 @needs_kernels
 @pytest.mark.parametrize("family", ["gptj", "cohere"])
 def test_adjacent_pair_rotary_keeps_its_ops_on_the_triton_backend_and_the_report_names_them(family):
     """GPT-J's and Cohere's rotary turns adjacent channel pairs (GPT-J's 8 of 16 channels), which
-    ``rotary_write_kv``'s rotate-half kernel does not: each layer's rotary and cache writes keep their captured ops
-    (no fused node, no IR rotary to fuse), the report says so at each layer's written keys, and greedy tokens of two
-    prompts of different lengths equal the torch reference's (float32: no bf16 near-ties between the two)."""
+    ``rotary_write_kv``'s rotate-half kernel does not: each layer's rotary keeps its captured ops (no fused node, no
+    IR rotary to fuse), its two cache writes one ``write_kv``, the report says so at each layer's written keys, and
+    greedy tokens of two prompts of different lengths equal the torch reference's (float32: no bf16 near-ties between
+    the two)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model, spec, prompts, ref = _sharp_family_reference(family, dev)
     tri = _triton_step(model, None, spec, dev)
     targets = {n.target for n in tri.runner.gm.graph.nodes if n.op == "call_function"}
     assert not targets & {torch.ops.lowbit.rotary_write_kv.default, torch.ops.lowbit.rotary_decode_sdpa.default,
-                          ir_ops.rotary}
+                          ir_ops.rotary, torch.ops.lowbit.scatter_into.default}
+    assert torch.ops.lowbit.write_kv.default in targets and len(tri.runner.report["cache_write"]) == 2
     unfused = tri.runner.report["unfused"]
     assert len(unfused) == 2 and all("no IR rotate-half rotary" in why for why in unfused.values()), unfused
     assert sum("not fused at %" in line for line in tri.runner.report_text().splitlines()) == 2
@@ -655,8 +670,8 @@ def test_adjacent_pair_rotary_keeps_its_ops_on_the_triton_backend_and_the_report
 @needs_kernels
 @pytest.mark.parametrize("family", ["gpt2", "falcon"])
 def test_gpt2_and_falcon_steps_take_only_the_kernels_that_compute_them(family):
-    """GPT-2's step has no rotary (its learned positions are added to the embeddings): each layer's cache writes keep
-    their captured ops, no rotary_write_kv, and the report names the written keys. Falcon's keys, sliced out of its
+    """GPT-2's step has no rotary (its learned positions are added to the embeddings): each layer's cache writes are
+    one write_kv, no rotary_write_kv, and the report names the written keys. Falcon's keys, sliced out of its
     grouped query_key_value (2 KV heads of 4), take a rotate-half rotary, which rotary_write_kv computes: both
     layers fuse. Two prompts of different lengths make the torch reference's greedy tokens with the float and the
     packed int8 cache (float32: no bf16 near-ties between the two)."""
@@ -666,13 +681,66 @@ def test_gpt2_and_falcon_steps_take_only_the_kernels_that_compute_them(family):
     targets = [n.target for n in tri.runner.gm.graph.nodes if n.op == "call_function"]
     unfused, text = tri.runner.report["unfused"], tri.runner.report_text()
     if family == "gpt2":
-        assert not set(targets) & {torch.ops.lowbit.rotary_write_kv.default, ir_ops.rotary}
+        assert not set(targets) & {torch.ops.lowbit.rotary_write_kv.default, ir_ops.rotary,
+                                   torch.ops.lowbit.scatter_into.default}
+        assert targets.count(torch.ops.lowbit.write_kv.default) == 2  # keys and values: one launch per layer
         assert len(unfused) == 2 and all("GPT-2's learned positions" in why for why in unfused.values()), unfused
         assert sum("not fused at %" in line for line in text.splitlines()) == 2
     else:
         assert targets.count(torch.ops.lowbit.rotary_write_kv.default) == 2 and not unfused, unfused
         assert "rotary + k/v cache write fused: 2 layers on rotary_write_kv" in text
     assert tri.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+    packed = _triton_step(model, "kv-cache(bits=8,k_block=8,window=8,v_group=16)", spec, dev)
+    assert list(packed.runner.report["kernels"].values()).count("cache-attention") == 2
+    assert packed.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+
+
+def _cache_writes_per_layer(compiled) -> list[int]:
+    """Per layer of a lowering's FX graph, the nodes writing its float k and v caches (its ``past_key_values_<i>_*``
+    inputs): a ``scatter_into`` is one ``_write_rows`` launch, a ``write_kv``, ``rotary_write_kv`` or
+    ``rotary_decode_sdpa`` one launch for both caches."""
+    writers = {torch.ops.lowbit.scatter_into.default, torch.ops.lowbit.write_kv.default,
+               torch.ops.lowbit.rotary_write_kv.default, torch.ops.lowbit.rotary_decode_sdpa.default}
+    layers: dict[int, set[torch.fx.Node]] = {}
+    for node in compiled.runner.gm.graph.nodes:
+        if node.op == "placeholder" and node.name.startswith("past_key_values_"):
+            layer = int(node.name.split("_")[3])
+            layers.setdefault(layer, set()).update(u for u in node.users if u.target in writers)
+    return [len(layers[i]) for i in sorted(layers)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("family, rotary_layers", [("gpt2", 0), ("bloom", 0), ("smollm3", 1)])
+def test_a_rotary_free_layer_writes_its_keys_and_values_in_one_launch(family, rotary_layers, monkeypatch):
+    """A layer without rotary (GPT-2's learned positions, Bloom's ALiBi, SmolLM3's NoPE second layer) wrote its keys
+    and its values into the float cache with a ``scatter_into`` each (two launches per layer and step; still so with
+    ``rotary_cache=False``); now one ``write_kv`` node per layer, SmolLM3's rotary layer on ``rotary_write_kv``: one
+    cache-write launch per layer, no ``scatter_into`` left, the report counting the layers and saying so at each
+    layer's written keys. Two prompts of different lengths make the torch reference's greedy tokens with the float
+    cache, every ``write_kv`` call running its kernel (a prefill and five decode steps per layer), and with the
+    packed int8 cache (``cache_attention`` writes it, as before); float32: no bf16 near-ties between the two."""
+    from lowbit.kernels import decode_step
+
+    ran: list[str | None] = []
+    unsupported = decode_step.write_kv_unsupported
+    monkeypatch.setattr(decode_step, "write_kv_unsupported", lambda *a: ran.append(unsupported(*a)) or ran[-1])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model, spec, prompts, ref = _sharp_family_reference(family, dev)
+    assert _cache_writes_per_layer(_triton_step(model, None, spec, dev, rotary_cache=False)) == [2, 2]
+    tri = _triton_step(model, None, spec, dev)
+    assert _cache_writes_per_layer(tri) == [1, 1]
+    targets = [n.target for n in tri.runner.gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.lowbit.write_kv.default) == 2 - rotary_layers
+    assert targets.count(torch.ops.lowbit.rotary_write_kv.default) == rotary_layers
+    assert torch.ops.lowbit.scatter_into.default not in targets and ir_ops.rotary not in targets
+    report, text = tri.runner.report, tri.runner.report_text()
+    assert len(report["cache_write"]) == 2 - rotary_layers and len(report["rotary_cache"]) == rotary_layers
+    assert f"k/v cache writes fused: {2 - rotary_layers} layers without a rotary on write_kv" in text, text
+    unfused = report["unfused"]
+    assert len(unfused) == 2 - rotary_layers and all(
+        why.endswith("its ops run as captured, the k/v cache writes as one write_kv") for why in unfused.values())
+    assert tri.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+    assert ran == [None] * (2 - rotary_layers) * 6, ran
     packed = _triton_step(model, "kv-cache(bits=8,k_block=8,window=8,v_group=16)", spec, dev)
     assert list(packed.runner.report["kernels"].values()).count("cache-attention") == 2
     assert packed.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens

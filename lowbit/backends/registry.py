@@ -413,7 +413,9 @@ class TritonBackendOptions(BackendOptions):
     """Each layer's rotary of q and k and the write of its rotated keys and values into a float KV cache run as one
     kernel (``lowbit::rotary_write_kv``, ``lowbit.backends.triton_backend._fuse_rotary_cache``): in the 7B-shaped
     decode step on the H200 they were four launches per layer (21.6 µs per step over 4 layers); ``False`` keeps
-    Inductor's rotary kernels and the row writes (``tools/profile_decode.py --no-rotary-cache``, the A/B)."""
+    Inductor's rotary kernels and the row writes (``tools/profile_decode.py --no-rotary-cache``, the A/B). A layer
+    without rotary (GPT-2, Bloom, a NoPE layer) writes its keys and values in one launch (``lowbit::write_kv``)
+    where two row writes ran."""
 
     @model_validator(mode="after")
     def _read_options(self) -> TritonBackendOptions:

@@ -9,7 +9,9 @@ weight-only nodes get their buffers rewritten once into the decode layout (int32
 node no kernel takes keeps the reference op and ``report`` names it with the reason (shape, dtype, scheme);
 at run time an input the kernel cannot read (a float32 or CPU tensor) also takes the reference — never a wrong
 result. ``torch.compile`` sees through the ops (``torch.library.triton_op``); ``cuda_graphs`` selects
-``mode="reduce-overhead"`` (one CUDA graph per static shape).
+``mode="reduce-overhead"`` (one CUDA graph per static shape). A generation step's rotary and float KV-cache writes
+fuse per layer (``rotary_write_kv``; ``write_kv`` for a layer without rotary), its attention at one query row runs
+``decode_sdpa``, the packed cache's ``cache_attention`` its decode kernel.
 
 Registered in ``lowbit.backends.registry`` (``TritonBackendOptions``: ``compile``, ``cuda_graphs``); the registry
 checks for CUDA (or the interpreter) before the model is loaded.
@@ -35,8 +37,9 @@ from lowbit.ir.ops import hadamard as ir_hadamard
 from lowbit.ir.quant import qlinear
 
 __all__ = ["EPILOGUES", "EPILOGUE_RULES", "FLOAT32_HINT", "KERNEL_FORMS", "NO_CUDA", "TritonCompiled",
-           "TritonUnavailable", "lower", "plan_attention", "plan_cache_attention", "plan_hadamard", "plan_qlinear",
-           "plan_rms_norm_quant", "plan_rotary_cache", "rotary_cache_pattern"]
+           "TritonUnavailable", "cache_write_pattern", "lower", "plan_attention", "plan_cache_attention",
+           "plan_cache_write", "plan_hadamard", "plan_qlinear", "plan_rms_norm_quant", "plan_rotary_cache",
+           "rotary_cache_pattern"]
 
 
 class TritonUnavailable(BackendError, RuntimeError):
@@ -823,23 +826,34 @@ def _rotated_heads(node: Any, reader: torch.fx.Node) -> dict[str, Any] | None:
             "nodes": [node, turned, turned.args[0], rest]}
 
 
+def cache_write_pattern(attn: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """``(k_write, v_write)``: the ``scatter_into(k_cache, 2, index, k)`` and ``scatter_into(v_cache, 2, index, v)``
+    of one index writing the two float caches an attention then reads (``_cache_write``: nothing else reads their
+    data in between), whatever their sources; else None."""
+    attention_ops = (_kernel_attention, _kernel_attention_pdl, ir_ops.attention)
+    if attn.op != "call_function" or attn.target not in attention_ops or len(attn.args) < 3:
+        return None
+    k_cache, v_cache = attn.args[1:3]
+    if not (isinstance(k_cache, torch.fx.Node) and isinstance(v_cache, torch.fx.Node) and k_cache is not v_cache):
+        return None
+    k_write, v_write = _cache_write(k_cache, attn), _cache_write(v_cache, attn)
+    if k_write is None or v_write is None or k_write.args[2] is not v_write.args[2]:
+        return None
+    return k_write, v_write
+
+
 def rotary_cache_pattern(attn: torch.fx.Node) -> dict[str, Any] | None:
     """The nodes of one layer's ``rotary(q) -> attention`` whose caches were written by ``scatter_into(k_cache, 2,
     index, rotary(k))`` and ``scatter_into(v_cache, 2, index, v)`` (one index, one cos/sin and rotary width for q
     and k, each rotary read by its consumer alone; a rotary over the whole head or a partial one's cat,
     ``_rotated_heads``), by role: ``q_rot, k_rot, k_write, v_write`` (nodes), ``q, k`` (their unrotated heads),
     ``rotary_dim`` (None: the whole head) and ``erased`` (the rotaries' nodes, users first); else None."""
-    attention_ops = (_kernel_attention, _kernel_attention_pdl, ir_ops.attention)
-    if attn.op != "call_function" or attn.target not in attention_ops or len(attn.args) < 3:
+    writes = cache_write_pattern(attn)
+    q_heads = _rotated_heads(attn.args[0], attn) if writes is not None else None
+    if writes is None or q_heads is None:
         return None
-    q_rot, k_cache, v_cache = attn.args[:3]
-    q_heads = _rotated_heads(q_rot, attn)
-    if not (q_heads is not None and isinstance(k_cache, torch.fx.Node) and isinstance(v_cache, torch.fx.Node)
-            and k_cache is not v_cache):
-        return None
-    k_write, v_write = _cache_write(k_cache, attn), _cache_write(v_cache, attn)
-    if k_write is None or v_write is None or k_write.args[2] is not v_write.args[2]:
-        return None
+    q_rot = attn.args[0]
+    k_write, v_write = writes
     k_rot = k_write.args[3]
     k_heads = _rotated_heads(k_rot, k_write)
     if k_heads is None or any(k_heads[key] is not q_heads[key] for key in ("cos", "sin")) \
@@ -889,6 +903,45 @@ def plan_rotary_cache(q: TensorType | None, k: TensorType | None, rotary_dim: in
     return None
 
 
+def plan_cache_write(k: TensorType | None, v: TensorType | None) -> str | None:
+    """Why ``write_kv`` does not take a layer's k and v caches of these types (None: it does; the caches, graph
+    inputs, are typed where a written key may not be: Bloom's is a ``getitem`` of a chunk): its kernel's head_dims
+    (``rotary_head_dim_unsupported``) and dtypes (``ROTARY_DTYPES``), one for both."""
+    from lowbit.kernels.decode_step import ROTARY_DTYPES, rotary_head_dim_unsupported
+
+    if k is None or v is None or not k.shape or not isinstance(k.shape[-1], int):
+        return "head_dim unknown at lowering"
+    why = rotary_head_dim_unsupported(int(k.shape[-1]))
+    if why is not None:
+        return f"head_dim {k.shape[-1]}: {why}"
+    if k.dtype != v.dtype or k.dtype not in ROTARY_DTYPES:
+        return f"dtypes {k.dtype}, {v.dtype}: the kernel takes one of bf16/fp16/fp32"
+    return None
+
+
+def _fuse_cache_writes(gm: torch.fx.GraphModule, attn: torch.fx.Node, types: dict[str, TensorType] | None,
+                       report: dict[str, dict[str, str]], pdl: bool) -> bool:
+    """A layer ``rotary_cache_pattern`` leaves (no IR rotary: GPT-2, Bloom, a NoPE layer; or a rotary its kernel
+    does not take, such as GPT-J's): its two float-cache ``scatter_into`` writes (``cache_write_pattern``) become one
+    ``lowbit::write_kv`` node before the attention; whether they did. Why: two ``_write_rows`` launches per layer
+    and step where one copies both rows. A write ``plan_cache_write`` refuses keeps its ops, reported."""
+    writes = cache_write_pattern(attn)
+    if writes is None:
+        return False
+    k_write, v_write = writes
+    why = plan_cache_write(_type_of(k_write.args[0], types), _type_of(v_write.args[0], types))
+    if why is not None:
+        report["unfused"][k_write.name] = f"k/v cache write: {why}"
+        return False
+    with gm.graph.inserting_before(attn):
+        fused = gm.graph.call_function(torch.ops.lowbit.write_kv.default, (
+            k_write.args[3], v_write.args[3], k_write.args[0], v_write.args[0], k_write.args[2], pdl))
+    report["cache_write"][fused.name] = f"cache writes %{k_write.name}, %{v_write.name} (no rotary)"
+    gm.graph.erase_node(k_write)
+    gm.graph.erase_node(v_write)
+    return True
+
+
 def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None,
                        report: dict[str, dict[str, str]], pdl: bool = False) -> None:
     """Each layer's ``rotary(q)``, ``rotary(k)`` (whole heads, or a partial rotary's slices and cat: its width the
@@ -898,17 +951,19 @@ def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | 
     the 7B-shaped stack's 4 layers on the H200, ``profile_decode``); a partial rotary added its slices and cats. A
     decode-sdpa attention takes a whole-head rotary inside its own kernel (``rotary_decode_sdpa``). A packed
     (quantized) cache is written by ``cache_attention`` and a QDQ'd key is no rotary's direct reader: neither
-    matches, both keep their ops. At run time operands the kernel cannot read run the reference."""
+    matches, both keep their rotary ops. A layer this leaves has its two float-cache writes on one ``write_kv``
+    (``_fuse_cache_writes``). At run time operands the kernel cannot read run the reference."""
     for attn in list(gm.graph.nodes):
         found = rotary_cache_pattern(attn)
         if found is None:
-            written_out = _written_out_rotary(attn)
+            written_out = _written_out_rotary(attn)  # (read before the writes it names are replaced)
+            writes = "one write_kv" if _fuse_cache_writes(gm, attn, types, report, pdl) else "two scatters"
             if written_out is not None:
                 report["unfused"][written_out.name] = (
                     f"rotary + k/v cache write: the keys written are %{written_out.name} ({_op_name(written_out)}), no "
                     "IR rotate-half rotary, whole or partial (rotary_write_kv's kernel turns those only): an "
-                    "adjacent-pair rotary (GPT-J, Cohere) or none (a NoPE layer, GPT-2's learned positions); its ops "
-                    "run as captured")
+                    "adjacent-pair rotary (GPT-J, Cohere) or none (a NoPE layer, GPT-2's learned positions, Bloom's "
+                    f"ALiBi); its ops run as captured, the k/v cache writes as {writes}")
             continue
         q_rot, k_rot, k_write, v_write = found["q_rot"], found["k_rot"], found["k_write"], found["v_write"]
         rotary_dim = found["rotary_dim"]
@@ -963,7 +1018,8 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     qlinear its kernel computes (``EPILOGUES``); ``norm_residual``: fold RMSNorms and residual adds into the
     weight-only linears around them (``_fuse_norm_residual``); ``pdl``: weight-only linears as opaque ops whose
     M = 1 GEMV and reduce launch with programmatic dependent launch (``weight_only_linear_pdl``); ``rotary_cache``:
-    each layer's rotary of q and k and its float-cache writes in one ``rotary_write_kv`` (``_fuse_rotary_cache``);
+    each layer's rotary of q and k and its float-cache writes in one ``rotary_write_kv`` (``_fuse_rotary_cache``),
+    a layer without one its two cache writes in one ``write_kv``;
     ``decode``: the graph runs decode steps (a generation step graph), so its attention goes to ``decode_sdpa`` at one
     query row. An encoder or a logits graph never decodes: its attention stays SDPA and the report does not list it
     (it said "decode-sdpa" for MiniLM); ``float_gemv`` (with ``decode``): bf16/fp16 linears on ``float_linear``, whose
@@ -973,7 +1029,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     from lowbit.ir.normquant import qlinear_q, rms_norm_quant
 
     report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}, "unfused": {}, "norm_quant": {},
-                                         "attention": {}, "rotary_cache": {}, "outer": {}}
+                                         "attention": {}, "rotary_cache": {}, "cache_write": {}, "outer": {}}
     kinds = EPILOGUES[epilogues]
     tables: dict[int, torch.fx.Node] = {}
     a8: dict[torch.fx.Node, Plan] = {}
@@ -1187,6 +1243,9 @@ class TritonCompiled(TorchCompiled):
             into = sum("+ attention" in what for what in fused)
             lines.append(f"  rotary + k/v cache write fused: {len(fused)} layers on rotary_write_kv"
                          + (f" ({into} of them inside their decode-sdpa attention at one query row)" if into else ""))
+        if self.report.get("cache_write"):
+            lines.append(f"  k/v cache writes fused: {len(self.report['cache_write'])} layers without a rotary on "
+                         "write_kv (keys and values in one launch)")
         if self.report.get("outer"):
             lines.append(f"  matmul over a contraction of 1 as a broadcast multiply: {len(self.report['outer'])} nodes")
         lines += [f"  not fused at %{name}: {why}" for name, why in self.report["unfused"].items()]
@@ -1211,7 +1270,8 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     ``epilogues``: the activations fused into their linear's kernel (``EPILOGUES``); ``norm_residual``: RMSNorms
     and residual adds fused into the weight-only linears around them; ``pdl``: the weight-only linears' M = 1 GEMV
     and reduce launch with programmatic dependent launch where the GPU has it (``pdl_supported``); ``rotary_cache``:
-    each layer's rotary of q and k and its float KV-cache writes in one kernel; ``float_gemv``: a generation step's
+    each layer's rotary of q and k and its float KV-cache writes in one kernel (a layer without rotary: its k and v
+    writes in one); ``float_gemv``: a generation step's
     bf16/fp16 linears on lowbit's one-row GEMV (``float_linear``) instead of cuBLAS, so they take those fusions too."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():
