@@ -6,7 +6,6 @@ outputs must be equal bit for bit, not close. Shapes: M not a multiple of the ti
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -17,10 +16,9 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install -e '.[dev]' brings it)")
 
-from lowbit.kernels.a8_linear import a8_gemm, a8_gemm_prologue, a8_linear, a8_linear_ref
+from lowbit.kernels.a8_linear import a8_gemm, a8_gemm_prologue, a8_linear_ref
 from lowbit.kernels.act_quant import activation_scales, quantize_activation, quantize_activation_ref
 
-a8mod = importlib.import_module("lowbit.kernels.a8_linear")  # the module (the package re-exports the op by this name)
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERP, reason="CPU runs need TRITON_INTERPRET=1")),
            pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -90,31 +88,6 @@ def test_activation_scales_are_the_quantizes_whole_and_chunked(device, qdtype, g
         _, s = activation_scales(x, qdtype, group)
         assert torch.equal(s, quantize_activation_ref(x, qdtype, group)[1])
         assert torch.equal(s, quantize_activation(x, qdtype, group)[1])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_a8_linear_takes_the_prologue_from_its_threshold_with_the_same_result(device, monkeypatch):
-    """The op's choice (``takes_prologue``) changes which kernels run, never the output."""
-    m0 = a8mod.A8_PROLOGUE_MIN_M
-    assert a8mod.takes_prologue(m0, "int8", "int8", torch.bfloat16)
-    assert a8mod.takes_prologue(m0, "int8", "int8", torch.float16)
-    assert not a8mod.takes_prologue(m0 - 1, "int8", "int8", torch.bfloat16)
-    assert not a8mod.takes_prologue(2048, "int4", "int8", torch.bfloat16)  # W4A8: autotuned, not measured
-    assert not a8mod.takes_prologue(2048, "fp8e4m3", "fp8e4m3", torch.bfloat16)  # fp8 rowwise: _scaled_mm
-    assert not a8mod.takes_prologue(2048, "int8", "int8", torch.float32)  # 4-byte A tiles
-    x = _activation(2 * 19, 256, torch.bfloat16, device, seed=5).reshape(2, 19, 256)
-    q, s, _ = quantized_weight(48, 256, "int8", 0, True, device)
-    seen = []
-    real = a8mod.a8_gemm_prologue
-    monkeypatch.setattr(a8mod, "a8_gemm_prologue", lambda *a, **kw: seen.append(a[0].shape) or real(*a, **kw))
-    for a_group in (0, 64):
-        monkeypatch.setattr(a8mod, "A8_PROLOGUE_MIN_M", 10 ** 9)
-        two = a8_linear(x, q, s, None, None, "int8", 0, "int8", a_group)
-        assert not seen
-        monkeypatch.setattr(a8mod, "A8_PROLOGUE_MIN_M", 38)
-        one = a8_linear(x, q, s, None, None, "int8", 0, "int8", a_group)
-        assert seen.pop() == (38, 256) and one.shape == (2, 19, 48)
-        assert torch.equal(one, two)
 
 
 @pytest.mark.skipif(not INTERP, reason="the interpreter's shapes sweep; the GPU runs the parametrized tests above")

@@ -1,8 +1,7 @@
 """W8A8 / W4A8 (int8 tensor-core dot) and FP8 e4m3 linears with the activation quantization fused in the op.
 
 One op, ``lowbit::a8_linear``, runs two kernels: ``quantize_activation`` (one read of x, codes + scales) and the
-GEMM below (W8A8 from ``A8_PROLOGUE_MIN_M`` tokens: ``activation_scales`` and the GEMM quantizing its own tiles,
-``takes_prologue``), which accumulates exact int32 (or fp32 for fp8) dot products and applies both scales in fp32:
+GEMM below, which accumulates exact int32 (or fp32 for fp8) dot products and applies both scales in fp32:
 
 - per-token activation scale and per-channel weight scale: both in the epilogue (``acc * sa[m] * sw[n]``);
 - per-group scales on either side (``w8a8-g64``: activation groups of 64; ``fp8``: weight and activation groups
@@ -53,10 +52,9 @@ from lowbit.kernels._common import (
     store_epilogue,
     unpack_nibbles,
 )
-from lowbit.kernels.act_quant import QMAX, activation_scales, cuda_reciprocal, quantize_activation, quantize_tile
+from lowbit.kernels.act_quant import QMAX, cuda_reciprocal, quantize_activation, quantize_tile
 
-__all__ = ["A8_PROLOGUE_MIN_M", "FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_gemm_prologue", "a8_linear", "a8_linear_q",
-           "a8_linear_ref", "takes_prologue"]
+__all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_gemm_prologue", "a8_linear", "a8_linear_q", "a8_linear_ref"]
 
 FP8_ROWWISE_SCALED_MM = True
 """FP8 per-token x per-channel through ``torch._scaled_mm`` (set from the H200 side-by-side in kernels.json)."""
@@ -326,25 +324,6 @@ def _a8_launch(a: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_
     return out
 
 
-A8_PROLOGUE_MIN_M = 256
-"""From this many tokens ``a8_linear`` W8A8 takes the prologue path (``takes_prologue``). Not measured yet:
-``tools/bench_a8.py``'s ``w8a8_op_prologue_incl_act_quant`` rows, beside the two-kernel op's, decide it."""
-
-
-def takes_prologue(m: int, w_qdtype: str, a_qdtype: str, x_dtype: torch.dtype) -> bool:
-    """Whether ``a8_linear`` quantizes inside the GEMM (``activation_scales`` + ``a8_gemm_prologue``) instead of
-    ``quantize_activation`` + ``a8_gemm``: int8 weights and activations, bf16/fp16 x, ``m >= A8_PROLOGUE_MIN_M``.
-
-    Why from M = 256: the two-kernel path's quantize reads x, writes the codes and the GEMM reads them back; its
-    cost grows with M (36 µs at 2048 x 11008 on the H200, above what W8A8's 1.6x goal leaves it), while the
-    prologue path re-reads each bf16 A tile once per column tile, twice the bytes of int8, which a GEMM that is
-    compute-bound at these M hides in L2. Below, the GEMM streams its weight and the quantize costs a few µs.
-    Why only int8 weights: W4A8 runs the autotuner over an unpack already on CUDA cores, and fp8 per token goes to
-    ``torch._scaled_mm`` (its block-scaled GEMM takes the prologue too, but is neither measured nor wired)."""
-    return (m >= A8_PROLOGUE_MIN_M and w_qdtype == "int8" and a_qdtype == "int8"
-            and x_dtype in (torch.bfloat16, torch.float16))
-
-
 def _a8_product(xq: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                 w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
                 a_group: int, use_scaled_mm: bool, out_dtype: torch.dtype, epilogue: str = "") -> torch.Tensor:
@@ -365,8 +344,7 @@ def _a8_product(xq: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_sca
 def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor | None,
               bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
               use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM, epilogue: str = "") -> torch.Tensor:
-    """Quantize ``x`` per token (or per ``a_group`` channels) and multiply with the quantized weight (W8A8 at
-    ``A8_PROLOGUE_MIN_M`` tokens and more: the quantization inside the GEMM, ``takes_prologue``).
+    """Quantize ``x`` per token (or per ``a_group`` channels) and multiply with the quantized weight.
 
     ``w_group``/``a_group`` 0 = per channel / per token. fp8 per-token x per-channel goes through
     ``torch._scaled_mm`` when ``use_scaled_mm`` (CUDA only). ``epilogue``: an activation (``silu``, ``gelu``,
@@ -375,14 +353,9 @@ def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_z
     check(w_qdtype in W_QDTYPES, "a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
     check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), "a8_linear",
           f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
-    if takes_prologue(x.numel() // max(x.shape[-1], 1), w_qdtype, a_qdtype, x.dtype):
-        x2, sa = activation_scales(x, a_qdtype, a_group)
-        y = a8_gemm_prologue(x2, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, x.dtype,
-                             epilogue)
-    else:
-        xq, sa = quantize_activation(x, a_qdtype, a_group)
-        y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm,
-                        x.dtype, epilogue)
+    xq, sa = quantize_activation(x, a_qdtype, a_group)
+    y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm, x.dtype,
+                    epilogue)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
