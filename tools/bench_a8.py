@@ -9,17 +9,13 @@ CUDA-graph replays over rotated weight copies (weights cold in L2, ``bench_kerne
 ``F.linear``; ``torch._int_mm`` and ``torch._scaled_mm`` (fp8 rowwise) raw; the GEMM half alone (``a8_gemm``:
 "op launch" = the op's own choice, the autotuner or ``a8_static_config`` from M = 1024) and at each config of
 ``CONFIGS`` (``GROUP_M`` 1 = row-major program order, 8 = grouped); and the op a model calls
-(``torch.ops.lowbit.a8_linear``: activation quantization + that GEMM). W8A8's op is timed on both of its paths
-whatever ``A8_PROLOGUE_MIN_M`` says (``takes_prologue``): ``w8a8_op_incl_act_quant`` = ``quantize_activation`` +
-``a8_gemm`` (the path of every earlier run), ``w8a8_op_prologue_incl_act_quant`` = ``activation_scales`` + the
-GEMM quantizing its own A tiles (``a8_gemm_prologue``), and ``w8a8_act_scales`` that scales pass alone (its own
-copies of x, cold in L2). Rows are merged into ``--out`` under ``--run`` (``results_io.merge_rows``). Needs CUDA.
+(``torch.ops.lowbit.a8_linear``: activation quantization + that GEMM). Rows are merged into ``--out`` under
+``--run`` (``results_io.merge_rows``). Needs CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import importlib
 import sys
@@ -35,7 +31,6 @@ from bench_kernels import copy_bandwidth, measure, qweight
 from results_io import machine, merge_rows, versions
 
 from lowbit.kernels import quantize_activation
-from lowbit.kernels.act_quant import activation_scales
 
 a8mod = importlib.import_module("lowbit.kernels.a8_linear")  # the module (the package re-exports the op by this name)
 
@@ -71,23 +66,6 @@ def a8_call(xq, xs, q, s, wq: str, wg: int, ag: int, cfg: tuple | None):
         tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "SUBK": sub, "num_warps": w,
                 "num_stages": st}
     return lambda: a8mod.a8_gemm(xq, xs, q, s, None, None, wq, wg, ag, torch.bfloat16, config=tile)
-
-
-@contextlib.contextmanager
-def prologue_from(m: int):
-    """``a8_linear``'s W8A8 prologue path from ``m`` tokens while inside (0: always, ``sys.maxsize``: never): the
-    op decides per call, so the timed calls (and the CUDA graph captured from them) take the path chosen here."""
-    old = a8mod.A8_PROLOGUE_MIN_M
-    a8mod.A8_PROLOGUE_MIN_M = m
-    try:
-        yield
-    finally:
-        a8mod.A8_PROLOGUE_MIN_M = old
-
-
-OP_PATHS = {"w8a8": (("op_incl_act_quant", sys.maxsize, "quantize+gemm"),
-                     ("op_prologue_incl_act_quant", 0, "scales+prologue gemm"))}
-"""Scheme -> (row kind, ``prologue_from`` tokens, path) for each path of the op timed; other schemes have one."""
 
 
 def bench_shape(m: int, k: int, n: int, common: dict, deadline: float, sweep: bool = True) -> list[dict]:
@@ -149,16 +127,8 @@ def bench_shape(m: int, k: int, n: int, common: dict, deadline: float, sweep: bo
             def op(scaled_mm=scaled_mm):
                 q, s = qweight(n, k, wq, wg, True)[:2]
                 return lambda: torch.ops.lowbit.a8_linear(x, q, s, None, None, wq, wg, aq, ag, scaled_mm)
-            for kind, from_m, path in OP_PATHS.get(scheme, (("op_incl_act_quant", None, None),)):
-                with prologue_from(a8mod.A8_PROLOGUE_MIN_M if from_m is None else from_m):
-                    t = measure(op, n * k)
-                add(f"{scheme}_{kind}", t, base, gemm="torch._scaled_mm" if scaled_mm else "triton",
-                    **({"path": path} if path else {}))
-        if scheme == "w8a8":
-            def scales():
-                xc = x.clone()
-                return lambda: activation_scales(xc, aq, ag)
-            add("w8a8_act_scales", measure(scales, 2 * m * k), None)
+            add(f"{scheme}_op_incl_act_quant", measure(op, n * k), base,
+                gemm="torch._scaled_mm" if scaled_mm else "triton")
     return rows
 
 
