@@ -13,12 +13,6 @@ band reads stay in L2; from M = ``A8_STATIC_MIN_M`` the tile is ``a8_static_conf
 per-channel scales at ``A8_MID_M`` rows ``a8_mid_config`` (both measured), elsewhere the autotuner's pick from
 ``_configs``.
 
-``a8_gemm_prologue`` is the same kernel with ``A_QUANT``: it reads the bf16/fp16 activation and quantizes each A
-tile in its K loop (``act_quant.quantize_tile``: the quantize kernel's division and rounding) with scales from a
-read-only pass (``activation_scales``), so the codes never go to memory; its output is the two-kernel path's bit
-for bit at the same tile. The cost moves, it does not vanish: each A tile is loaded (2 bytes an element, not 1)
-and quantized once per column tile, ``N / BLOCK_N`` times over (32 at N = 4096 with 128-wide tiles).
-
 Weights are lowbit's stored form: int8 ``[N, K]`` (symmetric), int4 packed ``[N, K/2]`` unpacked to int8 in
 registers (an int4 zero point is subtracted there: ``q - zp`` stays in [-15, 15]), float8_e4m3fn ``[N, K]``.
 ``[N, K]`` K-contiguous is the K-major B operand Hopper's int8/fp8 wgmma needs, so no repack either.
@@ -52,9 +46,9 @@ from lowbit.kernels._common import (
     store_epilogue,
     unpack_nibbles,
 )
-from lowbit.kernels.act_quant import QMAX, cuda_reciprocal, quantize_activation, quantize_tile
+from lowbit.kernels.act_quant import quantize_activation
 
-__all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_gemm_prologue", "a8_linear", "a8_linear_q", "a8_linear_ref"]
+__all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_linear", "a8_linear_q", "a8_linear_ref"]
 
 FP8_ROWWISE_SCALED_MM = True
 """FP8 per-token x per-channel through ``torch._scaled_mm`` (set from the H200 side-by-side in kernels.json)."""
@@ -102,11 +96,7 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
                A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                ACT: tl.constexpr = 0, GATED: tl.constexpr = False, GROUP_M: tl.constexpr = 1,
-               SUBK: tl.constexpr = 1, A_QUANT: tl.constexpr = False, A_QMAX: tl.constexpr = 127.0,
-               RCP: tl.constexpr = 0.0):
-    """``A_QUANT``: ``a_ptr`` holds the bf16/fp16 activation and ``sa_ptr`` its scales (``activation_scales``);
-    each A tile is quantized in the K loop (``quantize_tile``, ``A_QMAX`` and ``RCP`` as in
-    ``quantize_activation``) before its dot: the codes, so the result, are those of the two-kernel path."""
+               SUBK: tl.constexpr = 1):
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -118,8 +108,6 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    if A_QUANT and A_GROUP == 0:  # 1, not 0, past M: 0 / 0 would be a NaN code
-        sa_token = tl.load(sa_ptr + offs_m * ssam, mask=m_ok, other=1.0)
     for k_step in range(0, K, BLOCK_K * SUBK):
         for sub in tl.static_range(SUBK):  # SUBK scale groups per loop step: independent dots, one loop overhead
             k0 = k_step + sub * BLOCK_K
@@ -130,12 +118,6 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(a_ptr + offs_m[:, None] * sam + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :],
                         other=0.0)
-            if A_QUANT:  # BLOCK_K <= A_GROUP: one scale per row in this step
-                if A_GROUP > 0:
-                    sa_step = tl.load(sa_ptr + offs_m * ssam + k0 // A_GROUP, mask=m_ok & (k0 < K), other=1.0)
-                else:
-                    sa_step = sa_token
-                a = quantize_tile(a, sa_step, A_QMAX, RCP, IS_FP8)
             if W_PACKED:  # int4 -> int8 in registers, interleaved to K order (even/odd halves measured slower)
                 offs_c = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 b = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :],
@@ -256,7 +238,7 @@ def _prune(configs, named_args, **kw):
 
 
 _a8_kernel_tuned = triton.autotune(configs=_configs(), key=["M_KEY", "N", "K", "A_GROUP", "W_GROUP", "W_PACKED",
-                                                            "IS_FP8", "ACT", "GATED", "A_QUANT"],
+                                                            "IS_FP8", "ACT", "GATED"],
                                    prune_configs_by={"early_config_prune": _prune}, warmup=5, rep=20)(_a8_kernel)
 
 
@@ -267,60 +249,33 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
     ``epilogue`` (``parse_epilogue``) applied in the store (gated: the output is ``N / 2`` wide). ``config``: a
     tile to launch instead of the op's own choice (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, ``SUBK``,
     ``num_warps``, ``num_stages``; ``tools/bench_a8.py``'s sweep)."""
-    is_fp8 = w_qdtype == "fp8e4m3"
-    check(not is_fp8 or xq.dtype == torch.float8_e4m3fn, "a8_linear", "fp8 weights need fp8 activations")
-    check(is_fp8 or xq.dtype == torch.int8, "a8_linear", f"{w_qdtype} weights need int8 activations")
-    return _a8_launch(xq, x_scale, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, out_dtype,
-                      epilogue, config, {"A_QUANT": False, "A_QMAX": 127.0, "RCP": 0.0})
-
-
-def a8_gemm_prologue(x: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-                     w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
-                     a_group: int, out_dtype: torch.dtype, epilogue: str = "", config: dict | None = None
-                     ) -> torch.Tensor:
-    """``a8_gemm`` on the unquantized activation ``x [M, K]`` (bf16/fp16 rows) and its scales from
-    ``activation_scales``: the kernel quantizes each A tile in its K loop (int8 for integer weights, e4m3 for fp8
-    ones) as ``quantize_activation`` would, so the output is ``a8_gemm(*quantize_activation(x), ...)``'s bit for
-    bit at the same tile; the codes never go to memory."""
-    check(x.dtype in (torch.bfloat16, torch.float16), "a8_linear",
-          f"the prologue-quantizing GEMM reads bf16/fp16 activations, got {x.dtype} {tuple(x.shape)}")
-    a_qdtype = "fp8e4m3" if w_qdtype == "fp8e4m3" else "int8"
-    quant = {"A_QUANT": True, "A_QMAX": QMAX[a_qdtype], "RCP": cuda_reciprocal(QMAX[a_qdtype]) if x.is_cuda else 0.0}
-    return _a8_launch(x, x_scale, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, out_dtype,
-                      epilogue, config, quant)
-
-
-def _a8_launch(a: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-               w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
-               a_group: int, out_dtype: torch.dtype, epilogue: str, config: dict | None, quant: dict
-               ) -> torch.Tensor:
-    """Launch ``_a8_kernel`` on ``a`` (codes, or the activation when ``quant["A_QUANT"]``) at ``config`` or the
-    op's own tile (``_fixed_tile``, else the autotuner)."""
-    m, k = a.shape
+    m, k = xq.shape
     n = qweight.shape[0]
     act, gated = parse_epilogue(epilogue, "a8_linear")
     check(not gated or n % 2 == 0, "a8_linear", f"a gated epilogue needs an even N (gate, up pairs), got N={n}")
     packed, signed = W_QDTYPES[w_qdtype]
+    is_fp8 = w_qdtype == "fp8e4m3"
+    check(not is_fp8 or xq.dtype == torch.float8_e4m3fn, "a8_linear", "fp8 weights need fp8 activations")
+    check(is_fp8 or xq.dtype == torch.int8, "a8_linear", f"{w_qdtype} weights need int8 activations")
     check(w_zero_point is None or packed, "a8_linear", "an int8 weight zero point can leave int8 range: use the "
           "reference")
     groups = [g for g in (a_group, w_group) if g]
     check(all(is_pow2(g) and g >= 32 for g in groups), "a8_linear", f"groups {groups} must be powers of two >= 32")
-    out = torch.empty((m, n // 2 if gated else n), device=a.device, dtype=out_dtype)
+    out = torch.empty((m, n // 2 if gated else n), device=xq.device, dtype=out_dtype)
     wz = w_zero_point if w_zero_point is not None else w_scale
     b = bias if bias is not None else w_scale
-    args = (a, x_scale, qweight, w_scale, wz, b, out, m, n, k, m_bucket(m), a.stride(0), x_scale.stride(0),
+    args = (xq, x_scale, qweight, w_scale, wz, b, out, m, n, k, m_bucket(m), xq.stride(0), x_scale.stride(0),
             qweight.stride(0), w_scale.stride(0), out.stride(0))
-    meta = {"W_PACKED": packed, "W_SIGNED": signed, "HAS_WZ": w_zero_point is not None,
-            "IS_FP8": w_qdtype == "fp8e4m3", "A_GROUP": a_group, "W_GROUP": w_group, "HAS_BIAS": bias is not None,
-            "ACT": act, "GATED": gated, **quant}
+    meta = {"W_PACKED": packed, "W_SIGNED": signed, "HAS_WZ": w_zero_point is not None, "IS_FP8": is_fp8,
+                "A_GROUP": a_group, "W_GROUP": w_group, "HAS_BIAS": bias is not None, "ACT": act, "GATED": gated}
     cfg = config if config is not None else _fixed_tile(m, n, packed, groups)
     if cfg is not None:
         grid = (cdiv(n, cfg["BLOCK_N"]) * cdiv(m, cfg["BLOCK_M"]),)
-        launcher(a, _a8_kernel)[grid](*args, **meta, **cfg)
+        launcher(xq, _a8_kernel)[grid](*args, **meta, **cfg)
     else:
         def grid(meta):
             return (cdiv(n, meta["BLOCK_N"]) * cdiv(m, meta["BLOCK_M"]),)
-        launcher(a, _a8_kernel_tuned)[grid](*args, **meta)
+        launcher(xq, _a8_kernel_tuned)[grid](*args, **meta)
     return out
 
 

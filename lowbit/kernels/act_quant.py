@@ -25,9 +25,8 @@ from lowbit.kernels._common import (
     round_to_e4m3,
 )
 
-__all__ = ["QMAX", "activation_scales", "cuda_reciprocal", "divide_exact", "quantize_activation",
-           "quantize_activation_ref", "quantize_store_row", "quantize_tile", "quantized_codes", "row_quant_setup",
-           "row_scale"]
+__all__ = ["QMAX", "cuda_reciprocal", "divide_exact", "quantize_activation", "quantize_activation_ref",
+           "quantize_store_row", "row_quant_setup", "row_scale"]
 
 QMAX = {"int8": 127.0, "fp8e4m3": 448.0}
 ACT_QUANT_WHOLE_ROW = 4096
@@ -111,28 +110,13 @@ def row_scale(amax, QMAX: tl.constexpr, RCP: tl.constexpr):
 
 
 @triton.jit
-def quantized_codes(y, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
-    """``y = x / scale`` rounded to the code (int8: half to even, clamped; fp8: clamped, RTNE cast): the one
-    rounding every quantizing kernel shares, so their codes are the reference's and each other's."""
+def _store_codes(y, ptrs, ok, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
+    """``y = x / scale`` rounded to the code (int8: half to even, clamped; fp8: clamped, RTNE cast) and stored."""
     if IS_FP8:
         q = round_to_e4m3(tl.clamp(y, -QMAX, QMAX)).to(tl.float8e4nv)
     else:
         q = tl.clamp(round_half_even(y), -128.0, 127.0).to(tl.int8)
-    return q
-
-
-@triton.jit
-def _store_codes(y, ptrs, ok, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
-    """``quantized_codes(y)`` stored."""
-    tl.store(ptrs, quantized_codes(y, QMAX, IS_FP8), mask=ok)
-
-
-@triton.jit
-def quantize_tile(a, scale, QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr):
-    """Codes of an activation tile ``a [BLOCK_M, BLOCK_K]`` (bf16/fp16, 0 where masked) with one scale per row
-    ``scale [BLOCK_M]`` (its token's, or its group's when the tile lies in one group): the A8 GEMM's prologue
-    (``a8_linear._a8_kernel`` with ``A_QUANT``), the same division and rounding as ``quantize_activation``."""
-    return quantized_codes(divide_exact(a.to(tl.float32), scale[:, None], RCP), QMAX, IS_FP8)
+    tl.store(ptrs, q, mask=ok)
 
 
 @triton.jit
@@ -167,29 +151,6 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, sxm, sqm, ssm,
             _store_codes(divide_exact(x, s, RCP), q_ptr + row * sqm + c + offs, ok, QMAX, IS_FP8)
 
 
-@triton.jit
-def _act_scale_kernel(x_ptr, s_ptr, K, sxm, ssm, QMAX: tl.constexpr, RCP: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    """One row per program, read once in ``BLOCK_K``-wide chunks: its scale (the running elementwise max, reduced
-    at the end: max is exact, so the same amax as ``_act_quant_kernel``'s) or, per group, each chunk's groups'
-    scales. No codes: the A8 GEMM quantizes its tiles with these (``quantize_tile``)."""
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_K)
-    if GROUP == 0:
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for c in range(0, K, BLOCK_K):
-            x = tl.load(x_ptr + row * sxm + c + offs, mask=offs < K - c, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        tl.store(s_ptr + row * ssm, row_scale(tl.max(amax, axis=0), QMAX, RCP))
-    else:
-        NG: tl.constexpr = BLOCK_K // GROUP
-        offs_g = tl.arange(0, NG)
-        for c in range(0, K, BLOCK_K):
-            x = tl.load(x_ptr + row * sxm + c + offs, mask=offs < K - c, other=0.0).to(tl.float32)
-            s = row_scale(tl.max(tl.abs(tl.reshape(x, (NG, GROUP))), axis=1), QMAX, RCP)
-            tl.store(s_ptr + row * ssm + c // GROUP + offs_g, s, mask=offs_g * GROUP < K - c)
-
-
 def row_quant_setup(x: torch.Tensor, qdtype: str, group_size: int, op: str
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """What a kernel quantizing one row per program (``quantize_store_row``) needs: ``x`` as contiguous rows
@@ -222,24 +183,3 @@ def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[
     launcher(x2, _act_quant_kernel)[(x2.shape[0],)](x2, q, s, x2.shape[1], x2.stride(0), q.stride(0), s.stride(0),
                                                    **meta)
     return q, s
-
-
-def activation_scales(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` as contiguous rows ``[M, K]`` and its fp32 scales ``[M, K/g or 1]``, bit-identical to
-    ``quantize_activation``'s, without the codes: one read of ``x`` (against a read, a second one from L2 and the
-    codes written for the quantize), for the A8 GEMM that quantizes its tiles in its K loop (``a8_linear``'s
-    prologue path). Not an op of its own: ``a8_linear`` calls it inside its own."""
-    op = "activation_scales"
-    check(qdtype in QMAX, op, f"qdtype {qdtype!r} is not int8 or fp8e4m3")
-    k = x.shape[-1]
-    check(group_size == 0 or k % group_size == 0, op, f"K={k} is not a multiple of {group_size}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    s = torch.empty((x2.shape[0], k // group_size if group_size else 1), device=x.device, dtype=torch.float32)
-    block = max(min(next_pow2(k), ACT_QUANT_CHUNK), group_size)
-    launcher(x2, _act_scale_kernel)[(x2.shape[0],)](
-        x2, s, k, x2.stride(0), s.stride(0), QMAX=QMAX[qdtype],
-        RCP=cuda_reciprocal(QMAX[qdtype]) if x.is_cuda else 0.0, GROUP=group_size, BLOCK_K=block,
-        num_warps=ACT_QUANT_CHUNK_WARPS if block >= ACT_QUANT_CHUNK else 4)
-    return x2, s
