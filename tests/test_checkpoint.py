@@ -1576,15 +1576,49 @@ def test_a_saved_minilm_keeps_the_pooler_its_sentence_embedding_never_reads(mini
 
 
 @pytest.mark.parametrize("fmt, pipeline", [("hf", None), ("compressed-tensors", "quantize(w=int8)")])
+def test_a_lowbit_checkpoint_keeps_the_source_pooler_for_a_later_hf_save(minilm, tmp_path, fmt, pipeline):
+    """The lowbit format stored the graph's tensors only, so an HF save of its reload had no pooler to write and
+    transformers loaded a random one (a warning said so). It stores them beside the graph's (source-unread.safetensors,
+    listed as copied_from_source), so the reload's HF save writes the source's pooler bit for bit, without a
+    warning; a file that does not hold what the manifest lists is refused by name."""
+    from lowbit.checkpoint.hf import MissingTensorsWarning
+
+    embedder, tok = minilm
+    source = embedder.encoder
+    c = lowbit.compile_model(embedder, tokenizer=tok, pipeline=pipeline)
+    saved = lowbit.save(c, tmp_path / "lowbit", format="lowbit")
+    assert json.loads((saved / "lowbit-manifest.json").read_text())["lowbit"]["copied_from_source"] == POOLER
+    reloaded = lowbit.load(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingTensorsWarning)
+        out = lowbit.save(reloaded, tmp_path / fmt, format=fmt)
+    lb = json.loads((out / "lowbit-manifest.json").read_text())["lowbit"]
+    assert (lb["copied_from_source"], lb["not_in_graph"]) == (POOLER, [])
+    stored = _pooler_tensors(out)
+    assert sorted(stored) == POOLER and all(torch.equal(t, source.state_dict()[k]) for k, t in stored.items())
+    enc = tok(["the cat sat on the mat", "hi"], padding=True, return_tensors="pt")
+    assert torch.equal(lowbit.load(out)(**enc), c(**enc))
+    # the manifest listing a tensor the file does not hold: refused, naming the file
+    manifest = json.loads((saved / "lowbit-manifest.json").read_text())
+    manifest["lowbit"]["copied_from_source"] = POOLER[:1]
+    (saved / "lowbit-manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"source-unread\.safetensors: holds .*copied_from_source"):
+        lowbit.load(saved)
+
+
+@pytest.mark.parametrize("fmt, pipeline", [("hf", None), ("compressed-tensors", "quantize(w=int8)")])
 def test_a_save_with_no_source_pooler_warns_that_transformers_randomises_it(minilm, tmp_path, fmt, pipeline):
-    """A lowbit-format checkpoint stores the graph's tensors only, so its reload has no pooler to write: the HF save
-    warns, naming the tensors and that transformers initialises them at random, and lists them as not_in_graph.
-    Reloading that checkpoint makes a pooler up (compressed-tensors: zeros; hf: transformers' random one), which a
-    further save must not write as the source's: it warns again."""
+    """A graph with no record of the source's unread tensors (here dropped, as a graph captured by hand or a lowbit
+    checkpoint written before they were stored has none) has no pooler to write: the HF save warns, naming the
+    tensors and that transformers initialises them at random, and lists them as not_in_graph. Reloading that
+    checkpoint makes a pooler up (compressed-tensors: zeros; hf: transformers' random one), which a further save
+    must not write as the source's: it warns again."""
+    from lowbit.api import UNREAD_TENSORS
     from lowbit.checkpoint.hf import MissingTensorsWarning
 
     embedder, tok = minilm
     c = lowbit.compile_model(embedder, tokenizer=tok, pipeline=pipeline)
+    c.graph.meta["source"].pop(UNREAD_TENSORS)
     reloaded = lowbit.load(lowbit.save(c, tmp_path / "lowbit", format="lowbit"))
     with pytest.warns(MissingTensorsWarning, match=r"has no pooler\.dense\.bias, pooler\.dense\.weight, .*"
                                                    r"lowbit-format checkpoint.*initialise them at random"):

@@ -54,6 +54,10 @@ __all__ = ["save", "load", "FORMATS", "CheckpointError", "GenerationMeta", "Prun
 KINDS = ("causal-lm", "encoder")
 IR_FILE = "model.lowbit"
 PARAMS_FILE = "params.safetensors"
+SOURCE_UNREAD_FILE = "source-unread.safetensors"
+"""The lowbit format's copy of the source model's tensors the captured forward never reads (BERT's pooler under a
+sentence embedder; ``lowbit.api.UNREAD_TENSORS``): without it, an HF save of a reloaded lowbit checkpoint had no
+pooler to write and transformers loaded a random one."""
 
 
 def _graph_and_tokenizer(compiled: Any) -> tuple[Any, Any]:
@@ -190,6 +194,10 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any, config: Any = None
     write_safetensors({n: v.data for n, v in graph.params.items()}, directory / PARAMS_FILE)  # none empty: refused
     src = graph.meta.get("source") or {}
     info: dict[str, Any] = {"format": "lowbit", "kind": kind or src.get("kind")}
+    unread = _source_unread(graph)
+    if unread:
+        write_safetensors(unread, directory / SOURCE_UNREAD_FILE)
+        info["copied_from_source"] = sorted(unread)
     config = _pruned_source_config(config if config is not None else src.get("config"), graph.meta.get("pruned"))
     if config is not None:
         d = shareable_config(config.to_dict())
@@ -220,6 +228,15 @@ def _save_lowbit(graph: Any, directory: Path, tokenizer: Any, config: Any = None
             f"graph.meta['generation'].{field}: {msg} (the lowbit format stores only the fields GenerationMeta knows)"))
         info["generation"] = meta.model_dump(exclude_none=True)
     return info
+
+
+def _source_unread(graph: Any) -> dict[str, torch.Tensor]:
+    """The recorded source tensors the graph never reads, those a lowbit checkpoint can store: a name the graph
+    also declares as a parameter would shadow it on reload, so it is left to the graph's copy."""
+    from lowbit.api import UNREAD_TENSORS
+
+    recorded = (graph.meta.get("source") or {}).get(UNREAD_TENSORS) or {}
+    return {name: t for name, t in recorded.items() if name not in graph.params and t.device.type != "meta"}
 
 
 class _KVLayout(BaseModel):
@@ -572,6 +589,24 @@ def _recompute_rope_switch(generation: dict[str, Any], graph: Any, config: Any, 
                               "Compile and save the model again with this lowbit")
 
 
+def _load_source_unread(directory: Path, manifest: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """``{UNREAD_TENSORS: ...}`` from the checkpoint's ``SOURCE_UNREAD_FILE`` (none written: ``{}``); the file must
+    hold exactly the tensors the manifest's ``copied_from_source`` lists."""
+    from lowbit.api import UNREAD_TENSORS
+    from lowbit.checkpoint.files import check_listed, read_safetensors
+
+    listed = info.get("copied_from_source") or []
+    path = directory / SOURCE_UNREAD_FILE
+    if not listed and not path.exists():
+        return {}
+    check_listed(directory, manifest, SOURCE_UNREAD_FILE)
+    tensors = read_safetensors(path)
+    if sorted(tensors) != sorted(listed):
+        raise CheckpointError(f"{path}: holds {sorted(tensors)[:5]}, the manifest's 'lowbit.copied_from_source' "
+                              f"lists {sorted(listed)[:5]} (the files of two checkpoints mixed?)")
+    return {UNREAD_TENSORS: tensors}
+
+
 def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any, Any]:
     from lowbit.checkpoint.files import check_listed, read_safetensors
 
@@ -601,6 +636,7 @@ def _load_lowbit(directory: Path, manifest: dict[str, Any] | None) -> tuple[Any,
         src: dict[str, Any] = {"kind": info["kind"], "config": config}
         if info.get("max_seq_length") is not None:
             src["max_seq_length"] = info["max_seq_length"]
+        src.update(_load_source_unread(directory, manifest, info))
         graph.meta["source"] = src
     if info.get("pruned") is not None:
         graph.meta["pruned"] = validated_meta(PrunedMeta, info["pruned"], f"{directory}: manifest 'lowbit.pruned'")
