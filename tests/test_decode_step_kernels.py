@@ -142,7 +142,7 @@ def test_decode_sdpa_adds_an_additive_mask_per_head(device, b, hq, hkv, s, d, po
     first = torch.arange(s).view(1, 1, 1, -1) <= max(3, min(pos))  # one mask for every sequence
     for mask in (torch.where(causal, alibi, float("-inf")), torch.where(causal, ramp, float("-inf")),
                  torch.where(first, alibi, float("-inf"))):
-        assert decode_sdpa_supported(q, k, v, mask) is None
+        assert decode_sdpa_supported(q.to(device), k.to(device), v.to(device), mask.to(device)) is None
         ref = decode_sdpa_ref(q.float(), k.float(), v.float(), mask.float(), None, hq != hkv)
         got = decode_sdpa(q.to(device), k.to(device), v.to(device), mask.to(device), None, hq != hkv).cpu()
         assert got.shape == ref.shape and got.dtype == dtype
