@@ -10,6 +10,8 @@ scored on the same windows, so ``ratio = value / float_value`` compares like wit
         --recover-eval-every 100 --recover-match "blocks 8-20" --out $OUT/pruning_recover.json   # GPU recovery
     python tools/bench_pruning.py --pruned-speed --speed-budget 70 --out $OUT/pruned_speed.json   # GPU speed
     TRITON_INTERPRET=1 python tools/bench_pruning.py --pruned-speed --smoke --out /tmp/s.json    # its CPU check
+    python tools/bench_pruning.py --pruned-speed --speed-model smollm2 --speed-budget 140 --out $OUT/p.json  # SmolLM2
+    TRITON_INTERPRET=1 python tools/bench_pruning.py --pruned-speed --speed-model smollm2 --smoke --out /tmp/s.json
 
 Rows are merged into the results file by (model, scheme, method, variant, eval, device). ``scheme`` follows
 ../shared/RESULTS.md (``2:4``, ``unstructured-50``, ``structured-20``, ``2:4+w4a16``); structured rows carry the
@@ -32,6 +34,13 @@ still apply); ``--speed-heads 0`` is the MLP-only cut (11008 -> 7680). Rows: are
 (or ``pruned-speed-20``; another ``--speed-heads`` than the default names its groups, ``-heads8of32-mlp``, and
 ``--speed-tag T`` appends ``-T``, so a repeat keeps its own unpruned baseline beside the first run's), keyed by phase
 and batch.
+
+``--speed-model smollm2``: the same measurement on the real SmolLM2-135M (bf16), unpruned against the heads + MLP
+accuracy row (``SMOLLM2_SPEED_ROW``: MLP 1536 -> 1216 everywhere, 16 of 90 kv groups where the global OBS ranking puts
+them), pruned once by that row's pipeline on a step graph captured for the largest phase, which every (scheme, phase)
+compiles a copy of; schemes float-bf16 and w4a16-g64 (64 divides 1216). Rows: area
+``pruned-speed-20-heads-mlp-smollm2``, per-layer ``kv_heads`` and ``mlp_width`` in each. Its ``--smoke`` runs 2 blocks
+under the Triton interpreter (tests/test_bench_pruned_speed.py).
 
 2:4 speed on the GPU (issue 21 item 3: semi-structured sparse tensors against dense bf16, one run)::
 
@@ -65,8 +74,10 @@ from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.calibration.memory import PeakRss
 from lowbit.eval import EVALS, perplexity
 from lowbit.ir.capture import capture
+from lowbit.ir.graph import Graph
 from lowbit.models import load_model
-from lowbit.passes.manager import PassManager
+from lowbit.passes.base import Pass
+from lowbit.passes.manager import Instrument, PassManager, PassRecord, parse_pipeline
 
 CALIB_TEXT = "wikitext2-valid-calib"
 """The shipped calibration excerpt: every calibrating row's text and the recovery's by default."""
@@ -376,6 +387,38 @@ def speed_prune_pipeline(cfg, groups: int, removed: int, multiple: int, calib_le
         f"prune-mlp(ratio={removed / cfg.intermediate_size:.6f},multiple={multiple},{cal})" if removed else "") if p)
 
 
+def _timed_row(cm, row: dict, what: str, batch: int, vocab: int, prompt: int, new: int, pre_len: int,
+               measured: dict[tuple, dict], scheme: str, pruned: bool, repeats: int = 3) -> dict:
+    """``row`` with the phase's timing of ``cm`` (decode ms/step of ``new`` tokens after a ``prompt``-token prompt,
+    or the median 1 x ``pre_len`` prefill of ``repeats``) and, in a pruned row, the unpruned row's time and the
+    speedup; an exception becomes the row's ``error``. Unpruned rows are recorded in ``measured`` by (scheme, phase,
+    batch)."""
+    try:
+        if what == "decode":
+            ids = torch.randint(3, vocab, (batch, prompt))
+            cm.generate(ids, min(8, new), stop_tokens=())
+            o = cm.generate(ids, new, stop_tokens=())
+            ms = o.decode_seconds * 1000 / o.decode_steps
+            row.update(ms_per_step=round(ms, 3), tokens_per_s=round(batch * 1000 / ms, 1), prompt=prompt,
+                       new_tokens=new)
+        else:
+            ids = torch.randint(3, vocab, (1, pre_len))
+            cm.generate(ids, 1, stop_tokens=())
+            ts = sorted(cm.generate(ids, 1, stop_tokens=()).prefill_seconds for _ in range(repeats))
+            row.update(prefill_ms=round(ts[len(ts) // 2] * 1000, 2), prompt=pre_len)
+        key = (scheme, what, batch)
+        if not pruned:
+            measured[key] = row
+        elif key in measured:
+            ref = measured[key]
+            k = "ms_per_step" if what == "decode" else "prefill_ms"
+            row["unpruned_" + k] = ref[k]
+            row["speedup"] = round(ref[k] / row[k], 3)
+    except Exception as exc:  # noqa: BLE001 - one failing configuration must not end the run
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return row
+
+
 def pruned_speed(args: argparse.Namespace) -> None:
     """Prefill and decode of the 7B-shaped 4-layer Llama, unpruned vs 20% of its blocks' params removed by
     ``prune-mlp``, float bf16 and W4A16 on backend="triton", one run (rows with speedups)."""
@@ -476,30 +519,189 @@ def pruned_speed(args: argparse.Namespace) -> None:
                     continue
                 for b in bs:
                     row = {**tag, "batch": b, "phase": what, "compile_s": round(compile_s, 1), "kernels": kernels}
-                    try:
-                        if what == "decode":
-                            ids = torch.randint(3, cfg.vocab_size, (b, prompt))
-                            cm.generate(ids, min(8, new), stop_tokens=())
-                            o = cm.generate(ids, new, stop_tokens=())
-                            ms = o.decode_seconds * 1000 / o.decode_steps
-                            row.update(ms_per_step=round(ms, 3), tokens_per_s=round(b * 1000 / ms, 1),
-                                       prompt=prompt, new_tokens=new)
-                        else:
-                            ids = torch.randint(3, cfg.vocab_size, (1, pre_len))
-                            cm.generate(ids, 1, stop_tokens=())
-                            ts = sorted(cm.generate(ids, 1, stop_tokens=()).prefill_seconds for _ in range(3))
-                            row.update(prefill_ms=round(ts[1] * 1000, 2), prompt=pre_len)
-                        key = (scheme, what, b)
-                        if not pruned:
-                            measured[key] = row
-                        elif key in measured:
-                            ref = measured[key]
-                            k = "ms_per_step" if what == "decode" else "prefill_ms"
-                            row["unpruned_" + k] = ref[k]
-                            row["speedup"] = round(ref[k] / row[k], 3)
-                    except Exception as exc:  # noqa: BLE001
-                        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    emit(row)
+                    emit(_timed_row(cm, row, what, b, cfg.vocab_size, prompt, new, pre_len, measured, scheme, pruned))
+                del cm
+                if cuda:
+                    torch.cuda.empty_cache()
+    merge_rows(out, header, rows, key=PRUNED_SPEED_KEY, append_command=True)
+
+
+SMOLLM2_SPEED_ROW = f"{HEADS_MLP} (global), whole-column OBS + refit, sequential"
+"""``--speed-model smollm2`` prunes with the pipeline of the accuracy row of this variant (structured-20 obs), the
+heads + MLP split that met issue 21's accuracy goal after recovery."""
+
+SMOKE_OBS_CALIB = "calib_n=4,calib_len=64,obs_step=8"
+"""``--smoke --speed-model smollm2``: the OBS rows' calibration, tiny (CPU, Triton interpreter)."""
+
+
+class _KeepStepGraph(Instrument):
+    """Keeps copies of the step graph before the first pass (the unpruned graph) and as the pipeline's own passes
+    leave it, before the backend's passes (and ``last-logits``) run: the graphs every (scheme, phase) of
+    ``--speed-model smollm2`` compiles from, so the capture and the calibrated pruning run once."""
+
+    def __init__(self, pipeline_passes: int) -> None:
+        self.pipeline_passes = pipeline_passes
+        self.before: Graph | None = None
+        self.after: Graph | None = None
+
+    def before_pass(self, record: PassRecord, p: Pass, graph: Graph) -> None:
+        if record.index == 0 and self.before is None:
+            self.before = graph.clone()
+        if record.index == self.pipeline_passes and self.after is None:
+            self.after = graph.clone()
+
+
+def _step_graphs(model, tok, pipeline: str, spec) -> tuple[Graph, Graph, dict]:
+    """SmolLM2's generation step graph captured for ``spec`` (batch and cache slots dynamic up to its limits), as
+    captured and after ``pipeline``, through one ``compile_model`` (lowered to torch on the CPU, and dropped); and the
+    pipeline's stats by pass spec."""
+    from lowbit.api import compile_model
+
+    keep = _KeepStepGraph(len(parse_pipeline(pipeline)))
+    cm = compile_model(model, pipeline=pipeline, backend="torch", device="cpu", generation=spec, tokenizer=tok,
+                       instruments=[keep])
+    if keep.before is None or keep.after is None:
+        raise RuntimeError(f"no pass ran after the pipeline {pipeline!r}: the step graph was not kept")
+    return keep.before, keep.after, {r.spec: r.stats for r in cm.report.pipeline.records[:keep.pipeline_passes]}
+
+
+def _compiled_step(graph: Graph, quant: str, spec, dev: str, tok, options: dict):
+    """A ``CompiledModel`` of a copy of the kept step graph on backend triton (``options``) for ``spec`` (at most
+    the limits it was captured for), after ``quant``: what ``compile_model(generation=spec)`` runs after its
+    capture."""
+    from lowbit.api import CompiledModel, compile_graph, plan_compile
+    from lowbit.passes.last_logits import LastLogits
+
+    g = graph.clone()
+    gen = g.meta["generation"]
+    if spec.max_length > gen["max_length"] or spec.max_batch > gen["max_batch"]:
+        raise ValueError(f"GenerationSpec({spec.max_length}, {spec.max_batch}) is larger than the step graph's "
+                         f"capture ({gen['max_length']}, {gen['max_batch']})")
+    g.meta["generation"] = {**gen, "max_length": spec.max_length, "max_batch": spec.max_batch}
+    plan = plan_compile(parse_pipeline(quant) if quant else [], "triton", options, dev)
+    plan.backend_passes.append(LastLogits())
+    runner, report = compile_graph(g, plan, device=dev)
+    return CompiledModel(runner, g, report, tok)
+
+
+def _step_shapes(graph: Graph) -> tuple[list[int], list[int]]:
+    """Per layer of a step graph: its kv heads (the cache inputs) and its MLP width (gate_proj's rows)."""
+    from lowbit.ir.kvcache import layer_kv_heads
+
+    widths = [int(n.args[1].type.shape[0]) for n in graph.find("linear", r"\.mlp\.gate_proj$")]
+    return layer_kv_heads(graph.meta["generation"]), widths
+
+
+def pruned_speed_smollm2(args: argparse.Namespace) -> None:
+    """Prefill and decode of the real SmolLM2-135M (bf16), unpruned vs pruned by the heads + MLP accuracy row's
+    pipeline (``SMOLLM2_SPEED_ROW``), float bf16 and W4A16 g64 on backend="triton", one run. The pruning (~30-60 s
+    of OBS calibration) runs once, on a step graph captured for the largest phase; every (scheme, phase) compiles a
+    copy of it."""
+    from lowbit.generate import GenerationSpec
+
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    dev_name = machine(dev)
+    smoke = args.smoke
+    name = "smollm2:2" if smoke else "smollm2"
+    model, tok, _ = load_model(name, torch.bfloat16)
+    cfg = model.model.config
+    scheme_acc, method_acc, variant_acc, pipeline = next(r for r in ROWS if r[2] == SMOLLM2_SPEED_ROW)
+    if smoke:
+        pipeline = obs_calibration(pipeline, SMOKE_OBS_CALIB)
+    prune = _on_device(pipeline, dev)
+    # smoke: the float linears on torch, not the one-row float GEMV (interpreted over SmolLM2's 49152-row head it
+    # took ~40 s a step), decode at batch 2 only, one timed prefill (an interpreted W4 prefill takes ~28 s)
+    options = {"compile": args.speed_compile, **({"float_gemv": False} if smoke else {})}
+    prompt, new, batches = (16, 2, [2]) if smoke else (args.speed_prompt, args.speed_new, [1, 16])
+    pre_len = 32 if smoke else 2048
+    phases = {"decode": (GenerationSpec(max_length=prompt + new, max_batch=max(batches)), batches),
+              "prefill": (GenerationSpec(max_length=pre_len + 8, max_batch=1), [1])}
+    capture_spec = GenerationSpec(max_length=max(s.max_length for s, _ in phases.values()),
+                                  max_batch=max(s.max_batch for s, _ in phases.values()))
+    schemes = {k: v for k, v in {"float-bf16": "", "w4a16-g64": "quantize(w=int4,group=64,sym=false)",
+                                 "w4a16-g64-head4": "quantize(w=int4,group=64,sym=false,head=int4)"}.items()
+               if k in args.speed_schemes.split(",")}
+    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    model_name = "smollm2-135m" if not smoke else "smollm2-135m-2layer"
+    t = time.perf_counter()
+    unpruned, pruned, stats = _step_graphs(model, tok, prune, capture_spec)
+    prune_s = time.perf_counter() - t
+    block = _block_linear_params(unpruned)
+    total = sum(v.data.numel() for v in unpruned.params.values())
+    removed_block = block - _block_linear_params(pruned)
+    removed_total = total - sum(v.data.numel() for v in pruned.params.values())
+    header = {"command": "python " + shlex.join(sys.argv), "date": date, "device": dev_name,
+              "versions": results_versions(),
+              "notes": (f"{model_name} (bf16, {cfg.num_hidden_layers} layers, MLP {cfg.intermediate_size}, "
+                        f"{cfg.num_attention_heads} heads in {cfg.num_key_value_heads} kv groups); pruned = the "
+                        f"accuracy row {scheme_acc}:{method_acc}:{variant_acc!r} of bench/results/pruning.json, its "
+                        f"pipeline {prune} (calibration: the shipped {_row_calib(pipeline)}, as that row's), run "
+                        "once (prune_seconds: the capture and the pruning), on the bf16 generation step graph (the "
+                        "accuracy row prunes the float32 logits graph, so its kv-group ranking may differ by a group: "
+                        "each pruned row lists its per-layer kv_heads), captured for the largest phase "
+                        f"(GenerationSpec({capture_spec.max_length}, {capture_spec.max_batch})); an Instrument on "
+                        "that compile_model keeps copies of the step graph before and after the pipeline, and each "
+                        "(scheme, phase) compiles a copy of one (compile_graph with the scheme's quantize, the triton "
+                        "backend's passes and last-logits, the phase's max_length/max_batch in the graph's "
+                        "generation meta). "
+                        "params_removed_frac_blocks = removed / the blocks' linear params "
+                        f"({block}); params_removed_frac_total = removed / all params ({total}, tied embedding "
+                        f"once). backend triton ({options}); decode = CompiledModel.generate with "
+                        f"CUDA graphs, prompt {prompt}, {new} new tokens, ms/step = decode_seconds / decode_steps "
+                        f"after a warm-up generate; prefill = the 1x{pre_len} step (last-position head), median of 3 "
+                        "after a warm-up; speedup = unpruned / pruned of the same scheme, phase and batch in this "
+                        "run. What the number means: SmolLM2's batch-1 decode under CUDA graphs is launch/latency "
+                        f"bound ({cfg.num_hidden_layers} layers of ~1-3 us kernels), so cutting 20% of the "
+                        "blocks' params barely moves it (expect ~1.0x), while the 1x2048 prefill and the batch-16 "
+                        "decode are closer to compute/bandwidth bound and show the cut; the cut was chosen for "
+                        "accuracy, not tuned to the speed."
+                        + (" SMOKE: 2 layers, tiny calibration and lengths, 1 prefill." if smoke else ""))}
+    out = Path(args.out)
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        merge_rows(out, header, rows, key=PRUNED_SPEED_KEY, append_command=True)
+
+    area = "pruned-speed-20-heads-mlp-smollm2" + (f"-{args.speed_tag}" if args.speed_tag else "")
+    method = "lowbit-triton-compiled" if args.speed_compile else "lowbit-triton"
+    base = {"area": area, "model": model_name, "device": dev_name, "date": date, "method": method}
+    kv_unpruned, widths_unpruned = _step_shapes(unpruned)
+    kv_pruned, widths_pruned = _step_shapes(pruned)
+    measured: dict[tuple, dict] = {}
+    for scheme, quant in schemes.items():
+        for is_pruned, graph in ((False, unpruned), (True, pruned)):
+            kv, widths = (kv_pruned, widths_pruned) if is_pruned else (kv_unpruned, widths_unpruned)
+            tag = {**base, "scheme": scheme, "pruned": is_pruned,
+                   "pipeline": ",".join(p for p in ((prune if is_pruned else ""), quant) if p),
+                   "kv_heads": kv, "mlp_width": sorted(set(widths))[0] if len(set(widths)) == 1 else widths,
+                   "params_removed_frac_blocks": round(removed_block / block, 4) if is_pruned else 0.0,
+                   "params_removed_frac_total": round(removed_total / total, 4) if is_pruned else 0.0}
+            if is_pruned:
+                tag.update(prune_seconds=round(prune_s, 1), accuracy_row=f"{scheme_acc}:{method_acc}:{variant_acc}",
+                           heads=next((st["heads"] for st in stats.values() if "heads" in st), None))
+            for what, (spec, bs) in phases.items():
+                if time.perf_counter() - t_start > args.speed_budget:
+                    for b in bs:
+                        emit({**tag, "batch": b, "phase": what, "error": "skipped: past --speed-budget"})
+                    continue
+                t = time.perf_counter()
+                try:
+                    cm = _compiled_step(graph, quant, spec, dev, tok, options)
+                    compile_s = time.perf_counter() - t
+                    kernels = cm.runner.report_text().splitlines()[0] if hasattr(cm.runner, "report_text") else ""
+                except Exception as exc:  # noqa: BLE001 - a failing configuration becomes rows
+                    for b in bs:
+                        emit({**tag, "batch": b, "phase": what,
+                              "error": f"compile: {type(exc).__name__}: {str(exc)[:300]}"})
+                    continue
+                for b in bs:
+                    row = {**tag, "batch": b, "phase": what, "compile_s": round(compile_s, 1), "kernels": kernels}
+                    emit(_timed_row(cm, row, what, b, cfg.vocab_size, prompt, new, pre_len, measured, scheme,
+                                    is_pruned, repeats=1 if smoke else 3))
                 del cm
                 if cuda:
                     torch.cuda.empty_cache()
@@ -573,6 +775,9 @@ def main() -> None:
     ap.add_argument("--pruned-speed", action="store_true",
                     help="prefill/decode of the 7B-shaped 4-layer Llama, unpruned vs 20%% pruned (prune-mlp), "
                          "float and W4A16 on backend triton")
+    ap.add_argument("--speed-model", default="llama-7b-shape", choices=["llama-7b-shape", "smollm2"],
+                    help="--pruned-speed: the 7B-shaped random Llama (MLP cut to a multiple of 256) or the real "
+                         "SmolLM2-135M pruned by the heads + MLP accuracy row's pipeline (OBS, calibrated once)")
     ap.add_argument("--speed-prompt", type=int, default=512)
     ap.add_argument("--speed-new", type=int, default=128)
     ap.add_argument("--speed-target", type=float, default=SPEED_TARGET,
@@ -583,7 +788,9 @@ def main() -> None:
     ap.add_argument("--speed-layers", type=int, default=4,
                     help="--pruned-speed: blocks of the 7B-shaped Llama (4: the head is ~24%% of the params; "
                          "16: ~7.5%%; 32: LLaMA-7B's 3.9%%, which bounds a 20%% block cut's speedup at ~1.24x)")
-    ap.add_argument("--speed-schemes", default="float-bf16,w4a16-g128", help="--pruned-speed: comma list")
+    ap.add_argument("--speed-schemes", default=None,
+                    help="--pruned-speed: comma list (default float-bf16,w4a16-g128; with --speed-model smollm2 "
+                         "float-bf16,w4a16-g64: 64 divides its pruned MLP width 1216, 128 does not)")
     ap.add_argument("--speed-compile", action="store_true",
                     help="--pruned-speed: the steps under torch.compile (the triton backend's default, as the README's "
                          "decode rows run; rows get method lowbit-triton-compiled), not eager + CUDA graphs")
@@ -593,7 +800,9 @@ def main() -> None:
                     help="--pruned-speed: seconds after which the remaining configurations become skipped rows")
     args = ap.parse_args()
     if args.pruned_speed:
-        pruned_speed(args)
+        if args.speed_schemes is None:
+            args.speed_schemes = "float-bf16,w4a16-g64" if args.speed_model == "smollm2" else "float-bf16,w4a16-g128"
+        (pruned_speed_smollm2 if args.speed_model == "smollm2" else pruned_speed)(args)
         return
     if args.gpu_speed:
         gpu_speed(args)
