@@ -310,7 +310,8 @@ def _expand_as(ctx: LoweringContext, node: Node) -> ir.Value:
     return ctx.op("Expand", [ctx.v(node.args[0]), ctx.op("Shape", [ctx.v(node.args[1])])])
 
 
-@lowering("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
+# "reshape", the semantic op, is aten.reshape by definition (lowbit.ir.ops): the same two operands, one lowering
+@lowering("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "reshape")
 def _view(ctx: LoweringContext, node: Node) -> ir.Value:
     sizes = node.args[1]
     if any(isinstance(s, int) and s == 0 for s in sizes):

@@ -309,12 +309,7 @@ def _mul(ctx: LoweringContext, node: Node) -> ir.Value:
     return ctx.op("Mul", [ctx.v(node.args[0]), ctx.v(node.args[1])])
 
 
-@lowering("reshape")
-def _reshape(ctx: LoweringContext, node: Node) -> ir.Value:
-    sizes = node.args[1]
-    if any(isinstance(s, int) and s == 0 for s in sizes):
-        raise NotLowerable("a literal 0 in a reshape target means an empty dim in torch but 'copy' in ONNX")
-    return ctx.op("Reshape", [ctx.v(node.args[0]), ctx.shape_vector(sizes)])
+# reshape: aten.py's view lowering serves it (the op is aten.reshape by definition, lowbit.ir.ops)
 
 
 @lowering("transpose")
