@@ -772,10 +772,19 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
         QuantizationConfig.model_validate(qcfg)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise CheckpointError(f"compressed-tensors rejects the quantization_config lowbit built: {exc}") from exc
+    return _write_quantized(view, tensors, directory, qcfg, tokenizer, cfg=cfg, unwritten=unwritten, copied=copied,
+                            fmt="compressed-tensors", kind=kind)
+
+
+def _write_quantized(view: HFView, tensors: dict[str, torch.Tensor], directory: Path, qcfg: dict[str, Any],
+                     tokenizer: Any, *, cfg: Any, unwritten: dict[str, str], copied: list[str], fmt: str,
+                     kind: str) -> dict[str, Any]:
+    """Write a quantized HF format's shards, config.json (``qcfg`` its quantization_config) and tokenizer, warn of
+    the tensors left unwritten, and return its manifest: what compressed-tensors and GPTQ write and record alike."""
     files = _write_shards(tensors, directory)
     _write_config(cfg, directory, qcfg, tokenizer, _float_dtype(view))
-    _warn_unwritten(unwritten, "compressed-tensors")
-    return {"format": "compressed-tensors", "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
+    _warn_unwritten(unwritten, fmt)
+    return {"format": fmt, "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
             "float_linears": sorted(view.float_linears), **_unread_record(unwritten, copied),
             "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()},
             **({"zero_heads": view.zero_heads} if view.zero_heads else {})}
@@ -876,13 +885,8 @@ def save_gptq(graph: Graph, directory: Path, *, tokenizer: Any = None, config: A
     qcfg = {"quant_method": "gptq", "bits": bits_seen.pop(), "group_size": groups_seen.pop(), "desc_act": False,
             "sym": True, "checkpoint_format": "gptq", "true_sequential": True, "damp_percent": 0.01,
             "modules_in_block_to_quantize": _gptq_block_modules(view)}
-    files = _write_shards(tensors, directory)
-    _write_config(cfg, directory, qcfg, tokenizer, _float_dtype(view))
-    _warn_unwritten(unwritten, "gptq")
-    return {"format": "gptq", "kind": kind, "shards": files, "quantized_linears": len(view.quantized),
-            "float_linears": sorted(view.float_linears), **_unread_record(unwritten, copied),
-            "lowbit_qdtypes": {m: qw.qdtype for m, qw in view.quantized.items()},
-            **({"zero_heads": view.zero_heads} if view.zero_heads else {}),
+    return {**_write_quantized(view, tensors, directory, qcfg, tokenizer, cfg=cfg, unwritten=unwritten,
+                               copied=copied, fmt="gptq", kind=kind),
             # GPTQ's config has no sparsity field: the manifest keeps the pattern, as format 'hf' does (a reload of a
             # 2:4 model saved as GPTQ was unmarked, so the 2:4 backends and a later save did not know it)
             **({"sparsity": dict(sorted(view.sparsity.items()))} if view.sparsity else {})}
