@@ -337,6 +337,15 @@ def captured_slice(smollm2: tuple, n_layers: int, dtype: torch.dtype = torch.flo
     return wrapper, g
 
 
+def sequence_slice(smollm2: tuple, n_layers: int, n_tokens: int,
+                   dtype: torch.dtype = torch.float32) -> tuple[Any, torch.Tensor]:
+    """(``captured_slice``'s one-sequence graph, the first ``n_tokens`` ids of an English sentence said six times,
+    61 tokens in all): the real-model input of the fusion, merging and norm + quantize tests."""
+    _, g = captured_slice(smollm2, n_layers, dtype, batch=False)
+    ids = smollm2[1]("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt").input_ids
+    return g, ids[:, :n_tokens]
+
+
 def saveable_slice(smollm2: tuple, n_layers: int = 2) -> tuple[Any, torch.Tensor]:
     """(``captured_slice``'s float graph with its HF source and tokenizer recorded, as ``compile_model`` leaves
     them for a save, 2 WikiText-2 test windows of 128): what the checkpoint tests save and load."""

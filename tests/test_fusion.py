@@ -182,11 +182,9 @@ def test_qlinear_equals_its_unfused_subgraph(w_qdtype, group, a_qdtype, a_gran, 
 
 @pytest.fixture(scope="module")
 def slice2(smollm2):
-    from conftest import captured_slice
+    from conftest import sequence_slice
 
-    _, g = captured_slice(smollm2, 2, batch=False)
-    ids = smollm2[1]("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt").input_ids[:, :64]
-    return g, ids
+    return sequence_slice(smollm2, 2, 64)
 
 
 @pytest.mark.parametrize("pipeline, form", [

@@ -23,11 +23,9 @@ from lowbit.passes.manager import PassManager
 
 @pytest.fixture(scope="module")
 def slice2(smollm2):
-    from conftest import captured_slice
+    from conftest import sequence_slice
 
-    _, g = captured_slice(smollm2, 2, batch=False)
-    ids = smollm2[1]("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt").input_ids[:, :48]
-    return g, ids
+    return sequence_slice(smollm2, 2, 48)
 
 
 @pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=64,sym=false)", "quantize(w=int8,a=int8)",

@@ -33,11 +33,9 @@ DEV = "cuda" if torch.cuda.is_available() and not INTERP else "cpu"
 
 @pytest.fixture(scope="module")
 def slice2(smollm2):
-    from conftest import captured_slice
+    from conftest import sequence_slice
 
-    _, g = captured_slice(smollm2, 2, batch=False)
-    ids = smollm2[1]("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt").input_ids[:, :40]
-    return g, ids
+    return sequence_slice(smollm2, 2, 40)
 
 
 @pytest.mark.parametrize("pipeline, rule", [
@@ -147,13 +145,12 @@ def test_triton_backend_runs_the_fused_norm_like_the_torch_backend(smollm2):
     """W8A8 through ``backend="triton"`` under the interpreter: merged q/k/v and gate/up, each norm fused with the
     quantization (the gate/up's ``a8_linear_q`` with the gated MLP's silu*up in its store), logits equal the torch
     backend's on the same quantized graph within test_triton_backend's tolerance (2e-2 relative; every argmax)."""
-    from conftest import captured_slice
+    from conftest import sequence_slice
 
     from lowbit.api import compile_graph, plan_compile
     from lowbit.passes.manager import parse_pipeline
 
-    _, g = captured_slice(smollm2, 1, torch.bfloat16, batch=False)
-    ids = smollm2[1]("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids[:, :6]
+    g, ids = sequence_slice(smollm2, 1, 6, torch.bfloat16)
     PassManager("quantize(w=int8,a=int8)").run(g)
     ref = TorchCompiled(g)(ids).float()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
