@@ -1138,6 +1138,15 @@ def test_passes_that_break_sparsity_masks_are_refused_after_sparsify(later, firs
 
 # ---- block removal on generation step graphs ------------------------------------------------------
 
+def _greedy_by_recompute(logits: Any, ids: torch.Tensor, n: int) -> list[list[int]]:
+    """``n`` greedy tokens after each row of ``ids``, the whole sequence run again for each one: the cache-free
+    reference a pruned step graph's ``generate`` must equal."""
+    seq = ids
+    for _ in range(n):
+        seq = torch.cat([seq, logits(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq[:, ids.shape[1]:].tolist()
+
+
 @pytest.mark.parametrize("pipe", ["prune-blocks(n=1)", "prune-blocks(blocks=[model.layers.1])"])
 def test_prune_blocks_on_a_step_graph_removes_the_block_and_its_cache(pipe):
     """The step graph's residual adds carry no module (the update's producer names the block): the same block goes
@@ -1159,10 +1168,7 @@ def test_prune_blocks_on_a_step_graph_removes_the_block_and_its_cache(pipe):
     assert not any(removed[0] + "." in n.module for n in step.graph.nodes)
     verify(step.graph)
     ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(1))
-    x = ids
-    for _ in range(8):
-        x = torch.cat([x, ref(x)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert step.generate(ids, 8, stop_tokens=()).tokens == x[:, 5:].tolist()
+    assert step.generate(ids, 8, stop_tokens=()).tokens == _greedy_by_recompute(ref, ids, 8)
 
 
 def test_prune_blocks_refuses_a_graph_without_blocks():
@@ -1443,10 +1449,7 @@ def test_block_calibration_on_a_step_graph_equals_the_logits_graph(pipe):
     ref = compile_model(m, pipeline=pipe, calib=cal)
     step = compile_model(m, pipeline=pipe, calib=cal, generation=lowbit.GenerationSpec(max_length=64))
     ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(1))
-    x = ids
-    for _ in range(6):
-        x = torch.cat([x, ref(x)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert step.generate(ids, 6, stop_tokens=()).tokens == x[:, 5:].tolist()
+    assert step.generate(ids, 6, stop_tokens=()).tokens == _greedy_by_recompute(ref, ids, 6)
 
 
 def test_slice_residual_slices_an_already_sliced_stream():
@@ -1934,11 +1937,8 @@ def test_head_pruned_gpt_neox_step_graph_generates_as_the_pruned_logits_model():
     step = compile_model(model, pipeline=pipe, generation=GenerationSpec(max_length=16, max_batch=2))
     assert step.graph.meta["generation"]["kv_heads"] == 2
     logits = compile_model(model, pipeline=pipe)
-    seq = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
-    prompt = seq.clone()
-    for _ in range(6):
-        seq = torch.cat([seq, logits(seq)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert step.generate(prompt, 6, stop_tokens=()).tokens == seq[:, 6:].tolist()
+    prompt = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    assert step.generate(prompt, 6, stop_tokens=()).tokens == _greedy_by_recompute(logits, prompt, 6)
 
 
 def _tiny_phi3(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
