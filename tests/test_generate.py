@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from lowbit.api import CompiledModel, compile_model
 from lowbit.errors import LowbitError
-from lowbit.generate import GenerationError, GenerationSpec
+from lowbit.generate import GenerationError, GenerationOutput, GenerationSpec
 from lowbit.models import CausalLMLogits, CausalLMStep
 
 PROMPTS = [
@@ -535,26 +535,45 @@ def test_cli_generate_error_after_the_echoed_prompt_starts_a_line(monkeypatch):
     assert res.stdout == "hi there\n" and "error: the decode step ran out of cache" in res.stderr, res.output
 
 
+class _StreamsTokens:
+    """Stands in for ``lowbit.api.compile_model``'s result in the CLI tests: ``generate`` streams ``tokens`` to every
+    prompt through ``on_token`` and returns them (decoded as ``text`` where given, as Generator's output is); ``calls``
+    keeps each call's prompts and keyword arguments."""
+
+    def __init__(self, tokens: list[int], text: str | None = None) -> None:
+        self.tokens, self.text = tokens, text
+        self.calls: list[tuple[list[list[int]], dict]] = []
+
+    def generate(self, ids: list[list[int]], n: int, on_token=None, **kwargs) -> GenerationOutput:
+        self.calls.append((ids, kwargs))
+        for b in range(len(ids)):
+            for t in self.tokens:
+                on_token(b, t)
+        texts = None if self.text is None else [self.text] * len(ids)
+        return GenerationOutput([self.tokens] * len(ids), [len(p) for p in ids], 0.01, 0.01, len(self.tokens) - 1,
+                                texts=texts)
+
+
+def _compile_to_streamed(monkeypatch, tokens: list[int], text: str | None = None) -> _StreamsTokens:
+    """``lowbit.api.compile_model`` patched to return a ``_StreamsTokens`` of ``tokens``, which is returned."""
+    import lowbit.api
+
+    model = _StreamsTokens(tokens, text)
+    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: model)
+    return model
+
+
 def test_cli_generate_streams_characters_split_over_tokens(monkeypatch):
     """SmolLM2's byte-level BPE splits "😀" and "日本語" over several tokens whose prefixes decode to U+FFFD: the
     stream printed those and then nothing for the completed character ("\ufffd" for "😀"); it now holds them back."""
     from typer.testing import CliRunner
 
-    import lowbit.api
     from lowbit.calibration.data import load_tokenizer
     from lowbit.cli.main import app
-    from lowbit.generate import GenerationOutput
 
     tok = load_tokenizer("smollm2")
     made = tok("😀日本語").input_ids
-
-    class Scripted:
-        def generate(self, ids, n, on_token=None, **kwargs):
-            for t in made:
-                on_token(0, t)
-            return GenerationOutput([made], [len(ids[0])], 0.01, 0.01, len(made) - 1)
-
-    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: Scripted())
+    _compile_to_streamed(monkeypatch, made)
     res = CliRunner().invoke(app, ["generate", "smollm2:1", "--prompt", "hi", "-n", str(len(made))])
     assert res.exit_code == 0, res.output
     assert res.stdout == "hi😀日本語\n", res.stdout
@@ -1395,9 +1414,7 @@ def test_cli_generate_keeps_the_space_a_sentencepiece_decoder_strips(tmp_path, m
     what the tokens add after the prompt's."""
     from typer.testing import CliRunner
 
-    import lowbit.api
     from lowbit.cli.main import app
-    from lowbit.generate import GenerationOutput
 
     tok = _sentencepiece_style_tokenizer()
     torch.manual_seed(0)
@@ -1405,16 +1422,7 @@ def test_cli_generate_keeps_the_space_a_sentencepiece_decoder_strips(tmp_path, m
     tok.save_pretrained(tmp_path / "m")
     made = tok.convert_tokens_to_ids(["▁Paris", "."])
     assert tok.decode(made) == "Paris."  # the stripped space this is about
-
-    class Scripted:
-        def generate(self, ids, n, on_token=None, **kwargs):
-            for b in range(len(ids)):
-                for t in made:
-                    on_token(b, t)
-            return GenerationOutput([made] * len(ids), [len(p) for p in ids], 0.01, 0.01, 1,
-                                    texts=[tok.decode(made, skip_special_tokens=True)] * len(ids))  # as Generator's
-
-    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: Scripted())
+    _compile_to_streamed(monkeypatch, made, tok.decode(made, skip_special_tokens=True))
     flags = [f for p in prompts for f in ("--prompt", p)]
     res = CliRunner().invoke(app, ["generate", str(tmp_path / "m"), *flags, "-n", "2", "--max-length", "16"])
     assert res.exit_code == 0, res.output
@@ -1462,31 +1470,18 @@ def test_cli_generate_chat_wraps_the_prompt_in_the_chat_template(tmp_path, monke
     without a template is refused by flag."""
     from typer.testing import CliRunner
 
-    import lowbit.api
     from lowbit.calibration.data import load_tokenizer
     from lowbit.cli.main import app
-    from lowbit.generate import GenerationOutput
 
     tok = load_tokenizer("smollm2")
-    answer = tok("Paris.", add_special_tokens=False).input_ids
-    seen = []
-
-    class Scripted:
-        def generate(self, ids, n, on_token=None, **kwargs):
-            seen.extend(ids)
-            for b in range(len(ids)):
-                for t in answer:
-                    on_token(b, t)
-            return GenerationOutput([answer] * len(ids), [len(p) for p in ids], 0.01, 0.01, len(answer) - 1)
-
-    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: Scripted())
+    scripted = _compile_to_streamed(monkeypatch, tok("Paris.", add_special_tokens=False).input_ids)
     question = "What is the capital of France?"
     res = CliRunner().invoke(app, ["generate", "smollm2:1", "--chat", "--prompt", question, "-n", "4"])
     assert res.exit_code == 0, res.output
     templated = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                         tokenize=False)
     assert templated.endswith("<|im_start|>assistant\n")
-    assert seen == [tok(templated, add_special_tokens=False).input_ids]
+    assert [ids for ids, _ in scripted.calls] == [[tok(templated, add_special_tokens=False).input_ids]]
     assert res.stdout == f"{question}\nParis.\n", res.stdout
     torch.manual_seed(0)
     tiny_llama(hidden=32, inter=64, heads=2, kv_heads=1, layers=1, vocab=16).save_pretrained(tmp_path / "m")
@@ -1640,29 +1635,16 @@ def test_cli_generate_stop_ends_the_printed_text_before_the_stop_string(monkeypa
     of a possible stop ("The" of "The answer") is held back until the next token shows it is none."""
     from typer.testing import CliRunner
 
-    import lowbit.api
     from lowbit.calibration.data import load_tokenizer
     from lowbit.cli.main import app
-    from lowbit.generate import GenerationOutput
 
     tok = load_tokenizer("smollm2")
-    made = tok(" Paris. The answer is", add_special_tokens=False).input_ids
-    given = []
-
-    class Scripted:
-        def generate(self, ids, n, on_token=None, stop=None, **kwargs):
-            given.append(stop)
-            for b in range(len(ids)):
-                for t in made:
-                    on_token(b, t)
-            return GenerationOutput([made] * len(ids), [len(p) for p in ids], 0.01, 0.01, len(made) - 1)
-
-    monkeypatch.setattr(lowbit.api, "compile_model", lambda *a, **k: Scripted())
+    scripted = _compile_to_streamed(monkeypatch, tok(" Paris. The answer is", add_special_tokens=False).input_ids)
     flags = [f for p in prompts for f in ("--prompt", p)]
     res = CliRunner().invoke(app, ["generate", "smollm2:1", *flags, "-n", "8", "--stop", "The answer", "--stop",
                                    "zzz"])
     assert res.exit_code == 0, res.output
-    assert given[-1] == ["The answer", "zzz"]
+    assert scripted.calls[-1][1].get("stop") == ["The answer", "zzz"]
     assert res.stdout == "".join(f"{p} Paris. \n" + ("\n" if len(prompts) > 1 else "") for p in prompts), res.stdout
     res = CliRunner().invoke(app, ["generate", "smollm2:1", *flags, "--stop", ""])
     assert res.exit_code == 2 and "--stop '': give the text that ends a sequence" in res.output, res.output
