@@ -29,10 +29,8 @@ installed or fails is recorded as a row with an ``error`` instead of a value.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -41,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_io import CALIB_ROW_KEY, machine, merge_rows
+from results_io import CALIB_ROW_KEY, accuracy_header, machine, merge_rows
 
 CALIB = "../shared/data/wikitext2_valid_tokenized.txt"
 CAL_N, CAL_LEN = 128, 512
@@ -172,7 +170,6 @@ def main() -> None:
         peer_main(args)
         return
 
-    import lowbit
     from lowbit.backends.torch_backend import TorchCompiled
     from lowbit.eval import EVALS, perplexity
     from lowbit.ir.capture import capture
@@ -186,20 +183,16 @@ def main() -> None:
     t0 = time.perf_counter()
     graph = capture(model, (torch.randint(0, 49152, (2, 64)),), dyn)
     capture_s = time.perf_counter() - t0
-    header = {
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.date.today().isoformat(),
-        "device": machine(args.device),
-        "versions": {"lowbit": getattr(lowbit, "__version__", "dev"), "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
-        "notes": ("SmolLM2's shipped weights are Q4_1 (asym, block 32) dequantized. Group-32 asymmetric RTN does "
-                  "not recover them: Q4_1's float block minimum does not land on an integer zero point (layer 0 "
-                  "down_proj: relative Frobenius error 8.2% at group 32 vs 9.4% at group 64). Weight-only rows use "
-                  "group 64, group 128 (64 where 576 inputs), per channel. "
-                  "GPTQ/AWQ/SmoothQuant calibrate on WikiText-2 validation (sequences x tokens in each row's calib). "
-                  "lm_head (tied to the embedding) stays float in every row, peers included."),
-        "capture_seconds": round(capture_s, 1),
-    }
+    header = accuracy_header(
+        machine(args.device),
+        notes=("SmolLM2's shipped weights are Q4_1 (asym, block 32) dequantized. Group-32 asymmetric RTN does "
+               "not recover them: Q4_1's float block minimum does not land on an integer zero point (layer 0 "
+               "down_proj: relative Frobenius error 8.2% at group 32 vs 9.4% at group 64). Weight-only rows use "
+               "group 64, group 128 (64 where 576 inputs), per channel. "
+               "GPTQ/AWQ/SmoothQuant calibrate on WikiText-2 validation (sequences x tokens in each row's calib). "
+               "lm_head (tied to the embedding) stays float in every row, peers included."),
+        capture_seconds=round(capture_s, 1),
+    )
     calib_desc = f"{Path(args.calib).name} {args.calib_n}x{CAL_LEN}"
     cal_base = f"calib={args.calib},calib_len={CAL_LEN},progress=false"
     if args.model != "smollm2":  # calibration tokenizes with the model's own tokenizer (saved beside its cache)

@@ -20,16 +20,13 @@ name in ``device`` and never replace the CPU rows.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import re
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
-from results_io import CALIB_ROW_KEY, machine, merge_rows
+from results_io import CALIB_ROW_KEY, accuracy_header, machine, merge_rows
 
 KV = "kv=int4,k_gran=per_token,v_gran=per_token,kv_group=64"
 A4 = f"a=int4,{KV}"
@@ -495,7 +492,6 @@ def main() -> None:
     ap.add_argument("--dry", action="store_true", help="list the matched rows and their pipelines; run nothing")
     args = ap.parse_args()
 
-    import lowbit
     from lowbit.backends.torch_backend import TorchCompiled
     from lowbit.eval import perplexity
     from lowbit.ir.capture import capture
@@ -513,13 +509,7 @@ def main() -> None:
     model, tok, _ = load_model("smollm2")
     dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=1024), 1: torch.export.Dim.DYNAMIC(min=2, max=8192)}}
     graph = capture(model, (torch.randint(0, 49152, (2, 64)),), dyn)
-    header = {
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.date.today().isoformat(),
-        "device": machine(args.device),
-        "versions": {"lowbit": getattr(lowbit, "__version__", "dev"), "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
-    }
+    header = accuracy_header(machine(args.device))
     device = torch.device(args.device)
     cal = f"calib={args.calib},calib_n={args.calib_n},calib_len=512,progress=false"
     floats: dict[str, float] = {}

@@ -14,16 +14,13 @@ variants of one scheme (observer, symmetry, KV group/window) carry a ``variant``
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import re
-import sys
 import time
 from pathlib import Path
 
 import torch
-from results_io import machine, merge_rows
+from results_io import accuracy_header, machine, merge_rows
 
 from lowbit.backends.torch_backend import TorchCompiled
 from lowbit.eval import EVALS, perplexity
@@ -108,23 +105,18 @@ def main() -> None:
     rows = []
     out = Path(args.out)
     float_value = None
-    import lowbit
 
-    header = {
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.date.today().isoformat(),
-        "device": dev_name,
-        "versions": {"lowbit": lowbit.__version__, "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
-        "notes": ("RTN (round to nearest) only: no GPTQ/AWQ/SmoothQuant. SmolLM2's shipped weights are Q4_1 "
-                  "(asymmetric, block 32) dequantized; asymmetric group-32 RTN does not reproduce them (Q4_1's float "
-                  "block minimum is not on an integer zero point: 8.2% relative error on layer 0's down_proj, 9.4% "
-                  "at group 64). Weight-only rows use group 64/128 and per channel. KV rows quantize keys after "
-                  "rotary and values at [batch, kv_heads, seq, head_dim]; window = tokens each query reads "
-                  "unquantized."),
-        "capture_seconds": round(capture_s, 1),
-        "wikitext2_test_tokens": n_tokens,
-    }
+    header = accuracy_header(
+        dev_name,
+        notes=("RTN (round to nearest) only: no GPTQ/AWQ/SmoothQuant. SmolLM2's shipped weights are Q4_1 "
+               "(asymmetric, block 32) dequantized; asymmetric group-32 RTN does not reproduce them (Q4_1's float "
+               "block minimum is not on an integer zero point: 8.2% relative error on layer 0's down_proj, 9.4% "
+               "at group 64). Weight-only rows use group 64/128 and per channel. KV rows quantize keys after "
+               "rotary and values at [batch, kv_heads, seq, head_dim]; window = tokens each query reads "
+               "unquantized."),
+        capture_seconds=round(capture_s, 1),
+        wikitext2_test_tokens=n_tokens,
+    )
     for scheme, variant, spec_text in SCHEMES:
         recipe = spec_text.split(":", 1)[1] if spec_text and spec_text.startswith("recipe:") else ""
         pipeline = get_recipe(recipe) if recipe else spec_text

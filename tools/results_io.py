@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,6 +51,22 @@ def versions() -> dict[str, str]:
         except ImportError:
             v[mod] = "not installed"
     return v
+
+
+def accuracy_header(device: str, **more: Any) -> dict[str, Any]:
+    """A perplexity bench's results header: the command line, today's date, ``device``, the lowbit, torch,
+    transformers and python versions, then ``more`` (notes, timings). One form for bench_accuracy, bench_rotation and
+    bench_rtn, whose files the README's accuracy tables read side by side."""
+    import lowbit
+
+    return {
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "versions": {"lowbit": getattr(lowbit, "__version__", "dev"), "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+        **more,
+    }
 
 
 def load_results(out: Path) -> dict:
