@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from kv_cache_operands import kivi_cache_operands  # noqa: E402
 from results_io import machine, merge_rows  # noqa: E402
 from results_io import versions as results_versions
 
@@ -200,21 +201,9 @@ def bench_shape(b: int, hq: int, hkv: int, s: int, d: int, dev: str, sweep: list
             rows.append({**base, "kernel": f"lowbit-{name}-cache", "error": f"quantize: {type(exc).__name__}: {exc}"[:300]})
             print(rows[-1], flush=True)
             continue
-        kf = torch.cat([k[:, :, :1], k[:, :, -window:]], 2)  # the sink and the recent window stay float
-        vf = torch.cat([v[:, :, :1], v[:, :, -window:]], 2)
-        fvalid = torch.ones(b, window + 1, dtype=torch.bool, device=dev)
-        lo = torch.ones(b, dtype=torch.int32, device=dev)
-        hi = torch.full((b,), s - window, dtype=torch.int32, device=dev)
         for scale_dtype in scale_dtypes if name in scale_kinds else scale_dtypes[:1]:
             ks, vs = ks32.to(scale_dtype), vs32.to(scale_dtype)
-            args = (q, kc, ks, kz, vc, vs, vz)
-            kw = dict(bits=bits, lo=lo, hi=hi, k_float=kf, v_float=vf, float_valid=fvalid)
-            sub_n, sb = min(4096, s), min(2, b)
-            nb = sub_n // k_block
-            sub = (q[:sb], kc[:sb, :, :sub_n], ks[:sb, :, :nb], kz[:sb, :, :nb], vc[:sb, :, :sub_n],
-                   vs[:sb, :, :sub_n], vz[:sb, :, :sub_n])
-            skw = dict(bits=bits, lo=lo[:sb], hi=torch.full((sb,), sub_n - window, device=dev), k_float=kf[:sb],
-                       v_float=vf[:sb], float_valid=fvalid[:sb])
+            args, kw, sub, skw = kivi_cache_operands(q, k, v, (kc, ks, kz, vc, vs, vz), bits, k_block, window)
             ref = da.decode_attention_reference(*sub, **skw)
             qbytes = sum(t.numel() * t.element_size() for t in (kc, ks, kz, vc, vs, vz))
             sname = "scales-" + str(scale_dtype).removeprefix("torch.")

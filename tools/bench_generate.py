@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from kv_cache_operands import kivi_cache_operands  # noqa: E402
 from results_io import machine, merge_rows  # noqa: E402
 from results_io import versions as results_versions
 
@@ -103,23 +104,10 @@ def attention_rows(smoke: bool = False, dev: str = "cuda", budget_s: float = 120
     for name, bits, k_block, v_group, window in (("int4", 4, 32, 32, 32), ("int2", 2, 32, 16, 64)):
         kc, ks32, kz = da.quantize_keys(k, bits, k_block)
         vc, vs32, vz = da.quantize_values(v, bits, v_group)
-        # a real cache: the sink and the window stay float (KIVI), the rest is read quantized
-        kf = torch.cat([k[:, :, :1], k[:, :, -window:]], 2)
-        vf = torch.cat([v[:, :, :1], v[:, :, -window:]], 2)
-        fvalid = torch.ones(b, window + 1, dtype=torch.bool, device=dev)
-        lo = torch.ones(b, dtype=torch.int32, device=dev)
-        hi = torch.full((b,), s - window, dtype=torch.int32, device=dev)
         for scale_dtype in (torch.float16, torch.float32):
             ks, vs = ks32.to(scale_dtype), vs32.to(scale_dtype)
-            args = (q, kc, ks, kz, vc, vs, vz)
-            kw = dict(bits=bits, lo=lo, hi=hi, k_float=kf, v_float=vf, float_valid=fvalid)
-            sub_n = min(4096, s)
-            nb = sub_n // k_block
-            sb = min(2, b)
-            sub = (q[:sb], kc[:sb, :, :sub_n], ks[:sb, :, :nb], kz[:sb, :, :nb], vc[:sb, :, :sub_n],
-                   vs[:sb, :, :sub_n], vz[:sb, :, :sub_n])
-            skw = dict(bits=bits, lo=lo[:sb], hi=torch.full((sb,), sub_n - window, device=dev), k_float=kf[:sb],
-                       v_float=vf[:sb], float_valid=fvalid[:sb])
+            # a real cache: the sink and the window stay float (KIVI), the rest is read quantized
+            args, kw, sub, skw = kivi_cache_operands(q, k, v, (kc, ks, kz, vc, vs, vz), bits, k_block, window)
             ref = da.decode_attention_reference(*sub, **skw)
             qbytes = sum(t.numel() * t.element_size() for t in (kc, ks, kz, vc, vs, vz))
             sname = str(scale_dtype).removeprefix("torch.")
