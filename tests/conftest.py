@@ -329,12 +329,7 @@ def captured_slice(smollm2: tuple, n_layers: int, dtype: torch.dtype = torch.flo
             example, dyn = torch.ones(1, 16, dtype=torch.long), {1: torch.export.Dim.DYNAMIC(min=2, max=8192)}
         _CAPTURED[key] = wrapper, capture(wrapper, (example,), {"input_ids": dyn})
     wrapper, graph = _CAPTURED[key]
-    g = graph.clone()
-    g.meta = copy.deepcopy(graph.meta)
-    params = list(g.params.values())
-    for v, data in zip(params, copy.deepcopy([v.data for v in params])):  # one deepcopy: shared storage stays shared
-        v.data = data
-    return wrapper, g
+    return wrapper, private_copy(graph)
 
 
 def sequence_slice(smollm2: tuple, n_layers: int, n_tokens: int,
