@@ -170,6 +170,20 @@ def _bf16_llama_dir(directory: Path) -> int:
     return make_model(directory, layers=2, hidden=512, intermediate=1536)
 
 
+def _tiny_bf16_llama_dir(directory: Path) -> str:
+    """A one-block random Llama stored in bf16 with SmolLM2's tokenizer (its 49152-token vocabulary), written to
+    ``directory``; returns it as a model spec: the 16-bit checkpoint the dtype notes and ``--dtype auto`` are about."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.data.model_files import load_smollm2_tokenizer
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=49152, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(directory)
+    load_smollm2_tokenizer().save_pretrained(directory)
+    return str(directory)
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux /proc for resident memory")
 def test_compile_and_save_hold_far_less_than_the_model(tmp_path: Path) -> None:
     """Loading in the checkpoint's dtype keeps the weights memory-mapped; RTN int4 replaces each linear by its
@@ -211,16 +225,9 @@ def test_compile_and_save_hold_far_less_than_the_model(tmp_path: Path) -> None:
 def test_cli_dtype_auto_loads_an_hf_directory_in_its_stored_dtype(tmp_path: Path) -> None:
     """``--dtype auto`` is the checkpoint's own dtype (bf16 here, so its weights stay memory-mapped), where float32,
     the default, converts them; an unknown dtype is refused before anything loads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from lowbit.cli.common import load
-    from lowbit.data.model_files import load_smollm2_tokenizer
 
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=49152, max_position_embeddings=64)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "m")
-    load_smollm2_tokenizer().save_pretrained(tmp_path / "m")
-    spec = str(tmp_path / "m")
+    spec = _tiny_bf16_llama_dir(tmp_path / "m")
     from lowbit.cli.common import _MODELS, check_eval_flags_fit
 
     check_eval_flags_fit(spec, {"--windows"}, "auto")  # the debug commands' flag check loads what they then run
@@ -332,17 +339,11 @@ def test_cli_advises_dtype_auto_for_a_16_bit_checkpoint_loaded_in_float32(tmp_pa
     in float32, so an int4 checkpoint of a bf16 model could be larger than the model. They ran without a word; they
     now say so and name ``--dtype auto`` (which writes bf16), and say nothing when ``--dtype`` is given."""
     from safetensors import safe_open
-    from transformers import LlamaConfig, LlamaForCausalLM
     from typer.testing import CliRunner
 
     from lowbit.cli.main import app
-    from lowbit.data.model_files import load_smollm2_tokenizer
 
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=49152, max_position_embeddings=64)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "m")
-    load_smollm2_tokenizer().save_pretrained(tmp_path / "m")
-    spec, runner = str(tmp_path / "m"), CliRunner()
+    spec, runner = _tiny_bf16_llama_dir(tmp_path / "m"), CliRunner()
     compile_args = ["compile", spec, "-p", "quantize(w=int4,group=16)", "-f", "compressed-tensors", "-q", "-o"]
 
     def embedding_dtype(out: Path) -> str:
@@ -397,16 +398,9 @@ def test_compile_model_of_a_16_bit_directory_path_warns_of_its_float32_copy(tmp_
     the warning, in bf16."""
     import warnings
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import lowbit
-    from lowbit.data.model_files import load_smollm2_tokenizer
 
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=49152, max_position_embeddings=64)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "m")
-    load_smollm2_tokenizer().save_pretrained(tmp_path / "m")
-    spec = str(tmp_path / "m")
+    spec = _tiny_bf16_llama_dir(tmp_path / "m")
     with pytest.warns(UserWarning, match=r"stores its weights in bfloat16: a float32 copy of every weight in memory "
                                          r"\(about \d+ MiB\).*load_model\(.*, dtype='auto'\)"):
         floats = lowbit.compile_model(spec, pipeline="quantize(w=int4,group=16)")
