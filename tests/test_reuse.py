@@ -30,6 +30,17 @@ def _whole(graph, inputs) -> torch.Tensor:
     return run_probe(graph, inputs, with_layers=False).output
 
 
+def _slice_as_reference():
+    """SmolLM2's 2-block slice, one window of 32 tokens, and ``ReusedRuns`` of those inputs that ran the slice as its
+    reference."""
+    loaded = load("smollm2:2")
+    inputs = make_inputs(loaded, windows=1, seq_len=32)
+    graph = capture_model(loaded)
+    runs = ReusedRuns(inputs)
+    runs.run(graph, reference=True)
+    return graph, inputs, runs
+
+
 def test_reused_runs_give_a_whole_run_s_numbers_on_smollm2():
     """A restricted quantize on block 1 runs block 1 and the head only, from block 0's saved output; on block 0 it
     runs both blocks; each packed weight quantized again is unpacked once. Every output equals a whole run's."""
@@ -58,11 +69,7 @@ def test_reused_runs_give_a_whole_run_s_numbers_on_smollm2():
 def test_reused_runs_see_a_rewritten_weight_and_a_pruned_block():
     """A parameter a pass replaces (fold-norms on block 1) and a block whose shapes change (prune-mlp) are not the
     reference's: they run again, and the outputs equal a whole run's."""
-    loaded = load("smollm2:2")
-    inputs = make_inputs(loaded, windows=1, seq_len=32)
-    graph = capture_model(loaded)
-    runs = ReusedRuns(inputs)
-    runs.run(graph, reference=True)
+    graph, inputs, runs = _slice_as_reference()
     # magnitude scores need no calibration (the default wanda ran 32 x 512 tokens through the slice first); the
     # pruned block's shapes change all the same
     for spec in ("fold-norms", "prune-mlp(ratio=0.5,score=magnitude)"):
@@ -104,11 +111,7 @@ def test_debug_sensitivity_ranks_with_the_numbers_of_whole_runs(tmp_path, monkey
 def test_dequantized_weights_stay_within_their_budget():
     """Past its budget the oldest dequantized weight is dropped (the newest is always kept): a model larger than
     memory does not keep a float copy of every weight, and the output is still a whole run's."""
-    loaded = load("smollm2:2")
-    inputs = make_inputs(loaded, windows=1, seq_len=32)
-    graph = capture_model(loaded)
-    runs = ReusedRuns(inputs)
-    runs.run(graph, reference=True)
+    graph, inputs, runs = _slice_as_reference()
     runs.weights.budget = 1
     g = _restricted(graph, "quantize(w=int4,group=64)", [1])
     assert torch.equal(runs.run(g), _whole(g, inputs))
