@@ -594,6 +594,26 @@ class _PassesRun:
         pass
 
 
+def _refused_before_any_pass(option: str, value: object, match: str):
+    """``backend_options={option: value}`` on a tiny Llama is refused (``match``) by the compile driver before the
+    first pass runs, and by ``TensorRTCompiled(graph, option=value)`` before it lowers; returns that float graph."""
+    import lowbit
+    from conftest import tiny_llama
+    from lowbit.backends.registry import BackendError
+    from lowbit.backends.tensorrt import TensorRTOptionError
+
+    torch.manual_seed(0)
+    passes_run = _PassesRun()
+    with pytest.raises((BackendError, TensorRTOptionError), match=match):
+        lowbit.compile_model(tiny_llama(), pipeline="fold-norms,dce", backend="tensorrt",
+                             backend_options={option: value}, instruments=[passes_run])
+    assert passes_run.started == []
+    graph = lowbit.compile_model(tiny_llama()).graph
+    with pytest.raises(TensorRTOptionError, match=match):
+        TensorRTCompiled(graph, **{option: value})
+    return graph
+
+
 @pytest.mark.parametrize("shapes, match", [
     ({"input_id": ((1, 1), (1, 8), (2, 16))}, r"shapes= names 'input_id', but graph 'main' has no such input \(did "
                                               r"you mean 'input_ids'\?\); its inputs are: input_ids$"),
@@ -607,20 +627,7 @@ def test_tensorrt_shapes_are_checked_against_the_graph_inputs_before_any_pass_ru
     TensorRT's builder set the profile: after capture, the whole pipeline (its calibration) and the ONNX lowering.
     The compile driver checks it on the captured graph before the first pass now, naming the inputs there are;
     so does ``TensorRTCompiled`` before it lowers (or finds TensorRT missing)."""
-    import lowbit
-    from conftest import tiny_llama
-    from lowbit.backends.registry import BackendError
-    from lowbit.backends.tensorrt import TensorRTOptionError
-
-    torch.manual_seed(0)
-    passes_run = _PassesRun()
-    with pytest.raises((BackendError, TensorRTOptionError), match=match):
-        lowbit.compile_model(tiny_llama(), pipeline="fold-norms,dce", backend="tensorrt",
-                             backend_options={"shapes": shapes}, instruments=[passes_run])
-    assert passes_run.started == []
-    graph = lowbit.compile_model(tiny_llama()).graph
-    with pytest.raises(TensorRTOptionError, match=match):
-        TensorRTCompiled(graph, shapes=shapes)
+    _refused_before_any_pass("shapes", shapes, match)
 
 
 @pytest.mark.parametrize("pipeline", ["quantize(w=int4,group=128,group_fallback=32)",
@@ -678,20 +685,7 @@ def test_tensorrt_opt_names_a_dynamic_dim_of_the_model_inside_its_range(opt, mat
     capture's size, not the one asked for; ``opt={"sequence": 100000}`` on a 32-position model reached TensorRT's
     builder as an invalid profile. Both are refused naming the dims (and the range): by the compile driver before
     any pass runs, by ``TensorRTCompiled`` before it lowers, and by ``build_engine``'s profile from an ONNX file."""
-    import lowbit
-    from conftest import tiny_llama
-    from lowbit.backends.registry import BackendError
-    from lowbit.backends.tensorrt import TensorRTOptionError
-
-    torch.manual_seed(0)
-    passes_run = _PassesRun()
-    with pytest.raises((BackendError, TensorRTOptionError), match=match):
-        lowbit.compile_model(tiny_llama(), pipeline="fold-norms,dce", backend="tensorrt",
-                             backend_options={"opt": opt}, instruments=[passes_run])
-    assert passes_run.started == []
-    graph = lowbit.compile_model(tiny_llama()).graph
-    with pytest.raises(TensorRTOptionError, match=match):
-        TensorRTCompiled(graph, opt=opt)
+    graph = _refused_before_any_pass("opt", opt, match)
     model = to_onnx(graph, opset=21, weight_format="qdq", attention="decompose")
     with pytest.raises(TensorRTBuildError, match=match):
         profile_from_symbols(model, opt)
