@@ -130,6 +130,16 @@ def _weights(graph: Graph) -> dict[str, torch.Tensor]:
     return {k: v.data for k, v in graph.params.items()}
 
 
+def _assert_text_round_trips(graph: Graph, x: torch.Tensor) -> None:
+    """``graph``'s text parses (with its weights) to a graph that verifies, prints the same text and computes the
+    same output on ``x`` bit for bit."""
+    text = print_graph(graph)
+    parsed = parse_graph(text, _weights(graph))
+    assert print_graph(parsed) == text
+    verify(parsed)
+    assert torch.equal(TorchCompiled(parsed)(x), TorchCompiled(graph)(x))
+
+
 SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
@@ -137,11 +147,7 @@ SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=list(H
 @given(programs())
 def test_text_form_is_a_fixed_point_and_the_parsed_graph_computes_the_same(program):
     graph, model, x = captured(program)
-    text = print_graph(graph)
-    parsed = parse_graph(text, _weights(graph))
-    assert print_graph(parsed) == text
-    verify(parsed)
-    assert torch.equal(TorchCompiled(parsed)(x), TorchCompiled(graph)(x))
+    _assert_text_round_trips(graph, x)
     tol = 2e-2 if x.dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(TorchCompiled(graph)(x), model(x), rtol=tol, atol=tol)
 
@@ -224,11 +230,7 @@ def test_quantized_graphs_keep_the_text_fixed_point(program, pipeline):
     steps, d, dtype, dynamic = program
     graph, _, x = captured((steps, d, torch.float32 if dtype == torch.float64 else dtype, dynamic))
     PassManager(pipeline).run(graph)
-    text = print_graph(graph)
-    parsed = parse_graph(text, _weights(graph))
-    assert print_graph(parsed) == text
-    verify(parsed)
-    assert torch.equal(TorchCompiled(parsed)(x), TorchCompiled(graph)(x))
+    _assert_text_round_trips(graph, x)
 
 
 def _state(graph: Graph) -> tuple[str, str, str, dict[str, int]]:
