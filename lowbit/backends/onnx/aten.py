@@ -12,7 +12,6 @@ plumbing keeps its exact values.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -239,7 +238,18 @@ def _arange(ctx: LoweringContext, node: Node) -> ir.Value:
     return ctx.cast(r, compute, out)
 
 
-def _filled(ctx: LoweringContext, node: Node, sizes: Sequence[Any], value: Any) -> ir.Value:
+FILL_VALUES: dict[str, int] = {
+    "aten.ones.default": 1, "aten.new_ones.default": 1, "aten.ones_like.default": 1,
+    "aten.zeros.default": 0, "aten.new_zeros.default": 0, "aten.zeros_like.default": 0,
+}
+"""What the ones and zeros ops fill with; the full ops read their ``fill_value`` operand."""
+
+
+@lowering("aten.ones.default", "aten.zeros.default", "aten.full.default",
+          "aten.new_ones.default", "aten.new_zeros.default", "aten.new_full.default")
+def _filled(ctx: LoweringContext, node: Node) -> ir.Value:
+    b = bind(node)
+    value, sizes = FILL_VALUES.get(node.op, b.get("fill_value")), b["size"]
     out = ctx.out_dtype(node)
     if all(isinstance(s, int) for s in sizes):
         return ctx.const(np.full(tuple(sizes), value), out)
@@ -247,24 +257,10 @@ def _filled(ctx: LoweringContext, node: Node, sizes: Sequence[Any], value: Any) 
                   {"value": ir.tensor(np.asarray([value]).astype(to_onnx_dtype(out).numpy()))})
 
 
-@lowering("aten.new_ones.default", "aten.new_zeros.default", "aten.new_full.default")
-def _new_filled(ctx: LoweringContext, node: Node) -> ir.Value:
-    b = bind(node)
-    value = {"aten.new_ones.default": 1, "aten.new_zeros.default": 0}.get(node.op, b.get("fill_value"))
-    return _filled(ctx, node, b["size"], value)
-
-
-@lowering("aten.ones.default", "aten.zeros.default", "aten.full.default")
-def _filled_op(ctx: LoweringContext, node: Node) -> ir.Value:
-    b = bind(node)
-    value = {"aten.ones.default": 1, "aten.zeros.default": 0}.get(node.op, b.get("fill_value"))
-    return _filled(ctx, node, b["size"], value)
-
-
 @lowering("aten.ones_like.default", "aten.zeros_like.default", "aten.full_like.default")
 def _filled_like(ctx: LoweringContext, node: Node) -> ir.Value:
     b = bind(node)
-    value = {"aten.ones_like.default": 1, "aten.zeros_like.default": 0}.get(node.op, b.get("fill_value"))
+    value = FILL_VALUES.get(node.op, b.get("fill_value"))
     out = ctx.out_dtype(node)
     return ctx.op("ConstantOfShape", [ctx.op("Shape", [ctx.v(b["self"])])],
                   {"value": ir.tensor(np.asarray([value]).astype(to_onnx_dtype(out).numpy()))})
