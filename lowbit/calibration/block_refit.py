@@ -92,11 +92,4 @@ def refit_block(ctx: BlockRun, linears: Sequence[Node], targets: Sequence[dict[A
             wv = w.node.args[1]
             with torch.no_grad():
                 graph.set_param(wv.name, w.weight().detach().to(wv.data.device, wv.data.dtype))
-    seconds = time.perf_counter() - t0
-    stats.blocks += 1
-    stats.kept += int(keep)
-    stats.loss_before += before
-    stats.loss_after += after if keep else before
-    stats.seconds += seconds
-    stats.per_block.append({"block": ctx.name, "loss_before": before, "loss_after": after, "kept": keep,
-                            "seconds": round(seconds, 2)})
+    stats.add_block(ctx.name, before, after, keep, time.perf_counter() - t0)

@@ -70,6 +70,17 @@ class BlockFitStats:
     seconds: float = 0.0
     per_block: list[dict[str, Any]] = field(default_factory=list)
 
+    def add_block(self, name: str, before: float, after: float, keep: bool, seconds: float, **more: Any) -> None:
+        """Count block ``name``'s fit; a fit not kept leaves the block's loss at ``before``. ``more``: the fit's own
+        per-block entries (block tuning's codes changed)."""
+        self.blocks += 1
+        self.kept += int(keep)
+        self.loss_before += before
+        self.loss_after += after if keep else before
+        self.seconds += seconds
+        self.per_block.append({"block": name, "loss_before": before, "loss_after": after, "kept": keep, **more,
+                               "seconds": round(seconds, 2)})
+
 
 @dataclass
 class TuneStats(BlockFitStats):
@@ -331,13 +342,6 @@ def tune_block(ctx: BlockRun, weights: Sequence[tuple[Node, torch.Tensor | None]
             qv, sv, _ = t.values
             graph.set_param(qv.name, codes.to(qv.data.device))
             graph.set_param(sv.name, scale.to(sv.data.device, sv.data.dtype))
-    stats.blocks += 1
-    stats.kept += int(keep)
-    stats.loss_before += before
-    stats.loss_after += after if keep else before
     stats.codes_changed += changed
     stats.codes_total += sum(t.codes0.numel() for t in tuned)
-    seconds = time.perf_counter() - t0
-    stats.seconds += seconds
-    stats.per_block.append({"block": ctx.name, "loss_before": before, "loss_after": after, "kept": keep,
-                            "codes_changed": changed, "seconds": round(seconds, 2)})
+    stats.add_block(ctx.name, before, after, keep, time.perf_counter() - t0, codes_changed=changed)
