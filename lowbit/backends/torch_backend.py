@@ -23,7 +23,7 @@ from lowbit.backends.semi_structured import apply_semi_structured, report_lines
 from lowbit.errors import LowbitError
 from lowbit.ir.fold import drop_unused_params, fold_constants
 from lowbit.ir.fusion import unfuse_qlinear
-from lowbit.ir.graph import Graph, Value, map_operands
+from lowbit.ir.graph import Graph, Value, map_operands, params_device
 from lowbit.ir.kvcache import cache_attention_into
 from lowbit.ir.ops import resolve
 from lowbit.ir.signature import InputChecker, ordered_inputs
@@ -234,7 +234,7 @@ class TorchCompiled(torch.nn.Module):
         self.gm = lower_to_fx(lowered, device, donated)
         marked = frozenset(n.outputs[0].name for n in lowered.nodes
                            if n.op in ("linear", "qlinear") and n.meta.get("sparsity") == "2:4")
-        dev = self.device if self.device is not None else _params_device(lowered)
+        dev = self.device if self.device is not None else params_device(lowered)
         self.sparse_report = apply_semi_structured(self.gm, dev, enabled=semi_structured, library=sparse_library,
                                                    marked=marked, labels=linear_labels(lowered))
         self.check_inputs = InputChecker(graph)
@@ -285,13 +285,6 @@ def packed_weight_reads(graph: Graph) -> int:
     slot = {"dequantize": 0, "qlinear": 1}
     return sum(1 for n in graph.nodes
                if n.op in slot and len(n.args) > slot[n.op] and id(n.args[slot[n.op]]) in params)
-
-
-def _params_device(graph: Graph) -> torch.device:
-    for v in graph.params.values():
-        if isinstance(v.data, torch.Tensor):
-            return v.data.device
-    return torch.device("cpu")
 
 
 def lower(graph: Graph, device: str | None = None, *, keep_packed: bool = False, semi_structured: bool = False,

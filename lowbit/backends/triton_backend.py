@@ -30,8 +30,8 @@ import torch.fx
 
 from lowbit.backends.registry import BackendError
 from lowbit.backends.semi_structured import report_lines
-from lowbit.backends.torch_backend import TorchCompiled, _params_device, buffer_bytes
-from lowbit.ir.graph import Graph, TensorType
+from lowbit.backends.torch_backend import TorchCompiled, buffer_bytes
+from lowbit.ir.graph import Graph, TensorType, params_device
 from lowbit.ir import ops as ir_ops
 from lowbit.ir.ops import hadamard as ir_hadamard
 from lowbit.ir.quant import qlinear
@@ -1200,7 +1200,7 @@ class TritonCompiled(TorchCompiled):
         # torch.compile (and its CUDA graphs) cannot trace Triton's CPU interpreter: the module then runs eagerly,
         # and the report says which options were not applied rather than leaving them silently ignored
         self.report["not_applied"] = {}
-        device = self.device if self.device is not None else _params_device(fused)
+        device = self.device if self.device is not None else params_device(fused)
         if device.type != "cuda":
             for option, on in (("compile", compile), ("cuda_graphs", cuda_graphs)):
                 if on:

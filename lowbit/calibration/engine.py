@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
-from lowbit.ir.graph import BLOCK_PATTERN, Graph, Node, Value, blocks, map_operands
+from lowbit.ir.graph import BLOCK_PATTERN, Graph, Node, Value, blocks, map_operands, params_device
 from lowbit.ir.ops import resolve
 
 __all__ = ["BLOCK_PATTERN", "Stage", "BlockRun", "CalibrationReport", "NodeHook", "BlockHook", "Replacement",
@@ -156,12 +156,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     return dev
 
 
-def home_device(graph: Graph) -> torch.device:
-    """Where the graph's params live (CPU for a graph without params): where calibration results go back to."""
-    for v in graph.params.values():
-        if isinstance(v.data, torch.Tensor):
-            return v.data.device
-    return torch.device("cpu")
+home_device = params_device
+"""Where calibration results go back to: the graph's params' device (``lowbit.ir.graph.params_device``)."""
 
 
 class _DeviceParams:

@@ -547,6 +547,15 @@ def blocks(graph: Graph, pattern: str = BLOCK_PATTERN) -> list[Region]:
     return list(regions.values())
 
 
+def params_device(graph: Graph) -> torch.device:
+    """Where the graph's params live (CPU for a graph without params): where calibration writes its results back
+    and where a backend puts the inputs when no device was asked for."""
+    for v in graph.params.values():
+        if isinstance(v.data, torch.Tensor):
+            return v.data.device
+    return torch.device("cpu")
+
+
 def graph_of(compiled: Any) -> Graph:
     """The IR behind a compiled model (anything with ``.graph``) or the Graph itself (export and save take both)."""
     if isinstance(compiled, Graph):
