@@ -437,7 +437,6 @@ def pruned_speed(args: argparse.Namespace) -> None:
     cfg = model.config
     multiple = 128 if smoke else SPEED_MULTIPLE  # smoke: K % 128 for the group-128 W4 rows
     groups, removed, rm_layer, per_layer = _speed_cut(cfg, args.speed_target, multiple, args.speed_heads)
-    ratio = removed / cfg.intermediate_size
     kept = cfg.intermediate_size - removed
     kv_kept = cfg.num_key_value_heads - groups
     prompt, new, batches = (32, 8, [1, 2]) if smoke else (args.speed_prompt, args.speed_new, [1, 16])
