@@ -962,8 +962,9 @@ def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | 
                 report["unfused"][written_out.name] = (
                     f"rotary + k/v cache write: the keys written are %{written_out.name} ({_op_name(written_out)}), no "
                     "IR rotate-half rotary, whole or partial (rotary_write_kv's kernel turns those only): an "
-                    "adjacent-pair rotary (GPT-J, Cohere) or none (a NoPE layer, GPT-2's learned positions, Bloom's "
-                    f"ALiBi); its ops run as captured, the k/v cache writes as {writes}")
+                    "adjacent-pair rotary (GPT-J, Cohere), none (a NoPE layer, GPT-2's learned positions, Bloom's "
+                    "ALiBi), or an op after the rotary (a fake-quantized key's dequantize); its ops run as captured, "
+                    f"the k/v cache writes as {writes}")
             continue
         q_rot, k_rot, k_write, v_write = found["q_rot"], found["k_rot"], found["k_write"], found["v_write"]
         rotary_dim = found["rotary_dim"]

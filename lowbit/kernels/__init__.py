@@ -3,7 +3,8 @@
 A leaf package (torch + triton only): backends import it, it imports nothing of lowbit's but the reference
 ops of ``lowbit.ir`` (``quant``, ``ops``) inside the ``*_ref`` functions. Every op is a ``torch.library.triton_op``,
 so ``torch.compile`` traces through it (no graph break) and CUDA graphs capture its launches, but
-``rotary_write_kv`` and ``write_kv``: they write two graph inputs, opaque ``custom_op``s (see their docstrings).
+``rotary_write_kv``, ``write_kv`` and ``rotary_decode_sdpa`` (they write two graph inputs) and the ``*_pdl`` ops
+(their launches carry the programmatic-dependent-launch attribute): opaque ``custom_op``s (see their docstrings).
 
 - ``torch.ops.lowbit.weight_only_linear``: W4A16 / W8A16 (and int3/int2 in 4-bit storage) on the stored layout or
   the int32 decode layout (``weight_only.pack_words``, made once at lowering; N-major words by default): GEMVs
