@@ -64,7 +64,9 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from results_io import machine, merge_rows
@@ -387,6 +389,44 @@ def speed_prune_pipeline(cfg, groups: int, removed: int, multiple: int, calib_le
         f"prune-mlp(ratio={removed / cfg.intermediate_size:.6f},multiple={multiple},{cal})" if removed else "") if p)
 
 
+def _speed_rows(out: Path, header: dict) -> tuple[list[dict], Callable[[dict], None]]:
+    """The speed modes' rows and the ``emit`` that adds one, prints it and merges all so far into ``out`` (a run
+    cut short keeps what it measured)."""
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        merge_rows(out, header, rows, key=PRUNED_SPEED_KEY, append_command=True)
+
+    return rows, emit
+
+
+def _phase_rows(compile_step: Callable[[], Any], tag: dict, what: str, batches: list[int],
+                emit: Callable[[dict], None], past_budget: bool, timed: Callable[[Any, dict, int], dict]) -> None:
+    """One phase's rows of one (scheme, pruned) configuration of the speed modes: rows saying so past
+    ``--speed-budget``, an error row per batch where ``compile_step`` raises, else ``timed(cm, row, batch)`` per
+    batch (the compile's seconds and the backend report's first line in each row)."""
+    if past_budget:
+        for b in batches:
+            emit({**tag, "batch": b, "phase": what, "error": "skipped: past --speed-budget"})
+        return
+    t = time.perf_counter()
+    try:
+        cm = compile_step()
+        compile_s = time.perf_counter() - t
+        kernels = cm.runner.report_text().splitlines()[0] if hasattr(cm.runner, "report_text") else ""
+    except Exception as exc:  # noqa: BLE001 - a failing configuration becomes rows
+        for b in batches:
+            emit({**tag, "batch": b, "phase": what, "error": f"compile: {type(exc).__name__}: {str(exc)[:300]}"})
+        return
+    for b in batches:
+        emit(timed(cm, {**tag, "batch": b, "phase": what, "compile_s": round(compile_s, 1), "kernels": kernels}, b))
+    del cm
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _timed_row(cm, row: dict, what: str, batch: int, vocab: int, prompt: int, new: int, pre_len: int,
                measured: dict[tuple, dict], scheme: str, pruned: bool, repeats: int = 3) -> dict:
     """``row`` with the phase's timing of ``cm`` (decode ms/step of ``new`` tokens after a ``prompt``-token prompt,
@@ -429,8 +469,7 @@ def pruned_speed(args: argparse.Namespace) -> None:
     from bench_generate import _llama
 
     t_start = time.perf_counter()
-    cuda = torch.cuda.is_available()
-    dev = "cuda" if cuda else "cpu"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     dev_name = machine(dev)
     smoke = args.smoke
     model = _llama(smoke, args.speed_layers)
@@ -472,12 +511,7 @@ def pruned_speed(args: argparse.Namespace) -> None:
                         "token, median of 3 after a warm-up). speedup = unpruned / pruned of the same scheme and "
                         "batch in this run." + (" SMOKE: tiny shapes." if smoke else ""))}
     out = Path(args.out)
-    rows: list[dict] = []
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        merge_rows(out, header, rows, key=PRUNED_SPEED_KEY, append_command=True)
+    rows, emit = _speed_rows(out, header)
 
     def out_of_time() -> bool:
         return time.perf_counter() - t_start > args.speed_budget
@@ -499,29 +533,12 @@ def pruned_speed(args: argparse.Namespace) -> None:
             for what, spec, bs in (("decode", GenerationSpec(max_length=prompt + new, max_batch=max(batches)),
                                     batches),
                                    ("prefill", GenerationSpec(max_length=pre_len + 8, max_batch=1), [1])):
-                if out_of_time():
-                    for b in bs:
-                        emit({**tag, "batch": b, "phase": what, "error": "skipped: past --speed-budget"})
-                    continue
-                t = time.perf_counter()
-                try:
-                    cm = compile_model(model, pipeline=pipe or None, backend="triton", device=dev,
-                                       backend_options={"compile": args.speed_compile},
-                                       calib=calib if pruned else None,
-                                       generation=spec)
-                    compile_s = time.perf_counter() - t
-                    kernels = cm.runner.report_text().splitlines()[0] if hasattr(cm.runner, "report_text") else ""
-                except Exception as exc:  # noqa: BLE001 - a failing configuration becomes rows
-                    for b in bs:
-                        emit({**tag, "batch": b, "phase": what,
-                              "error": f"compile: {type(exc).__name__}: {str(exc)[:300]}"})
-                    continue
-                for b in bs:
-                    row = {**tag, "batch": b, "phase": what, "compile_s": round(compile_s, 1), "kernels": kernels}
-                    emit(_timed_row(cm, row, what, b, cfg.vocab_size, prompt, new, pre_len, measured, scheme, pruned))
-                del cm
-                if cuda:
-                    torch.cuda.empty_cache()
+                _phase_rows(lambda: compile_model(model, pipeline=pipe or None, backend="triton", device=dev,
+                                                  backend_options={"compile": args.speed_compile},
+                                                  calib=calib if pruned else None, generation=spec),
+                            tag, what, bs, emit, out_of_time(),
+                            lambda cm, row, b: _timed_row(cm, row, what, b, cfg.vocab_size, prompt, new, pre_len,
+                                                          measured, scheme, pruned))
     merge_rows(out, header, rows, key=PRUNED_SPEED_KEY, append_command=True)
 
 
@@ -599,8 +616,7 @@ def pruned_speed_smollm2(args: argparse.Namespace) -> None:
     from lowbit.generate import GenerationSpec
 
     t_start = time.perf_counter()
-    cuda = torch.cuda.is_available()
-    dev = "cuda" if cuda else "cpu"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     dev_name = machine(dev)
     smoke = args.smoke
     name = "smollm2:2" if smoke else "smollm2"
@@ -658,12 +674,7 @@ def pruned_speed_smollm2(args: argparse.Namespace) -> None:
                         "accuracy, not tuned to the speed."
                         + (" SMOKE: 2 layers, tiny calibration and lengths, 1 prefill." if smoke else ""))}
     out = Path(args.out)
-    rows: list[dict] = []
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        merge_rows(out, header, rows, key=PRUNED_SPEED_KEY, append_command=True)
+    rows, emit = _speed_rows(out, header)
 
     area = "pruned-speed-20-heads-mlp-smollm2" + (f"-{args.speed_tag}" if args.speed_tag else "")
     method = "lowbit-triton-compiled" if args.speed_compile else "lowbit-triton"
@@ -683,27 +694,10 @@ def pruned_speed_smollm2(args: argparse.Namespace) -> None:
                 tag.update(prune_seconds=round(prune_s, 1), accuracy_row=f"{scheme_acc}:{method_acc}:{variant_acc}",
                            heads=next((st["heads"] for st in stats.values() if "heads" in st), None))
             for what, (spec, bs) in phases.items():
-                if time.perf_counter() - t_start > args.speed_budget:
-                    for b in bs:
-                        emit({**tag, "batch": b, "phase": what, "error": "skipped: past --speed-budget"})
-                    continue
-                t = time.perf_counter()
-                try:
-                    cm = _compiled_step(graph, quant, spec, dev, tok, options)
-                    compile_s = time.perf_counter() - t
-                    kernels = cm.runner.report_text().splitlines()[0] if hasattr(cm.runner, "report_text") else ""
-                except Exception as exc:  # noqa: BLE001 - a failing configuration becomes rows
-                    for b in bs:
-                        emit({**tag, "batch": b, "phase": what,
-                              "error": f"compile: {type(exc).__name__}: {str(exc)[:300]}"})
-                    continue
-                for b in bs:
-                    row = {**tag, "batch": b, "phase": what, "compile_s": round(compile_s, 1), "kernels": kernels}
-                    emit(_timed_row(cm, row, what, b, cfg.vocab_size, prompt, new, pre_len, measured, scheme,
-                                    is_pruned, repeats=1 if smoke else 3))
-                del cm
-                if cuda:
-                    torch.cuda.empty_cache()
+                _phase_rows(lambda: _compiled_step(graph, quant, spec, dev, tok, options), tag, what, bs, emit,
+                            time.perf_counter() - t_start > args.speed_budget,
+                            lambda cm, row, b: _timed_row(cm, row, what, b, cfg.vocab_size, prompt, new, pre_len,
+                                                          measured, scheme, is_pruned, repeats=1 if smoke else 3))
     merge_rows(out, header, rows, key=PRUNED_SPEED_KEY, append_command=True)
 
 
