@@ -310,9 +310,12 @@ def unread_source_tensors(hf_model: torch.nn.Module, graph: Graph) -> dict[str, 
     def where(t: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype]:
         return t.data_ptr(), tuple(t.shape), t.dtype
 
+    from lowbit.models import fused_expert_sources
+
     held = {where(v.data) for v in graph.params.values() if v.data is not None and v.data.device.type != "meta"}
+    sliced = fused_expert_sources(graph.params)  # read through DenseExperts' per-expert views
     return {name: t.detach() for name, t in hf_model.state_dict().items()
-            if name not in graph.params and t.device.type != "meta" and where(t) not in held}
+            if name not in graph.params and name not in sliced and t.device.type != "meta" and where(t) not in held}
 
 
 def describe_source(model: torch.nn.Module, graph: Graph | None = None) -> dict[str, Any]:

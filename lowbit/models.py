@@ -36,7 +36,7 @@ import re
 import shutil
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -70,6 +70,7 @@ from lowbit.remote_code import from_pretrained
 __all__ = [
     "CausalLMLogits",
     "CausalLMStep",
+    "DenseExperts",
     "GenerationError",
     "SentenceEmbedder",
     "ModelKind",
@@ -120,6 +121,11 @@ class CausalLMLogits(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         with _no_packed_sequences():
             return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def capture_context(self) -> contextlib.AbstractContextManager[list[str]]:
+        """What ``capture`` holds torch.export under: a mixture-of-experts model's experts as ``DenseExperts``
+        (routed dispatch exports to ops the IR does not run); a dense model is captured as it is."""
+        return dense_experts(self.model)
 
 
 _SKIP_PACKED_SEARCH: contextvars.ContextVar[int] = contextvars.ContextVar("lowbit_skip_packed_search", default=0)
@@ -172,24 +178,143 @@ def _no_packed_sequences() -> Iterator[None]:
                 masking.find_packed_sequence_indices = _search_original
 
 
-def _refuse_mixture_of_experts(model: nn.Module) -> None:
-    """A mixture-of-experts model (Mixtral, Qwen2/3-MoE, GraniteMoE, ...) routes each token to its top-k experts:
-    torch.export writes that as data-dependent ops (topk, sort, histc, transformers' grouped_mm) the IR does not
-    run. Capture refused it only after tracing the whole model (10 s for a 2-layer toy, far longer for a real one)
-    with a list of ops; it is refused before, saying why."""
+DENSE_EXPERT_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"})
+"""``config.model_type``s whose experts ``DenseExperts`` stands in for, each checked against transformers' logits
+(``tests/test_moe.py``): the router (softmax, top-k and each family's normalisation: Mixtral's renormalised top-k,
+Qwen2/3-MoE's and OLMoE's ``norm_topk_prob``, GraniteMoE's softmax of the top-k logits) and Qwen2-MoE's shared
+expert stay transformers' own modules. Another mixture-of-experts family is refused: its router may differ in what
+the module layout does not show (DeepSeek's grouped top-k, GPT-OSS's transposed experts with biases)."""
+
+DENSE_EXPERT_PARAM = re.compile(r"^(.*\bexperts)\.expert_(\d+)\.(gate|up|down)_proj\.weight\b")
+"""The parameter names ``DenseExperts`` gives its slices, ``...mlp.experts.expert_3.up_proj.weight`` (and a
+quantized one's ``.weight.qdata``/``.weight.scale``): experts module, expert index, projection."""
+
+
+def fused_expert_sources(param_names: Iterable[str]) -> set[str]:
+    """The HF model's fused expert tensors (``...experts.gate_up_proj``, ``...experts.down_proj``) that a graph's
+    ``DenseExperts`` parameters were sliced from: read by the graph, under the slices' names."""
+    found = set()
+    for name in param_names:
+        m = DENSE_EXPERT_PARAM.match(name)
+        if m:
+            found.add(f"{m[1]}.{'down_proj' if m[3] == 'down' else 'gate_up_proj'}")
+    return found
+
+
+def _fused_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers experts module of the layout ``DenseExperts`` slices: concatenated
+    ``gate_up_proj [E, 2I, H]`` (gate rows first) and ``down_proj [E, H, I]``, no biases, the default gate
+    ``act(gate) * up`` and no norm after each expert (``transformers.integrations.moe.use_experts_implementation``)."""
+    import transformers.integrations.moe as moe
+
+    default_gate = getattr(moe, "_default_apply_gate", None)  # another transformers: not covered, so refused
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3
+            and down.dim() == 3 and getattr(module, "is_concatenated", None) is True
+            and getattr(module, "is_transposed", None) is False and getattr(module, "has_bias", None) is False
+            and getattr(module, "has_gate", None) is True and getattr(module, "has_post_expert_norm", None) is False
+            and default_gate is not None and getattr(type(module), "_apply_gate", None) is default_gate)
+
+
+class DenseExperts(nn.Module):
+    """A transformers experts module run densely: every token through every expert, each expert's output scaled
+    by the router's weight for it (0 for an expert the token's top-k did not pick) and summed.
+
+    transformers dispatches each token to its top-k experts (``nonzero``/``where`` over the routing, ``index_add``,
+    or ``grouped_mm``): data-dependent ops lowbit's IR does not run. Here the top-k weights are scattered into a
+    dense ``[tokens, E]`` matrix (k is fixed, so ``topk`` and ``scatter`` capture) and each expert is three plain
+    linears, ``expert_<e>.gate_proj``/``up_proj``/``down_proj``, whose weights are views of the fused tensors (no
+    copy): the quantizer sees each projection as its own linear. The experts are summed in expert order, as
+    transformers adds them, so the result is transformers' to float rounding. Cost: every expert on every token,
+    E/k times the routed experts' FLOPs (E times one expert's): the exact, capturable form, not a fast one.
+    """
+
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        n_experts, gate_up_rows, hidden = experts.gate_up_proj.shape
+        inner = gate_up_rows // 2
+        self.num_experts = n_experts
+        self.act_fn = experts.act_fn
+        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        for e in range(n_experts):
+            expert = nn.Module()
+            for name, weight in (("gate_proj", gate_up[e, :inner]), ("up_proj", gate_up[e, inner:]),
+                                 ("down_proj", down[e])):
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+                linear.weight = nn.Parameter(weight, requires_grad=False)
+                setattr(expert, name, linear)
+            self.add_module(f"expert_{e}", expert)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """``hidden_states [T, H]``, the router's ``top_k_index``/``top_k_weights [T, k]`` -> ``[T, H]``."""
+        dense = hidden_states.new_zeros(hidden_states.shape[0], self.num_experts, dtype=top_k_weights.dtype)
+        dense = dense.scatter(1, top_k_index, top_k_weights)
+        out = None
+        for e in range(self.num_experts):
+            expert = getattr(self, f"expert_{e}")
+            y = expert.down_proj(self.act_fn(expert.gate_proj(hidden_states)) * expert.up_proj(hidden_states))
+            # transformers scales in the router's dtype and adds in the hidden states' (index_add_)
+            y = (y * dense[:, e, None]).to(hidden_states.dtype)
+            out = y if out is None else out + y
+        return out
+
+
+@contextlib.contextmanager
+def dense_experts(model: nn.Module) -> Iterator[list[str]]:
+    """``model``'s fused experts modules swapped for ``DenseExperts`` while the block runs, restored after (on an
+    error too); yields the swapped modules' names ([] for a dense model). For capture: the user's model is left
+    as it was, and a model whose experts are already dense (a capture inside another) is left alone."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    names: list[str] = []
+    if _moe_model_type(model) in DENSE_EXPERT_MODEL_TYPES:
+        for name, module in list(model.named_modules()):
+            if _fused_experts(module):
+                parent_name, _, attr = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                setattr(parent, attr, DenseExperts(module))
+                swapped.append((parent, attr, module))
+                names.append(name)
+    try:
+        yield names
+    finally:
+        for parent, attr, module in reversed(swapped):
+            setattr(parent, attr, module)
+
+
+def _moe_model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _refuse_mixture_of_experts(model: nn.Module, *, generation: bool = False) -> None:
+    """A mixture-of-experts model routes each token to its top-k experts: torch.export writes transformers'
+    dispatch as data-dependent ops (nonzero, histc, grouped_mm) the IR does not run. The families of
+    ``DENSE_EXPERT_MODEL_TYPES`` capture through ``DenseExperts``; any other, and the generation step of any (its
+    step is not checked against transformers' ``generate``), is refused before tracing (capture traced the whole
+    model first: 10 s for a 2-layer toy, far longer for a real one), saying why."""
     from lowbit.ir.capture import CaptureError
 
     experts = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "experts"]
-    if experts:
-        config = getattr(model, "config", None)
-        n = next((getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
-                  if isinstance(getattr(config, k, None), int)), None)
-        k = getattr(config, "num_experts_per_tok", None)
-        routing = f" ({n} experts, top-{k} routing)" if n and k else ""
-        raise CaptureError(f"{type(model).__name__} is a mixture-of-experts model{routing}, in {experts[0]}"
-                           f"{f' and {len(experts) - 1} more' if len(experts) > 1 else ''}: its per-token "
-                           "expert routing captures to data-dependent ops (topk, sort, histc, grouped_mm) lowbit "
-                           "cannot run, so it compiles dense decoders only (README 'Any architecture')")
+    if not experts:
+        return
+    covered = _moe_model_type(model) in DENSE_EXPERT_MODEL_TYPES and all(
+        _fused_experts(model.get_submodule(name)) for name in experts)
+    if covered and not generation:
+        return
+    config = getattr(model, "config", None)
+    n = next((getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+              if isinstance(getattr(config, k, None), int)), None)
+    k = getattr(config, "num_experts_per_tok", None)
+    routing = f" ({n} experts, top-{k} routing)" if n and k else ""
+    where = f"{experts[0]}{f' and {len(experts) - 1} more' if len(experts) > 1 else ''}"
+    if covered:
+        raise CaptureError(f"{type(model).__name__} is a mixture-of-experts model{routing}, in {where}: lowbit "
+                           "captures its logits graph with dense experts, but not its generation step; compile "
+                           "without generation= (README 'Any architecture')")
+    raise CaptureError(f"{type(model).__name__} is a mixture-of-experts model{routing}, in {where}: its per-token "
+                       "expert routing captures to data-dependent ops (nonzero, histc, grouped_mm) lowbit cannot "
+                       "run; lowbit runs the experts densely for Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and "
+                       "GraniteMoE only (README 'Any architecture')")
 
 
 def _refuse_dynamic_rope(model: nn.Module) -> None:
@@ -486,7 +611,7 @@ class CausalLMStep(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
-        _refuse_mixture_of_experts(model)
+        _refuse_mixture_of_experts(model, generation=True)
         _refuse_dynamic_rope(model)
         self.layout = StepLayout.of(model)
         self.model = model

@@ -247,28 +247,6 @@ def test_a_size_export_pinned_to_the_example_is_refused_not_computed_wrong():
     torch.testing.assert_close(TorchCompiled(static)(torch.ones(2, 7, 4)), torch.full((2, 3, 4), 2.0))
 
 
-def test_a_mixture_of_experts_model_is_refused_before_capture_saying_why():
-    """Mixtral (and Qwen2/3-MoE, GraniteMoE) route tokens to experts through topk/sort/histc/grouped_mm: capture
-    traced the whole model first (~10 s for this 2-layer toy, minutes for a real one) and then listed those ops.
-    compile_model, with or without generation, refuses it before tracing, naming the experts and the routing."""
-    import time
-
-    import transformers as t
-
-    import lowbit
-    from lowbit.generate import GenerationSpec
-
-    model = t.AutoModelForCausalLM.from_config(t.MixtralConfig(
-        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-        num_experts_per_tok=2, vocab_size=128, num_hidden_layers=2)).eval()
-    for generation in (None, GenerationSpec(max_length=16, max_batch=1)):
-        t0 = time.perf_counter()
-        with pytest.raises(CaptureError, match=r"MixtralForCausalLM is a mixture-of-experts model \(4 experts, top-2 "
-                           r"routing\), in model\.layers\.0\.mlp\.experts and 1 more: .*dense decoders only"):
-            lowbit.compile_model(model, generation=generation)
-        assert time.perf_counter() - t0 < 2.0  # refused before tracing
-
-
 def test_an_architecture_with_ops_lowbit_cannot_run_is_refused_by_name():
     """A model capturing to ATen ops outside lowbit's allowlist (here ``aten.flip``, ``aten.cumprod``): compile_model
     (and lowbit compile, exit 4) failed in the first pass with 'the input IR is invalid before any pass ran', which

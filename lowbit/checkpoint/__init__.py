@@ -130,6 +130,7 @@ def write_checkpoint_files(graph: Any, directory: Path, format: str, *, tokenize
     report first."""
     if format == "lowbit":
         return _save_lowbit(graph, directory, tokenizer, config=config, kind=kind)
+    _refuse_dense_experts(graph, format)
     if format == "compressed-tensors":
         from lowbit.checkpoint.hf import save_compressed_tensors
 
@@ -145,6 +146,21 @@ def write_checkpoint_files(graph: Any, directory: Path, format: str, *, tokenize
 
         return save_gptq(graph, directory, tokenizer=tokenizer, config=config, kind=kind)
     raise ValueError(f"unknown checkpoint format {format!r}; known: {', '.join(FORMATS)}")
+
+
+def _refuse_dense_experts(graph: Any, format: str) -> None:
+    """A mixture-of-experts graph holds each expert's projections as separate linears
+    (``lowbit.models.DenseExperts``), which transformers' model does not have: it loads fused ``[E, 2I, H]`` /
+    ``[E, H, I]`` expert tensors, so an HF-format save would write names it never reads (and leave its experts
+    random). Refused by name until the slices are written back fused; the lowbit format holds the graph as is."""
+    from lowbit.models import DENSE_EXPERT_PARAM
+
+    sliced = [name for name in graph.params if DENSE_EXPERT_PARAM.match(name)]
+    if sliced:
+        raise CheckpointError(f"format {format!r} cannot hold this mixture-of-experts graph: its experts are "
+                              f"separate linears (parameter {sliced[0]} and {len(sliced) - 1} more), which "
+                              "transformers loads as fused 3-D expert tensors lowbit does not write back; save "
+                              "with format='lowbit'")
 
 
 def _gptq_actorder(compiled: Any) -> str | None:

@@ -7,7 +7,8 @@ name. The lists are explicit and reviewed, not computed:
   bfloat16 / float16) on SmolLM2-135M, all-MiniLM-L6-v2 and tiny random Llama, Qwen2, Qwen3, Mistral, Gemma,
   Gemma2, OLMo, Granite, Phi, Phi-3, GPT-NeoX, StableLM, Starcoder2, GPT-2, OPT, BERT, RoBERTa, DistilBERT,
   ELECTRA and ViT (``aten.conv2d`` of its patch embedding), and the generation step graph of SmolLM2
-  (``aten.scatter.src`` writes the KV cache)
+  (``aten.scatter.src`` writes the KV cache), and the routers of tiny Mixtral, Qwen2/3-MoE, OLMoE and GraniteMoE
+  (``aten.topk``: k is fixed; ``lowbit.models.DenseExperts`` scatters its weights)
   (torch 2.14.1, transformers 5). ``tools/aten_allowlist.py`` re-runs that survey and
   prints any op capture now emits that is missing here.
 * ``LOWERED``: the further overloads lowbit's raising patterns, passes and ONNX/TensorRT lowerings name (what
@@ -49,7 +50,7 @@ CAPTURED: frozenset[str] = frozenset({
     "aten.silu.default",
     "aten.sin.default", "aten.slice.Tensor", "aten.softmax.int", "aten.split.Tensor", "aten.sub.Tensor",
     "aten.sum.dim_IntList", "aten.sym_size.int", "aten.tanh.default", "aten.to.device", "aten.to.dtype",
-    "aten.to.dtype_layout", "aten.transpose.int", "aten.type_as.default", "aten.unsqueeze.default",
+    "aten.to.dtype_layout", "aten.topk.default", "aten.transpose.int", "aten.type_as.default", "aten.unsqueeze.default",
     "aten.view.default", "aten.where.ScalarOther", "aten.zeros.default",
 })
 

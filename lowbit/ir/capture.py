@@ -8,6 +8,7 @@ the innermost module that was running and says what the user can do.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import operator
@@ -549,7 +550,8 @@ def capture(
     Wrappers may set ``capture_prefix`` (e.g. ``"model."``) so module paths read as in the wrapped model, and
     ``capture_outputs`` (e.g. ``("logits",)``) to name the graph's outputs: the names an ONNX export and the IR text
     show, which were the last node's (``div_1``, ``linear_14``), and ``capture_dynamic_advice``: what to try when a
-    dim the wrapper itself marks dynamic is constrained by the code it runs.
+    dim the wrapper itself marks dynamic is constrained by the code it runs, and ``capture_context()``: a context
+    manager torch.export runs under (module swaps restored after it).
     """
     t0 = time.perf_counter()
     if isinstance(example_inputs, Mapping):
@@ -578,7 +580,9 @@ def capture(
                                "weights were never loaded (built under torch.device('meta') or init_empty_weights, or "
                                "offloaded by a device_map); load them (from_pretrained without offloading, or "
                                "to_empty() and load_state_dict) before compiling")
-        ep = _export(model, args, kwargs, dynamic_shapes, strict)
+        # a wrapper's module swaps for the trace (lowbit.models.CausalLMLogits: a mixture of experts run densely)
+        with getattr(model, "capture_context", contextlib.nullcontext)():
+            ep = _export(model, args, kwargs, dynamic_shapes, strict)
         narrowing = _narrowing_guards(ep)
         if narrowing:
             raise CaptureError(f"torch.export captured {type(model).__name__} for some input sizes only: its guard "
