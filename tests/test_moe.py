@@ -146,6 +146,9 @@ def test_rtn_quantizes_every_expert_projection_of_mixtral(pipeline, bound):
         mis_sliced = _written_back(model, weights, swap_experts=(0, 1))(input_ids=ids).logits
     assert (logits - mis_sliced).abs().max() > 1e-3
     assert ((logits - reference).norm() / reference.norm()).item() < bound
+    # the routers stay float by default (DEFAULT_KEEP_FLOAT's mlp.gate), as the MoE recipes of peers keep them
+    routers = [n.module for n in compiled.graph.nodes if n.op == "linear" and n.module.endswith(".mlp.gate")]
+    assert len(routers) == N_LAYERS and not set(routers) & set(weights)
 
 
 def test_moe_graph_saves_in_the_lowbit_format_and_refuses_hf_formats_by_name(tmp_path):
