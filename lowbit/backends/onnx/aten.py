@@ -439,6 +439,17 @@ def _split(ctx: LoweringContext, node: Node) -> list[ir.Value]:
     return ctx.op("Split", [ctx.v(x), ctx.shape_vector(sizes)], {"axis": b["dim"]}, num_outputs=n)
 
 
+@lowering("aten.topk.default")
+def _topk(ctx: LoweringContext, node: Node) -> list[ir.Value]:
+    """``x.topk(k, dim, largest, sorted)`` (a mixture-of-experts router's pick): ONNX TopK, values and int64
+    indices, ties to the lower index as torch's CPU kernel breaks them."""
+    b = bind(node)
+    x = b["self"]
+    dim = _norm_dim(b["dim"], x.tensor_type.rank)
+    return ctx.op("TopK", [ctx.v(x), ctx.ints([b["k"]])],
+                  {"axis": dim, "largest": int(b["largest"]), "sorted": int(b["sorted"])}, num_outputs=2)
+
+
 @lowering("aten.unbind.int")
 def _unbind(ctx: LoweringContext, node: Node) -> list[ir.Value]:
     """``x.unbind(dim)``: one output per index of ``dim`` (classic Falcon's q, k and v of a ``[.., heads, 3, D]``
