@@ -32,6 +32,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import re
 import shutil
 import threading
@@ -341,7 +342,8 @@ class GenerationError(LowbitError, ValueError):
 _STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Ministral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, "
                        "OLMo 2, OLMo 3, EXAONE 4, Seed-OSS, GPT-NeoX, GPT-J, GPT-2, StableLM, StarCoder2, Cohere, "
                        "Gemma, Gemma 2, Gemma 3, Bloom, Falcon (decoder layers of separate or fused q/k/v projections "
-                       "and an mlp, rotary positions, Bloom's ALiBi or GPT-2's learned position embeddings)")
+                       "and an mlp, rotary positions, Bloom's or Falcon's ALiBi or GPT-2's learned position "
+                       "embeddings)")
 
 STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
                               "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi", "smollm3",
@@ -435,9 +437,14 @@ class StepLayout:
     logits up to ~0.16 off transformers' at logits ~11. Written out, as Gemma 2's soft-capped attention is, it has
     no attention node for ``kv-cache``, which refuses it by layer: such a model generates with the float cache."""
     positions: Literal["rotary", "alibi", "learned"] = "rotary"
-    """``alibi``: no rotary; each head's scores take a bias of its slope times the key's position (Bloom's
-    ``build_alibi_tensor``), which the step adds through a float attention mask. ``learned``: no rotary; an embedding
-    of each token's position is added to its token embedding (GPT-2's ``wpe``), read at the step's positions."""
+    """``alibi``: no rotary; each head's scores take a bias of its slope times the key's position (the model's
+    ``build_alibi_tensor``: Bloom's, or Falcon's with config.alibi), which the step adds through a float attention
+    mask. ``learned``: no rotary; an embedding of each token's position is added to its token embedding (GPT-2's
+    ``wpe``), read at the step's positions."""
+    alibi_divisor: float = 1.0
+    """The ALiBi table is divided by this before SDPA adds it to the scaled scores: Falcon's ``sqrt(head_dim)``
+    (its forward adds ``alibi / sqrt(head_dim)`` to the attention mask, ``_ALIBI_IN_THE_MASK``); Bloom's baddbmm adds
+    the table itself."""
     embedding_norm: bool = False
     """A norm of the token embeddings before the first layer (Bloom's ``word_embeddings_layernorm``)."""
     mlp_adds_residual: bool = False
@@ -465,10 +472,13 @@ class StepLayout:
                 f"step (an output embedding, {type(base).__name__}.{'/'.join(_LAYERS)}, {type(base).__name__}"
                 f".rotary_emb, .build_alibi_tensor or .{'/'.join(_POSITION_EMBEDDING)}); generation supports "
                 f"{_STEP_ARCHITECTURES}")
-        if rotary and getattr(config, "alibi", False):
-            raise GenerationError(f"{name}: config.alibi is set, so its attention takes an ALiBi bias of its own "
-                                  f"instead of the rotary {type(base).__name__}.rotary_emb builds, which the step "
-                                  "does not reproduce")
+        alibi_divisor = 1.0
+        if rotary and getattr(config, "alibi", False):  # Falcon-RW: a rotary_emb built and never used
+            if config.model_type not in _ALIBI_IN_THE_MASK:
+                raise GenerationError(f"{name}: config.alibi is set, so its attention takes an ALiBi bias of its own "
+                                      f"instead of the rotary {type(base).__name__}.rotary_emb builds, which the step "
+                                      "does not reproduce")
+            rotary, alibi, alibi_divisor = False, True, _ALIBI_IN_THE_MASK[config.model_type](config)
         if learned:
             _check_learned_positions(model)
         layer = layers[0]
@@ -515,7 +525,7 @@ class StepLayout:
                                   "to later tokens")
         _refuse_residual_forms(model)
         if alibi:
-            _check_alibi(model)
+            _check_alibi(model, alibi_divisor)
         pairs, sin_first, per_pair = _rotary_form(model, attn) if rotary else ("half", False, False)
         return StepLayout(
             qkv=qkv, qk_norm=qk_norm, residual=residual,
@@ -530,7 +540,7 @@ class StepLayout:
             attn_softcap=getattr(config, "attn_logit_softcapping", None),
             attn_upcast=(bool(getattr(attn, "reorder_and_upcast_attn", False))
                          and getattr(config, "_attn_implementation", None) == "eager"),
-            positions="rotary" if rotary else "alibi" if alibi else "learned",
+            positions="rotary" if rotary else "alibi" if alibi else "learned", alibi_divisor=alibi_divisor,
             embedding_norm=_first_attr(base, _EMBEDDING_NORM) is not None,
             mlp_adds_residual="residual" in inspect.signature(layer.mlp.forward).parameters)
 
@@ -582,17 +592,72 @@ def _check_learned_positions(model: PreTrainedModel) -> None:
                               "nn.Embedding read at each token's position, which is what the step adds")
 
 
-def _check_alibi(model: PreTrainedModel) -> None:
-    """The step adds ``build_alibi_tensor`` over its cache slots as the bias of key position p; refused where that
-    tensor is not a slope per head times the position (probed at positions 0, 1, 2), which the step would get wrong
-    without an error."""
-    base, heads = model.base_model, model.config.num_attention_heads
+_ALIBI_IN_THE_MASK = {"falcon": lambda config: math.sqrt(config.hidden_size // config.num_attention_heads)}
+"""``model_type``s whose config.alibi replaces the rotary by an ALiBi bias added to the attention mask, and the
+divisor of the table there (``StepLayout.alibi_divisor``): transformers' ``FalconModel.forward`` adds
+``build_alibi_tensor(...) / math.sqrt(hidden_size // heads)`` to the mask (not Bloom's unscaled bias), which SDPA
+adds to the scaled scores. ``_check_alibi`` runs that forward to the first attention to see it."""
+
+
+def _alibi_table(model: PreTrainedModel) -> Any:
+    """The model's ``build_alibi_tensor(mask, heads, dtype)``: Bloom's method on its base model, else the function of
+    the base model's modeling file (Falcon's, which rounds the slopes and the product to bfloat16)."""
+    base = model.base_model
+    table = getattr(base, "build_alibi_tensor", None)
+    return table if callable(table) else getattr(inspect.getmodule(type(base)), "build_alibi_tensor", None)
+
+
+class _FirstAttentionMask(Exception):
+    """Stops ``_check_alibi``'s forward at layer 0's attention, carrying the mask it was given."""
+
+    def __init__(self, mask: Any) -> None:
+        super().__init__("layer 0's attention mask")
+        self.mask = mask
+
+
+def _check_alibi(model: PreTrainedModel, divisor: float = 1.0) -> None:
+    """The step adds ``build_alibi_tensor`` over its cache slots (divided by ``divisor``) as the bias of key
+    position p; refused where that tensor is not a slope per head times the position (probed at positions 0, 1, 2),
+    or, for an ALiBi the model adds to the attention mask (``_ALIBI_IN_THE_MASK``), where the mask its forward hands
+    layer 0's attention over 3 tokens is not that bias under a causal mask: the step would get it wrong without an
+    error."""
+    name, base, heads = type(model).__name__, model.base_model, model.config.num_attention_heads
+    build = _alibi_table(model)
+    if not callable(build):
+        raise GenerationError(f"{name}: config.alibi is set but neither {type(base).__name__} nor its modeling file "
+                              "has a build_alibi_tensor, the ALiBi bias the step adds")
     with torch.no_grad():
-        table = base.build_alibi_tensor(torch.ones(1, 3, dtype=torch.long), heads, torch.float32)
+        table = build(torch.ones(1, 3, dtype=torch.long), heads, torch.float32)
     table = table.reshape(-1, 3) if table.numel() == 3 * heads else None
     if table is None or not (bool((table[:, 0] == 0).all()) and torch.equal(table[:, 2], 2 * table[:, 1])):
-        raise GenerationError(f"{type(model).__name__}: {type(base).__name__}.build_alibi_tensor does not give one "
-                              "slope per head times the key position, the ALiBi bias the step adds")
+        raise GenerationError(f"{name}: {getattr(build, '__qualname__', build)} does not give one slope per head "
+                              "times the key position, the ALiBi bias the step adds")
+    if model.config.model_type not in _ALIBI_IN_THE_MASK:
+        return
+    attn = _first_attr(_first_attr(base, _LAYERS)[0], _ATTENTION)
+
+    def stop(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        raise _FirstAttentionMask(kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
+
+    hook = attn.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            base(input_ids=torch.ones(1, 3, dtype=torch.long, device=next(model.parameters()).device),
+                 use_cache=False)
+        mask = None
+    except _FirstAttentionMask as e:
+        mask = e.mask
+    finally:
+        hook.remove()
+    ok = isinstance(mask, torch.Tensor) and mask.is_floating_point() and mask.shape == (1, heads, 3, 3)
+    if ok:  # the last query row reads every key: its bias, in the mask's dtype as the step builds it
+        with torch.no_grad():
+            want = build(torch.ones(1, 3, dtype=torch.long), heads, mask.dtype).view(1, heads, 1, 3) / divisor
+    if not (ok and torch.equal(mask[:, :, 2:].cpu(), want)
+            and bool((mask[0, :, 0, 1:] < -1).all()) and bool((mask[0, :, 1, 2] < -1).all())):
+        raise GenerationError(f"{name}: config.alibi is set, but the attention mask its forward hands layer 0's "
+                              f"attention is not build_alibi_tensor / {divisor:.6g} under a causal mask, the bias the "
+                              "step adds")
 
 
 class CausalLMStep(nn.Module):
@@ -605,8 +670,8 @@ class CausalLMStep(nn.Module):
     of ``S = L`` slots, decode the step over one token with the full cache (docs/design.md, "Program form"). The
     HF model's own submodules are called, so module paths and parameter names are those ``CausalLMLogits``
     captures; what differs between families (fused projections, q/k norms, norm placement, partial rotary, which
-    channels the rotary pairs, Bloom's ALiBi bias, GPT-2's learned positions, multipliers, soft-capping) is the
-    model's ``StepLayout``.
+    channels the rotary pairs, Bloom's and Falcon's ALiBi bias, GPT-2's learned positions, multipliers,
+    soft-capping) is the model's ``StepLayout``.
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
@@ -762,7 +827,9 @@ class CausalLMStep(nn.Module):
         masks = {w: causal if w is None else causal & (slots > pos - w) for w in dict.fromkeys(self.windows)}
         if lay.positions == "alibi":  # the model's own table over the slots: slot s holds position s
             ones = torch.ones(1, cache[0].shape[2], dtype=torch.long, device=input_ids.device)
-            bias = base.build_alibi_tensor(ones, self.heads, hidden.dtype).view(1, self.heads, 1, -1)
+            bias = _alibi_table(self.model)(ones, self.heads, hidden.dtype).view(1, self.heads, 1, -1)
+            if lay.alibi_divisor != 1.0:  # Falcon's alibi / sqrt(head_dim), in the table's dtype
+                bias = bias / lay.alibi_divisor
             masks = {w: torch.where(m, bias, float("-inf")) for w, m in masks.items()}
         index = pos.expand(batch, self.kv_heads, length, self.head_dim)
         m = lay.residual_multiplier

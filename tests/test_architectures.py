@@ -724,7 +724,9 @@ def _newer_step_family(family: str) -> Any:
     Cohere's q/k norm gains are random per head (HF's ones would not show a gain applied to the wrong head); Bloom's
     q/k/v keep their init so the scores stay mild enough for ALiBi to decide tokens (its other weights x16, its norms
     and embeddings x4); GPT-2 scales each layer's scores by 1/(layer + 1) as well; ``falcon`` is the new decoder
-    architecture with 2 KV heads of 4 (ln_attn/ln_mlp), ``falcon-multi-query`` the old one with one KV head."""
+    architecture with 2 KV heads of 4 (ln_attn/ln_mlp), ``falcon-multi-query`` the old one with one KV head;
+    ``falcon-alibi`` is Falcon-RW's form (config.alibi, no rotary; 4 KV heads interleaved, biased linears, attention
+    then mlp in sequence), ``falcon-alibi-multi-query`` and ``falcon-alibi-new`` the two above with ALiBi."""
     import transformers as t
 
     if family == "bloom":
@@ -746,14 +748,23 @@ def _newer_step_family(family: str) -> Any:
                                         scale_attn_by_inverse_layer_idx=True, bos_token_id=1, eos_token_id=2),
            "falcon": lambda: t.FalconConfig(new_decoder_architecture=True, num_kv_heads=2, **falcon),
            "falcon-multi-query": lambda: t.FalconConfig(new_decoder_architecture=False, multi_query=True,
-                                                        **falcon)}[family]()
+                                                        **falcon),
+           "falcon-alibi": lambda: t.FalconConfig(alibi=True, new_decoder_architecture=False, multi_query=False,
+                                                  parallel_attn=False, bias=True, **falcon),
+           "falcon-alibi-multi-query": lambda: t.FalconConfig(alibi=True, new_decoder_architecture=False,
+                                                              multi_query=True, **falcon),
+           "falcon-alibi-new": lambda: t.FalconConfig(alibi=True, new_decoder_architecture=True, num_kv_heads=2,
+                                                      **falcon)}[family]()
     # seeds whose greedy steps have no near-tie the packed int8 cache could flip (top-2 gap >= 0.5% of the largest
-    # logit); Falcon's multi-query seed 0 has one of 4e-4 at a prompt's 11th token, which int8 keys do flip
-    torch.manual_seed({"gpt2": 1, "falcon-multi-query": 8}.get(family, 0))
+    # logit); Falcon's multi-query seed 0 has one of 4e-4 at a prompt's 11th token, which int8 keys do flip. The
+    # ALiBi Falcons' seeds are ones whose tokens the bias decides, with the widest such gap of seeds 0-35 (RW's 0.63%,
+    # multi-query's 0.23%: seed 0's RW gap of 0.05% flipped under int8 keys)
+    torch.manual_seed({"gpt2": 1, "falcon-multi-query": 8, "falcon-alibi": 9, "falcon-alibi-multi-query": 33
+                       }.get(family, 0))
     hf = t.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            p.mul_(4)
+            p.mul_(1 if family.startswith("falcon-alibi") and "query_key_value" in name else 4)
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))) * 2 + 0.5)
     return hf
@@ -952,8 +963,11 @@ def test_gpt2_and_falcon_generate_as_transformers_with_either_cache(family, monk
     reads the fused projection, the norms and the positions off the modules and config; a two-prompt batch's 12
     greedy tokens (left-padded: GPT-2's positions per sequence from the step's positions input, where zeroed
     position embeddings make other tokens) equal transformers' generate with the float and the packed int8 cache,
-    the prefill's last row transformers' forward and a decode step that row (1e-5). Falcon's config.alibi and a
-    query_key_value whose width disagrees with the config's KV heads are refused by name."""
+    the prefill's last row transformers' forward and a decode step that row (1e-5). A query_key_value whose width
+    disagrees with the config's KV heads is refused by name. config.alibi turns the step's rotary into ALiBi
+    (``test_falcon_alibi_generates_as_transformers_with_either_cache``) where the forward's mask carries it: set on
+    the config of a model built without it (FalconModel reads it at init) it is refused, as it is in a model type
+    not known to add it to the mask."""
     from lowbit.generate import GenerationError, GenerationSpec
     from lowbit.models import StepLayout
 
@@ -979,13 +993,71 @@ def test_gpt2_and_falcon_generate_as_transformers_with_either_cache(family, monk
             with pytest.raises(AssertionError):
                 _assert_greedy_as_transformers(hf, prompts, got, 12, "gpt2 without positions")
         return
-    for setting, value, why in (("alibi", True, r"config\.alibi is set, so its attention takes an ALiBi bias"),
-                                ("num_key_value_heads", 4, r"layer 0's query_key_value has \d+ outputs, not the "
-                                                           r"\(heads 4 \+ 2 x kv heads 4\)")):
-        with monkeypatch.context() as m:
-            m.setattr(hf.config, setting, value)
-            with pytest.raises(GenerationError, match=rf"FalconForCausalLM: {why}"):
-                StepLayout.of(hf)
+    with monkeypatch.context() as m:
+        m.setattr(hf.config, "num_key_value_heads", 4)
+        with pytest.raises(GenerationError, match=r"FalconForCausalLM: layer 0's query_key_value has \d+ outputs, "
+                                                  r"not the \(heads 4 \+ 2 x kv heads 4\)"):
+            StepLayout.of(hf)
+    with monkeypatch.context() as m:  # (FalconModel reads config.alibi at init, its attention at each forward)
+        m.setattr(hf.config, "alibi", True)
+        with pytest.raises(GenerationError, match=r"FalconForCausalLM: config\.alibi is set, but the attention mask "
+                                                  r"its forward hands layer 0's attention is not build_alibi_tensor"):
+            StepLayout.of(hf)
+        m.setattr(hf.transformer, "use_alibi", True)
+        assert (StepLayout.of(hf).positions, StepLayout.of(hf).alibi_divisor) == ("alibi", 4.0)
+        m.setattr(lowbit.models, "_ALIBI_IN_THE_MASK", {})
+        with pytest.raises(GenerationError, match=r"FalconForCausalLM: config\.alibi is set, so its attention takes "
+                                                  r"an ALiBi bias of its own"):
+            StepLayout.of(hf)
+
+
+@pytest.mark.parametrize("family", ["falcon-alibi", "falcon-alibi-multi-query", "falcon-alibi-new"])
+def test_falcon_alibi_generates_as_transformers_with_either_cache(family, monkeypatch):
+    """Falcon with config.alibi (Falcon-RW's form: no rotary, its module-level ``build_alibi_tensor`` rounding the
+    slopes and their product with the positions to bfloat16) was refused. transformers' ``FalconModel.forward``
+    adds ``alibi / sqrt(head_dim)`` to the attention mask, which SDPA adds to the scaled scores (Bloom adds its table
+    unscaled): the step adds the same table over its cache slots divided by ``StepLayout.alibi_divisor``. In the old
+    decoder architecture with 4 KV heads in sequence, with one KV head in parallel, and in the new one with 2 KV heads,
+    the float32 prefill equals transformers' forward bit for bit (eagerly every row, compiled the last), a two-prompt
+    batch's 12 greedy tokens equal transformers' generate with the float and the packed int8 cache (the bias decides
+    tokens: transformers with zero slopes makes others), and a decode step gives the prefill's last row (1e-5).
+    ``_check_alibi`` runs the forward to layer 0's attention: a divisor other than the mask's is refused by name."""
+    import transformers.models.falcon.modeling_falcon as modeling_falcon
+
+    from lowbit.generate import GenerationError, GenerationSpec
+    from lowbit.models import StepLayout
+
+    hf = _newer_step_family(family)
+    lay = StepLayout.of(hf)
+    want = {"falcon-alibi": ("interleaved", "pre", 4), "falcon-alibi-multi-query": ("grouped", "parallel", 1),
+            "falcon-alibi-new": ("grouped", "parallel-neox", 2)}[family]
+    tok = _smollm2_tokenizer()
+    spec = GenerationSpec(max_length=32, max_batch=2)
+    prompts = [tok(p).input_ids for p in GEN_PROMPTS]
+    cm = lowbit.compile_model(hf, tokenizer=tok, generation=spec)
+    assert (lay.positions, lay.alibi_divisor) == ("alibi", 4.0)  # sqrt(head_dim 16)
+    assert (lay.qkv, lay.residual, cm.graph.meta["generation"]["kv_heads"]) == want
+    for prompt in prompts:
+        _assert_prefill_is_transformers_bit_for_bit(hf, cm, prompt, family)
+    got = cm.generate(prompts, 12, stop_tokens=()).tokens
+    _assert_greedy_as_transformers(hf, prompts, got, 12, family)
+    packed = lowbit.compile_model(hf, tokenizer=tok, pipeline="kv-cache(bits=8,k_block=4,window=4,v_group=16)",
+                                  generation=spec)
+    assert sum(n.kwargs.get("bias") is not None for n in packed.graph.nodes if n.op == "cache_attention") == 2
+    _assert_greedy_as_transformers(hf, prompts, packed.generate(prompts, 12, stop_tokens=()).tokens, 12,
+                                   f"{family} kv-cache(bits=8)")
+    _assert_decode_step_is_the_prefills_last_row(hf, cm, prompts[1])
+    table = modeling_falcon.build_alibi_tensor
+    with monkeypatch.context() as m:  # the bias decides tokens of this model: a step that dropped it would fail
+        m.setattr(modeling_falcon, "build_alibi_tensor", lambda mask, heads, dtype: table(mask, heads, dtype) * 0)
+        with pytest.raises(AssertionError):
+            _assert_greedy_as_transformers(hf, prompts, got, 12, f"{family} without ALiBi")
+    with monkeypatch.context() as m:
+        m.setattr(lowbit.models, "_ALIBI_IN_THE_MASK", {"falcon": lambda config: 1.0})
+        with pytest.raises(GenerationError, match=r"FalconForCausalLM: config\.alibi is set, but the attention mask "
+                                                  r"its forward hands layer 0's attention is not "
+                                                  r"build_alibi_tensor / 1 under a causal mask"):
+            StepLayout.of(hf)
 
 
 @pytest.mark.parametrize("family", ["gptj", "cohere", "bloom", "gpt2", "falcon", "falcon-multi-query"])
