@@ -258,7 +258,8 @@ def written_out_attention_graph() -> Any:
 
 def tiny_outside_family(family: str, layers: int = 2) -> torch.nn.Module:
     """A random tiny Bloom (ALiBi), GPT-J or Cohere (interleaved rotary), GPT-2 (Conv1D linears, ``addmm``) or
-    Falcon (new decoder architecture, 2 KV heads of 4 in a grouped query_key_value): families outside the
+    Falcon (new decoder architecture, 2 KV heads of 4 in a grouped query_key_value; ``falcon-alibi``: Falcon-RW's
+    ALiBi, 4 KV heads interleaved, attention then mlp in sequence): families outside the
     architecture matrix whose capture, quantization and ONNX lowering are checked on their own (vocabulary 128).
     GPT-NeoX and Phi (partial rotary: 4 and 8 of 16 channels per head, their configs' defaults) and SmolLM3 (every
     other layer NoPE: no rotary) in the same small shape, for the decode-step kernels' tests."""
@@ -271,6 +272,10 @@ def tiny_outside_family(family: str, layers: int = 2) -> torch.nn.Module:
            "falcon": lambda: t.FalconConfig(hidden_size=64, num_attention_heads=4, num_kv_heads=2,
                                             new_decoder_architecture=True, num_hidden_layers=layers,
                                             max_position_embeddings=64, **small),
+           "falcon-alibi": lambda: t.FalconConfig(hidden_size=64, num_attention_heads=4, alibi=True,
+                                                  new_decoder_architecture=False, multi_query=False,
+                                                  parallel_attn=False, bias=True, num_hidden_layers=layers,
+                                                  max_position_embeddings=64, **small),
            "cohere": lambda: t.CohereConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                             num_key_value_heads=2, num_hidden_layers=layers,
                                             max_position_embeddings=64, **small),

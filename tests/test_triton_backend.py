@@ -885,6 +885,66 @@ def test_a_bias_that_is_not_alibi_keeps_the_packed_cache_on_the_reference():
                "is not slope x key position" in why for why in fallback.values()), fallback
 
 
+@needs_kernels
+def test_falcon_alibi_takes_the_float_cache_kernel_and_leaves_the_packed_cache_on_the_reference(monkeypatch):
+    """Falcon-RW's ALiBi reaches the step as ``build_alibi_tensor / sqrt(head_dim)``, its table rounded to bfloat16
+    (positions and product): ``decode_sdpa`` adds that float mask as it is, so the tiny Falcon in bf16 runs both
+    layers' decode attention on the kernel (no fallback), each decode call equals fp32 SDPA with the step's mask to
+    a bf16 step (and differs from its -inf alone by > 1e-2), and its greedy tokens equal the bf16 torch reference's.
+    The packed-cache kernel computes float32 slope x position, which equals Falcon's bias at the first probes
+    (power-of-two slopes and divisor, positions below 256: read as slopes 4**-h / 4 there) but not at positions 257
+    and 299, where a bfloat16 position is no longer the integer: ``alibi_slopes_of`` refuses both layers' bias,
+    naming the 300-slot probe, and the packed int8 cache's greedy tokens, on the reference, equal the torch
+    reference's. (query_key_value keeps its init, the other weights x4: with it x4 as well, the bf16 reference's
+    SDPA and the kernel's float32 attention split a near-tie.)"""
+    import copy
+
+    from lowbit.api import compile_model
+    from lowbit.backends import triton_backend
+    from lowbit.generate import GenerationSpec
+    from lowbit.kernels import decode_step
+
+    from conftest import tiny_outside_family
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_outside_family("falcon-alibi")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.mul_(1 if "query_key_value" in name else 4)
+    spec, prompts = GenerationSpec(max_length=16, max_batch=2), [[51, 13, 120, 50, 40], [42, 55]]
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half_ref = compile_model(half, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
+    steps, launch = [], decode_step._launch_sdpa
+
+    def checked_launch(q, k, v, mask, scale, *rest, **kw):
+        """Each kernel call against fp32 SDPA with the step's mask (and with its -inf alone)."""
+        out = launch(q, k, v, mask, scale, *rest, **kw)
+        f = [t.float().cpu() for t in (q, k, v, mask)]
+        ref_out = decode_step.decode_sdpa_ref(*f, scale, True)
+        unbiased = decode_step.decode_sdpa_ref(*f[:3], f[3].isfinite(), scale, True)
+        steps.append((bool(((out.float().cpu() - ref_out).abs() <= ref_out.abs() * 2.0 ** -7 + 1e-3).all()),
+                      (unbiased - ref_out).abs().max().item()))
+        return out
+
+    monkeypatch.setattr(decode_step, "_launch_sdpa", checked_launch)
+    tri = _triton_step(half, None, spec, dev)
+    report = tri.runner.report
+    assert not report["fallback"] and len(report["attention"]) == 2, report
+    assert tri.generate(prompts, 6, stop_tokens=()).tokens == half_ref.tokens
+    assert len(steps) == 2 * 5 and all(close and without > 1e-2 for close, without in steps), steps
+
+    ref = compile_model(model, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
+    pipeline = "kv-cache(bits=8,k_block=8,window=8,v_group=16)"
+    packed = _triton_step(model, pipeline, spec, dev)
+    fallback = packed.runner.report["fallback"]
+    assert len(fallback) == 2 and all(
+        "cannot read as ALiBi slopes" in why and "is not slope x key position" in why and "over 300 slots" in why
+        and "slopes read [0.0625, 0.015625, 0.00390625, 0.0009765625]" in why for why in fallback.values()), fallback
+    assert packed.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
+    monkeypatch.setattr(triton_backend, "ALIBI_PROBES", triton_backend.ALIBI_PROBES[:3])  # positions below 256 only
+    assert not _triton_step(model, pipeline, spec, dev).runner.report["fallback"]
+
+
 @pytest.mark.gpu
 def test_repacked_weights_leave_one_copy_on_the_gpu(slice1_bf16):
     """The decode layout replaces the stored int4 codes on the device; the IR's stored copy moves to the host."""

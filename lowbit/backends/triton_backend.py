@@ -483,9 +483,11 @@ def plan_cache_attention(node: torch.fx.Node, types: dict[str, TensorType] | Non
     return why, None if why is not None else alibi
 
 
-ALIBI_PROBES = ((40, ((39,), (0,))), (40, ((17,), (26,))), (9, ((8,), (1,))))
+ALIBI_PROBES = ((40, ((39,), (0,))), (40, ((17,), (26,))), (9, ((8,), (1,))), (300, ((299,), (257,))))
 """(cache slots, decode positions of two sequences) at which ``alibi_slopes_of`` evaluates a bias: every slot of a
-full cache, a first token, mid-cache positions, and a second cache length (the table is built per slot count)."""
+full cache, a first token, mid-cache positions, a second cache length (the table is built per slot count), and
+positions past 256, where Falcon's ``build_alibi_tensor`` (positions and product rounded to bfloat16) departs from
+slope x position even for power-of-two slopes and sqrt(head_dim): below 256 its bias is exactly that."""
 
 
 class _NotAlibi(Exception):
