@@ -1060,13 +1060,14 @@ def test_falcon_alibi_generates_as_transformers_with_either_cache(family, monkey
             StepLayout.of(hf)
 
 
-@pytest.mark.parametrize("family", ["gptj", "cohere", "bloom", "gpt2", "falcon", "falcon-multi-query"])
+@pytest.mark.parametrize("family", ["gptj", "cohere", "bloom", "gpt2", "falcon", "falcon-multi-query", "falcon-alibi"])
 def test_onnxruntime_generates_the_newer_step_families_tokens(family):
     """The step graphs of GPT-J and Cohere (adjacent-pair rotary, partial in GPT-J; Cohere's per-head q/k gains and
     logit_scale), Bloom (ALiBi as the float mask of ONNX's Attention), GPT-2 (learned positions gathered at the
-    positions input) and Falcon (2 or 1 KV heads sliced out of query_key_value) export to ONNX (past_key_values in,
-    present out) and ONNX Runtime's greedy tokens for a left-padded two-prompt batch equal the torch reference's and
-    transformers' generate; with int4 weights (w4a16-g64 as MatMulNBits) they equal the torch reference's. Every
+    positions input) and Falcon (2 or 1 KV heads sliced out of query_key_value; Falcon-RW's ALiBi, its bfloat16
+    table / sqrt(head_dim) as the float mask) export to ONNX (past_key_values in, present out) and ONNX Runtime's
+    greedy tokens for a left-padded two-prompt batch equal the torch reference's and transformers' generate; with
+    int4 weights (w4a16-g64 as MatMulNBits) they equal the torch reference's. Every
     projection is one: Falcon's step capture keeps its ``x @ W.T`` as ``numpy_T``, which W4A16 left float."""
     from lowbit.backends.onnxruntime_backend import OrtCompiled
     from lowbit.generate import GenerationSpec, Generator
