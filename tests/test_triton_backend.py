@@ -771,6 +771,39 @@ def test_partial_rotary_fuses_with_the_cache_writes_on_the_triton_backend(family
     assert packed.generate(prompts, 6, stop_tokens=()).tokens == ref.tokens
 
 
+def _bf16_step_on_decode_sdpa(model, spec, prompts, dev, monkeypatch) -> list[tuple]:
+    """A bf16 copy of ``model`` on the triton backend runs both layers' float-cache attention on ``decode_sdpa`` (no
+    fallback) and generates the bf16 torch reference's 6 greedy tokens; returns each kernel launch's record against
+    fp32 SDPA with the step's additive mask: (mask dtype, mask shape, within one bf16 step of it, how far the mask's
+    -inf alone would be from it)."""
+    import copy
+
+    from lowbit.api import compile_model
+    from lowbit.kernels import decode_step
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half_ref = compile_model(half, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
+
+    steps, launch = [], decode_step._launch_sdpa
+
+    def checked_launch(q, k, v, mask, scale, *rest, **kw):
+        out = launch(q, k, v, mask, scale, *rest, **kw)
+        f = [t.float().cpu() for t in (q, k, v, mask)]
+        ref_out = decode_step.decode_sdpa_ref(*f, scale, True)
+        unbiased = decode_step.decode_sdpa_ref(*f[:3], f[3].isfinite(), scale, True)
+        steps.append((mask.dtype, tuple(mask.shape), bool(((out.float().cpu() - ref_out).abs()
+                                                            <= ref_out.abs() * 2.0 ** -7 + 1e-3).all()),
+                      (unbiased - ref_out).abs().max().item()))
+        return out
+
+    monkeypatch.setattr(decode_step, "_launch_sdpa", checked_launch)
+    tri = _triton_step(half, None, spec, dev)
+    report = tri.runner.report
+    assert not report["fallback"] and len(report["attention"]) == 2, report
+    assert tri.generate(prompts, 6, stop_tokens=()).tokens == half_ref.tokens
+    return steps
+
+
 @needs_kernels
 def test_alibi_runs_on_the_float_and_the_packed_cache_kernels(monkeypatch):
     """Bloom's step adds its ALiBi bias through a float attention mask and ``cache_attention``'s ``bias``.
@@ -783,9 +816,6 @@ def test_alibi_runs_on_the_float_and_the_packed_cache_kernels(monkeypatch):
     fallback is reported, every decode step calls the kernel, and two prompts' greedy tokens through the packed int8
     cache equal the torch reference's. Each decode step's attention on the kernel equals ``cache_attention``'s
     reference with the graph's bias (1e-5), which differs from the unbiased one by > 1e-2."""
-    import copy
-
-    from lowbit.api import compile_model
     from lowbit.ir.kvcache import cache_attention
     from lowbit.ir.parser import parse_graph
     from lowbit.kernels import decode_attention as da
@@ -812,26 +842,7 @@ def test_alibi_runs_on_the_float_and_the_packed_cache_kernels(monkeypatch):
     assert lower(one_attention("f32"), dev, compile=False).report["fallback"] == {"a": why}
 
     model, spec, prompts, ref = _sharp_family_reference("bloom", dev)
-    half = copy.deepcopy(model).to(torch.bfloat16)
-    half_ref = compile_model(half, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
-    steps, launch = [], decode_step._launch_sdpa
-
-    def checked_launch(q, k, v, mask, scale, *rest, **kw):
-        """Each kernel call against fp32 SDPA with the step's mask (and with its -inf alone)."""
-        out = launch(q, k, v, mask, scale, *rest, **kw)
-        f = [t.float().cpu() for t in (q, k, v, mask)]
-        ref_out = decode_step.decode_sdpa_ref(*f, scale, True)
-        unbiased = decode_step.decode_sdpa_ref(*f[:3], f[3].isfinite(), scale, True)
-        steps.append((mask.dtype, tuple(mask.shape), bool(((out.float().cpu() - ref_out).abs()
-                                                            <= ref_out.abs() * 2.0 ** -7 + 1e-3).all()),
-                      (unbiased - ref_out).abs().max().item()))
-        return out
-
-    monkeypatch.setattr(decode_step, "_launch_sdpa", checked_launch)
-    tri = _triton_step(half, None, spec, dev)
-    report = tri.runner.report
-    assert not report["fallback"] and len(report["attention"]) == 2, report
-    assert tri.generate(prompts, 6, stop_tokens=()).tokens == half_ref.tokens
+    steps = _bf16_step_on_decode_sdpa(model, spec, prompts, dev, monkeypatch)
     assert len(steps) == 2 * 5  # two layers, five decode steps after the prefill
     assert all(dtype == torch.bfloat16 and shape == (2, 4, 1, 16) and close and without > 1e-2
                for dtype, shape, close, without in steps), steps
@@ -897,12 +908,9 @@ def test_falcon_alibi_takes_the_float_cache_kernel_and_leaves_the_packed_cache_o
     naming the 300-slot probe, and the packed int8 cache's greedy tokens, on the reference, equal the torch
     reference's. (query_key_value keeps its init, the other weights x4: with it x4 as well, the bf16 reference's
     SDPA and the kernel's float32 attention split a near-tie.)"""
-    import copy
-
     from lowbit.api import compile_model
     from lowbit.backends import triton_backend
     from lowbit.generate import GenerationSpec
-    from lowbit.kernels import decode_step
 
     from conftest import tiny_outside_family
 
@@ -912,26 +920,8 @@ def test_falcon_alibi_takes_the_float_cache_kernel_and_leaves_the_packed_cache_o
         for name, p in model.named_parameters():
             p.mul_(1 if "query_key_value" in name else 4)
     spec, prompts = GenerationSpec(max_length=16, max_batch=2), [[51, 13, 120, 50, 40], [42, 55]]
-    half = copy.deepcopy(model).to(torch.bfloat16)
-    half_ref = compile_model(half, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
-    steps, launch = [], decode_step._launch_sdpa
-
-    def checked_launch(q, k, v, mask, scale, *rest, **kw):
-        """Each kernel call against fp32 SDPA with the step's mask (and with its -inf alone)."""
-        out = launch(q, k, v, mask, scale, *rest, **kw)
-        f = [t.float().cpu() for t in (q, k, v, mask)]
-        ref_out = decode_step.decode_sdpa_ref(*f, scale, True)
-        unbiased = decode_step.decode_sdpa_ref(*f[:3], f[3].isfinite(), scale, True)
-        steps.append((bool(((out.float().cpu() - ref_out).abs() <= ref_out.abs() * 2.0 ** -7 + 1e-3).all()),
-                      (unbiased - ref_out).abs().max().item()))
-        return out
-
-    monkeypatch.setattr(decode_step, "_launch_sdpa", checked_launch)
-    tri = _triton_step(half, None, spec, dev)
-    report = tri.runner.report
-    assert not report["fallback"] and len(report["attention"]) == 2, report
-    assert tri.generate(prompts, 6, stop_tokens=()).tokens == half_ref.tokens
-    assert len(steps) == 2 * 5 and all(close and without > 1e-2 for close, without in steps), steps
+    steps = _bf16_step_on_decode_sdpa(model, spec, prompts, dev, monkeypatch)
+    assert len(steps) == 2 * 5 and all(close and without > 1e-2 for _, _, close, without in steps), steps
 
     ref = compile_model(model, generation=spec, device=dev).generate(prompts, 6, stop_tokens=())
     pipeline = "kv-cache(bits=8,k_block=8,window=8,v_group=16)"
