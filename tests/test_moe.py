@@ -5,6 +5,7 @@ every token as plain linears, weighted by transformers' own router. Tiny random 
 from __future__ import annotations
 
 import copy
+import json
 import re
 import time
 from collections.abc import Callable
@@ -151,21 +152,92 @@ def test_rtn_quantizes_every_expert_projection_of_mixtral(pipeline, bound):
     assert len(routers) == N_LAYERS and not set(routers) & set(weights)
 
 
-def test_moe_graph_saves_in_the_lowbit_format_and_refuses_hf_formats_by_name(tmp_path):
-    """The HF formats would write per-expert names transformers does not load (it reads fused 3-D expert tensors):
-    each is refused, naming an expert parameter. The lowbit format holds the graph, and loads to the same logits."""
-    model = _tiny("qwen3_moe-norm_topk")
+SAVED_FAMILIES = ["mixtral", "qwen3_moe-norm_topk"]
+
+
+def _checkpoint_keys(directory: Any) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def _transformers_logits(directory: Any, ids: torch.Tensor) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", [*SAVED_FAMILIES, "granitemoe"])
+def test_float_moe_graph_saves_as_hf_under_the_names_save_pretrained_writes(family, tmp_path):
+    """format='hf' writes each expert's projections under the family's checkpoint names, the very keys
+    transformers' own save_pretrained writes (Mixtral's block_sparse_moe.experts.<e>.w1/w3/w2, Qwen3-MoE's
+    mlp.experts.<e>.gate_proj/...; GraniteMoE's checkpoints keep them fused, block_sparse_moe.input_linear), which
+    from_pretrained merges into its fused expert tensors: its logits are the compiled graph's exactly (measured
+    0.0), and so are lowbit.load's."""
+    model = _tiny(family)
+    ids = _ids()
+    compiled = lowbit.compile_model(model)
+    out = lowbit.save(compiled, tmp_path / "hf", format="hf")
+    model.save_pretrained(tmp_path / "own")
+    assert _checkpoint_keys(out) == _checkpoint_keys(tmp_path / "own")
+    assert not [k for k in _checkpoint_keys(out) if "expert_" in k]
+    assert (_transformers_logits(out, ids) - compiled(ids)).abs().max().item() == 0.0
+    assert (lowbit.load(out)(ids) - compiled(ids)).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("family", SAVED_FAMILIES)
+def test_int4_moe_graph_saves_as_compressed_tensors_that_transformers_dequantizes(family, tmp_path):
+    """compressed-tensors int4 (group 32): every expert projection packed under its checkpoint name (save_pretrained's
+    ``.weight`` key, ``.weight_packed``/``_scale``/``_shape``), which transformers collects, dequantizes and merges
+    into its fused experts at load (its ``CompressedTensorsDequantize``); the routers float, in ``ignore``. The
+    logits are the compiled graph's to the existing compressed-tensors tests' tolerance for int4 (0 of their range;
+    measured 0.0), and lowbit.load's exactly."""
+    model = _tiny(family)
     ids = _ids()
     compiled = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32)")
-    for fmt in ("compressed-tensors", "gptq"):
-        with pytest.raises(CheckpointError, match=rf"format '{fmt}' cannot hold this mixture-of-experts graph: .*"
-                                                  r"model\.layers\.0\.mlp\.experts\.expert_0\.gate_proj\.weight"):
-            lowbit.save(compiled, tmp_path / fmt, format=fmt)
-        assert not (tmp_path / fmt).exists()
-    with pytest.raises(CheckpointError, match=r"format 'hf' cannot hold this mixture-of-experts graph"):
-        lowbit.save(lowbit.compile_model(model), tmp_path / "hf", format="hf")
-    loaded = lowbit.load(lowbit.save(compiled, tmp_path / "lowbit", format="lowbit"))
-    torch.testing.assert_close(loaded(ids), compiled(ids), atol=0, rtol=0)
+    out = lowbit.save(compiled, tmp_path / "ct", format="compressed-tensors")
+    model.save_pretrained(tmp_path / "own")
+    experts = {k.removesuffix(".weight") for k in _checkpoint_keys(tmp_path / "own") if ".experts." in k}
+    assert len(experts) == N_LAYERS * N_EXPERTS * 3
+    assert {f"{m}.{t}" for m in experts for t in ("weight_packed", "weight_scale", "weight_shape")} <= \
+        _checkpoint_keys(out)
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    routers = {k.removesuffix(".weight") for k in _checkpoint_keys(tmp_path / "own") if k.endswith("gate.weight")}
+    assert len(routers) == N_LAYERS and routers <= set(qcfg["ignore"])
+    ref = compiled(ids)
+    logits = _transformers_logits(out, ids)
+    assert (logits - ref).abs().max().item() / ref.abs().max().item() <= 0.0
+    assert (lowbit.load(out)(ids) - ref).abs().max().item() == 0.0
+
+
+def test_moe_saves_transformers_cannot_load_are_refused_by_name(tmp_path):
+    """What transformers 5.25 cannot load is refused before anything is written, naming an expert projection and
+    why: GPTQ (no nn.Linear for an expert), and compressed-tensors experts with quantized inputs (W8A8: their int8
+    ``weight`` is not collected, 'Ckpt contains: 0'), asymmetric weights (no zero point collected) or left float.
+    GraniteMoE's checkpoints keep the experts fused, so quantized experts have no name there. The lowbit format
+    holds any of them, and loads to the same logits."""
+    model = _tiny("qwen3_moe-norm_topk")
+    ids = _ids()
+    int4 = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32)")
+    with pytest.raises(CheckpointError, match=r"format 'gptq' cannot hold this mixture-of-experts graph: .*"
+                                              r"model\.layers\.0\.mlp\.experts\.expert_0\.gate_proj\.weight"):
+        lowbit.save(int4, tmp_path / "gptq", format="gptq")
+    for pipeline, index, why in (("quantize(w=int8,a=int8)", 0, "quantizes its input activations"),
+                                 ("quantize(w=int4,group=32,sym=false)", 0, r"has asymmetric weights \(zero points\)"),
+                                 ("quantize(w=int4,group=32,keep=[*.experts.expert_1.*])", 1,
+                                  r"is float \(kept float, or not quantized\)")):
+        with pytest.raises(CheckpointError, match=rf"expert projection 'model\.layers\.0\.mlp\.experts\.{index}\."
+                                                  rf"(down|gate|up)_proj' \(and \d+ more\) {why}: transformers loads"):
+            lowbit.save(lowbit.compile_model(model, pipeline=pipeline), tmp_path / "ct", format="compressed-tensors")
+        assert not (tmp_path / "ct").exists()
+    with pytest.raises(CheckpointError, match=r"linear 'model\.layers\.0\.block_sparse_moe\.experts\.expert_0\.down_"
+                                              r"proj' .*hold its experts fused \('model\.layers\.0\.block_sparse_moe"
+                                              r"\.input_linear\.weight'"):
+        lowbit.save(lowbit.compile_model(_tiny("granitemoe"), pipeline="quantize(w=int4,group=32,keep=[*.router])"),
+                    tmp_path / "granite", format="compressed-tensors")
+    loaded = lowbit.load(lowbit.save(int4, tmp_path / "lowbit", format="lowbit"))
+    torch.testing.assert_close(loaded(ids), int4(ids), atol=0, rtol=0)
     # the fused tensors the slices view are read, not copied beside the graph as tensors it never reads
     assert not (tmp_path / "lowbit" / "source-unread.safetensors").exists()
 

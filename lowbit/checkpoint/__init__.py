@@ -150,17 +150,19 @@ def write_checkpoint_files(graph: Any, directory: Path, format: str, *, tokenize
 
 def _refuse_dense_experts(graph: Any, format: str) -> None:
     """A mixture-of-experts graph holds each expert's projections as separate linears
-    (``lowbit.models.DenseExperts``), which transformers' model does not have: it loads fused ``[E, 2I, H]`` /
-    ``[E, H, I]`` expert tensors, so an HF-format save would write names it never reads (and leave its experts
-    random). Refused by name until the slices are written back fused; the lowbit format holds the graph as is."""
+    (``lowbit.models.DenseExperts``). ``hf`` and ``compressed-tensors`` write them under the family's per-expert
+    checkpoint names, which transformers merges into its fused expert tensors at load (``lowbit.checkpoint.experts``);
+    GPTQ loaders (optimum, GPTQModel) quantize ``nn.Linear`` modules, and transformers' model has none for an expert:
+    refused by name; the lowbit format holds the graph as is."""
     from lowbit.models import DENSE_EXPERT_PARAM
 
     sliced = [name for name in graph.params if DENSE_EXPERT_PARAM.match(name)]
-    if sliced:
+    if sliced and format == "gptq":
         raise CheckpointError(f"format {format!r} cannot hold this mixture-of-experts graph: its experts are "
-                              f"separate linears (parameter {sliced[0]} and {len(sliced) - 1} more), which "
-                              "transformers loads as fused 3-D expert tensors lowbit does not write back; save "
-                              "with format='lowbit'")
+                              f"separate linears (parameter {sliced[0]} and {len(sliced) - 1} more), and transformers' "
+                              "model holds them as fused 3-D tensors, no nn.Linear a GPTQ loader could quantize; save "
+                              "with format='compressed-tensors' (transformers dequantizes its experts at load) or "
+                              "format='lowbit'")
 
 
 def _gptq_actorder(compiled: Any) -> str | None:

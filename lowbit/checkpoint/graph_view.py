@@ -141,6 +141,9 @@ class HFView:
     """Quantized linears that are ``Conv1D`` in the HF model (GPT-2's, weight stored ``[in, out]``): their codes are
     in the linear's ``[N, K]`` as every other's, which GPTQ's layout is for them too; a format whose layout follows the
     module's weight (compressed-tensors) refuses them."""
+    experts: list[str] = field(default_factory=list)
+    """The linears that are mixture-of-experts projections (``lowbit.models.DenseExperts``' slices), under their
+    checkpoint names: transformers has no module for them and merges their dequantized weights at load."""
 
 
 def _param(v: Any, node: Node, what: str) -> torch.Tensor:

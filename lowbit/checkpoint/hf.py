@@ -51,6 +51,7 @@ from lowbit.checkpoint.files import (
     unopenable,
     write_safetensors,
 )
+from lowbit.checkpoint.experts import ExpertNames, expert_names, name_as_checkpoint
 from lowbit.checkpoint.graph_view import ActScheme, HFView, QuantWeight, hf_view
 from lowbit.checkpoint.zero_heads import ZeroHeads, head_interleaved, pad_zero_heads, zero_head_report
 from lowbit.ir.graph import BLOCK_PATTERN, Graph, TensorType
@@ -460,7 +461,7 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
         graph1 = _renamed(graph, renames)
         config1, added = _bias_switches(graph1, config1)
         model = _pruned_skeleton(graph1, config1, kind)
-        keys = _hf_keys(model)
+        keys, experts = _sliced_keys(graph1, model)
         _check_head_dim(graph1, config1, keys)
     except CheckpointError as pruned_error:
         if "heads" not in pruned:
@@ -476,7 +477,7 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
         graph1 = _renamed(graph, renames)
         config1, added = _bias_switches(graph1, config1)
         model = skeleton(config1, kind)
-        keys = _hf_keys(model)
+        keys, experts = _sliced_keys(graph1, model)
         zero = _zero_heads(config1, pruned, renames)
     graph, config = graph1, config1
     derived = {n for n, _ in model.named_buffers()} - set(keys)
@@ -540,7 +541,38 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
     view.float_linears.extend(sorted(m for m in linears - set(view.quantized) - set(view.float_linears)
                                      if any(k.startswith(m + ".") for k in missing)))
     copied, left = _copy_unread(graph, view, keys, missing)
+    if experts is not None:
+        _refuse_quantized_routers(view, model, linears, experts)
+        name_as_checkpoint(view, experts)
     return view, (cfg, left, copied)
+
+
+def _refuse_quantized_routers(view: HFView, model: torch.nn.Module, linears: set[str], experts: ExpertNames) -> None:
+    """A quantized linear of a mixture-of-experts graph that is no ``nn.Linear`` of transformers' model and no
+    expert projection: a router (transformers' ``...TopKRouter``, GraniteMoE's ``block_sparse_moe.router``, which
+    ``DEFAULT_KEEP_FLOAT``'s ``mlp.gate`` does not name). transformers quantizes ``nn.Linear`` modules only, and
+    loaded its codes as unexpected tensors with the router left at random: refused by name."""
+    slices = experts.slice_modules()
+    routers = sorted(m for m in view.quantized if m not in linears and m not in slices)
+    if routers:
+        kind = type(model.get_submodule(routers[0])).__name__
+        raise CheckpointError(f"linear {routers[0]!r} (and {len(routers) - 1} more) is quantized, but it is a {kind} "
+                              f"in transformers' {type(model).__name__}, no nn.Linear: a loader would not find its "
+                              f"codes; keep it float (quantize(..., keep=[*.{routers[0].rsplit('.', 1)[-1]}])) or "
+                              "save with format='lowbit'")
+
+
+def _sliced_keys(graph: Graph, model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], ExpertNames | None]:
+    """The HF model's keys as the graph names them, and (a mixture-of-experts graph) how the checkpoint names them:
+    each fused experts tensor seen as ``DenseExperts``' per-expert slices, which ``name_as_checkpoint`` renames to
+    the family's checkpoint names once the view is built."""
+    from lowbit.models import DENSE_EXPERT_PARAM
+
+    keys = _hf_keys(model)
+    if not any(DENSE_EXPERT_PARAM.match(name) for name in graph.params):
+        return keys, None
+    experts = expert_names(model, keys)
+    return experts.sliced_keys(keys), experts
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], directory: Path) -> list[str]:
@@ -732,6 +764,7 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
         raise CheckpointError(f"linear {view.conv1d[0]!r} (and {len(view.conv1d) - 1} more) is quantized and is a "
                               "Conv1D in the HF model (weight stored [in, out], GPT-2's); compressed-tensors quantizes "
                               f"nn.Linear modules only, so a loader would leave it unloaded: save with {where}")
+    _refuse_unloadable_experts(view)
     tensors = dict(view.tensors)
     groups: dict[str, dict[str, Any]] = {}
     members: dict[str, list[str]] = {}
@@ -774,6 +807,36 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
         raise CheckpointError(f"compressed-tensors rejects the quantization_config lowbit built: {exc}") from exc
     return _write_quantized(view, tensors, directory, qcfg, tokenizer, cfg=cfg, unwritten=unwritten, copied=copied,
                             fmt="compressed-tensors", kind=kind)
+
+
+def _refuse_unloadable_experts(view: HFView) -> None:
+    """transformers 5.25 has no module for a mixture-of-experts projection: it loads a compressed-tensors
+    checkpoint's experts by dequantizing each one's weight (``CompressedTensorsDequantize``: ``weight_packed`` with
+    its scale and shape, or an fp8 ``weight`` times its scale) in the one scheme it finds for experts
+    (``get_experts_scheme``), and merging them into its fused expert tensors. Measured there on a tiny Mixtral: an
+    asymmetric expert failed ('Asymmetric quant requires zero-point values': the zero point is not collected), a
+    W8A8 one and a float one too (their ``weight`` is not kept: 'Concatenate ... Ckpt contains: 0'); quantized
+    inputs of an expert would run in float anyway, and experts of two schemes would be unpacked as one. Refused by
+    name, before anything is written."""
+    quantized = {m: view.quantized[m] for m in view.experts if m in view.quantized}
+    schemes: dict[tuple[Any, ...], list[str]] = {}
+    for m, qw in quantized.items():
+        schemes.setdefault((qw.qdtype, qw.group, qw.symmetric), []).append(m)
+    checks = (
+        ("is float (kept float, or not quantized)", [m for m in view.experts if m not in quantized]),
+        ("quantizes its input activations", [m for m, qw in quantized.items() if qw.act is not None]),
+        ("has asymmetric weights (zero points)", [m for m, qw in quantized.items() if not qw.symmetric]),
+        (f"is quantized in another scheme than others ({', '.join(map(str, schemes))})",
+         [ms[0] for ms in list(schemes.values())[1:]]),
+    )
+    for why, bad in checks:
+        if bad:
+            raise CheckpointError(f"expert projection {bad[0]!r} (and {len(bad) - 1} more) {why}: transformers "
+                                  "loads a compressed-tensors mixture-of-experts checkpoint by dequantizing every "
+                                  "expert's weight, in one scheme, into its fused expert tensors, from the packed "
+                                  "codes, scale and shape only (or fp8 weights and scale), so it would not load or "
+                                  "would run other numerics; quantize every expert weight-only and symmetric in one "
+                                  "scheme, or save with format='lowbit' (a float graph: format='hf')")
 
 
 def _write_quantized(view: HFView, tensors: dict[str, torch.Tensor], directory: Path, qcfg: dict[str, Any],
@@ -1091,12 +1154,23 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
         raise CheckpointError(f"{cfg_path}: transformers cannot build the model this config describes "
                               f"({type(exc).__name__}: {why})") from None
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    experts = _load_expert_names(model)
+    slices = experts.slice_modules() if experts is not None else {}  # each expert projection's [out, in]
+    # a linear's name in config.json's targets and ignore (the graph's, but an expert's or a renamed router's)
+    checkpoint_module: Callable[[str], str] = experts.module_to_checkpoint if experts is not None else str
+    if experts is not None:  # the experts' linears as the graph's DenseExperts names them, and their tensors too
+        # a family whose checkpoints keep the experts fused (GraniteMoE) has float experts only: no linear to plan
+        names |= {m for m in slices if f"{m}.weight" in experts.to_checkpoint}
+        tensors = experts.graph_named(tensors)
+        hints = {m: hints[checkpoint_module(m)] for m in names if checkpoint_module(m) in hints}
     # GPT-2's Conv1D (weight [in, out]): GPTQ stores its codes as a Linear's (GPTQ loaders build the quantized layer
     # with in = weight.shape[0]); compressed-tensors targets nn.Linear only, so its reader skips them
     conv1d = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"} if method == "gptq" else set()
 
     def linear_shape(module: str) -> tuple[int, ...]:
-        """The module's weight as ``[out, in]``, whatever its storage."""
+        """The module's weight as ``[out, in]``, whatever its storage (an expert projection: its slice's)."""
+        if module in slices:
+            return slices[module]
         shape = tuple(model.get_submodule(module).weight.shape)
         return shape[::-1] if module in conv1d else shape
 
@@ -1114,7 +1188,7 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
                                   "with a float KV cache only")
         _refuse_unread_ct_fields(qcfg, cfg_path)
         for module in sorted(names):
-            scheme = _ct_scheme_of(module, parsed.config_groups, parsed.ignore or [])
+            scheme = _ct_scheme_of(checkpoint_module(module), parsed.config_groups, parsed.ignore or [])
             if scheme is None or scheme.weights is None:
                 continue
             plan[module] = _ct_linear(module, scheme, parsed.format, tensors, directory, hints.get(module),
@@ -1139,7 +1213,10 @@ def load_hf_checkpoint(directory: Path, manifest: dict[str, Any] | None, generat
             continue
         float_state[name] = t
     # placeholders: the real codes replace the RTN of these zeros below
-    placeholders = {f"{module}.weight": model.get_submodule(module).weight.shape for module in plan}
+    placeholders = {f"{module}.weight": model.get_submodule(module).weight.shape for module in plan
+                    if module not in slices}
+    if experts is not None:
+        experts.fused_state(float_state, set(plan), placeholders)
     own = model.state_dict()
     for name, t in float_state.items():
         if name in own and own[name].shape != t.shape:
@@ -1218,6 +1295,17 @@ def mark_recorded_sparsity(graph: Graph, sparsity: Any) -> None:
         pattern = sparsity.get(node.module) if node.op == "linear" else None
         if isinstance(pattern, str) and SPARSITY_MARK.fullmatch(pattern):
             node.meta["sparsity"] = pattern
+
+
+def _load_expert_names(model: torch.nn.Module) -> ExpertNames | None:
+    """How the checkpoint names ``model``'s tensors, where it has fused experts that ``DenseExperts`` slices at
+    capture (``lowbit.checkpoint.experts``); None for any other model."""
+    from lowbit.models import DENSE_EXPERT_MODEL_TYPES
+
+    if getattr(model.config, "model_type", None) not in DENSE_EXPERT_MODEL_TYPES:
+        return None
+    experts = expert_names(model, _hf_keys(model))
+    return experts if experts.fused else None
 
 
 def _refuse_unread_ct_fields(qcfg: dict[str, Any], cfg_path: Path) -> None:
