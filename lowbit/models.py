@@ -287,20 +287,19 @@ def _moe_model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def _refuse_mixture_of_experts(model: nn.Module, *, generation: bool = False) -> None:
+def _refuse_mixture_of_experts(model: nn.Module) -> None:
     """A mixture-of-experts model routes each token to its top-k experts: torch.export writes transformers'
     dispatch as data-dependent ops (nonzero, histc, grouped_mm) the IR does not run. The families of
-    ``DENSE_EXPERT_MODEL_TYPES`` capture through ``DenseExperts``; any other, and the generation step of any (its
-    step is not checked against transformers' ``generate``), is refused before tracing (capture traced the whole
-    model first: 10 s for a 2-layer toy, far longer for a real one), saying why."""
+    ``DENSE_EXPERT_MODEL_TYPES`` capture through ``DenseExperts`` (the logits graph and, where ``STEP_MODEL_TYPES``
+    takes the family, the generation step); any other is refused before tracing (capture traced the whole model
+    first: 10 s for a 2-layer toy, far longer for a real one), saying why."""
     from lowbit.ir.capture import CaptureError
 
     experts = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "experts"]
     if not experts:
         return
-    covered = _moe_model_type(model) in DENSE_EXPERT_MODEL_TYPES and all(
-        _fused_experts(model.get_submodule(name)) for name in experts)
-    if covered and not generation:
+    if _moe_model_type(model) in DENSE_EXPERT_MODEL_TYPES and all(
+            _fused_experts(model.get_submodule(name)) for name in experts):
         return
     config = getattr(model, "config", None)
     n = next((getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
@@ -308,10 +307,6 @@ def _refuse_mixture_of_experts(model: nn.Module, *, generation: bool = False) ->
     k = getattr(config, "num_experts_per_tok", None)
     routing = f" ({n} experts, top-{k} routing)" if n and k else ""
     where = f"{experts[0]}{f' and {len(experts) - 1} more' if len(experts) > 1 else ''}"
-    if covered:
-        raise CaptureError(f"{type(model).__name__} is a mixture-of-experts model{routing}, in {where}: lowbit "
-                           "captures its logits graph with dense experts, but not its generation step; compile "
-                           "without generation= (README 'Any architecture')")
     raise CaptureError(f"{type(model).__name__} is a mixture-of-experts model{routing}, in {where}: its per-token "
                        "expert routing captures to data-dependent ops (nonzero, histc, grouped_mm) lowbit cannot "
                        "run; lowbit runs the experts densely for Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and "
@@ -341,21 +336,23 @@ class GenerationError(LowbitError, ValueError):
 
 _STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Ministral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, "
                        "OLMo 2, OLMo 3, EXAONE 4, Seed-OSS, GPT-NeoX, GPT-J, GPT-2, StableLM, StarCoder2, Cohere, "
-                       "Gemma, Gemma 2, Gemma 3, Bloom, Falcon (decoder layers of separate or fused q/k/v projections "
-                       "and an mlp, rotary positions, Bloom's or Falcon's ALiBi or GPT-2's learned position "
-                       "embeddings)")
+                       "Gemma, Gemma 2, Gemma 3, Bloom, Falcon, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (decoder "
+                       "layers of separate or fused q/k/v projections and an mlp, rotary positions, Bloom's or "
+                       "Falcon's ALiBi or GPT-2's learned position embeddings)")
 
 STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
                               "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi", "smollm3",
                               "ministral", "olmo3", "seed_oss", "exaone4", "gptj", "cohere", "bloom", "gpt2",
-                              "falcon"})
+                              "falcon", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
 """``config.model_type``s whose step is checked token for token against transformers' ``generate``
 (``tests/test_architectures.py``'s generate column, and ``test_generate_matches_transformers_beyond_the_matrix``
 for OLMo, StarCoder2, Phi, SmolLM3 and Ministral, ``test_olmo3_and_seed_oss_generate_as_transformers_forward``,
 ``test_exaone4_generates_as_transformers_forward_with_either_cache``,
 ``test_interleaved_rotary_families_generate_as_transformers`` for GPT-J and Cohere,
 ``test_bloom_generates_as_transformers_with_either_cache`` for Bloom,
-``test_gpt2_and_falcon_generate_as_transformers_with_either_cache`` for GPT-2 and Falcon; SmolLM2 is ``llama``).
+``test_gpt2_and_falcon_generate_as_transformers_with_either_cache`` for GPT-2 and Falcon, ``tests/test_moe.py``'s
+``test_moe_generation_step_generates_as_transformers`` for Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, their experts as
+``DenseExperts``; SmolLM2 is ``llama``). GraniteMoE keeps its experts in ``block_sparse_moe``, not ``mlp``: refused.
 Another type is refused, not stepped on a guess: ``StepLayout`` reads module names and probes the rotary (or the
 ALiBi table), and a family can differ in what neither shows (an extra scale, a rotary applied in its own dtype),
 which would make wrong tokens without an error."""
@@ -676,7 +673,7 @@ class CausalLMStep(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
-        _refuse_mixture_of_experts(model, generation=True)
+        _refuse_mixture_of_experts(model)
         _refuse_dynamic_rope(model)
         self.layout = StepLayout.of(model)
         self.model = model
@@ -709,6 +706,11 @@ class CausalLMStep(nn.Module):
             f"GenerationSpec's max_batch and max_length), and the guard above fixes one of them: {type(model).__name__}"
             f"'s step cannot run at every size under torch {torch.__version__}; compile without generation= (the "
             f"logits graph) or under another torch version, and report the guard")
+
+    def capture_context(self) -> contextlib.AbstractContextManager[list[str]]:
+        """The step calls the layer's own mlp, so a mixture-of-experts model's experts run as ``DenseExperts``
+        during the trace, as in ``CausalLMLogits``: the step's graph has the logits graph's expert linears."""
+        return dense_experts(self.model)
 
     @staticmethod
     def _window(config: Any, attn: nn.Module, layer_type: str | None) -> int | None:
