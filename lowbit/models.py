@@ -228,6 +228,8 @@ class DenseExperts(nn.Module):
     copy): the quantizer sees each projection as its own linear. The experts are summed in expert order, as
     transformers adds them, so the result is transformers' to float rounding. Cost: every expert on every token,
     E/k times the routed experts' FLOPs (E times one expert's): the exact, capturable form, not a fast one.
+    Calibration sees the dense form: GPTQ's Hessian of an expert's projections gathers every calibration token
+    (the router's weight scales the expert's output after ``down_proj``), not only the tokens routed to it.
     """
 
     def __init__(self, experts: nn.Module) -> None:
