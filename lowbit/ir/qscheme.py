@@ -33,14 +33,16 @@ __all__ = ["QScheme", "KVCacheScheme", "ModuleRule", "QuantConfig", "Granularity
 Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token"]
 ObserverName = Literal["minmax", "ema", "percentile", "mse", "histogram"]
 
-DEFAULT_KEEP_FLOAT = ["lm_head", "*embed*", "predictions.decoder", "lm_head.decoder", "vocab_projector", "mlp.gate"]
+DEFAULT_KEEP_FLOAT = ["lm_head", "*embed*", "predictions.decoder", "lm_head.decoder", "vocab_projector", "mlp.gate",
+                      "block_sparse_moe.router"]
 """Kept float unless a config says otherwise: the output head and embeddings (tied in SmolLM2), which are
 large, read once per token, and where quantization error lands directly on the logits. A masked-LM encoder's
 vocabulary projection is its output head (BERT's ``cls.predictions.decoder``, RoBERTa's ``lm_head.decoder``,
 DistilBERT's ``vocab_projector``; tied to the word embeddings): it was quantized, and its tie silently broken.
-A mixture-of-experts router (``mlp.gate``: Mixtral, Qwen2/3-MoE, OLMoE, GraniteMoE; E rows, a tiny share of the
-params) picks each token's experts: its rounding flips choices (int8 on a 4-expert Mixtral: 0.014 relative logit
-error with it quantized, 0.009 float), so it stays float, as llm-compressor's and ModelOpt's MoE recipes keep it."""
+A mixture-of-experts router (``mlp.gate``: Mixtral, Qwen2/3-MoE, OLMoE; GraniteMoE's ``block_sparse_moe.router``; E
+rows, a tiny share of the params) picks each token's experts: its rounding flips choices (int8 on a 4-expert
+Mixtral: 0.014 relative logit error with it quantized, 0.009 float), so it stays float, as llm-compressor's and
+ModelOpt's MoE recipes keep it."""
 
 
 class QScheme(BaseModel):
