@@ -10,8 +10,13 @@ Where a scale can go is *analysis* (``find_sites``, a table of patterns); changi
 acts on every channel independently:
 
 * ``norm``: RMSNorm / LayerNorm → linears (q/k/v, gate/up), directly or through reshapes that keep the channel
-  dim last (GPT-2's ``[B·S, C]`` rows). Gain (and LayerNorm bias) divided by ``s``. A norm without a gain (after
-  ``fold-norms``) gets one, ``1/s``.
+  dim last (GPT-2's ``[B·S, C]`` rows; a mixture-of-experts block's ``[B·T, H]`` tokens, read by its router and
+  every expert's gate/up). Gain (and LayerNorm bias) divided by ``s``. A norm without a gain (after
+  ``fold-norms``) gets one, ``1/s``. Its output may be read only by: linears (as their input, weight a param),
+  reshapes/views whose output keeps the last dim at the channel count (they only regroup the leading, token
+  dims, so row r of the output is a row of the input and ``s`` passes through; their output read by the same
+  kinds of node), and ops that read only its shape/dtype (``new_zeros``, ``sym_size``). Anything else (a
+  residual add, a transpose, a graph output) refuses the site; ``find_sites(refusals=...)`` says which reader.
 * ``gated``: linear ``up`` → ``mul(act(gate), up)`` → linears (down). ``up``'s output rows (and bias) are
   divided by ``s``; the elementwise product carries the factor through.
 * ``attention-v``: linear ``v`` → head reshape / GQA repeat → ``attention`` (as the value) → head merge →
@@ -204,19 +209,67 @@ def _head_dim(chain: list[Node], channels: int) -> int | None:
     return None
 
 
-def find_sites(graph: Graph, kinds: Iterable[str] = SITE_KINDS) -> list[MigrationSite]:
-    """Every place in ``graph`` where a scale on a group of linears' input can be folded, in graph order."""
+_SHAPE_READERS = frozenset({
+    "aten.new_zeros.default", "aten.new_empty.default", "aten.new_ones.default", "aten.new_full.default",
+    "aten.sym_size.int",
+})
+"""Ops that read only a tensor's shape, dtype and device (a MoE block's ``new_zeros`` accumulator), never its
+values: a scale on the tensor does not reach them."""
+
+
+def _channel_readers(users: dict[int, list[Node]], v: Value, channels: int, outputs: set[int]) -> list[Node] | str:
+    """The linears that read ``v``'s channels, directly or through reshapes that keep the last dim at ``channels``
+    (they merge or split only the leading, token dims: row-major, each output row is an input row, so a
+    per-channel scale passes through); readers of the shape alone are passed over. Otherwise why not: the first
+    reader that would see the scale unfolded."""
+    found: list[Node] = []
+    pending = [v]
+    while pending:
+        cur = pending.pop(0)
+        if id(cur) in outputs:
+            return f"%{cur.name} is a graph output"
+        readers = _readers(users, cur)
+        if not readers:
+            return f"%{cur.name} has no reader"
+        for r in readers:
+            if _is_linear_with_param_weight(r) and r.args[0] is cur and r.args[1] is not cur:
+                found.append(r)
+                continue
+            if r.op in _SHAPE_READERS and r.args[0] is cur and all(a is not cur for a in r.args[1:]):
+                continue
+            shape = getattr(r.output.type, "shape", None) if r.outputs else None
+            if r.op in _RESHAPES and r.args[0] is cur and shape and shape[-1] == channels:
+                pending.append(r.output)
+                continue
+            return f"it reaches {r.op} %{r.name} (module {r.module!r}), which is not a linear or a row reshape"
+    return found
+
+
+def find_sites(graph: Graph, kinds: Iterable[str] = SITE_KINDS, refusals: dict[str, str] | None = None
+               ) -> list[MigrationSite]:
+    """Every place in ``graph`` where a scale on a group of linears' input can be folded, in graph order.
+
+    ``refusals``, when given, is filled with why each norm is not a site (``norm:<module>`` -> reason): a norm is
+    the one candidate every model has, so a norm passed over is said, not silently skipped."""
     want = set(kinds)
     users = graph.users()
     outputs = graph.output_ids()
     sites: list[MigrationSite] = []
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
     for n in graph.nodes:
         if n.op in NORM_OPS and "norm" in want:
-            cons = _linear_readers(users, _rows_kept(users, n.output, int(n.output.tensor_type.shape[-1]), outputs),
-                                   outputs)
+            channels = int(n.output.tensor_type.shape[-1])
+            cons = _channel_readers(users, n.output, channels, outputs)
             gain = n.arg(1, "weight")
-            if cons and (gain is None or (isinstance(gain, Value) and gain.is_param)):
-                sites.append(MigrationSite("norm", n, cons, int(n.output.tensor_type.shape[-1])))
+            if isinstance(cons, str):
+                why = cons
+            elif gain is not None and not (isinstance(gain, Value) and gain.is_param):
+                why = "its gain is not a param"
+            else:
+                sites.append(MigrationSite("norm", n, sorted(cons, key=lambda c: order[id(c)]), channels))
+                continue
+            if refusals is not None:
+                refusals[f"norm:{n.module or n.name}"] = why
         elif n.op in ("mul", "aten.mul.Tensor") and "gated" in want:
             site = _gated_site(n, users, outputs)
             if site is not None:

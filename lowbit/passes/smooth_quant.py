@@ -8,9 +8,12 @@
 Statistics (``max|x|`` per input channel, and a token sample when searching α) come from running calibration
 text block by block through ``lowbit.calibration.engine``. Each scale is folded by
 ``lowbit.calibration.scale_migration`` — the same code AWQ uses — so the float model is unchanged (exact up to
-float rounding; the engine reuses each block's outputs). Linears kept float (``lm_head``, ``keep=``) are not
-smoothed: their inputs are never quantized, so there is nothing to gain, and SmolLM2's ``lm_head`` is tied to
-the embedding (smoothing it would duplicate 28M parameters).
+float rounding; the engine reuses each block's outputs). A site read only by linears kept float (``lm_head``,
+``keep=``) is not smoothed: their inputs are never quantized, so there is nothing to gain, and SmolLM2's ``lm_head``
+is tied to the embedding (smoothing it would duplicate 28M parameters). A kept-float linear beside quantized ones
+(a mixture-of-experts router reading the same norm as its experts' gate/up) absorbs ``s`` in its input columns like
+the others (exact) but has no say in choosing it; one whose weight another node shares refuses the site instead.
+Every site passed over is listed with its reason in the stats (``sites_skipped``), and the CLI report prints it.
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ class SmoothQuantOptions(CalibrationOptions):
 @dataclass
 class _SiteStats:
     site: MigrationSite
+    quantized: list[Node]
+    """The site's consumers that a later quantize rounds: their weights choose ``s`` (kept-float ones only
+    absorb it)."""
     absmax: torch.Tensor | None = None
     sample: list[torch.Tensor] = field(default_factory=list)
     done: bool = False
@@ -121,6 +127,22 @@ def _why_no_site(graph: Graph, kind: str) -> str:
     return "no v_proj whose output reaches an attention's value through views alone"
 
 
+def _kept_float_refusal(graph: Graph, site: MigrationSite, keep: list[str]) -> list[Node] | str:
+    """The site's consumers that will be quantized, or why the site is not smoothed: every consumer is kept float
+    (nothing to gain), or a kept-float consumer shares its weight with another node (a tied ``lm_head``: scaling
+    its columns would copy the tensor)."""
+    kept = [c for c in site.consumers if any(module_matches(c.module, p) for p in keep)]
+    if len(kept) == len(site.consumers):
+        return "every reader is a linear kept float (lm_head, keep=)"
+    users = graph.users()
+    for c in kept:
+        if any(u is not c for u in users.get(id(c.args[1]), [])):
+            return (f"its reader linear %{c.name} (module {c.module!r}) is kept float and shares its weight with "
+                    "another node (tied): scaling its columns would copy that weight")
+    kept_ids = {id(c) for c in kept}
+    return [c for c in site.consumers if id(c) not in kept_ids]
+
+
 @register_pass
 class SmoothQuant(Pass):
     """SmoothQuant: per-channel scales from activation and weight ranges, folded into norms/linears (exact)."""
@@ -156,16 +178,23 @@ class SmoothQuant(Pass):
             # a warning and nothing done) sent the user looking for a model problem, not a pipeline order one
             raise PassError(f"pass smooth-quant: {quantized}; SmoothQuant moves scales between float weights and "
                             "must run before quantize, gptq, awq and autoround (move smooth-quant first)")
-        found = find_sites(graph, o.sites)
-        sites = [s for s in found if not any(module_matches(c.module, p) for c in s.consumers for p in keep)]
+        skipped: dict[str, str] = {}  # site -> why it is not smoothed, for the stats
+        found = find_sites(graph, o.sites, skipped)
+        sites: list[_SiteStats] = []
+        for site in found:
+            why = _kept_float_refusal(graph, site, keep)
+            if isinstance(why, str):
+                skipped[site.name] = why
+            else:
+                sites.append(_SiteStats(site, why))
         if not sites:
             message = f"pass smooth-quant: no place to fold scales ({', '.join(o.sites)}) in this graph"
             if o.require_sites:
                 raise PassError(message + " (require_sites=false leaves such a graph unchanged)")
             warnings.warn(message + "; left unchanged (require_sites=false)", stacklevel=2)
-            return PassResult(False, {"sites": 0, "skipped": message})
+            return PassResult(False, {"sites": 0, "skipped": message, "sites_skipped": skipped})
         t0 = time.perf_counter()
-        stats_of = {id(s.consumers[0]): _SiteStats(s) for s in sites}
+        stats_of = {id(ss.quantized[0]): ss for ss in sites}
         per_batch = 1  # tokens sampled per batch and site; set once the batches are known
         alphas: list[float] = []
         moved: list[str] = []  # the sites whose scale was not all ones
@@ -190,7 +219,7 @@ class SmoothQuant(Pass):
                     raise PassError(f"pass smooth-quant: site {ss.site.name}: the calibration inputs are not finite "
                                     f"(NaN/inf in {bad} of {ss.absmax.numel()} channels); give finite calibration "
                                     "data")
-                weights = [c.args[1].data for c in ss.site.consumers]
+                weights = [c.args[1].data for c in ss.quantized]
                 if o.search:
                     alpha, s, _ = search_alpha(torch.cat(ss.sample), ss.absmax, weights, expand=ss.site.expand,
                                                w_bits=o.w_bits, a_bits=o.a_bits)
@@ -213,11 +242,14 @@ class SmoothQuant(Pass):
         if missing:
             raise PassError(f"pass smooth-quant: calibration never reached the site(s) {', '.join(missing[:5])}")
         by_kind: dict[str, int] = {}
-        for s in sites:
-            by_kind[s.kind] = by_kind.get(s.kind, 0) + 1
+        for ss in sites:
+            by_kind[ss.site.kind] = by_kind.get(ss.site.kind, 0) + 1
         return PassResult(bool(moved), {
             "sites": by_kind,
             "sites_scaled": len(moved),
+            "float_readers_scaled": sum(len(ss.site.consumers) - len(ss.quantized) for ss in sites
+                                        if ss.site.name in moved),
+            "sites_skipped": skipped,
             "sites_not_found": {k: "every one feeds a linear kept float (lm_head, keep=)" if any(
                 s.kind == k for s in found) else _why_no_site(graph, k) for k in o.sites if k not in by_kind},
             "alpha_mean": round(sum(alphas) / len(alphas), 3),
