@@ -476,3 +476,63 @@ def test_dense_experts_are_swapped_back_when_the_capture_fails():
         assert all(isinstance(model.get_submodule(name), DenseExperts) for name in swapped)
         raise RuntimeError("inside")
     assert _experts_modules(model) == before
+
+
+MOE_NORM = """\
+graph g(%ids: i64[1,3]) {
+  param @emb: f64[10,4]
+  param @router: f64[2,4]
+  param @up: f64[8,4]
+  param @down: f64[4,8]
+  param @tied: f64[4,4]
+  param @up2: f64[4,4]
+  %e: f64[1,3,4] = embedding(@emb, %ids)  # embed
+  %n: f64[1,3,4] = rms_norm(%e, None, eps=1e-06)  # layers.0.post_attention_layernorm
+  %t: f64[3,4] = reshape(%n, [3, 4])  # layers.0.mlp
+  %z: f64[3,2] = aten.new_zeros.default(%t, [3, 2])  # layers.0.mlp.experts
+  %rt: f64[3,4] = reshape(%t, [-1, 4])  # layers.0.mlp.gate
+  %l: f64[3,2] = linear(%rt, @router)  # layers.0.mlp.gate
+  %u: f64[3,8] = linear(%t, @up)  # layers.0.mlp.experts.expert_0.up_proj
+  %d: f64[3,4] = linear(%u, @down)  # layers.0.mlp.experts.expert_0.down_proj
+  %d3: f64[1,3,4] = reshape(%d, [1, 3, 4])  # layers.0.mlp
+  %r: f64[1,3,4] = residual_add(%e, %d3)  # layers.0
+  %m: f64[1,3,4] = rms_norm(%r, None, eps=1e-06)  # layers.1.input_layernorm
+  %x: f64[1,4,3] = aten.transpose.int(%m, 1, 2)  # layers.1
+  %k: f64[1,3,4] = rms_norm(%r, None, eps=1e-06)  # layers.1.post_attention_layernorm
+  %q: f64[1,3,4] = linear(%k, @tied)  # layers.1.mlp.gate
+  %v: f64[1,3,4] = linear(%k, @up2)  # layers.1.mlp.experts.expert_0.up_proj
+  %w: f64[1,3,4] = linear(%q, @tied)  # layers.1.mlp.experts.expert_0.down_proj
+  return %l, %z, %x, %v, %w
+}
+"""
+"""A MoE-shaped norm site by hand: the norm's [1, 3, 4] output reshaped to [3, 4] tokens, read by a new_zeros
+(shape only), the router (kept float by default) through a second reshape and an expert's up_proj; then a norm read
+by a transpose (refused) and one whose kept-float router shares its weight with another linear (refused)."""
+
+
+def test_smoothquant_site_readers_and_refusals_by_hand():
+    """The hand-written MoE norm site is smoothed with the router absorbing the scale (exact in float64); each norm
+    not smoothed is in stats['sites_skipped'] with its reason, naming the node that refused it."""
+    from lowbit.backends.torch_backend import TorchCompiled
+    from lowbit.ir.parser import parse_graph
+    from lowbit.passes.manager import PassManager
+    from lowbit.passes.smooth_quant import SmoothQuant
+
+    gen = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(v.type.shape, generator=gen, dtype=v.type.dtype) * 4
+               for k, v in parse_graph(MOE_NORM).params.items()}
+    graph = parse_graph(MOE_NORM, weights)
+    ids = torch.tensor([[1, 5, 7]])
+    before = TorchCompiled(graph)(ids)
+    calib = torch.randint(0, 10, (2, 3), generator=torch.Generator().manual_seed(1))
+    stats = PassManager([SmoothQuant(calib=calib, sites=["norm"], progress=False)]).run(graph).records[0].stats
+    assert stats["sites"] == {"norm": 1} and stats["sites_scaled"] == 1 and stats["float_readers_scaled"] == 1
+    assert stats["sites_skipped"] == {
+        "norm:layers.1.input_layernorm": "it reaches aten.transpose.int %x (module 'layers.1'), which is not a linear "
+                                         "or a row reshape",
+        "norm:layers.1.post_attention_layernorm": "its reader linear %q (module 'layers.1.mlp.gate') is kept float "
+                                                  "and shares its weight with another node (tied): scaling its columns "
+                                                  "would copy that weight"}
+    assert not torch.equal(graph.params["router"].data, weights["router"])
+    for got, want in zip(TorchCompiled(graph)(ids), before, strict=True):
+        assert (got - want).abs().max().item() < 1e-12
