@@ -907,18 +907,10 @@ def plan_rotary_cache(q: TensorType | None, k: TensorType | None, rotary_dim: in
 
 def plan_cache_write(k: TensorType | None, v: TensorType | None) -> str | None:
     """Why ``write_kv`` does not take a layer's k and v caches of these types (None: it does; the caches, graph
-    inputs, are typed where a written key may not be: Bloom's is a ``getitem`` of a chunk): its kernel's head_dims
-    (``rotary_head_dim_unsupported``) and dtypes (``ROTARY_DTYPES``), one for both."""
-    from lowbit.kernels.decode_step import ROTARY_DTYPES, rotary_head_dim_unsupported
-
-    if k is None or v is None or not k.shape or not isinstance(k.shape[-1], int):
-        return "head_dim unknown at lowering"
-    why = rotary_head_dim_unsupported(int(k.shape[-1]))
-    if why is not None:
-        return f"head_dim {k.shape[-1]}: {why}"
-    if k.dtype != v.dtype or k.dtype not in ROTARY_DTYPES:
-        return f"dtypes {k.dtype}, {v.dtype}: the kernel takes one of bf16/fp16/fp32"
-    return None
+    inputs, are typed where a written key may not be: Bloom's is a ``getitem`` of a chunk). ``write_kv`` is
+    ``rotary_write_kv``'s kernel with no rotary, so its head_dims and dtypes are ``plan_rotary_cache``'s, one for
+    both."""
+    return plan_rotary_cache(k, v)
 
 
 def _fuse_cache_writes(gm: torch.fx.GraphModule, attn: torch.fx.Node, types: dict[str, TensorType] | None,
