@@ -549,8 +549,8 @@ def _prepare(graph: Graph, config: Any, kind: str) -> tuple[HFView, Any]:
 
 def _refuse_quantized_routers(view: HFView, model: torch.nn.Module, linears: set[str], experts: ExpertNames) -> None:
     """A quantized linear of a mixture-of-experts graph that is no ``nn.Linear`` of transformers' model and no
-    expert projection: a router (transformers' ``...TopKRouter``, GraniteMoE's ``block_sparse_moe.router``, which
-    ``DEFAULT_KEEP_FLOAT``'s ``mlp.gate`` does not name). transformers quantizes ``nn.Linear`` modules only, and
+    expert projection: a router (transformers' ``...TopKRouter``, GraniteMoE's ``block_sparse_moe.router``; float
+    by default, ``DEFAULT_KEEP_FLOAT``, so quantized on request). transformers quantizes ``nn.Linear`` modules only, and
     loaded its codes as unexpected tensors with the router left at random: refused by name."""
     slices = experts.slice_modules()
     routers = sorted(m for m in view.quantized if m not in linears and m not in slices)
