@@ -338,14 +338,14 @@ class GenerationError(LowbitError, ValueError):
 
 _STEP_ARCHITECTURES = ("Llama, SmolLM2, SmolLM3, Mistral, Ministral, Qwen2, Qwen3, Granite, Phi (1/2), Phi-3, OLMo, "
                        "OLMo 2, OLMo 3, EXAONE 4, Seed-OSS, GPT-NeoX, GPT-J, GPT-2, StableLM, StarCoder2, Cohere, "
-                       "Gemma, Gemma 2, Gemma 3, Bloom, Falcon, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (decoder "
-                       "layers of separate or fused q/k/v projections and an mlp, rotary positions, Bloom's or "
-                       "Falcon's ALiBi or GPT-2's learned position embeddings)")
+                       "Gemma, Gemma 2, Gemma 3, Bloom, Falcon, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE "
+                       "(decoder layers of separate or fused q/k/v projections and an mlp, rotary positions, Bloom's "
+                       "or Falcon's ALiBi or GPT-2's learned position embeddings)")
 
 STEP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "phi3", "olmo2", "gpt_neox", "stablelm",
                               "gemma", "gemma2", "gemma3_text", "olmo", "starcoder2", "phi", "smollm3",
                               "ministral", "olmo3", "seed_oss", "exaone4", "gptj", "cohere", "bloom", "gpt2",
-                              "falcon", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
+                              "falcon", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"})
 """``config.model_type``s whose step is checked token for token against transformers' ``generate``
 (``tests/test_architectures.py``'s generate column, and ``test_generate_matches_transformers_beyond_the_matrix``
 for OLMo, StarCoder2, Phi, SmolLM3 and Ministral, ``test_olmo3_and_seed_oss_generate_as_transformers_forward``,
@@ -354,7 +354,8 @@ for OLMo, StarCoder2, Phi, SmolLM3 and Ministral, ``test_olmo3_and_seed_oss_gene
 ``test_bloom_generates_as_transformers_with_either_cache`` for Bloom,
 ``test_gpt2_and_falcon_generate_as_transformers_with_either_cache`` for GPT-2 and Falcon, ``tests/test_moe.py``'s
 ``test_moe_generation_step_generates_as_transformers`` for Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, their experts as
-``DenseExperts``; SmolLM2 is ``llama``). GraniteMoE keeps its experts in ``block_sparse_moe``, not ``mlp``: refused.
+``DenseExperts``, and ``tests/test_moe_step.py``'s ``test_granitemoe_step_generates_as_transformers`` for GraniteMoE,
+whose layer's mixture sits in ``block_sparse_moe`` (``_MLP``) under Granite's multipliers; SmolLM2 is ``llama``).
 Another type is refused, not stepped on a guess: ``StepLayout`` reads module names and probes the rotary (or the
 ALiBi table), and a family can differ in what neither shows (an extra scale, a rotary applied in its own dtype),
 which would make wrong tokens without an error."""
@@ -368,6 +369,8 @@ _OUT_PROJ = ("o_proj", "dense", "out_proj", "c_proj")
 _FUSED_QKV = ("qkv_proj", "c_attn")
 """A fused projection laid out ``[q | k | v]`` (Phi-3's; GPT-2's Conv1D)."""
 _INPUT_NORM = ("input_layernorm", "ln_1", "ln_attn")
+_MLP = ("mlp", "block_sparse_moe")
+"""Where a decoder layer keeps its feed-forward block (``block_sparse_moe``: GraniteMoE's router and experts)."""
 _MLP_NORM = ("post_attention_layernorm", "ln_2", "ln_mlp")
 """A layer's norm of the mlp's input: after the attention's residual (GPT-2's ``ln_2``) or, in a parallel block,
 of the layer input beside the attention's (GPT-NeoX's, Falcon's ``ln_mlp``)."""
@@ -515,7 +518,7 @@ class StepLayout:
             residual = "parallel-neox"  # the mlp's own norm of the layer input (GPT-NeoX's, Falcon's ln_mlp)
         else:
             residual = "pre"
-        for names in (_INPUT_NORM, ("mlp",)):
+        for names in (_INPUT_NORM, _MLP):
             if residual != "post" and _first_attr(layer, names) is None:
                 raise GenerationError(f"{name}: layer 0 ({type(layer).__name__}) has no {'/'.join(names)}; "
                                       f"generation supports {_STEP_ARCHITECTURES}")
@@ -541,7 +544,7 @@ class StepLayout:
                          and getattr(config, "_attn_implementation", None) == "eager"),
             positions="rotary" if rotary else "alibi" if alibi else "learned", alibi_divisor=alibi_divisor,
             embedding_norm=_first_attr(base, _EMBEDDING_NORM) is not None,
-            mlp_adds_residual="residual" in inspect.signature(layer.mlp.forward).parameters)
+            mlp_adds_residual="residual" in inspect.signature(_first_attr(layer, _MLP).forward).parameters)
 
 
 _PARALLEL_RESIDUAL_LAST = frozenset({"gptj", "phi", "falcon"})
@@ -850,27 +853,28 @@ class CausalLMStep(nn.Module):
             new_cache += [keys, values]
             out = self._attend(attn, q, keys.to(q.dtype), values.to(q.dtype), masks[self.windows[i]])
             out = _first_attr(attn, _OUT_PROJ)(out.transpose(1, 2).reshape(batch, length, -1))
+            mlp = _first_attr(layer, _MLP)
             if lay.residual == "parallel" and lay.residual_last:  # GPT-J, Phi, Falcon: (attention + mlp) + residual
-                hidden = out + layer.mlp(x) + hidden
+                hidden = out + mlp(x) + hidden
             elif lay.residual == "parallel":  # StableLM, Cohere: residual + attention + mlp, both on the input norm
-                hidden = hidden + out + layer.mlp(x)
+                hidden = hidden + out + mlp(x)
             elif lay.residual == "parallel-neox":
-                hidden = layer.mlp(_first_attr(layer, _MLP_NORM)(hidden)) + out + hidden
+                hidden = mlp(_first_attr(layer, _MLP_NORM)(hidden)) + out + hidden
             elif lay.residual == "sandwich":
                 hidden = hidden + layer.post_attention_layernorm(out)
-                hidden = hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+                hidden = hidden + layer.post_feedforward_layernorm(mlp(layer.pre_feedforward_layernorm(hidden)))
             elif lay.residual == "post":
                 hidden = hidden + layer.post_attention_layernorm(out)
-                hidden = hidden + layer.post_feedforward_layernorm(layer.mlp(hidden))
-            elif m != 1.0:  # Granite
+                hidden = hidden + layer.post_feedforward_layernorm(mlp(hidden))
+            elif m != 1.0:  # Granite, GraniteMoE
                 hidden = hidden + out * m
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden)) * m
+                hidden = hidden + mlp(layer.post_attention_layernorm(hidden)) * m
             elif lay.mlp_adds_residual:  # Bloom: its mlp adds the residual it is given
                 hidden = hidden + out
-                hidden = layer.mlp(layer.post_attention_layernorm(hidden), hidden)
+                hidden = mlp(layer.post_attention_layernorm(hidden), hidden)
             else:
                 hidden = hidden + out
-                hidden = hidden + layer.mlp(_first_attr(layer, _MLP_NORM)(hidden))
+                hidden = hidden + mlp(_first_attr(layer, _MLP_NORM)(hidden))
         logits = self.model.get_output_embeddings()(_first_attr(base, _FINAL_NORM)(hidden))
         if lay.logits_divisor != 1.0:
             logits = logits / lay.logits_divisor
