@@ -5,13 +5,16 @@ the Triton backend, and checkpoints whose experts are part float, part quantized
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 import lowbit
+from lowbit.checkpoint import CheckpointError
 
 from test_moe import (
     _COMMON,
@@ -21,7 +24,9 @@ from test_moe import (
     N_EXPERTS,
     N_LAYERS,
     _dequantized_weights,
+    _ids,
     _sharp_tiny,
+    _tiny,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -151,3 +156,62 @@ def test_w4a16_mixtral_step_runs_on_triton_kernels_generating_the_reference_toke
     assert sorted(len(m.split(", ")) for m in merged_experts) == [2 * N_EXPERTS] * N_LAYERS
     assert all(report["kernels"][n] == "w4a16" for n, m in report["merged"].items() if ".experts." in m)
     assert tri.generate(GEN_PROMPTS, 12, stop_tokens=()).tokens == tokens
+
+
+def _as_third_party_mixed_checkpoint(directory: Path, float_weights: dict[str, torch.Tensor]) -> None:
+    """Rewrite a lowbit compressed-tensors save of a quantized Mixtral as llm-compressor writes one whose
+    ``ignore`` lists some experts' projections (``float_weights``: checkpoint module -> its float weight): those
+    modules' packed codes replaced by a float ``.weight`` and named in ``ignore``; no lowbit manifest."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    config = json.loads((directory / "config.json").read_text())
+    for module, weight in float_weights.items():
+        for suffix in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
+            tensors.pop(f"{module}.{suffix}", None)
+        tensors[f"{module}.weight"] = weight.contiguous()
+        config["quantization_config"]["ignore"].append(module)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "lowbit-manifest.json").unlink()
+
+
+def test_experts_part_float_part_quantized_save_only_as_lowbit_and_such_a_checkpoint_loads(tmp_path):
+    """One expert kept float (``keep=[*.experts.expert_1.*]``), the others int4: lowbit saves it in its own format
+    (reloads to the same logits exactly) and refuses every HF format by name before writing: compressed-tensors
+    (naming Mixtral's ``block_sparse_moe.experts.1.w1``: transformers dequantizes every expert of a layer in one
+    scheme), GPTQ (no ``nn.Linear`` per expert) and hf (float weights only). transformers 5.25 indeed cannot load
+    such a checkpoint as a third party writes it (experts.1 in ``ignore``, float ``.weight``): it merges the 3
+    quantized experts' weights into a 3-expert fused tensor and stops on the size mismatch. lowbit reads it
+    (``ExpertNames.fused_state``: expert 1's float rows in the fused tensors, the others' codes after capture) to the
+    kept-float graph's logits exactly: a float row put in another expert's place, or left zero, changes them."""
+    model, ids = _tiny("mixtral"), _ids()
+    mixed = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32,keep=[*.experts.expert_1.*])")
+    quantized = set(_dequantized_weights(mixed.graph))
+    assert len({m for m in quantized if EXPERT_LINEAR.match(m)}) == N_LAYERS * (N_EXPERTS - 1) * 3  # not expert 1
+    reference = mixed(ids)
+    for fmt, why in (("compressed-tensors", r"expert projection 'model\.layers\.0\.block_sparse_moe\.experts\.1\.w1' "
+                                            r"\(and 5 more\) is float \(kept float, or not quantized\)"),
+                     ("gptq", r"format 'gptq' cannot hold this mixture-of-experts graph"),
+                     ("hf", rf"format='hf' writes float weights, but the graph has {len(quantized)} quantized")):
+        with pytest.raises(CheckpointError, match=why):
+            lowbit.save(mixed, tmp_path / fmt, format=fmt)
+        assert not (tmp_path / fmt).exists()
+    own = lowbit.load(lowbit.save(mixed, tmp_path / "lowbit", format="lowbit"))
+    assert (own(ids) - reference).abs().max().item() == 0.0
+
+    out = lowbit.save(lowbit.compile_model(model, pipeline=W4A16), tmp_path / "ct", format="compressed-tensors")
+    inner = _COMMON["intermediate_size"]
+    fused = {"w1": (0, slice(0, inner)), "w3": (0, slice(inner, 2 * inner)), "w2": (1, None)}  # gate_up / down rows
+    with torch.no_grad():
+        float_weights = {
+            f"model.layers.{layer}.block_sparse_moe.experts.1.{name}":
+                (experts.gate_up_proj[1, rows] if which == 0 else experts.down_proj[1]).detach().clone()
+            for layer in range(N_LAYERS) for experts in [model.model.layers[layer].mlp.experts]
+            for name, (which, rows) in fused.items()}
+    _as_third_party_mixed_checkpoint(out, float_weights)
+    with pytest.raises(RuntimeError, match=r"ignore_mismatched_sizes"):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    loaded = lowbit.load(out)
+    assert sum(n.op == "dequantize" for n in loaded.graph.nodes) == sum(n.op == "dequantize" for n in mixed.graph.nodes)
+    assert (loaded(ids) - reference).abs().max().item() == 0.0
