@@ -219,7 +219,9 @@ def _fused_experts(module: nn.Module) -> bool:
 
 class DenseExperts(nn.Module):
     """A transformers experts module run densely: every token through every expert, each expert's output scaled
-    by the router's weight for it (0 for an expert the token's top-k did not pick) and summed.
+    by the router's weight for it, or replaced by 0 where that weight is 0 (the token's top-k did not pick it): a
+    ``where``, not a product with 0, so an inf/NaN an expert makes on a token not routed to it is dropped, as
+    transformers (which never runs it there) drops it. Then summed.
 
     transformers dispatches each token to its top-k experts (``nonzero``/``where`` over the routing, ``index_add``,
     or ``grouped_mm``): data-dependent ops lowbit's IR does not run. Here the top-k weights are scattered into a
@@ -253,12 +255,15 @@ class DenseExperts(nn.Module):
         """``hidden_states [T, H]``, the router's ``top_k_index``/``top_k_weights [T, k]`` -> ``[T, H]``."""
         dense = hidden_states.new_zeros(hidden_states.shape[0], self.num_experts, dtype=top_k_weights.dtype)
         dense = dense.scatter(1, top_k_index, top_k_weights)
+        # an expert's output on a token not routed to it is dropped, not scaled by 0: transformers never runs it
+        # there, and an inf or NaN it produces there (0 x inf = NaN) poisoned the sum of a token it was not for
+        picked = dense != 0
         out = None
         for e in range(self.num_experts):
             expert = getattr(self, f"expert_{e}")
             y = expert.down_proj(self.act_fn(expert.gate_proj(hidden_states)) * expert.up_proj(hidden_states))
             # transformers scales in the router's dtype and adds in the hidden states' (index_add_)
-            y = (y * dense[:, e, None]).to(hidden_states.dtype)
+            y = torch.where(picked[:, e, None], y * dense[:, e, None], 0.0).to(hidden_states.dtype)
             out = y if out is None else out + y
         return out
 
