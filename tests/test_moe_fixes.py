@@ -74,3 +74,43 @@ def test_an_expert_overflowing_on_tokens_not_routed_to_it_leaves_the_logits_fini
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, reference, atol=1e-5, rtol=0)
+
+
+def _norm_ops(graph: Any) -> dict[str, dict[str, Any]]:
+    """Each ``rms_norm`` node's kwargs by module."""
+    return {n.module: n.kwargs for n in graph.nodes if n.op == "rms_norm"}
+
+
+def test_a_float64_mixtrals_norms_are_raised_keeping_their_float32_statistics():
+    """A float64 Mixtral's RMSNorm casts to float32 for its statistics and back (transformers' ``to(float32)``).
+    Mixtral is functionalized after export (its router renormalises the top-k weights in place, ``div_``), which
+    writes the casts as ``aten._to_copy``, so its norms stayed ATen (0 ``rms_norm``: no norm site for smooth-quant,
+    AWQ, fold-norms or rotate). Now every norm (2 a layer and the final one) of a float64 Mixtral and of a float64
+    Llama (exported without functionalizing: ``aten.to.dtype``) is an ``rms_norm`` with ``compute_dtype=float32``:
+    it keeps transformers' float32 rounding (a float64 rms_norm would not), so the logits equal transformers'
+    exactly (measured 0.0), where float64 statistics would be off by ~1e-7 of them."""
+    from conftest import tiny_llama
+
+    from lowbit.backends.torch_backend import TorchCompiled
+
+    mixtral = _tiny("mixtral", experts_implementation="eager").double()
+    torch.manual_seed(0)
+    llama = tiny_llama(layers=2, vocab=128).double()
+    for model in (mixtral, llama):
+        ids = _ids()
+        with torch.no_grad():
+            reference = model(input_ids=ids).logits
+        compiled = lowbit.compile_model(model)
+        norms = _norm_ops(compiled.graph)
+        assert len(norms) == 2 * model.config.num_hidden_layers + 1, (type(model).__name__, sorted(norms))
+        assert all(kwargs["compute_dtype"] == torch.float32 for kwargs in norms.values())
+        assert not [n for n in compiled.graph.nodes if n.op.startswith("aten.") and n.module in norms]
+        logits = compiled(ids)
+        assert logits.dtype == torch.float64
+        assert (logits - reference).abs().max().item() == 0.0
+        for node in compiled.graph.nodes:  # statistics in float64 instead: no longer transformers' logits
+            if node.op == "rms_norm":
+                node.kwargs["compute_dtype"] = None
+        off = (TorchCompiled(compiled.graph)(ids) - reference).abs().max().item() / reference.abs().max().item()
+        assert 1e-10 < off < 1e-5, off
+

@@ -89,8 +89,13 @@ def _is_tensor(x: Any) -> bool:
     return isinstance(x, Value) and isinstance(x.type, TensorType)
 
 
-def _cast(inner: Any, dtype_name: str) -> P:
-    return P("aten.to.dtype", inner, X(dtype_name))
+def _cast(inner: Any, dtype_name: str) -> Alt:
+    """``inner.to(dtype)`` as export writes it: ``aten.to.dtype``, or ``aten._to_copy`` with a dtype alone once the
+    program is functionalized (``run_decompositions``: a model that mutates a tensor, as a Mixtral router's in-place
+    top-k renormalisation ``/=`` does), which left a float64 or bfloat16 Mixtral's RMSNorm unraised, its float32
+    statistics ATen."""
+    return Alt(P("aten.to.dtype", inner, X(dtype_name)),
+               P("aten._to_copy.default", inner, dtype=X(dtype_name), device=None, layout=None, memory_format=None))
 
 
 def _node(op: str, *args: Any, **kwargs: Any) -> Node:
