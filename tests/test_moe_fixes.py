@@ -114,3 +114,71 @@ def test_a_float64_mixtrals_norms_are_raised_keeping_their_float32_statistics():
         off = (TorchCompiled(compiled.graph)(ids) - reference).abs().max().item() / reference.abs().max().item()
         assert 1e-10 < off < 1e-5, off
 
+
+TIED_ROUTER = """\
+graph g(%ids: i64[1,3]) {
+  param @emb: f64[10,4]
+  param @router: f64[2,4]
+  param @gate: f64[8,4]
+  param @up: f64[8,4]
+  param @down: f64[4,8]
+  param @head: f64[10,4]
+  %e: f64[1,3,4] = embedding(@emb, %ids)  # model.embed_tokens
+  %n: f64[1,3,4] = rms_norm(%e, None, eps=1e-06)  # layers.0.post_attention_layernorm
+  %l: f64[1,3,2] = linear(%n, @router)  # layers.0.mlp.gate
+  %g: f64[1,3,8] = linear(%n, @gate)  # layers.0.mlp.experts.expert_0.gate_proj
+  %s: f64[1,3,8] = silu(%g)  # layers.0.mlp.experts.expert_0
+  %u: f64[1,3,8] = linear(%n, @up)  # layers.0.mlp.experts.expert_0.up_proj
+  %p: f64[1,3,8] = aten.mul.Tensor(%s, %u)  # layers.0.mlp.experts.expert_0
+  %d: f64[1,3,4] = linear(%p, @down)  # layers.0.mlp.experts.expert_0.down_proj
+  %r: f64[1,3,4] = residual_add(%e, %d)  # layers.0
+  %w: f64[1,3,2] = linear(%r, @router)  # layers.0.probe
+  %f: f64[1,3,4] = rms_norm(%r, None, eps=1e-06)  # model.norm
+  %o: f64[1,3,10] = linear(%f, @head)  # lm_head
+  return %l, %w, %o
+}
+"""
+"""A one-expert MoE layer by hand: its norm read by the router (kept float by default) and the expert's gate/up,
+the router's weight shared with another linear (tied); the final norm read by lm_head alone (kept float)."""
+
+
+def _smooth(text: str, **options: Any) -> dict[str, Any]:
+    """smooth-quant's stats on the hand-written graph ``text`` with random weights."""
+    from lowbit.ir.parser import parse_graph
+    from lowbit.passes.manager import PassManager
+    from lowbit.passes.smooth_quant import SmoothQuant
+
+    gen = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(v.type.shape, generator=gen, dtype=v.type.dtype)
+               for k, v in parse_graph(text).params.items()}
+    calib = torch.randint(0, 10, (2, 3), generator=torch.Generator().manual_seed(1))
+    manager = PassManager([SmoothQuant(calib=calib, progress=False, **options)])
+    return manager.run(parse_graph(text, weights)).records[0].stats
+
+
+def test_smoothquant_says_which_reason_skipped_every_site_of_a_kind():
+    """Where every site of a kind is skipped, ``sites_not_found`` said 'every one feeds a linear kept float' whatever
+    refused them. The MoE norm here is refused by its tied router (its expert's gate/up would be quantized): the
+    message now names that site and the tie, and counts the final norm (lm_head alone) as kept float. With the
+    expert's gate/up kept float too, both norms are kept-float ones, and the message says that alone. The gated
+    site (up -> down) is smoothed either way. Without it (sites=[norm]) nothing is smoothed, and the error says
+    why each site found was skipped."""
+    from lowbit.passes.manager import PipelineError
+
+    tied = ("its reader linear %l (module 'layers.0.mlp.gate') is kept float and shares its weight with another "
+            "node (tied): scaling its columns would copy that weight")
+    stats = _smooth(TIED_ROUTER)
+    assert stats["sites"] == {"gated": 1}
+    assert stats["sites_skipped"] == {"norm:layers.0.post_attention_layernorm": tied,
+                                      "norm:model.norm": "every reader is a linear kept float (lm_head, keep=)"}
+    assert stats["sites_not_found"] == {
+        "norm": f"every one is skipped: norm:layers.0.post_attention_layernorm: {tied}; 1 more feeds only linears "
+                "kept float (lm_head, keep=)"}
+    stats = _smooth(TIED_ROUTER, keep=["*.expert_0.gate_proj", "*.expert_0.up_proj"])
+    assert stats["sites"] == {"gated": 1}
+    assert stats["sites_not_found"] == {"norm": "every one feeds a linear kept float (lm_head, keep=)"}
+    with pytest.raises(PipelineError, match=r"no place to fold scales \(norm\) in this graph; of the 2 site\(s\) "
+                                            r"found, every one is skipped: norm:layers\.0\.post_attention_layernorm: "
+                                            r"its reader linear %l .* \(tied\).*; 1 more feeds only linears kept "
+                                            r"float"):
+        _smooth(TIED_ROUTER, sites=["norm"])

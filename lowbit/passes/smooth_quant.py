@@ -127,13 +127,16 @@ def _why_no_site(graph: Graph, kind: str) -> str:
     return "no v_proj whose output reaches an attention's value through views alone"
 
 
+_EVERY_READER_KEPT = "every reader is a linear kept float (lm_head, keep=)"
+
+
 def _kept_float_refusal(graph: Graph, site: MigrationSite, keep: list[str]) -> list[Node] | str:
     """The site's consumers that will be quantized, or why the site is not smoothed: every consumer is kept float
     (nothing to gain), or a kept-float consumer shares its weight with another node (a tied ``lm_head``: scaling
     its columns would copy the tensor)."""
     kept = [c for c in site.consumers if any(module_matches(c.module, p) for p in keep)]
     if len(kept) == len(site.consumers):
-        return "every reader is a linear kept float (lm_head, keep=)"
+        return _EVERY_READER_KEPT
     users = graph.users()
     for c in kept:
         if any(u is not c for u in users.get(id(c.args[1]), [])):
@@ -141,6 +144,21 @@ def _kept_float_refusal(graph: Graph, site: MigrationSite, keep: list[str]) -> l
                     "another node (tied): scaling its columns would copy that weight")
     kept_ids = {id(c) for c in kept}
     return [c for c in site.consumers if id(c) not in kept_ids]
+
+
+def _why_every_site_skipped(sites: list[MigrationSite], skipped: dict[str, str]) -> str:
+    """Why every site of one kind that ``find_sites`` found was passed over, from each one's reason in ``skipped``:
+    this said 'every one feeds a linear kept float' also where a kept-float reader tied to another node's weight
+    refused the site (a quantized reader beside it: keeping it float was not the reason)."""
+    reasons = [skipped[s.name] for s in sites]
+    kept = sum(r == _EVERY_READER_KEPT for r in reasons)
+    if kept == len(reasons):
+        return "every one feeds a linear kept float (lm_head, keep=)"
+    other = [(s.name, r) for s, r in zip(sites, reasons) if r != _EVERY_READER_KEPT]
+    more = f" (and {len(other) - 1} more so)" if len(other) > 1 else ""
+    text = f"every one is skipped: {other[0][0]}{more}: {other[0][1]}"
+    return text + (f"; {kept} more {'feeds' if kept == 1 else 'feed'} only linears kept float (lm_head, keep=)"
+                   if kept else "")
 
 
 @register_pass
@@ -189,6 +207,8 @@ class SmoothQuant(Pass):
                 sites.append(_SiteStats(site, why))
         if not sites:
             message = f"pass smooth-quant: no place to fold scales ({', '.join(o.sites)}) in this graph"
+            if found:  # each one passed over: say why, a tied reader apart from readers kept float
+                message += f"; of the {len(found)} site(s) found, {_why_every_site_skipped(found, skipped)}"
             if o.require_sites:
                 raise PassError(message + " (require_sites=false leaves such a graph unchanged)")
             warnings.warn(message + "; left unchanged (require_sites=false)", stacklevel=2)
@@ -244,14 +264,17 @@ class SmoothQuant(Pass):
         by_kind: dict[str, int] = {}
         for ss in sites:
             by_kind[ss.site.kind] = by_kind.get(ss.site.kind, 0) + 1
+        found_of_kind: dict[str, list[MigrationSite]] = {}
+        for site in found:
+            found_of_kind.setdefault(site.kind, []).append(site)
         return PassResult(bool(moved), {
             "sites": by_kind,
             "sites_scaled": len(moved),
             "float_readers_scaled": sum(len(ss.site.consumers) - len(ss.quantized) for ss in sites
                                         if ss.site.name in moved),
             "sites_skipped": skipped,
-            "sites_not_found": {k: "every one feeds a linear kept float (lm_head, keep=)" if any(
-                s.kind == k for s in found) else _why_no_site(graph, k) for k in o.sites if k not in by_kind},
+            "sites_not_found": {k: _why_every_site_skipped(found_of_kind[k], skipped) if k in found_of_kind
+                                else _why_no_site(graph, k) for k in o.sites if k not in by_kind},
             "alpha_mean": round(sum(alphas) / len(alphas), 3),
             "alpha_search": o.search,
             **({"alpha_scored_as": f"W{o.w_bits}A{o.a_bits}"} if o.search else {}),  # 16: that side float
