@@ -27,7 +27,7 @@ from lowbit.calibration.block_tuning import FloatTargetStream, TuneOptions, Tune
 from lowbit.calibration.data import calib_size
 from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages, static_batch
 from lowbit.calibration.gptq import HessianAccumulator, gptq_quantize, quantize_with, weight_qparams
-from lowbit.calibration.scale_migration import SITE_KINDS, MigrationSite, apply_scale, find_sites, site_for
+from lowbit.calibration.scale_migration import SITE_KINDS, MigrationSite, apply_scale, find_sites
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.qdq import WeightPlan, write_weight_qdq
 from lowbit.ir.qscheme import QScheme
@@ -199,6 +199,38 @@ def _round_group(graph: Graph, g: _Group, r: Rounding, h: torch.Tensor | None, d
     return out
 
 
+def _assign_sites(graph: Graph, groups: list[_Group], sites: list[MigrationSite], skipped: dict[str, str]) -> None:
+    """Each group's migration site: the one whose readers this pass quantizes are the group's linears. Its other
+    readers, linears the pass keeps float (a mixture-of-experts router reading the norm before its experts'
+    gate/up, lm_head, ``keep=``), absorb the scale in their input columns, which is exact, and have no say in
+    choosing it; one whose weight another node shares (tied) refuses the site, as scaling its columns would change
+    that node too. A group had a site only when the two sets were equal, so the norm before the experts (the
+    float router beside them) got none. Every site passed over goes to ``skipped`` with its reason, as smooth-quant
+    lists its own."""
+    group_of = {id(wp.node): g for g in groups for wp in g.plans}
+    users = graph.users()
+    for site in sites:
+        quantized = [c for c in site.consumers if id(c) in group_of]
+        owners = {id(group_of[id(c)]): group_of[id(c)] for c in quantized}
+        floats = [c for c in site.consumers if id(c) not in group_of]
+        tied = next((c for c in floats if any(u is not c for u in users.get(id(c.args[1]), []))), None)
+        if not quantized:
+            skipped[site.name] = "every reader is a linear this pass keeps float (lm_head, keep=, out of modules=)"
+        elif len(owners) > 1:
+            skipped[site.name] = (f"its readers this pass quantizes read it as {len(owners)} different values (through "
+                                  "different reshapes), each calibrated as its own group")
+        elif tied is not None:
+            skipped[site.name] = (f"its reader linear %{tied.name} (module {tied.module!r}) is kept float and shares "
+                                  "its weight with another node (tied): scaling its columns would change that node too")
+        else:
+            group = next(iter(owners.values()))
+            if len(group.plans) == len(quantized):  # the group's value is the site's (or a row reshape of it)
+                group.site = site
+            else:
+                skipped[site.name] = (f"{len(group.plans) - len(quantized)} linear(s) reading the same value as its "
+                                      "readers are not among them")
+
+
 def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Tensor, r: Rounding, *,
                       batch_size: int, device: torch.device | None = None, progress: bool = False,
                       caller: str = "weight calibration") -> dict[str, Any]:
@@ -218,11 +250,11 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
     for wp in targets:
         key = id(wp.node.args[0])
         groups.setdefault(key, _Group(key, [])).plans.append(wp)
-    sites = find_sites(graph, r.sites) if r.scale_search else []
+    sites_skipped: dict[str, str] = {}  # site -> why no group's scale folds there, for the stats
     for g in groups.values():
         g.first = id(min((wp.node for wp in g.plans), key=graph.index))
-        if r.scale_search:
-            g.site = site_for(graph, [wp.node for wp in g.plans], sites)
+    if r.scale_search:
+        _assign_sites(graph, list(groups.values()), find_sites(graph, r.sites, sites_skipped), sites_skipped)
     by_first = {g.first: g for g in groups.values()}
     by_input = {g.key: g for g in groups.values()}
     st = _Stats(linears=len(targets), groups=len(groups))
@@ -347,7 +379,7 @@ def calibrate_weights(graph: Graph, targets: Sequence[WeightPlan], ids: torch.Te
                      tune_codes_changed=round(tune_stats.codes_changed / max(tune_stats.codes_total, 1), 5),
                      seconds_tuning=round(tune_stats.seconds, 2))
     if r.scale_search:
-        stats.update(scaled_groups=st.scaled_groups, unscaled_groups=st.unscaled,
+        stats.update(scaled_groups=st.scaled_groups, unscaled_groups=st.unscaled, sites_skipped=sites_skipped,
                      seconds_scale_search=round(st.seconds_search, 2),
                      mean_alpha=round(sum(st.alphas) / max(len(st.alphas), 1), 3),
                      mean_error_gain=round(sum(st.awq_gain) / max(len(st.awq_gain), 1), 3))
