@@ -67,8 +67,12 @@ def compile_v2(bits: int, groups: int, d: int = 128, k_block: int = 32, v_group:
     else:
         const["DEN"] = variant == "v4"
         const["INTERIOR"] = cfg.get("interior", True)
+        const["ALIBI"] = False  # ALiBi's slopes (Bloom) are off in the counted launches
+        const["ROUND"] = 0
     sig = {**_pointers("fp16"), **dict.fromkeys(STRIDES_V2 + ["s_ab", "s_ah", "s_as", "s_mb", "s_mh"], "i32"),
            "qk_scale": "fp32", "split": "i32", "exp_bits": "i32"}
+    if variant != "v2":  # v3/v4's ALiBi slopes pointer follows exp_bits (before the constexprs)
+        sig["SLOPES"] = "*fp32"
     kernel = da._split_kernel_v2 if variant == "v2" else da._split_kernel_v3
     k = _compile(kernel, sig, const, num_warps, cfg.get("num_stages"))
     return k, k_block * d * 2 / (num_warps * 32)
