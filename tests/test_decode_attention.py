@@ -181,6 +181,16 @@ def test_launch_option_of_another_variant_is_an_error():
         with pytest.raises(ValueError, match=f"interior is a v3/v4 option \\(variant='{variant}'\\)"):
             da.decode_attention(q, kc, ks, kz, vc, vs, vz, bits=4, lo=torch.tensor([0]), hi=torch.tensor([64]),
                                 variant=variant, interior=False)
+        with pytest.raises(ValueError, match=f"warp_blocks is a v3/v4 option \\(variant='{variant}'\\)"):
+            da.decode_attention(q, kc, ks, kz, vc, vs, vz, bits=4, lo=torch.tensor([0]), hi=torch.tensor([64]),
+                                variant=variant, warp_blocks=True)
+    # raw scores leave the 2**49 and the zero points to the exponent's offset: v4's, and not under ALiBi's bias
+    with pytest.raises(ValueError, match="raw_scores is v4's without ALiBi slopes \\(variant='v3', alibi_slopes none"):
+        da.decode_attention(q, kc, ks, kz, vc, vs, vz, bits=4, lo=torch.tensor([0]), hi=torch.tensor([64]),
+                            variant="v3", raw_scores=True)
+    with pytest.raises(ValueError, match="raw_scores is v4's without ALiBi slopes \\(variant='v4', alibi_slopes given"):
+        da.decode_attention(q, kc, ks, kz, vc, vs, vz, bits=4, lo=torch.tensor([0]), hi=torch.tensor([64]),
+                            raw_scores=True, alibi_slopes=torch.ones(2), float_positions=torch.zeros(1, 0))
 
 
 @pytest.mark.parametrize("which", ALL)
@@ -247,6 +257,50 @@ def test_triton_kernel_v3_v4_match_reference(which):
     int4 at head dim 128 (4 heads per program) and on 4-head GQA int8 at head dim 16 (interior key blocks unmasked,
     and with ``interior=False``), v3 on MHA int2."""
     _run_cases([("V3_CASES", _check_real_layout), ("V3_KERNEL_CASES", _check_kernel)], which)
+
+
+# v4's warp_blocks (each warp's token lanes on key blocks of their own: the default on several warps) and raw_scores
+# (the zero-point dot and the scores' 2**49 once per key block), session 48. Head dim 128: int2 without GQA on 2 warps
+# over a 160-token cache (5 key blocks: a chunk's last step of 2 blocks has one past the cache, whose key scales only
+# masked threads would read), chunks of 3 blocks (a step half outside its chunk), every step masked, the previous
+# layout (warp_blocks=False); raw scores at 2/4/8 bits, MHA and GQA, on 1 and 2 warps. Each query reads a different
+# quantized range (sink 1 / 5, the window's start) and a float buffer with invalid slots (_check_real_layout).
+WARP_BLOCK_CASES = [(2, 4, 4, 16, {"num_warps": 2, "split": 96, "tokens": 160}),
+                    (2, 4, 4, 16, {"num_warps": 2, "tokens": 160}),
+                    (2, 4, 4, 16, {"num_warps": 2, "interior": False}),
+                    (2, 4, 4, 16, {"num_warps": 2, "warp_blocks": False, "split": 96}),
+                    (2, 4, 4, 16, {"num_warps": 2, "raw_scores": True, "split": 96, "tokens": 160}),
+                    (2, 4, 4, 16, {"raw_scores": True}),
+                    (4, 4, 4, 32, {"raw_scores": True}),
+                    (8, 4, 1, 32, {"split": 64, "raw_scores": True}),
+                    (2, 8, 2, 16, {"heads": 2, "num_warps": 2, "raw_scores": True, "split": 96})]
+# and at head dim 16 / key blocks of 16 (_check_kernel: float16 and bfloat16 scales, with and without a float buffer)
+WARP_BLOCK_KERNEL_CASES = [(2, 64, 2, 2, 16, {"num_warps": 2, "raw_scores": True}),
+                           (4, 48, 4, 1, 16, {"num_warps": 2, "raw_scores": True}),
+                           (2, 32, 4, 2, 32, {"num_warps": 2, "scale_dtype": torch.bfloat16})]
+CORE.update({"WARP_BLOCK_CASES": (0, 4), "WARP_BLOCK_KERNEL_CASES": (0,)})
+
+
+@pytest.mark.parametrize("which", [pytest.param("core", id="core"), *ALL])
+def test_triton_kernel_warp_blocks_and_raw_scores_match_reference(which):
+    """v4 with each warp on its own key blocks and with raw scores against the reference (TRITON_INTERPRET=1 on CPU,
+    as above); by default int2 without GQA on 2 warps over a ragged cache in 3-block chunks, with and without raw
+    scores, and raw scores at head dim 16 on 2 warps."""
+    _run_cases([("WARP_BLOCK_CASES", _check_real_layout), ("WARP_BLOCK_KERNEL_CASES", _check_kernel)], which)
+
+
+def test_warp_blocks_give_each_warp_whole_key_blocks():
+    """The launch geometry: on 2 warps at head dim 128 int2, warp_blocks keeps one warp's tile (4 token lanes, 8 rows
+    of a 32-token block per thread) and makes a step 2 key blocks; without it the 2 warps split each block (4 rows
+    per thread). One warp is the same either way."""
+    common = dict(block_n=32, chunk=16, heads=None)
+    wb = da.v2_geometry(128, 2, 32, 16, 1, num_warps=2, warp_blocks=True, **common)
+    split = da.v2_geometry(128, 2, 32, 16, 1, num_warps=2, warp_blocks=False, **common)
+    one = da.v2_geometry(128, 2, 32, 16, 1, num_warps=1, **common)
+    assert (wb["TT"], wb["N0"], wb["WB"]) == (8, 8, 2)
+    assert (split["TT"], split["N0"], split["WB"]) == (8, 4, 1)
+    assert da.v2_geometry(128, 2, 32, 16, 1, num_warps=1, warp_blocks=True, **common) == one
+    assert wb["TT"] // wb["WB"] * wb["N0"] == 32  # a warp's token lanes cover one whole key block
 
 
 @pytest.mark.parametrize("cases", ["KERNEL_CASES", "LAUNCH_CASES", "REAL_LAYOUT_CASES"])

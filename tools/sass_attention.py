@@ -8,9 +8,10 @@ by instruction issue, so this is the number the GPU rounds check).
     PYTHONPATH=/path/to/triton-3.6 python tools/sass_attention.py   # the H200's Triton (counts differ by version)
 
 Per row: registers, spills (stack bytes), shared memory, main-loop instructions and instructions per code per
-thread (a code = one K or one V field; the loop's tokens x head_dim x 2 / threads), the same for every loop of the
-kernel (v3/v4 with ``interior``: the masked first block, the unmasked middle, the masked last block), and the
-longest loop's instruction mix.
+thread (a code = one K or one V field; the loop's tokens x head_dim x 2 / threads, an iteration's tokens being
+``num_warps`` key blocks with v4's ``warp_blocks``), the same for every loop of the kernel (v3/v4 with ``interior``:
+the masked first block, the unmasked middle, the masked last block), and the longest loop's instruction mix. v4's
+``raw_scores`` and ``warp_blocks`` follow ``decode_attention``'s defaults unless the launch JSON names them.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ def compile_v2(bits: int, groups: int, d: int = 128, k_block: int = 32, v_group:
 
     v_group = v_group or (16 if bits == 2 else 32)
     num_warps = cfg.get("num_warps", 1)
+    warp_blocks = variant != "v2" and cfg.get("warp_blocks", variant == "v4" and da.V4_WARP_BLOCKS)
     g = da.v2_geometry(d, bits, k_block, v_group, groups, block_n=cfg.get("block_n", 32), num_warps=num_warps,
-                       chunk=cfg.get("chunk", 16), heads=cfg.get("heads"), vchain=cfg.get("vchain", True))
+                       chunk=cfg.get("chunk", 16), heads=cfg.get("heads"), vchain=cfg.get("vchain", True),
+                       warp_blocks=warp_blocks)
     const = dict(HQ=32, GROUPS=groups, GH=g["GH"], D=d, BITS=bits, K_BLOCK=k_block, V_GROUP=v_group, N0=g["N0"],
                  TT=g["TT"], CWW=g["CWW"], CV=g["CV"])
     if variant == "v2":
@@ -69,13 +72,15 @@ def compile_v2(bits: int, groups: int, d: int = 128, k_block: int = 32, v_group:
         const["INTERIOR"] = cfg.get("interior", True)
         const["ALIBI"] = False  # ALiBi's slopes (Bloom) are off in the counted launches
         const["ROUND"] = 0
+        const["RAW"] = variant == "v4" and cfg.get("raw_scores", da.V4_RAW_SCORES)
+        const["WB"] = g["WB"]
     sig = {**_pointers("fp16"), **dict.fromkeys(STRIDES_V2 + ["s_ab", "s_ah", "s_as", "s_mb", "s_mh"], "i32"),
            "qk_scale": "fp32", "split": "i32", "exp_bits": "i32"}
     if variant != "v2":  # v3/v4's ALiBi slopes pointer follows exp_bits (before the constexprs)
         sig["SLOPES"] = "*fp32"
     kernel = da._split_kernel_v2 if variant == "v2" else da._split_kernel_v3
     k = _compile(kernel, sig, const, num_warps, cfg.get("num_stages"))
-    return k, k_block * d * 2 / (num_warps * 32)
+    return k, g["WB"] * k_block * d * 2 / (num_warps * 32)  # warp_blocks: an iteration reads WB key blocks
 
 
 def loop_stats(k, codes_per_thread: float) -> dict:
@@ -111,7 +116,9 @@ def loop_stats(k, codes_per_thread: float) -> dict:
 
 DEFAULT_TABLE = [(v, bits, groups, cfg) for v in ("v2", "v3", "v4")
                  for bits, groups, cfg in ((4, 1, {}), (4, 4, {}), (4, 4, {"heads": 1}), (2, 1, {}), (2, 4, {}),
-                                           (8, 4, {}))]
+                                           (8, 4, {}), (2, 1, {"num_warps": 2}))]
+DEFAULT_TABLE += [("v4", 2, 1, {"num_warps": 2, "warp_blocks": False}), ("v4", 2, 1, {"raw_scores": True}),
+                  ("v4", 2, 1, {"num_warps": 2, "raw_scores": True}), ("v4", 4, 1, {"raw_scores": True})]
 
 
 def main() -> None:

@@ -67,6 +67,17 @@ removed in session 14):
   with ``MASKED`` = False), and the pointer tiles move once per block so a row's load is an immediate offset:
   MHA int4 3.31 per code in that loop (128 registers; the masked first / last block 3.69), int2 3.23. H200: batch
   16 x 32 heads x 32K int4 708.9 us = 2.69x SDPA (797.4 before, same call).
+  Session 48 (int2's 4x goal): int2 runs on 2 warps from 4 key blocks a chunk (``V4_INT2_MHA_WARPS``), whose
+  interior loop was 3.75 per code: the warps split each key block, so the per-block work (key scales into the
+  query, the zero-point dot: ~100 instructions a thread) covered 4 rows a thread instead of 8. ``warp_blocks``
+  (the default, ``V4_WARP_BLOCKS``) gives each warp key blocks of its own: 3.24; ``raw_scores`` (an option,
+  ``V4_RAW_SCORES``) moves the zero-point dot and the scores' 2**49 to once per block: 3.15 (int4 3.25). Below
+  that the loop is at its floor for exact float32 arithmetic: a code is one LOP3 (its field as a float) and one
+  FFMA, 2 of int2's 3.15, and the rest (~0.9 a code: row sums across 8 lanes, the online softmax, value scales,
+  acc rescales, the per-block work) scales with rows and blocks as 1/channels and 1/rows per thread, which trade
+  off 1:1 at 32 tokens x 128 channels a warp. int2 at 4x SDPA (~60% of int4's time) needs ~2 instructions per
+  code, i.e. two codes per instruction: packed half-precision math (HFMA2: 2^-11 relative error per product,
+  against the tests' 2e-5) or tensor cores (tried twice, 9-12 instructions per code in layout moves: below).
 * ``_split_kernel`` (``variant="v1"``): the previous session's kernel:
   ``[BLOCK_N, D / CW, CW]`` tiles, one program per query head and 4 warps, ~9.5 SASS instructions per code (a
   per-code zero subtraction, an FMUL+FADD tree for q.k and a per-code rescale of per-row accumulators).
@@ -631,22 +642,43 @@ if triton is not None:
     def _v3_block(n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
                   t_i, e, exp_bits, slope, D: tl.constexpr, BITS: tl.constexpr, K_BLOCK: tl.constexpr,
                   DW: tl.constexpr, NG: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, DEN: tl.constexpr,
-                  MASKED: tl.constexpr, ALIBI: tl.constexpr, ROUND: tl.constexpr):
+                  MASKED: tl.constexpr, ALIBI: tl.constexpr, ROUND: tl.constexpr, RAW: tl.constexpr = False,
+                  WB: tl.constexpr = 1):
         """One key block of ``_split_kernel_v3``: the running ``(m_i, l_i, acc, accz)`` after its tokens.
         ``MASKED`` = False for a block wholly inside ``[lo, end)`` (every block of a chunk but its first and last):
         no token masks and no ``-inf`` scores. The pointer tiles (``*_rows``: token 0's codes / value scales of
         each thread, ``*_chan``: block 0's key scales) move once per block; each row is a constant offset from
-        there (an immediate in the load, not a 64-bit address computed per row)."""
-        STEP: tl.constexpr = N0 * TT
+        there (an immediate in the load, not a 64-bit address computed per row).
+
+        ``RAW`` (``DEN`` without ALiBi; ``raw_scores``): a row's score stays in the codes' units (``q s u 2**-49``,
+        zero points not taken off) through the block's maximum, and the zero-point dot and the 2**49 enter once per
+        block, through the exponent's offset (``p = exp2(raw * 2**49 - off)``): one FFMA per row where the scaled
+        form takes an FADD, an FMUL and an FFMA. The value zero points are read as the subnormals ``z * 2**-149``
+        their bytes make (no int-to-float conversion per row; ``accz`` then holds ``p s z 2**-49``).
+
+        ``WB`` > 1 (``warp_blocks``): a step of ``WB`` key blocks, each warp's token threads on a block of their own
+        (``t_i``: each thread's first token in the step; ``*_chan`` point at the thread's block), so a thread's
+        per-block work (scaled query, zero-point dot) covers ``K_BLOCK / (TT / WB)`` rows, as on one warp. A masked
+        step's key scales are read only by threads with a token before ``end`` (the last block may lie past the
+        cache)."""
+        TPL: tl.constexpr = TT // WB  # token threads on one key block
+        STEP: tl.constexpr = N0 * TPL
         SUB: tl.constexpr = K_BLOCK // STEP
         kb = (n0 // K_BLOCK) * D
-        qs = q * tl.load(ks_chan + kb).to(tl.float32)
+        if WB > 1 and MASKED:
+            blk_ok = n0 + t_i < end  # [1, TT, 1, 1]: the thread's rows are all at or after its first token
+            qs = q * tl.load(ks_chan + kb, mask=blk_ok, other=0.0).to(tl.float32)
+        else:
+            qs = q * tl.load(ks_chan + kb).to(tl.float32)
         kw_blk = kw_rows + n0 * DW
         vw_blk = vw_rows + n0 * DW
         vs_blk = vs_rows + n0 * NG
         vz_blk = vz_rows + n0 * NG
         if DEN:  # the block's zero points, sum_c q s z 2**-49, taken off every row's score
-            zd = (tl.load(kz_chan + kb).to(tl.int32) << e).to(tl.float32, bitcast=True)
+            if WB > 1 and MASKED:
+                zd = (tl.load(kz_chan + kb, mask=blk_ok, other=0).to(tl.int32) << e).to(tl.float32, bitcast=True)
+            else:
+                zd = (tl.load(kz_chan + kb).to(tl.int32) << e).to(tl.float32, bitcast=True)
             zdot = tl.sum(tl.sum(qs * zd, 3, keep_dims=True), 0, keep_dims=True)  # [1, TT, GH, 1]
             zb = zd  # not read by _dot_fields under DEN
         else:
@@ -657,17 +689,17 @@ if triton is not None:
             sc = ()
             for r in tl.static_range(N0):
                 if MASKED:
-                    tok = t0 + r * TT + t_i  # [1, TT, 1, 1]
+                    tok = t0 + r * TPL + t_i  # [1, TT, 1, 1]
                     valid = (tok >= lo) & (tok < end)
-                    kx = tl.load(kw_blk + (j * STEP + r * TT) * DW, mask=valid, other=0)
+                    kx = tl.load(kw_blk + (j * STEP + r * TPL) * DW, mask=valid, other=0)
                 else:
-                    kx = tl.load(kw_blk + (j * STEP + r * TT) * DW)
+                    kx = tl.load(kw_blk + (j * STEP + r * TPL) * DW)
                 part = _dot_fields(kx, qs, zb, exp_bits, BITS, DEN)  # [X, TT, GH, CWW]
                 s_r = tl.sum(tl.sum(part, 3, keep_dims=True), 0, keep_dims=True)  # [1, TT, GH, 1]
-                if DEN:
+                if DEN and not RAW:
                     s_r = (s_r - zdot) * 562949953421312.0  # 2**49
                 if ALIBI:  # slot n holds position n
-                    s_r += _alibi_bias(slope, t0 + r * TT + t_i, ROUND)
+                    s_r += _alibi_bias(slope, t0 + r * TPL + t_i, ROUND)
                 if MASKED:
                     ok = ok + (valid,)
                     sc = sc + (tl.where(valid, s_r, -float("inf")),)
@@ -676,6 +708,8 @@ if triton is not None:
             m_blk = sc[0]
             for r in tl.static_range(1, N0):
                 m_blk = tl.maximum(m_blk, sc[r])
+            if RAW:  # the raw maximum in the scores' units (a block of masked tokens: -inf stays -inf)
+                m_blk = (m_blk - zdot) * 562949953421312.0
             m_new = tl.maximum(m_i, m_blk)
             if MASKED:  # a block of masked tokens only leaves the maximum at -inf
                 m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -686,17 +720,26 @@ if triton is not None:
             accz = accz * alpha
             l_i = l_i * alpha
             m_i = m_new
+            if RAW:
+                off = zdot * 562949953421312.0 + m_safe  # [1, TT, GH, 1]: exp2's offset of a raw score
             for r in tl.static_range(N0):
-                p = tl.exp2(sc[r] - m_safe)  # [1, TT, GH, 1]
+                if RAW:
+                    p = tl.exp2(tl.fma(sc[r], 562949953421312.0, -off))
+                else:
+                    p = tl.exp2(sc[r] - m_safe)  # [1, TT, GH, 1]
                 l_i += p
                 if MASKED:
-                    vx = tl.load(vw_blk + (j * STEP + r * TT) * DW, mask=ok[r], other=0)
-                    vs = tl.load(vs_blk + (j * STEP + r * TT) * NG, mask=ok[r], other=0.0).to(tl.float32)
-                    vz = tl.load(vz_blk + (j * STEP + r * TT) * NG, mask=ok[r], other=0).to(tl.float32)
+                    vx = tl.load(vw_blk + (j * STEP + r * TPL) * DW, mask=ok[r], other=0)
+                    vs = tl.load(vs_blk + (j * STEP + r * TPL) * NG, mask=ok[r], other=0.0).to(tl.float32)
+                    vz = tl.load(vz_blk + (j * STEP + r * TPL) * NG, mask=ok[r], other=0)
                 else:
-                    vx = tl.load(vw_blk + (j * STEP + r * TT) * DW)
-                    vs = tl.load(vs_blk + (j * STEP + r * TT) * NG).to(tl.float32)
-                    vz = tl.load(vz_blk + (j * STEP + r * TT) * NG).to(tl.float32)
+                    vx = tl.load(vw_blk + (j * STEP + r * TPL) * DW)
+                    vs = tl.load(vs_blk + (j * STEP + r * TPL) * NG).to(tl.float32)
+                    vz = tl.load(vz_blk + (j * STEP + r * TPL) * NG)
+                if RAW:  # z * 2**-149, exact
+                    vz = vz.to(tl.int32).to(tl.float32, bitcast=True)
+                else:
+                    vz = vz.to(tl.float32)
                 if DEN:
                     pv = p * (vs * 1.2676506002282294e30)  # 2**100
                     acc = tl.fma(pv, _fields_biased(vx, 0, BITS), acc)
@@ -714,7 +757,7 @@ if triton is not None:
         HQ: tl.constexpr, GROUPS: tl.constexpr, GH: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         K_BLOCK: tl.constexpr, V_GROUP: tl.constexpr, N0: tl.constexpr, TT: tl.constexpr, CWW: tl.constexpr,
         CV: tl.constexpr, DEN: tl.constexpr, INTERIOR: tl.constexpr, SLOPES, ALIBI: tl.constexpr,
-        ROUND: tl.constexpr,
+        ROUND: tl.constexpr, RAW: tl.constexpr, WB: tl.constexpr,
     ):
         """``_split_kernel_v2``'s arithmetic on ``[X, TT, GH, C]`` tiles (channel chunk, token thread, head,
         channel) without a token-row dim: each of a step's ``N0`` rows is loaded and scored as its own tile (the
@@ -732,6 +775,7 @@ if triton is not None:
         ``q s u 2**-49``, normal for ``|q s|`` in ~[1e-20, 1e8]), the zero points as one per-block dot
         ``sum_c q s z`` subtracted from each row's score; values times ``p * scale * 2**100`` (products
         ``p s u 2**(e - 49)``), the 2**-e, 2**49 and 2**100 removed after the loop."""
+        tl.static_assert(not RAW or (DEN and not ALIBI), "raw scores are v4's (DEN) without ALiBi")
         pid_h = tl.program_id(0)
         pid_s = tl.program_id(1)
         NHB: tl.constexpr = HQ // GH
@@ -747,6 +791,12 @@ if triton is not None:
         t_i = tl.arange(0, TT)[None, :, None, None]
         g_i = tl.arange(0, GH)[None, None, :, None]
         chan_t = x_i * C + tl.arange(0, C)[None, None, None, :] + 0 * t_i  # [X, TT, 1, C]
+        if WB > 1:  # warp_blocks: token thread t reads key block t // TPL of a step, rows t % TPL + TPL * r
+            TPL: tl.constexpr = TT // WB
+            t_i = (t_i // TPL) * K_BLOCK + t_i % TPL  # [1, TT, 1, 1]: each thread's first token in a step
+            blk_chan = chan_t + (t_i // K_BLOCK) * D  # the key-scale row of the thread's block
+        else:
+            blk_chan = chan_t
         r_off = t_i * DW + x_i * CWW + tl.arange(0, CWW)[None, None, None, :]  # [X, TT, 1, CWW]: a row's words
         if CV == 1:  # a chunk lies in one value group: one scale/zero per (token, chunk)
             g_off = t_i * NG + (x_i * C) // V_GROUP  # [X, TT, 1, 1]
@@ -771,8 +821,8 @@ if triton is not None:
         vz_base = VZ + b * s_vsb + kvh * s_vsh
         kw_rows = kw_base + r_off  # [X, TT, 1, CWW]: token 0's words of each thread
         vw_rows = vw_base + r_off
-        ks_chan = ks_base + chan_t
-        kz_chan = kz_base + chan_t
+        ks_chan = ks_base + blk_chan
+        kz_chan = kz_base + blk_chan
         vs_rows = vs_base + g_off
         vz_rows = vz_base + g_off
         q = tl.load(Q + b * s_qb + (h0 + g_i) * s_qh + chan_t).to(tl.float32) * (qk_scale * q_e)  # [X, TT, GH, C]
@@ -784,35 +834,41 @@ if triton is not None:
         l_i = tl.zeros([1, TT, GH, 1], dtype=tl.float32)
         acc = tl.zeros([X, TT, GH, C], dtype=tl.float32)  # sum_t p_t s_t u_t 2**e (DEN: 2**(e - 49))
         accz = tl.zeros([X, TT, GH, CV], dtype=tl.float32)  # sum_t p_t s_t z_t (DEN: times 2**100)
-        if INTERIOR:  # the key blocks wholly inside [lo, end) in a loop of their own, without token masks
-            mid0 = tl.minimum(tl.maximum(start, tl.cdiv(lo, K_BLOCK) * K_BLOCK), end)
-            mid1 = tl.maximum(mid0, (end // K_BLOCK) * K_BLOCK)
-            for n0 in range(start, mid0, K_BLOCK):
+        if INTERIOR:  # the steps wholly inside [lo, end) in a loop of their own, without token masks
+            if WB > 1:  # steps of WB key blocks from start (a multiple of K_BLOCK only)
+                mid0 = tl.minimum(start + tl.cdiv(tl.maximum(lo - start, 0), WB * K_BLOCK) * WB * K_BLOCK, end)
+                mid1 = tl.maximum(mid0, mid0 + ((end - mid0) // (WB * K_BLOCK)) * WB * K_BLOCK)
+            else:
+                mid0 = tl.minimum(tl.maximum(start, tl.cdiv(lo, K_BLOCK) * K_BLOCK), end)
+                mid1 = tl.maximum(mid0, (end // K_BLOCK) * K_BLOCK)
+            for n0 in range(start, mid0, WB * K_BLOCK):
                 m_i, l_i, acc, accz = _v3_block(
                     n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
                     t_i, e, exp_bits, slope, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT,
-                    DEN=DEN, MASKED=True, ALIBI=ALIBI, ROUND=ROUND)
-            for n0 in range(mid0, mid1, K_BLOCK):
+                    DEN=DEN, MASKED=True, ALIBI=ALIBI, ROUND=ROUND, RAW=RAW, WB=WB)
+            for n0 in range(mid0, mid1, WB * K_BLOCK):
                 m_i, l_i, acc, accz = _v3_block(
                     n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
                     t_i, e, exp_bits, slope, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT,
-                    DEN=DEN, MASKED=False, ALIBI=ALIBI, ROUND=ROUND)
-            for n0 in range(mid1, end, K_BLOCK):
+                    DEN=DEN, MASKED=False, ALIBI=ALIBI, ROUND=ROUND, RAW=RAW, WB=WB)
+            for n0 in range(mid1, end, WB * K_BLOCK):
                 m_i, l_i, acc, accz = _v3_block(
                     n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
                     t_i, e, exp_bits, slope, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT,
-                    DEN=DEN, MASKED=True, ALIBI=ALIBI, ROUND=ROUND)
+                    DEN=DEN, MASKED=True, ALIBI=ALIBI, ROUND=ROUND, RAW=RAW, WB=WB)
         else:
-            for n0 in range(start, end, K_BLOCK):
+            for n0 in range(start, end, WB * K_BLOCK):
                 m_i, l_i, acc, accz = _v3_block(
                     n0, lo, end, q, m_i, l_i, acc, accz, kw_rows, vw_rows, ks_chan, kz_chan, vs_rows, vz_rows,
                     t_i, e, exp_bits, slope, D=D, BITS=BITS, K_BLOCK=K_BLOCK, DW=DW, NG=NG, N0=N0, TT=TT,
-                    DEN=DEN, MASKED=True, ALIBI=ALIBI, ROUND=ROUND)
+                    DEN=DEN, MASKED=True, ALIBI=ALIBI, ROUND=ROUND, RAW=RAW, WB=WB)
         # the token threads' softmaxes merged; the fields' 2**e and the zero points applied
         m_top = tl.max(m_i, 1, keep_dims=True)  # [1, 1, GH, 1]
         m_top = tl.where(m_top == -float("inf"), 0.0, m_top)
         c = tl.exp2(m_i - m_top)
-        if DEN:
+        if RAW:
+            out = tl.sum((acc * out_e - accz * 562949953421312.0) * c, 1)  # [X, GH, C]; 2**49
+        elif DEN:
             out = tl.sum((acc * out_e - accz * 7.888609052210118e-31) * c, 1)  # [X, GH, C]; 2**-100
         else:
             out = tl.sum((acc * out_e - accz) * c, 1)  # [X, GH, C]
@@ -885,6 +941,21 @@ against 526.9 with interior blocks unmasked (CUDA graphs at batch 1: 37.2 agains
 cache gain from them (16 x 32 heads x 32K int4 708.9 against 742.0 masked and 797.4 for session 23's kernel; int2
 704.3 against 761.3 and 839.5; 16 x 32/8 int4 510.1 against 533.4 and 568.0)."""
 
+V4_RAW_SCORES = False
+"""v4's ``raw_scores`` when the launch names none (``_v3_block``'s ``RAW``; never under ALiBi, whose bias is in the
+scores' real units). Session 48, offline sm_90 (Triton 3.6, ``tools/sass_attention.py``, interior loop, SASS
+instructions per code): MHA int4 3.31 -> 3.25 (128 -> 101 registers), int2 3.23 -> 3.16, int2 on 2 warps with
+``warp_blocks`` 3.24 -> 3.15; off until a GPU run (``tools/bench_attention.py --sweep s48``) times it: the int4 and
+int8 launches compile as before."""
+
+V4_WARP_BLOCKS = True
+"""v4's ``warp_blocks`` when the launch names none; it changes only launches on several warps (int2 without GQA
+once a chunk holds ``V4_INT2_MHA_MIN_BLOCKS`` key blocks: ``V4_INT2_MHA_WARPS``). On 2 warps each warp's 4 token
+lanes took 4 rows of every 32-token block, so the per-block work (key scales times the query, the zero-point dot)
+was done by twice the threads, each for half the rows: offline sm_90 (Triton 3.6), int2 interior loop 3.75 SASS
+instructions per code -> 3.24 with each warp on a block of its own (1 warp: 3.23). The GPU has not timed it yet
+(``tools/bench_attention.py --sweep s48`` compares it with ``warp_blocks=False``)."""
+
 PROGRAMS_PER_SM = 16
 """``_default_split``'s target: the grid has at least this many programs per SM (of 132 on an H200) when the
 context allows."""
@@ -955,7 +1026,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                      vchain: bool | None = None, interior: bool | None = None, maxnreg: int | None = None,
                      reduce_chunks: int | None = None, reduce_warps: int | None = None,
                      alibi_slopes: torch.Tensor | None = None, float_positions: torch.Tensor | None = None,
-                     bias_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     bias_dtype: torch.dtype = torch.float32, raw_scores: bool | None = None,
+                     warp_blocks: bool | None = None) -> torch.Tensor:
     """``decode_attention_reference`` as flash-decoding (see the module docstring). Launch options default to
     ``DEFAULT_CONFIG`` (another ``variant``: ``VARIANT_CONFIGS``'s). ``split``: tokens per program (rounded up to whole
     key blocks / steps); ``block_n``: tokens per inner step (v2-v4: clamped to one key block, at least one row per
@@ -964,7 +1036,10 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     ``interior`` (v3/v4): key blocks wholly inside a program's tokens read without masks (False: all masked);
     ``maxnreg``: the split kernel's register cap per thread (ptxas; fewer registers, more resident warps);
     ``reduce_chunks`` / ``reduce_warps``: the merge's chunks per step and warps (``REDUCE_CHUNKS``,
-    ``REDUCE_WARPS``); ``alibi_slopes`` / ``float_positions`` / ``bias_dtype``: the reference's ALiBi bias (v3/v4)."""
+    ``REDUCE_WARPS``); ``alibi_slopes`` / ``float_positions`` / ``bias_dtype``: the reference's ALiBi bias (v3/v4);
+    ``raw_scores`` (v4 without ALiBi; ``V4_RAW_SCORES``): the zero-point dot and the scores' scale applied once per
+    key block (``_v3_block``'s ``RAW``); ``warp_blocks`` (v3/v4 on several warps; ``V4_WARP_BLOCKS``): each warp
+    reads key blocks of its own."""
     if triton is None:
         raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
     b, hq, d, hkv, s, k_block, v_group = _check_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
@@ -985,6 +1060,13 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     alibi = {"slopes": None if alibi_slopes is None else alibi_slopes.contiguous(), "round": _ROUND[bias_dtype]}
     if interior is not None and variant not in ("v3", "v4"):
         raise ValueError(f"decode_attention: interior is a v3/v4 option (variant={variant!r})")
+    if warp_blocks is not None and variant not in ("v3", "v4"):
+        raise ValueError(f"decode_attention: warp_blocks is a v3/v4 option (variant={variant!r})")
+    if raw_scores and (variant != "v4" or alibi_slopes is not None):
+        raise ValueError(f"decode_attention: raw_scores is v4's without ALiBi slopes (variant={variant!r}, "
+                         f"alibi_slopes {'given' if alibi_slopes is not None else 'none'})")
+    if raw_scores is None:
+        raw_scores = V4_RAW_SCORES and variant == "v4" and alibi_slopes is None
     q = q.contiguous()
     lo32, hi32 = lo.to(torch.int32).contiguous(), hi.clamp(max=s).to(torch.int32).contiguous()  # never past the cache
     block_n = block_n or base["block_n"]
@@ -992,6 +1074,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
         chunk_len = split if split is not None else _default_split(s, b * hq, k_block)
         num_warps = V4_INT2_MHA_WARPS if chunk_len >= V4_INT2_MHA_MIN_BLOCKS * k_block else 1
     num_warps = num_warps or base["num_warps"]
+    if warp_blocks is None:
+        warp_blocks = V4_WARP_BLOCKS and variant == "v4"
     if interior is None and variant == "v4" and bits == 2 and (heads or _default_heads(groups)) > 1:
         interior = V4_INT2_GQA_INTERIOR
     if block_n & (block_n - 1) or block_n < 1 or num_warps & (num_warps - 1):
@@ -1030,7 +1114,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
                                           qk_scale=qk_scale, split=split, block_n=block_n, num_warps=num_warps,
                                           chunk=chunk, heads=heads, vchain=vchain, extra=extra, variant=variant,
                                           interior=base.get("interior", True) if interior is None else interior,
-                                          alibi=alibi)
+                                          alibi=alibi, raw_scores=raw_scores, warp_blocks=warp_blocks)
     return _reduce(q, acc, m, den, n_split, groups, k_float, v_float, float_valid, qk_scale,
                    chunks=reduce_chunks or REDUCE_CHUNKS, num_warps=reduce_warps or REDUCE_WARPS, alibi=alibi,
                    float_positions=float_positions)
@@ -1047,9 +1131,11 @@ def _default_heads(groups: int) -> int:
 
 
 def v2_geometry(d: int, bits: int, k_block: int, v_group: int, groups: int, *, block_n: int, num_warps: int,
-                chunk: int, heads: int | None, vchain: bool = True) -> dict:
+                chunk: int, heads: int | None, vchain: bool = True, warp_blocks: bool = False) -> dict:
     """The v2 kernel's tile for a launch: channels per thread ``C`` (``CWW`` words), channel lanes ``X``, token
-    threads ``TT`` (lanes x warps), rows per thread ``N0``, heads per program ``GH``."""
+    threads ``TT`` (lanes x warps), rows per thread ``N0``, heads per program ``GH``. ``warp_blocks`` (v3/v4):
+    each warp's token lanes read a key block of their own (``WB`` = ``num_warps`` blocks a step), so a thread's
+    rows per block are those of one warp."""
     perw = 32 // bits
     if d * bits < 32:
         raise ValueError(f"head_dim {d} at {bits} bits is less than one 32-bit word per token row")
@@ -1057,17 +1143,19 @@ def v2_geometry(d: int, bits: int, k_block: int, v_group: int, groups: int, *, b
     c = max(perw, min(chunk, d, v_group))  # a chunk inside one value group when the packing allows
     cww = c // perw
     x = dw // cww
-    tl_ = max(1, min(32 // x, k_block // num_warps))
+    wb = num_warps if warp_blocks else 1
+    tl_ = max(1, min(32 // x, k_block * wb // num_warps))
     if k_block < num_warps:
         raise ValueError(f"num_warps={num_warps} is more than k_block={k_block} token rows")
     tt = tl_ * num_warps
-    n0 = max(1, min(block_n, k_block) // tt)
+    n0 = max(1, min(block_n, k_block) * wb // tt)
     heads = heads or _default_heads(groups)
     gh = max(1, min(heads, groups))
     if groups % gh or gh & (gh - 1):
         raise ValueError(f"heads={heads}: must be a power of two dividing the {groups} query heads per kv head")
     rows = bool(vchain) and n0 <= 8
-    return {"C": c, "CWW": cww, "X": x, "TT": tt, "N0": n0, "GH": gh, "CV": 1 if c <= v_group else c, "ROWS": rows}
+    return {"C": c, "CWW": cww, "X": x, "TT": tt, "N0": n0, "GH": gh, "CV": 1 if c <= v_group else c, "ROWS": rows,
+            "WB": wb}
 
 
 EXP_BITS = 0x4B000000
@@ -1076,7 +1164,8 @@ mask and this OR into one LOP3 (with two immediates it emits two)."""
 
 
 def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32, *, bits, k_block, v_group, groups,
-               qk_scale, split, block_n, num_warps, chunk, heads, vchain, extra, variant, interior, alibi=None):
+               qk_scale, split, block_n, num_warps, chunk, heads, vchain, extra, variant, interior, alibi=None,
+               raw_scores=False, warp_blocks=False):
     b, hq, d = q.shape
     s = k_codes.shape[2]
     for name, t, row in (("k_codes", k_codes, d * bits // 8), ("v_codes", v_codes, d * bits // 8),
@@ -1086,7 +1175,8 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
     if vchain is not None and variant != "v2":
         raise ValueError(f"decode_attention: vchain is a v2 option (variant={variant!r})")
     g = v2_geometry(d, bits, k_block, v_group, groups, block_n=block_n, num_warps=num_warps, chunk=chunk,
-                    heads=heads, vchain=VARIANT_CONFIGS["v2"]["vchain"] if vchain is None else vchain)
+                    heads=heads, vchain=VARIANT_CONFIGS["v2"]["vchain"] if vchain is None else vchain,
+                    warp_blocks=warp_blocks)
     if split is None:
         split = _default_split(s, b * hq // g["GH"], k_block)
     split = max(k_block, triton.cdiv(split, k_block) * k_block)
@@ -1106,7 +1196,7 @@ def _launch_v2(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lo32, hi32
         slopes = (alibi or {}).get("slopes")
         _split_kernel_v3[grid](*args, DEN=variant == "v4", INTERIOR=bool(interior),
                                SLOPES=slopes if slopes is not None else m, ALIBI=slopes is not None,
-                               ROUND=(alibi or {}).get("round", 0), **const)
+                               ROUND=(alibi or {}).get("round", 0), RAW=bool(raw_scores), WB=g["WB"], **const)
     else:
         _split_kernel_v2[grid](*args, ROWS=g["ROWS"], **const)
     return acc, m, den, n_split
