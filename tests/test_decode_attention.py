@@ -263,7 +263,7 @@ def test_triton_kernel_v3_v4_match_reference(which):
 # (the zero-point dot and the scores' 2**49 once per key block), session 48. Head dim 128: int2 without GQA on 2 warps
 # over a 160-token cache (5 key blocks: a chunk's last step of 2 blocks has one past the cache, whose key scales only
 # masked threads would read), chunks of 3 blocks (a step half outside its chunk), every step masked, the previous
-# layout (warp_blocks=False); raw scores at 2/4/8 bits, MHA and GQA, on 1 and 2 warps. Each query reads a different
+# layout (warp_blocks=False); raw scores at 2/4/8 bits, MHA and GQA, on 1, 2 and 4 warps. Each query reads a different
 # quantized range (sink 1 / 5, the window's start) and a float buffer with invalid slots (_check_real_layout).
 WARP_BLOCK_CASES = [(2, 4, 4, 16, {"num_warps": 2, "split": 96, "tokens": 160}),
                     (2, 4, 4, 16, {"num_warps": 2, "tokens": 160}),
@@ -273,7 +273,10 @@ WARP_BLOCK_CASES = [(2, 4, 4, 16, {"num_warps": 2, "split": 96, "tokens": 160}),
                     (2, 4, 4, 16, {"raw_scores": True}),
                     (4, 4, 4, 32, {"raw_scores": True}),
                     (8, 4, 1, 32, {"split": 64, "raw_scores": True}),
-                    (2, 8, 2, 16, {"heads": 2, "num_warps": 2, "raw_scores": True, "split": 96})]
+                    (2, 8, 2, 16, {"heads": 2, "num_warps": 2, "raw_scores": True, "split": 96}),
+                    # half-block steps (2 per key block a warp), and 4 warps on 4 blocks a step
+                    (2, 4, 4, 16, {"num_warps": 2, "block_n": 16, "split": 96, "tokens": 160}),
+                    (4, 4, 4, 32, {"num_warps": 4, "split": 128, "raw_scores": True, "tokens": 160})]
 # and at head dim 16 / key blocks of 16 (_check_kernel: float16 and bfloat16 scales, with and without a float buffer)
 WARP_BLOCK_KERNEL_CASES = [(2, 64, 2, 2, 16, {"num_warps": 2, "raw_scores": True}),
                            (4, 48, 4, 1, 16, {"num_warps": 2, "raw_scores": True}),
