@@ -415,7 +415,9 @@ class TritonBackendOptions(BackendOptions):
     decode step on the H200 they were four launches per layer (21.6 µs per step over 4 layers); ``False`` keeps
     Inductor's rotary kernels and the row writes (``tools/profile_decode.py --no-rotary-cache``, the A/B). A layer
     without rotary (GPT-2, Bloom, a NoPE layer) writes its keys and values in one launch (``lowbit::write_kv``)
-    where two row writes ran."""
+    where two row writes ran. A packed (int8/int4/int2) cache's decode-step write, with the layer's rotary, is one
+    ``write_packed_kv`` launch (``_fuse_packed_cache_writes``) where ``cache_update``'s ~74 aten ops and two
+    rotaries' ~10 ran per layer; ``False`` keeps those ops too."""
 
     @model_validator(mode="after")
     def _read_options(self) -> TritonBackendOptions:

@@ -11,7 +11,8 @@ at run time an input the kernel cannot read (a float32 or CPU tensor) also takes
 result. ``torch.compile`` sees through the ops (``torch.library.triton_op``); ``cuda_graphs`` selects
 ``mode="reduce-overhead"`` (one CUDA graph per static shape). A generation step's rotary and float KV-cache writes
 fuse per layer (``rotary_write_kv``; ``write_kv`` for a layer without rotary), its attention at one query row runs
-``decode_sdpa``, the packed cache's ``cache_attention`` its decode kernel.
+``decode_sdpa``, the packed cache's ``cache_attention`` its decode kernel, whose decode-step write (with the layer's
+rotary) is one ``write_packed_kv`` launch.
 
 Registered in ``lowbit.backends.registry`` (``TritonBackendOptions``: ``compile``, ``cuda_graphs``); the registry
 checks for CUDA (or the interpreter) before the model is loaded.
@@ -944,9 +945,10 @@ def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | 
     four launch-bound kernels per layer (Inductor's rotary of q and of k, two ``_write_rows``: 21.6 µs per step over
     the 7B-shaped stack's 4 layers on the H200, ``profile_decode``); a partial rotary added its slices and cats. A
     decode-sdpa attention takes a whole-head rotary inside its own kernel (``rotary_decode_sdpa``). A packed
-    (quantized) cache is written by ``cache_attention`` and a QDQ'd key is no rotary's direct reader: neither
-    matches, both keep their rotary ops. A layer this leaves has its two float-cache writes on one ``write_kv``
-    (``_fuse_cache_writes``). At run time operands the kernel cannot read run the reference."""
+    (quantized) cache is written by ``cache_attention`` (its rotary goes into that node:
+    ``_fuse_packed_cache_writes``) and a QDQ'd key is no rotary's direct reader: neither matches here. A layer this
+    leaves has its two float-cache writes on one ``write_kv`` (``_fuse_cache_writes``). At run time operands the
+    kernel cannot read run the reference."""
     for attn in list(gm.graph.nodes):
         found = rotary_cache_pattern(attn)
         if found is None:
@@ -989,6 +991,44 @@ def _fuse_rotary_cache(gm: torch.fx.GraphModule, types: dict[str, TensorType] | 
             gm.graph.erase_node(dead)
 
 
+def _fuse_packed_cache_writes(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None,
+                              report: dict[str, dict[str, str]]) -> None:
+    """Each packed-cache attention on the decode kernel (``_CACHE_ATTENTION``) writes a decode step's keys and values
+    in one ``write_packed_kv`` launch (``cache_attention_decode``'s ``fused_write``), and takes its layer's
+    ``rotary(q)`` and ``rotary(k)`` (whole heads, or a partial rotary's slices and cat: ``_rotated_heads``) into it:
+    the rotaries' nodes are erased and their heads, ``cos`` and ``sin`` become the node's operands. Why: a decode
+    step's packed write was ``cache_update``'s ~74 aten ops per layer and the two rotaries ~10 more, each a launch
+    (``tests/test_packed_kv_write.py`` counts them). A rotary ``plan_rotary_cache`` refuses stays as captured, reported;
+    at run time operands the kernel cannot read take the reference (``write_packed_kv_unsupported``)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not _CACHE_ATTENTION:
+            continue
+        q_heads, k_heads = _rotated_heads(node.args[0], node), _rotated_heads(node.args[1], node)
+        if q_heads is None or k_heads is None:
+            report["packed_write"][node.name] = "packed k/v cache write (no rotary)"
+            continue
+        q_rot, k_rot = node.args[0], node.args[1]
+        if k_heads["cos"] is not q_heads["cos"] or k_heads["sin"] is not q_heads["sin"] \
+                or k_heads["rotary_dim"] != q_heads["rotary_dim"]:
+            report["packed_write"][node.name] = "packed k/v cache write (no rotary)"
+            report["unfused"][k_rot.name] = ("rotary + packed k/v cache write: q and k rotated by different "
+                                              "cos/sin or widths")
+            continue
+        why = plan_rotary_cache(_type_of(q_rot, types), _type_of(k_rot, types), q_heads["rotary_dim"])
+        if why is not None:
+            report["packed_write"][node.name] = "packed k/v cache write (no rotary)"
+            report["unfused"][k_rot.name] = f"rotary + packed k/v cache write: {why}"
+            continue
+        node.args = (q_heads["x"], k_heads["x"], *node.args[2:])
+        node.kwargs = {**node.kwargs, "cos": q_heads["cos"], "sin": q_heads["sin"],
+                       "rotary_dim": q_heads["rotary_dim"]}
+        report["packed_write"][node.name] = (f"rotary %{q_rot.name}, %{k_rot.name} + packed k/v cache write"
+                                             + (f" (partial: {q_heads['rotary_dim']} channels of each head)"
+                                                if q_heads["rotary_dim"] is not None else ""))
+        for dead in (*k_heads["nodes"], *q_heads["nodes"]):
+            gm.graph.erase_node(dead)
+
+
 def _outer_product(node: torch.fx.Node, types: dict[str, TensorType] | None) -> bool:
     """Whether a ``matmul`` node multiplies ``[..., m, 1]`` by ``[..., 1, n]`` (both operands at least 2-D), which
     a broadcast multiply computes exactly (one product per element, nothing summed). Llama-style rotary makes its
@@ -1014,7 +1054,8 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     weight-only linears around them (``_fuse_norm_residual``); ``pdl``: weight-only linears as opaque ops whose
     M = 1 GEMV and reduce launch with programmatic dependent launch (``weight_only_linear_pdl``); ``rotary_cache``:
     each layer's rotary of q and k and its float-cache writes in one ``rotary_write_kv`` (``_fuse_rotary_cache``),
-    a layer without one its two cache writes in one ``write_kv``;
+    a layer without one its two cache writes in one ``write_kv``, a packed cache's decode-step write (and rotary) in
+    one ``write_packed_kv`` (``_fuse_packed_cache_writes``; off: ``cache_update``'s ops, the rotaries as captured);
     ``decode``: the graph runs decode steps (a generation step graph), so its attention goes to ``decode_sdpa`` at one
     query row. An encoder or a logits graph never decodes: its attention stays SDPA and the report does not list it
     (it said "decode-sdpa" for MiniLM); ``float_gemv`` (with ``decode``): bf16/fp16 linears on ``float_linear``, whose
@@ -1024,7 +1065,8 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     from lowbit.ir.normquant import qlinear_q, rms_norm_quant
 
     report: dict[str, dict[str, str]] = {"kernels": {}, "fallback": {}, "layout": {}, "unfused": {}, "norm_quant": {},
-                                         "attention": {}, "rotary_cache": {}, "cache_write": {}, "outer": {}}
+                                         "attention": {}, "rotary_cache": {}, "cache_write": {}, "outer": {},
+                                         "packed_write": {}}
     kinds = EPILOGUES[epilogues]
     tables: dict[int, torch.fx.Node] = {}
     a8: dict[torch.fx.Node, Plan] = {}
@@ -1097,8 +1139,10 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
                 gm.register_buffer(attr, slopes.to(device or "cpu"))
                 with gm.graph.inserting_before(node):
                     node.kwargs = {**node.kwargs, "alibi_slopes": gm.graph.get_attr(attr), "bias_dtype": bias_dtype}
-            # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape)
+            # decode steps on the quantized-cache kernel (outside torch.compile: it launches per call shape); their
+            # packed write on write_packed_kv with rotary_cache (_fuse_packed_cache_writes), else cache_update's ops
             node.target = _CACHE_ATTENTION
+            node.kwargs = {**node.kwargs, "fused_write": rotary_cache}
             report["kernels"][node.name] = "cache-attention"
             continue
         if (node.op == "call_function" and node.target is ir_ops.linear and decode and float_gemv
@@ -1133,6 +1177,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
         _fuse_norm_residual(gm, words, report)
     if rotary_cache:
         _fuse_rotary_cache(gm, types, report, pdl)
+        _fuse_packed_cache_writes(gm, types, report)
     gm.recompile()
     return report
 
@@ -1241,6 +1286,12 @@ class TritonCompiled(TorchCompiled):
         if self.report.get("cache_write"):
             lines.append(f"  k/v cache writes fused: {len(self.report['cache_write'])} layers without a rotary on "
                          "write_kv (keys and values in one launch)")
+        if self.report.get("packed_write"):
+            fused = self.report["packed_write"].values()
+            rotated = sum(what.startswith("rotary") for what in fused)
+            lines.append(f"  packed k/v cache write fused: {len(fused)} layers on write_packed_kv (a decode step's "
+                         "quantized keys and values and float window in one launch"
+                         + (f"; the rotary of q and k inside for {rotated} of them)" if rotated else ")"))
         if self.report.get("outer"):
             lines.append(f"  matmul over a contraction of 1 as a broadcast multiply: {len(self.report['outer'])} nodes")
         lines += [f"  not fused at %{name}: {why}" for name, why in self.report["unfused"].items()]
@@ -1266,7 +1317,7 @@ def lower(graph: Graph, device: str | None = None, *, compile: bool = True, cuda
     and residual adds fused into the weight-only linears around them; ``pdl``: the weight-only linears' M = 1 GEMV
     and reduce launch with programmatic dependent launch where the GPU has it (``pdl_supported``); ``rotary_cache``:
     each layer's rotary of q and k and its float KV-cache writes in one kernel (a layer without rotary: its k and v
-    writes in one); ``float_gemv``: a generation step's
+    writes in one; a packed cache: its decode-step write and the rotary in one); ``float_gemv``: a generation step's
     bf16/fp16 linears on lowbit's one-row GEMV (``float_linear``) instead of cuBLAS, so they take those fusions too."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():

@@ -1261,7 +1261,9 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
                            scale: float | None = None, split: int | None = None,
                            sliding: int | None = None, bias: torch.Tensor | None = None,
                            alibi_slopes: torch.Tensor | None = None,
-                           bias_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+                           bias_dtype: torch.dtype = torch.float32, cos: torch.Tensor | None = None,
+                           sin: torch.Tensor | None = None, rotary_dim: int | None = None,
+                           fused_write: bool = True) -> tuple[torch.Tensor, ...]:
     """``cache_attention`` (lowbit.ir.kvcache) with a decode step's attention on the Triton kernel: the cache is
     written as the reference writes it (in place: the step's caller hands its cache over), then ``decode_attention``
     reads the quantized tokens ``[sink, t - window]`` and the float candidates (old sink/ring slots and the new token).
@@ -1270,16 +1272,33 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     reference and reports it) take the reference, as does a sliding-window layer (the kernel reads every quantized
     slot from the sink on) and an additive ``bias`` the lowering did not read as ALiBi. ``alibi_slopes``: the slopes
     (float32, one per query head) the Triton lowering derived from ``bias`` and checked it is (``alibi_slopes_of``:
-    slope times the key position where a key is causal, -inf elsewhere, in ``bias_dtype``): the kernel adds them."""
+    slope times the key position where a key is causal, -inf elsewhere, in ``bias_dtype``): the kernel adds them.
+
+    ``fused_write`` (the triton backend's ``rotary_cache``): a decode step's write is ``write_packed_kv``'s one
+    launch (``cache_update``'s ops where it names a reason, or with ``fused_write`` off). ``cos`` / ``sin``
+    (``rotary_dim``): ``q`` and ``k`` are the step's heads before their rotary, which the write kernel applies (the
+    reference: the IR's ``rotary``) - the triton backend folds a layer's two ``rotary`` nodes in here. The float
+    candidates are then read from the ring after the write: the slots it wrote hold tokens this step's query does
+    not read from them (the ring slot's old token is ``window`` back, the sink slot's is the new token, read as a
+    candidate of its own), so the attention is the same bit for bit."""
     from lowbit.ir.kvcache import cache_attention, cache_update, candidate_positions, float_candidates
+    from lowbit.kernels.packed_kv_write import rotary_heads_ref, write_packed_kv, write_packed_kv_unsupported
 
     kw = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink)
-    if (q.shape[2] != 1 or not _kernel_device(q) or sliding is not None or (bias is not None and alibi_slopes is None)
-            or cache_attention_unsupported(q.shape[-1], k_block, v_group, bits, q.shape[1], k.shape[1]) is not None):
+    layout_why = cache_attention_unsupported(q.shape[-1], k_block, v_group, bits, q.shape[1], k.shape[1])
+    decode = not (q.shape[2] != 1 or not _kernel_device(q) or sliding is not None
+                  or (bias is not None and alibi_slopes is None) or layout_why is not None)
+    written = decode and fused_write and write_packed_kv_unsupported(
+        q, k, v, cos, sin, positions, list(cache), rotary_dim=rotary_dim, **kw) is None
+    if written:  # one launch: the rotary of q and k (where given) and the packed cache's write, in place
+        q, k = write_packed_kv(q, k, v, cos, sin, positions, *cache, rotary_dim=rotary_dim, **kw)
+    elif cos is not None:
+        q, k = rotary_heads_ref(q, cos, sin, rotary_dim), rotary_heads_ref(k, cos, sin, rotary_dim)
+    if not decode:
         return cache_attention(q, k, v, positions, *cache, scale=scale, sliding=sliding, bias=bias, **kw)
-    # the float candidates read the ring/sink as they were BEFORE this step's write (which is in place)
+    # the float candidates: the ring/sink as they were before this step's write, or after the fused one (above)
     kf, vf, fmask = float_candidates(k.float(), v.float(), positions, cache[6], cache[7], window=window, sink=sink)
-    new = cache_update(k, v, positions, list(cache), inplace=True, **kw)
+    new = list(cache) if written else cache_update(k, v, positions, list(cache), inplace=True, **kw)
     pos = positions[:, 0].to(torch.int32)
     lo = torch.full_like(pos, sink)
     hi = torch.clamp(pos - window + 1, min=sink)

@@ -1,0 +1,192 @@
+"""``write_packed_kv`` (lowbit.kernels.packed_kv_write): a decode step's write into the packed int8/int4/int2 KV cache
+in one launch, with the layer's rotary of q and k, against its plain-torch reference (the IR's ``rotary`` and
+``cache_update``) bit for bit; and the triton backend's decode step over a packed cache, which now writes each
+layer's token through it and generates the torch reference's greedy tokens. CPU under ``TRITON_INTERPRET=1``, and
+the GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install -e '.[dev]' brings it)")
+
+from lowbit.ir import kvcache as kv
+from lowbit.kernels import packed_kv_write
+from lowbit.kernels.packed_kv_write import write_packed_kv, write_packed_kv_ref, write_packed_kv_unsupported
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERP, reason="CPU runs need TRITON_INTERPRET=1")),
+           pytest.param("cuda", marks=pytest.mark.gpu)]
+needs_kernels = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()),
+                                   reason="the triton backend needs CUDA or TRITON_INTERPRET=1")
+
+SLOTS, D = 64, 32
+
+
+def _written_cache(layout: dict, b: int, hkv: int, upto: torch.Tensor, dtype: torch.dtype,
+                   g: torch.Generator, float_dtype: torch.dtype = torch.float32,
+                   scale_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """A packed cache holding random tokens at positions ``0 .. upto[b] - 1`` of each sequence (a prefill of the
+    longest, then sequence ``b``'s tokens past ``upto[b]`` taken out by prefilling it again alone), via the
+    reference."""
+    cache = kv.empty_cache(kv.cache_layout(b, hkv, SLOTS, D, scale_dtype=scale_dtype, float_dtype=float_dtype,
+                                           **layout))
+    for i, n in enumerate(upto.tolist()):
+        if n:
+            k = (torch.randn(1, hkv, n, D, generator=g) * 2).to(dtype)
+            k[:, :, 0] *= 10  # an attention-sink-like outlier token
+            v = torch.randn(1, hkv, n, D, generator=g).to(dtype)
+            one = kv.cache_update(k, v, torch.arange(n)[None], [c[i:i + 1] for c in cache], **layout)
+            for c, new in zip(cache, one):
+                c[i:i + 1] = new
+    return cache
+
+
+CASES = [  # bits, k_block, v_group, window, sink, positions (one closing its key block, one not)
+    pytest.param(8, 8, 16, 8, 1, (23, 29), id="int8"),
+    pytest.param(4, 16, 8, 32, 1, (47, 37), id="int4"),
+    pytest.param(2, 8, 8, 16, 0, (31, 20), id="int2"),
+    pytest.param(4, 8, 16, 4, 2, (1, 15), id="int4-sink-ring-shorter-than-block"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits,kb,vg,window,sink,positions", CASES)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("dtype,rotary_dim", [(torch.bfloat16, D), (torch.float32, 16), (torch.bfloat16, None)],
+                         ids=["bf16-rotary", "fp32-partial-rotary", "bf16-no-rotary"])
+def test_write_packed_kv_is_rotary_then_cache_update_bit_for_bit(device, bits, kb, vg, window, sink, positions, hq,
+                                                                 hkv, dtype, rotary_dim):
+    """One token per sequence at positions in the middle of a 64-slot cache, one closing its key block (its scales
+    from all the block's tokens) and one not (the block's later tokens zeros): the kernel's (rotated) q and k and
+    all eight cache tensors equal the IR ``rotary`` then ``cache_update(inplace=True)``'s exactly. The step
+    rewrites the block's codes and scales, the value row and the ring slot (what the reference changes); the
+    float-ring and sink cases: a ring shorter than a key block (the block's older tokens read before the new key
+    overwrites one of their slots) and a position inside the sink (its sink slot written too)."""
+    layout = dict(bits=bits, k_block=kb, v_group=vg, window=window, sink=sink)
+    g = torch.Generator().manual_seed(bits * 100 + kb + hq * hkv)
+    pos = torch.tensor(positions)[:, None]
+    cache = [c.to(device) for c in _written_cache(layout, 2, hkv, pos[:, 0], dtype, g,
+                                                  float_dtype=torch.bfloat16 if bits == 2 else torch.float32,
+                                                  scale_dtype=torch.float16 if bits == 8 else torch.float32)]
+    q = torch.randn(2, hq, 1, D, generator=g).to(dtype).to(device)
+    k = (torch.randn(2, hkv, 1, D, generator=g) * 3).to(dtype).to(device)
+    v = torch.randn(2, hkv, 1, D, generator=g).to(dtype).to(device)
+    cos = sin = None
+    if rotary_dim is not None:
+        angle = torch.randn(2, 1, 1, rotary_dim, generator=g) * 3
+        cos, sin = angle.cos().to(dtype).to(device), angle.sin().to(dtype).to(device)
+        rotary_dim = None if rotary_dim == D else rotary_dim
+    kw = dict(rotary_dim=rotary_dim, **layout)
+    pos = pos.to(device)
+    assert write_packed_kv_unsupported(q, k, v, cos, sin, pos, cache, **kw) is None  # the kernel runs
+    want = [c.clone() for c in cache]
+    want_q, want_k = write_packed_kv_ref(q, k, v, cos, sin, pos, want, **kw)
+    got = [c.clone() for c in cache]
+    got_q, got_k = write_packed_kv(q, k, v, cos, sin, pos, *got, **kw)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    for part, a, w in zip(kv.CACHE_PARTS, got, want):
+        assert torch.equal(a, w), part
+    changed = {part for part, before, w in zip(kv.CACHE_PARTS, cache, want) if not torch.equal(before, w)}
+    assert changed >= {"k_codes", "k_scale", "v_codes", "v_scale", "k_float", "v_float"}, changed
+
+
+def test_write_packed_kv_refuses_what_the_kernel_cannot_take_and_runs_the_reference():
+    """A prefill chunk, a head_dim or value group that is no power of two, cos/sin per head and a strided cache are
+    named; the op then writes through the reference (a two-token chunk: ``cache_update``'s result, in place)."""
+    layout = dict(bits=4, k_block=8, v_group=8, window=8, sink=1)
+    g = torch.Generator().manual_seed(0)
+    cache = _written_cache(layout, 2, 2, torch.tensor([5, 9]), torch.float32, g)
+    q, k, v = (torch.randn(2, h, 2, D, generator=g) for h in (4, 2, 2))
+    pos = torch.tensor([[5, 6], [9, 10]])
+    assert "one token per sequence" in write_packed_kv_unsupported(q, k, v, None, None, pos, cache, **layout)
+    assert "powers of two" in write_packed_kv_unsupported(q[..., :1, :24], k[..., :1, :24], v[..., :1, :24], None,
+                                                          None, pos[:, :1], cache, **layout)
+    assert "powers of two" in write_packed_kv_unsupported(q[..., :1, :], k[..., :1, :], v[..., :1, :], None, None,
+                                                          pos[:, :1], cache, **{**layout, "v_group": 12})
+    per_head = torch.ones(2, 4, 1, D)
+    assert "broadcast" in write_packed_kv_unsupported(q[..., :1, :], k[..., :1, :], v[..., :1, :], per_head,
+                                                      per_head, pos[:, :1], cache, **layout)
+    strided = [c.transpose(2, 3).contiguous().transpose(2, 3) if i == 6 else c for i, c in enumerate(cache)]
+    assert "contiguous" in write_packed_kv_unsupported(q[..., :1, :], k[..., :1, :], v[..., :1, :], None, None,
+                                                       pos[:, :1], strided, **layout)
+    want = kv.cache_update(k, v, pos, [c.clone() for c in cache], **layout)
+    got = [c.clone() for c in cache]
+    q_out, k_out = write_packed_kv(q, k, v, None, None, pos, *got, **layout)
+    assert q_out is q and k_out is k  # no rotary: the heads as given
+    assert all(torch.equal(a, w) for a, w in zip(got, want))  # the chunk copied into the cache it was given
+
+
+def _tiny_llama_kv(recipe: str, backend: str, monkeypatch: pytest.MonkeyPatch | None = None):
+    """A random 2-layer Llama (4 query heads of 32 channels over 2 kv heads, weights x4 for sharp logits, float32:
+    no near-ties between the kernel's and SDPA's rounding) compiled for generation with ``recipe``'s packed
+    cache on ``backend``."""
+    from conftest import tiny_llama
+
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=128, inter=128, heads=4, kv_heads=2, layers=2, max_positions=128)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    dev = "cuda" if torch.cuda.is_available() else None
+    options = {"backend_options": {"compile": False}} if backend == "triton" else {}
+    return compile_model(model, recipe=recipe, backend=backend, device=dev,
+                         generation=GenerationSpec(max_length=96, max_batch=2), **options)
+
+
+PROMPTS = [[(7 * i) % 59 + 2 for i in range(66)], [(5 * i) % 53 + 3 for i in range(27)]]
+
+
+@needs_kernels
+@pytest.mark.parametrize("recipe", ["kv4", "kv2"])
+def test_a_packed_cache_decode_step_writes_each_layer_in_one_launch(recipe, monkeypatch):
+    """The kv4 / kv2 recipes' packed cache on the triton backend: each layer's ``rotary(q)``, ``rotary(k)`` and
+    packed write are one ``write_packed_kv`` launch in every decode step. The lowered graph holds no ``rotary``
+    node (the two per layer went into the cache attention node, with its cos/sin), the report names the fusion,
+    and a decode step calls no ``cache_update`` (74 aten ops per layer before) and launches the write kernel once per
+    layer (the kernel path: nothing it refuses). Two prompts (66 and 27 tokens, past kv4's 32-token window and
+    kv2's 64, over key-block boundaries) generate the torch reference's greedy tokens."""
+    from lowbit.ir.ops import rotary
+
+    ref = _tiny_llama_kv(recipe, "torch").generate(PROMPTS, 8, stop_tokens=()).tokens
+    compiled = _tiny_llama_kv(recipe, "triton")
+    gm = compiled.runner.gm
+    assert not [n for n in gm.graph.nodes if n.target is rotary]
+    packed = [n for n in gm.graph.nodes if n.kwargs.get("fused_write")]
+    assert len(packed) == 2 and all(n.kwargs.get("cos") is not None for n in packed)
+    assert ("packed k/v cache write fused: 2 layers on write_packed_kv (a decode step's quantized keys and values "
+            "and float window in one launch; the rotary of q and k inside for 2 of them)"
+            in compiled.runner.report_text())
+    updates, writes, refused = [], [], []
+    real_update, real_write, real_why = kv.cache_update, packed_kv_write.write_packed_kv, \
+        packed_kv_write.write_packed_kv_unsupported
+    monkeypatch.setattr(kv, "cache_update", lambda k, *a, **kw: updates.append(k.shape[2]) or real_update(k, *a, **kw))
+    monkeypatch.setattr(packed_kv_write, "write_packed_kv", lambda *a, **kw: writes.append(1) or real_write(*a, **kw))
+    monkeypatch.setattr(packed_kv_write, "write_packed_kv_unsupported",
+                        lambda *a, **kw: refused.append(real_why(*a, **kw)) or refused[-1])
+    got = compiled.generate(PROMPTS, 8, stop_tokens=()).tokens
+    assert got == ref, (got, ref)
+    assert updates and all(n > 1 for n in updates), updates  # the prefill's chunks only
+    assert len(writes) == 2 * 7, writes  # two layers, seven decode steps after the prefill's token
+    assert len(refused) == 2 * len(writes) and set(refused) == {None}, refused  # (asked by the step and the op)
+
+
+@needs_kernels
+def test_rotary_cache_off_keeps_the_packed_cache_writes_ops():
+    """``rotary_cache=False`` (the before of a GPU comparison, ``tools/profile_decode.py --no-rotary-cache``)
+    leaves the rotaries as captured and the packed write on ``cache_update``'s ops, and the report says nothing of
+    the fusion."""
+    from lowbit.backends.triton_backend import lower
+    from lowbit.ir.ops import rotary
+
+    graph = _tiny_llama_kv("kv4", "torch").graph
+    runner = lower(graph, "cuda" if torch.cuda.is_available() else None, compile=False, rotary_cache=False)
+    assert len([n for n in runner.gm.graph.nodes if n.target is rotary]) == 4
+    assert [n.kwargs.get("fused_write") for n in runner.gm.graph.nodes if "fused_write" in n.kwargs] == [False] * 2
+    assert "packed k/v cache write fused" not in runner.report_text()
