@@ -174,7 +174,7 @@ def test_a_packed_cache_decode_step_writes_each_layer_in_one_launch(recipe, monk
     assert got == ref, (got, ref)
     assert updates and all(n > 1 for n in updates), updates  # the prefill's chunks only
     assert len(writes) == 2 * 7, writes  # two layers, seven decode steps after the prefill's token
-    assert len(refused) == 2 * len(writes) and set(refused) == {None}, refused  # (asked by the step and the op)
+    assert refused == [None] * len(writes), refused  # the kernel path each time (asked once, by the step)
 
 
 @needs_kernels

@@ -1291,7 +1291,7 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     written = decode and fused_write and write_packed_kv_unsupported(
         q, k, v, cos, sin, positions, list(cache), rotary_dim=rotary_dim, **kw) is None
     if written:  # one launch: the rotary of q and k (where given) and the packed cache's write, in place
-        q, k = write_packed_kv(q, k, v, cos, sin, positions, *cache, rotary_dim=rotary_dim, **kw)
+        q, k = write_packed_kv(q, k, v, cos, sin, positions, *cache, rotary_dim=rotary_dim, checked=True, **kw)
     elif cos is not None:
         q, k = rotary_heads_ref(q, cos, sin, rotary_dim), rotary_heads_ref(k, cos, sin, rotary_dim)
     if not decode:

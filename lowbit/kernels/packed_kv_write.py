@@ -195,7 +195,7 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
     """Program ``(b, h)``: query head ``h < HQ`` rotated into ``qo``; else kv head ``h - HQ``'s token written
     (the module docstring). The zero-point and scale tensors of keys and values share their codes' head and batch
     strides' roles (``sks*``, ``svs*``); ``sf*`` / ``sg*`` are the float ring's of keys and values."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # (batch x a kv8 32K cache's bytes pass 2**31)
     h = tl.program_id(1)
     ds = tl.arange(0, D)
     QMIN: tl.constexpr = -(1 << (BITS - 1))
@@ -206,7 +206,7 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
                          IS_FP16)
         tl.store(qo_ptr + b * sqob + h * sqoh + ds, y.to(qo_ptr.dtype.element_ty))
     else:
-        j = h - HQ
+        j = (h - HQ).to(tl.int64)
         pos = tl.load(p_ptr + b * spb).to(tl.int64)
         inside = pos < S
         key = _rotated_row(k_ptr + b * skb + j * skh, c_ptr + b * scb, s_ptr + b * ssb, ds, HALF, IS_BF16,
@@ -253,8 +253,8 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
 
 def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
                     sin: torch.Tensor | None, positions: torch.Tensor, *cache: torch.Tensor, bits: int, k_block: int,
-                    v_group: int, window: int, sink: int,
-                    rotary_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    v_group: int, window: int, sink: int, rotary_dim: int | None = None,
+                    checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A decode step's ``q [B, Hq, 1, D]``, ``k`` / ``v [B, Hkv, 1, D]`` at ``positions [B, 1]``: the IR's rotary
     of q and k with ``cos`` / ``sin`` (broadcast to ``[B, 1, 1, rotary_dim or D]``; None: the layer has none), the
     (rotated) keys and the values written into the packed cache's eight tensors in place, as
@@ -262,10 +262,12 @@ def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     (rotated) q and k the attention reads. The reference where ``write_packed_kv_unsupported`` names a reason.
 
     A plain function, not a custom op: ``cache_attention_decode`` calls it (the triton backend runs that outside
-    ``torch.compile``), and a CUDA graph replays its launch: it reads the positions on the device."""
+    ``torch.compile``), and a CUDA graph replays its launch: it reads the positions on the device. ``checked``: the
+    caller has just asked ``write_packed_kv_unsupported`` itself (the decode step does, to choose this path), so its
+    checks are not run twice per layer and step."""
     layout = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink, rotary_dim=rotary_dim)
     parts = list(cache)
-    if write_packed_kv_unsupported(q, k, v, cos, sin, positions, parts, **layout) is not None:
+    if not checked and write_packed_kv_unsupported(q, k, v, cos, sin, positions, parts, **layout) is not None:
         return write_packed_kv_ref(q, k, v, cos, sin, positions, parts, **layout)
     b, hkv, _, d = k.shape
     kc, ks, kz, vc, vs, vz, kf, vf = parts
