@@ -62,7 +62,8 @@ def test_write_packed_kv_is_rotary_then_cache_update_bit_for_bit(device, bits, k
                                                                  hkv, dtype, rotary_dim):
     """One token per sequence at positions in the middle of a 64-slot cache, one closing its key block (its scales
     from all the block's tokens) and one not (the block's later tokens zeros): the kernel's (rotated) q and k and
-    all eight cache tensors equal the IR ``rotary`` then ``cache_update(inplace=True)``'s exactly. The step
+    all eight cache tensors equal the IR ``rotary`` then ``cache_update(inplace=True)``'s exactly, and with
+    ``candidates`` its float candidates and mask ``float_candidates``' over the cache before the step. The step
     rewrites the block's codes and scales, the value row and the ring slot (what the reference changes); the
     float-ring and sink cases: a ring shorter than a key block (the block's older tokens read before the new key
     overwrites one of their slots) and a position inside the sink (its sink slot written too)."""
@@ -85,11 +86,18 @@ def test_write_packed_kv_is_rotary_then_cache_update_bit_for_bit(device, bits, k
     assert write_packed_kv_unsupported(q, k, v, cos, sin, pos, cache, **kw) is None  # the kernel runs
     want = [c.clone() for c in cache]
     want_q, want_k = write_packed_kv_ref(q, k, v, cos, sin, pos, want, **kw)
-    got = [c.clone() for c in cache]
-    got_q, got_k = write_packed_kv(q, k, v, cos, sin, pos, *got, **kw)
-    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
-    for part, a, w in zip(kv.CACHE_PARTS, got, want):
-        assert torch.equal(a, w), part
+    want_kf, want_vf, want_mask = kv.float_candidates(want_k.float(), v.float(), pos, cache[6], cache[7],
+                                                      window=window, sink=sink)
+    for candidates in (False, True):
+        got = [c.clone() for c in cache]
+        got_q, got_k, *got_candidates = write_packed_kv(q, k, v, cos, sin, pos, *got, candidates=candidates, **kw)
+        assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+        for part, a, w in zip(kv.CACHE_PARTS, got, want):
+            assert torch.equal(a, w), part
+        if candidates:  # the attention's float candidates, from the ring as it was before the write
+            kf, vf, mask = got_candidates
+            assert torch.equal(kf, want_kf) and torch.equal(vf, want_vf)
+            assert torch.equal(mask, want_mask[:, 0].to(torch.int8)), (mask, want_mask)
     changed = {part for part, before, w in zip(kv.CACHE_PARTS, cache, want) if not torch.equal(before, w)}
     assert changed >= {"k_codes", "k_scale", "v_codes", "v_scale", "k_float", "v_float"}, changed
 
@@ -149,9 +157,10 @@ def test_a_packed_cache_decode_step_writes_each_layer_in_one_launch(recipe, monk
     """The kv4 / kv2 recipes' packed cache on the triton backend: each layer's ``rotary(q)``, ``rotary(k)`` and
     packed write are one ``write_packed_kv`` launch in every decode step. The lowered graph holds no ``rotary``
     node (the two per layer went into the cache attention node, with its cos/sin), the report names the fusion,
-    and a decode step calls no ``cache_update`` (74 aten ops per layer before) and launches the write kernel once per
-    layer (the kernel path: nothing it refuses). Two prompts (66 and 27 tokens, past kv4's 32-token window and
-    kv2's 64, over key-block boundaries) generate the torch reference's greedy tokens."""
+    and a decode step calls no ``cache_update`` (74 aten ops per layer before) nor ``float_candidates`` (25) and
+    launches the write kernel once per layer (the kernel path: nothing it refuses). Two prompts (66 and 27 tokens,
+    past kv4's 32-token window and kv2's 64, over key-block boundaries) generate the torch reference's greedy
+    tokens."""
     from lowbit.ir.ops import rotary
 
     ref = _tiny_llama_kv(recipe, "torch").generate(PROMPTS, 8, stop_tokens=()).tokens
@@ -163,16 +172,20 @@ def test_a_packed_cache_decode_step_writes_each_layer_in_one_launch(recipe, monk
     assert ("packed k/v cache write fused: 2 layers on write_packed_kv (a decode step's quantized keys and values "
             "and float window in one launch; the rotary of q and k inside for 2 of them)"
             in compiled.runner.report_text())
-    updates, writes, refused = [], [], []
+    updates, candidates, writes, refused = [], [], [], []
     real_update, real_write, real_why = kv.cache_update, packed_kv_write.write_packed_kv, \
         packed_kv_write.write_packed_kv_unsupported
+    real_candidates = kv.float_candidates
     monkeypatch.setattr(kv, "cache_update", lambda k, *a, **kw: updates.append(k.shape[2]) or real_update(k, *a, **kw))
+    monkeypatch.setattr(kv, "float_candidates",
+                        lambda k, *a, **kw: candidates.append(k.shape[2]) or real_candidates(k, *a, **kw))
     monkeypatch.setattr(packed_kv_write, "write_packed_kv", lambda *a, **kw: writes.append(1) or real_write(*a, **kw))
     monkeypatch.setattr(packed_kv_write, "write_packed_kv_unsupported",
                         lambda *a, **kw: refused.append(real_why(*a, **kw)) or refused[-1])
     got = compiled.generate(PROMPTS, 8, stop_tokens=()).tokens
     assert got == ref, (got, ref)
     assert updates and all(n > 1 for n in updates), updates  # the prefill's chunks only
+    assert candidates and all(n > 1 for n in candidates), candidates
     assert len(writes) == 2 * 7, writes  # two layers, seven decode steps after the prefill's token
     assert refused == [None] * len(writes), refused  # the kernel path each time (asked once, by the step)
 

@@ -416,8 +416,8 @@ class TritonBackendOptions(BackendOptions):
     Inductor's rotary kernels and the row writes (``tools/profile_decode.py --no-rotary-cache``, the A/B). A layer
     without rotary (GPT-2, Bloom, a NoPE layer) writes its keys and values in one launch (``lowbit::write_kv``)
     where two row writes ran. A packed (int8/int4/int2) cache's decode-step write, with the layer's rotary, is one
-    ``write_packed_kv`` launch (``_fuse_packed_cache_writes``) where ``cache_update``'s ~74 aten ops and two
-    rotaries' ~10 ran per layer; ``False`` keeps those ops too."""
+    ``write_packed_kv`` launch (``_fuse_packed_cache_writes``) where ``cache_update``'s ~74 aten ops, the float
+    candidates' ~25 and two rotaries' ~10 ran per layer; ``False`` keeps those ops too."""
 
     @model_validator(mode="after")
     def _read_options(self) -> TritonBackendOptions:

@@ -997,9 +997,10 @@ def _fuse_packed_cache_writes(gm: torch.fx.GraphModule, types: dict[str, TensorT
     in one ``write_packed_kv`` launch (``cache_attention_decode``'s ``fused_write``), and takes its layer's
     ``rotary(q)`` and ``rotary(k)`` (whole heads, or a partial rotary's slices and cat: ``_rotated_heads``) into it:
     the rotaries' nodes are erased and their heads, ``cos`` and ``sin`` become the node's operands. Why: a decode
-    step's packed write was ``cache_update``'s ~74 aten ops per layer and the two rotaries ~10 more, each a launch
-    (``tests/test_packed_kv_write.py`` counts them). A rotary ``plan_rotary_cache`` refuses stays as captured, reported;
-    at run time operands the kernel cannot read take the reference (``write_packed_kv_unsupported``)."""
+    step's packed write was ``cache_update``'s ~74 aten ops per layer, its float candidates ~25 and the two rotaries
+    ~10 more, each a launch (``tests/test_packed_kv_write.py`` checks the fused form). A rotary
+    ``plan_rotary_cache`` refuses stays as captured, reported; at run time operands the kernel cannot read take the
+    reference (``write_packed_kv_unsupported``)."""
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not _CACHE_ATTENTION:
             continue

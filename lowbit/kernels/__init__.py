@@ -34,7 +34,8 @@ so ``torch.compile`` traces through it (no graph break) and CUDA graphs capture 
   layer's key and value writes in one launch (``decode_step.py``).
 - ``write_packed_kv``: a decode step's write into the packed int8/int4/int2 KV cache (value row quantized per
   token, the key block re-quantized per channel from the float ring, the ring and sink slots), with the layer's
-  rotary of q and k, in one launch where ``cache_update`` ran ~74 aten ops; a plain function that
+  rotary of q and k and the attention's float candidates, in one launch where ``cache_update`` ran ~74 aten ops and
+  ``float_candidates`` ~25; a plain function that
   ``decode_attention.cache_attention_decode`` calls (``packed_kv_write.py``).
 
 Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).

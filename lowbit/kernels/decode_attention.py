@@ -1277,10 +1277,9 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     ``fused_write`` (the triton backend's ``rotary_cache``): a decode step's write is ``write_packed_kv``'s one
     launch (``cache_update``'s ops where it names a reason, or with ``fused_write`` off). ``cos`` / ``sin``
     (``rotary_dim``): ``q`` and ``k`` are the step's heads before their rotary, which the write kernel applies (the
-    reference: the IR's ``rotary``) - the triton backend folds a layer's two ``rotary`` nodes in here. The float
-    candidates are then read from the ring after the write: the slots it wrote hold tokens this step's query does
-    not read from them (the ring slot's old token is ``window`` back, the sink slot's is the new token, read as a
-    candidate of its own), so the attention is the same bit for bit."""
+    reference: the IR's ``rotary``) - the triton backend folds a layer's two ``rotary`` nodes in here. The same
+    launch copies the attention's float candidates (``float_candidates``' ring and sink before the write, the new
+    token, the mask; ``candidates``), so the attention reads what it read before, bit for bit."""
     from lowbit.ir.kvcache import cache_attention, cache_update, candidate_positions, float_candidates
     from lowbit.kernels.packed_kv_write import rotary_heads_ref, write_packed_kv, write_packed_kv_unsupported
 
@@ -1290,15 +1289,19 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
                   or (bias is not None and alibi_slopes is None) or layout_why is not None)
     written = decode and fused_write and write_packed_kv_unsupported(
         q, k, v, cos, sin, positions, list(cache), rotary_dim=rotary_dim, **kw) is None
-    if written:  # one launch: the rotary of q and k (where given) and the packed cache's write, in place
-        q, k = write_packed_kv(q, k, v, cos, sin, positions, *cache, rotary_dim=rotary_dim, checked=True, **kw)
+    if written:  # one launch: the rotary of q and k (where given), the float candidates and the write, in place
+        q, k, kf, vf, fvalid = write_packed_kv(q, k, v, cos, sin, positions, *cache, rotary_dim=rotary_dim,
+                                               checked=True, candidates=True, **kw)
+        new = list(cache)
     elif cos is not None:
         q, k = rotary_heads_ref(q, cos, sin, rotary_dim), rotary_heads_ref(k, cos, sin, rotary_dim)
     if not decode:
         return cache_attention(q, k, v, positions, *cache, scale=scale, sliding=sliding, bias=bias, **kw)
-    # the float candidates: the ring/sink as they were before this step's write, or after the fused one (above)
-    kf, vf, fmask = float_candidates(k.float(), v.float(), positions, cache[6], cache[7], window=window, sink=sink)
-    new = list(cache) if written else cache_update(k, v, positions, list(cache), inplace=True, **kw)
+    if not written:  # the float candidates read the ring/sink as they were BEFORE this step's write (in place)
+        kf, vf, fmask = float_candidates(k.float(), v.float(), positions, cache[6], cache[7], window=window,
+                                         sink=sink)
+        fvalid = fmask[:, 0]
+        new = cache_update(k, v, positions, list(cache), inplace=True, **kw)
     pos = positions[:, 0].to(torch.int32)
     lo = torch.full_like(pos, sink)
     hi = torch.clamp(pos - window + 1, min=sink)
@@ -1307,5 +1310,5 @@ def cache_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         alibi = {"alibi_slopes": alibi_slopes.to(q.device), "bias_dtype": bias_dtype,
                  "float_positions": candidate_positions(positions.to(torch.long), window=window, sink=sink)[0]}
     out = decode_attention(q[:, :, 0], *new[:6], bits=bits, lo=lo, hi=hi, k_float=kf, v_float=vf,
-                           float_valid=fmask[:, 0], sm_scale=scale, split=split, **alibi)
+                           float_valid=fvalid, sm_scale=scale, split=split, **alibi)
     return (out[:, :, None].to(q.dtype), *new)

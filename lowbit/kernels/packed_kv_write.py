@@ -1,11 +1,13 @@
 """The write of a decode step's keys and values into a packed int8/int4/int2 KV cache (``lowbit.ir.kvcache``'s
-layout) in one launch: ``write_packed_kv``, with the step's rotary of q and k when the layer has one.
+layout) in one launch: ``write_packed_kv``, with the step's rotary of q and k when the layer has one and the float
+candidates its attention reads (``candidates``).
 
 Why: ``cache_update`` (the reference) writes one token as ~74 aten ops per layer (quantize the value row, gather
-the key block from the float ring, re-quantize it, pack, seven scatters), each a kernel launch on the GPU, and a
-rotated layer's two IR ``rotary`` ops ~10 more, where a decode step is launch-bound: on the H200 (7B-shaped 4-layer
-stack, batch 1, ``bench/results/generate.json`` of 2026-12-01) w4a16-g128 decoded at 0.78 ms/step with the float
-cache and 1.98 with the kv4 packed cache, in one run (how much of that these ops were is not yet profiled).
+the key block from the float ring, re-quantize it, pack, seven scatters), each a kernel launch on the GPU,
+``float_candidates`` ~25 and a rotated layer's two IR ``rotary`` ops ~10 more, where a decode step is
+launch-bound: on the H200 (7B-shaped 4-layer stack, batch 1, ``bench/results/generate.json`` of 2026-12-01)
+w4a16-g128 decoded at 0.78 ms/step with the float cache and 1.98 with the kv4 packed cache, in one run (how much of
+that these ops were is not yet profiled).
 
 One program per (sequence, head) of ``Hq + Hkv``: a query head ``h < Hq`` (rotated layers only) turns its row into
 the rotated-q output; a kv head does what ``cache_update(..., inplace=True)`` does for one token at position ``p``:
@@ -182,19 +184,54 @@ def _rotated_row(src, c_ptr, s_ptr, ds, HALF: tl.constexpr, IS_BF16: tl.constexp
 
 
 @triton.jit
+def _float_candidates(kf, vf, sfs, sgs, fk, fv, fm, key, value, pos, WITH_MASK, ds, D: tl.constexpr,
+                      SINK: tl.constexpr, RING: tl.constexpr, CAND_ROWS: tl.constexpr, MASK_BLOCK: tl.constexpr):
+    """One (sequence, kv head)'s float candidates (``_write_packed_kv``'s ``CANDIDATES``): the old sink and ring
+    rows, then the new token's; with ``WITH_MASK`` the mask of ``kvcache.float_candidates`` at query position
+    ``pos``: a sink slot s holds position s (read when ``s < pos``), ring slot r the position
+    ``(pos - 1) - ((pos - 1 - r) mod RING)`` (read when it is at least ``SINK`` and after ``pos - RING``), the new
+    token ``pos`` (read)."""
+    for r0 in range(0, SINK + RING, CAND_ROWS):
+        rows = r0 + tl.arange(0, CAND_ROWS)
+        ok = (rows < SINK + RING)[:, None]
+        tl.store(fk + rows[:, None] * D + ds[None, :],
+                 tl.load(kf + rows[:, None] * sfs + ds[None, :], mask=ok, other=0.0).to(tl.float32), mask=ok)
+        tl.store(fv + rows[:, None] * D + ds[None, :],
+                 tl.load(vf + rows[:, None] * sgs + ds[None, :], mask=ok, other=0.0).to(tl.float32), mask=ok)
+    tl.store(fk + (SINK + RING) * D + ds, key)
+    tl.store(fv + (SINK + RING) * D + ds, value)
+    if WITH_MASK:
+        r = tl.arange(0, MASK_BLOCK)
+        back = (pos - 1 - (r - SINK)) % RING
+        back = tl.where(back < 0, back + RING, back)  # (a C remainder of a negative number: Python's mod)
+        ring_pos = (pos - 1) - back
+        cand = tl.where(r < SINK, r, tl.where(r < SINK + RING, ring_pos, pos))
+        held = tl.where(r < SINK, r < pos, tl.where(r < SINK + RING, (ring_pos >= SINK) & (ring_pos >= 0), True))
+        read = held & (cand <= pos) & ((cand < SINK) | (cand > pos - RING))
+        tl.store(fm + r, read.to(tl.int8), mask=r < SINK + RING + 1)
+
+
+@triton.jit
 def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-                     kf_ptr, vf_ptr, qo_ptr, ko_ptr, HQ, S,
+                     kf_ptr, vf_ptr, qo_ptr, ko_ptr, fk_ptr, fv_ptr, fm_ptr, HQ, S,
                      sqb, sqh, skb, skh, svb, svh, scb, ssb, spb,
                      skcb, skch, skcs, sksb, sksh, skss, svcb, svch, svcs, svsb, svsh, svss,
-                     sfb, sfh, sfs, sgb, sgh, sgs, sqob, sqoh, skob, skoh,
+                     sfb, sfh, sfs, sgb, sgh, sgs, sqob, sqoh, skob, skoh, scandb, scandh, sfmb,
                      BITS: tl.constexpr, KB: tl.constexpr, VG: tl.constexpr, RING: tl.constexpr,
                      SINK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
                      IS_BF16: tl.constexpr, IS_FP16: tl.constexpr, KS_BF16: tl.constexpr, KS_FP16: tl.constexpr,
                      VS_BF16: tl.constexpr, VS_FP16: tl.constexpr, KF_BF16: tl.constexpr, KF_FP16: tl.constexpr,
-                     VF_BF16: tl.constexpr, VF_FP16: tl.constexpr):
+                     VF_BF16: tl.constexpr, VF_FP16: tl.constexpr, CANDIDATES: tl.constexpr = False,
+                     CAND_ROWS: tl.constexpr = 16, MASK_BLOCK: tl.constexpr = 2):
     """Program ``(b, h)``: query head ``h < HQ`` rotated into ``qo``; else kv head ``h - HQ``'s token written
     (the module docstring). The zero-point and scale tensors of keys and values share their codes' head and batch
-    strides' roles (``sks*``, ``svs*``); ``sf*`` / ``sg*`` are the float ring's of keys and values."""
+    strides' roles (``sks*``, ``svs*``); ``sf*`` / ``sg*`` are the float ring's of keys and values.
+
+    ``CANDIDATES`` (``write_packed_kv``'s ``candidates``): before the ring is written, also the attention's float
+    candidates as ``kvcache.float_candidates`` makes them: the ring and sink as they were (``SINK + RING`` rows, fp32,
+    ``CAND_ROWS`` at a time) then the new key and value, into ``fk`` / ``fv`` ``[B, Hkv, SINK + RING + 1, D]`` (one
+    row stride ``D``: contiguous), and (kv head 0's program) which of them the query reads into ``fm`` (int8
+    ``[B, SINK + RING + 1]``, ``MASK_BLOCK`` lanes)."""
     b = tl.program_id(0).to(tl.int64)  # (batch x a kv8 32K cache's bytes pass 2**31)
     h = tl.program_id(1)
     ds = tl.arange(0, D)
@@ -227,6 +264,10 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
         v_scale, v_zp = _qparams(tl.min(groups, axis=1), tl.max(groups, axis=1), QMIN, QMAX)
         v_codes = tl.reshape(_codes(groups, v_scale[:, None], v_zp[:, None], QMIN, QMAX), (1, D))
         v_bytes = _pack(v_codes, 1, D, BITS)
+        if CANDIDATES:
+            _float_candidates(kf_ptr + b * sfb + j * sfh, vf_ptr + b * sgb + j * sgh, sfs, sgs,
+                              fk_ptr + b * scandb + j * scandh, fv_ptr + b * scandb + j * scandh, fm_ptr + b * sfmb,
+                              key, value, pos, j == 0, ds, D, SINK, RING, CAND_ROWS, MASK_BLOCK)
         tl.debug_barrier()  # every ring row of the block read before the new key's slot is written
         bs = tl.arange(0, DB)
         tl.store(kc_ptr + b * skcb + j * skch + ts[:, None] * skcs + bs[None, :], k_bytes.to(tl.uint8), mask=inside)
@@ -254,7 +295,7 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
 def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
                     sin: torch.Tensor | None, positions: torch.Tensor, *cache: torch.Tensor, bits: int, k_block: int,
                     v_group: int, window: int, sink: int, rotary_dim: int | None = None,
-                    checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    checked: bool = False, candidates: bool = False) -> tuple[torch.Tensor, ...]:
     """A decode step's ``q [B, Hq, 1, D]``, ``k`` / ``v [B, Hkv, 1, D]`` at ``positions [B, 1]``: the IR's rotary
     of q and k with ``cos`` / ``sin`` (broadcast to ``[B, 1, 1, rotary_dim or D]``; None: the layer has none), the
     (rotated) keys and the values written into the packed cache's eight tensors in place, as
@@ -264,11 +305,21 @@ def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     A plain function, not a custom op: ``cache_attention_decode`` calls it (the triton backend runs that outside
     ``torch.compile``), and a CUDA graph replays its launch: it reads the positions on the device. ``checked``: the
     caller has just asked ``write_packed_kv_unsupported`` itself (the decode step does, to choose this path), so its
-    checks are not run twice per layer and step."""
+    checks are not run twice per layer and step. ``candidates``: also return the attention's float candidates
+    ``kvcache.float_candidates(k.float(), v.float(), positions, k_float, v_float)`` makes from the ring before the
+    write (keys and values fp32 ``[B, Hkv, sink + window + 1, D]``, and the mask as int8 ``[B, sink + window + 1]``),
+    written by the same launch (the reference: those ops)."""
     layout = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink, rotary_dim=rotary_dim)
     parts = list(cache)
     if not checked and write_packed_kv_unsupported(q, k, v, cos, sin, positions, parts, **layout) is not None:
-        return write_packed_kv_ref(q, k, v, cos, sin, positions, parts, **layout)
+        if not candidates:
+            return write_packed_kv_ref(q, k, v, cos, sin, positions, parts, **layout)
+        from lowbit.ir.kvcache import float_candidates
+
+        old = parts[6].clone(), parts[7].clone()
+        q, k = write_packed_kv_ref(q, k, v, cos, sin, positions, parts, **layout)
+        kk, vv, mask = float_candidates(k.float(), v.float(), positions, *old, window=window, sink=sink)
+        return q, k, kk, vv, mask[:, 0].to(torch.int8)
     b, hkv, _, d = k.shape
     kc, ks, kz, vc, vs, vz, kf, vf = parts
     rotary = cos is not None
@@ -279,21 +330,30 @@ def write_packed_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     else:  # cos, sin and the outputs are never read (HALF 0, no query heads): k stands in for their pointers
         c = s = q_out = k_out = k
     hq = q.shape[1] if rotary else 0
+    n_float = sink + window + 1
+    if candidates:
+        fk = torch.empty((b, hkv, n_float, d), dtype=torch.float32, device=k.device)
+        fv, fm = torch.empty_like(fk), torch.empty((b, n_float), dtype=torch.int8, device=k.device)
+    else:  # never written (CANDIDATES off)
+        fk = fv = fm = k
 
     def flags(t: torch.Tensor) -> tuple[bool, bool]:
         return t.dtype == torch.bfloat16, t.dtype == torch.float16
 
     launcher(k, _write_packed_kv)[(b, hq + hkv)](
-        q, k, v, c, s, positions, kc, ks, kz, vc, vs, vz, kf, vf, q_out, k_out, hq, kc.shape[2],
+        q, k, v, c, s, positions, kc, ks, kz, vc, vs, vz, kf, vf, q_out, k_out, fk, fv, fm, hq, kc.shape[2],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), c.stride(0) if rotary else 0,
         s.stride(0) if rotary else 0, positions.stride(0),
         kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         kf.stride(0), kf.stride(1), kf.stride(2), vf.stride(0), vf.stride(1), vf.stride(2),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), fk.stride(0) if candidates else 0,
+        fk.stride(1) if candidates else 0, fm.stride(0) if candidates else 0,
         BITS=bits, KB=k_block, VG=v_group, RING=window, SINK=sink, D=d, HALF=width // 2 if rotary else 0,
         IS_BF16=k.dtype == torch.bfloat16,
         IS_FP16=k.dtype == torch.float16, KS_BF16=flags(ks)[0], KS_FP16=flags(ks)[1], VS_BF16=flags(vs)[0],
         VS_FP16=flags(vs)[1], KF_BF16=flags(kf)[0], KF_FP16=flags(kf)[1], VF_BF16=flags(vf)[0],
-        VF_FP16=flags(vf)[1], num_warps=4, enable_fp_fusion=False)
-    return (q_out, k_out) if rotary else (q, k)
+        VF_FP16=flags(vf)[1], CANDIDATES=candidates, MASK_BLOCK=triton.next_power_of_2(n_float), num_warps=4,
+        enable_fp_fusion=False)
+    heads = (q_out, k_out) if rotary else (q, k)
+    return (*heads, fk, fv, fm) if candidates else heads
