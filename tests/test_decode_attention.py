@@ -259,28 +259,30 @@ def test_triton_kernel_v3_v4_match_reference(which):
     _run_cases([("V3_CASES", _check_real_layout), ("V3_KERNEL_CASES", _check_kernel)], which)
 
 
-# v4's warp_blocks (each warp's token lanes on key blocks of their own: the default on several warps) and raw_scores
-# (the zero-point dot and the scores' 2**49 once per key block), session 48. Head dim 128: int2 without GQA on 2 warps
-# over a 160-token cache (5 key blocks: a chunk's last step of 2 blocks has one past the cache, whose key scales only
-# masked threads would read), chunks of 3 blocks (a step half outside its chunk), every step masked, the previous
-# layout (warp_blocks=False); raw scores at 2/4/8 bits, MHA and GQA, on 1, 2 and 4 warps. Each query reads a different
-# quantized range (sink 1 / 5, the window's start) and a float buffer with invalid slots (_check_real_layout).
-WARP_BLOCK_CASES = [(2, 4, 4, 16, {"num_warps": 2, "split": 96, "tokens": 160}),
-                    (2, 4, 4, 16, {"num_warps": 2, "tokens": 160}),
-                    (2, 4, 4, 16, {"num_warps": 2, "interior": False}),
+# v4's warp_blocks (each warp's token lanes on key blocks of their own; off by default until a GPU times it) and
+# raw_scores (the zero-point dot and the scores' 2**49 once per key block), session 48. Head dim 128: int2 without GQA
+# on 2 warps over a 160-token cache (5 key blocks: a chunk's last step of 2 blocks has one past the cache, whose key
+# scales only masked threads would read), chunks of 3 blocks (a step half outside its chunk), every step masked, the
+# previous layout (warp_blocks=False); raw scores at 2/4/8 bits, MHA and GQA, on 1, 2 and 4 warps. Each query reads a
+# different quantized range (sink 1 / 5, the window's start) and a float buffer with invalid slots (_check_real_layout).
+WARP_BLOCK_CASES = [(2, 4, 4, 16, {"num_warps": 2, "warp_blocks": True, "split": 96, "tokens": 160}),
+                    (2, 4, 4, 16, {"num_warps": 2, "warp_blocks": True, "tokens": 160}),
+                    (2, 4, 4, 16, {"num_warps": 2, "warp_blocks": True, "interior": False}),
                     (2, 4, 4, 16, {"num_warps": 2, "warp_blocks": False, "split": 96}),
-                    (2, 4, 4, 16, {"num_warps": 2, "raw_scores": True, "split": 96, "tokens": 160}),
+                    (2, 4, 4, 16, {"num_warps": 2, "warp_blocks": True, "raw_scores": True, "split": 96,
+                                   "tokens": 160}),
                     (2, 4, 4, 16, {"raw_scores": True}),
                     (4, 4, 4, 32, {"raw_scores": True}),
                     (8, 4, 1, 32, {"split": 64, "raw_scores": True}),
                     (2, 8, 2, 16, {"heads": 2, "num_warps": 2, "raw_scores": True, "split": 96}),
                     # half-block steps (2 per key block a warp), and 4 warps on 4 blocks a step
-                    (2, 4, 4, 16, {"num_warps": 2, "block_n": 16, "split": 96, "tokens": 160}),
-                    (4, 4, 4, 32, {"num_warps": 4, "split": 128, "raw_scores": True, "tokens": 160})]
+                    (2, 4, 4, 16, {"num_warps": 2, "warp_blocks": True, "block_n": 16, "split": 96, "tokens": 160}),
+                    (4, 4, 4, 32, {"num_warps": 4, "warp_blocks": True, "split": 128, "raw_scores": True,
+                                   "tokens": 160})]
 # and at head dim 16 / key blocks of 16 (_check_kernel: float16 and bfloat16 scales, with and without a float buffer)
-WARP_BLOCK_KERNEL_CASES = [(2, 64, 2, 2, 16, {"num_warps": 2, "raw_scores": True}),
-                           (4, 48, 4, 1, 16, {"num_warps": 2, "raw_scores": True}),
-                           (2, 32, 4, 2, 32, {"num_warps": 2, "scale_dtype": torch.bfloat16})]
+WARP_BLOCK_KERNEL_CASES = [(2, 64, 2, 2, 16, {"num_warps": 2, "warp_blocks": True, "raw_scores": True}),
+                           (4, 48, 4, 1, 16, {"num_warps": 2, "warp_blocks": True, "raw_scores": True}),
+                           (2, 32, 4, 2, 32, {"num_warps": 2, "warp_blocks": True, "scale_dtype": torch.bfloat16})]
 CORE.update({"WARP_BLOCK_CASES": (0, 4), "WARP_BLOCK_KERNEL_CASES": (0,)})
 
 

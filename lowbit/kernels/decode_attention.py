@@ -70,7 +70,7 @@ removed in session 14):
   Session 48 (int2's 4x goal): int2 runs on 2 warps from 4 key blocks a chunk (``V4_INT2_MHA_WARPS``), whose
   interior loop was 3.75 per code: the warps split each key block, so the per-block work (key scales into the
   query, the zero-point dot: ~100 instructions a thread) covered 4 rows a thread instead of 8. ``warp_blocks``
-  (the default, ``V4_WARP_BLOCKS``) gives each warp key blocks of its own: 3.24; ``raw_scores`` (an option,
+  (an option, ``V4_WARP_BLOCKS``) gives each warp key blocks of its own: 3.24; ``raw_scores`` (an option,
   ``V4_RAW_SCORES``) moves the zero-point dot and the scores' 2**49 to once per block: 3.15 (int4 3.25). Below
   that the loop is at its floor for exact float32 arithmetic: a code is one LOP3 (its field as a float) and one
   FFMA, 2 of int2's 3.15, and the rest (~0.9 a code: row sums across 8 lanes, the online softmax, value scales,
@@ -948,13 +948,14 @@ instructions per code): MHA int4 3.31 -> 3.25 (128 -> 101 registers), int2 3.23 
 ``warp_blocks`` 3.24 -> 3.15; off until a GPU run (``tools/bench_attention.py --sweep s48``) times it: the int4 and
 int8 launches compile as before."""
 
-V4_WARP_BLOCKS = True
+V4_WARP_BLOCKS = False
 """v4's ``warp_blocks`` when the launch names none; it changes only launches on several warps (int2 without GQA
 once a chunk holds ``V4_INT2_MHA_MIN_BLOCKS`` key blocks: ``V4_INT2_MHA_WARPS``). On 2 warps each warp's 4 token
 lanes took 4 rows of every 32-token block, so the per-block work (key scales times the query, the zero-point dot)
 was done by twice the threads, each for half the rows: offline sm_90 (Triton 3.6), int2 interior loop 3.75 SASS
-instructions per code -> 3.24 with each warp on a block of its own (1 warp: 3.23). The GPU has not timed it yet
-(``tools/bench_attention.py --sweep s48`` compares it with ``warp_blocks=False``)."""
+instructions per code -> 3.24 with each warp on a block of its own (1 warp: 3.23). Off until a GPU times it
+(``tools/bench_attention.py --sweep s48`` compares it with ``warp_blocks=False``): on the H200, 2 warps beat 1
+warp's fewer instructions (session 24), so the count alone does not decide the launch."""
 
 PROGRAMS_PER_SM = 16
 """``_default_split``'s target: the grid has at least this many programs per SM (of 132 on an H200) when the
