@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels._common import is_pow2, launcher, on_kernel_device, round_half_even, round_to_bf16
-from lowbit.kernels.decode_step import ROTARY_DTYPES, _rotated, _rows
+from lowbit.kernels._common import is_pow2, launcher, on_kernel_device, round_half_even
+from lowbit.kernels.decode_step import ROTARY_DTYPES, _rotated, _round_to, _rows
 
 __all__ = ["PACKED_SCALE_DTYPES", "rotary_heads_ref", "write_packed_kv", "write_packed_kv_ref",
            "write_packed_kv_unsupported"]
@@ -158,17 +158,6 @@ def _codes(x, scale, zp, QMIN: tl.constexpr, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _stored(y, IS_BF16: tl.constexpr, IS_FP16: tl.constexpr):
-    """fp32 ``y`` on the grid of the tensor it is stored into (the interpreter's bf16 cast truncates)."""
-    if IS_BF16:
-        return round_to_bf16(y)
-    elif IS_FP16:
-        return y.to(tl.float16).to(tl.float32)
-    else:
-        return y
-
-
-@triton.jit
 def _rotated_row(src, c_ptr, s_ptr, ds, HALF: tl.constexpr, IS_BF16: tl.constexpr, IS_FP16: tl.constexpr):
     """Row ``src[0:D]`` (fp32, on the activation grid) with the rotate-half of its first ``2 HALF`` channels
     (``HALF`` 0: none), each product and sum rounded as the IR's ``rotary`` rounds them."""
@@ -273,16 +262,16 @@ def _write_packed_kv(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, p_ptr, kc_ptr, ks_ptr, k
         tl.store(kc_ptr + b * skcb + j * skch + ts[:, None] * skcs + bs[None, :], k_bytes.to(tl.uint8), mask=inside)
         blk = pos // KB
         tl.store(ks_ptr + b * sksb + j * sksh + blk * skss + ds,
-                 _stored(k_scale, KS_BF16, KS_FP16).to(ks_ptr.dtype.element_ty), mask=inside)
+                 _round_to(k_scale, KS_BF16, KS_FP16).to(ks_ptr.dtype.element_ty), mask=inside)
         tl.store(kz_ptr + b * sksb + j * sksh + blk * skss + ds, (k_zp - QMIN).to(tl.uint8), mask=inside)
         tl.store(vc_ptr + b * svcb + j * svch + pos * svcs + bs[None, :], v_bytes.to(tl.uint8), mask=inside)
         gs = tl.arange(0, D // VG)
         tl.store(vs_ptr + b * svsb + j * svsh + pos * svss + gs,
-                 _stored(v_scale, VS_BF16, VS_FP16).to(vs_ptr.dtype.element_ty), mask=inside)
+                 _round_to(v_scale, VS_BF16, VS_FP16).to(vs_ptr.dtype.element_ty), mask=inside)
         tl.store(vz_ptr + b * svsb + j * svsh + pos * svss + gs, (v_zp - QMIN).to(tl.uint8), mask=inside)
         # the float ring (and the sink slot of a position below the sink)
-        k_row = _stored(key, KF_BF16, KF_FP16).to(kf_ptr.dtype.element_ty)
-        v_row = _stored(value, VF_BF16, VF_FP16).to(vf_ptr.dtype.element_ty)
+        k_row = _round_to(key, KF_BF16, KF_FP16).to(kf_ptr.dtype.element_ty)
+        v_row = _round_to(value, VF_BF16, VF_FP16).to(vf_ptr.dtype.element_ty)
         slot = SINK + pos % RING
         tl.store(ring_k + slot * sfs + ds, k_row)
         tl.store(vf_ptr + b * sgb + j * sgh + slot * sgs + ds, v_row)
