@@ -88,6 +88,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("fp8-block", f"{_SQ},quantize(w=fp8e4m3,group=64,a=fp8e4m3,a_group=64)",
            "SmoothQuant + fp8 e4m3 with one scale per 64 inputs for weights and per 64 channels of each token for "
            "activations (block-scaled FP8); SmolLM2 1.018x", ("smooth-quant", "quantize")),
+    Recipe("fp8-block128", "quantize(w=fp8e4m3,block=128,a=fp8e4m3,a_group=128)",
+           "compressed-tensors' FP8_BLOCK layout (DeepSeek-V3's; what vLLM/SGLang serve): fp8 e4m3 weights with one "
+           "scale per 128 x 128 tile (RTN, edge tiles partial), fp8 e4m3 activations with one scale per 128 channels "
+           "of each token (dynamic); no calibration", ("quantize",)),
     Recipe("w4a16-g64", "quantize(w=int4,group=64,sym=false)",
            "int4 weights, asymmetric, one scale/zero point per 64 inputs (RTN); activations float; SmolLM2 1.327x",
            ("quantize",)),

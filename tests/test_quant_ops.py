@@ -214,6 +214,33 @@ def test_per_block_handles_a_ragged_last_block():
     assert q.shape == x.shape
 
 
+def test_weight_tiles_are_one_scale_per_128x128_block_with_partial_edge_tiles():
+    """``axis=[0, 1], block_size=[128, 128]`` (fp8-block128): a [200, 320] weight has 2 x 3 tiles, the last row of
+    tiles 72 rows and the last column 64 wide. Each tile's scale is its own amax / 448 and every element is
+    quantized and dequantized with its tile's scale (checked against a per-tile loop); a scale of another shape is
+    refused naming the shape it must have, so the verifier (which runs the ops on meta tensors) refuses it too."""
+    from lowbit.ir.qscheme import QScheme
+    from lowbit.passes.insert_qdq import quantize_weight
+
+    w = torch.randn(200, 320) * torch.logspace(-2, 1, 320)
+    q, s, zp, layout = quantize_weight(w, QScheme(qdtype="fp8e4m3", granularity="per_block", group_size=128))
+    assert zp is None and layout.kwargs() == {"axis": [0, 1], "block_size": [128, 128]} and s.shape == (2, 3)
+    y = dequantize(q, s, None, qdtype="fp8e4m3", axis=[0, 1], block_size=[128, 128])
+    for i, rows in enumerate((slice(0, 128), slice(128, 200))):
+        for j, cols in enumerate((slice(0, 128), slice(128, 256), slice(256, 320))):
+            tile = w[rows, cols]
+            assert s[i, j] == tile.abs().max() / 448
+            assert torch.equal(q[rows, cols], (tile / s[i, j]).to(torch.float8_e4m3fn))
+            assert torch.equal(y[rows, cols], q[rows, cols].float() * s[i, j])
+    meta = dequantize(q.to("meta"), s.to("meta"), None, qdtype="fp8e4m3", axis=[0, 1], block_size=[128, 128])
+    assert meta.shape == (200, 320)
+    with pytest.raises(ValueError, match=r"tiled scale for x \(200, 320\), axis \[0, 1\], block_size \[128, "
+                                         r"128\] must have shape \(2, 3\), got \(2, 2\)"):
+        dequantize(q, s[:, :2], None, qdtype="fp8e4m3", axis=[0, 1], block_size=[128, 128])
+    with pytest.raises(ValueError, match=r"block_size \[128, 128\] needs axis to list one axis per block"):
+        quantize(w, s, None, qdtype="fp8e4m3", axis=1, block_size=[128, 128])
+
+
 def test_ops_run_on_meta_tensors_for_the_verifier():
     x = torch.empty(1, 5, 64, device="meta")
     s, z = dynamic_qparams(x, qdtype="int4", granularity="per_token", symmetric=False, block_size=32)

@@ -93,6 +93,20 @@ def _key(node: Node, rule: MergeRule) -> tuple[Any, ...] | None:
     return (shared, kw, present, trailing, out.dtype, tuple(out.shape[:-1]), len(node.args))
 
 
+def _splits_a_tile(members: list[Node]) -> str | None:
+    """Why 2-D weight-scale tiles (``w_block_size=[rows, cols]``, fp8-block128) cannot be stacked along N: a
+    member before the last whose N is not a multiple of the tile's rows ends in a partial tile row, and the next
+    member's rows would fall under its scales (SmolLM2's k_proj, N = 192 = 1.5 x 128)."""
+    block = members[0].kwargs.get("w_block_size")
+    if not isinstance(block, (list, tuple)):
+        return None
+    widths = [int(m.output.tensor_type.shape[-1]) for m in members]
+    if all(n % int(block[0]) == 0 for n in widths[:-1]):
+        return None
+    return (f"weight scale tiles of {block[0]} rows: members' N {widths} are not multiples of {block[0]} before the "
+            "last, so the stacked scales would not be the merged weight's tiles")
+
+
 def _common_prefix(names: list[str]) -> tuple[list[str], list[str], list[str]]:
     """Dotted names split into (common prefix parts, the differing middles, common suffix parts)."""
     parts = [n.split(".") for n in names]
@@ -165,6 +179,10 @@ def merge_horizontal(graph: Graph, rules: tuple[MergeRule, ...] = MERGE_RULES,
             groups.setdefault(key, []).append(node)
         for members in groups.values():
             if len(members) < 2:
+                continue
+            why = _splits_a_tile(members)
+            if why is not None:
+                stats.declined[members[0].name] = why
                 continue
             _merge_group(graph, rule, members)
             stats.merged[rule.name] = stats.merged.get(rule.name, 0) + 1

@@ -84,7 +84,7 @@ def write_weight_qdq(graph: Graph, node: Node, scheme: QScheme, group: int | Non
         if zero_point is not None else None
     dq = graph.make_node(
         "dequantize", [qv, sv, zv],
-        {"qdtype": scheme.qdtype, "axis": layout.axis, "block_size": layout.block_size, "out_dtype": w.data.dtype},
+        {"qdtype": scheme.qdtype, **layout.kwargs(), "out_dtype": w.data.dtype},
         name=f"{node.name}_wdq", type=w.type, module=node.module)
     dq.meta["qscheme"] = exact.short()
     graph.insert_before(node, dq)

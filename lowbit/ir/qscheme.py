@@ -30,7 +30,7 @@ from lowbit.ir.quant import QDTYPES, get_qdtype
 __all__ = ["QScheme", "KVCacheScheme", "ModuleRule", "QuantConfig", "Granularity", "ObserverName",
            "module_matches", "DEFAULT_KEEP_FLOAT", "kivi_scheme"]
 
-Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token"]
+Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token", "per_block"]
 ObserverName = Literal["minmax", "ema", "percentile", "mse", "histogram"]
 
 DEFAULT_KEEP_FLOAT = ["lm_head", "*embed*", "predictions.decoder", "lm_head.decoder", "vocab_projector", "mlp.gate",
@@ -49,7 +49,8 @@ class QScheme(BaseModel):
     """How one tensor is quantized.
 
     ``granularity`` is read with the tensor's role (see ``lowbit.ir.quant.layout_for``): for weights,
-    ``per_channel`` is one scale per output channel and ``per_group`` one per ``group_size`` input channels;
+    ``per_channel`` is one scale per output channel, ``per_group`` one per ``group_size`` input channels and
+    ``per_block`` one per ``group_size`` x ``group_size`` tile of ``[out, in]`` (DeepSeek-V3's 128 x 128 fp8 blocks);
     for activations, ``per_token`` is one scale per token (or per ``group_size`` channels of a token) and
     ``per_channel`` one per input channel; for KV keys, ``per_channel`` with ``group_size`` is KIVI's one
     scale per (head, channel) over each block of ``group_size`` tokens.
@@ -88,8 +89,10 @@ class QScheme(BaseModel):
                              f"clamp every negative value to 0: use int{qd.bits} for a symmetric grid, or an "
                              "asymmetric one with a zero point (symmetric=false; pass options sym / a_sym / "
                              "kv_sym=false)")
-        if self.granularity == "per_group" and self.group_size is None:
-            raise ValueError("granularity per_group needs group_size")
+        if self.granularity in ("per_group", "per_block") and self.group_size is None:
+            raise ValueError(f"granularity {self.granularity} needs group_size")
+        if self.granularity == "per_block" and self.observer != "minmax":  # observers read rows of one length
+            raise ValueError(f"granularity per_block takes the minmax observer (RTN), not {self.observer}")
         if self.clip_ratio != 1.0 and not self.dynamic:
             raise ValueError(f"clip_ratio={self.clip_ratio} applies to dynamic scales only (static ones come from "
                              "their observer)")
@@ -100,10 +103,11 @@ class QScheme(BaseModel):
         return get_qdtype(self.qdtype).bits
 
     def short(self) -> str:
-        """Compact text for reports: ``int4-asym-g64``, ``int8-sym-pc``, ``int8-sym-tok-dyn``."""
-        gran = {"per_tensor": "pt", "per_channel": "pc", "per_token": "tok", "per_group": "g"}[self.granularity]
+        """Compact text for reports: ``int4-asym-g64``, ``int8-sym-pc``, ``int8-sym-tok-dyn``, ``fp8e4m3-sym-b128``."""
+        gran = {"per_tensor": "pt", "per_channel": "pc", "per_token": "tok", "per_group": "g",
+                "per_block": "b"}[self.granularity]
         if self.group_size is not None:
-            gran = f"{gran}{self.group_size}" if gran != "g" else f"g{self.group_size}"
+            gran = f"{gran}{self.group_size}"
         parts = [self.qdtype, "sym" if self.symmetric else "asym", gran]
         if self.dynamic:
             parts.append("dyn")
@@ -135,9 +139,9 @@ class KVCacheScheme(BaseModel):
     @model_validator(mode="after")
     def _kv_granularity(self) -> KVCacheScheme:
         for name, s in (("key", self.key), ("value", self.value)):
-            if s.granularity == "per_group":
+            if s.granularity in ("per_group", "per_block"):
                 raise ValueError(f"kv {name}: use per_token (with group_size = channels per group) or per_channel "
-                                 "(with group_size = tokens per group), not per_group")
+                                 f"(with group_size = tokens per group), not {s.granularity}")
         return self
 
 
@@ -199,8 +203,8 @@ class QuantConfig(BaseModel):
                 continue
             if s.granularity == "per_token":
                 raise ValueError(f"{where}: granularity per_token applies to activations; weights use per_tensor, "
-                                 "per_channel or per_group")
-            if s.group_size is not None and s.granularity != "per_group":
+                                 "per_channel, per_group or per_block")
+            if s.group_size is not None and s.granularity not in ("per_group", "per_block"):
                 raise ValueError(f"{where}: group_size={s.group_size} is read only with granularity per_group "
                                  f"(granularity {s.granularity} would ignore it)")
             if s.dynamic:
@@ -221,7 +225,7 @@ class QuantConfig(BaseModel):
     @model_validator(mode="after")
     def _input_needs_scheme(self) -> QuantConfig:
         for s, where in [(self.input, "input")] + [(r.input, f"rule {r.pattern!r} input") for r in self.rules]:
-            if isinstance(s, QScheme) and s.granularity == "per_group":
+            if isinstance(s, QScheme) and s.granularity in ("per_group", "per_block"):
                 raise ValueError(f"{where}: activations use per_token (group_size = channels per group), "
                                  "per_channel or per_tensor")
             if isinstance(s, QScheme) and not s.dynamic and s.granularity == "per_token":  # refused only at run time

@@ -9,7 +9,10 @@ The ops registered here are the QDQ contract of ``docs/design.md``:
 They follow ONNX QuantizeLinear/DequantizeLinear: ``q = saturate(round_half_even(x / scale) + zero_point)``
 and ``x' = (q - zero_point) * scale``; fp8 is ``saturate(cast(x / scale))``. Granularity comes from the scale's
 shape with ``axis``/``block_size`` (per-tensor: 0-d scale; per-axis: 1-d scale of the axis' length; block-wise:
-same rank as ``x`` with ``ceil(len / block_size)`` along ``axis``).
+same rank as ``x`` with ``ceil(len / block_size)`` along ``axis``; 2-D blocks, which ONNX's 1-D blocking lacks:
+``axis`` and ``block_size`` lists of equal length, ``ceil(len / block)`` along each listed axis, as
+DeepSeek-V3's and compressed-tensors' ``FP8_BLOCK`` 128x128 weight scales ``axis=[0, 1], block_size=[128, 128]``;
+an edge block past the tensor's end is partial).
 
 Storage rule for 4 bits and fewer: **every** ``int4``/``uint4``/``int3``/``int2`` tensor that ``quantize``
 produces, or that ``dequantize`` reads, is packed two values per ``uint8`` byte along the last axis (low nibble
@@ -52,6 +55,7 @@ __all__ = [
     "scale_shape",
     "from_groups",
     "layout_for",
+    "tiled_minmax",
     "dynamic_layout",
     "fake_quant_with",
     "ceil_div_dim",
@@ -162,8 +166,30 @@ def _norm_axis(axis: int, rank: int, what: str) -> int:
     return axis % rank
 
 
-def _granularity(x_shape: Sequence[int], scale: torch.Tensor, axis: int | None, block_size: int | None,
-                 what: str) -> Literal["tensor", "axis", "block"]:
+def _tiled_axes(x_shape: Sequence[int], scale: torch.Tensor, axis: Any, block_size: Sequence[int],
+                what: str) -> None:
+    """Check a 2-D (n-D) block layout: ``axis`` lists distinct axes, one positive ``block_size`` each, and the scale
+    is ``x``'s shape with ``ceil(len / block)`` along each listed axis (an edge block may be partial)."""
+    if not isinstance(axis, (list, tuple)) or len(axis) != len(block_size) or not block_size:
+        raise ValueError(f"{what}: block_size {list(block_size)} needs axis to list one axis per block length, got "
+                         f"axis={axis!r}")
+    axes = [_norm_axis(int(a), len(x_shape), what) for a in axis]
+    if len(set(axes)) != len(axes) or any(not isinstance(b, int) or b < 1 for b in block_size):
+        raise ValueError(f"{what}: axis={list(axis)}, block_size={list(block_size)}: axes must be distinct and block "
+                         "lengths positive ints")
+    want = list(x_shape)
+    for a, b in zip(axes, block_size):
+        want[a] = -(-x_shape[a] // b)
+    if list(scale.shape) != want:
+        raise ValueError(f"{what}: tiled scale for x {tuple(x_shape)}, axis {list(axis)}, block_size "
+                         f"{list(block_size)} must have shape {tuple(want)}, got {tuple(scale.shape)}")
+
+
+def _granularity(x_shape: Sequence[int], scale: torch.Tensor, axis: Any, block_size: Any,
+                 what: str) -> Literal["tensor", "axis", "block", "tiles"]:
+    if isinstance(block_size, (list, tuple)):
+        _tiled_axes(x_shape, scale, axis, block_size, what)
+        return "tiles"
     if scale.dim() == 0 or (scale.numel() == 1 and block_size is None and scale.dim() <= 1):
         return "tensor"
     if axis is None:
@@ -202,14 +228,21 @@ def _check_qparams(qd: QDType, scale: torch.Tensor, zero_point: torch.Tensor | N
                         f"container, unpacked), got {str(zero_point.dtype).removeprefix('torch.')}")
 
 
-def _blocked_view(x: torch.Tensor, kind: str, axis: int | None, block_size: int | None
-                  ) -> tuple[torch.Tensor, Any, Any]:
+def _blocked_view(x: torch.Tensor, kind: str, axis: Any, block_size: Any) -> tuple[torch.Tensor, Any, Any]:
     """``x`` in a shape its scale broadcasts against, a function undoing that reshape, and one shaping a scale.
 
     Block-wise with the axis a multiple of the block: ``x`` is viewed as ``[..., nb, bs, ...]`` and the scale
-    as ``[..., nb, 1, ...]`` (nothing materialized); a ragged last block repeats each scale over its block.
+    as ``[..., nb, 1, ...]`` (nothing materialized); a ragged last block repeats each scale over its block, and so
+    do 2-D tiles along each of their axes (weights: once, when quantized or lowered).
     """
     rank = x.dim()
+    if kind == "tiles":
+        def tile(t: torch.Tensor) -> torch.Tensor:
+            for a, b in zip(axis, block_size):
+                ax = int(a) % rank
+                t = t.repeat_interleave(int(b), dim=ax).narrow(ax, 0, x.shape[ax])
+            return t
+        return x, lambda y: y, tile
     if kind == "tensor":
         return x, lambda y: y, lambda t: t.reshape(())
     ax = axis % rank  # type: ignore[operator]
@@ -225,16 +258,32 @@ def _blocked_view(x: torch.Tensor, kind: str, axis: int | None, block_size: int 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a tensor's scales live, in QDQ terms: ``axis=None`` is per-tensor."""
+    """Where a tensor's scales live, in QDQ terms: ``axis=None`` is per-tensor; tuples of axes and block lengths are
+    2-D tiles (``is_tiled``)."""
 
-    axis: int | None = None
-    block_size: int | None = None
+    axis: int | tuple[int, ...] | None = None
+    block_size: int | tuple[int, ...] | None = None
+
+    @property
+    def is_tiled(self) -> bool:
+        return isinstance(self.block_size, tuple)
+
+    def kwargs(self) -> dict[str, Any]:
+        """``axis`` / ``block_size`` as a QDQ node's kwargs: tiles as lists, the form the IR text reads back."""
+        if self.is_tiled:
+            return {"axis": list(self.axis), "block_size": list(self.block_size)}  # type: ignore[arg-type]
+        return {"axis": self.axis, "block_size": self.block_size}
 
 
 def scale_shape(x_shape: Sequence[int], layout: Layout) -> list[int]:
     """Shape of the scale that ``layout`` gives a tensor of ``x_shape``."""
     if layout.axis is None:
         return []
+    if layout.is_tiled:
+        out = list(x_shape)
+        for a, b in zip(layout.axis, layout.block_size):  # type: ignore[arg-type]
+            out[a] = -(-x_shape[a] // b)
+        return out
     ax = _norm_axis(layout.axis, len(x_shape), "scale_shape")
     if layout.block_size is None:
         return [x_shape[ax]]
@@ -251,6 +300,9 @@ def group_view(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """
     if layout.axis is None:
         return x.reshape(1, -1)
+    if layout.is_tiled:  # observers see rows of equal length; a tile is not one (tiled_minmax serves them)
+        raise ValueError(f"group_view: 2-D tiles {layout.block_size} along axes {layout.axis} are not rows of one "
+                         "length; use tiled_minmax")
     ax = _norm_axis(layout.axis, x.dim(), "group_view")
     if layout.block_size is None:
         return x.movedim(ax, 0).reshape(x.shape[ax], -1)
@@ -264,6 +316,16 @@ def group_view(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     nd = xm.dim()
     perm = list(range(ax)) + [nd - 2] + list(range(ax, nd - 2)) + [nd - 1]
     return xm.permute(perm).reshape(-1, bs)
+
+
+def tiled_minmax(x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x`` over each 2-D tile of ``layout`` (edge tiles partial), shaped like its scale: the
+    blocked min/max along one axis, then of those along the next."""
+    lo = hi = x.float()
+    for a, b in zip(layout.axis, layout.block_size):  # type: ignore[arg-type]
+        ax = _norm_axis(a, x.dim(), "tiled_minmax")
+        lo, hi = _blocked_minmax(lo, ax, b)[0], _blocked_minmax(hi, ax, b)[1]
+    return lo, hi
 
 
 def from_groups(values: torch.Tensor, x_shape: Sequence[int], layout: Layout) -> torch.Tensor:
@@ -501,7 +563,8 @@ def layout_for(scheme: QScheme, shape: Sequence[int], role: Role = "weight") -> 
     """The QDQ layout a scheme gives a tensor in a role.
 
     weight ``[N, K]``: per_channel = one scale per output row (``axis=0``); per_group(g) = block-wise along
-    K (``axis=1, block_size=g``). activation ``[..., K]``: per_token = one scale per row (block of K, or of
+    K (``axis=1, block_size=g``); per_block(g) = one scale per g x g tile (``axis=(0, 1), block_size=(g, g)``).
+    activation ``[..., K]``: per_token = one scale per row (block of K, or of
     ``group_size`` channels); per_channel = one scale per channel (``axis=-1``). key/value ``[B, H, S, D]``:
     per_token = one scale per (batch, head, token) over D (or D-groups of ``group_size``); per_channel =
     one scale per (batch, head, channel) over blocks of ``group_size`` tokens (KIVI keys; ``axis=2``), or
@@ -515,7 +578,10 @@ def layout_for(scheme: QScheme, shape: Sequence[int], role: Role = "weight") -> 
             return Layout(0, None)
         if g == "per_group":
             return Layout(len(shape) - 1, scheme.group_size)
-        raise ValueError(f"granularity {g!r} does not apply to weights (use per_tensor, per_channel, per_group)")
+        if g == "per_block":  # group_size x group_size tiles over [N, K]
+            return Layout((0, 1), (scheme.group_size, scheme.group_size))  # type: ignore[arg-type]
+        raise ValueError(f"granularity {g!r} does not apply to weights (use per_tensor, per_channel, per_group, "
+                         "per_block)")
     if role == "activation":
         if g in ("per_token", "per_group"):
             return Layout(-1, scheme.group_size or int(shape[-1]))

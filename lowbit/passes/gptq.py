@@ -47,6 +47,9 @@ class WeightCalibrationOptions(CalibrationOptions, ScopedOptions):
     """Weight group size along the input dim; unset: one scale per output channel."""
     group_fallback: int | None = Field(default=None, gt=0)
     """Group size for linears whose input size ``group`` does not divide (SmolLM2's 576 with group=128)."""
+    block: int | None = Field(default=None, gt=0)
+    """Refused: 2-D weight-scale tiles (``quantize(block=128)``, fp8-block128) are RTN only; the rounding here
+    fixes one scale per row and input group, where a tile's scale is shared by 128 rows."""
     sym: bool = False
     """Symmetric weights (no zero point). Asymmetric is the default for integer weights: it tracks SmolLM2's Q4_1
     weights better. fp8 weights are always symmetric (no zero point): left unset, sym means true for them; an
@@ -69,6 +72,9 @@ class WeightCalibrationOptions(CalibrationOptions, ScopedOptions):
     def _valid_scheme(self) -> WeightCalibrationOptions:
         """The weight scheme these options make, checked when the pipeline is parsed (``gptq(w=uint4,sym=true)``,
         ``awq(w=fp8e4m3,sym=false)`` fail before the model is loaded)."""
+        if self.block is not None:
+            raise ValueError(f"option block={self.block}: weight-scale tiles are quantized by RTN only "
+                             f"(quantize(w={self.w},block={self.block})); this pass takes group= or per-channel scales")
         _weight_scheme(self)
         self.refuse_unread({"group_fallback": None if self.group is not None else "group="})
         return self

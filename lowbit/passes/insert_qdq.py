@@ -44,7 +44,8 @@ from lowbit.ir.qscheme import (
     QuantConfig,
     module_matches,
 )
-from lowbit.ir.quant import QDTYPES, Layout, ceil_div_dim, get_qdtype, layout_for, mul_dim, quantize
+from lowbit.ir.quant import (QDTYPES, Layout, ceil_div_dim, get_qdtype, layout_for, mul_dim, qparams_from_range,
+                             quantize, tiled_minmax)
 from lowbit.ir.qdq import WeightPlan, write_weight_qdq
 from lowbit.ir.rewrite import eliminate_dead_code
 from lowbit.ir.rotation_regions import no_attention_reason
@@ -80,6 +81,9 @@ class InsertQDQOptions(CalibrationOptions, ScopedOptions):
     """Weight qdtype: int8, uint8, int4, uint4, int3, int2, fp8e4m3, fp8e5m2; unset keeps weights float."""
     group: int | None = Field(default=None, gt=0)
     """Weight group size along the input dim (block-wise scales); unset: one scale per output channel."""
+    block: int | None = Field(default=None, gt=0)
+    """One weight scale per ``block`` x ``block`` tile of ``[out, in]`` (DeepSeek-V3's and compressed-tensors'
+    FP8_BLOCK: 128), edge tiles partial; RTN (minmax) only; exclusive with ``group``."""
     group_fallback: int | None = Field(default=None, gt=0)
     """Group size for linears whose input dim ``group`` does not divide (SmolLM2's 576 with group=128)."""
     sym: bool = True
@@ -205,6 +209,7 @@ def _check_read_options(o: InsertQDQOptions) -> None:
                                                      (o.v_gran != "per_tensor" and o.v_group is None)),
                      "kv= and keys or values not per_tensor without their own k_group/v_group"),
         **{k: (head or (plain and not _unset(o.w)), "w= (or head=)") for k in ("group", "sym", "w_obs")},
+        "block": (plain and not _unset(o.w), "w="),
         "group_fallback": (not plain or o.group is not None or o.head_group is not None, "group= (or head_group=)"),
         "head_group": (head, "head="),
         # dynamic scales read no data: quantize(w=int4,calib_n=4) ran with calib_n silently ignored
@@ -242,10 +247,13 @@ def config_from_options(o: InsertQDQOptions) -> QuantConfig:
         if QDTYPES[value].is_float and not getattr(o, sopt):
             raise PassError(f"pass quantize: option {qopt}={value} is symmetric only (fp8 has no zero point): "
                             f"set {sopt}=true")
+    if o.block is not None and o.group is not None:
+        raise PassError(f"pass quantize: options block={o.block} and group={o.group}: a weight has tiles or groups "
+                        "of scales, give one")
     try:
+        gran = "per_block" if o.block else "per_group" if o.group else "per_channel"
         weight = None if _unset(o.w) else QScheme(
-            qdtype=o.w, symmetric=o.sym, granularity="per_group" if o.group else "per_channel",
-            group_size=o.group, observer=o.w_obs)
+            qdtype=o.w, symmetric=o.sym, granularity=gran, group_size=o.block or o.group, observer=o.w_obs)
         inp = None if _unset(o.a) else QScheme(
             qdtype=o.a, symmetric=o.a_sym, granularity=o.a_gran, group_size=o.a_group,
             dynamic=not o.a_static, observer=o.a_obs, clip_ratio=o.a_clip)
@@ -343,15 +351,25 @@ def _check_group(node: Node, w: Value, scheme: QScheme, fallback: int | None, op
         f"(module {node.module!r}, weight @{w.name} [{n}, {k}]): {k} is not a multiple of {gval}; {hint}{extra}")
 
 
+def _follows_weight_tiles(xs: QScheme, ws: QScheme | None) -> bool:
+    """Activation groups that are the weight's tile columns (``block=128,a_group=128``): the last one is partial
+    where K is not a multiple, as the weight's edge tiles are (SmolLM2's K = 576 = 4.5 x 128), and the GEMM scales
+    each K step by one activation and one weight scale either way."""
+    return ws is not None and ws.granularity == "per_block" and ws.group_size == xs.group_size
+
+
 def quantize_weight(w: torch.Tensor, scheme: QScheme, group: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Layout]:
     """RTN: (qdata, scale, zero point or None, layout) of a weight ``[N, K]`` under ``scheme``."""
     if group is not None and group != scheme.group_size:
         scheme = scheme.model_copy(update={"group_size": group})
     layout = layout_for(scheme, w.shape, "weight")
-    obs = make_observer(scheme.observer, scheme.qdtype, scheme.symmetric, layout)
-    obs.observe(w)
-    scale, zp = obs.qparams(w.shape)
+    if layout.is_tiled:  # minmax over each tile (QScheme refuses other observers with per_block)
+        scale, zp = qparams_from_range(*tiled_minmax(w, layout), scheme.qdtype, scheme.symmetric)
+    else:
+        obs = make_observer(scheme.observer, scheme.qdtype, scheme.symmetric, layout)
+        obs.observe(w)
+        scale, zp = obs.qparams(w.shape)
     q = quantize(w, scale, zp, qdtype=scheme.qdtype, axis=layout.axis, block_size=layout.block_size)
     return q, scale, zp, layout
 
@@ -740,7 +758,8 @@ def plan(graph: Graph, cfg: QuantConfig, group_fallback: int | None = None,
                 raise PassError(f"pass {pass_name}: {xs.qdtype} activations are packed two per byte along the last "
                                 f"dim, but input %{x.name} of linear %{n.name} (module {n.module!r}) has odd size "
                                 f"{k_in}; keep that linear float with keep=..., or use 8-bit activations")
-            if xs.granularity == "per_token" and xs.group_size and x.tensor_type.shape[-1] % xs.group_size:
+            if xs.granularity == "per_token" and xs.group_size and x.tensor_type.shape[-1] % xs.group_size \
+                    and not _follows_weight_tiles(xs, ws):
                 raise PassError(f"pass quantize: option a_group={xs.group_size} does not divide the input size "
                                 f"{x.tensor_type.shape[-1]} of linear %{n.name} (module {n.module!r})")
             if not xs.dynamic and xs.granularity == "per_token":

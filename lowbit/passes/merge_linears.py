@@ -33,4 +33,6 @@ class MergeLinears(Pass):
         nodes, params = eliminate_dead_code(graph) if st.total else (0, 0)
         stats = {"merged": st.total, "by_rule": st.merged, "nodes_merged": st.nodes, "nodes_removed": nodes,
                  "params_removed": params}
+        if st.declined:  # groups that could not stack (weight-scale tiles split by a member's N), by first member
+            stats["declined"] = st.declined
         return PassResult(bool(st.total), stats)
