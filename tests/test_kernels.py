@@ -94,10 +94,12 @@ def test_dequantize_weight_is_bit_exact(device, qdtype, group, symmetric):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("qdtype", ["int8", "fp8e4m3"])
-@pytest.mark.parametrize("group", [0, 32, 64])
-@pytest.mark.parametrize("k", [192, 4352])
+@pytest.mark.parametrize("group", [0, 32, 64, 128])
+@pytest.mark.parametrize("k", [192, 4352, 4416])
 def test_activation_quantization_is_bit_exact(device, qdtype, group, k):
-    """K = 4352 (> ``ACT_QUANT_WHOLE_ROW`` after rounding up): the chunked kernel, its last chunk partly past K."""
+    """K = 4352 (> ``ACT_QUANT_WHOLE_ROW`` after rounding up): the chunked kernel, its last chunk partly past K.
+    Group 128 with K = 192 or 4416 (fp8-block128 on a K no tile divides): the last group is partial, its scale the
+    amax of the channels it has."""
     x = (torch.randn(6, k, device=device) * 4).to(torch.bfloat16)
     x[1] = 0  # an all-zero token: scale 1e-12, codes 0
     x[2, :64] *= 100  # one loud group
@@ -156,6 +158,51 @@ def test_a8_gemm_accumulates_exactly(device, w_qdtype, w_group, zero_point, m, n
     y = a8_gemm(xq.to(device), xs.to(device), wq.to(device), ws.to(device), None if zp is None else zp.to(device),
                 None, w_qdtype, w_group, 0, torch.float32)
     assert torch.equal(y.cpu(), (xq.double() @ w_int.double().T).float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k", [(20, 200, 320), (3, 128, 256)])
+def test_a8_gemm_weight_tiles_scale_each_step_exactly(device, m, n, k):
+    """fp8 weights in 128 x 128 tiles (``w_block_n``), activations in groups of 128: small-integer codes and
+    power-of-two scales make every scaled partial and sum exact in fp32, so the kernel equals
+    ``sum_g dot_g * sa[m, g] * sw[n // 128, g]`` in float64 to the bit. (20, 200, 320): a partial row of tiles
+    (200 = 1.56 x 128) and a partial last K group (320 = 2.5 x 128), under the interpreter two 64-wide steps
+    sharing each group's scales and 32-column programs sharing a tile's."""
+    g = torch.Generator().manual_seed(3)
+    xq = torch.randint(-8, 9, (m, k), generator=g).float().to(torch.float8_e4m3fn)
+    wq = torch.randint(-8, 9, (n, k), generator=g).float().to(torch.float8_e4m3fn)
+    groups, tiles_n = -(-k // 128), -(-n // 128)
+    xs = torch.exp2(torch.randint(-1, 3, (m, groups), generator=g).float())
+    ws = torch.exp2(torch.randint(-1, 3, (tiles_n, groups), generator=g).float())
+    y = a8_gemm(xq.to(device), xs.to(device), wq.to(device), ws.to(device), None, None, "fp8e4m3", 128, 128,
+                torch.float32, w_block_n=128)
+    xd = xq.double() * xs.double().repeat_interleave(128, 1)[:, :k]
+    wd = wq.double() * ws.double().repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+    assert torch.equal(y.cpu(), (xd @ wd.T).float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k", [(17, 200, 320), (2, 64, 576)])
+def test_a8_linear_weight_tiles_match_reference(device, m, n, k):
+    """``fp8-block128``'s op (activation quantize per 128 channels + the tiled GEMM) against ``a8_linear_ref``
+    (dequantize both, bf16 ``linear``) within bf16's tolerance (1e-2), on ragged N and K (576: SmolLM2's hidden
+    size, 4.5 groups) and with a bias."""
+    from lowbit.ir.qscheme import QScheme
+    from lowbit.passes.insert_qdq import quantize_weight
+
+    q, s, _, layout = quantize_weight(torch.randn(n, k), QScheme(qdtype="fp8e4m3", granularity="per_block",
+                                                                 group_size=128))
+    assert layout.block_size == (128, 128) and s.shape == (-(-n // 128), -(-k // 128))
+    q, s = q.to(device), s.to(device)
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    bias = torch.randn(n, device=device).to(torch.bfloat16)
+    ref = a8_linear_ref(x, q, s, None, bias, "fp8e4m3", 128, "fp8e4m3", 128, w_block_n=128)
+    y = a8_linear(x, q, s, None, bias, "fp8e4m3", 128, "fp8e4m3", 128, w_block_n=128)
+    assert y.shape == (m, n) and _rel(y, ref) <= TOL[torch.bfloat16]
+    with pytest.raises(ValueError, match=r"a8_linear: weight tile scales .* are \[2, 3\], got"):
+        a8_gemm(*quantize_activation(torch.randn(4, 320, device=device).to(torch.bfloat16), "fp8e4m3", 128),
+                torch.zeros(200, 320, device=device).to(torch.float8_e4m3fn), torch.ones(2, 2, device=device), None,
+                None, "fp8e4m3", 128, 128, torch.bfloat16, w_block_n=128)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -60,6 +60,43 @@ def test_triton_backend_runs_qlinear_on_kernels_like_the_reference(slice1_bf16, 
     assert (y.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.8
 
 
+@needs_kernels
+def test_fp8_block128_runs_on_the_tile_kernel_like_the_reference(slice1_bf16):
+    """``fp8-block128`` (128 x 128 weight tiles, activations in groups of 128) on SmolLM2's K = 576 = 4.5 x 128:
+    every linear takes the A8 GEMM's tile path, partial last groups and tiles included, and the norm before
+    q/k/v and gate/up quantizes in the fused kernel. q/k/v do not merge (k_proj's N = 192 would split a tile; the
+    merge pass says so) and gate/up keep their SiLU·up outside (interleaved rows would split tiles too). Logits
+    within the module's 2e-2 of the torch backend's on the same graph."""
+    from lowbit.recipes import get_recipe
+
+    graph, ids = slice1_bf16
+    g = graph.clone()
+    PassManager(get_recipe("fp8-block128")).run(g)
+    ref = TorchCompiled(g)(ids).float()
+    m = lower(g, "cuda" if torch.cuda.is_available() else "cpu", compile=False)
+    assert set(m.report["kernels"].values()) == {"fp8"} and not m.report["fallback"]
+    assert len(m.report["kernels"]) == 6 and len(m.report["norm_quant"]) == 2  # q, k, v, o, gate+up, down
+    assert sorted(m.report["merged"].values()) == ["model.layers.0.mlp.gate_proj, model.layers.0.mlp.up_proj"]
+    y = m(ids).float().cpu()
+    assert ((y - ref).norm() / ref.norm()).item() <= 2e-2
+    assert (y.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.8
+
+
+def test_kernel_plan_takes_fp8_weight_tiles_with_matching_activation_groups():
+    """A qlinear with ``w_axis=[0, 1], w_block_size=[128, 128]`` plans the fp8 tile path (its static args name the
+    tile); activation groups other than the tile's K, or int8 tiles, are refused with the reason."""
+    w = torch.zeros(200, 576, dtype=torch.float8_e4m3fn)
+    kw = {"w_qdtype": "fp8e4m3", "w_axis": [0, 1], "w_block_size": [128, 128], "a_qdtype": "fp8e4m3",
+          "a_block_size": 128, "out_dtype": torch.bfloat16}
+    ok = plan_qlinear(kw, w, False, False)
+    assert ok.form is not None and ok.form.name == "fp8"
+    assert ok.static == {"w_group": 128, "a_group": 128, "w_block_n": 128}
+    g64 = plan_qlinear({**kw, "a_block_size": 64}, w, False, False)
+    assert g64.form is None and "activation groups of 64" in g64.reason
+    int8 = plan_qlinear({**kw, "w_qdtype": "int8", "a_qdtype": "int8"}, w.to(torch.int8), False, False)
+    assert int8.form is None and "int8 weights" in int8.reason
+
+
 def test_kernel_plan_names_what_it_does_not_take():
     w = torch.zeros(8, 48, dtype=torch.uint8)  # int4 packed: K = 96
     ok = plan_qlinear({"w_qdtype": "int4", "w_axis": 1, "w_block_size": 32, "out_dtype": torch.bfloat16}, w,

@@ -106,6 +106,8 @@ def plan_qlinear(kwargs: dict[str, Any], qweight: torch.Tensor | None, has_w_zp:
         return Plan(None, f"out_dtype {out_dtype}: the kernels take bf16/fp16 activations")
     k = qweight.shape[1] * (2 if w_qdtype in _PACKED else 1)
     axis, block = kwargs.get("w_axis", 0), kwargs.get("w_block_size")
+    if isinstance(block, (list, tuple)):
+        return _plan_weight_tiles(kwargs, list(axis or []), list(block), has_a_scale)
     if axis in (0, -2) and block is None:
         group = 0
     elif axis in (1, -1) and block is not None:
@@ -133,6 +135,25 @@ def plan_qlinear(kwargs: dict[str, Any], qweight: torch.Tensor | None, has_w_zp:
     return Plan(None, f"no kernel for weights {w_qdtype} with activations {a_qdtype or 'float'}")
 
 
+def _plan_weight_tiles(kwargs: dict[str, Any], axis: list[int], block: list[int], has_a_scale: bool) -> Plan:
+    """fp8 weights in ``[bn, bk]`` tiles (``fp8-block128``) with dynamic activations in groups of ``bk``: the A8
+    GEMM's tile path (one weight scale per program and K step), K and N edges partial."""
+    fp8 = KERNEL_FORMS[-1]
+    a_block = kwargs.get("a_block_size")
+    if axis not in ([0, 1], [-2, -1]) or len(block) != 2:
+        return Plan(None, f"weight scale tiles axis={axis}, block_size={block}")
+    bn, bk = block
+    if kwargs["w_qdtype"] != "fp8e4m3" or kwargs.get("a_qdtype") != "fp8e4m3":
+        return Plan(None, f"weight tiles {block} with {kwargs['w_qdtype']} weights and activations "
+                          f"{kwargs.get('a_qdtype') or 'float'} (the tile kernel is fp8e4m3 x fp8e4m3)")
+    if has_a_scale or kwargs.get("a_granularity", "per_token") != "per_token" or not kwargs.get("a_symmetric", True):
+        return Plan(None, "weight tiles need dynamic symmetric per-token activation groups")
+    if a_block != bk or not (_pow2(bk) and bk >= fp8.min_group and _pow2(bn) and bn >= fp8.min_group):
+        return Plan(None, f"weight tiles {block} with activation groups of {a_block} (needs groups of the tile's "
+                          f"K, powers of two >= {fp8.min_group})")
+    return Plan(fp8, static={"w_group": bk, "a_group": bk, "w_block_n": bn})
+
+
 def _runs_kernel(x: torch.Tensor) -> bool:
     return x.dtype in _KERNEL_DTYPES and _on_kernel_device(x)
 
@@ -153,7 +174,7 @@ def _one_row(x: torch.Tensor) -> bool:
 
 
 def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "",
-                    pdl: bool = False) -> Callable[..., torch.Tensor]:
+                    pdl: bool = False, w_block_n: int = 0) -> Callable[..., torch.Tensor]:
     """The FX target replacing one qlinear: its kernel, or the reference for an input the kernel cannot read.
     ``epilogue``: the activation (or gated MLP) after it that ``_fuse_epilogue`` folded into the op (the
     reference: then the epilogue's ops, ``epilogue_ref``); ``norm_sumsq``/``norm_eps`` (weight-only): its input
@@ -176,7 +197,7 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "",
             return torch.ops.lowbit.weight_only_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
                                                        w_group, "auto", epilogue, norm_sumsq, norm_eps)
         return torch.ops.lowbit.a8_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group,
-                                          kw["a_qdtype"], a_group, epilogue=epilogue)
+                                          kw["a_qdtype"], a_group, epilogue=epilogue, w_block_n=w_block_n)
 
     run.__name__ = f"triton_{op}" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
     return run
@@ -365,7 +386,14 @@ def _fuse_epilogue(gm: torch.fx.GraphModule, node: torch.fx.Node, slots: tuple[i
     return ""
 
 
-def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "") -> Callable[..., torch.Tensor]:
+def _tile_kinds(kinds: tuple[str, ...], w_block_n: int) -> tuple[str, ...]:
+    """The epilogue kinds a qlinear may fold: with weight-scale tiles (``w_block_n``) not the gated one, whose
+    (gate, up) row interleave would put rows of two tiles under one scale."""
+    return tuple(k for k in kinds if k != "gated") if w_block_n else kinds
+
+
+def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "", w_block_n: int = 0
+                      ) -> Callable[..., torch.Tensor]:
     """The FX target replacing one ``qlinear_q`` (its input arrives as codes + per-token scales); ``epilogue`` as
     in ``_kernel_qlinear``."""
     from lowbit.ir.normquant import qlinear_q
@@ -378,7 +406,7 @@ def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "") -> Callabl
             y = qlinear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, **kw)
             return epilogue_ref(y, epilogue)
         return torch.ops.lowbit.a8_linear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
-                                            w_group, a_group, out_dtype, epilogue=epilogue)
+                                            w_group, a_group, out_dtype, epilogue=epilogue, w_block_n=w_block_n)
 
     run.__name__ = "triton_a8_linear_q" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
     return run
@@ -398,8 +426,8 @@ def plan_rms_norm_quant(x_dtype: torch.dtype, k: int, weight_dtype: torch.dtype 
         return f"statistics in {kwargs['compute_dtype']} (the kernel's are fp32)"
     if kwargs.get("a_qdtype") not in ("int8", "fp8e4m3"):
         return f"activations {kwargs.get('a_qdtype')} (the kernel writes int8/fp8e4m3)"
-    if group and not (_pow2(group) and k % group == 0):
-        return f"activation group {group} with K={k} (needs a power of two dividing K)"
+    if group and not _pow2(group):  # a K it does not divide ends in a partial group (fp8-block128 on K = 576)
+        return f"activation group {group} (needs a power of two)"
     if not ir_ops.llama_gain_form(kwargs, weight_dtype is not None):
         return "gain in Gemma's form (offset + w)"
     return None
@@ -1111,10 +1139,11 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             if plan.form is None or plan.form.op != "a8_linear":
                 report["fallback"][node.name] = plan.reason or "no a8 kernel for this form"
                 continue
-            wg, ag = plan.static["w_group"], plan.static["a_group"]
-            node.target = _kernel_qlinear_q(wg, ag)
-            epilogue = _fuse_epilogue(gm, node, (2, 3, 4, 5), lambda e, wg=wg, ag=ag: _kernel_qlinear_q(wg, ag, e),
-                                      kinds)
+            wg, ag, bn = plan.static["w_group"], plan.static["a_group"], plan.static.get("w_block_n", 0)
+            node.target = _kernel_qlinear_q(wg, ag, "", bn)
+            epilogue = _fuse_epilogue(gm, node, (2, 3, 4, 5),
+                                      lambda e, wg=wg, ag=ag, bn=bn: _kernel_qlinear_q(wg, ag, e, bn),
+                                      _tile_kinds(kinds, bn))
             report["kernels"][node.name] = plan.form.name + (f"+{epilogue}" if epilogue else "")
             continue
         if node.op == "call_function" and node.target is ir_ops.attention and decode:
@@ -1164,9 +1193,11 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
             report["fallback"][node.name] = plan.reason
             continue
         op, wg, ag = plan.form.op, plan.static["w_group"], plan.static["a_group"]
-        node.target = _kernel_qlinear(op, wg, ag, "", pdl)
+        bn = plan.static.get("w_block_n", 0)
+        node.target = _kernel_qlinear(op, wg, ag, "", pdl, bn)
         epilogue = _fuse_epilogue(gm, node, (1, 2, 3, 4),
-                                  lambda e, op=op, wg=wg, ag=ag: _kernel_qlinear(op, wg, ag, e, pdl), kinds)
+                                  lambda e, op=op, wg=wg, ag=ag, bn=bn: _kernel_qlinear(op, wg, ag, e, pdl, bn),
+                                  _tile_kinds(kinds, bn))
         report["kernels"][node.name] = plan.form.name + (f"+{epilogue}" if epilogue else "")
         if op == "a8_linear" and not epilogue:  # (hadamard_a8_linear has no epilogue)
             a8[node] = plan

@@ -6,7 +6,12 @@ GEMM below, which accumulates exact int32 (or fp32 for fp8) dot products and app
 - per-token activation scale and per-channel weight scale: both in the epilogue (``acc * sa[m] * sw[n]``);
 - per-group scales on either side (``w8a8-g64``: activation groups of 64; ``fp8``: weight and activation groups
   of 64; W4A8: int4 weight groups): one dot per group (BLOCK_K = the smaller group, ``SUBK`` groups per loop
-  step), each adding ``dot * sa[m, g] * sw[n, g]`` to an fp32 accumulator.
+  step), each adding ``dot * sa[m, g] * sw[n, g]`` to an fp32 accumulator;
+- fp8 weight tiles (``fp8-block128``, compressed-tensors' FP8_BLOCK: one weight scale per ``W_BLOCK_N`` x
+  ``W_GROUP`` tile, activations in groups of ``W_GROUP``): a program's ``BLOCK_N`` columns divide a tile's rows, so
+  its weight scale for a K step is one scalar and the step adds ``dot * (sa[m, g] * sw)``: one multiply of the
+  ``[BLOCK_M, BLOCK_N]`` partial, where per-column group scales take two; K not a multiple of the tile ends in a
+  partial group (zeros past K add nothing).
 
 Programs take their output tiles in bands of ``A8_GROUP_M`` row tiles (``_grouped_tile``) so the weight tiles a
 band reads stay in L2; from M = ``A8_STATIC_MIN_M`` the tile is ``a8_static_config`` and for per-token x
@@ -59,9 +64,10 @@ W_QDTYPES = {"int8": (False, True), "int4": (True, True), "uint4": (True, False)
 
 def a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor | None,
                   bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
-                  epilogue: str = "") -> torch.Tensor:
+                  epilogue: str = "", w_block_n: int = 0) -> torch.Tensor:
     """Plain torch, the qlinear reference: activation dynamic_qparams -> quantize -> dequantize (to x.dtype),
-    weight dequantize (to x.dtype), ``F.linear``, then the epilogue's ops (``epilogue_ref``)."""
+    weight dequantize (to x.dtype; ``w_block_n``: ``[w_block_n, w_group]`` tiles), ``F.linear``, then the
+    epilogue's ops (``epilogue_ref``)."""
     from lowbit.ir.quant import dequantize, dynamic_qparams, quantize
 
     k = x.shape[-1]
@@ -70,8 +76,12 @@ def a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
     za = None if a_qdtype.startswith("fp8") else za
     xq = quantize(x, sa, za, qdtype=a_qdtype, axis=-1, block_size=bs)
     xd = dequantize(xq, sa, za, qdtype=a_qdtype, axis=-1, block_size=bs, out_dtype=x.dtype)
-    w = dequantize(qweight, w_scale, w_zero_point, qdtype=w_qdtype, axis=1 if w_group else 0,
-                   block_size=w_group or None, out_dtype=x.dtype)
+    if w_block_n:
+        w = dequantize(qweight, w_scale, w_zero_point, qdtype=w_qdtype, axis=[0, 1], block_size=[w_block_n, w_group],
+                       out_dtype=x.dtype)
+    else:
+        w = dequantize(qweight, w_scale, w_zero_point, qdtype=w_qdtype, axis=1 if w_group else 0,
+                       block_size=w_group or None, out_dtype=x.dtype)
     return epilogue_ref(F.linear(xd, w, bias), epilogue)
 
 
@@ -96,7 +106,7 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
                A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                ACT: tl.constexpr = 0, GATED: tl.constexpr = False, GROUP_M: tl.constexpr = 1,
-               SUBK: tl.constexpr = 1):
+               SUBK: tl.constexpr = 1, W_BLOCK_N: tl.constexpr = 0):
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -138,7 +148,11 @@ def _a8_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, zw_ptr, b_ptr, o_ptr, M, N, K, M_KE
                     part = tl.dot(a, tl.trans(w), base)
                 else:
                     part = tl.dot(a, tl.trans(w), base, out_dtype=tl.int32)
-            if GROUPED:
+            if W_BLOCK_N > 0:  # one weight scale for the program's columns (BLOCK_N divides W_BLOCK_N)
+                sw_t = tl.load(sw_ptr + (pid_n * BLOCK_N // W_BLOCK_N) * sswn + k0 // W_GROUP, mask=k0 < K, other=0)
+                sa = tl.load(sa_ptr + offs_m * ssam + k0 // A_GROUP, mask=m_ok & (k0 < K), other=0)
+                acc += part.to(tl.float32) * (sa * sw_t.to(tl.float32))[:, None]
+            elif GROUPED:
                 pf = part.to(tl.float32)
                 if A_GROUP > 0:
                     sa = tl.load(sa_ptr + offs_m * ssam + k0 // A_GROUP, mask=m_ok & (k0 < K), other=0)
@@ -225,10 +239,13 @@ def _configs() -> list[triton.Config]:
 
 
 def _prune(configs, named_args, **kw):
-    """Keep configs whose BLOCK_K fits the scale groups (one scale per K step); shrink small-M tiles."""
+    """Keep configs whose BLOCK_K fits the scale groups (one scale per K step) and whose BLOCK_N divides a weight
+    tile's rows (one tile scale per program); shrink small-M tiles."""
     g = min([v for v in (named_args.get(a, kw.get(a, 0)) for a in ("A_GROUP", "W_GROUP")) if v] or [0])
+    bn = named_args.get("W_BLOCK_N", kw.get("W_BLOCK_N", 0))
     m = named_args["M"]
-    out = [c for c in configs if (g == 0 or c.kwargs["BLOCK_K"] <= g) and (m > 64 or c.kwargs["BLOCK_M"] <= 64)]
+    out = [c for c in configs if (g == 0 or c.kwargs["BLOCK_K"] <= g) and (m > 64 or c.kwargs["BLOCK_M"] <= 64)
+           and (not bn or bn % c.kwargs["BLOCK_N"] == 0)]
     if not out:
         out = [triton.Config({"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 128, "BLOCK_K": g,
                               "GROUP_M": A8_GROUP_M, "SUBK": 1}, num_warps=4, num_stages=4),
@@ -238,17 +255,20 @@ def _prune(configs, named_args, **kw):
 
 
 _a8_kernel_tuned = triton.autotune(configs=_configs(), key=["M_KEY", "N", "K", "A_GROUP", "W_GROUP", "W_PACKED",
-                                                            "IS_FP8", "ACT", "GATED"],
+                                                            "IS_FP8", "ACT", "GATED", "W_BLOCK_N"],
                                    prune_configs_by={"early_config_prune": _prune}, warmup=5, rep=20)(_a8_kernel)
 
 
 def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
             w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_group: int,
-            out_dtype: torch.dtype, epilogue: str = "", config: dict | None = None) -> torch.Tensor:
-    """The GEMM half on already-quantized activations ``xq [M, K]`` with scales ``[M, K/a_group or 1]``;
+            out_dtype: torch.dtype, epilogue: str = "", config: dict | None = None, w_block_n: int = 0
+            ) -> torch.Tensor:
+    """The GEMM half on already-quantized activations ``xq [M, K]`` with scales ``[M, ceil(K/a_group) or 1]``;
     ``epilogue`` (``parse_epilogue``) applied in the store (gated: the output is ``N / 2`` wide). ``config``: a
     tile to launch instead of the op's own choice (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, ``SUBK``,
-    ``num_warps``, ``num_stages``; ``tools/bench_a8.py``'s sweep)."""
+    ``num_warps``, ``num_stages``; ``tools/bench_a8.py``'s sweep). ``w_block_n``: fp8 weight scales per
+    ``[w_block_n, w_group]`` tile, ``w_scale`` ``[ceil(N/w_block_n), ceil(K/w_group)]``, activation groups of
+    ``w_group``."""
     m, k = xq.shape
     n = qweight.shape[0]
     act, gated = parse_epilogue(epilogue, "a8_linear")
@@ -261,15 +281,25 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
           "reference")
     groups = [g for g in (a_group, w_group) if g]
     check(all(is_pow2(g) and g >= 32 for g in groups), "a8_linear", f"groups {groups} must be powers of two >= 32")
+    if w_block_n:
+        tiles = (cdiv(n, w_block_n), cdiv(k, w_group or k))
+        check(is_fp8 and not gated and a_group == w_group > 0 and is_pow2(w_block_n) and w_block_n >= 32,
+              "a8_linear", f"weight tiles [{w_block_n}, {w_group}] take fp8 weights, activation groups equal to the "
+              f"tile's K ({a_group} given) and a power-of-two row count >= 32, no gated epilogue")
+        check(tuple(w_scale.shape) == tiles, "a8_linear", f"weight tile scales of a [{n}, {k}] weight in "
+              f"[{w_block_n}, {w_group}] tiles are {list(tiles)}, got {list(w_scale.shape)}")
     out = torch.empty((m, n // 2 if gated else n), device=xq.device, dtype=out_dtype)
     wz = w_zero_point if w_zero_point is not None else w_scale
     b = bias if bias is not None else w_scale
     args = (xq, x_scale, qweight, w_scale, wz, b, out, m, n, k, m_bucket(m), xq.stride(0), x_scale.stride(0),
             qweight.stride(0), w_scale.stride(0), out.stride(0))
     meta = {"W_PACKED": packed, "W_SIGNED": signed, "HAS_WZ": w_zero_point is not None, "IS_FP8": is_fp8,
-                "A_GROUP": a_group, "W_GROUP": w_group, "HAS_BIAS": bias is not None, "ACT": act, "GATED": gated}
+            "A_GROUP": a_group, "W_GROUP": w_group, "HAS_BIAS": bias is not None, "ACT": act, "GATED": gated,
+            "W_BLOCK_N": w_block_n}
     cfg = config if config is not None else _fixed_tile(m, n, packed, groups)
     if cfg is not None:
+        check(not w_block_n or w_block_n % cfg["BLOCK_N"] == 0, "a8_linear",
+              f"BLOCK_N={cfg['BLOCK_N']} does not divide the weight tile's {w_block_n} rows")
         grid = (cdiv(n, cfg["BLOCK_N"]) * cdiv(m, cfg["BLOCK_M"]),)
         launcher(xq, _a8_kernel)[grid](*args, **meta, **cfg)
     else:
@@ -281,7 +311,8 @@ def a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_sc
 
 def _a8_product(xq: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                 w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
-                a_group: int, use_scaled_mm: bool, out_dtype: torch.dtype, epilogue: str = "") -> torch.Tensor:
+                a_group: int, use_scaled_mm: bool, out_dtype: torch.dtype, epilogue: str = "",
+                w_block_n: int = 0) -> torch.Tensor:
     """The GEMM on codes ``[M, K]`` and scales ``[M, K/a_group or 1]``: ``_scaled_mm`` (then the epilogue's ops)
     or ``a8_gemm`` (the epilogue in its store)."""
     k = xq.shape[-1]
@@ -292,25 +323,27 @@ def _a8_product(xq: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_sca
         y = torch._scaled_mm(xq, qweight.t(), scale_a=sa, scale_b=w_scale.float().reshape(1, n), bias=bias,
                              out_dtype=out_dtype)
         return epilogue_ref(y, epilogue)
-    return a8_gemm(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, out_dtype, epilogue)
+    return a8_gemm(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, out_dtype, epilogue,
+                   w_block_n=w_block_n)
 
 
 @triton_op("lowbit::a8_linear", mutates_args=())
 def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor | None,
               bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
-              use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM, epilogue: str = "") -> torch.Tensor:
+              use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM, epilogue: str = "", w_block_n: int = 0) -> torch.Tensor:
     """Quantize ``x`` per token (or per ``a_group`` channels) and multiply with the quantized weight.
 
     ``w_group``/``a_group`` 0 = per channel / per token. fp8 per-token x per-channel goes through
     ``torch._scaled_mm`` when ``use_scaled_mm`` (CUDA only). ``epilogue``: an activation (``silu``, ``gelu``,
     ``gelu_tanh``) applied in the GEMM's store, or ``<act>*up`` for interleaved (gate, up) weight rows
-    (``weight_only.interleave_rows``): the output is ``act(gate) * up``, half as wide (``epilogue_ref``)."""
+    (``weight_only.interleave_rows``): the output is ``act(gate) * up``, half as wide (``epilogue_ref``).
+    ``w_block_n``: fp8 weight scales per ``[w_block_n, w_group]`` tile (``a8_gemm``)."""
     check(w_qdtype in W_QDTYPES, "a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
     check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), "a8_linear",
           f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
     xq, sa = quantize_activation(x, a_qdtype, a_group)
     y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm, x.dtype,
-                    epilogue)
+                    epilogue, w_block_n)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -318,7 +351,7 @@ def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_z
 def a8_linear_q(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                 w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
                 a_group: int, out_dtype: torch.dtype, use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM,
-                epilogue: str = "") -> torch.Tensor:
+                epilogue: str = "", w_block_n: int = 0) -> torch.Tensor:
     """``a8_linear`` on an activation already quantized (``rms_norm_quant``): codes ``[..., K]`` (int8 /
     float8_e4m3fn) and fp32 scales ``[..., K/a_group or 1]``; the output is ``out_dtype``, ``epilogue`` as in
     ``a8_linear``."""
@@ -331,5 +364,5 @@ def a8_linear_q(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
     if sa.dtype != torch.float32 or sa.stride(-1) != 1:
         sa = sa.float().contiguous()
     y = _a8_product(xq2, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm,
-                    out_dtype, epilogue)
+                    out_dtype, epilogue, w_block_n)
     return y.reshape(*xq.shape[:-1], y.shape[-1])

@@ -158,13 +158,15 @@ def row_quant_setup(x: torch.Tensor, qdtype: str, group_size: int, op: str
     (shared by ``quantize_activation`` and ``norm_quant.rms_norm_quant``)."""
     check(qdtype in QMAX, op, f"qdtype {qdtype!r} is not int8 or fp8e4m3")
     k = x.shape[-1]
-    check(group_size == 0 or k % group_size == 0, op, f"K={k} is not a multiple of {group_size}")
+    # a K that is not a multiple of the group ends in a partial group (fp8-block128 on K = 576): the zeros past K
+    # in the padded row leave its amax as it is
+    check(group_size >= 0, op, f"group_size {group_size} is negative")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     q = torch.empty((m, k), device=x.device, dtype=_STORAGE[qdtype])
-    s = torch.empty((m, k // group_size if group_size else 1), device=x.device, dtype=torch.float32)
+    s = torch.empty((m, -(-k // group_size) if group_size else 1), device=x.device, dtype=torch.float32)
     block = max(next_pow2(k), group_size)
     meta = {"QMAX": QMAX[qdtype], "RCP": cuda_reciprocal(QMAX[qdtype]) if x.is_cuda else 0.0,
             "IS_FP8": qdtype == "fp8e4m3",
@@ -174,7 +176,8 @@ def row_quant_setup(x: torch.Tensor, qdtype: str, group_size: int, op: str
 
 @triton_op("lowbit::quantize_activation", mutates_args=())
 def quantize_activation(x: torch.Tensor, qdtype: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes ``[M, K]`` (int8 / float8_e4m3fn) and fp32 scales ``[M, K/g]`` (``[M, 1]`` when ``group_size`` is 0)."""
+    """Codes ``[M, K]`` (int8 / float8_e4m3fn) and fp32 scales ``[M, ceil(K/g)]`` (``[M, 1]`` when ``group_size`` is
+    0; a last partial group where ``g`` does not divide K)."""
     x2, q, s, meta = row_quant_setup(x, qdtype, group_size, "quantize_activation")
     # every constexpr passed, defaults too: torch.compile's launch of a traced Triton kernel needs them all
     meta = dict(meta, CHUNKED=False)
