@@ -41,6 +41,9 @@ W4_PC = "quantize(w=int4)"
 W8A8_DYN = "quantize(w=int8,a=int8)"
 W8A8_STATIC = "quantize(w=int8,a=int8,a_gran=per_tensor,a_static=true,calib_n=2,calib_len=64)"
 FP8 = "quantize(w=fp8e4m3,a=fp8e4m3)"
+# fp8-block128: ONNX blocks one axis, so the 128 x 128 weight tiles are exported as blocks of 128 along K with each
+# tile row's scales repeated over its 128 output channels (the same numbers); K = 576 ends in a partial block
+FP8_BLOCK128 = "quantize(w=fp8e4m3,block=128,a=fp8e4m3,a_group=128)"
 W8A8_PT_DYN = "quantize(w=int8,a=uint8,a_gran=per_tensor,a_sym=false)"  # ORT quantize_dynamic's scheme
 
 
@@ -168,7 +171,7 @@ _U8_QDQ_SATURATES = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("pipeline, form", [
-    *[(p, f) for p in (W8A8_DYN, W8A8_STATIC, FP8) for f in ("qdq-opset21", "ort-default")],
+    *[(p, f) for p in (W8A8_DYN, W8A8_STATIC, FP8, FP8_BLOCK128) for f in ("qdq-opset21", "ort-default")],
     pytest.param(W8A8_PT_DYN, "qdq-opset21", marks=_U8_QDQ_SATURATES), (W8A8_PT_DYN, "ort-default")])
 def test_activation_schemes_agree_with_reference(ort_models, reference, windows, pipeline, form):
     # W8A8_PT_DYN (measured: top1 1.0, median token |Δ| 3e-5, NLL 1e-6 relative on these

@@ -233,13 +233,32 @@ def _quantize(ctx: LoweringContext, node: Node) -> ir.Value:
     return q
 
 
+def _rows_of_tiles(node: Node, scale: Value, n: int) -> tuple[Node, torch.Tensor]:
+    """A weight's 2-D tile scales (``block_size=[rows, cols]``, fp8-block128) as ONNX's 1-D blocking reads them:
+    each tile row's scales repeated over its ``rows`` output channels, ``[N, ceil(K/cols)]`` blocked along K
+    (the same numbers: every element keeps its tile's scale), and a stand-in node with that layout's kwargs."""
+    axis, block = node.kwargs.get("axis"), node.kwargs["block_size"]
+    if list(axis or []) not in ([0, 1], [-2, -1]) or len(block) != 2:
+        raise NotLowerable(f"weight scale tiles axis={axis}, block_size={block} (ONNX blocks one axis; lowbit "
+                           "expands [N, K] tiles along N)")
+    if node.arg(2, "zero_point") is not None:
+        raise NotLowerable("tiled weight scales with a zero point")
+    rows, cols = int(block[0]), int(block[1])
+    stand_in = Node(node.op, node.args, {**node.kwargs, "axis": 1, "block_size": cols}, module=node.module)
+    return stand_in, scale.data.float().repeat_interleave(rows, 0)[:n]
+
+
 def _dequantize_param(ctx: LoweringContext, node: Node, *, transpose: bool) -> ir.Value:
-    """DequantizeLinear of a quantized parameter, optionally on its transpose (``[N, K]`` → ``[K, N]``)."""
+    """DequantizeLinear of a quantized parameter, optionally on its transpose (``[N, K]`` → ``[K, N]``). 2-D
+    tiles are expanded to blocks along K (``_rows_of_tiles``)."""
     q, scale = node.args[0], node.args[1]
     zp = node.arg(2, "zero_point")
     qd = _qdtype(node)
     onnx_type = ONNX_QTYPE[qd.name]
     shape = list(_logical_shape(q, qd))
+    s_data = scale.data.float()
+    if isinstance(node.kwargs.get("block_size"), (list, tuple)):
+        node, s_data = _rows_of_tiles(node, scale, shape[0])
     kind = _granularity(node, q, scale)
     attrs: dict[str, Any] = {}
     if transpose:
@@ -249,11 +268,14 @@ def _dequantize_param(ctx: LoweringContext, node: Node, *, transpose: bool) -> i
             attrs["axis"] = 1 - _axis(node, 2)
             if kind == "block":
                 attrs["block_size"] = int(node.kwargs["block_size"])
-        s_data = scale.data.float()
         s_data = s_data.reshape(()) if kind == "tensor" else (s_data.t() if kind == "block" else s_data)
         s = ctx.const_tensor(scale.name + (".T" if kind == "block" else ""), s_data.contiguous())
         zpv = _zero_point(ctx, zp, qd, kind, transpose=(kind == "block"))
         shape = shape[::-1]
+    elif s_data.shape != scale.data.shape:  # expanded tiles: a scale of its own
+        attrs = _qdq_attrs(node, kind, len(shape))
+        s = ctx.const_tensor(scale.name + ".rows", s_data.contiguous())
+        zpv = None
     else:
         attrs = _qdq_attrs(node, kind, len(shape))
         s = _scale(ctx, scale, kind)
@@ -415,7 +437,8 @@ def _qdq_qlinear(ctx: LoweringContext, node: Node, parts: _QLinearParts) -> ir.V
             ctx.current = outer
 
     w_t = ctx.derived(("qlinear-wT", id(wdq.args[0]), id(wdq.args[1]), id(wdq.arg(2, "zero_point")),
-                       wdq.kwargs.get("qdtype"), wdq.kwargs.get("axis"), wdq.kwargs.get("block_size"), out_dtype),
+                       wdq.kwargs.get("qdtype"), repr(wdq.kwargs.get("axis")), repr(wdq.kwargs.get("block_size")),
+                       out_dtype),  # repr: tiles' axis and block_size are lists
                       weight)
     return ctx.op("MatMul", [parts.input(ctx), w_t])
 
