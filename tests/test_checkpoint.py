@@ -83,6 +83,46 @@ def test_transformers_loads_compressed_tensors(float_slice, tmp_path, scheme):
         assert cos > 0.999
 
 
+def test_fp8_block128_saves_as_compressed_tensors_block_strategy_and_loads_both_ways(float_slice, tmp_path):
+    """``fp8-block128`` is compressed-tensors' FP8_BLOCK: weights ``strategy: block``, ``block_structure:
+    [128, 128]``, scales ``[ceil(N/128), ceil(K/128)]``; activations dynamic in groups of 128. A Llama with hidden
+    256, MLP 640 and one 64-wide KV head (k/v_proj N = 64: one partial tile row) saves so that
+    transformers loads it to lowbit's logits and ``lowbit.load`` back to the same tensors. SmolLM2's K = 576 ends
+    its activation groups in a partial one, which compressed-tensors' group quantization cannot run: refused by
+    name."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    from lowbit.recipes import get_recipe
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=256, inter=640, heads=4, kv_heads=1, vocab=300, max_positions=64)
+    cm = lowbit.compile_model(model, pipeline=get_recipe("fp8-block128"))
+    out = lowbit.save(cm, tmp_path / "ct", format="compressed-tensors")
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    (group,) = qcfg["config_groups"].values()
+    assert qcfg["format"] == "float-quantized" and group["targets"] == ["Linear"]
+    preset = PRESET_SCHEMES["FP8_BLOCK"]
+    for ours, theirs in ((group["weights"], preset["weights"]), (group["input_activations"],
+                                                               preset["input_activations"])):
+        assert QuantizationArgs.model_validate(ours) == theirs
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / "model.safetensors"))
+    assert tensors["model.layers.0.self_attn.k_proj.weight_scale"].shape == (1, 2)
+    assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (2, 5)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    ref = cm(ids)
+    assert torch.equal(_hf_logits(out, ids), ref)
+    loaded = lowbit.load(out)
+    _assert_same_graph(cm.graph, loaded.graph)
+    assert torch.equal(loaded(ids), ref)
+    smol = _compiled(float_slice, get_recipe("fp8-block128"))
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.q_proj': input activations in groups of "
+                                              r"128 over K=576 end in a partial group"):
+        lowbit.save(smol, tmp_path / "smol", format="compressed-tensors")
+
+
 def test_fold_norms_reports_the_head_it_unties(float_slice):
     """Folding the final norm into a tied head copies the shared table (+108 MiB on SmolLM2): the pass's stats say
     so, with the size, instead of the params growing unexplained, and an UntiedWeightWarning names the tensors to a

@@ -76,7 +76,8 @@ class ActScheme:
 
 @dataclass
 class QuantWeight:
-    """One linear's stored weight: codes in lowbit's qdtype, scales ``[N]`` or ``[N, K/g]``.
+    """One linear's stored weight: codes in lowbit's qdtype, scales ``[N]`` or ``[N, K/g]``, or with ``tile``
+    ``(rows, cols)`` one scale per tile, ``[ceil(N/rows), ceil(K/cols)]`` (``group`` None then).
 
     ``stored`` is the graph's tensor as it is (``packed``: int4 two codes a byte); ``codes`` unpacks it to
     ``[N, K]`` on each read. Why not once, here: a view holds every linear of the model at once, and unpacked int4
@@ -94,6 +95,7 @@ class QuantWeight:
     act: ActScheme | None = None
     act_scale: torch.Tensor | None = None
     packed: bool = False
+    tile: tuple[int, int] | None = None
 
     @property
     def codes(self) -> torch.Tensor:
@@ -171,7 +173,11 @@ def _weight(node: Node) -> tuple[torch.Tensor | None, QuantWeight | None]:
     qd = get_qdtype(qdtype)
     axis, block = dq.kwargs.get("axis"), dq.kwargs.get("block_size")
     n, k = q.shape[0], q.shape[1] * 2 if qd.packed else q.shape[1]
-    if block is None and axis in (0, -2) and scale.shape == (n,):
+    tile = None
+    if isinstance(block, (list, tuple)) and list(axis or []) in ([0, 1], [-2, -1]) and len(block) == 2 \
+            and scale.shape == (-(-n // block[0]), -(-k // block[1])):
+        group, tile = None, (int(block[0]), int(block[1]))
+    elif block is None and axis in (0, -2) and scale.shape == (n,):
         group = None
     elif block is not None and axis in (1, -1) and scale.shape == (n, -(-k // block)):
         if k % block:
@@ -180,10 +186,10 @@ def _weight(node: Node) -> tuple[torch.Tensor | None, QuantWeight | None]:
         group = int(block)
     else:
         raise CheckpointError(f"linear %{node.name} (module {node.module!r}): weight scale {tuple(scale.shape)} "
-                              f"with axis={axis}, block_size={block} is neither per channel nor per group "
-                              f"(per-tensor weight scales are not written to HF formats)")
+                              f"with axis={axis}, block_size={block} is neither per channel, per group nor in "
+                              f"[N, K] tiles (per-tensor weight scales are not written to HF formats)")
     return None, QuantWeight(node.module, qdtype, q, scale, zp, group, dq.kwargs.get("out_dtype", torch.float32),
-                             packed=qd.packed)
+                             packed=qd.packed, tile=tile)
 
 
 def _act(node: Node, k: int) -> tuple[ActScheme | None, torch.Tensor | None]:

@@ -630,6 +630,8 @@ def _ct_args(qw: QuantWeight, actorder: str | None) -> dict[str, Any]:
         "num_bits": qd.bits, "type": "float" if qd.is_float else "int", "symmetric": qw.symmetric,
         "strategy": "group" if qw.group else "channel", "group_size": qw.group, "dynamic": False,
     }
+    if qw.tile is not None:  # compressed-tensors' block strategy (its FP8_BLOCK preset: [128, 128])
+        args.update(strategy="block", block_structure=list(qw.tile))
     if actorder and qw.group and not qd.is_float:
         args["actorder"] = actorder
     return args
@@ -662,7 +664,7 @@ def _ct_tensors(qw: QuantWeight, fmt: str) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     n, k = qw.shape
-    scale = qw.scale.reshape(n, -1).to(torch.float32)
+    scale = (qw.scale if qw.tile is not None else qw.scale.reshape(n, -1)).to(torch.float32)
     out = {"weight_scale": scale}
     q, zp = qw.signed_codes()
     if fmt == "float-quantized":
@@ -770,6 +772,7 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
     members: dict[str, list[str]] = {}
     formats = set()
     for module, qw in view.quantized.items():
+        _refuse_partial_groups(qw, module)
         fmt = _ct_format(qw)
         formats.add(fmt)
         scheme = {"weights": _ct_args(qw, actorder), "input_activations":
@@ -809,6 +812,18 @@ def save_compressed_tensors(graph: Graph, directory: Path, *, tokenizer: Any = N
                             fmt="compressed-tensors", kind=kind)
 
 
+def _refuse_partial_groups(qw: QuantWeight, module: str) -> None:
+    """compressed-tensors' dynamic group quantization reshapes each token into whole groups (its
+    ``_process_group`` raises 'tensor column shape must be divisble by the given group_size'), so activation groups
+    that end in a partial one (fp8-block128 on a K no tile divides: SmolLM2's 576) have no loadable form."""
+    k = qw.shape[1]
+    if qw.act is not None and qw.act.group_size and k % qw.act.group_size:
+        raise CheckpointError(f"linear {module!r}: input activations in groups of {qw.act.group_size} over K={k} end "
+                              "in a partial group; compressed-tensors' group quantization takes whole groups only "
+                              "(its loaders raise 'tensor column shape must be divisble by the given group_size'): "
+                              "save with format='lowbit', or quantize a model whose input sizes the group divides")
+
+
 def _refuse_unloadable_experts(view: HFView) -> None:
     """transformers 5.25 has no module for a mixture-of-experts projection: it loads a compressed-tensors
     checkpoint's experts by dequantizing each one's weight (``CompressedTensorsDequantize``: ``weight_packed`` with
@@ -821,7 +836,7 @@ def _refuse_unloadable_experts(view: HFView) -> None:
     quantized = {m: view.quantized[m] for m in view.experts if m in view.quantized}
     schemes: dict[tuple[Any, ...], list[str]] = {}
     for m, qw in quantized.items():
-        schemes.setdefault((qw.qdtype, qw.group, qw.symmetric), []).append(m)
+        schemes.setdefault((qw.qdtype, qw.group, qw.tile, qw.symmetric), []).append(m)
     checks = (
         ("is float (kept float, or not quantized)", [m for m in view.experts if m not in quantized]),
         ("quantizes its input activations", [m for m, qw in quantized.items() if qw.act is not None]),
@@ -965,6 +980,8 @@ def _not_in_gptq(qw: Any) -> str | None:
                 "assume (quantize with sym=true)")
     if qw.act is not None:
         return f"quantized input activations ({qw.act.qdtype}); the GPTQ format is weight-only"
+    if qw.tile is not None:
+        return f"weight scales in {list(qw.tile)} tiles; GPTQ's are per output channel or input group"
     return None
 
 
@@ -1417,9 +1434,14 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
     if wa.type == "float" and wa.num_bits != 8:  # a 4-bit float scheme was read as fp8
         raise CheckpointError(f"{directory / 'config.json'}: linear {module!r}: {wa.num_bits}-bit float weights; "
                               "lowbit reads 8-bit float (fp8e4m3) weights")
-    if wa.strategy not in ("channel", "group"):
+    if wa.strategy not in ("channel", "group", "block"):
         raise CheckpointError(f"{directory}: linear {module!r}: weight strategy {wa.strategy!r}; lowbit reads "
-                              "channel and group (block and tensor scales are not lowbit weight layouts)")
+                              "channel, group and block (tensor scales are not a lowbit weight layout)")
+    tile = wa.block_structure if wa.strategy == "block" else None
+    if tile is not None and (len(tile) != 2 or tile[0] != tile[1] or wa.type != "float"):
+        raise CheckpointError(f"{directory / 'config.json'}: linear {module!r}: block_structure {tile} of "
+                              f"{wa.num_bits}-bit {wa.type} weights; lowbit reads square blocks of fp8 weights "
+                              "(FP8_BLOCK's [128, 128])")
     if getattr(wa, "actorder", None) in ("group", "dynamic"):
         raise CheckpointError(f"{directory}: linear {module!r}: actorder 'group' (a g_idx permutation); lowbit "
                               "reads contiguous groups only")
@@ -1439,8 +1461,10 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
                               "refuses one too; transformers loads it)")
     n_scales = 1 if group is None else k // group
     per_row = [[n, n_scales]] + ([[n]] if group is None else [])
+    if tile is not None:  # one scale per tile, edge tiles partial
+        per_row = [[-(-n // tile[0]), -(-k // tile[1])]]
     scale = _check_tensor(tensors, f"{module}.weight_scale", directory, per_row, _FLOATS, cfg).to(torch.float32)
-    scale = scale.reshape(n) if group is None else scale
+    scale = scale.reshape(n) if group is None and tile is None else scale
     zp, direct = None, None
     if fmt == "pack-quantized":
         if not 1 <= wa.num_bits <= 8:
@@ -1476,8 +1500,9 @@ def _ct_linear(module: str, scheme: Any, fmt: str, tensors: dict[str, torch.Tens
     else:
         q, zp = _from_signed(q, zp, qdtype)
         q = stored_codes(q, qdtype)
-    ws = QScheme(qdtype=qdtype, symmetric=wa.symmetric, granularity="per_group" if group else "per_channel",
-                 group_size=group)
+    ws = QScheme(qdtype=qdtype, symmetric=wa.symmetric,
+                 granularity="per_block" if tile else "per_group" if group else "per_channel",
+                 group_size=tile[0] if tile else group)
     xs = None
     ia = scheme.input_activations
     if ia is not None:

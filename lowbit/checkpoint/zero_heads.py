@@ -135,6 +135,9 @@ def pad_zero_heads(view: HFView, keys: dict[str, tuple[int, ...]], graph_keys: d
         dim = differ[0]
         parts = zero.parts(key, have[dim], want[dim])
         qw = view.quantized.get(module) if leaf == "weight" else None
+        if qw is not None and qw.tile is not None:  # removed heads move rows / columns across tile edges
+            raise CheckpointError(f"{key!r} has weight scales in {list(qw.tile)} tiles, and its zero heads would "
+                                  "shift rows or columns across tiles without requantizing: save with format='lowbit'")
         if qw is not None:  # quantized codes are [out, in]; a Conv1D's HF weight [in, out] (GPT-2's, for GPTQ)
             rows = dim == (1 if module in view.conv1d else 0)
             view.quantized[module] = _padded_rows(qw, parts) if rows else _padded_columns(qw, parts, key)
