@@ -1,7 +1,7 @@
 """The A8 GEMM (W8A8 int8, FP8 block-scaled) tile configs against cuBLAS bf16, ``_int_mm`` and ``_scaled_mm``, one run.
 
     python tools/bench_a8.py [--ms 2048,128] [--shapes 4096x11008,...] [--out bench/results/a8_gemm.json]
-                             [--run NAME] [--budget-s 300] [--no-sweep]
+                             [--run NAME] [--budget-s 300] [--no-sweep] [--schemes fp8-block64,fp8-block128]
 
 Issue 17's prefill goals (W8A8 and FP8 at M = 2048 >= 1.6x cuBLAS bf16 *including* the activation quantization)
 are bound by ``lowbit.kernels.a8_linear._a8_kernel``'s tiles and program order. For every shape this times, in
@@ -52,24 +52,45 @@ group, or SUBK > 1 without groups, is skipped); the first is the kernel's old ti
 SCHEMES = {  # name -> (weight qdtype, weight group, activation qdtype, activation group)
     "w8a8": ("int8", 0, "int8", 0),
     "fp8-block64": ("fp8e4m3", 64, "fp8e4m3", 64),
+    "fp8-block128": ("fp8e4m3", 128, "fp8e4m3", 128),
     "fp8-rowwise": ("fp8e4m3", 0, "fp8e4m3", 0),
 }
 """The op rows run the Triton GEMM; fp8-rowwise also gets an op row through ``torch._scaled_mm`` (the default
 where ``FP8_ROWWISE_SCALED_MM``)."""
 
+TILE_ROWS = {"fp8-block128": 128}
+"""Schemes whose weight scales are 2-D tiles (recipe ``fp8-block128``, compressed-tensors' FP8_BLOCK): rows per
+tile (``a8_gemm``'s ``w_block_n``; the weight group is the tile's K). Configs whose BLOCK_N does not divide it are
+skipped."""
 
-def a8_call(xq, xs, q, s, wq: str, wg: int, ag: int, cfg: tuple | None):
+
+def tile_qweight(n: int, k: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 codes and ``[ceil(N/rows), ceil(K/cols)]`` scales of a random weight, as ``quantize(block=...)`` makes
+    them."""
+    from lowbit.ir.qscheme import QScheme
+    from lowbit.passes.insert_qdq import quantize_weight
+
+    assert rows == cols, "quantize(block=) makes square tiles"
+    q, s, _, _ = quantize_weight(torch.randn(n, k, device="cuda"),
+                                 QScheme(qdtype="fp8e4m3", granularity="per_block", group_size=rows))
+    return q, s
+
+
+def a8_call(xq, xs, q, s, wq: str, wg: int, ag: int, cfg: tuple | None, w_block_n: int = 0):
     """The GEMM half at ``cfg`` (None: the op's own launch)."""
     tile = None
     if cfg is not None:
         bm, bn, bk, w, st, g, sub = cfg
         tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "SUBK": sub, "num_warps": w,
                 "num_stages": st}
-    return lambda: a8mod.a8_gemm(xq, xs, q, s, None, None, wq, wg, ag, torch.bfloat16, config=tile)
+    return lambda: a8mod.a8_gemm(xq, xs, q, s, None, None, wq, wg, ag, torch.bfloat16, config=tile,
+                                 w_block_n=w_block_n)
 
 
-def bench_shape(m: int, k: int, n: int, common: dict, deadline: float, sweep: bool = True) -> list[dict]:
-    """One shape's rows; ``sweep`` False: the baselines and the op's own launch only (no ``CONFIGS``)."""
+def bench_shape(m: int, k: int, n: int, common: dict, deadline: float, sweep: bool = True,
+                schemes: tuple[str, ...] = tuple(SCHEMES)) -> list[dict]:
+    """One shape's rows; ``sweep`` False: the baselines and the op's own launch only (no ``CONFIGS``); ``schemes``:
+    the ``SCHEMES`` timed."""
     rows = []
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     flops = 2 * m * n * k
@@ -98,18 +119,23 @@ def bench_shape(m: int, k: int, n: int, common: dict, deadline: float, sweep: bo
         qf, sf = qweight(n, k, "fp8e4m3", 0, True)[:2]
         return lambda: torch._scaled_mm(xf8, qf.t(), scale_a=xfs, scale_b=sf.reshape(1, n), out_dtype=torch.bfloat16)
     add("torch_scaled_mm_fp8_rowwise_raw", measure(scaled_mm, n * k), base)
-    for scheme, (wq, wg, aq, ag) in SCHEMES.items():
+    for scheme in schemes:
+        wq, wg, aq, ag = SCHEMES[scheme]
+        bn = TILE_ROWS.get(scheme, 0)
+
+        def weight(wq=wq, wg=wg, bn=bn):
+            return tile_qweight(n, k, bn, wg) if bn else qweight(n, k, wq, wg, True)[:2]
         xq, xs = quantize_activation(x, aq, ag)
         groups = [g for g in (wg, ag) if g]
         best = None
         for cfg in [None, *CONFIGS] if sweep else [None]:
             if cfg is not None and (groups and cfg[2] > min(groups) or not groups and cfg[6] > 1
-                                    or time.time() > deadline):
+                                    or bn % cfg[1] or time.time() > deadline):
                 continue
 
             def make(cfg=cfg):
-                q, s = qweight(n, k, wq, wg, True)[:2]
-                return a8_call(xq, xs, q, s, wq, wg, ag, cfg)
+                q, s = weight()
+                return a8_call(xq, xs, q, s, wq, wg, ag, cfg, bn)
             try:
                 t = measure(make, n * k)
             except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory) is a row, not a stop
@@ -125,8 +151,9 @@ def bench_shape(m: int, k: int, n: int, common: dict, deadline: float, sweep: bo
 
         for scaled_mm in (False, True) if scheme == "fp8-rowwise" else (False,):
             def op(scaled_mm=scaled_mm):
-                q, s = qweight(n, k, wq, wg, True)[:2]
-                return lambda: torch.ops.lowbit.a8_linear(x, q, s, None, None, wq, wg, aq, ag, scaled_mm)
+                q, s = weight()
+                return lambda: torch.ops.lowbit.a8_linear(x, q, s, None, None, wq, wg, aq, ag, scaled_mm,
+                                                          w_block_n=bn)
             add(f"{scheme}_op_incl_act_quant", measure(op, n * k), base,
                 gemm="torch._scaled_mm" if scaled_mm else "triton")
     return rows
@@ -140,7 +167,12 @@ def main() -> None:
     ap.add_argument("--run", default="")
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--no-sweep", action="store_true", help="skip CONFIGS: baselines and the op's launch only")
+    ap.add_argument("--schemes", default=",".join(SCHEMES), help=f"of {', '.join(SCHEMES)}")
     args = ap.parse_args()
+    schemes = tuple(args.schemes.split(","))
+    unknown = [sc for sc in schemes if sc not in SCHEMES]
+    if unknown:
+        raise SystemExit(f"bench_a8: unknown scheme(s) {unknown}; known: {', '.join(SCHEMES)}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_a8 needs CUDA")
     deadline = time.time() + args.budget_s
@@ -159,7 +191,7 @@ def main() -> None:
                 print(f"budget: M={m} {k}x{n} not run", flush=True)
                 continue
             t0 = time.time()
-            new = bench_shape(m, k, n, common, deadline, sweep=not args.no_sweep)
+            new = bench_shape(m, k, n, common, deadline, sweep=not args.no_sweep, schemes=schemes)
             rows.extend(new)
             merge_rows(out, header, rows, key=key, append_command=True)
             brief = " ".join(f"{r.get('config', r['kernel'])}{'/' + r['gemm'] if 'gemm' in r else ''}="
