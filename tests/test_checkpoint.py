@@ -121,6 +121,10 @@ def test_fp8_block128_saves_as_compressed_tensors_block_strategy_and_loads_both_
     with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.q_proj': input activations in groups of "
                                               r"128 over K=576 end in a partial group"):
         lowbit.save(smol, tmp_path / "smol", format="compressed-tensors")
+    again = lowbit.load(lowbit.save(smol, tmp_path / "smol-lowbit", format="lowbit"))  # what the refusal advises
+    _assert_same_graph(smol, again.graph)
+    smol_ids = float_slice[1][:1, :64]
+    assert torch.equal(again(smol_ids), TorchCompiled(smol)(smol_ids))
 
 
 def test_fold_norms_reports_the_head_it_unties(float_slice):
