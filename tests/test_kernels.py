@@ -168,17 +168,20 @@ def test_a8_gemm_weight_tiles_scale_each_step_exactly(device, m, n, k):
     ``sum_g dot_g * sa[m, g] * sw[n // 128, g]`` in float64 to the bit. (20, 200, 320): a partial row of tiles
     (200 = 1.56 x 128) and a partial last K group (320 = 2.5 x 128), under the interpreter two 64-wide steps
     sharing each group's scales and 32-column programs sharing a tile's."""
+    from lowbit.kernels.a8_linear import a8_static_config
+
     g = torch.Generator().manual_seed(3)
     xq = torch.randint(-8, 9, (m, k), generator=g).float().to(torch.float8_e4m3fn)
     wq = torch.randint(-8, 9, (n, k), generator=g).float().to(torch.float8_e4m3fn)
     groups, tiles_n = -(-k // 128), -(-n // 128)
     xs = torch.exp2(torch.randint(-1, 3, (m, groups), generator=g).float())
     ws = torch.exp2(torch.randint(-1, 3, (tiles_n, groups), generator=g).float())
-    y = a8_gemm(xq.to(device), xs.to(device), wq.to(device), ws.to(device), None, None, "fp8e4m3", 128, 128,
-                torch.float32, w_block_n=128)
     xd = xq.double() * xs.double().repeat_interleave(128, 1)[:, :k]
     wd = wq.double() * ws.double().repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
-    assert torch.equal(y.cpu(), (xd @ wd.T).float())
+    for config in (None, a8_static_config(128)):  # the op's own tile, and the one it takes from M = 1024
+        y = a8_gemm(xq.to(device), xs.to(device), wq.to(device), ws.to(device), None, None, "fp8e4m3", 128, 128,
+                    torch.float32, config=config, w_block_n=128)
+        assert torch.equal(y.cpu(), (xd @ wd.T).float()), config
 
 
 @pytest.mark.parametrize("device", DEVICES)

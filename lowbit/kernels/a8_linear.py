@@ -189,10 +189,12 @@ def a8_static_config(group: int) -> dict:
     ``_configs`` measured 1.39x at 4096 x 22016 (the merged gate/up) where this tile took 1.72x. Scale groups
     (``group``, the smaller of the two sides'): 64 x 128 x ``group`` with two groups per loop step, 4 warps, 4
     stages (0.44-0.50x; the autotuned 0.31-0.47x): each group's partial is scaled on CUDA cores, as long as its
-    tensor-core product at fp8."""
+    tensor-core product at fp8. Groups of 128 (fp8-block128) take one group per step: the same K per loop step
+    and shared memory per stage (~24 KB) as the measured group-64 tile, where two 128-wide groups would double it
+    to ~196 KB over 4 stages (not measured yet: ``tools/bench_a8.py --schemes fp8-block64,fp8-block128``)."""
     if group:
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": group, "GROUP_M": A8_GROUP_M, "SUBK": 2, "num_warps": 4,
-                "num_stages": 4}
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": group, "GROUP_M": A8_GROUP_M, "SUBK": 2 if group < 128 else 1,
+                "num_warps": 4, "num_stages": 4}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": A8_GROUP_M, "SUBK": 1, "num_warps": 8,
             "num_stages": 3}
 
