@@ -84,10 +84,16 @@ def test_write_packed_kv_is_rotary_then_cache_update_bit_for_bit(device, bits, k
     kw = dict(rotary_dim=rotary_dim, **layout)
     pos = pos.to(device)
     assert write_packed_kv_unsupported(q, k, v, cos, sin, pos, cache, **kw) is None  # the kernel runs
-    want = [c.clone() for c in cache]
-    want_q, want_k = write_packed_kv_ref(q, k, v, cos, sin, pos, want, **kw)
-    want_kf, want_vf, want_mask = kv.float_candidates(want_k.float(), v.float(), pos, cache[6], cache[7],
-                                                      window=window, sink=sink)
+    # the reference on the CPU: torch's CUDA ops round some scales 1 ulp off the CPU's (H100, session 48: 81-168 of
+    # 1024-2048 key scales, so a few codes), where the kernel equals the CPU reference bit for bit
+    cpu = (lambda t: None if t is None else t.cpu())  # noqa: E731
+    want_before = [c.cpu() for c in cache]
+    want = [c.clone() for c in want_before]
+    want_q, want_k = write_packed_kv_ref(q.cpu(), k.cpu(), v.cpu(), cpu(cos), cpu(sin), pos.cpu(), want, **kw)
+    want_kf, want_vf, want_mask = kv.float_candidates(want_k.float(), v.cpu().float(), pos.cpu(), want_before[6],
+                                                      want_before[7], window=window, sink=sink)
+    want, want_q, want_k = [w.to(device) for w in want], want_q.to(device), want_k.to(device)
+    want_kf, want_vf, want_mask = want_kf.to(device), want_vf.to(device), want_mask.to(device)
     for candidates in (False, True):
         got = [c.clone() for c in cache]
         got_q, got_k, *got_candidates = write_packed_kv(q, k, v, cos, sin, pos, *got, candidates=candidates, **kw)
@@ -131,7 +137,8 @@ def test_write_packed_kv_refuses_what_the_kernel_cannot_take_and_runs_the_refere
 def _tiny_llama_kv(recipe: str, backend: str, monkeypatch: pytest.MonkeyPatch | None = None):
     """A random 2-layer Llama (4 query heads of 32 channels over 2 kv heads, weights x4 for sharp logits, float32:
     no near-ties between the kernel's and SDPA's rounding) compiled for generation with ``recipe``'s packed
-    cache on ``backend``."""
+    cache on ``backend``. No CUDA graph: every decode step runs its Python, so the tests count its calls (a replayed
+    graph calls none: on an H100 the count was 6 of 14)."""
     from conftest import tiny_llama
 
     from lowbit.api import compile_model
@@ -145,7 +152,7 @@ def _tiny_llama_kv(recipe: str, backend: str, monkeypatch: pytest.MonkeyPatch | 
     dev = "cuda" if torch.cuda.is_available() else None
     options = {"backend_options": {"compile": False}} if backend == "triton" else {}
     return compile_model(model, recipe=recipe, backend=backend, device=dev,
-                         generation=GenerationSpec(max_length=96, max_batch=2), **options)
+                         generation=GenerationSpec(max_length=96, max_batch=2, cuda_graph=False), **options)
 
 
 PROMPTS = [[(7 * i) % 59 + 2 for i in range(66)], [(5 * i) % 53 + 3 for i in range(27)]]
