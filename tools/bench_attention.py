@@ -107,14 +107,16 @@ SWEEPS = {
         {"variant": "v4", "interior": True, "maxnreg": 96},
     ],
     "s48": [  # int2's instructions per code (session 48; Triton 3.6 offline, interior loop, MHA): on 2 warps (int2's
-        # launch from 4 key blocks a chunk) the default now gives each warp key blocks of its own (warp_blocks: 3.75
-        # -> 3.24 per code); raw_scores takes the zero-point dot and the 2**49 once per block (int2 3.24 -> 3.15 on 2
-        # warps, 3.23 -> 3.16 on 1; int4 3.31 -> 3.25 at 101 registers instead of 128)
-        {"warp_blocks": False},  # the session-24 launch, for the same-run comparison
+        # launch from 4 key blocks a chunk) warp_blocks gives each warp key blocks of its own (3.75 -> 3.24 per
+        # code); raw_scores takes the zero-point dot and the 2**49 once per block (int2 3.24 -> 3.15 on 2 warps, 3.23
+        # -> 3.16 on 1; int4 3.31 -> 3.25 at 101 registers instead of 128). H100 (session 48, before warp_blocks was
+        # turned off by default and put here): 16 x 32 x 32K default 760.7 us, raw 753.9, 1 warp 666.9, 1 warp + raw
+        # 659.1 (4.21x SDPA)
+        {"warp_blocks": True},
         {"raw_scores": True},
         {"num_warps": 1},  # int2 on one warp: the per-block work of warp_blocks, half the warps a program
         {"num_warps": 1, "raw_scores": True},
-        {"warp_blocks": False, "raw_scores": True},
+        {"warp_blocks": True, "raw_scores": True},
     ],
     "final": [  # most informative first: the budget may cut the tail
         {"variant": "v1"},  # v1 at its best launch of last session (32-token steps, 16-channel chunks)

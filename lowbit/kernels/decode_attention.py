@@ -954,8 +954,9 @@ once a chunk holds ``V4_INT2_MHA_MIN_BLOCKS`` key blocks: ``V4_INT2_MHA_WARPS``)
 lanes took 4 rows of every 32-token block, so the per-block work (key scales times the query, the zero-point dot)
 was done by twice the threads, each for half the rows: offline sm_90 (Triton 3.6), int2 interior loop 3.75 SASS
 instructions per code -> 3.24 with each warp on a block of its own (1 warp: 3.23). Off until a GPU times it
-(``tools/bench_attention.py --sweep s48`` compares it with ``warp_blocks=False``): on the H200, 2 warps beat 1
-warp's fewer instructions (session 24), so the count alone does not decide the launch."""
+(``tools/bench_attention.py --sweep s48`` puts it beside the default): on the H200, 2 warps beat 1 warp's fewer
+instructions (sessions 14 and 23), so the count alone does not decide the launch; on an H100 (session 48, batch 16
+x 32 heads x 32K int2) 1 warp took 666.9 us against 2 warps' 760.7, with raw scores 659.1 (4.21x SDPA)."""
 
 PROGRAMS_PER_SM = 16
 """``_default_split``'s target: the grid has at least this many programs per SM (of 132 on an H200) when the
