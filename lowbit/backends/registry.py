@@ -214,6 +214,10 @@ class TorchBackendOptions(BackendOptions):
     (bench/results/sparse24.json), so 2:4 saves no time there; turn it on to measure your GPU."""
     sparse_library: Literal["auto", "cusparselt", "cutlass"] = "auto"
     """Which sparse GEMM: cuSPARSELt where torch has it (``auto``), or CUTLASS."""
+    routed_experts: bool = True
+    """A mixture-of-experts layer runs each expert only on the tokens its router picked (the captured dense form
+    runs every expert on every token: E/k times the FLOPs), with the dense form's terms in its order; false runs
+    the dense form (``lowbit.backends.routed_experts``)."""
 
     @model_validator(mode="after")
     def _sparse_library_needs_semi_structured(self) -> TorchBackendOptions:

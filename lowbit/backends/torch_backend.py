@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from lowbit.backends.routed_experts import ExpertsMatch, build_routed, find_routed_experts, map_values
 from lowbit.backends.semi_structured import apply_semi_structured, report_lines
 from lowbit.errors import LowbitError
 from lowbit.ir.fold import drop_unused_params, fold_constants
@@ -122,13 +123,19 @@ def _donated_packed_caches(graph: Graph, donated: set[str]) -> set[int]:
 
 
 def lower_to_fx(graph: Graph, device: str | torch.device | None = None,
-                donated: set[str] | frozenset[str] = frozenset()) -> torch.fx.GraphModule:
+                donated: set[str] | frozenset[str] = frozenset(),
+                routed: list[ExpertsMatch] | tuple[()] = ()) -> torch.fx.GraphModule:
     """Build a GraphModule computing ``graph``; parameters are moved to ``device`` if given.
 
     ``donated`` names inputs whose buffers the caller hands over: a ``scatter``/``index_copy`` that is their
     only reader writes into them in place (the step graph's KV cache: no copy of the whole cache per step),
-    so the matching output aliases the input."""
+    so the matching output aliases the input. ``routed``: MoE layers (``find_routed_experts``) whose dense expert
+    chain becomes one ``RoutedExperts`` module call, each expert on its routed rows."""
     dev = torch.device(device) if device is not None else None
+    covered = {id(n) for m in routed for n in m.covered}
+    routed_at = {id(m.output): m for m in routed}
+    read_outside = {id(v) for n in graph.nodes if id(n) not in covered for v in map_values(n)}
+    only_routed = {id(v) for m in routed for n in m.covered for v in map_values(n)} - read_outside
     inplace = _donated_writes(graph, set(donated))
     packed_inplace = _donated_packed_caches(graph, set(donated)) if donated else set()
     root = torch.nn.Module()
@@ -140,6 +147,8 @@ def lower_to_fx(graph: Graph, device: str | torch.device | None = None,
     for name, v in graph.params.items():
         if v.data is None:
             raise LoweringError(f"parameter @{name} has no tensor (IR parsed without weights?)")
+        if id(v) in only_routed:  # held by its expert's module
+            continue
         attr = _attr_name(name, taken)
         root.register_buffer(attr, v.data.to(dev) if dev is not None else v.data)
         env[id(v)] = fxg.get_attr(attr)
@@ -152,6 +161,17 @@ def lower_to_fx(graph: Graph, device: str | torch.device | None = None,
         return x
 
     for node in graph.nodes:
+        if id(node) in routed_at:
+            match = routed_at[id(node)]
+            module = build_routed(match, lambda v: v.data.to(dev) if dev is not None else v.data)
+            attr = _attr_name(match.prefix + ".routed", taken)
+            root.add_module(attr, module)
+            env[id(node.outputs[0])] = fxg.create_node(
+                "call_module", attr, tuple(env[id(v)] for v in (match.dense, match.picked, *match.hidden)), {},
+                name=node.outputs[0].name)
+            continue
+        if id(node) in covered:
+            continue
         try:
             fn = (_INPLACE[node.op] if id(node) in inplace else cache_attention_into if id(node) in packed_inplace
                   else resolve(node.op))
@@ -219,19 +239,24 @@ class TorchCompiled(torch.nn.Module):
     def __init__(self, graph: Graph, device: str | torch.device | None = None, *,
                  precompute_constants: bool = True, keep_packed: bool = False,
                  donated: set[str] | frozenset[str] = frozenset(), semi_structured: bool = False,
-                 sparse_library: str = "auto") -> None:
+                 sparse_library: str = "auto", routed_experts: bool = True) -> None:
         """``precompute_constants`` evaluates once, at lowering, every node that reads only parameters
         (``materialize_weights``), so a call does not unpack all weights again; the numbers are the same and
         ``graph`` keeps the packed form. ``keep_packed=True`` keeps the packed weights on the device instead
         and dequantizes them per call (less memory, more work per call). ``donated``: see ``lower_to_fx``.
         ``semi_structured``: 2:4 linear weights become semi-structured sparse tensors where the device, dtype and
-        shape allow (``sparse_library``: ``auto``, ``cusparselt`` or ``cutlass``); ``sparse_report`` says which."""
+        shape allow (``sparse_library``: ``auto``, ``cusparselt`` or ``cutlass``); ``sparse_report`` says which.
+        ``routed_experts``: each MoE layer's experts run only on the tokens routed to them
+        (``lowbit.backends.routed_experts``); ``routed_report`` names each layer and why one stays dense."""
         super().__init__()
         self.graph = graph
         self.device = torch.device(device) if device is not None else None
         self.keep_packed = keep_packed
         lowered = materialize_weights(graph, keep_packed=keep_packed) if precompute_constants else graph
-        self.gm = lower_to_fx(lowered, device, donated)
+        matches, refused = find_routed_experts(lowered) if routed_experts else ([], {})
+        self.routed_report = {m.prefix: f"routed ({len(m.terms)} experts)" for m in matches}
+        self.routed_report.update({prefix: f"kept dense: {why}" for prefix, why in refused.items()})
+        self.gm = lower_to_fx(lowered, device, donated, matches)
         marked = frozenset(n.outputs[0].name for n in lowered.nodes
                            if n.op in ("linear", "qlinear") and n.meta.get("sparsity") == "2:4")
         dev = self.device if self.device is not None else params_device(lowered)
@@ -246,6 +271,11 @@ class TorchCompiled(torch.nn.Module):
         """What the lowering did beyond the reference (the 2:4 weights, quantized weights made float), one line per
         decision; may be empty."""
         lines = report_lines(self.sparse_report)
+        routed = [p for p, what in self.routed_report.items() if what.startswith("routed")]
+        if routed:
+            lines.append(f"torch: {len(routed)} MoE layers run each expert on its routed tokens only "
+                         f"({', '.join(routed)}); routed_experts=false runs them densely")
+        lines += [f"torch: {p} {what}" for p, what in self.routed_report.items() if not what.startswith("routed")]
         if self.dequantized_weights:
             # the compile summary's "params A -> B MiB" is the graph's stored form: the module runs on float copies
             mib = 2**20
@@ -288,9 +318,9 @@ def packed_weight_reads(graph: Graph) -> int:
 
 
 def lower(graph: Graph, device: str | None = None, *, keep_packed: bool = False, semi_structured: bool = False,
-          sparse_library: str = "auto") -> TorchCompiled:
+          sparse_library: str = "auto", routed_experts: bool = True) -> TorchCompiled:
     """The backend registry's entry point (``lowbit.backends.registry``). A step graph's cache inputs
     (``graph.meta["generation"]``) are handed over by the generator: written in place, not copied."""
     donated = set(graph.meta.get("generation", {}).get("cache_inputs", ()))
     return TorchCompiled(graph, device, keep_packed=keep_packed, donated=donated, semi_structured=semi_structured,
-                         sparse_library=sparse_library)
+                         sparse_library=sparse_library, routed_experts=routed_experts)
