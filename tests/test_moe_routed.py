@@ -104,3 +104,17 @@ def test_routed_experts_option_reaches_the_torch_backend():
     """``backend_options={'routed_experts': False}`` lowers every MoE layer densely."""
     compiled = lowbit.compile_model(_tiny("qwen3_moe"), backend_options={"routed_experts": False})
     assert _routed_layers(compiled.runner) == []
+
+
+def test_routed_layer_runs_the_dense_form_while_a_cuda_graph_captures(monkeypatch):
+    """Under a CUDA graph capture (the generator's decode steps on CUDA) ``nonzero`` cannot run: the routed module
+    takes the dense form there (forced here on the CPU), and the logits equal the dense lowering's in float64 with
+    no routed rows counted."""
+    model = _tiny("qwen2_moe-norm_topk").double()
+    ids = _ids()
+    compiled = lowbit.compile_model(model)
+    monkeypatch.setattr(RoutedExperts, "runs_dense", staticmethod(lambda x: True))
+    layers = _routed_layers(compiled.runner)
+    logits = compiled(ids)
+    assert len(layers) == N_LAYERS and all(sum(layer.rows_seen) == 0 for layer in layers)
+    torch.testing.assert_close(logits, TorchCompiled(compiled.graph, routed_experts=False)(ids), atol=1e-12, rtol=0)

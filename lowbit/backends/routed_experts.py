@@ -227,7 +227,21 @@ class RoutedExperts(torch.nn.Module):
         self.out_dtype = out_dtype
         self.rows_seen = [0] * len(experts)
 
+    @staticmethod
+    def runs_dense(x: torch.Tensor) -> bool:
+        """Whether a call must take the dense form: while a CUDA graph captures (the generator's decode steps), as
+        ``nonzero`` waits for the device, which a capture forbids."""
+        return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
     def forward(self, dense: torch.Tensor, picked: torch.Tensor, *hidden: torch.Tensor) -> torch.Tensor:
+        if self.runs_dense(hidden[0]):
+            # the dense chain: every expert on every row, its term kept where picked (the cast of a selected 0.0 is
+            # 0.0, so selecting after the cast is the same), summed in expert order
+            total = None
+            for e, expert in enumerate(self.experts):
+                term = torch.where(picked[:, e, None], expert(*hidden, dense[:, e, None]), 0.0)
+                total = term if total is None else total + term
+            return total
         out = hidden[0].new_zeros(dense.shape[0], self.out_features, dtype=self.out_dtype)
         for e, expert in enumerate(self.experts):
             rows = picked[:, e].nonzero().flatten()
