@@ -118,3 +118,19 @@ def test_routed_layer_runs_the_dense_form_while_a_cuda_graph_captures(monkeypatc
     logits = compiled(ids)
     assert len(layers) == N_LAYERS and all(sum(layer.rows_seen) == 0 for layer in layers)
     torch.testing.assert_close(logits, TorchCompiled(compiled.graph, routed_experts=False)(ids), atol=1e-12, rtol=0)
+
+
+def test_experts_linears_merged_across_experts_stay_dense():
+    """``merge-linears`` after ``fuse-qlinear`` merges every expert's gate and up projections into one wide qlinear
+    (as the Triton backend runs them): no expert has its own nodes, so each layer stays dense, the report says why,
+    and the logits are the dense lowering's."""
+    model = _tiny("mixtral").double()
+    ids = _ids()
+    compiled = lowbit.compile_model(model, pipeline="quantize(w=int4,group=32),fuse-qlinear,merge-linears",
+                                    backend_options={"keep_packed": True})
+    assert _routed_layers(compiled.runner) == []
+    for layer in range(N_LAYERS):
+        why = compiled.runner.routed_report[f"model.layers.{layer}.mlp.experts"]
+        assert why.startswith("kept dense: expert 1 reads") and "merged across experts" in why
+    dense = TorchCompiled(compiled.graph, keep_packed=True, routed_experts=False)
+    torch.testing.assert_close(compiled(ids), dense(ids), atol=0, rtol=0)

@@ -157,7 +157,8 @@ def _match_layer(prefix: str, downs: dict[int, Node], users: dict[int, list[Node
         if hidden is None:
             hidden = outside
         elif [id(v) for v in outside] != [id(v) for v in hidden]:
-            return f"expert {e} reads other inputs than expert 0"
+            return (f"expert {e} reads {[v.name for v in outside]}, expert 0 {[v.name for v in hidden]} (a node "
+                    "shared by experts, as linears merged across experts)")
         terms.append(ExpertTerm(body, scale, scale.args[1], where, cast))
         covered += body + [scale, where] + ([cast] if cast else []) + dense_nodes + picked_nodes
         if e == 0:

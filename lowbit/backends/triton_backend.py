@@ -1258,9 +1258,11 @@ class TritonCompiled(TorchCompiled):
         for fuse in (fuse_qlinear, merge_horizontal, fuse_norm_quant):
             fuse(fused)
             eliminate_dead_code(fused)
-        # float 2:4 linears become semi-structured sparse tensors (torch_backend; torch.compile traces the subclass)
+        # float 2:4 linears become semi-structured sparse tensors (torch_backend; torch.compile traces the subclass).
+        # MoE layers stay dense: routed experts would hide their linears from retarget in submodules, and nonzero
+        # breaks torch.compile's graph and CUDA graph capture
         super().__init__(fused, device, keep_packed=True, donated=donated, semi_structured=semi_structured,
-                         sparse_library=sparse_library)
+                         sparse_library=sparse_library, routed_experts=False)
         types = {v.name: v.type for v in [*fused.inputs, *(v for nd in fused.nodes for v in nd.outputs)]
                  if isinstance(v.type, TensorType)}  # (a graph input is what a first norm or rotation may read)
         self.report = retarget(self.gm, types, self.device, epilogues, norm_residual, pdl, rotary_cache,
