@@ -665,6 +665,103 @@ def test_gemv_r_serves_large_int4_shapes_off_its_table():
     assert "ROWS" not in wo.words_config(4, 9984, 4096, 4, 16, n_major=True)  # tensor cores
 
 
+def _launched_configs(wo, monkeypatch) -> list[dict]:
+    """The configs ``_launch_words`` runs with from now on (empty where the op took dequantize + ``F.linear``)."""
+    launched: list[dict] = []
+    real = wo._launch_words
+    monkeypatch.setattr(wo, "_launch_words", lambda *a, **kw: launched.append(a[8]) or real(*a, **kw))
+    return launched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [576, 1216])  # SmolLM2's hidden (9 * 64) and the pruned MLP width (19 * 64)
+@pytest.mark.parametrize("group,symmetric", [(64, False), (64, True), (32, False), (0, True)])
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_eight_word_chunks_run_the_word_kernels_like_the_reference(device, k, group, symmetric, m, monkeypatch):
+    """int4 K a multiple of 64 but not 128 takes the decode layout in 8-word chunks (``CW = 8``): exact round trip
+    and dequantize, and the op's own config runs a word kernel (``_gemv_t`` at M = 1, ``_tc_chunk`` from M = 2: the
+    per-position dots need CW >= 16) within the word paths' tolerance of the reference."""
+    from lowbit.kernels import weight_only as wo
+
+    n = 40
+    q, s, z = quantized_weight(n, k, "int4", group, symmetric, device)
+    assert wo.chunk_words(k, group, 4) == 8 and wo.chunk_words(k, group, 8) == 16  # int8: 4 codes a word
+    words, s2, z2 = wo.pack_words(q, s, z, "int4", group)
+    assert words.dtype == torch.int32 and wo.is_n_major(words) and words.shape == (n, k // 8)
+    assert torch.equal(wo.unpack_words(words, "int4", k, group), q)
+    ref_w = dequantize(q, s, z, qdtype="int4", axis=1 if group else 0, block_size=group or None,
+                       out_dtype=torch.float16)
+    assert torch.equal(dequantize_weight(words, s2, z2, "int4", group, k, torch.float16), ref_w)
+    launched = _launched_configs(wo, monkeypatch)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + m)).to(torch.bfloat16).to(device)
+    got = weight_only_linear(x, words, s2, z2, None, "int4", group)
+    assert _rel(got, weight_only_linear_ref(x, q, s, z, None, "int4", group)) <= TOL[torch.bfloat16]
+    assert len(launched) == 1 and ("PS" in launched[0]) == (m > 1) and "ROWS" not in launched[0], launched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 4])
+def test_eight_word_chunks_fuse_the_gated_epilogue_and_the_block_norm(device, m, monkeypatch):
+    """SmolLM2's shapes on ``CW = 8`` words take the fusions the byte layout lacks: gate/up's ``silu*up`` in the
+    split-K reduce, the residual add + next norm's halves (M = 1 in the reduce, M = 4 as torch ops) and the norm's
+    scaling of o_proj-like input, each within the fused paths' tolerance of the unfused reference."""
+    from lowbit.ir import ops as ir_ops
+    from lowbit.kernels import weight_only as wo
+    from lowbit.kernels._common import activation_ref
+
+    k, g, eps = 576, 64, 1e-5
+    gen = torch.Generator().manual_seed(11 + m)
+    (q, s, z, b), (qi, si, zi, bi) = _interleaved(64, k, "int4", g, False, device)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(device)
+    plain = weight_only_linear_ref(x, q, s, z, b, "int4", g)
+    want = activation_ref(plain[:, :32], "silu") * plain[:, 32:]
+    words, ws, wz = wo.pack_words(qi, si, zi, "int4", g)
+    launched = _launched_configs(wo, monkeypatch)
+    got = weight_only_linear(x, words, ws, wz, bi, "int4", g, "auto", "silu*up")
+    assert got.shape == (m, 32) and len(launched) == 1 and ("PS" in launched[0]) == (m > 1), launched
+    assert _near_epilogue(got, weight_only_linear(x, words, ws, wz, bi, "int4", g), "silu*up")
+    assert _rel(got, want) <= 2 * TOL[torch.bfloat16]
+    # the block: stream = r + linear(x) (N = K = 576), then linear2(rms_norm(stream)) with linear2's K = 576 too
+    q1, s1, z1 = quantized_weight(k, k, "int4", g, True, device)
+    q2, s2, z2 = quantized_weight(40, k, "int4", g, False, device)
+    gain = (0.5 + torch.rand(k, generator=gen)).to(torch.bfloat16).to(device)
+    r = (7 * torch.randn(m, k, generator=gen)).to(torch.bfloat16).to(device)
+    stream = r + weight_only_linear_ref(x, q1, s1, z1, None, "int4", g)
+    normed = ir_ops.rms_norm(stream, gain, eps=eps, compute_dtype=torch.float32)
+    want2 = weight_only_linear_ref(normed, q2, s2, z2, None, "int4", g)
+    w1, ws1, wz1 = wo.pack_words(q1, s1, z1, "int4", g)
+    w2, ws2, wz2 = wo.pack_words(q2, s2, z2, "int4", g)
+    assert w1.dtype == w2.dtype == torch.int32
+    got_stream, gained, sumsq = weight_only_linear_add_norm(x, w1, ws1, wz1, None, "int4", g, r, gain)
+    assert sumsq.shape[-1] == wo.add_norm_partials(x, w1, "int4", g)
+    assert _rel(got_stream, stream) <= TOL[torch.bfloat16]
+    assert _rel(gained, gain * got_stream) <= 2 ** -7
+    got2 = weight_only_linear(gained, w2, ws2, wz2, None, "int4", g, norm_sumsq=sumsq, norm_eps=eps)
+    assert _rel(got2, want2) <= 2 * TOL[torch.bfloat16]
+    assert _rel(weight_only_linear(gained, w2, ws2, wz2, None, "int4", g), want2) > 0.5  # the norm did run
+
+
+def test_eight_word_chunks_refuse_or_avoid_the_short_dots(monkeypatch):
+    """``CW = 8`` is narrower than a ``tl.dot``'s K (16): the configs never send such words to ``_tc_t`` /
+    ``_tc_words`` / ``_tc_pairs``; K-major ones at 2 <= M <= 16 dequantize instead, and a forced GEMV names why."""
+    from lowbit.kernels import weight_only as wo
+
+    assert wo.words_config(4, 1536, 576, 4, 8, n_major=True, group=64)["PS"] == 8  # _tc_chunk
+    assert "PS" not in wo.words_config(1, 1536, 576, 4, 8, n_major=True, group=64)  # _gemv_t
+    assert not wo.pairs_ok(4, 64, 8) and wo.pairs_ok(4, 64, 16)
+    assert wo.chunk_words(576, 64, 8) == 16 and wo.chunk_words(608, 32, 8) == 0  # int8 stops at 16 words
+    with pytest.raises(ValueError, match="K-major int4 words of 8-word chunks .*K >= 16"):
+        wo.words_config(4, 48, 576, 4, 8, n_major=False, group=64)
+    q, s, z = quantized_weight(48, 576, "int4", 64, False)
+    words, s2, z2 = wo.pack_words(q, s, z, "int4", 64, n_major=False)
+    launched = _launched_configs(wo, monkeypatch)
+    x = torch.randn(4, 576, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    if INTERP:
+        got = weight_only_linear(x, words, s2, z2, None, "int4", 64)
+        assert launched == [] and _rel(got, weight_only_linear_ref(x, q, s, z, None, "int4", 64)) <= TOL[
+            torch.bfloat16]
+
+
 def test_kernels_refuse_a_tensor_they_cannot_read_naming_the_kernel(monkeypatch):
     """A CPU tensor outside the interpreter: a ``DeviceError`` naming the kernel, the operand and what to do, not
     Triton's "0 active drivers ([]). There should only be one." (no GPU) or "Pointer argument cannot be accessed

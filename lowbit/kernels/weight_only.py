@@ -5,15 +5,16 @@ along K, low nibble = even index, ``[N, K/2]``; int8/uint8 ``[N, K]``; scale ``[
 ``[N, K/g]``; zero point the scale's shape or None. Every path takes it (the byte kernels below).
 
 Decode layout (``pack_words``, made ONCE at lowering by the triton backend; same bytes, the buffers are replaced,
-not copied): int32 words, K-interleaved within chunks of ``32/bits * CW`` codes (``CW`` = 32 or 16 words, from
+not copied): int32 words, K-interleaved within chunks of ``32/bits * CW`` codes (``CW`` = 32, 16 or, int4, 8 words, from
 ``chunk_words``): word ``c*CW + j`` holds codes ``k = c*per*CW + i*CW + j`` at bits ``[bits*i, bits*(i+1))``.
 Why: a GEMV thread's 16-byte load brings 4 words = 32 codes, and for each code position ``i`` the activations
 those 4 words need are contiguous (``x[c*per*CW + i*CW + j .. +4]``: one 8-byte load serves them), where the
 stored layout needs the even and odd K columns apart (stride-2 activation loads) or an in-register interleave;
 a scale group covers whole ``i`` columns of a chunk, so one scale per row per ``i`` (not per element). Scales
 and zero points are stored transposed (``[N, K/g]`` with strides ``(1, N)``) so a row tile's scales of one group
-are one contiguous load. Taken where ``chunk_words`` is non-zero (K a multiple of 256 codes, or 128, and the
-group a multiple of the chunk width): 4096/11008/1536/4864/896 yes, SmolLM2's 576 no (stored layout there).
+are one contiguous load. Taken where ``chunk_words`` is non-zero (K a multiple of 256 codes, or 128, or for int4 64, and
+the group a multiple of the chunk width): 4096/11008/1536/4864/896 and SmolLM2's 576 (``CW = 8``) all take it.
+At ``CW = 8`` every M = 1 kernel runs as at 16; 2 <= M <= 16 runs ``_tc_chunk`` (``DOT_MIN_CW``).
 The words come in two memory orders of the same ``[N, K*bits/32]`` tensor: K-major (contiguous rows) and N-major
 (strides ``(1, N)``: word ``w`` of every row together, ``pack_words(..., n_major=True)``); the kernels tell them
 apart by the strides (``is_n_major``). ``pack_words`` makes N-major by default (``words_n_major``: K-major only
@@ -585,10 +586,12 @@ WORD_XOR = {4: -2004318072, 8: -2139062144}
 
 
 def chunk_words(k: int, group: int, bits: int) -> int:
-    """Words per row in one chunk of the word layout (32 or 16), or 0 where K/group do not allow it: a chunk holds
-    ``32/bits * CW`` consecutive K indices and every group must cover whole ``CW``-word columns."""
+    """Words per row in one chunk of the word layout (32, 16, or for 4-bit codes 8), or 0 where K/group do not
+    allow it: a chunk holds ``32/bits * CW`` consecutive K indices and every group must cover whole ``CW``-word
+    columns. ``CW = 8`` (64 K indices) lets SmolLM2's K = 576 (and the pruned 1216) take the decode kernels and
+    their fusions, which the byte layout has none of; 8-bit codes stop at 16 (64 K indices already)."""
     per = 32 // bits
-    for cw in (32, 16):
+    for cw in (32, 16, 8) if bits == 4 else (32, 16):
         if k % (per * cw) == 0 and (group == 0 or group % cw == 0):
             return cw
     return 0
@@ -1506,13 +1509,34 @@ def words_n_major(n: int, k: int) -> bool:
     return WORDS_N_MAJOR and (n, k) not in K_MAJOR_SHAPES
 
 
+DOT_MIN_CW = 16
+"""The narrowest chunk the per-position dots of ``_tc_t`` / ``_tc_words`` / ``_tc_pairs`` take: each is a K = CW
+``tl.dot``, and Triton's dots need K >= 16. At ``CW = 8`` int4 N-major words run ``_tc_chunk`` instead (its dots
+span ``PS*CW`` = 64 K indices: ``CW8_TC``); K-major ones dequantize + ``F.linear`` (``words_tc_ok``)."""
+
+CW8_TC: dict = {"BLOCK_N": 64, "PS": 8, "num_warps": 4, "num_stages": 2}
+"""``_tc_chunk``'s config for 2 <= M <= 16 on ``CW = 8`` words (SmolLM2's K = 576): one ``[16, 64] x [64, 64]`` dot per
+chunk, the codes dequantized to the activation dtype as the reference does. Not yet timed on a GPU."""
+
+
+def words_tc_ok(bits: int, cw: int, n_major: bool) -> bool:
+    """Whether a tensor-core word kernel takes these words: CW >= ``DOT_MIN_CW``, or int4 N-major (``_tc_chunk``)."""
+    return cw >= DOT_MIN_CW or (bits == 4 and n_major)
+
+
 def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = False, group: int = 128) -> dict:
     """Tile sizes, warps, split for the word-layout GEMV: the sweep's table where it has the shape, else a rule
-    (N-major: ``_t_rule``; K-major: ~4 programs per SM of the H200 (132), K split only when N alone cannot)."""
+    (N-major: ``_t_rule``; K-major: ~4 programs per SM of the H200 (132), K split only when N alone cannot);
+    tensor cores at ``CW = 8``: ``CW8_TC`` (``_tc_chunk``)."""
     tc = m >= WORDS_TC_MIN_M
     bm = 16 if tc else next_pow2(m)
     per = 32 // bits
     nch = k // (per * cw)
+    check(not tc or words_tc_ok(bits, cw, n_major), "weight_only_linear",
+          f"no tensor-core word kernel takes {'N' if n_major else 'K'}-major int{bits} words of {cw}-word chunks "
+          f"(N={n}, K={k}, M={m}): their dots need K >= {DOT_MIN_CW}")
+    if tc and cw < DOT_MIN_CW:
+        return dict(CW8_TC, BLOCK_M=bm, TC=True, SPLIT_K=max(1, min(4, nch // 2)))
     if n_major:
         if not tc and m == 1 and bits == 4 and (n, k) in _R_TABLE:
             return dict(_R_TABLE[(n, k)], BLOCK_M=1, TC=False)
@@ -1539,7 +1563,7 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = Fal
 
 def pairs_ok(bits: int, group: int, cw: int) -> bool:
     """``_tc_pairs`` takes int4 per channel or groups spanning 4 or 8 code positions of a chunk."""
-    return bits == 4 and (group == 0 or group // cw in (4, 8))
+    return bits == 4 and cw >= DOT_MIN_CW and (group == 0 or group // cw in (4, 8))
 
 
 def _word_masks(bits: int) -> tuple[int, int]:
@@ -1731,9 +1755,9 @@ def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path, epilo
     bits = 4 if qdtype in PACKED_QDTYPES else 8
     cfg = None
     if path == "auto":
-        if m <= 16:
+        if m <= 16 and (m < WORDS_TC_MIN_M or words_tc_ok(bits, cw, is_n_major(words))):
             path = "gemv"
-        elif bits == 4 and is_n_major(words) and (cfg := prefill_tc_config(m, n, k)) is not None:
+        elif m > 16 and bits == 4 and is_n_major(words) and (cfg := prefill_tc_config(m, n, k)) is not None:
             path = "gemv"
         else:
             path = "dequant"
