@@ -1,7 +1,7 @@
 """Decode GEMV sweep: every word-layout GEMV variant/config of ``VARIANTS`` vs cuBLAS bf16 and tinygemm, one run.
 
     python tools/bench_gemv.py [--out bench/results/gemv.json] [--ms 1,16] [--shapes 4096x11008,...]
-                               [--budget-s 120] [--workers 8] [--only cc_t,tc_t,...] [--smoke]
+                               [--budget-s 120] [--workers 8] [--only cc_t,tc_t,...] [--smoke] [--group 128]
 
 M in ``--ms`` (default 1, 16; above 16 the prefill family ``tc_m``) x (K, N) in ``SHAPES`` (int4 g128 asymmetric, bf16 activations): per shape cuBLAS bf16 ``F.linear``,
 ``torch._weight_int4pack_mm`` (tinygemm) and the op's current default (``op_default``: what
@@ -40,6 +40,7 @@ from lowbit.kernels import weight_only as wo
 
 SHAPES = ((4096, 11008), (11008, 4096), (4096, 4096), (4096, 12288), (4096, 22016))
 GROUP = 128
+"""The scale group every weight of the run has (``--group``: 64 for SmolLM2's K = 576, which 128 does not divide)."""
 
 
 def _cc(bn, u, w, sk, pf=0, st=1):
@@ -314,6 +315,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def main() -> None:
+    global GROUP
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/gemv.json")
     ap.add_argument("--ms", default="1,16")
@@ -326,8 +328,10 @@ def main() -> None:
     ap.add_argument("--run", default="", help="a label every row carries (rows of other runs are kept)")
     ap.add_argument("--once", default="", help="variant:i,variant:i,...: launch these configs once per shape "
                     "(after one untimed launch each), no timing, no rows: a target for ncu")
+    ap.add_argument("--group", type=int, default=128, help="scale group of the int4 weights (64: SmolLM2)")
     ap.add_argument("--warm-worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    GROUP = args.group
     if args.warm_worker:
         warm(args)
         return
@@ -345,7 +349,8 @@ def main() -> None:
     dev_name, date = machine(device), datetime.date.today().isoformat()
     procs = []
     if not args.smoke and args.workers > 0:
-        base = [sys.executable, __file__, "--ms", args.ms, "--only", args.only, "--set", args.set]
+        base = [sys.executable, __file__, "--ms", args.ms, "--only", args.only, "--set", args.set,
+                "--group", str(args.group)]
         if args.shapes:
             base += ["--shapes", args.shapes]
         procs = [subprocess.Popen(base + ["--warm-worker", f"{i}/{args.workers}"], stdout=subprocess.DEVNULL,

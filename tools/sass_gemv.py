@@ -1,6 +1,7 @@
 """Offline sm_90 SASS of the decode GEMV kernels, no GPU: registers, spills, instructions per int4 word.
 
     python tools/sass_gemv.py [--out bench/results/gemv_sass.json] [--only op_default,cc_t,...] [--shape 4096x11008]
+                              [--group 128]
 
 Each config is launched through ``weight_only._launch_words`` on ``meta`` tensors with a recording launcher, so the
 kernel, its arguments and its constexprs are exactly those of a real launch; it is then compiled by Triton for
@@ -152,6 +153,8 @@ def words_per_step(kernel, kw: dict) -> tuple[int, int]:
     """(words one thread handles per chunk step, chunk steps per program) of a recorded launch."""
     threads = 32 * kw["num_warps"]
     cw, bn = kw["CW"], kw["BLOCK_N"]
+    if "ROWS" in kw:  # _gemv_r: a step is ROWS word rows of the column tile (STEP_SPLIT steps per program)
+        return kw["ROWS"] * bn // threads, 0
     return kw.get("U", 1) * cw * bn // threads, 0
 
 
@@ -162,7 +165,9 @@ def main() -> None:
                     "op_default (what the op launches today)")
     ap.add_argument("--shape", default="4096x11008", help="KxN")
     ap.add_argument("--set", choices=("all", "final"), default="all")
+    ap.add_argument("--group", type=int, default=bg.GROUP, help="scale group (64: SmolLM2's K = 576)")
     args = ap.parse_args()
+    bg.GROUP = args.group  # record() and bench_gemv.launch read it
     k, n = map(int, args.shape.split("x"))
     variants = bg.FINAL if args.set == "final" else bg.VARIANTS
     date = datetime.date.today().isoformat()
@@ -171,14 +176,16 @@ def main() -> None:
         todo = [("op_default", 0, {})] if "op_default" in args.only.split(",") else []
         todo += [(v, i, c) for v in bg.kinds_for(m, set(args.only.split(","))) for i, c in enumerate(variants[v])]
         for v, i, cfg in todo:
-            row = {"kernel": f"gemv_sass/{v}", "variant": f"{v}#{i}", "M": m, "K": k, "N": n, "config": cfg,
+            row = {"kernel": f"gemv_sass/{v}", "variant": f"{v}#{i}", "M": m, "K": k, "N": n, "group": bg.GROUP,
+                   "config": cfg,
                    "device": DEVICE, "date": date}
             try:
                 kernel, grid, a, kw = record(m, k, n, v, cfg)[0]
                 sass, res = compile_sass(kernel, a, kw)
                 per, steps = words_per_step(kernel, kw)
-                if not steps:  # chunk loop: CH_SPLIT chunks in steps of U
-                    ch = a[kernel.arg_names.index("CH_SPLIT")]
+                if not steps:  # chunk loop: CH_SPLIT chunks in steps of U (_gemv_r: STEP_SPLIT steps)
+                    names = kernel.arg_names
+                    ch = a[names.index("CH_SPLIT" if "CH_SPLIT" in names else "STEP_SPLIT")]
                     steps = -(-ch // kw.get("U", 1))
                 reg = re.search(r"REG:(\d+)", res)
                 row.update(name=kernel.__name__, grid=list(grid), regs=int(reg.group(1)) if reg else None,
