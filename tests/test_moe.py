@@ -260,6 +260,19 @@ def test_moe_graph_lowers_to_onnx_and_runs_in_onnxruntime_as_the_torch_backend(t
         torch.testing.assert_close(got, compiled(ids), atol=2e-6, rtol=0)
 
 
+def _logit_error(model: Any, held_out: torch.Tensor) -> Any:
+    """``error(pipeline, **compile_kwargs) -> (relative logit error on held_out, compiled)`` against ``model``'s own
+    float logits: the quantization tests' measure."""
+    with torch.no_grad():
+        reference = model(input_ids=held_out).logits
+
+    def error(pipeline: str, **kwargs: Any) -> tuple[float, Any]:
+        compiled = lowbit.compile_model(model, pipeline=pipeline, **kwargs)
+        return ((compiled(held_out) - reference).norm() / reference.norm()).item(), compiled
+
+    return error
+
+
 def test_gptq_and_smoothquant_calibrate_the_dense_experts_of_mixtral():
     """GPTQ (int4, group 32) and SmoothQuant (then W8A8) calibrate the dense-routing graph on 8 x 32 random ids (the
     tiny vocabulary has no tokenizer for WikiText-2) and are measured on other random ids against the float logits.
@@ -274,13 +287,7 @@ def test_gptq_and_smoothquant_calibrate_the_dense_experts_of_mixtral():
     model = _tiny("mixtral")
     calib = torch.randint(0, _COMMON["vocab_size"], (8, 32), generator=torch.Generator().manual_seed(3))
     held_out = torch.randint(0, _COMMON["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        reference = model(input_ids=held_out).logits
-
-    def error(pipeline: str, **kwargs: Any) -> tuple[float, Any]:
-        compiled = lowbit.compile_model(model, pipeline=pipeline, **kwargs)
-        return ((compiled(held_out) - reference).norm() / reference.norm()).item(), compiled
-
+    error = _logit_error(model, held_out)
     rtn, _ = error("quantize(w=int4,group=32)")
     gptq, compiled = error("gptq(w=int4,group=32,calib_n=8,calib_len=32,progress=false)", calib=calib)
     stats = compiled.report.pipeline.records[0].stats

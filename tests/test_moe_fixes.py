@@ -15,7 +15,7 @@ import lowbit
 
 transformers = pytest.importorskip("transformers")
 
-from test_moe import _COMMON, N_EXPERTS, N_LAYERS, _ids, _tiny  # noqa: E402
+from test_moe import _COMMON, N_EXPERTS, N_LAYERS, _ids, _logit_error, _tiny  # noqa: E402
 
 POISONED_EXPERT = N_EXPERTS - 1
 
@@ -247,13 +247,7 @@ def test_awq_scales_the_norm_before_the_experts_with_the_float_router_absorbing_
         after = next(n.args[1].data for n in smoothed.graph.nodes if n.op == "linear" and n.module == module)
         assert not torch.allclose(before, after, rtol=1e-3, atol=0), module
 
-    with torch.no_grad():
-        reference = model(input_ids=held_out).logits
-
-    def error(pipeline: str, **kwargs: Any) -> tuple[float, Any]:
-        compiled = lowbit.compile_model(model, pipeline=pipeline, **kwargs)
-        return ((compiled(held_out) - reference).norm() / reference.norm()).item(), compiled
-
+    error = _logit_error(model, held_out)
     rtn, _ = error("quantize(w=int4,group=32)")
     awq_error, compiled = error(awq, calib=calib)
     stats = _awq_stats(compiled)
