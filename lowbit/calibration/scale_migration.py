@@ -40,7 +40,7 @@ from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.rewrite import gain_weight, norm_gain, private_weight
 
 __all__ = ["SITE_KINDS", "divide_norm", "divide_rows", "multiply_columns", "gqa_expand_index", "MigrationSite",
-           "find_sites", "site_for", "apply_scale", "MigrationError", "VIEW_OPS"]
+           "find_sites", "site_for", "apply_scale", "MigrationError", "VIEW_OPS", "tied_reader"]
 
 
 class MigrationError(LowbitError, ValueError):
@@ -132,6 +132,14 @@ class MigrationSite:
     def input_value(self) -> Value:
         """The value the consumers read (whose statistics choose ``s``)."""
         return self.consumers[0].args[0]
+
+
+def tied_reader(graph: Graph, readers: Iterable[Node], users: dict[int, list[Node]] | None = None) -> Node | None:
+    """The first of a site's kept-float ``readers`` whose weight another node also reads (a tied ``lm_head``):
+    scaling its input columns would change that node too, so such a reader refuses the site (smooth-quant and
+    AWQ's scale search both ask)."""
+    users = graph.users() if users is None else users
+    return next((c for c in readers if any(u is not c for u in users.get(id(c.args[1]), []))), None)
 
 
 def _is_linear_with_param_weight(n: Node) -> bool:

@@ -27,7 +27,7 @@ from lowbit.calibration.block_tuning import FloatTargetStream, TuneOptions, Tune
 from lowbit.calibration.data import calib_size
 from lowbit.calibration.engine import BlockRun, batches_from_ids, home_device, run, split_stages, static_batch
 from lowbit.calibration.gptq import HessianAccumulator, gptq_quantize, quantize_with, weight_qparams
-from lowbit.calibration.scale_migration import SITE_KINDS, MigrationSite, apply_scale, find_sites
+from lowbit.calibration.scale_migration import SITE_KINDS, MigrationSite, apply_scale, find_sites, tied_reader
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.qdq import WeightPlan, write_weight_qdq
 from lowbit.ir.qscheme import QScheme
@@ -213,7 +213,7 @@ def _assign_sites(graph: Graph, groups: list[_Group], sites: list[MigrationSite]
         quantized = [c for c in site.consumers if id(c) in group_of]
         owners = {id(group_of[id(c)]): group_of[id(c)] for c in quantized}
         floats = [c for c in site.consumers if id(c) not in group_of]
-        tied = next((c for c in floats if any(u is not c for u in users.get(id(c.args[1]), []))), None)
+        tied = tied_reader(graph, floats, users)
         if not quantized:
             skipped[site.name] = "every reader is a linear this pass keeps float (lm_head, keep=, out of modules=)"
         elif len(owners) > 1:

@@ -28,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from lowbit.calibration.data import calib_size
 from lowbit.calibration.engine import BlockRun, batches_from_ids, run
-from lowbit.calibration.scale_migration import SITE_KINDS, MigrationSite, apply_scale, find_sites
+from lowbit.calibration.scale_migration import SITE_KINDS, MigrationSite, apply_scale, find_sites, tied_reader
 from lowbit.calibration.smoothquant import search_alpha, smoothquant_scale
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.qscheme import DEFAULT_KEEP_FLOAT, module_matches
@@ -137,11 +137,10 @@ def _kept_float_refusal(graph: Graph, site: MigrationSite, keep: list[str]) -> l
     kept = [c for c in site.consumers if any(module_matches(c.module, p) for p in keep)]
     if len(kept) == len(site.consumers):
         return _EVERY_READER_KEPT
-    users = graph.users()
-    for c in kept:
-        if any(u is not c for u in users.get(id(c.args[1]), [])):
-            return (f"its reader linear %{c.name} (module {c.module!r}) is kept float and shares its weight with "
-                    "another node (tied): scaling its columns would copy that weight")
+    c = tied_reader(graph, kept)
+    if c is not None:
+        return (f"its reader linear %{c.name} (module {c.module!r}) is kept float and shares its weight with "
+                "another node (tied): scaling its columns would copy that weight")
     kept_ids = {id(c) for c in kept}
     return [c for c in site.consumers if id(c) not in kept_ids]
 
