@@ -56,6 +56,16 @@ MAX_CALL_MS = 20.0
 """A config whose single call takes longer is not benchmarked (reported as aborted): the old kernel took 4-475 ms."""
 
 
+def _sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def _empty_cache(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _time_us(fn, dev: str) -> float:
     """Microseconds per call: ``triton.testing.do_bench`` on CUDA (short runs: the whole sweep must stay under
     ~150 s), one timed call elsewhere (the interpreter smoke run)."""
@@ -69,12 +79,10 @@ def _time_us(fn, dev: str) -> float:
 
 
 def _one_call_ms(fn, dev: str) -> float:
-    if dev == "cuda":
-        torch.cuda.synchronize()
+    _sync(dev)
     t = time.perf_counter()
     fn()
-    if dev == "cuda":
-        torch.cuda.synchronize()
+    _sync(dev)
     return (time.perf_counter() - t) * 1000
 
 
@@ -156,8 +164,7 @@ def attention_rows(smoke: bool = False, dev: str = "cuda", budget_s: float = 120
             print(rows[-1], file=sys.stderr)
         del kc, ks, kz, vc, vs, vz, ks32, vs32
     del k, v
-    if dev == "cuda":
-        torch.cuda.empty_cache()
+    _empty_cache(dev)
     print(f"attention sweep: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return rows
 
@@ -165,11 +172,6 @@ def attention_rows(smoke: bool = False, dev: str = "cuda", budget_s: float = 120
 def _mib(nbytes: int | None) -> int | None:
     """Peak memory in MiB (generate reports none on the CPU)."""
     return None if nbytes is None else round(nbytes / 2**20)
-
-
-def _empty_cache(dev: str) -> None:
-    if dev == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _llama(smoke: bool, layers: int = 4):
@@ -186,11 +188,6 @@ def _llama(smoke: bool, layers: int = 4):
     with torch.device("cpu"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     return model
-
-
-def _sync(dev: str) -> None:
-    if dev == "cuda":
-        torch.cuda.synchronize()
 
 
 def _hf_ms_per_step(model, ids, new, **kw) -> tuple[float, float]:
