@@ -550,7 +550,7 @@ def _generation_model(model: torch.nn.Module, generation: Any) -> tuple[torch.nn
     eos = getattr(getattr(model.model, "generation_config", None), "eos_token_id", None)
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     meta = {"eos_token_ids": eos, "max_length": spec.max_length, "max_batch": spec.max_batch,
-            "cuda_graph": spec.cuda_graph,
+            "cuda_graph": spec.cuda_graph, "prefill_graphs": spec.prefill_graphs,
             "n_layers": model.n_layers, "kv_heads": model.kv_heads, "head_dim": model.head_dim, "logits": spec.logits,
             "windows": model.windows}
     limit = model_positions(model.model)

@@ -43,6 +43,11 @@ class GenerationSpec:
     """``last``: the step computes the final norm and the head for the last position only (the ``last-logits``
     pass; logits ``[B, 1, V]``), all that generation reads. ``all``: every position's (perplexity through the
     step graph and its cache)."""
+    prefill_graphs: int = 4
+    """With ``cuda_graph`` on CUDA (float cache): how many prefill shapes (batch, prompt length rounded up to
+    ``PREFILL_BUCKET``) keep a captured CUDA graph. A prefill run eagerly launches every op from Python (SmolLM2's
+    1 x 512 prefill: ~42 ms of host time for a few ms of GPU work); a shape is captured the second time it is
+    seen (a one-off prompt is not worth a capture), the least recently used dropped past this many. 0: eager."""
 
     def __post_init__(self) -> None:
         for name in ("max_length", "max_batch"):
@@ -58,6 +63,10 @@ class GenerationSpec:
         if not isinstance(self.cuda_graph, (bool, np.bool_)):  # "false" is truthy: decode replayed CUDA graphs
             raise GenerationError(f"GenerationSpec.cuda_graph={self.cuda_graph!r}: must be True or False")
         object.__setattr__(self, "cuda_graph", bool(self.cuda_graph))
+        if not _is_int(self.prefill_graphs) or self.prefill_graphs < 0:
+            raise GenerationError(f"GenerationSpec.prefill_graphs={self.prefill_graphs!r}: must be an integer >= 0 "
+                                  "(0: prefill without CUDA graphs)")
+        object.__setattr__(self, "prefill_graphs", int(self.prefill_graphs))
         if self.logits not in ("last", "all"):
             raise GenerationError(f"GenerationSpec.logits={self.logits!r}: 'last' (generation) or 'all' (every "
                                   "position's logits)")
@@ -405,6 +414,14 @@ class _CudaGraphStep:
             if dst.data_ptr() != src.data_ptr():  # the backends write the donated cache in place
                 dst.copy_(src)
 
+    def replay_with(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A prefill's replay: its outputs (logits and the filled cache) are read before the next replay, and its
+        cache inputs are never read past the prompt (so no cache is copied back or cleared)."""
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.out
+
     def start(self, ids: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor]) -> None:
         """Load a generation's first decode inputs (greedy graphs then feed themselves)."""
         self.ids.copy_(ids)
@@ -439,6 +456,23 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[b, longest - len(p):] = torch.tensor(p, dtype=torch.long)
         positions[b] = torch.cat([torch.arange(len(p), longest), torch.arange(len(p))])
     return ids, positions
+
+
+PREFILL_BUCKET = 64
+"""Captured prefills take prompts left-padded up to a multiple of this many tokens (capped at ``max_length``), so
+nearby prompt lengths share one graph; pad columns are attended by no prompt token (``left_padded``)."""
+
+
+def bucketed(ids: torch.Tensor, positions: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``left_padded``'s ``(ids, positions)`` widened to ``length`` columns: the new pad columns on the left take
+    token 0 and the positions ``L .. length-1`` (every row of ``left_padded``'s ``L`` columns holds positions
+    ``0 .. L-1``), as every pad column does: slots no prompt token attends to, which the row's decode steps
+    overwrite before reading them."""
+    extra = length - ids.shape[1]
+    if extra <= 0:
+        return ids, positions
+    pad_pos = torch.arange(ids.shape[1], length, device=positions.device).expand(ids.shape[0], extra)
+    return (torch.cat([ids.new_zeros(ids.shape[0], extra), ids], 1), torch.cat([pad_pos, positions], 1))
 
 
 def check_request(spec: GenerationSpec, prompts: list[list[int]], max_new_tokens: int, *, do_sample: bool = False,
@@ -543,11 +577,16 @@ class Generator:
         before the prefill; None: they are checked against the prefill's logits."""
         self._eos_warned = False
         self.spec = GenerationSpec(meta["max_length"], meta["max_batch"], meta.get("cuda_graph", True),
-                                   meta.get("logits", "all"))
+                                   meta.get("logits", "all"), meta.get("prefill_graphs", 4))
         self.cache_dtype: torch.dtype = getattr(torch, meta["cache_dtype"])
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.tokenizer = tokenizer
         self._cuda_graphs: dict[tuple[int, bool], _CudaGraphStep] = {}
+        self._prefill_graphs: dict[tuple[int, int], _CudaGraphStep] = {}
+        """Captured prefills by (batch, bucketed length), least recently used first."""
+        self._prefill_seen: set[tuple[int, int]] = set()
+        self.prefill_graph_error: str | None = None
+        """Why a prefill capture failed (prefills then run eagerly), or None."""
         self.kv: dict[str, Any] | None = meta.get("kv_cache")
         """The packed quantized cache's layout (the ``kv-cache`` pass), or None for a float cache."""
 
@@ -607,11 +646,44 @@ class Generator:
                 rows.append(out[0][0, -1])
                 parts.append(out[1:])
             return torch.stack(rows), [torch.cat(ts, 0) for ts in zip(*parts)]
+        graph = self._prefill_graph(ids, positions)
+        if graph is not None:
+            out = graph.replay_with(*bucketed(ids, positions, graph.ids.shape[1]))
+            return out[0][:, -1], list(out[1:])
         # the prompt goes straight into the full-length cache: a prompt-length cache copied into a zeroed full one
         # cost 16 fills and 8 copies per prefill of the 7B-shaped 4-layer stack (~0.3 ms of a 1x2048 prefill on
         # the H200); attention over the slots past the prompt is masked
         out = self.runner(ids, positions, *self._cache(len(lengths), self.spec.max_length))
         return out[0][:, -1], list(out[1:])
+
+    def _prefill_graph(self, ids: torch.Tensor, positions: torch.Tensor) -> _CudaGraphStep | None:
+        """The captured prefill for this shape (captured at its second sighting), or None: run it eagerly."""
+        if (self.device.type != "cuda" or not self.spec.cuda_graph or not self.spec.prefill_graphs
+                or self.spec.logits != "last" or self.prefill_graph_error is not None):
+            return None
+        length = min(self.spec.max_length, -(-ids.shape[1] // PREFILL_BUCKET) * PREFILL_BUCKET)
+        if self.meta.get("rope_switch") is not None:  # longrope picks frequencies by the largest position: no pads
+            length = ids.shape[1]
+        key = (ids.shape[0], length)
+        graph = self._prefill_graphs.pop(key, None)
+        if graph is None:
+            if key not in self._prefill_seen:
+                self._prefill_seen.add(key)
+                return None
+            while len(self._prefill_graphs) >= self.spec.prefill_graphs:  # the least recently used goes
+                self._prefill_graphs.pop(next(iter(self._prefill_graphs)))
+            try:
+                graph = _CudaGraphStep(self.runner, *bucketed(ids, positions, length),
+                                       self._cache(ids.shape[0], self.spec.max_length))
+            except Exception as exc:  # noqa: BLE001 - a step that cannot be captured still prefills, eagerly
+                self.prefill_graph_error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"prefill CUDA graph: capturing the {key[0]} x {length} prefill failed "
+                              f"({self.prefill_graph_error[:300]}); prefills run eagerly (GenerationSpec("
+                              "prefill_graphs=0) says so without trying)", RuntimeWarning, stacklevel=4)
+                torch.cuda.synchronize(self.device)
+                return None
+        self._prefill_graphs[key] = graph  # most recently used last
+        return graph
 
     def _decode_fn(self, batch: int, ids: torch.Tensor, positions: torch.Tensor,
                    cache: list[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], Any]:

@@ -132,6 +132,31 @@ def test_decode_step_equals_last_row_of_prefill(smollm2_two_blocks, compiled):
     assert last.argmax() == full.argmax()
 
 
+def test_bucketed_prefill_pads_without_changing_any_prompt(smollm2_two_blocks, compiled):
+    """A captured prefill takes the prompts left-padded up to its bucket (``bucketed``): every prompt's last logits
+    and its cache slots equal the unpadded prefill's (fp32 rounding of other reduction lengths), for a batch of
+    prompts of different lengths, so a replayed prefill generates what an eager one does."""
+    from lowbit.generate import bucketed, left_padded
+
+    tok = smollm2_two_blocks[1]
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    ids, pos = left_padded(prompts)
+    step = CausalLMStep(smollm2_two_blocks[0])
+    run = compiled.runner
+    want = run(ids, pos, *step.empty_cache(3, 64))
+    wide_ids, wide_pos = bucketed(ids, pos, 40)
+    assert wide_ids.shape == (3, 40) and (wide_ids[:, -ids.shape[1]:] == ids).all()
+    got = run(wide_ids, wide_pos, *step.empty_cache(3, 64))
+    scale = want[0].abs().max()
+    assert (got[0][:, -1] - want[0][:, -1]).abs().max() <= 1e-5 * scale
+    for b, p in enumerate(prompts):
+        for w, g in zip(want[1:], got[1:]):  # the prompt's own slots; the rest is overwritten before it is read
+            assert (g[b, :, :len(p)] - w[b, :, :len(p)]).abs().max() <= 1e-5 * max(1.0, w.abs().max().item())
+    assert bucketed(ids, pos, ids.shape[1])[0] is ids  # a prompt already at the bucket is not copied
+    with pytest.raises(GenerationError, match="prefill_graphs=-1"):
+        GenerationSpec(prefill_graphs=-1)
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(smollm2, compiled):
     _, tok = smollm2
     prompt = [tok(PROMPTS[0]).input_ids]
@@ -686,6 +711,31 @@ def test_decode_step_captures_in_a_cuda_graph_with_the_same_tokens(smollm2, back
     if backend == "torch":
         ref = compile_model(sliced, generation=spec).generate(prompts, 8, stop_tokens=())
         assert sum(a == b for x, y in zip(out.tokens, ref.tokens) for a, b in zip(x, y)) >= 14  # bf16 near-ties
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_prefill_cuda_graph_is_captured_at_the_second_sighting_with_the_same_tokens(backend):
+    """A prefill shape seen twice is captured (padded to its 64-token bucket) and replayed from then on: the
+    greedy tokens of the eager, the capturing and the replayed prefills all equal the CPU reference's (float32,
+    batch 2 with different prompt lengths), and a third shape past ``prefill_graphs=1`` drops the older graph."""
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=128, inter=256, heads=4, kv_heads=2, layers=2, vocab=1000, max_positions=160)
+    spec = GenerationSpec(max_length=150, max_batch=2, prefill_graphs=1)
+    prompts = [[5, 17, 300, 42, 7, 9], [11, 800, 3]]
+    cpu = compile_model(model, generation=spec).generate(prompts, 16, stop_tokens=()).tokens
+    gpu = compile_model(model, generation=spec, device="cuda", backend=backend,
+                        backend_options={"compile": False} if backend == "triton" else None)
+    gen = gpu._step_generator()
+    for n in range(3):
+        assert gpu.generate(prompts, 16, stop_tokens=()).tokens == cpu, n
+        assert len(gen._prefill_graphs) == (n > 0) and gen.prefill_graph_error is None
+    assert next(iter(gen._prefill_graphs)) == (2, 64)
+    longer = [list(range(1, 90)), [3, 4]]
+    want = compile_model(model, generation=spec).generate(longer, 8, stop_tokens=()).tokens
+    for _ in range(2):
+        assert gpu.generate(longer, 8, stop_tokens=()).tokens == want
+    assert list(gen._prefill_graphs) == [(2, 128)]
 
 
 @pytest.mark.gpu
