@@ -22,6 +22,7 @@ so ``torch.compile`` traces through it (no graph break) and CUDA graphs capture 
 - ``torch.ops.lowbit.a8_linear``: W8A8, W4A8 (int8 tensor-core dot) and FP8 e4m3 (rowwise or 64-blocked scales)
   with the activation quantization fused into the op (``a8_linear.py``); ``a8_linear_q`` takes codes + scales
   already quantized by ``torch.ops.lowbit.rms_norm_quant`` (RMSNorm + per-token quantization, ``norm_quant.py``).
+  Up to 16 rows both run ``a8_gemv.py``: one launch that quantizes its rows in registers (no separate quantize).
 - Epilogues: ``weight_only_linear``, ``a8_linear`` and ``a8_linear_q`` take ``epilogue`` — an activation (``silu``,
   ``gelu``, ``gelu_tanh``) applied to their output, or ``<act>*up`` for a merged gate/up weight with interleaved
   rows, returning ``act(gate) * up`` (``_common.parse_epilogue``; reference ``_common.epilogue_ref``): computed in

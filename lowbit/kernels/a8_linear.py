@@ -1,7 +1,9 @@
 """W8A8 / W4A8 (int8 tensor-core dot) and FP8 e4m3 linears with the activation quantization fused in the op.
 
 One op, ``lowbit::a8_linear``, runs two kernels: ``quantize_activation`` (one read of x, codes + scales) and the
-GEMM below, which accumulates exact int32 (or fp32 for fp8) dot products and applies both scales in fp32:
+GEMM below, which accumulates exact int32 (or fp32 for fp8) dot products and applies both scales in fp32; at
+decode sizes (M <= 16, int8 or fp8 weights without zero points or scale tiles) one instead, ``a8_gemv``, which
+quantizes its rows itself (int8: the same result bit for bit). The GEMM:
 
 - per-token activation scale and per-channel weight scale: both in the epilogue (``acc * sa[m] * sw[n]``);
 - per-group scales on either side (``w8a8-g64``: activation groups of 64; ``fp8``: weight and activation groups
@@ -51,6 +53,7 @@ from lowbit.kernels._common import (
     store_epilogue,
     unpack_nibbles,
 )
+from lowbit.kernels.a8_gemv import a8_gemv, a8_gemv_unsupported
 from lowbit.kernels.act_quant import quantize_activation
 
 __all__ = ["FP8_ROWWISE_SCALED_MM", "a8_gemm", "a8_linear", "a8_linear_q", "a8_linear_ref"]
@@ -329,6 +332,15 @@ def _a8_product(xq: torch.Tensor, sa: torch.Tensor, qweight: torch.Tensor, w_sca
                    w_block_n=w_block_n)
 
 
+def _takes_gemv(x: torch.Tensor, qweight: torch.Tensor, w_qdtype: str, w_group: int, a_group: int,
+                w_zero_point: torch.Tensor | None, w_block_n: int) -> bool:
+    """Decode sizes (M <= ``A8_GEMV_MAX_M``) of the forms the one-launch GEMV takes (``a8_gemv_unsupported``):
+    chosen per call by M, as ``weight_only_linear`` picks its GEMV; the quantize + GEMM otherwise."""
+    k = x.shape[-1]
+    return (k > 0 and x.numel() > 0 and qweight.stride(-1) == 1
+            and a8_gemv_unsupported(x.numel() // k, w_qdtype, w_group, a_group, w_zero_point, w_block_n) is None)
+
+
 @triton_op("lowbit::a8_linear", mutates_args=())
 def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor | None,
               bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
@@ -343,6 +355,11 @@ def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_z
     check(w_qdtype in W_QDTYPES, "a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
     check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), "a8_linear",
           f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
+    k = x.shape[-1]
+    if _takes_gemv(x, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
+        x2 = x.reshape(-1, k)
+        y = a8_gemv(x2, None, qweight, w_scale, bias, w_qdtype, w_group, a_qdtype, a_group, x.dtype, epilogue)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     xq, sa = quantize_activation(x, a_qdtype, a_group)
     y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm, x.dtype,
                     epilogue, w_block_n)
@@ -365,6 +382,10 @@ def a8_linear_q(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
         xq2 = xq2.contiguous()
     if sa.dtype != torch.float32 or sa.stride(-1) != 1:
         sa = sa.float().contiguous()
+    if _takes_gemv(xq2, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
+        y = a8_gemv(xq2, sa, qweight, w_scale, bias, w_qdtype, w_group,
+                    "fp8e4m3" if w_qdtype == "fp8e4m3" else "int8", a_group, out_dtype, epilogue)
+        return y.reshape(*xq.shape[:-1], y.shape[-1])
     y = _a8_product(xq2, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm,
                     out_dtype, epilogue, w_block_n)
     return y.reshape(*xq.shape[:-1], y.shape[-1])

@@ -26,7 +26,7 @@ from lowbit.kernels._common import (
 )
 
 __all__ = ["QMAX", "cuda_reciprocal", "divide_exact", "quantize_activation", "quantize_activation_ref",
-           "quantize_store_row", "row_quant_setup", "row_scale"]
+           "quantize_codes", "quantize_store_row", "row_quant_setup", "row_scale"]
 
 QMAX = {"int8": 127.0, "fp8e4m3": 448.0}
 ACT_QUANT_WHOLE_ROW = 4096
@@ -110,13 +110,18 @@ def row_scale(amax, QMAX: tl.constexpr, RCP: tl.constexpr):
 
 
 @triton.jit
-def _store_codes(y, ptrs, ok, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
-    """``y = x / scale`` rounded to the code (int8: half to even, clamped; fp8: clamped, RTNE cast) and stored."""
+def quantize_codes(y, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
+    """``y = x / scale`` rounded to the code (int8: half to even, clamped; fp8: clamped, RTNE cast): shared with
+    the A8 GEMV, which quantizes its activation rows in registers (``a8_gemv.py``)."""
     if IS_FP8:
-        q = round_to_e4m3(tl.clamp(y, -QMAX, QMAX)).to(tl.float8e4nv)
-    else:
-        q = tl.clamp(round_half_even(y), -128.0, 127.0).to(tl.int8)
-    tl.store(ptrs, q, mask=ok)
+        return round_to_e4m3(tl.clamp(y, -QMAX, QMAX)).to(tl.float8e4nv)
+    return tl.clamp(round_half_even(y), -128.0, 127.0).to(tl.int8)
+
+
+@triton.jit
+def _store_codes(y, ptrs, ok, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
+    """``y``'s codes (``quantize_codes``) stored."""
+    tl.store(ptrs, quantize_codes(y, QMAX, IS_FP8), mask=ok)
 
 
 @triton.jit

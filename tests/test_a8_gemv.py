@@ -1,0 +1,152 @@
+"""The decode-size A8 GEMV (``lowbit/kernels/a8_gemv.py``) against the quantize + GEMM it replaces and its reference.
+
+int8: bit for bit (the same codes and scales, exact int32 sums, the same epilogue order), at M = 1 and 3, K and
+N not multiples of the tile, with bias and epilogues, on random weights and on SmolLM2's real down_proj with its
+real activations from WikiText-2. fp8: the fp32 sums in the dot's order, stated bound. Under the interpreter the
+bf16 cast truncates, so reference comparisons use fp32 outputs (the kernel-vs-kernel ones bf16: the same store).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+from conftest import quantized_weight
+
+pytest.importorskip("triton", reason="lowbit's kernels need triton (pip install -e '.[dev]' brings it)")
+
+import lowbit.kernels  # noqa: F401 - registers torch.ops.lowbit.a8_linear
+from lowbit.kernels.a8_gemv import a8_gemv, a8_gemv_ref, a8_gemv_unsupported
+from lowbit.kernels.a8_linear import a8_gemm, a8_linear_ref
+from lowbit.kernels.act_quant import quantize_activation
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERP, reason="CPU runs need TRITON_INTERPRET=1")),
+           pytest.param("cuda", marks=pytest.mark.gpu)]
+
+INT8_FORMS = [  # weight group, activation group, K: 200 is no multiple of the 64-wide step, 320 is 5 groups
+    (0, 0, 200),     # w8a8
+    (0, 64, 320),    # w8a8-g64
+    (64, 64, 320),   # int8 groups on both sides
+]
+FP8_FORMS = [(0, 0, 200), (64, 64, 320)]  # fp8 rowwise, recipe fp8 (groups of 64 on both sides)
+FP8_BOUND = 1e-5
+"""fp8: |gemv - reference| <= FP8_BOUND * max |reference| of the row: the fp32 sums of exact fp8 products differ
+from the float64 reference's by their rounding only (~K * 2**-24 of the row's magnitude)."""
+
+
+def _old_path(x, q, s, bias, w_qdtype, w_group, a_qdtype, a_group, out_dtype, epilogue=""):
+    """What ``a8_linear`` ran before the GEMV: ``quantize_activation``, then ``a8_gemm``."""
+    xq, xs = quantize_activation(x, a_qdtype, a_group)
+    return a8_gemm(xq, xs, q, s, None, bias, w_qdtype, w_group, a_group, out_dtype, epilogue)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_group,a_group,k", INT8_FORMS)
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("epilogue", ["", "silu", "silu*up"])
+def test_int8_gemv_is_the_quantize_and_gemm_bit_for_bit(device, w_group, a_group, k, m, epilogue):
+    n = 40  # 2.5 tiles of 16 (gated: 20 outputs)
+    q, s, _ = quantized_weight(n, k, "int8", w_group, True, device)
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    bias = torch.randn(n, device=device).to(torch.bfloat16)
+    y = a8_gemv(x, None, q, s, bias, "int8", w_group, "int8", a_group, torch.bfloat16, epilogue)
+    assert y.shape == (m, n // 2 if epilogue.endswith("*up") else n)
+    assert torch.equal(y, _old_path(x, q, s, bias, "int8", w_group, "int8", a_group, torch.bfloat16, epilogue))
+    # codes handed in (a8_linear_q after rms_norm_quant): the same result
+    xq, xs = quantize_activation(x, "int8", a_group)
+    assert torch.equal(y, a8_gemv(xq, xs, q, s, bias, "int8", w_group, "int8", a_group, torch.bfloat16, epilogue))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_qdtype,w_group,a_group,k", [("int8", *f) for f in INT8_FORMS]
+                         + [("fp8e4m3", *f) for f in FP8_FORMS])
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_matches_its_reference(device, w_qdtype, w_group, a_group, k, m):
+    """fp32 outputs: int8 equal to ``a8_gemv_ref``, fp8 within ``FP8_BOUND``; the reference itself within bf16
+    rounding of the qlinear reference (``a8_linear_ref``)."""
+    n = 40
+    q, s, _ = quantized_weight(n, k, w_qdtype, w_group, True, device)
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    bias = torch.randn(n, device=device).to(torch.bfloat16)
+    y = a8_gemv(x, None, q, s, bias, w_qdtype, w_group, w_qdtype, a_group, torch.float32)
+    ref = a8_gemv_ref(x.cpu(), None, q.cpu(), s.cpu(), bias.cpu(), w_qdtype, w_group, w_qdtype, a_group,
+                      torch.float32)
+    if w_qdtype == "int8":
+        assert torch.equal(y.cpu(), ref)
+    else:
+        assert ((y.cpu() - ref).abs() <= FP8_BOUND * ref.abs().amax(1, keepdim=True)).all()
+    qlinear = a8_linear_ref(x.cpu(), q.cpu(), s.cpu(), None, bias.cpu(), w_qdtype, w_group, w_qdtype, a_group)
+    assert ((ref - qlinear.float()).norm() / qlinear.float().norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_group,a_group,k", FP8_FORMS)
+@pytest.mark.parametrize("epilogue", ["", "gelu_tanh*up"])
+def test_fp8_gemv_is_the_gemm_to_fp32_rounding(device, w_group, a_group, k, epilogue):
+    """bf16 outputs of the fp8 GEMV and the Triton GEMM path within one bf16 step of each other (their fp32 sums
+    differ in order only; the interpreter's dot sums alike, so there they are equal)."""
+    m, n = 3, 40
+    q, s, _ = quantized_weight(n, k, "fp8e4m3", w_group, True, device)
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    y = a8_gemv(x, None, q, s, None, "fp8e4m3", w_group, "fp8e4m3", a_group, torch.bfloat16, epilogue).float()
+    old = _old_path(x, q, s, None, "fp8e4m3", w_group, "fp8e4m3", a_group, torch.bfloat16, epilogue).float()
+    assert ((y - old).abs() <= old.abs() * 2.0 ** -7 + 1e-6).all()
+    if INTERP:
+        assert torch.equal(y, old)
+
+
+def _smollm2_down_proj(smollm2, wikitext_ids, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bf16 inputs of block 0's down_proj for the first ``rows`` WikiText-2 tokens, its int8 per-channel codes,
+    their scales): the real [576, 1536] weight and the real activations it multiplies."""
+    from lowbit.calibration.gptq import weight_qparams
+    from lowbit.ir.quant import get_qdtype, quantize
+
+    model = smollm2[0]
+    down = model.model.layers[0].mlp.down_proj
+    seen: list[torch.Tensor] = []
+    handle = down.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    try:
+        with torch.no_grad():
+            model.model.layers[0](model.model.embed_tokens(wikitext_ids[:, :rows]),
+                                  position_embeddings=model.model.rotary_emb(
+                                      model.model.embed_tokens(wikitext_ids[:, :rows]),
+                                      torch.arange(rows)[None]))
+    finally:
+        handle.remove()
+    w = down.weight.detach()
+    scale, _ = weight_qparams(w, get_qdtype("int8"), True, None)
+    return seen[0][0].to(torch.bfloat16), quantize(w, scale, None, qdtype="int8", axis=0), scale
+
+
+@pytest.mark.skipif(not INTERP and not torch.cuda.is_available(), reason="kernels need a GPU or TRITON_INTERPRET=1")
+def test_a8_linear_takes_the_gemv_on_smollm2_decode_rows(smollm2, wikitext_ids, monkeypatch):
+    """``lowbit::a8_linear`` on SmolLM2's block-0 down_proj (K = 1536, N = 576) and its WikiText-2 activations:
+    up to 16 rows it launches the GEMV alone (no separate quantize) and returns the old two-launch result bit for
+    bit; from 17 rows the quantize + GEMM."""
+    a8mod = importlib.import_module("lowbit.kernels.a8_linear")  # the module (the package re-exports the op)
+
+    dev = "cuda" if torch.cuda.is_available() and not INTERP else "cpu"
+    x, q, s = (t.to(dev) for t in _smollm2_down_proj(smollm2, wikitext_ids, 17))
+    quantized: list[int] = []
+    real_quantize = a8mod.quantize_activation
+    monkeypatch.setattr(a8mod, "quantize_activation",
+                        lambda v, *a: quantized.append(v.shape[0]) or real_quantize(v, *a))
+    for m in (1, 3):
+        y = torch.ops.lowbit.a8_linear(x[:m], q, s, None, None, "int8", 0, "int8", 0)
+        assert torch.equal(y, _old_path(x[:m], q, s, None, "int8", 0, "int8", 0, torch.bfloat16))
+        ref = a8_linear_ref(x[:m], q, s, None, None, "int8", 0, "int8", 0)
+        assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    assert quantized == []
+    torch.ops.lowbit.a8_linear(x, q, s, None, None, "int8", 0, "int8", 0)
+    assert quantized == [17]
+
+
+def test_gemv_names_what_it_does_not_take():
+    assert "M=17" in a8_gemv_unsupported(17, "int8", 0, 0, None, 0)
+    assert "int4" in a8_gemv_unsupported(1, "int4", 64, 0, None, 0)
+    assert "tiles" in a8_gemv_unsupported(1, "fp8e4m3", 128, 128, None, 128)
+    assert "groups of 32 inside" in a8_gemv_unsupported(1, "int8", 32, 64, None, 0)
+    assert a8_gemv_unsupported(16, "fp8e4m3", 64, 64, None, 0) is None
