@@ -2,6 +2,12 @@
 
     python tools/bench_a8.py [--ms 2048,128] [--shapes 4096x11008,...] [--out bench/results/a8_gemm.json]
                              [--run NAME] [--budget-s 300] [--no-sweep] [--schemes fp8-block64,fp8-block128]
+    python tools/bench_a8.py --decode [--ms 1,16] [--shapes 576x1536,...] [--schemes w8a8,fp8-rowwise,...]
+
+``--decode``: the decode-size GEMV (``lowbit.kernels.a8_gemv``, one launch quantizing its own rows) at M = 1 and 16
+on SmolLM2's shapes and the 7B one (``DECODE_SHAPES``) against the two-launch path it replaces (``quantize_activation``
++ ``a8_gemm``; fp8-rowwise also + ``torch._scaled_mm``) and cuBLAS bf16, with a ``DECODE_CONFIGS`` sweep; see
+``bench_decode``.
 
 Issue 17's prefill goals (W8A8 and FP8 at M = 2048 >= 1.6x cuBLAS bf16 *including* the activation quantization)
 are bound by ``lowbit.kernels.a8_linear._a8_kernel``'s tiles and program order. For every shape this times, in
@@ -159,6 +165,81 @@ def bench_shape(m: int, k: int, n: int, common: dict, deadline: float, sweep: bo
     return rows
 
 
+DECODE_SHAPES = ((576, 1536), (1536, 576), (576, 192), (4096, 11008))
+"""(K, N) for ``--decode``: SmolLM2-135M's gate/up and down_proj, its k/v projection, and the 7B MLP."""
+
+DECODE_CONFIGS = [(bn, bk, w) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4, 8)]
+"""(BLOCK_N, BLOCK_K, num_warps) tried for ``a8_gemv`` (BLOCK_K is the group wherever scales are grouped, so
+those schemes sweep BLOCK_N x num_warps only)."""
+
+
+def bench_decode(m: int, k: int, n: int, common: dict, deadline: float, sweep: bool = True,
+                 schemes: tuple[str, ...] = ("w8a8", "fp8-rowwise", "fp8-block64")) -> list[dict]:
+    """One decode shape's rows: cuBLAS bf16; per scheme the old two-launch op path (``quantize_activation`` +
+    ``a8_gemm`` with its autotuned tile; fp8-rowwise also + ``torch._scaled_mm``), ``a8_gemv`` at its own config
+    ("op launch") and at each ``DECODE_CONFIGS`` entry, and ``torch.ops.lowbit.a8_linear`` (the op a model calls,
+    which routes M <= 16 to the GEMV). All in CUDA-graph replays over rotated weight copies."""
+    from lowbit.kernels.a8_gemv import a8_gemv
+
+    rows = []
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+    def add(kernel: str, t: tuple[float, float], base: float | None, **extra) -> None:
+        r = {**common, "kernel": kernel, "M": m, "K": k, "N": n, "shape": f"{k}x{n}", "us": round(t[0], 2),
+             "eager_us": round(t[1], 2), **extra}
+        if base:
+            r.update(baseline="cublas_bf16", baseline_us=round(base, 2), speedup=round(base / t[0], 3))
+        rows.append(r)
+
+    def dense():
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        return lambda: F.linear(x, wb)
+    base = measure(dense, 2 * n * k)[0]
+    add("cublas_bf16", (base, 0), None)
+    for scheme in schemes:
+        wq, wg, aq, ag = SCHEMES[scheme]
+        if TILE_ROWS.get(scheme):
+            continue  # weight scale tiles: the GEMV does not take them
+
+        def weight(wq=wq, wg=wg):
+            return qweight(n, k, wq, wg, True)[:2]
+
+        for scaled_mm in (False, True) if scheme == "fp8-rowwise" else (False,):
+            def old(scaled_mm=scaled_mm, wq=wq, wg=wg, aq=aq, ag=ag):
+                q, s = weight()
+                return lambda: a8mod._a8_product(*quantize_activation(x, aq, ag), q, s, None, None, wq, wg, ag,
+                                                 scaled_mm, torch.bfloat16)
+            add(f"{scheme}_quantize_then_{'scaled_mm' if scaled_mm else 'gemm'}", measure(old, n * k), base)
+        group = min([g for g in (wg, ag) if g] or [0])
+        best = None
+        for cfg in [None, *DECODE_CONFIGS] if sweep else [None]:
+            if cfg is not None and (group and cfg[1] != 128 or time.time() > deadline):
+                continue  # grouped: one sweep over BLOCK_N x warps (BLOCK_K is the group)
+            tile = None if cfg is None else {"BLOCK_N": cfg[0], "BLOCK_K": group or cfg[1], "num_warps": cfg[2]}
+
+            def gemv(tile=tile, wq=wq, wg=wg, aq=aq, ag=ag):
+                q, s = weight()
+                return lambda: a8_gemv(x, None, q, s, None, wq, wg, aq, ag, torch.bfloat16, config=tile)
+            try:
+                t = measure(gemv, n * k)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not a stop
+                rows.append({**common, "kernel": f"{scheme}_gemv", "M": m, "K": k, "N": n, "config": str(tile),
+                             "error": repr(e)[:200]})
+                continue
+            name = "op launch" if tile is None else "BN{BLOCK_N}_BK{BLOCK_K}_w{num_warps}".format(**tile)
+            add(f"{scheme}_gemv", t, base, config=name)
+            if tile is not None and (best is None or t[0] < best["us"]):
+                best = rows[-1]
+        if best is not None:
+            best["best"] = True
+
+        def op(wq=wq, wg=wg, aq=aq, ag=ag):
+            q, s = weight()
+            return lambda: torch.ops.lowbit.a8_linear(x, q, s, None, None, wq, wg, aq, ag)
+        add(f"{scheme}_op_incl_act_quant", measure(op, n * k), base)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/a8_gemm.json")
@@ -168,7 +249,14 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--no-sweep", action="store_true", help="skip CONFIGS: baselines and the op's launch only")
     ap.add_argument("--schemes", default=",".join(SCHEMES), help=f"of {', '.join(SCHEMES)}")
+    ap.add_argument("--decode", action="store_true", help="the decode GEMV (a8_gemv) at DECODE_SHAPES, M = 1 and 16 "
+                    "unless --ms/--shapes say otherwise, schemes w8a8,fp8-rowwise,fp8-block64 unless --schemes")
     args = ap.parse_args()
+    if args.decode:
+        args.ms = "1,16" if args.ms == ap.get_default("ms") else args.ms
+        args.shapes = args.shapes or ",".join(f"{k}x{n}" for k, n in DECODE_SHAPES)
+        if args.schemes == ap.get_default("schemes"):
+            args.schemes = "w8a8,fp8-rowwise,fp8-block64"
     schemes = tuple(args.schemes.split(","))
     unknown = [sc for sc in schemes if sc not in SCHEMES]
     if unknown:
@@ -191,7 +279,8 @@ def main() -> None:
                 print(f"budget: M={m} {k}x{n} not run", flush=True)
                 continue
             t0 = time.time()
-            new = bench_shape(m, k, n, common, deadline, sweep=not args.no_sweep, schemes=schemes)
+            run_shape = bench_decode if args.decode else bench_shape
+            new = run_shape(m, k, n, common, deadline, sweep=not args.no_sweep, schemes=schemes)
             rows.extend(new)
             merge_rows(out, header, rows, key=key, append_command=True)
             brief = " ".join(f"{r.get('config', r['kernel'])}{'/' + r['gemm'] if 'gemm' in r else ''}="
