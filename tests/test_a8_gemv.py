@@ -98,6 +98,32 @@ def test_fp8_gemv_is_the_gemm_to_fp32_rounding(device, w_group, a_group, k, epil
         assert torch.equal(y, old)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_qdtype,w_group,a_group,k", [("int8", *INT8_FORMS[0]), ("int8", *INT8_FORMS[2]),
+                                                         ("fp8e4m3", *FP8_FORMS[1])])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_a8_linear_adds_the_residual_as_the_residual_add_does(device, w_qdtype, w_group, a_group, k, m):
+    """``residual=``: the GEMV's store (M <= 16) and the quantize + GEMM path (17) return what ``residual_add``
+    returns after the plain op, bit for bit (one bf16 rounding of the product, one of the sum)."""
+    n = 40
+    q, s, _ = quantized_weight(n, k, w_qdtype, w_group, True, device)
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    bias = torch.randn(n, device=device).to(torch.bfloat16)
+    stream = (torch.randn(m, n, device=device) * 4).to(torch.bfloat16)
+    plain = torch.ops.lowbit.a8_linear(x, q, s, None, bias, w_qdtype, w_group, w_qdtype, a_group)
+    fused = torch.ops.lowbit.a8_linear(x, q, s, None, bias, w_qdtype, w_group, w_qdtype, a_group, residual=stream)
+    assert torch.equal(fused, stream + plain)
+    xq, xs = quantize_activation(x, w_qdtype, a_group)
+    from_codes = torch.ops.lowbit.a8_linear_q(xq, xs, q, s, None, bias, w_qdtype, w_group, a_group, torch.bfloat16,
+                                              residual=stream)
+    assert torch.equal(from_codes, fused)
+    if m <= 16 and w_qdtype == "int8" and not INTERP:  # the reference's arithmetic (the interpreter's bf16 cast
+        # truncates the product where the GPU's and torch's round it to nearest even)
+        ref = a8_gemv_ref(x.cpu(), None, q.cpu(), s.cpu(), bias.cpu(), "int8", w_group, "int8", a_group,
+                          torch.float32).to(torch.bfloat16)
+        assert torch.equal(fused.cpu(), stream.cpu() + ref)
+
+
 def _smollm2_down_proj(smollm2, wikitext_ids, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(bf16 inputs of block 0's down_proj for the first ``rows`` WikiText-2 tokens, its int8 per-channel codes,
     their scales): the real [576, 1536] weight and the real activations it multiplies."""

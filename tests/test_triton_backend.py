@@ -68,8 +68,9 @@ def test_fp8_block128_runs_on_the_tile_kernel_like_the_reference(slice1_bf16):
     """``fp8-block128`` (128 x 128 weight tiles, activations in groups of 128) on SmolLM2's K = 576 = 4.5 x 128:
     every linear takes the A8 GEMM's tile path, partial last groups and tiles included, and the norm before
     q/k/v and gate/up quantizes in the fused kernel. q/k/v do not merge (k_proj's N = 192 would split a tile; the
-    merge pass says so) and gate/up keep their SiLU·up outside (interleaved rows would split tiles too). Logits
-    within the module's 2e-2 of the torch backend's on the same graph."""
+    merge pass says so) and gate/up keep their SiLU·up outside (interleaved rows would split tiles too); o_proj and
+    down_proj take their residual add (``+add``: the tile path adds it after its GEMM). Logits within the module's
+    2e-2 of the torch backend's on the same graph."""
     from lowbit.recipes import get_recipe
 
     graph, ids = slice1_bf16
@@ -77,7 +78,7 @@ def test_fp8_block128_runs_on_the_tile_kernel_like_the_reference(slice1_bf16):
     PassManager(get_recipe("fp8-block128")).run(g)
     ref = TorchCompiled(g)(ids).float()
     m = lower(g, "cuda" if torch.cuda.is_available() else "cpu", compile=False)
-    assert set(m.report["kernels"].values()) == {"fp8"} and not m.report["fallback"]
+    assert sorted(m.report["kernels"].values()) == ["fp8"] * 4 + ["fp8+add"] * 2 and not m.report["fallback"]
     assert len(m.report["kernels"]) == 6 and len(m.report["norm_quant"]) == 2  # q, k, v, o, gate+up, down
     assert sorted(m.report["merged"].values()) == ["model.layers.0.mlp.gate_proj, model.layers.0.mlp.up_proj"]
     y = m(ids).float().cpu()
@@ -1102,3 +1103,41 @@ def test_mlp_gated_epilogue_matches_the_unfused_activation_where_down_proj_reads
 def _one_export_per_model(reuse_captures: object) -> None:
     """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
     model compiled again is not exported again."""
+
+
+@needs_kernels
+@pytest.mark.parametrize("pipeline", ["quantize(w=int8,a=int8)", "quantize(w=fp8e4m3,a=fp8e4m3)"])
+def test_a8_decode_step_runs_one_launch_per_linear(pipeline, monkeypatch):
+    """A W8A8 / FP8 step graph on the triton backend: each decode step's A8 linears are one ``a8_gemv`` launch each
+    (the activation quantized inside it: no ``quantize_activation`` launch, no 16-row GEMM), o_proj and down_proj
+    add the residual in their store (``+add``: no add kernel between them and the next norm), and the tokens are
+    those of ``norm_residual=False`` (the adds as ops) and of the torch reference."""
+    import triton.runtime.interpreter as interp
+    from lowbit.api import compile_model
+    from lowbit.generate import GenerationSpec
+
+    if not INTERP:
+        pytest.skip("counts the interpreter's launches")
+    model = _tiny_llama(heads=4, kv_heads=2, vocab=1000)
+    layers = model.config.num_hidden_layers
+    spec = GenerationSpec(max_length=16, max_batch=1)
+    tri = _triton_step(model, pipeline, spec, "cpu")
+    forms = list(tri.runner.report["kernels"].values())
+    assert sum(f.endswith("+add") for f in forms) == 2 * layers, forms
+    launched: list[str] = []
+    run = interp.InterpretedFunction.run
+    monkeypatch.setattr(interp.InterpretedFunction, "run",
+                        lambda self, *a, **k: launched.append(self.fn.__name__) or run(self, *a, **k))
+    prompt = [[451, 113, 120, 50, 400, 7, 9, 11]]
+    tri.generate(prompt, 1, stop_tokens=())  # the prefill alone
+    prefill = len(launched)
+    out = tri.generate(prompt, 3, stop_tokens=())  # the prefill, then 2 decode steps
+    decode = launched[2 * prefill:]
+    assert "_act_quant_kernel" not in decode and "_a8_kernel" not in decode, decode
+    assert decode.count("_a8_gemv_kernel") == 2 * 4 * layers  # q/k/v, o, gate/up, down per block and step
+    assert decode.count("_rms_norm_quant_kernel") == 2 * 2 * layers
+    unfused = _triton_step(model, pipeline, spec, "cpu", norm_residual=False)
+    assert not any(f.endswith("+add") for f in unfused.runner.report["kernels"].values())
+    assert unfused.generate(prompt, 3, stop_tokens=()).tokens == out.tokens
+    ref = compile_model(model, pipeline=pipeline, generation=spec, device="cpu").generate(prompt, 3, stop_tokens=())
+    assert out.tokens == ref.tokens

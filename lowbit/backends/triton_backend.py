@@ -183,13 +183,14 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "",
     from lowbit.kernels._common import epilogue_ref, norm_from_parts_ref
 
     def run(x, qweight, w_scale, w_zero_point=None, bias=None, a_scale=None, a_zero_point=None, *,
-            norm_sumsq=None, norm_eps=0.0, **kw):
+            norm_sumsq=None, norm_eps=0.0, residual=None, **kw):
         if not _runs_kernel(x):
             if norm_sumsq is not None:
                 x = norm_from_parts_ref(x, norm_sumsq, norm_eps)
             y = qlinear(x, _stored(qweight, x, kw["w_qdtype"], w_group), w_scale, w_zero_point, bias, a_scale,
                         a_zero_point, **kw)
-            return epilogue_ref(y, epilogue)
+            y = epilogue_ref(y, epilogue)
+            return y if residual is None else ir_ops.residual_add(residual, y)
         if op == "weight_only_linear" and pdl and _one_row(x):
             return torch.ops.lowbit.weight_only_linear_pdl(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
                                                            w_group, epilogue, norm_sumsq, norm_eps)
@@ -197,9 +198,11 @@ def _kernel_qlinear(op: str, w_group: int, a_group: int, epilogue: str = "",
             return torch.ops.lowbit.weight_only_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
                                                        w_group, "auto", epilogue, norm_sumsq, norm_eps)
         return torch.ops.lowbit.a8_linear(x, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"], w_group,
-                                          kw["a_qdtype"], a_group, epilogue=epilogue, w_block_n=w_block_n)
+                                          kw["a_qdtype"], a_group, epilogue=epilogue, w_block_n=w_block_n,
+                                          residual=residual)
 
     run.__name__ = f"triton_{op}" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
+    run.adds_residual = op == "a8_linear" and not epilogue  # type: ignore[attr-defined]
     return run
 
 
@@ -399,16 +402,18 @@ def _kernel_qlinear_q(w_group: int, a_group: int, epilogue: str = "", w_block_n:
     from lowbit.ir.normquant import qlinear_q
     from lowbit.kernels._common import epilogue_ref
 
-    def run(xq, x_scale, qweight, w_scale, w_zero_point=None, bias=None, **kw):
+    def run(xq, x_scale, qweight, w_scale, w_zero_point=None, bias=None, *, residual=None, **kw):
         out_dtype = kw.get("out_dtype", torch.float32)
         if not (_on_kernel_device(xq) and out_dtype in _KERNEL_DTYPES
                 and kw.get("x_dtype") == out_dtype):
-            y = qlinear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, **kw)
-            return epilogue_ref(y, epilogue)
+            y = epilogue_ref(qlinear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, **kw), epilogue)
+            return y if residual is None else ir_ops.residual_add(residual, y)
         return torch.ops.lowbit.a8_linear_q(xq, x_scale, qweight, w_scale, w_zero_point, bias, kw["w_qdtype"],
-                                            w_group, a_group, out_dtype, epilogue=epilogue, w_block_n=w_block_n)
+                                            w_group, a_group, out_dtype, epilogue=epilogue, w_block_n=w_block_n,
+                                            residual=residual)
 
     run.__name__ = "triton_a8_linear_q" + (f"_{epilogue.replace('*', '_')}" if epilogue else "")
+    run.adds_residual = not epilogue  # type: ignore[attr-defined]
     return run
 
 
@@ -796,6 +801,27 @@ def _fuse_norm_residual(gm: torch.fx.GraphModule,
         report["kernels"][node.name] += "+add+norm"
 
 
+def _fuse_residual_a8(gm: torch.fx.GraphModule, report: dict[str, dict[str, str]]) -> None:
+    """``residual_add(stream, y)`` of an A8 linear's output ``y`` (no epilogue, no other reader): the linear's node
+    takes ``residual=stream`` and the add is erased. Why: at decode sizes ``a8_gemv`` adds it in its store, where
+    the add was a launch of its own after the GEMV (two per block of a W8A8/FP8 decode step; the float and
+    weight-only steps fold theirs already, ``_fuse_norm_residual``); at other sizes the op adds it with torch ops,
+    which ``torch.compile`` traces as before. The stream must come before the linear (it becomes its input)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not getattr(node.target, "adds_residual", False) or len(node.users) != 1:
+            continue
+        add = next(iter(node.users))
+        if add.op != "call_function" or add.target is not ir_ops.residual_add or len(add.args) != 2 or add.kwargs:
+            continue
+        stream = add.args[0] if add.args[1] is node else add.args[1] if add.args[0] is node else None
+        if not isinstance(stream, torch.fx.Node) or _node_index(gm, stream) > _node_index(gm, node):
+            continue
+        node.kwargs = {**node.kwargs, "residual": stream}
+        add.replace_all_uses_with(node)
+        gm.graph.erase_node(add)
+        report["kernels"][node.name] += "+add"
+
+
 _SHAPE_READS = frozenset({torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default,
                           torch.ops.aten.sym_stride.int, torch.ops.aten.sym_storage_offset.default})
 """Readers of a cache input that see only its metadata (``torch_backend._SHAPE_ONLY``): a write before them is
@@ -1080,7 +1106,8 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     the decode layout). ``types``: the lowered graph's value types by name (a hadamard's row length);
     ``device``: where the hadamard tables go (the module's device); ``epilogues``: which activations after a
     qlinear its kernel computes (``EPILOGUES``); ``norm_residual``: fold RMSNorms and residual adds into the
-    weight-only linears around them (``_fuse_norm_residual``); ``pdl``: weight-only linears as opaque ops whose
+    weight-only linears around them (``_fuse_norm_residual``), residual adds into the A8 linears before them
+    (``_fuse_residual_a8``); ``pdl``: weight-only linears as opaque ops whose
     M = 1 GEMV and reduce launch with programmatic dependent launch (``weight_only_linear_pdl``); ``rotary_cache``:
     each layer's rotary of q and k and its float-cache writes in one ``rotary_write_kv`` (``_fuse_rotary_cache``),
     a layer without one its two cache writes in one ``write_kv``, a packed cache's decode-step write (and rotary) in
@@ -1207,6 +1234,7 @@ def retarget(gm: torch.fx.GraphModule, types: dict[str, TensorType] | None = Non
     _fuse_hadamard_a8(gm, a8, report)
     if norm_residual:
         _fuse_norm_residual(gm, words, report)
+        _fuse_residual_a8(gm, report)
     if rotary_cache:
         _fuse_rotary_cache(gm, types, report, pdl)
         _fuse_packed_cache_writes(gm, types, report)

@@ -36,6 +36,7 @@ from lowbit.kernels._common import (
     is_pow2,
     launcher,
     parse_epilogue,
+    round_to_bf16,
     store_epilogue,
 )
 from lowbit.kernels.act_quant import (
@@ -83,14 +84,16 @@ def a8_gemv_config(n: int, k: int, block_k: int) -> dict[str, int]:
 
 
 @triton.jit
-def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, o_ptr, M, N, K, sxm, ssxm, swn, sswn, som,
+def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, r_ptr, o_ptr, M, N, K, sxm, ssxm, swn, sswn, srm, som,
                     QMAX: tl.constexpr, RCP: tl.constexpr, IS_FP8: tl.constexpr, QUANTIZED: tl.constexpr,
                     A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    ACT: tl.constexpr, GATED: tl.constexpr):
+                    ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, IS_BF16: tl.constexpr):
     """Output columns ``[pid * BLOCK_N, + BLOCK_N)`` of all ``M`` rows. Per token (``A_GROUP`` 0), unquantized:
     a first pass over the rows for their amax, then the codes step by step with the weight; per group
-    (``BLOCK_K`` = ``A_GROUP``): each step's chunk is its group."""
+    (``BLOCK_K`` = ``A_GROUP``): each step's chunk is its group. ``HAS_RES`` (no activation): the residual
+    stream ``r`` added to the output as ``residual_add`` adds it to the plain op's: the product rounded by the
+    store's cast, the sum half to even (bf16 by its bits, as torch's add; the interpreter's cast truncates)."""
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -155,15 +158,22 @@ def _a8_gemv_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, o_ptr, M, N, K, sxm, ss
         acc = acc * tl.load(sw_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+    if HAS_RES:
+        res = tl.load(r_ptr + offs_m[:, None] * srm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0)
+        acc = acc.to(res.dtype).to(tl.float32) + res.to(tl.float32)  # the product rounded as the plain store rounds
+        if IS_BF16:
+            acc = round_to_bf16(acc)
     store_epilogue(acc, o_ptr, offs_m, pid_n * BLOCK_N, m_ok, som, N, ACT, GATED)
 
 
 def a8_gemv(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
             bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
-            out_dtype: torch.dtype, epilogue: str = "", config: dict[str, int] | None = None) -> torch.Tensor:
+            out_dtype: torch.dtype, epilogue: str = "", config: dict[str, int] | None = None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
     """``[M, N]`` (gated: ``N / 2``) of rows ``x [M, K]``: bf16/fp16 rows quantized in the kernel (``x_scale``
     None), or int8/fp8 codes with their fp32 scales ``[M, ceil(K/a_group) or 1]``. ``config``: ``BLOCK_N``,
-    ``BLOCK_K``, ``num_warps`` instead of ``a8_gemv_config``'s (the bench's sweep)."""
+    ``BLOCK_K``, ``num_warps`` instead of ``a8_gemv_config``'s (the bench's sweep). ``residual`` (``[M, N]``,
+    ``out_dtype``; no epilogue): ``residual + the product``, the block's residual add in the same launch."""
     m, k = x.shape
     n = qweight.shape[0]
     why = a8_gemv_unsupported(m, w_qdtype, w_group, a_group, None, 0)
@@ -182,6 +192,10 @@ def a8_gemv(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor
               f"codes of {a_qdtype} activations, got {x.dtype}")
         check(x_scale.dtype == torch.float32 and x_scale.shape[0] == m, "a8_gemv",
               f"activation scales {x_scale.dtype} {tuple(x_scale.shape)}: fp32 [{m}, K/group or 1]")
+    if residual is not None:
+        check(not epilogue and residual.shape == (m, n) and residual.dtype == out_dtype and residual.stride(1) == 1,
+              "a8_gemv", f"a residual {residual.dtype} {tuple(residual.shape)} is added to an {out_dtype} [{m}, {n}] "
+              f"output with no epilogue (got {epilogue!r}), rows contiguous")
     group = min(groups) if groups else 0
     cfg = config or a8_gemv_config(n, k, group)
     check(not group or cfg["BLOCK_K"] == group, "a8_gemv", f"BLOCK_K={cfg['BLOCK_K']} must be the group {group}")
@@ -190,21 +204,23 @@ def a8_gemv(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor
     out = torch.empty((m, n // 2 if gated else n), device=x.device, dtype=out_dtype)
     sx = x_scale if quantized else w_scale
     b = bias if bias is not None else w_scale
+    r = residual if residual is not None else out
     launcher(x, _a8_gemv_kernel)[(cdiv(n, cfg["BLOCK_N"]),)](
-        x, sx, qweight, w_scale, b, out, m, n, k, x.stride(0), sx.stride(0), qweight.stride(0), w_scale.stride(0),
-        out.stride(0), QMAX=QMAX[a_qdtype], RCP=cuda_reciprocal(QMAX[a_qdtype]) if x.is_cuda else 0.0,
+        x, sx, qweight, w_scale, b, r, out, m, n, k, x.stride(0), sx.stride(0), qweight.stride(0), w_scale.stride(0),
+        r.stride(0), out.stride(0), QMAX=QMAX[a_qdtype], RCP=cuda_reciprocal(QMAX[a_qdtype]) if x.is_cuda else 0.0,
         IS_FP8=w_qdtype == "fp8e4m3", QUANTIZED=quantized, A_GROUP=a_group, W_GROUP=w_group,
         HAS_BIAS=bias is not None, BLOCK_M=_BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], ACT=act,
-        GATED=gated, num_warps=cfg["num_warps"])
+        GATED=gated, HAS_RES=residual is not None, IS_BF16=out_dtype == torch.bfloat16, num_warps=cfg["num_warps"])
     return out
 
 
 def a8_gemv_ref(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
                 bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
-                out_dtype: torch.dtype, epilogue: str = "") -> torch.Tensor:
+                out_dtype: torch.dtype, epilogue: str = "", residual: torch.Tensor | None = None) -> torch.Tensor:
     """Plain torch, the kernel's arithmetic: codes and scales by ``quantize_activation_ref`` (or given), each
     step's (one scale group's, or the whole K's) dot exact (int64 / float64) then to fp32, the scales applied in
-    the kernel's order, the output rounded to ``out_dtype`` before the epilogue's ops (``epilogue_ref``)."""
+    the kernel's order, the output rounded to ``out_dtype`` before the epilogue's ops (``epilogue_ref``), then
+    ``residual +`` it (the IR's ``residual_add``)."""
     k = x.shape[-1]
     xq, sa = (x, x_scale) if x_scale is not None else quantize_activation_ref(x, a_qdtype, a_group)
     exact = torch.float64 if w_qdtype == "fp8e4m3" else torch.int64
@@ -229,4 +245,5 @@ def a8_gemv_ref(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Te
         acc = acc * sw.reshape(1, -1)
     if bias is not None:
         acc = acc + bias.float()
-    return epilogue_ref(acc.to(out_dtype), epilogue)
+    y = epilogue_ref(acc.to(out_dtype), epilogue)
+    return y if residual is None else residual + y

@@ -341,39 +341,56 @@ def _takes_gemv(x: torch.Tensor, qweight: torch.Tensor, w_qdtype: str, w_group: 
             and a8_gemv_unsupported(x.numel() // k, w_qdtype, w_group, a_group, w_zero_point, w_block_n) is None)
 
 
+def _rows_residual(residual: torch.Tensor | None, out_shape: tuple, dtype: torch.dtype,
+                   epilogue: str) -> torch.Tensor | None:
+    """``residual`` as the GEMV's ``[M, N]`` rows where its store adds it (the output's shape and dtype, no
+    epilogue); None where the op adds it after (``residual + y``, the IR's ``residual_add``)."""
+    if residual is None or epilogue or residual.dtype != dtype or tuple(residual.shape) != tuple(out_shape):
+        return None
+    r = residual.reshape(-1, out_shape[-1])
+    return r if r.stride(-1) == 1 else r.contiguous()
+
+
+def _add_residual(y: torch.Tensor, residual: torch.Tensor | None, added: bool) -> torch.Tensor:
+    return y if residual is None or added else residual + y
+
+
 @triton_op("lowbit::a8_linear", mutates_args=())
 def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor | None,
               bias: torch.Tensor | None, w_qdtype: str, w_group: int, a_qdtype: str, a_group: int,
-              use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM, epilogue: str = "", w_block_n: int = 0) -> torch.Tensor:
+              use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM, epilogue: str = "", w_block_n: int = 0,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize ``x`` per token (or per ``a_group`` channels) and multiply with the quantized weight.
 
     ``w_group``/``a_group`` 0 = per channel / per token. fp8 per-token x per-channel goes through
     ``torch._scaled_mm`` when ``use_scaled_mm`` (CUDA only). ``epilogue``: an activation (``silu``, ``gelu``,
     ``gelu_tanh``) applied in the GEMM's store, or ``<act>*up`` for interleaved (gate, up) weight rows
     (``weight_only.interleave_rows``): the output is ``act(gate) * up``, half as wide (``epilogue_ref``).
-    ``w_block_n``: fp8 weight scales per ``[w_block_n, w_group]`` tile (``a8_gemm``)."""
+    ``w_block_n``: fp8 weight scales per ``[w_block_n, w_group]`` tile (``a8_gemm``). ``residual``: returns
+    ``residual + linear`` (a block's residual add; in the GEMV's store at decode sizes, ``a8_gemv``)."""
     check(w_qdtype in W_QDTYPES, "a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
     check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), "a8_linear",
           f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
     k = x.shape[-1]
     if _takes_gemv(x, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
-        x2 = x.reshape(-1, k)
-        y = a8_gemv(x2, None, qweight, w_scale, bias, w_qdtype, w_group, a_qdtype, a_group, x.dtype, epilogue)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        r = _rows_residual(residual, (*x.shape[:-1], qweight.shape[0]), x.dtype, epilogue)
+        y = a8_gemv(x.reshape(-1, k), None, qweight, w_scale, bias, w_qdtype, w_group, a_qdtype, a_group, x.dtype,
+                    epilogue, residual=r)
+        return _add_residual(y.reshape(*x.shape[:-1], y.shape[-1]), residual, r is not None)
     xq, sa = quantize_activation(x, a_qdtype, a_group)
     y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm, x.dtype,
                     epilogue, w_block_n)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return _add_residual(y.reshape(*x.shape[:-1], y.shape[-1]), residual, False)
 
 
 @triton_op("lowbit::a8_linear_q", mutates_args=())
 def a8_linear_q(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                 w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str, w_group: int,
                 a_group: int, out_dtype: torch.dtype, use_scaled_mm: bool = FP8_ROWWISE_SCALED_MM,
-                epilogue: str = "", w_block_n: int = 0) -> torch.Tensor:
+                epilogue: str = "", w_block_n: int = 0, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``a8_linear`` on an activation already quantized (``rms_norm_quant``): codes ``[..., K]`` (int8 /
-    float8_e4m3fn) and fp32 scales ``[..., K/a_group or 1]``; the output is ``out_dtype``, ``epilogue`` as in
-    ``a8_linear``."""
+    float8_e4m3fn) and fp32 scales ``[..., K/a_group or 1]``; the output is ``out_dtype``, ``epilogue`` and
+    ``residual`` as in ``a8_linear``."""
     k = xq.shape[-1]
     check(w_qdtype in W_QDTYPES, "a8_linear_q", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
     xq2 = xq.reshape(-1, k)
@@ -383,9 +400,10 @@ def a8_linear_q(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
     if sa.dtype != torch.float32 or sa.stride(-1) != 1:
         sa = sa.float().contiguous()
     if _takes_gemv(xq2, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
+        r = _rows_residual(residual, (*xq.shape[:-1], qweight.shape[0]), out_dtype, epilogue)
         y = a8_gemv(xq2, sa, qweight, w_scale, bias, w_qdtype, w_group,
-                    "fp8e4m3" if w_qdtype == "fp8e4m3" else "int8", a_group, out_dtype, epilogue)
-        return y.reshape(*xq.shape[:-1], y.shape[-1])
+                    "fp8e4m3" if w_qdtype == "fp8e4m3" else "int8", a_group, out_dtype, epilogue, residual=r)
+        return _add_residual(y.reshape(*xq.shape[:-1], y.shape[-1]), residual, r is not None)
     y = _a8_product(xq2, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm,
                     out_dtype, epilogue, w_block_n)
-    return y.reshape(*xq.shape[:-1], y.shape[-1])
+    return _add_residual(y.reshape(*xq.shape[:-1], y.shape[-1]), residual, False)
