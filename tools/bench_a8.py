@@ -177,8 +177,10 @@ def bench_decode(m: int, k: int, n: int, common: dict, deadline: float, sweep: b
                  schemes: tuple[str, ...] = ("w8a8", "fp8-rowwise", "fp8-block64")) -> list[dict]:
     """One decode shape's rows: cuBLAS bf16; per scheme the old two-launch op path (``quantize_activation`` +
     ``a8_gemm`` with its autotuned tile; fp8-rowwise also + ``torch._scaled_mm``), ``a8_gemv`` at its own config
-    ("op launch") and at each ``DECODE_CONFIGS`` entry, and ``torch.ops.lowbit.a8_linear`` (the op a model calls,
-    which routes M <= 16 to the GEMV). All in CUDA-graph replays over rotated weight copies."""
+    ("op launch") and at each ``DECODE_CONFIGS`` entry, ``a8_gemv`` on codes already quantized (what
+    ``a8_linear_q`` runs after the fused norm: the row-amax pass is the difference), and
+    ``torch.ops.lowbit.a8_linear`` (the op a model calls, which routes M <= 16 to the GEMV). All in CUDA-graph
+    replays over rotated weight copies."""
     from lowbit.kernels.a8_gemv import a8_gemv
 
     rows = []
@@ -232,6 +234,13 @@ def bench_decode(m: int, k: int, n: int, common: dict, deadline: float, sweep: b
                 best = rows[-1]
         if best is not None:
             best["best"] = True
+        xq, xs = quantize_activation(x, aq, ag)
+
+        def gemv_codes(wq=wq, wg=wg, aq=aq, ag=ag, xq=xq, xs=xs):
+            q, s = weight()
+            return lambda: a8_gemv(xq, xs, q, s, None, wq, wg, aq, ag, torch.bfloat16)
+        # codes handed in (a8_linear_q after rms_norm_quant, q/k/v and gate/up): no amax pass over the rows
+        add(f"{scheme}_gemv_from_codes", measure(gemv_codes, n * k), base, config="op launch")
 
         def op(wq=wq, wg=wg, aq=aq, ag=ag):
             q, s = weight()
