@@ -273,8 +273,9 @@ def test_ops_compose_with_torch_compile_and_cuda_graphs():
         h = torch.ops.lowbit.weight_only_linear(x, q, s, z, None, "int4", 128)
         h = h + torch.ops.lowbit.weight_only_linear(x, *wn, None, "int4", 128)
         h = h + torch.ops.lowbit.weight_only_linear(x[:1], *wn, None, "int4", 128)
+        # (4 rows: a8_gemv, which adds the residual in its store)
         return torch.ops.lowbit.a8_linear(h[:, :512] if h.shape[1] >= 512 else torch.cat([h, h], 1), q8, s8, None,
-                                          None, "int8", 0, "int8", 0)
+                                          None, "int8", 0, "int8", 0, residual=h)
 
     eager = f(x)
     # Inductor fuses the bf16 adds between the ops (one rounding instead of three), so compare to bf16 rounding;
