@@ -76,8 +76,8 @@ def a8_gemv_config(n: int, k: int, block_k: int) -> dict[str, int]:
     """Tile and warps for an ``[N, K]`` weight; ``block_k``: the scale group (0: per token x per channel).
 
     Not yet timed on a GPU (``tools/bench_a8.py --decode`` sweeps ``BLOCK_N`` x ``BLOCK_K``): 16 or 32 weight rows
-    per program so SmolLM2's 576-wide outputs still make 36 programs, 256 lanes of K per step (a 16-byte load per
-    thread and row at 4 warps)."""
+    per program so SmolLM2's 576-wide outputs still make 36 programs, K in steps of 256 (a 4-8 KB weight tile per
+    step; the group where scales are grouped)."""
     if interpreting():
         return {"BLOCK_N": 16, "BLOCK_K": block_k or 64, "num_warps": 4}
     return {"BLOCK_N": 16 if n <= 2048 else 32, "BLOCK_K": block_k or 256, "num_warps": 4}
