@@ -280,6 +280,8 @@ class GenerationMeta(BaseModel):
     max_length: int = Field(ge=2)
     max_batch: int = Field(ge=1)
     cuda_graph: bool = True
+    prefill_graphs: int = Field(default=4, ge=0)
+    """Prefill shapes kept as CUDA graphs (``GenerationSpec.prefill_graphs``); absent before session 49: 4."""
     n_layers: int = Field(ge=1)
     kv_heads: int | list[int]
     head_dim: int = Field(ge=1)
