@@ -24,6 +24,9 @@ re-quantized at every step from the float ring (its earlier, partial versions ar
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -31,11 +34,28 @@ import torch.nn.functional as F
 
 from lowbit.ir.ops import register_op
 
-__all__ = ["layer_kv_heads", "pack_codes", "unpack_codes", "quantize_keys", "quantize_values", "dequantize_keys",
-           "dequantize_values", "cache_layout", "empty_cache", "cache_update", "cache_attention",
-           "cache_attention_into"]
+__all__ = ["layer_kv_heads", "host_checked_positions", "pack_codes", "unpack_codes", "quantize_keys",
+           "quantize_values", "dequantize_keys", "dequantize_values", "cache_layout", "empty_cache", "cache_update",
+           "cache_attention", "cache_attention_into"]
 
 SCALE_EPS = 1e-12  # as lowbit.ir.quant.SCALE_EPS
+
+_HOST_LAST_POSITION: ContextVar[int | None] = ContextVar("lowbit_kv_host_last_position", default=None)
+
+
+@contextmanager
+def host_checked_positions(last: int) -> Iterator[None]:
+    """Steps run inside take positions their caller built on the host and vouches for: each sequence's tokens at
+    consecutive positions, the largest ``last`` (inside the cache). Why: a prefill's ``cache_update`` checked its
+    positions and ``_quantized_extent`` read their largest on the device, host syncs in every layer, so a GPU
+    prefill waited for each layer's work before launching the next's (3 syncs a layer, 90 for SmolLM2's 30);
+    ``lowbit.generate`` knows both from the prompts' lengths. A decode step must not run inside (its positions
+    pass ``last``)."""
+    token = _HOST_LAST_POSITION.set(int(last))
+    try:
+        yield
+    finally:
+        _HOST_LAST_POSITION.reset(token)
 
 
 def layer_kv_heads(gen: dict[str, Any]) -> list[int]:
@@ -175,7 +195,7 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
     b, h, n, d = k.shape
     slots = kc.shape[2]
     pos = positions.to(torch.long)
-    if check and n > 1:  # (a decode step is checked by its driver: no host sync here)
+    if check and n > 1 and _HOST_LAST_POSITION.get() is None:  # (a decode step is checked by its driver)
         _check_positions(pos, slots, k_block)
     elif slots % k_block:
         raise ValueError(f"cache_attention: the packed cache has {slots} slots, not a multiple of k_block={k_block}")
@@ -191,11 +211,12 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
     vz = scatter(vz, 2, idx.expand(b, h, n, vzero.shape[-1]), vzero)
     # keys: the blocks from p0's to the last token's, from the old ring (tokens before p0) and the new keys
     first_block = p0 // k_block
-    if n == 1:  # a decode step touches one block (no host sync: the step can run under a CUDA graph)
-        n_blocks = 1
-    else:
-        n_blocks = int(((p0[:, 0] + n - 1) // k_block - p0[:, 0] // k_block).max()) + 1
-    span = first_block * k_block + torch.arange(n_blocks * k_block, device=k.device)  # [B, T] their positions
+    # the most blocks n consecutive tokens touch, known from the shape (a decode step: one, so the step can run
+    # under a CUDA graph); the exact count read the positions, a host sync in every layer of a prefill. A
+    # sequence's blocks past its last token are written into the padding cut off below (``past_last``)
+    n_blocks = -(-(n - 1) // k_block) + 1
+    offsets = torch.arange(n_blocks * k_block, device=k.device)
+    span = first_block * k_block + offsets  # [B, T] their positions
     tt = span.shape[1]
     ko = kf.gather(2, (sink + span.remainder(ring))[:, None, :, None].expand(b, h, tt, d)).float()
     # zeros stand for tokens not written yet: the range always holds 0, so they change no scale
@@ -207,8 +228,9 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
         kn = k.gather(2, (span - p0).clamp(0, n - 1)[:, None, :, None].expand(b, h, tt, d)).float()
         kblk = torch.where(from_new[:, None, :, None], kn, older)
     kcode, kscale, kzero = quantize_keys(kblk, bits, k_block)
-    # a sequence whose tokens end in an earlier block than another's may span a block past the cache's end:
-    # scatter into a padded copy and cut it off (no index is written twice)
+    # the blocks past a sequence's last token (the bound above counts one more than a prefill from a block's start
+    # touches, and a shorter sequence's fewer than another's) hold no token of this step: they are scattered into a
+    # padded copy's padding, one index each, and cut off, so the slots past the tokens stay as they were
     pad = n_blocks * k_block
 
     def put(t: torch.Tensor, index: torch.Tensor, src: torch.Tensor, extra: int) -> torch.Tensor:
@@ -218,8 +240,13 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
         out = padded.scatter(2, index[:, None, :, None].expand(b, h, index.shape[1], t.shape[3]), src)
         return out[:, :, : t.shape[2]]
 
-    kc = put(kc, span, kcode, pad)
-    blk = first_block if n == 1 else span[:, ::k_block] // k_block  # [B, n_blocks]
+    if n == 1:
+        at, blk = span, first_block
+    else:
+        past_last = span // k_block > pos[:, -1:] // k_block  # [B, T]
+        at = torch.where(past_last, slots + offsets, span)
+        blk = torch.where(past_last[:, ::k_block], slots // k_block + offsets[:n_blocks], span[:, ::k_block] // k_block)
+    kc = put(kc, at, kcode, pad)
     ks = put(ks, blk, kscale.to(ks.dtype), n_blocks)
     kz = put(kz, blk, kzero, n_blocks)
     # float ring: the last `ring` new tokens (a longer chunk's earlier ones would be overwritten anyway)
@@ -289,11 +316,15 @@ def _quantized_extent(positions: torch.Tensor, slots: int, *, window: int, k_blo
     quantized (``t - window`` for the latest position t), at least one. Why: dequantizing every slot made a CPU
     decode step's cost grow with ``max_length``, not with the tokens written (28 ms per SmolLM2 layer at 2048 slots,
     7 at 128, 40 tokens in). The slots past it are masked, so the answer is the same. All of them on a GPU (reading
-    the positions there is a host sync per layer and step, and a CUDA graph is replayed at other positions) and
-    while ``torch.compile`` traces."""
-    if torch.compiler.is_compiling() or positions.device.type != "cpu":
+    the positions there is a host sync per layer and step, and a CUDA graph is replayed at other positions) unless
+    the caller gave the largest position from the host (``host_checked_positions``: a prefill), and while
+    ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
         return slots
-    last = int(positions.max()) - window  # the latest quantized token read
+    host_last = _HOST_LAST_POSITION.get()
+    if host_last is None and positions.device.type != "cpu":
+        return slots
+    last = (host_last if host_last is not None else int(positions.max())) - window  # the latest quantized token read
     return min(slots, max(k_block, (last // k_block + 1) * k_block))
 
 
