@@ -731,14 +731,15 @@ def _one_export_per_model(reuse_captures: object) -> None:
 
 
 @pytest.mark.parametrize("bits", [8, 2])
-def test_prompts_of_one_length_are_prefilled_together_as_each_alone(smollm2, wikitext_ids, bits):
+def test_prompts_of_one_length_are_prefilled_together_as_each_alone(smollm2, wikitext_ids, bits, monkeypatch):
     """The packed cache prefilled each prompt alone, a Python loop over the batch (SmolLM2 W4A16 kv4 on an H100:
     2.5 s at batch 16, 0.22 s at batch 1), with three host syncs in every layer. Prompts of one length are
-    prefilled together, one step call per distinct length, and the layers read no position on the host: three
-    48-token WikiText-2 windows (past the float window and a key block) make one call, whose last logits and
-    eight cache tensors per layer are each prompt's alone (to fp32 rounding: a batched matmul rounds as it likes;
-    here they are bit for bit); with a 40-token one between them, two calls, rows in the batch's order. Greedy
-    generation gives each prompt's tokens alone."""
+    prefilled together, one step call per distinct length, the layers read no position on the host and make the
+    index tensors and masks of the positions once for the step (``_per_step``): three 48-token WikiText-2 windows
+    (past the float window and a key block) make one call, whose last logits and eight cache tensors per layer are
+    each prompt's alone (to fp32 rounding: a batched matmul rounds as it likes; here they are bit for bit); with a
+    40-token one between them, two calls, rows in the batch's order. Greedy generation gives each prompt's tokens
+    alone."""
     from collections import Counter
 
     from conftest import smollm2_slice
@@ -769,10 +770,15 @@ def test_prompts_of_one_length_are_prefilled_together_as_each_alone(smollm2, wik
         return gen._prefill(*left_padded(prompts), [len(p) for p in prompts])
 
     alone = {tuple(p): prefill([p]) for p in equal + mixed}
+    built: Counter[str] = Counter()
+    for name in ("_chunk_index", "_attend_mask"):
+        monkeypatch.setattr(kv, name, lambda *a, _real=getattr(kv, name), _name=name, **k: built.update([_name])
+                            or _real(*a, **k))
     calls.clear()
     with Syncs() as counted:
         together = prefill(equal)
     assert calls == [(3, 48)]
+    assert built == {"_chunk_index": 1, "_attend_mask": 1}  # the index tensors and masks once for both layers
     # the step's input checks read ids and positions (once a call); the layers' position checks, none
     assert counted.ops["aten._local_scalar_dense.default"] <= 4, counted.ops["aten._local_scalar_dense.default"]
     calls.clear()

@@ -182,10 +182,10 @@ def test_a_packed_cache_decode_step_writes_each_layer_in_one_launch(recipe, monk
     updates, candidates, writes, refused = [], [], [], []
     real_update, real_write, real_why = kv.cache_update, packed_kv_write.write_packed_kv, \
         packed_kv_write.write_packed_kv_unsupported
-    real_candidates = kv.float_candidates
+    real_candidates = kv._candidate_mask  # float_candidates' mask, which the reference's attention makes too
     monkeypatch.setattr(kv, "cache_update", lambda k, *a, **kw: updates.append(k.shape[2]) or real_update(k, *a, **kw))
-    monkeypatch.setattr(kv, "float_candidates",
-                        lambda k, *a, **kw: candidates.append(k.shape[2]) or real_candidates(k, *a, **kw))
+    monkeypatch.setattr(kv, "_candidate_mask",
+                        lambda pos, **kw: candidates.append(pos.shape[1]) or real_candidates(pos, **kw))
     monkeypatch.setattr(packed_kv_write, "write_packed_kv", lambda *a, **kw: writes.append(1) or real_write(*a, **kw))
     monkeypatch.setattr(packed_kv_write, "write_packed_kv_unsupported",
                         lambda *a, **kw: refused.append(real_why(*a, **kw)) or refused[-1])

@@ -24,10 +24,10 @@ re-quantized at every step from the float ring (its earlier, partial versions ar
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,22 +40,46 @@ __all__ = ["layer_kv_heads", "host_checked_positions", "pack_codes", "unpack_cod
 
 SCALE_EPS = 1e-12  # as lowbit.ir.quant.SCALE_EPS
 
-_HOST_LAST_POSITION: ContextVar[int | None] = ContextVar("lowbit_kv_host_last_position", default=None)
+class _HostPositions(NamedTuple):
+    last: int
+    per_step: dict[tuple, Any]
+
+
+_HOST_POSITIONS: ContextVar[_HostPositions | None] = ContextVar("lowbit_kv_host_positions", default=None)
 
 
 @contextmanager
 def host_checked_positions(last: int) -> Iterator[None]:
-    """Steps run inside take positions their caller built on the host and vouches for: each sequence's tokens at
-    consecutive positions, the largest ``last`` (inside the cache). Why: a prefill's ``cache_update`` checked its
-    positions and ``_quantized_extent`` read their largest on the device, host syncs in every layer, so a GPU
-    prefill waited for each layer's work before launching the next's (3 syncs a layer, 90 for SmolLM2's 30);
-    ``lowbit.generate`` knows both from the prompts' lengths. A decode step must not run inside (its positions
-    pass ``last``)."""
-    token = _HOST_LAST_POSITION.set(int(last))
+    """One step call (every layer of it) runs inside, with positions its caller built on the host and vouches for:
+    each sequence's tokens at consecutive positions, the largest ``last`` (inside the cache). Why: a prefill's
+    ``cache_update`` checked its positions and ``_quantized_extent`` read their largest on the device, host syncs
+    in every layer, so a GPU prefill waited for each layer's work before launching the next's (3 syncs a layer, 90
+    for SmolLM2's 30); ``lowbit.generate`` knows both from the prompts' lengths. The index tensors and masks made
+    from the positions alone are made once for the step's layers (``_per_step``). A decode step must not run
+    inside (its positions pass ``last``)."""
+    token = _HOST_POSITIONS.set(_HostPositions(int(last), {}))
     try:
         yield
     finally:
-        _HOST_LAST_POSITION.reset(token)
+        _HOST_POSITIONS.reset(token)
+
+
+def _host_last_position() -> int | None:
+    host = _HOST_POSITIONS.get()
+    return None if host is None else host.last
+
+
+def _per_step(key: tuple, build: Callable[[], Any]) -> Any:
+    """``build()``, once per step inside ``host_checked_positions`` (``key``: what it reads besides the step's
+    positions, which every layer of a step shares: the kv-cache pass hands each ``cache_attention`` the graph's
+    positions input). Why: a prefill layer made ~60 small index and mask tensors from
+    the positions alone, each a kernel launch on a GPU, the same in all of its layers."""
+    host = _HOST_POSITIONS.get()
+    if host is None:
+        return build()
+    if key not in host.per_step:
+        host.per_step[key] = build()
+    return host.per_step[key]
 
 
 def layer_kv_heads(gen: dict[str, Any]) -> list[int]:
@@ -180,6 +204,45 @@ def _check_positions(positions: torch.Tensor, slots: int, k_block: int) -> None:
         raise ValueError(f"cache_attention: position {int(positions.max())} is past the cache's {slots} slots")
 
 
+class _ChunkIndex(NamedTuple):
+    """Where ``cache_update`` reads and writes a chunk's (several tokens per sequence) keys: from its positions
+    alone, so the same in every layer of a step."""
+    n_blocks: int
+    ring_at: torch.Tensor  # [B, T] the ring slot of each position of the key blocks the chunk touches (span)
+    older: torch.Tensor  # [B, T] the span positions before the chunk (their keys come from the ring)
+    from_new: torch.Tensor  # [B, T] the span positions in the chunk
+    new_at: torch.Tensor  # [B, T] their column of the chunk's keys (clamped where not)
+    at: torch.Tensor  # [B, T] the slot the span position's code goes to (past the cache where no block to write)
+    blocks: torch.Tensor  # [B, n_blocks] the block each re-quantized block's scale/zero go to (idem)
+    ring_slots: torch.Tensor  # [B, min(L, window)] the ring slots of the chunk's last tokens
+    sink_at: torch.Tensor | None  # [B, sink] the chunk's column of each sink position (clamped where not in it)
+    sink_hit: torch.Tensor | None  # [B, sink] the sink positions in the chunk
+
+
+def _chunk_index(pos: torch.Tensor, slots: int, *, k_block: int, window: int, sink: int) -> _ChunkIndex:
+    n = pos.shape[1]
+    p0 = pos[:, :1]
+    # the most blocks n consecutive tokens touch, known from the shape; the exact count read the positions, a host
+    # sync in every layer of a prefill. The blocks past a sequence's last token (the bound counts one more than a
+    # prefill from a block's start touches, and a shorter sequence's fewer than another's) hold no token of this
+    # chunk: their codes and scales go to a padded copy's padding, one index each, cut off, so the slots past the
+    # tokens stay as they were
+    n_blocks = -(-(n - 1) // k_block) + 1
+    offsets = torch.arange(n_blocks * k_block, device=pos.device)
+    span = (p0 // k_block) * k_block + offsets  # [B, T] the positions of the blocks the chunk touches
+    past_last = span // k_block > pos[:, -1:] // k_block
+    at = torch.where(past_last, slots + offsets, span)
+    blocks = torch.where(past_last[:, ::k_block], slots // k_block + offsets[:n_blocks], span[:, ::k_block] // k_block)
+    sink_at = sink_hit = None
+    if sink:
+        sp = torch.arange(sink, device=pos.device)[None]
+        sink_hit = (sp >= p0) & (sp - p0 < n)
+        sink_at = (sp - p0).clamp(0, n - 1)
+    return _ChunkIndex(n_blocks, sink + span.remainder(window), span < p0, (span >= p0) & (span - p0 < n),
+                       (span - p0).clamp(0, n - 1), at, blocks, sink + pos[:, n - min(n, window):].remainder(window),
+                       sink_at, sink_hit)
+
+
 def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor], *,
                  bits: int, k_block: int, v_group: int, window: int, sink: int,
                  check: bool = True, inplace: bool = False) -> list[torch.Tensor]:
@@ -195,7 +258,7 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
     b, h, n, d = k.shape
     slots = kc.shape[2]
     pos = positions.to(torch.long)
-    if check and n > 1 and _HOST_LAST_POSITION.get() is None:  # (a decode step is checked by its driver)
+    if check and n > 1 and _host_last_position() is None:  # (a decode step is checked by its driver)
         _check_positions(pos, slots, k_block)
     elif slots % k_block:
         raise ValueError(f"cache_attention: the packed cache has {slots} slots, not a multiple of k_block={k_block}")
@@ -210,27 +273,24 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
     vs = scatter(vs, 2, idx.expand(b, h, n, vscale.shape[-1]), vscale.to(vs.dtype))
     vz = scatter(vz, 2, idx.expand(b, h, n, vzero.shape[-1]), vzero)
     # keys: the blocks from p0's to the last token's, from the old ring (tokens before p0) and the new keys
-    first_block = p0 // k_block
-    # the most blocks n consecutive tokens touch, known from the shape (a decode step: one, so the step can run
-    # under a CUDA graph); the exact count read the positions, a host sync in every layer of a prefill. A
-    # sequence's blocks past its last token are written into the padding cut off below (``past_last``)
-    n_blocks = -(-(n - 1) // k_block) + 1
-    offsets = torch.arange(n_blocks * k_block, device=k.device)
-    span = first_block * k_block + offsets  # [B, T] their positions
-    tt = span.shape[1]
-    ko = kf.gather(2, (sink + span.remainder(ring))[:, None, :, None].expand(b, h, tt, d)).float()
+    if n == 1:  # a decode step touches one block (no host sync: the step can run under a CUDA graph)
+        n_blocks, first_block = 1, p0 // k_block
+        span = first_block * k_block + torch.arange(k_block, device=k.device)  # [B, k_block] their positions
+        ring_at, older_at, at, blk = sink + span.remainder(ring), span < p0, span, first_block
+    else:
+        ix = _per_step(("chunk", tuple(pos.shape), slots, k_block, window, sink, str(pos.device)),
+                       lambda: _chunk_index(pos, slots, k_block=k_block, window=window, sink=sink))
+        n_blocks, ring_at, older_at, at, blk = ix.n_blocks, ix.ring_at, ix.older, ix.at, ix.blocks
+    tt = ring_at.shape[1]
+    ko = kf.gather(2, ring_at[:, None, :, None].expand(b, h, tt, d)).float()
     # zeros stand for tokens not written yet: the range always holds 0, so they change no scale
-    older = torch.where((span < p0)[:, None, :, None], ko, 0.0)
+    older = torch.where(older_at[:, None, :, None], ko, 0.0)
     if n == 1:  # the one new key broadcasts over its block: no index arithmetic and gather for it
         kblk = torch.where((span == p0)[:, None, :, None], k.float(), older)
     else:
-        from_new = (span >= p0) & (span - p0 < n)
-        kn = k.gather(2, (span - p0).clamp(0, n - 1)[:, None, :, None].expand(b, h, tt, d)).float()
-        kblk = torch.where(from_new[:, None, :, None], kn, older)
+        kn = k.gather(2, ix.new_at[:, None, :, None].expand(b, h, tt, d)).float()
+        kblk = torch.where(ix.from_new[:, None, :, None], kn, older)
     kcode, kscale, kzero = quantize_keys(kblk, bits, k_block)
-    # the blocks past a sequence's last token (the bound above counts one more than a prefill from a block's start
-    # touches, and a shorter sequence's fewer than another's) hold no token of this step: they are scattered into a
-    # padded copy's padding, one index each, and cut off, so the slots past the tokens stay as they were
     pad = n_blocks * k_block
 
     def put(t: torch.Tensor, index: torch.Tensor, src: torch.Tensor, extra: int) -> torch.Tensor:
@@ -240,19 +300,13 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
         out = padded.scatter(2, index[:, None, :, None].expand(b, h, index.shape[1], t.shape[3]), src)
         return out[:, :, : t.shape[2]]
 
-    if n == 1:
-        at, blk = span, first_block
-    else:
-        past_last = span // k_block > pos[:, -1:] // k_block  # [B, T]
-        at = torch.where(past_last, slots + offsets, span)
-        blk = torch.where(past_last[:, ::k_block], slots // k_block + offsets[:n_blocks], span[:, ::k_block] // k_block)
     kc = put(kc, at, kcode, pad)
     ks = put(ks, blk, kscale.to(ks.dtype), n_blocks)
     kz = put(kz, blk, kzero, n_blocks)
     # float ring: the last `ring` new tokens (a longer chunk's earlier ones would be overwritten anyway)
     last = min(n, ring)
     pl = pos[:, n - last:]
-    slot = sink + pl.remainder(ring)
+    slot = sink + pl.remainder(ring) if n == 1 else ix.ring_slots
     kn, vn = k[:, :, n - last:], v[:, :, n - last:]
     if sink and n == 1:
         # a token below position `sink` is also its sink slot's: one scatter writes both, and any other token its
@@ -263,10 +317,8 @@ def cache_update(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cach
     kf = scatter(kf, 2, ridx, kn.to(kf.dtype))
     vf = scatter(vf, 2, ridx, vn.to(vf.dtype))
     if sink and n > 1:  # the sink slots keep positions 0..sink-1
-        sp = torch.arange(sink, device=k.device)
-        hit = (sp[None] >= p0) & (sp[None] - p0 < n)  # [B, sink]
-        si = (sp[None] - p0).clamp(0, n - 1)[:, None, :, None].expand(b, h, sink, d)
-        m = hit[:, None, :, None]
+        si = ix.sink_at[:, None, :, None].expand(b, h, sink, d)
+        m = ix.sink_hit[:, None, :, None]
         k_sink = torch.where(m, k.gather(2, si).to(kf.dtype), kf[:, :, :sink])
         v_sink = torch.where(m, v.gather(2, si).to(vf.dtype), vf[:, :, :sink])
         if inplace:
@@ -299,16 +351,32 @@ def float_candidates(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, 
     the new tokens: keys/values ``[B, H, F, D]`` and a mask ``[B, L, F]`` (query at t reads float token j when
     ``j <= t`` and ``j < sink`` or ``j > t - window``; and ``j > t - sliding`` in a sliding-window layer, the sink
     too)."""
-    pos = positions.to(torch.long)
+    mask = _candidate_mask(positions.to(torch.long), window=window, sink=sink, sliding=sliding)
+    kk = torch.cat([k_float.to(k.dtype), k], 2)
+    vv = torch.cat([v_float.to(v.dtype), v], 2)
+    return kk, vv, mask
+
+
+def _candidate_mask(pos: torch.Tensor, *, window: int, sink: int, sliding: int | None) -> torch.Tensor:
+    """``float_candidates``' mask ``[B, L, F]``."""
     cand, older = candidate_positions(pos, window=window, sink=sink)
     t = pos[:, :, None]
     j = cand[:, None, :]
     mask = older[:, None, :] & (j <= t) & ((j < sink) | (j > t - window))
     if sliding is not None:
         mask = mask & (j > t - sliding)
-    kk = torch.cat([k_float.to(k.dtype), k], 2)
-    vv = torch.cat([v_float.to(v.dtype), v], 2)
-    return kk, vv, mask
+    return mask
+
+
+def _attend_mask(pos: torch.Tensor, read: int, *, window: int, sink: int, sliding: int | None) -> torch.Tensor:
+    """``_attend``'s mask ``[B, 1, L, read + F]``: a query at t reads quantized slot j when ``sink <= j <= t -
+    window`` (and ``j > t - sliding``), then the float candidates as ``float_candidates`` masks them."""
+    slots = torch.arange(read, device=pos.device)
+    t = pos[:, :, None]
+    qmask = (slots[None, None] >= sink) & (slots[None, None] <= t - window)
+    if sliding is not None:
+        qmask = qmask & (slots[None, None] > t - sliding)
+    return torch.cat([qmask, _candidate_mask(pos, window=window, sink=sink, sliding=sliding)], 2)[:, None]
 
 
 def _quantized_extent(positions: torch.Tensor, slots: int, *, window: int, k_block: int) -> int:
@@ -321,7 +389,7 @@ def _quantized_extent(positions: torch.Tensor, slots: int, *, window: int, k_blo
     ``torch.compile`` traces."""
     if torch.compiler.is_compiling():
         return slots
-    host_last = _HOST_LAST_POSITION.get()
+    host_last = _host_last_position()
     if host_last is None and positions.device.type != "cpu":
         return slots
     last = (host_last if host_last is not None else int(positions.max())) - window  # the latest quantized token read
@@ -381,16 +449,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
     read = _quantized_extent(pos, new[0].shape[2], window=window, k_block=k_block)
     kq = dequantize_keys(new[0][:, :, :read], new[1][:, :, :read // k_block], new[2][:, :, :read // k_block], bits)
     vq = dequantize_values(new[3][:, :, :read], new[4][:, :, :read], new[5][:, :, :read], bits)
-    slots = torch.arange(kq.shape[2], device=q.device)
-    t = pos[:, :, None]
-    qmask = (slots[None, None] >= sink) & (slots[None, None] <= t - window)
-    if sliding is not None:
-        qmask = qmask & (slots[None, None] > t - sliding)
-    kfc, vfc, fmask = float_candidates(k.float(), v.float(), pos, k_float, v_float, window=window, sink=sink,
-                                       sliding=sliding)
-    keys = torch.cat([kq, kfc], 2)
-    values = torch.cat([vq, vfc], 2)
-    mask = torch.cat([qmask, fmask], 2)[:, None]  # [B, 1, L, S + F]
+    # then the float candidates (float_candidates' keys/values, in one cat each); the mask is made once per step
+    # where the step's positions are the host's (the same in every layer)
+    kf32, vf32 = k.float(), v.float()
+    keys = torch.cat([kq, k_float.to(kf32.dtype), kf32], 2)
+    values = torch.cat([vq, v_float.to(vf32.dtype), vf32], 2)
+    mask = _per_step(("attend", tuple(pos.shape), read, window, sink, sliding, str(pos.device)),
+                     lambda: _attend_mask(pos, read, window=window, sink=sink, sliding=sliding))  # [B, 1, L, S + F]
     if bias is not None:
         mask = torch.where(mask, _bias_at_keys(bias.float(), pos, read, window=window, sink=sink), float("-inf"))
     out = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask,
