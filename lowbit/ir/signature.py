@@ -180,14 +180,18 @@ class InputChecker:
                     if want is not None and want != a.shape[i]:
                         raise InputError(f"input %{name} (declared {t}): dim {i} ({d}) is {a.shape[i]}, the other "
                                          f"inputs make it {want}")
-        # ids against the vocabulary read the values (a host sync): not while a CUDA graph is being captured (the
-        # generator's decode step; its ids come from the model's own logits), where a sync is an error
+        # ids against the vocabulary and positions against the cache read the values (one host sync for all): not
+        # while a CUDA graph is being captured (the generator's decode step; its ids come from the model's own
+        # logits), where a sync is an error
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        read = [i for i in [*self.vocab, *(self.slots[:1] if self.slots is not None else ())]
+                if out[i].numel() and not (capturing and out[i].is_cuda)]
+        ranges = _value_ranges({i: out[i] for i in read})
         for i, embeddings in self.vocab.items():
             a = out[i]
-            if not a.numel() or (capturing and a.is_cuda):
+            if i not in ranges:
                 continue
-            lo, hi = int(a.min()), int(a.max())
+            lo, hi = ranges[i]
             for weight, rows in embeddings:
                 if lo < 0 or hi >= rows:
                     bad = lo if lo < 0 else hi
@@ -197,8 +201,8 @@ class InputChecker:
         if self.slots is not None:
             p, cache = out[self.slots[0]], out[self.slots[1]]
             n = cache.shape[2]
-            if p.numel() and not (capturing and p.is_cuda):
-                lo, hi = (int(x) for x in torch.aminmax(p))
+            if self.slots[0] in ranges:
+                lo, hi = ranges[self.slots[0]]
                 if lo < 0 or hi >= n:
                     bad = lo if lo < 0 else hi
                     pos = tuple((p == bad).nonzero()[0].tolist())
@@ -206,3 +210,13 @@ class InputChecker:
                                      f"{n} slots of the cache input %{self.names[self.slots[1]]} (positions "
                                      f"0..{n - 1})")
         return tuple(out)
+
+
+def _value_ranges(tensors: dict[int, torch.Tensor]) -> dict[int, tuple[int, int]]:
+    """Each tensor's (min, max), read to the host in one copy. Why: the ids' min and max and the positions' were
+    four reads a step call, each a host sync on a GPU."""
+    if not tensors:
+        return {}
+    device = next(iter(tensors.values())).device
+    values = torch.stack([m.to(device, torch.long) for t in tensors.values() for m in torch.aminmax(t)]).tolist()
+    return {i: (values[2 * j], values[2 * j + 1]) for j, i in enumerate(tensors)}
