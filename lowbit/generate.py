@@ -691,22 +691,26 @@ class Generator:
         groups: dict[int, list[int]] = {}
         for b, n in enumerate(lengths):
             groups.setdefault(n, []).append(b)
-        rows, parts, order = [], [], []
-        for n, members in groups.items():
-            group_ids, group_positions = ids[:, longest - n:], positions[:, longest - n:]
-            if len(members) < len(lengths):
-                index = torch.tensor(members, device=ids.device)
-                group_ids, group_positions = group_ids.index_select(0, index), group_positions.index_select(0, index)
+        if len(groups) == 1:
+            with host_checked_positions(longest - 1):
+                out = self.runner(ids, positions, *self._cache(len(lengths), self.spec.max_length))
+            return out[0][:, -1], list(out[1:])
+        rows, parts = [], []
+        where: dict[int, tuple[int, int]] = {}  # each prompt's (group, row in it)
+        for g, (n, members) in enumerate(groups.items()):
+            # a group's rows by slices, not an index tensor (its copy to the device would wait for the group before)
+            group_ids, group_positions = (torch.cat([t[b:b + 1, longest - n:] for b in members])
+                                          for t in (ids, positions))
             with host_checked_positions(n - 1):
                 out = self.runner(group_ids, group_positions, *self._cache(len(members), self.spec.max_length))
             rows.append(out[0][:, -1])
             parts.append(out[1:])
-            order += members
-        if len(parts) == 1:
-            return rows[0], list(parts[0])
-        # the groups' rows back in the batch's order
-        back = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=ids.device)
-        return torch.cat(rows).index_select(0, back), [torch.cat(ts).index_select(0, back) for ts in zip(*parts)]
+            where.update((b, (g, r)) for r, b in enumerate(members))
+
+        def in_batch_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([tensors[g][r:r + 1] for g, r in (where[b] for b in range(len(lengths)))])
+
+        return in_batch_order(rows), [in_batch_order(ts) for ts in zip(*parts)]
 
     def _decode_fn(self, batch: int, ids: torch.Tensor, positions: torch.Tensor,
                    cache: list[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], Any]:
