@@ -18,6 +18,13 @@ the group (every config at groups of 64, the interpreter's at groups <= 64). fp8
 order: within fp32 rounding of the GEMM's (the tests state the bound). ``QUANTIZED``: the rows arrive as codes and
 scales (``a8_linear_q`` after ``rms_norm_quant``).
 
+Routing (H100, session 49, ``tools/bench_a8.py --decode``): the GEMV on codes is what the ops run at decode sizes
+(``a8_linear_q`` after the fused norm + quantize; ``a8_linear`` after its own ``quantize_activation`` launch): on
+codes it took 4.1 us at SmolLM2's 576x1536 and 18.9 at 4096x11008 (cuBLAS bf16 4.5 / 34.8), while quantizing in
+the kernel, every program re-reading the rows for their amax, cost more than the separate launch (int8 6.3 vs
+6.0 us, fp8 8.0 vs 6.7 at 576x1536; int8 32.1 vs 22.6 at 4096x11008). The in-kernel form stays callable
+(``x_scale=None``) and tested, for a kernel that hands it row maxima one day.
+
 Plain-torch reference beside it: ``a8_gemv_ref`` (the same quantization, the products in int64 / float64, the
 scales in the kernel's order).
 """

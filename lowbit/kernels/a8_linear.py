@@ -371,13 +371,16 @@ def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_z
     check(w_qdtype in W_QDTYPES, "a8_linear", f"weight qdtype {w_qdtype!r} not in {sorted(W_QDTYPES)}")
     check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), "a8_linear",
           f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
-    k = x.shape[-1]
-    if _takes_gemv(x, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
-        r = _rows_residual(residual, (*x.shape[:-1], qweight.shape[0]), x.dtype, epilogue)
-        y = a8_gemv(x.reshape(-1, k), None, qweight, w_scale, bias, w_qdtype, w_group, a_qdtype, a_group, x.dtype,
-                    epilogue, residual=r)
-        return _add_residual(y.reshape(*x.shape[:-1], y.shape[-1]), residual, r is not None)
     xq, sa = quantize_activation(x, a_qdtype, a_group)
+    if _takes_gemv(x, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
+        # the rows quantized by their own launch, then the GEMV on codes: on an H100 (session 49) quantizing inside
+        # the GEMV, where every program re-reads the row for its amax, was slower than the two launches (576x1536
+        # int8 6.3 vs 6.0 us, fp8 8.0 vs 6.7; 4096x11008 32.1 vs 22.6), while the GEMV on codes beat the GEMM on
+        # them (4.1 vs ~4.4 us at 576x1536; 18.9 at 4096x11008)
+        r = _rows_residual(residual, (*x.shape[:-1], qweight.shape[0]), x.dtype, epilogue)
+        y = a8_gemv(xq, sa, qweight, w_scale, bias, w_qdtype, w_group, a_qdtype, a_group, x.dtype, epilogue,
+                    residual=r)
+        return _add_residual(y.reshape(*x.shape[:-1], y.shape[-1]), residual, r is not None)
     y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm, x.dtype,
                     epilogue, w_block_n)
     return _add_residual(y.reshape(*x.shape[:-1], y.shape[-1]), residual, False)

@@ -113,9 +113,13 @@ def row_scale(amax, QMAX: tl.constexpr, RCP: tl.constexpr):
 def quantize_codes(y, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
     """``y = x / scale`` rounded to the code (int8: half to even, clamped; fp8: clamped, RTNE cast): shared with
     the A8 GEMV, which quantizes its activation rows in registers (``a8_gemv.py``)."""
+    # one return after a constexpr if/else: a return in each arm compiles as two return types (int8 and fp8) and
+    # Triton's compiler refuses it ("Inconsistent return types"), which the CPU interpreter does not check
     if IS_FP8:
-        return round_to_e4m3(tl.clamp(y, -QMAX, QMAX)).to(tl.float8e4nv)
-    return tl.clamp(round_half_even(y), -128.0, 127.0).to(tl.int8)
+        q = round_to_e4m3(tl.clamp(y, -QMAX, QMAX)).to(tl.float8e4nv)
+    else:
+        q = tl.clamp(round_half_even(y), -128.0, 127.0).to(tl.int8)
+    return q
 
 
 @triton.jit
