@@ -32,7 +32,8 @@ __all__ = ["GenerationSpec", "GenerationOutput", "Generator", "step_example", "G
 @dataclass(frozen=True)
 class GenerationSpec:
     """The static limits a step graph is captured with: prompt + new tokens <= ``max_length``, batch <=
-    ``max_batch``. ``cuda_graph`` replays decode steps from a CUDA graph when the model runs on CUDA. ``logits``:
+    ``max_batch``. ``cuda_graph`` replays decode steps from a CUDA graph when the model runs on CUDA, and
+    ``prefill_graphs`` prefill shapes too (a shape's second prefill captures it). ``logits``:
     ``"last"`` (the head on the last position only, all generation reads) or ``"all"`` (every position's logits:
     perplexity through the step graph and its cache). A value out of range is a ``GenerationError``."""
 

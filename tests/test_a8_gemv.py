@@ -89,13 +89,17 @@ def test_gemv_matches_its_reference(device, w_qdtype, w_group, a_group, k, m):
 @pytest.mark.parametrize("epilogue", ["", "gelu_tanh*up"])
 def test_fp8_gemv_is_the_gemm_to_fp32_rounding(device, w_group, a_group, k, epilogue):
     """bf16 outputs of the fp8 GEMV and the Triton GEMM path within one bf16 step of each other (their fp32 sums
-    differ in order only; the interpreter's dot sums alike, so there they are equal)."""
+    differ in order only; the interpreter's dot sums alike, so there they are equal). Gated, the gate's fp32
+    difference passes through the activation and the product with up before the one rounding: on an H100 an
+    output of 15.5 differed by 2 bf16 steps, so there the bound is 2^-7 of the row's largest output more."""
+    torch.manual_seed(0)
     m, n = 3, 40
     q, s, _ = quantized_weight(n, k, "fp8e4m3", w_group, True, device)
     x = torch.randn(m, k, device=device).to(torch.bfloat16)
     y = a8_gemv(x, None, q, s, None, "fp8e4m3", w_group, "fp8e4m3", a_group, torch.bfloat16, epilogue).float()
     old = _old_path(x, q, s, None, "fp8e4m3", w_group, "fp8e4m3", a_group, torch.bfloat16, epilogue).float()
-    assert ((y - old).abs() <= old.abs() * 2.0 ** -7 + 1e-6).all()
+    slack = old.abs().amax(1, keepdim=True) * 2.0 ** -7 if epilogue else 1e-6
+    assert ((y - old).abs() <= old.abs() * 2.0 ** -7 + slack).all()
     if INTERP:
         assert torch.equal(y, old)
 
