@@ -7,6 +7,7 @@ import ctypes
 import os
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -442,6 +443,19 @@ graph tiny(%x: f32[2,s0,8]) {
 }
 """
 """A small IR text (norm, linear, symbolic reshape) the text-format and untrusted-text tests start from."""
+
+
+class CountedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """How many times each ATen op ran while active (``ops``: op name -> count), e.g. the launches a step costs on a
+    GPU, or ``aten._local_scalar_dense.default`` for its host reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 class LargestFloat64(torch.utils._python_dispatch.TorchDispatchMode):

@@ -670,25 +670,12 @@ def test_a_decode_step_writes_the_packed_cache_in_few_ops_and_as_a_prefill_chunk
     and writes its sink slot with its ring slot in one scatter: counted in a tiny Llama's real decode steps, at most
     75 (71 now). Answers unchanged: decoding token by token leaves the float32 cache a one-chunk prefill of the
     same tokens leaves (the chunk path is the general one), through the sink (tokens below it decoded too)."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from conftest import tiny_llama
+    from conftest import CountedOps, tiny_llama
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec
 
     views = {"aten.unsqueeze.default", "aten.expand.default", "aten.view.default", "aten.alias.default",
              "aten.slice.Tensor", "aten.lift_fresh.default", "aten._unsafe_view.default", "aten.reshape.default"}
-
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: Counter[str] = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
 
     per_step: list[int] = []
     real = kv.cache_update
@@ -696,7 +683,7 @@ def test_a_decode_step_writes_the_packed_cache_in_few_ops_and_as_a_prefill_chunk
     def counted(k, v, positions, cache, **kw):
         if k.shape[2] > 1:
             return real(k, v, positions, cache, **kw)
-        with Count() as c:
+        with CountedOps() as c:
             out = real(k, v, positions, cache, **kw)
         per_step.append(sum(n for op, n in c.ops.items() if op not in views))
         return out
@@ -742,20 +729,10 @@ def test_prompts_of_one_length_are_prefilled_together_as_each_alone(smollm2, wik
     alone."""
     from collections import Counter
 
-    from conftest import smollm2_slice
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from conftest import CountedOps, smollm2_slice
 
     from lowbit.api import compile_model
     from lowbit.generate import GenerationSpec, Generator, left_padded
-
-    class Syncs(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: Counter[str] = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
 
     compiled = compile_model(smollm2_slice(smollm2[0], 2).model, tokenizer=smollm2[1],
                              pipeline=f"kv-cache(bits={bits})", generation=GenerationSpec(max_length=96, max_batch=3))
@@ -778,7 +755,7 @@ def test_prompts_of_one_length_are_prefilled_together_as_each_alone(smollm2, wik
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(tuple(t.shape)) or tolist(t))
     calls.clear()
-    with Syncs() as counted:
+    with CountedOps() as counted:
         together = prefill(equal)
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
     assert calls == [(3, 48)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CountedOps
 
 from lowbit.ir.parser import parse_graph
 from lowbit.ir.verifier import VerificationError, verify
@@ -127,25 +128,13 @@ graph g(%x: i64[4,6]) {
     # a real model: each block's nodes run on meta once (30 silu nodes, one silu op), and a wrong type planted in
     # the last block, whose twin was checked first, is still found
     g = smollm2_graph.clone()
-    with _CountedOps() as counted:
+    with CountedOps() as counted:
         verify(g)
-    assert len(list(g.find("silu"))) == 30 and counted.calls.get("aten.silu.default", 0) <= 1, counted.calls
+    assert len(list(g.find("silu"))) == 30 and counted.ops.get("aten.silu.default", 0) <= 1, counted.ops
     node = list(g.find("silu"))[-1]
     node.outputs[0].type = TensorType(node.outputs[0].type.dtype, (1, "s0", 1535))
     with pytest.raises(VerificationError, match=r"declared f32\[1,s0,1535\].*produces f32\[1,32,1536\]"):
         verify(g)
-
-
-class _CountedOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """How many times each ATen op ran while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.calls[str(func)] = self.calls.get(str(func), 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_a_second_verify_of_a_captured_graph_runs_no_op_again(smollm2_graph):
@@ -153,10 +142,10 @@ def test_a_second_verify_of_a_captured_graph_runs_no_op_again(smollm2_graph):
     took only plain lists and tuples, so those nodes (108 of a tiny Llama's 478 checks in a three-pass pipeline) ran
     on meta after every pass. Verified again unchanged, the graph runs no op but the ones that build results."""
     verify(smollm2_graph)
-    with _CountedOps() as counted:
+    with CountedOps() as counted:
         report = verify(smollm2_graph)
     assert report.type_checked == len(smollm2_graph.nodes)
-    assert set(counted.calls) <= {"aten.empty.memory_format", "aten.as_strided.default"}, counted.calls
+    assert set(counted.ops) <= {"aten.empty.memory_format", "aten.as_strided.default"}, counted.ops
 
 
 def test_verify_reads_each_ops_signature_once(smollm2_graph, monkeypatch):

@@ -93,6 +93,25 @@ def a8_call(xq, xs, q, s, wq: str, wg: int, ag: int, cfg: tuple | None, w_block_
                                  w_block_n=w_block_n)
 
 
+def _add_row(rows: list[dict], common: dict, kernel: str, m: int, k: int, n: int, us: float, base: float | None,
+             **extra) -> None:
+    """One timing row of ``kernel`` at ``M x (K, N)``, with its speedup over cuBLAS bf16's ``base`` us where given."""
+    r = {**common, "kernel": kernel, "M": m, "K": k, "N": n, "shape": f"{k}x{n}", "us": round(us, 2), **extra}
+    if base:
+        r.update(baseline="cublas_bf16", baseline_us=round(base, 2), speedup=round(base / us, 3))
+    rows.append(r)
+
+
+def _cublas_row(x: torch.Tensor, n: int, k: int, add) -> float:
+    """cuBLAS bf16 ``F.linear`` of ``x`` by an ``[N, K]`` weight: timed, added as the baseline row, its us returned."""
+    def dense():
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        return lambda: F.linear(x, wb)
+    base = measure(dense, 2 * n * k)[0]
+    add("cublas_bf16", (base, 0), None)
+    return base
+
+
 def bench_shape(m: int, k: int, n: int, common: dict, deadline: float, sweep: bool = True,
                 schemes: tuple[str, ...] = tuple(SCHEMES)) -> list[dict]:
     """One shape's rows; ``sweep`` False: the baselines and the op's own launch only (no ``CONFIGS``); ``schemes``:
@@ -102,17 +121,9 @@ def bench_shape(m: int, k: int, n: int, common: dict, deadline: float, sweep: bo
     flops = 2 * m * n * k
 
     def add(kernel: str, t: tuple[float, float], base: float | None, **extra) -> None:
-        r = {**common, "kernel": kernel, "M": m, "K": k, "N": n, "shape": f"{k}x{n}", "us": round(t[0], 2),
-             "tflops": round(flops / t[0] / 1e6, 1), **extra}
-        if base:
-            r.update(baseline="cublas_bf16", baseline_us=round(base, 2), speedup=round(base / t[0], 3))
-        rows.append(r)
+        _add_row(rows, common, kernel, m, k, n, t[0], base, tflops=round(flops / t[0] / 1e6, 1), **extra)
 
-    def dense():
-        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        return lambda: F.linear(x, wb)
-    base = measure(dense, 2 * n * k)[0]
-    add("cublas_bf16", (base, 0), None)
+    base = _cublas_row(x, n, k, add)
     xq8, xs8 = quantize_activation(x, "int8", 0)
 
     def int_mm():
@@ -187,17 +198,9 @@ def bench_decode(m: int, k: int, n: int, common: dict, deadline: float, sweep: b
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
 
     def add(kernel: str, t: tuple[float, float], base: float | None, **extra) -> None:
-        r = {**common, "kernel": kernel, "M": m, "K": k, "N": n, "shape": f"{k}x{n}", "us": round(t[0], 2),
-             "eager_us": round(t[1], 2), **extra}
-        if base:
-            r.update(baseline="cublas_bf16", baseline_us=round(base, 2), speedup=round(base / t[0], 3))
-        rows.append(r)
+        _add_row(rows, common, kernel, m, k, n, t[0], base, eager_us=round(t[1], 2), **extra)
 
-    def dense():
-        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        return lambda: F.linear(x, wb)
-    base = measure(dense, 2 * n * k)[0]
-    add("cublas_bf16", (base, 0), None)
+    base = _cublas_row(x, n, k, add)
     for scheme in schemes:
         wq, wg, aq, ag = SCHEMES[scheme]
         if TILE_ROWS.get(scheme):
