@@ -184,6 +184,9 @@ def test_a_packed_cache_decode_step_writes_each_layer_in_one_launch(recipe, monk
         packed_kv_write.write_packed_kv_unsupported
     real_candidates = kv._candidate_mask  # float_candidates' mask, which the reference's attention makes too
     monkeypatch.setattr(kv, "cache_update", lambda k, *a, **kw: updates.append(k.shape[2]) or real_update(k, *a, **kw))
+    real_prefill = kv._prefill_update  # a prefill from position 0's write (cache_update's, in fewer ops)
+    monkeypatch.setattr(kv, "_prefill_update",
+                        lambda k, *a, **kw: updates.append(k.shape[2]) or real_prefill(k, *a, **kw))
     monkeypatch.setattr(kv, "_candidate_mask",
                         lambda pos, **kw: candidates.append(pos.shape[1]) or real_candidates(pos, **kw))
     monkeypatch.setattr(packed_kv_write, "write_packed_kv", lambda *a, **kw: writes.append(1) or real_write(*a, **kw))

@@ -56,7 +56,8 @@ def host_checked_positions(last: int) -> Iterator[None]:
     in every layer, so a GPU prefill waited for each layer's work before launching the next's (3 syncs a layer, 90
     for SmolLM2's 30); ``lowbit.generate`` knows both from the prompts' lengths. The index tensors and masks made
     from the positions alone are made once for the step's layers (``_per_step``). A decode step must not run
-    inside (its positions pass ``last``)."""
+    inside (its positions pass ``last``). ``L`` tokens a sequence with ``last == L - 1`` are a prefill from position
+    0 in every sequence, which ``cache_attention`` writes and attends in fewer ops (``_prefill_attention``)."""
     token = _HOST_POSITIONS.set(_HostPositions(int(last), {}))
     try:
         yield
@@ -413,6 +414,8 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     if q.device.type == "meta":
         return (torch.empty_like(q), *[c.clone() for c in cache])
     kw = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink)
+    if k.shape[2] > 1 and _host_last_position() == k.shape[2] - 1:  # a prefill from position 0, every sequence
+        return _prefill_attention(q, k, v, positions, cache, scale=scale, sliding=sliding, bias=bias, **kw)
     new = cache_update(k, v, positions, cache, **kw)
     return _attend(q, k, v, positions, k_float, v_float, new, scale=scale, sliding=sliding, bias=bias, **kw)
 
@@ -473,3 +476,133 @@ def _bias_at_keys(bias: torch.Tensor, positions: torch.Tensor, read: int, *, win
     cand, _ = candidate_positions(positions, window=window, sink=sink)
     index = cand.clamp(0, bias.shape[-1] - 1)[:, None, None, :].expand(*bias.shape[:3], cand.shape[1])
     return torch.cat([bias[..., :read], bias.gather(3, index)], 3)
+
+
+class _PrefillCodes(NamedTuple):
+    """A prefill's keys and values as ``_prefill_update`` quantized them, before packing: what ``_prefill_attention``
+    dequantizes, with the cache's arithmetic (``(stored - zero) * scale``, the scale as stored)."""
+    k_codes: torch.Tensor  # [B, H, blocks, k_block, D] stored codes (0..2**bits-1) as float32
+    k_zero: torch.Tensor  # [B, H, blocks, D] stored zero as float32
+    k_scale: torch.Tensor  # [B, H, blocks, D] the stored scale as float32
+    v_codes: torch.Tensor  # [B, H, L, D/v_group, v_group]
+    v_zero: torch.Tensor  # [B, H, L, D/v_group]
+    v_scale: torch.Tensor  # [B, H, L, D/v_group]
+
+
+def _stored_packed(stored: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored codes (float, ``0..2**bits-1``, a multiple of ``8/bits`` along the flat last dim) -> uint8 bytes, as
+    ``pack_codes`` packs them: in uint8 throughout (the fields of a byte are disjoint, their sum is their or)."""
+    per = 8 // bits
+    codes = stored.to(torch.uint8)
+    if per == 1:
+        return codes
+    shifts = _per_step(("shifts", bits, str(codes.device)),
+                       lambda: torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8))
+    return (codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _prefill_update(k: torch.Tensor, v: torch.Tensor, cache: list[torch.Tensor], *, bits: int, k_block: int,
+                    v_group: int, window: int, sink: int) -> tuple[list[torch.Tensor], _PrefillCodes]:
+    """``cache_update`` of a prefill: every sequence's tokens at positions ``0..L-1`` (``host_checked_positions``
+    vouches). The same eight tensors bit for bit, in fewer ops (ATen ops a layer, each a kernel launch on a GPU,
+    where the chunk's general path gathered keys from the ring, scattered into padded copies and quantized keys
+    and values apart): no token is older than the chunk, so its key blocks are its keys (zero past the last) and
+    every write is one cat of the new rows and the slots past them; keys' and values' ranges go through one
+    ``_qparams`` and their codes through one pack; the float ring and sink are one cat of the keys' rows."""
+    kc, ks, kz, vc, vs, vz, kf, vf = cache
+    b, h, n, d = k.shape
+    if kc.shape[2] % k_block:
+        raise ValueError(f"cache_attention: the packed cache has {kc.shape[2]} slots, not a multiple of "
+                         f"k_block={k_block}")
+    if d % v_group:
+        raise ValueError(f"v_group={v_group} does not divide head_dim {d}")
+    if d % (8 // bits):
+        raise ValueError(f"head_dim {d} is not a multiple of {8 // bits} ({bits}-bit codes, {8 // bits} per byte)")
+    qmin, qmax = _qrange(bits)
+    blocks = -(-n // k_block)
+    span = blocks * k_block
+    keys = k.float()
+    if span > n:  # the last block's slots past the prompt quantize zeros, as the chunk's path did
+        pad = _per_step(("zeros", b, h, span - n, d, str(k.device)),
+                        lambda: torch.zeros(b, h, span - n, d, dtype=torch.float32, device=k.device))
+        keys = torch.cat([keys, pad], 2)
+    keys = keys.reshape(b, h, blocks, k_block, d)
+    values = v.float().reshape(b, h, n, d // v_group, v_group)
+    k_lo, k_hi = torch.aminmax(keys, dim=3)
+    v_lo, v_hi = torch.aminmax(values, dim=-1)
+    split = k_lo.numel()
+    scale, zp = _qparams(torch.cat([k_lo.flatten(), v_lo.flatten()]), torch.cat([k_hi.flatten(), v_hi.flatten()]),
+                         bits)
+    # stored codes: clamp(round(x / scale) + zp, qmin, qmax) - qmin, the same integers (all exact in float32)
+    zero = zp - qmin
+    k_scale, v_scale = scale[:split].view(k_lo.shape), scale[split:].view(v_lo.shape)
+    k_zero, v_zero = zero[:split].view(k_lo.shape), zero[split:].view(v_lo.shape)
+    k_codes = torch.clamp(torch.round(keys / k_scale[:, :, :, None]) + k_zero[:, :, :, None], 0, qmax - qmin)
+    v_codes = torch.clamp(torch.round(values / v_scale[..., None]) + v_zero[..., None], 0, qmax - qmin)
+    packed = _stored_packed(torch.cat([k_codes.flatten(), v_codes.flatten()]), bits)
+    zero_u8 = zero.to(torch.uint8)
+    k_bytes = b * h * span * d * bits // 8
+    k_scale_stored, v_scale_stored = k_scale.to(ks.dtype), v_scale.to(vs.dtype)
+    new = [torch.cat([packed[:k_bytes].view(b, h, span, -1), kc[:, :, span:]], 2),
+           torch.cat([k_scale_stored, ks[:, :, blocks:]], 2),
+           torch.cat([zero_u8[:split].view(k_lo.shape), kz[:, :, blocks:]], 2),
+           torch.cat([packed[k_bytes:].view(b, h, n, -1), vc[:, :, n:]], 2),
+           torch.cat([v_scale_stored, vs[:, :, n:]], 2),
+           torch.cat([zero_u8[split:].view(v_lo.shape), vz[:, :, n:]], 2),
+           _prefill_float(k, kf, window=window, sink=sink), _prefill_float(v, vf, window=window, sink=sink)]
+    codes = _PrefillCodes(k_codes, k_zero, k_scale_stored.float(), v_codes, v_zero, v_scale_stored.float())
+    return new, codes
+
+
+def _prefill_float(x: torch.Tensor, old: torch.Tensor, *, window: int, sink: int) -> torch.Tensor:
+    """The float sink and ring after a prefill of ``x`` ``[B, H, L, D]`` at positions ``0..L-1``: sink slot j holds
+    position j, ring slot ``sink + p % window`` the latest position p; slots no position reaches keep ``old``."""
+    n = x.shape[2]
+    parts = [x[:, :, :min(sink, n)], old[:, :, min(sink, n):sink]]
+    if n >= window:
+        turn = n % window  # ring slots 0..turn-1 hold the last `turn` positions, the rest the `window - turn` before
+        parts += [x[:, :, n - turn:], x[:, :, n - window:n - turn]]
+    else:
+        parts += [x[:, :, :n], old[:, :, sink + n:]]
+    return torch.cat([p for p in parts if p.shape[2]], 2).to(old.dtype)
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       cache: list[torch.Tensor], *, bits: int, k_block: int, v_group: int, window: int, sink: int,
+                       scale: float | None, sliding: int | None,
+                       bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """``cache_attention`` of a prefill from position 0 (``host_checked_positions(L - 1)``): ``_prefill_update``'s
+    write, then ``_attend``'s attention bit for bit, where a query at t reads quantized slots ``sink..t - window``:
+    none when ``L - 1 - window < sink`` (the quantized part is neither dequantized nor attended), else the slots
+    it wrote, dequantized from its codes before packing (no unpack, no zero/scale repeated per slot); the mask,
+    made once a step, is the additive one SDPA makes of the boolean (``where(mask, 0, -inf)``)."""
+    kw = dict(bits=bits, k_block=k_block, v_group=v_group, window=window, sink=sink)
+    new, codes = _prefill_update(k, v, cache, **kw)
+    if bias is not None:
+        return _attend(q, k, v, positions, cache[6], cache[7], new, scale=scale, sliding=sliding, bias=bias, **kw)
+    b, hq, n, d = q.shape
+    pos = positions.to(torch.long)
+    keys, values = [cache[6].float(), k.float()], [cache[7].float(), v.float()]
+    read = 0
+    if n - 1 - window >= sink:
+        # _quantized_extent's blocks up to the last slot read (L - 1 - window): all written (read <= L - 1)
+        read = ((n - 1 - window) // k_block + 1) * k_block
+        rb = read // k_block
+        h = k.shape[1]
+        keys.insert(0, ((codes.k_codes[:, :, :rb] - codes.k_zero[:, :, :rb, None])
+                        * codes.k_scale[:, :, :rb, None]).reshape(b, h, read, d))
+        values.insert(0, ((codes.v_codes[:, :, :read] - codes.v_zero[:, :, :read, :, None])
+                          * codes.v_scale[:, :, :read, :, None]).reshape(b, h, read, d))
+
+    def additive_mask() -> torch.Tensor:
+        if read:
+            mask = _attend_mask(pos, read, window=window, sink=sink, sliding=sliding)
+        else:
+            mask = _candidate_mask(pos, window=window, sink=sink, sliding=sliding)[:, None]
+        return torch.where(mask, 0.0, float("-inf")).float()  # (float32 as the queries, whatever the default)
+
+    mask = _per_step(("prefill", tuple(pos.shape), read, window, sink, sliding, str(pos.device)), additive_mask)
+    out = F.scaled_dot_product_attention(q.float(), torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask,
+                                         scale=scale if scale is not None else 1 / math.sqrt(d),
+                                         enable_gqa=hq != k.shape[1])
+    return (out.to(q.dtype), *new)
