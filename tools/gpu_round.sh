@@ -24,6 +24,12 @@
 #                    (session 46, H100, before the per-layer R2: 226.2 / 4001.4 / 9911.3 MB)
 #   rotation   (560) issue 20: the best W4A4KV4 pipeline on the R1+R2 s400c rotation, tuned end to end (its untuned
 #                    row: 1.723x, H100 session 46; w4a4kv4-e2e's R1-only start: 1.303x) -> $OUT/res/accuracy.json
+#   smollm2    (300) issue 18's SmolLM2 rows (needs its wheel): decode + prefill ms of float, W4A16 g64, W8A8 and FP8
+#                    (the A8 ops on quantize + a8_gemv on codes since session 49, untimed end to end) and W4A16 with
+#                    the int4 / int8 packed cache (session 49's packed-prefill op cut, untimed) on the triton backend,
+#                    prefills replayed from CUDA graphs -> $OUT/res/generate.json
+#   a8decode   (150) the decode A8 GEMV (a8_gemv) against quantize + GEMM and cuBLAS at M = 1 and 16, with its tile
+#                    sweep (tools/bench_a8.py --decode; a8_gemv_config's tiles are not from a sweep yet)
 #   tcswap     (150) _tc_chunk with SWAP (dequantized weights as the dot's register operand) at M = 128 against the
 #                    unswapped tiles and dequantize + cuBLAS (session 19: 0.13-0.23x cuBLAS, slower) -> $OUT/res/gemv.json
 #
@@ -77,6 +83,11 @@ for s in "$@"; do
         --out "$OUT/res/a8_gemm.json" ;;
     e2e) stage e2e 330 python3 tools/bench_e2e.py --hf-only --backend --schemes w4a16-g128,w8a8,fp8 --graphs on \
         --budget-s 270 --run "$(date +%F) gpu_round" --out "$OUT/res/e2e_backend.json" ;;
+    smollm2) stage smollm2 300 python3 tools/bench_generate.py --gpu --skip-attention --model smollm2 --only-schemes \
+        --deadline 250 --schemes float-bf16,w4a16-g64,w8a8,fp8,w4a16-g64+kv4,w4a16-g64+kv8 \
+        --out "$OUT/res/generate.json" ;;
+    a8decode) stage a8decode 150 python3 tools/bench_a8.py --decode --run "$(date +%F)-a8decode" --budget-s 120 \
+        --out "$OUT/res/a8_gemm.json" ;;
     tcswap) stage tcswap 150 python3 tools/bench_gemv.py --ms 128 --only tc_c --run "$(date +%F)-tcswap" \
         --shapes 4096x12288,4096x22016,11008x4096,4096x4096 --budget-s 120 --out "$OUT/res/gemv.json" ;;
     memory) cp bench/results/accuracy.json "$OUT/res/accuracy.json" 2>/dev/null
