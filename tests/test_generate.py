@@ -135,7 +135,8 @@ def test_decode_step_equals_last_row_of_prefill(smollm2_two_blocks, compiled):
 def test_bucketed_prefill_pads_without_changing_any_prompt(smollm2_two_blocks, compiled):
     """A captured prefill takes the prompts left-padded up to its bucket (``bucketed``): every prompt's last logits
     and its cache slots equal the unpadded prefill's (fp32 rounding of other reduction lengths), for a batch of
-    prompts of different lengths, so a replayed prefill generates what an eager one does."""
+    prompts of different lengths, so a replayed prefill generates what an eager one does; and a cache holding another
+    prompt's values (a replay's static buffers) gives the same bits as a zeroed one."""
     from lowbit.generate import bucketed, left_padded
 
     tok = smollm2_two_blocks[1]
@@ -152,6 +153,14 @@ def test_bucketed_prefill_pads_without_changing_any_prompt(smollm2_two_blocks, c
     for b, p in enumerate(prompts):
         for w, g in zip(want[1:], got[1:]):  # the prompt's own slots; the rest is overwritten before it is read
             assert (g[b, :, :len(p)] - w[b, :, :len(p)]).abs().max() <= 1e-5 * max(1.0, w.abs().max().item())
+    # a replayed prefill's cache buffers still hold the previous prompt's keys and values past this one's (an eager
+    # prefill starts from zeros): no prompt token reads them
+    stale = [torch.randn_like(c) * 100 for c in step.empty_cache(3, 64)]
+    again = run(wide_ids, wide_pos, *stale)
+    assert torch.equal(again[0], got[0])
+    for b, p in enumerate(prompts):
+        for w, g in zip(got[1:], again[1:]):
+            assert torch.equal(g[b, :, :len(p)], w[b, :, :len(p)])
     assert bucketed(ids, pos, ids.shape[1])[0] is ids  # a prompt already at the bucket is not copied
     with pytest.raises(GenerationError, match="prefill_graphs=-1"):
         GenerationSpec(prefill_graphs=-1)
