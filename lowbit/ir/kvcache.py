@@ -99,13 +99,27 @@ def _qrange(bits: int) -> tuple[int, int]:
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed codes ``[..., D]`` -> uint8 ``[..., D * bits / 8]`` (stored as ``code - qmin``, low bits first)."""
     qmin, _ = _qrange(bits)
+    _check_per_byte(codes.shape[-1], bits)
+    return _stored_packed(codes.to(torch.int32) - qmin, bits)
+
+
+def _check_per_byte(d: int, bits: int) -> None:
+    if d % (8 // bits):
+        raise ValueError(f"head_dim {d} is not a multiple of {8 // bits} ({bits}-bit codes, {8 // bits} per byte)")
+
+
+def _stored_packed(stored: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored codes (``0..2**bits-1``, float or int; a multiple of ``8/bits`` along the last dim) -> uint8 bytes,
+    ``8/bits`` codes a byte, the lowest channel in the lowest bits: in uint8 throughout (the fields of a byte are
+    disjoint, their sum is their or). The one packer of every cache write: ``pack_codes``, ``quantize_keys`` /
+    ``quantize_values`` and a prefill's ``_prefill_update``."""
     per = 8 // bits
-    d = codes.shape[-1]
-    if d % per:
-        raise ValueError(f"head_dim {d} is not a multiple of {per} ({bits}-bit codes, {per} per byte)")
-    u = (codes.to(torch.int32) - qmin).reshape(*codes.shape[:-1], d // per, per)
-    shifts = torch.arange(0, per * bits, bits, device=codes.device, dtype=torch.int32)
-    return (u << shifts).sum(-1).to(torch.uint8)
+    codes = stored.to(torch.uint8)
+    if per == 1:
+        return codes
+    shifts = _per_step(("shifts", bits, str(codes.device)),
+                       lambda: torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8))
+    return (codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per) << shifts).sum(-1, dtype=torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -127,9 +141,11 @@ def _qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tenso
     return scale, zp
 
 
-def _codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
-    qmin, qmax = _qrange(bits)
-    return torch.clamp(torch.round(x.float() / scale) + zp, qmin, qmax)
+def _stored_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x``'s codes as the cache stores them, float: ``clamp(round(x / scale) + zero, 0, 2**bits - 1)`` with the
+    stored zero ``zero = zp - qmin`` (the signed code ``clamp(round(x / scale) + zp, qmin, qmax)`` minus ``qmin``:
+    the same integers, all exact in float32)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, (1 << bits) - 1)
 
 
 def quantize_keys(k: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,10 +154,12 @@ def quantize_keys(k: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor,
     if s % block:
         raise ValueError(f"{s} key tokens: only whole blocks of {block} tokens are quantized (the rest stays in "
                          "the float window)")
+    _check_per_byte(d, bits)
     kb = k.float().reshape(b, h, s // block, block, d)
     scale, zp = _qparams(kb.amin(3), kb.amax(3), bits)
-    codes = _codes(kb, scale.unsqueeze(3), zp.unsqueeze(3), bits).reshape(b, h, s, d)
-    return pack_codes(codes, bits), scale, (zp - _qrange(bits)[0]).to(torch.uint8)
+    zero = zp - _qrange(bits)[0]
+    stored = _stored_codes(kb, scale.unsqueeze(3), zero.unsqueeze(3), bits).reshape(b, h, s, d)
+    return _stored_packed(stored, bits), scale, zero.to(torch.uint8)
 
 
 def quantize_values(v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,10 +167,12 @@ def quantize_values(v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     b, h, s, d = v.shape
     if d % group:
         raise ValueError(f"v_group={group} does not divide head_dim {d}")
+    _check_per_byte(d, bits)
     vg = v.float().reshape(b, h, s, d // group, group)
     scale, zp = _qparams(vg.amin(-1), vg.amax(-1), bits)
-    codes = _codes(vg, scale.unsqueeze(-1), zp.unsqueeze(-1), bits).reshape(b, h, s, d)
-    return pack_codes(codes, bits), scale, (zp - _qrange(bits)[0]).to(torch.uint8)
+    zero = zp - _qrange(bits)[0]
+    stored = _stored_codes(vg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits).reshape(b, h, s, d)
+    return _stored_packed(stored, bits), scale, zero.to(torch.uint8)
 
 
 def dequantize_keys(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -489,18 +509,6 @@ class _PrefillCodes(NamedTuple):
     v_scale: torch.Tensor  # [B, H, L, D/v_group]
 
 
-def _stored_packed(stored: torch.Tensor, bits: int) -> torch.Tensor:
-    """Stored codes (float, ``0..2**bits-1``, a multiple of ``8/bits`` along the flat last dim) -> uint8 bytes, as
-    ``pack_codes`` packs them: in uint8 throughout (the fields of a byte are disjoint, their sum is their or)."""
-    per = 8 // bits
-    codes = stored.to(torch.uint8)
-    if per == 1:
-        return codes
-    shifts = _per_step(("shifts", bits, str(codes.device)),
-                       lambda: torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8))
-    return (codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per) << shifts).sum(-1, dtype=torch.uint8)
-
-
 def _prefill_update(k: torch.Tensor, v: torch.Tensor, cache: list[torch.Tensor], *, bits: int, k_block: int,
                     v_group: int, window: int, sink: int) -> tuple[list[torch.Tensor], _PrefillCodes]:
     """``cache_update`` of a prefill: every sequence's tokens at positions ``0..L-1`` (``host_checked_positions``
@@ -516,9 +524,8 @@ def _prefill_update(k: torch.Tensor, v: torch.Tensor, cache: list[torch.Tensor],
                          f"k_block={k_block}")
     if d % v_group:
         raise ValueError(f"v_group={v_group} does not divide head_dim {d}")
-    if d % (8 // bits):
-        raise ValueError(f"head_dim {d} is not a multiple of {8 // bits} ({bits}-bit codes, {8 // bits} per byte)")
-    qmin, qmax = _qrange(bits)
+    _check_per_byte(d, bits)
+    qmin, _ = _qrange(bits)
     blocks = -(-n // k_block)
     span = blocks * k_block
     keys = k.float()
@@ -533,12 +540,11 @@ def _prefill_update(k: torch.Tensor, v: torch.Tensor, cache: list[torch.Tensor],
     split = k_lo.numel()
     scale, zp = _qparams(torch.cat([k_lo.flatten(), v_lo.flatten()]), torch.cat([k_hi.flatten(), v_hi.flatten()]),
                          bits)
-    # stored codes: clamp(round(x / scale) + zp, qmin, qmax) - qmin, the same integers (all exact in float32)
     zero = zp - qmin
     k_scale, v_scale = scale[:split].view(k_lo.shape), scale[split:].view(v_lo.shape)
     k_zero, v_zero = zero[:split].view(k_lo.shape), zero[split:].view(v_lo.shape)
-    k_codes = torch.clamp(torch.round(keys / k_scale[:, :, :, None]) + k_zero[:, :, :, None], 0, qmax - qmin)
-    v_codes = torch.clamp(torch.round(values / v_scale[..., None]) + v_zero[..., None], 0, qmax - qmin)
+    k_codes = _stored_codes(keys, k_scale[:, :, :, None], k_zero[:, :, :, None], bits)
+    v_codes = _stored_codes(values, v_scale[..., None], v_zero[..., None], bits)
     packed = _stored_packed(torch.cat([k_codes.flatten(), v_codes.flatten()]), bits)
     zero_u8 = zero.to(torch.uint8)
     k_bytes = b * h * span * d * bits // 8
