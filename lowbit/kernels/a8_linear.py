@@ -2,8 +2,8 @@
 
 One op, ``lowbit::a8_linear``, runs two kernels: ``quantize_activation`` (one read of x, codes + scales) and the
 GEMM below, which accumulates exact int32 (or fp32 for fp8) dot products and applies both scales in fp32; at
-decode sizes (M <= 16, int8 or fp8 weights without zero points or scale tiles) one instead, ``a8_gemv``, which
-quantizes its rows itself (int8: the same result bit for bit). The GEMM:
+decode sizes (M <= 16, int8 or fp8 weights without zero points or scale tiles) ``a8_gemv`` on the codes instead of
+the GEMM (int8: the same result bit for bit; ``_linear_on_codes``). The GEMM:
 
 - per-token activation scale and per-channel weight scale: both in the epilogue (``acc * sa[m] * sw[n]``);
 - per-group scales on either side (``w8a8-g64``: activation groups of 64; ``fp8``: weight and activation groups
@@ -351,8 +351,26 @@ def _rows_residual(residual: torch.Tensor | None, out_shape: tuple, dtype: torch
     return r if r.stride(-1) == 1 else r.contiguous()
 
 
-def _add_residual(y: torch.Tensor, residual: torch.Tensor | None, added: bool) -> torch.Tensor:
-    return y if residual is None or added else residual + y
+def _linear_on_codes(xq: torch.Tensor, sa: torch.Tensor, lead: tuple[int, ...], qweight: torch.Tensor,
+                     w_scale: torch.Tensor, w_zero_point: torch.Tensor | None, bias: torch.Tensor | None, w_qdtype: str,
+                     w_group: int, a_group: int, out_dtype: torch.dtype, use_scaled_mm: bool, epilogue: str,
+                     w_block_n: int, residual: torch.Tensor | None) -> torch.Tensor:
+    """Both ops after the activation is quantized (codes ``xq [M, K]``, fp32 scales ``sa [M, groups or 1]``; the
+    output ``[*lead, N]``, plus ``residual``): ``a8_gemv`` on the codes at decode sizes, the residual added in its
+    store where it can be; the GEMM (``_a8_product``) otherwise. Why the GEMV on codes, also after ``a8_linear``'s
+    own quantize launch: on an H100 (session 49) quantizing inside the GEMV, where every program re-reads the rows
+    for their amax, was slower than the two launches (576x1536 int8 6.3 vs 6.0 us, fp8 8.0 vs 6.7; 4096x11008 32.1
+    vs 22.6), while the GEMV on codes beat the GEMM on them (4.1 vs ~4.4 us at 576x1536; 18.9 at 4096x11008)."""
+    added = None
+    if _takes_gemv(xq, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
+        added = _rows_residual(residual, (*lead, qweight.shape[0]), out_dtype, epilogue)
+        y = a8_gemv(xq, sa, qweight, w_scale, bias, w_qdtype, w_group, "fp8e4m3" if w_qdtype == "fp8e4m3" else "int8",
+                    a_group, out_dtype, epilogue, residual=added)
+    else:
+        y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm,
+                        out_dtype, epilogue, w_block_n)
+    y = y.reshape(*lead, y.shape[-1])
+    return y if residual is None or added is not None else residual + y
 
 
 @triton_op("lowbit::a8_linear", mutates_args=())
@@ -372,18 +390,8 @@ def a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_z
     check((a_qdtype == "fp8e4m3") == (w_qdtype == "fp8e4m3"), "a8_linear",
           f"weights {w_qdtype} with activations {a_qdtype}: int weights take int8, fp8 weights fp8e4m3")
     xq, sa = quantize_activation(x, a_qdtype, a_group)
-    if _takes_gemv(x, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
-        # the rows quantized by their own launch, then the GEMV on codes: on an H100 (session 49) quantizing inside
-        # the GEMV, where every program re-reads the row for its amax, was slower than the two launches (576x1536
-        # int8 6.3 vs 6.0 us, fp8 8.0 vs 6.7; 4096x11008 32.1 vs 22.6), while the GEMV on codes beat the GEMM on
-        # them (4.1 vs ~4.4 us at 576x1536; 18.9 at 4096x11008)
-        r = _rows_residual(residual, (*x.shape[:-1], qweight.shape[0]), x.dtype, epilogue)
-        y = a8_gemv(xq, sa, qweight, w_scale, bias, w_qdtype, w_group, a_qdtype, a_group, x.dtype, epilogue,
-                    residual=r)
-        return _add_residual(y.reshape(*x.shape[:-1], y.shape[-1]), residual, r is not None)
-    y = _a8_product(xq, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm, x.dtype,
-                    epilogue, w_block_n)
-    return _add_residual(y.reshape(*x.shape[:-1], y.shape[-1]), residual, False)
+    return _linear_on_codes(xq, sa, tuple(x.shape[:-1]), qweight, w_scale, w_zero_point, bias, w_qdtype, w_group,
+                            a_group, x.dtype, use_scaled_mm, epilogue, w_block_n, residual)
 
 
 @triton_op("lowbit::a8_linear_q", mutates_args=())
@@ -402,11 +410,5 @@ def a8_linear_q(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
         xq2 = xq2.contiguous()
     if sa.dtype != torch.float32 or sa.stride(-1) != 1:
         sa = sa.float().contiguous()
-    if _takes_gemv(xq2, qweight, w_qdtype, w_group, a_group, w_zero_point, w_block_n):
-        r = _rows_residual(residual, (*xq.shape[:-1], qweight.shape[0]), out_dtype, epilogue)
-        y = a8_gemv(xq2, sa, qweight, w_scale, bias, w_qdtype, w_group,
-                    "fp8e4m3" if w_qdtype == "fp8e4m3" else "int8", a_group, out_dtype, epilogue, residual=r)
-        return _add_residual(y.reshape(*xq.shape[:-1], y.shape[-1]), residual, r is not None)
-    y = _a8_product(xq2, sa, qweight, w_scale, w_zero_point, bias, w_qdtype, w_group, a_group, use_scaled_mm,
-                    out_dtype, epilogue, w_block_n)
-    return _add_residual(y.reshape(*xq.shape[:-1], y.shape[-1]), residual, False)
+    return _linear_on_codes(xq2, sa, tuple(xq.shape[:-1]), qweight, w_scale, w_zero_point, bias, w_qdtype, w_group,
+                            a_group, out_dtype, use_scaled_mm, epilogue, w_block_n, residual)
