@@ -23,11 +23,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PIPELINES = {"float": None, "w8a8": "quantize(w=int8,a=int8)", "fp8": "quantize(w=fp8e4m3,a=fp8e4m3)",
-             "fp8-block64": "quantize(w=fp8e4m3,group=64,a=fp8e4m3,a_group=64)",
-             "w4a16": "quantize(w=int4,group=64,sym=false)"}
-"""The decode benchmark's schemes (``tools/bench_generate.py``'s ``_WEIGHTS``) and the fp8 recipe's block form."""
+from bench_generate import SMOLLM2_QUANTIZED  # noqa: E402
+
+PIPELINES = {"float": None, **{k: SMOLLM2_QUANTIZED[k] for k in ("w8a8", "fp8", "w4a16-g64")},
+             "fp8-block64": "quantize(w=fp8e4m3,group=64,a=fp8e4m3,a_group=64)"}
+"""The SmolLM2 decode benchmark's schemes (``tools/bench_generate.py``'s ``SMOLLM2_QUANTIZED``) and the fp8
+recipe's block form."""
 
 _VIEWS = {"getitem", "sym_size", "reshape", "transpose", "unsqueeze", "expand", "slice", "split_with_sizes", "view",
           "_assert_scalar", "sym_constrain_range_for_size", "permute"}
@@ -83,7 +86,7 @@ def count(scheme: str, layers: int) -> tuple[list[tuple[str, str, list[str]]], i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--schemes", default="float,w8a8,fp8,w4a16", help=f"of {', '.join(PIPELINES)}")
+    ap.add_argument("--schemes", default="float,w8a8,fp8,w4a16-g64", help=f"of {', '.join(PIPELINES)}")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--nodes", action="store_true", help="print every node's launches")
     args = ap.parse_args()
