@@ -742,6 +742,112 @@ def test_eight_word_chunks_fuse_the_gated_epilogue_and_the_block_norm(device, m,
     assert _rel(weight_only_linear(gained, w2, ws2, wz2, None, "int4", g), want2) > 0.5  # the norm did run
 
 
+def _launched_kernels(wo, monkeypatch) -> list[str]:
+    """The Triton kernels the weight-only op launches from now on, by name, in order."""
+    names: list[str] = []
+    real = wo.launcher
+
+    def recording(t, kernel):
+        names.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
+        return real(t, kernel)
+
+    monkeypatch.setattr(wo, "launcher", recording)
+    return names
+
+
+FOLD_CASES = [  # activation dtype, symmetric, group (K: 576 -> 8-word chunks, 384 -> 16), bias, epilogue, the norm
+    # partials of the input (0: no norm), residual add + next norm's halves
+    (torch.bfloat16, False, 64, True, "silu*up", 3, False),  # gate/up: its input's norm, then act(gate) * up
+    (torch.float16, True, 128, False, "gelu_tanh*up", 0, False),
+    (torch.bfloat16, True, 64, False, "", 0, True),  # o_proj / down_proj
+    (torch.float16, False, 128, True, "", 0, True),
+    (torch.bfloat16, False, 128, False, "", 3, False),  # q/k/v: 3 partials, loaded and summed in order
+    (torch.float16, True, 64, True, "gelu", 70, False),  # past MANY_PARTIALS: one vector load
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,symmetric,group,bias,epilogue,nq,residual", FOLD_CASES)
+def test_folded_gemv_is_the_split_reduce_in_one_launch(device, dtype, symmetric, group, bias, epilogue, nq, residual,
+                                                       monkeypatch):
+    """``_gemv_t`` with ``FOLD`` (one split, M = 1): the epilogue and the block fusions run in the GEMV's programs,
+    one launch where one split + ``_splitk_reduce`` took two, with the same bits as that pair (the same fp32 sums,
+    norm and roundings), within the fused paths' tolerance of the torch reference, and with the next norm's partial
+    sums one per program (the count ``add_norm_partials`` reports, each its 16 columns' sum of squares)."""
+    from lowbit.kernels import weight_only as wo
+    from lowbit.kernels._common import norm_from_parts_ref
+
+    n, k, eps = 64, 576 if group == 64 else 384, 1e-5
+    gen = torch.Generator().manual_seed(group + nq + len(epilogue))
+    q, s, z = quantized_weight(n, k, "int4", group, symmetric, device)
+    words, ws, wz = wo.pack_words(q, s, z, "int4", group)
+    assert wo.is_n_major(words) and wo.chunk_words(k, group, 4) == (8 if k == 576 else 16)
+    x = torch.randn(1, k, generator=gen).to(dtype).to(device)
+    b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
+    # mean squares 2-3: the norm divides by 1.4-1.7, which a norm left out misses by far more than rounding
+    sumsq = (k * (2 + torch.rand(1, nq, generator=gen)) / nq).to(device) if nq else None
+    r = (7 * torch.randn(1, n, generator=gen)).to(dtype).to(device)
+    gain = (0.5 + torch.rand(n, generator=gen)).to(dtype).to(device)
+    xn = x if sumsq is None else norm_from_parts_ref(x, sumsq, eps)
+    want = weight_only_linear_ref(xn, q, s, z, b, "int4", group, epilogue)
+    names = _launched_kernels(wo, monkeypatch)
+
+    def run(fold: bool):
+        cfg = dict(wo.FOLD_T, U=4, BLOCK_M=1, TC=False, FOLD=fold)  # U = 4: several steps over K
+        monkeypatch.setattr(wo, "words_config", lambda *a, **kw: cfg)
+        names.clear()
+        if residual:
+            out = weight_only_linear_add_norm(x, words, ws, wz, b, "int4", group, r, gain)
+            assert out[2].shape[-1] == wo.add_norm_partials(x, words, "int4", group)
+        else:
+            out = (weight_only_linear(x, words, ws, wz, b, "int4", group, "auto", epilogue, sumsq, eps),)
+        return out, list(names)
+
+    (folded, *halves), one = run(True)
+    (split, *split_halves), two = run(False)
+    assert one == ["_gemv_t"] and two == ["_gemv_t", "_splitk_reduce"], (one, two)
+    assert torch.equal(folded, split)
+    if residual:
+        assert torch.equal(halves[0], split_halves[0])  # gain * stream
+        assert halves[1].shape == (1, n // 16) and split_halves[1].shape == (1, 1)
+        tiles = folded.float().pow(2).reshape(1, n // 16, 16).sum(-1)
+        assert torch.allclose(halves[1], tiles, rtol=1e-5), (halves[1], tiles)
+        assert _rel(folded, r + want) <= TOL[dtype]
+        assert _rel(halves[0], gain * folded) <= 2 ** -7
+        return
+    assert folded.shape == want.shape
+    assert _rel(folded, want) <= 2 * TOL[dtype]
+    if epilogue:
+        unfused = weight_only_linear(x, words, ws, wz, b, "int4", group, "auto", "", sumsq, eps)
+        assert _near_epilogue(folded, unfused, epilogue)
+    if sumsq is not None:  # the norm did run
+        assert _rel(weight_only_linear(x, words, ws, wz, b, "int4", group, "auto", epilogue), want) > 0.2
+
+
+def test_fold_config_takes_one_split_at_smollm2s_shapes_and_keeps_split_k_at_7b():
+    """``words_config(fused=True)`` at M = 1: SmolLM2's q/k/v, o_proj, merged gate/up and down_proj (K = 576 or 1536,
+    group 64) fold the reduce into one ``_gemv_t`` launch of 16-column programs walking K in one or two steps; the
+    7B shapes keep ``_gemv_r``'s split-K, and without an epilogue or fusion the split-K config is unchanged."""
+    from lowbit.kernels import weight_only as wo
+
+    for n, k, steps in ((960, 576, 1), (576, 576, 1), (3072, 576, 1), (576, 1536, 2)):
+        cw = wo.chunk_words(k, 64, 4)
+        cfg = wo.words_config(1, n, k, 4, cw, n_major=True, group=64, fused=True)
+        nch = k // (8 * cw)
+        assert cfg["FOLD"] and wo._chunk_split(nch, cfg)[1] == 1 and cdiv_(nch, cfg["U"]) == steps, (n, k, cfg)
+        assert cfg["U"] * cw * cfg["BLOCK_N"] <= wo.FOLD_TILE_WORDS
+        assert "FOLD" not in wo.words_config(1, n, k, 4, cw, n_major=True, group=64)
+        assert "FOLD" not in wo.words_config(4, n, k, 4, cw, n_major=True, group=64, fused=True)  # tensor cores
+    for n, k in ((11008, 4096), (4096, 11008), (4096, 4096), (12288, 4096), (22016, 4096)):
+        cfg = wo.words_config(1, n, k, 4, 32, n_major=True, group=128, fused=True)
+        assert "ROWS" in cfg and "FOLD" not in cfg and cfg["SPLIT_K"] > 1
+    assert wo.fold_config(576, 24, 8)["U"] == 16 and wo.fold_config(576, 48, 8) is None  # K = 1536 / 3072
+
+
+def cdiv_(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def test_eight_word_chunks_refuse_or_avoid_the_short_dots(monkeypatch):
     """``CW = 8`` is narrower than a ``tl.dot``'s K (16): the configs never send such words to ``_tc_t`` /
     ``_tc_words`` / ``_tc_pairs``; K-major ones at 2 <= M <= 16 dequantize instead, and a forced GEMV names why."""

@@ -318,12 +318,12 @@ def test_block_add_and_norm_run_in_the_weight_only_reduces(monkeypatch):
 
     forcing = [True]
 
-    def r_at_decode(m, n, k, bits, cw, n_major=False, group=128):
+    def r_at_decode(m, n, k, bits, cw, n_major=False, group=128, fused=False):
         if forcing[0] and m == 1 and bits == 4 and n_major:
             used_r.append(n)
             return {"TC": False, "BLOCK_M": 1, "BLOCK_N": 128, "ROWS": 8, "SPLIT_K": 2, "num_warps": 1,
                     "num_stages": 1}
-        return config(m, n, k, bits, cw, n_major, group)
+        return config(m, n, k, bits, cw, n_major, group, fused)
 
     monkeypatch.setattr(wo, "words_config", r_at_decode)
     model = _tiny_llama(heads=2, kv_heads=1, vocab=512)
@@ -1103,6 +1103,46 @@ def test_mlp_gated_epilogue_matches_the_unfused_activation_where_down_proj_reads
 def _one_export_per_model(reuse_captures: object) -> None:
     """Every test here captures through the session's capture cache (conftest's ``reuse_captures``): the same tiny
     model compiled again is not exported again."""
+
+
+@needs_kernels
+def test_w4_decode_step_folds_the_reduces_into_the_gemvs(monkeypatch):
+    """SmolLM2's W4A16 recipe (int4, groups of 64) on a two-block Llama with its head layout (GQA, heads of 64): in
+    a decode step every linear whose reduce had work (the norm of its input, ``silu*up``, the residual add and the
+    next norm's halves) is one ``_gemv_t`` launch with the reduce folded in, where it was ``_gemv_t`` +
+    ``_splitk_reduce`` (the first q/k/v and the last down_proj have no fusion: at SmolLM2's widths they keep
+    split-K + reduce; here one chunk of words, they are one launch either way). The tokens are those of the same
+    step with the fold turned off (the fold has the reduce's bits)."""
+    import triton.runtime.interpreter as interp
+    from lowbit.generate import GenerationSpec
+    from lowbit.kernels import weight_only as wo
+
+    if not INTERP:
+        pytest.skip("counts the interpreter's launches")
+    model = _tiny_llama(heads=2, kv_heads=1, vocab=1000)
+    layers = model.config.num_hidden_layers
+    spec = GenerationSpec(max_length=16, max_batch=1)
+    launched: list[str] = []
+    run = interp.InterpretedFunction.run
+    monkeypatch.setattr(interp.InterpretedFunction, "run",
+                        lambda self, *a, **k: launched.append(self.fn.__name__) or run(self, *a, **k))
+    prompt = [[451, 113, 120, 50, 400, 7, 9, 11]]
+    decodes = {}
+    for fold in (True, False):
+        if not fold:
+            monkeypatch.setattr(wo, "fold_config", lambda *a: None)
+        tri = _triton_step(model, "quantize(w=int4,group=64,sym=false)", spec, "cpu")
+        launched.clear()
+        tri.generate(prompt, 1, stop_tokens=())  # the prefill alone
+        prefill = len(launched)
+        out = tri.generate(prompt, 3, stop_tokens=())  # the prefill, then 2 decode steps
+        decodes[fold] = (launched[2 * prefill:], out.tokens)
+    (folded, tokens), (split, split_tokens) = decodes[True], decodes[False]
+    assert folded.count("_gemv_t") == split.count("_gemv_t") == 2 * 4 * layers, folded
+    # hidden 128 / MLP 256 are one chunk of words: the two unfused linears are not split either
+    assert "_splitk_reduce" not in folded and split.count("_splitk_reduce") == 2 * (4 * layers - 2), (folded, split)
+    assert len(split) - len(folded) == 2 * (4 * layers - 2)
+    assert tokens == split_tokens
 
 
 @needs_kernels

@@ -7,9 +7,11 @@ M in ``--ms`` (default 1, 16; above 16 the prefill family ``tc_m``) x (K, N) in 
 ``torch._weight_int4pack_mm`` (tinygemm) and the op's current default (``op_default``: what
 ``lowbit::weight_only_linear`` picks on the layout ``pack_words`` makes by default, as the triton backend deploys), then every config of the
 variants ``VARIANTS`` lists for that M: ``cc_k``/``tc_k`` on the K-major words (``pack_words``), ``cc_t``/``tc_t``/
-``tc_p`` on the N-major words (``pack_words(..., n_major=True)``). Times: CUDA-graph replay of calls over weight copies
-that span ~2x L2 (``bench_kernels.bench_graph``, L2 cold as in a model), medians. Each config's output is checked
-against the reference (``rel_err``; a row with ``rel_err`` > 1e-2 is marked ``wrong``). Kernels are compiled first
+``tc_p`` on the N-major words (``pack_words(..., n_major=True)``); ``cc_f`` and ``op_fused`` (M = 1) launch with a
+decode block's norm fusion, so split-K pays the reduce launch and ``FOLD`` configs fold it in. Times: CUDA-graph
+replay of calls over weight copies that span ~2x L2 (``bench_kernels.bench_graph``, L2 cold as in a model),
+medians. Each config's output is checked against the reference (``rel_err``; a row with ``rel_err`` > 1e-2 is marked
+``wrong``). Kernels are compiled first
 by ``--workers`` subprocesses in parallel (they fill Triton's on-disk cache), so the timing loop does not pay
 compile time serially. Per-config exceptions become rows; ``--budget-s`` stops the timing loop (rows after it say
 ``skipped``). ``best`` marks the fastest correct config per (M, K, N) and variant family; rows go to ``--out`` via
@@ -94,6 +96,23 @@ CHUNK_CONFIGS = [_tcc(*c) for c in (
 """``tc_c``: ``_tc_chunk`` (``PS`` code positions per dot) at M = 16 (16-row tiles) and prefill M (the bucket's)."""
 
 
+FOLD_CONFIGS = [dict(_cc(*c[:-1]), FOLD=c[-1]) for c in (
+    # one split, the reduce's work in the GEMV's programs (``weight_only.fold_config``: FOLD_T and its neighbours)
+    (16, 16, 2, 1, True), (16, 8, 2, 1, True), (16, 4, 2, 1, True), (16, 16, 1, 1, True), (16, 16, 4, 1, True),
+    (16, 8, 2, 1, 1, True), (32, 8, 2, 1, True), (32, 8, 4, 1, True), (32, 4, 2, 1, 1, True), (64, 4, 2, 1, True),
+    (64, 4, 4, 1, True), (64, 2, 4, 1, 1, True),
+    # split-K + _splitk_reduce with the same fusion: ``_t_rule``'s tiles at SmolLM2's splits (its op default there),
+    # and the fold's tile split in two
+    (64, 1, 2, 16, False), (64, 1, 2, 8, False), (64, 1, 2, 4, False), (16, 8, 2, 2, False), (32, 4, 2, 2, False))]
+"""``cc_f`` (M = 1, N-major words): every config launched with a decode block's fusion (the norm of the input from
+``FOLD_NORM_PARTIALS`` partial sums of squares, as q/k/v and gate/up read it), so split-K needs the reduce launch
+and ``FOLD`` configs fold it in: folded vs split + reduce at SmolLM2's shapes (``--shapes 576x1536,1536x576,
+576x192,576x3072 --group 64 --ms 1 --only cc_f``)."""
+
+FOLD_NORM_PARTIALS = 36
+"""``cc_f``'s norm partials: o_proj's folded launch at SmolLM2's hidden 576 writes 36 (16-column programs)."""
+
+
 VARIANTS: dict[str, list[dict]] = {
     # CUDA cores, M = 1, N-major words: [U, CW, BLOCK_N] tiles, 4 rows per thread, split-K partials + reduce
     "cc_t": [_cc(*c) for c in (
@@ -126,12 +145,13 @@ VARIANTS: dict[str, list[dict]] = {
         (128, False, 4, 4), (32, False, 4, 8), (64, True, 4, 8), (256, True, 8, 2))],
     # the K-major kernels' previous sweep winners (run C), for the same-run comparison
     "cc_k": [_cc(2, 4, 1, 1), _cc(4, 8, 2, 1, 0, 3), _cc(2, 4, 1, 1, 2)],
+    "cc_f": FOLD_CONFIGS,
     "tc_k": [_tc(128, True, 4, 4), _tc(64, True, 4, 8)],
     "tc_m": PREFILL_CONFIGS,
     "tc_c": CHUNK_CONFIGS,
 }
 ROW_KEY = ("run", "kernel", "variant", "M", "K", "N", "device")
-N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p", "tc_m", "tc_c"}
+N_MAJOR = {"cc_t", "cc_r", "tc_t", "tc_p", "tc_m", "tc_c", "cc_f"}
 """Variants that run on the N-major words (``pack_words(..., n_major=True)``); the others on the K-major ones."""
 FINAL: dict[str, list[dict]] = {
     # R8/R9's winners and neighbours (R9 also ran them with the split-K reduce fused into the last program of each
@@ -148,6 +168,7 @@ FINAL: dict[str, list[dict]] = {
     "tc_k": [_tc(64, True, 4, 8)],
     "tc_m": PREFILL_CONFIGS,
     "tc_c": CHUNK_CONFIGS,
+    "cc_f": FOLD_CONFIGS,
 }
 """``--set final``: the op's table entries and their neighbours (the variants' full lists are ``VARIANTS``)."""
 SMOKE_SHAPES = ((768, 40), (512, 64))
@@ -159,7 +180,7 @@ def kinds_for(m: int, only: set[str]) -> list[str]:
     if m > 16:
         names: tuple[str, ...] = ("tc_m", "tc_c")
     else:
-        names = ("tc_t", "tc_p", "tc_k", "tc_c") if m >= wo.WORDS_TC_MIN_M else ("cc_r", "cc_t", "cc_k")
+        names = ("tc_t", "tc_p", "tc_k", "tc_c") if m >= wo.WORDS_TC_MIN_M else ("cc_r", "cc_t", "cc_k", "cc_f")
     return [v for v in names if not only or v in only]
 
 
@@ -172,10 +193,29 @@ def make_weight(n: int, k: int, device: str) -> dict:
     return {nm: wo.pack_words(q, s, z, "int4", GROUP, n_major=nm) for nm in (False, True)} | {"stored": (q, s, z)}
 
 
+_NORM_PARTIALS: dict[tuple, torch.Tensor] = {}
+
+
+def fold_fusion(x: torch.Tensor) -> wo.ReduceFusion:
+    """``cc_f``'s fusion: the input's norm from ``FOLD_NORM_PARTIALS`` partial sums of squares of mean 4 (the output
+    halved: ``reference``), made once per device and K so a timed launch allocates and fills nothing."""
+    key = (x.device, x.shape[-1])
+    if key not in _NORM_PARTIALS:
+        _NORM_PARTIALS[key] = torch.full((1, FOLD_NORM_PARTIALS), 4.0 * x.shape[-1] / FOLD_NORM_PARTIALS,
+                                         device=x.device)
+    return wo.ReduceFusion(sumsq=_NORM_PARTIALS[key], eps=0.0)
+
+
+def reference(ref: torch.Tensor, variant: str) -> torch.Tensor:
+    """The output ``variant``'s launches should give: ``cc_f``'s norm halves it (exact in bf16)."""
+    return ref / 2 if variant == "cc_f" else ref
+
+
 def launch(x, words, s, z, out, variant: str, cfg: dict):
     tc = variant.startswith("tc")
     c = dict(cfg, BLOCK_M=cfg.get("BLOCK_M", 16) if tc else 1, TC=tc)
-    return wo._launch_words(x, words, s, z, None, out, "int4", GROUP, c)
+    fusion = fold_fusion(x) if variant == "cc_f" else None
+    return wo._launch_words(x, words, s, z, None, out, "int4", GROUP, c, "", fusion)
 
 
 def jobs(ms, shapes, only, variants):
@@ -247,7 +287,8 @@ def once(args) -> None:
                     torch.cuda.synchronize()
                     launch(x, *words, out, v, variants[v][i])
                     torch.cuda.synchronize()
-                    print(f"once M={m} K={k} N={n} {v}#{i} rel_err={rel_err(out, ref):.5f}", flush=True)
+                    print(f"once M={m} K={k} N={n} {v}#{i} rel_err={rel_err(out, reference(ref, v)):.5f}",
+                          flush=True)
                 except Exception as e:  # noqa: BLE001 - one failing config must not stop the profile
                     print(f"once M={m} K={k} N={n} {v}#{i} error {e!r}"[:400], flush=True)
 
@@ -305,6 +346,14 @@ def baselines(bk, bw: float, base: dict, x: torch.Tensor, ref: torch.Tensor, wei
         emit(dict(base, kernel="gemv_sweep/op_default", us=round(t, 2), speedup=round(cublas_us / t, 3),
                   eff_bw_frac=round(nbytes / (t * 1e-6) / bw, 3), rel_err=round(err, 5),
                   layout="n_major" if n_major else "k_major", config=cfg, **({"wrong": True} if err > 1e-2 else {})))
+        if m == 1:  # the op as a decode block calls it: with the norm of its input (``cc_f``'s fusion)
+            sumsq = fold_fusion(x).sumsq
+            err = rel_err(op(x, *dflt[0], None, "int4", GROUP, "auto", "", sumsq, 0.0), reference(ref, "cc_f"))
+            t = bk.bench_graph([lambda w=w: op(x, *w, None, "int4", GROUP, "auto", "", sumsq, 0.0) for w in dflt])
+            cfg = wo.words_config(m, n, k, 4, wo.chunk_words(k, GROUP, 4), n_major, GROUP, fused=True)
+            emit(dict(base, kernel="gemv_sweep/op_fused", us=round(t, 2),
+                      speedup=round(cublas_us / t, 3), rel_err=round(err, 5), config=cfg,
+                      **({"wrong": True} if err > 1e-2 else {})))
     except Exception as e:  # noqa: BLE001 - a failing baseline/default is a row, the sweep goes on
         emit(dict(base, kernel="gemv_sweep/error", error=repr(e)[:300]))
     return cublas_us
@@ -408,7 +457,7 @@ def main() -> None:
                     try:
                         w0 = weights[nm][0]
                         launch(x, w0[0], w0[1], w0[2], out, v, cfg)
-                        r["rel_err"] = round(rel_err(out, ref), 5)
+                        r["rel_err"] = round(rel_err(out, reference(ref, v)), 5)
                         if r["rel_err"] > 1e-2:
                             r["wrong"] = True
                         if not args.smoke:
@@ -416,7 +465,7 @@ def main() -> None:
                                                 for w in weights[nm]], warmup=5, rep=20)
                             # again after the replays: state a launch leaves behind would show here
                             launch(x, w0[0], w0[1], w0[2], out, v, cfg)
-                            r["rel_err_after"] = round(rel_err(out, ref), 5)
+                            r["rel_err_after"] = round(rel_err(out, reference(ref, v)), 5)
                             if r["rel_err_after"] > 1e-2:
                                 r["wrong"] = True
                             r.update(us=round(t, 2), speedup=round(cublas_us / t, 3),

@@ -43,8 +43,11 @@ from lowbit.kernels._common import (
     pdl_on,
 )
 from lowbit.kernels.weight_only import (
+    UNFOLDED,
     ReduceFusion,
     _direct_or_split,
+    _fold_operands,
+    _norm_den,
     _reduced_row,
     _store_row,
     _unfused,
@@ -111,7 +114,7 @@ def float_gemv_config(n: int, k: int) -> dict[str, int]:
 def _gemv_f(x_ptr, w_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, N, K, K_PER, swn, sos, eps,
             HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             HALVES: tl.constexpr = False, FOLD: tl.constexpr = False, ACT: tl.constexpr = 0,
-            GATED: tl.constexpr = False, NQ: tl.constexpr = 0, NQP: tl.constexpr = 1,
+            GATED: tl.constexpr = False, NQ: tl.constexpr = 0, NQP: tl.constexpr = 0,
             HAS_RES: tl.constexpr = False, NORM_OUT: tl.constexpr = False, PDL: tl.constexpr = False):
     """``o[n] = sum_k x[k] * w[n, k]`` over this program's K range ``[pid_k * K_PER, + K_PER)`` (fp32 partial
     with ``PARTIAL``). ``HALVES`` (a gated epilogue, partials only): row ``n`` of the weight's gate half lands at
@@ -121,7 +124,7 @@ def _gemv_f(x_ptr, w_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, N, 
     kernel's output.
 
     ``FOLD`` (one split, M = 1): this program does ``_splitk_reduce``'s work for its rows itself, one launch
-    instead of two: the norm (``NQ`` partial sums of squares at ``q_ptr``, read as one ``NQP``-wide vector),
+    instead of two: the norm (``NQ`` partial sums of squares at ``q_ptr``, ``_norm_den``),
     the bias, ``ACT``, the residual add and the next norm's halves (``NORM_OUT``: ``gx = g * out`` and one sum of
     ``out**2`` per GEMV program at ``qo_ptr``), with the reduce's roundings. ``GATED`` reads gate row ``j`` and up
     row ``N/2 + j`` in the same program (rows interleaved in the tile), so ``act(gate) * up`` needs no partials."""
@@ -146,8 +149,7 @@ def _gemv_f(x_ptr, w_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, N, 
         gdc_wait()
     den = 1.0
     if FOLD and NQ > 0:  # the norm's partials, loaded before the loop so their latency hides behind it
-        parts = tl.arange(0, NQP)
-        den = tl.sqrt(tl.sum(tl.load(q_ptr + parts, mask=parts < NQ, other=0.0), axis=0) / K + eps)
+        den = _norm_den(q_ptr, offs_n * 0, n_ok, K, eps, NQ, NQP, BLOCK_N)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + lanes
@@ -195,8 +197,7 @@ def _launch_gemv_f(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         bias = interleave_rows(bias)
     b = bias if bias is not None else weight
     # every constexpr passed: Inductor's launcher for a user kernel miscounts a defaulted one left out
-    meta |= {"HALVES": gated, "FOLD": False, "ACT": 0, "GATED": False, "NQ": 0, "NQP": 1, "HAS_RES": False,
-             "NORM_OUT": False}
+    meta |= {"HALVES": gated, **UNFOLDED}
 
     def args(t: torch.Tensor, som: int, sos: int) -> tuple:
         return (x2, weight, b, t, weight, weight, weight, weight, weight, n, k, k_per, weight.stride(0), sos, 0.0)
@@ -211,19 +212,12 @@ def _launch_folded(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """One ``_gemv_f`` launch with ``FOLD``: the epilogue and the block fusions in the GEMV's own programs, where
     a split K would need ``_splitk_reduce``'s launch after it (one partial sum of squares per program)."""
     n, k = weight.shape
-    f = fusion or ReduceFusion()
-    nq = 0 if f.sumsq is None else f.sumsq.shape[-1]
-    if f.gain is not None:
-        check(f.residual is not None and not act and not gated, "float_linear",
-              "the next norm's halves come from a residual add with no epilogue")
-        f.sumsq_out = torch.empty((1, programs), device=x2.device, dtype=torch.float32)
+    ptrs, fold, eps = _fold_operands(x2, fusion, act, gated, programs, "float_linear")
     on = pdl_on()
-    ptrs = (f.sumsq, f.residual, f.gain, f.gained, f.sumsq_out)
     launcher(x2, _gemv_f)[(programs, 1)](
         x2, weight, bias if bias is not None else weight, out, *(t if t is not None else weight for t in ptrs),
-        n, k, k_per, weight.stride(0), 0, f.eps, HAS_BIAS=bias is not None, PARTIAL=False, **meta, HALVES=False,
-        FOLD=True, ACT=act, GATED=gated, NQ=nq, NQP=triton.next_power_of_2(max(nq, 1)),
-        HAS_RES=f.residual is not None, NORM_OUT=f.gain is not None, PDL=on, **({"launch_pdl": True} if on else {}))
+        n, k, k_per, weight.stride(0), 0, eps, HAS_BIAS=bias is not None, PARTIAL=False, **meta, HALVES=False,
+        **fold, PDL=on, **({"launch_pdl": True} if on else {}))
 
 
 def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:

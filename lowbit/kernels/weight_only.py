@@ -25,7 +25,8 @@ Decode layout kernels (M <= 16). No int -> float conversion: a code is shifted i
 - N-major words (the default): ``_gemv_r`` (M = 1 int4 at the shapes of ``_R_TABLE``, ``R_RULE`` at other shapes of
   12M weights or more: 16 word rows per thread,
   codes by one and-xor each at three exponents, split-K partials + a reduce kernel), ``_gemv_t`` (M = 1 elsewhere:
-  ``[U, CW, BLOCK_N]`` tiles coalesced along N, the activation a broadcast load, split-K partials + a reduce) and
+  ``[U, CW, BLOCK_N]`` tiles coalesced along N, the activation a broadcast load, split-K partials + a reduce; with
+  an epilogue or a block fusion at K <= 2048 one split that does the reduce's work itself, ``FOLD``) and
   ``_tc_t`` (2 <= M <= 16: one ``[CW, BLOCK_N]`` tile per chunk, one dot per code position); ``_tc_pairs`` (opt-in
   ``PAIRS``: int4 codes unpacked two per ``lop3`` + ``sub.bf16x2`` inline asm on the GPU) is swept but not a default
   (not yet checked on a GPU).
@@ -346,17 +347,26 @@ def _splitk_reduce(p_ptr, b_ptr, o_ptr, q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, MN,
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLIT):
         acc += tl.load(p_ptr + s * MN + offs, mask=ok, other=0.0)
+    if NQ > 0:
+        acc = acc / _norm_den(q_ptr, offs // N, ok, K, eps, NQ, NQP, BLOCK)
+    _reduced_row(acc, offs, ok, offs % N, tl.program_id(0), MN, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr,
+                 HAS_BIAS, BLOCK, ACT, GATED, HAS_RES, NORM_OUT)
+
+
+@triton.jit
+def _norm_den(q_ptr, row, ok, K, eps, NQ: tl.constexpr, NQP: tl.constexpr, BLOCK: tl.constexpr):
+    """An RMSNorm's ``sqrt(mean + eps)`` over ``K`` from ``NQ`` partial sums of squares (``norm_from_parts_ref``),
+    for ``BLOCK`` outputs of rows ``row``: one ``NQP``-wide vector load and sum (M = 1, ``NQP > 0``), else ``NQ``
+    loads summed in order. One helper for the reduce and the GEMVs that fold it in, so a folded launch divides by
+    the same rounded value the reduce would."""
     if NQP > 0:
         parts = tl.arange(0, NQP)
-        acc = acc / tl.sqrt(tl.sum(tl.load(q_ptr + parts, mask=parts < NQ, other=0.0), axis=0) / K + eps)
-    elif NQ > 0:
-        row = offs // N
+        ss = tl.sum(tl.load(q_ptr + parts, mask=parts < NQ, other=0.0), axis=0)
+    else:
         ss = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in tl.static_range(NQ):
             ss += tl.load(q_ptr + row * NQ + j, mask=ok, other=0.0)
-        acc = acc / tl.sqrt(ss / K + eps)
-    _reduced_row(acc, offs, ok, offs % N, tl.program_id(0), MN, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr,
-                 HAS_BIAS, BLOCK, ACT, GATED, HAS_RES, NORM_OUT)
+    return tl.sqrt(ss / K + eps)
 
 
 @triton.jit
@@ -426,6 +436,34 @@ class ReduceFusion:
             self.sumsq_out = self.sumsq_out.reshape(*lead, -1)
 
 
+def _norm_vector(nq: int) -> int:
+    """``NQP`` for ``nq`` norm partials per row (``_norm_den``): one vector load past ``MANY_PARTIALS`` (M = 1),
+    else 0 (``nq`` loads in order)."""
+    return triton.next_power_of_2(nq) if nq > MANY_PARTIALS else 0
+
+
+UNFOLDED = {"FOLD": False, "ACT": 0, "GATED": False, "NQ": 0, "NQP": 0, "HAS_RES": False, "NORM_OUT": False}
+"""The ``FOLD`` constexprs of a GEMV launch that leaves the epilogue to ``_splitk_reduce`` (passed all the same:
+Inductor's launcher for a user kernel miscounts a defaulted constexpr left out)."""
+
+
+def _fold_operands(x2: torch.Tensor, fusion: ReduceFusion | None, act: int, gated: bool, programs: int,
+                   op: str) -> tuple[tuple, dict, float]:
+    """A ``FOLD`` launch's share of the reduce's work (one split, M = 1: the GEMV's programs run
+    ``_reduced_row`` themselves): the fusion's tensors (sumsq, residual, gain, gained, sumsq_out; None where it
+    has none: the caller passes a stand-in), the constexprs and eps. With the next norm's halves it allocates
+    ``sumsq_out``: one partial sum of squares per GEMV program (``programs``)."""
+    f = fusion or ReduceFusion()
+    nq = 0 if f.sumsq is None else f.sumsq.shape[-1]
+    if f.gain is not None:
+        check(f.residual is not None and not act and not gated, op,
+              "the next norm's halves come from a residual add with no epilogue")
+        f.sumsq_out = torch.empty((1, programs), device=x2.device, dtype=torch.float32)
+    meta = {"FOLD": True, "ACT": act, "GATED": gated, "NQ": nq, "NQP": _norm_vector(nq),
+            "HAS_RES": f.residual is not None, "NORM_OUT": f.gain is not None}
+    return (f.sumsq, f.residual, f.gain, f.gained, f.sumsq_out), meta, f.eps
+
+
 def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torch.Tensor, int, int], tuple],
                      meta: dict, split: int, n: int, out: torch.Tensor, bias: torch.Tensor | None,
                      b: torch.Tensor, epilogue: str, block: int, fusion: ReduceFusion | None = None,
@@ -461,7 +499,7 @@ def _direct_or_split(x2: torch.Tensor, kernel, grid: tuple, args: Callable[[torc
     launcher(x2, _splitk_reduce)[(cdiv(m * n, block),)](
         part, b, out, *(t if t is not None else part for t in (f.sumsq, f.residual, f.gain, f.gained, f.sumsq_out)),
         m * n, n, k, f.eps, SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block, ACT=act, GATED=gated, NQ=nq,
-        NQP=triton.next_power_of_2(nq) if nq > MANY_PARTIALS else 0, HAS_RES=f.residual is not None,
+        NQP=_norm_vector(nq), HAS_RES=f.residual is not None,
         NORM_OUT=f.gain is not None, PDL=on, **({"launch_pdl": True} if on else {}))
     return out
 
@@ -908,10 +946,13 @@ def _dequant_words(w_ptr, s_ptr, z_ptr, o_ptr, N, K, swn, swk, ssn, ssg, mant, o
 
 @triton.jit
 def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, swk, ssn, ssg, som, sos, mant, one,
+            q_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, K, eps,
             BITS: tl.constexpr, SIGNED: tl.constexpr, GROUP: tl.constexpr, GI: tl.constexpr,
             HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, XOR: tl.constexpr,
             CW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, U: tl.constexpr,
-            PREFETCH: tl.constexpr = 0, RED: tl.constexpr = False):
+            PREFETCH: tl.constexpr = 0, RED: tl.constexpr = False, FOLD: tl.constexpr = False,
+            ACT: tl.constexpr = 0, GATED: tl.constexpr = False, NQ: tl.constexpr = 0, NQP: tl.constexpr = 0,
+            HAS_RES: tl.constexpr = False, NORM_OUT: tl.constexpr = False):
     """CUDA-core GEMV (M = 1) on the N-major words: per step a ``[U, CW, BLOCK_N]`` word tile; per code a shift,
     an and-or (``f = 1 + u/2**b``) and one FMA into a deferred fp32 accumulator of the tile's shape; per group
     ``acc += s * (a - d * sum x)`` with ``d = 1 + (off + z)/2**b`` (the algebra of ``_gemv_words``); one sum over
@@ -919,7 +960,11 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
     arithmetic.
     ``RED``: each group's (per channel: each chunk's) terms are summed over ``U, CW`` at once into a ``[BLOCK_N]``
     accumulator instead: in-thread adds where the tile's rows all sit in one thread (warps along N: ``BLOCK_N >=
-    128 * num_warps``), and no tile-sized accumulator (registers for bigger tiles)."""
+    128 * num_warps``), and no tile-sized accumulator (registers for bigger tiles).
+    ``FOLD`` (one split): ``_splitk_reduce``'s work in this program for its rows, one launch instead of two
+    (``float_gemv._gemv_f``'s fold: the norm from ``NQ`` partials at ``q_ptr`` over ``K``, ``ACT`` / ``GATED`` on
+    the interleaved (gate, up) rows of the tile, the residual add and the next norm's halves, one sum of squares per
+    program at ``qo_ptr``), with the reduce's roundings: the same fp32 sum, ``_norm_den`` and ``_reduced_row``."""
     PER: tl.constexpr = 32 // BITS
     ONE: tl.constexpr = 1 << BITS
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0
@@ -937,6 +982,9 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
     acc = tl.zeros((U, CW, BLOCK_N), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     xacc = tl.zeros((U, CW, 1), dtype=tl.float32)
+    den = 1.0
+    if FOLD and NQ > 0:  # the norm's partials, loaded before the loop so their latency hides behind it
+        den = _norm_den(q_ptr, offs_n * 0, offs_n < N, K, eps, NQ, NQP, BLOCK_N)
     c_lo = pid_k * CH_SPLIT
     c_hi = tl.minimum(c_lo + CH_SPLIT, NCH)
     if PREFETCH >= 1:
@@ -1006,7 +1054,13 @@ def _gemv_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr, M, N, NCH, CH_SPLIT, sxm, 
         y = (y - d_n * tl.sum(tl.sum(xacc, axis=1), axis=0)) * tl.load(s_ptr + offs_n * ssn, mask=n_ok1,
                                                                         other=0).to(tl.float32)
     y = y * ONE
-    _store_row(y, o_ptr, b_ptr, pid_k, offs_n, n_ok1, sos, PARTIAL, HAS_BIAS)
+    if FOLD:
+        if NQ > 0:
+            y = y / den
+        _reduced_row(y, offs_n, n_ok1, offs_n, pid_n, N, o_ptr, b_ptr, r_ptr, g_ptr, gx_ptr, qo_ptr, HAS_BIAS,
+                     BLOCK_N, ACT, GATED, HAS_RES, NORM_OUT)
+    else:
+        _store_row(y, o_ptr, b_ptr, pid_k, offs_n, n_ok1, sos, PARTIAL, HAS_BIAS)
 
 
 # Where ``_gemv_r`` finds each int4 code: code ``i`` sits at bits ``[4i, 4i+4)``; four shifts of the word bring
@@ -1524,10 +1578,37 @@ def words_tc_ok(bits: int, cw: int, n_major: bool) -> bool:
     return cw >= DOT_MIN_CW or (bits == 4 and n_major)
 
 
-def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = False, group: int = 128) -> dict:
+FOLD_TILE_WORDS = 2048
+"""The largest ``[U, CW, BLOCK_N]`` word tile (8 KB) of a ``FOLD`` config: ``_gemv_t``'s deferred accumulator has the
+tile's shape (32 fp32 registers a thread at 2 warps)."""
+
+FOLD_MAX_STEPS = 2
+"""The most loop steps (tile loads, one after the other) a ``FOLD`` program makes over its row's whole K."""
+
+FOLD_T: dict = {"BLOCK_N": 16, "num_warps": 2, "num_stages": 1, "SPLIT_K": 1, "FOLD": True}
+"""``_gemv_t`` with one split and the reduce's work in its programs (``fold_config``). Why one split is enough at
+SmolLM2's shapes (K = 576 / 1536, N = 576-3072): the op is bound by latency, not bytes (0.17-0.9 MB of codes, a
+fraction of a µs of HBM time), so what it costs is its chain of dependent steps: split-K + reduce is one tile load,
+a kernel boundary and the reduce's load and store, the fold one or two tile loads of <= 8 KB a program
+(``FOLD_MAX_STEPS``) and no boundary. 16-column tiles give the most programs (36 at N = 576, 192 at the merged
+gate/up's 3072), so the launch still spreads over a quarter to all of the SMs. Not yet timed on a GPU: the
+``cc_f`` family of ``tools/bench_gemv.py`` compares it with split + reduce at those shapes."""
+
+
+def fold_config(n: int, nch: int, cw: int) -> dict | None:
+    """``FOLD_T`` for an M = 1 ``_gemv_t`` launch with an epilogue or a block fusion, ``U`` chunks a step: the row's
+    ``nch`` chunks in one step where they fit ``FOLD_TILE_WORDS`` (fewest dependent loads), else the largest tile;
+    None where that takes over ``FOLD_MAX_STEPS`` steps (K over 2048 codes: the 7B shapes keep split-K + reduce)."""
+    u = min(next_pow2(nch), max(1, FOLD_TILE_WORDS // (cw * FOLD_T["BLOCK_N"])))
+    return dict(FOLD_T, U=u) if cdiv(nch, u) <= FOLD_MAX_STEPS else None
+
+
+def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = False, group: int = 128,
+                 fused: bool = False) -> dict:
     """Tile sizes, warps, split for the word-layout GEMV: the sweep's table where it has the shape, else a rule
     (N-major: ``_t_rule``; K-major: ~4 programs per SM of the H200 (132), K split only when N alone cannot);
-    tensor cores at ``CW = 8``: ``CW8_TC`` (``_tc_chunk``)."""
+    tensor cores at ``CW = 8``: ``CW8_TC`` (``_tc_chunk``). ``fused`` (the op has an epilogue or a block fusion):
+    at M = 1 on N-major words off the tables, one split with the reduce folded in where ``fold_config`` allows."""
     tc = m >= WORDS_TC_MIN_M
     bm = 16 if tc else next_pow2(m)
     per = 32 // bits
@@ -1542,8 +1623,10 @@ def words_config(m: int, n: int, k: int, bits: int, cw: int, n_major: bool = Fal
             return dict(_R_TABLE[(n, k)], BLOCK_M=1, TC=False)
         if not tc and m == 1 and bits == 4 and n * k >= R_RULE_MIN_ELEMENTS:
             return dict(R_RULE, BLOCK_M=1, TC=False)
-        cfg = _WORDS_T_TABLE.get(("tc" if tc else "cc", bm, n, k)) or _t_rule(tc, n, nch)
-        return dict(cfg, BLOCK_M=bm, TC=tc)
+        cfg = _WORDS_T_TABLE.get(("tc" if tc else "cc", bm, n, k))
+        if cfg is None and fused and m == 1:
+            cfg = fold_config(n, nch, cw)
+        return dict(cfg or _t_rule(tc, n, nch), BLOCK_M=bm, TC=tc)
     cfg = _WORDS_TABLE.get(("tc" if tc else "cc", bm, n, k))
     if cfg is None:
         if tc:
@@ -1579,8 +1662,7 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
     per = 32 // bits
     nch = k // (per * cw)
     step = cfg.get("U", 1)
-    ch_split = cdiv(cdiv(nch, cfg["SPLIT_K"]), step) * step
-    split = cdiv(nch, ch_split)
+    ch_split, split = _chunk_split(nch, cfg)
     grid = (cdiv(n, cfg["BLOCK_N"]), split, cdiv(m, cfg["BLOCK_M"]))
     zp = zero_point if zero_point is not None else scale
     b = bias if bias is not None else scale
@@ -1612,11 +1694,34 @@ def _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group, cfg, e
         kernel = _gemv_t if n_major else _gemv_words
         meta.update(U=step, PREFETCH=cfg.get("PREFETCH", 0))
         if n_major:
-            meta.update(RED=cfg.get("RED", False))
-    def args(t, som, sos):
-        return (x2, words, scale, zp, b, t, m, n, nch, ch_split, x2.stride(0), sw, ssn, ssg, som, sos, *mask_args)
+            meta.update(RED=cfg.get("RED", False), **UNFOLDED)
+    fold_ptrs = (scale,) * 5 + (k, 0.0) if kernel is _gemv_t else ()  # stand-ins unless the launch folds
 
+    def args(t, som, sos):
+        return (x2, words, scale, zp, b, t, m, n, nch, ch_split, x2.stride(0), sw, ssn, ssg, som, sos, *mask_args,
+                *fold_ptrs)
+
+    if kernel is _gemv_t and _folds(cfg, split) and (epilogue or fusion is not None):
+        act, gated = parse_epilogue(epilogue, "weight_only_linear")
+        ptrs, fold, eps = _fold_operands(x2, fusion, act, gated, grid[0], "weight_only_linear")
+        fold_ptrs = (*(t if t is not None else scale for t in ptrs), k, eps)
+        launcher(x2, _gemv_t)[grid](*args(out, out.stride(0), 0), HAS_BIAS=bias is not None, PARTIAL=False,
+                                    **(meta | fold))
+        return out
     return _direct_or_split(x2, kernel, grid, args, meta, split, n, out, bias, b, epilogue, 1024, fusion)
+
+
+def _chunk_split(nch: int, cfg: dict) -> tuple[int, int]:
+    """``(chunks per program, split)`` of a word-layout launch: ``SPLIT_K`` rounded to whole ``U``-chunk steps."""
+    step = cfg.get("U", 1)
+    ch_split = cdiv(cdiv(nch, cfg["SPLIT_K"]), step) * step
+    return ch_split, cdiv(nch, ch_split)
+
+
+def _folds(cfg: dict, split: int) -> bool:
+    """Whether an M = 1 ``_gemv_t`` launch with an epilogue or a fusion runs them in its own programs (``FOLD``):
+    its config asks for it and K is not split."""
+    return bool(cfg.get("FOLD")) and split == 1 and cfg["BLOCK_M"] == 1
 
 
 def _takes_r(cfg: dict, n_major: bool, bits: int, m: int) -> bool:
@@ -1773,7 +1878,7 @@ def _wo_words(x, words, scale, zero_point, bias, qdtype, group_size, path, epilo
     if fusion is not None:
         fusion.to_rows(out)
     if cfg is None:
-        cfg = words_config(m, n, k, bits, cw, is_n_major(words), group_size)
+        cfg = words_config(m, n, k, bits, cw, is_n_major(words), group_size, fused=bool(epilogue) or fusion is not None)
     _launch_words(x2, words, scale, zero_point, bias, out, qdtype, group_size, cfg, epilogue, fusion)
     if fusion is not None:
         fusion.from_rows(x.shape[:-1])
@@ -1839,14 +1944,19 @@ def _(x, qweight, scale, zero_point, bias, qdtype, group_size, epilogue="", norm
 
 
 def add_norm_partials(x: torch.Tensor, qweight: torch.Tensor, qdtype: str, group_size: int) -> int:
-    """How many partial sums of squares per row ``weight_only_linear_add_norm`` returns: one per split-K reduce
-    program at M = 1 on the decode layout's GEMVs (128-wide on ``_gemv_r``, else 1024), one elsewhere."""
+    """How many partial sums of squares per row ``weight_only_linear_add_norm`` returns: at M = 1 on the decode
+    layout's GEMVs one per ``_gemv_t`` program where it folds the reduce in (``fold_config``), else one per split-K
+    reduce program (128-wide on ``_gemv_r``, else 1024); one elsewhere."""
     k, n = x.shape[-1], qweight.shape[0]
     if qweight.dtype != torch.int32 or x.numel() != k:
         return 1
     bits = 4 if qdtype in PACKED_QDTYPES else 8
-    cfg = words_config(1, n, k, bits, _words_meta(qweight, qdtype, group_size, k), is_n_major(qweight), group_size)
-    return cdiv(n, 128 if _takes_r(cfg, is_n_major(qweight), bits, 1) else 1024)
+    cw = _words_meta(qweight, qdtype, group_size, k)
+    n_major = is_n_major(qweight)
+    cfg = words_config(1, n, k, bits, cw, n_major, group_size, fused=True)
+    if _folds(cfg, _chunk_split(k // (32 // bits * cw), cfg)[1]):  # (only _gemv_t's configs ask for FOLD)
+        return cdiv(n, cfg["BLOCK_N"])
+    return cdiv(n, 128 if _takes_r(cfg, n_major, bits, 1) else 1024)
 
 
 @torch.library.custom_op("lowbit::weight_only_linear_add_norm_pdl", mutates_args=())
