@@ -96,18 +96,22 @@ CHUNK_CONFIGS = [_tcc(*c) for c in (
 """``tc_c``: ``_tc_chunk`` (``PS`` code positions per dot) at M = 16 (16-row tiles) and prefill M (the bucket's)."""
 
 
-FOLD_CONFIGS = [dict(_cc(*c[:-1]), FOLD=c[-1]) for c in (
-    # one split, the reduce's work in the GEMV's programs (``weight_only.fold_config``: FOLD_T and its neighbours)
-    (16, 16, 2, 1, True), (16, 8, 2, 1, True), (16, 4, 2, 1, True), (16, 16, 1, 1, True), (16, 16, 4, 1, True),
-    (16, 8, 2, 1, 1, True), (32, 8, 2, 1, True), (32, 8, 4, 1, True), (32, 4, 2, 1, 1, True), (64, 4, 2, 1, True),
-    (64, 4, 4, 1, True), (64, 2, 4, 1, 1, True),
-    # split-K + _splitk_reduce with the same fusion: ``_t_rule``'s tiles at SmolLM2's splits (its op default there),
-    # and the fold's tile split in two
-    (64, 1, 2, 16, False), (64, 1, 2, 8, False), (64, 1, 2, 4, False), (16, 8, 2, 2, False), (32, 4, 2, 2, False))]
+def _fold(bn, tile, w, pf=0):
+    return {"BLOCK_N": bn, "TILE": tile, "num_warps": w, "num_stages": 1, "SPLIT_K": 1, "PREFETCH": pf, "FOLD": True}
+
+
+FOLD_CONFIGS = [_fold(*c) for c in (
+    # one split, the reduce's work in the GEMV's programs: ``weight_only.FOLD_T`` (16 columns, a 2048-word tile,
+    # 4 warps) and its neighbours; ``TILE``: the tile's words, ``U`` from it per shape (``weight_only.fold_chunks``)
+    (16, 2048, 4), (16, 2048, 8), (16, 1024, 2), (16, 1024, 4), (16, 512, 2), (16, 2048, 4, 1), (16, 1024, 4, 1),
+    (32, 2048, 4), (32, 1024, 4), (32, 1024, 2, 1), (64, 2048, 4), (64, 2048, 8))] + [
+    # split-K + _splitk_reduce with the same fusion: ``_t_rule``'s tiles at SmolLM2's splits (its op default there)
+    # and a 16-column tile split in two
+    _cc(64, 1, 2, 16), _cc(64, 1, 2, 8), _cc(64, 1, 2, 4), _cc(16, 4, 4, 2), _cc(16, 2, 4, 4)]
 """``cc_f`` (M = 1, N-major words): every config launched with a decode block's fusion (the norm of the input from
 ``FOLD_NORM_PARTIALS`` partial sums of squares, as q/k/v and gate/up read it), so split-K needs the reduce launch
 and ``FOLD`` configs fold it in: folded vs split + reduce at SmolLM2's shapes (``--shapes 576x1536,1536x576,
-576x192,576x3072 --group 64 --ms 1 --only cc_f``)."""
+576x192,576x3072 --group 64 --ms 1 --only cc_f``). Offline sm_90 builds: 2048-word tiles spill at 2 warps."""
 
 FOLD_NORM_PARTIALS = 36
 """``cc_f``'s norm partials: o_proj's folded launch at SmolLM2's hidden 576 writes 36 (16-column programs)."""
@@ -214,6 +218,10 @@ def reference(ref: torch.Tensor, variant: str) -> torch.Tensor:
 def launch(x, words, s, z, out, variant: str, cfg: dict):
     tc = variant.startswith("tc")
     c = dict(cfg, BLOCK_M=cfg.get("BLOCK_M", 16) if tc else 1, TC=tc)
+    if "TILE" in c:  # a FOLD config's tile in words: its chunks a step at this K (``weight_only.fold_chunks``)
+        k = x.shape[-1]
+        cw = wo.chunk_words(k, GROUP, 4)
+        c["U"] = wo.fold_chunks(k // (8 * cw), cw, c["BLOCK_N"], c.pop("TILE"))
     fusion = fold_fusion(x) if variant == "cc_f" else None
     return wo._launch_words(x, words, s, z, None, out, "int4", GROUP, c, "", fusion)
 

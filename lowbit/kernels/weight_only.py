@@ -1580,26 +1580,34 @@ def words_tc_ok(bits: int, cw: int, n_major: bool) -> bool:
 
 FOLD_TILE_WORDS = 2048
 """The largest ``[U, CW, BLOCK_N]`` word tile (8 KB) of a ``FOLD`` config: ``_gemv_t``'s deferred accumulator has the
-tile's shape (32 fp32 registers a thread at 2 warps)."""
+tile's shape, 16 fp32 a thread at 4 warps (``FOLD_T``)."""
 
 FOLD_MAX_STEPS = 2
 """The most loop steps (tile loads, one after the other) a ``FOLD`` program makes over its row's whole K."""
 
-FOLD_T: dict = {"BLOCK_N": 16, "num_warps": 2, "num_stages": 1, "SPLIT_K": 1, "FOLD": True}
+FOLD_T: dict = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "SPLIT_K": 1, "FOLD": True}
 """``_gemv_t`` with one split and the reduce's work in its programs (``fold_config``). Why one split is enough at
 SmolLM2's shapes (K = 576 / 1536, N = 576-3072): the op is bound by latency, not bytes (0.17-0.9 MB of codes, a
 fraction of a µs of HBM time), so what it costs is its chain of dependent steps: split-K + reduce is one tile load,
 a kernel boundary and the reduce's load and store, the fold one or two tile loads of <= 8 KB a program
 (``FOLD_MAX_STEPS``) and no boundary. 16-column tiles give the most programs (36 at N = 576, 192 at the merged
-gate/up's 3072), so the launch still spreads over a quarter to all of the SMs. Not yet timed on a GPU: the
-``cc_f`` family of ``tools/bench_gemv.py`` compares it with split + reduce at those shapes."""
+gate/up's 3072), so the launch still spreads over a quarter to all of the SMs. 4 warps: offline sm_90 builds
+(``triton.compile`` + ptxas, the gated epilogue with the norm) of the 2048-word tile took 100 / 137 registers at
+K = 576 / 1536 with 4 warps, 255 and spills with 2. Not yet timed on a GPU: the ``cc_f`` family of
+``tools/bench_gemv.py`` compares it with split + reduce at those shapes."""
+
+
+def fold_chunks(nch: int, cw: int, block_n: int, tile_words: int) -> int:
+    """``U`` of a ``FOLD`` tile: a row's ``nch`` chunks in one step where they fit ``tile_words`` (the fewest
+    dependent loads), else the largest tile that does (a power of two, at least one chunk)."""
+    return min(next_pow2(nch), max(1, tile_words // (cw * block_n)))
 
 
 def fold_config(n: int, nch: int, cw: int) -> dict | None:
-    """``FOLD_T`` for an M = 1 ``_gemv_t`` launch with an epilogue or a block fusion, ``U`` chunks a step: the row's
-    ``nch`` chunks in one step where they fit ``FOLD_TILE_WORDS`` (fewest dependent loads), else the largest tile;
-    None where that takes over ``FOLD_MAX_STEPS`` steps (K over 2048 codes: the 7B shapes keep split-K + reduce)."""
-    u = min(next_pow2(nch), max(1, FOLD_TILE_WORDS // (cw * FOLD_T["BLOCK_N"])))
+    """``FOLD_T`` for an M = 1 ``_gemv_t`` launch with an epilogue or a block fusion (``U``: ``fold_chunks``), or
+    None where its row would take over ``FOLD_MAX_STEPS`` steps (K over 2048 codes: the 7B shapes keep split-K +
+    reduce)."""
+    u = fold_chunks(nch, cw, FOLD_T["BLOCK_N"], FOLD_TILE_WORDS)
     return dict(FOLD_T, U=u) if cdiv(nch, u) <= FOLD_MAX_STEPS else None
 
 
