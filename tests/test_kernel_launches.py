@@ -101,7 +101,7 @@ def test_weight_only_linear_passes_every_parameter(launches, m, k, group):
 @pytest.mark.parametrize("qdtype,group", [("int8", 0), ("fp8e4m3", 64)])
 def test_rms_norm_quant_and_weight_only_add_norm_pass_every_parameter(launches, qdtype, group):
     """The fused RMSNorm + quantize, and the GEMV whose split-K reduce adds the residual and takes the norm's
-    partial sums (``norm_residual``)."""
+    partial sums (``norm_residual``), here folded into the GEMV's programs (``FOLD``) as a gated epilogue is."""
     from lowbit.kernels import weight_only as wo
 
     x = torch.randn(4, 512).to(torch.bfloat16)
@@ -110,7 +110,11 @@ def test_rms_norm_quant_and_weight_only_add_norm_pass_every_parameter(launches, 
     words, ws, wz = wo.pack_words(q, s, z, "int4", 128)
     wo.weight_only_linear_add_norm(x[:1], words, ws, wz, None, "int4", 128, x[:1].clone(),
                                    torch.randn(512).to(torch.bfloat16))
-    assert len(launches) >= 2 and all(not missing for _, missing in launches), launches
+    assert [name for name, _ in launches][-1] == "_gemv_t"  # K = 512: one split with the reduce folded in
+    torch.ops.lowbit.weight_only_linear(x[:1], words, ws, wz, None, "int4", 128, "auto",
+                                        "silu*up", torch.rand(1, 4), 1e-6)  # the folded gated epilogue and norm
+    assert [name for name, _ in launches][-1] == "_gemv_t"
+    assert len(launches) >= 3 and all(not missing for _, missing in launches), launches
 
 
 def test_decode_step_kernels_pass_every_parameter(launches):
